@@ -1,0 +1,37 @@
+"""Shared fixtures: a seeded rng and writers of real safetensors checkpoints in tmp folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from weightdiff.safetensors_write import save_checkpoint, save_file, to_storage
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
+
+
+def write_checkpoint(directory: Path, tensors: dict, shards: int = 1, dtype: str | None = None,
+                     metadata: dict | None = None) -> Path:
+    """Write ``tensors`` (name -> float array, or (dtype, raw)) as a checkpoint folder.
+
+    ``dtype`` ("BF16", "F16", "F32", "F8_E4M3", ...) casts every float array first.
+    """
+    if dtype is not None:
+        tensors = {k: (dtype, to_storage(v, dtype)) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
+                   for k, v in tensors.items()}
+    return save_checkpoint(directory, tensors, shards=shards, metadata=metadata)
+
+
+@pytest.fixture
+def checkpoint_writer(tmp_path):
+    def _write(name: str, tensors: dict, **kw) -> Path:
+        return write_checkpoint(tmp_path / name, tensors, **kw)
+    return _write
+
+
+__all__ = ["write_checkpoint", "save_file"]

@@ -1,0 +1,83 @@
+"""Errors weightdiff raises on purpose: the one place their wording is decided.
+
+Every error a user can cause (a bad path, a malformed file, a bad option) is a
+``WeightdiffError``: the CLI prints ``error: <message>`` as one line on stderr and
+exits with code 2; anything else is a bug and exits 1. Messages are lower case,
+name the object (a path, or a tensor name in backticks), say what was expected and
+what was found, and end with one fix in parentheses where there is one:
+
+    tuned/model.safetensors: header declares 4,194,304 bytes of tensor data but the
+    file holds 4,000,000 (truncated download?)
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "WeightdiffError",
+    "CheckpointError",
+    "OptionsError",
+    "escape_name",
+]
+
+
+class WeightdiffError(Exception):
+    """A problem with the user's input or request (exit code 2 in the CLI)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        text = self.message if not self.hint else f"{self.message} ({self.hint})"
+        # never let a newline from a file name or header split the one-line contract
+        return escape_name(text, keep_quotes=True)
+
+
+class CheckpointError(WeightdiffError):
+    """A checkpoint path or file cannot be read or is malformed."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str, hint: str | None = None):
+        self.path = None if path is None else os.fspath(path)
+        message = problem if self.path is None else f"{self.path}: {problem}"
+        super().__init__(message, hint)
+
+
+class OptionsError(WeightdiffError):
+    """An option value the library cannot honour."""
+
+
+def escape_name(text: str, keep_quotes: bool = True) -> str:
+    """Make text safe to print on one terminal line.
+
+    Control characters, line breaks and bidirectional overrides are written as
+    escapes (``\\n``, ``\\x1b``, ``\\u202e``) so that a hostile tensor or file name can
+    neither break the one-line error contract nor reorder what the reader sees.
+
+    >>> escape_name("a\\nb\\u202ec")
+    'a\\\\nb\\\\u202ec'
+    """
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif o < 0x20 or o == 0x7F or 0x80 <= o < 0xA0:
+            out.append(f"\\x{o:02x}")
+        elif o in _BIDI or 0xD800 <= o <= 0xDFFF:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+_BIDI = {0x061C, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E,
+         0x2066, 0x2067, 0x2068, 0x2069, 0x2028, 0x2029, 0xFEFF}

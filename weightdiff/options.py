@@ -1,0 +1,128 @@
+"""Frozen options: the single source of the library's keyword arguments and the CLI's flags.
+
+``CompareOptions`` lists every knob of ``weightdiff.compare()``; ``click_options()``
+turns the same fields into click flags, so the library and the CLI cannot drift.
+``Thresholds`` is the one documented place where the verdict's numbers live; they
+are copied into the JSON under ``settings.thresholds``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+from .errors import OptionsError
+
+
+def _opt(default: Any, help: str, flag: str | None = None, **click_kw: Any) -> Any:
+    meta = {"help": help, "flag": flag, "click": click_kw}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for defaults")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Numbers behind ``summary.verdict``, ``form`` and the per-tensor status.
+
+    See docs/methodology.md for what each means and why it has the value it has.
+    """
+
+    #: a tensor whose share of elements beyond rounding is at most this is `rounding`
+    rounding_frac: float = 0.0
+    #: `unrelated` when the parameter-weighted cosine over large matrices is below this ...
+    unrelated_cosine: float = 0.2
+    #: ... and the model-level relative change is above this (independent inits give ~sqrt(2))
+    unrelated_rel_change: float = 0.9
+    #: matrices with at least this many elements count as "large" in relatedness evidence
+    large_matrix_numel: int = 4096
+    #: a singular value counts toward numerical_rank when above this multiple of noise_floor
+    noise_floor_factor: float = 1.5
+    #: form is `low_rank` when every changed matrix has energy_rank_99 <= this share of min(m, n) ...
+    low_rank_share: float = 0.1
+    #: ... and numerical_rank at most this
+    low_rank_max: int = 256
+    #: form is `sparse` when the changed elements are at most this share of the changed tensors' elements
+    sparse_frac: float = 0.1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """Options of ``weightdiff.compare()``; each field is also a ``weightdiff compare`` flag."""
+
+    rank: bool = _opt(True, "Analyse the spectrum (rank) of every changed matrix.",
+                      flag="--rank/--no-rank")
+    rank_k: int = _opt(64, "Number of top singular values kept per matrix.", flag="--rank-k")
+    subspace: bool = _opt(False, "Also measure the rank of base and tuned weights and the overlap "
+                          "of their top-k singular subspaces (costs about 2 extra SVDs per matrix).",
+                          flag="--subspace/--no-subspace")
+    device: str = _opt("cpu", "Compute backend: cpu (numba) or cuda (torch).", flag="--device",
+                       type_choice=("cpu", "cuda"))
+    threads: int | None = _opt(None, "CPU threads for the kernels (default: all cores).",
+                               flag="--threads")
+    include: tuple[str, ...] = _opt((), "Only compare tensors whose tuned name matches this glob "
+                                    "(repeatable).", flag="--include", multiple=True)
+    exclude: tuple[str, ...] = _opt((), "Skip tensors whose tuned name matches this glob "
+                                    "(repeatable).", flag="--exclude", multiple=True)
+    seed: int = _opt(0, "Seed of the randomized SVD (results are bitwise repeatable per seed).",
+                     flag="--seed")
+    exact_svd_max: int = _opt(2048, "Matrices whose smaller side is at most this get an exact "
+                              "spectrum; larger ones a seeded randomized SVD.", flag="--exact-svd-max")
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def __post_init__(self) -> None:
+        if self.rank_k < 1:
+            raise OptionsError(f"--rank-k must be at least 1 (got {self.rank_k})")
+        if self.device not in ("cpu", "cuda"):
+            raise OptionsError(f"--device must be cpu or cuda (got {self.device!r})")
+        if self.threads is not None and self.threads < 1:
+            raise OptionsError(f"--threads must be at least 1 (got {self.threads})")
+        if self.exact_svd_max < 0:
+            raise OptionsError(f"--exact-svd-max must be non-negative (got {self.exact_svd_max})")
+        # accept lists from Python callers but keep the object hashable and frozen
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def settings(self) -> dict:
+        """The options as they go into the JSON ``settings`` block (threads left out:
+        results do not depend on it, and the JSON must not either)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("thresholds", "threads")}
+        d["include"] = list(self.include)
+        d["exclude"] = list(self.exclude)
+        d["thresholds"] = self.thresholds.to_dict()
+        return d
+
+
+def click_options(cls: type = CompareOptions) -> Callable:
+    """Decorator adding one click option per field of ``cls`` that declares a flag."""
+    import click
+
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(fields(cls)):
+            meta = f.metadata
+            if not meta or not meta.get("flag"):
+                continue
+            kw = dict(meta["click"])
+            choice = kw.pop("type_choice", None)
+            if choice:
+                kw["type"] = click.Choice(choice)
+            elif f.type in ("int", "int | None"):
+                kw["type"] = int
+            default = f.default
+            fn = click.option(meta["flag"], f.name, default=default, show_default=default not in (None, ()),
+                              help=meta["help"], **kw)(fn)
+        return fn
+
+    return decorate
+
+
+def options_from_kwargs(cls: type = CompareOptions, **kwargs: Any) -> Any:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise OptionsError(f"unknown option {unknown[0]!r}", f"known: {', '.join(sorted(names))}")
+    return cls(**kwargs)

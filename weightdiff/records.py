@@ -1,0 +1,137 @@
+"""Result records and the JSON contract (``schema: weightdiff.compare/1``).
+
+``TensorRecord`` is one row per tuned (or removed base) tensor, ``RankRecord`` its
+spectral block, ``BlockRecord`` one row per block, ``Summary`` the model level.
+``Comparison`` holds them all and serialises deterministically: same inputs, same
+bytes. Non-finite floats become ``null``; floats are written with Python's
+shortest round-trip repr; keys keep the order of the contract in DESIGN.md.
+Run time and other facts that vary between runs live under ``run``, which
+``to_json(include_run=False)`` leaves out for hashing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA = "weightdiff.compare/1"
+
+STATUSES = ("unchanged", "rounding", "changed", "resized", "added", "removed")
+VERDICTS = ("identical", "cast_only", "derived", "unrelated")
+
+
+@dataclass
+class RankRecord:
+    stable_rank: float | None
+    effective_rank: float | None
+    energy_rank_90: int | None
+    energy_rank_99: int | None
+    numerical_rank: int
+    noise_floor: float
+    spectrum: list[float]
+    energy_captured: float | None    # share of norm_delta^2 the reported spectrum holds
+    method: str = "exact"             # "exact" | "gram" | "randomized" | "factors"
+    shape_2d: tuple[int, int] = (0, 0)
+    exact: bool = True                # False when ranks are lower bounds from a partial spectrum
+    extra: dict[str, Any] = field(default_factory=dict)   # opt-in weight-subspace analysis, notes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape_2d"] = list(self.shape_2d)
+        return d
+
+
+@dataclass
+class TensorRecord:
+    name: str                           # tuned name (base name for `removed`)
+    base_name: str | None
+    status: str
+    shape: list[int]                    # tuned shape (base shape for `removed`)
+    base_shape: list[int] | None
+    dtype_base: str | None
+    dtype_tuned: str | None
+    numel: int                          # elements of the tuned tensor (base for `removed`)
+    numel_compared: int = 0             # elements paired element-wise (overlap rows when resized)
+    norm_base: float | None = None
+    norm_tuned: float | None = None
+    norm_delta: float | None = None
+    rel_change: float | None = None
+    cosine: float | None = None
+    frac_changed: float | None = None
+    frac_beyond_rounding: float | None = None
+    max_abs_delta: float | None = None
+    nonfinite: int = 0
+    sign_flips: int = 0
+    base_index: int = 0                 # which --base this tensor was paired with
+    compared: str = "float"             # "float" | "bytes" (dtypes the kernels cannot decode) | "none"
+    block: str | None = None            # filled by aggregate
+    module: str | None = None           # filled by aggregate
+    note: str | None = None
+    rank: RankRecord | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rank"] = None if self.rank is None else self.rank.to_dict()
+        return d
+
+
+@dataclass
+class BlockRecord:
+    block: str
+    index: int | None
+    params: int
+    params_changed: int
+    tensors: int
+    tensors_changed: int
+    rel_change: float | None
+    norm_base: float
+    norm_delta: float
+    delta_params: int
+    max_numerical_rank: int | None = None
+    modules: dict[str, float | None] = field(default_factory=dict)  # module kind -> rel_change
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Summary:
+    verdict: str
+    verdict_reason: str
+    scope: dict[str, Any]
+    form: dict[str, Any]
+    flags: list[str]
+    params_total: int
+    params_by_status: dict[str, int]
+    tensors_by_status: dict[str, int]
+    relative_change: float | None
+    relatedness_cosine: float | None
+    blocks_total: int
+    blocks_changed: int
+    delta_params: int
+    delta_params_share: float | None
+    compressed_bytes: dict[str, Any] = field(default_factory=dict)
+    headline: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def clean(value: Any) -> Any:
+    """Recursively turn NaN/Inf into None and tuples into lists (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):   # numpy scalars
+        return clean(value.item())
+    return value
+
+
+def dumps(obj: Any) -> str:
+    """The one JSON encoder: deterministic, strict, UTF-8, trailing newline."""
+    return json.dumps(clean(obj), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
