@@ -23,7 +23,7 @@ __all__ = ["compare", "CompareOptions", "Comparison", "Thresholds", "WeightdiffE
 def __getattr__(name: str):
     # compare() pulls in numba; keep `import weightdiff` and `weightdiff --help` fast.
     if name in ("compare", "Comparison"):
-        from . import compare as _compare_mod
+        from . import comparison
 
-        return getattr(_compare_mod, name)
+        return getattr(comparison, name)
     raise AttributeError(name)

@@ -1,0 +1,203 @@
+"""The one loop over tensor pairs: Pair -> backend kernels -> TensorRecord.
+
+For every pair of the plan (weightdiff.pairing) this module streams both tensors
+in aligned windows through the backend's ``delta_stats`` (one pass, float64
+accumulation, windows combined in a fixed order so the numbers do not depend on
+thread count or window placement), classifies the tensor, and, for changed
+matrices, hands whole tensors to weightdiff.rank. Only one pair's data is ever
+held, so memory is bounded by the largest tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .aggregate import classify
+from .checkpoint import Checkpoint
+from .kernels.dtypes import DTYPES
+from .options import CompareOptions
+from .pairing import Pair, Plan
+from .records import TensorRecord
+
+#: elements per streamed window; fixed (not derived from the machine) so results are reproducible
+WINDOW_ELEMENTS = 1 << 24
+
+Progress = Callable[[int, int, str], None]   # (elements done, elements total, current tensor name)
+
+
+@dataclass
+class Backend:
+    """The kernel module for a device: kernels.cpu (numba) or kernels.cuda (torch)."""
+
+    name: str
+    module: object
+
+    @classmethod
+    def for_options(cls, options: CompareOptions) -> "Backend":
+        if options.device == "cuda":
+            from .kernels import cuda
+
+            cuda.require_device("cuda")
+            return cls("cuda", cuda)
+        from .kernels import cpu
+
+        cpu.set_threads(options.threads)
+        return cls("cpu", cpu)
+
+
+def _elements(pair: Pair, shape: Sequence[int] | None) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
+
+
+def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
+                  tuned: Checkpoint, tname: str, dtype_t: str, stop: int | None,
+                  on_window: Callable[[int], None]) -> np.ndarray:
+    k = backend.module
+    opaque = not (DTYPES[dtype_b].decodable and DTYPES[dtype_t].decodable)
+    acc = None
+    for wb, wt in zip(base.windows(bname, WINDOW_ELEMENTS, 0, stop),
+                      tuned.windows(tname, WINDOW_ELEMENTS, 0, stop)):
+        part = k.bytes_stats(wb, wt) if opaque else k.delta_stats(wb, wt, dtype_b, dtype_t)
+        acc = part if acc is None else k.combine(acc, part)
+        on_window(len(wt))
+    if acc is None:   # zero-size tensor
+        from .kernels import reference
+
+        acc = reference.bytes_stats(np.zeros(0, np.uint8), np.zeros(0, np.uint8)) if opaque else \
+            reference.delta_stats(np.zeros(0, np.float32), np.zeros(0, np.float32), "F32", "F32")
+    return acc
+
+
+def _fill(record: TensorRecord, fields: dict) -> None:
+    for key in ("norm_base", "norm_tuned", "norm_delta", "rel_change", "cosine", "frac_changed",
+                "frac_beyond_rounding", "max_abs_delta"):
+        if key in fields:
+            setattr(record, key, fields[key])
+    record.nonfinite = int(fields.get("nonfinite", 0) or 0)
+    record.sign_flips = int(fields.get("sign_flips", 0) or 0)
+
+
+def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, options: CompareOptions,
+                 backend: Backend, on_window: Callable[[int], None] = lambda n: None) -> TensorRecord:
+    """Measure one pair of the plan and return its record (status, stats, rank)."""
+    from .kernels import reference
+
+    shape_t = list(pair.shape_tuned) if pair.shape_tuned is not None else None
+    shape_b = list(pair.shape_base) if pair.shape_base is not None else None
+    rec = TensorRecord(
+        name=pair.tuned_name if pair.tuned_name is not None else pair.base_name,
+        base_name=pair.base_name, status=pair.kind, shape=shape_t if shape_t is not None else shape_b,
+        base_shape=shape_b, dtype_base=pair.dtype_base, dtype_tuned=pair.dtype_tuned,
+        numel=_elements(pair, shape_t if shape_t is not None else shape_b), base_index=pair.base_index,
+        compared="none")
+    if pair.tied:
+        rec.note = f"tied: the tuned model has no `{pair.tuned_name}`; it shares `{pair.base_name}`"
+    if pair.kind in ("added", "removed"):
+        return rec
+    base = bases[pair.base_index]
+    thr = options.thresholds
+
+    if pair.kind == "lora":
+        return _compute_lora(rec, pair, base, tuned, options)
+
+    if pair.kind == "mismatch":
+        rec.status = "resized"
+        rec.note = (f"shape {shape_b} in the base, {shape_t} in the tuned model; "
+                    "not a vocabulary resize, so not compared element by element")
+        return rec
+
+    tuned_name = pair.tuned_source if getattr(pair, "tuned_source", None) else pair.tuned_name
+    stop = None
+    if pair.kind == "resized":
+        row = int(np.prod(shape_t[1:], dtype=np.int64)) if len(shape_t) > 1 else 1
+        stop = int(pair.overlap_rows) * row
+    opaque = not (DTYPES[pair.dtype_base].decodable and DTYPES[pair.dtype_tuned].decodable)
+    if opaque and pair.dtype_base != pair.dtype_tuned:
+        rec.note = (f"dtypes {pair.dtype_base} and {pair.dtype_tuned} cannot be decoded to floats "
+                    "and differ, so the values were not compared")
+        rec.status = "changed"
+        return rec
+    stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
+                          pair.dtype_tuned, stop, on_window)
+    fields = reference.finalize(stats)
+    _fill(rec, fields)
+    rec.numel_compared = int(stats[0])
+    rec.compared = "bytes" if opaque else "float"
+    if opaque:
+        rec.note = f"dtype {pair.dtype_tuned} has no float decoding: compared byte for byte"
+    if pair.kind == "resized":
+        rec.status = "resized"
+        rec.note = (f"vocabulary resized from {shape_b[0]} to {shape_t[0]} rows; "
+                    f"the {pair.overlap_rows} shared rows are compared")
+    else:
+        rec.status = classify(fields, pair.dtype_base, pair.dtype_tuned, thr)
+
+    if (options.rank and rec.status == "changed" and not opaque and len(shape_t) >= 2
+            and min(shape_t[0], rec.numel // max(shape_t[0], 1)) >= 2):
+        from .rank import analyze_delta
+
+        nd = rec.norm_delta
+        rec.rank = analyze_delta(
+            base.read(pair.base_name), tuned.read(tuned_name), pair.dtype_base, pair.dtype_tuned,
+            tuple(shape_t), float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
+            k=options.rank_k, seed=options.seed, exact_max=options.exact_svd_max,
+            device=options.device, noise_factor=thr.noise_floor_factor, subspace=options.subspace)
+    return rec
+
+
+def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkpoint,
+                  options: CompareOptions) -> TensorRecord:
+    from .rank import analyze_factors
+
+    lf = pair.lora
+    a = tuned.read(lf.a_name)
+    b = tuned.read(lf.b_name)
+    dt_a = tuned.tensors[lf.a_name].dtype
+    from .kernels.dtypes import decode
+
+    a64 = decode(a, dt_a).reshape(a.shape[0], -1)
+    b64 = decode(b, tuned.tensors[lf.b_name].dtype).reshape(b.shape[0], -1)
+    base_raw = base.read(pair.base_name)
+    fields, rank = analyze_factors(a64, b64, lf.scale, base_raw, pair.dtype_base, tuple(pair.shape_base),
+                                   k=options.rank_k, noise_factor=options.thresholds.noise_floor_factor,
+                                   dtype_adapter=dt_a)
+    _fill(rec, fields)
+    rec.shape = list(pair.shape_base)
+    rec.numel = _elements(pair, pair.shape_base)
+    rec.numel_compared = rec.numel
+    rec.compared = "factors"
+    rec.status = "changed" if (rec.norm_delta or 0) > 0 else "unchanged"
+    rec.rank = rank if options.rank else None
+    rec.note = (f"LoRA adapter (r={lf.r}, scale={lf.scale:g}) analysed exactly from its factors "
+                f"`{lf.b_name}` @ `{lf.a_name}`")
+    if lf.magnitude_name:
+        rec.note += "; DoRA magnitude vector present: see docs/rank.md for what is covered"
+    return rec
+
+
+def compute_all(plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint, options: CompareOptions,
+                progress: Progress | None = None) -> tuple[list[TensorRecord], float]:
+    """Run every pair of the plan in order; returns the records and the seconds spent."""
+    backend = Backend.for_options(options)
+    total = sum(_elements(p, p.shape_tuned) for p in plan.pairs if p.kind not in ("added", "removed"))
+    done = 0
+    t0 = time.perf_counter()
+    records = []
+    for pair in plan.pairs:
+        name = pair.tuned_name or pair.base_name or ""
+
+        def on_window(n: int, _name: str = name) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total, _name)
+
+        records.append(compute_pair(pair, bases, tuned, options, backend, on_window))
+    if progress is not None:
+        progress(total, total, "")
+    return records, time.perf_counter() - t0
