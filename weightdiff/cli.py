@@ -7,12 +7,18 @@ work is done (differences are a result, not a failure), 2 for bad input or usage
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
 from . import __version__
 from .errors import WeightdiffError, escape_name
+from .options import CompareOptions, click_options
+
+
+class UsageProblem(WeightdiffError):
+    """Bad command-line usage that click itself cannot detect (exit code 2)."""
 
 
 class _Group(click.Group):
@@ -24,8 +30,19 @@ class _Group(click.Group):
         except WeightdiffError as exc:
             click.echo(f"error: {exc.one_line()}", err=True)
             sys.exit(exc.exit_code)
-        except (KeyboardInterrupt, BrokenPipeError):
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            sys.exit(1)
+        except Exception as exc:  # a bug: say so in one line, traceback only on request
+            if os.environ.get("WEIGHTDIFF_DEBUG"):
+                raise
+            click.echo(f"error: internal error: {type(exc).__name__}: {escape_name(str(exc))} "
+                       "(please report it; set WEIGHTDIFF_DEBUG=1 for the traceback)", err=True)
+            sys.exit(1)
 
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -47,6 +64,95 @@ def main() -> None:
 # --- inspect -----------------------------------------------------------------
 
 # --- compare -----------------------------------------------------------------
+
+def _write_output(target: str, text: str) -> None:
+    """Write ``text`` to a file atomically, or to stdout for ``-``."""
+    from .fsutil import write_text
+
+    if target == "-":
+        click.echo(text, nl=False)
+    else:
+        write_text(target, text)
+
+
+@main.command("compare", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--base", "bases", multiple=True, type=click.Path(path_type=str),
+              help="A base checkpoint; repeat for a model built from several bases (then give only TUNED).")
+@click.option("--json", "json_out", metavar="FILE|-", help="Write the full result as JSON (- for stdout only).")
+@click.option("--csv", "csv_out", metavar="FILE", help="Write the per-tensor table as CSV.")
+@click.option("--report", "report_out", metavar="FILE.html",
+              help="Write the memo: FILE.html (self-contained) or FILE.md (Markdown beside its figures).")
+@click.option("--plots", "plots_dir", metavar="DIR", help="Write the figures (PNG and SVG) into DIR.")
+@click.option("--hash/--no-hash", "hash_files", default=None,
+              help="Record the sha256 of every input file (default: on with --report).")
+@click.option("-q", "--quiet", is_flag=True, help="No plan or progress on stderr.")
+@click_options(CompareOptions)
+def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_files, quiet, **opts):
+    """Compare a fine-tuned checkpoint TUNED against its BASE.
+
+    PATHS is BASE TUNED, or only TUNED when --base is given (repeat --base for a
+    composite model, such as a ViT encoder plus a GPT-2 decoder). A checkpoint is a
+    .safetensors file, a folder with model.safetensors or a sharded index, a PEFT
+    adapter folder, or a Hugging Face cache snapshot.
+
+    The summary goes to stdout (or only JSON with --json -); the pairing plan and a
+    progress line go to stderr. Exit code 0 when the comparison ran, whatever it
+    found; 2 for bad input.
+
+    \b
+    Example:
+      weightdiff compare meta-llama/base/ my-finetune/ --json result.json
+      weightdiff compare --base vit/ --base gpt2/ captioner/ --report memo.html
+    """
+    import weightdiff
+    from .render.terminal import ProgressLine, plan_text, render_text
+
+    if bases:
+        if len(paths) != 1:
+            raise UsageProblem(f"with --base give exactly one TUNED path (got {len(paths)})")
+        base_list, tuned = list(bases), paths[0]
+    else:
+        if len(paths) != 2:
+            raise UsageProblem(f"expected BASE TUNED (got {len(paths)} paths)",
+                               "for several bases use --base A --base B TUNED")
+        base_list, tuned = [paths[0]], paths[1]
+    options = CompareOptions(**opts)
+    show = not quiet
+    progress = ProgressLine(enabled=None if show else False)
+
+    def on_plan(plan) -> None:
+        if show:
+            click.echo(plan_text(plan), err=True)
+
+    if hash_files is None:
+        hash_files = report_out is not None
+    result = weightdiff.compare(base_list, tuned, options=options, progress=progress, on_plan=on_plan,
+                                hash_files=hash_files, command=_command_line())
+    progress.close()
+    data = result.to_dict()
+    if json_out:
+        _write_output(json_out, result.to_json())
+    if csv_out:
+        from .render.tabular import to_csv
+
+        _write_output(csv_out, to_csv(data))
+    if report_out or plots_dir:
+        from .report import render_outputs
+
+        written = render_outputs(data, report=report_out, plots_dir=plots_dir)
+        if show:
+            for path in written:
+                click.echo(f"wrote {escape_name(str(path))}", err=True)
+    if json_out != "-" and csv_out != "-":
+        click.echo(render_text(data), nl=False)
+
+
+def _command_line() -> str:
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in ["weightdiff", *sys.argv[1:]])
+
 
 # --- report ------------------------------------------------------------------
 

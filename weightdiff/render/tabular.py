@@ -1,0 +1,29 @@
+"""CSV rendering: one row per tensor record of a compare result dict (for spreadsheets)."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+COLUMNS = ("name", "base_name", "status", "block", "module", "shape", "dtype_base", "dtype_tuned", "numel",
+           "norm_base", "norm_tuned", "norm_delta", "rel_change", "cosine", "frac_changed",
+           "frac_beyond_rounding", "max_abs_delta", "nonfinite", "sign_flips", "stable_rank",
+           "effective_rank", "energy_rank_90", "energy_rank_99", "numerical_rank", "noise_floor", "note")
+RANK_COLUMNS = ("stable_rank", "effective_rank", "energy_rank_90", "energy_rank_99", "numerical_rank", "noise_floor")
+
+
+def to_csv(result: dict) -> str:
+    """The tensors table as CSV text (shape as ``4096x4096``, missing values empty)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for t in result.get("tensors", []):
+        rank = t.get("rank") or {}
+        row = []
+        for c in COLUMNS:
+            v = rank.get(c) if c in RANK_COLUMNS else t.get(c)
+            if c == "shape" and v is not None:
+                v = "x".join(str(x) for x in v)
+            row.append("" if v is None else v)
+        w.writerow(row)
+    return buf.getvalue()

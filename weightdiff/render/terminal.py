@@ -1,0 +1,205 @@
+"""Terminal rendering: the compare JSON dict -> the plain-text summary on stdout.
+
+Reads only the JSON dict (so ``weightdiff report result.json`` prints the same text
+without the checkpoints). No colour, fixed column widths, every name escaped: the
+text can be pasted into an e-mail or a ticket as it is. The pairing plan and the
+progress line are diagnostics and go to stderr (``plan_text``, ``ProgressLine``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Any
+
+from ..errors import escape_name
+
+VERDICT_WORDS = {
+    "identical": "IDENTICAL: every tensor is bitwise equal to the base.",
+    "cast_only": "CAST ONLY: every difference is explained by a change of storage dtype.",
+    "derived": "DERIVED: a fine-tune of this base.",
+    "unrelated": "UNRELATED: not derived from this base (large matrices are near-orthogonal).",
+}
+STATUS_ORDER = ("unchanged", "rounding", "changed", "resized", "added", "removed")
+
+
+def fmt_int(n: Any) -> str:
+    """``1234567 -> '1,234,567'``; None -> '-'."""
+    return "-" if n is None else f"{int(n):,}"
+
+
+def fmt_sci(x: Any, digits: int = 2) -> str:
+    """``0.000123 -> '1.23e-04'``; 0 -> '0'; None -> '-'."""
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    return f"{x:.{digits}e}"
+
+
+def fmt_pct(x: Any) -> str:
+    """Share as a percentage with enough digits to tell 100% from 99.99%."""
+    if x is None:
+        return "-"
+    p = 100.0 * x
+    if p == 0 or p == 100:
+        return f"{p:.0f}%"
+    if p < 0.01:
+        return "<0.01%"
+    if p > 99.99:
+        return ">99.99%"
+    return f"{p:.2f}%"
+
+
+def _one_minus_cos(t: dict) -> str:
+    c = t.get("cosine")
+    return "-" if c is None else fmt_sci(max(0.0, 1.0 - c))
+
+
+def _shape(s: Any) -> str:
+    return "-" if s is None else "x".join(str(v) for v in s) or "scalar"
+
+
+def _table(rows: list[list[str]], header: list[str], aligns: str) -> list[str]:
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        out = []
+        for c, w, a in zip(cells, widths, aligns):
+            out.append(c.ljust(w) if a == "l" else c.rjust(w))
+        return "  " + "  ".join(out).rstrip()
+
+    return [line(header)] + [line(r) for r in rows]
+
+
+def _trim(name: str, width: int = 56) -> str:
+    name = escape_name(name)
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
+def render_text(result: dict, top: int = 10) -> str:
+    """The human summary of a compare result dict (see ``docs/cli.md`` for an example)."""
+    s = result["summary"]
+    lines = []
+    bases = ", ".join(escape_name(b["path"]) for b in result["base"])
+    lines.append(f"weightdiff {result['tool']['version']}: {escape_name(result['tuned']['path'])}  vs  {bases}")
+    lines.append("")
+    lines.append(f"verdict   {VERDICT_WORDS.get(s['verdict'], s['verdict'])}")
+    if s.get("verdict_reason"):
+        lines.append(f"          {s['verdict_reason']}")
+    sc = s.get("scope") or {}
+    lines.append(f"scope     {fmt_int(s['blocks_changed'])} of {fmt_int(s['blocks_total'])} blocks changed; "
+                 f"{fmt_int(sc.get('tensors_changed'))} of {fmt_int(sc.get('tensors_total'))} tensors")
+    form = s.get("form") or {}
+    if form.get("kind"):
+        extra = ""
+        if form.get("max_numerical_rank") is not None:
+            extra = f" (largest numerical rank {form['max_numerical_rank']})"
+        lines.append(f"form      {form['kind']}{extra}")
+    if s.get("flags"):
+        lines.append(f"flags     {', '.join(s['flags'])}")
+    lines.append("")
+    total = s.get("params_total") or 0
+    rows = []
+    for st in STATUS_ORDER:
+        n = (s.get("params_by_status") or {}).get(st, 0)
+        if n or st in ("unchanged", "changed"):
+            rows.append([st, fmt_int(n), fmt_pct(n / total if total else None),
+                         fmt_int((s.get("tensors_by_status") or {}).get(st, 0))])
+    lines += _table(rows, ["parameters", "count", "share", "tensors"], "lrrr")
+    lines.append("")
+    lines.append(f"relative change   {fmt_sci(s.get('relative_change'))}   "
+                 "(norm of all deltas / norm of the base, paired tensors)")
+    if s.get("relatedness_cosine") is not None:
+        lines.append(f"1 - cosine        {fmt_sci(max(0.0, 1 - s['relatedness_cosine']))}   "
+                     "(parameter-weighted over large matrices)")
+    lines.append(f"delta params      {fmt_int(s.get('delta_params'))}   "
+                 f"({fmt_pct(s.get('delta_params_share'))} of the model: parameters needed to write the change down)")
+
+    blocks = [b for b in result.get("blocks", []) if (b.get("params_changed") or 0) > 0]
+    blocks.sort(key=lambda b: (-(b.get("rel_change") or 0.0), b["block"]))
+    if blocks:
+        lines.append("")
+        lines.append(f"most changed blocks ({len(blocks)} changed)")
+        rows = [[_trim(b["block"], 32), fmt_sci(b.get("rel_change")), fmt_int(b.get("params_changed")),
+                 fmt_int(b.get("params")), "-" if b.get("max_numerical_rank") is None else str(b["max_numerical_rank"])]
+                for b in blocks[:top]]
+        lines += _table(rows, ["block", "rel change", "params changed", "params", "max rank"], "lrrrr")
+
+    tensors = [t for t in result.get("tensors", []) if t["status"] in ("changed", "resized")]
+    tensors.sort(key=lambda t: (-(t.get("rel_change") or 0.0), t["name"]))
+    if tensors:
+        lines.append("")
+        lines.append(f"most changed tensors ({len(tensors)} changed or resized)")
+        rows = []
+        for t in tensors[:top]:
+            r = t.get("rank") or {}
+            rows.append([_trim(t["name"]), t["status"], _shape(t.get("shape")), fmt_sci(t.get("rel_change")),
+                         _one_minus_cos(t), fmt_pct(t.get("frac_beyond_rounding")),
+                         "-" if r.get("energy_rank_99") is None else str(r["energy_rank_99"]),
+                         "-" if not r else str(r.get("numerical_rank"))])
+        lines += _table(rows, ["tensor", "status", "shape", "rel change", "1-cos", "beyond rnd", "rank99",
+                               "num rank"], "lllrrrrr")
+    added = [t for t in result.get("tensors", []) if t["status"] in ("added", "removed")]
+    if added:
+        lines.append("")
+        lines.append(f"added or removed tensors ({len(added)})")
+        rows = [[_trim(t["name"]), t["status"], _shape(t.get("shape")), fmt_int(t.get("numel"))] for t in added[:top]]
+        lines += _table(rows, ["tensor", "status", "shape", "params"], "lllr")
+        if len(added) > top:
+            lines.append(f"  ... and {len(added) - top} more (see --json)")
+    if s.get("headline"):
+        lines.append("")
+        lines += [f"  * {h}" for h in s["headline"]]
+    return "\n".join(lines) + "\n"
+
+
+def plan_text(plan: Any) -> str:
+    """One or two lines about the pairing plan, shown before any heavy compute."""
+    d = plan.to_dict() if hasattr(plan, "to_dict") else plan
+    counts = d.get("counts") or {}
+    tensors = counts.get("tensors") or {}
+    parts = [f"{v} {k}" for k, v in tensors.items() if v]
+    text = "plan: " + (", ".join(parts) if parts else "nothing to compare")
+    for note in d.get("notes", [])[:5]:
+        text += "\n  " + escape_name(str(note))
+    return text
+
+
+class ProgressLine:
+    """A one-line progress display on a terminal stderr: elements done / total, GB/s, ETA.
+
+    Silent unless ``stream`` is a terminal; appears only after ``delay`` seconds, so
+    short runs print nothing; redraws at most ten times a second.
+    """
+
+    def __init__(self, stream: IO[str] | None = None, bytes_per_element: float = 2.0, delay: float = 1.0,
+                 enabled: bool | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.bpe = bytes_per_element
+        self.t0 = time.monotonic()
+        self.delay = delay
+        self.last = 0.0
+        self.drawn = False
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        el = now - self.t0
+        if el < self.delay or (now - self.last < 0.1 and done < total):
+            return
+        self.last = now
+        rate = done * 2 * self.bpe / el / 1e9 if el > 0 else 0.0
+        eta = (total - done) * el / done if done else 0.0
+        pct = 100.0 * done / total if total else 100.0
+        msg = f"\r{pct:5.1f}%  {done / 1e6:,.0f}M / {total / 1e6:,.0f}M params  {rate:5.2f} GB/s  ETA {eta:4.0f}s  {_trim(name, 40)}"
+        self.stream.write(msg[:160].ljust(100))
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.flush()
