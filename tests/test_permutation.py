@@ -1,0 +1,138 @@
+"""The assignment solver and MLP neuron permutation detection on plain numpy arrays."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from weightdiff.kernels.assignment import assignment_cost, linear_assignment
+from weightdiff.permutation import find_permutation, match_neurons, mlp_groups, undo
+
+
+def _brute(cost: np.ndarray) -> float:
+    n, m = cost.shape
+    return min(sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(m), n))
+
+
+def test_assignment_hand_worked_example():
+    # row 0 takes column 1 (cost 1), row 1 column 0 (2), row 2 column 2 (2): total 5
+    cost = np.array([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]])
+    col = linear_assignment(cost)
+    assert col.tolist() == [1, 0, 2]
+    assert assignment_cost(cost, col) == 5.0
+
+
+def test_assignment_matches_brute_force(rng):
+    for _ in range(150):
+        n = int(rng.integers(1, 6))
+        m = n + int(rng.integers(0, 3))
+        cost = rng.integers(-3, 5, (n, m)).astype(float)     # many ties on purpose
+        col = linear_assignment(cost)
+        assert len(set(col.tolist())) == n and col.min() >= 0 and col.max() < m
+        assert assignment_cost(cost, col) == pytest.approx(_brute(cost))
+
+
+def test_assignment_maximize_recovers_a_permutation(rng):
+    n = 300
+    p = rng.permutation(n)
+    sim = np.zeros((n, n))
+    sim[np.arange(n), p] = 1.0
+    sim += 0.3 * rng.random((n, n))
+    assert (linear_assignment(sim, maximize=True) == p).all()
+
+
+def test_assignment_edge_cases():
+    assert linear_assignment(np.zeros((0, 3))).tolist() == []
+    assert linear_assignment(np.zeros((1, 1))).tolist() == [0]
+    with pytest.raises(ValueError, match="more rows than columns"):
+        linear_assignment(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        linear_assignment(np.array([[np.nan]]))
+
+
+def _mlp(rng, n=96, d=32):
+    return {"gate": rng.standard_normal((n, d)), "up": rng.standard_normal((n, d)),
+            "down": rng.standard_normal((d, n))}
+
+
+def _permuted(m, p, noise, rng):
+    # tuned neuron i is base neuron p[i]: gate/up rows and down columns move together
+    return {"gate": m["gate"][p] + noise * rng.standard_normal(m["gate"].shape),
+            "up": m["up"][p] + noise * rng.standard_normal(m["up"].shape),
+            "down": m["down"][:, p] + noise * rng.standard_normal(m["down"].shape)}
+
+
+def _members(m):
+    return [(m["gate"], 0), (m["up"], 0), (m["down"], 1)]
+
+
+@pytest.mark.parametrize("exact_max", [2048, 0])      # 0 forces the projection path
+def test_find_permutation_recovers_shuffled_neurons(rng, exact_max):
+    base = _mlp(rng)
+    p = rng.permutation(96)
+    tuned = _permuted(base, p, 0.02, rng)
+    f = find_permutation(_members(tuned), _members(base), exact_max=exact_max, group="g")
+    assert f.applied and (f.perm == p).all()
+    assert f.method == ("exact" if exact_max else "projection")
+    assert f.matched_cosine > 0.99 and f.identity_cosine < 0.2
+    assert f.moved == int(np.count_nonzero(p != np.arange(96)))
+    # undoing puts every tuned neuron back where the base has it
+    aligned = undo(tuned["gate"], f.perm, 0)
+    assert np.abs(aligned - base["gate"]).max() < 0.2
+    assert np.allclose(undo(tuned["down"], f.perm, 1), base["down"], atol=0.2)
+
+
+def test_identity_is_not_reported(rng):
+    base = _mlp(rng)
+    tuned = _permuted(base, np.arange(96), 0.02, rng)
+    f = find_permutation(_members(tuned), _members(base))
+    assert not f.applied and f.moved == 0 and f.matched_cosine == f.identity_cosine > 0.99
+
+
+def test_unrelated_models_are_never_aligned(rng):
+    a, b = _mlp(rng), _mlp(rng)
+    for exact_max in (2048, 0):
+        f = find_permutation(_members(a), _members(b), exact_max=exact_max)
+        assert not f.applied and f.moved == 0 and abs(f.matched_cosine) < 0.2
+
+
+def test_zero_neurons_do_not_break_matching(rng):
+    base = _mlp(rng)
+    base["gate"][:5] = 0
+    base["up"][:5] = 0
+    base["down"][:, :5] = 0
+    p = rng.permutation(96)
+    f = find_permutation(_members(_permuted(base, p, 0.0, rng)), _members(base))
+    assert f.applied
+    live = np.flatnonzero(np.abs(base["gate"]).sum(1) > 0)
+    assert (f.perm[np.isin(p, live)] == p[np.isin(p, live)]).all()
+
+
+def test_match_neurons_projection_resolves_conflicts(rng):
+    # two near-duplicate base neurons: nearest-neighbour alone would map both tuned rows to one
+    sb = rng.standard_normal((50, 16))
+    sb[1] = sb[0] + 1e-3
+    st = sb[::-1].copy()
+    perm, method = match_neurons(sig_tuned=st, sig_base=sb, exact_max=0)
+    assert method == "projection" and len(set(perm.tolist())) == 50
+
+
+def test_mlp_groups_by_family():
+    shapes = {
+        "model.layers.0.mlp.gate_proj.weight": (16, 8), "model.layers.0.mlp.up_proj.weight": (16, 8),
+        "model.layers.0.mlp.down_proj.weight": (8, 16), "model.layers.0.self_attn.o_proj.weight": (8, 8),
+        "transformer.h.0.mlp.c_fc.weight": (8, 32), "transformer.h.0.mlp.c_fc.bias": (32,),
+        "transformer.h.0.mlp.c_proj.weight": (32, 8), "transformer.h.0.attn.c_proj.weight": (8, 8),
+        "encoder.layer.1.intermediate.dense.weight": (32, 8), "encoder.layer.1.intermediate.dense.bias": (32,),
+        "encoder.layer.1.output.dense.weight": (8, 32), "encoder.layer.1.attention.output.dense.weight": (8, 8),
+        "model.layers.1.mlp.gate_up_proj.weight": (32, 8), "model.layers.1.mlp.down_proj.weight": (8, 16),
+    }
+    groups = {g.prefix: g for g in mlp_groups(shapes)}
+    assert sorted(groups) == ["encoder.layer.1", "model.layers.0.mlp", "transformer.h.0.mlp"]
+    assert groups["model.layers.0.mlp"].neurons == 16
+    assert sorted(groups["transformer.h.0.mlp"].members) == [
+        ("transformer.h.0.mlp.c_fc.bias", 0, "bias"), ("transformer.h.0.mlp.c_fc.weight", 1, "in"),
+        ("transformer.h.0.mlp.c_proj.weight", 0, "out")]
+    assert groups["encoder.layer.1"].neurons == 32

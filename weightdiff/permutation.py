@@ -1,0 +1,290 @@
+"""Find and undo permuted MLP neurons between two checkpoints of the same shape.
+
+Hidden units of an MLP can be reordered without changing what the model computes:
+rows of the input projections (gate/up, fc1, c_fc columns, ...) and the matching
+columns of the output projection (down, fc2, ...) permuted together. Weight-space
+comparison is fooled by that: a fine-tune whose neurons were shuffled looks
+unrelated to its base. This module recognises the MLP of each block from tensor
+names, matches the tuned model's neurons to the base's by cosine similarity of
+their concatenated weight vectors with an exact assignment solver
+(weightdiff.kernels.assignment), and hands back the permutation so comparisons can
+undo it.
+
+Small MLPs (n <= ``exact_max`` neurons) are matched on the full n x n cosine matrix.
+Large ones are matched on seeded random projections of the neuron vectors
+(``proj_dims`` dimensions, Johnson-Lindenstrauss): mutual nearest neighbours are
+taken as matched and only the rest go through the exact solver. Either way the
+matched cosines are then measured on the full vectors, and a permutation is
+accepted only when it clearly improves on the identity and matched neurons agree
+(mean cosine >= ``min_cosine``): two unrelated models never get "aligned".
+
+What this cannot see: attention-head permutations, a permuted residual stream
+(hidden size), neurons split or merged, fused gate_up projections.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .kernels.assignment import linear_assignment
+from .kernels.dtypes import decode
+
+__all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation",
+           "detect_permutations", "undo", "neuron_vectors"]
+
+# (regex with the group prefix as group 1, neuron axis, role); role "in" feeds the neurons,
+# "out" reads them; "bias" is permuted but not used for matching.
+_SPECS: tuple[tuple[str, int, str], ...] = (
+    (r"^(.*\.mlp)\.(?:gate_proj|up_proj|fc1|dense_h_to_4h|w1|w3)\.weight$", 0, "in"),
+    (r"^(.*\.mlp)\.(?:gate_proj|up_proj|fc1|dense_h_to_4h|w1|w3|c_fc)\.bias$", 0, "bias"),
+    (r"^(.*\.mlp)\.(?:down_proj|fc2|dense_4h_to_h|w2)\.weight$", 1, "out"),
+    (r"^(.*\.mlp)\.c_fc\.weight$", 1, "in"),           # GPT-2 Conv1D: [hidden, n]
+    (r"^(.*\.mlp)\.c_proj\.weight$", 0, "out"),        # GPT-2 Conv1D: [n, hidden]
+    (r"^(.*\.experts\.\d+)\.(?:w1|w3|gate_proj|up_proj)\.weight$", 0, "in"),   # Mixtral-style experts
+    (r"^(.*\.experts\.\d+)\.(?:w2|down_proj)\.weight$", 1, "out"),
+    (r"^(.*\.layer\.\d+)\.intermediate\.dense\.weight$", 0, "in"),           # BERT / ViT
+    (r"^(.*\.layer\.\d+)\.intermediate\.dense\.bias$", 0, "bias"),
+    (r"^(.*\.layer\.\d+)\.output\.dense\.weight$", 1, "out"),
+    (r"^(.*\.DenseReluDense)\.(?:wi|wi_0|wi_1)\.weight$", 0, "in"),          # T5
+    (r"^(.*\.DenseReluDense)\.wo\.weight$", 1, "out"),
+    (r"^(.*)\.(?:fc1)\.weight$", 0, "in"),                                   # OPT: layers.N.fc1
+    (r"^(.*)\.(?:fc1)\.bias$", 0, "bias"),
+    (r"^(.*)\.(?:fc2)\.weight$", 1, "out"),
+)
+_COMPILED = tuple((re.compile(p), axis, role) for p, axis, role in _SPECS)
+
+
+@dataclass
+class MlpGroup:
+    """The tensors of one MLP whose neuron axis moves together."""
+
+    prefix: str
+    members: list[tuple[str, int, str]] = field(default_factory=list)   # (tuned name, axis, role)
+    neurons: int = 0
+
+
+@dataclass
+class Finding:
+    """The best neuron matching of one MLP group; ``applied`` when it is a real permutation."""
+
+    group: str
+    neurons: int
+    perm: np.ndarray            # tuned neuron i corresponds to base neuron perm[i]
+    matched_cosine: float       # mean cosine of matched neuron vectors (full vectors)
+    identity_cosine: float      # mean cosine of neuron i with neuron i
+    method: str                 # "exact" | "projection"
+    applied: bool
+    members: list[tuple[str, int, str]] = field(default_factory=list)
+
+    @property
+    def moved(self) -> int:
+        return int(np.count_nonzero(self.perm != np.arange(len(self.perm))))
+
+    def to_dict(self) -> dict:
+        return {"group": self.group, "neurons": self.neurons, "moved": self.moved,
+                "moved_share": self.moved / self.neurons if self.neurons else 0.0,
+                "matched_cosine": self.matched_cosine, "identity_cosine": self.identity_cosine,
+                "method": self.method, "applied": self.applied,
+                "tensors": [m[0] for m in self.members]}
+
+
+def mlp_groups(shapes: Mapping[str, Sequence[int]]) -> list[MlpGroup]:
+    """Group tensor names (name -> shape) into MLPs with one neuron count.
+
+    A group needs at least one input and one output matrix whose neuron axes agree;
+    anything else (a fused gate_up, odd shapes) is left alone.
+
+    >>> g = mlp_groups({"m.layers.0.mlp.up_proj.weight": (8, 4), "m.layers.0.mlp.down_proj.weight": (4, 8)})
+    >>> g[0].prefix, g[0].neurons, [m[1] for m in g[0].members]
+    ('m.layers.0.mlp', 8, [1, 0])
+    """
+    found: dict[str, MlpGroup] = {}
+    for name in sorted(shapes):
+        shape = tuple(shapes[name])
+        for rx, axis, role in _COMPILED:
+            m = rx.match(name)
+            if m is None:
+                continue
+            if (role == "bias") != (len(shape) == 1) or axis >= len(shape):
+                break
+            found.setdefault(m.group(1), MlpGroup(m.group(1))).members.append((name, axis, role))
+            break
+    groups = []
+    for prefix in sorted(found):
+        g = found[prefix]
+        sizes = {shapes[n][a] for n, a, _ in g.members}
+        roles = {r for _, _, r in g.members}
+        if len(sizes) == 1 and {"in", "out"} <= roles:
+            g.neurons = sizes.pop()
+            groups.append(g)
+    return groups
+
+
+def neuron_vectors(x: np.ndarray, axis: int) -> np.ndarray:
+    """The weights of each neuron as rows: ``x`` with ``axis`` moved first, flattened after."""
+    return np.moveaxis(np.asarray(x), axis, 0).reshape(x.shape[axis], -1)
+
+
+def _unit_rows(v: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.einsum("ij,ij->i", v, v))
+    return v / np.where(norms > 0, norms, 1.0)[:, None]
+
+
+def match_neurons(sim: np.ndarray | None = None, *, sig_tuned: np.ndarray | None = None,
+                  sig_base: np.ndarray | None = None, exact_max: int = 2048,
+                  chunk: int = 4096) -> tuple[np.ndarray, str]:
+    """Best one-to-one matching of tuned neurons (rows) to base neurons.
+
+    Either ``sim`` (n x n similarities, solved exactly) or two signature matrices
+    (n x k each, one row per neuron, compared by cosine). With signatures, mutual
+    nearest neighbours are matched directly and only the remaining neurons are
+    solved exactly (greedily when more than ``exact_max`` remain).
+    Returns (perm, method) with tuned neuron i -> base neuron perm[i].
+    """
+    if sim is not None:
+        return linear_assignment(sim, maximize=True), "exact"
+    st, sb = _unit_rows(np.asarray(sig_tuned, np.float64)), _unit_rows(np.asarray(sig_base, np.float64))
+    n = st.shape[0]
+    if n <= exact_max:
+        return linear_assignment(st @ sb.T, maximize=True), "exact"
+    best_b = np.empty(n, dtype=np.int64)
+    best_t = np.empty(n, dtype=np.int64)
+    for lo in range(0, n, chunk):
+        best_b[lo:lo + chunk] = np.argmax(st[lo:lo + chunk] @ sb.T, axis=1)
+        best_t[lo:lo + chunk] = np.argmax(sb[lo:lo + chunk] @ st.T, axis=1)
+    perm = np.full(n, -1, dtype=np.int64)
+    mutual = best_t[best_b] == np.arange(n)
+    perm[mutual] = best_b[mutual]
+    rest_t = np.flatnonzero(~mutual)
+    if rest_t.size:
+        taken = np.zeros(n, dtype=bool)
+        taken[perm[mutual]] = True
+        rest_b = np.flatnonzero(~taken)
+        sub = st[rest_t] @ sb[rest_b].T
+        if rest_t.size <= exact_max:
+            perm[rest_t] = rest_b[linear_assignment(sub, maximize=True)]
+        else:   # greedy by descending similarity: rare (the models barely agree), bounded work
+            order = np.argsort(-sub, axis=None, kind="stable")
+            used_t = np.zeros(rest_t.size, bool)
+            used_b = np.zeros(rest_b.size, bool)
+            for flat in order:
+                i, j = divmod(int(flat), rest_b.size)
+                if not used_t[i] and not used_b[j]:
+                    used_t[i] = used_b[j] = True
+                    perm[rest_t[i]] = rest_b[j]
+    return perm, "projection"
+
+
+def find_permutation(tuned: Sequence[tuple[np.ndarray, int]], base: Sequence[tuple[np.ndarray, int]], *,
+                     exact_max: int = 2048, proj_dims: int = 64, seed: int = 0,
+                     min_cosine: float = 0.5, group: str = "") -> Finding:
+    """Match the neurons of one MLP given its member matrices as float arrays.
+
+    ``tuned`` and ``base`` list (array, neuron axis) in the same order. The arrays
+    may be loaded lazily by the caller one at a time; here they are all in memory.
+    """
+    load_t = [lambda a=a: a for a, _ in tuned]
+    load_b = [lambda a=a: a for a, _ in base]
+    return _find(load_t, load_b, [ax for _, ax in tuned], exact_max=exact_max, proj_dims=proj_dims,
+                 seed=seed, min_cosine=min_cosine, group=group)
+
+
+def _find(load_t: Sequence[Callable[[], np.ndarray]], load_b: Sequence[Callable[[], np.ndarray]],
+          axes: Sequence[int], *, exact_max: int, proj_dims: int, seed: int, min_cosine: float,
+          group: str) -> Finding:
+    n = None
+    sim = sig_t = sig_b = None
+    for k, (lt, lb, ax) in enumerate(zip(load_t, load_b, axes)):
+        vt, vb = neuron_vectors(lt(), ax), neuron_vectors(lb(), ax)
+        n = vt.shape[0]
+        if n <= exact_max:
+            part = vt.astype(np.float64) @ vb.astype(np.float64).T
+            sim = part if sim is None else sim + part
+        else:
+            rng = np.random.default_rng([seed, zlib.crc32(group.encode()), k])
+            r = rng.standard_normal((vt.shape[1], proj_dims)).astype(np.float32)
+            pt, pb = vt.astype(np.float32) @ r, vb.astype(np.float32) @ r
+            sig_t = pt if sig_t is None else sig_t + pt
+            sig_b = pb if sig_b is None else sig_b + pb
+        del vt, vb
+    perm, method = match_neurons(sim, sig_tuned=sig_t, sig_base=sig_b, exact_max=exact_max)
+    # matched and identity cosines on the full vectors
+    dot_m = np.zeros(n)
+    dot_i = np.zeros(n)
+    nt = np.zeros(n)
+    nb = np.zeros(n)
+    for lt, lb, ax in zip(load_t, load_b, axes):
+        vt = neuron_vectors(lt(), ax).astype(np.float64)
+        vb = neuron_vectors(lb(), ax).astype(np.float64)
+        dot_m += np.einsum("ij,ij->i", vt, vb[perm])
+        dot_i += np.einsum("ij,ij->i", vt, vb)
+        nt += np.einsum("ij,ij->i", vt, vt)
+        nb += np.einsum("ij,ij->i", vb, vb)
+        del vt, vb
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos_m = np.where((nt > 0) & (nb[perm] > 0), dot_m / np.sqrt(nt * nb[perm]), 0.0)
+        cos_i = np.where((nt > 0) & (nb > 0), dot_i / np.sqrt(nt * nb), 0.0)
+    matched, ident = float(cos_m.mean()), float(cos_i.mean())
+    moved = bool(np.any(perm != np.arange(n)))
+    applied = moved and matched >= min_cosine and matched > ident + 1e-6
+    if not applied:
+        perm = np.arange(n)
+        matched = ident
+    return Finding(group=group, neurons=int(n), perm=perm, matched_cosine=matched, identity_cosine=ident,
+                   method=method, applied=applied)
+
+
+def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (np.asarray(raw).astype(np.uint32) << 16).view(np.float32)
+    if dtype in ("F16", "F32"):
+        return np.asarray(raw, dtype=np.float32)
+    return decode(raw, dtype).astype(np.float32)
+
+
+def detect_permutations(base, tuned, name_map: Mapping[str, str], *, exact_max: int = 2048,
+                        proj_dims: int = 64, seed: int = 0, min_cosine: float = 0.5) -> list[Finding]:
+    """Look for permuted neurons in every MLP of ``tuned`` against ``base`` (two Checkpoints).
+
+    ``name_map`` maps tuned tensor names to the base names they pair with; only MLPs
+    whose member tensors all pair with the same shapes are examined. Returns one
+    Finding per examined group (``applied`` False where the identity is best).
+    """
+    shapes = {}
+    for tname, bname in name_map.items():
+        ti, bi = tuned.tensors.get(tname), base.tensors.get(bname)
+        if ti is not None and bi is not None and tuple(ti.shape) == tuple(bi.shape) \
+                and ti.dtype not in ("C64", "F4", "F6_E2M3", "F6_E3M2"):
+            shapes[tname] = tuple(ti.shape)
+    findings = []
+    for g in mlp_groups(shapes):
+        mats = [(n, ax) for n, ax, role in g.members if role != "bias"]
+
+        def loader(ck, name):
+            info = ck.tensors[name]
+            return lambda: _as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)), info.dtype)
+
+        f = _find([loader(tuned, n) for n, _ in mats], [loader(base, name_map[n]) for n, _ in mats],
+                  [ax for _, ax in mats], exact_max=exact_max, proj_dims=proj_dims, seed=seed,
+                  min_cosine=min_cosine, group=g.prefix)
+        f.members = list(g.members)
+        findings.append(f)
+    return findings
+
+
+def undo(x: np.ndarray, perm: np.ndarray, axis: int) -> np.ndarray:
+    """Reorder ``x`` along ``axis`` so tuned neuron i lands at base position perm[i].
+
+    Works on raw stored values (no decoding needed).
+
+    >>> undo(np.array([10, 20, 30]), np.array([2, 0, 1]), 0).tolist()
+    [20, 30, 10]
+    """
+    inverse = np.empty_like(perm)
+    inverse[perm] = np.arange(len(perm))
+    return np.take(x, inverse, axis=axis)
