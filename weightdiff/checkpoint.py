@@ -1,0 +1,471 @@
+"""Checkpoint locator: a path -> the files, tensors and (for PEFT adapters) LoRA factors.
+
+A path may be one ``.safetensors`` file; a folder with ``model.safetensors``; a sharded
+folder with ``*.safetensors.index.json`` (every shard must exist, hold exactly the
+tensors the index names for it, and no tensor may sit in two shards; a stray shard of
+the same series is an error, other ``.safetensors`` files are listed in ``ignored``);
+a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``); a
+Hugging Face cache folder (``models--org--name`` or one of its ``snapshots/<rev>``,
+whose symlinks are followed); or a legacy ``pytorch_model*.bin`` / ``.pt`` pickle, read
+only through torch's restricted unpickler. Locating reads headers, never tensor data.
+
+>>> with locate("tuned/") as ckpt:                               # doctest: +SKIP
+...     ckpt.format, ckpt.params, [f.target for f in ckpt.lora][:1]
+('adapter', 1703936, ['model.layers.0.self_attn.q_proj.weight'])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import CheckpointError, escape_name
+from .pickle_io import PICKLE_SUFFIXES, load_pickle
+from .safetensors_io import (SafetensorsFile, TensorInfo, array_windows, check_range, load_json,
+                             open_regular, os_problem, pread_into, storage_of)
+
+__all__ = ["AdapterConfig", "LoraFactor", "Checkpoint", "locate", "JSON_CAP"]
+
+#: largest index / adapter config accepted
+JSON_CAP = 100_000_000
+_OPEN_FILES = 8                     # headers parsed and fds held at once; data is mapped per window
+_PEFT_PREFIX = "base_model.model."
+_LORA_RE = re.compile(r"^(?P<mod>.+)\.(?:lora_(?P<ab>A|B)\.weight|lora_embedding_(?P<eab>A|B)"
+                      r"|lora_magnitude_vector(?:\.weight)?)$")
+
+
+@dataclass
+class AdapterConfig:
+    """The parts of a PEFT ``adapter_config.json`` that shape the delta."""
+
+    r: int
+    lora_alpha: float
+    target_modules: list[str]
+    use_rslora: bool
+    use_dora: bool
+    base_model: str | None
+    raw: dict = field(repr=False)
+
+    @property
+    def scale(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.scale_for(self.lora_alpha, self.r)
+
+    def scale_for(self, alpha: float, r: int) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def pattern(self, key: str, module: str, default):
+        """Per-module override from ``rank_pattern``/``alpha_pattern``, matched as PEFT does."""
+        for pat, value in (self.raw.get(key) or {}).items():
+            try:
+                if re.match(rf"(.*\.)?({pat})$", module):
+                    return value
+            except re.error:
+                continue
+        return default
+
+
+@dataclass
+class LoraFactor:
+    """One LoRA pair: delta of ``target`` = scale x B @ A (transposed when ``embedding``:
+    PEFT stores embedding factors as A [r, vocab], B [dim, r])."""
+
+    target: str
+    a_name: str
+    b_name: str
+    magnitude_name: str | None
+    r: int
+    scale: float
+    embedding: bool = False
+
+
+class Checkpoint:
+    """A located checkpoint (a context manager). Tensor data is read lazily, one window at a time."""
+
+    def __init__(self, path: Path, format: str, files: list[Path], tensors: dict[str, TensorInfo],
+                 metadata: dict, root: Path, adapter: AdapterConfig | None = None,
+                 ignored: list[Path] | None = None):
+        self.path, self.format, self.files, self.tensors = path, format, files, tensors
+        self.metadata, self.root, self.adapter = metadata, root, adapter
+        self.ignored = ignored or []
+        self.lora: list[LoraFactor] = _lora_factors(self) if adapter is not None else []
+        self._open: OrderedDict[Path, SafetensorsFile] = OrderedDict()
+        self._pins: dict[Path, int] = {}
+        self._headers: dict[Path, dict[str, TensorInfo]] = {}
+        self._pickle: tuple[Path, dict[str, np.ndarray]] | None = None
+
+    @property
+    def params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, format={self.format!r}, {len(self.tensors)} tensors)"
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+        self._pickle = None
+
+    # -- sources ---------------------------------------------------------------
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor `{escape_name(name)}` in {self.path}") from None
+
+    def _file(self, path: Path) -> SafetensorsFile:
+        f = self._open.get(path)
+        if f is not None:
+            self._open.move_to_end(path)
+            return f
+        for old in [p for p in self._open if not self._pins.get(p)][:max(0, len(self._open) - _OPEN_FILES + 1)]:
+            self._open.pop(old).close()
+        f = SafetensorsFile(path)
+        want = self._headers.get(path)
+        if want is not None and f.tensors != want:
+            f.close()
+            raise CheckpointError(path, "file changed since the checkpoint was located (rerun)")
+        self._headers[path] = f.tensors
+        self._open[path] = f
+        return f
+
+    def _array(self, info: TensorInfo) -> np.ndarray:
+        if self._pickle is None or self._pickle[0] != info.path:
+            self._pickle = None                   # one pickle shard mapped at a time
+            self._pickle = (info.path, load_pickle(info.path)[1])
+        return self._pickle[1][info.name]
+
+    def windows(self, name: str, max_elements: int | None = None, start: int = 0,
+                stop: int | None = None) -> Iterator[np.ndarray]:
+        """As ``SafetensorsFile.windows``, opening the right shard lazily."""
+        info = self._info(name)
+        if info.start is None:
+            start, stop, step = check_range(info, max_elements, start, stop, storage_of(info.dtype).itemsize)
+            return array_windows(self._array(info), start, stop, step)
+        f = self._file(info.path)
+        return self._pinned(info.path, f.windows(name, max_elements, start, stop))
+
+    def _pinned(self, path: Path, it: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        self._pins[path] = self._pins.get(path, 0) + 1
+        try:
+            yield from it
+        finally:
+            self._pins[path] -= 1
+
+    def read(self, name: str) -> np.ndarray:
+        info = self._info(name)
+        if info.start is None:
+            out = self._array(info).copy()
+            return out if info.packed else out.reshape(info.shape)
+        return self._file(info.path).read(name)
+
+    def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        info = self._info(name)
+        if info.start is None:
+            if not info.shape:
+                raise ValueError(f"read_rows needs a >=1-D tensor; `{escape_name(name)}` is 0-d")
+            return self._array(info).reshape(info.shape)[np.asarray(rows, dtype=np.int64)].copy()
+        return self._file(info.path).read_rows(name, rows)
+
+    def file_digests(self) -> dict[str, str]:
+        """sha256 of every file, streamed, keyed by the file's path relative to the checkpoint."""
+        out = {}
+        for path in self.files:
+            fd, st = open_regular(path)
+            try:
+                h, buf, pos = hashlib.sha256(), bytearray(4 << 20), 0
+                while pos < st.st_size:
+                    mv = memoryview(buf)[:min(len(buf), st.st_size - pos)]
+                    pread_into(fd, mv, pos, path)
+                    h.update(mv)
+                    pos += len(mv)
+            finally:
+                os.close(fd)
+            out[_rel(path, self.root)] = h.hexdigest()
+        return out
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
+
+
+# -- locating ------------------------------------------------------------------
+
+def locate(path: str | os.PathLike) -> Checkpoint:
+    """Find and validate the checkpoint at ``path`` (headers only). Raises CheckpointError."""
+    p = Path(os.fspath(path))
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise CheckpointError(p, os_problem(exc)) from None
+    if stat.S_ISDIR(st.st_mode):
+        return _locate_dir(p)
+    if p.name.endswith(".bin.index.json"):
+        return _pickle_sharded(p.parent, p)
+    if p.name.endswith(".index.json"):
+        return _sharded(p.parent, p, p)
+    if p.name.endswith(PICKLE_SUFFIXES):
+        return _pickles(p, [p], p.parent)
+    return _single(p, p, p.parent)
+
+
+def _listdir(d: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(d))
+    except OSError as exc:
+        raise CheckpointError(d, f"cannot list: {os_problem(exc)}") from None
+
+
+def _locate_dir(d: Path) -> Checkpoint:
+    names = _listdir(d)
+    if "adapter_config.json" in names:
+        return _adapter(d, names)
+    if "snapshots" in names and (d / "snapshots").is_dir():
+        return _locate_dir(_snapshot(d))
+    st = [n for n in names if n.endswith(".safetensors")]
+    st_index = [n for n in names if n.endswith(".safetensors.index.json")]
+    if "model.safetensors.index.json" in st_index:
+        st_index = ["model.safetensors.index.json"]
+    if len(st_index) == 1:
+        return _sharded(d, d / st_index[0], d)
+    if len(st_index) > 1:
+        raise CheckpointError(d, f"several index files and none named model.safetensors.index.json: "
+                                 f"{', '.join(st_index)}", "pass the index file to use")
+    if "model.safetensors" in names:
+        return _single(d / "model.safetensors", d, d)
+    if len(st) == 1:
+        return _single(d / st[0], d, d)
+    if len(st) > 1:
+        raise CheckpointError(d, f"{len(st)} .safetensors files and no index, so which is the model is "
+                                 f"ambiguous: {', '.join(escape_name(n) for n in st)}",
+                              "pass one file, or add model.safetensors.index.json")
+    pk_index = [n for n in names if n.endswith(".bin.index.json")]
+    if len(pk_index) == 1:
+        return _pickle_sharded(d, d / pk_index[0])
+    pk = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if "pytorch_model.bin" in pk:
+        pk = ["pytorch_model.bin"]
+    if len(pk) == 1:
+        return _pickles(d, [d / pk[0]], d)
+    found = f"found {', '.join(escape_name(n) for n in names[:6])}" + (", ..." if len(names) > 6 else "") \
+        if names else "the folder is empty"
+    raise CheckpointError(d, f"no checkpoint here: expected model.safetensors or "
+                             f"model.safetensors.index.json ({found})")
+
+
+def _snapshot(d: Path) -> Path:
+    """The revision folder of a Hugging Face cache repo: refs/main, else the only snapshot."""
+    snaps = _listdir(d / "snapshots")
+    ref = d / "refs" / "main"
+    if ref.is_file():
+        rev = _read_small(ref, 4096).decode("utf-8", "replace").strip()
+        if rev in snaps:
+            return d / "snapshots" / rev
+    if len(snaps) == 1:
+        return d / "snapshots" / snaps[0]
+    raise CheckpointError(d, f"Hugging Face cache folder with {len(snaps)} snapshots and no usable "
+                             "refs/main", "pass snapshots/<revision>/")
+
+
+def _read_small(path: Path, cap: int) -> bytes:
+    fd, st = open_regular(path)
+    try:
+        if st.st_size > cap:
+            raise CheckpointError(path, f"file is {st.st_size:,} bytes, over the {cap:,}-byte cap for this kind of file")
+        buf = bytearray(st.st_size)
+        pread_into(fd, memoryview(buf), 0, path)
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+def _header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    with SafetensorsFile(path) as f:
+        return f.tensors, f.metadata
+
+
+def _single(file: Path, shown: Path, root: Path) -> Checkpoint:
+    if not file.name.endswith(".safetensors") and file.name.endswith(".json"):
+        raise CheckpointError(file, "is JSON, not a checkpoint", "pass the folder that holds it")
+    tensors, metadata = _header(file)
+    ckpt = Checkpoint(shown, "safetensors", [file], tensors, dict(metadata), root)
+    ckpt._headers[file] = tensors
+    return ckpt
+
+
+def _shard_name(index: Path, value: object, tensor: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise CheckpointError(index, f"weight_map entry for `{escape_name(tensor)}` is not a file name")
+    pure = PurePosixPath(value)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in value or "\0" in value or value.startswith("~"):
+        raise CheckpointError(index, f"weight_map sends `{escape_name(tensor)}` to `{escape_name(value)}`, "
+                                     "outside the checkpoint folder", "shard names must be plain relative names")
+    return value
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], dict]:
+    doc = load_json(_read_small(index, JSON_CAP), index, "index")
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise CheckpointError(index, "index has no weight_map object")
+    wmap = {t: _shard_name(index, s, t) for t, s in doc["weight_map"].items()}
+    if not wmap:
+        raise CheckpointError(index, "index weight_map is empty")
+    meta = doc.get("metadata") or {}
+    return wmap, meta if isinstance(meta, dict) else {}
+
+
+def _series(index: Path, shard_names: set[str], names: list[str], suffix: str) -> list[str]:
+    """Files of the index's shard series (``prefix-0000k-of-0000n``) that the index does not list."""
+    if not index.name.endswith(suffix + ".index.json"):
+        return []
+    prefix = index.name[: -len(suffix + ".index.json")]
+    pat = re.compile(rf"^{re.escape(prefix)}-\d+-of-\d+{re.escape(suffix)}$")
+    return [n for n in names if pat.match(n) and n not in shard_names]
+
+
+def _sharded(d: Path, index: Path, shown: Path) -> Checkpoint:
+    wmap, meta = _read_index(index)
+    shards = list(dict.fromkeys(wmap.values()))
+    names = _listdir(d)
+    stray = _series(index, set(shards), names, ".safetensors")
+    if stray:
+        raise CheckpointError(index, f"shard {escape_name(stray[0])} is in the folder but not in the index "
+                                     "(incomplete index or stray file?)")
+    tensors: dict[str, TensorInfo] = {}
+    headers: dict[Path, dict[str, TensorInfo]] = {}
+    metadata: dict = {}
+    owner: dict[str, str] = {}
+    for shard in shards:
+        path = d / shard
+        if not os.path.lexists(path):
+            raise CheckpointError(index, f"shard {escape_name(shard)} is listed but missing (incomplete download?)")
+        infos, md = _header(path)
+        for k, v in md.items():
+            metadata.setdefault(k, v)
+        headers[path] = infos
+        for name in infos:
+            if name in owner:
+                raise CheckpointError(path, f"tensor `{escape_name(name)}` is stored in both "
+                                            f"{escape_name(owner[name])} and {escape_name(shard)}")
+            owner[name] = shard
+            if wmap.get(name) != shard:
+                raise CheckpointError(path, f"holds tensor `{escape_name(name)}` that the index "
+                                            + ("does not list" if name not in wmap else
+                                               f"places in {escape_name(wmap[name])}"))
+    for name, shard in wmap.items():
+        if owner.get(name) != shard:
+            raise CheckpointError(d / shard, f"tensor `{escape_name(name)}` is listed in the index for "
+                                             "this shard but the shard does not hold it")
+        tensors[name] = headers[d / shard][name]
+    metadata.update({k: str(v) for k, v in meta.items()})
+    listed = {d / s for s in shards}
+    ignored = [d / n for n in names if n.endswith(".safetensors") and d / n not in listed]
+    ckpt = Checkpoint(shown, "sharded", [d / s for s in shards], tensors, metadata, d, ignored=ignored)
+    ckpt._headers.update(headers)
+    return ckpt
+
+
+def _pickles(shown: Path, files: list[Path], root: Path) -> Checkpoint:
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        infos, _ = load_pickle(f)
+        for name, info in infos.items():
+            if name in tensors:
+                raise CheckpointError(f, f"tensor `{escape_name(name)}` is stored in both "
+                                         f"{tensors[name].path.name} and {f.name}")
+            tensors[name] = info
+    return Checkpoint(shown, "pickle", files, tensors, {}, root)
+
+
+def _pickle_sharded(d: Path, index: Path) -> Checkpoint:
+    wmap, _ = _read_index(index)
+    shards = list(dict.fromkeys(wmap.values()))
+    ckpt = _pickles(d, [d / s for s in shards], d)
+    for name, shard in wmap.items():
+        if name not in ckpt.tensors or ckpt.tensors[name].path.name != PurePosixPath(shard).name:
+            raise CheckpointError(d / shard, f"tensor `{escape_name(name)}` is listed in the index for "
+                                             "this shard but the shard does not hold it")
+    return ckpt
+
+
+# -- PEFT adapters ---------------------------------------------------------------
+
+def _adapter_config(path: Path) -> AdapterConfig:
+    raw = load_json(_read_small(path, JSON_CAP), path, "adapter config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(path, "adapter config is not a JSON object")
+    r, alpha = raw.get("r"), raw.get("lora_alpha", raw.get("r"))
+    if type(r) is not int or r < 1:
+        raise CheckpointError(path, f"adapter config has r = {r!r}, expected a positive integer",
+                              "only LoRA adapters are supported")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise CheckpointError(path, f"adapter config has lora_alpha = {alpha!r}, expected a number")
+    targets = raw.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
+    base = raw.get("base_model_name_or_path")
+    return AdapterConfig(r, float(alpha), targets, bool(raw.get("use_rslora", False)),
+                         bool(raw.get("use_dora", False)), base if isinstance(base, str) else None, raw)
+
+
+def _adapter(d: Path, names: list[str]) -> Checkpoint:
+    config = _adapter_config(d / "adapter_config.json")
+    if "adapter_model.safetensors" in names:
+        ckpt = _single(d / "adapter_model.safetensors", d, d)
+    elif "adapter_model.bin" in names:
+        ckpt = _pickles(d, [d / "adapter_model.bin"], d)
+    else:
+        raise CheckpointError(d, "adapter folder has adapter_config.json but no adapter_model.safetensors")
+    out = Checkpoint(d, "adapter", ckpt.files, ckpt.tensors, ckpt.metadata, d, adapter=config)
+    out._headers.update(ckpt._headers)
+    return out
+
+
+def _lora_factors(ckpt: Checkpoint) -> list[LoraFactor]:
+    config = ckpt.adapter
+    parts: dict[str, dict[str, str]] = {}
+    for name in ckpt.tensors:
+        m = _LORA_RE.match(name)
+        if m:
+            key = m["ab"] or (f"E{m['eab']}" if m["eab"] else "M")
+            parts.setdefault(m["mod"], {})[key] = name
+    out = []
+    for mod, got in parts.items():
+        emb = "EA" in got or "EB" in got
+        a, b = (got.get("EA"), got.get("EB")) if emb else (got.get("A"), got.get("B"))
+        where = ckpt.files[0]
+        if a is None or b is None:
+            raise CheckpointError(where, f"LoRA module `{escape_name(mod)}` has only one of its A/B factors")
+        sa, sb = ckpt.tensors[a].shape, ckpt.tensors[b].shape
+        if len(sa) < 2 or len(sb) < 2 or sb[1] != sa[0]:
+            raise CheckpointError(where, f"LoRA factors of `{escape_name(mod)}` do not chain: "
+                                         f"A is {list(sa)}, B is {list(sb)}")
+        module = mod.removeprefix(_PEFT_PREFIX)
+        alpha = float(config.pattern("alpha_pattern", module, config.lora_alpha))
+        r = int(sa[0])
+        if r == 0:
+            raise CheckpointError(where, f"LoRA factors of `{escape_name(mod)}` have rank 0")
+        out.append(LoraFactor(module + ".weight", a, b, got.get("M"), r, config.scale_for(alpha, r), emb))
+    return out

@@ -1,0 +1,112 @@
+"""Legacy PyTorch checkpoints (``pytorch_model.bin``, ``.pt``), read only through torch's
+restricted unpickler.
+
+The sibling of ``safetensors_io`` for pickles. ``torch.load(..., weights_only=True,
+mmap=True)`` rebuilds tensors and plain containers and refuses every other global a
+pickle names, so a file whose ``__reduce__`` would run code is refused, never executed.
+Plain ``pickle`` is never used. torch is imported lazily: without it the error says
+``install weightdiff[torch]``. Tensors are handed out as numpy views in the same
+storage dtypes as the safetensors reader (bf16 as uint16, fp8 as uint8).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError, escape_name
+from .safetensors_io import TensorInfo, open_regular, storage_of
+
+__all__ = ["PICKLE_SUFFIXES", "load_pickle"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+_TORCH_DTYPES = {
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "complex64": "C64",
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "int32": "I32",
+    "uint32": "U32", "int64": "I64", "uint64": "U64", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "float8_e8m0fnu": "F8_E8M0",
+}
+
+
+def _import_torch(path: Path):
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(path, "is a PyTorch pickle, which weightdiff reads only through torch's "
+                                    "restricted unpickler", "install weightdiff[torch]") from None
+    return torch
+
+
+def _refusal(exc: BaseException) -> str:
+    """The telling line of torch's long weights-only refusal, e.g. 'Unsupported global: ...'."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "Unsupported global" in ln or "Unsupported operand" in ln or "GLOBAL" in ln:
+            return ln[:200]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _torch_load(torch, path: Path) -> object:
+    fd, _ = open_regular(path)          # no FIFO, device or directory reaches torch
+    os.close(fd)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # mmap needs the zip format (torch >= 1.6); older files load without it
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(path, "refused: the pickle carries code or objects outside torch's "
+                                    f"weights-only allow-list ({_refusal(exc)})",
+                              "convert it to safetensors with a trusted tool") from None
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read: {(exc.strerror or str(exc)).lower()}") from None
+    except Exception as exc:  # torch raises assorted types for corrupt input
+        raise CheckpointError(path, f"not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                                    f"{_refusal(exc)})") from None
+
+
+def _state_dict(torch, obj: object, path: Path) -> dict:
+    # unwrap {"state_dict": {...}} / {"model": {...}} style containers of one dict
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = [v for v in obj.values() if isinstance(v, dict)]
+        if len(inner) != 1:
+            break
+        obj = inner[0]
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"holds a {type(obj).__name__}, expected a state dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(path, "holds no tensors")
+    return tensors
+
+
+def load_pickle(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, np.ndarray]]:
+    """Tensor infos (no byte offsets) and flat storage-dtype arrays of one pickle file.
+
+    The arrays view torch's memory map of the file, so nothing is copied until read.
+    """
+    path = Path(path)
+    torch = _import_torch(path)
+    state = _state_dict(torch, _torch_load(torch, path), path)
+    infos: dict[str, TensorInfo] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for name, t in state.items():
+        dtype = _TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise CheckpointError(path, f"tensor `{escape_name(name)}` has dtype {t.dtype}, which has "
+                                        "no safetensors equivalent")
+        if t.layout != torch.strided or t.is_quantized:
+            raise CheckpointError(path, f"tensor `{escape_name(name)}` is sparse or quantized")
+        flat = t.detach().contiguous().reshape(-1)
+        raw = flat.view(torch.uint8).numpy().view(storage_of(dtype))
+        infos[name] = TensorInfo(name, dtype, tuple(int(d) for d in t.shape), path, None, None)
+        arrays[name] = raw
+    return infos, arrays

@@ -1,0 +1,460 @@
+"""Validated, streaming reader of safetensors files.
+
+The header is parsed here, not by the ``safetensors`` package, and validated in full
+before any tensor byte is touched: the 8-byte length prefix against the file size and
+a 100,000,000-byte cap, a UTF-8 JSON object, a string-to-string ``__metadata__``, a
+known dtype, a shape of non-negative ints, ``data_offsets`` whose length equals
+shape product x itemsize, and offsets that tile the data section exactly (no overlap,
+no gap, no trailing bytes, no duplicate names). Anything else is a ``CheckpointError``
+that names the file.
+
+Tensor data is handed out in bounded windows: each window is a fresh read-only
+``mmap`` of just that byte range (``madvise`` sequential), viewed as a 1-D numpy array
+in the stored dtype (bf16 as uint16, fp8 as uint8, packed F4/F6 as bytes) and unmapped
+when the next one is requested, so memory does not grow with the model or the tensor.
+The file size is re-checked before every window: a file truncated while it is read
+gives an error, not a SIGBUS (a truncation racing the caller's access to a window
+already handed out cannot be caught by any reader that maps). Inputs that cannot be
+mapped are read with ``preadv`` into one reused buffer instead.
+
+>>> with SafetensorsFile("model.safetensors") as f:             # doctest: +SKIP
+...     info = f.tensors["lm_head.weight"]
+...     total = sum(int(w.sum()) for w in f.windows(info.name))
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import mmap
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import CheckpointError, escape_name
+from .kernels.dtypes import DTYPES
+
+__all__ = [
+    "WINDOW_BYTES", "HEADER_CAP", "TensorInfo", "SafetensorsFile", "open_regular",
+    "parse_header", "parse_bytes", "array_windows", "storage_of", "os_problem",
+]
+
+#: default window size: elements per window = WINDOW_BYTES // itemsize
+WINDOW_BYTES: int = 64 << 20
+#: largest header accepted, as in the safetensors library
+HEADER_CAP: int = 100_000_000
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+_IO_CHUNK = 1 << 30          # Linux moves at most ~2 GiB per read call
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: ``start``/``end`` are absolute byte offsets in ``path``
+    (``None`` for tensors from a pickle, which have no byte range of their own)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    start: int | None
+    end: int | None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        if self.start is not None and self.end is not None:
+            return self.end - self.start
+        return DTYPES[self.dtype].bits * self.numel // 8
+
+    @property
+    def packed(self) -> bool:
+        """F4/F6: several elements per byte; windows count bytes, not elements."""
+        return DTYPES[self.dtype].bits < 8
+
+    @property
+    def flat_length(self) -> int:
+        """Length of the flat array ``windows`` covers: numel, or bytes when packed."""
+        return self.nbytes if self.packed else self.numel
+
+    @property
+    def decodable(self) -> bool:
+        """False for dtypes the kernels compare byte for byte (C64, F4, F6)."""
+        return DTYPES[self.dtype].decodable
+
+
+def storage_of(dtype: str) -> np.dtype:
+    """Little-endian numpy dtype the raw data of ``dtype`` is handed out as.
+
+    >>> storage_of("BF16"), storage_of("F4")
+    (dtype('uint16'), dtype('uint8'))
+    """
+    return np.dtype(DTYPES[dtype].storage).newbyteorder("<")
+
+
+def os_problem(exc: OSError) -> str:
+    """One lower-case phrase for an OS error on a path the user gave."""
+    if exc.errno == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied (check the file's permissions)"
+    if exc.errno == errno.ENOENT:
+        return "no such file or directory"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "file name too long"
+    return (exc.strerror or type(exc).__name__).lower()
+
+
+def _kind(mode: int) -> str:
+    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return word
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only without blocking and require a regular file.
+
+    ``O_NONBLOCK`` keeps a FIFO from hanging the open; the ``fstat`` check then refuses
+    FIFOs, devices and directories before a single byte is read.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise CheckpointError(path, os_problem(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(path, f"is {_kind(st.st_mode)}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def pread_into(fd: int, buf: memoryview, offset: int, path: str | os.PathLike) -> None:
+    """Fill ``buf`` (a byte memoryview) from ``offset``; a short file is a CheckpointError."""
+    done, total = 0, len(buf)
+    while done < total:
+        try:
+            n = os.preadv(fd, [buf[done:done + _IO_CHUNK]], offset + done)
+        except OSError as exc:
+            raise CheckpointError(path, f"read failed at byte {offset + done:,}: {os_problem(exc)}") from None
+        if n == 0:
+            raise CheckpointError(path, f"file ended at byte {offset + done:,} while {offset + total:,} "
+                                        "were expected (truncated while being read?)")
+        done += n
+
+
+def _q(name: str) -> str:
+    return f"`{escape_name(name)}`"
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _pairs(items: list) -> dict:
+    out: dict = {}
+    for k, v in items:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+def _reject_constant(word: str):
+    raise ValueError(f"{word} is not valid JSON")
+
+
+def load_json(raw: bytes, path: str | os.PathLike | None, what: str) -> object:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, bounded nesting."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(path, f"{what} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
+                                    f"at position {exc.start:,})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_reject_constant)
+    except _Duplicate as exc:
+        raise CheckpointError(path, f"{what} repeats the key {_q(exc.key)}") from None
+    except RecursionError:
+        raise CheckpointError(path, f"{what} JSON is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(path, f"{what} is not valid JSON ({exc.msg.lower()} at byte {exc.pos:,})") from None
+    except ValueError as exc:
+        raise CheckpointError(path, f"{what} is not valid JSON ({exc})") from None
+
+
+def header_length(prefix: bytes, file_size: int, path: str | os.PathLike | None) -> int:
+    """Validate the 8-byte little-endian header length against the file size and the cap."""
+    if file_size == 0:
+        raise CheckpointError(path, "empty file (0 bytes); expected a safetensors file")
+    if file_size < 8 or len(prefix) < 8:
+        raise CheckpointError(path, f"file is {file_size:,} bytes, too short for the 8-byte "
+                                    "safetensors header length (truncated download?)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > HEADER_CAP:
+        raise CheckpointError(path, f"header length {n:,} exceeds the {HEADER_CAP:,}-byte cap "
+                                    "(not a safetensors file?)")
+    if n < 2:
+        raise CheckpointError(path, f"header length {n} is too small for a JSON object")
+    if 8 + n > file_size:
+        raise CheckpointError(path, f"header length {n:,} runs past the end of the file "
+                                    f"({file_size:,} bytes; truncated download?)")
+    return n
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(type(v) is int for v in value)
+
+
+def parse_header(raw: bytes, file_size: int, path: str | os.PathLike,
+                 ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate header JSON ``raw`` (without its length prefix) of a file of ``file_size`` bytes.
+
+    Returns tensors in file (offset) order and the ``__metadata__`` map.
+    """
+    header = load_json(raw, path, "header")
+    if not isinstance(header, dict):
+        raise CheckpointError(path, f"header is a JSON {type(header).__name__}, expected an object")
+    data_start = 8 + len(raw)
+    data_len = file_size - data_start
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(path, "`__metadata__` must map strings to strings")
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise CheckpointError(path, f"tensor {_q(name)}: expected an object with dtype, shape "
+                                        f"and data_offsets, found a JSON {type(entry).__name__}")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+        if missing:
+            raise CheckpointError(path, f"tensor {_q(name)} has no {', '.join(missing)}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(path, f"tensor {_q(name)} has unknown dtype {_q(str(dtype))}",
+                                  f"known: {', '.join(DTYPES)}")
+        if not _int_list(shape) or any(d < 0 for d in shape):
+            raise CheckpointError(path, f"tensor {_q(name)} has shape {_q(json.dumps(shape))}, "
+                                        "expected a list of non-negative integers")
+        if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+            raise CheckpointError(path, f"tensor {_q(name)} has data_offsets {_q(json.dumps(offsets))}, "
+                                        "expected [begin, end] with 0 <= begin <= end")
+        bits = DTYPES[dtype].bits * math.prod(shape)
+        if bits % 8:
+            raise CheckpointError(path, f"tensor {_q(name)} is {dtype} {shape}: {bits:,} bits is not a "
+                                        "whole number of bytes")
+        begin, end = offsets
+        if end - begin != bits // 8:
+            raise CheckpointError(path, f"tensor {_q(name)} is {dtype} {shape}, which needs "
+                                        f"{bits // 8:,} bytes, but its data_offsets span {end - begin:,}")
+        spans.append((begin, end, name, dtype, tuple(shape)))
+    spans.sort()
+    pos, prev = 0, None
+    for begin, end, name, _, _ in spans:
+        if begin < pos:
+            raise CheckpointError(path, f"tensors {_q(prev)} and {_q(name)} overlap "
+                                        f"(data bytes {begin:,}-{pos:,})")
+        if begin > pos:
+            after = f"after tensor {_q(prev)}" if prev is not None else "at the start of the data"
+            raise CheckpointError(path, f"{begin - pos:,} data bytes {after} belong to no tensor")
+        pos, prev = end, name
+    if pos > data_len:
+        raise CheckpointError(path, f"header declares {pos:,} bytes of tensor data but the file holds "
+                                    f"{max(data_len, 0):,} (truncated download?)")
+    if pos < data_len:
+        raise CheckpointError(path, f"{data_len - pos:,} trailing bytes after the last tensor's data "
+                                    "(corrupt or appended file?)")
+    p = Path(path)
+    tensors = {name: TensorInfo(name, dtype, shape, p, data_start + b, data_start + e)
+               for b, e, name, dtype, shape in spans}
+    return tensors, metadata
+
+
+def parse_bytes(blob: bytes, path: str | os.PathLike = "<bytes>",
+                ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate a whole safetensors file held in memory (used by the fuzz tests)."""
+    n = header_length(blob[:8], len(blob), path)
+    return parse_header(blob[8:8 + n], len(blob), path)
+
+
+def array_windows(flat: np.ndarray, start: int, stop: int, step: int) -> Iterator[np.ndarray]:
+    """Read-only slices of a 1-D array covering [start, stop) in chunks of ``step``."""
+    for pos in range(start, stop, step):
+        view = flat[pos:min(pos + step, stop)]
+        view.flags.writeable = False
+        yield view
+
+
+def check_range(info: TensorInfo, max_elements: int | None, start: int, stop: int | None,
+                itemsize: int) -> tuple[int, int, int]:
+    """Resolve (start, stop, step) of a windows() call; ValueError on a bad range."""
+    length = info.flat_length
+    stop = length if stop is None else stop
+    if not 0 <= start <= stop <= length:
+        raise ValueError(f"range [{start}, {stop}) is outside tensor `{escape_name(info.name)}` "
+                         f"of {length} elements")
+    if max_elements is not None and max_elements < 1:
+        raise ValueError("max_elements must be at least 1")
+    return start, stop, max_elements or max(1, WINDOW_BYTES // itemsize)
+
+
+class SafetensorsFile:
+    """One open, fully validated safetensors file (a context manager).
+
+    ``tensors`` maps names to ``TensorInfo`` in file order; ``metadata`` is the
+    header's ``__metadata__``. ``use_mmap=False`` forces the ``preadv`` path.
+    """
+
+    def __init__(self, path: str | os.PathLike, use_mmap: bool = True):
+        self.path = Path(path)
+        self.use_mmap = use_mmap
+        self._fd: int | None = None
+        fd, st = open_regular(self.path)
+        self._fd = fd
+        try:
+            self.size = st.st_size
+            prefix = bytearray(min(8, self.size))
+            pread_into(fd, memoryview(prefix), 0, self.path)
+            n = header_length(bytes(prefix), self.size, self.path)
+            raw = bytearray(n)
+            pread_into(fd, memoryview(raw), 8, self.path)
+            self.tensors, self.metadata = parse_header(bytes(raw), self.size, self.path)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle -------------------------------------------------------------
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SafetensorsFile({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+    # -- data ------------------------------------------------------------------
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return self._fd
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor `{escape_name(name)}` in {self.path}") from None
+
+    def check_unchanged(self) -> None:
+        """Raise CheckpointError if the file's size differs from when it was opened."""
+        try:
+            size = os.fstat(self._open_fd()).st_size
+        except OSError as exc:
+            raise CheckpointError(self.path, f"cannot stat: {os_problem(exc)}") from None
+        if size != self.size:
+            raise CheckpointError(self.path, f"file changed while being read: it held {self.size:,} "
+                                             f"bytes, now {size:,} (overwritten or truncated?)")
+
+    def windows(self, name: str, max_elements: int | None = None, start: int = 0,
+                stop: int | None = None) -> Iterator[np.ndarray]:
+        """1-D read-only arrays over flat elements [start, stop) of ``name``, at most
+        ``max_elements`` each; each valid only until the next is requested."""
+        info = self._info(name)
+        dt = storage_of(info.dtype)
+        start, stop, step = check_range(info, max_elements, start, stop, dt.itemsize)
+        return self._windows(info, dt, start, stop, step)
+
+    def _windows(self, info: TensorInfo, dt: np.dtype, start: int, stop: int,
+                 step: int) -> Iterator[np.ndarray]:
+        buf: np.ndarray | None = None
+        for pos in range(start, stop, step):
+            n = min(step, stop - pos)
+            offset = info.start + pos * dt.itemsize
+            self.check_unchanged()
+            mm = self._map(offset, n * dt.itemsize) if self.use_mmap else None
+            if mm is not None:
+                arr = np.frombuffer(mm, dtype=dt, count=n, offset=offset % mmap.ALLOCATIONGRANULARITY)
+                if not arr.flags.aligned:        # an odd offset: numba wants aligned arrays
+                    arr = arr.copy()
+                    arr.flags.writeable = False
+            else:
+                if buf is None:
+                    buf = np.empty(min(step, stop - start), dtype=dt)
+                pread_into(self._open_fd(), memoryview(buf[:n].view(np.uint8)), offset, self.path)
+                arr = buf[:n]
+                arr.flags.writeable = False
+            try:
+                yield arr
+            finally:
+                del arr
+                if mm is not None:
+                    try:
+                        mm.close()
+                    except BufferError:    # the caller still holds the window: unmapped when freed
+                        pass
+
+    def _map(self, offset: int, length: int) -> mmap.mmap | None:
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(self._open_fd(), offset - base + length, access=mmap.ACCESS_READ, offset=base)
+        except (OSError, ValueError, OverflowError):
+            self.use_mmap = False                # e.g. a filesystem without mmap: read instead
+            return None
+        if hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        return mm
+
+    def read(self, name: str) -> np.ndarray:
+        """An owned copy of the whole tensor in its storage dtype, shaped
+        (packed F4/F6 come back as a flat uint8 array of their bytes)."""
+        info = self._info(name)
+        out = np.empty(info.flat_length, dtype=storage_of(info.dtype))
+        self.check_unchanged()
+        pread_into(self._open_fd(), memoryview(out.view(np.uint8)), info.start, self.path)
+        return out if info.packed else out.reshape(info.shape)
+
+    def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows (first-axis slices) of ``name`` in the given order: shape (len(rows), *shape[1:])."""
+        info = self._info(name)
+        dt = storage_of(info.dtype)
+        if info.packed or not info.shape:
+            raise ValueError(f"read_rows needs a >=1-D tensor with whole-byte elements; "
+                             f"`{escape_name(name)}` is {info.dtype} {list(info.shape)}")
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= info.shape[0]):
+            raise IndexError(f"row index out of range for `{escape_name(name)}` with {info.shape[0]} rows")
+        out = np.empty((idx.size, *info.shape[1:]), dtype=dt)
+        row_bytes = math.prod(info.shape[1:]) * dt.itemsize
+        flat = out.reshape(idx.size, -1).view(np.uint8) if row_bytes else None
+        self.check_unchanged()
+        i = 0
+        while flat is not None and i < idx.size:
+            j = i + 1                             # coalesce runs of consecutive rows into one read
+            while j < idx.size and idx[j] == idx[j - 1] + 1:
+                j += 1
+            mv = memoryview(flat[i:j].reshape(-1))
+            pread_into(self._open_fd(), mv, info.start + int(idx[i]) * row_bytes, self.path)
+            i = j
+        return out
