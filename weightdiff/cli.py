@@ -63,6 +63,29 @@ def main() -> None:
 
 # --- inspect -----------------------------------------------------------------
 
+@main.command("inspect")
+@click.argument("ckpt", metavar="CKPT")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (schema weightdiff.inspect/1).")
+def inspect_cmd(ckpt: str, as_json: bool) -> None:
+    """Describe a checkpoint from its headers: format, files and shards, tensor count,
+    parameters by dtype and by block, metadata, and the LoRA settings of an adapter.
+
+    CKPT is a .safetensors file, a checkpoint folder (single, sharded or PEFT adapter),
+    a Hugging Face cache folder, or a legacy .bin/.pt (needs the torch extra).
+
+    \b
+    Example:
+      weightdiff inspect ./Llama-3.2-1B/
+      weightdiff inspect adapter/ --json | jq .adapter
+    """
+    import json
+
+    from .inspect import describe, render_text
+
+    summary = describe(ckpt)
+    click.echo(json.dumps(summary, indent=2) if as_json else render_text(summary))
+
+
 # --- compare -----------------------------------------------------------------
 
 def _write_output(target: str, text: str) -> None:

@@ -1,0 +1,140 @@
+"""``weightdiff inspect``: what a checkpoint holds, from its headers alone.
+
+Format, files and shards, tensor count, parameters by dtype and by block, metadata and,
+for a PEFT adapter, its LoRA settings. ``describe()`` returns a JSON-ready dict
+(schema ``weightdiff.inspect/1``); ``render_text()`` turns it into the terminal view.
+No tensor data is read. The block of a tensor comes from its name (``layers.N``,
+``h.N``, ``layer.N``, ``block.N``, ``blocks.N``); ``aggregate.py`` owns the full
+name parser used by ``compare``.
+
+>>> block_of("model.layers.12.self_attn.q_proj.weight")
+('model.layers.12', 12)
+>>> block_of("transformer.h.3.attn.c_attn.weight"), block_of("lm_head.weight")
+(('transformer.h.3', 3), None)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .checkpoint import locate
+from .errors import CheckpointError, escape_name
+from .kernels.dtypes import DTYPES
+from .safetensors_io import os_problem
+
+__all__ = ["SCHEMA", "describe", "render_text", "block_of"]
+
+SCHEMA = "weightdiff.inspect/1"
+_BLOCK_RE = re.compile(r"^(?P<label>(?:.*?\.)?(?:layers|h|layer|block|blocks)\.(?P<index>\d+))(?:\.|$)")
+_FORMATS = {"safetensors": "safetensors file", "sharded": "sharded safetensors",
+            "adapter": "PEFT LoRA adapter", "pickle": "PyTorch pickle (read with weights_only)"}
+
+
+def block_of(name: str) -> tuple[str, int] | None:
+    """(block label, block index) of a tensor name, or None outside the repeated blocks."""
+    m = _BLOCK_RE.match(name)
+    return (m["label"], int(m["index"])) if m else None
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """Locate ``path`` and summarise it as a JSON-ready dict (reads headers only)."""
+    with locate(path) as ckpt:
+        files = []
+        per_file: dict = {}
+        for t in ckpt.tensors.values():
+            per_file[t.path] = per_file.get(t.path, 0) + 1
+        for f in ckpt.files:
+            try:
+                size = os.stat(f).st_size
+            except OSError as exc:
+                raise CheckpointError(f, os_problem(exc)) from None
+            files.append({"path": str(f), "bytes": size, "tensors": per_file.get(f, 0)})
+        dtypes: dict[str, dict] = {}
+        blocks: dict[str, dict] = {}
+        other = {"tensors": 0, "params": 0}
+        for t in ckpt.tensors.values():
+            d = dtypes.setdefault(t.dtype, {"tensors": 0, "params": 0, "bytes": 0,
+                                            "decodable": DTYPES[t.dtype].decodable})
+            d["tensors"] += 1
+            d["params"] += t.numel
+            d["bytes"] += t.nbytes
+            name = t.name.removeprefix("base_model.model.") if ckpt.format == "adapter" else t.name
+            blk = block_of(name)
+            if blk is None:
+                other["tensors"] += 1
+                other["params"] += t.numel
+                continue
+            b = blocks.setdefault(blk[0], {"block": blk[0], "index": blk[1], "tensors": 0, "params": 0})
+            b["tensors"] += 1
+            b["params"] += t.numel
+        stacks = list(dict.fromkeys(label.rsplit(".", 1)[0] for label in blocks))
+        ordered = sorted(blocks.values(), key=lambda b: (stacks.index(b["block"].rsplit(".", 1)[0]), b["index"]))
+        adapter = None
+        if ckpt.adapter is not None:
+            a = ckpt.adapter
+            adapter = {"r": a.r, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
+                       "use_dora": a.use_dora, "target_modules": a.target_modules,
+                       "base_model": a.base_model, "scale": a.scale, "factors": len(ckpt.lora),
+                       "ranks": sorted({f.r for f in ckpt.lora})}
+        return {
+            "schema": SCHEMA, "path": str(ckpt.path), "format": ckpt.format, "files": files,
+            "ignored": [str(p) for p in ckpt.ignored], "tensors": len(ckpt.tensors),
+            "params": ckpt.params, "bytes": ckpt.nbytes,
+            "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1]["params"])),
+            "blocks": ordered, "outside_blocks": other,
+            "metadata": {str(k): str(v) for k, v in ckpt.metadata.items()}, "adapter": adapter,
+        }
+
+
+def _size(n: int) -> str:
+    """Bytes in decimal units: _size(1_500_000) == '1.50 MB'."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def render_text(summary: dict) -> str:
+    """The terminal view of ``describe()``'s dict; names and metadata are printed escaped."""
+    e = escape_name
+    lines = [f"checkpoint  {e(summary['path'])}",
+             f"format      {_FORMATS.get(summary['format'], summary['format'])}, "
+             f"{len(summary['files'])} file{'s' if len(summary['files']) != 1 else ''}"]
+    for i, f in enumerate(summary["files"]):
+        lines.append(f"{'files' if i == 0 else '':<12}{e(os.path.basename(f['path']))}  "
+                     f"{_size(f['bytes'])}  {f['tensors']:,} tensors")
+    for p in summary["ignored"]:
+        lines.append(f"{'ignored':<12}{e(os.path.basename(p))} (not in the index)")
+    lines.append(f"tensors     {summary['tensors']:,}")
+    lines.append(f"parameters  {summary['params']:,} ({_size(summary['bytes'])})")
+    lines.append("")
+    lines.append(f"{'dtype':<14}{'tensors':>9}{'parameters':>18}{'share':>8}")
+    total = max(summary["params"], 1)
+    for name, d in summary["dtypes"].items():
+        note = "" if d["decodable"] else "  (compared byte for byte)"
+        lines.append(f"{name:<14}{d['tensors']:>9,}{d['params']:>18,}{d['params'] / total:>8.1%}{note}")
+    if summary["blocks"]:
+        width = max(14, max(len(e(b["block"])) for b in summary["blocks"]) + 2)
+        lines.append("")
+        lines.append(f"{'block':<{width}}{'tensors':>9}{'parameters':>18}")
+        for b in summary["blocks"]:
+            lines.append(f"{e(b['block']):<{width}}{b['tensors']:>9,}{b['params']:>18,}")
+        o = summary["outside_blocks"]
+        if o["tensors"]:
+            lines.append(f"{'(outside)':<{width}}{o['tensors']:>9,}{o['params']:>18,}")
+    a = summary["adapter"]
+    if a is not None:
+        lines.append("")
+        lines.append(f"adapter     r={a['r']} lora_alpha={a['lora_alpha']:g} scale={a['scale']:g}"
+                     f"{' rslora' if a['use_rslora'] else ''}{' dora' if a['use_dora'] else ''}, "
+                     f"{a['factors']} LoRA factor pairs (ranks {', '.join(map(str, a['ranks'])) or '-'})")
+        lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
+        if a["base_model"]:
+            lines.append(f"base model  {e(a['base_model'])}")
+    if summary["metadata"]:
+        lines.append("")
+        for i, (k, v) in enumerate(summary["metadata"].items()):
+            v = v if len(v) <= 80 else v[:77] + "..."
+            lines.append(f"{'metadata' if i == 0 else '':<12}{e(k)} = {e(v)}")
+    return "\n".join(lines)
