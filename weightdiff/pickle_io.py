@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,13 +56,15 @@ def _torch_load(torch, path: Path) -> object:
     fd, _ = open_regular(path)          # no FIFO, device or directory reaches torch
     os.close(fd)
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            # mmap needs the zip format (torch >= 1.6); older files load without it
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():        # torch warns on stderr about pickle protocols
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # mmap needs the zip format (torch >= 1.6); older files load without it
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(path, "refused: the pickle carries code or objects outside torch's "
                                     f"weights-only allow-list ({_refusal(exc)})",
