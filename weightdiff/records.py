@@ -36,6 +36,8 @@ class RankRecord:
     shape_2d: tuple[int, int] = (0, 0)
     exact: bool = True                # False when ranks are lower bounds from a partial spectrum
     extra: dict[str, Any] = field(default_factory=dict)   # opt-in weight-subspace analysis, notes
+    bounds: dict[str, list[float]] = field(default_factory=dict)  # field -> [lo, hi] when not exact (see docs/rank.md)
+    estimated: list[str] = field(default_factory=list)    # fields computed with a stated approximation
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -1,0 +1,305 @@
+"""Singular values of a weight delta: exact, Gram-eigen, randomized, and from low-rank factors.
+
+Pure array code: no dtype, file or name knowledge (``weightdiff.rank`` decodes, picks the
+method and fills the record). Every function works on the *tall* orientation of its
+matrix (a wide ``m x n`` is handled as its transpose view), because LAPACK and torch are
+several times slower on the wide one, and returns singular values in float64, descending.
+
+* ``svdvals_exact(x)``: LAPACK SVD of a float64 copy. Small matrices only.
+* ``svdvals_gram(x)``: eigenvalues of the float64 Gram matrix ``x^T x`` of the smaller
+  side, accumulated over row blocks of the float32 input (no full-size float64 copy);
+  ``s_i = sqrt(max(lambda_i, 0))``. About 3x cheaper than the SVD and, in float64,
+  exact for every singular value above ``~1e-7 s_1``.
+* ``randomized_svd(x, k, seed=...)``: Halko, Martinsson and Tropp (2011), algorithm 4.4:
+  a seeded Gaussian sketch of ``k + oversample`` columns, ``n_iter`` power iterations
+  with re-orthonormalization (QR) after every product, then the SVD of the small
+  projected matrix in float64. Same seed, same input, same bits.
+* ``factors_svd(b, a, scale)``: singular values of ``scale * b @ a`` (``b``: m x r,
+  ``a``: r x n) without forming it: ``b = Qb Rb``, ``a^T = Qa Ra``, so
+  ``scale * b @ a = Qb (scale * Rb Ra^T) Qa^T`` and the singular values are those of the
+  r x r core.
+* ``spectrum_fields`` / ``partial_spectrum_fields``: the rank numbers of DESIGN.md from a
+  full spectrum, or from a top-k spectrum plus the exact total energy (bounds).
+
+The ``*_torch`` functions do the same on torch tensors (any device), with the sketch
+drawn by numpy from the same seed, so CPU and CUDA runs start from the same matrix.
+
+>>> x = np.diag([3.0, 2.0, 0.0]).astype(np.float32)
+>>> svdvals_exact(x).tolist(), svdvals_gram(x).tolist()
+([3.0, 2.0, 0.0], [3.0, 2.0, 0.0])
+>>> factors_svd(np.array([[1.0], [0.0]]), np.array([[0.0, 2.0]]), 0.5)[0].tolist()
+[1.0]
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: rows per block when accumulating a Gram matrix (bounded float64 temporaries)
+GRAM_BLOCK_ELEMENTS = 1 << 21
+
+
+def tall(x):
+    """The tall orientation of a 2-D array (a transpose view when wide; works for torch too)."""
+    return x if x.shape[0] >= x.shape[1] else x.T
+
+
+def svdvals_exact(x: np.ndarray) -> np.ndarray:
+    """Singular values by LAPACK on a float64 copy of the tall orientation, descending."""
+    x = np.asarray(x)
+    if x.size == 0:
+        return np.zeros(0)
+    return np.linalg.svd(np.asarray(tall(x), dtype=np.float64), compute_uv=False)
+
+
+def gram(x: np.ndarray) -> np.ndarray:
+    """float64 ``x^T x`` of the tall orientation, summed over row blocks in row order."""
+    t = tall(np.asarray(x))
+    m, n = t.shape
+    g = np.zeros((n, n))
+    step = max(1, GRAM_BLOCK_ELEMENTS // max(n, 1))
+    for i in range(0, m, step):
+        blk = np.asarray(t[i:i + step], dtype=np.float64)
+        g += blk.T @ blk
+    return g
+
+
+def svdvals_gram(x: np.ndarray) -> np.ndarray:
+    """Singular values as square roots of the float64 Gram eigenvalues, descending.
+
+    >>> svdvals_gram(np.ones((4, 2), np.float32)).round(12).tolist()
+    [2.828427124746, 0.0]
+    """
+    x = np.asarray(x)
+    if x.size == 0:
+        return np.zeros(0)
+    w = np.linalg.eigvalsh(gram(x))
+    return np.sqrt(np.clip(w[::-1], 0.0, None))
+
+
+def sketch(n: int, width: int, seed: int) -> np.ndarray:
+    """The seeded Gaussian test matrix (float32, n x width) shared by both backends."""
+    return np.random.default_rng(seed).standard_normal((n, width), dtype=np.float32)
+
+
+def _orth(y: np.ndarray) -> np.ndarray:
+    """Orthonormal basis of the columns of a thin float32 matrix (Householder QR in float64,
+    which OpenBLAS runs several times faster than its float32 QR on thin panels)."""
+    return np.linalg.qr(y.astype(np.float64))[0].astype(np.float32)
+
+
+def randomized_svd(x: np.ndarray, k: int, *, oversample: int = 16, n_iter: int = 2, seed: int = 0,
+                   vectors: bool = False):
+    """Top-``k`` singular values (and optionally vectors) of ``x`` by a seeded randomized SVD.
+
+    Returns ``s`` (float64[k'], descending, ``k' = min(k, m, n)``) or, with
+    ``vectors=True``, ``(u, s, vt)`` with ``u``: m x k', ``vt``: k' x n for ``x`` itself (not
+    its tall form). Work is float32 products; the final small SVD is float64. Ritz values
+    never exceed the true singular values, so top-k energy is a lower bound.
+    """
+    x = np.asarray(x)
+    wide = x.shape[0] < x.shape[1]
+    a = x.T if wide else x
+    m, n = a.shape
+    kk = min(k, n)
+    width = min(n, kk + oversample)
+    if kk == 0:
+        return (np.zeros((x.shape[0], 0)), np.zeros(0), np.zeros((0, x.shape[1]))) if vectors else np.zeros(0)
+    a32 = a if a.dtype == np.float32 else a.astype(np.float32)
+    q = _orth(a32 @ sketch(n, width, seed))
+    for _ in range(n_iter):
+        q = _orth(a32 @ _orth(a32.T @ q))
+    small = np.asarray(q.T @ a32, dtype=np.float64)           # width x n
+    if not vectors:
+        return np.linalg.svd(small, compute_uv=False)[:kk]
+    ub, s, vt = np.linalg.svd(small, full_matrices=False)
+    u = q.astype(np.float64) @ ub[:, :kk]
+    s, vt = s[:kk], vt[:kk]
+    return (vt.T, s, u.T) if wide else (u, s, vt)
+
+
+def factors_svd(b: np.ndarray, a: np.ndarray, scale: float, vectors: bool = False):
+    """Exact singular values of ``scale * b @ a`` from its factors (float64), descending.
+
+    ``b``: m x r, ``a``: r x n. Cost O((m + n) r^2); the m x n product is never formed.
+    With ``vectors=True`` returns ``(u, s, vt)`` (u: m x r', vt: r' x n, r' = min(r, m, n)).
+    """
+    b = np.asarray(b, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float64)
+    qb, rb = np.linalg.qr(b)
+    qa, ra = np.linalg.qr(a.T)
+    core = float(scale) * (rb @ ra.T)
+    if not vectors:
+        return np.linalg.svd(core, compute_uv=False)
+    uc, s, vct = np.linalg.svd(core)
+    return qb @ uc, s, (qa @ vct.T).T
+
+
+# --- rank numbers from a spectrum -------------------------------------------------------
+
+def effective_rank(s: np.ndarray) -> float | None:
+    """Roy and Vetterli (2007): exp of the entropy of ``p_i = s_i / sum(s)``; None for s = 0.
+
+    >>> effective_rank(np.array([1.0, 1.0, 1.0, 0.0]))
+    3.0
+    """
+    s = np.asarray(s, dtype=np.float64)
+    total = float(s.sum())
+    if not total > 0:
+        return None
+    p = s[s > 0] / total
+    return float(math.exp(-float(np.sum(p * np.log(p)))))
+
+
+def energy_rank(s2_cumsum: np.ndarray, total: float, q: float) -> int:
+    """Smallest k with ``s_1^2 + ... + s_k^2 >= q * total`` (0 when total is 0)."""
+    if not total > 0:
+        return 0
+    k = int(np.searchsorted(s2_cumsum, q * total, side="left")) + 1
+    return min(k, len(s2_cumsum))
+
+
+def spectrum_fields(s: np.ndarray, noise_threshold: float) -> dict:
+    """Rank numbers of a *full* spectrum: every value exact.
+
+    >>> f = spectrum_fields(np.array([2.0, 1.0, 0.0]), 0.5)
+    >>> f["stable_rank"], f["energy_rank_90"], f["numerical_rank"]
+    (1.25, 2, 2)
+    """
+    s = np.sort(np.asarray(s, dtype=np.float64))[::-1]
+    c = np.cumsum(s * s)
+    total = float(c[-1]) if c.size else 0.0
+    s1 = float(s[0]) if s.size else 0.0
+    return {
+        "stable_rank": total / (s1 * s1) if s1 > 0 else None,
+        "effective_rank": effective_rank(s),
+        "energy_rank_90": energy_rank(c, total, 0.90),
+        "energy_rank_99": energy_rank(c, total, 0.99),
+        "numerical_rank": int(np.count_nonzero(s > noise_threshold)),
+        "bounds": {},
+        "estimated": [],
+    }
+
+
+def partial_spectrum_fields(s_top: np.ndarray, total: float, r: int, noise_threshold: float) -> dict:
+    """Rank numbers from the top ``k`` singular values and the exact total energy.
+
+    ``r = min(m, n)``; the ``r - k`` tail values hold ``tail = total - sum(s_top^2)`` and each
+    is at most ``s_k``. Hence, for an energy threshold ``q`` the top k do not reach, with
+    ``need = q total - sum(s_top^2)``: ``k + ceil(need / s_k^2) <= energy_rank_q <=
+    k + ceil(need / (tail / (r - k)))`` (the tail's largest values hold at least their even
+    share). The field holds the lower bound and ``bounds`` both. ``numerical_rank`` is
+    bounded by ``k + floor(tail / threshold^2)`` when all k values pass the threshold.
+    ``effective_rank`` is *estimated* with the tail spread evenly over the remaining
+    directions (the entropy's largest value for that tail, so it tends high; right for a
+    noise-floor tail); ``bounds["effective_rank"]`` gives the range from the tail packed
+    into as few directions as ``s_k`` allows to the even spread.
+    ``stable_rank`` uses the exact total and the top value: no approximation beyond
+    the randomized accuracy of ``s_1``.
+    """
+    s = np.sort(np.asarray(s_top, dtype=np.float64))[::-1]
+    k = len(s)
+    c = np.cumsum(s * s)
+    top = float(c[-1]) if k else 0.0
+    total = max(float(total), top)
+    tail = total - top
+    rest = max(r - k, 0)
+    if rest == 0 or not tail > 0:
+        return spectrum_fields(s, noise_threshold) | {"stable_rank": total / s[0] ** 2 if k and s[0] > 0 else None}
+    out: dict = {"stable_rank": total / float(s[0]) ** 2 if s[0] > 0 else None, "bounds": {}, "estimated": []}
+    for q, key in ((0.90, "energy_rank_90"), (0.99, "energy_rank_99")):
+        if top >= q * total:
+            out[key] = energy_rank(c, total, q)
+            continue
+        need = q * total - top
+        sk2 = float(s[-1]) ** 2
+        lo = k + (_ceil(need / sk2) if sk2 > 0 else rest)
+        hi = k + _ceil(need / (tail / rest))
+        lo, hi = min(lo, r), min(hi, r)
+        out[key] = lo
+        out["bounds"][key] = [lo, max(lo, hi)]
+    n_num = int(np.count_nonzero(s > noise_threshold))
+    out["numerical_rank"] = n_num
+    if k and n_num == k:
+        hi = k + (int(tail // (noise_threshold ** 2)) if noise_threshold > 0 else rest)
+        out["bounds"]["numerical_rank"] = [k, min(hi, r)]
+    spread = effective_rank(np.concatenate([s, np.full(rest, math.sqrt(tail / rest))]))
+    out["effective_rank"] = spread
+    if s[-1] > 0:
+        # the other extreme: the tail packed into as few directions as s_k allows
+        full_n = min(int(tail // float(s[-1]) ** 2), rest)
+        left = max(tail - full_n * float(s[-1]) ** 2, 0.0)
+        packed = np.concatenate([s, np.full(full_n, s[-1]), [math.sqrt(left)] if full_n < rest else []])
+        out["bounds"]["effective_rank"] = [effective_rank(packed), spread]
+    out["estimated"] = ["effective_rank"]
+    return out
+
+
+def _ceil(x: float) -> int:
+    """ceil that forgives the float32 noise of randomized values: 26.0001 -> 26."""
+    return math.ceil(x * (1.0 - 1e-5) - 1e-9)
+
+
+# --- torch versions ----------------------------------------------------------------------
+
+def svdvals_exact_torch(x) -> np.ndarray:
+    """``svdvals_exact`` on a torch tensor: float64 ``torch.linalg.svdvals`` of the tall form."""
+    import torch
+
+    if x.numel() == 0:
+        return np.zeros(0)
+    return torch.linalg.svdvals(tall(x).to(torch.float64)).cpu().numpy()
+
+
+def svdvals_gram_torch(x) -> np.ndarray:
+    """``svdvals_gram`` on a torch tensor: float64 Gram over row blocks, ``eigvalsh``."""
+    import torch
+
+    if x.numel() == 0:
+        return np.zeros(0)
+    t = tall(x)
+    m, n = t.shape
+    g = torch.zeros((n, n), dtype=torch.float64, device=t.device)
+    step = max(1, GRAM_BLOCK_ELEMENTS // max(n, 1))
+    for i in range(0, m, step):
+        blk = t[i:i + step].to(torch.float64)
+        g += blk.T @ blk
+    w = torch.linalg.eigvalsh(g).cpu().numpy()
+    return np.sqrt(np.clip(w[::-1], 0.0, None))
+
+
+def randomized_svd_torch(x, k: int, *, oversample: int = 16, n_iter: int = 2, seed: int = 0,
+                         vectors: bool = False):
+    """``randomized_svd`` on a torch tensor (float32 products on its device); numpy results."""
+    import torch
+
+    wide = x.shape[0] < x.shape[1]
+    a = (x.T if wide else x).to(torch.float32)
+    m, n = a.shape
+    kk = min(k, n)
+    width = min(n, kk + oversample)
+    if kk == 0:
+        return (np.zeros((x.shape[0], 0)), np.zeros(0), np.zeros((0, x.shape[1]))) if vectors else np.zeros(0)
+    omega = torch.from_numpy(sketch(n, width, seed)).to(a.device)
+    q, _ = torch.linalg.qr(a @ omega)
+    for _ in range(n_iter):
+        z, _ = torch.linalg.qr(a.T @ q)
+        q, _ = torch.linalg.qr(a @ z)
+    small = (q.T @ a).to(torch.float64)
+    if not vectors:
+        return torch.linalg.svdvals(small).cpu().numpy()[:kk]
+    ub, s, vt = torch.linalg.svd(small, full_matrices=False)
+    u = (q.to(torch.float64) @ ub[:, :kk]).cpu().numpy()
+    s, vt = s[:kk].cpu().numpy(), vt[:kk].cpu().numpy()
+    return (vt.T, s, u.T) if wide else (u, s, vt)
+
+
+def factors_svd_torch(b, a, scale: float) -> np.ndarray:
+    """``factors_svd`` (values only) on torch tensors, in float64."""
+    import torch
+
+    qb, rb = torch.linalg.qr(b.to(torch.float64))
+    qa, ra = torch.linalg.qr(a.to(torch.float64).T)
+    return torch.linalg.svdvals(float(scale) * (rb @ ra.T)).cpu().numpy()

@@ -1,0 +1,393 @@
+"""Rank of the change: the ``rank`` block of a tensor record, from raw tensors or from LoRA factors.
+
+``analyze_delta`` decodes a whole base/tuned matrix pair into one float32 delta (nonfinite
+pairs count as 0, as in the stats pass), measures the storage-rounding noise floor,
+picks a method and fills a ``RankRecord``. ``analyze_factors`` does the same for a PEFT
+adapter (delta = scale x B @ A) without forming the m x n delta. The numbers are
+defined in DESIGN.md; how they are bounded or estimated is in docs/rank.md.
+
+Method per matrix (``r = min(m, n)`` after reshaping to ``shape[0] x prod(rest)``):
+
+* ``r <= exact_max``: full spectrum, every field exact: LAPACK (``"exact"``) for small
+  matrices, float64 Gram eigenvalues (``"gram"``) otherwise;
+* larger: seeded randomized top-k (``"randomized"``); ``norm_delta_sq`` (exact, from the
+  stats pass) turns the top k into bounds: see ``kernels.spectral.partial_spectrum_fields``.
+
+Noise floor: rounding to a dtype leaves an error of variance ``ulp(|x|)^2 / 12`` at each
+stored element. Both stored tensors are treated as rounded (we cannot know which one
+was), so the delta carries the sum of both variances; for an ``m x n`` noise matrix with
+variance ``v_ij`` the largest singular value is about ``sqrt(max_i sum_j v_ij) +
+sqrt(max_j sum_i v_ij)`` (Bandeira and van Handel 2016), which is ``s (sqrt(m) + sqrt(n))``
+when the magnitudes are even and stays right when a few rows or columns are much larger
+(outlier features). ``numerical_rank`` counts singular values above
+``noise_factor x noise_floor``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .kernels import spectral
+from .kernels.dtypes import DTYPES, decode
+from .records import RankRecord
+
+__all__ = ["analyze_delta", "analyze_factors", "decode_delta", "noise_profile", "noise_floor",
+           "DEFAULT_EXACT_MAX"]
+
+#: smaller side up to which the CPU computes the full spectrum (see docs/rank.md for the timing)
+DEFAULT_EXACT_MAX = 1024
+#: matrices up to this many elements use LAPACK directly rather than the Gram matrix
+LAPACK_MAX_ELEMENTS = 1 << 18
+_BLOCK = 1 << 20          # elements per row block of the bounded-memory loops
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def shape_2d(shape) -> tuple[int, int]:
+    """``(shape[0], prod(shape[1:]))``; >2-D tensors are read as rows x rest."""
+    if len(shape) < 2:
+        raise ValueError(f"rank analysis needs a 2-D or larger shape, got {tuple(shape)}")
+    return int(shape[0]), int(math.prod(shape[1:]))
+
+
+def _bits(raw: np.ndarray, dtype: str, shape2: tuple[int, int]) -> np.ndarray:
+    """``raw`` as its storage dtype, reshaped to ``shape2`` (no copy when contiguous)."""
+    want = np.dtype(DTYPES[dtype].storage)
+    raw = np.asarray(raw).reshape(-1)
+    if raw.dtype != want:
+        if raw.dtype.itemsize != want.itemsize:
+            raise ValueError(f"raw array of {raw.dtype} cannot hold {dtype}")
+        raw = raw.view(want)
+    return raw.reshape(shape2)
+
+
+def _rows(m: int, n: int) -> int:
+    return max(1, _BLOCK // max(n, 1))
+
+
+def _to_float(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Decode a block: float32 for 16/8-bit floats and F32 (the difference of two such values is
+    then a single rounding), float64 otherwise."""
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    if dtype in ("F16", "F32"):
+        return raw.astype(np.float32)
+    return decode(raw, dtype)
+
+
+def decode_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, dtype_tuned: str,
+                 shape2: tuple[int, int]) -> np.ndarray:
+    """float32 ``T - B`` as an ``m x n`` array; pairs with a non-finite side give 0.
+
+    Uses the numba ``kernels.cpu.decode_delta_f32`` when it exists, else numpy row blocks,
+    so the only full-size allocation is the result.
+    """
+    m, n = shape2
+    out = np.empty((m, n), dtype=np.float32)
+    try:
+        from .kernels.cpu import decode_delta_f32  # type: ignore[attr-defined]
+    except ImportError:
+        decode_delta_f32 = None
+    b2, t2 = _bits(base_raw, dtype_base, shape2), _bits(tuned_raw, dtype_tuned, shape2)
+    if decode_delta_f32 is not None:
+        decode_delta_f32(b2.reshape(-1), t2.reshape(-1), dtype_base, dtype_tuned, out.reshape(-1))
+        return out
+    step = _rows(m, n)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for i in range(0, m, step):
+            tb = _to_float(t2[i:i + step], dtype_tuned)
+            bb = _to_float(b2[i:i + step], dtype_base)
+            d = tb - bb
+            if not np.isfinite(d).all():
+                d = np.where(np.isfinite(tb) & np.isfinite(bb), d, 0)
+            out[i:i + step] = d
+    return out
+
+
+_TABLES: dict[str, tuple[np.ndarray, int, int]] = {}
+
+
+def _variance_table(dtype: str) -> tuple[np.ndarray, int, int]:
+    """(table, shift, mask): rounding variance ``ulp^2 / 12`` indexed by ``(bits >> shift) & mask``.
+
+    16- and 8-bit formats index every bit pattern; F32 and F64 their exponent field.
+    Non-finite patterns get 0 (they are counted, not measured).
+    """
+    if dtype in _TABLES:
+        return _TABLES[dtype]
+    d = DTYPES[dtype]
+    if d.bits <= 16:
+        patterns = np.arange(1 << d.bits, dtype=np.uint64).astype(d.storage if d.storage != "float16"
+                                                                  else np.uint16)
+        with np.errstate(invalid="ignore"):
+            x = np.abs(decode(patterns.view(d.storage), dtype))
+        shift, mask = 0, (1 << d.bits) - 1
+    else:
+        ebits = {32: 8, 64: 11}[d.bits]
+        shift, mask = d.bits - 1 - ebits, (1 << ebits) - 1
+        e = np.arange(1 << ebits) - (mask >> 1)
+        x = np.ldexp(1.0, e)
+        x[0] = 0.0
+        x[-1] = np.inf
+    fin = np.isfinite(x)
+    xs = np.where(fin, x, 0.0)
+    ex = np.frexp(xs)[1].astype(np.int64) - 1
+    ex = np.where(xs == 0, d.emin, np.maximum(ex, d.emin))
+    with np.errstate(over="ignore"):
+        table = np.where(fin, np.ldexp(1.0, 2 * (ex - d.mant_bits)) / 12.0, 0.0)
+    _TABLES[dtype] = (table, shift, mask)
+    return _TABLES[dtype]
+
+
+def noise_profile(raw: np.ndarray, dtype: str, shape2: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Storage-rounding variance summed per row and per column: ``(float64[m], float64[n])``.
+
+    Integer and bool dtypes store exactly: zeros.
+    """
+    m, n = shape2
+    rows, cols = np.zeros(m), np.zeros(n)
+    if DTYPES[dtype].kind != "float":
+        return rows, cols
+    table, shift, mask = _variance_table(dtype)
+    bits = _bits(raw, dtype, shape2)
+    ubits = bits.view(_UINT[bits.dtype.itemsize])
+    step = _rows(m, n)
+    for i in range(0, m, step):
+        blk = ubits[i:i + step]
+        idx = blk if shift == 0 else (blk >> shift) & mask
+        v = table[idx]
+        rows[i:i + step] = v.sum(axis=1, dtype=np.float64)
+        cols += v.sum(axis=0, dtype=np.float64)
+    return rows, cols
+
+
+def noise_floor(rows: np.ndarray, cols: np.ndarray) -> tuple[float, float]:
+    """(noise_floor, rms) from per-row and per-column variance sums.
+
+    >>> noise_floor(np.full(4, 4 * 0.25), np.full(4, 4 * 0.25))   # s = 0.5, m = n = 4
+    (2.0, 0.5)
+    """
+    if rows.size == 0 or cols.size == 0:
+        return 0.0, 0.0
+    rms = math.sqrt(float(rows.sum()) / (rows.size * cols.size))
+    return math.sqrt(float(rows.max())) + math.sqrt(float(cols.max())), rms
+
+
+# --- spectra on the chosen backend ---------------------------------------------------------
+
+def _spectrum(d: np.ndarray, k: int, seed: int, exact_max: int, device: str) -> tuple[np.ndarray, str]:
+    """Singular values of ``d`` and the method name: the full spectrum or the top k."""
+    m, n = d.shape
+    r = min(m, n)
+    if device == "cpu":
+        if r <= exact_max:
+            if m * n <= LAPACK_MAX_ELEMENTS:
+                return spectral.svdvals_exact(d), "exact"
+            return spectral.svdvals_gram(d), "gram"
+        return spectral.randomized_svd(d, k, seed=seed), "randomized"
+    import torch
+
+    t = torch.from_numpy(d).to(device)
+    if r <= exact_max:
+        if m * n <= LAPACK_MAX_ELEMENTS:
+            return spectral.svdvals_exact_torch(t), "exact"
+        return spectral.svdvals_gram_torch(t), "gram"
+    return spectral.randomized_svd_torch(t, k, seed=seed), "randomized"
+
+
+def _record(s: np.ndarray, method: str, norm_sq: float, shape2: tuple[int, int], k: int,
+            floor: float, noise_factor: float, extra: dict) -> RankRecord:
+    r = min(shape2)
+    thr = noise_factor * floor
+    full = method != "randomized"
+    fields = spectral.spectrum_fields(s, thr) if full else spectral.partial_spectrum_fields(s, norm_sq, r, thr)
+    top = np.sort(np.asarray(s, dtype=np.float64))[::-1][:k]
+    captured = float(np.sum(top * top)) / norm_sq if norm_sq > 0 else None
+    return RankRecord(
+        stable_rank=fields["stable_rank"], effective_rank=fields["effective_rank"],
+        energy_rank_90=fields["energy_rank_90"], energy_rank_99=fields["energy_rank_99"],
+        numerical_rank=fields["numerical_rank"], noise_floor=floor, spectrum=[float(v) for v in top],
+        energy_captured=captured, method=method, shape_2d=shape2,
+        exact=full or (not fields["bounds"] and not fields["estimated"]),
+        extra=extra, bounds=fields["bounds"], estimated=fields["estimated"])
+
+
+def analyze_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, dtype_tuned: str,
+                  shape: tuple[int, ...], norm_delta_sq: float, *, k: int = 64, seed: int = 0,
+                  exact_max: int = DEFAULT_EXACT_MAX, device: str = "cpu", noise_factor: float = 1.5,
+                  subspace: bool = False) -> RankRecord:
+    """The ``rank`` block of one changed matrix from its whole base and tuned tensors.
+
+    ``norm_delta_sq`` is the exact squared Frobenius norm of the delta from the stats pass
+    (NaN or a negative value: recomputed here). Memory: one float32 copy of the matrix
+    plus row-block temporaries (two copies with ``subspace``).
+    """
+    shape2 = shape_2d(shape)
+    rows_b, cols_b = noise_profile(base_raw, dtype_base, shape2)
+    rows_t, cols_t = noise_profile(tuned_raw, dtype_tuned, shape2)
+    floor, rms = noise_floor(rows_b + rows_t, cols_b + cols_t)
+    extra: dict = {"noise_rms": rms}
+    d = decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, shape2)
+    if not (norm_delta_sq >= 0 and math.isfinite(norm_delta_sq)):
+        norm_delta_sq = _sum_sq(d)
+        extra["note"] = "norm_delta recomputed from the decoded delta (non-finite values count as 0)"
+    if norm_delta_sq == 0:
+        s, method = np.zeros(min(shape2)), "exact"
+    else:
+        s, method = _spectrum(d, k, seed, exact_max, device)
+    del d
+    rec = _record(s, method, norm_delta_sq, shape2, k, floor, noise_factor, extra)
+    if not rec.exact:
+        extra["note_bounds"] = (f"top {len(rec.spectrum)} of {min(shape2)} singular values: "
+                                "fields in `bounds` are lower bounds, those in `estimated` approximate")
+    if subspace:
+        extra.update(weight_subspace(base_raw, tuned_raw, dtype_base, dtype_tuned, shape2, k=k, seed=seed,
+                                     exact_max=exact_max, device=device))
+    return rec
+
+
+def _sum_sq(x: np.ndarray) -> float:
+    flat = x.reshape(-1)
+    return float(sum(np.dot(c, c) for c in (flat[i:i + _BLOCK].astype(np.float64)
+                                           for i in range(0, flat.size, _BLOCK))))
+
+
+def _decode_matrix(raw: np.ndarray, dtype: str, shape2: tuple[int, int]) -> np.ndarray:
+    """One stored matrix as float32 (non-finite values as 0), row block by row block."""
+    m, n = shape2
+    bits = _bits(raw, dtype, shape2)
+    out = np.empty(shape2, dtype=np.float32)
+    step = _rows(m, n)
+    for i in range(0, m, step):
+        v = _to_float(bits[i:i + step], dtype)
+        out[i:i + step] = np.where(np.isfinite(v), v, 0)
+    return out
+
+
+def weight_subspace(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, dtype_tuned: str,
+                    shape2: tuple[int, int], *, k: int = 64, seed: int = 0,
+                    exact_max: int = DEFAULT_EXACT_MAX, device: str = "cpu") -> dict:
+    """Rank of the weights themselves and how far the fine-tune turned their top-k subspaces.
+
+    For base W and tuned W': effective and stable rank of each (full spectrum when
+    ``min(m, n) <= exact_max``, else estimated from the top k and the exact norm), and the
+    principal angles between the top-k left (output) and right (input) singular
+    subspaces: ``cos theta_i`` = singular values of ``U_k^T U'_k``. ``overlap`` is the mean
+    ``cos^2`` (1: same subspace; ``k / min(m, n)`` expected for unrelated random ones).
+    Both sides use the same sketch, so identical weights give overlap exactly 1.
+    """
+    out: dict = {}
+    vecs = []
+    for side, raw, dtype in (("base", base_raw, dtype_base), ("tuned", tuned_raw, dtype_tuned)):
+        w = _decode_matrix(raw, dtype, shape2)
+        total = _sum_sq(w)
+        s_full, method = (_spectrum(w, k, seed, exact_max, device) if min(shape2) <= exact_max
+                          else (None, "randomized"))
+        if device == "cpu":
+            u, s, vt = spectral.randomized_svd(w, k, seed=seed, vectors=True)
+        else:
+            import torch
+            u, s, vt = spectral.randomized_svd_torch(torch.from_numpy(w).to(device), k, seed=seed, vectors=True)
+        del w
+        f = (spectral.spectrum_fields(s_full, 0.0) if s_full is not None
+             else spectral.partial_spectrum_fields(s, total, min(shape2), 0.0))
+        out[f"effective_rank_{side}"] = f["effective_rank"]
+        out[f"stable_rank_{side}"] = f["stable_rank"]
+        out[f"rank_method_{side}"] = method
+        vecs.append((u, vt))
+    (ub, vb), (ut, vt_) = vecs
+    kk = min(ub.shape[1], ut.shape[1])
+    for name, x, y in (("left", ub[:, :kk], ut[:, :kk]), ("right", vb[:kk].T, vt_[:kk].T)):
+        c = np.clip(np.linalg.svd(x.T @ y, compute_uv=False), 0.0, 1.0)
+        out[f"subspace_overlap_{name}"] = float(np.mean(c * c)) if kk else None
+        out[f"principal_angles_deg_{name}"] = [float(v) for v in np.degrees(np.arccos(c))]
+    out["subspace_k"] = kk
+    return out
+
+
+# --- PEFT adapters ---------------------------------------------------------------------------
+
+def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.ndarray | None,
+                    dtype_base: str, shape, *, k: int = 64, noise_factor: float = 1.5,
+                    dtype_adapter: str = "F32", magnitude: np.ndarray | None = None
+                    ) -> tuple[dict, RankRecord]:
+    """Exact stats and rank of a LoRA delta ``scale * b @ a`` (b: m x r, a: r x n), never whole.
+
+    The spectrum comes from the r x r core (``kernels.spectral.factors_svd``); the stats
+    (the keys of ``kernels.reference.finalize``) from the notional merged weight
+    ``W + delta`` in float64, row block by row block. ``noise_floor`` is the floor the
+    same delta would have after merging and saving in the base's dtype; without a base,
+    0, and ``numerical_rank`` counts values above ``s_1 r eps`` of ``dtype_adapter``.
+
+    DoRA (``magnitude``, one value per output row): the merged weight is
+    ``diag(c) (W + scale b a)`` with ``c = magnitude / rownorm(W + scale b a)``; the stats
+    are exact for that merged weight, the spectrum is exact for the direction update
+    ``diag(c) scale b a`` only, and the row rescaling ``diag(c - 1) W`` (full rank) is
+    reported in ``extra`` but not in the spectrum: ``exact`` is then False.
+    """
+    from .kernels import reference
+
+    m, n = shape_2d(shape)
+    a = np.asarray(a, dtype=np.float64).reshape(a.shape[0], -1)
+    b = np.asarray(b, dtype=np.float64).reshape(b.shape[0], -1)
+    if b.shape[0] != m or a.shape[1] != n or b.shape[1] != a.shape[0]:
+        raise ValueError(f"factors b {b.shape} @ a {a.shape} do not make a {m} x {n} delta")
+    base2 = None if base_raw is None else _bits(base_raw, dtype_base, (m, n))
+    acc = None
+    c_all = np.ones(m) if magnitude is not None else None
+    mag_term = 0.0
+    step = _rows(m, n)
+    for i in range(0, m, step):
+        dblk = float(scale) * (b[i:i + step] @ a)
+        wb = np.zeros_like(dblk) if base2 is None else decode(base2[i:i + step], dtype_base)
+        if magnitude is not None:
+            merged = wb + dblk
+            norms = np.sqrt(np.einsum("ij,ij->i", merged, merged))
+            mag = np.asarray(magnitude, dtype=np.float64).reshape(-1)[i:i + step]
+            c = np.divide(mag, norms, out=np.ones_like(norms), where=norms > 0)
+            c_all[i:i + step] = c
+            mag_term += float(np.sum(((c - 1.0)[:, None] * wb) ** 2))
+            tuned = c[:, None] * merged
+        else:
+            tuned = wb + dblk
+        part = (reference.delta_stats(wb, tuned, "F64", "F64") if base2 is None
+                else reference.delta_stats(base2[i:i + step], tuned, dtype_base, "F64"))
+        acc = part if acc is None else reference.combine(acc, part)
+    if acc is None:
+        acc = reference.delta_stats(np.zeros(0), np.zeros(0), "F64", "F64")
+    stats = reference.finalize(acc)
+    if base2 is None:
+        for key in ("norm_base", "norm_tuned", "rel_change", "cosine", "frac_beyond_rounding", "frac_sign_flips"):
+            stats[key] = None
+        stats["sign_flips"] = 0
+    b_dir = b if c_all is None else c_all[:, None] * b
+    s = spectral.factors_svd(b_dir, a, scale)
+    extra: dict = {"rank_r": int(a.shape[0])}
+    if base2 is not None:
+        rows, cols = noise_profile(base2, dtype_base, (m, n))
+        floor, rms = noise_floor(2 * rows, 2 * cols)
+        extra["noise_rms"] = rms
+        thr = noise_factor * floor
+    else:
+        floor = 0.0
+        eps = 2.0 ** -DTYPES[dtype_adapter].mant_bits if DTYPES[dtype_adapter].kind == "float" else 2.0 ** -52
+        thr = (float(s[0]) * max(a.shape[0], 1) * eps) if s.size else 0.0
+        extra["note"] = "no base: numerical_rank counts singular values above s_1 * r * eps(adapter dtype)"
+    norm_sq = float(np.sum(s * s))
+    fields = spectral.spectrum_fields(s, thr)
+    top = s[:k]
+    exact = magnitude is None
+    if magnitude is not None:
+        extra["dora"] = {"magnitude_term_norm": math.sqrt(mag_term), "direction_term_norm": math.sqrt(norm_sq),
+                         "note": "spectrum and ranks describe the low-rank direction update diag(c)*scale*B@A; "
+                                 "the row rescaling diag(c-1)*W is full rank and is in the stats only"}
+    total = norm_sq if magnitude is None else (stats["norm_delta"] or 0.0) ** 2
+    rec = RankRecord(
+        stable_rank=fields["stable_rank"], effective_rank=fields["effective_rank"],
+        energy_rank_90=fields["energy_rank_90"], energy_rank_99=fields["energy_rank_99"],
+        numerical_rank=fields["numerical_rank"], noise_floor=floor, spectrum=[float(v) for v in top],
+        energy_captured=float(np.sum(top * top)) / total if total > 0 else None, method="factors",
+        shape_2d=(m, n), exact=exact, extra=extra)
+    return stats, rec
+
