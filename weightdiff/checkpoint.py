@@ -17,75 +17,24 @@ only through torch's restricted unpickler. Locating reads headers, never tensor 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
 import stat
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .adapter import JSON_CAP, AdapterConfig, LoraFactor, lora_factors, read_adapter_config
 from .errors import CheckpointError, escape_name
 from .pickle_io import PICKLE_SUFFIXES, load_pickle
-from .safetensors_io import (SafetensorsFile, TensorInfo, array_windows, check_range, load_json,
-                             open_regular, os_problem, pread_into, storage_of)
+from .fileio import load_json, open_regular, os_problem, pread_into, read_small
+from .safetensors_io import SafetensorsFile, TensorInfo, array_windows, check_range, storage_of
 
 __all__ = ["AdapterConfig", "LoraFactor", "Checkpoint", "locate", "JSON_CAP"]
 
-#: largest index / adapter config accepted
-JSON_CAP = 100_000_000
 _OPEN_FILES = 8                     # headers parsed and fds held at once; data is mapped per window
-_PEFT_PREFIX = "base_model.model."
-_LORA_RE = re.compile(r"^(?P<mod>.+)\.(?:lora_(?P<ab>A|B)\.weight|lora_embedding_(?P<eab>A|B)"
-                      r"|lora_magnitude_vector(?:\.weight)?)$")
-
-
-@dataclass
-class AdapterConfig:
-    """The parts of a PEFT ``adapter_config.json`` that shape the delta."""
-
-    r: int
-    lora_alpha: float
-    target_modules: list[str]
-    use_rslora: bool
-    use_dora: bool
-    base_model: str | None
-    raw: dict = field(repr=False)
-
-    @property
-    def scale(self) -> float:
-        """alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.scale_for(self.lora_alpha, self.r)
-
-    def scale_for(self, alpha: float, r: int) -> float:
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-    def pattern(self, key: str, module: str, default):
-        """Per-module override from ``rank_pattern``/``alpha_pattern``, matched as PEFT does."""
-        for pat, value in (self.raw.get(key) or {}).items():
-            try:
-                if re.match(rf"(.*\.)?({pat})$", module):
-                    return value
-            except re.error:
-                continue
-        return default
-
-
-@dataclass
-class LoraFactor:
-    """One LoRA pair: delta of ``target`` = scale x B @ A (transposed when ``embedding``:
-    PEFT stores embedding factors as A [r, vocab], B [dim, r])."""
-
-    target: str
-    a_name: str
-    b_name: str
-    magnitude_name: str | None
-    r: int
-    scale: float
-    embedding: bool = False
 
 
 class Checkpoint:
@@ -97,7 +46,7 @@ class Checkpoint:
         self.path, self.format, self.files, self.tensors = path, format, files, tensors
         self.metadata, self.root, self.adapter = metadata, root, adapter
         self.ignored = ignored or []
-        self.lora: list[LoraFactor] = _lora_factors(self) if adapter is not None else []
+        self.lora: list[LoraFactor] = lora_factors(tensors, files[0], adapter) if adapter is not None else []
         self._open: OrderedDict[Path, SafetensorsFile] = OrderedDict()
         self._pins: dict[Path, int] = {}
         self._headers: dict[Path, dict[str, TensorInfo]] = {}
@@ -281,25 +230,13 @@ def _snapshot(d: Path) -> Path:
     snaps = _listdir(d / "snapshots")
     ref = d / "refs" / "main"
     if ref.is_file():
-        rev = _read_small(ref, 4096).decode("utf-8", "replace").strip()
+        rev = read_small(ref, 4096).decode("utf-8", "replace").strip()
         if rev in snaps:
             return d / "snapshots" / rev
     if len(snaps) == 1:
         return d / "snapshots" / snaps[0]
     raise CheckpointError(d, f"Hugging Face cache folder with {len(snaps)} snapshots and no usable "
                              "refs/main", "pass snapshots/<revision>/")
-
-
-def _read_small(path: Path, cap: int) -> bytes:
-    fd, st = open_regular(path)
-    try:
-        if st.st_size > cap:
-            raise CheckpointError(path, f"file is {st.st_size:,} bytes, over the {cap:,}-byte cap for this kind of file")
-        buf = bytearray(st.st_size)
-        pread_into(fd, memoryview(buf), 0, path)
-        return bytes(buf)
-    finally:
-        os.close(fd)
 
 
 def _header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -327,7 +264,7 @@ def _shard_name(index: Path, value: object, tensor: str) -> str:
 
 
 def _read_index(index: Path) -> tuple[dict[str, str], dict]:
-    doc = load_json(_read_small(index, JSON_CAP), index, "index")
+    doc = load_json(read_small(index, JSON_CAP), index, "index")
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise CheckpointError(index, "index has no weight_map object")
     wmap = {t: _shard_name(index, s, t) for t, s in doc["weight_map"].items()}
@@ -413,25 +350,8 @@ def _pickle_sharded(d: Path, index: Path) -> Checkpoint:
 
 # -- PEFT adapters ---------------------------------------------------------------
 
-def _adapter_config(path: Path) -> AdapterConfig:
-    raw = load_json(_read_small(path, JSON_CAP), path, "adapter config")
-    if not isinstance(raw, dict):
-        raise CheckpointError(path, "adapter config is not a JSON object")
-    r, alpha = raw.get("r"), raw.get("lora_alpha", raw.get("r"))
-    if type(r) is not int or r < 1:
-        raise CheckpointError(path, f"adapter config has r = {r!r}, expected a positive integer",
-                              "only LoRA adapters are supported")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise CheckpointError(path, f"adapter config has lora_alpha = {alpha!r}, expected a number")
-    targets = raw.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
-    base = raw.get("base_model_name_or_path")
-    return AdapterConfig(r, float(alpha), targets, bool(raw.get("use_rslora", False)),
-                         bool(raw.get("use_dora", False)), base if isinstance(base, str) else None, raw)
-
-
 def _adapter(d: Path, names: list[str]) -> Checkpoint:
-    config = _adapter_config(d / "adapter_config.json")
+    config = read_adapter_config(d / "adapter_config.json")
     if "adapter_model.safetensors" in names:
         ckpt = _single(d / "adapter_model.safetensors", d, d)
     elif "adapter_model.bin" in names:
@@ -440,32 +360,4 @@ def _adapter(d: Path, names: list[str]) -> Checkpoint:
         raise CheckpointError(d, "adapter folder has adapter_config.json but no adapter_model.safetensors")
     out = Checkpoint(d, "adapter", ckpt.files, ckpt.tensors, ckpt.metadata, d, adapter=config)
     out._headers.update(ckpt._headers)
-    return out
-
-
-def _lora_factors(ckpt: Checkpoint) -> list[LoraFactor]:
-    config = ckpt.adapter
-    parts: dict[str, dict[str, str]] = {}
-    for name in ckpt.tensors:
-        m = _LORA_RE.match(name)
-        if m:
-            key = m["ab"] or (f"E{m['eab']}" if m["eab"] else "M")
-            parts.setdefault(m["mod"], {})[key] = name
-    out = []
-    for mod, got in parts.items():
-        emb = "EA" in got or "EB" in got
-        a, b = (got.get("EA"), got.get("EB")) if emb else (got.get("A"), got.get("B"))
-        where = ckpt.files[0]
-        if a is None or b is None:
-            raise CheckpointError(where, f"LoRA module `{escape_name(mod)}` has only one of its A/B factors")
-        sa, sb = ckpt.tensors[a].shape, ckpt.tensors[b].shape
-        if len(sa) < 2 or len(sb) < 2 or sb[1] != sa[0]:
-            raise CheckpointError(where, f"LoRA factors of `{escape_name(mod)}` do not chain: "
-                                         f"A is {list(sa)}, B is {list(sb)}")
-        module = mod.removeprefix(_PEFT_PREFIX)
-        alpha = float(config.pattern("alpha_pattern", module, config.lora_alpha))
-        r = int(sa[0])
-        if r == 0:
-            raise CheckpointError(where, f"LoRA factors of `{escape_name(mod)}` have rank 0")
-        out.append(LoraFactor(module + ".weight", a, b, got.get("M"), r, config.scale_for(alpha, r), emb))
     return out

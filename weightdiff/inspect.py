@@ -21,7 +21,7 @@ import re
 from .checkpoint import locate
 from .errors import CheckpointError, escape_name
 from .kernels.dtypes import DTYPES
-from .safetensors_io import os_problem
+from .fileio import os_problem
 
 __all__ = ["SCHEMA", "describe", "render_text", "block_of"]
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .errors import CheckpointError, escape_name
-from .safetensors_io import TensorInfo, open_regular, storage_of
+from .fileio import open_regular
+from .safetensors_io import TensorInfo, storage_of
 
 __all__ = ["PICKLE_SUFFIXES", "load_pickle"]
 
@@ -44,12 +46,16 @@ def _import_torch(path: Path):
 
 
 def _refusal(exc: BaseException) -> str:
-    """The telling line of torch's long weights-only refusal, e.g. 'Unsupported global: ...'."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for ln in lines:
-        if "Unsupported global" in ln or "Unsupported operand" in ln or "GLOBAL" in ln:
-            return ln[:200]
-    return lines[0][:200] if lines else type(exc).__name__
+    """The telling part of torch's long refusal: 'global io.open', without its advice to allow it."""
+    text = str(exc)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it names the global {m[1]}"
+    m = re.search(r"Unsupported operand \d+", text)
+    if m:
+        return m[0].lower()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0][:160] if lines else type(exc).__name__
 
 
 def _torch_load(torch, path: Path) -> object:

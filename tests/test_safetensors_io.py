@@ -1,0 +1,244 @@
+"""The reader against the safetensors library, window contract, truncation, fallbacks."""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from weightdiff.errors import CheckpointError
+from weightdiff.kernels.dtypes import DTYPES, byte_length
+from weightdiff.safetensors_io import SafetensorsFile, TensorInfo, parse_bytes, storage_of
+from weightdiff.safetensors_write import encode, save_file, to_storage
+
+NUMPY_DTYPES = set(safetensors.numpy._TYPES)          # the dtypes the library hands out as numpy
+
+
+@st.composite
+def tensor_specs(draw):
+    """(name, dtype, shape, raw bytes) with a valid length for every safetensors dtype."""
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    bits = DTYPES[dtype].bits
+    shape = draw(st.lists(st.integers(0, 5), min_size=0, max_size=3))
+    if (bits * math.prod(shape)) % 8:                  # packed formats need whole bytes
+        shape = shape + [8]
+    nbytes = byte_length(dtype, math.prod(shape))
+    data = draw(st.binary(min_size=nbytes, max_size=nbytes))
+    if dtype == "BOOL":
+        data = bytes(b & 1 for b in data)
+    return dtype, tuple(shape), data
+
+
+@st.composite
+def files(draw):
+    """A whole valid safetensors file, tensors laid out in a random order (so often unaligned)."""
+    names = draw(st.lists(st.text(min_size=1, max_size=12), min_size=0, max_size=6, unique=True))
+    specs = {n: draw(tensor_specs()) for n in names if n != "__metadata__"}
+    layout = draw(st.permutations(list(specs)))
+    header: dict = {}
+    if draw(st.booleans()):
+        header["__metadata__"] = draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3))
+    offsets, pos = {}, 0
+    for n in layout:
+        offsets[n] = (pos, pos + len(specs[n][2]))
+        pos += len(specs[n][2])
+    for n in specs:                                     # header order differs from data order
+        dtype, shape, _ = specs[n]
+        header[n] = {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets[n])}
+    h = json.dumps(header).encode()
+    h += b" " * draw(st.integers(0, 7))
+    blob = struct.pack("<Q", len(h)) + h + b"".join(specs[n][2] for n in layout)
+    return blob, specs
+
+
+def _collect(windows) -> bytes:
+    return b"".join(w.tobytes() for w in windows)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files(), st.integers(1, 9), st.booleans(), st.randoms(use_true_random=False))
+def test_round_trip_against_safetensors(tmp_path, file, step, use_mmap, rnd):
+    blob, specs = file
+    path = tmp_path / f"{uuid.uuid4().hex}.safetensors"
+    path.write_bytes(blob)
+    lib = {name: spec for name, spec in safetensors.deserialize(blob)}
+    lib_np = safetensors.numpy.load_file(path) if all(s[0] in NUMPY_DTYPES for s in specs.values()) else None
+    with SafetensorsFile(path, use_mmap=use_mmap) as f:
+        assert set(f.tensors) == set(lib)
+        starts = [t.start for t in f.tensors.values()]
+        assert starts == sorted(starts)                 # file (offset) order
+        for name, info in f.tensors.items():
+            ref = lib[name]
+            assert (info.dtype, list(info.shape)) == (ref["dtype"], ref["shape"])
+            assert info.nbytes == len(ref["data"])
+            full = f.read(name)
+            assert full.dtype == storage_of(info.dtype)
+            assert full.tobytes() == bytes(ref["data"])
+            if not info.packed:
+                assert full.shape == info.shape
+            assert _collect(f.windows(name, step)) == bytes(ref["data"])
+            n = info.flat_length
+            a = rnd.randint(0, n)
+            b = rnd.randint(a, n)
+            item = full.dtype.itemsize
+            assert _collect(f.windows(name, step, a, b)) == bytes(ref["data"])[a * item:b * item]
+            if lib_np is not None:
+                assert full.tobytes() == np.ascontiguousarray(lib_np[name]).tobytes()
+                assert full.dtype == lib_np[name].dtype and full.shape == lib_np[name].shape
+            if info.shape and not info.packed and info.shape[0]:
+                rows = [rnd.randrange(info.shape[0]) for _ in range(3)]
+                assert f.read_rows(name, rows).tobytes() == full[rows].tobytes()
+        assert f.metadata == json.loads(blob[8:8 + struct.unpack("<Q", blob[:8])[0]]).get("__metadata__", {})
+
+
+def test_library_written_file_bf16_fp8(tmp_path):
+    torch = pytest.importorskip("torch")
+    import safetensors.torch
+
+    t = {"bf": torch.randn(7, 3).to(torch.bfloat16), "e4": torch.randn(5).to(torch.float8_e4m3fn),
+         "e5": torch.randn(4, 1).to(torch.float8_e5m2), "f": torch.tensor([float("nan"), float("inf"), -0.0])}
+    path = tmp_path / "lib.safetensors"
+    safetensors.torch.save_file(t, path, metadata={"format": "pt"})
+    with SafetensorsFile(path) as f:
+        assert f.metadata == {"format": "pt"}
+        assert [f.tensors[k].dtype for k in ("bf", "e4", "e5", "f")] == ["BF16", "F8_E4M3", "F8_E5M2", "F32"]
+        for k, v in t.items():
+            want = v.contiguous().view(torch.uint8).numpy().tobytes()
+            assert f.read(k).tobytes() == want
+            assert _collect(f.windows(k, 4)) == want
+        assert f.read("bf").dtype == np.uint16 and f.read("e4").dtype == np.uint8
+
+
+def test_nan_inf_zero_size_and_0d_read_fine(tmp_path):
+    path = save_file(tmp_path / "m.safetensors", {
+        "special": np.array([np.nan, np.inf, -np.inf, -0.0], np.float32),
+        "empty": np.zeros((3, 0), np.float16), "scalar": np.float64(2.5),
+        "bf_nan": ("BF16", to_storage(np.array([np.nan, np.inf], np.float32), "BF16"))})
+    with SafetensorsFile(path) as f:
+        s = f.read("special")
+        assert np.isnan(s[0]) and s[1] == np.inf and s[2] == -np.inf and np.signbit(s[3])
+        assert f.read("empty").shape == (3, 0) and list(f.windows("empty")) == []
+        assert f.read("scalar").shape == () and float(f.read("scalar")) == 2.5
+        assert [w.tolist() for w in f.windows("scalar")] == [[2.5]]
+        assert f.read("bf_nan").tolist() == [0x7FC0, 0x7F80]
+        assert f.read_rows("empty", [2, 0]).shape == (2, 0)
+
+
+def test_window_boundaries_depend_only_on_range_and_step(tmp_path):
+    path = save_file(tmp_path / "m.safetensors", {"a": np.arange(10, dtype=np.float32),
+                                                 "b": ("BF16", np.arange(10, dtype=np.uint16))})
+    with SafetensorsFile(path) as f:
+        la = [len(w) for w in f.windows("a", 3, 1, 9)]
+        lb = [len(w) for w in f.windows("b", 3, 1, 9)]
+        assert la == lb == [3, 3, 2]
+        pairs = [(a.tolist(), b.tolist()) for a, b in zip(f.windows("a", 4), f.windows("b", 4))]
+        assert pairs[0] == ([0.0, 1.0, 2.0, 3.0], [0, 1, 2, 3]) and len(pairs) == 3
+        with pytest.raises(ValueError):
+            f.windows("a", 3, 5, 11)
+        with pytest.raises(ValueError):
+            f.windows("a", 0)
+        with pytest.raises(KeyError):
+            f.windows("nope")
+
+
+def test_default_window_is_bounded(tmp_path, monkeypatch):
+    import weightdiff.safetensors_io as sio
+
+    monkeypatch.setattr(sio, "WINDOW_BYTES", 64)
+    path = save_file(tmp_path / "m.safetensors", {"a": np.zeros(100, np.float32)})
+    with SafetensorsFile(path) as f:
+        assert [len(w) for w in f.windows("a")] == [16] * 6 + [4]
+
+
+def test_windows_are_read_only_and_aligned(tmp_path):
+    # a 3-byte tensor first puts the F32 tensor at an odd offset
+    path = save_file(tmp_path / "m.safetensors", {"odd": np.zeros(3, np.uint8), "f": np.arange(6, dtype=np.float32)})
+    with SafetensorsFile(path) as f:
+        assert f.tensors["f"].start % 4 != 0
+        for use_mmap in (True, False):
+            f.use_mmap = use_mmap
+            for w in f.windows("f", 4):
+                assert w.flags.aligned and not w.flags.writeable
+                with pytest.raises(ValueError):
+                    w[0] = 1
+        assert _collect(f.windows("f")) == np.arange(6, dtype=np.float32).tobytes()
+
+
+def test_mmap_windows_are_views_of_a_mapping(tmp_path):
+    path = save_file(tmp_path / "m.safetensors", {"f": np.arange(8, dtype=np.float32)})
+    with SafetensorsFile(path) as f:
+        w = next(f.windows("f"))
+        assert isinstance(w.base, memoryview) and isinstance(w.base.obj, mmap.mmap)
+
+
+def test_unmappable_input_falls_back_to_reads(tmp_path, monkeypatch):
+    path = save_file(tmp_path / "m.safetensors", {"f": np.arange(1000, dtype=np.float32)})
+
+    def no_mmap(*a, **kw):
+        raise OSError(19, "No such device")
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    with SafetensorsFile(path) as f:
+        got = [w.copy() for w in f.windows("f", 300)]
+        assert not f.use_mmap
+    np.testing.assert_array_equal(np.concatenate(got), np.arange(1000, dtype=np.float32))
+
+
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_truncated_while_reading_is_an_error_not_sigbus(tmp_path, use_mmap):
+    path = save_file(tmp_path / "m.safetensors", {"f": np.arange(1 << 16, dtype=np.float32)})
+    with SafetensorsFile(path, use_mmap=use_mmap) as f:
+        it = f.windows("f", 1 << 12)
+        first = next(it)
+        assert first[5] == 5
+        del first
+        os.truncate(path, 1000)
+        with pytest.raises(CheckpointError, match=r"file changed while being read: it held 262,\d+ bytes, now 1,000"):
+            next(it)
+        with pytest.raises(CheckpointError, match="file changed while being read"):
+            f.read("f")
+
+
+def test_closed_file(tmp_path):
+    path = save_file(tmp_path / "m.safetensors", {"f": np.zeros(2, np.float32)})
+    f = SafetensorsFile(path)
+    f.close()
+    f.close()
+    with pytest.raises(ValueError, match="closed"):
+        f.read("f")
+
+
+def test_read_rows(tmp_path):
+    x = np.arange(60, dtype=np.float32).reshape(5, 3, 4)
+    path = save_file(tmp_path / "m.safetensors", {"x": x, "v": np.ones(3, np.int16)})
+    with SafetensorsFile(path) as f:
+        np.testing.assert_array_equal(f.read_rows("x", [4, 0, 1, 2, 2]), x[[4, 0, 1, 2, 2]])
+        assert f.read_rows("x", []).shape == (0, 3, 4)
+        np.testing.assert_array_equal(f.read_rows("v", np.array([2])), np.ones(1, np.int16))
+        with pytest.raises(IndexError):
+            f.read_rows("x", [5])
+
+
+def test_tensor_info_properties():
+    t = TensorInfo("w", "F4", (4, 6), Path("x"), 10, 22)
+    assert (t.numel, t.nbytes, t.packed, t.flat_length, t.decodable) == (24, 12, True, 12, False)
+    p = TensorInfo("w", "BF16", (2, 3), Path("x"), None, None)
+    assert (p.numel, p.nbytes, p.flat_length, p.decodable) == (6, 12, 6, True)
+
+
+def test_parse_bytes_matches_file_reader():
+    blob = encode({"a": np.ones(3, np.float32), "b": ("BF16", np.zeros(2, np.uint16))}, {"k": "v"})
+    tensors, meta = parse_bytes(blob)
+    assert meta == {"k": "v"}
+    assert [(t.name, t.dtype, t.shape, t.end - t.start) for t in tensors.values()] == [
+        ("a", "F32", (3,), 12), ("b", "BF16", (2,), 4)]

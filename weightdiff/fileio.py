@@ -1,0 +1,132 @@
+"""Opening user-named files safely, and strict JSON.
+
+Every file weightdiff reads is opened with ``O_RDONLY|O_NONBLOCK|O_CLOEXEC`` and must be
+a regular file, so a FIFO or a device named as a checkpoint cannot hang the tool or feed
+it endless bytes. JSON (safetensors headers, shard indexes, adapter configs) is parsed
+strictly: UTF-8, no duplicate keys, no NaN/Infinity, bounded nesting. Every failure is a
+one-line ``CheckpointError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+
+from .errors import CheckpointError, escape_name
+
+__all__ = ["open_regular", "pread_into", "read_small", "load_json", "os_problem"]
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+_IO_CHUNK = 1 << 30          # Linux moves at most ~2 GiB per read call
+
+
+def os_problem(exc: OSError) -> str:
+    """One lower-case phrase for an OS error on a path the user gave."""
+    if exc.errno == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied (check the file's permissions)"
+    if exc.errno == errno.ENOENT:
+        return "no such file or directory"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "file name too long"
+    return (exc.strerror or type(exc).__name__).lower()
+
+
+def _kind(mode: int) -> str:
+    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return word
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only without blocking and require a regular file.
+
+    ``O_NONBLOCK`` keeps a FIFO from hanging the open; the ``fstat`` check then refuses
+    FIFOs, devices and directories before a single byte is read.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise CheckpointError(path, os_problem(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(path, f"is {_kind(st.st_mode)}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def pread_into(fd: int, buf: memoryview, offset: int, path: str | os.PathLike) -> None:
+    """Fill ``buf`` (a byte memoryview) from ``offset``; a short file is a CheckpointError."""
+    done, total = 0, len(buf)
+    while done < total:
+        try:
+            n = os.preadv(fd, [buf[done:done + _IO_CHUNK]], offset + done)
+        except OSError as exc:
+            raise CheckpointError(path, f"read failed at byte {offset + done:,}: {os_problem(exc)}") from None
+        if n == 0:
+            raise CheckpointError(path, f"file ended at byte {offset + done:,} while {offset + total:,} "
+                                        "were expected (truncated while being read?)")
+        done += n
+
+
+def _q(name: str) -> str:
+    return f"`{escape_name(name)}`"
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _pairs(items: list) -> dict:
+    out: dict = {}
+    for k, v in items:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+def _reject_constant(word: str):
+    raise ValueError(f"{word} is not valid JSON")
+
+
+def load_json(raw: bytes, path: str | os.PathLike | None, what: str) -> object:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, bounded nesting."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(path, f"{what} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
+                                    f"at position {exc.start:,})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_reject_constant)
+    except _Duplicate as exc:
+        raise CheckpointError(path, f"{what} repeats the key {_q(exc.key)}") from None
+    except RecursionError:
+        raise CheckpointError(path, f"{what} JSON is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(path, f"{what} is not valid JSON ({exc.msg.lower()} at byte {exc.pos:,})") from None
+    except ValueError as exc:
+        raise CheckpointError(path, f"{what} is not valid JSON ({exc})") from None
+
+
+def read_small(path: Path, cap: int) -> bytes:
+    """The whole of a small regular file, refusing one over ``cap`` bytes."""
+    fd, st = open_regular(path)
+    try:
+        if st.st_size > cap:
+            raise CheckpointError(path, f"file is {st.st_size:,} bytes, over the {cap:,}-byte cap for this kind of file")
+        buf = bytearray(st.st_size)
+        pread_into(fd, memoryview(buf), 0, path)
+        return bytes(buf)
+    finally:
+        os.close(fd)
