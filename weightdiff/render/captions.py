@@ -1,0 +1,329 @@
+"""Sentences written from the numbers: figure captions, headline sentences, number formats.
+
+Everything here reads the compare JSON as a plain dict (``schema: weightdiff.compare/1``)
+and returns text; nothing draws or writes files. The plots (``render.plots``) and the
+memo (``render.memo``) take their captions and headlines from here, so a number in a
+caption is the same number, formatted the same way, as in the tables.
+
+>>> fmt_share(0.9123), fmt_share(0.0004), fmt_sci(0.000123), fmt_int(6912000)
+('91.2%', '0.04%', '1.2e-4', '6,912,000')
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import median
+from typing import Any, Iterable
+
+#: statuses in the order the parameter-share figure and the tables list them
+STATUS_ORDER = ("unchanged", "rounding", "changed", "resized", "added", "removed")
+STATUS_LABEL = {"unchanged": "unchanged", "rounding": "rounding only", "changed": "changed",
+                "resized": "resized", "added": "added", "removed": "removed"}
+
+
+# --- number formats ----------------------------------------------------------------------
+
+def fmt_int(n: int | float | None) -> str:
+    """``6912000`` -> ``'6,912,000'``; None -> ``'n/a'``."""
+    return "n/a" if n is None else f"{int(n):,}"
+
+
+def fmt_params(n: int | float | None) -> str:
+    """A parameter count in words for sentences: ``6912000`` -> ``'6.9 million'``."""
+    if n is None:
+        return "n/a"
+    n = int(n)
+    for size, word in ((10 ** 12, "trillion"), (10 ** 9, "billion"), (10 ** 6, "million")):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {word}"
+    return f"{n:,}"
+
+
+def fmt_share(x: float | None) -> str:
+    """A share in [0, 1] as a percentage that never rounds a non-zero share to 0% or a
+    share below one to 100%: ``0.99996`` -> ``'99.996%'``, ``4e-7`` -> ``'<0.001%'``."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    pct = 100.0 * x
+    if pct == 0:
+        return "0%"
+    if pct == 100:
+        return "100%"
+    if 0 < pct < 0.001:
+        return "<0.001%"
+    for digits in range(3, 10):
+        text = f"{pct:.{digits}g}"
+        if "e" in text:
+            text = f"{pct:.{digits + 2}f}".rstrip("0")
+        if float(text) not in (0.0, 100.0):
+            break
+    if float(text) >= 10:
+        text = f"{pct:.1f}" if float(f"{pct:.1f}") < 100 else text
+    return f"{text}%"
+
+
+def fmt_sci(x: float | None, digits: int = 2) -> str:
+    """Scientific notation without padding: ``0.000123`` -> ``'1.2e-4'``; 0 -> ``'0'``."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    if x == 0:
+        return "0"
+    mant, exp = f"{x:.{digits - 1}e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
+def fmt_num(x: float | None, digits: int = 3) -> str:
+    """A plain decimal between 0.01 and 1000 (``0.0423``, ``12.5``), scientific outside."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    if x == 0:
+        return "0"
+    if 0.01 <= abs(x) < 1000:
+        return f"{x:.{digits}g}"
+    return fmt_sci(x, digits)
+
+
+# --- facts shared by captions, headline and tables ---------------------------------------
+
+def one_minus_cosine(t: dict) -> float | None:
+    """1 - cosine of one tensor record, from its norms where possible.
+
+    Uses ``1 - cos = (norm_delta^2 - (norm_base - norm_tuned)^2) / (2 norm_base norm_tuned)``,
+    which keeps its digits when the cosine is 0.99999999 (the stored cosine would lose
+    them to cancellation); falls back to ``1 - cosine``.
+    """
+    nb, nt, nd = t.get("norm_base"), t.get("norm_tuned"), t.get("norm_delta")
+    if nd == 0:
+        return 0.0
+    if t.get("base_shape") not in (None, t.get("shape")):
+        nb = None  # norms of a resized tensor's overlap are not all recorded; trust the cosine
+    if nb and nt and nd is not None and nb > 0 and nt > 0:
+        return max(0.0, (nd * nd - (nb - nt) ** 2) / (2.0 * nb * nt))
+    c = t.get("cosine")
+    return None if c is None else max(0.0, 1.0 - c)
+
+
+def is_matrix(t: dict) -> bool:
+    shape = t.get("shape") or []
+    return len(shape) >= 2 and sum(1 for s in shape if s > 1) >= 2
+
+
+def layered_blocks(data: dict) -> list[dict]:
+    """Blocks with a depth index, ordered base (0) to top."""
+    return sorted((b for b in data.get("blocks", []) if b.get("index") is not None), key=lambda b: b["index"])
+
+
+def block_changed(b: dict) -> bool:
+    return bool(b.get("tensors_changed")) or bool(b.get("params_changed"))
+
+
+def block_state(b: dict) -> str:
+    """``'changed'``, ``'rounding'`` (only cast-level differences) or ``'unchanged'``."""
+    if block_changed(b):
+        return "changed"
+    rc = b.get("rel_change")
+    return "rounding" if rc is not None and rc > 0 else "unchanged"
+
+
+def block_label(b: dict) -> str:
+    return str(b["index"]) if b.get("index") is not None else str(b.get("block", "?"))
+
+
+def tensor_label(t: dict) -> str:
+    """A short label for legends: ``block 11 attn.q`` when the aggregate named them, else the name."""
+    block, module = t.get("block"), t.get("module")
+    if block and module and str(block).startswith(("layers.", "h.", "layer.", "block.", "blocks.")):
+        return f"block {str(block).rsplit('.', 1)[-1]} {module}"
+    name = str(t.get("name", "?"))
+    return name if len(name) <= 40 else "..." + name[-37:]
+
+
+def changed_matrices(data: dict) -> list[dict]:
+    """Matrices whose delta has a spectrum, most changed (by relative change) first."""
+    ts = [t for t in data.get("tensors", []) if t.get("rank") and t.get("status") in ("changed", "resized")]
+    return sorted(ts, key=lambda t: (-(t.get("rel_change") or 0.0), str(t.get("name"))))
+
+
+def cosine_matrices(data: dict) -> list[dict]:
+    """Paired matrices with a cosine (vectors such as norm gains are left out, as DESIGN.md says)."""
+    return [t for t in data.get("tensors", []) if is_matrix(t) and one_minus_cosine(t) is not None]
+
+
+def _thresholds(data: dict) -> dict:
+    return (data.get("settings") or {}).get("thresholds") or {}
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n:,} " + (word if n == 1 else plural or word + "s")
+
+
+def _list(items: Iterable[str]) -> str:
+    items = list(items)
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``'0-2, 5, 7-8'``."""
+    out, start = [], None
+    for i, v in enumerate(indices):
+        if start is None:
+            start = v
+        if i + 1 == len(indices) or indices[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)
+
+
+# --- headline ----------------------------------------------------------------------------
+
+def headline(data: dict) -> list[str]:
+    """Three to five sentences a reader can quote, each built from the summary's numbers."""
+    s = data.get("summary") or {}
+    out = []
+    verdict = s.get("verdict")
+    tuned = (data.get("tuned") or {}).get("path", "the tuned model")
+    base = ", ".join(str(b.get("path")) for b in data.get("base", [])) or "the base"
+    what = {"identical": "is bitwise identical to", "cast_only": "differs from",
+            "derived": "is a fine-tune of", "unrelated": "is not derived from"}.get(verdict, "was compared with")
+    sentence = f"Verdict: {verdict}. {tuned} {what} {base}"
+    if verdict == "cast_only":
+        sentence += " only by dtype rounding"
+    out.append(sentence + ".")
+    by = s.get("params_by_status") or {}
+    total = s.get("params_total") or 0
+    if total:
+        out.append(f"{fmt_share(by.get('unchanged', 0) / total)} of the {fmt_params(total)} parameters are "
+                   f"bitwise unchanged; {fmt_share(by.get('changed', 0) / total)} changed"
+                   + (f", {fmt_share(by.get('rounding', 0) / total)} differ only by rounding" if by.get("rounding") else "")
+                   + (f", {fmt_share(by.get('added', 0) / total)} are new" if by.get("added") else "")
+                   + (f", {fmt_share(by.get('resized', 0) / total)} sit in resized tensors" if by.get("resized") else "")
+                   + ".")
+    blocks = layered_blocks(data)
+    if s.get("blocks_total"):
+        changed = [b["index"] for b in blocks if block_changed(b)]
+        where = f" (block{'s' if len(changed) != 1 else ''} {_ranges(changed)}, counting from the input)" if changed else ""
+        out.append(f"{s.get('blocks_changed', len(changed))} of {s['blocks_total']} blocks changed{where}.")
+    if s.get("delta_params") is not None and total:
+        out.append(f"Writing the change down takes {fmt_params(s['delta_params'])} parameters, "
+                   f"{fmt_share(s.get('delta_params_share'))} of the model; the overall relative change of the "
+                   f"weights is {fmt_num(s.get('relative_change'))}.")
+    form = s.get("form") or {}
+    if form.get("kind") == "low_rank":
+        out.append(f"The change is low-rank: no changed matrix needs more than rank "
+                   f"{form.get('max_numerical_rank')} above the storage noise floor.")
+    elif form.get("kind") == "dense":
+        mats = changed_matrices(data)
+        r90 = [t["rank"]["energy_rank_90"] for t in mats if t["rank"].get("energy_rank_90") is not None]
+        tail = f" (median energy rank at 90%: {median(r90):g})" if r90 else ""
+        out.append(f"The change is dense: it spreads over many directions of the changed matrices{tail}.")
+    elif form.get("kind") == "sparse":
+        out.append("The change is sparse: few elements of the changed tensors moved.")
+    return out
+
+
+def headline_sentences(data: dict) -> list[str]:
+    """The JSON's own ``summary.headline`` when it has one, else ``headline(data)``."""
+    given = (data.get("summary") or {}).get("headline") or []
+    return [str(x) for x in given] if given else headline(data)
+
+
+# --- figure captions ---------------------------------------------------------------------
+
+def caption_depth(data: dict) -> str:
+    blocks = layered_blocks(data)
+    if not blocks:
+        return "Relative change per block: the checkpoint has no numbered blocks to plot."
+    changed = [b for b in blocks if block_state(b) == "changed"]
+    rounding = [b for b in blocks if block_state(b) == "rounding"]
+    text = (f"Relative change ||dW||/||W|| (Frobenius norms) of each of the {len(blocks)} blocks, from the input "
+            f"(block {blocks[0]['index']}) to the top (block {blocks[-1]['index']}), on a log scale. "
+            f"{len(changed)} of {len(blocks)} blocks changed")
+    if changed:
+        top = max(changed, key=lambda b: b.get("rel_change") or 0.0)
+        text += f"; the largest change is in block {top['index']} ({fmt_num(top.get('rel_change'))})"
+    text += "."
+    unchanged = len(blocks) - len(changed) - len(rounding)
+    if unchanged:
+        text += f" {_plural(unchanged, 'block')} with no change at all sit as hollow circles on the line marked 0."
+    if rounding:
+        text += f" {_plural(len(rounding), 'block')} differ only by dtype rounding (hollow diamonds)."
+    return text
+
+
+def caption_heatmap(data: dict) -> str:
+    cells = [(b, k, v) for b in layered_blocks(data) for k, v in (b.get("modules") or {}).items()]
+    if not cells:
+        return "Relative change by block and module kind: no numbered blocks to plot."
+    moved = [c for c in cells if c[2]]
+    text = (f"Relative change of each module kind ({len({c[1] for c in cells})} kinds, the rows) in each "
+            f"block, log colour scale. {len(moved)} of {len(cells)} block-module cells changed")
+    if moved:
+        b, k, v = max(moved, key=lambda c: c[2])
+        text += f"; the largest is {k} in block {b['index']} ({fmt_num(v)})"
+    return text + ". Grey cells did not change at all."
+
+
+def caption_params(data: dict) -> str:
+    s = data.get("summary") or {}
+    by, total = s.get("params_by_status") or {}, s.get("params_total") or 0
+    if not total:
+        return "Share of parameters by status: the model has no parameters."
+    parts = [f"{fmt_share(by.get(k, 0) / total)} {STATUS_LABEL[k]}" for k in STATUS_ORDER[:-1] if by.get(k)]
+    text = f"Share of the {fmt_int(total)} parameters of the tuned model by status: {_list(parts)}."
+    if by.get("removed"):
+        text += f" {fmt_int(by['removed'])} base parameters were removed (not part of the bar)."
+    if by.get("resized"):
+        text += " Resized tensors (for example a grown vocabulary) are counted whole, old and new rows."
+    return text
+
+
+def caption_rank(data: dict, shown: int) -> str:
+    mats = changed_matrices(data)
+    if not mats:
+        return "Rank of the change: no changed matrix has a spectrum (nothing changed, or --no-rank)."
+    r90 = [t["rank"]["energy_rank_90"] for t in mats if t["rank"].get("energy_rank_90") is not None]
+    dims = sorted({min(t["rank"].get("shape_2d") or t.get("shape")[:2]) for t in mats})
+    top = mats[0]
+    text = (f"Left: cumulative share of the change's energy (sum of squared singular values over ||dW||^2) "
+            f"captured by the top k singular directions, for the {shown} most changed matrices. The most changed, "
+            f"{tensor_label(top)}, reaches 90% at rank {top['rank'].get('energy_rank_90')} and 99% at rank "
+            f"{top['rank'].get('energy_rank_99')}. Right: rank needed for 90% of the energy against the matrix's "
+            f"smaller side, for all {len(mats)} changed matrices")
+    if r90:
+        text += f" (median {median(r90):g}, range {min(r90)}-{max(r90)}; smaller side {_list(str(d) for d in dims[:4])}" \
+                + (" ..." if len(dims) > 4 else "") + ")"
+    text += ". Full rank and the value for pure random noise (about half the side) are drawn for reference."
+    if any(not t["rank"].get("exact", True) for t in mats):
+        text += " Hollow markers are lower bounds from a partial spectrum."
+    return text
+
+
+def caption_cosine(data: dict) -> str:
+    mats = cosine_matrices(data)
+    if not mats:
+        return "1 - cosine per matrix: no paired matrices."
+    vals = [(one_minus_cosine(t), t) for t in mats]
+    moved = [(v, t) for v, t in vals if v > 0]
+    cut = 1.0 - _thresholds(data).get("unrelated_cosine", 0.2)
+    text = (f"1 - cosine similarity between base and tuned weights for each of the {len(mats)} paired matrices, "
+            f"on a log scale (0 means identical direction; two unrelated models sit near 1). ")
+    if moved:
+        v, t = max(moved, key=lambda p: p[0])
+        text += (f"{len(moved)} matrices moved; median {fmt_sci(median(v for v, _ in moved))}, largest "
+                 f"{fmt_sci(v)} ({tensor_label(t)})")
+        far = sum(1 for v, _ in moved if v >= cut)
+        text += f"; {far} beyond the 'unrelated' line at {fmt_num(cut)}." if far else \
+            f", all far below the 'unrelated' line at {fmt_num(cut)}."
+    else:
+        text += "No matrix moved."
+    unchanged = len(mats) - len(moved)
+    if unchanged:
+        text += f" {_plural(unchanged, 'matrix', 'matrices')} with no change sit as hollow circles on the line marked 0."
+    return text
+
+
+def status_counts(data: dict) -> dict[str, Any]:
+    s = data.get("summary") or {}
+    return {k: (s.get("params_by_status") or {}).get(k, 0) for k in STATUS_ORDER}

@@ -1,0 +1,109 @@
+"""The fixed prose of the memo: methodology with formulas, verdict rules, limits, threshold meanings.
+
+Kept apart from ``render.memo`` (which lays out numbers) so the HTML and the Markdown
+memo say exactly the same words, and so docs/methodology.md can be checked against
+them. Plain text only: the memo escapes and formats it for each output.
+"""
+
+from __future__ import annotations
+
+#: (metric, plain words, formula): B = base tensor, T = tuned tensor, D = T - B, s1 >= s2 >= ... singular values of D
+METRICS = [
+    ("relative change", "How large the change is compared with the weights it changed: 0.01 means the change is "
+     "1% of the size of the original matrix.", "rel_change = ‖D‖ / ‖B‖   (Frobenius norms: square root of the sum of "
+     "squared entries)"),
+    ("1 − cosine", "How far the tuned matrix has turned away from the base matrix, read as a direction. 0 means the "
+     "same direction; independently trained models give about 1. Reported in scientific notation because a small "
+     "fine-tune gives values such as 1e-5.", "1 − cos = 1 − ⟨B, T⟩ / (‖B‖ ‖T‖) = (‖D‖² − (‖B‖ − ‖T‖)²) / (2 ‖B‖ ‖T‖)"),
+    ("share of parameters unchanged", "The share of the tuned model's numbers that are bit for bit the same as in "
+     "the base.", "unchanged = Σ numel(tensors with T == B bitwise) / Σ numel(all tuned tensors)"),
+    ("rounding only", "A tensor whose every difference is smaller than half a step of the coarser storage format "
+     "(for example float32 saved as bfloat16): the change a format conversion alone explains.",
+     "|D_ij| ≤ ½ ulp(B_ij) in the coarser dtype, for every element"),
+    ("stable rank", "How many directions the change effectively uses, dominated by its strongest one; never more "
+     "than the true rank.", "stable_rank = ‖D‖² / s1²"),
+    ("energy rank (90%, 99%)", "The number of independent directions needed to write down 90% (99%) of the change. "
+     "A rank-8 LoRA update has energy rank at most 8; a full fine-tune of a 4096-wide matrix typically needs 1,000 "
+     "or more (Biderman et al. 2024).", "energy_rank_p = smallest k with s1² + ... + sk² ≥ p · ‖D‖²"),
+    ("effective rank", "The exponential of the entropy of the normalised singular values (Roy and Vetterli 2007). "
+     "It counts faint directions too, so storage rounding inflates it; verdicts never rest on it alone.",
+     "effective_rank = exp(−Σ p_i ln p_i),  p_i = s_i / Σ s_j"),
+    ("noise floor and numerical rank", "Saving weights in a 16-bit format adds rounding noise to every entry; "
+     "its largest singular value is predictable (the Marchenko-Pastur edge). Directions clearly above it are "
+     "counted as the numerical rank: a rank-8 update merged and saved in bfloat16 reads 8.",
+     "noise_floor = σ (√m + √n),  σ ≈ ulp / √12;   numerical_rank = #{i : s_i > factor · noise_floor}"),
+    ("delta parameters", "How many numbers it takes to write the change down: a low-rank matrix needs only its "
+     "factors, added tensors count whole. This is the headline measure of how much was injected.",
+     "delta_params = Σ over changed matrices min(m·n, r99·(m + n)) + Σ changed vectors + Σ added elements"),
+    ("model relative change", "The relative change over the whole model, every paired tensor weighted by its "
+     "size.", "relative_change = √(Σ ‖D‖²) / √(Σ ‖B‖²)"),
+]
+
+SPECTRUM_NOTE = ("Singular values come from an exact SVD for matrices whose smaller side is at most "
+                 "exact_svd_max, and from a seeded randomized SVD (Halko, Martinsson and Tropp 2011) above it; "
+                 "the share of ‖D‖² the reported top singular values capture is checked against ‖D‖², which the "
+                 "streaming pass measures exactly, and reported. A PEFT adapter's change (scale · B·A) is analysed "
+                 "exactly from its factors.")
+
+VERDICTS = [
+    ("identical", "every tensor is bitwise equal."),
+    ("cast_only", "every difference is within dtype rounding (at most rounding_frac of a tensor's elements "
+     "beyond half an ulp)."),
+    ("unrelated", "the large matrices (at least large_matrix_numel elements) are near-orthogonal to the base: "
+     "their size-weighted cosine is below unrelated_cosine and the model's relative change is above "
+     "unrelated_rel_change, as for two independently initialised models (cosine about 0, relative change "
+     "about √2)."),
+    ("derived", "everything else: the tuned model is a modification of this base. Its scope (blocks and tensors "
+     "changed) and form are reported next to it."),
+]
+
+FORMS = [
+    ("low_rank", "every changed matrix has energy_rank_99 ≤ low_rank_share · min(m, n) and numerical_rank ≤ "
+     "low_rank_max: the kind of change LoRA-style training (Hu et al. 2021) leaves."),
+    ("sparse", "the changed elements are at most sparse_frac of the changed tensors' elements."),
+    ("dense", "otherwise: the change spreads over many directions, as full fine-tuning does."),
+]
+
+THRESHOLD_MEANING = {
+    "rounding_frac": "largest share of a tensor's elements beyond rounding that still counts as rounding only",
+    "unrelated_cosine": "size-weighted cosine of large matrices below which the models may be unrelated",
+    "unrelated_rel_change": "model relative change above which the models may be unrelated (independent inits: ~1.41)",
+    "large_matrix_numel": "elements a matrix needs to count as evidence of relatedness",
+    "noise_floor_factor": "a singular value counts toward numerical rank above this multiple of the noise floor",
+    "low_rank_share": "form is low_rank when energy_rank_99 is at most this share of min(m, n) ...",
+    "low_rank_max": "... and numerical rank at most this",
+    "sparse_frac": "form is sparse when changed elements are at most this share of the changed tensors",
+}
+
+SHOWS = [
+    "Which tensors, blocks and module kinds of the tuned checkpoint differ from the base, and by how much.",
+    "How the change is shaped: how many independent directions it needs (its rank), and how many numbers it "
+    "takes to write it down.",
+    "Whether the tuned weights are plausibly a modification of this base at all (the verdict).",
+]
+
+DOES_NOT_SHOW = [
+    "These numbers describe weights only. They say nothing about the data a model was trained on, what it "
+    "learned, how it behaves, or how well it performs: a small weight change can change behaviour a lot, and a "
+    "large one can change it little.",
+    "They are not a statement about licences, copyright, authorship or any other legal status, and this memo "
+    "draws no legal conclusion. Whether a change is 'substantial' in a legal or policy sense is a judgement "
+    "these numbers can inform, not settle.",
+    "A 'derived' verdict means the weights are close to this base; it does not identify who made the change or "
+    "exclude that both models descend from a common ancestor. An 'unrelated' verdict concerns this base only.",
+    "A low-rank form says the change can be written compactly, not that LoRA was used; full fine-tuning with a "
+    "small learning rate can also look low-rank, and a merged adapter looks the same as any other low-rank edit.",
+    "Relative change, energy ranks and parameter shares depend on the storage format: values near the noise "
+    "floor of the dtype are not evidence of training.",
+]
+
+SOURCES = [
+    "O. Roy and M. Vetterli, 'The effective rank: a measure of effective dimensionality', EUSIPCO 2007.",
+    "M. Rudelson and R. Vershynin, 'Sampling from large matrices: an approach through geometric functional "
+    "analysis', J. ACM 54(4), 2007 (stable rank).",
+    "N. Halko, P.-G. Martinsson and J. A. Tropp, 'Finding structure with randomness: probabilistic algorithms "
+    "for constructing approximate matrix decompositions', SIAM Review 53(2), 2011.",
+    "E. J. Hu et al., 'LoRA: Low-Rank Adaptation of Large Language Models', ICLR 2022 (arXiv:2106.09685).",
+    "D. Biderman et al., 'LoRA Learns Less and Forgets Less', TMLR 2024 (arXiv:2405.09673).",
+    "J. Liu et al., 'BitDelta: Your Fine-Tune May Only Be Worth One Bit', NeurIPS 2024 (arXiv:2402.10193).",
+]
