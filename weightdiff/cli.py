@@ -179,9 +179,135 @@ def _command_line() -> str:
 
 # --- report ------------------------------------------------------------------
 
+@main.command("report", context_settings=CONTEXT)
+@click.argument("result", type=click.Path(path_type=str))
+@click.option("--html", "html_out", metavar="FILE", help="Write the self-contained HTML memo (figures embedded).")
+@click.option("--markdown", "md_out", metavar="FILE",
+              help="Write the Markdown memo; its PNG figures go to --plots DIR, or FILE_figures/ beside it.")
+@click.option("--plots", "plots_dir", metavar="DIR",
+              help="Write the figures (PNG 300 dpi and SVG) and figures.json with their captions into DIR.")
+@click.option("--pdf", is_flag=True, help="Also write each figure as PDF (with --plots or --markdown).")
+@click.option("-q", "--quiet", is_flag=True, help="Do not list the files written on stderr.")
+def report_cmd(result, html_out, md_out, plots_dir, pdf, quiet):
+    """Redraw the figures and the memo from a saved `weightdiff compare --json` file.
+
+    No checkpoint is read: everything comes from RESULT. With no output option the
+    HTML memo is written beside RESULT (result.json -> result.html). The memo's
+    headline sentences go to stdout, the files written to stderr. Exit code 0 when
+    the memo was written, 2 when RESULT is not a compare JSON.
+
+    \b
+    Example:
+      weightdiff compare base/ tuned/ --json result.json
+      weightdiff report result.json --html memo.html --markdown memo.md --plots figures/
+    """
+    from .report import report
+
+    out = report(result, html=html_out, markdown=md_out, plots=plots_dir, pdf=pdf, command=_command_line())
+    for sentence in out.headline:
+        click.echo(escape_name(sentence))
+    if not quiet:
+        for path in out.files:
+            click.echo(f"wrote {escape_name(str(path))}", err=True)
+
+
 # --- demo --------------------------------------------------------------------
 
 # --- provenance --------------------------------------------------------------
+
+def _provenance_options(fn):
+    from .provenance import ProvenanceOptions
+
+    return click_options(ProvenanceOptions)(fn)
+
+
+def _say(quiet: bool):
+    return (lambda message: None) if quiet else (lambda message: click.echo(escape_name(message), err=True))
+
+
+def _memo(target: str, markdown: str, html_text: str) -> None:
+    from .fsutil import write_text
+
+    write_text(target, html_text if target.lower().endswith((".html", ".htm")) else markdown)
+
+
+@main.command("provenance", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=str))
+@click.option("--candidates", "candidates_flag", is_flag=True,
+              help="Marks where the candidate list starts (optional): TUNED --candidates A B ...")
+@click.option("--json", "json_out", metavar="FILE|-", help="Write the result as JSON (- for stdout only).")
+@click.option("--plot", "plot_out", metavar="FILE.png", help="Write the bar chart of candidates as PNG.")
+@click.option("--memo", "memo_out", metavar="FILE.md|FILE.html", help="Write the provenance memo section.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@_provenance_options
+def provenance_cmd(paths, candidates_flag, json_out, plot_out, memo_out, quiet, **opts):
+    """Rank candidate bases of TUNED by weight-space evidence of derivation.
+
+    Each candidate gets `derived` or `unrelated` with its evidence: relative change
+    and parameter-weighted cosine over large matrices (norm gains and biases left
+    out), the share of tensors bitwise identical, per-block change and coverage.
+    Candidates sharing no large matrix are listed with the reason. With more
+    candidates than --full-top, a seeded sample of rows ranks them first. Permuted
+    MLP neurons are found and undone. Exit code 0 when the ranking ran, 2 for bad input.
+
+    \b
+    Example:
+      weightdiff provenance my-model/ --candidates llama-3-8b/ mistral-7b/ qwen2-7b/
+      weightdiff provenance my-model/ --candidates a/ b/ --json - | jq .leading
+    """
+    from .provenance import ProvenanceOptions, provenance
+    from .render.provenance import provenance_html, provenance_markdown, provenance_png, ranking_text
+
+    if len(paths) < 2:
+        raise UsageProblem(f"expected TUNED --candidates A [B ...] (got {len(paths)} paths)")
+    result = provenance(paths[0], list(paths[1:]), options=ProvenanceOptions(**opts), progress=_say(quiet),
+                        command=_command_line())
+    data = result.to_dict()
+    if json_out:
+        _write_output(json_out, result.to_json())
+    if plot_out:
+        from .fsutil import write_bytes
+
+        write_bytes(plot_out, provenance_png(data))
+    if memo_out:
+        image = os.path.relpath(plot_out, os.path.dirname(os.path.abspath(memo_out))) if plot_out else None
+        _memo(memo_out, provenance_markdown(data, image), provenance_html(data, image))
+    if json_out != "-":
+        click.echo(ranking_text(data), nl=False)
+
+
+@main.command("lineage", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=str))
+@click.option("--json", "json_out", metavar="FILE|-", help="Write the result as JSON (- for stdout only).")
+@click.option("--memo", "memo_out", metavar="FILE.md", help="Write the lineage memo section (Markdown).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click_options(CompareOptions)
+def lineage_cmd(paths, json_out, memo_out, quiet, **opts):
+    """Report each step of a chain of checkpoints and the end-to-end change.
+
+    PATHS are two or more checkpoints, oldest first (base -> SFT -> DPO). Every
+    consecutive pair and the first against the last are compared; the relative
+    change per block and step shows which step injected what. Exit code 0 when the
+    comparisons ran, 2 for bad input.
+
+    \b
+    Example:
+      weightdiff lineage llama-3-8b/ llama-3-8b-sft/ llama-3-8b-dpo/
+      weightdiff lineage base/ sft/ dpo/ --no-rank --json chain.json
+    """
+    from .lineage import lineage
+    from .render.provenance import lineage_markdown, lineage_text
+
+    result = lineage(list(paths), options=CompareOptions(**opts), progress=_say(quiet), command=_command_line())
+    data = result.to_dict()
+    if json_out:
+        _write_output(json_out, result.to_json())
+    if memo_out:
+        from .fsutil import write_text
+
+        write_text(memo_out, lineage_markdown(data))
+    if json_out != "-":
+        click.echo(lineage_text(data), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,127 @@
+"""Lineage chains: base -> SFT -> DPO, each step's change and the end-to-end change.
+
+``lineage([A, B, C])`` runs ``weightdiff.compare`` on every consecutive step (A->B,
+B->C) and on the whole chain (A->C), and lines up the per-block relative change
+of each, so a reader can see which step injected what. Step sizes are also given
+in absolute terms (the Frobenius norm of each step's delta over the compared
+tensors): ``straightness`` = end-to-end norm / sum of step norms is 1 when every
+step moved the weights the same way and about 1/sqrt(steps) when the steps are
+orthogonal, as independent fine-tunes mostly are.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, Union
+
+from . import __version__
+from .comparison import Comparison, compare, versions
+from .errors import OptionsError
+from .options import CompareOptions, options_from_kwargs
+from .records import dumps
+
+SCHEMA = "weightdiff.lineage/1"
+PathLike = Union[str, os.PathLike]
+
+__all__ = ["lineage", "LineageResult", "SCHEMA"]
+
+
+@dataclass
+class LineageResult:
+    """Steps of a chain and its end-to-end change; ``to_dict()`` is ``weightdiff.lineage/1``."""
+
+    settings: dict
+    paths: list[str]
+    steps: list[dict]
+    end_to_end: dict
+    blocks: list[dict]
+    findings: list[str]
+    run: dict = field(default_factory=dict)
+
+    def to_dict(self, include_run: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {"schema": SCHEMA, "tool": {"name": "weightdiff", "version": __version__},
+                             "settings": self.settings, "paths": self.paths, "steps": self.steps,
+                             "end_to_end": self.end_to_end, "blocks": self.blocks, "findings": self.findings}
+        if include_run:
+            d["run"] = self.run
+        return d
+
+    def to_json(self, include_run: bool = True) -> str:
+        return dumps(self.to_dict(include_run))
+
+
+def step_summary(cmp: Comparison, src: str, dst: str) -> dict:
+    """The numbers of one compare() that a lineage table shows."""
+    s = cmp.summary
+    nd2 = sum(t.norm_delta ** 2 for t in cmp.tensors
+              if t.compared == "float" and t.norm_delta is not None and math.isfinite(t.norm_delta))
+    cos = s.relatedness_cosine
+    return {"from": src, "to": dst, "verdict": s.verdict, "relative_change": s.relative_change,
+            "norm_delta": math.sqrt(nd2), "relatedness_cosine": cos,
+            "one_minus_cosine": None if cos is None else 1.0 - cos,
+            "tensors_changed": s.scope.get("tensors_changed"), "tensors_total": s.scope.get("tensors_total"),
+            "blocks_changed": s.blocks_changed, "blocks_total": s.blocks_total,
+            "delta_params": s.delta_params, "delta_params_share": s.delta_params_share,
+            "form": s.form.get("kind"), "flags": list(s.flags),
+            "blocks": {b.block: b.rel_change for b in cmp.blocks}}
+
+
+def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
+            progress: Callable[[str], None] | None = None, command: str | None = None,
+            **kwargs: Any) -> LineageResult:
+    """Compare each consecutive pair of ``paths`` and the first with the last.
+
+    Options are those of ``weightdiff.compare`` (CompareOptions). Raises
+    WeightdiffError for fewer than two paths or unreadable checkpoints.
+    """
+    if options is None:
+        options = options_from_kwargs(CompareOptions, **kwargs)
+    paths = [os.fspath(p) for p in paths]
+    if len(paths) < 2:
+        raise OptionsError(f"a lineage needs at least two checkpoints (got {len(paths)})",
+                           "list them oldest first: weightdiff lineage BASE SFT DPO")
+    say = progress or (lambda message: None)
+    t0 = time.perf_counter()
+    steps = []
+    for a, b in zip(paths, paths[1:]):
+        say(f"comparing {a} -> {b}")
+        steps.append(step_summary(compare(a, b, options=options), a, b))
+    if len(paths) > 2:
+        say(f"comparing {paths[0]} -> {paths[-1]} (end to end)")
+        end = step_summary(compare(paths[0], paths[-1], options=options), paths[0], paths[-1])
+    else:
+        end = dict(steps[0])
+    total = sum(s["norm_delta"] for s in steps)
+    for s in steps:
+        s["share_of_path"] = s["norm_delta"] / total if total > 0 else None
+    end["straightness"] = end["norm_delta"] / total if total > 0 else None
+    names: list[str] = []
+    for s in [*steps, end]:
+        names += [b for b in s["blocks"] if b not in names]
+    blocks = [{"block": b, "steps": [s["blocks"].get(b) for s in steps], "end_to_end": end["blocks"].get(b)}
+              for b in names]
+    return LineageResult(settings=options.settings(), paths=paths, steps=steps, end_to_end=end, blocks=blocks,
+                         findings=_findings(steps, end),
+                         run={"seconds": round(time.perf_counter() - t0, 3), "command": command,
+                              "versions": versions()})
+
+
+def _findings(steps: list[dict], end: dict) -> list[str]:
+    out = []
+    for i, s in enumerate(steps, 1):
+        rc = s["relative_change"]
+        out.append(f"step {i} (`{s['from']}` -> `{s['to']}`): {s['verdict']}, relative change "
+                   f"{'n/a' if rc is None else format(rc, '.3g')}, {s['blocks_changed']} of "
+                   f"{s['blocks_total']} blocks changed")
+    if len(steps) > 1:
+        big = max(range(len(steps)), key=lambda i: steps[i]["norm_delta"])
+        rc = end["relative_change"]
+        out.append(f"end to end: relative change {'n/a' if rc is None else format(rc, '.3g')}; step "
+                   f"{big + 1} moved the weights most ({steps[big]['share_of_path']:.0%} of the path length)")
+        for i, s in enumerate(steps, 1):
+            if s["verdict"] == "unrelated":
+                out.append(f"step {i} is not a fine-tune of the previous model: the chain is broken there")
+    return out

@@ -1,0 +1,353 @@
+"""Which base was this model derived from? Rank candidate bases by weight-space evidence.
+
+``provenance(tuned, candidates)`` compares one model against several candidate bases
+and ranks them. Evidence per candidate: the global relative change, the
+parameter-weighted cosine and relative change over large matrices (norm gains,
+biases and small matrices are left out: vectors near 1 or 0 make any two models
+look alike), the share of tensors bitwise identical, the per-block relative change,
+and coverage (the share of the tuned model's parameters the candidate shares by
+name and shape). Each candidate is ``derived`` or ``unrelated`` by the thresholds of
+weightdiff.options.Thresholds, against the reference of two independently
+initialized models (relative change near sqrt(2), cosine near 0). Candidates that
+share no large matrix are listed as incompatible with the reason.
+
+With many candidates a screening pass first reads a fixed seeded sample of rows of
+each large non-MLP matrix (``sample_kib`` per checkpoint, through ``read_rows``) and
+only the leading ``full_top`` candidates get the full comparison. Permuted MLP
+neurons are found and undone before comparing (weightdiff.permutation).
+Lineage chains (base -> SFT -> DPO) live in weightdiff.lineage.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+
+from . import __version__
+from .checkpoint import Checkpoint, locate
+from .comparison import compare, versions
+from .errors import CheckpointError, OptionsError, WeightdiffError, escape_name
+from .kernels.dtypes import DTYPES
+from .options import CompareOptions, Thresholds, _opt, options_from_kwargs
+from .pairing import plan as make_plan
+from .permutation import Finding, detect_permutations, mlp_groups, undo
+from .records import dumps
+from .relatedness import (EXCLUDED_NOTE, LIMITS, REFERENCE, evidence, judge, rank_key, sample_plan,
+                          sample_rows, sampled_sums, screen_estimate)
+
+SCHEMA = "weightdiff.provenance/1"
+PathLike = Union[str, os.PathLike]
+_NO_PAIR = ("added", "removed", "mismatch", "lora", "inherited")
+
+
+@dataclass(frozen=True)
+class ProvenanceOptions:
+    """Options of ``weightdiff.provenance()``; each flagged field is also a CLI flag."""
+
+    screen: bool | None = _opt(None, "Screen on a seeded sample of rows before the full comparison "
+                               "(default: when there are more candidates than --full-top).",
+                               flag="--screen/--no-screen")
+    full_top: int = _opt(3, "Candidates compared in full after screening.", flag="--full-top")
+    sample_kib: int = _opt(4096, "Screening sample per checkpoint, in KiB of stored rows.", flag="--sample-kib")
+    permutations: bool = _opt(True, "Find and undo permuted MLP neurons before comparing.",
+                              flag="--permutations/--no-permutations")
+    exact_max: int = _opt(2048, "MLPs with at most this many neurons are matched exactly; larger ones "
+                          "on seeded random projections.", flag="--exact-max")
+    min_neuron_cosine: float = 0.5   # a neuron matching counts only when matched neurons agree this well
+    seed: int = _opt(0, "Seed of the screening sample and the projections.", flag="--seed")
+    device: str = _opt("cpu", "Compute backend: cpu (numba) or cuda (torch).", flag="--device",
+                       type_choice=("cpu", "cuda"))
+    threads: int | None = _opt(None, "CPU threads for the kernels (default: all cores).", flag="--threads")
+    include: tuple[str, ...] = _opt((), "Only compare tensors whose tuned name matches this glob "
+                                    "(repeatable).", flag="--include", multiple=True)
+    exclude: tuple[str, ...] = _opt((), "Skip tensors whose tuned name matches this glob (repeatable).",
+                                    flag="--exclude", multiple=True)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def __post_init__(self) -> None:
+        if self.full_top < 1:
+            raise OptionsError(f"--full-top must be at least 1 (got {self.full_top})")
+        if self.sample_kib < 1:
+            raise OptionsError(f"--sample-kib must be at least 1 (got {self.sample_kib})")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def compare_options(self) -> CompareOptions:
+        return CompareOptions(rank=False, device=self.device, threads=self.threads, include=self.include,
+                              exclude=self.exclude, seed=self.seed, thresholds=self.thresholds)
+
+    def settings(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("thresholds", "threads")}
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        d["thresholds"] = self.thresholds.to_dict()
+        return d
+
+
+@dataclass
+class ProvenanceResult:
+    """The ranking; ``to_dict()`` is the ``weightdiff.provenance/1`` JSON."""
+
+    settings: dict
+    tuned: dict
+    candidates: list[dict]
+    incompatible: list[dict]
+    screening: dict | None
+    findings: list[str]
+    run: dict = field(default_factory=dict)
+
+    @property
+    def leading(self) -> str | None:
+        return next((c["path"] for c in self.candidates if c["verdict"] == "derived"), None)
+
+    def to_dict(self, include_run: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "schema": SCHEMA, "tool": {"name": "weightdiff", "version": __version__},
+            "settings": self.settings, "tuned": self.tuned, "reference": dict(REFERENCE),
+            "relatedness": EXCLUDED_NOTE.format(n=self.settings["thresholds"]["large_matrix_numel"]),
+            "leading": self.leading, "candidates": self.candidates, "incompatible": self.incompatible,
+            "screening": self.screening, "findings": self.findings, "limits": list(LIMITS)}
+        if include_run:
+            d["run"] = self.run
+        return d
+
+    def to_json(self, include_run: bool = True) -> str:
+        return dumps(self.to_dict(include_run))
+
+
+# ---------------------------------------------------------------- the library call
+
+def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: ProvenanceOptions | None = None,
+               progress: Callable[[str], None] | None = None, command: str | None = None,
+               **kwargs: Any) -> ProvenanceResult:
+    """Rank ``candidates`` as possible bases of ``tuned``; options as in ProvenanceOptions.
+
+    ``progress`` receives one-line status messages (for stderr). Raises WeightdiffError
+    for bad input: a missing path, an unreadable tuned model, no candidates.
+    """
+    if options is None:
+        options = options_from_kwargs(ProvenanceOptions, **kwargs)
+    if not candidates:
+        raise OptionsError("no candidate bases given", "pass at least one: --candidates A B ...")
+    for p in [tuned, *candidates]:
+        if not os.path.exists(p):
+            raise CheckpointError(p, "no such file or directory")
+    say = progress or (lambda message: None)
+    t0 = time.perf_counter()
+    thr = options.thresholds
+    with ExitStack() as stack:
+        tck = stack.enter_context(locate(tuned))
+        entries, incompatible = [], []
+        for path in candidates:
+            try:
+                ck = stack.enter_context(locate(path))
+                pl = make_plan([ck], tck, include=options.include, exclude=options.exclude)
+            except WeightdiffError as exc:
+                incompatible.append({"path": str(path), "reason": f"cannot be read: {exc.one_line()}"})
+                continue
+            entry = _Entry(str(path), ck, *_shared(pl, tck, thr))
+            if entry.large:
+                entries.append(entry)
+            else:
+                incompatible.append({"path": str(path), "reason": _why_incompatible(pl, tck)})
+        do_screen = options.screen if options.screen is not None else len(entries) > options.full_top
+        screening = None
+        if do_screen and entries:
+            say(f"screening {len(entries)} candidates on a sample of rows")
+            screening = _screen(entries, tck, options)
+            entries.sort(key=lambda e: rank_key({"path": e.path, **e.screen}))
+        full = entries[:options.full_top] if do_screen else entries
+        rows = []
+        for e in entries:
+            if e in full:
+                say(f"comparing {e.path} in full")
+                rows.append(_full(e, tuned, tck, options))
+            else:
+                rows.append({"path": e.path, "format": e.ck.format, "params": e.ck.params,
+                             "verdict": e.screen["verdict"], "compared": "sample",
+                             "coverage": e.coverage, "params_shared": e.shared,
+                             "relative_change": None, "relative_change_large": e.screen["relative_change_large"],
+                             "cosine_large": e.screen["cosine_large"], "identical_share": None,
+                             "blocks": [], "permutation": None, "screen": e.screen})
+        rows.sort(key=lambda c: (c["compared"] != "full", *rank_key(c)))
+        for i, c in enumerate(rows, 1):
+            c["rank"] = i
+        tuned_desc = {"path": str(tuned), "format": tck.format, "params": tck.params}
+    return ProvenanceResult(
+        settings=options.settings(), tuned=tuned_desc, candidates=rows, incompatible=incompatible,
+        screening=screening, findings=_findings(rows, incompatible, screening, thr),
+        run={"seconds": round(time.perf_counter() - t0, 3), "command": command, "versions": versions()})
+
+
+@dataclass(eq=False)
+class _Entry:
+    path: str
+    ck: Checkpoint
+    name_map: dict          # tuned name -> base name, for pairs of equal shape
+    large: dict             # tuned name -> (tuned read name, base name, usable rows, shape, dtype_t, dtype_b)
+    shared: int             # tuned parameters the candidate shares by name and shape
+    coverage: float | None
+    screen: dict | None = None
+
+
+def _shared(pl, tck: Checkpoint, thr: Thresholds) -> tuple[dict, dict, int, float | None]:
+    name_map, large, shared = {}, {}, 0
+    for pr in pl.pairs:
+        if pr.kind in _NO_PAIR or pr.base_name is None or pr.tuned_name is None or pr.shape_tuned is None:
+            continue
+        shape = tuple(pr.shape_tuned)
+        rows = int(pr.overlap_rows) if pr.kind == "resized" else (shape[0] if shape else 1)
+        numel = rows * math.prod(shape[1:]) if shape else 1
+        shared += numel
+        read_name = getattr(pr, "tuned_source", None) or pr.tuned_name
+        if not getattr(pr, "tied", False) and pr.kind != "resized":
+            name_map[pr.tuned_name] = pr.base_name
+        if (len(shape) >= 2 and numel >= thr.large_matrix_numel and DTYPES[pr.dtype_tuned].decodable
+                and DTYPES[pr.dtype_base].decodable and DTYPES[pr.dtype_tuned].kind == "float"):
+            large[pr.tuned_name] = (read_name, pr.base_name, rows, shape, pr.dtype_tuned, pr.dtype_base)
+    return name_map, large, shared, (min(1.0, shared / tck.params) if tck.params else None)
+
+
+def _why_incompatible(pl, tck: Checkpoint) -> str:
+    paired = [p for p in pl.pairs if p.base_name is not None and p.tuned_name is not None]
+    if not paired:
+        return (f"no tensor name in common with the tuned model ({len(tck.tensors)} tuned tensors, "
+                "none found here under the same or a prefixed name)")
+    odd = next((p for p in paired if p.kind == "mismatch"), None)
+    if odd is not None:
+        return (f"no large matrix of the same shape: `{escape_name(odd.tuned_name)}` is "
+                f"{list(odd.shape_base)} here and {list(odd.shape_tuned)} in the tuned model")
+    return f"{len(paired)} tensors share names, but none is a float matrix of at least the large-matrix size"
+
+
+def _screen(entries: list[_Entry], tck: Checkpoint, options: ProvenanceOptions) -> dict:
+    thr = options.thresholds
+    large = {}
+    for e in entries:
+        large.update({n: v for n, v in e.large.items()})
+    in_mlp = {m[0] for g in mlp_groups({n: v[3] for n, v in large.items()}) for m in g.members}
+    names = sorted(n for n in large if n not in in_mlp) or sorted(large)
+    shapes = {n: large[n][3] for n in names}
+    k = sample_plan(shapes, {n: large[n][4] for n in names}, options.sample_kib << 10)
+    idx = {n: sample_rows(n, shapes[n][0], k[n], options.seed) for n in names}
+    cache = {n: tck.read_rows(large[n][0], idx[n]) for n in names}
+    for e in entries:
+        sums, scale, numel = {}, {}, {}
+        for n in names:
+            if n not in e.large:
+                continue
+            _, bname, rows, shape, dt, db = e.large[n]
+            keep = idx[n] < rows
+            if not keep.any():
+                continue
+            sums[n] = sampled_sums(cache[n][keep], e.ck.read_rows(bname, idx[n][keep]), dt, db)
+            scale[n] = rows / int(keep.sum())
+            numel[n] = rows * math.prod(shape[1:])
+        est = screen_estimate(sums, scale, numel)
+        est["verdict"] = judge(est["cosine_large"], est["relative_change_large"], thr)
+        est["tensors"] = len(sums)
+        e.screen = est
+    row_bytes = {n: math.prod(shapes[n][1:]) * DTYPES[large[n][4]].bits // 8 for n in names}
+    return {"candidates": len(entries), "full_top": options.full_top, "seed": options.seed,
+            "tensors": len(names), "rows": int(sum(len(i) for i in idx.values())),
+            "elements": int(sum(len(idx[n]) * math.prod(shapes[n][1:]) for n in names)),
+            "bytes_per_checkpoint": int(sum(len(idx[n]) * row_bytes[n] for n in names)),
+            "sample_kib": options.sample_kib, "mlp_left_out": bool(in_mlp) and names[0] not in in_mlp}
+
+
+def _full(e: _Entry, tuned: PathLike, tck: Checkpoint, options: ProvenanceOptions) -> dict:
+    findings: list[Finding] = []
+    if options.permutations:
+        findings = detect_permutations(e.ck, tck, e.name_map, exact_max=options.exact_max, seed=options.seed,
+                                       min_cosine=options.min_neuron_cosine)
+    cmp = compare(e.path, tuned, options=options.compare_options())
+    rows = [t.to_dict() for t in cmp.tensors]
+    applied = [f for f in findings if f.applied]
+    if applied:
+        _undo_rows(rows, applied, e.ck, tck, options)
+    ev = evidence(rows, options.thresholds, tck.params)
+    verdict = judge(ev["cosine_large"], ev["relative_change_large"], options.thresholds)
+    perm = None
+    if findings:
+        neurons = sum(f.neurons for f in findings)
+        moved = sum(f.moved for f in applied)
+        perm = {"groups_examined": len(findings), "groups_permuted": len(applied), "neurons": neurons,
+                "moved": moved, "moved_share": moved / neurons if neurons else 0.0,
+                "groups": [f.to_dict() for f in applied]}
+    return {"path": e.path, "format": e.ck.format, "params": e.ck.params, "verdict": verdict,
+            "compared": "full", "compare_verdict": cmp.summary.verdict, **ev, "permutation": perm,
+            "screen": e.screen}
+
+
+def _undo_rows(rows: list[dict], applied: list[Finding], base: Checkpoint, tck: Checkpoint,
+               options: ProvenanceOptions) -> None:
+    """Re-measure the MLP tensors of permuted groups with the permutation undone."""
+    from .aggregate import classify
+    from .compute import Backend
+    from .kernels import reference
+
+    backend = Backend.for_options(options.compare_options())
+    by_name = {r["name"]: r for r in rows}
+    for f in applied:
+        for name, axis, _ in f.members:
+            r = by_name.get(name)
+            if r is None or r.get("compared") != "float":
+                continue
+            braw = np.ascontiguousarray(base.read(r["base_name"])).reshape(-1)
+            traw = np.ascontiguousarray(undo(tck.read(name), f.perm, axis)).reshape(-1)
+            stats = backend.module.delta_stats(braw, traw, r["dtype_base"], r["dtype_tuned"])
+            fields_ = reference.finalize(stats)
+            for key in ("norm_base", "norm_tuned", "norm_delta", "rel_change", "cosine", "frac_changed",
+                        "frac_beyond_rounding", "max_abs_delta"):
+                if key in fields_:
+                    r[key] = fields_[key]
+            r["status"] = classify(fields_, r["dtype_base"], r["dtype_tuned"], options.thresholds)
+            r["note"] = f"compared after undoing the permutation of {f.moved} of {f.neurons} MLP neurons"
+
+
+def _g(x: float | None, spec: str = ".3g") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _findings(rows: list[dict], incompatible: list[dict], screening: dict | None, thr: Thresholds) -> list[str]:
+    out = []
+    derived = [c for c in rows if c["verdict"] == "derived"]
+    if derived:
+        a = derived[0]
+        cos = a["cosine_large"]
+        s = (f"`{a['path']}` ranks first: relative change {_g(a['relative_change_large'])} over large "
+             f"matrices, 1 - cosine {_g(None if cos is None else 1 - cos, '.1e')}")
+        if len(derived) > 1 and a["relative_change_large"]:
+            b = derived[1]
+            s += (f"; the next derived candidate, `{b['path']}`, is "
+                  f"{b['relative_change_large'] / a['relative_change_large']:.1f}x further")
+        out.append(s)
+    elif rows:
+        out.append(f"no candidate is a plausible base: every one compared is unrelated (reference for "
+                   f"independent inits: relative change {REFERENCE['relative_change']:.3f}, cosine 0)")
+    for c in rows:
+        if c["verdict"] == "unrelated":
+            out.append(f"`{c['path']}` is unrelated: cosine {_g(c['cosine_large'], '.3f')}, relative change "
+                       f"{_g(c['relative_change_large'])} over large matrices (thresholds: cosine < "
+                       f"{thr.unrelated_cosine}, relative change > {thr.unrelated_rel_change})")
+        p = c.get("permutation")
+        if p and p["groups_permuted"]:
+            out.append(f"`{c['path']}`: the tuned model's MLP neurons are permuted in {p['groups_permuted']} "
+                       f"of {p['groups_examined']} MLPs ({p['moved_share']:.0%} of neurons moved); "
+                       "undone before comparing")
+        if c["coverage"] is not None and c["coverage"] < 0.999:
+            out.append(f"`{c['path']}` shares {c['coverage']:.1%} of the tuned model's parameters by name and "
+                       "shape; only that part is compared")
+    for c in incompatible:
+        out.append(f"`{c['path']}` was not compared: {c['reason']}")
+    if screening:
+        out.append(f"screened {screening['candidates']} candidates on {screening['rows']:,} sampled rows of "
+                   f"{screening['tensors']} large matrices ({screening['bytes_per_checkpoint'] / 2**10:,.1f} KiB "
+                   f"per checkpoint); the leading {min(screening['full_top'], screening['candidates'])} "
+                   "compared in full")
+    return out

@@ -1,0 +1,164 @@
+"""Relatedness evidence on plain numbers: the arithmetic behind weightdiff.provenance.
+
+Pure functions over tensor rows (the ``tensors`` of a compare JSON) and over row
+samples: the global and large-matrix relative change, the parameter-weighted cosine
+over large matrices, bitwise-identical shares, per-block relative change, coverage,
+the ``derived``/``unrelated`` judgement, and the seeded row sample of the screening
+pass with its estimates. No file access here except through arrays handed in.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Sequence
+
+import numpy as np
+
+from .kernels.dtypes import DTYPES, decode
+from .options import Thresholds
+
+__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "evidence", "judge", "rank_key", "sample_rows",
+           "sample_plan", "sampled_sums", "screen_estimate"]
+
+REFERENCE = {"relative_change": math.sqrt(2.0), "cosine": 0.0,
+             "what": "two independently initialized models of the same shape"}
+EXCLUDED_NOTE = ("relatedness (cosine and large-matrix relative change) uses matrices of at least "
+                 "{n:,} elements only: norm gains, biases and small matrices are left out, because "
+                 "vectors near 1 or 0 make any two models look alike")
+LIMITS = (
+    "Only permuted MLP neurons are detected and undone; permuted attention heads, a permuted "
+    "hidden (residual) dimension, or neurons split, merged or rescaled are not, and make a derived "
+    "model look less related or unrelated.",
+    "Distillation, or training from scratch on the same data, leaves no weight-space trace: such a "
+    "model reads unrelated to the teacher or sibling.",
+    "A merge of several bases (averaging, task arithmetic, TIES) reads derived from each of them, "
+    "with larger changes; the method does not decompose a merge into its parts.",
+    "Evidence is about weights, not about licences or training data; it draws no legal conclusion.",
+)
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return math.sqrt(num / den) if den > 0 else None
+
+
+def evidence(tensors: Sequence[dict], thresholds: Thresholds, tuned_params: int) -> dict:
+    """Relatedness evidence from tensor rows (the ``tensors`` of a compare JSON).
+
+    Rows need name, status, shape, numel, numel_compared, norm_base, norm_tuned,
+    norm_delta, cosine, compared and block. Large matrices: at least two dimensions
+    and ``thresholds.large_matrix_numel`` compared elements.
+    """
+    sb = sd = lb = ld = wcos = wsum = 0.0
+    n_cmp = n_ident = p_ident = shared = 0
+    excluded = {"vectors": 0, "vector_params": 0, "small_matrices": 0, "small_matrix_params": 0}
+    blocks: dict[str, list[float]] = {}
+    for t in tensors:
+        if t.get("compared", "none") == "none":
+            continue
+        nc = int(t.get("numel_compared") or t["numel"])
+        shared += nc
+        n_cmp += 1
+        if t["status"] == "unchanged":
+            n_ident += 1
+            p_ident += nc
+        nb, nd = t.get("norm_base"), t.get("norm_delta")
+        if t.get("compared") != "float" or nb is None or nd is None or not (math.isfinite(nb) and math.isfinite(nd)):
+            continue
+        sb += nb * nb
+        sd += nd * nd
+        acc = blocks.setdefault(t.get("block") or "(other)", [0.0, 0.0, 0])
+        acc[0] += nb * nb
+        acc[1] += nd * nd
+        acc[2] += nc
+        if len(t["shape"]) < 2:
+            excluded["vectors"] += 1
+            excluded["vector_params"] += nc
+        elif nc < thresholds.large_matrix_numel:
+            excluded["small_matrices"] += 1
+            excluded["small_matrix_params"] += nc
+        else:
+            lb += nb * nb
+            ld += nd * nd
+            if t.get("cosine") is not None and math.isfinite(t["cosine"]):
+                wcos += nc * t["cosine"]
+                wsum += nc
+    return {
+        "relative_change": _ratio(sd, sb),
+        "relative_change_large": _ratio(ld, lb),
+        "cosine_large": wcos / wsum if wsum else None,
+        "large_params": int(wsum),
+        "identical_share": n_ident / n_cmp if n_cmp else None,
+        "identical_params_share": p_ident / shared if shared else None,
+        "tensors_compared": n_cmp,
+        "params_shared": shared,
+        "coverage": min(1.0, shared / tuned_params) if tuned_params else None,
+        "excluded": excluded,
+        "blocks": [{"block": b, "rel_change": _ratio(v[1], v[0]), "params": v[2]} for b, v in blocks.items()],
+    }
+
+
+def judge(cosine: float | None, rel_change: float | None, thresholds: Thresholds) -> str:
+    """``unrelated`` when large matrices are near-orthogonal and far apart, else ``derived``.
+
+    >>> judge(0.01, 1.41, Thresholds()), judge(0.999, 0.02, Thresholds()), judge(None, None, Thresholds())
+    ('unrelated', 'derived', 'unrelated')
+    """
+    if cosine is None or rel_change is None:
+        return "unrelated"
+    return "unrelated" if cosine < thresholds.unrelated_cosine and rel_change > thresholds.unrelated_rel_change \
+        else "derived"
+
+
+def rank_key(c: dict) -> tuple:
+    """Derived before unrelated, then the smaller large-matrix relative change, then the path."""
+    d = c.get("relative_change_large")
+    return (c["verdict"] != "derived", math.inf if d is None else d, c["path"])
+
+
+def sample_rows(name: str, rows: int, k: int, seed: int) -> np.ndarray:
+    """A fixed, sorted sample of ``k`` of ``rows`` row indices, seeded by seed and tensor name.
+
+    >>> sample_rows("w", 10, 3, 0).tolist() == sample_rows("w", 10, 3, 0).tolist()
+    True
+    """
+    k = max(0, min(k, rows))
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return np.sort(rng.choice(rows, size=k, replace=False)) if k < rows else np.arange(rows)
+
+
+def sample_plan(shapes: dict[str, tuple], dtypes: dict[str, str], budget_bytes: int) -> dict[str, int]:
+    """Rows to read per tensor: the budget split evenly over the tensors, at least one row each."""
+    if not shapes:
+        return {}
+    share = budget_bytes / len(shapes)
+    out = {}
+    for name, shape in shapes.items():
+        row_bytes = max(1, math.prod(shape[1:]) * DTYPES[dtypes[name]].bits // 8)
+        out[name] = int(max(1, min(shape[0], share // row_bytes)))
+    return out
+
+
+def sampled_sums(tuned_rows: np.ndarray, base_rows: np.ndarray, dtype_t: str, dtype_b: str) -> np.ndarray:
+    """[sum b^2, sum t^2, sum (t-b)^2, sum t*b] over the sampled rows, in float64."""
+    t = decode(tuned_rows, dtype_t).ravel()
+    b = decode(base_rows, dtype_b).ravel()
+    d = t - b
+    return np.array([b @ b, t @ t, d @ d, t @ b])
+
+
+def screen_estimate(sums: dict[str, np.ndarray], scale: dict[str, float], numel: dict[str, int]) -> dict:
+    """Large-matrix relative change and parameter-weighted cosine estimated from row samples.
+
+    Each tensor's sums are scaled by rows / sampled rows, so a tensor weighs as much
+    as it would in the full comparison.
+    """
+    sb = sum(scale[n] * s[0] for n, s in sums.items())
+    sd = sum(scale[n] * s[2] for n, s in sums.items())
+    wc = ws = 0.0
+    for n, s in sums.items():
+        den = math.sqrt(s[0] * s[1])
+        if den > 0:
+            wc += numel[n] * s[3] / den
+            ws += numel[n]
+    return {"relative_change_large": _ratio(sd, sb), "cosine_large": wc / ws if ws else None}
