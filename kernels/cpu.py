@@ -1,0 +1,406 @@
+"""The delta kernels on CPU: numba versions of ``kernels.reference``, same names and outputs.
+
+One fused pass over both raw windows decodes each element inside the loop (bf16 as
+``uint32(x) << 16`` viewed as float32, fp16 through a 65,536-entry table, fp8 through
+``dtypes.FP8_STACK``), so no float copy of a tensor is ever made. Every input is viewed
+as unsigned integers of its own width and the dtype travels as an integer code, so a
+kernel is compiled once per pair of widths (bf16 vs bf16 is ``(uint16, uint16)``), not
+once per dtype pair: the cold start stays short and ``cache=True`` keeps it on disk.
+
+Determinism: the window is cut into fixed chunks of ``CHUNK`` elements; ``prange``
+fills one row of a partials array per chunk (inside a chunk, ``LANES`` interleaved
+accumulators, summed in a fixed order), and the rows are summed serially in chunk
+order. The result depends on the bytes and the window, never on the thread count.
+Differences from the reference are summation order only (compare with rtol).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
+
+from . import reference
+from .dtypes import DTYPES, FP8_STACK
+from .reference import IDX, NSTATS, STAT_FIELDS, combine, finalize  # noqa: F401  (same API)
+
+__all__ = ["STAT_FIELDS", "NSTATS", "CHUNK", "delta_stats", "bytes_stats", "combine", "finalize",
+           "decode_delta_f32", "rounding_sigma2", "set_threads", "get_threads"]
+
+#: elements per chunk: the unit of parallel work and of deterministic summation
+CHUNK = 1 << 16
+#: elements decoded at a time into float64 scratch (fits in L1)
+SUB = 1024
+#: interleaved accumulators inside a chunk (independent add chains)
+LANES = 4
+
+_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+_F16_TABLE.setflags(write=False)
+_FP8 = np.ascontiguousarray(FP8_STACK)
+_I_COUNT, _I_B2, _I_T2, _I_D2, _I_DOT = (IDX[k] for k in ("count", "sum_b2", "sum_t2", "sum_d2", "dot"))
+_I_CH, _I_BEY, _I_MAX, _I_NFB, _I_NFT, _I_FLIP = (
+    IDX[k] for k in ("n_changed", "n_beyond", "max_abs", "nonfinite_b", "nonfinite_t", "sign_flips"))
+_C = {name: d.code for name, d in DTYPES.items()}
+_BF16, _F16, _F32, _F64 = _C["BF16"], _C["F16"], _C["F32"], _C["F64"]
+_I8, _I16, _I32, _I64 = _C["I8"], _C["I16"], _C["I32"], _C["I64"]
+_FP8_FIRST, _FP8_LAST = _C["F8_E4M3"], _C["F8_E8M0"]
+_EXACT_M, _EXACT_E = 5000, -5000   # (mant, emin) of exact (integer, bool) dtypes: never the coarser
+_ABS_MASK = np.int64(0x7FFFFFFFFFFFFFFF)
+
+
+def _bitcast_codegen(width: int, to_float):
+    def codegen(context, builder, sig, args):
+        (v,) = args
+        src = v.type.width
+        if src > width:
+            v = builder.trunc(v, ir.IntType(width))
+        elif src < width:
+            v = builder.zext(v, ir.IntType(width))
+        return builder.bitcast(v, to_float)
+    return codegen
+
+
+@intrinsic
+def _as_f32(typingctx, x):
+    """The low 32 bits of an integer reinterpreted as float32."""
+    if isinstance(x, types.Integer):
+        return types.float32(x), _bitcast_codegen(32, ir.FloatType())
+
+
+@intrinsic
+def _as_f64(typingctx, x):
+    """The low 64 bits of an integer reinterpreted as float64."""
+    if isinstance(x, types.Integer):
+        return types.float64(x), _bitcast_codegen(64, ir.DoubleType())
+
+
+@intrinsic
+def _f64_bits(typingctx, x):
+    """The bits of a float64 as int64."""
+    if isinstance(x, types.Float) and x.bitwidth == 64:
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.IntType(64))
+        return types.int64(x), codegen
+
+
+_jit = numba.njit(cache=True, nogil=True)
+
+
+@_jit
+def _decode_into(raw, code, f16, fp8, out):
+    """out[:] = float64 value of ``raw`` stored as dtype ``code`` (same lengths).
+
+    Callers pass slices, indexed from 0 by a range: numba then drops the negative-index
+    wraparound and LLVM vectorizes the loops (5-7x faster than ``raw[start + i]``).
+    """
+    n = raw.size
+    if code == _BF16:
+        for i in range(n):
+            out[i] = _as_f32(np.uint32(raw[i]) << np.uint32(16))
+    elif code == _F32:
+        for i in range(n):
+            out[i] = _as_f32(raw[i])
+    elif code == _F64:
+        for i in range(n):
+            out[i] = _as_f64(raw[i])
+    elif code == _F16:
+        for i in range(n):
+            out[i] = f16[raw[i] & 0xFFFF]
+    elif _FP8_FIRST <= code <= _FP8_LAST:
+        tab = fp8[code - _FP8_FIRST]
+        for i in range(n):
+            out[i] = tab[raw[i] & 0xFF]
+    elif code == _I8:
+        for i in range(n):
+            out[i] = np.int8(raw[i])
+    elif code == _I16:
+        for i in range(n):
+            out[i] = np.int16(raw[i])
+    elif code == _I32:
+        for i in range(n):
+            out[i] = np.int32(raw[i])
+    elif code == _I64:
+        for i in range(n):
+            out[i] = np.int64(raw[i])
+    else:   # BOOL and unsigned integers
+        for i in range(n):
+            out[i] = raw[i]
+
+
+@_jit
+def _half_ulp_bits(ab_bits, mb, eb, mt, et):
+    """Bits of half an ulp of the coarser dtype at the magnitude whose float64 bits are ``ab_bits``.
+
+    Half an ulp is ``2 ** k``, ``k = max(max(e, eb) - mb, max(e, et) - mt) - 1`` with ``e`` the
+    binary exponent; exact dtypes come with ``(mb, eb) = (_EXACT_M, _EXACT_E)`` so they never
+    win the max, and a result below the float64 range is 0 (any change counts). Non-negative
+    floats order like their bits, so ``abs(d) > h`` is ``bits(abs(d)) > _half_ulp_bits(...)``.
+    """
+    e = (ab_bits >> 52) - 1023
+    k = max(max(e, eb) - mb, max(e, et) - mt) - 1
+    if k >= -1022:
+        return (k + 1023) << 52
+    return np.int64(1) << max(k + 1074, 0) if k >= -1074 else np.int64(0)
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _sums(fb, ft):
+    """(sum x^2, sum y^2, sum (y-x)^2, sum x*y) over fb, ft.
+
+    The one place with a fast-math flag: ``reassoc`` alone, which lets LLVM keep the
+    sums in SIMD lanes. It assumes nothing about NaN or Inf (those are masked out before)
+    and the lane order is fixed by the compiled code and ``n``, so results stay
+    independent of the thread count.
+    """
+    a = 0.0
+    b = 0.0
+    c = 0.0
+    d = 0.0
+    for i in range(fb.size):
+        x = fb[i]
+        y = ft[i]
+        e = y - x
+        a += x * x
+        b += y * y
+        c += e * e
+        d += x * y
+    return a, b, c, d
+
+
+@_jit
+def _chunk_stats(b, t, start, stop, cb, ct, same, mb, eb, mt, et, f16, fp8, row):
+    """Stats of b[start:stop], t[start:stop] into ``row`` (float64[NSTATS]), deterministic.
+
+    Per sub-block of ``SUB`` elements: decode both sides to float64 scratch, count the
+    non-finite values (and, only if there are any, zero the non-finite pairs: zeros add
+    nothing to any field), add the four float sums of the sub-block to the chunk's in
+    order, and count the integer fields, with abs(d) and its half-ulp bound compared as
+    float64 bits (non-negative floats order like their bits).
+    """
+    # the smallest half-ulp exponent this dtype pair can produce; F64 can go subnormal
+    normal_bound = max(eb - mb, et - mt) - 1 >= -1022
+    fbuf = np.empty(SUB)
+    tbuf = np.empty(SUB)
+    s_b2 = s_t2 = s_d2 = s_dot = 0.0
+    mx = np.int64(0)
+    n_ch = n_bey = n_flip = n_nfb = n_nft = np.int64(0)
+    for s0 in range(start, stop, SUB):
+        n = min(SUB, stop - s0)
+        rb = b[s0:s0 + n]
+        rt = t[s0:s0 + n]
+        fb = fbuf[:n]
+        ft = tbuf[:n]
+        _decode_into(rb, cb, f16, fp8, fb)
+        _decode_into(rt, ct, f16, fp8, ft)
+        nfb = np.int64(0)
+        nft = np.int64(0)
+        for i in range(n):
+            nfb += (fb[i] - fb[i]) != 0.0
+            nft += (ft[i] - ft[i]) != 0.0
+        if same:
+            for i in range(n):
+                n_ch += rb[i] != rt[i]
+        else:
+            for i in range(n):
+                x = fb[i]
+                y = ft[i]
+                n_ch += not (x == y or (x != x and y != y))
+        if nfb + nft > 0:
+            n_nfb += nfb
+            n_nft += nft
+            for i in range(n):
+                x = fb[i]
+                y = ft[i]
+                if not ((x - x) == 0.0 and (y - y) == 0.0):
+                    n_bey += not (x == y or (x != x and y != y))
+                    fb[i] = 0.0
+                    ft[i] = 0.0
+        p_b2, p_t2, p_d2, p_dot = _sums(fb, ft)
+        s_b2 += p_b2
+        s_t2 += p_t2
+        s_d2 += p_d2
+        s_dot += p_dot
+        if normal_bound:   # branch-free, vectorizes: the bound is a normal float64
+            for i in range(n):
+                x = fb[i]
+                y = ft[i]
+                ad = _f64_bits(y - x) & _ABS_MASK
+                mx = max(mx, ad)
+                e = ((_f64_bits(x) & _ABS_MASK) >> 52) - 1023
+                k = max(max(e, eb) - mb, max(e, et) - mt) + 1022   # = k_half + 1023
+                n_bey += ad > (k << 52)
+                n_flip += ((x < 0.0) & (y > 0.0)) | ((x > 0.0) & (y < 0.0))
+        else:
+            for i in range(n):
+                x = fb[i]
+                y = ft[i]
+                ad = _f64_bits(y - x) & _ABS_MASK
+                mx = max(mx, ad)
+                n_bey += ad > _half_ulp_bits(_f64_bits(x) & _ABS_MASK, mb, eb, mt, et)
+                n_flip += ((x < 0.0) & (y > 0.0)) | ((x > 0.0) & (y < 0.0))
+    row[_I_COUNT] = stop - start
+    row[_I_B2] = s_b2
+    row[_I_T2] = s_t2
+    row[_I_D2] = s_d2
+    row[_I_DOT] = s_dot
+    row[_I_MAX] = _as_f64(mx)
+    row[_I_BEY] = n_bey
+    row[_I_FLIP] = n_flip
+    row[_I_NFB] = n_nfb
+    row[_I_NFT] = n_nft
+    row[_I_CH] = n_ch
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _stats_driver(b, t, cb, ct, same, mb, eb, mt, et, f16, fp8):
+    n = b.size
+    nchunks = (n + CHUNK - 1) // CHUNK
+    parts = np.zeros((nchunks, NSTATS))
+    for c in prange(nchunks):
+        _chunk_stats(b, t, c * CHUNK, min(n, (c + 1) * CHUNK), cb, ct, same, mb, eb, mt, et,
+                     f16, fp8, parts[c])
+    out = np.zeros(NSTATS)
+    for c in range(nchunks):
+        for j in range(NSTATS):
+            if j == _I_MAX:
+                out[j] = max(out[j], parts[c, j])
+            else:
+                out[j] += parts[c, j]
+    return out
+
+
+def _bits(raw, dtype: str) -> np.ndarray:
+    """Flat contiguous unsigned-int view of a raw window (copies only a non-contiguous input)."""
+    arr = reference.as_storage(raw, dtype)
+    return np.ascontiguousarray(arr).view(_BITS[arr.dtype.itemsize])
+
+
+def _ulp_params(dtype: str) -> tuple[int, int]:
+    d = DTYPES[dtype]
+    return (_EXACT_M, _EXACT_E) if d.kind in ("int", "bool") else (d.mant_bits, d.emin)
+
+
+def _check_decodable(*names: str) -> None:
+    for name in names:
+        if not DTYPES[name].decodable:
+            raise ValueError(f"dtype {name} has no float decoding; use bytes_stats")
+
+
+def delta_stats(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str) -> np.ndarray:
+    """One window of a tensor pair -> float64[NSTATS]; see ``kernels.reference.delta_stats``."""
+    _check_decodable(dtype_base, dtype_tuned)
+    b, t = _bits(base_raw, dtype_base), _bits(tuned_raw, dtype_tuned)
+    if b.size != t.size:
+        raise ValueError(f"base window has {b.size} elements, tuned window {t.size}")
+    mb, eb = _ulp_params(dtype_base)
+    mt, et = _ulp_params(dtype_tuned)
+    return _stats_driver(b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code,
+                         dtype_base == dtype_tuned, mb, eb, mt, et, _F16_TABLE, _FP8)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _count_diff(b, t):
+    n = b.size
+    nchunks = (n + CHUNK - 1) // CHUNK
+    parts = np.zeros(nchunks, dtype=np.int64)
+    for c in prange(nchunks):
+        acc = 0
+        for i in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            acc += b[i] != t[i]
+        parts[c] = acc
+    return parts.sum()
+
+
+def bytes_stats(base_raw, tuned_raw) -> np.ndarray:
+    """Unit-by-unit comparison for C64/F4/F6; see ``kernels.reference.bytes_stats``."""
+    b, t = reference.as_bits(base_raw), reference.as_bits(tuned_raw)
+    if b.dtype != t.dtype:
+        b, t = b.view(np.uint8), t.view(np.uint8)
+    if b.shape != t.shape:
+        raise ValueError(f"base window has {b.nbytes} bytes, tuned window {t.nbytes}")
+    out = np.zeros(NSTATS)
+    out[_I_COUNT] = b.size
+    out[_I_CH] = out[_I_BEY] = _count_diff(b, t)
+    return out
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _delta_driver(b, t, cb, ct, f16, fp8, out):
+    n = b.size
+    nchunks = (n + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        fb = np.empty(SUB)
+        ft = np.empty(SUB)
+        for s0 in range(c * CHUNK, min(n, (c + 1) * CHUNK), SUB):
+            m = min(SUB, n - s0, (c + 1) * CHUNK - s0)
+            xb = fb[:m]
+            xt = ft[:m]
+            _decode_into(b[s0:s0 + m], cb, f16, fp8, xb)
+            _decode_into(t[s0:s0 + m], ct, f16, fp8, xt)
+            o = out[s0:s0 + m]
+            for i in range(m):
+                x = xb[i]
+                y = xt[i]
+                fin = (x - x) == 0.0 and (y - y) == 0.0
+                o[i] = np.float32(y - x) if fin else np.float32(0.0)
+
+
+def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> None:
+    """``out[:] = float32(T - B)`` (0 where a side is non-finite); see the reference."""
+    _check_decodable(dtype_base, dtype_tuned)
+    b, t = _bits(base_raw, dtype_base), _bits(tuned_raw, dtype_tuned)
+    if out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("out must be a contiguous float32 array")
+    flat = out.reshape(-1)
+    if flat.size != b.size or b.size != t.size:
+        raise ValueError(f"out has {flat.size} elements, the windows {b.size} and {t.size}")
+    _delta_driver(b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, _F16_TABLE, _FP8, flat)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _sigma2_driver(x, code, m, emin, f16, fp8):
+    n = x.size
+    nchunks = (n + CHUNK - 1) // CHUNK
+    parts = np.zeros(nchunks)
+    for c in prange(nchunks):
+        buf = np.empty(SUB)
+        acc = 0.0
+        for s0 in range(c * CHUNK, min(n, (c + 1) * CHUNK), SUB):
+            k = min(SUB, n - s0, (c + 1) * CHUNK - s0)
+            v_ = buf[:k]
+            _decode_into(x[s0:s0 + k], code, f16, fp8, v_)
+            for i in range(k):
+                v = v_[i]
+                if (v - v) == 0.0:
+                    u = 2.0 * _as_f64(_half_ulp_bits(_f64_bits(v) & _ABS_MASK, m, emin, m, emin))
+                    acc += u * u
+        parts[c] = acc
+    total = 0.0
+    for c in range(nchunks):
+        total += parts[c]
+    return total / 12.0
+
+
+def rounding_sigma2(raw, dtype: str) -> float:
+    """Sum of ``ulp(abs(x)) ** 2 / 12`` over the finite elements; see the reference."""
+    d = DTYPES[dtype]
+    if d.kind == "opaque":
+        raise ValueError(f"dtype {dtype} has no float decoding")
+    if d.kind in ("int", "bool"):
+        return 0.0
+    return float(_sigma2_driver(_bits(raw, dtype), d.code, d.mant_bits, d.emin, _F16_TABLE, _FP8))
+
+
+def set_threads(n: int | None) -> None:
+    """Use ``n`` numba threads in this thread's kernel calls (None: all that numba started)."""
+    top = numba.config.NUMBA_NUM_THREADS
+    if n is not None and n < 1:
+        raise ValueError(f"thread count must be at least 1, got {n}")
+    numba.set_num_threads(top if n is None else min(int(n), top))
+
+
+def get_threads() -> int:
+    return numba.get_num_threads()

@@ -1,0 +1,236 @@
+"""The float64 numpy specification of every delta kernel: slow, obvious, and the judge.
+
+``kernels.cpu`` (numba) and ``kernels.cuda`` (torch) implement the same names with the
+same arguments and outputs; their tests compare against this module. Inputs are the
+raw stored arrays of one window of a tensor pair (bf16 as uint16 bits, fp8 as uint8
+bits; F16/F32/F64 may come as floats or as unsigned bits of the same width), of any
+shape (they are flattened), plus the safetensors dtype names.
+
+Per element pair, with B and T decoded exactly to float64 and D = T - B:
+
+* a pair is *finite* when both B and T are finite. Only finite pairs enter the sums
+  (``sum_b2`` = sum B^2, ``sum_t2`` = sum T^2, ``sum_d2`` = sum D^2, ``dot`` = sum B*T),
+  ``max_abs`` = max abs(D) and ``sign_flips`` (B < 0 < T or T < 0 < B; zeros of either
+  sign never flip). Non-finite values are counted per side in ``nonfinite_b`` and
+  ``nonfinite_t``.
+* ``n_changed``: same dtype name, the stored bits differ (so -0 -> +0 and a NaN payload
+  change count); different dtypes, the values differ (NaN equals NaN, -0 equals +0).
+* ``n_beyond``: a finite pair with abs(D) > h, where h is half an ulp at abs(B) of the
+  coarser dtype, ``h = max(half_ulp(abs(B), dtype_base), half_ulp(abs(B), dtype_tuned))``,
+  ``half_ulp(x, f) = 2 ** (max(floor(log2 x), emin_f) - mant_f - 1)`` and 0 for integer
+  and bool dtypes (they store exactly: any change counts). A non-finite pair is beyond
+  rounding when its values differ (NaN equals NaN). A fp32 -> bf16 cast therefore gives
+  0 and an update of one ulp or more of the coarser dtype always counts.
+* ``count`` counts every pair, finite or not: it is the denominator of the fractions.
+
+>>> s = delta_stats(np.array([1.0, 2.0], np.float32), np.array([1.0, 2.5], np.float32), "F32", "F32")
+>>> f = finalize(s); f["norm_delta"], f["frac_changed"], f["frac_beyond_rounding"]
+(0.5, 0.5, 0.5)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .dtypes import DTYPES
+
+STAT_FIELDS = ("count", "sum_b2", "sum_t2", "sum_d2", "dot", "n_changed", "n_beyond", "max_abs",
+               "nonfinite_b", "nonfinite_t", "sign_flips")
+NSTATS = len(STAT_FIELDS)
+#: index of each field in a stats vector
+IDX = {name: i for i, name in enumerate(STAT_FIELDS)}
+MAX_FIELDS = (IDX["max_abs"],)   # combined with max; every other field with +
+
+_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def as_storage(raw, dtype: str) -> np.ndarray:
+    """Flatten ``raw`` and view it as the storage dtype of ``dtype`` (no copy when contiguous).
+
+    Accepts the storage dtype itself or any numpy array of the same item size, so fp16 may
+    arrive as uint16 bits and fp32 as uint32 bits.
+    """
+    raw = np.asarray(raw).reshape(-1)
+    want = np.dtype(DTYPES[dtype].storage)
+    if raw.dtype == want:
+        return raw
+    if raw.dtype.itemsize != want.itemsize:
+        raise ValueError(f"raw array of {raw.dtype} cannot hold {dtype} (storage {want})")
+    return np.ascontiguousarray(raw).view(want)
+
+
+def as_bits(raw) -> np.ndarray:
+    """Flatten ``raw`` and view it as unsigned integers of its item size."""
+    raw = np.ascontiguousarray(np.asarray(raw).reshape(-1))
+    return raw.view(_BITS[raw.dtype.itemsize])
+
+
+def decode(raw, dtype: str) -> np.ndarray:
+    """Stored values -> float64, flattened (bf16 bits shifted, fp8 through its table)."""
+    from .dtypes import decode as _decode
+    return _decode(as_storage(raw, dtype), dtype)
+
+
+def half_ulp(absb: np.ndarray, dtype: str) -> np.ndarray:
+    """Half the spacing of ``dtype`` at each magnitude: ``2 ** (max(floor(log2 x), emin) - mant - 1)``.
+
+    0 for integer and bool dtypes. ``absb`` must be finite and >= 0.
+
+    >>> half_ulp(np.array([1.0, 0.0]), "BF16").tolist() == [2.0 ** -8, 2.0 ** -134]
+    True
+    """
+    d = DTYPES[dtype]
+    absb = np.asarray(absb, dtype=np.float64)
+    if d.kind in ("int", "bool"):
+        return np.zeros_like(absb)
+    if d.kind == "opaque":
+        raise ValueError(f"dtype {dtype} has no float decoding")
+    e = np.frexp(absb)[1].astype(np.int64) - 1
+    e = np.where(absb == 0, d.emin, np.maximum(e, d.emin))
+    return np.ldexp(1.0, e - d.mant_bits - 1)
+
+
+def delta_stats(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str) -> np.ndarray:
+    """One window of a tensor pair -> float64[NSTATS] (fields in ``STAT_FIELDS`` order).
+
+    See the module docstring for the definition of every field.
+    """
+    b = decode(base_raw, dtype_base)
+    t = decode(tuned_raw, dtype_tuned)
+    if b.shape != t.shape:
+        raise ValueError(f"base window has {b.size} elements, tuned window {t.size}")
+    fin_b, fin_t = np.isfinite(b), np.isfinite(t)
+    fin = fin_b & fin_t
+    value_equal = (b == t) | (np.isnan(b) & np.isnan(t))
+    if dtype_base == dtype_tuned:
+        changed = as_bits(as_storage(base_raw, dtype_base)) != as_bits(as_storage(tuned_raw, dtype_tuned))
+    else:
+        changed = ~value_equal
+    bf, tf = b[fin], t[fin]
+    d = tf - bf
+    ad = np.abs(d)
+    h = np.maximum(half_ulp(np.abs(bf), dtype_base), half_ulp(np.abs(bf), dtype_tuned))
+    out = np.zeros(NSTATS)
+    out[IDX["count"]] = b.size
+    out[IDX["sum_b2"]] = np.sum(bf * bf)
+    out[IDX["sum_t2"]] = np.sum(tf * tf)
+    out[IDX["sum_d2"]] = np.sum(d * d)
+    out[IDX["dot"]] = np.sum(bf * tf)
+    out[IDX["n_changed"]] = np.count_nonzero(changed)
+    out[IDX["n_beyond"]] = np.count_nonzero(ad > h) + np.count_nonzero(~fin & ~value_equal)
+    out[IDX["max_abs"]] = ad.max() if ad.size else 0.0
+    out[IDX["nonfinite_b"]] = np.count_nonzero(~fin_b)
+    out[IDX["nonfinite_t"]] = np.count_nonzero(~fin_t)
+    out[IDX["sign_flips"]] = np.count_nonzero(((bf < 0) & (tf > 0)) | ((bf > 0) & (tf < 0)))
+    return out
+
+
+def bytes_stats(base_raw, tuned_raw) -> np.ndarray:
+    """Stats for dtypes without float decoding (C64, F4, F6_*): float64[NSTATS].
+
+    Both arrays are flattened and viewed as unsigned integers of their item size, so C64
+    (complex64) is compared element by element (8 bytes each) and the packed F4/F6
+    formats, which arrive as uint8, byte by byte. ``count`` is the number of such units,
+    ``n_changed`` and ``n_beyond`` the number that differ (no rounding can be told apart
+    from a change); every sum, ``max_abs`` and the non-finite counts stay 0, so callers
+    must report the norms of such a tensor as unknown, not as 0.
+    """
+    b, t = as_bits(base_raw), as_bits(tuned_raw)
+    if b.dtype != t.dtype:
+        b, t = b.view(np.uint8), t.view(np.uint8)
+    if b.shape != t.shape:
+        raise ValueError(f"base window has {b.nbytes} bytes, tuned window {t.nbytes}")
+    out = np.zeros(NSTATS)
+    out[IDX["count"]] = b.size
+    out[IDX["n_changed"]] = out[IDX["n_beyond"]] = np.count_nonzero(b != t)
+    return out
+
+
+def combine(acc: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """Stats of two consecutive windows -> stats of both (sums add, ``max_abs`` takes the max).
+
+    Windows are combined in order, ``combine(combine(w0, w1), w2)``, so results do not
+    depend on how the work was scheduled.
+    """
+    out = np.asarray(acc, dtype=np.float64) + np.asarray(part, dtype=np.float64)
+    for i in MAX_FIELDS:
+        out[i] = max(acc[i], part[i])
+    return out
+
+
+def finalize(stats: np.ndarray) -> dict:
+    """Stats vector -> the per-tensor fields of DESIGN.md.
+
+    ``norm_*`` = sqrt of the sums; ``rel_change`` = norm_delta / norm_base (None when
+    norm_base is 0); ``cosine`` = dot / (norm_base norm_tuned), clipped to [-1, 1] (None
+    when either norm is 0); ``frac_changed``, ``frac_beyond_rounding`` and ``frac_sign_flips``
+    = counts / count (None when count is 0); ``nonfinite`` = non-finite values on both sides.
+
+    >>> f = finalize(np.array([4, 4.0, 9.0, 1.0, 6.0, 1, 1, 1.0, 0, 0, 0]))
+    >>> f["norm_base"], f["norm_tuned"], f["rel_change"], f["cosine"], f["frac_changed"]
+    (2.0, 3.0, 0.5, 1.0, 0.25)
+    """
+    s = np.asarray(stats, dtype=np.float64)
+    count = int(s[IDX["count"]])
+    nb, nt, nd = (math.sqrt(s[IDX[k]]) for k in ("sum_b2", "sum_t2", "sum_d2"))
+    cos = None
+    if nb > 0 and nt > 0:
+        cos = float(min(1.0, max(-1.0, s[IDX["dot"]] / (nb * nt))))
+
+    def frac(key: str):
+        return None if count == 0 else float(s[IDX[key]]) / count
+
+    return {
+        "numel": count,
+        "norm_base": nb,
+        "norm_tuned": nt,
+        "norm_delta": nd,
+        "rel_change": nd / nb if nb > 0 else None,
+        "cosine": cos,
+        "frac_changed": frac("n_changed"),
+        "frac_beyond_rounding": frac("n_beyond"),
+        "frac_sign_flips": frac("sign_flips"),
+        "max_abs_delta": float(s[IDX["max_abs"]]),
+        "nonfinite": int(s[IDX["nonfinite_b"]] + s[IDX["nonfinite_t"]]),
+        "nonfinite_base": int(s[IDX["nonfinite_b"]]),
+        "nonfinite_tuned": int(s[IDX["nonfinite_t"]]),
+        "sign_flips": int(s[IDX["sign_flips"]]),
+    }
+
+
+def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> None:
+    """``out[:] = float32(T - B)``, the difference taken in float64, for the rank analysis.
+
+    Pairs where either side is non-finite give 0, matching the sums of ``delta_stats``
+    (so sum(out**2) ~ sum_d2). ``out`` is a float32 array with as many elements.
+    """
+    b = decode(base_raw, dtype_base)
+    t = decode(tuned_raw, dtype_tuned)
+    if out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("out must be a contiguous float32 array")
+    flat = out.reshape(-1)
+    if flat.size != b.size or b.size != t.size:
+        raise ValueError(f"out has {flat.size} elements, the windows {b.size} and {t.size}")
+    fin = np.isfinite(b) & np.isfinite(t)
+    with np.errstate(invalid="ignore", over="ignore"):
+        flat[:] = np.where(fin, t - np.where(fin, b, 0.0), 0.0).astype(np.float32)
+
+
+def rounding_sigma2(raw, dtype: str) -> float:
+    """Storage-rounding variance summed over the elements: sum of ``ulp(abs(x)) ** 2 / 12``.
+
+    Rounding to the nearest representable value leaves an error uniform on half an ulp
+    either side, of variance ulp^2 / 12. Non-finite elements add nothing; integer and
+    bool dtypes store exactly and give 0.
+    """
+    d = DTYPES[dtype]
+    if d.kind == "opaque":
+        raise ValueError(f"dtype {dtype} has no float decoding")
+    if d.kind in ("int", "bool"):
+        return 0.0
+    x = decode(raw, dtype)
+    x = np.abs(x[np.isfinite(x)])
+    u = 2.0 * half_ulp(x, dtype)
+    return float(np.sum(u * u) / 12.0)
