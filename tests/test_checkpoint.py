@@ -1,0 +1,247 @@
+"""The locator: single files, folders, shards, HF cache, PEFT adapters and legacy pickles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from weightdiff.checkpoint import Checkpoint, locate
+from weightdiff.errors import CheckpointError
+from weightdiff.safetensors_write import save_checkpoint, save_file
+
+TENSORS = {f"model.layers.{i}.mlp.w": np.arange(12, dtype=np.float32).reshape(3, 4) + i for i in range(5)}
+
+
+def _all(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    return {n: ckpt.read(n) for n in ckpt.tensors}
+
+
+def test_single_file_and_folder(tmp_path):
+    d = save_checkpoint(tmp_path / "ck", TENSORS)
+    for target in (d, d / "model.safetensors"):
+        with locate(target) as c:
+            assert c.format == "safetensors" and c.files == [d / "model.safetensors"]
+            assert c.params == 60 and c.nbytes == 240 and c.metadata == {"format": "pt"}
+            for n, v in TENSORS.items():
+                np.testing.assert_array_equal(c.read(n), v)
+
+
+def test_sharded_written_by_safetensors_library(tmp_path):
+    d = tmp_path / "ck"
+    d.mkdir()
+    names = list(TENSORS)
+    groups = [names[:2], names[2:3], names[3:]]
+    wmap = {}
+    for k, g in enumerate(groups, 1):
+        fname = f"model-{k:05d}-of-00003.safetensors"
+        safetensors.numpy.save_file({n: TENSORS[n] for n in g}, d / fname, metadata={"format": "np"})
+        wmap.update({n: fname for n in g})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 240}, "weight_map": wmap}))
+    with locate(d) as c:
+        assert c.format == "sharded" and len(c.files) == 3
+        assert list(c.tensors) == names and c.metadata == {"format": "np", "total_size": "240"}
+        for n, v in TENSORS.items():
+            np.testing.assert_array_equal(c.read(n), v)
+            np.testing.assert_array_equal(np.concatenate(list(c.windows(n, 5))), v.ravel())
+            np.testing.assert_array_equal(c.read_rows(n, [2, 0]), v[[2, 0]])
+        # two tensors of different shards zipped window by window
+        a, b = names[0], names[4]
+        got = [(x.copy(), y.copy()) for x, y in zip(c.windows(a, 5), c.windows(b, 5))]
+        np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), TENSORS[b].ravel())
+    with locate(d / "model.safetensors.index.json") as c:
+        assert c.format == "sharded" and len(c.tensors) == 5
+
+
+def test_sharded_written_by_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "llama", max_shard_size="20KB")
+    sd = {k: v for k, v in model.state_dict().items()}
+    with locate(tmp_path / "llama") as c:
+        assert c.format == "sharded" and len(c.files) > 1
+        assert all(t.dtype == "BF16" for t in c.tensors.values())
+        for name in c.tensors:
+            want = sd[name].contiguous().view(torch.uint16).numpy() if hasattr(torch, "uint16") else None
+            got = c.read(name)
+            assert got.dtype == np.uint16
+            if want is not None:
+                np.testing.assert_array_equal(got, want)
+        assert "lm_head.weight" in c.tensors or cfg.tie_word_embeddings
+
+
+def test_many_shards_keep_few_files_open(tmp_path):
+    t = {f"w{i}": np.full(3, i, np.float32) for i in range(20)}
+    d = save_checkpoint(tmp_path / "ck", t, shards=20)
+    with locate(d) as c:
+        for n, v in t.items():
+            np.testing.assert_array_equal(np.concatenate(list(c.windows(n))), v)
+            assert len(c._open) <= 8
+
+
+def test_shard_replaced_after_locate_is_detected(tmp_path):
+    d = save_checkpoint(tmp_path / "ck", TENSORS, shards=2)
+    with locate(d) as c:
+        first = c.files[0]
+        names = [n for n, t in c.tensors.items() if t.path == first]
+        np.testing.assert_array_equal(c.read(names[0]), TENSORS[names[0]])
+        c.close()
+        save_file(first, {n: np.zeros((3, 5), np.float32) for n in names})
+        with pytest.raises(CheckpointError, match="changed since the checkpoint was located"):
+            c.read(names[0])
+
+
+def test_unrelated_safetensors_beside_index_are_listed_as_ignored(tmp_path):
+    d = save_checkpoint(tmp_path / "ck", TENSORS, shards=2)
+    save_file(d / "consolidated.safetensors", {"x": np.zeros(1, np.float32)})
+    with locate(d) as c:
+        assert c.ignored == [d / "consolidated.safetensors"] and "x" not in c.tensors
+
+
+def test_one_oddly_named_safetensors_file(tmp_path):
+    d = tmp_path / "ck"
+    save_file(d / "diffusion_pytorch_model.safetensors", {"w": np.ones(2, np.float32)})
+    with locate(d) as c:
+        assert c.files == [d / "diffusion_pytorch_model.safetensors"]
+
+
+def test_hf_cache_snapshot_symlinks(tmp_path):
+    repo = tmp_path / "models--org--tiny"
+    src = save_checkpoint(tmp_path / "src", TENSORS, shards=2)
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    for target in (repo, snap):
+        with locate(target) as c:
+            assert c.format == "sharded"
+            for n, v in TENSORS.items():
+                np.testing.assert_array_equal(c.read(n), v)
+            assert set(c.file_digests()) == {f.name for f in src.glob("*.safetensors")}
+
+
+def test_file_digests(tmp_path):
+    d = save_checkpoint(tmp_path / "ck", TENSORS, shards=2)
+    with locate(d) as c:
+        dig = c.file_digests()
+    assert dig == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in d.glob("*.safetensors")}
+
+
+# -- PEFT adapters ----------------------------------------------------------------
+
+def _peft_model(tmp_path, **lora_kw):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    base = transformers.LlamaForCausalLM(cfg)
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    model = peft.get_peft_model(base, peft.LoraConfig(**lora_kw))
+    for name, p in model.named_parameters():          # LoRA B starts at zero: give it values
+        if "lora_" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    return torch, model, base_sd
+
+
+def test_peft_adapter_layout_and_delta(tmp_path):
+    torch, model, base_sd = _peft_model(tmp_path, r=4, lora_alpha=8, rank_pattern={"v_proj": 2},
+                                        alpha_pattern={"v_proj": 6},
+                                        target_modules=["q_proj", "v_proj", "embed_tokens"])
+    scaling = {n.removeprefix("base_model.model.") + ".weight": m.scaling["default"]
+               for n, m in model.named_modules() if isinstance(getattr(m, "scaling", None), dict)}
+    merged = {k: v for k, v in model.merge_and_unload().state_dict().items()}
+    with locate(tmp_path / "adapter") as c:
+        assert c.format == "adapter" and c.adapter.r == 4 and c.adapter.lora_alpha == 8.0
+        assert set(c.adapter.target_modules) == {"q_proj", "v_proj", "embed_tokens"}
+        assert not c.adapter.use_rslora and not c.adapter.use_dora and c.adapter.scale == 2.0
+        targets = {f.target: f for f in c.lora}
+        assert set(targets) == set(scaling) and all(t in base_sd for t in targets)
+        assert len(targets) == 5
+        for t, f in targets.items():
+            assert f.scale == pytest.approx(scaling[t]), t
+            assert f.r == (2 if "v_proj" in t else 4) and f.magnitude_name is None
+            a = c.read(f.a_name).astype(np.float64)
+            b = c.read(f.b_name).astype(np.float64)
+            delta = f.scale * (b @ a)
+            if f.embedding:
+                delta = delta.T
+            want = (merged[t] - base_sd[t]).numpy()
+            np.testing.assert_allclose(delta, want, atol=1e-5)
+
+
+def test_peft_dora_rslora(tmp_path):
+    torch, model, base_sd = _peft_model(tmp_path, r=4, lora_alpha=8, use_dora=True, use_rslora=True,
+                                        target_modules=["q_proj"])
+    with locate(tmp_path / "adapter") as c:
+        assert c.adapter.use_dora and c.adapter.use_rslora and c.adapter.scale == pytest.approx(4.0)
+        assert len(c.lora) == 2
+        for f in c.lora:
+            assert f.magnitude_name and f.magnitude_name.endswith("q_proj.lora_magnitude_vector")
+            assert c.tensors[f.magnitude_name].shape == (32,) and f.scale == pytest.approx(4.0)
+
+
+def test_adapter_without_peft(tmp_path):
+    d = tmp_path / "ad"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2, "target_modules": "q",
+                                                       "base_model_name_or_path": "org/base"}))
+    save_file(d / "adapter_model.safetensors", {
+        "base_model.model.l.0.q.lora_A.weight": np.ones((2, 3), np.float32),
+        "base_model.model.l.0.q.lora_B.weight": np.ones((4, 2), np.float32)})
+    with locate(d) as c:
+        assert c.adapter.target_modules == ["q"] and c.adapter.base_model == "org/base"
+        (f,) = c.lora
+        assert (f.target, f.r, f.scale, f.embedding) == ("l.0.q.weight", 2, 1.0, False)
+
+
+def test_adapter_factors_that_do_not_chain(tmp_path):
+    d = tmp_path / "ad"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 2}')
+    save_file(d / "adapter_model.safetensors", {"m.q.lora_A.weight": np.ones((2, 3), np.float32),
+                                                "m.q.lora_B.weight": np.ones((4, 3), np.float32)})
+    with pytest.raises(CheckpointError, match=r"LoRA factors of `m.q` do not chain: A is \[2, 3\], B is \[4, 3\]"):
+        locate(d)
+
+
+# -- legacy pickles -----------------------------------------------------------------
+
+def test_pickle_read_through_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    sd = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1.5, -2.0]).to(torch.bfloat16),
+          "s": torch.tensor(3, dtype=torch.int64), "e": torch.zeros(0, 4)}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with locate(tmp_path) as c:
+        assert c.format == "pickle" and c.files == [tmp_path / "pytorch_model.bin"]
+        assert {n: (t.dtype, t.shape) for n, t in c.tensors.items()} == {
+            "a": ("F32", (2, 3)), "b": ("BF16", (2,)), "s": ("I64", ()), "e": ("F32", (0, 4))}
+        np.testing.assert_array_equal(c.read("a"), sd["a"].numpy())
+        assert c.read("b").tolist() == [0x3FC0, 0xC000]
+        assert c.read("s").shape == () and int(c.read("s")) == 3
+        np.testing.assert_array_equal(c.read_rows("a", [1]), sd["a"].numpy()[[1]])
+        assert [w.tolist() for w in c.windows("a", 4)] == [[0, 1, 2, 3], [4, 5]]
+        assert list(c.windows("e")) == []
+
+
+def test_wrapped_state_dict(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "model.pt")
+    with locate(tmp_path / "model.pt") as c:
+        assert list(c.tensors) == ["w"]
