@@ -72,6 +72,7 @@ class TensorRecord:
     module: str | None = None           # filled by aggregate
     note: str | None = None
     rank: RankRecord | None = None
+    tied: bool = False                  # a tied LM head: the tuned embedding again, against the base head
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -116,6 +117,7 @@ class Summary:
     delta_params_share: float | None
     compressed_bytes: dict[str, Any] = field(default_factory=dict)
     headline: list[str] = field(default_factory=list)
+    relatedness_rel_change: float | None = None   # relative change over the matrices behind relatedness_cosine
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,178 @@
+"""Block and module kind from a tensor name, for the common model families.
+
+``parse_name`` reads where a tensor sits (block label and index) and what it is
+(``attn.q``, ``mlp.down``, ``norm``, ``embed``, ``lm_head``, ...) from its name alone:
+Llama/Mistral/Qwen (``model.layers.N.self_attn.q_proj``), GPT-2 (``transformer.h.N.attn.c_attn``),
+BERT/RoBERTa and ViT (``encoder.layer.N.attention.self.query``), T5
+(``encoder.block.N.layer.M.SelfAttention.q``), vision-encoder-decoder composites
+(``decoder.transformer.h.N.crossattention.q_attn``), and a generic fallback (the
+first decimal component is the block, the last name component the kind). It never
+raises: odd names land in a block named after what is there. ``weightdiff.aggregate``
+rolls records up with it.
+
+>>> parse_name("model.layers.3.self_attn.q_proj.weight")
+('layers.3', 3, 'attn.q')
+>>> parse_name("decoder.transformer.h.1.crossattention.c_attn.weight")
+('decoder.h.1', 1, 'xattn.qkv')
+"""
+
+from __future__ import annotations
+
+__all__ = ["parse_name", "group_of"]
+
+_WRAPPERS = {"model", "transformer", "base_model", "bert", "roberta", "xlm_roberta", "vit", "deit", "gpt_neox",
+             "deberta", "electra", "distilbert", "albert", "backbone", "module", "_orig_mod"}
+_XATTN = {"crossattention", "encoder_attn", "encdecattention", "cross_attn", "cross_attention", "crossattn"}
+_ATTN = {"self_attn", "attn", "attention", "self_attention", "selfattention", "self", "mha"}
+_MLP = {"mlp", "feed_forward", "ffn", "densereludense", "intermediate", "block_sparse_moe", "experts", "moe",
+        "shared_experts", "shared_expert", "ff"}
+_ATTN_LEAF = {
+    "q": {"q_proj", "q", "query", "q_attn", "wq", "q_lin"},
+    "k": {"k_proj", "k", "key", "wk", "k_lin"},
+    "v": {"v_proj", "v", "value", "wv", "v_lin"},
+    "qkv": {"c_attn", "qkv_proj", "query_key_value", "wqkv", "qkv", "in_proj", "w_pack"},
+    "o": {"o_proj", "o", "out_proj", "c_proj", "dense", "wo", "proj", "out_lin", "output"},
+}
+_MLP_LEAF = {
+    "gate": {"gate_proj", "w1", "wi_0"},
+    "up": {"up_proj", "c_fc", "fc1", "wi", "wi_1", "w3", "dense_h_to_4h", "fc_in", "lin1", "gate_up_proj"},
+    "down": {"down_proj", "c_proj", "fc2", "wo", "w2", "dense_4h_to_h", "fc_out", "lin2"},
+    "router": {"gate", "router", "classifier"},
+}
+# leaves that name their module without a context (e.g. ``layers.0.q_proj``)
+_BARE = {"q_proj": "attn.q", "k_proj": "attn.k", "v_proj": "attn.v", "o_proj": "attn.o",
+         "qkv_proj": "attn.qkv", "query_key_value": "attn.qkv", "gate_proj": "mlp.gate", "up_proj": "mlp.up",
+         "down_proj": "mlp.down", "fc1": "mlp.up", "fc2": "mlp.down", "c_fc": "mlp.up"}
+_EMBED = {"word_embeddings": "embed", "embed_tokens": "embed", "wte": "embed", "shared": "embed",
+          "embed_in": "embed", "tok_embeddings": "embed", "token_embedding": "embed", "embedding": "embed",
+          "wpe": "embed.pos", "position_embeddings": "embed.pos", "embed_positions": "embed.pos",
+          "position_embedding": "embed.pos", "patch_embeddings": "embed.patch", "patch_embedding": "embed.patch",
+          "token_type_embeddings": "embed.type", "cls_token": "embed.token", "mask_token": "embed.token",
+          "distillation_token": "embed.token", "register_tokens": "embed.token"}
+_HEAD = {"classifier", "score", "qa_outputs", "pooler", "cls", "head", "heads", "pre_classifier",
+         "visual_projection", "text_projection", "logit_scale"}
+
+
+def _is_norm(part: str) -> bool:
+    p = part.lower()
+    return "norm" in p or p == "ln" or p.startswith("ln_") or p in ("ln1", "ln2", "ln_f")
+
+
+def _module_kind(rest: list[str], in_block: bool) -> str:
+    """Module kind from the name components after the block index (or of a non-block tensor)."""
+    last = rest[-1] if rest else ""
+    body = rest[:-1] if last in ("weight", "bias") and len(rest) > 1 else rest
+    low = [p.lower() for p in body]
+    if any(_is_norm(p) for p in low):
+        return "norm"
+    if last == "bias":
+        return "bias"
+    leaf = low[-1] if low else ""
+    joined = ".".join(low)
+    if leaf in ("lm_head", "embed_out") or joined.endswith("cls.predictions.decoder") or \
+            (not in_block and joined == "output"):
+        return "lm_head"
+    for p in reversed(low):
+        if p in _EMBED:
+            return _EMBED[p]
+    ctx = set(low[:-1])
+    if ctx & _XATTN or ctx & _ATTN:
+        pre = "xattn." if ctx & _XATTN else "attn."
+        for kind, names in _ATTN_LEAF.items():
+            if leaf in names:
+                return pre + kind
+        return pre + (leaf or "other")
+    if ctx & _MLP or "output" in ctx:
+        for kind, names in _MLP_LEAF.items():
+            if leaf in names:
+                if kind == "router" and "experts" in ctx:
+                    continue
+                return "mlp." + kind
+        if low[-2:] in (["intermediate", "dense"],):
+            return "mlp.up"
+        if low[-2:] == ["output", "dense"]:
+            return "mlp.down"
+        return "mlp." + (leaf or "other")
+    if leaf in _BARE:
+        return _BARE[leaf]
+    if not in_block and (set(low) & _HEAD):
+        return "head"
+    return leaf or "other"
+
+
+def parse_name(name: str) -> tuple[str | None, int | None, str]:
+    """(block label, block index, module kind) of a tensor name; never raises.
+
+    The block is the first decimal name component with the container before it and any
+    meaningful namespace (``encoder``, ``decoder``, ``vision_model``) in front; wrappers
+    such as ``model.``, ``transformer.``, ``bert.`` are dropped and a repeated component
+    is written once. Tensors outside blocks get block None.
+
+    >>> parse_name("bert.encoder.layer.11.attention.output.dense.weight")
+    ('encoder.layer.11', 11, 'attn.o')
+    >>> parse_name("encoder.block.0.layer.1.DenseReluDense.wi_1.weight")
+    ('encoder.block.0', 0, 'mlp.up')
+    >>> parse_name("model.embed_tokens.weight"), parse_name("lm_head.weight")
+    ((None, None, 'embed'), (None, None, 'lm_head'))
+    """
+    parts = str(name).split(".")
+    idx = next((i for i, p in enumerate(parts) if p.isdecimal() and p.isascii() and len(p) < 10), None)
+    if idx is None:
+        rest = [p for p in parts if p not in _WRAPPERS] or parts
+        return None, None, _module_kind(rest, in_block=False)
+    ns: list[str] = []
+    for p in parts[:idx]:
+        if p in _WRAPPERS or (ns and ns[-1] == p):
+            continue
+        ns.append(p)
+    if idx > 0 and parts[idx - 1] in _WRAPPERS:   # keep the container even when it is a wrapper word
+        ns.append(parts[idx - 1])
+    label = ".".join(ns + [parts[idx]])
+    return label, int(parts[idx]), _module_kind(parts[idx + 1:], in_block=True)
+
+
+def group_of(name: str, module: str) -> str:
+    """The group of a tensor outside any block: ``embeddings`` or ``head``."""
+    if module.startswith("embed") or any(p in ("embeddings", "embed") for p in str(name).split(".")):
+        return "embeddings"
+    return "head"
+
+
+def parse_name(name: str) -> tuple[str | None, int | None, str]:
+    """(block label, block index, module kind) of a tensor name; never raises.
+
+    The block is the first decimal name component with the container before it and any
+    meaningful namespace (``encoder``, ``decoder``, ``vision_model``) in front; wrappers
+    such as ``model.``, ``transformer.``, ``bert.`` are dropped and a repeated component
+    is written once. Tensors outside blocks get block None.
+
+    >>> parse_name("bert.encoder.layer.11.attention.output.dense.weight")
+    ('encoder.layer.11', 11, 'attn.o')
+    >>> parse_name("encoder.block.0.layer.1.DenseReluDense.wi_1.weight")
+    ('encoder.block.0', 0, 'mlp.up')
+    >>> parse_name("model.embed_tokens.weight"), parse_name("lm_head.weight")
+    ((None, None, 'embed'), (None, None, 'lm_head'))
+    """
+    parts = str(name).split(".")
+    idx = next((i for i, p in enumerate(parts) if p.isdecimal() and p.isascii() and len(p) < 10), None)
+    if idx is None:
+        rest = [p for p in parts if p not in _WRAPPERS] or parts
+        return None, None, _module_kind(rest, in_block=False)
+    ns: list[str] = []
+    for p in parts[:idx]:
+        if p in _WRAPPERS or (ns and ns[-1] == p):
+            continue
+        ns.append(p)
+    if idx > 0 and parts[idx - 1] in _WRAPPERS:   # keep the container even when it is a wrapper word
+        ns.append(parts[idx - 1])
+    label = ".".join(ns + [parts[idx]])
+    return label, int(parts[idx]), _module_kind(parts[idx + 1:], in_block=True)
+
+
+def group_of(name: str, module: str) -> str:
+    """The group of a tensor outside any block: ``embeddings`` or ``head``."""
+    if module.startswith("embed") or any(p in ("embeddings", "embed") for p in str(name).split(".")):
+        return "embeddings"
+    return "head"
+
+
