@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
 from . import __version__
+from .checkpoint import locate
 from .comparison import Comparison, compare, versions
-from .errors import OptionsError
+from .errors import CheckpointError, OptionsError
 from .options import CompareOptions, options_from_kwargs
 from .records import dumps
 
@@ -83,6 +84,11 @@ def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
     if len(paths) < 2:
         raise OptionsError(f"a lineage needs at least two checkpoints (got {len(paths)})",
                            "list them oldest first: weightdiff lineage BASE SFT DPO")
+    for p in paths:       # fail on a bad path or header now, not after the first comparisons
+        if not os.path.exists(p):
+            raise CheckpointError(p, "no such file or directory")
+        with locate(p):
+            pass
     say = progress or (lambda message: None)
     t0 = time.perf_counter()
     steps = []

@@ -1,0 +1,94 @@
+"""weightdiff lineage: a base -> SFT -> DPO chain reports each step and the end-to-end change."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from weightdiff.cli import main
+from weightdiff.errors import OptionsError
+from weightdiff.lineage import SCHEMA, lineage
+from weightdiff.render.provenance import lineage_markdown, lineage_text
+from conftest import write_checkpoint
+from models import llama, low_rank_update
+
+SHAPE = dict(layers=3, hidden=64, inter=128, vocab=256)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """SFT changes block 0 (rank 4, 5%); DPO then changes block 2 (rank 2, 2%)."""
+    root = tmp_path_factory.mktemp("chain")
+    rng = np.random.default_rng(11)
+    base = llama(rng, **SHAPE)
+    sft = dict(base)
+    for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"):
+        k = f"model.layers.0.{m}.weight"
+        sft[k] = low_rank_update(rng, base[k], 4, rel=0.05)
+    dpo = dict(sft)
+    for m in ("self_attn.q_proj", "self_attn.v_proj"):
+        k = f"model.layers.2.{m}.weight"
+        dpo[k] = low_rank_update(rng, sft[k], 2, rel=0.02)
+    return [str(write_checkpoint(root / n, t)) for n, t in (("base", base), ("sft", sft), ("dpo", dpo))]
+
+
+def test_three_step_chain_reports_each_step(chain):
+    r = lineage(chain, rank=False)
+    assert [(s["from"], s["to"]) for s in r.steps] == [(chain[0], chain[1]), (chain[1], chain[2])]
+    assert (r.end_to_end["from"], r.end_to_end["to"]) == (chain[0], chain[2])
+    assert [s["verdict"] for s in r.steps] == ["derived", "derived"] and r.end_to_end["verdict"] == "derived"
+    assert [s["tensors_changed"] for s in r.steps] == [3, 2] and r.end_to_end["tensors_changed"] == 5
+    assert [s["blocks_changed"] for s in r.steps] == [1, 1] and r.end_to_end["blocks_changed"] == 2
+    blocks = {b["block"]: b for b in r.blocks}
+    # which step injected what: block 0 only in step 1, block 2 only in step 2, block 1 never
+    assert blocks["layers.0"]["steps"][0] > 0.01 and blocks["layers.0"]["steps"][1] == 0.0
+    assert blocks["layers.2"]["steps"][0] == 0.0 and blocks["layers.2"]["steps"][1] > 0.001
+    assert blocks["layers.1"]["steps"] == [0.0, 0.0] and blocks["layers.1"]["end_to_end"] == 0.0
+    assert blocks["layers.0"]["end_to_end"] == pytest.approx(blocks["layers.0"]["steps"][0])
+    # step norms add in quadrature here (disjoint tensors), so the chain is not straight
+    n1, n2 = (s["norm_delta"] for s in r.steps)
+    assert r.end_to_end["norm_delta"] == pytest.approx(math.hypot(n1, n2), rel=1e-6)
+    assert r.steps[0]["share_of_path"] == pytest.approx(n1 / (n1 + n2))
+    assert r.end_to_end["straightness"] == pytest.approx(math.hypot(n1, n2) / (n1 + n2))
+    assert r.findings[0].startswith(f"step 1 (`{chain[0]}` -> `{chain[1]}`): derived")
+    assert "step 1 moved the weights most" in r.findings[-1]
+
+
+def test_lineage_json_and_renders(chain):
+    a = lineage(chain, rank=False)
+    assert a.to_json(include_run=False) == lineage(chain, rank=False).to_json(include_run=False)
+    d = json.loads(a.to_json())
+    assert d["schema"] == SCHEMA == "weightdiff.lineage/1" and d["paths"] == chain
+    text = lineage_text(d)
+    assert text.splitlines()[0] == "weightdiff lineage: " + " -> ".join(chain)
+    assert any(line.startswith("step 1 ") for line in text.splitlines())
+    assert any(line.startswith("end to end ") for line in text.splitlines())
+    assert any(line.startswith("layers.2 ") for line in text.splitlines())
+    md = lineage_markdown(d)
+    assert md.startswith("## Lineage") and "| end to end | derived |" in md
+
+
+def test_two_step_chain_and_bad_input(chain):
+    r = lineage(chain[:2], rank=False)
+    assert len(r.steps) == 1 and r.end_to_end["norm_delta"] == r.steps[0]["norm_delta"]
+    with pytest.raises(OptionsError, match="a lineage needs at least two checkpoints"):
+        lineage(chain[:1])
+
+
+def test_cli(chain, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["lineage", *chain, "--no-rank", "-q"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "" and res.stdout.startswith("weightdiff lineage: ")
+    res = runner.invoke(main, ["lineage", *chain, "--no-rank", "--json", "-"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["schema"] == "weightdiff.lineage/1"
+    assert f"comparing {chain[0]} -> {chain[2]} (end to end)" in res.stderr
+    for args, msg in ((["lineage", chain[0]], "at least two checkpoints"),
+                      (["lineage", chain[0], str(tmp_path / "nope")], "nope")):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 2 and res.stdout == ""
+        assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("error: ") and msg in res.stderr
