@@ -387,7 +387,7 @@ def _tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Seq
         # the tuned model has its own head but the base ties it: compare it with the base embedding
         if p.kind == "added" and p.lora is None and is_lm_head(p.tuned_name):
             for i, (tp, bp) in sorted(mapping.items()):
-                if not p.tuned_name.startswith(tp):
+                if not p.tuned_name.startswith(_parent(tp)):   # heads sit next to the aligned trunk
                     continue
                 emb = _embedding_for(bases[i].tensors, bp, p.shape_tuned)
                 if emb is not None:
@@ -421,6 +421,12 @@ def _tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Seq
             out.append(((0, at[1], 1), q))
             notes.append(f"the tuned model has no `{escape_name(shown)}`: its embedding `{escape_name(emb_t)}` "
                          "(tied) is compared with the base head")
+
+
+def _parent(prefix: str) -> str:
+    """``decoder.transformer.`` -> ``decoder.``; ``transformer.`` -> ``""``."""
+    parts = prefix.split(".")[:-1]
+    return ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
 
 
 def _embedding_for(tensors: dict, prefix: str, shape: tuple | None) -> str | None:
