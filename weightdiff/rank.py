@@ -127,7 +127,8 @@ def _variance_table(dtype: str) -> tuple[np.ndarray, int, int]:
         ebits = {32: 8, 64: 11}[d.bits]
         shift, mask = d.bits - 1 - ebits, (1 << ebits) - 1
         e = np.arange(1 << ebits) - (mask >> 1)
-        x = np.ldexp(1.0, e)
+        with np.errstate(over="ignore"):
+            x = np.ldexp(1.0, e)
         x[0] = 0.0
         x[-1] = np.inf
     fin = np.isfinite(x)

@@ -1,0 +1,177 @@
+"""kernels.spectral against matrices whose spectra are known by construction."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from weightdiff.kernels import spectral
+
+
+def with_spectrum(rng, m: int, n: int, s: np.ndarray) -> np.ndarray:
+    """m x n float64 matrix U diag(s) V^T with random orthonormal U, V."""
+    r = min(m, n)
+    u, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    return (u * np.asarray(s, dtype=np.float64)) @ v.T
+
+
+SPECTRA = {
+    "power_law": lambda r: np.arange(1, r + 1, dtype=np.float64) ** -1.0,
+    "flat": lambda r: np.ones(r),
+    "low_rank": lambda r: np.r_[np.arange(8, 0, -1.0), np.zeros(r - 8)],
+    "zero": lambda r: np.zeros(r),
+}
+
+
+@pytest.mark.parametrize("m,n", [(96, 64), (64, 96), (80, 80), (1, 50), (50, 1)])
+@pytest.mark.parametrize("kind", list(SPECTRA))
+def test_exact_and_gram_recover_known_spectra(rng, kind, m, n):
+    r = min(m, n)
+    s = SPECTRA[kind](r) if r >= 8 or kind not in ("low_rank",) else np.ones(r)
+    x = with_spectrum(rng, m, n, s).astype(np.float32)
+    ref = np.sort(s)[::-1]
+    tol = 2e-6 * max(1.0, ref[0])
+    np.testing.assert_allclose(spectral.svdvals_exact(x), ref, atol=tol)
+    # Gram squares the values: accurate to ~sqrt(eps32) * s1 for the smallest ones only
+    np.testing.assert_allclose(spectral.svdvals_gram(x), ref, atol=2e-3 * max(1.0, ref[0]))
+    np.testing.assert_allclose(spectral.svdvals_gram(x)[:8], ref[:8], rtol=1e-5, atol=tol)
+
+
+def test_gram_is_the_same_for_a_wide_matrix_and_its_transpose(rng):
+    x = rng.standard_normal((40, 300)).astype(np.float32)
+    assert np.array_equal(spectral.svdvals_gram(x), spectral.svdvals_gram(np.ascontiguousarray(x.T)))
+
+
+def test_spectrum_fields_hand_computed():
+    f = spectral.spectrum_fields(np.ones(10), 0.5)
+    assert f["stable_rank"] == 10.0
+    assert f["effective_rank"] == pytest.approx(10.0)
+    assert (f["energy_rank_90"], f["energy_rank_99"], f["numerical_rank"]) == (9, 10, 10)
+    # s = (3, 4 -> sorted 4, 3): energy 16, 25 of 25 -> 90% needs both, stable rank 25/16
+    f = spectral.spectrum_fields(np.array([3.0, 4.0, 0.0]), 3.5)
+    assert (f["stable_rank"], f["energy_rank_90"], f["numerical_rank"]) == (25 / 16, 2, 1)
+    p = np.array([4.0, 3.0]) / 7
+    assert f["effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+    z = spectral.spectrum_fields(np.zeros(5), 0.0)
+    assert (z["stable_rank"], z["effective_rank"], z["energy_rank_90"], z["numerical_rank"]) == (None, None, 0, 0)
+
+
+def test_randomized_matches_exact_on_low_rank_plus_noise(rng):
+    m, n, k = 600, 400, 64
+    s = np.r_[np.geomspace(10, 1, 16), np.zeros(n - 16)]
+    x = (with_spectrum(rng, m, n, s) + 1e-3 * rng.standard_normal((m, n))).astype(np.float32)
+    exact = spectral.svdvals_gram(x)
+    top = spectral.randomized_svd(x, k, seed=3)
+    assert top.shape == (k,)
+    np.testing.assert_allclose(top[:16], exact[:16], rtol=1e-5)
+    # stated error: top-k energy within 1e-4 relative on a low-rank delta above noise
+    assert abs(np.sum(top ** 2) / np.sum(exact[:k] ** 2) - 1) < 1e-4
+
+
+def test_randomized_energy_error_on_noise_is_within_the_stated_bound(rng):
+    # worst case: a flat Gaussian spectrum; docs/rank.md states <= 15% low at the defaults
+    x = rng.standard_normal((512, 512)).astype(np.float32)
+    exact = spectral.svdvals_gram(x)[:64]
+    top = spectral.randomized_svd(x, 64, seed=0)
+    ratio = np.sum(top ** 2) / np.sum(exact ** 2)
+    assert 0.85 < ratio <= 1.0 + 1e-6
+    assert np.all(top <= exact * (1 + 1e-5))        # Ritz values never exceed the true ones
+
+
+def test_randomized_is_bitwise_repeatable_and_depends_on_the_seed(rng):
+    x = rng.standard_normal((300, 200)).astype(np.float32)
+    a = spectral.randomized_svd(x, 32, seed=7)
+    b = spectral.randomized_svd(x.copy(), 32, seed=7)
+    c = spectral.randomized_svd(x, 32, seed=8)
+    assert a.tobytes() == b.tobytes()
+    assert a.tobytes() != c.tobytes()
+
+
+def test_randomized_vectors_reconstruct_a_low_rank_matrix(rng):
+    for m, n in ((120, 50), (50, 120)):
+        x = with_spectrum(rng, m, n, np.r_[np.arange(5, 0, -1.0), np.zeros(min(m, n) - 5)]).astype(np.float32)
+        u, s, vt = spectral.randomized_svd(x, 5, vectors=True)
+        assert u.shape == (m, 5) and vt.shape == (5, n)
+        np.testing.assert_allclose((u * s) @ vt, x, atol=1e-5)
+
+
+def test_randomized_caps_k_at_the_smaller_side(rng):
+    x = rng.standard_normal((10, 200)).astype(np.float32)
+    top = spectral.randomized_svd(x, 64)
+    np.testing.assert_allclose(top, spectral.svdvals_exact(x), rtol=1e-5)
+
+
+@pytest.mark.parametrize("m,n,r", [(50, 40, 4), (30, 70, 8), (5, 5, 5), (64, 1, 1), (1, 64, 1)])
+def test_factors_match_the_dense_product(rng, m, n, r):
+    b, a = rng.standard_normal((m, r)), rng.standard_normal((r, n))
+    scale = 16 / math.sqrt(r)                       # rsLoRA: alpha / sqrt(r)
+    dense = scale * b @ a
+    s = spectral.factors_svd(b, a, scale)
+    np.testing.assert_allclose(s, np.linalg.svd(dense, compute_uv=False)[: len(s)], rtol=1e-12, atol=1e-12)
+    u, s2, vt = spectral.factors_svd(b, a, scale, vectors=True)
+    np.testing.assert_allclose((u * s2) @ vt, dense, atol=1e-10)
+
+
+def _truth_and_partial(rng, s, k=32, thr=0.05):
+    m, n = 300, 200
+    x = with_spectrum(rng, m, n, s).astype(np.float32)
+    full = spectral.svdvals_gram(x)
+    total = float(np.sum(full ** 2))
+    return spectral.spectrum_fields(full, thr), spectral.partial_spectrum_fields(
+        spectral.randomized_svd(x, k), total, min(m, n), thr)
+
+
+@pytest.mark.parametrize("kind", ["flat100", "power_half", "step", "noise_like"])
+def test_partial_bounds_contain_the_truth(rng, kind):
+    s = {"flat100": np.r_[np.ones(100), np.zeros(100)],
+         "power_half": np.arange(1, 201.0) ** -0.5,
+         "step": np.r_[np.full(40, 3.0), np.full(160, 0.3)],
+         "noise_like": np.sqrt(np.linspace(4, 0.01, 200))}[kind]
+    truth, part = _truth_and_partial(rng, s)
+    assert part["estimated"] == ["effective_rank"]
+    for key in ("energy_rank_90", "energy_rank_99", "numerical_rank"):
+        if key in part["bounds"]:
+            lo, hi = part["bounds"][key]
+            assert lo == part[key] and lo <= truth[key] <= hi, (key, lo, truth[key], hi)
+        else:
+            assert part[key] == truth[key]
+    lo, hi = part["bounds"]["effective_rank"]
+    assert lo * (1 - 1e-3) <= truth["effective_rank"] <= hi * (1 + 1e-3)
+    assert part["stable_rank"] == pytest.approx(truth["stable_rank"], rel=0.05)
+
+
+def test_partial_is_exact_when_the_top_k_hold_everything(rng):
+    s = np.r_[np.arange(6, 0, -1.0), np.zeros(194)]
+    truth, part = _truth_and_partial(rng, s)
+    assert part["bounds"] == {} or set(part["bounds"]) == {"effective_rank"}
+    for key in ("energy_rank_90", "energy_rank_99", "numerical_rank"):
+        assert part[key] == truth[key]
+    # effective rank feels even float32 round-off in the tail: same to 1%
+    assert part["effective_rank"] == pytest.approx(truth["effective_rank"], rel=1e-2)
+
+
+# --- torch versions: same answers ---------------------------------------------------------
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def test_torch_versions_agree_with_numpy(rng):
+    t = _torch()
+    x = with_spectrum(rng, 200, 120, np.r_[np.geomspace(5, 0.5, 20), np.zeros(100)]).astype(np.float32)
+    tx = t.from_numpy(x)
+    np.testing.assert_allclose(spectral.svdvals_exact_torch(tx), spectral.svdvals_exact(x), atol=1e-5)
+    np.testing.assert_allclose(spectral.svdvals_gram_torch(tx.T), spectral.svdvals_gram(x), atol=2e-3)
+    np.testing.assert_allclose(spectral.randomized_svd_torch(tx, 16, seed=1),
+                               spectral.randomized_svd(x, 16, seed=1), rtol=1e-4)
+    b, a = rng.standard_normal((40, 3)), rng.standard_normal((3, 30))
+    np.testing.assert_allclose(spectral.factors_svd_torch(t.from_numpy(b), t.from_numpy(a), 2.0),
+                               spectral.factors_svd(b, a, 2.0), rtol=1e-12)
+    u, s, vt = spectral.randomized_svd_torch(tx, 20, seed=1, vectors=True)
+    np.testing.assert_allclose((u * s) @ vt, x, atol=1e-4)
+    assert spectral.randomized_svd_torch(tx, 16, seed=1).tobytes() == \
+        spectral.randomized_svd_torch(tx, 16, seed=1).tobytes()
