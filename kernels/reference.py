@@ -70,7 +70,8 @@ def as_bits(raw) -> np.ndarray:
 def decode(raw, dtype: str) -> np.ndarray:
     """Stored values -> float64, flattened (bf16 bits shifted, fp8 through its table)."""
     from .dtypes import decode as _decode
-    return _decode(as_storage(raw, dtype), dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _decode(as_storage(raw, dtype), dtype)
 
 
 def half_ulp(absb: np.ndarray, dtype: str) -> np.ndarray:
@@ -109,15 +110,16 @@ def delta_stats(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str) -> np.nd
     else:
         changed = ~value_equal
     bf, tf = b[fin], t[fin]
-    d = tf - bf
-    ad = np.abs(d)
-    h = np.maximum(half_ulp(np.abs(bf), dtype_base), half_ulp(np.abs(bf), dtype_tuned))
     out = np.zeros(NSTATS)
+    with np.errstate(over="ignore", invalid="ignore"):   # float64 overflow of F64 data is data
+        d = tf - bf
+        ad = np.abs(d)
+        out[IDX["sum_b2"]] = np.sum(bf * bf)
+        out[IDX["sum_t2"]] = np.sum(tf * tf)
+        out[IDX["sum_d2"]] = np.sum(d * d)
+        out[IDX["dot"]] = np.sum(bf * tf)
+    h = np.maximum(half_ulp(np.abs(bf), dtype_base), half_ulp(np.abs(bf), dtype_tuned))
     out[IDX["count"]] = b.size
-    out[IDX["sum_b2"]] = np.sum(bf * bf)
-    out[IDX["sum_t2"]] = np.sum(tf * tf)
-    out[IDX["sum_d2"]] = np.sum(d * d)
-    out[IDX["dot"]] = np.sum(bf * tf)
     out[IDX["n_changed"]] = np.count_nonzero(changed)
     out[IDX["n_beyond"]] = np.count_nonzero(ad > h) + np.count_nonzero(~fin & ~value_equal)
     out[IDX["max_abs"]] = ad.max() if ad.size else 0.0
@@ -233,4 +235,5 @@ def rounding_sigma2(raw, dtype: str) -> float:
     x = decode(raw, dtype)
     x = np.abs(x[np.isfinite(x)])
     u = 2.0 * half_ulp(x, dtype)
-    return float(np.sum(u * u) / 12.0)
+    with np.errstate(over="ignore"):
+        return float(np.sum(u * u) / 12.0)

@@ -1,0 +1,187 @@
+"""The numba kernels against the float64 reference, plus the semantics the reference fixes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightdiff.kernels import cpu, reference as ref
+from weightdiff.kernels.reference import IDX
+from weightdiff.safetensors_write import to_storage
+
+from kernel_cases import PAIRS, assert_stats_close, make_pair, specials
+
+LENGTHS = [0, 1, cpu.CHUNK - 1, cpu.CHUNK + 1, 3 * cpu.CHUNK]
+
+
+@pytest.mark.parametrize("db,dt", PAIRS, ids=[f"{a}-{b}" for a, b in PAIRS])
+def test_delta_stats_matches_reference(db, dt):
+    rng = np.random.default_rng(abs(hash((db, dt))) % 2**32)
+    for n in LENGTHS:
+        b, t = make_pair(rng, n, db, dt)
+        assert_stats_close(cpu.delta_stats(b, t, db, dt), ref.delta_stats(b, t, db, dt))
+
+
+@pytest.mark.parametrize("db,dt", [("BF16", "BF16"), ("F32", "BF16"), ("F16", "F16"), ("F64", "F64"),
+                                   ("F8_E4M3", "F8_E4M3"), ("I8", "I8")])
+def test_decode_delta_and_sigma_match_reference(db, dt):
+    rng = np.random.default_rng(7)
+    for n in (0, 1, cpu.CHUNK + 3):
+        b, t = make_pair(rng, n, db, dt)
+        got, want = np.empty(n, np.float32), np.empty(n, np.float32)
+        cpu.decode_delta_f32(b, t, db, dt, got)
+        ref.decode_delta_f32(b, t, db, dt, want)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(cpu.rounding_sigma2(t, dt), ref.rounding_sigma2(t, dt), rtol=1e-12)
+
+
+def test_worked_example():
+    """B = [1, 2, -0.5, 0], T = [1, 2.5, 0.5, -0] in F32, by hand."""
+    b = np.array([1.0, 2.0, -0.5, 0.0], np.float32)
+    t = np.array([1.0, 2.5, 0.5, -0.0], np.float32)
+    s = cpu.delta_stats(b, t, "F32", "F32")
+    assert s.tolist() == [4, 5.25, 7.5, 1.25, 5.75, 3, 2, 1.0, 0, 0, 1]
+    f = ref.finalize(s)
+    assert f["norm_delta"] == np.sqrt(1.25) and f["frac_changed"] == 0.75
+    assert f["frac_beyond_rounding"] == 0.5 and f["sign_flips"] == 1
+
+
+def test_signed_zero_and_nan_rules():
+    nan_a = np.array([0x7FC0], np.uint16)          # bf16 quiet NaN
+    nan_b = np.array([0x7FC1], np.uint16)          # another payload
+    s = cpu.delta_stats(nan_a, nan_a, "BF16", "BF16")
+    assert s[IDX["n_changed"]] == 0 and s[IDX["nonfinite_b"]] == 1 and s[IDX["nonfinite_t"]] == 1
+    s = cpu.delta_stats(nan_a, nan_b, "BF16", "BF16")
+    assert s[IDX["n_changed"]] == 1 and s[IDX["n_beyond"]] == 0     # bits differ, value (NaN) does not
+    s = cpu.delta_stats(np.array([0x0000], np.uint16), np.array([0x8000], np.uint16), "BF16", "BF16")
+    assert s[IDX["n_changed"]] == 1 and s[IDX["n_beyond"]] == 0 and s[IDX["sign_flips"]] == 0
+    s = cpu.delta_stats(np.array([-0.0], np.float32), to_storage(np.array([0.0]), "BF16"), "F32", "BF16")
+    assert s[IDX["n_changed"]] == 0                                   # by value across dtypes
+    s = cpu.delta_stats(np.array([1.0], np.float32), np.array([np.nan], np.float32), "F32", "F32")
+    assert s[IDX["n_beyond"]] == 1 and s[IDX["sum_b2"]] == 0 and s[IDX["nonfinite_t"]] == 1
+    s = cpu.delta_stats(np.array([np.inf], np.float32), np.array([np.inf], np.float32), "F32", "F32")
+    assert s[IDX["n_changed"]] == 0 and s[IDX["n_beyond"]] == 0
+
+
+def test_cast_is_rounding_and_one_ulp_is_not(rng):
+    x = (rng.standard_normal(cpu.CHUNK * 2 + 17) * 0.02).astype(np.float32)
+    x[:3] = [0.0, 1e-40, -3e38]                     # zero, fp32 subnormal, huge
+    bits = to_storage(x, "BF16")
+    assert cpu.delta_stats(x, bits, "F32", "BF16")[IDX["n_beyond"]] == 0
+    assert cpu.delta_stats(bits, x, "BF16", "F32")[IDX["n_beyond"]] == 0
+    x16 = np.clip(x, -6e4, 6e4)
+    assert cpu.delta_stats(x16, x16.astype(np.float16), "F32", "F16")[IDX["n_beyond"]] == 0
+    bumped = bits + np.uint16(1)                    # one bf16 ulp up (no sign or exponent wrap here)
+    ok = (bits & 0x7F80) != 0x7F80
+    s = cpu.delta_stats(bits[ok], bumped[ok], "BF16", "BF16")
+    assert s[IDX["n_beyond"]] == ok.sum() == s[IDX["n_changed"]]
+    # a one-ulp bf16 step seen against an fp32 base is beyond rounding too
+    s = cpu.delta_stats(x, bumped, "F32", "BF16")
+    assert s[IDX["n_beyond"]] >= ok.sum() - 3
+
+
+def test_integers_count_any_change():
+    b = np.array([0, 5, -7, 2**40], np.int64)
+    t = np.array([0, 6, -7, 2**40 + 1], np.int64)
+    s = cpu.delta_stats(b, t, "I64", "I64")
+    assert s[IDX["n_changed"]] == 2 == s[IDX["n_beyond"]]
+    s = cpu.delta_stats(np.array([True, False]), np.array([True, True]), "BOOL", "BOOL")
+    assert s[IDX["n_beyond"]] == 1 and s[IDX["sum_d2"]] == 1
+
+
+def test_inputs_in_any_layout(rng):
+    b, t = make_pair(rng, 3000, "BF16", "BF16")
+    want = cpu.delta_stats(b, t, "BF16", "BF16")
+    ro_b, ro_t = b.copy(), t.copy()
+    ro_b.setflags(write=False)
+    ro_t.setflags(write=False)
+    np.testing.assert_array_equal(cpu.delta_stats(ro_b, ro_t, "BF16", "BF16"), want)
+    np.testing.assert_array_equal(cpu.delta_stats(b.reshape(30, 100), t.reshape(30, 100), "BF16", "BF16"), want)
+    wide_b, wide_t = np.repeat(b, 2)[::2], np.repeat(t, 2)[::2]          # non-contiguous views
+    assert not wide_b.flags.c_contiguous
+    np.testing.assert_array_equal(cpu.delta_stats(wide_b, wide_t, "BF16", "BF16"), want)
+    s0 = cpu.delta_stats(np.array(1.5, np.float32), np.array(2.5, np.float32), "F32", "F32")   # 0-d
+    assert s0[IDX["count"]] == 1 and s0[IDX["sum_d2"]] == 1.0
+    f16 = np.array([1.0, 2.0], np.float16)
+    np.testing.assert_array_equal(cpu.delta_stats(f16, f16.view(np.uint16), "F16", "F16"),
+                                  ref.delta_stats(f16, f16, "F16", "F16"))
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="elements"):
+        cpu.delta_stats(np.zeros(3, np.float32), np.zeros(4, np.float32), "F32", "F32")
+    with pytest.raises(ValueError, match="bytes_stats"):
+        cpu.delta_stats(np.zeros(3, np.uint8), np.zeros(3, np.uint8), "F4", "F4")
+    with pytest.raises(ValueError, match="cannot hold"):
+        cpu.delta_stats(np.zeros(3, np.float32), np.zeros(3, np.float32), "BF16", "BF16")
+    with pytest.raises(ValueError):
+        cpu.set_threads(0)
+
+
+def test_bytes_stats(rng):
+    c = (rng.standard_normal(10) + 1j * rng.standard_normal(10)).astype(np.complex64)
+    d = c.copy()
+    d[3] += 1
+    for mod in (cpu, ref):
+        s = mod.bytes_stats(c, d)
+        assert s[IDX["count"]] == 10 and s[IDX["n_changed"]] == 1 == s[IDX["n_beyond"]]
+        assert s[IDX["sum_b2"]] == 0
+    packed = rng.integers(0, 256, cpu.CHUNK + 5, dtype=np.uint8)
+    other = packed.copy()
+    other[[0, 7, cpu.CHUNK + 4]] ^= 1
+    np.testing.assert_array_equal(cpu.bytes_stats(packed, other), ref.bytes_stats(packed, other))
+    assert cpu.bytes_stats(packed, other)[IDX["n_changed"]] == 3
+
+
+def test_combine_and_finalize():
+    a = np.array([2, 1.0, 4.0, 1.0, 2.0, 1, 1, 1.0, 0, 1, 0])
+    b = np.array([2, 3.0, 0.0, 3.0, 0.0, 2, 0, 3.0, 1, 0, 1])
+    c = cpu.combine(a, b)
+    assert c.tolist() == [4, 4.0, 4.0, 4.0, 2.0, 3, 1, 3.0, 1, 1, 1]
+    f = ref.finalize(c)
+    assert f["norm_base"] == 2.0 and f["cosine"] == 0.5 and f["nonfinite"] == 2
+    empty = ref.finalize(np.zeros(ref.NSTATS))
+    assert empty["rel_change"] is None and empty["cosine"] is None and empty["frac_changed"] is None
+    zero_base = ref.finalize(np.array([3, 0.0, 1.0, 1.0, 0.0, 1, 1, 1.0, 0, 0, 0]))
+    assert zero_base["rel_change"] is None and zero_base["cosine"] is None
+    assert zero_base["frac_changed"] == pytest.approx(1 / 3)
+
+
+def test_specials_cover_the_named_values():
+    sp = ref.decode(specials("BF16"), "BF16")
+    assert np.isnan(sp).any() and np.isinf(sp).any() and (np.signbit(sp) & (sp == 0)).any()
+
+
+def test_threads_bitwise_equal(rng):
+    b, t = make_pair(rng, 5 * cpu.CHUNK + 11, "BF16", "F32")
+    try:
+        cpu.set_threads(1)
+        one = cpu.delta_stats(b, t, "BF16", "F32")
+        cpu.set_threads(None)
+        many = cpu.delta_stats(b, t, "BF16", "F32")
+    finally:
+        cpu.set_threads(None)
+    assert one.tobytes() == many.tobytes()
+
+
+finite_f32 = st.floats(-2.0 ** 100, 2.0 ** 100, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(finite_f32, max_size=300), st.lists(finite_f32, max_size=300),
+       st.sampled_from(["BF16", "F32", "F16", "F8_E4M3"]))
+def test_properties(xs, ys, dtype):
+    n = min(len(xs), len(ys))
+    with np.errstate(over="ignore"):
+        b = to_storage(np.array(xs[:n], np.float32), dtype)
+        t = to_storage(np.array(ys[:n], np.float32), dtype)
+    same = cpu.delta_stats(b, b, dtype, dtype)
+    assert same[IDX["n_changed"]] == same[IDX["n_beyond"]] == same[IDX["sum_d2"]] == 0
+    assert same[IDX["sign_flips"]] == 0 and same[IDX["sum_b2"]] == same[IDX["sum_t2"]]
+    fwd = cpu.delta_stats(b, t, dtype, dtype)
+    back = cpu.delta_stats(t, b, dtype, dtype)
+    assert fwd[IDX["sum_d2"]] == back[IDX["sum_d2"]] and fwd[IDX["n_changed"]] == back[IDX["n_changed"]]
+    assert ref.finalize(fwd)["norm_delta"] == ref.finalize(back)["norm_delta"]
+    assert_stats_close(fwd, ref.delta_stats(b, t, dtype, dtype))
