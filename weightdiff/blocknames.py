@@ -61,7 +61,7 @@ def _is_norm(part: str) -> bool:
 def _module_kind(rest: list[str], in_block: bool) -> str:
     """Module kind from the name components after the block index (or of a non-block tensor)."""
     last = rest[-1] if rest else ""
-    body = rest[:-1] if last in ("weight", "bias") and len(rest) > 1 else rest
+    body = rest[:-1] if last in ("weight", "bias") else rest
     low = [p.lower() for p in body]
     if any(_is_norm(p) for p in low):
         return "norm"
