@@ -86,11 +86,16 @@ def describe(ckpt: Checkpoint, digests: bool) -> dict:
 
 
 def versions() -> dict[str, str]:
+    from importlib import metadata
+
     out = {"python": platform.python_version(), "weightdiff": __version__}
-    for mod in ("numpy", "numba", "safetensors", "matplotlib", "click", "torch"):
-        m = sys.modules.get(mod)
-        if m is not None:
-            out[mod] = getattr(m, "__version__", "?")
+    for dist in ("numpy", "numba", "safetensors", "matplotlib", "click", "torch"):
+        if dist == "torch" and "torch" not in sys.modules:
+            continue    # only when the run used it
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
     return out
 
 
