@@ -80,7 +80,11 @@ def describe(ckpt: Checkpoint, digests: bool) -> dict:
     files = []
     for f in ckpt.files:
         f = Path(f)
-        files.append({"name": f.name, "bytes": f.stat().st_size, "sha256": hashes.get(str(f), hashes.get(f.name))})
+        try:
+            rel = f.relative_to(ckpt.root).as_posix()
+        except ValueError:
+            rel = f.name
+        files.append({"name": rel, "bytes": f.stat().st_size, "sha256": hashes.get(rel)})
     return {"path": str(ckpt.path), "format": ckpt.format, "params": ckpt.params,
             "bytes": sum(f["bytes"] for f in files), "dtypes": dict(sorted(dtypes.items())), "files": files}
 

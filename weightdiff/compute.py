@@ -99,6 +99,10 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         rec.note = f"tied: the tuned model has no `{pair.tuned_name}`; it shares `{pair.base_name}`"
     if pair.kind in ("added", "removed"):
         return rec
+    if pair.kind == "inherited":
+        rec.status = "unchanged"
+        rec.note = "not in the adapter: the base tensor is used as it is"
+        return rec
     base = bases[pair.base_index]
     thr = options.thresholds
 

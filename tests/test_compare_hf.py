@@ -1,0 +1,90 @@
+"""compare() on checkpoints written by transformers and peft themselves (real names and layouts).
+
+Tiny configs, save_pretrained, a few real training steps on CPU. Skipped when
+transformers/peft/torch are not installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import weightdiff
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _train(model, params, steps: int = 3, lr: float = 1e-2, seed: int = 0):
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(params, lr=lr)
+    ids = torch.randint(0, 128, (2, 16))
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama_base")
+    _tiny_llama().save_pretrained(d)
+    return d
+
+
+def test_real_training_of_one_block_is_found(tmp_path, base_dir):
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    block = model.model.layers[1]
+    _train(model, list(block.parameters()))
+    model.save_pretrained(tmp_path / "tuned")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "tuned"))
+    assert r.summary.verdict == "derived"
+    assert r.summary.blocks_changed == 1
+    changed = {t.name for t in r.tensors if t.status == "changed"}
+    assert changed and all(n.startswith("model.layers.1.") for n in changed)
+
+
+def test_bf16_save_of_the_base_is_cast_only(tmp_path, base_dir):
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "bf16"))
+    assert r.summary.verdict == "cast_only"
+
+
+def test_peft_adapter_as_tuned_side_is_analysed_from_factors(tmp_path, base_dir):
+    peft = pytest.importorskip("peft")
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                          init_lora_weights=False)
+    pm = peft.get_peft_model(model, cfg)
+    pm.save_pretrained(tmp_path / "adapter")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
+    assert r.tuned["format"] == "adapter"
+    assert r.summary.verdict == "derived"
+    lora = [t for t in r.tensors if t.compared == "factors"]
+    assert len(lora) == 2 * 3
+    for t in lora:
+        assert t.status == "changed"
+        assert t.rank.numerical_rank == 4
+        assert t.rank.method == "factors"
+    # the same numbers as the merged model, measured densely
+    merged = pm.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    dense = weightdiff.compare(str(base_dir), str(tmp_path / "merged"))
+    for t in lora:
+        d = dense.tensor(t.name)
+        assert t.norm_delta == pytest.approx(d.norm_delta, rel=1e-4)
+        assert t.cosine == pytest.approx(d.cosine, rel=1e-6)
+        assert d.rank.numerical_rank == 4
+        np.testing.assert_allclose(t.rank.spectrum[:4], d.rank.spectrum[:4], rtol=1e-3)
+    assert r.summary.blocks_changed == dense.summary.blocks_changed == 3
