@@ -18,7 +18,11 @@ rolls records up with it.
 
 from __future__ import annotations
 
-__all__ = ["parse_name", "group_of"]
+__all__ = ["parse_name", "group_of", "is_embedding", "is_lm_head"]
+
+_EMBED_LEAVES = ("embed_tokens", "wte", "word_embeddings", "shared", "embed_in", "tok_embeddings",
+                 "token_embedding", "embedding")
+_HEAD_NAMES = ("lm_head", "embed_out", "output", "cls.predictions.decoder")
 
 _WRAPPERS = {"model", "transformer", "base_model", "bert", "roberta", "xlm_roberta", "vit", "deit", "gpt_neox",
              "deberta", "electra", "distilbert", "albert", "backbone", "module", "_orig_mod"}
@@ -176,3 +180,36 @@ def group_of(name: str, module: str) -> str:
     return "head"
 
 
+def _leaf(name: str) -> str:
+    """The module part of a parameter name: ``a.b.weight`` -> ``a.b``."""
+    for end in (".weight", ".bias"):
+        if name.endswith(end):
+            return name[: -len(end)]
+    return name
+
+
+def is_embedding(name: str) -> bool:
+    """A token-embedding matrix by its name (Llama, GPT-2, BERT, T5, NeoX, ...).
+
+    >>> is_embedding("model.embed_tokens.weight"), is_embedding("transformer.wpe.weight")
+    (True, False)
+    """
+    leaf = _leaf(name).rsplit(".", 1)[-1]
+    return name.endswith(".weight") and leaf in _EMBED_LEAVES
+
+
+def is_lm_head(name: str) -> bool:
+    """An output projection onto the vocabulary by its name.
+
+    >>> is_lm_head("lm_head.weight"), is_lm_head("model.layers.0.mlp.output.weight")
+    (True, False)
+    """
+    leaf = _leaf(name)
+    return name.endswith(".weight") and any(leaf == h or leaf.endswith("." + h) and h != "output"
+                                            for h in _HEAD_NAMES)
+
+
+def _vocab_like(name: str) -> bool:
+    leaf = _leaf(name)
+    return is_embedding(name) or is_lm_head(name) or any(leaf == h or leaf.endswith("." + h) for h in
+                                                         ("lm_head", "cls.predictions", "embed_out"))

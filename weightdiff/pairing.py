@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Iterable, Protocol, Sequence
 
+from .blocknames import _vocab_like, is_embedding, is_lm_head
 from .errors import escape_name
 
 __all__ = ["Pair", "Plan", "plan", "KINDS", "is_embedding", "is_lm_head", "CheckpointLike"]
@@ -48,9 +49,6 @@ KINDS = ("paired", "resized", "mismatch", "added", "removed", "lora", "inherited
 #: prefixes are at most this many leading name components, never a block index
 MAX_PREFIX_PARTS = 3
 
-_EMBED_LEAVES = ("embed_tokens", "wte", "word_embeddings", "shared", "embed_in", "tok_embeddings",
-                 "token_embedding", "embedding")
-_HEAD_NAMES = ("lm_head", "embed_out", "output", "cls.predictions.decoder")
 _PEFT_PREFIX = "base_model.model."
 _PEFT_SEGMENTS = re.compile(r"\.(?:modules_to_save\.[^.]+|modules_to_save|original_module|base_layer)(?=\.)")
 
@@ -131,41 +129,6 @@ class Plan:
 
 def _numel(shape: Iterable[int] | None) -> int:
     return 0 if shape is None else int(math.prod(int(s) for s in shape))
-
-
-def _leaf(name: str) -> str:
-    """The module part of a parameter name: ``a.b.weight`` -> ``a.b``."""
-    for end in (".weight", ".bias"):
-        if name.endswith(end):
-            return name[: -len(end)]
-    return name
-
-
-def is_embedding(name: str) -> bool:
-    """A token-embedding matrix by its name (Llama, GPT-2, BERT, T5, NeoX, ...).
-
-    >>> is_embedding("model.embed_tokens.weight"), is_embedding("transformer.wpe.weight")
-    (True, False)
-    """
-    leaf = _leaf(name).rsplit(".", 1)[-1]
-    return name.endswith(".weight") and leaf in _EMBED_LEAVES
-
-
-def is_lm_head(name: str) -> bool:
-    """An output projection onto the vocabulary by its name.
-
-    >>> is_lm_head("lm_head.weight"), is_lm_head("model.layers.0.mlp.output.weight")
-    (True, False)
-    """
-    leaf = _leaf(name)
-    return name.endswith(".weight") and any(leaf == h or leaf.endswith("." + h) and h != "output"
-                                            for h in _HEAD_NAMES)
-
-
-def _vocab_like(name: str) -> bool:
-    leaf = _leaf(name)
-    return is_embedding(name) or is_lm_head(name) or any(leaf == h or leaf.endswith("." + h) for h in
-                                                         ("lm_head", "cls.predictions", "embed_out"))
 
 
 def _splits(name: str) -> list[tuple[str, str]]:
