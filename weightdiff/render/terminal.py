@@ -120,7 +120,10 @@ def render_text(result: dict, top: int = 10) -> str:
     blocks.sort(key=lambda b: (-(b.get("rel_change") or 0.0), b["block"]))
     if blocks:
         lines.append("")
-        lines.append(f"most changed blocks ({len(blocks)} changed)")
+        indexed = sum(1 for b in blocks if b.get("index") is not None)
+        others = len(blocks) - indexed
+        label = f"{indexed} blocks" + (f" and {others} other groups" if others else "")
+        lines.append(f"most changed blocks ({label} changed)")
         rows = [[_trim(b["block"], 32), fmt_sci(b.get("rel_change")), fmt_int(b.get("params_changed")),
                  fmt_int(b.get("params")), "-" if b.get("max_numerical_rank") is None else str(b["max_numerical_rank"])]
                 for b in blocks[:top]]
@@ -148,9 +151,10 @@ def render_text(result: dict, top: int = 10) -> str:
         lines += _table(rows, ["tensor", "status", "shape", "params"], "lllr")
         if len(added) > top:
             lines.append(f"  ... and {len(added) - top} more (see --json)")
-    if s.get("headline"):
+    headline = [h for h in s.get("headline") or [] if h != s.get("verdict_reason")]
+    if headline:
         lines.append("")
-        lines += [f"  * {h}" for h in s["headline"]]
+        lines += [f"  * {h}" for h in headline]
     return "\n".join(lines) + "\n"
 
 
