@@ -242,6 +242,14 @@ def test_symlink_loop_inside_folder(tmp_path):
     bad(d, "symlink loop", d / "model.safetensors")
 
 
+def test_broken_symlink_shard(tmp_path):
+    d = _sharded(tmp_path)
+    shard = d / "model-00002-of-00003.safetensors"
+    shard.unlink()
+    shard.symlink_to("../../blobs/abc")
+    bad(d, "broken symlink to ../../blobs/abc (incomplete download?)", shard)
+
+
 def test_directory_with_no_weights(tmp_path):
     d = tmp_path / "ck"
     d.mkdir()

@@ -53,6 +53,9 @@ def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            raise CheckpointError(path, f"broken symlink to {escape_name(os.readlink(path))}",
+                                  "incomplete download?") from None
         raise CheckpointError(path, os_problem(exc)) from None
     try:
         st = os.fstat(fd)
