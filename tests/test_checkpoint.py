@@ -240,6 +240,18 @@ def test_pickle_read_through_torch(tmp_path):
         assert list(c.windows("e")) == []
 
 
+def test_trainer_files_are_not_weights(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.save({"w": torch.ones(2)}, tmp_path / "model.pt")
+    (tmp_path / "training_args.bin").write_bytes(b"not read")
+    (tmp_path / "optimizer.pt").write_bytes(b"not read")
+    with locate(tmp_path) as c:
+        assert c.files == [tmp_path / "model.pt"]
+    torch.save({"w": torch.ones(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="2 pickle files and no index, so which is the model is ambiguous"):
+        locate(tmp_path)
+
+
 def test_wrapped_state_dict(tmp_path):
     torch = pytest.importorskip("torch")
     torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "model.pt")

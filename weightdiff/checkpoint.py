@@ -34,6 +34,8 @@ from .safetensors_io import SafetensorsFile, TensorInfo, array_windows, check_ra
 
 __all__ = ["AdapterConfig", "LoraFactor", "Checkpoint", "locate", "JSON_CAP"]
 
+#: trainer state saved beside the weights, never a model
+_NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"}
 _OPEN_FILES = 8                     # headers parsed and fds held at once; data is mapped per window
 
 
@@ -214,11 +216,14 @@ def _locate_dir(d: Path) -> Checkpoint:
     pk_index = [n for n in names if n.endswith(".bin.index.json")]
     if len(pk_index) == 1:
         return _pickle_sharded(d, d / pk_index[0])
-    pk = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    pk = [n for n in names if n.endswith(PICKLE_SUFFIXES) and n not in _NOT_WEIGHTS]
     if "pytorch_model.bin" in pk:
         pk = ["pytorch_model.bin"]
     if len(pk) == 1:
         return _pickles(d, [d / pk[0]], d)
+    if len(pk) > 1:
+        raise CheckpointError(d, f"{len(pk)} pickle files and no index, so which is the model is ambiguous: "
+                                 f"{', '.join(escape_name(n) for n in pk)}", "pass one file")
     found = f"found {', '.join(escape_name(n) for n in names[:6])}" + (", ..." if len(names) > 6 else "") \
         if names else "the folder is empty"
     raise CheckpointError(d, f"no checkpoint here: expected model.safetensors or "
