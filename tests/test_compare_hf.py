@@ -88,3 +88,5 @@ def test_peft_adapter_as_tuned_side_is_analysed_from_factors(tmp_path, base_dir)
         assert d.rank.numerical_rank == 4
         np.testing.assert_allclose(t.rank.spectrum[:4], d.rank.spectrum[:4], rtol=1e-3)
     assert r.summary.blocks_changed == dense.summary.blocks_changed == 3
+    # untouched base tensors count in the model-level figure, as in the merged model
+    assert r.summary.relative_change == pytest.approx(dense.summary.relative_change, rel=1e-4)

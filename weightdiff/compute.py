@@ -95,15 +95,24 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         base_shape=shape_b, dtype_base=pair.dtype_base, dtype_tuned=pair.dtype_tuned,
         numel=_elements(pair, shape_t if shape_t is not None else shape_b), base_index=pair.base_index,
         compared="none")
+    rec.tied = pair.tied
     if pair.tied:
         rec.note = f"tied: the tuned model has no `{pair.tuned_name}`; it shares `{pair.base_name}`"
     if pair.kind in ("added", "removed"):
         return rec
+    base = bases[pair.base_index]
     if pair.kind == "inherited":
+        # the adapter leaves it alone; its base norm still counts in the model-level relative
+        # change, so an adapter reads the same as the merged model it stands for
         rec.status = "unchanged"
         rec.note = "not in the adapter: the base tensor is used as it is"
+        if DTYPES[pair.dtype_base].decodable:
+            stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, base, pair.base_name,
+                                  pair.dtype_base, None, on_window)
+            _fill(rec, reference.finalize(stats))
+            rec.numel_compared = int(stats[0])
+            rec.compared = "float"
         return rec
-    base = bases[pair.base_index]
     thr = options.thresholds
 
     if pair.kind == "lora":
@@ -188,7 +197,7 @@ def compute_all(plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint, opti
                 progress: Progress | None = None) -> tuple[list[TensorRecord], float]:
     """Run every pair of the plan in order; returns the records and the seconds spent."""
     backend = Backend.for_options(options)
-    total = sum(_elements(p, p.shape_tuned) for p in plan.pairs if p.kind not in ("added", "removed"))
+    total = sum(p.params for p in plan.pairs if p.kind not in ("added", "removed", "mismatch", "lora"))
     done = 0
     t0 = time.perf_counter()
     records = []

@@ -374,11 +374,14 @@ def _headline(s: Summary, counted: list[TensorRecord], n_cos: int) -> list[str]:
                    f"({fmt_pct(s.delta_params_share)} of the model).")
     added = [r for r in counted if r.status == "added"]
     if added:
-        out.append(f"{len(added)} tensors were added ({fmt_count(sum(r.numel for r in added))} parameters).")
+        n = len(added)
+        out.append(f"{n} tensor{'s were' if n != 1 else ' was'} added ({fmt_count(sum(r.numel for r in added))} "
+                   "parameters).")
     removed = [r for r in counted if r.status == "removed"]
     if removed:
-        out.append(f"{len(removed)} base tensors are missing ({fmt_count(sum(r.numel for r in removed))} "
-                   "parameters).")
+        n = len(removed)
+        out.append(f"{n} base tensor{'s are' if n != 1 else ' is'} missing "
+                   f"({fmt_count(sum(r.numel for r in removed))} parameters).")
     for r in counted:
         if r.status == "resized" and not is_mismatch(r) and r.module == "embed" and r.base_shape:
             out.append(f"The vocabulary was resized from {r.base_shape[0]:,} to {r.shape[0]:,} rows.")
