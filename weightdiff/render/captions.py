@@ -237,7 +237,7 @@ def caption_depth(data: dict) -> str:
         return "Relative change per block: the checkpoint has no numbered blocks to plot."
     changed = [b for b in blocks if block_state(b) == "changed"]
     rounding = [b for b in blocks if block_state(b) == "rounding"]
-    text = (f"Relative change ||dW||/||W|| (Frobenius norms) of each of the {len(blocks)} blocks, from the input "
+    text = (f"Relative change ‖ΔW‖ / ‖W‖ (Frobenius norms) of each of the {len(blocks)} blocks, from the input "
             f"(block {blocks[0]['index']}) to the top (block {blocks[-1]['index']}), on a log scale. "
             f"{len(changed)} of {len(blocks)} blocks changed")
     if changed:
@@ -249,6 +249,10 @@ def caption_depth(data: dict) -> str:
         text += f" {_plural(unchanged, 'block')} with no change at all sit as hollow circles on the line marked 0."
     if rounding:
         text += f" {_plural(len(rounding), 'block')} differ only by dtype rounding (hollow diamonds)."
+    others = [b for b in data.get("blocks", []) if b.get("index") is None and block_changed(b)]
+    if others:
+        text += (" Outside the numbered blocks, " + _list(f"{b.get('block')} ({fmt_int(b.get('params_changed'))} "
+                 f"parameters changed, added or resized)" for b in others) + " also changed; they are not drawn here.")
     return text
 
 
@@ -262,7 +266,10 @@ def caption_heatmap(data: dict) -> str:
     if moved:
         b, k, v = max(moved, key=lambda c: c[2])
         text += f"; the largest is {k} in block {b['index']} ({fmt_num(v)})"
-    return text + ". Grey cells did not change at all."
+    kinds = {c[1] for c in cells}
+    absent = sum(len(kinds) - len(b.get("modules") or {}) for b in layered_blocks(data))
+    text += ". White cells did not change at all"
+    return text + (f"; {_plural(absent, 'hatched cell')} mark kinds a block does not have." if absent else ".")
 
 
 def caption_params(data: dict) -> str:
@@ -279,18 +286,22 @@ def caption_params(data: dict) -> str:
     return text
 
 
-def caption_rank(data: dict, shown: int) -> str:
+def caption_rank(data: dict, shown: list[dict]) -> str:
     mats = changed_matrices(data)
     if not mats:
         return "Rank of the change: no changed matrix has a spectrum (nothing changed, or --no-rank)."
     r90 = [t["rank"]["energy_rank_90"] for t in mats if t["rank"].get("energy_rank_90") is not None]
     dims = sorted({min(t["rank"].get("shape_2d") or t.get("shape")[:2]) for t in mats})
-    top = mats[0]
-    text = (f"Left: cumulative share of the change's energy (sum of squared singular values over ||dW||^2) "
-            f"captured by the top k singular directions, for the {shown} most changed matrices. The most changed, "
-            f"{tensor_label(top)}, reaches 90% at rank {top['rank'].get('energy_rank_90')} and 99% at rank "
-            f"{top['rank'].get('energy_rank_99')}. Right: rank needed for 90% of the energy against the matrix's "
-            f"smaller side, for all {len(mats)} changed matrices")
+    text = (f"Left: cumulative share of the change's energy (sum of squared singular values over ‖ΔW‖²) "
+            f"captured by the top k singular directions, for {len(shown)} of the most changed matrices (the most "
+            f"changed of each changed block first). ")
+    text += " ".join(f"{tensor_label(t)} reaches 90% at rank {t['rank'].get('energy_rank_90')} and 99% at rank "
+                     f"{t['rank'].get('energy_rank_99')}." for t in _first_per_block(shown)[:3])
+    k = max((len(t["rank"].get("spectrum") or []) for t in shown), default=0)
+    if any((t["rank"].get("energy_captured") or 1.0) < 0.985 for t in shown):
+        text += f" Curves that stop short of 100% end where the reported spectrum ends (top {k} singular values)."
+    text += (f" Right: rank needed for 90% of the energy against the matrix's smaller side, for all {len(mats)} "
+             f"changed matrices")
     if r90:
         text += f" (median {median(r90):g}, range {min(r90)}-{max(r90)}; smaller side {_list(str(d) for d in dims[:4])}" \
                 + (" ..." if len(dims) > 4 else "") + ")"
@@ -298,6 +309,15 @@ def caption_rank(data: dict, shown: int) -> str:
     if any(not t["rank"].get("exact", True) for t in mats):
         text += " Hollow markers are lower bounds from a partial spectrum."
     return text
+
+
+def _first_per_block(ts: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for t in ts:
+        if t.get("block") not in seen:
+            seen.add(t.get("block"))
+            out.append(t)
+    return out
 
 
 def caption_cosine(data: dict) -> str:

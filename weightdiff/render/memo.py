@@ -179,7 +179,7 @@ body { font: 15px/1.5 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; c
 h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { font-size: 1.25rem; margin-top: 2rem;
   border-bottom: 1px solid #ccc; padding-bottom: .2rem; } h3 { font-size: 1.05rem; }
 code, pre { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: .85em;
-  overflow-wrap: anywhere; }
+  overflow-wrap: break-word; }
 pre { background: #f4f4f4; padding: .6rem .8rem; white-space: pre-wrap; }
 table { border-collapse: collapse; margin: .6rem 0; font-size: .88rem; width: 100%; }
 th, td { border-bottom: 1px solid #ddd; padding: .25rem .5rem; text-align: left; vertical-align: top; }
@@ -211,8 +211,8 @@ def _inline_html(content: Inline) -> str:
         return _h(content)
     out = []
     for style, t in content:
-        if style == "code":
-            out.append(f"<code>{_h(t)}</code>")
+        if style == "code":   # long dotted tensor names may wrap after a dot, not mid-word
+            out.append("<code>" + _h(t).replace(".", ".<wbr>").replace("/", "/<wbr>") + "</code>")
         elif style == "b":
             out.append(f"<strong>{_h(t)}</strong>")
         else:

@@ -14,6 +14,7 @@ a greyscale print keeps every distinction.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -125,6 +126,16 @@ def _empty(ax, message: str) -> None:
 
 # --- the five figures --------------------------------------------------------------------
 
+def _styled(draw: Callable[[dict], Figure]) -> Callable[[dict], Figure]:
+    """Draw under the house style, so ``draw_x(data)`` alone gives the figure ``save_figures`` saves."""
+    @functools.wraps(draw)
+    def wrapper(data: dict) -> Figure:
+        with rc_context(STYLE):
+            return draw(data)
+    return wrapper
+
+
+@_styled
 def draw_depth(data: dict) -> Figure:
     """Relative change per block, input to top; unchanged blocks hollow on a marked zero line."""
     fig = _figure(3.0)
@@ -177,6 +188,7 @@ def _module_order(kinds: set[str]) -> list[str]:
     return [k for k in pref if k in kinds] + sorted(kinds - set(pref))
 
 
+@_styled
 def draw_heatmap(data: dict) -> Figure:
     """Block x module kind grid of relative change; log colour scale, grey where nothing changed."""
     blocks = cap.layered_blocks(data)
@@ -194,22 +206,30 @@ def draw_heatmap(data: dict) -> Figure:
             grid[i, j] = np.nan if v is None else v
     xs = np.arange(len(blocks) + 1) - 0.5
     ys = np.arange(len(kinds) + 1) - 0.5
+    ax.set_facecolor("#F2F2F2")           # kinds a block lacks: hatched grey background
+    ax.patch.set_hatch("////")
+    ax.patch.set_edgecolor("#C8C8C8")
     zero = np.where(grid == 0, 1.0, np.nan)
-    ax.pcolormesh(xs, ys, np.ma.masked_invalid(zero), cmap=mcolors.ListedColormap(["#DDDDDD"]),
-                  edgecolors="white", linewidth=0.5)
+    ax.pcolormesh(xs, ys, np.ma.masked_invalid(zero), cmap=mcolors.ListedColormap(["white"]),
+                  edgecolors="#C8C8C8", linewidth=0.5)
     pos = np.where(grid > 0, grid, np.nan)
-    handles = [Patch(facecolor="#DDDDDD", edgecolor=GREY, lw=0.5, label="unchanged (0)")]
+    handles = [Patch(facecolor="white", edgecolor="#A0A0A0", lw=0.6, label="unchanged (0)")]
     if np.isfinite(pos).any():
         lo, hi = np.nanmin(pos), np.nanmax(pos)
         if hi <= lo * 1.0001:
             lo, hi = lo / 3.0, hi * 3.0
         mesh = ax.pcolormesh(xs, ys, np.ma.masked_invalid(pos), cmap="cividis",
-                             norm=mcolors.LogNorm(vmin=lo, vmax=hi), edgecolors="white", linewidth=0.5)
+                             norm=mcolors.LogNorm(vmin=lo, vmax=hi), edgecolors="#C8C8C8", linewidth=0.5)
         cb = fig.colorbar(mesh, ax=ax, pad=0.01, fraction=0.05, aspect=max(8, 3 * len(kinds)))
         cb.set_label("relative change\n‖ΔW‖ / ‖W‖ (log)", fontsize=8)
         cb.ax.tick_params(labelsize=7)
+        if hi / lo < 100:   # under 2 decades a log bar gets one or two labels: label 4 values
+            ticks = np.geomspace(lo, hi, 4)
+            cb.set_ticks(ticks, labels=[cap.fmt_num(float(t), 2) for t in ticks])
+            cb.ax.minorticks_off()
     if np.isnan(grid).any():
-        handles.append(Patch(facecolor="white", edgecolor=GREY, lw=0.5, label="kind absent from block"))
+        handles.append(Patch(facecolor="#F2F2F2", edgecolor="#C8C8C8", hatch="////", lw=0.5,
+                             label="kind absent from block"))
     ax.set_xlim(xs[0], xs[-1])
     ax.set_ylim(ys[-1], ys[0])   # first kind (attn.q) on top: reading order
     ax.set_yticks(range(len(kinds)))
@@ -224,6 +244,7 @@ def draw_heatmap(data: dict) -> Figure:
     return fig
 
 
+@_styled
 def draw_params(data: dict) -> Figure:
     """One horizontal bar: the tuned model's parameters split by status, percentages printed."""
     fig = _figure(2.1)
@@ -265,9 +286,25 @@ def draw_params(data: dict) -> Figure:
 RANK_SHOWN = 6
 
 
+def pick_rank_matrices(mats: list[dict], n: int = RANK_SHOWN) -> list[dict]:
+    """Up to ``n`` matrices for the energy curves: the most changed matrix of each changed
+    block first (so a LoRA-edited block is not crowded out by one dense block), then the
+    next most changed overall. ``mats`` comes most changed first."""
+    picked, seen = [], set()
+    for t in mats:
+        if t.get("block") not in seen:
+            seen.add(t.get("block"))
+            picked.append(t)
+    for t in mats:
+        if t not in picked:
+            picked.append(t)
+    return sorted(picked[:n], key=lambda t: mats.index(t))
+
+
+@_styled
 def draw_rank(data: dict) -> Figure:
     """Left: cumulative energy of the delta spectrum; right: energy rank 90% vs matrix side."""
-    fig = _figure(3.0)
+    fig = _figure(3.4)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[1.15, 1])
     fig.suptitle("Rank of the change", fontsize=10, fontweight="bold")
     mats = cap.changed_matrices(data)
@@ -275,8 +312,9 @@ def draw_rank(data: dict) -> Figure:
         _empty(ax1, "no spectrum: nothing changed, or --no-rank")
         _empty(ax2, "")
         return fig
-    shown = mats[:RANK_SHOWN]
+    shown = pick_rank_matrices(mats)
     kmax = 1
+    truncated = False
     for i, t in enumerate(shown):
         s = np.asarray(t["rank"].get("spectrum") or [], dtype=float)
         nd = t.get("norm_delta") or 0.0
@@ -285,8 +323,12 @@ def draw_rank(data: dict) -> Figure:
         cum = np.cumsum(s * s) / (nd * nd)
         k = np.arange(1, len(s) + 1)
         kmax = max(kmax, len(s))
-        ax1.step(k, np.minimum(cum, 1.0), where="post", lw=1.4, color=CYCLE[i % len(CYCLE)],
+        color = CYCLE[i % len(CYCLE)]
+        ax1.step(k, np.minimum(cum, 1.0), where="post", lw=1.4, color=color,
                  ls=["-", "--", "-.", ":"][i % 4], label=text(cap.tensor_label(t)))
+        if cum[-1] < 0.985:   # the reported spectrum stops before the energy is all counted
+            ax1.plot([k[-1]], [cum[-1]], ">", ms=4, color=color)
+            truncated = True
     for y in (0.9, 0.99):
         ax1.axhline(y, color=GREY, lw=0.6, ls=":")
         ax1.text(1.0, y, f" {y:.0%}", transform=ax1.get_yaxis_transform(), va="center", fontsize=7, color=GREY)
@@ -297,7 +339,11 @@ def draw_rank(data: dict) -> Figure:
     ax1.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
     ax1.set_xlabel("number of singular directions k (log)")
     ax1.set_ylabel("share of ‖ΔW‖² captured")
-    ax1.legend(loc="lower right", fontsize=6.5, handlelength=2.2)
+    handles, labels = ax1.get_legend_handles_labels()
+    if truncated:
+        handles.append(Line2D([], [], marker=">", ls="", color=GREY, ms=4))
+        labels.append(f"end of reported spectrum (top {kmax})")
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=7, handlelength=2.4)
     pts = [(min(t["rank"].get("shape_2d") or t["shape"][:2]), t["rank"].get("energy_rank_90"), t["rank"].get("exact", True))
            for t in mats if t["rank"].get("energy_rank_90")]
     if pts:
@@ -329,6 +375,7 @@ def draw_rank(data: dict) -> Figure:
     return fig
 
 
+@_styled
 def draw_cosine(data: dict) -> Figure:
     """1 - cosine per paired matrix, checkpoint order, log axis, with the 'unrelated' reference."""
     fig = _figure(3.0)
@@ -365,14 +412,15 @@ def draw_cosine(data: dict) -> Figure:
         if b not in seen:
             seen.add(b)
             firsts.append(i)
-            labels.append(str(b).rsplit(".", 1)[-1] if b else "-")
-    keep_x, keep_l = [], []
-    for x, label in zip(firsts, labels):   # thin to labels at least 1/18 of the axis apart
-        if not keep_x or x - keep_x[-1] >= len(mats) / 18:
-            keep_x.append(x)
-            keep_l.append(label)
-    ax.set_xticks(keep_x)
-    ax.set_xticklabels([text(x) for x in keep_l], fontsize=7)
+            labels.append(str(b).rsplit(".", 1)[-1] if b else str(t.get("module") or "other"))
+    gap = len(mats) / 18   # labels at least 1/18 of the axis apart; numbered blocks first
+    kept: dict[int, str] = {}
+    for numbered in (True, False):
+        for x, label in zip(firsts, labels):
+            if label.isdigit() == numbered and all(abs(x - k) >= gap for k in kept):
+                kept[x] = label
+    ax.set_xticks(sorted(kept))
+    ax.set_xticklabels([text(kept[x]) for x in sorted(kept)], fontsize=7)
     ax.set_xlabel("matrices in checkpoint order, ticked at the first matrix of each block")
     ax.set_ylabel("1 − cosine (log scale)")
     ax.legend(loc="center left", bbox_to_anchor=(0.0, 0.62), fontsize=7.5)
@@ -403,7 +451,7 @@ FIGURES: dict[str, tuple[str, Callable[[dict], Figure], Callable[[dict], str]]] 
     "heatmap": ("Block x module heatmap", draw_heatmap, cap.caption_heatmap),
     "param_share": ("Parameter share", draw_params, cap.caption_params),
     "rank": ("Rank of the change", draw_rank,
-             lambda d: cap.caption_rank(d, min(RANK_SHOWN, len(cap.changed_matrices(d))))),
+             lambda d: cap.caption_rank(d, pick_rank_matrices(cap.changed_matrices(d)))),
     "cosine": ("1 - cosine per matrix", draw_cosine, cap.caption_cosine),
 }
 
@@ -424,8 +472,9 @@ def render_figures(data: dict, formats: tuple[str, ...] = ("png", "svg")) -> lis
     out = []
     with rc_context(STYLE):
         for name, (title, draw, caption) in FIGURES.items():
-            fig = draw(data)
-            blobs = {f: figure_bytes(fig, f) for f in dict.fromkeys(list(formats) + ["svg"])}
+            # a fresh figure per format: constrained layout runs at each save's dpi, so a figure
+            # saved as PNG first would give a slightly different SVG than one saved as SVG alone
+            blobs = {f: figure_bytes(draw(data), f) for f in dict.fromkeys(list(formats) + ["svg"])}
             fo = FigureOutput(name, title, caption(data), svg=blobs["svg"])
             out.append((fo, {f: blobs[f] for f in formats}))
     return out

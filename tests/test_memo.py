@@ -1,0 +1,128 @@
+"""The memo: headline, figures, tables, methodology, limits, reproducibility, and escaping of names."""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import pytest
+
+from render_sample import cached_result
+from weightdiff.render import captions as cap
+from weightdiff.render.memo import md_escape
+from weightdiff.report import write_report
+
+HOSTILE = "model.layers.10.<script>alert(1)</script>|x`y$z\u202e\n.weight"
+HOSTILE_PATH = "tuned/<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    d = tmp_path_factory.mktemp("memo")
+    data = cached_result()
+    q10 = next(t for t in data["tensors"] if t["name"] == "model.layers.10.self_attn.q_proj.weight")
+    q10["name"] = HOSTILE
+    data["tuned"]["path"] = HOSTILE_PATH
+    source = {"path": "out.json", "sha256": "ef" * 32, "command": "weightdiff report out.json"}
+    out = write_report(data, html=d / "memo.html", markdown=d / "memo.md", plots=d / "figs", source=source)
+    page = out.html.read_text(encoding="utf-8")
+    assert "layers.<wbr>10" in page          # long names may wrap after a dot; the tests read past the hints
+    return data, out, page.replace("<wbr>", ""), out.markdown.read_text(encoding="utf-8")
+
+
+def test_html_is_self_contained(written):
+    _, out, page, _ = written
+    assert page.startswith("<!DOCTYPE html>")
+    assert page.count('src="data:image/svg+xml;base64,') == 5
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+    assert "<script" not in page.lower() and "<link" not in page.lower() and "@import" not in page
+    assert "@media print" in page and "break-inside: avoid" in page
+
+
+def test_html_escapes_every_name(written):
+    _, _, page, _ = written
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "\u202e" not in page and "\\u202e" in page          # bidi override shown, not applied
+    assert "\\n" in page
+
+
+def test_html_has_headline_verdict_figures_and_tables(written):
+    data, out, page, _ = written
+    for sentence in cap.headline(data):
+        assert html.escape(sentence.replace("\u202e", "\\u202e")).split(" tuned/")[0] in page
+    assert "87.6% of the 659,712 parameters are bitwise unchanged" in page
+    assert "2 of 12 blocks changed" in page
+    assert '<p class="verdict"><strong>derived</strong>' in page
+    for i, fo in enumerate(out.figures, start=1):
+        assert f"Figure {i}. {fo.title}." in page
+        assert html.escape(fo.caption) in page
+    # most changed blocks: layers.10 first (rel change 0.0161), then layers.11 (0.0142)
+    blocks = page.split("Most changed blocks")[1].split("Most changed tensors")[0]
+    assert blocks.index("layers.10") < blocks.index("layers.11")
+    assert "0.0161" in blocks
+    tensors = page.split("Most changed tensors")[1]
+    first_row = tensors.split("<tbody><tr>")[1].split("</tr>")[0]   # block 10's q: rel change 0.113
+    assert "&lt;script&gt;" in first_row and ">0.113<" in first_row and ">4<" in first_row
+    assert "score.weight" in page and "added" in page          # structural table
+
+
+def test_verdict_thresholds_methodology_limits_reproducibility(written):
+    data, _, page, md = written
+    for name, value in data["settings"]["thresholds"].items():
+        assert f"<code>{name}</code>" in page
+    for term in ("stable_rank = ‖D‖² / s1²", "energy_rank_p = smallest k", "rel_change = ‖D‖ / ‖B‖",
+                 "Marchenko-Pastur", "Roy and Vetterli", "Halko", "Biderman", "BitDelta", "Hu et al."):
+        assert term in page and term in md.replace("\\_", "_")
+    assert "draws no legal conclusion" in page and "draws no legal conclusion" in md
+    assert "describe weights only" in page
+    assert "weightdiff compare base/ tuned/ --json out.json" in page      # the exact command
+    assert "ab" * 32 in page and "cd" * 32 in page                         # sha256 of each input file
+    assert "ef" * 32 in page                                              # sha256 of the JSON itself
+    assert "numpy" in page and "weightdiff.compare/1" in page
+
+
+def test_markdown_links_existing_images_and_escapes(written):
+    _, out, _, md = written
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == 5
+    for link in links:
+        assert (out.markdown.parent / link).is_file()
+    # outside code spans (which CommonMark shows literally) no raw tag survives
+    prose = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", md)
+    assert "<img" not in prose and "<script" not in prose and "<" not in prose.replace("&lt;", "")
+    assert "`tuned/<img src=x onerror=alert(1)>`" in md
+    assert "- Verdict: derived. tuned/&lt;img src=x onerror=alert(1)> is a fine-tune of base/." in md
+    row = next(line for line in md.splitlines() if "alert(1)</script>" in line)
+    # the pipe inside the hostile name is escaped: the row keeps its 9 cells
+    assert len(re.findall(r"(?<!\\)\|", row)) == 10
+    assert "\u202e" not in md
+
+
+def test_md_escape_neutralises_markup():
+    assert md_escape("[a](http://x) *b* _c_ `d` $e$") == r"\[a\](http://x) \*b\* \_c\_ \`d\` \$e\$"
+    assert md_escape("<b>&") == "&lt;b>&amp;"
+    assert md_escape("# title") == r"\# title" and md_escape("1. item") == r"1\. item"
+    assert md_escape("a|b", table=True) == r"a\|b" and md_escape("a|b") == "a|b"
+
+
+def test_same_data_same_memo_bytes(tmp_path):
+    data = cached_result()
+    a = write_report(data, html=tmp_path / "a.html", markdown=tmp_path / "a.md", plots=tmp_path / "fa")
+    b = write_report(data, html=tmp_path / "b.html", markdown=tmp_path / "b.md", plots=tmp_path / "fb")
+    assert a.html.read_bytes() == b.html.read_bytes()
+    assert a.markdown.read_text().replace("fa/", "") == b.markdown.read_text().replace("fb/", "")
+
+
+def test_figures_index_keeps_captions(tmp_path):
+    import json
+
+    data = cached_result()
+    out = write_report(data, plots=tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "figures.json").read_text())
+    assert [f["name"] for f in index] == [f.name for f in out.figures]
+    assert index[0]["caption"] == cap.caption_depth(data)
+    assert index[0]["files"] == {"png": "depth_profile.png", "svg": "depth_profile.svg"}
+    assert not list(Path(tmp_path / "p").glob(".*.tmp"))      # atomic writes leave no temporaries
