@@ -90,3 +90,21 @@ def test_peft_adapter_as_tuned_side_is_analysed_from_factors(tmp_path, base_dir)
     assert r.summary.blocks_changed == dense.summary.blocks_changed == 3
     # untouched base tensors count in the model-level figure, as in the merged model
     assert r.summary.relative_change == pytest.approx(dense.summary.relative_change, rel=1e-4)
+
+
+def test_peft_adapter_on_the_embedding_matches_the_merged_model(tmp_path, base_dir):
+    """Embedding adapters store A as [r, vocab] and B as [dim, r] plus a full copy of the layer."""
+    peft = pytest.importorskip("peft")
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens"],
+                                                    init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(base_dir), str(tmp_path / "merged"))
+    emb = r.tensor("model.embed_tokens.weight")
+    assert emb.compared == "factors" and emb.status == "changed" and emb.rank.numerical_rank == 2
+    assert [t.name for t in r.tensors].count("model.embed_tokens.weight") == 1
+    assert emb.norm_delta == pytest.approx(dense.tensor("model.embed_tokens.weight").norm_delta, rel=1e-5)
+    assert r.summary.relative_change == pytest.approx(dense.summary.relative_change, rel=1e-5)
+    assert not [t for t in r.tensors if t.status in ("added", "resized")]

@@ -35,9 +35,10 @@ def test_ci_runs_the_readme_test_command():
 
 
 # the module map of STYLE.md: a module may import only from modules above it
-ORDER = ["errors", "options", "fsutil", "kernels", "safetensors_write", "safetensors_io", "checkpoint",
-         "pairing", "records", "rank", "aggregate", "compute", "comparison", "permutation", "provenance",
-         "render", "report", "demo", "inspect", "cli"]
+ORDER = ["errors", "fileio", "options", "fsutil", "kernels", "safetensors_write", "safetensors_io", "adapter",
+         "pickle_io", "checkpoint", "blocknames", "pairing", "records", "rank", "verdict", "aggregate",
+         "compute", "comparison", "relatedness", "permutation", "provenance", "lineage", "render", "report",
+         "demo", "inspect", "cli"]
 
 
 def _layer(module: str) -> int | None:

@@ -175,6 +175,9 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
 
     a64 = decode(a, dt_a).reshape(a.shape[0], -1)
     b64 = decode(b, tuned.tensors[lf.b_name].dtype).reshape(b.shape[0], -1)
+    if getattr(lf, "embedding", False):
+        # PEFT embedding adapters store A as [r, vocab] and B as [dim, r]; the delta is (B @ A).T
+        a64, b64 = b64.T.copy(), a64.T.copy()
     base_raw = base.read(pair.base_name)
     fields, rank = analyze_factors(a64, b64, lf.scale, base_raw, pair.dtype_base, tuple(pair.shape_base),
                                    k=options.rank_k, noise_factor=options.thresholds.noise_floor_factor,

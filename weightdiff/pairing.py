@@ -176,13 +176,22 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
         shape = None
         if a is not None and b is not None and len(a.shape) >= 2 and len(b.shape) >= 2:
             shape = (int(b.shape[0]), _numel(a.shape[1:]))
+            if getattr(f, "embedding", False):      # embedding factors: A [r, vocab], B [dim, r]
+                shape = (int(a.shape[1]), int(b.shape[0]))
         items.append((pos, _Item(f.target, None, shape, dtype, lora=f)))
         first.setdefault(f.target, pos)
+    targets = {it.key: it.shape for _, it in items}
     for n, info in tensors.items():
         if n in used:
             continue
         key = n[len(_PEFT_PREFIX):] if n.startswith(_PEFT_PREFIX) else n
         key = _PEFT_SEGMENTS.sub("", key)
+        if key in targets and targets[key] == tuple(info.shape):
+            # PEFT's save_embedding_layers stores the full base layer beside its factors; the
+            # factors are the change, so the copy is not compared a second time
+            notes.append(f"adapter also stores the full `{escape_name(key)}` beside its LoRA factors; "
+                         "the change is measured from the factors")
+            continue
         items.append((order[n], _Item(key, n, tuple(info.shape), info.dtype)))
     items.sort(key=lambda t: t[0])
     if factors:
