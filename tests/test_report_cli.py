@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -138,3 +139,15 @@ def test_help_has_an_example():
     assert r.exit_code == 0 and "Example:" in r.output and "weightdiff report result.json" in r.output
     r = _run("demo", "--help")
     assert r.exit_code == 0 and "Example:" in r.output and "weightdiff demo" in r.output
+
+
+def test_worked_example_in_docs_is_a_valid_result_with_its_figures():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "docs" / "example"
+    data, _ = load_result(root / "out.json")
+    assert data["summary"]["verdict"] == "derived"
+    md = (root / "memo.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == 5 and all((root / link).is_file() for link in links)
+    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 1_500_000

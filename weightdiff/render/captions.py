@@ -194,12 +194,13 @@ def headline(data: dict) -> list[str]:
     by = s.get("params_by_status") or {}
     total = s.get("params_total") or 0
     if total:
+        parts = [f"{fmt_share(by.get('changed', 0) / total)} changed"]
+        for key, words in (("rounding", "differ only by rounding"), ("added", "are new"),
+                           ("resized", "are the shared rows of resized tensors")):
+            if by.get(key):
+                parts.append(f"{fmt_share(by[key] / total)} {words}")
         out.append(f"{fmt_share(by.get('unchanged', 0) / total)} of the {fmt_params(total)} parameters are "
-                   f"bitwise unchanged; {fmt_share(by.get('changed', 0) / total)} changed"
-                   + (f", {fmt_share(by.get('rounding', 0) / total)} differ only by rounding" if by.get("rounding") else "")
-                   + (f", {fmt_share(by.get('added', 0) / total)} are new" if by.get("added") else "")
-                   + (f", {fmt_share(by.get('resized', 0) / total)} sit in resized tensors" if by.get("resized") else "")
-                   + ".")
+                   f"bitwise unchanged; {', '.join(parts)}.")
     blocks = layered_blocks(data)
     if s.get("blocks_total"):
         changed = [b["index"] for b in blocks if block_changed(b)]
@@ -282,7 +283,8 @@ def caption_params(data: dict) -> str:
     if by.get("removed"):
         text += f" {fmt_int(by['removed'])} base parameters were removed (not part of the bar)."
     if by.get("resized"):
-        text += " Resized tensors (for example a grown vocabulary) are counted whole, old and new rows."
+        text += (" 'Resized' counts the rows a resized tensor (for example a grown vocabulary) shares with the "
+                 "base; its new rows count as added.")
     return text
 
 

@@ -83,7 +83,8 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
             ["relatedness cosine (large matrices)", cap.fmt_num(s.get("relatedness_cosine"), 6)],
             ["flags", _c(", ".join(s.get("flags") or []) or "none")]]
     out.append(Block("table", ["", "value"], rows))
-    out.append(Block("p", "The verdict follows these rules, checked in this order:"))
+    out.append(Block("p", "The verdict follows these rules, checked in this order (the numbers are in the "
+                          "thresholds table below):"))
     out.append(Block("ul", [[("b", name + ": "), ("", rule)] for name, rule in txt.VERDICTS]))
     out.append(Block("p", "A derived model's form:"))
     out.append(Block("ul", [[("b", name + ": "), ("", rule)] for name, rule in txt.FORMS]))
@@ -197,6 +198,9 @@ figcaption { font-size: .88rem; color: #333; margin-top: .3rem; }
 _NUM = re.compile(r"^[<>]?-?[\d,.]+(e-?\d+)?%?( \(.*\))?$|^n/a$")
 
 
+_LONG_RUN = re.compile(r"[0-9A-Za-z]{24,}")
+
+
 def _h(text: object) -> str:
     return html.escape(escape_name(str(text)), quote=True)
 
@@ -211,8 +215,11 @@ def _inline_html(content: Inline) -> str:
         return _h(content)
     out = []
     for style, t in content:
-        if style == "code":   # long dotted tensor names may wrap after a dot, not mid-word
-            out.append("<code>" + _h(t).replace(".", ".<wbr>").replace("/", "/<wbr>") + "</code>")
+        if style == "code":   # long dotted names may wrap after a dot, and hashes every 16 characters
+            code = _h(t).replace(".", ".<wbr>").replace("/", "/<wbr>")
+            code = _LONG_RUN.sub(lambda m: "<wbr>".join(m.group(0)[i:i + 16] for i in range(0, len(m.group(0)), 16)),
+                                 code)
+            out.append(f"<code>{code}</code>")
         elif style == "b":
             out.append(f"<strong>{_h(t)}</strong>")
         else:

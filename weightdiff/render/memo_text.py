@@ -29,9 +29,10 @@ METRICS = [
      "It counts faint directions too, so storage rounding inflates it; verdicts never rest on it alone.",
      "effective_rank = exp(−Σ p_i ln p_i),  p_i = s_i / Σ s_j"),
     ("noise floor and numerical rank", "Saving weights in a 16-bit format adds rounding noise to every entry; "
-     "its largest singular value is predictable (the Marchenko-Pastur edge). Directions clearly above it are "
+     "its largest singular value is predictable (the Marchenko-Pastur edge; Bandeira and van Handel 2016 for uneven magnitudes). Directions clearly above it are "
      "counted as the numerical rank: a rank-8 update merged and saved in bfloat16 reads 8.",
-     "noise_floor = σ (√m + √n),  σ ≈ ulp / √12;   numerical_rank = #{i : s_i > factor · noise_floor}"),
+     "noise_floor ≈ √(max_i Σ_j v_ij) + √(max_j Σ_i v_ij),  v_ij = ulp(x_ij)² / 12 (= σ(√m + √n) for even "
+     "magnitudes);   numerical_rank = #{i : s_i > noise_floor_factor · noise_floor}"),
     ("delta parameters", "How many numbers it takes to write the change down: a low-rank matrix needs only its "
      "factors, added tensors count whole. This is the headline measure of how much was injected.",
      "delta_params = Σ over changed matrices min(m·n, r99·(m + n)) + Σ changed vectors + Σ added elements"),
@@ -46,33 +47,35 @@ SPECTRUM_NOTE = ("Singular values come from an exact SVD for matrices whose smal
                  "exactly from its factors.")
 
 VERDICTS = [
-    ("identical", "every tensor is bitwise equal."),
-    ("cast_only", "every difference is within dtype rounding (at most rounding_frac of a tensor's elements "
-     "beyond half an ulp)."),
-    ("unrelated", "the large matrices (at least large_matrix_numel elements) are near-orthogonal to the base: "
-     "their size-weighted cosine is below unrelated_cosine and the model's relative change is above "
-     "unrelated_rel_change, as for two independently initialised models (cosine about 0, relative change "
-     "about √2)."),
+    ("unrelated", "no tuned tensor has a counterpart in the base, or the large matrices (at least "
+     "large_matrix_numel elements; norm gains and biases left out) are near-orthogonal to it: their size-weighted "
+     "cosine is below unrelated_cosine and their relative change above unrelated_rel_change, as for two "
+     "independently initialised models (cosine about 0, relative change about √2)."),
+    ("identical", "otherwise, when every tensor is bitwise equal and none was added, removed or resized."),
+    ("cast_only", "otherwise, when no tensor changed beyond the rounding of a dtype cast (at most rounding_frac "
+     "of a tensor's elements beyond half an ulp) and none was added, removed or resized."),
     ("derived", "everything else: the tuned model is a modification of this base. Its scope (blocks and tensors "
      "changed) and form are reported next to it."),
 ]
 
 FORMS = [
-    ("low_rank", "every changed matrix has energy_rank_99 ≤ low_rank_share · min(m, n) and numerical_rank ≤ "
-     "low_rank_max: the kind of change LoRA-style training (Hu et al. 2021) leaves."),
-    ("sparse", "the changed elements are at most sparse_frac of the changed tensors' elements."),
+    ("low_rank", "every changed matrix has a spectrum, and for each min(energy_rank_99, numerical_rank) ≤ "
+     "low_rank_share · min(m, n) and numerical_rank ≤ low_rank_max: the kind of change LoRA-style training "
+     "(Hu et al. 2021) leaves."),
+    ("sparse", "otherwise, when the elements that changed beyond rounding are at most sparse_frac of the changed "
+     "tensors' elements."),
     ("dense", "otherwise: the change spreads over many directions, as full fine-tuning does."),
 ]
 
 THRESHOLD_MEANING = {
     "rounding_frac": "largest share of a tensor's elements beyond rounding that still counts as rounding only",
-    "unrelated_cosine": "size-weighted cosine of large matrices below which the models may be unrelated",
-    "unrelated_rel_change": "model relative change above which the models may be unrelated (independent inits: ~1.41)",
+    "unrelated_cosine": "size-weighted cosine of large matrices below which the models may be unrelated ...",
+    "unrelated_rel_change": "... and relative change of those matrices above which they are (independent inits: ~1.41)",
     "large_matrix_numel": "elements a matrix needs to count as evidence of relatedness",
     "noise_floor_factor": "a singular value counts toward numerical rank above this multiple of the noise floor",
-    "low_rank_share": "form is low_rank when energy_rank_99 is at most this share of min(m, n) ...",
+    "low_rank_share": "form is low_rank when min(energy_rank_99, numerical_rank) is at most this share of min(m, n) ...",
     "low_rank_max": "... and numerical rank at most this",
-    "sparse_frac": "form is sparse when changed elements are at most this share of the changed tensors",
+    "sparse_frac": "form is sparse when elements changed beyond rounding are at most this share of the changed tensors",
 }
 
 SHOWS = [
@@ -103,6 +106,8 @@ SOURCES = [
     "analysis', J. ACM 54(4), 2007 (stable rank).",
     "N. Halko, P.-G. Martinsson and J. A. Tropp, 'Finding structure with randomness: probabilistic algorithms "
     "for constructing approximate matrix decompositions', SIAM Review 53(2), 2011.",
+    "A. S. Bandeira and R. van Handel, 'Sharp nonasymptotic bounds on the norm of random matrices with "
+    "independent entries', Annals of Probability 44(4), 2016 (the noise floor).",
     "E. J. Hu et al., 'LoRA: Low-Rank Adaptation of Large Language Models', ICLR 2022 (arXiv:2106.09685).",
     "D. Biderman et al., 'LoRA Learns Less and Forgets Less', TMLR 2024 (arXiv:2405.09673).",
     "J. Liu et al., 'BitDelta: Your Fine-Tune May Only Be Worth One Bit', NeurIPS 2024 (arXiv:2402.10193).",
