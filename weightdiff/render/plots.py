@@ -77,7 +77,7 @@ def _log_floor(values: list[float]) -> tuple[float, float]:
         return 1e-4, 1.0
     lo, hi = min(pos), max(pos)
     floor = 10.0 ** (math.floor(math.log10(lo)) - 1)
-    top = 10.0 ** (math.ceil(math.log10(hi)) + (0.3 if hi == 10.0 ** math.ceil(math.log10(hi)) else 0))
+    top = 10.0 ** math.ceil(math.log10(hi * 2.0))    # headroom: the largest marker never touches the top
     return floor, max(top, floor * 100)
 
 
@@ -138,7 +138,7 @@ def _styled(draw: Callable[[dict], Figure]) -> Callable[[dict], Figure]:
 @_styled
 def draw_depth(data: dict) -> Figure:
     """Relative change per block, input to top; unchanged blocks hollow on a marked zero line."""
-    fig = _figure(3.0)
+    fig = _figure(3.2)
     ax = fig.add_subplot()
     ax.set_title("Depth profile: how much each block changed")
     blocks = cap.layered_blocks(data)
@@ -157,27 +157,28 @@ def draw_depth(data: dict) -> Figure:
     rd = [(x, v) for x, v, s in zip(xs, vals, states) if s == "rounding"]
     un = [x for x, s in zip(xs, states) if s == "unchanged"]
     handles = []
+    ms = 6.0 if len(xs) <= 24 else max(3.0, 6.0 * math.sqrt(24 / len(xs)))
     if ch:
         ax.vlines([x for x, _ in ch], floor, [v for _, v in ch], color=OKABE_ITO["blue"], lw=1.2, zorder=2)
-        ax.plot([x for x, _ in ch], [v for _, v in ch], "o", ms=6, color=OKABE_ITO["blue"], zorder=3)
+        ax.plot([x for x, _ in ch], [v for _, v in ch], "o", ms=ms, color=OKABE_ITO["blue"], zorder=3)
         handles.append(Line2D([], [], marker="o", ls="", color=OKABE_ITO["blue"], label="changed"))
     if rd:
-        ax.plot([x for x, _ in rd], [v for _, v in rd], "D", ms=5, mfc="white", mec=OKABE_ITO["sky"], mew=1.3,
+        ax.plot([x for x, _ in rd], [v for _, v in rd], "D", ms=ms * 0.85, mfc="white", mec=OKABE_ITO["sky"], mew=1.3,
                 zorder=3)
         handles.append(Line2D([], [], marker="D", ls="", mfc="white", mec=OKABE_ITO["sky"], label="rounding only"))
     if zero_changed:
-        ax.plot(zero_changed, [floor] * len(zero_changed), "^", ms=7, color=OKABE_ITO["orange"], zorder=3)
+        ax.plot(zero_changed, [floor] * len(zero_changed), "^", ms=ms * 1.15, color=OKABE_ITO["orange"], zorder=3)
         handles.append(Line2D([], [], marker="^", ls="", color=OKABE_ITO["orange"],
                               label="new or resized tensors only"))
     if un:
-        ax.plot(un, [floor] * len(un), "o", ms=6, mfc="white", mec=GREY, mew=1.2, zorder=3)
+        ax.plot(un, [floor] * len(un), "o", ms=ms, mfc="white", mec=GREY, mew=1.2, zorder=3)
         handles.append(Line2D([], [], marker="o", ls="", mfc="white", mec=GREY, label="unchanged (bitwise)"))
     _zero_line(ax, floor)
     _block_ticks(ax, xs, [str(x) for x in xs])
     ax.set_xlabel("block (0 = nearest the input)")
     ax.set_ylabel("relative change ‖ΔW‖ / ‖W‖\n(Frobenius, log scale)")
-    ax.legend(handles=handles, loc="upper left", ncols=len(handles), fontsize=7.5, handletextpad=0.3,
-              columnspacing=1.0)
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=7.5, handletextpad=0.3,
+               columnspacing=1.2)
     ax.grid(axis="y", which="major", color="#EEEEEE", lw=0.6, zorder=0)
     return fig
 
@@ -378,7 +379,7 @@ def draw_rank(data: dict) -> Figure:
 @_styled
 def draw_cosine(data: dict) -> Figure:
     """1 - cosine per paired matrix, checkpoint order, log axis, with the 'unrelated' reference."""
-    fig = _figure(3.0)
+    fig = _figure(3.2)
     ax = fig.add_subplot()
     ax.set_title("Direction of each matrix: 1 − cosine(base, tuned)")
     mats = cap.cosine_matrices(data)
@@ -423,7 +424,7 @@ def draw_cosine(data: dict) -> Figure:
     ax.set_xticklabels([text(kept[x]) for x in sorted(kept)], fontsize=7)
     ax.set_xlabel("matrices in checkpoint order, ticked at the first matrix of each block")
     ax.set_ylabel("1 − cosine (log scale)")
-    ax.legend(loc="center left", bbox_to_anchor=(0.0, 0.62), fontsize=7.5)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=7.5)
     ax.grid(axis="y", color="#EEEEEE", lw=0.6, zorder=0)
     return fig
 
