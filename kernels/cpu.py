@@ -195,11 +195,6 @@ def _chunk_stats(b, t, start, stop, cb, ct, same, mb, eb, mt, et, f16, fp8, row)
         ft = tbuf[:n]
         _decode_into(rb, cb, f16, fp8, fb)
         _decode_into(rt, ct, f16, fp8, ft)
-        nfb = np.int64(0)
-        nft = np.int64(0)
-        for i in range(n):
-            nfb += (fb[i] - fb[i]) != 0.0
-            nft += (ft[i] - ft[i]) != 0.0
         if same:
             for i in range(n):
                 n_ch += rb[i] != rt[i]
@@ -208,17 +203,26 @@ def _chunk_stats(b, t, start, stop, cb, ct, same, mb, eb, mt, et, f16, fp8, row)
                 x = fb[i]
                 y = ft[i]
                 n_ch += not (x == y or (x != x and y != y))
-        if nfb + nft > 0:
-            n_nfb += nfb
-            n_nft += nft
-            for i in range(n):
-                x = fb[i]
-                y = ft[i]
-                if not ((x - x) == 0.0 and (y - y) == 0.0):
-                    n_bey += not (x == y or (x != x and y != y))
-                    fb[i] = 0.0
-                    ft[i] = 0.0
         p_b2, p_t2, p_d2, p_dot = _sums(fb, ft)
+        # a NaN or Inf on a side makes that side's sum of squares NaN or Inf (squares never
+        # cancel), so finite sums prove the sub-block finite and the count/mask pass is skipped
+        if not ((p_b2 - p_b2) == 0.0 and (p_t2 - p_t2) == 0.0):
+            nfb = np.int64(0)
+            nft = np.int64(0)
+            for i in range(n):
+                nfb += (fb[i] - fb[i]) != 0.0
+                nft += (ft[i] - ft[i]) != 0.0
+            if nfb + nft > 0:
+                n_nfb += nfb
+                n_nft += nft
+                for i in range(n):
+                    x = fb[i]
+                    y = ft[i]
+                    if not ((x - x) == 0.0 and (y - y) == 0.0):
+                        n_bey += not (x == y or (x != x and y != y))
+                        fb[i] = 0.0
+                        ft[i] = 0.0
+                p_b2, p_t2, p_d2, p_dot = _sums(fb, ft)
         s_b2 += p_b2
         s_t2 += p_t2
         s_d2 += p_d2
