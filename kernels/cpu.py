@@ -146,28 +146,59 @@ def _half_ulp_bits(ab_bits, mb, eb, mt, et):
     return np.int64(1) << max(k + 1074, 0) if k >= -1074 else np.int64(0)
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+@_jit
 def _sums(fb, ft):
-    """(sum x^2, sum y^2, sum (y-x)^2, sum x*y) over fb, ft.
+    """(sum x^2, sum y^2, sum (y-x)^2, sum x*y) over fb, ft, in four interleaved lanes.
 
-    The one place with a fast-math flag: ``reassoc`` alone, which lets LLVM keep the
-    sums in SIMD lanes. It assumes nothing about NaN or Inf (those are masked out before)
-    and the lane order is fixed by the compiled code and ``n``, so results stay
-    independent of the thread count.
+    Element ``i`` goes to lane ``i % 4``; each lane adds in index order and the lanes are
+    combined as ``(l0 + l1) + (l2 + l3)``. The order is written into the code, with no
+    fast-math flag, so the bits of the result are the same on every CPU, whatever vector
+    width LLVM picks (the four lanes are independent chains it may keep in one register).
     """
-    a = 0.0
-    b = 0.0
-    c = 0.0
-    d = 0.0
-    for i in range(fb.size):
+    a0 = a1 = a2 = a3 = 0.0
+    b0 = b1 = b2 = b3 = 0.0
+    c0 = c1 = c2 = c3 = 0.0
+    d0 = d1 = d2 = d3 = 0.0
+    n = fb.size
+    n4 = n - n % 4
+    for i in range(0, n4, 4):
+        x0 = fb[i]
+        x1 = fb[i + 1]
+        x2 = fb[i + 2]
+        x3 = fb[i + 3]
+        y0 = ft[i]
+        y1 = ft[i + 1]
+        y2 = ft[i + 2]
+        y3 = ft[i + 3]
+        a0 += x0 * x0
+        a1 += x1 * x1
+        a2 += x2 * x2
+        a3 += x3 * x3
+        b0 += y0 * y0
+        b1 += y1 * y1
+        b2 += y2 * y2
+        b3 += y3 * y3
+        e0 = y0 - x0
+        e1 = y1 - x1
+        e2 = y2 - x2
+        e3 = y3 - x3
+        c0 += e0 * e0
+        c1 += e1 * e1
+        c2 += e2 * e2
+        c3 += e3 * e3
+        d0 += x0 * y0
+        d1 += x1 * y1
+        d2 += x2 * y2
+        d3 += x3 * y3
+    for i in range(n4, n):   # the tail joins lane 0
         x = fb[i]
         y = ft[i]
         e = y - x
-        a += x * x
-        b += y * y
-        c += e * e
-        d += x * y
-    return a, b, c, d
+        a0 += x * x
+        b0 += y * y
+        c0 += e * e
+        d0 += x * y
+    return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3), (c0 + c1) + (c2 + c3), (d0 + d1) + (d2 + d3)
 
 
 @_jit
