@@ -282,7 +282,7 @@ def test_added_head_is_derived_with_added_params_in_delta():
     assert s.delta_params == 24 and s.scope["delta_params_added"] == 24 and s.scope["delta_params_changed"] == 0
     assert s.form["kind"] is None and s.blocks_changed == 0
     assert [(b.block, b.params_changed) for b in blocks] == [("layers.0", 0), ("head", 24)]
-    assert "1 tensors were added (24 parameters)." in s.headline
+    assert "1 tensor was added (24 parameters)." in s.headline
 
 
 def test_removed_only_is_derived_not_identical():
