@@ -152,10 +152,13 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-exact-max", type=int, default=2048)
     ap.add_argument("--lapack", action="store_true", help="also time LAPACK svd on the square shape")
     ap.add_argument("--skip", choices=("shapes", "model"), default=None)
+    ap.add_argument("--shape", action="append", default=None, metavar="MxN", help="shapes to time (repeatable)")
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     shapes = [(512, 512), (512, 1792), (1792, 512)] if a.quick else [(4096, 4096), (4096, 14336), (14336, 4096)]
+    if a.shape:
+        shapes = [tuple(int(v) for v in x.lower().split("x")) for x in a.shape]
     model = (tinyllama_shapes(layers=2, hidden=512, inter=1408, kv=64, vocab=4000) if a.quick
              else tinyllama_shapes())
     result = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()}

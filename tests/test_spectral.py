@@ -175,3 +175,13 @@ def test_torch_versions_agree_with_numpy(rng):
     np.testing.assert_allclose((u * s) @ vt, x, atol=1e-4)
     assert spectral.randomized_svd_torch(tx, 16, seed=1).tobytes() == \
         spectral.randomized_svd_torch(tx, 16, seed=1).tobytes()
+
+
+def test_randomized_handles_zero_and_exactly_low_rank_matrices(rng):
+    assert spectral.randomized_svd(np.zeros((50, 40), np.float32), 8).tolist() == [0.0] * 8
+    x = with_spectrum(rng, 200, 150, np.r_[np.arange(3, 0, -1.0), np.zeros(147)]).astype(np.float32)
+    top = spectral.randomized_svd(x, 10)
+    np.testing.assert_allclose(top[:3], [3, 2, 1], rtol=1e-5)
+    assert np.all(top[3:] < 1e-5)
+    u, s, vt = spectral.randomized_svd(x, 10, vectors=True)
+    np.testing.assert_allclose((u * s) @ vt, x, atol=1e-5)
