@@ -1,0 +1,91 @@
+"""Terminal summary, plan line, CSV and progress line: exact text from a fixed result dict."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from render_sample import sample_result
+
+from weightdiff.render.tabular import COLUMNS, to_csv
+from weightdiff.render.terminal import ProgressLine, fmt_pct, fmt_sci, plan_text, render_text
+
+
+def test_formatters_worked_examples():
+    assert fmt_sci(0.000123) == "1.23e-04"
+    assert fmt_sci(0) == "0" and fmt_sci(None) == "-"
+    assert fmt_pct(1.0) == "100%" and fmt_pct(0.0) == "0%"
+    assert fmt_pct(0.99999) == ">99.99%" and fmt_pct(0.00001) == "<0.01%"
+    assert fmt_pct(0.1234) == "12.34%"
+
+
+def test_summary_has_the_facts_a_reader_acts_on():
+    data = sample_result()
+    text = render_text(data)
+    s = data["summary"]
+    assert text.startswith(f"weightdiff {data['tool']['version']}: ")
+    assert "verdict   DERIVED: a fine-tune of this base." in text
+    assert f"scope     {s['blocks_changed']} of {s['blocks_total']} blocks changed" in text
+    assert f"delta params      {s['delta_params']:,}" in text
+    for st, n in s["params_by_status"].items():
+        if n:
+            assert f"{n:,}" in text, st
+    # the most changed blocks are the LoRA blocks, most changed first
+    blocks = text.split("most changed blocks")[1].splitlines()
+    assert blocks[2].split()[0] in ("layers.10", "layers.11")
+    assert "score.weight" in text.split("added or removed tensors")[1]
+    assert text == render_text(data)                      # deterministic
+    assert all(len(line) <= 140 for line in text.splitlines())
+
+
+def test_hostile_names_are_escaped_in_the_summary():
+    data = sample_result()
+    data["tensors"][0]["status"] = "added"
+    data["tensors"][0]["name"] = "evil\x1b[2J\u202ename\nnext"
+    text = render_text(data)
+    assert "\x1b" not in text and "\u202e" not in text
+    assert "evil\\x1b[2J\\u202ename\\nnext" in text
+
+
+def test_plan_text_counts_and_notes():
+    plan = {"counts": {"tensors": {"paired": 10, "added": 1, "removed": 0}},
+            "notes": ["vocabulary grew: `emb` has 508 rows"]}
+    assert plan_text(plan) == "plan: 10 paired, 1 added\n  vocabulary grew: `emb` has 508 rows"
+    assert plan_text({"counts": {}, "notes": []}) == "plan: nothing to compare"
+
+
+def test_csv_has_one_row_per_tensor_and_rank_columns():
+    data = sample_result()
+    rows = list(csv.reader(io.StringIO(to_csv(data))))
+    assert tuple(rows[0]) == COLUMNS
+    assert len(rows) == len(data["tensors"]) + 1
+    ranked = [t for t in data["tensors"] if t.get("rank")]
+    row = next(r for r in rows if r[0] == ranked[0]["name"])
+    assert int(row[COLUMNS.index("numerical_rank")]) == ranked[0]["rank"]["numerical_rank"]
+    assert "x" in row[COLUMNS.index("shape")]
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_is_silent_off_a_terminal_and_draws_on_one():
+    quiet = io.StringIO()
+    p = ProgressLine(stream=quiet, delay=0.0)
+    p(5, 10, "x")
+    assert quiet.getvalue() == ""
+    tty = _Tty()
+    p = ProgressLine(stream=tty, delay=0.0)
+    p(5_000_000, 10_000_000, "model.layers.0.mlp.up_proj.weight")
+    out = tty.getvalue()
+    assert out.startswith("\r") and " 50.0%" in out and "GB/s" in out and "ETA" in out
+    p.close()
+    assert tty.getvalue().endswith("\r")
+
+
+def test_progress_line_waits_for_its_delay():
+    tty = _Tty()
+    p = ProgressLine(stream=tty, delay=60.0)
+    p(1, 2, "x")
+    assert tty.getvalue() == ""
