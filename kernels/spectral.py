@@ -123,7 +123,7 @@ def _small_svd(small: np.ndarray, vectors: bool):
     return v, s, (v.T @ small) * inv[:, None]
 
 
-def randomized_svd(x: np.ndarray, k: int, *, oversample: int = 16, n_iter: int = 2, seed: int = 0,
+def randomized_svd(x: np.ndarray, k: int, *, oversample: int = 16, n_iter: int = 3, seed: int = 0,
                    vectors: bool = False):
     """Top-``k`` singular values (and optionally vectors) of ``x`` by a seeded randomized SVD.
 
@@ -320,7 +320,7 @@ def _orth_torch(y):
     return z.to(torch.float32)
 
 
-def randomized_svd_torch(x, k: int, *, oversample: int = 16, n_iter: int = 2, seed: int = 0,
+def randomized_svd_torch(x, k: int, *, oversample: int = 16, n_iter: int = 3, seed: int = 0,
                          vectors: bool = False):
     """``randomized_svd`` on a torch tensor (float32 products on its device); numpy results."""
     import torch
