@@ -18,12 +18,14 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 def render() -> str:
     parts = ["# Command-line reference", "",
              "Generated from `--help` by `python scripts/gen_cli_docs.py`; do not edit by hand.", ""]
-    ctx = click.Context(main, info_name="weightdiff", terminal_width=100, max_content_width=100)
+    # the same context settings as a real invocation (click caches each command's help option)
+    ctx = click.Context(main, info_name="weightdiff", terminal_width=100, max_content_width=100,
+                        help_option_names=["-h", "--help"])
     parts += ["## weightdiff", "", "```", main.get_help(ctx), "```", ""]
     for name in sorted(main.commands):
         cmd = main.commands[name]
         sub = click.Context(cmd, info_name=f"weightdiff {name}", parent=ctx, terminal_width=100,
-                            max_content_width=100)
+                            max_content_width=100, help_option_names=["-h", "--help"])
         parts += [f"## weightdiff {name}", "", "```", cmd.get_help(sub), "```", ""]
     return "\n".join(parts)
 

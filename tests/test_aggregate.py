@@ -373,3 +373,19 @@ def test_formatting_helpers():
     assert fmt_pct(0.9213) == "92.1%" and fmt_pct(0.0) == "0.0%" and fmt_pct(None) == "n/a"
     assert fmt_pct(1 - 1e-9) == "99.9999999%"[: len(fmt_pct(1 - 1e-9))] and fmt_pct(1 - 1e-9) != "100.0%"
     assert fmt_count(999) == "999" and fmt_count(1_250_000) == "1.2M"
+
+
+def test_partial_spectrum_uses_the_upper_bound_for_cost_and_form():
+    """With only the top k known, energy_rank_99 is a lower bound: claims use the upper end."""
+    from weightdiff.records import RankRecord
+    from weightdiff.verdict import rank_upper
+
+    r = rec("model.layers.0.self_attn.q_proj.weight", "changed", shape=(1000, 1000))
+    r.rank = RankRecord(stable_rank=30.0, effective_rank=400.0, energy_rank_90=70, energy_rank_99=64,
+                        numerical_rank=64, noise_floor=1e-4, spectrum=[1.0] * 64, energy_captured=0.9,
+                        method="randomized", shape_2d=(1000, 1000), exact=False)
+    r.rank.bounds = {"energy_rank_99": [64, 700], "numerical_rank": [64, 900]}
+    assert rank_upper(r, "energy_rank_99") == 700
+    _, _, s = aggregate([r], THR)
+    assert s.delta_params == min(1000 * 1000, 700 * 2000)
+    assert s.form["kind"] == "dense"

@@ -108,3 +108,24 @@ def test_peft_adapter_on_the_embedding_matches_the_merged_model(tmp_path, base_d
     assert emb.norm_delta == pytest.approx(dense.tensor("model.embed_tokens.weight").norm_delta, rel=1e-5)
     assert r.summary.relative_change == pytest.approx(dense.summary.relative_change, rel=1e-5)
     assert not [t for t in r.tensors if t.status in ("added", "resized")]
+
+
+def test_dora_adapter_stats_match_the_merged_model(tmp_path, base_dir):
+    peft = pytest.importorskip("peft")
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"], use_dora=True,
+                                                    init_lora_weights=False))
+    with torch.no_grad():   # move the magnitude away from the base row norms, as training would
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.1)
+    pm.save_pretrained(tmp_path / "adapter")
+    pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(base_dir), str(tmp_path / "merged"))
+    for t in (t for t in r.tensors if t.compared == "factors"):
+        d = dense.tensor(t.name)
+        assert "DoRA" in t.note
+        assert t.norm_delta == pytest.approx(d.norm_delta, rel=1e-5)
+        assert t.cosine == pytest.approx(d.cosine, rel=1e-6)
+        assert t.rank.exact is False          # the row rescaling is outside the factor spectrum

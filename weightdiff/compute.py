@@ -179,9 +179,12 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         # PEFT embedding adapters store A as [r, vocab] and B as [dim, r]; the delta is (B @ A).T
         a64, b64 = b64.T.copy(), a64.T.copy()
     base_raw = base.read(pair.base_name)
+    magnitude = None
+    if lf.magnitude_name:
+        magnitude = decode(tuned.read(lf.magnitude_name), tuned.tensors[lf.magnitude_name].dtype).ravel()
     fields, rank = analyze_factors(a64, b64, lf.scale, base_raw, pair.dtype_base, tuple(pair.shape_base),
                                    k=options.rank_k, noise_factor=options.thresholds.noise_floor_factor,
-                                   dtype_adapter=dt_a)
+                                   dtype_adapter=dt_a, magnitude=magnitude)
     _fill(rec, fields)
     rec.shape = list(pair.shape_base)
     rec.numel = _elements(pair, pair.shape_base)
@@ -192,7 +195,8 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     rec.note = (f"LoRA adapter (r={lf.r}, scale={lf.scale:g}) analysed exactly from its factors "
                 f"`{lf.b_name}` @ `{lf.a_name}`")
     if lf.magnitude_name:
-        rec.note += "; DoRA magnitude vector present: see docs/rank.md for what is covered"
+        rec.note += ("; DoRA: the statistics are those of the merged weight, the spectrum covers the "
+                     "low-rank direction term only (see docs/rank.md)")
     return rec
 
 

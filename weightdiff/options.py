@@ -71,8 +71,9 @@ class CompareOptions:
                                     "(repeatable).", flag="--exclude", multiple=True)
     seed: int = _opt(0, "Seed of the randomized SVD (results are bitwise repeatable per seed).",
                      flag="--seed")
-    exact_svd_max: int = _opt(2048, "Matrices whose smaller side is at most this get an exact "
-                              "spectrum; larger ones a seeded randomized SVD.", flag="--exact-svd-max")
+    exact_svd_max: int = _opt(1024, "Matrices whose smaller side is at most this get an exact "
+                              "spectrum; larger ones a seeded randomized top-k SVD (ranks beyond k "
+                              "are then reported as bounds).", flag="--exact-svd-max")
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def __post_init__(self) -> None:

@@ -96,7 +96,7 @@ def delta_params_of(rec: TensorRecord, thresholds: Thresholds) -> tuple[int, int
     if dims is None:
         return (rec.numel_compared if rec.status == "resized" else rec.numel), added
     m, n = dims
-    r99 = rec.rank.energy_rank_99 if rec.rank is not None else None
+    r99 = rank_upper(rec, "energy_rank_99")
     cost = m * n if r99 is None else min(m * n, int(r99) * (m + n))
     return cost, added
 
@@ -177,10 +177,26 @@ def _relatedness(counted: list[TensorRecord], thresholds: Thresholds) -> tuple[f
     return None, None, 0
 
 
-def _low_rank_k(rec: TensorRecord) -> int | None:
+def rank_upper(rec: TensorRecord, field: str) -> int | None:
+    """A rank field, or its upper bound when only the top k singular values are known.
+
+    With a partial spectrum (``rank.exact`` False) the field holds a lower bound and
+    ``rank.bounds[field]`` the range; claims such as "low-rank" and the cost of writing
+    the change down must hold for the whole range, so they use the upper end.
+    """
     r = rec.rank
-    ks = [k for k in (r.energy_rank_99, r.numerical_rank) if k is not None]
-    return min(int(k) for k in ks) if ks else None
+    if r is None:
+        return None
+    bounds = getattr(r, "bounds", None) or {}
+    if field in bounds and bounds[field] and bounds[field][-1] is not None:
+        return int(math.ceil(bounds[field][-1]))
+    value = getattr(r, field, None)
+    return None if value is None else int(value)
+
+
+def _low_rank_k(rec: TensorRecord) -> int | None:
+    ks = [k for k in (rank_upper(rec, "energy_rank_99"), rank_upper(rec, "numerical_rank")) if k is not None]
+    return min(ks) if ks else None
 
 
 def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]:
@@ -198,7 +214,7 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
         m, n = _dims(r)
         k = _low_rank_k(r)
         low.append(k is not None and k <= max(1.0, thresholds.low_rank_share * min(m, n))
-                   and int(r.rank.numerical_rank) <= thresholds.low_rank_max)
+                   and rank_upper(r, "numerical_rank") <= thresholds.low_rank_max)
     form: dict[str, Any] = {
         "kind": None,
         "max_numerical_rank": max((int(r.rank.numerical_rank) for r in ranked), default=None),
