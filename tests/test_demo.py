@@ -89,3 +89,20 @@ def test_demo_pair_is_seeded_and_stored_in_bf16(tmp_path):
     delta = a_tuned["model.layers.6.self_attn.q_proj.weight"] - a_base["model.layers.6.self_attn.q_proj.weight"]
     s = np.linalg.svd(delta.astype(np.float64), compute_uv=False)
     assert s[7] > 10 * s[8]                    # rank 8 plus bf16 rounding noise, as documented
+
+
+def test_readme_example_output_is_what_the_demo_prints_today(ran):
+    """The README shows `weightdiff demo weightdiff-demo`; refresh with scripts/refresh_example.py."""
+    from pathlib import Path
+
+    from weightdiff.render.terminal import render_text
+
+    _, _, data = ran
+    data = json.loads(json.dumps(data))
+    data["base"][0]["path"] = "weightdiff-demo/base"
+    data["tuned"]["path"] = "weightdiff-demo/tuned"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- demo-output -->\n```\n\$ weightdiff demo weightdiff-demo\n(.*?)```\n<!-- /demo-output -->",
+                      readme, re.S)
+    assert block, "README lost its example output block"
+    assert block.group(1) == render_text(data), "README example output is stale: run scripts/refresh_example.py"
