@@ -142,44 +142,6 @@ def group_of(name: str, module: str) -> str:
     return "head"
 
 
-def parse_name(name: str) -> tuple[str | None, int | None, str]:
-    """(block label, block index, module kind) of a tensor name; never raises.
-
-    The block is the first decimal name component with the container before it and any
-    meaningful namespace (``encoder``, ``decoder``, ``vision_model``) in front; wrappers
-    such as ``model.``, ``transformer.``, ``bert.`` are dropped and a repeated component
-    is written once. Tensors outside blocks get block None.
-
-    >>> parse_name("bert.encoder.layer.11.attention.output.dense.weight")
-    ('encoder.layer.11', 11, 'attn.o')
-    >>> parse_name("encoder.block.0.layer.1.DenseReluDense.wi_1.weight")
-    ('encoder.block.0', 0, 'mlp.up')
-    >>> parse_name("model.embed_tokens.weight"), parse_name("lm_head.weight")
-    ((None, None, 'embed'), (None, None, 'lm_head'))
-    """
-    parts = str(name).split(".")
-    idx = next((i for i, p in enumerate(parts) if p.isdecimal() and p.isascii() and len(p) < 10), None)
-    if idx is None:
-        rest = [p for p in parts if p not in _WRAPPERS] or parts
-        return None, None, _module_kind(rest, in_block=False)
-    ns: list[str] = []
-    for p in parts[:idx]:
-        if p in _WRAPPERS or (ns and ns[-1] == p):
-            continue
-        ns.append(p)
-    if idx > 0 and parts[idx - 1] in _WRAPPERS:   # keep the container even when it is a wrapper word
-        ns.append(parts[idx - 1])
-    label = ".".join(ns + [parts[idx]])
-    return label, int(parts[idx]), _module_kind(parts[idx + 1:], in_block=True)
-
-
-def group_of(name: str, module: str) -> str:
-    """The group of a tensor outside any block: ``embeddings`` or ``head``."""
-    if module.startswith("embed") or any(p in ("embeddings", "embed") for p in str(name).split(".")):
-        return "embeddings"
-    return "head"
-
-
 def _leaf(name: str) -> str:
     """The module part of a parameter name: ``a.b.weight`` -> ``a.b``."""
     for end in (".weight", ".bias"):
