@@ -91,8 +91,8 @@ class TensorInfo:
 def storage_of(dtype: str) -> np.dtype:
     """Little-endian numpy dtype the raw data of ``dtype`` is handed out as.
 
-    >>> storage_of("BF16"), storage_of("F4")
-    (dtype('uint16'), dtype('uint8'))
+    >>> storage_of("BF16").name, storage_of("F4").name
+    ('uint16', 'uint8')
     """
     return np.dtype(DTYPES[dtype].storage).newbyteorder("<")
 
