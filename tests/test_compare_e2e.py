@@ -216,3 +216,26 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, base_dir):
     assert res.exit_code == 2
     assert res.stderr.count("\n") == 1 and "bad.safetensors" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_cli_unwritable_output_is_one_line_exit_2(tmp_path, base_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(main, ["compare", str(base_dir), str(base_dir), "-q", "--json",
+                                    str(blocker / "out.json")])
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
+    assert "out.json" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_cuda_without_a_gpu_fails_before_reading(tmp_path, base_dir, monkeypatch):
+    from weightdiff.kernels import cuda
+    from weightdiff.options import OptionsError
+
+    def no_gpu(device="cuda"):
+        raise OptionsError("--device cuda: no CUDA device")
+
+    monkeypatch.setattr(cuda, "require_device", no_gpu)
+    res = CliRunner().invoke(main, ["compare", str(base_dir), str(base_dir), "--device", "cuda"])
+    assert res.exit_code == 2
+    assert res.stderr == "error: --device cuda: no CUDA device\n"

@@ -120,6 +120,10 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         options = options_from_kwargs(CompareOptions, **kwargs)
     elif kwargs:
         options = options_from_kwargs(CompareOptions, **{**_as_kwargs(options), **kwargs})
+    if options.device == "cuda":        # fail before any reading, not after the plan
+        from .kernels import cuda
+
+        cuda.require_device("cuda")
     base_paths = [base] if isinstance(base, (str, os.PathLike)) else list(base)
     with ExitStack() as stack:
         bases = [stack.enter_context(locate(p)) for p in base_paths]

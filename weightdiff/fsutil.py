@@ -8,6 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from .errors import CheckpointError, WeightdiffError
+
+
+class OutputError(CheckpointError):
+    """An output file cannot be written (exit code 2: the user chose the path)."""
+
 
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
@@ -17,8 +23,11 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     ``path`` may be ``-`` only at the CLI layer, never here.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(path, f"cannot write here ({exc.strerror or exc})") from None
     try:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as fh:
@@ -27,9 +36,11 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WeightdiffError):
+            raise OutputError(path, f"cannot write ({exc.strerror or exc}); nothing was written") from None
         raise
 
 
