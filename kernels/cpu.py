@@ -20,6 +20,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import reference
@@ -33,8 +34,8 @@ __all__ = ["STAT_FIELDS", "NSTATS", "CHUNK", "delta_stats", "bytes_stats", "comb
 CHUNK = 1 << 16
 #: elements decoded at a time into float64 scratch (fits in L1)
 SUB = 1024
-#: interleaved accumulators inside a chunk (independent add chains)
-LANES = 4
+#: interleaved float accumulators in a sub-block (two 8-wide vectors per sum)
+LANES = 16
 
 _BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -49,6 +50,7 @@ _I8, _I16, _I32, _I64 = _C["I8"], _C["I16"], _C["I32"], _C["I64"]
 _FP8_FIRST, _FP8_LAST = _C["F8_E4M3"], _C["F8_E8M0"]
 _EXACT_M, _EXACT_E = 5000, -5000   # (mant, emin) of exact (integer, bool) dtypes: never the coarser
 _ABS_MASK = np.int64(0x7FFFFFFFFFFFFFFF)
+_EXP_MASK = np.int64(0x7FF0000000000000)
 
 
 def _bitcast_codegen(width: int, to_float):
@@ -146,59 +148,54 @@ def _half_ulp_bits(ab_bits, mb, eb, mt, et):
     return np.int64(1) << max(k + 1074, 0) if k >= -1074 else np.int64(0)
 
 
-@_jit
-def _sums(fb, ft):
-    """(sum x^2, sum y^2, sum (y-x)^2, sum x*y) over fb, ft, in four interleaved lanes.
+def _vec_sums_codegen(context, builder, sig, args):
+    """IR of ``_vsums``: 16 lanes in two ``<8 x double>`` registers per sum, no fast-math flags."""
+    arrs = [context.make_array(ty)(context, builder, a) for ty, a in zip(sig.args, args)]
+    vec = ir.VectorType(ir.DoubleType(), 8)
+    pb, pt = (builder.bitcast(a.data, vec.as_pointer()) for a in arrs)
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(8)]
+    nitems = arrs[0].nitems
+    groups = builder.sdiv(nitems, ir.Constant(nitems.type, LANES))
+    with cgutils.for_range(builder, groups) as loop:
+        first = builder.mul(loop.index, ir.Constant(loop.index.type, 2))
+        for half in range(2):   # elements 16g .. 16g+7 in register 0, 16g+8 .. 16g+15 in register 1
+            at = builder.add(first, ir.Constant(first.type, half))
+            x = builder.load(builder.gep(pb, [at]), align=8)
+            y = builder.load(builder.gep(pt, [at]), align=8)
+            d = builder.fsub(y, x)
+            terms = (builder.fmul(x, x), builder.fmul(y, y), builder.fmul(d, d), builder.fmul(x, y))
+            for k, term in enumerate(terms):
+                acc = accs[2 * k + half]
+                builder.store(builder.fadd(builder.load(acc), term), acc)
+    out = []
+    for k in range(4):   # lane j += lane j + 8, then j + 4, j + 2, j + 1
+        v = builder.fadd(builder.load(accs[2 * k]), builder.load(accs[2 * k + 1]))
+        width = 8
+        while width > 1:
+            width //= 2
+            idx = ir.VectorType(ir.IntType(32), width)
+            lo = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width, 2 * width))))
+            v = builder.fadd(lo, hi)
+        out.append(builder.extract_element(v, ir.Constant(ir.IntType(32), 0)))
+    return context.make_tuple(builder, sig.return_type, out)
 
-    Element ``i`` goes to lane ``i % 4``; each lane adds in index order and the lanes are
-    combined as ``(l0 + l1) + (l2 + l3)``. The order is written into the code, with no
-    fast-math flag, so the bits of the result are the same on every CPU, whatever vector
-    width LLVM picks (the four lanes are independent chains it may keep in one register).
+
+@intrinsic
+def _vsums(typingctx, fb, ft):
+    """(sum x^2, sum y^2, sum (y-x)^2, sum x*y) over contiguous float64 ``fb``, ``ft``.
+
+    The length must be a multiple of ``LANES`` (16; pad with zeros, which add nothing).
+    Element ``i`` goes to lane ``i % 16``; each lane adds in index order; the lanes are
+    then folded in halves (lane j += lane j + 8, then + 4, + 2, + 1). The order is fixed
+    in the IR, with no fast-math flag, so the bits are the same on every CPU; written as
+    LLVM vectors because numba's loop vectorizer refuses a float reduction without
+    ``reassoc`` and its SLP vectorizer is off (the scalar four-lane loop ran 4.5x slower).
     """
-    a0 = a1 = a2 = a3 = 0.0
-    b0 = b1 = b2 = b3 = 0.0
-    c0 = c1 = c2 = c3 = 0.0
-    d0 = d1 = d2 = d3 = 0.0
-    n = fb.size
-    n4 = n - n % 4
-    for i in range(0, n4, 4):
-        x0 = fb[i]
-        x1 = fb[i + 1]
-        x2 = fb[i + 2]
-        x3 = fb[i + 3]
-        y0 = ft[i]
-        y1 = ft[i + 1]
-        y2 = ft[i + 2]
-        y3 = ft[i + 3]
-        a0 += x0 * x0
-        a1 += x1 * x1
-        a2 += x2 * x2
-        a3 += x3 * x3
-        b0 += y0 * y0
-        b1 += y1 * y1
-        b2 += y2 * y2
-        b3 += y3 * y3
-        e0 = y0 - x0
-        e1 = y1 - x1
-        e2 = y2 - x2
-        e3 = y3 - x3
-        c0 += e0 * e0
-        c1 += e1 * e1
-        c2 += e2 * e2
-        c3 += e3 * e3
-        d0 += x0 * y0
-        d1 += x1 * y1
-        d2 += x2 * y2
-        d3 += x3 * y3
-    for i in range(n4, n):   # the tail joins lane 0
-        x = fb[i]
-        y = ft[i]
-        e = y - x
-        a0 += x * x
-        b0 += y * y
-        c0 += e * e
-        d0 += x * y
-    return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3), (c0 + c1) + (c2 + c3), (d0 + d1) + (d2 + d3)
+    ok = all(isinstance(a, types.Array) and a.dtype == types.float64 and a.ndim == 1
+             and a.layout == "C" for a in (fb, ft))
+    if ok:
+        return types.UniTuple(types.float64, 4)(fb, ft), _vec_sums_codegen
 
 
 @_jit
@@ -218,6 +215,9 @@ def _chunk_stats(b, t, start, stop, cb, ct, same, mb, eb, mt, et, f16, fp8, row)
     s_b2 = s_t2 = s_d2 = s_dot = 0.0
     mx = np.int64(0)
     n_ch = n_bey = n_flip = n_nfb = n_nft = np.int64(0)
+    # half-ulp bound as bits when it is a normal float64: max(bits(abs(x)) & EXP - dk, ck), see below
+    dk = np.int64(min(mb, mt) + 1) << 52
+    ck = np.int64(max(eb - mb, et - mt) + 1022) << 52
     for s0 in range(start, stop, SUB):
         n = min(SUB, stop - s0)
         rb = b[s0:s0 + n]
@@ -226,6 +226,9 @@ def _chunk_stats(b, t, start, stop, cb, ct, same, mb, eb, mt, et, f16, fp8, row)
         ft = tbuf[:n]
         _decode_into(rb, cb, f16, fp8, fb)
         _decode_into(rt, ct, f16, fp8, ft)
+        padded = n + (-n) % LANES   # the sums run over whole lane groups; zeros add nothing
+        fbuf[n:padded] = 0.0
+        tbuf[n:padded] = 0.0
         if same:
             for i in range(n):
                 n_ch += rb[i] != rt[i]
@@ -234,7 +237,7 @@ def _chunk_stats(b, t, start, stop, cb, ct, same, mb, eb, mt, et, f16, fp8, row)
                 x = fb[i]
                 y = ft[i]
                 n_ch += not (x == y or (x != x and y != y))
-        p_b2, p_t2, p_d2, p_dot = _sums(fb, ft)
+        p_b2, p_t2, p_d2, p_dot = _vsums(fbuf[:padded], tbuf[:padded])
         # a NaN or Inf on a side makes that side's sum of squares NaN or Inf (squares never
         # cancel), so finite sums prove the sub-block finite and the count/mask pass is skipped
         if not ((p_b2 - p_b2) == 0.0 and (p_t2 - p_t2) == 0.0):
@@ -253,7 +256,7 @@ def _chunk_stats(b, t, start, stop, cb, ct, same, mb, eb, mt, et, f16, fp8, row)
                         n_bey += not (x == y or (x != x and y != y))
                         fb[i] = 0.0
                         ft[i] = 0.0
-                p_b2, p_t2, p_d2, p_dot = _sums(fb, ft)
+                p_b2, p_t2, p_d2, p_dot = _vsums(fbuf[:padded], tbuf[:padded])
         s_b2 += p_b2
         s_t2 += p_t2
         s_d2 += p_d2
@@ -264,9 +267,9 @@ def _chunk_stats(b, t, start, stop, cb, ct, same, mb, eb, mt, et, f16, fp8, row)
                 y = ft[i]
                 ad = _f64_bits(y - x) & _ABS_MASK
                 mx = max(mx, ad)
-                e = ((_f64_bits(x) & _ABS_MASK) >> 52) - 1023
-                k = max(max(e, eb) - mb, max(e, et) - mt) + 1022   # = k_half + 1023
-                n_bey += ad > (k << 52)
+                # max(max(e, eb) - mb, max(e, et) - mt) = max(e - min(mb, mt), ck'), e from the
+                # exponent field (0 for zero and subnormals: then ck wins), shifted into place
+                n_bey += ad > max((_f64_bits(x) & _EXP_MASK) - dk, ck)
                 n_flip += ((x < 0.0) & (y > 0.0)) | ((x > 0.0) & (y < 0.0))
         else:
             for i in range(n):
