@@ -389,3 +389,13 @@ def test_partial_spectrum_uses_the_upper_bound_for_cost_and_form():
     _, _, s = aggregate([r], THR)
     assert s.delta_params == min(1000 * 1000, 700 * 2000)
     assert s.form["kind"] == "dense"
+
+
+def test_headline_counts_unchanged_shared_rows_of_a_resized_vocabulary():
+    emb = rec("model.embed_tokens.weight", "resized", shape=(12, 8), base_shape=(10, 8), frac=0.0,
+              numel_compared=80)
+    recs = [rec("model.layers.0.w", shape=(10, 10)), emb]
+    _, _, s = aggregate(recs, THR)
+    # 100 unchanged of 196; with the 80 bitwise-equal shared rows, 180 of 196
+    assert ("51.0% of parameters are bitwise unchanged, 91.8% counting the shared rows of resized tensors, "
+            "which are bitwise unchanged too.") in s.headline

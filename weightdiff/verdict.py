@@ -366,7 +366,15 @@ def _headline(s: Summary, counted: list[TensorRecord], n_cos: int) -> list[str]:
     total = s.params_total
     out = [s.verdict_reason]
     if total:
-        out.append(f"{fmt_pct(s.params_by_status['unchanged'] / total)} of parameters are bitwise unchanged.")
+        unchanged = s.params_by_status["unchanged"]
+        same_rows = sum(r.numel_compared for r in counted if r.status == "resized"
+                        and r.compared in ("float", "bytes") and r.frac_changed == 0)
+        if same_rows:
+            out.append(f"{fmt_pct(unchanged / total)} of parameters are bitwise unchanged, "
+                       f"{fmt_pct((unchanged + same_rows) / total)} counting the shared rows of resized "
+                       "tensors, which are bitwise unchanged too.")
+        else:
+            out.append(f"{fmt_pct(unchanged / total)} of parameters are bitwise unchanged.")
         if s.params_by_status["rounding"]:
             out.append(f"{fmt_pct(s.params_by_status['rounding'] / total)} differ only within dtype rounding.")
     if s.blocks_total:
