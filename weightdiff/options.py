@@ -93,6 +93,7 @@ class CompareOptions:
         """The options as they go into the JSON ``settings`` block (threads left out:
         results do not depend on it, and the JSON must not either)."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("thresholds", "threads")}
+        d["backend"] = "numba" if self.device == "cpu" else "torch"
         d["include"] = list(self.include)
         d["exclude"] = list(self.exclude)
         d["thresholds"] = self.thresholds.to_dict()
