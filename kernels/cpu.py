@@ -198,30 +198,166 @@ def _vsums(typingctx, fb, ft):
         return types.UniTuple(types.float64, 4)(fb, ft), _vec_sums_codegen
 
 
+def _load_decoded(builder, ptr, at, ty):
+    """Eight elements of a contiguous array at vector index ``at``, as ``<8 x double>``.
+
+    float64 arrays load as they are; uint16 is bf16 (shifted into the high half of a
+    float32), uint32 is float32; the caller checks the dtype codes. Any other width
+    (never passed) converts as unsigned integers so that every specialization compiles.
+    """
+    f64x8 = ir.VectorType(ir.DoubleType(), 8)
+    width = ty.dtype.bitwidth
+    if isinstance(ty.dtype, types.Float):
+        vt = ir.VectorType(ir.DoubleType() if width == 64 else ir.FloatType(), 8)
+    else:
+        vt = ir.VectorType(ir.IntType(width), 8)
+    v = builder.load(builder.gep(builder.bitcast(ptr, vt.as_pointer()), [at]), align=width // 8)
+    if isinstance(ty.dtype, types.Float):
+        return v if width == 64 else builder.fpext(v, f64x8)
+    i32x8 = ir.VectorType(ir.IntType(32), 8)
+    if width == 16:
+        v = builder.shl(builder.zext(v, i32x8), ir.Constant(i32x8, [16] * 8))
+        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.FloatType(), 8)), f64x8)
+    if width == 32:
+        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.FloatType(), 8)), f64x8)
+    return builder.uitofp(v, f64x8)
+
+
+def _fused_codegen(context, builder, sig, args):
+    """IR of ``_fused``: the sums as in ``_vsums`` plus the integer fields, one pass."""
+    (bty, tty) = sig.args[:2]
+    arrs = [context.make_array(ty)(context, builder, a) for ty, a in zip((bty, tty), args[:2])]
+    dk, ck = args[2], args[3]
+    f64x8 = ir.VectorType(ir.DoubleType(), 8)
+    i64x8 = ir.VectorType(ir.IntType(64), 8)
+    zero_f = ir.Constant(f64x8, None)
+    zero_i = ir.Constant(i64x8, None)
+    accs = [cgutils.alloca_once_value(builder, zero_f) for _ in range(8)]
+    mx, ne, bey, flip = (cgutils.alloca_once_value(builder, zero_i) for _ in range(4))
+    absm = ir.Constant(i64x8, [0x7FFFFFFFFFFFFFFF] * 8)
+    expm = ir.Constant(i64x8, [0x7FF0000000000000] * 8)
+    dkv = builder.insert_element(zero_i, dk, ir.Constant(ir.IntType(32), 0))
+    dkv = builder.shuffle_vector(dkv, dkv, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+    ckv = builder.insert_element(zero_i, ck, ir.Constant(ir.IntType(32), 0))
+    ckv = builder.shuffle_vector(ckv, ckv, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+    nitems = arrs[0].nitems
+    groups = builder.sdiv(nitems, ir.Constant(nitems.type, LANES))
+
+    def count(acc, flag):
+        builder.store(builder.add(builder.load(acc), builder.zext(flag, i64x8)), acc)
+
+    with cgutils.for_range(builder, groups) as loop:
+        first = builder.mul(loop.index, ir.Constant(loop.index.type, 2))
+        for half in range(2):
+            at = builder.add(first, ir.Constant(first.type, half))
+            x = _load_decoded(builder, arrs[0].data, at, bty)
+            y = _load_decoded(builder, arrs[1].data, at, tty)
+            d = builder.fsub(y, x)
+            terms = (builder.fmul(x, x), builder.fmul(y, y), builder.fmul(d, d), builder.fmul(x, y))
+            for k, term in enumerate(terms):
+                acc = accs[2 * k + half]
+                builder.store(builder.fadd(builder.load(acc), term), acc)
+            ad = builder.and_(builder.bitcast(d, i64x8), absm)
+            m = builder.load(mx)
+            builder.store(builder.select(builder.icmp_signed(">", ad, m), ad, m), mx)
+            e = builder.sub(builder.and_(builder.bitcast(x, i64x8), expm), dkv)
+            bound = builder.select(builder.icmp_signed(">", e, ckv), e, ckv)
+            count(bey, builder.icmp_signed(">", ad, bound))
+            count(ne, builder.fcmp_unordered("!=", x, y))
+            neg_x, pos_x = builder.fcmp_ordered("<", x, zero_f), builder.fcmp_ordered(">", x, zero_f)
+            neg_y, pos_y = builder.fcmp_ordered("<", y, zero_f), builder.fcmp_ordered(">", y, zero_f)
+            count(flip, builder.or_(builder.and_(neg_x, pos_y), builder.and_(pos_x, neg_y)))
+    out = []
+    for k in range(4):   # lane j += lane j + 8, then j + 4, j + 2, j + 1
+        v = builder.fadd(builder.load(accs[2 * k]), builder.load(accs[2 * k + 1]))
+        width = 8
+        while width > 1:
+            width //= 2
+            idx = ir.VectorType(ir.IntType(32), width)
+            lo = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width, 2 * width))))
+            v = builder.fadd(lo, hi)
+        out.append(builder.extract_element(v, ir.Constant(ir.IntType(32), 0)))
+    lanes = [ir.Constant(ir.IntType(32), j) for j in range(8)]
+    m = builder.load(mx)
+    best = builder.extract_element(m, lanes[0])
+    for j in lanes[1:]:
+        other = builder.extract_element(m, j)
+        best = builder.select(builder.icmp_signed(">", other, best), other, best)
+    out.append(best)
+    for acc in (ne, bey, flip):
+        v = builder.load(acc)
+        total = builder.extract_element(v, lanes[0])
+        for j in lanes[1:]:
+            total = builder.add(total, builder.extract_element(v, j))
+        out.append(total)
+    return context.make_tuple(builder, sig.return_type, out)
+
+
+@intrinsic
+def _fused(typingctx, b, t, dk, ck):
+    """Every field of a finite sub-block in one pass: (b2, t2, d2, dot, max bits, n_ne, n_beyond, flips).
+
+    ``b``, ``t``: contiguous float64 scratch, or raw bf16 (uint16) / float32 (uint32) bits
+    decoded in the registers; the length a multiple of ``LANES``. The sums follow ``_vsums``'
+    order exactly, so raw and scratch inputs give the same bits. ``n_ne`` counts values
+    that differ (``x != y``); the bound is ``max(bits(x) & EXP - dk, ck)``, valid when it is
+    a normal float64. Meaningful only when the sums come out finite (no NaN or Inf).
+    """
+    if all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (b, t)):
+        ret = types.Tuple((types.float64,) * 4 + (types.int64,) * 4)
+        return ret(b, t, types.int64, types.int64), _fused_codegen
+
+
+@_jit
+def _finite(v):
+    return (v - v) == 0.0
+
+
 @_jit
 def _chunk_stats(b, t, start, stop, cb, ct, same, mb, eb, mt, et, f16, fp8, row):
     """Stats of b[start:stop], t[start:stop] into ``row`` (float64[NSTATS]), deterministic.
 
-    Per sub-block of ``SUB`` elements: decode both sides to float64 scratch, count the
-    non-finite values (and, only if there are any, zero the non-finite pairs: zeros add
-    nothing to any field), add the four float sums of the sub-block to the chunk's in
-    order, and count the integer fields, with abs(d) and its half-ulp bound compared as
-    float64 bits (non-negative floats order like their bits).
+    Per sub-block of ``SUB`` elements. Fast path (bf16/f32 sides, a normal-float64 bound,
+    a whole sub-block): ``_fused`` straight from the raw bits. Otherwise decode both sides
+    to float64 scratch (zero-padded to whole lane groups) and run ``_fused`` on it. Either
+    way, a NaN or Inf makes that side's sum of squares non-finite (squares never cancel),
+    so finite sums prove the sub-block finite; if not, the non-finite pairs are counted,
+    zeroed in the scratch (zeros add nothing to any field) and the pass rerun. Dtype pairs
+    whose bound can be subnormal (F64) take the general loop with ``_half_ulp_bits``.
     """
     # the smallest half-ulp exponent this dtype pair can produce; F64 can go subnormal
     normal_bound = max(eb - mb, et - mt) - 1 >= -1022
+    raw_ok = normal_bound and (cb == _BF16 or cb == _F32) and (ct == _BF16 or ct == _F32)
+    # bound as bits when normal: max(max(e, eb) - mb, max(e, et) - mt) = max(e - min(mb, mt), c),
+    # e from the exponent field (0 for zero and subnormals, then c wins), shifted into place
+    dk = np.int64(min(mb, mt) + 1) << 52
+    ck = np.int64(max(eb - mb, et - mt) + 1022) << 52
     fbuf = np.empty(SUB)
     tbuf = np.empty(SUB)
     s_b2 = s_t2 = s_d2 = s_dot = 0.0
     mx = np.int64(0)
     n_ch = n_bey = n_flip = n_nfb = n_nft = np.int64(0)
-    # half-ulp bound as bits when it is a normal float64: max(bits(abs(x)) & EXP - dk, ck), see below
-    dk = np.int64(min(mb, mt) + 1) << 52
-    ck = np.int64(max(eb - mb, et - mt) + 1022) << 52
     for s0 in range(start, stop, SUB):
         n = min(SUB, stop - s0)
         rb = b[s0:s0 + n]
         rt = t[s0:s0 + n]
+        if same:   # bits differ (a NaN payload or -0 -> +0 counts)
+            for i in range(n):
+                n_ch += rb[i] != rt[i]
+        if raw_ok and n == SUB:
+            p_b2, p_t2, p_d2, p_dot, p_mx, p_ne, p_bey, p_flip = _fused(rb, rt, dk, ck)
+            if _finite(p_b2) and _finite(p_t2):
+                s_b2 += p_b2
+                s_t2 += p_t2
+                s_d2 += p_d2
+                s_dot += p_dot
+                mx = max(mx, p_mx)
+                n_bey += p_bey
+                n_flip += p_flip
+                if not same:
+                    n_ch += p_ne
+                continue
         fb = fbuf[:n]
         ft = tbuf[:n]
         _decode_into(rb, cb, f16, fp8, fb)
@@ -229,49 +365,44 @@ def _chunk_stats(b, t, start, stop, cb, ct, same, mb, eb, mt, et, f16, fp8, row)
         padded = n + (-n) % LANES   # the sums run over whole lane groups; zeros add nothing
         fbuf[n:padded] = 0.0
         tbuf[n:padded] = 0.0
-        if same:
-            for i in range(n):
-                n_ch += rb[i] != rt[i]
+        if normal_bound:
+            p_b2, p_t2, p_d2, p_dot, p_mx, p_ne, p_bey, p_flip = _fused(fbuf[:padded], tbuf[:padded], dk, ck)
         else:
+            p_b2, p_t2, p_d2, p_dot = _vsums(fbuf[:padded], tbuf[:padded])
+        if not (_finite(p_b2) and _finite(p_t2)):
+            nf_diff = np.int64(0)   # non-finite pairs whose values differ: changed, and beyond
             for i in range(n):
                 x = fb[i]
                 y = ft[i]
-                n_ch += not (x == y or (x != x and y != y))
-        p_b2, p_t2, p_d2, p_dot = _vsums(fbuf[:padded], tbuf[:padded])
-        # a NaN or Inf on a side makes that side's sum of squares NaN or Inf (squares never
-        # cancel), so finite sums prove the sub-block finite and the count/mask pass is skipped
-        if not ((p_b2 - p_b2) == 0.0 and (p_t2 - p_t2) == 0.0):
-            nfb = np.int64(0)
-            nft = np.int64(0)
-            for i in range(n):
-                nfb += (fb[i] - fb[i]) != 0.0
-                nft += (ft[i] - ft[i]) != 0.0
-            if nfb + nft > 0:
-                n_nfb += nfb
-                n_nft += nft
-                for i in range(n):
-                    x = fb[i]
-                    y = ft[i]
-                    if not ((x - x) == 0.0 and (y - y) == 0.0):
-                        n_bey += not (x == y or (x != x and y != y))
-                        fb[i] = 0.0
-                        ft[i] = 0.0
+                fx = _finite(x)
+                fy = _finite(y)
+                n_nfb += not fx
+                n_nft += not fy
+                if not (fx and fy):
+                    nf_diff += not (x == y or (x != x and y != y))
+                    fb[i] = 0.0
+                    ft[i] = 0.0
+            n_bey += nf_diff
+            if not same:
+                n_ch += nf_diff
+            if normal_bound:
+                p_b2, p_t2, p_d2, p_dot, p_mx, p_ne, p_bey, p_flip = _fused(fbuf[:padded], tbuf[:padded], dk, ck)
+            else:
                 p_b2, p_t2, p_d2, p_dot = _vsums(fbuf[:padded], tbuf[:padded])
         s_b2 += p_b2
         s_t2 += p_t2
         s_d2 += p_d2
         s_dot += p_dot
-        if normal_bound:   # branch-free, vectorizes: the bound is a normal float64
-            for i in range(n):
-                x = fb[i]
-                y = ft[i]
-                ad = _f64_bits(y - x) & _ABS_MASK
-                mx = max(mx, ad)
-                # max(max(e, eb) - mb, max(e, et) - mt) = max(e - min(mb, mt), ck'), e from the
-                # exponent field (0 for zero and subnormals: then ck wins), shifted into place
-                n_bey += ad > max((_f64_bits(x) & _EXP_MASK) - dk, ck)
-                n_flip += ((x < 0.0) & (y > 0.0)) | ((x > 0.0) & (y < 0.0))
+        if normal_bound:
+            mx = max(mx, p_mx)
+            n_bey += p_bey
+            n_flip += p_flip
+            if not same:
+                n_ch += p_ne
         else:
+            if not same:   # the pairs zeroed above are equal now; their change was counted
+                for i in range(n):
+                    n_ch += fb[i] != ft[i]
             for i in range(n):
                 x = fb[i]
                 y = ft[i]

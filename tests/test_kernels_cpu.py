@@ -185,3 +185,49 @@ def test_properties(xs, ys, dtype):
     assert fwd[IDX["sum_d2"]] == back[IDX["sum_d2"]] and fwd[IDX["n_changed"]] == back[IDX["n_changed"]]
     assert ref.finalize(fwd)["norm_delta"] == ref.finalize(back)["norm_delta"]
     assert_stats_close(fwd, ref.delta_stats(b, t, dtype, dtype))
+
+
+def _lane_order_sums(b: np.ndarray, t: np.ndarray) -> list[float]:
+    """The documented summation order, in numpy: per sub-block, 16 lanes then halves folded."""
+    e = t - b
+    out = []
+    for v in (b * b, t * t, e * e, b * t):
+        total = 0.0
+        for s0 in range(0, v.size, cpu.SUB):
+            blk = v[s0:s0 + cpu.SUB]
+            blk = np.concatenate([blk, np.zeros(-blk.size % cpu.LANES)]).reshape(-1, cpu.LANES)
+            lanes = np.zeros(cpu.LANES)
+            for row in blk:              # each lane adds in index order
+                lanes = lanes + row
+            while lanes.size > 1:        # lane j += lane j + 8, then + 4, + 2, + 1
+                lanes = lanes[:lanes.size // 2] + lanes[lanes.size // 2:]
+            total += lanes[0]
+        out.append(total)
+    return out
+
+
+@pytest.mark.parametrize("db,dt,n", [("BF16", "BF16", 3 * cpu.SUB), ("F32", "BF16", 2 * cpu.SUB + 37),
+                                     ("F16", "F16", cpu.SUB + 5), ("F64", "F64", 100)])
+def test_sums_follow_the_documented_order_bitwise(rng, db, dt, n):
+    """Raw-bits fast path and decoded scratch path both sum in the documented lane order."""
+    x = rng.standard_normal(n) * 0.02
+    y = x + rng.standard_normal(n) * 0.001
+    b, t = to_storage(x, db), to_storage(y, dt)
+    got = cpu.delta_stats(b, t, db, dt)
+    want = _lane_order_sums(ref.decode(b, db), ref.decode(t, dt))
+    assert [got[IDX[k]] for k in ("sum_b2", "sum_t2", "sum_d2", "dot")] == want
+    np.testing.assert_array_equal(got[[IDX["n_changed"], IDX["n_beyond"], IDX["max_abs"], IDX["sign_flips"]]],
+                                  ref.delta_stats(b, t, db, dt)[[IDX["n_changed"], IDX["n_beyond"],
+                                                                 IDX["max_abs"], IDX["sign_flips"]]])
+
+
+def test_nonfinite_in_a_whole_raw_sub_block(rng):
+    """A NaN/Inf inside a full bf16 or f32 sub-block leaves the fast path for the masked one."""
+    x = (rng.standard_normal(2 * cpu.SUB) * 0.02).astype(np.float32)
+    y = x.copy()
+    y[[3, 700]] = [np.nan, -np.inf]
+    x[[5, 700, 1500]] = [np.inf, np.inf, -0.0]
+    y[[9, 1500]] = [x[9] * 1.5, 0.0]
+    for db, dt in (("BF16", "BF16"), ("F32", "F32"), ("F32", "BF16")):
+        b, t = to_storage(x, db), to_storage(y, dt)
+        assert_stats_close(cpu.delta_stats(b, t, db, dt), ref.delta_stats(b, t, db, dt))
