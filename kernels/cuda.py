@@ -16,6 +16,7 @@ importing this module without torch works, calling it raises ``OptionsError``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import deque
 from typing import Iterable, Iterator
@@ -29,9 +30,9 @@ __all__ = ["STAT_FIELDS", "NSTATS", "PIECE", "delta_stats", "bytes_stats", "comb
            "decode_delta_f32", "decode_delta", "rounding_sigma2", "stream_delta_stats",
            "require_device", "resolve_device"]
 
-#: elements reduced at a time on the device (bounds the float64 temporaries to ~200 MB)
-PIECE = 1 << 21
-_EXACT_M, _EXACT_E = 5000, -5000   # (mant, emin) of integer/bool dtypes: never the coarser side
+#: elements reduced at a time on the device: weightdiff.compute's window, so one piece per
+#: window; the temporaries of a piece peak near 75 bytes per element (~1.2 GB)
+PIECE = 1 << 24
 
 
 def _torch():
@@ -88,83 +89,162 @@ def _as_int_tensor(raw, dtype: str, device):
 
 
 _TABLES: dict = {}
+#: dtypes whose values float32 holds exactly (all multiples of 2^-149); a pair of them is staged
+#: in float32 for the masks and the half-ulp bound. Their products are exact in float64 and
+#: never underflow, so the sign of x * y in float64 is the sign of the exact product.
+_F32_STAGE = frozenset(("BF16", "F16", "F32", "I8", "U8", "I16", "U16", "BOOL") + FP8_NAMES)
 
 
-def _fp8_table(torch, dtype: str, device):
-    key = (dtype, str(device))
+def _fp8_table(torch, dtype: str, device, fdtype):
+    key = (dtype, str(device), fdtype)
     if key not in _TABLES:
-        _TABLES[key] = torch.from_numpy(FP8_STACK[FP8_NAMES.index(dtype)].astype(np.float64)).to(device)
+        table = FP8_STACK[FP8_NAMES.index(dtype)].astype(np.float64)
+        _TABLES[key] = torch.from_numpy(table).to(device=device, dtype=fdtype)
     return _TABLES[key]
 
 
-def _decode(x, dtype: str):
-    """Integer bits -> float64 values of ``dtype`` (exact, like ``dtypes.decode``)."""
+def _decode(x, dtype: str, fdtype=None):
+    """Integer bits -> values of ``dtype`` as ``fdtype`` (float64 by default; exact, like
+    ``dtypes.decode``; float32 only for the dtypes in ``_F32_STAGE``)."""
     torch = _torch()
-    f64 = torch.float64
+    f = torch.float64 if fdtype is None else fdtype
     if dtype == "BF16":
-        return x.view(torch.bfloat16).to(f64)
+        return x.view(torch.bfloat16).to(f)
     if dtype == "F16":
-        return x.view(torch.float16).to(f64)
+        return x.view(torch.float16).to(f)
     if dtype == "F32":
-        return x.view(torch.float32).to(f64)
+        return x.view(torch.float32).to(f)
     if dtype == "F64":
         return x.view(torch.float64)
-    if dtype in FP8_NAMES:
-        return _fp8_table(torch, dtype, x.device)[x.to(torch.int64) & 0xFF]
+    if dtype in FP8_NAMES:   # the bits arrive as uint8: in range for an int32 index
+        return torch.index_select(_fp8_table(torch, dtype, x.device, f), 0, x.to(torch.int32))
     if dtype == "I8":
-        return x.view(torch.int8).to(f64)
+        return x.view(torch.int8).to(f)
     if dtype == "U16":
-        return (x.to(torch.int32) & 0xFFFF).to(f64)
+        return (x.to(torch.int32) & 0xFFFF).to(f)
     if dtype == "U32":
-        return (x.to(torch.int64) & 0xFFFFFFFF).to(f64)
+        return (x.to(torch.int64) & 0xFFFFFFFF).to(f)
     if dtype == "U64":   # hi * 2^32 is exact; one rounding in the add, as numpy's uint64 -> float64
-        hi = ((x >> 32) & 0xFFFFFFFF).to(f64)
-        lo = (x & 0xFFFFFFFF).to(f64)
+        hi = ((x >> 32) & 0xFFFFFFFF).to(f)
+        lo = (x & 0xFFFFFFFF).to(f)
         return hi * 4294967296.0 + lo
-    return x.to(f64)   # BOOL, U8, I16, I32, I64
+    return x.to(f)   # BOOL, U8, I16, I32, I64
 
 
-def _ulp_params(dtype: str) -> tuple[int, int]:
-    d = DTYPES[dtype]
-    return (_EXACT_M, _EXACT_E) if d.kind in ("int", "bool") else (d.mant_bits, d.emin)
+def _half_ulp_params(dtype_base: str, dtype_tuned: str):
+    """``(scale, floor)`` with half_ulp = max(pow2floor(abs(B)) * scale, floor), or None (both exact).
+
+    max over the float dtypes f of 2^(max(E, emin_f) - mant_f - 1) is
+    max(2^(E - min mant - 1), 2^(max(emin_f - mant_f) - 1)); integer dtypes add 0.
+    """
+    fl = [DTYPES[d] for d in (dtype_base, dtype_tuned) if DTYPES[d].kind == "float"]
+    if not fl:
+        return None
+    m = min(d.mant_bits for d in fl)
+    c = max(d.emin - d.mant_bits for d in fl)
+    return math.ldexp(1.0, -m - 1), math.ldexp(1.0, c - 1)
 
 
-def _half_ulp_bits(torch, ax, params):
-    """float64 bits of half an ulp of the coarser dtype at ``ax`` (>= 0); see kernels.cpu."""
-    e = ((ax.view(torch.int64) >> 52) & 0x7FF) - 1023
-    k = None
-    for m, emin in params:
-        kk = torch.clamp(e, min=emin) - m
-        k = kk if k is None else torch.maximum(k, kk)
-    k = k - 1
-    sub = torch.where(k >= -1074, torch.bitwise_left_shift(torch.ones_like(k), torch.clamp(k + 1074, min=0)),
-                      torch.zeros_like(k))
-    return torch.where(k >= -1022, (k + 1023) << 52, sub)
+def _half_ulp(torch, xs, params):
+    """Half an ulp of the coarser dtype at ``abs(xs)`` (same float dtype as ``xs``).
+
+    pow2floor by masking the exponent bits (0 below the smallest normal of ``xs``'s dtype,
+    where the floor applies anyway: every emin is >= that exponent - 1); inf/NaN give inf.
+    In float32 a bound below 2^-149 becomes 0 (the F32 floor 2^-150 is a tie, rounded to
+    even); harmless, as every value staged in float32 is a multiple of 2^-149, so is every
+    D, and abs(D) > h <=> D != 0 for any h < 2^-149. Larger bounds are exact powers of two.
+    """
+    scale, floor = params
+    if xs.dtype == torch.float32:
+        p = (xs.view(torch.int32) & 0x7F800000).view(torch.float32)
+    else:
+        p = (xs.view(torch.int64) & 0x7FF0000000000000).view(torch.float64)
+    return p.mul_(scale).clamp_min_(floor)
+
+
+_EXP_MASK = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000, "F64": 0x7FF0000000000000}
+_ROW = 128   # bools summed per row in uint8 (<= 255) before the int64 total
+
+
+def _finite(torch, bits, vals, dtype: str):
+    """Bool mask of finite values: one mask-and-compare on the stored bits where the format
+    has an exponent field, else abs(vals) < inf (``torch.isfinite`` is four kernels)."""
+    mask = _EXP_MASK.get(dtype)
+    if mask is not None:
+        return (bits & mask) != mask
+    return vals.abs() < math.inf
+
+
+def _count(torch, mask):
+    """int64 0-dim count of a bool tensor, read once as bytes.
+
+    ``mask.sum()`` would first copy the mask to int64 (8 bytes written per element); here
+    rows of ``_ROW`` bytes are summed in uint8, and only those row sums are widened.
+    """
+    u = mask.reshape(-1).view(torch.uint8)
+    k = u.numel() - u.numel() % _ROW
+    total = u[:k].view(-1, _ROW).sum(1, dtype=torch.uint8).sum()
+    return total + u[k:].sum() if k < u.numel() else total
 
 
 def _piece_stats(bt, tt, dtype_base: str, dtype_tuned: str):
-    """float64[NSTATS] tensor (on the input's device) for one piece of integer bits."""
+    """float64[NSTATS] tensor (on the input's device) for one piece of integer bits.
+
+    No host synchronisation: every count stays a device tensor. A pair of ``_F32_STAGE``
+    dtypes is decoded to float32 for the masks and the half-ulp bound, then again to
+    float64 from bits with the non-finite pairs zeroed, for the sums; other pairs decode to
+    float64 once. Sums, D and the beyond test are float64 exactly as in the reference.
+    """
     torch = _torch()
-    b = _decode(bt, dtype_base)
-    t = _decode(tt, dtype_tuned)
-    fb, ft = torch.isfinite(b), torch.isfinite(t)
-    fin = fb & ft
-    x = torch.where(fin, b, 0.0)
-    y = torch.where(fin, t, 0.0)
+    f64 = torch.float64
+    n = bt.numel()
+    dev = bt.device
+    if n == 0:
+        return torch.zeros(NSTATS, dtype=f64, device=dev)
+    small = dtype_base in _F32_STAGE and dtype_tuned in _F32_STAGE
+    xs = _decode(bt, dtype_base, torch.float32 if small else f64)
+    ys = _decode(tt, dtype_tuned, torch.float32 if small else f64)
+    floats = DTYPES[dtype_base].kind == "float" or DTYPES[dtype_tuned].kind == "float"
+    zero = torch.zeros((), dtype=torch.int64, device=dev)
+    if floats:
+        fb, ft = _finite(torch, bt, xs, dtype_base), _finite(torch, tt, ys, dtype_tuned)
+        fin = fb & ft
+        veq = (xs == ys) | (torch.isnan(xs) & torch.isnan(ys))
+        nf_beyond = n - _count(torch, fin | veq)   # non-finite pairs whose values differ
+        nfb, nft = n - _count(torch, fb), n - _count(torch, ft)
+    else:   # integers and bool are always finite
+        fin = None
+        veq = xs == ys if dtype_base != dtype_tuned else None
+        nf_beyond = nfb = nft = zero
+    changed = _count(torch, bt != tt) if dtype_base == dtype_tuned else n - _count(torch, veq)
+    if fin is None:
+        x, y = (xs, ys) if not small else (_decode(bt, dtype_base), _decode(tt, dtype_tuned))
+    elif small:   # zero the bits of non-finite pairs, then decode straight to float64
+        x = _decode(torch.where(fin, bt, 0), dtype_base)
+        y = _decode(torch.where(fin, tt, 0), dtype_tuned)
+    else:
+        x = torch.where(fin, xs, 0.0)
+        y = torch.where(fin, ys, 0.0)
     d = y - x
-    ad = d.abs()
-    value_eq = (b == t) | (torch.isnan(b) & torch.isnan(t))
-    changed = (bt != tt) if dtype_base == dtype_tuned else ~value_eq
-    thr = _half_ulp_bits(torch, x.abs(), (_ulp_params(dtype_base), _ulp_params(dtype_tuned)))
-    beyond = (fin & (ad.view(torch.int64) > thr)) | (~fin & ~value_eq)
-    flips = ((x < 0) & (y > 0)) | ((x > 0) & (y < 0))
-    zero = torch.zeros((), dtype=torch.float64, device=b.device)
-    parts = [torch.tensor(float(b.numel()), dtype=torch.float64, device=b.device),
-             (x * x).sum(), (y * y).sum(), (d * d).sum(), (x * y).sum(),
-             changed.sum().to(torch.float64), beyond.sum().to(torch.float64),
-             ad.max() if ad.numel() else zero,
-             (~fb).sum().to(torch.float64), (~ft).sum().to(torch.float64), flips.sum().to(torch.float64)]
-    return torch.stack(parts)
+    if "F64" in (dtype_base, dtype_tuned):   # products of float64 values may underflow to 0
+        dot = torch.dot(x, y)
+        flips = _count(torch, ((x < 0) & (y > 0)) | ((x > 0) & (y < 0)))
+    else:                                    # exact sign of x * y in float64
+        p = x * y
+        dot = p.sum()
+        flips = _count(torch, p < 0)
+    lo, hi = torch.aminmax(d)
+    params = _half_ulp_params(dtype_base, dtype_tuned)
+    if params is None:
+        beyond = _count(torch, d != 0)
+    else:   # non-finite pairs have d == 0, never beyond
+        beyond = _count(torch, d.abs() > _half_ulp(torch, xs, params))
+    parts = [torch.dot(x, x), torch.dot(y, y), torch.dot(d, d), dot, changed, beyond + nf_beyond,
+             torch.maximum(hi, -lo).abs(), nfb, nft, flips]   # abs: +0, never -0
+    out = torch.empty(NSTATS, dtype=f64, device=dev)
+    out[:1].fill_(float(n))   # a fill kernel, not a host-to-device copy: no stream synchronisation
+    out[1:] = torch.stack([v.to(f64) for v in parts])
+    return out
 
 
 def _stats_tensor(bt, tt, dtype_base: str, dtype_tuned: str):
