@@ -86,3 +86,104 @@ def test_require_device():
     if not torch.cuda.is_available():
         with pytest.raises(OptionsError, match="sees no CUDA device"):
             cuda.require_device("cuda")
+
+
+def _storage_int(dtype: str):
+    from weightdiff.kernels.dtypes import DTYPES
+
+    size = np.dtype(DTYPES[dtype].storage).itemsize
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+
+
+def test_pieces_never_wait_for_the_host(monkeypatch):
+    """On the meta device (no data) every op of a piece must run: no .item(), no tensor
+    built from host values (a blocking host-to-device copy that syncs the stream)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    bad = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            devs = {a.device.type for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)}
+            if func.overloadpacket.__name__ == "_local_scalar_dense" or ("cpu" in devs and "meta" in devs):
+                bad.append(func.overloadpacket.__name__)
+            return func(*args, **kwargs)
+
+    for db, dt in PAIRS:   # the fp8 tables are built once per device, outside the watch
+        cuda._stats_tensor(torch.empty(3, dtype=_storage_int(db), device="meta"),
+                           torch.empty(3, dtype=_storage_int(dt), device="meta"), db, dt)
+
+    def host_tensor(real):
+        def make(*a, **k):
+            if torch.device(k.get("device") or "cpu").type != "cpu":
+                bad.append(real.__name__)
+            return real(*a, **k)
+        return make
+
+    monkeypatch.setattr(torch, "tensor", host_tensor(torch.tensor))
+    monkeypatch.setattr(torch, "as_tensor", host_tensor(torch.as_tensor))
+    monkeypatch.setattr(cuda, "PIECE", 1000)
+    for db, dt in PAIRS:
+        with Watch():
+            out = cuda._stats_tensor(torch.empty(2500, dtype=_storage_int(db), device="meta"),
+                                     torch.empty(2500, dtype=_storage_int(dt), device="meta"), db, dt)
+        assert out.shape == (ref.NSTATS,) and out.dtype == torch.float64
+    assert bad == []
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 129, 255 * 128 + 77, 70_001])
+def test_count_reads_bytes_exactly(n, rng):
+    m = rng.random(n) < 0.9
+    assert int(cuda._count(torch, torch.from_numpy(m))) == int(m.sum())
+    assert int(cuda._count(torch, torch.ones(n, dtype=torch.bool))) == n
+
+
+def _neighbours(dtype: str, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every pattern next to ``bits`` (+-1, +-2 in the last place), as (base, tuned) raws."""
+    from weightdiff.kernels.dtypes import DTYPES
+
+    st = np.dtype(DTYPES[dtype].storage)
+    u = np.dtype(f"u{st.itemsize}")
+    base = np.repeat(bits.astype(u), 5)
+    tuned = base + np.tile(np.array([0, 1, 2, -1, -2]).astype(u), bits.size)
+    return base.view(st), tuned.view(st)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F8_E4M3", "F8_E8M0"])
+def test_beyond_at_every_binade_edge(dtype):
+    """n_beyond hinges on abs(D) == h exactly (a power of two's lower neighbour) and on the
+    smallest normals, where the float32-staged bound rounds: check every binade edge."""
+    from weightdiff.kernels.dtypes import DTYPES
+
+    d = DTYPES[dtype]
+    nbits = 8 * np.dtype(d.storage).itemsize
+    if nbits <= 16:
+        bits = np.arange(1 << nbits, dtype=np.uint64)
+    else:   # every exponent, mantissa 0, 1, 2 and all ones, both signs
+        e = np.arange(256, dtype=np.uint64) << np.uint64(23)
+        m = np.array([0, 1, 2, (1 << 23) - 1], dtype=np.uint64)
+        bits = (e[:, None] | m[None, :]).reshape(-1)
+        bits = np.concatenate([bits, bits | np.uint64(1 << 31)])
+    b, t = _neighbours(dtype, bits & np.uint64((1 << nbits) - 1))
+    for db, dt, bb, tt in ((dtype, dtype, b, t), (dtype, dtype, t, b)):
+        assert_stats_close(cuda.delta_stats(bb, tt, db, dt, device="cpu"), ref.delta_stats(bb, tt, db, dt))
+    if dtype in ("BF16", "F16"):   # the same values against a wider and a narrower dtype
+        with np.errstate(all="ignore"):
+            wide = ref.decode(b, dtype).astype(np.float32)
+            assert_stats_close(cuda.delta_stats(wide, t, "F32", dtype, device="cpu"),
+                               ref.delta_stats(wide, t, "F32", dtype))
+            assert_stats_close(cuda.delta_stats(t, wide, dtype, "F32", device="cpu"),
+                               ref.delta_stats(t, wide, dtype, "F32"))
+
+
+def test_host_copy_in_slices(rng, monkeypatch):
+    monkeypatch.setattr(cuda, "PARALLEL_COPY_BYTES", 1000)
+    monkeypatch.setattr(cuda, "_copy_workers", lambda: 3)
+    for n in (0, 999, 1000, 100_003):
+        src = rng.integers(0, 256, n, dtype=np.uint8)
+        dst = np.zeros(n, np.uint8)
+        cuda.host_copy(dst, src)
+        np.testing.assert_array_equal(dst, src)
+    with pytest.raises(ValueError, match="host_copy"):
+        cuda.host_copy(np.zeros(3, np.uint8), np.zeros(4, np.uint8))
