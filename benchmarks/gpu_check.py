@@ -7,10 +7,12 @@ Needs numpy, numba, torch (CUDA build) and weightdiff installed; no network, no 
 Part 1 compares ``kernels.cuda.delta_stats`` on the device with ``kernels.cpu`` for every
 decodable dtype pair used in the tests, on random values, raw random bits (NaN, Inf,
 subnormals, huge) and window lengths around the chunk size; counts and max must be
-equal, float sums within rtol 1e-9. Part 2 builds a ~1.1B-parameter bf16 pair in memory
+equal, float sums within rtol 1e-9; then windows of several pieces, run twice (the bits
+must repeat), and the streamed path. Part 2 builds a ~1.1B-parameter bf16 pair in memory
 (windows of 16M elements, like weightdiff.compute) and times: the streamed GPU pass
-(pinned buffers, copy/compute overlap), the GPU compute alone (data already on the
-device), and the numba CPU pass, in the same run. Exit status 1 if any parity check fails.
+(pinned buffers, copy/compute overlap), its two copies alone (host into pinned memory,
+pinned to device), the GPU compute alone (data already on the device), and the numba CPU
+pass, in the same run. Exit status 1 if any parity check fails.
 """
 
 from __future__ import annotations
@@ -77,6 +79,23 @@ def parity(device, lengths) -> list[str]:
             ok &= bool(np.allclose(got[IDX["dot"]], want[IDX["dot"]], rtol=1e-9, atol=atol, equal_nan=True))
             if not ok:
                 failures.append(f"{db}-{dt} n={n}: cuda {got.tolist()} numba {want.tolist()}")
+    # pieces combined in order (a small PIECE), and the same bits on a second run
+    piece = cuda.PIECE
+    try:
+        cuda.PIECE = 1 << 20
+        for db, dt in [("BF16", "BF16"), ("F32", "BF16"), ("F16", "F16"), ("F64", "F32")]:
+            n = 3 * cuda.PIECE + 12_345 if max(lengths) > cpu.CHUNK + 1 else 2 * cuda.PIECE + 7
+            v = rng.standard_normal(n) * 0.05
+            b, t = _make(rng, n, db, v), _make(rng, n, dt, v + rng.standard_normal(n) * 1e-3)
+            want = cpu.delta_stats(b, t, db, dt)
+            got = cuda.delta_stats(b, t, db, dt, device=device)
+            again = cuda.delta_stats(b, t, db, dt, device=device)
+            if not (np.array_equal(got[exact], want[exact]) and np.allclose(got, want, rtol=1e-9, equal_nan=True)):
+                failures.append(f"pieces {db}-{dt} n={n}: cuda {got.tolist()} numba {want.tolist()}")
+            if got.tobytes() != again.tobytes():
+                failures.append(f"not deterministic {db}-{dt} n={n}: {got.tolist()} then {again.tolist()}")
+    finally:
+        cuda.PIECE = piece
     # the streamed path gives the per-window results, in order
     wins = [(rng.integers(0, 1 << 15, n, dtype=np.uint16), rng.integers(0, 1 << 15, n, dtype=np.uint16),
              "BF16", "BF16") for n in (5, 1 << 20, 3, 1 << 21)]
@@ -119,7 +138,23 @@ def throughput(device, params: int, window: int, threads: int | None) -> list[tu
     sync()
     dt = time.perf_counter() - t0
     rows.append((f"torch {dev.type}: streamed from host", dt, nbytes / dt / 1e9, g))
-    if dev.type == "cuda":
+    if dev.type == "cuda":   # where the streamed time goes: the host copy, the PCIe copy
+        host = torch.empty(window * base.itemsize, dtype=torch.uint8, pin_memory=True)
+        t0 = time.perf_counter()
+        for b, t, _, _ in wins:
+            for a in (b, t):
+                cuda.host_copy(host.numpy()[:a.nbytes], a.view(np.uint8))
+        dt = time.perf_counter() - t0
+        rows.append((f"host copy into pinned, {cuda._copy_workers()} threads", dt, nbytes / dt / 1e9, None))
+        devbuf = torch.empty(host.numel(), dtype=torch.uint8, device=dev)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(2 * len(wins)):
+            devbuf.copy_(host, non_blocking=True)
+        sync()
+        dt = time.perf_counter() - t0
+        rows.append(("host-to-device copy only (pinned)", dt, nbytes / dt / 1e9, None))
+        del host, devbuf
         free = torch.cuda.mem_get_info(dev)[0]
         if free > 3 * nbytes:
             bt = torch.from_numpy(base.view(np.int16)).to(dev)
