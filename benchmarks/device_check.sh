@@ -22,7 +22,7 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
     || { log "install failed"; tail -5 "$OUT/install.txt"; exit 1; }
 fi
 
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ -z "${SKIP_GPU_CHECK:-}" ]; then
   log "kernel parity and stats-pass throughput (benchmarks/gpu_check.py)"
   timeout 240 $PY benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt"
   log "gpu_check exit: ${PIPESTATUS[0]}"

@@ -36,6 +36,7 @@ class Backend:
 
     name: str
     module: object
+    device: str = ""      # torch device for the "cuda" backend ("cuda"; tests use "cpu")
 
     @classmethod
     def for_options(cls, options: CompareOptions) -> "Backend":
@@ -43,7 +44,7 @@ class Backend:
             from .kernels import cuda
 
             cuda.require_device("cuda")
-            return cls("cuda", cuda)
+            return cls("cuda", cuda, "cuda")
         from .kernels import cpu
 
         cpu.set_threads(options.threads)
@@ -60,8 +61,21 @@ def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
     k = backend.module
     opaque = not (DTYPES[dtype_b].decodable and DTYPES[dtype_t].decodable)
     acc = None
-    for wb, wt in zip(base.windows(bname, WINDOW_ELEMENTS, 0, stop),
-                      tuned.windows(tname, WINDOW_ELEMENTS, 0, stop)):
+    windows = zip(base.windows(bname, WINDOW_ELEMENTS, 0, stop), tuned.windows(tname, WINDOW_ELEMENTS, 0, stop))
+    if backend.name == "cuda" and not opaque:
+        # pinned buffers, the copy of window k+1 overlapping the compute of window k
+        sizes: list[int] = []
+
+        def feed():
+            for wb, wt in windows:
+                sizes.append(len(wt))
+                yield wb, wt, dtype_b, dtype_t
+
+        for i, part in enumerate(k.stream_delta_stats(feed(), device=backend.device or "cuda")):
+            acc = part if acc is None else k.combine(acc, part)
+            on_window(sizes[i])
+        windows = iter(())
+    for wb, wt in windows:
         part = k.bytes_stats(wb, wt) if opaque else k.delta_stats(wb, wt, dtype_b, dtype_t)
         acc = part if acc is None else k.combine(acc, part)
         on_window(len(wt))
