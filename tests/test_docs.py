@@ -68,3 +68,10 @@ def test_modules_import_only_from_layers_above():
             if theirs is not None and theirs > mine:
                 problems.append(f"{rel} imports {target}")
     assert not problems, problems
+
+
+def test_readme_links_point_to_files():
+    readme = (ROOT / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)#]+)\)", readme):
+        if "://" not in target:
+            assert (ROOT / target).exists(), f"README links to a missing {target}"
