@@ -44,10 +44,10 @@ def test_text_output_whole(tmp_path):
         "F32                   4                52   61.9%",
         "BF16                  2                32   38.1%",
         "",
-        "block             tensors        parameters",
-        "model.layers.0          2                20",
-        "model.layers.1          2                20",
-        "(outside)               2                44",
+        "block           tensors        parameters",
+        "layers.0              2                20",
+        "layers.1              2                20",
+        "(outside)             2                44",
         "",
         "metadata    format = pt",
         "            total_size = 272",
@@ -64,25 +64,25 @@ def test_json_output(tmp_path):
     assert (doc["format"], doc["tensors"], doc["params"], doc["bytes"]) == ("sharded", 6, 84, 272)
     assert doc["dtypes"] == {"F32": {"tensors": 4, "params": 52, "bytes": 208, "decodable": True},
                              "BF16": {"tensors": 2, "params": 32, "bytes": 64, "decodable": True}}
-    assert doc["blocks"] == [{"block": "model.layers.0", "index": 0, "tensors": 2, "params": 20},
-                             {"block": "model.layers.1", "index": 1, "tensors": 2, "params": 20}]
+    assert doc["blocks"] == [{"block": "layers.0", "index": 0, "tensors": 2, "params": 20},
+                             {"block": "layers.1", "index": 1, "tensors": 2, "params": 20}]
     assert doc["outside_blocks"] == {"tensors": 2, "params": 44}
     assert doc["metadata"] == {"format": "pt", "total_size": "272"} and doc["adapter"] is None
     assert sum(f["tensors"] for f in doc["files"]) == 6 and doc["ignored"] == []
 
 
 @pytest.mark.parametrize("name, block", [
-    ("model.layers.12.self_attn.q_proj.weight", ("model.layers.12", 12)),
-    ("transformer.h.3.attn.c_attn.weight", ("transformer.h.3", 3)),
-    ("bert.encoder.layer.11.attention.self.query.weight", ("bert.encoder.layer.11", 11)),
+    ("model.layers.12.self_attn.q_proj.weight", ("layers.12", 12)),
+    ("transformer.h.3.attn.c_attn.weight", ("h.3", 3)),
+    ("bert.encoder.layer.11.attention.self.query.weight", ("encoder.layer.11", 11)),
     ("encoder.block.0.layer.1.DenseReluDense.wi.weight", ("encoder.block.0", 0)),
     ("decoder.block.5.layer.0.SelfAttention.q.weight", ("decoder.block.5", 5)),
     ("vision_model.blocks.7.mlp.fc1.weight", ("vision_model.blocks.7", 7)),
     ("layers.2.w", ("layers.2", 2)),
     ("model.embed_tokens.weight", None),
     ("lm_head.weight", None),
-    ("model.layers_extra.3.w", None),
-    ("mesh.4.w", None),
+    ("model.layers_extra.3.w", ("layers_extra.3", 3)),
+    ("mesh.4.w", ("mesh.4", 4)),
 ])
 def test_block_of(name, block):
     assert block_of(name) == block
@@ -107,7 +107,7 @@ def test_adapter_text(tmp_path):
     assert r.exit_code == 0, r.stderr
     out = r.stdout.splitlines()
     assert "format      PEFT LoRA adapter, 1 file" in out
-    assert "model.layers.0          2                12" in out
+    assert "layers.0              2                12" in out
     assert "adapter     r=2 lora_alpha=4 scale=2.82843 rslora, 1 LoRA factor pairs (ranks 2)" in out
     assert "targets     q_proj" in out and "base model  org/base" in out
     doc = json.loads(CliRunner().invoke(main, ["inspect", str(d), "--json"]).stdout)

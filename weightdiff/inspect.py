@@ -16,8 +16,8 @@ name parser used by ``compare``.
 from __future__ import annotations
 
 import os
-import re
 
+from .blocknames import parse_name
 from .checkpoint import locate
 from .errors import CheckpointError, escape_name
 from .kernels.dtypes import DTYPES
@@ -26,15 +26,18 @@ from .fileio import os_problem
 __all__ = ["SCHEMA", "describe", "render_text", "block_of"]
 
 SCHEMA = "weightdiff.inspect/1"
-_BLOCK_RE = re.compile(r"^(?P<label>(?:.*?\.)?(?:layers|h|layer|block|blocks)\.(?P<index>\d+))(?:\.|$)")
 _FORMATS = {"safetensors": "safetensors file", "sharded": "sharded safetensors",
             "adapter": "PEFT LoRA adapter", "pickle": "PyTorch pickle (read with weights_only)"}
 
 
 def block_of(name: str) -> tuple[str, int] | None:
-    """(block label, block index) of a tensor name, or None outside the repeated blocks."""
-    m = _BLOCK_RE.match(name)
-    return (m["label"], int(m["index"])) if m else None
+    """(block label, block index) of a tensor name, or None outside the repeated blocks.
+
+    The same labels as ``weightdiff compare`` (weightdiff.blocknames.parse_name), so a block
+    in ``inspect`` output can be found in a comparison by name.
+    """
+    label, index, _ = parse_name(name)
+    return None if label is None else (label, index)
 
 
 def describe(path: str | os.PathLike) -> dict:
