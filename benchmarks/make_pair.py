@@ -33,7 +33,7 @@ import numpy as np
 
 from weightdiff.fsutil import atomic_writer
 from weightdiff.kernels.dtypes import decode
-from weightdiff.safetensors_write import save_file, to_storage
+from weightdiff.safetensors_write import save_file, shard_groups, to_storage
 
 #: (hidden, intermediate, layers, kv_dim, vocab)
 SIZES = {
@@ -133,15 +133,7 @@ def generate(args) -> dict:
     out = Path(args.out)
     items = layout(args.size)
     shard_bytes = args.shard_mb << 20
-    groups: list[list[int]] = [[]]
-    acc = 0
-    for i, (_, shape, _) in enumerate(items):
-        nb = 2 * int(np.prod(shape))
-        if groups[-1] and acc + nb > shard_bytes:
-            groups.append([])
-            acc = 0
-        groups[-1].append(i)
-        acc += nb
+    groups = shard_groups([2 * int(np.prod(shape)) for _, shape, _ in items], shard_bytes)
     n = len(groups)
     maps: dict[str, dict[str, str]] = {"base": {}, "tuned": {}}
     totals = {"base": 0, "tuned": 0}

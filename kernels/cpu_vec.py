@@ -36,8 +36,15 @@ def _vec_sums_codegen(context, builder, sig, args):
             for k, term in enumerate(terms):
                 acc = accs[2 * k + half]
                 builder.store(builder.fadd(builder.load(acc), term), acc)
+    out = _fold_sums(builder, accs)
+    return context.make_tuple(builder, sig.return_type, out)
+
+
+def _fold_sums(builder, accs) -> list:
+    """The four sums out of their 16 lanes (two <8 x double> registers each), in the fixed
+    order: register 0 + register 1, then lane j += lane j + 4, j + 2, j + 1."""
     out = []
-    for k in range(4):   # lane j += lane j + 8, then j + 4, j + 2, j + 1
+    for k in range(4):
         v = builder.fadd(builder.load(accs[2 * k]), builder.load(accs[2 * k + 1]))
         width = 8
         while width > 1:
@@ -47,7 +54,7 @@ def _vec_sums_codegen(context, builder, sig, args):
             hi = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width, 2 * width))))
             v = builder.fadd(lo, hi)
         out.append(builder.extract_element(v, ir.Constant(ir.IntType(32), 0)))
-    return context.make_tuple(builder, sig.return_type, out)
+    return out
 
 
 @intrinsic
@@ -136,17 +143,7 @@ def _fused_codegen(context, builder, sig, args):
             neg_x, pos_x = builder.fcmp_ordered("<", x, zero_f), builder.fcmp_ordered(">", x, zero_f)
             neg_y, pos_y = builder.fcmp_ordered("<", y, zero_f), builder.fcmp_ordered(">", y, zero_f)
             count(flip, builder.or_(builder.and_(neg_x, pos_y), builder.and_(pos_x, neg_y)))
-    out = []
-    for k in range(4):   # lane j += lane j + 8, then j + 4, j + 2, j + 1
-        v = builder.fadd(builder.load(accs[2 * k]), builder.load(accs[2 * k + 1]))
-        width = 8
-        while width > 1:
-            width //= 2
-            idx = ir.VectorType(ir.IntType(32), width)
-            lo = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width))))
-            hi = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width, 2 * width))))
-            v = builder.fadd(lo, hi)
-        out.append(builder.extract_element(v, ir.Constant(ir.IntType(32), 0)))
+    out = _fold_sums(builder, accs)
     lanes = [ir.Constant(ir.IntType(32), j) for j in range(8)]
     m = builder.load(mx)
     best = builder.extract_element(m, lanes[0])

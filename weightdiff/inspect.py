@@ -3,14 +3,13 @@
 Format, files and shards, tensor count, parameters by dtype and by block, metadata and,
 for a PEFT adapter, its LoRA settings. ``describe()`` returns a JSON-ready dict
 (schema ``weightdiff.inspect/1``); ``render_text()`` turns it into the terminal view.
-No tensor data is read. The block of a tensor comes from its name (``layers.N``,
-``h.N``, ``layer.N``, ``block.N``, ``blocks.N``); ``aggregate.py`` owns the full
-name parser used by ``compare``.
+No tensor data is read. Blocks are labelled by ``weightdiff.blocknames.parse_name``, the
+parser ``compare`` uses, so the labels agree between the two commands.
 
 >>> block_of("model.layers.12.self_attn.q_proj.weight")
-('model.layers.12', 12)
+('layers.12', 12)
 >>> block_of("transformer.h.3.attn.c_attn.weight"), block_of("lm_head.weight")
-(('transformer.h.3', 3), None)
+(('h.3', 3), None)
 """
 
 from __future__ import annotations

@@ -123,6 +123,24 @@ def save_file(path: str | os.PathLike, tensors: Mapping[str, TensorLike],
     return path
 
 
+def shard_groups(sizes: list[int], budget: int) -> list[list[int]]:
+    """Indices of consecutive tensors grouped into shards of at most ``budget`` bytes
+    (a tensor larger than the budget gets a shard of its own).
+
+    >>> shard_groups([4, 4, 4, 10, 1], 8)
+    [[0, 1], [2], [3], [4]]
+    """
+    groups: list[list[int]] = [[]]
+    acc = 0
+    for i, size in enumerate(sizes):
+        if groups[-1] and acc + size > budget:
+            groups.append([])
+            acc = 0
+        groups[-1].append(i)
+        acc += size
+    return groups
+
+
 def save_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, TensorLike],
                     shards: int = 1, metadata: Mapping[str, str] | None = None,
                     max_shard_bytes: int | None = None) -> Path:
@@ -140,15 +158,7 @@ def save_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, TensorLi
         return directory
     sizes = [_normalise(t)[1].nbytes for _, t in items]
     total = sum(sizes)
-    budget = max_shard_bytes or max(1, -(-total // shards))
-    groups: list[list[int]] = [[]]
-    acc = 0
-    for i, s in enumerate(sizes):
-        if groups[-1] and acc + s > budget:
-            groups.append([])
-            acc = 0
-        groups[-1].append(i)
-        acc += s
+    groups = shard_groups(sizes, max_shard_bytes or max(1, -(-total // shards)))
     n = len(groups)
     weight_map = {}
     for k, g in enumerate(groups, start=1):
