@@ -126,3 +126,12 @@ def test_figures_index_keeps_captions(tmp_path):
     assert index[0]["caption"] == cap.caption_depth(data)
     assert index[0]["files"] == {"png": "depth_profile.png", "svg": "depth_profile.svg"}
     assert not list(Path(tmp_path / "p").glob(".*.tmp"))      # atomic writes leave no temporaries
+
+
+def test_relatedness_is_reported_as_one_minus_cosine(written):
+    """DESIGN: report 1 - cosine in scientific notation, never a cosine that reads 1.000."""
+    data, _, page, md = written
+    c = data["summary"]["relatedness_cosine"]
+    expected = cap.fmt_sci(max(0.0, 1.0 - c), 3)
+    assert "1 − cosine (large matrices)" in md and expected in md
+    assert "relatedness cosine" not in page

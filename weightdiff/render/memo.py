@@ -80,7 +80,8 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
             ["largest numerical rank", cap.fmt_int(form.get("max_numerical_rank"))],
             ["delta parameters", f"{cap.fmt_int(s.get('delta_params'))} ({cap.fmt_share(s.get('delta_params_share'))} of the model)"],
             ["model relative change", cap.fmt_num(s.get("relative_change"))],
-            ["relatedness cosine (large matrices)", cap.fmt_num(s.get("relatedness_cosine"), 6)],
+            ["1 − cosine (large matrices)", cap.fmt_sci(None if s.get("relatedness_cosine") is None
+                                                        else max(0.0, 1.0 - s["relatedness_cosine"]), 3)],
             ["flags", _c(", ".join(s.get("flags") or []) or "none")]]
     out.append(Block("table", ["", "value"], rows))
     out.append(Block("p", "The verdict follows these rules, checked in this order (the numbers are in the "

@@ -13,6 +13,7 @@ import time
 from typing import IO, Any
 
 from ..errors import escape_name
+from .captions import one_minus_cosine
 
 VERDICT_WORDS = {
     "identical": "IDENTICAL: every tensor is bitwise equal to the base.",
@@ -52,8 +53,8 @@ def fmt_pct(x: Any) -> str:
 
 
 def _one_minus_cos(t: dict) -> str:
-    c = t.get("cosine")
-    return "-" if c is None else fmt_sci(max(0.0, 1.0 - c))
+    v = one_minus_cosine(t)
+    return "-" if v is None else fmt_sci(max(0.0, v))
 
 
 def _shape(s: Any) -> str:
