@@ -253,7 +253,8 @@ def test_broken_symlink_shard(tmp_path):
 def test_directory_with_no_weights(tmp_path):
     d = tmp_path / "ck"
     d.mkdir()
-    bad(d, "no checkpoint here: expected model.safetensors or model.safetensors.index.json (the folder is empty)")
+    bad(d, "no checkpoint here: expected model.safetensors, model.safetensors.index.json or a .gguf file "
+           "(the folder is empty)")
     (d / "config.json").write_text("{}")
     bad(d, "(found config.json)")
 

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULES = sorted(
     [f"weightdiff.{p.stem}" for p in (ROOT / "weightdiff").glob("*.py") if p.stem != "__main__"]
     + [f"weightdiff.render.{p.stem}" for p in (ROOT / "weightdiff" / "render").glob("*.py")]
+    + [f"weightdiff.io.{p.stem}" for p in (ROOT / "weightdiff" / "io").glob("*.py")]
     + [f"weightdiff.kernels.{p.stem}" for p in (ROOT / "kernels").glob("*.py")])
 
 

@@ -5,6 +5,8 @@ folder with ``*.safetensors.index.json`` (every shard must exist, hold exactly t
 tensors the index names for it, and no tensor may sit in two shards; a stray shard of
 the same series is an error, other ``.safetensors`` files are listed in ``ignored``);
 a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``); a
+llama.cpp GGUF file (recognised by its magic, whatever its name), or a folder holding
+exactly one ``.gguf``, read through ``weightdiff.io.gguf_read`` (the ``gguf`` extra); a
 Hugging Face cache folder (``models--org--name`` or one of its ``snapshots/<rev>``,
 whose symlinks are followed); or a legacy ``pytorch_model*.bin`` / ``.pt`` pickle, read
 only through torch's restricted unpickler. Locating reads headers, never tensor data.
@@ -44,10 +46,11 @@ class Checkpoint:
 
     def __init__(self, path: Path, format: str, files: list[Path], tensors: dict[str, TensorInfo],
                  metadata: dict, root: Path, adapter: AdapterConfig | None = None,
-                 ignored: list[Path] | None = None):
+                 ignored: list[Path] | None = None, opener=SafetensorsFile):
         self.path, self.format, self.files, self.tensors = path, format, files, tensors
         self.metadata, self.root, self.adapter = metadata, root, adapter
         self.ignored = ignored or []
+        self._opener = opener               # the reader class of this checkpoint's files
         self.lora: list[LoraFactor] = lora_factors(tensors, files[0], adapter) if adapter is not None else []
         self._open: OrderedDict[Path, SafetensorsFile] = OrderedDict()
         self._pins: dict[Path, int] = {}
@@ -91,7 +94,7 @@ class Checkpoint:
             return f
         for old in [p for p in self._open if not self._pins.get(p)][:max(0, len(self._open) - _OPEN_FILES + 1)]:
             self._open.pop(old).close()
-        f = SafetensorsFile(path)
+        f = self._opener(path)
         want = self._headers.get(path)
         if want is not None and f.tensors != want:
             f.close()
@@ -174,6 +177,8 @@ def locate(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(p, os_problem(exc)) from None
     if stat.S_ISDIR(st.st_mode):
         return _locate_dir(p)
+    if _sniff(p) == "gguf":
+        return _gguf(p, p, p.parent)
     if p.name.endswith(".bin.index.json"):
         return _pickle_sharded(p.parent, p)
     if p.name.endswith(".index.json"):
@@ -224,10 +229,16 @@ def _locate_dir(d: Path) -> Checkpoint:
     if len(pk) > 1:
         raise CheckpointError(d, f"{len(pk)} pickle files and no index, so which is the model is ambiguous: "
                                  f"{', '.join(escape_name(n) for n in pk)}", "pass one file")
+    gg = [n for n in names if n.lower().endswith(".gguf")]
+    if len(gg) == 1:
+        return _gguf(d / gg[0], d, d)
+    if len(gg) > 1:
+        raise CheckpointError(d, f"{len(gg)} .gguf files, so which is the model is ambiguous: "
+                                 f"{', '.join(escape_name(n) for n in gg)}", "pass one file")
     found = f"found {', '.join(escape_name(n) for n in names[:6])}" + (", ..." if len(names) > 6 else "") \
         if names else "the folder is empty"
-    raise CheckpointError(d, f"no checkpoint here: expected model.safetensors or "
-                             f"model.safetensors.index.json ({found})")
+    raise CheckpointError(d, f"no checkpoint here: expected model.safetensors, "
+                             f"model.safetensors.index.json or a .gguf file ({found})")
 
 
 def _snapshot(d: Path) -> Path:
@@ -242,6 +253,39 @@ def _snapshot(d: Path) -> Path:
         return d / "snapshots" / snaps[0]
     raise CheckpointError(d, f"Hugging Face cache folder with {len(snaps)} snapshots and no usable "
                              "refs/main", "pass snapshots/<revision>/")
+
+
+#: magics of llama.cpp's pre-GGUF formats (GGML, GGMF, GGJT), as stored on disk
+_LEGACY_GGML = {b"lmgg": "GGML", b"fmgg": "GGMF", b"tjgg": "GGJT"}
+
+
+def _sniff(path: Path) -> str | None:
+    """"gguf" when the file starts with the GGUF magic; legacy GGML files are refused here."""
+    try:
+        fd, st = open_regular(path)
+    except CheckpointError:
+        return None                      # the reader that follows reports the problem
+    try:
+        head = bytearray(min(4, st.st_size))
+        pread_into(fd, memoryview(head), 0, path)
+    finally:
+        os.close(fd)
+    if bytes(head) == b"GGUF":
+        return "gguf"
+    if bytes(head) in _LEGACY_GGML:
+        raise CheckpointError(path, f"is a legacy llama.cpp {_LEGACY_GGML[bytes(head)]} file, which weightdiff "
+                                    "does not read", "convert it to GGUF with llama.cpp first")
+    return None
+
+
+def _gguf(file: Path, shown: Path, root: Path) -> Checkpoint:
+    from .io.gguf_read import GGUFFile
+
+    with GGUFFile(file) as f:
+        tensors, metadata = f.tensors, f.metadata
+    ckpt = Checkpoint(shown, "gguf", [file], tensors, dict(metadata), root, opener=GGUFFile)
+    ckpt._headers[file] = tensors
+    return ckpt
 
 
 def _header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:

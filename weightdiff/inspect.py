@@ -26,7 +26,8 @@ __all__ = ["SCHEMA", "describe", "render_text", "block_of"]
 
 SCHEMA = "weightdiff.inspect/1"
 _FORMATS = {"safetensors": "safetensors file", "sharded": "sharded safetensors",
-            "adapter": "PEFT LoRA adapter", "pickle": "PyTorch pickle (read with weights_only)"}
+            "adapter": "PEFT LoRA adapter", "pickle": "PyTorch pickle (read with weights_only)",
+            "gguf": "GGUF (llama.cpp), names mapped to Hugging Face"}
 
 
 def block_of(name: str) -> tuple[str, int] | None:
@@ -53,6 +54,7 @@ def describe(path: str | os.PathLike) -> dict:
                 raise CheckpointError(f, os_problem(exc)) from None
             files.append({"path": str(f), "bytes": size, "tensors": per_file.get(f, 0)})
         dtypes: dict[str, dict] = {}
+        schemes: dict[str, dict] = {}
         blocks: dict[str, dict] = {}
         other = {"tensors": 0, "params": 0}
         for t in ckpt.tensors.values():
@@ -61,6 +63,11 @@ def describe(path: str | os.PathLike) -> dict:
             d["tensors"] += 1
             d["params"] += t.numel
             d["bytes"] += t.nbytes
+            if t.scheme is not None:
+                q = schemes.setdefault(t.scheme, {"tensors": 0, "params": 0, "bytes": 0, "read_as": t.dtype})
+                q["tensors"] += 1
+                q["params"] += t.numel
+                q["bytes"] += t.nbytes
             name = t.name.removeprefix("base_model.model.") if ckpt.format == "adapter" else t.name
             blk = block_of(name)
             if blk is None:
@@ -84,6 +91,7 @@ def describe(path: str | os.PathLike) -> dict:
             "ignored": [str(p) for p in ckpt.ignored], "tensors": len(ckpt.tensors),
             "params": ckpt.params, "bytes": ckpt.nbytes,
             "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1]["params"])),
+            "schemes": dict(sorted(schemes.items(), key=lambda kv: -kv[1]["params"])),
             "blocks": ordered, "outside_blocks": other,
             "metadata": {str(k): str(v) for k, v in ckpt.metadata.items()}, "adapter": adapter,
         }
@@ -116,6 +124,12 @@ def render_text(summary: dict) -> str:
     for name, d in summary["dtypes"].items():
         note = "" if d["decodable"] else "  (compared byte for byte)"
         lines.append(f"{name:<14}{d['tensors']:>9,}{d['params']:>18,}{d['params'] / total:>8.1%}{note}")
+    if summary.get("schemes"):
+        lines.append("")
+        lines.append(f"{'stored as':<14}{'tensors':>9}{'parameters':>18}{'bytes':>12}  read as")
+        for name, q in summary["schemes"].items():
+            lines.append(f"{e(name):<14}{q['tensors']:>9,}{q['params']:>18,}{_size(q['bytes']):>12}  "
+                         f"{q['read_as']} (dequantized)")
     if summary["blocks"]:
         width = max(14, max(len(e(b["block"])) for b in summary["blocks"]) + 2)
         lines.append("")

@@ -53,7 +53,10 @@ HEADER_CAP: int = 100_000_000
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives: ``start``/``end`` are absolute byte offsets in ``path``
-    (``None`` for tensors from a pickle, which have no byte range of their own)."""
+    (``None`` for tensors from a pickle, which have no byte range of their own).
+
+    ``scheme`` names the stored quantization when the values handed out are decoded
+    from it (a GGUF ``"Q4_K"`` tensor is read as F32); ``None`` for plain tensors."""
 
     name: str
     dtype: str
@@ -61,6 +64,7 @@ class TensorInfo:
     path: Path
     start: int | None
     end: int | None
+    scheme: str | None = None
 
     @property
     def numel(self) -> int:

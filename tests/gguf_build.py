@@ -1,0 +1,93 @@
+"""Write small GGUF files the way llama.cpp's convert_hf_to_gguf.py does, with gguf's own writer.
+
+``to_gguf(path, tensors, arch, ...)`` takes a Hugging Face state dict (name -> float32
+array), maps the names with gguf-py's ``TensorNameMap`` (the converter's own map),
+applies the converter's value transforms (``LlamaModel.permute`` on Q/K for llama, the
+Conv1D transpose for gpt2, ``+ 1`` on Gemma norms), stores 1-D tensors and norms as F32
+(``ModelBase.prepare_tensors``) and everything else in ``qtype`` through
+``gguf.quants.quantize``, then writes the file with ``gguf.GGUFWriter``. Tests then read
+it back through weightdiff and expect the Hugging Face tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import gguf
+from gguf.quants import quantize
+
+ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma": gguf.MODEL_ARCH.GEMMA,
+        "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3": gguf.MODEL_ARCH.GEMMA3, "phi3": gguf.MODEL_ARCH.PHI3,
+        "gpt2": gguf.MODEL_ARCH.GPT2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+
+
+def permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute, in numpy."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def convert(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int | None) -> np.ndarray:
+    """The converter's modify_tensors for the architectures weightdiff maps."""
+    if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+        w = permute(w, n_head, n_head)
+    if arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+        w = permute(w, n_head, n_kv)
+    if arch == "gpt2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+        w = w.T
+    if arch.startswith("gemma") and name.endswith("norm.weight"):
+        w = w + np.float32(1)
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def to_gguf(path: Path, tensors: dict, arch: str = "llama", qtype=gguf.GGMLQuantizationType.F32,
+            n_head: int = 4, n_kv: int | None = None, layers: int = 64, extra: dict | None = None,
+            order: list[str] | None = None) -> Path:
+    """Write ``tensors`` (HF names) as a GGUF of ``arch``; returns the path."""
+    tmap = gguf.TensorNameMap(ARCH[arch], layers)
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[ARCH[arch]])
+    w.add_block_count(layers)
+    w.add_head_count(n_head)
+    if n_kv is not None:
+        w.add_head_count_kv(n_kv)
+    for k, v in (extra or {}).items():
+        w.add_string(k, v) if isinstance(v, str) else w.add_uint32(k, v)
+    for name in order or list(tensors):
+        if arch == "gemma" and name == "lm_head.weight":
+            continue                                     # GemmaModel skips the tied head
+        new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert new is not None, name
+        data = convert(name, tensors[name], arch, n_head, n_kv)
+        q = qtype
+        if data.ndim <= 1 or new.endswith("_norm.weight"):
+            q = gguf.GGMLQuantizationType.F32
+        if q == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(new, data)
+        elif q == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(new, data.astype(np.float16))
+        else:
+            w.add_tensor(new, quantize(data, q), raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def raw_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, "gguf.GGMLQuantizationType"]],
+             arch: str = "llama") -> Path:
+    """A GGUF holding the given GGUF-named tensors as given (raw quantized bytes or floats)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    for name, (data, q) in tensors.items():
+        if data.dtype == np.uint8:
+            w.add_tensor(name, data, raw_dtype=q)
+        else:
+            w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,341 @@
+"""GGUF: dequantization against gguf's own dequantizers, llama.cpp names and transforms undone,
+pairing with the safetensors base, and hostile files refused in one line."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+gguf = pytest.importorskip("gguf")
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+from weightdiff.checkpoint import locate  # noqa: E402
+from weightdiff.cli import main  # noqa: E402
+from weightdiff.comparison import compare  # noqa: E402
+from weightdiff.errors import CheckpointError  # noqa: E402
+from weightdiff.io import gguf_read  # noqa: E402
+from weightdiff.io.gguf_names import ARCHITECTURES, hf_name  # noqa: E402
+from weightdiff.pairing import plan  # noqa: E402
+
+from conftest import write_checkpoint  # noqa: E402
+from gguf_build import ARCH, permute, raw_gguf, to_gguf  # noqa: E402
+from models import gpt2, llama  # noqa: E402
+from test_bad_input import bad  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+#: types gguf-py can dequantize (every quant class it defines, plus F32/F16)
+DEQUANT = [Q.F32, Q.F16] + sorted(gguf.quants._type_traits, key=lambda t: t.value)
+QUANTIZABLE = [Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
+
+
+def _blocks(rng, q, rows: int, blocks: int) -> np.ndarray:
+    """``rows`` rows of ``blocks`` random quant blocks of type ``q`` (raw bytes)."""
+    _, ts = gguf.GGML_QUANT_SIZES[q]
+    return rng.integers(0, 256, (rows, blocks * ts), dtype=np.uint8)
+
+
+# -- dequantization: bit-exact against gguf.quants.dequantize ---------------------
+
+@pytest.mark.parametrize("q", DEQUANT, ids=lambda q: q.name)
+def test_dequantize_matches_gguf(tmp_path, rng, q, monkeypatch):
+    bs, ts = gguf.GGML_QUANT_SIZES[q]
+    nb = 2 if bs > 1 else 64
+    raw = _blocks(rng, q, 3, nb)
+    if q in (Q.F32, Q.F16):
+        raw = rng.normal(0, 1, (3, nb)).astype(np.float32 if q == Q.F32 else np.float16)
+    path = raw_gguf(tmp_path / "q.gguf", {"blk.0.ffn_up.weight": (raw, q)})
+    with np.errstate(all="ignore"):                  # random scales: NaN and Inf are part of the test
+        ref = dequantize(raw, q) if raw.dtype == np.uint8 else raw.astype(np.float32)
+    monkeypatch.setattr(gguf_read, "DECODE_ELEMENTS", max(1, bs))   # exercise the chunked decode
+    with locate(path) as ck:
+        name = "model.layers.0.mlp.up_proj.weight"
+        info = ck.tensors[name]
+        assert info.shape == (3, nb * bs)
+        native = q in (Q.F32, Q.F16, Q.BF16)
+        assert info.scheme == (None if native else q.name)
+        got = ck.read(name)
+        if q == Q.F16:
+            got = got.astype(np.float32)
+        elif q == Q.BF16:
+            got = (got.astype(np.uint32) << 16).view(np.float32)
+        assert got.dtype == np.float32
+        assert np.array_equal(got.view(np.uint32), ref.reshape(info.shape).view(np.uint32))
+        # odd windows crossing block and row boundaries give the same values
+        flat = np.concatenate([w.copy() for w in ck.windows(name, 37, 5, info.numel - 3)])
+        assert np.array_equal(flat.view(np.uint8), ck.read(name).reshape(-1)[5:-3].view(np.uint8))
+        rows = ck.read_rows(name, [2, 0, 1, 2])
+        assert np.array_equal(rows.view(np.uint8), ck.read(name)[[2, 0, 1, 2]].view(np.uint8))
+
+
+def test_quantized_by_gguf_reads_back_bit_exact(tmp_path, rng):
+    w = rng.normal(0, 0.02, (8, 256)).astype(np.float32)
+    for q in QUANTIZABLE:
+        data = quantize(w, q)
+        path = raw_gguf(tmp_path / f"{q.name}.gguf", {"blk.0.ffn_down.weight": (data, q)})
+        with locate(path) as ck:
+            got = ck.read("model.layers.0.mlp.down_proj.weight")
+            if q == Q.BF16:
+                got = (got.astype(np.uint32) << 16).view(np.float32)
+            assert np.array_equal(got, dequantize(data, q)), q.name
+
+
+def test_long_rows_decoded_in_bounded_chunks(tmp_path, rng, monkeypatch):
+    data = quantize(rng.normal(0, 1, (2, 4096)).astype(np.float32), Q.Q8_0)
+    path = raw_gguf(tmp_path / "long.gguf", {"blk.0.ffn_down.weight": (data, Q.Q8_0)})
+    monkeypatch.setattr(gguf_read, "DECODE_ELEMENTS", 100)
+    with locate(path) as ck:
+        assert np.array_equal(ck.read("model.layers.0.mlp.down_proj.weight"), dequantize(data, Q.Q8_0))
+
+
+# -- names and transforms --------------------------------------------------------
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_name_tables_agree_with_gguf_tensor_name_map(arch):
+    tmap = gguf.TensorNameMap(ARCH[arch], 4)
+    known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[ARCH[arch]]}
+    for key, hf in ARCHITECTURES[arch].items():
+        if key.replace("{}", "{bid}") not in known:
+            continue                              # e.g. gemma's `output`: the converter never writes it
+        g, h = key.format(2), hf.format(2)
+        assert tmap.get_name(h) == g, (arch, h)
+        assert hf_name(arch, g + ".weight", {f"{arch}.attention.head_count": 4}).name == h + ".weight"
+
+
+def test_unknown_names_and_architectures_kept():
+    assert hf_name("llama", "blk.0.weird.weight", {}).name == "blk.0.weird.weight"
+    assert hf_name("mamba", "blk.0.attn_q.weight", {}).name == "blk.0.attn_q.weight"
+
+
+def _llama_pair(tmp_path, rng, qtype=Q.F32, n_kv=2, **kw):
+    t = llama(rng, layers=2, hidden=64, inter=128, vocab=96, kv=32)
+    base = write_checkpoint(tmp_path / "base", t)
+    path = to_gguf(tmp_path / f"m-{qtype.name}.gguf", t, "llama", qtype, n_head=4, n_kv=n_kv, layers=2, **kw)
+    return t, base, path
+
+
+def test_llama_gguf_pairs_every_tensor_and_reads_identical(tmp_path, rng):
+    t, base, path = _llama_pair(tmp_path, rng)
+    with locate(path) as ck, locate(base) as bk:
+        assert ck.format == "gguf" and set(ck.tensors) == set(t)
+        for name, arr in t.items():
+            assert np.array_equal(ck.read(name), arr), name      # un-permuted Q/K included
+        p = plan([bk], ck)
+        assert {x.kind for x in p.pairs} == {"paired"} and len(p.pairs) == len(t)
+        assert "4 Q/K row permutations undone" in ck.metadata["gguf.transforms"]
+    assert compare(base, path).summary.verdict == "identical"
+
+
+def test_llama_f16_gguf_is_cast_only_and_a_fine_tune_differs(tmp_path, rng):
+    t, base, path = _llama_pair(tmp_path, rng, Q.F16)
+    assert compare(base, path).summary.verdict == "cast_only"
+    tuned = dict(t)
+    k = "model.layers.1.self_attn.k_proj.weight"
+    tuned[k] = t[k] + rng.normal(0, 0.01, t[k].shape).astype(np.float32)
+    ft = to_gguf(tmp_path / "ft.gguf", tuned, "llama", Q.F32, n_head=4, n_kv=2, layers=2)
+    r = compare(base, ft)
+    assert r.summary.verdict == "derived"
+    changed = [x.name for x in r.tensors if x.status == "changed"]
+    assert changed == [k]
+
+
+def test_q8_gguf_windows_equal_dequantized_converter_output(tmp_path, rng):
+    t, base, path = _llama_pair(tmp_path, rng, Q.Q8_0)
+    with locate(path) as ck:
+        name = "model.layers.0.self_attn.q_proj.weight"
+        stored = quantize(permute(t[name], 4, 4), Q.Q8_0)
+        d = dequantize(stored, Q.Q8_0)                        # undo LlamaModel.permute by hand
+        want = d.reshape(4, 8, 2, 64).swapaxes(1, 2).reshape(d.shape)
+        assert ck.tensors[name].scheme == "Q8_0"
+        assert np.array_equal(ck.read(name), want)
+        flat = np.concatenate([w.copy() for w in ck.windows(name, 100)])
+        assert np.array_equal(flat, want.reshape(-1))
+        assert np.array_equal(ck.read_rows(name, [63, 1, 2]), want[[63, 1, 2]])
+        p = plan([locate(base)], ck)
+        assert {x.kind for x in p.pairs} == {"paired"}
+
+
+def test_gpt2_transposed_and_tied_head(tmp_path, rng):
+    t = gpt2(rng, layers=2, hidden=32, vocab=50, positions=16)
+    base = write_checkpoint(tmp_path / "base", t)
+    order = list(t)
+    t2 = {**t, "lm_head.weight": t["transformer.wte.weight"]}     # the converter's tied output copy
+    path = to_gguf(tmp_path / "g.gguf", t2, "gpt2", Q.F32, n_head=4, layers=2, order=order + ["lm_head.weight"])
+    with locate(path) as ck:
+        for name, arr in t.items():
+            assert ck.tensors[name].shape == arr.shape
+            assert np.array_equal(ck.read(name), arr), name
+        w = "transformer.h.1.mlp.c_fc.weight"
+        assert np.array_equal(np.concatenate([x.copy() for x in ck.windows(w, 77)]), t[w].reshape(-1))
+        assert np.array_equal(ck.read_rows(w, [5, 3, 4]), t[w][[5, 3, 4]])
+        p = plan([locate(base)], ck)
+        assert {x.kind for x in p.pairs} == {"paired"}
+        assert any(x.tied or x.tuned_name == "lm_head.weight" for x in p.pairs)
+    assert compare(base, path).summary.verdict == "identical"
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "qwen2", "phi3"])
+def test_other_architectures_read_back_exact(tmp_path, rng, arch):
+    h, layers = 32, 2
+    t = {"model.embed_tokens.weight": rng.normal(0, 0.02, (40, h)).astype(np.float32),
+         "model.norm.weight": rng.normal(0, 0.1, h).astype(np.float32)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = rng.normal(0, 0.1, h).astype(np.float32)
+        t[p + "post_attention_layernorm.weight"] = rng.normal(0, 0.1, h).astype(np.float32)
+        if arch == "phi3":
+            t[p + "self_attn.qkv_proj.weight"] = rng.normal(0, 0.02, (3 * h, h)).astype(np.float32)
+            t[p + "mlp.gate_up_proj.weight"] = rng.normal(0, 0.02, (4 * h, h)).astype(np.float32)
+        else:
+            for m in ("q_proj", "k_proj", "v_proj"):
+                t[p + f"self_attn.{m}.weight"] = rng.normal(0, 0.02, (h, h)).astype(np.float32)
+            t[p + "mlp.gate_proj.weight"] = rng.normal(0, 0.02, (2 * h, h)).astype(np.float32)
+            t[p + "mlp.up_proj.weight"] = rng.normal(0, 0.02, (2 * h, h)).astype(np.float32)
+        if arch == "qwen2":
+            t[p + "self_attn.q_proj.bias"] = rng.normal(0, 0.02, h).astype(np.float32)
+        if arch == "gemma2":
+            t[p + "pre_feedforward_layernorm.weight"] = rng.normal(0, 0.1, h).astype(np.float32)
+            t[p + "post_feedforward_layernorm.weight"] = rng.normal(0, 0.1, h).astype(np.float32)
+        t[p + "self_attn.o_proj.weight"] = rng.normal(0, 0.02, (h, h)).astype(np.float32)
+        t[p + "mlp.down_proj.weight"] = rng.normal(0, 0.02, (h, 2 * h)).astype(np.float32)
+    base = write_checkpoint(tmp_path / "base", t)
+    path = to_gguf(tmp_path / f"{arch}.gguf", t, arch, Q.F32, n_head=4, layers=layers)
+    with locate(path) as ck:
+        assert set(ck.tensors) == set(t)
+        for name, arr in t.items():
+            got = ck.read(name)
+            if arch.startswith("gemma") and name.endswith("norm.weight"):
+                assert np.array_equal(got, (arr + np.float32(1)) - np.float32(1)), name
+                assert np.abs(got - arr).max() <= 2 ** -24
+            else:
+                assert np.array_equal(got, arr), name
+        p = plan([locate(base)], ck)
+        assert {x.kind for x in p.pairs} == {"paired"}
+    if arch.startswith("gemma"):
+        assert "norm weights stored as 1 + w restored" in locate(path).metadata["gguf.transforms"]
+
+
+def test_bf16_gemma_norms_come_back_bitwise(tmp_path, rng):
+    """bf16 -> f32 -> +1 -> -1 is exact for |w| >= 2**-16 (the converter adds in float32)."""
+    w = rng.normal(0, 0.3, 64).astype(np.float32)
+    w = ((w.view(np.uint32) + 0x8000) & 0xFFFF0000).view(np.float32)       # bf16 values
+    path = raw_gguf(tmp_path / "g.gguf", {"output_norm.weight": (w + np.float32(1), Q.F32)}, arch="gemma")
+    with locate(path) as ck:
+        assert np.array_equal(ck.read("model.norm.weight"), w)
+
+
+# -- locating --------------------------------------------------------------------
+
+def test_locate_by_magic_and_in_folders(tmp_path, rng):
+    _, base, path = _llama_pair(tmp_path, rng)
+    odd = tmp_path / "odd.safetensors"
+    odd.write_bytes(path.read_bytes())
+    assert locate(odd).format == "gguf"
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "model-Q8_0.gguf").write_bytes(path.read_bytes())
+    assert locate(one).format == "gguf"
+    (one / "mmproj-F16.gguf").write_bytes(path.read_bytes())
+    bad(one, "2 .gguf files, so which is the model is ambiguous: mmproj-F16.gguf, model-Q8_0.gguf")
+    r = CliRunner().invoke(main, ["compare", str(base), str(path)])
+    assert r.exit_code == 0 and "IDENTICAL" in r.stdout
+
+
+def test_legacy_ggml_refused(tmp_path):
+    bad(_write(tmp_path / "old.bin", b"tjgg" + b"\0" * 64), "legacy llama.cpp GGJT file")
+
+
+def test_missing_extra_names_it(tmp_path, rng, monkeypatch):
+    _, _, path = _llama_pair(tmp_path, rng)
+    real = builtins.__import__
+
+    def no_gguf(name, *a, **kw):
+        if name == "gguf" or name.startswith("gguf."):
+            raise ImportError("no gguf")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_gguf)
+    line = bad(path, "is a GGUF file; reading it needs the gguf package")
+    assert "pip install 'weightdiff[gguf]'" in line
+    with pytest.raises(CheckpointError):
+        locate(path)
+
+
+# -- hostile files ---------------------------------------------------------------
+
+def _write(path: Path, blob: bytes) -> Path:
+    path.write_bytes(blob)
+    return path
+
+
+def _s(text: str | bytes) -> bytes:
+    b = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(b)) + b
+
+
+def _gguf(tensors=(("t.weight", (4,), 0, 0),), kv=(("general.architecture", 8, _s("llama")),),
+          version=3, n_tensors=None, n_kv=None, data: bytes = b"\0" * 16, magic=b"GGUF") -> bytes:
+    """A GGUF built field by field: tensors as (name, ne, type, offset), kv as (key, type, value bytes)."""
+    out = magic + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                              len(kv) if n_kv is None else n_kv)
+    for k, t, v in kv:
+        out += _s(k) + struct.pack("<I", t) + v
+    for name, ne, typ, off in tensors:
+        out += _s(name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne) + struct.pack("<IQ", typ, off)
+    out += b"\0" * (-len(out) % 32)
+    return out + data
+
+
+def test_handmade_gguf_is_valid(tmp_path):
+    with locate(_write(tmp_path / "ok.gguf", _gguf())) as ck:
+        assert list(ck.tensors) == ["t.weight"] and ck.read("t.weight").tolist() == [0, 0, 0, 0]
+
+
+HOSTILE = {
+    "bad_version": (dict(version=7), "unknown GGUF version 7"),
+    "big_endian": (dict(version=3 << 24), "big-endian"),
+    "version_1": (dict(version=1), "GGUF version 1 is not supported"),
+    "absurd_tensor_count": (dict(n_tensors=1 << 60), "header declares 1,152,921,504,606,846,976 tensors"),
+    "absurd_kv_count": (dict(n_kv=1 << 40), "metadata entries"),
+    "offset_past_eof": (dict(tensors=(("t.weight", (4,), 0, 1 << 40),)), "runs past the end of the"),
+    "size_past_eof": (dict(tensors=(("t.weight", (1 << 20,), 0, 0),)), "runs past the end of the"),
+    "too_many_dims": (dict(tensors=(("t.weight", (1, 1, 1, 1, 1), 0, 0),)), "has 5 dimensions; GGUF allows at most 4"),
+    "unknown_type": (dict(tensors=(("t.weight", (4,), 99, 0),)), "has unknown type 99"),
+    "misaligned": (dict(tensors=(("t.weight", (2,), 0, 4),)), "not a multiple of the alignment 32"),
+    "partial_block": (dict(tensors=(("t.weight", (16,), 8, 0),)), "not a whole number of 32-element blocks"),
+    "duplicate": (dict(tensors=(("t.weight", (2,), 0, 0), ("t.weight", (2,), 0, 0))), "appears twice"),
+    "overlap": (dict(tensors=(("a.weight", (4,), 0, 0), ("b.weight", (4,), 0, 0))), "overlap"),
+    "huge_string": (dict(kv=(("general.name", 8, struct.pack("<Q", 1 << 62)),)), "runs past the end of the file"),
+    "huge_array": (dict(kv=(("x", 9, struct.pack("<IQ", 4, 1 << 60)),)), "runs past the end of the file"),
+    "unknown_value_type": (dict(kv=(("x", 77, b""),)), "unknown value type 77"),
+    "bad_alignment": (dict(kv=(("general.alignment", 4, struct.pack("<I", 3)),)), "expected a power of two"),
+    "split": (dict(kv=(("split.count", 2, struct.pack("<H", 3)),)), "part of a GGUF split into 3 files"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_gguf(tmp_path, case):
+    kw, expect = HOSTILE[case]
+    bad(_write(tmp_path / "m.gguf", _gguf(**kw)), expect)
+
+
+def test_truncated_gguf_everywhere(tmp_path, rng):
+    _, _, path = _llama_pair(tmp_path, rng, Q.Q8_0)
+    blob = path.read_bytes()
+    for cut in (3, 10, 30, 100, 300, len(blob) // 2, len(blob) - 1):
+        line = bad(_write(tmp_path / "cut.gguf", blob[:cut]), "")
+        assert "truncated" in line or "too short" in line or "not a GGUF" in line, line
+
+
+def test_inspect_names_scheme(tmp_path, rng):
+    _, _, path = _llama_pair(tmp_path, rng, Q.Q4_0)
+    r = CliRunner().invoke(main, ["inspect", str(path)])
+    assert r.exit_code == 0
+    assert "GGUF (llama.cpp)" in r.stdout and "Q4_0" in r.stdout and "F32 (dequantized)" in r.stdout
+    j = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).stdout)
+    assert j["format"] == "gguf" and j["schemes"]["Q4_0"]["tensors"] == 16

@@ -1,0 +1,1 @@
+"""Checkpoint readers and writers: files in, named tensors out (reads no other stage)."""

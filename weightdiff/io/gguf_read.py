@@ -1,0 +1,539 @@
+"""Validated, streaming reader of llama.cpp GGUF files (v2 and v3).
+
+The sibling of ``safetensors_read`` with the same verbs (``tensors``, ``windows``,
+``read``, ``read_rows``), but unlike it the values handed out are not always the stored
+bytes: a quantized tensor (Q8_0, Q4_K, IQ4_XS, ...) is dequantized to float32 by the
+``gguf`` package's own dequantizers (``gguf.quants.dequantize``), whole quant blocks at a
+time, a window at a time, and its ``TensorInfo.scheme`` records the stored type. F32,
+F16, BF16 (and the integer types) are handed out as stored, like safetensors. Names are
+mapped to Hugging Face names and the converter's transforms undone (``gguf_names``), so
+a GGUF reads as the checkpoint it was converted from.
+
+The header is parsed here, not by ``gguf.GGUFReader``, so that a hostile file is refused
+before anything proportional to its claims is allocated: every count and length is
+checked against the bytes left in the file and against caps; tensor types, dimension
+counts (at most 4), row lengths (whole quant blocks), alignment and data ranges (inside
+the file, aligned, not overlapping) are checked before any tensor byte is read. Any
+problem is a ``CheckpointError`` naming the file. Tensor data is read through a fresh
+read-only ``mmap`` of just the byte range a window needs, closed before the window is
+handed out, so memory follows the window, not the model.
+
+>>> with GGUFFile("model-Q4_K_M.gguf") as f:                    # doctest: +SKIP
+...     info = f.tensors["model.layers.0.self_attn.q_proj.weight"]
+...     info.dtype, info.scheme, sum(float(w.sum()) for w in f.windows(info.name))
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import CheckpointError, escape_name
+from ..fileio import open_regular, os_problem, pread_into
+from ..safetensors_io import TensorInfo, check_range, storage_of
+from .gguf_names import ARCHITECTURES, GENERATED, hf_name
+
+__all__ = ["MAGIC", "GGUFFile", "is_gguf", "require_gguf"]
+
+MAGIC = b"GGUF"
+MAX_DIMS = 4                      # GGML_MAX_DIMS
+MAX_TENSORS = 1 << 20             # real files hold at most tens of thousands
+MAX_KV = 1 << 20
+MAX_STRINGS = 1 << 24             # strings walked in metadata arrays (vocabularies: ~10^5)
+MAX_KEY = 65535                   # the GGUF specification's key length limit
+DECODE_ELEMENTS = 1 << 20         # elements dequantized per gguf call (bounds its temporaries)
+#: GGML types handed out as stored, with their safetensors dtype names
+NATIVE = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64",
+          "I8": "I8", "I16": "I16", "I32": "I32", "I64": "I64"}
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def require_gguf(path: str | os.PathLike | None):
+    """The ``gguf`` package, or a CheckpointError naming the extra that installs it."""
+    try:
+        import gguf
+        import gguf.quants  # noqa: F401
+    except ImportError:
+        raise CheckpointError(path, "is a GGUF file; reading it needs the gguf package",
+                              "pip install 'weightdiff[gguf]'") from None
+    return gguf
+
+
+def is_gguf(prefix: bytes) -> bool:
+    """True when the first bytes of a file are the GGUF magic."""
+    return prefix[:4] == MAGIC
+
+
+class _Cursor:
+    """Bounded little-endian reads from the header bytes; every overrun is a CheckpointError."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.size, self.path = buf, 0, len(buf), path
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise CheckpointError(self.path, f"{what} runs past the end of the file at byte "
+                                             f"{self.pos:,} (truncated download?)")
+
+    def scalar(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def string(self, what: str, cap: int | None = None) -> bytes:
+        n = self.scalar("<Q", what)
+        if cap is not None and n > cap:
+            raise CheckpointError(self.path, f"{what} is {n:,} bytes long, over the {cap:,}-byte limit")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return raw
+
+    def value(self, vtype: int, key: str, depth: int = 0, walked: list | None = None):
+        what = f"metadata `{escape_name(key)}`"
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype], what)
+        if vtype == _STRING:
+            return self.string(what).decode("utf-8", "replace")
+        if vtype != _ARRAY:
+            raise CheckpointError(self.path, f"{what} has unknown value type {vtype}")
+        if depth >= 3:
+            raise CheckpointError(self.path, f"{what} nests arrays more than 3 deep")
+        itype = self.scalar("<I", what)
+        count = self.scalar("<Q", what)
+        if itype in _SCALARS:
+            size = struct.calcsize(_SCALARS[itype])
+            self.need(count * size, what)
+            if count <= 4096:
+                out = list(struct.unpack_from(f"<{count}{_SCALARS[itype][1]}", self.buf, self.pos))
+                self.pos += count * size
+                return out
+            self.pos += count * size
+            return f"[{count:,} numbers]"
+        if itype not in (_STRING, _ARRAY):
+            raise CheckpointError(self.path, f"{what} is an array of unknown type {itype}")
+        self.need(count * (8 if itype == _STRING else 12), what)
+        walked = walked if walked is not None else [0]
+        walked[0] += count
+        if walked[0] > MAX_STRINGS:
+            raise CheckpointError(self.path, f"{what}: metadata arrays hold over {MAX_STRINGS:,} items")
+        for _ in range(count):
+            self.value(itype, key, depth + 1, walked)
+        return f"[{count:,} {'strings' if itype == _STRING else 'arrays'}]"
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one tensor sits in the file: ``rows`` x ``cols`` in GGUF order (``cols`` = ne[0])."""
+
+    gguf_name: str
+    start: int
+    rows: int
+    cols: int
+    block: int
+    tsize: int
+    out: np.dtype
+    decode: Callable[[np.ndarray], np.ndarray]
+    transform: str | None
+    heads: int
+
+    @property
+    def row_bytes(self) -> int:
+        return self.cols // self.block * self.tsize
+
+
+def _parse(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list[tuple]]:
+    """(data start, alignment, metadata, [(name, ne, type, offset), ...]) from the header bytes."""
+    c = _Cursor(buf, path)
+    c.need(24, "the GGUF header")
+    c.pos = 4
+    version = c.scalar("<I", "version")
+    if version in (1,):
+        raise CheckpointError(path, "GGUF version 1 is not supported", "convert with a current llama.cpp")
+    if version not in (2, 3):
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        endian = " (a big-endian file, which weightdiff does not read)" if swapped in (2, 3) else ""
+        raise CheckpointError(path, f"unknown GGUF version {version}{endian}; weightdiff reads versions 2 and 3")
+    n_tensors = c.scalar("<Q", "tensor count")
+    n_kv = c.scalar("<Q", "metadata count")
+    left = size - c.pos
+    if n_tensors > MAX_TENSORS or n_tensors * 24 > left:
+        raise CheckpointError(path, f"header declares {n_tensors:,} tensors, more than a {size:,}-byte file "
+                                    "can describe (corrupt file?)")
+    if n_kv > MAX_KV or n_kv * 12 > left:
+        raise CheckpointError(path, f"header declares {n_kv:,} metadata entries, more than a {size:,}-byte "
+                                    "file can hold (corrupt file?)")
+    meta: dict = {}
+    walked = [0]
+    for _ in range(n_kv):
+        key = c.string("metadata key", MAX_KEY).decode("utf-8", "replace")
+        if key in meta:
+            raise CheckpointError(path, f"metadata key `{escape_name(key)}` appears twice")
+        vtype = c.scalar("<I", f"metadata `{escape_name(key)}`")
+        meta[key] = c.value(vtype, key, 0, walked)
+    known = {t.value for t in gguf.GGMLQuantizationType}
+    infos, names = [], set()
+    for i in range(n_tensors):
+        raw = c.string(f"name of tensor {i}", MAX_KEY)
+        name = raw.decode("utf-8", "replace")
+        q = f"`{escape_name(name)}`"
+        if not name:
+            raise CheckpointError(path, f"tensor {i} has an empty name")
+        if name in names:
+            raise CheckpointError(path, f"tensor {q} appears twice")
+        names.add(name)
+        n_dims = c.scalar("<I", f"tensor {q}")
+        if n_dims > MAX_DIMS:
+            raise CheckpointError(path, f"tensor {q} has {n_dims} dimensions; GGUF allows at most {MAX_DIMS}")
+        c.need(8 * n_dims + 12, f"tensor {q}")
+        ne = struct.unpack_from(f"<{n_dims}Q", c.buf, c.pos)
+        c.pos += 8 * n_dims
+        qtype = c.scalar("<I", f"tensor {q}")
+        offset = c.scalar("<Q", f"tensor {q}")
+        if qtype not in known or qtype not in gguf.GGML_QUANT_SIZES:
+            raise CheckpointError(path, f"tensor {q} has unknown type {qtype}",
+                                  f"gguf {_version(gguf)} knows {', '.join(t.name for t in gguf.GGMLQuantizationType)}")
+        infos.append((name, tuple(int(d) for d in ne), qtype, offset))
+    align = meta.get("general.alignment", 32)
+    if type(align) is not int or align < 1 or align & (align - 1) or align > 1 << 20:
+        raise CheckpointError(path, f"general.alignment is {align!r}, expected a power of two")
+    data = -(-c.pos // align) * align
+    if data > size:
+        raise CheckpointError(path, "the tensor data section starts past the end of the file (truncated download?)")
+    return data, align, meta, infos
+
+
+def _version(gguf) -> str:
+    try:
+        from importlib.metadata import version
+        return version("gguf")
+    except Exception:
+        return getattr(gguf, "__version__", "?")
+
+
+class GGUFFile:
+    """One open, fully validated GGUF file (a context manager), named as Hugging Face names.
+
+    ``tensors`` maps Hugging Face names to ``TensorInfo`` (``dtype`` F32 for quantized
+    tensors, ``scheme`` their GGML type); ``metadata`` holds the GGUF key/values (arrays
+    summarised) and ``gguf.*`` notes on the name mapping and the transforms undone.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self._fd: int | None = None
+        self.path = Path(path)
+        self._gguf = require_gguf(self.path)
+        fd, st = open_regular(self.path)
+        self._fd = fd
+        try:
+            self.size = st.st_size
+            self._open_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_header(self) -> None:
+        gguf, path = self._gguf, self.path
+        if self.size < 24:
+            raise CheckpointError(path, f"file is {self.size:,} bytes, too short for a GGUF header (truncated download?)")
+        try:
+            mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(path, f"cannot map the file: {os_problem(exc) if isinstance(exc, OSError) else exc}") from None
+        try:
+            if not is_gguf(mm[:4]):
+                raise CheckpointError(path, "not a GGUF file (no GGUF magic)")
+            data, align, meta, infos = _parse(mm, self.size, path, gguf)
+        finally:
+            mm.close()
+        arch = meta.get("general.architecture")
+        arch = arch if isinstance(arch, str) else ""
+        split = meta.get("split.count")
+        if type(split) is int and split > 1:
+            raise CheckpointError(path, f"is part of a GGUF split into {split} files",
+                                  "merge the parts with llama-gguf-split --merge and pass the merged file")
+        self.metadata = {k: (v if isinstance(v, str) else str(v)) for k, v in meta.items()}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._layout: dict[str, _Layout] = {}
+        spans, skipped, counts = [], [], {"permute": 0, "transpose": 0, "minus_one": 0}
+        for name, ne, qtype, offset in infos:
+            q = f"`{escape_name(name)}`"
+            tname = gguf.GGMLQuantizationType(qtype).name
+            block, tsize = gguf.GGML_QUANT_SIZES[qtype]
+            cols = ne[0] if ne else 1
+            rows = math.prod(ne[1:])
+            if cols % block:
+                raise CheckpointError(path, f"tensor {q} is {tname} with rows of {cols:,} elements, not a whole "
+                                            f"number of {block}-element blocks")
+            nbytes = rows * (cols // block) * tsize
+            if offset % align:
+                raise CheckpointError(path, f"tensor {q} starts at data offset {offset:,}, not a multiple of "
+                                            f"the alignment {align}")
+            if data + offset + nbytes > self.size:
+                raise CheckpointError(path, f"tensor {q} ({tname}, {nbytes:,} bytes at data offset {offset:,}) "
+                                            f"runs past the end of the {self.size:,}-byte file (truncated download?)")
+            spans.append((offset, offset + nbytes, name))
+            if name in GENERATED:
+                skipped.append(name)
+                continue
+            mapped = hf_name(arch, name, meta)
+            shape = tuple(reversed(ne))
+            transform = mapped.transform
+            if transform == "transpose" and len(ne) != 2:
+                transform = None
+            if transform == "transpose":
+                shape = tuple(ne)
+            if transform == "permute":
+                if mapped.heads < 1 or len(ne) not in (1, 2) or shape[0] % (2 * mapped.heads):
+                    raise CheckpointError(path, f"tensor {q}: cannot undo llama.cpp's Q/K permutation: {shape[0]:,} "
+                                                f"rows and {mapped.heads} heads from the metadata (corrupt metadata?)")
+                if len(ne) == 1:
+                    if block != 1:
+                        raise CheckpointError(path, f"tensor {q}: a permuted 1-D tensor stored as {tname} "
+                                                    "cannot be un-permuted")
+                    rows, cols = cols, 1          # a bias: one element per row
+            layout = self._make_layout(name, data + offset, qtype, tname, rows, cols, block, tsize,
+                                       transform, mapped.heads)
+            if mapped.name in self.tensors:
+                raise CheckpointError(path, f"tensors `{escape_name(self._layout[mapped.name].gguf_name)}` and {q} "
+                                            f"both map to `{escape_name(mapped.name)}`")
+            dtype = "F32" if layout.out == np.float32 and (tname not in NATIVE or transform == "minus_one") \
+                else NATIVE[tname]
+            scheme = None if tname in NATIVE else tname
+            self.tensors[mapped.name] = TensorInfo(mapped.name, dtype, shape, path, data + offset,
+                                                   data + offset + nbytes, scheme)
+            self._layout[mapped.name] = layout
+            if transform:
+                counts[transform] += 1
+        spans.sort()
+        for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:]):
+            if b2 < e1:
+                raise CheckpointError(path, f"tensors `{escape_name(n1)}` and `{escape_name(n2)}` overlap")
+        self._notes(arch, counts, skipped)
+
+    def _notes(self, arch: str, counts: dict, skipped: list[str]) -> None:
+        self.metadata["gguf.names"] = (f"llama.cpp names mapped to Hugging Face names ({arch})"
+                                       if arch in ARCHITECTURES else
+                                       f"llama.cpp names kept: no name map for architecture `{escape_name(arch)}`")
+        done = [f"{n} {w}" for n, w in ((counts["permute"], "Q/K row permutations undone"),
+                                        (counts["transpose"], "Conv1D transposes undone"),
+                                        (counts["minus_one"], "norm weights stored as 1 + w restored")) if n]
+        if done:
+            self.metadata["gguf.transforms"] = ", ".join(done)
+        if skipped:
+            self.metadata["gguf.skipped"] = ", ".join(skipped) + " (generated from config.json, not weights)"
+
+    def _make_layout(self, name, start, qtype, tname, rows, cols, block, tsize, transform, heads) -> _Layout:
+        gguf = self._gguf
+        if tname in NATIVE and transform != "minus_one":
+            dt = storage_of(NATIVE[tname])
+            return _Layout(name, start, rows, cols, block, tsize, dt, lambda raw, dt=dt: raw.view(dt),
+                           transform, heads)
+        try:
+            gguf.quants.dequantize(np.zeros((1, tsize), np.uint8), gguf.GGMLQuantizationType(qtype))
+        except NotImplementedError:
+            raise CheckpointError(self.path, f"tensor `{escape_name(name)}` is stored as {tname}, which gguf "
+                                             f"{_version(gguf)} cannot dequantize", "upgrade gguf") from None
+        qt = gguf.GGMLQuantizationType(qtype)
+        deq = gguf.quants.dequantize
+        if transform == "minus_one":
+            def decode(raw, qt=qt):
+                return deq(raw, qt).astype(np.float32, copy=False) - np.float32(1)
+        else:
+            def decode(raw, qt=qt):
+                return deq(raw, qt)
+        return _Layout(name, start, rows, cols, block, tsize, np.dtype(np.float32), decode, transform, heads)
+
+    # -- lifecycle -------------------------------------------------------------
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "GGUFFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({str(self.path)!r}, {len(getattr(self, 'tensors', {}))} tensors)"
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return self._fd
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor `{escape_name(name)}` in {self.path}") from None
+
+    def check_unchanged(self) -> None:
+        """Raise CheckpointError if the file's size differs from when it was opened."""
+        try:
+            size = os.fstat(self._open_fd()).st_size
+        except OSError as exc:
+            raise CheckpointError(self.path, f"cannot stat: {os_problem(exc)}") from None
+        if size != self.size:
+            raise CheckpointError(self.path, f"file changed while being read: it held {self.size:,} "
+                                             f"bytes, now {size:,} (overwritten or truncated?)")
+
+    # -- data ------------------------------------------------------------------
+    def windows(self, name: str, max_elements: int | None = None, start: int = 0,
+                stop: int | None = None) -> Iterator[np.ndarray]:
+        """1-D read-only arrays over flat elements [start, stop) of ``name`` in Hugging Face
+        order, at most ``max_elements`` each (dequantized to float32 where quantized)."""
+        info = self._info(name)
+        lay = self._layout[name]
+        start, stop, step = check_range(info, max_elements, start, stop, lay.out.itemsize)
+        return self._windows(info, lay, start, stop, step)
+
+    def _windows(self, info, lay, start, stop, step) -> Iterator[np.ndarray]:
+        for pos in range(start, stop, step):
+            arr = self._flat(info, lay, pos, min(pos + step, stop))
+            arr.flags.writeable = False
+            yield arr
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole tensor, shaped, as handed out by ``windows``."""
+        info = self._info(name)
+        return self._flat(info, self._layout[name], 0, info.numel).reshape(info.shape)
+
+    def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows (first-axis slices) of ``name`` in the given order: shape (len(rows), *shape[1:])."""
+        info = self._info(name)
+        lay = self._layout[name]
+        if not info.shape:
+            raise ValueError(f"read_rows needs a >=1-D tensor; `{escape_name(name)}` is 0-d")
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= info.shape[0]):
+            raise IndexError(f"row index out of range for `{escape_name(name)}` with {info.shape[0]} rows")
+        width = math.prod(info.shape[1:])
+        out = np.empty((idx.size, width), dtype=lay.out)
+        i = 0
+        while i < idx.size and width:
+            j = i + 1
+            while j < idx.size and idx[j] == idx[j - 1] + 1:
+                j += 1
+            out[i:j] = self._flat(info, lay, int(idx[i]) * width, int(idx[j - 1] + 1) * width).reshape(j - i, width)
+            i = j
+        return out.reshape((idx.size, *info.shape[1:]))
+
+    def _flat(self, info: TensorInfo, lay: _Layout, a: int, b: int) -> np.ndarray:
+        """Flat elements [a, b) in Hugging Face order, as an owned array."""
+        if b <= a:
+            return np.empty(0, dtype=lay.out)
+        if lay.transform == "transpose":            # HF row i is GGUF column i
+            n = lay.rows
+            ra, rb = a // n, -(-b // n)
+            vals = np.ascontiguousarray(self._grid(lay, 0, n, ra, rb).T).reshape(-1)
+            return vals[a - ra * n:b - ra * n]
+        if lay.transform == "permute":              # HF row r is GGUF row g(r) within its head
+            cols = lay.cols
+            ra, rb = a // cols, -(-b // cols)
+            g = _unpermute(np.arange(ra, rb, dtype=np.int64), lay.rows // lay.heads)
+            lo, hi = int(g.min()), int(g.max()) + 1
+            vals = self._grid(lay, lo, hi, 0, cols)[g - lo].reshape(-1)
+            return vals[a - ra * cols:b - ra * cols]
+        cols = lay.cols
+        (ra, ca), (rb, cb) = divmod(a, cols), divmod(b, cols)
+        if ra == rb:
+            return self._grid(lay, ra, ra + 1, ca, cb).reshape(-1)
+        parts = []
+        if ca:
+            parts.append(self._grid(lay, ra, ra + 1, ca, cols).reshape(-1))
+            ra += 1
+        if rb > ra:
+            parts.append(self._grid(lay, ra, rb, 0, cols).reshape(-1))
+        if cb:
+            parts.append(self._grid(lay, rb, rb + 1, 0, cb).reshape(-1))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _grid(self, lay: _Layout, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """GGUF-order rows [r0, r1) x columns [c0, c1), decoded from whole blocks."""
+        bs = lay.block
+        b0, b1 = c0 // bs, -(-c1 // bs)
+        out = np.empty((r1 - r0, (b1 - b0) * bs), dtype=lay.out)
+        self.check_unchanged()
+        raw, mm = self._bytes(lay.start + r0 * lay.row_bytes, (r1 - r0) * lay.row_bytes)
+        try:
+            _decode_into(out, raw.reshape(r1 - r0, lay.row_bytes), lay, b0, b1)
+        finally:
+            del raw
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:        # a view escaped: unmapped when it is freed
+                    pass
+        return out[:, c0 - b0 * bs:c1 - b0 * bs]
+
+    def _bytes(self, offset: int, length: int) -> tuple[np.ndarray, mmap.mmap | None]:
+        """``length`` bytes at ``offset`` as a uint8 array (a map of just that range)."""
+        if length == 0:
+            return np.zeros(0, np.uint8), None
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(self._open_fd(), offset - base + length, access=mmap.ACCESS_READ, offset=base)
+        except (OSError, ValueError, OverflowError):
+            buf = np.empty(length, np.uint8)        # a filesystem without mmap: read instead
+            pread_into(self._open_fd(), memoryview(buf), offset, self.path)
+            return buf, None
+        if hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        return np.frombuffer(mm, np.uint8, count=length, offset=offset - base), mm
+
+
+def _decode_into(out: np.ndarray, raw: np.ndarray, lay: _Layout, b0: int, b1: int) -> None:
+    """Decode blocks [b0, b1) of every row of ``raw`` (rows x row bytes) into ``out``,
+    at most DECODE_ELEMENTS per call so the dequantizer's temporaries stay small."""
+    bs, ts = lay.block, lay.tsize
+    grid = raw[:, b0 * ts:b1 * ts]
+    with np.errstate(all="ignore"):           # NaN/Inf in a file are data (counted later), not warnings
+        _decode_chunks(out, grid, lay, b0, b1)
+
+
+def _decode_chunks(out: np.ndarray, grid: np.ndarray, lay: _Layout, b0: int, b1: int) -> None:
+    bs, ts = lay.block, lay.tsize
+    width = (b1 - b0) * bs
+    if width >= DECODE_ELEMENTS:                    # long rows: a run of blocks at a time
+        step = max(1, DECODE_ELEMENTS // bs)
+        for r in range(grid.shape[0]):
+            for k in range(0, b1 - b0, step):
+                chunk = np.ascontiguousarray(grid[r:r + 1, k * ts:(k + step) * ts])
+                out[r:r + 1, k * bs:(k + step) * bs] = lay.decode(chunk)
+    else:
+        step = max(1, DECODE_ELEMENTS // max(width, 1))
+        for r in range(0, grid.shape[0], step):
+            out[r:r + step] = lay.decode(np.ascontiguousarray(grid[r:r + step]))
+
+
+def _unpermute(r: np.ndarray, head_dim: int) -> np.ndarray:
+    """GGUF row of each Hugging Face row of a Q/K projection.
+
+    llama.cpp's ``LlamaModel.permute`` reshapes the rows of each head as (2, head_dim/2)
+    and swaps the two axes, so HF row (h, j, k) = h*head_dim + j*head_dim/2 + k is stored
+    at GGUF row h*head_dim + 2k + j.
+
+    >>> _unpermute(np.arange(8), 4).tolist()
+    [0, 2, 1, 3, 4, 6, 5, 7]
+    """
+    half = head_dim // 2
+    h, i = np.divmod(r, head_dim)
+    j, k = np.divmod(i, half)
+    return h * head_dim + 2 * k + j
