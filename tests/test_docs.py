@@ -38,7 +38,7 @@ def test_ci_runs_the_readme_test_command():
 ORDER = ["errors", "fileio", "options", "fsutil", "kernels", "safetensors_write", "safetensors_io", "adapter",
          "pickle_io", "checkpoint", "blocknames", "pairing", "records", "rank", "verdict", "aggregate",
          "compute", "comparison", "relatedness", "permutation", "provenance", "lineage", "render", "report",
-         "demo", "inspect", "cli"]
+         "demo", "inspect", "cluster", "split", "survey", "cli"]
 
 
 def _layer(module: str) -> int | None:

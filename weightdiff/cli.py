@@ -98,6 +98,22 @@ def _write_output(target: str, text: str) -> None:
         write_text(target, text)
 
 
+def _cluster_options(fn):
+    """--scheduler / --workers / --worker-memory: where the tasks run (survey, split compare)."""
+    for opt in reversed([
+        click.option("--scheduler", metavar="ADDRESS",
+                     help="Run the tasks on an existing Dask cluster (tcp://HOST:8786); its workers must "
+                          "read the checkpoints at the same paths."),
+        click.option("--workers", type=int, metavar="N",
+                     help="Run the tasks on a local Dask cluster of N worker processes (one thread each; "
+                          "in this process when Dask is not installed)."),
+        click.option("--worker-memory", metavar="SIZE",
+                     help="Memory limit of each local worker (4GB; default: an equal share of the machine)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 @main.command("compare", context_settings=CONTEXT)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--base", "bases", multiple=True, type=click.Path(path_type=str),
@@ -110,8 +126,10 @@ def _write_output(target: str, text: str) -> None:
 @click.option("--hash/--no-hash", "hash_files", default=None,
               help="Record the sha256 of every input file (default: on with --report).")
 @click.option("-q", "--quiet", is_flag=True, help="No plan or progress on stderr.")
+@_cluster_options
 @click_options(CompareOptions)
-def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_files, quiet, **opts):
+def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_files, quiet, scheduler, workers,
+                worker_memory, **opts):
     """Compare a fine-tuned checkpoint TUNED against its BASE.
 
     PATHS is BASE TUNED, or only TUNED when --base is given (repeat --base for a
@@ -120,8 +138,9 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
     adapter folder, or a Hugging Face cache snapshot.
 
     The summary goes to stdout (or only JSON with --json -); the pairing plan and a
-    progress line go to stderr. Exit code 0 when the comparison ran, whatever it
-    found; 2 for bad input.
+    progress line go to stderr. With --workers or --scheduler the tensor pairs are
+    measured on Dask workers (reading the same paths) and the result is the same.
+    Exit code 0 when the comparison ran, whatever it found; 2 for bad input.
 
     \b
     Example:
@@ -150,8 +169,16 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
 
     if hash_files is None:
         hash_files = report_out is not None
-    result = weightdiff.compare(base_list, tuned, options=options, progress=progress, on_plan=on_plan,
-                                hash_files=hash_files, command=_command_line())
+    run_compare = weightdiff.compare
+    if scheduler or workers:   # split by tensor over Dask workers: the same JSON
+        from functools import partial
+
+        from .split import compare as split_compare
+
+        run_compare = partial(split_compare, scheduler=scheduler, workers=workers, memory_limit=worker_memory,
+                              say=_say(quiet))
+    result = run_compare(base_list, tuned, options=options, progress=progress, on_plan=on_plan,
+                         hash_files=hash_files, command=_command_line())
     progress.close()
     data = result.to_dict()
     if json_out:
@@ -187,8 +214,10 @@ def _command_line() -> str:
 @click.option("--plots", "plots_dir", metavar="DIR",
               help="Write the figures (PNG 300 dpi and SVG) and figures.json with their captions into DIR.")
 @click.option("--pdf", is_flag=True, help="Also write each figure as PDF (with --plots or --markdown).")
+@click.option("--population", metavar="SURVEY", type=click.Path(path_type=str),
+              help="Place the model among the fine-tunes of a `weightdiff survey` (survey.parquet or .csv).")
 @click.option("-q", "--quiet", is_flag=True, help="Do not list the files written on stderr.")
-def report_cmd(result, html_out, md_out, plots_dir, pdf, quiet):
+def report_cmd(result, html_out, md_out, plots_dir, pdf, population, quiet):
     """Redraw the figures and the memo from a saved `weightdiff compare --json` file.
 
     No checkpoint is read: everything comes from RESULT. With no output option the
@@ -203,8 +232,9 @@ def report_cmd(result, html_out, md_out, plots_dir, pdf, quiet):
     """
     from .report import report
 
-    out = report(result, html=html_out, markdown=md_out, plots=plots_dir, pdf=pdf, command=_command_line())
-    for sentence in out.headline:
+    out = report(result, html=html_out, markdown=md_out, plots=plots_dir, pdf=pdf, command=_command_line(),
+                 population=population)
+    for sentence in out.headline + out.population:
         click.echo(escape_name(sentence))
     if not quiet:
         for path in out.files:
@@ -337,6 +367,50 @@ def lineage_cmd(paths, json_out, memo_out, quiet, **opts):
         write_text(memo_out, lineage_markdown(data))
     if json_out != "-":
         click.echo(lineage_text(data), nl=False)
+
+
+# --- survey ------------------------------------------------------------------
+
+@main.command("survey", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=str))
+@click.option("--from-file", "list_file", metavar="FILE", help="Read more TUNED paths from FILE (one per line).")
+@click.option("--out", "out_dir", metavar="DIR", required=True,
+              help="Write survey.csv, survey.parquet and models/<name>.json into DIR (rerun to resume).")
+@click.option("--plot", is_flag=True, help="Also draw the population figure (DIR/population.png and .svg).")
+@click.option("--hash/--no-hash", "hash_files", default=False,
+              help="Record the sha256 of every input file in the rows (one extra read of each file).")
+@_cluster_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click_options(CompareOptions)
+def survey_cmd(paths, list_file, out_dir, plot, hash_files, scheduler, workers, worker_memory, quiet, **opts):
+    """Compare many fine-tunes of one BASE and write one row per model.
+
+    PATHS is BASE TUNED [TUNED ...]; --from-file adds TUNED paths from a list. Each row:
+    verdict, relative change, 1 - cosine, blocks changed, delta_params share, form,
+    largest rank, flags and the inputs' identity; each model's full compare JSON goes
+    to DIR/models/. A model that fails gets an error row and the others go on; a rerun
+    skips the models already done with the same inputs and options. With --scheduler
+    or --workers the comparisons run on Dask with the same result. Exit code 0 when
+    the survey ran (even with error rows), 2 for a bad BASE or DIR.
+
+    \b
+    Example:
+      weightdiff survey llama-3-8b/ ft-a/ ft-b/ ft-c/ --out survey/ --plot
+      weightdiff survey llama-3-8b/ --from-file finetunes.txt --out survey/ --scheduler tcp://head:8786
+    """
+    from .survey import read_list, survey
+
+    tuned = list(paths[1:]) + (read_list(list_file) if list_file else [])
+    if not paths or not tuned:
+        raise UsageProblem("expected BASE TUNED [TUNED ...] (or BASE --from-file FILE)")
+    result = survey(paths[0], tuned, out_dir, options=CompareOptions(**opts), hash_files=hash_files,
+                    scheduler=scheduler, workers=workers, memory_limit=worker_memory, say=_say(quiet),
+                    plot=plot)
+    for path in result.files:
+        if not quiet:
+            click.echo(f"wrote {escape_name(str(path))}", err=True)
+    click.echo(f"{len(result.rows)} models: {result.computed} compared, {result.skipped} already done, "
+               f"{result.failed} failed ({escape_name(str(result.directory / 'survey.csv'))})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,6 +28,9 @@ from .pairing import Plan, plan as make_plan
 from .records import SCHEMA, BlockRecord, Summary, TensorRecord, dumps
 
 PathLike = Union[str, os.PathLike]
+#: (plan, bases, tuned, options, progress) -> (records in plan order, seconds): ``compute_all``'s signature
+Compute = Callable[[Plan, Sequence[Checkpoint], Checkpoint, CompareOptions, Union[Progress, None]],
+                   "tuple[list[TensorRecord], float]"]
 
 
 @dataclass
@@ -105,7 +108,8 @@ def versions() -> dict[str, str]:
 
 def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: CompareOptions | None = None,
             progress: Progress | None = None, on_plan: Callable[[Plan], None] | None = None,
-            hash_files: bool = False, command: str | None = None, **kwargs: Any) -> Comparison:
+            hash_files: bool = False, command: str | None = None, compute: Compute | None = None,
+            **kwargs: Any) -> Comparison:
     """Compare a fine-tuned checkpoint against its base (or several bases of a composite model).
 
     ``base`` is one path or a list of paths; ``tuned`` one path. Options are those of
@@ -114,6 +118,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     pairing plan before any tensor data is read; ``progress(done, total, name)``
     receives element counts while tensors stream. ``hash_files`` adds the sha256 of
     every input file (one extra read of each file) for the memo's reproducibility block.
+    ``compute`` replaces ``compute_all`` (same arguments, same return): a split comparison
+    (weightdiff.split) measures the pairs on workers; everything else stays the same.
     Raises WeightdiffError for bad input.
     """
     if options is None:
@@ -131,7 +137,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         the_plan = make_plan(bases, tuned_ck, include=options.include, exclude=options.exclude)
         if on_plan is not None:
             on_plan(the_plan)
-        records, seconds = compute_all(the_plan, bases, tuned_ck, options, progress)
+        records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, progress)
         blocks, modules, summary = aggregate(records, options.thresholds)
         base_desc = [describe(b, hash_files) for b in bases]
         tuned_desc = describe(tuned_ck, hash_files)

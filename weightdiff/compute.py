@@ -214,15 +214,25 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     return rec
 
 
-def compute_all(plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint, options: CompareOptions,
-                progress: Progress | None = None) -> tuple[list[TensorRecord], float]:
-    """Run every pair of the plan in order; returns the records and the seconds spent."""
+def streamed(pair: Pair) -> int:
+    """Elements of ``pair`` the stats pass streams (what progress counts)."""
+    return pair.params if pair.kind not in ("added", "removed", "mismatch", "lora") else 0
+
+
+def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint], tuned: Checkpoint,
+                 options: CompareOptions, progress: Progress | None = None) -> list[TensorRecord]:
+    """The records of ``plan.pairs[i]`` for each ``i`` in ``indices``, in that order.
+
+    The whole comparison is ``indices = range(len(plan.pairs))``; a split comparison gives
+    each worker a share and puts the records back in plan order (weightdiff.split). A
+    record depends only on its pair and the options, so the shares give the same records.
+    """
     backend = Backend.for_options(options)
-    total = sum(p.params for p in plan.pairs if p.kind not in ("added", "removed", "mismatch", "lora"))
+    pairs = [plan.pairs[i] for i in indices]
+    total = sum(streamed(p) for p in pairs)
     done = 0
-    t0 = time.perf_counter()
     records = []
-    for pair in plan.pairs:
+    for pair in pairs:
         name = pair.tuned_name or pair.base_name or ""
 
         def on_window(n: int, _name: str = name) -> None:
@@ -234,4 +244,12 @@ def compute_all(plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint, opti
         records.append(compute_pair(pair, bases, tuned, options, backend, on_window))
     if progress is not None:
         progress(total, total, "")
+    return records
+
+
+def compute_all(plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint, options: CompareOptions,
+                progress: Progress | None = None) -> tuple[list[TensorRecord], float]:
+    """Run every pair of the plan in order; returns the records and the seconds spent."""
+    t0 = time.perf_counter()
+    records = compute_some(plan, range(len(plan.pairs)), bases, tuned, options, progress)
     return records, time.perf_counter() - t0

@@ -27,6 +27,7 @@ from .fsutil import write_text
 from .render import memo as memo_mod
 from .render.captions import headline_sentences
 from .render.plots import FigureOutput, render_figures, save_figures
+from .render.population import population_sentences
 
 SCHEMA = "weightdiff.compare/1"
 
@@ -41,6 +42,7 @@ class ReportOutputs:
     plots: Path | None = None
     headline: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    population: list[str] = field(default_factory=list)
 
 
 # --- reading and checking --------------------------------------------------------------------
@@ -144,16 +146,51 @@ def _rel(target: Path, start: Path) -> str:
     return posixpath.join(*Path(os.path.relpath(target, start)).parts)
 
 
+def load_population(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``weightdiff survey`` table: ``survey.parquet`` (needs pyarrow) or ``survey.csv``."""
+    p = Path(path)
+    need = ("tuned", "status", "base", "relative_change", "one_minus_cosine", "delta_params_share")
+    try:
+        if p.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise WeightdiffError(f"{p}: reading a Parquet survey needs pyarrow",
+                                      "pip install 'weightdiff[pandas]', or give survey.csv") from None
+            try:
+                rows = pq.read_table(p, columns=list(need)).to_pylist()
+            except (KeyError, ValueError) as exc:   # pyarrow's errors for a bad file or a missing column
+                raise WeightdiffError(f"{p}: not a weightdiff survey table ({escape_name(str(exc))[:120]})",
+                                      "write one with weightdiff survey BASE TUNED... --out DIR") from None
+        else:
+            import csv
+
+            with open(p, newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+            if rows and not set(need) <= set(rows[0]):
+                raise WeightdiffError(f"{p}: not a weightdiff survey table (missing columns)",
+                                      "write one with weightdiff survey BASE TUNED... --out DIR")
+            for r in rows:
+                for k in need[3:]:
+                    r[k] = float(r[k]) if r.get(k) else None
+    except FileNotFoundError:
+        raise WeightdiffError(f"{p}: no such file", "write one with weightdiff survey BASE TUNED... --out DIR") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WeightdiffError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    return rows
+
+
 def write_report(data: dict, *, html: str | os.PathLike | None = None, markdown: str | os.PathLike | None = None,
                  plots: str | os.PathLike | None = None, pdf: bool = False,
-                 source: dict | None = None) -> ReportOutputs:
+                 source: dict | None = None, population: list[dict] | None = None) -> ReportOutputs:
     """Draw the figures and write the memo(s) for a loaded compare dict.
 
     ``plots``: a folder for the figures (PNG 300 dpi and SVG, plus PDF when ``pdf``) and a
     ``figures.json`` with their titles and captions. ``markdown`` needs image files: without
     ``plots`` they go to ``<markdown stem>_figures/`` beside it. ``html`` embeds its figures
     and needs no folder. ``source`` (path, sha256, command of the JSON) goes into the memo's
-    reproducibility block.
+    reproducibility block. ``population``: survey rows (``load_population``) to place the
+    model among, in a sentence of the memo's summary.
     """
     validate_result(data)
     html_p = Path(html) if html is not None else None
@@ -165,6 +202,8 @@ def write_report(data: dict, *, html: str | os.PathLike | None = None, markdown:
         raise WeightdiffError("--pdf writes figure files: give --plots DIR (or --markdown FILE) as well")
     formats = ("png", "svg", "pdf") if pdf else ("png", "svg")
     out = ReportOutputs(figures=[], headline=headline_sentences(data), plots=plot_dir)
+    if population is not None:
+        out.population = population_sentences(data, population)
     if plot_dir is not None:
         out.figures = save_figures(data, plot_dir, formats)
         index = [dict(f.to_dict(), files={k: Path(v).name for k, v in f.files.items()}) for f in out.figures]
@@ -172,7 +211,7 @@ def write_report(data: dict, *, html: str | os.PathLike | None = None, markdown:
         out.files.append(write_text(plot_dir / "figures.json", json.dumps(index, indent=1, ensure_ascii=False) + "\n"))
     else:
         out.figures = [fo for fo, _ in render_figures(data, ())]
-    blocks = memo_mod.build(data, out.figures, source)
+    blocks = memo_mod.build(data, out.figures, source, out.population)
     title = f"weightdiff memo: {(data.get('tuned') or {}).get('path', '?')}"
     if html_p is not None:
         out.html = write_text(html_p, memo_mod.to_html(blocks, title))
@@ -199,11 +238,14 @@ def render_outputs(data: dict, *, report: str | os.PathLike | None = None,
 
 def report(path: str | os.PathLike, *, html: str | os.PathLike | None = None,
            markdown: str | os.PathLike | None = None, plots: str | os.PathLike | None = None,
-           pdf: bool = False, command: str | None = None) -> ReportOutputs:
+           pdf: bool = False, command: str | None = None,
+           population: str | os.PathLike | None = None) -> ReportOutputs:
     """Load ``path`` (a compare JSON) and write what was asked; with nothing asked, an HTML
-    memo beside the JSON (``result.json`` -> ``result.html``)."""
+    memo beside the JSON (``result.json`` -> ``result.html``). ``population``: a survey table
+    to place the model within."""
     data, digest = load_result(path)
+    rows = load_population(population) if population is not None else None
     if html is None and markdown is None and plots is None:
         html = Path(path).with_suffix(".html")
     source = {"path": os.fspath(path), "sha256": digest, "command": command or "weightdiff report"}
-    return write_report(data, html=html, markdown=markdown, plots=plots, pdf=pdf, source=source)
+    return write_report(data, html=html, markdown=markdown, plots=plots, pdf=pdf, source=source, population=rows)

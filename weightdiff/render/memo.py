@@ -60,14 +60,18 @@ def structural(data: dict, n: int = 30) -> list[dict]:
     return [t for t in data.get("tensors", []) if t.get("status") in ("added", "removed", "resized")][:n]
 
 
-def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = None) -> list[Block]:
-    """The memo as neutral blocks, from the JSON dict, its figures and where the JSON came from."""
+def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = None,
+          population: Sequence[str] = ()) -> list[Block]:
+    """The memo as neutral blocks, from the JSON dict, its figures and where the JSON came from;
+    ``population``: sentences placing the model within a survey (render.population)."""
     s = data.get("summary") or {}
     base = ", ".join(str(b.get("path")) for b in data.get("base", [])) or "?"
     tuned = (data.get("tuned") or {}).get("path", "?")
     out = [Block("h1", "How far is the fine-tune from its base?"),
            Block("p", [("b", "Tuned: "), ("code", tuned), ("", "   "), ("b", "Base: "), ("code", base)]),
            Block("h2", "Summary"), Block("ul", cap.headline_sentences(data))]
+    if population:
+        out.append(Block("p", " ".join(population)))
 
     out.append(Block("h2", "Verdict"))
     out.append(Block("verdict", s.get("verdict", "?"), s.get("verdict_reason") or ""))

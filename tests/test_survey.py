@@ -1,0 +1,350 @@
+"""weightdiff survey and the split comparison, sequential and on a two-process Dask LocalCluster.
+
+One cluster (127.0.0.1, no dashboard) serves the whole module. Every distributed result
+is checked byte for byte against the sequential one: the tables, every model's JSON, and
+a split comparison's JSON against an unsplit run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import weightdiff
+from weightdiff.cli import main
+from weightdiff.survey import NAMES, read_csv, safe_name, survey, survey_task, to_csv
+
+from conftest import write_checkpoint
+from models import llama, low_rank_update
+
+distributed = pytest.importorskip("distributed")
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    """A tiny bf16 base, three fine-tunes of growing depth, an untouched copy and a corrupt file."""
+    root = tmp_path_factory.mktemp("survey-models")
+    rng = np.random.default_rng(7)
+    base = llama(rng, layers=2, hidden=64, inter=128, vocab=128)
+    write_checkpoint(root / "base", base, dtype="BF16")
+    tuned = []
+    for i, mods in enumerate([("q_proj",), ("q_proj", "v_proj"), ("q_proj", "v_proj", "gate_proj", "up_proj")]):
+        t = dict(base)
+        for k in t:
+            if any(f".{m}." in k for m in mods):
+                t[k] = low_rank_update(rng, t[k], 2 + i, 0.02 * (i + 1))
+        write_checkpoint(root / f"ft{i}", t, dtype="BF16")
+        tuned.append(root / f"ft{i}")
+    write_checkpoint(root / "copy", base, dtype="BF16")
+    (root / "corrupt").mkdir()
+    (root / "corrupt" / "model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}")
+    return {"root": root, "base": root / "base", "tuned": tuned + [root / "copy", root / "corrupt"]}
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None, silence_logs=50)
+    cl = Client(cluster, set_as_default=False)
+    yield cl
+    cl.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def sequential(models, tmp_path_factory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("survey-seq")
+    return out, survey(models["base"], models["tuned"], out)
+
+
+def test_sequential_survey_rows(models, sequential):
+    out, res = sequential
+    rows = {Path(r["tuned"]).name: r for r in res.rows}
+    assert [r["tuned"] for r in res.rows] == sorted(r["tuned"] for r in res.rows)
+    assert (res.computed, res.skipped, res.failed) == (4, 0, 1)
+    assert rows["copy"]["verdict"] == "identical" and rows["copy"]["relative_change"] == 0.0
+    depth = [rows[f"ft{i}"]["relative_change"] for i in range(3)]
+    assert all(rows[f"ft{i}"]["verdict"] == "derived" for i in range(3)) and depth == sorted(depth)
+    assert rows["ft2"]["blocks_changed"] == 2 and rows["ft2"]["form"] == "low_rank"
+    assert rows["ft2"]["max_numerical_rank"] == 4
+    bad = rows["corrupt"]
+    assert bad["status"] == "error" and bad["verdict"] is None and bad["json"] is None
+    assert bad["error"].startswith(f"{models['root'] / 'corrupt' / 'model.safetensors'}: ")
+    assert "\n" not in bad["error"]
+    # each ok row's JSON is the model's compare JSON, byte for byte
+    for i in range(3):
+        r = rows[f"ft{i}"]
+        expected = weightdiff.compare(models["base"], models["tuned"][i]).to_json(include_run=False)
+        assert (out / r["json"]).read_text() == expected
+        assert r["json"] == f"models/{safe_name(r['tuned'])}.json"
+        assert r["one_minus_cosine"] == max(0.0, 1 - json.loads(expected)["summary"]["relatedness_cosine"])
+    assert read_csv(out / "survey.csv") == res.rows
+    assert sorted(_tree(out)) == sorted(["survey.csv", "survey.parquet"] +
+                                         [r["json"] for r in res.rows if r["json"]])
+
+
+def test_parquet_holds_the_same_rows(sequential):
+    import pyarrow.parquet as pq
+
+    out, res = sequential
+    table = pq.read_table(out / "survey.parquet")
+    assert table.column_names == NAMES
+    assert table.to_pylist() == res.rows
+
+
+def test_dask_survey_is_byte_identical_to_sequential(models, sequential, client, tmp_path):
+    out, _ = sequential
+    res = survey(models["base"], list(reversed(models["tuned"])), tmp_path, client=client)
+    assert (res.computed, res.failed) == (4, 1)
+    assert _tree(tmp_path) == _tree(out)
+
+
+def test_resume_skips_done_rows_and_reruns_changed_or_failed(models, sequential, tmp_path):
+    import shutil
+
+    out, _ = sequential
+    shutil.copytree(out, tmp_path / "s")
+    calls = []
+
+    def counting(base, tuned, options, hash_files):
+        calls.append(Path(tuned).name)
+        return survey_task(base, tuned, options, hash_files)
+
+    before = _tree(tmp_path / "s")
+    res = survey(models["base"], models["tuned"], tmp_path / "s", task=counting)
+    assert calls == ["corrupt"] and res.skipped == 4 and _tree(tmp_path / "s") == before
+    # another option is another survey: every model again
+    calls.clear()
+    survey(models["base"], models["tuned"][:2], tmp_path / "s", task=counting, rank_k=8)
+    assert calls == ["ft0", "ft1"]
+    # a model rewritten with another size is compared again; the rest is not
+    calls.clear()
+    rng = np.random.default_rng(1)
+    write_checkpoint(models["root"] / "ft_new", llama(rng, layers=2, hidden=64, inter=128, vocab=128), dtype="F32")
+    res = survey(models["base"], models["tuned"][:2] + [models["root"] / "ft_new"], tmp_path / "s", task=counting,
+                 rank_k=8)
+    assert calls == ["ft_new"]
+    assert [Path(r["tuned"]).name for r in res.rows] == ["ft0", "ft1", "ft_new"]
+
+
+def test_without_pyarrow_only_csv_and_a_notice(models, monkeypatch, tmp_path):
+    from weightdiff import survey as survey_mod
+
+    monkeypatch.setattr(survey_mod, "have_pyarrow", lambda: False)
+    said = []
+    res = survey(models["base"], models["tuned"][:1], tmp_path, say=said.append)
+    assert not (tmp_path / "survey.parquet").exists() and (tmp_path / "survey.csv").exists()
+    assert res.notices == ["survey.parquet not written: pyarrow is not installed "
+                           "(pip install 'weightdiff[pandas]'); wrote survey.csv only"]
+    assert res.notices[0] in said
+
+
+def test_killed_worker_task_is_retried_with_the_same_result(models, sequential, client, tmp_path):
+    out, _ = sequential
+    flags = str(tmp_path / "flags")
+    os.mkdir(flags)
+
+    def waits_on_flag(base, tuned, options, hash_files):   # pickled by value: a closure
+        import os as _os
+        import time as _time
+
+        from weightdiff.survey import survey_task as _task
+
+        if tuned.endswith("ft1"):
+            open(_os.path.join(flags, f"started-{_os.getpid()}"), "w").close()
+            while not _os.path.exists(_os.path.join(flags, "go")):
+                _time.sleep(0.02)
+        return _task(base, tuned, options, hash_files)
+
+    def started() -> list[int]:
+        return [int(n.split("-")[1]) for n in os.listdir(flags) if n.startswith("started-")]
+
+    def wait_for(cond, what: str) -> None:
+        t0 = time.monotonic()
+        while not cond():
+            assert time.monotonic() - t0 < 120, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    result = []
+    th = threading.Thread(target=lambda: result.append(
+        survey(models["base"], models["tuned"], tmp_path / "s", client=client, task=waits_on_flag)))
+    th.start()
+    try:
+        wait_for(lambda: started(), "the task to start")
+        victim = started()[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: any(p != victim for p in started()), "the task to run again on a live worker")
+    finally:
+        open(os.path.join(flags, "go"), "w").close()
+        th.join(180)
+    assert not th.is_alive() and result
+    assert (result[0].computed, result[0].failed) == (4, 1)
+    assert _tree(tmp_path / "s") == _tree(out)
+
+
+def test_split_compare_gives_the_unsplit_json(models, client, tmp_path, rng):
+    from weightdiff.options import CompareOptions
+    from weightdiff.split import compare as split_compare
+
+    base = llama(rng, layers=3, hidden=64, inter=128, vocab=128)
+    tuned = dict(base)
+    tuned["model.layers.1.mlp.down_proj.weight"] = low_rank_update(rng, base["model.layers.1.mlp.down_proj.weight"], 3)
+    tuned["model.layers.2.self_attn.o_proj.weight"] = base["model.layers.2.self_attn.o_proj.weight"] + \
+        rng.normal(0, 1e-3, (64, 64)).astype(np.float32)
+    tuned["model.embed_tokens.weight"] = np.concatenate([base["model.embed_tokens.weight"],
+                                                         rng.normal(0, 0.02, (4, 64)).astype(np.float32)])
+    tuned["score.weight"] = rng.normal(0, 0.02, (3, 64)).astype(np.float32)
+    write_checkpoint(tmp_path / "b", base, dtype="BF16")
+    write_checkpoint(tmp_path / "t", tuned, shards=3)
+    opts = CompareOptions()
+    unsplit = weightdiff.compare(tmp_path / "b", tmp_path / "t", options=opts).to_json(include_run=False)
+    said = []
+    split = split_compare(tmp_path / "b", tmp_path / "t", options=opts, client=client, say=said.append)
+    assert split.to_json(include_run=False) == unsplit
+    assert said and "groups on Dask cluster" in said[0]
+
+
+def test_balanced_groups_cover_every_pair_once():
+    from weightdiff.split import balanced_groups
+
+    w = [100, 1, 1, 50, 50, 0, 0, 30]
+    groups = balanced_groups(w, 3)
+    assert sorted(i for g in groups for i in g) == list(range(len(w)))
+    assert sorted(sum(w[i] for i in g) for g in groups) == [77, 78, 78] or \
+        max(sum(w[i] for i in g) for g in groups) <= 100
+    assert balanced_groups([1, 2], 8) == [[1], [0]]
+
+
+def test_cli_survey_on_an_existing_scheduler(models, sequential, client, tmp_path):
+    out, _ = sequential
+    listing = tmp_path / "list.txt"
+    listing.write_text("# fine-tunes\n" + "\n".join(str(p) for p in models["tuned"][1:]) + "\n\n")
+    r = CliRunner().invoke(main, ["survey", str(models["base"]), str(models["tuned"][0]), "--from-file",
+                                  str(listing), "--out", str(tmp_path / "s"), "--scheduler",
+                                  client.scheduler.address, "-q"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"5 models: 4 compared, 0 already done, 1 failed ({tmp_path / 's' / 'survey.csv'})\n"
+    assert _tree(tmp_path / "s") == _tree(out)
+
+
+def test_cli_split_compare_on_an_existing_scheduler(models, client, tmp_path):
+    args = ["compare", str(models["base"]), str(models["tuned"][2]), "--json", "-"]
+    local = CliRunner().invoke(main, args)
+    split = CliRunner().invoke(main, args + ["--scheduler", client.scheduler.address])
+    assert local.exit_code == split.exit_code == 0
+    a, b = json.loads(local.stdout), json.loads(split.stdout)
+    a.pop("run"), b.pop("run")
+    assert a == b
+
+
+def test_cli_bad_base_is_one_line_and_writes_nothing(models, tmp_path):
+    r = CliRunner().invoke(main, ["survey", str(models["root"] / "corrupt"), str(models["tuned"][0]),
+                                  "--out", str(tmp_path / "s")])
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_to_csv_writes_null_as_empty_and_floats_round_trip():
+    row = dict.fromkeys(NAMES)
+    row.update(tuned="/m", name="m-1", status="ok", relative_change=0.1 + 0.2, blocks_changed=3)
+    text = to_csv([row])
+    assert text.splitlines()[1].startswith("/m,m-1,ok,,,,0.30000000000000004,,3,")
+
+
+# --- the population figure and the memo's sentence ------------------------------------------------
+
+def _rows(values: list[float | None]) -> list[dict]:
+    rows = []
+    for i, v in enumerate(values):
+        rows.append({"tuned": f"/s/ft{i:02d}", "status": "ok" if v is not None else "error", "base": "/s/base",
+                     "relative_change": v, "one_minus_cosine": None if v is None else v * v,
+                     "delta_params_share": None if v is None else min(1.0, v * 3)})
+    return rows
+
+
+def test_population_sentence_places_the_model():
+    from weightdiff.render.population import population_sentences
+
+    rows = _rows([0.01 * (i + 1) for i in range(40)] + [None])
+    data = {"tuned": {"path": "/elsewhere/mine"}, "base": [{"path": "/s/base"}],
+            "summary": {"relative_change": 0.347, "relatedness_cosine": 1 - 0.347 ** 2, "delta_params_share": None}}
+    s = population_sentences(data, rows)
+    assert s[0] == ("By relative change (3.5e-1), this fine-tune is deeper than 34 of the 40 surveyed fine-tunes "
+                    "of this base (median 2.1e-1).")
+    assert s[1].startswith("By 1 − cosine (1.2e-1) it is further from the base than 34 of 40")
+    assert len(s) == 2
+    # its own row is left out; another base is named
+    data["tuned"]["path"] = "/s/ft05"
+    data["base"] = [{"path": "/other/base"}]
+    s = population_sentences(data, rows)
+    assert "of the 39 other surveyed fine-tunes of the base `/s/base`" in s[0]
+
+
+def test_population_figure_bytes_are_stable_and_outliers_labelled(tmp_path):
+    from weightdiff.render.population import outliers, save_population
+
+    rows = _rows([0.01, 0.011, 0.012, 0.013, 0.014, 0.015, 0.9, 0.0, None])
+    assert [r["tuned"] for r in outliers(rows, "relative_change")] == ["/s/ft06"]
+    a = save_population(rows, tmp_path / "a")
+    b = save_population(list(reversed(rows)), tmp_path / "b")
+    assert [p.name for p in a] == ["population.png", "population.svg"]
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    svg = a[1].read_text()
+    assert "ft06" in svg and "ft00" not in svg
+
+
+def test_cli_survey_plot_and_report_population(models, sequential, tmp_path):
+    import shutil
+
+    out, res = sequential
+    shutil.copytree(out, tmp_path / "s")
+    r = CliRunner().invoke(main, ["survey", str(models["base"]), *map(str, models["tuned"]), "--out",
+                                  str(tmp_path / "s"), "--plot"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s" / "population.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"wrote {tmp_path / 's' / 'population.svg'}" in r.stderr
+    ft2 = next(x for x in res.rows if x["tuned"].endswith("ft2"))
+    for table in ("survey.parquet", "survey.csv"):
+        r = CliRunner().invoke(main, ["report", str(tmp_path / "s" / ft2["json"]), "--markdown",
+                                      str(tmp_path / "memo.md"), "--population", str(tmp_path / "s" / table)])
+        assert r.exit_code == 0, r.output
+        line = ("By relative change (" + f"{ft2['relative_change']:.1e}".replace("e-0", "e-") + "), this fine-tune "
+                "is deeper than 3 of the 3 other surveyed fine-tunes of this base")
+        assert line in r.stdout
+        assert line in (tmp_path / "memo.md").read_text()
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "s" / ft2["json"]), "--population",
+                                  str(tmp_path / "s" / "models" / Path(ft2["json"]).name)])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and "not a weightdiff survey table" in r.stderr
+
+
+def test_without_dask_workers_run_here_and_scheduler_is_an_error(models, sequential, monkeypatch, tmp_path):
+    from weightdiff import cluster
+
+    out, _ = sequential
+    monkeypatch.setattr(cluster, "have_dask", lambda: False)
+    said = []
+    survey(models["base"], models["tuned"], tmp_path / "s", workers=2, say=said.append)
+    assert _tree(tmp_path / "s") == _tree(out)
+    assert said[0] == "Dask is not installed (pip install 'weightdiff[dask]'): --workers 2 ignored, running in this process"
+    r = CliRunner().invoke(main, ["survey", str(models["base"]), str(models["tuned"][0]), "--out",
+                                  str(tmp_path / "t"), "--scheduler", "tcp://127.0.0.1:8786"])
+    assert r.exit_code == 2
+    assert r.stderr == ("error: --scheduler needs Dask distributed, which is not installed "
+                        "(pip install 'weightdiff[dask]')\n")
+    assert not (tmp_path / "t").exists()

@@ -1,0 +1,163 @@
+"""Where independent tasks run: on Dask distributed, or one after another in this process.
+
+``weightdiff survey`` (one task per tuned model) and a split ``weightdiff compare``
+(one task per group of tensor pairs) hand a list of argument tuples and a top-level
+task function to a runner and receive ``Outcome``s as tasks finish. Two runners with
+the same verb, ``map``:
+
+    Sequential  this process, in order; what runs when Dask is not installed
+    DaskRunner  a ``distributed.Client``: an existing cluster (``--scheduler ADDRESS``)
+                or a ``LocalCluster`` of worker processes on 127.0.0.1 (``--workers N``)
+
+Tasks compute and return results; only the parent writes files, so a result is the
+same bytes whichever runner produced it. Tasks catch the errors they expect and
+return them as data; anything that still escapes a task (a worker that died more
+often than the scheduler allows, a result that cannot be unpickled) becomes an
+``Outcome`` with a one-line ``error``. Dask reruns a task whose worker died
+(``distributed.scheduler.allowed-failures``) and, with ``retries``, one that raised.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from .errors import OptionsError, WeightdiffError, escape_name
+
+DASK_HINT = "pip install 'weightdiff[dask]'"
+#: reruns of a task that raised (a worker that died is rerun by the scheduler's allowed-failures)
+RETRIES = 2
+
+
+def have_dask() -> bool:
+    """True when ``distributed`` can be imported (the ``dask`` extra)."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class Outcome:
+    """The result of task ``index`` (its position in the list given to ``map``), or why there is none."""
+
+    index: int
+    value: Any = None
+    error: str | None = None
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, WeightdiffError):
+        return exc.one_line()
+    return escape_name(f"worker failed: {type(exc).__name__}: {exc}")
+
+
+class Sequential:
+    """Run each task in this process, in order (no Dask needed)."""
+
+    description = "this process"
+    workers = 1
+
+    def map(self, fn: Callable, args: Sequence[tuple], name: str = "task") -> Iterator[Outcome]:
+        for i, a in enumerate(args):
+            yield Outcome(i, fn(*a))
+
+
+class DaskRunner:
+    """Run each task on a Dask cluster through ``client``; outcomes come as tasks finish."""
+
+    def __init__(self, client: Any, description: str):
+        self.client = client
+        self.description = description
+
+    @property
+    def workers(self) -> int:
+        return max(1, len(self.client.scheduler_info().get("workers", {})))
+
+    def map(self, fn: Callable, args: Sequence[tuple], name: str = "task") -> Iterator[Outcome]:
+        from distributed import as_completed
+
+        run = uuid.uuid4().hex[:8]
+        futures = {}
+        for i, a in enumerate(args):
+            fut = self.client.submit(fn, *a, key=f"weightdiff-{name}-{run}-{i}", pure=False, retries=RETRIES)
+            futures[fut] = i
+        try:
+            for fut in as_completed(list(futures), loop=self.client.loop):
+                i = futures[fut]
+                try:
+                    yield Outcome(i, fut.result())
+                except Exception as exc:   # a task that failed on the cluster: one line, not a traceback
+                    yield Outcome(i, None, _one_line(exc))
+                finally:
+                    fut.release()
+        finally:
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
+
+
+def check(scheduler: str | None, workers: int | None) -> None:
+    """Raise OptionsError for a request no runner can honour (before anything is written)."""
+    if workers is not None and workers < 1:
+        raise OptionsError(f"--workers must be at least 1 (got {workers})")
+    if scheduler is not None and not have_dask():
+        raise OptionsError("--scheduler needs Dask distributed, which is not installed", DASK_HINT)
+
+
+@contextmanager
+def runner(scheduler: str | None = None, workers: int | None = None, memory_limit: str | None = None,
+           client: Any = None, say: Callable[[str], None] = lambda m: None) -> Iterator[Sequential | DaskRunner]:
+    """The runner for the CLI's ``--scheduler`` / ``--workers`` / ``--worker-memory`` options.
+
+    ``client``: an existing ``distributed.Client`` (used as is, not closed). ``scheduler``:
+    connect to that address. ``workers``: start a ``LocalCluster`` of that many worker
+    processes (one thread each, 127.0.0.1 only, no dashboard), closed on exit;
+    ``memory_limit`` (``"4GB"``) per worker, else Dask's share of the machine. With
+    neither, or without Dask installed and no ``scheduler``, the tasks run in this process.
+    """
+    if client is not None:
+        yield DaskRunner(client, f"Dask cluster at {client.scheduler.address}")
+        return
+    check(scheduler, workers)
+    if scheduler is None and workers is None:
+        yield Sequential()
+        return
+    if not have_dask():
+        say(f"Dask is not installed ({DASK_HINT}): --workers {workers} ignored, running in this process")
+        yield Sequential()
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        try:
+            cl = Client(scheduler, timeout="15s", set_as_default=False)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise WeightdiffError(f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}: {exc})",
+                                  "is `dask scheduler` running there, and is the address tcp://HOST:PORT?") from None
+        try:
+            yield DaskRunner(cl, f"Dask cluster at {scheduler}")
+        finally:
+            cl.close()
+        return
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None, memory_limit=memory_limit or "auto", silence_logs=40)
+    try:
+        cl = Client(cluster, set_as_default=False)
+        try:
+            yield DaskRunner(cl, f"local Dask cluster of {workers} worker process(es)")
+        finally:
+            cl.close()
+    finally:
+        cluster.close()
+
+
+def worker_threads(workers: int | None) -> int | None:
+    """Kernel threads per task when ``workers`` processes share this machine (None: let each decide)."""
+    if not workers:
+        return None
+    return max(1, (os.cpu_count() or 1) // workers)

@@ -1,0 +1,187 @@
+"""The population of a survey: the surveyed fine-tunes of one base, and one model among them.
+
+Reads survey rows (dicts with the columns of ``weightdiff survey``'s table: ``tuned``,
+``status``, ``relative_change``, ``one_minus_cosine``, ``delta_params_share``, ...),
+never checkpoints. ``draw_population`` plots the three depth measures, one dot per
+model, with outliers labelled; ``save_population`` writes it as PNG and SVG with the
+byte-stable settings of ``render.plots``; ``population_sentences`` places one compare
+result among the rows for the memo ("deeper than 34 of the 40 surveyed fine-tunes").
+
+>>> rows = [{"tuned": f"/m{i}", "status": "ok", "relative_change": v} for i, v in enumerate([0.1, 0.2, 0.3])]
+>>> standing(0.25, [r["relative_change"] for r in rows])
+(2, 0, 3)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib import rc_context
+from matplotlib.figure import Figure
+
+from ..fsutil import write_bytes
+from . import captions as cap
+from .plots import GREY, OKABE_ITO, STYLE, _figure, figure_bytes, text
+
+#: (column, axis label, name in sentences, comparison in sentences)
+METRICS = [("relative_change", "relative change ‖ΔW‖ / ‖W‖", "relative change", "deeper than"),
+           ("one_minus_cosine", "1 − cosine (large matrices)", "1 − cosine", "further from the base than"),
+           ("delta_params_share", "delta parameters (share of the model)", "delta parameters", "larger than")]
+#: at most this many labelled outliers per panel
+LABELS = 4
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def ok_rows(rows: Sequence[dict]) -> list[dict]:
+    """The rows with a result, sorted by tuned path (error rows left out)."""
+    return sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: str(r.get("tuned")))
+
+
+def standing(value: float, others: Sequence[float | None]) -> tuple[int, int, int]:
+    """(how many of ``others`` are below ``value``, how many equal it, how many have a value)."""
+    vals = [v for v in others if _finite(v)]
+    return sum(v < value for v in vals), sum(v == value for v in vals), len(vals)
+
+
+def model_label(row: dict) -> str:
+    """A short name for a dot: the last part of the tuned path."""
+    return os.path.basename(str(row.get("tuned") or "").rstrip("/")) or "?"
+
+
+def outliers(rows: Sequence[dict], column: str, limit: int = LABELS) -> list[dict]:
+    """Rows whose value lies beyond 1.5 interquartile ranges of the others (on log10 of the
+    positive values), the most extreme first, at most ``limit``; none with fewer than 5 values."""
+    pts = [(math.log10(r[column]), r) for r in rows if _finite(r.get(column)) and r[column] > 0]
+    if len(pts) < 5:
+        return []
+    logs = np.array([p[0] for p in pts])
+    q1, q3 = np.percentile(logs, [25, 75])
+    lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
+    mid = float(np.median(logs))
+    out = [(abs(x - mid), str(r.get("tuned")), r) for x, r in pts if x < lo or x > hi]
+    return [r for _, _, r in sorted(out, key=lambda t: (-t[0], t[1]))[:limit]]
+
+
+def _jitter(n: int) -> np.ndarray:
+    """Deterministic vertical spread for n dots (golden-ratio sequence in [-0.35, 0.35])."""
+    return (((np.arange(n) * 0.6180339887498949) % 1.0) - 0.5) * 0.7
+
+
+def draw_population(rows: Sequence[dict]) -> Figure:
+    """Three strips (relative change, 1 - cosine, delta-parameter share), one dot per model,
+    log axes with bitwise-unchanged models on a marked zero line, outliers labelled."""
+    with rc_context(STYLE):
+        return _draw(rows)
+
+
+def _draw(rows: Sequence[dict]) -> Figure:
+    good = ok_rows(rows)
+    fig = _figure(1.0 + 1.35 * len(METRICS))
+    axes = fig.subplots(len(METRICS), 1)
+    fig.suptitle(f"Population: {len(good)} surveyed fine-tunes of one base", fontsize=10, fontweight="bold")
+    for ax, (col, label, _, _) in zip(axes, METRICS):
+        vals = [r.get(col) for r in good]
+        have = [(r, v) for r, v in zip(good, vals) if _finite(v)]
+        ax.set_yticks([])
+        ax.spines["left"].set_visible(False)
+        ax.set_xlabel(label + " (log)", fontsize=8)
+        if not have:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes, color=GREY)
+            ax.set_xticks([])
+            continue
+        pos = [v for _, v in have if v > 0]
+        lo = min(pos) if pos else 1e-4
+        hi = max(pos) if pos else 1.0
+        floor = 10.0 ** (math.floor(math.log10(lo)) - 1)
+        top = 10.0 ** math.ceil(math.log10(hi * 2.0))
+        ax.set_xscale("log")
+        ax.set_xlim(floor / 2.5, max(top, floor * 100))
+        ax.set_ylim(-0.6, 0.6)
+        ys = _jitter(len(have))
+        xs = np.array([v if v > 0 else floor for _, v in have])
+        zero = np.array([v <= 0 for _, v in have])
+        if (~zero).any():
+            ax.plot(xs[~zero], ys[~zero], "o", ms=4.5, color=OKABE_ITO["blue"], alpha=0.8, zorder=3)
+        if zero.any():
+            ax.plot(xs[zero], ys[zero], "o", ms=4.5, mfc="white", mec=GREY, zorder=3)
+        ax.axvline(floor, color=GREY, lw=0.8, ls=(0, (4, 3)), zorder=1)
+        med = float(np.median([v for _, v in have]))
+        if med > 0:
+            ax.axvline(med, color=OKABE_ITO["orange"], lw=1.0, zorder=2)
+            ax.text(med, 0.58, " median", color=OKABE_ITO["orange"], fontsize=7, va="top")
+        ticks = [t for t in ax.get_xticks() if floor * 1.5 < t <= ax.get_xlim()[1] * 1.0001]
+        ax.set_xticks([floor] + ticks)
+        ax.set_xticklabels(["0"] + [f"$10^{{{int(round(math.log10(t)))}}}$" for t in ticks])
+        ax.minorticks_off()
+        index = {id(r): i for i, (r, _) in enumerate(have)}
+        for r in outliers(good, col):
+            i = index[id(r)]
+            ax.annotate(text(model_label(r)), (xs[i], ys[i]), xytext=(4, 4), textcoords="offset points",
+                        fontsize=7, color=OKABE_ITO["vermillion"])
+    return fig
+
+
+def caption(rows: Sequence[dict]) -> str:
+    good = ok_rows(rows)
+    failed = sum(1 for r in rows if r.get("status") != "ok")
+    text_ = (f"One dot per surveyed fine-tune ({len(good)} models): relative change, 1 − cosine over the large "
+             "matrices, and the share of the model's parameters needed to write the change down, each on a log "
+             "axis; hollow dots on the dashed line changed nothing. The orange line is the median; labelled "
+             "dots lie beyond 1.5 interquartile ranges of the others.")
+    if failed:
+        text_ += f" {cap._plural(failed, 'model')} that could not be compared {'is' if failed == 1 else 'are'} left out."
+    return text_
+
+
+def save_population(rows: Sequence[dict], directory: str | os.PathLike,
+                    formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Write ``population.<fmt>`` into ``directory`` (each format from a fresh figure, atomically)."""
+    return [write_bytes(Path(directory) / f"population.{fmt}", figure_bytes(draw_population(rows), fmt))
+            for fmt in formats]
+
+
+def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
+    """Where the model of ``data`` (a compare JSON dict) stands among the surveyed ``rows``.
+
+    The model's own row, if the survey holds it, is left out of the comparison.
+    """
+    s = data.get("summary") or {}
+    tuned = (data.get("tuned") or {}).get("path")
+    own = os.path.abspath(tuned) if tuned else None
+    good = [r for r in ok_rows(rows) if r.get("tuned") != own]
+    others = "other " if len(good) < len(ok_rows(rows)) else ""
+    bases = sorted({str(r.get("base")) for r in good if r.get("base")})
+    mine = [os.path.abspath(str(b.get("path"))) for b in data.get("base") or [] if b.get("path")]
+    of = "this base" if bases and set(bases) <= set(mine) else \
+        ("the base " + ", ".join(f"`{b}`" for b in bases) if bases else "the surveyed base")
+    cos = s.get("relatedness_cosine")
+    values = {"relative_change": s.get("relative_change"),
+              "one_minus_cosine": None if cos is None else max(0.0, 1.0 - cos),
+              "delta_params_share": s.get("delta_params_share")}
+    fmt = {"relative_change": cap.fmt_sci, "one_minus_cosine": cap.fmt_sci, "delta_params_share": cap.fmt_share}
+    out = []
+    for col, _, words, than in METRICS:
+        v = values[col]
+        if not _finite(v):
+            continue
+        below, equal, n = standing(v, [r.get(col) for r in good])
+        if not n:
+            continue
+        med = float(np.median([r[col] for r in good if _finite(r.get(col))]))
+        tie = f"; {equal} exactly as deep" if equal else ""
+        if not out:
+            out.append(f"By {words} ({fmt[col](v)}), this fine-tune is deeper than {below} of the {n} "
+                       f"{others}surveyed fine-tunes of {of} (median {fmt[col](med)}{tie}).")
+        else:
+            out.append(f"By {words} ({fmt[col](v)}) it is {than} {below} of {n} "
+                       f"(median {fmt[col](med)}{tie}).")
+    if not out:
+        out.append(f"The survey holds no {others}fine-tune of {of} with a result to compare this one with.")
+    return out

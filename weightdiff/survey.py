@@ -1,0 +1,344 @@
+"""``weightdiff survey``: one base, many fine-tunes of it, one row per fine-tune.
+
+Every tuned model is compared with the base by ``weightdiff.compare`` (one task per
+model: in this process, or on Dask workers through ``weightdiff.cluster``); each task
+returns the compare JSON text and nothing else, and the parent alone writes files:
+
+    DIR/models/<name>.json   the model's full compare JSON (without the varying ``run`` block)
+    DIR/survey.csv           one row per model, sorted by the tuned model's absolute path
+    DIR/survey.parquet       the same table (needs pyarrow: the ``pandas`` extra)
+
+A row is built from the JSON by ``row_from_result``, so a distributed survey writes the
+same bytes as a sequential one. A survey is resumable: a model whose row is ``ok`` and
+whose input identity (absolute paths, file names and sizes of base and tuned, the
+options, the weightdiff version) matches is not compared again. A model that fails is a
+row with ``status = error`` and its one-line error, rerun next time; the others go on.
+Every file is written atomically (weightdiff.fsutil), the tables after each model.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .cluster import Outcome, check, runner, worker_threads
+from .comparison import compare
+from .errors import WeightdiffError, escape_name
+from .fsutil import OutputError, write_bytes, write_text
+from .options import CompareOptions, options_from_kwargs
+from .records import dumps
+
+PANDAS_HINT = "pip install 'weightdiff[pandas]'"
+
+#: the table's columns in order, with their type (string, int64, double)
+COLUMNS: list[tuple[str, str]] = [
+    ("tuned", "string"), ("name", "string"), ("status", "string"), ("error", "string"),
+    ("verdict", "string"), ("coverage", "double"), ("relative_change", "double"),
+    ("one_minus_cosine", "double"), ("blocks_changed", "int64"), ("blocks_total", "int64"),
+    ("delta_params", "int64"), ("delta_params_share", "double"), ("form", "string"),
+    ("max_numerical_rank", "int64"), ("flags", "string"), ("params_total", "int64"),
+    ("tuned_files", "int64"), ("tuned_bytes", "int64"), ("tuned_sha256", "string"),
+    ("base", "string"), ("base_bytes", "int64"), ("base_sha256", "string"),
+    ("identity", "string"), ("json", "string"),
+]
+NAMES = [c for c, _ in COLUMNS]
+
+
+@dataclass
+class SurveyResult:
+    """What ``survey`` did: the rows (sorted), and how many were compared, skipped, failed."""
+
+    rows: list[dict]
+    directory: Path
+    files: list[Path] = field(default_factory=list)
+    computed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    notices: list[str] = field(default_factory=list)
+
+
+# --- input identity -----------------------------------------------------------------------------
+
+def identity(path: str | os.PathLike) -> dict:
+    """The absolute path and the (relative name, bytes) of every regular file under it.
+
+    Cheap (``stat`` only, no bytes read); hidden files are left out. A path that does not
+    exist has no files: its comparison fails and says why.
+
+    >>> identity("/no/such/model")
+    {'path': '/no/such/model', 'files': []}
+    """
+    root = os.path.abspath(os.fspath(path))
+    files: list[list] = []
+    if os.path.isfile(root):
+        files.append([os.path.basename(root), os.stat(root).st_size])
+    elif os.path.isdir(root):
+        for d, dirs, names in os.walk(root):
+            dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+            for n in sorted(names):
+                p = os.path.join(d, n)
+                if n.startswith(".") or not os.path.isfile(p):
+                    continue
+                files.append([os.path.relpath(p, root).replace(os.sep, "/"), os.stat(p).st_size])
+    return {"path": root, "files": sorted(files)}
+
+
+def identity_key(base: dict, tuned: dict, options: CompareOptions, hash_files: bool) -> str:
+    """sha256 over everything a row depends on: both identities, the options, --hash, the version."""
+    blob = dumps({"base": base, "tuned": tuned, "settings": options.settings(), "hash": hash_files,
+                  "version": __version__})
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def safe_name(path: str) -> str:
+    """A file name for a model's JSON: its last path parts, made safe, and 8 hex digits of the path.
+
+    >>> safe_name("/data/fine-tunes/llama ft #3")
+    'fine-tunes_llama_ft_3-3e5d1a86'
+    """
+    p = Path(os.path.abspath(path))
+    parts = [p.parent.name, p.stem if p.suffix in (".safetensors", ".bin", ".pt", ".gguf") else p.name]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(x for x in parts if x)).strip("._-")[:80] or "model"
+    return f"{stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+
+
+def files_digest(entry: dict | None) -> str | None:
+    """One sha256 for a checkpoint from the compare JSON's ``files`` list: the file's own sha256
+    for a single file, else the sha256 of ``sha256sum``-style lines (``<sha>  <name>``)."""
+    files = (entry or {}).get("files") or []
+    if not files or any(f.get("sha256") is None for f in files):
+        return None
+    if len(files) == 1:
+        return files[0]["sha256"]
+    lines = "".join(f"{f['sha256']}  {f['name']}\n" for f in sorted(files, key=lambda f: f["name"]))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+# --- the task and the row -------------------------------------------------------------------------
+
+def survey_task(base: str, tuned: str, options: CompareOptions, hash_files: bool) -> dict:
+    """Compare one tuned model with the base: ``{"json": text}`` or ``{"error": one line}``.
+
+    Runs in this process or on a Dask worker; reads the checkpoints, writes nothing.
+    """
+    try:
+        return {"json": compare(base, tuned, options=options, hash_files=hash_files).to_json(include_run=False)}
+    except WeightdiffError as exc:
+        return {"error": exc.one_line()}
+    except MemoryError:
+        return {"error": f"{escape_name(tuned)}: out of memory on the worker (give workers more memory)"}
+    except Exception as exc:   # a bug: one line in the row, the other models go on
+        return {"error": escape_name(f"internal error: {type(exc).__name__}: {exc} (please report it)")}
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def row_from_result(data: dict | None, tuned_id: dict, base_id: dict, key: str, error: str | None = None) -> dict:
+    """One table row from a compare JSON dict (or from an error line when ``data`` is None)."""
+    name = safe_name(tuned_id["path"])
+    row: dict[str, Any] = dict.fromkeys(NAMES)
+    row.update(tuned=tuned_id["path"], name=name, base=base_id["path"], identity=key,
+               tuned_files=len(tuned_id["files"]), tuned_bytes=sum(b for _, b in tuned_id["files"]),
+               base_bytes=sum(b for _, b in base_id["files"]))
+    if data is None:
+        row.update(status="error", error=error or "failed")
+        return row
+    s = data.get("summary") or {}
+    form = s.get("form") or {}
+    cos = s.get("relatedness_cosine")
+    row.update(
+        status="ok", verdict=s.get("verdict"), coverage=_num(s.get("coverage")),
+        relative_change=_num(s.get("relative_change")), one_minus_cosine=None if cos is None else max(0.0, 1.0 - cos),
+        blocks_changed=s.get("blocks_changed"), blocks_total=s.get("blocks_total"),
+        delta_params=s.get("delta_params"), delta_params_share=_num(s.get("delta_params_share")),
+        form=form.get("kind"), max_numerical_rank=form.get("max_numerical_rank"),
+        flags=",".join(s.get("flags") or []) or None, params_total=s.get("params_total"),
+        tuned_sha256=files_digest(data.get("tuned")), base_sha256=files_digest((data.get("base") or [None])[0]),
+        json=f"models/{name}.json")
+    return row
+
+
+# --- the tables -------------------------------------------------------------------------------------
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def to_csv(rows: Sequence[dict]) -> str:
+    """The rows as CSV: a header line, floats in shortest round-trip form, empty for null."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(NAMES)
+    for r in rows:
+        w.writerow([_cell(r.get(c)) for c in NAMES])
+    return buf.getvalue()
+
+
+def _parse(value: str, kind: str) -> Any:
+    if value == "":
+        return None
+    return int(value) if kind == "int64" else float(value) if kind == "double" else value
+
+
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows of a survey.csv written by ``to_csv`` (typed back); [] when it has other columns."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header != NAMES:
+            return []
+        kinds = dict(COLUMNS)
+        return [{c: _parse(v, kinds[c]) for c, v in zip(NAMES, line)} for line in reader if len(line) == len(NAMES)]
+
+
+def to_parquet(rows: Sequence[dict]) -> bytes:
+    """The rows as a Parquet file (pyarrow, no pandas metadata): same rows, same bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {"string": pa.string(), "int64": pa.int64(), "double": pa.float64()}
+    schema = pa.schema([(c, types[k]) for c, k in COLUMNS])
+    table = pa.table({c: [r.get(c) for r in rows] for c in NAMES}, schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def have_pyarrow() -> bool:
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_tables(rows: Sequence[dict], directory: Path, parquet: bool) -> list[Path]:
+    out = [write_text(directory / "survey.csv", to_csv(rows))]
+    if parquet:
+        out.append(write_bytes(directory / "survey.parquet", to_parquet(rows)))
+    return out
+
+
+# --- the survey -----------------------------------------------------------------------------------
+
+def read_list(path: str | os.PathLike) -> list[str]:
+    """Paths from a list file: one per line; blank lines and lines starting with # are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WeightdiffError(f"{path}: cannot read the list of models ({getattr(exc, 'strerror', None) or exc})",
+                              "one checkpoint path per line") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+           options: CompareOptions | None = None, hash_files: bool = False, scheduler: str | None = None,
+           workers: int | None = None, memory_limit: str | None = None, client: Any = None,
+           plot: bool = False, say: Callable[[str], None] = lambda m: None,
+           task: Callable[..., dict] = survey_task, **kwargs: Any) -> SurveyResult:
+    """Compare every model of ``tuned`` with ``base`` and write the survey into ``out``.
+
+    ``scheduler`` (an address), ``workers`` (a local cluster of that many processes) or
+    ``client`` (a ``distributed.Client``) run the comparisons on Dask; with none of them,
+    or without Dask installed, they run here one after another, with the same result.
+    ``plot`` also draws the population figure (``population.png``/``.svg``).
+    ``say`` receives one progress line per model. ``task`` is the function each task runs
+    (``survey_task``; tests wrap it). Raises WeightdiffError for a bad base or output folder.
+    """
+    from .checkpoint import locate
+
+    options = options if options is not None else options_from_kwargs(CompareOptions, **kwargs)
+    if client is None:
+        check(scheduler, workers)
+    with locate(base):     # a bad base is bad input for the whole survey: fail before writing anything
+        pass
+    directory = Path(out)
+    try:
+        (directory / "models").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(directory, f"cannot write here ({exc.strerror or exc})") from None
+    base_id = identity(base)
+    seen: dict[str, dict] = {}
+    for t in tuned:
+        tid = identity(t)
+        seen.setdefault(tid["path"], tid)
+    if not seen:
+        raise WeightdiffError("no tuned models to survey", "give TUNED paths or --from-file list.txt")
+    task_options = options
+    if workers and client is None and scheduler is None and options.threads is None:
+        from dataclasses import replace
+
+        task_options = replace(options, threads=worker_threads(workers))   # results do not depend on threads
+    previous = {r["tuned"]: r for r in read_csv(directory / "survey.csv")} if (directory / "survey.csv").exists() else {}
+    parquet = have_pyarrow()
+    result = SurveyResult(rows=[], directory=directory)
+    if not parquet:
+        result.notices.append(f"survey.parquet not written: pyarrow is not installed ({PANDAS_HINT}); "
+                              "wrote survey.csv only")
+        say(result.notices[-1])
+    rows: dict[str, dict] = {}
+    todo: list[tuple[dict, str]] = []
+    for path, tid in sorted(seen.items()):
+        key = identity_key(base_id, tid, options, hash_files)
+        old = previous.get(path)
+        if old and old.get("status") == "ok" and old.get("identity") == key and old.get("json") \
+                and (directory / old["json"]).is_file():
+            rows[path] = old
+            result.skipped += 1
+        else:
+            todo.append((tid, key))
+    total = len(seen)
+    if result.skipped:
+        say(f"{result.skipped} of {total} models already surveyed with these inputs and options: skipped")
+
+    def table() -> list[dict]:
+        return [rows[p] for p in sorted(rows)]
+
+    result.files = write_tables(table(), directory, parquet)
+    if todo:
+        with runner(scheduler, workers, memory_limit, client, say) as run:
+            say(f"surveying {len(todo)} model(s) on {run.description}")
+            args = [(os.fspath(base), tid["path"], task_options, hash_files) for tid, _ in todo]
+            for done, oc in enumerate(run.map(task, args, name="survey"), start=1):
+                tid, key = todo[oc.index]
+                rows[tid["path"]] = _finish(oc, tid, base_id, key, directory)
+                r = rows[tid["path"]]
+                if r["status"] == "ok":
+                    result.computed += 1
+                    say(f"[{done}/{len(todo)}] {escape_name(tid['path'])}: {r['verdict']}")
+                else:
+                    result.failed += 1
+                    say(f"[{done}/{len(todo)}] {escape_name(tid['path'])}: error: {r['error']}")
+                result.files = write_tables(table(), directory, parquet)
+    result.rows = table()
+    if plot:
+        from .render.population import save_population
+
+        result.files += save_population(result.rows, directory)
+    return result
+
+
+def _finish(oc: Outcome, tid: dict, base_id: dict, key: str, directory: Path) -> dict:
+    """The row for one outcome; an ok result's JSON is written first, so a row never points nowhere."""
+    value = oc.value if isinstance(oc.value, dict) else {}
+    text = value.get("json")
+    if oc.error is not None or text is None:
+        return row_from_result(None, tid, base_id, key, oc.error or value.get("error"))
+    data = json.loads(text)
+    row = row_from_result(data, tid, base_id, key)
+    write_text(directory / row["json"], text)
+    return row
