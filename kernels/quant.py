@@ -1,0 +1,331 @@
+"""Dequantizers of quantized checkpoint formats, each with its per-element noise floor.
+
+Unlike ``reference``/``cpu`` (which compare two stored tensors), these turn one stored,
+quantized tensor plus its companions (scales, zero points, group index, absmax) into
+float32 values, in the arithmetic of the reference implementation, so that values
+equal the reference's bit for bit where the reference is deterministic (the product is
+rounded to the scale's dtype, as torch does when it multiplies in that dtype). Each
+dequantizer also returns ``floor``: the largest ``|x - value|`` that a faithful
+round-to-nearest quantization of some float ``x`` into this code with these scales
+could leave (see docs/methodology.md, "Quantization noise floors"):
+
+    floor = (h(code) * |s| + |value|) * (2**-m_s + 2**-(m_out + 1))  +  h(code) * |s|
+
+``h(code)`` is half the larger gap to the neighbouring codes in grid units (0.5 on a
+uniform integer grid) plus one whole gap for the two extreme codes (a value clipped at
+the edge of the range lands there from anywhere beyond it); ``m_s`` is the mantissa
+width of the scale's dtype (the scale, and the division by it, were rounded to that
+dtype) and ``m_out`` that of the dequantized output.
+
+Pure numpy; no file, model or name knowledge. Packed layouts follow, in order:
+compressed-tensors ``pack_to_int32`` (dense LSB-first bit stream per row),
+GPTQ/AutoGPTQ (8/bits codes per int32 along the input dimension, ``qzeros`` along the
+output dimension, stored zero minus one in the v1 format), AWQ GEMM (the interleaved
+order ``AWQ_ORDER``), bitsandbytes 4-bit (two codes per byte, high nibble first) and
+MXFP4 (two e2m1 codes per byte, low nibble first, e8m0 block exponents).
+
+>>> q = np.array([[0x76543210]], dtype=np.int32)          # eight 4-bit codes 0..7
+>>> unpack_cols(q, 4).tolist()
+[[0, 1, 2, 3, 4, 5, 6, 7]]
+>>> unpack_cols(q, 4, AWQ_ORDER).tolist()                 # AWQ stores 0,2,4,6,1,3,5,7
+[[0, 4, 1, 5, 2, 6, 3, 7]]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .dtypes import FP8_TABLES
+
+__all__ = [
+    "AWQ_ORDER", "FP4_E2M1", "MANT", "round_to", "codebook_halfwidth", "unpack_dense_int32",
+    "unpack_rows", "unpack_cols", "dequant_int", "dequant_codebook", "dequant_fp8",
+    "gptq_rows", "awq_rows", "bnb4_flat", "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows",
+    "block_scales_rows", "grid_levels",
+]
+
+#: AutoAWQ's pack order: the code of output column 8k+AWQ_ORDER[i] sits in nibble i of word k
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+#: e2m1 (MXFP4) values of the 16 codes, as transformers' mxfp4.FP4_VALUES
+FP4_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                     -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
+FP4_E2M1.setflags(write=False)
+#: explicit mantissa bits of the dtypes a scale or an output may have
+MANT = {"F32": 23, "F16": 10, "BF16": 7, "F64": 52}
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 ``x`` rounded to nearest-even in ``dtype`` (F32, F16, BF16), as float32.
+
+    >>> round_to(np.array([1.00390625], np.float32), "BF16").tolist()   # 1 + 2**-8: a tie, to even
+    [1.0]
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if dtype == "F32":
+        return x
+    if dtype == "F16":
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16).astype(np.float32)
+    if dtype == "BF16":
+        u = x.view(np.uint32)
+        r = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+        r = np.where(np.isnan(x), u | np.uint32(0x00400000), r).astype(np.uint32)
+        return (r & np.uint32(0xFFFF0000)).view(np.float32)
+    raise ValueError(f"cannot round to {dtype}")
+
+
+def _rel_tol(scale_dtype: str, out_dtype: str) -> float:
+    return 2.0 ** -MANT[scale_dtype] + 2.0 ** -(MANT[out_dtype] + 1)
+
+
+def codebook_halfwidth(values: np.ndarray) -> np.ndarray:
+    """Per code: half the larger gap to its neighbours among the finite code values, plus
+    one whole gap for the smallest and largest (clipping); NaN codes get 0.
+
+    >>> codebook_halfwidth(np.array([-1.0, 0.0, 0.5, 1.0], np.float32)).tolist()
+    [1.5, 0.5, 0.25, 0.75]
+    """
+    v = np.asarray(values, dtype=np.float64)
+    fin = np.unique(v[np.isfinite(v)])
+    out = np.zeros(v.shape, dtype=np.float64)
+    if fin.size < 2:
+        return out.astype(np.float32)
+    for i, x in enumerate(v):
+        if not np.isfinite(x):
+            continue
+        k = int(np.searchsorted(fin, x))
+        lo = x - fin[k - 1] if k > 0 else None
+        hi = fin[k + 1] - x if k + 1 < fin.size else None
+        if lo is None:
+            out[i] = hi * 1.5
+        elif hi is None:
+            out[i] = lo * 1.5
+        else:
+            out[i] = max(lo, hi) / 2
+    return out.astype(np.float32)
+
+
+# -- unpacking ---------------------------------------------------------------------
+
+def unpack_dense_int32(words: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """compressed-tensors ``unpack_from_int32`` without the offset: the unsigned codes of a
+    [rows, ceil(cols * bits / 32)] int32 array packed as one LSB-first bit stream per row.
+
+    >>> unpack_dense_int32(np.array([[0x76543210]], np.int32), 4, 8).tolist()
+    [[0, 1, 2, 3, 4, 5, 6, 7]]
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"{bits}-bit codes cannot be packed densely into int32")
+    w = np.ascontiguousarray(words).astype(np.int64) & 0xFFFFFFFF
+    rows = w.shape[0]
+    pos = np.arange(cols, dtype=np.int64) * bits
+    word, off = pos // 32, pos % 32
+    if word.size and word[-1] >= w.shape[1]:
+        raise ValueError(f"{w.shape[1]} int32 words per row hold fewer than {cols} {bits}-bit codes")
+    lo = w[:, word] >> off
+    spill = off + bits > 32
+    if spill.any():
+        nxt = np.minimum(word + 1, w.shape[1] - 1)
+        lo = lo | np.where(spill, w[:, nxt] << (32 - off), 0)
+    return (lo & ((1 << bits) - 1)).astype(np.uint8).reshape(rows, cols)
+
+
+def _check_pack(bits: int) -> int:
+    if bits not in (2, 4, 8):
+        raise ValueError(f"{bits}-bit codes are not packed whole into int32 (2, 4 or 8 bits)")
+    return 32 // bits
+
+
+def unpack_rows(q: np.ndarray, bits: int) -> np.ndarray:
+    """GPTQ ``qweight`` [R, C] int32 -> codes [R * 32/bits, C]: code i of a column sits at
+    bit ``bits * (i % (32/bits))`` of word ``i // (32/bits)``."""
+    pf = _check_pack(bits)
+    w = np.ascontiguousarray(q).view(np.uint32)
+    shifts = (np.arange(pf, dtype=np.uint32) * bits)[None, :, None]
+    out = (w[:, None, :] >> shifts) & np.uint32((1 << bits) - 1)
+    return out.astype(np.uint8).reshape(w.shape[0] * pf, w.shape[1])
+
+
+def unpack_cols(q: np.ndarray, bits: int, order: tuple[int, ...] | None = None) -> np.ndarray:
+    """[R, C] int32 -> codes [R, C * 32/bits], code j of word k at bit ``bits * (j % pf)``;
+    with ``order`` (AWQ), nibble i of word k holds column ``pf*k + order[i]``."""
+    pf = _check_pack(bits)
+    w = np.ascontiguousarray(q).view(np.uint32)
+    shifts = (np.arange(pf, dtype=np.uint32) * bits)[None, None, :]
+    out = ((w[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)).astype(np.uint8)
+    if order is not None:
+        if sorted(order) != list(range(pf)):
+            raise ValueError(f"pack order {order} is not a permutation of 0..{pf - 1}")
+        dst = np.empty_like(out)
+        dst[:, :, list(order)] = out
+        out = dst
+    return out.reshape(w.shape[0], w.shape[1] * pf)
+
+
+# -- the two dequantization rules ------------------------------------------------------
+
+def dequant_int(q: np.ndarray, zero: np.ndarray | float, scale: np.ndarray, scale_dtype: str,
+                qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform grid: ``value = round_{scale dtype}((q - zero) * scale)``; broadcasting arrays.
+
+    ``q`` are the integer codes as the quantizer clamped them to [qmin, qmax] (codes at
+    either end may be clipped and get one more step in the floor).
+
+    >>> v, f = dequant_int(np.array([3, 7]), 0, np.array([0.5], np.float32), "F32", -8, 7)
+    >>> v.tolist(), [round(float(e), 5) for e in f]     # 7 is the top code: one more step
+    ([1.5, 3.5], [0.25, 0.75])
+    """
+    qi = np.asarray(q).astype(np.int32)
+    diff = (qi - np.asarray(zero).astype(np.int32)).astype(np.float32)
+    s = np.asarray(scale, dtype=np.float32)
+    value = round_to(diff * s, scale_dtype)
+    edge = (qi <= qmin) | (qi >= qmax)
+    tol = np.float32(_rel_tol(scale_dtype, scale_dtype))
+    floor = (np.float32(0.5) + edge.astype(np.float32)) * np.abs(s) * (1 + tol) + np.abs(value) * tol
+    return np.atleast_1d(value), np.atleast_1d(floor.astype(np.float32))
+
+
+def dequant_codebook(codes: np.ndarray, table: np.ndarray, scale: np.ndarray, scale_dtype: str,
+                     out_dtype: str, halfwidth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Codebook grid (NF4, FP4, e2m1, fp8): ``value = round_{out}(table[code] * scale)``."""
+    table = np.asarray(table, dtype=np.float32)
+    hw = codebook_halfwidth(table) if halfwidth is None else halfwidth
+    c = np.asarray(codes).astype(np.intp)
+    s = np.asarray(scale, dtype=np.float32)
+    value = round_to(table[c] * s, out_dtype)
+    tol = np.float32(_rel_tol(scale_dtype, out_dtype))
+    floor = hw[c] * np.abs(s) * (1 + tol) + np.abs(value) * tol
+    return value, floor.astype(np.float32)
+
+
+_FP8_HW = {name: codebook_halfwidth(t) for name, t in FP8_TABLES.items() if name != "F8_E8M0"}
+
+
+def dequant_fp8(raw: np.ndarray, fp8: str, scale: np.ndarray, scale_dtype: str,
+                out_dtype: str = "F32") -> tuple[np.ndarray, np.ndarray]:
+    """fp8 bits (uint8) times a broadcast scale: DeepSeek-V3 ``weight_scale_inv`` blocks,
+    FBGEMM and compressed-tensors ``weight_scale`` (both multiply)."""
+    return dequant_codebook(np.asarray(raw, dtype=np.uint8), FP8_TABLES[fp8], scale, scale_dtype,
+                            out_dtype, _FP8_HW[fp8])
+
+
+def block_scales_rows(scale: np.ndarray, r0: int, r1: int, cols: int, block: tuple[int, int]) -> np.ndarray:
+    """A [ceil(R/bh), ceil(C/bw)] block-scale grid expanded to rows [r0, r1) x cols."""
+    bh, bw = block
+    rows = np.arange(r0, r1) // bh
+    return np.asarray(scale)[rows][:, np.arange(cols) // bw]
+
+
+# -- formats ---------------------------------------------------------------------------
+
+def gptq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray,
+              bits: int, v1: bool, scale_dtype: str, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ (AutoGPTQ/GPTQModel ``dequantize_weight``) for output features [r0, r1): returns
+    [r1-r0, in] (the transpose of the [in, out] layout GPTQ dequantizes to).
+
+    ``W[i, j] = scales[g, j] * (q[i, j] - z[g, j])`` with ``g = g_idx[i]``; the v1 format
+    stores ``z - 1`` (``z = (stored + 1) & mask``)."""
+    pf = 32 // bits
+    q = unpack_rows(qweight[:, r0:r1], bits)                       # [in, r1-r0]
+    w0, w1 = r0 // pf, -(-r1 // pf)
+    z = unpack_cols(qzeros[:, w0:w1], bits)[:, r0 - w0 * pf: r1 - w0 * pf].astype(np.int32)
+    if v1:
+        z = (z + 1) & ((1 << bits) - 1)
+    g = np.asarray(g_idx).astype(np.intp)
+    value, floor = dequant_int(q, z[g], np.asarray(scales)[g, r0:r1], scale_dtype, 0, (1 << bits) - 1)
+    return np.ascontiguousarray(value.T), np.ascontiguousarray(floor.T)
+
+
+def awq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, bits: int, group: int,
+             scale_dtype: str, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+    """AWQ GEMM (AutoAWQ ``dequantize_gemm``) for output features [r0, r1), as [r1-r0, in]:
+    ``W[i, j] = (q[i, j] - z[i // group, j]) * scales[i // group, j]``."""
+    pf = 32 // bits
+    w0, w1 = r0 // pf, -(-r1 // pf)
+    sl = slice(r0 - w0 * pf, r1 - w0 * pf)
+    q = unpack_cols(qweight[:, w0:w1], bits, AWQ_ORDER if bits == 4 else None)[:, sl]
+    z = unpack_cols(qzeros[:, w0:w1], bits, AWQ_ORDER if bits == 4 else None)[:, sl]
+    g = np.arange(q.shape[0]) // group
+    value, floor = dequant_int(q, z[g], np.asarray(scales)[g, r0:r1], scale_dtype, 0, (1 << bits) - 1)
+    return np.ascontiguousarray(value.T), np.ascontiguousarray(floor.T)
+
+
+def bnb_nested_absmax(qabsmax: np.ndarray, nested_map: np.ndarray, nested_absmax: np.ndarray,
+                      nested_blocksize: int, offset: float) -> tuple[np.ndarray, np.ndarray]:
+    """Double quantization: ``absmax = nested_map[q] * nested_absmax[i // nbs] + offset``
+    (bitsandbytes ``dequantize_blockwise`` + offset), with its own error bound per block."""
+    q = np.asarray(qabsmax).astype(np.intp)
+    a2 = np.asarray(nested_absmax, dtype=np.float32)[np.arange(q.size) // nested_blocksize]
+    table = np.asarray(nested_map, dtype=np.float32)
+    absmax = table[q] * a2 + np.float32(offset)
+    err = codebook_halfwidth(table)[q] * np.abs(a2)
+    return absmax.astype(np.float32), err.astype(np.float32)
+
+
+def bnb4_flat(packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, out_dtype: str,
+              start: int, stop: int, absmax_err: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """bitsandbytes NF4/FP4 (``dequantize_4bit``) for flat elements [start, stop): element
+    2k is the high nibble of byte k, 2k+1 the low one; ``value = code[c] * absmax[i // bs]``
+    (float32, then cast to the quant_state dtype)."""
+    b = np.asarray(packed).reshape(-1).view(np.uint8)[start // 2: -(-stop // 2)]
+    codes = np.empty(b.size * 2, dtype=np.uint8)
+    codes[0::2], codes[1::2] = b >> 4, b & 0x0F
+    codes = codes[start % 2: start % 2 + stop - start]
+    blk = np.arange(start, stop) // blocksize
+    a = np.asarray(absmax, dtype=np.float32)[blk]
+    value, floor = dequant_codebook(codes, code, a, "F32", out_dtype)
+    if absmax_err is not None:               # the absmax itself was quantized (nested)
+        table = np.asarray(code, dtype=np.float32)
+        e = np.asarray(absmax_err, dtype=np.float32)[blk]
+        floor = floor + (codebook_halfwidth(table)[codes] + np.abs(table[codes])) * e
+    return value, floor.astype(np.float32)
+
+
+def bnb_int8_rows(cb: np.ndarray, scb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """LLM.int8 row-wise: ``CB * SCB[:, None] * 7.874015718698502e-3`` in float32
+    (bitsandbytes ``int8_vectorwise_dequant``); step = SCB / 127."""
+    s = np.asarray(scb, dtype=np.float32).reshape(-1, 1)
+    q = np.asarray(cb).astype(np.int8)
+    value = (q.astype(np.float32) * s) * np.float32(7.874015718698502e-3)
+    edge = (q <= -127) | (q >= 127)
+    floor = (np.float32(0.5) + edge) * np.abs(s) / np.float32(127.0) + np.abs(value) * np.float32(2.0 ** -22)
+    return value, floor.astype(np.float32)
+
+
+def mxfp4_rows(blocks: np.ndarray, scales: np.ndarray, out_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """MXFP4 (transformers ``convert_moe_packed_tensors``): blocks [..., G, 16] uint8 (code 2k in
+    the low nibble), scales [..., G] e8m0 -> [..., G * 32] = e2m1[code] * 2**(scale - 127)."""
+    b = np.asarray(blocks, dtype=np.uint8)
+    codes = np.empty((*b.shape[:-1], b.shape[-1] * 2), dtype=np.uint8)
+    codes[..., 0::2], codes[..., 1::2] = b & 0x0F, b >> 4
+    e = np.asarray(scales, dtype=np.uint8).astype(np.int32) - 127
+    s = np.ldexp(np.float32(1.0), e).astype(np.float32)[..., None]
+    value, floor = dequant_codebook(codes, FP4_E2M1, s, "F32", out_dtype)
+    shape = (*b.shape[:-2], b.shape[-2] * b.shape[-1] * 2)
+    return value.reshape(shape), floor.reshape(shape)
+
+
+def grid_levels(rows: np.ndarray, max_levels: int = 256) -> tuple[int, float]:
+    """For float rows, the number of levels of the coarsest uniform grid that holds every row
+    (each row its own step: the gcd of its distinct differences), or (0, nan) when a row is on
+    no grid of at most ``max_levels`` levels. Returns (levels of the widest row, worst misfit).
+
+    >>> grid_levels(np.array([[0.0, 0.25, -0.5, 0.75]], np.float32))
+    (6, 0.0)
+    """
+    worst, misfit = 0, 0.0
+    for row in np.asarray(rows, dtype=np.float64):
+        u = np.unique(row[np.isfinite(row)])
+        if u.size > max_levels:
+            return 0, float("nan")
+        if u.size < 2:
+            continue
+        span = u[-1] - u[0]
+        step = span / np.round(span / np.diff(u).min())
+        k = (u - u[0]) / step
+        err = float(np.max(np.abs(k - np.round(k))))
+        if err > 0.02:
+            return 0, err
+        misfit = max(misfit, err)
+        worst = max(worst, int(round(k[-1])) + 1)
+    return (worst, misfit) if worst <= max_levels else (0, float("nan"))

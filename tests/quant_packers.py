@@ -1,0 +1,259 @@
+"""Documented packers and reference dequantizers for the formats whose own tools do not run
+here (AutoGPTQ/GPTQModel and AutoAWQ need CUDA builds; bitsandbytes is not installed).
+
+Each function is a line-by-line transcription, in torch/numpy, of the named reference
+function; weightdiff's own dequantizers (kernels/quant.py) are written independently and
+tested against these:
+
+- ``gptq_pack``: AutoGPTQ ``nn_modules/qlinear/qlinear_cuda_old.py`` ``QuantLinear.pack``
+  with the quantizer of ``quantization/quantizer.py`` (``Quantizer.find_params``/``quantize``)
+- ``gptq_reference``: the same file's ``forward`` dequantization (``zeros + 1`` for the v1
+  format; GPTQModel's v2 format drops the ``+ 1``)
+- ``awq_pack``: AutoAWQ ``awq/modules/linear/gemm.py`` ``WQLinear_GEMM.from_linear`` and
+  ``awq/quantize/quantizer.py`` ``pseudo_quantize_tensor`` (zero point, group-wise)
+- ``awq_reference``: AutoAWQ ``awq/utils/packing_utils.py`` ``dequantize_gemm``
+- ``bnb4_quantize``/``bnb4_reference``: bitsandbytes ``backends/default/ops.py``
+  ``quantize_4bit``/``_dequantize_4bit_impl`` and ``functional.py`` ``quantize_4bit``
+  (``compress_statistics``), ``quantize_blockwise``, ``dequantize_blockwise``,
+  ``create_dynamic_map``, ``get_4bit_type``
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+
+def rtn_int(x, scale, zero, qmin, qmax):
+    q = np.clip(np.round(x / scale) + zero, qmin, qmax).astype(np.int32)
+    return q, scale, zero
+
+
+# -- GPTQ ------------------------------------------------------------------------------
+
+def gptq_pack(w: np.ndarray, g_idx: np.ndarray, bits: int, v1: bool = True, sym: bool = False):
+    """w [out, in] float32 -> (qweight [in*bits/32, out] int32, qzeros [G, out*bits/32] int32,
+    scales [G, out] float16, codes [in, out])."""
+    maxq = 2 ** bits - 1
+    groups = int(g_idx.max()) + 1
+    out_f, in_f = w.shape
+    scales = np.zeros((groups, out_f), np.float32)
+    zeros = np.zeros((groups, out_f), np.float32)
+    for g in range(groups):
+        x = w[:, g_idx == g]
+        xmin = np.minimum(x.min(1), 0)
+        xmax = np.maximum(x.max(1), 0)
+        if sym:
+            xmax = np.maximum(np.abs(xmin), xmax)
+            xmin = np.where(xmin < 0, -xmax, xmin)
+        both0 = (xmin == 0) & (xmax == 0)
+        xmin[both0], xmax[both0] = -1, 1
+        scale = (xmax - xmin) / maxq
+        zero = np.full_like(scale, (maxq + 1) / 2) if sym else np.round(-xmin / scale)
+        scales[g], zeros[g] = scale, zero
+    # Quantizer.quantize: q = clamp(round(x / scale) + zero, 0, maxq), with the float32 scale
+    codes = np.clip(np.round(w.T / scales[g_idx]) + zeros[g_idx], 0, maxq).astype(np.uint32)   # [in, out]
+    pf = 32 // bits
+    qweight = np.zeros((in_f // pf, out_f), np.uint32)
+    for row in range(qweight.shape[0]):
+        for j in range(pf):
+            qweight[row] |= codes[row * pf + j] << np.uint32(bits * j)
+    z = zeros.astype(np.int64) - (1 if v1 else 0)
+    z = (z & maxq).astype(np.uint32)      # AutoGPTQ writes (z - 1) as uint32; masked so z = 0 cannot spill
+    qzeros = np.zeros((groups, out_f // pf), np.uint32)
+    for col in range(qzeros.shape[1]):
+        for j in range(pf):
+            qzeros[:, col] |= z[:, col * pf + j] << np.uint32(bits * j)
+    return qweight.view(np.int32), qzeros.view(np.int32), scales.astype(np.float16), codes
+
+
+def gptq_reference(qweight, qzeros, scales, g_idx, bits, v1=True) -> np.ndarray:
+    """AutoGPTQ's dequantization, in torch: returns [in, out] float16 as float32."""
+    qweight, qzeros = torch.from_numpy(qweight), torch.from_numpy(qzeros)
+    scales, g = torch.from_numpy(scales), torch.from_numpy(g_idx).long()
+    pf = 32 // bits
+    wf = torch.tensor(list(range(0, 32, bits)), dtype=torch.int32).unsqueeze(0)
+    zeros = torch.bitwise_right_shift(torch.unsqueeze(qzeros, 2).expand(-1, -1, pf), wf.unsqueeze(0)).to(
+        torch.int16 if bits == 8 else torch.int8)
+    if v1:
+        zeros = zeros + 1
+    zeros = torch.bitwise_and(zeros, (2 ** bits) - 1).reshape(scales.shape)
+    weight = torch.bitwise_right_shift(torch.unsqueeze(qweight, 1).expand(-1, pf, -1), wf.unsqueeze(-1)).to(
+        torch.int16 if bits == 8 else torch.int8)
+    weight = torch.bitwise_and(weight, (2 ** bits) - 1)
+    weight = weight.reshape(weight.shape[0] * weight.shape[1], weight.shape[2])
+    return (scales[g] * (weight - zeros[g])).float().numpy()
+
+
+# -- AWQ ---------------------------------------------------------------------------------
+
+AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def awq_pack(w: np.ndarray, group: int, bits: int = 4):
+    """w [out, in] float32 -> (qweight [in, out/8], qzeros [in/group, out/8], scales [in/group, out] f16)."""
+    max_int, min_int = 2 ** bits - 1, 0
+    out_f, in_f = w.shape
+    g = w.reshape(out_f, in_f // group, group)
+    mx, mn = g.max(-1), g.min(-1)
+    scales = np.maximum(mx - mn, 1e-5) / max_int
+    zeros = np.clip(-np.round(mn / scales), min_int, max_int)
+    scales16 = scales.astype(np.float16).T.copy()                 # [in/group, out]
+    zeros_t = zeros.T.astype(np.int32)
+    s_el = scales16.astype(np.float32)[np.arange(in_f) // group]  # WQLinear_GEMM packs with the fp16 scales
+    intweight = np.clip(np.round((w.T + zeros_t[np.arange(in_f) // group] * s_el) / s_el), min_int, max_int)
+    intweight = intweight.astype(np.uint32)                        # [in, out]
+    pf = 32 // bits
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    qweight = np.zeros((in_f, out_f // pf), np.uint32)
+    for col in range(out_f // pf):
+        for i in range(pf):
+            qweight[:, col] |= intweight[:, col * pf + order[i]] << np.uint32(i * bits)
+    qzeros = np.zeros((in_f // group, out_f // pf), np.uint32)
+    zu = zeros_t.astype(np.uint32)
+    for col in range(out_f // pf):
+        for i in range(pf):
+            qzeros[:, col] |= zu[:, col * pf + order[i]] << np.uint32(i * bits)
+    return qweight.view(np.int32), qzeros.view(np.int32), scales16
+
+
+def awq_reference(qweight, qzeros, scales, bits, group) -> np.ndarray:
+    qweight, qzeros, scales = torch.from_numpy(qweight), torch.from_numpy(qzeros), torch.from_numpy(scales)
+    shifts = torch.arange(0, 32, bits)
+    iweights = torch.bitwise_right_shift(qweight[:, :, None], shifts[None, None, :]).to(torch.int8)
+    iweights = iweights.view(iweights.shape[0], -1)
+    izeros = torch.bitwise_right_shift(qzeros[:, :, None], shifts[None, None, :]).to(torch.int8)
+    izeros = izeros.view(izeros.shape[0], -1)
+    rev = torch.arange(iweights.shape[-1], dtype=torch.int32).view(-1, 32 // bits)[:, AWQ_REVERSE_ORDER].view(-1)
+    izeros, iweights = izeros[:, rev], iweights[:, rev]
+    iweights = torch.bitwise_and(iweights, (2 ** bits) - 1)
+    izeros = torch.bitwise_and(izeros, (2 ** bits) - 1)
+    scales = scales.repeat_interleave(group, dim=0)
+    izeros = izeros.repeat_interleave(group, dim=0)
+    return ((iweights - izeros) * scales).float().numpy()
+
+
+# -- bitsandbytes 4-bit -------------------------------------------------------------------
+
+NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+       0.7229568362236023, 1.0]
+FP4 = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
+
+
+def get_4bit_type(name):
+    data = torch.tensor(NF4 if name == "nf4" else FP4)
+    return data / data.abs().max()
+
+
+def create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
+    data = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
+                             else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data.append(0)
+    data.append(1.0)
+    data += [0] * (2 ** total_bits - len(data))
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def _quantize_blockwise(a: torch.Tensor, code: torch.Tensor, blocksize: int):
+    n = a.numel()
+    rem = n % blocksize
+    blocks = n // blocksize + (rem > 0)
+    flat = a.reshape(n)
+    absmax = torch.zeros(blocks, dtype=torch.float32)
+    pad = torch.nn.functional.pad(flat, (0, blocks * blocksize - n)).reshape(blocks, blocksize)
+    absmax[:] = pad.abs().max(-1)[0]
+    scaled = torch.clamp(pad * (1 / absmax.view(-1, 1)), -1, 1).reshape(-1)[:n]
+    out = torch.argmin(torch.abs(scaled.unsqueeze(-1) - code), dim=-1).to(torch.uint8)
+    return out, absmax
+
+
+def bnb4_quantize(a: torch.Tensor, blocksize: int, quant_type: str, nested: bool) -> dict:
+    """Params4bit's state as saved in a checkpoint: packed bytes, absmax (uint8 codes when
+    nested), quant_map, nested_* and the JSON of ``quant_state.bitsandbytes__<type>``."""
+    n = a.numel()
+    full, rem = n // blocksize, n % blocksize
+    blocks = full + (1 if rem else 0)
+    absmax = torch.zeros(blocks, dtype=torch.float32)
+    flat = a.reshape(n)
+    fb = flat[: n - rem].reshape(full, blocksize)
+    absmax[:full] = torch.abs(fb).max(dim=-1)[0]
+    scaled = torch.clamp(fb * (1 / absmax[:full].view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        absmax[-1] = torch.abs(flat[-rem:]).max()
+        scaled = torch.cat([scaled, torch.clamp(flat[-rem:] * (1 / absmax[-1]), -1, 1)])
+    code = get_4bit_type(quant_type).to(scaled.dtype)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1), value=0.0)
+    q = torch.argmin(torch.abs(scaled.view(-1, 1) - code), dim=-1, keepdim=True).to(torch.uint8)
+    packed = q[::2] << 4 | q[1::2]
+    dtype = str(a.dtype).replace("torch.", "")
+    st = {"packed": packed.numpy(), "quant_map": get_4bit_type(quant_type).numpy(), "blocksize": blocksize,
+          "quant_type": quant_type, "dtype": dtype, "shape": list(a.shape)}
+    if nested:
+        offset = absmax.mean()
+        dyn = create_dynamic_map()
+        qabs, absmax2 = _quantize_blockwise(absmax - offset, dyn, 256)
+        st.update(absmax=qabs.numpy(), nested_absmax=absmax2.numpy(), nested_quant_map=dyn.numpy(),
+                  nested_blocksize=256, nested_offset=float(offset.item()), nested_dtype="float32")
+    else:
+        st["absmax"] = absmax.numpy()
+    return st
+
+
+def bnb4_reference(st: dict) -> torch.Tensor:
+    """bitsandbytes' 4-bit dequantization with the code in float32 (the CUDA kernel's arithmetic:
+    code * absmax in float32, cast to the quant_state dtype)."""
+    absmax = torch.from_numpy(np.asarray(st["absmax"]))
+    if "nested_absmax" in st:
+        code2 = torch.from_numpy(st["nested_quant_map"])
+        a2 = torch.from_numpy(st["nested_absmax"])
+        out = code2[absmax.reshape(-1).int()]
+        nb2 = st["nested_blocksize"]
+        res = out.shape[-1] % nb2
+        if res:
+            out = torch.nn.functional.pad(out, (0, nb2 - res))
+        absmax = (out.view(-1, nb2) * a2.view(-1, 1)).reshape(-1)[: absmax.numel()] + st["nested_offset"]
+    A = torch.from_numpy(st["packed"]).reshape(-1)
+    dq = torch.empty(A.size(0) * 2, dtype=torch.int32)
+    dq[1::2], dq[::2] = A & 0xF, A >> 4
+    code = torch.from_numpy(np.asarray(st["quant_map"], dtype=np.float32))
+    shape = st["shape"]
+    n = int(np.prod(shape))
+    vals = code[dq][:n]
+    bs = st["blocksize"]
+    blk = torch.arange(n) // bs
+    return (vals * absmax[blk]).to(getattr(torch, st["dtype"])).reshape(shape)
+
+
+def bnb4_state_tensors(prefix: str, st: dict) -> dict:
+    """The tensors Params4bit writes to a state dict (``QuantState.as_dict(packed=True)``)."""
+    out = {prefix: st["packed"], f"{prefix}.absmax": np.asarray(st["absmax"]),
+           f"{prefix}.quant_map": np.asarray(st["quant_map"], np.float32)}
+    meta = {k: st[k] for k in ("quant_type", "blocksize", "dtype", "shape")}
+    if "nested_absmax" in st:
+        out[f"{prefix}.nested_absmax"] = st["nested_absmax"]
+        out[f"{prefix}.nested_quant_map"] = st["nested_quant_map"]
+        meta.update({k: st[k] for k in ("nested_blocksize", "nested_offset", "nested_dtype")})
+    out[f"{prefix}.quant_state.bitsandbytes__{st['quant_type']}"] = \
+        np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8).copy()
+    return out
