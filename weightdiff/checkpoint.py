@@ -19,6 +19,7 @@ only through torch's restricted unpickler. Locating reads headers, never tensor 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import stat
@@ -32,6 +33,7 @@ from .adapter import JSON_CAP, AdapterConfig, LoraFactor, lora_factors, read_ada
 from .errors import CheckpointError, escape_name
 from .pickle_io import PICKLE_SUFFIXES, load_pickle
 from .fileio import load_json, open_regular, os_problem, pread_into, read_small
+from .quantized import Source, fold, read_quant_config
 from .safetensors_io import SafetensorsFile, TensorInfo, array_windows, check_range, storage_of
 
 __all__ = ["AdapterConfig", "LoraFactor", "Checkpoint", "locate", "JSON_CAP"]
@@ -56,6 +58,12 @@ class Checkpoint:
         self._pins: dict[Path, int] = {}
         self._headers: dict[Path, dict[str, TensorInfo]] = {}
         self._pickle: tuple[Path, dict[str, np.ndarray]] | None = None
+        #: quantized checkpoints: the stored tensors, the logical tensors' sources, and the
+        #: activation/KV-cache scales folded away (weightdiff.quantized)
+        self.stored: dict[str, TensorInfo] = tensors
+        self.quant: dict[str, Source] = {}
+        self.quant_config: dict | None = None
+        self.hidden: list[str] = []
 
     @property
     def params(self) -> int:
@@ -109,9 +117,33 @@ class Checkpoint:
             self._pickle = (info.path, load_pickle(info.path)[1])
         return self._pickle[1][info.name]
 
+    def _stored_read(self, name: str) -> np.ndarray:
+        return self._file(self.stored[name].path).read(name)
+
+    def _stored_rows(self, name: str, rows) -> np.ndarray:
+        return self._file(self.stored[name].path).read_rows(name, np.asarray(rows, dtype=np.int64))
+
+    def _quant_windows(self, name: str, max_elements: int | None, start: int, stop: int | None,
+                       floor: bool) -> Iterator[np.ndarray]:
+        info = self._info(name)
+        start, stop, step = check_range(info, max_elements, start, stop, 4)
+        return self.quant[name].windows(self._stored_read, self._stored_rows, start, stop, step, floor)
+
+    def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0,
+                      stop: int | None = None) -> Iterator[np.ndarray] | None:
+        """float32 windows aligned with ``windows``: per element, the largest error a faithful
+        round-to-nearest quantization with this tensor's own scales leaves; None for a tensor
+        that was not quantized (or whose reader gives no floor)."""
+        if name in self.quant:
+            return self._quant_windows(name, max_elements, start, stop, True)
+        return None
+
     def windows(self, name: str, max_elements: int | None = None, start: int = 0,
                 stop: int | None = None) -> Iterator[np.ndarray]:
-        """As ``SafetensorsFile.windows``, opening the right shard lazily."""
+        """As ``SafetensorsFile.windows``, opening the right shard lazily; quantized tensors
+        come out dequantized to float32."""
+        if name in self.quant:
+            return self._quant_windows(name, max_elements, start, stop, False)
         info = self._info(name)
         if info.start is None:
             start, stop, step = check_range(info, max_elements, start, stop, storage_of(info.dtype).itemsize)
@@ -128,6 +160,12 @@ class Checkpoint:
 
     def read(self, name: str) -> np.ndarray:
         info = self._info(name)
+        if name in self.quant:
+            src = self.quant[name]
+            try:
+                return src.rows(self._stored_read, self._stored_rows, 0, src.nrows)[0].reshape(info.shape)
+            finally:
+                src.release()
         if info.start is None:
             out = self._array(info).copy()
             return out if info.packed else out.reshape(info.shape)
@@ -135,6 +173,19 @@ class Checkpoint:
 
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         info = self._info(name)
+        if name in self.quant:
+            src = self.quant[name]
+            idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+            if idx.size and (idx.min() < 0 or idx.max() >= info.shape[0]):
+                raise IndexError(f"row index out of range for `{escape_name(name)}` with {info.shape[0]} rows")
+            per = math.prod(info.shape[1:]) // src.rowlen if len(info.shape) > 1 else 1
+            try:
+                parts = [src.rows(self._stored_read, self._stored_rows, int(r) * per, (int(r) + 1) * per)[0]
+                         for r in idx]
+            finally:
+                src.release()
+            return np.stack(parts).reshape((idx.size, *info.shape[1:])) if parts else \
+                np.zeros((0, *info.shape[1:]), np.float32)
         if info.start is None:
             if not info.shape:
                 raise ValueError(f"read_rows needs a >=1-D tensor; `{escape_name(name)}` is 0-d")
@@ -169,8 +220,33 @@ def _rel(path: Path, root: Path) -> str:
 # -- locating ------------------------------------------------------------------
 
 def locate(path: str | os.PathLike) -> Checkpoint:
-    """Find and validate the checkpoint at ``path`` (headers only). Raises CheckpointError."""
-    p = Path(os.fspath(path))
+    """Find and validate the checkpoint at ``path`` (headers only, plus the few bytes of a
+    quantized checkpoint's shape and quant-state tensors). Raises CheckpointError."""
+    ckpt = _locate(Path(os.fspath(path)))
+    if ckpt.format in ("safetensors", "sharded"):
+        try:
+            _fold_quantized(ckpt)
+        except BaseException:
+            ckpt.close()
+            raise
+    return ckpt
+
+
+def _fold_quantized(ckpt: Checkpoint) -> None:
+    """Fold quantized weights and their companions into logical tensors (weightdiff.quantized)."""
+    try:
+        qc, qc_error = read_quant_config(ckpt.root), None
+    except CheckpointError as exc:         # a broken config.json matters only to a quantized model
+        qc, qc_error = None, exc
+    tensors, sources, hidden = fold(ckpt.tensors, qc, ckpt._stored_read)
+    if sources and qc_error is not None:
+        raise qc_error
+    if sources or hidden:
+        ckpt.tensors, ckpt.quant, ckpt.hidden = tensors, sources, hidden
+    ckpt.quant_config = qc if sources else None
+
+
+def _locate(p: Path) -> Checkpoint:
     try:
         st = p.stat()
     except OSError as exc:

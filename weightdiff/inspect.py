@@ -1,9 +1,10 @@
 """``weightdiff inspect``: what a checkpoint holds, from its headers alone.
 
 Format, files and shards, tensor count, parameters by dtype and by block, metadata and,
-for a PEFT adapter, its LoRA settings. ``describe()`` returns a JSON-ready dict
+for a PEFT adapter, its LoRA settings; for a quantized checkpoint, the format and scheme of
+each quantized tensor (weightdiff.quantized), whose parameters are its logical elements. ``describe()`` returns a JSON-ready dict
 (schema ``weightdiff.inspect/1``); ``render_text()`` turns it into the terminal view.
-No tensor data is read. Blocks are labelled by ``weightdiff.blocknames.parse_name``, the
+No tensor data is read (beyond the few bytes of a quantized model's shape tensors). Blocks are labelled by ``weightdiff.blocknames.parse_name``, the
 parser ``compare`` uses, so the labels agree between the two commands.
 
 >>> block_of("model.layers.12.self_attn.q_proj.weight")
@@ -86,8 +87,16 @@ def describe(path: str | os.PathLike) -> dict:
                        "use_dora": a.use_dora, "target_modules": a.target_modules,
                        "base_model": a.base_model, "scale": a.scale, "factors": len(ckpt.lora),
                        "ranks": sorted({f.r for f in ckpt.lora})}
+        quant = None
+        if ckpt.quant:
+            qc = ckpt.quant_config or {}
+            quant = {"method": qc.get("quant_method"), "folded_away": ckpt.hidden,
+                     "tensors": [{"name": t.name, "format": t.quant.format, "scheme": t.quant.scheme,
+                                  "bits": t.quant.bits, "group": t.quant.group, "stored": list(t.quant.stored)}
+                                 for t in ckpt.tensors.values() if t.quant is not None]}
         return {
             "schema": SCHEMA, "path": str(ckpt.path), "format": ckpt.format, "files": files,
+            "quantization": quant,
             "ignored": [str(p) for p in ckpt.ignored], "tensors": len(ckpt.tensors),
             "params": ckpt.params, "bytes": ckpt.nbytes,
             "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1]["params"])),
@@ -139,6 +148,20 @@ def render_text(summary: dict) -> str:
         o = summary["outside_blocks"]
         if o["tensors"]:
             lines.append(f"{'(outside)':<{width}}{o['tensors']:>9,}{o['params']:>18,}")
+    q = summary.get("quantization")
+    if q:
+        lines.append("")
+        kinds: dict[tuple[str, str], list[str]] = {}
+        for t in q["tensors"]:
+            kinds.setdefault((t["format"], t["scheme"]), []).append(t["name"])
+        lines.append(f"quantized   {len(q['tensors']):,} tensors, read dequantized to float32; their scales, "
+                     "zero points and indices are part of them, not tensors of their own")
+        for (fmt, scheme), names in kinds.items():
+            more = f" and {len(names) - 1:,} more" if len(names) > 1 else ""
+            lines.append(f"{'':<12}{e(fmt)}: {e(scheme)}  ({len(names):,}: {e(names[0])}{more})")
+        if q["folded_away"]:
+            lines.append(f"{'':<12}{len(q['folded_away']):,} activation/KV-cache scales set aside "
+                         f"(e.g. {e(q['folded_away'][0])})")
     a = summary["adapter"]
     if a is not None:
         lines.append("")

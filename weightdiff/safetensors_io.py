@@ -40,7 +40,7 @@ from .fileio import load_json, open_regular, os_problem, pread_into
 from .kernels.dtypes import DTYPES
 
 __all__ = [
-    "WINDOW_BYTES", "HEADER_CAP", "TensorInfo", "SafetensorsFile", "parse_header",
+    "WINDOW_BYTES", "HEADER_CAP", "QuantScheme", "TensorInfo", "SafetensorsFile", "parse_header",
     "parse_bytes", "array_windows", "check_range", "storage_of",
 ]
 
@@ -51,12 +51,35 @@ HEADER_CAP: int = 100_000_000
 
 
 @dataclass(frozen=True)
+class QuantScheme:
+    """How a logical tensor was quantized: the contract between a reader that dequantizes
+    (weightdiff.quantized, a GGUF reader) and the judge (docs/dev/contracts.md).
+
+    ``format``: "fp8", "fbgemm_fp8", "compressed-tensors", "gptq", "awq", "bitsandbytes",
+    "mxfp4", "gguf"; ``scheme``: the human label ("int4 group 128, asym, GEMM order",
+    "Q4_K"); ``group``: elements sharing a scale ("128", "128x128", "channel", "tensor");
+    ``calibrated``: the quantizer may move elements past half a step (GPTQ, AWQ), so the
+    judge tests statistically instead of with the bound; ``stored``: the stored tensors
+    folded into this one; ``stored_bytes``: their size on disk."""
+
+    format: str
+    scheme: str
+    bits: int
+    group: str
+    calibrated: bool
+    stored: tuple[str, ...]
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives: ``start``/``end`` are absolute byte offsets in ``path``
-    (``None`` for tensors from a pickle, which have no byte range of their own).
+    (``None`` for tensors from a pickle, which have no byte range of their own, and for
+    logical tensors dequantized from several stored ones, which carry ``quant``).
 
     ``scheme`` names the stored quantization when the values handed out are decoded
-    from it (a GGUF ``"Q4_K"`` tensor is read as F32); ``None`` for plain tensors."""
+    from it (a GGUF ``"Q4_K"`` tensor is read as F32); ``None`` for plain tensors. ``quant``
+    describes the quantization for the judge (QuantScheme; weightdiff.quantized)."""
 
     name: str
     dtype: str
@@ -65,6 +88,7 @@ class TensorInfo:
     start: int | None
     end: int | None
     scheme: str | None = None
+    quant: QuantScheme | None = None
 
     @property
     def numel(self) -> int:
@@ -72,6 +96,8 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        if self.quant is not None:
+            return self.quant.stored_bytes
         if self.start is not None and self.end is not None:
             return self.end - self.start
         return DTYPES[self.dtype].bits * self.numel // 8

@@ -1,0 +1,262 @@
+"""Quantized checkpoints built with the formats' own tools where they run on CPU
+(compressed-tensors' compressors, torch float8, transformers' MXFP4 layout) and with the
+documented packers of tests/quant_packers.py otherwise (GPTQ, AWQ, bitsandbytes): each is
+located, folded into its logical weights, dequantized equal to the reference, and compared
+with its float base without companions showing up as tensors or parameters."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import save_file  # noqa: E402
+
+from weightdiff import compare  # noqa: E402
+from weightdiff.checkpoint import locate  # noqa: E402
+from weightdiff.errors import CheckpointError  # noqa: E402
+
+import quant_packers as P  # noqa: E402
+
+LINEARS = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
+           "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+OUT, IN = 64, 256
+
+
+def base_model(rng) -> dict[str, np.ndarray]:
+    t = {f"{m}.weight": (rng.standard_normal((OUT, IN)) * 0.02).astype(np.float32) for m in LINEARS}
+    t["model.norm.weight"] = np.ones(IN, np.float32)
+    t["model.embed_tokens.weight"] = (rng.standard_normal((100, IN)) * 0.02).astype(np.float32)
+    return t
+
+
+def fine_tune(rng, base: dict, rel: float = 0.05, rank: int = 4) -> dict:
+    out = dict(base)
+    for m in LINEARS:
+        w = base[f"{m}.weight"]
+        d = rng.standard_normal((OUT, rank)) @ rng.standard_normal((rank, IN))
+        out[f"{m}.weight"] = (w + d * rel * np.linalg.norm(w) / np.linalg.norm(d)).astype(np.float32)
+    return out
+
+
+def _save(folder, tensors: dict, qc: dict | None):
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
+               for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    if qc is not None:
+        cfg["quantization_config"] = qc
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def _others(t: dict) -> dict:
+    return {k: v for k, v in t.items() if not any(k.startswith(m + ".") for m in LINEARS)}
+
+
+# -- builders: (stored tensors, config, {logical name: reference dequantized values}) --------
+
+def build_fp8_block(t):
+    out, ref = _others(t), {}
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+    for m in LINEARS:
+        x = torch.from_numpy(t[f"{m}.weight"])
+        s = x.reshape(OUT // 32, 32, IN // 128, 128).abs().amax((1, 3)) / 448.0   # 32x128 blocks
+        w = (x / s.repeat_interleave(32, 0).repeat_interleave(128, 1)).to(torch.float8_e4m3fn)
+        out[f"{m}.weight"], out[f"{m}.weight_scale_inv"] = w, s.float()
+        ref[f"{m}.weight"] = _dequantize_fp8_weight(w, s, [32, 128], torch.float32).numpy()
+    return out, {"quant_method": "fp8", "weight_block_size": [32, 128], "fmt": "e4m3"}, ref
+
+
+def _ct(t, compressor_name, weights_args, scale_dtype=torch.bfloat16):
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(**weights_args)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    comp = BaseCompressor.get_value_from_registry(compressor_name)
+    out, ref = _others(t), {}
+    for m in LINEARS:
+        x = torch.from_numpy(t[f"{m}.weight"]).to(scale_dtype)
+        if args.strategy == "group":
+            v = x.reshape(OUT, IN // args.group_size, args.group_size)
+            mn, mx = v.amin(-1), v.amax(-1)
+        else:
+            mn, mx = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        scale, zp = calculate_qparams(mn, mx, args)
+        sd = {"weight": x, "weight_scale": scale.to(scale_dtype), "weight_zero_point": zp}
+        packed = comp.compress(sd, scheme)
+        out.update({f"{m}.{k}": v for k, v in packed.items()})
+        ref[f"{m}.weight"] = comp.decompress(packed, scheme)["weight"].float().numpy()
+    qc = {"quant_method": "compressed-tensors", "format": compressor_name,
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights_args}}}
+    return out, qc, ref
+
+
+def build_ct_pack(t):
+    return _ct(t, "pack-quantized", {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
+                                     "group_size": 64})
+
+
+def build_ct_int8(t):
+    return _ct(t, "int-quantized", {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"})
+
+
+def build_ct_fp8(t):
+    return _ct(t, "float-quantized", {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"})
+
+
+def build_gptq(t, v1=True):
+    out, ref = _others(t), {}
+    rng = np.random.default_rng(7)
+    for m in LINEARS:
+        g_idx = (np.arange(IN) // 64).astype(np.int32)[rng.permutation(IN)]     # desc_act order
+        qw, qz, sc, _ = P.gptq_pack(t[f"{m}.weight"], g_idx, 4, v1)
+        out.update({f"{m}.qweight": qw, f"{m}.qzeros": qz, f"{m}.scales": sc, f"{m}.g_idx": g_idx})
+        ref[f"{m}.weight"] = P.gptq_reference(qw, qz, sc, g_idx, 4, v1).T
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "sym": False,
+          "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+    return out, qc, ref
+
+
+def build_awq(t):
+    out, ref = _others(t), {}
+    for m in LINEARS:
+        qw, qz, sc = P.awq_pack(t[f"{m}.weight"], 64)
+        out.update({f"{m}.qweight": qw, f"{m}.qzeros": qz, f"{m}.scales": sc})
+        ref[f"{m}.weight"] = P.awq_reference(qw, qz, sc, 4, 64).T
+    return out, {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"}, ref
+
+
+def build_bnb4(t, nested=True):
+    out, ref = _others(t), {}
+    for m in LINEARS:
+        st = P.bnb4_quantize(torch.from_numpy(t[f"{m}.weight"]).to(torch.bfloat16), 64, "nf4", nested)
+        out.update(P.bnb4_state_tensors(f"{m}.weight", st))
+        ref[f"{m}.weight"] = P.bnb4_reference(st).float().numpy()
+    return out, {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                 "bnb_4bit_use_double_quant": nested}, ref
+
+
+def build_bnb8(t):
+    out, ref = _others(t), {}
+    for m in LINEARS:
+        x = t[f"{m}.weight"]
+        scb = np.abs(x).max(1).astype(np.float32)
+        cb = np.round(x * (127.0 / scb)[:, None]).astype(np.int8)
+        out.update({f"{m}.weight": cb, f"{m}.SCB": scb})
+        ref[f"{m}.weight"] = (torch.from_numpy(cb) * torch.from_numpy(scb).view(-1, 1) * 7.874015718698502e-3).numpy()
+    return out, {"quant_method": "bitsandbytes", "load_in_8bit": True}, ref
+
+
+BUILDERS = {"fp8-block": build_fp8_block, "ct-pack-int4": build_ct_pack, "ct-int8": build_ct_int8,
+            "ct-fp8": build_ct_fp8, "gptq-v1": build_gptq, "gptq-v2": lambda t: build_gptq(t, False),
+            "awq": build_awq, "bnb-nf4-nested": build_bnb4, "bnb-int8": build_bnb8}
+
+
+@pytest.fixture(scope="module")
+def base_tensors():
+    return base_model(np.random.default_rng(2024))
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_fold_reads_reference_values(tmp_path, base_tensors, kind):
+    stored, qc, ref = BUILDERS[kind](base_tensors)
+    path = _save(tmp_path / kind, stored, qc)
+    with locate(path) as ck:
+        assert sorted(ck.tensors) == sorted(base_tensors)              # companions folded away
+        assert ck.params == sum(v.size for v in base_tensors.values())  # packed ints are not parameters
+        for name, want in ref.items():
+            info = ck.tensors[name]
+            assert info.quant is not None and info.shape == (OUT, IN) and info.dtype == "F32"
+            got = ck.read(name)
+            np.testing.assert_array_equal(got, want)
+            flat = np.concatenate(list(ck.windows(name, 1000)))       # windows straddle rows
+            np.testing.assert_array_equal(flat, want.reshape(-1))
+            floors = np.concatenate(list(ck.floor_windows(name, 777)))
+            assert floors.shape == (OUT * IN,) and np.all(floors > 0)
+            np.testing.assert_array_equal(ck.read_rows(name, [5, 3]), want[[5, 3]])
+
+
+def test_mxfp4_experts(tmp_path, rng):
+    from transformers.integrations.mxfp4 import _convert_moe_packed_tensors
+
+    blocks = rng.integers(0, 256, (2, 8, 2, 16)).astype(np.uint8)
+    scales = rng.integers(118, 130, (2, 8, 2)).astype(np.uint8)
+    p = _save(tmp_path / "mx", {"model.layers.0.mlp.experts.gate_up_proj_blocks": blocks,
+                                "model.layers.0.mlp.experts.gate_up_proj_scales": scales,
+                                "model.layers.0.mlp.experts.gate_up_proj_bias": np.zeros((2, 8), np.float32)},
+              {"quant_method": "mxfp4"})
+    want = _convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                       dtype=torch.bfloat16).float().numpy()
+    with locate(p) as ck:
+        assert sorted(ck.tensors) == ["model.layers.0.mlp.experts.gate_up_proj",
+                                      "model.layers.0.mlp.experts.gate_up_proj_bias"]
+        name = "model.layers.0.mlp.experts.gate_up_proj"
+        assert ck.tensors[name].shape == (2, 64, 8)
+        np.testing.assert_array_equal(ck.read(name), want)
+        np.testing.assert_array_equal(np.concatenate(list(ck.windows(name, 100))), want.reshape(-1))
+
+
+def test_compare_base_with_its_quantization_has_no_added_tensors(tmp_path, base_tensors):
+    base = _save(tmp_path / "base", base_tensors, None)
+    stored, qc, _ = build_gptq(base_tensors)
+    tuned = _save(tmp_path / "gptq", stored, qc)
+    result = compare(base, tuned, rank=False)
+    statuses = {t.name: t.status for t in result.tensors}
+    assert sorted(statuses) == sorted(base_tensors)
+    assert "added" not in statuses.values() and "removed" not in statuses.values()
+
+
+BAD = [
+    ("missing scales", lambda s: s.pop(f"{LINEARS[0]}.scales"), "has no `model.layers.0.self_attn.q_proj.scales`"),
+    ("g_idx length", lambda s: s.__setitem__(f"{LINEARS[0]}.g_idx", np.zeros(7, np.int32)), "expected [256]"),
+    ("scales rows", lambda s: s.__setitem__(f"{LINEARS[0]}.scales", np.zeros((3, OUT), np.float16)), "disagree"),
+    ("g_idx range", lambda s: s.__setitem__(f"{LINEARS[0]}.g_idx", np.full(IN, 9, np.int32)),
+     "must index the 4 scale groups with integers in [0, 4)"),
+    ("stray companion", lambda s: s.__setitem__("model.layers.0.mlp.up_proj.qzeros", np.zeros((4, 8), np.int32)),
+     "quantization companion"),
+]
+
+
+@pytest.mark.parametrize("what,mutate,message", BAD, ids=[b[0] for b in BAD])
+def test_malformed_quantization_is_bad_input(tmp_path, base_tensors, what, mutate, message):
+    stored, qc, _ = build_gptq(base_tensors)
+    mutate(stored)
+    path = _save(tmp_path / "bad", stored, qc)
+    with pytest.raises(CheckpointError) as exc:
+        locate(path)
+    assert message in str(exc.value) and "model.safetensors" in str(exc.value)
+
+
+def test_unsupported_method_names_config(tmp_path, base_tensors):
+    path = _save(tmp_path / "hqq", base_tensors, {"quant_method": "hqq"})
+    with pytest.raises(CheckpointError, match="config.json: quantization method 'hqq' is not supported"):
+        locate(path)
+
+
+def test_fp8_scale_grid_must_tile(tmp_path, base_tensors):
+    stored, qc, _ = build_fp8_block(base_tensors)
+    stored[f"{LINEARS[1]}.weight_scale_inv"] = torch.ones(3, 3)
+    path = _save(tmp_path / "fp8bad", stored, qc)
+    with pytest.raises(CheckpointError, match=r"does not tile fp8 weight `model.layers.0.mlp.down_proj.weight`"):
+        locate(path)
+
+
+def test_inspect_names_format_and_scheme(tmp_path, base_tensors):
+    from weightdiff.inspect import describe, render_text
+
+    stored, qc, _ = build_ct_pack(base_tensors)
+    stored[f"{LINEARS[0]}.input_scale"] = torch.ones(1)
+    doc = describe(_save(tmp_path / "ct", stored, qc))
+    q = doc["quantization"]
+    assert q["method"] == "compressed-tensors" and q["folded_away"] == [f"{LINEARS[0]}.input_scale"]
+    assert {t["scheme"] for t in q["tensors"]} == {"int4 asym, group 64 (pack-quantized)"}
+    assert sorted(q["tensors"][0]["stored"])[0].endswith(".weight_packed")
+    assert doc["params"] == sum(v.size for v in base_tensors.values())
+    text = render_text(doc)
+    assert "compressed-tensors: int4 asym, group 64 (pack-quantized)  (4: " in text
+    assert describe(_save(tmp_path / "plain", base_tensors, None))["quantization"] is None
