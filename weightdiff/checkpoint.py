@@ -136,6 +136,11 @@ class Checkpoint:
         that was not quantized (or whose reader gives no floor)."""
         if name in self.quant:
             return self._quant_windows(name, max_elements, start, stop, True)
+        info = self._info(name)
+        if info.quant is not None and info.start is not None:   # a reader that dequantizes itself
+            f = self._file(info.path)
+            if hasattr(f, "floor_windows"):
+                return self._pinned(info.path, f.floor_windows(name, max_elements, start, stop))
         return None
 
     def windows(self, name: str, max_elements: int | None = None, start: int = 0,
