@@ -10,7 +10,7 @@ Two parts, both on matrices generated in memory (nothing is written to disk):
 * ``model``: every matrix of a TinyLlama-1.1B-shaped bf16 pair (22 layers of q, k, v, o,
   gate, up, down; embeddings and LM head: 156 matrices, 1.1B parameters), base ~ N(0, 0.02),
   tuned = base + a rank-16 update (1% of the norm) + dense noise (0.5%), merged and saved
-  in bf16. Times ``weightdiff.rank.analyze_delta`` (decode, noise floor, spectrum, record)
+  in bf16. Times ``weightdiff.measure.rank.analyze_delta`` (decode, noise floor, spectrum, record)
   per matrix at the default ``exact_max`` and the numba stats pass beside it; the cost at
   another ``exact_max`` is estimated from one matrix per shape.
 
@@ -30,9 +30,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from weightdiff import rank
+from weightdiff.measure import rank
 from weightdiff.kernels import spectral
-from weightdiff.safetensors_write import to_storage
+from weightdiff.io.safetensors_write import to_storage
 
 
 def _delta(rng, m: int, n: int, dense_share: float) -> np.ndarray:

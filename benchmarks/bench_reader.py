@@ -2,7 +2,7 @@
 
 Writes a Llama-3.2-1B-shaped bf16 checkpoint (hidden 2048, MLP 8192, 16 layers, vocab
 128,256, untied head: about 1.5 B parameters, 3 GB in 4 shards) with
-``weightdiff.safetensors_write.save_checkpoint`` under /tmp, warms the page cache, and
+``weightdiff.io.safetensors_write.save_checkpoint`` under /tmp, warms the page cache, and
 reads every tensor through
 
   * ``weightdiff``        ``locate(dir).windows(name)`` (mapped 64 MiB windows),
@@ -37,7 +37,7 @@ METHODS = ("weightdiff", "weightdiff-pread", "safe_open")
 
 def build(directory: Path, layers: int, hidden: int, mlp: int, vocab: int, kv: int, shards: int) -> int:
     """Write the checkpoint; tensors of one shape share one array, so memory stays ~1 shard."""
-    from weightdiff.safetensors_write import save_checkpoint
+    from weightdiff.io.safetensors_write import save_checkpoint
 
     rng = np.random.default_rng(0)
     arrays: dict[tuple[int, int], np.ndarray] = {}
@@ -82,8 +82,8 @@ def child(method: str, directory: Path) -> dict:
         import torch
         from safetensors import safe_open
     else:
-        from weightdiff.checkpoint import locate
-        from weightdiff.safetensors_io import SafetensorsFile
+        from weightdiff.io.checkpoint import locate
+        from weightdiff.io.safetensors_read import SafetensorsFile
     acc, nbytes = 0, 0
     t0 = time.perf_counter()
     if method == "weightdiff":

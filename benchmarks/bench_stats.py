@@ -10,7 +10,7 @@ put them in the page cache:
 2. ``bandwidth``: numpy ``sum`` over a large float64 array (best of 3), the read-bandwidth limit;
 3. ``naive``: what a user would write: ``safetensors.torch.load_file`` on every shard of both
    models, then per tensor ``(t - b).float().norm()``, cosine and the unchanged fraction;
-4. ``weightdiff``: ``weightdiff.checkpoint.locate`` on both folders, every tensor streamed in
+4. ``weightdiff``: ``weightdiff.io.checkpoint.locate`` on both folders, every tensor streamed in
    mmap windows through ``kernels.cpu.delta_stats`` and ``combine`` (one pass, all stats);
 5. ``coldstart``: the first ``delta_stats`` call in a fresh process (import + compile) with an
    empty numba cache, then again with the cache warm.
@@ -82,7 +82,7 @@ def child_weightdiff(args) -> dict:
     t_start = time.perf_counter()
     import numpy as np
 
-    from weightdiff.checkpoint import locate
+    from weightdiff.io.checkpoint import locate
     from weightdiff.kernels import cpu
 
     cpu.set_threads(args.threads)

@@ -9,7 +9,7 @@ decodable dtype pair used in the tests, on random values, raw random bits (NaN, 
 subnormals, huge) and window lengths around the chunk size; counts and max must be
 equal, float sums within rtol 1e-9; then windows of several pieces, run twice (the bits
 must repeat), and the streamed path. Part 2 builds a ~1.1B-parameter bf16 pair in memory
-(windows of 16M elements, like weightdiff.compute) and times: the streamed GPU pass
+(windows of 16M elements, like weightdiff.measure.compute) and times: the streamed GPU pass
 (pinned buffers, copy/compute overlap), its two copies alone (host into pinned memory,
 pinned to device), the GPU compute alone (data already on the device), and the numba CPU
 pass, in the same run. Exit status 1 if any parity check fails.
@@ -35,7 +35,7 @@ def _pairs():
 
 def _make(rng, n: int, dtype: str, values: np.ndarray) -> np.ndarray:
     from weightdiff.kernels.dtypes import DTYPES
-    from weightdiff.safetensors_write import to_storage
+    from weightdiff.io.safetensors_write import to_storage
 
     d = DTYPES[dtype]
     st = np.dtype(d.storage)

@@ -33,7 +33,7 @@ import numpy as np
 
 from weightdiff.fsutil import atomic_writer
 from weightdiff.kernels.dtypes import decode
-from weightdiff.safetensors_write import save_file, shard_groups, to_storage
+from weightdiff.io.safetensors_write import save_file, shard_groups, to_storage
 
 #: (hidden, intermediate, layers, kv_dim, vocab)
 SIZES = {

@@ -4,7 +4,7 @@
 ``col`` from the n rows to the m >= n columns, exactly, by shortest augmenting paths
 with row and column potentials (the Hungarian method in the O(n^2 m) form of
 Jonker-Volgenant / Kuhn-Munkres; no scipy). weightdiff uses it to match the hidden
-neurons of one MLP to those of another (weightdiff.permutation).
+neurons of one MLP to those of another (weightdiff.measure.permutation).
 
 Worked example: rows 0 and 1 both prefer column 0, but row 1 loses less by taking
 column 1, so the optimum is 1 + 3 = 4 (not 2 + ... or 1 + 5):

@@ -28,7 +28,7 @@ from .dtypes import DTYPES, FP8_STACK
 from .reference import IDX, NSTATS, STAT_FIELDS, combine, finalize  # noqa: F401  (same API)
 
 __all__ = ["STAT_FIELDS", "NSTATS", "CHUNK", "delta_stats", "bytes_stats", "combine", "finalize",
-           "decode_delta_f32", "rounding_sigma2", "set_threads", "get_threads"]
+           "decode_delta_f32", "set_threads", "get_threads"]
 
 #: elements per chunk: the unit of parallel work and of deterministic summation
 CHUNK = 1 << 16
@@ -394,16 +394,6 @@ def _sigma2_driver(x, code, m, emin, f16, fp8):
     for c in range(nchunks):
         total += parts[c]
     return total / 12.0
-
-
-def rounding_sigma2(raw, dtype: str) -> float:
-    """Sum of ``ulp(abs(x)) ** 2 / 12`` over the finite elements; see the reference."""
-    d = DTYPES[dtype]
-    if d.kind == "opaque":
-        raise ValueError(f"dtype {dtype} has no float decoding")
-    if d.kind in ("int", "bool"):
-        return 0.0
-    return float(_sigma2_driver(_bits(raw, dtype), d.code, d.mant_bits, d.emin, _F16_TABLE, _FP8))
 
 
 def set_threads(n: int | None) -> None:

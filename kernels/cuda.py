@@ -11,7 +11,7 @@ in pieces of ``PIECE`` elements so device memory stays bounded.
 host buffer, sends it with ``non_blocking`` copies on a side stream and computes on the
 main stream, double buffered, so the copy of window k+1 overlaps the compute of window
 k. On device "cpu" it is a plain loop over ``delta_stats``. torch is imported lazily;
-importing this module without torch works, calling it raises ``OptionsError``.
+importing this module without torch works, calling it raises ``DeviceUnavailable``.
 """
 
 from __future__ import annotations
@@ -30,22 +30,28 @@ from .dtypes import DTYPES, FP8_NAMES, FP8_STACK
 from .reference import IDX, NSTATS, STAT_FIELDS, as_storage, combine, finalize  # noqa: F401
 
 __all__ = ["STAT_FIELDS", "NSTATS", "PIECE", "delta_stats", "bytes_stats", "combine", "finalize",
-           "decode_delta_f32", "decode_delta", "rounding_sigma2", "stream_delta_stats",
-           "require_device", "resolve_device"]
+           "decode_delta_f32", "decode_delta", "stream_delta_stats",
+           "require_device", "resolve_device", "DeviceUnavailable"]
 
-#: elements reduced at a time on the device: weightdiff.compute's window, so one piece per
+#: elements reduced at a time on the device: weightdiff.measure.compute's window, so one piece per
 #: window; the temporaries of a piece peak near 75 bytes per element (~1.2 GB)
 PIECE = 1 << 24
+
+
+class DeviceUnavailable(RuntimeError):
+    """The torch backend cannot run here (no torch, or no such device): ``(problem, hint)``."""
+
+    def __init__(self, problem: str, hint: str):
+        super().__init__(problem)
+        self.problem, self.hint = problem, hint
 
 
 def _torch():
     try:
         import torch
     except ImportError as exc:   # pragma: no cover - exercised only without torch
-        from weightdiff.errors import OptionsError
-
-        raise OptionsError("the torch backend needs torch, which is not installed",
-                           "pip install 'weightdiff[torch]', or use --device cpu") from exc
+        raise DeviceUnavailable("the torch backend needs torch, which is not installed",
+                                "pip install 'weightdiff[torch]'") from exc
     return torch
 
 
@@ -58,14 +64,12 @@ def resolve_device(device=None):
 
 
 def require_device(device: str = "cuda") -> None:
-    """Raise ``OptionsError`` unless torch can run on ``device``."""
-    from weightdiff.errors import OptionsError
-
+    """Raise ``DeviceUnavailable`` unless torch can run on ``device``."""
     torch = _torch()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionsError(f"--device {device}: torch {torch.__version__} sees no CUDA device",
-                           "use --device cpu, or install a CUDA build of torch")
+        raise DeviceUnavailable(f"torch {torch.__version__} sees no CUDA device",
+                                "install a CUDA build of torch, or compute on the cpu")
 
 
 def _int_dtype(torch, itemsize: int):
@@ -321,21 +325,6 @@ def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out
     if out.size != d.numel():
         raise ValueError(f"out has {out.size} elements, the windows {d.numel()}")
     out.reshape(-1)[:] = d.cpu().numpy()
-
-
-def rounding_sigma2(raw, dtype: str, device=None) -> float:
-    """Sum of ``ulp(abs(x)) ** 2 / 12`` over the finite elements; see the reference."""
-    d = DTYPES[dtype]
-    if d.kind == "opaque":
-        raise ValueError(f"dtype {dtype} has no float decoding")
-    if d.kind in ("int", "bool"):
-        return 0.0
-    torch = _torch()
-    x = _decode(_as_int_tensor(raw, dtype, resolve_device(device)), dtype)
-    x = x[torch.isfinite(x)].abs()
-    e = torch.clamp(((x.view(torch.int64) >> 52) & 0x7FF) - 1023, min=d.emin) - d.mant_bits
-    u = torch.exp2(e.to(torch.float64))
-    return float((u * u).sum().item() / 12.0)
 
 
 #: host copies of at least this many bytes are split over ``_copy_workers()`` threads

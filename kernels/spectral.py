@@ -1,6 +1,6 @@
 """Singular values of a weight delta: exact, Gram-eigen, randomized, and from low-rank factors.
 
-Pure array code: no dtype, file or name knowledge (``weightdiff.rank`` decodes, picks the
+Pure array code: no dtype, file or name knowledge (``weightdiff.measure.rank`` decodes, picks the
 method and fills the record). Every function works on the *tall* orientation of its
 matrix (a wide ``m x n`` is handled as its transpose view), because LAPACK and torch are
 several times slower on the wide one, and returns singular values in float64, descending.

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from weightdiff.safetensors_write import save_checkpoint, save_file, to_storage
+from weightdiff.io.safetensors_write import save_checkpoint, save_file, to_storage
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from weightdiff.kernels.dtypes import DTYPES, FP8_TABLES
-from weightdiff.safetensors_write import to_storage
+from weightdiff.io.safetensors_write import to_storage
 
 DECODABLE = [n for n, d in DTYPES.items() if d.decodable]
 FLOATS = [n for n, d in DTYPES.items() if d.kind == "float"]

@@ -139,7 +139,7 @@ def sample_result(seed: int = 7) -> dict:
     layered = [b for b in blocks if b["index"] is not None]
     by_status = {s: 0 for s in ("unchanged", "rounding", "changed", "resized", "added", "removed")}
     t_status = dict(by_status)
-    for t in tensors:   # as weightdiff.verdict counts: a resized tensor's shared rows, its new rows as added
+    for t in tensors:   # as weightdiff.judge.verdict counts: a resized tensor's shared rows, its new rows as added
         if t["status"] == "resized":
             by_status["resized"] += t["numel_compared"]
             by_status["added"] += t["numel"] - t["numel_compared"]

@@ -13,10 +13,23 @@ import random
 import numpy as np
 import pytest
 
-from weightdiff.aggregate import aggregate, classify, delta_params_of, parse_name
+from weightdiff.judge.aggregate import aggregate as _aggregate
+from weightdiff.judge.status import classify, delta_params_of
+from weightdiff.judge.verdict import summarise
+from weightdiff.pairing.names import parse_name
+from weightdiff.render import sentences
 from weightdiff.options import Thresholds
 from weightdiff.records import RankRecord, TensorRecord
-from weightdiff.verdict import fmt_count, fmt_pct
+
+
+def aggregate(records, thresholds):
+    """The aggregate, judge and explain steps, as the pipeline (weightdiff.comparison) runs them."""
+    blocks, modules = _aggregate(records, thresholds)
+    s = summarise(records, blocks, thresholds)
+    data = {"summary": s.to_dict(), "tensors": [r.to_dict() for r in records]}
+    s.verdict_reason = data["summary"]["verdict_reason"] = sentences.verdict_reason(data)
+    s.headline = sentences.headline(data)
+    return blocks, modules, s
 
 THR = Thresholds()
 
@@ -203,7 +216,7 @@ def test_identical():
     _, _, s = aggregate([rec("a.weight"), rec("h.0.w", shape=(4,))], THR)
     assert (s.verdict, s.relative_change, s.delta_params, s.form["kind"]) == ("identical", 0.0, 0, None)
     assert s.verdict_reason == "All 2 tensors are bitwise identical to the base."
-    assert "100.0% of parameters are bitwise unchanged." in s.headline
+    assert "100% of parameters are bitwise unchanged." in s.headline
 
 
 def test_cast_only():
@@ -241,7 +254,7 @@ def test_nothing_in_common_is_unrelated_and_nothing_compared_is_identical():
     _, _, s = aggregate([rec("new", "added"), rec("old", "removed")], THR)
     assert s.verdict == "unrelated" and "no tensor" in s.verdict_reason.lower()
     _, _, s = aggregate([], THR)
-    assert s.verdict == "identical" and "--include" in s.verdict_reason
+    assert s.verdict == "identical" and "include and exclude filters" in s.verdict_reason
     assert s.params_total == 0 and s.delta_params_share is None and s.relative_change is None
 
 
@@ -369,16 +382,10 @@ def test_block_order_is_model_order_and_deterministic():
     assert aggregate(shuffled, THR)[2].params_total == s.params_total
 
 
-def test_formatting_helpers():
-    assert fmt_pct(0.9213) == "92.1%" and fmt_pct(0.0) == "0.0%" and fmt_pct(None) == "n/a"
-    assert fmt_pct(1 - 1e-9) == "99.9999999%"[: len(fmt_pct(1 - 1e-9))] and fmt_pct(1 - 1e-9) != "100.0%"
-    assert fmt_count(999) == "999" and fmt_count(1_250_000) == "1.2M"
-
-
 def test_partial_spectrum_uses_the_upper_bound_for_cost_and_form():
     """With only the top k known, energy_rank_99 is a lower bound: claims use the upper end."""
     from weightdiff.records import RankRecord
-    from weightdiff.verdict import rank_upper
+    from weightdiff.judge.status import rank_upper
 
     r = rec("model.layers.0.self_attn.q_proj.weight", "changed", shape=(1000, 1000))
     r.rank = RankRecord(stable_rank=30.0, effective_rank=400.0, energy_rank_90=70, energy_rank_99=64,

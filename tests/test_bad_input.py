@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from weightdiff.cli import main
-from weightdiff.safetensors_write import encode, save_checkpoint, save_file
+from weightdiff.io.safetensors_write import encode, save_checkpoint, save_file
 
 
 def raw_file(header: dict | bytes, data: bytes = b"") -> bytes:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from weightdiff.checkpoint import Checkpoint, locate
+from weightdiff.io.checkpoint import Checkpoint, locate
 from weightdiff.errors import CheckpointError
-from weightdiff.safetensors_write import save_checkpoint, save_file
+from weightdiff.io.safetensors_write import save_checkpoint, save_file
 
 TENSORS = {f"model.layers.{i}.mlp.w": np.arange(12, dtype=np.float32).reshape(3, 4) + i for i in range(5)}
 

@@ -230,12 +230,11 @@ def test_cli_unwritable_output_is_one_line_exit_2(tmp_path, base_dir):
 
 def test_cli_cuda_without_a_gpu_fails_before_reading(tmp_path, base_dir, monkeypatch):
     from weightdiff.kernels import cuda
-    from weightdiff.options import OptionsError
 
     def no_gpu(device="cuda"):
-        raise OptionsError("--device cuda: no CUDA device")
+        raise cuda.DeviceUnavailable("no CUDA device", "install a CUDA build of torch")
 
     monkeypatch.setattr(cuda, "require_device", no_gpu)
     res = CliRunner().invoke(main, ["compare", str(base_dir), str(base_dir), "--device", "cuda"])
     assert res.exit_code == 2
-    assert res.stderr == "error: --device cuda: no CUDA device\n"
+    assert res.stderr == "error: --device cuda: no CUDA device (install a CUDA build of torch)\n"

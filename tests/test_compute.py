@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import weightdiff.compute as compute
+import weightdiff.measure.compute as compute
 from conftest import write_checkpoint
-from weightdiff.checkpoint import locate
-from weightdiff.compute import Backend, _stream_stats
+from weightdiff.io.checkpoint import locate
+from weightdiff.measure.backend import Backend
+from weightdiff.measure.compute import _stream_stats
 from weightdiff.kernels import cpu
 
 

@@ -34,40 +34,123 @@ def test_ci_runs_the_readme_test_command():
     assert "test-command" in ci
 
 
-# the module map of STYLE.md: a module may import only from modules above it
-ORDER = ["errors", "fileio", "options", "fsutil", "kernels", "safetensors_write", "safetensors_io", "adapter",
-         "pickle_io", "checkpoint", "blocknames", "pairing", "records", "rank", "verdict", "aggregate",
-         "compute", "comparison", "relatedness", "permutation", "provenance", "lineage", "render", "report",
-         "demo", "inspect", "cluster", "split", "survey", "cli"]
+# The stage order of docs/dev/contracts.md: a module imports only from its own stage or lower ones.
+STAGES = ["kernels", "foundation", "io", "pairing", "measure", "judge", "render", "commands", "package"]
+FOUNDATION = {"errors", "options", "records", "fsutil", "_version"}
 
 
-def _layer(module: str) -> int | None:
+def stage_of(module: str) -> str | None:
+    """The stage of a dotted module name under ``weightdiff`` (``weightdiff.io.checkpoint`` -> ``io``)."""
     parts = module.split(".")
-    for p in parts:
-        if p in ORDER:
-            return ORDER.index(p)
-    return None
+    if parts[0] != "weightdiff":
+        return None
+    if len(parts) == 1:
+        return "package"
+    head = parts[1]
+    if head in STAGES:
+        return head
+    if head in FOUNDATION:
+        return "foundation"
+    return "commands"
 
 
-def test_modules_import_only_from_layers_above():
-    problems = []
-    for path in sorted((ROOT / "weightdiff").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py")):
-        rel = path.relative_to(ROOT)
-        me = "kernels" if rel.parts[0] == "kernels" else (rel.parts[1] if len(rel.parts) > 2 else rel.stem)
-        mine = _layer(me)
-        if mine is None:
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module:
-                target = node.module
-            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("weightdiff."):
-                target = node.module[len("weightdiff."):]
+def module_of(rel: Path) -> str:
+    parts = list(rel.with_suffix("").parts)
+    if parts[0] == "kernels":
+        parts[0:1] = ["weightdiff", "kernels"]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports_of(module: str, is_package: bool, source: str, top_level_only: bool = False) -> list[str]:
+    """Every weightdiff module a source imports, resolved (``from . import X`` included)."""
+    package = module if is_package else module.rsplit(".", 1)[0]
+    tree = ast.parse(source)
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    out = []
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
             else:
+                target = node.module or ""
+            if not target.startswith("weightdiff"):
                 continue
-            theirs = _layer(target)
-            if theirs is not None and theirs > mine:
-                problems.append(f"{rel} imports {target}")
-    assert not problems, problems
+            out.append(target)
+            # `from pkg import sub`: sub may be a module of its own
+            out.extend(f"{target}.{a.name}" for a in node.names if a.name != "*")
+        elif isinstance(node, ast.Import):
+            out.extend(a.name for a in node.names if a.name.startswith("weightdiff"))
+    return out
+
+
+def layering_problems(files: dict[Path, str]) -> list[str]:
+    """Upward imports (and any import from weightdiff inside kernels/) among ``files`` (path -> source)."""
+    known = {module_of(p) for p in files}
+    problems = []
+    for rel, source in sorted(files.items()):
+        me = module_of(rel)
+        mine = stage_of(me)
+        for target in imports_of(me, rel.name == "__init__.py", source):
+            if target not in known and target.rsplit(".", 1)[0] in known and target.count("."):
+                target = target.rsplit(".", 1)[0]          # `from .x import name`: the module is x
+            if mine == "kernels" and not target.startswith("weightdiff.kernels"):
+                problems.append(f"{rel} imports {target} (kernels import nothing from weightdiff)")
+                continue
+            theirs = stage_of(target)
+            if theirs is not None and STAGES.index(theirs) > STAGES.index(mine):
+                problems.append(f"{rel} ({mine}) imports {target} ({theirs})")
+    return problems
+
+
+def _tree() -> dict[Path, str]:
+    paths = sorted((ROOT / "weightdiff").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py"))
+    return {p.relative_to(ROOT): p.read_text() for p in paths}
+
+
+def test_modules_import_only_from_their_stage_or_below():
+    assert layering_problems(_tree()) == []
+
+
+def test_layering_check_catches_planted_upward_imports():
+    tree = _tree()
+    planted = {
+        Path("weightdiff/io/checkpoint.py"): "from ..judge import verdict\n",          # io -> judge
+        Path("weightdiff/comparison.py"): "from . import __version__\n",              # commands -> package
+        Path("weightdiff/judge/verdict.py"): "from ..render import sentences\n",       # judge -> render
+        Path("kernels/cpu.py"): "from weightdiff.errors import OptionsError\n",        # kernels -> weightdiff
+        Path("weightdiff/measure/compute.py"): "import weightdiff.judge.status\n",     # measure -> judge
+    }
+    for path, line in planted.items():
+        mutated = dict(tree)
+        mutated[path] = tree[path] + "\n" + line
+        assert layering_problems(mutated), f"planted `{line.strip()}` in {path} was not caught"
+
+
+def test_no_import_cycles_at_module_level():
+    tree = _tree()
+    graph = {}
+    for rel, source in tree.items():
+        me = module_of(rel)
+        graph[me] = {t for t in imports_of(me, rel.name == "__init__.py", source, top_level_only=True)
+                     if t != me and t in {module_of(p) for p in tree}}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path + [node, nxt]))
+            if nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
 
 
 def test_readme_links_point_to_files():
@@ -75,3 +158,13 @@ def test_readme_links_point_to_files():
     for target in re.findall(r"\]\(([^)#]+)\)", readme):
         if "://" not in target:
             assert (ROOT / target).exists(), f"README links to a missing {target}"
+
+
+def test_the_unrelated_thresholds_are_compared_in_one_module_only():
+    """The unrelated rule has one home (judge/relatedness.py): nowhere else compares its thresholds."""
+    homes = set()
+    for path in sorted((ROOT / "weightdiff").rglob("*.py")):
+        for line in path.read_text().splitlines():
+            if re.search(r"[<>]=?\s*\w*\.?unrelated_(cosine|rel_change)|unrelated_(cosine|rel_change)\s*[<>]", line):
+                homes.add(str(path.relative_to(ROOT)))
+    assert homes == {"weightdiff/judge/relatedness.py"}, homes

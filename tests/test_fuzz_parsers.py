@@ -10,10 +10,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from weightdiff.checkpoint import locate
+from weightdiff.io.checkpoint import locate
 from weightdiff.errors import CheckpointError
-from weightdiff.safetensors_io import SafetensorsFile, parse_bytes
-from weightdiff.safetensors_write import encode, save_checkpoint
+from weightdiff.io.safetensors_read import SafetensorsFile, parse_bytes
+from weightdiff.io.safetensors_write import encode, save_checkpoint
 
 SEED = encode({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": ("BF16", np.ones(4, np.uint16)),
                "c": np.zeros(0, np.int8)}, {"format": "pt"})

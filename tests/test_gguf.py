@@ -15,13 +15,13 @@ from click.testing import CliRunner
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize, quantize  # noqa: E402
 
-from weightdiff.checkpoint import locate  # noqa: E402
+from weightdiff.io.checkpoint import locate  # noqa: E402
 from weightdiff.cli import main  # noqa: E402
 from weightdiff.comparison import compare  # noqa: E402
 from weightdiff.errors import CheckpointError  # noqa: E402
 from weightdiff.io import gguf_read  # noqa: E402
 from weightdiff.io.gguf_names import ARCHITECTURES, hf_name  # noqa: E402
-from weightdiff.pairing import plan  # noqa: E402
+from weightdiff.pairing.plan import plan  # noqa: E402
 
 from conftest import write_checkpoint  # noqa: E402
 from gguf_build import ARCH, permute, raw_gguf, to_gguf  # noqa: E402

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from weightdiff.cli import main
 from weightdiff.inspect import SCHEMA, block_of, describe
-from weightdiff.safetensors_write import save_checkpoint, save_file
+from weightdiff.io.safetensors_write import save_checkpoint, save_file
 
 
 def _llama_like(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from weightdiff.kernels import cpu
 from weightdiff.kernels.reference import IDX
-from weightdiff.safetensors_io import SafetensorsFile
+from weightdiff.io.safetensors_read import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parents[1]
 

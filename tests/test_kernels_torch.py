@@ -57,7 +57,6 @@ def test_delta_and_sigma(db, dt, rng):
     gt = torch.empty(7000)
     cuda.decode_delta_f32(b, t, db, dt, gt, device="cpu")
     np.testing.assert_array_equal(gt.numpy(), want)
-    np.testing.assert_allclose(cuda.rounding_sigma2(t, dt, device="cpu"), ref.rounding_sigma2(t, dt), rtol=1e-12)
 
 
 def test_stream_helper_on_cpu(rng):
@@ -80,12 +79,22 @@ def test_bytes_stats_and_errors(rng):
 
 
 def test_require_device():
-    from weightdiff.errors import OptionsError
-
     cuda.require_device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(OptionsError, match="sees no CUDA device"):
+        with pytest.raises(cuda.DeviceUnavailable, match="sees no CUDA device"):
             cuda.require_device("cuda")
+
+
+def test_backend_for_translates_a_missing_device_into_an_options_error():
+    from weightdiff.errors import OptionsError
+    from weightdiff.measure.backend import backend_for
+
+    if not torch.cuda.is_available():
+        with pytest.raises(OptionsError, match="sees no CUDA device") as info:
+            backend_for("cuda")
+        assert info.value.option == "device"
+    with pytest.raises(OptionsError, match="device must be one of cpu, cuda"):
+        backend_for("tpu")
 
 
 def _storage_int(dtype: str):

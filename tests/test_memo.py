@@ -11,7 +11,7 @@ import pytest
 from render_sample import cached_result
 from weightdiff.render import captions as cap
 from weightdiff.render.memo import md_escape
-from weightdiff.report import write_report
+from weightdiff.render.report import write_report
 
 HOSTILE = "model.layers.10.<script>alert(1)</script>|x`y$z\u202e\n.weight"
 HOSTILE_PATH = "tuned/<img src=x onerror=alert(1)>"
@@ -51,9 +51,9 @@ def test_html_escapes_every_name(written):
 
 def test_html_has_headline_verdict_figures_and_tables(written):
     data, out, page, _ = written
-    for sentence in cap.headline(data):
+    for sentence in cap.headline_sentences(data):
         assert html.escape(sentence.replace("\u202e", "\\u202e")).split(" tuned/")[0] in page
-    assert "87.6% of the 659,712 parameters are bitwise unchanged" in page
+    assert "87.6% of parameters are bitwise unchanged" in page
     assert "2 of 12 blocks changed" in page
     assert '<p class="verdict"><strong>derived</strong>' in page
     for i, fo in enumerate(out.figures, start=1):
@@ -62,10 +62,10 @@ def test_html_has_headline_verdict_figures_and_tables(written):
     # most changed blocks: layers.10 first (rel change 0.0161), then layers.11 (0.0142)
     blocks = page.split("Most changed blocks")[1].split("Most changed tensors")[0]
     assert blocks.index("layers.10") < blocks.index("layers.11")
-    assert "0.0161" in blocks
+    assert "1.6e-2" in blocks
     tensors = page.split("Most changed tensors")[1]
     first_row = tensors.split("<tbody><tr>")[1].split("</tr>")[0]   # block 10's q: rel change 0.113
-    assert "&lt;script&gt;" in first_row and ">0.113<" in first_row and ">4<" in first_row
+    assert "&lt;script&gt;" in first_row and ">1.1e-1<" in first_row and ">4<" in first_row
     assert "score.weight" in page and "added" in page          # structural table
 
 
@@ -94,7 +94,6 @@ def test_markdown_links_existing_images_and_escapes(written):
     prose = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", md)
     assert "<img" not in prose and "<script" not in prose and "<" not in prose.replace("&lt;", "")
     assert "`tuned/<img src=x onerror=alert(1)>`" in md
-    assert "- Verdict: derived. tuned/&lt;img src=x onerror=alert(1)> is a fine-tune of base/." in md
     row = next(line for line in md.splitlines() if "alert(1)</script>" in line)
     # the pipe inside the hostile name is escaped: the row keeps its 9 cells
     assert len(re.findall(r"(?<!\\)\|", row)) == 10
@@ -132,6 +131,8 @@ def test_relatedness_is_reported_as_one_minus_cosine(written):
     """DESIGN: report 1 - cosine in scientific notation, never a cosine that reads 1.000."""
     data, _, page, md = written
     c = data["summary"]["relatedness_cosine"]
-    expected = cap.fmt_sci(max(0.0, 1.0 - c), 3)
+    from weightdiff.render.formats import sci
+
+    expected = sci(max(0.0, 1.0 - c))
     assert "1 − cosine (large matrices)" in md and expected in md
     assert "relatedness cosine" not in page

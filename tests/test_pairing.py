@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import write_checkpoint
-from weightdiff.pairing import Pair, Plan, is_embedding, is_lm_head, plan
+from weightdiff.pairing.plan import Pair, Plan, is_embedding, is_lm_head, plan
 
 
 @dataclass
@@ -288,7 +288,7 @@ def test_pair_to_dict_is_json_ready():
 # ---------------------------------------------------------------- real checkpoints
 
 def test_real_checkpoints_with_prefix_tie_and_resize(tmp_path):
-    from weightdiff.checkpoint import locate
+    from weightdiff.io.checkpoint import locate
 
     rng = np.random.default_rng(0)
     base_t = {"embed_tokens.weight": rng.normal(size=(20, 4)).astype(np.float32),
@@ -312,7 +312,7 @@ def test_real_transformers_composite_and_peft_adapter(tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     torch = pytest.importorskip("torch")
-    from weightdiff.checkpoint import locate
+    from weightdiff.io.checkpoint import locate
 
     torch.manual_seed(0)
     enc = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from weightdiff.kernels.assignment import assignment_cost, linear_assignment
-from weightdiff.permutation import find_permutation, match_neurons, mlp_groups, undo
+from weightdiff.measure.permutation import find_permutation, match_neurons, mlp_groups, undo
 
 
 def _brute(cost: np.ndarray) -> float:

@@ -13,7 +13,7 @@ from weightdiff.cli import main
 from weightdiff.errors import CheckpointError, OptionsError
 from weightdiff.options import Thresholds
 from weightdiff.provenance import SCHEMA, provenance
-from weightdiff.relatedness import evidence, judge, sample_plan, sample_rows, screen_estimate
+from weightdiff.judge.relatedness import evidence, judge, sample_plan, sample_rows, screen_estimate
 from weightdiff.render.provenance import (draw_provenance, provenance_html, provenance_markdown, provenance_png,
                                           ranking_text)
 from conftest import write_checkpoint
@@ -181,9 +181,9 @@ def test_other_shapes_are_compared_on_what_they_share_or_listed(zoo):
 def test_bad_input_raises(zoo, tmp_path):
     with pytest.raises(CheckpointError, match="no such file or directory"):
         provenance(zoo["tuned"], [str(tmp_path / "missing")])
-    with pytest.raises(OptionsError, match="no candidate bases given"):
+    with pytest.raises(OptionsError, match="candidates: none given"):
         provenance(zoo["tuned"], [])
-    with pytest.raises(OptionsError, match="--full-top must be at least 1"):
+    with pytest.raises(OptionsError, match="full_top must be at least 1"):
         provenance(zoo["tuned"], [zoo["base"]], full_top=0)
 
 
@@ -245,7 +245,7 @@ def test_renders(zoo, tmp_path):
     lines = text.splitlines()
     assert lines[0] == f"weightdiff provenance: {zoo['tuned']} ({d['tuned']['params']:,} parameters)"
     assert any(line.startswith(" 1  ") and "derived" in line for line in lines)
-    assert any("(reference: unrelated)" in line and "1.414" in line for line in lines)
+    assert any("(reference: unrelated)" in line and "1.4" in line for line in lines)
     assert "not compared:" in text and "what this cannot see:" in text and "attention heads" in text
     assert provenance_png(d) == provenance_png(d)
     fig = draw_provenance(d)

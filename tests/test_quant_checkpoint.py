@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 
 from weightdiff import compare  # noqa: E402
-from weightdiff.checkpoint import locate  # noqa: E402
+from weightdiff.io.checkpoint import locate  # noqa: E402
 from weightdiff.errors import CheckpointError  # noqa: E402
 
 import quant_packers as P  # noqa: E402

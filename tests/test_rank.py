@@ -1,4 +1,4 @@
-"""weightdiff.rank: numerical rank that survives storage precision, adapters from factors, subspaces."""
+"""weightdiff.measure.rank: numerical rank that survives storage precision, adapters from factors, subspaces."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from weightdiff import rank
+from weightdiff.measure import rank
 from weightdiff.kernels import spectral
 from weightdiff.kernels.dtypes import decode
 from weightdiff.records import dumps
-from weightdiff.safetensors_write import to_storage
+from weightdiff.io.safetensors_write import to_storage
 
 M, N = 512, 384
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from render_sample import cached_result
 from weightdiff.cli import main
 from weightdiff.errors import WeightdiffError
-from weightdiff.render.captions import headline
-from weightdiff.report import load_result, render_outputs
+from weightdiff.render.captions import headline_sentences
+from weightdiff.render.report import load_result, render_outputs
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def test_report_writes_html_markdown_and_plots(tmp_path, result_json):
     r = _run("report", result_json, "--html", tmp_path / "m.html", "--markdown", tmp_path / "m.md",
              "--plots", tmp_path / "figs", "--pdf")
     assert r.exit_code == 0, r.output
-    assert r.stdout.splitlines() == headline(cached_result())
+    assert r.stdout.splitlines() == headline_sentences(cached_result())
     assert (tmp_path / "m.html").is_file() and (tmp_path / "m.md").is_file()
     for name in ("depth_profile", "heatmap", "param_share", "rank", "cosine"):
         for ext in ("png", "svg", "pdf"):
@@ -89,7 +89,7 @@ def test_wrong_shape_json_exits_2_naming_the_key(tmp_path, mutate, needle):
 def test_not_an_object_missing_file_and_directory(tmp_path):
     p = tmp_path / "list.json"
     p.write_text("[1, 2]")
-    assert "expected a JSON object from weightdiff compare --json, found a list" in _one_error_line(_run("report", p))
+    assert "expected a JSON object written by weightdiff (a comparison result), found a list" in _one_error_line(_run("report", p))
     assert "nope.json: no such file" in _one_error_line(_run("report", tmp_path / "nope.json"))
     assert "is a directory" in _one_error_line(_run("report", tmp_path))
     b = tmp_path / "bin.json"
@@ -106,7 +106,7 @@ def test_hostile_schema_value_stays_on_one_line(tmp_path):
 
 def test_pdf_needs_a_figure_folder(tmp_path, result_json):
     line = _one_error_line(_run("report", result_json, "--html", tmp_path / "m.html", "--pdf"))
-    assert "--pdf writes figure files" in line
+    assert line.startswith("error: --pdf figures are written as files")
 
 
 def test_markdown_alone_puts_figures_beside_it(tmp_path, result_json):

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from weightdiff.errors import CheckpointError
 from weightdiff.kernels.dtypes import DTYPES, byte_length
-from weightdiff.safetensors_io import SafetensorsFile, TensorInfo, parse_bytes, storage_of
-from weightdiff.safetensors_write import encode, save_file, to_storage
+from weightdiff.io.safetensors_read import SafetensorsFile, TensorInfo, parse_bytes, storage_of
+from weightdiff.io.safetensors_write import encode, save_file, to_storage
 
 NUMPY_DTYPES = set(safetensors.numpy._TYPES)          # the dtypes the library hands out as numpy
 
@@ -153,7 +153,7 @@ def test_window_boundaries_depend_only_on_range_and_step(tmp_path):
 
 
 def test_default_window_is_bounded(tmp_path, monkeypatch):
-    import weightdiff.safetensors_io as sio
+    import weightdiff.io.safetensors_read as sio
 
     monkeypatch.setattr(sio, "WINDOW_BYTES", 64)
     path = save_file(tmp_path / "m.safetensors", {"a": np.zeros(100, np.float32)})

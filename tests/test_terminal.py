@@ -8,15 +8,7 @@ import io
 from render_sample import sample_result
 
 from weightdiff.render.tabular import COLUMNS, to_csv
-from weightdiff.render.terminal import ProgressLine, fmt_pct, fmt_sci, plan_text, render_text
-
-
-def test_formatters_worked_examples():
-    assert fmt_sci(0.000123) == "1.23e-04"
-    assert fmt_sci(0) == "0" and fmt_sci(None) == "-"
-    assert fmt_pct(1.0) == "100%" and fmt_pct(0.0) == "0%"
-    assert fmt_pct(0.99999) == ">99.99%" and fmt_pct(0.00001) == "<0.01%"
-    assert fmt_pct(0.1234) == "12.34%"
+from weightdiff.render.terminal import ProgressLine, plan_text, render_text
 
 
 def test_summary_has_the_facts_a_reader_acts_on():

@@ -15,7 +15,7 @@ from __future__ import annotations
 from .errors import WeightdiffError
 from .options import CompareOptions, Thresholds
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["compare", "CompareOptions", "Comparison", "Thresholds", "WeightdiffError", "__version__"]
 

@@ -12,13 +12,21 @@ import sys
 
 import click
 
-from . import __version__
-from .errors import WeightdiffError, escape_name
-from .options import CompareOptions, click_options
+from ._version import __version__
+from .errors import OptionsError, UsageProblem, WeightdiffError, escape_name
+from .options import CompareOptions, click_options, flag_of
 
 
-class UsageProblem(WeightdiffError):
-    """Bad command-line usage that click itself cannot detect (exit code 2)."""
+def _in_cli_words(exc: WeightdiffError) -> str:
+    """The one line of an error, with a library option name turned into its flag."""
+    line = exc.one_line()
+    if isinstance(exc, OptionsError) and exc.option:
+        from .provenance import ProvenanceOptions
+
+        flag = flag_of(exc.option, CompareOptions, ProvenanceOptions) or "--" + exc.option.replace("_", "-")
+        if line.startswith(exc.option):
+            line = flag + line[len(exc.option):]
+    return line
 
 
 class _Group(click.Group):
@@ -28,7 +36,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except WeightdiffError as exc:
-            click.echo(f"error: {exc.one_line()}", err=True)
+            click.echo(f"error: {_in_cli_words(exc)}", err=True)
             sys.exit(exc.exit_code)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
@@ -147,7 +155,7 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
       weightdiff compare meta-llama/base/ my-finetune/ --json result.json
       weightdiff compare --base vit/ --base gpt2/ captioner/ --report memo.html
     """
-    import weightdiff
+    from .comparison import compare
     from .render.terminal import ProgressLine, plan_text, render_text
 
     if bases:
@@ -169,7 +177,7 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
 
     if hash_files is None:
         hash_files = report_out is not None
-    run_compare = weightdiff.compare
+    run_compare = compare
     if scheduler or workers:   # split by tensor over Dask workers: the same JSON
         from functools import partial
 
@@ -188,7 +196,7 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
 
         _write_output(csv_out, to_csv(data))
     if report_out or plots_dir:
-        from .report import render_outputs
+        from .render.report import render_outputs
 
         written = render_outputs(data, report=report_out, plots_dir=plots_dir)
         if show:
@@ -230,7 +238,7 @@ def report_cmd(result, html_out, md_out, plots_dir, pdf, population, quiet):
       weightdiff compare base/ tuned/ --json result.json
       weightdiff report result.json --html memo.html --markdown memo.md --plots figures/
     """
-    from .report import report
+    from .render.report import report
 
     out = report(result, html=html_out, markdown=md_out, plots=plots_dir, pdf=pdf, command=_command_line(),
                  population=population)

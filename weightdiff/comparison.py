@@ -1,12 +1,15 @@
 """``weightdiff.compare()``: the library entry point behind ``weightdiff compare``.
 
-Phases, one direction: locate the checkpoints, plan the pairing from headers alone
-(seconds; reported before any heavy compute through ``on_plan``), measure every
-pair (weightdiff.compute), aggregate to blocks, modules and a verdict
-(weightdiff.aggregate). The result is a ``Comparison`` whose JSON is the contract
-of DESIGN.md (``schema: weightdiff.compare/1``) and is byte-for-byte reproducible:
-everything that varies between runs (time, command line, versions) is under
-``run``, which ``to_json(include_run=False)`` leaves out.
+The pipeline reads top to bottom in ``compare()``, one visible call per stage:
+
+    locate (io.checkpoint) -> plan (pairing.plan) -> measure (measure.compute, on the
+    backend of measure.backend) -> aggregate (judge.aggregate) -> judge
+    (judge.verdict.summarise) -> explain (render.sentences) -> ``Comparison``
+
+The plan is reported through ``on_plan`` before any tensor data is read. The result's
+JSON is the contract of DESIGN.md (``schema: weightdiff.compare/1``) and is byte-for-byte
+reproducible: everything that varies between runs (time, command line, versions) is
+under ``run``, which ``to_json(include_run=False)`` leaves out.
 """
 
 from __future__ import annotations
@@ -19,17 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
-from . import __version__
-from .aggregate import aggregate
-from .checkpoint import Checkpoint, locate
-from .compute import Progress, compute_all
+from ._version import __version__
+from .io.checkpoint import Checkpoint, locate
+from .judge.aggregate import aggregate
+from .judge.status import classify
+from .judge.verdict import summarise
+from .measure.backend import backend_for
+from .measure.compute import Progress, compute_all
 from .options import CompareOptions, options_from_kwargs
-from .pairing import Plan, plan as make_plan
+from .pairing.plan import Plan, plan as make_plan
+from .render import sentences
 from .records import SCHEMA, BlockRecord, Summary, TensorRecord, dumps
 
 PathLike = Union[str, os.PathLike]
 #: (plan, bases, tuned, options, progress) -> (records in plan order, seconds): ``compute_all``'s signature
-Compute = Callable[[Plan, Sequence[Checkpoint], Checkpoint, CompareOptions, Union[Progress, None]],
+Compute = Callable[[Plan, Sequence[Checkpoint], Checkpoint, CompareOptions, Any, Any, Union[Progress, None]],
                    "tuple[list[TensorRecord], float]"]
 
 
@@ -126,10 +133,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         options = options_from_kwargs(CompareOptions, **kwargs)
     elif kwargs:
         options = options_from_kwargs(CompareOptions, **{**_as_kwargs(options), **kwargs})
-    if options.device == "cuda":        # fail before any reading, not after the plan
-        from .kernels import cuda
-
-        cuda.require_device("cuda")
+    backend = backend_for(options.device, options.threads)   # fails before any reading
     base_paths = [base] if isinstance(base, (str, os.PathLike)) else list(base)
     with ExitStack() as stack:
         bases = [stack.enter_context(locate(p)) for p in base_paths]
@@ -137,15 +141,27 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         the_plan = make_plan(bases, tuned_ck, include=options.include, exclude=options.exclude)
         if on_plan is not None:
             on_plan(the_plan)
-        records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, progress)
-        blocks, modules, summary = aggregate(records, options.thresholds)
+        records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, backend, classify, progress)
+        blocks, modules = aggregate(records, options.thresholds)
+        summary = summarise(records, blocks, options.thresholds)
         base_desc = [describe(b, hash_files) for b in bases]
         tuned_desc = describe(tuned_ck, hash_files)
-    return Comparison(
+    result = Comparison(
         settings=options.settings(), base=base_desc, tuned=tuned_desc, plan=the_plan.to_dict(),
         summary=summary, modules=modules, blocks=blocks, tensors=records,
         run={"seconds": round(seconds, 3), "command": command, "versions": versions(),
              "threads": options.threads})
+    return explain(result)
+
+
+def explain(result: Comparison) -> Comparison:
+    """Write the verdict's reason and the headline (``render.sentences``) into the summary:
+    the last step of the pipeline, after the judge has decided."""
+    data = result.to_dict(include_run=False)
+    result.summary.verdict_reason = sentences.verdict_reason(data)
+    data["summary"]["verdict_reason"] = result.summary.verdict_reason
+    result.summary.headline = sentences.headline(data)
+    return result
 
 
 def _as_kwargs(options: CompareOptions) -> dict:

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .fsutil import write_text
-from .report import write_report
-from .safetensors_write import save_checkpoint, to_storage
+from .render.report import write_report
+from .io.safetensors_write import save_checkpoint, to_storage
 
 BLOCKS, HIDDEN, INTER, KV, VOCAB, NEW_TOKENS, LABELS, LORA_RANK = 8, 256, 688, 128, 2000, 8, 4, 8
 LORA_BLOCKS, LORA_MODULES, RETRAINED_BLOCK = (6, 7), ("q_proj", "v_proj"), 3
@@ -131,7 +131,7 @@ def run_demo(directory: str | os.PathLike = "weightdiff-demo", *, command: str |
              threads: int | None = None) -> DemoResult:
     """Build the demo pair in ``directory``, compare it, and write ``out.json``, ``plots/``,
     ``memo.html``, ``memo.md`` and ``ground_truth.json`` there."""
-    from . import compare   # numba: imported only when the demo runs
+    from .comparison import compare   # numba: imported only when the demo runs
 
     directory = Path(directory)
     bdir, tdir = build_demo(directory)

@@ -18,6 +18,8 @@ __all__ = [
     "WeightdiffError",
     "CheckpointError",
     "OptionsError",
+    "OutputError",
+    "UsageProblem",
     "escape_name",
 ]
 
@@ -48,7 +50,24 @@ class CheckpointError(WeightdiffError):
 
 
 class OptionsError(WeightdiffError):
-    """An option value the library cannot honour."""
+    """An option value the library cannot honour.
+
+    ``option`` names the option as the library spells it (a ``CompareOptions`` field such
+    as ``rank_k``); the message starts with that name. The library never names a CLI
+    flag: the CLI rewrites the name into its flag (``--rank-k``) at its edge.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, option: str | None = None):
+        self.option = option
+        super().__init__(message, hint)
+
+
+class OutputError(CheckpointError):
+    """An output file cannot be written (exit code 2: the user chose the path)."""
+
+
+class UsageProblem(WeightdiffError):
+    """Bad command-line usage that click itself cannot detect (exit code 2)."""
 
 
 def escape_name(text: str, keep_quotes: bool = True) -> str:

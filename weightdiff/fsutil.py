@@ -8,11 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-from .errors import CheckpointError, WeightdiffError
-
-
-class OutputError(CheckpointError):
-    """An output file cannot be written (exit code 2: the user chose the path)."""
+from .errors import CheckpointError, OutputError, WeightdiffError  # noqa: F401  (OutputError re-exported)
 
 
 @contextlib.contextmanager

@@ -2,9 +2,9 @@
 
 Format, files and shards, tensor count, parameters by dtype and by block, metadata and,
 for a PEFT adapter, its LoRA settings; for a quantized checkpoint, the format and scheme of
-each quantized tensor (weightdiff.quantized), whose parameters are its logical elements. ``describe()`` returns a JSON-ready dict
+each quantized tensor (weightdiff.io.quantized), whose parameters are its logical elements. ``describe()`` returns a JSON-ready dict
 (schema ``weightdiff.inspect/1``); ``render_text()`` turns it into the terminal view.
-No tensor data is read (beyond the few bytes of a quantized model's shape tensors). Blocks are labelled by ``weightdiff.blocknames.parse_name``, the
+No tensor data is read (beyond the few bytes of a quantized model's shape tensors). Blocks are labelled by ``weightdiff.pairing.names.parse_name``, the
 parser ``compare`` uses, so the labels agree between the two commands.
 
 >>> block_of("model.layers.12.self_attn.q_proj.weight")
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import os
 
-from .blocknames import parse_name
-from .checkpoint import locate
+from .pairing.names import parse_name
+from .io.checkpoint import locate
 from .errors import CheckpointError, escape_name
 from .kernels.dtypes import DTYPES
-from .fileio import os_problem
+from .io.files import os_problem
 
 __all__ = ["SCHEMA", "describe", "render_text", "block_of"]
 
@@ -34,7 +34,7 @@ _FORMATS = {"safetensors": "safetensors file", "sharded": "sharded safetensors",
 def block_of(name: str) -> tuple[str, int] | None:
     """(block label, block index) of a tensor name, or None outside the repeated blocks.
 
-    The same labels as ``weightdiff compare`` (weightdiff.blocknames.parse_name), so a block
+    The same labels as ``weightdiff compare`` (weightdiff.pairing.names.parse_name), so a block
     in ``inspect`` output can be found in a comparison by name.
     """
     label, index, _ = parse_name(name)

@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
-from . import __version__
-from .checkpoint import locate
+from ._version import __version__
+from .io.checkpoint import locate
 from .comparison import Comparison, compare, versions
 from .errors import CheckpointError, OptionsError
 from .options import CompareOptions, options_from_kwargs
 from .records import dumps
+from .render.formats import share
 
 SCHEMA = "weightdiff.lineage/1"
 PathLike = Union[str, os.PathLike]
@@ -126,7 +127,7 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
         big = max(range(len(steps)), key=lambda i: steps[i]["norm_delta"])
         rc = end["relative_change"]
         out.append(f"end to end: relative change {'n/a' if rc is None else format(rc, '.3g')}; step "
-                   f"{big + 1} moved the weights most ({steps[big]['share_of_path']:.0%} of the path length)")
+                   f"{big + 1} moved the weights most ({share(steps[big]['share_of_path'])} of the path length)")
         for i, s in enumerate(steps, 1):
             if s["verdict"] == "unrelated":
                 out.append(f"step {i} is not a fine-tune of the previous model: the chain is broken there")

@@ -78,13 +78,14 @@ class CompareOptions:
 
     def __post_init__(self) -> None:
         if self.rank_k < 1:
-            raise OptionsError(f"--rank-k must be at least 1 (got {self.rank_k})")
+            raise OptionsError(f"rank_k must be at least 1 (got {self.rank_k})", option="rank_k")
         if self.device not in ("cpu", "cuda"):
-            raise OptionsError(f"--device must be cpu or cuda (got {self.device!r})")
+            raise OptionsError(f"device must be cpu or cuda (got {self.device!r})", option="device")
         if self.threads is not None and self.threads < 1:
-            raise OptionsError(f"--threads must be at least 1 (got {self.threads})")
+            raise OptionsError(f"threads must be at least 1 (got {self.threads})", option="threads")
         if self.exact_svd_max < 0:
-            raise OptionsError(f"--exact-svd-max must be non-negative (got {self.exact_svd_max})")
+            raise OptionsError(f"exact_svd_max must be non-negative (got {self.exact_svd_max})",
+                               option="exact_svd_max")
         # accept lists from Python callers but keep the object hashable and frozen
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -121,6 +122,15 @@ def click_options(cls: type = CompareOptions) -> Callable:
         return fn
 
     return decorate
+
+
+def flag_of(option: str, *classes: type) -> str | None:
+    """The CLI flag of an option field (``rank_k`` -> ``--rank-k``), or None."""
+    for cls in classes or (CompareOptions,):
+        for f in fields(cls):
+            if f.name == option and f.metadata.get("flag"):
+                return f.metadata["flag"].split("/")[0]
+    return None
 
 
 def options_from_kwargs(cls: type = CompareOptions, **kwargs: Any) -> Any:

@@ -14,7 +14,7 @@ share no large matrix are listed as incompatible with the reason.
 With many candidates a screening pass first reads a fixed seeded sample of rows of
 each large non-MLP matrix (``sample_kib`` per checkpoint, through ``read_rows``) and
 only the leading ``full_top`` candidates get the full comparison. Permuted MLP
-neurons are found and undone before comparing (weightdiff.permutation).
+neurons are found and undone before comparing (weightdiff.measure.permutation).
 Lineage chains (base -> SFT -> DPO) live in weightdiff.lineage.
 """
 
@@ -29,16 +29,17 @@ from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 
-from . import __version__
-from .checkpoint import Checkpoint, locate
+from ._version import __version__
+from .io.checkpoint import Checkpoint, locate
 from .comparison import compare, versions
 from .errors import CheckpointError, OptionsError, WeightdiffError, escape_name
 from .kernels.dtypes import DTYPES
 from .options import CompareOptions, Thresholds, _opt, options_from_kwargs
-from .pairing import plan as make_plan
-from .permutation import Finding, detect_permutations, mlp_groups, undo
+from .pairing.plan import plan as make_plan
+from .measure.permutation import Finding, detect_permutations, mlp_groups, undo
 from .records import dumps
-from .relatedness import (EXCLUDED_NOTE, LIMITS, REFERENCE, evidence, judge, rank_key, sample_plan,
+from .render.formats import num, sci, share
+from .judge.relatedness import (EXCLUDED_NOTE, LIMITS, REFERENCE, evidence, judge, rank_key, sample_plan,
                           sample_rows, sampled_sums, screen_estimate)
 
 SCHEMA = "weightdiff.provenance/1"
@@ -72,9 +73,9 @@ class ProvenanceOptions:
 
     def __post_init__(self) -> None:
         if self.full_top < 1:
-            raise OptionsError(f"--full-top must be at least 1 (got {self.full_top})")
+            raise OptionsError(f"full_top must be at least 1 (got {self.full_top})", option="full_top")
         if self.sample_kib < 1:
-            raise OptionsError(f"--sample-kib must be at least 1 (got {self.sample_kib})")
+            raise OptionsError(f"sample_kib must be at least 1 (got {self.sample_kib})", option="sample_kib")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
@@ -133,7 +134,7 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
     if options is None:
         options = options_from_kwargs(ProvenanceOptions, **kwargs)
     if not candidates:
-        raise OptionsError("no candidate bases given", "pass at least one: --candidates A B ...")
+        raise OptionsError("candidates: none given", "pass at least one candidate base", option="candidates")
     for p in [tuned, *candidates]:
         if not os.path.exists(p):
             raise CheckpointError(p, "no such file or directory")
@@ -287,11 +288,11 @@ def _full(e: _Entry, tuned: PathLike, tck: Checkpoint, options: ProvenanceOption
 def _undo_rows(rows: list[dict], applied: list[Finding], base: Checkpoint, tck: Checkpoint,
                options: ProvenanceOptions) -> None:
     """Re-measure the MLP tensors of permuted groups with the permutation undone."""
-    from .aggregate import classify
-    from .compute import Backend
+    from .judge.status import classify
+    from .measure.backend import backend_for
     from .kernels import reference
 
-    backend = Backend.for_options(options.compare_options())
+    backend = backend_for(options.device, options.threads)
     by_name = {r["name"]: r for r in rows}
     for f in applied:
         for name, axis, _ in f.members:
@@ -310,18 +311,14 @@ def _undo_rows(rows: list[dict], applied: list[Finding], base: Checkpoint, tck: 
             r["note"] = f"compared after undoing the permutation of {f.moved} of {f.neurons} MLP neurons"
 
 
-def _g(x: float | None, spec: str = ".3g") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 def _findings(rows: list[dict], incompatible: list[dict], screening: dict | None, thr: Thresholds) -> list[str]:
     out = []
     derived = [c for c in rows if c["verdict"] == "derived"]
     if derived:
         a = derived[0]
         cos = a["cosine_large"]
-        s = (f"`{a['path']}` ranks first: relative change {_g(a['relative_change_large'])} over large "
-             f"matrices, 1 - cosine {_g(None if cos is None else 1 - cos, '.1e')}")
+        s = (f"`{a['path']}` ranks first: relative change {sci(a['relative_change_large'])} over large "
+             f"matrices, 1 - cosine {sci(None if cos is None else 1 - cos)}")
         if len(derived) > 1 and a["relative_change_large"]:
             b = derived[1]
             s += (f"; the next derived candidate, `{b['path']}`, is "
@@ -329,19 +326,19 @@ def _findings(rows: list[dict], incompatible: list[dict], screening: dict | None
         out.append(s)
     elif rows:
         out.append(f"no candidate is a plausible base: every one compared is unrelated (reference for "
-                   f"independent inits: relative change {REFERENCE['relative_change']:.3f}, cosine 0)")
+                   f"independent inits: relative change {sci(REFERENCE['relative_change'])}, cosine 0)")
     for c in rows:
         if c["verdict"] == "unrelated":
-            out.append(f"`{c['path']}` is unrelated: cosine {_g(c['cosine_large'], '.3f')}, relative change "
-                       f"{_g(c['relative_change_large'])} over large matrices (thresholds: cosine < "
+            out.append(f"`{c['path']}` is unrelated: cosine {num(c['cosine_large'])}, relative change "
+                       f"{sci(c['relative_change_large'])} over large matrices (thresholds: cosine < "
                        f"{thr.unrelated_cosine}, relative change > {thr.unrelated_rel_change})")
         p = c.get("permutation")
         if p and p["groups_permuted"]:
             out.append(f"`{c['path']}`: the tuned model's MLP neurons are permuted in {p['groups_permuted']} "
-                       f"of {p['groups_examined']} MLPs ({p['moved_share']:.0%} of neurons moved); "
+                       f"of {p['groups_examined']} MLPs ({share(p['moved_share'])} of neurons moved); "
                        "undone before comparing")
         if c["coverage"] is not None and c["coverage"] < 0.999:
-            out.append(f"`{c['path']}` shares {c['coverage']:.1%} of the tuned model's parameters by name and "
+            out.append(f"`{c['path']}` shares {share(c['coverage'])} of the tuned model's parameters by name and "
                        "shape; only that part is compared")
     for c in incompatible:
         out.append(f"`{c['path']}` was not compared: {c['reason']}")

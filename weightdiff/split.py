@@ -21,14 +21,16 @@ import time
 from contextlib import ExitStack
 from typing import Any, Callable, Sequence
 
-from .checkpoint import Checkpoint, locate
+from .io.checkpoint import Checkpoint, locate
 from .cluster import Sequential, runner, worker_threads
 from .comparison import Comparison, PathLike, compare as local_compare
-from .compute import Progress, compute_some, streamed
+from .judge.status import classify
+from .measure.backend import backend_for
+from .measure.compute import Progress, compute_some, streamed
 from .errors import WeightdiffError
 from .kernels.dtypes import byte_length
 from .options import CompareOptions
-from .pairing import Pair, Plan, plan as make_plan
+from .pairing.plan import Pair, Plan, plan as make_plan
 from .records import TensorRecord, dumps
 
 #: groups per worker: more, smaller groups even out tensors of unequal cost (rank analysis)
@@ -83,7 +85,8 @@ def measure_task(base_paths: list[str], tuned_path: str, options: CompareOptions
             if plan_digest(the_plan) != digest:
                 raise SplitError(f"{tuned_path}: this worker pairs the tensors differently from the parent",
                                  "do the parent and every worker see the same files at these paths?")
-            return ("ok", compute_some(the_plan, indices, bases, tuned, options))
+            backend = backend_for(options.device, options.threads)
+            return ("ok", compute_some(the_plan, indices, bases, tuned, options, backend, classify))
     except WeightdiffError as exc:
         return ("error", exc.one_line(), exc.exit_code)
     except MemoryError:
@@ -95,7 +98,8 @@ def distributed_compute(run: Any, base_paths: list[str], tuned_path: str, task_o
     """A ``compute`` for ``weightdiff.compare``: the plan's pairs measured on ``run``'s workers."""
 
     def compute(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint, options: CompareOptions,
-                progress: Progress | None) -> tuple[list[TensorRecord], float]:
+                backend: Any, classify_: Any, progress: Progress | None) -> tuple[list[TensorRecord], float]:
+        # the workers choose their own backend and use the judge's classify (see measure_task)
         t0 = time.perf_counter()
         weights = [pair_bytes(p) for p in the_plan.pairs]
         groups = balanced_groups(weights, GROUPS_PER_WORKER * run.workers)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import __version__
+from ._version import __version__
 from .cluster import Outcome, check, runner, worker_threads
 from .comparison import compare
 from .errors import WeightdiffError, escape_name
@@ -259,7 +259,7 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
     ``say`` receives one progress line per model. ``task`` is the function each task runs
     (``survey_task``; tests wrap it). Raises WeightdiffError for a bad base or output folder.
     """
-    from .checkpoint import locate
+    from .io.checkpoint import locate
 
     options = options if options is not None else options_from_kwargs(CompareOptions, **kwargs)
     if client is None:

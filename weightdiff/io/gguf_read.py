@@ -36,8 +36,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
-from ..fileio import open_regular, os_problem, pread_into
-from ..safetensors_io import TensorInfo, check_range, storage_of
+from .files import open_regular, os_problem, pread_into
+from .safetensors_read import TensorInfo, check_range, storage_of
 from .gguf_names import ARCHITECTURES, GENERATED, hf_name
 
 __all__ = ["MAGIC", "GGUFFile", "is_gguf", "require_gguf"]

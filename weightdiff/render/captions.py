@@ -1,12 +1,13 @@
-"""Sentences written from the numbers: figure captions, headline sentences, number formats.
+"""Sentences written from the numbers: figure captions and the facts they share with the tables.
 
 Everything here reads the compare JSON as a plain dict (``schema: weightdiff.compare/1``)
 and returns text; nothing draws or writes files. The plots (``render.plots``) and the
-memo (``render.memo``) take their captions and headlines from here, so a number in a
-caption is the same number, formatted the same way, as in the tables.
+memo (``render.memo``) take their captions from here; numbers are formatted by
+``render.formats`` and headline sentences come from ``render.sentences``, so a number in
+a caption is the same number, formatted the same way, as in the tables.
 
->>> fmt_share(0.9123), fmt_share(0.0004), fmt_sci(0.000123), fmt_int(6912000)
-('91.2%', '0.04%', '1.2e-4', '6,912,000')
+>>> one_minus_cosine({"norm_base": 2.0, "norm_tuned": 2.0, "norm_delta": 0.0})
+0.0
 """
 
 from __future__ import annotations
@@ -15,72 +16,13 @@ import math
 from statistics import median
 from typing import Any, Iterable
 
+from . import sentences
+from .formats import count, num, sci, share
+
 #: statuses in the order the parameter-share figure and the tables list them
 STATUS_ORDER = ("unchanged", "rounding", "changed", "resized", "added", "removed")
 STATUS_LABEL = {"unchanged": "unchanged", "rounding": "rounding only", "changed": "changed",
                 "resized": "resized", "added": "added", "removed": "removed"}
-
-
-# --- number formats ----------------------------------------------------------------------
-
-def fmt_int(n: int | float | None) -> str:
-    """``6912000`` -> ``'6,912,000'``; None -> ``'n/a'``."""
-    return "n/a" if n is None else f"{int(n):,}"
-
-
-def fmt_params(n: int | float | None) -> str:
-    """A parameter count in words for sentences: ``6912000`` -> ``'6.9 million'``."""
-    if n is None:
-        return "n/a"
-    n = int(n)
-    for size, word in ((10 ** 12, "trillion"), (10 ** 9, "billion"), (10 ** 6, "million")):
-        if abs(n) >= size:
-            return f"{n / size:.3g} {word}"
-    return f"{n:,}"
-
-
-def fmt_share(x: float | None) -> str:
-    """A share in [0, 1] as a percentage that never rounds a non-zero share to 0% or a
-    share below one to 100%: ``0.99996`` -> ``'99.996%'``, ``4e-7`` -> ``'<0.001%'``."""
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    pct = 100.0 * x
-    if pct == 0:
-        return "0%"
-    if pct == 100:
-        return "100%"
-    if 0 < pct < 0.001:
-        return "<0.001%"
-    for digits in range(3, 10):
-        text = f"{pct:.{digits}g}"
-        if "e" in text:
-            text = f"{pct:.{digits + 2}f}".rstrip("0")
-        if float(text) not in (0.0, 100.0):
-            break
-    if float(text) >= 10:
-        text = f"{pct:.1f}" if float(f"{pct:.1f}") < 100 else text
-    return f"{text}%"
-
-
-def fmt_sci(x: float | None, digits: int = 2) -> str:
-    """Scientific notation without padding: ``0.000123`` -> ``'1.2e-4'``; 0 -> ``'0'``."""
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    if x == 0:
-        return "0"
-    mant, exp = f"{x:.{digits - 1}e}".split("e")
-    return f"{mant}e{int(exp)}"
-
-
-def fmt_num(x: float | None, digits: int = 3) -> str:
-    """A plain decimal between 0.01 and 1000 (``0.0423``, ``12.5``), scientific outside."""
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    if x == 0:
-        return "0"
-    if 0.01 <= abs(x) < 1000:
-        return f"{x:.{digits}g}"
-    return fmt_sci(x, digits)
 
 
 # --- facts shared by captions, headline and tables ---------------------------------------
@@ -125,10 +67,6 @@ def block_state(b: dict) -> str:
     return "rounding" if rc is not None and rc > 0 else "unchanged"
 
 
-def block_label(b: dict) -> str:
-    return str(b["index"]) if b.get("index") is not None else str(b.get("block", "?"))
-
-
 def tensor_label(t: dict) -> str:
     """A short label for legends: ``block 11 attn.q`` when the aggregate named them, else the name."""
     block, module = t.get("block"), t.get("module")
@@ -164,70 +102,12 @@ def _list(items: Iterable[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _ranges(indices: list[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``'0-2, 5, 7-8'``."""
-    out, start = [], None
-    for i, v in enumerate(indices):
-        if start is None:
-            start = v
-        if i + 1 == len(indices) or indices[i + 1] != v + 1:
-            out.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ", ".join(out)
-
-
 # --- headline ----------------------------------------------------------------------------
 
-def headline(data: dict) -> list[str]:
-    """Three to five sentences a reader can quote, each built from the summary's numbers."""
-    s = data.get("summary") or {}
-    out = []
-    verdict = s.get("verdict")
-    tuned = (data.get("tuned") or {}).get("path", "the tuned model")
-    base = ", ".join(str(b.get("path")) for b in data.get("base", [])) or "the base"
-    what = {"identical": "is bitwise identical to", "cast_only": "differs from",
-            "derived": "is a fine-tune of", "unrelated": "is not derived from"}.get(verdict, "was compared with")
-    sentence = f"Verdict: {verdict}. {tuned} {what} {base}"
-    if verdict == "cast_only":
-        sentence += " only by dtype rounding"
-    out.append(sentence + ".")
-    by = s.get("params_by_status") or {}
-    total = s.get("params_total") or 0
-    if total:
-        parts = [f"{fmt_share(by.get('changed', 0) / total)} changed"]
-        for key, words in (("rounding", "differ only by rounding"), ("added", "are new"),
-                           ("resized", "are the shared rows of resized tensors")):
-            if by.get(key):
-                parts.append(f"{fmt_share(by[key] / total)} {words}")
-        out.append(f"{fmt_share(by.get('unchanged', 0) / total)} of the {fmt_params(total)} parameters are "
-                   f"bitwise unchanged; {', '.join(parts)}.")
-    blocks = layered_blocks(data)
-    if s.get("blocks_total"):
-        changed = [b["index"] for b in blocks if block_changed(b)]
-        where = f" (block{'s' if len(changed) != 1 else ''} {_ranges(changed)}, counting from the input)" if changed else ""
-        out.append(f"{s.get('blocks_changed', len(changed))} of {s['blocks_total']} blocks changed{where}.")
-    if s.get("delta_params") is not None and total:
-        out.append(f"Writing the change down takes {fmt_params(s['delta_params'])} parameters, "
-                   f"{fmt_share(s.get('delta_params_share'))} of the model; the overall relative change of the "
-                   f"weights is {fmt_num(s.get('relative_change'))}.")
-    form = s.get("form") or {}
-    if form.get("kind") == "low_rank":
-        out.append(f"The change is low-rank: no changed matrix needs more than rank "
-                   f"{form.get('max_numerical_rank')} above the storage noise floor.")
-    elif form.get("kind") == "dense":
-        mats = changed_matrices(data)
-        r90 = [t["rank"]["energy_rank_90"] for t in mats if t["rank"].get("energy_rank_90") is not None]
-        tail = f" (median energy rank at 90%: {median(r90):g})" if r90 else ""
-        out.append(f"The change is dense: it spreads over many directions of the changed matrices{tail}.")
-    elif form.get("kind") == "sparse":
-        out.append("The change is sparse: few elements of the changed tensors moved.")
-    return out
-
-
 def headline_sentences(data: dict) -> list[str]:
-    """The JSON's own ``summary.headline`` when it has one, else ``headline(data)``."""
+    """The JSON's own ``summary.headline`` when it has one, else ``render.sentences.headline``."""
     given = (data.get("summary") or {}).get("headline") or []
-    return [str(x) for x in given] if given else headline(data)
+    return [str(x) for x in given] if given else sentences.headline(data)
 
 
 # --- figure captions ---------------------------------------------------------------------
@@ -243,7 +123,7 @@ def caption_depth(data: dict) -> str:
             f"{len(changed)} of {len(blocks)} blocks changed")
     if changed:
         top = max(changed, key=lambda b: b.get("rel_change") or 0.0)
-        text += f"; the largest change is in block {top['index']} ({fmt_num(top.get('rel_change'))})"
+        text += f"; the largest change is in block {top['index']} ({sci(top.get('rel_change'))})"
     text += "."
     unchanged = len(blocks) - len(changed) - len(rounding)
     if unchanged:
@@ -252,7 +132,7 @@ def caption_depth(data: dict) -> str:
         text += f" {_plural(len(rounding), 'block')} differ only by dtype rounding (hollow diamonds)."
     others = [b for b in data.get("blocks", []) if b.get("index") is None and block_changed(b)]
     if others:
-        text += (" Outside the numbered blocks, " + _list(f"{b.get('block')} ({fmt_int(b.get('params_changed'))} "
+        text += (" Outside the numbered blocks, " + _list(f"{b.get('block')} ({count(b.get('params_changed'))} "
                  f"parameters changed, added or resized)" for b in others) + " also changed; they are not drawn here.")
     return text
 
@@ -266,7 +146,7 @@ def caption_heatmap(data: dict) -> str:
             f"block, log colour scale. {len(moved)} of {len(cells)} block-module cells changed")
     if moved:
         b, k, v = max(moved, key=lambda c: c[2])
-        text += f"; the largest is {k} in block {b['index']} ({fmt_num(v)})"
+        text += f"; the largest is {k} in block {b['index']} ({sci(v)})"
     kinds = {c[1] for c in cells}
     absent = sum(len(kinds) - len(b.get("modules") or {}) for b in layered_blocks(data))
     text += ". White cells did not change at all"
@@ -278,10 +158,10 @@ def caption_params(data: dict) -> str:
     by, total = s.get("params_by_status") or {}, s.get("params_total") or 0
     if not total:
         return "Share of parameters by status: the model has no parameters."
-    parts = [f"{fmt_share(by.get(k, 0) / total)} {STATUS_LABEL[k]}" for k in STATUS_ORDER[:-1] if by.get(k)]
-    text = f"Share of the {fmt_int(total)} parameters of the tuned model by status: {_list(parts)}."
+    parts = [f"{share(by.get(k, 0) / total)} {STATUS_LABEL[k]}" for k in STATUS_ORDER[:-1] if by.get(k)]
+    text = f"Share of the {count(total)} parameters of the tuned model by status: {_list(parts)}."
     if by.get("removed"):
-        text += f" {fmt_int(by['removed'])} base parameters were removed (not part of the bar)."
+        text += f" {count(by['removed'])} base parameters were removed (not part of the bar)."
     if by.get("resized"):
         text += (" 'Resized' counts the rows a resized tensor (for example a grown vocabulary) shares with the "
                  "base; its new rows count as added.")
@@ -333,11 +213,11 @@ def caption_cosine(data: dict) -> str:
             f"on a log scale (0 means identical direction; two unrelated models sit near 1). ")
     if moved:
         v, t = max(moved, key=lambda p: p[0])
-        text += (f"{len(moved)} matrices moved; median {fmt_sci(median(v for v, _ in moved))}, largest "
-                 f"{fmt_sci(v)} ({tensor_label(t)})")
+        text += (f"{len(moved)} matrices moved; median {sci(median(v for v, _ in moved))}, largest "
+                 f"{sci(v)} ({tensor_label(t)})")
         far = sum(1 for v, _ in moved if v >= cut)
-        text += f"; {far} beyond the 'unrelated' line at {fmt_num(cut)}." if far else \
-            f", all far below the 'unrelated' line at {fmt_num(cut)}."
+        text += f"; {far} beyond the 'unrelated' line at {num(cut)}." if far else \
+            f", all far below the 'unrelated' line at {num(cut)}."
     else:
         text += "No matrix moved."
     unchanged = len(mats) - len(moved)

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from ..errors import escape_name
 from . import captions as cap
+from . import formats as fmt
 from . import memo_text as txt
 from .plots import FigureOutput
 
@@ -77,15 +78,15 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     out.append(Block("verdict", s.get("verdict", "?"), s.get("verdict_reason") or ""))
     scope, form = s.get("scope") or {}, s.get("form") or {}
     rows = [["verdict", _c(s.get("verdict"))],
-            ["blocks changed", f"{cap.fmt_int(scope.get('blocks_changed', s.get('blocks_changed')))} of "
-                               f"{cap.fmt_int(scope.get('blocks_total', s.get('blocks_total')))}"],
-            ["tensors changed", f"{cap.fmt_int(scope.get('tensors_changed'))} of {cap.fmt_int(scope.get('tensors_total'))}"],
+            ["blocks changed", f"{fmt.count(scope.get('blocks_changed', s.get('blocks_changed')))} of "
+                               f"{fmt.count(scope.get('blocks_total', s.get('blocks_total')))}"],
+            ["tensors changed", f"{fmt.count(scope.get('tensors_changed'))} of {fmt.count(scope.get('tensors_total'))}"],
             ["form of the change", _c(form.get("kind") or "none")],
-            ["largest numerical rank", cap.fmt_int(form.get("max_numerical_rank"))],
-            ["delta parameters", f"{cap.fmt_int(s.get('delta_params'))} ({cap.fmt_share(s.get('delta_params_share'))} of the model)"],
-            ["model relative change", cap.fmt_num(s.get("relative_change"))],
-            ["1 − cosine (large matrices)", cap.fmt_sci(None if s.get("relatedness_cosine") is None
-                                                        else max(0.0, 1.0 - s["relatedness_cosine"]), 3)],
+            ["largest numerical rank", fmt.count(form.get("max_numerical_rank"))],
+            ["delta parameters", f"{fmt.count(s.get('delta_params'))} ({fmt.share(s.get('delta_params_share'))} of the model)"],
+            ["model relative change", fmt.sci(s.get("relative_change"))],
+            ["1 − cosine (large matrices)", fmt.sci(None if s.get("relatedness_cosine") is None
+                                                        else max(0.0, 1.0 - s["relatedness_cosine"]))],
             ["flags", _c(", ".join(s.get("flags") or []) or "none")]]
     out.append(Block("table", ["", "value"], rows))
     out.append(Block("p", "The verdict follows these rules, checked in this order (the numbers are in the "
@@ -108,9 +109,9 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     if tb:
         out.append(Block("table", ["block", "parameters", "changed", "relative change", "largest numerical rank",
                                    "delta parameters"],
-                         [[_c(b.get("block")), cap.fmt_int(b.get("params")), cap.fmt_int(b.get("params_changed")),
-                           cap.fmt_num(b.get("rel_change")), cap.fmt_int(b.get("max_numerical_rank")),
-                           cap.fmt_int(b.get("delta_params"))] for b in tb]))
+                         [[_c(b.get("block")), fmt.count(b.get("params")), fmt.count(b.get("params_changed")),
+                           fmt.sci(b.get("rel_change")), fmt.count(b.get("max_numerical_rank")),
+                           fmt.count(b.get("delta_params"))] for b in tb]))
     else:
         out.append(Block("p", "No block changed."))
     out.append(Block("h2", "Most changed tensors"))
@@ -119,10 +120,10 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
         rows = []
         for t in tt:
             r = t.get("rank") or {}
-            rows.append([_c(t.get("name")), t.get("status", ""), _short(t), cap.fmt_num(t.get("rel_change")),
-                         cap.fmt_sci(cap.one_minus_cosine(t)), cap.fmt_int(r.get("energy_rank_90")),
-                         cap.fmt_int(r.get("energy_rank_99")), cap.fmt_int(r.get("numerical_rank")),
-                         cap.fmt_num(r.get("stable_rank"))])
+            rows.append([_c(t.get("name")), t.get("status", ""), _short(t), fmt.sci(t.get("rel_change")),
+                         fmt.sci(cap.one_minus_cosine(t)), fmt.count(r.get("energy_rank_90")),
+                         fmt.count(r.get("energy_rank_99")), fmt.count(r.get("numerical_rank")),
+                         fmt.num(r.get("stable_rank"))])
         out.append(Block("table", ["tensor", "status", "shape", "relative change", "1 − cosine", "energy rank 90%",
                                    "energy rank 99%", "numerical rank", "stable rank"], rows))
     else:
@@ -169,7 +170,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     rows = []
     for role, entry in [("base", b) for b in data.get("base", [])] + [("tuned", data.get("tuned") or {})]:
         for f in entry.get("files") or [{"name": entry.get("path"), "bytes": entry.get("bytes"), "sha256": None}]:
-            rows.append([role, _c(entry.get("path")), _c(f.get("name")), cap.fmt_int(f.get("bytes")),
+            rows.append([role, _c(entry.get("path")), _c(f.get("name")), fmt.count(f.get("bytes")),
                          _c(f.get("sha256")) if f.get("sha256") else "not hashed"])
     out.append(Block("p", "Input files:"))
     out.append(Block("table", ["role", "checkpoint", "file", "bytes", "sha256"], rows))

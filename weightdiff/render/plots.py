@@ -33,6 +33,7 @@ from matplotlib.patches import Patch
 from ..errors import escape_name
 from ..fsutil import write_bytes
 from . import captions as cap
+from . import formats as fmt
 
 #: Okabe & Ito (2008), "Color Universal Design"
 OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73",
@@ -226,7 +227,7 @@ def draw_heatmap(data: dict) -> Figure:
         cb.ax.tick_params(labelsize=7)
         if hi / lo < 100:   # under 2 decades a log bar gets one or two labels: label 4 values
             ticks = np.geomspace(lo, hi, 4)
-            cb.set_ticks(ticks, labels=[cap.fmt_num(float(t), 2) for t in ticks])
+            cb.set_ticks(ticks, labels=[fmt.num(float(t), 2) for t in ticks])
             cb.ax.minorticks_off()
     if np.isnan(grid).any():
         handles.append(Patch(facecolor="#F2F2F2", edgecolor="#C8C8C8", hatch="////", lw=0.5,
@@ -266,11 +267,11 @@ def draw_params(data: dict) -> Figure:
         color, hatch = STATUS_STYLE[k]
         ax.barh(0, w, left=left, height=0.6, color=color, hatch=hatch, edgecolor="white" if not hatch else "#333333",
                 lw=0.4)
-        label = f"{cap.STATUS_LABEL[k]}: {cap.fmt_share(n / total)} ({cap.fmt_int(n)})"
+        label = f"{cap.STATUS_LABEL[k]}: {fmt.share(n / total)} ({fmt.count(n)})"
         handles.append(Patch(facecolor=color, hatch=hatch, edgecolor="#333333", lw=0.4, label=label))
         if w >= 9:
             dark = k in ("changed", "removed")
-            ax.text(left + w / 2, 0, cap.fmt_share(n / total), ha="center", va="center", fontsize=8.5,
+            ax.text(left + w / 2, 0, fmt.share(n / total), ha="center", va="center", fontsize=8.5,
                     color="white" if dark else "black", fontweight="bold",
                     bbox=None if not hatch else {"facecolor": "white", "edgecolor": "none", "pad": 1.0})
         left += w
@@ -278,7 +279,7 @@ def draw_params(data: dict) -> Figure:
     ax.set_ylim(-0.5, 0.5)
     ax.set_yticks([])
     ax.spines["left"].set_visible(False)
-    ax.set_xlabel(f"share of the tuned model's {cap.fmt_int(total)} parameters (%)")
+    ax.set_xlabel(f"share of the tuned model's {fmt.count(total)} parameters (%)")
     fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=7.5,
                handlelength=1.4)
     return fig

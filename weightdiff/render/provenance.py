@@ -16,6 +16,7 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from ..errors import escape_name
+from .formats import count, num, sci, share
 from .memo import md_escape
 from .plots import GREY, OKABE_ITO, STYLE, _figure, figure_bytes, text
 
@@ -23,14 +24,6 @@ __all__ = ["ranking_text", "lineage_text", "draw_provenance", "provenance_png", 
            "provenance_html", "lineage_markdown"]
 
 _VERDICT_COLOUR = {"derived": OKABE_ITO["blue"], "unrelated": OKABE_ITO["vermillion"]}
-
-
-def _num(x: float | None, spec: str = ".4g") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _omc(c: dict) -> float | None:
@@ -44,7 +37,7 @@ def _perm(c: dict) -> str:
         return "-" if c.get("compared") == "full" else "n/a"
     if not p["groups_permuted"]:
         return "none"
-    return f"{p['groups_permuted']}/{p['groups_examined']} MLPs, {p['moved_share']:.0%} moved"
+    return f"{p['groups_permuted']}/{p['groups_examined']} MLPs, {share(p['moved_share'])} moved"
 
 
 def ranking_text(d: dict) -> str:
@@ -58,12 +51,12 @@ def ranking_text(d: dict) -> str:
     for c in d["candidates"]:
         name = escape_name(c["path"])
         name = name if len(name) <= 28 else "..." + name[-25:]
-        lines.append(f"{c['rank']:>2}  {name:<28} {c['verdict']:<9} {_num(c['relative_change_large']):>10} "
-                     f"{_num(_omc(c), '.2e'):>9} {_pct(c.get('identical_share')):>9} "
-                     f"{_pct(c.get('coverage')):>8}  {c['compared']:<8} {_perm(c)}")
+        lines.append(f"{c['rank']:>2}  {name:<28} {c['verdict']:<9} {sci(c['relative_change_large']):>10} "
+                     f"{sci(_omc(c)):>9} {share(c.get('identical_share')):>9} "
+                     f"{share(c.get('coverage')):>8}  {c['compared']:<8} {_perm(c)}")
     ref = d["reference"]
-    lines.append(f"{'':>2}  {'(reference: unrelated)':<28} {'':<9} {_num(ref['relative_change']):>10} "
-                 f"{_num(1 - ref['cosine'], '.2e'):>9}")
+    lines.append(f"{'':>2}  {'(reference: unrelated)':<28} {'':<9} {sci(ref['relative_change']):>10} "
+                 f"{sci(1 - ref['cosine']):>9}")
     lines += ["", "rel.change and 1-cosine are over large matrices; identical = share of tensors bitwise equal."]
     if d["incompatible"]:
         lines += ["", "not compared:"]
@@ -84,18 +77,18 @@ def lineage_text(d: dict) -> str:
     head = f"{'':<11} {'verdict':<10} {'rel.change':>10} {'1-cosine':>9} {'blocks':>9} {'path share':>10}"
     lines += [head, "-" * len(head)]
     for label, s in rows:
-        share = s.get("share_of_path", s.get("straightness"))
-        lines.append(f"{label:<11} {s['verdict']:<10} {_num(s['relative_change']):>10} "
-                     f"{_num(s['one_minus_cosine'], '.2e'):>9} "
-                     f"{str(s['blocks_changed']) + '/' + str(s['blocks_total']):>9} {_pct(share):>10}")
+        path_share = s.get("share_of_path", s.get("straightness"))
+        lines.append(f"{label:<11} {s['verdict']:<10} {sci(s['relative_change']):>10} "
+                     f"{sci(s['one_minus_cosine']):>9} "
+                     f"{str(s['blocks_changed']) + '/' + str(s['blocks_total']):>9} {share(path_share):>10}")
     lines += ["", "path share: each step's delta norm over the summed step norms; on the end-to-end row, "
                   "end-to-end norm over that sum (straightness)", "",
               "relative change per block:",
               f"{'block':<24}" + "".join(f"{'step ' + str(i):>11}" for i in range(1, len(d["steps"]) + 1))
               + f"{'end to end':>11}"]
     for b in d["blocks"]:
-        lines.append(f"{escape_name(b['block'])[:24]:<24}" + "".join(f"{_num(v, '.3g'):>11}" for v in b["steps"])
-                     + f"{_num(b['end_to_end'], '.3g'):>11}")
+        lines.append(f"{escape_name(b['block'])[:24]:<24}" + "".join(f"{sci(v):>11}" for v in b["steps"])
+                     + f"{sci(b['end_to_end']):>11}")
     lines += ["", "findings:"] + [f"  - {escape_name(f)}" for f in d["findings"]]
     return "\n".join(lines) + "\n"
 
@@ -150,12 +143,12 @@ def provenance_markdown(d: dict, image: str | None = None) -> str:
     out += ["| # | candidate | verdict | relative change | 1 - cosine | identical tensors | coverage | compared |",
             "|---|---|---|---|---|---|---|---|"]
     for c in d["candidates"]:
-        out.append(f"| {c['rank']} | {md_escape(c['path'])} | {c['verdict']} | {_num(c['relative_change_large'])} "
-                   f"| {_num(_omc(c), '.2e')} | {_pct(c.get('identical_share'))} | {_pct(c.get('coverage'))} "
+        out.append(f"| {c['rank']} | {md_escape(c['path'])} | {c['verdict']} | {sci(c['relative_change_large'])} "
+                   f"| {sci(_omc(c))} | {share(c.get('identical_share'))} | {share(c.get('coverage'))} "
                    f"| {c['compared']} |")
     ref = d["reference"]
-    out.append(f"| | reference: {md_escape(ref['what'])} | unrelated | {ref['relative_change']:.4g} "
-               f"| {1 - ref['cosine']:.2e} | | | |")
+    out.append(f"| | reference: {md_escape(ref['what'])} | unrelated | {sci(ref['relative_change'])} "
+               f"| {sci(1 - ref['cosine'])} | | | |")
     out += ["", "Findings:", ""] + [f"- {md_escape(f)}" for f in d["findings"]]
     out += ["", "What this method cannot see:", ""] + [f"- {md_escape(x)}" for x in d["limits"]]
     return "\n".join(out) + "\n"
@@ -171,8 +164,8 @@ def provenance_html(d: dict, image: str | None = None) -> str:
     out.append("<table><tr><th>#</th><th>candidate</th><th>verdict</th><th>relative change</th>"
                "<th>1 - cosine</th><th>identical tensors</th><th>coverage</th><th>compared</th></tr>")
     for c in d["candidates"]:
-        cells = [c["rank"], c["path"], c["verdict"], _num(c["relative_change_large"]), _num(_omc(c), ".2e"),
-                 _pct(c.get("identical_share")), _pct(c.get("coverage")), c["compared"]]
+        cells = [c["rank"], c["path"], c["verdict"], sci(c["relative_change_large"]), sci(_omc(c)),
+                 share(c.get("identical_share")), share(c.get("coverage")), c["compared"]]
         out.append("<tr>" + "".join(f"<td>{h(x)}</td>" for x in cells) + "</tr>")
     out.append("</table>")
     for title, items in (("Findings", d["findings"]), ("What this method cannot see", d["limits"])):
@@ -187,9 +180,9 @@ def lineage_markdown(d: dict) -> str:
            "| step | verdict | relative change | 1 - cosine | blocks changed | share of path |", "|---|---|---|---|---|---|"]
     for i, s in enumerate([*d["steps"], d["end_to_end"]], 1):
         label = "end to end" if i > len(d["steps"]) else f"{i}"
-        share = s.get("share_of_path", s.get("straightness"))
-        out.append(f"| {label} | {s['verdict']} | {_num(s['relative_change'])} | {_num(s['one_minus_cosine'], '.2e')} "
-                   f"| {s['blocks_changed']}/{s['blocks_total']} | {_pct(share)} |")
+        path_share = s.get("share_of_path", s.get("straightness"))
+        out.append(f"| {label} | {s['verdict']} | {sci(s['relative_change'])} | {sci(s['one_minus_cosine'])} "
+                   f"| {s['blocks_changed']}/{s['blocks_total']} | {share(path_share)} |")
     out += ["", "Findings:", ""] + [f"- {md_escape(f)}" for f in d["findings"]]
     return "\n".join(out) + "\n"
 

@@ -14,47 +14,15 @@ from typing import IO, Any
 
 from ..errors import escape_name
 from .captions import one_minus_cosine
+from .formats import count, rank_text, sci, share
+from .sentences import verdict_title
 
-VERDICT_WORDS = {
-    "identical": "IDENTICAL: every tensor is bitwise equal to the base.",
-    "cast_only": "CAST ONLY: every difference is explained by a change of storage dtype.",
-    "derived": "DERIVED: a fine-tune of this base.",
-    "unrelated": "UNRELATED: not derived from this base (large matrices are near-orthogonal).",
-}
 STATUS_ORDER = ("unchanged", "rounding", "changed", "resized", "added", "removed")
-
-
-def fmt_int(n: Any) -> str:
-    """``1234567 -> '1,234,567'``; None -> '-'."""
-    return "-" if n is None else f"{int(n):,}"
-
-
-def fmt_sci(x: Any, digits: int = 2) -> str:
-    """``0.000123 -> '1.23e-04'``; 0 -> '0'; None -> '-'."""
-    if x is None:
-        return "-"
-    if x == 0:
-        return "0"
-    return f"{x:.{digits}e}"
-
-
-def fmt_pct(x: Any) -> str:
-    """Share as a percentage with enough digits to tell 100% from 99.99%."""
-    if x is None:
-        return "-"
-    p = 100.0 * x
-    if p == 0 or p == 100:
-        return f"{p:.0f}%"
-    if p < 0.01:
-        return "<0.01%"
-    if p > 99.99:
-        return ">99.99%"
-    return f"{p:.2f}%"
 
 
 def _one_minus_cos(t: dict) -> str:
     v = one_minus_cosine(t)
-    return "-" if v is None else fmt_sci(max(0.0, v))
+    return sci(None if v is None else max(0.0, v))
 
 
 def _shape(s: Any) -> str:
@@ -85,12 +53,12 @@ def render_text(result: dict, top: int = 10) -> str:
     bases = ", ".join(escape_name(b["path"]) for b in result["base"])
     lines.append(f"weightdiff {result['tool']['version']}: {escape_name(result['tuned']['path'])}  vs  {bases}")
     lines.append("")
-    lines.append(f"verdict   {VERDICT_WORDS.get(s['verdict'], s['verdict'])}")
+    lines.append(f"verdict   {verdict_title(s)}")
     if s.get("verdict_reason"):
         lines.append(f"          {s['verdict_reason']}")
     sc = s.get("scope") or {}
-    lines.append(f"scope     {fmt_int(s['blocks_changed'])} of {fmt_int(s['blocks_total'])} blocks changed; "
-                 f"{fmt_int(sc.get('tensors_changed'))} of {fmt_int(sc.get('tensors_total'))} tensors")
+    lines.append(f"scope     {count(s['blocks_changed'])} of {count(s['blocks_total'])} blocks changed; "
+                 f"{count(sc.get('tensors_changed'))} of {count(sc.get('tensors_total'))} tensors")
     form = s.get("form") or {}
     if form.get("kind"):
         extra = ""
@@ -105,17 +73,17 @@ def render_text(result: dict, top: int = 10) -> str:
     for st in STATUS_ORDER:
         n = (s.get("params_by_status") or {}).get(st, 0)
         if n or st in ("unchanged", "changed"):
-            rows.append([st, fmt_int(n), fmt_pct(n / total if total else None),
-                         fmt_int((s.get("tensors_by_status") or {}).get(st, 0))])
+            rows.append([st, count(n), share(n / total if total else None),
+                         count((s.get("tensors_by_status") or {}).get(st, 0))])
     lines += _table(rows, ["parameters", "count", "share", "tensors"], "lrrr")
     lines.append("")
-    lines.append(f"relative change   {fmt_sci(s.get('relative_change'))}   "
+    lines.append(f"relative change   {sci(s.get('relative_change'))}   "
                  "(norm of all deltas / norm of the base, paired tensors)")
     if s.get("relatedness_cosine") is not None:
-        lines.append(f"1 - cosine        {fmt_sci(max(0.0, 1 - s['relatedness_cosine']))}   "
+        lines.append(f"1 - cosine        {sci(max(0.0, 1 - s['relatedness_cosine']))}   "
                      "(parameter-weighted over large matrices)")
-    lines.append(f"delta params      {fmt_int(s.get('delta_params'))}   "
-                 f"({fmt_pct(s.get('delta_params_share'))} of the model: parameters needed to write the change down)")
+    lines.append(f"delta params      {count(s.get('delta_params'))}   "
+                 f"({share(s.get('delta_params_share'))} of the model: parameters needed to write the change down)")
 
     blocks = [b for b in result.get("blocks", []) if (b.get("params_changed") or 0) > 0]
     blocks.sort(key=lambda b: (-(b.get("rel_change") or 0.0), b["block"]))
@@ -125,8 +93,8 @@ def render_text(result: dict, top: int = 10) -> str:
         others = len(blocks) - indexed
         label = f"{indexed} blocks" + (f" and {others} other groups" if others else "")
         lines.append(f"most changed blocks ({label} changed)")
-        rows = [[_trim(b["block"], 32), fmt_sci(b.get("rel_change")), fmt_int(b.get("params_changed")),
-                 fmt_int(b.get("params")), "-" if b.get("max_numerical_rank") is None else str(b["max_numerical_rank"])]
+        rows = [[_trim(b["block"], 32), sci(b.get("rel_change")), count(b.get("params_changed")),
+                 count(b.get("params")), "-" if b.get("max_numerical_rank") is None else str(b["max_numerical_rank"])]
                 for b in blocks[:top]]
         lines += _table(rows, ["block", "rel change", "params changed", "params", "max rank"], "lrrrr")
 
@@ -138,8 +106,8 @@ def render_text(result: dict, top: int = 10) -> str:
         rows = []
         for t in tensors[:top]:
             r = t.get("rank") or {}
-            rows.append([_trim(t["name"]), t["status"], _shape(t.get("shape")), fmt_sci(t.get("rel_change")),
-                         _one_minus_cos(t), fmt_pct(t.get("frac_beyond_rounding")),
+            rows.append([_trim(t["name"]), t["status"], _shape(t.get("shape")), sci(t.get("rel_change")),
+                         _one_minus_cos(t), share(t.get("frac_beyond_rounding")),
                          "-" if r.get("energy_rank_99") is None else str(r["energy_rank_99"]),
                          "-" if not r else str(r.get("numerical_rank"))])
         lines += _table(rows, ["tensor", "status", "shape", "rel change", "1-cos", "beyond rnd", "rank99",
@@ -148,7 +116,7 @@ def render_text(result: dict, top: int = 10) -> str:
     if added:
         lines.append("")
         lines.append(f"added or removed tensors ({len(added)})")
-        rows = [[_trim(t["name"]), t["status"], _shape(t.get("shape")), fmt_int(t.get("numel"))] for t in added[:top]]
+        rows = [[_trim(t["name"]), t["status"], _shape(t.get("shape")), count(t.get("numel"))] for t in added[:top]]
         lines += _table(rows, ["tensor", "status", "shape", "params"], "lllr")
         if len(added) > top:
             lines.append(f"  ... and {len(added) - top} more (see --json)")

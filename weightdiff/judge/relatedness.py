@@ -15,11 +15,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .kernels.dtypes import DTYPES, decode
-from .options import Thresholds
+from ..kernels.dtypes import DTYPES, decode
+from ..options import Thresholds
+from .status import ratio
 
-__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "evidence", "judge", "rank_key", "sample_rows",
-           "sample_plan", "sampled_sums", "screen_estimate"]
+__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "looks_unrelated", "large_matrix_relatedness",
+           "counts_for_relatedness", "evidence", "judge", "rank_key", "sample_rows", "sample_plan",
+           "sampled_sums", "screen_estimate"]
 
 REFERENCE = {"relative_change": math.sqrt(2.0), "cosine": 0.0,
              "what": "two independently initialized models of the same shape"}
@@ -38,8 +40,63 @@ LIMITS = (
 )
 
 
-def _ratio(num: float, den: float) -> float | None:
-    return math.sqrt(num / den) if den > 0 else None
+_ratio = ratio     # sqrt(num) / sqrt(den): the one norm ratio of judge.status
+
+
+# ---------------------------------------------------------------- the one unrelated rule
+
+def looks_unrelated(cosine: float | None, rel_change: float | None, thresholds: Thresholds) -> bool | None:
+    """The unrelated rule, the only place its thresholds are compared: the large matrices
+    are near-orthogonal (weighted cosine below ``unrelated_cosine``) and far apart (their
+    relative change above ``unrelated_rel_change``), as between independent inits.
+    None when nothing was measured: the caller says what that means for its verdict.
+
+    >>> looks_unrelated(0.01, 1.41, Thresholds()), looks_unrelated(0.999, 0.02, Thresholds())
+    (True, False)
+    >>> looks_unrelated(None, None, Thresholds()) is None
+    True
+    """
+    if cosine is None or rel_change is None:
+        return None
+    return bool(cosine < thresholds.unrelated_cosine and rel_change > thresholds.unrelated_rel_change)
+
+
+def _field(row, key: str):
+    return row.get(key) if isinstance(row, dict) else getattr(row, key, None)
+
+
+def counts_for_relatedness(row, large: int | None) -> bool:
+    """Whether one tensor (a ``TensorRecord`` or a JSON row) is evidence of relatedness:
+    a paired matrix compared as floats with a finite cosine, not a norm gain or bias,
+    with at least ``large`` compared elements (any size when ``large`` is None)."""
+    if _field(row, "status") not in ("unchanged", "rounding", "changed", "resized"):
+        return False
+    if _field(row, "compared") not in ("float", "factors", None):
+        return False
+    cos = _field(row, "cosine")
+    if cos is None or not math.isfinite(cos):
+        return False
+    if _field(row, "module") in ("norm", "bias") or len(_field(row, "shape") or []) < 2:
+        return False
+    n = _field(row, "numel_compared") or _field(row, "numel") or 0
+    return large is None or n >= large
+
+
+def large_matrix_relatedness(rows, thresholds: Thresholds) -> tuple[float | None, float | None, int]:
+    """(element-weighted cosine, relative change, matrices) over the large matrices, over
+    all matrices when none is large; norm gains and biases never count."""
+    for large in (thresholds.large_matrix_numel, None):
+        chosen = [r for r in rows if counts_for_relatedness(r, large)]
+        if chosen:
+            w = [float(_field(r, "numel_compared") or _field(r, "numel")) for r in chosen]
+            cos = sum(wi * _field(r, "cosine") for wi, r in zip(w, chosen)) / sum(w)
+            nb2 = nd2 = 0.0
+            for r in chosen:
+                nb, nd = _field(r, "norm_base"), _field(r, "norm_delta")
+                if nb is not None and nd is not None and math.isfinite(nb) and math.isfinite(nd):
+                    nb2, nd2 = nb2 + nb * nb, nd2 + nd * nd
+            return cos, _ratio(nd2, nb2), len(chosen)
+    return None, None, 0
 
 
 def evidence(tensors: Sequence[dict], thresholds: Thresholds, tuned_params: int) -> dict:
@@ -49,7 +106,7 @@ def evidence(tensors: Sequence[dict], thresholds: Thresholds, tuned_params: int)
     norm_delta, cosine, compared and block. Large matrices: at least two dimensions
     and ``thresholds.large_matrix_numel`` compared elements.
     """
-    sb = sd = lb = ld = wcos = wsum = 0.0
+    sb = sd = 0.0
     n_cmp = n_ident = p_ident = shared = 0
     excluded = {"vectors": 0, "vector_params": 0, "small_matrices": 0, "small_matrix_params": 0}
     blocks: dict[str, list[float]] = {}
@@ -77,17 +134,14 @@ def evidence(tensors: Sequence[dict], thresholds: Thresholds, tuned_params: int)
         elif nc < thresholds.large_matrix_numel:
             excluded["small_matrices"] += 1
             excluded["small_matrix_params"] += nc
-        else:
-            lb += nb * nb
-            ld += nd * nd
-            if t.get("cosine") is not None and math.isfinite(t["cosine"]):
-                wcos += nc * t["cosine"]
-                wsum += nc
+    cos_large, rel_large, _ = large_matrix_relatedness(tensors, thresholds)
+    large_params = sum(int(t.get("numel_compared") or t["numel"]) for t in tensors
+                       if counts_for_relatedness(t, thresholds.large_matrix_numel))
     return {
         "relative_change": _ratio(sd, sb),
-        "relative_change_large": _ratio(ld, lb),
-        "cosine_large": wcos / wsum if wsum else None,
-        "large_params": int(wsum),
+        "relative_change_large": rel_large,
+        "cosine_large": cos_large,
+        "large_params": large_params,
         "identical_share": n_ident / n_cmp if n_cmp else None,
         "identical_params_share": p_ident / shared if shared else None,
         "tensors_compared": n_cmp,
@@ -99,15 +153,13 @@ def evidence(tensors: Sequence[dict], thresholds: Thresholds, tuned_params: int)
 
 
 def judge(cosine: float | None, rel_change: float | None, thresholds: Thresholds) -> str:
-    """``unrelated`` when large matrices are near-orthogonal and far apart, else ``derived``.
+    """A provenance candidate: ``unrelated`` by ``looks_unrelated``, and also when no large
+    matrix could be measured (no evidence of derivation), else ``derived``.
 
     >>> judge(0.01, 1.41, Thresholds()), judge(0.999, 0.02, Thresholds()), judge(None, None, Thresholds())
     ('unrelated', 'derived', 'unrelated')
     """
-    if cosine is None or rel_change is None:
-        return "unrelated"
-    return "unrelated" if cosine < thresholds.unrelated_cosine and rel_change > thresholds.unrelated_rel_change \
-        else "derived"
+    return "derived" if looks_unrelated(cosine, rel_change, thresholds) is False else "unrelated"
 
 
 def rank_key(c: dict) -> tuple:

@@ -35,9 +35,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, escape_name
-from .fileio import load_json, open_regular, os_problem, pread_into
-from .kernels.dtypes import DTYPES
+from ..errors import CheckpointError, escape_name
+from .files import load_json, open_regular, os_problem, pread_into
+from ..kernels.dtypes import DTYPES
 
 __all__ = [
     "WINDOW_BYTES", "HEADER_CAP", "QuantScheme", "TensorInfo", "SafetensorsFile", "parse_header",
@@ -53,7 +53,7 @@ HEADER_CAP: int = 100_000_000
 @dataclass(frozen=True)
 class QuantScheme:
     """How a logical tensor was quantized: the contract between a reader that dequantizes
-    (weightdiff.quantized, a GGUF reader) and the judge (docs/dev/contracts.md).
+    (weightdiff.io.quantized, a GGUF reader) and the judge (docs/dev/contracts.md).
 
     ``format``: "fp8", "fbgemm_fp8", "compressed-tensors", "gptq", "awq", "bitsandbytes",
     "mxfp4", "gguf"; ``scheme``: the human label ("int4 group 128, asym, GEMM order",
@@ -79,7 +79,7 @@ class TensorInfo:
 
     ``scheme`` names the stored quantization when the values handed out are decoded
     from it (a GGUF ``"Q4_K"`` tensor is read as F32); ``None`` for plain tensors. ``quant``
-    describes the quantization for the judge (QuantScheme; weightdiff.quantized)."""
+    describes the quantization for the judge (QuantScheme; weightdiff.io.quantized)."""
 
     name: str
     dtype: str

@@ -31,8 +31,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .kernels.assignment import linear_assignment
-from .kernels.dtypes import decode
+from ..kernels.assignment import linear_assignment
+from ..kernels.dtypes import decode
 
 __all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation",
            "detect_permutations", "undo", "neuron_vectors"]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, escape_name
-from .fileio import open_regular
-from .safetensors_io import TensorInfo, storage_of
+from ..errors import CheckpointError, escape_name
+from .files import open_regular
+from .safetensors_read import TensorInfo, storage_of
 
 __all__ = ["PICKLE_SUFFIXES", "load_pickle"]
 

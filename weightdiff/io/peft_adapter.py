@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CheckpointError, escape_name
-from .fileio import load_json, read_small
-from .safetensors_io import TensorInfo
+from ..errors import CheckpointError, escape_name
+from .files import load_json, read_small
+from .safetensors_read import TensorInfo
 
 __all__ = ["AdapterConfig", "LoraFactor", "read_adapter_config", "lora_factors", "JSON_CAP"]
 

@@ -24,11 +24,11 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, escape_name
-from .fileio import load_json, read_small
-from .kernels import quant as K
-from .kernels.dtypes import DTYPES, FP8_TABLES, decode
-from .safetensors_io import QuantScheme, TensorInfo
+from ..errors import CheckpointError, escape_name
+from .files import load_json, read_small
+from ..kernels import quant as K
+from ..kernels.dtypes import DTYPES, FP8_TABLES, decode
+from .safetensors_read import QuantScheme, TensorInfo
 
 __all__ = ["QuantScheme", "Source", "fold", "read_quant_config", "split_name", "ACTIVATION_SCALES"]
 

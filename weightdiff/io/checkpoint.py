@@ -29,12 +29,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .adapter import JSON_CAP, AdapterConfig, LoraFactor, lora_factors, read_adapter_config
-from .errors import CheckpointError, escape_name
-from .pickle_io import PICKLE_SUFFIXES, load_pickle
-from .fileio import load_json, open_regular, os_problem, pread_into, read_small
+from .peft_adapter import JSON_CAP, AdapterConfig, LoraFactor, lora_factors, read_adapter_config
+from ..errors import CheckpointError, escape_name
+from .pickle_read import PICKLE_SUFFIXES, load_pickle
 from .quantized import Source, fold, read_quant_config
-from .safetensors_io import SafetensorsFile, TensorInfo, array_windows, check_range, storage_of
+from .files import load_json, open_regular, os_problem, pread_into, read_small
+from .safetensors_read import SafetensorsFile, TensorInfo, array_windows, check_range, storage_of
 
 __all__ = ["AdapterConfig", "LoraFactor", "Checkpoint", "locate", "JSON_CAP"]
 
@@ -59,7 +59,7 @@ class Checkpoint:
         self._headers: dict[Path, dict[str, TensorInfo]] = {}
         self._pickle: tuple[Path, dict[str, np.ndarray]] | None = None
         #: quantized checkpoints: the stored tensors, the logical tensors' sources, and the
-        #: activation/KV-cache scales folded away (weightdiff.quantized)
+        #: activation/KV-cache scales folded away (weightdiff.io.quantized)
         self.stored: dict[str, TensorInfo] = tensors
         self.quant: dict[str, Source] = {}
         self.quant_config: dict | None = None
@@ -238,7 +238,7 @@ def locate(path: str | os.PathLike) -> Checkpoint:
 
 
 def _fold_quantized(ckpt: Checkpoint) -> None:
-    """Fold quantized weights and their companions into logical tensors (weightdiff.quantized)."""
+    """Fold quantized weights and their companions into logical tensors (weightdiff.io.quantized)."""
     try:
         qc, qc_error = read_quant_config(ckpt.root), None
     except CheckpointError as exc:         # a broken config.json matters only to a quantized model

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import WeightdiffError, escape_name
-from .fsutil import write_text
-from .render import memo as memo_mod
-from .render.captions import headline_sentences
-from .render.plots import FigureOutput, render_figures, save_figures
-from .render.population import population_sentences
+from ..errors import OptionsError, WeightdiffError, escape_name
+from ..fsutil import write_text
+from . import memo as memo_mod
+from .captions import headline_sentences
+from .plots import FigureOutput, render_figures, save_figures
+from .population import population_sentences
 
 SCHEMA = "weightdiff.compare/1"
 
@@ -58,18 +58,18 @@ def _kind(v: Any) -> str:
 def _check(where: str, key: str, value: Any, types: tuple, what: str) -> None:
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise WeightdiffError(f"{where}: `{key}` should be {what} (found {_kind(value)})",
-                              "was it written by weightdiff compare --json?")
+                              "was it written by weightdiff?")
 
 
 def validate_result(data: Any, where: str = "result") -> dict:
     """Check the keys and value types the renderers read; return ``data`` unchanged."""
     if not isinstance(data, dict):
-        raise WeightdiffError(f"{where}: expected a JSON object from weightdiff compare --json, found {_kind(data)}")
+        raise WeightdiffError(f"{where}: expected a JSON object written by weightdiff (a comparison result), found {_kind(data)}")
     schema = data.get("schema")
     if schema != SCHEMA:
         found = "no `schema` key" if schema is None else f"schema `{escape_name(str(schema))[:80]}`"
         raise WeightdiffError(f"{where}: expected schema `{SCHEMA}`, found {found}",
-                              "write it with weightdiff compare --json, or use the weightdiff version that wrote it")
+                              "use the weightdiff version that wrote it")
     num, opt_num, opt_int = _NUM, _NUM + (type(None),), (int, type(None))
     s = data.get("summary")
     _check(where, "summary", s, (dict,), "an object")
@@ -125,15 +125,15 @@ def load_result(path: str | os.PathLike) -> tuple[dict, str]:
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        raise WeightdiffError(f"{p}: no such file", "write one with weightdiff compare BASE TUNED --json FILE") from None
+        raise WeightdiffError(f"{p}: no such file", "save a comparison result as JSON first") from None
     except IsADirectoryError:
-        raise WeightdiffError(f"{p}: is a directory, expected a JSON file from weightdiff compare --json") from None
+        raise WeightdiffError(f"{p}: is a directory, expected a comparison result saved as JSON") from None
     except OSError as exc:
         raise WeightdiffError(f"{p}: cannot read ({exc.strerror})") from None
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=lambda c: None)
     except UnicodeDecodeError:
-        raise WeightdiffError(f"{p}: not UTF-8 text, expected a JSON file from weightdiff compare --json") from None
+        raise WeightdiffError(f"{p}: not UTF-8 text, expected a comparison result saved as JSON") from None
     except json.JSONDecodeError as exc:
         raise WeightdiffError(f"{p}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
                               "was the file cut short?") from None
@@ -199,7 +199,8 @@ def write_report(data: dict, *, html: str | os.PathLike | None = None, markdown:
     if plot_dir is None and md_p is not None:
         plot_dir = md_p.parent / f"{md_p.stem}_figures"
     if pdf and plot_dir is None:
-        raise WeightdiffError("--pdf writes figure files: give --plots DIR (or --markdown FILE) as well")
+        raise OptionsError("pdf figures are written as files: give a plots folder (or a Markdown memo) as well",
+                           option="pdf")
     formats = ("png", "svg", "pdf") if pdf else ("png", "svg")
     out = ReportOutputs(figures=[], headline=headline_sentences(data), plots=plot_dir)
     if population is not None:

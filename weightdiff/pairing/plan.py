@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Iterable, Protocol, Sequence
 
-from .blocknames import _vocab_like, is_embedding, is_lm_head
-from .errors import escape_name
+from .names import _vocab_like, is_embedding, is_lm_head
+from ..errors import escape_name
 
 __all__ = ["Pair", "Plan", "plan", "KINDS", "is_embedding", "is_lm_head", "CheckpointLike"]
 

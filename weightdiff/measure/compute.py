@@ -1,10 +1,10 @@
 """The one loop over tensor pairs: Pair -> backend kernels -> TensorRecord.
 
-For every pair of the plan (weightdiff.pairing) this module streams both tensors
+For every pair of the plan (weightdiff.pairing.plan) this module streams both tensors
 in aligned windows through the backend's ``delta_stats`` (one pass, float64
 accumulation, windows combined in a fixed order so the numbers do not depend on
 thread count or window placement), classifies the tensor, and, for changed
-matrices, hands whole tensors to weightdiff.rank. Only one pair's data is ever
+matrices, hands whole tensors to weightdiff.measure.rank. Only one pair's data is ever
 held, so memory is bounded by the largest tensor, not the model.
 """
 
@@ -17,12 +17,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .aggregate import classify
-from .checkpoint import Checkpoint
-from .kernels.dtypes import DTYPES
-from .options import CompareOptions
-from .pairing import Pair, Plan
-from .records import TensorRecord
+from ..io.checkpoint import Checkpoint
+from ..kernels.dtypes import DTYPES
+from ..options import CompareOptions, Thresholds
+from ..pairing.plan import Pair, Plan
+from ..records import TensorRecord
+from .backend import Backend
 
 #: elements per streamed window; fixed (not derived from the machine) so results are reproducible
 WINDOW_ELEMENTS = 1 << 24
@@ -30,25 +30,10 @@ WINDOW_ELEMENTS = 1 << 24
 Progress = Callable[[int, int, str], None]   # (elements done, elements total, current tensor name)
 
 
-@dataclass
-class Backend:
-    """The kernel module for a device: kernels.cpu (numba) or kernels.cuda (torch)."""
-
-    name: str
-    module: object
-    device: str = ""      # torch device for the "cuda" backend ("cuda"; tests use "cpu")
-
-    @classmethod
-    def for_options(cls, options: CompareOptions) -> "Backend":
-        if options.device == "cuda":
-            from .kernels import cuda
-
-            cuda.require_device("cuda")
-            return cls("cuda", cuda, "cuda")
-        from .kernels import cpu
-
-        cpu.set_threads(options.threads)
-        return cls("cpu", cpu)
+#: the judge stage's rule for one tensor's statistics -> "unchanged" | "rounding" | "changed"
+#: (``weightdiff.judge.status.classify``), handed in by the caller so measuring never
+#: decides what counts as a change
+Classify = Callable[[dict, "str | None", "str | None", Thresholds], str]
 
 
 def _elements(pair: Pair, shape: Sequence[int] | None) -> int:
@@ -80,7 +65,7 @@ def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
         acc = part if acc is None else k.combine(acc, part)
         on_window(len(wt))
     if acc is None:   # zero-size tensor
-        from .kernels import reference
+        from ..kernels import reference
 
         acc = reference.bytes_stats(np.zeros(0, np.uint8), np.zeros(0, np.uint8)) if opaque else \
             reference.delta_stats(np.zeros(0, np.float32), np.zeros(0, np.float32), "F32", "F32")
@@ -97,9 +82,10 @@ def _fill(record: TensorRecord, fields: dict) -> None:
 
 
 def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, options: CompareOptions,
-                 backend: Backend, on_window: Callable[[int], None] = lambda n: None) -> TensorRecord:
+                 backend: Backend, classify: Classify,
+                 on_window: Callable[[int], None] = lambda n: None) -> TensorRecord:
     """Measure one pair of the plan and return its record (status, stats, rank)."""
-    from .kernels import reference
+    from ..kernels import reference
 
     shape_t = list(pair.shape_tuned) if pair.shape_tuned is not None else None
     shape_b = list(pair.shape_base) if pair.shape_base is not None else None
@@ -173,7 +159,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             base.read(pair.base_name), tuned.read(tuned_name), pair.dtype_base, pair.dtype_tuned,
             tuple(shape_t), float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
             k=options.rank_k, seed=options.seed, exact_max=options.exact_svd_max,
-            device=options.device, noise_factor=thr.noise_floor_factor, subspace=options.subspace)
+            backend=backend, noise_factor=thr.noise_floor_factor, subspace=options.subspace)
     return rec
 
 
@@ -185,7 +171,7 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     a = tuned.read(lf.a_name)
     b = tuned.read(lf.b_name)
     dt_a = tuned.tensors[lf.a_name].dtype
-    from .kernels.dtypes import decode
+    from ..kernels.dtypes import decode
 
     a64 = decode(a, dt_a).reshape(a.shape[0], -1)
     b64 = decode(b, tuned.tensors[lf.b_name].dtype).reshape(b.shape[0], -1)
@@ -220,14 +206,14 @@ def streamed(pair: Pair) -> int:
 
 
 def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint], tuned: Checkpoint,
-                 options: CompareOptions, progress: Progress | None = None) -> list[TensorRecord]:
+                 options: CompareOptions, backend: Backend, classify: Classify,
+                 progress: Progress | None = None) -> list[TensorRecord]:
     """The records of ``plan.pairs[i]`` for each ``i`` in ``indices``, in that order.
 
     The whole comparison is ``indices = range(len(plan.pairs))``; a split comparison gives
     each worker a share and puts the records back in plan order (weightdiff.split). A
     record depends only on its pair and the options, so the shares give the same records.
     """
-    backend = Backend.for_options(options)
     pairs = [plan.pairs[i] for i in indices]
     total = sum(streamed(p) for p in pairs)
     done = 0
@@ -241,15 +227,16 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
             if progress is not None:
                 progress(done, total, _name)
 
-        records.append(compute_pair(pair, bases, tuned, options, backend, on_window))
+        records.append(compute_pair(pair, bases, tuned, options, backend, classify, on_window))
     if progress is not None:
         progress(total, total, "")
     return records
 
 
 def compute_all(plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint, options: CompareOptions,
+                backend: Backend, classify: Classify,
                 progress: Progress | None = None) -> tuple[list[TensorRecord], float]:
     """Run every pair of the plan in order; returns the records and the seconds spent."""
     t0 = time.perf_counter()
-    records = compute_some(plan, range(len(plan.pairs)), bases, tuned, options, progress)
+    records = compute_some(plan, range(len(plan.pairs)), bases, tuned, options, backend, classify, progress)
     return records, time.perf_counter() - t0

@@ -29,17 +29,16 @@ import math
 
 import numpy as np
 
-from .kernels import spectral
-from .kernels.dtypes import DTYPES, decode
-from .records import RankRecord
+from ..kernels import spectral
+from ..kernels.dtypes import DTYPES, decode
+from ..records import RankRecord
+from .backend import CPU_SPECTRA as CPU, Backend
 
 __all__ = ["analyze_delta", "analyze_factors", "decode_delta", "noise_profile", "noise_floor",
            "DEFAULT_EXACT_MAX"]
 
 #: smaller side up to which the CPU computes the full spectrum (see docs/rank.md for the timing)
 DEFAULT_EXACT_MAX = 1024
-#: matrices up to this many elements use LAPACK directly rather than the Gram matrix
-LAPACK_MAX_ELEMENTS = 1 << 18
 _BLOCK = 1 << 20          # elements per row block of the bounded-memory loops
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -80,28 +79,14 @@ def decode_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, d
                  shape2: tuple[int, int]) -> np.ndarray:
     """float32 ``T - B`` as an ``m x n`` array; pairs with a non-finite side give 0.
 
-    Uses the numba ``kernels.cpu.decode_delta_f32`` when it exists, else numpy row blocks,
-    so the only full-size allocation is the result.
+    One pass of the numba ``kernels.cpu.decode_delta_f32`` (its numpy twin is
+    ``kernels.reference.decode_delta_f32``), so the only full-size allocation is the result.
     """
-    m, n = shape2
-    out = np.empty((m, n), dtype=np.float32)
-    try:
-        from .kernels.cpu import decode_delta_f32  # type: ignore[attr-defined]
-    except ImportError:
-        decode_delta_f32 = None
+    from ..kernels.cpu import decode_delta_f32
+
+    out = np.empty(shape2, dtype=np.float32)
     b2, t2 = _bits(base_raw, dtype_base, shape2), _bits(tuned_raw, dtype_tuned, shape2)
-    if decode_delta_f32 is not None:
-        decode_delta_f32(b2.reshape(-1), t2.reshape(-1), dtype_base, dtype_tuned, out.reshape(-1))
-        return out
-    step = _rows(m, n)
-    with np.errstate(invalid="ignore", over="ignore"):
-        for i in range(0, m, step):
-            tb = _to_float(t2[i:i + step], dtype_tuned)
-            bb = _to_float(b2[i:i + step], dtype_base)
-            d = tb - bb
-            if not np.isfinite(d).all():
-                d = np.where(np.isfinite(tb) & np.isfinite(bb), d, 0)
-            out[i:i + step] = d
+    decode_delta_f32(b2.reshape(-1), t2.reshape(-1), dtype_base, dtype_tuned, out.reshape(-1))
     return out
 
 
@@ -175,28 +160,6 @@ def noise_floor(rows: np.ndarray, cols: np.ndarray) -> tuple[float, float]:
     return math.sqrt(float(rows.max())) + math.sqrt(float(cols.max())), rms
 
 
-# --- spectra on the chosen backend ---------------------------------------------------------
-
-def _spectrum(d: np.ndarray, k: int, seed: int, exact_max: int, device: str) -> tuple[np.ndarray, str]:
-    """Singular values of ``d`` and the method name: the full spectrum or the top k."""
-    m, n = d.shape
-    r = min(m, n)
-    if device == "cpu":
-        if r <= exact_max:
-            if m * n <= LAPACK_MAX_ELEMENTS:
-                return spectral.svdvals_exact(d), "exact"
-            return spectral.svdvals_gram(d), "gram"
-        return spectral.randomized_svd(d, k, seed=seed), "randomized"
-    import torch
-
-    t = torch.from_numpy(d).to(device)
-    if r <= exact_max:
-        if m * n <= LAPACK_MAX_ELEMENTS:
-            return spectral.svdvals_exact_torch(t), "exact"
-        return spectral.svdvals_gram_torch(t), "gram"
-    return spectral.randomized_svd_torch(t, k, seed=seed), "randomized"
-
-
 def _record(s: np.ndarray, method: str, norm_sq: float, shape2: tuple[int, int], k: int,
             floor: float, noise_factor: float, extra: dict) -> RankRecord:
     r = min(shape2)
@@ -216,7 +179,7 @@ def _record(s: np.ndarray, method: str, norm_sq: float, shape2: tuple[int, int],
 
 def analyze_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, dtype_tuned: str,
                   shape: tuple[int, ...], norm_delta_sq: float, *, k: int = 64, seed: int = 0,
-                  exact_max: int = DEFAULT_EXACT_MAX, device: str = "cpu", noise_factor: float = 1.5,
+                  exact_max: int = DEFAULT_EXACT_MAX, backend: Backend | None = None, noise_factor: float = 1.5,
                   subspace: bool = False) -> RankRecord:
     """The ``rank`` block of one changed matrix from its whole base and tuned tensors.
 
@@ -236,7 +199,7 @@ def analyze_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, 
     if norm_delta_sq == 0:
         s, method = np.zeros(min(shape2)), "exact"
     else:
-        s, method = _spectrum(d, k, seed, exact_max, device)
+        s, method = (backend or CPU).spectrum(d, k, seed, exact_max)
     del d
     rec = _record(s, method, norm_delta_sq, shape2, k, floor, noise_factor, extra)
     if not rec.exact:
@@ -244,7 +207,7 @@ def analyze_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, 
                                 "fields in `bounds` are lower bounds, those in `estimated` approximate")
     if subspace:
         extra.update(weight_subspace(base_raw, tuned_raw, dtype_base, dtype_tuned, shape2, k=k, seed=seed,
-                                     exact_max=exact_max, device=device))
+                                     exact_max=exact_max, backend=backend))
     return rec
 
 
@@ -268,7 +231,7 @@ def _decode_matrix(raw: np.ndarray, dtype: str, shape2: tuple[int, int]) -> np.n
 
 def weight_subspace(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, dtype_tuned: str,
                     shape2: tuple[int, int], *, k: int = 64, seed: int = 0,
-                    exact_max: int = DEFAULT_EXACT_MAX, device: str = "cpu") -> dict:
+                    exact_max: int = DEFAULT_EXACT_MAX, backend: Backend | None = None) -> dict:
     """Rank of the weights themselves and how far the fine-tune turned their top-k subspaces.
 
     For base W and tuned W': effective and stable rank of each (full spectrum when
@@ -278,18 +241,15 @@ def weight_subspace(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str
     ``cos^2`` (1: same subspace; ``k / min(m, n)`` expected for unrelated random ones).
     Both sides use the same sketch, so identical weights give overlap exactly 1.
     """
+    backend = backend or CPU
     out: dict = {}
     vecs = []
     for side, raw, dtype in (("base", base_raw, dtype_base), ("tuned", tuned_raw, dtype_tuned)):
         w = _decode_matrix(raw, dtype, shape2)
         total = _sum_sq(w)
-        s_full, method = (_spectrum(w, k, seed, exact_max, device) if min(shape2) <= exact_max
+        s_full, method = (backend.spectrum(w, k, seed, exact_max) if min(shape2) <= exact_max
                           else (None, "randomized"))
-        if device == "cpu":
-            u, s, vt = spectral.randomized_svd(w, k, seed=seed, vectors=True)
-        else:
-            import torch
-            u, s, vt = spectral.randomized_svd_torch(torch.from_numpy(w).to(device), k, seed=seed, vectors=True)
+        u, s, vt = backend.top_vectors(w, k, seed)
         del w
         f = (spectral.spectrum_fields(s_full, 0.0) if s_full is not None
              else spectral.partial_spectrum_fields(s, total, min(shape2), 0.0))
@@ -327,7 +287,7 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
     ``diag(c) scale b a`` only, and the row rescaling ``diag(c - 1) W`` (full rank) is
     reported in ``extra`` but not in the spectrum: ``exact`` is then False.
     """
-    from .kernels import reference
+    from ..kernels import reference
 
     m, n = shape_2d(shape)
     a = np.asarray(a, dtype=np.float64).reshape(a.shape[0], -1)

@@ -7,7 +7,7 @@ BERT/RoBERTa and ViT (``encoder.layer.N.attention.self.query``), T5
 (``encoder.block.N.layer.M.SelfAttention.q``), vision-encoder-decoder composites
 (``decoder.transformer.h.N.crossattention.q_attn``), and a generic fallback (the
 first decimal component is the block, the last name component the kind). It never
-raises: odd names land in a block named after what is there. ``weightdiff.aggregate``
+raises: odd names land in a block named after what is there. ``weightdiff.judge.aggregate``
 rolls records up with it.
 
 >>> parse_name("model.layers.3.self_attn.q_proj.weight")

@@ -14,7 +14,7 @@ import json
 import os
 import stat
 
-from .errors import CheckpointError, escape_name
+from ..errors import CheckpointError, escape_name
 
 __all__ = ["open_regular", "pread_into", "read_small", "load_json", "os_problem"]
 

@@ -19,8 +19,8 @@ from typing import Mapping, Union
 
 import numpy as np
 
-from .kernels.dtypes import DTYPES, FP8_TABLES, byte_length, storage_dtype
-from .fsutil import atomic_writer
+from ..kernels.dtypes import DTYPES, FP8_TABLES, byte_length, storage_dtype
+from ..fsutil import atomic_writer
 
 #: a tensor to write: a numpy array (dtype inferred) or (dtype name, raw stored array)
 TensorLike = Union[np.ndarray, "tuple[str, np.ndarray]"]

@@ -1,0 +1,111 @@
+"""Aggregation: tensor records -> blocks and module kinds.
+
+Pure Python over ``TensorRecord``s (no arrays). ``aggregate`` fills each record's block
+and module (``weightdiff.pairing.names.parse_name``) and rolls records up per block and
+per module kind, with the per-record rules of ``judge.status``. It judges nothing: the
+verdict is the next, separate step (``judge.verdict.summarise``). Definitions follow
+DESIGN.md; docs/pairing.md has worked examples.
+
+>>> r = TensorRecord("h.0.w", "h.0.w", "changed", [4, 4], [4, 4], "F32", "F32", 16, 16,
+...                  norm_base=4.0, norm_delta=1.0, cosine=0.97, frac_changed=1.0, frac_beyond_rounding=1.0)
+>>> blocks, modules = aggregate([r], Thresholds())
+>>> blocks[0].block, blocks[0].rel_change, blocks[0].delta_params
+('h.0', 0.25, 16)
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..pairing.names import group_of, parse_name
+from ..options import Thresholds
+from ..records import BlockRecord, TensorRecord
+from .status import delta_params_of, extra_rows, is_changed, is_mismatch, is_tied, norms_sq, ratio
+
+__all__ = ["aggregate"]
+
+
+# ---------------------------------------------------------------- roll-up
+
+class _Acc:
+    """Running sums of one block or module kind."""
+
+    def __init__(self) -> None:
+        self.params = self.params_changed = self.tensors = self.tensors_changed = self.delta = 0
+        self.nb2 = self.nd2 = 0.0
+        self.max_rank: int | None = None
+        self.modules: dict[str, list[float]] = {}
+
+    def add(self, rec: TensorRecord, thresholds: Thresholds, module: str | None = None) -> None:
+        changed = is_changed(rec, thresholds)
+        dp_changed, dp_added = delta_params_of(rec, thresholds)
+        self.params += rec.numel
+        self.tensors += 1
+        if rec.status == "added":
+            self.params_changed += rec.numel
+        elif changed:
+            self.params_changed += rec.numel if is_mismatch(rec) or rec.status != "resized" else \
+                rec.numel_compared + extra_rows(rec)
+        else:
+            self.params_changed += extra_rows(rec)
+        self.tensors_changed += changed or rec.status == "added" or extra_rows(rec) > 0
+        self.delta += dp_changed + dp_added
+        sq = norms_sq(rec)
+        if sq is not None:
+            self.nb2 += sq[0]
+            self.nd2 += sq[1]
+            if module is not None:
+                m = self.modules.setdefault(module, [0.0, 0.0])
+                m[0] += sq[0]
+                m[1] += sq[1]
+        if changed and rec.rank is not None:
+            self.max_rank = max(self.max_rank or 0, int(rec.rank.numerical_rank))
+
+    def as_dict(self) -> dict:
+        return {"tensors": self.tensors, "tensors_changed": self.tensors_changed, "params": self.params,
+                "params_changed": self.params_changed, "rel_change": ratio(self.nd2, self.nb2),
+                "norm_base": math.sqrt(self.nb2), "norm_delta": math.sqrt(self.nd2), "delta_params": self.delta,
+                "max_numerical_rank": self.max_rank}
+
+
+def aggregate(records: list[TensorRecord], thresholds: Thresholds) -> tuple[list[BlockRecord], dict[str, dict]]:
+    """Fill ``block``/``module`` of every record; return (blocks, module kinds).
+
+    Blocks come in model order: ``embeddings`` (tensors outside blocks that embed),
+    the numbered blocks (namespace by first appearance, then index), ``head`` (every
+    other tensor outside blocks). Removed base tensors and tied-head rows (the tuned
+    embedding shown again against the base head) are left out of blocks and modules.
+    """
+    for rec in records:
+        rec.block, _, rec.module = parse_name(rec.name)
+    counted = [r for r in records if not is_tied(r)]
+    live = [r for r in counted if r.status != "removed"]
+
+    blocks: dict[str, _Acc] = {}
+    index: dict[str, int | None] = {}
+    namespaces: dict[str, int] = {}
+    modules: dict[str, _Acc] = {}
+    for rec in live:
+        label = rec.block if rec.block is not None else group_of(rec.name, rec.module)
+        if label not in blocks:
+            blocks[label] = _Acc()
+            index[label] = parse_name(rec.name)[1] if rec.block is not None else None
+            namespaces.setdefault(label.rsplit(".", 1)[0] if rec.block is not None else label, len(namespaces))
+        blocks[label].add(rec, thresholds, rec.module)
+        modules.setdefault(rec.module, _Acc()).add(rec, thresholds)
+
+    def order(label: str) -> tuple:
+        if index[label] is None:
+            return (0 if label == "embeddings" else 2, 0, 0, label)
+        return (1, namespaces[label.rsplit(".", 1)[0]], index[label], label)
+
+    block_records = []
+    for label in sorted(blocks, key=order):
+        acc = blocks[label]
+        block_records.append(BlockRecord(
+            block=label, index=index[label], params=acc.params, params_changed=acc.params_changed,
+            tensors=acc.tensors, tensors_changed=acc.tensors_changed, rel_change=ratio(acc.nd2, acc.nb2),
+            norm_base=math.sqrt(acc.nb2), norm_delta=math.sqrt(acc.nd2), delta_params=acc.delta,
+            max_numerical_rank=acc.max_rank, modules={k: ratio(v[1], v[0]) for k, v in acc.modules.items()}))
+    module_dicts = {k: acc.as_dict() for k, acc in modules.items()}
+    return block_records, module_dicts

@@ -1,0 +1,168 @@
+"""What counts as a change: the one home of per-tensor accounting.
+
+``classify`` turns one tensor's kernel statistics into a status (``unchanged``,
+``rounding``, ``changed``); ``is_changed`` says whether a record carries a change beyond
+rounding; ``delta_params_of`` how many parameters it takes to write that change down;
+``rank_upper`` which end of a rank bracket a claim must use. The measure stage receives
+``classify`` from the caller (it decides whether the rank pass runs) and never judges on
+its own; ``judge.aggregate`` and ``judge.verdict`` build on these rules. Definitions
+follow DESIGN.md; docs/pairing.md has worked examples.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..kernels.dtypes import DTYPES
+from ..options import Thresholds
+from ..records import TensorRecord
+
+__all__ = ["classify", "is_changed", "is_mismatch", "is_tied", "delta_params_of", "rank_upper", "matrix_dims",
+           "extra_rows", "norms_sq", "ratio", "bytes_per", "PAIRED"]
+
+
+PAIRED = ("unchanged", "rounding", "changed", "resized")
+
+
+def is_tied(rec: TensorRecord) -> bool:
+    """A tied LM head row: the tuned embedding again, shown against the base head, counted once."""
+    return bool(getattr(rec, "tied", False)) or (rec.note or "").startswith("tied:")
+
+
+def is_mismatch(rec: TensorRecord) -> bool:
+    return rec.status == "resized" and rec.compared == "none"
+
+
+def is_changed(rec: TensorRecord, thresholds: Thresholds) -> bool:
+    """The record carries a change beyond rounding (a resized tensor: in its shared rows)."""
+    if rec.status == "changed":
+        return True
+    if rec.status != "resized":
+        return False
+    if is_mismatch(rec):
+        return True
+    if rec.frac_beyond_rounding is not None:
+        return rec.frac_beyond_rounding > thresholds.rounding_frac
+    return rec.frac_changed is None or rec.frac_changed > 0
+
+
+def matrix_dims(rec: TensorRecord) -> tuple[int, int] | None:
+    """(m, n) of the compared part of a matrix (rows x rest), None for vectors."""
+    if rec.rank is not None and rec.rank.shape_2d and min(rec.rank.shape_2d) > 0:
+        return int(rec.rank.shape_2d[0]), int(rec.rank.shape_2d[1])
+    shape = rec.shape or []
+    if len(shape) < 2:
+        return None
+    rest = math.prod(shape[1:])
+    rows = rec.numel_compared // rest if rec.status == "resized" and rest and rec.numel_compared else shape[0]
+    return int(rows), int(rest)
+
+
+def extra_rows(rec: TensorRecord) -> int:
+    """Elements of a resized tensor beyond the compared rows (new vocabulary rows)."""
+    if rec.status != "resized" or is_mismatch(rec):
+        return 0
+    return max(0, rec.numel - rec.numel_compared)
+
+
+def delta_params_of(rec: TensorRecord, thresholds: Thresholds) -> tuple[int, int]:
+    """(changed, added) parameters needed to write this record's change down.
+
+    A changed matrix m x n costs min(m n, energy_rank_99 (m + n)), or m n without a rank
+    record; a changed vector costs its elements; added tensors and new rows cost their
+    elements; a mismatched shape costs the whole tuned tensor; rounding costs nothing.
+
+    >>> from weightdiff.records import RankRecord
+    >>> r = TensorRecord("w", "w", "changed", [100, 50], [100, 50], "F32", "F32", 5000, 5000)
+    >>> r.rank = RankRecord(1.0, 1.0, 2, 4, 4, 0.0, [], 1.0, shape_2d=(100, 50))
+    >>> delta_params_of(r, Thresholds())
+    (600, 0)
+    """
+    if rec.status == "added":
+        return 0, rec.numel
+    if rec.status == "removed" or is_tied(rec):
+        return 0, 0
+    if is_mismatch(rec):
+        return rec.numel, 0
+    added = extra_rows(rec)
+    if not is_changed(rec, thresholds):
+        return 0, added
+    dims = matrix_dims(rec)
+    if dims is None:
+        return (rec.numel_compared if rec.status == "resized" else rec.numel), added
+    m, n = dims
+    r99 = rank_upper(rec, "energy_rank_99")
+    cost = m * n if r99 is None else min(m * n, int(r99) * (m + n))
+    return cost, added
+
+
+def bytes_per(dtype: str | None) -> float:
+    return DTYPES[dtype].bits / 8 if dtype in DTYPES else 4.0
+
+
+def ratio(num_sq: float, den_sq: float) -> float | None:
+    return math.sqrt(num_sq) / math.sqrt(den_sq) if den_sq > 0 else None
+
+
+def norms_sq(rec: TensorRecord) -> tuple[float, float] | None:
+    """(norm_base^2, norm_delta^2) of a paired record with finite norms, else None."""
+    if rec.status not in PAIRED or rec.norm_base is None or rec.norm_delta is None:
+        return None
+    nb, nd = float(rec.norm_base), float(rec.norm_delta)
+    if not (math.isfinite(nb) and math.isfinite(nd)):
+        return None
+    return nb * nb, nd * nd
+
+
+def rank_upper(rec: TensorRecord, field: str) -> int | None:
+    """A rank field, or its upper bound when only the top k singular values are known.
+
+    With a partial spectrum (``rank.exact`` False) the field holds a lower bound and
+    ``rank.bounds[field]`` the range; claims such as "low-rank" and the cost of writing
+    the change down must hold for the whole range, so they use the upper end.
+    """
+    r = rec.rank
+    if r is None:
+        return None
+    bounds = getattr(r, "bounds", None) or {}
+    if field in bounds and bounds[field] and bounds[field][-1] is not None:
+        return int(math.ceil(bounds[field][-1]))
+    value = getattr(r, field, None)
+    return None if value is None else int(value)
+
+
+def classify(stats: dict, dtype_base: str | None, dtype_tuned: str | None, thresholds: Thresholds) -> str:
+    """``unchanged`` | ``rounding`` | ``changed`` from one tensor's kernel statistics.
+
+    No stored value differs -> unchanged; every difference within half an ulp of the
+    coarser dtype (share beyond rounding at most ``thresholds.rounding_frac``) and the
+    values are floats -> rounding; otherwise changed. Accepts counts (``n_changed``,
+    ``n_beyond``, ``count``) or the finalized shares (``frac_changed``,
+    ``frac_beyond_rounding``). A NaN that appears where the base had a number is a change.
+
+    >>> classify({"frac_changed": 0.5, "frac_beyond_rounding": 0.0}, "F32", "BF16", Thresholds())
+    'rounding'
+    """
+    count = stats.get("count", stats.get("numel"))
+    changed = _share(stats, "n_changed", "frac_changed", count)
+    beyond = _share(stats, "n_beyond", "frac_beyond_rounding", count)
+    if changed is None:
+        return "changed"
+    if changed == 0:
+        return "unchanged"
+    floats = all(d is not None and d in DTYPES and DTYPES[d].kind == "float" for d in (dtype_base, dtype_tuned))
+    new_nonfinite = int(stats.get("nonfinite_tuned", 0) or 0) > int(stats.get("nonfinite_base", 0) or 0)
+    if floats and beyond is not None and beyond <= thresholds.rounding_frac and not new_nonfinite:
+        return "rounding"
+    return "changed"
+
+
+def _share(stats: dict, count_key: str, frac_key: str, count: Any) -> float | None:
+    v = stats.get(frac_key)
+    if v is None and stats.get(count_key) is not None:
+        n = float(stats[count_key])
+        v = n / float(count) if count else (0.0 if n == 0 else None)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return float(v)

@@ -1,0 +1,1 @@
+"""pairing stage of weightdiff."""

@@ -1,0 +1,109 @@
+"""The one set of number formats: every number a person reads is written here.
+
+The terminal, the captions and figures, the memo (HTML, Markdown), the headline
+sentences and the lineage and provenance texts all format numbers with these functions,
+so one quantity reads the same everywhere (docs/report.md lists the conventions). The
+JSON and the CSV keep full-precision numbers for machines.
+
+* ``count``: parameter, tensor and block counts, exact with thousands separators.
+* ``share``: a share of a whole as a percentage: one decimal from 1% up, three
+  significant digits below, never rounding a partial share to 0% or 100%.
+* ``sci``: 1 - cosine and relative change, two significant digits in scientific
+  notation without exponent padding (``4.6e-3``; ``1.4`` between 1 and 10), whatever
+  their size.
+* ``num``: other plain measurements (norms, seconds, ranks as floats): three
+  significant digits, scientific outside [0.01, 1000).
+* ``bound``: a value that is a bound prints with its sign (``≥ 64``), never bare.
+
+>>> count(6912000), share(0.1090), share(0.000731), share(0.99996), sci(0.0045512), num(12.345)
+('6,912,000', '10.9%', '0.0731%', '99.996%', '4.6e-3', '12.3')
+>>> bound(64, "lower"), bound(64, None)
+('≥ 64', '64')
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["MISSING", "count", "share", "sci", "num", "bound", "rank_text"]
+
+#: what a missing or non-finite value prints as
+MISSING = "n/a"
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def count(n: Any) -> str:
+    """``6912000`` -> ``'6,912,000'``."""
+    return f"{int(n):,}" if _finite(n) else MISSING
+
+
+def share(x: Any) -> str:
+    """A share in [0, 1] as a percentage (see the module docstring).
+
+    >>> share(0), share(1), share(0.5), share(3e-9), share(0.9999999)
+    ('0%', '100%', '50.0%', '0.0000003%', '99.99999%')
+    """
+    if not _finite(x):
+        return MISSING
+    pct = 100.0 * x
+    if pct == 0:
+        return "0%"
+    if pct == 100:
+        return "100%"
+    if abs(pct) >= 1:
+        decimals = 1
+    else:
+        decimals = max(1, 2 - math.floor(math.log10(abs(pct))))
+    for d in range(decimals, 16):
+        text = f"{pct:.{d}f}"
+        if float(text) not in (0.0, 100.0):
+            if abs(pct) < 1:
+                text = text.rstrip("0")
+            return text + "%"
+    return f"{pct!r}%"
+
+
+def sci(x: Any, digits: int = 2) -> str:
+    """Scientific notation, no exponent padding: ``0.000123`` -> ``'1.2e-4'``; 0 -> ``'0'``."""
+    if not _finite(x):
+        return MISSING
+    if x == 0:
+        return "0"
+    mant, exp = f"{x:.{digits - 1}e}".split("e")
+    return mant if int(exp) == 0 else f"{mant}e{int(exp)}"
+
+
+def num(x: Any, digits: int = 3) -> str:
+    """A plain decimal between 0.01 and 1000 (``0.0423``, ``12.5``), scientific outside."""
+    if not _finite(x):
+        return MISSING
+    if x == 0:
+        return "0"
+    if 0.01 <= abs(x) < 1000:
+        return f"{x:.{digits}g}"
+    return sci(x, digits)
+
+
+def bound(value: Any, kind: str | None, fmt=count) -> str:
+    """A value with its bound sign: ``kind`` is ``"lower"`` (≥), ``"upper"`` (≤) or None (exact)."""
+    text = fmt(value)
+    if text == MISSING or kind is None:
+        return text
+    return {"lower": "≥ ", "upper": "≤ "}[kind] + text
+
+
+def rank_text(rank: dict | None, field: str = "numerical_rank") -> str:
+    """A rank field of a tensor's ``rank`` block: exact as a count, a bracket ``[lo, hi]``
+    as ``≥ lo`` (the field holds the lower end), an estimate as ``~value``."""
+    if not rank or rank.get(field) is None:
+        return MISSING
+    bounds = rank.get("bounds") or {}
+    if field in bounds and bounds[field]:
+        return bound(bounds[field][0], "lower")
+    if field in (rank.get("estimated") or []):
+        return "~" + num(rank[field])
+    return count(rank[field])
