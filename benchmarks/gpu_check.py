@@ -109,7 +109,7 @@ def parity(device, lengths) -> list[str]:
 def throughput(device, params: int, window: int, threads: int | None) -> list[tuple]:
     import torch
 
-    from weightdiff.kernels import cpu, cuda
+    from weightdiff.kernels import cpu, cuda, cuda_stream
 
     rng = np.random.default_rng(1)
     t0 = time.perf_counter()
@@ -143,9 +143,9 @@ def throughput(device, params: int, window: int, threads: int | None) -> list[tu
         t0 = time.perf_counter()
         for b, t, _, _ in wins:
             for a in (b, t):
-                cuda.host_copy(host.numpy()[:a.nbytes], a.view(np.uint8))
+                cuda_stream.host_copy(host.numpy()[:a.nbytes], a.view(np.uint8))
         dt = time.perf_counter() - t0
-        rows.append((f"host copy into pinned, {cuda._copy_workers()} threads", dt, nbytes / dt / 1e9, None))
+        rows.append((f"host copy into pinned, {cuda_stream._copy_workers()} threads", dt, nbytes / dt / 1e9, None))
         devbuf = torch.empty(host.numel(), dtype=torch.uint8, device=dev)
         sync()
         t0 = time.perf_counter()

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from weightdiff.kernels import cpu, cuda, reference as ref  # noqa: E402
+from weightdiff.kernels import cpu, cuda, cuda_stream, reference as ref  # noqa: E402
 from weightdiff.kernels.reference import IDX  # noqa: E402
 
 from kernel_cases import PAIRS, assert_stats_close, make_pair  # noqa: E402
@@ -192,7 +192,7 @@ def test_host_copy_in_slices(rng, monkeypatch):
     for n in (0, 999, 1000, 100_003):
         src = rng.integers(0, 256, n, dtype=np.uint8)
         dst = np.zeros(n, np.uint8)
-        cuda.host_copy(dst, src)
+        cuda_stream.host_copy(dst, src)
         np.testing.assert_array_equal(dst, src)
     with pytest.raises(ValueError, match="host_copy"):
-        cuda.host_copy(np.zeros(3, np.uint8), np.zeros(4, np.uint8))
+        cuda_stream.host_copy(np.zeros(3, np.uint8), np.zeros(4, np.uint8))

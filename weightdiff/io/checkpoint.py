@@ -360,7 +360,7 @@ def _sniff(path: Path) -> str | None:
 
 
 def _gguf(file: Path, shown: Path, root: Path) -> Checkpoint:
-    from .io.gguf_read import GGUFFile
+    from .gguf_read import GGUFFile
 
     with GGUFFile(file) as f:
         tensors, metadata = f.tensors, f.metadata
