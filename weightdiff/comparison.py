@@ -134,10 +134,10 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     elif kwargs:
         options = options_from_kwargs(CompareOptions, **{**_as_kwargs(options), **kwargs})
     backend = backend_for(options.device, options.threads)   # fails before any reading
-    base_paths = [base] if isinstance(base, (str, os.PathLike)) else list(base)
+    base_paths = [base] if isinstance(base, (str, os.PathLike, Checkpoint)) else list(base)
     with ExitStack() as stack:
-        bases = [stack.enter_context(locate(p)) for p in base_paths]
-        tuned_ck = stack.enter_context(locate(tuned))
+        bases = [_opened(stack, p) for p in base_paths]
+        tuned_ck = _opened(stack, tuned)
         the_plan = make_plan(bases, tuned_ck, include=options.include, exclude=options.exclude)
         if on_plan is not None:
             on_plan(the_plan)
@@ -162,6 +162,12 @@ def explain(result: Comparison) -> Comparison:
     data["summary"]["verdict_reason"] = result.summary.verdict_reason
     result.summary.headline = sentences.headline(data)
     return result
+
+
+def _opened(stack: ExitStack, where: PathLike | Checkpoint) -> Checkpoint:
+    """A checkpoint the caller already holds open (provenance, lineage: each header is read
+    once per command), or one located here and closed when the comparison ends."""
+    return where if isinstance(where, Checkpoint) else stack.enter_context(locate(where))
 
 
 def _as_kwargs(options: CompareOptions) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
@@ -85,22 +86,23 @@ def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
     if len(paths) < 2:
         raise OptionsError(f"a lineage needs at least two checkpoints (got {len(paths)})",
                            "list them oldest first: weightdiff lineage BASE SFT DPO")
-    for p in paths:       # fail on a bad path or header now, not after the first comparisons
-        if not os.path.exists(p):
-            raise CheckpointError(p, "no such file or directory")
-        with locate(p):
-            pass
     say = progress or (lambda message: None)
     t0 = time.perf_counter()
     steps = []
-    for a, b in zip(paths, paths[1:]):
-        say(f"comparing {a} -> {b}")
-        steps.append(step_summary(compare(a, b, options=options), a, b))
-    if len(paths) > 2:
-        say(f"comparing {paths[0]} -> {paths[-1]} (end to end)")
-        end = step_summary(compare(paths[0], paths[-1], options=options), paths[0], paths[-1])
-    else:
-        end = dict(steps[0])
+    with ExitStack() as stack:
+        opened = []
+        for p in paths:   # fail on a bad path or header now, not after the first comparisons; read each once
+            if not os.path.exists(p):
+                raise CheckpointError(p, "no such file or directory")
+            opened.append(stack.enter_context(locate(p)))
+        for (a, ca), (b, cb) in zip(zip(paths, opened), zip(paths[1:], opened[1:])):
+            say(f"comparing {a} -> {b}")
+            steps.append(step_summary(compare(ca, cb, options=options), a, b))
+        if len(paths) > 2:
+            say(f"comparing {paths[0]} -> {paths[-1]} (end to end)")
+            end = step_summary(compare(opened[0], opened[-1], options=options), paths[0], paths[-1])
+        else:
+            end = dict(steps[0])
     total = sum(s["norm_delta"] for s in steps)
     for s in steps:
         s["share_of_path"] = s["norm_delta"] / total if total > 0 else None

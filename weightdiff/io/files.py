@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import stat
+from pathlib import Path
 
 from ..errors import CheckpointError, escape_name
 
@@ -133,3 +134,63 @@ def read_small(path: Path, cap: int) -> bytes:
         return bytes(buf)
     finally:
         os.close(fd)
+
+
+class OpenCheckpointFile:
+    """The life of one open weights file, shared by every file reader (safetensors, GGUF).
+
+    Subclasses call ``_open(path)`` first in ``__init__`` (it opens the file with
+    ``open_regular`` and records its size), then parse their header and fill ``tensors``;
+    on any error during parsing they ``close()`` and re-raise. ``check_unchanged`` guards
+    every read against a file replaced or truncated since it was opened.
+    """
+
+    path: Path
+    size: int
+    tensors: dict
+
+    def _open(self, path: str | os.PathLike) -> int:
+        self._fd: int | None = None
+        self.path = Path(path)
+        fd, st = open_regular(self.path)
+        self._fd = fd
+        self.size = st.st_size
+        return fd
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(getattr(self, 'tensors', {}))} tensors)"
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return self._fd
+
+    def _info(self, name: str):
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor `{escape_name(name)}` in {self.path}") from None
+
+    def check_unchanged(self) -> None:
+        """Raise CheckpointError if the file's size differs from when it was opened."""
+        try:
+            size = os.fstat(self._open_fd()).st_size
+        except OSError as exc:
+            raise CheckpointError(self.path, f"cannot stat: {os_problem(exc)}") from None
+        if size != self.size:
+            raise CheckpointError(self.path, f"file changed while being read: it held {self.size:,} "
+                                             f"bytes, now {size:,} (overwritten or truncated?)")

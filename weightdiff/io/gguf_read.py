@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
-from .files import open_regular, os_problem, pread_into
+from .files import OpenCheckpointFile, os_problem, pread_into
 from .safetensors_read import TensorInfo, check_range, storage_of
 from .gguf_names import ARCHITECTURES, GENERATED, hf_name
 
@@ -222,7 +222,7 @@ def _version(gguf) -> str:
         return getattr(gguf, "__version__", "?")
 
 
-class GGUFFile:
+class GGUFFile(OpenCheckpointFile):
     """One open, fully validated GGUF file (a context manager), named as Hugging Face names.
 
     ``tensors`` maps Hugging Face names to ``TensorInfo`` (``dtype`` F32 for quantized
@@ -231,13 +231,10 @@ class GGUFFile:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self._fd: int | None = None
-        self.path = Path(path)
-        self._gguf = require_gguf(self.path)
-        fd, st = open_regular(self.path)
-        self._fd = fd
+        self._fd = None
+        self._gguf = require_gguf(Path(path))
+        self._open(path)
         try:
-            self.size = st.st_size
             self._open_header()
         except BaseException:
             self.close()
@@ -354,45 +351,6 @@ class GGUFFile:
             def decode(raw, qt=qt):
                 return deq(raw, qt)
         return _Layout(name, start, rows, cols, block, tsize, np.dtype(np.float32), decode, transform, heads)
-
-    # -- lifecycle -------------------------------------------------------------
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> "GGUFFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"GGUFFile({str(self.path)!r}, {len(getattr(self, 'tensors', {}))} tensors)"
-
-    def _open_fd(self) -> int:
-        if self._fd is None:
-            raise ValueError(f"{self.path} is closed")
-        return self._fd
-
-    def _info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise KeyError(f"no tensor `{escape_name(name)}` in {self.path}") from None
-
-    def check_unchanged(self) -> None:
-        """Raise CheckpointError if the file's size differs from when it was opened."""
-        try:
-            size = os.fstat(self._open_fd()).st_size
-        except OSError as exc:
-            raise CheckpointError(self.path, f"cannot stat: {os_problem(exc)}") from None
-        if size != self.size:
-            raise CheckpointError(self.path, f"file changed while being read: it held {self.size:,} "
-                                             f"bytes, now {size:,} (overwritten or truncated?)")
 
     # -- data ------------------------------------------------------------------
     def windows(self, name: str, max_elements: int | None = None, start: int = 0,

@@ -36,7 +36,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
-from .files import load_json, open_regular, os_problem, pread_into
+from .files import OpenCheckpointFile, load_json, os_problem, pread_into
 from ..kernels.dtypes import DTYPES
 
 __all__ = [
@@ -246,7 +246,7 @@ def check_range(info: TensorInfo, max_elements: int | None, start: int, stop: in
     return start, stop, max_elements or max(1, WINDOW_BYTES // itemsize)
 
 
-class SafetensorsFile:
+class SafetensorsFile(OpenCheckpointFile):
     """One open, fully validated safetensors file (a context manager).
 
     ``tensors`` maps names to ``TensorInfo`` in file order; ``metadata`` is the
@@ -254,13 +254,9 @@ class SafetensorsFile:
     """
 
     def __init__(self, path: str | os.PathLike, use_mmap: bool = True):
-        self.path = Path(path)
         self.use_mmap = use_mmap
-        self._fd: int | None = None
-        fd, st = open_regular(self.path)
-        self._fd = fd
+        fd = self._open(path)
         try:
-            self.size = st.st_size
             prefix = bytearray(min(8, self.size))
             pread_into(fd, memoryview(prefix), 0, self.path)
             n = header_length(bytes(prefix), self.size, self.path)
@@ -270,46 +266,6 @@ class SafetensorsFile:
         except BaseException:
             self.close()
             raise
-
-    # -- lifecycle -------------------------------------------------------------
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> "SafetensorsFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"SafetensorsFile({str(self.path)!r}, {len(self.tensors)} tensors)"
-
-    # -- data ------------------------------------------------------------------
-    def _open_fd(self) -> int:
-        if self._fd is None:
-            raise ValueError(f"{self.path} is closed")
-        return self._fd
-
-    def _info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise KeyError(f"no tensor `{escape_name(name)}` in {self.path}") from None
-
-    def check_unchanged(self) -> None:
-        """Raise CheckpointError if the file's size differs from when it was opened."""
-        try:
-            size = os.fstat(self._open_fd()).st_size
-        except OSError as exc:
-            raise CheckpointError(self.path, f"cannot stat: {os_problem(exc)}") from None
-        if size != self.size:
-            raise CheckpointError(self.path, f"file changed while being read: it held {self.size:,} "
-                                             f"bytes, now {size:,} (overwritten or truncated?)")
 
     def windows(self, name: str, max_elements: int | None = None, start: int = 0,
                 stop: int | None = None) -> Iterator[np.ndarray]:

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 
 from ..fsutil import write_bytes
 from . import captions as cap
+from .formats import sci, share
 from .plots import GREY, OKABE_ITO, STYLE, _figure, figure_bytes, text
 
 #: (column, axis label, name in sentences, comparison in sentences)
@@ -165,7 +166,7 @@ def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
     values = {"relative_change": s.get("relative_change"),
               "one_minus_cosine": None if cos is None else max(0.0, 1.0 - cos),
               "delta_params_share": s.get("delta_params_share")}
-    fmt = {"relative_change": cap.fmt_sci, "one_minus_cosine": cap.fmt_sci, "delta_params_share": cap.fmt_share}
+    fmt = {"relative_change": sci, "one_minus_cosine": sci, "delta_params_share": share}
     out = []
     for col, _, words, than in METRICS:
         v = values[col]
