@@ -387,7 +387,7 @@ def test_corrupt_pickle(tmp_path):
 def test_adapter_config_without_rank(tmp_path):
     d = tmp_path / "ad"
     d.mkdir()
-    (d / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     bad(d, "adapter config has r = None", d / "adapter_config.json")
 
 

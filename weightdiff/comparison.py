@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
 from ._version import __version__
+from .errors import CheckpointError, escape_name
 from .io.checkpoint import Checkpoint, locate
+from .io.peft_adapter import check_against_base, check_factor_values
 from .judge.aggregate import aggregate
 from .judge.status import classify
 from .judge.verdict import summarise
@@ -139,6 +141,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         bases = [_opened(stack, p) for p in base_paths]
         tuned_ck = _opened(stack, tuned)
         the_plan = make_plan(bases, tuned_ck, include=options.include, exclude=options.exclude)
+        check_adapter_plan(the_plan, bases, tuned_ck)
         if on_plan is not None:
             on_plan(the_plan)
         records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, backend, classify, progress)
@@ -168,6 +171,30 @@ def _opened(stack: ExitStack, where: PathLike | Checkpoint) -> Checkpoint:
     """A checkpoint the caller already holds open (provenance, lineage: each header is read
     once per command), or one located here and closed when the comparison ends."""
     return where if isinstance(where, Checkpoint) else stack.enter_context(locate(where))
+
+
+def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint) -> None:
+    """Every LoRA factor pair must modify a base weight it fits, with finite factors of a
+    measurable size: checked before the plan is shown (adapters are small to read).
+
+    A target the base lacks means the adapter belongs to another model: bad input, not an
+    "added" tensor that would make the verdict read derived.
+    """
+    from .kernels.dtypes import decode
+
+    for p in the_plan.pairs:
+        if p.lora is None:
+            continue
+        if p.kind != "lora":
+            where = ", ".join(str(b.path) for b in bases)
+            raise CheckpointError(tuned.files[0], f"LoRA target `{escape_name(p.lora.target)}` has no weight in "
+                                                  f"the base ({escape_name(where)}) to modify",
+                                  "is this adapter for another base model?")
+        check_against_base(p.lora, tuned.tensors, bases[p.base_index].tensors[p.base_name], tuned.adapter,
+                           tuned.files[0])
+        values = {n: decode(tuned.read(n), tuned.tensors[n].dtype)
+                  for n in (p.lora.a_name, p.lora.b_name, p.lora.magnitude_name) if n}
+        check_factor_values(p.lora, values, tuned.files[0])
 
 
 def _as_kwargs(options: CompareOptions) -> dict:

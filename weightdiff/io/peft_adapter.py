@@ -1,11 +1,20 @@
-"""PEFT LoRA adapters: ``adapter_config.json`` and the A/B factor pairs of each module.
+r"""PEFT LoRA adapters: ``adapter_config.json`` and the A/B factor pairs of each module.
 
 PEFT saves a LoRA update of module ``m`` as ``base_model.model.<m>.lora_A.weight`` [r, in]
 and ``...lora_B.weight`` [out, r] (embeddings: ``lora_embedding_A`` [r, vocab] and
 ``lora_embedding_B`` [dim, r], whose product is the transposed delta), plus
 ``lora_magnitude_vector`` for DoRA. The delta of ``<m>.weight`` is scale x B @ A with
 scale = alpha / r (alpha / sqrt(r) under rsLoRA), where ``rank_pattern`` and
-``alpha_pattern`` override r and alpha per module. r is read from A's shape.
+``alpha_pattern`` override r and alpha per module. GPT-2 style ``Conv1D`` layers store
+their weight as [in, out] (``fan_in_fan_out``): the delta is then (B @ A) transposed.
+
+The config is read strictly, as PEFT's own dataclass would type it: ``r`` a positive
+integer, ``lora_alpha`` a finite number, booleans real JSON booleans (``"false"`` is not
+false), ``peft_type`` LORA, patterns objects of module keys. Pattern keys are regular
+expressions for PEFT (``re.match(rf"(.*\.)?({key})$", module)``); a key whose matching
+could backtrack without bound (nested or alternated repetition, look-arounds, back
+references) is refused instead of run. Factor shapes are checked against the base weight
+before anything is computed, and factor values before they reach LAPACK.
 
 >>> AdapterConfig(8, 16.0, ["q_proj"], False, False, None, {}).scale
 2.0
@@ -18,17 +27,35 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import CheckpointError, escape_name
 from .files import load_json, read_small
 from .safetensors_read import TensorInfo
 
-__all__ = ["AdapterConfig", "LoraFactor", "read_adapter_config", "lora_factors", "JSON_CAP"]
+__all__ = ["AdapterConfig", "LoraFactor", "read_adapter_config", "lora_factors", "check_against_base",
+           "check_factor_values", "JSON_CAP"]
 
 #: largest adapter config / index accepted
 JSON_CAP = 100_000_000
 _PEFT_PREFIX = "base_model.model."
 _LORA_RE = re.compile(r"^(?P<mod>.+)\.(?:lora_(?P<ab>A|B)\.weight|lora_embedding_(?P<eab>A|B)"
                       r"|lora_magnitude_vector(?:\.weight)?)$")
+
+
+#: a pattern key is matched only when (module name length) ** (its repetitions + 1) stays under this
+_MATCH_BUDGET = 10_000_000
+_KEY_CAP = 1_000
+_R_CAP = 1 << 31
+#: |scale| x |A| x |B| above this: the delta's squared norms would overflow float64
+_DELTA_CAP = 1e150
+_BOOLS = ("use_rslora", "use_dora", "fan_in_fan_out")
+
+
+def _show(value: object) -> str:
+    """A config value for a message: short, escaped (a 400-digit integer is cut)."""
+    text = escape_name(repr(value) if not isinstance(value, str) else f'"{value}"')
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -42,6 +69,10 @@ class AdapterConfig:
     use_dora: bool
     base_model: str | None
     raw: dict = field(repr=False)
+    fan_in_fan_out: bool = False
+    path: Path | None = None
+    #: repetitions in each pattern key (checked safe to match when read)
+    repeats: dict = field(default_factory=dict, repr=False)
 
     @property
     def scale(self) -> float:
@@ -52,20 +83,86 @@ class AdapterConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def pattern(self, key: str, module: str, default):
-        """Per-module override from ``rank_pattern``/``alpha_pattern``, matched as PEFT does."""
+        """Per-module override from ``rank_pattern``/``alpha_pattern``, matched as PEFT's
+        ``get_pattern_key`` does (first key whose regex matches a dotted suffix of the name)."""
         for pat, value in (self.raw.get(key) or {}).items():
-            try:
-                if re.match(rf"(.*\.)?({pat})$", module):
-                    return value
-            except re.error:
-                continue
+            reps = self.repeats.get(pat)
+            if reps is None:
+                reps = _pattern_repeats(self.path, key, pat)
+            if max(len(module), 2) ** (reps + 1) > _MATCH_BUDGET:
+                raise CheckpointError(self.path, f"{key} key `{escape_name(pat[:60])}` is a regular expression too "
+                                                 f"costly to match against a module name of {len(module):,} "
+                                                 "characters", "use literal module names as keys")
+            if re.match(rf"(.*\.)?({pat})$", module):
+                return value
         return default
+
+
+def _pattern_repeats(path: Path | None, key: str, pat: str) -> int:
+    """Repetitions in pattern key ``pat``; CheckpointError for a key whose matching could blow up.
+
+    Backtracking stays polynomial when no repetition holds another repetition or an
+    alternation, and there are no back references or look-arounds; the match cost is then
+    at most about n ** (repetitions + 1) for a module name of n characters.
+
+    >>> _pattern_repeats(None, "alpha_pattern", "layers.0.q_proj"), _pattern_repeats(None, "alpha_pattern", r"layers\\.\\d+\\.q")
+    (0, 1)
+    """
+    try:                                   # the stdlib's own regex parser (it matches nothing)
+        from re import _constants as C, _parser as P
+    except ImportError:                    # Python 3.10
+        import sre_constants as C
+        import sre_parse as P
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(path, f"{key} key `{escape_name(pat[:60])}` {why}",
+                               "use literal module names as keys")
+
+    if len(pat) > _KEY_CAP:
+        raise refuse(f"is {len(pat):,} characters long (at most {_KEY_CAP:,})")
+    try:
+        tree = P.parse(pat)
+    except (re.error, RecursionError, OverflowError, ValueError) as exc:
+        raise refuse(f"is not a regular expression ({escape_name(str(exc))})") from None
+    repeats = (C.MAX_REPEAT, C.MIN_REPEAT, getattr(C, "POSSESSIVE_REPEAT", C.MAX_REPEAT))
+    plain = (C.LITERAL, C.NOT_LITERAL, C.ANY, C.IN, C.AT)
+    count = 0
+
+    def walk(items, inside: bool) -> None:
+        nonlocal count
+        for op, arg in items:
+            if op in plain:
+                continue
+            if op == C.SUBPATTERN:
+                walk(arg[-1], inside)
+            elif op == C.BRANCH:
+                if inside:
+                    raise refuse("repeats an alternation (catastrophic backtracking)")
+                for alt in arg[1]:
+                    walk(alt, inside)
+            elif op in repeats:
+                lo, hi, sub = arg
+                many = hi is C.MAXREPEAT or hi > 1
+                if many and inside:
+                    raise refuse("nests one repetition inside another (catastrophic backtracking)")
+                count += many
+                walk(sub, inside or many)
+            else:
+                raise refuse(f"uses {str(op).lower()}, which weightdiff does not match (no back references "
+                             "or look-arounds)")
+
+    try:
+        walk(tree, False)
+    except RecursionError:
+        raise refuse("is nested too deeply") from None
+    return count
 
 
 @dataclass
 class LoraFactor:
     """One LoRA pair: delta of ``target`` = scale x B @ A (transposed when ``embedding``:
-    PEFT stores embedding factors as A [r, vocab], B [dim, r])."""
+    PEFT stores embedding factors as A [r, vocab], B [dim, r]; and when ``transposed``:
+    a GPT-2 ``Conv1D`` base weight is stored [in, out])."""
 
     target: str
     a_name: str
@@ -74,25 +171,77 @@ class LoraFactor:
     r: int
     scale: float
     embedding: bool = False
+    transposed: bool = False
 
+
+def _bool(path: Path, raw: dict, key: str) -> bool:
+    value = raw.get(key)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise CheckpointError(path, f"adapter config has {key} = {_show(value)}, expected true or false")
+    return value
+
+
+def _number(path: Path, what: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(path, f"adapter config has {what} = {_show(value)}, expected a number")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise CheckpointError(path, f"adapter config has {what} = {_show(value)}, expected a finite number")
+    return out
+
+
+def _rank(path: Path, what: str, value: object) -> int:
+    if type(value) is not int or not 1 <= value < _R_CAP:
+        raise CheckpointError(path, f"adapter config has {what} = {_show(value)}, expected a positive integer",
+                              "only LoRA adapters are supported")
+    return value
 
 
 def read_adapter_config(path: Path) -> AdapterConfig:
     raw = load_json(read_small(path, JSON_CAP), path, "adapter config")
     if not isinstance(raw, dict):
         raise CheckpointError(path, "adapter config is not a JSON object")
-    r, alpha = raw.get("r"), raw.get("lora_alpha", raw.get("r"))
-    if type(r) is not int or r < 1:
-        raise CheckpointError(path, f"adapter config has r = {r!r}, expected a positive integer",
-                              "only LoRA adapters are supported")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise CheckpointError(path, f"adapter config has lora_alpha = {alpha!r}, expected a number")
-    targets = raw.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
+    kind = raw.get("peft_type")
+    if kind is not None and (not isinstance(kind, str) or kind.upper() != "LORA"):
+        raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA adapters are "
+                                    "supported (LoHa, LoKr, IA3 and others store different factors)")
+    r = _rank(path, "r", raw.get("r"))
+    alpha = _number(path, "lora_alpha", raw.get("lora_alpha", r))
+    flags = {k: _bool(path, raw, k) for k in _BOOLS}
+    repeats: dict[str, int] = {}
+    for key, check in (("alpha_pattern", _number), ("rank_pattern", _rank)):
+        pats = raw.get(key)
+        if pats is None:
+            continue
+        if not isinstance(pats, dict):
+            raise CheckpointError(path, f"adapter config has {key} = {_show(pats)}, expected an object "
+                                        "of module name -> value")
+        for pat, value in pats.items():
+            check(path, f"{key}[{_show(pat)}]", value)
+            repeats[pat] = _pattern_repeats(path, key, pat)
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    elif targets is None:
+        targets = []
+    elif not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise CheckpointError(path, f"adapter config has target_modules = {_show(targets)}, expected a "
+                                    "list of module names")
     base = raw.get("base_model_name_or_path")
-    return AdapterConfig(r, float(alpha), targets, bool(raw.get("use_rslora", False)),
-                         bool(raw.get("use_dora", False)), base if isinstance(base, str) else None, raw)
+    return AdapterConfig(r, alpha, list(targets), flags["use_rslora"], flags["use_dora"],
+                         base if isinstance(base, str) else None, raw, fan_in_fan_out=flags["fan_in_fan_out"],
+                         path=Path(path), repeats=repeats)
 
+
+def _is_float(info: TensorInfo) -> bool:
+    from ..kernels.dtypes import DTYPES
+
+    return DTYPES[info.dtype].kind == "float" and DTYPES[info.dtype].bits >= 8
 
 
 def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConfig) -> list[LoraFactor]:
@@ -110,13 +259,79 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         if a is None or b is None:
             raise CheckpointError(where, f"LoRA module `{escape_name(mod)}` has only one of its A/B factors")
         sa, sb = tensors[a].shape, tensors[b].shape
-        if len(sa) < 2 or len(sb) < 2 or sb[1] != sa[0]:
+        conv = len(sa) == 4 and len(sb) == 4 and not emb and tuple(sb[2:]) == (1, 1)
+        if not ((len(sa) == 2 and len(sb) == 2) or conv) or sb[1] != sa[0]:
             raise CheckpointError(where, f"LoRA factors of `{escape_name(mod)}` do not chain: "
-                                         f"A is {list(sa)}, B is {list(sb)}")
+                                         f"A is {list(sa)}, B is {list(sb)} (expected A [r, in], B [out, r])")
+        for n in (a, b, got.get("M")):
+            if n is not None and not _is_float(tensors[n]):
+                raise CheckpointError(where, f"LoRA tensor `{escape_name(n)}` is {tensors[n].dtype}; expected a "
+                                             "float dtype")
         module = mod.removeprefix(_PEFT_PREFIX)
-        alpha = float(config.pattern("alpha_pattern", module, config.lora_alpha))
         r = int(sa[0])
         if r == 0:
             raise CheckpointError(where, f"LoRA factors of `{escape_name(mod)}` have rank 0")
+        want = config.pattern("rank_pattern", module, config.r)
+        if r != want:
+            raise CheckpointError(where, f"LoRA factors of `{escape_name(mod)}` have rank {r} but "
+                                         f"adapter_config.json gives r = {want} for this module",
+                                  "factors and config from different adapters?")
+        alpha = float(config.pattern("alpha_pattern", module, config.lora_alpha))
         out.append(LoraFactor(module + ".weight", a, b, got.get("M"), r, config.scale_for(alpha, r), emb))
     return out
+
+
+def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base: TensorInfo,
+                       config: AdapterConfig | None, where: Path) -> None:
+    """Check that ``factor`` fits the base weight ``base`` (headers only) and set its orientation.
+
+    Linear: B @ A is [out, in] as the base weight; GPT-2 ``Conv1D`` (``fan_in_fan_out``)
+    stores [in, out], so the delta is transposed; embeddings store A [r, vocab],
+    B [dim, r] and the delta is (B @ A).T. A DoRA magnitude has one value per output
+    feature. Anything else is a CheckpointError naming the adapter file.
+    """
+    sa, sb, shape = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape), tuple(base.shape)
+    t = f"`{escape_name(factor.target)}`"
+    if factor.embedding:
+        ok, rows = shape == (sa[1], sb[0]), sa[1]
+    elif len(sa) == 4:
+        ok, rows = shape == (sb[0], *sa[1:]), sb[0]
+    else:
+        normal, flipped = shape == (sb[0], sa[1]), shape == (sa[1], sb[0])
+        prefer = bool(config and config.fan_in_fan_out)
+        factor.transposed = flipped and (prefer or not normal)
+        ok, rows = normal or flipped, sb[0]
+        if factor.transposed and _bits(base) < 8:       # packed F4/F6 cannot be transposed by rows
+            ok = False
+    if not ok:
+        raise CheckpointError(where, f"LoRA factors of {t} (A {list(sa)}, B {list(sb)}) do not fit the base "
+                                     f"weight, which is {list(shape)}", "is this adapter for another base model?")
+    if factor.magnitude_name is not None:
+        m = tensors[factor.magnitude_name]
+        if m.numel != rows or len([d for d in m.shape if d != 1]) > 1:
+            raise CheckpointError(where, f"DoRA magnitude `{escape_name(factor.magnitude_name)}` is "
+                                         f"{list(m.shape)}; expected {rows} values, one per output feature of {t}")
+
+
+def _bits(info: TensorInfo) -> int:
+    from ..kernels.dtypes import DTYPES
+
+    return DTYPES[info.dtype].bits
+
+
+def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where: Path) -> None:
+    """Refuse factors LAPACK cannot take: NaN/Inf values, or a delta whose norms overflow.
+
+    ``arrays`` maps tensor names to their decoded float64 values.
+    """
+    with np.errstate(all="ignore"):
+        for name, x in arrays.items():
+            if not np.isfinite(x).all():
+                raise CheckpointError(where, f"LoRA tensor `{escape_name(name)}` holds NaN or Inf values, so "
+                                             f"the delta of `{escape_name(factor.target)}` cannot be measured")
+        bound = abs(factor.scale) * float(np.linalg.norm(arrays[factor.a_name])) * float(
+            np.linalg.norm(arrays[factor.b_name]))
+    if not math.isfinite(bound) or bound > _DELTA_CAP:
+        raise CheckpointError(where, f"LoRA delta of `{escape_name(factor.target)}` is too large to measure: "
+                                     f"|scale| x |A| x |B| = {bound:.3g} with scale {factor.scale:.3g}",
+                              "check lora_alpha in adapter_config.json")

@@ -165,26 +165,38 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
 
 def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkpoint,
                   options: CompareOptions) -> TensorRecord:
+    from ..io.peft_adapter import check_factor_values
+    from ..kernels.dtypes import decode
     from .rank import analyze_factors
 
     lf = pair.lora
     a = tuned.read(lf.a_name)
     b = tuned.read(lf.b_name)
     dt_a = tuned.tensors[lf.a_name].dtype
-    from ..kernels.dtypes import decode
-
     a64 = decode(a, dt_a).reshape(a.shape[0], -1)
     b64 = decode(b, tuned.tensors[lf.b_name].dtype).reshape(b.shape[0], -1)
+    magnitude = None
+    if lf.magnitude_name:
+        magnitude = decode(tuned.read(lf.magnitude_name), tuned.tensors[lf.magnitude_name].dtype).ravel()
+    values = {lf.a_name: a64, lf.b_name: b64}
+    if magnitude is not None:
+        values[lf.magnitude_name] = magnitude
+    check_factor_values(lf, values, tuned.files[0])   # before LAPACK sees them
     if getattr(lf, "embedding", False):
         # PEFT embedding adapters store A as [r, vocab] and B as [dim, r]; the delta is (B @ A).T
         a64, b64 = b64.T.copy(), a64.T.copy()
     base_raw = base.read(pair.base_name)
-    magnitude = None
-    if lf.magnitude_name:
-        magnitude = decode(tuned.read(lf.magnitude_name), tuned.tensors[lf.magnitude_name].dtype).ravel()
-    fields, rank = analyze_factors(a64, b64, lf.scale, base_raw, pair.dtype_base, tuple(pair.shape_base),
+    shape = tuple(pair.shape_base)
+    if getattr(lf, "transposed", False):
+        # GPT-2 Conv1D stores the weight [in, out]: measure its transpose [out, in] = W.T + scale B @ A;
+        # every statistic and the spectrum are the same for a matrix and its transpose
+        base_raw = np.ascontiguousarray(base_raw.reshape(shape).T)
+        shape = shape[::-1]
+    fields, rank = analyze_factors(a64, b64, lf.scale, base_raw, pair.dtype_base, shape,
                                    k=options.rank_k, noise_factor=options.thresholds.noise_floor_factor,
                                    dtype_adapter=dt_a, magnitude=magnitude)
+    if getattr(lf, "transposed", False):
+        rank.shape_2d = tuple(pair.shape_base)        # as stored, like every other record
     _fill(rec, fields)
     rec.shape = list(pair.shape_base)
     rec.numel = _elements(pair, pair.shape_base)

@@ -1,0 +1,267 @@
+"""Hostile and broken PEFT adapters (issue 17): bad input is exit 2 with one line naming the file,
+valid ones (GPT-2 ``fan_in_fan_out``, a safe regex ``alpha_pattern``) give the merged model's numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import weightdiff
+from weightdiff.cli import main
+from weightdiff.safetensors_write import save_file
+
+PRE = "base_model.model."
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def base_model(d: Path, rng, extra: dict | None = None) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{Q}.weight": rng.standard_normal((32, 32)).astype(np.float32),
+               "model.embed_tokens.weight": rng.standard_normal((50, 32)).astype(np.float32)}
+    tensors.update(extra or {})
+    save_file(d / "model.safetensors", tensors)
+    return d
+
+
+def adapter(d: Path, config: dict | str, tensors: dict) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    save_file(d / "adapter_model.safetensors", {PRE + k: v for k, v in tensors.items()})
+    return d
+
+
+def lora(rng, out: int = 32, inp: int = 32, r: int = 4, mod: str = Q) -> dict:
+    return {f"{mod}.lora_A.weight": rng.standard_normal((r, inp)).astype(np.float32),
+            f"{mod}.lora_B.weight": rng.standard_normal((out, r)).astype(np.float32)}
+
+
+CFG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+
+
+def contract(args: list[str], names: str | Path, expect: str, tmp: Path) -> str:
+    """exit 2, nothing on stdout, one stderr line naming ``names``, no file written anywhere under tmp."""
+    before = sorted(str(p) for p in tmp.rglob("*"))
+    out = tmp / "out"
+    r = CliRunner().invoke(main, [*args, "--json", str(out / "r.json"), "--csv", str(out / "r.csv")])
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr, r.exception)
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert str(names) in lines[0] and expect in lines[0], lines[0]
+    assert sorted(str(p) for p in tmp.rglob("*")) == before
+    return lines[0]
+
+
+def compare_bad(tmp_path, rng, config, tensors, expect, names_config=False):
+    base = base_model(tmp_path / "base", rng)
+    ad = adapter(tmp_path / "ad", config, tensors)
+    name = ad / ("adapter_config.json" if names_config else "adapter_model.safetensors")
+    return contract(["compare", str(base), str(ad)], name, expect, tmp_path)
+
+
+# -- shapes against the base --------------------------------------------------------------------------------
+
+def test_factors_that_do_not_fit_the_base_weight(tmp_path, rng):
+    compare_bad(tmp_path, rng, CFG, lora(rng, 32, 17), "do not fit the base weight, which is [32, 32]")
+
+
+def test_three_dimensional_lora_a(tmp_path, rng):
+    t = lora(rng)
+    t[f"{Q}.lora_A.weight"] = rng.standard_normal((4, 32, 2)).astype(np.float32)
+    compare_bad(tmp_path, rng, CFG, t, "do not chain: A is [4, 32, 2], B is [32, 4]")
+
+
+def test_embedding_factors_of_the_wrong_size(tmp_path, rng):
+    t = {"model.embed_tokens.lora_embedding_A": rng.standard_normal((4, 49)).astype(np.float32),
+         "model.embed_tokens.lora_embedding_B": rng.standard_normal((32, 4)).astype(np.float32)}
+    compare_bad(tmp_path, rng, {**CFG, "target_modules": ["embed_tokens"]}, t,
+                "`model.embed_tokens.weight` (A [4, 49], B [32, 4]) do not fit the base weight, which is [50, 32]")
+
+
+@pytest.mark.parametrize("shape", [(31,), (4,), (32, 2)])
+def test_dora_magnitude_of_the_wrong_length(tmp_path, rng, shape):
+    t = lora(rng)
+    t[f"{Q}.lora_magnitude_vector"] = np.ones(shape, np.float32)
+    compare_bad(tmp_path, rng, {**CFG, "use_dora": True}, t, "DoRA magnitude")
+
+
+def test_rank_disagreeing_with_the_config(tmp_path, rng):
+    compare_bad(tmp_path, rng, {**CFG, "r": 8}, lora(rng), "have rank 4 but adapter_config.json gives r = 8")
+
+
+def test_integer_factors_refused(tmp_path, rng):
+    t = lora(rng)
+    t[f"{Q}.lora_A.weight"] = np.ones((4, 32), np.int32)
+    compare_bad(tmp_path, rng, CFG, t, "is I32; expected a float dtype")
+
+
+def test_lora_target_missing_from_the_base(tmp_path, rng):
+    t = lora(rng, mod="model.layers.7.self_attn.q_proj")
+    compare_bad(tmp_path, rng, CFG, t, "LoRA target `model.layers.7.self_attn.q_proj.weight` has no weight in the base")
+
+
+# -- config values -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("patch, expect", [
+    ({"lora_alpha": 10 ** 400}, "lora_alpha = 1000000000"),
+    ({"lora_alpha": "abc"}, 'lora_alpha = "abc", expected a number'),
+    ({"lora_alpha": None}, "lora_alpha = None, expected a number"),
+    ({"alpha_pattern": ["q_proj"]}, "alpha_pattern = ['q_proj'], expected an object"),
+    ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern[\"q_proj\"] = \"x\", expected a number"),
+    ({"alpha_pattern": {"q_proj": 10 ** 400}}, "expected a finite number"),
+    ({"rank_pattern": {"q_proj": 2.5}}, "rank_pattern[\"q_proj\"] = 2.5, expected a positive integer"),
+    ({"rank_pattern": {"q_proj": 10 ** 30}}, "expected a positive integer"),
+    ({"r": True}, "r = True, expected a positive integer"),
+    ({"r": 10 ** 400}, "expected a positive integer"),
+    ({"use_rslora": "false"}, 'use_rslora = "false", expected true or false'),
+    ({"use_dora": 0}, "use_dora = 0, expected true or false"),
+    ({"fan_in_fan_out": "yes"}, "fan_in_fan_out"),
+    ({"peft_type": "LOHA"}, 'peft_type "LOHA": only LoRA adapters are supported'),
+    ({"peft_type": "IA3"}, 'peft_type "IA3"'),
+    ({"peft_type": 3}, "peft_type 3"),
+    ({"target_modules": 7}, "target_modules = 7"),
+    ({"alpha_pattern": {"(x+x+)+y": 2}}, "nests one repetition inside another"),
+    ({"alpha_pattern": {"(a|aa)*b": 2}}, "repeats an alternation"),
+    ({"alpha_pattern": {"(a)\\1": 2}}, "back references"),
+    ({"alpha_pattern": {"[": 2}}, "is not a regular expression"),
+])
+def test_bad_config_values(tmp_path, rng, patch, expect):
+    line = compare_bad(tmp_path, rng, {**CFG, **patch}, lora(rng), expect, names_config=True)
+    assert len(line) < 400
+    # inspect reads the same config and fails the same way
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "ad")])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and expect in r.stderr, r.stderr
+
+
+def test_catastrophic_pattern_against_a_long_module_name_does_not_hang(tmp_path, rng):
+    mod = "model.layers.0." + "x" * 40 + "z"
+    base = base_model(tmp_path / "base", rng, {mod + ".weight": np.ones((8, 8), np.float32)})
+    ad = adapter(tmp_path / "ad", {**CFG, "alpha_pattern": {"(x+x+)+y": 2}}, lora(rng, 8, 8, mod=mod))
+    t0 = time.perf_counter()
+    contract(["compare", str(base), str(ad)], ad / "adapter_config.json", "catastrophic", tmp_path)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_polynomial_pattern_against_a_huge_module_name_is_refused(tmp_path, rng):
+    mod = "m." + "x" * 5000
+    base = base_model(tmp_path / "base", rng, {mod + ".weight": np.ones((8, 8), np.float32)})
+    ad = adapter(tmp_path / "ad", {**CFG, "alpha_pattern": {".*x.*y": 2}}, lora(rng, 8, 8, mod=mod))
+    t0 = time.perf_counter()
+    contract(["compare", str(base), str(ad)], ad / "adapter_config.json", "too costly to match", tmp_path)
+    assert time.perf_counter() - t0 < 10
+
+
+# -- values LAPACK must never see ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fill", [np.inf, -np.inf, np.nan])
+def test_nonfinite_factors(tmp_path, rng, fill):
+    t = lora(rng)
+    t[f"{Q}.lora_B.weight"][3, 1] = fill
+    compare_bad(tmp_path, rng, CFG, t, "holds NaN or Inf values")
+
+
+def test_huge_alpha_is_refused_before_lapack_prints(tmp_path, rng):
+    """lora_alpha 1e308 overflowed into LAPACK, which printed DLASCL complaints on stdout."""
+    base = base_model(tmp_path / "base", rng)
+    ad = adapter(tmp_path / "ad", {**CFG, "lora_alpha": 1e308}, lora(rng))
+    r = subprocess.run([sys.executable, "-m", "weightdiff.cli", "compare", str(base), str(ad), "--json", "-",
+                        "-q"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "is too large to measure" in r.stderr
+    assert str(ad / "adapter_model.safetensors") in r.stderr
+
+
+def test_string_false_is_not_true(tmp_path, rng):
+    """use_rslora "false" used to be truthy and rescale every delta."""
+    base = base_model(tmp_path / "base", rng)
+    ad = adapter(tmp_path / "ad", {**CFG, "use_rslora": False}, lora(rng))
+    r = weightdiff.compare(str(base), str(ad))
+    t = r.tensor(f"{Q}.weight")
+    assert t.note.startswith("LoRA adapter (r=4, scale=2)")
+
+
+# -- valid adapters ---------------------------------------------------------------------------------------------
+
+def test_safe_regex_alpha_pattern_applies_as_in_peft(tmp_path, rng):
+    base = base_model(tmp_path / "base", rng)
+    ad = adapter(tmp_path / "ad", {**CFG, "alpha_pattern": {r"layers\.\d+\.self_attn\.q_proj": 12}}, lora(rng))
+    r = weightdiff.compare(str(base), str(ad))
+    assert "scale=3" in r.tensor(f"{Q}.weight").note
+
+
+def test_regex_keys_match_like_peft_get_pattern_key(tmp_path):
+    peft_other = pytest.importorskip("peft.utils.other")
+    from weightdiff.adapter import AdapterConfig
+
+    keys = {"q_proj": 1, r"layers\.1\..*v_proj": 2, "mlp.down_proj": 3, "up": 4}
+    cfg = AdapterConfig(4, 8.0, [], False, False, None, {"alpha_pattern": keys})
+    for module in ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.0.v_proj",
+                   "model.layers.3.mlp.down_proj", "model.layers.3.mlp.up_proj", "up", "x.up", "xup"]:
+        key = peft_other.get_pattern_key(list(keys), module)
+        assert cfg.pattern("alpha_pattern", module, None) == keys.get(key), module
+
+
+def _gpt2(torch, transformers, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_gpt2_fan_in_fan_out_adapter_matches_peft_merge(tmp_path, dora):
+    """GPT-2 Conv1D stores weights [in, out]; the adapter's delta is (B @ A).T (fan_in_fan_out)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = _gpt2(torch, transformers)
+    model.save_pretrained(tmp_path / "base")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                          init_lora_weights=False, use_dora=dora)
+    pm = peft.get_peft_model(model, cfg)
+    if dora:
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1.1)
+    pm.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "merged"))
+    lora_t = [t for t in r.tensors if t.compared == "factors"]
+    assert len(lora_t) == 4
+    for t in lora_t:
+        d = dense.tensor(t.name)
+        assert t.shape == d.shape and t.shape[0] != t.shape[1]       # stored [in, out]
+        assert t.norm_delta == pytest.approx(d.norm_delta, rel=1e-4)
+        assert t.cosine == pytest.approx(d.cosine, rel=1e-6)
+        assert t.max_abs_delta == pytest.approx(d.max_abs_delta, rel=1e-3)
+        if not dora:
+            assert t.rank.numerical_rank == d.rank.numerical_rank == 4
+            np.testing.assert_allclose(t.rank.spectrum[:4], d.rank.spectrum[:4], rtol=1e-3)
+    assert r.summary.verdict == dense.summary.verdict == "derived"
+    assert r.summary.relative_change == pytest.approx(dense.summary.relative_change, rel=1e-4)
+
+
+def test_gpt2_adapter_through_the_cli_exits_0(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = _gpt2(torch, transformers, seed=1)
+    model.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
+                                                    fan_in_fan_out=True, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "base"), str(tmp_path / "adapter"), "--json", "-", "-q"])
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["summary"]["verdict"] == "derived"
