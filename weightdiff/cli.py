@@ -13,7 +13,7 @@ import sys
 import click
 
 from ._version import __version__
-from .errors import OptionsError, UsageProblem, WeightdiffError, escape_name
+from .errors import OptionsError, UsageProblem, WeightdiffError, escape_name, terminal_safe
 from .options import CompareOptions, click_options, flag_of
 
 
@@ -33,8 +33,14 @@ class _Group(click.Group):
     """Turns WeightdiffError into one line on stderr and exit code 2."""
 
     def invoke(self, ctx: click.Context):
+        from .fsutil import Interrupted, OutputSet
+
         try:
-            return super().invoke(ctx)
+            with OutputSet():                   # every file a command writes: all at the end, or none
+                return super().invoke(ctx)
+        except Interrupted as exc:
+            click.echo("interrupted", err=True)
+            sys.exit(exc.exit_code)
         except WeightdiffError as exc:
             click.echo(f"error: {_in_cli_words(exc)}", err=True)
             sys.exit(exc.exit_code)
@@ -97,11 +103,12 @@ def inspect_cmd(ckpt: str, as_json: bool) -> None:
 # --- compare -----------------------------------------------------------------
 
 def _write_output(target: str, text: str) -> None:
-    """Write ``text`` to a file atomically, or to stdout for ``-``."""
+    """Stage ``text`` for ``target`` (written with the command's other outputs), or print it for ``-``
+    (on a terminal, with bidi overrides and C1 controls as \\u escapes: still valid JSON or CSV)."""
     from .fsutil import write_text
 
     if target == "-":
-        click.echo(text, nl=False)
+        click.echo(terminal_safe(text) if sys.stdout.isatty() else text, nl=False)
     else:
         write_text(target, text)
 
@@ -120,6 +127,22 @@ def _cluster_options(fn):
     ]):
         fn = opt(fn)
     return fn
+
+
+def _claim_outputs(inputs=(), **targets) -> None:
+    """Check every output path before any work (same path twice, a parent that is a file, an
+    input overwritten): ``name=path``; ``plots``/``plots_dir`` are folders."""
+    from .fsutil import active_outputs
+
+    outs = active_outputs()
+    if outs is None:
+        return
+    for p in inputs:
+        if os.path.isfile(p):
+            outs.protect(p)
+    for name, target in targets.items():
+        if target:
+            outs.claim(target, f"--{name.removesuffix('_dir').removesuffix('_out')}", folder=name.startswith("plots"))
 
 
 @main.command("compare", context_settings=CONTEXT)
@@ -168,6 +191,8 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
                                "for several bases use --base A --base B TUNED")
         base_list, tuned = [paths[0]], paths[1]
     options = CompareOptions(**opts)
+    _claim_outputs([*base_list, tuned], json_out=json_out, csv_out=csv_out, report_out=report_out,
+                   plots_dir=plots_dir)
     show = not quiet
     progress = ProgressLine(enabled=None if show else False)
 
@@ -185,7 +210,7 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
 
         run_compare = partial(split_compare, scheduler=scheduler, workers=workers, memory_limit=worker_memory,
                               say=_say(quiet))
-    result = run_compare(base_list, tuned, options=options, progress=progress, on_plan=on_plan,
+    result = run_compare(base_list, tuned, options=options, progress=_checked(progress), on_plan=on_plan,
                          hash_files=hash_files, command=_command_line())
     progress.close()
     data = result.to_dict()
@@ -204,6 +229,16 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
                 click.echo(f"wrote {escape_name(str(path))}", err=True)
     if json_out != "-" and csv_out != "-":
         click.echo(render_text(data), nl=False)
+
+
+def _checked(progress):
+    """``progress``, first raising a signal whose exception numba's compiler callbacks swallowed."""
+    from .fsutil import check_interrupted
+
+    def call(*args) -> None:
+        check_interrupted()
+        progress(*args)
+    return call
 
 
 def _command_line() -> str:
@@ -327,6 +362,7 @@ def provenance_cmd(paths, candidates_flag, json_out, plot_out, memo_out, quiet, 
 
     if len(paths) < 2:
         raise UsageProblem(f"expected TUNED --candidates A [B ...] (got {len(paths)} paths)")
+    _claim_outputs(paths, json_out=json_out, plot_out=plot_out, memo_out=memo_out)
     result = provenance(paths[0], list(paths[1:]), options=ProvenanceOptions(**opts), progress=_say(quiet),
                         command=_command_line())
     data = result.to_dict()
@@ -365,6 +401,7 @@ def lineage_cmd(paths, json_out, memo_out, quiet, **opts):
     from .lineage import lineage
     from .render.provenance import lineage_markdown, lineage_text
 
+    _claim_outputs(paths, json_out=json_out, memo_out=memo_out)
     result = lineage(list(paths), options=CompareOptions(**opts), progress=_say(quiet), command=_command_line())
     data = result.to_dict()
     if json_out:

@@ -137,18 +137,19 @@ def run_demo(directory: str | os.PathLike = "weightdiff-demo", *, command: str |
     bdir, tdir = build_demo(directory)
     result = compare(bdir, tdir, hash_files=True, threads=threads,
                      command=command or f"weightdiff compare {bdir} {tdir} --json {directory / 'out.json'}")
-    data = json.loads(result.to_json())
-    files = [write_text(directory / "out.json", result.to_json()),
+    text = result.to_json()
+    data = json.loads(text)
+    files = [write_text(directory / "out.json", text),
              write_text(directory / "ground_truth.json", json.dumps(GROUND_TRUTH, indent=1) + "\n")]
     out = write_report(data, html=directory / "memo.html", markdown=directory / "memo.md",
                        plots=directory / "plots",
-                       source={"path": str(directory / "out.json"), "sha256": _sha256(files[0]),
+                       source={"path": str(directory / "out.json"), "sha256": _sha256(text.encode("utf-8")),
                                "command": "weightdiff demo"})
     return DemoResult(directory=directory, base=bdir, tuned=tdir, json=files[0], html=out.html, markdown=out.markdown,
                       plots=directory / "plots", ground_truth=GROUND_TRUTH, data=data, files=files + out.files)
 
 
-def _sha256(path: Path) -> str:
+def _sha256(blob: bytes) -> str:
     import hashlib
 
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(blob).hexdigest()   # of the bytes written (the file appears only at commit)

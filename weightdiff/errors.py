@@ -21,6 +21,7 @@ __all__ = [
     "OutputError",
     "UsageProblem",
     "escape_name",
+    "terminal_safe",
 ]
 
 
@@ -96,6 +97,20 @@ def escape_name(text: str, keep_quotes: bool = True) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def terminal_safe(text: str) -> str:
+    r"""Multi-line text (JSON, CSV) made safe for a terminal: every control character but the
+    line feed, every bidi override and lone surrogate becomes a ``\uXXXX`` escape. Inside JSON
+    strings that is the same string, so the JSON stays valid and means the same.
+
+    >>> print(terminal_safe('{"a\u202e": 1}'))
+    {"a\u202e": 1}
+    """
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(f"\\u{o:04x}" if (o < 0x20 and o != 0x0A) or 0x7F <= o < 0xA0 or o in _BIDI
+                   or 0xD800 <= o <= 0xDFFF else ch for ch, o in ((c, ord(c)) for c in text))
 
 
 _BIDI = {0x061C, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E,

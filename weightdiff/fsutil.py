@@ -1,14 +1,295 @@
-"""Atomic output files: a reader sees the old file or the whole new one, never half of one."""
+"""Output files written all or nothing.
+
+``atomic_writer(path)`` writes one file through a temporary beside it and a rename: a
+reader sees the old file or the whole new one, never half of one.
+
+``OutputSet`` makes every output of one command a single transaction. Targets are
+claimed up front (``claim``): the same target twice, a target that is an input of the
+command, a folder where a file is wanted, or a parent that is a regular file is an
+``OutputError`` (exit 2) before any work is done. While a set is active (``with
+OutputSet():``, re-entrant), ``write_text``/``write_bytes`` stage each file into a
+temporary beside its target; leaving the outermost ``with`` without an exception
+renames them all into place, any exception (or SIGINT/SIGTERM, which the set turns
+into ``Interrupted``) removes every temporary and every folder it created, so a failed
+or interrupted run leaves nothing behind. A target that already exists and is not a
+regular file (a character device such as ``/dev/null``, a FIFO) is written into, never
+replaced.
+
+>>> import tempfile, os
+>>> d = tempfile.mkdtemp()
+>>> with OutputSet():
+...     _ = write_text(os.path.join(d, "a.txt"), "a")
+...     os.listdir(d) == ["a.txt"]          # only a temporary so far
+False
+>>> os.listdir(d)
+['a.txt']
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
+import fcntl
 import os
+import signal
+import stat
 import tempfile
+import threading
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
-from .errors import CheckpointError, OutputError, WeightdiffError  # noqa: F401  (OutputError re-exported)
+from .errors import CheckpointError, OutputError, WeightdiffError, escape_name  # noqa: F401  (re-exported)
+
+__all__ = ["OutputError", "Interrupted", "OutputSet", "atomic_writer", "write_text", "write_bytes",
+           "active_outputs", "check_interrupted"]
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived while outputs were pending; ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+_ACTIVE: contextvars.ContextVar["OutputSet | None"] = contextvars.ContextVar("weightdiff_outputs", default=None)
+
+
+def active_outputs() -> "OutputSet | None":
+    """The output set of the running command, if any."""
+    return _ACTIVE.get()
+
+
+def check_interrupted() -> None:
+    """Raise ``Interrupted`` if a signal arrived whose exception may have been swallowed
+    (numba's compiler calls back into Python through ctypes, which ignores exceptions)."""
+    outs = _ACTIVE.get()
+    if outs is not None and outs.signal is not None:
+        raise Interrupted(outs.signal)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+class OutputSet:
+    """Every file one command writes, committed together at the end (see the module docstring)."""
+
+    def __init__(self, protect: Iterable[str | os.PathLike] = ()):
+        self._claimed: dict[str, str] = {}          # normalized target -> what it is for
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, target)
+        self._created: list[Path] = []              # folders made for the outputs
+        self._protect: list[Path] = [Path(p) for p in protect]
+        self._depth = 0
+        self._token = None
+        self._handlers: dict[int, object] = {}
+        self.signal: int | None = None
+
+    # -- claiming ---------------------------------------------------------------
+    def protect(self, path: str | os.PathLike) -> None:
+        """Never write over ``path`` (an input of the command)."""
+        self._protect.append(Path(path))
+        for key in self._claimed:
+            if key != "-":
+                self._check_not_input(Path(key))
+
+    def _check_not_input(self, target: Path) -> None:
+        for p in self._protect:
+            if _same_file(target, p):
+                raise OutputError(target, "is an input of this command; writing there would overwrite it",
+                                  "choose another output path")
+
+    def claim(self, target: str | os.PathLike, what: str = "output", folder: bool = False) -> Path | None:
+        """Register ``target`` (``-`` is stdout) and check it can be written, before any work.
+
+        ``folder`` for an output that is a directory of files (``--plots DIR``).
+        Claiming the same target again for the same purpose is a no-op.
+        """
+        key = "-" if os.fspath(target) == "-" else os.path.abspath(os.fspath(target))
+        if key in self._claimed:
+            if self._claimed[key] == what:
+                return None if key == "-" else Path(target)
+            shown = "stdout" if key == "-" else escape_name(os.fspath(target))
+            raise OutputError(None, f"{shown} is given for two outputs ({self._claimed[key]} and {what})",
+                              "give each output its own path")
+        self._claimed[key] = what
+        if key == "-":
+            return None
+        path = Path(target)
+        self._check_not_input(path)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise OutputError(path, f"cannot write here ({exc.strerror or exc})") from None
+        if st is not None and stat.S_ISDIR(st.st_mode) and not folder:
+            raise OutputError(path, "is a folder, expected a file name")
+        if st is not None and not stat.S_ISDIR(st.st_mode) and folder:
+            raise OutputError(path, "is a file, expected a folder for the figures")
+        self._check_parent(path if folder and st is None else path.parent, path)
+        return path
+
+    def _check_parent(self, parent: Path, target: Path) -> None:
+        """The nearest existing ancestor of ``target`` must be a writable folder."""
+        p = Path(os.path.abspath(parent))
+        while True:
+            try:
+                st = os.stat(p)
+                break
+            except FileNotFoundError:
+                p = p.parent
+            except NotADirectoryError:
+                p = p.parent
+            except OSError as exc:
+                raise OutputError(p, f"cannot write here ({exc.strerror or exc})") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutputError(p, f"is not a folder, so {escape_name(os.fspath(target))} cannot be written")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise OutputError(p, f"permission denied: cannot write {escape_name(os.fspath(target))} here")
+
+    # -- staging ------------------------------------------------------------------
+    def _mkdirs(self, folder: Path) -> None:
+        missing = []
+        p = folder
+        while not p.exists():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                continue
+            self._created.append(d)
+
+    def stage(self, target: str | os.PathLike, data: bytes) -> Path:
+        """Write ``data`` into a temporary beside ``target``; it becomes ``target`` at commit."""
+        target = Path(target)
+        key = os.path.abspath(target)
+        if key not in self._claimed:
+            self.claim(target, f"`{escape_name(target.name)}`")
+        try:
+            self._mkdirs(target.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        except OSError as exc:
+            raise OutputError(target, f"cannot write here ({exc.strerror or exc})") from None
+        self._staged.append((Path(tmp), target))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+        except OSError as exc:
+            raise OutputError(target, f"cannot write ({exc.strerror or exc}); nothing was written") from None
+        return target
+
+    # -- commit / abort -----------------------------------------------------------
+    def commit(self) -> list[Path]:
+        """Move every staged file into place (written into non-regular targets); returns the targets."""
+        check_interrupted()
+        done = []
+        for tmp, target in self._staged:
+            try:
+                st = os.stat(target)
+            except OSError:
+                st = None
+            try:
+                if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                    _write_into(target, tmp)
+                    os.unlink(tmp)
+                else:
+                    os.replace(tmp, target)
+            except OSError as exc:
+                raise OutputError(target, f"cannot write ({exc.strerror or exc})") from None
+            done.append(target)
+        self._staged.clear()
+        self._created.clear()
+        return done
+
+    def abort(self) -> None:
+        """Remove every temporary and every folder made for the outputs."""
+        for tmp, _ in self._staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self._staged.clear()
+        for d in reversed(self._created):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        self._created.clear()
+
+    # -- context ------------------------------------------------------------------
+    def __enter__(self) -> "OutputSet":
+        self._depth += 1
+        if self._depth == 1:
+            self._token = _ACTIVE.set(self)
+            self._install()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
+        try:
+            ok = exc_type is None or (issubclass(exc_type, SystemExit) and exc.code in (0, None))
+            if ok:
+                try:
+                    self.commit()
+                except BaseException:
+                    self.abort()
+                    raise
+            else:
+                self.abort()
+        finally:
+            self._restore()
+            _ACTIVE.reset(self._token)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signal = signum
+        raise Interrupted(signum)
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._handlers[s] = signal.signal(s, self._on_signal)
+            except (ValueError, OSError):
+                pass
+
+    def _restore(self) -> None:
+        for s, h in self._handlers.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(s, h)
+        self._handlers.clear()
+
+
+def _write_into(target: Path, tmp: Path) -> None:
+    """Copy ``tmp`` into an existing FIFO or device ``target`` without replacing the node."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise OutputError(target, "is a FIFO with no reader") from None
+        raise
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        with open(tmp, "rb") as src:
+            while chunk := src.read(1 << 20):
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -40,13 +321,16 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    with atomic_writer(path, "w") as fh:
-        fh.write(text)
-    return Path(path)
-
-
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_writer(path, "wb") as fh:
-        fh.write(data)
+    """Write ``data`` to ``path``: staged in the active ``OutputSet``, else atomically now."""
+    outs = _ACTIVE.get()
+    if outs is not None:
+        return outs.stage(path, data)
+    outs = OutputSet()
+    with outs:
+        outs.stage(path, data)
     return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8", "backslashreplace"))

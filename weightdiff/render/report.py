@@ -18,18 +18,24 @@ import hashlib
 import json
 import os
 import posixpath
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import OptionsError, WeightdiffError, escape_name
-from ..fsutil import write_text
+from ..fsutil import OutputSet, active_outputs, write_text
+from ..io.files import read_small
 from . import memo as memo_mod
 from .captions import headline_sentences
 from .plots import FigureOutput, render_figures, save_figures
 from .population import population_sentences
+from .validate import SCHEMA, check_result
 
-SCHEMA = "weightdiff.compare/1"
+#: largest compare JSON read
+RESULT_CAP = 4 << 30
 
 
 @dataclass
@@ -47,89 +53,19 @@ class ReportOutputs:
 
 # --- reading and checking --------------------------------------------------------------------
 
-_NUM = (int, float)
-
-
-def _kind(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(v), "a number" if isinstance(v, _NUM) else type(v).__name__)
-
-
-def _check(where: str, key: str, value: Any, types: tuple, what: str) -> None:
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise WeightdiffError(f"{where}: `{key}` should be {what} (found {_kind(value)})",
-                              "was it written by weightdiff?")
-
-
 def validate_result(data: Any, where: str = "result") -> dict:
-    """Check the keys and value types the renderers read; return ``data`` unchanged."""
-    if not isinstance(data, dict):
-        raise WeightdiffError(f"{where}: expected a JSON object written by weightdiff (a comparison result), found {_kind(data)}")
-    schema = data.get("schema")
-    if schema != SCHEMA:
-        found = "no `schema` key" if schema is None else f"schema `{escape_name(str(schema))[:80]}`"
-        raise WeightdiffError(f"{where}: expected schema `{SCHEMA}`, found {found}",
-                              "use the weightdiff version that wrote it")
-    num, opt_num, opt_int = _NUM, _NUM + (type(None),), (int, type(None))
-    s = data.get("summary")
-    _check(where, "summary", s, (dict,), "an object")
-    _check(where, "summary.verdict", s.get("verdict"), (str,), "a string")
-    _check(where, "summary.params_total", s.get("params_total", 0), (int,), "an integer")
-    by = s.get("params_by_status", {})
-    _check(where, "summary.params_by_status", by, (dict,), "an object")
-    for k, v in by.items():
-        _check(where, f"summary.params_by_status.{k}", v, (int,), "an integer")
-    for k in ("relative_change", "delta_params_share", "relatedness_cosine"):
-        _check(where, f"summary.{k}", s.get(k), opt_num, "a number or null")
-    _check(where, "summary.headline", s.get("headline", []), (list,), "a list")
-    _check(where, "blocks", data.get("blocks"), (list,), "a list")
-    for i, b in enumerate(data["blocks"]):
-        key = f"blocks[{i}]"
-        _check(where, key, b, (dict,), "an object")
-        _check(where, f"{key}.index", b.get("index"), opt_int, "an integer or null")
-        for k in ("rel_change", "params", "params_changed", "tensors_changed", "delta_params"):
-            _check(where, f"{key}.{k}", b.get(k), opt_num, "a number or null")
-        _check(where, f"{key}.modules", b.get("modules", {}), (dict,), "an object")
-        for k, v in b.get("modules", {}).items():
-            _check(where, f"{key}.modules.{k}", v, opt_num, "a number or null")
-    _check(where, "tensors", data.get("tensors"), (list,), "a list")
-    for i, t in enumerate(data["tensors"]):
-        key = f"tensors[{i}]"
-        _check(where, key, t, (dict,), "an object")
-        _check(where, f"{key}.name", t.get("name"), (str,), "a string")
-        _check(where, f"{key}.status", t.get("status"), (str,), "a string")
-        _check(where, f"{key}.shape", t.get("shape"), (list,), "a list")
-        for j, v in enumerate(t["shape"]):
-            _check(where, f"{key}.shape[{j}]", v, (int,), "an integer")
-        for k in ("norm_base", "norm_tuned", "norm_delta", "rel_change", "cosine"):
-            _check(where, f"{key}.{k}", t.get(k), opt_num, "a number or null")
-        r = t.get("rank")
-        _check(where, f"{key}.rank", r, (dict, type(None)), "an object or null")
-        if r is not None:
-            _check(where, f"{key}.rank.spectrum", r.get("spectrum", []), (list,), "a list")
-            for j, v in enumerate(r.get("spectrum", [])):
-                _check(where, f"{key}.rank.spectrum[{j}]", v, num, "a number")
-            for k in ("energy_rank_90", "energy_rank_99", "numerical_rank"):
-                _check(where, f"{key}.rank.{k}", r.get(k), opt_int, "an integer or null")
-            _check(where, f"{key}.rank.shape_2d", r.get("shape_2d", [1, 1]), (list,), "a list")
-    for k in ("base",):
-        _check(where, k, data.get(k, []), (list,), "a list")
-    _check(where, "tuned", data.get("tuned", {}), (dict,), "an object")
-    _check(where, "settings", data.get("settings", {}), (dict,), "an object")
-    return data
+    """Check every key and value type the renderers read (``render.validate``); return ``data``."""
+    return check_result(data, where)
 
 
 def load_result(path: str | os.PathLike) -> tuple[dict, str]:
     """Read and check a compare JSON file; returns (the dict, the sha256 of the file's bytes)."""
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise WeightdiffError(f"{p}: no such file", "save a comparison result as JSON first") from None
-    except IsADirectoryError:
-        raise WeightdiffError(f"{p}: is a directory, expected a comparison result saved as JSON") from None
-    except OSError as exc:
-        raise WeightdiffError(f"{p}: cannot read ({exc.strerror})") from None
+    if not os.path.lexists(p):
+        raise WeightdiffError(f"{p}: no such file", "save a comparison result as JSON first")
+    if p.is_dir():
+        raise WeightdiffError(f"{p}: is a directory, expected a comparison result saved as JSON")
+    raw = read_small(p, RESULT_CAP)             # a regular file only: no FIFO or device can hang it
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=lambda c: None)
     except UnicodeDecodeError:
@@ -137,6 +73,10 @@ def load_result(path: str | os.PathLike) -> tuple[dict, str]:
     except json.JSONDecodeError as exc:
         raise WeightdiffError(f"{p}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
                               "was the file cut short?") from None
+    except RecursionError:
+        raise WeightdiffError(f"{p}: JSON nested too deeply to be a weightdiff comparison result") from None
+    except ValueError as exc:           # e.g. an integer over Python's int-string digit limit
+        raise WeightdiffError(f"{p}: not a usable JSON file ({escape_name(str(exc))[:120]})") from None
     return validate_result(data, str(p)), hashlib.sha256(raw).hexdigest()
 
 
@@ -201,6 +141,26 @@ def write_report(data: dict, *, html: str | os.PathLike | None = None, markdown:
     if pdf and plot_dir is None:
         raise OptionsError("pdf figures are written as files: give a plots folder (or a Markdown memo) as well",
                            option="pdf")
+    outs = active_outputs() or OutputSet()
+    with outs, warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")        # matplotlib/numpy chatter is not the user's business
+        claim_report_outputs(outs, html_p, md_p, plot_dir, confirm=True)
+        return _write_report(data, html_p, md_p, plot_dir, pdf, source, population)
+
+
+def claim_report_outputs(outs: OutputSet, html: Path | None, markdown: Path | None, plots: Path | None,
+                         confirm: bool = False) -> None:
+    """Check every path a report will write before drawing anything (``confirm``: the caller
+    has claimed them already under its own option names)."""
+    if plots is not None:
+        outs.claim(plots, None if confirm else "--plots", folder=True)
+    for path, what in ((html, "--html"), (markdown, "--markdown")):
+        if path is not None:
+            outs.claim(path, None if confirm else what)
+
+
+def _write_report(data: dict, html_p: Path | None, md_p: Path | None, plot_dir: Path | None, pdf: bool,
+                  source: dict | None, population: list[dict] | None) -> ReportOutputs:
     formats = ("png", "svg", "pdf") if pdf else ("png", "svg")
     out = ReportOutputs(figures=[], headline=headline_sentences(data), plots=plot_dir)
     if population is not None:
@@ -244,9 +204,15 @@ def report(path: str | os.PathLike, *, html: str | os.PathLike | None = None,
     """Load ``path`` (a compare JSON) and write what was asked; with nothing asked, an HTML
     memo beside the JSON (``result.json`` -> ``result.html``). ``population``: a survey table
     to place the model within."""
-    data, digest = load_result(path)
-    rows = load_population(population) if population is not None else None
     if html is None and markdown is None and plots is None:
         html = Path(path).with_suffix(".html")
-    source = {"path": os.fspath(path), "sha256": digest, "command": command or "weightdiff report"}
-    return write_report(data, html=html, markdown=markdown, plots=plots, pdf=pdf, source=source, population=rows)
+    outs = active_outputs() or OutputSet()
+    with outs:
+        outs.protect(path)                     # the memo may never overwrite its own input
+        claim_report_outputs(outs, None if html is None else Path(html), None if markdown is None else Path(markdown),
+                             None if plots is None else Path(plots))
+        data, digest = load_result(path)
+        rows = load_population(population) if population is not None else None
+        source = {"path": os.fspath(path), "sha256": digest, "command": command or "weightdiff report"}
+        return write_report(data, html=html, markdown=markdown, plots=plots, pdf=pdf, source=source,
+                            population=rows)

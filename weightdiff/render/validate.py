@@ -1,0 +1,200 @@
+"""The shape of a ``weightdiff.compare/1`` JSON, checked before any renderer reads it.
+
+``weightdiff report`` redraws figures and memos from a file the user hands it, which may be
+damaged or hostile. ``check_result(data, where)`` walks every field a renderer reads with
+its type (numbers finite and of a sane size, integers within int64, strings and lists
+bounded, free-form objects bounded in depth) and raises a one-line ``WeightdiffError``
+naming the file and the field, so the renderers only ever see values they can draw.
+Unknown keys are allowed (the contract lets keys be added) but are not read.
+
+>>> check_result({"schema": "weightdiff.compare/1", "summary": {"verdict": "derived"},
+...               "blocks": [], "tensors": [{"name": "w", "status": "changed", "shape": [2, "3"]}]}, "r.json")
+Traceback (most recent call last):
+...
+weightdiff.errors.WeightdiffError: r.json: `tensors[0].shape[1]` should be an integer (found a string) (was it written by weightdiff?)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from ..errors import WeightdiffError, escape_name
+
+__all__ = ["check_result", "SCHEMA", "MAX_DEPTH"]
+
+SCHEMA = "weightdiff.compare/1"
+#: deepest nesting accepted in free-form fields (settings, run, plan, extra, ...)
+MAX_DEPTH = 16
+_NUM_CAP = 1e200          # squares and sums of squares stay finite
+_INT_CAP = 2 ** 63
+_STR_CAP = 1_000_000
+_HINT = "was it written by weightdiff?"
+
+Check = Callable[[Any, str, str], None]
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int):
+        return "an integer" if abs(v) < _INT_CAP else "an integer too large"
+    if isinstance(v, float):
+        return "a number too large" if abs(v) > _NUM_CAP else "a number"
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+class _Mismatch(WeightdiffError):
+    def __init__(self, where: str, path: str, what: str, v: Any):
+        self.where, self.path, self.what, self.value = where, path, what, v
+        super().__init__(f"{where}: `{escape_name(path)}` should be {what} (found {_kind(v)})", _HINT)
+
+
+def _fail(where: str, path: str, what: str, v: Any) -> WeightdiffError:
+    return _Mismatch(where, path, what, v)
+
+
+def num(v: Any, where: str, path: str) -> None:
+    t = type(v)
+    if not ((t is float and abs(v) <= _NUM_CAP) or (t is int and abs(v) < _INT_CAP)):
+        raise _fail(where, path, "a number", v)
+
+
+def integer(v: Any, where: str, path: str) -> None:
+    if type(v) is not int or abs(v) >= _INT_CAP:
+        raise _fail(where, path, "an integer", v)
+
+
+def string(v: Any, where: str, path: str) -> None:
+    if type(v) is not str or len(v) > _STR_CAP:
+        raise _fail(where, path, "a string" + (f" of at most {_STR_CAP:,} characters" if type(v) is str else ""), v)
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise WeightdiffError(f"{where}: `{escape_name(path)}` holds a lone UTF-16 surrogate, which is not "
+                                  "text", _HINT) from None
+
+
+def boolean(v: Any, where: str, path: str) -> None:
+    if type(v) is not bool:
+        raise _fail(where, path, "true or false", v)
+
+
+def scalar(v: Any, where: str, path: str) -> None:
+    if v is None or type(v) is bool:
+        return
+    if type(v) is str:
+        string(v, where, path)
+    else:
+        num(v, where, path)
+
+
+def free(v: Any, where: str, path: str) -> None:
+    """Any JSON value nested at most MAX_DEPTH deep, with bounded numbers and strings."""
+    stack = [(v, path, 0)]
+    while stack:
+        x, p, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise WeightdiffError(f"{where}: `{escape_name(p)}` is nested more than {MAX_DEPTH} deep", _HINT)
+        if isinstance(x, dict):
+            stack.extend((val, f"{p}.{k}", depth + 1) for k, val in x.items())
+        elif isinstance(x, list):
+            stack.extend((val, f"{p}[{i}]", depth + 1) for i, val in enumerate(x))
+        else:
+            scalar(x, where, p)
+
+
+def opt(check: Check) -> Check:
+    def c(v: Any, where: str, path: str) -> None:
+        if v is not None:
+            try:
+                check(v, where, path)
+            except _Mismatch as exc:
+                if exc.path != path:
+                    raise
+                raise _Mismatch(where, path, f"{exc.what} or null", v) from None
+    c.__name__ = f"opt_{check.__name__}"
+    return c
+
+
+def obj(fields: dict[str, Check], required: tuple[str, ...] = (), rest: Check | None = free) -> Check:
+    """An object whose listed keys (``required`` ones must be present) meet their checks; other keys ``rest``."""
+    def c(v: Any, where: str, path: str) -> None:
+        if type(v) is not dict:
+            raise _fail(where, path, "an object", v)
+        for k in required:
+            if k not in v:                  # checked as null: "`summary` should be an object (found null)"
+                fields[k](None, where, f"{path}.{k}" if path else k)
+        for k, val in v.items():
+            check = fields.get(k, rest)
+            if check is not None:
+                check(val, where, f"{path}.{k}" if path else k)
+    return c
+
+
+def array(check: Check, length: int | None = None) -> Check:
+    def c(v: Any, where: str, path: str) -> None:
+        if type(v) is not list:
+            raise _fail(where, path, "a list", v)
+        if length is not None and len(v) != length:
+            raise WeightdiffError(f"{where}: `{escape_name(path)}` should hold {length} values (found {len(v)})",
+                                  _HINT)
+        for i, val in enumerate(v):
+            check(val, where, f"{path}[{i}]")
+    return c
+
+
+def mapping(check: Check) -> Check:
+    return obj({}, rest=check)
+
+
+N, I, S = opt(num), opt(integer), opt(string)
+
+_FILE = obj({"name": S, "bytes": I, "sha256": S})
+_CHECKPOINT = obj({"path": S, "format": S, "params": I, "bytes": I, "dtypes": mapping(I),
+                   "files": opt(array(_FILE))})
+_RANK = obj({"stable_rank": N, "effective_rank": N, "energy_rank_90": I, "energy_rank_99": I,
+             "numerical_rank": I, "noise_floor": N, "spectrum": opt(array(num)), "energy_captured": N,
+             "method": S, "shape_2d": opt(array(integer, 2)), "exact": opt(boolean)})
+_TENSOR = obj({"name": string, "base_name": S, "status": string, "shape": array(integer),
+               "base_shape": opt(array(integer)), "dtype_base": S, "dtype_tuned": S, "numel": I,
+               "numel_compared": I, "norm_base": N, "norm_tuned": N, "norm_delta": N, "rel_change": N,
+               "cosine": N, "frac_changed": N, "frac_beyond_rounding": N, "max_abs_delta": N, "nonfinite": I,
+               "sign_flips": I, "base_index": I, "compared": S, "block": S, "module": S, "note": S,
+               "rank": opt(_RANK), "tied": opt(boolean)}, required=("name", "status", "shape"))
+_BLOCK = obj({"block": S, "index": I, "params": N, "params_changed": N, "tensors": N, "tensors_changed": N,
+              "rel_change": N, "norm_base": N, "norm_delta": N, "delta_params": N, "max_numerical_rank": N,
+              "modules": opt(mapping(N))})
+_SUMMARY = obj({"verdict": string, "verdict_reason": S,
+                "scope": opt(obj({k: I for k in ("blocks_changed", "blocks_total", "tensors_changed",
+                                                 "tensors_total")})),
+                "form": opt(obj({"kind": S, "max_numerical_rank": I})), "flags": opt(array(string)), "params_total": I,
+                "params_by_status": opt(mapping(integer)), "tensors_by_status": opt(mapping(integer)),
+                "relative_change": N, "relatedness_cosine": N, "blocks_total": I, "blocks_changed": I,
+                "delta_params": N, "delta_params_share": N, "headline": opt(array(string)),
+                "relatedness_rel_change": N}, required=("verdict",))
+_RESULT = obj({"schema": string, "tool": opt(obj({"name": S, "version": S})),
+               "settings": opt(obj({"thresholds": opt(mapping(scalar))})),
+               "base": opt(array(_CHECKPOINT)), "tuned": opt(_CHECKPOINT), "summary": _SUMMARY,
+               "modules": opt(mapping(free)), "blocks": array(_BLOCK), "tensors": array(_TENSOR),
+               "run": opt(obj({"command": S, "versions": opt(mapping(scalar)), "seconds": N}))},
+              required=("schema", "summary", "blocks", "tensors"))
+
+
+def check_result(data: Any, where: str = "result") -> dict:
+    """Check ``data`` against the compare schema (the fields renderers read); return it unchanged."""
+    if not isinstance(data, dict):
+        raise WeightdiffError(f"{where}: expected a JSON object written by weightdiff (a comparison result), found {_kind(data)}")
+    schema = data.get("schema")
+    if schema != SCHEMA:
+        found = "no `schema` key" if schema is None else f"schema `{escape_name(str(schema))[:80]}`"
+        raise WeightdiffError(f"{where}: expected schema `{SCHEMA}`, found {found}",
+                              "use the weightdiff version that wrote it")
+    _RESULT(data, where, "")
+    th = (data.get("settings") or {}).get("thresholds") or {}
+    if "unrelated_cosine" in th:
+        num(th["unrelated_cosine"], where, "settings.thresholds.unrelated_cosine")
+    return data
+
+
