@@ -108,7 +108,7 @@ def _write_output(target: str, text: str) -> None:
     from .fsutil import write_text
 
     if target == "-":
-        click.echo(terminal_safe(text) if sys.stdout.isatty() else text, nl=False)
+        click.echo(terminal_safe(text) if _stdout_is_terminal() else text, nl=False)
     else:
         write_text(target, text)
 
@@ -127,6 +127,10 @@ def _cluster_options(fn):
     ]):
         fn = opt(fn)
     return fn
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 def _claim_outputs(inputs=(), **targets) -> None:

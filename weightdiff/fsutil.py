@@ -84,6 +84,7 @@ class OutputSet:
         self._claimed: dict[str, str] = {}          # normalized target -> what it is for
         self._staged: list[tuple[Path, Path]] = []  # (temporary, target)
         self._created: list[Path] = []              # folders made for the outputs
+        self._special: dict[str, int] = {}          # FIFO/device targets: fds opened at claim time
         self._protect: list[Path] = [Path(p) for p in protect]
         self._depth = 0
         self._token = None
@@ -104,27 +105,28 @@ class OutputSet:
                 raise OutputError(target, "is an input of this command; writing there would overwrite it",
                                   "choose another output path")
 
-    def claim(self, target: str | os.PathLike, what: str = "output", folder: bool = False) -> Path | None:
+    def claim(self, target: str | os.PathLike, what: str | None = "output", folder: bool = False) -> Path | None:
         """Register ``target`` (``-`` is stdout) and check it can be written, before any work.
 
         ``folder`` for an output that is a directory of files (``--plots DIR``).
-        Claiming the same target again for the same purpose is a no-op.
+        Claiming the same target again for the same purpose, or with ``what=None`` (a
+        library function confirming what its caller claimed), is a no-op.
         """
         key = "-" if os.fspath(target) == "-" else os.path.abspath(os.fspath(target))
         if key in self._claimed:
-            if self._claimed[key] == what:
+            if self._claimed[key] == what or what is None:
                 return None if key == "-" else Path(target)
             shown = "stdout" if key == "-" else escape_name(os.fspath(target))
             raise OutputError(None, f"{shown} is given for two outputs ({self._claimed[key]} and {what})",
                               "give each output its own path")
-        self._claimed[key] = what
+        self._claimed[key] = what or "output"
         if key == "-":
             return None
         path = Path(target)
         self._check_not_input(path)
         try:
             st = os.stat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             st = None
         except OSError as exc:
             raise OutputError(path, f"cannot write here ({exc.strerror or exc})") from None
@@ -133,6 +135,8 @@ class OutputSet:
         if st is not None and not stat.S_ISDIR(st.st_mode) and folder:
             raise OutputError(path, "is a file, expected a folder for the figures")
         self._check_parent(path if folder and st is None else path.parent, path)
+        if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+            self._special[key] = _open_special(path)      # a FIFO needs its reader now, not at the end
         return path
 
     def _check_parent(self, parent: Path, target: Path) -> None:
@@ -203,7 +207,8 @@ class OutputSet:
                 st = None
             try:
                 if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-                    _write_into(target, tmp)
+                    fd = self._special.pop(os.path.abspath(target), None)
+                    _write_into(_open_special(target) if fd is None else fd, tmp)
                     os.unlink(tmp)
                 else:
                     os.replace(tmp, target)
@@ -212,7 +217,14 @@ class OutputSet:
             done.append(target)
         self._staged.clear()
         self._created.clear()
+        self._close_special()
         return done
+
+    def _close_special(self) -> None:
+        for fd in self._special.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._special.clear()
 
     def abort(self) -> None:
         """Remove every temporary and every folder made for the outputs."""
@@ -224,6 +236,7 @@ class OutputSet:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
         self._created.clear()
+        self._close_special()
 
     # -- context ------------------------------------------------------------------
     def __enter__(self) -> "OutputSet":
@@ -271,17 +284,22 @@ class OutputSet:
         self._handlers.clear()
 
 
-def _write_into(target: Path, tmp: Path) -> None:
-    """Copy ``tmp`` into an existing FIFO or device ``target`` without replacing the node."""
+def _open_special(target: Path) -> int:
+    """Open an existing FIFO or device for writing (a FIFO must have a reader already)."""
     try:
         fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.ENXIO:
             raise OutputError(target, "is a FIFO with no reader") from None
-        raise
+        raise OutputError(target, f"cannot write ({exc.strerror or exc})") from None
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    return fd
+
+
+def _write_into(fd: int, tmp: Path) -> None:
+    """Copy ``tmp`` into an open FIFO or device without replacing the node; closes ``fd``."""
     try:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
         with open(tmp, "rb") as src:
             while chunk := src.read(1 << 20):
                 view = memoryview(chunk)

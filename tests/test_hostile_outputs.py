@@ -1,0 +1,327 @@
+"""Issue 17: ``weightdiff report`` on malformed JSON, all-or-nothing outputs, signals, devices and FIFOs,
+CSV injection and terminal escapes. Bad input: exit 2, one stderr line naming the file, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from render_sample import cached_result
+from weightdiff.cli import main
+from weightdiff.fsutil import Interrupted, OutputSet, write_text
+from weightdiff.render.tabular import to_csv
+from weightdiff.safetensors_write import save_file
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def tree(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+def one_error(r, names) -> str:
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert str(names) in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def pair(tmp_path, rng):
+    base = {"model.layers.0.mlp.up_proj.weight": rng.standard_normal((16, 8)).astype(np.float32),
+            "model.layers.1.mlp.up_proj.weight": rng.standard_normal((16, 8)).astype(np.float32)}
+    tuned = {k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
+    save_file(tmp_path / "base.safetensors", base)
+    save_file(tmp_path / "tuned.safetensors", tuned)
+    return tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+
+
+# -- report on malformed JSON ------------------------------------------------------------------------------------
+
+def _set(path: str, value):
+    def mutate(d):
+        *parents, last = path.split(".")
+        for p in parents:
+            d = d[int(p)] if isinstance(d, list) else d[p]
+        if isinstance(d, list):
+            d[int(last)] = value
+        else:
+            d[last] = value
+    return mutate
+
+
+def _first_ranked(d) -> int:
+    return next(i for i, t in enumerate(d["tensors"]) if t.get("rank"))
+
+
+MALFORMED = [
+    ("base", [1], "`base[0]` should be an object"),
+    ("summary.scope", "x", "`summary.scope` should be an object or null"),
+    ("run", "x", "`run` should be an object or null"),
+    ("summary.form", ["low_rank"], "`summary.form` should be an object or null"),
+    ("summary.flags", 3, "`summary.flags` should be a list or null"),
+    ("settings.thresholds", 3, "`settings.thresholds` should be an object or null"),
+    ("settings.thresholds.unrelated_cosine", "x", "`settings.thresholds.unrelated_cosine` should be a number"),
+    ("summary.params_total", 10 ** 30, "`summary.params_total` should be an integer or null (found an integer too large)"),
+    ("summary.relative_change", 1e300, "`summary.relative_change` should be a number or null"),
+    ("tuned.path", ["a"], "`tuned.path` should be a string or null"),
+    ("tuned.files", [{"name": 3}], "`tuned.files[0].name` should be a string or null"),
+    ("blocks.0.modules", [1], "`blocks[0].modules` should be an object or null"),
+    ("summary.headline", [1], "`summary.headline[0]` should be a string"),
+    ("summary.verdict", "\ud800", "lone UTF-16 surrogate"),
+    ("run.versions", {"a": {"b": 1}}, "`run.versions.a` should be"),
+    ("tool", "weightdiff", "`tool` should be an object or null"),
+]
+
+
+@pytest.mark.parametrize("path, value, expect", MALFORMED)
+def test_malformed_field_is_bad_input_and_writes_nothing(tmp_path, path, value, expect):
+    data = cached_result()
+    _set(path, value)(data)
+    src = tmp_path / "in" / "bad.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    line = one_error(run("report", src, "--plots", out / "figs", "--html", out / "m.html"), src)
+    assert expect in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where, value, expect", [
+    ("shape_2d", ["a", 3], "shape_2d[0]` should be an integer"),
+    ("energy_captured", "0.9", "energy_captured` should be a number or null"),
+    ("spectrum", [1, "x"], "spectrum[1]` should be a number"),
+    ("exact", "no", "exact` should be true or false"),
+])
+def test_malformed_rank_fields(tmp_path, where, value, expect):
+    data = cached_result()
+    data["tensors"][_first_ranked(data)]["rank"][where] = value
+    src = tmp_path / "bad.json"
+    src.write_text(json.dumps(data))
+    assert expect in one_error(run("report", src, "--plots", tmp_path / "figs"), src)
+    assert tree(tmp_path) == ["bad.json"]
+
+
+def test_json_nested_100000_deep(tmp_path):
+    src = tmp_path / "deep.json"
+    src.write_text("[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in one_error(run("report", src), src)
+    data = cached_result()
+    deep: list = []
+    for _ in range(50):
+        deep = [deep]
+    data["settings"]["extra"] = deep           # free-form settings: bounded depth too
+    src.write_text(json.dumps(data))
+    assert "nested more than" in one_error(run("report", src), src)
+
+
+def test_5000_digit_integer(tmp_path):
+    src = tmp_path / "big.json"
+    text = json.dumps(cached_result()).replace('"params_total": ', '"params_total": ' + "9" * 5000 + ", \"x\": ", 1)
+    src.write_text(text)
+    assert "not a usable JSON file" in one_error(run("report", src), src)
+    assert tree(tmp_path) == ["big.json"]
+
+
+def test_report_never_overwrites_its_input(tmp_path):
+    src = tmp_path / "r.html"
+    src.write_text(json.dumps(cached_result()))
+    before = src.read_bytes()
+    assert "is an input of this command" in one_error(run("report", src), src)
+    assert src.read_bytes() == before
+    assert "is an input" in one_error(run("report", src, "--markdown", src), src)
+    assert tree(tmp_path) == ["r.html"]
+
+
+def test_report_writes_no_warnings_on_stderr(tmp_path):
+    data = cached_result()
+    for t in data["tensors"]:              # values that make matplotlib and numpy complain
+        if t.get("rank"):
+            t["rank"]["spectrum"] = [0.0, -1.0, 0.0]
+        t["rel_change"] = 0.0
+    for b in data["blocks"]:
+        b["rel_change"] = 0.0
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(data))
+    r = subprocess.run([sys.executable, "-W", "default", "-m", "weightdiff.cli", "report", str(src), "-q"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+
+
+def test_report_plots_then_unwritable_html_writes_nothing(tmp_path):
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(cached_result()))
+    (tmp_path / "afile").write_text("x")
+    line = one_error(run("report", src, "--plots", tmp_path / "figs", "--html", tmp_path / "afile" / "m.html"),
+                     tmp_path / "afile")
+    assert "is not a folder" in line
+    assert tree(tmp_path) == ["afile", "r.json"]
+
+
+# -- all-or-nothing outputs of compare ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--report", "--csv", "--plots"])
+def test_parent_that_is_a_file_fails_before_anything_is_written(tmp_path, pair, flag):
+    (tmp_path / "afile").write_text("x")
+    before = tree(tmp_path)
+    target = tmp_path / "afile" / ("figs" if flag == "--plots" else "m.html")
+    r = run("compare", *pair, "--json", tmp_path / "out" / "r.json", flag, target, "-q")
+    line = one_error(r, tmp_path / "afile")
+    assert "is not a folder" in line and "File exists" not in line
+    assert tree(tmp_path) == before
+
+
+def test_same_target_twice_is_bad_input(tmp_path, pair):
+    before = tree(tmp_path)
+    line = one_error(run("compare", *pair, "--json", tmp_path / "x", "--csv", tmp_path / "x", "-q"), tmp_path / "x")
+    assert "is given for two outputs" in line
+    assert tree(tmp_path) == before
+    r = run("compare", *pair, "--json", "-", "--csv", "-", "-q")
+    assert r.exit_code == 2 and "stdout is given for two outputs" in r.stderr
+
+
+def test_output_over_an_input_is_refused(tmp_path, pair):
+    before = pair[0].read_bytes()
+    assert "is an input" in one_error(run("compare", *pair, "--json", pair[0], "-q"), pair[0])
+    assert pair[0].read_bytes() == before
+
+
+def test_all_outputs_appear_together(tmp_path, pair):
+    out = tmp_path / "out"
+    r = run("compare", *pair, "--json", out / "r.json", "--csv", out / "r.csv", "--report", out / "m.md",
+            "--plots", out / "figs", "-q")
+    assert r.exit_code == 0, r.output
+    files = tree(out)
+    assert {"r.json", "r.csv", "m.md", "figs/rank.png", "figs/figures.json"} <= set(files)
+    assert not [f for f in files if f.endswith(".tmp")]
+
+
+def test_character_device_is_written_into_not_replaced(tmp_path, pair):
+    dev = tmp_path / "null"
+    try:
+        os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except (PermissionError, OSError):
+        pytest.skip("mknod needs root")
+    r = run("compare", *pair, "--json", dev, "--csv", "/dev/null", "-q")
+    assert r.exit_code == 0, r.output
+    assert stat.S_ISCHR(os.stat(dev).st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert tree(tmp_path) == ["base.safetensors", "null", "tuned.safetensors"]
+
+
+def test_fifo_with_a_reader_receives_the_json_and_stays_a_fifo(tmp_path, pair):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)      # the JSON (a few kB) fits the pipe buffer
+    try:
+        r = run("compare", *pair, "--json", fifo, "-q")
+        assert r.exit_code == 0, r.output
+        got = os.read(reader, 1 << 20)
+    finally:
+        os.close(reader)
+    assert json.loads(got)["schema"] == "weightdiff.compare/1"
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_fifo_without_a_reader_is_bad_input(tmp_path, pair):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert "FIFO with no reader" in one_error(run("compare", *pair, "--json", fifo, "-q"), fifo)
+
+
+def test_output_set_removes_temporaries_on_a_signal(tmp_path):
+    with pytest.raises(Interrupted) as exc:
+        with OutputSet():
+            write_text(tmp_path / "sub" / "a.json", "{}")
+            write_text(tmp_path / "b.csv", "x")
+            assert len(tree(tmp_path)) == 3                   # the folder and two temporaries
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert exc.value.exit_code == 143
+    assert tree(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+_SCRIPT = """
+import os, signal, sys, ctypes
+import weightdiff.render.plots as plots
+from weightdiff.cli import main
+real = plots.figure_bytes
+calls = []
+def figure_bytes(fig, fmt):
+    calls.append(fmt)
+    if len(calls) == 3:
+        if {how!r} == "ctypes":
+            # a signal whose KeyboardInterrupt is swallowed, as in numba's compiler callbacks
+            cb = ctypes.CFUNCTYPE(None)(lambda: os.kill(os.getpid(), signal.SIGINT))
+            cb()
+        else:
+            os.kill(os.getpid(), {sig})
+    return real(fig, fmt)
+plots.figure_bytes = figure_bytes
+sys.argv = ["weightdiff", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("how, sig, code", [("kill", signal.SIGINT, 130), ("kill", signal.SIGTERM, 143),
+                                            ("ctypes", signal.SIGINT, 130)])
+def test_signal_while_writing_leaves_nothing(tmp_path, pair, how, sig, code):
+    out = tmp_path / "out"
+    script = textwrap.dedent(_SCRIPT.format(how=how, sig=int(sig)))
+    r = subprocess.run([sys.executable, "-c", script, "compare", *map(str, pair), "--json", str(out / "r.json"),
+                        "--plots", str(out / "figs"), "-q"], capture_output=True, text=True, timeout=180,
+                       cwd=tmp_path)
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert r.stderr.splitlines()[-1] == "interrupted"
+    assert not out.exists(), tree(out)
+
+
+# -- CSV injection and terminal escapes --------------------------------------------------------------------------
+
+def test_csv_cells_cannot_be_formulas_or_terminal_escapes():
+    names = ["=cmd|' /C calc'!A0", "+SUM(1,2)", "-2+3+cmd|' /C calc'!A0", "@SUM(1)", "\tx", "\rx",
+             "a\x1b[2Jb", "evil\u202eftp.exe", "ok.weight"]
+    data = {"tensors": [{"name": n, "status": "changed", "shape": [2, 2], "rel_change": -0.5, "note": n}
+                        for n in names]}
+    rows = to_csv(data).splitlines()[1:]
+    import csv as _csv
+
+    cells = [next(_csv.reader([r])) for r in rows]
+    for c, n in zip(cells, names):
+        assert c[0][0] not in "=+-@\t\r", c[0]
+        assert "\x1b" not in c[0] and "\u202e" not in c[0]
+    assert cells[0][0] == "'=cmd|' /C calc'!A0"
+    assert cells[6][0] == "a\\x1b[2Jb" and cells[7][0] == "evil\\u202eftp.exe"
+    assert cells[-1][0] == "ok.weight"
+    assert all(c[12] == "-0.5" for c in cells)              # numbers stay numbers
+
+
+def test_stdout_json_on_a_terminal_escapes_esc_and_bidi(tmp_path, rng, monkeypatch):
+    names = {"a\x1b[31mred": rng.standard_normal((4, 4)).astype(np.float32),
+             "b\u202egnp.exe": rng.standard_normal((4, 4)).astype(np.float32)}
+    save_file(tmp_path / "b.safetensors", names)
+    save_file(tmp_path / "t.safetensors", {k: v + 1 for k, v in names.items()})
+    import weightdiff.cli as cli
+
+    monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: True)
+    for flag in ("--json", "--csv"):
+        r = CliRunner().invoke(main, ["compare", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"),
+                                      flag, "-", "-q"])
+        assert r.exit_code == 0, r.output
+        assert "\x1b" not in r.stdout and "\u202e" not in r.stdout
+        if flag == "--json":
+            assert {t["name"] for t in json.loads(r.stdout)["tensors"]} == set(names)
