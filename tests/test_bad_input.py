@@ -191,7 +191,8 @@ def test_missing_shard(tmp_path):
 def test_tensor_missing_from_its_shard(tmp_path):
     d = _sharded(tmp_path)
     save_file(d / "model-00002-of-00003.safetensors", {"other": np.zeros(4, np.float32)})
-    bad(d, "holds tensor `other` that the index does not list", d / "model-00002-of-00003.safetensors")
+    bad(d, "tensor `model.layers.1.w` is listed in the index for this shard but the shard does not hold it",
+        d / "model-00002-of-00003.safetensors")
     index = json.loads((d / "model.safetensors.index.json").read_text())
     index["weight_map"]["other"] = "model-00002-of-00003.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps(index))

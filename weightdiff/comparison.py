@@ -142,11 +142,15 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         tuned_ck = _opened(stack, tuned)
         the_plan = make_plan(bases, tuned_ck, include=options.include, exclude=options.exclude)
         check_adapter_plan(the_plan, bases, tuned_ck)
+        for ck in (*bases, tuned_ck):
+            the_plan.notes.extend(getattr(ck, "notes", []))
         if on_plan is not None:
             on_plan(the_plan)
         records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, backend, classify, progress)
         blocks, modules = aggregate(records, options.thresholds)
         summary = summarise(records, blocks, options.thresholds)
+        for ck in (*bases, tuned_ck):
+            ck.check_identity()             # the numbers describe the files located, unchanged
         base_desc = [describe(b, hash_files) for b in bases]
         tuned_desc = describe(tuned_ck, hash_files)
     result = Comparison(

@@ -53,6 +53,8 @@ class Checkpoint:
         self.metadata, self.root, self.adapter = metadata, root, adapter
         self.ignored = ignored or []
         self._opener = opener               # the reader class of this checkpoint's files
+        self.notes: list[str] = []          # things the user should hear about (shown with the plan)
+        self._identity = {f: _identity(f) for f in files}
         self.lora: list[LoraFactor] = lora_factors(tensors, files[0], adapter) if adapter is not None else []
         self._open: OrderedDict[Path, SafetensorsFile] = OrderedDict()
         self._pins: dict[Path, int] = {}
@@ -197,11 +199,25 @@ class Checkpoint:
             return self._array(info).reshape(info.shape)[np.asarray(rows, dtype=np.int64)].copy()
         return self._file(info.path).read_rows(name, rows)
 
+    def check_identity(self) -> None:
+        """CheckpointError if any file was replaced or modified since it was located (the numbers
+        and a hash taken now would describe different files)."""
+        for path, ident in self._identity.items():
+            if ident is not None and _identity(path) != ident:
+                raise CheckpointError(path, "file was replaced or modified during the run; its numbers and "
+                                            "hash would not match (rerun)")
+
     def file_digests(self) -> dict[str, str]:
-        """sha256 of every file, streamed, keyed by the file's path relative to the checkpoint."""
+        """sha256 of every file, streamed, keyed by the file's path relative to the checkpoint.
+        The file hashed must be the one located (same device, inode, size, mtime) before and after."""
         out = {}
+        self.check_identity()
         for path in self.files:
             fd, st = open_regular(path)
+            if _identity_of(st) != self._identity.get(path, _identity_of(st)):
+                os.close(fd)
+                raise CheckpointError(path, "file was replaced during the run; its hash would not describe "
+                                            "the bytes measured (rerun)")
             try:
                 h, buf, pos = hashlib.sha256(), bytearray(4 << 20), 0
                 while pos < st.st_size:
@@ -212,7 +228,19 @@ class Checkpoint:
             finally:
                 os.close(fd)
             out[_rel(path, self.root)] = h.hexdigest()
+        self.check_identity()
         return out
+
+
+def _identity_of(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        return _identity_of(os.stat(path))
+    except OSError:
+        return None
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -269,6 +297,31 @@ def _locate(p: Path) -> Checkpoint:
     return _single(p, p, p.parent)
 
 
+def _roots(d: Path) -> list[Path]:
+    """Folders the files of checkpoint folder ``d`` may resolve into: ``d`` itself, and for a
+    Hugging Face cache snapshot (``models--org--name/snapshots/<rev>``) that repo's ``blobs/``."""
+    real = Path(os.path.realpath(d))
+    roots = [real]
+    if real.parent.name == "snapshots" and "--" in real.parent.parent.name:
+        roots.append(Path(os.path.realpath(real.parent.parent / "blobs")))
+    return roots
+
+
+def _inside(path: Path, d: Path) -> Path:
+    """``path`` (a file of checkpoint folder ``d``) if it resolves inside ``d``; CheckpointError if a
+    symlink (of the file or of a folder on its way) leads out. Broken links are left to the reader."""
+    if not os.path.exists(path):
+        return path
+    real = Path(os.path.realpath(path))
+    roots = _roots(d)
+    if not any(real.is_relative_to(r) for r in roots):
+        where = "the checkpoint folder" if len(roots) == 1 else "the checkpoint folder or its cache repo's blobs/"
+        raise CheckpointError(path, f"resolves to {escape_name(str(real))}, outside {where} "
+                                    f"{escape_name(str(d))}; refusing to follow the symlink",
+                              "pass that file directly if it is the one you mean")
+    return path
+
+
 def _listdir(d: Path) -> list[str]:
     try:
         return sorted(os.listdir(d))
@@ -282,31 +335,33 @@ def _locate_dir(d: Path) -> Checkpoint:
         return _adapter(d, names)
     if "snapshots" in names and (d / "snapshots").is_dir():
         return _locate_dir(_snapshot(d))
+    lone = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if n in names]
+    if lone:
+        raise CheckpointError(d, f"{lone[0]} is here but adapter_config.json is missing, so the adapter's "
+                                 "scale and targets are unknown", "add the adapter's adapter_config.json")
     st = [n for n in names if n.endswith(".safetensors")]
     st_index = [n for n in names if n.endswith(".safetensors.index.json")]
     if "model.safetensors.index.json" in st_index:
         st_index = ["model.safetensors.index.json"]
     if len(st_index) == 1:
-        return _sharded(d, d / st_index[0], d)
+        return _sharded(d, _inside(d / st_index[0], d), d)
     if len(st_index) > 1:
         raise CheckpointError(d, f"several index files and none named model.safetensors.index.json: "
                                  f"{', '.join(st_index)}", "pass the index file to use")
-    if "model.safetensors" in names:
-        return _single(d / "model.safetensors", d, d)
     if len(st) == 1:
-        return _single(d / st[0], d, d)
+        return _single(_inside(d / st[0], d), d, d)
     if len(st) > 1:
         raise CheckpointError(d, f"{len(st)} .safetensors files and no index, so which is the model is "
                                  f"ambiguous: {', '.join(escape_name(n) for n in st)}",
                               "pass one file, or add model.safetensors.index.json")
     pk_index = [n for n in names if n.endswith(".bin.index.json")]
     if len(pk_index) == 1:
-        return _pickle_sharded(d, d / pk_index[0])
+        return _pickle_sharded(d, _inside(d / pk_index[0], d))
     pk = [n for n in names if n.endswith(PICKLE_SUFFIXES) and n not in _NOT_WEIGHTS]
     if "pytorch_model.bin" in pk:
         pk = ["pytorch_model.bin"]
     if len(pk) == 1:
-        return _pickles(d, [d / pk[0]], d)
+        return _pickles(d, [_inside(d / pk[0], d)], d)
     if len(pk) > 1:
         raise CheckpointError(d, f"{len(pk)} pickle files and no index, so which is the model is ambiguous: "
                                  f"{', '.join(escape_name(n) for n in pk)}", "pass one file")
@@ -425,10 +480,12 @@ def _sharded(d: Path, index: Path, shown: Path) -> Checkpoint:
     headers: dict[Path, dict[str, TensorInfo]] = {}
     metadata: dict = {}
     owner: dict[str, str] = {}
+    unlisted: list[tuple[str, str]] = []
     for shard in shards:
         path = d / shard
         if not os.path.lexists(path):
             raise CheckpointError(index, f"shard {escape_name(shard)} is listed but missing (incomplete download?)")
+        _inside(path, d)
         infos, md = _header(path)
         for k, v in md.items():
             metadata.setdefault(k, v)
@@ -438,20 +495,27 @@ def _sharded(d: Path, index: Path, shown: Path) -> Checkpoint:
                 raise CheckpointError(path, f"tensor `{escape_name(name)}` is stored in both "
                                             f"{escape_name(owner[name])} and {escape_name(shard)}")
             owner[name] = shard
-            if wmap.get(name) != shard:
-                raise CheckpointError(path, f"holds tensor `{escape_name(name)}` that the index "
-                                            + ("does not list" if name not in wmap else
-                                               f"places in {escape_name(wmap[name])}"))
+            if name not in wmap:
+                unlisted.append((name, shard))
+            elif wmap[name] != shard:
+                raise CheckpointError(path, f"holds tensor `{escape_name(name)}` that the index places in "
+                                            f"{escape_name(wmap[name])}")
     for name, shard in wmap.items():
         if owner.get(name) != shard:
             raise CheckpointError(d / shard, f"tensor `{escape_name(name)}` is listed in the index for "
                                              "this shard but the shard does not hold it")
         tensors[name] = headers[d / shard][name]
+    notes = []
+    for name, shard in unlisted:             # transformers loads by the index; still, measure it
+        tensors[name] = headers[d / shard][name]
+        notes.append(f"{escape_name(str(d / shard))}: holds tensor `{escape_name(name)}` that the index does not "
+                     "list; it is compared as a tensor of its own")
     metadata.update({k: str(v) for k, v in meta.items()})
     listed = {d / s for s in shards}
     ignored = [d / n for n in names if n.endswith(".safetensors") and d / n not in listed]
     ckpt = Checkpoint(shown, "sharded", [d / s for s in shards], tensors, metadata, d, ignored=ignored)
     ckpt._headers.update(headers)
+    ckpt.notes += notes
     return ckpt
 
 
@@ -470,7 +534,7 @@ def _pickles(shown: Path, files: list[Path], root: Path) -> Checkpoint:
 def _pickle_sharded(d: Path, index: Path) -> Checkpoint:
     wmap, _ = _read_index(index)
     shards = list(dict.fromkeys(wmap.values()))
-    ckpt = _pickles(d, [d / s for s in shards], d)
+    ckpt = _pickles(d, [_inside(d / s, d) for s in shards], d)
     for name, shard in wmap.items():
         if name not in ckpt.tensors or ckpt.tensors[name].path.name != PurePosixPath(shard).name:
             raise CheckpointError(d / shard, f"tensor `{escape_name(name)}` is listed in the index for "
@@ -481,13 +545,14 @@ def _pickle_sharded(d: Path, index: Path) -> Checkpoint:
 # -- PEFT adapters ---------------------------------------------------------------
 
 def _adapter(d: Path, names: list[str]) -> Checkpoint:
-    config = read_adapter_config(d / "adapter_config.json")
+    config = read_adapter_config(_inside(d / "adapter_config.json", d))
     if "adapter_model.safetensors" in names:
-        ckpt = _single(d / "adapter_model.safetensors", d, d)
+        ckpt = _single(_inside(d / "adapter_model.safetensors", d), d, d)
     elif "adapter_model.bin" in names:
-        ckpt = _pickles(d, [d / "adapter_model.bin"], d)
+        ckpt = _pickles(d, [_inside(d / "adapter_model.bin", d)], d)
     else:
         raise CheckpointError(d, "adapter folder has adapter_config.json but no adapter_model.safetensors")
     out = Checkpoint(d, "adapter", ckpt.files, ckpt.tensors, ckpt.metadata, d, adapter=config)
+    out.notes += ckpt.notes
     out._headers.update(ckpt._headers)
     return out

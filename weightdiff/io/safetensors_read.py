@@ -154,6 +154,16 @@ def _int_list(value: object) -> bool:
     return isinstance(value, list) and all(type(v) is int for v in value)
 
 
+def _check_text(path: str | os.PathLike, what: str, text: str) -> None:
+    """A JSON ``\\ud800`` escape gives a lone surrogate: not text, and unprintable."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CheckpointError(path, f"{what} {_q(text[:80])} holds a lone UTF-16 surrogate, which is not "
+                                        "text (corrupt header?)") from None
+
+
 def parse_header(raw: bytes, file_size: int, path: str | os.PathLike,
                  ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate header JSON ``raw`` (without its length prefix) of a file of ``file_size`` bytes.
@@ -169,8 +179,12 @@ def parse_header(raw: bytes, file_size: int, path: str | os.PathLike,
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(path, "`__metadata__` must map strings to strings")
+    for key, value in metadata.items():
+        _check_text(path, "`__metadata__` key", key)
+        _check_text(path, "`__metadata__` value", value)
     spans = []
     for name, entry in header.items():
+        _check_text(path, "tensor name", name)
         if not isinstance(entry, dict):
             raise CheckpointError(path, f"tensor {_q(name)}: expected an object with dtype, shape "
                                         f"and data_offsets, found a JSON {type(entry).__name__}")

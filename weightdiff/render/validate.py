@@ -7,11 +7,12 @@ bounded, free-form objects bounded in depth) and raises a one-line ``WeightdiffE
 naming the file and the field, so the renderers only ever see values they can draw.
 Unknown keys are allowed (the contract lets keys be added) but are not read.
 
->>> check_result({"schema": "weightdiff.compare/1", "summary": {"verdict": "derived"},
-...               "blocks": [], "tensors": [{"name": "w", "status": "changed", "shape": [2, "3"]}]}, "r.json")
-Traceback (most recent call last):
-...
-weightdiff.errors.WeightdiffError: r.json: `tensors[0].shape[1]` should be an integer (found a string) (was it written by weightdiff?)
+>>> try:
+...     check_result({"schema": "weightdiff.compare/1", "summary": {"verdict": "derived"},
+...                   "blocks": [], "tensors": [{"name": "w", "status": "changed", "shape": [2, "3"]}]}, "r.json")
+... except WeightdiffError as exc:
+...     print(exc)
+r.json: `tensors[0].shape[1]` should be an integer (found a string) (was it written by weightdiff?)
 """
 
 from __future__ import annotations
