@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import weightdiff
 from weightdiff.cli import main
-from weightdiff.safetensors_write import save_file
+from weightdiff.io.safetensors_write import save_file
 
 PRE = "base_model.model."
 Q = "model.layers.0.self_attn.q_proj"
@@ -200,7 +200,7 @@ def test_safe_regex_alpha_pattern_applies_as_in_peft(tmp_path, rng):
 
 def test_regex_keys_match_like_peft_get_pattern_key(tmp_path):
     peft_other = pytest.importorskip("peft.utils.other")
-    from weightdiff.adapter import AdapterConfig
+    from weightdiff.io.peft_adapter import AdapterConfig
 
     keys = {"q_proj": 1, r"layers\.1\..*v_proj": 2, "mlp.down_proj": 3, "up": 4}
     cfg = AdapterConfig(4, 8.0, [], False, False, None, {"alpha_pattern": keys})

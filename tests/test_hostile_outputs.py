@@ -20,7 +20,7 @@ from render_sample import cached_result
 from weightdiff.cli import main
 from weightdiff.fsutil import Interrupted, OutputSet, write_text
 from weightdiff.render.tabular import to_csv
-from weightdiff.safetensors_write import save_file
+from weightdiff.io.safetensors_write import save_file
 
 
 def run(*args):

@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 import weightdiff
-from weightdiff.checkpoint import locate
+from weightdiff.io.checkpoint import locate
 from weightdiff.cli import main
 from weightdiff.errors import CheckpointError
-from weightdiff.safetensors_write import save_checkpoint, save_file
+from weightdiff.io.safetensors_write import save_checkpoint, save_file
 
 
 def bad(args: list, names, expect: str) -> str:

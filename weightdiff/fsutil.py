@@ -42,7 +42,7 @@ from typing import IO, Iterable, Iterator
 from .errors import CheckpointError, OutputError, WeightdiffError, escape_name  # noqa: F401  (re-exported)
 
 __all__ = ["OutputError", "Interrupted", "OutputSet", "atomic_writer", "write_text", "write_bytes",
-           "active_outputs", "check_interrupted"]
+           "active_outputs", "check_interrupted", "immediate_writes"]
 
 
 class Interrupted(BaseException):
@@ -60,6 +60,17 @@ _ACTIVE: contextvars.ContextVar["OutputSet | None"] = contextvars.ContextVar("we
 def active_outputs() -> "OutputSet | None":
     """The output set of the running command, if any."""
     return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def immediate_writes() -> Iterator[None]:
+    """Inside, ``write_text``/``write_bytes`` write each file at once (atomically), outside the
+    command's output set: for work that saves as it goes so that it can resume (a survey)."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def check_interrupted() -> None:
