@@ -339,3 +339,40 @@ def test_inspect_names_scheme(tmp_path, rng):
     assert "GGUF (llama.cpp)" in r.stdout and "Q4_0" in r.stdout and "F32 (dequantized)" in r.stdout
     j = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).stdout)
     assert j["format"] == "gguf" and j["schemes"]["Q4_0"]["tensors"] == 16
+
+
+def test_benchmark_q4_k_encoder_writes_valid_blocks(tmp_path, rng):
+    """benchmarks/bench_gguf.py's round-to-nearest Q4_K encoder: gguf decodes it, error ~ 4-bit."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_gguf import q4_k_quantize
+
+    x = rng.normal(0, 0.02, (16, 512)).astype(np.float32)
+    data = q4_k_quantize(x)
+    back = dequantize(data, Q.Q4_K)
+    assert data.shape == (16, 2 * 144)
+    assert 0.02 < np.linalg.norm(back - x) / np.linalg.norm(x) < 0.1
+    path = raw_gguf(tmp_path / "k.gguf", {"blk.0.ffn_up.weight": (data, Q.Q4_K)})
+    with locate(path) as ck:
+        assert np.array_equal(ck.read("model.layers.0.mlp.up_proj.weight"), back)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_numba_dequantizers_bitwise_equal_gguf(rng, name):
+    """kernels/ggml.py against gguf.quants on random blocks, with NaN, Inf, subnormal and zero scales."""
+    from weightdiff.kernels import ggml
+
+    bs, ts = ggml.BLOCKS[name]
+    raw = rng.integers(0, 256, (64, 5 * ts), dtype=np.uint8)
+    specials = np.array([np.nan, np.inf, -np.inf, 6e-8, -0.0, 0.0, 65504], np.float16).view(np.uint8).reshape(-1, 2)
+    blocks = raw.reshape(-1, ts)
+    at = {"Q6_K": [208]}.get(name, [0, 2] if name in ("Q4_K", "Q5_K") else [0])
+    for k, sp in enumerate(specials):
+        for off in at:
+            blocks[k, off:off + 2] = sp
+    with np.errstate(all="ignore"):
+        ref = dequantize(raw, Q[name])
+    got = ggml.dequantize(raw, name)
+    assert got.shape == ref.shape == (64, 5 * bs)
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    assert ggml.dequantize(raw[:0], name).shape == (0, 5 * bs)

@@ -3,8 +3,9 @@
 The sibling of ``safetensors_read`` with the same verbs (``tensors``, ``windows``,
 ``read``, ``read_rows``), but unlike it the values handed out are not always the stored
 bytes: a quantized tensor (Q8_0, Q4_K, IQ4_XS, ...) is dequantized to float32 by the
-``gguf`` package's own dequantizers (``gguf.quants.dequantize``), whole quant blocks at a
-time, a window at a time, and its ``TensorInfo.scheme`` records the stored type. F32,
+``gguf`` package's own dequantizers (``gguf.quants.dequantize``; Q8_0, Q4_0, Q4_K, Q5_K and
+Q6_K by the numba loops of ``kernels/ggml.py``, bitwise equal to them), whole quant blocks
+at a time, a window at a time, and its ``TensorInfo.scheme`` records the stored type. F32,
 F16, BF16 (and the integer types) are handed out as stored, like safetensors. Names are
 mapped to Hugging Face names and the converter's transforms undone (``gguf_names``), so
 a GGUF reads as the checkpoint it was converted from.
@@ -36,6 +37,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
+from ..kernels import ggml
 from .files import OpenCheckpointFile, os_problem, pread_into
 from .safetensors_read import TensorInfo, check_range, storage_of
 from .gguf_names import ARCHITECTURES, GENERATED, hf_name
@@ -344,6 +346,9 @@ class GGUFFile(OpenCheckpointFile):
                                              f"{_version(gguf)} cannot dequantize", "upgrade gguf") from None
         qt = gguf.GGMLQuantizationType(qtype)
         deq = gguf.quants.dequantize
+        if tname in ggml.BLOCKS:                   # numba kernels, bitwise equal to gguf's, faster
+            def deq(raw, qt, name=tname):
+                return ggml.dequantize(raw, name)
         if transform == "minus_one":
             def decode(raw, qt=qt):
                 return deq(raw, qt).astype(np.float32, copy=False) - np.float32(1)
