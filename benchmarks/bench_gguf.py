@@ -18,7 +18,9 @@ were read once into the page cache:
    windows, dequantized to float32) and nothing else;
 2. ``pass``: the stats pass of ``compare``: every pair from ``plan`` streamed base and GGUF side
    by side through ``kernels.cpu.delta_stats``;
-3. ``compare``: ``weightdiff.compare(base, gguf, rank=False)``, the whole library call.
+3. ``compare``: ``weightdiff.compare(base, gguf, rank=False)``, the whole library call;
+
+and once ``pass`` of the base against itself (bf16 vs bf16), the reference under the same load.
 
 GB/s count the stored bytes of both checkpoints (bf16 base + GGUF file); "elements/s" the
 parameters of one side.
@@ -278,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     run_child("make", args, d)
     base_files = sorted((d / "base").glob("*.safetensors"))
     res: dict = {"size": args.size, "threads": args.threads, "results": {}}
+    _warm(base_files)
+    res["reference"] = run_child("pass", args, d / "base")       # bf16 vs bf16, same load
+    print(f"reference bf16 pass: {json.dumps(res['reference'])}", file=sys.stderr)
     for qname in QTYPES:
         g = d / f"base-{qname}.gguf"
         nbytes = _warm(base_files + [g])
@@ -287,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{qname} {kind}: {json.dumps(r[kind])}", file=sys.stderr)
         res["results"][qname] = r
     print(f"{'':12} {'part':8} {'wall s':>8} {'GB/s':>6} {'Melem/s':>8} {'peak RSS MB':>12}")
+    ref = res["reference"]
+    ref_bytes = 2 * sum(f.stat().st_size for f in base_files)
+    print(f"{'bf16 vs bf16':12} {'pass':8} {ref['pass_s']:8.2f} {ref_bytes / ref['pass_s'] / 1e9:6.2f} "
+          f"{ref['elements'] / ref['pass_s'] / 1e6:8.0f} {ref['rss_mb']:12.0f}")
     for qname, r in res["results"].items():
         for kind in ("dequant", "pass", "compare"):
             x = r[kind]

@@ -117,11 +117,16 @@ def _q6_k(raw, f16, out):
 _KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
-def dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
-    """Raw blocks ``(rows, k * block bytes)`` uint8 -> float32 ``(rows, k * block elements)``."""
+def dequantize(raw: np.ndarray, qtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Raw blocks ``(rows, k * block bytes)`` uint8 -> float32 ``(rows, k * block elements)``,
+    written into ``out`` (C-contiguous, that shape) when given."""
     bs, ts = BLOCKS[qtype]
     rows = raw.shape[0]
+    shape = (rows, raw.shape[1] // ts * bs)
     blocks = np.ascontiguousarray(raw).reshape(-1, ts)
-    out = np.empty((blocks.shape[0], bs), np.float32)
-    _KERNELS[qtype](blocks, _F16, out)
-    return out.reshape(rows, raw.shape[1] // ts * bs)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
+    _KERNELS[qtype](blocks, _F16, out.reshape(-1, bs))
+    return out

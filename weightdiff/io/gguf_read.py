@@ -149,6 +149,7 @@ class _Layout:
     decode: Callable[[np.ndarray], np.ndarray]
     transform: str | None
     heads: int
+    kernel: Callable[[np.ndarray, np.ndarray], object] | None = None   # decode(raw) into out
 
     @property
     def row_bytes(self) -> int:
@@ -346,16 +347,18 @@ class GGUFFile(OpenCheckpointFile):
                                              f"{_version(gguf)} cannot dequantize", "upgrade gguf") from None
         qt = gguf.GGMLQuantizationType(qtype)
         deq = gguf.quants.dequantize
-        if tname in ggml.BLOCKS:                   # numba kernels, bitwise equal to gguf's, faster
-            def deq(raw, qt, name=tname):
-                return ggml.dequantize(raw, name)
+        kernel = None
+        if tname in ggml.BLOCKS and transform != "minus_one":   # numba, bitwise equal to gguf's
+            def kernel(raw, out, name=tname):
+                return ggml.dequantize(raw, name, out)
         if transform == "minus_one":
             def decode(raw, qt=qt):
                 return deq(raw, qt).astype(np.float32, copy=False) - np.float32(1)
         else:
             def decode(raw, qt=qt):
                 return deq(raw, qt)
-        return _Layout(name, start, rows, cols, block, tsize, np.dtype(np.float32), decode, transform, heads)
+        return _Layout(name, start, rows, cols, block, tsize, np.dtype(np.float32), decode, transform, heads,
+                       kernel)
 
     # -- data ------------------------------------------------------------------
     def windows(self, name: str, max_elements: int | None = None, start: int = 0,
@@ -467,6 +470,9 @@ def _decode_into(out: np.ndarray, raw: np.ndarray, lay: _Layout, b0: int, b1: in
     at most DECODE_ELEMENTS per call so the dequantizer's temporaries stay small."""
     bs, ts = lay.block, lay.tsize
     grid = raw[:, b0 * ts:b1 * ts]
+    if lay.kernel is not None:                      # numba: no temporaries, one call
+        lay.kernel(grid, out)
+        return
     with np.errstate(all="ignore"):           # NaN/Inf in a file are data (counted later), not warnings
         _decode_chunks(out, grid, lay, b0, b1)
 
