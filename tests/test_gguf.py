@@ -376,3 +376,49 @@ def test_numba_dequantizers_bitwise_equal_gguf(rng, name):
     assert got.shape == ref.shape == (64, 5 * bs)
     assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
     assert ggml.dequantize(raw[:0], name).shape == (0, 5 * bs)
+
+
+# -- quantization scheme and noise floor (QuantScheme / floor_windows) --------------
+
+@pytest.mark.parametrize("q", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K])
+def test_floor_bounds_round_to_nearest_and_flags_a_fine_tune(tmp_path, rng, q):
+    x = rng.normal(0, 0.02, (24, 512)).astype(np.float32)
+    x[3, 7] = 0.2                                                   # an outlier sets one block's scale
+    if q == Q.Q4_K:
+        import sys
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+        from bench_gguf import q4_k_quantize
+        data = q4_k_quantize(x)
+    else:
+        data = quantize(x, q)
+    path = raw_gguf(tmp_path / "f.gguf", {"blk.0.ffn_up.weight": (data, q)})
+    name = "model.layers.0.mlp.up_proj.weight"
+    with locate(path) as ck:
+        info = ck.tensors[name]
+        assert (info.quant.format, info.quant.scheme, info.quant.calibrated) == ("gguf", q.name, False)
+        assert info.quant.stored == ("blk.0.ffn_up.weight",) and info.nbytes == data.nbytes
+        values = ck.read(name)
+        fl = np.concatenate([w.copy() for w in ck.floor_windows(name, 1000)]).reshape(x.shape)
+        assert np.all(np.abs(x - values) <= fl)                    # quantizing x itself stays within
+        tuned = x + 0.01 * rng.normal(0, 1, x.shape).astype(np.float32)   # a fine-tune of half the scale
+        assert np.mean(np.abs(tuned - values) > fl) > 0.2
+        assert np.all(fl[np.abs(values) > 0] > 0)
+
+
+def test_floor_windows_follow_the_permutation_and_skip_plain_tensors(tmp_path, rng):
+    t, _, path = _llama_pair(tmp_path, rng, Q.Q8_0)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    with locate(path) as ck:
+        values = ck.read(name)
+        fl = np.concatenate([w.copy() for w in ck.floor_windows(name, 333)]).reshape(values.shape)
+        assert np.all(np.abs(t[name] - values) <= fl)              # HF order, rows un-permuted
+        assert ck.floor_windows("model.norm.weight") is None        # stored F32
+    iq = raw_gguf(tmp_path / "iq.gguf", {"blk.0.ffn_up.weight": (_blocks(rng, Q.IQ4_NL, 2, 8), Q.IQ4_NL)})
+    with locate(iq) as ck:                                          # quantized, floor unknown
+        assert ck.tensors["model.layers.0.mlp.up_proj.weight"].quant.scheme == "IQ4_NL"
+        assert ck.floor_windows("model.layers.0.mlp.up_proj.weight") is None
+    meta = {"quantize.imatrix.file": "x.dat"}
+    from weightdiff.io.gguf_floor import scheme_of
+    assert scheme_of("Q4_0", 32, 18, 18, "w", meta).calibrated
+    assert not scheme_of("Q4_K", 256, 144, 144, "w", meta).calibrated
+    assert scheme_of("IQ2_XXS", 256, 66, 66, "w", {}).bits == 2

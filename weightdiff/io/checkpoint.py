@@ -141,8 +141,8 @@ class Checkpoint:
         info = self._info(name)
         if info.quant is not None and info.start is not None:   # a reader that dequantizes itself
             f = self._file(info.path)
-            if hasattr(f, "floor_windows"):
-                return self._pinned(info.path, f.floor_windows(name, max_elements, start, stop))
+            it = f.floor_windows(name, max_elements, start, stop) if hasattr(f, "floor_windows") else None
+            return None if it is None else self._pinned(info.path, it)
         return None
 
     def windows(self, name: str, max_elements: int | None = None, start: int = 0,

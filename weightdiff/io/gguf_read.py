@@ -30,7 +30,7 @@ import math
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -40,6 +40,7 @@ from ..errors import CheckpointError, escape_name
 from ..kernels import ggml
 from .files import OpenCheckpointFile, os_problem, pread_into
 from .safetensors_read import TensorInfo, check_range, storage_of
+from .gguf_floor import FLOORS, floor, scheme_of
 from .gguf_names import ARCHITECTURES, GENERATED, hf_name
 
 __all__ = ["MAGIC", "GGUFFile", "is_gguf", "require_gguf"]
@@ -311,8 +312,9 @@ class GGUFFile(OpenCheckpointFile):
             dtype = "F32" if layout.out == np.float32 and (tname not in NATIVE or transform == "minus_one") \
                 else NATIVE[tname]
             scheme = None if tname in NATIVE else tname
+            quant = None if tname in NATIVE else scheme_of(tname, block, tsize, nbytes, name, meta)
             self.tensors[mapped.name] = TensorInfo(mapped.name, dtype, shape, path, data + offset,
-                                                   data + offset + nbytes, scheme)
+                                                   data + offset + nbytes, scheme, quant)
             self._layout[mapped.name] = layout
             if transform:
                 counts[transform] += 1
@@ -369,6 +371,29 @@ class GGUFFile(OpenCheckpointFile):
         lay = self._layout[name]
         start, stop, step = check_range(info, max_elements, start, stop, lay.out.itemsize)
         return self._windows(info, lay, start, stop, step)
+
+    def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0,
+                      stop: int | None = None) -> Iterator[np.ndarray] | None:
+        """float32 windows aligned with ``windows``: per element the quantization noise floor
+        (weightdiff.io.gguf_floor); None for a tensor stored unquantized or without a floor."""
+        info = self._info(name)
+        lay = self._layout[name]
+        if info.scheme not in FLOORS or lay.transform == "minus_one":
+            return None
+        bs, ts, tname = lay.block, lay.tsize, info.scheme
+
+        def decode(raw):
+            blocks = raw.reshape(-1, ts)
+            values = np.empty((blocks.shape[0], bs), np.float32)
+            if lay.kernel is not None:
+                lay.kernel(blocks, values)
+            else:
+                values = lay.decode(blocks).reshape(-1, bs)
+            return floor(blocks, values, tname, bs).reshape(raw.shape[0], -1)
+
+        flay = replace(lay, decode=decode, kernel=None)
+        start, stop, step = check_range(info, max_elements, start, stop, 4)
+        return self._windows(info, flay, start, stop, step)
 
     def _windows(self, info, lay, start, stop, step) -> Iterator[np.ndarray]:
         for pos in range(start, stop, step):
