@@ -10,11 +10,12 @@ F16, BF16 (and the integer types) are handed out as stored, like safetensors. Na
 mapped to Hugging Face names and the converter's transforms undone (``gguf_names``), so
 a GGUF reads as the checkpoint it was converted from.
 
-The header is parsed here, not by ``gguf.GGUFReader``, so that a hostile file is refused
-before anything proportional to its claims is allocated: every count and length is
-checked against the bytes left in the file and against caps; tensor types, dimension
-counts (at most 4), row lengths (whole quant blocks), alignment and data ranges (inside
-the file, aligned, not overlapping) are checked before any tensor byte is read. Any
+The header is parsed by ``gguf_header``, not by ``gguf.GGUFReader``, so that a hostile
+file is refused before anything proportional to its claims is allocated: every count and
+length is checked against the bytes left in the file and against caps; tensor types,
+dimension counts (at most 4), then here row lengths (whole quant blocks), alignment and
+data ranges (inside the file, aligned, not overlapping) are checked before any tensor
+byte is read. Any
 problem is a ``CheckpointError`` naming the file. Tensor data is read through a fresh
 read-only ``mmap`` of just the byte range a window needs, closed before the window is
 handed out, so memory follows the window, not the model.
@@ -29,7 +30,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -41,101 +41,15 @@ from ..kernels import ggml
 from .files import OpenCheckpointFile, os_problem, pread_into
 from .safetensors_read import TensorInfo, check_range, storage_of
 from .gguf_floor import FLOORS, floor, scheme_of
+from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf
 from .gguf_names import ARCHITECTURES, GENERATED, hf_name
 
 __all__ = ["MAGIC", "GGUFFile", "is_gguf", "require_gguf"]
 
-MAGIC = b"GGUF"
-MAX_DIMS = 4                      # GGML_MAX_DIMS
-MAX_TENSORS = 1 << 20             # real files hold at most tens of thousands
-MAX_KV = 1 << 20
-MAX_STRINGS = 1 << 24             # strings walked in metadata arrays (vocabularies: ~10^5)
-MAX_KEY = 65535                   # the GGUF specification's key length limit
 DECODE_ELEMENTS = 1 << 20         # elements dequantized per gguf call (bounds its temporaries)
 #: GGML types handed out as stored, with their safetensors dtype names
 NATIVE = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64",
           "I8": "I8", "I16": "I16", "I32": "I32", "I64": "I64"}
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def require_gguf(path: str | os.PathLike | None):
-    """The ``gguf`` package, or a CheckpointError naming the extra that installs it."""
-    try:
-        import gguf
-        import gguf.quants  # noqa: F401
-    except ImportError:
-        raise CheckpointError(path, "is a GGUF file; reading it needs the gguf package",
-                              "pip install 'weightdiff[gguf]'") from None
-    return gguf
-
-
-def is_gguf(prefix: bytes) -> bool:
-    """True when the first bytes of a file are the GGUF magic."""
-    return prefix[:4] == MAGIC
-
-
-class _Cursor:
-    """Bounded little-endian reads from the header bytes; every overrun is a CheckpointError."""
-
-    def __init__(self, buf, path: Path):
-        self.buf, self.pos, self.size, self.path = buf, 0, len(buf), path
-
-    def need(self, n: int, what: str) -> None:
-        if n > self.size - self.pos:
-            raise CheckpointError(self.path, f"{what} runs past the end of the file at byte "
-                                             f"{self.pos:,} (truncated download?)")
-
-    def scalar(self, fmt: str, what: str):
-        n = struct.calcsize(fmt)
-        self.need(n, what)
-        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += n
-        return v
-
-    def string(self, what: str, cap: int | None = None) -> bytes:
-        n = self.scalar("<Q", what)
-        if cap is not None and n > cap:
-            raise CheckpointError(self.path, f"{what} is {n:,} bytes long, over the {cap:,}-byte limit")
-        self.need(n, what)
-        raw = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return raw
-
-    def value(self, vtype: int, key: str, depth: int = 0, walked: list | None = None):
-        what = f"metadata `{escape_name(key)}`"
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype], what)
-        if vtype == _STRING:
-            return self.string(what).decode("utf-8", "replace")
-        if vtype != _ARRAY:
-            raise CheckpointError(self.path, f"{what} has unknown value type {vtype}")
-        if depth >= 3:
-            raise CheckpointError(self.path, f"{what} nests arrays more than 3 deep")
-        itype = self.scalar("<I", what)
-        count = self.scalar("<Q", what)
-        if itype in _SCALARS:
-            size = struct.calcsize(_SCALARS[itype])
-            self.need(count * size, what)
-            if count <= 4096:
-                out = list(struct.unpack_from(f"<{count}{_SCALARS[itype][1]}", self.buf, self.pos))
-                self.pos += count * size
-                return out
-            self.pos += count * size
-            return f"[{count:,} numbers]"
-        if itype not in (_STRING, _ARRAY):
-            raise CheckpointError(self.path, f"{what} is an array of unknown type {itype}")
-        self.need(count * (8 if itype == _STRING else 12), what)
-        walked = walked if walked is not None else [0]
-        walked[0] += count
-        if walked[0] > MAX_STRINGS:
-            raise CheckpointError(self.path, f"{what}: metadata arrays hold over {MAX_STRINGS:,} items")
-        for _ in range(count):
-            self.value(itype, key, depth + 1, walked)
-        return f"[{count:,} {'strings' if itype == _STRING else 'arrays'}]"
-
-
 @dataclass(frozen=True)
 class _Layout:
     """How one tensor sits in the file: ``rows`` x ``cols`` in GGUF order (``cols`` = ne[0])."""
@@ -155,75 +69,6 @@ class _Layout:
     @property
     def row_bytes(self) -> int:
         return self.cols // self.block * self.tsize
-
-
-def _parse(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list[tuple]]:
-    """(data start, alignment, metadata, [(name, ne, type, offset), ...]) from the header bytes."""
-    c = _Cursor(buf, path)
-    c.need(24, "the GGUF header")
-    c.pos = 4
-    version = c.scalar("<I", "version")
-    if version in (1,):
-        raise CheckpointError(path, "GGUF version 1 is not supported", "convert with a current llama.cpp")
-    if version not in (2, 3):
-        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
-        endian = " (a big-endian file, which weightdiff does not read)" if swapped in (2, 3) else ""
-        raise CheckpointError(path, f"unknown GGUF version {version}{endian}; weightdiff reads versions 2 and 3")
-    n_tensors = c.scalar("<Q", "tensor count")
-    n_kv = c.scalar("<Q", "metadata count")
-    left = size - c.pos
-    if n_tensors > MAX_TENSORS or n_tensors * 24 > left:
-        raise CheckpointError(path, f"header declares {n_tensors:,} tensors, more than a {size:,}-byte file "
-                                    "can describe (corrupt file?)")
-    if n_kv > MAX_KV or n_kv * 12 > left:
-        raise CheckpointError(path, f"header declares {n_kv:,} metadata entries, more than a {size:,}-byte "
-                                    "file can hold (corrupt file?)")
-    meta: dict = {}
-    walked = [0]
-    for _ in range(n_kv):
-        key = c.string("metadata key", MAX_KEY).decode("utf-8", "replace")
-        if key in meta:
-            raise CheckpointError(path, f"metadata key `{escape_name(key)}` appears twice")
-        vtype = c.scalar("<I", f"metadata `{escape_name(key)}`")
-        meta[key] = c.value(vtype, key, 0, walked)
-    known = {t.value for t in gguf.GGMLQuantizationType}
-    infos, names = [], set()
-    for i in range(n_tensors):
-        raw = c.string(f"name of tensor {i}", MAX_KEY)
-        name = raw.decode("utf-8", "replace")
-        q = f"`{escape_name(name)}`"
-        if not name:
-            raise CheckpointError(path, f"tensor {i} has an empty name")
-        if name in names:
-            raise CheckpointError(path, f"tensor {q} appears twice")
-        names.add(name)
-        n_dims = c.scalar("<I", f"tensor {q}")
-        if n_dims > MAX_DIMS:
-            raise CheckpointError(path, f"tensor {q} has {n_dims} dimensions; GGUF allows at most {MAX_DIMS}")
-        c.need(8 * n_dims + 12, f"tensor {q}")
-        ne = struct.unpack_from(f"<{n_dims}Q", c.buf, c.pos)
-        c.pos += 8 * n_dims
-        qtype = c.scalar("<I", f"tensor {q}")
-        offset = c.scalar("<Q", f"tensor {q}")
-        if qtype not in known or qtype not in gguf.GGML_QUANT_SIZES:
-            raise CheckpointError(path, f"tensor {q} has unknown type {qtype}",
-                                  f"gguf {_version(gguf)} knows {', '.join(t.name for t in gguf.GGMLQuantizationType)}")
-        infos.append((name, tuple(int(d) for d in ne), qtype, offset))
-    align = meta.get("general.alignment", 32)
-    if type(align) is not int or align < 1 or align & (align - 1) or align > 1 << 20:
-        raise CheckpointError(path, f"general.alignment is {align!r}, expected a power of two")
-    data = -(-c.pos // align) * align
-    if data > size:
-        raise CheckpointError(path, "the tensor data section starts past the end of the file (truncated download?)")
-    return data, align, meta, infos
-
-
-def _version(gguf) -> str:
-    try:
-        from importlib.metadata import version
-        return version("gguf")
-    except Exception:
-        return getattr(gguf, "__version__", "?")
 
 
 class GGUFFile(OpenCheckpointFile):
@@ -255,7 +100,7 @@ class GGUFFile(OpenCheckpointFile):
         try:
             if not is_gguf(mm[:4]):
                 raise CheckpointError(path, "not a GGUF file (no GGUF magic)")
-            data, align, meta, infos = _parse(mm, self.size, path, gguf)
+            data, align, meta, infos = parse_header(mm, self.size, path, gguf)
         finally:
             mm.close()
         arch = meta.get("general.architecture")
@@ -346,7 +191,7 @@ class GGUFFile(OpenCheckpointFile):
             gguf.quants.dequantize(np.zeros((1, tsize), np.uint8), gguf.GGMLQuantizationType(qtype))
         except NotImplementedError:
             raise CheckpointError(self.path, f"tensor `{escape_name(name)}` is stored as {tname}, which gguf "
-                                             f"{_version(gguf)} cannot dequantize", "upgrade gguf") from None
+                                             f"{gguf_version(gguf)} cannot dequantize", "upgrade gguf") from None
         qt = gguf.GGMLQuantizationType(qtype)
         deq = gguf.quants.dequantize
         kernel = None
