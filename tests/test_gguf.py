@@ -246,6 +246,14 @@ def test_locate_by_magic_and_in_folders(tmp_path, rng):
     assert r.exit_code == 0 and "IDENTICAL" in r.stdout
 
 
+def test_gguf_named_file_without_magic(tmp_path):
+    bad(_write(tmp_path / "m.gguf", b"\x00" * 64), "not a GGUF file (no GGUF magic)")
+    d = tmp_path / "d"
+    d.mkdir()
+    _write(d / "model.gguf", b"GGUX" + b"\x00" * 60)
+    bad(d, "not a GGUF file (no GGUF magic)", names=d / "model.gguf")
+
+
 def test_legacy_ggml_refused(tmp_path):
     bad(_write(tmp_path / "old.bin", b"tjgg" + b"\0" * 64), "legacy llama.cpp GGJT file")
 

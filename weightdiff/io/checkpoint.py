@@ -286,8 +286,8 @@ def _locate(p: Path) -> Checkpoint:
         raise CheckpointError(p, os_problem(exc)) from None
     if stat.S_ISDIR(st.st_mode):
         return _locate_dir(p)
-    if _sniff(p) == "gguf":
-        return _gguf(p, p, p.parent)
+    if _sniff(p) == "gguf" or p.name.lower().endswith(".gguf"):
+        return _gguf(p, p, p.parent)          # a .gguf without the magic is refused by name
     if p.name.endswith(".bin.index.json"):
         return _pickle_sharded(p.parent, p)
     if p.name.endswith(".index.json"):
