@@ -329,3 +329,56 @@ def grid_levels(rows: np.ndarray, max_levels: int = 256) -> tuple[int, float]:
         misfit = max(misfit, err)
         worst = max(worst, int(round(k[-1])) + 1)
     return (worst, misfit) if worst <= max_levels else (0, float("nan"))
+
+
+# -- the noise-floor test ---------------------------------------------------------------
+
+#: fields of ``floor_stats``: elements compared, elements beyond the floor, sum of (|d| / floor)^2,
+#: largest |d| / floor, sum of squares of the part above the floor, sum of d^2
+FLOOR_FIELDS = ("count", "n_beyond", "sum_u2", "max_u", "sum_excess2", "sum_d2")
+
+
+def floor_stats(base: np.ndarray, other: np.ndarray, floor: np.ndarray, col_start: int = 0,
+                ncols: int = 1, cast_rel: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """One window of the noise-floor test: ``d = |base - other|`` against ``floor`` (+
+    ``cast_rel * |base|``, for a base stored wider than the quantizer read it).
+
+    Returns (float64[len(FLOOR_FIELDS)], int64[ncols]: elements beyond the floor per column,
+    the window's first element being column ``col_start``). A NaN or Inf on either side,
+    or a difference where the floor is 0, is beyond.
+
+    >>> s, cols = floor_stats(np.array([1.0, 2.0, 3.0]), np.array([1.2, 2.0, 3.9]),
+    ...                       np.array([0.25, 0.25, 0.5], np.float32), 0, 3)
+    >>> dict(zip(FLOOR_FIELDS, s.round(3).tolist()))["n_beyond"], cols.tolist()
+    (1.0, [0, 0, 1])
+    """
+    b = np.asarray(base, dtype=np.float64)
+    d = np.abs(b - np.asarray(other, dtype=np.float64))
+    f = np.asarray(floor, dtype=np.float64) + cast_rel * np.abs(b)
+    bad = ~np.isfinite(d)
+    d = np.where(bad, np.inf, d)
+    beyond = d > f
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.where(f > 0, d / f, np.where(d > 0, np.inf, 0.0))
+    fin = ~bad
+    excess = np.maximum(d - f, 0.0)
+    out = np.array([d.size, beyond.sum(), float(np.sum(u[fin] ** 2)), float(u.max()) if u.size else 0.0,
+                    float(np.sum(excess[fin] ** 2)), float(np.sum(d[fin] ** 2))], dtype=np.float64)
+    idx = np.flatnonzero(beyond)
+    cols = np.bincount((idx + col_start) % ncols, minlength=ncols).astype(np.int64) if ncols > 1 else \
+        np.array([idx.size], dtype=np.int64)
+    return out, cols
+
+
+def above_floor(base: np.ndarray, other: np.ndarray, floor: np.ndarray, cast_rel: float = 0.0) -> np.ndarray:
+    """The part of ``other - base`` above the floor: ``sign(d) * max(|d| - floor, 0)`` (float32),
+    what the rank analysis of a quantized pair runs on.
+
+    >>> above_floor(np.array([1.0, 2.0]), np.array([1.2, 1.0]), np.array([0.25, 0.5])).tolist()
+    [0.0, -0.5]
+    """
+    b = np.asarray(base, dtype=np.float64)
+    d = np.asarray(other, dtype=np.float64) - b
+    f = np.asarray(floor, dtype=np.float64) + cast_rel * np.abs(b)
+    d = np.where(np.isfinite(d), d, 0.0)
+    return (np.sign(d) * np.maximum(np.abs(d) - f, 0.0)).astype(np.float32)

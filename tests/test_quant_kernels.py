@@ -233,3 +233,25 @@ def test_grid_levels():
     rows = (np.arange(-127, 128, dtype=np.float32) * np.float32(0.0123))[None, :]
     assert Q.grid_levels(rows)[0] == 255
     assert Q.grid_levels(np.random.default_rng(0).standard_normal((2, 64)))[0] == 0
+
+
+def test_floor_stats_against_loop_and_windows(rng):
+    n, ncols = 1000, 37
+    b = rng.standard_normal(n)
+    o = b + rng.standard_normal(n) * 0.1
+    f = np.abs(rng.standard_normal(n)).astype(np.float32) * 0.1
+    f[:5] = 0.0
+    o[:3] = b[:3]                       # zero floor, no difference: within
+    o[10], b[11] = np.nan, np.inf       # non-finite: beyond
+    whole, cols = Q.floor_stats(b, o, f, 0, ncols, cast_rel=2.0 ** -9)
+    beyond = [i for i in range(n) if not (abs(b[i] - o[i]) <= f[i] + 2.0 ** -9 * abs(b[i]))]
+    assert whole[1] == len(beyond)
+    assert cols.tolist() == np.bincount(np.array(beyond) % ncols, minlength=ncols).tolist()
+    parts = [Q.floor_stats(b[i:i + 300], o[i:i + 300], f[i:i + 300], i % ncols, ncols, 2.0 ** -9)
+             for i in range(0, n, 300)]
+    assert sum(p[0][1] for p in parts) == whole[1]
+    np.testing.assert_array_equal(sum(p[1] for p in parts), cols)
+    ab = Q.above_floor(b[20:], o[20:], f[20:])
+    d = o[20:] - b[20:]
+    want = np.where(np.isfinite(d), np.sign(d) * np.maximum(np.abs(d) - f[20:], 0), 0)
+    np.testing.assert_allclose(ab, want, rtol=1e-6, atol=1e-9)
