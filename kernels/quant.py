@@ -361,7 +361,8 @@ def floor_stats(base: np.ndarray, other: np.ndarray, floor: np.ndarray, col_star
     with np.errstate(divide="ignore", invalid="ignore"):
         u = np.where(f > 0, d / f, np.where(d > 0, np.inf, 0.0))
     fin = ~bad
-    excess = np.maximum(d - f, 0.0)
+    with np.errstate(invalid="ignore"):
+        excess = np.maximum(d - f, 0.0)
     out = np.array([d.size, beyond.sum(), float(np.sum(u[fin] ** 2)), float(u.max()) if u.size else 0.0,
                     float(np.sum(excess[fin] ** 2)), float(np.sum(d[fin] ** 2))], dtype=np.float64)
     idx = np.flatnonzero(beyond)

@@ -257,3 +257,56 @@ def bnb4_state_tensors(prefix: str, st: dict) -> dict:
     out[f"{prefix}.quant_state.bitsandbytes__{st['quant_type']}"] = \
         np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8).copy()
     return out
+
+
+# -- GPTQ with error compensation ----------------------------------------------------------
+
+def gptq_quantize(w: np.ndarray, x: np.ndarray, bits: int = 4, group: int = 64, actorder: bool = False,
+                  damp: float = 0.01):
+    """GPTQ's ``fasterquant`` (AutoGPTQ ``quantization/gptq.py``, one block of all columns, which
+    gives the same codes as its lazy batches up to float summation order): columns quantized
+    in order (by descending Hessian diagonal with ``actorder``), each group's scale and zero
+    found when the group starts, on the weights as compensated so far; the rounding error of
+    each column pushed onto the columns not yet quantized through the inverse Hessian's
+    Cholesky factor. Returns (qweight, qzeros, scales, g_idx) packed as ``gptq_pack`` packs
+    (v1 zeros)."""
+    maxq = 2 ** bits - 1
+    W = w.astype(np.float64).copy()
+    m, n = W.shape
+    H = x.T.astype(np.float64) @ x.astype(np.float64)
+    perm = np.argsort(-np.diag(H), kind="stable") if actorder else np.arange(n)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * np.mean(np.diag(H)) * np.eye(n)
+    hinv = np.linalg.cholesky(np.linalg.inv(H)).T
+    codes = np.zeros((m, n), np.uint32)
+    scales, zeros = [], []
+    for i in range(n):
+        if i % group == 0:
+            g = W[:, i:i + group]
+            xmin, xmax = np.minimum(g.min(1), 0), np.maximum(g.max(1), 0)
+            both0 = (xmin == 0) & (xmax == 0)
+            xmin[both0], xmax[both0] = -1, 1
+            s = ((xmax - xmin) / maxq).astype(np.float32)
+            z = np.round(-xmin / s)
+            scales.append(s)
+            zeros.append(z)
+        q = np.clip(np.round(W[:, i] / s) + z, 0, maxq)
+        codes[:, i] = q
+        err = (W[:, i] - (q - z) * s) / hinv[i, i]
+        W[:, i + 1:] -= np.outer(err, hinv[i, i + 1:])
+    inv = np.argsort(perm)
+    codes = codes[:, inv].T.copy()                          # [in, out] in the original column order
+    g_idx = (np.arange(n) // group)[inv].astype(np.int32)
+    S = np.stack(scales)                                    # [groups, out]
+    Z = np.stack(zeros).astype(np.int64)
+    pf = 32 // bits
+    qweight = np.zeros((n // pf, m), np.uint32)
+    for row in range(qweight.shape[0]):
+        for j in range(pf):
+            qweight[row] |= codes[row * pf + j] << np.uint32(bits * j)
+    zq = ((Z - 1) & maxq).astype(np.uint32)
+    qzeros = np.zeros((S.shape[0], m // pf), np.uint32)
+    for col in range(qzeros.shape[1]):
+        for j in range(pf):
+            qzeros[:, col] |= zq[:, col * pf + j] << np.uint32(bits * j)
+    return qweight.view(np.int32), qzeros.view(np.int32), S.astype(np.float16), g_idx

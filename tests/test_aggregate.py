@@ -169,7 +169,7 @@ def test_worked_example_low_rank_derived():
     blocks, modules, s = aggregate(_worked_example(), THR)
     # params: 80 + 64 + 8 + 64 + 64 + 8 + 8 + 80 = 376; changed 128
     assert s.params_total == 376
-    assert s.params_by_status == {"unchanged": 248, "rounding": 0, "changed": 128, "resized": 0, "added": 0,
+    assert s.params_by_status == {"unchanged": 248, "rounding": 0, "quantized": 0, "changed": 128, "resized": 0, "added": 0,
                                   "removed": 0}
     # sum nb^2 = 9 + 4 + 8 + 4 + 4 + 8 + 8 + 9 = 54; sum nd^2 = 0.09 + 0.16 = 0.25
     assert s.relative_change == pytest.approx(0.5 / math.sqrt(54), rel=1e-12)
@@ -312,7 +312,7 @@ def test_resized_vocabulary_accounting():
                  nb=3.0, nd=0.3, frac=1.0, beyond=1.0)
     blocks, _, s = aggregate([grown, shrunk, rec("model.layers.0.w")], THR)
     # grown: 800 compared, 400 new (added); shrunk: 720 compared, 80 base rows gone (removed)
-    assert s.params_by_status == {"unchanged": 64, "rounding": 0, "changed": 0, "resized": 1520, "added": 400,
+    assert s.params_by_status == {"unchanged": 64, "rounding": 0, "quantized": 0, "changed": 0, "resized": 1520, "added": 400,
                                   "removed": 80}
     assert s.params_total == 64 + 1520 + 400 + 80
     # delta: 400 new rows + the shrunk head's 90 x 8 overlap changed without a rank record: 720

@@ -18,8 +18,8 @@ from typing import Any
 
 SCHEMA = "weightdiff.compare/1"
 
-STATUSES = ("unchanged", "rounding", "changed", "resized", "added", "removed")
-VERDICTS = ("identical", "cast_only", "derived", "unrelated")
+STATUSES = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
+VERDICTS = ("identical", "cast_only", "quantized_only", "derived", "unrelated")
 
 
 @dataclass
@@ -73,6 +73,7 @@ class TensorRecord:
     note: str | None = None
     rank: RankRecord | None = None
     tied: bool = False                  # a tied LM head: the tuned embedding again, against the base head
+    quant: dict | None = None           # the quantization noise-floor test when a side is quantized
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,6 +119,7 @@ class Summary:
     compressed_bytes: dict[str, Any] = field(default_factory=dict)
     headline: list[str] = field(default_factory=list)
     relatedness_rel_change: float | None = None   # relative change over the matrices behind relatedness_cosine
+    quantization: dict[str, Any] | None = None    # the noise-floor tests of pairs with a quantized side
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -159,6 +159,15 @@ class IntGrid(Source):
         self.strategy, self.group, self.block, self.packed = strategy, group, block, packed
         self.sdtype = scale.dtype if scale.dtype in ("BF16", "F16") else "F32"
 
+    def first_group(self, read, ncols: int) -> np.ndarray:
+        """Columns a GPTQ-style quantizer (llm-compressor) processed first: ``weight_g_idx == 0``,
+        the first group, or (channel/tensor scales, order unknown) every column."""
+        if self.g_idx is not None:
+            return np.flatnonzero(read(self.g_idx.name).astype(np.int64) == 0)
+        if self.strategy == "group":
+            return np.arange(min(self.group, ncols))
+        return np.arange(ncols)
+
     def _zeros(self, read) -> np.ndarray | int:
         if self.zero is None:
             return 0
@@ -197,6 +206,13 @@ class IntGrid(Source):
 
 
 class GPTQ(Source):
+    def first_group(self, read, ncols: int) -> np.ndarray:
+        """Columns the quantizer processed first (``g_idx == 0``: with desc_act, the first group of
+        its activation order), which its error compensation had not yet moved."""
+        gi = self.t[3]
+        g = read(gi.name).astype(np.int64) if gi is not None else np.arange(ncols) // self.group
+        return np.flatnonzero(g == 0)
+
     def __init__(self, name, shape, scheme, path, qweight, qzeros, scales, g_idx, bits, v1, group):
         super().__init__(name, shape, scheme, path)
         self.t = (qweight, qzeros, scales, g_idx)

@@ -22,7 +22,7 @@ __all__ = ["classify", "is_changed", "is_mismatch", "is_tied", "delta_params_of"
            "extra_rows", "norms_sq", "ratio", "bytes_per", "PAIRED"]
 
 
-PAIRED = ("unchanged", "rounding", "changed", "resized")
+PAIRED = ("unchanged", "rounding", "quantized", "changed", "resized")
 
 
 def is_tied(rec: TensorRecord) -> bool:

@@ -175,6 +175,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     }
     flags = _flags(counted, records)
     verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed, thresholds, n_paired)
+    quant = quantization_summary(counted)
     form = _form(changed, thresholds) if verdict == "derived" else {"kind": None}
     summary = Summary(
         verdict=verdict, verdict_reason="", scope=scope, form=form, flags=flags, params_total=params_total,
@@ -185,8 +186,24 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                           "low_rank_share": lr_bytes / model_bytes if model_bytes else None,
                           "sign_bytes": int(math.ceil(sign_bytes)),
                           "sign_share": sign_bytes / model_bytes if model_bytes else None,
-                          "rank_basis": "energy_rank_99"})
+                          "rank_basis": "energy_rank_99"},
+        quantization=quant)
     return summary
+
+
+def quantization_summary(counted: list[TensorRecord]) -> dict[str, Any] | None:
+    """Roll-up of the noise-floor tests (records whose pair has a quantized side), or None."""
+    tested = [r for r in counted if r.quant is not None]
+    if not tested:
+        return None
+    judged = [r for r in tested if r.quant.get("within") is not None]
+    beyond = [r for r in judged if not r.quant["within"]]
+    return {"tensors": len(tested), "tensors_judged": len(judged), "tensors_beyond": len(beyond),
+            "share_beyond": len(beyond) / len(judged) if judged else None,
+            "tests": dict(sorted(Counter(str(r.quant.get("test")) for r in tested).items())),
+            "formats": sorted({str(r.quant.get("format")) for r in tested}),
+            "schemes": sorted({str(r.quant.get("scheme")) for r in tested}),
+            "sides": sorted({str(r.quant.get("side")) for r in tested})}
 
 
 def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int) -> str:
@@ -200,5 +217,7 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int) ->
     if looks_unrelated(cos, rel, thr) is True:
         return "unrelated"
     if not changed and not structural:
+        if tbs["quantized"]:
+            return "quantized_only"
         return "identical" if tbs["rounding"] == 0 else "cast_only"
     return "derived"

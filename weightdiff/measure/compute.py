@@ -149,14 +149,35 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                     f"the {pair.overlap_rows} shared rows are compared")
     else:
         rec.status = classify(fields, pair.dtype_base, pair.dtype_tuned, thr)
+    above = None
+    if not opaque and shape_t is not None:
+        from .quant_floor import floor_test
+
+        rec.quant = floor_test(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
+                               tuple(shape_t), WINDOW_ELEMENTS, stop)
+        if rec.quant is not None and rec.quant.get("within") and rec.status in ("changed", "rounding"):
+            rec.status = "quantized"
+        elif rec.quant is not None and rec.quant.get("test") == "bound" and rec.status == "changed":
+            above = True                           # rank the part of the change above the floor
 
     if (options.rank and rec.status == "changed" and not opaque and len(shape_t) >= 2
             and min(shape_t[0], rec.numel // max(shape_t[0], 1)) >= 2):
         from .rank import analyze_delta
 
         nd = rec.norm_delta
+        raw_b, raw_t, dt_b, dt_t = base.read(pair.base_name), tuned.read(tuned_name), pair.dtype_base, pair.dtype_tuned
+        if above:
+            from .quant_floor import CAST_REL, above_floor_pair
+
+            plain = dt_b if base.tensors[pair.base_name].quant is None else dt_t
+            raw_b, raw_t = above_floor_pair(base, pair.base_name, dt_b, tuned, tuned_name, dt_t,
+                                            CAST_REL if plain in ("F32", "F64") else 0.0)
+            dt_b = dt_t = "F32"
+            nd = rec.quant.get("norm_above_floor")
+            rec.note = ("rank of the part of the change above the quantization noise floor"
+                        + (f"; {rec.note}" if rec.note else ""))
         rec.rank = analyze_delta(
-            base.read(pair.base_name), tuned.read(tuned_name), pair.dtype_base, pair.dtype_tuned,
+            raw_b, raw_t, dt_b, dt_t,
             tuple(shape_t), float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
             k=options.rank_k, seed=options.seed, exact_max=options.exact_svd_max,
             backend=backend, noise_factor=thr.noise_floor_factor, subspace=options.subspace)

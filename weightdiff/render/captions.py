@@ -20,8 +20,9 @@ from . import sentences
 from .formats import count, num, sci, share
 
 #: statuses in the order the parameter-share figure and the tables list them
-STATUS_ORDER = ("unchanged", "rounding", "changed", "resized", "added", "removed")
-STATUS_LABEL = {"unchanged": "unchanged", "rounding": "rounding only", "changed": "changed",
+STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
+STATUS_LABEL = {"unchanged": "unchanged", "rounding": "rounding only", "quantized": "within the quantization floor",
+                "changed": "changed",
                 "resized": "resized", "added": "added", "removed": "removed"}
 
 

@@ -40,7 +40,8 @@ OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky": "#56B4E9", "green":
              "yellow": "#F0E442", "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7"}
 GREY = "#8C8C8C"
 STATUS_STYLE = {  # colour, hatch: distinct in colour and in greyscale
-    "unchanged": ("#DDDDDD", ""), "rounding": (OKABE_ITO["sky"], ".."), "changed": (OKABE_ITO["blue"], ""),
+    "unchanged": ("#DDDDDD", ""), "rounding": (OKABE_ITO["sky"], ".."),
+    "quantized": (OKABE_ITO["green"], "\\\\"), "changed": (OKABE_ITO["blue"], ""),
     "resized": (OKABE_ITO["purple"], "//"), "added": (OKABE_ITO["orange"], "xx"), "removed": ("#000000", "")}
 CYCLE = [OKABE_ITO[k] for k in ("blue", "orange", "green", "vermillion", "purple", "sky", "black", "yellow")]
 

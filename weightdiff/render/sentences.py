@@ -17,11 +17,12 @@ from .formats import count, num, sci, share
 __all__ = ["verdict_title", "verdict_reason", "headline", "is_tied_row", "PAIRED"]
 
 #: statuses of a tensor that has a counterpart on the other side (``judge.status.PAIRED``)
-PAIRED = ("unchanged", "rounding", "changed", "resized")
+PAIRED = ("unchanged", "rounding", "quantized", "changed", "resized")
 
 _TITLES = {
     "identical": "IDENTICAL: every tensor is bitwise equal to the base.",
     "cast_only": "CAST ONLY: every difference is explained by a change of storage dtype.",
+    "quantized_only": "QUANTIZED ONLY: every difference is explained by quantizing the base.",
     "derived": "DERIVED: a fine-tune of this base.",
     "unrelated": "UNRELATED: not derived from this base (large matrices are near-orthogonal).",
 }
@@ -70,6 +71,13 @@ def verdict_reason(data: dict) -> str:
                         if t.get("status") == "rounding"})
         return (f"{count(tbs.get('rounding', 0))} tensors differ only within the rounding of a dtype cast "
                 f"({', '.join(casts)}); no weight moved beyond it.")
+    q = s.get("quantization") or {}
+    if v == "quantized_only":
+        unknown = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
+        return (f"Quantized from this base: all {count(tbs.get('quantized', 0))} quantized tensors differ from it "
+                f"only within their own quantization noise floor {_quant_how(q)}, and every other tensor is "
+                "unchanged or within rounding"
+                + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + ".")
     parts = [f"{count(scope.get('tensors_changed'))} of {count(scope.get('tensors_total'))} tensors changed"]
     if scope.get("blocks_total"):
         parts.append(f"{scope.get('blocks_changed')} of {scope.get('blocks_total')} blocks")
@@ -78,7 +86,23 @@ def verdict_reason(data: dict) -> str:
         text += f"; the large matrices keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
+    if q.get("tensors_beyond"):
+        text += (f"; {count(q['tensors_beyond'])} of {count(q.get('tensors_judged'))} quantized tensors "
+                 f"({share(q.get('share_beyond'))}) stand beyond the quantization noise floor {_quant_how(q)}, "
+                 "so this is a fine-tune that was then quantized")
     return text + "."
+
+
+#: how each noise-floor test is named in sentences (docs/methodology.md)
+TEST_WORDS = {"bound": "the per-element bound of round-to-nearest",
+              "first-group": "the first-group test for error-compensating quantizers",
+              "statistical": "the share test for scale-searching quantizers",
+              "none": "no test (the reader gives no floor)"}
+
+
+def _quant_how(q: dict) -> str:
+    tests = ", ".join(TEST_WORDS.get(t, t) for t in q.get("tests") or {})
+    return f"({', '.join(q.get('formats') or [])}; decided by {tests})"
 
 
 def headline(data: dict) -> list[str]:
@@ -100,6 +124,8 @@ def headline(data: dict) -> list[str]:
             out.append(f"{share(unchanged / total)} of parameters are bitwise unchanged.")
         if by.get("rounding"):
             out.append(f"{share(by['rounding'] / total)} differ only within dtype rounding.")
+        if by.get("quantized"):
+            out.append(f"{share(by['quantized'] / total)} differ only within their quantization noise floor.")
     if s.get("blocks_total"):
         out.append(f"{s.get('blocks_changed')} of {s['blocks_total']} blocks changed.")
     if s.get("verdict") in ("derived", "unrelated") and s.get("relative_change") is not None:

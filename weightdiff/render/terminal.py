@@ -17,7 +17,7 @@ from .captions import one_minus_cosine
 from .formats import count, rank_text, sci, share
 from .sentences import verdict_title
 
-STATUS_ORDER = ("unchanged", "rounding", "changed", "resized", "added", "removed")
+STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
 
 
 def _one_minus_cos(t: dict) -> str:

@@ -1,0 +1,126 @@
+"""Quantization is not fine-tuning: a base compared with its own quantization reads
+``quantized_only``; a fine-tune of it, then quantized, reads ``derived``, for every format
+(files built as in test_quant_checkpoint), and for GPTQ with real error compensation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from weightdiff import compare  # noqa: E402
+
+import quant_packers as P  # noqa: E402
+import test_quant_checkpoint as T  # noqa: E402
+
+ROWS = 512           # rows enough that every column of a GPTQ first group shows a fine-tune
+
+
+@pytest.fixture(scope="module")
+def models():
+    rng = np.random.default_rng(99)
+    old = T.OUT
+    T.OUT = ROWS
+    try:
+        base = T.base_model(rng)
+        tuned = T.fine_tune(rng, base, rel=0.05, rank=4)
+    finally:
+        T.OUT = old
+    return base, tuned
+
+
+def _judge(tmp_path, base, stored, qc, **kw):
+    b = T._save(tmp_path / "base", base, None)
+    q = T._save(tmp_path / "quant", stored, qc)
+    return compare(b, q, rank=kw.pop("rank", False), **kw)
+
+
+def _build(kind, tensors):
+    old = T.OUT
+    T.OUT = ROWS
+    try:
+        return T.BUILDERS[kind](tensors)
+    finally:
+        T.OUT = old
+
+
+@pytest.mark.parametrize("kind", list(T.BUILDERS))
+def test_base_quantized_is_quantized_only(tmp_path, models, kind):
+    base, _ = models
+    stored, qc, _ = _build(kind, base)
+    r = _judge(tmp_path, base, stored, qc)
+    s = r.summary
+    assert s.verdict == "quantized_only", (s.verdict_reason, [(t.name, t.quant) for t in r.tensors if t.quant])
+    assert s.tensors_by_status["quantized"] == 4 and s.tensors_by_status.get("added", 0) == 0
+    assert s.delta_params == 0
+    q = [t.quant for t in r.tensors if t.quant]
+    assert len(q) == 4 and all(x["within"] and x["side"] == "tuned" for x in q)
+    assert "quantiz" in s.headline[0]
+
+
+@pytest.mark.parametrize("kind", list(T.BUILDERS))
+def test_fine_tune_then_quantized_is_derived(tmp_path, models, kind):
+    base, tuned = models
+    stored, qc, _ = _build(kind, tuned)
+    r = _judge(tmp_path, base, stored, qc)
+    s = r.summary
+    assert s.verdict == "derived", s.verdict_reason
+    q = [t.quant for t in r.tensors if t.quant]
+    assert len(q) == 4 and not any(x["within"] for x in q)
+    assert all(x["beyond_share"] > 0.01 for x in q)
+    assert s.quantization["tensors_beyond"] == 4 and s.quantization["tensors"] == 4
+    assert "beyond the quantization noise floor" in " ".join(s.headline)
+
+
+def _gptq_files(w_by_name, others, x, actorder):
+    stored = dict(others)
+    for name, w in w_by_name.items():
+        m = name[: -len(".weight")]
+        qw, qz, sc, g_idx = P.gptq_quantize(w, x, 4, 64, actorder)
+        stored.update({f"{m}.qweight": qw, f"{m}.qzeros": qz, f"{m}.scales": sc, f"{m}.g_idx": g_idx})
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": actorder, "sym": False}
+    return stored, qc
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_gptq_with_error_compensation(tmp_path, models, actorder):
+    """Compensated GPTQ moves a third of the elements past half a step: the bound fails on the base,
+    the first-group test passes it, and still catches the fine-tune."""
+    base, tuned = models
+    rng = np.random.default_rng(5)
+    mix = rng.standard_normal((T.IN, T.IN)) * 0.05 + np.eye(T.IN)
+    x = (rng.standard_normal((1024, T.IN)) @ mix) * np.exp(rng.standard_normal(T.IN))
+    mats = [n for n in base if any(n.startswith(m + ".") for m in T.LINEARS)]
+    for src, want in ((base, "quantized_only"), (tuned, "derived")):
+        stored, qc = _gptq_files({n: src[n] for n in mats}, T._others(src), x, actorder)
+        r = _judge(tmp_path / want, base, stored, qc)
+        q = [t.quant for t in r.tensors if t.quant]
+        assert r.summary.verdict == want, [(x["beyond_share"], x["first_group_min_beyond"]) for x in q]
+        assert all(x["test"] == "first-group" for x in q)
+        if want == "quantized_only":
+            assert all(x["beyond_share"] > 0.1 and x["first_group_min_beyond"] == 0 for x in q)
+        else:
+            assert all(x["first_group_min_beyond"] > 0 for x in q)
+
+
+def test_rank_runs_on_the_part_above_the_floor(tmp_path, models):
+    base, tuned = models
+    stored, qc, _ = _build("fp8-block", tuned)
+    r = _judge(tmp_path, base, stored, qc, rank=True)
+    ranked = [t for t in r.tensors if t.rank is not None]
+    assert len(ranked) == 4 and all("above the quantization noise floor" in (t.note or "") for t in ranked)
+
+
+def test_json_carries_the_floor_test(tmp_path, models):
+    import json
+
+    base, _ = models
+    stored, qc, _ = _build("bnb-nf4-nested", base)
+    d = json.loads(_judge(tmp_path, base, stored, qc).to_json())
+    assert d["summary"]["verdict"] == "quantized_only"
+    assert d["summary"]["quantization"]["tests"] == {"bound": 4}
+    t = next(t for t in d["tensors"] if t["quant"])
+    assert set(t["quant"]) >= {"side", "format", "scheme", "test", "within", "beyond", "beyond_share",
+                               "max_ratio", "rms_ratio", "norm_above_floor"}
+    assert t["status"] == "quantized" and t["quant"]["format"] == "bitsandbytes"
