@@ -69,7 +69,7 @@ def counts_for_relatedness(row, large: int | None) -> bool:
     """Whether one tensor (a ``TensorRecord`` or a JSON row) is evidence of relatedness:
     a paired matrix compared as floats with a finite cosine, not a norm gain or bias,
     with at least ``large`` compared elements (any size when ``large`` is None)."""
-    if _field(row, "status") not in ("unchanged", "rounding", "changed", "resized"):
+    if _field(row, "status") not in ("unchanged", "rounding", "quantized", "changed", "resized"):
         return False
     if _field(row, "compared") not in ("float", "factors", None):
         return False
