@@ -383,3 +383,30 @@ def above_floor(base: np.ndarray, other: np.ndarray, floor: np.ndarray, cast_rel
     f = np.asarray(floor, dtype=np.float64) + cast_rel * np.abs(b)
     d = np.where(np.isfinite(d), d, 0.0)
     return (np.sign(d) * np.maximum(np.abs(d) - f, 0.0)).astype(np.float32)
+
+
+def row_grids(rows: np.ndarray, max_levels: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of a 2-D float array: (step, lowest, highest value, levels) of the uniform grid the
+    row's values lie on; step 0 for a row of one value, NaN for a row on no grid of at most
+    ``max_levels`` levels (within 2% of a step). A dequantized int-b export has one per row.
+
+    >>> s, lo, hi, n = row_grids(np.array([[0.0, 0.5, -1.0, 1.5], [0.1, 0.2, 0.7, 0.4]]))
+    >>> s.round(6).tolist(), n.tolist()
+    ([0.5, 0.1], [6.0, 7.0])
+    """
+    x = np.asarray(rows, dtype=np.float64)
+    out = np.full((4, x.shape[0]), np.nan)
+    for i, row in enumerate(x):
+        u = np.unique(row[np.isfinite(row)])
+        if u.size == 0 or u.size > max_levels:
+            continue
+        if u.size == 1:
+            out[:, i] = (0.0, u[0], u[0], 1)
+            continue
+        span = u[-1] - u[0]
+        k = np.round(span / np.diff(u).min())
+        step = span / k
+        if k + 1 > max_levels or np.max(np.abs((u - u[0]) / step - np.round((u - u[0]) / step))) > 0.02:
+            continue
+        out[:, i] = (step, u[0], u[-1], k + 1)
+    return out[0], out[1], out[2], out[3]

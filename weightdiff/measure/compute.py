@@ -150,7 +150,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     else:
         rec.status = classify(fields, pair.dtype_base, pair.dtype_tuned, thr)
     above = None
-    if not opaque and shape_t is not None:
+    if not opaque and shape_t is not None and rec.status != "unchanged":
         from .quant_floor import floor_test
 
         rec.quant = floor_test(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,

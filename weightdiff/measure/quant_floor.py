@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from ..io.safetensors_read import QuantScheme
 from ..kernels import quant as K
+from ..kernels.dtypes import DTYPES
 from ..kernels.reference import decode
 
 __all__ = ["floor_test", "AWQ_BEYOND_SHARE", "ratio_share"]
@@ -58,9 +60,23 @@ def floor_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, 
     side is quantized or its reader gives no floor."""
     qb, qt = base.tensors[bname].quant, tuned.tensors[tname].quant
     if qb is None and qt is None:
-        return None
+        grid = detect_export(tuned, tname, dtype_t, shape)
+        if grid is None or detect_export(base, bname, dtype_b, shape) is not None:
+            return None                 # a base on a grid too is structured data, not an export of it
+        qt = QuantScheme("dequantized", f"int{grid['bits']} grid per row (up to {grid['levels']} levels in "
+                         f"sampled rows)", grid["bits"], "row", False, (tname,), 0)
+        ft = export_floor_windows(tuned, tname, dtype_t, shape, window, stop)
+        return _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb, qt, None, ft)
     fb = base.floor_windows(bname, window, 0, stop) if qb is not None else None
     ft = tuned.floor_windows(tname, window, 0, stop) if qt is not None else None
+    schemes = [q for q in (qb, qt) if q is not None]
+    side = "both" if qb is not None and qt is not None else ("base" if qb is not None else "tuned")
+    info: dict[str, Any] = {"side": side, "format": "+".join(dict.fromkeys(q.format for q in schemes)),
+                            "scheme": "; ".join(dict.fromkeys(q.scheme for q in schemes))}
+    return _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb, qt, fb, ft)
+
+
+def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb, qt, fb, ft) -> dict[str, Any]:
     schemes = [q for q in (qb, qt) if q is not None]
     side = "both" if qb is not None and qt is not None else ("base" if qb is not None else "tuned")
     info: dict[str, Any] = {"side": side, "format": "+".join(dict.fromkeys(q.format for q in schemes)),
@@ -133,3 +149,53 @@ def above_floor_pair(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t:
             floor += np.concatenate([np.asarray(w, np.float64) for w in fw]) if b.size else 0.0
     excess = K.above_floor(b, t, floor, cast_rel)
     return b.astype(np.float32), (b + excess).astype(np.float32)
+
+
+#: rows sampled to recognise a dequantized export, and the shortest row worth testing
+EXPORT_SAMPLE_ROWS = 8
+EXPORT_MIN_ROW = 64
+
+
+def detect_export(ck, name: str, dtype: str, shape: tuple) -> dict | None:
+    """A float tensor whose sampled rows each lie on a uniform grid of at most 256 levels (an int8
+    ONNX export converted back to float, some GGUF-to-safetensors conversions): its bits and the
+    most levels seen; None otherwise. Reads ``EXPORT_SAMPLE_ROWS`` rows."""
+    d = DTYPES.get(dtype)
+    if d is None or d.kind != "float" or d.bits < 16 or len(shape) < 2:
+        return None
+    rows, rowlen = int(shape[0]), int(math.prod(shape[1:]))
+    if rows == 0 or rowlen < EXPORT_MIN_ROW:
+        return None
+    idx = np.unique(np.linspace(0, rows - 1, min(rows, EXPORT_SAMPLE_ROWS)).astype(np.int64))
+    vals = decode(ck.read_rows(name, idx), dtype).reshape(idx.size, rowlen)
+    step, _, _, levels = K.row_grids(vals)
+    if np.isnan(step).any() or np.nanmax(levels) < 16:
+        return None
+    top = int(np.nanmax(levels))
+    return {"bits": max(2, math.ceil(math.log2(top))), "levels": top}
+
+
+def export_floor_windows(ck, name: str, dtype: str, shape: tuple, window: int, stop: int | None):
+    """Floor windows of a dequantized export: half the row's grid step (a whole step more at the
+    row's lowest and highest value), 0 on a row that lies on no grid (any change there is beyond)."""
+    rows, rowlen = int(shape[0]), int(math.prod(shape[1:]))
+    steps = np.zeros(rows)
+    lo = np.zeros(rows)
+    hi = np.zeros(rows)
+    per = max(1, window // max(rowlen, 1))
+    for r0 in range(0, rows, per):
+        idx = np.arange(r0, min(rows, r0 + per))
+        s, a, b, _ = K.row_grids(decode(ck.read_rows(name, idx), dtype).reshape(idx.size, rowlen))
+        ok = np.isfinite(s)
+        steps[idx] = np.where(ok, s, 0.0)
+        lo[idx], hi[idx] = np.where(ok, a, np.inf), np.where(ok, b, -np.inf)
+    tol = 2.0 ** -(DTYPES[dtype].mant_bits + 1)
+    stop = rows * rowlen if stop is None else stop
+    pos = 0
+    for w in ck.windows(name, window, 0, stop):
+        v = decode(w, dtype)
+        r = (pos + np.arange(v.size)) // rowlen
+        st = steps[r]
+        edge = (np.abs(v - lo[r]) < st / 4) | (np.abs(v - hi[r]) < st / 4)
+        yield (st * (0.5 + edge) + np.abs(v) * tol).astype(np.float32)
+        pos += v.size

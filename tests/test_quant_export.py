@@ -1,0 +1,75 @@
+"""Dequantized exports: a float checkpoint whose rows lie on one uniform int8 grid each (an int8
+ONNX export converted back to float) is recognised from sampled rows and judged against the
+grid's own noise floor. The float values come from ONNX's own DequantizeLinear (the onnx
+package's reference evaluator), per output channel, as an int8 export stores them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx.reference import ReferenceEvaluator  # noqa: E402
+
+from weightdiff import compare  # noqa: E402
+from weightdiff.kernels import quant as K  # noqa: E402
+
+from conftest import write_checkpoint  # noqa: E402
+
+NAMES = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+
+
+def onnx_int8_roundtrip(w: np.ndarray) -> np.ndarray:
+    """Per-row symmetric int8 (QuantizeLinear's rounding), then ONNX DequantizeLinear back to float32."""
+    scale = (np.abs(w).max(1) / 127.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    node = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=0)
+    graph = helper.make_graph([node], "dq", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s"),
+                                           numpy_helper.from_array(np.zeros(w.shape[0], np.int8), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    return ReferenceEvaluator(model).run(None, {})[0]
+
+
+@pytest.fixture(scope="module")
+def weights():
+    rng = np.random.default_rng(8)
+    base = {n: (rng.standard_normal((128, 384)) * 0.05).astype(np.float32) for n in NAMES}
+    tuned = {}
+    for n, w in base.items():
+        d = rng.standard_normal((128, 4)) @ rng.standard_normal((4, 384))
+        tuned[n] = (w + 0.05 * np.linalg.norm(w) * d / np.linalg.norm(d)).astype(np.float32)
+    return base, tuned
+
+
+def test_rows_of_an_export_are_on_one_grid(weights):
+    y = onnx_int8_roundtrip(weights[0][NAMES[0]])
+    step, lo, hi, levels = K.row_grids(y)
+    assert np.all(np.isfinite(step)) and levels.max() <= 255
+
+
+def test_export_of_the_base_is_quantized_only(tmp_path, weights):
+    base, _ = weights
+    b = write_checkpoint(tmp_path / "base", base)
+    t = write_checkpoint(tmp_path / "export", {n: onnx_int8_roundtrip(w) for n, w in base.items()})
+    r = compare(b, t, rank=False)
+    assert r.summary.verdict == "quantized_only", r.summary.verdict_reason
+    q = [x.quant for x in r.tensors]
+    assert all(x["format"] == "dequantized" and x["scheme"].startswith("int8 grid per row") for x in q)
+    assert all(x["within"] and x["test"] == "bound" for x in q)
+
+
+def test_export_of_a_fine_tune_is_derived(tmp_path, weights):
+    base, tuned = weights
+    b = write_checkpoint(tmp_path / "base", base)
+    t = write_checkpoint(tmp_path / "export", {n: onnx_int8_roundtrip(w) for n, w in tuned.items()})
+    r = compare(b, t, rank=False)
+    assert r.summary.verdict == "derived"
+    assert all(x.quant is not None and not x.quant["within"] and x.quant["beyond_share"] > 0.01 for x in r.tensors)
+
+
+def test_a_plain_fine_tune_is_not_taken_for_an_export(tmp_path, weights):
+    base, tuned = weights
+    r = compare(write_checkpoint(tmp_path / "base", base), write_checkpoint(tmp_path / "t", tuned), rank=False)
+    assert r.summary.verdict == "derived" and all(x.quant is None for x in r.tensors)
