@@ -150,3 +150,21 @@ def test_file_replaced_during_the_run_is_not_hashed(tmp_path, monkeypatch):
     monkeypatch.setattr(comparison, "aggregate", aggregate_then_swap)
     with pytest.raises(CheckpointError, match="replaced or modified during the run"):
         weightdiff.compare(str(base), str(tuned), hash_files=True)
+
+
+@pytest.mark.parametrize("chain", [
+    [{"s": np.ones(3, np.float32)}, {"x": np.ones((4, 4), np.float32)}, {}],        # nothing shared
+    [{"s": np.ones(3, np.float32)}, {"s": np.ones(3, np.float32)}, {"s": np.ones(3, np.float32)}],  # scalars only
+])
+def test_lineage_with_steps_sharing_no_large_matrix(tmp_path, chain):
+    paths = []
+    for i, tensors in enumerate(chain):
+        save_file(tmp_path / f"m{i}.safetensors", tensors)
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    r = CliRunner().invoke(main, ["lineage", *paths, "--json", str(tmp_path / "l.json"), "--memo",
+                                  str(tmp_path / "l.md"), "-q"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "path length not measured" in r.stdout
+    data = json.loads((tmp_path / "l.json").read_text())
+    assert data["end_to_end"]["straightness"] is None
+    assert "not measured" in (tmp_path / "l.md").read_text()

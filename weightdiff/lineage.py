@@ -128,8 +128,13 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
     if len(steps) > 1:
         big = max(range(len(steps)), key=lambda i: steps[i]["norm_delta"])
         rc = end["relative_change"]
-        out.append(f"end to end: relative change {'n/a' if rc is None else format(rc, '.3g')}; step "
-                   f"{big + 1} moved the weights most ({share(steps[big]['share_of_path'])} of the path length)")
+        text = f"end to end: relative change {'n/a' if rc is None else format(rc, '.3g')}; "
+        if steps[big]["share_of_path"] is None:   # no step moved a compared float tensor (or none shared one)
+            text += "path length not measured (no step changed a tensor it shares with the one before)"
+        else:
+            text += (f"step {big + 1} moved the weights most ({share(steps[big]['share_of_path'])} of the path "
+                     "length)")
+        out.append(text)
         for i, s in enumerate(steps, 1):
             if s["verdict"] == "unrelated":
                 out.append(f"step {i} is not a fine-tune of the previous model: the chain is broken there")
