@@ -201,8 +201,11 @@ def child_pass(args) -> dict:
     from weightdiff.pairing.plan import plan
 
     cpu.set_threads(args.threads)
-    for n in (8, cpu.CHUNK + 1):                     # load the compiled kernels from numba's cache
-        cpu.delta_stats(np.zeros(n, np.uint16), np.zeros(n, np.float32), "BF16", "F32")
+    for n in (8, cpu.CHUNK + 1):      # compile (or load) the kernels outside the timing: windows are read-only
+        for a, b, da, db in ((np.uint16, np.float32, "BF16", "F32"), (np.uint16, np.uint16, "BF16", "BF16")):
+            x, y = np.zeros(n, a), np.zeros(n, b)
+            x.flags.writeable = y.flags.writeable = False
+            cpu.delta_stats(x, y, da, db)
     t0 = time.perf_counter()
     base, tuned = locate(args.base), locate(args.gguf)
     pairs = [p for p in plan([base], tuned).pairs if p.kind == "paired"]
