@@ -168,3 +168,24 @@ def test_lineage_with_steps_sharing_no_large_matrix(tmp_path, chain):
     data = json.loads((tmp_path / "l.json").read_text())
     assert data["end_to_end"]["straightness"] is None
     assert "not measured" in (tmp_path / "l.md").read_text()
+
+
+def test_header_parse_memory_is_a_few_times_the_header():
+    """1.2M one-element tensors in a 65 MB header took 4.3 GB; the parser now holds one small
+    TensorInfo per tensor (slots, shared shapes) and never a dict per entry."""
+    import tracemalloc
+
+    from weightdiff.io.safetensors_read import parse_header
+
+    n = 40_000
+    raw = ("{" + ",".join(f'"model.layers.{i // 100}.t{i}":{{"dtype":"F32","shape":[1],"data_offsets":'
+                          f'[{4 * i},{4 * i + 4}]}}' for i in range(n)) + "}").encode()
+    tracemalloc.start()
+    try:
+        tensors, _ = parse_header(raw, 8 + len(raw) + 4 * n, "m.safetensors")
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(tensors) == n and tensors["model.layers.399.t39999"].end == 8 + len(raw) + 4 * n
+    assert peak < 7 * len(raw), peak / len(raw)         # was 14x
+    assert kept < 4 * len(raw), kept / len(raw)         # was 6x

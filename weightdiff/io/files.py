@@ -100,19 +100,27 @@ def _pairs(items: list) -> dict:
     return out
 
 
+def duplicate_key(key: str) -> Exception:
+    """The exception a ``load_json`` pairs hook raises for a key seen twice in one object."""
+    return _Duplicate(key)
+
+
 def _reject_constant(word: str):
     raise ValueError(f"{word} is not valid JSON")
 
 
-def load_json(raw: bytes, path: str | os.PathLike | None, what: str) -> object:
-    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, bounded nesting."""
+def load_json(raw: bytes | bytearray, path: str | os.PathLike | None, what: str, pairs_hook=None) -> object:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, bounded nesting.
+
+    ``pairs_hook(items)`` may build each object instead of a dict (it must refuse repeated
+    keys by raising ``duplicate_key(key)``)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CheckpointError(path, f"{what} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
                                     f"at position {exc.start:,})") from None
     try:
-        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_reject_constant)
+        return json.loads(text, object_pairs_hook=pairs_hook or _pairs, parse_constant=_reject_constant)
     except _Duplicate as exc:
         raise CheckpointError(path, f"{what} repeats the key {_q(exc.key)}") from None
     except RecursionError:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from operator import attrgetter
 import mmap
 import os
 import struct
@@ -36,7 +37,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
-from .files import OpenCheckpointFile, load_json, os_problem, pread_into
+from .files import OpenCheckpointFile, duplicate_key, load_json, os_problem, pread_into
 from ..kernels.dtypes import DTYPES
 
 __all__ = [
@@ -71,7 +72,7 @@ class QuantScheme:
     stored_bytes: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor lives: ``start``/``end`` are absolute byte offsets in ``path``
     (``None`` for tensors from a pickle, which have no byte range of their own, and for
@@ -164,72 +165,140 @@ def _check_text(path: str | os.PathLike, what: str, text: str) -> None:
                                         "text (corrupt header?)") from None
 
 
-def parse_header(raw: bytes, file_size: int, path: str | os.PathLike,
+class _Entry(tuple):
+    """A header entry already checked while the JSON was parsed: (dtype, shape, begin, end)."""
+
+    __slots__ = ()
+
+
+class _Pairs(list):
+    """Any other JSON object, as its (key, value) pairs (``dict(pairs)`` when needed)."""
+
+    __slots__ = ()
+
+
+_ENTRY_KEYS = ("dtype", "shape", "data_offsets")
+_DTYPE_NAMES = {name: name for name in DTYPES}
+
+
+def _compact(items: list) -> _Entry | _Pairs:
+    """``load_json`` pairs hook: a well-formed tensor entry becomes a 4-tuple at once (one small
+    object per tensor instead of a dict and two lists); anything else keeps its pairs, for the
+    full checks and their messages. Memory stays a few times the header's size."""
+    if len(items) == 3:
+        (k0, dtype), (k1, shape), (k2, offsets) = items
+        keys = {k0, k1, k2}
+        if len(keys) == 3 and keys.issuperset(_ENTRY_KEYS):
+            d = dict(items)
+            dtype, shape, offsets = d["dtype"], d["shape"], d["data_offsets"]
+            if (type(dtype) is str and dtype in _DTYPE_NAMES and type(shape) is list and type(offsets) is list
+                    and len(offsets) == 2 and all(type(v) is int and v >= 0 for v in shape)
+                    and type(offsets[0]) is int and type(offsets[1]) is int and 0 <= offsets[0] <= offsets[1]):
+                return _Entry((_DTYPE_NAMES[dtype], tuple(shape), offsets[0], offsets[1]))
+    seen = set()
+    for k, _ in items:
+        if k in seen:
+            raise duplicate_key(k)
+        seen.add(k)
+    return _Pairs(items)
+
+
+def _plain(value: object) -> object:
+    """JSON values as ``json.loads`` gives them (dicts, not ``_Pairs``/``_Entry``), for messages."""
+    if isinstance(value, _Entry):
+        return {"dtype": value[0], "shape": list(value[1]), "data_offsets": [value[2], value[3]]}
+    if isinstance(value, _Pairs):
+        return {k: _plain(v) for k, v in value}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def parse_header(raw: bytes | bytearray, file_size: int, path: str | os.PathLike,
                  ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate header JSON ``raw`` (without its length prefix) of a file of ``file_size`` bytes.
 
     Returns tensors in file (offset) order and the ``__metadata__`` map.
     """
-    header = load_json(raw, path, "header")
-    if not isinstance(header, dict):
+    header = load_json(raw, path, "header", pairs_hook=_compact)
+    if isinstance(header, _Entry):             # a header that is one tensor entry: its keys are names
+        header = _Pairs(_plain(header).items())
+    if not isinstance(header, _Pairs):
         raise CheckpointError(path, f"header is a JSON {type(header).__name__}, expected an object")
     data_start = 8 + len(raw)
     data_len = file_size - data_start
-    metadata = header.pop("__metadata__", None)
-    metadata = {} if metadata is None else metadata
+    found = [v for k, v in header if k == "__metadata__"]
+    metadata = found[0] if found else None
+    entries = _Pairs(kv for kv in header if kv[0] != "__metadata__") if found else header
+    metadata = {} if metadata is None else _plain(metadata)
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(path, "`__metadata__` must map strings to strings")
     for key, value in metadata.items():
         _check_text(path, "`__metadata__` key", key)
         _check_text(path, "`__metadata__` value", value)
-    spans = []
-    for name, entry in header.items():
+    p = Path(path)
+    shapes: dict[tuple, tuple] = {}            # one tuple per distinct shape, shared by its tensors
+    infos = []
+    for name, entry in entries:
         _check_text(path, "tensor name", name)
-        if not isinstance(entry, dict):
-            raise CheckpointError(path, f"tensor {_q(name)}: expected an object with dtype, shape "
-                                        f"and data_offsets, found a JSON {type(entry).__name__}")
-        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
-        if missing:
-            raise CheckpointError(path, f"tensor {_q(name)} has no {', '.join(missing)}")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise CheckpointError(path, f"tensor {_q(name)} has unknown dtype {_q(str(dtype))}",
-                                  f"known: {', '.join(DTYPES)}")
-        if not _int_list(shape) or any(d < 0 for d in shape):
-            raise CheckpointError(path, f"tensor {_q(name)} has shape {_q(json.dumps(shape))}, "
-                                        "expected a list of non-negative integers")
-        if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
-            raise CheckpointError(path, f"tensor {_q(name)} has data_offsets {_q(json.dumps(offsets))}, "
-                                        "expected [begin, end] with 0 <= begin <= end")
-        bits = DTYPES[dtype].bits * math.prod(shape)
-        if bits % 8:
-            raise CheckpointError(path, f"tensor {_q(name)} is {dtype} {shape}: {bits:,} bits is not a "
-                                        "whole number of bytes")
-        begin, end = offsets
-        if end - begin != bits // 8:
-            raise CheckpointError(path, f"tensor {_q(name)} is {dtype} {shape}, which needs "
-                                        f"{bits // 8:,} bytes, but its data_offsets span {end - begin:,}")
-        spans.append((begin, end, name, dtype, tuple(shape)))
-    spans.sort()
+        if isinstance(entry, _Entry):
+            dtype, shape, begin, end = entry
+            bits = DTYPES[dtype].bits * math.prod(shape)
+            if bits % 8 == 0 and end - begin == bits // 8:
+                shape = shapes.setdefault(shape, shape)
+                infos.append(TensorInfo(name, dtype, shape, p, data_start + begin, data_start + end))
+                continue
+        entry = _plain(entry)
+        infos.append(_checked_entry(path, name, entry, p, data_start))
+    del header, entries                       # the parsed JSON goes; the TensorInfos stay
+    for key in ("name", "end", "start"):       # stable sorts: by (start, end, name), no key tuples kept
+        infos.sort(key=attrgetter(key))
     pos, prev = 0, None
-    for begin, end, name, _, _ in spans:
+    for t in infos:
+        begin, end = t.start - data_start, t.end - data_start
         if begin < pos:
-            raise CheckpointError(path, f"tensors {_q(prev)} and {_q(name)} overlap "
+            raise CheckpointError(path, f"tensors {_q(prev)} and {_q(t.name)} overlap "
                                         f"(data bytes {begin:,}-{pos:,})")
         if begin > pos:
             after = f"after tensor {_q(prev)}" if prev is not None else "at the start of the data"
             raise CheckpointError(path, f"{begin - pos:,} data bytes {after} belong to no tensor")
-        pos, prev = end, name
+        pos, prev = end, t.name
     if pos > data_len:
         raise CheckpointError(path, f"header declares {pos:,} bytes of tensor data but the file holds "
                                     f"{max(data_len, 0):,} (truncated download?)")
     if pos < data_len:
         raise CheckpointError(path, f"{data_len - pos:,} trailing bytes after the last tensor's data "
                                     "(corrupt or appended file?)")
-    p = Path(path)
-    tensors = {name: TensorInfo(name, dtype, shape, p, data_start + b, data_start + e)
-               for b, e, name, dtype, shape in spans}
-    return tensors, metadata
+    return {t.name: t for t in infos}, metadata
+
+
+def _checked_entry(path: str | os.PathLike, name: str, entry: object, p: Path, data_start: int) -> TensorInfo:
+    """One header entry checked in full, with the message that says what is wrong with it."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(path, f"tensor {_q(name)}: expected an object with dtype, shape "
+                                    f"and data_offsets, found a JSON {type(entry).__name__}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise CheckpointError(path, f"tensor {_q(name)} has no {', '.join(missing)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(path, f"tensor {_q(name)} has unknown dtype {_q(str(dtype))}",
+                              f"known: {', '.join(DTYPES)}")
+    if not _int_list(shape) or any(d < 0 for d in shape):
+        raise CheckpointError(path, f"tensor {_q(name)} has shape {_q(json.dumps(shape))}, "
+                                    "expected a list of non-negative integers")
+    if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+        raise CheckpointError(path, f"tensor {_q(name)} has data_offsets {_q(json.dumps(offsets))}, "
+                                    "expected [begin, end] with 0 <= begin <= end")
+    bits = DTYPES[dtype].bits * math.prod(shape)
+    if bits % 8:
+        raise CheckpointError(path, f"tensor {_q(name)} is {dtype} {shape}: {bits:,} bits is not a "
+                                    "whole number of bytes")
+    begin, end = offsets
+    if end - begin != bits // 8:
+        raise CheckpointError(path, f"tensor {_q(name)} is {dtype} {shape}, which needs "
+                                    f"{bits // 8:,} bytes, but its data_offsets span {end - begin:,}")
+    return TensorInfo(name, dtype, tuple(shape), p, data_start + begin, data_start + end)
 
 
 def parse_bytes(blob: bytes, path: str | os.PathLike = "<bytes>",
@@ -276,7 +345,8 @@ class SafetensorsFile(OpenCheckpointFile):
             n = header_length(bytes(prefix), self.size, self.path)
             raw = bytearray(n)
             pread_into(fd, memoryview(raw), 8, self.path)
-            self.tensors, self.metadata = parse_header(bytes(raw), self.size, self.path)
+            self.tensors, self.metadata = parse_header(raw, self.size, self.path)
+            del raw
         except BaseException:
             self.close()
             raise
