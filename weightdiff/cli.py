@@ -14,7 +14,7 @@ import click
 
 from ._version import __version__
 from .errors import OptionsError, UsageProblem, WeightdiffError, escape_name, terminal_safe
-from .options import CompareOptions, click_options, flag_of
+from .options import CompareOptions, HubOptions, click_options, flag_of
 
 
 def _in_cli_words(exc: WeightdiffError) -> str:
@@ -80,23 +80,30 @@ def main() -> None:
 @main.command("inspect")
 @click.argument("ckpt", metavar="CKPT")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (schema weightdiff.inspect/1).")
-def inspect_cmd(ckpt: str, as_json: bool) -> None:
+@click_options(HubOptions)
+def inspect_cmd(ckpt: str, as_json: bool, **hub_opts) -> None:
     """Describe a checkpoint from its headers: format, files and shards, tensor count,
     parameters by dtype and by block, metadata, and the LoRA settings of an adapter.
 
     CKPT is a .safetensors file, a checkpoint folder (single, sharded or PEFT adapter),
-    a Hugging Face cache folder, or a legacy .bin/.pt (needs the torch extra).
+    a Hugging Face cache folder, a legacy .bin/.pt (needs the torch extra), or a Hub
+    repo id (org/name[@revision], hf://org/name@revision/subfolder; the hub extra),
+    whose headers are read by range requests without downloading the weights.
 
     \b
     Example:
       weightdiff inspect ./Llama-3.2-1B/
       weightdiff inspect adapter/ --json | jq .adapter
+      weightdiff inspect meta-llama/Llama-3.2-1B --stream
     """
     import json
 
     from .inspect import describe, render_text
 
-    summary = describe(ckpt)
+    hub = HubOptions.pop_from(hub_opts)
+    if hub.download is None:                # headers only: the cache if it has them, else range requests
+        hub = HubOptions(offline=hub.offline, stream_above=0.0)
+    summary = describe(ckpt, hub=hub)
     click.echo(json.dumps(summary, indent=2) if as_json else render_text(summary))
 
 
@@ -163,6 +170,7 @@ def _claim_outputs(inputs=(), **targets) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No plan or progress on stderr.")
 @_cluster_options
 @click_options(CompareOptions)
+@click_options(HubOptions)
 def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_files, quiet, scheduler, workers,
                 worker_memory, **opts):
     """Compare a fine-tuned checkpoint TUNED against its BASE.
@@ -170,7 +178,9 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
     PATHS is BASE TUNED, or only TUNED when --base is given (repeat --base for a
     composite model, such as a ViT encoder plus a GPT-2 decoder). A checkpoint is a
     .safetensors file, a folder with model.safetensors or a sharded index, a PEFT
-    adapter folder, or a Hugging Face cache snapshot.
+    adapter folder, a Hugging Face cache snapshot, or a Hub repo id (org/name,
+    org/name@revision, hf://org/name@revision/subfolder; needs the hub extra). A local
+    path always wins over a repo id of the same spelling; the plan says which was read.
 
     The summary goes to stdout (or only JSON with --json -); the pairing plan and a
     progress line go to stderr. With --workers or --scheduler the tensor pairs are
@@ -181,10 +191,12 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
     Example:
       weightdiff compare meta-llama/base/ my-finetune/ --json result.json
       weightdiff compare --base vit/ --base gpt2/ captioner/ --report memo.html
+      weightdiff compare mistralai/Mistral-7B-v0.1 Intel/neural-chat-7b-v3-1 --stream
     """
     from .comparison import compare
     from .render.terminal import ProgressLine, plan_text, render_text
 
+    hub = _hub_options(opts, quiet)
     if bases:
         if len(paths) != 1:
             raise UsageProblem(f"with --base give exactly one TUNED path (got {len(paths)})")
@@ -215,7 +227,7 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
         run_compare = partial(split_compare, scheduler=scheduler, workers=workers, memory_limit=worker_memory,
                               say=_say(quiet))
     result = run_compare(base_list, tuned, options=options, progress=_checked(progress), on_plan=on_plan,
-                         hash_files=hash_files, command=_command_line())
+                         hash_files=hash_files, command=_command_line(), hub=hub)
     progress.close()
     data = result.to_dict()
     if json_out:
@@ -243,6 +255,11 @@ def _checked(progress):
         check_interrupted()
         progress(*args)
     return call
+
+
+def _hub_options(opts: dict, quiet: bool) -> HubOptions:
+    hub = HubOptions.pop_from(opts)
+    return HubOptions(hub.download, hub.offline, hub.stream_above, progress=not quiet)
 
 
 def _command_line() -> str:
@@ -346,6 +363,7 @@ def _memo(target: str, markdown: str, html_text: str) -> None:
 @click.option("--memo", "memo_out", metavar="FILE.md|FILE.html", help="Write the provenance memo section.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @_provenance_options
+@click_options(HubOptions)
 def provenance_cmd(paths, candidates_flag, json_out, plot_out, memo_out, quiet, **opts):
     """Rank candidate bases of TUNED by weight-space evidence of derivation.
 
@@ -360,6 +378,7 @@ def provenance_cmd(paths, candidates_flag, json_out, plot_out, memo_out, quiet, 
     Example:
       weightdiff provenance my-model/ --candidates llama-3-8b/ mistral-7b/ qwen2-7b/
       weightdiff provenance my-model/ --candidates a/ b/ --json - | jq .leading
+      weightdiff provenance org/tuned --candidates org/a org/b org/c org/d --stream
     """
     from .provenance import ProvenanceOptions, provenance
     from .render.provenance import provenance_html, provenance_markdown, provenance_png, ranking_text
@@ -367,8 +386,9 @@ def provenance_cmd(paths, candidates_flag, json_out, plot_out, memo_out, quiet, 
     if len(paths) < 2:
         raise UsageProblem(f"expected TUNED --candidates A [B ...] (got {len(paths)} paths)")
     _claim_outputs(paths, json_out=json_out, plot_out=plot_out, memo_out=memo_out)
+    hub = _hub_options(opts, quiet)
     result = provenance(paths[0], list(paths[1:]), options=ProvenanceOptions(**opts), progress=_say(quiet),
-                        command=_command_line())
+                        command=_command_line(), hub=hub)
     data = result.to_dict()
     if json_out:
         _write_output(json_out, result.to_json())
@@ -389,6 +409,7 @@ def provenance_cmd(paths, candidates_flag, json_out, plot_out, memo_out, quiet, 
 @click.option("--memo", "memo_out", metavar="FILE.md", help="Write the lineage memo section (Markdown).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click_options(CompareOptions)
+@click_options(HubOptions)
 def lineage_cmd(paths, json_out, memo_out, quiet, **opts):
     """Report each step of a chain of checkpoints and the end-to-end change.
 
@@ -406,7 +427,9 @@ def lineage_cmd(paths, json_out, memo_out, quiet, **opts):
     from .render.provenance import lineage_markdown, lineage_text
 
     _claim_outputs(paths, json_out=json_out, memo_out=memo_out)
-    result = lineage(list(paths), options=CompareOptions(**opts), progress=_say(quiet), command=_command_line())
+    hub = _hub_options(opts, quiet)
+    result = lineage(list(paths), options=CompareOptions(**opts), progress=_say(quiet), command=_command_line(),
+                     hub=hub)
     data = result.to_dict()
     if json_out:
         _write_output(json_out, result.to_json())

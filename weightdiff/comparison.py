@@ -31,7 +31,7 @@ from .judge.status import classify
 from .judge.verdict import summarise
 from .measure.backend import backend_for
 from .measure.compute import Progress, compute_all
-from .options import CompareOptions, options_from_kwargs
+from .options import CompareOptions, HubOptions, options_from_kwargs
 from .pairing.plan import Plan, plan as make_plan
 from .render import sentences
 from .records import SCHEMA, BlockRecord, Summary, TensorRecord, dumps
@@ -84,10 +84,17 @@ class Comparison:
 
 
 def describe(ckpt: Checkpoint, digests: bool) -> dict:
-    """The ``base``/``tuned`` entry of the JSON: path, format, sizes, dtypes, files."""
+    """The ``base``/``tuned`` entry of the JSON: path, format, sizes, dtypes, files (and, for a
+    Hub repo, ``hub``: repo id, revision asked for, commit, subfolder; the files' sha256 are
+    the Hub's, so the entry is the same whether the weights were streamed or downloaded)."""
     dtypes: dict[str, int] = {}
     for info in ckpt.tensors.values():
         dtypes[info.dtype] = dtypes.get(info.dtype, 0) + info.numel
+    if ckpt.hub is not None:
+        files = [dict(f) for f in ckpt.hub["files"]]
+        return {"path": str(ckpt.path), "format": ckpt.format, "params": ckpt.params,
+                "bytes": sum(f["bytes"] or 0 for f in files), "dtypes": dict(sorted(dtypes.items())),
+                "files": files, "hub": {k: v for k, v in ckpt.hub.items() if k != "files"}}
     hashes = ckpt.file_digests() if digests else {}
     files = []
     for f in ckpt.files:
@@ -115,9 +122,41 @@ def versions() -> dict[str, str]:
     return out
 
 
+def run_date() -> str:
+    """The date and time of a run, UTC, to the second (kept under ``run``: outside the
+    byte-deterministic part of the JSON)."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def hub_run(ckpts: Sequence[Checkpoint]) -> list[dict] | None:
+    """How each Hub checkpoint's bytes were read (mode, bytes fetched by range requests), for ``run``."""
+    out = []
+    for ck in ckpts:
+        if ck.hub_run is None:
+            continue
+        reader = ck.hub_run.get("reader")
+        out.append({"path": str(ck.path), "mode": ck.hub_run["mode"],
+                    "bytes_read": sum(reader.bytes_read.values()) if reader is not None else None,
+                    "requests": reader.requests if reader is not None else None})
+    return out or None
+
+
+def _preflight(paths: Sequence[PathLike], hub: HubOptions | None) -> None:
+    """Check the Hub ids among ``paths`` before anything is read (only when there are some)."""
+    from .io.checkpoint import is_hub_candidate
+
+    if any(is_hub_candidate(p) for p in paths):
+        from .io.hub import preflight
+
+        preflight(paths, hub)
+
+
 def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: CompareOptions | None = None,
             progress: Progress | None = None, on_plan: Callable[[Plan], None] | None = None,
             hash_files: bool = False, command: str | None = None, compute: Compute | None = None,
+            hub: HubOptions | None = None,
             **kwargs: Any) -> Comparison:
     """Compare a fine-tuned checkpoint against its base (or several bases of a composite model).
 
@@ -129,7 +168,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     every input file (one extra read of each file) for the memo's reproducibility block.
     ``compute`` replaces ``compute_all`` (same arguments, same return): a split comparison
     (weightdiff.split) measures the pairs on workers; everything else stays the same.
-    Raises WeightdiffError for bad input.
+    ``base`` and ``tuned`` may be Hugging Face Hub repo ids (``org/name@revision``); ``hub``
+    (HubOptions) says how their weights are read. Raises WeightdiffError for bad input.
     """
     if options is None:
         options = options_from_kwargs(CompareOptions, **kwargs)
@@ -137,13 +177,16 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         options = options_from_kwargs(CompareOptions, **{**_as_kwargs(options), **kwargs})
     backend = backend_for(options.device, options.threads)   # fails before any reading
     base_paths = [base] if isinstance(base, (str, os.PathLike, Checkpoint)) else list(base)
+    _preflight([*base_paths, tuned], hub)
     with ExitStack() as stack:
-        bases = [_opened(stack, p) for p in base_paths]
-        tuned_ck = _opened(stack, tuned)
+        date = run_date()
+        bases = [_opened(stack, p, hub) for p in base_paths]
+        tuned_ck = _opened(stack, tuned, hub)
         the_plan = make_plan(bases, tuned_ck, include=options.include, exclude=options.exclude)
         check_adapter_plan(the_plan, bases, tuned_ck)
         for ck in (*bases, tuned_ck):
             the_plan.notes.extend(getattr(ck, "notes", []))
+        the_plan.sources = [ck.origin for ck in [*bases, tuned_ck] if ck.origin]
         if on_plan is not None:
             on_plan(the_plan)
         records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, backend, classify, progress)
@@ -153,11 +196,15 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             ck.check_identity()             # the numbers describe the files located, unchanged
         base_desc = [describe(b, hash_files) for b in bases]
         tuned_desc = describe(tuned_ck, hash_files)
+        run = {"date": date, "seconds": round(seconds, 3), "command": command, "versions": versions(),
+               "threads": options.threads}
+        hub_reads = hub_run([*bases, tuned_ck])
+        if hub_reads:
+            run["hub"] = hub_reads
     result = Comparison(
         settings=options.settings(), base=base_desc, tuned=tuned_desc, plan=the_plan.to_dict(),
         summary=summary, modules=modules, blocks=blocks, tensors=records,
-        run={"seconds": round(seconds, 3), "command": command, "versions": versions(),
-             "threads": options.threads})
+        run=run)
     return explain(result)
 
 
@@ -171,10 +218,10 @@ def explain(result: Comparison) -> Comparison:
     return result
 
 
-def _opened(stack: ExitStack, where: PathLike | Checkpoint) -> Checkpoint:
+def _opened(stack: ExitStack, where: PathLike | Checkpoint, hub: HubOptions | None = None) -> Checkpoint:
     """A checkpoint the caller already holds open (provenance, lineage: each header is read
     once per command), or one located here and closed when the comparison ends."""
-    return where if isinstance(where, Checkpoint) else stack.enter_context(locate(where))
+    return where if isinstance(where, Checkpoint) else stack.enter_context(locate(where, hub))
 
 
 def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint) -> None:

@@ -22,6 +22,7 @@ from .io.checkpoint import locate
 from .errors import CheckpointError, escape_name
 from .kernels.dtypes import DTYPES
 from .io.files import os_problem
+from .options import HubOptions
 
 __all__ = ["SCHEMA", "describe", "render_text", "block_of"]
 
@@ -41,19 +42,27 @@ def block_of(name: str) -> tuple[str, int] | None:
     return None if label is None else (label, index)
 
 
-def describe(path: str | os.PathLike) -> dict:
-    """Locate ``path`` and summarise it as a JSON-ready dict (reads headers only)."""
-    with locate(path) as ckpt:
+def describe(path: str | os.PathLike, hub: HubOptions | None = None) -> dict:
+    """Locate ``path`` (or a Hub repo id, read as ``hub`` says) and summarise it as a
+    JSON-ready dict (reads headers only)."""
+    with locate(path, hub) as ckpt:
         files = []
         per_file: dict = {}
         for t in ckpt.tensors.values():
             per_file[t.path] = per_file.get(t.path, 0) + 1
-        for f in ckpt.files:
-            try:
-                size = os.stat(f).st_size
-            except OSError as exc:
-                raise CheckpointError(f, os_problem(exc)) from None
-            files.append({"path": str(f), "bytes": size, "tensors": per_file.get(f, 0)})
+        hub_files = [f for f in ckpt.hub["files"]] if ckpt.hub is not None else None
+        for i, f in enumerate(ckpt.files):
+            if hub_files is not None:
+                size = hub_files[i]["bytes"]
+            else:
+                try:
+                    size = os.stat(f).st_size
+                except OSError as exc:
+                    raise CheckpointError(f, os_problem(exc)) from None
+            files.append({"path": str(f) if hub_files is None else hub_files[i]["name"], "bytes": size,
+                          "tensors": per_file.get(f, 0)})
+            if hub_files is not None:
+                files[-1]["sha256"] = hub_files[i]["sha256"]
         dtypes: dict[str, dict] = {}
         schemes: dict[str, dict] = {}
         blocks: dict[str, dict] = {}
@@ -103,6 +112,7 @@ def describe(path: str | os.PathLike) -> dict:
             "schemes": dict(sorted(schemes.items(), key=lambda kv: -kv[1]["params"])),
             "blocks": ordered, "outside_blocks": other,
             "metadata": {str(k): str(v) for k, v in ckpt.metadata.items()}, "adapter": adapter,
+            **({"hub": {k: v for k, v in ckpt.hub.items() if k != "files"}} if ckpt.hub is not None else {}),
         }
 
 
@@ -120,6 +130,10 @@ def render_text(summary: dict) -> str:
     lines = [f"checkpoint  {e(summary['path'])}",
              f"format      {_FORMATS.get(summary['format'], summary['format'])}, "
              f"{len(summary['files'])} file{'s' if len(summary['files']) != 1 else ''}"]
+    hub = summary.get("hub")
+    if hub:
+        rev = f" (revision {e(str(hub['revision']))})" if hub.get("revision") else ""
+        lines.insert(1, f"hub repo    {e(hub['repo_id'])} at commit {hub['commit']}{rev}")
     for i, f in enumerate(summary["files"]):
         lines.append(f"{'files' if i == 0 else '':<12}{e(os.path.basename(f['path']))}  "
                      f"{_size(f['bytes'])}  {f['tensors']:,} tensors")

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
 from ._version import __version__
-from .io.checkpoint import locate
-from .comparison import Comparison, compare, versions
+from .io.checkpoint import is_hub_candidate, locate
+from .comparison import Comparison, compare, run_date, versions
 from .errors import CheckpointError, OptionsError
-from .options import CompareOptions, options_from_kwargs
+from .options import CompareOptions, HubOptions, options_from_kwargs
 from .records import dumps
 from .render.formats import share
 
@@ -74,10 +74,11 @@ def step_summary(cmp: Comparison, src: str, dst: str) -> dict:
 
 def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
             progress: Callable[[str], None] | None = None, command: str | None = None,
-            **kwargs: Any) -> LineageResult:
+            hub: HubOptions | None = None, **kwargs: Any) -> LineageResult:
     """Compare each consecutive pair of ``paths`` and the first with the last.
 
-    Options are those of ``weightdiff.compare`` (CompareOptions). Raises
+    Options are those of ``weightdiff.compare`` (CompareOptions); paths may be Hub repo ids,
+    read as ``hub`` (HubOptions) says. Raises
     WeightdiffError for fewer than two paths or unreadable checkpoints.
     """
     if options is None:
@@ -87,14 +88,22 @@ def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
         raise OptionsError(f"a lineage needs at least two checkpoints (got {len(paths)})",
                            "list them oldest first: weightdiff lineage BASE SFT DPO")
     say = progress or (lambda message: None)
+    for p in paths:
+        if not os.path.exists(p) and not is_hub_candidate(p):
+            raise CheckpointError(p, "no such file or directory")
+    if any(is_hub_candidate(p) for p in paths):
+        from .io.hub import preflight
+
+        preflight(paths, hub)
+    date = run_date()
     t0 = time.perf_counter()
     steps = []
     with ExitStack() as stack:
         opened = []
         for p in paths:   # fail on a bad path or header now, not after the first comparisons; read each once
-            if not os.path.exists(p):
-                raise CheckpointError(p, "no such file or directory")
-            opened.append(stack.enter_context(locate(p)))
+            opened.append(stack.enter_context(locate(p, hub)))
+            if opened[-1].origin:
+                say(opened[-1].origin)
         for (a, ca), (b, cb) in zip(zip(paths, opened), zip(paths[1:], opened[1:])):
             say(f"comparing {a} -> {b}")
             steps.append(step_summary(compare(ca, cb, options=options), a, b))
@@ -114,7 +123,7 @@ def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
               for b in names]
     return LineageResult(settings=options.settings(), paths=paths, steps=steps, end_to_end=end, blocks=blocks,
                          findings=_findings(steps, end),
-                         run={"seconds": round(time.perf_counter() - t0, 3), "command": command,
+                         run={"date": date, "seconds": round(time.perf_counter() - t0, 3), "command": command,
                               "versions": versions()})
 
 

@@ -101,6 +101,34 @@ class CompareOptions:
         return d
 
 
+@dataclass(frozen=True)
+class HubOptions:
+    """How a Hugging Face Hub repo id given as a checkpoint is read (weightdiff.hub).
+
+    None of these changes a number: a streamed and a downloaded comparison give the same
+    JSON, so they stay out of ``settings`` (the mode used is recorded under ``run``).
+    """
+
+    download: bool | None = _opt(None, "Hub repo ids: download the weights into the Hugging Face cache "
+                                 "(--download), or read them by HTTP range requests without storing "
+                                 "anything (--stream). Default: the cache when it holds them, else download "
+                                 "up to --stream-above and stream above.", flag="--download/--stream")
+    offline: bool = _opt(False, "Hub repo ids: use the local Hugging Face cache only, as HF_HUB_OFFLINE=1 "
+                         "does.", flag="--offline", is_flag=True)
+    stream_above: float = _opt(8.0, "Hub repo ids: stream instead of downloading when the weights exceed "
+                               "this many GB.", flag="--stream-above")
+    progress: bool = True    # the library's download progress bars (on stderr)
+
+    def __post_init__(self) -> None:
+        if not self.stream_above >= 0:
+            raise OptionsError(f"--stream-above must be a non-negative number of GB (got {self.stream_above})")
+
+    @classmethod
+    def pop_from(cls, kwargs: dict) -> "HubOptions":
+        """Take this class's fields out of a dict of click values (they arrive mixed with others)."""
+        return cls(**{f.name: kwargs.pop(f.name) for f in fields(cls) if f.name in kwargs})
+
+
 def click_options(cls: type = CompareOptions) -> Callable:
     """Decorator adding one click option per field of ``cls`` that declares a flag."""
     import click

@@ -30,11 +30,11 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 
 from ._version import __version__
-from .io.checkpoint import Checkpoint, locate
-from .comparison import compare, versions
+from .io.checkpoint import Checkpoint, is_hub_candidate, locate
+from .comparison import compare, hub_run, run_date, versions
 from .errors import CheckpointError, OptionsError, WeightdiffError, escape_name
 from .kernels.dtypes import DTYPES
-from .options import CompareOptions, Thresholds, _opt, options_from_kwargs
+from .options import CompareOptions, HubOptions, Thresholds, _opt, options_from_kwargs
 from .pairing.plan import plan as make_plan
 from .measure.permutation import Finding, detect_permutations, mlp_groups, undo
 from .records import dumps
@@ -125,28 +125,39 @@ class ProvenanceResult:
 
 def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: ProvenanceOptions | None = None,
                progress: Callable[[str], None] | None = None, command: str | None = None,
-               **kwargs: Any) -> ProvenanceResult:
+               hub: HubOptions | None = None, **kwargs: Any) -> ProvenanceResult:
     """Rank ``candidates`` as possible bases of ``tuned``; options as in ProvenanceOptions.
 
-    ``progress`` receives one-line status messages (for stderr). Raises WeightdiffError
-    for bad input: a missing path, an unreadable tuned model, no candidates.
+    ``progress`` receives one-line status messages (for stderr). Models may be Hub repo
+    ids; ``hub`` (HubOptions) says how they are read (screening a streamed candidate fetches
+    only its sampled rows by range requests). Raises WeightdiffError for bad input: a
+    missing path, an unreadable tuned model, no candidates.
     """
     if options is None:
         options = options_from_kwargs(ProvenanceOptions, **kwargs)
     if not candidates:
         raise OptionsError("candidates: none given", "pass at least one candidate base", option="candidates")
     for p in [tuned, *candidates]:
-        if not os.path.exists(p):
+        if not os.path.exists(p) and not is_hub_candidate(p):
             raise CheckpointError(p, "no such file or directory")
+    if is_hub_candidate(tuned):
+        from .io.hub import preflight
+
+        preflight([tuned], hub)
     say = progress or (lambda message: None)
     t0 = time.perf_counter()
+    date = run_date()
     thr = options.thresholds
     with ExitStack() as stack:
-        tck = stack.enter_context(locate(tuned))
+        tck = stack.enter_context(locate(tuned, hub))
+        if tck.origin:
+            say(tck.origin)
         entries, incompatible = [], []
         for path in candidates:
             try:
-                ck = stack.enter_context(locate(path))
+                ck = stack.enter_context(locate(path, hub))
+                if ck.origin:
+                    say(ck.origin)
                 pl = make_plan([ck], tck, include=options.include, exclude=options.exclude)
             except WeightdiffError as exc:
                 incompatible.append({"path": str(path), "reason": f"cannot be read: {exc.one_line()}"})
@@ -179,10 +190,16 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
         for i, c in enumerate(rows, 1):
             c["rank"] = i
         tuned_desc = {"path": str(tuned), "format": tck.format, "params": tck.params}
+        if tck.hub is not None:
+            tuned_desc["hub"] = {k: v for k, v in tck.hub.items() if k != "files"}
+        run = {"date": date, "seconds": round(time.perf_counter() - t0, 3), "command": command,
+               "versions": versions()}
+        hub_reads = hub_run([tck, *(e.ck for e in entries)])
+        if hub_reads:
+            run["hub"] = hub_reads
     return ProvenanceResult(
         settings=options.settings(), tuned=tuned_desc, candidates=rows, incompatible=incompatible,
-        screening=screening, findings=_findings(rows, incompatible, screening, thr),
-        run={"seconds": round(time.perf_counter() - t0, 3), "command": command, "versions": versions()})
+        screening=screening, findings=_findings(rows, incompatible, screening, thr), run=run)
 
 
 @dataclass(eq=False)
@@ -236,17 +253,16 @@ def _screen(entries: list[_Entry], tck: Checkpoint, options: ProvenanceOptions) 
     shapes = {n: large[n][3] for n in names}
     k = sample_plan(shapes, {n: large[n][4] for n in names}, options.sample_kib << 10)
     idx = {n: sample_rows(n, shapes[n][0], k[n], options.seed) for n in names}
-    cache = {n: tck.read_rows(large[n][0], idx[n]) for n in names}
+    cache = dict(zip(names, tck.read_rows_many([(large[n][0], idx[n]) for n in names])))
     for e in entries:
         sums, scale, numel = {}, {}, {}
-        for n in names:
-            if n not in e.large:
-                continue
+        todo = [n for n in names if n in e.large and (idx[n] < e.large[n][2]).any()]
+        keeps = {n: idx[n] < e.large[n][2] for n in todo}
+        got = dict(zip(todo, e.ck.read_rows_many([(e.large[n][1], idx[n][keeps[n]]) for n in todo])))
+        for n in todo:
             _, bname, rows, shape, dt, db = e.large[n]
-            keep = idx[n] < rows
-            if not keep.any():
-                continue
-            sums[n] = sampled_sums(cache[n][keep], e.ck.read_rows(bname, idx[n][keep]), dt, db)
+            keep = keeps[n]
+            sums[n] = sampled_sums(cache[n][keep], got[n], dt, db)
             scale[n] = rows / int(keep.sum())
             numel[n] = rows * math.prod(shape[1:])
         est = screen_estimate(sums, scale, numel)

@@ -29,14 +29,15 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .peft_adapter import JSON_CAP, AdapterConfig, LoraFactor, lora_factors, read_adapter_config
+from .peft_adapter import JSON_CAP, AdapterConfig, LoraFactor, lora_factors, parse_adapter_config
 from ..errors import CheckpointError, escape_name
 from .pickle_read import PICKLE_SUFFIXES, load_pickle
 from .quantized import Source, fold, read_quant_config
 from .files import load_json, open_regular, os_problem, pread_into, read_small
 from .safetensors_read import SafetensorsFile, TensorInfo, array_windows, check_range, storage_of
 
-__all__ = ["AdapterConfig", "LoraFactor", "Checkpoint", "locate", "JSON_CAP"]
+__all__ = ["AdapterConfig", "LoraFactor", "Checkpoint", "locate", "JSON_CAP", "LocalFolder", "choose_weights", "build",
+           "is_hub_candidate"]
 
 #: trainer state saved beside the weights, never a model
 _NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"}
@@ -66,6 +67,15 @@ class Checkpoint:
         self.quant: dict[str, Source] = {}
         self.quant_config: dict | None = None
         self.hidden: list[str] = []
+        #: identity of a Hub checkpoint (weightdiff.io.hub): repo id, commit, files with sizes and sha256
+        self.hub: dict | None = None
+        #: a line for the plan saying where a checkpoint came from, when its spelling could be a Hub id
+        self.origin: str | None = None
+        #: how a Hub checkpoint's bytes were read ({"mode": stream|download|cache, "reader": ...})
+        self.hub_run: dict | None = None
+        #: reads a small JSON file beside the weights (config.json) for a checkpoint not on disk
+        self.read_config = None
+        self._closers: list = []
 
     @property
     def params(self) -> int:
@@ -89,6 +99,12 @@ class Checkpoint:
             f.close()
         self._open.clear()
         self._pickle = None
+        while self._closers:
+            self._closers.pop()()
+
+    def on_close(self, fn) -> None:
+        """Call ``fn()`` when the checkpoint is closed (a streamed Hub checkpoint's HTTP workers)."""
+        self._closers.append(fn)
 
     # -- sources ---------------------------------------------------------------
     def _info(self, name: str) -> TensorInfo:
@@ -199,6 +215,15 @@ class Checkpoint:
             return self._array(info).reshape(info.shape)[np.asarray(rows, dtype=np.int64)].copy()
         return self._file(info.path).read_rows(name, rows)
 
+    def read_rows_many(self, requests: Sequence[tuple[str, Sequence[int] | np.ndarray]]) -> list[np.ndarray]:
+        """``read_rows`` for several tensors at once (a streamed Hub checkpoint fetches them concurrently)."""
+        if requests and all(n not in self.quant and self._info(n).start is not None for n, _ in requests):
+            files = [self._file(self._info(n).path) for n, _ in requests]
+            many = getattr(files[0], "read_rows_many", None)
+            if many is not None and all(type(f) is type(files[0]) for f in files):
+                return many([(f, n, rows) for f, (n, rows) in zip(files, requests)])
+        return [self.read_rows(n, rows) for n, rows in requests]
+
     def check_identity(self) -> None:
         """CheckpointError if any file was replaced or modified since it was located (the numbers
         and a hash taken now would describe different files)."""
@@ -209,7 +234,10 @@ class Checkpoint:
 
     def file_digests(self) -> dict[str, str]:
         """sha256 of every file, streamed, keyed by the file's path relative to the checkpoint.
-        The file hashed must be the one located (same device, inode, size, mtime) before and after."""
+        The file hashed must be the one located (same device, inode, size, mtime) before and after.
+        For a Hub checkpoint: the Hub's own LFS sha256, keyed by the path in the repo."""
+        if self.hub is not None:
+            return {f["name"]: f["sha256"] for f in self.hub["files"]}
         out = {}
         self.check_identity()
         for path in self.files:
@@ -252,10 +280,21 @@ def _rel(path: Path, root: Path) -> str:
 
 # -- locating ------------------------------------------------------------------
 
-def locate(path: str | os.PathLike) -> Checkpoint:
+def locate(path: str | os.PathLike, hub: object = None) -> Checkpoint:
     """Find and validate the checkpoint at ``path`` (headers only, plus the few bytes of a
-    quantized checkpoint's shape and quant-state tensors). Raises CheckpointError."""
-    ckpt = _locate(Path(os.fspath(path)))
+    quantized checkpoint's shape and quant-state tensors). Raises CheckpointError.
+
+    A path that does not exist but is spelled as a Hugging Face Hub repo id (``org/name``,
+    ``org/name@revision``, ``hf://org/name@revision/subfolder``) is resolved on the Hub by
+    weightdiff.io.hub (the ``hub`` extra); ``hub`` is its HubOptions (download or stream,
+    offline). A local path always wins over a repo id of the same spelling.
+    """
+    if is_hub_candidate(path):
+        from .hub import locate_hub
+
+        ckpt = locate_hub(path, hub)
+    else:
+        ckpt = _locate(Path(os.fspath(path)), path)
     if ckpt.format in ("safetensors", "sharded"):
         try:
             _fold_quantized(ckpt)
@@ -265,10 +304,19 @@ def locate(path: str | os.PathLike) -> Checkpoint:
     return ckpt
 
 
+def is_hub_candidate(path: object) -> bool:
+    """True when ``path`` names nothing local and is spelled as a Hub repo id."""
+    if not isinstance(path, str) or os.path.lexists(path):
+        return False
+    from .hub import hub_spelling
+
+    return hub_spelling(path)
+
+
 def _fold_quantized(ckpt: Checkpoint) -> None:
     """Fold quantized weights and their companions into logical tensors (weightdiff.io.quantized)."""
     try:
-        qc, qc_error = read_quant_config(ckpt.root), None
+        qc, qc_error = read_quant_config(ckpt.root, ckpt.read_config), None
     except CheckpointError as exc:         # a broken config.json matters only to a quantized model
         qc, qc_error = None, exc
     tensors, sources, hidden = fold(ckpt.tensors, qc, ckpt._stored_read)
@@ -279,22 +327,30 @@ def _fold_quantized(ckpt: Checkpoint) -> None:
     ckpt.quant_config = qc if sources else None
 
 
-def _locate(p: Path) -> Checkpoint:
+def _locate(p: Path, path: str | os.PathLike) -> Checkpoint:
     try:
         st = p.stat()
     except OSError as exc:
         raise CheckpointError(p, os_problem(exc)) from None
     if stat.S_ISDIR(st.st_mode):
-        return _locate_dir(p)
-    if _sniff(p) == "gguf" or p.name.lower().endswith(".gguf"):
-        return _gguf(p, p, p.parent)          # a .gguf without the magic is refused by name
-    if p.name.endswith(".bin.index.json"):
-        return _pickle_sharded(p.parent, p)
-    if p.name.endswith(".index.json"):
-        return _sharded(p.parent, p, p)
-    if p.name.endswith(PICKLE_SUFFIXES):
-        return _pickles(p, [p], p.parent)
-    return _single(p, p, p.parent)
+        ckpt = _locate_dir(p)
+    elif _sniff(p) == "gguf" or p.name.lower().endswith(".gguf"):
+        ckpt = _gguf(p, p, p.parent)          # a .gguf without the magic is refused by name
+    elif p.name.endswith(".bin.index.json"):
+        ckpt = _pickle_sharded(p.parent, p)
+    elif p.name.endswith(".index.json"):
+        ckpt = _sharded(LocalFolder(p.parent, named=p.name), p.name, p)
+    elif p.name.endswith(PICKLE_SUFFIXES):
+        ckpt = _pickles(p, [p], p.parent)
+    else:
+        ckpt = _single(LocalFolder(p.parent, named=p.name), p.name, p)
+    if isinstance(path, str):
+        from .hub import hub_spelling
+
+        if hub_spelling(path):
+            ckpt.origin = (f"{escape_name(path)}: the local {'folder' if stat.S_ISDIR(st.st_mode) else 'file'}, "
+                           "not the Hub repo of the same spelling (a local path always wins)")
+    return ckpt
 
 
 def _roots(d: Path) -> list[Path]:
@@ -302,8 +358,10 @@ def _roots(d: Path) -> list[Path]:
     Hugging Face cache snapshot (``models--org--name/snapshots/<rev>``) that repo's ``blobs/``."""
     real = Path(os.path.realpath(d))
     roots = [real]
-    if real.parent.name == "snapshots" and "--" in real.parent.parent.name:
-        roots.append(Path(os.path.realpath(real.parent.parent / "blobs")))
+    for a in (real, *real.parents):          # a subfolder of a snapshot shares the repo's blobs/ too
+        if a.parent.name == "snapshots" and "--" in a.parent.parent.name:
+            roots.append(Path(os.path.realpath(a.parent.parent / "blobs")))
+            break
     return roots
 
 
@@ -329,52 +387,110 @@ def _listdir(d: Path) -> list[str]:
         raise CheckpointError(d, f"cannot list: {os_problem(exc)}") from None
 
 
-def _locate_dir(d: Path) -> Checkpoint:
-    names = _listdir(d)
+class LocalFolder:
+    """A folder on disk as the locator reads it. Its twin for a Hub repo read over HTTP is
+    weightdiff.io.hub's ``HubFolder``: the same verbs, so both go through the same rules.
+    ``file()`` refuses a symlink that leads out of the folder, except for ``named``: the file
+    the user named directly, whose folder is only where it lives."""
+
+    def __init__(self, root: Path, named: str | None = None):
+        self.root, self.named = root, named
+
+    def names(self) -> list[str]:
+        return _listdir(self.root)
+
+    def file(self, name: str) -> Path:
+        return self.root / name if name == self.named else _inside(self.root / name, self.root)
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(self.root / name)
+
+    def read_json(self, name: str, what: str) -> object:
+        path = self.file(name)
+        return load_json(read_small(path, JSON_CAP), path, what)
+
+    def headers(self, names: Sequence[str]) -> dict[str, tuple[dict[str, TensorInfo], dict[str, str]]]:
+        return {n: _header(self.file(n)) for n in names}
+
+
+def choose_weights(names: Sequence[str], where: object) -> tuple[str, str | None]:
+    """Which file of a folder listing holds the model: ``(kind, name)``.
+
+    Kinds: ``adapter`` (name: the adapter's weights file, None when missing), ``sharded``
+    (name: the safetensors index), ``single``, ``pickle_sharded`` (the .bin index),
+    ``pickle`` and ``gguf``. The same rules serve a local folder and a Hub repo's file list
+    (a new format adds its rule here). Raises CheckpointError naming ``where``.
+
+    >>> choose_weights(["config.json", "model-00001-of-00002.safetensors",
+    ...                 "model-00002-of-00002.safetensors", "model.safetensors.index.json"], "x")
+    ('sharded', 'model.safetensors.index.json')
+    """
+    names = sorted(names)
     if "adapter_config.json" in names:
-        return _adapter(d, names)
-    if "snapshots" in names and (d / "snapshots").is_dir():
-        return _locate_dir(_snapshot(d))
+        return "adapter", next((n for n in ("adapter_model.safetensors", "adapter_model.bin") if n in names), None)
     lone = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if n in names]
     if lone:
-        raise CheckpointError(d, f"{lone[0]} is here but adapter_config.json is missing, so the adapter's "
-                                 "scale and targets are unknown", "add the adapter's adapter_config.json")
+        raise CheckpointError(where, f"{lone[0]} is here but adapter_config.json is missing, so the adapter's "
+                                     "scale and targets are unknown", "add the adapter's adapter_config.json")
     st = [n for n in names if n.endswith(".safetensors")]
     st_index = [n for n in names if n.endswith(".safetensors.index.json")]
     if "model.safetensors.index.json" in st_index:
         st_index = ["model.safetensors.index.json"]
     if len(st_index) == 1:
-        return _sharded(d, _inside(d / st_index[0], d), d)
+        return "sharded", st_index[0]
     if len(st_index) > 1:
-        raise CheckpointError(d, f"several index files and none named model.safetensors.index.json: "
-                                 f"{', '.join(st_index)}", "pass the index file to use")
+        raise CheckpointError(where, f"several index files and none named model.safetensors.index.json: "
+                                     f"{', '.join(st_index)}", "pass the index file to use")
     if len(st) == 1:
-        return _single(_inside(d / st[0], d), d, d)
+        return "single", st[0]
     if len(st) > 1:
-        raise CheckpointError(d, f"{len(st)} .safetensors files and no index, so which is the model is "
-                                 f"ambiguous: {', '.join(escape_name(n) for n in st)}",
+        raise CheckpointError(where, f"{len(st)} .safetensors files and no index, so which is the model is "
+                                     f"ambiguous: {', '.join(escape_name(n) for n in st)}",
                               "pass one file, or add model.safetensors.index.json")
     pk_index = [n for n in names if n.endswith(".bin.index.json")]
     if len(pk_index) == 1:
-        return _pickle_sharded(d, _inside(d / pk_index[0], d))
+        return "pickle_sharded", pk_index[0]
     pk = [n for n in names if n.endswith(PICKLE_SUFFIXES) and n not in _NOT_WEIGHTS]
     if "pytorch_model.bin" in pk:
         pk = ["pytorch_model.bin"]
     if len(pk) == 1:
-        return _pickles(d, [_inside(d / pk[0], d)], d)
+        return "pickle", pk[0]
     if len(pk) > 1:
-        raise CheckpointError(d, f"{len(pk)} pickle files and no index, so which is the model is ambiguous: "
-                                 f"{', '.join(escape_name(n) for n in pk)}", "pass one file")
+        raise CheckpointError(where, f"{len(pk)} pickle files and no index, so which is the model is ambiguous: "
+                                     f"{', '.join(escape_name(n) for n in pk)}", "pass one file")
     gg = [n for n in names if n.lower().endswith(".gguf")]
     if len(gg) == 1:
-        return _gguf(d / gg[0], d, d)
+        return "gguf", gg[0]
     if len(gg) > 1:
-        raise CheckpointError(d, f"{len(gg)} .gguf files, so which is the model is ambiguous: "
-                                 f"{', '.join(escape_name(n) for n in gg)}", "pass one file")
+        raise CheckpointError(where, f"{len(gg)} .gguf files, so which is the model is ambiguous: "
+                                     f"{', '.join(escape_name(n) for n in gg)}", "pass one file")
     found = f"found {', '.join(escape_name(n) for n in names[:6])}" + (", ..." if len(names) > 6 else "") \
         if names else "the folder is empty"
-    raise CheckpointError(d, f"no checkpoint here: expected model.safetensors, "
-                             f"model.safetensors.index.json or a .gguf file ({found})")
+    raise CheckpointError(where, f"no checkpoint here: expected model.safetensors, "
+                                 f"model.safetensors.index.json or a .gguf file ({found})")
+
+
+def build(folder, kind: str, name: str | None, shown: object) -> Checkpoint:
+    """The Checkpoint of ``choose_weights``' answer, read through ``folder`` (headers only)."""
+    if kind == "adapter":
+        return _adapter(folder, name, shown)
+    if kind == "sharded":
+        return _sharded(folder, name, shown)
+    if kind == "single":
+        return _single(folder, name, shown)
+    if kind == "pickle_sharded":
+        return _pickle_sharded(folder.root, folder.file(name))
+    if kind == "gguf":
+        return _gguf(folder.root / name, shown, folder.root)
+    return _pickles(shown, [folder.file(name)], folder.root)
+
+
+def _locate_dir(d: Path) -> Checkpoint:
+    names = _listdir(d)
+    if "adapter_config.json" not in names and "snapshots" in names and (d / "snapshots").is_dir():
+        return _locate_dir(_snapshot(d))
+    kind, name = choose_weights(names, d)
+    return build(LocalFolder(d), kind, name, d)
 
 
 def _snapshot(d: Path) -> Path:
@@ -429,11 +545,12 @@ def _header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         return f.tensors, f.metadata
 
 
-def _single(file: Path, shown: Path, root: Path) -> Checkpoint:
-    if not file.name.endswith(".safetensors") and file.name.endswith(".json"):
+def _single(folder, name: str, shown: object) -> Checkpoint:
+    file = folder.file(name)
+    if not name.endswith(".safetensors") and name.endswith(".json"):
         raise CheckpointError(file, "is JSON, not a checkpoint", "pass the folder that holds it")
-    tensors, metadata = _header(file)
-    ckpt = Checkpoint(shown, "safetensors", [file], tensors, dict(metadata), root)
+    tensors, metadata = folder.headers([name])[name]
+    ckpt = Checkpoint(shown, "safetensors", [file], tensors, dict(metadata), folder.root)
     ckpt._headers[file] = tensors
     return ckpt
 
@@ -448,8 +565,9 @@ def _shard_name(index: Path, value: object, tensor: str) -> str:
     return value
 
 
-def _read_index(index: Path) -> tuple[dict[str, str], dict]:
-    doc = load_json(read_small(index, JSON_CAP), index, "index")
+def _read_index(folder, name: str) -> tuple[dict[str, str], dict]:
+    index = folder.file(name)
+    doc = folder.read_json(name, "index")
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise CheckpointError(index, "index has no weight_map object")
     wmap = {t: _shard_name(index, s, t) for t, s in doc["weight_map"].items()}
@@ -468,25 +586,27 @@ def _series(index: Path, shard_names: set[str], names: list[str], suffix: str) -
     return [n for n in names if pat.match(n) and n not in shard_names]
 
 
-def _sharded(d: Path, index: Path, shown: Path) -> Checkpoint:
-    wmap, meta = _read_index(index)
+def _sharded(folder, index_name: str, shown: object) -> Checkpoint:
+    index = folder.file(index_name)
+    wmap, meta = _read_index(folder, index_name)
     shards = list(dict.fromkeys(wmap.values()))
-    names = _listdir(d)
+    names = folder.names()
     stray = _series(index, set(shards), names, ".safetensors")
     if stray:
         raise CheckpointError(index, f"shard {escape_name(stray[0])} is in the folder but not in the index "
                                      "(incomplete index or stray file?)")
+    for shard in shards:
+        if not folder.exists(shard):
+            raise CheckpointError(index, f"shard {escape_name(shard)} is listed but missing (incomplete download?)")
+    parsed = folder.headers(shards)
     tensors: dict[str, TensorInfo] = {}
     headers: dict[Path, dict[str, TensorInfo]] = {}
     metadata: dict = {}
     owner: dict[str, str] = {}
     unlisted: list[tuple[str, str]] = []
     for shard in shards:
-        path = d / shard
-        if not os.path.lexists(path):
-            raise CheckpointError(index, f"shard {escape_name(shard)} is listed but missing (incomplete download?)")
-        _inside(path, d)
-        infos, md = _header(path)
+        path = folder.file(shard)
+        infos, md = parsed[shard]
         for k, v in md.items():
             metadata.setdefault(k, v)
         headers[path] = infos
@@ -502,18 +622,21 @@ def _sharded(d: Path, index: Path, shown: Path) -> Checkpoint:
                                             f"{escape_name(wmap[name])}")
     for name, shard in wmap.items():
         if owner.get(name) != shard:
-            raise CheckpointError(d / shard, f"tensor `{escape_name(name)}` is listed in the index for "
-                                             "this shard but the shard does not hold it")
-        tensors[name] = headers[d / shard][name]
+            raise CheckpointError(folder.file(shard), f"tensor `{escape_name(name)}` is listed in the index for "
+                                                      "this shard but the shard does not hold it")
+        tensors[name] = headers[folder.file(shard)][name]
     notes = []
     for name, shard in unlisted:             # transformers loads by the index; still, measure it
-        tensors[name] = headers[d / shard][name]
-        notes.append(f"{escape_name(str(d / shard))}: holds tensor `{escape_name(name)}` that the index does not "
-                     "list; it is compared as a tensor of its own")
+        tensors[name] = headers[folder.file(shard)][name]
+        notes.append(f"{escape_name(str(folder.file(shard)))}: holds tensor `{escape_name(name)}` that the index "
+                     "does not list; it is compared as a tensor of its own")
     metadata.update({k: str(v) for k, v in meta.items()})
-    listed = {d / s for s in shards}
-    ignored = [d / n for n in names if n.endswith(".safetensors") and d / n not in listed]
-    ckpt = Checkpoint(shown, "sharded", [d / s for s in shards], tensors, metadata, d, ignored=ignored)
+    listed = {folder.file(s) for s in shards}
+    ignored = [folder.root / n for n in names if n.endswith(".safetensors") and folder.root / n not in listed] \
+        if isinstance(folder, LocalFolder) else [folder.file(n) for n in names
+                                                  if n.endswith(".safetensors") and folder.file(n) not in listed]
+    ckpt = Checkpoint(shown, "sharded", [folder.file(s) for s in shards], tensors, metadata, folder.root,
+                      ignored=ignored)
     ckpt._headers.update(headers)
     ckpt.notes += notes
     return ckpt
@@ -532,7 +655,7 @@ def _pickles(shown: Path, files: list[Path], root: Path) -> Checkpoint:
 
 
 def _pickle_sharded(d: Path, index: Path) -> Checkpoint:
-    wmap, _ = _read_index(index)
+    wmap, _ = _read_index(LocalFolder(d), index.name)
     shards = list(dict.fromkeys(wmap.values()))
     ckpt = _pickles(d, [_inside(d / s, d) for s in shards], d)
     for name, shard in wmap.items():
@@ -544,15 +667,16 @@ def _pickle_sharded(d: Path, index: Path) -> Checkpoint:
 
 # -- PEFT adapters ---------------------------------------------------------------
 
-def _adapter(d: Path, names: list[str]) -> Checkpoint:
-    config = read_adapter_config(_inside(d / "adapter_config.json", d))
-    if "adapter_model.safetensors" in names:
-        ckpt = _single(_inside(d / "adapter_model.safetensors", d), d, d)
-    elif "adapter_model.bin" in names:
-        ckpt = _pickles(d, [_inside(d / "adapter_model.bin", d)], d)
+def _adapter(folder, weights: str | None, shown: object) -> Checkpoint:
+    config = parse_adapter_config(folder.read_json("adapter_config.json", "adapter config"),
+                                  folder.file("adapter_config.json"))
+    if weights == "adapter_model.safetensors":
+        ckpt = _single(folder, weights, shown)
+    elif weights == "adapter_model.bin":
+        ckpt = _pickles(shown, [folder.file(weights)], folder.root)
     else:
-        raise CheckpointError(d, "adapter folder has adapter_config.json but no adapter_model.safetensors")
-    out = Checkpoint(d, "adapter", ckpt.files, ckpt.tensors, ckpt.metadata, d, adapter=config)
+        raise CheckpointError(shown, "adapter folder has adapter_config.json but no adapter_model.safetensors")
+    out = Checkpoint(shown, "adapter", ckpt.files, ckpt.tensors, ckpt.metadata, folder.root, adapter=config)
     out.notes += ckpt.notes
     out._headers.update(ckpt._headers)
     return out

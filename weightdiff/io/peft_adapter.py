@@ -33,8 +33,8 @@ from ..errors import CheckpointError, escape_name
 from .files import load_json, read_small
 from .safetensors_read import TensorInfo
 
-__all__ = ["AdapterConfig", "LoraFactor", "read_adapter_config", "lora_factors", "check_against_base",
-           "check_factor_values", "JSON_CAP"]
+__all__ = ["AdapterConfig", "LoraFactor", "read_adapter_config", "parse_adapter_config", "lora_factors",
+           "check_against_base", "check_factor_values", "JSON_CAP"]
 
 #: largest adapter config / index accepted
 JSON_CAP = 100_000_000
@@ -203,7 +203,11 @@ def _rank(path: Path, what: str, value: object) -> int:
 
 
 def read_adapter_config(path: Path) -> AdapterConfig:
-    raw = load_json(read_small(path, JSON_CAP), path, "adapter config")
+    return parse_adapter_config(load_json(read_small(path, JSON_CAP), path, "adapter config"), path)
+
+
+def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
+    """The AdapterConfig of parsed ``adapter_config.json`` JSON ``raw`` (``path`` names it in errors)."""
     if not isinstance(raw, dict):
         raise CheckpointError(path, "adapter config is not a JSON object")
     kind = raw.get("peft_type")

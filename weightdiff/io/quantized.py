@@ -55,13 +55,20 @@ def _q(name: str) -> str:
     return f"`{escape_name(name)}`"
 
 
-def read_quant_config(root: Path) -> dict | None:
-    """``quantization_config`` of ``root/config.json`` (or ``quantize_config.json``), or None."""
+def read_quant_config(root: Path, read=None) -> dict | None:
+    """``quantization_config`` of ``root/config.json`` (or ``quantize_config.json``), or None.
+    ``read(name)`` gives the parsed JSON of a file beside the weights (None when absent) for a
+    checkpoint that is not on disk (a streamed Hub repo)."""
     for fname, key in (("config.json", "quantization_config"), ("quantize_config.json", None)):
-        path = root / fname
-        if not path.is_file():
-            continue
-        doc = load_json(read_small(path, _CONFIG_CAP), path, fname)
+        if read is not None:
+            path, doc = f"{root}/{fname}", read(fname)
+            if doc is None:
+                continue
+        else:
+            path = root / fname
+            if not path.is_file():
+                continue
+            doc = load_json(read_small(path, _CONFIG_CAP), path, fname)
         qc = doc.get(key) if key and isinstance(doc, dict) else doc
         if isinstance(qc, dict):
             if key is None:

@@ -100,6 +100,9 @@ class Plan:
     pairs: list[Pair]
     alignment: list[dict]
     notes: list[str] = field(default_factory=list)
+    #: where each checkpoint came from when that could be in doubt (a Hub repo, or a local path
+    #: spelled like one); printed with the plan, not part of the JSON
+    sources: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> dict:

@@ -174,6 +174,15 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
                          _c(f.get("sha256")) if f.get("sha256") else "not hashed"])
     out.append(Block("p", "Input files:"))
     out.append(Block("table", ["role", "checkpoint", "file", "bytes", "sha256"], rows))
+    hub_rows = [[role, _c(entry.get("path")), _c(h.get("repo_id")), _c(h.get("revision") or "(default branch)"),
+                 _c(h.get("commit"))]
+                for role, entry in [("base", b) for b in data.get("base", [])] + [("tuned", data.get("tuned") or {})]
+                for h in [entry.get("hub")] if h]
+    if hub_rows:
+        out.append(Block("p", "Models read from the Hugging Face Hub (sha256 as the Hub lists the files):"))
+        out.append(Block("table", ["role", "checkpoint", "repo", "revision", "commit"], hub_rows))
+    if run.get("date"):
+        out.append(Block("p", [("", "Run on "), ("code", str(run["date"])), ("", " (UTC).")]))
     return out
 
 

@@ -136,7 +136,8 @@ def plan_text(plan: Any) -> str:
     text = "plan: " + (", ".join(parts) if parts else "nothing to compare")
     for note in d.get("notes", [])[:5]:
         text += "\n  " + escape_name(str(note))
-    return text
+    sources = getattr(plan, "sources", None) or []      # where a Hub-like spelling was read from
+    return "".join(f"source: {escape_name(str(s))}\n" for s in sources) + text
 
 
 class ProgressLine:

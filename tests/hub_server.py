@@ -1,0 +1,365 @@
+"""A small Hugging Face Hub-compatible HTTP server for the tests, on 127.0.0.1 only.
+
+It answers what the real ``huggingface_hub`` client calls, the way the Hub answers it:
+
+  GET  /api/models/{repo}[/revision/{rev}]     model info (``sha``, ``siblings``; sizes and LFS
+                                                oids with ``?blobs=true``)
+  GET  /api/models/{repo}/tree/{rev}[/{path}]   file listing (``recursive``), entries as the Hub's
+  POST /api/models/{repo}/paths-info/{rev}      entries of the given paths
+  GET  /api/models/{repo}/refs                  branches and tags
+  HEAD/GET /{repo}/resolve/{rev}/{file}         small (git) files served here with ``ETag`` and
+                                                ``X-Repo-Commit``; LFS files answered with a 302 to
+                                                the "CDN" (a second server: another origin, as on
+                                                the Hub) carrying ``X-Linked-Etag`` (the sha256),
+                                                ``X-Linked-Size`` and ``X-Repo-Commit``
+  Range requests (206 with ``Content-Range``) on both servers.
+
+Errors as the Hub sends them: 404 with ``X-Error-Code: RepoNotFound``, ``RevisionNotFound``
+or ``EntryNotFound``; 401 with ``RepoNotFound`` for a private repo and ``GatedRepo`` for a
+gated one without the token. Every body byte sent is logged per (repo, file), and faults
+can be planted: a connection dropped after some bytes, or a transient 503.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+TOKEN = "hf_weightdiff_test_token"
+
+
+def git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class Repo:
+    repo_id: str
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)   # sha -> {path: bytes}
+    branches: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    gated: bool = False
+    private: bool = False
+
+    def resolve(self, rev: str) -> str | None:
+        if rev in self.commits:
+            return rev
+        return self.branches.get(rev) or self.tags.get(rev)
+
+
+def is_lfs(path: str, data: bytes) -> bool:
+    return path.endswith((".safetensors", ".bin", ".gguf", ".pt")) or len(data) > 10 << 20
+
+
+class HubServer:
+    """Start with ``HubServer()``, stop with ``.close()``; ``.url`` is the HF_ENDPOINT."""
+
+    def __init__(self):
+        self.repos: dict[str, Repo] = {}
+        self.sent: Counter = Counter()          # (repo_id, path) -> body bytes sent
+        self.requests: list[tuple[str, str]] = []
+        self.faults: dict[tuple[str, str], dict] = {}
+        self.lock = threading.Lock()
+        self._seq = 0
+        self.api = self._start(_ApiHandler)
+        self.cdn = self._start(_CdnHandler)
+        self.url = f"http://127.0.0.1:{self.api.server_address[1]}"
+        self.cdn_url = f"http://127.0.0.1:{self.cdn.server_address[1]}"
+
+    def _start(self, handler) -> ThreadingHTTPServer:
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        srv.daemon_threads = True
+        srv.hub = self
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        return srv
+
+    def close(self) -> None:
+        for srv in (self.api, self.cdn):
+            srv.shutdown()
+            srv.server_close()
+
+    # -- content -------------------------------------------------------------------------
+    def commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main", tag: str | None = None,
+               gated: bool = False, private: bool = False) -> str:
+        """Add a commit with exactly ``files``; move ``branch`` (and ``tag``) to it; return its sha."""
+        repo = self.repos.setdefault(repo_id, Repo(repo_id))
+        repo.gated, repo.private = repo.gated or gated, repo.private or private
+        self._seq += 1
+        h = hashlib.sha1(f"{repo_id}:{self._seq}".encode())
+        for p in sorted(files):
+            h.update(p.encode() + hashlib.sha256(files[p]).digest())
+        sha = h.hexdigest()
+        repo.commits[sha] = dict(files)
+        if branch:
+            repo.branches[branch] = sha
+        if tag:
+            repo.tags[tag] = sha
+        return sha
+
+    def bytes_sent(self, repo_id: str, path: str | None = None) -> int:
+        with self.lock:
+            return sum(v for (r, p), v in self.sent.items() if r == repo_id and (path is None or p == path))
+
+    def reset_log(self) -> None:
+        with self.lock:
+            self.sent.clear()
+            self.requests.clear()
+
+    def entry(self, repo_id: str, path: str, data: bytes) -> dict:
+        e = {"type": "file", "oid": git_oid(data), "size": len(data), "path": path}
+        if is_lfs(path, data):
+            e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        return e
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True        # headers and body go out at once, as a real server sends them
+
+    def log_message(self, *args) -> None:
+        pass
+
+    @property
+    def hub(self) -> HubServer:
+        return self.server.hub
+
+    def _authorized(self) -> bool:
+        return self.headers.get("Authorization", "") == f"Bearer {TOKEN}"
+
+    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False,
+              log: tuple[str, str] | None = None, length: int | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        if head or not body:
+            return
+        fault = self.hub.faults.get(log) if log else None
+        if fault and fault.get("times", 0) > 0 and fault.get("drop_after") is not None:
+            fault["times"] -= 1
+            part = body[:fault["drop_after"]]
+            self.wfile.write(part)
+            self.wfile.flush()
+            if fault.get("stall"):
+                time.sleep(fault["stall"])
+            self._count(log, len(part))
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+        self._count(log, len(body))
+
+    def _count(self, log, n: int) -> None:
+        if log:
+            with self.hub.lock:
+                self.hub.sent[log] += n
+
+    def _error(self, status: int, code: str, message: str, head: bool = False, extra: dict | None = None) -> None:
+        body = json.dumps({"error": message}).encode()
+        self._send(status, body, {"Content-Type": "application/json", "X-Error-Code": code,
+                                  "X-Error-Message": message, **(extra or {})}, head=head)
+
+    def _content(self, data: bytes, headers: dict, head: bool, log: tuple[str, str]) -> None:
+        """The whole body, or one Range of it (206)."""
+        rng = self.headers.get("Range")
+        headers = {**headers, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        if rng:
+            try:
+                unit, spec = rng.split("=", 1)
+                a, b = spec.split("-", 1)
+                if unit.strip() != "bytes" or "," in spec:
+                    raise ValueError
+                if a == "":
+                    start, end = max(0, len(data) - int(b)), len(data) - 1
+                else:
+                    start, end = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
+                if start > end or start >= len(data):
+                    raise ValueError
+            except ValueError:
+                self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"}, head=head)
+                return
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            self._send(206, data[start:end + 1], headers, head=head, log=log)
+            return
+        self._send(200, data, headers, head=head, log=log)
+
+
+class _ApiHandler(_Handler):
+    def do_HEAD(self) -> None:
+        self._route(head=True)
+
+    def do_GET(self) -> None:
+        self._route(head=False)
+
+    def do_POST(self) -> None:
+        self._route(head=False, post=True)
+
+    def _repo(self, repo_id: str, head: bool = False) -> Repo | None:
+        repo = self.hub.repos.get(repo_id)
+        if repo is None or (repo.private and not self._authorized()):
+            if repo is None:
+                self._error(404, "RepoNotFound", "Repository not found", head=head)
+            else:
+                self._error(401, "RepoNotFound", "Invalid username or password.", head=head)
+            return None
+        return repo
+
+    def _rev(self, repo: Repo, rev: str, head: bool = False) -> str | None:
+        sha = repo.resolve(rev)
+        if sha is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head=head)
+        return sha
+
+    def _json(self, obj) -> None:
+        self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json"})
+
+    def _route(self, head: bool, post: bool = False) -> None:
+        url = urlsplit(self.path)
+        raw = url.path.split("/")[1:]
+        query = parse_qs(url.query)
+        with self.hub.lock:
+            self.hub.requests.append((self.command, self.path))
+        if raw[:2] == ["api", "models"] and len(raw) >= 4:
+            repo_id = f"{unquote(raw[2])}/{unquote(raw[3])}"
+            rest = raw[4:]
+            repo = self._repo(repo_id, head)
+            if repo is None:
+                return
+            if not rest or rest[0] == "revision":
+                sha = self._rev(repo, unquote("/".join(rest[1:])) if rest else "main")
+                if sha:
+                    self._json(self._info(repo, sha, query.get("blobs", ["false"])[0].lower() == "true"))
+                return
+            if rest[0] == "refs":
+                fmt = lambda kind, items: [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": s}
+                                           for n, s in sorted(items.items())]
+                self._json({"branches": fmt("heads", repo.branches), "tags": fmt("tags", repo.tags),
+                            "converts": [], "pullRequests": []})
+                return
+            if rest[0] in ("tree", "paths-info") and len(rest) >= 2:
+                sha = self._rev(repo, unquote(rest[1]))
+                if not sha:
+                    return
+                files = repo.commits[sha]
+                if rest[0] == "paths-info":
+                    n = int(self.headers.get("Content-Length") or 0)
+                    form = parse_qs(self.rfile.read(n).decode()) if n else {}
+                    want = form.get("paths", [])
+                    self._json([self.hub.entry(repo_id, p, files[p]) for p in want if p in files])
+                    return
+                base = unquote("/".join(rest[2:])).strip("/")
+                recursive = query.get("recursive", ["false"])[0].lower() == "true"
+                self._json(self._tree(repo_id, files, base, recursive))
+                return
+            self._error(404, "EntryNotFound", "Not found", head=head)
+            return
+        if len(raw) >= 5 and raw[2] == "resolve":
+            repo_id = f"{unquote(raw[0])}/{unquote(raw[1])}"
+            repo = self._repo(repo_id, head)
+            if repo is None:
+                return
+            if repo.gated and not self._authorized():
+                self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to "
+                                              "it and be authenticated to access it. Please log in.", head=head)
+                return
+            sha = self._rev(repo, unquote(raw[3]), head)
+            if not sha:
+                return
+            path = unquote("/".join(raw[4:]))
+            data = repo.commits[sha].get(path)
+            if data is None:
+                self._error(404, "EntryNotFound", f"{path} does not exist on \"{raw[3]}\"", head=head,
+                            extra={"X-Repo-Commit": sha})
+                return
+            fault = self.hub.faults.get((repo_id, path))
+            if fault and fault.get("status") and fault.get("times", 0) > 0 and not head:
+                fault["times"] -= 1
+                self._error(fault["status"], "", "Service unavailable")
+                return
+            headers = {"X-Repo-Commit": sha, "ETag": f'"{git_oid(data)}"'}
+            if is_lfs(path, data):
+                oid = hashlib.sha256(data).hexdigest()
+                loc = f"{self.hub.cdn_url}/_lfs/{quote(repo_id, safe='')}/{oid}?file={quote(path, safe='')}"
+                self._send(302, b"", {**headers, "Location": loc, "X-Linked-Etag": f'"{oid}"',
+                                      "X-Linked-Size": str(len(data))}, head=head, length=0)
+                return
+            self._content(data, headers, head, (repo_id, path))
+            return
+        self._error(404, "EntryNotFound", "Not found", head=head)
+
+    def _info(self, repo: Repo, sha: str, blobs: bool) -> dict:
+        files = repo.commits[sha]
+        siblings = []
+        for p in sorted(files):
+            s = {"rfilename": p}
+            if blobs:
+                e = self.hub.entry(repo.repo_id, p, files[p])
+                s.update(size=e["size"], blobId=e["oid"])
+                if "lfs" in e:
+                    s["lfs"] = {"sha256": e["lfs"]["oid"], "size": e["size"], "pointerSize": 134}
+            siblings.append(s)
+        org = repo.repo_id.split("/")[0]
+        return {"_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24], "id": repo.repo_id,
+                "modelId": repo.repo_id, "author": org, "sha": sha, "lastModified": "2024-05-01T12:00:00.000Z",
+                "createdAt": "2024-01-01T12:00:00.000Z", "private": repo.private,
+                "gated": "manual" if repo.gated else False, "disabled": False, "downloads": 0, "likes": 0,
+                "tags": ["safetensors"], "library_name": "transformers", "siblings": siblings,
+                "usedStorage": sum(len(v) for v in files.values())}
+
+    def _tree(self, repo_id: str, files: dict[str, bytes], base: str, recursive: bool) -> list[dict]:
+        pre = base + "/" if base else ""
+        out, dirs = [], set()
+        for p in sorted(files):
+            if not p.startswith(pre):
+                continue
+            rest = p[len(pre):]
+            if "/" in rest:
+                parts = rest.split("/")
+                for k in range(1, len(parts) if recursive else 2):
+                    dirs.add(pre + "/".join(parts[:k]))
+                if not recursive:
+                    continue
+            out.append(self.hub.entry(repo_id, p, files[p]))
+        out += [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+                for d in sorted(dirs)]
+        return out
+
+
+class _CdnHandler(_Handler):
+    """Serves LFS blobs by sha256, as the Hub's CDN does (another origin: no token sent here)."""
+
+    def do_HEAD(self) -> None:
+        self._blob(head=True)
+
+    def do_GET(self) -> None:
+        self._blob(head=False)
+
+    def _blob(self, head: bool) -> None:
+        url = urlsplit(self.path)
+        raw = url.path.split("/")[1:]
+        path = unquote(parse_qs(url.query).get("file", [""])[0])
+        if len(raw) != 3 or raw[0] != "_lfs":
+            self._send(404)
+            return
+        repo_id, oid = unquote(raw[1]), raw[2]
+        repo = self.hub.repos.get(repo_id)
+        data = None
+        for files in (repo.commits.values() if repo else []):
+            for p, d in files.items():
+                if p == path and hashlib.sha256(d).hexdigest() == oid:
+                    data = d
+        if data is None:
+            self._send(404)
+            return
+        fault = self.hub.faults.get((repo_id, path))
+        if fault and fault.get("status") and fault.get("times", 0) > 0 and not head:
+            fault["times"] -= 1
+            self._send(fault["status"], b"unavailable")
+            return
+        self._content(data, {"ETag": f'"{oid}"'}, head, (repo_id, path))

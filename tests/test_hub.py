@@ -1,0 +1,351 @@
+"""Hub repo ids as checkpoints, against the Hub-compatible server of tests/hub_server.py on
+127.0.0.1 (HF_ENDPOINT pointed at it, HF_HOME in a tmp folder), through the real
+huggingface_hub client: resolution by id, by @revision, from a pre-filled cache offline,
+streamed reads that store nothing and give the same JSON as a download, provenance
+screening that reads only the sampled rows, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("huggingface_hub")
+
+import weightdiff
+from weightdiff.lineage import lineage
+from weightdiff.provenance import provenance
+from weightdiff.io import hub_stream
+from weightdiff.cli import main
+from weightdiff.errors import CheckpointError
+from weightdiff.io.hub import hub_spelling, parse_ref
+from weightdiff.options import HubOptions
+from conftest import write_checkpoint
+from hub_server import TOKEN, HubServer
+from models import llama, low_rank_update
+
+SHAPE = dict(layers=2, hidden=64, inter=128, vocab=256)
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+
+
+def _tune(tensors: dict, seed: int, rel: float = 0.02) -> dict:
+    rng = np.random.default_rng(seed)
+    return {k: (low_rank_update(rng, v, 4, rel=rel) if v.ndim == 2 else v) for k, v in tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hubrepos")
+    base = llama(np.random.default_rng(7), **SHAPE)
+    srv = HubServer()
+    srv.local = {}
+    for name, tensors, shards in [("base", base, 1), ("tuned", _tune(base, 1), 2), ("sibling", _tune(base, 2), 1),
+                                  ("independent", llama(np.random.default_rng(99), **SHAPE), 1),
+                                  ("stranger", llama(np.random.default_rng(123), **SHAPE), 1)]:
+        d = write_checkpoint(root / name, tensors, shards=shards, dtype="BF16")
+        srv.local[name] = d
+        srv.commit(f"org/{name}", {**_files(d), "config.json": b'{"model_type": "llama"}', "README.md": b"# x"})
+    # org/tuned: tag v1 is the fine-tune above; main moved on to a further step
+    srv.v1 = srv.repos["org/tuned"].branches["main"]
+    srv.repos["org/tuned"].tags["v1"] = srv.v1
+    d2 = write_checkpoint(root / "tuned2", _tune(base, 5, rel=0.2), dtype="BF16")
+    srv.main2 = srv.commit("org/tuned", {**_files(d2), "config.json": b"{}"}, branch="main")
+    srv.local["tuned2"] = d2
+    srv.commit("org/multi", {f"sub/{k}": v for k, v in _files(srv.local["sibling"]).items()} | {"README.md": b"x"})
+    srv.commit("org/gated", _files(srv.local["base"]), gated=True)
+    srv.commit("org/private", _files(srv.local["base"]), private=True)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def hf(server, tmp_path, monkeypatch):
+    """HF_ENDPOINT at the test server, HF_HOME empty in tmp, no token, online; fast retries."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HOME", str(home))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
+    monkeypatch.setattr(hub_stream, "BACKOFF", 0.01)
+    monkeypatch.chdir(tmp_path)
+    server.reset_log()
+    server.faults.clear()
+    return home
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(main, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def one_error(rc: int, stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, stderr)
+    return lines[0]
+
+
+def stored(home: Path) -> list[str]:
+    return sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file()) if home.exists() else []
+
+
+def sha256(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+# -- spelling ---------------------------------------------------------------------------------
+
+def test_spellings():
+    assert hub_spelling("org/name") and hub_spelling("org/name@v1.0") and hub_spelling("hf://org/name@r/sub")
+    assert not hub_spelling("base/") and not hub_spelling("/abs/org/name") and not hub_spelling("name")
+    assert parse_ref("org/name@refs/pr/3").revision == "refs/pr/3"
+    r = parse_ref("hf://org/name@v2/sub/dir")
+    assert (r.repo_id, r.revision, r.subfolder) == ("org/name", "v2", "sub/dir")
+    with pytest.raises(CheckpointError, match="model repos"):
+        parse_ref("hf://datasets/org/name")
+
+
+# -- resolution, identity, modes ---------------------------------------------------------------
+
+def test_compare_by_id_and_revision_records_identity(server, hf, tmp_path):
+    rc, out, err = run("compare", "org/base", "org/tuned@v1", "--json", "r.json", "--no-rank")
+    assert rc == 0, err
+    assert "source: org/base: Hub repo org/base at commit" in err
+    assert "source: org/tuned@v1: Hub repo org/tuned at commit " + server.v1[:12] in err
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["tuned"]["hub"] == {"repo_id": "org/tuned", "revision": "v1", "commit": server.v1, "subfolder": None}
+    assert d["base"][0]["hub"]["revision"] is None
+    assert d["base"][0]["hub"]["commit"] == server.repos["org/base"].branches["main"]
+    local = _files(server.local["tuned"])
+    assert d["tuned"]["files"] == [{"name": n, "bytes": len(local[n]), "sha256": sha256(local[n])}
+                                   for n in sorted(local) if n.endswith(".safetensors")]
+    assert d["run"]["date"].endswith("Z") and d["run"]["hub"][0]["mode"] == "download"
+    assert d["summary"]["verdict"] == "derived"
+    # the default branch is another commit with other weights
+    rc, _, err = run("compare", "org/base", "org/tuned", "--json", "main.json", "--no-rank", "-q")
+    assert rc == 0, err
+    main_ = json.loads((tmp_path / "main.json").read_text())
+    assert main_["tuned"]["hub"]["commit"] == server.main2 != server.v1
+    assert main_["summary"]["relative_change"] > d["summary"]["relative_change"]
+
+
+def test_stream_stores_nothing_and_matches_download(server, hf, tmp_path):
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--stream", "--json", "s.json")
+    assert rc == 0, err
+    assert stored(hf) == [], "--stream wrote into HF_HOME"
+    assert "streamed by HTTP range requests, nothing stored on disk" in err
+    streamed = server.bytes_sent("org/tuned")
+    assert streamed >= sum(len(v) for k, v in _files(server.local["tuned"]).items() if k.endswith(".safetensors"))
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--download", "--json", "d.json")
+    assert rc == 0, err
+    assert any("snapshots" in p for p in stored(hf))
+    s, d = (json.loads((tmp_path / f).read_text()) for f in ("s.json", "d.json"))
+    assert [r["mode"] for r in s["run"]["hub"]] == ["stream", "stream"]
+    assert [r["mode"] for r in d["run"]["hub"]] == ["download", "download"]
+    assert s["run"]["hub"][1]["bytes_read"] > 0
+    s.pop("run"), d.pop("run")
+    assert json.dumps(s, sort_keys=True) == json.dumps(d, sort_keys=True)
+    # a third run finds everything in the cache and fetches no weights
+    server.reset_log()
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--json", "c.json")
+    assert rc == 0 and "read from the Hugging Face cache" in err
+    assert server.bytes_sent("org/tuned") == 0 and server.bytes_sent("org/base") == 0
+
+
+def test_stream_above_threshold_is_the_default(server, hf, tmp_path):
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--stream-above", "0", "--json", "r.json", "--no-rank")
+    assert rc == 0, err
+    assert [r["mode"] for r in json.loads((tmp_path / "r.json").read_text())["run"]["hub"]] == ["stream", "stream"]
+    assert stored(hf) == []
+
+
+def test_offline_reads_a_prefilled_cache_only(server, hf, tmp_path, monkeypatch):
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--download", "--json", "online.json", "--no-rank")
+    assert rc == 0, err
+    server.reset_log()
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--offline", "--json", "offline.json", "--no-rank")
+    assert rc == 0, err
+    assert server.requests == [], "--offline made HTTP requests"
+    assert "read from the Hugging Face cache only" in err
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("online.json", "offline.json"))
+    a.pop("run"), b.pop("run")
+    assert a == b
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")     # the library's own switch does the same
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--no-rank", "-q")
+    assert rc == 0 and server.requests == [], err
+    # not cached: the default branch of org/tuned, a repo never fetched, a missing shard
+    line = one_error(*run("compare", "org/base", "org/tuned", "--offline")[::2])
+    assert "revision `main` of `org/tuned` is not in the local cache (cached: v1" in line
+    line = one_error(*run("compare", "org/base", "org/sibling", "--offline")[::2])
+    assert "org/sibling" in line and "not in the local cache" in line and "without --offline" in line
+    snap = next(p for p in hf.rglob("model-00002-of-*.safetensors"))
+    snap.unlink()
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", "--offline")[::2])
+    assert "model-00002-of-00003.safetensors of commit" in line and "is not in the local cache" in line
+    assert server.requests == []
+
+
+def test_local_path_wins_over_a_repo_id(server, hf, tmp_path):
+    (tmp_path / "org").mkdir()
+    write_checkpoint(tmp_path / "org" / "tuned", llama(np.random.default_rng(7), **SHAPE), dtype="BF16")
+    rc, out, err = run("compare", "org/base", "org/tuned", "--no-rank", "--json", "r.json")
+    assert rc == 0, err
+    assert "source: org/tuned: the local folder, not the Hub repo of the same spelling" in err
+    assert not any("org/tuned" in path for _, path in server.requests)
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert "hub" not in d["tuned"] and d["summary"]["verdict"] == "identical"
+
+
+def test_hf_uri_with_subfolder_and_python_api(server, hf):
+    r = weightdiff.compare("hf://org/base", "hf://org/multi@main/sub", hub=HubOptions(download=False), rank=False)
+    assert r.tuned["hub"]["subfolder"] == "sub"
+    assert r.tuned["files"][0]["name"] == "sub/model.safetensors"
+    assert r.summary.verdict == "derived"
+    assert stored(hf) == []
+
+
+def test_inspect_and_lineage(server, hf):
+    rc, out, err = run("inspect", "org/tuned@v1", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["hub"]["commit"] == server.v1 and d["format"] == "sharded" and len(d["files"]) == 3
+    assert stored(hf) == [], "inspect downloaded weights to read headers"
+    local = _files(server.local["tuned"])
+    heads = sum(8 + int.from_bytes(b[:8], "little") for n, b in local.items() if n.endswith(".safetensors"))
+    config = len(server.repos["org/tuned"].commits[server.v1]["config.json"])     # read for a quantization_config
+    assert server.bytes_sent("org/tuned") == len(local["model.safetensors.index.json"]) + heads + config
+    rc, out, err = run("inspect", "org/base")
+    assert rc == 0 and "hub repo    org/base at commit" in out
+    res = lineage(["org/base", "org/tuned@v1", "org/tuned"], hub=HubOptions(download=False), rank=False)
+    assert [s["verdict"] for s in res.steps] == ["derived", "derived"]
+    assert res.run["date"]
+
+
+# -- provenance over the network ----------------------------------------------------------------
+
+def test_provenance_screens_candidates_on_sampled_rows_only(server, hf):
+    header = {}
+    for name in ("base", "sibling", "independent", "stranger"):
+        blob = _files(server.local[name])["model.safetensors"]
+        header[name] = 8 + int.from_bytes(blob[:8], "little") + len(b'{"model_type": "llama"}')  # + config.json
+    res = provenance("org/tuned@v1", ["org/sibling", "org/independent", "org/base", "org/stranger"],
+                                hub=HubOptions(download=False), full_top=1, sample_kib=8)
+    assert res.leading == "org/base"
+    per = res.screening["bytes_per_checkpoint"]
+    assert 0 < per <= 8 << 10
+    for name in ("sibling", "independent", "stranger"):
+        sent = server.bytes_sent(f"org/{name}")
+        size = len(_files(server.local[name])["model.safetensors"])
+        assert header[name] < sent <= header[name] + per, (name, sent, header[name], per)
+        assert sent < size / 4
+    assert server.bytes_sent("org/base") >= len(_files(server.local["base"])["model.safetensors"])
+    assert stored(hf) == []
+
+
+# -- errors: one line, exit 2 --------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["org/base", "org/nothing"], ["org/nothing: no such file or directory, and no Hub repo `org/nothing`",
+                                   "hf auth login"]),
+    (["org/base", "org/tuned@v9"], ["revision `v9` not found in `org/tuned` (branches: main; tags: v1)"]),
+    (["org/base", "org/gated"], ["`org/gated` is a gated repo", "hf auth login"]),
+    (["org/base", "org/gated", "--stream"], ["`org/gated` is a gated repo", "hf auth login"]),
+    (["org/base", "org/private"], ["no Hub repo `org/private` (or it is private)", "hf auth login"]),
+    (["org/base", "hf://org/multi@main/nope"], ["no folder `nope` in `org/multi`"]),
+    (["org/base", "hf://datasets/org/data"], ["is a Hub dataset repo"]),
+    (["org/base", "org/multi"], ["no checkpoint here", "found README.md, sub"]),
+])
+def test_errors_are_one_line(server, hf, args, words):
+    rc, out, err = run("compare", *args)
+    line = one_error(rc, err)
+    for w in words:
+        assert w in line, line
+    assert out == ""
+
+
+def test_a_token_opens_gated_and_private_repos(server, hf, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    for repo in ("org/gated", "org/private"):
+        rc, out, err = run("compare", "org/base", repo, "--stream", "--no-rank", "-q")
+        assert rc == 0, err
+        assert "IDENTICAL" in out
+
+
+def test_unreachable_hub_is_one_line(hf, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")        # nothing listens on the discard port
+    line = one_error(*run("compare", "org/base", "org/tuned")[::2])
+    assert "org/base" in line and ("cannot reach the Hub" in line or "not in the local cache" in line)
+
+
+# -- the network failing mid-run ------------------------------------------------------------------
+
+def test_lost_connection_is_an_error_naming_the_file(server, hf, monkeypatch):
+    monkeypatch.setattr(hub_stream, "RETRIES", 2)
+    server.faults[("org/tuned", "model-00002-of-00003.safetensors")] = {"drop_after": 100, "times": 99}
+    t0 = time.monotonic()
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", "--stream")[::2])
+    assert time.monotonic() - t0 < 30
+    assert line.startswith("error: hf://org/tuned@v1/model-00002-of-00003.safetensors: connection lost at byte")
+    assert "after 2 retries" in line
+
+
+def test_transient_failures_are_retried(server, hf, tmp_path, monkeypatch):
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--stream", "--json", "ok.json", "--no-rank")
+    assert rc == 0, err
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    server.faults[("org/tuned", "model-00001-of-00003.safetensors")] = {"status": 503, "times": 2}
+    server.faults[("org/base", "model.safetensors")] = {"drop_after": 3000, "times": 1, "stall": 3}
+    t0 = time.monotonic()
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--stream", "--json", "retried.json", "--no-rank")
+    assert rc == 0, err
+    assert time.monotonic() - t0 < 20
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("ok.json", "retried.json"))
+    a.pop("run"), b.pop("run")
+    assert a == b
+
+
+# -- the remote reader against the local one --------------------------------------------------------
+
+def test_remote_reader_matches_the_local_reader(server, hf, monkeypatch):
+    from weightdiff.io.checkpoint import locate
+
+    monkeypatch.setattr(hub_stream, "PART_BYTES", 1000)        # windows split into parallel parts
+    monkeypatch.setattr(hub_stream, "PREFETCH", 1)
+    with locate("org/tuned@v1", HubOptions(download=False)) as remote, locate(str(server.local["tuned"])) as local:
+        assert remote.tensors.keys() == local.tensors.keys()
+        for name in list(local.tensors)[:6]:
+            a = [w.copy() for w in remote.windows(name, 333)]
+            b = [w.copy() for w in local.windows(name, 333)]
+            assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+            assert np.array_equal(remote.read(name), local.read(name))
+        rows = [0, 1, 2, 7, 100, 101, 255]
+        name = "model.embed_tokens.weight"
+        assert np.array_equal(remote.read_rows(name, rows), local.read_rows(name, rows))
+        many = remote.read_rows_many([(name, rows), ("lm_head.weight", [3, 4])])
+        assert np.array_equal(many[1], local.read_rows("lm_head.weight", [3, 4]))
+        it = remote.windows(name, 64)          # abandoning a window stream stops its prefetch thread
+        next(it)
+        it.close()
+
+
+def test_a_corrupt_file_on_the_hub_fails_the_same_parser(server, hf):
+    blob = bytearray(_files(server.local["base"])["model.safetensors"])
+    server.commit("org/corrupt", {"model.safetensors": bytes(blob[:-10])})
+    line = one_error(*run("compare", "org/base", "org/corrupt", "--stream")[::2])
+    assert line.startswith("error: hf://org/corrupt/model.safetensors: header declares")
+    assert "truncated download?" in line

@@ -1,0 +1,385 @@
+"""Hugging Face Hub repo ids as checkpoints: ``org/name``, ``org/name@revision`` and
+``hf://org/name@revision/subfolder``.
+
+Resolution goes through huggingface_hub (the ``hub`` extra) and honours what it honours:
+HF_ENDPOINT, HF_TOKEN, HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE (read when the call is
+made). A local path always wins over a repo id of the same spelling (weightdiff.io.checkpoint
+decides that before calling here). The repo's file list (``HfApi.model_info``) goes
+through the rules that choose the weights of a local folder (``checkpoint.choose_weights``),
+so only the files they name are fetched, plus config.json. The bytes are read one of
+three ways, none of which changes a number:
+
+  cache     every chosen file is already in the cache at the resolved commit: read there;
+  download  ``snapshot_download`` of exactly those files into the normal cache, with its progress;
+  stream    weightdiff.io.hub_stream: HTTP range requests into bounded buffers, nothing stored.
+
+``--offline`` (or HF_HUB_OFFLINE) reads the cache only (``scan_cache_dir``). A Hub
+checkpoint carries its identity (``Checkpoint.hub``): repo id, requested revision,
+resolved commit, and each weights file's path in the repo, size and sha256 as the Hub
+lists it (its LFS oid; nothing is hashed locally), the same whichever way it was read.
+
+>>> hub_spelling("meta-llama/Llama-2-7b-hf@main"), hub_spelling("hf://org/name@v1/sub")
+(True, True)
+>>> hub_spelling("./base"), hub_spelling("/models/base"), hub_spelling("base")
+(False, False, False)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError, escape_name
+from ..options import HubOptions
+from .checkpoint import JSON_CAP, Checkpoint, LocalFolder, build, choose_weights
+from .files import load_json
+from .hub_cache import from_cache, identity
+from .hub_errors import first_line, hub_error, is_transport_error
+from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
+
+__all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "preflight", "hub_error", "EXTRA"]
+
+EXTRA = "pip install 'weightdiff[hub]'"
+_BARE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@\S+)?$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")      # an ETag that is a sha256 (an LFS file's)
+#: checkpoint kinds whose reader needs a local file (torch's loader, the gguf package): downloaded, never streamed
+_LOCAL_ONLY = ("pickle", "pickle_sharded", "gguf")
+
+
+def hub_spelling(spec: str) -> bool:
+    """True when ``spec`` is spelled as a Hub repo id (it may still name a local path)."""
+    return spec.startswith("hf://") or bool(_BARE.match(spec))
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A parsed Hub spelling: repo id, the revision asked for (None: the default branch), subfolder."""
+
+    spelling: str
+    repo_id: str
+    revision: str | None
+    subfolder: str
+
+    def file(self, commit: str, path: str, size: int, sha256: str | None) -> HubFile:
+        at = f"@{self.revision}" if self.revision else ""
+        return HubFile(self.repo_id, commit, path, size, sha256, shown=f"hf://{self.repo_id}{at}/{path}")
+
+
+def _require(spelling: str) -> None:
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        raise CheckpointError(spelling, "no such file or directory, and reading it as a Hugging Face Hub repo id "
+                                        "needs huggingface_hub", EXTRA) from None
+
+
+def parse_ref(spelling: str) -> HubRef:
+    """``org/name[@revision]`` or ``hf://org/name[@revision][/subfolder]`` -> HubRef (huggingface_hub's parser)."""
+    _require(spelling)
+    from huggingface_hub import parse_hf_uri
+    from huggingface_hub.errors import HfUriError
+
+    try:
+        uri = parse_hf_uri(spelling if spelling.startswith("hf://") else "hf://" + spelling)
+    except HfUriError as exc:
+        raise CheckpointError(spelling, f"no such file or directory, nor a valid Hub repo id "
+                                        f"({first_line(exc)})",
+                              "spell a Hub model as org/name, org/name@revision or hf://org/name@revision/subfolder"
+                              ) from None
+    if uri.type != "model":
+        raise CheckpointError(spelling, f"is a Hub {uri.type} repo; checkpoints are read from model repos")
+    return HubRef(spelling, uri.id, uri.revision, uri.path_in_repo.strip("/"))
+
+
+@dataclass
+class _Env:
+    endpoint: str
+    cache_dir: str
+    offline: bool
+
+
+def _env(options: HubOptions) -> _Env:
+    """The library's settings, re-read from the environment at call time (as a new process would)."""
+    from huggingface_hub import constants
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if not cache and os.environ.get("HF_HOME"):
+        cache = os.path.join(os.environ["HF_HOME"], "hub")
+    cache = os.path.expandvars(os.path.expanduser(cache)) if cache else constants.HF_HUB_CACHE
+    offline = (options.offline or constants.is_offline_mode()
+               or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES)
+    return _Env(endpoint, cache, offline)
+
+
+# -- the repo's file list ----------------------------------------------------------------------
+
+@dataclass
+class _Listing:
+    """What the Hub says about a repo at one commit: path in repo -> (size, LFS sha256)."""
+
+    commit: str
+    files: dict[str, tuple[int | None, str | None]]
+    prefix: str                      # "subfolder/" or ""
+
+    def names(self) -> list[str]:
+        """Direct children of the subfolder (files and folders), as a local listdir gives them."""
+        n = len(self.prefix)
+        return sorted({p[n:].split("/", 1)[0] for p in self.files if p.startswith(self.prefix)})
+
+
+def _listing(ref: HubRef, env: _Env) -> _Listing:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=env.endpoint)
+    try:
+        info = api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+    except Exception as exc:
+        if is_transport_error(exc):
+            raise
+        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
+    if not info.sha:
+        raise CheckpointError(ref.spelling, "the Hub did not say which commit this revision is",
+                              "is HF_ENDPOINT a Hugging Face Hub?")
+    files = {s.rfilename: (s.size, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []}
+    if not files:
+        try:
+            files = {f.path: (f.size, f.lfs.sha256 if f.lfs else None)
+                     for f in api.list_repo_tree(ref.repo_id, recursive=True, revision=info.sha)
+                     if hasattr(f, "size")}
+        except Exception as exc:
+            raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
+    return _Listing(info.sha, files, ref.subfolder + "/" if ref.subfolder else "")
+
+
+def _fill_sizes(ref: HubRef, listing: _Listing, paths: list[str], env: _Env) -> None:
+    """Sizes and LFS oids the model info left out: from the tree listing, else from a HEAD request."""
+    if all(listing.files[p][0] is not None for p in paths):
+        return
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+
+    try:
+        for f in HfApi(endpoint=env.endpoint).list_repo_tree(ref.repo_id, path_in_repo=ref.subfolder or None,
+                                                             recursive=True, revision=listing.commit):
+            if hasattr(f, "size") and f.path in listing.files:
+                listing.files[f.path] = (f.size, f.lfs.sha256 if f.lfs else listing.files[f.path][1])
+    except Exception:
+        pass
+    for p in paths:
+        if listing.files[p][0] is None:
+            try:
+                meta = get_hf_file_metadata(hf_hub_url(ref.repo_id, p, revision=listing.commit,
+                                                       endpoint=env.endpoint), endpoint=env.endpoint)
+            except Exception as exc:
+                raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
+            etag = meta.etag if meta.etag and _SHA256.match(meta.etag) else None
+            listing.files[p] = (meta.size, listing.files[p][1] or etag)
+
+
+# -- the folder twin over HTTP -------------------------------------------------------------------
+
+class HubFolder:
+    """A Hub repo folder as the locator reads it (the twin of checkpoint.LocalFolder):
+    listing from the Hub, small JSON fetched into memory, headers by range requests."""
+
+    def __init__(self, ref: HubRef, listing: _Listing, reader: RangeReader, cache_dir: str | None = None):
+        self.ref, self.listing, self.reader, self.cache_dir = ref, listing, reader, cache_dir
+        self.root = ref.spelling
+        self._files: dict[str, HubFile] = {}
+        self._opened: dict[HubFile, RemoteSafetensorsFile] = {}
+        self._json: dict[str, object] = {}
+
+    def names(self) -> list[str]:
+        return self.listing.names()
+
+    def exists(self, name: str) -> bool:
+        return self.listing.prefix + name in self.listing.files
+
+    def file(self, name: str) -> HubFile:
+        if name not in self._files:
+            path = self.listing.prefix + name
+            size, sha = self.listing.files.get(path, (None, None))
+            self._files[name] = self.ref.file(self.listing.commit, path, -1 if size is None else size, sha)
+        return self._files[name]
+
+    def read_json(self, name: str, what: str) -> object:
+        if name not in self._json:
+            self._json[name] = self._read_json(name, what)
+        return self._json[name]
+
+    def _read_json(self, name: str, what: str) -> object:
+        from huggingface_hub import try_to_load_from_cache
+
+        f = self.file(name)
+        cached = try_to_load_from_cache(f.repo_id, f.path, cache_dir=self.cache_dir, revision=f.commit)
+        if isinstance(cached, str):                    # already in the cache at this commit: no request
+            return LocalFolder(Path(cached).parent).read_json(Path(cached).name, what)
+        if f.size > JSON_CAP:
+            raise CheckpointError(f, f"file is {f.size:,} bytes, over the {JSON_CAP:,}-byte cap for this kind of file")
+        return load_json(self.reader.fetch(f, 0, f.size), f, what)
+
+    def open(self, f: HubFile) -> RemoteSafetensorsFile:
+        if f not in self._opened:
+            self._opened[f] = RemoteSafetensorsFile(f, self.reader)
+        return self._opened[f]
+
+    def headers(self, names):
+        files = [self.file(n) for n in names]
+        opened = list(self.reader.pool().map(self.open, files)) if len(files) > 1 else [self.open(files[0])]
+        return {n: (o.tensors, o.metadata) for n, o in zip(names, opened)}
+
+
+# -- resolving a spelling -------------------------------------------------------------------------
+
+def _needed(kind: str, name: str | None, folder: HubFolder) -> list[str]:
+    """Names (relative to the subfolder) of the files the chosen checkpoint reads."""
+    if kind == "adapter":
+        return ["adapter_config.json"] + ([name] if name else [])
+    if kind in ("sharded", "pickle_sharded"):
+        from .checkpoint import _read_index
+
+        wmap, _ = _read_index(folder, name)
+        return [name] + list(dict.fromkeys(wmap.values()))
+    return [name]
+
+
+def preflight(paths, options: HubOptions | None = None) -> None:
+    """Check every Hub spelling among ``paths`` (repo, revision, subfolder, access) before
+    anything is downloaded, so a typo in the second model fails before the first is fetched."""
+    options = options if isinstance(options, HubOptions) else HubOptions()
+    for spelling in paths:
+        if not isinstance(spelling, str) or os.path.lexists(spelling) or not hub_spelling(spelling):
+            continue
+        ref = parse_ref(spelling)
+        env = _env(options)
+        if env.offline:
+            continue
+        try:
+            listing = _listing(ref, env)
+        except CheckpointError:
+            raise
+        except Exception:           # unreachable: locate_hub falls back to the cache and says so
+            continue
+        if ref.subfolder and not listing.names():
+            raise CheckpointError(spelling, f"no folder `{escape_name(ref.subfolder)}` in `{ref.repo_id}` at "
+                                            f"commit {listing.commit[:12]}")
+        kind, name = choose_weights(listing.names(), spelling)
+        _head(ref, listing, listing.prefix + (name if kind != "adapter" else "adapter_config.json"), env)
+
+
+def _head(ref: HubRef, listing: _Listing, path: str, env: _Env) -> None:
+    """One HEAD request: a gated or private repo fails here, before any download or progress bar."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        get_hf_file_metadata(hf_hub_url(ref.repo_id, path, revision=listing.commit, endpoint=env.endpoint),
+                             endpoint=env.endpoint)
+    except Exception as exc:
+        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
+
+
+def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
+    """The Checkpoint of a Hub spelling (see the module docstring). Raises CheckpointError."""
+    options = options if isinstance(options, HubOptions) else HubOptions()
+    ref = parse_ref(spelling)
+    env = _env(options)
+    if env.offline:
+        return from_cache(ref, env, "offline mode is on (--offline or HF_HUB_OFFLINE)")
+    try:
+        listing = _listing(ref, env)
+    except CheckpointError:
+        raise
+    except Exception as exc:                   # the Hub cannot be reached: the cache, as the library does
+        try:
+            ckpt = from_cache(ref, env, "the Hub cannot be reached")
+        except CheckpointError:
+            raise hub_error(exc, ref.repo_id, spelling, ref.revision, env.endpoint) from None
+        ckpt.origin += f" (the Hub at {env.endpoint} could not be reached: {first_line(exc)})"
+        return ckpt
+    if ref.subfolder and not listing.names():
+        raise CheckpointError(spelling, f"no folder `{escape_name(ref.subfolder)}` in `{ref.repo_id}` at commit "
+                                        f"{listing.commit[:12]}")
+    reader = RangeReader(env.endpoint)
+    folder = HubFolder(ref, listing, reader, env.cache_dir)
+    kind, name = choose_weights(listing.names(), spelling)
+    needed = [listing.prefix + n for n in _needed(kind, name, folder)]
+    _fill_sizes(ref, listing, needed, env)
+    mode = _mode(options, ref, listing, needed, kind, env)
+    if mode == "stream":
+        ckpt = build(folder, kind, name, spelling)
+        ckpt._opener = folder.open
+        ckpt.read_config = lambda fname: folder.read_json(fname, fname) if folder.exists(fname) else None
+        ckpt.on_close(reader.close)
+        files = [f.path for f in ckpt.files]
+    else:
+        reader.close()
+        snapshot = _fetch(ref, listing, needed, env, options) if mode == "download" else \
+            _cached_snapshot(ref, listing, needed, env)
+        root = snapshot / ref.subfolder if ref.subfolder else snapshot
+        ckpt = build(LocalFolder(root), kind, name, spelling)
+        files = [Path(f).relative_to(snapshot).as_posix() for f in ckpt.files]
+    ckpt.hub = identity(ref, listing.commit, [(p, *listing.files[p]) for p in files])
+    ckpt.hub_run = {"mode": mode, "reader": reader if mode == "stream" else None}
+    size = sum(f["bytes"] or 0 for f in ckpt.hub["files"])
+    how = {"stream": "streamed by HTTP range requests, nothing stored on disk",
+           "download": f"downloaded into the Hugging Face cache ({escape_name(env.cache_dir)})",
+           "cache": "read from the Hugging Face cache"}[mode]
+    ckpt.origin = (f"{escape_name(spelling)}: Hub repo {escape_name(ref.repo_id)} at commit {listing.commit[:12]}, "
+                   f"{len(files)} weights file{'s' if len(files) != 1 else ''} ({size / 1e9:.2f} GB), {how}")
+    return ckpt
+
+
+def _mode(options: HubOptions, ref: HubRef, listing: _Listing, needed: list[str], kind: str, env: _Env) -> str:
+    from huggingface_hub import try_to_load_from_cache
+
+    if options.download is False:
+        if kind in _LOCAL_ONLY:
+            what = "a GGUF file" if kind == "gguf" else "PyTorch pickles"
+            raise CheckpointError(ref.spelling, f"holds {what}, which cannot be read by range requests",
+                                  "use --download: its reader needs a local file")
+        return "stream"
+    cached = all(isinstance(try_to_load_from_cache(ref.repo_id, p, cache_dir=env.cache_dir, revision=listing.commit),
+                            str) for p in needed)
+    if cached:
+        return "cache"
+    if options.download is None and kind not in _LOCAL_ONLY:
+        total = sum(listing.files[p][0] or 0 for p in needed)
+        if total > options.stream_above * 1e9:
+            return "stream"
+    return "download"
+
+
+def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options: HubOptions) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    _head(ref, listing, needed[-1], env)
+    extra = [listing.prefix + n for n in ("config.json", "quantize_config.json") if listing.prefix + n in listing.files]
+    quiet = not options.progress and not are_progress_bars_disabled()
+    if quiet:
+        disable_progress_bars()
+    try:
+        # by the revision's name, so the cache records it (refs/) for --offline, as the library does
+        out = snapshot_download(ref.repo_id, revision=ref.revision or "main", cache_dir=env.cache_dir,
+                                endpoint=env.endpoint, allow_patterns=[glob.escape(p) for p in needed + extra])
+    except Exception as exc:
+        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
+    finally:
+        if quiet:
+            enable_progress_bars()
+    if Path(out).name != listing.commit:
+        raise CheckpointError(ref.spelling, f"revision `{ref.revision or 'main'}` moved from commit "
+                                            f"{listing.commit[:12]} to {Path(out).name[:12]} during the run", "rerun")
+    return Path(out)
+
+
+def _cached_snapshot(ref: HubRef, listing: _Listing, needed: list[str], env: _Env) -> Path:
+    from huggingface_hub import try_to_load_from_cache
+
+    path = Path(try_to_load_from_cache(ref.repo_id, needed[0], cache_dir=env.cache_dir, revision=listing.commit))
+    return path.parents[len(Path(needed[0]).parts) - 1]
+
+

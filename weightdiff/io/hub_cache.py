@@ -1,0 +1,77 @@
+"""A Hub checkpoint from the local Hugging Face cache only: ``--offline`` or HF_HUB_OFFLINE,
+or a Hub that cannot be reached. The cache is read through huggingface_hub's own
+``scan_cache_dir`` (repos, revisions with their refs, snapshot folders, blobs), never by
+walking its layout here; the snapshot then goes through the local locator. A file the
+checkpoint needs but the cache lacks is one line naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import CheckpointError, escape_name
+from .checkpoint import Checkpoint, LocalFolder, _read_index, build, choose_weights
+
+__all__ = ["from_cache", "identity"]
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def identity(ref: HubRef, commit: str, files: list[tuple[str, int | None, str | None]]) -> dict:
+    return {"repo_id": ref.repo_id, "revision": ref.revision, "commit": commit, "subfolder": ref.subfolder or None,
+            "files": [{"name": p, "bytes": size, "sha256": sha} for p, size, sha in files]}
+
+
+def from_cache(ref: HubRef, env: _Env, why: str) -> Checkpoint:
+    """The checkpoint from the local cache only, found through ``scan_cache_dir``."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    hint = f"run once without --offline to download it, or `hf download {ref.repo_id}`"
+    try:
+        repos = [r for r in scan_cache_dir(env.cache_dir).repos if r.repo_id == ref.repo_id and r.repo_type == "model"]
+    except CacheNotFound:
+        repos = []
+    if not repos:
+        raise CheckpointError(ref.spelling, f"no such file or directory, and Hub repo `{escape_name(ref.repo_id)}` "
+                                            f"is not in the local cache ({escape_name(env.cache_dir)}), and {why}",
+                              hint)
+    rev = ref.revision or "main"
+    revs = [r for r in repos[0].revisions if r.commit_hash == rev or rev in r.refs]
+    if not revs:
+        known = sorted({x for r in repos[0].revisions for x in r.refs}) + \
+            sorted(r.commit_hash[:12] for r in repos[0].revisions)
+        raise CheckpointError(ref.spelling, f"revision `{escape_name(rev)}` of `{escape_name(ref.repo_id)}` is not in "
+                                            f"the local cache (cached: {', '.join(known)}), and {why}", hint)
+    snap = revs[0]
+    snapshot = Path(snap.snapshot_path)
+    root = snapshot / ref.subfolder if ref.subfolder else snapshot
+    local = LocalFolder(root)
+    names = local.names() if root.is_dir() else []
+    try:
+        kind, name = choose_weights(names, ref.spelling)
+    except CheckpointError as exc:
+        raise CheckpointError(ref.spelling, f"no weights of commit {snap.commit_hash[:12]} in the local cache "
+                                            f"({exc.message.split(': ', 1)[-1]}), and {why}", hint) from None
+    wanted = [name] if name else []
+    if kind in ("sharded", "pickle_sharded"):
+        wanted += list(dict.fromkeys(_read_index(local, name)[0].values()))
+    for n in wanted:
+        if not local.exists(n) or not (root / n).exists():
+            raise CheckpointError(ref.spelling, f"{escape_name((Path(ref.subfolder) / n).as_posix())} of commit "
+                                                f"{snap.commit_hash[:12]} is not in the local cache, and {why}",
+                                  f"run once without --offline, or `hf download {ref.repo_id} {n}`")
+    ckpt = build(local, kind, name, ref.spelling)
+    blobs = {Path(f.file_path): f for f in snap.files}
+    files = []
+    for f in ckpt.files:
+        info = blobs.get(Path(f))
+        sha = info.blob_path.name if info is not None and _SHA256.match(info.blob_path.name) else None
+        files.append((Path(f).relative_to(snapshot).as_posix(), os.path.getsize(f), sha))
+    ckpt.hub = identity(ref, snap.commit_hash, files)
+    ckpt.hub_run = {"mode": "cache", "reader": None}
+    ckpt.origin = (f"{escape_name(ref.spelling)}: Hub repo {escape_name(ref.repo_id)} at commit "
+                   f"{snap.commit_hash[:12]}, read from the Hugging Face cache only ({why})")
+    return ckpt

@@ -1,0 +1,77 @@
+"""huggingface_hub's errors as weightdiff's one-line CheckpointError: what failed, naming the
+repo, and what to do (``hf auth login``, the branches and tags of a missing revision).
+
+The Hub answers a gated repo with ``X-Error-Code: GatedRepo``, a missing or private repo
+with ``RepoNotFound`` (401 or 404), a missing revision with ``RevisionNotFound``; the
+library turns those into its error classes on https endpoints, and the header is read
+here as well so that a plain-http mirror (HF_ENDPOINT) gives the same lines.
+"""
+
+from __future__ import annotations
+
+from ..errors import CheckpointError, escape_name
+
+__all__ = ["hub_error", "first_line", "is_transport_error", "LOGIN"]
+
+LOGIN = "run `hf auth login` or set HF_TOKEN"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return escape_name(text.splitlines()[0] if text else type(exc).__name__)
+
+
+def _refs(repo_id: str, endpoint: str | None) -> str:
+    """`` (branches: main, dev; tags: v1)`` from list_repo_refs, or "" when the Hub does not say."""
+    try:
+        from huggingface_hub import HfApi
+
+        refs = HfApi(endpoint=endpoint).list_repo_refs(repo_id)
+    except Exception:
+        return ""
+    parts = [f"{what}: {', '.join(escape_name(r.name) for r in items)}"
+             for what, items in (("branches", refs.branches), ("tags", refs.tags)) if items]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None = None,
+              endpoint: str | None = None) -> CheckpointError:
+    """A huggingface_hub error as one line naming the repo and what to do."""
+    from huggingface_hub import errors as e
+
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    code = response.headers.get("X-Error-Code") if response is not None else None
+    repo = f"`{escape_name(repo_id)}`"
+    if isinstance(exc, e.GatedRepoError) or code == "GatedRepo":
+        return CheckpointError(where, f"{repo} is a gated repo and this request has no access to it (HTTP {status})",
+                               f"accept its conditions on the repo's Hub page, then {LOGIN}")
+    if isinstance(exc, e.RevisionNotFoundError) or code == "RevisionNotFound":
+        return CheckpointError(where, f"revision `{escape_name(str(revision or 'main'))}` not found in {repo}"
+                                      f"{_refs(repo_id, endpoint)}", "give a branch, a tag or a commit sha")
+    if isinstance(exc, e.RemoteEntryNotFoundError) or code == "EntryNotFound":
+        return CheckpointError(where, f"a file of {repo} is listed but the Hub does not serve it (HTTP {status})",
+                               "the repo may have changed meanwhile: rerun")
+    if isinstance(exc, e.RepositoryNotFoundError) or code == "RepoNotFound":
+        return CheckpointError(where, f"no such file or directory, and no Hub repo {repo} (or it is private)",
+                               f"check the spelling; for a private repo {LOGIN}")
+    if status == 401:
+        return CheckpointError(where, f"the Hub refused access to {repo} (HTTP 401: no token, or an invalid one)",
+                               LOGIN)
+    if status == 403:
+        return CheckpointError(where, f"the Hub refused access to {repo} (HTTP 403: the token may not read it)",
+                               f"{LOGIN} with a token that can read it; a gated repo needs its conditions accepted")
+    if isinstance(exc, (e.LocalEntryNotFoundError, e.OfflineModeIsEnabled)):
+        return CheckpointError(where, f"not in the local Hugging Face cache, and offline mode is on",
+                               "run once without --offline or HF_HUB_OFFLINE to download it")
+    if status is not None:
+        return CheckpointError(where, f"the Hub answered HTTP {status} for {repo} ({first_line(exc)})",
+                               "try again later")
+    return CheckpointError(where, f"cannot reach the Hub at {escape_name(str(endpoint))} ({first_line(exc)})",
+                           "check the network or proxy settings, or use --offline with a cached copy")
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    from .hub_stream import _httpx
+
+    return isinstance(exc, _httpx().TransportError) and not isinstance(exc, _httpx().ProxyError)

@@ -1,0 +1,321 @@
+"""Safetensors files of a Hub repo read by HTTP range requests: nothing is stored on disk.
+
+The twin of weightdiff.io.safetensors_read.SafetensorsFile, with the same verbs (``tensors``,
+``metadata``, ``windows``, ``read``, ``read_rows``). Unlike it, the bytes come over HTTP:
+the header is fetched with two small range requests (the 8-byte length, then exactly the
+header) and validated by the same parser the local reader uses (``header_length`` and
+``parse_header`` of weightdiff.io.safetensors_read); tensor data is fetched window by window
+into bounded buffers. ``windows()`` runs a prefetch thread per call with a queue of
+``PREFETCH`` windows, so the reads of the base and of the tuned model overlap with each
+other and with the compute. Requests go through huggingface_hub's own HTTP session
+(``get_session``) with its headers (``build_hf_headers``: token, user agent), so tokens,
+endpoints and proxies behave as the library's. Transient failures (timeouts, dropped
+connections, HTTP 408/429/5xx) are retried with exponential backoff, resuming at the
+first missing byte; when the retries run out, the error names the file. Every read has
+a timeout, so a lost connection is an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import CheckpointError, escape_name
+from .safetensors_read import TensorInfo, check_range, header_length, parse_header, storage_of
+
+__all__ = ["HubFile", "RangeReader", "RemoteSafetensorsFile", "PREFETCH", "PART_BYTES"]
+
+#: windows fetched ahead of the consumer, per windows() call
+PREFETCH = 2
+#: bytes per range request; a window is fetched as several parts in parallel
+PART_BYTES = 8 << 20
+#: concurrent range requests per reader
+WORKERS = 8
+#: retries of one range request after a transient failure, and the backoff between them (seconds)
+RETRIES = 5
+BACKOFF = 1.0
+BACKOFF_MAX = 8.0
+_RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a Hub repo at a commit; ``str()`` is how errors name it (``hf://org/name/file``)."""
+
+    repo_id: str
+    commit: str
+    path: str                      # path in the repo
+    size: int
+    sha256: str | None = None      # the Hub's LFS oid
+    shown: str = field(default="", compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def __fspath__(self) -> str:
+        return self.shown or f"hf://{self.repo_id}/{self.path}"
+
+    __str__ = __fspath__
+
+
+class _Transient(Exception):
+    pass
+
+
+class RangeReader:
+    """Fetches byte ranges of Hub files through huggingface_hub's HTTP session, with
+    retries, timeouts and a count of the bytes received per file."""
+
+    def __init__(self, endpoint: str, token: str | bool | None = None):
+        from huggingface_hub import constants, get_session, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
+
+        self._session = get_session
+        self._url = lambda f: hf_hub_url(f.repo_id, f.path, revision=f.commit, endpoint=endpoint)
+        self.headers = build_hf_headers(token=token)
+        self.headers["Accept-Encoding"] = "identity"
+        self.timeout = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+        self.bytes_read: dict[str, int] = {}
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="weightdiff-range")
+            return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _count(self, f: HubFile, n: int) -> None:
+        with self._lock:
+            self.bytes_read[f.path] = self.bytes_read.get(f.path, 0) + n
+
+    def fetch(self, f: HubFile, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.fetch_into(f, offset, memoryview(buf))
+        return bytes(buf)
+
+    def fetch_into(self, f: HubFile, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with bytes [offset, offset + len(out)) of ``f``; parts in parallel."""
+        n = len(out)
+        if offset < 0 or offset + n > f.size:
+            raise CheckpointError(f, f"range {offset:,}-{offset + n:,} is outside the file ({f.size:,} bytes)")
+        if n <= PART_BYTES:
+            self._fetch_part(f, offset, out)
+            return
+        parts = [(p, min(PART_BYTES, n - p)) for p in range(0, n, PART_BYTES)]
+        futures = [self.pool().submit(self._fetch_part, f, offset + p, out[p:p + k]) for p, k in parts]
+        for fut in futures:
+            fut.result()
+
+    def _fetch_part(self, f: HubFile, offset: int, out: memoryview) -> None:
+        import huggingface_hub.errors as hf_errors
+        from huggingface_hub.utils import hf_raise_for_status
+
+        httpx = _httpx()
+        total, got, failures = len(out), 0, 0
+        while got < total:
+            start = offset + got
+            headers = dict(self.headers, Range=f"bytes={start}-{offset + total - 1}")
+            try:
+                with self._lock:
+                    self.requests += 1
+                with self._session().stream("GET", self._url(f), headers=headers, timeout=self.timeout,
+                                            follow_redirects=True) as r:
+                    if r.status_code in _RETRY_STATUS:
+                        raise _Transient(f"HTTP {r.status_code}")
+                    if r.status_code >= 400:
+                        r.read()
+                        hf_raise_for_status(r)
+                    # 206 from the right byte; a 200 (the whole file) only serves a read from byte 0
+                    if not (r.status_code == 206 and _range_starts(r.headers.get("Content-Range"), start)
+                            or r.status_code == 200 and start == 0):
+                        raise CheckpointError(f, f"the server did not honour the range request (HTTP "
+                                                 f"{r.status_code}, Content-Range "
+                                                 f"{r.headers.get('Content-Range')!r})",
+                                              "use --download to fetch whole files instead")
+                    before = got
+                    for chunk in r.iter_bytes(1 << 20):
+                        k = min(len(chunk), total - got)
+                        out[got:got + k] = chunk[:k]
+                        got += k
+                        if got == total:
+                            break
+                    self._count(f, got - before)
+                    if got > before:
+                        failures = 0
+                    if got < total:
+                        raise _Transient(f"the response ended after {got - before:,} of {total - before:,} bytes")
+            except (_Transient, httpx.TransportError) as exc:
+                failures += 1
+                if failures > RETRIES:
+                    raise CheckpointError(f, f"connection lost at byte {offset + got:,} of {f.size:,} after "
+                                             f"{RETRIES} retries ({_what(exc)})",
+                                          "check the network and rerun, or use --download") from None
+                time.sleep(min(BACKOFF_MAX, BACKOFF * 2 ** (failures - 1)))
+            except hf_errors.HfHubHTTPError as exc:
+                from .hub_errors import hub_error
+
+                raise hub_error(exc, f.repo_id, str(f)) from None
+
+
+def _httpx():
+    try:
+        import httpx2 as httpx          # huggingface_hub 2.x
+    except ImportError:                 # pragma: no cover - huggingface_hub 1.x
+        import httpx
+    return httpx
+
+
+def _range_starts(content_range: str | None, start: int) -> bool:
+    """True when ``Content-Range: bytes a-b/n`` starts at ``start`` (or is absent: trusted)."""
+    if not content_range:
+        return True
+    if not content_range.startswith("bytes "):
+        return False
+    try:
+        return int(content_range[6:].split("-", 1)[0]) == start
+    except ValueError:
+        return False
+
+
+def _what(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return escape_name(f"{type(exc).__name__}: {text}" if text and not isinstance(exc, _Transient) else
+                       text or type(exc).__name__)
+
+
+class RemoteSafetensorsFile:
+    """One fully validated safetensors file of a Hub repo, read by range requests."""
+
+    def __init__(self, f: HubFile, reader: RangeReader):
+        self.path, self.reader, self.size = f, reader, f.size
+        prefix = reader.fetch(f, 0, min(8, f.size)) if f.size else b""
+        n = header_length(prefix, f.size, f)
+        self.tensors, self.metadata = parse_header(reader.fetch(f, 8, n), f.size, f)
+        self.tensors = {k: replace(v, path=f) for k, v in self.tensors.items()}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "RemoteSafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"RemoteSafetensorsFile({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor `{escape_name(name)}` in {self.path}") from None
+
+    def windows(self, name: str, max_elements: int | None = None, start: int = 0,
+                stop: int | None = None) -> Iterator[np.ndarray]:
+        """As SafetensorsFile.windows; a thread fetches up to PREFETCH windows ahead."""
+        info = self._info(name)
+        dt = storage_of(info.dtype)
+        start, stop, step = check_range(info, max_elements, start, stop, dt.itemsize)
+        return self._windows(info, dt, start, stop, step)
+
+    def _windows(self, info: TensorInfo, dt: np.dtype, start: int, stop: int, step: int) -> Iterator[np.ndarray]:
+        spans = [(pos, min(step, stop - pos)) for pos in range(start, stop, step)]
+        if not spans:
+            return
+        q: queue.Queue = queue.Queue(PREFETCH)
+        halt = threading.Event()
+
+        def produce() -> None:
+            for pos, n in spans:
+                try:
+                    arr = np.empty(n, dtype=dt)
+                    self.reader.fetch_into(self.path, info.start + pos * dt.itemsize, memoryview(arr.view(np.uint8)))
+                    item: object = arr
+                except BaseException as exc:   # handed to the consumer, raised there
+                    item = exc
+                while not halt.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if halt.is_set() or isinstance(item, BaseException):
+                    return
+
+        worker = threading.Thread(target=produce, name="weightdiff-prefetch", daemon=True)
+        worker.start()
+        try:
+            for _ in spans:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                item.flags.writeable = False
+                yield item
+                del item
+        finally:
+            halt.set()
+
+    def read(self, name: str) -> np.ndarray:
+        """An owned copy of the whole tensor in its storage dtype, shaped (packed F4/F6 flat)."""
+        info = self._info(name)
+        out = np.empty(info.flat_length, dtype=storage_of(info.dtype))
+        self.reader.fetch_into(self.path, info.start, memoryview(out.view(np.uint8)))
+        return out if info.packed else out.reshape(info.shape)
+
+    def _row_plan(self, name: str, rows: Sequence[int] | np.ndarray):
+        info = self._info(name)
+        dt = storage_of(info.dtype)
+        if info.packed or not info.shape:
+            raise ValueError(f"read_rows needs a >=1-D tensor with whole-byte elements; "
+                             f"`{escape_name(name)}` is {info.dtype} {list(info.shape)}")
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= info.shape[0]):
+            raise IndexError(f"row index out of range for `{escape_name(name)}` with {info.shape[0]} rows")
+        out = np.empty((idx.size, *info.shape[1:]), dtype=dt)
+        row_bytes = math.prod(info.shape[1:]) * dt.itemsize
+        jobs = []
+        if row_bytes and idx.size:
+            flat = out.reshape(idx.size, -1).view(np.uint8)
+            i = 0
+            while i < idx.size:
+                j = i + 1                        # coalesce runs of consecutive rows into one request
+                while j < idx.size and idx[j] == idx[j - 1] + 1:
+                    j += 1
+                jobs.append((info.start + int(idx[i]) * row_bytes, memoryview(flat[i:j].reshape(-1))))
+                i = j
+        return out, jobs
+
+    def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows (first-axis slices) of ``name`` in the given order; runs fetched concurrently."""
+        return self.read_rows_many([(self, name, rows)])[0]
+
+    @staticmethod
+    def read_rows_many(requests: Sequence[tuple["RemoteSafetensorsFile", str, Sequence[int]]]) -> list[np.ndarray]:
+        """read_rows of several (file, tensor, rows) at once: every run of rows in flight together."""
+        outs, futures = [], []
+        for f, name, rows in requests:
+            out, jobs = f._row_plan(name, rows)
+            outs.append(out)
+            pool = f.reader.pool()
+            for off, mv in jobs:       # parts of at most PART_BYTES: workers never wait on each other
+                futures += [pool.submit(f.reader._fetch_part, f.path, off + p, mv[p:p + PART_BYTES])
+                            for p in range(0, len(mv), PART_BYTES)]
+        for fut in futures:
+            fut.result()
+        return outs
