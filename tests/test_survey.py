@@ -348,3 +348,18 @@ def test_without_dask_workers_run_here_and_scheduler_is_an_error(models, sequent
     assert r.stderr == ("error: --scheduler needs Dask distributed, which is not installed "
                         "(pip install 'weightdiff[dask]')\n")
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--workers", "0"], "error: --workers must be at least 1 (got 0)\n"),
+    (["--worker-memory", "1GB"], "error: --worker-memory sets the memory of the local workers: give --workers N too\n"),
+    (["--workers", "2", "--scheduler", "tcp://127.0.0.1:8786"],
+     "error: give --scheduler or --workers, not both (--workers starts a local cluster; an existing cluster "
+     "has its own workers)\n"),
+])
+def test_cluster_option_misuse_is_one_line_and_writes_nothing(models, tmp_path, extra, message):
+    for cmd in (["survey", str(models["base"]), str(models["tuned"][0]), "--out", str(tmp_path / "s")],
+                ["compare", str(models["base"]), str(models["tuned"][0]), "--json", str(tmp_path / "r.json")]):
+        r = CliRunner().invoke(main, cmd + extra)
+        assert (r.exit_code, r.stderr) == (2, message)
+        assert not (tmp_path / "s").exists() and not (tmp_path / "r.json").exists()

@@ -219,7 +219,7 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
     if hash_files is None:
         hash_files = report_out is not None
     run_compare = compare
-    if scheduler or workers:   # split by tensor over Dask workers: the same JSON
+    if (scheduler, workers, worker_memory) != (None, None, None):   # split by tensor over Dask workers: same JSON
         from functools import partial
 
         from .split import compare as split_compare

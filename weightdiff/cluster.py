@@ -101,10 +101,15 @@ class DaskRunner:
                     fut.cancel()
 
 
-def check(scheduler: str | None, workers: int | None) -> None:
+def check(scheduler: str | None, workers: int | None, memory_limit: str | None = None) -> None:
     """Raise OptionsError for a request no runner can honour (before anything is written)."""
     if workers is not None and workers < 1:
         raise OptionsError(f"--workers must be at least 1 (got {workers})")
+    if scheduler is not None and workers is not None:
+        raise OptionsError("give --scheduler or --workers, not both",
+                           "--workers starts a local cluster; an existing cluster has its own workers")
+    if memory_limit is not None and workers is None:
+        raise OptionsError("--worker-memory sets the memory of the local workers: give --workers N too")
     if scheduler is not None and not have_dask():
         raise OptionsError("--scheduler needs Dask distributed, which is not installed", DASK_HINT)
 
@@ -123,7 +128,7 @@ def runner(scheduler: str | None = None, workers: int | None = None, memory_limi
     if client is not None:
         yield DaskRunner(client, f"Dask cluster at {client.scheduler.address}")
         return
-    check(scheduler, workers)
+    check(scheduler, workers, memory_limit)
     if scheduler is None and workers is None:
         yield Sequential()
         return

@@ -129,6 +129,11 @@ def distributed_compute(run: Any, base_paths: list[str], tuned_path: str, task_o
     return compute
 
 
+def _absolute(path: PathLike) -> str:
+    """An existing local path made absolute for the workers; anything else (a repo id) as given."""
+    return os.path.abspath(path) if os.path.exists(path) else os.fspath(path)
+
+
 def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: CompareOptions,
             scheduler: str | None = None, workers: int | None = None, memory_limit: str | None = None,
             client: Any = None, say: Callable[[str], None] = lambda m: None, **kwargs: Any) -> Comparison:
@@ -138,9 +143,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     other keywords go to ``weightdiff.compare`` (``progress``, ``on_plan``, ``hash_files``,
     ``command``). Without Dask and without ``scheduler`` it is a plain local comparison.
     """
-    base_paths = [os.path.abspath(base)] if isinstance(base, (str, os.PathLike)) else \
-        [os.path.abspath(b) for b in base]
-    tuned_path = os.path.abspath(tuned)
+    base_paths = [_absolute(base)] if isinstance(base, (str, os.PathLike)) else [_absolute(b) for b in base]
+    tuned_path = _absolute(tuned)
     task_options = options
     if workers and client is None and scheduler is None and options.threads is None:
         from dataclasses import replace

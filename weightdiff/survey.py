@@ -71,12 +71,14 @@ def identity(path: str | os.PathLike) -> dict:
     """The absolute path and the (relative name, bytes) of every regular file under it.
 
     Cheap (``stat`` only, no bytes read); hidden files are left out. A path that does not
-    exist has no files: its comparison fails and says why.
+    exist here is kept as given, with no files (a repo id is resolved by the comparison;
+    a missing path fails there and says why).
 
-    >>> identity("/no/such/model")
-    {'path': '/no/such/model', 'files': []}
+    >>> identity("no/such-model")
+    {'path': 'no/such-model', 'files': []}
     """
-    root = os.path.abspath(os.fspath(path))
+    given = os.fspath(path)
+    root = os.path.abspath(given) if os.path.exists(given) else given
     files: list[list] = []
     if os.path.isfile(root):
         files.append([os.path.basename(root), os.stat(root).st_size])
@@ -263,7 +265,7 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
 
     options = options if options is not None else options_from_kwargs(CompareOptions, **kwargs)
     if client is None:
-        check(scheduler, workers)
+        check(scheduler, workers, memory_limit)
     with locate(base):     # a bad base is bad input for the whole survey: fail before writing anything
         pass
     directory = Path(out)
