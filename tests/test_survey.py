@@ -363,3 +363,17 @@ def test_cluster_option_misuse_is_one_line_and_writes_nothing(models, tmp_path, 
         r = CliRunner().invoke(main, cmd + extra)
         assert (r.exit_code, r.stderr) == (2, message)
         assert not (tmp_path / "s").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_hash_records_the_sha256_of_the_inputs(models, tmp_path):
+    import hashlib
+
+    res = survey(models["base"], models["tuned"][:1], tmp_path, hash_files=True)
+    row = res.rows[0]
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert row["tuned_sha256"] == sha(models["tuned"][0] / "model.safetensors")
+    assert row["base_sha256"] == sha(models["base"] / "model.safetensors")
+    assert row["tuned_bytes"] == (models["tuned"][0] / "model.safetensors").stat().st_size
+    # --hash is part of the identity: without it the model is compared again, and has no digests
+    res = survey(models["base"], models["tuned"][:1], tmp_path)
+    assert res.computed == 1 and res.rows[0]["tuned_sha256"] is None
