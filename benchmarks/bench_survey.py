@@ -14,8 +14,10 @@ after the files were read once into the page cache:
 
 Reported per run: wall time of the survey (cluster start-up apart), the peak RSS of the
 parent and of each worker process (``getrusage`` in each), the tasks' compute time (Dask's
-task stream), and the scheduling overhead per task two ways: the round trip of a no-op
-task (submit -> result, one at a time) and (dask-1 wall - sequential wall) / tasks.
+task stream), and the scheduling overhead per task: the round trip of a no-op task (submit
+-> result, one at a time), the time per no-op task in a batch of 500, and the worker time
+not spent computing, (workers x wall - sum of task compute times) / tasks, which adds the
+parent's work per model (writing its JSON and the tables) and the idle tail of the last tasks.
 Every run's survey.csv must be byte-identical to the sequential one.
 """
 
@@ -87,6 +89,15 @@ def _noop(x):
 
 
 def _maxrss_mb() -> float:
+    """Peak RSS of this process: VmHWM (reset at exec, unlike ru_maxrss, which a subprocess
+    inherits from the process that forked it), or getrusage where /proc is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -167,10 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         r["same_bytes_as_sequential"] = csv == ref
         results.append(r)
         print(json.dumps(r), file=sys.stderr)
-    seq = results[0]["wall_s"]
     for r in results[1:]:
-        r["overhead_vs_sequential_ms_per_task"] = (r["wall_s"] - seq) / r["tasks"] * 1e3 if r["mode"] == "dask-1" \
-            else None
+        n = int(r["mode"].split("-")[1])
+        r["idle_ms_per_task"] = (n * r["wall_s"] - r["task_compute_s"]) / r["tasks"] * 1e3
     params = sum(int(np.prod(s)) for _, s, _ in layout(args.size))
     report = {"size": args.size, "params": params, "models": args.models, "cores": os.cpu_count(),
               "results": results}

@@ -100,26 +100,28 @@ def _draw(rows: Sequence[dict]) -> Figure:
         pos = [v for _, v in have if v > 0]
         lo = min(pos) if pos else 1e-4
         hi = max(pos) if pos else 1.0
-        floor = 10.0 ** (math.floor(math.log10(lo)) - 1)
+        zeros = len(pos) < len(have)      # the zero line only when some model changed nothing
+        floor = 10.0 ** (math.floor(math.log10(lo)) - (1 if zeros else 0))
         top = 10.0 ** math.ceil(math.log10(hi * 2.0))
         ax.set_xscale("log")
-        ax.set_xlim(floor / 2.5, max(top, floor * 100))
+        ax.set_xlim(floor / 2.5 if zeros else floor, max(top, floor * 100))
         ax.set_ylim(-0.6, 0.6)
         ys = _jitter(len(have))
-        xs = np.array([v if v > 0 else floor for _, v in have])
+        xs = np.array([v if v > 0 else floor for _, v in have])   # zeros sit on the zero line
         zero = np.array([v <= 0 for _, v in have])
         if (~zero).any():
             ax.plot(xs[~zero], ys[~zero], "o", ms=4.5, color=OKABE_ITO["blue"], alpha=0.8, zorder=3)
         if zero.any():
             ax.plot(xs[zero], ys[zero], "o", ms=4.5, mfc="white", mec=GREY, zorder=3)
-        ax.axvline(floor, color=GREY, lw=0.8, ls=(0, (4, 3)), zorder=1)
+        if zeros:
+            ax.axvline(floor, color=GREY, lw=0.8, ls=(0, (4, 3)), zorder=1)
         med = float(np.median([v for _, v in have]))
         if med > 0:
             ax.axvline(med, color=OKABE_ITO["orange"], lw=1.0, zorder=2)
             ax.text(med, 0.58, " median", color=OKABE_ITO["orange"], fontsize=7, va="top")
-        ticks = [t for t in ax.get_xticks() if floor * 1.5 < t <= ax.get_xlim()[1] * 1.0001]
-        ax.set_xticks([floor] + ticks)
-        ax.set_xticklabels(["0"] + [f"$10^{{{int(round(math.log10(t)))}}}$" for t in ticks])
+        ticks = [t for t in ax.get_xticks() if (floor * 1.5 if zeros else floor / 1.0001) < t <= ax.get_xlim()[1] * 1.0001]
+        ax.set_xticks(([floor] if zeros else []) + ticks)
+        ax.set_xticklabels((["0"] if zeros else []) + [f"$10^{{{int(round(math.log10(t)))}}}$" for t in ticks])
         ax.minorticks_off()
         index = {id(r): i for i, (r, _) in enumerate(have)}
         for r in outliers(good, col):
@@ -127,18 +129,6 @@ def _draw(rows: Sequence[dict]) -> Figure:
             ax.annotate(text(model_label(r)), (xs[i], ys[i]), xytext=(4, 4), textcoords="offset points",
                         fontsize=7, color=OKABE_ITO["vermillion"])
     return fig
-
-
-def caption(rows: Sequence[dict]) -> str:
-    good = ok_rows(rows)
-    failed = sum(1 for r in rows if r.get("status") != "ok")
-    text_ = (f"One dot per surveyed fine-tune ({len(good)} models): relative change, 1 − cosine over the large "
-             "matrices, and the share of the model's parameters needed to write the change down, each on a log "
-             "axis; hollow dots on the dashed line changed nothing. The orange line is the median; labelled "
-             "dots lie beyond 1.5 interquartile ranges of the others.")
-    if failed:
-        text_ += f" {cap._plural(failed, 'model')} that could not be compared {'is' if failed == 1 else 'are'} left out."
-    return text_
 
 
 def save_population(rows: Sequence[dict], directory: str | os.PathLike,
