@@ -9,6 +9,7 @@ blocks; some add a sparse or a dense-noise block). Then, each in its own subproc
 after the files were read once into the page cache:
 
 * ``sequential``: ``weightdiff.survey.survey`` in one process (no Dask), all cores per comparison;
+* ``sequential-blas1``: the same with one BLAS thread, as Dask's nanny starts its workers;
 * ``dask-N``: the same survey on a ``LocalCluster`` of N worker processes (one thread
   each, kernels with cores / N threads, as ``--workers N`` runs it).
 
@@ -167,18 +168,25 @@ def main(argv: list[str] | None = None) -> int:
                 pass
     results = []
     ref = None
-    for w in [0] + [int(x) for x in args.workers.split(",") if x]:
-        out = data / f"survey-{w}"
+    # Dask's nanny starts workers with one BLAS thread (distributed.nanny.pre-spawn-environ); the
+    # second sequential run does the same, so the comparison of the two modes is like for like
+    blas1 = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    runs = [(0, "", {}), (0, "-blas1", blas1)] + [(int(x), "", {}) for x in args.workers.split(",") if x]
+    for w, tag, env in runs:
+        out = data / f"survey-{w}{tag}"
         shutil.rmtree(out, ignore_errors=True)
         proc = subprocess.run([sys.executable, __file__, str(data), "--one", str(w), "--out", str(out)],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True, check=True, env={**os.environ, **env})
         r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r["mode"] += tag
         csv = (out / "survey.csv").read_bytes()
         ref = ref if ref is not None else csv
         r["same_bytes_as_sequential"] = csv == ref
         results.append(r)
         print(json.dumps(r), file=sys.stderr)
-    for r in results[1:]:
+    for r in results:
+        if not r["mode"].startswith("dask-"):
+            continue
         n = int(r["mode"].split("-")[1])
         r["idle_ms_per_task"] = (n * r["wall_s"] - r["task_compute_s"]) / r["tasks"] * 1e3
     params = sum(int(np.prod(s)) for _, s, _ in layout(args.size))

@@ -450,7 +450,8 @@ def lineage_cmd(paths, json_out, memo_out, quiet, **opts):
               help="Write survey.csv, survey.parquet and models/<name>.json into DIR (rerun to resume).")
 @click.option("--plot", is_flag=True, help="Also draw the population figure (DIR/population.png and .svg).")
 @click.option("--hash/--no-hash", "hash_files", default=False,
-              help="Record the sha256 of every input file in the rows (one extra read of each file).")
+              help="Record the sha256 of every input file in the rows (each comparison reads its files, "
+                   "the base's included, once more).")
 @_cluster_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click_options(CompareOptions)
