@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_pair import SIZES, layout, make_tensor  # noqa: E402
 
-from weightdiff.safetensors_write import save_file  # noqa: E402
+from weightdiff.io.safetensors_write import save_file  # noqa: E402
 
 
 def variants(n: int, layers: int) -> list[SimpleNamespace]:

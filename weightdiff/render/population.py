@@ -24,7 +24,6 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from ..fsutil import write_bytes
-from . import captions as cap
 from .formats import sci, share
 from .plots import GREY, OKABE_ITO, STYLE, _figure, figure_bytes, text
 
@@ -119,7 +118,8 @@ def _draw(rows: Sequence[dict]) -> Figure:
         if med > 0:
             ax.axvline(med, color=OKABE_ITO["orange"], lw=1.0, zorder=2)
             ax.text(med, 0.58, " median", color=OKABE_ITO["orange"], fontsize=7, va="top")
-        ticks = [t for t in ax.get_xticks() if (floor * 1.5 if zeros else floor / 1.0001) < t <= ax.get_xlim()[1] * 1.0001]
+        first = floor * 1.5 if zeros else floor / 1.0001
+        ticks = [t for t in ax.get_xticks() if first < t <= ax.get_xlim()[1] * 1.0001]
         ax.set_xticks(([floor] if zeros else []) + ticks)
         ax.set_xticklabels((["0"] if zeros else []) + [f"$10^{{{int(round(math.log10(t)))}}}$" for t in ticks])
         ax.minorticks_off()
