@@ -123,3 +123,26 @@ def test_json_carries_the_floor_test(tmp_path, models):
     assert set(t["quant"]) >= {"side", "format", "scheme", "test", "within", "beyond", "beyond_share",
                                "max_ratio", "rms_ratio", "norm_above_floor"}
     assert t["status"] == "quantized" and t["quant"]["format"] == "bitsandbytes"
+
+
+@pytest.mark.parametrize("qname", ["Q8_0", "Q4_0"])
+def test_gguf_of_the_base_is_quantized_only_and_of_a_fine_tune_derived(tmp_path, qname):
+    """The GGUF reader's floors (io/gguf_floor.py) go through the same judge."""
+    gguf = pytest.importorskip("gguf")
+    from conftest import write_checkpoint
+    from gguf_build import to_gguf
+    from models import llama
+
+    rng = np.random.default_rng(11)
+    qt = getattr(gguf.GGMLQuantizationType, qname)
+    t = llama(rng, layers=2, hidden=64, inter=128, vocab=96, kv=32)
+    base = write_checkpoint(tmp_path / "base", t)
+    quant = to_gguf(tmp_path / "q.gguf", t, "llama", qt, n_head=4, n_kv=2, layers=2)
+    r = compare(base, quant, rank=False)
+    assert r.summary.verdict == "quantized_only", r.summary.verdict_reason
+    assert r.summary.quantization["formats"] == ["gguf"] and set(r.summary.quantization["tests"]) == {"bound"}
+    ft = dict(t)
+    for k in [n for n in t if n.endswith("proj.weight")]:
+        ft[k] = t[k] + rng.normal(0, 0.2 * float(np.std(t[k])), t[k].shape).astype(np.float32)
+    r = compare(base, to_gguf(tmp_path / "ft.gguf", ft, "llama", qt, n_head=4, n_kv=2, layers=2), rank=False)
+    assert r.summary.verdict == "derived" and r.summary.quantization["tensors_beyond"] >= 14
