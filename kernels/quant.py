@@ -40,7 +40,7 @@ from .dtypes import FP8_TABLES
 __all__ = [
     "AWQ_ORDER", "FP4_E2M1", "MANT", "round_to", "codebook_halfwidth", "unpack_dense_int32",
     "unpack_rows", "unpack_cols", "dequant_int", "dequant_codebook", "dequant_fp8",
-    "gptq_rows", "awq_rows", "bnb4_flat", "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows",
+    "gptq_rows", "gptq_rows_numpy", "awq_rows", "bnb4_flat", "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows",
     "block_scales_rows", "grid_levels",
 ]
 
@@ -218,13 +218,84 @@ def block_scales_rows(scale: np.ndarray, r0: int, r1: int, cols: int, block: tup
 
 # -- formats ---------------------------------------------------------------------------
 
+_NUMBA_GPTQ = None
+_ROUND_MODE = {"F32": 0, "F16": 1, "BF16": 2}
+
+
+def _gptq_numba():
+    """The numba twin of ``gptq_rows_numpy``: one pass, no temporaries, output in [out, in] order,
+    16 output features at a time so qweight is read and the output written in cache lines."""
+    global _NUMBA_GPTQ
+    if _NUMBA_GPTQ is None:
+        import numba
+
+        @numba.njit(cache=True, nogil=True, inline="always")
+        def rnd(v, mode):
+            if mode == 0 or not np.isfinite(v):
+                return v
+            u = np.int64(np.float32(v).view(np.uint32))
+            if mode == 2:
+                u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+                return np.uint32(u).view(np.float32)
+            a = abs(v)
+            if a < 6.103515625e-05:                 # fp16 subnormal: multiples of 2**-24
+                return np.float32(np.round(np.float64(v) * 16777216.0) / 16777216.0)
+            if a >= 65520.0:
+                return np.float32(np.inf) if v > 0 else np.float32(-np.inf)
+            u = (u + 0xFFF + ((u >> 13) & 1)) & 0xFFFFE000
+            return np.uint32(u).view(np.float32)
+
+        @numba.njit(cache=True, nogil=True)
+        def kernel(qweight, qzeros, scales, g_idx, bits, v1, r0, r1, tol, mode, val, flo):
+            pf = 32 // bits
+            mask = (1 << bits) - 1
+            for j0 in range(r0, r1, 16):
+                j1 = min(j0 + 16, r1)
+                for k in range(qweight.shape[0]):
+                    for j in range(j0, j1):
+                        word = np.int64(qweight[k, j]) & 0xFFFFFFFF
+                        zshift = bits * (j % pf)
+                        for b in range(pf):
+                            i = k * pf + b
+                            q = (word >> (bits * b)) & mask
+                            g = g_idx[i]
+                            z = ((np.int64(qzeros[g, j // pf]) & 0xFFFFFFFF) >> zshift) & mask
+                            if v1:
+                                z = (z + 1) & mask
+                            sc = scales[g, j]
+                            v = rnd(np.float32(q - z) * sc, mode)
+                            val[j - r0, i] = v
+                            edge = 1.5 if (q == 0 or q == mask) else 0.5
+                            flo[j - r0, i] = np.float32(edge * abs(sc) * (1.0 + tol) + abs(v) * tol)
+
+        _NUMBA_GPTQ = kernel
+    return _NUMBA_GPTQ
+
+
 def gptq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray,
               bits: int, v1: bool, scale_dtype: str, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ (AutoGPTQ/GPTQModel ``dequantize_weight``) for output features [r0, r1): returns
     [r1-r0, in] (the transpose of the [in, out] layout GPTQ dequantizes to).
 
     ``W[i, j] = scales[g, j] * (q[i, j] - z[g, j])`` with ``g = g_idx[i]``; the v1 format
-    stores ``z - 1`` (``z = (stored + 1) & mask``)."""
+    stores ``z - 1`` (``z = (stored + 1) & mask``). numba when available (the product is exact
+    in float32 and rounded to the scale's dtype after); ``gptq_rows_numpy`` is its specification."""
+    _check_pack(bits)
+    in_f = qweight.shape[0] * (32 // bits)
+    val = np.empty((r1 - r0, in_f), np.float32)
+    flo = np.empty((r1 - r0, in_f), np.float32)
+    g = np.ascontiguousarray(g_idx, dtype=np.int64)
+    if g.size and (g.min() < 0 or g.max() >= scales.shape[0]):
+        raise ValueError("g_idx points outside the scale groups")
+    _gptq_numba()(np.ascontiguousarray(qweight, dtype=np.int32), np.ascontiguousarray(qzeros, dtype=np.int32),
+                  np.ascontiguousarray(scales, dtype=np.float32), g, bits, v1, r0, r1,
+                  _rel_tol(scale_dtype, scale_dtype), _ROUND_MODE[scale_dtype], val, flo)
+    return val, flo
+
+
+def gptq_rows_numpy(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray,
+                    bits: int, v1: bool, scale_dtype: str, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+    """``gptq_rows`` in plain numpy (the specification the numba kernel is tested against)."""
     pf = 32 // bits
     q = unpack_rows(qweight[:, r0:r1], bits)                       # [in, r1-r0]
     w0, w1 = r0 // pf, -(-r1 // pf)

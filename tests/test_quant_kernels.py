@@ -142,6 +142,9 @@ def test_gptq_matches_reference(rng, bits, v1, desc_act):
     value, floor = Q.gptq_rows(qweight, qzeros, scales.astype(np.float32), g_idx, bits, v1, "F16", 0, out_f)
     np.testing.assert_array_equal(value, want.T)
     assert np.all(np.abs(x - value) <= floor)
+    sc_bf = np.asarray(scales, np.float32)                  # bf16 rounding of the numba kernel too
+    vb, _ = Q.gptq_rows(qweight, qzeros, sc_bf, g_idx, bits, v1, "BF16", 0, out_f)
+    np.testing.assert_array_equal(vb, Q.gptq_rows_numpy(qweight, qzeros, sc_bf, g_idx, bits, v1, "BF16", 0, out_f)[0])
     part, _ = Q.gptq_rows(qweight, qzeros, scales.astype(np.float32), g_idx, bits, v1, "F16", 5, 19)
     np.testing.assert_array_equal(part, value[5:19])
 
@@ -255,3 +258,15 @@ def test_floor_stats_against_loop_and_windows(rng):
     d = o[20:] - b[20:]
     want = np.where(np.isfinite(d), np.sign(d) * np.maximum(np.abs(d) - f[20:], 0), 0)
     np.testing.assert_allclose(ab, want, rtol=1e-6, atol=1e-9)
+
+
+def test_gptq_numba_equals_numpy_specification(rng):
+    x = _adversarial(rng, 48, 128)
+    g = (np.arange(128) // 32).astype(np.int32)[rng.permutation(128)]
+    for bits, v1 in ((4, True), (8, False), (2, True)):
+        qw, qz, sc, _ = gptq_pack(x, g, bits, v1)
+        for r0, r1 in ((0, 48), (3, 37)):
+            a = Q.gptq_rows(qw, qz, sc.astype(np.float32), g, bits, v1, "F16", r0, r1)
+            b = Q.gptq_rows_numpy(qw, qz, sc.astype(np.float32), g, bits, v1, "F16", r0, r1)
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_allclose(a[1], b[1], rtol=1e-4)     # |v| before or after rounding
