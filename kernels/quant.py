@@ -40,7 +40,7 @@ from .dtypes import FP8_TABLES
 __all__ = [
     "AWQ_ORDER", "FP4_E2M1", "MANT", "round_to", "codebook_halfwidth", "unpack_dense_int32",
     "unpack_rows", "unpack_cols", "dequant_int", "dequant_codebook", "dequant_fp8",
-    "gptq_rows", "gptq_rows_numpy", "awq_rows", "bnb4_flat", "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows",
+    "gptq_rows", "gptq_rows_numpy", "fp8_rows", "awq_rows", "bnb4_flat", "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows",
     "block_scales_rows", "grid_levels",
 ]
 
@@ -268,8 +268,30 @@ def _gptq_numba():
                             edge = 1.5 if (q == 0 or q == mask) else 0.5
                             flo[j - r0, i] = np.float32(edge * abs(sc) * (1.0 + tol) + abs(v) * tol)
 
-        _NUMBA_GPTQ = kernel
+        @numba.njit(cache=True, nogil=True)
+        def codebook(codes, table, hw, srow, bw, tol, mode, val, flo):
+            for r in range(codes.shape[0]):
+                for c in range(codes.shape[1]):
+                    code = codes[r, c]
+                    sc = srow[r, c // bw]
+                    v = rnd(table[code] * sc, mode)
+                    val[r, c] = v
+                    flo[r, c] = np.float32(hw[code] * abs(sc) * (1.0 + tol) + abs(v) * tol)
+
+        _NUMBA_GPTQ = (kernel, codebook)
     return _NUMBA_GPTQ
+
+
+def fp8_rows(raw: np.ndarray, fp8: str, srow: np.ndarray, bw: int, scale_dtype: str,
+             out_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """``dequant_fp8`` in one numba pass for rows whose scale varies by column block:
+    ``srow[r, c // bw]`` is the scale of element (r, c) (bw = row length for one scale per row)."""
+    codes = np.ascontiguousarray(raw, dtype=np.uint8)
+    val = np.empty(codes.shape, np.float32)
+    flo = np.empty(codes.shape, np.float32)
+    _gptq_numba()[1](codes, FP8_TABLES[fp8], _FP8_HW[fp8], np.ascontiguousarray(srow, dtype=np.float32),
+                     max(1, int(bw)), _rel_tol(scale_dtype, out_dtype), _ROUND_MODE[out_dtype], val, flo)
+    return val, flo
 
 
 def gptq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray,
@@ -287,7 +309,7 @@ def gptq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx
     g = np.ascontiguousarray(g_idx, dtype=np.int64)
     if g.size and (g.min() < 0 or g.max() >= scales.shape[0]):
         raise ValueError("g_idx points outside the scale groups")
-    _gptq_numba()(np.ascontiguousarray(qweight, dtype=np.int32), np.ascontiguousarray(qzeros, dtype=np.int32),
+    _gptq_numba()[0](np.ascontiguousarray(qweight, dtype=np.int32), np.ascontiguousarray(qzeros, dtype=np.int32),
                   np.ascontiguousarray(scales, dtype=np.float32), g, bits, v1, r0, r1,
                   _rel_tol(scale_dtype, scale_dtype), _ROUND_MODE[scale_dtype], val, flo)
     return val, flo

@@ -260,3 +260,18 @@ def test_inspect_names_format_and_scheme(tmp_path, base_tensors):
     text = render_text(doc)
     assert "compressed-tensors: int4 asym, group 64 (pack-quantized)  (4: " in text
     assert describe(_save(tmp_path / "plain", base_tensors, None))["quantization"] is None
+
+
+def test_fp8_stacked_experts(tmp_path, rng):
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    x = torch.from_numpy((rng.standard_normal((3, 64, 256)) * 0.02).astype(np.float32))
+    s = x.reshape(3, 2, 32, 2, 128).abs().amax((2, 4)) / 448.0
+    w = (x / s.repeat_interleave(32, 1).repeat_interleave(128, 2)).to(torch.float8_e4m3fn)
+    p = _save(tmp_path / "moe", {"model.layers.0.mlp.experts.down_proj.weight": w,
+                                 "model.layers.0.mlp.experts.down_proj.weight_scale_inv": s}, None)
+    name = "model.layers.0.mlp.experts.down_proj.weight"
+    want = _dequantize_fp8_weight(w, s, [32, 128], torch.float32).numpy()
+    with locate(p) as ck:
+        assert list(ck.tensors) == [name] and ck.tensors[name].shape == (3, 64, 256)
+        np.testing.assert_array_equal(np.concatenate(list(ck.windows(name, 5000))).reshape(want.shape), want)

@@ -270,3 +270,15 @@ def test_gptq_numba_equals_numpy_specification(rng):
             b = Q.gptq_rows_numpy(qw, qz, sc.astype(np.float32), g, bits, v1, "F16", r0, r1)
             np.testing.assert_array_equal(a[0], b[0])
             np.testing.assert_allclose(a[1], b[1], rtol=1e-4)     # |v| before or after rounding
+
+
+def test_fp8_rows_numba_equals_dequant_fp8(rng):
+    x = _adversarial(rng, 20, 300)
+    s = (np.abs(x).reshape(20, 3, 100).max(-1) / 448 + 1e-6).astype(np.float32)
+    for fp8, tdt in (("F8_E4M3", torch.float8_e4m3fn), ("F8_E5M2", torch.float8_e5m2)):
+        w = _bits((_t(x) / _t(np.repeat(s, 100, 1))).to(tdt))
+        for sd in ("F32", "BF16"):
+            a = Q.fp8_rows(w, fp8, s, 100, sd, sd)
+            b = Q.dequant_fp8(w, fp8, np.repeat(s, 100, 1), sd, sd)
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_allclose(a[1], b[1], rtol=1e-4)

@@ -151,19 +151,23 @@ class FP8(Source):
 
     def rows(self, read, read_rows, r0, r1):
         s = self._get("s", lambda: _f32(read(self.s.name), self.s.dtype))
-        w = read_rows(self.w.name, range(r0, r1)) if len(self.shape) == 2 else \
-            read(self.w.name).reshape(self.nrows, self.rowlen)[r0:r1]
+        if len(self.shape) == 2:
+            w = read_rows(self.w.name, range(r0, r1))
+        else:                                   # stacked experts: read only the experts the rows touch
+            per = self.nrows // self.shape[0]
+            e0, e1 = r0 // per, -(-r1 // per)
+            w = read_rows(self.w.name, range(e0, e1)).reshape(-1, self.rowlen)[r0 - e0 * per: r1 - e0 * per]
         idx = np.arange(r0, r1)
         if self.block is not None:
             bh, bw = self.block
             n = self.shape[-2]
             grid = s.reshape(-1, s.shape[-2], s.shape[-1])
-            s_el = grid[idx // n, (idx % n) // bh][:, np.arange(self.rowlen) // bw]
+            srow = grid[idx // n, (idx % n) // bh]
         elif s.size == 1:
-            s_el = s.reshape(1, 1)
+            srow, bw = np.full((r1 - r0, 1), s.reshape(-1)[0], np.float32), self.rowlen
         else:
-            s_el = s.reshape(-1, 1)[idx]
-        return K.dequant_fp8(w.reshape(r1 - r0, -1), self.w.dtype, s_el, self.sdtype, self.sdtype)
+            srow, bw = s.reshape(-1, 1)[idx], self.rowlen
+        return K.fp8_rows(w.reshape(r1 - r0, -1), self.w.dtype, srow, bw, self.sdtype, self.sdtype)
 
 
 class IntGrid(Source):
