@@ -164,7 +164,8 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     tool = data.get("tool") or {}
     vers = dict(run.get("versions") or {})
     vers.setdefault(tool.get("name", "weightdiff"), tool.get("version", "?"))
-    out.append(Block("table", ["software", "version"], [[_c(k), _c(v)] for k, v in sorted(vers.items())]))
+    out.append(Block("table", ["software", "version"],
+                     [[_c(k), _c(v)] for k, v in sorted(vers.items(), key=lambda kv: str(kv[0]))]))
     out.append(Block("p", [("", "Schema "), ("code", data.get("schema", "?")), ("", "; settings:")]))
     out.append(Block("pre", json.dumps(data.get("settings") or {}, indent=1, sort_keys=True, ensure_ascii=False)))
     rows = []
