@@ -430,3 +430,24 @@ def test_floor_windows_follow_the_permutation_and_skip_plain_tensors(tmp_path, r
     assert scheme_of("Q4_0", 32, 18, 18, "w", meta).calibrated
     assert not scheme_of("Q4_K", 256, 144, 144, "w", meta).calibrated
     assert scheme_of("IQ2_XXS", 256, 66, 66, "w", {}).bits == 2
+
+
+# -- the verdict: quantizing the base is not fine-tuning ----------------------------
+
+@pytest.mark.parametrize("q", [Q.Q8_0, Q.Q4_0])
+def test_gguf_of_the_base_is_quantized_only_and_of_a_fine_tune_derived(tmp_path, rng, q):
+    from models import low_rank_update
+
+    t = llama(rng, layers=2, hidden=64, inter=128, vocab=96, kv=32)
+    base = write_checkpoint(tmp_path / "base", t)
+    plain = to_gguf(tmp_path / "plain.gguf", t, "llama", q, n_head=4, n_kv=2, layers=2)
+    r = compare(base, plain)
+    assert r.summary.verdict == "quantized_only"
+    tuned = dict(t)
+    for name in [n for n in t if n.endswith(("q_proj.weight", "v_proj.weight"))]:
+        tuned[name] = low_rank_update(rng, t[name], 4, rel=0.05)
+    ft = to_gguf(tmp_path / "ft.gguf", tuned, "llama", q, n_head=4, n_kv=2, layers=2)
+    r = compare(base, ft)
+    assert r.summary.verdict == "derived"
+    moved = {x.name for x in r.tensors if x.status == "changed"}
+    assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved)
