@@ -377,3 +377,13 @@ def test_hash_records_the_sha256_of_the_inputs(models, tmp_path):
     # --hash is part of the identity: without it the model is compared again, and has no digests
     res = survey(models["base"], models["tuned"][:1], tmp_path)
     assert res.computed == 1 and res.rows[0]["tuned_sha256"] is None
+
+
+def test_a_path_that_is_not_here_is_kept_as_given_and_is_an_error_row(models, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    res = survey(models["base"], ["missing-model", models["tuned"][0]], tmp_path / "s")
+    rows = {r["tuned"]: r for r in res.rows}
+    miss = rows["missing-model"]
+    assert (miss["status"], miss["error"]) == ("error", "missing-model: no such file or directory")
+    assert miss["name"] == safe_name("missing-model") and miss["tuned_files"] == 0
+    assert rows[str(models["tuned"][0])]["status"] == "ok"

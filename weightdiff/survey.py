@@ -103,13 +103,16 @@ def identity_key(base: dict, tuned: dict, options: CompareOptions, hash_files: b
 def safe_name(path: str) -> str:
     """A file name for a model's JSON: its last path parts, made safe, and 8 hex digits of the path.
 
-    >>> safe_name("/data/fine-tunes/llama ft #3")
-    'fine-tunes_llama_ft_3-3e5d1a86'
+    ``path`` is the row's ``tuned`` (``identity``'s path: absolute for a local checkpoint, a repo
+    id as given), so the name does not depend on the current directory.
+
+    >>> safe_name("/data/fine-tunes/llama ft #3"), safe_name("org/model@main")
+    ('fine-tunes_llama_ft_3-3e5d1a86', 'org_model_main-285581b7')
     """
-    p = Path(os.path.abspath(path))
+    p = Path(path)
     parts = [p.parent.name, p.stem if p.suffix in (".safetensors", ".bin", ".pt", ".gguf") else p.name]
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(x for x in parts if x)).strip("._-")[:80] or "model"
-    return f"{stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+    return f"{stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
 def files_digest(entry: dict | None) -> str | None:

@@ -145,8 +145,8 @@ def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
     """
     s = data.get("summary") or {}
     tuned = (data.get("tuned") or {}).get("path")
-    own = os.path.abspath(tuned) if tuned else None
-    good = [r for r in ok_rows(rows) if r.get("tuned") != own]
+    own = {tuned, os.path.abspath(tuned)} if tuned else set()    # a local path made absolute, or a repo id
+    good = [r for r in ok_rows(rows) if r.get("tuned") not in own]
     others = "other " if len(good) < len(ok_rows(rows)) else ""
     bases = sorted({str(r.get("base")) for r in good if r.get("base")})
     mine = [os.path.abspath(str(b.get("path"))) for b in data.get("base") or [] if b.get("path")]
