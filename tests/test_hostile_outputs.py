@@ -325,3 +325,24 @@ def test_stdout_json_on_a_terminal_escapes_esc_and_bidi(tmp_path, rng, monkeypat
         assert "\x1b" not in r.stdout and "\u202e" not in r.stdout
         if flag == "--json":
             assert {t["name"] for t in json.loads(r.stdout)["tensors"]} == set(names)
+
+
+def test_output_over_a_file_inside_an_input_folder_is_refused(tmp_path, rng):
+    from weightdiff.io.safetensors_write import save_checkpoint
+
+    base = save_checkpoint(tmp_path / "base", {"w": rng.standard_normal((4, 4)).astype(np.float32)})
+    tuned = save_checkpoint(tmp_path / "tuned", {"w": rng.standard_normal((4, 4)).astype(np.float32)})
+    target = tuned / "model.safetensors"
+    before = target.read_bytes()
+    assert "is an input" in one_error(run("compare", base, tuned, "--json", target, "-q"), target)
+    assert target.read_bytes() == before
+
+
+def test_symlinked_output_replaces_the_file_it_points_to_not_the_link(tmp_path, pair):
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    r = run("compare", *pair, "--json", link, "-q")
+    assert r.exit_code == 0, r.output
+    assert link.is_symlink() and json.loads(real.read_text())["schema"] == "weightdiff.compare/1"

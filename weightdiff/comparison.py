@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence, Union
 
 from ._version import __version__
 from .errors import CheckpointError, escape_name
+from .fsutil import active_outputs
 from .io.checkpoint import Checkpoint, locate
 from .io.peft_adapter import check_against_base, check_factor_values
 from .judge.aggregate import aggregate
@@ -182,6 +183,11 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         date = run_date()
         bases = [_opened(stack, p, hub) for p in base_paths]
         tuned_ck = _opened(stack, tuned, hub)
+        outs = active_outputs()
+        if outs is not None:                # no output may overwrite a file being measured
+            for ck in (*bases, tuned_ck):
+                for f in ck.files:
+                    outs.protect(f)
         the_plan = make_plan(bases, tuned_ck, include=options.include, exclude=options.exclude)
         check_adapter_plan(the_plan, bases, tuned_ck)
         for ck in (*bases, tuned_ck):

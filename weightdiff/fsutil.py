@@ -105,10 +105,12 @@ class OutputSet:
     # -- claiming ---------------------------------------------------------------
     def protect(self, path: str | os.PathLike) -> None:
         """Never write over ``path`` (an input of the command)."""
-        self._protect.append(Path(path))
+        path = Path(path)
+        self._protect.append(path)
         for key in self._claimed:
-            if key != "-":
-                self._check_not_input(Path(key))
+            if key != "-" and _same_file(Path(key), path):
+                raise OutputError(key, "is an input of this command; writing there would overwrite it",
+                                  "choose another output path")
 
     def _check_not_input(self, target: Path) -> None:
         for p in self._protect:
@@ -185,11 +187,16 @@ class OutputSet:
             self._created.append(d)
 
     def stage(self, target: str | os.PathLike, data: bytes) -> Path:
-        """Write ``data`` into a temporary beside ``target``; it becomes ``target`` at commit."""
-        target = Path(target)
-        key = os.path.abspath(target)
+        """Write ``data`` into a temporary beside ``target``; it becomes ``target`` at commit.
+        A symlink target is followed: the file it points to is replaced, never the link (nor,
+        for ``/dev/stdout``, a node in ``/dev``)."""
+        shown = Path(target)
+        key = os.path.abspath(shown)
         if key not in self._claimed:
-            self.claim(target, f"`{escape_name(target.name)}`")
+            self.claim(shown, f"`{escape_name(shown.name)}`")
+        target = Path(os.path.realpath(shown)) if os.path.islink(shown) else shown
+        if key in self._special:
+            self._special[os.path.abspath(target)] = self._special.pop(key)
         try:
             self._mkdirs(target.parent)
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -204,7 +211,7 @@ class OutputSet:
             os.chmod(tmp, 0o644)
         except OSError as exc:
             raise OutputError(target, f"cannot write ({exc.strerror or exc}); nothing was written") from None
-        return target
+        return shown
 
     # -- commit / abort -----------------------------------------------------------
     def commit(self) -> list[Path]:
