@@ -175,7 +175,7 @@ _SUMMARY = obj({"verdict": string, "verdict_reason": S,
                 "relative_change": N, "relatedness_cosine": N, "blocks_total": I, "blocks_changed": I,
                 "delta_params": N, "delta_params_share": N, "headline": opt(array(string)),
                 "relatedness_rel_change": N}, required=("verdict",))
-_RESULT = obj({"schema": string, "tool": opt(obj({"name": S, "version": S})),
+_RESULT = obj({"schema": string, "tool": opt(obj({"name": string, "version": S})),
                "settings": opt(obj({"thresholds": opt(mapping(scalar))})),
                "base": opt(array(_CHECKPOINT)), "tuned": opt(_CHECKPOINT), "summary": _SUMMARY,
                "modules": opt(mapping(free)), "blocks": array(_BLOCK), "tensors": array(_TENSOR),
