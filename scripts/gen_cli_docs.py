@@ -15,6 +15,35 @@ from weightdiff.cli import main
 OUT = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 
+FIXED = """## Exit codes
+
+| code | meaning |
+|------|---------|
+| 0 | the work is done, whatever it found (differences are a result, not a failure) |
+| 1 | an unexpected error inside weightdiff: one line on stderr; please report it |
+| 2 | bad input or usage: one line on stderr naming the file or flag, and nothing written |
+| 130 | interrupted (Ctrl-C) |
+
+## Environment variables
+
+| variable | effect |
+|----------|--------|
+| `WEIGHTDIFF_DEBUG=1` | on an unexpected error (exit 1), print the full Python traceback instead of one line |
+| `SOURCE_DATE_EPOCH` | the run date recorded in the JSON's `run.date` and printed in the memo (reproducible builds) |
+
+## Shell completion
+
+weightdiff completes its commands and options through click. Add one line to your shell's start-up file:
+
+```
+eval "$(_WEIGHTDIFF_COMPLETE=bash_source weightdiff)"      # ~/.bashrc
+eval "$(_WEIGHTDIFF_COMPLETE=zsh_source weightdiff)"       # ~/.zshrc
+_WEIGHTDIFF_COMPLETE=fish_source weightdiff | source      # ~/.config/fish/completions/weightdiff.fish
+```
+
+""".splitlines()
+
+
 def render() -> str:
     parts = ["# Command-line reference", "",
              "Generated from `--help` by `python scripts/gen_cli_docs.py`; do not edit by hand.", ""]
@@ -22,9 +51,10 @@ def render() -> str:
     ctx = click.Context(main, info_name="weightdiff", terminal_width=100, max_content_width=100,
                         help_option_names=["-h", "--help"])
     parts += ["## weightdiff", "", "```", main.get_help(ctx), "```", ""]
+    parts += FIXED
     for name in sorted(main.commands):
         cmd = main.commands[name]
-        sub = click.Context(cmd, info_name=f"weightdiff {name}", parent=ctx, terminal_width=100,
+        sub = click.Context(cmd, info_name=name, parent=ctx, terminal_width=100,
                             max_content_width=100, help_option_names=["-h", "--help"])
         parts += [f"## weightdiff {name}", "", "```", cmd.get_help(sub), "```", ""]
     return "\n".join(parts)

@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, SOURCE_DATE_EPOCH="0")
+        # the run date the memo prints: the last commit's, so the example is reproducible
+        epoch = subprocess.run(["git", "log", "-1", "--format=%ct"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip() or "0"
+        env = dict(os.environ, SOURCE_DATE_EPOCH=os.environ.get("SOURCE_DATE_EPOCH", epoch))
         subprocess.run([sys.executable, "-m", "weightdiff.cli", "demo", "weightdiff-demo", "-q"], cwd=tmp,
                        check=True, env=env, stdout=subprocess.DEVNULL)
         out = Path(tmp) / "weightdiff-demo"

@@ -12,7 +12,9 @@ from click.testing import CliRunner
 from weightdiff.cli import main
 from weightdiff.errors import OptionsError
 from weightdiff.lineage import SCHEMA, lineage
-from weightdiff.render.provenance import lineage_markdown, lineage_text
+from weightdiff.render.memo_md import to_markdown
+from weightdiff.render.provenance import lineage_text
+from weightdiff.render.sections import lineage_blocks
 from conftest import write_checkpoint
 from models import llama, low_rank_update
 
@@ -68,8 +70,8 @@ def test_lineage_json_and_renders(chain):
     assert any(line.startswith("step 1 ") for line in text.splitlines())
     assert any(line.startswith("end to end ") for line in text.splitlines())
     assert any(line.startswith("layers.2 ") for line in text.splitlines())
-    md = lineage_markdown(d)
-    assert md.startswith("## Lineage") and "| end to end | derived |" in md
+    md = to_markdown(lineage_blocks(d), {})
+    assert md.startswith("# How did the weights move along") and "| end to end | `" in md and "| `derived` |" in md
 
 
 def test_two_step_chain_and_bad_input(chain):

@@ -34,7 +34,7 @@ def written(tmp_path_factory):
 def test_html_is_self_contained(written):
     _, out, page, _ = written
     assert page.startswith("<!DOCTYPE html>")
-    assert page.count('src="data:image/svg+xml;base64,') == 5
+    assert page.count('src="data:image/svg+xml;base64,') == 6
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
     assert "<script" not in page.lower() and "<link" not in page.lower() and "@import" not in page
     assert "@media print" in page and "break-inside: avoid" in page
@@ -87,7 +87,7 @@ def test_verdict_thresholds_methodology_limits_reproducibility(written):
 def test_markdown_links_existing_images_and_escapes(written):
     _, out, _, md = written
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 5
+    assert len(links) == 6
     for link in links:
         assert (out.markdown.parent / link).is_file()
     # outside code spans (which CommonMark shows literally) no raw tag survives

@@ -14,7 +14,7 @@ from render_sample import LORA_BLOCKS, cached_result
 from weightdiff.render import captions as cap
 from weightdiff.render import plots
 
-NAMES = ["depth_profile", "heatmap", "param_share", "rank", "cosine"]
+NAMES = ["depth_profile", "reference_scale", "heatmap", "param_share", "rank", "cosine"]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_svg_is_well_formed_and_carries_titles_labels_and_units(saved):
     for svg in by.values():
         ET.fromstring(svg)
     assert "Depth profile: how much each block changed" in by["depth_profile"]
-    assert "block (0 = nearest the input)" in by["depth_profile"]
+    assert "block 0 (nearest the input)" in by["depth_profile"] and ">emb.<" in by["depth_profile"]
     assert "0 (no change)" in by["depth_profile"]
     assert "relative change ‖ΔW‖ / ‖W‖" in by["depth_profile"]
     assert "unchanged (bitwise)" in by["depth_profile"]
@@ -96,7 +96,7 @@ def test_captions_carry_the_numbers():
     heat = cap.caption_heatmap(data)
     assert "4 of 96 block-module cells changed" in heat and "attn.q in block 10" in heat
     cos = cap.caption_cosine(data)
-    assert "86 paired matrices" in cos and "4 matrices moved" in cos and "below the 'unrelated' line at 0.8" in cos
+    assert "86 paired matrices" in cos and "4 matrices moved" in cos and "the shaded band from 0.8" in cos and "dashed line at 1" in cos
 
 
 def test_headline_sentences_from_the_numbers():
@@ -135,7 +135,7 @@ def test_identical_model_and_no_rank_draw_without_error(tmp_path):
     s["params_by_status"] = {"unchanged": s["params_total"]}
     s["verdict"], s["blocks_changed"] = "identical", 0
     out = plots.save_figures(data, tmp_path, ("svg",))
-    assert len(out) == 5
+    assert len(out) == 6
     assert "0 of 12 blocks changed" in cap.caption_depth(data)
     assert "no changed matrix has a spectrum" in cap.caption_rank(data, [])
     assert "No matrix moved" in cap.caption_cosine(data)
@@ -158,7 +158,7 @@ def test_unrelated_model_caption_and_rounding_blocks(tmp_path):
             t.update(cosine=0.01, norm_delta=None, rel_change=1.4)
     data["blocks"][3].update(params_changed=0, tensors_changed=0, rel_change=1e-4)   # rounding only
     text = cap.caption_cosine(data)
-    assert "beyond the 'unrelated' line" in text
+    assert "86 inside the shaded band" in text
     assert "differ only by dtype rounding" in cap.caption_depth(data)
     svg = plots.save_figures(data, tmp_path, ("svg",))[0].files["svg"].read_text()
     assert "rounding only" in svg

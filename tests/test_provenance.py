@@ -14,7 +14,10 @@ from weightdiff.errors import CheckpointError, OptionsError
 from weightdiff.options import Thresholds
 from weightdiff.provenance import SCHEMA, provenance
 from weightdiff.judge.relatedness import evidence, judge, sample_plan, sample_rows, screen_estimate
-from weightdiff.render.provenance import (draw_provenance, provenance_html, provenance_markdown, provenance_png,
+from weightdiff.render.memo_html import to_html
+from weightdiff.render.memo_md import to_markdown
+from weightdiff.render.sections import provenance_blocks
+from weightdiff.render.provenance import (draw_provenance, provenance_figure, provenance_png,
                                           ranking_text)
 from conftest import write_checkpoint
 from models import gpt2, llama, low_rank_update
@@ -249,12 +252,13 @@ def test_renders(zoo, tmp_path):
     assert "not compared:" in text and "what this cannot see:" in text and "attention heads" in text
     assert provenance_png(d) == provenance_png(d)
     fig = draw_provenance(d)
-    assert [ax.get_title() for ax in fig.axes[:2]] == ["Relative change (large matrices)",
-                                                      "1 - cosine (large matrices)"]
-    md = provenance_markdown(d, "prov.png")
-    assert md.startswith("## Provenance") and "![candidate bases" in md and "| 1 |" in md
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["Relative change", "1 − cosine"]
+    fo, _ = provenance_figure(d)
+    md = to_markdown(provenance_blocks(d, [fo]), {"provenance": "prov.png"})
+    assert md.startswith("# Which base was") and "![Candidate bases](prov.png)" in md and "| 1 |" in md
     d["candidates"][0]["path"] = "<script>x</script>"
-    assert "<script>" not in provenance_html(d) and "&lt;script&gt;" in provenance_html(d)
+    page = to_html(provenance_blocks(d, [fo]))
+    assert "<script>" not in page and "&lt;script&gt;" in page
 
 
 def test_cli(zoo, tmp_path):
@@ -267,12 +271,12 @@ def test_cli(zoo, tmp_path):
     assert d["leading"] == zoo["base"]
     out = tmp_path / "o"
     res = runner.invoke(main, ["provenance", zoo["tuned"], zoo["base"], "--no-screen", "--json", str(out / "p.json"),
-                               "--plot", str(out / "p.png"), "--memo", str(out / "p.md")])
+                               "--plots", str(out), "--memo", str(out / "p.md")])
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith("weightdiff provenance: ")
     assert f"comparing {zoo['base']} in full" in res.stderr
-    assert (out / "p.png").read_bytes()[:4] == b"\x89PNG"
-    assert "](p.png)" in (out / "p.md").read_text()
+    assert (out / "provenance.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](provenance.png)" in (out / "p.md").read_text()
     assert json.loads((out / "p.json").read_text())["schema"] == "weightdiff.provenance/1"
     for args, msg in ((["provenance", zoo["tuned"]], "expected TUNED --candidates A"),
                       (["provenance", zoo["tuned"], "--candidates", str(tmp_path / "nope")], "no such file"),

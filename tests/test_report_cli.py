@@ -32,11 +32,11 @@ def test_report_writes_html_markdown_and_plots(tmp_path, result_json):
     assert r.exit_code == 0, r.output
     assert r.stdout.splitlines() == headline_sentences(cached_result())
     assert (tmp_path / "m.html").is_file() and (tmp_path / "m.md").is_file()
-    for name in ("depth_profile", "heatmap", "param_share", "rank", "cosine"):
+    for name in ("depth_profile", "reference_scale", "heatmap", "param_share", "rank", "cosine"):
         for ext in ("png", "svg", "pdf"):
             assert (tmp_path / "figs" / f"{name}.{ext}").is_file()
     wrote = [line for line in r.stderr.splitlines() if line.startswith("wrote ")]
-    assert len(wrote) == 5 * 3 + 3                       # figures, figures.json, memo.html, memo.md
+    assert len(wrote) == 6 * 3 + 3                       # figures, figures.json, memo.html, memo.md
     import hashlib
 
     html = (tmp_path / "m.html").read_text().replace("<wbr>", "")

@@ -17,13 +17,21 @@ from .options import CompareOptions, Thresholds
 
 from ._version import __version__
 
-__all__ = ["compare", "CompareOptions", "Comparison", "Thresholds", "WeightdiffError", "__version__"]
+__all__ = ["compare", "provenance", "lineage", "CompareOptions", "Comparison", "Thresholds", "WeightdiffError",
+           "__version__"]
+
+#: public names imported on first use: compare() pulls in numba; keep `import weightdiff` and
+#: `weightdiff --help` fast
+_LAZY = {"compare": "comparison", "Comparison": "comparison", "provenance": "provenance", "lineage": "lineage"}
 
 
 def __getattr__(name: str):
-    # compare() pulls in numba; keep `import weightdiff` and `weightdiff --help` fast.
-    if name in ("compare", "Comparison"):
-        from . import comparison
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(comparison, name)
-    raise AttributeError(name)
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'weightdiff' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

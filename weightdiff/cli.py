@@ -2,7 +2,7 @@
 
 Results go to stdout, progress and diagnostics to stderr. Exit codes: 0 when the
 work is done (differences are a result, not a failure), 2 for bad input or usage,
-1 for an unexpected error.
+1 for an unexpected error, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ def main() -> None:
     It answers "how slight is this fine-tune?" with numbers, a verdict (identical,
     cast_only, derived, unrelated), plots and a memo, read straight from safetensors
     files without loading whole models.
+
+    Exit codes: 0 done (whatever was found), 1 internal error (WEIGHTDIFF_DEBUG=1
+    shows the traceback), 2 bad input or usage, 130 interrupted.
     """
 
 
@@ -156,23 +159,56 @@ def _claim_outputs(inputs=(), **targets) -> None:
             outs.claim(target, f"--{name.removesuffix('_dir').removesuffix('_out')}", folder=name.startswith("plots"))
 
 
+def _memo_path(ctx, param, value):
+    """The memo's extension is checked when the flag is parsed, before any checkpoint is read."""
+    if value is not None:
+        from .render.document import memo_format
+
+        memo_format(value)
+    return value
+
+
+def output_options(fn=None, *, plots: bool = True):
+    """The output flags of every command that writes results (compare, provenance, lineage):
+    the same names and meaning everywhere, one rule for the memo's format (its extension).
+    ``plots=False`` for a command that draws no figure (lineage)."""
+    if fn is None:
+        return lambda f: output_options(f, plots=plots)
+    for opt in reversed([
+        click.option("--json", "json_out", metavar="FILE|-", help="Write the result as JSON (- for stdout only)."),
+        click.option("--csv", "csv_out", metavar="FILE|-", help="Write the result's table as CSV (- for stdout only)."),
+        click.option("--report", "--memo", "report_out", metavar="FILE", callback=_memo_path,
+                     help="Write the memo; the extension picks the format: FILE.html (self-contained), FILE.md "
+                          "(figures beside it, or in --plots DIR) or FILE.docx (Word; needs weightdiff[docx])."),
+        *([click.option("--plots", "plots_dir", metavar="DIR", help="Write the figures (PNG 300 dpi and SVG) into DIR.")]
+          if plots else []),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _listed(paths, quiet: bool) -> None:
+    if not quiet:
+        for path in paths:
+            click.echo(f"wrote {escape_name(str(path))}", err=True)
+
+
 @main.command("compare", context_settings=CONTEXT)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--base", "bases", multiple=True, type=click.Path(path_type=str),
               help="A base checkpoint; repeat for a model built from several bases (then give only TUNED).")
-@click.option("--json", "json_out", metavar="FILE|-", help="Write the full result as JSON (- for stdout only).")
-@click.option("--csv", "csv_out", metavar="FILE", help="Write the per-tensor table as CSV.")
-@click.option("--report", "report_out", metavar="FILE.html",
-              help="Write the memo: FILE.html (self-contained) or FILE.md (Markdown beside its figures).")
-@click.option("--plots", "plots_dir", metavar="DIR", help="Write the figures (PNG and SVG) into DIR.")
+@output_options
+@click.option("--base-label", "base_labels", multiple=True, metavar="TEXT",
+              help="Name of the base in the memo (repeat for each --base; default: its path or Hub id).")
+@click.option("--tuned-label", metavar="TEXT", help="Name of the tuned model in the memo (default: its path).")
 @click.option("--hash/--no-hash", "hash_files", default=None,
               help="Record the sha256 of every input file (default: on with --report).")
 @click.option("-q", "--quiet", is_flag=True, help="No plan or progress on stderr.")
 @_cluster_options
 @click_options(CompareOptions)
 @click_options(HubOptions)
-def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_files, quiet, scheduler, workers,
-                worker_memory, **opts):
+def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, base_labels, tuned_label, hash_files, quiet,
+                scheduler, workers, worker_memory, **opts):
     """Compare a fine-tuned checkpoint TUNED against its BASE.
 
     PATHS is BASE TUNED, or only TUNED when --base is given (repeat --base for a
@@ -227,7 +263,8 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
         run_compare = partial(split_compare, scheduler=scheduler, workers=workers, memory_limit=worker_memory,
                               say=_say(quiet))
     result = run_compare(base_list, tuned, options=options, progress=_checked(progress), on_plan=on_plan,
-                         hash_files=hash_files, command=_command_line(), hub=hub)
+                         hash_files=hash_files, command=_command_line(), hub=hub,
+                         base_label=list(base_labels) or None, tuned_label=tuned_label)
     progress.close()
     data = result.to_dict()
     if json_out:
@@ -239,10 +276,7 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, hash_fil
     if report_out or plots_dir:
         from .render.report import render_outputs
 
-        written = render_outputs(data, report=report_out, plots_dir=plots_dir)
-        if show:
-            for path in written:
-                click.echo(f"wrote {escape_name(str(path))}", err=True)
+        _listed(render_outputs(data, report=report_out, plots_dir=plots_dir), quiet)
     if json_out != "-" and csv_out != "-":
         click.echo(render_text(data), nl=False)
 
@@ -271,7 +305,9 @@ def _command_line() -> str:
 # --- report ------------------------------------------------------------------
 
 @main.command("report", context_settings=CONTEXT)
-@click.argument("result", type=click.Path(path_type=str))
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--report", "--memo", "memo_out", metavar="FILE", callback=_memo_path,
+              help="Write the memo; the extension picks the format: FILE.html, FILE.md or FILE.docx.")
 @click.option("--html", "html_out", metavar="FILE", help="Write the self-contained HTML memo (figures embedded).")
 @click.option("--markdown", "md_out", metavar="FILE",
               help="Write the Markdown memo; its PNG figures go to --plots DIR, or FILE_figures/ beside it.")
@@ -281,28 +317,30 @@ def _command_line() -> str:
 @click.option("--population", metavar="SURVEY", type=click.Path(path_type=str),
               help="Place the model among the fine-tunes of a `weightdiff survey` (survey.parquet or .csv).")
 @click.option("-q", "--quiet", is_flag=True, help="Do not list the files written on stderr.")
-def report_cmd(result, html_out, md_out, plots_dir, pdf, population, quiet):
-    """Redraw the figures and the memo from a saved `weightdiff compare --json` file.
+def report_cmd(results, memo_out, html_out, md_out, plots_dir, pdf, population, quiet):
+    """Redraw the figures and the memo from saved results, without the checkpoints.
 
-    No checkpoint is read: everything comes from RESULT. With no output option the
-    HTML memo is written beside RESULT (result.json -> result.html). The memo's
-    headline sentences go to stdout, the files written to stderr. Exit code 0 when
-    the memo was written, 2 when RESULT is not a compare JSON.
+    RESULTS are JSON files written by `weightdiff compare --json`, `provenance --json`
+    or `lineage --json`; several make one document with a section each, in the order
+    given (a question such as "is this model derived from A, and how deeply?").
+    With no output option the HTML memo is written beside the first RESULT
+    (result.json -> result.html). The headline sentences go to stdout, the files
+    written to stderr. Exit code 0 when the memo was written, 2 when a RESULT is not
+    a weightdiff result or an output's extension is not .html, .md or .docx.
 
     \b
     Example:
       weightdiff compare base/ tuned/ --json result.json
       weightdiff report result.json --html memo.html --markdown memo.md --plots figures/
+      weightdiff report cmp.json prov.json chain.json --memo memo.docx
     """
-    from .render.report import report
+    from .render.report import report_many
 
-    out = report(result, html=html_out, markdown=md_out, plots=plots_dir, pdf=pdf, command=_command_line(),
-                 population=population)
+    out = report_many(list(results), html=html_out, markdown=md_out, memo=memo_out, plots=plots_dir, pdf=pdf,
+                      command=_command_line(), population=population)
     for sentence in out.headline + out.population:
         click.echo(escape_name(sentence))
-    if not quiet:
-        for path in out.files:
-            click.echo(f"wrote {escape_name(str(path))}", err=True)
+    _listed(out.files, quiet)
 
 
 # --- demo --------------------------------------------------------------------
@@ -348,23 +386,21 @@ def _say(quiet: bool):
     return (lambda message: None) if quiet else (lambda message: click.echo(escape_name(message), err=True))
 
 
-def _memo(target: str, markdown: str, html_text: str) -> None:
-    from .fsutil import write_text
+def _document(target: str, blocks: list, figures: list, title: str, plots_dir: str | None, quiet: bool) -> None:
+    from .render.document import write_memo
 
-    write_text(target, html_text if target.lower().endswith((".html", ".htm")) else markdown)
+    _listed(write_memo(target, blocks, figures, title, figure_dir=plots_dir), quiet)
 
 
 @main.command("provenance", context_settings=CONTEXT)
 @click.argument("paths", nargs=-1, type=click.Path(path_type=str))
 @click.option("--candidates", "candidates_flag", is_flag=True,
               help="Marks where the candidate list starts (optional): TUNED --candidates A B ...")
-@click.option("--json", "json_out", metavar="FILE|-", help="Write the result as JSON (- for stdout only).")
-@click.option("--plot", "plot_out", metavar="FILE.png", help="Write the bar chart of candidates as PNG.")
-@click.option("--memo", "memo_out", metavar="FILE.md|FILE.html", help="Write the provenance memo section.")
+@output_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @_provenance_options
 @click_options(HubOptions)
-def provenance_cmd(paths, candidates_flag, json_out, plot_out, memo_out, quiet, **opts):
+def provenance_cmd(paths, candidates_flag, json_out, csv_out, report_out, plots_dir, quiet, **opts):
     """Rank candidate bases of TUNED by weight-space evidence of derivation.
 
     Each candidate gets `derived` or `unrelated` with its evidence: relative change
@@ -381,36 +417,43 @@ def provenance_cmd(paths, candidates_flag, json_out, plot_out, memo_out, quiet, 
       weightdiff provenance org/tuned --candidates org/a org/b org/c org/d --stream
     """
     from .provenance import ProvenanceOptions, provenance
-    from .render.provenance import provenance_html, provenance_markdown, provenance_png, ranking_text
+    from .render.provenance import provenance_figure, ranking_text
 
     if len(paths) < 2:
         raise UsageProblem(f"expected TUNED --candidates A [B ...] (got {len(paths)} paths)")
-    _claim_outputs(paths, json_out=json_out, plot_out=plot_out, memo_out=memo_out)
+    _claim_outputs(paths, json_out=json_out, csv_out=csv_out, report_out=report_out, plots_dir=plots_dir)
     hub = _hub_options(opts, quiet)
     result = provenance(paths[0], list(paths[1:]), options=ProvenanceOptions(**opts), progress=_say(quiet),
                         command=_command_line(), hub=hub)
     data = result.to_dict()
     if json_out:
         _write_output(json_out, result.to_json())
-    if plot_out:
-        from .fsutil import write_bytes
+    if csv_out:
+        from .render.tabular import provenance_csv
 
-        write_bytes(plot_out, provenance_png(data))
-    if memo_out:
-        image = os.path.relpath(plot_out, os.path.dirname(os.path.abspath(memo_out))) if plot_out else None
-        _memo(memo_out, provenance_markdown(data, image), provenance_html(data, image))
-    if json_out != "-":
+        _write_output(csv_out, provenance_csv(data))
+    if report_out or plots_dir:
+        from .fsutil import write_bytes
+        from .render.sections import provenance_blocks
+
+        fo, blobs = provenance_figure(data)
+        if plots_dir:
+            fo.files = {f: write_bytes(os.path.join(plots_dir, f"provenance.{f}"), b) for f, b in blobs.items()}
+            _listed(fo.files.values(), quiet)
+        if report_out:
+            _document(report_out, provenance_blocks(data, [fo]), [fo],
+                      f"weightdiff provenance: {data['tuned']['path']}", plots_dir, quiet)
+    if json_out != "-" and csv_out != "-":
         click.echo(ranking_text(data), nl=False)
 
 
 @main.command("lineage", context_settings=CONTEXT)
 @click.argument("paths", nargs=-1, type=click.Path(path_type=str))
-@click.option("--json", "json_out", metavar="FILE|-", help="Write the result as JSON (- for stdout only).")
-@click.option("--memo", "memo_out", metavar="FILE.md", help="Write the lineage memo section (Markdown).")
+@output_options(plots=False)
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click_options(CompareOptions)
 @click_options(HubOptions)
-def lineage_cmd(paths, json_out, memo_out, quiet, **opts):
+def lineage_cmd(paths, json_out, csv_out, report_out, quiet, **opts):
     """Report each step of a chain of checkpoints and the end-to-end change.
 
     PATHS are two or more checkpoints, oldest first (base -> SFT -> DPO). Every
@@ -424,20 +467,25 @@ def lineage_cmd(paths, json_out, memo_out, quiet, **opts):
       weightdiff lineage base/ sft/ dpo/ --no-rank --json chain.json
     """
     from .lineage import lineage
-    from .render.provenance import lineage_markdown, lineage_text
+    from .render.provenance import lineage_text
 
-    _claim_outputs(paths, json_out=json_out, memo_out=memo_out)
+    _claim_outputs(paths, json_out=json_out, csv_out=csv_out, report_out=report_out)
     hub = _hub_options(opts, quiet)
     result = lineage(list(paths), options=CompareOptions(**opts), progress=_say(quiet), command=_command_line(),
                      hub=hub)
     data = result.to_dict()
     if json_out:
         _write_output(json_out, result.to_json())
-    if memo_out:
-        from .fsutil import write_text
+    if csv_out:
+        from .render.tabular import lineage_csv
 
-        write_text(memo_out, lineage_markdown(data))
-    if json_out != "-":
+        _write_output(csv_out, lineage_csv(data))
+    if report_out:
+        from .render.sections import lineage_blocks
+
+        _document(report_out, lineage_blocks(data), [], "weightdiff lineage: " + " -> ".join(data["paths"]),
+                  None, quiet)
+    if json_out != "-" and csv_out != "-":
         click.echo(lineage_text(data), nl=False)
 
 

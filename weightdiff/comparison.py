@@ -35,6 +35,8 @@ from .measure.compute import Progress, compute_all
 from .options import CompareOptions, HubOptions, options_from_kwargs
 from .pairing.plan import Plan, plan as make_plan
 from .render import sentences
+from .render.reference import reference_scale
+from .errors import OptionsError, WeightdiffError
 from .records import SCHEMA, BlockRecord, Summary, TensorRecord, dumps
 
 PathLike = Union[str, os.PathLike]
@@ -56,6 +58,7 @@ class Comparison:
     blocks: list[BlockRecord]
     tensors: list[TensorRecord]
     run: dict = field(default_factory=dict)
+    reference: dict = field(default_factory=dict)   # the reference scale (render.reference), set by explain()
 
     def to_dict(self, include_run: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -66,6 +69,7 @@ class Comparison:
             "tuned": self.tuned,
             "plan": self.plan,
             "summary": self.summary.to_dict(),
+            "reference": self.reference,
             "modules": self.modules,
             "blocks": [b.to_dict() for b in self.blocks],
             "tensors": [t.to_dict() for t in self.tensors],
@@ -76,6 +80,30 @@ class Comparison:
 
     def to_json(self, include_run: bool = True) -> str:
         return dumps(self.to_dict(include_run))
+
+    def __repr__(self) -> str:
+        from .render.notebook import short_repr
+
+        return short_repr(self.to_dict(include_run=False))
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the verdict, the key figures and the depth profile (under 50 KB)."""
+        from .render.notebook import card_html
+
+        return card_html(self.to_dict())
+
+    def to_pandas(self, table: str = "tensors"):
+        """The ``tensors`` (one row per tensor, rank fields as ``rank.<field>``) or ``blocks``
+        table as a pandas DataFrame (needs pandas: ``pip install 'weightdiff[pandas]'``)."""
+        from .render.notebook import TABLES, rows
+
+        if table not in TABLES:
+            raise OptionsError(f"table must be one of {', '.join(TABLES)} (got {table!r})", option="table")
+        try:
+            import pandas as pd
+        except ImportError:
+            raise WeightdiffError("to_pandas() needs pandas", "pip install 'weightdiff[pandas]'") from None
+        return pd.DataFrame(rows(self.to_dict(include_run=False), table))
 
     def tensor(self, name: str) -> TensorRecord:
         for t in self.tensors:
@@ -128,7 +156,9 @@ def run_date() -> str:
     byte-deterministic part of the JSON)."""
     from datetime import datetime, timezone
 
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")       # reproducible builds (the docs' worked example)
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch and epoch.isdigit() else datetime.now(timezone.utc)
+    return when.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def hub_run(ckpts: Sequence[Checkpoint]) -> list[dict] | None:
@@ -158,6 +188,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             progress: Progress | None = None, on_plan: Callable[[Plan], None] | None = None,
             hash_files: bool = False, command: str | None = None, compute: Compute | None = None,
             hub: HubOptions | None = None,
+            base_label: str | Sequence[str] | None = None, tuned_label: str | None = None,
             **kwargs: Any) -> Comparison:
     """Compare a fine-tuned checkpoint against its base (or several bases of a composite model).
 
@@ -167,6 +198,9 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     pairing plan before any tensor data is read; ``progress(done, total, name)``
     receives element counts while tensors stream. ``hash_files`` adds the sha256 of
     every input file (one extra read of each file) for the memo's reproducibility block.
+    ``base_label`` (one per base) and ``tuned_label`` name the models in the memo
+    (``label`` of the ``base``/``tuned`` entries; the path when not given).
+    ``progress=True`` shows a progress line on stderr that also works in Jupyter.
     ``compute`` replaces ``compute_all`` (same arguments, same return): a split comparison
     (weightdiff.split) measures the pairs on workers; everything else stays the same.
     ``base`` and ``tuned`` may be Hugging Face Hub repo ids (``org/name@revision``); ``hub``
@@ -179,6 +213,14 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     backend = backend_for(options.device, options.threads)   # fails before any reading
     base_paths = [base] if isinstance(base, (str, os.PathLike, Checkpoint)) else list(base)
     _preflight([*base_paths, tuned], hub)
+    base_labels = _labels(base_label, len(base_paths))
+    line = None
+    if progress is True:
+        from .render.terminal import ProgressLine
+
+        progress = line = ProgressLine(enabled=True, delay=0.5)
+    elif progress is False:
+        progress = None
     with ExitStack() as stack:
         date = run_date()
         bases = [_opened(stack, p, hub) for p in base_paths]
@@ -198,10 +240,12 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, backend, classify, progress)
         blocks, modules = aggregate(records, options.thresholds)
         summary = summarise(records, blocks, options.thresholds)
+        if line is not None:
+            line.close()
         for ck in (*bases, tuned_ck):
             ck.check_identity()             # the numbers describe the files located, unchanged
-        base_desc = [describe(b, hash_files) for b in bases]
-        tuned_desc = describe(tuned_ck, hash_files)
+        base_desc = [_labelled(describe(b, hash_files), lab) for b, lab in zip(bases, base_labels)]
+        tuned_desc = _labelled(describe(tuned_ck, hash_files), tuned_label)
         run = {"date": date, "seconds": round(seconds, 3), "command": command, "versions": versions(),
                "threads": options.threads}
         hub_reads = hub_run([*bases, tuned_ck])
@@ -214,9 +258,26 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     return explain(result)
 
 
+def _labels(given: str | Sequence[str] | None, n: int) -> list[str | None]:
+    if given is None:
+        return [None] * n
+    labels = [given] if isinstance(given, str) else list(given)
+    if len(labels) != n:
+        raise OptionsError(f"base_label: give one label per base ({n}), got {len(labels)}", option="base_label")
+    return labels
+
+
+def _labelled(entry: dict, label: str | None) -> dict:
+    if label:
+        entry["label"] = str(label)
+    return entry
+
+
 def explain(result: Comparison) -> Comparison:
-    """Write the verdict's reason and the headline (``render.sentences``) into the summary:
-    the last step of the pipeline, after the judge has decided."""
+    """Write the verdict's reason and the headline (``render.sentences``) into the summary
+    and the reference scale (``render.reference``) beside it: the last step of the pipeline,
+    after the judge has decided."""
+    result.reference = reference_scale(result.to_dict(include_run=False))
     data = result.to_dict(include_run=False)
     result.summary.verdict_reason = sentences.verdict_reason(data)
     data["summary"]["verdict_reason"] = result.summary.verdict_reason

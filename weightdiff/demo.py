@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from shlex import quote
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from .io.safetensors_write import save_checkpoint, to_storage
 BLOCKS, HIDDEN, INTER, KV, VOCAB, NEW_TOKENS, LABELS, LORA_RANK = 8, 256, 688, 128, 2000, 8, 4, 8
 LORA_BLOCKS, LORA_MODULES, RETRAINED_BLOCK = (6, 7), ("q_proj", "v_proj"), 3
 SEED = 20240611
+#: how the memo names the two demo models
+DEMO_LABELS = ("demo base (Llama-shaped, 8 blocks)", "demo fine-tune")
 
 GROUND_TRUTH = {
     "model": f"Llama-shaped, {BLOCKS} blocks, hidden {HIDDEN}, MLP {INTER}, grouped k/v {KV}, vocabulary {VOCAB}, bf16",
@@ -135,8 +138,10 @@ def run_demo(directory: str | os.PathLike = "weightdiff-demo", *, command: str |
 
     directory = Path(directory)
     bdir, tdir = build_demo(directory)
-    result = compare(bdir, tdir, hash_files=True, threads=threads,
-                     command=command or f"weightdiff compare {bdir} {tdir} --json {directory / 'out.json'}")
+    result = compare(bdir, tdir, hash_files=True, threads=threads, base_label=DEMO_LABELS[0],
+                     tuned_label=DEMO_LABELS[1],
+                     command=command or f"weightdiff compare {bdir} {tdir} --base-label {quote(DEMO_LABELS[0])} "
+                                        f"--tuned-label {quote(DEMO_LABELS[1])} --json {directory / 'out.json'}")
     text = result.to_json()
     data = json.loads(text)
     files = [write_text(directory / "out.json", text),

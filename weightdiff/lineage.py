@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
+from ._callable import callable_module
 from ._version import __version__
 from .io.checkpoint import is_hub_candidate, locate
 from .comparison import Comparison, compare, run_date, versions
@@ -148,3 +149,6 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
             if s["verdict"] == "unrelated":
                 out.append(f"step {i} is not a fine-tune of the previous model: the chain is broken there")
     return out
+
+
+callable_module(__name__, "lineage")      # weightdiff.lineage(...) even once this module is imported

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 
+from ._callable import callable_module
 from ._version import __version__
 from .io.checkpoint import Checkpoint, is_hub_candidate, locate
 from .comparison import compare, hub_run, run_date, versions
@@ -364,3 +365,6 @@ def _findings(rows: list[dict], incompatible: list[dict], screening: dict | None
                    f"per checkpoint); the leading {min(screening['full_top'], screening['candidates'])} "
                    "compared in full")
     return out
+
+
+callable_module(__name__, "provenance")   # weightdiff.provenance(...) even once this module is imported

@@ -74,6 +74,7 @@ class TensorRecord:
     rank: RankRecord | None = None
     tied: bool = False                  # a tied LM head: the tuned embedding again, against the base head
     quant: dict | None = None           # the quantization noise-floor test when a side is quantized
+    rounding_floor: dict[str, float] | None = None   # norm of a cast of the base to BF16 / F16 (measure.floors)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -23,6 +23,7 @@ from ..options import CompareOptions, Thresholds
 from ..pairing.plan import Pair, Plan
 from ..records import TensorRecord
 from .backend import Backend
+from .floors import FloorAccumulator
 
 #: elements per streamed window; fixed (not derived from the machine) so results are reproducible
 WINDOW_ELEMENTS = 1 << 24
@@ -42,11 +43,14 @@ def _elements(pair: Pair, shape: Sequence[int] | None) -> int:
 
 def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
                   tuned: Checkpoint, tname: str, dtype_t: str, stop: int | None,
-                  on_window: Callable[[int], None]) -> np.ndarray:
+                  on_window: Callable[[int], None], floors: FloorAccumulator | None = None) -> np.ndarray:
     k = backend.module
     opaque = not (DTYPES[dtype_b].decodable and DTYPES[dtype_t].decodable)
     acc = None
-    windows = zip(base.windows(bname, WINDOW_ELEMENTS, 0, stop), tuned.windows(tname, WINDOW_ELEMENTS, 0, stop))
+    base_windows = base.windows(bname, WINDOW_ELEMENTS, 0, stop)
+    if floors is not None and not opaque:   # the cast-rounding floors see every base window
+        base_windows = (floors.add(w, dtype_b) or w for w in base_windows)
+    windows = zip(base_windows, tuned.windows(tname, WINDOW_ELEMENTS, 0, stop))
     if backend.name == "cuda" and not opaque:
         # pinned buffers, the copy of window k+1 overlapping the compute of window k
         sizes: list[int] = []
@@ -107,8 +111,10 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         rec.status = "unchanged"
         rec.note = "not in the adapter: the base tensor is used as it is"
         if DTYPES[pair.dtype_base].decodable:
+            floors = FloorAccumulator()
             stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, base, pair.base_name,
-                                  pair.dtype_base, None, on_window)
+                                  pair.dtype_base, None, on_window, floors)
+            rec.rounding_floor = floors.result()
             _fill(rec, reference.finalize(stats))
             rec.numel_compared = int(stats[0])
             rec.compared = "float"
@@ -135,8 +141,11 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                     "and differ, so the values were not compared")
         rec.status = "changed"
         return rec
+    floors = FloorAccumulator()
     stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
-                          pair.dtype_tuned, stop, on_window)
+                          pair.dtype_tuned, stop, on_window, floors)
+    if not opaque:
+        rec.rounding_floor = floors.result()
     fields = reference.finalize(stats)
     _fill(rec, fields)
     rec.numel_compared = int(stats[0])

@@ -434,12 +434,15 @@ def _summarise_notes(pairs: Sequence[Pair], notes: list[str]) -> None:
             notes.append(f"vocabulary {grew}: `{escape_name(p.tuned_name)}` has {p.shape_tuned[0]:,} rows, "
                          f"the base {p.shape_base[0]:,}; the {p.overlap_rows:,} shared rows are compared")
     if kinds["mismatch"]:
-        notes.append(f"{kinds['mismatch']} tensors have another shape than in the base and are not compared "
-                     "element by element")
+        n = kinds["mismatch"]
+        notes.append(f"{n} {'tensors have' if n != 1 else 'tensor has'} another shape than in the base and "
+                     f"{'are' if n != 1 else 'is'} not compared element by element")
     if kinds["added"]:
-        notes.append(f"{kinds['added']} tuned tensors have no counterpart in the base (added)")
+        n = kinds["added"]
+        notes.append(f"{n} tuned {'tensors have' if n != 1 else 'tensor has'} no counterpart in the base (added)")
     if kinds["removed"]:
-        notes.append(f"{kinds['removed']} base tensors are missing from the tuned model (removed)")
+        n = kinds["removed"]
+        notes.append(f"{n} base {'tensors are' if n != 1 else 'tensor is'} missing from the tuned model (removed)")
     dt = Counter(f"{p.dtype_base} -> {p.dtype_tuned}" for p in pairs
                  if p.kind in ("paired", "resized") and p.dtype_base != p.dtype_tuned)
     for change, n in sorted(dt.items()):

@@ -13,6 +13,7 @@ a caption is the same number, formatted the same way, as in the tables.
 from __future__ import annotations
 
 import math
+import re
 from statistics import median
 from typing import Any, Iterable
 
@@ -117,6 +118,7 @@ def caption_depth(data: dict) -> str:
     blocks = layered_blocks(data)
     if not blocks:
         return "Relative change per block: the checkpoint has no numbered blocks to plot."
+    points = depth_points(data)
     changed = [b for b in blocks if block_state(b) == "changed"]
     rounding = [b for b in blocks if block_state(b) == "rounding"]
     text = (f"Relative change ‖ΔW‖ / ‖W‖ (Frobenius norms) of each of the {len(blocks)} blocks, from the input "
@@ -131,10 +133,23 @@ def caption_depth(data: dict) -> str:
         text += f" {_plural(unchanged, 'block')} with no change at all sit as hollow circles on the line marked 0."
     if rounding:
         text += f" {_plural(len(rounding), 'block')} differ only by dtype rounding (hollow diamonds)."
-    others = [b for b in data.get("blocks", []) if b.get("index") is None and block_changed(b)]
-    if others:
-        text += (" Outside the numbered blocks, " + _list(f"{b.get('block')} ({count(b.get('params_changed'))} "
-                 f"parameters changed, added or resized)" for b in others) + " also changed; they are not drawn here.")
+    ends = [p for p in points if p["group"] is not None]
+    said: dict[str, list[str]] = {}
+    for p in ends:
+        where = (f"the embeddings (before block {blocks[0]['index']})" if "embed" in p["group"] else
+                 f"the {'head' if p['group'] == 'head' else p['group']} (after block {blocks[-1]['index']})")
+        if p["state"] == "changed" and p["rel_change"]:
+            what = f"changed ({sci(p['rel_change'])})"
+        elif p["state"] == "changed":
+            what = "changed only by new or resized rows (triangles on the 0 line: their shared rows are unchanged)"
+        elif p["state"] == "rounding":
+            what = f"differ only by dtype rounding ({sci(p['rel_change'])})"
+        else:
+            what = "did not change"
+        said.setdefault(what, []).append(where)
+    for what, wheres in said.items():
+        subject = _list(wheres)
+        text += f" {subject[0].upper() + subject[1:]} {what}."
     return text
 
 
@@ -150,8 +165,9 @@ def caption_heatmap(data: dict) -> str:
         text += f"; the largest is {k} in block {b['index']} ({sci(v)})"
     kinds = {c[1] for c in cells}
     absent = sum(len(kinds) - len(b.get("modules") or {}) for b in layered_blocks(data))
-    text += ". White cells did not change at all"
-    return text + (f"; {_plural(absent, 'hatched cell')} mark kinds a block does not have." if absent else ".")
+    text += ". Hatched white cells did not change at all"
+    return text + (f"; {_plural(absent, 'cross-hatched grey cell')} mark kinds a block does not have."
+                   if absent else ".")
 
 
 def caption_params(data: dict) -> str:
@@ -211,14 +227,15 @@ def caption_cosine(data: dict) -> str:
     moved = [(v, t) for v, t in vals if v > 0]
     cut = 1.0 - _thresholds(data).get("unrelated_cosine", 0.2)
     text = (f"1 - cosine similarity between base and tuned weights for each of the {len(mats)} paired matrices, "
-            f"on a log scale (0 means identical direction; two unrelated models sit near 1). ")
+            f"on a log scale (0 means identical direction). The dashed line at 1 marks unrelated models (cosine "
+            f"about 0); the shaded band from {num(cut)} up is where the verdict's unrelated rule looks (cosine below "
+            f"{num(1.0 - cut)}). ")
     if moved:
         v, t = max(moved, key=lambda p: p[0])
         text += (f"{len(moved)} matrices moved; median {sci(median(v for v, _ in moved))}, largest "
                  f"{sci(v)} ({tensor_label(t)})")
         far = sum(1 for v, _ in moved if v >= cut)
-        text += f"; {far} beyond the 'unrelated' line at {num(cut)}." if far else \
-            f", all far below the 'unrelated' line at {num(cut)}."
+        text += f"; {far} inside the shaded band." if far else ", all below the shaded band."
     else:
         text += "No matrix moved."
     unchanged = len(mats) - len(moved)
@@ -230,3 +247,99 @@ def caption_cosine(data: dict) -> str:
 def status_counts(data: dict) -> dict[str, Any]:
     s = data.get("summary") or {}
     return {k: (s.get("params_by_status") or {}).get(k, 0) for k in STATUS_ORDER}
+
+
+# --- what the block figures place (shared with render.figures_blocks) ----------------------
+
+def depth_points(data: dict) -> list[dict]:
+    """The points of the depth profile: the embeddings one step before the first block, every
+    numbered block at its index, the groups after the stack (a final norm, the head) one step
+    each after the last block, the head last. Each point: ``x``, ``label``, ``rel_change``,
+    ``state`` (block_state) and ``group`` (None for a numbered block, else its name)."""
+    blocks = layered_blocks(data)
+    if not blocks:
+        return []
+    groups = [b for b in data.get("blocks", []) if b.get("index") is None]
+    before = [b for b in groups if "embed" in str(b.get("block"))]
+    after = sorted((b for b in groups if b not in before), key=lambda b: str(b.get("block")) == "head")
+
+    def point(b: dict, x: int, label: str, group: str | None) -> dict:
+        return {"x": x, "label": label, "rel_change": b.get("rel_change"), "state": block_state(b), "group": group}
+
+    first, last = blocks[0]["index"], blocks[-1]["index"]
+    out = [point(b, first - len(before) + i, "emb." if len(before) == 1 else str(b["block"])[:8], str(b["block"]))
+           for i, b in enumerate(before)]
+    out += [point(b, b["index"], str(b["index"]), None) for b in blocks]
+    out += [point(b, last + 1 + i, str(b["block"])[:10], str(b["block"])) for i, b in enumerate(after)]
+    return out
+
+
+_EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
+
+
+def expert_grid(data: dict) -> dict:
+    """Relative change of each expert in each block of a mixture-of-experts model:
+    ``{"experts": [0, 1, ...], "blocks": [indices], "grid": [[rel or None per block] per expert]}``,
+    from the tensors whose name holds ``experts.N.``; empty lists when there are none."""
+    index = {b.get("block"): b.get("index") for b in data.get("blocks", []) if b.get("index") is not None}
+    sums: dict[tuple[int, int], list[float]] = {}
+    for t in data.get("tensors", []):
+        m = _EXPERT.search(str(t.get("name") or ""))
+        bi = index.get(t.get("block"))
+        if not m or bi is None or t.get("compared") not in ("float", "factors"):
+            continue
+        nb, nd = t.get("norm_base"), t.get("norm_delta")
+        if nb is None or nd is None or not (math.isfinite(nb) and math.isfinite(nd)):
+            continue
+        acc = sums.setdefault((int(m.group(1)), bi), [0.0, 0.0])
+        acc[0] += nb * nb
+        acc[1] += nd * nd
+    experts = sorted({e for e, _ in sums})
+    blocks = sorted({b for _, b in sums})
+    grid = [[None if (e, b) not in sums else (0.0 if sums[(e, b)][1] == 0 else
+             math.sqrt(sums[(e, b)][1] / sums[(e, b)][0]) if sums[(e, b)][0] > 0 else None)
+             for b in blocks] for e in experts]
+    return {"experts": experts, "blocks": blocks, "grid": grid}
+
+
+def caption_experts(data: dict) -> str:
+    ex = expert_grid(data)
+    cells = [(e, b, v) for e, row in zip(ex["experts"], ex["grid"]) for b, v in zip(ex["blocks"], row)
+             if v is not None]
+    if not cells:
+        return "Experts: the model has no mixture-of-experts tensors."
+    moved = [c for c in cells if c[2] > 0]
+    text = (f"Relative change of each of the {len(ex['experts'])} experts (rows) in each of the "
+            f"{len(ex['blocks'])} blocks that have experts, log colour scale. "
+            f"{len(moved)} of {len(cells)} expert-block cells changed")
+    if moved:
+        e, b, v = max(moved, key=lambda c: c[2])
+        text += f"; the largest is expert {e} in block {b} ({sci(v)})"
+    return text + ". Hatched white cells did not change at all."
+
+
+def caption_reference(data: dict) -> str:
+    from .reference import reference_of
+
+    ref = reference_of(data)
+    pts = {p["key"]: p for p in ref.get("points") or []}
+    if not pts:
+        return "Reference scale: no matrix was compared as floats, so there is nothing to place."
+    parts = []
+    for key in ("F16", "BF16"):
+        if key in pts:
+            parts.append(f"rounding its weights to {'float16' if key == 'F16' else 'bfloat16'} would read "
+                         f"{sci(pts[key]['rel_change'])} (1 − cosine {sci(pts[key]['one_minus_cosine'])})")
+    text = (f"This fine-tune's large matrices ({_plural(ref.get('matrices') or 0, 'matrix', 'matrices')}, "
+            f"{count(ref.get('params'))} parameters) on two log axes, relative change and 1 − cosine. ")
+    if "model" in pts:
+        text += (f"The fine-tune reads {sci(pts['model']['rel_change'])} "
+                 f"(1 − cosine {sci(pts['model']['one_minus_cosine'])}). ")
+    if parts:
+        text += ("For scale, computed from this base's own weights: " + _list(parts) + "; ")
+    if "unrelated" in pts:
+        text += (f"an unrelated model of the same shape (independent initialisation, cosine about 0) would read "
+                 f"{sci(pts['unrelated']['rel_change'])} (1 − cosine {sci(pts['unrelated']['one_minus_cosine'])}).")
+    if pts.get("F16", {}).get("overflow"):
+        text += f" {count(pts['F16']['overflow'])} weights exceed the float16 range and are left out of its floor."
+    return text

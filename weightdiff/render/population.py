@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from ..fsutil import write_bytes
 from .formats import sci, share
-from .plots import GREY, OKABE_ITO, STYLE, _figure, figure_bytes, text
+from .figstyle import GREY, OKABE_ITO, STYLE, _figure, figure_bytes, text
 
 #: (column, axis label, name in sentences, comparison in sentences)
 METRICS = [("relative_change", "relative change ‖ΔW‖ / ‖W‖", "relative change", "deeper than"),

@@ -10,18 +10,16 @@ Figures are plain ``Figure`` objects on Agg whose bytes depend only on the dict
 
 from __future__ import annotations
 
-import html
-
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from ..errors import escape_name
 from .formats import count, num, sci, share
-from .memo import md_escape
-from .plots import GREY, OKABE_ITO, STYLE, _figure, figure_bytes, text
+from .figstyle import GREY, OKABE_ITO, STYLE, _figure, figure_bytes, text
+from .plots import FigureOutput
 
-__all__ = ["ranking_text", "lineage_text", "draw_provenance", "provenance_png", "provenance_markdown",
-           "provenance_html", "lineage_markdown"]
+__all__ = ["ranking_text", "lineage_text", "draw_provenance", "caption_provenance", "provenance_figure",
+           "provenance_png"]
 
 _VERDICT_COLOUR = {"derived": OKABE_ITO["blue"], "unrelated": OKABE_ITO["vermillion"]}
 
@@ -94,97 +92,78 @@ def lineage_text(d: dict) -> str:
 
 
 def draw_provenance(d: dict) -> Figure:
-    """Two bar panels per candidate (relative change; 1 - cosine) with the unrelated reference."""
+    """Two bar panels, one row per candidate: relative change and 1 - cosine of the large
+    matrices, log scale, with the unrelated reference and the verdict's thresholds."""
     cands = [c for c in d["candidates"]]
     thr = d["settings"]["thresholds"]
     ref = d["reference"]
     with rc_context(STYLE):
-        fig = _figure(1.2 + 0.32 * max(1, len(cands)))
+        fig = _figure(1.9 + 0.32 * max(1, len(cands)))
         ax1, ax2 = fig.subplots(1, 2, sharey=True)
+        fig.suptitle("Candidate bases against an unrelated model", fontsize=10, fontweight="bold")
         ys = list(range(len(cands)))
         labels = [text(f"{c['rank']}. {c['path'][-30:]}" + (" (sampled)" if c["compared"] == "sample" else ""))
                   for c in cands]
-        for ax, key, ref_v, thr_v, title in (
+        handles = {}
+        for ax, key, ref_v, thr_v, title, xlabel in (
                 (ax1, "relative_change_large", ref["relative_change"], thr["unrelated_rel_change"],
-                 "Relative change (large matrices)"),
-                (ax2, "one_minus", 1.0 - ref["cosine"], 1.0 - thr["unrelated_cosine"], "1 - cosine (large matrices)")):
+                 "Relative change", "‖ΔW‖ / ‖W‖, large matrices (log)"),
+                (ax2, "one_minus", 1.0 - ref["cosine"], 1.0 - thr["unrelated_cosine"], "1 − cosine",
+                 "1 − cosine, large matrices (log)")):
             vals = [(_omc(c) if key == "one_minus" else c.get(key)) for c in cands]
             pos = [v for v in vals if v is not None and v > 0]
             floor = min(pos + [ref_v]) / 3 if pos else ref_v / 1e3
             for y, v, c in zip(ys, vals, cands):
                 if v is None:
                     continue
-                ax.barh(y, max(v, floor), color=_VERDICT_COLOUR[c["verdict"]],
-                        hatch="//" if c["verdict"] == "unrelated" else "", edgecolor="white", linewidth=0.5)
-            ax.axvline(ref_v, color=OKABE_ITO["black"], linestyle="--", linewidth=1.0,
-                       label=f"unrelated reference ({ref_v:.3g})")
-            ax.axvline(thr_v, color=GREY, linestyle=":", linewidth=1.0, label=f"threshold ({thr_v:.3g})")
+                bar = ax.barh(y, max(v, floor), color=_VERDICT_COLOUR[c["verdict"]],
+                              hatch="//" if c["verdict"] == "unrelated" else "", edgecolor="white", linewidth=0.5)
+                handles.setdefault(c["verdict"], bar)
+            line = ax.axvline(ref_v, color=OKABE_ITO["black"], linestyle="--", linewidth=1.0)
+            handles.setdefault("unrelated reference (independent inits)", line)
+            thr_line = ax.axvline(thr_v, color=GREY, linestyle=":", linewidth=1.0)
+            handles.setdefault("threshold of the unrelated rule", thr_line)
             ax.set_xscale("log")
             ax.set_xlim(floor, max(pos + [ref_v]) * 3)
-            ax.set_title(title)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(xlabel, fontsize=8)
         ax1.set_yticks(ys, labels)
+        ax1.set_ylabel("candidate base (rank)")
         ax1.invert_yaxis()
-        ax2.legend(loc="lower right")
+        fig.legend(list(handles.values()), [f"candidate reads {k}" if k in _VERDICT_COLOUR else k for k in handles],
+                   loc="outside lower center", ncols=2, fontsize=7.5)
         if not cands:
             ax1.text(0.5, 0.5, "no candidate compared", transform=ax1.transAxes, ha="center")
     return fig
 
 
+def caption_provenance(d: dict) -> str:
+    """The chart's caption, with the numbers it draws."""
+    thr, ref = d["settings"]["thresholds"], d["reference"]
+    cands = d["candidates"]
+    text = (f"Each of the {len(cands)} compared candidates (rows, closest first) against the tuned model: relative "
+            f"change (left) and 1 − cosine (right) of the large matrices, log scale; filled bars read derived, "
+            f"hatched bars unrelated. Dashed lines: {ref.get('what', 'two independently initialised models')} "
+            f"({sci(ref['relative_change'])} and {sci(1.0 - ref['cosine'])}); dotted lines: the unrelated rule's "
+            f"thresholds ({sci(thr['unrelated_rel_change'])} and {sci(1.0 - thr['unrelated_cosine'])}).")
+    if cands:
+        c = cands[0]
+        text += (f" The closest, {escape_name(c['path'])}, reads {sci(c.get('relative_change_large'))} and "
+                 f"{sci(_omc(c))}.")
+    return text
+
+
+def provenance_figure(d: dict, formats: tuple[str, ...] = ("png", "svg")) -> tuple[FigureOutput, dict[str, bytes]]:
+    """The chart as a memo figure (SVG and PNG kept for the HTML and Word memo) and its
+    bytes in ``formats``."""
+    blobs = {f: figure_bytes(draw_provenance(d), f) for f in dict.fromkeys(list(formats) + ["svg", "png"])}
+    fo = FigureOutput("provenance", "Candidate bases", caption_provenance(d), svg=blobs["svg"], png=blobs["png"])
+    return fo, {f: blobs[f] for f in formats}
+
+
 def provenance_png(d: dict) -> bytes:
     """The chart as PNG bytes that depend only on ``d``."""
     return figure_bytes(draw_provenance(d), "png")
-
-
-def provenance_markdown(d: dict, image: str | None = None) -> str:
-    """A memo section in Markdown (``image``: a relative path of the saved chart, optional)."""
-    out = ["## Provenance", "", f"Tuned model: `{escape_name(d['tuned']['path'])}`. {md_escape(d['relatedness'])}.", ""]
-    if image:
-        out += [f"![candidate bases against the unrelated reference]({image})", ""]
-    out += ["| # | candidate | verdict | relative change | 1 - cosine | identical tensors | coverage | compared |",
-            "|---|---|---|---|---|---|---|---|"]
-    for c in d["candidates"]:
-        out.append(f"| {c['rank']} | {md_escape(c['path'])} | {c['verdict']} | {sci(c['relative_change_large'])} "
-                   f"| {sci(_omc(c))} | {share(c.get('identical_share'))} | {share(c.get('coverage'))} "
-                   f"| {c['compared']} |")
-    ref = d["reference"]
-    out.append(f"| | reference: {md_escape(ref['what'])} | unrelated | {sci(ref['relative_change'])} "
-               f"| {sci(1 - ref['cosine'])} | | | |")
-    out += ["", "Findings:", ""] + [f"- {md_escape(f)}" for f in d["findings"]]
-    out += ["", "What this method cannot see:", ""] + [f"- {md_escape(x)}" for x in d["limits"]]
-    return "\n".join(out) + "\n"
-
-
-def provenance_html(d: dict, image: str | None = None) -> str:
-    """The same section as an HTML fragment (every name escaped)."""
-    h = lambda s: html.escape(escape_name(str(s)), quote=True)  # noqa: E731
-    out = ["<section class=\"provenance\">", "<h2>Provenance</h2>",
-           f"<p>Tuned model: <code>{h(d['tuned']['path'])}</code>. {h(d['relatedness'])}.</p>"]
-    if image:
-        out.append(f"<img src=\"{h(image)}\" alt=\"candidate bases against the unrelated reference\">")
-    out.append("<table><tr><th>#</th><th>candidate</th><th>verdict</th><th>relative change</th>"
-               "<th>1 - cosine</th><th>identical tensors</th><th>coverage</th><th>compared</th></tr>")
-    for c in d["candidates"]:
-        cells = [c["rank"], c["path"], c["verdict"], sci(c["relative_change_large"]), sci(_omc(c)),
-                 share(c.get("identical_share")), share(c.get("coverage")), c["compared"]]
-        out.append("<tr>" + "".join(f"<td>{h(x)}</td>" for x in cells) + "</tr>")
-    out.append("</table>")
-    for title, items in (("Findings", d["findings"]), ("What this method cannot see", d["limits"])):
-        out.append(f"<h3>{title}</h3><ul>" + "".join(f"<li>{h(x)}</li>" for x in items) + "</ul>")
-    out.append("</section>")
-    return "\n".join(out) + "\n"
-
-
-def lineage_markdown(d: dict) -> str:
-    """A memo section for a lineage chain."""
-    out = ["## Lineage", "", " -> ".join(f"`{escape_name(p)}`" for p in d["paths"]), "",
-           "| step | verdict | relative change | 1 - cosine | blocks changed | share of path |", "|---|---|---|---|---|---|"]
-    for i, s in enumerate([*d["steps"], d["end_to_end"]], 1):
-        label = "end to end" if i > len(d["steps"]) else f"{i}"
-        path_share = s.get("share_of_path", s.get("straightness"))
-        out.append(f"| {label} | {s['verdict']} | {sci(s['relative_change'])} | {sci(s['one_minus_cosine'])} "
-                   f"| {s['blocks_changed']}/{s['blocks_total']} | {share(path_share)} |")
-    out += ["", "Findings:", ""] + [f"- {md_escape(f)}" for f in d["findings"]]
-    return "\n".join(out) + "\n"
 
 
 def _size(n: int) -> str:

@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import OptionsError, WeightdiffError, escape_name
-from ..fsutil import OutputSet, active_outputs, write_text
+from ..fsutil import OutputSet, active_outputs, write_bytes, write_text
 from ..io.files import read_small
 from . import memo as memo_mod
 from .captions import headline_sentences
 from .plots import FigureOutput, render_figures, save_figures
 from .population import population_sentences
 from .validate import SCHEMA, check_result
+from .document import memo_format, write_memo
 
 #: largest compare JSON read
 RESULT_CAP = 4 << 30
@@ -60,7 +61,12 @@ def validate_result(data: Any, where: str = "result") -> dict:
 
 def load_result(path: str | os.PathLike) -> tuple[dict, str]:
     """Read and check a compare JSON file; returns (the dict, the sha256 of the file's bytes)."""
-    p = Path(path)
+    data, raw = _read_json(Path(path))
+    return validate_result(data, str(path)), hashlib.sha256(raw).hexdigest()
+
+
+def _read_json(p: Path) -> tuple[Any, bytes]:
+    """The parsed JSON of a saved result and its bytes; one-line errors naming the file."""
     if not os.path.lexists(p):
         raise WeightdiffError(f"{p}: no such file", "save a comparison result as JSON first")
     if p.is_dir():
@@ -77,7 +83,7 @@ def load_result(path: str | os.PathLike) -> tuple[dict, str]:
         raise WeightdiffError(f"{p}: JSON nested too deeply to be a weightdiff comparison result") from None
     except ValueError as exc:           # e.g. an integer over Python's int-string digit limit
         raise WeightdiffError(f"{p}: not a usable JSON file ({escape_name(str(exc))[:120]})") from None
-    return validate_result(data, str(p)), hashlib.sha256(raw).hexdigest()
+    return data, raw
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -122,17 +128,22 @@ def load_population(path: str | os.PathLike) -> list[dict]:
 
 def write_report(data: dict, *, html: str | os.PathLike | None = None, markdown: str | os.PathLike | None = None,
                  plots: str | os.PathLike | None = None, pdf: bool = False,
-                 source: dict | None = None, population: list[dict] | None = None) -> ReportOutputs:
+                 source: dict | None = None, population: list[dict] | None = None,
+                 memo: str | os.PathLike | None = None) -> ReportOutputs:
     """Draw the figures and write the memo(s) for a loaded compare dict.
 
     ``plots``: a folder for the figures (PNG 300 dpi and SVG, plus PDF when ``pdf``) and a
     ``figures.json`` with their titles and captions. ``markdown`` needs image files: without
     ``plots`` they go to ``<markdown stem>_figures/`` beside it. ``html`` embeds its figures
-    and needs no folder. ``source`` (path, sha256, command of the JSON) goes into the memo's
-    reproducibility block. ``population``: survey rows (``load_population``) to place the
+    and needs no folder. ``memo``: a memo in the format of its extension (.html, .md, .docx;
+    ``render.document.memo_format``). ``source`` (path, sha256, command of the JSON) goes into
+    the memo's reproducibility block. ``population``: survey rows (``load_population``) to place the
     model among, in a sentence of the memo's summary.
     """
     validate_result(data)
+    targets = [Path(t) for t in (html, markdown, memo) if t is not None]
+    for t in targets:
+        memo_format(t)                       # bad input before any drawing
     html_p = Path(html) if html is not None else None
     md_p = Path(markdown) if markdown is not None else None
     plot_dir = Path(plots) if plots is not None else None
@@ -145,7 +156,9 @@ def write_report(data: dict, *, html: str | os.PathLike | None = None, markdown:
     with outs, warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")        # matplotlib/numpy chatter is not the user's business
         claim_report_outputs(outs, html_p, md_p, plot_dir, confirm=True)
-        return _write_report(data, html_p, md_p, plot_dir, pdf, source, population)
+        if memo is not None:
+            outs.claim(memo, None)
+        return _write_report(data, targets, plot_dir, pdf, source, population)
 
 
 def claim_report_outputs(outs: OutputSet, html: Path | None, markdown: Path | None, plots: Path | None,
@@ -159,7 +172,7 @@ def claim_report_outputs(outs: OutputSet, html: Path | None, markdown: Path | No
             outs.claim(path, None if confirm else what)
 
 
-def _write_report(data: dict, html_p: Path | None, md_p: Path | None, plot_dir: Path | None, pdf: bool,
+def _write_report(data: dict, targets: list[Path], plot_dir: Path | None, pdf: bool,
                   source: dict | None, population: list[dict] | None) -> ReportOutputs:
     formats = ("png", "svg", "pdf") if pdf else ("png", "svg")
     out = ReportOutputs(figures=[], headline=headline_sentences(data), plots=plot_dir)
@@ -173,46 +186,160 @@ def _write_report(data: dict, html_p: Path | None, md_p: Path | None, plot_dir: 
     else:
         out.figures = [fo for fo, _ in render_figures(data, ())]
     blocks = memo_mod.build(data, out.figures, source, out.population)
-    title = f"weightdiff memo: {(data.get('tuned') or {}).get('path', '?')}"
-    if html_p is not None:
-        out.html = write_text(html_p, memo_mod.to_html(blocks, title))
-        out.files.append(out.html)
-    if md_p is not None:
-        images = {f.name: _rel(Path(os.path.abspath(f.files["png"])), Path(os.path.abspath(md_p.parent)))
-                  for f in out.figures if f.files.get("png")}
-        out.markdown = write_text(md_p, memo_mod.to_markdown(blocks, images))
-        out.files.append(out.markdown)
+    for t in targets:
+        written = write_memo(t, blocks, out.figures, memo_title(data))
+        out.files += written
+        kind = memo_format(t)
+        if kind == "html" and out.html is None:
+            out.html = written[-1]
+        elif kind == "md" and out.markdown is None:
+            out.markdown = written[-1]
     return out
+
+
+def memo_title(data: dict) -> str:
+    from .sentences import model_label
+
+    bases = " and ".join(model_label(b) for b in data.get("base") or []) or "?"
+    return f"weightdiff memo: {model_label(data.get('tuned'))} against {bases}"
 
 
 def render_outputs(data: dict, *, report: str | os.PathLike | None = None,
                    plots_dir: str | os.PathLike | None = None, pdf: bool = False,
                    source: dict | None = None) -> list[Path]:
-    """For ``weightdiff compare --report FILE --plots DIR``: ``FILE.md`` gives the Markdown memo
-    (its figures in DIR, or beside it), any other name the self-contained HTML memo.
-    Returns the paths written."""
-    is_md = report is not None and str(report).lower().endswith((".md", ".markdown"))
-    out = write_report(data, html=None if is_md else report, markdown=report if is_md else None,
-                       plots=plots_dir, pdf=pdf, source=source)
+    """For ``weightdiff compare --report FILE --plots DIR``: the memo in the format of FILE's
+    extension (its Markdown figures in DIR, or beside it) and the figures. Returns the paths written."""
+    out = write_report(data, memo=report, plots=plots_dir, pdf=pdf, source=source)
     return out.files
 
 
 def report(path: str | os.PathLike, *, html: str | os.PathLike | None = None,
            markdown: str | os.PathLike | None = None, plots: str | os.PathLike | None = None,
            pdf: bool = False, command: str | None = None,
-           population: str | os.PathLike | None = None) -> ReportOutputs:
+           population: str | os.PathLike | None = None, memo: str | os.PathLike | None = None) -> ReportOutputs:
     """Load ``path`` (a compare JSON) and write what was asked; with nothing asked, an HTML
     memo beside the JSON (``result.json`` -> ``result.html``). ``population``: a survey table
     to place the model within."""
-    if html is None and markdown is None and plots is None:
+    if html is None and markdown is None and plots is None and memo is None:
         html = Path(path).with_suffix(".html")
     outs = active_outputs() or OutputSet()
     with outs:
         outs.protect(path)                     # the memo may never overwrite its own input
         claim_report_outputs(outs, None if html is None else Path(html), None if markdown is None else Path(markdown),
                              None if plots is None else Path(plots))
+        if memo is not None:
+            outs.claim(memo, "--report")
         data, digest = load_result(path)
         rows = load_population(population) if population is not None else None
         source = {"path": os.fspath(path), "sha256": digest, "command": command or "weightdiff report"}
         return write_report(data, html=html, markdown=markdown, plots=plots, pdf=pdf, source=source,
-                            population=rows)
+                            population=rows, memo=memo)
+
+
+# --- several results, one document -------------------------------------------------------------
+
+KINDS = {"weightdiff.compare/1": "compare", "weightdiff.provenance/1": "provenance",
+         "weightdiff.lineage/1": "lineage"}
+#: the keys (and their types) the provenance and lineage sections read
+_NEEDS = {"provenance": (("tuned", dict), ("candidates", list), ("reference", dict), ("findings", list),
+                         ("limits", list), ("settings", dict)),
+          "lineage": (("paths", list), ("steps", list), ("end_to_end", dict), ("blocks", list), ("findings", list))}
+
+
+_NEEDS_BY_SCHEMA = {s for s, k in KINDS.items() if k in _NEEDS}
+
+
+def load_any(path: str | os.PathLike) -> tuple[str, dict, str]:
+    """(kind, dict, sha256) of a saved compare, provenance or lineage JSON; one-line errors."""
+    p = Path(path)
+    data, raw = _read_json(p)
+    if not isinstance(data, dict) or data.get("schema") not in _NEEDS_BY_SCHEMA:
+        return "compare", validate_result(data, str(p)), hashlib.sha256(raw).hexdigest()
+    kind = KINDS[data["schema"]]
+    for key, typ in _NEEDS[kind]:
+        if not isinstance(data.get(key), typ):
+            raise WeightdiffError(f"{p}: `{key}` should be {'an object' if typ is dict else 'a list'} in a "
+                                  f"{kind} result", "was it written by weightdiff?")
+    return kind, data, hashlib.sha256(raw).hexdigest()
+
+
+def report_many(paths: list[str | os.PathLike], *, html: str | os.PathLike | None = None,
+                markdown: str | os.PathLike | None = None, memo: str | os.PathLike | None = None,
+                plots: str | os.PathLike | None = None, pdf: bool = False, command: str | None = None,
+                population: str | os.PathLike | None = None) -> ReportOutputs:
+    """One document from several saved results (compare, provenance, lineage), a section each,
+    in the order given; a single compare JSON is ``report()``. With no output asked, an HTML
+    memo beside the first JSON."""
+    for t in (html, markdown, memo):
+        if t is not None:
+            memo_format(t)
+    items = [(p, *load_any(p)) for p in paths]
+    if len(items) == 1 and items[0][1] == "compare":
+        return report(paths[0], html=html, markdown=markdown, plots=plots, pdf=pdf, command=command,
+                      population=population, memo=memo)
+    if pdf and plots is None:
+        raise OptionsError("pdf figures are written as files: give a plots folder as well", option="pdf")
+    rows = load_population(population) if population is not None else None
+    if html is None and markdown is None and memo is None and plots is None:
+        html = Path(paths[0]).with_suffix(".html")
+    outs = active_outputs() or OutputSet()
+    with outs, warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        for p in paths:
+            outs.protect(p)                    # the memo may never overwrite one of its inputs
+        claim_report_outputs(outs, None if html is None else Path(html), None if markdown is None else Path(markdown),
+                             None if plots is None else Path(plots))
+        if memo is not None:
+            outs.claim(memo, "--report")
+        return _sections_document(items, html, markdown, memo, plots, pdf, command, rows)
+
+
+def _sections_document(items: list, html, markdown, memo, plots, pdf: bool, command: str | None,
+                       rows: list[dict] | None) -> ReportOutputs:
+    from .document import combine
+    from .provenance import provenance_figure
+    from .sections import lineage_blocks, provenance_blocks
+
+    out = ReportOutputs(figures=[], plots=Path(plots) if plots is not None else None)
+    sections = []
+    formats = ("png", "svg", "pdf") if pdf else ("png", "svg")
+    for i, (path, kind, data, digest) in enumerate(items, start=1):
+        source = {"path": os.fspath(path), "sha256": digest, "command": command or "weightdiff report"}
+        if kind == "compare":
+            pairs = render_figures(data, formats)
+            figs = [fo for fo, _ in pairs]
+            out.headline += headline_sentences(data)
+            pop = population_sentences(data, rows) if rows is not None else []
+            out.population += pop
+        elif kind == "provenance":
+            fo, blobs = provenance_figure(data, formats)
+            pairs, figs = [(fo, blobs)], [fo]
+            out.headline += [str(f) for f in data["findings"]]
+        else:
+            pairs, figs = [], []
+            out.headline += [str(f) for f in data["findings"]]
+        for fo, blobs in pairs:
+            fo.name = f"{i}-{fo.name}"
+            if plots is not None:
+                for fmt, blob in blobs.items():
+                    fo.files[fmt] = write_bytes(Path(plots) / f"{fo.name}.{fmt}", blob)
+                out.files += list(fo.files.values())
+        if kind == "compare":
+            sections.append(memo_mod.build(data, figs, source, pop))
+        elif kind == "provenance":
+            sections.append(provenance_blocks(data, figs))
+        else:
+            sections.append(lineage_blocks(data))
+        out.figures += figs
+    doc = combine(sections)
+    title = "weightdiff memo: " + ", ".join(Path(p).name for p, *_ in items)
+    for t in (html, markdown, memo):
+        if t is not None:
+            written = write_memo(t, doc, out.figures, title, figure_dir=plots)
+            out.files += written
+            kind = memo_format(t)
+            if kind == "html" and out.html is None:
+                out.html = written[-1]
+            elif kind == "md" and out.markdown is None:
+                out.markdown = written[-1]
+    return out

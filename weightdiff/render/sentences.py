@@ -14,7 +14,8 @@ from typing import Any
 
 from .formats import count, num, sci, share
 
-__all__ = ["verdict_title", "verdict_reason", "headline", "is_tied_row", "PAIRED"]
+__all__ = ["verdict_title", "verdict_reason", "headline", "is_tied_row", "PAIRED", "plain_language", "model_label",
+           "plural"]
 
 #: statuses of a tensor that has a counterpart on the other side (``judge.status.PAIRED``)
 PAIRED = ("unchanged", "rounding", "quantized", "changed", "resized")
@@ -162,4 +163,97 @@ def headline(data: dict) -> list[str]:
     bad = sum(t.get("nonfinite") or 0 for t in counted)
     if bad:
         out.append(f"{count(bad)} non-finite values (NaN or Inf) were found.")
+    return out
+
+
+# --- the plain-language paragraph of the memo's first page ---------------------------------
+
+def plural(n: Any, word: str, many: str | None = None) -> str:
+    """``plural(1, "tensor")`` -> ``'1 tensor'``; ``plural(3, "matrix", "matrices")`` -> ``'3 matrices'``."""
+    return f"{count(n)} {word if n == 1 else many or word + 's'}"
+
+
+def model_label(entry: dict | None) -> str:
+    """How a memo names a model: its label, else its Hub repo id (with revision), else its path."""
+    entry = entry or {}
+    if entry.get("label"):
+        return str(entry["label"])
+    hub = entry.get("hub") or {}
+    if hub.get("repo_id"):
+        rev = hub.get("revision")
+        return f"{hub['repo_id']}@{rev}" if rev and rev != "main" else str(hub["repo_id"])
+    return str(entry.get("path") or "?")
+
+
+def _times(a: float, b: float) -> str:
+    """How many times ``a`` is ``b``, in words a reader can quote: ``'about 30 times'``."""
+    r = a / b
+    if r >= 1.5:
+        return f"about {num(r, 2)} times"
+    if r >= 0.67:
+        return "about the same as"
+    return f"about {num(b / a, 2)} times smaller than"
+
+
+def plain_language(data: dict) -> list[str]:
+    """Four to six sentences a non-engineer can quote, from the numbers; no legal conclusion.
+
+    Reads ``summary``, ``base``/``tuned`` (labels, Hub ids) and the reference scale
+    (``reference``: the rounding of a cast and the unrelated level of this base)."""
+    from .reference import reference_of
+
+    s = data.get("summary") or {}
+    tuned = model_label(data.get("tuned"))
+    bases = data.get("base") or []
+    base = " and ".join(model_label(b) for b in bases) or "the base"
+    total = s.get("params_total") or 0
+    by = s.get("params_by_status") or {}
+    v = s.get("verdict")
+    points = {p["key"]: p for p in reference_of(data).get("points") or []}
+    out = []
+    if not total:
+        out.append(f"No parameter of {tuned} could be compared with {base}, so the comparison says nothing about "
+                   "how the two relate.")
+    elif v == "identical":
+        out.append(f"All {count(total)} parameters of {tuned} are bit for bit the same as in {base}.")
+    else:
+        unchanged = by.get("unchanged", 0)
+        text = (f"Of the {count(total)} parameters of {tuned}, {share(unchanged / total)} are bit for bit the same "
+                f"as in {base}")
+        if s.get("blocks_total"):
+            n = s.get("blocks_changed") or 0
+            text += (f", and {count(n)} of its {count(s['blocks_total'])} blocks "
+                     f"{'was' if n == 1 else 'were'} changed")
+        out.append(text + ".")
+    model, unrel = points.get("model"), points.get("unrelated")
+    bf16 = (points.get("BF16") or {}).get("rel_change")
+    rel = (model or {}).get("rel_change")
+    if v == "unrelated" and model and unrel:
+        out.append(f"Its large weight matrices differ from the base by {sci(model['rel_change'])} of their size, "
+                   f"as far as an independently initialised model of the same shape would ({sci(unrel['rel_change'])}): "
+                   "the weights give no sign that one was made from the other.")
+    elif v == "cast_only":
+        out.append("Every difference is no larger than the rounding of storing the same numbers in another format, "
+                   "so no weight was trained further.")
+    elif v == "derived" and rel:
+        text = f"Taken together, its large weight matrices moved by {sci(rel)} of their size"
+        if bf16:
+            text += f", {_times(rel, bf16)} the rounding a cast to bfloat16 would cause ({sci(bf16)})"
+        out.append(text + ".")
+        if model and unrel:
+            out.append(f"Measured as a turn of direction, they read 1 − cosine = "
+                       f"{sci(model['one_minus_cosine'])}, where an unrelated model of the same shape reads "
+                       f"{sci(unrel['one_minus_cosine'])}.")
+    form = s.get("form") or {}
+    if v == "derived" and s.get("delta_params"):
+        kind = {"low_rank": "compact (low-rank)", "sparse": "sparse", "dense": "spread over many directions",
+                "mixed": "partly compact, partly spread out"}.get(form.get("kind"), "")
+        out.append(f"The change is {kind + ': ' if kind else ''}writing it down takes "
+                   f"{count(s['delta_params'])} numbers, {share(s.get('delta_params_share'))} of the model.")
+    added = [t for t in data.get("tensors") or [] if t.get("status") == "added" and not is_tied_row(t)]
+    if added and v != "unrelated":
+        out.append(f"{plural(len(added), 'new tensor')} with {plural(sum(t.get('numel') or 0 for t in added), 'parameter')} "
+                   f"{'was' if len(added) == 1 else 'were'} added that the base does not have.")
+    out.append("These numbers describe the weights only: they do not show what data either model was trained on, "
+               "how it behaves, or any legal status.")
     return out

@@ -1,4 +1,5 @@
-"""CSV rendering: one row per tensor record of a compare result dict (for spreadsheets).
+"""CSV rendering for spreadsheets: one row per tensor of a compare result, per candidate of a
+provenance result, per step of a lineage result. Full-precision numbers, missing values empty.
 
 Text cells are made safe for spreadsheets and terminals: a cell starting with ``=``, ``+``,
 ``-``, ``@``, a tab or a carriage return gets a leading ``'`` so no spreadsheet runs it as a
@@ -31,6 +32,34 @@ def text_cell(value: str) -> str:
     if value.startswith(_FORMULA):
         value = "'" + value
     return escape_name(value)
+
+
+def _table(header: tuple[str, ...], rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow(["" if v is None else text_cell(v) if isinstance(v, str) else v for v in r])
+    return buf.getvalue()
+
+
+PROVENANCE_COLUMNS = ("rank", "path", "verdict", "relative_change_large", "cosine_large", "identical_share",
+                      "coverage", "compared")
+LINEAGE_COLUMNS = ("step", "from", "to", "verdict", "relative_change", "one_minus_cosine", "norm_delta",
+                   "blocks_changed", "blocks_total", "delta_params", "share_of_path")
+
+
+def provenance_csv(result: dict) -> str:
+    """One row per compared candidate of a provenance result."""
+    return _table(PROVENANCE_COLUMNS, ([c.get(k) for k in PROVENANCE_COLUMNS] for c in result.get("candidates", [])))
+
+
+def lineage_csv(result: dict) -> str:
+    """One row per step of a lineage chain, then the end-to-end row (``share_of_path``: its straightness)."""
+    steps = [dict(s, step=str(i)) for i, s in enumerate(result.get("steps", []), 1)]
+    end = dict(result.get("end_to_end") or {}, step="end to end")
+    end["share_of_path"] = end.get("straightness")
+    return _table(LINEAGE_COLUMNS, ([s.get(k) for k in LINEAGE_COLUMNS] for s in steps + [end]))
 
 
 def to_csv(result: dict) -> str:

@@ -15,7 +15,7 @@ from typing import IO, Any
 from ..errors import escape_name
 from .captions import one_minus_cosine
 from .formats import count, rank_text, sci, share
-from .sentences import verdict_title
+from .sentences import plural, verdict_title
 
 STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
 
@@ -51,7 +51,7 @@ def render_text(result: dict, top: int = 10) -> str:
     s = result["summary"]
     lines = []
     bases = ", ".join(escape_name(b["path"]) for b in result["base"])
-    lines.append(f"weightdiff {result['tool']['version']}: {escape_name(result['tuned']['path'])}  vs  {bases}")
+    lines.append(f"weightdiff {result['tool']['version']}: {bases}  vs  {escape_name(result['tuned']['path'])}")
     lines.append("")
     lines.append(f"verdict   {verdict_title(s)}")
     if s.get("verdict_reason"):
@@ -91,7 +91,7 @@ def render_text(result: dict, top: int = 10) -> str:
         lines.append("")
         indexed = sum(1 for b in blocks if b.get("index") is not None)
         others = len(blocks) - indexed
-        label = f"{indexed} blocks" + (f" and {others} other groups" if others else "")
+        label = plural(indexed, "block") + (f" and {plural(others, 'other group')}" if others else "")
         lines.append(f"most changed blocks ({label} changed)")
         rows = [[_trim(b["block"], 32), sci(b.get("rel_change")), count(b.get("params_changed")),
                  count(b.get("params")), "-" if b.get("max_numerical_rank") is None else str(b["max_numerical_rank"])]

@@ -1,0 +1,192 @@
+"""The memo a reader files: page one, labels and date, the format by extension (HTML, Markdown,
+Word; anything else refused before any work), one document from compare + provenance + lineage,
+and the notebook face of a comparison (repr, HTML card, pandas)."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_checkpoint
+from models import llama, low_rank_update
+from render_sample import cached_result
+from weightdiff.cli import main
+from weightdiff.render.report import write_report
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """base -> sft -> dpo, tiny, and an unrelated model."""
+    root = tmp_path_factory.mktemp("chain")
+    rng = np.random.default_rng(3)
+    base = llama(rng, layers=2, hidden=64, inter=128)
+    sft = dict(base)
+    for k in [k for k in base if k.endswith("q_proj.weight")]:
+        sft[k] = low_rank_update(rng, base[k], 2)
+    dpo = dict(sft)
+    k = next(k for k in base if k.endswith("v_proj.weight"))
+    dpo[k] = low_rank_update(rng, sft[k], 2)
+    other = llama(np.random.default_rng(99), layers=2, hidden=64, inter=128)
+    return [str(write_checkpoint(root / n, t, dtype="BF16")) for n, t in
+            (("base", base), ("sft", sft), ("dpo", dpo), ("other", other))], root
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_labels_date_and_page_one(chain, tmp_path):
+    (base, sft, *_), _ = chain
+    r = _run("compare", base, sft, "--base-label", "Base 7B", "--tuned-label", "Acme chat v2", "--json",
+             tmp_path / "c.json", "--report", tmp_path / "memo.html", "-q")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith(f"weightdiff 0.1.0: {base}  vs  {sft}")          # BASE vs TUNED, as given
+    d = json.loads((tmp_path / "c.json").read_text())
+    assert d["base"][0]["label"] == "Base 7B" and d["tuned"]["label"] == "Acme chat v2"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", d["run"]["date"])
+    page = (tmp_path / "memo.html").read_text()
+    one, rest = page.split('<div class="pagebreak">', 1)
+    day, time = d["run"]["date"][:10], d["run"]["date"][11:16]
+    assert "<h1>How far is Acme chat v2 from Base 7B?</h1>" in one and f"{day} {time} UTC" in one
+    assert one.index('class="verdict"') < one.index("In plain words") < one.index('class="keyfigs"')
+    assert one.index('class="keyfigs"') < one.index("Figure 1. Depth profile.") < one.index(
+        "Figure 2. Reference scale.")
+    assert '<aside class="caveats">' in one and 'href="#limits"' in one and 'id="limits"' in rest
+    assert 'id="methodology"' in rest and "Thresholds used" in rest and "Most changed tensors" in rest
+    keyfigs = one.split('class="keyfigs"')[1].split("</table>")[0]
+    assert keyfigs.count("<tr>") == 6                                             # header + five rows
+    para = one.split("In plain words</h2>")[1].split("</p>")[0]
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z0-9])", para.replace("<p>", "").strip()) if s]
+    assert 4 <= len(sentences) <= 6, sentences
+    assert "legal status" in para and "Acme chat v2" in para
+    for word in ("infring", "lawful", "unlawful", "copyright violation", "is a derivative work"):
+        assert word not in para.lower()
+
+
+def test_memo_extension_is_checked_before_any_work(chain, tmp_path):
+    (base, sft, *_), _ = chain
+    for name in ("memo.pdf", "memo.txt", "memo"):
+        r = _run("compare", base, sft, "--report", tmp_path / name)
+        assert r.exit_code == 2 and r.stdout == ""
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --report ") and "FILE.docx" in lines[0]
+        assert "plan:" not in r.stderr                                 # refused before the comparison
+    assert "print the HTML memo" in _run("compare", base, sft, "--memo", tmp_path / "m.pdf").stderr
+    assert not list(tmp_path.iterdir())                                # nothing written
+    r = _run("report", "nope.json", "--memo", tmp_path / "m.odt")
+    assert r.exit_code == 2 and "--report" in r.stderr and not list(tmp_path.iterdir())
+
+
+def test_markdown_and_word_memo_hold_every_figure_and_table(tmp_path):
+    docx = pytest.importorskip("docx")
+    data = cached_result()
+    out = write_report(data, memo=tmp_path / "memo.docx", markdown=tmp_path / "memo.md", plots=tmp_path / "p")
+    doc = docx.Document(str(tmp_path / "memo.docx"))
+    md = (tmp_path / "memo.md").read_text()
+    assert len(doc.inline_shapes) == len(out.figures) == md.count("![")
+    assert len(doc.tables) == md.count("\n| --- ")
+    styles = {p.style.name for p in doc.paragraphs}
+    assert {"Heading 1", "Heading 2", "Caption", "List Bullet", "Intense Quote"} <= styles
+    assert all(t.style.name == "Table Grid" for t in doc.tables)
+    text = "\n".join(p.text for p in doc.paragraphs)
+    assert "What these numbers show, and what they do not" in text and "Figure 2. Reference scale." in text
+    assert any(r.style.name == "Code" for p in doc.paragraphs for r in p.runs)
+
+
+def test_report_merges_compare_provenance_and_lineage(chain, tmp_path):
+    (base, sft, dpo, other), _ = chain
+    assert _run("compare", base, dpo, "--json", tmp_path / "c.json", "-q").exit_code == 0
+    r = _run("provenance", dpo, "--candidates", other, base, "--json", tmp_path / "p.json", "--csv",
+             tmp_path / "p.csv", "-q")
+    assert r.exit_code == 0, r.output
+    assert _run("lineage", base, sft, dpo, "--no-rank", "--json", tmp_path / "l.json", "--csv", tmp_path / "l.csv",
+                "-q").exit_code == 0
+    assert (tmp_path / "p.csv").read_text().startswith("rank,path,verdict")
+    assert len((tmp_path / "l.csv").read_text().splitlines()) == 1 + 2 + 1          # header, 2 steps, end to end
+    r = _run("report", tmp_path / "c.json", tmp_path / "p.json", tmp_path / "l.json", "--html", tmp_path / "all.html",
+             "--markdown", tmp_path / "all.md")
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "all.html").read_text()
+    h1 = re.findall(r"<h1[^>]*>(.*?)</h1>", page)
+    assert len(h1) == 3 and h1[0].startswith("How far is") and h1[1].startswith("Which base was")
+    assert h1[2].startswith("How did the weights move along")
+    numbers = [int(n) for n in re.findall(r"<strong>Figure (\d+)\.", page)]
+    assert numbers == list(range(1, len(numbers) + 1)) and "Candidate bases" in page
+    md = (tmp_path / "all.md").read_text()
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (tmp_path / link).is_file()
+    r = _run("report", tmp_path / "p.json")                          # one provenance JSON alone: a document
+    assert r.exit_code == 0 and (tmp_path / "p.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_provenance_memo_is_a_complete_document(chain, tmp_path):
+    (base, sft, _, other), _ = chain
+    r = _run("provenance", sft, "--candidates", other, base, "--report", tmp_path / "p.html", "--plots",
+             tmp_path / "figs", "-q")
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "p.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "data:image/svg+xml;base64," in page and (tmp_path / "figs" / "provenance.png").is_file()
+    assert "What this method cannot see" in page
+
+
+def test_provenance_chart_has_titles_axis_labels_and_legend_outside(chain):
+    from weightdiff import provenance
+    from weightdiff.render.provenance import draw_provenance
+
+    (base, sft, _, other), _ = chain
+    fig = draw_provenance(provenance(sft, [other, base], screen=False).to_dict())
+    ax1, ax2 = fig.axes[:2]
+    assert ax1.get_title() == "Relative change" and ax2.get_title() == "1 − cosine"
+    assert ax1.get_xlabel() and ax2.get_xlabel() and ax1.get_ylabel()
+    assert not ax1.get_legend() and not ax2.get_legend() and fig.legends          # outside the axes
+
+
+class _Checker(HTMLParser):
+    VOID = {"br", "img", "meta", "hr", "input", "link"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[str] = []
+        self.ok = True
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.ok = False
+
+
+def test_notebook_repr_card_and_pandas(chain):
+    import weightdiff
+
+    for name in ("compare", "provenance", "lineage"):
+        assert name in dir(weightdiff) and name in weightdiff.__all__
+    (base, sft, *_), _ = chain
+    r = weightdiff.compare(base, sft, tuned_label="sft")
+    assert len(repr(r)) < 200 and repr(r).startswith("<Comparison derived:")
+    card = r._repr_html_()
+    assert len(card.encode()) < 50_000
+    checker = _Checker()
+    checker.feed(card)
+    assert checker.ok and not checker.stack
+    assert "DERIVED" in card and "data:image/png;base64," in card and "relative change" in card
+    assert "spectrum" not in card and "norm_base" not in card                 # no raw per-tensor data
+    data = r.to_dict()
+    tensors, blocks = r.to_pandas(), r.to_pandas("blocks")
+    assert len(tensors) == len(data["tensors"]) and len(blocks) == len(data["blocks"])
+    assert "rank.numerical_rank" in tensors.columns
+    with pytest.raises(weightdiff.WeightdiffError):
+        r.to_pandas("modules")
+    assert callable(weightdiff.provenance) and callable(weightdiff.lineage)
+    import weightdiff.provenance as module                                       # the module is callable too
+
+    assert module(sft, [base], screen=False).to_dict()["leading"] == base

@@ -1,0 +1,88 @@
+"""Cast-rounding floors of a base tensor: how much a cast to bf16 or fp16 would change it.
+
+Rounding a value ``x`` to a float format with ``p`` explicit mantissa bits moves it by at
+most half a step (ulp) of that format at ``|x|``; for values that are not already on the
+format's grid the error is close to uniform on that interval, so its mean square is
+``ulp(|x|)^2 / 12`` (the same model as the rank stage's noise floor, weightdiff.measure.rank).
+The floor of a tensor is ``sqrt(sum_ij ulp(|B_ij|)^2 / 12)``: the Frobenius norm of the
+change a cast of weights of exactly these magnitudes would make. Divided by ``norm_base``
+it is the relative change a cast alone reads; it needs only the binary exponent of each
+weight, so it is kept as a histogram of exponents while the stats pass streams the base.
+
+Each window contributes a fixed, evenly strided sample of at least ``SAMPLE`` elements
+(every element of a smaller window), scaled to the window's size: deterministic, and a
+negligible cost next to the stats kernel. Zeros and subnormals contribute nothing (a zero
+casts exactly); values above the fp16 range are counted as ``F16_overflow`` (they become
+infinite in fp16) and left out of its floor.
+
+>>> acc = FloorAccumulator()
+>>> acc.add(np.array([1.0, -1.5, 0.0], dtype=np.float32), "F32")
+>>> r = acc.result()
+>>> round(r["BF16"] ** 2 * 12 / 2 ** -14, 6), round(r["F16"] ** 2 * 12 / 2 ** -20, 6), r["F16_overflow"]
+(2.0, 2.0, 0)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..kernels.dtypes import DTYPES, decode
+
+__all__ = ["FloorAccumulator", "SAMPLE", "TARGETS"]
+
+#: elements sampled per window at least (all of a smaller window)
+SAMPLE = 1 << 18
+#: formats a floor is computed for: name -> (explicit mantissa bits, exponent of the smallest normal, largest exponent)
+TARGETS = {"BF16": (7, -126, 127), "F16": (10, -14, 15)}
+
+_OFFSET = 1100           # exponents of float64 range from -1074 to 1023
+_BINS = 2 * _OFFSET
+
+
+def _exponents(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """floor(log2 |x|) + _OFFSET of every element (0 for zeros, subnormals and non-finite values)."""
+    if dtype == "BF16":
+        e = (raw.view(np.uint16) >> 7).astype(np.int32) & 0xFF
+        return np.where((e == 0) | (e == 0xFF), 0, e - 127 + _OFFSET)
+    if dtype == "F32":
+        e = (raw.view(np.uint32) >> 23).astype(np.int32) & 0xFF
+        return np.where((e == 0) | (e == 0xFF), 0, e - 127 + _OFFSET)
+    if dtype == "F16":
+        e = (raw.view(np.uint16) >> 10).astype(np.int32) & 0x1F
+        return np.where((e == 0) | (e == 0x1F), 0, e - 15 + _OFFSET)
+    x = np.abs(decode(raw, dtype))
+    ok = np.isfinite(x) & (x > 0)
+    _, e = np.frexp(np.where(ok, x, 1.0))
+    return np.where(ok, e - 1 + _OFFSET, 0)
+
+
+class FloorAccumulator:
+    """Sums the exponent histogram of a base tensor window by window; ``result()`` gives
+    the floor norms ``{"BF16": ..., "F16": ..., "F16_overflow": count}``."""
+
+    def __init__(self) -> None:
+        self.hist = np.zeros(_BINS, dtype=np.float64)
+
+    def add(self, raw: np.ndarray, dtype: str) -> None:
+        if not DTYPES[dtype].decodable or DTYPES[dtype].kind != "float" or raw.size == 0:
+            return
+        flat = raw.reshape(-1)
+        stride = max(1, flat.size // SAMPLE)
+        sample = flat[::stride]
+        counts = np.bincount(_exponents(sample, dtype).ravel(), minlength=_BINS)
+        self.hist += counts * (flat.size / sample.size)
+
+    def result(self) -> dict:
+        e = np.arange(_BINS) - _OFFSET
+        n = self.hist.copy()
+        n[0] = 0.0                                  # zeros, subnormals, non-finite
+        out: dict = {}
+        for name, (mant, emin, emax) in TARGETS.items():
+            fits = e <= emax
+            ulp2 = np.exp2(2.0 * (np.clip(e, emin, emax) - mant))
+            out[name] = math.sqrt(float(np.sum(n[fits] * ulp2[fits])) / 12.0)
+            if name == "F16":
+                out["F16_overflow"] = int(round(float(np.sum(n[~fits]))))
+        return out

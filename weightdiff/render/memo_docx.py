@@ -1,0 +1,115 @@
+"""The memo as a Word document (.docx), from the same neutral blocks as the HTML and Markdown memo.
+
+Needs python-docx (``pip install 'weightdiff[docx]'``). Headings are Word's "Heading 1-3"
+styles, tables use "Table Grid" with a header row, lists "List Bullet", figures are
+embedded PNGs followed by a "Caption" paragraph, code and paths use two styles of their
+own ("Code" for runs, "Code Block" for paragraphs), and the verdict and caveats use
+"Intense Quote" and "Quote": a law office can restyle the whole document from Word's
+style pane without touching a paragraph. The first page (verdict, paragraph, key
+figures, depth profile, reference scale) ends with a page break, as in print.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+from ..errors import WeightdiffError, escape_name
+
+__all__ = ["to_docx"]
+
+
+def _require():
+    try:
+        import docx  # noqa: F401
+    except ImportError:
+        raise WeightdiffError("writing a Word memo (.docx) needs python-docx",
+                              "pip install 'weightdiff[docx]', or write FILE.html or FILE.md") from None
+    return docx
+
+
+def _styles(doc) -> None:
+    from docx.enum.style import WD_STYLE_TYPE
+    from docx.shared import Pt
+
+    styles = doc.styles
+    if "Code" not in [s.name for s in styles]:
+        code = styles.add_style("Code", WD_STYLE_TYPE.CHARACTER)
+        code.font.name = "Consolas"
+        code.font.size = Pt(9)
+    if "Code Block" not in [s.name for s in styles]:
+        block = styles.add_style("Code Block", WD_STYLE_TYPE.PARAGRAPH)
+        block.base_style = styles["Normal"]
+        block.font.name = "Consolas"
+        block.font.size = Pt(8)
+
+
+def _runs(par, content) -> None:
+    if isinstance(content, str):
+        par.add_run(escape_name(content))
+        return
+    for style, text in content:
+        run = par.add_run(escape_name(str(text)))
+        if style == "code":
+            run.style = "Code"
+        elif style == "b":
+            run.bold = True
+
+
+def to_docx(blocks: Sequence, title: str, core: dict | None = None) -> bytes:
+    """The memo's blocks as the bytes of a .docx file; ``core``: document properties
+    (title, author, subject) for Word's File > Info."""
+    _require()
+    import docx
+    from docx.shared import Inches
+
+    doc = docx.Document()
+    _styles(doc)
+    props = doc.core_properties
+    props.title = escape_name(title)[:250]
+    props.author = "weightdiff"
+    for k, v in (core or {}).items():
+        setattr(props, k, v)
+    for b in blocks:
+        kind = b.kind
+        if kind in ("h1", "h2", "h3"):
+            par = doc.add_heading(level=int(kind[1]))
+            _runs(par, b.content)
+        elif kind == "p":
+            _runs(doc.add_paragraph(), b.content)
+        elif kind == "ul":
+            for item in b.content:
+                _runs(doc.add_paragraph(style="List Bullet"), item)
+        elif kind == "pre":
+            doc.add_paragraph("\n".join(escape_name(line) for line in str(b.content).split("\n")), style="Code Block")
+        elif kind == "verdict":
+            par = doc.add_paragraph(style="Intense Quote")
+            par.add_run(escape_name(str(b.content))).bold = True
+            if b.extra:
+                par.add_run(" — " + escape_name(str(b.extra)))
+        elif kind == "caveats":
+            par = doc.add_paragraph(style="Quote")
+            _runs(par, b.content)
+        elif kind == "table":
+            rows = list(b.extra)
+            table = doc.add_table(rows=1 + len(rows), cols=len(b.content))
+            table.style = "Table Grid"
+            for j, h in enumerate(b.content):
+                cell = table.rows[0].cells[j]
+                cell.paragraphs[0].text = ""
+                _runs(cell.paragraphs[0], h if not isinstance(h, str) else [("b", h)])
+            for i, r in enumerate(rows, start=1):
+                for j, c in enumerate(r):
+                    _runs(table.rows[i].cells[j].paragraphs[0], c)
+        elif kind == "figure":
+            fo = b.content
+            if fo.png:
+                doc.add_picture(io.BytesIO(fo.png), width=Inches(6.2))
+            cap = doc.add_paragraph(style="Caption")
+            cap.add_run(f"Figure {b.extra}. {escape_name(fo.title)}. ").bold = True
+            cap.add_run(escape_name(fo.caption))
+        elif kind == "pagebreak":
+            doc.add_page_break()
+    buf = io.BytesIO()
+    doc.save(buf)
+    return buf.getvalue()

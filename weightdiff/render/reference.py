@@ -1,0 +1,94 @@
+"""The reference scale: where this fine-tune sits between a cast's rounding and an unrelated model.
+
+Every point is computed for this very base from the compare JSON, never typed in:
+
+* ``cast to bfloat16`` / ``cast to float16``: the change a cast of the base's own weights
+  would make (the tensors' ``rounding_floor``, measured while the base streamed; see
+  weightdiff.measure.floors). Relative change = sqrt(sum floor^2) / sqrt(sum norm_base^2);
+  1 - cosine of rounding noise independent of the weights is floor^2 / (2 norm_base^2)
+  per matrix, weighted by size as the model's own 1 - cosine is.
+* ``this fine-tune``: the relative change and 1 - cosine of the large matrices, the
+  numbers the verdict uses.
+* ``unrelated model``: two independently initialised models are near-orthogonal
+  (cosine about 0), so ||T - B||^2 = ||B||^2 + ||T||^2 and the relative change is
+  sqrt(sum (norm_base^2 + norm_tuned^2)) / sqrt(sum norm_base^2) (sqrt 2 when the norms
+  agree); 1 - cosine is 1. tests/test_reference.py checks this against two models
+  initialised independently.
+
+All points use the same matrices: the large matrices the relatedness rule reads
+(weightdiff.judge.relatedness.counts_for_relatedness), all matrices when none is large.
+
+>>> rows = [{"status": "changed", "compared": "float", "cosine": 0.99, "module": "attn.q", "shape": [4, 4],
+...          "numel": 16, "numel_compared": 16, "norm_base": 3.0, "norm_tuned": 4.0, "norm_delta": 0.5,
+...          "rounding_floor": {"BF16": 0.03, "F16": 0.003}}]
+>>> s = reference_scale({"tensors": rows, "summary": {}, "settings": {"thresholds": {"large_matrix_numel": 1}}})
+>>> [(p["key"], round(p["rel_change"], 4)) for p in s["points"]]
+[('F16', 0.001), ('BF16', 0.01), ('model', 0.1667), ('unrelated', 1.6667)]
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..judge.relatedness import counts_for_relatedness
+
+__all__ = ["reference_scale", "reference_of", "LABELS"]
+
+LABELS = {"F16": "float16 rounding", "BF16": "bfloat16 rounding", "model": "this fine-tune",
+          "unrelated": "unrelated model"}
+
+
+def _rows(data: dict) -> list[dict]:
+    tensors = data.get("tensors") or []
+    large = ((data.get("settings") or {}).get("thresholds") or {}).get("large_matrix_numel")
+    for limit in (large, None):
+        chosen = [t for t in tensors if counts_for_relatedness(t, limit)
+                  and t.get("norm_base") and t.get("norm_tuned") is not None and t.get("norm_delta") is not None]
+        if chosen:
+            return chosen
+    return []
+
+
+def _omc(t: dict) -> float:
+    nb, nt, nd = t["norm_base"], t["norm_tuned"], t["norm_delta"]
+    if nd == 0:
+        return 0.0
+    if nb > 0 and nt > 0:
+        return max(0.0, (nd * nd - (nb - nt) ** 2) / (2.0 * nb * nt))
+    return max(0.0, 1.0 - t["cosine"])
+
+
+def reference_scale(data: dict) -> dict:
+    """``{"matrices": n, "params": p, "points": [...]}``, points in the order float16, bfloat16, this model, unrelated,
+    with ``key``, ``label``, ``rel_change`` and ``one_minus_cosine``; ``points`` is empty when
+    no matrix was compared as floats."""
+    rows = _rows(data)
+    if not rows:
+        return {"matrices": 0, "params": 0, "points": []}
+    w = [float(t.get("numel_compared") or t.get("numel") or 0) for t in rows]
+    wsum = sum(w) or 1.0
+    nb2 = sum(t["norm_base"] ** 2 for t in rows)
+    nt2 = sum(t["norm_tuned"] ** 2 for t in rows)
+    nd2 = sum(t["norm_delta"] ** 2 for t in rows)
+    points = []
+    floors = [t.get("rounding_floor") or {} for t in rows]
+    for key in ("F16", "BF16"):
+        if all(key in f for f in floors):
+            f2 = sum(f[key] ** 2 for f in floors)
+            omc = sum(wi * f[key] ** 2 / (2.0 * t["norm_base"] ** 2) for wi, f, t in zip(w, floors, rows)) / wsum
+            p = {"key": key, "label": LABELS[key], "rel_change": math.sqrt(f2 / nb2), "one_minus_cosine": omc}
+            if key == "F16":
+                p["overflow"] = sum(f.get("F16_overflow", 0) for f in floors)
+            points.append(p)
+    points.append({"key": "model", "label": LABELS["model"], "rel_change": math.sqrt(nd2 / nb2),
+                   "one_minus_cosine": sum(wi * _omc(t) for wi, t in zip(w, rows)) / wsum})
+    points.append({"key": "unrelated", "label": LABELS["unrelated"], "rel_change": math.sqrt((nb2 + nt2) / nb2),
+                   "one_minus_cosine": 1.0})
+    return {"matrices": len(rows), "params": int(sum(w)), "points": points}
+
+
+
+def reference_of(data: dict) -> dict:
+    """The JSON's own ``reference`` when it has one (written by compare), else computed here."""
+    given = data.get("reference")
+    return given if isinstance(given, dict) and "points" in given else reference_scale(data)

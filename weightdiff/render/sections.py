@@ -1,0 +1,90 @@
+"""Memo sections for provenance and lineage results, as the memo's neutral blocks.
+
+``render.memo`` lays out a comparison; this module lays out the other two JSON kinds
+(``weightdiff.provenance/1``, ``weightdiff.lineage/1``) with the same blocks, so one
+document (HTML, Markdown or Word) can hold a section for each result that
+``weightdiff report`` is given, and ``provenance --report`` writes a complete document.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from . import formats as fmt
+from .memo import Block, CAVEATS, _c, run_date
+
+__all__ = ["provenance_blocks", "lineage_blocks"]
+
+
+def _omc(c: dict) -> float | None:
+    cos = c.get("cosine_large")
+    return None if cos is None else max(0.0, 1.0 - cos)
+
+
+def provenance_blocks(d: dict, figures: Sequence = (), first: int = 1) -> list[Block]:
+    """A provenance result: the question, the leading candidate with caveats, the ranking
+    table, the chart, findings and limits."""
+    tuned = d.get("tuned") or {}
+    label = tuned.get("label") or tuned.get("path", "?")
+    out = [Block("h1", f"Which base was {label} derived from?"),
+           Block("ident", [("b", "Tuned: "), ("code", tuned.get("path", "?"))]),
+           Block("ident", [("b", "Run: "), ("", run_date(d))])]
+    lead = d.get("leading")
+    derived = [c for c in d.get("candidates") or [] if c.get("verdict") == "derived"]
+    if lead:
+        title = f"DERIVED from {lead}"
+        reason = (f"{fmt.count(len(derived))} of {fmt.count(len(d.get('candidates') or []))} candidates read derived; "
+                  f"{lead} is the closest.")
+    else:
+        title = "NO CANDIDATE: none of the candidates is a base of this model."
+        reason = "Every candidate reads unrelated or could not be compared."
+    out.append(Block("verdict", title, [reason, CAVEATS]))
+    out.append(Block("p", str(d.get("relatedness") or "") + "."))
+    rows = [[fmt.count(c.get("rank")), _c(c.get("path")), _c(c.get("verdict")),
+             fmt.sci(c.get("relative_change_large")), fmt.sci(_omc(c)), fmt.share(c.get("identical_share")),
+             fmt.share(c.get("coverage")), c.get("compared", "")] for c in d.get("candidates") or []]
+    ref = d.get("reference") or {}
+    rows.append(["", f"reference: {ref.get('what', 'unrelated models')}", _c("unrelated"),
+                 fmt.sci(ref.get("relative_change")),
+                 fmt.sci(None if ref.get("cosine") is None else 1.0 - ref["cosine"]), "", "", ""])
+    out.append(Block("table", ["#", "candidate", "verdict", "relative change", "1 − cosine", "identical tensors",
+                               "coverage", "compared"], rows))
+    for i, fo in enumerate(figures, start=first):
+        out.append(Block("figure", fo, i))
+    if d.get("incompatible"):
+        out.append(Block("h3", "Not compared"))
+        out.append(Block("ul", [[("code", c.get("path", "?")), ("", ": " + str(c.get("reason", "")))]
+                                for c in d["incompatible"]]))
+    out.append(Block("h3", "Findings"))
+    out.append(Block("ul", [str(f) for f in d.get("findings") or []]))
+    out.append(Block("h3", "What this method cannot see"))
+    out.append(Block("ul", [str(x) for x in d.get("limits") or []]))
+    return out
+
+
+def lineage_blocks(d: dict) -> list[Block]:
+    """A lineage chain: each step's change, the end-to-end change, per-block change by step."""
+    paths = d.get("paths") or []
+    out = [Block("h1", "How did the weights move along " + " → ".join(str(p) for p in paths) + "?"),
+           Block("ident", [("b", "Run: "), ("", run_date(d))])]
+    steps = list(d.get("steps") or [])
+    rows = []
+    for i, s in enumerate([*steps, d.get("end_to_end") or {}], 1):
+        label = "end to end" if i > len(steps) else f"step {i}"
+        share = s.get("share_of_path", s.get("straightness"))
+        rows.append([label, _c(s.get("from")), _c(s.get("to")), _c(s.get("verdict")), fmt.sci(s.get("relative_change")),
+                     fmt.sci(s.get("one_minus_cosine")),
+                     f"{fmt.count(s.get('blocks_changed'))} of {fmt.count(s.get('blocks_total'))}", fmt.share(share)])
+    out.append(Block("table", ["", "from", "to", "verdict", "relative change", "1 − cosine", "blocks changed",
+                               "share of path"], rows))
+    out.append(Block("p", "Share of path: each step's delta norm over the summed step norms; on the end-to-end row, "
+                          "the end-to-end norm over that sum (1 when every step moved the weights the same way)."))
+    blocks = d.get("blocks") or []
+    if blocks:
+        out.append(Block("h3", "Relative change per block and step"))
+        out.append(Block("table", ["block"] + [f"step {i}" for i in range(1, len(steps) + 1)] + ["end to end"],
+                         [[_c(b.get("block"))] + [fmt.sci(v) for v in b.get("steps") or []] + [fmt.sci(b.get("end_to_end"))]
+                          for b in blocks]))
+    out.append(Block("h3", "Findings"))
+    out.append(Block("ul", [str(f) for f in d.get("findings") or []]))
+    return out
