@@ -67,7 +67,7 @@ def test_memo_carries_the_headline_and_figures(ran):
     page = (d / "memo.html").read_text().replace("<wbr>", "")
     for sentence in data["summary"]["headline"]:
         assert sentence.replace("'", "&#x27;") in page
-    assert page.count("data:image/svg+xml;base64,") == 5
+    assert page.count("data:image/svg+xml;base64,") == 6
     md = (d / "memo.md").read_text()
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (d / link).is_file()

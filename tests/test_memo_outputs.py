@@ -96,6 +96,9 @@ def test_markdown_and_word_memo_hold_every_figure_and_table(tmp_path):
     assert all(t.style.name == "Table Grid" for t in doc.tables)
     text = "\n".join(p.text for p in doc.paragraphs)
     assert "What these numbers show, and what they do not" in text and "Figure 2. Reference scale." in text
+    assert "Base: " in text and "Tuned: " in text and "What this cannot show" in text and "['" not in text
+    quotes = [p.text for p in doc.paragraphs if p.style.name == "Intense Quote"]
+    assert quotes[0] == "DERIVED: a fine-tune of this base. " + data["summary"]["verdict_reason"]
     assert any(r.style.name == "Code" for p in doc.paragraphs for r in p.runs)
 
 

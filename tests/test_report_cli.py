@@ -149,5 +149,5 @@ def test_worked_example_in_docs_is_a_valid_result_with_its_figures():
     assert data["summary"]["verdict"] == "derived"
     md = (root / "memo.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 5 and all((root / link).is_file() for link in links)
+    assert len(links) == 6 and all((root / link).is_file() for link in links)
     assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 1_500_000

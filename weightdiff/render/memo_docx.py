@@ -4,7 +4,7 @@ Needs python-docx (``pip install 'weightdiff[docx]'``). Headings are Word's "Hea
 styles, tables use "Table Grid" with a header row, lists "List Bullet", figures are
 embedded PNGs followed by a "Caption" paragraph, code and paths use two styles of their
 own ("Code" for runs, "Code Block" for paragraphs), and the verdict and caveats use
-"Intense Quote" and "Quote": a law office can restyle the whole document from Word's
+"Intense Quote" and "Quote" (the caveats beside the verdict): a law office can restyle the whole document from Word's
 style pane without touching a paragraph. The first page (verdict, paragraph, key
 figures, depth profile, reference scale) ends with a page break, as in print.
 """
@@ -75,7 +75,7 @@ def to_docx(blocks: Sequence, title: str, core: dict | None = None) -> bytes:
         if kind in ("h1", "h2", "h3"):
             par = doc.add_heading(level=int(kind[1]))
             _runs(par, b.content)
-        elif kind == "p":
+        elif kind in ("p", "ident"):
             _runs(doc.add_paragraph(), b.content)
         elif kind == "ul":
             for item in b.content:
@@ -83,13 +83,17 @@ def to_docx(blocks: Sequence, title: str, core: dict | None = None) -> bytes:
         elif kind == "pre":
             doc.add_paragraph("\n".join(escape_name(line) for line in str(b.content).split("\n")), style="Code Block")
         elif kind == "verdict":
+            reason, caveats = b.extra if isinstance(b.extra, (list, tuple)) else (b.extra, None)
             par = doc.add_paragraph(style="Intense Quote")
             par.add_run(escape_name(str(b.content))).bold = True
-            if b.extra:
-                par.add_run(" — " + escape_name(str(b.extra)))
-        elif kind == "caveats":
-            par = doc.add_paragraph(style="Quote")
-            _runs(par, b.content)
+            if reason:
+                par.add_run(" " + escape_name(str(reason)))
+            if caveats:
+                head = doc.add_paragraph(style="Quote")
+                head.add_run("What this cannot show").bold = True
+                for c in caveats:
+                    _runs(doc.add_paragraph(style="Quote"), c)
+                doc.add_paragraph("More in “What these numbers show, and what they do not”.", style="Quote")
         elif kind == "table":
             rows = list(b.extra)
             table = doc.add_table(rows=1 + len(rows), cols=len(b.content))
