@@ -346,3 +346,12 @@ def test_symlinked_output_replaces_the_file_it_points_to_not_the_link(tmp_path, 
     r = run("compare", *pair, "--json", link, "-q")
     assert r.exit_code == 0, r.output
     assert link.is_symlink() and json.loads(real.read_text())["schema"] == "weightdiff.compare/1"
+
+
+@pytest.mark.parametrize("flag", ["--report", "--plots"])
+def test_dash_is_stdout_only_for_json_and_csv(tmp_path, pair, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    r = run("compare", *pair, flag, "-", "-q")
+    assert r.exit_code == 2 and f"{flag} writes files" in r.stderr and r.stderr.count("\n") == 1
+    assert tree(tmp_path) == before

@@ -155,8 +155,11 @@ def _claim_outputs(inputs=(), **targets) -> None:
         if os.path.isfile(p):
             outs.protect(p)
     for name, target in targets.items():
+        flag = f"--{name.removesuffix('_dir').removesuffix('_out')}"
+        if target == "-" and name != "json_out" and name != "csv_out":
+            raise UsageProblem(f"{flag} writes files; - (stdout) is only for --json and --csv")
         if target:
-            outs.claim(target, f"--{name.removesuffix('_dir').removesuffix('_out')}", folder=name.startswith("plots"))
+            outs.claim(target, flag, folder=name.startswith("plots"))
 
 
 def _memo_path(ctx, param, value):
