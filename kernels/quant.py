@@ -433,14 +433,93 @@ FLOOR_FIELDS = ("count", "n_beyond", "sum_u2", "max_u", "sum_excess2", "sum_d2")
 
 def floor_stats(base: np.ndarray, other: np.ndarray, floor: np.ndarray, col_start: int = 0,
                 ncols: int = 1, cast_rel: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """One window of the noise-floor test: ``d = |base - other|`` against ``floor`` (+
+    """One window of the noise-floor test in one numba pass (no window-sized temporaries):
+    the same fields as ``floor_stats_numpy``, its specification; counts and the maximum are
+    equal, the float sums agree to rounding (summed in order, not pairwise).
+
+    >>> s, cols = floor_stats(np.array([1.0, 2.0, 3.0]), np.array([1.2, 2.0, 3.9]),
+    ...                       np.array([0.25, 0.25, 0.5], np.float32), 0, 3)
+    >>> dict(zip(FLOOR_FIELDS, s.round(3).tolist()))["n_beyond"], cols.tolist()
+    (1.0, [0, 0, 1])
+    """
+    b = np.ascontiguousarray(base).reshape(-1)
+    o = np.ascontiguousarray(other).reshape(-1)
+    f = np.ascontiguousarray(floor).reshape(-1)
+    if not (b.size == o.size == f.size):
+        raise ValueError(f"floor_stats: {b.size}, {o.size} and {f.size} elements")
+    ncols = max(int(ncols), 1)
+    cols = np.zeros(ncols, dtype=np.int64)
+    out = np.zeros(len(FLOOR_FIELDS), dtype=np.float64)
+    _floor_pass()(b, o, f, float(cast_rel), int(col_start), ncols, cols, out)
+    if ncols == 1:
+        cols[0] = int(out[1])
+    return out, cols
+
+
+_FLOOR_PASS: list = []
+
+
+def _floor_pass():
+    """The compiled pass behind ``floor_stats`` (compiled on first use, cached on disk)."""
+    if not _FLOOR_PASS:
+        import math
+
+        import numba
+
+        @numba.njit(cache=True, nogil=True)
+        def run(b, o, f, cast_rel, col_start, ncols, cols, out):  # pragma: no cover - compiled
+            n_beyond = 0
+            su2 = se2 = sd2 = 0.0
+            mx = 0.0
+            nan_max = False
+            for i in range(b.size):
+                bi = np.float64(b[i])
+                d = abs(bi - np.float64(o[i]))
+                fi = np.float64(f[i]) + cast_rel * abs(bi)
+                finite = math.isfinite(d)
+                if not finite:
+                    d = math.inf
+                if fi > 0:
+                    u = d / fi
+                elif d > 0:
+                    u = math.inf
+                else:
+                    u = 0.0
+                if d > fi:
+                    n_beyond += 1
+                    if ncols > 1:
+                        cols[(i + col_start) % ncols] += 1
+                if u != u:
+                    nan_max = True
+                elif u > mx:
+                    mx = u
+                if finite:
+                    su2 += u * u
+                    ex = d - fi
+                    if ex > 0:
+                        se2 += ex * ex
+                    sd2 += d * d
+            out[0] = b.size
+            out[1] = n_beyond
+            out[2] = su2
+            out[3] = math.nan if nan_max else mx
+            out[4] = se2
+            out[5] = sd2
+
+        _FLOOR_PASS.append(run)
+    return _FLOOR_PASS[0]
+
+
+def floor_stats_numpy(base: np.ndarray, other: np.ndarray, floor: np.ndarray, col_start: int = 0,
+                ncols: int = 1, cast_rel: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The numpy specification of ``floor_stats`` (the numba pass must agree with it). One window of the noise-floor test: ``d = |base - other|`` against ``floor`` (+
     ``cast_rel * |base|``, for a base stored wider than the quantizer read it).
 
     Returns (float64[len(FLOOR_FIELDS)], int64[ncols]: elements beyond the floor per column,
     the window's first element being column ``col_start``). A NaN or Inf on either side,
     or a difference where the floor is 0, is beyond.
 
-    >>> s, cols = floor_stats(np.array([1.0, 2.0, 3.0]), np.array([1.2, 2.0, 3.9]),
+    >>> s, cols = floor_stats_numpy(np.array([1.0, 2.0, 3.0]), np.array([1.2, 2.0, 3.9]),
     ...                       np.array([0.25, 0.25, 0.5], np.float32), 0, 3)
     >>> dict(zip(FLOOR_FIELDS, s.round(3).tolist()))["n_beyond"], cols.tolist()
     (1.0, [0, 0, 1])

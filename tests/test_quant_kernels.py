@@ -238,6 +238,26 @@ def test_grid_levels():
     assert Q.grid_levels(np.random.default_rng(0).standard_normal((2, 64)))[0] == 0
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_floor_stats_numba_pass_matches_its_numpy_specification(rng, dtype):
+    n = 5000
+    b = (rng.standard_normal(n) * 10.0 ** rng.integers(-6, 6, n)).astype(dtype)
+    o = (b + rng.standard_normal(n).astype(dtype) * dtype(0.01)).astype(dtype)
+    f = np.abs(rng.standard_normal(n)).astype(np.float32) * np.float32(0.01)
+    f[::7] = 0.0
+    o[::11] = b[::11]
+    b[5], o[6], b[7], o[7], f[8] = np.inf, np.nan, np.inf, np.inf, np.inf
+    for ncols in (1, 13):
+        got, gc = Q.floor_stats(b, o, f, 3, ncols, cast_rel=2.0 ** -8)
+        want, wc = Q.floor_stats_numpy(b, o, f, 3, ncols, cast_rel=2.0 ** -8)
+        np.testing.assert_array_equal(got[[0, 1]], want[[0, 1]])
+        np.testing.assert_array_equal(np.isnan(got[3]), np.isnan(want[3]))
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        np.testing.assert_array_equal(gc, wc)
+    empty, ec = Q.floor_stats(np.zeros(0), np.zeros(0), np.zeros(0, np.float32))
+    assert empty.tolist() == [0.0] * len(Q.FLOOR_FIELDS) and ec.tolist() == [0]
+
+
 def test_floor_stats_against_loop_and_windows(rng):
     n, ncols = 1000, 37
     b = rng.standard_normal(n)
@@ -254,6 +274,10 @@ def test_floor_stats_against_loop_and_windows(rng):
              for i in range(0, n, 300)]
     assert sum(p[0][1] for p in parts) == whole[1]
     np.testing.assert_array_equal(sum(p[1] for p in parts), cols)
+    spec, spec_cols = Q.floor_stats_numpy(b, o, f, 0, ncols, cast_rel=2.0 ** -9)
+    np.testing.assert_array_equal(whole[[0, 1, 3]], spec[[0, 1, 3]])        # counts and max exactly
+    np.testing.assert_allclose(whole, spec, rtol=1e-12)
+    np.testing.assert_array_equal(cols, spec_cols)
     ab = Q.above_floor(b[20:], o[20:], f[20:])
     d = o[20:] - b[20:]
     want = np.where(np.isfinite(d), np.sign(d) * np.maximum(np.abs(d) - f[20:], 0), 0)
