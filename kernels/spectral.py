@@ -38,6 +38,8 @@ import math
 
 import numpy as np
 
+from .blas import single_blas_thread
+
 #: rows per block when accumulating a Gram matrix (bounded float64 temporaries)
 GRAM_BLOCK_ELEMENTS = 1 << 21
 
@@ -47,6 +49,7 @@ def tall(x):
     return x if x.shape[0] >= x.shape[1] else x.T
 
 
+@single_blas_thread
 def svdvals_exact(x: np.ndarray) -> np.ndarray:
     """Singular values by LAPACK on a float64 copy of the tall orientation, descending."""
     x = np.asarray(x)
@@ -67,6 +70,7 @@ def gram(x: np.ndarray) -> np.ndarray:
     return g
 
 
+@single_blas_thread
 def svdvals_gram(x: np.ndarray) -> np.ndarray:
     """Singular values as square roots of the float64 Gram eigenvalues, descending.
 
@@ -123,6 +127,7 @@ def _small_svd(small: np.ndarray, vectors: bool):
     return v, s, (v.T @ small) * inv[:, None]
 
 
+@single_blas_thread
 def randomized_svd(x: np.ndarray, k: int, *, oversample: int = 16, n_iter: int = 3, seed: int = 0,
                    vectors: bool = False):
     """Top-``k`` singular values (and optionally vectors) of ``x`` by a seeded randomized SVD.
@@ -156,6 +161,7 @@ def randomized_svd(x: np.ndarray, k: int, *, oversample: int = 16, n_iter: int =
     return (v.T, s, u.T) if wide else (u, s, v)
 
 
+@single_blas_thread
 def factors_svd(b: np.ndarray, a: np.ndarray, scale: float, vectors: bool = False):
     """Exact singular values of ``scale * b @ a`` from its factors (float64), descending.
 

@@ -30,6 +30,7 @@ import math
 import numpy as np
 
 from ..kernels import spectral
+from ..kernels.blas import blas_threads
 from ..kernels.dtypes import DTYPES, decode
 from ..records import RankRecord
 from .backend import CPU_SPECTRA as CPU, Backend
@@ -260,7 +261,8 @@ def weight_subspace(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str
     (ub, vb), (ut, vt_) = vecs
     kk = min(ub.shape[1], ut.shape[1])
     for name, x, y in (("left", ub[:, :kk], ut[:, :kk]), ("right", vb[:kk].T, vt_[:kk].T)):
-        c = np.clip(np.linalg.svd(x.T @ y, compute_uv=False), 0.0, 1.0)
+        with blas_threads(1):
+            c = np.clip(np.linalg.svd(x.T @ y, compute_uv=False), 0.0, 1.0)
         out[f"subspace_overlap_{name}"] = float(np.mean(c * c)) if kk else None
         out[f"principal_angles_deg_{name}"] = [float(v) for v in np.degrees(np.arccos(c))]
     out["subspace_k"] = kk
