@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from weightdiff.kernels import quant as Q
+from weightdiff.kernels import quant_floor as QF  # noqa: E402
 
 from quant_packers import (awq_pack, awq_reference, bnb4_quantize, bnb4_reference, gptq_pack,
                            gptq_reference, rtn_int)
@@ -234,8 +235,8 @@ def test_codebook_halfwidth_fp8_e4m3():
 
 def test_grid_levels():
     rows = (np.arange(-127, 128, dtype=np.float32) * np.float32(0.0123))[None, :]
-    assert Q.grid_levels(rows)[0] == 255
-    assert Q.grid_levels(np.random.default_rng(0).standard_normal((2, 64)))[0] == 0
+    assert QF.grid_levels(rows)[0] == 255
+    assert QF.grid_levels(np.random.default_rng(0).standard_normal((2, 64)))[0] == 0
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -248,14 +249,14 @@ def test_floor_stats_numba_pass_matches_its_numpy_specification(rng, dtype):
     o[::11] = b[::11]
     b[5], o[6], b[7], o[7], f[8] = np.inf, np.nan, np.inf, np.inf, np.inf
     for ncols in (1, 13):
-        got, gc = Q.floor_stats(b, o, f, 3, ncols, cast_rel=2.0 ** -8)
-        want, wc = Q.floor_stats_numpy(b, o, f, 3, ncols, cast_rel=2.0 ** -8)
+        got, gc = QF.floor_stats(b, o, f, 3, ncols, cast_rel=2.0 ** -8)
+        want, wc = QF.floor_stats_numpy(b, o, f, 3, ncols, cast_rel=2.0 ** -8)
         np.testing.assert_array_equal(got[[0, 1]], want[[0, 1]])
         np.testing.assert_array_equal(np.isnan(got[3]), np.isnan(want[3]))
         np.testing.assert_allclose(got, want, rtol=1e-12)
         np.testing.assert_array_equal(gc, wc)
-    empty, ec = Q.floor_stats(np.zeros(0), np.zeros(0), np.zeros(0, np.float32))
-    assert empty.tolist() == [0.0] * len(Q.FLOOR_FIELDS) and ec.tolist() == [0]
+    empty, ec = QF.floor_stats(np.zeros(0), np.zeros(0), np.zeros(0, np.float32))
+    assert empty.tolist() == [0.0] * len(QF.FLOOR_FIELDS) and ec.tolist() == [0]
 
 
 def test_floor_stats_against_loop_and_windows(rng):
@@ -266,19 +267,19 @@ def test_floor_stats_against_loop_and_windows(rng):
     f[:5] = 0.0
     o[:3] = b[:3]                       # zero floor, no difference: within
     o[10], b[11] = np.nan, np.inf       # non-finite: beyond
-    whole, cols = Q.floor_stats(b, o, f, 0, ncols, cast_rel=2.0 ** -9)
+    whole, cols = QF.floor_stats(b, o, f, 0, ncols, cast_rel=2.0 ** -9)
     beyond = [i for i in range(n) if not (abs(b[i] - o[i]) <= f[i] + 2.0 ** -9 * abs(b[i]))]
     assert whole[1] == len(beyond)
     assert cols.tolist() == np.bincount(np.array(beyond) % ncols, minlength=ncols).tolist()
-    parts = [Q.floor_stats(b[i:i + 300], o[i:i + 300], f[i:i + 300], i % ncols, ncols, 2.0 ** -9)
+    parts = [QF.floor_stats(b[i:i + 300], o[i:i + 300], f[i:i + 300], i % ncols, ncols, 2.0 ** -9)
              for i in range(0, n, 300)]
     assert sum(p[0][1] for p in parts) == whole[1]
     np.testing.assert_array_equal(sum(p[1] for p in parts), cols)
-    spec, spec_cols = Q.floor_stats_numpy(b, o, f, 0, ncols, cast_rel=2.0 ** -9)
+    spec, spec_cols = QF.floor_stats_numpy(b, o, f, 0, ncols, cast_rel=2.0 ** -9)
     np.testing.assert_array_equal(whole[[0, 1, 3]], spec[[0, 1, 3]])        # counts and max exactly
     np.testing.assert_allclose(whole, spec, rtol=1e-12)
     np.testing.assert_array_equal(cols, spec_cols)
-    ab = Q.above_floor(b[20:], o[20:], f[20:])
+    ab = QF.above_floor(b[20:], o[20:], f[20:])
     d = o[20:] - b[20:]
     want = np.where(np.isfinite(d), np.sign(d) * np.maximum(np.abs(d) - f[20:], 0), 0)
     np.testing.assert_allclose(ab, want, rtol=1e-6, atol=1e-9)

@@ -32,7 +32,8 @@ import numpy as np
 from .peft_adapter import JSON_CAP, AdapterConfig, LoraFactor, lora_factors, parse_adapter_config
 from ..errors import CheckpointError, escape_name
 from .pickle_read import PICKLE_SUFFIXES, load_pickle
-from .quantized import Source, fold, read_quant_config
+from .quant_sources import Source
+from .quantized import fold, read_quant_config
 from .files import load_json, open_regular, os_problem, pread_into, read_small
 from .safetensors_read import SafetensorsFile, TensorInfo, array_windows, check_range, storage_of
 

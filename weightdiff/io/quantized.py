@@ -20,17 +20,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
 from .files import load_json, read_small
-from ..kernels import quant as K
-from ..kernels.dtypes import DTYPES, FP8_TABLES, decode
+from .quant_sources import AWQ, FP8, GPTQ, MXFP4, BnB4, BnB8, IntGrid, Read, Source
 from .safetensors_read import QuantScheme, TensorInfo
 
-__all__ = ["QuantScheme", "Source", "fold", "read_quant_config", "split_name", "ACTIVATION_SCALES"]
+__all__ = ["QuantScheme", "fold", "read_quant_config", "split_name", "ACTIVATION_SCALES"]
 
 #: stored beside quantized weights for activations or the KV cache, not part of any weight
 ACTIVATION_SCALES = ("input_scale", "input_zero_point", "output_scale", "output_zero_point", "k_scale",
@@ -40,10 +39,6 @@ _CONFIG_CAP = 16 << 20
 _COMPANIONS = ("weight_scale_inv", "weight_zero_point", "weight_g_idx", "weight_shape", "qzeros", "g_idx", "SCB")
 #: leaves that are companions when the folder's config says the model is quantized
 _COMPANIONS_IF_QUANTIZED = ("weight_scale", "scales", "absmax", "quant_map")
-
-Read = Callable[[str], np.ndarray]                      # stored name -> whole array (storage dtype, shaped)
-ReadRows = Callable[[str, Sequence[int]], np.ndarray]   # stored name, first-axis rows -> array
-
 
 def split_name(name: str) -> tuple[str, str]:
     """(module, leaf) of a stored tensor name."""
@@ -75,252 +70,6 @@ def read_quant_config(root: Path, read=None) -> dict | None:
                 qc = {"quant_method": "gptq", **qc}
             return {**qc, "_path": str(path)}
     return None
-
-
-def _f32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    return decode(raw, dtype).astype(np.float32)
-
-
-class Source:
-    """One logical quantized tensor: ``rows(r0, r1)`` -> (values, floor), float32
-    [r1 - r0, row length] each, rows of the logical shape flattened over all but the last
-    axis. Companions are read whole once (they are small) and dropped by ``release``."""
-
-    def __init__(self, name: str, shape: tuple[int, ...], scheme: QuantScheme, path: Path):
-        self.name, self.shape, self.scheme, self.path = name, shape, scheme, path
-        self._cache: dict = {}
-
-    @property
-    def nrows(self) -> int:
-        return math.prod(self.shape[:-1]) if len(self.shape) > 1 else 1
-
-    @property
-    def rowlen(self) -> int:
-        return self.shape[-1] if self.shape else 1
-
-    def release(self) -> None:
-        self._cache.clear()
-
-    def _get(self, key: str, make: Callable[[], np.ndarray]) -> np.ndarray:
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
-
-    def rows(self, read: Read, read_rows: ReadRows, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
-
-    def _rows_cached(self, read: Read, read_rows: ReadRows, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
-        """``rows``, remembering the last block: the values and the floor windows of one pass
-        (the judge's floor test streams both in step) dequantize each block once."""
-        last = self._cache.get("_last")
-        if last is not None and last[0] == r0 and last[1] == r1:
-            return last[2], last[3]
-        v, f = self.rows(read, read_rows, r0, r1)
-        self._cache["_last"] = (r0, r1, v, f)
-        return v, f
-
-    def windows(self, read: Read, read_rows: ReadRows, start: int, stop: int, step: int,
-                floor: bool = False) -> Iterator[np.ndarray]:
-        """Flat float32 windows of [start, stop) in chunks of ``step`` (values, or floors)."""
-        n = self.rowlen
-        self._open = getattr(self, "_open", 0) + 1
-        try:
-            for pos in range(start, stop, step):
-                end = min(pos + step, stop)
-                r0, r1 = pos // n, -(-end // n)
-                v, f = self._rows_cached(read, read_rows, r0, r1)
-                out = (f if floor else v).reshape(-1)[pos - r0 * n: end - r0 * n]
-                out.flags.writeable = False
-                yield out
-        finally:
-            self._open -= 1
-            if not self._open:              # the last open pass over this tensor has ended
-                self.release()
-
-
-# -- the formats --------------------------------------------------------------------------
-
-class FP8(Source):
-    """fp8 weight times a block, channel or tensor scale (DeepSeek-V3 ``weight_scale_inv``,
-    FBGEMM and compressed-tensors ``weight_scale``)."""
-
-    def __init__(self, info: TensorInfo, scale: TensorInfo, block: tuple[int, int] | None, scheme: QuantScheme):
-        super().__init__(info.name, info.shape, scheme, info.path)
-        self.w, self.s, self.block = info, scale, block
-        self.sdtype = scale.dtype if scale.dtype in ("BF16", "F16") else "F32"
-
-    def rows(self, read, read_rows, r0, r1):
-        s = self._get("s", lambda: _f32(read(self.s.name), self.s.dtype))
-        if len(self.shape) == 2:
-            w = read_rows(self.w.name, range(r0, r1))
-        else:                                   # stacked experts: read only the experts the rows touch
-            per = self.nrows // self.shape[0]
-            e0, e1 = r0 // per, -(-r1 // per)
-            w = read_rows(self.w.name, range(e0, e1)).reshape(-1, self.rowlen)[r0 - e0 * per: r1 - e0 * per]
-        idx = np.arange(r0, r1)
-        if self.block is not None:
-            bh, bw = self.block
-            n = self.shape[-2]
-            grid = s.reshape(-1, s.shape[-2], s.shape[-1])
-            srow = grid[idx // n, (idx % n) // bh]
-        elif s.size == 1:
-            srow, bw = np.full((r1 - r0, 1), s.reshape(-1)[0], np.float32), self.rowlen
-        else:
-            srow, bw = s.reshape(-1, 1)[idx], self.rowlen
-        return K.fp8_rows(w.reshape(r1 - r0, -1), self.w.dtype, srow, bw, self.sdtype, self.sdtype)
-
-
-class IntGrid(Source):
-    """compressed-tensors integer weights: ``pack-quantized`` (int32 words) or int8
-    (``int-quantized``/``naive-quantized``), group/channel/tensor/block scales, optional
-    zero points (packed along rows for group/channel) and ``weight_g_idx``."""
-
-    def __init__(self, name, shape, scheme, path, codes: TensorInfo, bits: int, scale: TensorInfo,
-                 zero: TensorInfo | None, g_idx: TensorInfo | None, strategy: str, group: int | None,
-                 block: tuple[int, int] | None, packed: bool):
-        super().__init__(name, shape, scheme, path)
-        self.codes, self.bits, self.scale, self.zero, self.g_idx = codes, bits, scale, zero, g_idx
-        self.strategy, self.group, self.block, self.packed = strategy, group, block, packed
-        self.sdtype = scale.dtype if scale.dtype in ("BF16", "F16") else "F32"
-
-    def first_group(self, read, ncols: int) -> np.ndarray:
-        """Columns a GPTQ-style quantizer (llm-compressor) processed first: ``weight_g_idx == 0``,
-        the first group, or (channel/tensor scales, order unknown) every column."""
-        if self.g_idx is not None:
-            return np.flatnonzero(read(self.g_idx.name).astype(np.int64) == 0)
-        if self.strategy == "group":
-            return np.arange(min(self.group, ncols))
-        return np.arange(ncols)
-
-    def _zeros(self, read) -> np.ndarray | int:
-        if self.zero is None:
-            return 0
-        z = read(self.zero.name)
-        if self.packed and self.strategy in ("group", "channel"):
-            ng = 1 if self.strategy == "channel" else self.shape[1] // self.group if self.g_idx is None else \
-                int(read(self.g_idx.name).max()) + 1
-            z = K.unpack_dense_int32(np.ascontiguousarray(z.reshape(-1, ng).T), self.bits, self.shape[0])
-            return z.T.astype(np.int32) - (1 << (self.bits - 1))
-        return z.astype(np.int32)
-
-    def rows(self, read, read_rows, r0, r1):
-        rows = range(r0, r1)
-        if self.packed:
-            q = K.unpack_dense_int32(read_rows(self.codes.name, rows), self.bits, self.rowlen).astype(np.int32)
-            q -= 1 << (self.bits - 1)
-        else:
-            q = read_rows(self.codes.name, rows).astype(np.int32)
-        s = self._get("s", lambda: _f32(read(self.scale.name), self.scale.dtype))
-        z = self._get("z", lambda: self._zeros(read))
-        cols = np.arange(self.rowlen)
-        if self.strategy == "group":
-            gi = read(self.g_idx.name).astype(np.intp) if self.g_idx is not None else cols // self.group
-            s_el = s[r0:r1][:, gi]
-            z_el = z[r0:r1][:, gi] if not np.isscalar(z) else 0
-        elif self.strategy == "block":
-            s_el = K.block_scales_rows(s, r0, r1, self.rowlen, self.block)
-            z_el = K.block_scales_rows(z, r0, r1, self.rowlen, self.block) if not np.isscalar(z) else 0
-        elif self.strategy == "channel":
-            s_el = s.reshape(-1, 1)[r0:r1]
-            z_el = np.reshape(z, (-1, 1))[r0:r1] if not np.isscalar(z) else 0
-        else:
-            s_el, z_el = s.reshape(1, 1), np.reshape(z, (1, 1)) if not np.isscalar(z) else 0
-        half = 1 << (self.bits - 1)
-        return K.dequant_int(q, z_el, s_el, self.sdtype, -half, half - 1)
-
-
-class GPTQ(Source):
-    def first_group(self, read, ncols: int) -> np.ndarray:
-        """Columns the quantizer processed first (``g_idx == 0``: with desc_act, the first group of
-        its activation order), which its error compensation had not yet moved."""
-        gi = self.t[3]
-        g = read(gi.name).astype(np.int64) if gi is not None else np.arange(ncols) // self.group
-        return np.flatnonzero(g == 0)
-
-    def __init__(self, name, shape, scheme, path, qweight, qzeros, scales, g_idx, bits, v1, group):
-        super().__init__(name, shape, scheme, path)
-        self.t = (qweight, qzeros, scales, g_idx)
-        self.bits, self.v1, self.group = bits, v1, group
-        self.sdtype = scales.dtype if scales.dtype in ("BF16", "F16") else "F32"
-
-    def rows(self, read, read_rows, r0, r1):
-        qw, qz, sc, gi = self.t
-        a = self._get("qw", lambda: read(qw.name))
-        z = self._get("qz", lambda: read(qz.name))
-        s = self._get("s", lambda: _f32(read(sc.name), sc.dtype))
-        g = self._get("g", lambda: read(gi.name).astype(np.int64) if gi is not None else
-                      np.arange(self.shape[1]) // self.group)
-        return K.gptq_rows(a, z, s, g, self.bits, self.v1, self.sdtype, r0, r1)
-
-
-class AWQ(Source):
-    def __init__(self, name, shape, scheme, path, qweight, qzeros, scales, bits, group):
-        super().__init__(name, shape, scheme, path)
-        self.t = (qweight, qzeros, scales)
-        self.bits, self.group = bits, group
-        self.sdtype = scales.dtype if scales.dtype in ("BF16", "F16") else "F32"
-
-    def rows(self, read, read_rows, r0, r1):
-        qw, qz, sc = self.t
-        a = self._get("qw", lambda: read(qw.name))
-        z = self._get("qz", lambda: read(qz.name))
-        s = self._get("s", lambda: _f32(read(sc.name), sc.dtype))
-        return K.awq_rows(a, z, s, self.bits, self.group, self.sdtype, r0, r1)
-
-
-class BnB4(Source):
-    def __init__(self, name, shape, scheme, path, packed, absmax, qmap, nested, meta):
-        super().__init__(name, shape, scheme, path)
-        self.packed, self.absmax, self.qmap, self.nested, self.meta = packed, absmax, qmap, nested, meta
-        self.out = {"bfloat16": "BF16", "float16": "F16"}.get(meta.get("dtype"), "F32")
-
-    def _absmax(self, read):
-        raw = read(self.absmax.name)
-        if self.nested is None:
-            return _f32(raw, self.absmax.dtype), None
-        n_abs, n_map = self.nested
-        return K.bnb_nested_absmax(raw.reshape(-1), _f32(read(n_map.name), n_map.dtype),
-                                   _f32(read(n_abs.name), n_abs.dtype), int(self.meta["nested_blocksize"]),
-                                   float(self.meta["nested_offset"]))
-
-    def rows(self, read, read_rows, r0, r1):
-        p = self._get("p", lambda: read(self.packed.name).reshape(-1).view(np.uint8))
-        a, err = self._get("a", lambda: self._absmax(read))
-        qmap = self._get("m", lambda: _f32(read(self.qmap.name), self.qmap.dtype))
-        n = self.rowlen
-        v, f = K.bnb4_flat(p, a, qmap, int(self.meta["blocksize"]), self.out, r0 * n, r1 * n, err)
-        return v.reshape(r1 - r0, n), f.reshape(r1 - r0, n)
-
-
-class BnB8(Source):
-    def __init__(self, name, shape, scheme, path, weight, scb):
-        super().__init__(name, shape, scheme, path)
-        self.w, self.scb = weight, scb
-
-    def rows(self, read, read_rows, r0, r1):
-        s = self._get("s", lambda: _f32(read(self.scb.name), self.scb.dtype).reshape(-1))
-        return K.bnb_int8_rows(read_rows(self.w.name, range(r0, r1)), s[r0:r1])
-
-
-class MXFP4(Source):
-    """gpt-oss experts: blocks [E, R, G, 16] and scales [E, R, G] -> [E, G*32, R] (transformers'
-    ``convert_moe_packed_tensors`` transposes the last two axes)."""
-
-    def __init__(self, name, shape, scheme, path, blocks, scales, out):
-        super().__init__(name, shape, scheme, path)
-        self.b, self.s, self.out = blocks, scales, out
-
-    def rows(self, read, read_rows, r0, r1):
-        per = self.shape[1]
-        vs, fs = [], []
-        for e in range(r0 // per, -(-r1 // per)):
-            if self._cache.get("e") != e:
-                v, f = K.mxfp4_rows(read_rows(self.b.name, [e])[0], read_rows(self.s.name, [e])[0], self.out)
-                self._cache.update(e=e, v=np.ascontiguousarray(v.T), f=np.ascontiguousarray(f.T))
-            lo, hi = max(r0, e * per) - e * per, min(r1, (e + 1) * per) - e * per
-            vs.append(self._cache["v"][lo:hi])
-            fs.append(self._cache["f"][lo:hi])
-        return np.concatenate(vs), np.concatenate(fs)
 
 
 # -- recognition -------------------------------------------------------------------------

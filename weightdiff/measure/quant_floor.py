@@ -4,7 +4,7 @@ Unlike the stats pass (which measures how far the tuned tensor moved), this asks
 every difference is explained by quantizing the base: it streams both sides' values and
 the quantized side's per-element floor (``Checkpoint.floor_windows``: half a step of its
 own grid, plus a step for clipped codes, plus the rounding of its scales), through
-``kernels.quant.floor_stats``. Which test decides (docs/methodology.md, "Quantization is
+``kernels.quant_floor.floor_stats``. Which test decides (docs/methodology.md, "Quantization is
 not fine-tuning"):
 
 * ``bound`` (round-to-nearest formats: FP8, bitsandbytes, MXFP4, GGUF): within the floor
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..io.safetensors_read import QuantScheme
-from ..kernels import quant as K
+from ..kernels import quant_floor as QF
 from ..kernels.dtypes import DTYPES
 from ..kernels.reference import decode
 
@@ -87,7 +87,7 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
     ncols = int(math.prod(shape[1:])) if len(shape) > 1 else 1
     plain = dtype_t if qt is None else dtype_b
     cast_rel = CAST_REL if side != "both" and plain in ("F32", "F64") else 0.0
-    acc = np.zeros(len(K.FLOOR_FIELDS))
+    acc = np.zeros(len(QF.FLOOR_FIELDS))
     cols = np.zeros(max(ncols, 1), dtype=np.int64)
     pos = 0
     wb_it = base.windows(bname, window, 0, stop)
@@ -102,7 +102,7 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             floor += next(fl_b)
         if ft is not None:
             floor += next(fl_t)
-        part, c = K.floor_stats(vb, vt, floor, pos % max(ncols, 1), max(ncols, 1), cast_rel)
+        part, c = QF.floor_stats(vb, vt, floor, pos % max(ncols, 1), max(ncols, 1), cast_rel)
         mx = max(acc[3], part[3])
         acc += part
         acc[3] = mx                              # max_u combines with max, the rest with +
@@ -147,7 +147,7 @@ def above_floor_pair(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t:
         fw = ck.floor_windows(name) if ck.tensors[name].quant is not None else None
         if fw is not None:
             floor += np.concatenate([np.asarray(w, np.float64) for w in fw]) if b.size else 0.0
-    excess = K.above_floor(b, t, floor, cast_rel)
+    excess = QF.above_floor(b, t, floor, cast_rel)
     return b.astype(np.float32), (b + excess).astype(np.float32)
 
 
@@ -168,7 +168,7 @@ def detect_export(ck, name: str, dtype: str, shape: tuple) -> dict | None:
         return None
     idx = np.unique(np.linspace(0, rows - 1, min(rows, EXPORT_SAMPLE_ROWS)).astype(np.int64))
     vals = decode(ck.read_rows(name, idx), dtype).reshape(idx.size, rowlen)
-    step, _, _, levels = K.row_grids(vals)
+    step, _, _, levels = QF.row_grids(vals)
     if np.isnan(step).any() or np.nanmax(levels) < 16:
         return None
     top = int(np.nanmax(levels))
@@ -185,7 +185,7 @@ def export_floor_windows(ck, name: str, dtype: str, shape: tuple, window: int, s
     per = max(1, window // max(rowlen, 1))
     for r0 in range(0, rows, per):
         idx = np.arange(r0, min(rows, r0 + per))
-        s, a, b, _ = K.row_grids(decode(ck.read_rows(name, idx), dtype).reshape(idx.size, rowlen))
+        s, a, b, _ = QF.row_grids(decode(ck.read_rows(name, idx), dtype).reshape(idx.size, rowlen))
         ok = np.isfinite(s)
         steps[idx] = np.where(ok, s, 0.0)
         lo[idx], hi[idx] = np.where(ok, a, np.inf), np.where(ok, b, -np.inf)

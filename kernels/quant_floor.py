@@ -1,0 +1,199 @@
+"""The noise-floor test of a quantized pair and the grid test of a dequantized export.
+
+Pure array compute over decoded windows: ``floor_stats`` counts, per window, the elements
+whose difference lies beyond the per-element quantization floor that the dequantizers of
+``kernels.quant`` return (one numba pass; ``floor_stats_numpy`` is its specification);
+``above_floor`` keeps the part of a change above the floor for the rank analysis;
+``grid_levels`` and ``row_grids`` recognise rows that lie on a uniform grid of at most 2^b
+levels (a quantized-then-dequantized export). docs/methodology.md has the formulas.
+"""
+
+from __future__ import annotations
+__all__ = ["FLOOR_FIELDS", "floor_stats", "floor_stats_numpy", "above_floor", "grid_levels", "row_grids"]
+
+import numpy as np
+
+def grid_levels(rows: np.ndarray, max_levels: int = 256) -> tuple[int, float]:
+    """For float rows, the number of levels of the coarsest uniform grid that holds every row
+    (each row its own step: the gcd of its distinct differences), or (0, nan) when a row is on
+    no grid of at most ``max_levels`` levels. Returns (levels of the widest row, worst misfit).
+
+    >>> grid_levels(np.array([[0.0, 0.25, -0.5, 0.75]], np.float32))
+    (6, 0.0)
+    """
+    worst, misfit = 0, 0.0
+    for row in np.asarray(rows, dtype=np.float64):
+        u = np.unique(row[np.isfinite(row)])
+        if u.size > max_levels:
+            return 0, float("nan")
+        if u.size < 2:
+            continue
+        span = u[-1] - u[0]
+        step = span / np.round(span / np.diff(u).min())
+        k = (u - u[0]) / step
+        err = float(np.max(np.abs(k - np.round(k))))
+        if err > 0.02:
+            return 0, err
+        misfit = max(misfit, err)
+        worst = max(worst, int(round(k[-1])) + 1)
+    return (worst, misfit) if worst <= max_levels else (0, float("nan"))
+
+
+# -- the noise-floor test ---------------------------------------------------------------
+
+#: fields of ``floor_stats``: elements compared, elements beyond the floor, sum of (|d| / floor)^2,
+#: largest |d| / floor, sum of squares of the part above the floor, sum of d^2
+FLOOR_FIELDS = ("count", "n_beyond", "sum_u2", "max_u", "sum_excess2", "sum_d2")
+
+
+def floor_stats(base: np.ndarray, other: np.ndarray, floor: np.ndarray, col_start: int = 0,
+                ncols: int = 1, cast_rel: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """One window of the noise-floor test in one numba pass (no window-sized temporaries):
+    the same fields as ``floor_stats_numpy``, its specification; counts and the maximum are
+    equal, the float sums agree to rounding (summed in order, not pairwise).
+
+    >>> s, cols = floor_stats(np.array([1.0, 2.0, 3.0]), np.array([1.2, 2.0, 3.9]),
+    ...                       np.array([0.25, 0.25, 0.5], np.float32), 0, 3)
+    >>> dict(zip(FLOOR_FIELDS, s.round(3).tolist()))["n_beyond"], cols.tolist()
+    (1.0, [0, 0, 1])
+    """
+    b = np.ascontiguousarray(base).reshape(-1)
+    o = np.ascontiguousarray(other).reshape(-1)
+    f = np.ascontiguousarray(floor).reshape(-1)
+    if not (b.size == o.size == f.size):
+        raise ValueError(f"floor_stats: {b.size}, {o.size} and {f.size} elements")
+    ncols = max(int(ncols), 1)
+    cols = np.zeros(ncols, dtype=np.int64)
+    out = np.zeros(len(FLOOR_FIELDS), dtype=np.float64)
+    _floor_pass()(b, o, f, float(cast_rel), int(col_start), ncols, cols, out)
+    if ncols == 1:
+        cols[0] = int(out[1])
+    return out, cols
+
+
+_FLOOR_PASS: list = []
+
+
+def _floor_pass():
+    """The compiled pass behind ``floor_stats`` (compiled on first use, cached on disk)."""
+    if not _FLOOR_PASS:
+        import math
+
+        import numba
+
+        @numba.njit(cache=True, nogil=True)
+        def run(b, o, f, cast_rel, col_start, ncols, cols, out):  # pragma: no cover - compiled
+            n_beyond = 0
+            su2 = se2 = sd2 = 0.0
+            mx = 0.0
+            nan_max = False
+            for i in range(b.size):
+                bi = np.float64(b[i])
+                d = abs(bi - np.float64(o[i]))
+                fi = np.float64(f[i]) + cast_rel * abs(bi)
+                finite = math.isfinite(d)
+                if not finite:
+                    d = math.inf
+                if fi > 0:
+                    u = d / fi
+                elif d > 0:
+                    u = math.inf
+                else:
+                    u = 0.0
+                if d > fi:
+                    n_beyond += 1
+                    if ncols > 1:
+                        cols[(i + col_start) % ncols] += 1
+                if u != u:
+                    nan_max = True
+                elif u > mx:
+                    mx = u
+                if finite:
+                    su2 += u * u
+                    ex = d - fi
+                    if ex > 0:
+                        se2 += ex * ex
+                    sd2 += d * d
+            out[0] = b.size
+            out[1] = n_beyond
+            out[2] = su2
+            out[3] = math.nan if nan_max else mx
+            out[4] = se2
+            out[5] = sd2
+
+        _FLOOR_PASS.append(run)
+    return _FLOOR_PASS[0]
+
+
+def floor_stats_numpy(base: np.ndarray, other: np.ndarray, floor: np.ndarray, col_start: int = 0,
+                ncols: int = 1, cast_rel: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The numpy specification of ``floor_stats`` (the numba pass must agree with it). One window of the noise-floor test: ``d = |base - other|`` against ``floor`` (+
+    ``cast_rel * |base|``, for a base stored wider than the quantizer read it).
+
+    Returns (float64[len(FLOOR_FIELDS)], int64[ncols]: elements beyond the floor per column,
+    the window's first element being column ``col_start``). A NaN or Inf on either side,
+    or a difference where the floor is 0, is beyond.
+
+    >>> s, cols = floor_stats_numpy(np.array([1.0, 2.0, 3.0]), np.array([1.2, 2.0, 3.9]),
+    ...                       np.array([0.25, 0.25, 0.5], np.float32), 0, 3)
+    >>> dict(zip(FLOOR_FIELDS, s.round(3).tolist()))["n_beyond"], cols.tolist()
+    (1.0, [0, 0, 1])
+    """
+    b = np.asarray(base, dtype=np.float64)
+    d = np.abs(b - np.asarray(other, dtype=np.float64))
+    f = np.asarray(floor, dtype=np.float64) + cast_rel * np.abs(b)
+    bad = ~np.isfinite(d)
+    d = np.where(bad, np.inf, d)
+    beyond = d > f
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.where(f > 0, d / f, np.where(d > 0, np.inf, 0.0))
+    fin = ~bad
+    with np.errstate(invalid="ignore"):
+        excess = np.maximum(d - f, 0.0)
+    out = np.array([d.size, beyond.sum(), float(np.sum(u[fin] ** 2)), float(u.max()) if u.size else 0.0,
+                    float(np.sum(excess[fin] ** 2)), float(np.sum(d[fin] ** 2))], dtype=np.float64)
+    idx = np.flatnonzero(beyond)
+    cols = np.bincount((idx + col_start) % ncols, minlength=ncols).astype(np.int64) if ncols > 1 else \
+        np.array([idx.size], dtype=np.int64)
+    return out, cols
+
+
+def above_floor(base: np.ndarray, other: np.ndarray, floor: np.ndarray, cast_rel: float = 0.0) -> np.ndarray:
+    """The part of ``other - base`` above the floor: ``sign(d) * max(|d| - floor, 0)`` (float32),
+    what the rank analysis of a quantized pair runs on.
+
+    >>> above_floor(np.array([1.0, 2.0]), np.array([1.2, 1.0]), np.array([0.25, 0.5])).tolist()
+    [0.0, -0.5]
+    """
+    b = np.asarray(base, dtype=np.float64)
+    d = np.asarray(other, dtype=np.float64) - b
+    f = np.asarray(floor, dtype=np.float64) + cast_rel * np.abs(b)
+    d = np.where(np.isfinite(d), d, 0.0)
+    return (np.sign(d) * np.maximum(np.abs(d) - f, 0.0)).astype(np.float32)
+
+
+def row_grids(rows: np.ndarray, max_levels: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of a 2-D float array: (step, lowest, highest value, levels) of the uniform grid the
+    row's values lie on; step 0 for a row of one value, NaN for a row on no grid of at most
+    ``max_levels`` levels (within 2% of a step). A dequantized int-b export has one per row.
+
+    >>> s, lo, hi, n = row_grids(np.array([[0.0, 0.5, -1.0, 1.5], [0.1, 0.2, 0.7, 0.4]]))
+    >>> s.round(6).tolist(), n.tolist()
+    ([0.5, 0.1], [6.0, 7.0])
+    """
+    x = np.asarray(rows, dtype=np.float64)
+    out = np.full((4, x.shape[0]), np.nan)
+    for i, row in enumerate(x):
+        u = np.unique(row[np.isfinite(row)])
+        if u.size == 0 or u.size > max_levels:
+            continue
+        if u.size == 1:
+            out[:, i] = (0.0, u[0], u[0], 1)
+            continue
+        span = u[-1] - u[0]
+        k = np.round(span / np.diff(u).min())
+        step = span / k
+        if k + 1 > max_levels or np.max(np.abs((u - u[0]) / step - np.round((u - u[0]) / step))) > 0.02:
+            continue
+        out[:, i] = (step, u[0], u[-1], k + 1)
+    return out[0], out[1], out[2], out[3]
