@@ -6,7 +6,13 @@
 #   bash benchmarks/device_check.sh            # on a CUDA machine with torch, numba, safetensors
 #   SKIP_INSTALL=1 DEVICE=cpu SIZES=tiny PY=.venv/bin/python bash benchmarks/device_check.sh  # CPU smoke test
 #
-# Results go to $OUT (or ./device-out): gpu_check.txt, compare_<size>_<device>.json, summary.txt.
+# On CUDA it also generates a Mistral-7B-shaped bf16 pair on the device (benchmarks/gen_pair_torch.py,
+# ~29 GB on local disk, every layer matrix changed by a dense 1e-2 update) and times a whole
+# `compare --device cuda` on it, cold (page cache dropped when root) and warm, with every rank from
+# the full Gram spectrum (benchmarks/bench_7b.py: wall, peak RSS, bytes read, exact ranks); the pair is
+# deleted afterwards. SKIP_7B=1 leaves it out.
+# Results go to $OUT (or ./device-out): gpu_check.txt, compare_<size>_<device>.json, bench_7b_cuda.json,
+# summary.txt.
 set -u
 OUT=${OUT:-device-out}
 DEVICE=${DEVICE:-cuda}
@@ -26,6 +32,16 @@ if [ "$DEVICE" = cuda ] && [ -z "${SKIP_GPU_CHECK:-}" ]; then
   log "kernel parity and stats-pass throughput (benchmarks/gpu_check.py)"
   timeout 240 $PY benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt"
   log "gpu_check exit: ${PIPESTATUS[0]}"
+fi
+
+if [ "$DEVICE" = cuda ] && [ -z "${SKIP_7B:-}" ]; then
+  pair=/tmp/wd-pair-mistral7b
+  log "generate a Mistral-7B-shaped bf16 pair on the device"
+  ( time timeout 300 $PY benchmarks/gen_pair_torch.py "$pair" --device cuda ) 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+  log "compare the 7B pair --device cuda, cold then warm (benchmarks/bench_7b.py)"
+  timeout 600 $PY benchmarks/bench_7b.py "$pair" --runs cold,warm --naive-layers 0 \
+      --json "$OUT/bench_7b_cuda.json" -- --device cuda -q 2>&1 | tail -6 | tee -a "$OUT/summary.txt"
+  rm -rf "$pair"
 fi
 
 for size in $SIZES; do

@@ -41,14 +41,17 @@ SIZES = {
     "100m": (768, 2048, 12, 256, 32000),
     "1b": (2048, 5632, 22, 256, 32000),      # TinyLlama-1.1B shapes
     "7b": (4096, 11008, 32, 4096, 32000),    # Llama-2-7B shapes
+    "mistral7b": (4096, 14336, 32, 1024, 32000),   # Mistral-7B shapes (8 KV heads)
+    "70b-slice": (8192, 28672, 2, 1024, 1024),     # two Llama-2-70B layers, a token vocabulary of 1,024
 }
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONVERT_CHUNK = 1 << 22
 
 
-def layout(size: str) -> list[tuple[str, tuple[int, ...], int | None]]:
-    """(name, shape, block index or None) in Hugging Face order."""
-    h, inter, layers, kv, vocab = SIZES[size]
+def layout(size: str, layers: int | None = None) -> list[tuple[str, tuple[int, ...], int | None]]:
+    """(name, shape, block index or None) in Hugging Face order (``layers`` overrides the size's count)."""
+    h, inter, n_layers, kv, vocab = SIZES[size]
+    layers = n_layers if layers is None else layers
     out: list[tuple[str, tuple[int, ...], int | None]] = [("model.embed_tokens.weight", (vocab, h), None)]
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -131,7 +134,7 @@ def make_tensor(args, idx: int, name: str, shape: tuple[int, ...], block: int | 
 
 def generate(args) -> dict:
     out = Path(args.out)
-    items = layout(args.size)
+    items = layout(args.size, args.layers)
     shard_bytes = args.shard_mb << 20
     groups = shard_groups([2 * int(np.prod(shape)) for _, shape, _ in items], shard_bytes)
     n = len(groups)
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=None, help="fewer (or more) layers than the size has")
     ap.add_argument("--shard-mb", type=int, default=500)
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-modules", default="q_proj,v_proj")
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise-rel", type=float, default=1e-2)
     ap.add_argument("--cast", action="store_true", help="base in F32, tuned in BF16")
     args = ap.parse_args(argv)
-    layers = SIZES[args.size][2]
+    layers = SIZES[args.size][2] if args.layers is None else args.layers
     half = max(1, layers // 2)
     args.lora_blocks = parse_blocks(args.lora_blocks) if args.lora_blocks is not None else set(range(half))
     args.sparse_blocks = parse_blocks(args.sparse_blocks) if args.sparse_blocks is not None else {half}

@@ -28,7 +28,7 @@ from .dtypes import DTYPES, FP8_STACK
 from .reference import IDX, NSTATS, STAT_FIELDS, combine, finalize  # noqa: F401  (same API)
 
 __all__ = ["STAT_FIELDS", "NSTATS", "CHUNK", "delta_stats", "bytes_stats", "combine", "finalize",
-           "decode_delta_f32", "set_threads", "get_threads"]
+           "decode_delta_f32", "decode_delta_f64", "set_threads", "get_threads"]
 
 #: elements per chunk: the unit of parallel work and of deterministic summation
 CHUNK = 1 << 16
@@ -357,15 +357,24 @@ def _delta_driver(b, t, cb, ct, f16, fp8, out):
                 x = xb[i]
                 y = xt[i]
                 fin = (x - x) == 0.0 and (y - y) == 0.0
-                o[i] = np.float32(y - x) if fin else np.float32(0.0)
+                o[i] = (y - x) if fin else 0.0     # rounded to out's dtype on the store
 
 
 def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> None:
     """``out[:] = float32(T - B)`` (0 where a side is non-finite); see the reference."""
+    _decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, out, np.float32)
+
+
+def decode_delta_f64(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> None:
+    """``out[:] = T - B`` in float64 (0 where a side is non-finite); see the reference."""
+    _decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, out, np.float64)
+
+
+def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray, want) -> None:
     _check_decodable(dtype_base, dtype_tuned)
     b, t = _bits(base_raw, dtype_base), _bits(tuned_raw, dtype_tuned)
-    if out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError("out must be a contiguous float32 array")
+    if out.dtype != want or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous {np.dtype(want).name} array")
     flat = out.reshape(-1)
     if flat.size != b.size or b.size != t.size:
         raise ValueError(f"out has {flat.size} elements, the windows {b.size} and {t.size}")

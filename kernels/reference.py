@@ -208,16 +208,26 @@ def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out
     Pairs where either side is non-finite give 0, matching the sums of ``delta_stats``
     (so sum(out**2) ~ sum_d2). ``out`` is a float32 array with as many elements.
     """
+    _decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, out, np.float32)
+
+
+def decode_delta_f64(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> None:
+    """``out[:] = T - B`` in float64 (the streamed Gram of the rank analysis); 0 where a side is
+    non-finite, as in ``decode_delta_f32``."""
+    _decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, out, np.float64)
+
+
+def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray, want) -> None:
     b = decode(base_raw, dtype_base)
     t = decode(tuned_raw, dtype_tuned)
-    if out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError("out must be a contiguous float32 array")
+    if out.dtype != want or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous {np.dtype(want).name} array")
     flat = out.reshape(-1)
     if flat.size != b.size or b.size != t.size:
         raise ValueError(f"out has {flat.size} elements, the windows {b.size} and {t.size}")
     fin = np.isfinite(b) & np.isfinite(t)
     with np.errstate(invalid="ignore", over="ignore"):
-        flat[:] = np.where(fin, t - np.where(fin, b, 0.0), 0.0).astype(np.float32)
+        flat[:] = np.where(fin, t - np.where(fin, b, 0.0), 0.0).astype(want)
 
 
 def rounding_sigma2(raw, dtype: str) -> float:

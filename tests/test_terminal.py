@@ -62,9 +62,28 @@ class _Tty(io.StringIO):
         return True
 
 
-def test_progress_line_is_silent_off_a_terminal_and_draws_on_one():
+def test_progress_line_logs_whole_lines_off_a_terminal_and_draws_on_one(monkeypatch):
+    log = io.StringIO()
+    p = ProgressLine(stream=log, delay=0.0)          # a log gets a line only every 30 s
+    p(5, 10, "x")
+    assert log.getvalue() == ""
+    clock = [1000.0]
+    monkeypatch.setattr("weightdiff.render.terminal.time.monotonic", lambda: clock[0])
+    p = ProgressLine(stream=log)
+    clock[0] += 31
+    p(3_000_000_000, 12_000_000_000, "model.layers.3.mlp.up_proj.weight")
+    p(3_100_000_000, 12_000_000_000, "model.layers.3.mlp.up_proj.weight")   # too soon: nothing
+    clock[0] += 31
+    p(6_000_000_000, 12_000_000_000, "model.layers.9.mlp.up_proj.weight")
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in log.getvalue()
+    assert lines[0].startswith("progress: measuring, 25.0% of 12.00B params") and "of 48.0 GB read" in lines[0]
+    assert "ETA 93 s" in lines[0] and "ETA 62 s" in lines[1] and "layers.9" in lines[1]
+    p.close()
+    assert log.getvalue().count("\n") == 2
     quiet = io.StringIO()
-    p = ProgressLine(stream=quiet, delay=0.0)
+    p = ProgressLine(stream=quiet, enabled=False)
+    clock[0] += 100
     p(5, 10, "x")
     assert quiet.getvalue() == ""
     tty = _Tty()

@@ -211,6 +211,10 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     elif kwargs:
         options = options_from_kwargs(CompareOptions, **{**_as_kwargs(options), **kwargs})
     backend = backend_for(options.device, options.threads)   # fails before any reading
+    if options.cache:                   # a cache folder that cannot be used fails before any reading too
+        from .measure.cache import check_folder
+
+        check_folder(options.cache)
     base_paths = [base] if isinstance(base, (str, os.PathLike, Checkpoint)) else list(base)
     _preflight([*base_paths, tuned], hub)
     base_labels = _labels(base_label, len(base_paths))

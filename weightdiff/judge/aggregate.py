@@ -20,7 +20,8 @@ import math
 from ..pairing.names import group_of, parse_name
 from ..options import Thresholds
 from ..records import BlockRecord, TensorRecord
-from .status import delta_params_of, extra_rows, is_changed, is_mismatch, is_tied, norms_sq, ratio
+from .status import (delta_params_of, extra_rows, is_changed, is_mismatch, is_tied, max_rank_fields, norms_sq,
+                     ratio)
 
 __all__ = ["aggregate"]
 
@@ -33,7 +34,7 @@ class _Acc:
     def __init__(self) -> None:
         self.params = self.params_changed = self.tensors = self.tensors_changed = self.delta = 0
         self.nb2 = self.nd2 = 0.0
-        self.max_rank: int | None = None
+        self.ranked: list[TensorRecord] = []
         self.modules: dict[str, list[float]] = {}
 
     def add(self, rec: TensorRecord, thresholds: Thresholds, module: str | None = None) -> None:
@@ -59,13 +60,13 @@ class _Acc:
                 m[0] += sq[0]
                 m[1] += sq[1]
         if changed and rec.rank is not None:
-            self.max_rank = max(self.max_rank or 0, int(rec.rank.numerical_rank))
+            self.ranked.append(rec)
 
     def as_dict(self) -> dict:
         return {"tensors": self.tensors, "tensors_changed": self.tensors_changed, "params": self.params,
                 "params_changed": self.params_changed, "rel_change": ratio(self.nd2, self.nb2),
                 "norm_base": math.sqrt(self.nb2), "norm_delta": math.sqrt(self.nd2), "delta_params": self.delta,
-                "max_numerical_rank": self.max_rank}
+                **max_rank_fields(self.ranked)}
 
 
 def aggregate(records: list[TensorRecord], thresholds: Thresholds) -> tuple[list[BlockRecord], dict[str, dict]]:
@@ -106,6 +107,6 @@ def aggregate(records: list[TensorRecord], thresholds: Thresholds) -> tuple[list
             block=label, index=index[label], params=acc.params, params_changed=acc.params_changed,
             tensors=acc.tensors, tensors_changed=acc.tensors_changed, rel_change=ratio(acc.nd2, acc.nb2),
             norm_base=math.sqrt(acc.nb2), norm_delta=math.sqrt(acc.nd2), delta_params=acc.delta,
-            max_numerical_rank=acc.max_rank, modules={k: ratio(v[1], v[0]) for k, v in acc.modules.items()}))
+            **max_rank_fields(acc.ranked), modules={k: ratio(v[1], v[0]) for k, v in acc.modules.items()}))
     module_dicts = {k: acc.as_dict() for k, acc in modules.items()}
     return block_records, module_dicts

@@ -25,7 +25,7 @@ from ..options import Thresholds
 from ..records import STATUSES, BlockRecord, Summary, TensorRecord
 from .relatedness import large_matrix_relatedness, looks_unrelated
 from .status import (PAIRED, bytes_per, delta_params_of, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
-                     norms_sq, rank_upper, ratio)
+                     max_rank_fields, norms_sq, rank_upper, ratio)
 
 
 
@@ -76,7 +76,7 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
                    and rank_upper(r, "numerical_rank") <= thresholds.low_rank_max)
     form: dict[str, Any] = {
         "kind": None,
-        "max_numerical_rank": max((int(r.rank.numerical_rank) for r in ranked), default=None),
+        **max_rank_fields(ranked),
         "max_energy_rank_99": max((int(r.rank.energy_rank_99) for r in ranked
                                    if r.rank.energy_rank_99 is not None), default=None),
         "max_rank_share": max(((_low_rank_k(r) or 0) / min(matrix_dims(r)) for r in ranked), default=None),

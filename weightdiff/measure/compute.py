@@ -43,7 +43,8 @@ def _elements(pair: Pair, shape: Sequence[int] | None) -> int:
 
 def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
                   tuned: Checkpoint, tname: str, dtype_t: str, stop: int | None,
-                  on_window: Callable[[int], None], floors: FloorAccumulator | None = None) -> np.ndarray:
+                  on_window: Callable[[int], None], floors: FloorAccumulator | None = None,
+                  sink=None) -> np.ndarray:
     k = backend.module
     opaque = not (DTYPES[dtype_b].decodable and DTYPES[dtype_t].decodable)
     acc = None
@@ -66,6 +67,8 @@ def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
         windows = iter(())
     for wb, wt in windows:
         part = k.bytes_stats(wb, wt) if opaque else k.delta_stats(wb, wt, dtype_b, dtype_t)
+        if sink is not None:
+            sink.window(wb, wt, part, base, bname, tuned, tname)
         acc = part if acc is None else k.combine(acc, part)
         on_window(len(wt))
     if acc is None:   # zero-size tensor
@@ -142,8 +145,13 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         rec.status = "changed"
         return rec
     floors = FloorAccumulator()
+    sink = None
+    if stop is None and not opaque:
+        from .rank_stream import streamed_rank_sink
+
+        sink = streamed_rank_sink(pair, options, backend.name, WINDOW_ELEMENTS)
     stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
-                          pair.dtype_tuned, stop, on_window, floors)
+                          pair.dtype_tuned, stop, on_window, floors, sink)
     if not opaque:
         rec.rounding_floor = floors.result()
     fields = reference.finalize(stats)
@@ -169,11 +177,14 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         elif rec.quant is not None and rec.quant.get("test") == "bound" and rec.status == "changed":
             above = True                           # rank the part of the change above the floor
 
-    if (options.rank and rec.status == "changed" and not opaque and len(shape_t) >= 2
+    nd = rec.norm_delta
+    if sink is not None and rec.status == "changed" and sink.gram.active and not above:
+        rec.rank = sink.gram.finish(float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
+                                    thr.noise_floor_factor, options.rank_k)
+    elif (options.rank and rec.status == "changed" and not opaque and len(shape_t) >= 2
             and min(shape_t[0], rec.numel // max(shape_t[0], 1)) >= 2):
         from .rank import analyze_delta
 
-        nd = rec.norm_delta
         raw_b, raw_t, dt_b, dt_t = base.read(pair.base_name), tuned.read(tuned_name), pair.dtype_base, pair.dtype_tuned
         if above:
             from .quant_floor import CAST_REL, above_floor_pair
@@ -190,6 +201,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             tuple(shape_t), float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
             k=options.rank_k, seed=options.seed, exact_max=options.exact_svd_max,
             backend=backend, noise_factor=thr.noise_floor_factor, subspace=options.subspace)
+    if sink is not None:
+        sink.gram.close()
     return rec
 
 
@@ -260,6 +273,11 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
     total = sum(streamed(p) for p in pairs)
     done = 0
     records = []
+    cache = None
+    if options.cache:
+        from .cache import RecordCache
+
+        cache = RecordCache(options.cache, options.settings())
     for pair in pairs:
         name = pair.tuned_name or pair.base_name or ""
 
@@ -269,7 +287,15 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
             if progress is not None:
                 progress(done, total, _name)
 
-        records.append(compute_pair(pair, bases, tuned, options, backend, classify, on_window))
+        key = cache.key(pair, bases, tuned) if cache is not None else None
+        rec = cache.get(key) if cache is not None else None
+        if rec is None:
+            rec = compute_pair(pair, bases, tuned, options, backend, classify, on_window)
+            if cache is not None:
+                cache.put(key, rec)
+        else:
+            on_window(streamed(pair))
+        records.append(rec)
     if progress is not None:
         progress(total, total, "")
     return records

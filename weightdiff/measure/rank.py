@@ -39,7 +39,7 @@ __all__ = ["analyze_delta", "analyze_factors", "decode_delta", "noise_profile", 
            "DEFAULT_EXACT_MAX"]
 
 #: smaller side up to which the CPU computes the full spectrum (see docs/rank.md for the timing)
-DEFAULT_EXACT_MAX = 1024
+DEFAULT_EXACT_MAX = 8192
 _BLOCK = 1 << 20          # elements per row block of the bounded-memory loops
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -167,6 +167,18 @@ def _record(s: np.ndarray, method: str, norm_sq: float, shape2: tuple[int, int],
     thr = noise_factor * floor
     full = method != "randomized"
     fields = spectral.spectrum_fields(s, thr) if full else spectral.partial_spectrum_fields(s, norm_sq, r, thr)
+    if method == "gram":     # certify the count against the error bound of the float32 delta's Gram
+        from ..kernels import gram as kgram
+
+        lam = np.asarray(s, dtype=np.float64) ** 2
+        delta = kgram.eig_error_bound(r, max(shape2), max(norm_sq, float(lam.sum())) if norm_sq == norm_sq
+                                      else float(lam.sum()), float(np.sqrt(np.sum(lam * lam))), np.float64,
+                                      d_float32=True)
+        _, lo, hi = kgram.certified_count(lam, thr * thr, delta)
+        extra["eig_error_bound"] = delta
+        fields["numerical_rank"] = lo
+        if lo != hi:
+            fields["bounds"] = {"numerical_rank": [lo, hi]}
     top = np.sort(np.asarray(s, dtype=np.float64))[::-1][:k]
     captured = float(np.sum(top * top)) / norm_sq if norm_sq > 0 else None
     return RankRecord(
@@ -174,7 +186,7 @@ def _record(s: np.ndarray, method: str, norm_sq: float, shape2: tuple[int, int],
         energy_rank_90=fields["energy_rank_90"], energy_rank_99=fields["energy_rank_99"],
         numerical_rank=fields["numerical_rank"], noise_floor=floor, spectrum=[float(v) for v in top],
         energy_captured=captured, method=method, shape_2d=shape2,
-        exact=full or (not fields["bounds"] and not fields["estimated"]),
+        exact=not fields["bounds"] and not fields["estimated"],
         extra=extra, bounds=fields["bounds"], estimated=fields["estimated"])
 
 

@@ -96,6 +96,15 @@ def bound(value: Any, kind: str | None, fmt=count) -> str:
     return {"lower": "≥ ", "upper": "≤ "}[kind] + text
 
 
+def max_rank(d: dict) -> str:
+    """The largest numerical rank of a summary ``form`` or a block: a count when exact, ``lo-hi``
+    when ``max_numerical_rank_bounds`` holds a bracket (the value is then null)."""
+    b = d.get("max_numerical_rank_bounds")
+    if b:
+        return f"{count(b[0])}-{count(b[1])}"
+    return count(d.get("max_numerical_rank"))
+
+
 def rank_text(rank: dict | None, field: str = "numerical_rank") -> str:
     """A rank field of a tensor's ``rank`` block: exact as a count, a bracket ``[lo, hi]``
     as ``≥ lo`` (the field holds the lower end), an estimate as ``~value``."""

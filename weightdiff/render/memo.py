@@ -170,7 +170,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
                                f"{fmt.count(scope.get('blocks_total', s.get('blocks_total')))}"],
             ["tensors changed", f"{fmt.count(scope.get('tensors_changed'))} of {fmt.count(scope.get('tensors_total'))}"],
             ["form of the change", _c(form.get("kind") or "none")],
-            ["largest numerical rank", fmt.count(form.get("max_numerical_rank"))],
+            ["largest numerical rank", fmt.max_rank(form)],
             ["delta parameters", f"{fmt.count(s.get('delta_params'))} ({fmt.share(s.get('delta_params_share'))} of the model)"],
             ["model relative change", fmt.sci(s.get("relative_change"))],
             ["1 − cosine (large matrices)", fmt.sci(None if s.get("relatedness_cosine") is None
@@ -199,7 +199,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
         out.append(Block("table", ["block", "parameters", "changed", "relative change", "largest numerical rank",
                                    "delta parameters"],
                          [[_c(b.get("block")), fmt.count(b.get("params")), fmt.count(b.get("params_changed")),
-                           fmt.sci(b.get("rel_change")), fmt.count(b.get("max_numerical_rank")),
+                           fmt.sci(b.get("rel_change")), fmt.max_rank(b),
                            fmt.count(b.get("delta_params"))] for b in tb]))
     else:
         out.append(Block("p", "No block changed."))

@@ -133,7 +133,8 @@ def headline(data: dict) -> list[str]:
         out.append(f"Relative change {sci(s['relative_change'])} (norm of all deltas over norm of the base).")
     f = s.get("form") or {}
     if f.get("kind") == "low_rank":
-        out.append(f"The change is low-rank: at most rank {count(f.get('max_numerical_rank'))} per matrix.")
+        b = f.get("max_numerical_rank_bounds")
+        out.append(f"The change is low-rank: at most rank {count(b[1] if b else f.get('max_numerical_rank'))} per matrix.")
     elif f.get("kind") == "sparse":
         out.append(f"The change is sparse: {share(f.get('changed_element_share'))} of the elements of the "
                    "changed tensors differ.")

@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from ..errors import escape_name
 from .captions import one_minus_cosine
-from .formats import count, rank_text, sci, share
+from .formats import count, max_rank, rank_text, sci, share
 from .sentences import plural, verdict_title
 
 STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
@@ -62,8 +62,8 @@ def render_text(result: dict, top: int = 10) -> str:
     form = s.get("form") or {}
     if form.get("kind"):
         extra = ""
-        if form.get("max_numerical_rank") is not None:
-            extra = f" (largest numerical rank {form['max_numerical_rank']})"
+        if form.get("max_numerical_rank") is not None or form.get("max_numerical_rank_bounds"):
+            extra = f" (largest numerical rank {max_rank(form)})"
         lines.append(f"form      {form['kind']}{extra}")
     if s.get("flags"):
         lines.append(f"flags     {', '.join(s['flags'])}")
@@ -94,7 +94,7 @@ def render_text(result: dict, top: int = 10) -> str:
         label = plural(indexed, "block") + (f" and {plural(others, 'other group')}" if others else "")
         lines.append(f"most changed blocks ({label} changed)")
         rows = [[_trim(b["block"], 32), sci(b.get("rel_change")), count(b.get("params_changed")),
-                 count(b.get("params")), "-" if b.get("max_numerical_rank") is None else str(b["max_numerical_rank"])]
+                 count(b.get("params")), max_rank(b)]
                 for b in blocks[:top]]
         lines += _table(rows, ["block", "rel change", "params changed", "params", "max rank"], "lrrrr")
 
@@ -141,19 +141,25 @@ def plan_text(plan: Any) -> str:
 
 
 class ProgressLine:
-    """A one-line progress display on a terminal stderr: elements done / total, GB/s, ETA.
+    """Progress on stderr: elements done / total, GB/s, ETA.
 
-    Silent unless ``stream`` is a terminal; appears only after ``delay`` seconds, so
-    short runs print nothing; redraws at most ten times a second.
+    On a terminal, one line redrawn in place (at most ten times a second), after ``delay``
+    seconds so short runs print nothing. Elsewhere (a log file, a CI job, a notebook), a
+    whole line every ``interval`` seconds (30 by default; the first after ``interval``).
+    ``enabled=False`` (``--quiet``) prints nothing. The ETA is the average rate so far
+    applied to what is left; the rank analysis runs tensor by tensor inside the same pass
+    (its Gram matrix is summed from the streamed windows), so the rate includes it.
     """
 
     def __init__(self, stream: IO[str] | None = None, bytes_per_element: float = 2.0, delay: float = 1.0,
-                 enabled: bool | None = None):
+                 enabled: bool | None = None, interval: float = 30.0):
         self.stream = stream if stream is not None else sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.enabled = True if enabled is None else enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bpe = bytes_per_element
         self.t0 = time.monotonic()
-        self.delay = delay
+        self.delay = delay if self.tty else interval
+        self.interval = interval
         self.last = 0.0
         self.drawn = False
 
@@ -162,11 +168,22 @@ class ProgressLine:
             return
         now = time.monotonic()
         el = now - self.t0
-        if el < self.delay or (now - self.last < 0.1 and done < total):
+        if el < self.delay or (now - self.last < (0.1 if self.tty else self.interval) and done < total):
             return
+        if not self.tty and done >= total and not self.drawn:
+            return        # a run shorter than the interval stays silent in a log
         self.last = now
         rate = done * 2 * self.bpe / el / 1e9 if el > 0 else 0.0
         eta = (total - done) * el / done if done else 0.0
+        if not self.tty:
+            pct = 100.0 * done / total if total else 100.0
+            self.stream.write(f"progress: measuring, {pct:.1f}% of {total / 1e9:,.2f}B params "
+                              f"(~{done * 2 * self.bpe / 1e9:,.1f} of {total * 2 * self.bpe / 1e9:,.1f} GB read), "
+                              f"{rate:.2f} GB/s, {el:,.0f} s so far, ETA {eta:,.0f} s; "
+                              f"{escape_name(_trim(name, 60))}\n")
+            self.stream.flush()
+            self.drawn = True
+            return
         pct = 100.0 * done / total if total else 100.0
         msg = f"\r{pct:5.1f}%  {done / 1e6:,.0f}M / {total / 1e6:,.0f}M params  {rate:5.2f} GB/s  ETA {eta:4.0f}s  {_trim(name, 40)}"
         self.stream.write(msg[:160].ljust(100))
@@ -174,6 +191,6 @@ class ProgressLine:
         self.drawn = True
 
     def close(self) -> None:
-        if self.drawn:
+        if self.drawn and self.tty:
             self.stream.write("\r" + " " * 100 + "\r")
             self.stream.flush()

@@ -166,11 +166,12 @@ _TENSOR = obj({"name": string, "base_name": S, "status": string, "shape": array(
                "rank": opt(_RANK), "tied": opt(boolean)}, required=("name", "status", "shape"))
 _BLOCK = obj({"block": S, "index": I, "params": N, "params_changed": N, "tensors": N, "tensors_changed": N,
               "rel_change": N, "norm_base": N, "norm_delta": N, "delta_params": N, "max_numerical_rank": N,
-              "modules": opt(mapping(N))})
+              "max_numerical_rank_bounds": opt(array(integer, 2)), "modules": opt(mapping(N))})
 _SUMMARY = obj({"verdict": string, "verdict_reason": S,
                 "scope": opt(obj({k: I for k in ("blocks_changed", "blocks_total", "tensors_changed",
                                                  "tensors_total")})),
-                "form": opt(obj({"kind": S, "max_numerical_rank": I})), "flags": opt(array(string)), "params_total": I,
+                "form": opt(obj({"kind": S, "max_numerical_rank": I,
+                                  "max_numerical_rank_bounds": opt(array(integer, 2))})), "flags": opt(array(string)), "params_total": I,
                 "params_by_status": opt(mapping(integer)), "tensors_by_status": opt(mapping(integer)),
                 "relative_change": N, "relatedness_cosine": N, "blocks_total": I, "blocks_changed": I,
                 "delta_params": N, "delta_params_share": N, "headline": opt(array(string)),

@@ -1,0 +1,198 @@
+"""Exact ranks from the streamed Gram matrix: kernels.gram (tiles, certified count) against
+LAPACK's SVD, and weightdiff.measure.rank_stream (one read per byte) against weightdiff.rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import weightdiff.measure.compute as compute
+from conftest import write_checkpoint
+from test_rank import merged_pair
+from weightdiff import compare
+from weightdiff.measure import rank
+from weightdiff.kernels import gram as kgram
+from weightdiff.kernels.dtypes import decode
+from weightdiff.measure.rank_stream import DeltaGram
+from weightdiff.io.safetensors_write import to_storage
+
+
+def _count_svd(x: np.ndarray, thr: float) -> int:
+    return int(np.count_nonzero(np.linalg.svd(x.astype(np.float64), compute_uv=False) > thr))
+
+
+def _certified(x: np.ndarray, thr: float, tile: int = kgram.TILE, dtype=np.float64):
+    t = x if x.shape[0] >= x.shape[1] else x.T
+    acc = kgram.GramAccumulator(t.shape[1], tile=tile)
+    for i in range(0, t.shape[0], 37):
+        acc.add(np.asarray(t[i:i + 37], dtype=np.float64))
+    rows = acc.rows
+    lam = kgram.gram_eigenvalues(acc, dtype)
+    d2 = float(np.sum(x.astype(np.float64) ** 2))
+    delta = kgram.eig_error_bound(t.shape[1], rows, d2, float(np.sqrt(np.sum(lam * lam))), dtype)
+    return lam, kgram.certified_count(lam, thr * thr, delta)
+
+
+@pytest.mark.parametrize("tile", [kgram.TILE, 16])
+def test_tiled_gram_is_the_gram(rng, tile):
+    x = rng.standard_normal((123, 50))
+    acc = kgram.GramAccumulator(50, tile=tile)
+    acc.add(x[:60])
+    acc.add(x[60:].T.copy().T)          # a transposed view works too
+    g = acc.matrix()
+    np.testing.assert_allclose(g, x.T @ x, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(g, g.T) and acc.rows == 123 and not acc.tiles
+
+
+def _with_spectrum(rng, m, n, s):
+    u, _ = np.linalg.qr(rng.standard_normal((m, len(s))))
+    v, _ = np.linalg.qr(rng.standard_normal((n, len(s))))
+    return (u * np.asarray(s)) @ v.T
+
+
+@pytest.mark.parametrize("case", ["random", "rank7", "zero", "bf16_noise", "wide"])
+def test_certified_count_holds_the_svd_count_and_is_exact_off_the_threshold(rng, case):
+    m, n = 300, 120
+    if case == "random":
+        x = rng.standard_normal((m, n))
+    elif case == "rank7":
+        x = _with_spectrum(rng, m, n, np.geomspace(5.0, 0.5, 7))
+    elif case == "zero":
+        x = np.zeros((m, n))
+    elif case == "bf16_noise":             # a cast: bf16(w) - w, the storage-rounding noise itself
+        w = rng.normal(0, 0.02, (m, n)).astype(np.float32)
+        x = decode(to_storage(w, "BF16"), "BF16") - w.astype(np.float64)
+    else:
+        x = rng.standard_normal((n, m))
+    s = np.linalg.svd(x, compute_uv=False)
+    if case == "zero":
+        thr = 1e-3
+    else:                                  # halfway between two neighbours, in the middle of the spectrum
+        k = min(len(s) // 2, int(np.count_nonzero(s > 1e-8 * s[0])) - 1)
+        thr = float(s[k - 1] + s[k]) / 2
+    lam, (count, lo, hi) = _certified(x, thr, tile=16)
+    want = _count_svd(x, thr)
+    assert lo == hi == count == want
+    np.testing.assert_allclose(kgram.singular_values(lam)[:5], s[:5], rtol=1e-9, atol=1e-12)
+
+
+def test_a_cluster_at_the_threshold_is_bracketed_not_guessed(rng):
+    """Singular values closer to the threshold than the error bound can resolve: the bracket
+    holds both answers, the value is its lower end."""
+    s = np.array([3.0, 2.0] + [1.0 + e for e in (-1e-14, 0.0, 1e-14)] + [0.5])
+    x = _with_spectrum(rng, 200, 60, s)
+    lam, (count, lo, hi) = _certified(x, 1.0)
+    assert lo <= 2 and hi >= 5 and lo <= count <= hi
+    # a threshold well away from every value is exact again
+    assert _certified(x, 1.5)[1] == (2, 2, 2)
+
+
+def test_float32_eigen_solve_has_a_wider_but_honest_bracket(rng):
+    x = _with_spectrum(rng, 400, 100, np.concatenate([np.geomspace(1.0, 0.1, 20), np.full(80, 1e-4)]))
+    lam, (count, lo, hi) = _certified(x, 0.01, dtype=np.float32)
+    assert lo <= 20 <= hi and lo == hi == 20           # 0.01 is far above float32's resolution here
+    # below sqrt(u32) ||D|| the threshold cannot be resolved: the bracket says so
+    lam, (count, lo, hi) = _certified(x, 1e-5, dtype=np.float32)
+    assert lo <= 100 <= hi and hi - lo >= 80
+
+
+@pytest.mark.parametrize("shape", [(700, 300), (300, 700)])
+@pytest.mark.parametrize("keep", [1 << 30, 0])          # wide: in memory, or spilled to a temporary file
+def test_streamed_rank_matches_the_whole_matrix_analysis(rng, shape, keep):
+    m, n = shape
+    base, tuned, nd2 = merged_pair(rng, "BF16", m=m, n=n)
+    want = rank.analyze_delta(base, tuned, "BF16", "BF16", shape, nd2, exact_max=4096)
+    g = DeltaGram(shape, "BF16", "BF16", keep_bytes=keep)
+    g.activate()
+    fb, ft = base.reshape(-1), tuned.reshape(-1)
+    for p in range(0, fb.size, 50_001):           # windows that cut rows anywhere
+        g.feed(fb[p:p + 50_001], ft[p:p + 50_001], True)
+    assert g.spilled == (keep == 0 and m < n)
+    got = g.finish(nd2, 1.5, 64)
+    assert got.method == "gram" and got.exact and not got.bounds
+    assert got.numerical_rank == want.numerical_rank == 8
+    assert got.energy_rank_99 == want.energy_rank_99
+    assert got.noise_floor == pytest.approx(want.noise_floor, rel=1e-12)
+    np.testing.assert_allclose(got.spectrum, want.spectrum, rtol=1e-6, atol=1e-9 * want.spectrum[0])
+
+
+def _pair_on_disk(tmp_path, rng, m, n, rows_changed=None):
+    w = rng.normal(0, 0.02, (m, n)).astype(np.float32)
+    upd = np.zeros_like(w)
+    lr = (rng.standard_normal((m, 5)) @ rng.standard_normal((5, n))).astype(np.float32)
+    upd[rows_changed if rows_changed is not None else slice(None)] = 0.002 * lr[
+        rows_changed if rows_changed is not None else slice(None)]
+    write_checkpoint(tmp_path / "b", {"w": w}, dtype="BF16")
+    write_checkpoint(tmp_path / "t", {"w": w + upd}, dtype="BF16")
+    return tmp_path / "b", tmp_path / "t"
+
+
+@pytest.mark.parametrize("shape", [(1200, 300), (300, 1200)])
+def test_compare_reads_each_byte_once_and_agrees_with_the_two_read_path(tmp_path, rng, monkeypatch, shape):
+    """The change starts late in the matrix (rows 900-1000 or 200-250), after several unchanged
+    windows: the streamed Gram picks it up and gives the numbers of the whole-matrix path."""
+    m, n = shape
+    rows = slice(900, 1000) if m > n else slice(200, 250)
+    b, t = _pair_on_disk(tmp_path, rng, m, n, rows)
+    monkeypatch.setattr(compute, "WINDOW_ELEMENTS", 40_000)
+    reads: list[str] = []
+    from weightdiff.io.checkpoint import Checkpoint
+
+    real_read = Checkpoint.read
+    monkeypatch.setattr(Checkpoint, "read", lambda self, name: reads.append(name) or real_read(self, name))
+    got = compare(b, t).tensors[0].rank
+    assert reads == []                                    # no second read
+    want = compare(b, t, exact_svd_max=0).tensors[0].rank  # randomized path still reads it whole
+    monkeypatch.setattr(compute, "WINDOW_ELEMENTS", 1 << 24)
+    assert got.method == "gram" and got.exact and got.numerical_rank == 5
+    assert want.method == "randomized" and want.numerical_rank == 5
+    np.testing.assert_allclose(got.spectrum[:5], want.spectrum[:5], rtol=1e-4)
+
+
+def test_a_rounding_prefix_is_reread_when_the_change_starts_later(tmp_path, rng, monkeypatch):
+    """Windows that changed within rounding before the first real change still belong to the delta."""
+    m, n = 1000, 300
+    w = rng.normal(0, 0.02, (m, n)).astype(np.float32)
+    wb = decode(to_storage(w, "BF16"), "BF16").astype(np.float32)
+    tuned = w.copy()                                      # float32: differs from bf16 by rounding only ...
+    tuned[800:] += 0.01 * np.outer(rng.standard_normal(200), rng.standard_normal(n)).astype(np.float32)
+    write_checkpoint(tmp_path / "b", {"w": wb}, dtype="BF16")
+    write_checkpoint(tmp_path / "t", {"w": tuned}, dtype="F32")
+    monkeypatch.setattr(compute, "WINDOW_ELEMENTS", 30_000)
+    got = compare(tmp_path / "b", tmp_path / "t").tensors[0]
+    assert got.status == "changed" and got.rank.method == "gram"
+    want = rank.analyze_delta(to_storage(wb, "BF16"), tuned, "BF16", "F32", (m, n),
+                              got.norm_delta ** 2, exact_max=4096)
+    assert got.rank.numerical_rank == want.numerical_rank
+    np.testing.assert_allclose(got.rank.spectrum[:3], want.spectrum[:3], rtol=1e-6)
+
+
+def test_a_bracketed_rank_is_never_the_summary_maximum():
+    from weightdiff.judge.aggregate import aggregate
+    from weightdiff.judge.verdict import summarise
+    from weightdiff.options import Thresholds
+    from weightdiff.records import RankRecord, TensorRecord
+    from weightdiff.render.formats import max_rank
+
+    def rec(name, nr, bounds):
+        r = TensorRecord(name, name, "changed", [64, 64], [64, 64], "F32", "F32", 4096, 4096, norm_base=4.0,
+                         norm_delta=1.0, cosine=0.97, frac_changed=1.0, frac_beyond_rounding=1.0)
+        r.rank = RankRecord(1.0, 1.0, 1, 1, nr, 0.1, [1.0], 1.0, method="gram", shape_2d=(64, 64),
+                            exact=not bounds, bounds={"numerical_rank": bounds} if bounds else {})
+        return r
+
+    def run(records):
+        blocks, _ = aggregate(records, Thresholds())
+        return blocks, summarise(records, blocks, Thresholds())
+
+    exact = [rec("h.0.w", 30, None), rec("h.1.w", 12, None)]
+    _, s = run(exact)
+    assert s.form["max_numerical_rank"] == 30 and s.form["max_numerical_rank_bounds"] is None
+    blocks, s = run(exact + [rec("h.2.w", 20, [20, 40])])
+    assert s.form["max_numerical_rank"] is None and s.form["max_numerical_rank_bounds"] == [30, 40]
+    assert max_rank(s.form) == "30-40"
+    b2 = [b for b in blocks if b.block == "h.2"][0]
+    assert b2.max_numerical_rank is None and b2.max_numerical_rank_bounds == [20, 40]
+    # a bracket below an exact maximum does not blur it
+    _, s = run(exact + [rec("h.2.w", 5, [5, 29])])
+    assert s.form["max_numerical_rank"] == 30 and s.form["max_numerical_rank_bounds"] is None

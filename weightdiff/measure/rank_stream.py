@@ -1,0 +1,331 @@
+"""The rank analysis of a changed matrix gathered during the statistics pass: one read per byte.
+
+``DeltaGram`` receives the same raw windows as the stats kernels, in order, and keeps
+what ``finish`` needs to fill the ``rank`` block exactly, without a second read of the
+checkpoint and without the ``m x n`` delta in memory when it is tall:
+
+* the storage-rounding variance summed per row and per column (the noise floor of
+  ``weightdiff.measure.rank.noise_floor``), from every window;
+* the float64 Gram matrix of the smaller side (``kernels.gram.GramAccumulator``):
+  a *tall* delta (``m >= n``) is decoded to float64 row block by row block
+  (``BLOCK_BYTES`` each) and summed as it streams; a *wide* one needs whole columns, so its
+  float32 delta is kept in column tiles, in memory up to ``KEEP_BYTES`` and in an unlinked
+  temporary file beyond (the 70B ``down_proj``, 8192 x 28672, 940 MB), and summed at the end.
+
+The Gram work starts at the first window whose changes go beyond storage rounding
+(``activate``): a cast-only or unchanged matrix costs only the noise profile. Windows
+before that point that changed within rounding are re-read then (they are usually still
+in the page cache); windows that did not change at all add nothing to a Gram matrix.
+
+Memory for an ``r x r`` Gram (r = min(m, n)): float64 tiles (r = 4096: 134 MB; 8192:
+403 MB), one row block (64 MB), the eigen-solve's copy (float64 up to 4096, float32
+beyond); a wide delta up to ``KEEP_BYTES`` more. See docs/rank.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import numpy as np
+
+from ..kernels import gram as kgram
+from ..kernels import spectral
+from ..kernels.dtypes import DTYPES
+from ..records import RankRecord
+from .rank import _UINT, _bits, _variance_table, noise_floor
+
+__all__ = ["DeltaGram", "RankSink", "streamed_rank_sink", "KEEP_BYTES", "BLOCK_BYTES"]
+
+#: bytes of float64 delta decoded at a time for a tall matrix (and per column tile when summing a wide one)
+BLOCK_BYTES = 64 << 20
+#: a wide matrix's float32 delta is kept in memory up to this size, else in a temporary file
+KEEP_BYTES = 256 << 20
+_SUB = 1 << 21          # elements per step of the noise profile
+
+
+def _decoder():
+    try:
+        from ..kernels import cpu
+
+        return cpu.decode_delta_f64, cpu.decode_delta_f32
+    except ImportError:    # pragma: no cover - numba is a core dependency
+        from ..kernels import reference
+
+        return reference.decode_delta_f64, reference.decode_delta_f32
+
+
+class DeltaGram:
+    """What the rank of one ``shape2`` matrix needs, fed window by window (flat, row-major)."""
+
+    def __init__(self, shape2: tuple[int, int], dtype_base: str, dtype_tuned: str, *,
+                 keep_bytes: int = KEEP_BYTES, spill_dir: str | None = None):
+        m, n = shape2
+        self.shape2 = (int(m), int(n))
+        self.dtypes = (dtype_base, dtype_tuned)
+        self.rows = np.zeros(m)
+        self.cols = np.zeros(n)
+        self.tall = m >= n
+        self.keep_bytes = keep_bytes
+        self.spill_dir = spill_dir
+        self.active = False
+        self.pos = 0                     # flat elements seen (noise profile)
+        self.fed = 0                     # flat elements fed to the delta part
+        self.spilled = False
+        self._acc: kgram.GramAccumulator | None = None
+        self._buf: np.ndarray | None = None
+        self._fill = 0
+        self._nonzero = False
+        self._rows_done = 0
+        self._tiles: list | None = None
+        self._file = None
+
+    # -- the noise profile ---------------------------------------------------------------
+    def _profile(self, raw: np.ndarray, dtype: str, pos0: int) -> None:
+        if DTYPES[dtype].kind != "float":
+            return
+        table, shift, mask = _variance_table(dtype)
+        bits = _bits(raw, dtype, (1, raw.size)).reshape(-1)
+        ubits = bits.view(_UINT[bits.dtype.itemsize])
+        n = self.shape2[1]
+        for s in range(0, ubits.size, _SUB):
+            blk = ubits[s:s + _SUB]
+            v = table[blk if shift == 0 else (blk >> shift) & mask]
+            _scatter(v, pos0 + s, n, self.rows, self.cols)
+
+    # -- the delta ------------------------------------------------------------------------
+    def activate(self) -> None:
+        """Start gathering the delta (from flat position ``fed``, which is 0 the first time)."""
+        if self.active:
+            return
+        self.active = True
+        m, n = self.shape2
+        if self.tall:
+            self._acc = kgram.GramAccumulator(n)
+            rows = max(1, min(m, BLOCK_BYTES // (8 * n)))
+            self._buf = np.empty(rows * n)
+        else:
+            self._acc = kgram.GramAccumulator(m)
+            rows = max(1, min(m, BLOCK_BYTES // (4 * n)))
+            self._buf = np.empty(rows * n, dtype=np.float32)
+            width = max(1, min(n, BLOCK_BYTES // (8 * m)))
+            self._edges = list(range(0, n, width)) + [n]
+            if m * n * 4 <= self.keep_bytes:
+                self._tiles = [np.zeros((m, b - a), np.float32) for a, b in zip(self._edges, self._edges[1:])]
+            else:
+                self.spilled = True
+                self._file = tempfile.TemporaryFile(dir=self.spill_dir, prefix="weightdiff-delta-")
+
+    def feed(self, wb: np.ndarray, wt: np.ndarray, changed: bool = True) -> None:
+        """The next window pair. ``changed``: the window has any changed element (else its delta is 0)."""
+        self._profile(wb, self.dtypes[0], self.pos)
+        self._profile(wt, self.dtypes[1], self.pos)
+        self.pos += int(wb.size)
+        if self.active:
+            self.feed_delta(wb, wt, changed)
+
+    def feed_delta(self, wb: np.ndarray | None, wt: np.ndarray | None, changed: bool = True,
+                   size: int | None = None) -> None:
+        """The delta part of ``feed`` (after ``activate``); an unchanged window may come as
+        ``None, None, False, size``."""
+        dec64, dec32 = _decoder()
+        dec = dec64 if self.tall else dec32
+        buf = self._buf
+        if wb is not None:
+            wb = wb.reshape(-1)
+            wt = wt.reshape(-1)
+            size = wb.size
+        i = 0
+        while i < size:
+            take = min(size - i, buf.size - self._fill)
+            seg = buf[self._fill:self._fill + take]
+            if changed:
+                dec(wb[i:i + take], wt[i:i + take], *self.dtypes, seg)
+                self._nonzero = True
+            else:
+                seg[:] = 0.0
+            self._fill += take
+            i += take
+            if self._fill == buf.size:
+                self._flush()
+        self.fed += int(size)
+
+    def _flush(self) -> None:
+        n = self.shape2[1]
+        rows = self._fill // n
+        if rows == 0:
+            return
+        blk = self._buf[:rows * n].reshape(rows, n)
+        if self.tall:
+            if self._nonzero:
+                self._acc.add(blk)
+            else:
+                self._acc.rows += rows
+        else:
+            r0 = self._rows_done
+            for j, (a, b) in enumerate(zip(self._edges, self._edges[1:])):
+                part = blk[:, a:b]
+                if self._tiles is not None:
+                    self._tiles[j][r0:r0 + rows] = part
+                else:
+                    off = (self.shape2[0] * a + r0 * (b - a)) * 4
+                    os.pwrite(self._file.fileno(), np.ascontiguousarray(part).data, off)
+        self._rows_done += rows
+        self._fill = 0            # the buffer holds whole rows, so nothing is left over
+        self._nonzero = False
+
+    def _wide_gram(self) -> None:
+        m = self.shape2[0]
+        for j, (a, b) in enumerate(zip(self._edges, self._edges[1:])):
+            if self._tiles is not None:
+                c = self._tiles[j]
+                self._tiles[j] = None
+            else:
+                c = np.empty((m, b - a), np.float32)
+                _pread_all(self._file.fileno(), c, m * a * 4)
+            self._acc.add(c.T.astype(np.float64))
+            del c
+        self._acc.rows = self.shape2[1]
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # -- the record ----------------------------------------------------------------------
+    def finish(self, norm_delta_sq: float, noise_factor: float, k: int) -> RankRecord:
+        """The ``rank`` block (method ``"gram"``): the full spectrum, with ``numerical_rank``
+        certified (or bracketed, see ``kernels.gram``). Frees everything."""
+        m, n = self.shape2
+        if self.pos != m * n:
+            raise ValueError(f"fed {self.pos} of {m * n} elements")
+        floor, rms = noise_floor(self.rows, self.cols)
+        extra: dict = {"noise_rms": rms}
+        r = min(m, n)
+        if self.active:
+            if self._fill:
+                self._flush()
+            if not self.tall:
+                self._wide_gram()
+            acc = self._acc
+            eig_dtype = np.float64 if acc.n <= kgram.EIG64_MAX else np.float32
+            rows = acc.rows
+            lam = kgram.gram_eigenvalues(acc, eig_dtype)
+        else:
+            lam, rows, eig_dtype = np.zeros(r), max(m, n), np.float64
+        self.close()
+        thr = noise_factor * floor
+        s = kgram.singular_values(lam)
+        fields = spectral.spectrum_fields(s, thr)
+        total = norm_delta_sq if norm_delta_sq >= 0 and math.isfinite(norm_delta_sq) else float(np.sum(s * s))
+        delta = kgram.eig_error_bound(r, rows, max(total, float(np.sum(np.clip(lam, 0, None)))),
+                                      float(np.sqrt(np.sum(lam * lam))), eig_dtype, d_float32=not self.tall)
+        _, lo, hi = kgram.certified_count(lam, thr * thr, delta)
+        bounds: dict = {}
+        extra["eig_error_bound"] = delta
+        extra["eig_dtype"] = np.dtype(eig_dtype).name
+        fields["numerical_rank"] = lo
+        if lo != hi:
+            bounds["numerical_rank"] = [lo, hi]
+            extra["note_bounds"] = (f"{hi - lo} singular values lie within the computation's error bound of "
+                                    "the threshold: numerical_rank is the lower end of `bounds`")
+        top = s[:k]
+        captured = float(np.sum(top * top)) / total if total > 0 else None
+        return RankRecord(
+            stable_rank=fields["stable_rank"], effective_rank=fields["effective_rank"],
+            energy_rank_90=fields["energy_rank_90"], energy_rank_99=fields["energy_rank_99"],
+            numerical_rank=fields["numerical_rank"], noise_floor=floor, spectrum=[float(v) for v in top],
+            energy_captured=captured, method="gram", shape_2d=(m, n), exact=not bounds, extra=extra,
+            bounds=bounds, estimated=[])
+
+    def close(self) -> None:
+        self._acc = None
+        self._buf = None
+        self._tiles = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _pread_all(fd: int, out: np.ndarray, offset: int) -> None:
+    mv = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(mv):
+        got = os.preadv(fd, [mv[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"short read of the temporary delta file at {offset + done}")
+        done += got
+
+
+def _scatter(v: np.ndarray, p0: int, n: int, rows: np.ndarray, cols: np.ndarray) -> None:
+    """Add the values ``v`` at flat positions ``p0 ...`` of an ``? x n`` matrix to the row and
+    column sums."""
+    i, size = 0, v.size
+    head = (-p0) % n
+    if head:
+        h = min(head, size)
+        r, c = divmod(p0, n)
+        rows[r] += v[:h].sum()
+        cols[c:c + h] += v[:h]
+        i = h
+    full = (size - i) // n
+    if full:
+        blk = v[i:i + full * n].reshape(full, n)
+        r0 = (p0 + i) // n
+        rows[r0:r0 + full] += blk.sum(axis=1)
+        cols += blk.sum(axis=0)
+        i += full * n
+    if i < size:
+        r = (p0 + i) // n
+        rows[r] += v[i:].sum()
+        cols[:size - i] += v[i:]
+
+
+class RankSink:
+    """The stats pass's hook: feeds each window to a ``DeltaGram`` and starts its delta part at
+    the first window whose changes go beyond rounding (re-reading earlier changed windows)."""
+
+    def __init__(self, gram: DeltaGram, window_elements: int):
+        self.gram = gram
+        self.window_elements = window_elements
+        self.prefix: list[tuple[int, int, bool]] = []     # (start, size, changed) before activation
+
+    def window(self, wb, wt, part, base, bname: str, tuned, tname: str) -> None:
+        from ..kernels.reference import IDX
+
+        g = self.gram
+        changed = bool(part[IDX["n_changed"]] > 0)
+        if not g.active:
+            beyond = part[IDX["n_beyond"]] > 0 or part[IDX["nonfinite_b"]] != part[IDX["nonfinite_t"]]
+            if not beyond:
+                self.prefix.append((g.pos, int(wb.size), changed))
+                g.feed(wb, wt, changed)
+                return
+            g.activate()
+            for start, size, was_changed in self.prefix:
+                if not was_changed:
+                    g.feed_delta(None, None, False, size)
+                    continue
+                for rb, rt in zip(base.windows(bname, self.window_elements, start, start + size),
+                                  tuned.windows(tname, self.window_elements, start, start + size)):
+                    g.feed_delta(rb, rt, True)
+            self.prefix = []
+        g.feed(wb, wt, changed)
+
+
+def streamed_rank_sink(pair, options, backend: str, window_elements: int) -> RankSink | None:
+    """A ``RankSink`` when this pair's rank is measured from its streamed Gram matrix: CPU, rank on,
+    no ``--subspace``, a float matrix whose smaller side is at most ``exact_svd_max`` and that is too
+    large for the direct LAPACK path; else None (``weightdiff.measure.rank.analyze_delta`` then reads it)."""
+    from .backend import LAPACK_MAX_ELEMENTS
+
+    if not options.rank or options.subspace or backend != "cpu" or pair.kind == "resized":
+        return None
+    st, sb = pair.shape_tuned, pair.shape_base
+    if st is None or sb is None or len(st) < 2 or tuple(st) != tuple(sb):
+        return None
+    if not (DTYPES[pair.dtype_base].decodable and DTYPES[pair.dtype_tuned].decodable):
+        return None
+    m, n = int(st[0]), int(math.prod(st[1:]))
+    if min(m, n) < 2 or min(m, n) > options.exact_svd_max or m * n <= LAPACK_MAX_ELEMENTS:
+        return None
+    return RankSink(DeltaGram((m, n), pair.dtype_base, pair.dtype_tuned), window_elements)
