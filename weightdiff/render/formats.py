@@ -96,13 +96,13 @@ def bound(value: Any, kind: str | None, fmt=count) -> str:
     return {"lower": "≥ ", "upper": "≤ "}[kind] + text
 
 
-def max_rank(d: dict) -> str:
+def max_rank(d: dict, missing: str = MISSING) -> str:
     """The largest numerical rank of a summary ``form`` or a block: a count when exact, ``lo-hi``
-    when ``max_numerical_rank_bounds`` holds a bracket (the value is then null)."""
+    when ``max_numerical_rank_bounds`` holds a bracket (the value is then null), else ``missing``."""
     b = d.get("max_numerical_rank_bounds")
     if b:
         return f"{count(b[0])}-{count(b[1])}"
-    return count(d.get("max_numerical_rank"))
+    return missing if d.get("max_numerical_rank") is None else count(d["max_numerical_rank"])
 
 
 def rank_text(rank: dict | None, field: str = "numerical_rank") -> str:

@@ -94,7 +94,7 @@ def render_text(result: dict, top: int = 10) -> str:
         label = plural(indexed, "block") + (f" and {plural(others, 'other group')}" if others else "")
         lines.append(f"most changed blocks ({label} changed)")
         rows = [[_trim(b["block"], 32), sci(b.get("rel_change")), count(b.get("params_changed")),
-                 count(b.get("params")), max_rank(b)]
+                 count(b.get("params")), max_rank(b, missing="-")]
                 for b in blocks[:top]]
         lines += _table(rows, ["block", "rel change", "params changed", "params", "max rank"], "lrrrr")
 

@@ -1,0 +1,73 @@
+"""Per-tensor overhead: a `weightdiff compare` of two checkpoints with many one-byte tensors.
+
+    nice python benchmarks/bench_many.py [--tensors 100000] [--dir /tmp/wd-many]
+
+Writes two safetensors files of N one-element U8 tensors named like a mixture-of-experts model
+(``model.layers.L.experts.E.w``; a third of them differ), then runs ``weightdiff compare A B
+--json out.json`` in a fresh subprocess and reports wall time, peak RSS and the cost per tensor,
+and the same for ``--no-rank`` and for the header alone (``weightdiff inspect``). The goal of
+issue 15 is 100,000 tensors in at most 5 s and 400 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from weightdiff.cli import main
+try:
+    main({argv!r}, standalone_mode=False)
+except SystemExit:
+    pass
+print("BENCH " + json.dumps({{"seconds": time.perf_counter() - t0,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}), file=sys.stderr)
+"""
+
+
+def make(folder: Path, n: int) -> None:
+    import numpy as np
+
+    from weightdiff.io.safetensors_write import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for side in ("a", "b"):
+        t = {f"model.layers.{i // 100}.experts.{i % 100}.w":
+             ("U8", np.array([i % 7 if side == "a" or i % 3 else 9], np.uint8)) for i in range(n)}
+        save_file(folder / f"{side}.safetensors", t, {"format": "pt"})
+
+
+def run(argv: list[str]) -> dict:
+    p = subprocess.run([sys.executable, "-c", CHILD.format(argv=argv)], capture_output=True, text=True)
+    line = [x for x in p.stderr.splitlines() if x.startswith("BENCH ")]
+    if not line:
+        raise SystemExit(p.stderr[-2000:])
+    return json.loads(line[-1][6:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tensors", type=int, default=100_000)
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/wd-many"))
+    args = ap.parse_args()
+    make(args.dir, args.tensors)
+    a, b = str(args.dir / "a.safetensors"), str(args.dir / "b.safetensors")
+    rows = [("compare --json", run(["compare", a, b, "-q", "--json", str(args.dir / "out.json")])),
+            ("compare --no-rank --json", run(["compare", a, b, "-q", "--no-rank", "--json", str(args.dir / "o2.json")])),
+            ("inspect (header, plan only)", run(["inspect", b])),
+            ("start-up (--help)", run(["--help"]))]
+    print(f"{args.tensors:,} tensors per side")
+    print("| run | wall | peak RSS | per tensor |\n| --- | --- | --- | --- |")
+    for label, r in rows:
+        print(f"| {label} | {r['seconds']:.1f} s | {r['peak_rss_mb']:.0f} MB | "
+              f"{r['seconds'] / args.tensors * 1e6:.0f} us |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
