@@ -6,6 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# The property tests explore the same examples on every run: a red CI must be reproducible, and a
+# new failing example is found by running with HYPOTHESIS_PROFILE=explore (random, more examples).
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, max_examples=500)
+settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from weightdiff.io.safetensors_write import save_checkpoint, save_file, to_storage
 

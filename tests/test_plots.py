@@ -190,3 +190,15 @@ def test_svg_bytes_do_not_depend_on_which_formats_were_asked(saved, tmp_path):
     alone = plots.save_figures(cached_result(), tmp_path, ("svg",))
     for fa, fb in zip(alone, saved[0]):
         assert fa.files["svg"].read_bytes() == fb.files["svg"].read_bytes(), fa.name
+
+
+@pytest.mark.parametrize("grid", [[[1e-320, 2e-320]], [[1e308, float("inf")]], [[float("inf"), 0.0]],
+                                  [[0.5, 0.5]], [[1e-310, 1e300]]])
+def test_heatmap_draws_extreme_and_non_finite_changes(grid):
+    """Colour limits stay finite and positive whatever the JSON holds (a fuzz-found LogNorm crash)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from weightdiff.render.figures_blocks import _grid_figure
+
+    FigureCanvasAgg(_grid_figure("t", ["a"], ["0", "1"], np.array(grid, dtype=float), "y")).draw()

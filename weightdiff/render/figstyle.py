@@ -137,12 +137,16 @@ def log_limits(lo: float, hi: float, min_decades: float = MIN_DECADES) -> tuple[
     [0.158, 1.5795]
     >>> log_limits(1e-4, 1e-1)
     (0.0001, 0.1)
+    >>> all(0 < v < float("inf") for v in log_limits(5e-324, 5e-324) + log_limits(1e308, float("inf")))
+    True
     """
+    lo = min(max(lo, 1e-100), 1e100)                 # finite, positive limits LogNorm accepts,
+    hi = min(max(hi, lo), 1e100)                     # whatever a hostile or extreme result holds
     if hi / lo >= 10 ** min_decades:
         return lo, hi
-    mid = math.sqrt(lo * hi)
+    mid = math.sqrt(lo) * math.sqrt(hi)
     half = 10 ** (min_decades / 2)
-    return mid / half, mid * half
+    return max(mid / half, 1e-100), min(mid * half, 1e100)
 
 
 def distinct_ticks(lo: float, hi: float, fmt: Callable[[float, int], str]) -> tuple[list[float], list[str]]:

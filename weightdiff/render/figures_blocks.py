@@ -122,7 +122,7 @@ def _grid_figure(title: str, rows: list[str], cols: list[str], grid: np.ndarray,
             ax.add_patch(_cell(j, i))
         handles.append(Patch(facecolor="white", edgecolor="#9A9A9A", hatch=UNCHANGED_HATCH, lw=0.6,
                              label="unchanged (0)"))
-    pos = np.where(grid > 0, grid, np.nan)
+    pos = np.where(np.isfinite(grid) & (grid > 0), grid, np.nan)
     if np.isfinite(pos).any():
         lo, hi = log_limits(float(np.nanmin(pos)), float(np.nanmax(pos)))
         mesh = ax.pcolormesh(xs, ys, np.ma.masked_invalid(pos), cmap=HEAT, norm=mcolors.LogNorm(vmin=lo, vmax=hi),
