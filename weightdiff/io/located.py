@@ -1,0 +1,260 @@
+"""A located checkpoint: its files, tensors, adapter factors and quantized sources, and the
+reads (windows, whole tensors, rows, noise floors) the measure stage makes of it. The
+locator that builds one from a path is ``io.checkpoint.locate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import CheckpointError, escape_name
+from .files import open_regular, pread_into
+from .peft_adapter import AdapterConfig, LoraFactor, lora_factors
+from .pickle_read import load_pickle
+from .quant_sources import Source
+from .safetensors_read import SafetensorsFile, TensorInfo, array_windows, check_range, storage_of
+
+__all__ = ["Checkpoint"]
+
+_OPEN_FILES = 8                     # headers parsed and fds held at once; data is mapped per window
+
+
+class Checkpoint:
+    """A located checkpoint (a context manager). Tensor data is read lazily, one window at a time."""
+
+    def __init__(self, path: Path, format: str, files: list[Path], tensors: dict[str, TensorInfo],
+                 metadata: dict, root: Path, adapter: AdapterConfig | None = None,
+                 ignored: list[Path] | None = None, opener=SafetensorsFile):
+        self.path, self.format, self.files, self.tensors = path, format, files, tensors
+        self.metadata, self.root, self.adapter = metadata, root, adapter
+        self.ignored = ignored or []
+        self._opener = opener               # the reader class of this checkpoint's files
+        self.notes: list[str] = []          # things the user should hear about (shown with the plan)
+        self._identity = {f: _identity(f) for f in files}
+        self.lora: list[LoraFactor] = lora_factors(tensors, files[0], adapter) if adapter is not None else []
+        self._open: OrderedDict[Path, SafetensorsFile] = OrderedDict()
+        self._pins: dict[Path, int] = {}
+        self._headers: dict[Path, dict[str, TensorInfo]] = {}
+        self._pickle: tuple[Path, dict[str, np.ndarray]] | None = None
+        #: quantized checkpoints: the stored tensors, the logical tensors' sources, and the
+        #: activation/KV-cache scales folded away (weightdiff.io.quantized)
+        self.stored: dict[str, TensorInfo] = tensors
+        self.quant: dict[str, Source] = {}
+        self.quant_config: dict | None = None
+        self.hidden: list[str] = []
+        #: identity of a Hub checkpoint (weightdiff.io.hub): repo id, commit, files with sizes and sha256
+        self.hub: dict | None = None
+        #: a line for the plan saying where a checkpoint came from, when its spelling could be a Hub id
+        self.origin: str | None = None
+        #: how a Hub checkpoint's bytes were read ({"mode": stream|download|cache, "reader": ...})
+        self.hub_run: dict | None = None
+        #: reads a small JSON file beside the weights (config.json) for a checkpoint not on disk
+        self.read_config = None
+        self._closers: list = []
+
+    @property
+    def params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, format={self.format!r}, {len(self.tensors)} tensors)"
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+        self._pickle = None
+        while self._closers:
+            self._closers.pop()()
+
+    def on_close(self, fn) -> None:
+        """Call ``fn()`` when the checkpoint is closed (a streamed Hub checkpoint's HTTP workers)."""
+        self._closers.append(fn)
+
+    # -- sources ---------------------------------------------------------------
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor `{escape_name(name)}` in {self.path}") from None
+
+    def _file(self, path: Path) -> SafetensorsFile:
+        f = self._open.get(path)
+        if f is not None:
+            self._open.move_to_end(path)
+            return f
+        for old in [p for p in self._open if not self._pins.get(p)][:max(0, len(self._open) - _OPEN_FILES + 1)]:
+            self._open.pop(old).close()
+        f = self._opener(path)
+        want = self._headers.get(path)
+        if want is not None and f.tensors != want:
+            f.close()
+            raise CheckpointError(path, "file changed since the checkpoint was located (rerun)")
+        self._headers[path] = f.tensors
+        self._open[path] = f
+        return f
+
+    def _array(self, info: TensorInfo) -> np.ndarray:
+        if self._pickle is None or self._pickle[0] != info.path:
+            self._pickle = None                   # one pickle shard mapped at a time
+            self._pickle = (info.path, load_pickle(info.path)[1])
+        return self._pickle[1][info.name]
+
+    def _stored_read(self, name: str) -> np.ndarray:
+        return self._file(self.stored[name].path).read(name)
+
+    def _stored_rows(self, name: str, rows) -> np.ndarray:
+        return self._file(self.stored[name].path).read_rows(name, np.asarray(rows, dtype=np.int64))
+
+    def _quant_windows(self, name: str, max_elements: int | None, start: int, stop: int | None,
+                       floor: bool) -> Iterator[np.ndarray]:
+        info = self._info(name)
+        start, stop, step = check_range(info, max_elements, start, stop, 4)
+        return self.quant[name].windows(self._stored_read, self._stored_rows, start, stop, step, floor)
+
+    def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0,
+                      stop: int | None = None) -> Iterator[np.ndarray] | None:
+        """float32 windows aligned with ``windows``: per element, the largest error a faithful
+        round-to-nearest quantization with this tensor's own scales leaves; None for a tensor
+        that was not quantized (or whose reader gives no floor)."""
+        if name in self.quant:
+            return self._quant_windows(name, max_elements, start, stop, True)
+        info = self._info(name)
+        if info.quant is not None and info.start is not None:   # a reader that dequantizes itself
+            f = self._file(info.path)
+            it = f.floor_windows(name, max_elements, start, stop) if hasattr(f, "floor_windows") else None
+            return None if it is None else self._pinned(info.path, it)
+        return None
+
+    def windows(self, name: str, max_elements: int | None = None, start: int = 0,
+                stop: int | None = None) -> Iterator[np.ndarray]:
+        """As ``SafetensorsFile.windows``, opening the right shard lazily; quantized tensors
+        come out dequantized to float32."""
+        if name in self.quant:
+            return self._quant_windows(name, max_elements, start, stop, False)
+        info = self._info(name)
+        if info.start is None:
+            start, stop, step = check_range(info, max_elements, start, stop, storage_of(info.dtype).itemsize)
+            return array_windows(self._array(info), start, stop, step)
+        f = self._file(info.path)
+        return self._pinned(info.path, f.windows(name, max_elements, start, stop))
+
+    def _pinned(self, path: Path, it: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        self._pins[path] = self._pins.get(path, 0) + 1
+        try:
+            yield from it
+        finally:
+            self._pins[path] -= 1
+
+    def read(self, name: str) -> np.ndarray:
+        info = self._info(name)
+        if name in self.quant:
+            src = self.quant[name]
+            try:
+                return src.rows(self._stored_read, self._stored_rows, 0, src.nrows)[0].reshape(info.shape)
+            finally:
+                src.release()
+        if info.start is None:
+            out = self._array(info).copy()
+            return out if info.packed else out.reshape(info.shape)
+        return self._file(info.path).read(name)
+
+    def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        info = self._info(name)
+        if name in self.quant:
+            src = self.quant[name]
+            idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+            if idx.size and (idx.min() < 0 or idx.max() >= info.shape[0]):
+                raise IndexError(f"row index out of range for `{escape_name(name)}` with {info.shape[0]} rows")
+            per = math.prod(info.shape[1:]) // src.rowlen if len(info.shape) > 1 else 1
+            try:
+                parts = [src.rows(self._stored_read, self._stored_rows, int(r) * per, (int(r) + 1) * per)[0]
+                         for r in idx]
+            finally:
+                src.release()
+            return np.stack(parts).reshape((idx.size, *info.shape[1:])) if parts else \
+                np.zeros((0, *info.shape[1:]), np.float32)
+        if info.start is None:
+            if not info.shape:
+                raise ValueError(f"read_rows needs a >=1-D tensor; `{escape_name(name)}` is 0-d")
+            return self._array(info).reshape(info.shape)[np.asarray(rows, dtype=np.int64)].copy()
+        return self._file(info.path).read_rows(name, rows)
+
+    def read_rows_many(self, requests: Sequence[tuple[str, Sequence[int] | np.ndarray]]) -> list[np.ndarray]:
+        """``read_rows`` for several tensors at once (a streamed Hub checkpoint fetches them concurrently)."""
+        if requests and all(n not in self.quant and self._info(n).start is not None for n, _ in requests):
+            files = [self._file(self._info(n).path) for n, _ in requests]
+            many = getattr(files[0], "read_rows_many", None)
+            if many is not None and all(type(f) is type(files[0]) for f in files):
+                return many([(f, n, rows) for f, (n, rows) in zip(files, requests)])
+        return [self.read_rows(n, rows) for n, rows in requests]
+
+    def check_identity(self) -> None:
+        """CheckpointError if any file was replaced or modified since it was located (the numbers
+        and a hash taken now would describe different files)."""
+        for path, ident in self._identity.items():
+            if ident is not None and _identity(path) != ident:
+                raise CheckpointError(path, "file was replaced or modified during the run; its numbers and "
+                                            "hash would not match (rerun)")
+
+    def file_digests(self) -> dict[str, str]:
+        """sha256 of every file, streamed, keyed by the file's path relative to the checkpoint.
+        The file hashed must be the one located (same device, inode, size, mtime) before and after.
+        For a Hub checkpoint: the Hub's own LFS sha256, keyed by the path in the repo."""
+        if self.hub is not None:
+            return {f["name"]: f["sha256"] for f in self.hub["files"]}
+        out = {}
+        self.check_identity()
+        for path in self.files:
+            fd, st = open_regular(path)
+            if _identity_of(st) != self._identity.get(path, _identity_of(st)):
+                os.close(fd)
+                raise CheckpointError(path, "file was replaced during the run; its hash would not describe "
+                                            "the bytes measured (rerun)")
+            try:
+                h, buf, pos = hashlib.sha256(), bytearray(4 << 20), 0
+                while pos < st.st_size:
+                    mv = memoryview(buf)[:min(len(buf), st.st_size - pos)]
+                    pread_into(fd, mv, pos, path)
+                    h.update(mv)
+                    pos += len(mv)
+            finally:
+                os.close(fd)
+            out[_rel(path, self.root)] = h.hexdigest()
+        self.check_identity()
+        return out
+
+
+def _identity_of(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        return _identity_of(os.stat(path))
+    except OSError:
+        return None
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
