@@ -315,9 +315,9 @@ def test_stdout_json_on_a_terminal_escapes_esc_and_bidi(tmp_path, rng, monkeypat
              "b\u202egnp.exe": rng.standard_normal((4, 4)).astype(np.float32)}
     save_file(tmp_path / "b.safetensors", names)
     save_file(tmp_path / "t.safetensors", {k: v + 1 for k, v in names.items()})
-    import weightdiff.cli as cli
+    import weightdiff.cli_options as cli_options
 
-    monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: True)
+    monkeypatch.setattr(cli_options, "_stdout_is_terminal", lambda: True)
     for flag in ("--json", "--csv"):
         r = CliRunner().invoke(main, ["compare", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"),
                                       flag, "-", "-q"])

@@ -1,0 +1,138 @@
+"""The command line's shared pieces: the one output-option group (``--json``, ``--csv``,
+``--report``/``--memo``, ``--plots``) with its up-front claim of every output path, the
+cluster and provenance option groups, progress that notices swallowed signals, and the
+small writers every command uses. ``cli.py`` holds the commands themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .errors import UsageProblem, escape_name, terminal_safe
+from .options import HubOptions, click_options
+
+__all__ = ['_write_output', '_cluster_options', '_stdout_is_terminal', '_claim_outputs', '_memo_path', 'output_options', '_listed', '_checked', '_hub_options', '_command_line', '_provenance_options', '_say', '_document']
+
+
+def _write_output(target: str, text: str) -> None:
+    """Stage ``text`` for ``target`` (written with the command's other outputs), or print it for ``-``
+    (on a terminal, with bidi overrides and C1 controls as \\u escapes: still valid JSON or CSV)."""
+    from .fsutil import write_text
+
+    if target == "-":
+        click.echo(terminal_safe(text) if _stdout_is_terminal() else text, nl=False)
+    else:
+        write_text(target, text)
+
+
+def _cluster_options(fn):
+    """--scheduler / --workers / --worker-memory: where the tasks run (survey, split compare)."""
+    for opt in reversed([
+        click.option("--scheduler", metavar="ADDRESS",
+                     help="Run the tasks on an existing Dask cluster (tcp://HOST:8786); its workers must "
+                          "read the checkpoints at the same paths."),
+        click.option("--workers", type=int, metavar="N",
+                     help="Run the tasks on a local Dask cluster of N worker processes (one thread each; "
+                          "in this process when Dask is not installed)."),
+        click.option("--worker-memory", metavar="SIZE",
+                     help="Memory limit of each local worker (4GB; default: an equal share of the machine)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _claim_outputs(inputs=(), **targets) -> None:
+    """Check every output path before any work (same path twice, a parent that is a file, an
+    input overwritten): ``name=path``; ``plots``/``plots_dir`` are folders."""
+    from .fsutil import active_outputs
+
+    outs = active_outputs()
+    if outs is None:
+        return
+    for p in inputs:
+        if os.path.isfile(p):
+            outs.protect(p)
+    for name, target in targets.items():
+        flag = f"--{name.removesuffix('_dir').removesuffix('_out')}"
+        if target == "-" and name != "json_out" and name != "csv_out":
+            raise UsageProblem(f"{flag} writes files; - (stdout) is only for --json and --csv")
+        if target:
+            outs.claim(target, flag, folder=name.startswith("plots"))
+
+
+def _memo_path(ctx, param, value):
+    """The memo's extension is checked when the flag is parsed, before any checkpoint is read."""
+    if value is not None:
+        from .render.document import memo_format
+
+        memo_format(value)
+    return value
+
+
+def output_options(fn=None, *, plots: bool = True):
+    """The output flags of every command that writes results (compare, provenance, lineage):
+    the same names and meaning everywhere, one rule for the memo's format (its extension).
+    ``plots=False`` for a command that draws no figure (lineage)."""
+    if fn is None:
+        return lambda f: output_options(f, plots=plots)
+    for opt in reversed([
+        click.option("--json", "json_out", metavar="FILE|-", help="Write the result as JSON (- for stdout only)."),
+        click.option("--csv", "csv_out", metavar="FILE|-", help="Write the result's table as CSV (- for stdout only)."),
+        click.option("--report", "--memo", "report_out", metavar="FILE", callback=_memo_path,
+                     help="Write the memo; the extension picks the format: FILE.html (self-contained), FILE.md "
+                          "(figures beside it, or in --plots DIR) or FILE.docx (Word; needs weightdiff[docx])."),
+        *([click.option("--plots", "plots_dir", metavar="DIR", help="Write the figures (PNG 300 dpi and SVG) into DIR.")]
+          if plots else []),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _listed(paths, quiet: bool) -> None:
+    if not quiet:
+        for path in paths:
+            click.echo(f"wrote {escape_name(str(path))}", err=True)
+
+
+def _checked(progress):
+    """``progress``, first raising a signal whose exception numba's compiler callbacks swallowed."""
+    from .fsutil import check_interrupted
+
+    def call(*args) -> None:
+        check_interrupted()
+        progress(*args)
+    return call
+
+
+def _hub_options(opts: dict, quiet: bool) -> HubOptions:
+    hub = HubOptions.pop_from(opts)
+    return HubOptions(hub.download, hub.offline, hub.stream_above, progress=not quiet)
+
+
+def _command_line() -> str:
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in ["weightdiff", *sys.argv[1:]])
+
+
+def _provenance_options(fn):
+    from .provenance import ProvenanceOptions
+
+    return click_options(ProvenanceOptions)(fn)
+
+
+def _say(quiet: bool):
+    return (lambda message: None) if quiet else (lambda message: click.echo(escape_name(message), err=True))
+
+
+def _document(target: str, blocks: list, figures: list, title: str, plots_dir: str | None, quiet: bool) -> None:
+    from .render.document import write_memo
+
+    _listed(write_memo(target, blocks, figures, title, figure_dir=plots_dir), quiet)
