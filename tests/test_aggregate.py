@@ -250,11 +250,13 @@ def test_unrelated_independent_random_models_and_norms_left_out():
     assert s.form["kind"] is None and "near-orthogonal" in s.verdict_reason
 
 
-def test_nothing_in_common_is_unrelated_and_nothing_compared_is_identical():
+def test_nothing_in_common_or_nothing_compared_is_inconclusive():
+    # no counterpart is no evidence either way: not `unrelated` (issue 11, rule 1)
     _, _, s = aggregate([rec("new", "added"), rec("old", "removed")], THR)
-    assert s.verdict == "unrelated" and "no tensor" in s.verdict_reason.lower()
+    assert s.verdict == "inconclusive" and s.verdict_reason.startswith("Only 0% of the base's large-matrix")
+    assert s.coverage["base"]["share"] == 0 and s.coverage["tuned"]["share"] == 0
     _, _, s = aggregate([], THR)
-    assert s.verdict == "identical" and "include and exclude filters" in s.verdict_reason
+    assert s.verdict == "inconclusive" and s.verdict_reason == "No tensors were compared."
     assert s.params_total == 0 and s.delta_params_share is None and s.relative_change is None
 
 
@@ -282,7 +284,9 @@ def test_low_rank_needs_every_ranked_matrix_low_and_numerical_rank_counts():
     # 90 * 256 > 128 * 128: delta_params is the full matrix (the definition uses energy_rank_99)
     assert s.delta_params == 128 * 128
     _, _, s = aggregate([noisy, rec("h.1.w", "changed", shape=(128, 128), nd=0.1, rank=(90, 90))], THR)
-    assert s.form["kind"] == "dense" and s.form["matrices_low_rank"] == 1
+    # one low-rank and one dense matrix of the same size: mixed, half and half (rule 8)
+    assert s.form["kind"] == "mixed" and s.form["matrices_low_rank"] == 1
+    assert s.form["shares"] == {"low_rank": 0.5, "dense": 0.5}
 
 
 # ---------------------------------------------------------------- structure: added, removed, resized, tied
@@ -335,7 +339,10 @@ def test_tied_head_row_is_not_counted_twice():
     tied = rec("lm_head.weight", "changed", shape=(10, 8), nb=3.0, nd=1.0, tied=True)
     _, _, s = aggregate([emb, tied], THR)
     assert s.params_total == 80 and s.tensors_by_status["changed"] == 0 and "tied_lm_head" in s.flags
-    assert s.verdict == "identical"
+    # the tuned model's effective head (its embedding) differs from the base head: not identical (rule 4)
+    assert s.verdict == "derived"
+    same = rec("lm_head.weight", "unchanged", shape=(10, 8), nb=3.0, tied=True)
+    assert aggregate([emb, same], THR)[2].verdict == "identical"
     legacy = rec("lm_head.weight", shape=(10, 8), nb=3.0, note="tied: the tuned model has no `lm_head.weight`")
     assert aggregate([emb, legacy], THR)[2].params_total == 80
 

@@ -178,7 +178,7 @@ def test_same_inputs_same_json_bytes(tmp_path, base_dir, base_tensors):
     b = _compare(base_dir, tuned, threads=2).to_json(include_run=False)
     assert a == b
     d = json.loads(a)
-    assert d["schema"] == "weightdiff.compare/1"
+    assert d["schema"] == "weightdiff.compare/2"
     for key in ("verdict", "scope", "form", "flags", "params_total", "params_by_status", "relative_change",
                 "blocks_total", "blocks_changed", "delta_params", "delta_params_share"):
         assert key in d["summary"]

@@ -233,7 +233,7 @@ def test_fifo_with_a_reader_receives_the_json_and_stays_a_fifo(tmp_path, pair):
         got = os.read(reader, 1 << 20)
     finally:
         os.close(reader)
-    assert json.loads(got)["schema"] == "weightdiff.compare/1"
+    assert json.loads(got)["schema"] == "weightdiff.compare/2"
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import write_checkpoint
+from weightdiff.errors import OptionsError
 from weightdiff.pairing.plan import Pair, Plan, is_embedding, is_lm_head, plan
 
 
@@ -260,7 +261,11 @@ def test_odd_names_never_crash_and_stay_deterministic():
     assert len([x for x in p1.pairs if x.kind != "removed"]) == len(tuned.tensors)
     assert all("\n" not in n and "\u202e" not in n for n in p1.notes)
     p1.to_dict()
-    plan([base], tuned, include=["[", "*["], exclude=["]"])
+    with pytest.raises(OptionsError, match=r"^include '\[', '\*\[' matches none of the 12 tuned tensors"):
+        plan([base], tuned, include=["[", "*["], exclude=["]"])
+    with pytest.raises(OptionsError, match=r"^exclude '\*' leaves none") as e:
+        plan([base], tuned, exclude=["*"])
+    assert e.value.option == "exclude"
 
 
 def test_nothing_in_common_and_empty_inputs():

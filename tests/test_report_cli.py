@@ -68,7 +68,8 @@ def test_malformed_json_exits_2_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, needle", [
-    (lambda d: d.update(schema="weightdiff.compare/2"), "expected schema `weightdiff.compare/1`, found schema `weightdiff.compare/2`"),
+    (lambda d: d.update(schema="weightdiff.compare/3"),
+     "expected schema `weightdiff.compare/2` (or `weightdiff.compare/1`), found schema `weightdiff.compare/3`"),
     (lambda d: d.pop("schema"), "found no `schema` key"),
     (lambda d: d.pop("summary"), "`summary` should be an object (found null)"),
     (lambda d: d["tensors"][3].update(rel_change="big"), "`tensors[3].rel_change` should be a number or null (found a string)"),

@@ -7,7 +7,7 @@ The pipeline reads top to bottom in ``compare()``, one visible call per stage:
     (judge.verdict.summarise) -> explain (render.sentences) -> ``Comparison``
 
 The plan is reported through ``on_plan`` before any tensor data is read. The result's
-JSON is the contract of DESIGN.md (``schema: weightdiff.compare/1``) and is byte-for-byte
+JSON is the contract of DESIGN.md (``schema: weightdiff.compare/2``) and is byte-for-byte
 reproducible: everything that varies between runs (time, command line, versions) is
 under ``run``, which ``to_json(include_run=False)`` leaves out.
 """
@@ -26,6 +26,7 @@ from ._version import __version__
 from .errors import CheckpointError, escape_name
 from .fsutil import active_outputs
 from .io.checkpoint import Checkpoint, locate
+from .io.declared import declared
 from .io.peft_adapter import check_against_base, check_factor_values
 from .judge.aggregate import aggregate
 from .judge.status import classify
@@ -228,13 +229,18 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     with ExitStack() as stack:
         date = run_date()
         bases = [_opened(stack, p, hub) for p in base_paths]
+        for b in bases:
+            if b.format == "adapter":
+                raise CheckpointError(b.path, "is a PEFT adapter (adapter_config.json), not a base model",
+                                      "an adapter is the tuned side: swap the arguments (BASE first, then the adapter)")
         tuned_ck = _opened(stack, tuned, hub)
         outs = active_outputs()
         if outs is not None:                # no output may overwrite a file being measured
             for ck in (*bases, tuned_ck):
                 for f in ck.files:
                     outs.protect(f)
-        the_plan = make_plan(bases, tuned_ck, include=options.include, exclude=options.exclude)
+        the_plan = make_plan(bases, tuned_ck, include=options.include, exclude=options.exclude,
+                             rename=options.rename)
         check_adapter_plan(the_plan, bases, tuned_ck)
         for ck in (*bases, tuned_ck):
             the_plan.notes.extend(getattr(ck, "notes", []))
@@ -243,7 +249,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             on_plan(the_plan)
         records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, backend, classify, progress)
         blocks, modules = aggregate(records, options.thresholds)
-        summary = summarise(records, blocks, options.thresholds)
+        summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
+                            declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)})
         if line is not None:
             line.close()
         for ck in (*bases, tuned_ck):

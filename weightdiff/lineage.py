@@ -148,6 +148,8 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
         for i, s in enumerate(steps, 1):
             if s["verdict"] == "unrelated":
                 out.append(f"step {i} is not a fine-tune of the previous model: the chain is broken there")
+            elif s["verdict"] in ("partial", "inconclusive"):
+                out.append(f"step {i} is {s['verdict']}: only part of the chain holds there (see its comparison)")
     return out
 
 

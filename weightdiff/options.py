@@ -46,6 +46,10 @@ class Thresholds:
     low_rank_max: int = 256
     #: form is `sparse` when the changed elements are at most this share of the changed tensors' elements
     sparse_frac: float = 0.1
+    #: form is `mixed` when low-rank and dense matrices each hold at least this share of the changed matrices' parameters
+    mixed_min_share: float = 0.05
+    #: `inconclusive` when the compared share of the large-matrix parameters is below this on both sides
+    min_coverage: float = 0.25
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,6 +73,8 @@ class CompareOptions:
                                     "(repeatable).", flag="--include", multiple=True)
     exclude: tuple[str, ...] = _opt((), "Skip tensors whose tuned name matches this glob "
                                     "(repeatable).", flag="--exclude", multiple=True)
+    rename: tuple[str, ...] = _opt((), "Rename tuned tensors before pairing: FROM=TO replaces FROM in every "
+                                   "tuned name (repeatable, applied in order).", flag="--rename", multiple=True)
     seed: int = _opt(0, "Seed of the randomized SVD (results are bitwise repeatable per seed).",
                      flag="--seed")
     exact_svd_max: int = _opt(8192, "Matrices whose smaller side is at most this get an exact "
@@ -94,6 +100,10 @@ class CompareOptions:
         # accept lists from Python callers but keep the object hashable and frozen
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "rename", tuple(self.rename))
+        for rule in self.rename:
+            if "=" not in rule or rule.startswith("="):
+                raise OptionsError(f"rename rule {rule!r} is not FROM=TO with a non-empty FROM", option="rename")
 
     def settings(self) -> dict:
         """The options as they go into the JSON ``settings`` block (threads and the cache folder
@@ -102,6 +112,7 @@ class CompareOptions:
         d["backend"] = "numba" if self.device == "cpu" else "torch"
         d["include"] = list(self.include)
         d["exclude"] = list(self.exclude)
+        d["rename"] = list(self.rename)
         d["thresholds"] = self.thresholds.to_dict()
         return d
 

@@ -1,4 +1,4 @@
-"""Result records and the JSON contract (``schema: weightdiff.compare/1``).
+"""Result records and the JSON contract (``schema: weightdiff.compare/2``).
 
 ``TensorRecord`` is one row per tuned (or removed base) tensor, ``RankRecord`` its
 spectral block, ``BlockRecord`` one row per block, ``Summary`` the model level.
@@ -16,10 +16,12 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-SCHEMA = "weightdiff.compare/1"
+SCHEMA = "weightdiff.compare/2"
+#: older schemas ``weightdiff report`` still reads (a /1 result has no coverage, components or buffers)
+READABLE_SCHEMAS = ("weightdiff.compare/1", SCHEMA)
 
 STATUSES = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
-VERDICTS = ("identical", "cast_only", "quantized_only", "derived", "unrelated")
+VERDICTS = ("identical", "cast_only", "quantized_only", "derived", "partial", "unrelated", "inconclusive")
 
 
 @dataclass
@@ -75,6 +77,7 @@ class TensorRecord:
     tied: bool = False                  # a tied LM head: the tuned embedding again, against the base head
     quant: dict | None = None           # the quantization noise-floor test when a side is quantized
     rounding_floor: dict[str, float] | None = None   # norm of a cast of the base to BF16 / F16 (measure.floors)
+    paired_by: str | None = None        # how the pair was made: name, prefix, rename, tied, content
 
     def to_dict(self) -> dict:
         d = _shallow(self)
@@ -97,6 +100,7 @@ class BlockRecord:
     max_numerical_rank: int | None = None         # None when a bracket: see max_numerical_rank_bounds
     max_numerical_rank_bounds: list[int] | None = None
     modules: dict[str, float | None] = field(default_factory=dict)  # module kind -> rel_change
+    bounds: dict[str, list] = field(default_factory=dict)  # max_numerical_rank -> [lo, hi] from partial spectra
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +126,10 @@ class Summary:
     headline: list[str] = field(default_factory=list)
     relatedness_rel_change: float | None = None   # relative change over the matrices behind relatedness_cosine
     quantization: dict[str, Any] | None = None    # the noise-floor tests of pairs with a quantized side
+    coverage: dict[str, Any] = field(default_factory=dict)      # compared shares of each side's parameters
+    components: list[dict] = field(default_factory=list)        # per-component relatedness (judge.relatedness)
+    buffers: list[dict] = field(default_factory=list)           # non-trainable buffers, never compared
+    declared: dict[str, Any] = field(default_factory=dict)      # names the checkpoints declare (a hint)
 
     def to_dict(self) -> dict:
         return asdict(self)

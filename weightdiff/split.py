@@ -81,7 +81,8 @@ def measure_task(base_paths: list[str], tuned_path: str, options: CompareOptions
         with ExitStack() as stack:
             bases = [stack.enter_context(locate(p)) for p in base_paths]
             tuned = stack.enter_context(locate(tuned_path))
-            the_plan = make_plan(bases, tuned, include=options.include, exclude=options.exclude)
+            the_plan = make_plan(bases, tuned, include=options.include, exclude=options.exclude,
+                                 rename=options.rename)
             if plan_digest(the_plan) != digest:
                 raise SplitError(f"{tuned_path}: this worker pairs the tensors differently from the parent",
                                  "do the parent and every worker see the same files at these paths?")

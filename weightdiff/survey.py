@@ -44,7 +44,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("verdict", "string"), ("coverage", "double"), ("relative_change", "double"),
     ("one_minus_cosine", "double"), ("blocks_changed", "int64"), ("blocks_total", "int64"),
     ("delta_params", "int64"), ("delta_params_share", "double"), ("form", "string"),
-    ("max_numerical_rank", "int64"), ("flags", "string"), ("params_total", "int64"),
+    ("max_numerical_rank", "int64"), ("max_numerical_rank_bound", "string"), ("flags", "string"), ("params_total", "int64"),
     ("tuned_files", "int64"), ("tuned_bytes", "int64"), ("tuned_sha256", "string"),
     ("base", "string"), ("base_bytes", "int64"), ("base_sha256", "string"),
     ("identity", "string"), ("json", "string"),
@@ -144,6 +144,13 @@ def survey_task(base: str, tuned: str, options: CompareOptions, hash_files: bool
         return {"error": escape_name(f"internal error: {type(exc).__name__}: {exc} (please report it)")}
 
 
+def _coverage(v: Any) -> float | None:
+    """The tuned model's compared share (schema /2 ``summary.coverage.tuned.share``)."""
+    if isinstance(v, dict):
+        v = (v.get("tuned") or {}).get("share")
+    return _num(v)
+
+
 def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
@@ -162,11 +169,12 @@ def row_from_result(data: dict | None, tuned_id: dict, base_id: dict, key: str, 
     form = s.get("form") or {}
     cos = s.get("relatedness_cosine")
     row.update(
-        status="ok", verdict=s.get("verdict"), coverage=_num(s.get("coverage")),
+        status="ok", verdict=s.get("verdict"), coverage=_coverage(s.get("coverage")),
         relative_change=_num(s.get("relative_change")), one_minus_cosine=None if cos is None else max(0.0, 1.0 - cos),
         blocks_changed=s.get("blocks_changed"), blocks_total=s.get("blocks_total"),
         delta_params=s.get("delta_params"), delta_params_share=_num(s.get("delta_params_share")),
         form=form.get("kind"), max_numerical_rank=form.get("max_numerical_rank"),
+        max_numerical_rank_bound="lower" if (form.get("bounds") or {}).get("max_numerical_rank") else None,
         flags=",".join(s.get("flags") or []) or None, params_total=s.get("params_total"),
         tuned_sha256=files_digest(data.get("tuned")), base_sha256=files_digest((data.get("base") or [None])[0]),
         json=f"models/{name}.json")

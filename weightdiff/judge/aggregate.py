@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from ..pairing.names import group_of, parse_name
+from ..pairing.names import component_of, parse_name
 from ..options import Thresholds
 from ..records import BlockRecord, TensorRecord
 from .status import (delta_params_of, extra_rows, is_changed, is_mismatch, is_tied, max_rank_fields, norms_sq,
@@ -87,7 +87,7 @@ def aggregate(records: list[TensorRecord], thresholds: Thresholds) -> tuple[list
     namespaces: dict[str, int] = {}
     modules: dict[str, _Acc] = {}
     for rec in live:
-        label = rec.block if rec.block is not None else group_of(rec.name, rec.module)
+        label = component_of(rec.name)
         if label not in blocks:
             blocks[label] = _Acc()
             index[label] = parse_name(rec.name)[1] if rec.block is not None else None

@@ -17,9 +17,10 @@ import numpy as np
 
 from ..kernels.dtypes import DTYPES, decode
 from ..options import Thresholds
-from .status import ratio
+from ..pairing.names import component_of, parse_name
+from .status import PAIRED, ratio
 
-__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "looks_unrelated", "large_matrix_relatedness",
+__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "looks_unrelated", "large_matrix_relatedness", "components",
            "counts_for_relatedness", "evidence", "judge", "rank_key", "sample_rows", "sample_plan",
            "sampled_sums", "screen_estimate"]
 
@@ -78,6 +79,11 @@ def counts_for_relatedness(row, large: int | None) -> bool:
         return False
     if _field(row, "module") in ("norm", "bias") or len(_field(row, "shape") or []) < 2:
         return False
+    kinds = {DTYPES[d].kind if d in DTYPES else None for d in (_field(row, "dtype_base"), _field(row, "dtype_tuned"))}
+    if "int" in kinds and "float" in kinds:
+        # integer codes (an int8 export read without its scales) against floats: the cosine of
+        # raw codes depends on the zero point, not on relatedness
+        return False
     n = _field(row, "numel_compared") or _field(row, "numel") or 0
     return large is None or n >= large
 
@@ -97,6 +103,50 @@ def large_matrix_relatedness(rows, thresholds: Thresholds) -> tuple[float | None
                     nb2, nd2 = nb2 + nb * nb, nd2 + nd * nd
             return cos, _ratio(nd2, nb2), len(chosen)
     return None, None, 0
+
+
+def components(records, thresholds: Thresholds) -> list[dict]:
+    """Relatedness per component (``embeddings``, each block, ``head``), in model order.
+
+    Each entry: ``component``, ``status``, the component's ``cosine`` and ``rel_change``
+    over its matrices (``large_matrix_relatedness``), ``matrices``, ``params`` (tuned
+    side, base side when only the base has it) and ``identical`` (every compared tensor
+    bitwise equal). ``status``: ``shared`` (``looks_unrelated`` is False), ``unrelated``
+    (True), ``unmeasured`` (paired, but no matrix to judge by: norms and biases only),
+    ``base_only`` / ``tuned_only`` (no counterpart), ``tied`` (only a tied head row: one side's
+    head is its embedding table, compared with the other side's head, which is not evidence
+    of unrelatedness).
+    """
+    groups: dict[str, list] = {}
+    order: dict[str, tuple] = {}
+    for r in records:
+        name = r.base_name if r.status == "removed" else r.name
+        label = component_of(name)
+        groups.setdefault(label, []).append(r)
+        if label not in order:
+            block, index, _ = parse_name(name)
+            order[label] = (0, 0, label) if label == "embeddings" else (2, 0, label) if block is None \
+                else (1, index, label)
+    out = []
+    for label in sorted(groups, key=lambda k: order[k]):
+        rows = groups[label]
+        measured = [r for r in rows if r.status in PAIRED and r.compared in ("float", "bytes", "factors")]
+        # a tied head row (the tuned embedding against the base head) says the head was re-tied,
+        # not that it comes from elsewhere: it counts for `identical`, not as relatedness evidence
+        paired = [r for r in measured if not getattr(r, "tied", False)]
+        cos, rel, n = large_matrix_relatedness(paired, thresholds)
+        verdict = looks_unrelated(cos, rel, thresholds)
+        if not measured:
+            status = "base_only" if all(r.status == "removed" for r in rows) else "tuned_only"
+        elif verdict is None and len(paired) < len(measured):
+            status = "tied"
+        else:
+            status = {True: "unrelated", False: "shared", None: "unmeasured"}[verdict]
+        live = [r for r in rows if r.status != "removed" and not getattr(r, "tied", False)]
+        params = sum(r.numel for r in live) if live else sum(r.numel for r in rows if r.status == "removed")
+        out.append({"component": label, "status": status, "cosine": cos, "rel_change": rel, "matrices": n,
+                    "params": params, "identical": bool(measured) and all(r.status == "unchanged" for r in measured)})
+    return out
 
 
 def evidence(tensors: Sequence[dict], thresholds: Thresholds, tuned_params: int) -> dict:

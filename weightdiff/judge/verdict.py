@@ -23,31 +23,12 @@ from typing import Any
 from ..kernels.dtypes import DTYPES
 from ..options import Thresholds
 from ..records import STATUSES, BlockRecord, Summary, TensorRecord
-from .relatedness import large_matrix_relatedness, looks_unrelated
+from ..io.declared import same_model
+from ..pairing.names import parse_name
+from .coverage import coverage, too_little
+from .relatedness import components as component_relatedness, large_matrix_relatedness, looks_unrelated
 from .status import (PAIRED, bytes_per, delta_params_of, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
                      max_rank_fields, norms_sq, rank_upper, ratio)
-
-
-
-# ---------------------------------------------------------------- per-record helpers
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 
@@ -74,11 +55,15 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
         k = _low_rank_k(r)
         low.append(k is not None and k <= max(1.0, thresholds.low_rank_share * min(m, n))
                    and rank_upper(r, "numerical_rank") <= thresholds.low_rank_max)
+    mat_params = sum(r.numel for r in mats)
+    low_params = sum(r.numel for r, is_low in zip(ranked, low) if is_low)
     form: dict[str, Any] = {
         "kind": None,
         **max_rank_fields(ranked),
         "max_energy_rank_99": max((int(r.rank.energy_rank_99) for r in ranked
                                    if r.rank.energy_rank_99 is not None), default=None),
+        "shares": {"low_rank": low_params / mat_params if mat_params else None,
+                   "dense": (mat_params - low_params) / mat_params if mat_params else None},
         "max_rank_share": max(((_low_rank_k(r) or 0) / min(matrix_dims(r)) for r in ranked), default=None),
         "matrices_changed": len(mats), "matrices_low_rank": sum(low), "matrices_without_rank": len(mats) - len(ranked),
         "vectors_changed": len(vecs), "changed_element_share": share,
@@ -86,16 +71,30 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
     }
     if not mats and not vecs:
         return form
+    shares = form["shares"]
     if ranked and all(low) and len(ranked) == len(mats):
         form["kind"] = "low_rank"
     elif share is not None and share <= thresholds.sparse_frac:
         form["kind"] = "sparse"
+    elif mat_params and min(shares["low_rank"], shares["dense"]) >= thresholds.mixed_min_share:
+        form["kind"] = "mixed"
     else:
         form["kind"] = "dense"
     return form
 
 
-def _flags(counted: list[TensorRecord], records: list[TensorRecord]) -> list[str]:
+def _declared(declared: dict | None) -> dict:
+    """The names each side declares, and whether the tuned model's declared base names a base."""
+    if not declared:
+        return {}
+    bases = [b.get("name") for b in declared.get("bases") or []]
+    claim = (declared.get("tuned") or {}).get("declares_base")
+    named = [b for b in bases if b]
+    mismatch = bool(claim and named and not any(same_model(claim, b) for b in named))
+    return {"base_names": bases, "tuned_declares_base": claim, "mismatch": mismatch}
+
+
+def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: dict) -> list[str]:
     st = Counter(r.status for r in counted)
     checks = [
         ("added_tensors", st["added"] > 0),
@@ -110,13 +109,17 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord]) -> list[str
         ("nonfinite", any((r.nonfinite or 0) > 0 for r in records)),
         ("bytes_compared", any(r.compared == "bytes" for r in counted)),
         ("partial_spectrum", any(r.rank is not None and not r.rank.exact for r in counted)),
+        ("content_paired", any(r.paired_by == "content" for r in counted)),
+        ("declared_base_mismatch", bool(declared.get("mismatch"))),
     ]
     return [name for name, on in checks if on]
 
 
-def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds: Thresholds) -> Summary:
+def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds: Thresholds,
+              buffers: list[dict] | None = None, declared: dict | None = None) -> Summary:
     """The model-level ``Summary`` of DESIGN.md from the records and their block roll-up
-    (``judge.aggregate``): the judge step of the pipeline."""
+    (``judge.aggregate``): the judge step of the pipeline. ``buffers`` (from the plan) are
+    listed, never counted; ``declared`` holds the names each side declares (a hint)."""
     counted = [r for r in records if not is_tied(r)]
     by_status = {s: 0 for s in STATUSES}
     for r in counted:
@@ -163,6 +166,11 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
 
     numbered = [b for b in blocks if b.index is not None]
     blocks_changed = sum(1 for b in numbered if b.params_changed > 0)
+    base_blocks: dict[str, bool] = {}
+    for r in counted:
+        label = parse_name(r.base_name)[0] if r.base_name is not None else None
+        if label is not None:
+            base_blocks[label] = base_blocks.get(label, False) or r.status in PAIRED
     tensors_changed = sum(1 for r in live if is_changed(r, thresholds) or r.status == "added" or extra_rows(r))
     params_changed = sum(b.params_changed for b in blocks)
     scope = {
@@ -172,11 +180,17 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         "changed_blocks": [b.block for b in blocks if b.params_changed > 0],
         "modules_changed": sorted({r.module for r in changed if r.module}),
         "delta_params_changed": dp_changed, "delta_params_added": dp_added,
+        "base_blocks_total": len(base_blocks), "base_blocks_paired": sum(base_blocks.values()),
     }
-    flags = _flags(counted, records)
-    verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed, thresholds, n_paired)
+    decl = _declared(declared)
+    flags = _flags(counted, records, decl)
+    cov = coverage(records, thresholds)
+    comps = component_relatedness(records, thresholds)
+    # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
+    changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
+    verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps)
     quant = quantization_summary(counted)
-    form = _form(changed, thresholds) if verdict == "derived" else {"kind": None}
+    form = _form(changed, thresholds) if verdict in ("derived", "partial") else {"kind": None}
     summary = Summary(
         verdict=verdict, verdict_reason="", scope=scope, form=form, flags=flags, params_total=params_total,
         params_by_status=by_status, tensors_by_status=tensors_by_status, relative_change=rel,
@@ -187,9 +201,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                           "sign_bytes": int(math.ceil(sign_bytes)),
                           "sign_share": sign_bytes / model_bytes if model_bytes else None,
                           "rank_basis": "energy_rank_99"},
-        quantization=quant)
+        coverage=cov, components=comps, buffers=list(buffers or []), declared=decl, quantization=quant)
     return summary
-
 
 def quantization_summary(counted: list[TensorRecord]) -> dict[str, Any] | None:
     """Roll-up of the noise-floor tests (records whose pair has a quantized side), or None."""
@@ -206,15 +219,28 @@ def quantization_summary(counted: list[TensorRecord]) -> dict[str, Any] | None:
             "sides": sorted({str(r.quant.get("side")) for r in tested})}
 
 
-def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int) -> str:
-    """``rel`` and ``cos`` are over the relatedness matrices (norm gains and biases left out).
-    The sentence that explains the verdict is written by ``render.sentences.verdict_reason``."""
+def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, cov: dict,
+             comps: list[dict]) -> str:
+    """The verdict, rule by rule (docs/methodology.md, "The verdict"). ``rel`` and ``cos``
+    are over the relatedness matrices (norm gains and biases left out); the sentence that
+    explains it is written by ``render.sentences.verdict_reason``.
+
+    1. nothing compared, or too little of the large matrices on both sides: inconclusive;
+    2. some components unrelated and others shared: partial (a pooled cosine dominated by
+       one component never decides alone); all measured components unrelated: unrelated;
+    3. the pooled large matrices look unrelated and no component is shared: unrelated;
+    4. no change beyond rounding (or the quantization noise floor) and no structural change:
+       identical, cast_only or quantized_only;
+    5. otherwise derived.
+    """
     structural = tbs["added"] + tbs["removed"] + tbs["resized"]
-    if not counted:
-        return "identical"
-    if not n_paired:
-        return "unrelated"
-    if looks_unrelated(cos, rel, thr) is True:
+    if not counted or not n_paired or too_little(cov, thr):
+        return "inconclusive"
+    shared = [c for c in comps if c["status"] == "shared"]
+    unrelated = [c for c in comps if c["status"] == "unrelated"]
+    if unrelated:
+        return "partial" if shared else "unrelated"
+    if looks_unrelated(cos, rel, thr) is True and not shared:
         return "unrelated"
     if not changed and not structural:
         if tbs["quantized"]:

@@ -79,6 +79,24 @@ def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
     return acc
 
 
+def _array_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str, tuned_raw: np.ndarray,
+                 dtype_t: str, on_window: Callable[[int], None]) -> np.ndarray:
+    """``_stream_stats`` against a tuned array held in memory, in the same windows."""
+    flat = tuned_raw.reshape(-1)
+    acc, at = None, 0
+    for wb in base.windows(bname, WINDOW_ELEMENTS):
+        wt = flat[at:at + len(wb)]
+        at += len(wb)
+        part = backend.module.delta_stats(wb, wt, dtype_b, dtype_t)
+        acc = part if acc is None else backend.module.combine(acc, part)
+        on_window(len(wt))
+    if acc is None:
+        from ..kernels import reference
+
+        acc = reference.delta_stats(np.zeros(0, np.float32), np.zeros(0, np.float32), "F32", "F32")
+    return acc
+
+
 def _fill(record: TensorRecord, fields: dict) -> None:
     for key in ("norm_base", "norm_tuned", "norm_delta", "rel_change", "cosine", "frac_changed",
                 "frac_beyond_rounding", "max_abs_delta"):
@@ -103,6 +121,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         numel=_elements(pair, shape_t if shape_t is not None else shape_b), base_index=pair.base_index,
         compared="none")
     rec.tied = pair.tied
+    rec.paired_by = pair.paired_by
     if pair.tied:
         rec.note = f"tied: the tuned model has no `{pair.tuned_name}`; it shares `{pair.base_name}`"
     if pair.kind in ("added", "removed"):
@@ -144,16 +163,25 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                     "and differ, so the values were not compared")
         rec.status = "changed"
         return rec
+    tuned_t = None
     floors = FloorAccumulator()
-    sink = None
-    if stop is None and not opaque:
-        from .rank_stream import streamed_rank_sink
+    if pair.transposed:
+        # content pairing found the tuned matrix stored transposed (ONNX MatMul initializers):
+        # compare its transpose, read whole (bounded by the tensor, as the rank pass is)
+        raw = np.asarray(tuned.read(tuned_name))
+        tuned_t = np.ascontiguousarray(raw.reshape(shape_t[0], -1).T).reshape(shape_b)
+        stats = _array_stats(backend, base, pair.base_name, pair.dtype_base, tuned_t, pair.dtype_tuned, on_window)
+        rec.note = "paired by content: the tuned matrix is stored transposed; its transpose is compared"
+    else:
+        sink = None
+        if stop is None and not opaque:
+            from .rank_stream import streamed_rank_sink
 
-        sink = streamed_rank_sink(pair, options, backend.name, WINDOW_ELEMENTS)
-    stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
-                          pair.dtype_tuned, stop, on_window, floors, sink)
-    if not opaque:
-        rec.rounding_floor = floors.result()
+            sink = streamed_rank_sink(pair, options, backend.name, WINDOW_ELEMENTS)
+        stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
+                              pair.dtype_tuned, stop, on_window, floors, sink)
+        if not opaque:
+            rec.rounding_floor = floors.result()
     fields = reference.finalize(stats)
     _fill(rec, fields)
     rec.numel_compared = int(stats[0])
@@ -167,7 +195,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     else:
         rec.status = classify(fields, pair.dtype_base, pair.dtype_tuned, thr)
     above = None
-    if not opaque and shape_t is not None and rec.status != "unchanged":
+    if not opaque and shape_t is not None and rec.status != "unchanged" and tuned_t is None:
         from .quant_floor import floor_test
 
         rec.quant = floor_test(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
@@ -185,7 +213,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             and min(shape_t[0], rec.numel // max(shape_t[0], 1)) >= 2):
         from .rank import analyze_delta
 
-        raw_b, raw_t, dt_b, dt_t = base.read(pair.base_name), tuned.read(tuned_name), pair.dtype_base, pair.dtype_tuned
+        raw_b, dt_b, dt_t = base.read(pair.base_name), pair.dtype_base, pair.dtype_tuned
+        raw_t = tuned.read(tuned_name) if tuned_t is None else tuned_t
         if above:
             from .quant_floor import CAST_REL, above_floor_pair
 
@@ -197,8 +226,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             rec.note = ("rank of the part of the change above the quantization noise floor"
                         + (f"; {rec.note}" if rec.note else ""))
         rec.rank = analyze_delta(
-            raw_b, raw_t, dt_b, dt_t,
-            tuple(shape_t), float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
+            raw_b, raw_t, dt_b, dt_t, tuple(shape_t if tuned_t is None else shape_b),
+            float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
             k=options.rank_k, seed=options.seed, exact_max=options.exact_svd_max,
             backend=backend, noise_factor=thr.noise_floor_factor, subspace=options.subspace)
     if sink is not None:

@@ -18,14 +18,14 @@ rolls records up with it.
 
 from __future__ import annotations
 
-__all__ = ["parse_name", "group_of", "is_embedding", "is_lm_head"]
+__all__ = ["parse_name", "block_slot", "group_of", "component_of", "is_embedding", "is_lm_head", "is_buffer"]
 
 _EMBED_LEAVES = ("embed_tokens", "wte", "word_embeddings", "shared", "embed_in", "tok_embeddings",
                  "token_embedding", "embedding")
 _HEAD_NAMES = ("lm_head", "embed_out", "output", "cls.predictions.decoder")
 
 _WRAPPERS = {"model", "transformer", "base_model", "bert", "roberta", "xlm_roberta", "vit", "deit", "gpt_neox",
-             "deberta", "electra", "distilbert", "albert", "backbone", "module", "_orig_mod"}
+             "deberta", "electra", "distilbert", "albert", "backbone", "module", "_orig_mod", "auto_model"}
 _XATTN = {"crossattention", "encoder_attn", "encdecattention", "cross_attn", "cross_attention", "crossattn"}
 _ATTN = {"self_attn", "attn", "attention", "self_attention", "selfattention", "self", "mha"}
 _MLP = {"mlp", "feed_forward", "ffn", "densereludense", "intermediate", "block_sparse_moe", "experts", "moe",
@@ -104,6 +104,28 @@ def _module_kind(rest: list[str], in_block: bool) -> str:
     return leaf or "other"
 
 
+def _block_position(parts: list[str]) -> int | None:
+    """Where the block index sits in a split name; a number right before a wrapper is a
+    container slot (sentence-transformers' ``0.auto_model.``), not a block."""
+    return next((i for i, p in enumerate(parts) if p.isdecimal() and p.isascii() and len(p) < 10
+                 and not (i + 1 < len(parts) and parts[i + 1] in _WRAPPERS)), None)
+
+
+def block_slot(name: str) -> tuple[str | None, int | None]:
+    """The name with its block index replaced by ``#``, and that index (None, None outside blocks).
+
+    >>> block_slot("model.layers.12.mlp.up_proj.weight")
+    ('model.layers.#.mlp.up_proj.weight', 12)
+    """
+    parts = str(name).split(".")
+    k = _block_position(parts)
+    if k is None:
+        return None, None
+    index = int(parts[k])
+    parts[k] = "#"
+    return ".".join(parts), index
+
+
 def parse_name(name: str) -> tuple[str | None, int | None, str]:
     """(block label, block index, module kind) of a tensor name; never raises.
 
@@ -116,17 +138,19 @@ def parse_name(name: str) -> tuple[str | None, int | None, str]:
     ('encoder.layer.11', 11, 'attn.o')
     >>> parse_name("encoder.block.0.layer.1.DenseReluDense.wi_1.weight")
     ('encoder.block.0', 0, 'mlp.up')
+    >>> parse_name("0.auto_model.encoder.layer.2.output.dense.weight")
+    ('encoder.layer.2', 2, 'mlp.down')
     >>> parse_name("model.embed_tokens.weight"), parse_name("lm_head.weight")
     ((None, None, 'embed'), (None, None, 'lm_head'))
     """
     parts = str(name).split(".")
-    idx = next((i for i, p in enumerate(parts) if p.isdecimal() and p.isascii() and len(p) < 10), None)
+    idx = _block_position(parts)
     if idx is None:
-        rest = [p for p in parts if p not in _WRAPPERS] or parts
+        rest = [p for p in parts if p not in _WRAPPERS and not p.isdecimal()] or parts
         return None, None, _module_kind(rest, in_block=False)
     ns: list[str] = []
     for p in parts[:idx]:
-        if p in _WRAPPERS or (ns and ns[-1] == p):
+        if p in _WRAPPERS or p.isdecimal() or (ns and ns[-1] == p):
             continue
         ns.append(p)
     if idx > 0 and parts[idx - 1] in _WRAPPERS:   # keep the container even when it is a wrapper word
@@ -140,6 +164,16 @@ def group_of(name: str, module: str) -> str:
     if module.startswith("embed") or any(p in ("embeddings", "embed") for p in str(name).split(".")):
         return "embeddings"
     return "head"
+
+
+def component_of(name: str) -> str:
+    """The block label of a tensor, or ``embeddings``/``head`` outside blocks.
+
+    >>> component_of("model.layers.3.mlp.up_proj.weight"), component_of("lm_head.weight")
+    ('layers.3', 'head')
+    """
+    block, _, module = parse_name(name)
+    return block if block is not None else group_of(name, module)
 
 
 def _leaf(name: str) -> str:
@@ -175,3 +209,30 @@ def _vocab_like(name: str) -> bool:
     leaf = _leaf(name)
     return is_embedding(name) or is_lm_head(name) or any(leaf == h or leaf.endswith("." + h) for h in
                                                          ("lm_head", "cls.predictions", "embed_out"))
+
+# ---------------------------------------------------------------- buffers
+
+#: leaf names of non-trainable buffers that models save beside their parameters
+BUFFER_LEAVES = {"position_ids", "token_type_ids", "inv_freq", "running_mean", "running_var",
+                 "num_batches_tracked", "masked_bias", "_float_tensor", "freqs_cis", "cos_cached", "sin_cached"}
+#: dtypes that never hold trainable parameters (8-bit integers can: quantized weights)
+BUFFER_DTYPES = {"I64", "I32", "I16", "U64", "U32", "U16", "BOOL"}
+
+
+def is_buffer(name: str, dtype: str | None = None, shape=None) -> bool:
+    """A non-trainable buffer: position ids, rotary frequencies, a causal mask, BatchNorm
+    running statistics (by name), or any tensor of a wide integer or bool dtype.
+
+    GPT-2's causal mask ``h.N.attn.bias`` is a buffer by its name and its 4 dimensions
+    (a real bias has one); 8-bit integers are quantized weights, not buffers.
+
+    >>> is_buffer("embeddings.position_ids", "I64"), is_buffer("h.0.attn.bias", "F32", (1, 1, 8, 8))
+    (True, True)
+    >>> is_buffer("h.0.attn.c_attn.bias", "F32", (96,)), is_buffer("q.weight", "I8", (4, 4))
+    (False, False)
+    """
+    parts = str(name).split(".")
+    leaf = parts[-1]
+    if leaf in BUFFER_LEAVES or (dtype is not None and dtype in BUFFER_DTYPES):
+        return True
+    return leaf == "bias" and len(parts) > 1 and parts[-2] == "attn" and shape is not None and len(shape) >= 2

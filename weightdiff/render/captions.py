@@ -1,6 +1,6 @@
 """Sentences written from the numbers: figure captions and the facts they share with the tables.
 
-Everything here reads the compare JSON as a plain dict (``schema: weightdiff.compare/1``)
+Everything here reads the compare JSON as a plain dict (``schema: weightdiff.compare/2``)
 and returns text; nothing draws or writes files. The plots (``render.plots``) and the
 memo (``render.memo``) take their captions from here; numbers are formatted by
 ``render.formats`` and headline sentences come from ``render.sentences``, so a number in
@@ -18,7 +18,7 @@ from statistics import median
 from typing import Any, Iterable
 
 from . import sentences
-from .formats import count, num, sci, share
+from .formats import count, num, rank_text, sci, share
 
 #: statuses in the order the parameter-share figure and the tables list them
 STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
@@ -189,13 +189,15 @@ def caption_rank(data: dict, shown: list[dict]) -> str:
     mats = changed_matrices(data)
     if not mats:
         return "Rank of the change: no changed matrix has a spectrum (nothing changed, or --no-rank)."
-    r90 = [t["rank"]["energy_rank_90"] for t in mats if t["rank"].get("energy_rank_90") is not None]
+    # a partial spectrum's energy rank is a lower bound: the median and range use exact ranks only
+    r90 = [t["rank"]["energy_rank_90"] for t in mats if t["rank"].get("energy_rank_90") is not None
+           and "energy_rank_90" not in (t["rank"].get("bounds") or {})]
     dims = sorted({min(t["rank"].get("shape_2d") or t.get("shape")[:2]) for t in mats})
     text = (f"Left: cumulative share of the change's energy (sum of squared singular values over ‖ΔW‖²) "
             f"captured by the top k singular directions, for {len(shown)} of the most changed matrices (the most "
             f"changed of each changed block first). ")
-    text += " ".join(f"{tensor_label(t)} reaches 90% at rank {t['rank'].get('energy_rank_90')} and 99% at rank "
-                     f"{t['rank'].get('energy_rank_99')}." for t in _first_per_block(shown)[:3])
+    text += " ".join(f"{tensor_label(t)} reaches 90% at rank {rank_text(t['rank'], 'energy_rank_90')} and 99% at rank "
+                     f"{rank_text(t['rank'], 'energy_rank_99')}." for t in _first_per_block(shown)[:3])
     k = max((len(t["rank"].get("spectrum") or []) for t in shown), default=0)
     if any((t["rank"].get("energy_captured") or 1.0) < 0.985 for t in shown):
         text += f" Curves that stop short of 100% end where the reported spectrum ends (top {k} singular values)."

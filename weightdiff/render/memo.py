@@ -173,10 +173,17 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
             ["largest numerical rank", fmt.max_rank(form)],
             ["delta parameters", f"{fmt.count(s.get('delta_params'))} ({fmt.share(s.get('delta_params_share'))} of the model)"],
             ["model relative change", fmt.sci(s.get("relative_change"))],
-            ["1 − cosine (large matrices)", fmt.sci(None if s.get("relatedness_cosine") is None
+            [f"1 − cosine ({sentences.matrices_phrase(s)})", fmt.sci(None if s.get("relatedness_cosine") is None
                                                         else max(0.0, 1.0 - s["relatedness_cosine"]))],
             ["flags", _c(", ".join(s.get("flags") or []) or "none")]]
     out.append(Block("table", ["", "value"], rows))
+    comps = s.get("components") or []
+    if any(c.get("status") in ("unrelated", "base_only", "tuned_only") for c in comps):
+        out.append(Block("p", "Relatedness per component (each judged on its own matrices):"))
+        out.append(Block("table", ["component", "status", "1 − cosine", "relative change", "parameters"],
+                         [[_c(c.get("component")), c.get("status", "").replace("_", " "),
+                           fmt.sci(None if c.get("cosine") is None else max(0.0, 1.0 - c["cosine"])),
+                           fmt.sci(c.get("rel_change")), fmt.count(c.get("params"))] for c in comps]))
     out.append(Block("p", "The verdict follows these rules, checked in this order (the numbers are in the "
                           "thresholds table below):"))
     out.append(Block("ul", [[("b", name + ": "), ("", rule)] for name, rule in txt.VERDICTS]))
@@ -210,8 +217,8 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
         for t in tt:
             r = t.get("rank") or {}
             rows.append([_c(t.get("name")), t.get("status", ""), _short(t), fmt.sci(t.get("rel_change")),
-                         fmt.sci(cap.one_minus_cosine(t)), fmt.count(r.get("energy_rank_90")),
-                         fmt.count(r.get("energy_rank_99")), fmt.count(r.get("numerical_rank")),
+                         fmt.sci(cap.one_minus_cosine(t)), fmt.rank_text(r, "energy_rank_90"),
+                         fmt.rank_text(r, "energy_rank_99"), fmt.rank_text(r, "numerical_rank"),
                          fmt.num(r.get("stable_rank"))])
         out.append(Block("table", ["tensor", "status", "shape", "relative change", "1 − cosine", "energy rank 90%",
                                    "energy rank 99%", "numerical rank", "stable rank"], rows))

@@ -47,11 +47,17 @@ SPECTRUM_NOTE = ("Singular values come from an exact SVD for matrices whose smal
                  "exactly from its factors.")
 
 VERDICTS = [
-    ("unrelated", "no tuned tensor has a counterpart in the base, or the large matrices (at least "
-     "large_matrix_numel elements; norm gains and biases left out) are near-orthogonal to it: their size-weighted "
-     "cosine is below unrelated_cosine and their relative change above unrelated_rel_change, as for two "
-     "independently initialised models (cosine about 0, relative change about √2)."),
-    ("identical", "otherwise, when every tensor is bitwise equal and none was added, removed or resized."),
+    ("inconclusive", "nothing has a compared counterpart, or on both sides less than min_coverage of the large "
+     "matrices (at least large_matrix_numel elements) was compared: what happened to pair is not the model."),
+    ("partial", "otherwise, judged per component (input embeddings, each block, the head), some components are "
+     "unrelated to the base and others shared with it, as when a model keeps another's embeddings around new "
+     "blocks. A pooled cosine dominated by one component never decides alone."),
+    ("unrelated", "otherwise, every measured component is unrelated, or (none shared) the large matrices (norm "
+     "gains and biases left out) are near-orthogonal: their size-weighted cosine is below unrelated_cosine and "
+     "their relative change above unrelated_rel_change, as for two independently initialised models (cosine "
+     "about 0, relative change about √2)."),
+    ("identical", "otherwise, when every effective parameter is bitwise equal (a tied head counts as the "
+     "embedding it is) and none was added, removed or resized."),
     ("cast_only", "otherwise, when no tensor changed beyond the rounding of a dtype cast (at most rounding_frac "
      "of a tensor's elements beyond half an ulp) and none was added, removed or resized."),
     ("derived", "everything else: the tuned model is a modification of this base. Its scope (blocks and tensors "
@@ -64,6 +70,8 @@ FORMS = [
      "(Hu et al. 2021) leaves."),
     ("sparse", "otherwise, when the elements that changed beyond rounding are at most sparse_frac of the changed "
      "tensors' elements."),
+    ("mixed", "otherwise, when low-rank matrices and the others each hold at least mixed_min_share of the changed "
+     "matrices' parameters (both shares are reported)."),
     ("dense", "otherwise: the change spreads over many directions, as full fine-tuning does."),
 ]
 
@@ -76,6 +84,9 @@ THRESHOLD_MEANING = {
     "low_rank_share": "form is low_rank when min(energy_rank_99, numerical_rank) is at most this share of min(m, n) ...",
     "low_rank_max": "... and numerical rank at most this",
     "sparse_frac": "form is sparse when elements changed beyond rounding are at most this share of the changed tensors",
+    "mixed_min_share": "form is mixed when low-rank and other matrices each hold at least this share of the changed "
+                       "matrices' parameters",
+    "min_coverage": "inconclusive when less than this share of the large matrices was compared on both sides",
 }
 
 SHOWS = [

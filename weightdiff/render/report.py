@@ -1,7 +1,7 @@
 """``weightdiff report``: figures and memo redrawn from a saved compare JSON, no checkpoints needed.
 
 ``load_result(path)`` reads and checks a ``weightdiff compare --json`` file (schema
-``weightdiff.compare/1``) and raises a one-line ``WeightdiffError`` naming the file and
+``weightdiff.compare/2``, or /1 from older versions) and raises a one-line ``WeightdiffError`` naming the file and
 the offending key when it is not one; ``write_report(data, ...)`` draws the figures and
 writes the memo for an already loaded dict (``render_outputs`` is its form for
 ``weightdiff compare --report FILE --plots DIR``);

@@ -1,6 +1,6 @@
 """The one writer of headline sentences: the verdict's title, its reason and the headline.
 
-Everything here reads the compare result as a plain dict (``schema: weightdiff.compare/1``)
+Everything here reads the compare result as a plain dict (``schema: weightdiff.compare/2``)
 and returns English; numbers go through ``render.formats``. The compare command fills
 ``summary.verdict_reason`` and ``summary.headline`` from here once, when the result is
 made, and every renderer (terminal, memo, captions, report) prints those same strings,
@@ -14,8 +14,8 @@ from typing import Any
 
 from .formats import count, num, sci, share
 
-__all__ = ["verdict_title", "verdict_reason", "headline", "is_tied_row", "PAIRED", "plain_language", "model_label",
-           "plural"]
+__all__ = ["verdict_title", "verdict_reason", "headline", "coverage_sentence", "form_sentence", "matrices_phrase",
+           "is_tied_row", "PAIRED", "plain_language", "model_label", "plural"]
 
 #: statuses of a tensor that has a counterpart on the other side (``judge.status.PAIRED``)
 PAIRED = ("unchanged", "rounding", "quantized", "changed", "resized")
@@ -25,14 +25,78 @@ _TITLES = {
     "cast_only": "CAST ONLY: every difference is explained by a change of storage dtype.",
     "quantized_only": "QUANTIZED ONLY: every difference is explained by quantizing the base.",
     "derived": "DERIVED: a fine-tune of this base.",
-    "unrelated": "UNRELATED: not derived from this base (large matrices are near-orthogonal).",
+    "partial": "PARTIAL: some components derive from this base, others do not.",
+    "unrelated": "UNRELATED: not derived from this base.",
+    "inconclusive": "INCONCLUSIVE: too little of the two models could be compared to judge.",
 }
 
 
+def _large_compared(summary: dict) -> bool | None:
+    """Whether any large matrix was compared (None for a result without coverage: schema /1)."""
+    cov = summary.get("coverage") or {}
+    if not cov:
+        return None
+    return bool((cov.get("tuned") or {}).get("large_compared") or (cov.get("base") or {}).get("large_compared"))
+
+
+def matrices_phrase(summary: dict) -> str:
+    """"large matrices" only when some were compared, else "compared matrices"."""
+    return "compared matrices" if _large_compared(summary) is False else "large matrices"
+
+
 def verdict_title(summary: dict) -> str:
-    """The verdict in capitals with its one-line meaning, as the terminal prints it first."""
+    """The verdict in capitals with its one-line meaning, as the terminal prints it first.
+    The unrelated title cites near-orthogonal matrices only when matrices were measured."""
     v = summary.get("verdict")
+    if v == "unrelated" and summary.get("relatedness_cosine") is not None:
+        return f"UNRELATED: not derived from this base (the {matrices_phrase(summary)} are near-orthogonal)."
     return _TITLES.get(v, str(v))
+
+
+def _names(items: list[str], most: int = 6) -> str:
+    """``a, b, c and 4 more``."""
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def coverage_sentence(summary: dict) -> str:
+    """What share of each model was compared, or "" when both were compared whole."""
+    cov = summary.get("coverage") or {}
+    b, t = cov.get("base") or {}, cov.get("tuned") or {}
+    if not cov or (b.get("share") in (None, 1.0) and t.get("share") in (None, 1.0)):
+        return ""
+    return (f"Compared: {share(b.get('share'))} of the base's parameters ({count(b.get('compared'))} of "
+            f"{count(b.get('params'))}) and {share(t.get('share'))} of the tuned model's ({count(t.get('compared'))} "
+            f"of {count(t.get('params'))}).")
+
+
+def _judged_share(side: dict):
+    return side.get("large_share") if side.get("large_share") is not None else side.get("share")
+
+
+def _inconclusive(data: dict) -> str:
+    s = data.get("summary") or {}
+    cov = s.get("coverage") or {}
+    b, t = cov.get("base") or {}, cov.get("tuned") or {}
+    need = ((data.get("settings") or {}).get("thresholds") or {}).get("min_coverage")
+    counts = ((data.get("plan") or {}).get("counts") or {}).get("tensors") or {}
+    text = (f"Only {share(_judged_share(b))} of the base's large-matrix parameters and {share(_judged_share(t))} "
+            "of the tuned model's have a compared counterpart")
+    text += f" (judging needs {share(need)} on one side)" if need is not None else ""
+    text += (f": {count(counts.get('added', 0))} tuned tensors have no counterpart in the base and "
+             f"{count(counts.get('removed', 0))} base tensors none in the tuned model.")
+    if not counts.get("paired") or any("shares no tensor name" in n for n in (data.get("plan") or {}).get("notes") or []):
+        text += (" The names do not match, even after prefix alignment, and no matrix matched by content; "
+                 "map the names with --rename FROM=TO.")
+    return text
+
+
+def _partial(data: dict) -> str:
+    comps = (data.get("summary") or {}).get("components") or []
+    shared = [c["component"] for c in comps if c.get("status") == "shared"]
+    unrelated = [c["component"] for c in comps if c.get("status") == "unrelated"]
+    return (f"Shared with this base: {_names(shared)}. Unrelated to it (near-orthogonal, as independent "
+            f"initialisations): {_names(unrelated)}.")
 
 
 def is_tied_row(t: dict) -> bool:
@@ -58,12 +122,22 @@ def verdict_reason(data: dict) -> str:
     scope = s.get("scope") or {}
     cos, rel = s.get("relatedness_cosine"), s.get("relatedness_rel_change")
     v = s.get("verdict")
+    text = _reason(data, s, counted, tbs, scope, cos, rel, v)
+    cover = coverage_sentence(s)
+    return f"{text} {cover}" if cover else text
+
+
+def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, cos, rel, v) -> str:
     if not counted:
-        return "No tensors were compared (check the include and exclude filters)."
+        return "No tensors were compared."
+    if v == "inconclusive":
+        return _inconclusive(data)
+    if v == "partial":
+        return _partial(data)
     if v == "unrelated":
         if not any(t.get("status") in PAIRED for t in counted):
             return "No tensor of the tuned model has a counterpart in the base, even after prefix alignment."
-        return (f"The large matrices are near-orthogonal to the base (weighted cosine {num(cos)}) and the "
+        return (f"The {matrices_phrase(s)} are near-orthogonal to the base (weighted cosine {num(cos)}) and the "
                 f"relative change of those matrices is {sci(rel)}, as between independently initialised models.")
     if v == "identical":
         return f"All {count(tbs.get('unchanged', 0))} tensors are bitwise identical to the base."
@@ -83,8 +157,10 @@ def verdict_reason(data: dict) -> str:
     if scope.get("blocks_total"):
         parts.append(f"{scope.get('blocks_changed')} of {scope.get('blocks_total')} blocks")
     text = "Derived from this base: " + ", in ".join(parts)
+    if scope.get("base_blocks_total") and scope.get("base_blocks_paired", 0) < scope["base_blocks_total"]:
+        text += f"; {scope['base_blocks_paired']} of {scope['base_blocks_total']} base blocks have a counterpart"
     if cos is not None:
-        text += f"; the large matrices keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
+        text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
     if q.get("tensors_beyond"):
@@ -132,18 +208,8 @@ def headline(data: dict) -> list[str]:
     if s.get("verdict") in ("derived", "unrelated") and s.get("relative_change") is not None:
         out.append(f"Relative change {sci(s['relative_change'])} (norm of all deltas over norm of the base).")
     f = s.get("form") or {}
-    if f.get("kind") == "low_rank":
-        b = f.get("max_numerical_rank_bounds")
-        out.append(f"The change is low-rank: at most rank {count(b[1] if b else f.get('max_numerical_rank'))} per matrix.")
-    elif f.get("kind") == "sparse":
-        out.append(f"The change is sparse: {share(f.get('changed_element_share'))} of the elements of the "
-                   "changed tensors differ.")
-    elif f.get("kind") == "dense" and f.get("max_energy_rank_99") is not None:
-        out.append(f"The change is dense: up to {count(f['max_energy_rank_99'])} directions per matrix hold 99% "
-                   "of its energy.")
-    elif f.get("kind") == "dense":
-        out.append(f"The change is dense: {share(f.get('changed_element_share'))} of the elements of the "
-                   "changed tensors differ (no rank analysis).")
+    if form_sentence(f):
+        out.append(form_sentence(f))
     if s.get("delta_params"):
         out.append(f"Writing the change down takes {count(s['delta_params'])} parameters "
                    f"({share(s.get('delta_params_share'))} of the model).")
@@ -158,6 +224,10 @@ def headline(data: dict) -> list[str]:
         if t.get("status") == "resized" and not _mismatch(t) and t.get("module") == "embed" and t.get("base_shape"):
             out.append(f"The vocabulary was resized from {count(t['base_shape'][0])} to {count(t['shape'][0])} rows.")
             break
+    for t in data.get("tensors") or []:
+        if is_tied_row(t) and t.get("status") == "changed":
+            out.append(f"The tuned model ties `{t.get('name')}` to its embedding; that effective head differs from the "
+                       f"base head (relative change {sci(t.get('rel_change'))}).")
     if "composite_base" in (s.get("flags") or []):
         n = len({t.get("base_index") for t in counted if t.get("base_name") is not None})
         out.append(f"The tuned model is assembled from {n} bases.")
@@ -258,3 +328,25 @@ def plain_language(data: dict) -> list[str]:
     out.append("These numbers describe the weights only: they do not show what data either model was trained on, "
                "how it behaves, or any legal status.")
     return out
+
+
+def form_sentence(f: dict) -> str:
+    """The sentence about the form of the change; a rank bracket reads as its upper end
+    ("at most"), never as a value."""
+    hi = (f.get("max_numerical_rank_bounds") or [None, None])[-1]
+    if f.get("kind") == "low_rank":
+        return f"The change is low-rank: at most rank {count(hi if hi is not None else f.get('max_numerical_rank'))} per matrix."
+    if f.get("kind") == "mixed":
+        sh = f.get("shares") or {}
+        return (f"The change is mixed: low-rank matrices hold {share(sh.get('low_rank'))} of the changed matrices' "
+                f"parameters, dense ones {share(sh.get('dense'))}.")
+    if f.get("kind") == "sparse":
+        return (f"The change is sparse: {share(f.get('changed_element_share'))} of the elements of the "
+                "changed tensors differ.")
+    if f.get("kind") == "dense" and f.get("max_energy_rank_99") is not None:
+        return (f"The change is dense: up to {count(f['max_energy_rank_99'])} directions per matrix hold 99% "
+                "of its energy.")
+    if f.get("kind") == "dense":
+        return (f"The change is dense: {share(f.get('changed_element_share'))} of the elements of the "
+                "changed tensors differ (no rank analysis).")
+    return ""

@@ -8,6 +8,9 @@ are written as escapes as the terminal output does (``\\x1b``, ``\\u202e``). Num
 
 >>> text_cell("=cmd|' /C calc'!A0"), text_cell("-2+3"), text_cell("a\x1bb")
 ("'=cmd|' /C calc'!A0", "'-2+3", 'a\\\\x1bb')
+
+A rank that is a bound (a partial spectrum) is written with its sign (``≥ 64``,
+``render.formats.rank_text``), never as a bare number; the JSON keeps the bracket.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import csv
 import io
 
 from ..errors import escape_name
+from .formats import rank_text
 
 COLUMNS = ("name", "base_name", "status", "block", "module", "shape", "dtype_base", "dtype_tuned", "numel",
            "norm_base", "norm_tuned", "norm_delta", "rel_change", "cosine", "frac_changed",
@@ -72,6 +76,8 @@ def to_csv(result: dict) -> str:
         row = []
         for c in COLUMNS:
             v = rank.get(c) if c in RANK_COLUMNS else t.get(c)
+            if c in RANK_COLUMNS and v is not None and c in (rank.get("bounds") or {}):
+                v = rank_text(rank, c)
             if c == "shape" and v is not None:
                 v = "x".join(str(x) for x in v)
             row.append("" if v is None else text_cell(v) if isinstance(v, str) else v)

@@ -15,7 +15,7 @@ from typing import IO, Any
 from ..errors import escape_name
 from .captions import one_minus_cosine
 from .formats import count, max_rank, rank_text, sci, share
-from .sentences import plural, verdict_title
+from .sentences import coverage_sentence, matrices_phrase, plural, verdict_title
 
 STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
 
@@ -59,12 +59,27 @@ def render_text(result: dict, top: int = 10) -> str:
     sc = s.get("scope") or {}
     lines.append(f"scope     {count(s['blocks_changed'])} of {count(s['blocks_total'])} blocks changed; "
                  f"{count(sc.get('tensors_changed'))} of {count(sc.get('tensors_total'))} tensors")
+    if sc.get("base_blocks_total") and sc.get("base_blocks_paired", 0) < sc["base_blocks_total"]:
+        lines[-1] += f"; {count(sc['base_blocks_paired'])} of {count(sc['base_blocks_total'])} base blocks have a counterpart"
+    cover = coverage_sentence(s)
+    if cover and cover not in (s.get("verdict_reason") or ""):
+        lines.append(f"coverage  {cover}")
     form = s.get("form") or {}
     if form.get("kind"):
         extra = ""
         if form.get("max_numerical_rank") is not None or form.get("max_numerical_rank_bounds"):
             extra = f" (largest numerical rank {max_rank(form)})"
+        if form["kind"] == "mixed":
+            sh = form.get("shares") or {}
+            extra = f" ({share(sh.get('low_rank'))} low-rank, {share(sh.get('dense'))} dense, by parameters)" + extra
         lines.append(f"form      {form['kind']}{extra}")
+    comps = s.get("components") or []
+    if s.get("verdict") == "partial" or any(c.get("status") == "unrelated" for c in comps):
+        for status in ("shared", "unrelated", "unmeasured", "base_only", "tuned_only"):
+            names = [escape_name(c["component"]) for c in comps if c.get("status") == status]
+            if names:
+                lines.append(f"          {status.replace('_', ' ')}: {', '.join(names[:8])}"
+                             + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
     if s.get("flags"):
         lines.append(f"flags     {', '.join(s['flags'])}")
     lines.append("")
@@ -80,8 +95,9 @@ def render_text(result: dict, top: int = 10) -> str:
     lines.append(f"relative change   {sci(s.get('relative_change'))}   "
                  "(norm of all deltas / norm of the base, paired tensors)")
     if s.get("relatedness_cosine") is not None:
+        pooled = "; pooled, see the components" if s.get("verdict") == "partial" else ""
         lines.append(f"1 - cosine        {sci(max(0.0, 1 - s['relatedness_cosine']))}   "
-                     "(parameter-weighted over large matrices)")
+                     f"(parameter-weighted over the {matrices_phrase(s)}{pooled})")
     lines.append(f"delta params      {count(s.get('delta_params'))}   "
                  f"({share(s.get('delta_params_share'))} of the model: parameters needed to write the change down)")
 
@@ -108,8 +124,8 @@ def render_text(result: dict, top: int = 10) -> str:
             r = t.get("rank") or {}
             rows.append([_trim(t["name"]), t["status"], _shape(t.get("shape")), sci(t.get("rel_change")),
                          _one_minus_cos(t), share(t.get("frac_beyond_rounding")),
-                         "-" if r.get("energy_rank_99") is None else str(r["energy_rank_99"]),
-                         "-" if not r else str(r.get("numerical_rank"))])
+                         "-" if r.get("energy_rank_99") is None else rank_text(r, "energy_rank_99"),
+                         "-" if not r else rank_text(r, "numerical_rank")])
         lines += _table(rows, ["tensor", "status", "shape", "rel change", "1-cos", "beyond rnd", "rank99",
                                "num rank"], "lllrrrrr")
     added = [t for t in result.get("tensors", []) if t["status"] in ("added", "removed")]
@@ -134,6 +150,11 @@ def plan_text(plan: Any) -> str:
     tensors = counts.get("tensors") or {}
     parts = [f"{v} {k}" for k, v in tensors.items() if v]
     text = "plan: " + (", ".join(parts) if parts else "nothing to compare")
+    by = counts.get("paired_by") or {}
+    if by:
+        text += "; paired by " + ", ".join(f"{k} {v}" for k, v in by.items())
+    if counts.get("buffers"):
+        text += f"; {counts['buffers']} buffers set apart"
     for note in d.get("notes", [])[:5]:
         text += "\n  " + escape_name(str(note))
     sources = getattr(plan, "sources", None) or []      # where a Hub-like spelling was read from

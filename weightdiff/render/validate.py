@@ -1,4 +1,4 @@
-"""The shape of a ``weightdiff.compare/1`` JSON, checked before any renderer reads it.
+"""The shape of a ``weightdiff.compare/2`` JSON (or /1), checked before any renderer reads it.
 
 ``weightdiff report`` redraws figures and memos from a file the user hands it, which may be
 damaged or hostile. ``check_result(data, where)`` walks every field a renderer reads with
@@ -21,10 +21,10 @@ import math
 from typing import Any, Callable
 
 from ..errors import WeightdiffError, escape_name
+from ..records import READABLE_SCHEMAS, SCHEMA
 
-__all__ = ["check_result", "SCHEMA", "MAX_DEPTH"]
+__all__ = ["check_result", "SCHEMA", "READABLE_SCHEMAS", "MAX_DEPTH"]
 
-SCHEMA = "weightdiff.compare/1"
 #: deepest nesting accepted in free-form fields (settings, run, plan, extra, ...)
 MAX_DEPTH = 16
 _NUM_CAP = 1e200          # squares and sums of squares stay finite
@@ -157,21 +157,28 @@ _CHECKPOINT = obj({"path": S, "format": S, "params": I, "bytes": I, "dtypes": ma
                    "files": opt(array(_FILE))})
 _RANK = obj({"stable_rank": N, "effective_rank": N, "energy_rank_90": I, "energy_rank_99": I,
              "numerical_rank": I, "noise_floor": N, "spectrum": opt(array(num)), "energy_captured": N,
-             "method": S, "shape_2d": opt(array(integer, 2)), "exact": opt(boolean)})
+             "method": S, "shape_2d": opt(array(integer, 2)), "exact": opt(boolean),
+             "bounds": opt(mapping(opt(array(N, 2)))), "estimated": opt(array(string))})
 _TENSOR = obj({"name": string, "base_name": S, "status": string, "shape": array(integer),
                "base_shape": opt(array(integer)), "dtype_base": S, "dtype_tuned": S, "numel": I,
                "numel_compared": I, "norm_base": N, "norm_tuned": N, "norm_delta": N, "rel_change": N,
                "cosine": N, "frac_changed": N, "frac_beyond_rounding": N, "max_abs_delta": N, "nonfinite": I,
                "sign_flips": I, "base_index": I, "compared": S, "block": S, "module": S, "note": S,
-               "rank": opt(_RANK), "tied": opt(boolean)}, required=("name", "status", "shape"))
+               "rank": opt(_RANK), "tied": opt(boolean), "paired_by": S}, required=("name", "status", "shape"))
 _BLOCK = obj({"block": S, "index": I, "params": N, "params_changed": N, "tensors": N, "tensors_changed": N,
               "rel_change": N, "norm_base": N, "norm_delta": N, "delta_params": N, "max_numerical_rank": N,
               "max_numerical_rank_bounds": opt(array(integer, 2)), "modules": opt(mapping(N))})
+_SIDE = obj({k: N for k in ("params", "compared", "share", "large_params", "large_compared", "large_share")})
+_COMPONENT = obj({"component": string, "status": string, "cosine": N, "rel_change": N, "matrices": I, "params": I,
+                  "identical": opt(boolean)}, required=("component", "status"))
 _SUMMARY = obj({"verdict": string, "verdict_reason": S,
                 "scope": opt(obj({k: I for k in ("blocks_changed", "blocks_total", "tensors_changed",
-                                                 "tensors_total")})),
-                "form": opt(obj({"kind": S, "max_numerical_rank": I,
-                                  "max_numerical_rank_bounds": opt(array(integer, 2))})), "flags": opt(array(string)), "params_total": I,
+                                                 "tensors_total", "base_blocks_total", "base_blocks_paired")})),
+                "form": opt(obj({"kind": S, "max_numerical_rank": I, "max_energy_rank_99": I,
+                                 "max_numerical_rank_bounds": opt(array(integer, 2)), "shares": opt(mapping(N))})),
+                "flags": opt(array(string)), "params_total": I,
+                "coverage": opt(obj({"base": opt(_SIDE), "tuned": opt(_SIDE)})),
+                "components": opt(array(_COMPONENT)), "buffers": opt(array(obj({"name": S, "side": S}))),
                 "params_by_status": opt(mapping(integer)), "tensors_by_status": opt(mapping(integer)),
                 "relative_change": N, "relatedness_cosine": N, "blocks_total": I, "blocks_changed": I,
                 "delta_params": N, "delta_params_share": N, "headline": opt(array(string)),
@@ -189,9 +196,10 @@ def check_result(data: Any, where: str = "result") -> dict:
     if not isinstance(data, dict):
         raise WeightdiffError(f"{where}: expected a JSON object written by weightdiff (a comparison result), found {_kind(data)}")
     schema = data.get("schema")
-    if schema != SCHEMA:
+    if schema not in READABLE_SCHEMAS:
         found = "no `schema` key" if schema is None else f"schema `{escape_name(str(schema))[:80]}`"
-        raise WeightdiffError(f"{where}: expected schema `{SCHEMA}`, found {found}",
+        older = "`, `".join(x for x in READABLE_SCHEMAS if x != SCHEMA)
+        raise WeightdiffError(f"{where}: expected schema `{SCHEMA}` (or `{older}`), found {found}",
                               "use the weightdiff version that wrote it")
     _RESULT(data, where, "")
     th = (data.get("settings") or {}).get("thresholds") or {}

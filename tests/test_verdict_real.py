@@ -1,0 +1,320 @@
+"""Issue 11: a verdict that is never silently wrong, on checkpoints written by real libraries.
+
+Tiny BERT (a MiniLM-shaped encoder) and Llama models from transformers, saved as they
+come: a sentence-transformers layout (keys renamed as sentence-transformers saves them,
+since the package is not installed), a torch ONNX export with its raw initializer names
+(``onnx::MatMul_*``, transposed) converted to safetensors, a cousin sharing only its word
+embeddings, a student keeping its teacher's embeddings with re-initialised blocks, a
+layer-dropped slice, tied and untied heads, buffers added or dropped, filters matching
+nothing, an adapter given as BASE, a declared base that names another model, and a
+randomized-spectrum run whose bounds must print as bounds everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_checkpoint
+from weightdiff import compare
+from weightdiff.cli import main
+from weightdiff.render.memo import build, to_markdown
+from weightdiff.render.tabular import to_csv
+from weightdiff.render.terminal import render_text
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+LAYERS = 6
+
+
+def _bert(seed: int, layers: int = LAYERS):
+    """A tiny BERT whose every parameter (biases and norms too) is random, as after training."""
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+    torch.manual_seed(seed)
+    m = transformers.BertModel(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def _state(m) -> dict:
+    return {k: v.detach().numpy().copy() for k, v in m.state_dict().items() if v.dtype.is_floating_point}
+
+
+@pytest.fixture(scope="module")
+def bert_base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bert") / "base"
+    m = _bert(0)
+    m.save_pretrained(d)
+    return d, m
+
+
+def _run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r
+
+
+def _paired_by(res) -> dict:
+    return res.plan["counts"]["paired_by"]
+
+
+@pytest.mark.parametrize("prefix", ["0.auto_model.", "model.0.auto_model."])
+def test_sentence_transformers_layout_reads_identical(tmp_path, bert_base, prefix):
+    base_dir, m = bert_base
+    tensors = {prefix + k: v for k, v in _state(m).items()}
+    tensors["2.linear.weight"] = np.ones((4, 4), np.float32)     # a Dense module sentence-transformers may add
+    tuned = write_checkpoint(tmp_path / "st", tensors)
+    res = compare(base_dir, tuned, rank=False)
+    s = res.summary
+    assert s.verdict == "derived"       # a tensor was added, so not identical, but every shared one is equal
+    assert s.scope["tensors_changed"] == 1 and s.params_by_status["changed"] == 0
+    assert _paired_by(res) == {"prefix": len(_state(m))}
+    assert s.coverage["base"]["share"] == 1.0 and s.scope["base_blocks_paired"] == LAYERS
+    assert [b.block for b in res.blocks if b.index is not None][:LAYERS] == [f"encoder.layer.{i}" for i in range(LAYERS)]
+    del tensors["2.linear.weight"]
+    res = compare(base_dir, write_checkpoint(tmp_path / "st2", tensors), rank=False)
+    assert res.summary.verdict == "identical" and res.summary.coverage["tuned"]["share"] == 1.0
+
+
+def test_rename_flag_maps_what_no_prefix_explains(tmp_path, bert_base):
+    base_dir, m = bert_base
+    tensors = {k.replace("encoder.layer.", "blocks.").replace("attention.self.", "attn."): v
+               for k, v in _state(m).items()}
+    tuned = write_checkpoint(tmp_path / "renamed", tensors)
+    res = compare(base_dir, tuned, rank=False, rename=("blocks.=encoder.layer.", "attn.=attention.self."))
+    assert res.summary.verdict == "identical"
+    assert _paired_by(res) == {"name": 5 + 2, "rename": LAYERS * 16}
+    r = _run("compare", base_dir, tuned, "--rename", "blocks", "-q")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--rename" in r.stderr
+
+
+def _onnx_to_safetensors(model, out_dir, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            out = self.m(input_ids=ids)
+            return out.last_hidden_state, out.pooler_output
+
+    path = tmp_path / "model.onnx"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Wrap(model), (torch.ones(1, 8, dtype=torch.long),), str(path), input_names=["ids"],
+                          dynamo=False, do_constant_folding=True)
+    tensors = {i.name: numpy_helper.to_array(i).copy() for i in onnx.load(str(path)).graph.initializer}
+    tensors = {k: v for k, v in tensors.items() if v.dtype == np.float32 and v.ndim >= 1}
+    return write_checkpoint(out_dir, tensors), tensors
+
+
+def test_onnx_export_pairs_by_prefix_and_content(tmp_path, bert_base):
+    base_dir, m = bert_base
+    tuned, tensors = _onnx_to_safetensors(m, tmp_path / "onnx", tmp_path)
+    assert any(k.startswith("onnx::MatMul_") for k in tensors)
+    res = compare(base_dir, tuned, rank=False)
+    s = res.summary
+    by = _paired_by(res)
+    n_matmul = sum(1 for k in tensors if k.startswith("onnx::"))
+    assert by.get("content") == n_matmul and by.get("prefix", 0) + by["content"] == len(tensors)
+    assert "content_paired" in s.flags
+    transposed = [p for p in res.plan["special"] if p.get("transposed")]
+    assert transposed                       # MatMul initializers are the transposed Linear weights
+    # every exported parameter is the base's own: the only difference is what the export left out
+    assert s.params_by_status["changed"] == 0 and s.params_by_status["unchanged"] == s.coverage["tuned"]["params"]
+    assert s.coverage["tuned"]["share"] == 1.0 and s.verdict in ("identical", "derived")
+    if s.verdict == "derived":
+        assert s.tensors_by_status["removed"] > 0 and s.scope["tensors_changed"] == 0
+
+
+def test_cousin_sharing_only_word_embeddings_is_partial(tmp_path, bert_base):
+    base_dir, m = bert_base
+    cousin = _state(_bert(7, layers=3))
+    cousin["embeddings.word_embeddings.weight"] = _state(m)["embeddings.word_embeddings.weight"]
+    res = compare(base_dir, write_checkpoint(tmp_path / "cousin", cousin), rank=False)
+    s = res.summary
+    assert s.verdict == "partial"
+    comps = {c["component"]: c["status"] for c in s.components}
+    assert comps["embeddings"] == "shared"
+    assert [comps[f"encoder.layer.{i}"] for i in range(3)] == ["unrelated"] * 3
+    assert [comps[f"encoder.layer.{i}"] for i in range(3, 6)] == ["base_only"] * 3
+    assert (s.scope["base_blocks_paired"], s.scope["base_blocks_total"]) == (3, 6)
+    assert "Shared with this base: embeddings" in s.verdict_reason
+    assert "encoder.layer.0" in s.verdict_reason and "PARTIAL" in render_text(res.to_dict())
+    # the pooled cosine alone (dominated by the shared table) says derived: it must not decide
+    assert s.relatedness_cosine > 0.5
+
+
+def test_student_keeping_teacher_embeddings_with_fresh_blocks_is_partial(tmp_path, bert_base):
+    base_dir, m = bert_base
+    student = _state(_bert(11))
+    for k, v in _state(m).items():
+        if k.startswith("embeddings."):
+            student[k] = v
+    res = compare(base_dir, write_checkpoint(tmp_path / "student", student), rank=False)
+    s = res.summary
+    assert s.verdict == "partial" and s.coverage["base"]["share"] == 1.0
+    comps = {c["component"]: c for c in s.components}
+    assert comps["embeddings"]["status"] == "shared" and comps["embeddings"]["identical"]
+    assert all(comps[f"encoder.layer.{i}"]["status"] == "unrelated" for i in range(LAYERS))
+
+
+def test_layer_dropped_slice_is_derived_and_counts_base_blocks(tmp_path, bert_base):
+    base_dir, m = bert_base
+    kept = {k: v for k, v in _state(m).items() if not re.match(r"encoder\.layer\.[345]\.", k)}
+    res = compare(base_dir, write_checkpoint(tmp_path / "slice", kept), rank=False)
+    s = res.summary
+    assert s.verdict == "derived" and s.scope["tensors_changed"] == 0
+    assert (s.scope["base_blocks_paired"], s.scope["base_blocks_total"]) == (3, 6)
+    assert "3 of 6 base blocks have a counterpart" in s.verdict_reason
+    assert s.coverage["tuned"]["share"] == 1.0 and s.coverage["base"]["share"] < 0.8
+    assert "Compared: " in s.verdict_reason
+
+
+def test_only_a_token_type_table_pairs_is_inconclusive(tmp_path, bert_base):
+    base_dir, m = bert_base
+    other = {f"net.{k}": v for k, v in _state(_bert(3)).items()}
+    other = {k: v for k, v in other.items() if v.ndim < 2}                       # nothing content can pair
+    other.update({f"net.w{i}": np.random.default_rng(i).normal(size=(64, 96)).astype(np.float32) for i in range(6)})
+    other["embeddings.token_type_embeddings.weight"] = _state(m)["embeddings.token_type_embeddings.weight"]
+    res = compare(base_dir, write_checkpoint(tmp_path / "tt", other), rank=False)
+    s = res.summary
+    assert s.verdict == "inconclusive"
+    assert s.coverage["base"]["large_share"] == 0 and s.coverage["tuned"]["large_share"] == 0
+    text = render_text(res.to_dict())
+    assert "INCONCLUSIVE" in text and "large matrices are" not in text and "large matrices keep" not in text
+    assert s.verdict_reason.startswith("Only 0% of the base's large-matrix parameters")
+
+
+@pytest.mark.parametrize("flag", [("--include", "nomatch*"), ("--exclude", "*")])
+def test_filters_matching_nothing_exit_2(tmp_path, bert_base, flag):
+    base_dir, _ = bert_base
+    out = tmp_path / "r.json"
+    r = _run("compare", base_dir, base_dir, *flag, "--json", out)
+    assert r.exit_code == 2 and r.stdout == "" and not out.exists()
+    assert r.stderr.startswith(f"error: {flag[0]} '{flag[1]}' ") and "nothing to compare" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def _llama(tied: bool, seed: int = 0):
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def test_tied_and_untied_heads_compare_the_effective_heads(tmp_path):
+    untied = _llama(False)
+    untied.save_pretrained(tmp_path / "untied")
+    tied = _llama(True)
+    with torch.no_grad():      # the same trunk, but its head is its embedding table
+        for (k, p), (_, q) in zip(tied.named_parameters(), untied.named_parameters()):
+            if "lm_head" not in k:
+                p.copy_(q)
+    tied.save_pretrained(tmp_path / "tied")
+    res = compare(tmp_path / "untied", tmp_path / "tied", rank=False)
+    s = res.summary
+    # not identical: the effective head (the embedding) differs from the base head; derived, as re-tying is
+    assert s.verdict == "derived" and "tied_lm_head" in s.flags
+    assert _paired_by(res).get("tied") == 1
+    assert {c["component"]: c["status"] for c in s.components}["head"] == "tied"
+    assert any(h.startswith("The tuned model ties `lm_head.weight` to its embedding") for h in s.headline)
+    # the other way round: the untied head is a copy of the embedding, so every effective parameter is equal
+    copy = _llama(False)
+    with torch.no_grad():
+        for (k, p), (_, q) in zip(copy.named_parameters(), tied.named_parameters()):
+            p.copy_(q)
+        copy.lm_head.weight.copy_(tied.model.embed_tokens.weight)
+    copy.save_pretrained(tmp_path / "copy")
+    res = compare(tmp_path / "tied", tmp_path / "copy", rank=False)
+    assert res.summary.verdict == "identical" and _paired_by(res).get("tied") == 1
+
+
+def test_buffers_are_set_apart_and_never_decide(tmp_path, bert_base):
+    base_dir, m = bert_base
+    state = _state(m)
+    with_buffers = dict(state)
+    with_buffers["embeddings.position_ids"] = np.arange(64, dtype=np.int64)[None]
+    with_buffers["encoder.layer.0.attention.self.rotary.inv_freq"] = np.ones(8, np.float32)
+    with_buffers["h.0.attn.bias"] = np.tril(np.ones((1, 1, 8, 8), np.float32))
+    base = write_checkpoint(tmp_path / "with", with_buffers)
+    res = compare(base, base_dir, rank=False)          # the re-saved model dropped them
+    s = res.summary
+    assert s.verdict == "identical" and "removed_tensors" not in s.flags
+    assert sorted(b["name"] for b in s.buffers) == ["embeddings.position_ids", "encoder.layer.0.attention.self.rotary.inv_freq",
+                                                    "h.0.attn.bias"]
+    assert all(b["side"] == "base" for b in s.buffers)
+    assert s.params_total == sum(v.size for v in state.values())
+    res = compare(base_dir, base, rank=False)
+    assert res.summary.verdict == "identical" and res.plan["counts"]["buffers"] == 3
+
+
+def test_adapter_given_as_base_exits_2_with_a_swap_hint(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = _llama(False)
+    model.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    pm.save_pretrained(tmp_path / "adapter")
+    r = _run("compare", tmp_path / "adapter", tmp_path / "base", "-q")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    assert "is a PEFT adapter" in r.stderr and "swap the arguments" in r.stderr
+
+
+def test_declared_base_mismatch_is_a_flag_not_a_verdict(tmp_path, bert_base):
+    base_dir, m = bert_base
+    tuned = write_checkpoint(tmp_path / "t", _state(m))
+    (tuned / "config.json").write_text(json.dumps({"_name_or_path": "google-bert/bert-base-uncased"}))
+    base = write_checkpoint(tmp_path / "b", _state(m))
+    (base / "config.json").write_text(json.dumps({"_name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}))
+    s = compare(base, tuned, rank=False).summary
+    assert s.verdict == "identical" and "declared_base_mismatch" in s.flags
+    assert s.declared == {"base_names": ["sentence-transformers/all-MiniLM-L6-v2"],
+                          "tuned_declares_base": "google-bert/bert-base-uncased", "mismatch": True}
+    (base / "config.json").write_text(json.dumps({"_name_or_path": "/data/bert-base-uncased"}))
+    assert "declared_base_mismatch" not in compare(base, tuned, rank=False).summary.flags
+
+
+BOUND = re.compile(r"^[≥≤]")
+
+
+def test_partial_spectrum_values_are_never_printed_bare(tmp_path):
+    rng = np.random.default_rng(0)
+    base = {f"layers.{i}.w.weight": rng.normal(size=(96, 80)).astype(np.float32) for i in range(2)}
+    tuned = {k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()}   # dense, full rank
+    res = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned),
+                  rank_k=8, exact_svd_max=16)
+    d = res.to_dict()
+    assert "partial_spectrum" in d["summary"]["flags"]
+    bounded = [t for t in d["tensors"] if (t.get("rank") or {}).get("bounds", {}).get("numerical_rank")]
+    assert bounded
+    # terminal: the model's largest rank is a bracket (issue 15's format), each tensor's a bound
+    text = render_text(d)
+    lo, hi = d["summary"]["form"]["max_numerical_rank_bounds"]
+    assert d["summary"]["form"]["max_numerical_rank"] is None and hi > lo
+    assert f"largest numerical rank {lo}-{hi}" in text
+    for line in text.splitlines():
+        if "layers." in line and "changed" in line:
+            assert line.split()[-1].startswith("≥") or line.split()[-2] == "≥", line
+    # CSV: every bounded rank cell carries its sign
+    rows = list(csv.DictReader(io.StringIO(to_csv(d))))
+    for row in rows:
+        t = next(t for t in d["tensors"] if t["name"] == row["name"])
+        for field in (t.get("rank") or {}).get("bounds", {}):
+            assert BOUND.match(row[field]), (field, row[field])
+    # memo: the rank columns carry their sign, the summary row the bracket
+    md = to_markdown(build(d, []), {})
+    assert f"{lo}-{hi}" in md and "≥ " in md

@@ -1,0 +1,320 @@
+"""Name alignment and content pairing: the two ways a tensor finds its counterpart
+when the names on both sides are not the same.
+
+``plan`` (weightdiff.pairing.plan) pairs by name first. Names often differ by a wrapper
+prefix, which ``best_mapping`` finds by counting, for every split of the names into a
+prefix and a suffix, how many suffixes both sides share; prefixes may hold numbers, so
+sentence-transformers' ``0.auto_model.`` and ``model.0.auto_model.`` align with plain
+transformers names, as do ``base_model.model.``, ``_orig_mod.``, ``module.`` and the
+wrapper an ONNX exporter puts around the module (``m.``, ``model.``). ``--rename FROM=TO``
+rewrites what no prefix explains. What names cannot explain at all (ONNX
+``onnx::MatMul_123`` initializers, re-exported layers) is paired by content:
+``content_pairs`` compares a fingerprint of sampled rows of every leftover matrix with
+those of the leftover base matrices of the same or the transposed shape, and accepts a
+pair only when its correlation stands far above what unrelated tensors of that size give
+(``CONTENT_MIN_CORR`` and ``CONTENT_SIGMAS`` standard deviations of chance), and only when
+each side is the other's best match. docs/pairing.md has the rules and the reasons.
+
+>>> best_mapping([("0.auto_model.encoder.layer.0.attention.self.query.weight", (4, 4))],
+...              {"encoder.layer.0.attention.self.query.weight": (4, 4)})
+((1, 1), '0.auto_model.', '')
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import Counter
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..kernels.dtypes import DTYPES, decode
+from .names import _block_position, block_slot
+from .pairs import CheckpointLike, Pair
+
+__all__ = ["MAX_PREFIX_PARTS", "splits", "best_mapping", "mapped", "renamed", "parse_renames",
+           "content_pairs", "pair_by_content", "realign_blocks", "fingerprint_indices", "CONTENT_MIN_CORR", "CONTENT_SIGMAS", "CONTENT_SAMPLE"]
+
+#: prefixes are at most this many leading name components
+MAX_PREFIX_PARTS = 4
+#: rows and columns sampled per dimension for a content fingerprint (k x k elements)
+CONTENT_SAMPLE = 32
+#: a content pair needs at least this correlation between the fingerprints ...
+CONTENT_MIN_CORR = 0.5
+#: ... and at least this many standard deviations of chance (1 / sqrt(elements) for unrelated tensors)
+CONTENT_SIGMAS = 8.0
+#: matrices below this many elements are too small to pair by content
+CONTENT_MIN_NUMEL = 256
+
+
+def splits(name: str) -> list[tuple[str, str]]:
+    """(prefix, suffix) splits: prefixes of up to MAX_PREFIX_PARTS components, suffixes of
+    at least two components. A prefix may hold a container slot (sentence-transformers'
+    ``0.auto_model.``) but never a block index (``layers.7.``).
+
+    >>> splits("0.auto_model.layer.0.w")
+    [('', '0.auto_model.layer.0.w'), ('0.', 'auto_model.layer.0.w'), ('0.auto_model.', 'layer.0.w')]
+    >>> splits("model.layers.7.q.weight")
+    [('', 'model.layers.7.q.weight'), ('model.', 'layers.7.q.weight'), ('model.layers.', '7.q.weight')]
+    """
+    parts = name.split(".")
+    block = _block_position(parts)
+    out = [("", name)]
+    for k in range(1, min(MAX_PREFIX_PARTS, len(parts) - 2) + 1):
+        if block is not None and k > block:
+            break          # a block index is never part of a prefix: layer 7 must not align with layer 0
+        out.append((".".join(parts[:k]) + ".", ".".join(parts[k:])))
+    return out
+
+
+def best_mapping(items: Iterable[tuple[str, tuple | None, bool]] | Iterable[tuple[str, tuple | None]],
+                 base: dict[str, tuple]) -> tuple[tuple[int, int], str, str]:
+    """The (tuned prefix, base prefix) matching the most suffixes: ((same shape, by name), tp, bp).
+
+    ``items`` are (tuned key, shape[, shape-free]) -- a LoRA target matches whatever its shape;
+    ``base`` maps base names to shapes. Ties go to the shorter prefixes.
+    """
+    by_suffix: dict[str, list[tuple[str, tuple]]] = {}
+    for bname, shape in base.items():
+        for bp, s in splits(bname):
+            by_suffix.setdefault(s, []).append((bp, tuple(shape)))
+    scores: dict[tuple[str, str], list[int]] = {}
+    for item in items:
+        key, shape = item[0], item[1]
+        any_shape = len(item) > 2 and item[2]
+        for tp, s in splits(key):
+            for bp, bshape in by_suffix.get(s, ()):
+                c = scores.setdefault((tp, bp), [0, 0])
+                c[1] += 1
+                c[0] += bool(any_shape) or (shape is not None and tuple(shape) == bshape)
+    if not scores:
+        return (0, 0), "", ""
+    (tp, bp), c = min(scores.items(), key=lambda kv: (-kv[1][0], -kv[1][1], len(kv[0][0]) + len(kv[0][1]), kv[0]))
+    return (c[0], c[1]), tp, bp
+
+
+def mapped(key: str, tp: str, bp: str) -> str | None:
+    """``key`` moved from the tuned prefix ``tp`` to the base prefix ``bp`` (None outside ``tp``)."""
+    return bp + key[len(tp):] if key.startswith(tp) else None
+
+
+def parse_renames(rules: Sequence[str]) -> list[tuple[str, str]]:
+    """``["a.=b."]`` -> ``[("a.", "b.")]``; raises ValueError naming a rule without ``=``.
+
+    >>> parse_renames(["0.auto_model.=", "h.=layers."])
+    [('0.auto_model.', ''), ('h.', 'layers.')]
+    """
+    out = []
+    for rule in rules:
+        if "=" not in rule or not rule.split("=", 1)[0]:
+            raise ValueError(f"rename rule {rule!r} is not FROM=TO (FROM not empty)")
+        src, dst = rule.split("=", 1)
+        out.append((src, dst))
+    return out
+
+
+def renamed(key: str, rules: Sequence[tuple[str, str]]) -> str:
+    """Apply every FROM=TO rule in order, each replacing all occurrences of FROM.
+
+    >>> renamed("enc.h.0.w", [("enc.", ""), ("h.", "layers.")])
+    'layers.0.w'
+    """
+    for src, dst in rules:
+        key = key.replace(src, dst)
+    return key
+
+
+# ---------------------------------------------------------------- content pairing
+
+def fingerprint_indices(size: int, k: int = CONTENT_SAMPLE) -> np.ndarray:
+    """The fixed, sorted sample of min(k, size) indices of a dimension of ``size`` (seeded by size,
+    so both sides of a pair sample the same rows and columns)."""
+    k = min(k, size)
+    rng = np.random.default_rng([zlib.crc32(b"weightdiff-content"), size])
+    return np.sort(rng.choice(size, size=k, replace=False)) if k < size else np.arange(size)
+
+
+def _matrix_shape(shape: tuple) -> tuple[int, int] | None:
+    if shape is None or len(shape) < 2:
+        return None
+    m, n = int(shape[0]), int(math.prod(int(s) for s in shape[1:]))
+    return (m, n) if m * n >= CONTENT_MIN_NUMEL and min(m, n) >= 2 else None
+
+
+def _fingerprint(rows: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
+    """Centred, unit-norm sample (rows x cols) in float64; None when it is constant."""
+    x = rows[:, cols].astype(np.float64).ravel()
+    if not np.all(np.isfinite(x)):
+        return None
+    x = x - x.mean()
+    n = float(np.linalg.norm(x))
+    return x / n if n > 0 else None
+
+
+def content_pairs(tuned: dict[str, tuple], base: dict[str, tuple],
+                  read_tuned: Callable[[str, np.ndarray], np.ndarray],
+                  read_base: Callable[[str, np.ndarray], np.ndarray]) -> list[tuple[str, str, bool, float]]:
+    """Pairs (tuned name, base name, transposed, correlation) of leftover matrices by content.
+
+    ``tuned``/``base`` map leftover names to shapes; ``read_*(name, rows)`` return those rows
+    decoded to float (shape [rows, n]). A candidate needs the same (m, n) or the transposed
+    (n, m) 2-D shape; its score is the correlation of the sampled k x k submatrices (for a
+    transposed candidate, base rows and columns swap). A pair is accepted when the score is
+    at least CONTENT_MIN_CORR and CONTENT_SIGMAS / sqrt(k * k) (chance gives about 0 with
+    that standard deviation), and when neither side scores higher with another candidate.
+    """
+    fp_t: dict[str, dict] = {}
+    fp_b: dict[str, dict] = {}
+
+    def prints(name, shape, read, cache, orient):
+        got = cache.setdefault(name, {})
+        if "N" not in got:
+            r, c = fingerprint_indices(shape[0]), fingerprint_indices(shape[1])
+            fp = _fingerprint(np.asarray(read(name, r)).reshape(len(r), -1), c)
+            got["N"] = fp
+            # as seen from a partner of the transposed shape: the same sample, transposed
+            got["T"] = None if fp is None else fp.reshape(len(r), len(c)).T.ravel()
+        return got[orient]
+
+    t_shapes = {n: s for n, s in ((n, _matrix_shape(s)) for n, s in tuned.items()) if s is not None}
+    b_shapes = {n: s for n, s in ((n, _matrix_shape(s)) for n, s in base.items()) if s is not None}
+    scored: list[tuple[float, str, str, bool]] = []
+    for tn, (m, n) in t_shapes.items():
+        for bn, bs in b_shapes.items():
+            for transposed in ((False,) if bs == (m, n) else ()) + ((True,) if bs == (n, m) else ()):
+                ft = prints(tn, (m, n), read_tuned, fp_t, "N")
+                fb = prints(bn, bs, read_base, fp_b, "T" if transposed else "N")
+                if ft is None or fb is None or ft.size != fb.size:
+                    continue
+                scored.append((float(ft @ fb), tn, bn, transposed))
+    scored.sort(key=lambda s: (-s[0], s[1], s[2], s[3]))
+    best_t: dict[str, float] = {}
+    best_b: dict[str, float] = {}
+    for score, tn, bn, _ in scored:
+        best_t.setdefault(tn, score)
+        best_b.setdefault(bn, score)
+    out, used_t, used_b = [], set(), set()
+    for score, tn, bn, transposed in scored:
+        size = fp_t[tn]["N"].size
+        if score < max(CONTENT_MIN_CORR, CONTENT_SIGMAS / math.sqrt(size)):
+            break
+        if tn in used_t or bn in used_b or score < best_t[tn] or score < best_b[bn]:
+            continue
+        used_t.add(tn)
+        used_b.add(bn)
+        out.append((tn, bn, transposed, score))
+    return out
+
+
+def _rows_reader(ckpt: CheckpointLike, source_of: dict[str, str] | None = None):
+    def read(name: str, rows):
+        src = (source_of or {}).get(name, name)
+        info = ckpt.tensors[src]
+        raw = np.asarray(ckpt.read_rows(src, rows))
+        if DTYPES[info.dtype].kind == "opaque":
+            raise ValueError(info.dtype)
+        return decode(raw.reshape(-1), info.dtype).reshape(len(rows), -1)
+    return read
+
+
+def pair_by_content(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],
+                     used: list[set[str]], notes: list[str]) -> None:
+    """Matrices no name explains, paired by a fingerprint of sampled rows (``align.content_pairs``)."""
+    if not hasattr(tuned, "read_rows"):
+        return
+    decodable = lambda dt: dt in DTYPES and DTYPES[dt].kind != "opaque"   # noqa: E731
+    left = {p.tuned_name: (j, p) for j, (_, p) in enumerate(out) if p.kind == "added" and p.lora is None
+            and p.shape_tuned is not None and decodable(p.dtype_tuned)}
+    for i, base in enumerate(bases):
+        if not left or not hasattr(base, "read_rows"):
+            continue
+        cands = {n: tuple(info.shape) for n, info in base.tensors.items() if n not in used[i]
+                 and decodable(info.dtype)}
+        sources = {n: p.tuned_source or n for n, (_, p) in left.items()}
+        try:
+            found = content_pairs({n: p.shape_tuned for n, (_, p) in left.items()}, cands,
+                                  _rows_reader(tuned, sources), _rows_reader(base))
+        except (ValueError, KeyError, OSError):
+            continue
+        for tname, bname, transposed, score in found:
+            j, p = left.pop(tname)
+            info = base.tensors[bname]
+            q = Pair(tname, bname, i, "paired", p.shape_tuned, tuple(int(x) for x in info.shape), p.dtype_tuned,
+                     info.dtype, tuned_source=p.tuned_source, paired_by="content", transposed=transposed)
+            used[i].add(bname)
+            out[j] = (out[j][0], q)
+        if found:
+            n_t = sum(1 for f in found if f[2])
+            notes.append(f"{len(found)} tensors paired with base {i} by content (sampled rows correlate "
+                         f"far above chance){f'; {n_t} of them transposed' if n_t else ''}")
+
+
+def realign_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],
+                   used: list[set[str]], notes: list[str]) -> None:
+    """Blocks renumbered after layers were dropped, found by content.
+
+    A model pruned of some layers (ShortGPT-style pruning, a student keeping every other
+    layer) renumbers the blocks it keeps, so tuned block 20 is base block 28 and pairing by
+    name compares unrelated blocks. When the tuned model name-pairs fewer blocks than the
+    base has, each block's matrices are fingerprinted against the same slot in every base
+    block (``content_pairs``); a tuned block whose matrices mostly match another base block
+    is moved there whole (vectors too, by slot), ``paired_by`` content. A block with no such
+    majority keeps its names.
+    """
+    if not hasattr(tuned, "read_rows"):
+        return
+    for i, base in enumerate(bases):
+        if not hasattr(base, "read_rows"):
+            continue
+        slots = {j: block_slot(p.base_name) for j, (_, p) in enumerate(out)
+                 if p.base_index == i and p.kind == "paired" and p.paired_by in ("name", "prefix", "rename")}
+        slots = {j: s for j, s in slots.items() if s[0] is not None}
+        base_slots = {block_slot(n): n for n in base.tensors}
+        base_slots.pop((None, None), None)
+        if len({k for _, k in slots.values()}) >= len({k for _, k in base_slots}):
+            continue
+        by_slot: dict[str, list[int]] = {}
+        for j, (slot, _) in slots.items():
+            p = out[j][1]
+            if _matrix_shape(p.shape_tuned) is not None and not p.transposed:
+                by_slot.setdefault(slot, []).append(j)
+        source = {out[j][1].tuned_name: out[j][1].tuned_source or out[j][1].tuned_name
+                  for js in by_slot.values() for j in js}
+        index_of = {out[j][1].tuned_name: slots[j][1] for js in by_slot.values() for j in js}
+        votes: dict[int, Counter] = {}
+        for slot, js in by_slot.items():
+            cands = {n: tuple(base.tensors[n].shape) for (s, _), n in base_slots.items() if s == slot}
+            try:
+                found = content_pairs({out[j][1].tuned_name: tuple(out[j][1].shape_tuned) for j in js}, cands,
+                                      _rows_reader(tuned, source), _rows_reader(base))
+            except (ValueError, KeyError, OSError):
+                continue
+            for tn, bn, transposed, _ in found:
+                if not transposed:
+                    votes.setdefault(index_of[tn], Counter())[block_slot(bn)[1]] += 1
+        moves = {}
+        for k, c in votes.items():
+            target, n = c.most_common(1)[0]
+            if target != k and 2 * n > sum(c.values()):
+                moves[k] = target
+        if not moves:
+            continue
+        taken = set(used[i]) - {out[j][1].base_name for j, (_, k) in slots.items() if k in moves}
+        for j, (slot, k) in sorted(slots.items()):
+            if k not in moves:
+                continue
+            p = out[j][1]
+            bn = base_slots.get((slot, moves[k]))
+            info = base.tensors.get(bn) if bn is not None else None
+            if info is None or bn in taken or tuple(info.shape) != tuple(p.shape_tuned):
+                out[j] = (out[j][0], Pair(p.tuned_name, None, 0, "added", p.shape_tuned, None, p.dtype_tuned, None,
+                                          tuned_source=p.tuned_source))
+                continue
+            taken.add(bn)
+            out[j] = (out[j][0], Pair(p.tuned_name, bn, i, "paired", p.shape_tuned, tuple(info.shape), p.dtype_tuned,
+                                      info.dtype, tuned_source=p.tuned_source, paired_by="content"))
+        used[i].clear()
+        used[i].update(taken)
+        moved = ", ".join(f"{k} -> {t}" for k, t in sorted(moves.items()))
+        notes.append(f"blocks renumbered (layers dropped?): tuned block -> base block {moved}, found by content")

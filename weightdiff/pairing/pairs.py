@@ -1,0 +1,149 @@
+"""The pairing stage's records: ``Pair`` (one line of the plan), ``Plan`` and how a pair is made.
+
+``weightdiff.pairing.plan`` builds a ``Plan`` from names; ``pairing.heads`` (tied LM
+heads) and ``pairing.align`` (content pairing) add pairs to it with ``make_pair``. The
+measure stage reads ``Pair`` and never builds one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+from .names import _vocab_like
+
+__all__ = ["Pair", "Plan", "KINDS", "PAIRED_BY", "CheckpointLike", "make_pair"]
+
+KINDS = ("paired", "resized", "mismatch", "added", "removed", "lora", "inherited")
+#: how a pair was made, in the order the plan reports them
+PAIRED_BY = ("name", "prefix", "rename", "tied", "content")
+
+
+class CheckpointLike(Protocol):
+    tensors: dict           # name -> TensorInfo (.dtype, .shape, .numel)
+    format: str
+    lora: list              # LoraFactor (.target, .a_name, .b_name, .magnitude_name, .r, .scale)
+    adapter: Any
+
+
+@dataclass
+class Pair:
+    """One line of the plan: a tuned tensor, the base tensor it is compared with, and how."""
+
+    tuned_name: str | None        # name reported (tuned namespace); None for `removed`
+    base_name: str | None         # None for `added`
+    base_index: int               # which base (composite models have several)
+    kind: str                     # one of KINDS
+    shape_tuned: tuple | None
+    shape_base: tuple | None
+    dtype_tuned: str | None
+    dtype_base: str | None
+    overlap_rows: int | None = None   # resized: rows compared (a contiguous prefix on both sides)
+    tied: bool = False                # tuned lm_head missing -> the tuned embedding stands in
+    lora: object | None = None        # LoraFactor when the tuned side is an adapter
+    tuned_source: str | None = None   # the tuned tensor to read when it differs from tuned_name
+    paired_by: str | None = None      # one of PAIRED_BY when the pair has both sides
+    transposed: bool = False          # content pairing: the tuned matrix is the base's transpose
+
+    @property
+    def params(self) -> int:
+        """Parameters this pair stands for: tuned elements, base elements when no tuned tensor."""
+        shape = self.shape_base if self.kind in ("removed", "lora", "inherited") else self.shape_tuned
+        return _numel(shape)
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("tuned_name", "base_name", "base_index", "kind", "dtype_tuned",
+                                            "dtype_base", "overlap_rows", "tied", "tuned_source",
+                                            "paired_by", "transposed")}
+        d["shape_tuned"] = None if self.shape_tuned is None else list(self.shape_tuned)
+        d["shape_base"] = None if self.shape_base is None else list(self.shape_base)
+        if self.lora is not None:
+            d["lora"] = {k: getattr(self.lora, k, None) for k in ("target", "r", "scale")}
+        return d
+
+
+@dataclass
+class Plan:
+    """The pairs in order, how each base was aligned, and notes for the user."""
+
+    pairs: list[Pair]
+    alignment: list[dict]
+    notes: list[str] = field(default_factory=list)
+    buffers: list[dict] = field(default_factory=list)   # {name, side, dtype, shape}: never compared
+    #: where each checkpoint came from when that could be in doubt (a Hub repo, or a local path
+    #: spelled like one); printed with the plan, not part of the JSON
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict:
+        """Tensors and parameters per kind, and dtype changes (``"F32 -> BF16"``: tensors)."""
+        tensors: Counter = Counter()
+        params: Counter = Counter()
+        dtypes: Counter = Counter()
+        by: Counter = Counter()
+        for p in self.pairs:
+            tensors[p.kind] += 1
+            if p.paired_by:
+                by[p.paired_by] += 1
+            params[p.kind] += p.params
+            if p.dtype_base and p.dtype_tuned and p.dtype_base != p.dtype_tuned and p.kind != "lora":
+                dtypes[f"{p.dtype_base} -> {p.dtype_tuned}"] += 1
+        return {"tensors": {k: tensors[k] for k in KINDS if tensors[k]},
+                "params": {k: params[k] for k in KINDS if tensors[k]},
+                "dtype_changes": dict(sorted(dtypes.items())),
+                "tied": sum(1 for p in self.pairs if p.tied),
+                "paired_by": {k: by[k] for k in PAIRED_BY if by[k]},
+                "buffers": len(self.buffers)}
+
+    def names(self, kind: str) -> list[str]:
+        return [p.tuned_name if p.tuned_name is not None else p.base_name for p in self.pairs if p.kind == kind]
+
+    def to_dict(self) -> dict:
+        """The ``plan`` entry of the JSON: alignment, notes, counts, and the non-trivial pairs."""
+        special = [p.to_dict() for p in self.pairs if p.kind in ("resized", "mismatch") or p.tied
+                   or p.paired_by in ("rename", "content") or p.transposed]
+        return {"alignment": self.alignment, "notes": list(self.notes), "counts": self.counts,
+                "added": self.names("added"), "removed": self.names("removed"), "special": special,
+                "buffers": list(self.buffers)}
+
+
+def _numel(shape: Iterable[int] | None) -> int:
+    return 0 if shape is None else int(math.prod(int(s) for s in shape))
+
+
+@dataclass
+class _Item:
+    """A tuned-side entry: its matching key, the name reported, the tensor read, its header."""
+
+    key: str
+    source: str | None
+    shape: tuple | None
+    dtype: str | None
+    lora: object | None = None
+    renamed: bool = False
+
+
+
+
+def source_of(it: _Item) -> str | None:
+    return it.source if it.source is not None and it.source != it.key else None
+
+
+def make_pair(it: _Item, bname: str, info: Any, i: int, vocab: tuple[set[int], set[int]]) -> Pair:
+    sb = tuple(int(s) for s in info.shape)
+    if it.lora is not None:
+        p = Pair(it.key, bname, i, "lora", sb, sb, it.dtype, info.dtype, lora=it.lora)
+        return p
+    st = tuple(int(s) for s in it.shape)
+    kind, overlap = "paired", None
+    if st != sb:
+        kind = "mismatch"
+        if len(st) == len(sb) >= 1 and st[1:] == sb[1:] and (
+                _vocab_like(it.key) or (st[0] in vocab[0] and sb[0] in vocab[1])):
+            kind, overlap = "resized", min(st[0], sb[0])
+    # the same name stored transposed (GPT-2's Conv1D against a Linear export): compared as its transpose
+    transposed = kind == "mismatch" and len(st) == len(sb) == 2 and st == sb[::-1]
+    return Pair(it.key, bname, i, "paired" if transposed else kind, st, sb, it.dtype, info.dtype,
+                overlap_rows=overlap, tuned_source=source_of(it), transposed=transposed)
