@@ -345,7 +345,7 @@ def test_symlinked_output_replaces_the_file_it_points_to_not_the_link(tmp_path, 
     link.symlink_to(real)
     r = run("compare", *pair, "--json", link, "-q")
     assert r.exit_code == 0, r.output
-    assert link.is_symlink() and json.loads(real.read_text())["schema"] == "weightdiff.compare/1"
+    assert link.is_symlink() and json.loads(real.read_text())["schema"] == "weightdiff.compare/2"
 
 
 @pytest.mark.parametrize("flag", ["--report", "--plots"])
