@@ -163,7 +163,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                     "and differ, so the values were not compared")
         rec.status = "changed"
         return rec
-    tuned_t = None
+    tuned_t = sink = None
     floors = FloorAccumulator()
     if pair.transposed:
         # content pairing found the tuned matrix stored transposed (ONNX MatMul initializers):
@@ -173,7 +173,6 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         stats = _array_stats(backend, base, pair.base_name, pair.dtype_base, tuned_t, pair.dtype_tuned, on_window)
         rec.note = "paired by content: the tuned matrix is stored transposed; its transpose is compared"
     else:
-        sink = None
         if stop is None and not opaque:
             from .rank_stream import streamed_rank_sink
 
