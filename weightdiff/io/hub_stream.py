@@ -17,7 +17,6 @@ a timeout, so a lost connection is an error, never a hang.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
@@ -28,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
-from .safetensors_read import TensorInfo, check_range, header_length, parse_header, storage_of
+from .safetensors_read import TensorInfo, check_range, header_length, parse_header, row_runs, storage_of
 
 __all__ = ["HubFile", "RangeReader", "RemoteSafetensorsFile", "PREFETCH", "PART_BYTES"]
 
@@ -279,27 +278,7 @@ class RemoteSafetensorsFile:
         return out if info.packed else out.reshape(info.shape)
 
     def _row_plan(self, name: str, rows: Sequence[int] | np.ndarray):
-        info = self._info(name)
-        dt = storage_of(info.dtype)
-        if info.packed or not info.shape:
-            raise ValueError(f"read_rows needs a >=1-D tensor with whole-byte elements; "
-                             f"`{escape_name(name)}` is {info.dtype} {list(info.shape)}")
-        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= info.shape[0]):
-            raise IndexError(f"row index out of range for `{escape_name(name)}` with {info.shape[0]} rows")
-        out = np.empty((idx.size, *info.shape[1:]), dtype=dt)
-        row_bytes = math.prod(info.shape[1:]) * dt.itemsize
-        jobs = []
-        if row_bytes and idx.size:
-            flat = out.reshape(idx.size, -1).view(np.uint8)
-            i = 0
-            while i < idx.size:
-                j = i + 1                        # coalesce runs of consecutive rows into one request
-                while j < idx.size and idx[j] == idx[j - 1] + 1:
-                    j += 1
-                jobs.append((info.start + int(idx[i]) * row_bytes, memoryview(flat[i:j].reshape(-1))))
-                i = j
-        return out, jobs
+        return row_runs(self._info(name), name, rows)
 
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows (first-axis slices) of ``name`` in the given order; runs fetched concurrently."""

@@ -37,12 +37,12 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
-from .files import OpenCheckpointFile, duplicate_key, load_json, os_problem, pread_into
+from .files import OpenCheckpointFile, duplicate_key, load_json, pread_into
 from ..kernels.dtypes import DTYPES
 
 __all__ = [
     "WINDOW_BYTES", "HEADER_CAP", "QuantScheme", "TensorInfo", "SafetensorsFile", "parse_header",
-    "parse_bytes", "array_windows", "check_range", "storage_of",
+    "parse_bytes", "array_windows", "check_range", "storage_of", "row_runs",
 ]
 
 #: default window size: elements per window = WINDOW_BYTES // itemsize
@@ -411,25 +411,35 @@ class SafetensorsFile(OpenCheckpointFile):
 
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows (first-axis slices) of ``name`` in the given order: shape (len(rows), *shape[1:])."""
-        info = self._info(name)
-        dt = storage_of(info.dtype)
-        if info.packed or not info.shape:
-            raise ValueError(f"read_rows needs a >=1-D tensor with whole-byte elements; "
-                             f"`{escape_name(name)}` is {info.dtype} {list(info.shape)}")
-        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= info.shape[0]):
-            raise IndexError(f"row index out of range for `{escape_name(name)}` with {info.shape[0]} rows")
-        out = np.empty((idx.size, *info.shape[1:]), dtype=dt)
-        row_elems = math.prod(info.shape[1:])
-        row_bytes = row_elems * dt.itemsize
-        flat = out.reshape(idx.size, row_elems).view(np.uint8) if row_bytes and idx.size else None
+        out, runs = row_runs(self._info(name), name, rows)
         self.check_unchanged()
+        for offset, mv in runs:
+            pread_into(self._open_fd(), mv, offset, self.path)
+        return out
+
+
+def row_runs(info: TensorInfo, name: str, rows: Sequence[int] | np.ndarray
+             ) -> tuple[np.ndarray, list[tuple[int, memoryview]]]:
+    """The output array for ``rows`` of a tensor and the reads that fill it: (file offset, view
+    into the output) per run of consecutive rows, so a reader (a local file, HTTP ranges) makes
+    one request per run. Shared by every reader of safetensors data."""
+    dt = storage_of(info.dtype)
+    if info.packed or not info.shape:
+        raise ValueError(f"read_rows needs a >=1-D tensor with whole-byte elements; "
+                         f"`{escape_name(name)}` is {info.dtype} {list(info.shape)}")
+    idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= info.shape[0]):
+        raise IndexError(f"row index out of range for `{escape_name(name)}` with {info.shape[0]} rows")
+    out = np.empty((idx.size, *info.shape[1:]), dtype=dt)
+    row_bytes = math.prod(info.shape[1:]) * dt.itemsize
+    runs: list[tuple[int, memoryview]] = []
+    if row_bytes and idx.size:
+        flat = out.reshape(idx.size, -1).view(np.uint8)
         i = 0
-        while flat is not None and i < idx.size:
+        while i < idx.size:
             j = i + 1                             # coalesce runs of consecutive rows into one read
             while j < idx.size and idx[j] == idx[j - 1] + 1:
                 j += 1
-            mv = memoryview(flat[i:j].reshape(-1))
-            pread_into(self._open_fd(), mv, info.start + int(idx[i]) * row_bytes, self.path)
+            runs.append((info.start + int(idx[i]) * row_bytes, memoryview(flat[i:j].reshape(-1))))
             i = j
-        return out
+    return out, runs

@@ -186,14 +186,7 @@ def _write_report(data: dict, targets: list[Path], plot_dir: Path | None, pdf: b
     else:
         out.figures = [fo for fo, _ in render_figures(data, ())]
     blocks = memo_mod.build(data, out.figures, source, out.population)
-    for t in targets:
-        written = write_memo(t, blocks, out.figures, memo_title(data))
-        out.files += written
-        kind = memo_format(t)
-        if kind == "html" and out.html is None:
-            out.html = written[-1]
-        elif kind == "md" and out.markdown is None:
-            out.markdown = written[-1]
+    _write_memos(out, targets, blocks, memo_title(data))
     return out
 
 
@@ -333,13 +326,18 @@ def _sections_document(items: list, html, markdown, memo, plots, pdf: bool, comm
         out.figures += figs
     doc = combine(sections)
     title = "weightdiff memo: " + ", ".join(Path(p).name for p, *_ in items)
-    for t in (html, markdown, memo):
-        if t is not None:
-            written = write_memo(t, doc, out.figures, title, figure_dir=plots)
-            out.files += written
-            kind = memo_format(t)
-            if kind == "html" and out.html is None:
-                out.html = written[-1]
-            elif kind == "md" and out.markdown is None:
-                out.markdown = written[-1]
+    _write_memos(out, [t for t in (html, markdown, memo) if t is not None], doc, title, figure_dir=plots)
     return out
+
+
+def _write_memos(out, targets, blocks, title: str, figure_dir=None) -> None:
+    """Write one document to each target (its extension picks the format); note the files and
+    the first HTML and Markdown memo in ``out``."""
+    for t in targets:
+        written = write_memo(t, blocks, out.figures, title, figure_dir=figure_dir)
+        out.files += written
+        kind = memo_format(t)
+        if kind == "html" and out.html is None:
+            out.html = written[-1]
+        elif kind == "md" and out.markdown is None:
+            out.markdown = written[-1]
