@@ -202,33 +202,32 @@ def choose_weights(names: Sequence[str], where: object) -> tuple[str, str | None
     if len(st_index) > 1:
         raise CheckpointError(where, f"several index files and none named model.safetensors.index.json: "
                                      f"{', '.join(st_index)}", "pass the index file to use")
-    if len(st) == 1:
-        return "single", st[0]
-    if len(st) > 1:
-        raise CheckpointError(where, f"{len(st)} .safetensors files and no index, so which is the model is "
-                                     f"ambiguous: {', '.join(escape_name(n) for n in st)}",
-                              "pass one file, or add model.safetensors.index.json")
+    if st:
+        return "single", _the_one(where, st, ".safetensors files and no index",
+                                  "pass one file, or add model.safetensors.index.json")
     pk_index = [n for n in names if n.endswith(".bin.index.json")]
     if len(pk_index) == 1:
         return "pickle_sharded", pk_index[0]
     pk = [n for n in names if n.endswith(PICKLE_SUFFIXES) and n not in _NOT_WEIGHTS]
     if "pytorch_model.bin" in pk:
         pk = ["pytorch_model.bin"]
-    if len(pk) == 1:
-        return "pickle", pk[0]
-    if len(pk) > 1:
-        raise CheckpointError(where, f"{len(pk)} pickle files and no index, so which is the model is ambiguous: "
-                                     f"{', '.join(escape_name(n) for n in pk)}", "pass one file")
+    if pk:
+        return "pickle", _the_one(where, pk, "pickle files and no index", "pass one file")
     gg = [n for n in names if n.lower().endswith(".gguf")]
-    if len(gg) == 1:
-        return "gguf", gg[0]
-    if len(gg) > 1:
-        raise CheckpointError(where, f"{len(gg)} .gguf files, so which is the model is ambiguous: "
-                                     f"{', '.join(escape_name(n) for n in gg)}", "pass one file")
+    if gg:
+        return "gguf", _the_one(where, gg, ".gguf files", "pass one file")
     found = f"found {', '.join(escape_name(n) for n in names[:6])}" + (", ..." if len(names) > 6 else "") \
         if names else "the folder is empty"
     raise CheckpointError(where, f"no checkpoint here: expected model.safetensors, "
                                  f"model.safetensors.index.json or a .gguf file ({found})")
+
+
+def _the_one(where: object, candidates: list[str], what: str, hint: str) -> str:
+    """The only candidate weight file, or bad input listing them all (which one is the model is ambiguous)."""
+    if len(candidates) == 1:
+        return candidates[0]
+    raise CheckpointError(where, f"{len(candidates)} {what}, so which is the model is ambiguous: "
+                                 f"{', '.join(escape_name(n) for n in candidates)}", hint)
 
 
 def build(folder, kind: str, name: str | None, shown: object) -> Checkpoint:
