@@ -55,7 +55,11 @@ def main() -> int:
     ap.add_argument("--tensors", type=int, default=100_000)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/wd-many"))
     args = ap.parse_args()
-    make(args.dir, args.tensors)
+    # in a child: a parent holding the 100,000 arrays would lend its RSS to every child's
+    # ru_maxrss (Linux keeps the pre-exec high-water mark of a forked process)
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                    f"import bench_many; bench_many.make(__import__('pathlib').Path({str(args.dir)!r}), "
+                    f"{args.tensors})"], check=True)
     a, b = str(args.dir / "a.safetensors"), str(args.dir / "b.safetensors")
     rows = [("compare --json", run(["compare", a, b, "-q", "--json", str(args.dir / "out.json")])),
             ("compare --no-rank --json", run(["compare", a, b, "-q", "--no-rank", "--json", str(args.dir / "o2.json")])),

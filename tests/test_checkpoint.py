@@ -257,3 +257,30 @@ def test_wrapped_state_dict(tmp_path):
     torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "model.pt")
     with locate(tmp_path / "model.pt") as c:
         assert list(c.tensors) == ["w"]
+
+
+@pytest.mark.parametrize("shard_mb", [None, 0.00001])
+def test_a_header_is_parsed_once_and_a_changed_one_is_caught(tmp_path, monkeypatch, shard_mb):
+    from weightdiff.io import safetensors_read
+
+    if shard_mb is None:
+        save_file(tmp_path / "model.safetensors", TENSORS)
+    else:
+        save_checkpoint(tmp_path, TENSORS, max_shard_bytes=100)
+    calls = []
+    real = safetensors_read.parse_header
+    monkeypatch.setattr(safetensors_read, "parse_header", lambda *a: calls.append(1) or real(*a))
+    with locate(tmp_path) as c:
+        located = len(calls)
+        for n in TENSORS:
+            np.concatenate(list(c.windows(n)))
+        assert len(calls) == located            # opening the files again reuses the parsed headers
+    with locate(tmp_path) as c:
+        name = next(iter(TENSORS))
+        victim = c.tensors[name].path
+        other = {k: v for k, v in safetensors.numpy.load_file(victim).items()}
+        other[name] = other[name][::-1].copy() if other[name].ndim == 1 else other[name] + 0
+        renamed = {("x" + k): v for k, v in other.items()}          # same sizes, another header
+        save_file(victim, renamed)
+        with pytest.raises(CheckpointError, match="changed since the checkpoint was located"):
+            list(c.windows(name))

@@ -34,3 +34,41 @@ def test_fast_dumps_on_a_whole_comparison(tmp_path, rng):
 def test_what_json_cannot_hold_is_still_a_type_error():
     with pytest.raises(TypeError):
         dumps({"x": object()})
+
+
+def test_each_tensor_record_is_one_line_and_to_json_matches_the_dict(tmp_path, rng):
+    import json
+
+    from conftest import write_checkpoint
+    from models import llama
+
+    base = llama(rng, layers=1, hidden=32, inter=48, vocab=64)
+    tuned = {k: v + rng.normal(0, 1e-3, v.shape).astype(np.float32) for k, v in base.items()}
+    write_checkpoint(tmp_path / "b", base, dtype="BF16")
+    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
+    result = compare(tmp_path / "b", tmp_path / "t")
+    text = result.to_json()
+    assert text == dumps(result.to_dict()) == dumps_reference(result.to_dict())
+    lines = text.splitlines()
+    for t in result.tensors:      # `grep name` finds the whole record on one line
+        (line,) = [x for x in lines if f'"name": "{t.name}"' in x]
+        assert json.loads(line.strip().rstrip(",")) == json.loads(dumps(t.to_dict()))
+
+
+def test_a_record_with_nan_or_an_added_attribute_is_written_like_its_dict():
+    from weightdiff.records import RankRecord, TensorRecord
+
+    rank = RankRecord(stable_rank=float("nan"), effective_rank=1.0, energy_rank_90=1, energy_rank_99=1,
+                      numerical_rank=1, noise_floor=float("inf"), spectrum=[1.0, float("nan")],
+                      energy_captured=None, shape_2d=(2, 3))
+    rec = TensorRecord(name="w", base_name="w", status="changed", shape=[2, 3], base_shape=[2, 3],
+                       dtype_base="F32", dtype_tuned="F32", numel=6, norm_base=np.float64(2.0),
+                       cosine=float("-inf"), rank=rank, quant={"n": np.int64(3)})
+    odd = TensorRecord(name="v", base_name=None, status="added", shape=[1], base_shape=None,
+                       dtype_base=None, dtype_tuned="BF16", numel=1)
+    odd.scratch = "not a field"          # not in the contract: never written
+    for records in ([rec], [rec, odd]):
+        got = dumps({"tensors": records, "x": 1})
+        want = dumps_reference({"tensors": [r.to_dict() for r in records], "x": 1})
+        assert got == want
+        assert "scratch" not in got and "NaN" not in got and "Infinity" not in got

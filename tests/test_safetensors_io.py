@@ -176,22 +176,31 @@ def test_windows_are_read_only_and_aligned(tmp_path):
 
 
 def test_mmap_windows_are_views_of_a_mapping(tmp_path):
-    path = save_file(tmp_path / "m.safetensors", {"f": np.arange(8, dtype=np.float32)})
+    from weightdiff.io.safetensors_read import _MAP_MIN
+
+    path = save_file(tmp_path / "m.safetensors", {"f": np.arange(_MAP_MIN // 4, dtype=np.float32),
+                                                  "s": np.arange(8, dtype=np.float32)})
     with SafetensorsFile(path) as f:
         w = next(f.windows("f"))
         assert isinstance(w.base, memoryview) and isinstance(w.base.obj, mmap.mmap)
+        small = list(f.windows("s", 3))        # small windows are read, each an array of its own
+        assert all(x.base is None and not x.flags.writeable for x in small)
+        np.testing.assert_array_equal(np.concatenate(small), np.arange(8, dtype=np.float32))
 
 
 def test_unmappable_input_falls_back_to_reads(tmp_path, monkeypatch):
-    path = save_file(tmp_path / "m.safetensors", {"f": np.arange(1000, dtype=np.float32)})
+    from weightdiff.io.safetensors_read import _MAP_MIN
+
+    n = _MAP_MIN // 4 * 3
+    path = save_file(tmp_path / "m.safetensors", {"f": np.arange(n, dtype=np.float32)})
 
     def no_mmap(*a, **kw):
         raise OSError(19, "No such device")
     monkeypatch.setattr(mmap, "mmap", no_mmap)
     with SafetensorsFile(path) as f:
-        got = [w.copy() for w in f.windows("f", 300)]
+        got = [w.copy() for w in f.windows("f", n // 2 + 1)]
         assert not f.use_mmap
-    np.testing.assert_array_equal(np.concatenate(got), np.arange(1000, dtype=np.float32))
+    np.testing.assert_array_equal(np.concatenate(got), np.arange(n, dtype=np.float32))
 
 
 @pytest.mark.parametrize("use_mmap", [True, False])

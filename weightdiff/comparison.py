@@ -61,7 +61,7 @@ class Comparison:
     run: dict = field(default_factory=dict)
     reference: dict = field(default_factory=dict)   # the reference scale (render.reference), set by explain()
 
-    def to_dict(self, include_run: bool = True) -> dict[str, Any]:
+    def to_dict(self, include_run: bool = True, _records: bool = False) -> dict[str, Any]:
         d: dict[str, Any] = {
             "schema": SCHEMA,
             "tool": {"name": "weightdiff", "version": __version__},
@@ -73,14 +73,15 @@ class Comparison:
             "reference": self.reference,
             "modules": self.modules,
             "blocks": [b.to_dict() for b in self.blocks],
-            "tensors": [t.to_dict() for t in self.tensors],
+            # the records themselves for to_json: records.dumps writes each as one line
+            "tensors": list(self.tensors) if _records else [t.to_dict() for t in self.tensors],
         }
         if include_run:
             d["run"] = self.run
         return d
 
     def to_json(self, include_run: bool = True) -> str:
-        return dumps(self.to_dict(include_run))
+        return dumps(self.to_dict(include_run, _records=True))
 
     def __repr__(self) -> str:
         from .render.notebook import short_repr
@@ -288,8 +289,8 @@ def explain(result: Comparison) -> Comparison:
     """Write the verdict's reason and the headline (``render.sentences``) into the summary
     and the reference scale (``render.reference``) beside it: the last step of the pipeline,
     after the judge has decided."""
-    result.reference = reference_scale(result.to_dict(include_run=False))
     data = result.to_dict(include_run=False)
+    result.reference = data["reference"] = reference_scale(data)
     result.summary.verdict_reason = sentences.verdict_reason(data)
     data["summary"]["verdict_reason"] = result.summary.verdict_reason
     result.summary.headline = sentences.headline(data)

@@ -19,7 +19,7 @@ from .files import open_regular, pread_into
 from .peft_adapter import AdapterConfig, LoraFactor, lora_factors
 from .pickle_read import load_pickle
 from .quant_sources import Source
-from .safetensors_read import SafetensorsFile, TensorInfo, array_windows, check_range, storage_of
+from .safetensors_read import Header, SafetensorsFile, TensorInfo, array_windows, check_range, storage_of
 
 __all__ = ["Checkpoint"]
 
@@ -102,9 +102,9 @@ class Checkpoint:
             return f
         for old in [p for p in self._open if not self._pins.get(p)][:max(0, len(self._open) - _OPEN_FILES + 1)]:
             self._open.pop(old).close()
-        f = self._opener(path)
         want = self._headers.get(path)
-        if want is not None and f.tensors != want:
+        f = self._opener(path, known=want) if isinstance(want, Header) else self._opener(path)
+        if want is not None and f.tensors is not want and f.tensors != want:
             f.close()
             raise CheckpointError(path, "file changed since the checkpoint was located (rerun)")
         self._headers[path] = f.tensors

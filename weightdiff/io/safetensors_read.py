@@ -24,6 +24,7 @@ mapped are read with ``preadv`` into one reused buffer instead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from operator import attrgetter
@@ -329,6 +330,17 @@ def check_range(info: TensorInfo, max_elements: int | None, start: int, stop: in
     return start, stop, max_elements or max(1, WINDOW_BYTES // itemsize)
 
 
+#: windows of fewer bytes are read with pread rather than mapped
+_MAP_MIN = 1 << 20
+
+
+class Header(dict):
+    """A parsed header's tensors (name -> TensorInfo) with the digest of the header's bytes, so
+    a file opened again by the same checkpoint is not parsed again when its header is unchanged."""
+
+    digest: bytes = b""
+
+
 class SafetensorsFile(OpenCheckpointFile):
     """One open, fully validated safetensors file (a context manager).
 
@@ -336,7 +348,8 @@ class SafetensorsFile(OpenCheckpointFile):
     header's ``__metadata__``. ``use_mmap=False`` forces the ``preadv`` path.
     """
 
-    def __init__(self, path: str | os.PathLike, use_mmap: bool = True):
+    def __init__(self, path: str | os.PathLike, use_mmap: bool = True, known: Header | None = None):
+        """``known``: this file's header as parsed before; reused when the header bytes are the same."""
         self.use_mmap = use_mmap
         fd = self._open(path)
         try:
@@ -345,7 +358,13 @@ class SafetensorsFile(OpenCheckpointFile):
             n = header_length(bytes(prefix), self.size, self.path)
             raw = bytearray(n)
             pread_into(fd, memoryview(raw), 8, self.path)
-            self.tensors, self.metadata = parse_header(raw, self.size, self.path)
+            digest = hashlib.blake2b(raw, digest_size=16).digest()
+            if known is not None and known.digest == digest and getattr(known, "size", None) == self.size:
+                self.tensors, self.metadata = known, known.metadata
+            else:
+                tensors, self.metadata = parse_header(raw, self.size, self.path)
+                self.tensors = Header(tensors)
+                self.tensors.digest, self.tensors.size, self.tensors.metadata = digest, self.size, self.metadata
             del raw
         except BaseException:
             self.close()
@@ -367,12 +386,17 @@ class SafetensorsFile(OpenCheckpointFile):
             n = min(step, stop - pos)
             offset = info.start + pos * dt.itemsize
             self.check_unchanged()
-            mm = self._map(offset, n * dt.itemsize) if self.use_mmap else None
+            # a small window is cheaper to read than to map (mmap, madvise, fault, munmap)
+            mm = self._map(offset, n * dt.itemsize) if self.use_mmap and n * dt.itemsize >= _MAP_MIN else None
             if mm is not None:
                 arr = np.frombuffer(mm, dtype=dt, count=n, offset=offset % mmap.ALLOCATIONGRANULARITY)
                 if not arr.flags.aligned:        # an odd offset: numba wants aligned arrays
                     arr = arr.copy()
                     arr.flags.writeable = False
+            elif n * dt.itemsize < _MAP_MIN:     # small: a window of its own
+                arr = np.empty(n, dtype=dt)
+                pread_into(self._open_fd(), memoryview(arr.view(np.uint8)), offset, self.path)
+                arr.flags.writeable = False
             else:
                 if buf is None:
                     buf = np.empty(min(step, stop - start), dtype=dt)

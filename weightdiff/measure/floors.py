@@ -75,14 +75,23 @@ class FloorAccumulator:
         self.hist += counts * (flat.size / sample.size)
 
     def result(self) -> dict:
-        e = np.arange(_BINS) - _OFFSET
         n = self.hist.copy()
         n[0] = 0.0                                  # zeros, subnormals, non-finite
+        if not n.any():                             # integers, zeros: nothing a cast would move
+            return {"BF16": 0.0, "F16": 0.0, "F16_overflow": 0}
         out: dict = {}
-        for name, (mant, emin, emax) in TARGETS.items():
-            fits = e <= emax
-            ulp2 = np.exp2(2.0 * (np.clip(e, emin, emax) - mant))
+        for name, (fits, ulp2) in _TABLES.items():
             out[name] = math.sqrt(float(np.sum(n[fits] * ulp2[fits])) / 12.0)
             if name == "F16":
-                out["F16_overflow"] = int(round(float(np.sum(n[~fits]))))
+                out["F16_overflow"] = int(round(float(n[~fits].sum())))
         return out
+
+
+def _tables() -> dict:
+    """Per target format: which exponent bins fit it, and the squared ulp of each bin."""
+    e = np.arange(_BINS) - _OFFSET
+    return {name: (e <= emax, np.exp2(2.0 * (np.clip(e, emin, emax) - mant)))
+            for name, (mant, emin, emax) in TARGETS.items()}
+
+
+_TABLES = _tables()

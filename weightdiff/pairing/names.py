@@ -18,6 +18,8 @@ rolls records up with it.
 
 from __future__ import annotations
 
+import functools
+
 __all__ = ["parse_name", "block_slot", "group_of", "component_of", "is_embedding", "is_lm_head", "is_buffer"]
 
 _EMBED_LEAVES = ("embed_tokens", "wte", "word_embeddings", "shared", "embed_in", "tok_embeddings",
@@ -143,7 +145,12 @@ def parse_name(name: str) -> tuple[str | None, int | None, str]:
     >>> parse_name("model.embed_tokens.weight"), parse_name("lm_head.weight")
     ((None, None, 'embed'), (None, None, 'lm_head'))
     """
-    parts = str(name).split(".")
+    return _parse_name(str(name))
+
+
+@functools.lru_cache(maxsize=1 << 18)      # every stage asks again for each of 100,000 names
+def _parse_name(name: str) -> tuple[str | None, int | None, str]:
+    parts = name.split(".")
     idx = _block_position(parts)
     if idx is None:
         rest = [p for p in parts if p not in _WRAPPERS and not p.isdecimal()] or parts
