@@ -30,3 +30,31 @@ def test_torch_streaming_branch_matches_numba(tmp_path, monkeypatch):
     assert sum(seen) == x.size and len(seen) == -(-x.size // 4096)
     np.testing.assert_allclose(got, want, rtol=1e-12)
     assert got[0] == want[0] and got[5] == want[5]           # counts exact
+
+
+def test_small_pairs_read_in_batches_give_the_windowed_records(tmp_path, monkeypatch):
+    from weightdiff import compare
+    from weightdiff.io.safetensors_write import save_file, to_storage
+    from weightdiff.measure import compute
+
+    rng = np.random.default_rng(5)
+    base, tuned = {}, {}
+    for i in range(40):      # odd-sized U8 tensors between the floats put some at unaligned offsets
+        dt = ("BF16", "F32", "U8", "F16")[i % 4]
+        shape = (3, 5) if i % 3 else (7,)
+        v = rng.normal(size=shape).astype(np.float32) if dt != "U8" else rng.integers(0, 9, shape).astype(np.uint8)
+        w = v if i % 2 else (v + (rng.normal(size=shape) * 0.01 if dt != "U8" else 1)).astype(v.dtype)
+        base[f"model.layers.{i}.w"] = (dt, to_storage(v, dt) if dt != "U8" else v)
+        tuned[f"model.layers.{i}.w"] = (dt, to_storage(w, dt) if dt != "U8" else w)
+    save_file(tmp_path / "b.safetensors", base)
+    save_file(tmp_path / "t.safetensors", tuned)
+    seen = []
+    real = compute.compute_pair
+    monkeypatch.setattr(compute, "compute_pair", lambda *a, **k: seen.append(a[-1] is not None) or real(*a, **k))
+    batched = compare(tmp_path / "b.safetensors", tmp_path / "t.safetensors").to_json(include_run=False)
+    assert seen and all(seen)
+    seen.clear()
+    monkeypatch.setattr(compute, "SMALL_ELEMENTS", 0)
+    windowed = compare(tmp_path / "b.safetensors", tmp_path / "t.safetensors").to_json(include_run=False)
+    assert not any(seen)
+    assert batched == windowed

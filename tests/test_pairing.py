@@ -354,3 +354,20 @@ def test_real_transformers_composite_and_peft_adapter(tmp_path):
     assert c == {"paired": 1, "lora": 4, "inherited": n_base - 5}
     assert [x.tuned_name for x in p.pairs if x.kind == "paired"] == ["lm_head.weight"]
     assert all(x.base_name == x.tuned_name for x in p.pairs)
+
+
+@pytest.mark.parametrize("names", [
+    ["model.layers.0.q.weight", "model.layers.1.q.weight", "lm_head.weight"],
+    ["a.x.w", "a.y.w", "x.w", "y.w"],                                  # a prefix map matches as much
+    ["0.auto_model.layer.0.w", "0.auto_model.layer.1.w", "auto_model.layer.0.w", "layer.0.w"],
+    [f"model.layers.{i}.experts.{j}.w" for i in range(3) for j in range(4)],
+])
+def test_the_identity_shortcut_gives_what_the_search_gives(names):
+    from weightdiff.pairing.align import _search, best_mapping
+
+    base = {n: (i % 3 + 1, 2) for i, n in enumerate(names)}
+    for items in ([(n, base[n]) for n in names], [(n, base[n]) for n in names[1:]],
+                  [(n, None, True) for n in names]):
+        assert best_mapping(items, base) == _search(list(items), base)
+    items = [(n, (9, 9)) for n in names]           # shapes differ: no shortcut, the search decides
+    assert best_mapping(items, base) == _search(items, base)

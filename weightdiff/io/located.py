@@ -163,6 +163,19 @@ class Checkpoint:
         finally:
             self._pins[path] -= 1
 
+    def plain_span(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, first byte, end byte) of a tensor stored as plain safetensors bytes in a local
+        file (not quantized, not packed, not streamed); None for any other."""
+        info = self.tensors.get(name)
+        if (info is None or info.start is None or info.quant is not None or name in self.quant
+                or info.packed or self._opener is not SafetensorsFile):
+            return None
+        return info.path, info.start, info.end
+
+    def read_span(self, path: Path, start: int, end: int) -> np.ndarray:
+        """Bytes [start, end) of one of this checkpoint's local safetensors files, in one read."""
+        return self._file(path).read_span(start, end)
+
     def read(self, name: str) -> np.ndarray:
         info = self._info(name)
         if name in self.quant:

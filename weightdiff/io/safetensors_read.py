@@ -433,6 +433,15 @@ class SafetensorsFile(OpenCheckpointFile):
         pread_into(self._open_fd(), memoryview(out.view(np.uint8)), info.start, self.path)
         return out if info.packed else out.reshape(info.shape)
 
+    def read_span(self, start: int, end: int) -> np.ndarray:
+        """File bytes [start, end) of the tensor data, as an owned uint8 array (one read)."""
+        if not (0 <= start <= end <= self.size):
+            raise ValueError(f"byte range [{start}, {end}) is outside {self.path} ({self.size:,} bytes)")
+        out = np.empty(end - start, dtype=np.uint8)
+        self.check_unchanged()
+        pread_into(self._open_fd(), memoryview(out), start, self.path)
+        return out
+
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows (first-axis slices) of ``name`` in the given order: shape (len(rows), *shape[1:])."""
         out, runs = row_runs(self._info(name), name, rows)

@@ -44,14 +44,16 @@ def _elements(pair: Pair, shape: Sequence[int] | None) -> int:
 def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
                   tuned: Checkpoint, tname: str, dtype_t: str, stop: int | None,
                   on_window: Callable[[int], None], floors: FloorAccumulator | None = None,
-                  sink=None) -> np.ndarray:
+                  sink=None, raw: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     k = backend.module
     opaque = not (DTYPES[dtype_b].decodable and DTYPES[dtype_t].decodable)
     acc = None
-    base_windows = base.windows(bname, WINDOW_ELEMENTS, 0, stop)
+    # ``raw``: the whole of a small pair, already read (one window)
+    base_windows = iter((raw[0],)) if raw is not None else base.windows(bname, WINDOW_ELEMENTS, 0, stop)
     if floors is not None and not opaque:   # the cast-rounding floors see every base window
         base_windows = (floors.add(w, dtype_b) or w for w in base_windows)
-    windows = zip(base_windows, tuned.windows(tname, WINDOW_ELEMENTS, 0, stop))
+    windows = zip(base_windows, iter((raw[1],)) if raw is not None else
+                  tuned.windows(tname, WINDOW_ELEMENTS, 0, stop))
     if backend.name == "cuda" and not opaque:
         # pinned buffers, the copy of window k+1 overlapping the compute of window k
         sizes: list[int] = []
@@ -108,8 +110,12 @@ def _fill(record: TensorRecord, fields: dict) -> None:
 
 def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, options: CompareOptions,
                  backend: Backend, classify: Classify,
-                 on_window: Callable[[int], None] = lambda n: None) -> TensorRecord:
-    """Measure one pair of the plan and return its record (status, stats, rank)."""
+                 on_window: Callable[[int], None] = lambda n: None,
+                 raw: tuple[np.ndarray, np.ndarray] | None = None) -> TensorRecord:
+    """Measure one pair of the plan and return its record (status, stats, rank).
+
+    ``raw``: both tensors' stored elements, already read (``small_pairs``); the same record
+    as reading them here."""
     from ..kernels import reference
 
     shape_t = list(pair.shape_tuned) if pair.shape_tuned is not None else None
@@ -178,7 +184,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
 
             sink = streamed_rank_sink(pair, options, backend.name, WINDOW_ELEMENTS)
         stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
-                              pair.dtype_tuned, stop, on_window, floors, sink)
+                              pair.dtype_tuned, stop, on_window, floors, sink, raw)
         if not opaque:
             rec.rounding_floor = floors.result()
     fields = reference.finalize(stats)
@@ -288,6 +294,78 @@ def streamed(pair: Pair) -> int:
     return pair.params if pair.kind not in ("added", "removed", "mismatch", "lora") else 0
 
 
+#: pairs of at most this many elements, stored plainly in local safetensors files, are read in
+#: batches (one read per run of neighbouring tensors) instead of window by window: the 100,000
+#: small tensors of a mixture-of-experts checkpoint cost a read each, not a mapping per window
+SMALL_ELEMENTS = 1 << 16
+#: bytes read per batch and side at most
+SMALL_BATCH_BYTES = 32 << 20
+_SMALL_KINDS = ("paired",)
+
+#: (base index, base file, start, end, base storage dtype, tuned file, start, end, tuned storage dtype)
+Span = tuple
+
+
+def _small_spans(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint) -> Span | None:
+    """Where a small plain pair's bytes are, or None when it takes the windowed path."""
+    if (pair.kind not in _SMALL_KINDS or pair.transposed or pair.tied or getattr(pair, "tuned_source", None)
+            or pair.shape_tuned is None or pair.dtype_base is None or pair.dtype_tuned is None):
+        return None
+    if not (DTYPES[pair.dtype_base].decodable and DTYPES[pair.dtype_tuned].decodable):
+        return None
+    if not 0 < _elements(pair, pair.shape_tuned) <= SMALL_ELEMENTS:
+        return None
+    sb = bases[pair.base_index].plain_span(pair.base_name)
+    st = tuned.plain_span(pair.tuned_name)
+    if sb is None or st is None:
+        return None
+    from ..io.safetensors_read import storage_of
+
+    return (pair.base_index, *sb, storage_of(pair.dtype_base), *st, storage_of(pair.dtype_tuned))
+
+
+def _read_small(spans: list[Span | None], first: int, bases: Sequence[Checkpoint],
+                tuned: Checkpoint) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Both sides of the run of small pairs from ``first`` on (at most ``SMALL_BATCH_BYTES`` a
+    side), each side read in runs of neighbouring bytes of one file."""
+    batch, used = [], [0, 0]
+    for i in range(first, len(spans)):
+        s = spans[i]
+        if s is None:
+            break
+        if batch and (used[0] + s[3] - s[2] > SMALL_BATCH_BYTES or used[1] + s[7] - s[6] > SMALL_BATCH_BYTES):
+            break
+        batch.append(i)
+        used[0] += s[3] - s[2]
+        used[1] += s[7] - s[6]
+    out: dict[int, list] = {i: [None, None] for i in batch}
+    for side in (0, 1):
+        at = 1 + 4 * side
+        ckpt_of = (lambda i: bases[spans[i][0]]) if side == 0 else (lambda i: tuned)
+        order = sorted(batch, key=lambda i: (id(ckpt_of(i)), str(spans[i][at]), spans[i][at + 1]))
+        j = 0
+        while j < len(order):
+            i0 = order[j]
+            ckpt, path, lo, hi = ckpt_of(i0), spans[i0][at], spans[i0][at + 1], spans[i0][at + 2]
+            k = j + 1
+            while k < len(order):       # neighbours in the same file, gaps under 64 KB
+                s = spans[order[k]]
+                if ckpt_of(order[k]) is not ckpt or s[at] != path or s[at + 1] - hi > (1 << 16):
+                    break
+                hi = max(hi, s[at + 2])
+                k += 1
+            buf = ckpt.read_span(path, lo, hi)
+            for i in order[j:k]:
+                s = spans[i]
+                arr = buf[s[at + 1] - lo:s[at + 2] - lo].view(s[at + 3])
+                if not arr.flags.aligned:            # an odd offset: the kernels want aligned arrays
+                    arr = arr.copy()
+                arr.flags.writeable = False
+                out[i][side] = arr
+            j = k
+    return {i: (b, t) for i, (b, t) in out.items()}
+
+
 def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint], tuned: Checkpoint,
                  options: CompareOptions, backend: Backend, classify: Classify,
                  progress: Progress | None = None) -> list[TensorRecord]:
@@ -306,7 +384,9 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
         from .cache import RecordCache
 
         cache = RecordCache(options.cache, options.settings())
-    for pair in pairs:
+    spans = [_small_spans(p, bases, tuned) if backend.name == "cpu" else None for p in pairs]
+    raws: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for i, pair in enumerate(pairs):
         name = pair.tuned_name or pair.base_name or ""
 
         def on_window(n: int, _name: str = name) -> None:
@@ -318,7 +398,9 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
         key = cache.key(pair, bases, tuned) if cache is not None else None
         rec = cache.get(key) if cache is not None else None
         if rec is None:
-            rec = compute_pair(pair, bases, tuned, options, backend, classify, on_window)
+            if spans[i] is not None and i not in raws:
+                raws = _read_small(spans, i, bases, tuned)
+            rec = compute_pair(pair, bases, tuned, options, backend, classify, on_window, raws.pop(i, None))
             if cache is not None:
                 cache.put(key, rec)
         else:

@@ -75,6 +75,17 @@ def best_mapping(items: Iterable[tuple[str, tuple | None, bool]] | Iterable[tupl
     ``items`` are (tuned key, shape[, shape-free]) -- a LoRA target matches whatever its shape;
     ``base`` maps base names to shapes. Ties go to the shorter prefixes.
     """
+    items = list(items)
+    # every key names a base tensor of its shape: no mapping scores more (each item counts at
+    # most once per prefix pair) and the empty prefixes win the tie, so skip the search
+    if items and all(it[0] in base and ((len(it) > 2 and it[2]) or
+                                        (it[1] is not None and tuple(it[1]) == tuple(base[it[0]])))
+                     for it in items):
+        return (len(items), len(items)), "", ""
+    return _search(items, base)
+
+
+def _search(items: list, base: dict[str, tuple]) -> tuple[tuple[int, int], str, str]:
     by_suffix: dict[str, list[tuple[str, tuple]]] = {}
     for bname, shape in base.items():
         for bp, s in splits(bname):
