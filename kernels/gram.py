@@ -40,77 +40,134 @@ says so.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
-__all__ = ["TILE", "GramAccumulator", "gram_eigenvalues", "eig_error_bound", "certified_count",
-           "singular_values"]
+__all__ = ["TILE", "GramAccumulator", "gram_eigenvalues", "eig_dtype_for", "eig_error_bound",
+           "certified_count", "singular_values"]
 
-#: side of the float64 tiles the Gram matrix is kept in (lower tiles only), and the largest side
-#: whose eigenvalues are computed in float64 (beyond it float32, to keep one n x n copy at 4 bytes)
-TILE = 4096
+#: side of the tiles the Gram matrix is summed in (each tile one BLAS call on one BLAS thread; the
+#: tiles run side by side on a small thread pool, so the sum is the same bits whatever the core count)
+TILE = 2048
+#: the largest side solved in float64 by ``numpy.linalg.eigvalsh`` (which copies its input) when
+#: LAPACK cannot be called in place (``kernels.lapack``); beyond it float32, to keep the copy at 4 bytes
 EIG64_MAX = 4096
+#: threads summing tiles at most (each holds one tile product, TILE^2 float64, while it adds it)
+WORKERS = 4
 
 U64 = 2.0 ** -53
 U32 = 2.0 ** -24
 
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(WORKERS, os.cpu_count() or 1)),
+                                   thread_name_prefix="weightdiff-gram")
+    return _POOL
+
 
 class GramAccumulator:
-    """``G = sum_b X_b^T X_b`` for row blocks ``X_b`` (``b x n``), in float64 lower tiles.
+    """``G = sum_b X_b^T X_b`` for row blocks ``X_b`` (``b x n``), in one float64 ``n x n`` array.
 
-    Only the tiles on and below the diagonal are stored (for n = 8192: 3 of 4 tiles of 4096^2,
-    400 MB instead of 537 MB); a diagonal tile is one BLAS ``syrk`` (numpy spots ``x.T @ x``).
+    Only the lower triangle is summed, tile by tile (a diagonal tile is one BLAS ``syrk``,
+    numpy spots ``x.T @ x``; an off-diagonal one a ``gemm``); every tile is computed by one
+    BLAS call on one BLAS thread, and the tiles of a block run concurrently on a small thread
+    pool. Each tile's bits therefore depend only on the data and ``tile``, never on the number
+    of cores or BLAS threads (the JSON of a comparison is the same on every machine). A single
+    tile (``n <= tile``) is split into two fixed row halves instead, summed in order.
     ``rows`` counts the rows summed (the length of every dot product, for the error bound).
+    Memory: the ``n x n`` float64 array (n = 8192: 537 MB) plus one tile product per worker.
     """
 
     def __init__(self, n: int, tile: int = TILE):
         self.n = int(n)
         self.edges = list(range(0, self.n, tile)) + [self.n]
         k = len(self.edges) - 1
-        self.tiles: dict[tuple[int, int], np.ndarray] = {
-            (i, j): np.zeros((self.edges[i + 1] - self.edges[i], self.edges[j + 1] - self.edges[j]))
-            for i in range(k) for j in range(i + 1)}
+        self.pairs = [(i, j) for i in range(k) for j in range(i + 1)]
+        self.g: np.ndarray | None = np.zeros((self.n, self.n))
         self.rows = 0
+
+    @property
+    def tiles(self) -> bool:
+        """Whether the sum is still held (``matrix`` hands it over)."""
+        return self.g is not None
+
+    def _tile(self, x: np.ndarray, i: int, j: int) -> None:
+        e = self.edges
+        xi = x[:, e[i]:e[i + 1]]
+        self.g[e[i]:e[i + 1], e[j]:e[j + 1]] += xi.T @ xi if i == j else xi.T @ x[:, e[j]:e[j + 1]]
 
     def add(self, x: np.ndarray) -> None:
         """``G += x^T x`` for a float64 ``b x n`` block (a transposed view is fine)."""
+        from .blas import blas_threads
+
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.n:
             raise ValueError(f"block of shape {x.shape} does not have {self.n} columns")
+        if self.g is None:
+            raise ValueError("the Gram matrix was already handed over by matrix()")
         if x.dtype != np.float64:
             x = x.astype(np.float64)
-        e = self.edges
-        for (i, j), t in self.tiles.items():
-            xi = x[:, e[i]:e[i + 1]]
-            t += xi.T @ xi if i == j else xi.T @ x[:, e[j]:e[j + 1]]
+        with blas_threads(1):
+            if len(self.pairs) == 1:
+                if self.n:
+                    h = x.shape[0] // 2         # two fixed halves: the same sum on any machine
+                    parts = list(_pool().map(lambda p: p.T @ p, (x[:h], x[h:])))
+                    self.g += parts[0] + parts[1]
+            else:
+                list(_pool().map(lambda ij: self._tile(x, *ij), self.pairs))
         self.rows += x.shape[0]
 
-    def matrix(self, dtype=np.float64) -> np.ndarray:
-        """The full symmetric ``n x n`` matrix in ``dtype``; the tiles are freed as it is built.
+    def matrix(self, dtype=np.float64, full: bool = True) -> np.ndarray:
+        """The summed matrix in ``dtype``, handed over (the accumulator is spent). ``full``:
+        mirror the lower triangle into the upper one; else only the lower triangle is meaningful."""
+        g, self.g = self.g, None
+        if g is None:
+            raise ValueError("the Gram matrix was already handed over")
+        if full:
+            iu = np.triu_indices(self.n, 1)
+            g[iu] = g.T[iu]
+        return g if dtype == np.float64 else g.astype(dtype)
 
-        (numpy mirrors the triangle ``syrk`` computes, so the diagonal tiles are exactly symmetric.)"""
-        g = np.empty((self.n, self.n), dtype=dtype)
-        e = self.edges
-        for (i, j) in sorted(self.tiles):
-            t = self.tiles.pop((i, j))
-            g[e[i]:e[i + 1], e[j]:e[j + 1]] = t
-            if i != j:
-                g[e[j]:e[j + 1], e[i]:e[i + 1]] = t.T
-        return g
+
+def eig_dtype_for(n: int):
+    """The dtype ``gram_eigenvalues`` solves an ``n x n`` Gram matrix in by default: float64
+    whenever LAPACK can be called in place (one copy of the matrix), else float64 up to
+    ``EIG64_MAX`` and float32 beyond."""
+    from . import lapack
+
+    return np.float64 if lapack.available() or n <= EIG64_MAX else np.float32
 
 
 def gram_eigenvalues(acc: GramAccumulator, dtype=None) -> np.ndarray:
-    """Eigenvalues of the accumulated Gram matrix, descending, float64.
+    """Eigenvalues of the accumulated Gram matrix, descending, float64, solved on one BLAS
+    thread (LAPACK's tridiagonal reduction splits its work by thread count).
 
-    ``dtype``: of the eigen-solve; default float64 up to ``EIG64_MAX``, float32 beyond.
-    The accumulator's tiles are consumed.
+    ``dtype``: of the eigen-solve (default ``eig_dtype_for(n)``). In float64 with LAPACK
+    available, ``dsyevd`` runs in place on the accumulator's array (``kernels.lapack``).
+    The accumulator is spent.
     """
+    from . import lapack
+    from .blas import blas_threads
+
     if dtype is None:
-        dtype = np.float64 if acc.n <= EIG64_MAX else np.float32
+        dtype = eig_dtype_for(acc.n)
     if acc.n == 0:
+        acc.g = None
         return np.zeros(0)
-    g = acc.matrix(dtype)
-    w = np.linalg.eigvalsh(g, UPLO="L")
+    with blas_threads(1):
+        if np.dtype(dtype) == np.float64 and lapack.available():
+            g = acc.matrix(np.float64, full=False)
+            w = lapack.eigvalsh_inplace(g, lower=True)
+        else:
+            g = acc.matrix(dtype, full=False)
+            w = np.linalg.eigvalsh(g, UPLO="L")
     del g
     return np.asarray(w, dtype=np.float64)[::-1].copy()
 

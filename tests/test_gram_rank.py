@@ -196,3 +196,69 @@ def test_a_bracketed_rank_is_never_the_summary_maximum():
     # a bracket below an exact maximum does not blur it
     _, s = run(exact + [rec("h.2.w", 5, [5, 29])])
     assert s.form["max_numerical_rank"] == 30 and s.form["max_numerical_rank_bounds"] is None
+
+
+@pytest.mark.parametrize("n", [1, 7, 50])
+def test_the_gram_sum_has_the_same_bits_whatever_the_thread_count(rng, monkeypatch, n):
+    x = rng.standard_normal((301, n))
+    sums = []
+    for workers in (1, 3):
+        monkeypatch.setattr(kgram, "_POOL", None)
+        monkeypatch.setattr(kgram, "WORKERS", workers)
+        monkeypatch.setattr(kgram.os, "cpu_count", lambda: 8)
+        for tile in (16,) if n > 16 else (kgram.TILE,):
+            acc = kgram.GramAccumulator(n, tile=tile)
+            for i in range(0, 301, 100):
+                acc.add(x[i:i + 100])
+            sums.append(acc.matrix())
+    monkeypatch.setattr(kgram, "_POOL", None)
+    assert all(np.array_equal(s, sums[0]) for s in sums)
+    np.testing.assert_allclose(sums[0], x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["random", "rank3", "zeros", "identity", "scaled", "one", "clustered"])
+def test_eigvalsh_in_place_is_lapacks_answer(rng, case):
+    from weightdiff.kernels import lapack
+
+    if not lapack.available():
+        pytest.skip("numpy's OpenBLAS does not export dsyevd here")
+    n = 1 if case == "one" else 64
+    if case == "random":
+        x = rng.standard_normal((80, n)); g = x.T @ x
+    elif case == "rank3":
+        x = rng.standard_normal((3, n)); g = x.T @ x
+    elif case == "zeros":
+        g = np.zeros((n, n))
+    elif case == "identity":
+        g = np.eye(n)
+    elif case == "scaled":
+        x = rng.standard_normal((80, n)) * 1e150; g = x.T @ x
+    elif case == "one":
+        g = np.array([[4.0]])
+    else:
+        q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        g = (q * np.r_[np.ones(n // 2), np.full(n - n // 2, 1 + 1e-12)]) @ q.T
+        g = (g + g.T) / 2
+    want = np.linalg.eigvalsh(g)
+    a = np.tril(g).copy()
+    a[np.triu_indices(n, 1)] = np.nan          # only the lower triangle is read
+    got = lapack.eigvalsh_inplace(a, lower=True)
+    scale = max(float(np.abs(want).max()), 1e-300)
+    assert np.all(np.diff(got) >= 0)
+    np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=1e-12)
+    b = np.triu(g).copy()
+    b[np.tril_indices(n, -1)] = np.nan
+    np.testing.assert_allclose(lapack.eigvalsh_inplace(b, lower=False) / scale, want / scale, rtol=0, atol=1e-12)
+
+
+def test_eigvalsh_in_place_refuses_what_it_cannot_take():
+    from weightdiff.kernels import lapack
+
+    if not lapack.available():
+        pytest.skip("numpy's OpenBLAS does not export dsyevd here")
+    for bad in (np.zeros((3, 4)), np.zeros((3, 3), np.float32), np.zeros((4, 4))[:, ::2][:2],
+                np.asfortranarray(np.zeros((3, 3)))[::-1]):
+        with pytest.raises(ValueError):
+            lapack.eigvalsh_inplace(bad)
+    with pytest.raises(RuntimeError):
+        lapack.eigvalsh_inplace(np.full((3, 3), np.nan))

@@ -17,9 +17,9 @@ The Gram work starts at the first window whose changes go beyond storage roundin
 before that point that changed within rounding are re-read then (they are usually still
 in the page cache); windows that did not change at all add nothing to a Gram matrix.
 
-Memory for an ``r x r`` Gram (r = min(m, n)): float64 tiles (r = 4096: 134 MB; 8192:
-403 MB), one row block (64 MB), the eigen-solve's copy (float64 up to 4096, float32
-beyond); a wide delta up to ``KEEP_BYTES`` more. See docs/rank.md.
+Memory for an ``r x r`` Gram (r = min(m, n)): one float64 ``r x r`` array (r = 4096: 134 MB;
+8192: 537 MB), solved in place (``kernels.lapack``: no copy), one row block (64 MB) and a tile
+product per summing thread; a wide delta up to ``KEEP_BYTES`` more. See docs/rank.md.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ class DeltaGram:
             if not self.tall:
                 self._wide_gram()
             acc = self._acc
-            eig_dtype = np.float64 if acc.n <= kgram.EIG64_MAX else np.float32
+            eig_dtype = kgram.eig_dtype_for(acc.n)
             rows = acc.rows
             lam = kgram.gram_eigenvalues(acc, eig_dtype)
         else:
