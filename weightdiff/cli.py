@@ -23,7 +23,7 @@ def _in_cli_words(exc: WeightdiffError) -> str:
     """The one line of an error, with a library option name turned into its flag."""
     line = exc.one_line()
     if isinstance(exc, OptionsError) and exc.option:
-        from .provenance import ProvenanceOptions
+        from .options import ProvenanceOptions
 
         flag = flag_of(exc.option, CompareOptions, ProvenanceOptions) or "--" + exc.option.replace("_", "-")
         if line.startswith(exc.option):

@@ -123,7 +123,7 @@ def _command_line() -> str:
 
 
 def _provenance_options(fn):
-    from .provenance import ProvenanceOptions
+    from .options import ProvenanceOptions
 
     return click_options(ProvenanceOptions)(fn)
 

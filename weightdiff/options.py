@@ -183,3 +183,46 @@ def options_from_kwargs(cls: type = CompareOptions, **kwargs: Any) -> Any:
     if unknown:
         raise OptionsError(f"unknown option {unknown[0]!r}", f"known: {', '.join(sorted(names))}")
     return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ProvenanceOptions:
+    """Options of ``weightdiff.provenance()``; each flagged field is also a CLI flag."""
+
+    screen: bool | None = _opt(None, "Screen on a seeded sample of rows before the full comparison "
+                               "(default: when there are more candidates than --full-top).",
+                               flag="--screen/--no-screen")
+    full_top: int = _opt(3, "Candidates compared in full after screening.", flag="--full-top")
+    sample_kib: int = _opt(4096, "Screening sample per checkpoint, in KiB of stored rows.", flag="--sample-kib")
+    permutations: bool = _opt(True, "Find and undo permuted MLP neurons before comparing.",
+                              flag="--permutations/--no-permutations")
+    exact_max: int = _opt(2048, "MLPs with at most this many neurons are matched exactly; larger ones "
+                          "on seeded random projections.", flag="--exact-max")
+    min_neuron_cosine: float = 0.5   # a neuron matching counts only when matched neurons agree this well
+    seed: int = _opt(0, "Seed of the screening sample and the projections.", flag="--seed")
+    device: str = _opt("cpu", "Compute backend: cpu (numba) or cuda (torch).", flag="--device",
+                       type_choice=("cpu", "cuda"))
+    threads: int | None = _opt(None, "CPU threads for the kernels (default: all cores).", flag="--threads")
+    include: tuple[str, ...] = _opt((), "Only compare tensors whose tuned name matches this glob "
+                                    "(repeatable).", flag="--include", multiple=True)
+    exclude: tuple[str, ...] = _opt((), "Skip tensors whose tuned name matches this glob (repeatable).",
+                                    flag="--exclude", multiple=True)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def __post_init__(self) -> None:
+        if self.full_top < 1:
+            raise OptionsError(f"full_top must be at least 1 (got {self.full_top})", option="full_top")
+        if self.sample_kib < 1:
+            raise OptionsError(f"sample_kib must be at least 1 (got {self.sample_kib})", option="sample_kib")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def compare_options(self) -> CompareOptions:
+        return CompareOptions(rank=False, device=self.device, threads=self.threads, include=self.include,
+                              exclude=self.exclude, seed=self.seed, thresholds=self.thresholds)
+
+    def settings(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("thresholds", "threads")}
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        d["thresholds"] = self.thresholds.to_dict()
+        return d
