@@ -188,8 +188,11 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, base_lab
                          base_label=list(base_labels) or None, tuned_label=tuned_label)
     progress.close()
     data = result.to_dict()
+    del result                       # the records go; every output is written from the dict
     if json_out:
-        _write_output(json_out, result.to_json())
+        from .records import dumps
+
+        _write_output(json_out, dumps(data))
     if csv_out:
         from .render.tabular import to_csv
 
