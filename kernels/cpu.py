@@ -343,9 +343,11 @@ def bytes_stats(base_raw, tuned_raw) -> np.ndarray:
 def _delta_driver(b, t, cb, ct, f16, fp8, out):
     n = b.size
     nchunks = (n + CHUNK - 1) // CHUNK
+    parts = np.zeros(nchunks, dtype=np.int64)
     for c in prange(nchunks):
         fb = np.empty(SUB)
         ft = np.empty(SUB)
+        bad = 0
         for s0 in range(c * CHUNK, min(n, (c + 1) * CHUNK), SUB):
             m = min(SUB, n - s0, (c + 1) * CHUNK - s0)
             xb = fb[:m]
@@ -357,20 +359,26 @@ def _delta_driver(b, t, cb, ct, f16, fp8, out):
                 x = xb[i]
                 y = xt[i]
                 fin = (x - x) == 0.0 and (y - y) == 0.0
-                o[i] = (y - x) if fin else 0.0     # rounded to out's dtype on the store
+                d = (y - x) if fin else 0.0
+                o[i] = d                            # rounded to out's dtype on the store
+                if o[i] != d:
+                    bad += 1
+        parts[c] = bad
+    return parts.sum()
 
 
-def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> None:
-    """``out[:] = float32(T - B)`` (0 where a side is non-finite); see the reference."""
-    _decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, out, np.float32)
+def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> int:
+    """``out[:] = float32(T - B)`` (0 where a side is non-finite); returns how many elements
+    float32 could not hold exactly; see the reference."""
+    return _decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, out, np.float32)
 
 
-def decode_delta_f64(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> None:
-    """``out[:] = T - B`` in float64 (0 where a side is non-finite); see the reference."""
-    _decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, out, np.float64)
+def decode_delta_f64(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> int:
+    """``out[:] = T - B`` in float64 (0 where a side is non-finite); returns 0 (always exact)."""
+    return _decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, out, np.float64)
 
 
-def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray, want) -> None:
+def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray, want) -> int:
     _check_decodable(dtype_base, dtype_tuned)
     b, t = _bits(base_raw, dtype_base), _bits(tuned_raw, dtype_tuned)
     if out.dtype != want or not out.flags.c_contiguous:
@@ -378,7 +386,7 @@ def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: n
     flat = out.reshape(-1)
     if flat.size != b.size or b.size != t.size:
         raise ValueError(f"out has {flat.size} elements, the windows {b.size} and {t.size}")
-    _delta_driver(b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, _F16_TABLE, _FP8, flat)
+    return int(_delta_driver(b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, _F16_TABLE, _FP8, flat))
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)

@@ -262,3 +262,22 @@ def test_eigvalsh_in_place_refuses_what_it_cannot_take():
             lapack.eigvalsh_inplace(bad)
     with pytest.raises(RuntimeError):
         lapack.eigvalsh_inplace(np.full((3, 3), np.nan))
+
+
+@pytest.mark.parametrize("base_dtype,exact_copy", [("BF16", True), ("F32", False)])
+def test_a_wide_float32_copy_adds_to_the_bound_only_when_it_rounded(rng, monkeypatch, base_dtype, exact_copy):
+    m, n = 40, 90                                      # wide: the delta is kept as float32
+    w = rng.normal(0, 0.02, (m, n)).astype(np.float32)
+    t = w + rng.normal(0, 2e-3, (m, n)).astype(np.float32)
+    raw_b = to_storage(w, base_dtype)
+    raw_t = to_storage(t, "BF16")
+    seen = []
+    real = kgram.eig_error_bound
+    monkeypatch.setattr(kgram, "eig_error_bound", lambda *a, **k: seen.append(k.get("d_float32")) or real(*a, **k))
+    g = DeltaGram((m, n), base_dtype, "BF16")
+    g.activate()
+    g.feed(raw_b.reshape(-1), raw_t.reshape(-1))
+    d = decode(raw_t, "BF16").astype(np.float64) - decode(raw_b, base_dtype)
+    g.finish(float(np.sum(d * d)), 1.0, 8)
+    assert seen == [not exact_copy]
+    assert (g.inexact == 0) is exact_copy

@@ -33,9 +33,13 @@ def test_decode_delta_and_sigma_match_reference(db, dt):
     for n in (0, 1, cpu.CHUNK + 3):
         b, t = make_pair(rng, n, db, dt)
         got, want = np.empty(n, np.float32), np.empty(n, np.float32)
-        cpu.decode_delta_f32(b, t, db, dt, got)
-        ref.decode_delta_f32(b, t, db, dt, want)
+        bad = cpu.decode_delta_f32(b, t, db, dt, got)
+        assert bad == ref.decode_delta_f32(b, t, db, dt, want)
         np.testing.assert_array_equal(got, want)
+        exact = ref.decode(t, dt) - ref.decode(b, db)
+        fin = np.isfinite(exact)
+        assert bad == int(np.count_nonzero(got[fin] != exact[fin]))
+        assert cpu.decode_delta_f64(b, t, db, dt, np.empty(n)) == 0
 
 
 def test_worked_example():
@@ -232,3 +236,16 @@ def test_nonfinite_in_a_whole_raw_sub_block(rng):
     for db, dt in (("BF16", "BF16"), ("F32", "F32"), ("F32", "BF16")):
         b, t = to_storage(x, db), to_storage(y, dt)
         assert_stats_close(cpu.delta_stats(b, t, db, dt), ref.delta_stats(b, t, db, dt))
+
+
+def test_a_float32_delta_copy_reports_what_it_rounded():
+    bf = np.array([1.0, 3.0, -2.5, 1e-30, 7.0], np.float32)
+    b16 = (bf.view(np.uint32) >> 16).astype(np.uint16)           # exact bf16 values
+    t16 = b16.copy()
+    t16[0] += 1                                                   # a neighbour: the difference fits float32
+    got = np.empty(5, np.float32)
+    assert cpu.decode_delta_f32(b16, t16, "BF16", "BF16", got) == 0
+    t16[4] = (np.array([2.0 ** -30], np.float32).view(np.uint32) >> 16).astype(np.uint16)[0]   # 2^-30 - 7: 33 bits
+    assert cpu.decode_delta_f32(b16, t16, "BF16", "BF16", got) == 1
+    b64 = np.array([0.1, 2.0], np.float64)
+    assert cpu.decode_delta_f32(b64, np.array([0.3, 2.5]), "F64", "F64", np.empty(2, np.float32)) == 1

@@ -73,6 +73,7 @@ class DeltaGram:
         self.pos = 0                     # flat elements seen (noise profile)
         self.fed = 0                     # flat elements fed to the delta part
         self.spilled = False
+        self.inexact = 0                 # elements of a float32 delta copy that are not the exact difference
         self._acc: kgram.GramAccumulator | None = None
         self._buf: np.ndarray | None = None
         self._fill = 0
@@ -141,7 +142,7 @@ class DeltaGram:
             take = min(size - i, buf.size - self._fill)
             seg = buf[self._fill:self._fill + take]
             if changed:
-                dec(wb[i:i + take], wt[i:i + take], *self.dtypes, seg)
+                self.inexact += dec(wb[i:i + take], wt[i:i + take], *self.dtypes, seg)
                 self._nonzero = True
             else:
                 seg[:] = 0.0
@@ -218,7 +219,8 @@ class DeltaGram:
         fields = spectral.spectrum_fields(s, thr)
         total = norm_delta_sq if norm_delta_sq >= 0 and math.isfinite(norm_delta_sq) else float(np.sum(s * s))
         delta = kgram.eig_error_bound(r, rows, max(total, float(np.sum(np.clip(lam, 0, None)))),
-                                      float(np.sqrt(np.sum(lam * lam))), eig_dtype, d_float32=not self.tall)
+                                      float(np.sqrt(np.sum(lam * lam))), eig_dtype,
+                                      d_float32=not self.tall and self.inexact > 0)
         _, lo, hi = kgram.certified_count(lam, thr * thr, delta)
         bounds: dict = {}
         extra["eig_error_bound"] = delta
