@@ -69,22 +69,40 @@ def openblas_found() -> bool:
     return bool(_controls())
 
 
+_PIN = threading.Condition(_LOCK)
+_STATE: dict = {"depth": 0, "n": None, "saved": None}
+
+
 @contextlib.contextmanager
 def blas_threads(n: int = 1) -> Iterator[None]:
-    """Run the body with OpenBLAS limited to ``n`` threads, then restore the previous count."""
+    """Run the body with OpenBLAS limited to ``n`` threads, then restore the previous count.
+
+    The count is one setting for the whole process, so the pin is shared: bodies that ask for
+    the same ``n`` run at the same time (the streamed Gram's tiles on one thread, an eigen-solve
+    on another); a body asking for another count waits until the pin is released."""
     controls = _controls()
     if not controls:
         yield
         return
-    with _LOCK:
-        before = [get() for _, get in controls]
-        for setter, _ in controls:
-            setter(n)
-        try:
-            yield
-        finally:
-            for (setter, _), old in zip(controls, before):
-                setter(old)
+    with _PIN:
+        while _STATE["depth"] and _STATE["n"] != n:
+            _PIN.wait()
+        if _STATE["depth"] == 0:
+            _STATE["saved"] = [get() for _, get in controls]
+            for setter, _ in controls:
+                setter(n)
+            _STATE["n"] = n
+        _STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _PIN:
+            _STATE["depth"] -= 1
+            if _STATE["depth"] == 0:
+                for (setter, _), old in zip(controls, _STATE["saved"]):
+                    setter(old)
+                _STATE["n"] = _STATE["saved"] = None
+                _PIN.notify_all()
 
 
 def single_blas_thread(fn: Callable) -> Callable:

@@ -40,3 +40,29 @@ def test_spectra_are_the_same_bits_with_one_or_four_blas_threads():
         outs.append(subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                                    check=True).stdout)
     assert outs[0] == outs[1]
+
+
+def test_the_pin_is_shared_by_threads_that_want_the_same_count():
+    import threading
+
+    if not blas.openblas_found():
+        pytest.skip("numpy's BLAS is not an OpenBLAS this process can find")
+    (setter, getter), *_ = blas._controls()
+    before = getter()
+    inside = threading.Event()
+    release = threading.Event()
+    seen = []
+
+    def hold():
+        with blas.blas_threads(1):
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert inside.wait(5)
+    with blas.blas_threads(1):          # does not wait for the other thread's body
+        seen.append(getter())
+    release.set()
+    t.join(5)
+    assert seen == [1] and getter() == before and blas._STATE["depth"] == 0

@@ -281,3 +281,46 @@ def test_a_wide_float32_copy_adds_to_the_bound_only_when_it_rounded(rng, monkeyp
     g.finish(float(np.sum(d * d)), 1.0, 8)
     assert seen == [not exact_copy]
     assert (g.inexact == 0) is exact_copy
+
+
+def _gram_model(tmp_path, rng):
+    base, tuned = {}, {}
+    for i, (m, n) in enumerate([(600, 300), (300, 600), (700, 200), (500, 250)]):
+        w = rng.normal(0, 0.02, (m, n)).astype(np.float32)
+        base[f"model.layers.{i}.mlp.w"] = w
+        tuned[f"model.layers.{i}.mlp.w"] = w + 0.01 * np.outer(rng.standard_normal(m),
+                                                               rng.standard_normal(n)).astype(np.float32) \
+            + rng.normal(0, 2e-3, (m, n)).astype(np.float32)
+    write_checkpoint(tmp_path / "b", base, dtype="BF16")
+    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
+    return tmp_path / "b", tmp_path / "t"
+
+
+def test_solving_on_a_background_thread_gives_the_same_bytes(tmp_path, rng, monkeypatch):
+    from weightdiff.measure import backend
+
+    b, t = _gram_model(tmp_path, rng)
+    monkeypatch.setattr(backend, "LAPACK_MAX_ELEMENTS", 1000)        # every matrix takes the streamed Gram
+    monkeypatch.setattr(compute, "WINDOW_ELEMENTS", 50_000)
+    submitted = []
+    real_submit = compute.Solver.submit
+    monkeypatch.setattr(compute.Solver, "submit", lambda self, fn: submitted.append(1) or real_submit(self, fn))
+    overlapped = compare(b, t)
+    assert len(submitted) == 4 and all(r.rank.method == "gram" for r in overlapped.tensors)
+    monkeypatch.setattr(compute, "OVERLAP_MAX", 0)                   # solved in turn
+    in_turn = compare(b, t)
+    assert len(submitted) == 4
+    assert overlapped.to_json(include_run=False) == in_turn.to_json(include_run=False)
+
+
+def test_a_failed_background_solve_is_the_comparison_s_error(tmp_path, rng, monkeypatch):
+    from weightdiff.measure import backend
+
+    b, t = _gram_model(tmp_path, rng)
+    monkeypatch.setattr(backend, "LAPACK_MAX_ELEMENTS", 1000)
+
+    def boom(self, *a):
+        raise RuntimeError("LAPACK dsyevd did not converge (info=3)")
+    monkeypatch.setattr(DeltaGram, "finish", boom)
+    with pytest.raises(RuntimeError, match="did not converge"):
+        compare(b, t)

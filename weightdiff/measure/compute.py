@@ -111,11 +111,13 @@ def _fill(record: TensorRecord, fields: dict) -> None:
 def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, options: CompareOptions,
                  backend: Backend, classify: Classify,
                  on_window: Callable[[int], None] = lambda n: None,
-                 raw: tuple[np.ndarray, np.ndarray] | None = None) -> TensorRecord:
+                 raw: tuple[np.ndarray, np.ndarray] | None = None,
+                 solver: "Solver | None" = None) -> TensorRecord:
     """Measure one pair of the plan and return its record (status, stats, rank).
 
     ``raw``: both tensors' stored elements, already read (``small_pairs``); the same record
-    as reading them here."""
+    as reading them here. ``solver``: the eigen-solve of a streamed Gram matrix may run
+    there while the caller goes on; ``rec.rank`` is then a ``Deferred`` (``Solver.resolve``)."""
     from ..kernels import reference
 
     shape_t = list(pair.shape_tuned) if pair.shape_tuned is not None else None
@@ -212,8 +214,13 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
 
     nd = rec.norm_delta
     if sink is not None and rec.status == "changed" and sink.gram.active and not above:
-        rec.rank = sink.gram.finish(float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
-                                    thr.noise_floor_factor, options.rank_k)
+        args = (float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
+                thr.noise_floor_factor, options.rank_k)
+        if solver is not None and min(sink.gram.shape2) <= OVERLAP_MAX:
+            gram = sink.gram
+            rec.rank = Deferred(solver.submit(lambda: gram.finish(*args)))   # finish frees the Gram
+            return rec
+        rec.rank = sink.gram.finish(*args)
     elif (options.rank and rec.status == "changed" and not opaque and len(shape_t) >= 2
             and min(shape_t[0], rec.numel // max(shape_t[0], 1)) >= 2):
         from .rank import analyze_delta
@@ -287,6 +294,54 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         rec.note += ("; DoRA: the statistics are those of the merged weight, the spectrum covers the "
                      "low-rank direction term only (see docs/rank.md)")
     return rec
+
+
+#: Gram matrices up to this side are solved on a background thread while the next matrix streams
+#: (two of them in memory at once, 134 MB each at 4096); larger ones are solved in place, in turn
+OVERLAP_MAX = 4096
+
+
+class Deferred:
+    """A rank block still being computed (``Solver``)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future):
+        self.future = future
+
+
+class Solver:
+    """Eigen-solves of streamed Gram matrices on one background thread, one at a time: the
+    solve of matrix i (LAPACK on one BLAS thread, the bulk of an exact rank) overlaps the
+    streaming and Gram products of matrix i+1 instead of leaving a core idle. A submit waits
+    for the previous solve, so at most two Gram matrices exist at once. The results are the
+    same bits as solving in turn (the same calls on the same data)."""
+
+    def __init__(self) -> None:
+        self._pool = None
+        self._last = None
+
+    def submit(self, fn: Callable[[], object]):
+        if self._last is not None:
+            self._last.result()
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightdiff-eig")
+        self._last = self._pool.submit(fn)
+        return self._last
+
+    @staticmethod
+    def resolve(rec: TensorRecord) -> TensorRecord:
+        if isinstance(rec.rank, Deferred):
+            rec.rank = rec.rank.future.result()
+        return rec
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._last = None
 
 
 def streamed(pair: Pair) -> int:
@@ -374,11 +429,12 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
     The whole comparison is ``indices = range(len(plan.pairs))``; a split comparison gives
     each worker a share and puts the records back in plan order (weightdiff.split). A
     record depends only on its pair and the options, so the shares give the same records.
+    With ``options.cache`` a record is stored once it is complete (its rank solved).
     """
     pairs = [plan.pairs[i] for i in indices]
     total = sum(streamed(p) for p in pairs)
     done = 0
-    records = []
+    records: list[TensorRecord] = []
     cache = None
     if options.cache:
         from .cache import RecordCache
@@ -386,26 +442,42 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
         cache = RecordCache(options.cache, options.settings())
     spans = [_small_spans(p, bases, tuned) if backend.name == "cpu" else None for p in pairs]
     raws: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for i, pair in enumerate(pairs):
-        name = pair.tuned_name or pair.base_name or ""
+    solver = Solver()
+    pending: list[tuple[TensorRecord, object]] = []    # computed, not yet cached (rank maybe still solving)
 
-        def on_window(n: int, _name: str = name) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done, total, _name)
-
-        key = cache.key(pair, bases, tuned) if cache is not None else None
-        rec = cache.get(key) if cache is not None else None
-        if rec is None:
-            if spans[i] is not None and i not in raws:
-                raws = _read_small(spans, i, bases, tuned)
-            rec = compute_pair(pair, bases, tuned, options, backend, classify, on_window, raws.pop(i, None))
+    def settle(wait: bool) -> None:
+        while pending and (wait or not isinstance(pending[0][0].rank, Deferred)
+                           or pending[0][0].rank.future.done()):
+            rec, key = pending.pop(0)
+            Solver.resolve(rec)
             if cache is not None:
                 cache.put(key, rec)
-        else:
-            on_window(streamed(pair))
-        records.append(rec)
+
+    try:
+        for i, pair in enumerate(pairs):
+            name = pair.tuned_name or pair.base_name or ""
+
+            def on_window(n: int, _name: str = name) -> None:
+                nonlocal done
+                done += n
+                if progress is not None:
+                    progress(done, total, _name)
+
+            key = cache.key(pair, bases, tuned) if cache is not None else None
+            rec = cache.get(key) if cache is not None else None
+            if rec is None:
+                if spans[i] is not None and i not in raws:
+                    raws = _read_small(spans, i, bases, tuned)
+                rec = compute_pair(pair, bases, tuned, options, backend, classify, on_window, raws.pop(i, None),
+                                   solver)
+                pending.append((rec, key))
+            else:
+                on_window(streamed(pair))
+            records.append(rec)
+            settle(wait=False)
+        settle(wait=True)
+    finally:
+        solver.close()
     if progress is not None:
         progress(total, total, "")
     return records
