@@ -344,10 +344,12 @@ def _delta_driver(b, t, cb, ct, f16, fp8, out):
     n = b.size
     nchunks = (n + CHUNK - 1) // CHUNK
     parts = np.zeros(nchunks, dtype=np.int64)
+    errs = np.zeros(nchunks)
     for c in prange(nchunks):
         fb = np.empty(SUB)
         ft = np.empty(SUB)
         bad = 0
+        err2 = 0.0
         for s0 in range(c * CHUNK, min(n, (c + 1) * CHUNK), SUB):
             m = min(SUB, n - s0, (c + 1) * CHUNK - s0)
             xb = fb[:m]
@@ -363,22 +365,29 @@ def _delta_driver(b, t, cb, ct, f16, fp8, out):
                 o[i] = d                            # rounded to out's dtype on the store
                 if o[i] != d:
                     bad += 1
+                    e = o[i] - d
+                    err2 += e * e
         parts[c] = bad
-    return parts.sum()
+        errs[c] = err2
+    total = 0.0
+    for c in range(nchunks):       # in chunk order: the same sum on any thread count
+        total += errs[c]
+    return parts.sum(), total
 
 
-def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> int:
+def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> tuple[int, float]:
     """``out[:] = float32(T - B)`` (0 where a side is non-finite); returns how many elements
-    float32 could not hold exactly; see the reference."""
+    float32 could not hold exactly and the sum of their squared errors; see the reference."""
     return _decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, out, np.float32)
 
 
-def decode_delta_f64(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> int:
-    """``out[:] = T - B`` in float64 (0 where a side is non-finite); returns 0 (always exact)."""
+def decode_delta_f64(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> tuple[int, float]:
+    """``out[:] = T - B`` in float64 (0 where a side is non-finite); returns (0, 0.0)."""
     return _decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, out, np.float64)
 
 
-def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray, want) -> int:
+def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray,
+                  want) -> tuple[int, float]:
     _check_decodable(dtype_base, dtype_tuned)
     b, t = _bits(base_raw, dtype_base), _bits(tuned_raw, dtype_tuned)
     if out.dtype != want or not out.flags.c_contiguous:
@@ -386,7 +395,8 @@ def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: n
     flat = out.reshape(-1)
     if flat.size != b.size or b.size != t.size:
         raise ValueError(f"out has {flat.size} elements, the windows {b.size} and {t.size}")
-    return int(_delta_driver(b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, _F16_TABLE, _FP8, flat))
+    bad, err2 = _delta_driver(b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, _F16_TABLE, _FP8, flat)
+    return int(bad), float(err2)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)

@@ -173,16 +173,20 @@ def gram_eigenvalues(acc: GramAccumulator, dtype=None) -> np.ndarray:
 
 
 def eig_error_bound(n: int, rows: int, frob_d2: float, frob_g: float, eig_dtype=np.float64,
-                    d_float32: bool = False) -> float:
+                    d_float32: bool = False, copy_err: float | None = None) -> float:
     """``delta``: every computed eigenvalue of the Gram matrix is within it of the exact one.
 
     ``n``: side of G; ``rows``: length of its dot products; ``frob_d2``: ``||D||_F^2``;
-    ``frob_g``: ``||G||_F`` (``sqrt(sum lambda_i^2)``); ``d_float32``: D was stored in float32.
+    ``frob_g``: ``||G||_F`` (``sqrt(sum lambda_i^2)``); ``d_float32``: D was stored in float32,
+    with ``copy_err`` = ``||E||_F`` of that copy's rounding when it is known (the decoder sums
+    it): G moves by at most ``2 ||D||_F ||E||_F + ||E||_F^2``; unknown, ``||E||_F <= u32 ||D||_F``.
     """
     u = U32 if np.dtype(eig_dtype) == np.float32 else U64
     gamma = rows * U64 / (1.0 - rows * U64) if rows * U64 < 0.5 else math.inf
     delta = gamma * frob_d2 + u * frob_g + 4.0 * n * u * frob_g
-    if d_float32:
+    if copy_err is not None:
+        delta += 2.0 * math.sqrt(max(frob_d2, 0.0)) * copy_err + copy_err * copy_err
+    elif d_float32:
         delta += 3.0 * U32 * frob_d2
     return float(delta)
 

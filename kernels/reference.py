@@ -202,25 +202,27 @@ def finalize(stats: np.ndarray) -> dict:
     }
 
 
-def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> int:
+def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> tuple[int, float]:
     """``out[:] = float32(T - B)``, the difference taken in float64, for the rank analysis.
 
     Pairs where either side is non-finite give 0, matching the sums of ``delta_stats``
     (so sum(out**2) ~ sum_d2). ``out`` is a float32 array with as many elements. Returns how
-    many differences float32 could not hold exactly (0 for two bf16 sides whose values are
-    within 2^16 of each other in magnitude: the error bound of a float32 copy then vanishes).
+    many differences float32 could not hold exactly and the sum of their squared errors (the
+    difference of two bf16 weights of similar size is exact in float32, so for a bf16 pair this
+    is a handful of elements near zero: the rank bound charges only what the copy rounded).
     """
     return _decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, out, np.float32)
 
 
-def decode_delta_f64(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> int:
+def decode_delta_f64(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> tuple[int, float]:
     """``out[:] = T - B`` in float64 (the streamed Gram of the rank analysis); 0 where a side is
-    non-finite, as in ``decode_delta_f32``. Returns 0: the float64 difference is the delta
-    every statistic is defined on."""
+    non-finite, as in ``decode_delta_f32``. Returns (0, 0.0): the float64 difference is the
+    delta every statistic is defined on."""
     return _decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, out, np.float64)
 
 
-def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray, want) -> int:
+def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray,
+                  want) -> tuple[int, float]:
     b = decode(base_raw, dtype_base)
     t = decode(tuned_raw, dtype_tuned)
     if out.dtype != want or not out.flags.c_contiguous:
@@ -232,7 +234,9 @@ def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: n
     with np.errstate(invalid="ignore", over="ignore"):
         d = np.where(fin, t - np.where(fin, b, 0.0), 0.0)
     flat[:] = d.astype(want)
-    return int(np.count_nonzero(flat != d))
+    bad = flat != d
+    e = flat[bad].astype(np.float64) - d[bad]
+    return int(np.count_nonzero(bad)), float(np.sum(e * e))
 
 
 def rounding_sigma2(raw, dtype: str) -> float:

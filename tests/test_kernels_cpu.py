@@ -33,13 +33,15 @@ def test_decode_delta_and_sigma_match_reference(db, dt):
     for n in (0, 1, cpu.CHUNK + 3):
         b, t = make_pair(rng, n, db, dt)
         got, want = np.empty(n, np.float32), np.empty(n, np.float32)
-        bad = cpu.decode_delta_f32(b, t, db, dt, got)
-        assert bad == ref.decode_delta_f32(b, t, db, dt, want)
+        bad, err2 = cpu.decode_delta_f32(b, t, db, dt, got)
+        rbad, rerr2 = ref.decode_delta_f32(b, t, db, dt, want)
         np.testing.assert_array_equal(got, want)
         exact = ref.decode(t, dt) - ref.decode(b, db)
         fin = np.isfinite(exact)
-        assert bad == int(np.count_nonzero(got[fin] != exact[fin]))
-        assert cpu.decode_delta_f64(b, t, db, dt, np.empty(n)) == 0
+        assert bad == rbad == int(np.count_nonzero(got[fin] != exact[fin]))
+        e = got[fin].astype(np.float64) - exact[fin]
+        np.testing.assert_allclose([err2, rerr2], float(np.sum(e * e)), rtol=1e-12, atol=0)
+        assert cpu.decode_delta_f64(b, t, db, dt, np.empty(n)) == (0, 0.0)
 
 
 def test_worked_example():
@@ -244,8 +246,10 @@ def test_a_float32_delta_copy_reports_what_it_rounded():
     t16 = b16.copy()
     t16[0] += 1                                                   # a neighbour: the difference fits float32
     got = np.empty(5, np.float32)
-    assert cpu.decode_delta_f32(b16, t16, "BF16", "BF16", got) == 0
+    assert cpu.decode_delta_f32(b16, t16, "BF16", "BF16", got) == (0, 0.0)
     t16[4] = (np.array([2.0 ** -30], np.float32).view(np.uint32) >> 16).astype(np.uint16)[0]   # 2^-30 - 7: 33 bits
-    assert cpu.decode_delta_f32(b16, t16, "BF16", "BF16", got) == 1
+    bad, err2 = cpu.decode_delta_f32(b16, t16, "BF16", "BF16", got)
+    exact = 2.0 ** -30 - 7.0
+    assert bad == 1 and err2 == (float(np.float32(exact)) - exact) ** 2 > 0
     b64 = np.array([0.1, 2.0], np.float64)
-    assert cpu.decode_delta_f32(b64, np.array([0.3, 2.5]), "F64", "F64", np.empty(2, np.float32)) == 1
+    assert cpu.decode_delta_f32(b64, np.array([0.3, 2.5]), "F64", "F64", np.empty(2, np.float32))[0] == 1

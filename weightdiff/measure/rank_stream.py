@@ -41,7 +41,7 @@ __all__ = ["DeltaGram", "RankSink", "streamed_rank_sink", "KEEP_BYTES", "BLOCK_B
 #: bytes of float64 delta decoded at a time for a tall matrix (and per column tile when summing a wide one)
 BLOCK_BYTES = 64 << 20
 #: a wide matrix's float32 delta is kept in memory up to this size, else in a temporary file
-KEEP_BYTES = 256 << 20
+KEEP_BYTES = 128 << 20
 _SUB = 1 << 21          # elements per step of the noise profile
 
 
@@ -74,6 +74,7 @@ class DeltaGram:
         self.fed = 0                     # flat elements fed to the delta part
         self.spilled = False
         self.inexact = 0                 # elements of a float32 delta copy that are not the exact difference
+        self.copy_err2 = 0.0             # and the sum of their squared errors
         self._acc: kgram.GramAccumulator | None = None
         self._buf: np.ndarray | None = None
         self._fill = 0
@@ -142,7 +143,9 @@ class DeltaGram:
             take = min(size - i, buf.size - self._fill)
             seg = buf[self._fill:self._fill + take]
             if changed:
-                self.inexact += dec(wb[i:i + take], wt[i:i + take], *self.dtypes, seg)
+                bad, err2 = dec(wb[i:i + take], wt[i:i + take], *self.dtypes, seg)
+                self.inexact += bad
+                self.copy_err2 += err2
                 self._nonzero = True
             else:
                 seg[:] = 0.0
@@ -220,7 +223,8 @@ class DeltaGram:
         total = norm_delta_sq if norm_delta_sq >= 0 and math.isfinite(norm_delta_sq) else float(np.sum(s * s))
         delta = kgram.eig_error_bound(r, rows, max(total, float(np.sum(np.clip(lam, 0, None)))),
                                       float(np.sqrt(np.sum(lam * lam))), eig_dtype,
-                                      d_float32=not self.tall and self.inexact > 0)
+                                      d_float32=not self.tall and self.inexact > 0,
+                                      copy_err=math.sqrt(self.copy_err2) if not self.tall else None)
         _, lo, hi = kgram.certified_count(lam, thr * thr, delta)
         bounds: dict = {}
         extra["eig_error_bound"] = delta
