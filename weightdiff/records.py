@@ -233,9 +233,16 @@ def _row(item: Any) -> str:
         d = item.__dict__                     # dataclass fields in order, unless someone added one
         plain = d if len(d) == len(_TENSOR_FIELDS) else item.to_dict()
     try:
-        return _row_encoder.encode(plain)
+        return "".join(_row_c(plain, 0)) if _row_c is not None else _row_encoder.encode(plain)
     except ValueError:                        # a non-finite float somewhere: written as null
         return _row_encoder.encode(clean(item.to_dict() if type(item) is TensorRecord else item))
+
+
+# the C encoder itself, made once (JSONEncoder.encode builds one per call); no cycle check: rows are trees
+_row_c = None
+if getattr(json.encoder, "c_make_encoder", None) is not None:
+    _row_c = json.encoder.c_make_encoder(None, _row_default, json.encoder.encode_basestring, None, ": ", ", ",
+                                         False, False, False)
 
 
 _enc_str = json.encoder.encode_basestring   # type: ignore[attr-defined]  (C, ensure_ascii=False)

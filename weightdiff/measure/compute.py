@@ -18,12 +18,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..io.checkpoint import Checkpoint
+from ..io.safetensors_read import storage_of
+from ..kernels import reference
 from ..kernels.dtypes import DTYPES
 from ..options import CompareOptions, Thresholds
 from ..pairing.plan import Pair, Plan
 from ..records import TensorRecord
 from .backend import Backend
 from .floors import FloorAccumulator
+from .quant_floor import floor_test
+from .rank_stream import streamed_rank_sink
 
 #: elements per streamed window; fixed (not derived from the machine) so results are reproducible
 WINDOW_ELEMENTS = 1 << 24
@@ -38,7 +42,7 @@ Classify = Callable[[dict, "str | None", "str | None", Thresholds], str]
 
 
 def _elements(pair: Pair, shape: Sequence[int] | None) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
+    return math.prod(int(d) for d in shape) if shape is not None else 0
 
 
 def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
@@ -118,8 +122,6 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     ``raw``: both tensors' stored elements, already read (``small_pairs``); the same record
     as reading them here. ``solver``: the eigen-solve of a streamed Gram matrix may run
     there while the caller goes on; ``rec.rank`` is then a ``Deferred`` (``Solver.resolve``)."""
-    from ..kernels import reference
-
     shape_t = list(pair.shape_tuned) if pair.shape_tuned is not None else None
     shape_b = list(pair.shape_base) if pair.shape_base is not None else None
     rec = TensorRecord(
@@ -182,8 +184,6 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         rec.note = "paired by content: the tuned matrix is stored transposed; its transpose is compared"
     else:
         if stop is None and not opaque:
-            from .rank_stream import streamed_rank_sink
-
             sink = streamed_rank_sink(pair, options, backend.name, WINDOW_ELEMENTS)
         stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
                               pair.dtype_tuned, stop, on_window, floors, sink, raw)
@@ -203,8 +203,6 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         rec.status = classify(fields, pair.dtype_base, pair.dtype_tuned, thr)
     above = None
     if not opaque and shape_t is not None and rec.status != "unchanged" and tuned_t is None:
-        from .quant_floor import floor_test
-
         rec.quant = floor_test(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
                                tuple(shape_t), WINDOW_ELEMENTS, stop)
         if rec.quant is not None and rec.quant.get("within") and rec.status in ("changed", "rounding"):
@@ -374,8 +372,6 @@ def _small_spans(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint) -> 
     st = tuned.plain_span(pair.tuned_name)
     if sb is None or st is None:
         return None
-    from ..io.safetensors_read import storage_of
-
     return (pair.base_index, *sb, storage_of(pair.dtype_base), *st, storage_of(pair.dtype_tuned))
 
 

@@ -119,7 +119,12 @@ def block_slot(name: str) -> tuple[str | None, int | None]:
     >>> block_slot("model.layers.12.mlp.up_proj.weight")
     ('model.layers.#.mlp.up_proj.weight', 12)
     """
-    parts = str(name).split(".")
+    return _block_slot(str(name))
+
+
+@functools.lru_cache(maxsize=1 << 18)      # asked for every name on both sides by pairing
+def _block_slot(name: str) -> tuple[str | None, int | None]:
+    parts = name.split(".")
     k = _block_position(parts)
     if k is None:
         return None, None
