@@ -338,7 +338,9 @@ class Header(dict):
     """A parsed header's tensors (name -> TensorInfo) with the digest of the header's bytes, so
     a file opened again by the same checkpoint is not parsed again when its header is unchanged."""
 
-    digest: bytes = b""
+    digest: bytes = b""           # blake2b-128 of the header's JSON bytes
+    size: int = -1                # the file's size when it was parsed
+    metadata: dict = {}           # its ``__metadata__`` (set per instance)
 
 
 class SafetensorsFile(OpenCheckpointFile):
@@ -359,7 +361,7 @@ class SafetensorsFile(OpenCheckpointFile):
             raw = bytearray(n)
             pread_into(fd, memoryview(raw), 8, self.path)
             digest = hashlib.blake2b(raw, digest_size=16).digest()
-            if known is not None and known.digest == digest and getattr(known, "size", None) == self.size:
+            if known is not None and known.digest == digest and known.size == self.size:
                 self.tensors, self.metadata = known, known.metadata
             else:
                 tensors, self.metadata = parse_header(raw, self.size, self.path)
