@@ -58,3 +58,27 @@ def test_small_pairs_read_in_batches_give_the_windowed_records(tmp_path, monkeyp
     windowed = compare(tmp_path / "b.safetensors", tmp_path / "t.safetensors").to_json(include_run=False)
     assert not any(seen)
     assert batched == windowed
+
+
+def test_small_reads_stay_bounded_when_gaps_separate_the_small_tensors(tmp_path, monkeypatch):
+    """Tiny tensors each followed by a large one: a read never spans more than the batch budget."""
+    from weightdiff import compare
+    from weightdiff.io.located import Checkpoint
+    from weightdiff.io.safetensors_write import save_file
+
+    tensors = {}
+    for i in range(12):      # base: each small tensor followed by a 60 KB one (a gap small enough to merge)
+        tensors[f"model.layers.{i}.a"] = ("F32", np.full((3,), i, np.float32))
+        tensors[f"model.layers.{i}.big"] = ("F32", np.zeros((15000,), np.float32))
+    save_file(tmp_path / "b.safetensors", tensors)
+    tensors["model.layers.5.a"] = ("F32", np.full((3,), 99, np.float32))
+    order = [k for k in tensors if k.endswith(".a")] + [k for k in tensors if k.endswith(".big")]
+    save_file(tmp_path / "t.safetensors", {k: tensors[k] for k in order})   # tuned: the small ones first
+    monkeypatch.setattr(compute, "SMALL_ELEMENTS", 1000)       # the 60 KB tensors take the windowed path
+    monkeypatch.setattr(compute, "SMALL_BATCH_BYTES", 100_000)
+    spans = []
+    real = Checkpoint.read_span
+    monkeypatch.setattr(Checkpoint, "read_span", lambda self, p, lo, hi: spans.append(hi - lo) or real(self, p, lo, hi))
+    result = compare(tmp_path / "b.safetensors", tmp_path / "t.safetensors")
+    assert len(spans) > 2 and max(spans) <= 100_000         # the base side needed several bounded reads
+    assert [t.status for t in result.tensors if t.name.endswith(".a")].count("changed") == 1

@@ -351,8 +351,9 @@ def streamed(pair: Pair) -> int:
 #: batches (one read per run of neighbouring tensors) instead of window by window: the 100,000
 #: small tensors of a mixture-of-experts checkpoint cost a read each, not a mapping per window
 SMALL_ELEMENTS = 1 << 16
-#: bytes read per batch and side at most
+#: bytes read per batch and side at most (and per single read, gaps included), and pairs per batch
 SMALL_BATCH_BYTES = 32 << 20
+SMALL_BATCH_PAIRS = 4096
 _SMALL_KINDS = ("paired",)
 
 #: (base index, base file, start, end, base storage dtype, tuned file, start, end, tuned storage dtype)
@@ -384,7 +385,8 @@ def _read_small(spans: list[Span | None], first: int, bases: Sequence[Checkpoint
         s = spans[i]
         if s is None:
             break
-        if batch and (used[0] + s[3] - s[2] > SMALL_BATCH_BYTES or used[1] + s[7] - s[6] > SMALL_BATCH_BYTES):
+        if batch and (len(batch) >= SMALL_BATCH_PAIRS or used[0] + s[3] - s[2] > SMALL_BATCH_BYTES
+                      or used[1] + s[7] - s[6] > SMALL_BATCH_BYTES):
             break
         batch.append(i)
         used[0] += s[3] - s[2]
@@ -401,7 +403,8 @@ def _read_small(spans: list[Span | None], first: int, bases: Sequence[Checkpoint
             k = j + 1
             while k < len(order):       # neighbours in the same file, gaps under 64 KB
                 s = spans[order[k]]
-                if ckpt_of(order[k]) is not ckpt or s[at] != path or s[at + 1] - hi > (1 << 16):
+                if (ckpt_of(order[k]) is not ckpt or s[at] != path or s[at + 1] - hi > (1 << 16)
+                        or max(hi, s[at + 2]) - lo > SMALL_BATCH_BYTES):   # gaps count: one read stays bounded
                     break
                 hi = max(hi, s[at + 2])
                 k += 1
