@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["parse_name", "block_slot", "group_of", "component_of", "is_embedding", "is_lm_head", "is_buffer"]
+__all__ = ["parse_name", "block_slot", "clear_name_caches", "group_of", "component_of", "is_embedding", "is_lm_head", "is_buffer"]
 
 _EMBED_LEAVES = ("embed_tokens", "wte", "word_embeddings", "shared", "embed_in", "tok_embeddings",
                  "token_embedding", "embedding")
@@ -248,3 +248,9 @@ def is_buffer(name: str, dtype: str | None = None, shape=None) -> bool:
     if leaf in BUFFER_LEAVES or (dtype is not None and dtype in BUFFER_DTYPES):
         return True
     return leaf == "bias" and len(parts) > 1 and parts[-2] == "attn" and shape is not None and len(shape) >= 2
+
+
+def clear_name_caches() -> None:
+    """Forget the parsed names (a comparison calls this when it is done with its checkpoints)."""
+    _parse_name.cache_clear()
+    _block_slot.cache_clear()
