@@ -27,7 +27,7 @@ from .cpu_vec import LANES, _fused, _vsums
 from .dtypes import DTYPES, FP8_STACK
 from .reference import IDX, NSTATS, STAT_FIELDS, combine, finalize  # noqa: F401  (same API)
 
-__all__ = ["STAT_FIELDS", "NSTATS", "CHUNK", "delta_stats", "bytes_stats", "combine", "finalize",
+__all__ = ["STAT_FIELDS", "NSTATS", "CHUNK", "delta_stats", "delta_stats_many", "bytes_stats", "combine", "finalize",
            "decode_delta_f32", "decode_delta_f64", "set_threads", "get_threads"]
 
 #: elements per chunk: the unit of parallel work and of deterministic summation
@@ -311,6 +311,39 @@ def delta_stats(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str) -> np.nd
         _chunk_stats(b, t, 0, b.size, *args, _F16_TABLE, _FP8, row)
         return row
     return _stats_driver(b, t, *args, _F16_TABLE, _FP8)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _many_driver(b, t, offsets, cb, ct, same, mb, eb, mt, et, f16, fp8, out):
+    for i in prange(offsets.size - 1):
+        _chunk_stats(b, t, offsets[i], offsets[i + 1], cb, ct, same, mb, eb, mt, et, f16, fp8, out[i])
+
+
+def delta_stats_many(base_raw, tuned_raw, offsets, dtype_base: str, dtype_tuned: str) -> np.ndarray:
+    """Many small pairs at once -> float64[len(offsets) - 1, NSTATS]: row i is
+    ``delta_stats(base_raw[offsets[i]:offsets[i + 1]], tuned_raw[...], ...)``, the same bits
+    (each pair is one chunk of that kernel, so at most ``CHUNK`` elements). The pairs are laid
+    end to end in ``base_raw`` and ``tuned_raw``; one call instead of one per pair."""
+    _check_decodable(dtype_base, dtype_tuned)
+    b, t = _bits(base_raw, dtype_base), _bits(tuned_raw, dtype_tuned)
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    _check_offsets(offsets, b.size, t.size)
+    mb, eb = _ulp_params(dtype_base)
+    mt, et = _ulp_params(dtype_tuned)
+    out = np.zeros((offsets.size - 1, NSTATS))
+    _many_driver(b, t, offsets, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, dtype_base == dtype_tuned,
+                 mb, eb, mt, et, _F16_TABLE, _FP8, out)
+    return out
+
+
+def _check_offsets(offsets: np.ndarray, nb: int, nt: int) -> None:
+    if nb != nt:
+        raise ValueError(f"base windows have {nb} elements, tuned windows {nt}")
+    if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0 or offsets[-1] != nb:
+        raise ValueError(f"offsets must run from 0 to {nb}")
+    steps = np.diff(offsets)
+    if steps.size and (steps.min() < 0 or steps.max() > CHUNK):
+        raise ValueError(f"each pair must hold 0 to {CHUNK} elements")
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)

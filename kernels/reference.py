@@ -129,6 +129,16 @@ def delta_stats(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str) -> np.nd
     return out
 
 
+def delta_stats_many(base_raw, tuned_raw, offsets, dtype_base: str, dtype_tuned: str) -> np.ndarray:
+    """Many pairs laid end to end -> float64[len(offsets) - 1, NSTATS]: row i is ``delta_stats``
+    of ``base_raw[offsets[i]:offsets[i + 1]]`` against the same slice of ``tuned_raw``."""
+    b, t = as_storage(base_raw, dtype_base).reshape(-1), as_storage(tuned_raw, dtype_tuned).reshape(-1)
+    if b.size != t.size or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != b.size:
+        raise ValueError(f"offsets must run from 0 to {b.size} on both sides")
+    return np.array([delta_stats(b[lo:hi], t[lo:hi], dtype_base, dtype_tuned)
+                     for lo, hi in zip(offsets[:-1], offsets[1:])]).reshape(-1, NSTATS)
+
+
 def bytes_stats(base_raw, tuned_raw) -> np.ndarray:
     """Stats for dtypes without float decoding (C64, F4, F6_*): float64[NSTATS].
 
@@ -200,6 +210,38 @@ def finalize(stats: np.ndarray) -> dict:
         "nonfinite_tuned": int(s[IDX["nonfinite_t"]]),
         "sign_flips": int(s[IDX["sign_flips"]]),
     }
+
+
+def finalize_many(stats: np.ndarray) -> list[dict]:
+    """``[finalize(row) for row in stats]``, the same values, computed column-wise: the fields of
+    many small tensors at once (``stats`` is float64[m, NSTATS])."""
+    s = np.asarray(stats, dtype=np.float64).reshape(-1, NSTATS)
+    if s.shape[0] == 0:
+        return []
+    col = {k: s[:, i] for k, i in IDX.items()}
+    count = col["count"]
+    nb, nt, nd = (np.sqrt(col[k]) for k in ("sum_b2", "sum_t2", "sum_d2"))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        x = col["dot"] / (nb * nt)
+        x = np.where(x > -1.0, x, -1.0)          # as max(-1.0, x) then min(1.0, x): NaN -> -1.0
+        cos = np.where(x < 1.0, x, 1.0)
+        rel = nd / nb
+        fracs = [col[k] / count for k in ("n_changed", "n_beyond", "sign_flips")]
+    has_cos = ((nb > 0) & (nt > 0)).tolist()
+    has_rel = (nb > 0).tolist()
+    counted = (count != 0).tolist()
+    ints = [col[k].astype(np.int64).tolist() for k in ("count", "nonfinite_b", "nonfinite_t", "sign_flips")]
+    nonfinite = (col["nonfinite_b"] + col["nonfinite_t"]).astype(np.int64).tolist()
+    cols = [c.tolist() for c in (nb, nt, nd, rel, cos, *fracs, col["max_abs"])]
+    out = []
+    for i, (n, b, t, d, r, c, fc, fb, ff, mx) in enumerate(zip(ints[0], *cols)):
+        ok = counted[i]
+        out.append({"numel": n, "norm_base": b, "norm_tuned": t, "norm_delta": d,
+                    "rel_change": r if has_rel[i] else None, "cosine": c if has_cos[i] else None,
+                    "frac_changed": fc if ok else None, "frac_beyond_rounding": fb if ok else None,
+                    "frac_sign_flips": ff if ok else None, "max_abs_delta": mx, "nonfinite": nonfinite[i],
+                    "nonfinite_base": ints[1][i], "nonfinite_tuned": ints[2][i], "sign_flips": ints[3][i]})
+    return out
 
 
 def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: np.ndarray) -> tuple[int, float]:

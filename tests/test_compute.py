@@ -39,10 +39,12 @@ def test_small_pairs_read_in_batches_give_the_windowed_records(tmp_path, monkeyp
 
     rng = np.random.default_rng(5)
     base, tuned = {}, {}
-    for i in range(40):      # odd-sized U8 tensors between the floats put some at unaligned offsets
-        dt = ("BF16", "F32", "U8", "F16")[i % 4]
-        shape = (3, 5) if i % 3 else (7,)
+    for i in range(60):      # odd-sized U8 tensors between the floats put some at unaligned offsets
+        dt = ("BF16", "F32", "U8", "F16", "F64")[i % 5]
+        shape = (3, 5) if i % 3 else (7,) if i % 4 else (1100,)     # (1100,): more than one sub-block
         v = rng.normal(size=shape).astype(np.float32) if dt != "U8" else rng.integers(0, 9, shape).astype(np.uint8)
+        if dt != "U8" and i % 7 == 0:     # non-finite values, a subnormal and a huge one among them
+            v.flat[:4] = [np.nan, np.inf, 1e-42, 3e38]
         w = v if i % 2 else (v + (rng.normal(size=shape) * 0.01 if dt != "U8" else 1)).astype(v.dtype)
         base[f"model.layers.{i}.w"] = (dt, to_storage(v, dt) if dt != "U8" else v)
         tuned[f"model.layers.{i}.w"] = (dt, to_storage(w, dt) if dt != "U8" else w)
@@ -50,7 +52,7 @@ def test_small_pairs_read_in_batches_give_the_windowed_records(tmp_path, monkeyp
     save_file(tmp_path / "t.safetensors", tuned)
     seen = []
     real = compute.compute_pair
-    monkeypatch.setattr(compute, "compute_pair", lambda *a, **k: seen.append(a[7] is not None) or real(*a, **k))
+    monkeypatch.setattr(compute, "compute_pair", lambda *a, **k: seen.append(a[9] is not None) or real(*a, **k))
     batched = compare(tmp_path / "b.safetensors", tmp_path / "t.safetensors").to_json(include_run=False)
     assert seen and all(seen)
     seen.clear()

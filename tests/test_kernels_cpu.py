@@ -253,3 +253,58 @@ def test_a_float32_delta_copy_reports_what_it_rounded():
     assert bad == 1 and err2 == (float(np.float32(exact)) - exact) ** 2 > 0
     b64 = np.array([0.1, 2.0], np.float64)
     assert cpu.decode_delta_f32(b64, np.array([0.3, 2.5]), "F64", "F64", np.empty(2, np.float32))[0] == 1
+
+
+@pytest.mark.parametrize("db,dt", PAIRS, ids=[f"{a}-{b}" for a, b in PAIRS])
+def test_delta_stats_many_is_delta_stats_of_each_pair_bitwise(db, dt):
+    """The batched small-pair kernel gives every pair the bits of its own ``delta_stats`` call
+    (and the reference twin agrees with the reference), at lengths around the sub-block."""
+    rng = np.random.default_rng(zlib.crc32(f"many-{db}-{dt}".encode()))
+    lengths = [0, 1, 3, cpu.SUB - 1, cpu.SUB, cpu.SUB + 1, 7, 2 * cpu.SUB + 5, cpu.CHUNK, 0, 2]
+    pairs = [make_pair(rng, n, db, dt) for n in lengths]
+    b = np.concatenate([p[0] for p in pairs])
+    t = np.concatenate([p[1] for p in pairs])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    got = cpu.delta_stats_many(b, t, offsets, db, dt)
+    want = ref.delta_stats_many(b, t, offsets, db, dt)
+    assert got.shape == want.shape == (len(lengths), ref.NSTATS)
+    for i, (pb, pt) in enumerate(pairs):
+        np.testing.assert_array_equal(got[i], cpu.delta_stats(pb, pt, db, dt))
+        assert_stats_close(got[i], want[i])
+
+
+def test_delta_stats_many_rejects_bad_offsets():
+    b = np.zeros(10, np.float32)
+    for offsets in ([0, 5], [1, 10], [0, 6, 4, 10], [], [0, cpu.CHUNK + 1]):
+        with pytest.raises(ValueError):
+            cpu.delta_stats_many(np.zeros(max(10, cpu.CHUNK + 1), np.float32)
+                                 if offsets == [0, cpu.CHUNK + 1] else b,
+                                 np.zeros(max(10, cpu.CHUNK + 1), np.float32)
+                                 if offsets == [0, cpu.CHUNK + 1] else b, np.array(offsets), "F32", "F32")
+    with pytest.raises(ValueError):
+        cpu.delta_stats_many(b, np.zeros(9, np.float32), np.array([0, 10]), "F32", "F32")
+
+
+def test_finalize_many_is_finalize_of_each_row():
+    """Column-wise finalize: the same values and types as one ``finalize`` per row, on rows with
+    zero counts, zero and non-finite norms, cosines past +-1, NaN and norms whose product underflows."""
+    rng = np.random.default_rng(11)
+    rows = np.abs(rng.standard_normal((400, ref.NSTATS))) * np.exp2(rng.integers(-600, 600, (400, ref.NSTATS)))
+    rows[:, ref.IDX["dot"]] *= rng.choice([-1.0, 1.0, 1.5, -3.0], 400)
+    for k in ("count", "n_changed", "n_beyond", "nonfinite_b", "nonfinite_t", "sign_flips"):
+        rows[:, ref.IDX[k]] = rng.integers(0, 50, 400)
+    specials = [0.0, np.inf, np.nan, 1e-320, 1e300]
+    floats = [ref.IDX[k] for k in ("sum_b2", "sum_t2", "sum_d2", "dot", "max_abs")]
+    for i in range(200):
+        rows[i, floats[i % len(floats)]] = specials[(i // len(floats)) % len(specials)]
+    rows[7, :] = 0.0
+    rows[8, ref.IDX["sum_b2"]] = rows[8, ref.IDX["sum_t2"]] = 1e-320       # nb * nt underflows to 0
+    got = ref.finalize_many(rows)
+    want = [ref.finalize(r) for r in rows]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert list(g) == list(w)
+        for k in w:
+            assert type(g[k]) is type(w[k]), k
+            assert g[k] == w[k] or (g[k] != g[k] and w[k] != w[k]), (k, g[k], w[k])
+    assert ref.finalize_many(np.zeros((0, ref.NSTATS))) == []

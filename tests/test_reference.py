@@ -86,3 +86,26 @@ def test_scale_from_rows_and_old_json_without_floors():
     assert s["points"][0]["rel_change"] == pytest.approx(0.1)
     assert s["points"][1]["rel_change"] == pytest.approx(math.sqrt(2))
     assert reference_scale({"tensors": []})["points"] == []
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "F64", "F8_E4M3", "I8", "U8"])
+def test_small_floors_equal_one_accumulator_per_array(dtype):
+    """The batched floors of many small tensors are the bits of one ``FloorAccumulator`` each,
+    with zeros, subnormals, non-finite values, overflows, empty and all-zero arrays among them."""
+    from kernel_cases import make_pair
+
+    from weightdiff.measure.floors import small_floors
+
+    rng = np.random.default_rng(3)
+    arrays = [make_pair(rng, n, dtype, dtype)[0] for n in (1, 5, 0, 300, 4096, 17, 2, SAMPLE)]
+    arrays.append(np.zeros(9, arrays[0].dtype))
+    wide = (rng.standard_normal(64) * np.exp2(rng.integers(-140, 140, 64))).astype(np.float64)
+    if dtype in ("F32", "F64"):
+        arrays.append(wide.astype(arrays[0].dtype))      # bins far apart: the sums must still agree
+    got = small_floors(arrays, dtype)
+    for a, g in zip(arrays, got):
+        acc = FloorAccumulator()
+        acc.add(a, dtype)
+        assert g == acc.result() and [type(v) for v in g.values()] == [float, float, int]
+    with pytest.raises(ValueError):
+        small_floors([np.zeros(SAMPLE + 1, np.float32)], "F32")

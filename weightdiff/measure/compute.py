@@ -116,12 +116,14 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                  backend: Backend, classify: Classify,
                  on_window: Callable[[int], None] = lambda n: None,
                  raw: tuple[np.ndarray, np.ndarray] | None = None,
-                 solver: "Solver | None" = None) -> TensorRecord:
+                 solver: "Solver | None" = None, pre: "tuple[np.ndarray, dict, dict] | None" = None) -> TensorRecord:
     """Measure one pair of the plan and return its record (status, stats, rank).
 
-    ``raw``: both tensors' stored elements, already read (``small_pairs``); the same record
-    as reading them here. ``solver``: the eigen-solve of a streamed Gram matrix may run
-    there while the caller goes on; ``rec.rank`` is then a ``Deferred`` (``Solver.resolve``)."""
+    ``raw``: both tensors' stored elements, already read; the same record as reading them here.
+    ``pre``: a small pair's statistics, cast floors and finalized fields, computed with its batch
+    (``_small_batch``); the same record again. ``solver``: the eigen-solve of a streamed Gram
+    matrix may run there while the caller goes on; ``rec.rank`` is then a ``Deferred``
+    (``Solver.resolve``)."""
     shape_t = list(pair.shape_tuned) if pair.shape_tuned is not None else None
     shape_b = list(pair.shape_base) if pair.shape_base is not None else None
     rec = TensorRecord(
@@ -174,7 +176,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         rec.status = "changed"
         return rec
     tuned_t = sink = None
-    floors = FloorAccumulator()
+    floors = FloorAccumulator() if pre is None else None
     if pair.transposed:
         # content pairing found the tuned matrix stored transposed (ONNX MatMul initializers):
         # compare its transpose, read whole (bounded by the tensor, as the rank pass is)
@@ -183,13 +185,18 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         stats = _array_stats(backend, base, pair.base_name, pair.dtype_base, tuned_t, pair.dtype_tuned, on_window)
         rec.note = "paired by content: the tuned matrix is stored transposed; its transpose is compared"
     else:
-        if stop is None and not opaque:
+        if stop is None and not opaque and pre is None:   # a small pair never streams its Gram matrix
             sink = streamed_rank_sink(pair, options, backend.name, WINDOW_ELEMENTS)
-        stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
-                              pair.dtype_tuned, stop, on_window, floors, sink, raw)
-        if not opaque:
-            rec.rounding_floor = floors.result()
-    fields = reference.finalize(stats)
+        if pre is not None and not opaque:
+            stats, rec.rounding_floor, fields = pre
+            on_window(int(stats[0]))
+        else:
+            stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
+                                  pair.dtype_tuned, stop, on_window, floors, sink, raw)
+            if not opaque:
+                rec.rounding_floor = floors.result()
+    if pre is None or opaque:
+        fields = reference.finalize(stats)
     _fill(rec, fields)
     rec.numel_compared = int(stats[0])
     rec.compared = "bytes" if opaque else "float"
@@ -351,6 +358,9 @@ def streamed(pair: Pair) -> int:
 #: batches (one read per run of neighbouring tensors) instead of window by window: the 100,000
 #: small tensors of a mixture-of-experts checkpoint cost a read each, not a mapping per window
 SMALL_ELEMENTS = 1 << 16
+#: never more: a small pair is one chunk of the CPU stats kernel (``kernels.cpu.delta_stats_many``)
+#: and small enough for the direct rank path (``backend.LAPACK_MAX_ELEMENTS``), so it streams nothing
+SMALL_MAX = 1 << 16
 #: bytes read per batch and side at most (and per single read, gaps included), and pairs per batch
 SMALL_BATCH_BYTES = 32 << 20
 SMALL_BATCH_PAIRS = 4096
@@ -367,7 +377,7 @@ def _small_spans(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint) -> 
         return None
     if not (DTYPES[pair.dtype_base].decodable and DTYPES[pair.dtype_tuned].decodable):
         return None
-    if not 0 < _elements(pair, pair.shape_tuned) <= SMALL_ELEMENTS:
+    if not 0 < _elements(pair, pair.shape_tuned) <= min(SMALL_ELEMENTS, SMALL_MAX):
         return None
     sb = bases[pair.base_index].plain_span(pair.base_name)
     st = tuned.plain_span(pair.tuned_name)
@@ -395,7 +405,10 @@ def _read_small(spans: list[Span | None], first: int, bases: Sequence[Checkpoint
     for side in (0, 1):
         at = 1 + 4 * side
         ckpt_of = (lambda i: bases[spans[i][0]]) if side == 0 else (lambda i: tuned)
-        order = sorted(batch, key=lambda i: (id(ckpt_of(i)), str(spans[i][at]), spans[i][at + 1]))
+        paths: dict = {}              # one string per file, not one str() per pair
+        order = sorted(batch, key=lambda i: (spans[i][0] if side == 0 else 0,
+                                             paths.get(spans[i][at]) or paths.setdefault(spans[i][at], str(spans[i][at])),
+                                             spans[i][at + 1]))
         j = 0
         while j < len(order):
             i0 = order[j]
@@ -403,7 +416,7 @@ def _read_small(spans: list[Span | None], first: int, bases: Sequence[Checkpoint
             k = j + 1
             while k < len(order):       # neighbours in the same file, gaps under 64 KB
                 s = spans[order[k]]
-                if (ckpt_of(order[k]) is not ckpt or s[at] != path or s[at + 1] - hi > (1 << 16)
+                if (ckpt_of(order[k]) is not ckpt or (s[at] is not path and s[at] != path) or s[at + 1] - hi > (1 << 16)
                         or max(hi, s[at + 2]) - lo > SMALL_BATCH_BYTES):   # gaps count: one read stays bounded
                     break
                 hi = max(hi, s[at + 2])
@@ -418,6 +431,37 @@ def _read_small(spans: list[Span | None], first: int, bases: Sequence[Checkpoint
                 out[i][side] = arr
             j = k
     return {i: (b, t) for i, (b, t) in out.items()}
+
+
+def _small_batch(pairs: Sequence[Pair], spans: list[Span | None], first: int, bases: Sequence[Checkpoint],
+                 tuned: Checkpoint, backend: Backend) -> dict[int, tuple[np.ndarray, dict, dict]]:
+    """The statistics and cast floors of the run of small pairs from ``first`` on (``_read_small``),
+    computed together: one kernel call per dtype pair and one histogram per base dtype instead of
+    a few calls per pair, the same numbers as ``compute_pair`` gets pair by pair."""
+    from .floors import small_floors
+
+    raws = _read_small(spans, first, bases, tuned)
+    out: dict[int, list] = {i: [None, None, None] for i in raws}
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i in raws:
+        groups.setdefault((pairs[i].dtype_base, pairs[i].dtype_tuned), []).append(i)
+    many = getattr(backend.module, "delta_stats_many", reference.delta_stats_many)
+    for (db, dt), idx in groups.items():
+        sizes = [raws[i][0].size for i in idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        rows = many(np.concatenate([raws[i][0].reshape(-1) for i in idx]),
+                    np.concatenate([raws[i][1].reshape(-1) for i in idx]), offsets, db, dt)
+        for i, row, fields in zip(idx, rows, reference.finalize_many(rows)):
+            out[i][0] = row
+            out[i][2] = fields
+    by_base: dict[str, list[int]] = {}
+    for i in raws:
+        by_base.setdefault(pairs[i].dtype_base, []).append(i)
+    for db, idx in by_base.items():
+        for i, fl in zip(idx, small_floors([raws[i][0] for i in idx], db)):
+            out[i][1] = fl
+    return {i: (row, fl, fields) for i, (row, fl, fields) in out.items()}
 
 
 def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint], tuned: Checkpoint,
@@ -440,7 +484,7 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
 
         cache = RecordCache(options.cache, options.settings())
     spans = [_small_spans(p, bases, tuned) if backend.name == "cpu" else None for p in pairs]
-    raws: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    pres: dict[int, tuple[np.ndarray, dict, dict]] = {}
     solver = Solver()
     pending: list[tuple[TensorRecord, object]] = []    # computed, not yet cached (rank maybe still solving)
 
@@ -465,10 +509,10 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
             key = cache.key(pair, bases, tuned) if cache is not None else None
             rec = cache.get(key) if cache is not None else None
             if rec is None:
-                if spans[i] is not None and i not in raws:
-                    raws = _read_small(spans, i, bases, tuned)
-                rec = compute_pair(pair, bases, tuned, options, backend, classify, on_window, raws.pop(i, None),
-                                   solver)
+                if spans[i] is not None and i not in pres:
+                    pres = _small_batch(pairs, spans, i, bases, tuned, backend)
+                rec = compute_pair(pair, bases, tuned, options, backend, classify, on_window, None, solver,
+                                   pres.pop(i, None))
                 pending.append((rec, key))
             else:
                 on_window(streamed(pair))
