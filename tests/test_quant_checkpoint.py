@@ -275,3 +275,30 @@ def test_fp8_stacked_experts(tmp_path, rng):
     with locate(p) as ck:
         assert list(ck.tensors) == [name] and ck.tensors[name].shape == (3, 64, 256)
         np.testing.assert_array_equal(np.concatenate(list(ck.windows(name, 5000))).reshape(want.shape), want)
+
+
+def test_fold_shortcut_sees_every_name_fold_acts_on(monkeypatch):
+    """The one-search shortcut of ``fold`` (nothing to fold: the same tensors) never skips a name the
+    full pass acts on, and gives the full pass's answer on a plain checkpoint."""
+    from pathlib import Path
+
+    from weightdiff.io import quantized as Q
+    from weightdiff.io.safetensors_read import TensorInfo
+
+    def info(name, dtype="BF16", shape=(4, 4)):
+        return TensorInfo(name, dtype, shape, Path("x"), 0, 32)
+
+    leaves = {"qweight", "weight_packed", "SCB", "weight_scale", "weight_scale_inv", *Q.ACTIVATION_SCALES,
+              *Q._COMPANIONS, *Q._COMPANIONS_IF_QUANTIZED}
+    for leaf in leaves:
+        for name in (f"model.layers.0.mlp.{leaf}", leaf, f"a\nb.{leaf}"):
+            assert Q._special_names({"model.embed.weight": info("model.embed.weight"), name: info(name)}), name
+    for name in ("model.layers.0.experts.gate_up_proj_blocks", "x.weight.quant_state.bitsandbytes__nf4"):
+        assert Q._special_names({name: info(name)}), name
+    plain = {n: info(n) for n in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                                  "model.layers.0.mlp.qweight_x", "model.layers.0.scales_norm.weight",
+                                  "model.layers.1.blocks.0.weight", "lm_head.weight", "weight_scale.bias")}
+    assert not Q._special_names(plain)
+    fast = Q.fold(plain, None, None)
+    monkeypatch.setattr(Q, "_special_names", lambda tensors: True)
+    assert Q.fold(plain, None, None) == fast == (plain, {}, [])

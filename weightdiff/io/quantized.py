@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -313,6 +314,22 @@ def _mxfp4(prefix: str, b: TensorInfo, s: TensorInfo, qc: dict) -> Source:
     return MXFP4(prefix, (E, G * 32, R), sch, b.path, b, s, out)
 
 
+def _special_names(tensors: dict) -> bool:
+    """Whether any stored name is one ``fold`` acts on (a quantized weight, a companion, an
+    activation scale, an MXFP4 block, a bitsandbytes state): one regular-expression search over
+    all the names instead of a split per name. A false positive only costs the full pass."""
+    global _SPECIAL
+    if _SPECIAL is None:
+        leaves = sorted({"qweight", "weight_packed", "SCB", "weight_scale", "weight_scale_inv",
+                         *ACTIVATION_SCALES, *_COMPANIONS, *_COMPANIONS_IF_QUANTIZED})
+        _SPECIAL = re.compile(r"(?:^|\.)(?:" + "|".join(map(re.escape, leaves)) + r")$|_blocks$|"
+                              r"\.quant_state\.bitsandbytes__", re.M)
+    return _SPECIAL.search("\n".join(tensors)) is not None
+
+
+_SPECIAL = None
+
+
 def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
          ) -> tuple[dict[str, TensorInfo], dict[str, Source], list[str]]:
     """(logical tensors, their sources, folded-away activation/KV scales) of a checkpoint's
@@ -326,6 +343,8 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
             ("", "pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "mixed-precision"):
         raise CheckpointError(qc.get("_path"), f"compressed-tensors format {qc.get('format')!r} is not supported",
                               "supported: pack-quantized, int-quantized, float-quantized, naive-quantized")
+    if not _special_names(tensors):           # nothing to fold (most checkpoints): the same tensors
+        return dict(tensors), {}, []
     sources: dict[str, Source] = {}
     owner: dict[str, str] = {}                  # stored name -> logical name
     hidden: list[str] = []

@@ -37,21 +37,19 @@ class _Acc:
         self.ranked: list[TensorRecord] = []
         self.modules: dict[str, list[float]] = {}
 
-    def add(self, rec: TensorRecord, thresholds: Thresholds, module: str | None = None) -> None:
-        changed = is_changed(rec, thresholds)
-        dp_changed, dp_added = delta_params_of(rec, thresholds)
+    def add(self, rec: TensorRecord, facts: tuple, module: str | None = None) -> None:
+        changed, delta, extra, sq = facts
         self.params += rec.numel
         self.tensors += 1
         if rec.status == "added":
             self.params_changed += rec.numel
         elif changed:
             self.params_changed += rec.numel if is_mismatch(rec) or rec.status != "resized" else \
-                rec.numel_compared + extra_rows(rec)
+                rec.numel_compared + extra
         else:
-            self.params_changed += extra_rows(rec)
-        self.tensors_changed += changed or rec.status == "added" or extra_rows(rec) > 0
-        self.delta += dp_changed + dp_added
-        sq = norms_sq(rec)
+            self.params_changed += extra
+        self.tensors_changed += changed or rec.status == "added" or extra > 0
+        self.delta += delta
         if sq is not None:
             self.nb2 += sq[0]
             self.nd2 += sq[1]
@@ -67,6 +65,13 @@ class _Acc:
                 "params_changed": self.params_changed, "rel_change": ratio(self.nd2, self.nb2),
                 "norm_base": math.sqrt(self.nb2), "norm_delta": math.sqrt(self.nd2), "delta_params": self.delta,
                 **max_rank_fields(self.ranked)}
+
+
+def _facts(rec: TensorRecord, thresholds: Thresholds) -> tuple:
+    """What a block and a module kind add up of one record, worked out once for both:
+    (changed, delta parameters, extra rows, squared norms or None)."""
+    dp_changed, dp_added = delta_params_of(rec, thresholds)
+    return is_changed(rec, thresholds), dp_changed + dp_added, extra_rows(rec), norms_sq(rec)
 
 
 def aggregate(records: list[TensorRecord], thresholds: Thresholds) -> tuple[list[BlockRecord], dict[str, dict]]:
@@ -92,8 +97,9 @@ def aggregate(records: list[TensorRecord], thresholds: Thresholds) -> tuple[list
             blocks[label] = _Acc()
             index[label] = parse_name(rec.name)[1] if rec.block is not None else None
             namespaces.setdefault(label.rsplit(".", 1)[0] if rec.block is not None else label, len(namespaces))
-        blocks[label].add(rec, thresholds, rec.module)
-        modules.setdefault(rec.module, _Acc()).add(rec, thresholds)
+        facts = _facts(rec, thresholds)
+        blocks[label].add(rec, facts, rec.module)
+        modules.setdefault(rec.module, _Acc()).add(rec, facts)
 
     def order(label: str) -> tuple:
         if index[label] is None:

@@ -66,25 +66,39 @@ def _field(row, key: str):
     return row.get(key) if isinstance(row, dict) else getattr(row, key, None)
 
 
+def _getter(row):
+    """``_field(row, .)`` for one row: a JSON row's ``get``, a record's ``__dict__.get`` (one
+    dictionary lookup per field: this runs once per tensor per question, 100,000 times for a
+    mixture-of-experts checkpoint)."""
+    if isinstance(row, dict):
+        return row.get
+    fields = getattr(row, "__dict__", None)
+    return fields.get if fields is not None else (lambda key: getattr(row, key, None))
+
+
+_RELATED_STATUS = ("unchanged", "rounding", "quantized", "changed", "resized")   # tuples: a JSON row may hold
+_RELATED_COMPARED = ("float", "factors", None)                                  # anything, hashable or not
+_KIND = {name: d.kind for name, d in DTYPES.items()}
+
+
 def counts_for_relatedness(row, large: int | None) -> bool:
     """Whether one tensor (a ``TensorRecord`` or a JSON row) is evidence of relatedness:
     a paired matrix compared as floats with a finite cosine, not a norm gain or bias,
     with at least ``large`` compared elements (any size when ``large`` is None)."""
-    if _field(row, "status") not in ("unchanged", "rounding", "quantized", "changed", "resized"):
+    get = _getter(row)
+    if get("status") not in _RELATED_STATUS or get("compared") not in _RELATED_COMPARED:
         return False
-    if _field(row, "compared") not in ("float", "factors", None):
-        return False
-    cos = _field(row, "cosine")
+    cos = get("cosine")
     if cos is None or not math.isfinite(cos):
         return False
-    if _field(row, "module") in ("norm", "bias") or len(_field(row, "shape") or []) < 2:
+    if get("module") in ("norm", "bias") or len(get("shape") or ()) < 2:
         return False
-    kinds = {DTYPES[d].kind if d in DTYPES else None for d in (_field(row, "dtype_base"), _field(row, "dtype_tuned"))}
+    kinds = tuple(_KIND.get(d) if isinstance(d, str) else None for d in (get("dtype_base"), get("dtype_tuned")))
     if "int" in kinds and "float" in kinds:
         # integer codes (an int8 export read without its scales) against floats: the cosine of
         # raw codes depends on the zero point, not on relatedness
         return False
-    n = _field(row, "numel_compared") or _field(row, "numel") or 0
+    n = get("numel_compared") or get("numel") or 0
     return large is None or n >= large
 
 
