@@ -72,3 +72,40 @@ def test_a_record_with_nan_or_an_added_attribute_is_written_like_its_dict():
         want = dumps_reference({"tensors": [r.to_dict() for r in records], "x": 1})
         assert got == want
         assert "scratch" not in got and "NaN" not in got and "Infinity" not in got
+
+
+def test_tensor_row_views_read_and_write_like_the_rows(tmp_path, rng):
+    """``TensorRow`` views (what explain and the CLI read) equal each record's ``to_dict()`` row,
+    write the same JSON bytes, and give the same sentences, reference scale and terminal text."""
+    from conftest import write_checkpoint
+    from models import llama
+
+    from weightdiff.comparison import explain
+    from weightdiff.records import TensorRow, plain_rows
+    from weightdiff.render import sentences
+    from weightdiff.render.reference import reference_scale
+    from weightdiff.render.terminal import render_text
+
+    base = llama(rng, layers=2, hidden=32, inter=48, vocab=64)
+    tuned = {k: v + rng.normal(0, 1e-2, v.shape).astype(np.float32) for k, v in base.items()}
+    tuned["extra.weight"] = rng.normal(size=(8, 8)).astype(np.float32)              # an added tensor
+    del tuned[next(k for k in base if "layers.1" in k)]                             # a removed one
+    write_checkpoint(tmp_path / "b", base, dtype="F32")
+    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
+    result = compare(tmp_path / "b", tmp_path / "t")
+    views, rows = result.to_dict(_views=True), result.to_dict()
+    assert any(t.rank is not None for t in result.tensors) and any(t.rounding_floor for t in result.tensors)
+    for v, r in zip(views["tensors"], rows["tensors"]):
+        assert type(v) is TensorRow and v == r and dict(v) == r and list(v) == list(r)
+        assert v.get("rank") == r["rank"] and v["shape"] == r["shape"] and v.get("nope", 7) == 7
+        with pytest.raises(KeyError):
+            v["nope"]
+    assert dumps(views) == dumps(rows) == dumps_reference(rows)
+    assert render_text(views) == render_text(rows)
+    for data in (views, rows):
+        data.pop("reference")
+    assert reference_scale(views) == reference_scale(rows)
+    assert sentences.verdict_reason(views) == sentences.verdict_reason(rows)
+    assert sentences.headline(views) == sentences.headline(rows)
+    assert explain(result).summary.headline == sentences.headline(rows)
+    assert plain_rows(views)["tensors"] == rows["tensors"] and all(type(t) is dict for t in views["tensors"])

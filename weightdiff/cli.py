@@ -187,12 +187,18 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, base_lab
                          hash_files=hash_files, command=_command_line(), hub=hub,
                          base_label=list(base_labels) or None, tuned_label=tuned_label)
     progress.close()
-    data = result.to_dict()
-    del result                       # the records go; every output is written from the dict
+    # the tensors as views of their records: the JSON is written from the records and no dict per
+    # tensor is built unless CSV, the memo or figures need one (plain_rows)
+    data = result.to_dict(_views=True)
+    del result
     if json_out:
         from .records import dumps
 
         _write_output(json_out, dumps(data))
+    if csv_out or report_out or plots_dir:
+        from .records import plain_rows
+
+        plain_rows(data)
     if csv_out:
         from .render.tabular import to_csv
 

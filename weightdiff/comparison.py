@@ -39,7 +39,7 @@ from .pairing.names import clear_name_caches
 from .render import sentences
 from .render.reference import reference_scale
 from .errors import OptionsError, WeightdiffError
-from .records import SCHEMA, BlockRecord, Summary, TensorRecord, dumps
+from .records import SCHEMA, BlockRecord, Summary, TensorRecord, TensorRow, dumps
 
 PathLike = Union[str, os.PathLike]
 #: (plan, bases, tuned, options, progress) -> (records in plan order, seconds): ``compute_all``'s signature
@@ -62,7 +62,9 @@ class Comparison:
     run: dict = field(default_factory=dict)
     reference: dict = field(default_factory=dict)   # the reference scale (render.reference), set by explain()
 
-    def to_dict(self, include_run: bool = True, _records: bool = False) -> dict[str, Any]:
+    def to_dict(self, include_run: bool = True, _records: bool = False, _views: bool = False) -> dict[str, Any]:
+        """The JSON document as plain data. (``_records``/``_views``, for this package's own
+        readers: ``tensors`` as the records themselves or as read-only ``TensorRow`` views.)"""
         d: dict[str, Any] = {
             "schema": SCHEMA,
             "tool": {"name": "weightdiff", "version": __version__},
@@ -75,7 +77,8 @@ class Comparison:
             "modules": self.modules,
             "blocks": [b.to_dict() for b in self.blocks],
             # the records themselves for to_json: records.dumps writes each as one line
-            "tensors": list(self.tensors) if _records else [t.to_dict() for t in self.tensors],
+            "tensors": list(self.tensors) if _records else [TensorRow(t) for t in self.tensors] if _views
+            else [t.to_dict() for t in self.tensors],
         }
         if include_run:
             d["run"] = self.run
@@ -294,7 +297,7 @@ def explain(result: Comparison) -> Comparison:
     """Write the verdict's reason and the headline (``render.sentences``) into the summary
     and the reference scale (``render.reference``) beside it: the last step of the pipeline,
     after the judge has decided."""
-    data = result.to_dict(include_run=False)
+    data = result.to_dict(include_run=False, _views=True)
     result.reference = data["reference"] = reference_scale(data)
     result.summary.verdict_reason = sentences.verdict_reason(data)
     data["summary"]["verdict_reason"] = result.summary.verdict_reason

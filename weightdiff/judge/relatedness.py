@@ -18,6 +18,7 @@ import numpy as np
 from ..kernels.dtypes import DTYPES, decode
 from ..options import Thresholds
 from ..pairing.names import component_of, parse_name
+from ..records import TensorRow
 from .status import PAIRED, ratio
 
 __all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "looks_unrelated", "large_matrix_relatedness", "components",
@@ -63,14 +64,14 @@ def looks_unrelated(cosine: float | None, rel_change: float | None, thresholds: 
 
 
 def _field(row, key: str):
-    return row.get(key) if isinstance(row, dict) else getattr(row, key, None)
+    return row.get(key) if isinstance(row, dict) or type(row) is TensorRow else getattr(row, key, None)
 
 
 def _getter(row):
     """``_field(row, .)`` for one row: a JSON row's ``get``, a record's ``__dict__.get`` (one
     dictionary lookup per field: this runs once per tensor per question, 100,000 times for a
     mixture-of-experts checkpoint)."""
-    if isinstance(row, dict):
+    if isinstance(row, dict) or type(row) is TensorRow:
         return row.get
     fields = getattr(row, "__dict__", None)
     return fields.get if fields is not None else (lambda key: getattr(row, key, None))

@@ -28,7 +28,7 @@ class CheckpointLike(Protocol):
     adapter: Any
 
 
-@dataclass
+@dataclass(slots=True)
 class Pair:
     """One line of the plan: a tuned tensor, the base tensor it is compared with, and how."""
 
@@ -113,7 +113,7 @@ def _numel(shape: Iterable[int] | None) -> int:
     return 0 if shape is None else int(math.prod(int(s) for s in shape))
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     """A tuned-side entry: its matching key, the name reported, the tensor read, its header."""
 
@@ -132,11 +132,11 @@ def source_of(it: _Item) -> str | None:
 
 
 def make_pair(it: _Item, bname: str, info: Any, i: int, vocab: tuple[set[int], set[int]]) -> Pair:
-    sb = tuple(int(s) for s in info.shape)
+    sb = tuple(map(int, info.shape))
     if it.lora is not None:
         p = Pair(it.key, bname, i, "lora", sb, sb, it.dtype, info.dtype, lora=it.lora)
         return p
-    st = tuple(int(s) for s in it.shape)
+    st = tuple(map(int, it.shape))
     kind, overlap = "paired", None
     if st != sb:
         kind = "mismatch"
