@@ -109,3 +109,34 @@ def test_tensor_row_views_read_and_write_like_the_rows(tmp_path, rng):
     assert sentences.headline(views) == sentences.headline(rows)
     assert explain(result).summary.headline == sentences.headline(rows)
     assert plain_rows(views)["tensors"] == rows["tensors"] and all(type(t) is dict for t in views["tensors"])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_json_written_in_pieces_is_the_same_bytes(tmp_path, rng, chunk):
+    """``dump_chunks`` hands on exactly ``dumps``' text, and ``write_text_pieces`` writes exactly
+    ``write_text``'s bytes, lone surrogates (backslash-escaped) included."""
+    from weightdiff.fsutil import write_text, write_text_pieces
+    from weightdiff.records import dump_chunks
+
+    obj = {"tensors": [{"name": "a\ud800b\U0001f600", "x": 1.5}, {"name": "ü", "x": None}],
+           "deep": [[{"k": "\udc00"}]], "n": float("nan")}
+    pieces: list[str] = []
+    dump_chunks(obj, pieces.append, chunk)
+    assert "".join(pieces) == dumps(obj)
+    assert chunk > 100 or len(pieces) > 3
+    write_text(tmp_path / "whole.json", dumps(obj))
+    write_text_pieces(tmp_path / "pieces.json", lambda write: dump_chunks(obj, write, chunk))
+    assert (tmp_path / "pieces.json").read_bytes() == (tmp_path / "whole.json").read_bytes()
+    assert b"\\ud800" in (tmp_path / "pieces.json").read_bytes()
+
+
+def test_a_failing_piece_writer_leaves_nothing(tmp_path):
+    from weightdiff.fsutil import write_text_pieces
+
+    def produce(write):
+        write("{")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        write_text_pieces(tmp_path / "out.json", produce)
+    assert list(tmp_path.iterdir()) == []

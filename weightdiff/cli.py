@@ -14,7 +14,7 @@ import click
 
 from ._version import __version__
 from .cli_options import (_checked, _claim_outputs, _cluster_options, _command_line, _document, _hub_options, _listed, _memo_path,
-                          _provenance_options, _say, _write_output, output_options)
+                          _provenance_options, _say, _write_json, _write_output, output_options)
 from .errors import OptionsError, UsageProblem, WeightdiffError, escape_name
 from .options import CompareOptions, HubOptions, click_options, flag_of
 
@@ -192,9 +192,7 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, base_lab
     data = result.to_dict(_views=True)
     del result
     if json_out:
-        from .records import dumps
-
-        _write_output(json_out, dumps(data))
+        _write_json(json_out, data)
     if csv_out or report_out or plots_dir:
         from .records import plain_rows
 

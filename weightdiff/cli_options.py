@@ -28,6 +28,18 @@ def _write_output(target: str, text: str) -> None:
         write_text(target, text)
 
 
+def _write_json(target: str, data: dict) -> None:
+    """``_write_output(target, dumps(data))``, a file written in pieces (a 100,000-tensor result is
+    64 MB of text: never held whole, nor beside its bytes)."""
+    from .fsutil import write_text_pieces
+    from .records import dump_chunks, dumps
+
+    if target == "-":
+        _write_output(target, dumps(data))
+    else:
+        write_text_pieces(target, lambda write: dump_chunks(data, write))
+
+
 def _cluster_options(fn):
     """--scheduler / --workers / --worker-memory: where the tasks run (survey, split compare)."""
     for opt in reversed([

@@ -37,7 +37,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Callable, Iterable, Iterator
 
 from .errors import CheckpointError, OutputError, WeightdiffError, escape_name  # noqa: F401  (re-exported)
 
@@ -186,8 +186,10 @@ class OutputSet:
                 continue
             self._created.append(d)
 
-    def stage(self, target: str | os.PathLike, data: bytes) -> Path:
+    def stage(self, target: str | os.PathLike, data: bytes | Callable[[Callable[[bytes], object]], None]) -> Path:
         """Write ``data`` into a temporary beside ``target``; it becomes ``target`` at commit.
+        ``data`` may be a function that writes the bytes itself through the one it is given
+        (a large document written in pieces).
         A symlink target is followed: the file it points to is replaced, never the link (nor,
         for ``/dev/stdout``, a node in ``/dev``)."""
         shown = Path(target)
@@ -205,7 +207,10 @@ class OutputSet:
         self._staged.append((Path(tmp), target))
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                if callable(data):
+                    data(fh.write)
+                else:
+                    fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.chmod(tmp, 0o644)
@@ -357,7 +362,7 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def write_bytes(path: str | os.PathLike, data: bytes | Callable[[Callable[[bytes], object]], None]) -> Path:
     """Write ``data`` to ``path``: staged in the active ``OutputSet``, else atomically now."""
     outs = _ACTIVE.get()
     if outs is not None:
@@ -370,3 +375,12 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8", "backslashreplace"))
+
+
+def write_text_pieces(path: str | os.PathLike, produce: Callable[[Callable[[str], None]], None]) -> Path:
+    """``write_text`` of the text ``produce(write)`` hands to ``write`` piece by piece, encoded
+    piece by piece (the same bytes: Python's UTF-8 encoder never joins code points across pieces)."""
+    def write_all(put: Callable[[bytes], object]) -> None:
+        produce(lambda text: put(text.encode("utf-8", "backslashreplace")))
+
+    return write_bytes(path, write_all)

@@ -15,7 +15,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 SCHEMA = "weightdiff.compare/2"
 #: older schemas ``weightdiff report`` still reads (a /1 result has no coverage, components or buffers)
@@ -241,6 +241,38 @@ def dumps(obj: Any) -> str:
     _emit(obj, 0, out)
     out.append("\n")
     return "".join(out)
+
+
+def dump_chunks(obj: Any, write: Callable[[str], None], chunk: int = 1 << 20) -> None:
+    """``dumps(obj)`` handed to ``write`` in pieces of about ``chunk`` characters (the same text,
+    joined): a 100,000-tensor result is written without holding the whole document, its
+    pieces and its bytes at once."""
+    out = _Chunks(write, chunk)
+    _emit(obj, 0, out)
+    out.append("\n")
+    out.flush()
+
+
+class _Chunks:
+    """The ``out`` list of ``_emit`` that passes its text on every ``size`` characters."""
+
+    __slots__ = ("parts", "n", "write", "size")
+
+    def __init__(self, write: Callable[[str], None], size: int) -> None:
+        self.parts: list[str] = []
+        self.n, self.write, self.size = 0, write, size
+
+    def append(self, text: str) -> None:
+        self.parts.append(text)
+        self.n += len(text)
+        if self.n >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            self.write("".join(self.parts))
+            self.parts.clear()
+            self.n = 0
 
 
 def dumps_reference(obj: Any) -> str:

@@ -125,7 +125,9 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     matrix may run there while the caller goes on; ``rec.rank`` is then a ``Deferred``
     (``Solver.resolve``)."""
     shape_t = list(pair.shape_tuned) if pair.shape_tuned is not None else None
-    shape_b = list(pair.shape_base) if pair.shape_base is not None else None
+    # one list for both sides when the shapes agree (records are read, never edited in place)
+    shape_b = shape_t if shape_t is not None and pair.shape_base == pair.shape_tuned else \
+        list(pair.shape_base) if pair.shape_base is not None else None
     rec = TensorRecord(
         name=pair.tuned_name if pair.tuned_name is not None else pair.base_name,
         base_name=pair.base_name, status=pair.kind, shape=shape_t if shape_t is not None else shape_b,

@@ -114,11 +114,12 @@ def small_floors(arrays: list[np.ndarray], dtype: str) -> list[dict]:
     the 100,000 small tensors of a mixture-of-experts checkpoint cost one histogram, not one each."""
     if any(a.size > SAMPLE for a in arrays):
         raise ValueError(f"small_floors takes arrays of at most {SAMPLE} elements")
+    zero = dict(_ZERO)              # one dict for every tensor with nothing to cast (records are read-only)
     if not DTYPES[dtype].decodable or DTYPES[dtype].kind != "float":
-        return [dict(_ZERO) for _ in arrays]
+        return [zero] * len(arrays)
     sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
     if not sizes.any():
-        return [dict(_ZERO) for _ in arrays]
+        return [zero] * len(arrays)
     flat = np.concatenate([a.reshape(-1) for a in arrays])
     e = _exponents(flat, dtype).astype(np.int64).ravel()
     key = np.repeat(np.arange(len(arrays), dtype=np.int64), sizes) * _BINS + e
@@ -127,7 +128,7 @@ def small_floors(arrays: list[np.ndarray], dtype: str) -> list[dict]:
     rows, bins = np.divmod(keys, _BINS)
     cuts = np.searchsorted(rows, np.arange(len(arrays) + 1)).tolist()
     bf16, f16, over = (t.tolist() for t in _terms(bins, counts.astype(np.float64)))
-    return [dict(_ZERO) if cuts[i] == cuts[i + 1] else
+    return [zero if cuts[i] == cuts[i + 1] else
             _row(bf16[cuts[i]:cuts[i + 1]], f16[cuts[i]:cuts[i + 1]], over[cuts[i]:cuts[i + 1]])
             for i in range(len(arrays))]
 

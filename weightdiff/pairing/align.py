@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..kernels.dtypes import DTYPES, decode
-from .names import _block_position, block_slot
+from .names import _block_position, block_slot, parse_name
 from .pairs import CheckpointLike, Pair
 
 __all__ = ["MAX_PREFIX_PARTS", "splits", "best_mapping", "mapped", "renamed", "parse_renames",
@@ -278,13 +278,17 @@ def realign_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
     for i, base in enumerate(bases):
         if not hasattr(base, "read_rows"):
             continue
-        slots = {j: block_slot(p.base_name) for j, (_, p) in enumerate(out)
-                 if p.base_index == i and p.kind == "paired" and p.paired_by in ("name", "prefix", "rename")}
+        paired = [j for j, (_, p) in enumerate(out)
+                  if p.base_index == i and p.kind == "paired" and p.paired_by in ("name", "prefix", "rename")]
+        # as many blocks name-paired as the base has (the common case): decided from the block
+        # indices parse_name caches anyway, before any slot is built
+        if len({parse_name(out[j][1].base_name)[1] for j in paired} - {None}) >= \
+                len({parse_name(n)[1] for n in base.tensors} - {None}):
+            continue
+        slots = {j: block_slot(out[j][1].base_name) for j in paired}
         slots = {j: s for j, s in slots.items() if s[0] is not None}
         base_slots = {block_slot(n): n for n in base.tensors}
         base_slots.pop((None, None), None)
-        if len({k for _, k in slots.values()}) >= len({k for _, k in base_slots}):
-            continue
         by_slot: dict[str, list[int]] = {}
         for j, (slot, _) in slots.items():
             p = out[j][1]

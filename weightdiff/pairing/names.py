@@ -122,7 +122,6 @@ def block_slot(name: str) -> tuple[str | None, int | None]:
     return _block_slot(str(name))
 
 
-@functools.lru_cache(maxsize=1 << 18)      # asked for every name on both sides by pairing
 def _block_slot(name: str) -> tuple[str | None, int | None]:
     parts = name.split(".")
     k = _block_position(parts)
@@ -253,4 +252,3 @@ def is_buffer(name: str, dtype: str | None = None, shape=None) -> bool:
 def clear_name_caches() -> None:
     """Forget the parsed names (a comparison calls this when it is done with its checkpoints)."""
     _parse_name.cache_clear()
-    _block_slot.cache_clear()

@@ -131,12 +131,20 @@ def source_of(it: _Item) -> str | None:
     return it.source if it.source is not None and it.source != it.key else None
 
 
+def _shape(shape) -> tuple[int, ...]:
+    """``shape`` as a tuple of ints: the header's own tuple when it is one already (a reader
+    shares one tuple per distinct shape; 100,000 pairs need no copies of it)."""
+    if type(shape) is tuple and all(type(d) is int for d in shape):
+        return shape
+    return tuple(map(int, shape))
+
+
 def make_pair(it: _Item, bname: str, info: Any, i: int, vocab: tuple[set[int], set[int]]) -> Pair:
-    sb = tuple(map(int, info.shape))
+    sb = _shape(info.shape)
     if it.lora is not None:
         p = Pair(it.key, bname, i, "lora", sb, sb, it.dtype, info.dtype, lora=it.lora)
         return p
-    st = tuple(map(int, it.shape))
+    st = _shape(it.shape)
     kind, overlap = "paired", None
     if st != sb:
         kind = "mismatch"
