@@ -251,3 +251,52 @@ def test_parse_bytes_matches_file_reader():
     assert meta == {"k": "v"}
     assert [(t.name, t.dtype, t.shape, t.end - t.start) for t in tensors.values()] == [
         ("a", "F32", (3,), 12), ("b", "BF16", (2,), 4)]
+
+
+def test_fast_header_parse_is_the_strict_parse_or_declines():
+    """The C-decoder shortcut of the header parse gives exactly the strict parse's result, and
+    declines (None) whenever a key could have been repeated or anything is unusual."""
+    import json as _json
+    import random
+
+    from weightdiff.io.files import load_json
+    from weightdiff.io.safetensors_read import _compact, _fast_pairs
+
+    def entry(i):
+        return '{"dtype": "F32", "shape": [%d, 2], "data_offsets": [%d, %d]}' % (i, 8 * i * i, 8 * i * (i + 1))
+
+    plain = "{" + ", ".join('"t.%d": %s' % (i, entry(i)) for i in range(5)) + ', "__metadata__": {"format": "pt"}}'
+    cases = [
+        plain, plain.replace(" ", ""),
+        '{"a": %s, "a": %s}' % (entry(1), entry(2)),                                  # repeated name
+        '{"a": {"dtype": "F32", "dtype": "F16", "shape": [1], "data_offsets": [0, 4]}}',  # repeated field
+        '{"__metadata__": {"k": "1", "k": "2"}, "a": %s}' % entry(1),                # repeated metadata key
+        '{"__metadata__": {"k": ":x"}, "a": %s}' % entry(1),                         # a value with a colon
+        '{"a\\"b": %s}' % entry(1), '{"a\\u0041": %s}' % entry(1),                     # escapes
+        '{"a" : %s}' % entry(1), '{"a":%s,"b" :%s}' % (entry(1), entry(2)),            # space before a colon
+        '{"__metadata__": {"k": {"x": "y"}}, "a": %s}' % entry(1),                   # nested metadata
+        '{"a": {"dtype": "F32", "shape": [{"x": 1}], "data_offsets": [0, 4]}}',
+        '{"a": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}',
+        '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}', "[]", "{}", '{"a": 1}',
+        '\ufeff{"a": %s}' % entry(1), '{"a": %s}' % entry(1).replace("F32", "F99"),
+        '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}',
+        '{"é": %s, "ü": %s}' % (entry(1), entry(2)),
+    ]
+    rng = random.Random(0)
+    for _ in range(300):        # random headers, some with a repeated key somewhere
+        names = [rng.choice("abc") + str(rng.randint(0, 3)) for _ in range(rng.randint(0, 6))]
+        meta = {rng.choice("xy"): rng.choice(["pt", ":", "a:b"]) for _ in range(rng.randint(0, 2))}
+        body = ", ".join('"%s": %s' % (n, entry(rng.randint(0, 4))) for n in names)
+        if meta:
+            body += (", " if body else "") + '"__metadata__": ' + _json.dumps(meta)
+        cases.append("{" + body + "}")
+    declined = 0
+    for text in cases:
+        raw = text.encode("utf-8")
+        fast = _fast_pairs(raw)
+        if fast is None:
+            declined += 1
+            continue
+        strict = load_json(raw, "h", "header", pairs_hook=_compact)
+        assert fast == strict and [type(v) for _, v in fast] == [type(v) for _, v in strict], text
+    assert _fast_pairs(plain.encode()) is not None and 20 < declined < len(cases)

@@ -319,15 +319,20 @@ def _special_names(tensors: dict) -> bool:
     activation scale, an MXFP4 block, a bitsandbytes state): one regular-expression search over
     all the names instead of a split per name. A false positive only costs the full pass."""
     global _SPECIAL
+    joined = "\n".join(tensors)
+    if not any(word in joined for word in _WORDS):     # substring scans: most checkpoints stop here
+        return False
     if _SPECIAL is None:
-        leaves = sorted({"qweight", "weight_packed", "SCB", "weight_scale", "weight_scale_inv",
-                         *ACTIVATION_SCALES, *_COMPANIONS, *_COMPANIONS_IF_QUANTIZED})
-        _SPECIAL = re.compile(r"(?:^|\.)(?:" + "|".join(map(re.escape, leaves)) + r")$|_blocks$|"
+        _SPECIAL = re.compile(r"(?:^|\.)(?:" + "|".join(map(re.escape, _LEAVES)) + r")$|_blocks$|"
                               r"\.quant_state\.bitsandbytes__", re.M)
-    return _SPECIAL.search("\n".join(tensors)) is not None
+    return _SPECIAL.search(joined) is not None
 
 
 _SPECIAL = None
+_LEAVES = sorted({"qweight", "weight_packed", "SCB", "weight_scale", "weight_scale_inv",
+                  *ACTIVATION_SCALES, *_COMPANIONS, *_COMPANIONS_IF_QUANTIZED})
+#: every name the expression matches contains one of these (the leaves, ``_blocks``, the bnb state)
+_WORDS = (*_LEAVES, "_blocks", ".quant_state.bitsandbytes__")
 
 
 def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read

@@ -27,11 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from operator import attrgetter
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -204,6 +205,52 @@ def _compact(items: list) -> _Entry | _Pairs:
     return _Pairs(items)
 
 
+#: a key's closing quote with space before its colon: the key count below would miss it
+_KEY_GAP = re.compile(rb'"\s+:')
+
+
+def _fast_pairs(raw: bytes | bytearray) -> "_Pairs | None":
+    """The header as ``load_json(raw, pairs_hook=_compact)`` gives it, from the C decoder's plain
+    dicts, when that is provably the same parse; None otherwise (the caller parses strictly).
+
+    The plain parse keeps the last of repeated keys silently, so it is only taken when no key can
+    have been dropped: with no backslash in the text every ``"`` delimits a string, so ``":``
+    occurs at least once per key (more only if a string value starts with a colon), and when it
+    occurs exactly as often as the parsed objects have keys, no key was repeated. Anything unusual
+    (escapes, spaces before a colon, NaN, an entry that is not a plain well-formed tensor entry,
+    nesting beyond the metadata) takes the strict path, with its exact messages."""
+    if b"\\" in raw or _KEY_GAP.search(raw) is not None:
+        return None
+    try:
+        top = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+    if type(top) is not dict:
+        return None
+    keys = len(top)
+    out = _Pairs()
+    for name, v in top.items():
+        if type(v) is not dict:
+            return None
+        keys += len(v)
+        if name == "__metadata__":
+            out.append((name, _Pairs(v.items())))
+            continue
+        if len(v) != 3:
+            return None
+        dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+        if not (type(dtype) is str and dtype in _DTYPE_NAMES and type(shape) is list and type(offsets) is list
+                and len(offsets) == 2 and all(type(d) is int and d >= 0 for d in shape)
+                and type(offsets[0]) is int and type(offsets[1]) is int and 0 <= offsets[0] <= offsets[1]):
+            return None
+        out.append((name, _Entry((_DTYPE_NAMES[dtype], tuple(shape), offsets[0], offsets[1]))))
+    return out if keys == raw.count(b'":') else None
+
+
+def _no_constant(name: str):
+    raise ValueError(name)
+
+
 def _plain(value: object) -> object:
     """JSON values as ``json.loads`` gives them (dicts, not ``_Pairs``/``_Entry``), for messages."""
     if isinstance(value, _Entry):
@@ -221,7 +268,9 @@ def parse_header(raw: bytes | bytearray, file_size: int, path: str | os.PathLike
 
     Returns tensors in file (offset) order and the ``__metadata__`` map.
     """
-    header = load_json(raw, path, "header", pairs_hook=_compact)
+    header = _fast_pairs(raw)
+    if header is None:
+        header = load_json(raw, path, "header", pairs_hook=_compact)
     if isinstance(header, _Entry):             # a header that is one tensor entry: its keys are names
         header = _Pairs(_plain(header).items())
     if not isinstance(header, _Pairs):

@@ -86,28 +86,34 @@ def counts_for_relatedness(row, large: int | None) -> bool:
     """Whether one tensor (a ``TensorRecord`` or a JSON row) is evidence of relatedness:
     a paired matrix compared as floats with a finite cosine, not a norm gain or bias,
     with at least ``large`` compared elements (any size when ``large`` is None)."""
+    n = _evidence_size(row)
+    return n is not None and (large is None or n >= large)
+
+
+def _evidence_size(row) -> int | None:
+    """The compared elements of a row that is evidence of relatedness at some size, else None."""
     get = _getter(row)
     if get("status") not in _RELATED_STATUS or get("compared") not in _RELATED_COMPARED:
-        return False
+        return None
     cos = get("cosine")
     if cos is None or not math.isfinite(cos):
-        return False
+        return None
     if get("module") in ("norm", "bias") or len(get("shape") or ()) < 2:
-        return False
+        return None
     kinds = tuple(_KIND.get(d) if isinstance(d, str) else None for d in (get("dtype_base"), get("dtype_tuned")))
     if "int" in kinds and "float" in kinds:
         # integer codes (an int8 export read without its scales) against floats: the cosine of
         # raw codes depends on the zero point, not on relatedness
-        return False
-    n = get("numel_compared") or get("numel") or 0
-    return large is None or n >= large
+        return None
+    return get("numel_compared") or get("numel") or 0
 
 
 def large_matrix_relatedness(rows, thresholds: Thresholds) -> tuple[float | None, float | None, int]:
     """(element-weighted cosine, relative change, matrices) over the large matrices, over
     all matrices when none is large; norm gains and biases never count."""
+    evidence = [(r, n) for r in rows if (n := _evidence_size(r)) is not None]   # one look at each row
     for large in (thresholds.large_matrix_numel, None):
-        chosen = [r for r in rows if counts_for_relatedness(r, large)]
+        chosen = [r for r, n in evidence if large is None or n >= large]
         if chosen:
             w = [float(_field(r, "numel_compared") or _field(r, "numel")) for r in chosen]
             cos = sum(wi * _field(r, "cosine") for wi, r in zip(w, chosen)) / sum(w)
