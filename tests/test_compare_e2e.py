@@ -238,3 +238,47 @@ def test_cli_cuda_without_a_gpu_fails_before_reading(tmp_path, base_dir, monkeyp
     res = CliRunner().invoke(main, ["compare", str(base_dir), str(base_dir), "--device", "cuda"])
     assert res.exit_code == 2
     assert res.stderr == "error: --device cuda: no CUDA device (install a CUDA build of torch)\n"
+
+
+def test_a_comparison_pauses_the_cycle_collector_and_makes_no_cycles_per_tensor(tmp_path):
+    """compare() runs with the cyclic collector paused and leaves it as it found it (on, off, after
+    an error); that is only safe while a comparison makes no reference cycles per tensor, so the
+    cyclic garbage of 40 and of 400 tensors (small matrices that change, with ranks) is the same."""
+    import gc
+
+    from weightdiff import compare
+    from weightdiff.errors import WeightdiffError
+
+    def pair(n):
+        rng = np.random.default_rng(n)
+        base = {f"model.layers.{i}.mlp.w{j}.weight": rng.normal(size=(6, 5)).astype(np.float32)
+                for i in range(n // 4) for j in range(4)}
+        tuned = {k: v + (rng.normal(size=v.shape).astype(np.float32) if i % 2 else 0) for i, (k, v) in enumerate(base.items())}
+        write_checkpoint(tmp_path / f"b{n}", base)
+        write_checkpoint(tmp_path / f"t{n}", tuned)
+        return tmp_path / f"b{n}", tmp_path / f"t{n}"
+
+    seen = []
+    real = weightdiff.comparison.compute_all
+    try:
+        weightdiff.comparison.compute_all = lambda *a, **k: seen.append(gc.isenabled()) or real(*a, **k)
+        garbage = {}
+        for n in (40, 400):
+            b, t = pair(n)
+            compare(b, t)                         # warm: imports and caches make their own objects
+            gc.collect()
+            assert gc.isenabled()
+            compare(b, t)
+            garbage[n] = gc.collect()
+        gc.disable()
+        compare(*pair(40))
+        assert not gc.isenabled()
+        gc.enable()
+        with pytest.raises(WeightdiffError):
+            compare(tmp_path / "missing", tmp_path / "t40")
+        assert gc.isenabled()
+    finally:
+        weightdiff.comparison.compute_all = real
+        gc.enable()
+    assert seen and not any(seen)
+    assert garbage[400] <= garbage[40] + 20, garbage

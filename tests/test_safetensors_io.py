@@ -259,8 +259,10 @@ def test_fast_header_parse_is_the_strict_parse_or_declines():
     import json as _json
     import random
 
-    from weightdiff.io.files import load_json
-    from weightdiff.io.safetensors_read import _compact, _fast_pairs
+    from pathlib import Path
+
+    from weightdiff.errors import CheckpointError
+    from weightdiff.io.safetensors_read import _fast_infos, _strict_infos
 
     def entry(i):
         return '{"dtype": "F32", "shape": [%d, 2], "data_offsets": [%d, %d]}' % (i, 8 * i * i, 8 * i * (i + 1))
@@ -290,13 +292,22 @@ def test_fast_header_parse_is_the_strict_parse_or_declines():
         if meta:
             body += (", " if body else "") + '"__metadata__": ' + _json.dumps(meta)
         cases.append("{" + body + "}")
+    cases += ['{"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}',            # wrong size
+              '{"a": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}',
+              '{"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}',
+              '{"a": {"dtype": "F32", "shape": "ab", "data_offsets": [0, 4]}}',
+              '{"__metadata__": "pt", "a": %s}' % entry(1), '{"__metadata__": {"k": 1}}']
     declined = 0
+    p = Path("h.safetensors")
     for text in cases:
         raw = text.encode("utf-8")
-        fast = _fast_pairs(raw)
+        fast = _fast_infos(raw, 8 + len(raw), p)
         if fast is None:
             declined += 1
             continue
-        strict = load_json(raw, "h", "header", pairs_hook=_compact)
-        assert fast == strict and [type(v) for _, v in fast] == [type(v) for _, v in strict], text
-    assert _fast_pairs(plain.encode()) is not None and 20 < declined < len(cases)
+        try:
+            strict = _strict_infos(raw, p, 8 + len(raw), p)
+        except CheckpointError as exc:
+            raise AssertionError(f"the shortcut took a header the strict parse refuses: {text} ({exc})")
+        assert fast == strict and [type(x) for x in fast[1].values()] == [type(x) for x in strict[1].values()], text
+    assert _fast_infos(plain.encode(), 100, p) is not None and 20 < declined < len(cases)

@@ -205,21 +205,26 @@ def _compact(items: list) -> _Entry | _Pairs:
     return _Pairs(items)
 
 
+#: headers up to this size may take the C decoder's shortcut (``_fast_infos``): its plain dicts
+#: hold about 9 times the header at once, the strict parse about 5 times, so larger headers (a
+#: million tensors) are parsed strictly to keep memory a few times the header
+FAST_HEADER_MAX = 16 << 20
 #: a key's closing quote with space before its colon: the key count below would miss it
 _KEY_GAP = re.compile(rb'"\s+:')
 
 
-def _fast_pairs(raw: bytes | bytearray) -> "_Pairs | None":
-    """The header as ``load_json(raw, pairs_hook=_compact)`` gives it, from the C decoder's plain
-    dicts, when that is provably the same parse; None otherwise (the caller parses strictly).
+def _fast_infos(raw: bytes | bytearray, data_start: int, p: Path) -> "tuple[list, dict] | None":
+    """(tensors, metadata) of a plain, well-formed header, parsed by the C decoder, when that is
+    provably what the strict parse (``_strict_infos``) gives; None otherwise (the caller then
+    parses strictly, with its exact messages).
 
     The plain parse keeps the last of repeated keys silently, so it is only taken when no key can
     have been dropped: with no backslash in the text every ``"`` delimits a string, so ``":``
     occurs at least once per key (more only if a string value starts with a colon), and when it
-    occurs exactly as often as the parsed objects have keys, no key was repeated. Anything unusual
-    (escapes, spaces before a colon, NaN, an entry that is not a plain well-formed tensor entry,
-    nesting beyond the metadata) takes the strict path, with its exact messages."""
-    if b"\\" in raw or _KEY_GAP.search(raw) is not None:
+    occurs exactly as often as the parsed objects have keys, no key was repeated. Escapes, spaces
+    before a colon, NaN, any entry that is not a plain well-formed tensor entry and nesting beyond
+    the metadata all decline. (Without escapes and with valid UTF-8 no name can hold a surrogate.)"""
+    if len(raw) > FAST_HEADER_MAX or b"\\" in raw or _KEY_GAP.search(raw) is not None:
         return None
     try:
         top = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
@@ -227,24 +232,43 @@ def _fast_pairs(raw: bytes | bytearray) -> "_Pairs | None":
         return None
     if type(top) is not dict:
         return None
+    meta = top.pop("__metadata__", None)
     keys = len(top)
-    out = _Pairs()
-    for name, v in top.items():
-        if type(v) is not dict:
+    if meta is not None:
+        if type(meta) is not dict or not all(type(v) is str for v in meta.values()):
             return None
-        keys += len(v)
-        if name == "__metadata__":
-            out.append((name, _Pairs(v.items())))
-            continue
-        if len(v) != 3:
-            return None
-        dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
-        if not (type(dtype) is str and dtype in _DTYPE_NAMES and type(shape) is list and type(offsets) is list
-                and len(offsets) == 2 and all(type(d) is int and d >= 0 for d in shape)
-                and type(offsets[0]) is int and type(offsets[1]) is int and 0 <= offsets[0] <= offsets[1]):
-            return None
-        out.append((name, _Entry((_DTYPE_NAMES[dtype], tuple(shape), offsets[0], offsets[1]))))
-    return out if keys == raw.count(b'":') else None
+        keys += 1 + len(meta)
+    sizes: dict[tuple, int] = {}                 # distinct shape -> elements (checked once each)
+    shapes: dict[tuple, tuple] = {}
+    bits_of = _BITS_OF
+    infos = []
+    try:
+        for name, v in top.items():
+            if type(v) is not dict or len(v) != 3:
+                return None
+            dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+            if type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+                return None
+            key = tuple(shape)
+            n = sizes.get(key)
+            if n is None:
+                if not all(type(d) is int and d >= 0 for d in key):
+                    return None
+                n = sizes[key] = math.prod(key)
+                shapes[key] = key
+            begin, end = offsets
+            bits = bits_of[dtype] * n
+            if (type(begin) is not int or type(end) is not int or not 0 <= begin <= end
+                    or bits % 8 or end - begin != bits // 8):
+                return None
+            infos.append(TensorInfo(name, dtype, shapes[key], p, data_start + begin, data_start + end))
+    except (KeyError, TypeError):               # a missing field, an unhashable or unknown dtype
+        return None
+    keys += 3 * len(infos)
+    return (infos, meta or {}) if keys == raw.count(b'":') else None
+
+
+_BITS_OF = {name: d.bits for name, d in DTYPES.items()}
 
 
 def _no_constant(name: str):
@@ -262,21 +286,15 @@ def _plain(value: object) -> object:
     return value
 
 
-def parse_header(raw: bytes | bytearray, file_size: int, path: str | os.PathLike,
-                 ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Validate header JSON ``raw`` (without its length prefix) of a file of ``file_size`` bytes.
-
-    Returns tensors in file (offset) order and the ``__metadata__`` map.
-    """
-    header = _fast_pairs(raw)
-    if header is None:
-        header = load_json(raw, path, "header", pairs_hook=_compact)
+def _strict_infos(raw: bytes | bytearray, path: str | os.PathLike, data_start: int, p: Path
+                  ) -> tuple[list, dict]:
+    """(tensors, metadata) of any header, every rule checked with its message (repeated keys
+    included); tensors in header order."""
+    header = load_json(raw, path, "header", pairs_hook=_compact)
     if isinstance(header, _Entry):             # a header that is one tensor entry: its keys are names
         header = _Pairs(_plain(header).items())
     if not isinstance(header, _Pairs):
         raise CheckpointError(path, f"header is a JSON {type(header).__name__}, expected an object")
-    data_start = 8 + len(raw)
-    data_len = file_size - data_start
     found = [v for k, v in header if k == "__metadata__"]
     metadata = found[0] if found else None
     entries = _Pairs(kv for kv in header if kv[0] != "__metadata__") if found else header
@@ -286,7 +304,6 @@ def parse_header(raw: bytes | bytearray, file_size: int, path: str | os.PathLike
     for key, value in metadata.items():
         _check_text(path, "`__metadata__` key", key)
         _check_text(path, "`__metadata__` value", value)
-    p = Path(path)
     shapes: dict[tuple, tuple] = {}            # one tuple per distinct shape, shared by its tensors
     infos = []
     for name, entry in entries:
@@ -300,7 +317,20 @@ def parse_header(raw: bytes | bytearray, file_size: int, path: str | os.PathLike
                 continue
         entry = _plain(entry)
         infos.append(_checked_entry(path, name, entry, p, data_start))
-    del header, entries                       # the parsed JSON goes; the TensorInfos stay
+    return infos, metadata
+
+
+def parse_header(raw: bytes | bytearray, file_size: int, path: str | os.PathLike,
+                 ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate header JSON ``raw`` (without its length prefix) of a file of ``file_size`` bytes.
+
+    Returns tensors in file (offset) order and the ``__metadata__`` map.
+    """
+    data_start = 8 + len(raw)
+    data_len = file_size - data_start
+    p = Path(path)
+    fast = _fast_infos(raw, data_start, p)
+    infos, metadata = fast if fast is not None else _strict_infos(raw, path, data_start, p)
     for key in ("name", "end", "start"):       # stable sorts: by (start, end, name), no key tuples kept
         infos.sort(key=attrgetter(key))
     pos, prev = 0, None

@@ -106,6 +106,13 @@ def _module_kind(rest: list[str], in_block: bool) -> str:
     return leaf or "other"
 
 
+@functools.lru_cache(maxsize=1 << 12)
+def _kind_of(rest: tuple[str, ...], in_block: bool) -> str:
+    """``_module_kind``, remembered: the components after the block index repeat in every block
+    (``self_attn.q_proj.weight``, ``experts.15.w``), so a model has a few hundred of them."""
+    return _module_kind(list(rest), in_block)
+
+
 def _block_position(parts: list[str]) -> int | None:
     """Where the block index sits in a split name; a number right before a wrapper is a
     container slot (sentence-transformers' ``0.auto_model.``), not a block."""
@@ -158,7 +165,7 @@ def _parse_name(name: str) -> tuple[str | None, int | None, str]:
     idx = _block_position(parts)
     if idx is None:
         rest = [p for p in parts if p not in _WRAPPERS and not p.isdecimal()] or parts
-        return None, None, _module_kind(rest, in_block=False)
+        return None, None, _kind_of(tuple(rest), False)
     ns: list[str] = []
     for p in parts[:idx]:
         if p in _WRAPPERS or p.isdecimal() or (ns and ns[-1] == p):
@@ -167,7 +174,7 @@ def _parse_name(name: str) -> tuple[str | None, int | None, str]:
     if idx > 0 and parts[idx - 1] in _WRAPPERS:   # keep the container even when it is a wrapper word
         ns.append(parts[idx - 1])
     label = ".".join(ns + [parts[idx]])
-    return label, int(parts[idx]), _module_kind(parts[idx + 1:], in_block=True)
+    return label, int(parts[idx]), _kind_of(tuple(parts[idx + 1:]), True)
 
 
 def group_of(name: str, module: str) -> str:
@@ -252,3 +259,4 @@ def is_buffer(name: str, dtype: str | None = None, shape=None) -> bool:
 def clear_name_caches() -> None:
     """Forget the parsed names (a comparison calls this when it is done with its checkpoints)."""
     _parse_name.cache_clear()
+    _kind_of.cache_clear()
