@@ -140,3 +140,25 @@ def test_a_failing_piece_writer_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         write_text_pieces(tmp_path / "out.json", produce)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_block_and_summary_dicts_are_asdict(tmp_path, rng):
+    """The fast ``to_dict`` of blocks and the summary is ``dataclasses.asdict``, copies included."""
+    from dataclasses import asdict
+
+    from conftest import write_checkpoint
+    from models import llama
+
+    base = llama(rng, layers=2, hidden=32, inter=48, vocab=64)
+    tuned = {k: v + rng.normal(0, 1e-2, v.shape).astype(np.float32) for k, v in base.items()}
+    write_checkpoint(tmp_path / "b", base, dtype="F32")
+    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
+    result = compare(tmp_path / "b", tmp_path / "t")
+    for rec in [*result.blocks, result.summary]:
+        got, want = rec.to_dict(), asdict(rec)
+        assert got == want and list(got) == list(want)
+        assert dumps(got) == dumps(want)
+    s = result.summary.to_dict()
+    s["scope"]["changed_blocks"].append("x")
+    s["components"][0]["status"] = "x"
+    assert "x" not in result.summary.scope["changed_blocks"] and result.summary.components[0]["status"] != "x"

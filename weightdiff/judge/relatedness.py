@@ -22,7 +22,7 @@ from ..records import TensorRow
 from .status import PAIRED, ratio
 
 __all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "looks_unrelated", "large_matrix_relatedness", "components",
-           "counts_for_relatedness", "evidence", "judge", "rank_key", "sample_rows", "sample_plan",
+           "counts_for_relatedness", "evidence_sizes", "evidence", "judge", "rank_key", "sample_rows", "sample_plan",
            "sampled_sums", "screen_estimate"]
 
 REFERENCE = {"relative_change": math.sqrt(2.0), "cosine": 0.0,
@@ -72,7 +72,7 @@ def _getter(row):
     dictionary lookup per field: this runs once per tensor per question, 100,000 times for a
     mixture-of-experts checkpoint)."""
     if isinstance(row, dict) or type(row) is TensorRow:
-        return row.get
+        return row.get                          # a view's get is its record's dict's when it can be
     fields = getattr(row, "__dict__", None)
     return fields.get if fields is not None else (lambda key: getattr(row, key, None))
 
@@ -88,6 +88,12 @@ def counts_for_relatedness(row, large: int | None) -> bool:
     with at least ``large`` compared elements (any size when ``large`` is None)."""
     n = _evidence_size(row)
     return n is not None and (large is None or n >= large)
+
+
+def evidence_sizes(rows) -> list[tuple[object, int]]:
+    """(row, compared elements) of each row that is evidence of relatedness at some size, in order:
+    ``counts_for_relatedness(row, large)`` is ``n >= large`` for these and False for the rest."""
+    return [(r, n) for r in rows if (n := _evidence_size(r)) is not None]
 
 
 def _evidence_size(row) -> int | None:
@@ -111,7 +117,7 @@ def _evidence_size(row) -> int | None:
 def large_matrix_relatedness(rows, thresholds: Thresholds) -> tuple[float | None, float | None, int]:
     """(element-weighted cosine, relative change, matrices) over the large matrices, over
     all matrices when none is large; norm gains and biases never count."""
-    evidence = [(r, n) for r in rows if (n := _evidence_size(r)) is not None]   # one look at each row
+    evidence = evidence_sizes(rows)             # one look at each row, whatever the size limit
     for large in (thresholds.large_matrix_numel, None):
         chosen = [r for r, n in evidence if large is None or n >= large]
         if chosen:

@@ -27,7 +27,10 @@ PAIRED = ("unchanged", "rounding", "quantized", "changed", "resized")
 
 def is_tied(rec: TensorRecord) -> bool:
     """A tied LM head row: the tuned embedding again, shown against the base head, counted once."""
-    return bool(getattr(rec, "tied", False)) or (rec.note or "").startswith("tied:")
+    if getattr(rec, "tied", False):
+        return True
+    note = rec.note
+    return note is not None and note.startswith("tied:")
 
 
 def is_mismatch(rec: TensorRecord) -> bool:

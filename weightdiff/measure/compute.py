@@ -42,7 +42,10 @@ Classify = Callable[[dict, "str | None", "str | None", Thresholds], str]
 
 
 def _elements(pair: Pair, shape: Sequence[int] | None) -> int:
-    return math.prod(int(d) for d in shape) if shape is not None else 0
+    if shape is None:
+        return 0
+    n = math.prod(shape)
+    return n if type(n) is int else math.prod(int(d) for d in shape)
 
 
 def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
@@ -103,11 +106,15 @@ def _array_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str, t
     return acc
 
 
+_FILLED = ("norm_base", "norm_tuned", "norm_delta", "rel_change", "cosine", "frac_changed",
+           "frac_beyond_rounding", "max_abs_delta")
+
+
 def _fill(record: TensorRecord, fields: dict) -> None:
-    for key in ("norm_base", "norm_tuned", "norm_delta", "rel_change", "cosine", "frac_changed",
-                "frac_beyond_rounding", "max_abs_delta"):
+    d = record.__dict__
+    for key in _FILLED:
         if key in fields:
-            setattr(record, key, fields[key])
+            d[key] = fields[key]
     record.nonfinite = int(fields.get("nonfinite", 0) or 0)
     record.sign_flips = int(fields.get("sign_flips", 0) or 0)
 

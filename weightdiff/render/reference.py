@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 
-from ..judge.relatedness import counts_for_relatedness
+from ..judge.relatedness import evidence_sizes
 
 __all__ = ["reference_scale", "reference_of", "LABELS"]
 
@@ -41,9 +41,10 @@ LABELS = {"F16": "float16 rounding", "BF16": "bfloat16 rounding", "model": "this
 def _rows(data: dict) -> list[dict]:
     tensors = data.get("tensors") or []
     large = ((data.get("settings") or {}).get("thresholds") or {}).get("large_matrix_numel")
+    evidence = [(t, n) for t, n in evidence_sizes(tensors)
+                if t.get("norm_base") and t.get("norm_tuned") is not None and t.get("norm_delta") is not None]
     for limit in (large, None):
-        chosen = [t for t in tensors if counts_for_relatedness(t, limit)
-                  and t.get("norm_base") and t.get("norm_tuned") is not None and t.get("norm_delta") is not None]
+        chosen = [t for t, n in evidence if limit is None or n >= limit]
         if chosen:
             return chosen
     return []
