@@ -2,7 +2,7 @@
 
     nice python benchmarks/bench_many.py [--tensors 100000] [--dir /tmp/wd-many]
 
-Writes two safetensors files of N one-element U8 tensors named like a mixture-of-experts model
+Writes two safetensors files of N one-element U8 (or ``--dtype``) tensors named like a mixture-of-experts model
 (``model.layers.L.experts.E.w``; a third of them differ), then runs ``weightdiff compare A B
 --json out.json`` in a fresh subprocess and reports wall time, peak RSS and the cost per tensor,
 and the same for ``--no-rank`` and for the header alone (``weightdiff inspect``). The goal of
@@ -30,15 +30,20 @@ print("BENCH " + json.dumps({{"seconds": time.perf_counter() - t0,
 """
 
 
-def make(folder: Path, n: int) -> None:
+def make(folder: Path, n: int, dtype: str = "U8") -> None:
     import numpy as np
 
-    from weightdiff.io.safetensors_write import save_file
+    from weightdiff.io.safetensors_write import save_file, to_storage
 
     folder.mkdir(parents=True, exist_ok=True)
     for side in ("a", "b"):
-        t = {f"model.layers.{i // 100}.experts.{i % 100}.w":
-             ("U8", np.array([i % 7 if side == "a" or i % 3 else 9], np.uint8)) for i in range(n)}
+        if dtype == "U8":
+            t = {f"model.layers.{i // 100}.experts.{i % 100}.w":
+                 ("U8", np.array([i % 7 if side == "a" or i % 3 else 9], np.uint8)) for i in range(n)}
+        else:      # float tensors: each has its own cast-rounding floor
+            t = {f"model.layers.{i // 100}.experts.{i % 100}.w":
+                 (dtype, to_storage(np.array([(i % 7 + 1) * 0.01 * (1 if side == "a" or i % 3 else 1.5)]), dtype))
+                 for i in range(n)}
         save_file(folder / f"{side}.safetensors", t, {"format": "pt"})
 
 
@@ -54,18 +59,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tensors", type=int, default=100_000)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/wd-many"))
+    ap.add_argument("--dtype", default="U8", help="U8 (default) or a float dtype such as BF16")
     args = ap.parse_args()
     # in a child: a parent holding the 100,000 arrays would lend its RSS to every child's
     # ru_maxrss (Linux keeps the pre-exec high-water mark of a forked process)
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                     f"import bench_many; bench_many.make(__import__('pathlib').Path({str(args.dir)!r}), "
-                    f"{args.tensors})"], check=True)
+                    f"{args.tensors}, {args.dtype!r})"], check=True)
     a, b = str(args.dir / "a.safetensors"), str(args.dir / "b.safetensors")
     rows = [("compare --json", run(["compare", a, b, "-q", "--json", str(args.dir / "out.json")])),
             ("compare --no-rank --json", run(["compare", a, b, "-q", "--no-rank", "--json", str(args.dir / "o2.json")])),
             ("inspect (header, plan only)", run(["inspect", b])),
             ("start-up (--help)", run(["--help"]))]
-    print(f"{args.tensors:,} tensors per side")
+    print(f"{args.tensors:,} {args.dtype} tensors per side")
     print("| run | wall | peak RSS | per tensor |\n| --- | --- | --- | --- |")
     for label, r in rows:
         print(f"| {label} | {r['seconds']:.1f} s | {r['peak_rss_mb']:.0f} MB | "
