@@ -9,6 +9,18 @@ from weightdiff import compare
 from weightdiff.records import dumps, dumps_reference
 
 
+def _compared(tmp_path, rng, layers=1, noise=1e-3, base_dtype="BF16"):
+    """A small llama-shaped pair, every weight nudged by ``noise``, compared."""
+    from conftest import write_checkpoint
+    from models import llama
+
+    base = llama(rng, layers=layers, hidden=32, inter=48, vocab=64)
+    tuned = {k: v + rng.normal(0, noise, v.shape).astype(np.float32) for k, v in base.items()}
+    write_checkpoint(tmp_path / "b", base, dtype=base_dtype)
+    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
+    return compare(tmp_path / "b", tmp_path / "t")
+
+
 @pytest.mark.parametrize("obj", [
     {"a": [1, 2.5, float("nan"), float("inf"), -0.0, 1e300, 5e-324], "b": {}, "c": [], "d": (1, (2, "x")),
      "é": "ünï\u2028\"\\\n\t", 3: None, "n": np.float64(0.1), "i": np.int64(7), "f32": np.float32(0.3),
@@ -20,14 +32,7 @@ def test_fast_dumps_is_the_standard_encoders_bytes(obj):
 
 
 def test_fast_dumps_on_a_whole_comparison(tmp_path, rng):
-    from conftest import write_checkpoint
-    from models import llama
-
-    base = llama(rng, layers=1, hidden=32, inter=48, vocab=64)
-    tuned = {k: v + rng.normal(0, 1e-3, v.shape).astype(np.float32) for k, v in base.items()}
-    write_checkpoint(tmp_path / "b", base, dtype="BF16")
-    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
-    d = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    d = _compared(tmp_path, rng).to_dict()
     assert dumps(d) == dumps_reference(d)
 
 
@@ -39,14 +44,7 @@ def test_what_json_cannot_hold_is_still_a_type_error():
 def test_each_tensor_record_is_one_line_and_to_json_matches_the_dict(tmp_path, rng):
     import json
 
-    from conftest import write_checkpoint
-    from models import llama
-
-    base = llama(rng, layers=1, hidden=32, inter=48, vocab=64)
-    tuned = {k: v + rng.normal(0, 1e-3, v.shape).astype(np.float32) for k, v in base.items()}
-    write_checkpoint(tmp_path / "b", base, dtype="BF16")
-    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
-    result = compare(tmp_path / "b", tmp_path / "t")
+    result = _compared(tmp_path, rng)
     text = result.to_json()
     assert text == dumps(result.to_dict()) == dumps_reference(result.to_dict())
     lines = text.splitlines()
@@ -146,14 +144,7 @@ def test_block_and_summary_dicts_are_asdict(tmp_path, rng):
     """The fast ``to_dict`` of blocks and the summary is ``dataclasses.asdict``, copies included."""
     from dataclasses import asdict
 
-    from conftest import write_checkpoint
-    from models import llama
-
-    base = llama(rng, layers=2, hidden=32, inter=48, vocab=64)
-    tuned = {k: v + rng.normal(0, 1e-2, v.shape).astype(np.float32) for k, v in base.items()}
-    write_checkpoint(tmp_path / "b", base, dtype="F32")
-    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
-    result = compare(tmp_path / "b", tmp_path / "t")
+    result = _compared(tmp_path, rng, layers=2, noise=1e-2, base_dtype="F32")
     for rec in [*result.blocks, result.summary]:
         got, want = rec.to_dict(), asdict(rec)
         assert got == want and list(got) == list(want)
