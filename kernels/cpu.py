@@ -313,9 +313,11 @@ def delta_stats(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str) -> np.nd
     return _stats_driver(b, t, *args, _F16_TABLE, _FP8)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@_jit
 def _many_driver(b, t, offsets, cb, ct, same, mb, eb, mt, et, f16, fp8, out):
-    for i in prange(offsets.size - 1):
+    # serial: the pairs are small (a batch is at most 32 MB a side), and a parallel loop costs
+    # seconds more to compile for every width pair
+    for i in range(offsets.size - 1):
         _chunk_stats(b, t, offsets[i], offsets[i + 1], cb, ct, same, mb, eb, mt, et, f16, fp8, out[i])
 
 
