@@ -414,9 +414,8 @@ def _read_small(spans: list[Span | None], first: int, bases: Sequence[Checkpoint
     for side in (0, 1):
         at = 1 + 4 * side
         ckpt_of = (lambda i: bases[spans[i][0]]) if side == 0 else (lambda i: tuned)
-        paths: dict = {}              # one string per file, not one str() per pair
-        order = sorted(batch, key=lambda i: (spans[i][0] if side == 0 else 0,
-                                             paths.get(spans[i][at]) or paths.setdefault(spans[i][at], str(spans[i][at])),
+        names = {p: str(p) for p in {spans[i][at] for i in batch}}   # one str() per file, not per pair
+        order = sorted(batch, key=lambda i: (spans[i][0] if side == 0 else 0, names[spans[i][at]],
                                              spans[i][at + 1]))
         j = 0
         while j < len(order):
