@@ -52,7 +52,7 @@ def test_small_pairs_read_in_batches_give_the_windowed_records(tmp_path, monkeyp
     save_file(tmp_path / "t.safetensors", tuned)
     seen = []
     real = compute.compute_pair
-    monkeypatch.setattr(compute, "compute_pair", lambda *a, **k: seen.append(a[9] is not None) or real(*a, **k))
+    monkeypatch.setattr(compute, "compute_pair", lambda *a, **k: seen.append(a[8] is not None) or real(*a, **k))
     batched = compare(tmp_path / "b.safetensors", tmp_path / "t.safetensors").to_json(include_run=False)
     assert seen and all(seen)
     seen.clear()

@@ -115,12 +115,9 @@ class TensorRow(Mapping):
         self.get = d.get if record.rank is None and len(d) == len(_TENSOR_FIELDS) else partial(_row_get, record)
 
     def __getitem__(self, key: str) -> Any:
-        if key == "rank":
-            r = self.record.rank
-            return None if r is None else r.to_dict()
-        if key in _TENSOR_FIELD_SET:
-            return getattr(self.record, key)
-        raise KeyError(key)
+        if key not in _TENSOR_FIELD_SET:
+            raise KeyError(key)
+        return _row_get(self.record, key)
 
     def __contains__(self, key: object) -> bool:
         return key in _TENSOR_FIELD_SET

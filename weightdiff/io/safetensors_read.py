@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
-from .files import OpenCheckpointFile, duplicate_key, load_json, pread_into
+from .files import OpenCheckpointFile, _reject_constant, duplicate_key, load_json, pread_into
 from ..kernels.dtypes import DTYPES
 
 __all__ = [
@@ -227,7 +227,7 @@ def _fast_infos(raw: bytes | bytearray, data_start: int, p: Path) -> "tuple[list
     if len(raw) > FAST_HEADER_MAX or b"\\" in raw or _KEY_GAP.search(raw) is not None:
         return None
     try:
-        top = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        top = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return None
     if type(top) is not dict:
@@ -238,8 +238,7 @@ def _fast_infos(raw: bytes | bytearray, data_start: int, p: Path) -> "tuple[list
         if type(meta) is not dict or not all(type(v) is str for v in meta.values()):
             return None
         keys += 1 + len(meta)
-    sizes: dict[tuple, int] = {}                 # distinct shape -> elements (checked once each)
-    shapes: dict[tuple, tuple] = {}
+    shapes: dict[tuple, tuple] = {}              # distinct shape -> (elements, one shared tuple), checked once
     bits_of = _BITS_OF
     infos = []
     try:
@@ -250,18 +249,18 @@ def _fast_infos(raw: bytes | bytearray, data_start: int, p: Path) -> "tuple[list
             if type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
                 return None
             key = tuple(shape)
-            n = sizes.get(key)
-            if n is None:
+            known = shapes.get(key)
+            if known is None:
                 if not all(type(d) is int and d >= 0 for d in key):
                     return None
-                n = sizes[key] = math.prod(key)
-                shapes[key] = key
+                known = shapes[key] = (math.prod(key), key)
+            n, shape = known
             begin, end = offsets
             bits = bits_of[dtype] * n
             if (type(begin) is not int or type(end) is not int or not 0 <= begin <= end
                     or bits % 8 or end - begin != bits // 8):
                 return None
-            infos.append(TensorInfo(name, dtype, shapes[key], p, data_start + begin, data_start + end))
+            infos.append(TensorInfo(name, dtype, shape, p, data_start + begin, data_start + end))
     except (KeyError, TypeError):               # a missing field, an unhashable or unknown dtype
         return None
     keys += 3 * len(infos)
@@ -269,10 +268,6 @@ def _fast_infos(raw: bytes | bytearray, data_start: int, p: Path) -> "tuple[list
 
 
 _BITS_OF = {name: d.bits for name, d in DTYPES.items()}
-
-
-def _no_constant(name: str):
-    raise ValueError(name)
 
 
 def _plain(value: object) -> object:

@@ -22,8 +22,8 @@ from ..records import TensorRow
 from .status import PAIRED, ratio
 
 __all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "looks_unrelated", "large_matrix_relatedness", "components",
-           "counts_for_relatedness", "evidence_sizes", "evidence", "judge", "rank_key", "sample_rows", "sample_plan",
-           "sampled_sums", "screen_estimate"]
+           "counts_for_relatedness", "evidence_sizes", "chosen_evidence", "evidence", "judge", "rank_key",
+           "sample_rows", "sample_plan", "sampled_sums", "screen_estimate"]
 
 REFERENCE = {"relative_change": math.sqrt(2.0), "cosine": 0.0,
              "what": "two independently initialized models of the same shape"}
@@ -63,10 +63,6 @@ def looks_unrelated(cosine: float | None, rel_change: float | None, thresholds: 
     return bool(cosine < thresholds.unrelated_cosine and rel_change > thresholds.unrelated_rel_change)
 
 
-def _field(row, key: str):
-    return row.get(key) if isinstance(row, dict) or type(row) is TensorRow else getattr(row, key, None)
-
-
 def _getter(row):
     """``_field(row, .)`` for one row: a JSON row's ``get``, a record's ``__dict__.get`` (one
     dictionary lookup per field: this runs once per tensor per question, 100,000 times for a
@@ -96,6 +92,17 @@ def evidence_sizes(rows) -> list[tuple[object, int]]:
     return [(r, n) for r in rows if (n := _evidence_size(r)) is not None]
 
 
+def _field(row, key: str):
+    return _getter(row)(key)
+
+
+def chosen_evidence(evidence: list[tuple[object, int]], large: int | None) -> list[tuple[object, int]]:
+    """The (row, size) pairs of ``evidence_sizes`` that relatedness is judged on: the large
+    matrices (at least ``large`` compared elements), all of them when none is large."""
+    big = [(r, n) for r, n in evidence if large is None or n >= large]
+    return big or list(evidence)
+
+
 def _evidence_size(row) -> int | None:
     """The compared elements of a row that is evidence of relatedness at some size, else None."""
     get = _getter(row)
@@ -117,19 +124,17 @@ def _evidence_size(row) -> int | None:
 def large_matrix_relatedness(rows, thresholds: Thresholds) -> tuple[float | None, float | None, int]:
     """(element-weighted cosine, relative change, matrices) over the large matrices, over
     all matrices when none is large; norm gains and biases never count."""
-    evidence = evidence_sizes(rows)             # one look at each row, whatever the size limit
-    for large in (thresholds.large_matrix_numel, None):
-        chosen = [r for r, n in evidence if large is None or n >= large]
-        if chosen:
-            w = [float(_field(r, "numel_compared") or _field(r, "numel")) for r in chosen]
-            cos = sum(wi * _field(r, "cosine") for wi, r in zip(w, chosen)) / sum(w)
-            nb2 = nd2 = 0.0
-            for r in chosen:
-                nb, nd = _field(r, "norm_base"), _field(r, "norm_delta")
-                if nb is not None and nd is not None and math.isfinite(nb) and math.isfinite(nd):
-                    nb2, nd2 = nb2 + nb * nb, nd2 + nd * nd
-            return cos, _ratio(nd2, nb2), len(chosen)
-    return None, None, 0
+    chosen = chosen_evidence(evidence_sizes(rows), thresholds.large_matrix_numel)
+    if not chosen:
+        return None, None, 0
+    w = [float(n) for _, n in chosen]
+    cos = sum(wi * _field(r, "cosine") for wi, (r, _) in zip(w, chosen)) / sum(w)
+    nb2 = nd2 = 0.0
+    for r, _ in chosen:
+        nb, nd = _field(r, "norm_base"), _field(r, "norm_delta")
+        if nb is not None and nd is not None and math.isfinite(nb) and math.isfinite(nd):
+            nb2, nd2 = nb2 + nb * nb, nd2 + nd * nd
+    return cos, _ratio(nd2, nb2), len(chosen)
 
 
 def components(records, thresholds: Thresholds) -> list[dict]:

@@ -51,16 +51,14 @@ def _elements(pair: Pair, shape: Sequence[int] | None) -> int:
 def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
                   tuned: Checkpoint, tname: str, dtype_t: str, stop: int | None,
                   on_window: Callable[[int], None], floors: FloorAccumulator | None = None,
-                  sink=None, raw: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                  sink=None) -> np.ndarray:
     k = backend.module
     opaque = not (DTYPES[dtype_b].decodable and DTYPES[dtype_t].decodable)
     acc = None
-    # ``raw``: the whole of a small pair, already read (one window)
-    base_windows = iter((raw[0],)) if raw is not None else base.windows(bname, WINDOW_ELEMENTS, 0, stop)
+    base_windows = base.windows(bname, WINDOW_ELEMENTS, 0, stop)
     if floors is not None and not opaque:   # the cast-rounding floors see every base window
         base_windows = (floors.add(w, dtype_b) or w for w in base_windows)
-    windows = zip(base_windows, iter((raw[1],)) if raw is not None else
-                  tuned.windows(tname, WINDOW_ELEMENTS, 0, stop))
+    windows = zip(base_windows, tuned.windows(tname, WINDOW_ELEMENTS, 0, stop))
     if backend.name == "cuda" and not opaque:
         # pinned buffers, the copy of window k+1 overlapping the compute of window k
         sizes: list[int] = []
@@ -122,11 +120,9 @@ def _fill(record: TensorRecord, fields: dict) -> None:
 def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, options: CompareOptions,
                  backend: Backend, classify: Classify,
                  on_window: Callable[[int], None] = lambda n: None,
-                 raw: tuple[np.ndarray, np.ndarray] | None = None,
                  solver: "Solver | None" = None, pre: "tuple[np.ndarray, dict, dict] | None" = None) -> TensorRecord:
     """Measure one pair of the plan and return its record (status, stats, rank).
 
-    ``raw``: both tensors' stored elements, already read; the same record as reading them here.
     ``pre``: a small pair's statistics, cast floors and finalized fields, computed with its batch
     (``_small_batch``); the same record again. ``solver``: the eigen-solve of a streamed Gram
     matrix may run there while the caller goes on; ``rec.rank`` is then a ``Deferred``
@@ -201,7 +197,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             on_window(int(stats[0]))
         else:
             stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
-                                  pair.dtype_tuned, stop, on_window, floors, sink, raw)
+                                  pair.dtype_tuned, stop, on_window, floors, sink)
             if not opaque:
                 rec.rounding_floor = floors.result()
     if pre is None or opaque:
@@ -519,7 +515,7 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
             if rec is None:
                 if spans[i] is not None and i not in pres:
                     pres = _small_batch(pairs, spans, i, bases, tuned, backend)
-                rec = compute_pair(pair, bases, tuned, options, backend, classify, on_window, None, solver,
+                rec = compute_pair(pair, bases, tuned, options, backend, classify, on_window, solver,
                                    pres.pop(i, None))
                 pending.append((rec, key))
             else:

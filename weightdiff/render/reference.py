@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 
-from ..judge.relatedness import evidence_sizes
+from ..judge.relatedness import chosen_evidence, evidence_sizes
 
 __all__ = ["reference_scale", "reference_of", "LABELS"]
 
@@ -43,11 +43,7 @@ def _rows(data: dict) -> list[dict]:
     large = ((data.get("settings") or {}).get("thresholds") or {}).get("large_matrix_numel")
     evidence = [(t, n) for t, n in evidence_sizes(tensors)
                 if t.get("norm_base") and t.get("norm_tuned") is not None and t.get("norm_delta") is not None]
-    for limit in (large, None):
-        chosen = [t for t, n in evidence if limit is None or n >= limit]
-        if chosen:
-            return chosen
-    return []
+    return [t for t, _ in chosen_evidence(evidence, large)]
 
 
 def _omc(t: dict) -> float:
