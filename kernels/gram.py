@@ -45,7 +45,7 @@ import os
 import numpy as np
 
 __all__ = ["TILE", "GramAccumulator", "gram_eigenvalues", "eig_dtype_for", "eig_error_bound",
-           "certified_count", "singular_values"]
+           "gram_error_bound", "certified_count", "singular_values", "gram_top", "inertia_bracket"]
 
 #: side of the tiles the Gram matrix is summed in (each tile one BLAS call on one BLAS thread; the
 #: tiles run side by side on a small thread pool, so the sum is the same bits whatever the core count)
@@ -131,9 +131,20 @@ class GramAccumulator:
         if g is None:
             raise ValueError("the Gram matrix was already handed over")
         if full:
-            iu = np.triu_indices(self.n, 1)
-            g[iu] = g.T[iu]
+            mirror_lower(g)
         return g if dtype == np.float64 else g.astype(dtype)
+
+
+def mirror_lower(g: np.ndarray, rows: int = 512) -> None:
+    """Copy the strictly lower triangle of the square ``g`` into its upper one, in place, a band of
+    ``rows`` at a time (index arrays for the whole triangle would take 16 bytes per element)."""
+    n = g.shape[0]
+    for i in range(0, n, rows):
+        j = min(n, i + rows)
+        blk = g[i:j, i:j]
+        iu = np.triu_indices(j - i, 1)
+        blk[iu] = blk.T[iu]
+        g[i:j, j:] = g[j:, i:j].T
 
 
 def eig_dtype_for(n: int):
@@ -172,6 +183,18 @@ def gram_eigenvalues(acc: GramAccumulator, dtype=None) -> np.ndarray:
     return np.asarray(w, dtype=np.float64)[::-1].copy()
 
 
+def gram_error_bound(rows: int, frob_d2: float, d_float32: bool = False, copy_err: float | None = None) -> float:
+    """``||G~ - G||_2`` at most: the float64 accumulation of ``G`` over dot products of length ``rows``
+    and, when ``D`` was stored in float32, that copy's rounding (see ``eig_error_bound``)."""
+    gamma = rows * U64 / (1.0 - rows * U64) if rows * U64 < 0.5 else math.inf
+    delta = gamma * frob_d2
+    if copy_err is not None:
+        delta += 2.0 * math.sqrt(max(frob_d2, 0.0)) * copy_err + copy_err * copy_err
+    elif d_float32:
+        delta += 3.0 * U32 * frob_d2
+    return float(delta)
+
+
 def eig_error_bound(n: int, rows: int, frob_d2: float, frob_g: float, eig_dtype=np.float64,
                     d_float32: bool = False, copy_err: float | None = None) -> float:
     """``delta``: every computed eigenvalue of the Gram matrix is within it of the exact one.
@@ -182,13 +205,7 @@ def eig_error_bound(n: int, rows: int, frob_d2: float, frob_g: float, eig_dtype=
     it): G moves by at most ``2 ||D||_F ||E||_F + ||E||_F^2``; unknown, ``||E||_F <= u32 ||D||_F``.
     """
     u = U32 if np.dtype(eig_dtype) == np.float32 else U64
-    gamma = rows * U64 / (1.0 - rows * U64) if rows * U64 < 0.5 else math.inf
-    delta = gamma * frob_d2 + u * frob_g + 4.0 * n * u * frob_g
-    if copy_err is not None:
-        delta += 2.0 * math.sqrt(max(frob_d2, 0.0)) * copy_err + copy_err * copy_err
-    elif d_float32:
-        delta += 3.0 * U32 * frob_d2
-    return float(delta)
+    return float(gram_error_bound(rows, frob_d2, d_float32, copy_err) + u * frob_g + 4.0 * n * u * frob_g)
 
 
 def certified_count(lam: np.ndarray, thr2: float, delta: float) -> tuple[int, int, int]:
@@ -204,3 +221,126 @@ def certified_count(lam: np.ndarray, thr2: float, delta: float) -> tuple[int, in
 def singular_values(lam: np.ndarray) -> np.ndarray:
     """``sqrt(max(lambda, 0))``, descending."""
     return np.sqrt(np.clip(np.sort(np.asarray(lam, dtype=np.float64))[::-1], 0.0, None))
+
+
+def gram_top(g: np.ndarray, k: int, seed: int = 0, n_iter: int = 3, oversample: int = 16) -> np.ndarray:
+    """The top ``k`` eigenvalues of the symmetric positive semi-definite float64 matrix ``g`` (full,
+    not only a triangle), descending, by seeded subspace iteration: ``n_iter + 1`` products of
+    ``g`` with ``k + oversample`` columns (each one two passes over ``D`` for ``g = D^T D``), then
+    the Ritz values. Ritz values of an orthonormal basis never exceed the eigenvalues they
+    approximate (Cauchy interlacing), so each is a lower bound up to the rounding of the basis.
+    On one BLAS thread (the same bits on every machine). ``g`` is left unchanged.
+    """
+    from .blas import blas_threads
+    from .spectral import sketch
+
+    n = g.shape[0]
+    kk = min(k, n)
+    if kk == 0:
+        return np.zeros(0)
+    width = min(n, kk + oversample)
+    with blas_threads(1):
+        q, _ = np.linalg.qr(g @ sketch(n, width, seed).astype(np.float64))
+        for _ in range(n_iter):
+            q, _ = np.linalg.qr(g @ q)
+        t = q.T @ (g @ q)
+        w = np.linalg.eigvalsh((t + t.T) * 0.5)
+    return np.clip(w[::-1][:kk], 0.0, None).astype(np.float64)
+
+
+#: a Gram matrix up to this size is kept in memory while ``inertia_bracket`` factors a copy of it;
+#: a larger one (n = 8192: 537 MB) goes to an unlinked temporary file, so one n x n array is held
+KEEP_GRAM_BYTES = 160 << 20
+
+
+class _Source:
+    """Fresh copies of a matrix for in-place factorizations: the original in memory, or spilled to
+    a temporary file and read back into one working array."""
+
+    def __init__(self, g: np.ndarray, spill_dir: str | None):
+        self.g = g
+        self.file = None
+        self.work: np.ndarray | None = None
+        if g.nbytes > KEEP_GRAM_BYTES:
+            import tempfile
+
+            self.file = tempfile.TemporaryFile(dir=spill_dir, prefix="weightdiff-gram-")
+            mv = memoryview(g.reshape(-1).view(np.uint8))
+            done = 0
+            while done < len(mv):
+                done += os.pwrite(self.file.fileno(), mv[done:], done)
+            self.work, self.g = g, None
+
+    def copy(self) -> np.ndarray:
+        if self.file is None:
+            return self.g.copy()
+        mv = memoryview(self.work.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(mv):
+            got = os.preadv(self.file.fileno(), [mv[done:]], done)
+            if got <= 0:
+                raise OSError("short read of the temporary Gram file")
+            done += got
+        return self.work
+
+    def close(self) -> None:
+        self.g = self.work = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def inertia_bracket(g: np.ndarray, thr2: float, delta: float, spill_dir: str | None = None) -> tuple[int, int, float]:
+    """``(lo, hi, band)``: the exact count of eigenvalues above ``thr2`` of the matrix ``G`` that the
+    computed float64 ``g`` approximates within ``delta`` (``||g - G||_2 <= delta``) lies in
+    ``[lo, hi]``, from two LDL^T factorizations (Sylvester's law of inertia, ``kernels.lapack``).
+
+    ``lo`` is the number of positive pivots of ``g - s_hi I`` and ``hi`` that of ``g - s_lo I`` with
+    ``s_hi = thr2 + band``, ``s_lo = thr2 - band``, ``band = delta + e``; ``e`` bounds the rounding of
+    forming the shift and the factorization's backward error, checked after each factorization
+    (a factorization whose bound exceeds ``e`` is repeated with a larger ``e``). By Weyl's
+    inequality each count is then on the right side of the exact one: ``lo == hi`` makes it
+    exact; otherwise ``hi - lo`` eigenvalues lie within ``band`` of ``thr2``. When ``s_lo < 0`` the
+    upper end is ``n`` (``G`` is positive semi-definite) and no second factorization is needed.
+    Only the lower triangle of ``g`` is read; ``g`` is consumed (overwritten). Each factorization
+    runs on one BLAS thread. Memory: one more copy of ``g`` up to ``KEEP_GRAM_BYTES``, else none
+    (the original waits in a temporary file).
+    """
+    from . import lapack
+    from .blas import blas_threads
+
+    n = g.shape[0]
+    if n == 0:
+        return 0, 0, float(delta)
+    d = np.diagonal(g)
+    norm_g = math.sqrt(float(np.sum(d * d)) + 2.0 * sum(float(np.dot(r[:i], r[:i])) for i, r in enumerate(g)))
+    dmax = float(np.max(np.abs(d)))
+    # the factorization's bound is p(n) u (|| |A| || + || |L||D||L^T| ||); the second term measured
+    # 3.4 n max|A_ii| for a shifted Gram matrix at n = 4096, so the first guess is 8 n max|A_ii|:
+    # a guess too small costs a second pair of factorizations, one too large widens the band
+    e = (10.0 * n + 10.0) * U64 * (norm_g + 8.0 * n * (dmax + abs(thr2)))
+    src = _Source(g, spill_dir)
+    del g, d
+    try:
+        for _ in range(8):
+            band = float(delta) + e
+            counts = []
+            worst = 0.0
+            for shift in (thr2 + band, thr2 - band):
+                if shift < 0:
+                    counts.append(n)
+                    continue
+                a = src.copy()
+                a[np.diag_indices(n)] -= shift
+                with blas_threads(1):
+                    got = lapack.ldl_inertia_inplace(a, lower=True)
+                del a
+                worst = max(worst, got.backward_error + U64 * (dmax + shift))
+                counts.append(got.positive)
+            if worst <= e:
+                lo, hi = counts
+                return min(lo, hi), max(lo, hi), band
+            e = 2.0 * worst
+        raise RuntimeError("the LDL^T error bound did not settle")
+    finally:
+        src.close()

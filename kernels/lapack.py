@@ -1,12 +1,16 @@
-"""LAPACK's symmetric eigenvalue solver in place, from the OpenBLAS that numpy ships.
+"""LAPACK's symmetric eigenvalue solver and LDL^T factorization in place, from the OpenBLAS
+that numpy ships.
 
 ``numpy.linalg.eigvalsh`` copies its input before LAPACK sees it: for the 8192 x 8192 Gram
 matrix of a 70B-width matrix that is a second 537 MB in float64, which is why the streamed
 rank path used to solve in float32 beyond 4096 (and got a bracket 20% wide). ``eigvalsh_inplace``
 calls ``dsyevd`` (eigenvalues only) on the caller's array, which it overwrites: one copy of the
-matrix, in float64, at any size. The symbols are those of numpy's bundled OpenBLAS
-(``scipy_dsyevd_64_``, 64-bit integers; or the 32-bit ``scipy_dsyevd_``); where neither is
-found (another BLAS), ``available()`` is False and callers fall back to numpy.
+matrix, in float64, at any size. ``ldl_inertia_inplace`` calls ``dsytrf_rk`` (bounded
+Bunch-Kaufman LDL^T, which numpy does not expose) and returns the inertia of the matrix by Sylvester's law,
+with an a posteriori bound on the factorization's backward error. The symbols are those of
+numpy's bundled OpenBLAS (``scipy_dsyevd_64_``, 64-bit integers; or the 32-bit
+``scipy_dsyevd_``); where neither is found (another BLAS), ``available()`` is False and callers
+fall back to numpy.
 
 Pure array code: no file or model knowledge.
 """
@@ -16,11 +20,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["available", "eigvalsh_inplace"]
+__all__ = ["available", "eigvalsh_inplace", "ldl_available", "ldl_inertia_inplace", "Inertia"]
 
 
 #: LAPACK's two-stage tridiagonal reduction (eigenvalues only) is BLAS-3 rich: 3-4x faster than
@@ -29,8 +35,10 @@ _NAMES = (("scipy_dsyevd_2stage_64_", ctypes.c_int64), ("scipy_dsyevd_2stage_", 
           ("scipy_dsyevd_64_", ctypes.c_int64), ("scipy_dsyevd_", ctypes.c_int32))
 
 
-@functools.lru_cache(maxsize=1)
-def _syevd():
+_SYTRF = (("scipy_dsytrf_rk_64_", ctypes.c_int64), ("scipy_dsytrf_rk_", ctypes.c_int32))
+
+
+def _find(names):
     libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
     paths = sorted(glob.glob(os.path.join(libdir, "*openblas*")))
     for path in paths:
@@ -38,12 +46,22 @@ def _syevd():
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for name, itype in _NAMES:
+        for name, itype in names:
             if hasattr(lib, name):
                 fn = getattr(lib, name)
                 fn.restype = None
                 return fn, itype
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _syevd():
+    return _find(_NAMES)
+
+
+@functools.lru_cache(maxsize=1)
+def _sytrf():
+    return _find(_SYTRF)
 
 
 def available() -> bool:
@@ -95,3 +113,142 @@ def eigvalsh_inplace(a: np.ndarray, lower: bool = True) -> np.ndarray:
     if not np.all(np.isfinite(w)):
         raise RuntimeError("LAPACK dsyevd returned non-finite eigenvalues")
     return w
+
+
+def ldl_available() -> bool:
+    """Whether ``ldl_inertia_inplace`` can run (numpy's OpenBLAS exports ``dsytrf_rk``)."""
+    return _sytrf() is not None
+
+
+class Inertia(NamedTuple):
+    """Signs of the eigenvalues of ``A + E`` for the ``E`` the factorization's rounding made:
+    ``positive + negative + zero = n`` exactly, and ``||E||_2 <= backward_error``."""
+
+    positive: int
+    negative: int
+    zero: int
+    backward_error: float
+
+
+#: rows summed at a time when ``ldl_inertia_inplace`` reads the triangle (bounded temporaries)
+_ROWS = 256
+U64 = 2.0 ** -53
+
+
+def _abs_row_sums(a: np.ndarray) -> np.ndarray:
+    """Row sums of ``|A|`` for the symmetric matrix held in the lower triangle of ``a`` (row-major),
+    in row blocks (no n x n temporary)."""
+    n = a.shape[0]
+    out = np.zeros(n)
+    for i in range(0, n, _ROWS):
+        j = min(n, i + _ROWS)
+        blk = np.abs(a[i:j, :j])
+        blk[:, i:j] = np.tril(blk[:, i:j])
+        out[i:j] += blk.sum(axis=1)                       # the lower triangle's part of rows i..j
+        np.fill_diagonal(blk[:, i:j], 0.0)
+        out[:j] += blk.sum(axis=0)                        # mirrored: the upper part of rows 0..j
+    return out
+
+
+def _lower_times(a: np.ndarray, x: np.ndarray, transpose: bool) -> np.ndarray:
+    """``|L| x`` (or ``|L|^T x``) for the unit lower triangular ``L`` whose strict lower part is
+    that of ``a`` (row-major), in row blocks."""
+    n = a.shape[0]
+    out = x.copy()
+    for i in range(0, n, _ROWS):
+        j = min(n, i + _ROWS)
+        blk = np.abs(a[i:j, :j])
+        blk[:, i:j] = np.tril(blk[:, i:j], -1)
+        if transpose:
+            out[:j] += blk.T @ x[i:j]
+        else:
+            out[i:j] += blk @ x[:j]
+    return out
+
+
+def ldl_inertia_inplace(a: np.ndarray, lower: bool = True) -> Inertia:
+    """Inertia of the symmetric C-contiguous float64 matrix ``a`` (read from its lower triangle,
+    or upper with ``lower=False``) from LAPACK ``dsytrf_rk``; ``a`` is destroyed.
+
+    Sylvester's law: ``P A P^T = L D L^T`` with ``L`` unit lower triangular and ``D`` block
+    diagonal (1 x 1 and 2 x 2 blocks) has the inertia of ``D``. A 2 x 2 block
+    ``[[p, q], [q, r]]`` has one eigenvalue of each sign when ``p r < q^2``, else two of the
+    sign of ``p + r``. What is counted is the inertia of ``A + E`` where ``E`` is the rounding
+    of the factorization; for a factorization with 1 x 1 and 2 x 2 pivots (bounded Bunch-Kaufman
+    here) ``|E| <= p(n) u (|A| + |L| |D| |L|^T)`` (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2nd ed., thm. 11.3, p(n) linear; we take 10 n + 10). ``dsytrf_rk`` leaves ``L``
+    in standard form, so the bound is computed after the fact: ``|| |A| ||_2`` and
+    ``|| |L| |D| |L|^T ||_2`` are at most their largest row sums (symmetric, non-negative), the
+    latter ``|L| (|D| (|L|^T 1))`` by two triangular products. That is ``backward_error``.
+
+    Raises RuntimeError when LAPACK is missing or reports an argument error, ValueError on a
+    wrong input.
+    """
+    found = _sytrf()
+    if found is None:
+        raise RuntimeError("LAPACK dsytrf_rk not found in numpy's OpenBLAS")
+    fn, itype = found
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.dtype != np.float64 or not a.flags.c_contiguous \
+            or not a.flags.writeable:
+        raise ValueError("ldl_inertia_inplace needs a writeable C-contiguous square float64 matrix")
+    n = a.shape[0]
+    if n == 0:
+        return Inertia(0, 0, 0, 0.0)
+    if not lower:              # work on the lower triangle: mirror the upper one into it
+        il = np.tril_indices(n, -1)
+        a[il] = a.T[il]
+    norm_a = float(np.max(_abs_row_sums(a)))
+    if not math.isfinite(norm_a):
+        raise ValueError("ldl_inertia_inplace needs a finite matrix")
+    # row-major lower triangle == column-major upper triangle: L here is LAPACK's U^T
+    uplo = ctypes.c_char_p(b"U")
+    info = itype(0)
+    nn = itype(n)
+    ipiv = np.zeros(n, dtype=np.int64 if itype is ctypes.c_int64 else np.int32)
+    e = np.zeros(n)
+
+    def call(work: np.ndarray, lwork: int) -> None:
+        fn(uplo, ctypes.byref(nn), a.ctypes.data_as(ctypes.c_void_p), ctypes.byref(nn),
+           e.ctypes.data_as(ctypes.c_void_p), ipiv.ctypes.data_as(ctypes.c_void_p),
+           work.ctypes.data_as(ctypes.c_void_p), ctypes.byref(itype(lwork)), ctypes.byref(info),
+           ctypes.c_size_t(1))
+
+    query = np.zeros(1)
+    call(query, -1)
+    if info.value != 0:
+        raise RuntimeError(f"LAPACK dsytrf_rk workspace query failed (info={info.value})")
+    work = np.empty(max(int(query[0]), 1))
+    call(work, work.size)
+    if info.value < 0:
+        raise RuntimeError(f"LAPACK dsytrf_rk: argument {-info.value} was wrong")
+    # info > 0: an exactly zero pivot (D singular); the factorization is complete and counted below
+    d = np.diagonal(a).copy()
+    second = np.flatnonzero(e)                  # E(i) = D(i-1, i): a 2 x 2 block at (i-1, i)
+    first = second - 1
+    if second.size and (first[0] < 0 or np.any(np.diff(second) < 2) or not np.all(ipiv[second] < 0)
+                        or not np.all(ipiv[first] < 0)):
+        raise RuntimeError("LAPACK dsytrf_rk returned an unreadable pivot sequence")
+    two = np.zeros(n, bool)
+    two[first] = two[second] = True
+    one = ~two
+    pos = int(np.count_nonzero(d[one] > 0))
+    neg = int(np.count_nonzero(d[one] < 0))
+    q = e[second]
+    p_, r_ = d[first], d[second]
+    det = p_ * r_ - q * q
+    mixed = det < 0
+    pos += int(np.count_nonzero(mixed)) + 2 * int(np.count_nonzero((det > 0) & (p_ + r_ > 0)))
+    neg += int(np.count_nonzero(mixed)) + 2 * int(np.count_nonzero((det > 0) & (p_ + r_ < 0)))
+    pos += int(np.count_nonzero((det == 0) & (p_ + r_ > 0)))
+    neg += int(np.count_nonzero((det == 0) & (p_ + r_ < 0)))
+    zero = n - pos - neg
+    a[second, first] = 0.0                      # inside a 2 x 2 block L is the identity
+    v = _lower_times(a, np.ones(n), transpose=True)      # |L|^T 1 (|L| is LAPACK's |U|^T)
+    y = np.abs(d) * v
+    y[first] += np.abs(q) * v[second]
+    y[second] += np.abs(q) * v[first]
+    m_inf = float(np.max(_lower_times(a, y, transpose=False)))
+    if not math.isfinite(m_inf):
+        raise RuntimeError("LAPACK dsytrf_rk returned non-finite factors")
+    err = (10.0 * n + 10.0) * U64 * (norm_a + m_inf)
+    return Inertia(pos, neg, zero, float(err))

@@ -324,3 +324,168 @@ def test_a_failed_background_solve_is_the_comparison_s_error(tmp_path, rng, monk
     monkeypatch.setattr(DeltaGram, "finish", boom)
     with pytest.raises(RuntimeError, match="did not converge"):
         compare(b, t)
+
+
+# --- --spectrum count: Sylvester inertia of the shifted Gram matrix ---------------------
+
+def _sym_with_eigs(rng, lam):
+    n = len(lam)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = (q * np.asarray(lam, dtype=np.float64)) @ q.T
+    return (a + a.T) / 2
+
+
+@pytest.mark.parametrize("case", ["indefinite", "psd_rank5", "zeros", "swap", "diag", "one", "wide_range",
+                                  "two_by_two", "negative"])
+def test_ldl_inertia_is_the_count_of_eigenvalue_signs(rng, case):
+    from weightdiff.kernels import lapack
+
+    if not lapack.ldl_available():
+        pytest.skip("numpy's OpenBLAS does not export dsytrf here")
+    n = 60
+    if case == "indefinite":
+        a = _sym_with_eigs(rng, rng.standard_normal(n))
+    elif case == "psd_rank5":
+        x = rng.standard_normal((5, n)); a = x.T @ x - 1e-3 * np.eye(n)
+    elif case == "zeros":
+        a = np.zeros((n, n))
+    elif case == "swap":                   # zero diagonal: Bunch-Kaufman must take 2 x 2 pivots
+        a = np.kron(np.eye(n // 2), np.array([[0.0, 1.0], [1.0, 0.0]]))
+    elif case == "diag":
+        a = np.diag(np.r_[np.ones(20), -np.ones(25), np.zeros(15)])
+    elif case == "one":
+        a = np.array([[-3.0]])
+    elif case == "wide_range":
+        a = _sym_with_eigs(rng, rng.choice([-1, 1], n) * np.geomspace(1e-6, 1e6, n))
+    elif case == "two_by_two":             # 2 x 2 blocks of both kinds: definite and indefinite
+        a = np.kron(np.eye(n // 2), np.array([[1e-9, 1.0], [1.0, 1e-9]])) + np.diag(np.r_[np.full(n // 2, 3.0),
+                                                                                           np.zeros(n // 2)])
+    else:
+        a = -_sym_with_eigs(rng, rng.uniform(1, 2, n))
+    w = np.linalg.eigvalsh(a)
+    low = np.tril(a).copy()
+    low[np.triu_indices(len(a), 1)] = np.nan            # only the lower triangle is read
+    got = lapack.ldl_inertia_inplace(low, lower=True)
+    e = got.backward_error
+    assert got.positive + got.negative + got.zero == len(a)
+    assert np.count_nonzero(w > e) <= got.positive <= np.count_nonzero(w > -e)
+    assert np.count_nonzero(w < -e) <= got.negative <= np.count_nonzero(w < e)
+    if np.all(np.abs(w[w != 0]) > 1e3 * e) and np.all((w == 0) | (np.abs(w) > 1e3 * e)) and case != "zeros":
+        assert got.positive == np.count_nonzero(w > 0) and got.negative == np.count_nonzero(w < 0)
+    up = np.triu(a).copy()
+    up[np.tril_indices(len(a), -1)] = np.nan
+    assert lapack.ldl_inertia_inplace(up, lower=False)[:3] == got[:3]
+
+
+def test_ldl_inertia_refuses_what_it_cannot_take():
+    from weightdiff.kernels import lapack
+
+    if not lapack.ldl_available():
+        pytest.skip("numpy's OpenBLAS does not export dsytrf here")
+    for bad in (np.zeros((3, 4)), np.zeros((3, 3), np.float32), np.asfortranarray(np.zeros((3, 3)))[::-1]):
+        with pytest.raises(ValueError):
+            lapack.ldl_inertia_inplace(bad)
+    with pytest.raises(ValueError):
+        lapack.ldl_inertia_inplace(np.full((3, 3), np.inf))
+    assert lapack.ldl_inertia_inplace(np.zeros((0, 0))) == (0, 0, 0, 0.0)
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_the_inertia_bracket_holds_the_count_and_is_exact_off_the_threshold(rng, monkeypatch, spill):
+    if spill:                              # the original waits in a temporary file between factorizations
+        monkeypatch.setattr(kgram, "KEEP_GRAM_BYTES", 0)
+    x = _with_spectrum(rng, 300, 80, np.concatenate([np.geomspace(5.0, 0.5, 30), np.full(50, 1e-3)]))
+    g = x.T @ x
+    s = np.linalg.svd(x, compute_uv=False)
+    for thr in (0.6, float(s[10] + s[11]) / 2, 2e-3, 10.0):
+        lo, hi, band = kgram.inertia_bracket(g.copy(), thr * thr, 1e-12)
+        assert lo == hi == _count_svd(x, thr) and band >= 1e-12
+    # a cluster within the error bound of the threshold is bracketed, never guessed
+    y = _with_spectrum(rng, 200, 60, np.array([3.0, 2.0] + [1.0 + e for e in (-1e-9, 0.0, 1e-9)] + [0.5]))
+    lo, hi, _ = kgram.inertia_bracket(y.T @ y, 1.0, 1e-6)
+    assert lo <= 2 and hi >= 5
+    # a threshold below the error bound: the upper end is the whole side
+    lo, hi, _ = kgram.inertia_bracket(g.copy(), 1e-8, 1e-3)
+    assert hi == 80 and lo <= 30
+
+
+def test_gram_top_gives_the_top_eigenvalues_from_below(rng):
+    x = _with_spectrum(rng, 400, 200, np.concatenate([np.geomspace(10.0, 1.0, 30), rng.uniform(0, 0.1, 170)]))
+    g = x.T @ x
+    want = np.linalg.eigvalsh(g)[::-1]
+    got = kgram.gram_top(g, 20, seed=3)
+    assert got.shape == (20,)
+    assert np.all(got <= want[:20] * (1 + 1e-12))
+    np.testing.assert_allclose(got, want[:20], rtol=1e-6)
+    assert np.array_equal(kgram.gram_top(g, 20, seed=3), got)           # seeded: same bits
+
+
+@pytest.mark.parametrize("shape", [(700, 300), (300, 700)])
+@pytest.mark.parametrize("keep", [1 << 30, 0])
+def test_the_count_mode_certifies_the_same_numerical_rank_as_the_full_spectrum(rng, shape, keep):
+    m, n = shape
+    base, tuned, nd2 = merged_pair(rng, "BF16", m=m, n=n)
+    out = {}
+    for count in (False, True):
+        g = DeltaGram(shape, "BF16", "BF16", keep_bytes=keep, count=count)
+        g.activate()
+        fb, ft = base.reshape(-1), tuned.reshape(-1)
+        for p in range(0, fb.size, 50_001):
+            g.feed(fb[p:p + 50_001], ft[p:p + 50_001], True)
+        out[count] = g.finish(nd2, 1.5, 64)
+    full, cnt = out[False], out[True]
+    assert cnt.method == "inertia" and "numerical_rank" not in cnt.bounds
+    assert cnt.numerical_rank == full.numerical_rank == 8
+    assert cnt.extra["count_error_bound"] > 0
+    np.testing.assert_allclose(cnt.spectrum[:8], full.spectrum[:8], rtol=1e-6)
+    assert cnt.stable_rank == pytest.approx(full.stable_rank, rel=1e-6)
+    for key in ("energy_rank_90", "energy_rank_99"):        # exact, or a bracket holding the exact value
+        b = cnt.bounds.get(key)
+        assert getattr(cnt, key) == getattr(full, key) if b is None else b[0] <= getattr(full, key) <= b[1]
+
+
+def test_compare_with_spectrum_count(tmp_path, rng, monkeypatch):
+    from weightdiff.measure import backend
+
+    b, t = _gram_model(tmp_path, rng)
+    monkeypatch.setattr(backend, "LAPACK_MAX_ELEMENTS", 1000)        # every matrix takes the streamed Gram
+    monkeypatch.setattr(compute, "WINDOW_ELEMENTS", 50_000)
+    full = compare(b, t)
+    cnt = compare(b, t, spectrum="count")
+    assert cnt.to_json(include_run=False) == compare(b, t, spectrum="count").to_json(include_run=False)
+    assert cnt.settings["spectrum"] == "count" and full.settings["spectrum"] == "full"
+    for f, c in zip(full.tensors, cnt.tensors):
+        assert f.rank.method == "gram" and c.rank.method == "inertia"
+        assert c.rank.numerical_rank == f.rank.numerical_rank and "numerical_rank" not in c.rank.bounds
+    assert cnt.to_dict()["summary"]["form"]["max_numerical_rank"] == full.to_dict()["summary"]["form"]["max_numerical_rank"]
+
+
+@pytest.mark.parametrize("n,rows", [(1, 4), (7, 3), (50, 512), (50, 16)])
+def test_mirror_lower_makes_the_matrix_symmetric_from_its_lower_triangle(rng, n, rows):
+    a = rng.standard_normal((n, n))
+    want = np.tril(a) + np.tril(a, -1).T
+    kgram.mirror_lower(a, rows)
+    assert np.array_equal(a, want)
+
+
+def test_the_cli_takes_spectrum_count_and_the_memo_says_how_ranks_were_counted(tmp_path, rng, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+    from weightdiff.cli import main
+    from weightdiff.measure import backend
+
+    b, t = _gram_model(tmp_path, rng)
+    monkeypatch.setattr(backend, "LAPACK_MAX_ELEMENTS", 1000)
+    out, memo = tmp_path / "out.json", tmp_path / "memo.md"
+    res = CliRunner().invoke(main, ["compare", str(b), str(t), "--spectrum", "count", "--json", str(out),
+                                    "--report", str(memo)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["settings"]["spectrum"] == "count"
+    assert {x["rank"]["method"] for x in data["tensors"]} == {"inertia"}
+    assert "--spectrum count" in memo.read_text() and "Sylvester" in memo.read_text()
+    res = CliRunner().invoke(main, ["compare", str(b), str(t), "--json", str(out), "--report", str(memo)])
+    assert res.exit_code == 0 and "Sylvester" not in memo.read_text()
+    res = CliRunner().invoke(main, ["compare", str(b), str(t), "--spectrum", "eigen"])
+    assert res.exit_code == 2 and "--spectrum" in res.output

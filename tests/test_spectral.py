@@ -185,3 +185,30 @@ def test_randomized_handles_zero_and_exactly_low_rank_matrices(rng):
     assert np.all(top[3:] < 1e-5)
     u, s, vt = spectral.randomized_svd(x, 10, vectors=True)
     np.testing.assert_allclose((u * s) @ vt, x, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["rank150_noise", "flat100", "step", "noise_like"])
+def test_a_certified_count_narrows_the_energy_rank_bounds_and_they_still_hold(rng, kind):
+    m, n, k, thr = 600, 400, 32, 0.05
+    s = {"rank150_noise": np.r_[np.geomspace(3.0, 0.2, 150), np.full(250, 0.02)],
+         "flat100": np.r_[np.ones(100), np.zeros(300)],
+         "step": np.r_[np.full(40, 3.0), np.full(360, 0.03)],
+         "noise_like": np.sqrt(np.linspace(4, 0.001, 400))}[kind]
+    x = with_spectrum(rng, m, n, s)
+    full = np.linalg.svd(x, compute_uv=False)
+    total = float(np.sum(full ** 2))
+    truth = spectral.spectrum_fields(full, thr)
+    top = spectral.randomized_svd(x, k)
+    plain = spectral.partial_spectrum_fields(top, total, n, thr)
+    for count_hi in (truth["numerical_rank"], min(n, truth["numerical_rank"] + 3)):
+        got = spectral.partial_spectrum_fields(top, total, n, thr, count_hi=count_hi)
+        for key in ("energy_rank_90", "energy_rank_99"):
+            if key in got["bounds"]:
+                lo, hi = got["bounds"][key]
+                assert lo <= truth[key] <= hi, (key, lo, truth[key], hi)
+                assert hi <= plain["bounds"][key][1] and lo == plain["bounds"][key][0]
+            else:
+                assert got[key] == truth[key]
+    if kind == "rank150_noise":           # the even spread over 368 directions said ~3x more
+        got = spectral.partial_spectrum_fields(top, total, n, thr, count_hi=truth["numerical_rank"])
+        assert got["bounds"]["energy_rank_90"][1] <= 150 < plain["bounds"]["energy_rank_90"][1]

@@ -37,7 +37,7 @@ class RankRecord:
     noise_floor: float
     spectrum: list[float]
     energy_captured: float | None    # share of norm_delta^2 the reported spectrum holds
-    method: str = "exact"             # "exact" | "gram" | "randomized" | "factors"
+    method: str = "exact"             # "exact" | "gram" | "inertia" | "randomized" | "factors"
     shape_2d: tuple[int, int] = (0, 0)
     exact: bool = True                # False when ranks are lower bounds from a partial spectrum
     extra: dict[str, Any] = field(default_factory=dict)   # opt-in weight-subspace analysis, notes

@@ -60,8 +60,10 @@ class DeltaGram:
     """What the rank of one ``shape2`` matrix needs, fed window by window (flat, row-major)."""
 
     def __init__(self, shape2: tuple[int, int], dtype_base: str, dtype_tuned: str, *,
-                 keep_bytes: int = KEEP_BYTES, spill_dir: str | None = None):
+                 keep_bytes: int = KEEP_BYTES, spill_dir: str | None = None, count: bool = False, seed: int = 0):
         m, n = shape2
+        self.count = count               # --spectrum count: numerical_rank by inertia, the rest from the top k
+        self.seed = seed
         self.shape2 = (int(m), int(n))
         self.dtypes = (dtype_base, dtype_tuned)
         self.rows = np.zeros(m)
@@ -211,8 +213,10 @@ class DeltaGram:
             if not self.tall:
                 self._wide_gram()
             acc = self._acc
-            eig_dtype = kgram.eig_dtype_for(acc.n)
             rows = acc.rows
+            if self.count:
+                return self._finish_count(acc, rows, norm_delta_sq, noise_factor * floor, floor, k, extra)
+            eig_dtype = kgram.eig_dtype_for(acc.n)
             lam = kgram.gram_eigenvalues(acc, eig_dtype)
         else:
             lam, rows, eig_dtype = np.zeros(r), max(m, n), np.float64
@@ -242,6 +246,48 @@ class DeltaGram:
             numerical_rank=fields["numerical_rank"], noise_floor=floor, spectrum=[float(v) for v in top],
             energy_captured=captured, method="gram", shape_2d=(m, n), exact=not bounds, extra=extra,
             bounds=bounds, estimated=[])
+
+    def _finish_count(self, acc, rows: int, norm_delta_sq: float, thr: float, floor: float, k: int,
+                      extra: dict) -> RankRecord:
+        """``--spectrum count``: ``numerical_rank`` certified by two LDL^T inertia counts of the
+        Gram matrix (``kernels.gram.inertia_bracket``), the top ``k`` from subspace iteration on it
+        and every other field from those (bounds and estimates, as for ``randomized``)."""
+        m, n = self.shape2
+        r = min(m, n)
+        g = acc.matrix(np.float64, full=True)
+        self._acc = None
+        lam_top = kgram.gram_top(g, k, self.seed)
+        s_top = np.sqrt(lam_top)
+        total = norm_delta_sq if norm_delta_sq >= 0 and math.isfinite(norm_delta_sq) else float(np.trace(g))
+        delta = kgram.gram_error_bound(rows, max(total, float(np.trace(g))),
+                                       d_float32=not self.tall and self.inexact > 0,
+                                       copy_err=math.sqrt(self.copy_err2) if not self.tall else None)
+        lo, hi, band = kgram.inertia_bracket(g, thr * thr, delta, self.spill_dir)
+        del g
+        self.close()
+        fields = spectral.partial_spectrum_fields(s_top, total, r, thr, count_hi=hi)
+        bounds = dict(fields["bounds"])
+        bounds.pop("numerical_rank", None)
+        extra["count_error_bound"] = band
+        if lo != hi:
+            bounds["numerical_rank"] = [lo, hi]
+        notes = []
+        if lo != hi:
+            notes.append(f"{hi - lo} singular values lie within the count's error bound of the threshold: "
+                         "numerical_rank is the lower end of `bounds`")
+        if bounds.keys() - {"numerical_rank"} or fields["estimated"]:
+            notes.append(f"top {len(s_top)} of {r} singular values: other fields in `bounds` are lower bounds, "
+                         "those in `estimated` approximate")
+        if notes:
+            extra["note_bounds"] = "; ".join(notes)
+        captured = float(np.sum(s_top * s_top)) / total if total > 0 else None
+        return RankRecord(
+            stable_rank=fields["stable_rank"], effective_rank=fields["effective_rank"],
+            energy_rank_90=fields["energy_rank_90"], energy_rank_99=fields["energy_rank_99"],
+            numerical_rank=lo, noise_floor=floor, spectrum=[float(v) for v in s_top],
+            energy_captured=captured, method="inertia", shape_2d=(m, n),
+            exact=not bounds and not fields["estimated"], extra=extra, bounds=bounds,
+            estimated=list(fields["estimated"]))
 
     def close(self) -> None:
         self._acc = None
@@ -334,4 +380,5 @@ def streamed_rank_sink(pair, options, backend: str, window_elements: int) -> Ran
     m, n = int(st[0]), int(math.prod(st[1:]))
     if min(m, n) < 2 or min(m, n) > options.exact_svd_max or m * n <= LAPACK_MAX_ELEMENTS:
         return None
-    return RankSink(DeltaGram((m, n), pair.dtype_base, pair.dtype_tuned), window_elements)
+    return RankSink(DeltaGram((m, n), pair.dtype_base, pair.dtype_tuned, count=options.spectrum == "count",
+                              seed=options.seed), window_elements)

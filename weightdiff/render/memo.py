@@ -240,6 +240,8 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     out.append(Block("table", ["measure", "in plain words", "formula"],
                      [[[("b", m)], w, _c(f)] for m, w, f in txt.METRICS]))
     out.append(Block("p", txt.SPECTRUM_NOTE))
+    if (data.get("settings") or {}).get("spectrum") == "count":
+        out.append(Block("p", txt.COUNT_NOTE))
     out.append(Block("h2", "What these numbers show, and what they do not", "limits"))
     out.append(Block("p", [("b", "They show:")]))
     out.append(Block("ul", txt.SHOWS))

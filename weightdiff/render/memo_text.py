@@ -45,6 +45,12 @@ SPECTRUM_NOTE = ("Singular values come from an exact SVD for matrices whose smal
                  "the share of ‖D‖² the reported top singular values capture is checked against ‖D‖², which the "
                  "streaming pass measures exactly, and reported. A PEFT adapter's change (scale · B·A) is analysed "
                  "exactly from its factors.")
+COUNT_NOTE = ("This comparison was run with --spectrum count: for the matrices whose rank was read from their "
+              "Gram matrix DᵀD, numerical_rank is a certified count of the singular values above the threshold "
+              "(Sylvester's law of inertia: the signs of the pivots of two LDL^T factorizations of DᵀD − τ²·I, "
+              "with τ moved by the computation's error bound each way; a count that is not pinned down is shown "
+              "as a range), and their other rank numbers come from the top singular values, shown as bounds or "
+              "estimates.")
 
 VERDICTS = [
     ("inconclusive", "nothing has a compared counterpart, or on both sides less than min_coverage of the large "
