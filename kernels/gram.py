@@ -248,46 +248,73 @@ def gram_top(g: np.ndarray, k: int, seed: int = 0, n_iter: int = 3, oversample: 
     return np.clip(w[::-1][:kk], 0.0, None).astype(np.float64)
 
 
-#: a Gram matrix up to this size is kept in memory while ``inertia_bracket`` factors a copy of it;
-#: a larger one (n = 8192: 537 MB) goes to an unlinked temporary file, so one n x n array is held
+#: a Gram matrix up to this size is factored at both shifts at once (two working arrays, each on
+#: its own thread and one BLAS thread); a larger one (n = 8192: 537 MB) at one shift after the other
+#: in a single working array. The original waits in an unlinked temporary file either way.
 KEEP_GRAM_BYTES = 160 << 20
+
+#: first guess of || |L||D||L^T| ||_2 / (n max|A_ii|) (see ``inertia_bracket``)
+LDL_GUESS = 512.0
+
+_LDL_POOL = None
+
+
+def _ldl_pool():
+    global _LDL_POOL
+    if _LDL_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _LDL_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weightdiff-ldl")
+    return _LDL_POOL
 
 
 class _Source:
-    """Fresh copies of a matrix for in-place factorizations: the original in memory, or spilled to
-    a temporary file and read back into one working array."""
+    """Working copies of a matrix for in-place factorizations: the matrix itself the first time,
+    afterwards read back from the unlinked temporary file it was saved to, into a new array
+    (``reuse=False``) or into the one working array (``reuse=True``, one factorization at a time)."""
 
-    def __init__(self, g: np.ndarray, spill_dir: str | None):
-        self.g = g
-        self.file = None
-        self.work: np.ndarray | None = None
-        if g.nbytes > KEEP_GRAM_BYTES:
-            import tempfile
+    def __init__(self, g: np.ndarray, spill_dir: str | None, reuse: bool):
+        import tempfile
 
-            self.file = tempfile.TemporaryFile(dir=spill_dir, prefix="weightdiff-gram-")
-            mv = memoryview(g.reshape(-1).view(np.uint8))
-            done = 0
-            while done < len(mv):
-                done += os.pwrite(self.file.fileno(), mv[done:], done)
-            self.work, self.g = g, None
+        self.work: np.ndarray | None = g
+        self.reuse = reuse
+        self.used = False
+        self.file = tempfile.TemporaryFile(dir=spill_dir, prefix="weightdiff-gram-")
+        mv = memoryview(g.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(self.file.fileno(), mv[done:], done)
 
-    def copy(self) -> np.ndarray:
-        if self.file is None:
-            return self.g.copy()
-        mv = memoryview(self.work.reshape(-1).view(np.uint8))
+    def take(self) -> np.ndarray:
+        if not self.used:
+            self.used = True
+            return self.work
+        out = self.work if self.reuse else np.empty_like(self.work)
+        mv = memoryview(out.reshape(-1).view(np.uint8))
         done = 0
         while done < len(mv):
             got = os.preadv(self.file.fileno(), [mv[done:]], done)
             if got <= 0:
                 raise OSError("short read of the temporary Gram file")
             done += got
-        return self.work
+        return out
 
     def close(self) -> None:
-        self.g = self.work = None
+        self.work = None
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _count_at(a: np.ndarray, shift: float, dmax: float) -> tuple[int, float]:
+    """Positive pivots of ``a - shift I`` (``a`` consumed) and the error bound of that count."""
+    from . import lapack
+    from .blas import blas_threads
+
+    a[np.diag_indices(a.shape[0])] -= shift
+    with blas_threads(1):
+        got = lapack.ldl_inertia_inplace(a, lower=True)
+    return got.positive, got.backward_error + U64 * (dmax + abs(shift))
 
 
 def inertia_bracket(g: np.ndarray, thr2: float, delta: float, spill_dir: str | None = None) -> tuple[int, int, float]:
@@ -298,17 +325,14 @@ def inertia_bracket(g: np.ndarray, thr2: float, delta: float, spill_dir: str | N
     ``lo`` is the number of positive pivots of ``g - s_hi I`` and ``hi`` that of ``g - s_lo I`` with
     ``s_hi = thr2 + band``, ``s_lo = thr2 - band``, ``band = delta + e``; ``e`` bounds the rounding of
     forming the shift and the factorization's backward error, checked after each factorization
-    (a factorization whose bound exceeds ``e`` is repeated with a larger ``e``). By Weyl's
+    (a pair whose bound exceeds ``e`` is factored again with a larger ``e``). By Weyl's
     inequality each count is then on the right side of the exact one: ``lo == hi`` makes it
     exact; otherwise ``hi - lo`` eigenvalues lie within ``band`` of ``thr2``. When ``s_lo < 0`` the
     upper end is ``n`` (``G`` is positive semi-definite) and no second factorization is needed.
     Only the lower triangle of ``g`` is read; ``g`` is consumed (overwritten). Each factorization
-    runs on one BLAS thread. Memory: one more copy of ``g`` up to ``KEEP_GRAM_BYTES``, else none
-    (the original waits in a temporary file).
+    runs on one BLAS thread, so the counts are the same on every machine. Memory: one more
+    working array up to ``KEEP_GRAM_BYTES`` (the two shifts factored side by side), none beyond.
     """
-    from . import lapack
-    from .blas import blas_threads
-
     n = g.shape[0]
     if n == 0:
         return 0, 0, float(delta)
@@ -316,31 +340,28 @@ def inertia_bracket(g: np.ndarray, thr2: float, delta: float, spill_dir: str | N
     norm_g = math.sqrt(float(np.sum(d * d)) + 2.0 * sum(float(np.dot(r[:i], r[:i])) for i, r in enumerate(g)))
     dmax = float(np.max(np.abs(d)))
     # the factorization's bound is p(n) u (|| |A| || + || |L||D||L^T| ||); the second term measured
-    # 3.4 n max|A_ii| for a shifted Gram matrix at n = 4096, so the first guess is 8 n max|A_ii|:
-    # a guess too small costs a second pair of factorizations, one too large widens the band
-    e = (10.0 * n + 10.0) * U64 * (norm_g + 8.0 * n * (dmax + abs(thr2)))
-    src = _Source(g, spill_dir)
+    # 8-230 n max|A_ii| on the shifted Gram matrices of a Mistral-7B-shaped pair, so the first guess
+    # is 512 n max|A_ii|: a guess too small costs a second pair of factorizations, one too large
+    # widens the band (here ~1e-9 against eigenvalue gaps of ~3e-7)
+    e = (10.0 * n + 10.0) * U64 * (norm_g + LDL_GUESS * n * (dmax + abs(thr2)))
+    together = g.nbytes <= KEEP_GRAM_BYTES
+    src = _Source(g, spill_dir, reuse=not together)
     del g, d
     try:
         for _ in range(8):
             band = float(delta) + e
-            counts = []
-            worst = 0.0
-            for shift in (thr2 + band, thr2 - band):
-                if shift < 0:
-                    counts.append(n)
-                    continue
-                a = src.copy()
-                a[np.diag_indices(n)] -= shift
-                with blas_threads(1):
-                    got = lapack.ldl_inertia_inplace(a, lower=True)
-                del a
-                worst = max(worst, got.backward_error + U64 * (dmax + shift))
-                counts.append(got.positive)
-            if worst <= e:
+            shifts = [s for s in (thr2 + band, thr2 - band) if s >= 0]
+            if together and len(shifts) == 2:
+                arrays = [src.take(), src.take()]
+                got = list(_ldl_pool().map(lambda a_s: _count_at(a_s[0], a_s[1], dmax), zip(arrays, shifts)))
+                del arrays
+            else:
+                got = [_count_at(src.take(), s, dmax) for s in shifts]
+            counts = [c for c, _ in got] + [n] * (2 - len(got))
+            if max(err for _, err in got) <= e:
                 lo, hi = counts
                 return min(lo, hi), max(lo, hi), band
-            e = 2.0 * worst
+            e = 2.0 * max(err for _, err in got)
         raise RuntimeError("the LDL^T error bound did not settle")
     finally:
         src.close()

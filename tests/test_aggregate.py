@@ -270,6 +270,17 @@ def test_sparse_and_dense_forms():
     _, _, s = aggregate(dense, THR)
     assert s.form["kind"] == "dense" and s.form["max_energy_rank_99"] == 60 and s.form["vectors_changed"] == 1
     assert "The change is dense: up to 60 directions per matrix hold 99% of its energy." in s.headline
+    # a bracketed energy rank (a partial spectrum) is never the maximum: the bracket is
+    bracketed = [rec("h.0.w", "changed", shape=(100, 100), nd=0.1, rank=(60, 80)),
+                 rec("h.1.w", "changed", shape=(100, 100), nd=0.1, rank=(40, 80))]
+    bracketed[1].rank.bounds = {"energy_rank_99": [40, 90]}
+    _, _, s = aggregate(bracketed, THR)
+    assert s.form["max_energy_rank_99"] is None and s.form["max_energy_rank_99_bounds"] == [60, 90]
+    assert any("The change is dense: up to 60-90 directions per matrix hold 99% of its energy (a bracket" in h
+               for h in s.headline)
+    bracketed[1].rank.bounds = {"energy_rank_99": [40, 55]}      # cannot exceed the exact 60: exact again
+    _, _, s = aggregate(bracketed, THR)
+    assert s.form["max_energy_rank_99"] == 60 and s.form["max_energy_rank_99_bounds"] is None
     # without rank records there is no spectral evidence: dense by elements, said so
     _, _, s = aggregate([rec("h.0.w", "changed", shape=(100, 100), nd=0.1)], THR)
     assert s.form["kind"] == "dense" and s.form["basis"] == "elements"

@@ -390,23 +390,31 @@ def test_ldl_inertia_refuses_what_it_cannot_take():
     assert lapack.ldl_inertia_inplace(np.zeros((0, 0))) == (0, 0, 0, 0.0)
 
 
-@pytest.mark.parametrize("spill", [False, True])
-def test_the_inertia_bracket_holds_the_count_and_is_exact_off_the_threshold(rng, monkeypatch, spill):
-    if spill:                              # the original waits in a temporary file between factorizations
+@pytest.mark.parametrize("side_by_side", [True, False])
+@pytest.mark.parametrize("guess", [512.0, 0.0])          # 0: the first guess is too small, a second pair runs
+def test_the_inertia_bracket_holds_the_count_and_is_exact_off_the_threshold(rng, monkeypatch, side_by_side, guess):
+    if not side_by_side:                   # one shift after the other in a single working array
         monkeypatch.setattr(kgram, "KEEP_GRAM_BYTES", 0)
+    monkeypatch.setattr(kgram, "LDL_GUESS", guess)
+    calls = []
+    real = kgram._count_at
+    monkeypatch.setattr(kgram, "_count_at", lambda *a: calls.append(1) or real(*a))
     x = _with_spectrum(rng, 300, 80, np.concatenate([np.geomspace(5.0, 0.5, 30), np.full(50, 1e-3)]))
     g = x.T @ x
     s = np.linalg.svd(x, compute_uv=False)
     for thr in (0.6, float(s[10] + s[11]) / 2, 2e-3, 10.0):
+        calls.clear()
         lo, hi, band = kgram.inertia_bracket(g.copy(), thr * thr, 1e-12)
         assert lo == hi == _count_svd(x, thr) and band >= 1e-12
+        assert len(calls) == (2 if guess else 4)
     # a cluster within the error bound of the threshold is bracketed, never guessed
     y = _with_spectrum(rng, 200, 60, np.array([3.0, 2.0] + [1.0 + e for e in (-1e-9, 0.0, 1e-9)] + [0.5]))
     lo, hi, _ = kgram.inertia_bracket(y.T @ y, 1.0, 1e-6)
     assert lo <= 2 and hi >= 5
-    # a threshold below the error bound: the upper end is the whole side
+    # a threshold below the error bound: the upper end is the whole side, from one factorization
+    calls.clear()
     lo, hi, _ = kgram.inertia_bracket(g.copy(), 1e-8, 1e-3)
-    assert hi == 80 and lo <= 30
+    assert hi == 80 and lo <= 30 and len(calls) == (1 if guess else 2)
 
 
 def test_gram_top_gives_the_top_eigenvalues_from_below(rng):

@@ -346,6 +346,10 @@ def form_sentence(f: dict) -> str:
     if f.get("kind") == "dense" and f.get("max_energy_rank_99") is not None:
         return (f"The change is dense: up to {count(f['max_energy_rank_99'])} directions per matrix hold 99% "
                 "of its energy.")
+    if f.get("kind") == "dense" and f.get("max_energy_rank_99_bounds"):
+        lo, hi = f["max_energy_rank_99_bounds"]
+        return (f"The change is dense: up to {count(lo)}-{count(hi)} directions per matrix hold 99% of its energy "
+                "(a bracket: only the top singular values were computed).")
     if f.get("kind") == "dense":
         return (f"The change is dense: {share(f.get('changed_element_share'))} of the elements of the "
                 "changed tensors differ (no rank analysis).")
