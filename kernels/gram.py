@@ -6,12 +6,13 @@ eigenvalues ``s_i^2``, so ``#{s_i > tau} = #{lambda_i(G) > tau^2}``. ``G`` is su
 float64 over row blocks (``GramAccumulator.add``), so the ``m x n`` matrix is never needed
 whole; for a wide matrix the caller passes column blocks transposed.
 
-Why eigenvalues and not an LDL^T inertia count: Sylvester's law gives the same count from
-the LDL^T of ``G - tau^2 I`` at a third of the flops of a tridiagonalization, but the LDL^T
-numpy can reach (LAPACK ``dsytrf`` and its rook, rk and Aasen variants in numpy's OpenBLAS)
-took 5-6.5 s at n = 4096 on the development machine against 2.9 s for ``eigvalsh``
-(``benchmarks/bench_inertia.py``), and the eigenvalues give every other rank field exactly
-too. See docs/rank.md.
+Eigenvalues or an inertia count: Sylvester's law gives the count alone from the LDL^T of
+``G - tau^2 I`` (``inertia_bracket``, two factorizations that bracket the rounding), at a third of
+the flops of a tridiagonalization; the eigenvalues (``gram_eigenvalues``) give every other rank field
+exactly too. Which is faster depends on the LAPACK: at n = 4096 on one core, ``dsytrf_rk`` took
+0.9 s against 8.8 s for ``dsyevd_2stage`` on the Intel development machine, while an earlier AMD
+machine's ``dsytrf`` took 5-6.5 s against 2.9 s for ``eigvalsh`` (``benchmarks/bench_inertia.py``).
+``compare --spectrum count`` chooses the count. See docs/rank.md.
 
 Error bound (``eig_error_bound``), by Weyl's inequality every computed eigenvalue is within
 ``delta`` of the true one, where ``delta`` adds

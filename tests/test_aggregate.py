@@ -278,6 +278,12 @@ def test_sparse_and_dense_forms():
     assert s.form["max_energy_rank_99"] is None and s.form["max_energy_rank_99_bounds"] == [60, 90]
     assert any("The change is dense: up to 60-90 directions per matrix hold 99% of its energy (a bracket" in h
                for h in s.headline)
+    # ... and the parameters it takes to write the change down are an upper bound, said so
+    # (100 x 100: min(m n, r99 (m + n)) = 10,000 for r99 = 60 or 90, 8,000 for 40)
+    assert s.delta_params == 10_000 + 10_000 and s.delta_params_lower == 10_000 + 40 * 200
+    assert any("takes at most 20,000 parameters" in h and "at least 18,000" in h for h in s.headline)
+    from weightdiff.render.formats import delta_params_text
+    assert delta_params_text(s.to_dict()).startswith("≤ 20,000 (")
     bracketed[1].rank.bounds = {"energy_rank_99": [40, 55]}      # cannot exceed the exact 60: exact again
     _, _, s = aggregate(bracketed, THR)
     assert s.form["max_energy_rank_99"] == 60 and s.form["max_energy_rank_99_bounds"] is None

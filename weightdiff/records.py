@@ -195,6 +195,9 @@ class Summary:
     components: list[dict] = field(default_factory=list)        # per-component relatedness (judge.relatedness)
     buffers: list[dict] = field(default_factory=list)           # non-trainable buffers, never compared
     declared: dict[str, Any] = field(default_factory=dict)      # names the checkpoints declare (a hint)
+    #: the least delta_params could be when some energy ranks are brackets (delta_params is then an
+    #: upper bound: it counts their upper ends); None when delta_params is exact
+    delta_params_lower: int | None = None
 
     def to_dict(self) -> dict:
         return _asdict(self)

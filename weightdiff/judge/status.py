@@ -69,12 +69,14 @@ def extra_rows(rec: TensorRecord) -> int:
     return max(0, rec.numel - rec.numel_compared)
 
 
-def delta_params_of(rec: TensorRecord, thresholds: Thresholds) -> tuple[int, int]:
+def delta_params_of(rec: TensorRecord, thresholds: Thresholds, lower: bool = False) -> tuple[int, int]:
     """(changed, added) parameters needed to write this record's change down.
 
     A changed matrix m x n costs min(m n, energy_rank_99 (m + n)), or m n without a rank
     record; a changed vector costs its elements; added tensors and new rows cost their
     elements; a mismatched shape costs the whole tuned tensor; rounding costs nothing.
+    A bracketed energy rank counts with its upper end (the cost is then at most this), or with
+    its lower end when ``lower`` (the least it could be).
 
     >>> from weightdiff.records import RankRecord
     >>> r = TensorRecord("w", "w", "changed", [100, 50], [100, 50], "F32", "F32", 5000, 5000)
@@ -95,7 +97,8 @@ def delta_params_of(rec: TensorRecord, thresholds: Thresholds) -> tuple[int, int
     if dims is None:
         return (rec.numel_compared if rec.status == "resized" else rec.numel), added
     m, n = dims
-    r99 = rank_upper(rec, "energy_rank_99")
+    r99 = rank_upper(rec, "energy_rank_99") if not lower else (
+        None if rec.rank is None or rec.rank.energy_rank_99 is None else int(rec.rank.energy_rank_99))
     cost = m * n if r99 is None else min(m * n, int(r99) * (m + n))
     return cost, added
 

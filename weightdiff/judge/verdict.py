@@ -160,11 +160,12 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     cos, rel_m, _ = large_matrix_relatedness(counted, thresholds)
 
     changed = [r for r in live if is_changed(r, thresholds)]
-    dp_changed = dp_added = 0
+    dp_changed = dp_added = dp_lower = 0
     lr_bytes = sign_bytes = model_bytes = 0.0
     for r in live:
         c, a = delta_params_of(r, thresholds)
         dp_changed, dp_added = dp_changed + c, dp_added + a
+        dp_lower += delta_params_of(r, thresholds, lower=True)[0] + a if r.rank is not None and r.rank.bounds else c + a
         bpe = bytes_per(r.dtype_tuned or r.dtype_base)
         model_bytes += r.numel * bpe
         lr_bytes += (c + a) * bpe
@@ -208,6 +209,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         params_by_status=by_status, tensors_by_status=tensors_by_status, relative_change=rel,
         relatedness_cosine=cos, relatedness_rel_change=rel_m, blocks_total=len(numbered), blocks_changed=blocks_changed, delta_params=delta,
         delta_params_share=delta / params_total if params_total else None,
+        delta_params_lower=dp_lower if dp_lower != delta else None,
         compressed_bytes={"model_bytes": int(model_bytes), "low_rank_bytes": int(math.ceil(lr_bytes)),
                           "low_rank_share": lr_bytes / model_bytes if model_bytes else None,
                           "sign_bytes": int(math.ceil(sign_bytes)),

@@ -96,6 +96,13 @@ def bound(value: Any, kind: str | None, fmt=count) -> str:
     return {"lower": "≥ ", "upper": "≤ "}[kind] + text
 
 
+def delta_params_text(s: dict) -> str:
+    """``delta_params`` of a summary with its share: ``≤ N`` when it is an upper bound
+    (``delta_params_lower`` is set: some energy ranks are brackets)."""
+    bound = "≤ " if s.get("delta_params_lower") is not None else ""
+    return f"{bound}{count(s.get('delta_params'))} ({share(s.get('delta_params_share'))} of the model)"
+
+
 def max_rank(d: dict, missing: str = MISSING) -> str:
     """The largest numerical rank of a summary ``form`` or a block: a count when exact, ``lo-hi``
     when ``max_numerical_rank_bounds`` holds a bracket (the value is then null), else ``missing``."""

@@ -115,8 +115,7 @@ def key_figures(data: dict) -> list[list[Inline]]:
         ["relative change (large matrices)", fmt.sci(model.get("rel_change")), rel_note],
         ["1 − cosine (large matrices)", fmt.sci(model.get("one_minus_cosine")),
          "turn of direction: 0 none, 1 unrelated models"],
-        ["parameters to write the change down", f"{fmt.count(s.get('delta_params'))} "
-                                                f"({fmt.share(s.get('delta_params_share'))} of the model)",
+        ["parameters to write the change down", fmt.delta_params_text(s),
          "how much was injected, written compactly"],
     ]
 
@@ -171,7 +170,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
             ["tensors changed", f"{fmt.count(scope.get('tensors_changed'))} of {fmt.count(scope.get('tensors_total'))}"],
             ["form of the change", _c(form.get("kind") or "none")],
             ["largest numerical rank", fmt.max_rank(form)],
-            ["delta parameters", f"{fmt.count(s.get('delta_params'))} ({fmt.share(s.get('delta_params_share'))} of the model)"],
+            ["delta parameters", fmt.delta_params_text(s)],
             ["model relative change", fmt.sci(s.get("relative_change"))],
             [f"1 − cosine ({sentences.matrices_phrase(s)})", fmt.sci(None if s.get("relatedness_cosine") is None
                                                         else max(0.0, 1.0 - s["relatedness_cosine"]))],

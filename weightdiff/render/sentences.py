@@ -210,7 +210,11 @@ def headline(data: dict) -> list[str]:
     f = s.get("form") or {}
     if form_sentence(f):
         out.append(form_sentence(f))
-    if s.get("delta_params"):
+    if s.get("delta_params") and s.get("delta_params_lower") is not None:
+        out.append(f"Writing the change down takes at most {count(s['delta_params'])} parameters "
+                   f"({share(s.get('delta_params_share'))} of the model) and at least "
+                   f"{count(s['delta_params_lower'])}: some energy ranks are brackets.")
+    elif s.get("delta_params"):
         out.append(f"Writing the change down takes {count(s['delta_params'])} parameters "
                    f"({share(s.get('delta_params_share'))} of the model).")
     for status, verb in (("added", ("were added", "was added")), ("removed", ("are missing", "is missing"))):
@@ -319,7 +323,8 @@ def plain_language(data: dict) -> list[str]:
     if v == "derived" and s.get("delta_params"):
         kind = {"low_rank": "compact (low-rank)", "sparse": "sparse", "dense": "spread over many directions",
                 "mixed": "partly compact, partly spread out"}.get(form.get("kind"), "")
-        out.append(f"The change is {kind + ': ' if kind else ''}writing it down takes "
+        most = "at most " if s.get("delta_params_lower") is not None else ""
+        out.append(f"The change is {kind + ': ' if kind else ''}writing it down takes {most}"
                    f"{count(s['delta_params'])} numbers, {share(s.get('delta_params_share'))} of the model.")
     added = [t for t in data.get("tensors") or [] if t.get("status") == "added" and not is_tied_row(t)]
     if added and v != "unrelated":

@@ -98,7 +98,8 @@ def render_text(result: dict, top: int = 10) -> str:
         pooled = "; pooled, see the components" if s.get("verdict") == "partial" else ""
         lines.append(f"1 - cosine        {sci(max(0.0, 1 - s['relatedness_cosine']))}   "
                      f"(parameter-weighted over the {matrices_phrase(s)}{pooled})")
-    lines.append(f"delta params      {count(s.get('delta_params'))}   "
+    bound = "≤ " if s.get("delta_params_lower") is not None else ""
+    lines.append(f"delta params      {bound}{count(s.get('delta_params'))}   "
                  f"({share(s.get('delta_params_share'))} of the model: parameters needed to write the change down)")
 
     blocks = [b for b in result.get("blocks", []) if (b.get("params_changed") or 0) > 0]

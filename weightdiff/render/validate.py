@@ -182,7 +182,7 @@ _SUMMARY = obj({"verdict": string, "verdict_reason": S,
                 "components": opt(array(_COMPONENT)), "buffers": opt(array(obj({"name": S, "side": S}))),
                 "params_by_status": opt(mapping(integer)), "tensors_by_status": opt(mapping(integer)),
                 "relative_change": N, "relatedness_cosine": N, "blocks_total": I, "blocks_changed": I,
-                "delta_params": N, "delta_params_share": N, "headline": opt(array(string)),
+                "delta_params": N, "delta_params_share": N, "delta_params_lower": N, "headline": opt(array(string)),
                 "relatedness_rel_change": N}, required=("verdict",))
 _RESULT = obj({"schema": string, "tool": opt(obj({"name": string, "version": S})),
                "settings": opt(obj({"thresholds": opt(mapping(scalar))})),
