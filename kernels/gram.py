@@ -326,7 +326,9 @@ def inertia_bracket(g: np.ndarray, thr2: float, delta: float, spill_dir: str | N
     ``lo`` is the number of positive pivots of ``g - s_hi I`` and ``hi`` that of ``g - s_lo I`` with
     ``s_hi = thr2 + band``, ``s_lo = thr2 - band``, ``band = delta + e``; ``e`` bounds the rounding of
     forming the shift and the factorization's backward error, checked after each factorization
-    (a pair whose bound exceeds ``e`` is factored again with a larger ``e``). By Weyl's
+    (a pair whose bound exceeds ``e`` is factored again with a larger ``e``; a pair that leaves a
+    bracket with a bound well under the guessed ``e`` is factored once more at the proved bound).
+    By Weyl's
     inequality each count is then on the right side of the exact one: ``lo == hi`` makes it
     exact; otherwise ``hi - lo`` eigenvalues lie within ``band`` of ``thr2``. When ``s_lo < 0`` the
     upper end is ``n`` (``G`` is positive semi-definite) and no second factorization is needed.
@@ -348,6 +350,8 @@ def inertia_bracket(g: np.ndarray, thr2: float, delta: float, spill_dir: str | N
     together = g.nbytes <= KEEP_GRAM_BYTES
     src = _Source(g, spill_dir, reuse=not together)
     del g, d
+    tightened = False
+    best = None
     try:
         for _ in range(8):
             band = float(delta) + e
@@ -359,10 +363,22 @@ def inertia_bracket(g: np.ndarray, thr2: float, delta: float, spill_dir: str | N
             else:
                 got = [_count_at(src.take(), s, dmax) for s in shifts]
             counts = [c for c, _ in got] + [n] * (2 - len(got))
-            if max(err for _, err in got) <= e:
-                lo, hi = counts
-                return min(lo, hi), max(lo, hi), band
-            e = 2.0 * max(err for _, err in got)
+            worst = max(err for _, err in got)
+            if worst <= e:
+                lo, hi = min(counts), max(counts)
+                if tightened:       # both brackets hold the count: their intersection does
+                    return max(lo, best[0]), min(hi, best[1]), band
+                if lo == hi or worst * 1.25 >= e or e < 0.1 * band:    # nothing a smaller e would change
+                    return lo, hi, band
+                # a bracket from a guess well above the bound the factorizations proved: once more
+                # with the proved bound (and a margin)
+                best = (lo, hi, band)
+                tightened = True
+                e = 1.25 * worst
+                continue
+            if tightened:           # the narrower band's factorizations had a larger bound
+                return best
+            e = 2.0 * worst
         raise RuntimeError("the LDL^T error bound did not settle")
     finally:
         src.close()

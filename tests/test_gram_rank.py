@@ -497,3 +497,20 @@ def test_the_cli_takes_spectrum_count_and_the_memo_says_how_ranks_were_counted(t
     assert res.exit_code == 0 and "Sylvester" not in memo.read_text()
     res = CliRunner().invoke(main, ["compare", str(b), str(t), "--spectrum", "eigen"])
     assert res.exit_code == 2 and "--spectrum" in res.output
+
+
+def test_a_bracket_left_by_a_generous_guess_is_narrowed_at_the_proved_bound(rng, monkeypatch):
+    """Eigenvalues 1e-9 from the threshold: inside the band a generous first guess makes, outside
+    the bound the factorizations prove; the second pair pins the count."""
+    s = np.sqrt(np.array([4.0, 3.0, 1.0 + 1e-9, 1.0 - 1e-9, 0.5]))
+    x = _with_spectrum(rng, 50, 5, s)
+    g = x.T @ x
+    monkeypatch.setattr(kgram, "LDL_GUESS", 1e8)
+    calls = []
+    real = kgram._count_at
+    monkeypatch.setattr(kgram, "_count_at", lambda *a: calls.append(1) or real(*a))
+    lo, hi, band = kgram.inertia_bracket(g.copy(), 1.0, 1e-14)
+    assert (lo, hi) == (3, 3) and len(calls) == 4 and band < 1e-9
+    monkeypatch.setattr(kgram, "LDL_GUESS", 512.0)
+    calls.clear()
+    assert kgram.inertia_bracket(g.copy(), 1.0, 1e-14)[:2] == (3, 3) and len(calls) == 2
