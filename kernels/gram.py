@@ -278,6 +278,7 @@ class _Source:
         import tempfile
 
         self.work: np.ndarray | None = g
+        self.shape, self.dtype = g.shape, g.dtype
         self.reuse = reuse
         self.used = False
         self.file = tempfile.TemporaryFile(dir=spill_dir, prefix="weightdiff-gram-")
@@ -289,8 +290,11 @@ class _Source:
     def take(self) -> np.ndarray:
         if not self.used:
             self.used = True
-            return self.work
-        out = self.work if self.reuse else np.empty_like(self.work)
+            out = self.work
+            if not self.reuse:      # the caller's from now on: freed with it, not kept for a second pair
+                self.work = None
+            return out
+        out = self.work if self.reuse else np.empty(self.shape, self.dtype)
         mv = memoryview(out.reshape(-1).view(np.uint8))
         done = 0
         while done < len(mv):

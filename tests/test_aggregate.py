@@ -282,8 +282,11 @@ def test_sparse_and_dense_forms():
     # (100 x 100: min(m n, r99 (m + n)) = 10,000 for r99 = 60 or 90, 8,000 for 40)
     assert s.delta_params == 10_000 + 10_000 and s.delta_params_lower == 10_000 + 40 * 200
     assert any("takes at most 20,000 parameters" in h and "at least 18,000" in h for h in s.headline)
-    from weightdiff.render.formats import delta_params_text
+    from weightdiff.render.formats import delta_params_count, delta_params_text
     assert delta_params_text(s.to_dict()).startswith("≤ 20,000 (")
+    blocks, modules, _ = aggregate(bracketed, THR)
+    assert [b.delta_params_lower for b in blocks] == [None, 40 * 200]      # h.0 exact, h.1 a bracket
+    assert delta_params_count(blocks[1].to_dict()) == "≤ 10,000" and delta_params_count(blocks[0].to_dict()) == "10,000"
     bracketed[1].rank.bounds = {"energy_rank_99": [40, 55]}      # cannot exceed the exact 60: exact again
     _, _, s = aggregate(bracketed, THR)
     assert s.form["max_energy_rank_99"] == 60 and s.form["max_energy_rank_99_bounds"] is None

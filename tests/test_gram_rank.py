@@ -514,3 +514,27 @@ def test_a_bracket_left_by_a_generous_guess_is_narrowed_at_the_proved_bound(rng,
     monkeypatch.setattr(kgram, "LDL_GUESS", 512.0)
     calls.clear()
     assert kgram.inertia_bracket(g.copy(), 1.0, 1e-14)[:2] == (3, 3) and len(calls) == 2
+
+
+def test_a_second_pair_of_factorizations_holds_two_working_arrays_not_three(rng):
+    """The matrix handed in is the first working array; once taken it is not kept alive beside
+    the two arrays of a second pair (n = 4096: 134 MB each, the 7B pair's peak RSS)."""
+    import weakref
+
+    x = rng.standard_normal((60, 40))
+    g = x.T @ x
+    want = g.copy()
+    src = kgram._Source(g, None, reuse=False)
+    ref = weakref.ref(g)
+    first = src.take()
+    assert first is g and src.work is None
+    del g, first
+    assert ref() is None                               # nothing else holds the original
+    second, third = src.take(), src.take()
+    assert second is not third and np.array_equal(second, want) and np.array_equal(third, want)
+    src.close()
+    one = kgram._Source(want.copy(), None, reuse=True)  # one at a time: the same array, refilled
+    a = one.take()
+    a[:] = 0
+    assert one.take() is a and np.array_equal(a, want)
+    one.close()

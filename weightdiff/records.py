@@ -166,6 +166,7 @@ class BlockRecord:
     max_numerical_rank_bounds: list[int] | None = None
     modules: dict[str, float | None] = field(default_factory=dict)  # module kind -> rel_change
     bounds: dict[str, list] = field(default_factory=dict)  # max_numerical_rank -> [lo, hi] from partial spectra
+    delta_params_lower: int | None = None   # as Summary.delta_params_lower: delta_params is then an upper bound
 
     def to_dict(self) -> dict:
         return _asdict(self)

@@ -32,13 +32,13 @@ class _Acc:
     """Running sums of one block or module kind."""
 
     def __init__(self) -> None:
-        self.params = self.params_changed = self.tensors = self.tensors_changed = self.delta = 0
+        self.params = self.params_changed = self.tensors = self.tensors_changed = self.delta = self.delta_lo = 0
         self.nb2 = self.nd2 = 0.0
         self.ranked: list[TensorRecord] = []
         self.modules: dict[str, list[float]] = {}
 
     def add(self, rec: TensorRecord, facts: tuple, module: str | None = None) -> None:
-        changed, delta, extra, sq = facts
+        changed, delta, extra, sq, delta_lo = facts
         self.params += rec.numel
         self.tensors += 1
         if rec.status == "added":
@@ -50,6 +50,7 @@ class _Acc:
             self.params_changed += extra
         self.tensors_changed += changed or rec.status == "added" or extra > 0
         self.delta += delta
+        self.delta_lo += delta_lo
         if sq is not None:
             self.nb2 += sq[0]
             self.nd2 += sq[1]
@@ -64,14 +65,17 @@ class _Acc:
         return {"tensors": self.tensors, "tensors_changed": self.tensors_changed, "params": self.params,
                 "params_changed": self.params_changed, "rel_change": ratio(self.nd2, self.nb2),
                 "norm_base": math.sqrt(self.nb2), "norm_delta": math.sqrt(self.nd2), "delta_params": self.delta,
+                "delta_params_lower": self.delta_lo if self.delta_lo != self.delta else None,
                 **max_rank_fields(self.ranked)}
 
 
 def _facts(rec: TensorRecord, thresholds: Thresholds) -> tuple:
     """What a block and a module kind add up of one record, worked out once for both:
-    (changed, delta parameters, extra rows, squared norms or None)."""
+    (changed, delta parameters, extra rows, squared norms or None, the least the delta parameters
+    could be when the energy rank is a bracket)."""
     dp_changed, dp_added = delta_params_of(rec, thresholds)
-    return is_changed(rec, thresholds), dp_changed + dp_added, extra_rows(rec), norms_sq(rec)
+    lo = dp_changed if rec.rank is None or not rec.rank.bounds else delta_params_of(rec, thresholds, lower=True)[0]
+    return is_changed(rec, thresholds), dp_changed + dp_added, extra_rows(rec), norms_sq(rec), lo + dp_added
 
 
 def aggregate(records: list[TensorRecord], thresholds: Thresholds) -> tuple[list[BlockRecord], dict[str, dict]]:
@@ -113,6 +117,7 @@ def aggregate(records: list[TensorRecord], thresholds: Thresholds) -> tuple[list
             block=label, index=index[label], params=acc.params, params_changed=acc.params_changed,
             tensors=acc.tensors, tensors_changed=acc.tensors_changed, rel_change=ratio(acc.nd2, acc.nb2),
             norm_base=math.sqrt(acc.nb2), norm_delta=math.sqrt(acc.nd2), delta_params=acc.delta,
-            **max_rank_fields(acc.ranked), modules={k: ratio(v[1], v[0]) for k, v in acc.modules.items()}))
+            **max_rank_fields(acc.ranked), modules={k: ratio(v[1], v[0]) for k, v in acc.modules.items()},
+            delta_params_lower=acc.delta_lo if acc.delta_lo != acc.delta else None))
     module_dicts = {k: acc.as_dict() for k, acc in modules.items()}
     return block_records, module_dicts

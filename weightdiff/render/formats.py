@@ -96,11 +96,15 @@ def bound(value: Any, kind: str | None, fmt=count) -> str:
     return {"lower": "≥ ", "upper": "≤ "}[kind] + text
 
 
+def delta_params_count(d: dict) -> str:
+    """``delta_params`` of a summary or a block as a count, ``≤ N`` when it is an upper bound."""
+    return ("≤ " if d.get("delta_params_lower") is not None else "") + count(d.get("delta_params"))
+
+
 def delta_params_text(s: dict) -> str:
     """``delta_params`` of a summary with its share: ``≤ N`` when it is an upper bound
     (``delta_params_lower`` is set: some energy ranks are brackets)."""
-    bound = "≤ " if s.get("delta_params_lower") is not None else ""
-    return f"{bound}{count(s.get('delta_params'))} ({share(s.get('delta_params_share'))} of the model)"
+    return f"{delta_params_count(s)} ({share(s.get('delta_params_share'))} of the model)"
 
 
 def max_rank(d: dict, missing: str = MISSING) -> str:

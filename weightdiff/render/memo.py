@@ -206,7 +206,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
                                    "delta parameters"],
                          [[_c(b.get("block")), fmt.count(b.get("params")), fmt.count(b.get("params_changed")),
                            fmt.sci(b.get("rel_change")), fmt.max_rank(b),
-                           fmt.count(b.get("delta_params"))] for b in tb]))
+                           fmt.delta_params_count(b)] for b in tb]))
     else:
         out.append(Block("p", "No block changed."))
     out.append(Block("h2", "Most changed tensors"))

@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from ..errors import escape_name
 from .captions import one_minus_cosine
-from .formats import count, max_rank, rank_text, sci, share
+from .formats import count, delta_params_count, max_rank, rank_text, sci, share
 from .sentences import coverage_sentence, matrices_phrase, plural, verdict_title
 
 STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
@@ -98,8 +98,7 @@ def render_text(result: dict, top: int = 10) -> str:
         pooled = "; pooled, see the components" if s.get("verdict") == "partial" else ""
         lines.append(f"1 - cosine        {sci(max(0.0, 1 - s['relatedness_cosine']))}   "
                      f"(parameter-weighted over the {matrices_phrase(s)}{pooled})")
-    bound = "≤ " if s.get("delta_params_lower") is not None else ""
-    lines.append(f"delta params      {bound}{count(s.get('delta_params'))}   "
+    lines.append(f"delta params      {delta_params_count(s)}   "
                  f"({share(s.get('delta_params_share'))} of the model: parameters needed to write the change down)")
 
     blocks = [b for b in result.get("blocks", []) if (b.get("params_changed") or 0) > 0]

@@ -167,7 +167,8 @@ _TENSOR = obj({"name": string, "base_name": S, "status": string, "shape": array(
                "rank": opt(_RANK), "tied": opt(boolean), "paired_by": S}, required=("name", "status", "shape"))
 _BLOCK = obj({"block": S, "index": I, "params": N, "params_changed": N, "tensors": N, "tensors_changed": N,
               "rel_change": N, "norm_base": N, "norm_delta": N, "delta_params": N, "max_numerical_rank": N,
-              "max_numerical_rank_bounds": opt(array(integer, 2)), "modules": opt(mapping(N))})
+              "max_numerical_rank_bounds": opt(array(integer, 2)), "modules": opt(mapping(N)),
+              "delta_params_lower": N})
 _SIDE = obj({k: N for k in ("params", "compared", "share", "large_params", "large_compared", "large_share")})
 _COMPONENT = obj({"component": string, "status": string, "cosine": N, "rel_change": N, "matrices": I, "params": I,
                   "identical": opt(boolean)}, required=("component", "status"))
