@@ -270,31 +270,23 @@ def _ldl_pool():
 
 
 class _Source:
-    """Working copies of a matrix for in-place factorizations: the matrix itself the first time,
-    afterwards read back from the unlinked temporary file it was saved to, into a new array
-    (``reuse=False``) or into the one working array (``reuse=True``, one factorization at a time)."""
+    """Working copies of a matrix for in-place factorizations. The original is saved to an unlinked
+    temporary file; ``arrays(k)`` gives ``k`` arrays holding it: the caller's matrix itself (the
+    caller holds it until the count is done anyway), refilled from the file after its first use,
+    and ``k - 1`` new ones. So a second pair of factorizations holds two n x n arrays, not three."""
 
-    def __init__(self, g: np.ndarray, spill_dir: str | None, reuse: bool):
+    def __init__(self, g: np.ndarray, spill_dir: str | None):
         import tempfile
 
-        self.work: np.ndarray | None = g
-        self.shape, self.dtype = g.shape, g.dtype
-        self.reuse = reuse
-        self.used = False
+        self.g: np.ndarray | None = g
+        self.fresh = True
         self.file = tempfile.TemporaryFile(dir=spill_dir, prefix="weightdiff-gram-")
         mv = memoryview(g.reshape(-1).view(np.uint8))
         done = 0
         while done < len(mv):
             done += os.pwrite(self.file.fileno(), mv[done:], done)
 
-    def take(self) -> np.ndarray:
-        if not self.used:
-            self.used = True
-            out = self.work
-            if not self.reuse:      # the caller's from now on: freed with it, not kept for a second pair
-                self.work = None
-            return out
-        out = self.work if self.reuse else np.empty(self.shape, self.dtype)
+    def _fill(self, out: np.ndarray) -> np.ndarray:
         mv = memoryview(out.reshape(-1).view(np.uint8))
         done = 0
         while done < len(mv):
@@ -304,8 +296,14 @@ class _Source:
             done += got
         return out
 
+    def arrays(self, k: int) -> list[np.ndarray]:
+        out = [self.g if self.fresh else self._fill(self.g)]
+        out += [self._fill(np.empty(self.g.shape, self.g.dtype)) for _ in range(k - 1)]
+        self.fresh = False
+        return out
+
     def close(self) -> None:
-        self.work = None
+        self.g = None
         if self.file is not None:
             self.file.close()
             self.file = None
@@ -338,7 +336,8 @@ def inertia_bracket(g: np.ndarray, thr2: float, delta: float, spill_dir: str | N
     upper end is ``n`` (``G`` is positive semi-definite) and no second factorization is needed.
     Only the lower triangle of ``g`` is read; ``g`` is consumed (overwritten). Each factorization
     runs on one BLAS thread, so the counts are the same on every machine. Memory: one more
-    working array up to ``KEEP_GRAM_BYTES`` (the two shifts factored side by side), none beyond.
+    working array up to ``KEEP_GRAM_BYTES`` (the two shifts factored side by side), none beyond
+    (``g`` itself is the working array, refilled from a temporary file).
     """
     n = g.shape[0]
     if n == 0:
@@ -352,7 +351,7 @@ def inertia_bracket(g: np.ndarray, thr2: float, delta: float, spill_dir: str | N
     # widens the band (here ~1e-9 against eigenvalue gaps of ~3e-7)
     e = (10.0 * n + 10.0) * U64 * (norm_g + LDL_GUESS * n * (dmax + abs(thr2)))
     together = g.nbytes <= KEEP_GRAM_BYTES
-    src = _Source(g, spill_dir, reuse=not together)
+    src = _Source(g, spill_dir)
     del g, d
     tightened = False
     best = None
@@ -361,11 +360,11 @@ def inertia_bracket(g: np.ndarray, thr2: float, delta: float, spill_dir: str | N
             band = float(delta) + e
             shifts = [s for s in (thr2 + band, thr2 - band) if s >= 0]
             if together and len(shifts) == 2:
-                arrays = [src.take(), src.take()]
+                arrays = src.arrays(2)
                 got = list(_ldl_pool().map(lambda a_s: _count_at(a_s[0], a_s[1], dmax), zip(arrays, shifts)))
                 del arrays
             else:
-                got = [_count_at(src.take(), s, dmax) for s in shifts]
+                got = [_count_at(src.arrays(1)[0], s, dmax) for s in shifts]
             counts = [c for c, _ in got] + [n] * (2 - len(got))
             worst = max(err for _, err in got)
             if worst <= e:

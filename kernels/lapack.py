@@ -64,6 +64,17 @@ def _sytrf():
     return _find(_SYTRF)
 
 
+def _checked(found, routine: str, a: np.ndarray, caller: str):
+    """The LAPACK entry point ``found`` (RuntimeError when missing), after checking that ``a`` is a
+    matrix ``caller`` can hand it in place (ValueError)."""
+    if found is None:
+        raise RuntimeError(f"LAPACK {routine} not found in numpy's OpenBLAS")
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.dtype != np.float64 or not a.flags.c_contiguous \
+            or not a.flags.writeable:
+        raise ValueError(f"{caller} needs a writeable C-contiguous square float64 matrix")
+    return found
+
+
 def available() -> bool:
     """Whether ``eigvalsh_inplace`` can run (numpy's OpenBLAS exports ``dsyevd``)."""
     return _syevd() is not None
@@ -75,13 +86,7 @@ def eigvalsh_inplace(a: np.ndarray, lower: bool = True) -> np.ndarray:
 
     Raises RuntimeError if LAPACK reports a failure, ValueError on a wrong input.
     """
-    found = _syevd()
-    if found is None:
-        raise RuntimeError("LAPACK dsyevd not found in numpy's OpenBLAS")
-    fn, itype = found
-    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.dtype != np.float64 or not a.flags.c_contiguous \
-            or not a.flags.writeable:
-        raise ValueError("eigvalsh_inplace needs a writeable C-contiguous square float64 matrix")
+    fn, itype = _checked(_syevd(), "dsyevd", a, "eigvalsh_inplace")
     n = a.shape[0]
     w = np.zeros(n)
     if n == 0:
@@ -184,13 +189,7 @@ def ldl_inertia_inplace(a: np.ndarray, lower: bool = True) -> Inertia:
     Raises RuntimeError when LAPACK is missing or reports an argument error, ValueError on a
     wrong input.
     """
-    found = _sytrf()
-    if found is None:
-        raise RuntimeError("LAPACK dsytrf_rk not found in numpy's OpenBLAS")
-    fn, itype = found
-    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.dtype != np.float64 or not a.flags.c_contiguous \
-            or not a.flags.writeable:
-        raise ValueError("ldl_inertia_inplace needs a writeable C-contiguous square float64 matrix")
+    fn, itype = _checked(_sytrf(), "dsytrf_rk", a, "ldl_inertia_inplace")
     n = a.shape[0]
     if n == 0:
         return Inertia(0, 0, 0, 0.0)

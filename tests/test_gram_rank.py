@@ -517,24 +517,20 @@ def test_a_bracket_left_by_a_generous_guess_is_narrowed_at_the_proved_bound(rng,
 
 
 def test_a_second_pair_of_factorizations_holds_two_working_arrays_not_three(rng):
-    """The matrix handed in is the first working array; once taken it is not kept alive beside
-    the two arrays of a second pair (n = 4096: 134 MB each, the 7B pair's peak RSS)."""
-    import weakref
-
+    """The matrix handed in is the first working array of every pair, refilled from the temporary
+    file after its first use: a second pair holds two n x n arrays (n = 4096: 134 MB each, the 7B
+    pair's peak RSS), not the caller's spent original beside two new ones."""
     x = rng.standard_normal((60, 40))
     g = x.T @ x
     want = g.copy()
-    src = kgram._Source(g, None, reuse=False)
-    ref = weakref.ref(g)
-    first = src.take()
-    assert first is g and src.work is None
-    del g, first
-    assert ref() is None                               # nothing else holds the original
-    second, third = src.take(), src.take()
-    assert second is not third and np.array_equal(second, want) and np.array_equal(third, want)
-    src.close()
-    one = kgram._Source(want.copy(), None, reuse=True)  # one at a time: the same array, refilled
-    a = one.take()
+    src = kgram._Source(g, None)
+    a, b = src.arrays(2)
+    assert a is g and b is not g and np.array_equal(b, want)
     a[:] = 0
-    assert one.take() is a and np.array_equal(a, want)
-    one.close()
+    b[:] = 0
+    c, d = src.arrays(2)
+    assert c is g and d is not b and np.array_equal(c, want) and np.array_equal(d, want)
+    g[:] = 1
+    (e,) = src.arrays(1)                                # one at a time: the same array, refilled
+    assert e is g and np.array_equal(e, want)
+    src.close()

@@ -138,16 +138,17 @@ def rank_upper(rec: TensorRecord, field: str) -> int | None:
     return None if value is None else int(value)
 
 
-def max_rank_fields(ranked: list[TensorRecord]) -> dict:
-    """``max_numerical_rank``: the largest numerical rank when no bracketed matrix could exceed it,
-    else None with ``max_numerical_rank_bounds`` = [largest lower end, largest upper end]: a lower
-    bound is never presented as the value (docs/rank.md)."""
-    if not ranked:
-        return {"max_numerical_rank": None, "max_numerical_rank_bounds": None}
-    lo = max(int(r.rank.numerical_rank) for r in ranked)
-    hi = max(max(int(r.rank.numerical_rank), rank_upper(r, "numerical_rank") or 0) for r in ranked)
-    return {"max_numerical_rank": lo if lo == hi else None,
-            "max_numerical_rank_bounds": None if lo == hi else [lo, hi]}
+def max_rank_fields(ranked: list[TensorRecord], field: str = "numerical_rank",
+                    name: str = "max_numerical_rank") -> dict:
+    """``max_numerical_rank`` (or ``name`` for another rank ``field``): the largest value when no
+    bracketed matrix could exceed it, else None with ``<name>_bounds`` = [largest lower end, largest
+    upper end]: a lower bound is never presented as the value (docs/rank.md)."""
+    have = [r for r in ranked if getattr(r.rank, field) is not None]
+    if not have:
+        return {name: None, f"{name}_bounds": None}
+    lo = max(int(getattr(r.rank, field)) for r in have)
+    hi = max(max(int(getattr(r.rank, field)), rank_upper(r, field) or 0) for r in have)
+    return {name: lo if lo == hi else None, f"{name}_bounds": None if lo == hi else [lo, hi]}
 
 
 def classify(stats: dict, dtype_base: str | None, dtype_tuned: str | None, thresholds: Thresholds) -> str:

@@ -39,19 +39,6 @@ def _low_rank_k(rec: TensorRecord) -> int | None:
     return min(ks) if ks else None
 
 
-def _max_energy_rank(ranked: list[TensorRecord]) -> dict[str, Any]:
-    """``max_energy_rank_99`` as ``max_numerical_rank`` is given: the value only when no bracketed
-    matrix could exceed it, else None with ``max_energy_rank_99_bounds`` = [largest lower end,
-    largest upper end] (a partial spectrum bounds the energy ranks; a lower end is not the value)."""
-    er = [r for r in ranked if r.rank.energy_rank_99 is not None]
-    if not er:
-        return {"max_energy_rank_99": None, "max_energy_rank_99_bounds": None}
-    lo = max(int(r.rank.energy_rank_99) for r in er)
-    hi = max(max(int(r.rank.energy_rank_99), rank_upper(r, "energy_rank_99") or 0) for r in er)
-    return {"max_energy_rank_99": lo if lo == hi else None,
-            "max_energy_rank_99_bounds": None if lo == hi else [lo, hi]}
-
-
 def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]:
     """low_rank / sparse / dense, with the numbers behind it (see docs/pairing.md)."""
     mats = [r for r in changed if not is_mismatch(r) and matrix_dims(r) is not None]
@@ -73,7 +60,7 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
     form: dict[str, Any] = {
         "kind": None,
         **max_rank_fields(ranked),
-        **_max_energy_rank(ranked),
+        **max_rank_fields(ranked, "energy_rank_99", "max_energy_rank_99"),
         "shares": {"low_rank": low_params / mat_params if mat_params else None,
                    "dense": (mat_params - low_params) / mat_params if mat_params else None},
         "max_rank_share": max(((_low_rank_k(r) or 0) / min(matrix_dims(r)) for r in ranked), default=None),
