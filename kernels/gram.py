@@ -269,6 +269,26 @@ def _ldl_pool():
     return _LDL_POOL
 
 
+def pwrite_all(fd: int, arr: np.ndarray, offset: int = 0) -> None:
+    """Write the contiguous ``arr`` to ``fd`` at ``offset`` whole (``pwrite`` may write less)."""
+    mv = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+
+def pread_all(fd: int, out: np.ndarray, offset: int = 0) -> np.ndarray:
+    """Fill the contiguous ``out`` from ``fd`` at ``offset`` (OSError on a short file)."""
+    mv = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(mv):
+        got = os.preadv(fd, [mv[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"short read of a temporary file at {offset + done}")
+        done += got
+    return out
+
+
 class _Source:
     """Working copies of a matrix for in-place factorizations. The original is saved to an unlinked
     temporary file; ``arrays(k)`` gives ``k`` arrays holding it: the caller's matrix itself (the
@@ -281,20 +301,10 @@ class _Source:
         self.g: np.ndarray | None = g
         self.fresh = True
         self.file = tempfile.TemporaryFile(dir=spill_dir, prefix="weightdiff-gram-")
-        mv = memoryview(g.reshape(-1).view(np.uint8))
-        done = 0
-        while done < len(mv):
-            done += os.pwrite(self.file.fileno(), mv[done:], done)
+        pwrite_all(self.file.fileno(), g)
 
     def _fill(self, out: np.ndarray) -> np.ndarray:
-        mv = memoryview(out.reshape(-1).view(np.uint8))
-        done = 0
-        while done < len(mv):
-            got = os.preadv(self.file.fileno(), [mv[done:]], done)
-            if got <= 0:
-                raise OSError("short read of the temporary Gram file")
-            done += got
-        return out
+        return pread_all(self.file.fileno(), out)
 
     def arrays(self, k: int) -> list[np.ndarray]:
         out = [self.g if self.fresh else self._fill(self.g)]

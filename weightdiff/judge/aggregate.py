@@ -20,7 +20,7 @@ import math
 from ..pairing.names import component_of, parse_name
 from ..options import Thresholds
 from ..records import BlockRecord, TensorRecord
-from .status import (delta_params_of, extra_rows, is_changed, is_mismatch, is_tied, max_rank_fields, norms_sq,
+from .status import (delta_params_range, extra_rows, is_changed, is_mismatch, is_tied, max_rank_fields, norms_sq,
                      ratio)
 
 __all__ = ["aggregate"]
@@ -73,8 +73,7 @@ def _facts(rec: TensorRecord, thresholds: Thresholds) -> tuple:
     """What a block and a module kind add up of one record, worked out once for both:
     (changed, delta parameters, extra rows, squared norms or None, the least the delta parameters
     could be when the energy rank is a bracket)."""
-    dp_changed, dp_added = delta_params_of(rec, thresholds)
-    lo = dp_changed if rec.rank is None or not rec.rank.bounds else delta_params_of(rec, thresholds, lower=True)[0]
+    dp_changed, dp_added, lo = delta_params_range(rec, thresholds)
     return is_changed(rec, thresholds), dp_changed + dp_added, extra_rows(rec), norms_sq(rec), lo + dp_added
 
 

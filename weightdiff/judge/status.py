@@ -103,6 +103,14 @@ def delta_params_of(rec: TensorRecord, thresholds: Thresholds, lower: bool = Fal
     return cost, added
 
 
+def delta_params_range(rec: TensorRecord, thresholds: Thresholds) -> tuple[int, int, int]:
+    """``delta_params_of`` and the least its changed part could be: (changed, added, changed at the
+    lower end of a bracketed energy rank; equal to changed when the rank is not a bracket)."""
+    c, a = delta_params_of(rec, thresholds)
+    lo = c if rec.rank is None or not rec.rank.bounds else delta_params_of(rec, thresholds, lower=True)[0]
+    return c, a, lo
+
+
 def bytes_per(dtype: str | None) -> float:
     return DTYPES[dtype].bits / 8 if dtype in DTYPES else 4.0
 

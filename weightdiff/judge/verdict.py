@@ -27,7 +27,7 @@ from ..io.declared import same_model
 from ..pairing.names import parse_name
 from .coverage import coverage, too_little
 from .relatedness import components as component_relatedness, large_matrix_relatedness, looks_unrelated
-from .status import (PAIRED, bytes_per, delta_params_of, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
+from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
                      max_rank_fields, norms_sq, rank_upper, ratio)
 
 
@@ -150,9 +150,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     dp_changed = dp_added = dp_lower = 0
     lr_bytes = sign_bytes = model_bytes = 0.0
     for r in live:
-        c, a = delta_params_of(r, thresholds)
-        dp_changed, dp_added = dp_changed + c, dp_added + a
-        dp_lower += delta_params_of(r, thresholds, lower=True)[0] + a if r.rank is not None and r.rank.bounds else c + a
+        c, a, c_lo = delta_params_range(r, thresholds)
+        dp_changed, dp_added, dp_lower = dp_changed + c, dp_added + a, dp_lower + c_lo + a
         bpe = bytes_per(r.dtype_tuned or r.dtype_base)
         model_bytes += r.numel * bpe
         lr_bytes += (c + a) * bpe

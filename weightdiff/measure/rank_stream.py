@@ -25,7 +25,6 @@ product per summing thread; a wide delta up to ``KEEP_BYTES`` more. See docs/ran
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 
 import numpy as np
@@ -176,7 +175,7 @@ class DeltaGram:
                     self._tiles[j][r0:r0 + rows] = part
                 else:
                     off = (self.shape2[0] * a + r0 * (b - a)) * 4
-                    os.pwrite(self._file.fileno(), np.ascontiguousarray(part).data, off)
+                    kgram.pwrite_all(self._file.fileno(), part, off)
         self._rows_done += rows
         self._fill = 0            # the buffer holds whole rows, so nothing is left over
         self._nonzero = False
@@ -189,7 +188,7 @@ class DeltaGram:
                 self._tiles[j] = None
             else:
                 c = np.empty((m, b - a), np.float32)
-                _pread_all(self._file.fileno(), c, m * a * 4)
+                kgram.pread_all(self._file.fileno(), c, m * a * 4)
             self._acc.add(c.T.astype(np.float64))
             del c
         self._acc.rows = self.shape2[1]
@@ -258,8 +257,9 @@ class DeltaGram:
         self._acc = None
         lam_top = kgram.gram_top(g, k, self.seed)
         s_top = np.sqrt(lam_top)
-        total = norm_delta_sq if norm_delta_sq >= 0 and math.isfinite(norm_delta_sq) else float(np.trace(g))
-        delta = kgram.gram_error_bound(rows, max(total, float(np.trace(g))),
+        trace = float(np.trace(g))
+        total = norm_delta_sq if norm_delta_sq >= 0 and math.isfinite(norm_delta_sq) else trace
+        delta = kgram.gram_error_bound(rows, max(total, trace),
                                        d_float32=not self.tall and self.inexact > 0,
                                        copy_err=math.sqrt(self.copy_err2) if not self.tall else None)
         lo, hi, band = kgram.inertia_bracket(g, thr * thr, delta, self.spill_dir)
@@ -269,10 +269,9 @@ class DeltaGram:
         bounds = dict(fields["bounds"])
         bounds.pop("numerical_rank", None)
         extra["count_error_bound"] = band
-        if lo != hi:
-            bounds["numerical_rank"] = [lo, hi]
         notes = []
         if lo != hi:
+            bounds["numerical_rank"] = [lo, hi]
             notes.append(f"{hi - lo} singular values lie within the count's error bound of the threshold: "
                          "numerical_rank is the lower end of `bounds`")
         if bounds.keys() - {"numerical_rank"} or fields["estimated"]:
@@ -296,16 +295,6 @@ class DeltaGram:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _pread_all(fd: int, out: np.ndarray, offset: int) -> None:
-    mv = memoryview(out.reshape(-1).view(np.uint8))
-    done = 0
-    while done < len(mv):
-        got = os.preadv(fd, [mv[done:]], offset + done)
-        if got <= 0:
-            raise OSError(f"short read of the temporary delta file at {offset + done}")
-        done += got
 
 
 def _scatter(v: np.ndarray, p0: int, n: int, rows: np.ndarray, cols: np.ndarray) -> None:
