@@ -28,7 +28,7 @@ from .dtypes import DTYPES, FP8_STACK
 from .reference import IDX, NSTATS, STAT_FIELDS, combine, finalize  # noqa: F401  (same API)
 
 __all__ = ["STAT_FIELDS", "NSTATS", "CHUNK", "delta_stats", "delta_stats_many", "bytes_stats", "combine", "finalize",
-           "decode_delta_f32", "decode_delta_f64", "set_threads", "get_threads"]
+           "decode_delta_f32", "decode_delta_f64", "noise_scatter", "set_threads", "get_threads"]
 
 #: elements per chunk: the unit of parallel work and of deterministic summation
 CHUNK = 1 << 16
@@ -456,6 +456,44 @@ def _sigma2_driver(x, code, m, emin, f16, fp8):
     for c in range(nchunks):
         total += parts[c]
     return total / 12.0
+
+
+@_jit
+def _noise_scatter(u, shift, mask, table, p0, n, rows, cols):
+    r, c = p0 // n, p0 % n
+    acc = rows[r]
+    for k in range(u.size):
+        # through int64: a uint64 mixed with an int64 would be float64 in numba; an F64 word
+        # with its sign bit set turns negative, and the mask keeps only the exponent's bits
+        v = table[(np.int64(u[k]) >> shift) & mask]
+        acc += v
+        cols[c] += v
+        c += 1
+        if c == n:
+            rows[r] = acc
+            c = 0
+            r += 1
+            if r < rows.size:
+                acc = rows[r]
+    if c:
+        rows[r] = acc
+
+
+def noise_scatter(bits, shift: int, mask: int, table, p0: int, n: int, rows, cols) -> None:
+    """``reference.noise_scatter`` (storage-rounding variance summed per row and per column of
+    one window), in one pass: the same sums in the same order, so the same bits."""
+    u = np.asarray(bits).reshape(-1)
+    if u.size == 0:
+        return
+    if u.dtype.kind != "u":
+        raise ValueError(f"bits must be unsigned integers, got {u.dtype}")
+    if n < 1 or p0 < 0 or (p0 + u.size + n - 1) // n > rows.size or n > cols.size:
+        raise ValueError(f"elements {p0}..{p0 + u.size} do not fit a {rows.size} x {n} matrix "
+                         f"({cols.size} column sums)")
+    if rows.dtype != np.float64 or cols.dtype != np.float64:
+        raise ValueError("rows and cols must be float64")
+    _noise_scatter(u, np.int64(shift), np.int64(mask), np.ascontiguousarray(table, np.float64),
+                   np.int64(p0), np.int64(n), rows, cols)
 
 
 def set_threads(n: int | None) -> None:

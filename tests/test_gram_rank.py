@@ -112,7 +112,7 @@ def test_streamed_rank_matches_the_whole_matrix_analysis(rng, shape, keep):
     assert got.method == "gram" and got.exact and not got.bounds
     assert got.numerical_rank == want.numerical_rank == 8
     assert got.energy_rank_99 == want.energy_rank_99
-    assert got.noise_floor == pytest.approx(want.noise_floor, rel=1e-12)
+    assert got.noise_floor == want.noise_floor        # each row and column sum in flat order either way
     np.testing.assert_allclose(got.spectrum, want.spectrum, rtol=1e-6, atol=1e-9 * want.spectrum[0])
 
 

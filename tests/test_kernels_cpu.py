@@ -308,3 +308,56 @@ def test_finalize_many_is_finalize_of_each_row():
             assert type(g[k]) is type(w[k]), k
             assert g[k] == w[k] or (g[k] != g[k] and w[k] != w[k]), (k, g[k], w[k])
     assert ref.finalize_many(np.zeros((0, ref.NSTATS))) == []
+
+
+NOISE_DTYPES = ["BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"]
+
+
+def _noise_case(rng, dtype, m, n):
+    from weightdiff.measure.rank import _UINT, _variance_table
+
+    x = rng.normal(0, 0.05, m * n) * np.exp(rng.normal(0, 3, m * n))    # many exponents
+    raw = to_storage(x, dtype).reshape(-1)
+    bits = raw.view(_UINT[raw.dtype.itemsize]).copy()
+    k = rng.choice(m * n, size=min(8, m * n), replace=False)
+    if dtype in ("BF16", "F16", "F32", "F64"):                # signed zeros, NaN, inf, subnormals, negatives
+        specials_ = to_storage(np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 1e-41, -1e-310, -3.5]),
+                               dtype).reshape(-1).view(bits.dtype)
+        bits[k] = specials_[:k.size]
+    return bits, *_variance_table(dtype)
+
+
+@pytest.mark.parametrize("dtype", NOISE_DTYPES)
+def test_noise_scatter_matches_reference_bitwise_in_any_windows(rng, dtype):
+    m, n = 37, 53
+    bits, table, shift, mask = _noise_case(rng, dtype, m, n)
+    want_r, want_c = np.zeros(m), np.zeros(n)
+    ref.noise_scatter(bits, shift, mask, table, 0, n, want_r, want_c)
+    # the plain definition: each element's variance added to its row and its column
+    v = table[(bits.astype(np.uint64) >> np.uint64(shift)) & np.uint64(mask)].reshape(m, n)
+    np.testing.assert_allclose(want_r, v.sum(1), rtol=1e-13)
+    np.testing.assert_allclose(want_c, v.sum(0), rtol=1e-13)
+    assert np.isfinite(want_r).all() and (want_r > 0).all()
+    for cuts in ([0, m * n], [0, 1, 52, 53, 54, 500, m * n - 1, m * n], list(range(0, m * n, 97)) + [m * n]):
+        got_r, got_c = np.zeros(m), np.zeros(n)
+        for a, b in zip(cuts, cuts[1:]):                  # windows that start and end anywhere in a row
+            cpu.noise_scatter(bits[a:b], shift, mask, table, a, n, got_r, got_c)
+        np.testing.assert_array_equal(got_r, want_r)
+        np.testing.assert_array_equal(got_c, want_c)
+
+
+def test_noise_scatter_adds_to_what_is_there_and_checks_its_arguments(rng):
+    bits, table, shift, mask = _noise_case(rng, "BF16", 4, 6)
+    r, c = np.full(4, 1.0), np.full(6, 2.0)
+    r0, c0 = np.zeros(4), np.zeros(6)
+    cpu.noise_scatter(bits, shift, mask, table, 0, 6, r, c)
+    cpu.noise_scatter(bits, shift, mask, table, 0, 6, r0, c0)
+    np.testing.assert_allclose(r, r0 + 1.0, rtol=1e-15)
+    np.testing.assert_allclose(c, c0 + 2.0, rtol=1e-15)
+    cpu.noise_scatter(bits[:0], shift, mask, table, 24, 6, r, c)      # an empty window is nothing
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu.noise_scatter(bits, shift, mask, table, 1, 6, r, c)        # one element past the last row
+    with pytest.raises(ValueError, match="unsigned"):
+        cpu.noise_scatter(bits.view(np.int16), shift, mask, table, 0, 6, r, c)
+    with pytest.raises(ValueError, match="float64"):
+        cpu.noise_scatter(bits, shift, mask, table, 0, 6, r.astype(np.float32), c)

@@ -130,23 +130,27 @@ def _variance_table(dtype: str) -> tuple[np.ndarray, int, int]:
 def noise_profile(raw: np.ndarray, dtype: str, shape2: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Storage-rounding variance summed per row and per column: ``(float64[m], float64[n])``.
 
-    Integer and bool dtypes store exactly: zeros.
+    Each sum takes its terms in flat (row-major) order (``kernels.cpu.noise_scatter``), so a
+    matrix streamed in windows (``rank_stream.DeltaGram``) gets the same bits. Integer and
+    bool dtypes store exactly: zeros.
     """
     m, n = shape2
     rows, cols = np.zeros(m), np.zeros(n)
     if DTYPES[dtype].kind != "float":
         return rows, cols
     table, shift, mask = _variance_table(dtype)
-    bits = _bits(raw, dtype, shape2)
-    ubits = bits.view(_UINT[bits.dtype.itemsize])
-    step = _rows(m, n)
-    for i in range(0, m, step):
-        blk = ubits[i:i + step]
-        idx = blk if shift == 0 else (blk >> shift) & mask
-        v = table[idx]
-        rows[i:i + step] = v.sum(axis=1, dtype=np.float64)
-        cols += v.sum(axis=0, dtype=np.float64)
+    bits = _bits(raw, dtype, shape2).reshape(-1)
+    noise_scatter()(bits.view(_UINT[bits.dtype.itemsize]), shift, mask, table, 0, n, rows, cols)
     return rows, cols
+
+
+def noise_scatter():
+    """``kernels.cpu.noise_scatter`` (numba), or its numpy twin where numba cannot load."""
+    try:
+        from ..kernels.cpu import noise_scatter as fn
+    except ImportError:    # pragma: no cover - numba is a core dependency
+        from ..kernels.reference import noise_scatter as fn
+    return fn
 
 
 def noise_floor(rows: np.ndarray, cols: np.ndarray) -> tuple[float, float]:

@@ -33,7 +33,7 @@ from ..kernels import gram as kgram
 from ..kernels import spectral
 from ..kernels.dtypes import DTYPES
 from ..records import RankRecord
-from .rank import _UINT, _bits, _variance_table, noise_floor
+from .rank import _UINT, _bits, _variance_table, noise_floor, noise_scatter
 
 __all__ = ["DeltaGram", "RankSink", "streamed_rank_sink", "KEEP_BYTES", "BLOCK_BYTES"]
 
@@ -41,7 +41,6 @@ __all__ = ["DeltaGram", "RankSink", "streamed_rank_sink", "KEEP_BYTES", "BLOCK_B
 BLOCK_BYTES = 64 << 20
 #: a wide matrix's float32 delta is kept in memory up to this size, else in a temporary file
 KEEP_BYTES = 128 << 20
-_SUB = 1 << 21          # elements per step of the noise profile
 
 
 def _decoder():
@@ -65,8 +64,9 @@ class DeltaGram:
         self.seed = seed
         self.shape2 = (int(m), int(n))
         self.dtypes = (dtype_base, dtype_tuned)
-        self.rows = np.zeros(m)
-        self.cols = np.zeros(n)
+        # each side's profile apart (a few KB), added at the end as rank.analyze_delta adds them
+        self.rows = (np.zeros(m), np.zeros(m))
+        self.cols = (np.zeros(n), np.zeros(n))
         self.tall = m >= n
         self.keep_bytes = keep_bytes
         self.spill_dir = spill_dir
@@ -85,17 +85,14 @@ class DeltaGram:
         self._file = None
 
     # -- the noise profile ---------------------------------------------------------------
-    def _profile(self, raw: np.ndarray, dtype: str, pos0: int) -> None:
+    def _profile(self, raw: np.ndarray, dtype: str, pos0: int, side: int) -> None:
         if DTYPES[dtype].kind != "float":
             return
         table, shift, mask = _variance_table(dtype)
         bits = _bits(raw, dtype, (1, raw.size)).reshape(-1)
-        ubits = bits.view(_UINT[bits.dtype.itemsize])
-        n = self.shape2[1]
-        for s in range(0, ubits.size, _SUB):
-            blk = ubits[s:s + _SUB]
-            v = table[blk if shift == 0 else (blk >> shift) & mask]
-            _scatter(v, pos0 + s, n, self.rows, self.cols)
+        # each sum in flat order: the same bits as rank.noise_profile of the whole matrix
+        noise_scatter()(bits.view(_UINT[bits.dtype.itemsize]), shift, mask, table, pos0, self.shape2[1],
+                        self.rows[side], self.cols[side])
 
     # -- the delta ------------------------------------------------------------------------
     def activate(self) -> None:
@@ -122,8 +119,8 @@ class DeltaGram:
 
     def feed(self, wb: np.ndarray, wt: np.ndarray, changed: bool = True) -> None:
         """The next window pair. ``changed``: the window has any changed element (else its delta is 0)."""
-        self._profile(wb, self.dtypes[0], self.pos)
-        self._profile(wt, self.dtypes[1], self.pos)
+        self._profile(wb, self.dtypes[0], self.pos, 0)
+        self._profile(wt, self.dtypes[1], self.pos, 1)
         self.pos += int(wb.size)
         if self.active:
             self.feed_delta(wb, wt, changed)
@@ -203,7 +200,7 @@ class DeltaGram:
         m, n = self.shape2
         if self.pos != m * n:
             raise ValueError(f"fed {self.pos} of {m * n} elements")
-        floor, rms = noise_floor(self.rows, self.cols)
+        floor, rms = noise_floor(self.rows[0] + self.rows[1], self.cols[0] + self.cols[1])
         extra: dict = {"noise_rms": rms}
         r = min(m, n)
         if self.active:
@@ -295,30 +292,6 @@ class DeltaGram:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _scatter(v: np.ndarray, p0: int, n: int, rows: np.ndarray, cols: np.ndarray) -> None:
-    """Add the values ``v`` at flat positions ``p0 ...`` of an ``? x n`` matrix to the row and
-    column sums."""
-    i, size = 0, v.size
-    head = (-p0) % n
-    if head:
-        h = min(head, size)
-        r, c = divmod(p0, n)
-        rows[r] += v[:h].sum()
-        cols[c:c + h] += v[:h]
-        i = h
-    full = (size - i) // n
-    if full:
-        blk = v[i:i + full * n].reshape(full, n)
-        r0 = (p0 + i) // n
-        rows[r0:r0 + full] += blk.sum(axis=1)
-        cols += blk.sum(axis=0)
-        i += full * n
-    if i < size:
-        r = (p0 + i) // n
-        rows[r] += v[i:].sum()
-        cols[:size - i] += v[i:]
 
 
 class RankSink:
