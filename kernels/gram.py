@@ -224,13 +224,27 @@ def singular_values(lam: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(np.sort(np.asarray(lam, dtype=np.float64))[::-1], 0.0, None))
 
 
+#: directions of the Krylov basis kept in ``gram_top``: eigenvalues of its Gram matrix above this
+#: share of the largest (a nearly dependent direction adds almost nothing, and dropping it keeps
+#: the basis orthonormal to ~1e-10, so the Ritz values stay lower bounds up to that; 1e-3 dropped
+#: directions that carry the gain on a flat spectrum: s_1^2 4% low instead of 2.3% at n = 4096)
+KRYLOV_KEEP = 1e-6
+
+
 def gram_top(g: np.ndarray, k: int, seed: int = 0, n_iter: int = 3, oversample: int = 16) -> np.ndarray:
     """The top ``k`` eigenvalues of the symmetric positive semi-definite float64 matrix ``g`` (full,
-    not only a triangle), descending, by seeded subspace iteration: ``n_iter + 1`` products of
-    ``g`` with ``k + oversample`` columns (each one two passes over ``D`` for ``g = D^T D``), then
-    the Ritz values. Ritz values of an orthonormal basis never exceed the eigenvalues they
-    approximate (Cauchy interlacing), so each is a lower bound up to the rounding of the basis.
-    On one BLAS thread (the same bits on every machine). ``g`` is left unchanged.
+    not only a triangle), descending, by seeded block Krylov iteration: ``n_iter + 1`` products of
+    ``g`` with ``k + oversample`` columns (each one two passes over ``D`` for ``g = D^T D``) build
+    the orthonormal blocks Q_0 .. Q_n_iter of subspace iteration, and the Ritz values come from all
+    of them at once (their span is the block Krylov space of the sketch), not from the last block
+    alone: the products G Q_i are the ones the iteration made anyway, so this costs two small
+    products and an eigen-solve of (n_iter + 1) (k + oversample) columns. On a flat spectrum (a
+    dense fine-tune's noise, 14336 x 4096) s_1^2 comes out 2.3% low instead of 8% (Musco and
+    Musco 2015); where the top stands apart both are exact to rounding.
+
+    Ritz values of an orthonormal basis never exceed the eigenvalues they approximate (Cauchy
+    interlacing), so each is a lower bound up to the rounding of the basis (``KRYLOV_KEEP``). On
+    one BLAS thread (the same bits on every machine). ``g`` is left unchanged.
     """
     from .blas import blas_threads
     from .spectral import sketch
@@ -240,13 +254,31 @@ def gram_top(g: np.ndarray, k: int, seed: int = 0, n_iter: int = 3, oversample: 
     if kk == 0:
         return np.zeros(0)
     width = min(n, kk + oversample)
+    blocks = n_iter + 1
+    basis = np.empty((n, blocks * width))          # Q_0 .. Q_n_iter side by side (n = 8192: 21 MB)
+    products = np.empty_like(basis)                # G Q_0 .. G Q_n_iter
     with blas_threads(1):
         q, _ = np.linalg.qr(g @ sketch(n, width, seed).astype(np.float64))
-        for _ in range(n_iter):
-            q, _ = np.linalg.qr(g @ q)
-        t = q.T @ (g @ q)
-        w = np.linalg.eigvalsh((t + t.T) * 0.5)
-    return np.clip(w[::-1][:kk], 0.0, None).astype(np.float64)
+        for i in range(blocks):
+            basis[:, i * width:(i + 1) * width] = q
+            np.matmul(g, q, out=products[:, i * width:(i + 1) * width])
+            if i + 1 < blocks:
+                q, _ = np.linalg.qr(products[:, i * width:(i + 1) * width])
+        # the blocks are each orthonormal, not to each other: Rayleigh-Ritz on their span through
+        # the eigenvectors of their Gram matrix (canonical orthogonalization)
+        sig, v = np.linalg.eigh(basis.T @ basis)
+        keep = sig > KRYLOV_KEEP * sig[-1]
+        w = v[:, keep] / np.sqrt(sig[keep])
+        m = basis.T @ products
+        t = w.T @ ((m + m.T) * 0.5) @ w
+        vals = np.linalg.eigvalsh((t + t.T) * 0.5)[::-1][:kk]
+        # the last block alone (plain subspace iteration, its product made above): where the top
+        # stands apart its values are exact to rounding, the larger basis's to ~1e-13. The i-th Ritz
+        # value of either basis is at most the i-th eigenvalue, so the larger of the two is too.
+        m = q.T @ products[:, -width:]
+        last = np.linalg.eigvalsh((m + m.T) * 0.5)[::-1][:kk]
+        vals = np.maximum(vals, last)
+    return np.clip(vals, 0.0, None).astype(np.float64)
 
 
 #: a Gram matrix up to this size is factored at both shifts at once (two working arrays, each on

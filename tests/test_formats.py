@@ -38,6 +38,10 @@ def test_count_num_and_bounds():
     exact = {"numerical_rank": 8}
     partial = {"numerical_rank": 64, "bounds": {"numerical_rank": [64, 4096]}}
     assert fmt.rank_text(exact) == "8" and fmt.rank_text(partial) == "≥ 64" and fmt.rank_text(None) == "n/a"
+    # stable rank: a float; from a Ritz s_1 (partial spectra) it is flagged estimated and never printed as exact
+    assert fmt.rank_text({"stable_rank": 3.25}, "stable_rank", fmt.num) == "3.25"
+    assert fmt.rank_text({"stable_rank": 1234.5, "estimated": ["stable_rank", "effective_rank"]},
+                         "stable_rank", fmt.num) == "~1.23e3"
 
 
 def test_no_other_module_formats_shares_or_scientific_numbers_itself():

@@ -116,14 +116,15 @@ def max_rank(d: dict, missing: str = MISSING) -> str:
     return missing if d.get("max_numerical_rank") is None else count(d["max_numerical_rank"])
 
 
-def rank_text(rank: dict | None, field: str = "numerical_rank") -> str:
-    """A rank field of a tensor's ``rank`` block: exact as a count, a bracket ``[lo, hi]``
-    as ``≥ lo`` (the field holds the lower end), an estimate as ``~value``."""
+def rank_text(rank: dict | None, field: str = "numerical_rank", fmt=count) -> str:
+    """A field of a tensor's ``rank`` block: exact as ``fmt`` writes it (a count; ``num`` for
+    ``stable_rank``), a bracket ``[lo, hi]`` as ``≥ lo`` (the field holds the lower end), an
+    estimate as ``~value``."""
     if not rank or rank.get(field) is None:
         return MISSING
     bounds = rank.get("bounds") or {}
     if field in bounds and bounds[field]:
-        return bound(bounds[field][0], "lower")
+        return bound(bounds[field][0], "lower", fmt)
     if field in (rank.get("estimated") or []):
         return "~" + num(rank[field])
-    return count(rank[field])
+    return fmt(rank[field])

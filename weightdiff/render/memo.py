@@ -218,7 +218,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
             rows.append([_c(t.get("name")), t.get("status", ""), _short(t), fmt.sci(t.get("rel_change")),
                          fmt.sci(cap.one_minus_cosine(t)), fmt.rank_text(r, "energy_rank_90"),
                          fmt.rank_text(r, "energy_rank_99"), fmt.rank_text(r, "numerical_rank"),
-                         fmt.num(r.get("stable_rank"))])
+                         fmt.rank_text(r, "stable_rank", fmt.num)])
         out.append(Block("table", ["tensor", "status", "shape", "relative change", "1 − cosine", "energy rank 90%",
                                    "energy rank 99%", "numerical rank", "stable rank"], rows))
     else:
