@@ -273,7 +273,7 @@ def gram_top(g: np.ndarray, k: int, seed: int = 0, n_iter: int = 3, oversample: 
         t = w.T @ ((m + m.T) * 0.5) @ w
         vals = np.linalg.eigvalsh((t + t.T) * 0.5)[::-1][:kk]
         # the last block alone (plain subspace iteration, its product made above): where the top
-        # stands apart its values are exact to rounding, the larger basis's to ~1e-13. The i-th Ritz
+        # stands apart its values are exact to rounding, the larger basis's to ~1e-10. The i-th Ritz
         # value of either basis is at most the i-th eigenvalue, so the larger of the two is too.
         m = q.T @ products[:, -width:]
         last = np.linalg.eigvalsh((m + m.T) * 0.5)[::-1][:kk]

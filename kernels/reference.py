@@ -309,7 +309,7 @@ def noise_scatter(bits, shift: int, mask: int, table, p0: int, n: int, rows, col
     Every sum takes its terms one at a time in flat order (``np.add.at`` is unbuffered and
     in order), so the result does not depend on where a stream is cut into windows: a whole
     matrix and the same matrix in windows give the same bits. ``kernels.cpu.noise_scatter``
-    gives the same bits, about five times faster.
+    gives the same bits, about ten times faster (the numpy table lookups it replaced: three times).
     """
     u = np.asarray(bits).reshape(-1)
     if u.size == 0:
