@@ -492,8 +492,11 @@ def noise_scatter(bits, shift: int, mask: int, table, p0: int, n: int, rows, col
                          f"({cols.size} column sums)")
     if rows.dtype != np.float64 or cols.dtype != np.float64:
         raise ValueError("rows and cols must be float64")
-    _noise_scatter(u, np.int64(shift), np.int64(mask), np.ascontiguousarray(table, np.float64),
-                   np.int64(p0), np.int64(n), rows, cols)
+    table = np.ascontiguousarray(table, np.float64).reshape(-1)
+    if not (0 <= shift < 8 * u.dtype.itemsize and 0 <= mask < table.size):   # numba checks no index
+        raise ValueError(f"shift {shift} and mask {mask} do not index a table of {table.size} "
+                         f"from {u.dtype} words")
+    _noise_scatter(u, np.int64(shift), np.int64(mask), table, np.int64(p0), np.int64(n), rows, cols)
 
 
 def set_threads(n: int | None) -> None:

@@ -361,3 +361,7 @@ def test_noise_scatter_adds_to_what_is_there_and_checks_its_arguments(rng):
         cpu.noise_scatter(bits.view(np.int16), shift, mask, table, 0, 6, r, c)
     with pytest.raises(ValueError, match="float64"):
         cpu.noise_scatter(bits, shift, mask, table, 0, 6, r.astype(np.float32), c)
+    with pytest.raises(ValueError, match="do not index"):           # a mask past the table: refused, not read
+        cpu.noise_scatter(bits, shift, mask, table[:100], 0, 6, r, c)
+    with pytest.raises(ValueError, match="do not index"):
+        cpu.noise_scatter(bits, 16, mask, table, 0, 6, r, c)
