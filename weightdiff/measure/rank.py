@@ -140,11 +140,11 @@ def noise_profile(raw: np.ndarray, dtype: str, shape2: tuple[int, int]) -> tuple
         return rows, cols
     table, shift, mask = _variance_table(dtype)
     bits = _bits(raw, dtype, shape2).reshape(-1)
-    noise_scatter()(bits.view(_UINT[bits.dtype.itemsize]), shift, mask, table, 0, n, rows, cols)
+    noise_kernel()(bits.view(_UINT[bits.dtype.itemsize]), shift, mask, table, 0, n, rows, cols)
     return rows, cols
 
 
-def noise_scatter():
+def noise_kernel():
     """``kernels.cpu.noise_scatter`` (numba), or its numpy twin where numba cannot load."""
     try:
         from ..kernels.cpu import noise_scatter as fn

@@ -33,7 +33,7 @@ from ..kernels import gram as kgram
 from ..kernels import spectral
 from ..kernels.dtypes import DTYPES
 from ..records import RankRecord
-from .rank import _UINT, _bits, _variance_table, noise_floor, noise_scatter
+from .rank import _UINT, _bits, _variance_table, noise_floor, noise_kernel
 
 __all__ = ["DeltaGram", "RankSink", "streamed_rank_sink", "KEEP_BYTES", "BLOCK_BYTES"]
 
@@ -91,7 +91,7 @@ class DeltaGram:
         table, shift, mask = _variance_table(dtype)
         bits = _bits(raw, dtype, (1, raw.size)).reshape(-1)
         # each sum in flat order: the same bits as rank.noise_profile of the whole matrix
-        noise_scatter()(bits.view(_UINT[bits.dtype.itemsize]), shift, mask, table, pos0, self.shape2[1],
+        noise_kernel()(bits.view(_UINT[bits.dtype.itemsize]), shift, mask, table, pos0, self.shape2[1],
                         self.rows[side], self.cols[side])
 
     # -- the delta ------------------------------------------------------------------------
