@@ -46,7 +46,8 @@ import os
 import numpy as np
 
 __all__ = ["TILE", "GramAccumulator", "gram_eigenvalues", "eig_dtype_for", "eig_error_bound",
-           "gram_error_bound", "certified_count", "singular_values", "gram_top", "inertia_bracket"]
+           "gram_error_bound", "certified_count", "singular_values", "gram_top", "energy_caps",
+           "inertia_bracket"]
 
 #: side of the tiles the Gram matrix is summed in (each tile one BLAS call on one BLAS thread; the
 #: tiles run side by side on a small thread pool, so the sum is the same bits whatever the core count)
@@ -231,7 +232,8 @@ def singular_values(lam: np.ndarray) -> np.ndarray:
 KRYLOV_KEEP = 1e-6
 
 
-def gram_top(g: np.ndarray, k: int, seed: int = 0, n_iter: int = 3, oversample: int = 16) -> np.ndarray:
+def gram_top(g: np.ndarray, k: int, seed: int = 0, n_iter: int = 3, oversample: int = 16,
+             vectors: bool = False):
     """The top ``k`` eigenvalues of the symmetric positive semi-definite float64 matrix ``g`` (full,
     not only a triangle), descending, by seeded block Krylov iteration: ``n_iter + 1`` products of
     ``g`` with ``k + oversample`` columns (each one two passes over ``D`` for ``g = D^T D``) build
@@ -244,7 +246,9 @@ def gram_top(g: np.ndarray, k: int, seed: int = 0, n_iter: int = 3, oversample: 
 
     Ritz values of an orthonormal basis never exceed the eigenvalues they approximate (Cauchy
     interlacing), so each is a lower bound up to the rounding of the basis (``KRYLOV_KEEP``). On
-    one BLAS thread (the same bits on every machine). ``g`` is left unchanged.
+    one BLAS thread (the same bits on every machine). ``g`` is left unchanged. With ``vectors``,
+    returns ``(values, y)``: ``y`` (n x k) the Ritz vectors of the whole Krylov space's top k, for
+    ``energy_caps``.
     """
     from .blas import blas_threads
     from .spectral import sketch
@@ -252,7 +256,7 @@ def gram_top(g: np.ndarray, k: int, seed: int = 0, n_iter: int = 3, oversample: 
     n = g.shape[0]
     kk = min(k, n)
     if kk == 0:
-        return np.zeros(0)
+        return (np.zeros(0), np.zeros((n, 0))) if vectors else np.zeros(0)
     width = min(n, kk + oversample)
     blocks = n_iter + 1
     basis = np.empty((n, blocks * width))          # Q_0 .. Q_n_iter side by side (n = 8192: 21 MB)
@@ -271,14 +275,52 @@ def gram_top(g: np.ndarray, k: int, seed: int = 0, n_iter: int = 3, oversample: 
         w = v[:, keep] / np.sqrt(sig[keep])
         m = basis.T @ products
         t = w.T @ ((m + m.T) * 0.5) @ w
-        vals = np.linalg.eigvalsh((t + t.T) * 0.5)[::-1][:kk]
+        vals, z = np.linalg.eigh((t + t.T) * 0.5)
+        vals, z = vals[::-1][:kk], z[:, ::-1][:, :kk]
+        y = basis @ (w @ z) if vectors else None
         # the last block alone (plain subspace iteration, its product made above): where the top
         # stands apart its values are exact to rounding, the larger basis's to ~1e-10. The i-th Ritz
         # value of either basis is at most the i-th eigenvalue, so the larger of the two is too.
         m = q.T @ products[:, -width:]
         last = np.linalg.eigvalsh((m + m.T) * 0.5)[::-1][:kk]
         vals = np.maximum(vals, last)
-    return np.clip(vals, 0.0, None).astype(np.float64)
+    vals = np.clip(vals, 0.0, None).astype(np.float64)
+    return (vals, y) if vectors else vals
+
+
+def energy_caps(g: np.ndarray, y: np.ndarray | None, total: float, delta: float) -> np.ndarray:
+    """``caps[j]`` (j = 0..n): certified upper bounds on ``lambda_1 + ... + lambda_j``, the sum of
+    the ``j`` largest eigenvalues of the exact Gram matrix ``G`` whose trace is ``total`` and which
+    the computed ``g`` (full, float64) approximates within ``delta`` in Frobenius norm (the bound of
+    ``gram_error_bound``). The lower ends of the energy ranks come from these
+    (``kernels.spectral.lower_rank``); ``caps[1]`` bounds ``s_1^2``.
+
+    The smaller of two bounds (``kernels.spectral``): ``frobenius_caps`` from ``total`` and
+    ``||G||_F <= ||g||_F + delta`` alone (tight on a flat spectrum: a dense fine-tune), and
+    ``ritz_caps`` from a Rayleigh-Ritz step on ``y`` (the Ritz vectors of ``gram_top``,
+    re-orthonormalized here) and its residual (tight where the top stands apart: a low-rank
+    change over a noise floor). The rounding of this step is covered by ``j (4 (n + k) u ||g||_F)``
+    and ``G - g`` by ``(sqrt(j) + n) delta`` (Ky Fan, and ``g``'s eigenvalues at most ``delta``
+    below 0). Cost: one ``n x n`` by ``n x k`` product, on one
+    BLAS thread; ``g`` is left unchanged.
+    """
+    from .blas import blas_threads
+    from .spectral import _envelope, frobenius_caps, ritz_step_caps
+
+    n = g.shape[0]
+    total = max(float(total), 0.0)
+    frob_g = math.sqrt(float(np.vdot(g, g)))
+    caps = frobenius_caps(n, total, (frob_g + float(delta)) ** 2)
+    if y is None or y.shape[1] == 0 or n == 0:
+        return caps
+    with blas_threads(1):
+        q, _ = np.linalg.qr(np.asarray(y, dtype=np.float64))
+        fine = ritz_step_caps(q, g @ q, float(np.trace(g)), frob_g, 4.0 * (n + q.shape[1]) * U64 * frob_g)
+    j = np.arange(n + 1, dtype=np.float64)
+    # G - g moves S_j by at most sqrt(j) delta (Ky Fan), and g's own eigenvalues can dip below 0 by
+    # delta, which the PSD envelope of ritz_caps ignores: at most n delta more
+    fine = fine + (np.sqrt(j) + n) * float(delta)
+    return _envelope(np.minimum(caps, fine), total)
 
 
 #: a Gram matrix up to this size is factored at both shifts at once (two working arrays, each on

@@ -38,10 +38,13 @@ import math
 
 import numpy as np
 
-from .blas import single_blas_thread
+from .blas import blas_threads, single_blas_thread
 
 #: rows per block when accumulating a Gram matrix (bounded float64 temporaries)
 GRAM_BLOCK_ELEMENTS = 1 << 21
+#: unit roundoff of float64 and float32
+U64 = 2.0 ** -53
+U32 = 2.0 ** -24
 
 
 def tall(x):
@@ -226,21 +229,28 @@ def spectrum_fields(s: np.ndarray, noise_threshold: float) -> dict:
 
 
 def partial_spectrum_fields(s_top: np.ndarray, total: float, r: int, noise_threshold: float,
-                            count_hi: int | None = None) -> dict:
+                            count_hi: int | None = None, caps: np.ndarray | None = None) -> dict:
     """Rank numbers from the top ``k`` singular values and the exact total energy.
 
-    ``r = min(m, n)``; the ``r - k`` tail values hold ``tail = total - sum(s_top^2)`` and each
-    is at most ``s_k``. Hence, for an energy threshold ``q`` the top k do not reach, with
-    ``need = q total - sum(s_top^2)``: ``k + ceil(need / s_k^2) <= energy_rank_q <=
-    k + ceil(need / (tail / (r - k)))`` (the tail's largest values hold at least their even
-    share). The field holds the lower bound and ``bounds`` both. ``numerical_rank`` is
+    ``r = min(m, n)``. The top values are Ritz values, each at most the true one, so every sum of
+    them is a lower bound and ``tail = total - sum(s_top^2)`` is at least the true energy past the
+    top k. Upper ends: the top k reach ``q`` at ``energy_rank(top)``; otherwise, with
+    ``need = q total - sum(s_top^2)``, ``energy_rank_q <= k + ceil(need / (tail / (r - k)))`` (the
+    tail's largest values hold at least their even share). Lower ends need upper bounds on the
+    partial sums ``s_1^2 + ... + s_j^2``: ``caps`` (``caps[j]``, j = 0..r, from ``frobenius_caps``
+    and ``ritz_caps``) gives them, certified, and the lower end is ``lower_rank(caps)``. Without
+    ``caps`` the lower end is the Ritz estimate ``k + ceil(need / s_k^2)`` (a low ``s_k`` raises it:
+    not a certificate; callers that have no caps use it for display only), and the top k's own
+    energy rank is taken as exact. The field holds the lower end and ``bounds`` both. ``numerical_rank`` is
     bounded by ``k + floor(tail / threshold^2)`` when all k values pass the threshold.
     ``effective_rank`` is *estimated* with the tail spread evenly over the remaining
     directions (the entropy's largest value for that tail, so it tends high; right for a
     noise-floor tail); ``bounds["effective_rank"]`` gives the range from the tail packed
     into as few directions as ``s_k`` allows to the even spread.
     ``stable_rank`` uses the exact total and the top value, a Ritz value at most the true ``s_1``:
-    *estimated* too (high by a few % on a flat spectrum, within ~1e-5 where ``s_1`` stands apart).
+    *estimated* too (high by a few % on a flat spectrum, within ~1e-5 where ``s_1`` stands apart),
+    unless ``caps[1]`` (an upper bound on ``s_1^2``) is within ``STABLE_CERTIFIED`` of it: then the
+    exact value lies between ``total / caps[1]`` and the reported one, and it is reported as exact.
 
     ``count_hi``: an upper bound on the number of singular values above ``noise_threshold``
     (``--spectrum count`` certifies it). The values past it are each at most the threshold, so
@@ -261,19 +271,22 @@ def partial_spectrum_fields(s_top: np.ndarray, total: float, r: int, noise_thres
     out: dict = {"stable_rank": total / float(s[0]) ** 2 if s[0] > 0 else None, "bounds": {}, "estimated": []}
     for q, key in ((0.90, "energy_rank_90"), (0.99, "energy_rank_99")):
         if top >= q * total:
-            out[key] = energy_rank(c, total, q)
-            continue
-        need = q * total - top
-        sk2 = float(s[-1]) ** 2
-        lo = k + (_ceil(need / sk2) if sk2 > 0 else rest)
-        hi = k + _ceil(need / (tail / rest))
-        if count_hi is not None and count_hi > k:
-            avail = tail - (r - count_hi) * noise_threshold ** 2
-            if avail > 0 and need <= avail:
-                hi = min(hi, k + _ceil(need / (avail / (count_hi - k))))
-        lo, hi = min(lo, r), min(hi, r)
+            hi = energy_rank(c, total, q)
+            lo = hi if caps is None else min(lower_rank(caps, total, q), hi)
+        else:
+            need = q * total - top
+            sk2 = float(s[-1]) ** 2
+            hi = k + _ceil(need / (tail / rest))
+            if count_hi is not None and count_hi > k:
+                avail = tail - (r - count_hi) * noise_threshold ** 2
+                if avail > 0 and need <= avail:
+                    hi = min(hi, k + _ceil(need / (avail / (count_hi - k))))
+            hi = min(hi, r)
+            lo = (k + (_ceil(need / sk2) if sk2 > 0 else rest)) if caps is None else lower_rank(caps, total, q)
+            lo = min(lo, hi)
         out[key] = lo
-        out["bounds"][key] = [lo, max(lo, hi)]
+        if lo != hi:
+            out["bounds"][key] = [lo, hi]
     n_num = int(np.count_nonzero(s > noise_threshold))
     out["numerical_rank"] = n_num
     if k and n_num == k:
@@ -288,9 +301,168 @@ def partial_spectrum_fields(s_top: np.ndarray, total: float, r: int, noise_thres
         packed = np.concatenate([s, np.full(full_n, s[-1]), [math.sqrt(left)] if full_n < rest else []])
         out["bounds"]["effective_rank"] = [effective_rank(packed), spread]
     # s_1 is a Ritz value (at most the true s_1): the stable rank is at most the one reported, a few %
-    # high on a flat spectrum whose top has not converged; exact in practice where s_1 stands apart
-    out["estimated"] = ["stable_rank", "effective_rank"]
+    # high on a flat spectrum whose top has not converged; certified where caps[1] bounds s_1^2 closely
+    certified = caps is not None and s[0] > 0 and float(caps[1]) <= float(s[0]) ** 2 * (1.0 + STABLE_CERTIFIED)
+    out["estimated"] = ["effective_rank"] if certified else ["stable_rank", "effective_rank"]
     return out
+
+
+#: a stable rank from a top-k spectrum is reported as exact when the certified upper bound on s_1^2
+#: is within this share of the Ritz value (the exact stable rank then lies within it of the value)
+STABLE_CERTIFIED = 1e-6
+
+
+# --- certified caps on the sum of the largest eigenvalues -----------------------------------
+
+def _envelope(u: np.ndarray, total: float) -> np.ndarray:
+    """``u`` made a valid cap for the sums ``S_j`` of a PSD spectrum with trace ``total``: at most
+    ``total``, 0 at ``j = 0``, and non-decreasing from the right (``S_j <= S_j' <= u_j'`` for
+    ``j' >= j``)."""
+    u = np.minimum(np.asarray(u, dtype=np.float64), total)
+    u[0] = 0.0
+    return np.minimum.accumulate(u[::-1])[::-1]
+
+
+def frobenius_caps(r: int, total: float, frob2: float) -> np.ndarray:
+    """``caps[j]`` (j = 0..r): an upper bound on the sum ``S_j`` of the ``j`` largest of ``r``
+    non-negative reals whose sum is ``total`` and whose squares sum to at most ``frob2``.
+
+    By Cauchy-Schwarz, ``S_j^2 <= j sum_{i<=j} x_i^2 <= j (frob2 - (total - S_j)^2 / (r - j))``, so
+    ``S_j <= (j total + sqrt(j (r - j) (r frob2 - total^2))) / r``. For a Gram matrix
+    (``x_i = s_i^2``, ``total = ||D||_F^2``, ``frob2 = ||D^T D||_F^2``) this costs no eigenvalue at
+    all and is tight on a flat spectrum (``S_j = j total / r``).
+
+    >>> frobenius_caps(4, 4.0, 4.0).tolist()
+    [0.0, 1.0, 2.0, 3.0, 4.0]
+    """
+    if r <= 0:
+        return np.zeros(1)
+    j = np.arange(r + 1, dtype=np.float64)
+    disc = max(r * float(frob2) - float(total) ** 2, 0.0)
+    return _envelope((j * total + np.sqrt(j * (r - j) * disc)) / r, float(total))
+
+
+def ritz_caps(theta: np.ndarray, r: int, tail: float, frob2_tail: float | None, resid_fro: float,
+              resid_nuclear: float) -> np.ndarray:
+    """``caps[j]`` (j = 0..r): upper bounds on the sums ``S_j`` of the ``j`` largest eigenvalues of an
+    ``r x r`` PSD matrix ``G`` from a Rayleigh-Ritz step on an orthonormal basis ``Y`` (k columns).
+
+    In the basis ``[Y, Y_perp]``, ``G = [[T, B], [B^T, C]]`` with ``eig(T) = theta``,
+    ``tail = trace(C)``, ``frob2_tail >= ||C||_F^2`` (None: unknown) and ``B`` the residual
+    ``G Y - Y T`` (``||B||_F = resid_fro``; its nuclear norm at most ``resid_nuclear``, the sum of
+    the residual columns' norms). Ky Fan: ``S_j(G) <= S_j(diag(T, C)) + S_j([[0, B], [B^T, 0]])``;
+    the first is ``max_a sum(theta[:a]) + S_{j-a}(C)`` with ``S_b(C)`` capped by ``frobenius_caps``
+    (or by ``tail``), the second is at most ``min(sqrt(min(j, k)) resid_fro, resid_nuclear)``. Where
+    the top stands apart (converged Ritz pairs, tiny residuals) the caps sit on the Ritz sums.
+    Exact arithmetic: callers add the rounding of ``theta`` and the residual.
+    """
+    theta = np.sort(np.asarray(theta, dtype=np.float64))[::-1]
+    k = min(len(theta), r)
+    theta = theta[:k]
+    big_n = r - k
+    tail = max(float(tail), 0.0)
+    if frob2_tail is None:
+        uc = np.full(big_n + 1, tail)
+        uc[0] = 0.0
+    else:
+        uc = frobenius_caps(big_n, tail, max(float(frob2_tail), 0.0))
+    cum = np.concatenate([[0.0], np.cumsum(theta)])
+    caps = np.full(r + 1, -np.inf)
+    for a in range(k + 1):
+        np.maximum(caps[a:a + big_n + 1], cum[a] + uc, out=caps[a:a + big_n + 1])
+    j = np.arange(r + 1, dtype=np.float64)
+    caps = caps + np.minimum(np.sqrt(np.minimum(j, k)) * float(resid_fro), float(resid_nuclear))
+    c_max = float(uc[1]) if big_n else 0.0           # largest eigenvalue of C at most
+    if k and r and theta[0] > c_max:
+        # where s_1 stands apart the first-order residual term is far too coarse: Li and Li (2005),
+        # |lambda_1(G) - theta_1| <= 2 ||B||^2 / (eta + sqrt(eta^2 + 4 ||B||^2)) <= ||B||^2 / eta
+        # with eta = theta_1 - lambda_max(C), the gap to the other block's spectrum
+        caps[1] = min(caps[1], float(theta[0]) + float(resid_fro) ** 2 / (float(theta[0]) - c_max))
+    return _envelope(caps, float(cum[-1]) + tail)
+
+
+def ritz_step_caps(q: np.ndarray, gq: np.ndarray, trace_g: float, frob_g: float | None, slack: float) -> np.ndarray:
+    """``caps`` (j = 0..n) for the sums of the largest eigenvalues of a computed PSD matrix ``g``
+    (n x n) from a basis ``q`` (n x k, orthonormal to rounding) and the product ``gq = g q``:
+    the Rayleigh-Ritz step, its residual and ``ritz_caps``. ``trace_g``: the trace of ``g``;
+    ``frob_g``: its Frobenius norm (None: unknown, the complement is then capped by its trace);
+    ``slack``: a bound on the rounding of one eigenvalue of this step (added ``j`` times, and to
+    the tail and residual). The caller adds what separates ``g`` from the exact matrix."""
+    n, kk = q.shape
+    t = q.T @ gq
+    theta, z = np.linalg.eigh((t + t.T) * 0.5)
+    theta, z = theta[::-1], z[:, ::-1]
+    q, gq = q @ z, gq @ z
+    resid = gq - q * theta
+    col = np.sqrt(np.einsum("ij,ij->j", resid, resid))
+    resid_fro = math.sqrt(float(np.sum(col * col)))
+    tail = float(trace_g) - float(np.sum(theta)) + kk * slack
+    frob2_tail = None
+    if frob_g is not None:
+        frob2_tail = frob_g * frob_g * (1.0 + 4.0 * n * U64) - float(np.sum(theta * theta)) \
+            - 2.0 * resid_fro ** 2 + 2.0 * kk * slack * (frob_g + slack)
+    caps = ritz_caps(theta, n, tail, frob2_tail, resid_fro + kk * slack, float(col.sum()) + kk * slack)
+    return caps + np.arange(n + 1, dtype=np.float64) * slack
+
+
+def randomized_caps(x: np.ndarray, vectors: np.ndarray, total: float) -> np.ndarray:
+    """``caps`` (j = 0..r) for the squared singular values of the float32 delta ``x`` (m x n, exact
+    total energy ``total``) from the top singular vectors of its smaller side (``vectors``: r x k,
+    the right singular vectors of the tall orientation), for the randomized path: one more pass
+    of two float64 products over row blocks (``G q = A^T (A q)``, never the Gram matrix itself).
+    ``||G||_F`` is unknown here, so the complement is capped by its trace (``ritz_caps``): tight
+    where the top stands apart, far below the truth on a flat spectrum (honest lower ends, not
+    informative ones). ``x`` may be a rounded float32 copy of the exact delta: its Gram matrix is
+    within ``3 u32 total`` (Frobenius), which moves ``S_j`` by ``sqrt(j)`` times that."""
+    a = tall(np.asarray(x))
+    m, n = a.shape
+    if n == 0 or vectors.shape[1] == 0:
+        return _envelope(np.full(n + 1, float(total)), float(total))
+    with blas_threads(1):
+        q, _ = np.linalg.qr(np.asarray(vectors, dtype=np.float64))
+        gq = np.zeros_like(q)
+        trace = 0.0
+        step = max(1, GRAM_BLOCK_ELEMENTS // max(n, 1))
+        for i in range(0, m, step):
+            blk = np.asarray(a[i:i + step], dtype=np.float64)
+            gq += blk.T @ (blk @ q)
+            trace += float(np.vdot(blk, blk))
+        slack = 4.0 * (m + n + q.shape[1]) * U64 * trace
+        caps = ritz_step_caps(q, gq, trace, None, slack)
+    j = np.arange(n + 1, dtype=np.float64)
+    return _envelope(caps + np.sqrt(j) * 3.0 * U32 * max(float(total), trace), float(total))
+
+
+def randomized_caps_torch(x, vectors: np.ndarray, total: float) -> np.ndarray:
+    """``randomized_caps`` with the two products on ``x``'s torch device (float64), the rest in numpy."""
+    import torch
+
+    a = tall(x)
+    m, n = a.shape
+    if n == 0 or vectors.shape[1] == 0:
+        return _envelope(np.full(n + 1, float(total)), float(total))
+    q, _ = np.linalg.qr(np.asarray(vectors, dtype=np.float64))
+    tq = torch.from_numpy(q).to(a.device)
+    gq = torch.zeros_like(tq)
+    trace = 0.0
+    step = max(1, GRAM_BLOCK_ELEMENTS // max(n, 1))
+    for i in range(0, m, step):
+        blk = a[i:i + step].to(torch.float64)
+        gq += blk.T @ (blk @ tq)
+        trace += float((blk * blk).sum())
+    slack = 4.0 * (m + n + q.shape[1]) * U64 * trace
+    caps = ritz_step_caps(q, gq.cpu().numpy(), trace, None, slack)
+    j = np.arange(n + 1, dtype=np.float64)
+    return _envelope(caps + np.sqrt(j) * 3.0 * U32 * max(float(total), trace), float(total))
+
+
+def lower_rank(caps: np.ndarray, total: float, q: float) -> int:
+    """The smallest ``j`` with ``caps[j] >= q total``: a certified lower bound on ``energy_rank_q``
+    when ``caps`` bounds the partial sums from above (``caps`` non-decreasing)."""
+    if not total > 0:
+        return 0
+    j = int(np.searchsorted(caps, q * total, side="left"))
+    return max(1, min(j, len(caps) - 1))
 
 
 def _ceil(x: float) -> int:

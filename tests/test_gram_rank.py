@@ -283,13 +283,15 @@ def test_a_wide_float32_copy_adds_to_the_bound_only_when_it_rounded(rng, monkeyp
     assert (g.inexact == 0) is exact_copy
 
 
-def _gram_model(tmp_path, rng):
+def _gram_model(tmp_path, rng, noise_only: bool = False):
+    """Four matrices changed by a rank-1 update over noise (s_1 stands apart); with ``noise_only`` a
+    fifth changed by noise alone (a flat spectrum)."""
     base, tuned = {}, {}
-    for i, (m, n) in enumerate([(600, 300), (300, 600), (700, 200), (500, 250)]):
+    for i, (m, n) in enumerate([(600, 300), (300, 600), (700, 200), (500, 250)] + [(400, 300)] * noise_only):
         w = rng.normal(0, 0.02, (m, n)).astype(np.float32)
         base[f"model.layers.{i}.mlp.w"] = w
-        tuned[f"model.layers.{i}.mlp.w"] = w + 0.01 * np.outer(rng.standard_normal(m),
-                                                               rng.standard_normal(n)).astype(np.float32) \
+        tuned[f"model.layers.{i}.mlp.w"] = w + (0.01 if i < 4 else 0.0) * np.outer(
+            rng.standard_normal(m), rng.standard_normal(n)).astype(np.float32) \
             + rng.normal(0, 2e-3, (m, n)).astype(np.float32)
     write_checkpoint(tmp_path / "b", base, dtype="BF16")
     write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
@@ -478,6 +480,13 @@ def test_compare_with_spectrum_count(tmp_path, rng, monkeypatch):
     for f, c in zip(full.tensors, cnt.tensors):
         assert f.rank.method == "gram" and c.rank.method == "inertia"
         assert c.rank.numerical_rank == f.rank.numerical_rank and "numerical_rank" not in c.rank.bounds
+        # every energy rank of the full spectrum lies in the count path's certified bracket, and a
+        # stable rank the count path reports as exact is the full spectrum's
+        for key in ("energy_rank_90", "energy_rank_99"):
+            lo, hi = c.rank.bounds.get(key, [getattr(c.rank, key)] * 2)
+            assert lo == getattr(c.rank, key) <= getattr(f.rank, key) <= hi, (key, lo, getattr(f.rank, key), hi)
+        assert "stable_rank" not in c.rank.estimated      # rank-1 updates: s_1 stands apart
+        assert c.rank.stable_rank == pytest.approx(f.rank.stable_rank, rel=1e-6)
     assert cnt.to_dict()["summary"]["form"]["max_numerical_rank"] == full.to_dict()["summary"]["form"]["max_numerical_rank"]
 
 
@@ -496,7 +505,7 @@ def test_the_cli_takes_spectrum_count_and_the_memo_says_how_ranks_were_counted(t
     from weightdiff.cli import main
     from weightdiff.measure import backend
 
-    b, t = _gram_model(tmp_path, rng)
+    b, t = _gram_model(tmp_path, rng, noise_only=True)
     monkeypatch.setattr(backend, "LAPACK_MAX_ELEMENTS", 1000)
     out, memo = tmp_path / "out.json", tmp_path / "memo.md"
     res = CliRunner().invoke(main, ["compare", str(b), str(t), "--spectrum", "count", "--json", str(out),
@@ -506,9 +515,12 @@ def test_the_cli_takes_spectrum_count_and_the_memo_says_how_ranks_were_counted(t
     assert data["settings"]["spectrum"] == "count"
     assert {x["rank"]["method"] for x in data["tensors"]} == {"inertia"}
     assert "--spectrum count" in memo.read_text() and "Sylvester" in memo.read_text()
-    # the top k are Ritz values: stable rank is flagged estimated and the memo's table writes it ~value
+    # the top k are Ritz values: where s_1 stands apart (the rank-1 updates) the residual bound
+    # certifies the stable rank; on the flat spectrum of pure noise it is flagged estimated and the
+    # memo's table writes it ~value
     est = [x["rank"] for x in data["tensors"] if "stable_rank" in x["rank"]["estimated"]]
-    assert len(est) == len(data["tensors"])
+    assert [x["name"] for x in data["tensors"] if "stable_rank" in x["rank"]["estimated"]] == \
+        ["model.layers.4.mlp.w"]
     from weightdiff.render import formats as fmt
     assert all(f"| {fmt.rank_text(r, 'stable_rank', fmt.num)} |".replace("~", "\\~") in memo.read_text()
                for r in est)                            # Markdown escapes the tilde

@@ -214,3 +214,146 @@ def test_a_certified_count_narrows_the_energy_rank_bounds_and_they_still_hold(rn
     if kind == "rank150_noise":           # the even spread over 368 directions said ~3x more
         got = spectral.partial_spectrum_fields(top, total, n, thr, count_hi=truth["numerical_rank"])
         assert got["bounds"]["energy_rank_90"][1] <= 150 < plain["bounds"]["energy_rank_90"][1]
+
+
+# --- certified caps on partial sums: the lower ends of the energy ranks ----------------------
+
+CAP_SPECTRA = {
+    "flat": lambda r, rng: np.ones(r),
+    "marchenko_pastur": lambda r, rng: np.linspace(2.35, 0.22, r),
+    "geometric": lambda r, rng: np.geomspace(1.0, 1e-6, r),
+    "spike_over_noise": lambda r, rng: np.r_[np.geomspace(100.0, 10.0, 6), np.full(r - 6, 1e-4)],
+    "step": lambda r, rng: np.r_[np.full(r // 10, 9.0), np.full(r - r // 10, 0.09)],
+    "with_zeros": lambda r, rng: np.r_[rng.random(r // 2), np.zeros(r - r // 2)],
+    "dirichlet": lambda r, rng: rng.dirichlet(np.full(r, 0.3)),
+    "one": lambda r, rng: np.r_[[1.0], np.zeros(r - 1)],
+}
+
+
+def _sums(lam: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(np.sort(lam)[::-1])])
+
+
+@pytest.mark.parametrize("kind", list(CAP_SPECTRA))
+@pytest.mark.parametrize("r", [1, 2, 7, 300])
+def test_frobenius_caps_hold_every_partial_sum(rng, kind, r):
+    lam = CAP_SPECTRA[kind](max(r, 8), rng)[:r]
+    truth = _sums(lam)
+    caps = spectral.frobenius_caps(r, float(lam.sum()), float(np.sum(lam * lam)))
+    assert caps.shape == (r + 1,) and caps[0] == 0.0 and np.all(np.diff(caps) >= 0)
+    assert np.all(caps >= truth * (1 - 1e-12) - 1e-15), np.flatnonzero(caps < truth)
+    if kind == "flat":                     # tight: every direction holds the same
+        np.testing.assert_allclose(caps, truth, rtol=1e-6, atol=1e-9)
+
+
+def _g_and_truth(rng, lam):
+    n = len(lam)
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    g = (v * lam) @ v.T
+    return (g + g.T) / 2, v
+
+
+@pytest.mark.parametrize("kind", list(CAP_SPECTRA))
+@pytest.mark.parametrize("subspace", ["random", "noisy_top", "exact_top"])
+def test_ritz_caps_hold_for_any_subspace_and_sit_on_converged_sums(rng, kind, subspace):
+    n, k = 120, 10
+    lam = np.sort(CAP_SPECTRA[kind](n, rng))[::-1]
+    g, v = _g_and_truth(rng, lam)
+    y = {"random": rng.standard_normal((n, k)),
+         "noisy_top": v[:, :k] + 1e-3 * rng.standard_normal((n, k)),
+         "exact_top": v[:, :k]}[subspace]
+    q, _ = np.linalg.qr(y)
+    t = q.T @ g @ q
+    theta, z = np.linalg.eigh((t + t.T) / 2)
+    theta, q = theta[::-1], q @ z[:, ::-1]
+    resid = g @ q - q * theta
+    col = np.linalg.norm(resid, axis=0)
+    fro = float(np.linalg.norm(resid))
+    tail = float(np.trace(g) - theta.sum())
+    frob2_tail = float(np.sum(g * g) - np.sum(theta ** 2) - 2 * fro ** 2)
+    truth = _sums(lam)
+    scale = float(lam.sum())
+    for f2 in (None, frob2_tail):
+        caps = spectral.ritz_caps(theta, n, tail, f2, fro, float(col.sum()))
+        assert np.all(caps >= truth - 1e-9 * scale), (kind, subspace, np.flatnonzero(caps < truth - 1e-9 * scale))
+    if subspace == "exact_top" and kind in ("spike_over_noise", "flat", "one"):
+        # converged, and the rest far below (or level with) the top k: the caps are the Ritz sums up to k
+        np.testing.assert_allclose(caps[:k + 1], truth[:k + 1], atol=1e-8 * scale)
+    if subspace == "noisy_top" and kind == "spike_over_noise":
+        # s_1 stands apart: the quadratic residual bound puts caps[1] within ~|residual|^2 of lambda_1
+        assert lam[0] <= caps[1] <= lam[0] * (1 + 1e-4)
+
+
+def test_without_caps_a_low_ritz_value_overstates_the_lower_end_and_caps_fix_it():
+    """Ritz values 10% low (each still a lower bound) on a flat spectrum: the estimate
+    k + ceil(need / s_k^2) lands above the true energy rank; the Frobenius caps do not."""
+    n, k = 100, 10
+    total = float(n)                                   # 100 singular values of 1
+    s_top = np.full(k, math.sqrt(0.9))
+    truth = 90                                         # 90% of the energy: 90 directions
+    old = spectral.partial_spectrum_fields(s_top, total, n, 0.0)
+    assert old["energy_rank_90"] > truth               # why caps exist
+    caps = spectral.frobenius_caps(n, total, float(n))
+    new = spectral.partial_spectrum_fields(s_top, total, n, 0.0, caps=caps)
+    lo, hi = new["bounds"].get("energy_rank_90", [new["energy_rank_90"]] * 2)
+    assert lo <= truth <= hi and lo == truth           # flat: the caps are tight
+
+
+@pytest.mark.parametrize("kind", ["rank150_noise", "flat100", "step", "noise_like", "geometric"])
+def test_caps_make_the_lower_ends_certified_and_the_top_k_rank_exact_only_when_proved(rng, kind):
+    m, n, k, thr = 500, 300, 24, 0.05
+    s = {"rank150_noise": np.r_[np.geomspace(3.0, 0.2, 150), np.full(150, 0.02)],
+         "flat100": np.r_[np.ones(100), np.zeros(200)],
+         "step": np.r_[np.full(40, 3.0), np.full(260, 0.03)],
+         "noise_like": np.sqrt(np.linspace(4, 0.001, 300)),
+         "geometric": np.geomspace(10, 1e-12, 300)}[kind]
+    x = with_spectrum(rng, m, n, s)
+    g = x.T @ x
+    full = np.linalg.svd(x, compute_uv=False)
+    total = float(np.sum(full ** 2))
+    truth = spectral.spectrum_fields(full, thr)
+    from weightdiff.kernels import gram as kgram
+    vals, y = kgram.gram_top(g, k, seed=2, vectors=True)
+    caps = kgram.energy_caps(g, y, total, 1e-13 * total)
+    assert np.all(caps >= _sums(full ** 2) * (1 - 1e-12))
+    got = spectral.partial_spectrum_fields(np.sqrt(vals), total, n, thr, count_hi=truth["numerical_rank"], caps=caps)
+    for key in ("energy_rank_90", "energy_rank_99"):
+        lo, hi = got["bounds"].get(key, [got[key]] * 2)
+        assert lo == got[key] and lo <= truth[key] <= hi, (key, lo, truth[key], hi)
+    if "stable_rank" not in got["estimated"]:         # certified: within STABLE_CERTIFIED
+        assert got["stable_rank"] == pytest.approx(truth["stable_rank"], rel=2 * spectral.STABLE_CERTIFIED)
+    if kind == "geometric":                  # s_1 stands apart, the top 12 hold 90%: certified and exact
+        assert "stable_rank" not in got["estimated"] and "energy_rank_90" not in got["bounds"]
+
+
+@pytest.mark.parametrize("kind", ["spike_over_noise", "marchenko_pastur", "geometric", "one"])
+@pytest.mark.parametrize("wide", [False, True])
+def test_randomized_caps_hold_and_are_tight_where_the_top_stands_apart(rng, kind, wide):
+    m, n, k = 260, 150, 16
+    s = np.sqrt(CAP_SPECTRA[kind](n, rng))
+    x = with_spectrum(rng, m, n, s).astype(np.float32)
+    x = x.T.copy() if wide else x
+    full = np.linalg.svd(x.astype(np.float64), compute_uv=False)
+    total = float(np.sum(full ** 2))
+    u, top, vt = spectral.randomized_svd(x, k, seed=1, vectors=True)
+    caps = spectral.randomized_caps(x, u if wide else vt.T, total)
+    truth = _sums(full ** 2)
+    assert caps.shape == (n + 1,) and np.all(caps >= truth * (1 - 1e-12))
+    got = spectral.partial_spectrum_fields(top, total, n, 0.0, caps=caps)
+    exact = spectral.spectrum_fields(full, 0.0)
+    for key in ("energy_rank_90", "energy_rank_99"):
+        lo, hi = got["bounds"].get(key, [got[key]] * 2)
+        assert lo <= exact[key] <= hi
+    if kind == "spike_over_noise":        # six values far above a noise floor: exact, as before
+        assert got["energy_rank_99"] == exact["energy_rank_99"] and "energy_rank_99" not in got["bounds"]
+        assert "stable_rank" not in got["estimated"]
+
+
+def test_randomized_caps_torch_twin_agrees(rng):
+    torch = pytest.importorskip("torch")
+    x = with_spectrum(rng, 200, 90, np.sqrt(CAP_SPECTRA["spike_over_noise"](90, rng))).astype(np.float32)
+    u, top, vt = spectral.randomized_svd(x, 12, seed=3, vectors=True)
+    total = float(np.sum(x.astype(np.float64) ** 2))
+    want = spectral.randomized_caps(x, vt.T, total)
+    got = spectral.randomized_caps_torch(torch.from_numpy(x), vt.T, total)
+    np.testing.assert_allclose(got, want, rtol=1e-9)

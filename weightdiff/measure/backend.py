@@ -40,22 +40,33 @@ class Backend:
     def torch(self) -> bool:
         return self.name != "cpu"
 
-    def spectrum(self, d: np.ndarray, k: int, seed: int, exact_max: int) -> tuple[np.ndarray, str]:
-        """Singular values of ``d`` and the method: the full spectrum (``exact``/``gram``) or the top k."""
+    def spectrum(self, d: np.ndarray, k: int, seed: int, exact_max: int,
+                 total: float | None = None) -> tuple[np.ndarray, str, np.ndarray | None]:
+        """Singular values of ``d``, the method (the full spectrum, ``exact``/``gram``, or the top k,
+        ``randomized``) and, for the top k, ``caps``: certified upper bounds on the partial sums of
+        the squared singular values (``kernels.spectral.randomized_caps``; ``total``, the exact
+        energy of the delta ``d`` stands for, defaults to that of ``d``). None for a full spectrum."""
         m, n = d.shape
         full = min(m, n) <= exact_max
         if not self.torch:
             if full:
-                return (spectral.svdvals_exact(d), "exact") if m * n <= LAPACK_MAX_ELEMENTS \
-                    else (spectral.svdvals_gram(d), "gram")
-            return spectral.randomized_svd(d, k, seed=seed), "randomized"
+                return ((spectral.svdvals_exact(d), "exact", None) if m * n <= LAPACK_MAX_ELEMENTS
+                        else (spectral.svdvals_gram(d), "gram", None))
+            u, s, vt = spectral.randomized_svd(d, k, seed=seed, vectors=True)
+            if total is None:
+                total = _sum_sq(d)
+            caps = spectral.randomized_caps(d, u if m < n else vt.T, total)
+            return s, "randomized", caps
         import torch
 
         t = torch.from_numpy(d).to(self.device)
         if full:
-            return (spectral.svdvals_exact_torch(t), "exact") if m * n <= LAPACK_MAX_ELEMENTS \
-                else (spectral.svdvals_gram_torch(t), "gram")
-        return spectral.randomized_svd_torch(t, k, seed=seed), "randomized"
+            return ((spectral.svdvals_exact_torch(t), "exact", None) if m * n <= LAPACK_MAX_ELEMENTS
+                    else (spectral.svdvals_gram_torch(t), "gram", None))
+        u, s, vt = spectral.randomized_svd_torch(t, k, seed=seed, vectors=True)
+        if total is None:
+            total = _sum_sq(d)
+        return s, "randomized", spectral.randomized_caps_torch(t, u if m < n else vt.T, total)
 
     def top_vectors(self, w: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(U_k, s_k, V_k^T) of ``w`` by the seeded randomized SVD."""
@@ -64,6 +75,14 @@ class Backend:
         import torch
 
         return spectral.randomized_svd_torch(torch.from_numpy(w).to(self.device), k, seed=seed, vectors=True)
+
+
+def _sum_sq(d: np.ndarray) -> float:
+    """Sum of squares of ``d`` in float64, a million elements at a time (no float64 copy of it)."""
+    flat = np.asarray(d).reshape(-1)
+    step = 1 << 20
+    return float(sum(float(np.dot(c, c)) for c in (flat[i:i + step].astype(np.float64)
+                                                  for i in range(0, flat.size, step))))
 
 
 def _cpu(threads: int | None) -> Backend:

@@ -33,7 +33,7 @@ from ..kernels import spectral
 from ..kernels.blas import blas_threads
 from ..kernels.dtypes import DTYPES, decode
 from ..records import RankRecord
-from .backend import CPU_SPECTRA as CPU, Backend
+from .backend import CPU_SPECTRA as CPU, Backend, _sum_sq
 
 __all__ = ["analyze_delta", "analyze_factors", "decode_delta", "noise_profile", "noise_floor",
            "DEFAULT_EXACT_MAX"]
@@ -166,11 +166,12 @@ def noise_floor(rows: np.ndarray, cols: np.ndarray) -> tuple[float, float]:
 
 
 def _record(s: np.ndarray, method: str, norm_sq: float, shape2: tuple[int, int], k: int,
-            floor: float, noise_factor: float, extra: dict) -> RankRecord:
+            floor: float, noise_factor: float, extra: dict, caps: np.ndarray | None = None) -> RankRecord:
     r = min(shape2)
     thr = noise_factor * floor
     full = method != "randomized"
-    fields = spectral.spectrum_fields(s, thr) if full else spectral.partial_spectrum_fields(s, norm_sq, r, thr)
+    fields = (spectral.spectrum_fields(s, thr) if full
+              else spectral.partial_spectrum_fields(s, norm_sq, r, thr, caps=caps))
     if method == "gram":     # certify the count against the error bound of the float32 delta's Gram
         from ..kernels import gram as kgram
 
@@ -214,11 +215,11 @@ def analyze_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, 
         norm_delta_sq = _sum_sq(d)
         extra["note"] = "norm_delta recomputed from the decoded delta (non-finite values count as 0)"
     if norm_delta_sq == 0:
-        s, method = np.zeros(min(shape2)), "exact"
+        s, method, caps = np.zeros(min(shape2)), "exact", None
     else:
-        s, method = (backend or CPU).spectrum(d, k, seed, exact_max)
+        s, method, caps = (backend or CPU).spectrum(d, k, seed, exact_max, norm_delta_sq)
     del d
-    rec = _record(s, method, norm_delta_sq, shape2, k, floor, noise_factor, extra)
+    rec = _record(s, method, norm_delta_sq, shape2, k, floor, noise_factor, extra, caps)
     if not rec.exact:
         extra["note_bounds"] = (f"top {len(rec.spectrum)} of {min(shape2)} singular values: "
                                 "fields in `bounds` are lower bounds, those in `estimated` approximate")
@@ -226,12 +227,6 @@ def analyze_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, 
         extra.update(weight_subspace(base_raw, tuned_raw, dtype_base, dtype_tuned, shape2, k=k, seed=seed,
                                      exact_max=exact_max, backend=backend))
     return rec
-
-
-def _sum_sq(x: np.ndarray) -> float:
-    flat = x.reshape(-1)
-    return float(sum(np.dot(c, c) for c in (flat[i:i + _BLOCK].astype(np.float64)
-                                           for i in range(0, flat.size, _BLOCK))))
 
 
 def _decode_matrix(raw: np.ndarray, dtype: str, shape2: tuple[int, int]) -> np.ndarray:
@@ -264,8 +259,8 @@ def weight_subspace(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str
     for side, raw, dtype in (("base", base_raw, dtype_base), ("tuned", tuned_raw, dtype_tuned)):
         w = _decode_matrix(raw, dtype, shape2)
         total = _sum_sq(w)
-        s_full, method = (backend.spectrum(w, k, seed, exact_max) if min(shape2) <= exact_max
-                          else (None, "randomized"))
+        s_full, method, _ = (backend.spectrum(w, k, seed, exact_max) if min(shape2) <= exact_max
+                             else (None, "randomized", None))
         u, s, vt = backend.top_vectors(w, k, seed)
         del w
         f = (spectral.spectrum_fields(s_full, 0.0) if s_full is not None

@@ -252,17 +252,19 @@ class DeltaGram:
         r = min(m, n)
         g = acc.matrix(np.float64, full=True)
         self._acc = None
-        lam_top = kgram.gram_top(g, k, self.seed)
+        lam_top, ritz = kgram.gram_top(g, k, self.seed, vectors=True)
         s_top = np.sqrt(lam_top)
         trace = float(np.trace(g))
         total = norm_delta_sq if norm_delta_sq >= 0 and math.isfinite(norm_delta_sq) else trace
         delta = kgram.gram_error_bound(rows, max(total, trace),
                                        d_float32=not self.tall and self.inexact > 0,
                                        copy_err=math.sqrt(self.copy_err2) if not self.tall else None)
+        caps = kgram.energy_caps(g, ritz, total, delta)
+        del ritz
         lo, hi, band = kgram.inertia_bracket(g, thr * thr, delta, self.spill_dir)
         del g
         self.close()
-        fields = spectral.partial_spectrum_fields(s_top, total, r, thr, count_hi=hi)
+        fields = spectral.partial_spectrum_fields(s_top, total, r, thr, count_hi=hi, caps=caps)
         bounds = dict(fields["bounds"])
         bounds.pop("numerical_rank", None)
         extra["count_error_bound"] = band
