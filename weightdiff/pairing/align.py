@@ -280,8 +280,12 @@ def realign_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
             continue
         paired = [j for j, (_, p) in enumerate(out)
                   if p.base_index == i and p.kind == "paired" and p.paired_by in ("name", "prefix", "rename")]
-        # as many blocks name-paired as the base has (the common case): decided from the block
-        # indices parse_name caches anyway, before any slot is built
+        # every base tensor name-paired (the common case): every base block is, nothing to move
+        # (a set of names: ~10 ms for 100,000, where parsing them all took ~1 s)
+        if len({out[j][1].base_name for j in paired}) >= len(base.tensors):
+            continue
+        # as many blocks name-paired as the base has: decided from the block indices parse_name
+        # caches anyway, before any slot is built
         if len({parse_name(out[j][1].base_name)[1] for j in paired} - {None}) >= \
                 len({parse_name(n)[1] for n in base.tensors} - {None}):
             continue
