@@ -408,25 +408,36 @@ def ritz_step_caps(q: np.ndarray, gq: np.ndarray, trace_g: float, frob_g: float 
 def randomized_caps(x: np.ndarray, vectors: np.ndarray, total: float) -> np.ndarray:
     """``caps`` (j = 0..r) for the squared singular values of the float32 delta ``x`` (m x n, exact
     total energy ``total``) from the top singular vectors of its smaller side (``vectors``: r x k,
-    the right singular vectors of the tall orientation), for the randomized path: one more pass
-    of two float64 products over row blocks (``G q = A^T (A q)``, never the Gram matrix itself).
+    the right singular vectors of the tall orientation), for the randomized path: two float64
+    products over row blocks of ``x`` as stored (``G q = x^T (x q)`` in one pass for a tall ``x``,
+    ``x (x^T q)`` in two for a wide one), never the Gram matrix itself.
     ``||G||_F`` is unknown here, so the complement is capped by its trace (``ritz_caps``): tight
     where the top stands apart, far below the truth on a flat spectrum (honest lower ends, not
     informative ones). ``x`` may be a rounded float32 copy of the exact delta: its Gram matrix is
     within ``3 u32 total`` (Frobenius), which moves ``S_j`` by ``sqrt(j)`` times that."""
-    a = tall(np.asarray(x))
-    m, n = a.shape
+    x = np.asarray(x)
+    wide = x.shape[0] < x.shape[1]
+    m, n = tall(x).shape
     if n == 0 or vectors.shape[1] == 0:
         return _envelope(np.full(n + 1, float(total)), float(total))
     with blas_threads(1):
         q, _ = np.linalg.qr(np.asarray(vectors, dtype=np.float64))
-        gq = np.zeros_like(q)
+        step = max(1, GRAM_BLOCK_ELEMENTS // max(x.shape[1], 1))
+        blocks = range(0, x.shape[0], step)                 # row blocks of x as stored (contiguous)
         trace = 0.0
-        step = max(1, GRAM_BLOCK_ELEMENTS // max(n, 1))
-        for i in range(0, m, step):
-            blk = np.asarray(a[i:i + step], dtype=np.float64)
-            gq += blk.T @ (blk @ q)
-            trace += float(np.vdot(blk, blk))
+        if not wide:                                        # G q = x^T (x q), one pass
+            gq = np.zeros_like(q)
+            for i in blocks:
+                blk = np.asarray(x[i:i + step], dtype=np.float64)
+                gq += blk.T @ (blk @ q)
+                trace += float(np.vdot(blk, blk))
+        else:                                               # G = x x^T: w = x^T q, then G q = x w
+            w = np.zeros((x.shape[1], q.shape[1]))
+            for i in blocks:
+                blk = np.asarray(x[i:i + step], dtype=np.float64)
+                w += blk.T @ q[i:i + step]
+                trace += float(np.vdot(blk, blk))
+            gq = np.concatenate([np.asarray(x[i:i + step], dtype=np.float64) @ w for i in blocks])
         slack = 4.0 * (m + n + q.shape[1]) * U64 * trace
         caps = ritz_step_caps(q, gq, trace, None, slack)
     j = np.arange(n + 1, dtype=np.float64)
@@ -437,19 +448,28 @@ def randomized_caps_torch(x, vectors: np.ndarray, total: float) -> np.ndarray:
     """``randomized_caps`` with the two products on ``x``'s torch device (float64), the rest in numpy."""
     import torch
 
-    a = tall(x)
-    m, n = a.shape
+    wide = x.shape[0] < x.shape[1]
+    m, n = tall(x).shape
     if n == 0 or vectors.shape[1] == 0:
         return _envelope(np.full(n + 1, float(total)), float(total))
     q, _ = np.linalg.qr(np.asarray(vectors, dtype=np.float64))
-    tq = torch.from_numpy(q).to(a.device)
-    gq = torch.zeros_like(tq)
+    tq = torch.from_numpy(q).to(x.device)
+    step = max(1, GRAM_BLOCK_ELEMENTS // max(x.shape[1], 1))
+    blocks = range(0, x.shape[0], step)
     trace = 0.0
-    step = max(1, GRAM_BLOCK_ELEMENTS // max(n, 1))
-    for i in range(0, m, step):
-        blk = a[i:i + step].to(torch.float64)
-        gq += blk.T @ (blk @ tq)
-        trace += float((blk * blk).sum())
+    if not wide:
+        gq = torch.zeros_like(tq)
+        for i in blocks:
+            blk = x[i:i + step].to(torch.float64)
+            gq += blk.T @ (blk @ tq)
+            trace += float((blk * blk).sum())
+    else:
+        w = torch.zeros((x.shape[1], tq.shape[1]), dtype=torch.float64, device=x.device)
+        for i in blocks:
+            blk = x[i:i + step].to(torch.float64)
+            w += blk.T @ tq[i:i + step]
+            trace += float((blk * blk).sum())
+        gq = torch.cat([x[i:i + step].to(torch.float64) @ w for i in blocks])
     slack = 4.0 * (m + n + q.shape[1]) * U64 * trace
     caps = ritz_step_caps(q, gq.cpu().numpy(), trace, None, slack)
     j = np.arange(n + 1, dtype=np.float64)

@@ -289,3 +289,33 @@ def test_subspace_of_unrelated_weights_barely_overlaps(rng):
     x = rank.weight_subspace(structured(), structured(), "F32", "F32", (m, n), k=k, exact_max=0)
     assert x["subspace_overlap_left"] < 0.3 and x["subspace_overlap_right"] < 0.3
     assert x["rank_method_tuned"] == "randomized" and x["effective_rank_tuned"] > 20
+
+
+@pytest.mark.parametrize("torch_backend", [False, True])
+def test_randomized_lower_ends_are_certified_on_both_backends(rng, torch_backend):
+    """A rank-8 update over bf16 rounding noise, read by the randomized path on numpy and on the torch
+    backend (on the CPU): the caps prove the top k's energy ranks exact and the stable rank certified;
+    on a noise-like delta every bracket holds the exact value."""
+    from weightdiff.measure.backend import CPU_SPECTRA, Backend
+
+    backend = CPU_SPECTRA
+    if torch_backend:
+        pytest.importorskip("torch")
+        from weightdiff.kernels import cuda
+
+        backend = Backend("cuda", cuda, "cpu")
+    base, tuned, nd2 = merged_pair(rng, "BF16")
+    rec = rank.analyze_delta(base, tuned, "BF16", "BF16", (M, N), nd2, exact_max=0, backend=backend)
+    exact = rank.analyze_delta(base, tuned, "BF16", "BF16", (M, N), nd2)
+    assert rec.method == "randomized" and rec.estimated == ["effective_rank"]
+    assert (rec.energy_rank_90, rec.energy_rank_99) == (exact.energy_rank_90, exact.energy_rank_99)
+    assert "energy_rank_99" not in rec.bounds
+    assert rec.stable_rank == pytest.approx(exact.stable_rank, rel=1e-5)
+    w = rng.normal(0.0, 0.02, (400, 300)).astype(np.float32)
+    t = w + rng.normal(0, 1e-3, w.shape).astype(np.float32)
+    nd2 = float(np.sum((t - w).astype(np.float64) ** 2))
+    rec = rank.analyze_delta(w, t, "F32", "F32", w.shape, nd2, k=16, exact_max=0, backend=backend)
+    exact = rank.analyze_delta(w, t, "F32", "F32", w.shape, nd2, k=16)
+    for key in ("energy_rank_90", "energy_rank_99"):
+        lo, hi = rec.bounds[key]
+        assert getattr(rec, key) == lo <= getattr(exact, key) <= hi

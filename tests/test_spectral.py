@@ -344,6 +344,10 @@ def test_randomized_caps_hold_and_are_tight_where_the_top_stands_apart(rng, kind
     for key in ("energy_rank_90", "energy_rank_99"):
         lo, hi = got["bounds"].get(key, [got[key]] * 2)
         assert lo <= exact[key] <= hi
+    if wide:                              # the two-pass wide route computes the tall route's caps
+        u2, _, vt2 = spectral.randomized_svd(x.T.copy(), k, seed=1, vectors=True)
+        np.testing.assert_allclose(spectral.randomized_caps(x.T.copy(), vt2.T, total),
+                                   spectral.randomized_caps(x, vt2.T, total), rtol=1e-9, atol=1e-12 * total)
     if kind == "spike_over_noise":        # six values far above a noise floor: exact, as before
         assert got["energy_rank_99"] == exact["energy_rank_99"] and "energy_rank_99" not in got["bounds"]
         assert "stable_rank" not in got["estimated"]
@@ -354,6 +358,7 @@ def test_randomized_caps_torch_twin_agrees(rng):
     x = with_spectrum(rng, 200, 90, np.sqrt(CAP_SPECTRA["spike_over_noise"](90, rng))).astype(np.float32)
     u, top, vt = spectral.randomized_svd(x, 12, seed=3, vectors=True)
     total = float(np.sum(x.astype(np.float64) ** 2))
-    want = spectral.randomized_caps(x, vt.T, total)
-    got = spectral.randomized_caps_torch(torch.from_numpy(x), vt.T, total)
-    np.testing.assert_allclose(got, want, rtol=1e-9)
+    for a in (x, x.T.copy()):                   # tall (one pass) and wide (two passes)
+        want = spectral.randomized_caps(a, vt.T, total)
+        got = spectral.randomized_caps_torch(torch.from_numpy(a), vt.T, total)
+        np.testing.assert_allclose(got, want, rtol=1e-9)
