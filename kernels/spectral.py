@@ -342,6 +342,19 @@ def frobenius_caps(r: int, total: float, frob2: float) -> np.ndarray:
     return _envelope((j * total + np.sqrt(j * (r - j) * disc)) / r, float(total))
 
 
+def count_caps(r: int, total: float, count_lo: int, thr2: float) -> np.ndarray:
+    """``caps[j]`` (j = 0..r) from a certified count: at least ``count_lo`` of the ``r`` eigenvalues
+    exceed ``thr2`` (``--spectrum count``'s inertia), so the values ``j+1 .. count_lo`` hold more than
+    ``(count_lo - j) thr2`` and ``S_j <= total - max(count_lo - j, 0) thr2``. On a dense fine-tune,
+    whose values mostly clear the noise threshold, this pins the 99% lower end close to the count.
+
+    >>> count_caps(4, 10.0, 3, 1.0).tolist()
+    [0.0, 8.0, 9.0, 10.0, 10.0]
+    """
+    j = np.arange(r + 1, dtype=np.float64)
+    return _envelope(float(total) - np.maximum(int(count_lo) - j, 0.0) * max(float(thr2), 0.0), float(total))
+
+
 def ritz_caps(theta: np.ndarray, r: int, tail: float, frob2_tail: float | None, resid_fro: float,
               resid_nuclear: float) -> np.ndarray:
     """``caps[j]`` (j = 0..r): upper bounds on the sums ``S_j`` of the ``j`` largest eigenvalues of an

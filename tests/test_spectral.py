@@ -362,3 +362,18 @@ def test_randomized_caps_torch_twin_agrees(rng):
         want = spectral.randomized_caps(a, vt.T, total)
         got = spectral.randomized_caps_torch(torch.from_numpy(a), vt.T, total)
         np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", list(CAP_SPECTRA))
+def test_count_caps_hold_for_any_certified_lower_count(rng, kind):
+    r = 200
+    lam = np.sort(CAP_SPECTRA[kind](r, rng))[::-1]
+    truth = _sums(lam)
+    for thr2 in (0.0, float(np.median(lam)), float(lam[r // 10]), float(lam[0]) * 2):
+        count = int(np.count_nonzero(lam > thr2))
+        for lo in {0, count // 2, count}:           # any lower bound on the count
+            caps = spectral.count_caps(r, float(lam.sum()), lo, thr2)
+            assert np.all(caps >= truth * (1 - 1e-12) - 1e-15)
+    # a flat spectrum all above the threshold: the caps are the sums themselves
+    caps = spectral.count_caps(r, float(r), r, 1.0)
+    np.testing.assert_allclose(caps, np.arange(r + 1.0))

@@ -264,6 +264,7 @@ class DeltaGram:
         lo, hi, band = kgram.inertia_bracket(g, thr * thr, delta, self.spill_dir)
         del g
         self.close()
+        caps = np.minimum(caps, spectral.count_caps(r, total, lo, thr * thr))
         fields = spectral.partial_spectrum_fields(s_top, total, r, thr, count_hi=hi, caps=caps)
         bounds = dict(fields["bounds"])
         bounds.pop("numerical_rank", None)
