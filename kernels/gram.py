@@ -47,7 +47,7 @@ import numpy as np
 
 __all__ = ["TILE", "GramAccumulator", "gram_eigenvalues", "eig_dtype_for", "eig_error_bound",
            "gram_error_bound", "certified_count", "singular_values", "gram_top", "energy_caps",
-           "inertia_bracket"]
+           "total_error", "inertia_bracket"]
 
 #: side of the tiles the Gram matrix is summed in (each tile one BLAS call on one BLAS thread; the
 #: tiles run side by side on a small thread pool, so the sum is the same bits whatever the core count)
@@ -293,7 +293,9 @@ def energy_caps(g: np.ndarray, y: np.ndarray | None, total: float, delta: float)
     the ``j`` largest eigenvalues of the exact Gram matrix ``G`` whose trace is ``total`` and which
     the computed ``g`` (full, float64) approximates within ``delta`` in Frobenius norm (the bound of
     ``gram_error_bound``). The lower ends of the energy ranks come from these
-    (``kernels.spectral.lower_rank``); ``caps[1]`` bounds ``s_1^2``.
+    (``kernels.spectral.lower_rank``); ``caps[1]`` bounds ``s_1^2``. The caps exceed the sums by at
+    least ``total_error(n, delta)``, what ``total`` (the stats pass's float64 sum) may be off by, so
+    that comparing them with ``q total`` stays certified.
 
     The smaller of two bounds (``kernels.spectral``): ``frobenius_caps`` from ``total`` and
     ``||G||_F <= ||g||_F + delta`` alone (tight on a flat spectrum: a dense fine-tune), and
@@ -309,10 +311,12 @@ def energy_caps(g: np.ndarray, y: np.ndarray | None, total: float, delta: float)
 
     n = g.shape[0]
     total = max(float(total), 0.0)
-    frob_g = math.sqrt(float(np.vdot(g, g)))
-    caps = frobenius_caps(n, total, (frob_g + float(delta)) ** 2)
+    e_t = total_error(n, delta)
+    # ||g||_F summed in float64 over n^2 squares: at most n^2 u relative low
+    frob_g = math.sqrt(float(np.vdot(g, g))) * (1.0 + n * n * U64)
+    caps = frobenius_caps(n, total, (frob_g + float(delta)) ** 2, total_err=e_t)
     if y is None or y.shape[1] == 0 or n == 0:
-        return caps
+        return _envelope(caps + e_t, total + e_t)
     with blas_threads(1):
         q, _ = np.linalg.qr(np.asarray(y, dtype=np.float64))
         fine = ritz_step_caps(q, g @ q, float(np.trace(g)), frob_g, 4.0 * (n + q.shape[1]) * U64 * frob_g)
@@ -320,7 +324,15 @@ def energy_caps(g: np.ndarray, y: np.ndarray | None, total: float, delta: float)
     # G - g moves S_j by at most sqrt(j) delta (Ky Fan), and g's own eigenvalues can dip below 0 by
     # delta, which the PSD envelope of ritz_caps ignores: at most n delta more
     fine = fine + (np.sqrt(j) + n) * float(delta)
-    return _envelope(np.minimum(caps, fine), total)
+    # + e_t: the caller compares with q x the computed total, which may exceed the true one by e_t
+    return _envelope(np.minimum(caps, fine) + e_t, total + e_t)
+
+
+def total_error(n: int, delta: float) -> float:
+    """How far the stats pass's ``norm_delta^2`` (float64 sum of the ``rows x n`` squares) can be from
+    the trace of the exact Gram matrix: ``rows n u ||D||_F^2``, at most ``n delta`` for the
+    ``delta`` of ``gram_error_bound`` (``rows u ||D||_F^2`` and more)."""
+    return float(n) * float(delta)
 
 
 #: a Gram matrix up to this size is factored at both shifts at once (two working arrays, each on

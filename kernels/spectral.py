@@ -323,14 +323,15 @@ def _envelope(u: np.ndarray, total: float) -> np.ndarray:
     return np.minimum.accumulate(u[::-1])[::-1]
 
 
-def frobenius_caps(r: int, total: float, frob2: float) -> np.ndarray:
+def frobenius_caps(r: int, total: float, frob2: float, total_err: float = 0.0) -> np.ndarray:
     """``caps[j]`` (j = 0..r): an upper bound on the sum ``S_j`` of the ``j`` largest of ``r``
     non-negative reals whose sum is ``total`` and whose squares sum to at most ``frob2``.
 
     By Cauchy-Schwarz, ``S_j^2 <= j sum_{i<=j} x_i^2 <= j (frob2 - (total - S_j)^2 / (r - j))``, so
     ``S_j <= (j total + sqrt(j (r - j) (r frob2 - total^2))) / r``. For a Gram matrix
     (``x_i = s_i^2``, ``total = ||D||_F^2``, ``frob2 = ||D^T D||_F^2``) this costs no eigenvalue at
-    all and is tight on a flat spectrum (``S_j = j total / r``).
+    all and is tight on a flat spectrum (``S_j = j total / r``). ``total_err``: ``total`` is known
+    only to within it (the caps then hold for every sum in that range).
 
     >>> frobenius_caps(4, 4.0, 4.0).tolist()
     [0.0, 1.0, 2.0, 3.0, 4.0]
@@ -338,8 +339,9 @@ def frobenius_caps(r: int, total: float, frob2: float) -> np.ndarray:
     if r <= 0:
         return np.zeros(1)
     j = np.arange(r + 1, dtype=np.float64)
-    disc = max(r * float(frob2) - float(total) ** 2, 0.0)
-    return _envelope((j * total + np.sqrt(j * (r - j) * disc)) / r, float(total))
+    hi, lo = float(total) + float(total_err), max(float(total) - float(total_err), 0.0)
+    disc = max(r * float(frob2) - lo * lo, 0.0)
+    return _envelope((j * hi + np.sqrt(j * (r - j) * disc)) / r, hi)
 
 
 def count_caps(r: int, total: float, count_lo: int, thr2: float) -> np.ndarray:

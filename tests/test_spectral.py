@@ -377,3 +377,16 @@ def test_count_caps_hold_for_any_certified_lower_count(rng, kind):
     # a flat spectrum all above the threshold: the caps are the sums themselves
     caps = spectral.count_caps(r, float(r), r, 1.0)
     np.testing.assert_allclose(caps, np.arange(r + 1.0))
+
+
+def test_frobenius_caps_with_an_uncertain_total_hold_for_every_total_in_range(rng):
+    """The stats pass's total is a float64 sum: the caps must hold for any true total within its
+    error, including a flat spectrum, where r frob2 - total^2 cancels to nothing."""
+    r = 300
+    for lam in (np.ones(r), np.linspace(2.35, 0.22, r), rng.dirichlet(np.full(r, 0.5))):
+        t, f = float(lam.sum()), float(np.sum(lam * lam))
+        err = 1e-6 * t
+        for true_scale in (1 - 1e-6, 1.0, 1 + 1e-6):        # the true spectrum's total is t x scale
+            truth = _sums(lam * true_scale)
+            caps = spectral.frobenius_caps(r, t, f * (1 + 1e-6) ** 2, total_err=err)
+            assert np.all(caps >= truth * (1 - 1e-13))

@@ -264,7 +264,8 @@ class DeltaGram:
         lo, hi, band = kgram.inertia_bracket(g, thr * thr, delta, self.spill_dir)
         del g
         self.close()
-        caps = np.minimum(caps, spectral.count_caps(r, total, lo, thr * thr))
+        # energy_caps's margin: the computed total may be total_error off the true trace, both ways
+        caps = np.minimum(caps, spectral.count_caps(r, total + 2.0 * kgram.total_error(r, delta), lo, thr * thr))
         fields = spectral.partial_spectrum_fields(s_top, total, r, thr, count_hi=hi, caps=caps)
         bounds = dict(fields["bounds"])
         bounds.pop("numerical_rank", None)
