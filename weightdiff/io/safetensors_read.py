@@ -25,6 +25,7 @@ mapped are read with ``preadv`` into one reused buffer instead.
 from __future__ import annotations
 
 import hashlib
+import functools
 import json
 import math
 import mmap
@@ -121,6 +122,7 @@ class TensorInfo:
         return DTYPES[self.dtype].decodable
 
 
+@functools.lru_cache(maxsize=None)       # asked once per tensor and side; numpy dtypes are immutable
 def storage_of(dtype: str) -> np.dtype:
     """Little-endian numpy dtype the raw data of ``dtype`` is handed out as.
 
