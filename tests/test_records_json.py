@@ -153,3 +153,22 @@ def test_block_and_summary_dicts_are_asdict(tmp_path, rng):
     s["scope"]["changed_blocks"].append("x")
     s["components"][0]["status"] = "x"
     assert "x" not in result.summary.scope["changed_blocks"] and result.summary.components[0]["status"] != "x"
+
+
+def test_rows_with_non_finite_top_level_or_nested_floats_write_like_the_reference():
+    """``_row``'s shortcut nulls top-level non-finite floats and retries the C encoder; a
+    non-finite value nested deeper (the rounding floor) still takes the full clean."""
+    from weightdiff.records import TensorRecord
+
+    def rec(**kw):
+        return TensorRecord(name="w", base_name="w", status="changed", shape=[1], base_shape=[1],
+                            dtype_base="U8", dtype_tuned="U8", numel=1, numel_compared=1, norm_base=0.0,
+                            norm_delta=9.0, **kw)
+
+    rows = [rec(rel_change=float("inf"), cosine=float("nan")),
+            rec(rel_change=float("-inf"), rounding_floor={"BF16": float("nan"), "F16": 0.0}),
+            rec(rel_change=1.5, quant={"within": True, "x": [float("inf"), 2.0]}),
+            rec(rel_change=np.float64("inf"), max_abs_delta=np.float32(2.5))]
+    got = dumps({"tensors": rows})
+    assert got == dumps_reference({"tensors": [r.to_dict() for r in rows]})
+    assert "NaN" not in got and "Infinity" not in got and got.count("null") >= 6

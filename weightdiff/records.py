@@ -353,7 +353,16 @@ def _row(item: Any) -> str:
     try:
         return "".join(_row_c(plain, 0)) if _row_c is not None else _row_encoder.encode(plain)
     except ValueError:                        # a non-finite float somewhere: written as null
-        return _row_encoder.encode(clean(item.to_dict() if type(item) is TensorRecord else item))
+        pass
+    if plain is not item and type(plain) is dict:
+        # usually a top-level float (the relative change of an all-zero base tensor): null those
+        # and try the C encoder again (a tenth of the full clean's cost; 15% of the rows of some models)
+        fixed = {k: (None if type(v) is float and not math.isfinite(v) else v) for k, v in plain.items()}
+        try:
+            return "".join(_row_c(fixed, 0)) if _row_c is not None else _row_encoder.encode(fixed)
+        except ValueError:
+            pass
+    return _row_encoder.encode(clean(item.to_dict() if type(item) is TensorRecord else item))
 
 
 # the C encoder itself, made once (JSONEncoder.encode builds one per call); no cycle check: rows are trees
