@@ -129,3 +129,11 @@ def test_dora_adapter_stats_match_the_merged_model(tmp_path, base_dir):
         assert t.norm_delta == pytest.approx(d.norm_delta, rel=1e-5)
         assert t.cosine == pytest.approx(d.cosine, rel=1e-6)
         assert t.rank.exact is False          # the row rescaling is outside the factor spectrum
+        # its ranks are brackets that hold the merged model's exact ranks (the row rescaling is
+        # full rank: "at most rank r" would be wrong with confidence)
+        for field in ("energy_rank_90", "energy_rank_99", "numerical_rank"):
+            lo, hi = t.rank.bounds.get(field, [getattr(t.rank, field)] * 2)
+            assert lo == getattr(t.rank, field) and lo <= getattr(d.rank, field) <= hi, field
+        assert t.rank.bounds["numerical_rank"][1] == min(t.shape)
+    assert r.summary.form["kind"] != "low_rank" and r.summary.delta_params_lower is not None
+    assert r.summary.delta_params_lower <= dense.summary.delta_params <= r.summary.delta_params

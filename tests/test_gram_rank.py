@@ -566,3 +566,27 @@ def test_a_second_pair_of_factorizations_holds_two_working_arrays_not_three(rng)
     (e,) = src.arrays(1)                                # one at a time: the same array, refilled
     assert e is g and np.array_equal(e, want)
     src.close()
+
+
+def test_a_float32_low_rank_change_the_gram_matrix_cannot_resolve_is_refined_by_an_svd(tmp_path, rng):
+    """An F32 rank-1 change of a 1500 x 1200 matrix: the Gram matrix's eigenvalue error bound
+    (~n u s_1^2) is above the squared noise floor of the float32 delta, so it could only say
+    numerical_rank in [1, 1200] and the form read dense; the matrix is small enough to be read
+    again and its delta's SVD gives rank 1 exactly."""
+    w = rng.standard_normal((1500, 1200)).astype(np.float32)
+    t = w + 1e-2 * np.outer(rng.standard_normal(1500), rng.standard_normal(1200)).astype(np.float32)
+    write_checkpoint(tmp_path / "b", {"model.layers.0.mlp.w": w}, dtype="F32")
+    write_checkpoint(tmp_path / "t", {"model.layers.0.mlp.w": t}, dtype="F32")
+    r = compare(tmp_path / "b", tmp_path / "t")
+    rank = r.tensors[0].rank
+    assert rank.method == "exact" and rank.numerical_rank == 1 and not rank.bounds
+    assert "note_refined" in rank.extra and r.summary.form["kind"] == "low_rank"
+    # above the size limit the bracket stays (and reads as one)
+    import weightdiff.measure.compute as compute_mod
+    old = compute_mod.REFINE_MAX_ELEMENTS
+    compute_mod.REFINE_MAX_ELEMENTS = 1000
+    try:
+        kept = compare(tmp_path / "b", tmp_path / "t").tensors[0].rank
+    finally:
+        compute_mod.REFINE_MAX_ELEMENTS = old
+    assert kept.method == "gram" and kept.bounds["numerical_rank"][1] - kept.bounds["numerical_rank"][0] > 100

@@ -41,16 +41,18 @@ class Backend:
         return self.name != "cpu"
 
     def spectrum(self, d: np.ndarray, k: int, seed: int, exact_max: int,
-                 total: float | None = None) -> tuple[np.ndarray, str, np.ndarray | None]:
+                 total: float | None = None, direct: bool = False) -> tuple[np.ndarray, str, np.ndarray | None]:
         """Singular values of ``d``, the method (the full spectrum, ``exact``/``gram``, or the top k,
         ``randomized``) and, for the top k, ``caps``: certified upper bounds on the partial sums of
         the squared singular values (``kernels.spectral.randomized_caps``; ``total``, the exact
-        energy of the delta ``d`` stands for, defaults to that of ``d``). None for a full spectrum."""
+        energy of the delta ``d`` stands for, defaults to that of ``d``). None for a full spectrum.
+        ``direct``: a full spectrum by LAPACK's SVD of ``d`` itself, whatever its size (the Gram
+        matrix's eigenvalues lose the singular values below ~sqrt(n u) s_1; see ``refine_rank``)."""
         m, n = d.shape
-        full = min(m, n) <= exact_max
+        full = direct or min(m, n) <= exact_max
         if not self.torch:
             if full:
-                return ((spectral.svdvals_exact(d), "exact", None) if m * n <= LAPACK_MAX_ELEMENTS
+                return ((spectral.svdvals_exact(d), "exact", None) if direct or m * n <= LAPACK_MAX_ELEMENTS
                         else (spectral.svdvals_gram(d), "gram", None))
             u, s, vt = spectral.randomized_svd(d, k, seed=seed, vectors=True)
             if total is None:
@@ -61,7 +63,7 @@ class Backend:
 
         t = torch.from_numpy(d).to(self.device)
         if full:
-            return ((spectral.svdvals_exact_torch(t), "exact", None) if m * n <= LAPACK_MAX_ELEMENTS
+            return ((spectral.svdvals_exact_torch(t), "exact", None) if direct or m * n <= LAPACK_MAX_ELEMENTS
                     else (spectral.svdvals_gram_torch(t), "gram", None))
         u, s, vt = spectral.randomized_svd_torch(t, k, seed=seed, vectors=True)
         if total is None:

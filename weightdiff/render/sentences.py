@@ -340,7 +340,16 @@ def form_sentence(f: dict) -> str:
     ("at most"), never as a value."""
     hi = (f.get("max_numerical_rank_bounds") or [None, None])[-1]
     if f.get("kind") == "low_rank":
-        return f"The change is low-rank: at most rank {count(hi if hi is not None else f.get('max_numerical_rank'))} per matrix."
+        n = hi if hi is not None else f.get("max_numerical_rank")
+        e = (f.get("max_energy_rank_99_bounds") or [None, f.get("max_energy_rank_99")])[-1]
+        if n == 0:
+            return "No changed matrix has a change above its noise floor (numerical rank 0 in every one)."
+        if e is not None and n is not None and e < n:
+            # low-rank by its energy: quote that rank, not the numerical rank (a small matrix may be
+            # of full numerical rank with 99% of the change in a few directions)
+            return (f"The change is low-rank: 99% of its energy lies in at most {count(e)} directions per matrix "
+                    f"(numerical rank at most {count(n)}).")
+        return f"The change is low-rank: at most rank {count(n)} per matrix."
     if f.get("kind") == "mixed":
         sh = f.get("shares") or {}
         return (f"The change is mixed: low-rank matrices hold {share(sh.get('low_rank'))} of the changed matrices' "
@@ -354,7 +363,7 @@ def form_sentence(f: dict) -> str:
     if f.get("kind") == "dense" and f.get("max_energy_rank_99_bounds"):
         lo, hi = f["max_energy_rank_99_bounds"]
         return (f"The change is dense: up to {count(lo)}-{count(hi)} directions per matrix hold 99% of its energy "
-                "(a bracket: only the top singular values were computed).")
+                "(a bracket: the full spectrum of some matrices is bounded, not computed).")
     if f.get("kind") == "dense":
         return (f"The change is dense: {share(f.get('changed_element_share'))} of the elements of the "
                 "changed tensors differ (no rank analysis).")

@@ -1,0 +1,32 @@
+"""render.sentences.form_sentence: the sentence quotes the rank that made the form, never a
+misleading one."""
+
+from __future__ import annotations
+
+from weightdiff.render.sentences import form_sentence
+
+
+def test_low_rank_by_energy_quotes_the_energy_rank_not_a_full_numerical_rank():
+    # 256-wide matrices: 99% of the change in 4 directions, numerical rank 256 (quantization noise)
+    f = {"kind": "low_rank", "max_numerical_rank": 256, "max_numerical_rank_bounds": None,
+         "max_energy_rank_99": 4, "max_energy_rank_99_bounds": None}
+    text = form_sentence(f)
+    assert "at most 4 directions" in text and "numerical rank at most 256" in text
+    assert "at most rank 256 per matrix" not in text
+
+
+def test_low_rank_where_both_ranks_agree_reads_as_before():
+    f = {"kind": "low_rank", "max_numerical_rank": 8, "max_numerical_rank_bounds": None,
+         "max_energy_rank_99": 8, "max_energy_rank_99_bounds": None}
+    assert form_sentence(f) == "The change is low-rank: at most rank 8 per matrix."
+    f = {**f, "max_numerical_rank": None, "max_numerical_rank_bounds": [6, 8], "max_energy_rank_99": None,
+         "max_energy_rank_99_bounds": [5, 8]}
+    assert form_sentence(f) == "The change is low-rank: at most rank 8 per matrix."
+
+
+def test_a_change_with_no_rank_above_the_noise_floor_is_not_called_rank_zero_low_rank():
+    # one NaN in an otherwise identical matrix: non-finite pairs count as 0 in the delta
+    f = {"kind": "low_rank", "max_numerical_rank": 0, "max_numerical_rank_bounds": None,
+         "max_energy_rank_99": 0, "max_energy_rank_99_bounds": None}
+    text = form_sentence(f)
+    assert "noise floor" in text and "low-rank" not in text
