@@ -90,6 +90,38 @@ def test_hf_snapshot_may_point_into_its_blobs_but_not_beyond(tmp_path, outside):
     bad(["inspect", repo], snap / "model.safetensors", "outside the checkpoint folder or its cache repo's blobs/")
 
 
+@pytest.mark.parametrize("link", ["snapshot", "snapshots", "blobs", "refs"])
+def test_hf_cache_repo_folders_linked_out_of_the_repo_are_refused(tmp_path, link):
+    """The repo's own snapshots/<rev>, snapshots/ or blobs/ (or refs/main) symlinked to a folder
+    outside the repo would make ``models--org--name`` read files that are not its own."""
+    out = tmp_path / "elsewhere"
+    (out / "abc123").mkdir(parents=True)
+    save_file(out / "model.safetensors", tensors())
+    save_file(out / "abc123" / "model.safetensors", tensors())
+    (out / "main").write_text("abc123")
+    repo = tmp_path / "models--org--name"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    if link == "snapshot":
+        (repo / "snapshots").mkdir()
+        (repo / "snapshots" / "abc123").symlink_to(out)
+        bad(["inspect", repo], repo / "snapshots" / "abc123", "outside the Hugging Face cache folder")
+    elif link == "snapshots":
+        (repo / "snapshots").symlink_to(out)
+        bad(["inspect", repo], repo / "snapshots", "outside the Hugging Face cache folder")
+    elif link == "blobs":
+        (repo / "snapshots" / "abc123").mkdir(parents=True)
+        (repo / "blobs").symlink_to(out)
+        (repo / "snapshots" / "abc123" / "model.safetensors").symlink_to("../../blobs/model.safetensors")
+        bad(["inspect", repo], repo / "snapshots" / "abc123" / "model.safetensors", "outside the checkpoint folder")
+    else:
+        (repo / "snapshots" / "abc123").mkdir(parents=True)
+        save_file(repo / "snapshots" / "abc123" / "model.safetensors", tensors())
+        (repo / "refs" / "main").unlink()
+        (repo / "refs" / "main").symlink_to(out / "main")
+        bad(["inspect", repo], repo / "refs" / "main", "outside the Hugging Face cache folder")
+
+
 def test_several_weight_files_without_index_are_ambiguous(tmp_path):
     d = tmp_path / "ck"
     d.mkdir()

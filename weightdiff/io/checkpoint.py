@@ -121,7 +121,9 @@ def _roots(d: Path) -> list[Path]:
     roots = [real]
     for a in (real, *real.parents):          # a subfolder of a snapshot shares the repo's blobs/ too
         if a.parent.name == "snapshots" and "--" in a.parent.parent.name:
-            roots.append(Path(os.path.realpath(a.parent.parent / "blobs")))
+            blobs = Path(os.path.realpath(a.parent.parent / "blobs"))
+            if blobs.is_relative_to(a.parent.parent):     # a blobs/ linked out of the repo is no root
+                roots.append(blobs)
             break
     return roots
 
@@ -248,16 +250,31 @@ def build(folder, kind: str, name: str | None, shown: object) -> Checkpoint:
 def _locate_dir(d: Path) -> Checkpoint:
     names = _listdir(d)
     if "adapter_config.json" not in names and "snapshots" in names and (d / "snapshots").is_dir():
-        return _locate_dir(_snapshot(d))
+        snap = _snapshot(d)
+        _cache_inside(snap, d)
+        return _locate_dir(snap)
     kind, name = choose_weights(names, d)
     return build(LocalFolder(d), kind, name, d)
 
 
+def _cache_inside(path: Path, repo: Path) -> None:
+    """CheckpointError unless ``path`` (a snapshot folder or refs file of the Hugging Face cache
+    repo folder ``repo``) resolves inside that repo: a ``snapshots/<rev>``, ``snapshots/`` or
+    ``refs/main`` symlinked elsewhere would make the repo read files that are not its own."""
+    real, top = Path(os.path.realpath(path)), Path(os.path.realpath(repo))
+    if not real.is_relative_to(top):
+        raise CheckpointError(path, f"resolves to {escape_name(str(real))}, outside the Hugging Face cache folder "
+                                    f"{escape_name(str(repo))}; refusing to follow the symlink",
+                              "pass that folder directly if it is the one you mean")
+
+
 def _snapshot(d: Path) -> Path:
     """The revision folder of a Hugging Face cache repo: refs/main, else the only snapshot."""
+    _cache_inside(d / "snapshots", d)
     snaps = _listdir(d / "snapshots")
     ref = d / "refs" / "main"
     if ref.is_file():
+        _cache_inside(ref, d)
         rev = read_small(ref, 4096).decode("utf-8", "replace").strip()
         if rev in snaps:
             return d / "snapshots" / rev
