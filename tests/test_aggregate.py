@@ -377,6 +377,20 @@ def test_delta_params_per_record():
     assert delta_params_of(rec("g", "removed"), THR) == (0, 0)
 
 
+def test_a_sparse_change_costs_two_numbers_per_changed_element_at_most():
+    """1% of a 100 x 100 matrix changed, at full numerical rank: writing it down takes a
+    position and a value per changed element (200), not the low-rank form's m n; a dense or a
+    low-rank change is not affected, nor a vector whose every element changed."""
+    sparse = rec("w", "changed", shape=(100, 100), frac=0.01, beyond=0.01, rank=(100, 100))
+    assert delta_params_of(sparse, THR) == (200, 0)
+    assert delta_params_of(rec("w", "changed", shape=(100, 100), rank=(100, 100)), THR) == (10_000, 0)
+    assert delta_params_of(rec("w", "changed", shape=(100, 100), frac=0.3, rank=(2, 2)), THR) == (400, 0)
+    assert delta_params_of(rec("v", "changed", shape=(10,), frac=0.1), THR) == (2, 0)
+    assert delta_params_of(rec("v", "changed", shape=(10,), frac=float("nan")), THR) == (10, 0)
+    _, _, s = aggregate([sparse, rec("u", shape=(100, 100))], THR)
+    assert s.delta_params == 200 and s.form["kind"] == "sparse"
+
+
 def test_flags_composite_adapter_nonfinite_bytes_partial():
     a = rec("encoder.layer.0.w", base_index=0)
     b = rec("decoder.h.0.w", "changed", base_index=1, nonfinite=3, rank=(2, 2))

@@ -73,7 +73,8 @@ def delta_params_of(rec: TensorRecord, thresholds: Thresholds, lower: bool = Fal
     """(changed, added) parameters needed to write this record's change down.
 
     A changed matrix m x n costs min(m n, energy_rank_99 (m + n)), or m n without a rank
-    record; a changed vector costs its elements; added tensors and new rows cost their
+    record, and never more than two numbers (position, value) per element that differs (a sparse
+    change); a changed vector costs its elements, or that; added tensors and new rows cost their
     elements; a mismatched shape costs the whole tuned tensor; rounding costs nothing.
     A bracketed energy rank counts with its upper end (the cost is then at most this), or with
     its lower end when ``lower`` (the least it could be).
@@ -94,13 +95,23 @@ def delta_params_of(rec: TensorRecord, thresholds: Thresholds, lower: bool = Fal
     if not is_changed(rec, thresholds):
         return 0, added
     dims = matrix_dims(rec)
+    sparse = _sparse_cost(rec)
     if dims is None:
-        return (rec.numel_compared if rec.status == "resized" else rec.numel), added
+        return min(rec.numel_compared if rec.status == "resized" else rec.numel, sparse), added
     m, n = dims
     r99 = rank_upper(rec, "energy_rank_99") if not lower else (
         None if rec.rank is None or rec.rank.energy_rank_99 is None else int(rec.rank.energy_rank_99))
     cost = m * n if r99 is None else min(m * n, int(r99) * (m + n))
-    return cost, added
+    return min(cost, sparse), added
+
+
+def _sparse_cost(rec: TensorRecord) -> int:
+    """Two numbers (position and value) per element that differs at all: what a sparse change
+    costs written down exactly; no bound when the share of changed elements is unknown."""
+    frac, count = rec.frac_changed, rec.numel_compared
+    if frac is None or not count or not math.isfinite(frac):
+        return 1 << 62
+    return 2 * int(round(frac * count))
 
 
 def delta_params_range(rec: TensorRecord, thresholds: Thresholds) -> tuple[int, int, int]:

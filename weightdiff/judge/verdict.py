@@ -4,7 +4,8 @@ Pure Python over ``TensorRecord``s and the block roll-up of ``weightdiff.judge.a
 (which calls ``summarise``). Every number follows DESIGN.md:
 
 * ``relative_change`` = sqrt(sum norm_delta^2) / sqrt(sum norm_base^2) over paired tensors;
-* ``delta_params``: per changed matrix m x n, min(m n, energy_rank_99 (m + n)) (m n without
+* ``delta_params``: per changed matrix m x n, min(m n, energy_rank_99 (m + n), two numbers per
+  changed element) (m n without
   a rank record); changed vectors whole; added tensors and new vocabulary rows whole
   (they must be shipped to rebuild the tuned model); rounding-only changes cost nothing;
 * ``compressed_bytes``: that low-rank form in the tuned dtype, and a 1-bit sign form

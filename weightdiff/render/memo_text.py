@@ -35,7 +35,7 @@ METRICS = [
      "magnitudes);   numerical_rank = #{i : s_i > noise_floor_factor · noise_floor}"),
     ("delta parameters", "How many numbers it takes to write the change down: a low-rank matrix needs only its "
      "factors, added tensors count whole. This is the headline measure of how much was injected.",
-     "delta_params = Σ over changed matrices min(m·n, r99·(m + n)) + Σ changed vectors + Σ added elements"),
+     "delta_params = Σ over changed matrices min(m·n, r99·(m + n), 2·changed elements) + Σ changed vectors + Σ added elements"),
     ("model relative change", "The relative change over the whole model, every paired tensor weighted by its "
      "size.", "relative_change = √(Σ ‖D‖²) / √(Σ ‖B‖²)"),
 ]
