@@ -1,25 +1,38 @@
 """The quantization scheme and noise floor of GGUF tensors (the QuantScheme contract).
 
 For each GGML block type: ``scheme_of`` describes it for the judge (bits, group, whether the
-quantizer is calibrated), and ``floor`` gives, per element, the largest ``|x - value|`` a
-faithful round-to-nearest quantization of some float ``x`` into the stored code with the
-block's own scales could leave, in the rule of ``kernels/quant.py``:
+quantizer is calibrated), and ``floor`` gives, per element, a bound on ``|x - value|`` for any float
+``x`` that ggml's reference encoder (``quantize_row_q8_0_ref`` ... ``quantize_row_q6_K_ref`` in
+ggml-quants.c) could have stored as this value, in the rule of ``kernels/quant.py``:
 
-    floor = (0.5 + edge) * |s| * (1 + tol) + (|value| + |offset|) * tol,   tol = 2**-10 + 2**-24
+    floor = (0.5 + edge) * |s| * (1 + tol) + (|value| + |offset|) * tol + scale rounding
 
 ``s`` is the step the element was rounded with (d for Q8_0..Q5_1; d * sc[j] for the j-th
 sub-block of Q4_K/Q5_K; d * scale[j] for Q6_K), ``offset`` the block's additive term (m for
-Q4_1/Q5_1, dmin * m[j] for Q4_K/Q5_K), ``edge`` 1 for the lowest and highest code (a value
-clipped at the end of the range lands there from anywhere beyond it), and ``tol`` covers the
-fp16 rounding of the scales (ggml rounds with the float32 scale, then stores it as fp16).
-The codes are recovered from the dequantized values (``value = s * code + offset``, exact
-for these small integers). ggml's reference quantizers (``quantize_row_q8_0_ref`` ...
-``quantize_row_q6_K_ref`` in ggml-quants.c) end with exactly this round-to-nearest pass with
-the final scales, the K-quants included (their scale search happens before it). With an
-importance matrix (``quantize.imatrix.*`` metadata) the legacy types Q4_0..Q5_1 keep the
+Q4_1/Q5_1, dmin * m[j] for Q4_K/Q5_K), ``edge`` 1 for the lowest and highest code of Q4_0..Q5_1,
+``tol = 2^-10 + 2^-24``. The codes are recovered from the dequantized values (``value = s * code +
+offset``, exact for these small integers). The scale rounding term:
+
+- Q8_0..Q5_1 pick the codes with the float32 scale and store it as fp16 afterwards, so each value
+  is off by ``|code|`` times the scale's fp16 rounding: 2^-11 relative while d is a normal fp16,
+  but 2^-25 absolute once d is subnormal (a block whose largest magnitude is below ~127 * 2^-14
+  for Q8_0), where the relative error reaches several percent. ``_rounding16`` is that bound (the
+  relative part with tol's margin). A d that rounded to 0 hides the codes: the largest is assumed.
+- The K-quants round with the stored scales (no fp16 error inside the block), but the codes come
+  from a search (``make_qkx2_quants`` for Q4_K/Q5_K, ``make_qx_quants`` for Q6_K) whose per
+  sub-block scale is then rounded to 6 bits (int8 for Q6_K) against the super-block's largest. Next
+  to an outlier a sub-block gets sc = 3 of 63, a step up to 1/6 too small, and its extremes
+  overrun the code range by several steps; with sc = 0 (ggml's ``if (!d) continue;``) every element
+  decodes to the same value. ``_k_floor`` bounds both from the encoder (see there): at an end code,
+  ``(R - nmax) * s' + |code| * sigma + mu``, and in a sub-block whose step is 0, ``R * s' + mu``,
+  where ``sigma`` bounds |searched scale - stored step|, ``s'`` the searched scale, ``mu`` the
+  rounding of the min, and ``R`` (``_REACH``) how far from the searched min (Q6_K: from 0) an element
+  can lie, in searched scales. Interior codes are a plain round-to-nearest: half a step.
+
+With an importance matrix (``quantize.imatrix.*`` metadata) the legacy types Q4_0..Q5_1 keep the
 search's codes under a refitted scale, so they are marked ``calibrated``. Q2_K, Q3_K and the
-IQ/TQ/FP4 types get no floor (``floor`` returns None): the judge reads them as quantized with
-an unknown floor.
+IQ/TQ/FP4 types get no floor (``floor`` returns None): the judge reads them as quantized with an
+unknown floor.
 
 >>> scheme_of("Q4_K", 256, 144, 1000, "blk.0.attn_q.weight", {}).group
 '32'
@@ -34,12 +47,17 @@ from .safetensors_read import QuantScheme
 __all__ = ["scheme_of", "floor", "FLOORS"]
 
 TOL = np.float32(2.0 ** -10 + 2.0 ** -24)
+#: half the spacing of fp16 subnormals: the absolute rounding error of a scale stored as fp16 near 0
+SUB16 = np.float32(2.0 ** -25)
 _SUB = {"Q2_K": 16, "Q3_K": 16, "Q6_K": 16, "Q4_K": 32, "Q5_K": 32}
 _BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q2_K": 2, "Q3_K": 3, "Q4_K": 4,
          "Q5_K": 5, "Q6_K": 6, "TQ1_0": 2, "TQ2_0": 2, "MXFP4": 4, "NVFP4": 4, "IQ4_NL": 4, "IQ4_XS": 4}
 _LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
 #: types with a floor, and their top code (the bottom code is 0, -32 for Q6_K)
 FLOORS = {"Q8_0": 127, "Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31, "Q4_K": 15, "Q5_K": 31, "Q6_K": 31}
+#: K-quants: how far, in units of the sub-block's searched scale, an element can lie from the
+#: searched min (Q4_K/Q5_K) or from 0 (Q6_K); proved in _k_floor
+_REACH = {"Q4_K": np.float32(24), "Q5_K": np.float32(37), "Q6_K": np.float32(37)}
 
 
 def scheme_of(tname: str, block: int, tsize: int, nbytes: int, gguf_name: str, meta: dict) -> QuantScheme:
@@ -64,35 +82,91 @@ def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
+def _rounding16(h: np.ndarray) -> np.ndarray:
+    """Bound on ``|true - h|`` for a scale the encoder computed in float32 and stored as the fp16
+    ``h``: half an fp16 ulp, 2^-11 relative while ``h`` is normal and 2^-25 absolute among the
+    subnormals (and for a scale that underflowed to 0), with TOL's margin on the relative part."""
+    return np.abs(h) * TOL + SUB16
+
+
 def floor(raw: np.ndarray, values: np.ndarray, tname: str, block: int) -> np.ndarray | None:
     """Per-element floor of blocks ``raw`` (n, block bytes) whose dequantized values are
     ``values`` (n, block); None for a type without one."""
     if tname not in FLOORS:
         return None
+    if tname in _REACH:
+        return _k_floor(raw, values, tname)
     n = raw.shape[0]
-    d = _f16(raw, 208 if tname == "Q6_K" else 0)
+    d = _f16(raw, 0)
+    step = np.broadcast_to(d[:, None], (n, block))
     offset = np.zeros((n, 1), np.float32)
-    if tname in ("Q4_K", "Q5_K"):
-        sc, mn = _k_scales(raw)
-        step = np.repeat(d[:, None] * sc, 32, axis=1)
-        offset = np.repeat(_f16(raw, 2)[:, None] * mn, 32, axis=1)
-        low = 0
-    elif tname == "Q6_K":
-        scales = raw[:, 192:208].view(np.int8).astype(np.float32)
-        step = np.repeat(d[:, None] * scales, 16, axis=1)
-        low = -32
-    else:
-        step = np.broadcast_to(d[:, None], (n, block))
-        if tname in ("Q4_1", "Q5_1"):
-            offset = _f16(raw, 2)[:, None]
-        low = {"Q8_0": -127, "Q4_0": -8, "Q5_0": -16}.get(tname, 0)
+    d_offset = np.zeros((n, 1), np.float32)
+    if tname in ("Q4_1", "Q5_1"):
+        offset = _f16(raw, 2)[:, None]
+        d_offset = _rounding16(offset)
+    low = {"Q8_0": -127, "Q4_0": -8, "Q5_0": -16}.get(tname, 0)
     top = FLOORS[tname] + (low if tname in ("Q4_0", "Q5_0") else 0)
     with np.errstate(all="ignore"):
-        if tname in ("Q4_K", "Q5_K"):
-            code = np.rint((values + offset) / step)
-        else:
-            code = np.rint((values - offset) / step)
+        code = np.rint((values - offset) / step)
+        # a scale that rounded to fp16 0 hides the codes: any of them, the largest included
+        code = np.where(np.isfinite(code) & (step != 0), code, max(-low, top))
         edge = ((code <= low) | (code >= top)) & (step != 0) & (tname != "Q8_0")
-        out = (np.float32(0.5) + edge.astype(np.float32)) * np.abs(step) * (1 + TOL) \
-            + (np.abs(values) + np.abs(offset)) * TOL
+        # The legacy encoders pick the codes with the float32 scale and store it as fp16 after:
+        # each stored value is off by |code| times the scale's rounding, plus the offset's.
+        half = np.float32(0.5) + edge.astype(np.float32)
+        out = half * np.abs(step) * (1 + TOL) + (np.abs(values) + np.abs(offset)) * TOL \
+            + (half + np.abs(code)) * SUB16 + d_offset
+    return out.astype(np.float32)
+
+
+def _k_floor(raw: np.ndarray, values: np.ndarray, tname: str) -> np.ndarray:
+    """The floor of the K-quants (no importance matrix: ``quantize_row_q*_K_ref``).
+
+    ``R`` (``_REACH``), proved from the search: Q4_K/Q5_K's ``make_qkx2_quants`` keeps a fit only
+    when its weighted squared error is below the plain min-max rounding's (each term <= (s0/2)^2,
+    s0 = range / nmax); with weights ``av_x + |x|`` (sum <= 64 av_x, each >= av_x) no element is
+    then more than 4 s0 off its fitted grid point, which gives range <= 32.1 s (Q4_K; 41.8 s for
+    Q5_K) and every element within (nmax + 4 s0 / s) s = 23.6 s (36.4 s) of the searched min.
+    Q6_K's ``make_qx_quants`` (weights x^2) keeps the scale maximising the fit; its first
+    candidate leaves each element within a unit of 1 / iscale = amax / 32, so the largest element
+    is within amax / 8 of its grid point: amax <= 36.6 |s|. The scale rounding: sc is within half a
+    unit of s / d_true (one unit for Q6_K, clamped at 127), and d_true within ``_rounding16(d)``
+    of the stored d, so sigma = h * (|d| + dd) + |sc| * dd; the min likewise (mu)."""
+    n = raw.shape[0]
+    d = _f16(raw, 208 if tname == "Q6_K" else 0)[:, None]
+    dd = _rounding16(d)
+    if tname == "Q6_K":
+        sc = np.repeat(raw[:, 192:208].view(np.int8).astype(np.float32), 16, axis=1)
+        offset = np.zeros((n, 1), np.float32)
+        mu = np.zeros((n, 1), np.float32)
+        low, top, nmax, half_sc = -32, 31, 31, np.float32(1)     # sc is clamped at 127 (-128 fits)
+    else:
+        sc6, mn6 = _k_scales(raw)
+        sc, mn6 = np.repeat(sc6, 32, axis=1), np.repeat(mn6, 32, axis=1)
+        dmin = _f16(raw, 2)[:, None]
+        ddmin = _rounding16(dmin)
+        offset = dmin * mn6
+        mu = np.float32(0.5) * (np.abs(dmin) + ddmin) + mn6 * ddmin    # |searched min - stored min|
+        low, top, nmax, half_sc = 0, FLOORS[tname], FLOORS[tname], np.float32(0.5)
+    step = d * sc
+    # |searched scale - stored step| (6-bit / int8 rounding against the super-block scale, which
+    # itself carries the fp16 rounding), and a bound on the searched scale itself
+    sigma = half_sc * (np.abs(d) + dd) + np.abs(sc) * dd
+    s_hi = np.abs(step) + sigma
+    beyond, whole = _REACH[tname] - nmax, _REACH[tname]
+    with np.errstate(all="ignore"):
+        if tname == "Q6_K":
+            code = np.rint(values / step)
+        else:
+            code = np.rint((values + offset) / step)
+        code = np.where(np.isfinite(code) & (step != 0), code, 0)
+        edge = ((code <= low) | (code >= top)).astype(np.float32)
+        inner = np.float32(0.5) * np.abs(step) * (1 + TOL) + (np.abs(values) + np.abs(offset)) * TOL
+        # an end code: the element may lie beyond the searched grid's end (make_q*_quants' own
+        # slack) and the stored grid's end moved by the scale's and the min's rounding
+        ends = inner + beyond * s_hi + np.abs(code) * sigma + mu
+        # a sub-block whose step is 0 (ggml's `if (!d) continue;`): every element decodes to the
+        # same value, which may sit anywhere the search's grid reached
+        flat = whole * s_hi + mu + (np.abs(values) + np.abs(offset)) * TOL
+        out = np.where(step == 0, flat, np.where(edge > 0, ends, inner))
     return out.astype(np.float32)
