@@ -362,6 +362,29 @@ def test_pickle_with_code_payload_is_refused(tmp_path):
     assert line.endswith("(it names the global io.open) (convert it to safetensors with a trusted tool)")
 
 
+class _SystemPayload:
+    """Pickles as os.system (posix.system), a global of a module torch blocks outright."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_refusal_names_a_blocked_modules_global(tmp_path):
+    """torch 2.13 words it "unsupported GLOBAL posix.system whose module posix is blocked":
+    the line still names the global and never relays torch's advice to set weights_only=False."""
+    torch = pytest.importorskip("torch")
+    marker = tmp_path / "pwned"
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.ones(2), "x": _SystemPayload(str(marker))}, path)
+    line = bad(path, "refused: the pickle carries code")
+    assert f"(it names the global {os.system.__module__}.system)" in line, line
+    assert "weights_only" not in line and "Re-running" not in line
+    assert not marker.exists()
+
+
 def test_pickle_with_code_payload_in_zip_format(tmp_path):
     torch = pytest.importorskip("torch")
     marker = tmp_path / "pwned"

@@ -48,13 +48,18 @@ def _import_torch(path: Path):
 def _refusal(exc: BaseException) -> str:
     """The telling part of torch's long refusal: 'global io.open', without its advice to allow it."""
     text = str(exc)
-    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    # torch < 2.13: "Unsupported global: GLOBAL io.open"; 2.13: "Trying to load unsupported
+    # GLOBAL posix.system whose module posix is blocked"
+    m = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.I)
     if m:
         return f"it names the global {m[1]}"
     m = re.search(r"Unsupported operand \d+", text)
     if m:
         return m[0].lower()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # never relay torch's advice to rerun with weights_only=False
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and not ln.lstrip().startswith("Weights only load failed")
+             and not ln.lstrip().startswith("Check the documentation of torch.load")]
     return lines[0][:160] if lines else type(exc).__name__
 
 
