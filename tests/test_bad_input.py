@@ -394,6 +394,39 @@ def test_pickle_with_code_payload_in_zip_format(tmp_path):
     assert not marker.exists()
 
 
+def test_pickle_broadcast_view_refused_without_materializing(tmp_path):
+    """``ones(1).expand(n, n)`` is a legal weights-only pickle of a few KB whose tensor claims
+    n*n*4 bytes: refused naming the tensor, before anything is copied (inspect reads no data)."""
+    torch = pytest.importorskip("torch")
+    import resource
+
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"model.w": torch.ones(1).expand(4096, 4096), "model.b": torch.ones(3)}, path)
+    assert path.stat().st_size < 4096
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    line = bad(path, "tensor `model.w` is a broadcast or overlapping view of 4 bytes of storage")
+    assert "67,108,864 bytes; not a plain checkpoint tensor" in line
+    assert time.perf_counter() - t0 < 20
+    # 64 MiB would be the copy; the peak of this process grows by far less (KiB on Linux)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 * 1024
+
+
+def test_pickle_strided_tensor_copied_only_when_read(tmp_path):
+    """A transposed (non-contiguous, within its storage) tensor is accepted, read lazily and
+    right; the arrays of a pickle are views until one is asked for."""
+    torch = pytest.importorskip("torch")
+    from weightdiff.io.pickle_read import load_pickle
+
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    path = tmp_path / "model.pt"
+    torch.save({"w": w.t(), "v": w}, path)
+    infos, arrays = load_pickle(path)
+    assert infos["w"].shape == (4, 3) and sorted(arrays) == ["v", "w"]
+    assert np.array_equal(arrays["w"].reshape(4, 3), w.t().numpy())
+    assert np.array_equal(arrays["v"].reshape(3, 4), w.numpy())
+
+
 def test_pickle_without_torch(tmp_path, monkeypatch):
     path = tmp_path / "pytorch_model.bin"
     path.write_bytes(b"\x80\x04K\x01.")
