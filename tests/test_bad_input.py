@@ -362,6 +362,29 @@ def test_pickle_with_code_payload_is_refused(tmp_path):
     assert line.endswith("(it names the global io.open) (convert it to safetensors with a trusted tool)")
 
 
+class _SystemPayload:
+    """Pickles as os.system (posix.system), a global of a module torch blocks outright."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_refusal_names_a_blocked_modules_global(tmp_path):
+    """torch 2.13 words it "unsupported GLOBAL posix.system whose module posix is blocked":
+    the line still names the global and never relays torch's advice to set weights_only=False."""
+    torch = pytest.importorskip("torch")
+    marker = tmp_path / "pwned"
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.ones(2), "x": _SystemPayload(str(marker))}, path)
+    line = bad(path, "refused: the pickle carries code")
+    assert f"(it names the global {os.system.__module__}.system)" in line, line
+    assert "weights_only" not in line and "Re-running" not in line
+    assert not marker.exists()
+
+
 def test_pickle_with_code_payload_in_zip_format(tmp_path):
     torch = pytest.importorskip("torch")
     marker = tmp_path / "pwned"
@@ -369,6 +392,39 @@ def test_pickle_with_code_payload_in_zip_format(tmp_path):
     torch.save({"w": torch.ones(2), "x": _Payload(str(marker))}, path)
     bad(path, "refused: the pickle carries code")
     assert not marker.exists()
+
+
+def test_pickle_broadcast_view_refused_without_materializing(tmp_path):
+    """``ones(1).expand(n, n)`` is a legal weights-only pickle of a few KB whose tensor claims
+    n*n*4 bytes: refused naming the tensor, before anything is copied (inspect reads no data)."""
+    torch = pytest.importorskip("torch")
+    import resource
+
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"model.w": torch.ones(1).expand(4096, 4096), "model.b": torch.ones(3)}, path)
+    assert path.stat().st_size < 4096
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    line = bad(path, "tensor `model.w` is a broadcast or overlapping view of 4 bytes of storage")
+    assert "67,108,864 bytes; not a plain checkpoint tensor" in line
+    assert time.perf_counter() - t0 < 20
+    # 64 MiB would be the copy; the peak of this process grows by far less (KiB on Linux)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 * 1024
+
+
+def test_pickle_strided_tensor_copied_only_when_read(tmp_path):
+    """A transposed (non-contiguous, within its storage) tensor is accepted, read lazily and
+    right; the arrays of a pickle are views until one is asked for."""
+    torch = pytest.importorskip("torch")
+    from weightdiff.io.pickle_read import load_pickle
+
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    path = tmp_path / "model.pt"
+    torch.save({"w": w.t(), "v": w}, path)
+    infos, arrays = load_pickle(path)
+    assert infos["w"].shape == (4, 3) and sorted(arrays) == ["v", "w"]
+    assert np.array_equal(arrays["w"].reshape(4, 3), w.t().numpy())
+    assert np.array_equal(arrays["v"].reshape(3, 4), w.numpy())
 
 
 def test_pickle_without_torch(tmp_path, monkeypatch):

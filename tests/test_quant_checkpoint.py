@@ -302,3 +302,87 @@ def test_fold_shortcut_sees_every_name_fold_acts_on(monkeypatch):
     fast = Q.fold(plain, None, None)
     monkeypatch.setattr(Q, "_special_names", lambda tensors: True)
     assert Q.fold(plain, None, None) == fast == (plain, {}, [])
+
+
+# -- hostile companions and quantization_config values: CheckpointError naming the file, never a crash
+
+_M = "model.layers.0.q"
+_BNB_STATE = {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [16, 16]}
+
+
+def _js(x) -> np.ndarray:
+    return np.frombuffer(x if isinstance(x, bytes) else json.dumps(x).encode(), np.uint8).copy()
+
+
+def _bnb(state, weight=True, name=f"{_M}.weight.quant_state.bitsandbytes__nf4") -> dict:
+    t = {name: _js(state)}
+    if weight:
+        t.update({f"{_M}.weight": np.zeros((128, 1), np.uint8), f"{_M}.weight.absmax": np.ones(4, np.float32),
+                  f"{_M}.weight.quant_map": np.linspace(-1, 1, 16).astype(np.float32)})
+    return t
+
+
+def _ct_cfg(**w) -> dict:
+    return {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 8, **w}}}}
+
+
+_I8W = {f"{_M}.weight": np.zeros((4, 8), np.int8), f"{_M}.weight_scale": np.ones((2, 3), np.float32)}
+_NESTED = {f"{_M}.weight.nested_absmax": np.ones(1, np.float32),
+           f"{_M}.weight.nested_quant_map": np.ones(256, np.float32)}
+
+HOSTILE = [
+    ("bnb state without weight", _bnb(_BNB_STATE, weight=False), None, "model.safetensors",
+     "quant state `model.layers.0.q.weight.quant_state.bitsandbytes__nf4` has no weight `model.layers.0.q.weight`"),
+    ("bnb marker twice", {"x.quant_state.bitsandbytes__a.quant_state.bitsandbytes__b": _js(_BNB_STATE)}, None,
+     "model.safetensors", "is not a bitsandbytes quant state name"),
+    ("bnb state nested deep", _bnb(b'{"shape": ' + b"[" * 100000 + b"]" * 100000 + b"}"), None,
+     "model.safetensors", "JSON is nested too deeply"),
+    ("bnb state not json", _bnb(b"\xff{"), None, "model.safetensors", "is not valid UTF-8"),
+    ("bnb nested_offset string", {**_bnb({**_BNB_STATE, "nested_blocksize": 256, "nested_offset": "x"}), **_NESTED},
+     None, "model.safetensors", "nested_offset 'x' are not a positive integer and a finite number"),
+    ("bnb nested_blocksize negative", {**_bnb({**_BNB_STATE, "nested_blocksize": -1, "nested_offset": 0.5}),
+                                       **_NESTED}, None, "model.safetensors", "nested_blocksize -1"),
+    ("fp8 scale [2, 0]", {f"{_M}.weight": torch.zeros((4, 8)).to(torch.float8_e4m3fn),
+                          f"{_M}.weight_scale_inv": np.zeros((2, 0), np.float32)}, None, "model.safetensors",
+     "has shape [2, 0], with no scales along a dimension"),
+    ("fp8 scale [0, 0]", {f"{_M}.weight": torch.zeros((4, 8)).to(torch.float8_e4m3fn),
+                          f"{_M}.weight_scale_inv": np.zeros((0, 0), np.float32)}, None, "model.safetensors",
+     "with no scales along a dimension"),
+    ("fp8 weight_block_size zero", {f"{_M}.weight": torch.zeros((4, 8)).to(torch.float8_e4m3fn),
+                                    f"{_M}.weight_scale_inv": np.ones((2, 2), np.float32)},
+     {"quant_method": "fp8", "weight_block_size": [0, 4]}, "config.json",
+     "weight_block_size [0, 4] is not two positive integers"),
+    ("ct block_structure [0, 0]", _I8W, _ct_cfg(block_structure=[0, 0]), "config.json",
+     "block_structure [0, 0] is not two positive integers"),
+    ("ct block_structure string", _I8W, _ct_cfg(block_structure="ab"), "config.json",
+     "block_structure 'ab' is not two positive integers"),
+    ("ct block_structure one int", _I8W, _ct_cfg(block_structure=[2]), "config.json",
+     "block_structure [2] is not two positive integers"),
+    ("ct block_structure object", _I8W, _ct_cfg(block_structure={"a": 1}), "config.json",
+     "block_structure {'a': 1} is not two positive integers"),
+    ("ct block_structure bools", _I8W, _ct_cfg(block_structure=[True, True]), "config.json",
+     "is not two positive integers"),
+    ("ct weight_shape NaN", {f"{_M}.weight_packed": np.zeros((4, 1), np.int32),
+                             f"{_M}.weight_shape": np.array([4, np.nan], np.float32),
+                             f"{_M}.weight_scale": np.ones((4, 1), np.float32)}, _ct_cfg(), "model.safetensors",
+     "`model.layers.0.q.weight_shape` is F32 [2], expected two integers"),
+    ("ct weight_shape negative", {f"{_M}.weight_packed": np.zeros((4, 1), np.int32),
+                                  f"{_M}.weight_shape": np.array([4, -8], np.int64),
+                                  f"{_M}.weight_scale": np.ones((4, 1), np.float32)}, _ct_cfg(), "model.safetensors",
+     "is not a shape (a negative dimension)"),
+]
+
+
+@pytest.mark.parametrize("what,stored,qc,file,message", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_quantization_is_bad_input(tmp_path, what, stored, qc, file, message):
+    """Each value is validated where it is read: a CheckpointError naming the safetensors file or
+    config.json, never a KeyError, RecursionError, ZeroDivisionError ... (exit 1), on locate and
+    on reading the tensors (the nested offset is used only then)."""
+    path = _save(tmp_path / "bad", stored, qc)
+    with pytest.raises(CheckpointError) as exc:
+        with locate(path) as ck:
+            for name in ck.tensors:
+                ck.read(name)
+    text = str(exc.value)
+    assert str(path / file) in text and message in text, text
+    assert "\n" not in text

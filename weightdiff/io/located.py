@@ -10,7 +10,7 @@ import math
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -42,7 +42,7 @@ class Checkpoint:
         self._open: OrderedDict[Path, SafetensorsFile] = OrderedDict()
         self._pins: dict[Path, int] = {}
         self._headers: dict[Path, dict[str, TensorInfo]] = {}
-        self._pickle: tuple[Path, dict[str, np.ndarray]] | None = None
+        self._pickle: tuple[Path, Mapping[str, np.ndarray]] | None = None
         #: quantized checkpoints: the stored tensors, the logical tensors' sources, and the
         #: activation/KV-cache scales folded away (weightdiff.io.quantized)
         self.stored: dict[str, TensorInfo] = tensors

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +49,18 @@ def _import_torch(path: Path):
 def _refusal(exc: BaseException) -> str:
     """The telling part of torch's long refusal: 'global io.open', without its advice to allow it."""
     text = str(exc)
-    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    # torch < 2.13: "Unsupported global: GLOBAL io.open"; 2.13: "Trying to load unsupported
+    # GLOBAL posix.system whose module posix is blocked"
+    m = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.I)
     if m:
         return f"it names the global {m[1]}"
     m = re.search(r"Unsupported operand \d+", text)
     if m:
         return m[0].lower()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # never relay torch's advice to rerun with weights_only=False
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and not ln.lstrip().startswith("Weights only load failed")
+             and not ln.lstrip().startswith("Check the documentation of torch.load")]
     return lines[0][:160] if lines else type(exc).__name__
 
 
@@ -97,16 +103,55 @@ def _state_dict(torch, obj: object, path: Path) -> dict:
     return tensors
 
 
-def load_pickle(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, np.ndarray]]:
+class _PickleArrays(Mapping):
+    """name -> flat storage-dtype array. A contiguous tensor is a zero-copy view of torch's map
+    of the file; a strided one (a transpose, a slice) is copied only when it is read, so locating
+    or inspecting a pickle never materializes a tensor."""
+
+    def __init__(self, views: dict[str, np.ndarray], strided: dict[str, tuple]):
+        self._views = views
+        self._strided = strided
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._views:
+            return self._views[name]
+        t, torch_uint8, storage = self._strided[name]
+        return t.detach().contiguous().reshape(-1).view(torch_uint8).numpy().view(storage)
+
+    def __iter__(self):
+        yield from self._views
+        yield from self._strided
+
+    def __len__(self) -> int:
+        return len(self._views) + len(self._strided)
+
+
+def _check_storage(torch, t, name: str, path: Path) -> None:
+    """Refuse a tensor that claims more bytes than its storage holds (``ones(1).expand(n, n)``:
+    a stride-0 or overlapping view); copying it out would cost memory unbounded by the file."""
+    esize = t.element_size()
+    logical = t.numel() * esize
+    held = max(0, t.untyped_storage().nbytes() - t.storage_offset() * esize)
+    if logical > held:
+        shape = " x ".join(f"{int(d):,}" for d in t.shape)
+        raise CheckpointError(path, f"tensor `{escape_name(name)}` is a broadcast or overlapping view "
+                                    f"of {held:,} bytes of storage: its shape {shape} would expand to "
+                                    f"{logical:,} bytes; not a plain checkpoint tensor",
+                              "save a .contiguous() copy of it from a trusted source")
+
+
+def load_pickle(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], Mapping[str, np.ndarray]]:
     """Tensor infos (no byte offsets) and flat storage-dtype arrays of one pickle file.
 
-    The arrays view torch's memory map of the file, so nothing is copied until read.
+    The arrays view torch's memory map of the file, so nothing is copied until read; a
+    tensor whose shape needs more bytes than its storage holds (a broadcast view) is refused.
     """
     path = Path(path)
     torch = _import_torch(path)
     state = _state_dict(torch, _torch_load(torch, path), path)
     infos: dict[str, TensorInfo] = {}
-    arrays: dict[str, np.ndarray] = {}
+    views: dict[str, np.ndarray] = {}
+    strided: dict[str, tuple] = {}
     for name, t in state.items():
         dtype = _TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."))
         if dtype is None:
@@ -114,8 +159,10 @@ def load_pickle(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
                                         "no safetensors equivalent")
         if t.layout != torch.strided or t.is_quantized:
             raise CheckpointError(path, f"tensor `{escape_name(name)}` is sparse or quantized")
-        flat = t.detach().contiguous().reshape(-1)
-        raw = flat.view(torch.uint8).numpy().view(storage_of(dtype))
+        _check_storage(torch, t, name, path)
         infos[name] = TensorInfo(name, dtype, tuple(int(d) for d in t.shape), path, None, None)
-        arrays[name] = raw
-    return infos, arrays
+        if t.is_contiguous():
+            views[name] = t.detach().reshape(-1).view(torch.uint8).numpy().view(storage_of(dtype))
+        else:
+            strided[name] = (t, torch.uint8, storage_of(dtype))
+    return infos, _PickleArrays(views, strided)

@@ -17,7 +17,6 @@ unsupported bit width or packing) is a ``CheckpointError`` naming the file and t
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -94,10 +93,30 @@ def _ct_weights(qc: dict) -> list[dict]:
     return [g["weights"] for g in groups.values() if isinstance(g, dict) and isinstance(g.get("weights"), dict)]
 
 
+def _shown(v: object) -> str:
+    """A config or JSON value for a message, cut short."""
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _block_size(qc: dict, want: object, key: str) -> tuple[int, int] | None:
+    """``weight_block_size`` / ``block_structure`` of quantization_config as two positive
+    integers, or None when absent."""
+    if want is None:
+        return None
+    if not (isinstance(want, list) and len(want) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in want)):
+        raise CheckpointError(qc.get("_path"), f"quantization_config {key} {_shown(want)} is not two positive integers")
+    return int(want[0]), int(want[1])
+
+
 def _fp8_block(w: TensorInfo, s: TensorInfo, want: Sequence[int] | None) -> tuple[int, int] | None:
     """The block (bh, bw) of a scale grid over an fp8 weight, or None for channel/tensor scales."""
     R, C = w.shape[-2], w.shape[-1]
     ss = s.shape
+    if 0 in ss:
+        raise _err(s, f"scale {_q(s.name)} has shape {list(ss)}, with no scales along a dimension "
+                      f"(fp8 weight {_q(w.name)} {list(w.shape)})")
     if math.prod(ss) == 1 or (len(ss) <= 2 and len(w.shape) == 2 and ss[0] == R and math.prod(ss[1:]) == 1):
         if want:
             raise _err(s, f"{_q(s.name)} has shape {list(ss)}, but quantization_config asks for "
@@ -115,12 +134,10 @@ def _fp8(mod: str, leaves: dict, qc: dict) -> Source:
     w = leaves["weight"]
     s = leaves.get("weight_scale_inv") or leaves.get("weight_scale")
     method = qc.get("quant_method") or ("fp8" if "weight_scale_inv" in leaves else "fbgemm_fp8")
-    want = qc.get("weight_block_size")
+    want = _block_size(qc, qc.get("weight_block_size"), "weight_block_size")
     if want is None:
-        for wt in _ct_weights(qc):
-            want = want or wt.get("block_structure")
-    if want is not None and not (isinstance(want, list) and len(want) == 2 and all(isinstance(v, int) for v in want)):
-        raise CheckpointError(qc.get("_path"), f"weight_block_size {want!r} is not two integers")
+        raw = next((wt["block_structure"] for wt in _ct_weights(qc) if wt.get("block_structure")), None)
+        want = _block_size(qc, raw, "block_structure")
     if len(w.shape) < 2:
         raise _err(w, f"fp8 weight {_q(w.name)} has shape {list(w.shape)}, expected a matrix")
     block = _fp8_block(w, s, want)
@@ -216,7 +233,12 @@ def _ct_int(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
         ws = leaves.get("weight_shape")
         if ws is None:
             raise _err(codes, f"{_q(codes.name)} has no {_q(mod + '.weight_shape')} beside it")
+        if not ws.dtype.startswith(("I", "U")) or math.prod(ws.shape) != 2:
+            raise _err(ws, f"{_q(ws.name)} is {ws.dtype} {list(ws.shape)}, expected two integers "
+                           "(the logical [rows, columns])")
         shape = tuple(int(v) for v in read(ws.name).reshape(-1))
+        if min(shape) < 0:
+            raise _err(ws, f"{_q(ws.name)} = {list(shape)} is not a shape (a negative dimension)")
         if len(shape) != 2 or codes.dtype != "I32" or len(codes.shape) != 2 or shape[0] != codes.shape[0]:
             raise _err(ws, f"{_q(ws.name)} = {list(shape)} does not match {_q(codes.name)} "
                            f"{codes.dtype} {list(codes.shape)}")
@@ -252,7 +274,8 @@ def _ct_int(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
     elif len(ss) == 2 and ss[0] == R and ss[1] > 1 and C % ss[1] == 0:
         strategy, group = "group", C // ss[1]
     else:
-        want = next((w.get("block_structure") for w in _ct_weights(qc) if w.get("block_structure")), None)
+        want = _block_size(qc, next((w["block_structure"] for w in _ct_weights(qc) if w.get("block_structure")),
+                                    None), "block_structure")
         if not (want and len(ss) == 2 and ss == (-(-R // want[0]), -(-C // want[1]))):
             raise _err(sc, f"scale {_q(sc.name)} {list(ss)} fits no group, channel, tensor or block "
                            f"layout over {_q(codes.name)} of logical shape {[R, C]}")
@@ -266,15 +289,21 @@ def _ct_int(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
                    block, packed)
 
 
-def _bnb4(prefix: str, tensors: dict, read: Read) -> tuple[Source, list[str]]:
-    w = tensors[prefix]
-    qs_name = next(n for n in tensors if n.startswith(prefix + ".quant_state.bitsandbytes__"))
+_BNB_MARKER = ".quant_state.bitsandbytes__"
+
+
+def _bnb4(qs_name: str, tensors: dict, read: Read) -> tuple[Source, list[str]]:
     qs = tensors[qs_name]
-    raw = read(qs_name)
-    try:
-        meta = json.loads(bytes(raw.reshape(-1).astype(np.uint8)).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise _err(qs, f"{_q(qs_name)} does not hold the JSON quant state bitsandbytes writes") from None
+    prefix, _, kind = qs_name.partition(_BNB_MARKER)
+    if kind not in ("nf4", "fp4"):
+        raise _err(qs, f"{_q(qs_name)} is not a bitsandbytes quant state name "
+                       "(<weight>.quant_state.bitsandbytes__nf4 or __fp4)")
+    w = tensors.get(prefix)
+    if w is None:
+        raise _err(qs, f"bitsandbytes quant state {_q(qs_name)} has no weight {_q(prefix)} beside it")
+    if qs.dtype != "U8" or len(qs.shape) != 1:
+        raise _err(qs, f"{_q(qs_name)} is {qs.dtype} {list(qs.shape)}, expected the U8 bytes of a JSON quant state")
+    meta = load_json(bytes(read(qs_name).reshape(-1).view(np.uint8)), qs.path, f"quant state {_q(qs_name)}")
     names = {k: prefix + "." + k for k in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")}
     if names["absmax"] not in tensors or names["quant_map"] not in tensors:
         raise _err(w, f"bitsandbytes weight {_q(prefix)} has no "
@@ -297,6 +326,12 @@ def _bnb4(prefix: str, tensors: dict, read: Read) -> tuple[Source, list[str]]:
                 or not isinstance(meta.get("nested_blocksize"), int) or "nested_offset" not in meta:
             raise _err(w, f"bitsandbytes weight {_q(prefix)} is double-quantized but lacks its nested "
                           "absmax, quant map, blocksize or offset")
+        nbs, off = meta["nested_blocksize"], meta["nested_offset"]
+        finite = isinstance(off, float) and math.isfinite(off) or \
+            isinstance(off, int) and not isinstance(off, bool) and abs(off) < 2 ** 53
+        if isinstance(nbs, bool) or nbs <= 0 or not finite:
+            raise _err(qs, f"{_q(qs_name)}: nested_blocksize {_shown(nbs)} / nested_offset {_shown(off)} are not a "
+                           "positive integer and a finite number")
         nest = (tensors[names["nested_absmax"]], tensors[names["nested_quant_map"]])
         parts += list(nest)
     label = f"{meta['quant_type']} block {bs}{', nested absmax' if nest else ''}"
@@ -354,9 +389,10 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
     owner: dict[str, str] = {}                  # stored name -> logical name
     hidden: list[str] = []
     for name in tensors:
-        marker = ".quant_state.bitsandbytes__"
-        if marker in name:
-            src, parts = _bnb4(name.split(marker)[0], tensors, read)
+        if _BNB_MARKER in name:
+            src, parts = _bnb4(name, tensors, read)
+            if src.name in sources:
+                raise _err(tensors[name], f"bitsandbytes weight {_q(src.name)} has two quant states")
             sources[src.name] = src
             owner.update({p: src.name for p in parts})
         elif name.endswith("_blocks") and name[:-7] + "_scales" in tensors:
