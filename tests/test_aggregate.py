@@ -219,6 +219,23 @@ def test_identical():
     assert "100% of parameters are bitwise unchanged." in s.headline
 
 
+def test_identical_values_in_another_dtype_are_not_called_bitwise_equal():
+    """An exact upcast (BF16 stored as F32) holds the same values in other bits."""
+    _, _, s = aggregate([rec("a.weight", dtype_base="BF16", dtype_tuned="F32"), rec("h.0.w", shape=(4,))], THR)
+    assert s.verdict == "identical" and "dtype_changed" in s.flags
+    assert s.verdict_reason == ("All 2 tensors hold exactly the base's values; 1 is stored in another dtype "
+                                "(BF16 -> F32), converted without loss.")
+    assert "bitwise" not in sentences.verdict_title(s.to_dict())
+
+
+def test_same_dtype_bit_differences_are_not_called_a_dtype_cast():
+    """Signed zeros (or NaN payloads) differ in bits, not in value, and no cast took place."""
+    _, _, s = aggregate([rec("a.weight", "rounding", frac=0.1, beyond=0.0), rec("h.0.w", shape=(4,))], THR)
+    assert s.verdict == "cast_only" and "dtype_changed" not in s.flags
+    assert "F32 -> F32" not in s.verdict_reason and "keeps its dtype" in s.verdict_reason
+    assert "no dtype changed" in sentences.verdict_title(s.to_dict())
+
+
 def test_cast_only():
     recs = [rec("a.weight", "rounding", nd=1e-3, dtype_tuned="BF16"), rec("b", "unchanged", shape=(4,))]
     _, _, s = aggregate(recs, THR)

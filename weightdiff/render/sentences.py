@@ -50,6 +50,11 @@ def verdict_title(summary: dict) -> str:
     v = summary.get("verdict")
     if v == "unrelated" and summary.get("relatedness_cosine") is not None:
         return f"UNRELATED: not derived from this base (the {matrices_phrase(summary)} are near-orthogonal)."
+    if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
+        # an exact upcast (BF16 stored as F32) holds the same values in other bits
+        return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
+    if v == "cast_only" and "dtype_changed" not in (summary.get("flags") or []):
+        return "CAST ONLY: every difference is within rounding; no dtype changed (signed zeros, NaN payloads)."
     return _TITLES.get(v, str(v))
 
 
@@ -140,12 +145,28 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         return (f"The {matrices_phrase(s)} are near-orthogonal to the base (weighted cosine {num(cos)}) and the "
                 f"relative change of those matrices is {sci(rel)}, as between independently initialised models.")
     if v == "identical":
+        moved = sorted({f"{t.get('dtype_base')} -> {t.get('dtype_tuned')}" for t in counted
+                        if t.get("dtype_base") != t.get("dtype_tuned") and t.get("compared") != "factors"})
+        if moved:
+            n = sum(1 for t in counted if t.get("dtype_base") != t.get("dtype_tuned") and t.get("compared") != "factors")
+            return (f"All {count(tbs.get('unchanged', 0))} tensors hold exactly the base's values; {count(n)} "
+                    f"{'is' if n == 1 else 'are'} stored in another dtype ({', '.join(moved)}), converted without loss.")
         return f"All {count(tbs.get('unchanged', 0))} tensors are bitwise identical to the base."
     if v == "cast_only":
-        casts = sorted({f"{t.get('dtype_base')} -> {t.get('dtype_tuned')}" for t in counted
-                        if t.get("status") == "rounding"})
-        return (f"{count(tbs.get('rounding', 0))} tensors differ only within the rounding of a dtype cast "
-                f"({', '.join(casts)}); no weight moved beyond it.")
+        rounding = [t for t in counted if t.get("status") == "rounding"]
+        casts = sorted({f"{t.get('dtype_base')} -> {t.get('dtype_tuned')}" for t in rounding
+                        if t.get("dtype_base") != t.get("dtype_tuned")})
+        same = sum(1 for t in rounding if t.get("dtype_base") == t.get("dtype_tuned"))
+        parts = []
+        if casts:
+            parts.append(f"{count(len(rounding) - same)} tensors differ only within the rounding of a dtype cast "
+                         f"({', '.join(casts)})")
+        if same:
+            one = same == 1
+            parts.append(f"{count(same)} {'tensor keeps its' if one else 'tensors keep their'} dtype and "
+                         f"{'differs' if one else 'differ'} only in bits that hold no value (signed zeros, NaN "
+                         "payloads) or within its rounding")
+        return "; ".join(parts) + "; no weight moved beyond it."
     q = s.get("quantization") or {}
     if v == "quantized_only":
         unknown = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
