@@ -236,6 +236,17 @@ def test_same_dtype_bit_differences_are_not_called_a_dtype_cast():
     assert "no dtype changed" in sentences.verdict_title(s.to_dict())
 
 
+def test_a_model_that_only_gained_tensors_is_not_called_a_fine_tune_with_changed_tensors():
+    recs = [rec("model.layers.0.w"), rec("model.layers.1.w", "added")]
+    _, _, s = aggregate(recs, THR)
+    assert s.verdict == "derived"
+    assert "0 of 2 tensors changed and 1 added" in s.verdict_reason
+    assert "fine-tune" not in sentences.verdict_title(s.to_dict())
+    _, _, s = aggregate([rec("model.layers.0.w", "changed", nd=0.1), rec("model.layers.1.w", "added")], THR)
+    assert "1 of 2 tensors changed and 1 added" in s.verdict_reason
+    assert sentences.verdict_title(s.to_dict()) == "DERIVED: a fine-tune of this base."
+
+
 def test_cast_only():
     recs = [rec("a.weight", "rounding", nd=1e-3, dtype_tuned="BF16"), rec("b", "unchanged", shape=(4,))]
     _, _, s = aggregate(recs, THR)

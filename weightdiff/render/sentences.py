@@ -50,6 +50,10 @@ def verdict_title(summary: dict) -> str:
     v = summary.get("verdict")
     if v == "unrelated" and summary.get("relatedness_cosine") is not None:
         return f"UNRELATED: not derived from this base (the {matrices_phrase(summary)} are near-orthogonal)."
+    tbs = summary.get("tensors_by_status") or {}
+    if v == "derived" and not any(tbs.get(k) for k in ("changed", "resized", "quantized", "rounding")) \
+            and (tbs.get("added") or tbs.get("removed")):
+        return "DERIVED: this base with tensors added or removed; none of its own weights changed."
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
@@ -174,7 +178,12 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                 f"only within their own quantization noise floor {_quant_how(q)}, and every other tensor is "
                 "unchanged or within rounding"
                 + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + ".")
-    parts = [f"{count(scope.get('tensors_changed'))} of {count(scope.get('tensors_total'))} tensors changed"]
+    added = int(tbs.get("added") or 0)
+    if added and scope.get("tensors_changed") is not None:    # added tensors are new, not changed
+        parts = [f"{count(max(0, scope['tensors_changed'] - added))} of {count(scope.get('tensors_total'))} tensors "
+                 f"changed and {count(added)} added"]
+    else:
+        parts = [f"{count(scope.get('tensors_changed'))} of {count(scope.get('tensors_total'))} tensors changed"]
     if scope.get("blocks_total"):
         parts.append(f"{scope.get('blocks_changed')} of {scope.get('blocks_total')} blocks")
     text = "Derived from this base: " + ", in ".join(parts)
