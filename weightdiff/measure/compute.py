@@ -190,8 +190,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         stats = _array_stats(backend, base, pair.base_name, pair.dtype_base, tuned_t, pair.dtype_tuned, on_window)
         rec.note = "paired by content: the tuned matrix is stored transposed; its transpose is compared"
     else:
-        if stop is None and not opaque and pre is None:   # a small pair never streams its Gram matrix
-            sink = streamed_rank_sink(pair, options, backend.name, WINDOW_ELEMENTS)
+        if stop is None and not opaque and pre is None and not fused_experts(pair):   # a small pair never
+            sink = streamed_rank_sink(pair, options, backend.name, WINDOW_ELEMENTS)       # streams its Gram
         if pre is not None and not opaque:
             stats, rec.rounding_floor, fields = pre
             on_window(int(stats[0]))
@@ -231,6 +231,11 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             rec.rank = Deferred(solver.submit(lambda: gram.finish(*args)))   # finish frees the Gram
             return rec
         rec.rank = sink.gram.finish(*args)
+    elif options.rank and rec.status == "changed" and fused_experts(pair):
+        e, m, n = (int(x) for x in shape_t)
+        rec.note = (f"{e} experts of {m} x {n} fused in one tensor: the rank of each expert's change is not "
+                    "computed (the tensor read as one matrix would cap every rank at the number of experts); "
+                    "form and delta_params count it whole" + (f"; {rec.note}" if rec.note else ""))
     elif (options.rank and rec.status == "changed" and not opaque and len(shape_t) >= 2
             and min(shape_t[0], rec.numel // max(shape_t[0], 1)) >= 2):
         from .rank import analyze_delta
@@ -256,6 +261,16 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         sink.gram.close()
     refine_rank(rec, pair, bases, tuned, options, backend)
     return rec
+
+
+def fused_experts(pair: Pair) -> bool:
+    """A mixture-of-experts tensor that stores its experts' matrices side by side, ``[experts, m,
+    n]`` (gpt-oss, Llama 4: ``mlp.experts.gate_up_proj``): read as one ``experts x (m n)`` matrix
+    its spectrum says nothing about any expert's change (every rank is capped at the number of
+    experts), so its rank is not computed."""
+    shape = pair.shape_tuned if pair.shape_tuned is not None else pair.shape_base
+    name = (pair.tuned_name or pair.base_name or "").lower()
+    return shape is not None and len(shape) == 3 and int(shape[0]) >= 2 and "expert" in name
 
 
 #: a changed matrix of at most this many elements whose numerical rank the Gram matrix left
