@@ -43,7 +43,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Sequence
 
 from .align import best_mapping, mapped as _mapped, pair_by_content, parse_renames, realign_blocks, renamed
-from .heads import tie_heads
+from .heads import tie_aliases, tie_heads
 from .names import is_buffer, is_embedding, is_lm_head
 from .pairs import KINDS, PAIRED_BY, CheckpointLike, Pair, Plan, _Item, _numel, make_pair, source_of
 from ..errors import OptionsError, escape_name
@@ -211,6 +211,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
                 notes.append(f"adapter factor for `{escape_name(it.key)}` has no base tensor to modify")
         out.append(((0, pos, 0), pair))
 
+    aliases = [] if adapter else tie_aliases(out, tuned, bases, used, notes)
     tie_heads(out, items, bases, mapping, used, notes)
     if content and not adapter:
         realign_blocks(out, tuned, bases, used, notes)
@@ -245,7 +246,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
     if buffers:
         notes.append(f"{len(buffers)} buffers (position ids, masks, running statistics and the like) are not "
                      "parameters: listed apart, never compared")
-    return Plan(pairs, [alignment[i] for i in range(len(bases))], notes, buffers)
+    return Plan(pairs, [alignment[i] for i in range(len(bases))], notes, buffers, aliases=aliases)
 
 
 def _vocab_sizes(items: Sequence[_Item], bases: Sequence[CheckpointLike],

@@ -1,0 +1,99 @@
+"""Pairing corner cases found by probes: tied aliases saved twice, the tied-head rule as a
+last resort, content-paired records placed by their base name, square matrices of a
+transposed export (docs/pairing.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import weightdiff
+from conftest import write_checkpoint
+from models import gpt2, llama
+
+
+def _compare(base, tuned, **kw):
+    return weightdiff.compare(str(base), str(tuned), rank=False, **kw)
+
+
+# ---------------------------------------------------------------- 1. tied aliases saved twice
+
+def _t5ish(rng: np.random.Generator) -> dict:
+    """A T5-like encoder-decoder as ``save_pretrained`` writes it: ``shared`` only."""
+    t = {"shared.weight": rng.normal(0, 0.02, (512, 64)).astype(np.float32)}
+    for side in ("encoder", "decoder"):
+        for i in range(2):
+            p = f"{side}.block.{i}.layer.0.SelfAttention."
+            for m in "qkvo":
+                t[p + m + ".weight"] = rng.normal(0, 0.02, (64, 64)).astype(np.float32)
+            t[f"{side}.block.{i}.layer.1.DenseReluDense.wi.weight"] = rng.normal(0, 0.02, (128, 64)).astype(np.float32)
+            t[f"{side}.block.{i}.layer.1.DenseReluDense.wo.weight"] = rng.normal(0, 0.02, (64, 128)).astype(np.float32)
+        t[f"{side}.final_layer_norm.weight"] = np.ones(64, np.float32)
+    return t
+
+
+def _bertish(rng: np.random.Generator) -> dict:
+    t = {"bert.embeddings.word_embeddings.weight": rng.normal(0, 0.02, (512, 64)).astype(np.float32)}
+    for i in range(2):
+        p = f"bert.encoder.layer.{i}.attention.self."
+        for m in ("query", "key", "value"):
+            t[p + m + ".weight"] = rng.normal(0, 0.02, (64, 64)).astype(np.float32)
+    t["cls.predictions.transform.dense.weight"] = rng.normal(0, 0.02, (64, 64)).astype(np.float32)
+    t["cls.predictions.bias"] = rng.normal(0, 0.02, 512).astype(np.float32)
+    return t
+
+
+def test_state_dict_copy_with_tied_aliases_is_identical(tmp_path):
+    rng = np.random.default_rng(11)
+    base = _t5ish(rng)
+    tuned = dict(base)
+    for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+        tuned[alias] = base["shared.weight"].copy()
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    s = r.summary
+    assert s.verdict == "identical", s.verdict_reason
+    assert {a["name"] for a in r.plan["aliases"]} == {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                                                      "lm_head.weight"}
+    assert all(a["alias_of"] == "shared.weight" and a["side"] == "tuned" for a in r.plan["aliases"])
+    base_params = sum(v.size for v in base.values())
+    assert s.coverage["base"]["params"] == base_params and s.coverage["tuned"]["params"] == base_params
+
+
+def test_bert_prediction_head_aliases_are_identical(tmp_path):
+    rng = np.random.default_rng(12)
+    base = _bertish(rng)
+    tuned = dict(base)
+    tuned["cls.predictions.decoder.weight"] = base["bert.embeddings.word_embeddings.weight"].copy()
+    tuned["cls.predictions.decoder.bias"] = base["cls.predictions.bias"].copy()
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    assert r.summary.verdict == "identical", r.summary.verdict_reason
+    assert {a["name"] for a in r.plan["aliases"]} == {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+
+
+def test_base_aliases_the_tuned_model_drops_are_not_removed(tmp_path):
+    rng = np.random.default_rng(13)
+    tuned = _t5ish(rng)
+    base = dict(tuned)
+    base["encoder.embed_tokens.weight"] = tuned["shared.weight"].copy()
+    base["lm_head.weight"] = tuned["shared.weight"].copy()
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    assert r.summary.verdict == "identical", r.summary.verdict_reason
+    assert {(a["name"], a["side"]) for a in r.plan["aliases"]} == {("encoder.embed_tokens.weight", "base"),
+                                                                   ("lm_head.weight", "base")}
+    assert not r.plan["removed"]
+
+
+def test_equal_bytes_under_another_name_or_unequal_bytes_stay_added(tmp_path):
+    rng = np.random.default_rng(14)
+    base = _t5ish(rng)
+    tuned = dict(base)
+    tuned["classifier.weight"] = base["shared.weight"].copy()          # not a tie name: a real new tensor
+    head = base["shared.weight"].copy()
+    head[3, 5] += 1e-3                                                  # a tie name, one element off
+    tuned["lm_head.weight"] = head
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    assert not r.plan.get("aliases")
+    assert "classifier.weight" in r.plan["added"]
+    assert r.summary.verdict != "identical"
+    # the untied head is compared with the base embedding: the base still counts that table once
+    assert r.summary.coverage["base"]["params"] == sum(v.size for v in base.values())
