@@ -97,3 +97,42 @@ def test_equal_bytes_under_another_name_or_unequal_bytes_stay_added(tmp_path):
     assert r.summary.verdict != "identical"
     # the untied head is compared with the base embedding: the base still counts that table once
     assert r.summary.coverage["base"]["params"] == sum(v.size for v in base.values())
+
+
+# ---------------------------------------------------------------- 2. the tied-head rule is a last resort
+
+def _onnxish(t: dict) -> dict:
+    """What pulling an ONNX export's initializers gives: every matrix transposed under
+    ``onnx::MatMul_N`` (the head too), the rest under the wrapper's ``m.`` prefix."""
+    out, n = {}, 100
+    for k, v in t.items():
+        if v.ndim == 2 and "embed_tokens" not in k:
+            out[f"onnx::MatMul_{n}"] = np.ascontiguousarray(v.T)
+            n += 1
+        else:
+            out["m." + k] = v
+    return out
+
+
+def _small_llama(seed: int) -> dict:
+    return llama(np.random.default_rng(seed), layers=2, hidden=64, inter=128, vocab=256)
+
+
+def test_onnx_export_of_the_base_pairs_its_transposed_head_by_content(tmp_path):
+    base = _small_llama(21)
+    tuned = _onnxish(base)
+    head = next(k for k, v in tuned.items() if v.shape == (64, 256))
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    assert r.summary.verdict == "identical", r.summary.verdict_reason
+    assert not r.plan["added"] and not r.plan["removed"]
+    rec = r.tensor(head)
+    assert rec.base_name == "lm_head.weight" and rec.paired_by == "content"
+    assert not any(t.paired_by == "tied" for t in r.tensors)
+
+
+def test_a_tuned_model_that_ties_its_head_is_still_compared_with_the_base_head(tmp_path):
+    base = _small_llama(22)
+    tuned = {k: v for k, v in base.items() if k != "lm_head.weight"}
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    tied = [t for t in r.tensors if t.paired_by == "tied"]
+    assert [t.base_name for t in tied] == ["lm_head.weight"]

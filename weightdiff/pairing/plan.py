@@ -212,10 +212,12 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
         out.append(((0, pos, 0), pair))
 
     aliases = [] if adapter else tie_aliases(out, tuned, bases, used, notes)
-    tie_heads(out, items, bases, mapping, used, notes)
     if content and not adapter:
         realign_blocks(out, tuned, bases, used, notes)
         pair_by_content(out, tuned, bases, used, notes)
+    # the tie is a last resort: only a head that neither names nor content pair (an ONNX export's
+    # transposed head `onnx::MatMul_N` is the base head, not a sign that the tuned model ties it)
+    tie_heads(out, items, bases, mapping, used, notes)
     for i, base in enumerate(bases):
         tp, bp = mapping.get(i, ("", ""))
         for pos, (bname, info) in enumerate(base.tensors.items()):
