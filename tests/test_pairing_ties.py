@@ -136,3 +136,24 @@ def test_a_tuned_model_that_ties_its_head_is_still_compared_with_the_base_head(t
     r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
     tied = [t for t in r.tensors if t.paired_by == "tied"]
     assert [t.base_name for t in tied] == ["lm_head.weight"]
+
+
+# ---------------------------------------------------------------- 3. content pairs are placed by their base partner
+
+def test_content_paired_records_take_the_block_and_module_of_their_base_partner(tmp_path):
+    from models import low_rank_update
+    base = _small_llama(23)
+    ft = dict(base)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    ft[q] = low_rank_update(np.random.default_rng(1), base[q], 2)
+    tuned = _onnxish(ft)
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    s = r.summary
+    rec = next(t for t in r.tensors if t.base_name == q)
+    assert rec.paired_by == "content" and rec.name.startswith("onnx::")
+    norm = r.tensor("m.model.layers.1.input_layernorm.weight")
+    assert (rec.block, rec.module) == (norm.block, "attn.q") == ("m.layers.1", "attn.q")
+    assert (s.scope["blocks_changed"], s.scope["blocks_total"]) == (1, 2)
+    assert s.scope["changed_blocks"] == ["m.layers.1"] and s.scope["modules_changed"] == ["attn.q"]
+    assert [c["component"] for c in s.components] == ["embeddings", "m.layers.0", "m.layers.1", "head"]
+    assert "in 1 of 2 blocks" in s.verdict_reason
