@@ -157,3 +157,33 @@ def test_content_paired_records_take_the_block_and_module_of_their_base_partner(
     assert s.scope["changed_blocks"] == ["m.layers.1"] and s.scope["modules_changed"] == ["attn.q"]
     assert [c["component"] for c in s.components] == ["embeddings", "m.layers.0", "m.layers.1", "head"]
     assert "in 1 of 2 blocks" in s.verdict_reason
+
+
+# ---------------------------------------------------------------- 4. square matrices of a transposed export
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def test_gpt2_in_linear_layout_compares_its_square_matrices_transposed_too(tmp_path):
+    base = gpt2(np.random.default_rng(31), hidden=64)
+    tuned = {k: np.ascontiguousarray(v.T) if k.endswith(_CONV1D) else v for k, v in base.items()}
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    assert r.summary.verdict == "identical", r.summary.verdict_reason
+    square = "transformer.h.0.attn.c_proj.weight"
+    assert any(p["tuned_name"] == square and p["transposed"] for p in r.plan["special"])
+
+
+def test_a_square_matrix_that_matches_as_stored_is_never_transposed(tmp_path):
+    rng = np.random.default_rng(32)
+    base = gpt2(rng, hidden=64)
+    # the non-square matrices transposed, the square ones left as they were
+    tuned = {k: np.ascontiguousarray(v.T) if k.endswith(_CONV1D) and v.shape[0] != v.shape[1] else v
+             for k, v in base.items()}
+    # and one square matrix retrained from scratch: it matches neither way and stays as stored
+    fresh = "transformer.h.1.attn.c_proj.weight"
+    tuned[fresh] = rng.normal(0, 0.02, base[fresh].shape).astype(np.float32)
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    flipped = {p["tuned_name"] for p in r.plan["special"] if p["transposed"]}
+    assert not any(n.endswith("attn.c_proj.weight") for n in flipped)
+    assert r.tensor("transformer.h.0.attn.c_proj.weight").status == "unchanged"
+    assert r.tensor(fresh).status == "changed"
