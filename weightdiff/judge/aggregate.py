@@ -20,7 +20,7 @@ import math
 from ..pairing.names import component_of, parse_name
 from ..options import Thresholds
 from ..records import BlockRecord, TensorRecord
-from .status import (delta_params_range, extra_rows, is_changed, is_mismatch, is_tied, max_rank_fields, norms_sq,
+from .status import (placements, delta_params_range, extra_rows, is_changed, is_mismatch, is_tied, max_rank_fields, norms_sq,
                      ratio)
 
 __all__ = ["aggregate"]
@@ -85,8 +85,9 @@ def aggregate(records: list[TensorRecord], thresholds: Thresholds) -> tuple[list
     other tensor outside blocks). Removed base tensors and tied-head rows (the tuned
     embedding shown again against the base head) are left out of blocks and modules.
     """
+    where = {id(r): w for r, w in zip(records, placements(records))}
     for rec in records:
-        rec.block, _, rec.module = parse_name(rec.name)
+        rec.block, _, rec.module = parse_name(where[id(rec)])
     counted = [r for r in records if not is_tied(r)]
     live = [r for r in counted if r.status != "removed"]
 
@@ -95,10 +96,10 @@ def aggregate(records: list[TensorRecord], thresholds: Thresholds) -> tuple[list
     namespaces: dict[str, int] = {}
     modules: dict[str, _Acc] = {}
     for rec in live:
-        label = component_of(rec.name)
+        label = component_of(where[id(rec)])
         if label not in blocks:
             blocks[label] = _Acc()
-            index[label] = parse_name(rec.name)[1] if rec.block is not None else None
+            index[label] = parse_name(where[id(rec)])[1] if rec.block is not None else None
             namespaces.setdefault(label.rsplit(".", 1)[0] if rec.block is not None else label, len(namespaces))
         facts = _facts(rec, thresholds)
         blocks[label].add(rec, facts, rec.module)

@@ -52,15 +52,19 @@ def _side(rows: list[tuple[list | None, int]], large: int) -> dict:
 def coverage(records: list[TensorRecord], thresholds: Thresholds) -> dict:
     """``{"base": {...}, "tuned": {...}}``: params, compared, share, and the same over the
     large matrices (at least ``large_matrix_numel`` elements and two dimensions)."""
-    base_rows, tuned_rows = [], []
+    base_done: dict[tuple[int, str], tuple[list, int]] = {}
+    tuned_rows = []
     for r in records:
         done = compared_elements(r)
+        # a base tensor compared twice (its embedding against the tuned embedding and, the base
+        # tying its head, against the tuned head) is still one tensor of the base
+        key = (getattr(r, "base_index", 0), r.base_name)
         if r.base_name is not None and r.base_shape is not None:
-            base_rows.append((r.base_shape, done))
+            base_done[key] = (r.base_shape, max(done, base_done.get(key, (None, 0))[1]))
         if not is_tied(r) and r.status != "removed":
             tuned_rows.append((r.shape, done))
     large = thresholds.large_matrix_numel
-    return {"base": _side(base_rows, large), "tuned": _side(tuned_rows, large)}
+    return {"base": _side(list(base_done.values()), large), "tuned": _side(tuned_rows, large)}
 
 
 def _share(side: dict) -> float | None:

@@ -19,7 +19,7 @@ from ..kernels.dtypes import DTYPES, decode
 from ..options import Thresholds
 from ..pairing.names import component_of, parse_name
 from ..records import TensorRow
-from .status import PAIRED, ratio
+from .status import PAIRED, placements, ratio
 
 __all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "looks_unrelated", "large_matrix_relatedness", "components",
            "counts_for_relatedness", "evidence_sizes", "chosen_evidence", "evidence", "judge", "rank_key",
@@ -151,8 +151,7 @@ def components(records, thresholds: Thresholds) -> list[dict]:
     """
     groups: dict[str, list] = {}
     order: dict[str, tuple] = {}
-    for r in records:
-        name = r.base_name if r.status == "removed" else r.name
+    for r, name in zip(records, placements(records)):
         label = component_of(name)
         groups.setdefault(label, []).append(r)
         if label not in order:

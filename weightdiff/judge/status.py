@@ -19,10 +19,52 @@ from ..options import Thresholds
 from ..records import TensorRecord
 
 __all__ = ["classify", "is_changed", "is_mismatch", "is_tied", "delta_params_of", "rank_upper", "matrix_dims",
-           "extra_rows", "norms_sq", "ratio", "bytes_per", "PAIRED"]
+           "extra_rows", "norms_sq", "ratio", "bytes_per", "PAIRED", "placements"]
 
 
 PAIRED = ("unchanged", "rounding", "quantized", "changed", "resized")
+
+
+def placements(records) -> list[str]:
+    """The name that places each record in a block and a module kind (docs/pairing.md).
+
+    Its own (tuned) name; the base name for a ``removed`` one; for a pair made by content
+    (``onnx::MatMul_146``, says nothing) its base partner's name, moved into the tuned
+    namespace by the prefix the name-paired records of that base show (``model.`` ->
+    ``m.model.``), so it lands in the same block as the tensors paired by name.
+
+    >>> from types import SimpleNamespace as R
+    >>> recs = [R(name="m.layers.0.norm.weight", base_name="layers.0.norm.weight", status="unchanged",
+    ...           paired_by="prefix", base_index=0),
+    ...         R(name="onnx::MatMul_7", base_name="layers.0.q_proj.weight", status="changed",
+    ...           paired_by="content", base_index=0)]
+    >>> placements(recs)
+    ['m.layers.0.norm.weight', 'm.layers.0.q_proj.weight']
+    """
+    prefixes: dict[int, dict[tuple[str, str], int]] = {}
+    if any(getattr(r, "paired_by", None) == "content" for r in records):
+        for r in records:
+            if getattr(r, "paired_by", None) not in ("name", "prefix") or not r.base_name:
+                continue
+            t, b = r.name.split("."), r.base_name.split(".")
+            k = 0
+            while k < min(len(t), len(b)) and t[-1 - k] == b[-1 - k]:
+                k += 1
+            if k:
+                key = (".".join(t[:-k]) + "." if len(t) > k else "", ".".join(b[:-k]) + "." if len(b) > k else "")
+                counts = prefixes.setdefault(getattr(r, "base_index", 0), {})
+                counts[key] = counts.get(key, 0) + 1
+    out = []
+    for r in records:
+        if r.status == "removed" and r.base_name is not None:
+            out.append(r.base_name)
+        elif getattr(r, "paired_by", None) == "content" and r.base_name:
+            counts = prefixes.get(getattr(r, "base_index", 0))
+            tp, bp = max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0] if counts else ("", "")
+            out.append(tp + r.base_name[len(bp):] if r.base_name.startswith(bp) else r.base_name)
+        else:
+            out.append(r.name)
+    return out
 
 
 def is_tied(rec: TensorRecord) -> bool:

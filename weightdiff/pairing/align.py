@@ -34,7 +34,7 @@ from .names import _block_position, block_slot, parse_name
 from .pairs import CheckpointLike, Pair
 
 __all__ = ["MAX_PREFIX_PARTS", "splits", "best_mapping", "mapped", "renamed", "parse_renames",
-           "content_pairs", "pair_by_content", "realign_blocks", "fingerprint_indices", "CONTENT_MIN_CORR", "CONTENT_SIGMAS", "CONTENT_SAMPLE"]
+           "content_pairs", "pair_by_content", "realign_blocks", "orient_squares", "fingerprint_indices", "CONTENT_MIN_CORR", "CONTENT_SIGMAS", "CONTENT_SAMPLE"]
 
 #: prefixes are at most this many leading name components
 MAX_PREFIX_PARTS = 4
@@ -337,3 +337,72 @@ def realign_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
         used[i].update(taken)
         moved = ", ".join(f"{k} -> {t}" for k, t in sorted(moves.items()))
         notes.append(f"blocks renumbered (layers dropped?): tuned block -> base block {moved}, found by content")
+
+
+def _family(name: str) -> str | None:
+    """``attn``, ``mlp``, ``xattn``, ... of a matrix inside a block (None outside blocks)."""
+    block, _, kind = parse_name(name)
+    return None if block is None else kind.split(".", 1)[0]
+
+
+def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],
+                   notes: list[str]) -> None:
+    """Square matrices of a checkpoint stored transposed (GPT-2's Conv1D saved in nn.Linear
+    layout): shapes show the transposition of every other matrix (``make_pair``), not of a
+    square one. When every non-square name-paired matrix of a module family (``attn``, ``mlp``;
+    of all blocks when the family has none) is transposed, each square name-paired matrix of
+    that family is fingerprinted both ways (``content_pairs``' sample); it is compared
+    transposed only when the plain orientation fails the content-pairing test and the
+    transposed one passes it. A plain orientation that matches is never transposed.
+    """
+    if not hasattr(tuned, "read_rows"):
+        return
+    named = [(j, p) for j, (_, p) in enumerate(out) if p.kind == "paired" and p.lora is None
+             and p.paired_by in ("name", "prefix", "rename") and p.shape_tuned is not None
+             and len(p.shape_tuned) == 2 and len(p.shape_base or ()) == 2]
+    for i, base in enumerate(bases):
+        if not hasattr(base, "read_rows"):
+            continue
+        mine = [(j, p, _family(p.tuned_name)) for j, p in named if p.base_index == i]
+        votes: dict[str | None, list[bool]] = {}
+        for _, p, fam in mine:
+            if fam is not None and p.shape_base[0] != p.shape_base[1]:
+                votes.setdefault(fam, []).append(p.transposed)
+                votes.setdefault(None, []).append(p.transposed)
+        flipped = {f for f, v in votes.items() if v and all(v)}
+        if not flipped:
+            continue
+        turned = []
+        for j, p, fam in mine:
+            n = p.shape_base[0]
+            if fam is None or p.transposed or tuple(p.shape_tuned) != (n, n) or \
+                    (fam not in flipped and (fam in votes or None not in flipped)):
+                continue
+            try:
+                plain, across, size = _both_ways(tuned, p.tuned_source or p.tuned_name, base, p.base_name, n)
+            except (ValueError, KeyError, OSError, IndexError):
+                continue
+            need = max(CONTENT_MIN_CORR, CONTENT_SIGMAS / math.sqrt(size)) if size else math.inf
+            if plain is not None and plain >= need:
+                continue
+            if across is not None and across >= need and (plain is None or across > plain):
+                p.transposed = True
+                turned.append(p.tuned_name)
+        if turned:
+            notes.append(f"{len(turned)} square matrices compared transposed, as the other matrices of their "
+                         f"module family are stored transposed (sampled rows match only that way)")
+
+
+def _both_ways(tuned: CheckpointLike, tname: str, base: CheckpointLike, bname: str,
+               n: int) -> tuple[float | None, float | None, int]:
+    """Correlation of the sampled k x k submatrix of a square tuned matrix with the base's, and
+    with the base's transpose (for a square matrix the row and column samples are the same)."""
+    idx = fingerprint_indices(n)
+    t = _rows_reader(tuned)(tname, idx)
+    b = _rows_reader(base)(bname, idx)
+    ft = _fingerprint(t, idx)
+    fb = _fingerprint(b, idx)
+    if ft is None or fb is None:
+        return None, None, 0
+    fbt = fb.reshape(len(idx), len(idx)).T.ravel()
+    return float(ft @ fb), float(ft @ fbt), ft.size

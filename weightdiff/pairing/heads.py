@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from ..errors import escape_name
+from .align import fingerprint_indices
 from .names import is_embedding, is_lm_head
 from .pairs import CheckpointLike, Pair, _Item, make_pair
 
-__all__ = ["tie_heads"]
+__all__ = ["tie_heads", "tie_aliases"]
 
 
 def tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Sequence[CheckpointLike],
@@ -74,3 +77,101 @@ def _embedding_for(tensors: dict, prefix: str, shape: tuple | None) -> str | Non
                 and tuple(info.shape)[1:] == tuple(shape)[1:]:
             return name
     return None
+
+
+# ---------------------------------------------------------------- tied aliases saved twice
+
+#: elements per window when two tensors are compared byte for byte
+_ALIAS_WINDOW = 1 << 22
+
+
+def _tie_family(name: str) -> str | None:
+    """``"weight"`` for a token embedding or an LM head, ``"bias"`` for the bias of a
+    prediction head (BERT's ``cls.predictions.bias`` and its ``decoder.bias``): the only
+    tensors a tie makes one (``tie_word_embeddings``, BERT's decoder bias); None otherwise."""
+    if is_embedding(name) or is_lm_head(name):
+        return "weight"
+    if name.endswith("predictions.bias") or name.endswith("predictions.decoder.bias"):
+        return "bias"
+    return None
+
+
+def _same_bytes(ckpt, a: str, b: str) -> bool:
+    """Whether two tensors of one checkpoint hold the same bytes (same dtype and shape checked
+    by the caller): a few sampled rows first, then every element in windows."""
+    if not hasattr(ckpt, "windows") or a in (getattr(ckpt, "quant", None) or {}) \
+            or b in (getattr(ckpt, "quant", None) or {}):
+        return False
+    try:
+        shape = tuple(ckpt.tensors[a].shape)
+        if len(shape) >= 2 and hasattr(ckpt, "read_rows"):
+            rows = fingerprint_indices(int(shape[0]), 8)
+            if np.asarray(ckpt.read_rows(a, rows)).tobytes() != np.asarray(ckpt.read_rows(b, rows)).tobytes():
+                return False
+        for x, y in zip(ckpt.windows(a, _ALIAS_WINDOW), ckpt.windows(b, _ALIAS_WINDOW), strict=True):
+            if np.asarray(x).view(np.uint8).tobytes() != np.asarray(y).view(np.uint8).tobytes():
+                return False
+        return True
+    except (ValueError, KeyError, OSError, IndexError):
+        return False
+
+
+def _alias_of(ckpt, name: str, info_of, partners) -> str | None:
+    """The first partner (a paired tensor of the same tie family, dtype and shape) that
+    ``name`` is bitwise equal to."""
+    family, (dtype, shape) = _tie_family(name), info_of(name)
+    if family is None or not shape:
+        return None
+    for other in partners:
+        if other != name and _tie_family(other) == family and info_of(other) == (dtype, shape) \
+                and _same_bytes(ckpt, name, other):
+            return other
+    return None
+
+
+def tie_aliases(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],
+                used: list[set[str]], notes: list[str]) -> list[dict]:
+    """Tied tensors saved twice (``save_file(model.state_dict())`` keeps the aliases that
+    ``save_pretrained`` drops: T5's ``encoder.embed_tokens`` and ``lm_head`` beside ``shared``,
+    BERT's ``cls.predictions.decoder.weight``/``.bias``): one side's tensor that no name
+    pairs, whose name is a tie (``_tie_family``) and whose bytes equal a tensor of the same
+    family on the same side that is paired, is that tensor again. It is taken out of the
+    plan (tuned side: not ``added``; base side: not ``removed``) and returned as
+    ``{name, side, alias_of, dtype, shape}``, with a note. Run right after name pairing,
+    before the tied-head rule. Equal bytes alone never make an alias: a new head that
+    happens to equal another tensor under any other name stays ``added``."""
+    aliases: list[dict] = []
+    t_info = {n: (i.dtype, tuple(int(s) for s in i.shape)) for n, i in tuned.tensors.items()}
+    src = {p.tuned_name: p.tuned_source or p.tuned_name for _, p in out if p.tuned_name is not None}
+    paired_t = [src[p.tuned_name] for _, p in out if p.kind in ("paired", "resized") and p.lora is None
+                and p.tuned_name is not None and _tie_family(src[p.tuned_name])]
+    keep = []
+    for pos, p in out:
+        s = src.get(p.tuned_name) if p.tuned_name is not None else None
+        if p.kind == "added" and p.lora is None and s in t_info and paired_t:
+            other = _alias_of(tuned, s, t_info.get, paired_t)
+            if other is not None:
+                shown = next(q.tuned_name for _, q in out if q.tuned_name is not None and src[q.tuned_name] == other)
+                aliases.append({"name": p.tuned_name, "side": "tuned", "alias_of": shown, "dtype": p.dtype_tuned,
+                                "shape": [int(x) for x in p.shape_tuned]})
+                notes.append(f"`{escape_name(p.tuned_name)}` is bitwise the tuned `{escape_name(shown)}` (a tied "
+                             "alias saved twice): compared once, not counted as added")
+                continue
+        keep.append((pos, p))
+    out[:] = keep
+    for i, base in enumerate(bases):
+        b_info = {n: (x.dtype, tuple(int(s) for s in x.shape)) for n, x in base.tensors.items()}
+        paired_b = [n for n in base.tensors if n in used[i] and _tie_family(n)]
+        if not paired_b:
+            continue
+        for bname in list(base.tensors):
+            if bname in used[i] or _tie_family(bname) is None:
+                continue
+            other = _alias_of(base, bname, b_info.get, paired_b)
+            if other is not None:
+                used[i].add(bname)
+                aliases.append({"name": bname, "side": "base", "alias_of": other, "base_index": i,
+                                "dtype": b_info[bname][0], "shape": list(b_info[bname][1])})
+                notes.append(f"base `{escape_name(bname)}` is bitwise the base `{escape_name(other)}` (a tied "
+                             "alias saved twice): compared once, not counted as removed")
+    return aliases

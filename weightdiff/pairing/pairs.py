@@ -72,6 +72,8 @@ class Plan:
     alignment: list[dict]
     notes: list[str] = field(default_factory=list)
     buffers: list[dict] = field(default_factory=list)   # {name, side, dtype, shape}: never compared
+    #: tied tensors saved twice (``pairing.heads.tie_aliases``): {name, side, alias_of, dtype, shape}
+    aliases: list[dict] = field(default_factory=list)
     #: where each checkpoint came from when that could be in doubt (a Hub repo, or a local path
     #: spelled like one); printed with the plan, not part of the JSON
     sources: list[str] = field(default_factory=list)
@@ -95,7 +97,7 @@ class Plan:
                 "dtype_changes": dict(sorted(dtypes.items())),
                 "tied": sum(1 for p in self.pairs if p.tied),
                 "paired_by": {k: by[k] for k in PAIRED_BY if by[k]},
-                "buffers": len(self.buffers)}
+                "buffers": len(self.buffers), **({"aliases": len(self.aliases)} if self.aliases else {})}
 
     def names(self, kind: str) -> list[str]:
         return [p.tuned_name if p.tuned_name is not None else p.base_name for p in self.pairs if p.kind == kind]
@@ -106,7 +108,7 @@ class Plan:
                    or p.paired_by in ("rename", "content") or p.transposed]
         return {"alignment": self.alignment, "notes": list(self.notes), "counts": self.counts,
                 "added": self.names("added"), "removed": self.names("removed"), "special": special,
-                "buffers": list(self.buffers)}
+                "buffers": list(self.buffers), "aliases": list(self.aliases)}
 
 
 def _numel(shape: Iterable[int] | None) -> int:

@@ -42,8 +42,8 @@ from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Any, Sequence
 
-from .align import best_mapping, mapped as _mapped, pair_by_content, parse_renames, realign_blocks, renamed
-from .heads import tie_heads
+from .align import best_mapping, mapped as _mapped, orient_squares, pair_by_content, parse_renames, realign_blocks, renamed
+from .heads import tie_aliases, tie_heads
 from .names import is_buffer, is_embedding, is_lm_head
 from .pairs import KINDS, PAIRED_BY, CheckpointLike, Pair, Plan, _Item, _numel, make_pair, source_of
 from ..errors import OptionsError, escape_name
@@ -211,10 +211,14 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
                 notes.append(f"adapter factor for `{escape_name(it.key)}` has no base tensor to modify")
         out.append(((0, pos, 0), pair))
 
-    tie_heads(out, items, bases, mapping, used, notes)
+    aliases = [] if adapter else tie_aliases(out, tuned, bases, used, notes)
     if content and not adapter:
         realign_blocks(out, tuned, bases, used, notes)
         pair_by_content(out, tuned, bases, used, notes)
+        orient_squares(out, tuned, bases, notes)
+    # the tie is a last resort: only a head that neither names nor content pair (an ONNX export's
+    # transposed head `onnx::MatMul_N` is the base head, not a sign that the tuned model ties it)
+    tie_heads(out, items, bases, mapping, used, notes)
     for i, base in enumerate(bases):
         tp, bp = mapping.get(i, ("", ""))
         for pos, (bname, info) in enumerate(base.tensors.items()):
@@ -245,7 +249,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
     if buffers:
         notes.append(f"{len(buffers)} buffers (position ids, masks, running statistics and the like) are not "
                      "parameters: listed apart, never compared")
-    return Plan(pairs, [alignment[i] for i in range(len(bases))], notes, buffers)
+    return Plan(pairs, [alignment[i] for i in range(len(bases))], notes, buffers, aliases=aliases)
 
 
 def _vocab_sizes(items: Sequence[_Item], bases: Sequence[CheckpointLike],

@@ -155,6 +155,8 @@ def plan_text(plan: Any) -> str:
         text += "; paired by " + ", ".join(f"{k} {v}" for k, v in by.items())
     if counts.get("buffers"):
         text += f"; {counts['buffers']} buffers set apart"
+    if counts.get("aliases"):
+        text += f"; {counts['aliases']} tied aliases saved twice set apart"
     for note in d.get("notes", [])[:5]:
         text += "\n  " + escape_name(str(note))
     sources = getattr(plan, "sources", None) or []      # where a Hub-like spelling was read from

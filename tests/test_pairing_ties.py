@@ -1,0 +1,189 @@
+"""Pairing corner cases found by probes: tied aliases saved twice, the tied-head rule as a
+last resort, content-paired records placed by their base name, square matrices of a
+transposed export (docs/pairing.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import weightdiff
+from conftest import write_checkpoint
+from models import gpt2, llama
+
+
+def _compare(base, tuned, **kw):
+    return weightdiff.compare(str(base), str(tuned), rank=False, **kw)
+
+
+# ---------------------------------------------------------------- 1. tied aliases saved twice
+
+def _t5ish(rng: np.random.Generator) -> dict:
+    """A T5-like encoder-decoder as ``save_pretrained`` writes it: ``shared`` only."""
+    t = {"shared.weight": rng.normal(0, 0.02, (512, 64)).astype(np.float32)}
+    for side in ("encoder", "decoder"):
+        for i in range(2):
+            p = f"{side}.block.{i}.layer.0.SelfAttention."
+            for m in "qkvo":
+                t[p + m + ".weight"] = rng.normal(0, 0.02, (64, 64)).astype(np.float32)
+            t[f"{side}.block.{i}.layer.1.DenseReluDense.wi.weight"] = rng.normal(0, 0.02, (128, 64)).astype(np.float32)
+            t[f"{side}.block.{i}.layer.1.DenseReluDense.wo.weight"] = rng.normal(0, 0.02, (64, 128)).astype(np.float32)
+        t[f"{side}.final_layer_norm.weight"] = np.ones(64, np.float32)
+    return t
+
+
+def _bertish(rng: np.random.Generator) -> dict:
+    t = {"bert.embeddings.word_embeddings.weight": rng.normal(0, 0.02, (512, 64)).astype(np.float32)}
+    for i in range(2):
+        p = f"bert.encoder.layer.{i}.attention.self."
+        for m in ("query", "key", "value"):
+            t[p + m + ".weight"] = rng.normal(0, 0.02, (64, 64)).astype(np.float32)
+    t["cls.predictions.transform.dense.weight"] = rng.normal(0, 0.02, (64, 64)).astype(np.float32)
+    t["cls.predictions.bias"] = rng.normal(0, 0.02, 512).astype(np.float32)
+    return t
+
+
+def test_state_dict_copy_with_tied_aliases_is_identical(tmp_path):
+    rng = np.random.default_rng(11)
+    base = _t5ish(rng)
+    tuned = dict(base)
+    for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+        tuned[alias] = base["shared.weight"].copy()
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    s = r.summary
+    assert s.verdict == "identical", s.verdict_reason
+    assert {a["name"] for a in r.plan["aliases"]} == {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                                                      "lm_head.weight"}
+    assert all(a["alias_of"] == "shared.weight" and a["side"] == "tuned" for a in r.plan["aliases"])
+    base_params = sum(v.size for v in base.values())
+    assert s.coverage["base"]["params"] == base_params and s.coverage["tuned"]["params"] == base_params
+
+
+def test_bert_prediction_head_aliases_are_identical(tmp_path):
+    rng = np.random.default_rng(12)
+    base = _bertish(rng)
+    tuned = dict(base)
+    tuned["cls.predictions.decoder.weight"] = base["bert.embeddings.word_embeddings.weight"].copy()
+    tuned["cls.predictions.decoder.bias"] = base["cls.predictions.bias"].copy()
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    assert r.summary.verdict == "identical", r.summary.verdict_reason
+    assert {a["name"] for a in r.plan["aliases"]} == {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+
+
+def test_base_aliases_the_tuned_model_drops_are_not_removed(tmp_path):
+    rng = np.random.default_rng(13)
+    tuned = _t5ish(rng)
+    base = dict(tuned)
+    base["encoder.embed_tokens.weight"] = tuned["shared.weight"].copy()
+    base["lm_head.weight"] = tuned["shared.weight"].copy()
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    assert r.summary.verdict == "identical", r.summary.verdict_reason
+    assert {(a["name"], a["side"]) for a in r.plan["aliases"]} == {("encoder.embed_tokens.weight", "base"),
+                                                                   ("lm_head.weight", "base")}
+    assert not r.plan["removed"]
+
+
+def test_equal_bytes_under_another_name_or_unequal_bytes_stay_added(tmp_path):
+    rng = np.random.default_rng(14)
+    base = _t5ish(rng)
+    tuned = dict(base)
+    tuned["classifier.weight"] = base["shared.weight"].copy()          # not a tie name: a real new tensor
+    head = base["shared.weight"].copy()
+    head[3, 5] += 1e-3                                                  # a tie name, one element off
+    tuned["lm_head.weight"] = head
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    assert not r.plan.get("aliases")
+    assert "classifier.weight" in r.plan["added"]
+    assert r.summary.verdict != "identical"
+    # the untied head is compared with the base embedding: the base still counts that table once
+    assert r.summary.coverage["base"]["params"] == sum(v.size for v in base.values())
+
+
+# ---------------------------------------------------------------- 2. the tied-head rule is a last resort
+
+def _onnxish(t: dict) -> dict:
+    """What pulling an ONNX export's initializers gives: every matrix transposed under
+    ``onnx::MatMul_N`` (the head too), the rest under the wrapper's ``m.`` prefix."""
+    out, n = {}, 100
+    for k, v in t.items():
+        if v.ndim == 2 and "embed_tokens" not in k:
+            out[f"onnx::MatMul_{n}"] = np.ascontiguousarray(v.T)
+            n += 1
+        else:
+            out["m." + k] = v
+    return out
+
+
+def _small_llama(seed: int) -> dict:
+    return llama(np.random.default_rng(seed), layers=2, hidden=64, inter=128, vocab=256)
+
+
+def test_onnx_export_of_the_base_pairs_its_transposed_head_by_content(tmp_path):
+    base = _small_llama(21)
+    tuned = _onnxish(base)
+    head = next(k for k, v in tuned.items() if v.shape == (64, 256))
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    assert r.summary.verdict == "identical", r.summary.verdict_reason
+    assert not r.plan["added"] and not r.plan["removed"]
+    rec = r.tensor(head)
+    assert rec.base_name == "lm_head.weight" and rec.paired_by == "content"
+    assert not any(t.paired_by == "tied" for t in r.tensors)
+
+
+def test_a_tuned_model_that_ties_its_head_is_still_compared_with_the_base_head(tmp_path):
+    base = _small_llama(22)
+    tuned = {k: v for k, v in base.items() if k != "lm_head.weight"}
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    tied = [t for t in r.tensors if t.paired_by == "tied"]
+    assert [t.base_name for t in tied] == ["lm_head.weight"]
+
+
+# ---------------------------------------------------------------- 3. content pairs are placed by their base partner
+
+def test_content_paired_records_take_the_block_and_module_of_their_base_partner(tmp_path):
+    from models import low_rank_update
+    base = _small_llama(23)
+    ft = dict(base)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    ft[q] = low_rank_update(np.random.default_rng(1), base[q], 2)
+    tuned = _onnxish(ft)
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    s = r.summary
+    rec = next(t for t in r.tensors if t.base_name == q)
+    assert rec.paired_by == "content" and rec.name.startswith("onnx::")
+    norm = r.tensor("m.model.layers.1.input_layernorm.weight")
+    assert (rec.block, rec.module) == (norm.block, "attn.q") == ("m.layers.1", "attn.q")
+    assert (s.scope["blocks_changed"], s.scope["blocks_total"]) == (1, 2)
+    assert s.scope["changed_blocks"] == ["m.layers.1"] and s.scope["modules_changed"] == ["attn.q"]
+    assert [c["component"] for c in s.components] == ["embeddings", "m.layers.0", "m.layers.1", "head"]
+    assert "in 1 of 2 blocks" in s.verdict_reason
+
+
+# ---------------------------------------------------------------- 4. square matrices of a transposed export
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def test_gpt2_in_linear_layout_compares_its_square_matrices_transposed_too(tmp_path):
+    base = gpt2(np.random.default_rng(31), hidden=64)
+    tuned = {k: np.ascontiguousarray(v.T) if k.endswith(_CONV1D) else v for k, v in base.items()}
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    assert r.summary.verdict == "identical", r.summary.verdict_reason
+    square = "transformer.h.0.attn.c_proj.weight"
+    assert any(p["tuned_name"] == square and p["transposed"] for p in r.plan["special"])
+
+
+def test_a_square_matrix_that_matches_as_stored_is_never_transposed(tmp_path):
+    rng = np.random.default_rng(32)
+    base = gpt2(rng, hidden=64)
+    # the non-square matrices transposed, the square ones left as they were
+    tuned = {k: np.ascontiguousarray(v.T) if k.endswith(_CONV1D) and v.shape[0] != v.shape[1] else v
+             for k, v in base.items()}
+    # and one square matrix retrained from scratch: it matches neither way and stays as stored
+    fresh = "transformer.h.1.attn.c_proj.weight"
+    tuned[fresh] = rng.normal(0, 0.02, base[fresh].shape).astype(np.float32)
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    flipped = {p["tuned_name"] for p in r.plan["special"] if p["transposed"]}
+    assert not any(n.endswith("attn.c_proj.weight") for n in flipped)
+    assert r.tensor("transformer.h.0.attn.c_proj.weight").status == "unchanged"
+    assert r.tensor(fresh).status == "changed"
