@@ -322,6 +322,26 @@ def test_control_and_bidi_names_escaped(tmp_path):
     assert "\x1b" not in line and "\u202e" not in line
 
 
+def test_an_onnx_file_is_named_as_such_not_as_a_bad_safetensors_header(tmp_path):
+    p = tmp_path / "model.onnx"
+    p.write_bytes(b"\x08\x07\x12\x07pytorch" + b"\0" * 64)
+    line = bad(p, "is an ONNX model, which weightdiff does not read")
+    assert "header" not in line
+
+
+def test_invisible_characters_in_names_are_escaped(tmp_path):
+    """A zero-width space (or joiner, soft hyphen, tag character) prints as nothing: a name
+    holding one would look like another name."""
+    from weightdiff.errors import escape_name, terminal_safe
+
+    name = "q\u200bproj\u00ad\u2060\U000e0041"
+    header = {name: {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}}
+    line = bad(write(tmp_path / "m.safetensors", raw_file(header, b"\0" * 8)),
+               "tensor `q\\u200bproj\\u00ad\\u2060\\U000e0041` has unknown dtype")
+    assert "\u200b" not in line and "\U000e0041" not in line
+    assert terminal_safe('{"a\u200d": 1}') == '{"a\\u200d": 1}' and escape_name("plain.name") == "plain.name"
+
+
 def test_control_chars_in_file_name(tmp_path):
     path = tmp_path / "bad\x1b\u202ename.safetensors"
     path.write_bytes(b"")

@@ -355,3 +355,14 @@ def test_dash_is_stdout_only_for_json_and_csv(tmp_path, pair, monkeypatch, flag)
     r = run("compare", *pair, flag, "-", "-q")
     assert r.exit_code == 2 and f"{flag}" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("target,expect", [("", "was given an empty path"), ("  ", "was given an empty path"),
+                                           ("out/r.json/", "ends with a path separator")])
+def test_an_empty_or_folder_like_output_path_is_bad_input(tmp_path, pair, target, expect):
+    """``--json ""`` was silently ignored and ``--json out/r.json/`` wrote the file ``r.json``."""
+    before = tree(tmp_path)
+    r = run("compare", *pair, "--json", f"{tmp_path}/{target}" if target.startswith("out") else target,
+            "--csv", tmp_path / "t.csv", "-q")
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and expect in r.stderr
+    assert tree(tmp_path) == before

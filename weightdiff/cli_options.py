@@ -75,6 +75,11 @@ def _claim_outputs(inputs=(), **targets) -> None:
         flag = f"--{name.removesuffix('_dir').removesuffix('_out')}"
         if target == "-" and name != "json_out" and name != "csv_out":
             raise UsageProblem(f"{flag} writes files; - (stdout) is only for --json and --csv")
+        if target is not None and not str(target).strip():
+            raise UsageProblem(f"{flag} was given an empty path", "give a file name, or leave the option out")
+        if target and name != "plots_dir" and name != "plots" and str(target).endswith(("/", os.sep)):
+            raise UsageProblem(f"{flag} {escape_name(str(target))} ends with a path separator, so it names a "
+                               "folder; give a file name")
         if target:
             outs.claim(target, flag, folder=name.startswith("plots"))
 

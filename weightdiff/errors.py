@@ -92,8 +92,8 @@ def escape_name(text: str, keep_quotes: bool = True) -> str:
             out.append("\\t")
         elif o < 0x20 or o == 0x7F or 0x80 <= o < 0xA0:
             out.append(f"\\x{o:02x}")
-        elif o in _BIDI or 0xD800 <= o <= 0xDFFF:
-            out.append(f"\\u{o:04x}")
+        elif o in _BIDI or o in _INVISIBLE or 0xD800 <= o <= 0xDFFF or 0xE0000 <= o <= 0xE007F:
+            out.append(f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}")
         else:
             out.append(ch)
     return "".join(out)
@@ -109,9 +109,14 @@ def terminal_safe(text: str) -> str:
     """
     if text.isascii() and text.isprintable():
         return text
-    return "".join(f"\\u{o:04x}" if (o < 0x20 and o != 0x0A) or 0x7F <= o < 0xA0 or o in _BIDI
+    return "".join(f"\\u{o:04x}" if (o < 0x20 and o != 0x0A) or 0x7F <= o < 0xA0 or o in _BIDI or o in _INVISIBLE
                    or 0xD800 <= o <= 0xDFFF else ch for ch, o in ((c, ord(c)) for c in text))
 
 
 _BIDI = {0x061C, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E,
          0x2066, 0x2067, 0x2068, 0x2069, 0x2028, 0x2029, 0xFEFF}
+#: characters that print as nothing (zero-width space and joiners, word joiner, invisible
+#: operators, soft hyphen, fillers): a name holding one looks like another name (tag characters,
+#: U+E0000-U+E007F, are escaped beside these)
+_INVISIBLE = {0x00AD, 0x115F, 0x1160, 0x180E, 0x200B, 0x200C, 0x200D, 0x2060, 0x2061, 0x2062, 0x2063, 0x2064,
+              0x3164, 0xFFA0}

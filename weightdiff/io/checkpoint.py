@@ -95,6 +95,10 @@ def _locate(p: Path, path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(p, os_problem(exc)) from None
     if stat.S_ISDIR(st.st_mode):
         ckpt = _locate_dir(p)
+    elif p.name.lower().endswith(".onnx"):
+        raise CheckpointError(p, "is an ONNX model, which weightdiff does not read",
+                              "write its initializers to safetensors (onnx.numpy_helper.to_array) and compare "
+                              "those: docs/pairing.md explains how transposed MatMul weights are paired")
     elif _sniff(p) == "gguf" or p.name.lower().endswith(".gguf"):
         ckpt = _gguf(p, p, p.parent)          # a .gguf without the magic is refused by name
     elif p.name.endswith(".bin.index.json"):
