@@ -366,3 +366,15 @@ def test_an_empty_or_folder_like_output_path_is_bad_input(tmp_path, pair, target
             "--csv", tmp_path / "t.csv", "-q")
     assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and expect in r.stderr
     assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("flag,value,expect", [("--seed", str(2 ** 80), "must be below 2**63"),
+                                               ("--seed", "-1", "must be non-negative"),
+                                               ("--rank-k", str(2 ** 70), "must be below 2**63"),
+                                               ("--exact-svd-max", str(2 ** 70), "must be below 2**63")])
+def test_integer_options_a_result_cannot_hold_are_refused_before_any_work(tmp_path, pair, flag, value, expect):
+    """A seed of 2**80 ran the whole comparison, and the report reader then refused its JSON."""
+    before = tree(tmp_path)
+    r = run("compare", *pair, "--json", tmp_path / "r.json", flag, value, "-q")
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and expect in r.stderr
+    assert tree(tmp_path) == before

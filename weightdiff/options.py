@@ -92,6 +92,14 @@ class CompareOptions:
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def __post_init__(self) -> None:
+        # integers a result may hold (the JSON contract's cap): a seed of 2**80 ran a whole comparison
+        # whose result the report reader then refused
+        for name in ("rank_k", "seed", "exact_svd_max", "threads"):
+            v = getattr(self, name)
+            if v is not None and not -(2 ** 63) < v < 2 ** 63:
+                raise OptionsError(f"{name} must be below 2**63 (got {v})", option=name)
+        if self.seed < 0:
+            raise OptionsError(f"seed must be non-negative (got {self.seed})", option="seed")
         if self.rank_k < 1:
             raise OptionsError(f"rank_k must be at least 1 (got {self.rank_k})", option="rank_k")
         if self.device not in ("cpu", "cuda"):
@@ -216,6 +224,10 @@ class ProvenanceOptions:
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def __post_init__(self) -> None:
+        for name in ("full_top", "sample_kib", "exact_max", "seed", "threads"):
+            v = getattr(self, name)
+            if v is not None and not -(2 ** 63) < v < 2 ** 63:
+                raise OptionsError(f"{name} must be below 2**63 (got {v})", option=name)
         if self.full_top < 1:
             raise OptionsError(f"full_top must be at least 1 (got {self.full_top})", option="full_top")
         if self.sample_kib < 1:
