@@ -378,3 +378,15 @@ def test_integer_options_a_result_cannot_hold_are_refused_before_any_work(tmp_pa
     r = run("compare", *pair, "--json", tmp_path / "r.json", flag, value, "-q")
     assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and expect in r.stderr
     assert tree(tmp_path) == before
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_device_output_that_fails_at_the_end_leaves_no_other_output_and_announces_none(tmp_path, pair):
+    """Device targets are written before any regular file is put in place, and "wrote" lines come
+    only once every output is: --csv /dev/full left the JSON behind and announced the memo."""
+    before = tree(tmp_path)
+    r = run("compare", *pair, "--json", tmp_path / "x.json", "--csv", "/dev/full", "--report", tmp_path / "m.html")
+    assert r.exit_code == 2 and "/dev/full" in r.stderr and "wrote" not in r.stderr
+    assert tree(tmp_path) == before
+    r = run("compare", *pair, "--json", tmp_path / "x.json", "--report", tmp_path / "m.html")
+    assert r.exit_code == 0 and f"wrote {tmp_path / 'm.html'}" in r.stderr

@@ -113,9 +113,22 @@ def output_options(fn=None, *, plots: bool = True):
 
 
 def _listed(paths, quiet: bool) -> None:
-    if not quiet:
-        for path in paths:
-            click.echo(f"wrote {escape_name(str(path))}", err=True)
+    """"wrote PATH" for each output, once the command's outputs are all in place (a failure at
+    the end writes none of them, so it must not have announced one)."""
+    if quiet:
+        return
+    from .fsutil import active_outputs
+
+    lines = [f"wrote {escape_name(str(path))}" for path in paths]
+
+    def say() -> None:
+        for line in lines:
+            click.echo(line, err=True)
+    outs = active_outputs()
+    if outs is not None:
+        outs.after_commit(say)
+    else:
+        say()
 
 
 def _checked(progress):

@@ -96,6 +96,7 @@ class OutputSet:
         self._staged: list[tuple[Path, Path]] = []  # (temporary, target)
         self._created: list[Path] = []              # folders made for the outputs
         self._special: dict[str, int] = {}          # FIFO/device targets: fds opened at claim time
+        self._after: list[Callable[[], object]] = []  # run once every file is in place ("wrote ..." lines)
         self._protect: list[Path] = [Path(p) for p in protect]
         self._depth = 0
         self._token = None
@@ -218,11 +219,26 @@ class OutputSet:
             raise OutputError(target, f"cannot write ({exc.strerror or exc}); nothing was written") from None
         return shown
 
+    def after_commit(self, fn: Callable[[], object]) -> None:
+        """Call ``fn`` once every output is in place (never when the command fails)."""
+        self._after.append(fn)
+
     # -- commit / abort -----------------------------------------------------------
     def commit(self) -> list[Path]:
-        """Move every staged file into place (written into non-regular targets); returns the targets."""
+        """Move every staged file into place (written into non-regular targets); returns the targets.
+        Non-regular targets (a FIFO, /dev/full) are written first: they are the ones that can still
+        fail here, and then no regular file has been put in place yet."""
         check_interrupted()
         done = []
+
+        def special(item: tuple[Path, Path]) -> bool:
+            try:
+                st = os.stat(item[1])
+            except OSError:
+                return False
+            return not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode)
+
+        self._staged.sort(key=lambda item: not special(item))     # stable: the order given otherwise
         for tmp, target in self._staged:
             try:
                 st = os.stat(target)
@@ -241,6 +257,9 @@ class OutputSet:
         self._staged.clear()
         self._created.clear()
         self._close_special()
+        after, self._after = self._after, []
+        for fn in after:
+            fn()
         return done
 
     def _close_special(self) -> None:
@@ -255,6 +274,7 @@ class OutputSet:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         self._staged.clear()
+        self._after.clear()
         for d in reversed(self._created):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
