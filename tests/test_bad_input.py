@@ -485,3 +485,23 @@ def test_real_process_no_traceback(tmp_path):
     assert r.returncode == 2
     assert r.stderr == f"error: {path}: header is a JSON list, expected an object\n"
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("filler", [b"[" + b"{}," * 2000 + b"{}]", b"[" + b'"a",' * 2000 + b'"a"]',
+                                    b"[" + b"[1]," * 2000 + b"[1]]"])
+def test_bulk_nested_json_is_refused_before_it_is_parsed(tmp_path, monkeypatch, filler):
+    """Tens of MB of ``[{},{},...]`` (or short strings, or tiny lists) under one key cost an object
+    per few bytes: a 93 MB header took 4.4 GB. Checked before parsing (here from 1 KB on)."""
+    from weightdiff.io import files
+
+    monkeypatch.setattr(files, "DENSE_CHECK_BYTES", 1024)
+    header = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "junk": ' + filler + b"}}"
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    bad(p, "bulk nested data")
+    # a header of many ordinary entries passes the same check
+    entries = {f"model.layers.{i}.w": {"dtype": "F32", "shape": [1, 1], "data_offsets": [4 * i, 4 * i + 4]}
+               for i in range(200)}
+    text = json.dumps({"__metadata__": {"format": "pt", "note": "[{},{},{}] in a string is text"}, **entries})
+    assert len(text) > 1024
+    files.load_json(text.encode(), p, "header")

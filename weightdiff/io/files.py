@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import os
 import stat
 from pathlib import Path
@@ -119,6 +120,8 @@ def load_json(raw: bytes | bytearray, path: str | os.PathLike | None, what: str,
     except UnicodeDecodeError as exc:
         raise CheckpointError(path, f"{what} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
                                     f"at position {exc.start:,})") from None
+    if len(raw) > DENSE_CHECK_BYTES:
+        _check_density(raw, path, what)
     try:
         return json.loads(text, object_pairs_hook=pairs_hook or _pairs, parse_constant=_reject_constant)
     except _Duplicate as exc:
@@ -129,6 +132,27 @@ def load_json(raw: bytes | bytearray, path: str | os.PathLike | None, what: str,
         raise CheckpointError(path, f"{what} is not valid JSON ({exc.msg.lower()} at byte {exc.pos:,})") from None
     except ValueError as exc:
         raise CheckpointError(path, f"{what} is not valid JSON ({exc})") from None
+
+
+#: JSON larger than this is checked for bulk nesting before it is parsed (``_check_density``)
+DENSE_CHECK_BYTES = 1 << 20
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _check_density(raw: bytes | bytearray, path, what: str) -> None:
+    """Refuse JSON whose parse would cost many times its size: tens of MB of ``[{},{},...]`` or
+    ``["a","a",...]`` under one key build an object per few bytes (a 93 MB header took 4.4 GB).
+    Checkpoint JSON (headers, indexes, configs) has about one object or array per key and a few
+    separators per key (a tensor entry: 4 keys, 3 containers, 4-10 commas), so outside strings the
+    counts are held to ``containers <= keys + 64`` and ``commas <= 8 keys + 64``."""
+    bare = _JSON_STRING.sub(b"", bytes(raw))
+    keys, commas = bare.count(b":"), bare.count(b",")
+    containers = bare.count(b"{") + bare.count(b"[")
+    del bare
+    if containers > keys + 64 or commas > 8 * keys + 64:
+        raise CheckpointError(path, f"{what} holds {containers:,} JSON objects and arrays and {commas:,} separators "
+                                    f"for {keys:,} keys: bulk nested data, not checkpoint JSON (refused to keep "
+                                    "memory bounded)")
 
 
 def read_small(path: Path, cap: int) -> bytes:
