@@ -189,6 +189,10 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     text = "Derived from this base: " + ", in ".join(parts)
     if scope.get("base_blocks_total") and scope.get("base_blocks_paired", 0) < scope["base_blocks_total"]:
         text += f"; {scope['base_blocks_paired']} of {scope['base_blocks_total']} base blocks have a counterpart"
+    if scope.get("blocks_moved"):
+        n = scope["blocks_moved"]
+        text += (f"; {count(n)} {'block is a base block' if n == 1 else 'blocks are base blocks'} at another "
+                 "position (reordered or repeated, paired by content: see the notes)")
     if cos is not None:
         text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
     elif not scope.get("tensors_changed"):
