@@ -413,7 +413,8 @@ def _probe_matrix(pairs: list[Pair], decodable) -> Pair | None:
     ok = [p for p in pairs if not p.transposed and p.lora is None and _matrix_shape(p.shape_tuned) is not None
           and p.shape_base is not None and tuple(p.shape_base) == tuple(p.shape_tuned)
           and decodable(p.dtype_tuned) and decodable(p.dtype_base)]
-    return min(ok, key=lambda p: (_matrix_shape(p.shape_tuned)[1], p.tuned_name), default=None)
+    return min(ok, key=lambda p: (_matrix_shape(p.shape_tuned)[1], _matrix_shape(p.shape_tuned)[0], p.tuned_name),
+               default=None)
 
 
 def _passes(score: float | None, size: int) -> bool:
