@@ -15,11 +15,12 @@ import math
 from typing import Any
 
 from ..kernels.dtypes import DTYPES
+from ..pairing.names import block_slot
 from ..options import Thresholds
 from ..records import TensorRecord
 
 __all__ = ["classify", "is_changed", "is_mismatch", "is_tied", "delta_params_of", "rank_upper", "matrix_dims",
-           "extra_rows", "norms_sq", "ratio", "bytes_per", "PAIRED", "placements"]
+           "extra_rows", "norms_sq", "ratio", "bytes_per", "PAIRED", "placements", "moved_blocks"]
 
 
 PAIRED = ("unchanged", "rounding", "quantized", "changed", "resized")
@@ -61,10 +62,31 @@ def placements(records) -> list[str]:
         elif getattr(r, "paired_by", None) == "content" and r.base_name:
             counts = prefixes.get(getattr(r, "base_index", 0))
             tp, bp = max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0] if counts else ("", "")
-            out.append(tp + r.base_name[len(bp):] if r.base_name.startswith(bp) else r.base_name)
+            placed = tp + r.base_name[len(bp):] if r.base_name.startswith(bp) else r.base_name
+            # a block paired with another base block (reordered, repeated): its own name places it
+            out.append(r.name if _moved(r.name, placed) else placed)
         else:
             out.append(r.name)
     return out
+
+
+def _moved(name: str | None, placed: str | None) -> bool:
+    """The same slot of another block: ``layers.3.mlp.w`` placed as ``layers.1.mlp.w``."""
+    if not name or not placed:
+        return False
+    (ts, tk), (bs, bk) = block_slot(name), block_slot(placed)
+    return ts is not None and ts == bs and tk != bk
+
+
+def moved_blocks(records) -> list:
+    """Records paired by content with the same slot of another base block (blocks reordered or
+    repeated, layers dropped): a structural change even when every tensor is bitwise a base tensor."""
+    if not any(getattr(r, "paired_by", None) == "content" for r in records):
+        return []
+    return [r for r, placed in zip(records, placements(records))
+            if getattr(r, "paired_by", None) == "content" and r.base_name and r.status in PAIRED
+            and placed == r.name and block_slot(r.name)[1] is not None
+            and block_slot(r.name)[1] != block_slot(r.base_name)[1]]
 
 
 def is_tied(rec: TensorRecord) -> bool:

@@ -29,7 +29,7 @@ from ..pairing.names import parse_name
 from .coverage import coverage, too_little
 from .relatedness import components as component_relatedness, large_matrix_relatedness, looks_unrelated
 from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
-                     max_rank_fields, norms_sq, rank_upper, ratio)
+                     max_rank_fields, moved_blocks, norms_sq, rank_upper, ratio)
 
 
 
@@ -181,6 +181,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         "modules_changed": sorted({r.module for r in changed if r.module}),
         "delta_params_changed": dp_changed, "delta_params_added": dp_added,
         "base_blocks_total": len(base_blocks), "base_blocks_paired": sum(base_blocks.values()),
+        "blocks_moved": len({parse_name(r.name)[0] for r in moved_blocks(counted)}),
     }
     decl = _declared(declared)
     flags = _flags(counted, records, decl)
@@ -234,7 +235,9 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
        identical, cast_only or quantized_only;
     5. otherwise derived.
     """
-    structural = tbs["added"] + tbs["removed"] + tbs["resized"]
+    # blocks paired by content with another base block (reordered, repeated) change the model
+    # even when every tensor is bitwise a base tensor
+    structural = tbs["added"] + tbs["removed"] + tbs["resized"] + len(moved_blocks(counted))
     if not counted or not n_paired or too_little(cov, thr):
         return "inconclusive"
     shared = [c for c in comps if c["status"] == "shared"]

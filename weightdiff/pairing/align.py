@@ -34,7 +34,7 @@ from .names import _block_position, block_slot, parse_name
 from .pairs import CheckpointLike, Pair
 
 __all__ = ["MAX_PREFIX_PARTS", "splits", "best_mapping", "mapped", "renamed", "parse_renames",
-           "content_pairs", "pair_by_content", "realign_blocks", "orient_squares", "fingerprint_indices", "CONTENT_MIN_CORR", "CONTENT_SIGMAS", "CONTENT_SAMPLE"]
+           "content_pairs", "pair_by_content", "realign_blocks", "reuse_blocks", "orient_squares", "fingerprint_indices", "CONTENT_MIN_CORR", "CONTENT_SIGMAS", "CONTENT_SAMPLE"]
 
 #: prefixes are at most this many leading name components
 MAX_PREFIX_PARTS = 4
@@ -406,3 +406,168 @@ def _both_ways(tuned: CheckpointLike, tname: str, base: CheckpointLike, bname: s
         return None, None, 0
     fbt = fb.reshape(len(idx), len(idx)).T.ravel()
     return float(ft @ fb), float(ft @ fbt), ft.size
+
+
+def _probe_matrix(pairs: list[Pair], decodable) -> Pair | None:
+    """The cheapest matrix of a block to fingerprint (fewest columns: read_rows reads whole rows)."""
+    ok = [p for p in pairs if not p.transposed and p.lora is None and _matrix_shape(p.shape_tuned) is not None
+          and p.shape_base is not None and tuple(p.shape_base) == tuple(p.shape_tuned)
+          and decodable(p.dtype_tuned) and decodable(p.dtype_base)]
+    return min(ok, key=lambda p: (_matrix_shape(p.shape_tuned)[1], _matrix_shape(p.shape_tuned)[0], p.tuned_name),
+               default=None)
+
+
+def _passes(score: float | None, size: int) -> bool:
+    return score is not None and size > 0 and score >= max(CONTENT_MIN_CORR, CONTENT_SIGMAS / math.sqrt(size))
+
+
+def reuse_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],
+                 used: list[set[str]], notes: list[str]) -> None:
+    """Blocks reordered or duplicated (layers swapped; SOLAR-style depth up-scaling, Goliath-style
+    merges repeating base layers), found by content, a base block allowed to serve several.
+
+    Names line up in such models, so ``realign_blocks`` sees nothing to do. Here one matrix of
+    each name-paired block (the one with the fewest columns) is fingerprinted on both sides, as
+    content pairing does; a block whose sample passes the content test keeps its names and
+    nothing more is read for it. A block whose sample fails, and a tuned block with no base
+    block of its number (its tensors ``added``), has every matrix fingerprinted against the
+    same slot of every base block; when most of its matrices match one base block best (each
+    passing the test), the whole block (vectors too, by slot) is paired with that base block,
+    ``paired_by`` content. A base block may serve several tuned blocks (each base tensor still
+    counts once in the coverage). A block without such a majority (a re-initialised layer)
+    keeps its names.
+    """
+    if not hasattr(tuned, "read_rows"):
+        return
+    decodable = lambda dt: dt in DTYPES and DTYPES[dt].kind != "opaque"   # noqa: E731
+    for i, base in enumerate(bases):
+        if not hasattr(base, "read_rows"):
+            continue
+        # tuned blocks: name-paired to base i, or wholly added with slots base i has
+        blocks: dict[tuple[str, int], list[int]] = {}
+        for j, (_, p) in enumerate(out):
+            if p.tuned_name is None or p.lora is not None:
+                continue
+            if p.kind == "paired" and p.base_index == i and p.paired_by in ("name", "prefix", "rename"):
+                bslot, bk = block_slot(p.base_name)
+                tslot, tk = block_slot(p.tuned_name)
+                if bslot is None or tk is None or tk != bk:
+                    continue
+                blocks.setdefault(("named", bk), []).append(j)
+            elif p.kind == "added" and p.shape_tuned is not None:
+                tslot, tk = block_slot(p.tuned_name)
+                if tk is not None:
+                    blocks.setdefault(("added", tk), []).append(j)
+        if not blocks:
+            continue
+        # tuned slot -> base slot, from the name pairs (the prefix alignment, per slot)
+        slot_map = {block_slot(out[j][1].tuned_name)[0]: block_slot(out[j][1].base_name)[0]
+                    for (how, _), js in blocks.items() if how == "named" for j in js}
+        read_t, read_b = _rows_reader(tuned, {out[j][1].tuned_name: out[j][1].tuned_source or out[j][1].tuned_name
+                                              for js in blocks.values() for j in js}), _rows_reader(base)
+        prints: dict[tuple[str, str], np.ndarray | None] = {}
+
+        def fp(side: str, name: str, shape: tuple) -> np.ndarray | None:
+            if (side, name) not in prints:
+                m, n = _matrix_shape(shape)
+                r = fingerprint_indices(m)
+                read = read_t if side == "t" else read_b
+                prints[(side, name)] = _fingerprint(np.asarray(read(name, r)).reshape(len(r), -1),
+                                                    fingerprint_indices(n))
+            return prints[(side, name)]
+
+        def score(tn, tshape, bn) -> float | None:
+            a, b = fp("t", tn, tshape), fp("b", bn, tuple(base.tensors[bn].shape))
+            return None if a is None or b is None or a.size != b.size else float(a @ b)
+
+        suspects: list[tuple[str, int]] = []
+        for (how, k), js in sorted(blocks.items()):
+            if how == "added":
+                suspects.append((how, k))
+                continue
+            p = _probe_matrix([out[j][1] for j in js], decodable)
+            if p is None:
+                continue
+            try:
+                s = score(p.tuned_name, tuple(p.shape_tuned), p.base_name)
+            except (ValueError, KeyError, OSError, IndexError):
+                continue
+            if not _passes(s, 0 if s is None else prints[("t", p.tuned_name)].size):
+                suspects.append((how, k))
+        if not suspects:
+            continue
+        base_slots: dict[str, dict[int, str]] = {}
+        for n in base.tensors:
+            s, k = block_slot(n)
+            if s is not None:
+                base_slots.setdefault(s, {})[k] = n
+        moves: dict[tuple[str, int], int] = {}
+        for how, k in suspects:
+            votes: Counter = Counter()
+            voters = 0
+            for j in blocks[(how, k)]:
+                p = out[j][1]
+                if _matrix_shape(p.shape_tuned) is None or p.transposed or not decodable(p.dtype_tuned):
+                    continue
+                tslot = block_slot(p.tuned_name)[0]
+                cands = {bk: bn for bk, bn in base_slots.get(slot_map.get(tslot), {}).items()
+                         if tuple(base.tensors[bn].shape) == tuple(p.shape_tuned) and decodable(base.tensors[bn].dtype)}
+                if not cands:
+                    continue
+                voters += 1
+                best = None
+                for bk, bn in sorted(cands.items()):
+                    try:
+                        s = score(p.tuned_name, tuple(p.shape_tuned), bn)
+                    except (ValueError, KeyError, OSError, IndexError):
+                        s = None
+                    if _passes(s, 0 if s is None else prints[("t", p.tuned_name)].size) and \
+                            (best is None or s > best[0]):
+                        best = (s, bk)
+                if best is not None:
+                    votes[best[1]] += 1
+            if not votes:
+                continue
+            target, n = votes.most_common(1)[0]
+            if 2 * n > voters and not (how == "named" and target == k):
+                moves[(how, k)] = target
+        if not moves:
+            continue
+        freed = set()
+        for key, target in sorted(moves.items()):
+            for j in blocks[key]:
+                p = out[j][1]
+                tslot = block_slot(p.tuned_name)[0]
+                bn = base_slots.get(slot_map.get(tslot), {}).get(target)
+                info = base.tensors.get(bn) if bn is not None else None
+                if p.base_name is not None:
+                    freed.add(p.base_name)
+                if info is None or tuple(info.shape) != tuple(p.shape_tuned):
+                    out[j] = (out[j][0], Pair(p.tuned_name, None, 0, "added", p.shape_tuned, None, p.dtype_tuned,
+                                              None, tuned_source=p.tuned_source))
+                    continue
+                out[j] = (out[j][0], Pair(p.tuned_name, bn, i, "paired", p.shape_tuned, tuple(info.shape),
+                                          p.dtype_tuned, info.dtype, tuned_source=p.tuned_source,
+                                          paired_by="content"))
+        claimed = {p.base_name for _, p in out if p.base_index == i and p.base_name is not None
+                   and p.kind not in ("added", "removed", "inherited")}
+        used[i].difference_update(freed - claimed)
+        used[i].update(claimed & set(base.tensors))
+        def label(names) -> str:
+            return next((parse_name(n)[0] for n in names if parse_name(n)[0] is not None), "?")
+
+        said = [f"tuned {label(out[j][1].tuned_name for j in blocks[key])} is base "
+                f"{label(base_slots[s][t] for s in base_slots if t in base_slots[s])}"
+                for key, t in sorted(moves.items(), key=lambda kv: kv[0][1])]
+        users: dict[int, set[int]] = {}
+        for _, p in out:
+            if p.base_index == i and p.kind == "paired" and p.base_name is not None and p.tuned_name is not None:
+                bk, tk = block_slot(p.base_name)[1], block_slot(p.tuned_name)[1]
+                if bk is not None and tk is not None:
+                    users.setdefault(bk, set()).add(tk)
+        twice = [label(base_slots[s][t] for s in base_slots if t in base_slots[s])
+                 for t in sorted(users) if len(users[t]) > 1]
+        more = f", and {len(said) - 12} more" if len(said) > 12 else ""
+        notes.append("blocks reordered or repeated, paired by content (sampled rows match another base block): "
+                     + ", ".join(said[:12]) + more
+                     + (f"; base blocks serving more than one tuned block: {', '.join(twice)}" if twice else ""))

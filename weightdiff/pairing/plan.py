@@ -42,7 +42,7 @@ from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Any, Sequence
 
-from .align import best_mapping, mapped as _mapped, orient_squares, pair_by_content, parse_renames, realign_blocks, renamed
+from .align import best_mapping, mapped as _mapped, orient_squares, pair_by_content, parse_renames, realign_blocks, renamed, reuse_blocks
 from .heads import tie_aliases, tie_heads
 from .names import is_buffer, is_embedding, is_lm_head
 from .pairs import KINDS, PAIRED_BY, CheckpointLike, Pair, Plan, _Item, _numel, make_pair, source_of
@@ -214,6 +214,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
     aliases = [] if adapter else tie_aliases(out, tuned, bases, used, notes)
     if content and not adapter:
         realign_blocks(out, tuned, bases, used, notes)
+        reuse_blocks(out, tuned, bases, used, notes)
         pair_by_content(out, tuned, bases, used, notes)
         orient_squares(out, tuned, bases, notes)
     # the tie is a last resort: only a head that neither names nor content pair (an ONNX export's

@@ -51,9 +51,11 @@ def verdict_title(summary: dict) -> str:
     if v == "unrelated" and summary.get("relatedness_cosine") is not None:
         return f"UNRELATED: not derived from this base (the {matrices_phrase(summary)} are near-orthogonal)."
     tbs = summary.get("tensors_by_status") or {}
-    if v == "derived" and not any(tbs.get(k) for k in ("changed", "resized", "quantized", "rounding")) \
-            and (tbs.get("added") or tbs.get("removed")):
+    untouched = v == "derived" and not any(tbs.get(k) for k in ("changed", "resized", "quantized", "rounding"))
+    if untouched and (tbs.get("added") or tbs.get("removed")):
         return "DERIVED: this base with tensors added or removed; none of its own weights changed."
+    if untouched and (summary.get("scope") or {}).get("blocks_moved"):
+        return "DERIVED: this base's blocks, reordered or repeated; none of its weights changed."
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
@@ -189,6 +191,10 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     text = "Derived from this base: " + ", in ".join(parts)
     if scope.get("base_blocks_total") and scope.get("base_blocks_paired", 0) < scope["base_blocks_total"]:
         text += f"; {scope['base_blocks_paired']} of {scope['base_blocks_total']} base blocks have a counterpart"
+    if scope.get("blocks_moved"):
+        n = scope["blocks_moved"]
+        text += (f"; {count(n)} {'block is a base block' if n == 1 else 'blocks are base blocks'} at another "
+                 "position (reordered or repeated, paired by content: see the notes)")
     if cos is not None:
         text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
     elif not scope.get("tensors_changed"):

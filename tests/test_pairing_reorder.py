@@ -1,0 +1,109 @@
+"""Blocks reordered or repeated (layers swapped, SOLAR-style depth up-scaling): names line up
+but the content is another base block's; ``align.reuse_blocks`` pairs them by content, a base
+block allowed to serve several tuned blocks, and the verdict reads derived, not partial."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import write_checkpoint
+from weightdiff import compare
+from weightdiff.io.checkpoint import Checkpoint, locate
+from weightdiff.pairing.plan import plan
+
+SLOTS = {"self_attn.q_proj.weight": (64, 64), "self_attn.k_proj.weight": (32, 64),
+         "self_attn.v_proj.weight": (32, 64), "self_attn.o_proj.weight": (64, 64),
+         "mlp.up_proj.weight": (128, 64), "mlp.gate_proj.weight": (128, 64), "mlp.down_proj.weight": (64, 128),
+         "input_layernorm.weight": (64,)}
+
+
+def _layer(rng) -> dict:
+    return {s: (rng.normal(size=shape) * 0.05 + (1.0 if len(shape) == 1 else 0.0)).astype(np.float32)
+            for s, shape in SLOTS.items()}
+
+
+def _model(layers: list[dict]) -> dict:
+    rng = np.random.default_rng(99)
+    out = {"model.embed_tokens.weight": rng.normal(size=(256, 64)).astype(np.float32) * 0.05,
+           "model.norm.weight": np.ones(64, np.float32),
+           "lm_head.weight": rng.normal(size=(256, 64)).astype(np.float32) * 0.05}
+    for k, layer in enumerate(layers):
+        out.update({f"model.layers.{k}.{s}": v for s, v in layer.items()})
+    return out
+
+
+def _base_layers(n: int) -> list[dict]:
+    return [_layer(np.random.default_rng(k)) for k in range(n)]
+
+
+def test_swapped_layers_are_derived_and_paired_with_their_base_blocks(tmp_path):
+    base = _base_layers(3)
+    b = write_checkpoint(tmp_path / "base", _model(base))
+    t = write_checkpoint(tmp_path / "swap", _model([base[1], base[0], base[2]]))
+    p = plan([locate(b)], locate(t))
+    got = {q.tuned_name: (q.base_name, q.paired_by) for q in p.pairs}
+    assert got["model.layers.0.mlp.up_proj.weight"] == ("model.layers.1.mlp.up_proj.weight", "content")
+    assert got["model.layers.1.input_layernorm.weight"] == ("model.layers.0.input_layernorm.weight", "content")
+    assert got["model.layers.2.mlp.up_proj.weight"][1] == "name"
+    assert any("tuned layers.0 is base layers.1" in n and "tuned layers.1 is base layers.0" in n for n in p.notes)
+    s = compare(b, t, rank=False).summary
+    assert s.verdict == "derived"
+    assert not [c for c in s.components if c["status"] == "unrelated"]
+    assert s.scope["blocks_moved"] == 2 and s.scope["tensors_changed"] == 0
+    assert "base blocks at another position" in s.verdict_reason
+    from weightdiff.render.sentences import verdict_title
+
+    assert verdict_title(s.to_dict()) == "DERIVED: this base's blocks, reordered or repeated; none of its weights changed."
+
+
+def test_depth_upscaled_copies_are_paired_not_added(tmp_path):
+    base = _base_layers(4)
+    b = write_checkpoint(tmp_path / "base", _model(base))
+    t = write_checkpoint(tmp_path / "dus", _model([base[k] for k in (0, 1, 2, 1, 2, 3)]))
+    p = plan([locate(b)], locate(t))
+    got = {q.tuned_name: q for q in p.pairs if q.tuned_name}
+    for tk, bk in ((3, 1), (4, 2), (5, 3)):
+        q = got[f"model.layers.{tk}.mlp.down_proj.weight"]
+        assert (q.kind, q.base_name, q.paired_by) == ("paired", f"model.layers.{bk}.mlp.down_proj.weight", "content")
+    assert not [q for q in p.pairs if q.kind in ("added", "removed")]
+    assert any("base blocks serving more than one tuned block: layers.1, layers.2" in n for n in p.notes)
+    s = compare(b, t, rank=False).summary
+    assert s.verdict == "derived" and s.scope["blocks_total"] == 6 and s.scope["blocks_moved"] == 3
+    # a base block compared twice is still counted once: coverage never exceeds 100%
+    assert s.coverage["base"]["share"] == 1.0 and s.coverage["tuned"]["share"] == 1.0
+    assert not [c for c in s.components if c["status"] == "unrelated"]
+
+
+def test_a_freshly_initialised_layer_still_reads_unrelated(tmp_path):
+    base = _base_layers(3)
+    b = write_checkpoint(tmp_path / "base", _model(base))
+    t = write_checkpoint(tmp_path / "fresh", _model([base[0], _layer(np.random.default_rng(1234)), base[2]]))
+    p = plan([locate(b)], locate(t))
+    assert all(q.paired_by != "content" for q in p.pairs)
+    s = compare(b, t, rank=False).summary
+    assert s.verdict == "partial"
+    comps = {c["component"]: c["status"] for c in s.components}
+    assert comps["layers.1"] == "unrelated" and comps["layers.0"] == "shared"
+
+
+def test_nothing_reordered_reads_one_matrix_per_block_and_moves_nothing(tmp_path, monkeypatch):
+    base = _base_layers(4)
+    rng = np.random.default_rng(7)
+    tuned = [{s: v + (rng.normal(size=v.shape) * 0.01).astype(np.float32) for s, v in layer.items()} for layer in base]
+    b = write_checkpoint(tmp_path / "base", _model(base))
+    t = write_checkpoint(tmp_path / "ft", _model(tuned))
+    reads: list[str] = []
+    orig = Checkpoint.read_rows
+
+    def counting(self, name, rows):
+        reads.append(name)
+        return orig(self, name, rows)
+
+    monkeypatch.setattr(Checkpoint, "read_rows", counting)
+    p = plan([locate(b)], locate(t))
+    assert all(q.paired_by == "name" for q in p.pairs)
+    # the probe: one matrix per block (the one with the fewest columns), once on each side
+    assert len(reads) == 2 * 4 and set(reads) == {f"model.layers.{k}.self_attn.k_proj.weight" for k in range(4)}
+    reads.clear()
+    plan([locate(b)], locate(t), content=False)
+    assert reads == []
