@@ -449,20 +449,19 @@ def reuse_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Se
             if p.tuned_name is None or p.lora is not None:
                 continue
             if p.kind == "paired" and p.base_index == i and p.paired_by in ("name", "prefix", "rename"):
-                bslot, bk = block_slot(p.base_name)
-                tslot, tk = block_slot(p.tuned_name)
-                if bslot is None or tk is None or tk != bk:
+                # the block index as parse_name finds it (block_slot's, from the same rule): its
+                # cache serves the aggregate step later, so 100,000 names cost one parse each
+                bk = parse_name(p.base_name)[1]
+                tk = parse_name(p.tuned_name)[1] if p.tuned_name != p.base_name else bk
+                if bk is None or tk != bk:
                     continue
                 blocks.setdefault(("named", bk), []).append(j)
             elif p.kind == "added" and p.shape_tuned is not None:
-                tslot, tk = block_slot(p.tuned_name)
+                tk = parse_name(p.tuned_name)[1]
                 if tk is not None:
                     blocks.setdefault(("added", tk), []).append(j)
         if not blocks:
             continue
-        # tuned slot -> base slot, from the name pairs (the prefix alignment, per slot)
-        slot_map = {block_slot(out[j][1].tuned_name)[0]: block_slot(out[j][1].base_name)[0]
-                    for (how, _), js in blocks.items() if how == "named" for j in js}
         read_t, read_b = _rows_reader(tuned, {out[j][1].tuned_name: out[j][1].tuned_source or out[j][1].tuned_name
                                               for js in blocks.values() for j in js}), _rows_reader(base)
         prints: dict[tuple[str, str], np.ndarray | None] = {}
@@ -496,6 +495,9 @@ def reuse_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Se
                 suspects.append((how, k))
         if not suspects:
             continue
+        # tuned slot -> base slot, from the name pairs (the prefix alignment, per slot)
+        slot_map = {block_slot(out[j][1].tuned_name)[0]: block_slot(out[j][1].base_name)[0]
+                    for (how, _), js in blocks.items() if how == "named" for j in js}
         base_slots: dict[str, dict[int, str]] = {}
         for n in base.tensors:
             s, k = block_slot(n)

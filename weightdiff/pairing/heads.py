@@ -141,15 +141,23 @@ def tie_aliases(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Seq
     before the tied-head rule. Equal bytes alone never make an alias: a new head that
     happens to equal another tensor under any other name stays ``added``."""
     aliases: list[dict] = []
-    t_info = {n: (i.dtype, tuple(int(s) for s in i.shape)) for n, i in tuned.tensors.items()}
-    src = {p.tuned_name: p.tuned_source or p.tuned_name for _, p in out if p.tuned_name is not None}
+    # only a side with unpaired tensors can hold an alias: nothing is looked at otherwise (a
+    # 100,000-tensor checkpoint pairs every name, and this step must cost it nothing per tensor)
+    has_added = any(p.kind == "added" and p.lora is None for _, p in out)
+    infos = tuned.tensors
+
+    def t_info(n: str):
+        i = infos.get(n)
+        return None if i is None else (i.dtype, tuple(int(s) for s in i.shape))
+    src = {p.tuned_name: p.tuned_source or p.tuned_name for _, p in out if p.tuned_name is not None} \
+        if has_added else {}
     paired_t = [src[p.tuned_name] for _, p in out if p.kind in ("paired", "resized") and p.lora is None
-                and p.tuned_name is not None and _tie_family(src[p.tuned_name])]
+                and p.tuned_name is not None and _tie_family(src[p.tuned_name])] if has_added else []
     keep = []
     for pos, p in out:
         s = src.get(p.tuned_name) if p.tuned_name is not None else None
-        if p.kind == "added" and p.lora is None and s in t_info and paired_t:
-            other = _alias_of(tuned, s, t_info.get, paired_t)
+        if p.kind == "added" and p.lora is None and s in infos and paired_t:
+            other = _alias_of(tuned, s, t_info, paired_t)
             if other is not None:
                 shown = next(q.tuned_name for _, q in out if q.tuned_name is not None and src[q.tuned_name] == other)
                 aliases.append({"name": p.tuned_name, "side": "tuned", "alias_of": shown, "dtype": p.dtype_tuned,
@@ -160,11 +168,14 @@ def tie_aliases(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Seq
         keep.append((pos, p))
     out[:] = keep
     for i, base in enumerate(bases):
+        unused = [n for n in base.tensors if n not in used[i]]
+        if not unused or not any(_tie_family(n) for n in unused):
+            continue
         b_info = {n: (x.dtype, tuple(int(s) for s in x.shape)) for n, x in base.tensors.items()}
         paired_b = [n for n in base.tensors if n in used[i] and _tie_family(n)]
         if not paired_b:
             continue
-        for bname in list(base.tensors):
+        for bname in unused:
             if bname in used[i] or _tie_family(bname) is None:
                 continue
             other = _alias_of(base, bname, b_info.get, paired_b)
