@@ -103,12 +103,58 @@ def test_gptq_with_error_compensation(tmp_path, models, actorder=True):
             assert all(x["first_group_min_beyond"] > 0 for x in q)
 
 
-def test_rank_runs_on_the_part_above_the_floor(tmp_path, models):
+def test_rank_counts_above_the_quantization_noise(tmp_path, models):
+    """The whole change is ranked, its numerical rank counted above the modelled quantization noise:
+    a rank-4 fine-tune then FP8-block quantized reads low_rank, about rank 4."""
     base, tuned = models
     stored, qc, _ = _build("fp8-block", tuned)
     r = _judge(tmp_path, base, stored, qc, rank=True)
     ranked = [t for t in r.tensors if t.rank is not None]
-    assert len(ranked) == 4 and all("above the quantization noise floor" in (t.note or "") for t in ranked)
+    assert len(ranked) == 4 and all("above the quantization noise" in (t.note or "") for t in ranked)
+    assert all(t.rank.extra["noise_model"] == "quantization" for t in ranked)
+    assert all(3 <= t.rank.numerical_rank <= 5 for t in ranked), [t.rank.numerical_rank for t in ranked]
+    assert r.summary.form["kind"] == "low_rank"
+
+
+def _gguf_pair(tmp_path, rng, delta, qname):
+    gguf = pytest.importorskip("gguf")
+    from conftest import write_checkpoint
+    from gguf_build import to_gguf
+    from models import llama
+
+    t = llama(rng, layers=2, hidden=256, inter=512, vocab=96, kv=128)
+    tuned = dict(t)
+    for k, v in t.items():
+        if v.ndim == 2 and "embed" not in k and "lm_head" not in k:
+            tuned[k] = (v + delta(v).astype(v.dtype)).astype(v.dtype)
+    base = write_checkpoint(tmp_path / "base", t)
+    quant = to_gguf(tmp_path / "q.gguf", tuned, "llama", getattr(gguf.GGMLQuantizationType, qname),
+                    n_head=4, n_kv=2, layers=2)
+    return compare(base, quant, rank=True)
+
+
+def _rank4(rng, rel):
+    def f(v):
+        d = rng.standard_normal((v.shape[0], 4)) @ rng.standard_normal((4, v.shape[1]))
+        return d * rel * np.linalg.norm(v) / np.linalg.norm(d)
+    return f
+
+
+def test_gguf_q8_of_a_rank4_fine_tune_reads_low_rank(tmp_path):
+    r = _gguf_pair(tmp_path, np.random.default_rng(5), _rank4(np.random.default_rng(6), 0.05), "Q8_0")
+    ranked = [t for t in r.tensors if t.rank is not None and t.status == "changed"]
+    assert ranked and all(t.rank.extra.get("noise_model") == "quantization" for t in ranked)
+    assert all(3 <= t.rank.numerical_rank <= 5 for t in ranked), [t.rank.numerical_rank for t in ranked]
+    assert r.summary.form["kind"] == "low_rank"
+    assert r.summary.delta_params_share < 0.1       # priced at the rank above the noise, not its energy rank
+
+
+def test_gguf_q8_of_a_dense_fine_tune_reads_dense(tmp_path):
+    rng = np.random.default_rng(7)
+    r = _gguf_pair(tmp_path, np.random.default_rng(5),
+                   lambda v: rng.standard_normal(v.shape) * 1e-2 * np.linalg.norm(v) / np.sqrt(v.size), "Q8_0")
+    assert r.summary.form["kind"] == "dense"
+    assert r.summary.delta_params_share > 0.5
 
 
 def test_json_carries_the_floor_test(tmp_path, models):

@@ -141,7 +141,11 @@ def delta_params_of(rec: TensorRecord, thresholds: Thresholds, lower: bool = Fal
     change); a changed vector costs its elements, or that; added tensors and new rows cost their
     elements; a mismatched shape costs the whole tuned tensor; rounding costs nothing.
     A bracketed energy rank counts with its upper end (the cost is then at most this), or with
-    its lower end when ``lower`` (the least it could be).
+    its lower end when ``lower`` (the least it could be). A rank whose noise floor models the
+    quantization noise (``rank.extra["noise_model"] == "quantization"``, a quantized pair beyond its
+    floor) is priced at min(energy_rank_99, numerical_rank): the energy of the whole delta holds the
+    quantization noise too, and the part above that noise is what the fine-tune put there; only
+    when that noise explains the rest of the change (``above_quant_noise``).
 
     >>> from weightdiff.records import RankRecord
     >>> r = TensorRecord("w", "w", "changed", [100, 50], [100, 50], "F32", "F32", 5000, 5000)
@@ -163,10 +167,34 @@ def delta_params_of(rec: TensorRecord, thresholds: Thresholds, lower: bool = Fal
     if dims is None:
         return min(rec.numel_compared if rec.status == "resized" else rec.numel, sparse), added
     m, n = dims
-    r99 = rank_upper(rec, "energy_rank_99") if not lower else (
-        None if rec.rank is None or rec.rank.energy_rank_99 is None else int(rec.rank.energy_rank_99))
+    r99 = _priced_rank(rec, "energy_rank_99", lower)
+    if r99 is not None and above_quant_noise(rec):
+        nr = _priced_rank(rec, "numerical_rank", lower)
+        r99 = r99 if nr is None else min(r99, nr)
     cost = m * n if r99 is None else min(m * n, int(r99) * (m + n))
     return min(cost, sparse), added
+
+
+def above_quant_noise(rec: TensorRecord) -> bool:
+    """A rank counted above modelled quantization noise that explains the rest of the change
+    (``measure.rank._explained``): its numerical rank, not its energy ranks, is the fine-tune's."""
+    extra = getattr(rec.rank, "extra", None) or {}
+    return extra.get("noise_model") == "quantization" and bool(extra.get("noise_explains_rest"))
+
+
+def unresolved_quant_noise(rec: TensorRecord) -> bool:
+    """A rank counted above modelled quantization noise that does not explain the rest of the change
+    (nothing resolved above it, or energy left over): its numerical rank says nothing of the form."""
+    extra = getattr(rec.rank, "extra", None) or {}
+    return extra.get("noise_model") == "quantization" and not extra.get("noise_explains_rest")
+
+
+def _priced_rank(rec: TensorRecord, field: str, lower: bool) -> int | None:
+    """A rank field as priced: its upper end, or its lower end (the field itself) when ``lower``."""
+    if not lower:
+        return rank_upper(rec, field)
+    v = None if rec.rank is None else getattr(rec.rank, field, None)
+    return None if v is None else int(v)
 
 
 def _sparse_cost(rec: TensorRecord) -> int:

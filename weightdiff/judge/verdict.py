@@ -29,7 +29,7 @@ from ..pairing.names import parse_name
 from .coverage import coverage, too_little
 from .relatedness import components as component_relatedness, large_matrix_relatedness, looks_unrelated
 from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
-                     max_rank_fields, moved_blocks, norms_sq, rank_upper, ratio)
+                     max_rank_fields, moved_blocks, norms_sq, rank_upper, ratio, unresolved_quant_noise)
 
 
 
@@ -55,7 +55,8 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
         m, n = matrix_dims(r)
         k = _low_rank_k(r)
         low.append(k is not None and k <= max(1.0, thresholds.low_rank_share * min(m, n))
-                   and rank_upper(r, "numerical_rank") <= thresholds.low_rank_max)
+                   and rank_upper(r, "numerical_rank") <= thresholds.low_rank_max
+                   and not unresolved_quant_noise(r))   # its numerical rank does not describe the change
     mat_params = sum(r.numel for r in mats)
     low_params = sum(r.numel for r, is_low in zip(ranked, low) if is_low)
     form: dict[str, Any] = {

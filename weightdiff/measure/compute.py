@@ -242,21 +242,24 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
 
         raw_b, dt_b, dt_t = base.read(pair.base_name), pair.dtype_base, pair.dtype_tuned
         raw_t = tuned.read(tuned_name) if tuned_t is None else tuned_t
+        extra_var = None
         if above:
-            from .quant_floor import CAST_REL, above_floor_pair
+            # the whole change, with a noise floor that includes the quantization noise: the
+            # elementwise part above the floor (quant_floor.above_floor) is not low rank even
+            # when the change is, and float32 rounding is far below the quantization noise
+            from .quant_floor import quant_noise_var
 
-            plain = dt_b if base.tensors[pair.base_name].quant is None else dt_t
-            raw_b, raw_t = above_floor_pair(base, pair.base_name, dt_b, tuned, tuned_name, dt_t,
-                                            CAST_REL if plain in ("F32", "F64") else 0.0)
-            dt_b = dt_t = "F32"
-            nd = rec.quant.get("norm_above_floor")
-            rec.note = ("rank of the part of the change above the quantization noise floor"
-                        + (f"; {rec.note}" if rec.note else ""))
+            extra_var = quant_noise_var(base, pair.base_name, dt_b, tuned, tuned_name, dt_t, tuple(shape_t),
+                                        WINDOW_ELEMENTS)
+            if extra_var is not None:
+                rec.note = ("rank of the whole change; numerical rank counted above the quantization noise "
+                            "(modelled as uniform within each element's floor)" + (f"; {rec.note}" if rec.note else ""))
         rec.rank = analyze_delta(
             raw_b, raw_t, dt_b, dt_t, tuple(shape_t if tuned_t is None else shape_b),
             float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
             k=options.rank_k, seed=options.seed, exact_max=options.exact_svd_max,
-            backend=backend, noise_factor=thr.noise_floor_factor, subspace=options.subspace)
+            backend=backend, noise_factor=thr.noise_floor_factor, subspace=options.subspace,
+            extra_var=extra_var)
     if sink is not None:
         sink.gram.close()
     refine_rank(rec, pair, bases, tuned, options, backend)

@@ -34,7 +34,7 @@ from ..kernels import quant_floor as QF
 from ..kernels.dtypes import DTYPES
 from ..kernels.reference import decode
 
-__all__ = ["floor_test", "AWQ_BEYOND_SHARE", "ratio_share"]
+__all__ = ["floor_test", "quant_noise_var", "AWQ_BEYOND_SHARE", "ratio_share"]
 
 #: AWQ: share of elements beyond the floor a quantization of the base may leave (clipped groups)
 AWQ_BEYOND_SHARE = 0.01
@@ -136,19 +136,32 @@ def _first_group(base, bname: str, tuned, tname: str, side: str, ncols: int) -> 
     return src.first_group(ck._stored_read, ncols)
 
 
-def above_floor_pair(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str,
-                     cast_rel: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Whole-tensor (base values, base + the part of the change above the floor), float32,
-    for the rank analysis of a pair that failed the bound test."""
-    b = decode(base.read(bname), dtype_b)
-    t = decode(tuned.read(tname), dtype_t)
-    floor = np.zeros(b.size, np.float64)
-    for ck, name in ((base, bname), (tuned, tname)):
-        fw = ck.floor_windows(name) if ck.tensors[name].quant is not None else None
-        if fw is not None:
-            floor += np.concatenate([np.asarray(w, np.float64) for w in fw]) if b.size else 0.0
-    excess = QF.above_floor(b, t, floor, cast_rel)
-    return b.astype(np.float32), (b + excess).astype(np.float32)
+def quant_noise_var(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str,
+                    shape: tuple, window: int) -> np.ndarray | None:
+    """Per-element variance (flat float64) of the quantization noise of a pair: each quantized
+    side's error modelled as independent and uniform within its floor ``f``, variance ``f^2 / 3``
+    (both sides quantized: the variances add; a dequantized export: its grid's floor). For the
+    rank analysis of a pair that failed the bound test (``rank.analyze_delta(extra_var=...)``);
+    None when no side gives a floor. A model of the noise, not a bound on it.
+
+    Uniform within half a step ``q / 2`` is the usual ``q^2 / 12``.
+    """
+    qb, qt = base.tensors[bname].quant, tuned.tensors[tname].quant
+    its = []
+    if qb is None and qt is None:
+        if detect_export(tuned, tname, dtype_t, shape) is not None:
+            its.append(export_floor_windows(tuned, tname, dtype_t, shape, window, None))
+    else:
+        its += [ck.floor_windows(name, window) for ck, name, q in ((base, bname, qb), (tuned, tname, qt))
+                if q is not None]
+    if not its or any(it is None for it in its):
+        return None
+    out = None
+    for it in its:
+        f = np.concatenate([np.asarray(w, np.float64).reshape(-1) for w in it] or [np.zeros(0)])
+        v = f * f / 3.0
+        out = v if out is None else out + v
+    return out
 
 
 #: rows sampled to recognise a dequantized export, and the shortest row worth testing
