@@ -116,7 +116,7 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
                 ck = stack.enter_context(locate(path, hub))
                 if ck.origin:
                     say(ck.origin)
-                pl = make_plan([ck], tck, include=options.include, exclude=options.exclude)
+                pl = make_plan([ck], tck, include=options.include, exclude=options.exclude, reorder=False)
             except WeightdiffError as exc:
                 incompatible.append({"path": str(path), "reason": f"cannot be read: {exc.one_line()}"})
                 continue

@@ -134,14 +134,16 @@ def _without_buffers(ckpt: CheckpointLike, side: str, out: list[dict]) -> Checkp
 
 
 def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequence[str] = (),
-         exclude: Sequence[str] = (), rename: Sequence[str] = (), content: bool = True) -> Plan:
+         exclude: Sequence[str] = (), rename: Sequence[str] = (), content: bool = True,
+         reorder: bool = True) -> Plan:
     """Pair the tuned checkpoint's tensors with those of one or more bases.
 
     ``include``/``exclude`` are fnmatch globs on the names reported (tuned names;
     for tensors only a base has, the base name moved into the tuned namespace);
     ``rename`` holds FROM=TO rules applied to tuned names before alignment. Headers
     only, except content pairing (``content``), which reads a few sampled rows of the
-    matrices no name explains. Order: the tuned checkpoint's tensor order, then base
+    matrices no name explains, and ``reorder`` (``align.reuse_blocks``: one sampled matrix per
+    block, more where a block looks moved or repeated). Order: the tuned checkpoint's tensor order, then base
     tensors nobody claimed (base by base, in file order). Odd names or shapes are data,
     not errors; filters that leave nothing to compare raise ``OptionsError``.
     """
@@ -214,7 +216,8 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
     aliases = [] if adapter else tie_aliases(out, tuned, bases, used, notes)
     if content and not adapter:
         realign_blocks(out, tuned, bases, used, notes)
-        reuse_blocks(out, tuned, bases, used, notes)
+        if reorder:             # provenance's screening leaves it out: an unrelated candidate fails
+            reuse_blocks(out, tuned, bases, used, notes)    # every block, and screening reads samples only
         pair_by_content(out, tuned, bases, used, notes)
         orient_squares(out, tuned, bases, notes)
     # the tie is a last resort: only a head that neither names nor content pair (an ONNX export's
