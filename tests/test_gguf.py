@@ -230,6 +230,17 @@ def test_bf16_gemma_norms_come_back_bitwise(tmp_path, rng):
         assert np.array_equal(ck.read("model.norm.weight"), w)
 
 
+@pytest.mark.parametrize("qtype", ["I8", "I32", "F64"])
+def test_a_gemma_norm_in_a_plain_type_gguf_cannot_decode_is_named_without_upgrade_advice(tmp_path, qtype):
+    """A Gemma norm (stored as 1 + w) in an integer or F64 type: bad input, not "upgrade gguf"."""
+    dt = {"I8": np.int8, "I32": np.int32, "F64": np.float64}[qtype]
+    path = raw_gguf(tmp_path / "g.gguf", {"output_norm.weight": (np.ones(64, dt), getattr(Q, qtype))}, arch="gemma")
+    with pytest.raises(CheckpointError) as err:
+        with locate(path) as ck:
+            ck.read("model.norm.weight")
+    assert "1 + w" in str(err.value) and "upgrade" not in str(err.value)
+
+
 # -- locating --------------------------------------------------------------------
 
 def test_locate_by_magic_and_in_folders(tmp_path, rng):

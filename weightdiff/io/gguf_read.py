@@ -190,6 +190,10 @@ class GGUFFile(OpenCheckpointFile):
         try:
             gguf.quants.dequantize(np.zeros((1, tsize), np.uint8), gguf.GGMLQuantizationType(qtype))
         except NotImplementedError:
+            if tname in NATIVE:     # a plain type under the 1 + w norm transform: not gguf's to decode
+                raise CheckpointError(self.path, f"tensor `{escape_name(name)}` is stored as {tname}, but this "
+                                                 "architecture stores its norm weights as 1 + w, which is read "
+                                                 "from F32, F16 or BF16 only") from None
             raise CheckpointError(self.path, f"tensor `{escape_name(name)}` is stored as {tname}, which gguf "
                                              f"{gguf_version(gguf)} cannot dequantize", "upgrade gguf") from None
         qt = gguf.GGMLQuantizationType(qtype)
