@@ -390,3 +390,16 @@ def test_a_device_output_that_fails_at_the_end_leaves_no_other_output_and_announ
     assert tree(tmp_path) == before
     r = run("compare", *pair, "--json", tmp_path / "x.json", "--report", tmp_path / "m.html")
     assert r.exit_code == 0 and f"wrote {tmp_path / 'm.html'}" in r.stderr
+
+
+def test_a_rename_rule_that_makes_two_tuned_names_one_is_refused(tmp_path):
+    """``--rename weight=bias`` turned `q.weight` into a second `q.bias`: one read as resized, the
+    real bias as added. Two names made one by a rule is bad usage, before any work."""
+    from weightdiff.io.safetensors_write import save_file
+
+    p = tmp_path / "m.safetensors"
+    save_file(p, {"q.weight": ("F32", np.ones((4, 4), np.float32)), "q.bias": ("F32", np.ones(4, np.float32))})
+    r = run("compare", p, p, "--rename", "weight=bias", "-q")
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1
+    assert "both `q.bias`" in r.stderr and "`q.weight`" in r.stderr and "rename makes" in r.stderr
+    assert run("compare", p, p, "--rename", "q.=p.", "-q").exit_code == 0      # distinct names stay fine

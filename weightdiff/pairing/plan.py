@@ -158,8 +158,15 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
     tuned = _without_buffers(tuned, "tuned", buffers)
     bases = [_without_buffers(b, "base", buffers) for b in bases]
     items = _tuned_items(tuned, notes)
+    seen: dict[str, tuple[str, bool]] = {}     # renamed key -> (first name, whether a rule made it)
     for it in items:
         key = renamed(it.key, rules)
+        first = seen.get(key)
+        if first is not None and (key != it.key or first[1]):    # a rule made two names one
+            raise OptionsError(f"rename makes `{escape_name(first[0])}` and `{escape_name(it.key)}` both "
+                               f"`{escape_name(key)}`", "make the FROM part of the rule more specific",
+                               option="rename")
+        seen.setdefault(key, (it.key, key != it.key))
         it.key, it.renamed = key, key != it.key
     adapter = any(it.lora is not None for it in items) or getattr(tuned, "format", None) == "adapter"
     n_before = len(items)
