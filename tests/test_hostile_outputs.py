@@ -403,3 +403,17 @@ def test_a_rename_rule_that_makes_two_tuned_names_one_is_refused(tmp_path):
     assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1
     assert "both `q.bias`" in r.stderr and "`q.weight`" in r.stderr and "rename makes" in r.stderr
     assert run("compare", p, p, "--rename", "q.=p.", "-q").exit_code == 0      # distinct names stay fine
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_an_output_folder_that_refuses_files_fails_before_any_work(tmp_path, pair, monkeypatch):
+    """/proc passes ``os.access`` for root, so the failure came after the whole run; a temporary
+    file made and removed at claim time finds it first."""
+    from weightdiff import comparison
+
+    def never(*a, **k):
+        raise AssertionError("the comparison ran")
+    monkeypatch.setattr(comparison, "compute_all", never)
+    r = run("compare", *pair, "--json", tmp_path / "x.json", "--report", "/proc/memo.html", "-q")
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and "/proc" in r.stderr
+    assert not (tmp_path / "x.json").exists() and not [p for p in os.listdir(tmp_path) if "probe" in p]

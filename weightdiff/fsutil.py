@@ -170,6 +170,16 @@ class OutputSet:
             raise OutputError(p, f"is not a folder, so {escape_name(os.fspath(target))} cannot be written")
         if not os.access(p, os.W_OK | os.X_OK):
             raise OutputError(p, f"permission denied: cannot write {escape_name(os.fspath(target))} here")
+        # access() says yes for root on /proc, /sys and read-only mounts: make (and remove) a
+        # temporary file, so such a place fails now, before any work, not after the whole run
+        try:
+            fd, probe = tempfile.mkstemp(dir=p, prefix=".weightdiff-probe-")
+        except OSError as exc:
+            raise OutputError(p, f"cannot write {escape_name(os.fspath(target))} here "
+                                 f"({exc.strerror or exc})") from None
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
     # -- staging ------------------------------------------------------------------
     def _mkdirs(self, folder: Path) -> None:
