@@ -3,13 +3,12 @@
 Pure array compute over decoded windows: ``floor_stats`` counts, per window, the elements
 whose difference lies beyond the per-element quantization floor that the dequantizers of
 ``kernels.quant`` return (one numba pass; ``floor_stats_numpy`` is its specification);
-``above_floor`` keeps the part of a change above the floor for the rank analysis;
 ``grid_levels`` and ``row_grids`` recognise rows that lie on a uniform grid of at most 2^b
 levels (a quantized-then-dequantized export). docs/methodology.md has the formulas.
 """
 
 from __future__ import annotations
-__all__ = ["FLOOR_FIELDS", "floor_stats", "floor_stats_numpy", "above_floor", "grid_levels", "row_grids"]
+__all__ = ["FLOOR_FIELDS", "floor_stats", "floor_stats_numpy", "grid_levels", "row_grids"]
 
 import numpy as np
 
@@ -156,20 +155,6 @@ def floor_stats_numpy(base: np.ndarray, other: np.ndarray, floor: np.ndarray, co
     cols = np.bincount((idx + col_start) % ncols, minlength=ncols).astype(np.int64) if ncols > 1 else \
         np.array([idx.size], dtype=np.int64)
     return out, cols
-
-
-def above_floor(base: np.ndarray, other: np.ndarray, floor: np.ndarray, cast_rel: float = 0.0) -> np.ndarray:
-    """The part of ``other - base`` above the floor: ``sign(d) * max(|d| - floor, 0)`` (float32),
-    what the rank analysis of a quantized pair runs on.
-
-    >>> above_floor(np.array([1.0, 2.0]), np.array([1.2, 1.0]), np.array([0.25, 0.5])).tolist()
-    [0.0, -0.5]
-    """
-    b = np.asarray(base, dtype=np.float64)
-    d = np.asarray(other, dtype=np.float64) - b
-    f = np.asarray(floor, dtype=np.float64) + cast_rel * np.abs(b)
-    d = np.where(np.isfinite(d), d, 0.0)
-    return (np.sign(d) * np.maximum(np.abs(d) - f, 0.0)).astype(np.float32)
 
 
 def row_grids(rows: np.ndarray, max_levels: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

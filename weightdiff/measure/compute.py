@@ -238,15 +238,13 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                     "form and delta_params count it whole" + (f"; {rec.note}" if rec.note else ""))
     elif (options.rank and rec.status == "changed" and not opaque and len(shape_t) >= 2
             and min(shape_t[0], rec.numel // max(shape_t[0], 1)) >= 2):
-        from .rank import analyze_delta
-
         raw_b, dt_b, dt_t = base.read(pair.base_name), pair.dtype_base, pair.dtype_tuned
         raw_t = tuned.read(tuned_name) if tuned_t is None else tuned_t
         extra_var = None
         if above:
             # the whole change, with a noise floor that includes the quantization noise: the
-            # elementwise part above the floor (quant_floor.above_floor) is not low rank even
-            # when the change is, and float32 rounding is far below the quantization noise
+            # elementwise part above the floor is not low rank even when the change is, and
+            # float32 rounding is far below the quantization noise
             from .quant_floor import quant_noise_var
 
             extra_var = quant_noise_var(base, pair.base_name, dt_b, tuned, tuned_name, dt_t, tuple(shape_t),
@@ -254,12 +252,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             if extra_var is not None:
                 rec.note = ("rank of the whole change; numerical rank counted above the quantization noise "
                             "(modelled as uniform within each element's floor)" + (f"; {rec.note}" if rec.note else ""))
-        rec.rank = analyze_delta(
-            raw_b, raw_t, dt_b, dt_t, tuple(shape_t if tuned_t is None else shape_b),
-            float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
-            k=options.rank_k, seed=options.seed, exact_max=options.exact_svd_max,
-            backend=backend, noise_factor=thr.noise_floor_factor, subspace=options.subspace,
-            extra_var=extra_var)
+        rec.rank = _analyze(raw_b, raw_t, dt_b, dt_t, shape_t if tuned_t is None else shape_b, nd, options,
+                            backend, extra_var=extra_var)
     if sink is not None:
         sink.gram.close()
     refine_rank(rec, pair, bases, tuned, options, backend)
@@ -274,6 +268,18 @@ def fused_experts(pair: Pair) -> bool:
     shape = pair.shape_tuned if pair.shape_tuned is not None else pair.shape_base
     name = (pair.tuned_name or pair.base_name or "").lower()
     return shape is not None and len(shape) == 3 and int(shape[0]) >= 2 and "expert" in name
+
+
+def _analyze(raw_b, raw_t, dt_b: str, dt_t: str, shape, norm_delta, options: CompareOptions, backend: Backend,
+             **kw) -> RankRecord:
+    """``rank.analyze_delta`` of one whole pair with the options' rank settings (``kw``: ``direct``,
+    ``extra_var``); ``norm_delta`` from the stats pass (None or non-finite: recomputed there)."""
+    from .rank import analyze_delta
+
+    nd_sq = float(norm_delta) ** 2 if norm_delta is not None and math.isfinite(norm_delta) else float("nan")
+    return analyze_delta(raw_b, raw_t, dt_b, dt_t, tuple(shape), nd_sq,
+                         k=options.rank_k, seed=options.seed, exact_max=options.exact_svd_max, backend=backend,
+                         noise_factor=options.thresholds.noise_floor_factor, subspace=options.subspace, **kw)
 
 
 #: a changed matrix of at most this many elements whose numerical rank the Gram matrix left
@@ -300,17 +306,10 @@ def refine_rank(rec: TensorRecord, pair: Pair, bases: Sequence[Checkpoint], tune
     if (not _wide_bracket(rec.rank) or rec.numel > REFINE_MAX_ELEMENTS or pair.kind != "paired"
             or pair.transposed or rec.quant is not None):
         return
-    from .rank import analyze_delta
-
     lo, hi = rec.rank.bounds["numerical_rank"]
-    base = bases[pair.base_index]
     tuned_name = pair.tuned_source if getattr(pair, "tuned_source", None) else pair.tuned_name
-    nd = rec.norm_delta
-    rank = analyze_delta(
-        base.read(pair.base_name), tuned.read(tuned_name), pair.dtype_base, pair.dtype_tuned, tuple(rec.shape),
-        float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
-        k=options.rank_k, seed=options.seed, exact_max=options.exact_svd_max, backend=backend,
-        noise_factor=options.thresholds.noise_floor_factor, subspace=options.subspace, direct=True)
+    rank = _analyze(bases[pair.base_index].read(pair.base_name), tuned.read(tuned_name), pair.dtype_base,
+                    pair.dtype_tuned, rec.shape, rec.norm_delta, options, backend, direct=True)
     rank.extra["note_refined"] = (f"the Gram matrix could only bracket numerical_rank in [{lo}, {hi}] (its error "
                                   "bound exceeds the squared noise floor): the spectrum is from an SVD of the delta")
     rec.rank = rank
