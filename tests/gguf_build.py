@@ -68,6 +68,9 @@ def to_gguf(path: Path, tensors: dict, arch: str = "llama", qtype=gguf.GGMLQuant
             w.add_tensor(new, data)
         elif q == gguf.GGMLQuantizationType.F16:
             w.add_tensor(new, data.astype(np.float16))
+        elif q.name in ("Q4_K", "Q6_K"):                  # gguf has no K-quant encoder
+            import ggml_kquants
+            w.add_tensor(new, ggml_kquants.quantize(data, q.name), raw_dtype=q)
         else:
             w.add_tensor(new, quantize(data, q), raw_dtype=q)
     w.write_header_to_file()

@@ -140,8 +140,11 @@ def _rank4(rng, rel):
     return f
 
 
-def test_gguf_q8_of_a_rank4_fine_tune_reads_low_rank(tmp_path):
-    r = _gguf_pair(tmp_path, np.random.default_rng(5), _rank4(np.random.default_rng(6), 0.05), "Q8_0")
+@pytest.mark.parametrize("qname", ["Q8_0", "Q4_K", "Q6_K"])
+def test_gguf_of_a_rank4_fine_tune_reads_low_rank(tmp_path, qname):
+    """K-quants too: their noise is modelled as half a step (not the end codes' worst-case bound,
+    which made it 10-100x too large and read this change dense)."""
+    r = _gguf_pair(tmp_path, np.random.default_rng(5), _rank4(np.random.default_rng(6), 0.05), qname)
     ranked = [t for t in r.tensors if t.rank is not None and t.status == "changed"]
     assert ranked and all(t.rank.extra.get("noise_model") == "quantization" for t in ranked)
     assert all(3 <= t.rank.numerical_rank <= 5 for t in ranked), [t.rank.numerical_rank for t in ranked]
@@ -149,10 +152,11 @@ def test_gguf_q8_of_a_rank4_fine_tune_reads_low_rank(tmp_path):
     assert r.summary.delta_params_share < 0.1       # priced at the rank above the noise, not its energy rank
 
 
-def test_gguf_q8_of_a_dense_fine_tune_reads_dense(tmp_path):
+@pytest.mark.parametrize("qname", ["Q8_0", "Q4_K"])
+def test_gguf_of_a_dense_fine_tune_reads_dense(tmp_path, qname):
     rng = np.random.default_rng(7)
     r = _gguf_pair(tmp_path, np.random.default_rng(5),
-                   lambda v: rng.standard_normal(v.shape) * 1e-2 * np.linalg.norm(v) / np.sqrt(v.size), "Q8_0")
+                   lambda v: rng.standard_normal(v.shape) * 1e-2 * np.linalg.norm(v) / np.sqrt(v.size), qname)
     assert r.summary.form["kind"] == "dense"
     assert r.summary.delta_params_share > 0.5
 

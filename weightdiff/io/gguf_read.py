@@ -222,9 +222,10 @@ class GGUFFile(OpenCheckpointFile):
         return self._windows(info, lay, start, stop, step)
 
     def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0,
-                      stop: int | None = None) -> Iterator[np.ndarray] | None:
+                      stop: int | None = None, noise: bool = False) -> Iterator[np.ndarray] | None:
         """float32 windows aligned with ``windows``: per element the quantization noise floor
-        (weightdiff.io.gguf_floor); None for a tensor stored unquantized or without a floor."""
+        (weightdiff.io.gguf_floor), or with ``noise`` the half-width of its noise model; None for
+        a tensor stored unquantized or without a floor."""
         info = self._info(name)
         lay = self._layout[name]
         if info.scheme not in FLOORS or lay.transform == "minus_one":
@@ -238,7 +239,7 @@ class GGUFFile(OpenCheckpointFile):
                 lay.kernel(blocks, values)
             else:
                 values = lay.decode(blocks).reshape(-1, bs)
-            return floor(blocks, values, tname, bs).reshape(raw.shape[0], -1)
+            return floor(blocks, values, tname, bs, noise).reshape(raw.shape[0], -1)
 
         flay = replace(lay, decode=decode, kernel=None)
         start, stop, step = check_range(info, max_elements, start, stop, 4)

@@ -130,16 +130,18 @@ class Checkpoint:
         return self.quant[name].windows(self._stored_read, self._stored_rows, start, stop, step, floor)
 
     def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0,
-                      stop: int | None = None) -> Iterator[np.ndarray] | None:
+                      stop: int | None = None, noise: bool = False) -> Iterator[np.ndarray] | None:
         """float32 windows aligned with ``windows``: per element, the largest error a faithful
         round-to-nearest quantization with this tensor's own scales leaves; None for a tensor
-        that was not quantized (or whose reader gives no floor)."""
+        that was not quantized (or whose reader gives no floor). ``noise``: the half-width of the
+        error's model instead of its bound where the two differ (GGUF K-quants: half a step also
+        at the end codes, whose bound allows the encoder's search several steps there)."""
         if name in self.quant:
             return self._quant_windows(name, max_elements, start, stop, True)
         info = self._info(name)
         if info.quant is not None and info.start is not None:   # a reader that dequantizes itself
             f = self._file(info.path)
-            it = f.floor_windows(name, max_elements, start, stop) if hasattr(f, "floor_windows") else None
+            it = f.floor_windows(name, max_elements, start, stop, noise) if hasattr(f, "floor_windows") else None
             return None if it is None else self._pinned(info.path, it)
         return None
 

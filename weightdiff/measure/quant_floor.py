@@ -152,7 +152,7 @@ def quant_noise_var(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: 
         if detect_export(tuned, tname, dtype_t, shape) is not None:
             its.append(export_floor_windows(tuned, tname, dtype_t, shape, window, None))
     else:
-        its += [ck.floor_windows(name, window) for ck, name, q in ((base, bname, qb), (tuned, tname, qt))
+        its += [ck.floor_windows(name, window, noise=True) for ck, name, q in ((base, bname, qb), (tuned, tname, qt))
                 if q is not None]
     if not its or any(it is None for it in its):
         return None

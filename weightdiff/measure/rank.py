@@ -250,7 +250,8 @@ def analyze_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, 
 
 #: the energy left outside the resolved directions may be at most this share of the modelled noise
 #: energy for the noise to explain it (the uniform-within-floor model overstates the noise: its
-#: variance was 1.2-1.4x the real error's for Q8_0, Q4_0 and FP8, more for k-quants)
+#: variance was 1.2-1.4x the real error's for Q8_0, Q4_0, FP8, Q4_K and Q6_K, up to 2x for 4-bit
+#: blocks with an outlier)
 RESIDUAL_MAX = 1.0
 
 
