@@ -93,9 +93,11 @@ def _floor_pass():
                 finite = math.isfinite(d)
                 if not finite:
                     d = math.inf
+                if fi != fi:               # a NaN floor (a NaN scale) explains nothing
+                    fi = -1.0
                 if fi > 0:
                     u = d / fi
-                elif d > 0:
+                elif d > 0 or fi < 0:
                     u = math.inf
                 else:
                     u = 0.0
@@ -131,7 +133,7 @@ def floor_stats_numpy(base: np.ndarray, other: np.ndarray, floor: np.ndarray, co
 
     Returns (float64[len(FLOOR_FIELDS)], int64[ncols]: elements beyond the floor per column,
     the window's first element being column ``col_start``). A NaN or Inf on either side,
-    or a difference where the floor is 0, is beyond.
+    a difference where the floor is 0, and an element whose floor is NaN (a NaN scale) is beyond.
 
     >>> s, cols = floor_stats_numpy(np.array([1.0, 2.0, 3.0]), np.array([1.2, 2.0, 3.9]),
     ...                       np.array([0.25, 0.25, 0.5], np.float32), 0, 3)
@@ -143,9 +145,10 @@ def floor_stats_numpy(base: np.ndarray, other: np.ndarray, floor: np.ndarray, co
     f = np.asarray(floor, dtype=np.float64) + cast_rel * np.abs(b)
     bad = ~np.isfinite(d)
     d = np.where(bad, np.inf, d)
+    f = np.where(np.isnan(f), -1.0, f)
     beyond = d > f
     with np.errstate(divide="ignore", invalid="ignore"):
-        u = np.where(f > 0, d / f, np.where(d > 0, np.inf, 0.0))
+        u = np.where(f > 0, d / f, np.where((d > 0) | (f < 0), np.inf, 0.0))
     fin = ~bad
     with np.errstate(invalid="ignore"):
         excess = np.maximum(d - f, 0.0)

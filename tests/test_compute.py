@@ -84,3 +84,22 @@ def test_small_reads_stay_bounded_when_gaps_separate_the_small_tensors(tmp_path,
     result = compare(tmp_path / "b.safetensors", tmp_path / "t.safetensors")
     assert len(spans) > 2 and max(spans) <= 100_000         # the base side needed several bounded reads
     assert [t.status for t in result.tensors if t.name.endswith(".a")].count("changed") == 1
+
+
+@pytest.mark.parametrize("size", [(64, 128), (600, 700)])     # batched small pair / streamed Gram
+def test_values_that_become_non_finite_leave_the_change_without_a_rank(tmp_path, size):
+    """A matrix whose only change is a patch of NaN read "low_rank (largest numerical rank 0)" with
+    delta_params 0: the rank of the finite part is not the rank of the change."""
+    from weightdiff import compare
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 0.02, size).astype(np.float32)
+    y = x.copy()
+    y[:4, :32] = np.nan
+    base = write_checkpoint(tmp_path / "b", {"model.layers.0.mlp.up_proj.weight": x, "model.norm.weight": x[0]})
+    tuned = write_checkpoint(tmp_path / "t", {"model.layers.0.mlp.up_proj.weight": y, "model.norm.weight": x[0]})
+    r = compare(base, tuned)
+    rec = next(t for t in r.tensors if t.name.endswith("up_proj.weight"))
+    assert rec.status == "changed" and rec.rank is None
+    assert "128 non-finite values in the tuned tensor, 0 in the base" in rec.note
+    assert r.summary.form["kind"] != "low_rank" and r.summary.delta_params == 256

@@ -196,3 +196,20 @@ def test_gguf_of_the_base_is_quantized_only_and_of_a_fine_tune_derived(tmp_path,
         ft[k] = t[k] + rng.normal(0, 0.2 * float(np.std(t[k])), t[k].shape).astype(np.float32)
     r = compare(base, to_gguf(tmp_path / "ft.gguf", ft, "llama", qt, n_head=4, n_kv=2, layers=2), rank=False)
     assert r.summary.verdict == "derived" and r.summary.quantization["tensors_beyond"] >= 14
+
+
+@pytest.mark.parametrize("kind", ["fp8-block", "bnb-nf4-nested"])
+def test_a_nan_scale_is_not_within_the_floor(tmp_path, models, kind):
+    """A NaN scale makes its block NaN and its floor NaN; NaN compared with anything is false, so
+    the block passed the bound test and the verdict read quantized_only ("every difference is
+    explained by quantizing the base") beside 4,096 non-finite values."""
+    base, _ = models
+    stored, qc, _ = _build(kind, base)
+    key = next(k for k in stored if k.endswith(("weight_scale_inv", "nested_absmax")))
+    s = stored[key].clone() if isinstance(stored[key], torch.Tensor) else stored[key].copy()
+    s.reshape(-1)[0] = float("nan")
+    stored[key] = s
+    r = _judge(tmp_path, base, stored, qc)
+    assert r.summary.verdict == "derived", r.summary.verdict_reason
+    bad = [t for t in r.tensors if t.quant and not t.quant["within"]]
+    assert len(bad) == 1 and bad[0].quant["beyond"] > 0 and bad[0].nonfinite > 0

@@ -248,6 +248,7 @@ def test_floor_stats_numba_pass_matches_its_numpy_specification(rng, dtype):
     f[::7] = 0.0
     o[::11] = b[::11]
     b[5], o[6], b[7], o[7], f[8] = np.inf, np.nan, np.inf, np.inf, np.inf
+    f[20:23], o[21], o[22] = np.nan, b[21], np.nan               # NaN floors (NaN scales): beyond
     for ncols in (1, 13):
         got, gc = QF.floor_stats(b, o, f, 3, ncols, cast_rel=2.0 ** -8)
         want, wc = QF.floor_stats_numpy(b, o, f, 3, ncols, cast_rel=2.0 ** -8)
@@ -255,6 +256,9 @@ def test_floor_stats_numba_pass_matches_its_numpy_specification(rng, dtype):
         np.testing.assert_array_equal(np.isnan(got[3]), np.isnan(want[3]))
         np.testing.assert_allclose(got, want, rtol=1e-12)
         np.testing.assert_array_equal(gc, wc)
+    for fn in (QF.floor_stats, QF.floor_stats_numpy):              # NaN floors: every element beyond
+        s, _ = fn(np.zeros(3, dtype), np.array([0.0, 1e-9, np.nan], dtype), np.full(3, np.nan, np.float32))
+        assert s[1] == 3 and s[3] == np.inf
     empty, ec = QF.floor_stats(np.zeros(0), np.zeros(0), np.zeros(0, np.float32))
     assert empty.tolist() == [0.0] * len(QF.FLOOR_FIELDS) and ec.tolist() == [0]
 

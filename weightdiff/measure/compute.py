@@ -223,7 +223,13 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             above = True                           # rank the part of the change above the floor
 
     nd = rec.norm_delta
-    if sink is not None and rec.status == "changed" and sink.gram.active and not above:
+    nf_b, nf_t = (int(fields.get(k, 0) or 0) for k in ("nonfinite_base", "nonfinite_tuned"))
+    if options.rank and rec.status == "changed" and nf_b != nf_t:
+        # values that became NaN or Inf (or stopped being): the change has no spectrum to count, and
+        # the rank of its finite part would call a broken matrix low-rank (rank 0 when that is all)
+        rec.note = (f"{nf_t} non-finite values in the tuned tensor, {nf_b} in the base: the change has no "
+                    "rank" + (f"; {rec.note}" if rec.note else ""))
+    elif sink is not None and rec.status == "changed" and sink.gram.active and not above:
         args = (float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
                 thr.noise_floor_factor, options.rank_k)
         if solver is not None and min(sink.gram.shape2) <= OVERLAP_MAX:

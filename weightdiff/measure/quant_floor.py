@@ -159,7 +159,8 @@ def quant_noise_var(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: 
     out = None
     for it in its:
         f = np.concatenate([np.asarray(w, np.float64).reshape(-1) for w in it] or [np.zeros(0)])
-        v = f * f / 3.0
+        # a non-finite floor (a NaN or Inf scale) goes with non-finite values, which the rank reads as 0
+        v = np.where(np.isfinite(f), f * f / 3.0, 0.0)
         out = v if out is None else out + v
     return out
 
