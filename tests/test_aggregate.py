@@ -334,7 +334,7 @@ def test_low_rank_needs_every_ranked_matrix_low_and_numerical_rank_counts():
     _, _, s = aggregate([noisy, rec("h.1.w", "changed", shape=(128, 128), nd=0.1, rank=(90, 90))], THR)
     # one low-rank and one dense matrix of the same size: mixed, half and half (rule 8)
     assert s.form["kind"] == "mixed" and s.form["matrices_low_rank"] == 1
-    assert s.form["shares"] == {"low_rank": 0.5, "dense": 0.5}
+    assert s.form["shares"] == {"low_rank": 0.5, "dense": 0.5, "undecided": 0.0}
 
 
 # ---------------------------------------------------------------- structure: added, removed, resized, tied
@@ -464,7 +464,20 @@ def test_partial_spectrum_uses_the_upper_bound_for_cost_and_form():
     assert rank_upper(r, "energy_rank_99") == 700
     _, _, s = aggregate([r], THR)
     assert s.delta_params == min(1000 * 1000, 700 * 2000)
-    assert s.form["kind"] == "dense"
+    # rank 64 is low-rank for a 1000-wide matrix (cap 100), 700 is not: the form is not decided
+    assert s.form["kind"] == "undecided" and s.form["matrices_undecided"] == 1
+    assert s.form["shares"] == {"low_rank": 0.0, "dense": 0.0, "undecided": 1.0}
+    assert "is not decided" in sentences.form_sentence(s.form)
+    r.rank.numerical_rank, r.rank.energy_rank_99 = 128, 128           # dense even at the lower end
+    r.rank.bounds = {"energy_rank_99": [128, 700], "numerical_rank": [128, 900]}
+    _, _, s = aggregate([r], THR)
+    assert s.form["kind"] == "dense" and s.form["matrices_undecided"] == 0
+    # a small undecided matrix beside a certainly dense one of 20x its size: dense
+    big = rec("model.layers.1.mlp.up_proj.weight", "changed", shape=(4000, 5000), nd=0.1, rank=(3000, 3000))
+    r.rank.numerical_rank, r.rank.energy_rank_99 = 64, 64
+    r.rank.bounds = {"energy_rank_99": [64, 700], "numerical_rank": [64, 900]}
+    _, _, s = aggregate([r, big], THR)
+    assert s.form["kind"] == "dense" and s.form["matrices_undecided"] == 1
 
 
 def test_headline_counts_unchanged_shared_rows_of_a_resized_vocabulary():

@@ -35,13 +35,33 @@ from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_r
 
 # ---------------------------------------------------------------- the summary
 
-def _low_rank_k(rec: TensorRecord) -> int | None:
-    ks = [k for k in (rank_upper(rec, "energy_rank_99"), rank_upper(rec, "numerical_rank")) if k is not None]
+def _low_rank_k(rec: TensorRecord, lower: bool = False) -> int | None:
+    """min(energy_rank_99, numerical_rank) at the upper end of their brackets, or the lower end."""
+    get = (lambda f: getattr(rec.rank, f, None)) if lower else (lambda f: rank_upper(rec, f))
+    ks = [int(k) for k in (get("energy_rank_99"), get("numerical_rank")) if k is not None]
     return min(ks) if ks else None
 
 
+def _rank_side(rec: TensorRecord, thresholds: Thresholds) -> str:
+    """``low`` when a matrix's change is low-rank at the upper end of its rank brackets, ``dense``
+    when it is not even at their lower end, ``undecided`` when the brackets straddle the rule (a
+    randomized top-k with `--exact-svd-max`, a DoRA adapter's certified bracket)."""
+    m, n = matrix_dims(rec)
+    cap = max(1.0, thresholds.low_rank_share * min(m, n))
+    if unresolved_quant_noise(rec):      # its numerical rank does not describe the change
+        return "dense"
+    hi_k, hi_n = _low_rank_k(rec), rank_upper(rec, "numerical_rank")
+    if hi_k is not None and hi_k <= cap and hi_n is not None and hi_n <= thresholds.low_rank_max:
+        return "low"
+    lo_k, lo_n = _low_rank_k(rec, lower=True), getattr(rec.rank, "numerical_rank", None)
+    if (lo_k is not None and lo_k > cap) or (lo_n is not None and lo_n > thresholds.low_rank_max) \
+            or lo_k is None or lo_n is None:
+        return "dense"
+    return "undecided"
+
+
 def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]:
-    """low_rank / sparse / dense, with the numbers behind it (see docs/pairing.md)."""
+    """low_rank / sparse / undecided / mixed / dense, with the numbers behind it (docs/pairing.md)."""
     mats = [r for r in changed if not is_mismatch(r) and matrix_dims(r) is not None]
     vecs = [r for r in changed if not is_mismatch(r) and matrix_dims(r) is None]
     ranked = [r for r in mats if r.rank is not None]
@@ -50,23 +70,21 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
     n_diff = sum((r.frac_beyond_rounding if r.frac_beyond_rounding is not None else (r.frac_changed or 0.0))
                  * r.numel_compared for r in compared)
     share = n_diff / n_el if n_el else None
-    low = []
-    for r in ranked:
-        m, n = matrix_dims(r)
-        k = _low_rank_k(r)
-        low.append(k is not None and k <= max(1.0, thresholds.low_rank_share * min(m, n))
-                   and rank_upper(r, "numerical_rank") <= thresholds.low_rank_max
-                   and not unresolved_quant_noise(r))   # its numerical rank does not describe the change
+    sides = [_rank_side(r, thresholds) for r in ranked]
+    low = [x == "low" for x in sides]
     mat_params = sum(r.numel for r in mats)
     low_params = sum(r.numel for r, is_low in zip(ranked, low) if is_low)
+    open_params = sum(r.numel for r, x in zip(ranked, sides) if x == "undecided")
     form: dict[str, Any] = {
         "kind": None,
         **max_rank_fields(ranked),
         **max_rank_fields(ranked, "energy_rank_99", "max_energy_rank_99"),
         "shares": {"low_rank": low_params / mat_params if mat_params else None,
-                   "dense": (mat_params - low_params) / mat_params if mat_params else None},
+                   "dense": (mat_params - low_params - open_params) / mat_params if mat_params else None,
+                   "undecided": open_params / mat_params if mat_params else None},
         "max_rank_share": max(((_low_rank_k(r) or 0) / min(matrix_dims(r)) for r in ranked), default=None),
         "matrices_changed": len(mats), "matrices_low_rank": sum(low), "matrices_without_rank": len(mats) - len(ranked),
+        "matrices_undecided": sides.count("undecided"),
         "vectors_changed": len(vecs), "changed_element_share": share,
         "basis": "spectrum" if ranked else "elements",
     }
@@ -77,6 +95,9 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
         form["kind"] = "low_rank"
     elif share is not None and share <= thresholds.sparse_frac:
         form["kind"] = "sparse"
+    elif mat_params and open_params and (shares["undecided"] >= thresholds.mixed_min_share
+                                         or shares["dense"] < thresholds.mixed_min_share):
+        form["kind"] = "undecided"        # rank brackets that straddle the rule decide the form
     elif mat_params and min(shares["low_rank"], shares["dense"]) >= thresholds.mixed_min_share:
         form["kind"] = "mixed"
     else:

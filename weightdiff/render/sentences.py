@@ -358,7 +358,7 @@ def plain_language(data: dict) -> list[str]:
     form = s.get("form") or {}
     if v == "derived" and s.get("delta_params"):
         kind = {"low_rank": "compact (low-rank)", "sparse": "sparse", "dense": "spread over many directions",
-                "mixed": "partly compact, partly spread out"}.get(form.get("kind"), "")
+                "mixed": "partly compact, partly spread out"}.get(form.get("kind"), "")   # undecided: no word
         most = "at most " if s.get("delta_params_lower") is not None else ""
         out.append(f"The change is {kind + ': ' if kind else ''}writing it down takes {most}"
                    f"{count(s['delta_params'])} numbers, {share(s.get('delta_params_share'))} of the model.")
@@ -390,6 +390,13 @@ def form_sentence(f: dict) -> str:
         sh = f.get("shares") or {}
         return (f"The change is mixed: low-rank matrices hold {share(sh.get('low_rank'))} of the changed matrices' "
                 f"parameters, dense ones {share(sh.get('dense'))}.")
+    if f.get("kind") == "undecided":
+        sh = f.get("shares") or {}
+        b = f.get("max_numerical_rank_bounds")
+        where = f" (numerical ranks up to {count(b[0])}-{count(b[1])})" if b else ""
+        return (f"Whether the change is low-rank or dense is not decided: matrices holding "
+                f"{share(sh.get('undecided'))} of the changed matrices' parameters have rank brackets that "
+                f"span the low-rank rule{where}; a full spectrum of each (the default --exact-svd-max) decides it.")
     if f.get("kind") == "sparse":
         return (f"The change is sparse: {share(f.get('changed_element_share'))} of the elements of the "
                 "changed tensors differ.")

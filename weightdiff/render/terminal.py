@@ -69,9 +69,12 @@ def render_text(result: dict, top: int = 10) -> str:
         extra = ""
         if form.get("max_numerical_rank") is not None or form.get("max_numerical_rank_bounds"):
             extra = f" (largest numerical rank {max_rank(form)})"
+        sh = form.get("shares") or {}
         if form["kind"] == "mixed":
-            sh = form.get("shares") or {}
             extra = f" ({share(sh.get('low_rank'))} low-rank, {share(sh.get('dense'))} dense, by parameters)" + extra
+        elif form["kind"] == "undecided":
+            extra = (f" ({share(sh.get('undecided'))} of the changed matrices' parameters have rank brackets that "
+                     f"span the low-rank rule)" + extra)
         lines.append(f"form      {form['kind']}{extra}")
     comps = s.get("components") or []
     if s.get("verdict") == "partial" or any(c.get("status") == "unrelated" for c in comps):
