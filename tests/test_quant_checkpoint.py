@@ -232,6 +232,29 @@ def test_malformed_quantization_is_bad_input(tmp_path, base_tensors, what, mutat
     assert message in str(exc.value) and "model.safetensors" in str(exc.value)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["qint8", "qint4"])
+def test_optimum_quanto_files_are_refused(tmp_path, base_tensors, packed):
+    """optimum-quanto 0.2.7's save_pretrained (QuantizedModelForCausalLM) writes no
+    quantization_config: `m.weight._data` (I8; U8 `m.weight._data._data` for 4 bits), `._scale`,
+    `._shift` and `input_scale`/`output_scale` beside them. Its codes were read as weights (a
+    `derived` verdict with a relative change of 1069 for the base's own quantization)."""
+    stored = _others(base_tensors)
+    for m in LINEARS:
+        w = base_tensors[f"{m}.weight"]
+        s = np.abs(w).max(axis=1, keepdims=True) / 127
+        if packed:
+            stored[f"{m}.weight._data._data"] = np.zeros((w.shape[0], w.shape[1] // 2), np.uint8)
+            stored[f"{m}.weight._shift"] = np.zeros((w.shape[0], 1), np.float32)
+        else:
+            stored[f"{m}.weight._data"] = np.round(w / s).astype(np.int8)
+        stored[f"{m}.weight._scale"] = s.astype(np.float32)
+        stored[f"{m}.input_scale"] = np.ones((), np.float32)
+    path = _save(tmp_path / "quanto", stored, None)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: .*\._data.* are an optimum-quanto quantized "
+                                              "weight, which weightdiff does not dequantize"):
+        locate(path)
+
+
 def test_unsupported_method_names_config(tmp_path, base_tensors):
     path = _save(tmp_path / "hqq", base_tensors, {"quant_method": "hqq"})
     with pytest.raises(CheckpointError, match="config.json: quantization method 'hqq' is not supported"):

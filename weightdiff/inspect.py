@@ -174,7 +174,7 @@ def render_text(summary: dict) -> str:
             more = f" and {len(names) - 1:,} more" if len(names) > 1 else ""
             lines.append(f"{'':<12}{e(fmt)}: {e(scheme)}  ({len(names):,}: {e(names[0])}{more})")
         if q["folded_away"]:
-            lines.append(f"{'':<12}{len(q['folded_away']):,} activation/KV-cache scales set aside "
+            lines.append(f"{'':<12}{len(q['folded_away']):,} activation/KV-cache scales and layout markers set aside "
                          f"(e.g. {e(q['folded_away'][0])})")
     a = summary["adapter"]
     if a is not None:

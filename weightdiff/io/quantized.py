@@ -359,15 +359,30 @@ def _special_names(tensors: dict) -> bool:
         return False
     if _SPECIAL is None:
         _SPECIAL = re.compile(r"(?:^|\.)(?:" + "|".join(map(re.escape, _LEAVES)) + r")$|_blocks$|"
-                              r"\.quant_state\.bitsandbytes__", re.M)
+                              r"\.quant_state\.bitsandbytes__|\._data$", re.M)
     return _SPECIAL.search(joined) is not None
+
+
+_QUANTO = re.compile(r"^(.+?)(?:\._data)+$", re.M)
+
+
+def _refuse_quanto(tensors: dict[str, TensorInfo]) -> None:
+    """optimum-quanto's own files store each quantized weight as ``m.weight._data`` (I8 or fp8 codes;
+    ``m.weight._data._data``: packed 4-bit U8) beside ``m.weight._scale`` (and ``._shift``), with no ``quantization_config``: read as
+    plain tensors, its codes would be compared as weights. weightdiff does not dequantize it."""
+    for m in _QUANTO.finditer("\n".join(n for n in tensors if n.endswith("._data"))):
+        if m.group(1) + "._scale" in tensors:
+            raise _err(tensors[m.group(0)], f"{_q(m.group(0))} and {_q(m.group(1) + '._scale')} are an "
+                       "optimum-quanto quantized weight, which weightdiff does not dequantize",
+                       "save the model's float weights (quanto's dequantize, or the checkpoint it was "
+                       "quantized from) and compare those")
 
 
 _SPECIAL = None
 _LEAVES = sorted({"qweight", "weight_packed", "SCB", "weight_scale", "weight_scale_inv",
                   *ACTIVATION_SCALES, *_COMPANIONS, *_COMPANIONS_IF_QUANTIZED})
 #: every name the expression matches contains one of these (the leaves, ``_blocks``, the bnb state)
-_WORDS = (*_LEAVES, "_blocks", ".quant_state.bitsandbytes__")
+_WORDS = (*_LEAVES, "_blocks", ".quant_state.bitsandbytes__", "._data")
 
 
 def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
@@ -385,6 +400,7 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
                               "supported: pack-quantized, int-quantized, float-quantized, naive-quantized")
     if not _special_names(tensors):           # nothing to fold (most checkpoints): the same tensors
         return dict(tensors), {}, []
+    _refuse_quanto(tensors)
     sources: dict[str, Source] = {}
     owner: dict[str, str] = {}                  # stored name -> logical name
     hidden: list[str] = []
