@@ -152,11 +152,12 @@ def test_gguf_of_a_rank4_fine_tune_reads_low_rank(tmp_path, qname):
     assert r.summary.delta_params_share < 0.1       # priced at the rank above the noise, not its energy rank
 
 
-@pytest.mark.parametrize("qname", ["Q8_0", "Q4_K"])
-def test_gguf_of_a_dense_fine_tune_reads_dense(tmp_path, qname):
+@pytest.mark.parametrize("qname, rel", [("Q8_0", 1e-2), ("Q4_K", 0.3)])
+def test_gguf_of_a_dense_fine_tune_reads_dense(tmp_path, qname, rel):
+    """(A dense 1e-2 change is far below Q4_K's noise: it reads undecided, tested below.)"""
     rng = np.random.default_rng(7)
     r = _gguf_pair(tmp_path, np.random.default_rng(5),
-                   lambda v: rng.standard_normal(v.shape) * 1e-2 * np.linalg.norm(v) / np.sqrt(v.size), qname)
+                   lambda v: rng.standard_normal(v.shape) * rel * np.linalg.norm(v) / np.sqrt(v.size), qname)
     assert r.summary.form["kind"] == "dense"
     assert r.summary.delta_params_share > 0.5
 
@@ -213,3 +214,26 @@ def test_a_nan_scale_is_not_within_the_floor(tmp_path, models, kind):
     assert r.summary.verdict == "derived", r.summary.verdict_reason
     bad = [t for t in r.tensors if t.quant and not t.quant["within"]]
     assert len(bad) == 1 and bad[0].quant["beyond"] > 0 and bad[0].nonfinite > 0
+
+
+def test_rank_of_a_calibrated_format_counts_above_the_quantization_noise(tmp_path, models):
+    """compressed-tensors integer weights (first-group test) got the float32 rounding floor: a
+    rank-4 fine-tune then int8-quantized read "dense (largest numerical rank 256)"."""
+    base, tuned = models
+    stored, qc, _ = _build("ct-int8", tuned)
+    r = _judge(tmp_path, base, stored, qc, rank=True)
+    ranked = [t for t in r.tensors if t.rank is not None and t.status == "changed"]
+    assert ranked and all(t.quant["test"] == "first-group" for t in ranked)
+    assert all(t.rank.extra.get("noise_model") == "quantization" for t in ranked)
+    assert all(3 <= t.rank.numerical_rank <= 5 for t in ranked), [t.rank.numerical_rank for t in ranked]
+    assert r.summary.form["kind"] == "low_rank"
+
+
+def test_a_change_at_the_quantization_noise_level_is_undecided_not_dense(tmp_path):
+    """Nothing resolved above the modelled noise (numerical rank 0): the form cannot be told, so it
+    reads undecided (it read "dense (largest numerical rank 0)")."""
+    rng = np.random.default_rng(11)
+    r = _gguf_pair(tmp_path, np.random.default_rng(5), _rank4(rng, 0.002), "Q4_0")
+    ranked = [t for t in r.tensors if t.rank is not None and t.status == "changed"]
+    assert ranked and all(t.rank.numerical_rank == 0 for t in ranked), [t.rank.numerical_rank for t in ranked]
+    assert r.summary.verdict == "derived" and r.summary.form["kind"] == "undecided"

@@ -45,11 +45,14 @@ def _low_rank_k(rec: TensorRecord, lower: bool = False) -> int | None:
 def _rank_side(rec: TensorRecord, thresholds: Thresholds) -> str:
     """``low`` when a matrix's change is low-rank at the upper end of its rank brackets, ``dense``
     when it is not even at their lower end, ``undecided`` when the brackets straddle the rule (a
-    randomized top-k with `--exact-svd-max`, a DoRA adapter's certified bracket)."""
+    randomized top-k with `--exact-svd-max`, a DoRA adapter's certified bracket) or when no
+    direction stands above the modelled quantization noise (a change at that noise's level)."""
     m, n = matrix_dims(rec)
     cap = max(1.0, thresholds.low_rank_share * min(m, n))
-    if unresolved_quant_noise(rec):      # its numerical rank does not describe the change
-        return "dense"
+    if unresolved_quant_noise(rec):      # its numerical rank does not describe the change:
+        # nothing resolved above the modelled quantization noise (the change is at its level), or a
+        # bulk of energy left over beside what was resolved (dense)
+        return "undecided" if not (getattr(rec.rank, "numerical_rank", None) or 0) else "dense"
     hi_k, hi_n = _low_rank_k(rec), rank_upper(rec, "numerical_rank")
     if hi_k is not None and hi_k <= cap and hi_n is not None and hi_n <= thresholds.low_rank_max:
         return "low"

@@ -219,8 +219,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                                tuple(shape_t), WINDOW_ELEMENTS, stop)
         if rec.quant is not None and rec.quant.get("within") and rec.status in ("changed", "rounding"):
             rec.status = "quantized"
-        elif rec.quant is not None and rec.quant.get("test") == "bound" and rec.status == "changed":
-            above = True                           # rank the part of the change above the floor
+        elif rec.quant is not None and rec.quant.get("test") not in (None, "none") and rec.status == "changed":
+            above = True                           # rank the whole change above the quantization noise
 
     nd = rec.norm_delta
     nf_b, nf_t = (int(fields.get(k, 0) or 0) for k in ("nonfinite_base", "nonfinite_tuned"))

@@ -78,9 +78,10 @@ FORMS = [
      "(Hu et al. 2021) leaves."),
     ("sparse", "otherwise, when the elements that changed beyond rounding are at most sparse_frac of the changed "
      "tensors' elements."),
-    ("undecided", "otherwise, when matrices whose rank brackets span the low-rank rule (low-rank at their "
-     "upper end no, at their lower end yes) hold at least mixed_min_share of the changed matrices' parameters, "
-     "or any do and the certainly dense ones hold less: the form is not decided."),
+    ("undecided", "otherwise, when matrices whose rank cannot decide the low-rank rule (a bracket that is "
+     "low-rank at its lower end but not at its upper end, or no direction above the modelled quantization "
+     "noise) hold at least mixed_min_share of the changed matrices' parameters, or any do and the certainly "
+     "dense ones hold less."),
     ("mixed", "otherwise, when low-rank matrices and the others each hold at least mixed_min_share of the changed "
      "matrices' parameters (both shares are reported)."),
     ("dense", "otherwise: the change spreads over many directions, as full fine-tuning does."),

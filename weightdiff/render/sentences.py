@@ -394,9 +394,10 @@ def form_sentence(f: dict) -> str:
         sh = f.get("shares") or {}
         b = f.get("max_numerical_rank_bounds")
         where = f" (numerical ranks up to {count(b[0])}-{count(b[1])})" if b else ""
-        return (f"Whether the change is low-rank or dense is not decided: matrices holding "
-                f"{share(sh.get('undecided'))} of the changed matrices' parameters have rank brackets that "
-                f"span the low-rank rule{where}; a full spectrum of each (the default --exact-svd-max) decides it.")
+        return (f"Whether the change is low-rank or dense is not decided: for matrices holding "
+                f"{share(sh.get('undecided'))} of the changed matrices' parameters the rank is a bracket that "
+                f"spans the low-rank rule{where}, or no direction of the change stands above the "
+                f"quantization noise.")
     if f.get("kind") == "sparse":
         return (f"The change is sparse: {share(f.get('changed_element_share'))} of the elements of the "
                 "changed tensors differ.")

@@ -73,8 +73,8 @@ def render_text(result: dict, top: int = 10) -> str:
         if form["kind"] == "mixed":
             extra = f" ({share(sh.get('low_rank'))} low-rank, {share(sh.get('dense'))} dense, by parameters)" + extra
         elif form["kind"] == "undecided":
-            extra = (f" ({share(sh.get('undecided'))} of the changed matrices' parameters have rank brackets that "
-                     f"span the low-rank rule)" + extra)
+            extra = (f" ({share(sh.get('undecided'))} of the changed matrices' parameters have a rank that cannot "
+                     f"decide it)" + extra)
         lines.append(f"form      {form['kind']}{extra}")
     comps = s.get("components") or []
     if s.get("verdict") == "partial" or any(c.get("status") == "unrelated" for c in comps):
