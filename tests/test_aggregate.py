@@ -335,6 +335,13 @@ def test_low_rank_needs_every_ranked_matrix_low_and_numerical_rank_counts():
     # one low-rank and one dense matrix of the same size: mixed, half and half (rule 8)
     assert s.form["kind"] == "mixed" and s.form["matrices_low_rank"] == 1
     assert s.form["shares"] == {"low_rank": 0.5, "dense": 0.5, "undecided": 0.0}
+    # a LoRA over big matrices beside a small fully trained head: mixed (it read dense, the rule
+    # needing 5% on both sides), with the sentence giving both shares
+    head = rec("score.weight", "changed", shape=(4, 128), nd=0.1, rank=(4, 4))
+    lora = [rec(f"h.{i}.w", "changed", shape=(128, 128), nd=0.1, rank=(90, 5)) for i in range(8)]
+    _, _, s = aggregate(lora + [head], THR)
+    assert s.form["kind"] == "mixed" and s.form["shares"]["dense"] < 0.05
+    assert "The change is mixed" in sentences.form_sentence(s.form)
 
 
 # ---------------------------------------------------------------- structure: added, removed, resized, tied
@@ -355,6 +362,13 @@ def test_removed_only_is_derived_not_identical():
     assert s.verdict == "derived" and s.flags == ["removed_tensors"]
     assert s.params_by_status["removed"] == 4 and s.params_total == 68 and s.delta_params == 0
     assert s.scope["tensors_total"] == 1
+    # the shares of "the tuned model" leave the removed base tensor out (a pruned model read "94.1%
+    # bitwise unchanged" of 68 parameters it does not have)
+    assert "100% of parameters are bitwise unchanged." in s.headline
+    from weightdiff.render.sentences import plain_language
+    text = " ".join(plain_language({"summary": s.to_dict() if hasattr(s, "to_dict") else vars(s),
+                                    "tuned": {"path": "pruned"}, "base": [{"path": "base"}]}))
+    assert "Of the 64 parameters of" in text and "100% are bit for bit the same" in text
 
 
 def test_resized_vocabulary_accounting():

@@ -30,3 +30,15 @@ def test_a_change_with_no_rank_above_the_noise_floor_is_not_called_rank_zero_low
          "max_energy_rank_99": 0, "max_energy_rank_99_bounds": None}
     text = form_sentence(f)
     assert "noise floor" in text and "low-rank" not in text
+
+
+def test_plain_language_with_no_form_word_is_a_sentence():
+    """Only added tensors: no form, and "The change is writing it down takes ..." was printed."""
+    from weightdiff.render.sentences import plain_language
+
+    data = {"summary": {"verdict": "derived", "delta_params": 128, "delta_params_share": 0.01,
+                        "form": {"kind": None}, "params_total": 12800},
+            "tensors": [{"name": "score.weight", "status": "added", "numel": 128}]}
+    text = " ".join(plain_language(data))
+    assert "Writing the change down takes 128 numbers, 1.0% of the model." in text
+    assert "The change is writing" not in text

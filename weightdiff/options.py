@@ -46,7 +46,8 @@ class Thresholds:
     low_rank_max: int = 256
     #: form is `sparse` when the changed elements are at most this share of the changed tensors' elements
     sparse_frac: float = 0.1
-    #: form is `mixed` when low-rank and dense matrices each hold at least this share of the changed matrices' parameters
+    #: form is `mixed` when low-rank matrices hold at least this share of the changed matrices' parameters (and
+    #: others the rest); `undecided` when matrices of undecided rank hold at least this share
     mixed_min_share: float = 0.05
     #: `inconclusive` when the compared share of the large-matrix parameters is below this on both sides
     min_coverage: float = 0.25

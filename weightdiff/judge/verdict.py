@@ -101,7 +101,9 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
     elif mat_params and open_params and (shares["undecided"] >= thresholds.mixed_min_share
                                          or shares["dense"] < thresholds.mixed_min_share):
         form["kind"] = "undecided"        # rank brackets that straddle the rule decide the form
-    elif mat_params and min(shares["low_rank"], shares["dense"]) >= thresholds.mixed_min_share:
+    elif mat_params and shares["low_rank"] >= thresholds.mixed_min_share:
+        # low-rank matrices hold a real share and the rest is not low-rank: mixed, however small
+        # the rest (a LoRA beside a fully trained classifier head is not "dense")
         form["kind"] = "mixed"
     else:
         form["kind"] = "dense"

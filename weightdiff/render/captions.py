@@ -18,7 +18,7 @@ from statistics import median
 from typing import Any, Iterable
 
 from . import sentences
-from .formats import count, num, rank_text, sci, share
+from .formats import count, num, rank_text, sci, share, tuned_params
 
 #: statuses in the order the parameter-share figure and the tables list them
 STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
@@ -172,7 +172,7 @@ def caption_heatmap(data: dict) -> str:
 
 def caption_params(data: dict) -> str:
     s = data.get("summary") or {}
-    by, total = s.get("params_by_status") or {}, s.get("params_total") or 0
+    by, total = s.get("params_by_status") or {}, tuned_params(s)
     if not total:
         return "Share of parameters by status: the model has no parameters."
     parts = [f"{share(by.get(k, 0) / total)} {STATUS_LABEL[k]}" for k in STATUS_ORDER[:-1] if by.get(k)]

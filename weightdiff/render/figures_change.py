@@ -27,7 +27,7 @@ def draw_params(data: dict) -> Figure:
     ax = fig.add_subplot()
     ax.set_title("Share of parameters by status")
     s = data.get("summary") or {}
-    by, total = s.get("params_by_status") or {}, s.get("params_total") or 0
+    by, total = s.get("params_by_status") or {}, fmt.tuned_params(s)
     if not total:
         _empty(ax, "no parameters")
         return fig

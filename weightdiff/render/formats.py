@@ -36,6 +36,11 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def tuned_params(s: dict) -> int:
+    """Parameters of the tuned model: ``params_total`` less the removed base parameters it counts."""
+    return max(0, int(s.get("params_total") or 0) - int((s.get("params_by_status") or {}).get("removed", 0) or 0))
+
+
 def count(n: Any) -> str:
     """``6912000`` -> ``'6,912,000'``."""
     return f"{int(n):,}" if _finite(n) else MISSING

@@ -98,7 +98,7 @@ def run_date(data: dict) -> str:
 def key_figures(data: dict) -> list[list[Inline]]:
     """The five rows of the first page's key-figures table: figure, value, what it means."""
     s = data.get("summary") or {}
-    total = s.get("params_total") or 0
+    total = fmt.tuned_params(s)
     unchanged = (s.get("params_by_status") or {}).get("unchanged", 0)
     ref = reference_of(data)
     points = {p["key"]: p for p in ref.get("points") or []}

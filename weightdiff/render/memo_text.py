@@ -82,8 +82,8 @@ FORMS = [
      "low-rank at its lower end but not at its upper end, or no direction above the modelled quantization "
      "noise) hold at least mixed_min_share of the changed matrices' parameters, or any do and the certainly "
      "dense ones hold less."),
-    ("mixed", "otherwise, when low-rank matrices and the others each hold at least mixed_min_share of the changed "
-     "matrices' parameters (both shares are reported)."),
+    ("mixed", "otherwise, when low-rank matrices hold at least mixed_min_share of the changed matrices' "
+     "parameters and the others the rest, however small (both shares are reported)."),
     ("dense", "otherwise: the change spreads over many directions, as full fine-tuning does."),
 ]
 
@@ -96,8 +96,8 @@ THRESHOLD_MEANING = {
     "low_rank_share": "form is low_rank when min(energy_rank_99, numerical_rank) is at most this share of min(m, n) ...",
     "low_rank_max": "... and numerical rank at most this",
     "sparse_frac": "form is sparse when elements changed beyond rounding are at most this share of the changed tensors",
-    "mixed_min_share": "form is mixed when low-rank and other matrices each hold at least this share of the changed "
-                       "matrices' parameters",
+    "mixed_min_share": "form is mixed when low-rank matrices hold at least this share of the changed matrices' "
+                       "parameters and others the rest; undecided when matrices of undecided rank hold this share",
     "min_coverage": "inconclusive when less than this share of the large matrices was compared on both sides",
 }
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .formats import count, num, sci, share
+from .formats import count, num, sci, share, tuned_params
 
 __all__ = ["verdict_title", "verdict_reason", "headline", "coverage_sentence", "form_sentence", "matrices_phrase",
            "is_tied_row", "PAIRED", "plain_language", "model_label", "plural"]
@@ -223,7 +223,7 @@ def headline(data: dict) -> list[str]:
     s: dict[str, Any] = data.get("summary") or {}
     counted = _counted(data)
     by = s.get("params_by_status") or {}
-    total = s.get("params_total")
+    total = tuned_params(s)
     out = [s.get("verdict_reason") or verdict_reason(data)]
     if total:
         unchanged = by.get("unchanged", 0)
@@ -317,7 +317,7 @@ def plain_language(data: dict) -> list[str]:
     tuned = model_label(data.get("tuned"))
     bases = data.get("base") or []
     base = " and ".join(model_label(b) for b in bases) or "the base"
-    total = s.get("params_total") or 0
+    total = tuned_params(s)           # "of <tuned>": removed base parameters are not the tuned model's
     by = s.get("params_by_status") or {}
     v = s.get("verdict")
     points = {p["key"]: p for p in reference_of(data).get("points") or []}
@@ -360,7 +360,8 @@ def plain_language(data: dict) -> list[str]:
         kind = {"low_rank": "compact (low-rank)", "sparse": "sparse", "dense": "spread over many directions",
                 "mixed": "partly compact, partly spread out"}.get(form.get("kind"), "")   # undecided: no word
         most = "at most " if s.get("delta_params_lower") is not None else ""
-        out.append(f"The change is {kind + ': ' if kind else ''}writing it down takes {most}"
+        lead = f"The change is {kind}: writing" if kind else "Writing the change down"
+        out.append(f"{lead} {'it down ' if kind else ''}takes {most}"
                    f"{count(s['delta_params'])} numbers, {share(s.get('delta_params_share'))} of the model.")
     added = [t for t in data.get("tensors") or [] if t.get("status") == "added" and not is_tied_row(t)]
     if added and v != "unrelated":
