@@ -83,7 +83,8 @@ def _gptq_files(w_by_name, others, x, actorder):
     return stored, qc
 
 
-def test_gptq_with_error_compensation(tmp_path, models, actorder=True):
+@pytest.mark.parametrize("actorder", [True, False], ids=["desc_act", "in_order"])
+def test_gptq_with_error_compensation(tmp_path, models, actorder):
     """Compensated GPTQ moves a third of the elements past half a step: the bound fails on the base,
     the first-group test passes it, and still catches the fine-tune."""
     base, tuned = models
@@ -237,3 +238,32 @@ def test_a_change_at_the_quantization_noise_level_is_undecided_not_dense(tmp_pat
     ranked = [t for t in r.tensors if t.rank is not None and t.status == "changed"]
     assert ranked and all(t.rank.numerical_rank == 0 for t in ranked), [t.rank.numerical_rank for t in ranked]
     assert r.summary.verdict == "derived" and r.summary.form["kind"] == "undecided"
+
+
+def test_a_small_fine_tune_then_round_to_nearest_int4_is_derived(tmp_path, models):
+    """compressed-tensors int4 by plain rounding of a 1e-2 rank-4 fine-tune: about 2% of the
+    elements beyond the floor. The first-group test took any of the first group's 64 columns with
+    nothing beyond as the uncompensated one and read quantized_only; without an activation order
+    GPTQ's first column is column 0, and only it is taken."""
+    base, _ = models
+    old = T.OUT
+    T.OUT = ROWS
+    try:
+        tuned = T.fine_tune(np.random.default_rng(8), base, rel=0.01, rank=4)
+    finally:
+        T.OUT = old
+    stored, qc, _ = _build("ct-pack-int4", tuned)
+    r = _judge(tmp_path, base, stored, qc)
+    q = [t.quant for t in r.tensors if t.quant]
+    assert all(x["test"] == "first-group" and 0 < x["beyond_share"] < 0.1 for x in q), q
+    assert r.summary.verdict == "derived", [(x["beyond_share"], x["first_group_min_beyond"]) for x in q]
+
+
+def test_first_columns_follow_the_recorded_order():
+    from weightdiff.io.quant_sources import first_columns
+
+    assert first_columns(None, False, 256).tolist() == [0]
+    assert first_columns(np.arange(256) // 64, False, 256).tolist() == [0]       # plain g_idx
+    perm = np.random.default_rng(0).permutation(256)
+    assert sorted(first_columns(perm // 64, True, 256).tolist()) == sorted(np.flatnonzero(perm // 64 == 0).tolist())
+    assert first_columns(None, True, 256).size == 256          # static/weight actorder: order not stored

@@ -124,20 +124,18 @@ class IntGrid(Source):
 
     def __init__(self, name, shape, scheme, path, codes: TensorInfo, bits: int, scale: TensorInfo,
                  zero: TensorInfo | None, g_idx: TensorInfo | None, strategy: str, group: int | None,
-                 block: tuple[int, int] | None, packed: bool):
+                 block: tuple[int, int] | None, packed: bool, actorder: bool = False):
         super().__init__(name, shape, scheme, path)
         self.codes, self.bits, self.scale, self.zero, self.g_idx = codes, bits, scale, zero, g_idx
         self.strategy, self.group, self.block, self.packed = strategy, group, block, packed
+        self.actorder = actorder
         self.sdtype = scale.dtype if scale.dtype in ("BF16", "F16") else "F32"
 
     def first_group(self, read, ncols: int) -> np.ndarray:
-        """Columns a GPTQ-style quantizer (llm-compressor) processed first: ``weight_g_idx == 0``,
-        the first group, or (channel/tensor scales, order unknown) every column."""
-        if self.g_idx is not None:
-            return np.flatnonzero(read(self.g_idx.name).astype(np.int64) == 0)
-        if self.strategy == "group":
-            return np.arange(min(self.group, ncols))
-        return np.arange(ncols)
+        """Columns one of which a GPTQ-style quantizer (llm-compressor) processed first, before any
+        compensation: column 0 without an activation order; with one, ``weight_g_idx == 0`` (actorder
+        ``group``), or every column (``static``/``weight``: the order is not stored)."""
+        return first_columns(read(self.g_idx.name) if self.g_idx is not None else None, self.actorder, ncols)
 
     def _zeros(self, read) -> np.ndarray | int:
         if self.zero is None:
@@ -176,18 +174,31 @@ class IntGrid(Source):
         return K.dequant_int(q, z_el, s_el, self.sdtype, -half, half - 1)
 
 
+def first_columns(g_idx: np.ndarray | None, actorder: bool, ncols: int) -> np.ndarray:
+    """The columns among which GPTQ's first processed column lies (it is plainly rounded: its error
+    compensation only moves later columns). Without an activation order it processes the columns in
+    order, so column 0, also when a stored ``g_idx`` is the plain ``arange // group``; with one,
+    the first group of that order (``g_idx == 0``), or every column when no ``g_idx`` records it."""
+    if g_idx is not None:
+        g = np.asarray(g_idx).astype(np.int64).reshape(-1)
+        if not actorder and g.size and bool(np.all(g[1:] >= g[:-1])):
+            return np.arange(min(1, ncols))
+        return np.flatnonzero(g == 0)
+    return np.arange(ncols) if actorder else np.arange(min(1, ncols))
+
+
 class GPTQ(Source):
     def first_group(self, read, ncols: int) -> np.ndarray:
-        """Columns the quantizer processed first (``g_idx == 0``: with desc_act, the first group of
-        its activation order), which its error compensation had not yet moved."""
+        """Columns one of which the quantizer processed first (``first_columns``: column 0 without
+        desc_act; with it, ``g_idx == 0``), which its error compensation had not yet moved."""
         gi = self.t[3]
-        g = read(gi.name).astype(np.int64) if gi is not None else np.arange(ncols) // self.group
-        return np.flatnonzero(g == 0)
+        return first_columns(read(gi.name) if gi is not None else None, self.actorder, ncols)
 
-    def __init__(self, name, shape, scheme, path, qweight, qzeros, scales, g_idx, bits, v1, group):
+    def __init__(self, name, shape, scheme, path, qweight, qzeros, scales, g_idx, bits, v1, group,
+                 actorder: bool = False):
         super().__init__(name, shape, scheme, path)
         self.t = (qweight, qzeros, scales, g_idx)
-        self.bits, self.v1, self.group = bits, v1, group
+        self.bits, self.v1, self.group, self.actorder = bits, v1, group, actorder
         self.sdtype = scales.dtype if scales.dtype in ("BF16", "F16") else "F32"
 
     def rows(self, read, read_rows, r0, r1):

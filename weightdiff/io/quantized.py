@@ -201,7 +201,8 @@ def _gptq_awq(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
         label = f"int{bits} group {group if group and group < in_f else 'channel'}{desc}{sym}, " \
                 f"{'v1 zeros (+1)' if v1 else 'v2 zeros'}"
         sch = _scheme("gptq", label, bits, str(group), True, [t for t in (qw, qz, sc, gi) if t is not None])
-        return GPTQ(mod + ".weight", (out_f, in_f), sch, qw.path, qw, qz, sc, gi, bits, v1, group)
+        return GPTQ(mod + ".weight", (out_f, in_f), sch, qw.path, qw, qz, sc, gi, bits, v1, group,
+                    actorder=bool(qc.get("desc_act")))
     bits = bits or 4
     version = str(qc.get("version", "gemm")).lower()
     if version != "gemm":
@@ -285,8 +286,10 @@ def _ct_int(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
             "tensor": "per-tensor", "block": f"{block[0]}x{block[1]} blocks" if block else ""}[strategy]
     label = f"int{bits} {'asym' if zp is not None else 'sym'}, {what} ({fmt})"
     sch = _scheme("compressed-tensors", label, bits, str(group or strategy), True, parts)
+    # llm-compressor records its GPTQ column order as `actorder` (null, "group", "static", "weight")
+    actorder = any(w.get("actorder") not in (None, False, "", "none", "None") for w in _ct_weights(qc))
     return IntGrid(mod + ".weight", (R, C), sch, codes.path, codes, bits, sc, zp, gi, strategy, group,
-                   block, packed)
+                   block, packed, actorder)
 
 
 _BNB_MARKER = ".quant_state.bitsandbytes__"
