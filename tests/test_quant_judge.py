@@ -267,3 +267,18 @@ def test_first_columns_follow_the_recorded_order():
     perm = np.random.default_rng(0).permutation(256)
     assert sorted(first_columns(perm // 64, True, 256).tolist()) == sorted(np.flatnonzero(perm // 64 == 0).tolist())
     assert first_columns(None, True, 256).size == 256          # static/weight actorder: order not stored
+
+
+def test_two_quantizations_say_both_sides_are_quantized(tmp_path, models):
+    """Both sides quantized: the floors add (up to one step apart), so "quantized from this base" and
+    "explained by quantizing the base" overclaim; the reason says what the test can and cannot see."""
+    from weightdiff.render.sentences import verdict_title
+
+    base, _ = models
+    b, bqc, _ = _build("bnb-int8", base)
+    t, tqc, _ = _build("bnb-nf4-nested", base)
+    r = compare(T._save(tmp_path / "b", b, bqc), T._save(tmp_path / "t", t, tqc), rank=False)
+    s = r.summary
+    assert s.verdict == "quantized_only" and s.quantization["sides"] == ["both"]
+    assert s.verdict_reason.startswith("Both models are quantized:") and "would not show" in s.verdict_reason
+    assert "quantizing the same weights twice" in verdict_title(s.to_dict())

@@ -56,6 +56,9 @@ def verdict_title(summary: dict) -> str:
         return "DERIVED: this base with tensors added or removed; none of its own weights changed."
     if untouched and (summary.get("scope") or {}).get("blocks_moved"):
         return "DERIVED: this base's blocks, reordered or repeated; none of its weights changed."
+    if v == "quantized_only" and (summary.get("quantization") or {}).get("sides") == ["both"]:
+        return ("QUANTIZED ONLY: every difference is explained by quantizing the same weights twice "
+                "(both models are quantized).")
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
@@ -174,6 +177,14 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                          "payloads) or within its rounding")
         return "; ".join(parts) + "; no weight moved beyond it."
     q = s.get("quantization") or {}
+    if v == "quantized_only" and q.get("sides") == ["both"]:
+        unknown = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
+        return (f"Both models are quantized: all {count(tbs.get('quantized', 0))} quantized tensors differ only "
+                f"within their two quantization noise floors together {_quant_how(q)} (up to about one "
+                "quantization step), as two quantizations of the same weights can; at this precision a change "
+                "smaller than a quantization step would not show either. Every other tensor is unchanged or "
+                "within rounding"
+                + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + ".")
     if v == "quantized_only":
         unknown = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
         return (f"Quantized from this base: all {count(tbs.get('quantized', 0))} quantized tensors differ from it "
