@@ -107,3 +107,37 @@ def test_nothing_reordered_reads_one_matrix_per_block_and_moves_nothing(tmp_path
     reads.clear()
     plan([locate(b)], locate(t), content=False)
     assert reads == []
+
+
+def test_sparse_upcycled_experts_all_pair_with_the_dense_mlp(tmp_path):
+    """Sparse upcycling: every expert of each MoE layer starts as that layer's dense MLP. Content
+    pairing gave each dense matrix to one expert and left the other experts `added` (half the
+    model "new"); a base matrix may now serve several tuned ones, so only the routers are added."""
+    base = _base_layers(2)
+    b = write_checkpoint(tmp_path / "base", _model(base))
+    rng = np.random.default_rng(5)
+    moe = {}
+    for k, layer in enumerate(base):
+        for s, v in layer.items():
+            if not s.startswith("mlp."):
+                moe[f"model.layers.{k}.{s}"] = v
+        for e in range(4):
+            for new, old in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
+                w = layer[f"mlp.{old}.weight"]
+                moe[f"model.layers.{k}.block_sparse_moe.experts.{e}.{new}.weight"] = \
+                    (w + rng.normal(size=w.shape) * 0.002).astype(np.float32)
+        moe[f"model.layers.{k}.block_sparse_moe.gate.weight"] = rng.normal(size=(4, 64)).astype(np.float32)
+    rest = _model([])
+    t = write_checkpoint(tmp_path / "moe", {**rest, **moe})
+    p = plan([locate(b)], locate(t))
+    got = {q.tuned_name: q for q in p.pairs if q.tuned_name}
+    for k in range(2):
+        for e in range(4):
+            q = got[f"model.layers.{k}.block_sparse_moe.experts.{e}.w2.weight"]
+            assert (q.kind, q.base_name, q.paired_by) == ("paired", f"model.layers.{k}.mlp.down_proj.weight", "content")
+    assert sorted(q.tuned_name for q in p.pairs if q.kind == "added") == \
+        ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.gate.weight"]
+    assert any("that another tensor also copies" in n for n in p.notes)
+    s = compare(b, t, rank=False).summary
+    assert s.verdict == "derived" and s.tensors_by_status["added"] == 2
+    assert s.coverage["base"]["share"] == 1.0

@@ -165,7 +165,8 @@ def _fingerprint(rows: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
 
 def content_pairs(tuned: dict[str, tuple], base: dict[str, tuple],
                   read_tuned: Callable[[str, np.ndarray], np.ndarray],
-                  read_base: Callable[[str, np.ndarray], np.ndarray]) -> list[tuple[str, str, bool, float]]:
+                  read_base: Callable[[str, np.ndarray], np.ndarray],
+                  reuse: bool = False) -> list[tuple[str, str, bool, float]]:
     """Pairs (tuned name, base name, transposed, correlation) of leftover matrices by content.
 
     ``tuned``/``base`` map leftover names to shapes; ``read_*(name, rows)`` return those rows
@@ -174,6 +175,7 @@ def content_pairs(tuned: dict[str, tuple], base: dict[str, tuple],
     transposed candidate, base rows and columns swap). A pair is accepted when the score is
     at least CONTENT_MIN_CORR and CONTENT_SIGMAS / sqrt(k * k) (chance gives about 0 with
     that standard deviation), and when neither side scores higher with another candidate.
+    With ``reuse`` a base matrix may serve several tuned ones (each takes its best base).
     """
     fp_t: dict[str, dict] = {}
     fp_b: dict[str, dict] = {}
@@ -210,7 +212,7 @@ def content_pairs(tuned: dict[str, tuple], base: dict[str, tuple],
         size = fp_t[tn]["N"].size
         if score < max(CONTENT_MIN_CORR, CONTENT_SIGMAS / math.sqrt(size)):
             break
-        if tn in used_t or bn in used_b or score < best_t[tn] or score < best_b[bn]:
+        if tn in used_t or score < best_t[tn] or (not reuse and (bn in used_b or score < best_b[bn])):
             continue
         used_t.add(tn)
         used_b.add(bn)
@@ -259,6 +261,26 @@ def pair_by_content(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases:
             n_t = sum(1 for f in found if f[2])
             notes.append(f"{len(found)} tensors paired with base {i} by content (sampled rows correlate "
                          f"far above chance){f'; {n_t} of them transposed' if n_t else ''}")
+        # what is left may copy a base matrix another tensor already copies: each expert of a model
+        # upcycled from a dense one starts as the dense MLP (sparse upcycling), a duplicated head
+        if left and found:
+            again = {n: tuple(info.shape) for n, info in base.tensors.items() if decodable(info.dtype)}
+            try:
+                more = content_pairs({n: p.shape_tuned for n, (_, p) in left.items()}, again,
+                                     _rows_reader(tuned, sources), _rows_reader(base), reuse=True)
+            except (ValueError, KeyError, OSError):
+                more = []
+            for tname, bname, transposed, score in more:
+                j, p = left.pop(tname)
+                info = base.tensors[bname]
+                out[j] = (out[j][0], Pair(tname, bname, i, "paired", p.shape_tuned,
+                                          tuple(int(x) for x in info.shape), p.dtype_tuned, info.dtype,
+                                          tuned_source=p.tuned_source, paired_by="content",
+                                          transposed=transposed))
+                used[i].add(bname)
+            if more:
+                notes.append(f"{len(more)} more tensors paired by content with base {i} tensors that another "
+                             "tensor also copies (experts upcycled from one dense MLP, duplicated matrices)")
 
 
 def realign_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],
