@@ -349,3 +349,24 @@ def test_a_corrupt_file_on_the_hub_fails_the_same_parser(server, hf):
     line = one_error(*run("compare", "org/base", "org/corrupt", "--stream")[::2])
     assert line.startswith("error: hf://org/corrupt/model.safetensors: header declares")
     assert "truncated download?" in line
+
+
+# -- a hostile or faulty Hub (probe H) -----------------------------------------------------------
+
+def _sharded_without_last(server) -> None:
+    """org/holey: the index of org/tuned@v1 with its last shard left out of the repo."""
+    files = dict(server.repos["org/tuned"].commits[server.v1])
+    files.pop(max(n for n in files if n.startswith("model-0")))
+    server.commit("org/holey", files)
+
+
+@pytest.mark.parametrize("mode", ["--stream", "--download"])
+def test_index_naming_a_missing_shard_fails_before_any_download(server, hf, mode):
+    _sharded_without_last(server)
+    line = one_error(*run("compare", "org/base", "org/holey", mode)[::2])
+    assert line.startswith("error: hf://org/holey/model.safetensors.index.json: names shard "
+                           "model-00003-of-00003.safetensors, which is not in `org/holey` at commit "), line
+    assert stored(hf) == [] or not any("snapshots" in p for p in stored(hf)), stored(hf)
+    assert server.bytes_sent("org/base") == 0          # checked before the base was fetched
+    line = one_error(*run("inspect", "org/holey", mode)[::2])
+    assert "names shard model-00003-of-00003.safetensors" in line

@@ -242,7 +242,15 @@ def _needed(kind: str, name: str | None, folder: HubFolder) -> list[str]:
         from .checkpoint import _read_index
 
         wmap, _ = _read_index(folder, name)
-        return [name] + list(dict.fromkeys(wmap.values()))
+        shards = list(dict.fromkeys(wmap.values()))
+        for shard in shards:           # the local rule (every shard it names exists), before any download
+            if not folder.exists(shard):
+                raise CheckpointError(folder.file(name), f"names shard {escape_name(shard)}, which is not in "
+                                                         f"`{escape_name(folder.ref.repo_id)}` at commit "
+                                                         f"{folder.listing.commit[:12]}",
+                                      "the repo's index and its files disagree: ask its owner, or pick another "
+                                      "revision")
+        return [name] + shards
     return [name]
 
 
@@ -268,6 +276,12 @@ def preflight(paths, options: HubOptions | None = None) -> None:
                                             f"commit {listing.commit[:12]}")
         kind, name = choose_weights(listing.names(), spelling)
         _head(ref, listing, listing.prefix + (name if kind != "adapter" else "adapter_config.json"), env)
+        if kind in ("sharded", "pickle_sharded"):         # the index's shards exist (read from the index)
+            reader = RangeReader(env.endpoint)
+            try:
+                _needed(kind, name, HubFolder(ref, listing, reader, env.cache_dir))
+            finally:
+                reader.close()
 
 
 def _head(ref: HubRef, listing: _Listing, path: str, env: _Env) -> None:
