@@ -17,7 +17,8 @@ It answers what the real ``huggingface_hub`` client calls, the way the Hub answe
 Errors as the Hub sends them: 404 with ``X-Error-Code: RepoNotFound``, ``RevisionNotFound``
 or ``EntryNotFound``; 401 with ``RepoNotFound`` for a private repo and ``GatedRepo`` for a
 gated one without the token. Every body byte sent is logged per (repo, file), and faults
-can be planted: a connection dropped after some bytes, or a transient 503.
+can be planted: a connection dropped after some bytes, or a transient 503; ``api_stall``
+makes the API accept connections and answer nothing for that many seconds.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class HubServer:
         self.sent: Counter = Counter()          # (repo_id, path) -> body bytes sent
         self.requests: list[tuple[str, str]] = []
         self.faults: dict[tuple[str, str], dict] = {}
+        self.api_stall = 0.0                    # seconds the API waits before answering anything
         self.lock = threading.Lock()
         self._seq = 0
         self.api = self._start(_ApiHandler)
@@ -227,6 +229,8 @@ class _ApiHandler(_Handler):
         query = parse_qs(url.query)
         with self.hub.lock:
             self.hub.requests.append((self.command, self.path))
+        if self.hub.api_stall:
+            time.sleep(self.hub.api_stall)
         if raw[:2] == ["api", "models"] and len(raw) >= 4:
             repo_id = f"{unquote(raw[2])}/{unquote(raw[3])}"
             rest = raw[4:]

@@ -84,6 +84,7 @@ def hf(server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     server.reset_log()
     server.faults.clear()
+    server.api_stall = 0.0
     return home
 
 
@@ -370,3 +371,32 @@ def test_index_naming_a_missing_shard_fails_before_any_download(server, hf, mode
     assert server.bytes_sent("org/base") == 0          # checked before the base was fetched
     line = one_error(*run("inspect", "org/holey", mode)[::2])
     assert "names shard model-00003-of-00003.safetensors" in line
+
+
+@pytest.mark.parametrize("mode", ["--stream", "--download"])
+def test_an_api_that_never_answers_times_out(server, hf, monkeypatch, mode):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
+    server.api_stall = 5.0
+    t0 = time.monotonic()
+    line = one_error(*run("inspect", "org/base", mode)[::2])
+    assert time.monotonic() - t0 < 4, "the model info call waited for the server"
+    assert line.startswith(f"error: org/base: the Hub at {server.url} did not answer within 0.5 s (timed out)"), line
+    assert stored(hf) == []
+
+
+def test_the_refs_of_a_missing_revision_are_bounded_too(server, hf, monkeypatch):
+    from huggingface_hub import constants
+    from weightdiff.io import hub_errors, hub_http
+
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
+    assert hub_http.list_refs(server.url, "org/tuned") == {"branches": ["main"], "tags": ["v1"]}
+    files = hub_http.list_tree(server.url, "org/multi", "main", "sub")
+    assert sorted(f["path"] for f in files) == ["sub/model.safetensors"]
+    server.api_stall = 5.0
+    t0 = time.monotonic()
+    assert hub_errors._refs("org/tuned", server.url) == ""
+    with pytest.raises(Exception):
+        hub_http.list_tree(server.url, "org/multi", "main")
+    assert time.monotonic() - t0 < 3

@@ -38,6 +38,7 @@ from .checkpoint import JSON_CAP, Checkpoint, LocalFolder, build, choose_weights
 from .files import load_json
 from .hub_cache import from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
+from .hub_http import api_timeout, list_tree
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
 __all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "preflight", "hub_error", "EXTRA"]
@@ -136,7 +137,7 @@ def _listing(ref: HubRef, env: _Env) -> _Listing:
 
     api = HfApi(endpoint=env.endpoint)
     try:
-        info = api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+        info = api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True, timeout=api_timeout())
     except Exception as exc:
         if is_transport_error(exc):
             raise
@@ -147,9 +148,7 @@ def _listing(ref: HubRef, env: _Env) -> _Listing:
     files = {s.rfilename: (s.size, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []}
     if not files:
         try:
-            files = {f.path: (f.size, f.lfs.sha256 if f.lfs else None)
-                     for f in api.list_repo_tree(ref.repo_id, recursive=True, revision=info.sha)
-                     if hasattr(f, "size")}
+            files = {f["path"]: (f.get("size"), _lfs_oid(f)) for f in list_tree(env.endpoint, ref.repo_id, info.sha)}
         except Exception as exc:
             raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
     return _Listing(info.sha, files, ref.subfolder + "/" if ref.subfolder else "")
@@ -159,24 +158,30 @@ def _fill_sizes(ref: HubRef, listing: _Listing, paths: list[str], env: _Env) -> 
     """Sizes and LFS oids the model info left out: from the tree listing, else from a HEAD request."""
     if all(listing.files[p][0] is not None for p in paths):
         return
-    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     try:
-        for f in HfApi(endpoint=env.endpoint).list_repo_tree(ref.repo_id, path_in_repo=ref.subfolder or None,
-                                                             recursive=True, revision=listing.commit):
-            if hasattr(f, "size") and f.path in listing.files:
-                listing.files[f.path] = (f.size, f.lfs.sha256 if f.lfs else listing.files[f.path][1])
+        for f in list_tree(env.endpoint, ref.repo_id, listing.commit, ref.subfolder or None):
+            if f.get("path") in listing.files:
+                listing.files[f["path"]] = (f.get("size"), _lfs_oid(f) or listing.files[f["path"]][1])
     except Exception:
         pass
     for p in paths:
         if listing.files[p][0] is None:
             try:
                 meta = get_hf_file_metadata(hf_hub_url(ref.repo_id, p, revision=listing.commit,
-                                                       endpoint=env.endpoint), endpoint=env.endpoint)
+                                                       endpoint=env.endpoint), endpoint=env.endpoint,
+                                            timeout=api_timeout())
             except Exception as exc:
                 raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
             etag = meta.etag if meta.etag and _SHA256.match(meta.etag) else None
             listing.files[p] = (meta.size, listing.files[p][1] or etag)
+
+
+def _lfs_oid(entry: dict) -> str | None:
+    lfs = entry.get("lfs")
+    oid = lfs.get("oid") or lfs.get("sha256") if isinstance(lfs, dict) else None
+    return oid if isinstance(oid, str) else None
 
 
 # -- the folder twin over HTTP -------------------------------------------------------------------
@@ -290,7 +295,7 @@ def _head(ref: HubRef, listing: _Listing, path: str, env: _Env) -> None:
 
     try:
         get_hf_file_metadata(hf_hub_url(ref.repo_id, path, revision=listing.commit, endpoint=env.endpoint),
-                             endpoint=env.endpoint)
+                             endpoint=env.endpoint, timeout=api_timeout())
     except Exception as exc:
         raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
 

@@ -23,14 +23,16 @@ def first_line(exc: BaseException) -> str:
 
 def _refs(repo_id: str, endpoint: str | None) -> str:
     """`` (branches: main, dev; tags: v1)`` from list_repo_refs, or "" when the Hub does not say."""
-    try:
-        from huggingface_hub import HfApi
+    from huggingface_hub import constants
 
-        refs = HfApi(endpoint=endpoint).list_repo_refs(repo_id)
+    from .hub_http import list_refs
+
+    try:
+        refs = list_refs((endpoint or constants.ENDPOINT).rstrip("/"), repo_id)
     except Exception:
         return ""
-    parts = [f"{what}: {', '.join(escape_name(r.name) for r in items)}"
-             for what, items in (("branches", refs.branches), ("tags", refs.tags)) if items]
+    parts = [f"{what}: {', '.join(escape_name(n) for n in refs[key])}"
+             for what, key in (("branches", "branches"), ("tags", "tags")) if refs[key]]
     return f" ({'; '.join(parts)})" if parts else ""
 
 
@@ -67,11 +69,21 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
     if status is not None:
         return CheckpointError(where, f"the Hub answered HTTP {status} for {repo} ({first_line(exc)})",
                                "try again later")
+    if isinstance(exc, _httpx().TimeoutException):
+        from .hub_http import api_timeout
+
+        return CheckpointError(where, f"the Hub at {escape_name(str(endpoint))} did not answer within "
+                                      f"{api_timeout():g} s (timed out)",
+                               "try again later; HF_HUB_ETAG_TIMEOUT sets the wait, in seconds")
     return CheckpointError(where, f"cannot reach the Hub at {escape_name(str(endpoint))} ({first_line(exc)})",
                            "check the network or proxy settings, or use --offline with a cached copy")
 
 
-def is_transport_error(exc: BaseException) -> bool:
+def _httpx():
     from .hub_stream import _httpx
 
+    return _httpx()
+
+
+def is_transport_error(exc: BaseException) -> bool:
     return isinstance(exc, _httpx().TransportError) and not isinstance(exc, _httpx().ProxyError)
