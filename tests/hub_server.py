@@ -17,7 +17,8 @@ It answers what the real ``huggingface_hub`` client calls, the way the Hub answe
 Errors as the Hub sends them: 404 with ``X-Error-Code: RepoNotFound``, ``RevisionNotFound``
 or ``EntryNotFound``; 401 with ``RepoNotFound`` for a private repo and ``GatedRepo`` for a
 gated one without the token. Every body byte sent is logged per (repo, file), and faults
-can be planted: a connection dropped after some bytes, or a transient 503; ``api_stall``
+can be planted: a connection dropped after some bytes, a transient 503, a body trickled a
+byte at a time (``trickle``: seconds per byte); ``api_stall``
 makes the API accept connections and answer nothing for that many seconds.
 """
 
@@ -144,6 +145,17 @@ class _Handler(BaseHTTPRequestHandler):
         if head or not body:
             return
         fault = self.hub.faults.get(log) if log else None
+        if fault and fault.get("trickle"):           # a byte every `trickle` seconds, each read in time
+            try:
+                for i in range(len(body)):
+                    self._count(log, 1)
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(fault["trickle"])
+            except OSError:
+                pass
+            self.close_connection = True
+            return
         if fault and fault.get("times", 0) > 0 and fault.get("drop_after") is not None:
             fault["times"] -= 1
             part = body[:fault["drop_after"]]

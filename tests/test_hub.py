@@ -400,3 +400,27 @@ def test_the_refs_of_a_missing_revision_are_bounded_too(server, hf, monkeypatch)
     with pytest.raises(Exception):
         hub_http.list_tree(server.url, "org/multi", "main")
     assert time.monotonic() - t0 < 3
+
+
+@pytest.mark.parametrize("mode", ["--stream", "--download"])
+def test_a_trickling_server_is_stopped_naming_the_file(server, hf, monkeypatch, mode):
+    from weightdiff.io import hub_http
+
+    monkeypatch.setenv("WEIGHTDIFF_HUB_STALL_SECONDS", "1")
+    monkeypatch.setattr(hub_http, "STALL_BYTES", 4096)
+    server.faults[("org/tuned", "model-00002-of-00003.safetensors")] = {"trickle": 0.02}
+    t0 = time.monotonic()
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", mode, "-q")[::2])
+    assert time.monotonic() - t0 < 15
+    assert line.startswith("error: hf://org/tuned@v1/model-00002-of-00003.safetensors: the server sent "), line
+    assert "under the 4 KiB per 1 s a transfer must keep up" in line
+
+
+def test_a_slow_but_steady_transfer_passes(server, hf, monkeypatch):
+    from weightdiff.io import hub_http
+
+    monkeypatch.setenv("WEIGHTDIFF_HUB_STALL_SECONDS", "1")
+    monkeypatch.setattr(hub_http, "STALL_BYTES", 16)       # 16 bytes a second: 50 a second passes
+    server.faults[("org/tuned", "config.json")] = {"trickle": 0.02}
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--download", "-q", "--no-rank")
+    assert rc == 0, err

@@ -26,9 +26,9 @@ lists it (its LFS oid; nothing is hashed locally), the same whichever way it was
 
 from __future__ import annotations
 
-import glob
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from .checkpoint import JSON_CAP, Checkpoint, LocalFolder, build, choose_weights
 from .files import load_json
 from .hub_cache import from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
-from .hub_http import api_timeout, list_tree
+from .hub_http import Stalled, api_timeout, list_tree, watching
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
 __all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "preflight", "hub_error", "EXTRA"]
@@ -372,27 +372,60 @@ def _mode(options: HubOptions, ref: HubRef, listing: _Listing, needed: list[str]
 
 
 def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options: HubOptions) -> Path:
-    from huggingface_hub import snapshot_download
+    """Download exactly ``needed`` (and the config) into the normal cache, a file per
+    hf_hub_download, several at once; -> the snapshot folder of the resolved commit."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     _head(ref, listing, needed[-1], env)
     extra = [listing.prefix + n for n in ("config.json", "quantize_config.json") if listing.prefix + n in listing.files]
+    paths = needed + extra
     quiet = not options.progress and not are_progress_bars_disabled()
+    cancel = threading.Event()
     if quiet:
         disable_progress_bars()
     try:
-        # by the revision's name, so the cache records it (refs/) for --offline, as the library does
-        out = snapshot_download(ref.repo_id, revision=ref.revision or "main", cache_dir=env.cache_dir,
-                                endpoint=env.endpoint, allow_patterns=[glob.escape(p) for p in needed + extra])
-    except Exception as exc:
-        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
+        with ThreadPoolExecutor(min(8, len(paths)), thread_name_prefix="weightdiff-download") as pool:
+            futures = [pool.submit(_download, ref, listing, p, env, cancel) for p in paths]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            finally:
+                failed = [fut.exception() for fut in futures if fut.done() and fut.exception() is not None]
+                if failed or not all(fut.done() for fut in futures):
+                    cancel.set()          # the other downloads stop at their next read
+            if failed:
+                raise failed[0]
+            commits = [fut.result() for fut in futures]
     finally:
         if quiet:
             enable_progress_bars()
-    if Path(out).name != listing.commit:
+    moved = next((c for c in commits if c != listing.commit), None)
+    if moved:
         raise CheckpointError(ref.spelling, f"revision `{ref.revision or 'main'}` moved from commit "
-                                            f"{listing.commit[:12]} to {Path(out).name[:12]} during the run", "rerun")
-    return Path(out)
+                                            f"{listing.commit[:12]} to {moved[:12]} during the run", "rerun")
+    return Path(env.cache_dir) / f"models--{ref.repo_id.replace('/', '--')}" / "snapshots" / listing.commit
+
+
+def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: threading.Event) -> str:
+    """One file into the cache (by the revision's name, so the cache records it under refs/ for
+    --offline, as the library does), watched for a stalled transfer; -> the commit it came from."""
+    from huggingface_hub import hf_hub_download
+
+    size, sha = listing.files.get(path, (None, None))
+    shown = ref.file(listing.commit, path, -1 if size is None else size, sha)
+    try:
+        with watching(cancel):
+            out = hf_hub_download(ref.repo_id, path, revision=ref.revision or "main", cache_dir=env.cache_dir,
+                                  endpoint=env.endpoint, etag_timeout=api_timeout())
+    except Stalled as exc:
+        raise CheckpointError(shown, exc.text(), "rerun later (the download resumes where it stopped); "
+                                                 "WEIGHTDIFF_HUB_STALL_SECONDS sets the window") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
+    return Path(out).parents[len(Path(path).parts) - 1].name
 
 
 def _cached_snapshot(ref: HubRef, listing: _Listing, needed: list[str], env: _Env) -> Path:

@@ -6,13 +6,31 @@ Timeouts are huggingface_hub's own settings, read when the call is made:
 listing, refs, the HEAD of a file): connecting, and each read of the answer;
 ``HF_HUB_DOWNLOAD_TIMEOUT`` (default 10 s) bounds each wait for bytes of a download or a
 range request.
+
+A server can also keep every read inside its timeout and still never finish: a few bytes a
+second. So each response body must deliver ``STALL_BYTES`` (64 KiB) within every
+``WEIGHTDIFF_HUB_STALL_SECONDS`` (default 60 s) of its transfer, about 1 KiB/s, which any
+real connection passes (a dial-up modem sends 5 KiB/s); a body that falls below stops with
+one line naming the file. This holds for streamed range requests (weightdiff.io.hub_stream)
+and for downloads (the watch is hooked onto huggingface_hub's session for the thread that
+downloads the file; a download by hf_xet, the Hub's Xet storage, is outside it and keeps
+that client's own timeouts).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from contextlib import contextmanager
 from urllib.parse import quote
 
-__all__ = ["api_timeout", "download_timeout", "get_json", "list_tree", "list_refs"]
+__all__ = ["api_timeout", "download_timeout", "get_json", "list_tree", "list_refs", "STALL_BYTES",
+           "stall_seconds", "Stalled", "StallWatch", "watching", "Cancelled"]
+
+#: a response body must bring this many bytes within every stall_seconds() of its transfer
+STALL_BYTES = 64 << 10
+STALL_SECONDS = 60.0
 
 
 def api_timeout() -> float:
@@ -57,3 +75,102 @@ def list_refs(endpoint: str, repo_id: str) -> dict[str, list[str]]:
     doc, _ = get_json(f"{endpoint}/api/models/{repo_id}/refs")
     return {k: [r["name"] for r in doc.get(k) or [] if isinstance(r, dict) and isinstance(r.get("name"), str)]
             for k in ("branches", "tags")}
+
+
+def stall_seconds() -> float:
+    """``WEIGHTDIFF_HUB_STALL_SECONDS`` (read at call time), default STALL_SECONDS."""
+    try:
+        v = float(os.environ.get("WEIGHTDIFF_HUB_STALL_SECONDS") or STALL_SECONDS)
+    except ValueError:
+        v = STALL_SECONDS
+    return v if v > 0 else STALL_SECONDS
+
+
+class Stalled(Exception):
+    """A response body that delivered fewer than STALL_BYTES within stall_seconds()."""
+
+    def __init__(self, got: int, seconds: float, limit: float):
+        self.got, self.seconds, self.limit = got, seconds, limit
+        super().__init__(self.text())
+
+    def text(self) -> str:
+        return (f"the server sent {self.got:,} bytes in {self.seconds:.0f} s, under the {STALL_BYTES >> 10} KiB per "
+                f"{self.limit:g} s a transfer must keep up (a stalled or throttled connection)")
+
+
+class Cancelled(Exception):
+    """A download stopped because another file of the same run failed."""
+
+
+class StallWatch:
+    """Counts a body's bytes as they arrive; ``add`` raises Stalled when the last STALL_BYTES
+    took longer than stall_seconds()."""
+
+    def __init__(self):
+        self.limit = stall_seconds()
+        self.since = time.monotonic()
+        self.window = 0
+
+    def add(self, n: int) -> None:
+        self.window += n
+        now = time.monotonic()
+        if self.window >= STALL_BYTES:
+            self.since, self.window = now, 0
+        elif now - self.since > self.limit:
+            raise Stalled(self.window, now - self.since, self.limit)
+
+
+# -- downloads made by huggingface_hub: a watch per thread, hooked onto its session ---------------
+
+_local = threading.local()
+_hooked: set[int] = set()
+_hook_lock = threading.Lock()
+
+
+def _watched_stream(stream, cancel):
+    from .hub_stream import _httpx
+
+    class Watched(_httpx().SyncByteStream):
+        def __iter__(self):
+            watch = StallWatch()
+            for chunk in stream:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                watch.add(len(chunk))
+                yield chunk
+
+        def close(self):
+            stream.close()
+
+        @property
+        def elapsed(self):
+            return getattr(stream, "elapsed", None)
+
+    return Watched()
+
+
+def _on_response(response) -> None:
+    state = getattr(_local, "state", None)
+    if state is not None:
+        response.stream = _watched_stream(response.stream, state)
+
+
+@contextmanager
+def watching(cancel: threading.Event | None = None):
+    """While in this block, response bodies that huggingface_hub reads *in this thread* are
+    watched (StallWatch), and stop with Cancelled once ``cancel`` is set."""
+    from huggingface_hub import get_session
+
+    session = get_session()             # the library's shared client (recreated after close_session)
+    with _hook_lock:
+        if id(session) not in _hooked or _on_response not in session.event_hooks["response"]:
+            hooks = dict(session.event_hooks)
+            hooks["response"] = [*hooks.get("response", []), _on_response]
+            session.event_hooks = hooks
+            _hooked.add(id(session))
+    previous = getattr(_local, "state", None)
+    _local.state = cancel if cancel is not None else threading.Event()
+    try:
+        yield
+    finally:
+        _local.state = previous

@@ -12,7 +12,9 @@ other and with the compute. Requests go through huggingface_hub's own HTTP sessi
 endpoints and proxies behave as the library's. Transient failures (timeouts, dropped
 connections, HTTP 408/429/5xx) are retried with exponential backoff, resuming at the
 first missing byte; when the retries run out, the error names the file. Every read has
-a timeout, so a lost connection is an error, never a hang.
+a timeout, and every response must keep up a minimum pace (weightdiff.io.hub_http.StallWatch:
+64 KiB within every WEIGHTDIFF_HUB_STALL_SECONDS), so a lost or trickling connection is an
+error naming the file, never a hang.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
+from .hub_http import Stalled, StallWatch
 from .safetensors_read import TensorInfo, check_range, header_length, parse_header, row_runs, storage_of
 
 __all__ = ["HubFile", "RangeReader", "RemoteSafetensorsFile", "PREFETCH", "PART_BYTES"]
@@ -146,13 +149,20 @@ class RangeReader:
                                                  f"{r.status_code}, Content-Range "
                                                  f"{r.headers.get('Content-Range')!r})",
                                               "use --download to fetch whole files instead")
-                    before = got
-                    for chunk in r.iter_bytes(1 << 20):
-                        k = min(len(chunk), total - got)
-                        out[got:got + k] = chunk[:k]
-                        got += k
-                        if got == total:
-                            break
+                    before, watch = got, StallWatch()
+                    try:
+                        for chunk in r.iter_bytes():       # as received: the pace is checked per read
+                            k = min(len(chunk), total - got)
+                            out[got:got + k] = chunk[:k]
+                            got += k
+                            if got == total:
+                                break
+                            watch.add(k)
+                    except Stalled as exc:
+                        self._count(f, got - before)
+                        raise CheckpointError(f, f"{exc.text()} at byte {offset + got:,} of {f.size:,}",
+                                              "rerun later, or use --download from a faster mirror; "
+                                              "WEIGHTDIFF_HUB_STALL_SECONDS sets the window") from None
                     self._count(f, got - before)
                     if got > before:
                         failures = 0
