@@ -18,7 +18,7 @@ Errors as the Hub sends them: 404 with ``X-Error-Code: RepoNotFound``, ``Revisio
 or ``EntryNotFound``; 401 with ``RepoNotFound`` for a private repo and ``GatedRepo`` for a
 gated one without the token. Every body byte sent is logged per (repo, file), and faults
 can be planted: a connection dropped after some bytes, a transient 503, a body trickled a
-byte at a time (``trickle``: seconds per byte); ``api_stall``
+byte at a time (``trickle``: seconds per byte), a body with its last bytes flipped (``corrupt``); ``api_stall``
 makes the API accept connections and answer nothing for that many seconds.
 """
 
@@ -145,6 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
         if head or not body:
             return
         fault = self.hub.faults.get(log) if log else None
+        if fault and fault.get("corrupt") and len(body) > 200:     # the same size, the last bytes flipped
+            body = body[:-100] + bytes(b ^ 0x55 for b in body[-100:])
         if fault and fault.get("trickle"):           # a byte every `trickle` seconds, each read in time
             try:
                 for i in range(len(body)):

@@ -131,7 +131,7 @@ def test_compare_by_id_and_revision_records_identity(server, hf, tmp_path):
     assert d["base"][0]["hub"]["revision"] is None
     assert d["base"][0]["hub"]["commit"] == server.repos["org/base"].branches["main"]
     local = _files(server.local["tuned"])
-    assert d["tuned"]["files"] == [{"name": n, "bytes": len(local[n]), "sha256": sha256(local[n])}
+    assert d["tuned"]["files"] == [{"name": n, "bytes": len(local[n]), "sha256": sha256(local[n]), "sha256_source": "hub"}
                                    for n in sorted(local) if n.endswith(".safetensors")]
     assert d["run"]["date"].endswith("Z") and d["run"]["hub"][0]["mode"] == "download"
     assert d["summary"]["verdict"] == "derived"
@@ -424,3 +424,30 @@ def test_a_slow_but_steady_transfer_passes(server, hf, monkeypatch):
     server.faults[("org/tuned", "config.json")] = {"trickle": 0.02}
     rc, _, err = run("compare", "org/base", "org/tuned@v1", "--download", "-q", "--no-rank")
     assert rc == 0, err
+
+
+def test_hash_checks_the_bytes_on_disk_against_the_hub(server, hf, tmp_path):
+    shard = "model-00002-of-00003.safetensors"
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--stream", "--hash", "--json", "s.json", "--no-rank", "-q")
+    assert rc == 0, err
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert {f["sha256_source"] for f in s["tuned"]["files"]} == {"hub"}        # streamed: the Hub's word only
+    server.faults[("org/tuned", shard)] = {"corrupt": True}
+    rc, out, err = run("compare", "org/base", "org/tuned@v1", "--download", "--hash", "--json", "d.json", "--no-rank", "-q")
+    line = one_error(rc, err)
+    assert line.startswith(f"error: hf://org/tuned@v1/{shard}: the file read from the Hugging Face cache has "
+                           f"sha256 "), line
+    assert "a corrupt download or cache" in line and not (tmp_path / "d.json").exists()
+    # the corrupt blob stays in the cache: a cache-mode run with --hash refuses it too, without --hash reads it
+    server.faults.clear()
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", "--hash", "--no-rank", "-q")[::2])
+    assert f"hf://org/tuned@v1/{shard}: the file read" in line
+    blob = line.split("(delete ")[1].split(" and rerun")[0]
+    Path(blob).unlink()                                   # as the hint says
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--hash", "--json", "d.json", "--no-rank", "-q")
+    assert rc == 0, err
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert {f["sha256_source"] for f in d["tuned"]["files"]} == {"verified"}
+    assert [f["sha256"] for f in d["tuned"]["files"]] == [f["sha256"] for f in s["tuned"]["files"]]
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--no-hash", "--json", "n.json", "--no-rank", "-q")
+    assert {f["sha256_source"] for f in json.loads((tmp_path / "n.json").read_text())["tuned"]["files"]} == {"hub"}

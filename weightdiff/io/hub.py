@@ -16,7 +16,10 @@ three ways, none of which changes a number:
 ``--offline`` (or HF_HUB_OFFLINE) reads the cache only (``scan_cache_dir``). A Hub
 checkpoint carries its identity (``Checkpoint.hub``): repo id, requested revision,
 resolved commit, and each weights file's path in the repo, size and sha256 as the Hub
-lists it (its LFS oid; nothing is hashed locally), the same whichever way it was read.
+lists it (its LFS oid), the same whichever way it was read. ``hub_files(ckpt, hashed)``
+gives them for the JSON: with ``--hash``, a file on disk (download, cache) is hashed and
+must match the Hub's sha256 (``sha256_source`` "verified"); a streamed one keeps the Hub's
+value, unverified ("hub").
 
 >>> hub_spelling("meta-llama/Llama-2-7b-hf@main"), hub_spelling("hf://org/name@v1/sub")
 (True, True)
@@ -41,7 +44,7 @@ from .hub_errors import first_line, hub_error, is_transport_error
 from .hub_http import Stalled, api_timeout, list_tree, watching
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
-__all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "preflight", "hub_error", "EXTRA"]
+__all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "preflight", "hub_error", "hub_files", "EXTRA"]
 
 EXTRA = "pip install 'weightdiff[hub]'"
 _BARE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@\S+)?$")
@@ -435,3 +438,30 @@ def _cached_snapshot(ref: HubRef, listing: _Listing, needed: list[str], env: _En
     return path.parents[len(Path(needed[0]).parts) - 1]
 
 
+
+
+def hub_files(ckpt: Checkpoint, hashed: bool) -> list[dict]:
+    """The ``files`` of a Hub checkpoint's JSON entry: name, bytes, sha256 and where that sha256
+    comes from: "hub" (the Hub's listed LFS oid, not checked against the bytes: without --hash,
+    or streamed), "verified" (the file on disk hashed, equal to the Hub's), "local" (hashed on
+    disk, the Hub lists none); a mismatch is a corrupt download or cache: CheckpointError."""
+    files = [dict(f) for f in ckpt.hub["files"]]
+    mode = (ckpt.hub_run or {}).get("mode")
+    if not hashed or mode not in ("download", "cache"):
+        return [dict(f, sha256_source="hub" if f["sha256"] else None) for f in files]
+    digests = ckpt.hash_files()
+    at = f"@{ckpt.hub['revision']}" if ckpt.hub.get("revision") else ""
+    for f, path in zip(files, ckpt.files):
+        got = digests[path]
+        if f["sha256"] is None:
+            f["sha256"], f["sha256_source"] = got, "local"
+        elif got != f["sha256"]:
+            blob = Path(path).resolve()
+            raise CheckpointError(f"hf://{ckpt.hub['repo_id']}{at}/{f['name']}",
+                                  f"the file read from the Hugging Face cache has sha256 {got[:16]}..., but the Hub "
+                                  f"lists {f['sha256'][:16]}... for commit {ckpt.hub['commit'][:12]} (a corrupt "
+                                  f"download or cache)", f"delete {escape_name(str(blob))} and rerun to download it "
+                                                         f"again")
+        else:
+            f["sha256_source"] = "verified"
+    return files
