@@ -18,7 +18,9 @@ Errors as the Hub sends them: 404 with ``X-Error-Code: RepoNotFound``, ``Revisio
 or ``EntryNotFound``; 401 with ``RepoNotFound`` for a private repo and ``GatedRepo`` for a
 gated one without the token. Every body byte sent is logged per (repo, file), and faults
 can be planted: a connection dropped after some bytes, a transient 503, a body trickled a
-byte at a time (``trickle``: seconds per byte), a body with its last bytes flipped (``corrupt``); ``api_stall``
+byte at a time (``trickle``: seconds per byte), a body with its last bytes flipped (``corrupt``), a
+wrong ``X-Linked-Size`` (``linked_size_delta``), a redirect loop on resolve (``redirect_loop``), a CDN
+redirecting back to a missing repo (``redirect_back``), ``Retry-After`` on a planted status; ``api_stall``
 makes the API accept connections and answer nothing for that many seconds.
 """
 
@@ -59,6 +61,16 @@ def is_lfs(path: str, data: bytes) -> bool:
     return path.endswith((".safetensors", ".bin", ".gguf", ".pt")) or len(data) > 10 << 20
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that hung up mid-answer (a test's fault made it give up) is not news: printed
+        from this thread it would land in the stderr a CliRunner captures at that moment."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
 class HubServer:
     """Start with ``HubServer()``, stop with ``.close()``; ``.url`` is the HF_ENDPOINT."""
 
@@ -76,7 +88,7 @@ class HubServer:
         self.cdn_url = f"http://127.0.0.1:{self.cdn.server_address[1]}"
 
     def _start(self, handler) -> ThreadingHTTPServer:
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        srv = _Server(("127.0.0.1", 0), handler)
         srv.daemon_threads = True
         srv.hub = self
         threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -303,11 +315,15 @@ class _ApiHandler(_Handler):
                 self._error(fault["status"], "", "Service unavailable")
                 return
             headers = {"X-Repo-Commit": sha, "ETag": f'"{git_oid(data)}"'}
+            if fault and fault.get("redirect_loop"):
+                self._send(302, b"", {**headers, "Location": self.path}, head=head, length=0)
+                return
             if is_lfs(path, data):
                 oid = hashlib.sha256(data).hexdigest()
                 loc = f"{self.hub.cdn_url}/_lfs/{quote(repo_id, safe='')}/{oid}?file={quote(path, safe='')}"
+                size = len(data) + (fault or {}).get("linked_size_delta", 0)
                 self._send(302, b"", {**headers, "Location": loc, "X-Linked-Etag": f'"{oid}"',
-                                      "X-Linked-Size": str(len(data))}, head=head, length=0)
+                                      "X-Linked-Size": str(size)}, head=head, length=0)
                 return
             self._content(data, headers, head, (repo_id, path))
             return
@@ -378,8 +394,12 @@ class _CdnHandler(_Handler):
             self._send(404)
             return
         fault = self.hub.faults.get((repo_id, path))
+        if fault and fault.get("redirect_back"):       # back to the Hub, to a repo that is not there
+            self._send(302, b"", {"Location": f"{self.hub.url}/x/y/resolve/main/{quote(path)}"}, head=head, length=0)
+            return
         if fault and fault.get("status") and fault.get("times", 0) > 0 and not head:
             fault["times"] -= 1
-            self._send(fault["status"], b"unavailable")
+            self._send(fault["status"], b"unavailable", {"Retry-After": str(fault["retry_after"])}
+                       if "retry_after" in fault else None)
             return
         self._content(data, {"ETag": f'"{oid}"'}, head, (repo_id, path))

@@ -451,3 +451,32 @@ def test_hash_checks_the_bytes_on_disk_against_the_hub(server, hf, tmp_path):
     assert [f["sha256"] for f in d["tuned"]["files"]] == [f["sha256"] for f in s["tuned"]["files"]]
     rc, _, err = run("compare", "org/base", "org/tuned@v1", "--no-hash", "--json", "n.json", "--no-rank", "-q")
     assert {f["sha256_source"] for f in json.loads((tmp_path / "n.json").read_text())["tuned"]["files"]} == {"hub"}
+
+
+@pytest.mark.parametrize("fault, words", [
+    ({"drop_after": 3000, "times": 99}, "the server closed the connection before sending the whole file"),
+    ({"linked_size_delta": 100}, "the server sent a file of another size than announced (size mismatch: "),
+    ({"redirect_loop": True}, "the server redirected badly: a redirect loop"),
+    ({"redirect_back": True}, "the server redirected badly: the file's request was redirected to "
+                              "http://127.0.0.1:"),
+])
+def test_download_faults_are_one_line_naming_the_file(server, hf, fault, words):
+    shard = "model-00002-of-00003.safetensors"
+    server.faults[("org/tuned", shard)] = fault
+    t0 = time.monotonic()
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", "--download", "-q")[::2])
+    assert time.monotonic() - t0 < 30
+    assert line.startswith(f"error: hf://org/tuned@v1/{shard}: {words}"), line
+    assert "cannot reach the Hub" not in line and "no Hub repo" not in line
+
+
+@pytest.mark.parametrize("fault, words", [
+    ({"redirect_loop": True}, "the server redirected badly: a redirect loop"),
+    ({"redirect_back": True}, "the server redirected badly: the file's request was redirected to "
+                              "http://127.0.0.1:"),
+])
+def test_stream_redirect_faults_name_the_file(server, hf, fault, words):
+    shard = "model-00002-of-00003.safetensors"
+    server.faults[("org/tuned", shard)] = fault
+    line = one_error(*run("inspect", "org/tuned@v1", "--stream")[::2])
+    assert line.startswith(f"error: hf://org/tuned@v1/{shard}: {words}"), line

@@ -41,7 +41,7 @@ from .checkpoint import JSON_CAP, Checkpoint, LocalFolder, build, choose_weights
 from .files import load_json
 from .hub_cache import from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
-from .hub_http import Stalled, api_timeout, list_tree, watching
+from .hub_http import Stalled, api_timeout, library_silenced, list_tree, watching
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
 __all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "preflight", "hub_error", "hub_files", "EXTRA"]
@@ -300,7 +300,8 @@ def _head(ref: HubRef, listing: _Listing, path: str, env: _Env) -> None:
         get_hf_file_metadata(hf_hub_url(ref.repo_id, path, revision=listing.commit, endpoint=env.endpoint),
                              endpoint=env.endpoint, timeout=api_timeout())
     except Exception as exc:
-        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
+        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint,
+                        file=ref.file(listing.commit, path, -1, None)) from None
 
 
 def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
@@ -389,7 +390,8 @@ def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options
     if quiet:
         disable_progress_bars()
     try:
-        with ThreadPoolExecutor(min(8, len(paths)), thread_name_prefix="weightdiff-download") as pool:
+        with library_silenced(), \
+                ThreadPoolExecutor(min(8, len(paths)), thread_name_prefix="weightdiff-download") as pool:
             futures = [pool.submit(_download, ref, listing, p, env, cancel) for p in paths]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
@@ -427,7 +429,7 @@ def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: thre
     except CheckpointError:
         raise
     except Exception as exc:
-        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
+        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint, file=shown) from None
     return Path(out).parents[len(Path(path).parts) - 1].name
 
 

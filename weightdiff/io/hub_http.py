@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from urllib.parse import quote
 
-__all__ = ["api_timeout", "download_timeout", "get_json", "list_tree", "list_refs", "STALL_BYTES",
+__all__ = ["library_silenced", "api_timeout", "download_timeout", "get_json", "list_tree", "list_refs", "STALL_BYTES",
            "stall_seconds", "Stalled", "StallWatch", "watching", "Cancelled"]
 
 #: a response body must bring this many bytes within every stall_seconds() of its transfer
@@ -174,3 +174,29 @@ def watching(cancel: threading.Event | None = None):
         yield
     finally:
         _local.state = previous
+
+
+_silenced = 0
+_saved_level: int | None = None
+
+
+@contextmanager
+def library_silenced():
+    """huggingface_hub's logger off while in this block (any thread): its retry and resume
+    warnings would add lines to weightdiff's one-line error."""
+    import logging
+
+    global _silenced, _saved_level
+    log = logging.getLogger("huggingface_hub")
+    with _hook_lock:
+        if _silenced == 0:
+            _saved_level = log.level
+            log.setLevel(logging.CRITICAL + 1)
+        _silenced += 1
+    try:
+        yield
+    finally:
+        with _hook_lock:
+            _silenced -= 1
+            if _silenced == 0:
+                log.setLevel(_saved_level or logging.NOTSET)

@@ -175,10 +175,10 @@ class RangeReader:
                                              f"{RETRIES} retries ({_what(exc)})",
                                           "check the network and rerun, or use --download") from None
                 time.sleep(min(BACKOFF_MAX, BACKOFF * 2 ** (failures - 1)))
-            except hf_errors.HfHubHTTPError as exc:
+            except (hf_errors.HfHubHTTPError, httpx.TooManyRedirects) as exc:
                 from .hub_errors import hub_error
 
-                raise hub_error(exc, f.repo_id, str(f)) from None
+                raise hub_error(exc, f.repo_id, str(f), file=f) from None
 
 
 def _httpx():
