@@ -20,7 +20,7 @@ gated one without the token. Every body byte sent is logged per (repo, file), an
 can be planted: a connection dropped after some bytes, a transient 503, a body trickled a
 byte at a time (``trickle``: seconds per byte), a body with its last bytes flipped (``corrupt``), a
 wrong ``X-Linked-Size`` (``linked_size_delta``), a redirect loop on resolve (``redirect_loop``), a CDN
-redirecting back to a missing repo (``redirect_back``), ``Retry-After`` on a planted status; ``api_stall``
+redirecting back to a missing repo (``redirect_back``), ``Retry-After`` on a planted status, transient statuses on the API (``api_faults``); ``api_stall``
 makes the API accept connections and answer nothing for that many seconds.
 """
 
@@ -80,6 +80,7 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         self.faults: dict[tuple[str, str], dict] = {}
         self.api_stall = 0.0                    # seconds the API waits before answering anything
+        self.api_faults: dict[str, dict] = {}   # repo_id -> {"status", "times", "retry_after"}: API answers
         self.lock = threading.Lock()
         self._seq = 0
         self.api = self._start(_ApiHandler)
@@ -263,6 +264,12 @@ class _ApiHandler(_Handler):
             repo = self._repo(repo_id, head)
             if repo is None:
                 return
+            fault = self.hub.api_faults.get(repo_id)
+            if fault and fault.get("times", 0) > 0:             # a transient answer to the model info
+                fault["times"] -= 1
+                self._error(fault["status"], "", "Too many requests", head=head,
+                            extra={"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else None)
+                return
             if not rest or rest[0] == "revision":
                 sha = self._rev(repo, unquote("/".join(rest[1:])) if rest else "main")
                 if sha:
@@ -312,7 +319,8 @@ class _ApiHandler(_Handler):
             fault = self.hub.faults.get((repo_id, path))
             if fault and fault.get("status") and fault.get("times", 0) > 0 and not head:
                 fault["times"] -= 1
-                self._error(fault["status"], "", "Service unavailable")
+                self._error(fault["status"], "", "Service unavailable",
+                            extra={"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else None)
                 return
             headers = {"X-Repo-Commit": sha, "ETag": f'"{git_oid(data)}"'}
             if fault and fault.get("redirect_loop"):

@@ -21,7 +21,7 @@ pytest.importorskip("huggingface_hub")
 import weightdiff
 from weightdiff.lineage import lineage
 from weightdiff.provenance import provenance
-from weightdiff.io import hub_stream
+from weightdiff.io import hub_http, hub_stream
 from weightdiff.cli import main
 from weightdiff.errors import CheckpointError
 from weightdiff.io.hub import hub_spelling, parse_ref
@@ -85,6 +85,8 @@ def hf(server, tmp_path, monkeypatch):
     server.reset_log()
     server.faults.clear()
     server.api_stall = 0.0
+    server.api_faults.clear()
+    monkeypatch.setattr(hub_http, "BACKOFF", 0.01)
     return home
 
 
@@ -480,3 +482,29 @@ def test_stream_redirect_faults_name_the_file(server, hf, fault, words):
     server.faults[("org/tuned", shard)] = fault
     line = one_error(*run("inspect", "org/tuned@v1", "--stream")[::2])
     assert line.startswith(f"error: hf://org/tuned@v1/{shard}: {words}"), line
+
+
+@pytest.mark.parametrize("mode", ["--stream", "--download"])
+def test_transient_api_and_cdn_answers_are_retried(server, hf, mode):
+    server.api_faults["org/base"] = {"status": 429, "times": 2, "retry_after": 0}
+    server.api_faults["org/tuned"] = {"status": 503, "times": 2}
+    server.faults[("org/tuned", "model-00001-of-00003.safetensors")] = {"status": 503, "times": 2}
+    server.faults[("org/base", "model.safetensors")] = {"status": 429, "times": 2, "retry_after": 0}
+    rc, out, err = run("compare", "org/base", "org/tuned@v1", mode, "-q", "--no-rank")
+    assert rc == 0 and err == "", err
+    assert server.api_faults["org/base"]["times"] == server.api_faults["org/tuned"]["times"] == 0
+
+
+@pytest.mark.parametrize("mode", ["--stream", "--download"])
+def test_retries_are_bounded(server, hf, mode):
+    server.faults[("org/base", "model.safetensors")] = {"status": 429, "times": 99, "retry_after": 3600}
+    t0 = time.monotonic()
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", mode, "-q", "--no-rank")[::2])
+    assert time.monotonic() - t0 < 10, "waited for the server's Retry-After: 3600"
+    assert line.startswith("error: hf://org/base/model.safetensors: the server answered HTTP 429 and asked to "
+                           "retry after 3600 s, over the 30 s weightdiff waits"), line
+    server.faults.clear()
+    server.api_faults["org/base"] = {"status": 503, "times": 99}
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", mode, "-q", "--no-rank")[::2])
+    assert line.startswith("error: org/base: the Hub answered HTTP 503 after retries for `org/base`"), line
+    assert server.api_faults["org/base"]["times"] >= 99 - 2 * (hub_http.RETRIES + 1)

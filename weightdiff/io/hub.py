@@ -41,7 +41,7 @@ from .checkpoint import JSON_CAP, Checkpoint, LocalFolder, build, choose_weights
 from .files import load_json
 from .hub_cache import from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
-from .hub_http import Stalled, api_timeout, library_silenced, list_tree, watching
+from .hub_http import Stalled, api_timeout, library_silenced, list_tree, retrying, watching
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
 __all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "preflight", "hub_error", "hub_files", "EXTRA"]
@@ -140,7 +140,8 @@ def _listing(ref: HubRef, env: _Env) -> _Listing:
 
     api = HfApi(endpoint=env.endpoint)
     try:
-        info = api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True, timeout=api_timeout())
+        info = retrying(lambda: api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True,
+                                               timeout=api_timeout()))
     except Exception as exc:
         if is_transport_error(exc):
             raise
@@ -172,9 +173,8 @@ def _fill_sizes(ref: HubRef, listing: _Listing, paths: list[str], env: _Env) -> 
     for p in paths:
         if listing.files[p][0] is None:
             try:
-                meta = get_hf_file_metadata(hf_hub_url(ref.repo_id, p, revision=listing.commit,
-                                                       endpoint=env.endpoint), endpoint=env.endpoint,
-                                            timeout=api_timeout())
+                url = hf_hub_url(ref.repo_id, p, revision=listing.commit, endpoint=env.endpoint)
+                meta = retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout()))
             except Exception as exc:
                 raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
             etag = meta.etag if meta.etag and _SHA256.match(meta.etag) else None
@@ -297,8 +297,8 @@ def _head(ref: HubRef, listing: _Listing, path: str, env: _Env) -> None:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     try:
-        get_hf_file_metadata(hf_hub_url(ref.repo_id, path, revision=listing.commit, endpoint=env.endpoint),
-                             endpoint=env.endpoint, timeout=api_timeout())
+        url = hf_hub_url(ref.repo_id, path, revision=listing.commit, endpoint=env.endpoint)
+        retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout()))
     except Exception as exc:
         raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint,
                         file=ref.file(listing.commit, path, -1, None)) from None
@@ -421,8 +421,9 @@ def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: thre
     shown = ref.file(listing.commit, path, -1 if size is None else size, sha)
     try:
         with watching(cancel):
-            out = hf_hub_download(ref.repo_id, path, revision=ref.revision or "main", cache_dir=env.cache_dir,
-                                  endpoint=env.endpoint, etag_timeout=api_timeout())
+            out = retrying(lambda: hf_hub_download(ref.repo_id, path, revision=ref.revision or "main",
+                                                   cache_dir=env.cache_dir, endpoint=env.endpoint,
+                                                   etag_timeout=api_timeout()))
     except Stalled as exc:
         raise CheckpointError(shown, exc.text(), "rerun later (the download resumes where it stopped); "
                                                  "WEIGHTDIFF_HUB_STALL_SECONDS sets the window") from None

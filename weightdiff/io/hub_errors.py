@@ -134,7 +134,16 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
         return CheckpointError(where, f"not in the local Hugging Face cache, and offline mode is on",
                                "run once without --offline or HF_HUB_OFFLINE to download it")
     if status is not None:
-        return CheckpointError(where, f"the Hub answered HTTP {status} for {repo} ({first_line(exc)})",
+        from .hub_http import RETRY_STATUS, RETRY_WAIT_TOTAL, retry_after
+
+        asked = retry_after(response)
+        wait = (f" and asked to retry after {asked:g} s, over the {RETRY_WAIT_TOTAL:g} s weightdiff waits"
+                if asked is not None and asked > RETRY_WAIT_TOTAL else "")
+        if file is not None:            # a file's request: the answer may be a CDN's; never its (signed) url
+            again = " after retries" if status in RETRY_STATUS and not wait else ""
+            return CheckpointError(str(file), f"the server answered HTTP {status}{again}{wait}", "try again later")
+        again = " after retries" if status in RETRY_STATUS and not wait else ""
+        return CheckpointError(where, f"the Hub answered HTTP {status}{again} for {repo}{wait} ({first_line(exc)})",
                                "try again later")
     if isinstance(exc, _httpx().TimeoutException):
         from .hub_http import api_timeout

@@ -7,6 +7,12 @@ listing, refs, the HEAD of a file): connecting, and each read of the answer;
 ``HF_HUB_DOWNLOAD_TIMEOUT`` (default 10 s) bounds each wait for bytes of a download or a
 range request.
 
+Transient answers (HTTP 408, 429, 500, 502, 503, 504) to an API call or a download are retried
+(``retrying``): at most RETRIES times, after the server's ``Retry-After`` when it sends one, else
+after 1, 2, 4, 8 s; never more than RETRY_WAIT_TOTAL (30 s) of waiting per call, so a server
+asking for a longer wait fails at once with its status. The range requests of --stream follow
+the same rules (weightdiff.io.hub_stream).
+
 A server can also keep every read inside its timeout and still never finish: a few bytes a
 second. So each response body must deliver ``STALL_BYTES`` (64 KiB) within every
 ``WEIGHTDIFF_HUB_STALL_SECONDS`` (default 60 s) of its transfer, about 1 KiB/s, which any
@@ -25,9 +31,15 @@ import time
 from contextlib import contextmanager
 from urllib.parse import quote
 
-__all__ = ["library_silenced", "api_timeout", "download_timeout", "get_json", "list_tree", "list_refs", "STALL_BYTES",
+__all__ = ["retrying", "retry_after", "RETRY_STATUS", "library_silenced", "api_timeout", "download_timeout", "get_json", "list_tree", "list_refs", "STALL_BYTES",
            "stall_seconds", "Stalled", "StallWatch", "watching", "Cancelled"]
 
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+RETRIES = 4
+BACKOFF = 1.0
+BACKOFF_MAX = 8.0
+#: the most a call waits between its retries, all together (seconds)
+RETRY_WAIT_TOTAL = 30.0
 #: a response body must bring this many bytes within every stall_seconds() of its transfer
 STALL_BYTES = 64 << 10
 STALL_SECONDS = 60.0
@@ -51,8 +63,12 @@ def get_json(url: str, params: dict | None = None):
     from huggingface_hub import get_session
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
-    r = get_session().get(url, params=params, headers=build_hf_headers(), timeout=api_timeout())
-    hf_raise_for_status(r)
+    def call():
+        r = get_session().get(url, params=params, headers=build_hf_headers(), timeout=api_timeout())
+        hf_raise_for_status(r)
+        return r
+
+    r = retrying(call)
     return r.json(), r
 
 
@@ -151,8 +167,16 @@ def _watched_stream(stream, cancel):
 
 def _on_response(response) -> None:
     state = getattr(_local, "state", None)
-    if state is not None:
-        response.stream = _watched_stream(response.stream, state)
+    if state is None:
+        return
+    if response.status_code in RETRY_STATUS:
+        # raised here, to ``retrying`` around the download: the library would itself wait out
+        # any Retry-After (an hour if the server says so) and retry only 408 and 429
+        from huggingface_hub.utils import hf_raise_for_status
+
+        response.read()
+        hf_raise_for_status(response)
+    response.stream = _watched_stream(response.stream, state)
 
 
 @contextmanager
@@ -200,3 +224,41 @@ def library_silenced():
             _silenced -= 1
             if _silenced == 0:
                 log.setLevel(_saved_level or logging.NOTSET)
+
+
+# -- retries ------------------------------------------------------------------------------------
+
+def retry_after(response) -> float | None:
+    """The seconds of a ``Retry-After: N`` header (an HTTP date is not honoured: None)."""
+    try:
+        v = float(response.headers.get("Retry-After", ""))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return v if v >= 0 else None
+
+
+def _status_of(exc: BaseException):
+    from .hub_errors import _cause
+
+    response = getattr(_cause(exc), "response", None)
+    return getattr(response, "status_code", None), response
+
+
+def retrying(call):
+    """``call()``, again after a transient HTTP answer (RETRY_STATUS), as the module says; the
+    last error is raised when the retries or the wait run out."""
+    waited, failures = 0.0, 0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            status, response = _status_of(exc)
+            if status not in RETRY_STATUS:
+                raise
+            failures += 1
+            wait = retry_after(response)
+            wait = min(BACKOFF_MAX, BACKOFF * 2 ** (failures - 1)) if wait is None else wait
+            if failures > RETRIES or waited + wait > RETRY_WAIT_TOTAL:
+                raise
+        time.sleep(wait)
+        waited += wait
