@@ -17,7 +17,11 @@ It answers what the real ``huggingface_hub`` client calls, the way the Hub answe
 Errors as the Hub sends them: 404 with ``X-Error-Code: RepoNotFound``, ``RevisionNotFound``
 or ``EntryNotFound``; 401 with ``RepoNotFound`` for a private repo and ``GatedRepo`` for a
 gated one without the token. Every body byte sent is logged per (repo, file), and faults
-can be planted: a connection dropped after some bytes, or a transient 503.
+can be planted: a connection dropped after some bytes, a transient 503, a body trickled a
+byte at a time (``trickle``: seconds per byte), a body with its last bytes flipped (``corrupt``), a
+wrong ``X-Linked-Size`` (``linked_size_delta``), a redirect loop on resolve (``redirect_loop``), a CDN
+redirecting back to a missing repo (``redirect_back``), ``Retry-After`` on a planted status, transient statuses on the API (``api_faults``); ``api_stall``
+makes the API accept connections and answer nothing for that many seconds.
 """
 
 from __future__ import annotations
@@ -57,6 +61,16 @@ def is_lfs(path: str, data: bytes) -> bool:
     return path.endswith((".safetensors", ".bin", ".gguf", ".pt")) or len(data) > 10 << 20
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that hung up mid-answer (a test's fault made it give up) is not news: printed
+        from this thread it would land in the stderr a CliRunner captures at that moment."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
 class HubServer:
     """Start with ``HubServer()``, stop with ``.close()``; ``.url`` is the HF_ENDPOINT."""
 
@@ -65,6 +79,8 @@ class HubServer:
         self.sent: Counter = Counter()          # (repo_id, path) -> body bytes sent
         self.requests: list[tuple[str, str]] = []
         self.faults: dict[tuple[str, str], dict] = {}
+        self.api_stall = 0.0                    # seconds the API waits before answering anything
+        self.api_faults: dict[str, dict] = {}   # repo_id -> {"status", "times", "retry_after"}: API answers
         self.lock = threading.Lock()
         self._seq = 0
         self.api = self._start(_ApiHandler)
@@ -73,7 +89,7 @@ class HubServer:
         self.cdn_url = f"http://127.0.0.1:{self.cdn.server_address[1]}"
 
     def _start(self, handler) -> ThreadingHTTPServer:
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        srv = _Server(("127.0.0.1", 0), handler)
         srv.daemon_threads = True
         srv.hub = self
         threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -142,6 +158,19 @@ class _Handler(BaseHTTPRequestHandler):
         if head or not body:
             return
         fault = self.hub.faults.get(log) if log else None
+        if fault and fault.get("corrupt") and len(body) > 200:     # the same size, the last bytes flipped
+            body = body[:-100] + bytes(b ^ 0x55 for b in body[-100:])
+        if fault and fault.get("trickle"):           # a byte every `trickle` seconds, each read in time
+            try:
+                for i in range(len(body)):
+                    self._count(log, 1)
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(fault["trickle"])
+            except OSError:
+                pass
+            self.close_connection = True
+            return
         if fault and fault.get("times", 0) > 0 and fault.get("drop_after") is not None:
             fault["times"] -= 1
             part = body[:fault["drop_after"]]
@@ -227,11 +256,19 @@ class _ApiHandler(_Handler):
         query = parse_qs(url.query)
         with self.hub.lock:
             self.hub.requests.append((self.command, self.path))
+        if self.hub.api_stall:
+            time.sleep(self.hub.api_stall)
         if raw[:2] == ["api", "models"] and len(raw) >= 4:
             repo_id = f"{unquote(raw[2])}/{unquote(raw[3])}"
             rest = raw[4:]
             repo = self._repo(repo_id, head)
             if repo is None:
+                return
+            fault = self.hub.api_faults.get(repo_id)
+            if fault and fault.get("times", 0) > 0:             # a transient answer to the model info
+                fault["times"] -= 1
+                self._error(fault["status"], "", "Too many requests", head=head,
+                            extra={"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else None)
                 return
             if not rest or rest[0] == "revision":
                 sha = self._rev(repo, unquote("/".join(rest[1:])) if rest else "main")
@@ -282,14 +319,19 @@ class _ApiHandler(_Handler):
             fault = self.hub.faults.get((repo_id, path))
             if fault and fault.get("status") and fault.get("times", 0) > 0 and not head:
                 fault["times"] -= 1
-                self._error(fault["status"], "", "Service unavailable")
+                self._error(fault["status"], "", "Service unavailable",
+                            extra={"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else None)
                 return
             headers = {"X-Repo-Commit": sha, "ETag": f'"{git_oid(data)}"'}
+            if fault and fault.get("redirect_loop"):
+                self._send(302, b"", {**headers, "Location": self.path}, head=head, length=0)
+                return
             if is_lfs(path, data):
                 oid = hashlib.sha256(data).hexdigest()
                 loc = f"{self.hub.cdn_url}/_lfs/{quote(repo_id, safe='')}/{oid}?file={quote(path, safe='')}"
+                size = len(data) + (fault or {}).get("linked_size_delta", 0)
                 self._send(302, b"", {**headers, "Location": loc, "X-Linked-Etag": f'"{oid}"',
-                                      "X-Linked-Size": str(len(data))}, head=head, length=0)
+                                      "X-Linked-Size": str(size)}, head=head, length=0)
                 return
             self._content(data, headers, head, (repo_id, path))
             return
@@ -360,8 +402,12 @@ class _CdnHandler(_Handler):
             self._send(404)
             return
         fault = self.hub.faults.get((repo_id, path))
+        if fault and fault.get("redirect_back"):       # back to the Hub, to a repo that is not there
+            self._send(302, b"", {"Location": f"{self.hub.url}/x/y/resolve/main/{quote(path)}"}, head=head, length=0)
+            return
         if fault and fault.get("status") and fault.get("times", 0) > 0 and not head:
             fault["times"] -= 1
-            self._send(fault["status"], b"unavailable")
+            self._send(fault["status"], b"unavailable", {"Retry-After": str(fault["retry_after"])}
+                       if "retry_after" in fault else None)
             return
         self._content(data, {"ETag": f'"{oid}"'}, head, (repo_id, path))

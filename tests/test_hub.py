@@ -21,7 +21,7 @@ pytest.importorskip("huggingface_hub")
 import weightdiff
 from weightdiff.lineage import lineage
 from weightdiff.provenance import provenance
-from weightdiff.io import hub_stream
+from weightdiff.io import hub_http, hub_stream
 from weightdiff.cli import main
 from weightdiff.errors import CheckpointError
 from weightdiff.io.hub import hub_spelling, parse_ref
@@ -84,6 +84,9 @@ def hf(server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     server.reset_log()
     server.faults.clear()
+    server.api_stall = 0.0
+    server.api_faults.clear()
+    monkeypatch.setattr(hub_http, "BACKOFF", 0.01)
     return home
 
 
@@ -130,7 +133,7 @@ def test_compare_by_id_and_revision_records_identity(server, hf, tmp_path):
     assert d["base"][0]["hub"]["revision"] is None
     assert d["base"][0]["hub"]["commit"] == server.repos["org/base"].branches["main"]
     local = _files(server.local["tuned"])
-    assert d["tuned"]["files"] == [{"name": n, "bytes": len(local[n]), "sha256": sha256(local[n])}
+    assert d["tuned"]["files"] == [{"name": n, "bytes": len(local[n]), "sha256": sha256(local[n]), "sha256_source": "hub"}
                                    for n in sorted(local) if n.endswith(".safetensors")]
     assert d["run"]["date"].endswith("Z") and d["run"]["hub"][0]["mode"] == "download"
     assert d["summary"]["verdict"] == "derived"
@@ -349,3 +352,159 @@ def test_a_corrupt_file_on_the_hub_fails_the_same_parser(server, hf):
     line = one_error(*run("compare", "org/base", "org/corrupt", "--stream")[::2])
     assert line.startswith("error: hf://org/corrupt/model.safetensors: header declares")
     assert "truncated download?" in line
+
+
+# -- a hostile or faulty Hub (probe H) -----------------------------------------------------------
+
+def _sharded_without_last(server) -> None:
+    """org/holey: the index of org/tuned@v1 with its last shard left out of the repo."""
+    files = dict(server.repos["org/tuned"].commits[server.v1])
+    files.pop(max(n for n in files if n.startswith("model-0")))
+    server.commit("org/holey", files)
+
+
+@pytest.mark.parametrize("mode", ["--stream", "--download"])
+def test_index_naming_a_missing_shard_fails_before_any_download(server, hf, mode):
+    _sharded_without_last(server)
+    line = one_error(*run("compare", "org/base", "org/holey", mode)[::2])
+    assert line.startswith("error: hf://org/holey/model.safetensors.index.json: names shard "
+                           "model-00003-of-00003.safetensors, which is not in `org/holey` at commit "), line
+    assert stored(hf) == [] or not any("snapshots" in p for p in stored(hf)), stored(hf)
+    assert server.bytes_sent("org/base") == 0          # checked before the base was fetched
+    line = one_error(*run("inspect", "org/holey", mode)[::2])
+    assert "names shard model-00003-of-00003.safetensors" in line
+
+
+@pytest.mark.parametrize("mode", ["--stream", "--download"])
+def test_an_api_that_never_answers_times_out(server, hf, monkeypatch, mode):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
+    server.api_stall = 5.0
+    t0 = time.monotonic()
+    line = one_error(*run("inspect", "org/base", mode)[::2])
+    assert time.monotonic() - t0 < 4, "the model info call waited for the server"
+    assert line.startswith(f"error: org/base: the Hub at {server.url} did not answer within 0.5 s (timed out)"), line
+    assert stored(hf) == []
+
+
+def test_the_refs_of_a_missing_revision_are_bounded_too(server, hf, monkeypatch):
+    from huggingface_hub import constants
+    from weightdiff.io import hub_errors, hub_http
+
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
+    assert hub_http.list_refs(server.url, "org/tuned") == {"branches": ["main"], "tags": ["v1"]}
+    files = hub_http.list_tree(server.url, "org/multi", "main", "sub")
+    assert sorted(f["path"] for f in files) == ["sub/model.safetensors"]
+    server.api_stall = 5.0
+    t0 = time.monotonic()
+    assert hub_errors._refs("org/tuned", server.url) == ""
+    with pytest.raises(Exception):
+        hub_http.list_tree(server.url, "org/multi", "main")
+    assert time.monotonic() - t0 < 3
+
+
+@pytest.mark.parametrize("mode", ["--stream", "--download"])
+def test_a_trickling_server_is_stopped_naming_the_file(server, hf, monkeypatch, mode):
+    from weightdiff.io import hub_http
+
+    monkeypatch.setenv("WEIGHTDIFF_HUB_STALL_SECONDS", "1")
+    monkeypatch.setattr(hub_http, "STALL_BYTES", 4096)
+    server.faults[("org/tuned", "model-00002-of-00003.safetensors")] = {"trickle": 0.02}
+    t0 = time.monotonic()
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", mode, "-q")[::2])
+    assert time.monotonic() - t0 < 15
+    assert line.startswith("error: hf://org/tuned@v1/model-00002-of-00003.safetensors: the server sent "), line
+    assert "under the 4 KiB per 1 s a transfer must keep up" in line
+
+
+def test_a_slow_but_steady_transfer_passes(server, hf, monkeypatch):
+    from weightdiff.io import hub_http
+
+    monkeypatch.setenv("WEIGHTDIFF_HUB_STALL_SECONDS", "1")
+    monkeypatch.setattr(hub_http, "STALL_BYTES", 16)       # 16 bytes a second: 50 a second passes
+    server.faults[("org/tuned", "config.json")] = {"trickle": 0.02}
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--download", "-q", "--no-rank")
+    assert rc == 0, err
+
+
+def test_hash_checks_the_bytes_on_disk_against_the_hub(server, hf, tmp_path):
+    shard = "model-00002-of-00003.safetensors"
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--stream", "--hash", "--json", "s.json", "--no-rank", "-q")
+    assert rc == 0, err
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert {f["sha256_source"] for f in s["tuned"]["files"]} == {"hub"}        # streamed: the Hub's word only
+    server.faults[("org/tuned", shard)] = {"corrupt": True}
+    rc, out, err = run("compare", "org/base", "org/tuned@v1", "--download", "--hash", "--json", "d.json", "--no-rank", "-q")
+    line = one_error(rc, err)
+    assert line.startswith(f"error: hf://org/tuned@v1/{shard}: the file read from the Hugging Face cache has "
+                           f"sha256 "), line
+    assert "a corrupt download or cache" in line and not (tmp_path / "d.json").exists()
+    # the corrupt blob stays in the cache: a cache-mode run with --hash refuses it too, without --hash reads it
+    server.faults.clear()
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", "--hash", "--no-rank", "-q")[::2])
+    assert f"hf://org/tuned@v1/{shard}: the file read" in line
+    blob = line.split("(delete ")[1].split(" and rerun")[0]
+    Path(blob).unlink()                                   # as the hint says
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--hash", "--json", "d.json", "--no-rank", "-q")
+    assert rc == 0, err
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert {f["sha256_source"] for f in d["tuned"]["files"]} == {"verified"}
+    assert [f["sha256"] for f in d["tuned"]["files"]] == [f["sha256"] for f in s["tuned"]["files"]]
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--no-hash", "--json", "n.json", "--no-rank", "-q")
+    assert {f["sha256_source"] for f in json.loads((tmp_path / "n.json").read_text())["tuned"]["files"]} == {"hub"}
+
+
+@pytest.mark.parametrize("fault, words", [
+    ({"drop_after": 3000, "times": 99}, "the server closed the connection before sending the whole file"),
+    ({"linked_size_delta": 100}, "the server sent a file of another size than announced (size mismatch: "),
+    ({"redirect_loop": True}, "the server redirected badly: a redirect loop"),
+    ({"redirect_back": True}, "the server redirected badly: the file's request was redirected to "
+                              "http://127.0.0.1:"),
+])
+def test_download_faults_are_one_line_naming_the_file(server, hf, fault, words):
+    shard = "model-00002-of-00003.safetensors"
+    server.faults[("org/tuned", shard)] = fault
+    t0 = time.monotonic()
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", "--download", "-q")[::2])
+    assert time.monotonic() - t0 < 30
+    assert line.startswith(f"error: hf://org/tuned@v1/{shard}: {words}"), line
+    assert "cannot reach the Hub" not in line and "no Hub repo" not in line
+
+
+@pytest.mark.parametrize("fault, words", [
+    ({"redirect_loop": True}, "the server redirected badly: a redirect loop"),
+    ({"redirect_back": True}, "the server redirected badly: the file's request was redirected to "
+                              "http://127.0.0.1:"),
+])
+def test_stream_redirect_faults_name_the_file(server, hf, fault, words):
+    shard = "model-00002-of-00003.safetensors"
+    server.faults[("org/tuned", shard)] = fault
+    line = one_error(*run("inspect", "org/tuned@v1", "--stream")[::2])
+    assert line.startswith(f"error: hf://org/tuned@v1/{shard}: {words}"), line
+
+
+@pytest.mark.parametrize("mode", ["--stream", "--download"])
+def test_transient_api_and_cdn_answers_are_retried(server, hf, mode):
+    server.api_faults["org/base"] = {"status": 429, "times": 2, "retry_after": 0}
+    server.api_faults["org/tuned"] = {"status": 503, "times": 2}
+    server.faults[("org/tuned", "model-00001-of-00003.safetensors")] = {"status": 503, "times": 2}
+    server.faults[("org/base", "model.safetensors")] = {"status": 429, "times": 2, "retry_after": 0}
+    rc, out, err = run("compare", "org/base", "org/tuned@v1", mode, "-q", "--no-rank")
+    assert rc == 0 and err == "", err
+    assert server.api_faults["org/base"]["times"] == server.api_faults["org/tuned"]["times"] == 0
+
+
+@pytest.mark.parametrize("mode", ["--stream", "--download"])
+def test_retries_are_bounded(server, hf, mode):
+    server.faults[("org/base", "model.safetensors")] = {"status": 429, "times": 99, "retry_after": 3600}
+    t0 = time.monotonic()
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", mode, "-q", "--no-rank")[::2])
+    assert time.monotonic() - t0 < 10, "waited for the server's Retry-After: 3600"
+    assert line.startswith("error: hf://org/base/model.safetensors: the server answered HTTP 429 and asked to "
+                           "retry after 3600 s, over the 30 s weightdiff waits"), line
+    server.faults.clear()
+    server.api_faults["org/base"] = {"status": 503, "times": 99}
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", mode, "-q", "--no-rank")[::2])
+    assert line.startswith("error: org/base: the Hub answered HTTP 503 after retries for `org/base`"), line
+    assert server.api_faults["org/base"]["times"] >= 99 - 2 * (hub_http.RETRIES + 1)

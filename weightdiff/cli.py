@@ -123,7 +123,7 @@ def inspect_cmd(ckpt: str, as_json: bool, **hub_opts) -> None:
               help="Name of the base in the memo (repeat for each --base; default: its path or Hub id).")
 @click.option("--tuned-label", metavar="TEXT", help="Name of the tuned model in the memo (default: its path).")
 @click.option("--hash/--no-hash", "hash_files", default=None,
-              help="Record the sha256 of every input file (default: on with --report).")
+              help="Record the sha256 of every input file (default: on with --report); a Hub file on disk is hashed and checked against the sha256 the Hub lists.")
 @click.option("-q", "--quiet", is_flag=True, help="No plan or progress on stderr.")
 @_cluster_options
 @click_options(CompareOptions)

@@ -123,12 +123,15 @@ class Comparison:
 def describe(ckpt: Checkpoint, digests: bool) -> dict:
     """The ``base``/``tuned`` entry of the JSON: path, format, sizes, dtypes, files (and, for a
     Hub repo, ``hub``: repo id, revision asked for, commit, subfolder; the files' sha256 are
-    the Hub's, so the entry is the same whether the weights were streamed or downloaded)."""
+    the Hub's, so without ``digests`` the entry is the same whether the weights were streamed or
+    downloaded; with it, files on disk are hashed and checked against them: io.hub.hub_files)."""
     dtypes: dict[str, int] = {}
     for info in ckpt.tensors.values():
         dtypes[info.dtype] = dtypes.get(info.dtype, 0) + info.numel
     if ckpt.hub is not None:
-        files = [dict(f) for f in ckpt.hub["files"]]
+        from .io.hub import hub_files
+
+        files = hub_files(ckpt, digests)
         return {"path": str(ckpt.path), "format": ckpt.format, "params": ckpt.params,
                 "bytes": sum(f["bytes"] or 0 for f in files), "dtypes": dict(sorted(dtypes.items())),
                 "files": files, "hub": {k: v for k, v in ckpt.hub.items() if k != "files"}}

@@ -16,7 +16,10 @@ three ways, none of which changes a number:
 ``--offline`` (or HF_HUB_OFFLINE) reads the cache only (``scan_cache_dir``). A Hub
 checkpoint carries its identity (``Checkpoint.hub``): repo id, requested revision,
 resolved commit, and each weights file's path in the repo, size and sha256 as the Hub
-lists it (its LFS oid; nothing is hashed locally), the same whichever way it was read.
+lists it (its LFS oid), the same whichever way it was read. ``hub_files(ckpt, hashed)``
+gives them for the JSON: with ``--hash``, a file on disk (download, cache) is hashed and
+must match the Hub's sha256 (``sha256_source`` "verified"); a streamed one keeps the Hub's
+value, unverified ("hub").
 
 >>> hub_spelling("meta-llama/Llama-2-7b-hf@main"), hub_spelling("hf://org/name@v1/sub")
 (True, True)
@@ -26,9 +29,9 @@ lists it (its LFS oid; nothing is hashed locally), the same whichever way it was
 
 from __future__ import annotations
 
-import glob
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +41,10 @@ from .checkpoint import JSON_CAP, Checkpoint, LocalFolder, build, choose_weights
 from .files import load_json
 from .hub_cache import from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
+from .hub_http import Stalled, api_timeout, library_silenced, list_tree, retrying, watching
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
-__all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "preflight", "hub_error", "EXTRA"]
+__all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "preflight", "hub_error", "hub_files", "EXTRA"]
 
 EXTRA = "pip install 'weightdiff[hub]'"
 _BARE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@\S+)?$")
@@ -136,7 +140,8 @@ def _listing(ref: HubRef, env: _Env) -> _Listing:
 
     api = HfApi(endpoint=env.endpoint)
     try:
-        info = api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+        info = retrying(lambda: api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True,
+                                               timeout=api_timeout()))
     except Exception as exc:
         if is_transport_error(exc):
             raise
@@ -147,9 +152,7 @@ def _listing(ref: HubRef, env: _Env) -> _Listing:
     files = {s.rfilename: (s.size, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []}
     if not files:
         try:
-            files = {f.path: (f.size, f.lfs.sha256 if f.lfs else None)
-                     for f in api.list_repo_tree(ref.repo_id, recursive=True, revision=info.sha)
-                     if hasattr(f, "size")}
+            files = {f["path"]: (f.get("size"), _lfs_oid(f)) for f in list_tree(env.endpoint, ref.repo_id, info.sha)}
         except Exception as exc:
             raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
     return _Listing(info.sha, files, ref.subfolder + "/" if ref.subfolder else "")
@@ -159,24 +162,29 @@ def _fill_sizes(ref: HubRef, listing: _Listing, paths: list[str], env: _Env) -> 
     """Sizes and LFS oids the model info left out: from the tree listing, else from a HEAD request."""
     if all(listing.files[p][0] is not None for p in paths):
         return
-    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     try:
-        for f in HfApi(endpoint=env.endpoint).list_repo_tree(ref.repo_id, path_in_repo=ref.subfolder or None,
-                                                             recursive=True, revision=listing.commit):
-            if hasattr(f, "size") and f.path in listing.files:
-                listing.files[f.path] = (f.size, f.lfs.sha256 if f.lfs else listing.files[f.path][1])
+        for f in list_tree(env.endpoint, ref.repo_id, listing.commit, ref.subfolder or None):
+            if f.get("path") in listing.files:
+                listing.files[f["path"]] = (f.get("size"), _lfs_oid(f) or listing.files[f["path"]][1])
     except Exception:
         pass
     for p in paths:
         if listing.files[p][0] is None:
             try:
-                meta = get_hf_file_metadata(hf_hub_url(ref.repo_id, p, revision=listing.commit,
-                                                       endpoint=env.endpoint), endpoint=env.endpoint)
+                url = hf_hub_url(ref.repo_id, p, revision=listing.commit, endpoint=env.endpoint)
+                meta = retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout()))
             except Exception as exc:
                 raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
             etag = meta.etag if meta.etag and _SHA256.match(meta.etag) else None
             listing.files[p] = (meta.size, listing.files[p][1] or etag)
+
+
+def _lfs_oid(entry: dict) -> str | None:
+    lfs = entry.get("lfs")
+    oid = lfs.get("oid") or lfs.get("sha256") if isinstance(lfs, dict) else None
+    return oid if isinstance(oid, str) else None
 
 
 # -- the folder twin over HTTP -------------------------------------------------------------------
@@ -242,7 +250,15 @@ def _needed(kind: str, name: str | None, folder: HubFolder) -> list[str]:
         from .checkpoint import _read_index
 
         wmap, _ = _read_index(folder, name)
-        return [name] + list(dict.fromkeys(wmap.values()))
+        shards = list(dict.fromkeys(wmap.values()))
+        for shard in shards:           # the local rule (every shard it names exists), before any download
+            if not folder.exists(shard):
+                raise CheckpointError(folder.file(name), f"names shard {escape_name(shard)}, which is not in "
+                                                         f"`{escape_name(folder.ref.repo_id)}` at commit "
+                                                         f"{folder.listing.commit[:12]}",
+                                      "the repo's index and its files disagree: ask its owner, or pick another "
+                                      "revision")
+        return [name] + shards
     return [name]
 
 
@@ -268,6 +284,12 @@ def preflight(paths, options: HubOptions | None = None) -> None:
                                             f"commit {listing.commit[:12]}")
         kind, name = choose_weights(listing.names(), spelling)
         _head(ref, listing, listing.prefix + (name if kind != "adapter" else "adapter_config.json"), env)
+        if kind in ("sharded", "pickle_sharded"):         # the index's shards exist (read from the index)
+            reader = RangeReader(env.endpoint)
+            try:
+                _needed(kind, name, HubFolder(ref, listing, reader, env.cache_dir))
+            finally:
+                reader.close()
 
 
 def _head(ref: HubRef, listing: _Listing, path: str, env: _Env) -> None:
@@ -275,10 +297,11 @@ def _head(ref: HubRef, listing: _Listing, path: str, env: _Env) -> None:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     try:
-        get_hf_file_metadata(hf_hub_url(ref.repo_id, path, revision=listing.commit, endpoint=env.endpoint),
-                             endpoint=env.endpoint)
+        url = hf_hub_url(ref.repo_id, path, revision=listing.commit, endpoint=env.endpoint)
+        retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout()))
     except Exception as exc:
-        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
+        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint,
+                        file=ref.file(listing.commit, path, -1, None)) from None
 
 
 def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
@@ -353,27 +376,62 @@ def _mode(options: HubOptions, ref: HubRef, listing: _Listing, needed: list[str]
 
 
 def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options: HubOptions) -> Path:
-    from huggingface_hub import snapshot_download
+    """Download exactly ``needed`` (and the config) into the normal cache, a file per
+    hf_hub_download, several at once; -> the snapshot folder of the resolved commit."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     _head(ref, listing, needed[-1], env)
     extra = [listing.prefix + n for n in ("config.json", "quantize_config.json") if listing.prefix + n in listing.files]
+    paths = needed + extra
     quiet = not options.progress and not are_progress_bars_disabled()
+    cancel = threading.Event()
     if quiet:
         disable_progress_bars()
     try:
-        # by the revision's name, so the cache records it (refs/) for --offline, as the library does
-        out = snapshot_download(ref.repo_id, revision=ref.revision or "main", cache_dir=env.cache_dir,
-                                endpoint=env.endpoint, allow_patterns=[glob.escape(p) for p in needed + extra])
-    except Exception as exc:
-        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
+        with library_silenced(), \
+                ThreadPoolExecutor(min(8, len(paths)), thread_name_prefix="weightdiff-download") as pool:
+            futures = [pool.submit(_download, ref, listing, p, env, cancel) for p in paths]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            finally:
+                failed = [fut.exception() for fut in futures if fut.done() and fut.exception() is not None]
+                if failed or not all(fut.done() for fut in futures):
+                    cancel.set()          # the other downloads stop at their next read
+            if failed:
+                raise failed[0]
+            commits = [fut.result() for fut in futures]
     finally:
         if quiet:
             enable_progress_bars()
-    if Path(out).name != listing.commit:
+    moved = next((c for c in commits if c != listing.commit), None)
+    if moved:
         raise CheckpointError(ref.spelling, f"revision `{ref.revision or 'main'}` moved from commit "
-                                            f"{listing.commit[:12]} to {Path(out).name[:12]} during the run", "rerun")
-    return Path(out)
+                                            f"{listing.commit[:12]} to {moved[:12]} during the run", "rerun")
+    return Path(env.cache_dir) / f"models--{ref.repo_id.replace('/', '--')}" / "snapshots" / listing.commit
+
+
+def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: threading.Event) -> str:
+    """One file into the cache (by the revision's name, so the cache records it under refs/ for
+    --offline, as the library does), watched for a stalled transfer; -> the commit it came from."""
+    from huggingface_hub import hf_hub_download
+
+    size, sha = listing.files.get(path, (None, None))
+    shown = ref.file(listing.commit, path, -1 if size is None else size, sha)
+    try:
+        with watching(cancel):
+            out = retrying(lambda: hf_hub_download(ref.repo_id, path, revision=ref.revision or "main",
+                                                   cache_dir=env.cache_dir, endpoint=env.endpoint,
+                                                   etag_timeout=api_timeout()))
+    except Stalled as exc:
+        raise CheckpointError(shown, exc.text(), "rerun later (the download resumes where it stopped); "
+                                                 "WEIGHTDIFF_HUB_STALL_SECONDS sets the window") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint, file=shown) from None
+    return Path(out).parents[len(Path(path).parts) - 1].name
 
 
 def _cached_snapshot(ref: HubRef, listing: _Listing, needed: list[str], env: _Env) -> Path:
@@ -383,3 +441,30 @@ def _cached_snapshot(ref: HubRef, listing: _Listing, needed: list[str], env: _En
     return path.parents[len(Path(needed[0]).parts) - 1]
 
 
+
+
+def hub_files(ckpt: Checkpoint, hashed: bool) -> list[dict]:
+    """The ``files`` of a Hub checkpoint's JSON entry: name, bytes, sha256 and where that sha256
+    comes from: "hub" (the Hub's listed LFS oid, not checked against the bytes: without --hash,
+    or streamed), "verified" (the file on disk hashed, equal to the Hub's), "local" (hashed on
+    disk, the Hub lists none); a mismatch is a corrupt download or cache: CheckpointError."""
+    files = [dict(f) for f in ckpt.hub["files"]]
+    mode = (ckpt.hub_run or {}).get("mode")
+    if not hashed or mode not in ("download", "cache"):
+        return [dict(f, sha256_source="hub" if f["sha256"] else None) for f in files]
+    digests = ckpt.hash_files()
+    at = f"@{ckpt.hub['revision']}" if ckpt.hub.get("revision") else ""
+    for f, path in zip(files, ckpt.files):
+        got = digests[path]
+        if f["sha256"] is None:
+            f["sha256"], f["sha256_source"] = got, "local"
+        elif got != f["sha256"]:
+            blob = Path(path).resolve()
+            raise CheckpointError(f"hf://{ckpt.hub['repo_id']}{at}/{f['name']}",
+                                  f"the file read from the Hugging Face cache has sha256 {got[:16]}..., but the Hub "
+                                  f"lists {f['sha256'][:16]}... for commit {ckpt.hub['commit'][:12]} (a corrupt "
+                                  f"download or cache)", f"delete {escape_name(str(blob))} and rerun to download it "
+                                                         f"again")
+        else:
+            f["sha256_source"] = "verified"
+    return files

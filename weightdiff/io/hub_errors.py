@@ -9,6 +9,8 @@ here as well so that a plain-http mirror (HF_ENDPOINT) gives the same lines.
 
 from __future__ import annotations
 
+import re
+
 from ..errors import CheckpointError, escape_name
 
 __all__ = ["hub_error", "first_line", "is_transport_error", "LOGIN"]
@@ -23,22 +25,89 @@ def first_line(exc: BaseException) -> str:
 
 def _refs(repo_id: str, endpoint: str | None) -> str:
     """`` (branches: main, dev; tags: v1)`` from list_repo_refs, or "" when the Hub does not say."""
-    try:
-        from huggingface_hub import HfApi
+    from huggingface_hub import constants
 
-        refs = HfApi(endpoint=endpoint).list_repo_refs(repo_id)
+    from .hub_http import list_refs
+
+    try:
+        refs = list_refs((endpoint or constants.ENDPOINT).rstrip("/"), repo_id)
     except Exception:
         return ""
-    parts = [f"{what}: {', '.join(escape_name(r.name) for r in items)}"
-             for what, items in (("branches", refs.branches), ("tags", refs.tags)) if items]
+    parts = [f"{what}: {', '.join(escape_name(n) for n in refs[key])}"
+             for what, key in (("branches", "branches"), ("tags", "tags")) if refs[key]]
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None = None,
-              endpoint: str | None = None) -> CheckpointError:
-    """A huggingface_hub error as one line naming the repo and what to do."""
+def _cause(exc: BaseException) -> BaseException:
+    """The transfer error behind a library wrapper (LocalEntryNotFoundError raised "from" it)."""
     from huggingface_hub import errors as e
 
+    seen = exc
+    while isinstance(seen, e.LocalEntryNotFoundError) and (seen.__cause__ or seen.__context__) is not None:
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
+def _origin(response) -> str:
+    """``scheme://host[:port]`` of the URL that answered (never its query: a CDN's is signed)."""
+    try:
+        url = response.request.url
+        return escape_name(f"{url.scheme}://{url.netloc.decode() if isinstance(url.netloc, bytes) else url.netloc}")
+    except Exception:
+        return "another server"
+
+
+def transfer_error(exc: BaseException, where: str, transfer: bool = True) -> CheckpointError | None:
+    """What a server did wrong while serving one file (``where`` names it), or None when ``exc``
+    is not such a fault: a redirect loop or a redirect to an error, a body cut short, a size
+    other than announced, an answer without the Hub's headers, a read that timed out (when
+    ``transfer``: a file's bytes were awaited, not an API answer)."""
+    from huggingface_hub import errors as e
+
+    httpx = _httpx()
+    exc = _cause(exc)
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    text = first_line(exc)
+    if isinstance(exc, httpx.TooManyRedirects):
+        return CheckpointError(where, f"the server redirected badly: a redirect loop ({text})",
+                               "the Hub or the mirror in HF_ENDPOINT is misconfigured; try again later")
+    if status is not None and status >= 400 and getattr(response, "history", None):
+        code = response.headers.get("X-Error-Code")
+        return CheckpointError(where, f"the server redirected badly: the file's request was redirected to "
+                                      f"{_origin(response)}, which answered HTTP {status}"
+                                      f"{f' ({escape_name(code)})' if code else ''}",
+                               "the Hub's storage or the mirror in HF_ENDPOINT is failing; try again later")
+    if isinstance(exc, e.FileMetadataError):
+        return CheckpointError(where, f"the server's answer for this file lacks what a Hub sends ({text})",
+                               "is HF_ENDPOINT a Hugging Face Hub?")
+    if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
+        sizes = re.search(r"size (\d+) but has size (\d+)", str(exc))
+        said = (f": {int(sizes[2]):,} bytes where {int(sizes[1]):,} were announced" if sizes else
+                f" ({text.split(' ((')[0]})")       # never the CDN's url (signed)
+        return CheckpointError(where, f"the server sent a file of another size than announced (size mismatch{said})",
+                               "a faulty server or proxy; try again later")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return CheckpointError(where, f"the server closed the connection before sending the whole file ({text})",
+                               "a faulty server or proxy; try again later (the download resumes)")
+    if transfer and isinstance(exc, httpx.ReadTimeout):
+        from .hub_http import download_timeout
+
+        return CheckpointError(where, f"the server sent nothing for {download_timeout():g} s (timed out)",
+                               "try again later; HF_HUB_DOWNLOAD_TIMEOUT sets the wait, in seconds")
+    return None
+
+
+def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None = None,
+              endpoint: str | None = None, file: object = None) -> CheckpointError:
+    """A huggingface_hub error as one line naming the repo and what to do; a server's fault
+    while serving ``file`` (transfer_error) names the file instead."""
+    from huggingface_hub import errors as e
+
+    fault = transfer_error(exc, str(file) if file is not None else where, transfer=file is not None)
+    if fault is not None:
+        return fault
+    exc = _cause(exc)
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
     code = response.headers.get("X-Error-Code") if response is not None else None
@@ -65,13 +134,32 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
         return CheckpointError(where, f"not in the local Hugging Face cache, and offline mode is on",
                                "run once without --offline or HF_HUB_OFFLINE to download it")
     if status is not None:
-        return CheckpointError(where, f"the Hub answered HTTP {status} for {repo} ({first_line(exc)})",
+        from .hub_http import RETRY_STATUS, RETRY_WAIT_TOTAL, retry_after
+
+        asked = retry_after(response)
+        wait = (f" and asked to retry after {asked:g} s, over the {RETRY_WAIT_TOTAL:g} s weightdiff waits"
+                if asked is not None and asked > RETRY_WAIT_TOTAL else "")
+        if file is not None:            # a file's request: the answer may be a CDN's; never its (signed) url
+            again = " after retries" if status in RETRY_STATUS and not wait else ""
+            return CheckpointError(str(file), f"the server answered HTTP {status}{again}{wait}", "try again later")
+        again = " after retries" if status in RETRY_STATUS and not wait else ""
+        return CheckpointError(where, f"the Hub answered HTTP {status}{again} for {repo}{wait} ({first_line(exc)})",
                                "try again later")
+    if isinstance(exc, _httpx().TimeoutException):
+        from .hub_http import api_timeout
+
+        return CheckpointError(where, f"the Hub at {escape_name(str(endpoint))} did not answer within "
+                                      f"{api_timeout():g} s (timed out)",
+                               "try again later; HF_HUB_ETAG_TIMEOUT sets the wait, in seconds")
     return CheckpointError(where, f"cannot reach the Hub at {escape_name(str(endpoint))} ({first_line(exc)})",
                            "check the network or proxy settings, or use --offline with a cached copy")
 
 
-def is_transport_error(exc: BaseException) -> bool:
+def _httpx():
     from .hub_stream import _httpx
 
+    return _httpx()
+
+
+def is_transport_error(exc: BaseException) -> bool:
     return isinstance(exc, _httpx().TransportError) and not isinstance(exc, _httpx().ProxyError)

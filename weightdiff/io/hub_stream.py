@@ -10,9 +10,12 @@ into bounded buffers. ``windows()`` runs a prefetch thread per call with a queue
 other and with the compute. Requests go through huggingface_hub's own HTTP session
 (``get_session``) with its headers (``build_hf_headers``: token, user agent), so tokens,
 endpoints and proxies behave as the library's. Transient failures (timeouts, dropped
-connections, HTTP 408/429/5xx) are retried with exponential backoff, resuming at the
+connections, HTTP 408/429/5xx) are retried with exponential backoff (or after the
+server's Retry-After, up to hub_http.RETRY_WAIT_TOTAL), resuming at the
 first missing byte; when the retries run out, the error names the file. Every read has
-a timeout, so a lost connection is an error, never a hang.
+a timeout, and every response must keep up a minimum pace (weightdiff.io.hub_http.StallWatch:
+64 KiB within every WEIGHTDIFF_HUB_STALL_SECONDS), so a lost or trickling connection is an
+error naming the file, never a hang.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
+from .hub_http import RETRY_WAIT_TOTAL, Stalled, StallWatch, retry_after
 from .safetensors_read import TensorInfo, check_range, header_length, parse_header, row_runs, storage_of
 
 __all__ = ["HubFile", "RangeReader", "RemoteSafetensorsFile", "PREFETCH", "PART_BYTES"]
@@ -66,7 +70,9 @@ class HubFile:
 
 
 class _Transient(Exception):
-    pass
+    def __init__(self, text: str, wait: float | None = None):
+        super().__init__(text)
+        self.wait = wait            # the server's Retry-After, seconds
 
 
 class RangeReader:
@@ -135,7 +141,7 @@ class RangeReader:
                 with self._session().stream("GET", self._url(f), headers=headers, timeout=self.timeout,
                                             follow_redirects=True) as r:
                     if r.status_code in _RETRY_STATUS:
-                        raise _Transient(f"HTTP {r.status_code}")
+                        raise _Transient(f"HTTP {r.status_code}", retry_after(r))
                     if r.status_code >= 400:
                         r.read()
                         hf_raise_for_status(r)
@@ -146,13 +152,20 @@ class RangeReader:
                                                  f"{r.status_code}, Content-Range "
                                                  f"{r.headers.get('Content-Range')!r})",
                                               "use --download to fetch whole files instead")
-                    before = got
-                    for chunk in r.iter_bytes(1 << 20):
-                        k = min(len(chunk), total - got)
-                        out[got:got + k] = chunk[:k]
-                        got += k
-                        if got == total:
-                            break
+                    before, watch = got, StallWatch()
+                    try:
+                        for chunk in r.iter_bytes():       # as received: the pace is checked per read
+                            k = min(len(chunk), total - got)
+                            out[got:got + k] = chunk[:k]
+                            got += k
+                            if got == total:
+                                break
+                            watch.add(k)
+                    except Stalled as exc:
+                        self._count(f, got - before)
+                        raise CheckpointError(f, f"{exc.text()} at byte {offset + got:,} of {f.size:,}",
+                                              "rerun later, or use --download from a faster mirror; "
+                                              "WEIGHTDIFF_HUB_STALL_SECONDS sets the window") from None
                     self._count(f, got - before)
                     if got > before:
                         failures = 0
@@ -164,11 +177,19 @@ class RangeReader:
                     raise CheckpointError(f, f"connection lost at byte {offset + got:,} of {f.size:,} after "
                                              f"{RETRIES} retries ({_what(exc)})",
                                           "check the network and rerun, or use --download") from None
-                time.sleep(min(BACKOFF_MAX, BACKOFF * 2 ** (failures - 1)))
-            except hf_errors.HfHubHTTPError as exc:
+                wait = min(BACKOFF_MAX, BACKOFF * 2 ** (failures - 1))
+                asked = getattr(exc, "wait", None)
+                if asked is not None and asked > wait:        # Retry-After, up to the Hub calls' bound
+                    if asked > RETRY_WAIT_TOTAL:
+                        raise CheckpointError(f, f"the server answered {_what(exc)} and asked to retry after "
+                                                 f"{asked:g} s, over the {RETRY_WAIT_TOTAL:g} s weightdiff waits",
+                                              "try again later") from None
+                    wait = asked
+                time.sleep(wait)
+            except (hf_errors.HfHubHTTPError, httpx.TooManyRedirects) as exc:
                 from .hub_errors import hub_error
 
-                raise hub_error(exc, f.repo_id, str(f)) from None
+                raise hub_error(exc, f.repo_id, str(f), file=f) from None
 
 
 def _httpx():

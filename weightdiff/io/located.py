@@ -235,6 +235,11 @@ class Checkpoint:
         For a Hub checkpoint: the Hub's own LFS sha256, keyed by the path in the repo."""
         if self.hub is not None:
             return {f["name"]: f["sha256"] for f in self.hub["files"]}
+        return {_rel(path, self.root): digest for path, digest in self.hash_files().items()}
+
+    def hash_files(self) -> dict:
+        """sha256 of every local file (``self.files``, the bytes on disk), keyed by the file as
+        ``self.files`` holds it; the identity checks of file_digests."""
         out = {}
         self.check_identity()
         for path in self.files:
@@ -252,7 +257,7 @@ class Checkpoint:
                     pos += len(mv)
             finally:
                 os.close(fd)
-            out[_rel(path, self.root)] = h.hexdigest()
+            out[path] = h.hexdigest()
         self.check_identity()
         return out
 

@@ -152,7 +152,7 @@ def mapping(check: Check) -> Check:
 
 N, I, S = opt(num), opt(integer), opt(string)
 
-_FILE = obj({"name": S, "bytes": I, "sha256": S})
+_FILE = obj({"name": S, "bytes": I, "sha256": S, "sha256_source": S})
 _CHECKPOINT = obj({"path": S, "format": S, "params": I, "bytes": I, "dtypes": mapping(I),
                    "files": opt(array(_FILE))})
 _RANK = obj({"stable_rank": N, "effective_rank": N, "energy_rank_90": I, "energy_rank_99": I,

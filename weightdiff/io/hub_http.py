@@ -1,0 +1,264 @@
+"""The HTTP rules of every Hub request weightdiff makes or asks huggingface_hub to make:
+bounded waits, and the few API calls the library makes without a timeout made here instead.
+
+Timeouts are huggingface_hub's own settings, read when the call is made:
+``HF_HUB_ETAG_TIMEOUT`` (default 10 s) bounds each wait of an API call (model info, file
+listing, refs, the HEAD of a file): connecting, and each read of the answer;
+``HF_HUB_DOWNLOAD_TIMEOUT`` (default 10 s) bounds each wait for bytes of a download or a
+range request.
+
+Transient answers (HTTP 408, 429, 500, 502, 503, 504) to an API call or a download are retried
+(``retrying``): at most RETRIES times, after the server's ``Retry-After`` when it sends one, else
+after 1, 2, 4, 8 s; never more than RETRY_WAIT_TOTAL (30 s) of waiting per call, so a server
+asking for a longer wait fails at once with its status. The range requests of --stream follow
+the same rules (weightdiff.io.hub_stream).
+
+A server can also keep every read inside its timeout and still never finish: a few bytes a
+second. So each response body must deliver ``STALL_BYTES`` (64 KiB) within every
+``WEIGHTDIFF_HUB_STALL_SECONDS`` (default 60 s) of its transfer, about 1 KiB/s, which any
+real connection passes (a dial-up modem sends 5 KiB/s); a body that falls below stops with
+one line naming the file. This holds for streamed range requests (weightdiff.io.hub_stream)
+and for downloads (the watch is hooked onto huggingface_hub's session for the thread that
+downloads the file; a download by hf_xet, the Hub's Xet storage, is outside it and keeps
+that client's own timeouts).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+from urllib.parse import quote
+
+__all__ = ["retrying", "retry_after", "RETRY_STATUS", "library_silenced", "api_timeout", "download_timeout", "get_json", "list_tree", "list_refs", "STALL_BYTES",
+           "stall_seconds", "Stalled", "StallWatch", "watching", "Cancelled"]
+
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+RETRIES = 4
+BACKOFF = 1.0
+BACKOFF_MAX = 8.0
+#: the most a call waits between its retries, all together (seconds)
+RETRY_WAIT_TOTAL = 30.0
+#: a response body must bring this many bytes within every stall_seconds() of its transfer
+STALL_BYTES = 64 << 10
+STALL_SECONDS = 60.0
+
+
+def api_timeout() -> float:
+    from huggingface_hub import constants
+
+    return float(constants.HF_HUB_ETAG_TIMEOUT)
+
+
+def download_timeout() -> float:
+    from huggingface_hub import constants
+
+    return float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+
+def get_json(url: str, params: dict | None = None):
+    """GET an API url with the library's session and headers (token, user agent), bounded by
+    api_timeout(); HTTP errors raised as huggingface_hub raises them. -> (decoded JSON, response)."""
+    from huggingface_hub import get_session
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    def call():
+        r = get_session().get(url, params=params, headers=build_hf_headers(), timeout=api_timeout())
+        hf_raise_for_status(r)
+        return r
+
+    r = retrying(call)
+    return r.json(), r
+
+
+def list_tree(endpoint: str, repo_id: str, revision: str, path: str | None = None) -> list[dict]:
+    """Every file entry (``path``, ``size``, ``lfs``) under ``path`` at ``revision``, recursively,
+    following the Hub's pages (``Link: rel="next"``); HfApi.list_repo_tree without a timeout."""
+    url = f"{endpoint}/api/models/{repo_id}/tree/{quote(revision, safe='')}" + \
+          (f"/{quote(path, safe='')}" if path else "")
+    out: list[dict] = []
+    params: dict | None = {"recursive": True}
+    while url:
+        page, r = get_json(url, params)
+        out += [e for e in page if isinstance(e, dict) and e.get("type") == "file"]
+        url, params = r.links.get("next", {}).get("url"), None
+    return out
+
+
+def list_refs(endpoint: str, repo_id: str) -> dict[str, list[str]]:
+    """``{"branches": [...], "tags": [...]}``: HfApi.list_repo_refs without a timeout."""
+    doc, _ = get_json(f"{endpoint}/api/models/{repo_id}/refs")
+    return {k: [r["name"] for r in doc.get(k) or [] if isinstance(r, dict) and isinstance(r.get("name"), str)]
+            for k in ("branches", "tags")}
+
+
+def stall_seconds() -> float:
+    """``WEIGHTDIFF_HUB_STALL_SECONDS`` (read at call time), default STALL_SECONDS."""
+    try:
+        v = float(os.environ.get("WEIGHTDIFF_HUB_STALL_SECONDS") or STALL_SECONDS)
+    except ValueError:
+        v = STALL_SECONDS
+    return v if v > 0 else STALL_SECONDS
+
+
+class Stalled(Exception):
+    """A response body that delivered fewer than STALL_BYTES within stall_seconds()."""
+
+    def __init__(self, got: int, seconds: float, limit: float):
+        self.got, self.seconds, self.limit = got, seconds, limit
+        super().__init__(self.text())
+
+    def text(self) -> str:
+        return (f"the server sent {self.got:,} bytes in {self.seconds:.0f} s, under the {STALL_BYTES >> 10} KiB per "
+                f"{self.limit:g} s a transfer must keep up (a stalled or throttled connection)")
+
+
+class Cancelled(Exception):
+    """A download stopped because another file of the same run failed."""
+
+
+class StallWatch:
+    """Counts a body's bytes as they arrive; ``add`` raises Stalled when the last STALL_BYTES
+    took longer than stall_seconds()."""
+
+    def __init__(self):
+        self.limit = stall_seconds()
+        self.since = time.monotonic()
+        self.window = 0
+
+    def add(self, n: int) -> None:
+        self.window += n
+        now = time.monotonic()
+        if self.window >= STALL_BYTES:
+            self.since, self.window = now, 0
+        elif now - self.since > self.limit:
+            raise Stalled(self.window, now - self.since, self.limit)
+
+
+# -- downloads made by huggingface_hub: a watch per thread, hooked onto its session ---------------
+
+_local = threading.local()
+_hooked: set[int] = set()
+_hook_lock = threading.Lock()
+
+
+def _watched_stream(stream, cancel):
+    from .hub_stream import _httpx
+
+    class Watched(_httpx().SyncByteStream):
+        def __iter__(self):
+            watch = StallWatch()
+            for chunk in stream:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                watch.add(len(chunk))
+                yield chunk
+
+        def close(self):
+            stream.close()
+
+        @property
+        def elapsed(self):
+            return getattr(stream, "elapsed", None)
+
+    return Watched()
+
+
+def _on_response(response) -> None:
+    state = getattr(_local, "state", None)
+    if state is None:
+        return
+    if response.status_code in RETRY_STATUS:
+        # raised here, to ``retrying`` around the download: the library would itself wait out
+        # any Retry-After (an hour if the server says so) and retry only 408 and 429
+        from huggingface_hub.utils import hf_raise_for_status
+
+        response.read()
+        hf_raise_for_status(response)
+    response.stream = _watched_stream(response.stream, state)
+
+
+@contextmanager
+def watching(cancel: threading.Event | None = None):
+    """While in this block, response bodies that huggingface_hub reads *in this thread* are
+    watched (StallWatch), and stop with Cancelled once ``cancel`` is set."""
+    from huggingface_hub import get_session
+
+    session = get_session()             # the library's shared client (recreated after close_session)
+    with _hook_lock:
+        if id(session) not in _hooked or _on_response not in session.event_hooks["response"]:
+            hooks = dict(session.event_hooks)
+            hooks["response"] = [*hooks.get("response", []), _on_response]
+            session.event_hooks = hooks
+            _hooked.add(id(session))
+    previous = getattr(_local, "state", None)
+    _local.state = cancel if cancel is not None else threading.Event()
+    try:
+        yield
+    finally:
+        _local.state = previous
+
+
+_silenced = 0
+_saved_level: int | None = None
+
+
+@contextmanager
+def library_silenced():
+    """huggingface_hub's logger off while in this block (any thread): its retry and resume
+    warnings would add lines to weightdiff's one-line error."""
+    import logging
+
+    global _silenced, _saved_level
+    log = logging.getLogger("huggingface_hub")
+    with _hook_lock:
+        if _silenced == 0:
+            _saved_level = log.level
+            log.setLevel(logging.CRITICAL + 1)
+        _silenced += 1
+    try:
+        yield
+    finally:
+        with _hook_lock:
+            _silenced -= 1
+            if _silenced == 0:
+                log.setLevel(_saved_level or logging.NOTSET)
+
+
+# -- retries ------------------------------------------------------------------------------------
+
+def retry_after(response) -> float | None:
+    """The seconds of a ``Retry-After: N`` header (an HTTP date is not honoured: None)."""
+    try:
+        v = float(response.headers.get("Retry-After", ""))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return v if v >= 0 else None
+
+
+def _status_of(exc: BaseException):
+    from .hub_errors import _cause
+
+    response = getattr(_cause(exc), "response", None)
+    return getattr(response, "status_code", None), response
+
+
+def retrying(call):
+    """``call()``, again after a transient HTTP answer (RETRY_STATUS), as the module says; the
+    last error is raised when the retries or the wait run out."""
+    waited, failures = 0.0, 0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            status, response = _status_of(exc)
+            if status not in RETRY_STATUS:
+                raise
+            failures += 1
+            wait = retry_after(response)
+            wait = min(BACKOFF_MAX, BACKOFF * 2 ** (failures - 1)) if wait is None else wait
+            if failures > RETRIES or waited + wait > RETRY_WAIT_TOTAL:
+                raise
+        time.sleep(wait)
+        waited += wait
