@@ -141,3 +141,27 @@ def test_sparse_upcycled_experts_all_pair_with_the_dense_mlp(tmp_path):
     s = compare(b, t, rank=False).summary
     assert s.verdict == "derived" and s.tensors_by_status["added"] == 2
     assert s.coverage["base"]["share"] == 1.0
+
+
+def test_a_large_low_rank_change_is_not_an_independent_initialisation(tmp_path):
+    """A rank-4 update ten times the size of the weights moves them far (1 - cosine near 1, relative
+    change 10): the unrelated rule alone read "unrelated ... as independent initialisations". Two
+    independent inits differ by a full-rank matrix; base + rank 4 is derived, however large."""
+    base = _base_layers(2)
+    rng = np.random.default_rng(3)
+    tuned_layers = []
+    for layer in base:
+        new = dict(layer)
+        for s, w in layer.items():
+            if w.ndim == 2:
+                d = rng.normal(size=(w.shape[0], 4)) @ rng.normal(size=(4, w.shape[1]))
+                new[s] = (w + d * 10 * np.linalg.norm(w) / np.linalg.norm(d)).astype(np.float32)
+        tuned_layers.append(new)
+    b = write_checkpoint(tmp_path / "base", _model(base))
+    t = write_checkpoint(tmp_path / "big", _model(tuned_layers))
+    s = compare(b, t).summary
+    assert s.verdict == "derived", s.verdict_reason
+    assert {c["component"]: c["status"] for c in s.components}["layers.0"] == "shared"
+    assert s.form["kind"] in ("low_rank", "mixed")     # (rank 4 of a 32-wide k_proj is not low-rank)
+    s = compare(b, t, rank=False).summary          # without ranks the rule stands
+    assert s.verdict in ("unrelated", "partial")

@@ -21,7 +21,7 @@ from ..pairing.names import component_of, parse_name
 from ..records import TensorRow
 from .status import PAIRED, placements, ratio
 
-__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "looks_unrelated", "large_matrix_relatedness", "components",
+__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components",
            "counts_for_relatedness", "evidence_sizes", "chosen_evidence", "evidence", "judge", "rank_key",
            "sample_rows", "sample_plan", "sampled_sums", "screen_estimate"]
 
@@ -137,6 +137,33 @@ def large_matrix_relatedness(rows, thresholds: Thresholds) -> tuple[float | None
     return cos, _ratio(nd2, nb2), len(chosen)
 
 
+def _low_rank_row(row, thresholds: Thresholds) -> bool:
+    """Whether one evidence row's change is certified low-rank (or absent): its numerical rank,
+    at the upper end of any bracket, within the form's low-rank rule. Not for a rank counted above
+    modelled quantization noise that leaves energy unexplained."""
+    if _field(row, "status") in ("unchanged", "rounding", "quantized"):
+        return True
+    rank = _field(row, "rank")
+    if rank is None:
+        return False
+    get = rank.get if isinstance(rank, dict) else (lambda k: getattr(rank, k, None))
+    n, shape = get("numerical_rank"), get("shape_2d")
+    extra = get("extra") or {}
+    if n is None or not shape or (extra.get("noise_model") == "quantization"
+                                  and not extra.get("noise_explains_rest")):
+        return False
+    hi = ((get("bounds") or {}).get("numerical_rank") or [n, n])[-1]
+    return hi is not None and hi <= thresholds.low_rank_max and hi <= max(1.0, thresholds.low_rank_share * min(shape))
+
+
+def low_rank_change(rows, thresholds: Thresholds) -> bool:
+    """Whether every matrix the unrelated rule weighs changed by a certified low-rank update: then
+    tuned = base + a low-rank matrix, which two independent initialisations never are (their
+    difference has full rank), however large the change; the rule must not call them unrelated."""
+    chosen = chosen_evidence(evidence_sizes(rows), thresholds.large_matrix_numel)
+    return bool(chosen) and all(_low_rank_row(r, thresholds) for r, _ in chosen)
+
+
 def components(records, thresholds: Thresholds) -> list[dict]:
     """Relatedness per component (``embeddings``, each block, ``head``), in model order.
 
@@ -167,6 +194,8 @@ def components(records, thresholds: Thresholds) -> list[dict]:
         paired = [r for r in measured if not getattr(r, "tied", False)]
         cos, rel, n = large_matrix_relatedness(paired, thresholds)
         verdict = looks_unrelated(cos, rel, thresholds)
+        if verdict and low_rank_change(paired, thresholds):
+            verdict = False                  # a large but low-rank change of these very matrices
         if not measured:
             status = "base_only" if all(r.status == "removed" for r in rows) else "tuned_only"
         elif verdict is None and len(paired) < len(measured):

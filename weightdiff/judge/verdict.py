@@ -27,7 +27,8 @@ from ..records import STATUSES, BlockRecord, Summary, TensorRecord
 from ..io.declared import same_model
 from ..pairing.names import parse_name
 from .coverage import coverage, too_little
-from .relatedness import components as component_relatedness, large_matrix_relatedness, looks_unrelated
+from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated,
+                          low_rank_change)
 from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
                      max_rank_fields, moved_blocks, norms_sq, rank_upper, ratio, unresolved_quant_noise)
 
@@ -271,7 +272,8 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
     unrelated = [c for c in comps if c["status"] == "unrelated"]
     if unrelated:
         return "partial" if shared else "unrelated"
-    if looks_unrelated(cos, rel, thr) is True and not shared:
+    if looks_unrelated(cos, rel, thr) is True and not shared and not low_rank_change(
+            [r for r in counted if r.status in PAIRED and not getattr(r, "tied", False)], thr):
         return "unrelated"
     if not changed and not structural:
         if tbs["quantized"]:
