@@ -32,7 +32,7 @@ def tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Sequ
     base_ties: dict[int, HeadTie] = {}
     for j, (pos, p) in enumerate(out):
         # the tuned model has its own head but the base ties it: compare it with the base embedding
-        if p.kind == "added" and p.lora is None and is_lm_head(p.tuned_name):
+        if p.kind == "added" and is_lm_head(p.tuned_name):
             for i, (tp, bp) in sorted(mapping.items()):
                 if not p.tuned_name.startswith(_parent(tp)):   # heads sit next to the aligned trunk
                     continue
@@ -46,6 +46,19 @@ def tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Sequ
                     it = tuned_keys[p.tuned_name]
                     q = make_pair(it, emb, bases[i].tensors[emb], i, (set(), set()))
                     q.paired_by = "tied"
+                    if p.lora is not None:
+                        # a LoRA on the head of a tied base: the factors change the head the base
+                        # ties to its embedding, and only the head (the embedding lookup keeps the
+                        # base table, inherited): the adapted model unties its head
+                        lost = f"adapter factor for `{escape_name(p.tuned_name)}` has no base tensor to modify"
+                        if lost in notes:
+                            notes.remove(lost)
+                        out[j] = (pos, q)
+                        notes.append(f"LoRA on `{escape_name(p.tuned_name)}` modifies the base embedding "
+                                     f"`{escape_name(emb)}`, which the base ties as its LM head"
+                                     f"{_assumed(tie)}: the adapted head is untied from the embedding, "
+                                     "which itself is unchanged")
+                        break
                     if q.kind == "mismatch" and q.shape_tuned[1:] == q.shape_base[1:]:
                         q.kind, q.overlap_rows = "resized", min(q.shape_tuned[0], q.shape_base[0])
                     out[j] = (pos, q)
