@@ -172,3 +172,36 @@ def test_lora_on_the_lm_head_of_a_tied_base_modifies_the_tied_embedding_as_head(
     # the input embedding itself is untouched
     emb = r.tensor("model.embed_tokens.weight")
     assert emb.status == "unchanged"
+
+
+@pytest.mark.parametrize("extra, words", [
+    # PEFT's ParamWrapper LoRA on fused 3-D MoE experts: read "rank 8 but r = 2" (factors and config mismatch)
+    ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
+    # trainable tokens: their delta read as an unrelated added tensor
+    ({"trainable_token_indices": [3, 5]}, "trainable_token_indices"),
+])
+def test_lora_kinds_weightdiff_does_not_read_are_refused_with_the_true_reason(tmp_path, base_dir, extra, words):
+    import json
+    from click.testing import CliRunner
+    from weightdiff.cli import main
+
+    peft = pytest.importorskip("peft")
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.0)
+    peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
+    conf = tmp_path / "adapter" / "adapter_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), **extra}))
+    r = CliRunner().invoke(main, ["compare", str(base_dir), str(tmp_path / "adapter")])
+    lines = r.stderr.splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and str(conf) in lines[0], r.stderr
+    assert words in lines[0] and "merge_and_unload" in lines[0], lines[0]
+
+
+def test_trainable_tokens_saved_by_peft_are_refused(tmp_path, base_dir):
+    peft = pytest.importorskip("peft")
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.0,
+                          trainable_token_indices=[3, 5])
+    peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(weightdiff.errors.CheckpointError, match="trainable_token_indices"):
+        weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
