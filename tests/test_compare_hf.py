@@ -137,3 +137,71 @@ def test_dora_adapter_stats_match_the_merged_model(tmp_path, base_dir):
         assert t.rank.bounds["numerical_rank"][1] == min(t.shape)
     assert r.summary.form["kind"] == "undecided" and r.summary.delta_params_lower is not None
     assert r.summary.delta_params_lower <= dense.summary.delta_params <= r.summary.delta_params
+
+
+def test_lora_on_the_lm_head_of_a_tied_base_modifies_the_tied_embedding_as_head(tmp_path):
+    """Qwen2 with tie_word_embeddings: the base saves no lm_head.weight. A LoRA on lm_head was
+    refused "has no weight in the base (is this adapter for another base model?)"; its factors
+    change the head the base ties to its embedding, and only the head."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=True)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head", "q_proj"],
+                                                    lora_dropout=0.0, init_lora_weights=False))
+    with torch.no_grad():                       # a fine-tune-sized update (random B is as large as W)
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.02)
+    pm.save_pretrained(tmp_path / "adapter")
+    r = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "adapter"))
+    assert r.summary.verdict == "derived"
+    head = r.tensor("lm_head.weight")
+    assert (head.base_name, head.paired_by, head.status, head.compared) == \
+        ("model.embed_tokens.weight", "tied", "changed", "factors")
+    assert head.rank.numerical_rank == 2
+    # the delta is the adapter's own: scale * B @ A against the tied embedding
+    sd = pm.state_dict()
+    a = next(v for k, v in sd.items() if "lm_head.lora_A" in k)
+    b = next(v for k, v in sd.items() if "lm_head.lora_B" in k)
+    want = float(torch.linalg.norm(2.0 * b @ a))
+    assert head.norm_delta == pytest.approx(want, rel=1e-5)
+    # the input embedding itself is untouched
+    emb = r.tensor("model.embed_tokens.weight")
+    assert emb.status == "unchanged"
+
+
+@pytest.mark.parametrize("extra, words", [
+    # PEFT's ParamWrapper LoRA on fused 3-D MoE experts: read "rank 8 but r = 2" (factors and config mismatch)
+    ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
+    # trainable tokens: their delta read as an unrelated added tensor
+    ({"trainable_token_indices": [3, 5]}, "trainable_token_indices"),
+])
+def test_lora_kinds_weightdiff_does_not_read_are_refused_with_the_true_reason(tmp_path, base_dir, extra, words):
+    import json
+    from click.testing import CliRunner
+    from weightdiff.cli import main
+
+    peft = pytest.importorskip("peft")
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.0)
+    peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
+    conf = tmp_path / "adapter" / "adapter_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), **extra}))
+    r = CliRunner().invoke(main, ["compare", str(base_dir), str(tmp_path / "adapter")])
+    lines = r.stderr.splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and str(conf) in lines[0], r.stderr
+    assert words in lines[0] and "merge_and_unload" in lines[0], lines[0]
+
+
+def test_trainable_tokens_saved_by_peft_are_refused(tmp_path, base_dir):
+    peft = pytest.importorskip("peft")
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.0,
+                          trainable_token_indices=[3, 5])
+    peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(weightdiff.errors.CheckpointError, match="trainable_token_indices"):
+        weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))

@@ -63,6 +63,11 @@ def server(tmp_path_factory):
     srv.commit("org/multi", {f"sub/{k}": v for k, v in _files(srv.local["sibling"]).items()} | {"README.md": b"x"})
     srv.commit("org/gated", _files(srv.local["base"]), gated=True)
     srv.commit("org/private", _files(srv.local["base"]), private=True)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]
+    srv.commit("org/st", {**_files(srv.local["base"]), "modules.json": json.dumps(modules).encode(),
+                          "2_Dense/config.json": b"{}",
+                          "2_Dense/model.safetensors": (srv.local["base"] / "model.safetensors").read_bytes()})
     yield srv
     srv.close()
 
@@ -270,6 +275,9 @@ def test_provenance_screens_candidates_on_sampled_rows_only(server, hf):
     (["org/base", "hf://org/multi@main/nope"], ["no folder `nope` in `org/multi`"]),
     (["org/base", "hf://datasets/org/data"], ["is a Hub dataset repo"]),
     (["org/base", "org/multi"], ["no checkpoint here", "found README.md, sub"]),
+    # a sentence-transformers repo's module folders are not read over HTTP: refused, never compared without them
+    (["org/base", "org/st"], ["org/st: is a sentence-transformers model whose module folders 2_Dense hold weights",
+                              "only from a local folder"]),
 ])
 def test_errors_are_one_line(server, hf, args, words):
     rc, out, err = run("compare", *args)

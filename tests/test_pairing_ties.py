@@ -187,3 +187,83 @@ def test_a_square_matrix_that_matches_as_stored_is_never_transposed(tmp_path):
     assert not any(n.endswith("attn.c_proj.weight") for n in flipped)
     assert r.tensor("transformer.h.0.attn.c_proj.weight").status == "unchanged"
     assert r.tensor(fresh).status == "changed"
+
+
+# ---------------------------------------------------------------- 4. a missing head is tied only when the config says so
+
+def _hf_llama(tie: bool, seed: int = 0):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=tie)
+    return transformers, cfg, transformers.LlamaForCausalLM(cfg)
+
+
+def test_a_reward_model_of_an_untied_base_drops_the_head_and_adds_score(tmp_path):
+    """AutoModelForSequenceClassification from an untied Llama: lm_head removed, score added (it
+    read "ties lm_head to its embedding; that effective head differs", nothing removed)."""
+    transformers, cfg, lm = _hf_llama(tie=False)
+    lm.save_pretrained(tmp_path / "base")
+    cls = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=1)
+    cls.save_pretrained(tmp_path / "reward")
+    r = _compare(tmp_path / "base", tmp_path / "reward")
+    status = {t.name: t.status for t in r.tensors if t.status != "unchanged"}
+    removed = [t.base_name for t in r.tensors if t.status == "removed"]
+    assert removed == ["lm_head.weight"] and status.get("score.weight") == "added", (status, removed)
+    assert not any(t.paired_by == "tied" for t in r.tensors)
+    assert "tied_lm_head" not in r.summary.flags
+    assert any("does not tie one" in n and "tie_word_embeddings false" in n for n in r.plan["notes"])
+    assert r.summary.verdict == "derived"
+
+
+def test_a_headless_base_against_the_causal_lm_of_the_same_weights_adds_the_head(tmp_path):
+    """AutoModel (no lm_head) vs the CausalLM: read "partial, head unrelated" from an invented tie."""
+    transformers, cfg, lm = _hf_llama(tie=False)
+    lm.save_pretrained(tmp_path / "lm")
+    transformers.LlamaModel.from_pretrained(tmp_path / "lm").save_pretrained(tmp_path / "headless")
+    r = _compare(tmp_path / "headless", tmp_path / "lm")
+    assert [t.name for t in r.tensors if t.status == "added"] == ["lm_head.weight"]
+    assert r.summary.verdict == "derived"
+    assert not any(t.paired_by == "tied" for t in r.tensors)
+
+
+def test_a_tied_base_is_still_compared_with_an_untied_fine_tune(tmp_path):
+    transformers, cfg, lm = _hf_llama(tie=True)
+    lm.save_pretrained(tmp_path / "base")
+    untied = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg.to_dict(), "tie_word_embeddings": False}))
+    emb = lm.model.embed_tokens.weight.detach()
+    untied.load_state_dict({**lm.state_dict(), "lm_head.weight": emb + 1e-3 * emb.abs().mean()})
+    untied.save_pretrained(tmp_path / "untied")
+    r = _compare(tmp_path / "base", tmp_path / "untied")
+    head = r.tensor("lm_head.weight")
+    assert head.paired_by == "tied" and head.base_name == "model.embed_tokens.weight" and head.status == "changed"
+    assert r.summary.verdict == "derived"
+
+
+def test_without_a_config_the_tie_is_assumed_and_said_to_be(tmp_path):
+    base = _small_llama(22)
+    tuned = {k: v for k, v in base.items() if k != "lm_head.weight"}
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    assert [t.base_name for t in r.tensors if t.paired_by == "tied"] == ["lm_head.weight"]
+    assert any("assumed, as it has no config.json" in n for n in r.plan["notes"]), r.plan["notes"]
+
+
+@pytest.mark.parametrize("config, ties", [
+    ({"model_type": "llama"}, False),                       # LlamaConfig defaults to untied
+    ({"model_type": "gpt2"}, True),                         # PretrainedConfig's default
+    ({"model_type": "qwen2", "tie_word_embeddings": True}, True),
+    ({"model_type": "llava", "text_config": {"tie_word_embeddings": True}}, True),
+    ({"model_type": "mystery"}, True),
+])
+def test_the_tie_a_config_declares(tmp_path, config, ties):
+    import json
+
+    base = _small_llama(22)
+    tuned = {k: v for k, v in base.items() if k != "lm_head.weight"}
+    t = write_checkpoint(tmp_path / "t", tuned)
+    (t / "config.json").write_text(json.dumps(config))
+    r = _compare(write_checkpoint(tmp_path / "b", base), t)
+    assert any(x.paired_by == "tied" for x in r.tensors) is ties
+    assert any(x.status == "removed" and x.base_name == "lm_head.weight" for x in r.tensors) is not ties

@@ -109,3 +109,16 @@ def test_small_floors_equal_one_accumulator_per_array(dtype):
         assert g == acc.result() and [type(v) for v in g.values()] == [float, float, int]
     with pytest.raises(ValueError):
         small_floors([np.zeros(SAMPLE + 1, np.float32)], "F32")
+
+
+def test_a_tied_head_row_is_left_out_of_the_scale_as_out_of_the_summary(tmp_path):
+    """The tuned model ties its head; the tied row (its embedding against the base head) is not
+    evidence, so the memo's "this model" point must agree with summary.relatedness_* (it read
+    a rel change of 1.4 beside "none of its own weights changed")."""
+    tensors = llama(np.random.default_rng(3), layers=2, hidden=128, inter=256)
+    tuned = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    data = compare(write_checkpoint(tmp_path / "b", tensors), write_checkpoint(tmp_path / "t", tuned),
+                   rank=False).to_dict()
+    assert any(t.get("tied") for t in data["tensors"])
+    assert _points(data)["model"]["rel_change"] == pytest.approx(data["summary"]["relatedness_rel_change"], abs=1e-12)
+    assert _points(data)["model"]["one_minus_cosine"] == pytest.approx(0.0, abs=1e-12)

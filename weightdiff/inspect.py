@@ -29,7 +29,8 @@ __all__ = ["SCHEMA", "describe", "render_text", "block_of"]
 SCHEMA = "weightdiff.inspect/1"
 _FORMATS = {"safetensors": "safetensors file", "sharded": "sharded safetensors",
             "adapter": "PEFT LoRA adapter", "pickle": "PyTorch pickle (read with weights_only)",
-            "gguf": "GGUF (llama.cpp), names mapped to Hugging Face"}
+            "gguf": "GGUF (llama.cpp), names mapped to Hugging Face",
+            "sentence-transformers": "sentence-transformers modules (modules.json)"}
 
 
 def block_of(name: str) -> tuple[str, int] | None:
@@ -110,10 +111,17 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None) -> dict:
             "params": ckpt.params, "bytes": ckpt.nbytes,
             "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1]["params"])),
             "schemes": dict(sorted(schemes.items(), key=lambda kv: -kv[1]["params"])),
-            "blocks": ordered, "outside_blocks": other,
+            "blocks": ordered, "outside_blocks": other, "modules": ckpt.modules,
             "metadata": {str(k): str(v) for k, v in ckpt.metadata.items()}, "adapter": adapter,
             **({"hub": {k: v for k, v in ckpt.hub.items() if k != "files"}} if ckpt.hub is not None else {}),
         }
+
+
+def _shown(path: str, top: str) -> str:
+    """A file's path as shown: relative to the checkpoint folder when inside it (a
+    sentence-transformers module's ``2_Dense/model.safetensors``), else its name."""
+    rel = os.path.relpath(path, top) if os.path.isabs(path) == os.path.isabs(top) else path
+    return rel if rel != "." and not rel.startswith("..") and os.path.isdir(top) else os.path.basename(path)
 
 
 def _size(n: int) -> str:
@@ -135,10 +143,16 @@ def render_text(summary: dict) -> str:
         rev = f" (revision {e(str(hub['revision']))})" if hub.get("revision") else ""
         lines.insert(1, f"hub repo    {e(hub['repo_id'])} at commit {hub['commit']}{rev}")
     for i, f in enumerate(summary["files"]):
-        lines.append(f"{'files' if i == 0 else '':<12}{e(os.path.basename(f['path']))}  "
+        lines.append(f"{'files' if i == 0 else '':<12}{e(_shown(f['path'], summary['path']))}  "
                      f"{_size(f['bytes'])}  {f['tensors']:,} tensors")
     for p in summary["ignored"]:
-        lines.append(f"{'ignored':<12}{e(os.path.basename(p))} (not in the index)")
+        why = "no module of modules.json" if summary.get("modules") else "not in the index"
+        lines.append(f"{'ignored':<12}{e(_shown(p, summary['path']))} ({why})")
+    for i, m in enumerate(summary.get("modules") or []):
+        held = (f"{m['tensors']:,} tensors from {', '.join(e(f) for f in m['files'])}"
+                + (f", named `{e(m['prefix'])}*`" if m["prefix"] else "")) if m["files"] else \
+            ("no weights" if m["folder"] else "no folder, no weights")
+        lines.append(f"{'modules' if i == 0 else '':<12}{e(m['path'] or '.')}  {e(m['type'].rsplit('.', 1)[-1])}: {held}")
     lines.append(f"tensors     {summary['tensors']:,}")
     lines.append(f"parameters  {summary['params']:,} ({_size(summary['bytes'])})")
     lines.append("")

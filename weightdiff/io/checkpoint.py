@@ -7,6 +7,7 @@ the same series is an error, other ``.safetensors`` files are listed in ``ignore
 a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``); a
 llama.cpp GGUF file (recognised by its magic, whatever its name), or a folder holding
 exactly one ``.gguf``, read through ``weightdiff.io.gguf_read`` (the ``gguf`` extra); a
+sentence-transformers folder (``modules.json``: every module with weights, weightdiff.io.st_modules); a
 Hugging Face cache folder (``models--org--name`` or one of its ``snapshots/<rev>``,
 whose symlinks are followed); or a legacy ``pytorch_model*.bin`` / ``.pt`` pickle, read
 only through torch's restricted unpickler. Locating reads headers, never tensor data.
@@ -77,7 +78,7 @@ def is_hub_candidate(path: object) -> bool:
 def _fold_quantized(ckpt: Checkpoint) -> None:
     """Fold quantized weights and their companions into logical tensors (weightdiff.io.quantized)."""
     try:
-        qc, qc_error = read_quant_config(ckpt.root, ckpt.read_config), None
+        qc, qc_error = read_quant_config(ckpt.config_dir or ckpt.root, ckpt.read_config), None
     except CheckpointError as exc:         # a broken config.json matters only to a quantized model
         qc, qc_error = None, exc
     tensors, sources, hidden = fold(ckpt.tensors, qc, ckpt._stored_read)
@@ -257,6 +258,10 @@ def _locate_dir(d: Path) -> Checkpoint:
         snap = _snapshot(d)
         _cache_inside(snap, d)
         return _locate_dir(snap)
+    if "modules.json" in names:
+        from .st_modules import locate_modules
+
+        return locate_modules(d, names)
     kind, name = choose_weights(names, d)
     return build(LocalFolder(d), kind, name, d)
 

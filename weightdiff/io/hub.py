@@ -262,6 +262,16 @@ def _needed(kind: str, name: str | None, folder: HubFolder) -> list[str]:
     return [name]
 
 
+def _no_remote_modules(listing: _Listing, folder: "HubFolder", spelling: str) -> None:
+    """A sentence-transformers repo with weights in module folders is refused (weightdiff.io.st_modules)."""
+    if "modules.json" in listing.names():
+        from .st_modules import refuse_remote_modules
+
+        n = len(listing.prefix)
+        refuse_remote_modules(listing.names(), [p[n:] for p in listing.files if p.startswith(listing.prefix)],
+                              lambda name: folder.read_json(name, "sentence-transformers modules"), spelling)
+
+
 def preflight(paths, options: HubOptions | None = None) -> None:
     """Check every Hub spelling among ``paths`` (repo, revision, subfolder, access) before
     anything is downloaded, so a typo in the second model fails before the first is fetched."""
@@ -282,6 +292,12 @@ def preflight(paths, options: HubOptions | None = None) -> None:
         if ref.subfolder and not listing.names():
             raise CheckpointError(spelling, f"no folder `{escape_name(ref.subfolder)}` in `{ref.repo_id}` at "
                                             f"commit {listing.commit[:12]}")
+        if "modules.json" in listing.names():          # before anything is downloaded
+            reader = RangeReader(env.endpoint)
+            try:
+                _no_remote_modules(listing, HubFolder(ref, listing, reader, env.cache_dir), spelling)
+            finally:
+                reader.close()
         kind, name = choose_weights(listing.names(), spelling)
         _head(ref, listing, listing.prefix + (name if kind != "adapter" else "adapter_config.json"), env)
         if kind in ("sharded", "pickle_sharded"):         # the index's shards exist (read from the index)
@@ -327,6 +343,7 @@ def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
                                         f"{listing.commit[:12]}")
     reader = RangeReader(env.endpoint)
     folder = HubFolder(ref, listing, reader, env.cache_dir)
+    _no_remote_modules(listing, folder, spelling)
     kind, name = choose_weights(listing.names(), spelling)
     needed = [listing.prefix + n for n in _needed(kind, name, folder)]
     _fill_sizes(ref, listing, needed, env)

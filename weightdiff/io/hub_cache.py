@@ -50,6 +50,12 @@ def from_cache(ref: HubRef, env: _Env, why: str) -> Checkpoint:
     root = snapshot / ref.subfolder if ref.subfolder else snapshot
     local = LocalFolder(root)
     names = local.names() if root.is_dir() else []
+    if "modules.json" in names:
+        from .st_modules import refuse_remote_modules
+
+        paths = [(Path(dp) / f).relative_to(root).as_posix() for dp, _, fs in os.walk(root) for f in fs]
+        refuse_remote_modules(names, paths, lambda n: local.read_json(n, "sentence-transformers modules"),
+                              ref.spelling)
     try:
         kind, name = choose_weights(names, ref.spelling)
     except CheckpointError as exc:

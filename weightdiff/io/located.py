@@ -58,6 +58,14 @@ class Checkpoint:
         #: reads a small JSON file beside the weights (config.json) for a checkpoint not on disk
         self.read_config = None
         self._closers: list = []
+        #: tensors whose name inside their file differs from the name reported (a
+        #: sentence-transformers module's tensors carry its folder as a prefix): reported -> stored
+        self.file_names: dict[str, str] = {}
+        #: the folder whose config.json describes the model (None: ``root``); a
+        #: sentence-transformers folder's backbone module may sit in a subfolder
+        self.config_dir: Path | None = None
+        #: sentence-transformers modules (modules.json): [{path, type, prefix, files, tensors}]
+        self.modules: list[dict] | None = None
 
     @property
     def params(self) -> int:
@@ -117,11 +125,15 @@ class Checkpoint:
             self._pickle = (info.path, load_pickle(info.path)[1])
         return self._pickle[1][info.name]
 
+    def _fname(self, name: str) -> str:
+        """The name of tensor ``name`` inside its file."""
+        return self.file_names.get(name, name) if self.file_names else name
+
     def _stored_read(self, name: str) -> np.ndarray:
-        return self._file(self.stored[name].path).read(name)
+        return self._file(self.stored[name].path).read(self._fname(name))
 
     def _stored_rows(self, name: str, rows) -> np.ndarray:
-        return self._file(self.stored[name].path).read_rows(name, np.asarray(rows, dtype=np.int64))
+        return self._file(self.stored[name].path).read_rows(self._fname(name), np.asarray(rows, dtype=np.int64))
 
     def _quant_windows(self, name: str, max_elements: int | None, start: int, stop: int | None,
                        floor: bool) -> Iterator[np.ndarray]:
@@ -141,7 +153,7 @@ class Checkpoint:
         info = self._info(name)
         if info.quant is not None and info.start is not None:   # a reader that dequantizes itself
             f = self._file(info.path)
-            it = f.floor_windows(name, max_elements, start, stop, noise) if hasattr(f, "floor_windows") else None
+            it = f.floor_windows(self._fname(name), max_elements, start, stop, noise) if hasattr(f, "floor_windows") else None
             return None if it is None else self._pinned(info.path, it)
         return None
 
@@ -156,7 +168,7 @@ class Checkpoint:
             start, stop, step = check_range(info, max_elements, start, stop, storage_of(info.dtype).itemsize)
             return array_windows(self._array(info), start, stop, step)
         f = self._file(info.path)
-        return self._pinned(info.path, f.windows(name, max_elements, start, stop))
+        return self._pinned(info.path, f.windows(self._fname(name), max_elements, start, stop))
 
     def _pinned(self, path: Path, it: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         self._pins[path] = self._pins.get(path, 0) + 1
@@ -189,7 +201,7 @@ class Checkpoint:
         if info.start is None:
             out = self._array(info).copy()
             return out if info.packed else out.reshape(info.shape)
-        return self._file(info.path).read(name)
+        return self._file(info.path).read(self._fname(name))
 
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         info = self._info(name)
@@ -210,7 +222,7 @@ class Checkpoint:
             if not info.shape:
                 raise ValueError(f"read_rows needs a >=1-D tensor; `{escape_name(name)}` is 0-d")
             return self._array(info).reshape(info.shape)[np.asarray(rows, dtype=np.int64)].copy()
-        return self._file(info.path).read_rows(name, rows)
+        return self._file(info.path).read_rows(self._fname(name), rows)
 
     def read_rows_many(self, requests: Sequence[tuple[str, Sequence[int] | np.ndarray]]) -> list[np.ndarray]:
         """``read_rows`` for several tensors at once (a streamed Hub checkpoint fetches them concurrently)."""
@@ -218,7 +230,7 @@ class Checkpoint:
             files = [self._file(self._info(n).path) for n, _ in requests]
             many = getattr(files[0], "read_rows_many", None)
             if many is not None and all(type(f) is type(files[0]) for f in files):
-                return many([(f, n, rows) for f, (n, rows) in zip(files, requests)])
+                return many([(f, self._fname(n), rows) for f, (n, rows) in zip(files, requests)])
         return [self.read_rows(n, rows) for n, rows in requests]
 
     def check_identity(self) -> None:

@@ -214,6 +214,15 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
     if kind is not None and (not isinstance(kind, str) or kind.upper() != "LORA"):
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA adapters are "
                                     "supported (LoHa, LoKr, IA3 and others store different factors)")
+    if raw.get("target_parameters"):
+        raise CheckpointError(path, f"adapter config has target_parameters {_show(raw['target_parameters'])}: LoRA "
+                                    "on parameters (PEFT's ParamWrapper, as for fused MoE experts) stacks its "
+                                    "factors per expert, which weightdiff does not read",
+                              "merge the adapter (merge_and_unload) and compare the merged model")
+    if raw.get("trainable_token_indices"):
+        raise CheckpointError(path, "adapter config has trainable_token_indices: PEFT's trainable tokens (a delta "
+                                    "for some embedding rows, beside the LoRA factors) are not read by weightdiff",
+                              "merge the adapter (merge_and_unload) and compare the merged model")
     r = _rank(path, "r", raw.get("r"))
     alpha = _number(path, "lora_alpha", raw.get("lora_alpha", r))
     flags = {k: _bool(path, raw, k) for k in _BOOLS}

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import escape_name
+from ..io.model_config import HeadTie, ties_head
 from .align import fingerprint_indices
 from .names import is_embedding, is_lm_head
 from .pairs import CheckpointLike, Pair, _Item, make_pair
@@ -20,27 +21,52 @@ __all__ = ["tie_heads", "tie_aliases"]
 
 
 def tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Sequence[CheckpointLike],
-               mapping: dict[int, tuple[str, str]], used: list[set[str]], notes: list[str]) -> None:
-    """Tied embeddings: an LM head present on one side only stands in for the other side's embedding."""
+               mapping: dict[int, tuple[str, str]], used: list[set[str]], notes: list[str],
+               tuned: CheckpointLike | None = None) -> None:
+    """Tied embeddings: an LM head present on one side only stands in for the other side's
+    embedding, when that side ties its head: its config.json says so (``tie_word_embeddings``,
+    or transformers' default for its model type), or it has no config (the tie is then
+    assumed, and the note says so). A side whose config says it does not tie has no head:
+    the other side's head is ``added`` or ``removed`` (a reward model that drops the LM head)."""
     tuned_keys = {it.key: it for it in items}
+    base_ties: dict[int, HeadTie] = {}
     for j, (pos, p) in enumerate(out):
         # the tuned model has its own head but the base ties it: compare it with the base embedding
-        if p.kind == "added" and p.lora is None and is_lm_head(p.tuned_name):
+        if p.kind == "added" and is_lm_head(p.tuned_name):
             for i, (tp, bp) in sorted(mapping.items()):
                 if not p.tuned_name.startswith(_parent(tp)):   # heads sit next to the aligned trunk
                     continue
                 emb = _embedding_for(bases[i].tensors, bp, p.shape_tuned)
                 if emb is not None:
+                    tie = base_ties.setdefault(i, ties_head(bases[i]))
+                    if tie.ties is False:
+                        notes.append(f"`{escape_name(p.tuned_name)}` is added: the base has no LM head and does "
+                                     f"not tie one to its embedding ({tie.why})")
+                        break
                     it = tuned_keys[p.tuned_name]
                     q = make_pair(it, emb, bases[i].tensors[emb], i, (set(), set()))
                     q.paired_by = "tied"
+                    if p.lora is not None:
+                        # a LoRA on the head of a tied base: the factors change the head the base
+                        # ties to its embedding, and only the head (the embedding lookup keeps the
+                        # base table, inherited): the adapted model unties its head
+                        lost = f"adapter factor for `{escape_name(p.tuned_name)}` has no base tensor to modify"
+                        if lost in notes:
+                            notes.remove(lost)
+                        out[j] = (pos, q)
+                        notes.append(f"LoRA on `{escape_name(p.tuned_name)}` modifies the base embedding "
+                                     f"`{escape_name(emb)}`, which the base ties as its LM head"
+                                     f"{_assumed(tie)}: the adapted head is untied from the embedding, "
+                                     "which itself is unchanged")
+                        break
                     if q.kind == "mismatch" and q.shape_tuned[1:] == q.shape_base[1:]:
                         q.kind, q.overlap_rows = "resized", min(q.shape_tuned[0], q.shape_base[0])
                     out[j] = (pos, q)
                     notes.append(f"`{escape_name(p.tuned_name)}` compared with the base embedding "
-                                 f"`{escape_name(emb)}` (the base ties its LM head)")
+                                 f"`{escape_name(emb)}` (the base ties its LM head{_assumed(tie)})")
                     break
     # the base has a head that the tuned model ties: the tuned embedding stands in for it
+    tuned_tie: list[HeadTie] = []
     for i, (tp, bp) in sorted(mapping.items()):
         for bname, info in bases[i].tensors.items():
             if bname in used[i] or not is_lm_head(bname) or not bname.startswith(bp):
@@ -52,6 +78,12 @@ def tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Sequ
                                    tp, tuple(info.shape))
             if emb_t is None:
                 continue
+            if not tuned_tie:
+                tuned_tie.append(ties_head(tuned) if tuned is not None else HeadTie(None, ""))
+            if tuned_tie[0].ties is False:
+                notes.append(f"base `{escape_name(bname)}` is removed: the tuned model has no LM head and does not "
+                             f"tie one to its embedding ({tuned_tie[0].why})")
+                continue
             it = tuned_keys[emb_t]
             q = make_pair(_Item(shown, it.source, it.shape, it.dtype), bname, info, i, (set(), set()))
             if q.kind == "mismatch" and q.shape_tuned[1:] == q.shape_base[1:]:
@@ -61,7 +93,12 @@ def tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Sequ
             at = next(pos for pos, x in out if x.tuned_name == emb_t)
             out.append(((0, at[1], 1), q))
             notes.append(f"the tuned model has no `{escape_name(shown)}`: its embedding `{escape_name(emb_t)}` "
-                         "(tied) is compared with the base head")
+                         f"(tied{_assumed(tuned_tie[0])}) is compared with the base head")
+
+
+def _assumed(tie: HeadTie) -> str:
+    """The clause a tie note adds when no config says the side ties (the tie is assumed)."""
+    return f"; assumed, as {tie.why.removesuffix(', so the tie is assumed')}" if tie.ties is None and tie.why else ""
 
 
 def _parent(prefix: str) -> str:

@@ -229,7 +229,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
         orient_squares(out, tuned, bases, notes)
     # the tie is a last resort: only a head that neither names nor content pair (an ONNX export's
     # transposed head `onnx::MatMul_N` is the base head, not a sign that the tuned model ties it)
-    tie_heads(out, items, bases, mapping, used, notes)
+    tie_heads(out, items, bases, mapping, used, notes, tuned)
     for i, base in enumerate(bases):
         tp, bp = mapping.get(i, ("", ""))
         for pos, (bname, info) in enumerate(base.tensors.items()):

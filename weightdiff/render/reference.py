@@ -39,7 +39,10 @@ LABELS = {"F16": "float16 rounding", "BF16": "bfloat16 rounding", "model": "this
 
 
 def _rows(data: dict) -> list[dict]:
-    tensors = data.get("tensors") or []
+    # a tied head row repeats the tuned embedding against the base head: the summary's
+    # relatedness leaves it out (judge/verdict.py), and so does this scale
+    tensors = [t for t in data.get("tensors") or []
+               if not t.get("tied") and not str(t.get("note") or "").startswith("tied:")]
     large = ((data.get("settings") or {}).get("thresholds") or {}).get("large_matrix_numel")
     evidence = [(t, n) for t, n in evidence_sizes(tensors)
                 if t.get("norm_base") and t.get("norm_tuned") is not None and t.get("norm_delta") is not None]

@@ -1,0 +1,106 @@
+"""What a checkpoint's ``config.json`` says about its LM head: whether it ties it to the embedding.
+
+A model that ties its output head to its input embedding (``tie_word_embeddings``) saves no
+``lm_head.weight``. A missing head is a tied head only when the model's config says it ties:
+the key itself (at the top, or in a composite model's ``text_config``), else the default that
+transformers gives that ``model_type``. transformers writes the key whenever it differs from its
+defaults, so a key that is absent means the default: False for the config classes below (their
+``__init__`` defaults it to False; generated from transformers 5.24), True for every other
+(``PretrainedConfig``'s default). Without a config the tie is assumed, and said to be.
+
+>>> ties_head_of({"model_type": "llama"}).ties, ties_head_of({"model_type": "gpt2"}).ties
+(False, True)
+>>> ties_head_of({"model_type": "qwen2", "tie_word_embeddings": True}).why
+'its config.json sets tie_word_embeddings true'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .files import load_json, read_small
+
+__all__ = ["HeadTie", "ties_head", "ties_head_of", "UNTIED_BY_DEFAULT"]
+
+_CAP = 4 << 20
+
+#: model types whose transformers config class defaults tie_word_embeddings to False
+UNTIED_BY_DEFAULT = frozenset({
+    "EvollaModel", "afmoe", "apertus", "apertus1p5", "apertus1p5_text", "arcee", "aria", "aria_text",
+    "axk1", "axk2", "bailing_hybrid", "bamba", "beam", "bitnet", "blt", "blt_global_transformer",
+    "blt_local_decoder", "blt_local_encoder", "blt_patcher", "bridgetower", "chameleon", "codegen",
+    "cohere_asr", "cohere_compass", "cosmos3_edge", "cosmos3_edge_text", "cosmos3_omni", "cwm", "dbrx",
+    "deepseek_ocr2", "deepseek_ocr2_encoder", "deepseek_ocr2_text", "deepseek_v2", "deepseek_v3",
+    "deepseek_v32", "deepseek_v4", "diffllama", "doge", "dory", "dots1", "dots3_note", "dots3_note_text",
+    "emu3", "emu3_text_model", "esmc", "eurobert", "evolla", "exaone", "exaone4", "exaone4_5", "exaone_moe",
+    "falcon_h1", "fast_vlm", "flex_olmo", "flint", "fsmt", "fuyu", "git", "glm", "glm4", "glm46v",
+    "glm4_moe", "glm4_moe_lite", "glm4v", "glm4v_moe", "glm4v_moe_text", "glm5_next", "glm5_next_text",
+    "glm_image", "glm_moe_dsa", "glm_ocr", "glmga", "gpt_neox", "gpt_oss", "gptj", "granite",
+    "granite4_vision", "granite4_vision_text", "granitemoe", "granitemoe_swa", "granitemoehybrid",
+    "granitemoeshared", "helium", "higgs_audio_v2", "hrm_text", "hunyuan_v1_dense", "hunyuan_v1_moe",
+    "hy_v3", "hy_v4", "hy_v4_vl", "hy_v4_vl_text", "hyperclovax", "idefics", "idefics2", "idefics3",
+    "imagegpt", "internlm3", "iquestcoder", "jais2", "jamba", "kimi_linear", "kolibri1",
+    "kyutai_speech_to_text", "laguna", "llama", "llama4", "llama4_text", "llava", "llava_next",
+    "llava_next_video", "llava_onevision", "longcat_flash", "mamba2", "mellum", "mimo_v2_flash",
+    "minicpmv4_6", "minicpmv4_7", "minimax", "minimax_m2", "minimax_m3_vl", "minimax_m3_vl_text",
+    "ministral", "ministral3", "mistral", "mistral4", "mistral_large4", "mistral_large4_text", "mixtral",
+    "mllama_text_model", "modernvbert", "molmo2", "molmo2_text", "moonshine_streaming", "moshi",
+    "moshi_depth", "muse_glimmer_text", "muse_spark_text", "musicgen_decoder", "musicgen_melody_decoder",
+    "nanochat", "nemotron", "nemotron_h", "neucodec", "olmo", "olmo2", "olmo3", "olmo_hybrid", "olmoe",
+    "openai_privacy_filter", "perception_lm", "persimmon", "phi", "phi3", "phi4_multimodal", "phimoe",
+    "pix2struct", "pix2struct_text_model", "pp_formulanet_text", "qianfan_ocr", "qwen2",
+    "qwen2_5_omni_talker", "qwen2_5_omni_thinker", "qwen2_5_vl", "qwen2_moe", "qwen2_vl", "qwen3",
+    "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next",
+    "qwen3_omni_moe_talker_code_predictor", "qwen3_omni_moe_talker_text", "qwen3_omni_moe_thinker",
+    "qwen3_vl", "qwen3_vl_moe", "qwen4_exp", "qwen4_exp_text", "reformer", "rembert", "rwkv", "sarvam_mla",
+    "sarvam_moe", "seed_oss", "smolvlm", "solar_open", "stablelm", "step3p5", "ultrabert", "ultravbert",
+    "unlimited_ocr", "unlimited_ocr_text", "vibevoice", "video_llama_3", "video_llava", "vipllava",
+    "xcodec2", "xlstm",
+})
+
+
+@dataclass(frozen=True)
+class HeadTie:
+    """``ties``: True, False, or None when no config says (the tie is then assumed); ``why``: the
+    clause a note quotes."""
+
+    ties: bool | None
+    why: str
+
+
+def ties_head_of(doc: object) -> HeadTie:
+    """What a parsed config.json says about the tie."""
+    if not isinstance(doc, dict):
+        return HeadTie(None, "its config.json is not an object")
+    for where, d in (("", doc), ("text_config.", doc.get("text_config"))):
+        if isinstance(d, dict) and isinstance(d.get("tie_word_embeddings"), bool):
+            v = d["tie_word_embeddings"]
+            return HeadTie(v, f"its config.json sets {where}tie_word_embeddings {str(v).lower()}")
+    mt = doc.get("model_type")
+    if isinstance(mt, str) and mt:
+        untied = mt in UNTIED_BY_DEFAULT
+        return HeadTie(not untied, f"its config.json (model_type {mt}) leaves tie_word_embeddings at transformers' "
+                                   f"default for {mt}, {str(not untied).lower()}")
+    return HeadTie(True, "its config.json leaves tie_word_embeddings at transformers' default, true")
+
+
+def ties_head(ckpt: object) -> HeadTie:
+    """Whether located checkpoint ``ckpt`` ties its LM head, from the config.json beside its
+    weights (a streamed Hub checkpoint's through ``read_config``)."""
+    read = getattr(ckpt, "read_config", None)
+    root = getattr(ckpt, "config_dir", None) or getattr(ckpt, "root", None)
+    try:
+        if read is not None:
+            doc = read("config.json")
+        elif root is not None and Path(root, "config.json").is_file():
+            path = Path(root, "config.json")
+            doc = load_json(read_small(path, _CAP), path, "config.json")
+        else:
+            doc = None
+    except (CheckpointError, OSError):
+        return HeadTie(None, "its config.json cannot be read, so the tie is assumed")
+    if doc is None:
+        return HeadTie(None, "it has no config.json to say so, so the tie is assumed")
+    return ties_head_of(doc)
