@@ -28,7 +28,7 @@ from .dtypes import DTYPES, FP8_STACK
 from .reference import IDX, NSTATS, STAT_FIELDS, combine, finalize  # noqa: F401  (same API)
 
 __all__ = ["STAT_FIELDS", "NSTATS", "CHUNK", "delta_stats", "delta_stats_many", "bytes_stats", "combine", "finalize",
-           "decode_delta_f32", "decode_delta_f64", "noise_scatter", "set_threads", "get_threads"]
+           "decode_delta_f32", "decode_delta_f64", "noise_scatter", "recast_counts", "set_threads", "get_threads"]
 
 #: elements per chunk: the unit of parallel work and of deterministic summation
 CHUNK = 1 << 16
@@ -432,6 +432,104 @@ def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: n
         raise ValueError(f"out has {flat.size} elements, the windows {b.size} and {t.size}")
     bad, err2 = _delta_driver(b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, _F16_TABLE, _FP8, flat)
     return int(bad), float(err2)
+
+
+@_jit
+def _round_to(x, mant, emin, top):
+    """``reference.round_to`` of one float64 (``mant < 0``: float64 itself, nothing to round).
+
+    ``x / q`` (a product with 1 / q) lies below 2**(mant + 1) <= 2**24 (q = 2**(max(e, emin) - mant), the spacing at x),
+    so ``(y + 2**52) - 2**52`` is y rounded to an integer, ties to even (no fast-math anywhere),
+    and the product with q is exact; a float64 subnormal x has e below every emin.
+    """
+    if mant < 0 or x == 0.0 or not ((x - x) == 0.0):
+        return x
+    ax = abs(x)
+    e = ((_f64_bits(ax) >> 52) & 0x7FF) - 1023
+    if e < emin:
+        e = emin
+    q = _as_f64(np.int64(e - mant + 1023) << 52)
+    iq = _as_f64(np.int64(mant - e + 1023) << 52)       # 1 / q, exactly
+    r = ((ax * iq + 4503599627370496.0) - 4503599627370496.0) * q
+    if r > top:
+        r = np.inf
+    return r if x > 0.0 else -r
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _recast_driver(b, t, cb, ct, mb, eb, mt, et, vm, ve, vtop, tm, te, ttop, lim, f16, fp8):
+    """``lim``: below it no step of any chain can overflow, so a pair not beyond rounding adds
+    nothing to any count and its chains are not evaluated."""
+    n = b.size
+    nv = vm.size
+    nchunks = (n + CHUNK - 1) // CHUNK
+    parts = np.zeros((nchunks, nv, 3), dtype=np.int64)
+    for c in prange(nchunks):
+        fb = np.empty(SUB)
+        ft = np.empty(SUB)
+        for s0 in range(c * CHUNK, min(n, (c + 1) * CHUNK), SUB):
+            m = min(SUB, n - s0, (c + 1) * CHUNK - s0)
+            xb = fb[:m]
+            xt = ft[:m]
+            _decode_into(b[s0:s0 + m], cb, f16, fp8, xb)
+            _decode_into(t[s0:s0 + m], ct, f16, fp8, xt)
+            for i in range(m):
+                x = xb[i]
+                y = xt[i]
+                finx = (x - x) == 0.0
+                within = x == y or (x != x and y != y)
+                if finx and (y - y) == 0.0 and not within:
+                    d = abs(y - x)
+                    within = _f64_bits(d) <= _half_ulp_bits(_f64_bits(abs(x)), mb, eb, mt, et)
+                if within and abs(x) < lim:
+                    continue
+                for v in range(nv):
+                    cv = _round_to(_round_to(x, vm[v], ve[v], vtop[v]), tm, te, ttop)
+                    ovf = finx and not ((cv - cv) == 0.0)
+                    eq = cv == y or (cv != cv and y != y)
+                    sat = ovf and y == (ttop if cv > 0.0 else -ttop)
+                    if not (within or eq or sat):
+                        parts[c, v, 0] += 1
+                    if ovf and eq:
+                        parts[c, v, 1] += 1
+                    if sat:
+                        parts[c, v, 2] += 1
+    out = np.zeros((nv, 3), dtype=np.int64)
+    for c in range(nchunks):
+        out += parts[c]
+    return out
+
+
+def _recast_params(dtype: str | None) -> tuple[int, int, float]:
+    """(mant, emin, largest finite) of a chain step; mant -1 for no rounding (None, F64)."""
+    if dtype is None:
+        return -1, 0, np.inf
+    d = DTYPES[dtype]
+    return -1 if dtype == "F64" else d.mant_bits, d.emin, reference.max_finite(dtype)
+
+
+def recast_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str,
+                  vias=reference.RECAST_VIAS) -> np.ndarray:
+    """Which elements each cast chain explains -> float64[len(vias), 3]; see
+    ``kernels.reference.recast_counts`` (integer counts: equal to it exactly, on any thread count)."""
+    for name in (dtype_base, dtype_tuned, *(v for v in vias if v is not None)):
+        if name not in reference.RECAST_DTYPES:
+            raise ValueError(f"dtype {name} is not one a cast chain is modelled for "
+                             f"({', '.join(reference.RECAST_DTYPES)})")
+    b, t = _bits(base_raw, dtype_base), _bits(tuned_raw, dtype_tuned)
+    if b.size != t.size:
+        raise ValueError(f"base window has {b.size} elements, tuned window {t.size}")
+    steps = [_recast_params(v) for v in vias]
+    vm = np.array([s[0] for s in steps], dtype=np.int64)
+    ve = np.array([s[1] for s in steps], dtype=np.int64)
+    vtop = np.array([s[2] for s in steps], dtype=np.float64)
+    tm, te, ttop = _recast_params(dtype_tuned)
+    mb, eb = _ulp_params(dtype_base)
+    mt, et = _ulp_params(dtype_tuned)
+    lim = 0.5 * min([ttop, *vtop.tolist()])
+    out = _recast_driver(b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, mb, eb, mt, et,
+                         vm, ve, vtop, tm, te, ttop, lim, _F16_TABLE, _FP8)
+    return out.astype(np.float64)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)

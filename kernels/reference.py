@@ -321,3 +321,92 @@ def noise_scatter(bits, shift: int, mask: int, table, p0: int, n: int, rows, col
     pos = np.arange(p0, p0 + u.size, dtype=np.int64)
     np.add.at(rows, pos // n, v)
     np.add.at(cols, pos % n, v)
+
+
+#: dtypes a cast chain is modelled for (sides and intermediates): IEEE binary formats with infinities
+RECAST_DTYPES = ("F16", "BF16", "F32", "F64")
+#: the intermediate dtypes a chain base -> via -> tuned may pass through (None: the direct cast)
+RECAST_VIAS = (None, "F16", "BF16", "F32")
+#: the columns of ``recast_counts``, one row per chain
+RECAST_FIELDS = ("unexplained", "overflow", "saturated")
+
+
+def max_finite(dtype: str) -> float:
+    """The largest finite value of an IEEE binary format: ``(2 - 2**-mant) * 2**(1 - emin)``.
+
+    >>> max_finite("F16"), max_finite("BF16") == float(np.finfo(np.float32).max) * (1 - 2.0 ** -8) / (1 - 2.0 ** -24)
+    (65504.0, True)
+    """
+    d = DTYPES[dtype]
+    if dtype not in RECAST_DTYPES:
+        raise ValueError(f"dtype {dtype} is not an IEEE binary format with infinities")
+    return math.ldexp(2.0 - math.ldexp(1.0, -d.mant_bits), 1 - d.emin)
+
+
+def round_to(x, dtype: str) -> np.ndarray:
+    """float64 values -> the nearest ``dtype`` values (as float64): round to nearest, ties to even,
+    subnormals at ``emin``, a result beyond the largest finite value is an infinity of the same
+    sign (IEEE 754, what numpy's and torch's casts do); NaN, infinities and signed zeros pass.
+    (torch casts float64 to bfloat16 and float16 through float32: the chain via ``F32``.)
+
+    >>> round_to(np.array([1 + 2.0 ** -11, 65519.0, 65520.0, 2.0 ** -26]), "F16").tolist()
+    [1.0, 65504.0, inf, 0.0]
+    """
+    x = np.array(x, dtype=np.float64).reshape(-1)
+    if dtype == "F64":
+        return x
+    d = DTYPES[dtype]
+    top = max_finite(dtype)
+    fin = np.isfinite(x) & (x != 0)
+    v = x[fin]
+    e = np.maximum(np.frexp(np.abs(v))[1].astype(np.int64) - 1, d.emin)
+    q = np.ldexp(1.0, e - d.mant_bits)
+    with np.errstate(over="ignore"):
+        r = np.rint(v / q) * q          # v / q and the product are exact: q is a power of two
+    r[np.abs(r) > top] = np.inf
+    x[fin] = np.copysign(r, v)
+    return x
+
+
+def recast_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, vias=RECAST_VIAS) -> np.ndarray:
+    """Which elements a cast chain explains -> float64[len(vias), 3] (columns ``RECAST_FIELDS``).
+
+    Row i is the chain base -> ``vias[i]`` -> tuned (``None``: base -> tuned), every step a
+    ``round_to``; C its value for the base element B. An element pair (B, T) is *explained*
+    by the chain when T equals C (NaN equals NaN, -0 equals +0), or when the pair is not beyond
+    rounding in ``delta_stats`` (finite and abs(T - B) <= h, or T equals B), or when C overflowed
+    to an infinity and T is the tuned dtype's largest finite value of that sign (a saturating
+    cast). ``unexplained`` counts the others; ``overflow`` the finite B whose C is an infinity
+    that T equals; ``saturated`` those that T holds as the largest finite value instead.
+    Counts are integers (exact in float64 below 2**53), so windows add.
+
+    Base and tuned dtypes, and every intermediate, are in ``RECAST_DTYPES``.
+
+    >>> b = np.array([1.0 + 2.0 ** -9 + 2.0 ** -20, 1e5, 3e-9], np.float32)
+    >>> t = round_to(round_to(b, "F16"), "BF16").astype(np.float32).view(np.uint32) >> 16
+    >>> recast_counts(b, t.astype(np.uint16), "F32", "BF16", (None, "F16")).tolist()
+    [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    """
+    for name in (dtype_base, dtype_tuned, *(v for v in vias if v is not None)):
+        if name not in RECAST_DTYPES:
+            raise ValueError(f"dtype {name} is not one a cast chain is modelled for ({', '.join(RECAST_DTYPES)})")
+    b = decode(base_raw, dtype_base)
+    t = decode(tuned_raw, dtype_tuned)
+    if b.shape != t.shape:
+        raise ValueError(f"base window has {b.size} elements, tuned window {t.size}")
+    fin = np.isfinite(b) & np.isfinite(t)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ad = np.abs(np.where(fin, t - np.where(fin, b, 0.0), 0.0))
+    h = np.zeros_like(b)
+    h[fin] = np.maximum(half_ulp(np.abs(b[fin]), dtype_base), half_ulp(np.abs(b[fin]), dtype_tuned))
+    within = (fin & (ad <= h)) | (b == t) | (np.isnan(b) & np.isnan(t))
+    top = max_finite(dtype_tuned)
+    out = np.zeros((len(vias), len(RECAST_FIELDS)))
+    for i, via in enumerate(vias):
+        c = round_to(b if via is None else round_to(b, via), dtype_tuned)
+        ovf = np.isfinite(b) & np.isinf(c)
+        equal = (c == t) | (np.isnan(c) & np.isnan(t))
+        sat = ovf & (t == np.copysign(top, c))
+        out[i] = (np.count_nonzero(~(within | equal | sat)), np.count_nonzero(ovf & equal),
+                  np.count_nonzero(sat))
+    return out

@@ -365,3 +365,70 @@ def test_noise_scatter_adds_to_what_is_there_and_checks_its_arguments(rng):
         cpu.noise_scatter(bits, shift, mask, table[:100], 0, 6, r, c)
     with pytest.raises(ValueError, match="do not index"):
         cpu.noise_scatter(bits, 16, mask, table, 0, 6, r, c)
+
+
+# ---------------------------------------------------------------- cast chains (recast_counts)
+
+def _recast_case(rng, db, dt, via, n=70_000):
+    """A base window with every hard magnitude (fp16 subnormals, the fp16 and bf16 range edges,
+    ties) and a tuned window cast from it through ``via``, with a few planted changes and
+    saturated values."""
+    x = rng.standard_normal(n) * 10.0 ** rng.integers(-12, 6, n)
+    x[:24] = [65519, 65520, -65520, 65504, 1e-8, 6e-8, 2.0 ** -25, 3 * 2.0 ** -26, np.inf, -np.inf, np.nan,
+              -0.0, 0.0, 1e5, -7e4, 3e38, -3.4e38, 1e-40, 2.0 ** -149, -2.0 ** -150, 1 + 2.0 ** -11,
+              1 + 2.0 ** -8, 1 + 3 * 2.0 ** -9, 1e39]
+    b = to_storage(x, db)
+    bb = ref.decode(b, db)
+    t = ref.round_to(bb if via is None else ref.round_to(bb, via), dt)
+    t[100:140] *= 1.01                                  # changed: no cast explains them
+    if dt != "F64":
+        t[140:142] = [ref.max_finite(dt), -ref.max_finite(dt)]   # saturated, where the base is beyond range
+    return b, to_storage(t, dt)
+
+
+@pytest.mark.parametrize("db,dt", [(a, c) for a in ref.RECAST_DTYPES for c in ref.RECAST_DTYPES if a != c])
+def test_recast_counts_matches_reference(rng, db, dt):
+    for via in ref.RECAST_VIAS:
+        if via in (db, dt):
+            continue
+        b, t = _recast_case(rng, db, dt, via)
+        want = ref.recast_counts(b, t, db, dt)
+        got = cpu.recast_counts(b, t, db, dt)
+        assert np.array_equal(got, want), (db, dt, via, got, want)
+        row = list(ref.RECAST_VIAS).index(via)
+        assert want[row, 0] <= 40 + 2                   # the planted changes (and saturations of in-range values)
+        assert want[:, 0].min() == want[row, 0]
+
+
+def test_round_to_is_the_cast_numpy_and_torch_make(rng):
+    x = rng.standard_normal(200_000) * 10.0 ** rng.integers(-12, 8, 200_000)
+    x[:8] = [65519, 65520, -65520, 2.0 ** -25, 3 * 2.0 ** -26, np.inf, np.nan, -0.0]
+    x32 = x.astype(np.float32).astype(np.float64)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(ref.round_to(x32, "F16"), x32.astype(np.float16).astype(np.float64), equal_nan=True)
+        assert np.array_equal(ref.round_to(x, "F32"), x.astype(np.float32).astype(np.float64), equal_nan=True)
+    torch = pytest.importorskip("torch")
+    got = ref.round_to(x32, "BF16")
+    want = torch.from_numpy(x32.astype(np.float32)).to(torch.bfloat16).to(torch.float64).numpy()
+    assert np.array_equal(got, want, equal_nan=True)
+    # torch casts float64 to bfloat16 / float16 through float32: the chain via F32
+    for name, td in (("BF16", torch.bfloat16), ("F16", torch.float16)):
+        want = torch.from_numpy(x).to(td).to(torch.float64).numpy()
+        assert np.array_equal(ref.round_to(ref.round_to(x, "F32"), name), want, equal_nan=True)
+
+
+def test_recast_counts_threads_and_windows_add(rng):
+    b, t = _recast_case(rng, "F32", "BF16", "F16", n=300_000)
+    whole = cpu.recast_counts(b, t, "F32", "BF16")
+    parts = sum(cpu.recast_counts(b[i:i + 70_001], t[i:i + 70_001], "F32", "BF16") for i in range(0, b.size, 70_001))
+    assert np.array_equal(whole, parts)
+    old = cpu.get_threads()
+    try:
+        cpu.set_threads(1)
+        assert np.array_equal(cpu.recast_counts(b, t, "F32", "BF16"), whole)
+    finally:
+        cpu.set_threads(old)
+    with pytest.raises(ValueError):
+        cpu.recast_counts(b, t, "F32", "F8_E4M3")
+    with pytest.raises(ValueError):
+        ref.recast_counts(b[:5], t[:4], "F32", "BF16")

@@ -81,12 +81,13 @@ class TensorRecord:
     quant: dict | None = None           # the quantization noise-floor test when a side is quantized
     rounding_floor: dict[str, float] | None = None   # norm of a cast of the base to BF16 / F16 (measure.floors)
     paired_by: str | None = None        # how the pair was made: name, prefix, rename, tied, content
+    cast: dict | None = None            # the cast chain that gives every tuned value from the base (measure.recast)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         if len(d) != len(_TENSOR_FIELDS):       # an attribute that is not a field: leave it out
             d = _shallow(self)
-        for key in ("shape", "base_shape", "quant", "rounding_floor"):   # copied one level, as _shallow does
+        for key in ("shape", "base_shape", "quant", "rounding_floor", "cast"):   # copied one level, as _shallow does
             v = d[key]
             if v is not None:
                 d[key] = list(v) if type(v) is list else dict(v) if type(v) is dict else v

@@ -19,7 +19,7 @@ from ..pairing.names import block_slot
 from ..options import Thresholds
 from ..records import TensorRecord
 
-__all__ = ["classify", "is_changed", "is_mismatch", "is_tied", "delta_params_of", "rank_upper", "matrix_dims",
+__all__ = ["classify", "cast_explains", "is_changed", "is_mismatch", "is_tied", "delta_params_of", "rank_upper", "matrix_dims",
            "extra_rows", "norms_sq", "ratio", "bytes_per", "PAIRED", "placements", "moved_blocks"]
 
 
@@ -110,7 +110,7 @@ def is_changed(rec: TensorRecord, thresholds: Thresholds) -> bool:
     if is_mismatch(rec):
         return True
     if rec.frac_beyond_rounding is not None:
-        return rec.frac_beyond_rounding > thresholds.rounding_frac
+        return rec.frac_beyond_rounding > thresholds.rounding_frac and not cast_explains(rec.cast, thresholds)
     return rec.frac_changed is None or rec.frac_changed > 0
 
 
@@ -270,6 +270,8 @@ def classify(stats: dict, dtype_base: str | None, dtype_tuned: str | None, thres
     values are floats -> rounding; otherwise changed. Accepts counts (``n_changed``,
     ``n_beyond``, ``count``) or the finalized shares (``frac_changed``,
     ``frac_beyond_rounding``). A NaN that appears where the base had a number is a change.
+    ``stats["cast"]``, when a cast chain gives every tuned value from the base (``cast_explains``:
+    rounded twice through fp16, or an overflow to infinity in the cast), also means rounding.
 
     >>> classify({"frac_changed": 0.5, "frac_beyond_rounding": 0.0}, "F32", "BF16", Thresholds())
     'rounding'
@@ -282,10 +284,24 @@ def classify(stats: dict, dtype_base: str | None, dtype_tuned: str | None, thres
     if changed == 0:
         return "unchanged"
     floats = all(d is not None and d in DTYPES and DTYPES[d].kind == "float" for d in (dtype_base, dtype_tuned))
+    if floats and cast_explains(stats.get("cast"), thresholds):
+        return "rounding"        # bitwise a cast chain of the base (through fp16, past the range)
     new_nonfinite = int(stats.get("nonfinite_tuned", 0) or 0) > int(stats.get("nonfinite_base", 0) or 0)
     if floats and beyond is not None and beyond <= thresholds.rounding_frac and not new_nonfinite:
         return "rounding"
     return "changed"
+
+
+def cast_explains(cast: dict | None, thresholds: Thresholds) -> bool:
+    """A cast chain (``TensorRecord.cast``, weightdiff.measure.recast) gives every tuned value from
+    the base, but at most ``rounding_frac`` of the elements: a proof that the tensor is a cast.
+
+    >>> cast_explains({"chain": ["F32", "F16", "BF16"], "elements": 10, "unexplained": 0}, Thresholds())
+    True
+    """
+    if not cast or not cast.get("elements"):
+        return False
+    return int(cast.get("unexplained") or 0) / int(cast["elements"]) <= thresholds.rounding_frac
 
 
 def _share(stats: dict, count_key: str, frac_key: str, count: Any) -> float | None:

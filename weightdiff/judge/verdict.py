@@ -135,6 +135,9 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         ("dtype_changed", any(r.dtype_base and r.dtype_tuned and r.dtype_base != r.dtype_tuned
                               and r.compared != "factors" for r in counted)),
         ("nonfinite", any((r.nonfinite or 0) > 0 for r in records)),
+        ("cast_rounded_twice", any(r.cast and r.cast.get("through") for r in counted)),
+        ("cast_overflow", any(r.cast and ((r.cast.get("overflow") or 0) + (r.cast.get("saturated") or 0)) > 0
+                              for r in counted)),
         ("bytes_compared", any(r.compared == "bytes" for r in counted)),
         ("partial_spectrum", any(r.rank is not None and not r.rank.exact for r in counted)),
         ("content_paired", any(r.paired_by == "content" for r in counted)),

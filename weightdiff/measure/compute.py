@@ -27,6 +27,7 @@ from ..records import RankRecord, TensorRecord
 from .backend import Backend
 from .floors import FloorAccumulator
 from .quant_floor import floor_test
+from .recast import cast_test
 from .rank_stream import streamed_rank_sink
 
 #: elements per streamed window; fixed (not derived from the machine) so results are reproducible
@@ -207,12 +208,20 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     rec.compared = "bytes" if opaque else "float"
     if opaque:
         rec.note = f"dtype {pair.dtype_tuned} has no float decoding: compared byte for byte"
+    elif tuned_t is None and pair.dtype_base != pair.dtype_tuned and stats[reference.IDX["n_beyond"]] > 0:
+        # beyond half an ulp of a cast: is it still exactly a cast (through fp16, past the range)?
+        rec.cast = cast_test(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
+                             rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac)
+        if rec.cast is not None:
+            fields = {**fields, "cast": rec.cast}
     if pair.kind == "resized":
         rec.status = "resized"
         rec.note = (f"vocabulary resized from {shape_b[0]} to {shape_t[0]} rows; "
                     f"the {pair.overlap_rows} shared rows are compared")
     else:
         rec.status = classify(fields, pair.dtype_base, pair.dtype_tuned, thr)
+    if rec.cast is not None:
+        rec.note = _cast_note(rec.cast) + (f"; {rec.note}" if rec.note else "")
     above = None
     if not opaque and shape_t is not None and rec.status != "unchanged" and tuned_t is None:
         rec.quant = floor_test(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
@@ -264,6 +273,22 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         sink.gram.close()
     refine_rank(rec, pair, bases, tuned, options, backend)
     return rec
+
+
+def _cast_note(cast: dict) -> str:
+    """The record's note when a cast chain explains what the half-ulp test did not."""
+    parts = [f"every value is a cast {' -> '.join(cast['chain'])} of the base"]
+    if cast.get("through"):
+        parts.append("rounded twice, beyond half an ulp of a direct cast in places")
+    n, s = int(cast.get("overflow") or 0), int(cast.get("saturated") or 0)
+    if n:
+        parts.append(f"{n} base value{'s' if n != 1 else ''} beyond the {cast['chain'][-1]} range became infinite")
+    if s:
+        parts.append(f"{s} beyond the range stored as the largest {cast['chain'][-1]} value")
+    u = int(cast.get("unexplained") or 0)
+    if u:
+        parts.append(f"{u} element{'s' if u != 1 else ''} unexplained (within rounding_frac)")
+    return ", ".join(parts)
 
 
 def fused_experts(pair: Pair) -> bool:

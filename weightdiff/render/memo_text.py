@@ -65,7 +65,8 @@ VERDICTS = [
     ("identical", "otherwise, when every effective parameter is bitwise equal (a tied head counts as the "
      "embedding it is) and none was added, removed or resized."),
     ("cast_only", "otherwise, when no tensor changed beyond the rounding of a dtype cast (at most rounding_frac "
-     "of a tensor's elements beyond half an ulp) and none was added, removed or resized."),
+     "of a tensor's elements beyond half an ulp, or every value bitwise a cast of the base through another "
+     "format or past the range) and none was added, removed or resized."),
     ("quantized_only", "otherwise, when every tensor with a quantized side lies within its own quantization noise "
      "floor, every other tensor is unchanged or within rounding, and none was added, removed or resized."),
     ("derived", "everything else: the tuned model is a modification of this base. Its scope (blocks and tensors "

@@ -128,6 +128,15 @@ def _mismatch(t: dict) -> bool:
 
 
 
+_DTYPE_WORDS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def _chain(t) -> list[str]:
+    """The dtypes a rounding tensor was cast through, base first (``cast.chain`` when measured)."""
+    chain = (t.get("cast") or {}).get("chain")
+    return [str(x) for x in chain] if chain else [str(t.get("dtype_base")), str(t.get("dtype_tuned"))]
+
+
 def verdict_reason(data: dict) -> str:
     """One sentence saying why the verdict is what it is, from the numbers behind it."""
     s = data.get("summary") or {}
@@ -163,13 +172,28 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         return f"All {count(tbs.get('unchanged', 0))} tensors are bitwise identical to the base."
     if v == "cast_only":
         rounding = [t for t in counted if t.get("status") == "rounding"]
-        casts = sorted({f"{t.get('dtype_base')} -> {t.get('dtype_tuned')}" for t in rounding
-                        if t.get("dtype_base") != t.get("dtype_tuned")})
+        casts = sorted({" -> ".join(_chain(t)) for t in rounding if t.get("dtype_base") != t.get("dtype_tuned")})
         same = sum(1 for t in rounding if t.get("dtype_base") == t.get("dtype_tuned"))
         parts = []
         if casts:
             parts.append(f"{count(len(rounding) - same)} tensors differ only within the rounding of a dtype cast "
                          f"({', '.join(casts)})")
+        twice = [t for t in rounding if (t.get("cast") or {}).get("through")]
+        extra = []
+        if twice:
+            via = sorted({_DTYPE_WORDS.get(t["cast"]["through"], t["cast"]["through"]) for t in twice})
+            extra.append(f"{count(len(twice))} of them bitwise a cast through {' or '.join(via)} "
+                         "(rounded twice, so beyond half an ulp of a direct cast in places)")
+        ovf = sum(int((t.get("cast") or {}).get("overflow") or 0) for t in rounding)
+        sat = sum(int((t.get("cast") or {}).get("saturated") or 0) for t in rounding)
+        if ovf:
+            extra.append(f"with {count(ovf)} value{'s' if ovf != 1 else ''} overflowed to infinity in the cast "
+                         "(beyond the range of the cast dtype)")
+        if sat:
+            extra.append(f"with {count(sat)} value{'s' if sat != 1 else ''} beyond the range of the cast dtype "
+                         "stored as its largest finite value")
+        if parts and extra:
+            parts[0] += ", " + ", ".join(extra)
         if same:
             one = same == 1
             parts.append(f"{count(same)} {'tensor keeps its' if one else 'tensors keep their'} dtype and "
@@ -355,8 +379,13 @@ def plain_language(data: dict) -> list[str]:
                    f"as far as an independently initialised model of the same shape would ({sci(unrel['rel_change'])}): "
                    "the weights give no sign that one was made from the other.")
     elif v == "cast_only":
-        out.append("Every difference is no larger than the rounding of storing the same numbers in another format, "
-                   "so no weight was trained further.")
+        if any((t.get("cast") or {}).get("through") or (t.get("cast") or {}).get("overflow")
+               or (t.get("cast") or {}).get("saturated") for t in _counted(data)):
+            out.append("Every value is what storing the same numbers in another format gives (converted through "
+                       "an intermediate format, or beyond the new format's range), so no weight was trained further.")
+        else:
+            out.append("Every difference is no larger than the rounding of storing the same numbers in another "
+                       "format, so no weight was trained further.")
     elif v == "derived" and rel:
         text = f"Taken together, its large weight matrices moved by {sci(rel)} of their size"
         if bf16:

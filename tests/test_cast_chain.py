@@ -1,0 +1,118 @@
+"""Casts the half-ulp test cannot explain: through a third dtype (fp32 -> fp16 -> bf16) and past the
+range of the cast dtype (fp16 overflow). Each is a proof of a cast (bitwise the chain's values), so
+the verdict is cast_only with the chain named; a fine-tune of 1e-3 in the same dtypes stays derived."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import weightdiff
+from weightdiff.io.safetensors_write import to_storage
+from weightdiff.kernels import reference as ref
+from weightdiff.measure import recast
+from conftest import write_checkpoint
+from models import llama
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    t = llama(np.random.default_rng(11), layers=2)
+    t["model.layers.0.mlp.down_proj.weight"][0, :40] = np.logspace(-9, -4, 40)   # fp16 subnormals
+    t["model.layers.1.mlp.down_proj.weight"][0, :3] = [1e5, -7e4, 3e-9]         # beyond fp16's range
+    return t, write_checkpoint(tmp_path_factory.mktemp("base"), t)
+
+
+def _cast(tensors: dict, *chain: str, change: float = 0.0, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in tensors.items():
+        x = v.astype(np.float64)
+        if change:
+            x = x * (1 + change * rng.standard_normal(x.shape))
+        for d in chain:
+            x = ref.round_to(x, d).reshape(v.shape)
+        out[k] = (chain[-1], to_storage(x, chain[-1]))
+    return out
+
+
+def _run(tmp_path, base, tensors):
+    tuned = write_checkpoint(tmp_path / "tuned", tensors)
+    return weightdiff.compare(str(base), str(tuned))
+
+
+def test_fp32_to_fp16_to_bf16_is_cast_only_through_fp16(tmp_path, base):
+    tensors, path = base
+    r = _run(tmp_path, path, _cast(tensors, "F16", "BF16"))
+    s = r.summary
+    assert s.verdict == "cast_only", s.verdict_reason
+    assert s.delta_params == 0 and s.params_by_status["changed"] == 0
+    assert "cast_rounded_twice" in s.flags
+    twice = [t for t in r.tensors if t.cast and t.cast["through"] == "F16"]
+    assert twice and all(t.status == "rounding" and t.cast["unexplained"] == 0 for t in twice)
+    assert all(t.frac_beyond_rounding > 0 for t in twice)       # the half-ulp share stays what it measures
+    assert "F32 -> F16 -> BF16" in s.verdict_reason and "through float16" in s.verdict_reason
+    assert "fine-tune" not in " ".join(s.headline)
+
+
+def test_fp16_overflow_in_a_plain_cast_is_cast_only_with_overflow(tmp_path, base):
+    tensors, path = base
+    r = _run(tmp_path, path, _cast(tensors, "F16"))
+    s = r.summary
+    assert s.verdict == "cast_only", s.verdict_reason
+    t = next(t for t in r.tensors if t.name == "model.layers.1.mlp.down_proj.weight")
+    assert t.status == "rounding" and t.nonfinite == 2
+    assert t.cast == {"chain": ["F32", "F16"], "through": None, "elements": t.numel, "unexplained": 0,
+                      "overflow": 2, "saturated": 0}
+    assert "cast_overflow" in s.flags and "nonfinite" in s.flags
+    assert "2 values overflowed to infinity in the cast" in s.verdict_reason
+
+
+def test_a_saturating_cast_is_a_cast(tmp_path, base):
+    tensors, path = base
+    cast = _cast(tensors, "F16")
+    name = "model.layers.1.mlp.down_proj.weight"
+    v = cast[name][1].copy()
+    v.reshape(-1)[:2] = [65504.0, -65504.0]
+    cast[name] = ("F16", v)
+    r = _run(tmp_path, path, cast)
+    assert r.summary.verdict == "cast_only"
+    t = next(t for t in r.tensors if t.name == name)
+    assert t.cast["saturated"] == 2 and t.cast["overflow"] == 0
+
+
+@pytest.mark.parametrize("chain", [("F16", "BF16"), ("F16",), ("BF16",)])
+def test_a_small_dense_fine_tune_through_the_same_casts_stays_derived(tmp_path, base, chain):
+    tensors, path = base
+    r = _run(tmp_path, path, _cast(tensors, *chain, change=1e-3))
+    s = r.summary
+    assert s.verdict == "derived"
+    assert s.params_by_status["changed"] > 0.9 * s.params_total
+    assert not any(t.cast for t in r.tensors)
+
+
+def test_a_nan_where_the_base_had_a_number_is_no_cast(tmp_path, base):
+    tensors, path = base
+    cast = _cast(tensors, "F16")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    v = cast[name][1].copy()
+    v.reshape(-1)[5] = np.nan
+    cast[name] = ("F16", v)
+    r = _run(tmp_path, path, cast)
+    assert r.summary.verdict == "derived"
+    assert next(t for t in r.tensors if t.name == name).status == "changed"
+
+
+def test_chains_tried_and_the_probe_stops_a_fine_tune(monkeypatch, tmp_path, base):
+    assert recast.chains("F32", "BF16") == [None, "F16"]
+    assert recast.chains("F64", "BF16") == [None, "F16", "F32"]
+    assert recast.chains("BF16", "F16") == [None]          # through F32 a bf16 value is exact
+    assert recast.chains("BF16", "BF16") == [] and recast.chains("F32", "F8_E4M3") == []
+    tensors, path = base
+    tuned = write_checkpoint(tmp_path / "ft", _cast(tensors, "F16", "BF16", change=1e-3))
+    seen = []
+    real = recast.cpu.recast_counts
+    monkeypatch.setattr(recast.cpu, "recast_counts", lambda b, t, *a: seen.append(len(b)) or real(b, t, *a))
+    r = weightdiff.compare(str(path), str(tuned))
+    assert r.summary.verdict == "derived" and seen
+    assert max(seen) <= recast.PROBE                          # every changed tensor failed in its probe

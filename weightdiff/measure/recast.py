@@ -1,0 +1,97 @@
+"""The cast-chain test: is a tensor that fails the half-ulp rounding test still exactly a cast of its base?
+
+The stats pass (``kernels.*.delta_stats``) calls an element rounding when it moved by at most half an
+ulp of the coarser dtype. Two casts are not covered by that bound: a cast through a third dtype
+(fp32 -> fp16 -> bf16 rounds twice, and fp16's subnormals below 6.1e-5 lose absolute precision 2^-25
+that bf16 keeps) and a value beyond the cast dtype's range (1e5 becomes inf in fp16). For a pair whose
+dtypes differ and whose stats count elements beyond rounding, ``cast_test`` streams both tensors again
+through ``kernels.cpu.recast_counts``: for each chain base -> via -> tuned (``reference.RECAST_VIAS``:
+direct, through F16, BF16, F32) the elements neither within half an ulp nor bitwise the value that chain
+gives (nor, past the range, the tuned dtype's largest value of the right sign: a saturating cast).
+
+A chain that leaves no element unexplained (at most ``rounding_frac`` of them) is a proof that the
+tuned tensor is what casting the base through it gives; the judge then calls the tensor ``rounding``
+(``judge.status.classify``). The test is cheap where it fails: it reads a first probe of
+``PROBE`` elements and stops as soon as every chain leaves more unexplained elements than allowed (a
+fine-tune fails in the probe); a chain is dropped from the following windows once it has failed, and the
+counts of the chain that succeeds are exact. The pass runs on the CPU with any ``--device`` (it is rare:
+only casts the half-ulp test could not explain read a whole tensor).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..kernels import cpu
+from ..kernels.dtypes import DTYPES
+from ..kernels.reference import RECAST_DTYPES, RECAST_VIAS
+
+__all__ = ["cast_test", "chains", "PROBE"]
+
+#: elements of the first window read: a fine-tune leaves unexplained elements in it, and the test stops
+PROBE = 1 << 16
+
+
+def chains(dtype_b: str, dtype_t: str) -> list[str | None]:
+    """The chains worth testing for a pair: the direct cast, and each intermediate that is neither side
+    and does not hold every base value exactly (through such a one the chain is the direct cast)."""
+    if dtype_b == dtype_t or dtype_b not in RECAST_DTYPES or dtype_t not in RECAST_DTYPES:
+        return []
+    b = DTYPES[dtype_b]
+    out: list[str | None] = []
+    for via in RECAST_VIAS:
+        if via is not None:
+            v = DTYPES[via]
+            if via in (dtype_b, dtype_t) or (v.mant_bits >= b.mant_bits and v.emin <= b.emin):
+                continue
+        out.append(via)
+    return out
+
+
+def _plain(ckpt, name: str) -> bool:
+    """Values stored as they are handed out (not dequantized, not decoded from a GGML block)."""
+    info = ckpt.tensors.get(name)
+    return (info is not None and name not in getattr(ckpt, "quant", {})
+            and getattr(info, "quant", None) is None and getattr(info, "scheme", None) is None)
+
+
+def cast_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, numel: int,
+              stop: int | None, window: int, rounding_frac: float) -> dict | None:
+    """The record's ``cast`` dict when a chain explains the tensor, else None.
+
+    ``{"chain": [dtype_b, (via,) dtype_t], "through": via or None, "elements": compared,
+    "unexplained": n, "overflow": k, "saturated": s}``: ``overflow`` base values that became an
+    infinity of their sign in the cast, ``saturated`` those stored as the largest finite value instead.
+    ``numel``: elements compared (``stop`` when given). None also when no chain applies (same dtype,
+    an integer or fp8 side, a quantized side).
+    """
+    vias = chains(dtype_b, dtype_t)
+    if not vias or numel <= 0 or not (_plain(base, bname) and _plain(tuned, tname)):
+        return None
+    end = numel if stop is None else min(stop, numel)
+    budget = math.floor(rounding_frac * end) if rounding_frac > 0 else 0
+    totals = {v: [0, 0, 0] for v in vias}
+    alive = list(vias)
+
+    def spans():
+        first = min(PROBE, end)
+        yield 0, first, first
+        if end > first:
+            yield first, end, window
+
+    for start, stop_, step in spans():
+        pairs = zip(base.windows(bname, step, start, stop_), tuned.windows(tname, step, start, stop_))
+        for wb, wt in pairs:
+            counts = cpu.recast_counts(wb, wt, dtype_b, dtype_t, tuple(alive))
+            for via, row in zip(list(alive), counts.tolist()):
+                t = totals[via]
+                for j in range(3):
+                    t[j] += int(row[j])
+                if t[0] > budget:
+                    alive.remove(via)
+            if not alive:
+                return None
+    via = alive[0]
+    n, ovf, sat = totals[via]
+    return {"chain": [dtype_b] + ([via] if via is not None else []) + [dtype_t], "through": via,
+            "elements": end, "unexplained": n, "overflow": ovf, "saturated": sat}
