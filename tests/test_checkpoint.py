@@ -284,3 +284,18 @@ def test_a_header_is_parsed_once_and_a_changed_one_is_caught(tmp_path, monkeypat
         save_file(victim, renamed)
         with pytest.raises(CheckpointError, match="changed since the checkpoint was located"):
             list(c.windows(name))
+
+
+def test_a_pickle_of_nested_dicts_is_named_for_what_it_is(tmp_path):
+    """HQQ's qmodel.pt (hqq 0.2.8 save_quantized: a dict per module with packed `W_q`, `scale`,
+    `zero`, `nbits`, ...) was refused as "holds no tensors"."""
+    torch = pytest.importorskip("torch")
+    hqq = {"model.layers.0.self_attn.q_proj": {"W_q": torch.zeros(32, 8, dtype=torch.uint8), "nbits": 4,
+                                               "group_size": 64, "scale": torch.ones(8, 1), "zero": torch.zeros(8, 1)},
+           "model.embed_tokens": {"weight": torch.ones(4, 8)}}
+    torch.save(hqq, tmp_path / "qmodel.pt")
+    with pytest.raises(CheckpointError, match=r"qmodel.pt: is an HQQ quantized model .* does not dequantize"):
+        locate(tmp_path / "qmodel.pt")
+    torch.save({"a": {"w": torch.ones(2)}, "b": {"w": torch.ones(2)}}, tmp_path / "nested.pt")
+    with pytest.raises(CheckpointError, match="only 2 nested dictionaries"):
+        locate(tmp_path / "nested.pt")

@@ -99,6 +99,15 @@ def _state_dict(torch, obj: object, path: Path) -> dict:
         raise CheckpointError(path, f"holds a {type(obj).__name__}, expected a state dict of tensors")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
+        nested = [v for v in obj.values() if isinstance(v, dict)]
+        if any("W_q" in v for v in nested):
+            # HQQ's save_quantized (qmodel.pt): {module: {"W_q": packed codes, "scale", "zero", "nbits", ...}}
+            raise CheckpointError(path, "is an HQQ quantized model (per-module `W_q` packed codes), which "
+                                        "weightdiff does not dequantize",
+                                  "save the model's float weights (HQQ's dequantize) and compare those")
+        if nested:
+            raise CheckpointError(path, f"holds no tensors at its top level, only {len(nested):,} nested "
+                                        "dictionaries (not a flat state dict)")
         raise CheckpointError(path, "holds no tensors")
     return tensors
 
