@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
-from typing import Any, Callable
+from typing import Any, ClassVar, Callable
 
 SCHEMA = "weightdiff.compare/2"
 #: older schemas ``weightdiff report`` still reads (a /1 result has no coverage, components or buffers)
@@ -81,17 +81,23 @@ class TensorRecord:
     quant: dict | None = None           # the quantization noise-floor test when a side is quantized
     rounding_floor: dict[str, float] | None = None   # norm of a cast of the base to BF16 / F16 (measure.floors)
     paired_by: str | None = None        # how the pair was made: name, prefix, rename, tied, content
-    cast: dict | None = None            # the cast chain that gives every tuned value from the base (measure.recast)
+    # Not a field: the cast chain that gives every tuned value from the base (measure.recast), set on
+    # the few records it explains and in their JSON rows only. A 30th instance attribute ends CPython's
+    # key sharing for every record's __dict__ (at most 29 keys in 3.11): 1.2 KB more per tensor, +120 MB
+    # for 100,000 tensors. Add no field without removing one (tests/test_records_json.py checks).
+    cast: ClassVar[dict | None] = None
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         if len(d) != len(_TENSOR_FIELDS):       # an attribute that is not a field: leave it out
             d = _shallow(self)
-        for key in ("shape", "base_shape", "quant", "rounding_floor", "cast"):   # copied one level, as _shallow does
+        for key in ("shape", "base_shape", "quant", "rounding_floor"):   # copied one level, as _shallow does
             v = d[key]
             if v is not None:
                 d[key] = list(v) if type(v) is list else dict(v) if type(v) is dict else v
         d["rank"] = None if self.rank is None else self.rank.to_dict()
+        if self.cast is not None:
+            d["cast"] = dict(self.cast)
         return d
 
 
@@ -116,18 +122,18 @@ class TensorRow(Mapping):
         self.get = d.get if record.rank is None and len(d) == len(_TENSOR_FIELDS) else partial(_row_get, record)
 
     def __getitem__(self, key: str) -> Any:
-        if key not in _TENSOR_FIELD_SET:
+        if key not in _TENSOR_FIELD_SET and not (key == "cast" and self.record.cast is not None):
             raise KeyError(key)
         return _row_get(self.record, key)
 
     def __contains__(self, key: object) -> bool:
-        return key in _TENSOR_FIELD_SET
+        return key in _TENSOR_FIELD_SET or (key == "cast" and self.record.cast is not None)
 
     def __iter__(self):
-        return iter(_TENSOR_FIELDS)
+        return iter(_TENSOR_FIELDS + (("cast",) if self.record.cast is not None else ()))
 
     def __len__(self) -> int:
-        return len(_TENSOR_FIELDS)
+        return len(_TENSOR_FIELDS) + (self.record.cast is not None)
 
     def __repr__(self) -> str:
         return f"TensorRow({self.record.name!r})"
@@ -138,7 +144,7 @@ def _row_get(record: TensorRecord, key: str, default: Any = None) -> Any:
     if key == "rank":
         r = record.rank
         return None if r is None else r.to_dict()
-    return getattr(record, key) if key in _TENSOR_FIELD_SET else default
+    return getattr(record, key) if key in _TENSOR_FIELD_SET or key == "cast" else default
 
 
 def plain_rows(data: dict) -> dict:

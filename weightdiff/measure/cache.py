@@ -54,7 +54,10 @@ def record_from_dict(d: dict) -> TensorRecord:
     """The inverse of ``TensorRecord.to_dict`` (lists stay lists, as in the JSON)."""
     d = dict(d)
     rank = d.pop("rank", None)
+    cast = d.pop("cast", None)
     rec = TensorRecord(**d)
+    if cast is not None:
+        rec.cast = cast
     if rank is not None:
         rank = dict(rank)
         rank["shape_2d"] = tuple(rank["shape_2d"])
