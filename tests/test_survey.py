@@ -387,3 +387,43 @@ def test_a_path_that_is_not_here_is_kept_as_given_and_is_an_error_row(models, mo
     assert (miss["status"], miss["error"]) == ("error", "missing-model: no such file or directory")
     assert miss["name"] == safe_name("missing-model") and miss["tuned_files"] == 0
     assert rows[str(models["tuned"][0])]["status"] == "ok"
+
+
+def test_relative_paths_reach_workers_that_run_elsewhere(models, client, tmp_path, monkeypatch):
+    """The workers were started in another directory (as on a --scheduler cluster): a relative BASE
+    reached them as given and every row failed ("B: no such file or directory"), exit 0. And one
+    checkpoint given twice (a symlink to its folder) made two rows."""
+    monkeypatch.chdir(models["root"])
+    (tmp_path / "link").symlink_to(models["tuned"][0], target_is_directory=True)
+    res = survey("base", ["ft0", str(tmp_path / "link"), "./ft1/"], tmp_path / "s", client=client)
+    assert (res.computed, res.failed) == (2, 0), [r.get("error") for r in res.rows]
+    assert sorted(r["tuned"] for r in res.rows) == [str(models["tuned"][0]), str(models["tuned"][1])]
+
+
+def test_list_file_comments_after_a_path(tmp_path):
+    from weightdiff.survey import read_list
+
+    (tmp_path / "l.txt").write_text("# header\nft-a  # the first\n\n  ft-b\t#second\nft#c\n")
+    assert read_list(tmp_path / "l.txt") == ["ft-a", "ft-b", "ft#c"]
+
+
+def test_local_workers_print_nothing_about_port_8787(models, tmp_path):
+    """The scheduler's HTTP routes wanted port 8787: with it taken (another cluster, a notebook),
+    distributed warned "Port 8787 is already in use" on stderr, even with -q."""
+    import socket
+    import warnings
+
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 8787))
+        s.listen()
+    except OSError:
+        pass                                   # taken already: the case itself
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            res = survey(models["base"], [models["tuned"][0]], tmp_path / "s", workers=1)
+    finally:
+        s.close()
+    assert res.computed == 1
+    assert not [w for w in seen if "8787" in str(w.message)]

@@ -149,8 +149,11 @@ def runner(scheduler: str | None = None, workers: int | None = None, memory_limi
         finally:
             cl.close()
         return
+    # no dashboard; the scheduler's HTTP routes (health, metrics) on a free port: on 8787, taken by
+    # another cluster, distributed warned on stderr "Port 8787 is already in use" even with -q
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None, memory_limit=memory_limit or "auto", silence_logs=40)
+                           dashboard_address=None, memory_limit=memory_limit or "auto", silence_logs=40,
+                           scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     try:
         cl = Client(cluster, set_as_default=False)
         try:

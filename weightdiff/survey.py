@@ -249,13 +249,23 @@ def write_tables(rows: Sequence[dict], directory: Path, parquet: bool) -> list[P
 # --- the survey -----------------------------------------------------------------------------------
 
 def read_list(path: str | os.PathLike) -> list[str]:
-    """Paths from a list file: one per line; blank lines and lines starting with # are skipped."""
+    """Paths from a list file: one per line; blank lines and lines starting with # are skipped, and so
+    is a comment after a path (`` #`` and what follows: a path holding " #" cannot be listed). Relative
+    paths are taken from the current directory, as on the command line."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise WeightdiffError(f"{path}: cannot read the list of models ({getattr(exc, 'strerror', None) or exc})",
                               "one checkpoint path per line") from None
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            continue
+        line = re.split(r"\s#", line, maxsplit=1)[0].strip()
+        if line:
+            out.append(line)
+    return out
 
 
 def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str | os.PathLike, *,
@@ -286,9 +296,12 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
         raise OutputError(directory, f"cannot write here ({exc.strerror or exc})") from None
     base_id = identity(base)
     seen: dict[str, dict] = {}
+    spelled: dict[str, str] = {}          # one checkpoint, one row: a symlink to a folder is that folder
     for t in tuned:
         tid = identity(t)
-        seen.setdefault(tid["path"], tid)
+        real = os.path.realpath(tid["path"]) if os.path.exists(tid["path"]) else tid["path"]
+        if spelled.setdefault(real, tid["path"]) == tid["path"]:
+            seen.setdefault(tid["path"], tid)
     if not seen:
         raise WeightdiffError("no tuned models to survey", "give TUNED paths or --from-file list.txt")
     task_options = options
@@ -325,7 +338,8 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
     if todo:
         with runner(scheduler, workers, memory_limit, client, say) as run:
             say(f"surveying {len(todo)} model(s) on {run.description}")
-            args = [(os.fspath(base), tid["path"], task_options, hash_files) for tid, _ in todo]
+            # absolute paths: workers of a --scheduler cluster do not share this process's directory
+            args = [(base_id["path"], tid["path"], task_options, hash_files) for tid, _ in todo]
             for done, oc in enumerate(run.map(task, args, name="survey"), start=1):
                 tid, key = todo[oc.index]
                 rows[tid["path"]] = _finish(oc, tid, base_id, key, directory)
