@@ -34,6 +34,7 @@ def test_sci_has_no_exponent_padding(x, text):
 def test_count_num_and_bounds():
     assert fmt.count(6912000) == "6,912,000" and fmt.count(None) == "n/a" and fmt.count(True) == "n/a"
     assert fmt.num(12.345) == "12.3" and fmt.num(0.0423) == "0.0423" and fmt.num(12345.0) == "1.23e4"
+    assert fmt.num(180.7, 2) == "181" and fmt.num(-999.6, 2) == "-1000" and fmt.num(12.5, 2) == "12"  # never "1.8e+02"
     assert fmt.bound(64, "lower") == "≥ 64" and fmt.bound(3, "upper") == "≤ 3" and fmt.bound(5, None) == "5"
     exact = {"numerical_rank": 8}
     partial = {"numerical_rank": 64, "bounds": {"numerical_rank": [64, 4096]}}

@@ -58,6 +58,9 @@ def test_three_step_chain_reports_each_step(chain):
     assert r.end_to_end["straightness"] == pytest.approx(math.hypot(n1, n2) / (n1 + n2))
     assert r.findings[0].startswith(f"step 1 (`{chain[0]}` -> `{chain[1]}`): derived")
     assert "step 1 moved the weights most" in r.findings[-1]
+    # one quantity, one string: the findings print the relative change as the table does (sci)
+    from weightdiff.render.formats import sci
+    assert f"relative change {sci(r.steps[0]['relative_change'])}," in r.findings[0]
 
 
 def test_lineage_json_and_renders(chain):

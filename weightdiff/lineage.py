@@ -25,7 +25,7 @@ from .comparison import Comparison, compare, run_date, versions
 from .errors import CheckpointError, OptionsError
 from .options import CompareOptions, HubOptions, options_from_kwargs
 from .records import dumps
-from .render.formats import share
+from .render.formats import sci, share
 
 SCHEMA = "weightdiff.lineage/1"
 PathLike = Union[str, os.PathLike]
@@ -133,12 +133,12 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
     for i, s in enumerate(steps, 1):
         rc = s["relative_change"]
         out.append(f"step {i} (`{s['from']}` -> `{s['to']}`): {s['verdict']}, relative change "
-                   f"{'n/a' if rc is None else format(rc, '.3g')}, {s['blocks_changed']} of "
+                   f"{sci(rc) if rc is not None else 'n/a'}, {s['blocks_changed']} of "
                    f"{s['blocks_total']} blocks changed")
     if len(steps) > 1:
         big = max(range(len(steps)), key=lambda i: steps[i]["norm_delta"])
         rc = end["relative_change"]
-        text = f"end to end: relative change {'n/a' if rc is None else format(rc, '.3g')}; "
+        text = f"end to end: relative change {sci(rc) if rc is not None else 'n/a'}; "
         if steps[big]["share_of_path"] is None:   # no step moved a compared float tensor (or none shared one)
             text += "path length not measured (no step changed a tensor it shares with the one before)"
         else:

@@ -89,7 +89,9 @@ def num(x: Any, digits: int = 3) -> str:
     if x == 0:
         return "0"
     if 0.01 <= abs(x) < 1000:
-        return f"{x:.{digits}g}"
+        text = f"{x:.{digits}g}"
+        # fewer digits than the integer part has: "1.8e+02" for 180.7 with 2; a plain decimal is promised
+        return text if "e" not in text else f"{x:.0f}"
     return sci(x, digits)
 
 
