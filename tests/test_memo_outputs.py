@@ -126,6 +126,14 @@ def test_report_merges_compare_provenance_and_lineage(chain, tmp_path):
         assert (tmp_path / link).is_file()
     r = _run("report", tmp_path / "p.json")                          # one provenance JSON alone: a document
     assert r.exit_code == 0 and (tmp_path / "p.html").read_text().startswith("<!DOCTYPE html>")
+    assert "Caution: these results are not about one model" not in page          # all about dpo
+    # a provenance of another model merged in: the memo says so up front (it read as one story)
+    assert _run("provenance", sft, "--candidates", base, "--json", tmp_path / "p2.json", "-q").exit_code == 0
+    r = _run("report", tmp_path / "c.json", tmp_path / "p2.json", "--html", tmp_path / "mixed.html")
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "mixed.html").read_text()
+    assert "Caution: these results are not about one model" in page
+    assert page.index("Caution:") < page.index("<h1")
 
 
 def test_provenance_memo_is_a_complete_document(chain, tmp_path):

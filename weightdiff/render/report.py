@@ -33,7 +33,7 @@ from .captions import headline_sentences
 from .plots import FigureOutput, render_figures, save_figures
 from .population import population_sentences
 from .validate import SCHEMA, check_result
-from .document import memo_format, write_memo
+from .document import Block, memo_format, write_memo
 
 #: largest compare JSON read
 RESULT_CAP = 4 << 30
@@ -287,6 +287,33 @@ def report_many(paths: list[str | os.PathLike], *, html: str | os.PathLike | Non
         return _sections_document(items, html, markdown, memo, plots, pdf, command, rows)
 
 
+def _subject(path: object) -> str:
+    """A model's path as results name it, one spelling per checkpoint where it is on this machine."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
+    return os.path.realpath(text) if os.path.exists(text) else text.rstrip("/")
+
+
+def _mixed_subjects(items: list) -> str | None:
+    """A sentence when the results combined are not about one model: the tuned model of each compare
+    and provenance result, and the last model of each lineage chain, which must include it. A memo
+    that merged results about different models silently read as one story about one model."""
+    about: list[tuple[str, str]] = []
+    chains: list[list[str]] = []
+    for path, kind, data, _ in items:
+        if kind in ("compare", "provenance"):
+            t = (data.get("tuned") or {}).get("path")
+            if t is not None:
+                about.append((f"{kind} {Path(path).name}", _subject(t)))
+        elif kind == "lineage" and data.get("paths"):
+            chains.append([_subject(p) for p in data["paths"]])
+            about.append((f"lineage {Path(path).name} (its last model)", chains[-1][-1]))
+    named = {s for _, s in about}
+    if len(named) <= 1 and all(not named or named <= set(c) for c in chains):
+        return None
+    return ("these results are not about one model: " + "; ".join(f"{w}: {s}" for w, s in about)
+            + ". Read each section for its own model.")
+
+
 def _sections_document(items: list, html, markdown, memo, plots, pdf: bool, command: str | None,
                        rows: list[dict] | None) -> ReportOutputs:
     from .document import combine
@@ -324,6 +351,10 @@ def _sections_document(items: list, html, markdown, memo, plots, pdf: bool, comm
         else:
             sections.append(lineage_blocks(data))
         out.figures += figs
+    mixed = _mixed_subjects(items)
+    if mixed:
+        out.headline.insert(0, mixed)
+        sections[0].insert(0, Block("p", "Caution: " + mixed))
     doc = combine(sections)
     title = "weightdiff memo: " + ", ".join(Path(p).name for p, *_ in items)
     _write_memos(out, [t for t in (html, markdown, memo) if t is not None], doc, title, figure_dir=plots)
