@@ -298,7 +298,9 @@ def fused_experts(pair: Pair) -> bool:
     experts), so its rank is not computed."""
     shape = pair.shape_tuned if pair.shape_tuned is not None else pair.shape_base
     name = (pair.tuned_name or pair.base_name or "").lower()
-    return shape is not None and len(shape) == 3 and int(shape[0]) >= 2 and "expert" in name
+    # llama.cpp stacks experts as `blk.N.ffn_{gate,up,down}_exps` (a GGUF of an architecture it maps
+    # no names for keeps them): a dense change of one expert read "low-rank: at most rank 1"
+    return shape is not None and len(shape) == 3 and int(shape[0]) >= 2 and ("expert" in name or "_exps" in name)
 
 
 def _analyze(raw_b, raw_t, dt_b: str, dt_t: str, shape, norm_delta, options: CompareOptions, backend: Backend,
