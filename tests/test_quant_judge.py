@@ -282,3 +282,21 @@ def test_two_quantizations_say_both_sides_are_quantized(tmp_path, models):
     assert s.verdict == "quantized_only" and s.quantization["sides"] == ["both"]
     assert s.verdict_reason.startswith("Both models are quantized:") and "would not show" in s.verdict_reason
     assert "quantizing the same weights twice" in verdict_title(s.to_dict())
+
+
+@pytest.mark.parametrize("order", ["bf16_base", "q8_base"])
+def test_bf16_copy_and_q8_0_of_one_original_are_quantized_only(tmp_path, order):
+    """A BF16 copy beside the Q8_0 made from the same f32 original (as Hub repos publish GGUFs): the
+    BF16 side is itself off by up to half a bf16 ulp, 2^-8 of |x| at the bottom of a binade; the
+    floor allowed none (then 2^-9) of it and read "a fine-tune that was then quantized"."""
+    gguf = pytest.importorskip("gguf")
+    from conftest import write_checkpoint
+    from gguf_build import to_gguf
+    from models import llama
+
+    t = llama(np.random.default_rng(3), layers=2, hidden=256, inter=512, vocab=96, kv=128)
+    bf = write_checkpoint(tmp_path / "bf16", t, dtype="BF16")
+    q8 = to_gguf(tmp_path / "q.gguf", t, "llama", gguf.GGMLQuantizationType.Q8_0, n_head=4, n_kv=2, layers=2)
+    a, b = (bf, q8) if order == "bf16_base" else (q8, bf)
+    s = compare(a, b, rank=False).summary
+    assert s.verdict == "quantized_only", s.verdict_reason

@@ -38,8 +38,10 @@ __all__ = ["floor_test", "quant_noise_var", "AWQ_BEYOND_SHARE", "ratio_share"]
 
 #: AWQ: share of elements beyond the floor a quantization of the base may leave (clipped groups)
 AWQ_BEYOND_SHARE = 0.01
-#: half an ulp of bf16, relative: a float32 base may have been cast to bf16 before quantizing
-CAST_REL = 2.0 ** -9
+#: half an ulp of bf16, relative (at the bottom of a binade; it was 2^-9, the top's): a float32 base may
+#: have been cast to bf16 before quantizing, and a bf16 or f16 one may be the rounding of what the
+#: quantizer read
+CAST_REL = 2.0 ** -8          # bf16 keeps 8 significant bits: half an ulp is up to 2^-8 of |x|
 
 
 def ratio_share(n: float, total: float) -> float | None:
@@ -86,7 +88,10 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         return info
     ncols = int(math.prod(shape[1:])) if len(shape) > 1 else 1
     plain = dtype_t if qt is None else dtype_b
-    cast_rel = CAST_REL if side != "both" and plain in ("F32", "F64") else 0.0
+    # the plain side may hold the weights the quantizer read rounded to bf16 (a BF16 GGUF beside the
+    # Q8_0 made from the same f16/f32 original), or wider than it read them (an F32 base quantized
+    # from its bf16 copy): half a bf16 ulp either way, which a quantization floor alone does not cover
+    cast_rel = CAST_REL if side != "both" and plain in ("F32", "F64", "BF16", "F16") else 0.0
     acc = np.zeros(len(QF.FLOOR_FIELDS))
     cols = np.zeros(max(ncols, 1), dtype=np.int64)
     pos = 0
@@ -102,7 +107,10 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             floor += next(fl_b)
         if ft is not None:
             floor += next(fl_t)
-        part, c = QF.floor_stats(vb, vt, floor, pos % max(ncols, 1), max(ncols, 1), cast_rel)
+        # cast_rel scales with the first argument's magnitude: the plain side's (the quantized one
+        # may be the base)
+        plain_v, quant_v = (vb, vt) if qb is None else (vt, vb)
+        part, c = QF.floor_stats(plain_v, quant_v, floor, pos % max(ncols, 1), max(ncols, 1), cast_rel)
         mx = max(acc[3], part[3])
         acc += part
         acc[3] = mx                              # max_u combines with max, the rest with +
