@@ -464,3 +464,20 @@ def test_gguf_of_the_base_is_quantized_only_and_of_a_fine_tune_derived(tmp_path,
     assert r.summary.verdict == "derived"
     moved = {x.name for x in r.tensors if x.status == "changed"}
     assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved)
+
+
+def test_a_vocab_only_gguf_says_it_holds_no_tensors(tmp_path):
+    """convert_hf_to_gguf.py --vocab-only (llama.cpp's models/ggml-vocab-*.gguf): no tensors and no
+    data padding after the header; it was refused as "truncated download?"."""
+    from weightdiff.errors import CheckpointError
+    from weightdiff.io.checkpoint import locate
+
+    w = gguf.GGUFWriter(str(tmp_path / "vocab.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<s>", "</s>", "a"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"vocab.gguf: holds no tensors \(a vocab-only GGUF"):
+        locate(tmp_path / "vocab.gguf")

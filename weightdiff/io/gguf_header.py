@@ -165,6 +165,12 @@ def parse_header(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list
     if type(align) is not int or align < 1 or align & (align - 1) or align > 1 << 20:
         raise CheckpointError(path, f"general.alignment is {align!r}, expected a power of two")
     data = -(-c.pos // align) * align
+    if not infos:
+        # a vocab-only GGUF (convert_hf_to_gguf.py --vocab-only, llama.cpp's models/ggml-vocab-*.gguf):
+        # the writer pads no data section after the header, so the offset check below would call it
+        # truncated; there are no weights to compare
+        raise CheckpointError(path, "holds no tensors (a vocab-only GGUF: tokenizer metadata, no weights)",
+                              "compare the GGUF that holds the model's weights")
     if data > size:
         raise CheckpointError(path, "the tensor data section starts past the end of the file (truncated download?)")
     return data, align, meta, infos
