@@ -219,6 +219,19 @@ def test_other_architectures_read_back_exact(tmp_path, rng, arch):
         assert {x.kind for x in p.pairs} == {"paired"}
     if arch.startswith("gemma"):
         assert "norm weights stored as 1 + w restored" in locate(path).metadata["gguf.transforms"]
+        # 1 + w in float32, minus 1, does not give back an F32 weight's bits: the cast test reproduces
+        # the storage ("5 of 20 tensors changed", derived, for an unchanged model before)
+        s = compare(base, path).summary
+        assert s.verdict == "cast_only" and "cast_offset" in s.flags, s.verdict_reason
+        assert "1 + w as F32" in s.verdict_reason
+        from weightdiff.render.sentences import verdict_title
+        assert "storing weights as 1 + w" in verdict_title(s.to_dict())
+        # a change of one norm still reads derived
+        t2 = dict(t)
+        t2["model.norm.weight"] = (t["model.norm.weight"] + np.float32(1e-3)).astype(np.float32)
+        moved = to_gguf(tmp_path / f"{arch}-ft.gguf", t2, arch, Q.F32, n_head=4, layers=layers)
+        s = compare(base, moved).summary
+        assert s.verdict == "derived" and s.scope["tensors_changed"] == 1
 
 
 def test_bf16_gemma_norms_come_back_bitwise(tmp_path, rng):

@@ -112,6 +112,7 @@ class GGUFFile(OpenCheckpointFile):
         self.metadata = {k: (v if isinstance(v, str) else str(v)) for k, v in meta.items()}
         self.tensors: dict[str, TensorInfo] = {}
         self._layout: dict[str, _Layout] = {}
+        self._offset: dict[str, str] = {}
         spans, skipped, counts = [], [], {"permute": 0, "transpose": 0, "minus_one": 0}
         for name, ne, qtype, offset in infos:
             q = f"`{escape_name(name)}`"
@@ -161,6 +162,8 @@ class GGUFFile(OpenCheckpointFile):
             self.tensors[mapped.name] = TensorInfo(mapped.name, dtype, shape, path, data + offset,
                                                    data + offset + nbytes, scheme, quant)
             self._layout[mapped.name] = layout
+            if transform == "minus_one" and tname in NATIVE:
+                self._offset[mapped.name] = NATIVE[tname]
             if transform:
                 counts[transform] += 1
         spans.sort()
@@ -220,6 +223,12 @@ class GGUFFile(OpenCheckpointFile):
         lay = self._layout[name]
         start, stop, step = check_range(info, max_elements, start, stop, lay.out.itemsize)
         return self._windows(info, lay, start, stop, step)
+
+    def offset_storage(self, name: str) -> str | None:
+        """The float dtype a tensor is stored in as ``1 + w`` (a Gemma norm weight: the values handed
+        out are that minus 1, in float32), or None. ``measure.recast`` reproduces the storage from
+        the base: that subtraction does not give back an F32 or F16 base's bits."""
+        return self._offset.get(name)
 
     def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0,
                       stop: int | None = None, noise: bool = False) -> Iterator[np.ndarray] | None:

@@ -177,6 +177,14 @@ class Checkpoint:
         finally:
             self._pins[path] -= 1
 
+    def offset_storage(self, name: str) -> str | None:
+        """The float dtype ``name`` is stored in as ``1 + w`` by its reader (GGUF Gemma norms), or None."""
+        info = self.tensors.get(name)
+        if info is None or info.start is None or name in self.quant:
+            return None
+        f = self._file(info.path)
+        return f.offset_storage(name) if hasattr(f, "offset_storage") else None
+
     def plain_span(self, name: str) -> tuple[Path, int, int] | None:
         """(file, first byte, end byte) of a tensor stored as plain safetensors bytes in a local
         file (not quantized, not packed, not streamed); None for any other."""

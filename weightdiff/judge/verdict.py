@@ -136,6 +136,7 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
                               and r.compared != "factors" for r in counted)),
         ("nonfinite", any((r.nonfinite or 0) > 0 for r in records)),
         ("cast_rounded_twice", any(r.cast and r.cast.get("through") for r in counted)),
+        ("cast_offset", any(r.cast and any("1 + w" in str(c) for c in r.cast.get("chain") or ()) for r in counted)),
         ("cast_overflow", any(r.cast and ((r.cast.get("overflow") or 0) + (r.cast.get("saturated") or 0)) > 0
                               for r in counted)),
         ("bytes_compared", any(r.compared == "bytes" for r in counted)),

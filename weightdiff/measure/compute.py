@@ -208,7 +208,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     rec.compared = "bytes" if opaque else "float"
     if opaque:
         rec.note = f"dtype {pair.dtype_tuned} has no float decoding: compared byte for byte"
-    elif tuned_t is None and pair.dtype_base != pair.dtype_tuned and stats[reference.IDX["n_beyond"]] > 0:
+    elif tuned_t is None and stats[reference.IDX["n_beyond"]] > 0 and (
+            pair.dtype_base != pair.dtype_tuned or _offset_stored(base, pair.base_name, tuned, tuned_name)):
         # beyond half an ulp of a cast: is it still exactly a cast (through fp16, past the range)?
         rec.cast = cast_test(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
                              rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac)
@@ -273,6 +274,12 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         sink.gram.close()
     refine_rank(rec, pair, bases, tuned, options, backend)
     return rec
+
+
+def _offset_stored(base, bname: str, tuned, tname: str) -> bool:
+    """Whether a side stores this tensor as 1 + w (a GGUF Gemma norm): its values are a cast of the
+    other's even in the same dtype (``recast.offset_test``)."""
+    return any(getattr(ck, "offset_storage", lambda n: None)(n) for ck, n in ((base, bname), (tuned, tname)))
 
 
 def _cast_note(cast: dict) -> str:

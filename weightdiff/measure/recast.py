@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..kernels import cpu
 from ..kernels.dtypes import DTYPES
 from ..kernels.reference import RECAST_DTYPES, RECAST_VIAS
@@ -65,6 +67,10 @@ def cast_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, n
     ``numel``: elements compared (``stop`` when given). None also when no chain applies (same dtype,
     an integer or fp8 side, a quantized side).
     """
+    off_b, off_t = (getattr(ck, "offset_storage", lambda n: None)(n) for ck, n in ((base, bname), (tuned, tname)))
+    if (off_b or off_t) and numel > 0 and not (off_b and off_t):
+        return offset_test(base, bname, dtype_b, tuned, tname, dtype_t, off_b or off_t, off_t is not None,
+                           numel, stop, window, rounding_frac)
     vias = chains(dtype_b, dtype_t)
     if not vias or numel <= 0 or not (_plain(base, bname) and _plain(tuned, tname)):
         return None
@@ -95,3 +101,37 @@ def cast_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, n
     n, ovf, sat = totals[via]
     return {"chain": [dtype_b] + ([via] if via is not None else []) + [dtype_t], "through": via,
             "elements": end, "unexplained": n, "overflow": ovf, "saturated": sat}
+
+
+def offset_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, stored: str,
+                tuned_side: bool, numel: int, stop: int | None, window: int, rounding_frac: float) -> dict | None:
+    """The ``cast`` dict when one side is stored as ``1 + w`` in ``stored`` (llama.cpp's Gemma norm
+    weights) and every value it hands out (that minus 1, in float32) is what storing the other side's
+    value gives: ``round_F32(round_F32(round_stored(round_inner(w + 1))) - 1)``, ``inner`` the float32
+    or the other side's own dtype the converter added in. The subtraction does not give back an F32 or
+    F16 weight's bits (about 6e-8 off), so an unchanged Gemma converted to an F32 GGUF read "5 of 20
+    tensors changed". ``chain`` is ``[plain dtype, "1 + w as <stored>", "F32"]``, ``through`` None."""
+    from ..kernels.reference import decode, round_to
+
+    plain_ck, plain_name, plain_dt = (base, bname, dtype_b) if tuned_side else (tuned, tname, dtype_t)
+    off_ck, off_name = (tuned, tname) if tuned_side else (base, bname)
+    if plain_dt not in RECAST_DTYPES or stored not in RECAST_DTYPES:
+        return None
+    end = numel if stop is None else min(stop, numel)
+    budget = math.floor(rounding_frac * end) if rounding_frac > 0 else 0
+    inners = list(dict.fromkeys(("F32", plain_dt)))
+    missed = {k: 0 for k in inners}
+    for wp, wo in zip(plain_ck.windows(plain_name, window, 0, end), off_ck.windows(off_name, window, 0, end)):
+        p = decode(np.asarray(wp).reshape(-1), plain_dt)
+        got = np.asarray(wo, dtype=np.float64).reshape(-1)
+        for inner in list(missed):
+            want = round_to(round_to(round_to(round_to(p + 1.0, inner), stored), "F32") - 1.0, "F32")
+            same = (want == got) | (np.isnan(want) & np.isnan(got))
+            missed[inner] += int(same.size - np.count_nonzero(same))
+            if missed[inner] > budget:
+                del missed[inner]
+        if not missed:
+            return None
+    inner, n = min(missed.items(), key=lambda kv: kv[1])
+    return {"chain": [plain_dt, f"1 + w as {stored}", "F32"], "through": None, "elements": end,
+            "unexplained": n, "overflow": 0, "saturated": 0}

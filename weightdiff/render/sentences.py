@@ -62,6 +62,10 @@ def verdict_title(summary: dict) -> str:
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
+    if v == "cast_only" and "dtype_changed" not in (summary.get("flags") or []) \
+            and "cast_offset" in (summary.get("flags") or []):
+        return ("CAST ONLY: every difference is the rounding of storing weights as 1 + w (a GGUF's norm "
+                "weights), not training.")
     if v == "cast_only" and "dtype_changed" not in (summary.get("flags") or []):
         return "CAST ONLY: every difference is within rounding; no dtype changed (signed zeros, NaN payloads)."
     return _TITLES.get(v, str(v))
@@ -172,8 +176,9 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         return f"All {count(tbs.get('unchanged', 0))} tensors are bitwise identical to the base."
     if v == "cast_only":
         rounding = [t for t in counted if t.get("status") == "rounding"]
-        casts = sorted({" -> ".join(_chain(t)) for t in rounding if t.get("dtype_base") != t.get("dtype_tuned")})
-        same = sum(1 for t in rounding if t.get("dtype_base") == t.get("dtype_tuned"))
+        casts = sorted({" -> ".join(_chain(t)) for t in rounding
+                        if t.get("dtype_base") != t.get("dtype_tuned") or t.get("cast")})
+        same = sum(1 for t in rounding if t.get("dtype_base") == t.get("dtype_tuned") and not t.get("cast"))
         parts = []
         if casts:
             parts.append(f"{count(len(rounding) - same)} tensors differ only within the rounding of a dtype cast "
