@@ -42,3 +42,15 @@ def test_plain_language_with_no_form_word_is_a_sentence():
     text = " ".join(plain_language(data))
     assert "Writing the change down takes 128 numbers, 1.0% of the model." in text
     assert "The change is writing" not in text
+
+
+def test_title_with_only_rounding_and_added_tensors_is_not_a_fine_tune():
+    """A GGUF of an architecture without a name map: every weight paired within a cast's rounding, the
+    biases and norms left unpaired: "DERIVED: a fine-tune" beside "0 of 36 tensors changed"."""
+    from weightdiff.render.sentences import verdict_title
+
+    s = {"verdict": "derived", "tensors_by_status": {"rounding": 14, "added": 22, "changed": 0}}
+    assert verdict_title(s) == ("DERIVED: this base with tensors added or removed; its own weights changed only "
+                                "within rounding or quantization.")
+    s["tensors_by_status"]["changed"] = 1
+    assert verdict_title(s) == "DERIVED: a fine-tune of this base."

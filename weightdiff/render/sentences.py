@@ -54,6 +54,10 @@ def verdict_title(summary: dict) -> str:
     untouched = v == "derived" and not any(tbs.get(k) for k in ("changed", "resized", "quantized", "rounding"))
     if untouched and (tbs.get("added") or tbs.get("removed")):
         return "DERIVED: this base with tensors added or removed; none of its own weights changed."
+    if v == "derived" and not any(tbs.get(k) for k in ("changed", "resized")) and (tbs.get("added") or tbs.get("removed")):
+        # its own weights moved only within a cast's rounding or a quantization's floor: "a fine-tune" overclaims
+        return ("DERIVED: this base with tensors added or removed; its own weights changed only within "
+                "rounding or quantization.")
     if untouched and (summary.get("scope") or {}).get("blocks_moved"):
         return "DERIVED: this base's blocks, reordered or repeated; none of its weights changed."
     if v == "quantized_only" and (summary.get("quantization") or {}).get("sides") == ["both"]:
