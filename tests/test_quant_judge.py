@@ -300,3 +300,21 @@ def test_bf16_copy_and_q8_0_of_one_original_are_quantized_only(tmp_path, order):
     a, b = (bf, q8) if order == "bf16_base" else (q8, bf)
     s = compare(a, b, rank=False).summary
     assert s.verdict == "quantized_only", s.verdict_reason
+
+
+def test_a_quantization_with_no_floor_is_inconclusive_not_a_fine_tune(tmp_path):
+    """GGUF TQ1_0 (ternary; no floor: weightdiff.io.gguf_floor) of the unchanged base read "DERIVED: a
+    fine-tune" with the two TQ tensors counted as changed and quantization never mentioned."""
+    gguf = pytest.importorskip("gguf")
+    from conftest import write_checkpoint
+    from gguf_build import to_gguf
+    from models import llama
+    from weightdiff.render.sentences import verdict_title
+
+    t = llama(np.random.default_rng(4), layers=2, hidden=256, inter=512, vocab=96, kv=128)
+    base = write_checkpoint(tmp_path / "base", t)
+    tq = to_gguf(tmp_path / "tq.gguf", t, "llama", gguf.GGMLQuantizationType.TQ1_0, n_head=4, n_kv=2, layers=2)
+    s = compare(base, tq, rank=False).summary
+    assert s.verdict == "inconclusive" and "quant_untested" in s.flags, s.verdict_reason
+    assert "whether by quantization alone or by a fine-tune cannot be told" in s.verdict_reason
+    assert verdict_title(s.to_dict()).startswith("INCONCLUSIVE: some quantized tensors")

@@ -136,6 +136,7 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
                               and r.compared != "factors" for r in counted)),
         ("nonfinite", any((r.nonfinite or 0) > 0 for r in records)),
         ("cast_rounded_twice", any(r.cast and r.cast.get("through") for r in counted)),
+        ("quant_untested", any(r.status == "quantized" and (r.quant or {}).get("within") is None for r in counted)),
         ("cast_offset", any(r.cast and any("1 + w" in str(c) for c in r.cast.get("chain") or ()) for r in counted)),
         ("cast_overflow", any(r.cast and ((r.cast.get("overflow") or 0) + (r.cast.get("saturated") or 0)) > 0
                               for r in counted)),
@@ -281,6 +282,10 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
         return "unrelated"
     if not changed and not structural:
         if tbs["quantized"]:
+            # a quantized tensor whose format gives no floor (GGUF TQ1_0, IQ2_XS) differs from the base
+            # untested: quantization alone cannot be told from a fine-tune
+            if any(r.status == "quantized" and (r.quant or {}).get("within") is None for r in counted):
+                return "inconclusive"
             return "quantized_only"
         return "identical" if tbs["rounding"] == 0 else "cast_only"
     return "derived"

@@ -66,6 +66,9 @@ def verdict_title(summary: dict) -> str:
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
+    if v == "inconclusive" and "quant_untested" in (summary.get("flags") or []) \
+            and not (summary.get("tensors_by_status") or {}).get("changed"):
+        return "INCONCLUSIVE: some quantized tensors differ from the base in a format with no noise floor to test."
     if v == "cast_only" and "dtype_changed" not in (summary.get("flags") or []) \
             and "cast_offset" in (summary.get("flags") or []):
         return ("CAST ONLY: every difference is the rounding of storing weights as 1 + w (a GGUF's norm "
@@ -98,6 +101,14 @@ def _judged_share(side: dict):
 
 def _inconclusive(data: dict) -> str:
     s = data.get("summary") or {}
+    tbs = s.get("tensors_by_status") or {}
+    if "quant_untested" in (s.get("flags") or []) and not tbs.get("changed"):
+        q = s.get("quantization") or {}
+        n = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
+        return (f"{count(n)} quantized {'tensor differs' if n == 1 else 'tensors differ'} from the base in a format "
+                f"whose noise floor weightdiff cannot compute ({', '.join(q.get('schemes') or []) or 'unknown'}), so "
+                "whether by quantization alone or by a fine-tune cannot be told; every other tensor is unchanged, "
+                "within rounding or within its quantization floor.")
     cov = s.get("coverage") or {}
     b, t = cov.get("base") or {}, cov.get("tuned") or {}
     need = ((data.get("settings") or {}).get("thresholds") or {}).get("min_coverage")
