@@ -54,7 +54,9 @@ COUNT_NOTE = ("This comparison was run with --spectrum count: for the matrices w
 
 VERDICTS = [
     ("inconclusive", "nothing has a compared counterpart, or on both sides less than min_coverage of the large "
-     "matrices (at least large_matrix_numel elements) was compared: what happened to pair is not the model."),
+     "matrices (at least large_matrix_numel elements) was compared: what happened to pair is not the model; "
+     "or, nothing else having changed, quantized tensors whose format gives no noise floor to test differ "
+     "from the base, so quantization alone cannot be told from a fine-tune."),
     ("partial", "otherwise, judged per component (input embeddings, each block, the head), some components are "
      "unrelated to the base and others shared with it, as when a model keeps another's embeddings around new "
      "blocks. A pooled cosine dominated by one component never decides alone."),
