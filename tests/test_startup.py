@@ -21,3 +21,20 @@ def test_provenance_options_are_the_same_class_everywhere():
     from weightdiff.provenance import ProvenanceOptions as again
 
     assert again is ProvenanceOptions and ProvenanceOptions().full_top == 3
+
+
+def test_the_repository_kernels_folder_never_shadows_the_pypi_package():
+    """`python -m pytest` from the repository root puts it on sys.path, so `import kernels` found our
+    kernels/ folder; transformers >= 5.25 imports Hugging Face's `kernels` package and failed (80
+    tests, "cannot import name 'CUDAProperties' from 'kernels'"). Ours steps aside."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import os, sys\ntry:\n    import kernels\nexcept ModuleNotFoundError:\n    print('absent')\n"
+            "else:\n    print('ours' if os.path.dirname(os.path.abspath(kernels.__file__)) == os.path.join("
+            "os.getcwd(), 'kernels') else 'pypi')\nimport weightdiff.kernels.reference\nprint('weightdiff ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() in (["absent", "weightdiff", "ok"], ["pypi", "weightdiff", "ok"]), out.stdout
