@@ -284,3 +284,140 @@ def test_cli(zoo, tmp_path):
         res = runner.invoke(main, args)
         assert res.exit_code == 2 and res.stdout == ""
         assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("error: ") and msg in res.stderr
+
+
+# ---------------------------------------------------------------- screening, ties, partial, NaN, duplicates
+
+def _mlp_only_sibling(base: dict, seed: int, rel: float = 0.1) -> dict:
+    """A fine-tune of ``base`` that changed its MLP matrices only (screening does not sample their rows)."""
+    rng = np.random.default_rng(seed)
+    out = dict(base)
+    for k, w in base.items():
+        if ".mlp." in k:
+            n = rng.standard_normal(w.shape).astype(np.float32)
+            out[k] = (w + rel * np.linalg.norm(w) / np.linalg.norm(n) * n).astype(np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlp_decoys(tmp_path_factory):
+    """The tuned model changed q/v only; three decoys changed the base's MLPs only: on the sampled
+    (non-MLP) rows the decoys and the true base are exactly as close. The base's folder sorts last."""
+    root = tmp_path_factory.mktemp("decoys")
+    base = llama(np.random.default_rng(11), **SHAPE)
+    rng = np.random.default_rng(12)
+    tuned = {k: (low_rank_update(rng, v, 4, rel=0.03) if ("q_proj" in k or "v_proj" in k) else v)
+             for k, v in base.items()}
+    paths = {"tuned": str(write_checkpoint(root / "tuned", tuned)), "base": str(write_checkpoint(root / "zz-base", base))}
+    for i in range(3):
+        paths[f"d{i}"] = str(write_checkpoint(root / f"mlp-ft{i}", _mlp_only_sibling(base, 20 + i)))
+    (root / "a-base").symlink_to(root / "zz-base")
+    paths["link"] = str(root / "a-base")
+    return paths
+
+
+@pytest.mark.parametrize("name", ["base", "link"])
+def test_screening_never_hands_the_answer_to_a_decoy_by_its_path(mlp_decoys, name):
+    cands = [mlp_decoys[name], mlp_decoys["d0"], mlp_decoys["d1"], mlp_decoys["d2"]]
+    full = provenance(mlp_decoys["tuned"], cands, screen=False)
+    for top in (1, 3):
+        r = provenance(mlp_decoys["tuned"], cands, full_top=top, sample_kib=8)
+        assert r.screening is not None
+        assert r.leading == full.leading == mlp_decoys[name]
+        assert [c["path"] for c in r.candidates] == [c["path"] for c in full.candidates]
+        # the decoys tie with the base on the sample: all compared in full, none decided by the path
+        assert [c["compared"] for c in r.candidates] == ["full"] * 4
+        assert r.screening["compared_in_full"] == 4
+        assert any("those the sample could not rule out" in f for f in r.findings)
+
+
+def test_a_sampled_candidate_is_never_ranked_below_a_farther_full_one(zoo):
+    cands = [zoo["independent"], zoo["far_sibling"], zoo["sibling"], zoo["base"]]
+    r = provenance(zoo["tuned"], cands, full_top=1, sample_kib=8)
+    values = [c["relative_change_large"] for c in r.candidates if c["verdict"] == "derived"]
+    assert values == sorted(values)
+    lead = r.candidates[0]
+    assert lead["compared"] == "full" and lead["path"] == zoo["base"]
+    for c in r.candidates[1:]:
+        if c["compared"] == "sample" and c["verdict"] == "derived":
+            assert c["screen"]["relative_change_floor"] > lead["relative_change_large"]
+
+
+def test_duplicate_candidates_are_ranked_once(zoo, tmp_path):
+    link = tmp_path / "base-link"
+    link.symlink_to(zoo["base"])
+    cands = [zoo["base"], zoo["base"] + "/", str(link), zoo["sibling"], zoo["sibling"] + "/."]
+    r = provenance(zoo["tuned"], cands, screen=False)
+    assert [c["path"] for c in r.candidates] == [zoo["base"], zoo["sibling"]]
+    assert sum("is the same checkpoint as" in f for f in r.findings) == 3
+    assert any(f.startswith(f"`{link}` is the same checkpoint as `{zoo['base']}`") for f in r.findings)
+
+
+def test_near_tie_and_weak_evidence_are_hedged(zoo, tmp_path):
+    base = llama(np.random.default_rng(7), **SHAPE)
+    twin = {k: v.copy() for k, v in base.items()}
+    k0 = "model.layers.0.self_attn.q_proj.weight"
+    twin[k0] = twin[k0] + 1e-4 * twin[k0].std()           # the base, all but indistinguishable
+    p_twin = str(write_checkpoint(tmp_path / "twin", twin))
+    r = provenance(zoo["tuned"], [zoo["base"], p_twin], screen=False)
+    assert r.answer["kind"] == "tie" and r.answer["tied"] and r.answer["ratio"] < 1.2
+    assert "cannot be told apart from" in r.findings[0]
+    d = r.to_dict()
+    assert d["margins"]["near_tie_ratio"] == 1.2
+    md = to_markdown(provenance_blocks(d), {})
+    assert "the weights cannot tell them apart" in md
+    # a model far from the base but not independent of it: "derived", flagged as weak evidence
+    rng = np.random.default_rng(5)
+    distilled = {k: (0.3 * v + v.std() * rng.standard_normal(v.shape)).astype(np.float32) if v.ndim == 2 else v
+                 for k, v in base.items()}
+    p_d = str(write_checkpoint(tmp_path / "distilled", distilled))
+    r = provenance(p_d, [zoo["base"]], screen=False)
+    c = r.candidates[0]
+    assert c["verdict"] == "derived" and c["relative_change_large"] > 0.5
+    assert r.answer["kind"] == "weak" and any("the evidence for" in f and "is weak" in f for f in r.findings)
+    assert "WEAK EVIDENCE" in to_markdown(provenance_blocks(r.to_dict()), {})
+
+
+def test_direction_is_never_claimed(zoo):
+    # the base against its own fine-tune: "derived from" the child, with the caveat wherever it is stated
+    r = provenance(zoo["base"], [zoo["tuned"], zoo["independent"]], screen=False)
+    assert r.leading == zoo["tuned"]
+    assert any("cannot show which of two related models came first" in f for f in r.findings)
+    d = r.to_dict()
+    assert any("which of two related models came first" in x for x in d["limits"])
+    md = to_markdown(provenance_blocks(d), {})
+    assert "the weights do not say which came first" in md
+
+
+def test_shared_embeddings_only_read_partial(zoo, tmp_path):
+    base = llama(np.random.default_rng(7), **SHAPE)
+    fresh = llama(np.random.default_rng(31), **SHAPE)
+    emb_only = {k: (base[k] if "embed_tokens" in k else v) for k, v in fresh.items()}
+    emb_head = {k: (base[k] if ("embed_tokens" in k or "lm_head" in k) else v) for k, v in fresh.items()}
+    for name, t, shared in (("emb_only", emb_only, "embeddings"), ("emb_head", emb_head, "embeddings, head")):
+        p = str(write_checkpoint(tmp_path / name, t))
+        r = provenance(p, [zoo["base"], zoo["independent"]], screen=False)
+        c = _by_path(r, zoo)["base"]
+        assert c["compare_verdict"] == "partial" and c["verdict"] == "partial", name
+        assert c["components"]["shared"][0] == "embeddings"
+        assert r.leading is None and r.answer["kind"] == "partial"
+        assert f"`{zoo['base']}` is partially derived: the tuned model shares {shared} with it" in r.findings[0]
+        md = to_markdown(provenance_blocks(r.to_dict()), {})
+        assert f"PARTIALLY DERIVED from {zoo['base']}: shares {shared} with it" in md
+        assert "NO CANDIDATE" not in md
+
+
+def test_nonfinite_weights_do_not_crash_the_permutation_search(zoo, tmp_path):
+    t = finetune(llama(np.random.default_rng(7), **SHAPE), 8, rel=0.01)
+    t = {k: v.copy() for k, v in t.items()}
+    t["model.layers.0.mlp.up_proj.weight"][:, 3] = np.inf
+    t["model.layers.1.mlp.gate_proj.weight"][5, 7] = np.nan
+    t["model.layers.0.self_attn.q_proj.weight"][0, 0] = np.nan
+    p = str(write_checkpoint(tmp_path / "nan", t))
+    r = provenance(p, [zoo["base"], zoo["independent"]], screen=False)
+    c = _by_path(r, zoo)["base"]
+    assert r.leading == zoo["base"] and c["verdict"] == "derived"
+    assert c["nonfinite"] > 0 and c["permutation"]["nonfinite_left_out"] > 0
+    assert any("non-finite values (NaN or Inf) were found" in f for f in r.findings)
+    res = CliRunner().invoke(main, ["provenance", p, "--candidates", zoo["base"], "-q", "--json", "-"])
+    assert res.exit_code == 0, res.output

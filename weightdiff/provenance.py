@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from types import SimpleNamespace
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence, Union
@@ -34,14 +35,17 @@ from ._version import __version__
 from .io.checkpoint import Checkpoint, is_hub_candidate, locate
 from .comparison import compare, hub_run, run_date, versions
 from .errors import CheckpointError, OptionsError, WeightdiffError, escape_name
-from .kernels.dtypes import DTYPES
+from .kernels.dtypes import DTYPES, decode
 from .options import CompareOptions, HubOptions, ProvenanceOptions, Thresholds, _opt, options_from_kwargs
 from .pairing.plan import plan as make_plan
 from .measure.permutation import Finding, detect_permutations, mlp_groups, undo
 from .records import dumps
 from .render.formats import num, sci, share
-from .judge.relatedness import (EXCLUDED_NOTE, LIMITS, REFERENCE, evidence, judge, rank_key, sample_plan,
-                          sample_rows, sampled_sums, screen_estimate)
+from .judge.relatedness import (EXCLUDED_NOTE, LIMITS, MARGINS, REFERENCE, components, evidence, judge,
+                                large_matrix_relatedness, near_tie, rank_key, sample_plan, sample_rows,
+                                sampled_sums, screen_estimate, weak_evidence)
+from .render.formats import count
+from .render.sentences import parts_text
 
 SCHEMA = "weightdiff.provenance/1"
 PathLike = Union[str, os.PathLike]
@@ -64,12 +68,18 @@ class ProvenanceResult:
     def leading(self) -> str | None:
         return next((c["path"] for c in self.candidates if c["verdict"] == "derived"), None)
 
+    @property
+    def answer(self) -> dict:
+        """How the answer is stated (see ``_answer``): its kind and the candidates it names."""
+        return _answer(self.candidates)
+
     def to_dict(self, include_run: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
             "schema": SCHEMA, "tool": {"name": "weightdiff", "version": __version__},
             "settings": self.settings, "tuned": self.tuned, "reference": dict(REFERENCE),
             "relatedness": EXCLUDED_NOTE.format(n=self.settings["thresholds"]["large_matrix_numel"]),
-            "leading": self.leading, "candidates": self.candidates, "incompatible": self.incompatible,
+            "leading": self.leading, "answer": self.answer, "margins": dict(MARGINS),
+            "candidates": self.candidates, "incompatible": self.incompatible,
             "screening": self.screening, "findings": self.findings, "limits": list(LIMITS)}
         if include_run:
             d["run"] = self.run
@@ -111,7 +121,8 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
         if tck.origin:
             say(tck.origin)
         entries, incompatible = [], []
-        for path in candidates:
+        unique, duplicates = _dedupe(candidates)
+        for path in unique:
             try:
                 ck = stack.enter_context(locate(path, hub))
                 if ck.origin:
@@ -127,16 +138,27 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
                 incompatible.append({"path": str(path), "reason": _why_incompatible(pl, tck)})
         do_screen = options.screen if options.screen is not None else len(entries) > options.full_top
         screening = None
+        screened_names: frozenset = frozenset()
         if do_screen and entries:
             say(f"screening {len(entries)} candidates on a sample of rows")
-            screening = _screen(entries, tck, options)
-            entries.sort(key=lambda e: rank_key({"path": e.path, **e.screen}))
-        full = entries[:options.full_top] if do_screen else entries
+            screening, screened_names = _screen(entries, tck, options)
+            entries.sort(key=_screen_key)
+            full = _first_full(entries, options.full_top)
+        else:
+            full = list(entries)
+        done: dict[int, dict] = {}
+        while True:
+            for e in full:
+                if id(e) not in done:
+                    say(f"comparing {e.path} in full")
+                    done[id(e)] = _full(e, tuned, tck, options, screened_names)
+            full = _must_compare(entries, done)
+            if not full:
+                break
         rows = []
         for e in entries:
-            if e in full:
-                say(f"comparing {e.path} in full")
-                rows.append(_full(e, tuned, tck, options))
+            if id(e) in done:
+                rows.append(done[id(e)])
             else:
                 rows.append({"path": e.path, "format": e.ck.format, "params": e.ck.params,
                              "verdict": e.screen["verdict"], "compared": "sample",
@@ -144,7 +166,13 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
                              "relative_change": None, "relative_change_large": e.screen["relative_change_large"],
                              "cosine_large": e.screen["cosine_large"], "identical_share": None,
                              "blocks": [], "permutation": None, "screen": e.screen})
-        rows.sort(key=lambda c: (c["compared"] != "full", *rank_key(c)))
+        # one ranking by the evidence, whatever the comparison mode: a sampled candidate is compared in
+        # full whenever its sample cannot rule out that it beats the leader (_must_compare)
+        rows.sort(key=rank_key)
+        for c in rows:
+            c.pop("_screened", None)
+        if screening is not None:
+            screening["compared_in_full"] = sum(c["compared"] == "full" for c in rows)
         for i, c in enumerate(rows, 1):
             c["rank"] = i
         tuned_desc = {"path": str(tuned), "format": tck.format, "params": tck.params}
@@ -157,7 +185,7 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
             run["hub"] = hub_reads
     return ProvenanceResult(
         settings=options.settings(), tuned=tuned_desc, candidates=rows, incompatible=incompatible,
-        screening=screening, findings=_findings(rows, incompatible, screening, thr), run=run)
+        screening=screening, findings=_findings(rows, incompatible, screening, thr, duplicates), run=run)
 
 
 @dataclass(eq=False)
@@ -169,6 +197,65 @@ class _Entry:
     shared: int             # tuned parameters the candidate shares by name and shape
     coverage: float | None
     screen: dict | None = None
+
+
+def _dedupe(candidates: Sequence[PathLike]) -> tuple[list[PathLike], list[tuple[str, str]]]:
+    """The candidates with repeats of one checkpoint removed (``B``, ``./B``, ``B/``, a symlink to
+    ``B``: the same real path), first spelling kept; and (dropped, kept) for each repeat."""
+    seen: dict[str, str] = {}
+    unique, dropped = [], []
+    for p in candidates:
+        key = os.path.realpath(p) if os.path.exists(p) else str(p)
+        if key in seen:
+            dropped.append((str(p), seen[key]))
+            continue
+        seen[key] = str(p)
+        unique.append(p)
+    return unique, dropped
+
+
+def _screen_key(e: "_Entry") -> tuple:
+    return rank_key({"path": e.path, **e.screen})
+
+
+def _first_full(entries: list["_Entry"], full_top: int) -> list["_Entry"]:
+    """The leading ``full_top`` by the screening estimate, and every derived candidate tied with the
+    last of them (within ``near_tie_ratio``): who gets a full comparison never depends on the path."""
+    full = entries[:full_top]
+    if len(entries) > full_top:
+        cut = entries[full_top - 1].screen
+        if cut["verdict"] == "derived":
+            full += [e for e in entries[full_top:] if e.screen["verdict"] == "derived"
+                     and near_tie(cut["relative_change_large"], e.screen["relative_change_large"])]
+    return full
+
+
+def _must_compare(entries: list["_Entry"], done: dict[int, dict]) -> list["_Entry"]:
+    """Sampled candidates whose sample cannot rule out that they beat the leader of the full comparisons.
+
+    The sample leaves the MLP matrices out, so a candidate is compared in full when even its lowest
+    possible full relative change (its sampled change with MLPs that matched exactly,
+    ``relative_change_floor``) is not above the leader's, or when its sampled change is within
+    ``near_tie_ratio`` of the leader's change over the same matrices; with no derived leader, every
+    candidate the sample reads derived."""
+    full_rows = [r for r in done.values() if r["verdict"] == "derived"]
+    lead = min(full_rows, key=rank_key) if full_rows else None
+    out = []
+    for e in entries:
+        if id(e) in done or e.screen is None:
+            continue
+        est = e.screen
+        if lead is None:
+            if est["verdict"] == "derived":
+                out.append(e)
+            continue
+        floor = est.get("relative_change_floor")
+        if est["verdict"] == "derived" and (
+                (floor is not None and lead["relative_change_large"] is not None
+                 and floor <= lead["relative_change_large"])
+                or near_tie(lead.get("_screened"), est["relative_change_large"])):
+            out.append(e)
+    return out
 
 
 def _shared(pl, tck: Checkpoint, thr: Thresholds) -> tuple[dict, dict, int, float | None]:
@@ -201,7 +288,7 @@ def _why_incompatible(pl, tck: Checkpoint) -> str:
     return f"{len(paired)} tensors share names, but none is a float matrix of at least the large-matrix size"
 
 
-def _screen(entries: list[_Entry], tck: Checkpoint, options: ProvenanceOptions) -> dict:
+def _screen(entries: list[_Entry], tck: Checkpoint, options: ProvenanceOptions) -> tuple[dict, frozenset]:
     thr = options.thresholds
     large = {}
     for e in entries:
@@ -212,6 +299,13 @@ def _screen(entries: list[_Entry], tck: Checkpoint, options: ProvenanceOptions) 
     k = sample_plan(shapes, {n: large[n][4] for n in names}, options.sample_kib << 10)
     idx = {n: sample_rows(n, shapes[n][0], k[n], options.seed) for n in names}
     cache = dict(zip(names, tck.read_rows_many([(large[n][0], idx[n]) for n in names])))
+    # the MLP matrices left out: only the candidate's rows, for the size of its MLPs (a neuron
+    # permutation leaves it unchanged), with a quarter of the budget: the lowest full relative
+    # change the candidate could reach if its MLPs matched the tuned model's exactly
+    mlp = sorted(n for n in large if n not in names)
+    mshapes = {n: large[n][3] for n in mlp}
+    mk = sample_plan(mshapes, {n: large[n][5] for n in mlp}, max(1, (options.sample_kib << 10) // 4))
+    midx = {n: sample_rows(n, mshapes[n][0], mk[n], options.seed) for n in mlp}
     for e in entries:
         sums, scale, numel = {}, {}, {}
         todo = [n for n in names if n in e.large and (idx[n] < e.large[n][2]).any()]
@@ -226,16 +320,31 @@ def _screen(entries: list[_Entry], tck: Checkpoint, options: ProvenanceOptions) 
         est = screen_estimate(sums, scale, numel)
         est["verdict"] = judge(est["cosine_large"], est["relative_change_large"], thr)
         est["tensors"] = len(sums)
+        mtodo = [n for n in mlp if n in e.large and (midx[n] < e.large[n][2]).any()]
+        mkeep = {n: midx[n] < e.large[n][2] for n in mtodo}
+        mgot = dict(zip(mtodo, e.ck.read_rows_many([(e.large[n][1], midx[n][mkeep[n]]) for n in mtodo])))
+        sb = sum(scale[n] * s_[0] for n, s_ in sums.items())
+        sd = sum(scale[n] * s_[2] for n, s_ in sums.items())
+        for n in mtodo:
+            b = decode(mgot[n], e.large[n][5]).ravel()
+            b = b[np.isfinite(b)]
+            sb += e.large[n][2] / int(mkeep[n].sum()) * float(b @ b)
+        est["relative_change_floor"] = math.sqrt(sd / sb) if sb > 0 and math.isfinite(sd) else None
         e.screen = est
     row_bytes = {n: math.prod(shapes[n][1:]) * DTYPES[large[n][4]].bits // 8 for n in names}
-    return {"candidates": len(entries), "full_top": options.full_top, "seed": options.seed,
-            "tensors": len(names), "rows": int(sum(len(i) for i in idx.values())),
-            "elements": int(sum(len(idx[n]) * math.prod(shapes[n][1:]) for n in names)),
-            "bytes_per_checkpoint": int(sum(len(idx[n]) * row_bytes[n] for n in names)),
-            "sample_kib": options.sample_kib, "mlp_left_out": bool(in_mlp) and names[0] not in in_mlp}
+    return ({"candidates": len(entries), "full_top": options.full_top, "seed": options.seed,
+             "tensors": len(names), "rows": int(sum(len(i) for i in idx.values())),
+             "elements": int(sum(len(idx[n]) * math.prod(shapes[n][1:]) for n in names)),
+             "bytes_per_checkpoint": int(sum(len(idx[n]) * row_bytes[n] for n in names)),
+             "sample_kib": options.sample_kib, "mlp_left_out": bool(in_mlp) and names[0] not in in_mlp,
+             "mlp_rows": int(sum(len(i) for i in midx.values())),
+             "mlp_bytes_per_candidate": int(sum(len(midx[n]) * math.prod(mshapes[n][1:])
+                                                * DTYPES[large[n][5]].bits // 8 for n in mlp))},
+            frozenset(names))
 
 
-def _full(e: _Entry, tuned: PathLike, tck: Checkpoint, options: ProvenanceOptions) -> dict:
+def _full(e: _Entry, tuned: PathLike, tck: Checkpoint, options: ProvenanceOptions,
+          screened: frozenset = frozenset()) -> dict:
     findings: list[Finding] = []
     if options.permutations:
         findings = detect_permutations(e.ck, tck, e.name_map, exact_max=options.exact_max, seed=options.seed,
@@ -243,10 +352,19 @@ def _full(e: _Entry, tuned: PathLike, tck: Checkpoint, options: ProvenanceOption
     cmp = compare(e.ck, tck, options=options.compare_options())   # headers already read once
     rows = [t.to_dict() for t in cmp.tensors]
     applied = [f for f in findings if f.applied]
+    comps = cmp.summary.components
     if applied:
         _undo_rows(rows, applied, e.ck, tck, options)
+        # components again, on the tensors measured with the permutation undone
+        comps = components([SimpleNamespace(**{"tied": False, **r}) for r in rows], options.thresholds)
     ev = evidence(rows, options.thresholds, tck.params)
     verdict = judge(ev["cosine_large"], ev["relative_change_large"], options.thresholds)
+    shared = [c["component"] for c in comps if c["status"] == "shared"]
+    unrelated = [c["component"] for c in comps if c["status"] == "unrelated"]
+    if shared and unrelated:
+        # some components come from this candidate and others do not: never "derived" or
+        # "unrelated" on a pooled number that the largest component decides
+        verdict = "partial"
     perm = None
     if findings:
         neurons = sum(f.neurons for f in findings)
@@ -254,9 +372,18 @@ def _full(e: _Entry, tuned: PathLike, tck: Checkpoint, options: ProvenanceOption
         perm = {"groups_examined": len(findings), "groups_permuted": len(applied), "neurons": neurons,
                 "moved": moved, "moved_share": moved / neurons if neurons else 0.0,
                 "groups": [f.to_dict() for f in applied]}
-    return {"path": e.path, "format": e.ck.format, "params": e.ck.params, "verdict": verdict,
-            "compared": "full", "compare_verdict": cmp.summary.verdict, **ev, "permutation": perm,
-            "screen": e.screen}
+        bad = sum(f.nonfinite for f in findings)
+        if bad:
+            perm["nonfinite_left_out"] = bad
+    row = {"path": e.path, "format": e.ck.format, "params": e.ck.params, "verdict": verdict,
+           "compared": "full", "compare_verdict": cmp.summary.verdict, **ev,
+           "components": {"shared": shared, "unrelated": unrelated},
+           "nonfinite": int(sum(r.get("nonfinite") or 0 for r in rows)), "permutation": perm,
+           "screen": e.screen}
+    if screened:
+        row["_screened"] = large_matrix_relatedness(
+            [r for r in rows if r["name"] in screened], options.thresholds)[1]
+    return row
 
 
 def _undo_rows(rows: list[dict], applied: list[Finding], base: Checkpoint, tck: Checkpoint,
@@ -285,19 +412,70 @@ def _undo_rows(rows: list[dict], applied: list[Finding], base: Checkpoint, tck: 
             r["note"] = f"compared after undoing the permutation of {f.moved} of {f.neurons} MLP neurons"
 
 
-def _findings(rows: list[dict], incompatible: list[dict], screening: dict | None, thr: Thresholds) -> list[str]:
+def _answer(rows: list[dict]) -> dict:
+    """How sure the answer is, from the ranked rows (the memo's headline reads it).
+
+    ``kind``: ``derived`` (one closest candidate), ``tie`` (candidates within ``near_tie_ratio``
+    of the leader cannot be told apart), ``weak`` (the leader reads derived on evidence near the
+    unrelated reference), ``partial`` (no candidate is derived, but one shares some components
+    and not others), ``none``. ``leading`` the first derived (or partial) candidate, ``tied``
+    the others within the margin, ``ratio`` the runner-up's relative change over the leader's.
+    """
+    derived = [c for c in rows if c["verdict"] == "derived"]
+    if derived:
+        a = derived[0]
+        lead = a["relative_change_large"]
+        tied = [c["path"] for c in derived[1:] if near_tie(lead, c["relative_change_large"])]
+        ratio = None
+        if len(derived) > 1 and lead and derived[1]["relative_change_large"] is not None:
+            ratio = derived[1]["relative_change_large"] / lead
+        elif len(derived) > 1 and lead == 0 and derived[1]["relative_change_large"] == 0:
+            ratio = 1.0
+        weak = weak_evidence(a["cosine_large"], lead)
+        kind = "tie" if tied else "weak" if weak else "derived"
+        return {"kind": kind, "leading": a["path"], "tied": tied, "ratio": ratio, "weak": weak}
+    partial = [c for c in rows if c["verdict"] == "partial"]
+    if partial:
+        return {"kind": "partial", "leading": partial[0]["path"], "tied": [], "ratio": None, "weak": False,
+                "shared": partial[0]["components"]["shared"], "unrelated": partial[0]["components"]["unrelated"]}
+    return {"kind": "none", "leading": None, "tied": [], "ratio": None, "weak": False}
+
+
+DIRECTION = ("the weights cannot show which of two related models came first: \"derived from\" means related "
+             "by a fine-tune in one direction or the other (`{a}` may be this model's base or a fine-tune of it)")
+
+
+def _findings(rows: list[dict], incompatible: list[dict], screening: dict | None, thr: Thresholds,
+              duplicates: Sequence[tuple[str, str]] = ()) -> list[str]:
     out = []
+    ans = _answer(rows)
     derived = [c for c in rows if c["verdict"] == "derived"]
     if derived:
         a = derived[0]
         cos = a["cosine_large"]
         s = (f"`{a['path']}` ranks first: relative change {sci(a['relative_change_large'])} over large "
              f"matrices, 1 - cosine {sci(None if cos is None else 1 - cos)}")
-        if len(derived) > 1 and a["relative_change_large"]:
+        if ans["tied"]:
+            names = ", ".join(f"`{p}`" for p in ans["tied"])
+            s += (f"; but it cannot be told apart from {names}: "
+                  + ("exactly as close" if ans["ratio"] == 1.0 else
+                     f"the next is only {(ans['ratio'] - 1):.1%} further")
+                  + f", within the {MARGINS['near_tie_ratio']}x margin; the weights do not single out one of them")
+        elif ans["ratio"] is not None:
             b = derived[1]
-            s += (f"; the next derived candidate, `{b['path']}`, is "
-                  f"{b['relative_change_large'] / a['relative_change_large']:.1f}x further")
+            s += f"; the next derived candidate, `{b['path']}`, is {ans['ratio']:.1f}x further"
         out.append(s)
+        if ans["weak"]:
+            out.append(f"the evidence for `{a['path']}` is weak: relative change {sci(a['relative_change_large'])} "
+                       f"and 1 - cosine {sci(None if cos is None else 1 - cos)} are nearer the unrelated reference "
+                       f"({sci(REFERENCE['relative_change'])} and 1) than a fine-tune (typically 1e-3 to 1e-1); "
+                       "\"derived\" here only says the weights are not independent")
+        out.append(DIRECTION.format(a=a["path"]))
+    elif ans["kind"] == "partial":
+        out.append(f"no candidate is a plausible base of the whole model; `{ans['leading']}` is partially "
+                   f"derived: the tuned model shares {parts_text(ans['shared'])} with it; "
+                   f"{parts_text(ans['unrelated'])} unrelated")
+        out.append(DIRECTION.format(a=ans["leading"]))
     elif rows:
         out.append(f"no candidate is a plausible base: every one compared is unrelated (reference for "
                    f"independent inits: relative change {sci(REFERENCE['relative_change'])}, cosine 0)")
@@ -306,21 +484,43 @@ def _findings(rows: list[dict], incompatible: list[dict], screening: dict | None
             out.append(f"`{c['path']}` is unrelated: cosine {num(c['cosine_large'])}, relative change "
                        f"{sci(c['relative_change_large'])} over large matrices (thresholds: cosine < "
                        f"{thr.unrelated_cosine}, relative change > {thr.unrelated_rel_change})")
+        if c["verdict"] == "partial" and c["path"] != ans["leading"]:
+            out.append(f"`{c['path']}` is partially derived: the tuned model shares "
+                       f"{parts_text(c['components']['shared'])} with it; "
+                       f"{parts_text(c['components']['unrelated'])} unrelated")
         p = c.get("permutation")
         if p and p["groups_permuted"]:
             out.append(f"`{c['path']}`: the tuned model's MLP neurons are permuted in {p['groups_permuted']} "
                        f"of {p['groups_examined']} MLPs ({share(p['moved_share'])} of neurons moved); "
                        "undone before comparing")
+        if c.get("nonfinite"):
+            s = (f"`{c['path']}`: {count(c['nonfinite'])} non-finite values (NaN or Inf) were found in the "
+                 "compared tensors; tensors whose norms are not finite are left out of the relatedness evidence")
+            if p and p.get("nonfinite_left_out"):
+                s += ", and non-finite weights are left out of the neuron matching"
+            out.append(s)
         if c["coverage"] is not None and c["coverage"] < 0.999:
             out.append(f"`{c['path']}` shares {share(c['coverage'])} of the tuned model's parameters by name and "
                        "shape; only that part is compared")
     for c in incompatible:
         out.append(f"`{c['path']}` was not compared: {c['reason']}")
+    for dropped, kept in duplicates:
+        out.append(f"`{dropped}` is the same checkpoint as `{kept}` (same real path); ranked once, as `{kept}`")
     if screening:
-        out.append(f"screened {screening['candidates']} candidates on {screening['rows']:,} sampled rows of "
-                   f"{screening['tensors']} large matrices ({screening['bytes_per_checkpoint'] / 2**10:,.1f} KiB "
-                   f"per checkpoint); the leading {min(screening['full_top'], screening['candidates'])} "
-                   "compared in full")
+        full = screening.get("compared_in_full", min(screening["full_top"], screening["candidates"]))
+        s = (f"screened {screening['candidates']} candidates on {screening['rows']:,} sampled rows of "
+             f"{screening['tensors']} large matrices ({screening['bytes_per_checkpoint'] / 2**10:,.1f} KiB "
+             f"per checkpoint); {full} compared in full")
+        if full > min(screening["full_top"], screening["candidates"]):
+            s += (f" (the leading {screening['full_top']}, and those the sample could not rule out: tied within "
+                  f"{MARGINS['near_tie_ratio']}x, or possibly closer than the leader)")
+        sampled = screening["candidates"] - full
+        if sampled:
+            s += (f"; the other {sampled} keep sampled estimates"
+                  + (" over the matrices outside the MLPs" if screening.get("mlp_left_out") else "")
+                  + (", and the sample shows none of them could be closer than the leader" if derived
+                     else ", all of them unrelated on the sample"))
+        out.append(s)
     return out
 
 

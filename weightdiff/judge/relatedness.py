@@ -21,7 +21,7 @@ from ..pairing.names import component_of, parse_name
 from ..records import TensorRow
 from .status import PAIRED, placements, ratio
 
-__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components",
+__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components",
            "counts_for_relatedness", "evidence_sizes", "chosen_evidence", "evidence", "judge", "rank_key",
            "sample_rows", "sample_plan", "sampled_sums", "screen_estimate"]
 
@@ -39,7 +39,38 @@ LIMITS = (
     "A merge of several bases (averaging, task arithmetic, TIES) reads derived from each of them, "
     "with larger changes; the method does not decompose a merge into its parts.",
     "Evidence is about weights, not about licences or training data; it draws no legal conclusion.",
+    "Weight distance is symmetric: the weights cannot show which of two related models came first. "
+    "\"Derived from X\" means related to X by a fine-tune in one direction or the other (X may be this "
+    "model's base, or a fine-tune of it); dates, model cards or training records must settle the direction.",
 )
+
+#: The hedges of the provenance answer (docs/provenance.md, "How sure the answer is"):
+#: ``near_tie_ratio``: a runner-up whose large-matrix relative change is within this factor of the
+#: leader's cannot be told apart from it (a sibling fine-tune of similar size is about sqrt(2) further);
+#: ``weak_rel_change`` / ``weak_cosine``: a derived candidate at or above this relative change, or at or
+#: below this cosine, is weak evidence: closer to the unrelated reference (sqrt(2), 0) than to a fine-tune.
+MARGINS = {"near_tie_ratio": 1.2, "weak_rel_change": 0.5, "weak_cosine": 0.5}
+
+
+def near_tie(lead: float | None, other: float | None) -> bool:
+    """Whether ``other`` (the runner-up's relative change) is within ``near_tie_ratio`` of ``lead``.
+
+    >>> near_tie(0.0100, 0.01006), near_tie(0.01, 0.0141), near_tie(0.0, 0.0)
+    (True, False, True)
+    """
+    if lead is None or other is None:
+        return False
+    return other <= lead * MARGINS["near_tie_ratio"]
+
+
+def weak_evidence(cosine: float | None, rel_change: float | None) -> bool:
+    """Whether a ``derived`` reading rests on weak evidence (near the unrelated reference).
+
+    >>> weak_evidence(0.30, 1.2), weak_evidence(0.95, 0.3), weak_evidence(0.999, 0.01)
+    (True, False, False)
+    """
+    return bool((rel_change is not None and rel_change >= MARGINS["weak_rel_change"])
+                or (cosine is not None and cosine <= MARGINS["weak_cosine"]))
 
 
 _ratio = ratio     # sqrt(num) / sqrt(den): the one norm ratio of judge.status
@@ -272,10 +303,15 @@ def judge(cosine: float | None, rel_change: float | None, thresholds: Thresholds
     return "derived" if looks_unrelated(cosine, rel_change, thresholds) is False else "unrelated"
 
 
+_VERDICT_ORDER = {"derived": 0, "partial": 1}
+
+
 def rank_key(c: dict) -> tuple:
-    """Derived before unrelated, then the smaller large-matrix relative change, then the path."""
+    """Derived before partial before unrelated, then the smaller large-matrix relative change, then
+    the path (only to make the order of equal values reproducible: an exact tie is reported as a
+    tie, never decided by the path)."""
     d = c.get("relative_change_large")
-    return (c["verdict"] != "derived", math.inf if d is None else d, c["path"])
+    return (_VERDICT_ORDER.get(c["verdict"], 2), math.inf if d is None else d, c["path"])
 
 
 def sample_rows(name: str, rows: int, k: int, seed: int) -> np.ndarray:

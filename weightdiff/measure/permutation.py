@@ -80,6 +80,7 @@ class Finding:
     method: str                 # "exact" | "projection"
     applied: bool
     members: list[tuple[str, int, str]] = field(default_factory=list)
+    nonfinite: int = 0          # NaN/Inf values in the member matrices (both sides), left out of the search
 
     @property
     def moved(self) -> int:
@@ -90,7 +91,8 @@ class Finding:
                 "moved_share": self.moved / self.neurons if self.neurons else 0.0,
                 "matched_cosine": self.matched_cosine, "identity_cosine": self.identity_cosine,
                 "method": self.method, "applied": self.applied,
-                "tensors": [m[0] for m in self.members]}
+                "tensors": [m[0] for m in self.members],
+                **({"nonfinite": self.nonfinite} if self.nonfinite else {})}
 
 
 def mlp_groups(shapes: Mapping[str, Sequence[int]]) -> list[MlpGroup]:
@@ -199,8 +201,11 @@ def _find(load_t: Sequence[Callable[[], np.ndarray]], load_b: Sequence[Callable[
           group: str) -> Finding:
     n = None
     sim = sig_t = sig_b = None
+    bad = 0
     for k, (lt, lb, ax) in enumerate(zip(load_t, load_b, axes)):
         vt, vb = neuron_vectors(lt(), ax), neuron_vectors(lb(), ax)
+        (vt, bt), (vb, bb) = _finite(vt), _finite(vb)
+        bad += bt + bb
         n = vt.shape[0]
         if n <= exact_max:
             part = vt.astype(np.float64) @ vb.astype(np.float64).T
@@ -221,6 +226,7 @@ def _find(load_t: Sequence[Callable[[], np.ndarray]], load_b: Sequence[Callable[
     for lt, lb, ax in zip(load_t, load_b, axes):
         vt = neuron_vectors(lt(), ax).astype(np.float64)
         vb = neuron_vectors(lb(), ax).astype(np.float64)
+        vt, vb = _finite(vt)[0], _finite(vb)[0]
         dot_m += np.einsum("ij,ij->i", vt, vb[perm])
         dot_i += np.einsum("ij,ij->i", vt, vb)
         nt += np.einsum("ij,ij->i", vt, vt)
@@ -236,7 +242,19 @@ def _find(load_t: Sequence[Callable[[], np.ndarray]], load_b: Sequence[Callable[
         perm = np.arange(n)
         matched = ident
     return Finding(group=group, neurons=int(n), perm=perm, matched_cosine=matched, identity_cosine=ident,
-                   method=method, applied=applied)
+                   method=method, applied=applied, nonfinite=int(bad))
+
+
+def _finite(v: np.ndarray) -> tuple[np.ndarray, int]:
+    """``v`` with its NaN/Inf entries set to 0 (a copy only when there are some), and how many there were.
+
+    Non-finite weights are left out of the neuron similarities: one NaN would make a whole row of
+    the cost matrix NaN and stop the assignment solver."""
+    bad = ~np.isfinite(v)
+    n = int(np.count_nonzero(bad))
+    if n:
+        v = np.where(bad, 0, v).astype(v.dtype, copy=False)
+    return v, n
 
 
 def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:

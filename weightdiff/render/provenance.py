@@ -21,7 +21,7 @@ from .plots import FigureOutput
 __all__ = ["ranking_text", "lineage_text", "draw_provenance", "caption_provenance", "provenance_figure",
            "provenance_png"]
 
-_VERDICT_COLOUR = {"derived": OKABE_ITO["blue"], "unrelated": OKABE_ITO["vermillion"]}
+_VERDICT_COLOUR = {"derived": OKABE_ITO["blue"], "partial": OKABE_ITO["orange"], "unrelated": OKABE_ITO["vermillion"]}
 
 
 def _omc(c: dict) -> float | None:
@@ -117,7 +117,7 @@ def draw_provenance(d: dict) -> Figure:
                 if v is None:
                     continue
                 bar = ax.barh(y, max(v, floor), color=_VERDICT_COLOUR[c["verdict"]],
-                              hatch="//" if c["verdict"] == "unrelated" else "", edgecolor="white", linewidth=0.5)
+                              hatch="//" if c["verdict"] == "unrelated" else ".." if c["verdict"] == "partial" else "", edgecolor="white", linewidth=0.5)
                 handles.setdefault(c["verdict"], bar)
             line = ax.axvline(ref_v, color=OKABE_ITO["black"], linestyle="--", linewidth=1.0)
             handles.setdefault("unrelated reference (independent inits)", line)

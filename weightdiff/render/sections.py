@@ -12,6 +12,7 @@ from typing import Sequence
 
 from . import formats as fmt
 from .memo import Block, CAVEATS, _c, run_date
+from .sentences import parts_text
 
 __all__ = ["provenance_blocks", "lineage_blocks"]
 
@@ -30,11 +31,31 @@ def provenance_blocks(d: dict, figures: Sequence = (), first: int = 1) -> list[B
            Block("ident", [("b", "Tuned: "), ("code", tuned.get("path", "?"))]),
            Block("ident", [("b", "Run: "), ("", run_date(d))])]
     lead = d.get("leading")
-    derived = [c for c in d.get("candidates") or [] if c.get("verdict") == "derived"]
-    if lead:
+    cands = d.get("candidates") or []
+    derived = [c for c in cands if c.get("verdict") == "derived"]
+    ans = d.get("answer") or {"kind": "derived" if lead else "none", "leading": lead, "tied": []}
+    direction = ("Derived means related by a fine-tune in one direction or the other: the weights do not say "
+                 "which came first.")
+    margin = (d.get("margins") or {}).get("near_tie_ratio", 1.2)
+    if ans["kind"] == "tie":
+        tied = ", ".join(str(p) for p in ans.get("tied") or [])
+        title = f"DERIVED from {lead} or {tied}: the weights cannot tell them apart"
+        reason = (f"{fmt.count(len(derived))} of {fmt.count(len(cands))} candidates read derived; {tied} "
+                  f"{'is' if len(ans.get('tied') or []) == 1 else 'are'} within {margin}x of {lead}, too close "
+                  f"to name one. {direction}")
+    elif ans["kind"] == "weak" and lead:
+        title = f"WEAK EVIDENCE: closest to {lead}, near the unrelated reference"
+        reason = (f"{lead} reads derived, but its relative change and cosine are nearer two independent models "
+                  f"than a fine-tune: the weights are not independent, and little more can be said. {direction}")
+    elif ans["kind"] == "partial":
+        title = (f"PARTIALLY DERIVED from {ans['leading']}: shares {parts_text(ans.get('shared') or [])} "
+                 f"with it; {parts_text(ans.get('unrelated') or [])} unrelated")
+        reason = ("No candidate is a base of the whole model; some of its components come from "
+                  f"{ans['leading']} and the others do not. {direction}")
+    elif lead:
         title = f"DERIVED from {lead}"
-        reason = (f"{fmt.count(len(derived))} of {fmt.count(len(d.get('candidates') or []))} candidates read derived; "
-                  f"{lead} is the closest.")
+        reason = (f"{fmt.count(len(derived))} of {fmt.count(len(cands))} candidates read derived; "
+                  f"{lead} is the closest. {direction}")
     else:
         title = "NO CANDIDATE: none of the candidates is a base of this model."
         reason = "Every candidate reads unrelated or could not be compared."

@@ -14,7 +14,7 @@ from typing import Any
 
 from .formats import count, num, sci, share, tuned_params
 
-__all__ = ["verdict_title", "verdict_reason", "headline", "coverage_sentence", "form_sentence", "matrices_phrase",
+__all__ = ["verdict_title", "parts_text", "verdict_reason", "headline", "coverage_sentence", "form_sentence", "matrices_phrase",
            "is_tied_row", "PAIRED", "plain_language", "model_label", "plural"]
 
 #: statuses of a tensor that has a counterpart on the other side (``judge.status.PAIRED``)
@@ -473,3 +473,22 @@ def form_sentence(f: dict) -> str:
         return (f"The change is dense: {share(f.get('changed_element_share'))} of the elements of the "
                 "changed tensors differ (no rank analysis).")
     return ""
+
+
+def parts_text(labels: list[str]) -> str:
+    """Component labels in words: ``embeddings, head``; blocks counted (``4 blocks (layers.0-layers.3)``).
+
+    >>> parts_text(["embeddings", "layers.0", "layers.1", "head"])
+    'embeddings, 2 blocks (layers.0 to layers.1), head'
+    >>> parts_text(["layers.2"])
+    'block layers.2'
+    """
+    blocks = [x for x in labels if x not in ("embeddings", "head")]
+    out = ["embeddings"] if "embeddings" in labels else []
+    if len(blocks) == 1:
+        out.append(f"block {blocks[0]}")
+    elif blocks:
+        out.append(f"{count(len(blocks))} blocks ({blocks[0]} to {blocks[-1]})")
+    if "head" in labels:
+        out.append("head")
+    return ", ".join(out) or "nothing"
