@@ -9,7 +9,7 @@ versions with the same names, ``cuda`` the torch versions.
 if __name__ == "kernels":
     # This folder imported as a top-level package: the repository root is on sys.path (`python -m
     # pytest` or an interpreter started there). The PyPI package `kernels` (Hugging Face's, which
-    # transformers >= 5.25 imports) must win: load it in our place, or be absent.
+    # transformers >= 5.25 requires and imports) must win: load it in our place when it is installed.
     import importlib.machinery as _machinery
     import importlib.util as _util
     import os as _os
@@ -18,9 +18,9 @@ if __name__ == "kernels":
     _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
     _spec = _machinery.PathFinder.find_spec(
         "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
-    if _spec is None or _spec.loader is None:
-        del _sys.modules["kernels"]
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
-    _module = _util.module_from_spec(_spec)
-    _sys.modules["kernels"] = _module        # the import statement returns what sys.modules holds
-    _spec.loader.exec_module(_module)
+    if _spec is not None and _spec.loader is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module    # the import statement returns what sys.modules holds
+        _spec.loader.exec_module(_module)
+    # else: no such package installed; this folder stays an empty, harmless top-level module (raising
+    # here broke transformers, which imports whatever find_spec("kernels") finds to read a version)

@@ -236,11 +236,15 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                 "unchanged or within rounding"
                 + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + ".")
     added = int(tbs.get("added") or 0)
+    # a resized tensor whose shared rows are bitwise the base's changed only by its new (or dropped) rows
+    grown = sum(1 for t in counted if t.get("status") == "resized" and t.get("frac_changed") == 0)
+    only = (f" ({count(grown)} of them only resized: rows added or removed, the shared rows bitwise unchanged)"
+            if grown else "")
     if added and scope.get("tensors_changed") is not None:    # added tensors are new, not changed
         parts = [f"{count(max(0, scope['tensors_changed'] - added))} of {count(scope.get('tensors_total'))} tensors "
-                 f"changed and {count(added)} added"]
+                 f"changed{only} and {count(added)} added"]
     else:
-        parts = [f"{count(scope.get('tensors_changed'))} of {count(scope.get('tensors_total'))} tensors changed"]
+        parts = [f"{count(scope.get('tensors_changed'))} of {count(scope.get('tensors_total'))} tensors changed{only}"]
     if scope.get("blocks_total"):
         parts.append(f"{scope.get('blocks_changed')} of {scope.get('blocks_total')} blocks")
     text = "Derived from this base: " + ", in ".join(parts)
