@@ -97,3 +97,13 @@ def test_cli(chain, tmp_path):
         res = runner.invoke(main, args)
         assert res.exit_code == 2 and res.stdout == ""
         assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("error: ") and msg in res.stderr
+
+
+def test_a_chain_out_of_order_is_flagged(chain):
+    """sft, base, dpo: the ends (sft -> dpo) are closer than step 2 (base -> dpo): the chain doubles
+    back; lineage said nothing."""
+    base, sft, dpo = chain
+    assert not any("doubles back" in f for f in lineage(chain, rank=False).findings)
+    r = lineage([sft, base, dpo], rank=False)
+    assert any("the chain doubles back, so its order may not be the order the models were made in" in f
+               for f in r.findings), r.findings

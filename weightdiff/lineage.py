@@ -145,6 +145,14 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
             text += (f"step {big + 1} moved the weights most ({share(steps[big]['share_of_path'])} of the path "
                      "length)")
         out.append(text)
+        # the ends closer than the longest step: a later step undid part of an earlier one, or the
+        # models are listed out of order (B-chat, B, B-instruct); fine-tunes in order move the ends
+        # apart at least as far as their longest step unless they reverse it
+        e_norm, s_norm = end.get("norm_delta"), steps[big]["norm_delta"]
+        if e_norm is not None and s_norm is not None and 0 < e_norm < s_norm:
+            out.append(f"the end-to-end change is smaller than step {big + 1}'s ({sci(end['relative_change'])} "
+                       f"against {sci(steps[big]['relative_change'])}): the chain doubles back, so its order may "
+                       "not be the order the models were made in (the weights do not say which came first)")
         for i, s in enumerate(steps, 1):
             if s["verdict"] == "unrelated":
                 out.append(f"step {i} is not a fine-tune of the previous model: the chain is broken there")
