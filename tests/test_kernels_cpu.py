@@ -432,3 +432,5 @@ def test_recast_counts_threads_and_windows_add(rng):
         cpu.recast_counts(b, t, "F32", "F8_E4M3")
     with pytest.raises(ValueError):
         ref.recast_counts(b[:5], t[:4], "F32", "BF16")
+    for fn in (cpu.recast_counts, ref.recast_counts):              # empty windows count nothing
+        assert fn(b[:0], t[:0], "F32", "BF16").tolist() == [[0.0, 0.0, 0.0]] * 4
