@@ -11,6 +11,7 @@ it back through weightdiff and expect the Hugging Face tensors.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,29 @@ from gguf.quants import quantize
 
 ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma": gguf.MODEL_ARCH.GEMMA,
         "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3": gguf.MODEL_ARCH.GEMMA3, "phi3": gguf.MODEL_ARCH.PHI3,
-        "gpt2": gguf.MODEL_ARCH.GPT2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+        "gpt2": gguf.MODEL_ARCH.GPT2, "qwen3": gguf.MODEL_ARCH.QWEN3, "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE,
+        "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}
+
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
+
+
+def stack_experts(tensors: dict) -> dict:
+    """The converter's expert merge (``LlamaModel``/``Qwen2MoeModel.modify_tensors``): every
+    ``...experts.{x}.{w}.weight`` stacked over x (``torch.stack(datas, dim=0)``) as
+    ``...experts.{w}.weight``, in the place of the first expert's tensor."""
+    out: dict = {}
+    groups: dict[str, dict[int, np.ndarray]] = {}
+    for name, w in tensors.items():
+        m = _EXPERT.match(name)
+        if m is None:
+            out[name] = w
+            continue
+        key = f"{m.group(1)}.{m.group(3)}.weight"
+        out.setdefault(key, None)
+        groups.setdefault(key, {})[int(m.group(2))] = w
+    for key, g in groups.items():
+        out[key] = np.stack([np.asarray(g[x], np.float32) for x in range(len(g))])
+    return out
 
 
 def permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -55,6 +78,7 @@ def to_gguf(path: Path, tensors: dict, arch: str = "llama", qtype=gguf.GGMLQuant
         w.add_head_count_kv(n_kv)
     for k, v in (extra or {}).items():
         w.add_string(k, v) if isinstance(v, str) else w.add_uint32(k, v)
+    tensors = stack_experts(tensors)
     for name in order or list(tensors):
         if arch == "gemma" and name == "lm_head.weight":
             continue                                     # GemmaModel skips the tied head

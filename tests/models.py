@@ -87,3 +87,28 @@ def low_rank_update(rng: np.random.Generator, w: np.ndarray, rank: int, rel: flo
     d = u @ v.T
     d *= rel * np.linalg.norm(w) / np.linalg.norm(d)
     return (w + d).astype(np.float32)
+
+
+def moe(rng: np.random.Generator, style: str = "mixtral", layers: int = 2, hidden: int = 64, inter: int = 64,
+        experts: int = 4, vocab: int = 96, kv: int = 32, shared: int = 0, std: float = 0.02) -> dict:
+    """A mixture-of-experts state dict as transformers saves it, one matrix per expert: Mixtral's
+    ``block_sparse_moe.experts.{x}.w1/w2/w3`` (``style="mixtral"``) or Qwen-MoE's
+    ``mlp.experts.{x}.gate_proj/up_proj/down_proj`` with a router ``mlp.gate`` (``"qwen"``, and a
+    shared expert with ``shared`` > 0)."""
+    t = llama(rng, layers=layers, hidden=hidden, inter=inter, vocab=vocab, kv=kv, std=std)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for m in ("gate_proj", "up_proj", "down_proj"):
+            del t[p + "mlp." + m + ".weight"]
+        block = p + ("block_sparse_moe." if style == "mixtral" else "mlp.")
+        t[block + "gate.weight"] = rng.normal(0, std, (experts, hidden)).astype(np.float32)
+        names = ("w1", "w3", "w2") if style == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        for x in range(experts):
+            for m, shape in zip(names, ((inter, hidden), (inter, hidden), (hidden, inter))):
+                t[f"{block}experts.{x}.{m}.weight"] = rng.normal(0, std, shape).astype(np.float32)
+        if shared:
+            for m, shape in zip(("gate_proj", "up_proj", "down_proj"), ((shared, hidden), (shared, hidden),
+                                                                       (hidden, shared))):
+                t[f"{p}mlp.shared_expert.{m}.weight"] = rng.normal(0, std, shape).astype(np.float32)
+            t[f"{p}mlp.shared_expert_gate.weight"] = rng.normal(0, std, (1, hidden)).astype(np.float32)
+    return t

@@ -25,7 +25,7 @@ from weightdiff.pairing.plan import plan  # noqa: E402
 
 from conftest import write_checkpoint  # noqa: E402
 from gguf_build import ARCH, permute, raw_gguf, to_gguf  # noqa: E402
-from models import gpt2, llama  # noqa: E402
+from models import gpt2, llama, moe  # noqa: E402
 from test_bad_input import bad  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -102,8 +102,8 @@ def test_name_tables_agree_with_gguf_tensor_name_map(arch):
     for key, hf in ARCHITECTURES[arch].items():
         if key.replace("{}", "{bid}") not in known:
             continue                              # e.g. gemma's `output`: the converter never writes it
-        g, h = key.format(2), hf.format(2)
-        assert tmap.get_name(h) == g, (arch, h)
+        g, h = key.format(2), hf.format(2, x="{x}")
+        assert tmap.get_name(h.replace(".{x}", "")) == g, (arch, h)    # experts: the stacked tensor's name
         assert hf_name(arch, g + ".weight", {f"{arch}.attention.head_count": 4}).name == h + ".weight"
 
 
@@ -494,3 +494,46 @@ def test_a_vocab_only_gguf_says_it_holds_no_tensors(tmp_path):
     w.close()
     with pytest.raises(CheckpointError, match=r"vocab.gguf: holds no tensors \(a vocab-only GGUF"):
         locate(tmp_path / "vocab.gguf")
+
+
+@pytest.mark.parametrize("style,arch,shared", [("mixtral", "llama", 0), ("qwen", "qwen2moe", 48),
+                                               ("qwen", "qwen3moe", 0)])
+def test_stacked_experts_read_as_each_experts_matrix(tmp_path, rng, style, arch, shared):
+    # llama.cpp's converter stacks every expert's matrix into blk.N.ffn_{gate,up,down}_exps [experts, m, n]:
+    # read back, each expert is the Hugging Face tensor it was stacked from, under its own name, so the
+    # GGUF pairs with the safetensors model tensor by tensor
+    t = moe(rng, style, shared=shared)
+    base = write_checkpoint(tmp_path / "base", t)
+    path = to_gguf(tmp_path / "m.gguf", t, arch, Q.F32, n_head=4, n_kv=2, layers=2)
+    with locate(path) as ck, locate(base) as bk:
+        assert set(ck.tensors) == set(t)
+        for name, arr in t.items():
+            assert np.array_equal(ck.read(name), arr), name
+        w = next(n for n in t if ".experts.2." in n)
+        assert np.array_equal(np.concatenate([x.copy() for x in ck.windows(w, 100)]), t[w].reshape(-1))
+        assert np.array_equal(ck.read_rows(w, [5, 0, 1]), t[w][[5, 0, 1]])
+        assert "6 stacked expert tensors split" in ck.metadata["gguf.transforms"]
+        assert {x.kind for x in plan([bk], ck).pairs} == {"paired"}
+    assert compare(base, path).summary.verdict == "identical"
+
+
+def test_one_expert_fine_tuned_in_a_quantized_moe_gguf(tmp_path, rng):
+    # a rank-2 change of one expert, in a Q8_0 GGUF: that expert reads changed and low-rank (as one
+    # 3-D tensor its rank was capped by the number of experts), the rest within Q8_0's floor
+    t = moe(rng, "mixtral", inter=128, hidden=128, kv=64)
+    base = write_checkpoint(tmp_path / "base", t)
+    q8 = to_gguf(tmp_path / "q8.gguf", t, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2)
+    r = compare(base, q8)
+    assert r.summary.verdict == "quantized_only"
+    tuned = dict(t)
+    w = "model.layers.1.block_sparse_moe.experts.3.w1.weight"
+    u, v = rng.normal(0, 1, (128, 2)), rng.normal(0, 1, (2, 128))
+    tuned[w] = (t[w] + 0.2 * np.linalg.norm(t[w]) * (u @ v) / np.linalg.norm(u @ v)).astype(np.float32)
+    ft = to_gguf(tmp_path / "ft.gguf", tuned, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2)
+    r = compare(base, ft)
+    assert r.summary.verdict == "derived"
+    changed = [x for x in r.tensors if x.status == "changed"]
+    assert [x.name for x in changed] == [w]
+    assert changed[0].rank is not None and changed[0].rank.numerical_rank == 2
+    rec = {x.name: x for x in r.tensors}
+    assert rec["model.layers.1.block_sparse_moe.experts.2.w1.weight"].status == "quantized"

@@ -69,10 +69,34 @@ _GPT2 = {
     "blk.{}.ffn_down": _H + "mlp.c_proj",
 }
 
+#: mixture-of-experts layers: llama.cpp stacks the experts' matrices into one ``[experts, m, n]`` tensor
+#: per projection (``torch.stack`` over the expert index, ``LlamaModel``/``Qwen2MoeModel.modify_tensors``);
+#: ``{x}`` marks the expert index of the Hugging Face name each slice came from
+_MIXTRAL = {
+    "blk.{}.ffn_gate_inp": _L + "block_sparse_moe.gate",
+    "blk.{}.ffn_gate_exps": _L + "block_sparse_moe.experts.{x}.w1",
+    "blk.{}.ffn_down_exps": _L + "block_sparse_moe.experts.{x}.w2",
+    "blk.{}.ffn_up_exps": _L + "block_sparse_moe.experts.{x}.w3",
+}
+_QWEN_MOE = {
+    "blk.{}.ffn_gate_inp": _L + "mlp.gate",
+    "blk.{}.ffn_gate_exps": _L + "mlp.experts.{x}.gate_proj",
+    "blk.{}.ffn_up_exps": _L + "mlp.experts.{x}.up_proj",
+    "blk.{}.ffn_down_exps": _L + "mlp.experts.{x}.down_proj",
+}
+_SHARED_EXPERT = {
+    "blk.{}.ffn_gate_inp_shexp": _L + "mlp.shared_expert_gate",
+    "blk.{}.ffn_gate_shexp": _L + "mlp.shared_expert.gate_proj",
+    "blk.{}.ffn_up_shexp": _L + "mlp.shared_expert.up_proj",
+    "blk.{}.ffn_down_shexp": _L + "mlp.shared_expert.down_proj",
+}
+
 #: general.architecture -> {GGUF name (without .weight/.bias): Hugging Face name}
 ARCHITECTURES: dict[str, dict[str, str]] = {
-    "llama": _LLAMA,            # Llama 1-3, Mistral, Mixtral's dense parts (LlamaModel)
+    "llama": {**_LLAMA, **_MIXTRAL},   # Llama 1-3, Mistral, Mixtral (LlamaModel)
     "qwen2": _LLAMA,            # Qwen2Model: no permutation
+    "qwen2moe": {**_LLAMA, **_QWEN_MOE, **_SHARED_EXPERT},
+    "qwen3moe": {**_LLAMA, **_QK_NORM, **_QWEN_MOE},
     "qwen3": {**_LLAMA, **_QK_NORM},
     "gemma": _LLAMA,
     "gemma2": _GEMMA2,
@@ -118,8 +142,10 @@ def hf_name(arch: str, name: str, meta: dict) -> Mapped:
     target = table.get(key)
     if target is None:
         return Mapped(name)
-    out = (target.format(bid) if m else target) + "." + leaf
+    out = (target.format(bid, x="{x}") if m else target) + "." + leaf
     part = key.removeprefix("blk.{}.")
+    if "{x}" in out:
+        return Mapped(out, "experts")
     if arch == "llama" and part in ("attn_q", "attn_k"):
         heads = _heads(meta, f"{arch}.attention.head_count", bid)
         if part == "attn_k":

@@ -113,7 +113,7 @@ class GGUFFile(OpenCheckpointFile):
         self.tensors: dict[str, TensorInfo] = {}
         self._layout: dict[str, _Layout] = {}
         self._offset: dict[str, str] = {}
-        spans, skipped, counts = [], [], {"permute": 0, "transpose": 0, "minus_one": 0}
+        spans, skipped, counts = [], [], {"permute": 0, "transpose": 0, "minus_one": 0, "experts": 0}
         for name, ne, qtype, offset in infos:
             q = f"`{escape_name(name)}`"
             tname = gguf.GGMLQuantizationType(qtype).name
@@ -135,6 +135,10 @@ class GGUFFile(OpenCheckpointFile):
                 skipped.append(name)
                 continue
             mapped = hf_name(arch, name, meta)
+            if mapped.transform == "experts":
+                self._split_experts(name, mapped.name, ne, data + offset, qtype, tname, block, tsize, meta)
+                counts["experts"] += 1
+                continue
             shape = tuple(reversed(ne))
             transform = mapped.transform
             if transform == "transpose" and len(ne) != 2:
@@ -172,13 +176,40 @@ class GGUFFile(OpenCheckpointFile):
                 raise CheckpointError(path, f"tensors `{escape_name(n1)}` and `{escape_name(n2)}` overlap")
         self._notes(arch, counts, skipped)
 
+    def _split_experts(self, name: str, template: str, ne: list, start: int, qtype: int, tname: str, block: int,
+                       tsize: int, meta: dict) -> None:
+        """One ``[experts, m, n]`` stack (``ffn_gate_exps``) as the experts' own ``m x n`` matrices under
+        their Hugging Face names: each is a contiguous run of whole rows, so it reads, pairs, and gets
+        its rank like the safetensors tensor it was stacked from (as one matrix, its spectrum would say
+        nothing of any expert's change)."""
+        q = f"`{escape_name(name)}`"
+        if len(ne) != 3:
+            raise CheckpointError(self.path, f"tensor {q} holds stacked experts but has {len(ne)} dimensions, not 3 "
+                                             "(experts, rows, columns)")
+        cols, rows, experts = (int(v) for v in ne)
+        layout = self._make_layout(name, start, qtype, tname, rows * experts, cols, block, tsize, None, 0)
+        dtype = "F32" if layout.out == np.float32 and tname not in NATIVE else NATIVE[tname]
+        scheme = None if tname in NATIVE else tname
+        nbytes = rows * layout.row_bytes
+        for x in range(experts):
+            hf = template.replace("{x}", str(x))
+            if hf in self.tensors:
+                raise CheckpointError(self.path, f"tensors `{escape_name(self._layout[hf].gguf_name)}` and {q} "
+                                                 f"both map to `{escape_name(hf)}`")
+            at = start + x * nbytes
+            quant = None if tname in NATIVE else scheme_of(tname, block, tsize, nbytes, name, meta)
+            self.tensors[hf] = TensorInfo(hf, dtype, (rows, cols), self.path, at, at + nbytes, scheme, quant)
+            self._layout[hf] = replace(layout, start=at, rows=rows)
+
     def _notes(self, arch: str, counts: dict, skipped: list[str]) -> None:
         self.metadata["gguf.names"] = (f"llama.cpp names mapped to Hugging Face names ({arch})"
                                        if arch in ARCHITECTURES else
                                        f"llama.cpp names kept: no name map for architecture `{escape_name(arch)}`")
         done = [f"{n} {w}" for n, w in ((counts["permute"], "Q/K row permutations undone"),
                                         (counts["transpose"], "Conv1D transposes undone"),
-                                        (counts["minus_one"], "norm weights stored as 1 + w restored")) if n]
+                                        (counts["minus_one"], "norm weights stored as 1 + w restored"),
+                                        (counts["experts"], "stacked expert tensors split into the experts' matrices"))
+                if n]
         if done:
             self.metadata["gguf.transforms"] = ", ".join(done)
         if skipped:
