@@ -311,3 +311,16 @@ def test_fast_header_parse_is_the_strict_parse_or_declines():
             raise AssertionError(f"the shortcut took a header the strict parse refuses: {text} ({exc})")
         assert fast == strict and [type(x) for x in fast[1].values()] == [type(x) for x in strict[1].values()], text
     assert _fast_infos(plain.encode(), 100, p) is not None and 20 < declined < len(cases)
+
+
+def test_identical_checkpoints_with_empty_tensors_read_identical(tmp_path, rng):
+    # a [0] or [3, 0] tensor holds nothing that could differ: it read "changed" (no share of changed
+    # elements to take), so two byte-identical checkpoints read "DERIVED: a fine-tune"
+    from weightdiff.comparison import compare
+
+    t = {"w": rng.normal(0, 1, (16, 16)).astype(np.float32), "extra.bias": np.zeros(0, np.float32),
+         "empty": np.zeros((3, 0), np.float16)}
+    a, b = save_file(tmp_path / "a.safetensors", t), save_file(tmp_path / "b.safetensors", t)
+    r = compare(a, b)
+    assert r.summary.verdict == "identical"
+    assert {x.name: x.status for x in r.tensors} == {"w": "unchanged", "extra.bias": "unchanged", "empty": "unchanged"}

@@ -275,10 +275,14 @@ def classify(stats: dict, dtype_base: str | None, dtype_tuned: str | None, thres
 
     >>> classify({"frac_changed": 0.5, "frac_beyond_rounding": 0.0}, "F32", "BF16", Thresholds())
     'rounding'
+    >>> classify({"numel": 0, "frac_changed": None, "frac_beyond_rounding": None}, "F32", "F32", Thresholds())
+    'unchanged'
     """
     count = stats.get("count", stats.get("numel"))
     changed = _share(stats, "n_changed", "frac_changed", count)
     beyond = _share(stats, "n_beyond", "frac_beyond_rounding", count)
+    if changed is None and count == 0 and not stats.get("n_changed"):
+        return "unchanged"          # an empty tensor (shape [0]) has nothing that could differ
     if changed is None:
         return "changed"
     if changed == 0:
