@@ -265,3 +265,18 @@ def test_gpt2_adapter_through_the_cli_exits_0(tmp_path):
     assert r.exit_code == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["summary"]["verdict"] == "derived"
+
+
+def test_untrained_adapter_reads_identical_without_a_dtype_change(tmp_path, rng):
+    # lora_B = 0 (a fresh adapter): the base tensors it leaves alone are the base's own, in their own
+    # dtype; they read "stored in another dtype (F32 -> None)"
+    base = base_model(tmp_path / "base", rng)
+    t = lora(rng)
+    t[f"{Q}.lora_B.weight"][:] = 0
+    ad = adapter(tmp_path / "ad", CFG, t)
+    r = CliRunner().invoke(main, ["compare", str(base), str(ad), "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["summary"]["verdict"] == "identical"
+    assert all(x["dtype_tuned"] == x["dtype_base"] == "F32" for x in doc["tensors"])
+    assert "None" not in r.stdout and "another dtype" not in r.stdout

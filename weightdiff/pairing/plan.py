@@ -239,7 +239,8 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
             if not keep(shown):
                 continue
             if adapter:
-                out.append(((1, i, pos), Pair(shown, bname, i, "inherited", None, tuple(info.shape), None,
+                # the base tensor is used as it is: in its own dtype on the adapted side too
+                out.append(((1, i, pos), Pair(shown, bname, i, "inherited", None, tuple(info.shape), info.dtype,
                                                info.dtype)))
             else:
                 out.append(((1, i, pos), Pair(None, bname, i, "removed", None, tuple(info.shape), None,

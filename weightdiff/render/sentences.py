@@ -182,10 +182,11 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         return (f"The {matrices_phrase(s)} are near-orthogonal to the base (weighted cosine {num(cos)}) and the "
                 f"relative change of those matrices is {sci(rel)}, as between independently initialised models.")
     if v == "identical":
-        moved = sorted({f"{t.get('dtype_base')} -> {t.get('dtype_tuned')}" for t in counted
-                        if t.get("dtype_base") != t.get("dtype_tuned") and t.get("compared") != "factors"})
+        recast = [t for t in counted if t.get("dtype_base") and t.get("dtype_tuned")
+                  and t.get("dtype_base") != t.get("dtype_tuned") and t.get("compared") != "factors"]
+        moved = sorted({f"{t.get('dtype_base')} -> {t.get('dtype_tuned')}" for t in recast})
         if moved:
-            n = sum(1 for t in counted if t.get("dtype_base") != t.get("dtype_tuned") and t.get("compared") != "factors")
+            n = len(recast)
             return (f"All {count(tbs.get('unchanged', 0))} tensors hold exactly the base's values; {count(n)} "
                     f"{'is' if n == 1 else 'are'} stored in another dtype ({', '.join(moved)}), converted without loss.")
         return f"All {count(tbs.get('unchanged', 0))} tensors are bitwise identical to the base."
