@@ -122,6 +122,31 @@ def test_hf_cache_repo_folders_linked_out_of_the_repo_are_refused(tmp_path, link
         bad(["inspect", repo], repo / "refs" / "main", "outside the Hugging Face cache folder")
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_config_json_symlinked_outside_is_refused(tmp_path, quantized):
+    # config.json decides how a model is read (its head tie, its quantization_config): one borrowed from
+    # another folder through a symlink was read and changed the pairing
+    secret = tmp_path / "elsewhere" / "config.json"
+    secret.parent.mkdir()
+    secret.write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True,
+                                  **({"quantization_config": {"quant_method": "fp8"}} if quantized else {})}))
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    save_checkpoint(base, tensors())
+    save_checkpoint(tuned, tensors())
+    (tuned / "config.json").symlink_to(secret)
+    out = tmp_path / "out"
+    line = bad(["compare", base, tuned, "--json", out / "r.json"], tuned / "config.json", "outside the checkpoint folder")
+    assert "copy it into the folder" in line
+    assert not out.exists()
+    bad(["inspect", tuned], tuned / "config.json", "outside the checkpoint folder")
+    # inside the folder (a link to a sibling) it is read as before
+    (tuned / "config.json").unlink()
+    (tuned / "cfg.json").write_text(json.dumps({"model_type": "llama"}))
+    (tuned / "config.json").symlink_to(tuned / "cfg.json")
+    r = CliRunner().invoke(main, ["compare", str(base), str(tuned), "--json", str(out / "r.json")])
+    assert r.exit_code == 0, r.output
+
+
 def test_several_weight_files_without_index_are_ambiguous(tmp_path):
     d = tmp_path / "ck"
     d.mkdir()

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 from ..errors import CheckpointError, escape_name
-from .files import load_json, open_regular, os_problem, pread_into, read_small
+from .files import inside as _inside, load_json, open_regular, os_problem, pread_into, read_small
 from .located import Checkpoint
 from .peft_adapter import JSON_CAP, AdapterConfig, LoraFactor, parse_adapter_config
 from .pickle_read import PICKLE_SUFFIXES, load_pickle
@@ -57,6 +57,11 @@ def locate(path: str | os.PathLike, hub: object = None) -> Checkpoint:
         ckpt = locate_hub(path, hub)
     else:
         ckpt = _locate(Path(os.fspath(path)), path)
+        try:
+            _configs_inside(ckpt)
+        except BaseException:
+            ckpt.close()
+            raise
     if ckpt.format in ("safetensors", "sharded"):
         try:
             _fold_quantized(ckpt)
@@ -73,6 +78,22 @@ def is_hub_candidate(path: object) -> bool:
     from .hub import hub_spelling
 
     return hub_spelling(path)
+
+
+#: files beside the weights that decide how a model is read (head tie, quantization, declared base)
+CONFIG_FILES = ("config.json", "quantize_config.json")
+
+
+def _configs_inside(ckpt: Checkpoint) -> None:
+    """CheckpointError when a config file beside a local checkpoint's weights is a symlink that resolves
+    out of its folder: another model's config would change how this one is read. Refused whether or
+    not this comparison reads it, so the same folder is accepted or refused the same way every time."""
+    root = ckpt.config_dir or ckpt.root
+    if root is None or ckpt.read_config is not None:
+        return
+    for name in CONFIG_FILES:
+        if os.path.islink(Path(root, name)):
+            _inside(Path(root, name), Path(root), "copy it into the folder if it belongs to this model")
 
 
 def _fold_quantized(ckpt: Checkpoint) -> None:
@@ -117,35 +138,6 @@ def _locate(p: Path, path: str | os.PathLike) -> Checkpoint:
             ckpt.origin = (f"{escape_name(path)}: the local {'folder' if stat.S_ISDIR(st.st_mode) else 'file'}, "
                            "not the Hub repo of the same spelling (a local path always wins)")
     return ckpt
-
-
-def _roots(d: Path) -> list[Path]:
-    """Folders the files of checkpoint folder ``d`` may resolve into: ``d`` itself, and for a
-    Hugging Face cache snapshot (``models--org--name/snapshots/<rev>``) that repo's ``blobs/``."""
-    real = Path(os.path.realpath(d))
-    roots = [real]
-    for a in (real, *real.parents):          # a subfolder of a snapshot shares the repo's blobs/ too
-        if a.parent.name == "snapshots" and "--" in a.parent.parent.name:
-            blobs = Path(os.path.realpath(a.parent.parent / "blobs"))
-            if blobs.is_relative_to(a.parent.parent):     # a blobs/ linked out of the repo is no root
-                roots.append(blobs)
-            break
-    return roots
-
-
-def _inside(path: Path, d: Path) -> Path:
-    """``path`` (a file of checkpoint folder ``d``) if it resolves inside ``d``; CheckpointError if a
-    symlink (of the file or of a folder on its way) leads out. Broken links are left to the reader."""
-    if not os.path.exists(path):
-        return path
-    real = Path(os.path.realpath(path))
-    roots = _roots(d)
-    if not any(real.is_relative_to(r) for r in roots):
-        where = "the checkpoint folder" if len(roots) == 1 else "the checkpoint folder or its cache repo's blobs/"
-        raise CheckpointError(path, f"resolves to {escape_name(str(real))}, outside {where} "
-                                    f"{escape_name(str(d))}; refusing to follow the symlink",
-                              "pass that file directly if it is the one you mean")
-    return path
 
 
 def _listdir(d: Path) -> list[str]:

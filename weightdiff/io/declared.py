@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .files import load_json, read_small
+from .files import load_json, read_beside
 
 __all__ = ["declared", "same_model"]
 
@@ -25,10 +25,11 @@ _CAP = 1 << 20
 
 
 def _name_in(path: Path, key: str) -> str | None:
-    if not path.is_file():
-        return None
     try:
-        doc = load_json(read_small(path, _CAP), path, path.name)
+        got = read_beside(path.parent, path.name, _CAP)     # never one that resolves out of the folder
+        if got is None:
+            return None
+        doc = load_json(got[1], path, path.name)
     except (CheckpointError, OSError):
         return None        # a hint only: a config we cannot read declares nothing
     value = doc.get(key) if isinstance(doc, dict) else None

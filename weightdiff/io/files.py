@@ -246,3 +246,43 @@ class OpenCheckpointFile:
         if size != self.size:
             raise CheckpointError(self.path, f"file changed while being read: it held {self.size:,} "
                                              f"bytes, now {size:,} (overwritten or truncated?)")
+
+
+def checkpoint_roots(d: Path) -> list[Path]:
+    """Folders the files of checkpoint folder ``d`` may resolve into: ``d`` itself, and for a
+    Hugging Face cache snapshot (``models--org--name/snapshots/<rev>``) that repo's ``blobs/``."""
+    real = Path(os.path.realpath(d))
+    roots = [real]
+    for a in (real, *real.parents):          # a subfolder of a snapshot shares the repo's blobs/ too
+        if a.parent.name == "snapshots" and "--" in a.parent.parent.name:
+            blobs = Path(os.path.realpath(a.parent.parent / "blobs"))
+            if blobs.is_relative_to(a.parent.parent):     # a blobs/ linked out of the repo is no root
+                roots.append(blobs)
+            break
+    return roots
+
+
+def inside(path: Path, d: Path, hint: str = "pass that file directly if it is the one you mean") -> Path:
+    """``path`` (a file of checkpoint folder ``d``) if it resolves inside ``d``; CheckpointError if a
+    symlink (of the file or of a folder on its way) leads out. Broken links are left to the reader."""
+    if not os.path.exists(path):
+        return path
+    real = Path(os.path.realpath(path))
+    roots = checkpoint_roots(d)
+    if not any(real.is_relative_to(r) for r in roots):
+        where = "the checkpoint folder" if len(roots) == 1 else "the checkpoint folder or its cache repo's blobs/"
+        raise CheckpointError(path, f"resolves to {escape_name(str(real))}, outside {where} "
+                                    f"{escape_name(str(d))}; refusing to follow the symlink",
+                              hint)
+    return path
+
+
+def read_beside(root: str | os.PathLike, name: str, cap: int) -> tuple[Path, bytes] | None:
+    """``(path, bytes)`` of the small file ``name`` beside a checkpoint's weights (``config.json``), or
+    None when there is none; CheckpointError when it resolves out of the folder ``root`` (a symlink to
+    another model's config would change how this one is read) or is over ``cap`` bytes."""
+    path = Path(root, name)
+    if not path.is_file():
+        return None
+    inside(path, Path(root), "copy it into the folder if it belongs to this model")
+    return path, read_small(path, cap)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .files import load_json, read_small
+from .files import load_json, read_beside
 
 __all__ = ["HeadTie", "ties_head", "ties_head_of", "UNTIED_BY_DEFAULT"]
 
@@ -91,12 +91,13 @@ def ties_head(ckpt: object) -> HeadTie:
     weights (a streamed Hub checkpoint's through ``read_config``)."""
     read = getattr(ckpt, "read_config", None)
     root = getattr(ckpt, "config_dir", None) or getattr(ckpt, "root", None)
+    # a config.json that resolves out of the folder is refused (CheckpointError), not read, nor assumed
+    got = read_beside(root, "config.json", _CAP) if read is None and root is not None else None
     try:
         if read is not None:
             doc = read("config.json")
-        elif root is not None and Path(root, "config.json").is_file():
-            path = Path(root, "config.json")
-            doc = load_json(read_small(path, _CAP), path, "config.json")
+        elif got is not None:
+            doc = load_json(got[1], got[0], "config.json")
         else:
             doc = None
     except (CheckpointError, OSError):

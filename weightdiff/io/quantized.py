@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
-from .files import load_json, read_small
+from .files import load_json, read_beside, read_small
 from .quant_sources import AWQ, FP8, GPTQ, MXFP4, BnB4, BnB8, IntGrid, Read, Source
 from .safetensors_read import QuantScheme, TensorInfo
 
@@ -60,10 +60,11 @@ def read_quant_config(root: Path, read=None) -> dict | None:
             if doc is None:
                 continue
         else:
-            path = root / fname
-            if not path.is_file():
+            got = read_beside(root, fname, _CONFIG_CAP)       # refused when it resolves out of root
+            if got is None:
                 continue
-            doc = load_json(read_small(path, _CONFIG_CAP), path, fname)
+            path, raw = got
+            doc = load_json(raw, path, fname)
         qc = doc.get(key) if key and isinstance(doc, dict) else doc
         if isinstance(qc, dict):
             if key is None:
