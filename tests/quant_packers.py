@@ -261,7 +261,7 @@ def bnb4_state_tensors(prefix: str, st: dict) -> dict:
 
 # -- GPTQ with error compensation ----------------------------------------------------------
 
-def gptq_quantize(w: np.ndarray, x: np.ndarray, bits: int = 4, group: int = 64, actorder: bool = False,
+def gptq_quantize(w: np.ndarray, x: np.ndarray, bits: int = 4, group: int = 64, actorder: bool | str = False,
                   damp: float = 0.01):
     """GPTQ's ``fasterquant`` (AutoGPTQ ``quantization/gptq.py``, one block of all columns, which
     gives the same codes as its lazy batches up to float summation order): columns quantized
@@ -269,12 +269,19 @@ def gptq_quantize(w: np.ndarray, x: np.ndarray, bits: int = 4, group: int = 64, 
     found when the group starts, on the weights as compensated so far; the rounding error of
     each column pushed onto the columns not yet quantized through the inverse Hessian's
     Cholesky factor. Returns (qweight, qzeros, scales, g_idx) packed as ``gptq_pack`` packs
-    (v1 zeros)."""
+    (v1 zeros). ``actorder="gar"``: GPTQModel's ``act_group_aware`` (its default): the groups stay
+    the plain ``arange // group`` (as stored), processed in the order of their summed Hessian
+    diagonal, the columns within each by their own, descending."""
     maxq = 2 ** bits - 1
     W = w.astype(np.float64).copy()
     m, n = W.shape
     H = x.T.astype(np.float64) @ x.astype(np.float64)
-    perm = np.argsort(-np.diag(H), kind="stable") if actorder else np.arange(n)
+    d = np.diag(H)
+    if actorder == "gar":
+        groups = np.argsort(-d.reshape(-1, group).sum(1), kind="stable")
+        perm = np.concatenate([g * group + np.argsort(-d[g * group:(g + 1) * group], kind="stable") for g in groups])
+    else:
+        perm = np.argsort(-d, kind="stable") if actorder else np.arange(n)
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * np.mean(np.diag(H)) * np.eye(n)
     hinv = np.linalg.cholesky(np.linalg.inv(H)).T
@@ -299,6 +306,9 @@ def gptq_quantize(w: np.ndarray, x: np.ndarray, bits: int = 4, group: int = 64, 
     g_idx = (np.arange(n) // group)[inv].astype(np.int32)
     S = np.stack(scales)                                    # [groups, out]
     Z = np.stack(zeros).astype(np.int64)
+    if actorder == "gar":                                   # plain g_idx; scales by the static group
+        g_idx = (np.arange(n) // group).astype(np.int32)
+        S[groups], Z[groups] = S.copy(), Z.copy()
     pf = 32 // bits
     qweight = np.zeros((n // pf, m), np.uint32)
     for row in range(qweight.shape[0]):

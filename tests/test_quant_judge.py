@@ -79,14 +79,18 @@ def _gptq_files(w_by_name, others, x, actorder):
         m = name[: -len(".weight")]
         qw, qz, sc, g_idx = P.gptq_quantize(w, x, 4, 64, actorder)
         stored.update({f"{m}.qweight": qw, f"{m}.qzeros": qz, f"{m}.scales": sc, f"{m}.g_idx": g_idx})
-    qc = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": actorder, "sym": False}
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": actorder is True, "sym": False}
+    if actorder == "gar":        # GPTQModel 5+ writes its default this way
+        qc["meta"] = {"quantizer": ["gptqmodel:7.7.0"], "act_group_aware": True}
     return stored, qc
 
 
-@pytest.mark.parametrize("actorder", [True, False], ids=["desc_act", "in_order"])
+@pytest.mark.parametrize("actorder", [True, False, "gar"], ids=["desc_act", "in_order", "act_group_aware"])
 def test_gptq_with_error_compensation(tmp_path, models, actorder):
     """Compensated GPTQ moves a third of the elements past half a step: the bound fails on the base,
-    the first-group test passes it, and still catches the fine-tune."""
+    the first-group test passes it, and still catches the fine-tune. GPTQModel's default order
+    (act_group_aware: groups and columns by the Hessian, a plain g_idx) read an unchanged base as
+    derived when column 0 was taken for the first processed one."""
     base, tuned = models
     rng = np.random.default_rng(5)
     mix = rng.standard_normal((T.IN, T.IN)) * 0.05 + np.eye(T.IN)

@@ -174,11 +174,16 @@ class IntGrid(Source):
         return K.dequant_int(q, z_el, s_el, self.sdtype, -half, half - 1)
 
 
-def first_columns(g_idx: np.ndarray | None, actorder: bool, ncols: int) -> np.ndarray:
+def first_columns(g_idx: np.ndarray | None, actorder: bool | str, ncols: int) -> np.ndarray:
     """The columns among which GPTQ's first processed column lies (it is plainly rounded: its error
     compensation only moves later columns). Without an activation order it processes the columns in
     order, so column 0, also when a stored ``g_idx`` is the plain ``arange // group``; with one,
-    the first group of that order (``g_idx == 0``), or every column when no ``g_idx`` records it."""
+    the first group of that order (``g_idx == 0``), or every column when no ``g_idx`` records it.
+    ``actorder == "unknown"``: an order the file does not record (GPTQModel's ``act_group_aware``
+    reorders the groups and the columns within them by the Hessian while writing a plain ``g_idx``;
+    ``static_groups`` with ``desc_act`` too): every column."""
+    if actorder == "unknown":
+        return np.arange(ncols)
     if g_idx is not None:
         g = np.asarray(g_idx).astype(np.int64).reshape(-1)
         if not actorder and g.size and bool(np.all(g[1:] >= g[:-1])):

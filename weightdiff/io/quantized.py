@@ -75,6 +75,24 @@ def read_quant_config(root: Path, read=None) -> dict | None:
 
 # -- recognition -------------------------------------------------------------------------
 
+def _gptq_order(qc: dict) -> bool | str:
+    """The column order a GPTQ config records: False (in order), True (``desc_act``: the first group
+    of ``g_idx`` holds the first column), or "unknown": GPTQModel's ``act_group_aware`` (its default
+    since 5.x; ``meta.act_group_aware`` or top level) reorders the groups and the columns within them
+    while writing a plain ``g_idx``, and ``static_groups`` with ``desc_act`` fixes the groups before
+    the reordering; neither stores the order."""
+    meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
+    if any(_truthy(d.get("act_group_aware")) for d in (qc, meta)):
+        return "unknown"
+    if _truthy(qc.get("desc_act")):
+        return "unknown" if _truthy(qc.get("static_groups")) else True
+    return False
+
+
+def _truthy(v) -> bool:
+    return v is True or (isinstance(v, str) and v.strip().lower() == "true") or (type(v) is int and v == 1)
+
+
 def _err(info: TensorInfo, problem: str, hint: str | None = None) -> CheckpointError:
     return CheckpointError(info.path, problem, hint)
 
@@ -197,13 +215,13 @@ def _gptq_awq(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
             raise _err(sc, f"group size {group} does not give the {G} scale rows of {_q(sc.name)} "
                            f"over {in_f} inputs")
         v1 = str(qc.get("checkpoint_format", qc.get("format", "gptq"))).lower() != "gptq_v2"
-        desc = ", desc_act" if qc.get("desc_act") else ""
+        order = _gptq_order(qc)
+        desc = {"unknown": ", column order not recorded", True: ", desc_act"}.get(order, "")
         sym = {True: ", sym", False: ", asym"}.get(qc.get("sym"), "")
         label = f"int{bits} group {group if group and group < in_f else 'channel'}{desc}{sym}, " \
                 f"{'v1 zeros (+1)' if v1 else 'v2 zeros'}"
         sch = _scheme("gptq", label, bits, str(group), True, [t for t in (qw, qz, sc, gi) if t is not None])
-        return GPTQ(mod + ".weight", (out_f, in_f), sch, qw.path, qw, qz, sc, gi, bits, v1, group,
-                    actorder=bool(qc.get("desc_act")))
+        return GPTQ(mod + ".weight", (out_f, in_f), sch, qw.path, qw, qz, sc, gi, bits, v1, group, actorder=order)
     bits = bits or 4
     version = str(qc.get("version", "gemm")).lower()
     if version != "gemm":
