@@ -537,3 +537,23 @@ def test_one_expert_fine_tuned_in_a_quantized_moe_gguf(tmp_path, rng):
     assert changed[0].rank is not None and changed[0].rank.numerical_rank == 2
     rec = {x.name: x for x in r.tensors}
     assert rec["model.layers.1.block_sparse_moe.experts.2.w1.weight"].status == "quantized"
+
+
+def test_header_that_does_not_describe_the_data_is_refused(tmp_path, rng):
+    # a tensor count one short: the last tensor info was taken for padding and every tensor read from
+    # shifted bytes ("UNRELATED", exit 0); data appended after the last tensor, or a gap no tensor
+    # claims, is refused the same way
+    t, base, path = _llama_pair(tmp_path, rng)
+    raw = bytearray(path.read_bytes())
+    n = struct.unpack_from("<Q", raw, 8)[0]
+    short = bytearray(raw)
+    struct.pack_into("<Q", short, 8, n - 1)
+    bad(_write(tmp_path / "short.gguf", bytes(short)), "not zero padding")
+    bad(_write(tmp_path / "tail.gguf", bytes(raw) + b"\0" * 4096), "4,096 bytes after the last tensor belong to no tensor")
+    assert compare(base, path).summary.verdict == "identical"        # the file as written reads fine
+
+
+def test_permuted_tensor_of_zero_dimensions_is_refused(tmp_path):
+    path = raw_gguf(tmp_path / "z.gguf", {"blk.0.attn_q.weight": (np.zeros((), np.float32), Q.F32)})
+    line = bad(path, "cannot undo llama.cpp's Q/K permutation of a tensor of 0 dimensions")
+    assert "blk.0.attn_q.weight" in line

@@ -173,6 +173,11 @@ def parse_header(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list
                               "compare the GGUF that holds the model's weights")
     if data > size:
         raise CheckpointError(path, "the tensor data section starts past the end of the file (truncated download?)")
+    if any(c.buf[c.pos:data]):
+        # writers pad the header to the alignment with zeros; anything else there is a tensor info or
+        # metadata the counts left out, and every tensor would be read from shifted bytes
+        raise CheckpointError(path, f"the {data - c.pos} bytes between the header and the tensor data are not zero "
+                                    "padding (a tensor or metadata count that does not match the header?)")
     return data, align, meta, infos
 
 

@@ -146,7 +146,10 @@ class GGUFFile(OpenCheckpointFile):
             if transform == "transpose":
                 shape = tuple(ne)
             if transform == "permute":
-                if mapped.heads < 1 or len(ne) not in (1, 2) or shape[0] % (2 * mapped.heads):
+                if len(ne) not in (1, 2):
+                    raise CheckpointError(path, f"tensor {q}: cannot undo llama.cpp's Q/K permutation of a tensor "
+                                                f"of {len(ne)} dimensions (corrupt header?)")
+                if mapped.heads < 1 or shape[0] % (2 * mapped.heads):
                     raise CheckpointError(path, f"tensor {q}: cannot undo llama.cpp's Q/K permutation: {shape[0]:,} "
                                                 f"rows and {mapped.heads} heads from the metadata (corrupt metadata?)")
                 if len(ne) == 1:
@@ -174,6 +177,20 @@ class GGUFFile(OpenCheckpointFile):
         for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:]):
             if b2 < e1:
                 raise CheckpointError(path, f"tensors `{escape_name(n1)}` and `{escape_name(n2)}` overlap")
+        # writers lay the tensors out back to back from offset 0, each padded to the alignment: more
+        # bytes than a pad that no tensor claims mean the header does not describe this data
+        gaps = [(spans[0][0], None, spans[0][2])] + [(b2 - e1, n1, n2) for (_, e1, n1), (b2, _, n2) in
+                                                     zip(spans, spans[1:])]
+        for gap, n1, n2 in gaps:
+            if gap >= align:
+                where = f"before `{escape_name(n2)}`" if n1 is None else \
+                    f"between `{escape_name(n1)}` and `{escape_name(n2)}`"
+                raise CheckpointError(path, f"{gap:,} bytes of the tensor data {where} belong to no tensor "
+                                            "(a corrupt or edited header?)")
+        tail = self.size - (data + spans[-1][1])
+        if tail >= align:
+            raise CheckpointError(path, f"{tail:,} bytes after the last tensor belong to no tensor (a tensor count "
+                                        "that does not match the header, or data appended to the file?)")
         self._notes(arch, counts, skipped)
 
     def _split_experts(self, name: str, template: str, ne: list, start: int, qtype: int, tname: str, block: int,
