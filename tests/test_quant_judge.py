@@ -322,3 +322,43 @@ def test_a_quantization_with_no_floor_is_inconclusive_not_a_fine_tune(tmp_path):
     assert s.verdict == "inconclusive" and "quant_untested" in s.flags, s.verdict_reason
     assert "whether by quantization alone or by a fine-tune cannot be told" in s.verdict_reason
     assert verdict_title(s.to_dict()).startswith("INCONCLUSIVE: some quantized tensors")
+
+
+@pytest.mark.parametrize("actorder", [False, "gar"], ids=["in_order", "act_group_aware"])
+def test_gptq_first_group_scales_come_back_from_the_base(tmp_path, models, actorder):
+    """A low-rank change that leaves some column of the first group clean (here column 0 untouched, the
+    rest of that group moved) passed the column test: a quantized fine-tune read quantized_only. The
+    group's min/max scales were set up from the weights GPTQ read; from the base they do not come back."""
+    base, _ = models
+    rng = np.random.default_rng(11)
+    mix = rng.standard_normal((T.IN, T.IN)) * 0.05 + np.eye(T.IN)
+    x = (rng.standard_normal((512, T.IN)) @ mix) * np.exp(rng.standard_normal(T.IN))
+    mats = [n for n in base if any(n.startswith(m + ".") for m in T.LINEARS)]
+    tuned = dict(base)
+    for n in mats:
+        w = base[n]
+        u, v = rng.standard_normal((w.shape[0], 2)), rng.standard_normal((2, w.shape[1]))
+        v[:, 0] = 0                                        # column 0 untouched
+        d = u @ v
+        tuned[n] = (w + 0.05 * np.linalg.norm(w) * d / np.linalg.norm(d)).astype(np.float32)
+    for src, want in ((base, "quantized_only"), (tuned, "derived")):
+        stored, qc = _gptq_files({n: src[n] for n in mats}, T._others(src), x, actorder)
+        r = _judge(tmp_path / want, base, stored, qc)
+        q = [t.quant for t in r.tensors if t.quant]
+        assert r.summary.verdict == want, [(x["first_group_min_beyond"], x.get("first_group_scales")) for x in q]
+        if want == "quantized_only":
+            assert all(x["first_group_scales"] == 1.0 for x in q)
+        else:
+            assert all(x["first_group_scales"] < 0.95 for x in q)
+
+
+def test_learned_scales_are_not_tested_against_the_base():
+    # AutoRound writes the GPTQ layout with learned scales, an mse search clips them: neither comes back
+    # from min/max of the base, so the scale test must not run on them
+    from weightdiff.io.quantized import _minmax_gptq
+
+    assert _minmax_gptq({"quant_method": "gptq", "bits": 4, "sym": True})
+    assert _minmax_gptq({"quant_method": "gptq", "meta": {"quantizer": ["gptqmodel:7.7.0"], "mse": 0.0}})
+    assert not _minmax_gptq({"quant_method": "gptq", "meta": {"quantizer": ["gptqmodel:7.7.0"], "mse": 2.4}})
+    assert not _minmax_gptq({"quant_method": "gptq", "autoround_version": "0.5.1", "iters": 200})
+    assert not _minmax_gptq({"quant_method": "gptq", "meta": {"quantizer": ["someotherquantizer:1.0"]}})

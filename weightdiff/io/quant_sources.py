@@ -200,11 +200,34 @@ class GPTQ(Source):
         return first_columns(read(gi.name) if gi is not None else None, self.actorder, ncols)
 
     def __init__(self, name, shape, scheme, path, qweight, qzeros, scales, g_idx, bits, v1, group,
-                 actorder: bool = False):
+                 actorder: bool | str = False, sym: bool | None = None, minmax: bool = False):
         super().__init__(name, shape, scheme, path)
         self.t = (qweight, qzeros, scales, g_idx)
         self.bits, self.v1, self.group, self.actorder = bits, v1, group, actorder
         self.sdtype = scales.dtype if scales.dtype in ("BF16", "F16") else "F32"
+        #: the config says how each group's scale was found: min/max of the group's weights (no ``mse``
+        #: clipping search), symmetric or not; ``group_params`` is then checked against the base
+        self.sym, self.minmax = sym, minmax
+
+    def group_params(self, read) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scales [G, out] float32 as stored, zero points [G, out] int64 as dequantization uses them,
+        g_idx [in]) of this tensor."""
+        qw, qz, sc, gi = self.t
+        out = self.shape[0]
+        z = K.unpack_cols(read(qz.name), self.bits)[:, :out].astype(np.int64)
+        if self.v1:
+            z = (z + 1) & ((1 << self.bits) - 1)
+        g = read(gi.name).astype(np.int64) if gi is not None else np.arange(self.shape[1]) // self.group
+        return _f32(read(sc.name), sc.dtype), z, g
+
+    def first_scale_groups(self, read) -> np.ndarray:
+        """Scale groups one of which the quantizer set up first, from the original weights (before any
+        error compensation): group ``g_idx[0]`` in order, group 0 under ``desc_act`` (the first group
+        of its order), every group when the order is not recorded."""
+        g = self.group_params(read)[2]
+        if self.actorder == "unknown":
+            return np.unique(g)
+        return np.array([0 if self.actorder else int(g[0])]) if g.size else np.zeros(0, np.int64)
 
     def rows(self, read, read_rows, r0, r1):
         qw, qz, sc, gi = self.t

@@ -85,8 +85,31 @@ def _gptq_order(qc: dict) -> bool | str:
     if any(_truthy(d.get("act_group_aware")) for d in (qc, meta)):
         return "unknown"
     if _truthy(qc.get("desc_act")):
-        return "unknown" if _truthy(qc.get("static_groups")) else True
+        return "unknown" if any(_truthy(d.get("static_groups")) for d in (qc, meta)) else True
     return False
+
+
+#: config keys of quantizers that write the GPTQ layout with learned, not min/max, scales (AutoRound)
+_LEARNED_SCALE_KEYS = ("autoround", "auto_round", "iters", "minmax_lr", "enable_minmax_tuning")
+
+
+def _minmax_gptq(qc: dict) -> bool:
+    """Whether the config names a GPTQ run whose group scales are min/max of the weights it read
+    (GPTQModel, AutoGPTQ, optimum: ``Quantizer.find_params`` without the ``mse`` clipping search):
+    then the first group it set up reproduces from the base. False for an ``mse`` search, a
+    quantizer that learns its scales (AutoRound writes this layout too), or one GPTQModel's
+    ``meta.quantizer`` does not name."""
+    meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
+    if qc.get("mse") or meta.get("mse"):
+        return False
+    keys = " ".join(str(k).lower() for k in (*qc, *meta))
+    if any(k in keys for k in _LEARNED_SCALE_KEYS):
+        return False
+    who = meta.get("quantizer")
+    if who is not None:
+        names = " ".join(who) if isinstance(who, list) else str(who)
+        return "gptqmodel" in names.lower()
+    return True
 
 
 def _truthy(v) -> bool:
@@ -221,7 +244,9 @@ def _gptq_awq(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
         label = f"int{bits} group {group if group and group < in_f else 'channel'}{desc}{sym}, " \
                 f"{'v1 zeros (+1)' if v1 else 'v2 zeros'}"
         sch = _scheme("gptq", label, bits, str(group), True, [t for t in (qw, qz, sc, gi) if t is not None])
-        return GPTQ(mod + ".weight", (out_f, in_f), sch, qw.path, qw, qz, sc, gi, bits, v1, group, actorder=order)
+        sym = qc.get("sym") if isinstance(qc.get("sym"), bool) else None
+        return GPTQ(mod + ".weight", (out_f, in_f), sch, qw.path, qw, qz, sc, gi, bits, v1, group, actorder=order,
+                    sym=sym, minmax=sym is not None and _minmax_gptq(qc))
     bits = bits or 4
     version = str(qc.get("version", "gemm")).lower()
     if version != "gemm":
