@@ -409,3 +409,13 @@ def test_hostile_quantization_is_bad_input(tmp_path, what, stored, qc, file, mes
     text = str(exc.value)
     assert str(path / file) in text and message in text, text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize("layout", ["gptq_p", "marlin", "bitblas"])
+def test_gptq_packings_other_than_classic_are_refused(tmp_path, base_tensors, layout):
+    """GPTQModel's `gptq_p` (planar bit planes, v2 zeros) keeps the names and shapes of the classic
+    layout: read as v1 it gave wrong values and an unchanged base read `derived`."""
+    stored, qc, _ = build_gptq(base_tensors)
+    path = _save(tmp_path / layout, stored, {**qc, "checkpoint_format": layout})
+    with pytest.raises(CheckpointError, match=f"config.json: GPTQ checkpoint_format '{layout}' is not supported"):
+        locate(path)

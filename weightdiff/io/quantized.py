@@ -237,7 +237,14 @@ def _gptq_awq(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
         if gi is None and (not group or in_f % group or in_f // group != G):
             raise _err(sc, f"group size {group} does not give the {G} scale rows of {_q(sc.name)} "
                            f"over {in_f} inputs")
-        v1 = str(qc.get("checkpoint_format", qc.get("format", "gptq"))).lower() != "gptq_v2"
+        layout = str(qc.get("checkpoint_format", qc.get("format", "gptq"))).lower()
+        if layout not in ("gptq", "gptq_v2"):
+            # GPTQModel's gptq_p (planar), marlin, bitblas, qqq... keep the tensor names and shapes but
+            # not the packing: read as classic GPTQ, every value would be wrong
+            raise CheckpointError(qc.get("_path"), f"GPTQ checkpoint_format {layout!r} is not supported (its packing "
+                                                   "differs from the classic gptq / gptq_v2 layouts)",
+                                  "convert it to checkpoint_format gptq or gptq_v2, or compare the unquantized model")
+        v1 = layout != "gptq_v2"
         order = _gptq_order(qc)
         desc = {"unknown": ", column order not recorded", True: ", desc_act"}.get(order, "")
         sym = {True: ", sym", False: ", asym"}.get(qc.get("sym"), "")
