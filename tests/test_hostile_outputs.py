@@ -195,6 +195,21 @@ def test_same_target_twice_is_bad_input(tmp_path, pair):
     assert r.exit_code == 2 and "stdout is given for two outputs" in r.stderr
 
 
+@pytest.mark.parametrize("exists", [False, True], ids=["dangling", "existing"])
+def test_two_outputs_that_are_one_file_through_a_symlink(tmp_path, pair, exists):
+    # the CSV silently replaced the JSON (exit 0) when one output was a symlink to the other
+    out = tmp_path / "o"
+    out.mkdir()
+    if exists:
+        (out / "target.json").write_text("{}")
+    (out / "link.json").symlink_to(out / "target.json")
+    before = tree(tmp_path)
+    line = one_error(run("compare", *pair, "--json", out / "target.json", "--csv", out / "link.json", "-q"),
+                     out / "link.json")
+    assert "is given for two outputs" in line
+    assert tree(tmp_path) == before
+
+
 def test_output_over_an_input_is_refused(tmp_path, pair):
     before = pair[0].read_bytes()
     assert "is an input" in one_error(run("compare", *pair, "--json", pair[0], "-q"), pair[0])

@@ -126,7 +126,9 @@ class OutputSet:
         Claiming the same target again for the same purpose, or with ``what=None`` (a
         library function confirming what its caller claimed), is a no-op.
         """
-        key = "-" if os.fspath(target) == "-" else os.path.abspath(os.fspath(target))
+        # the real path: two spellings of one file, through a symlink too (dangling or not: the writer
+        # replaces the link's target), are one output
+        key = "-" if os.fspath(target) == "-" else os.path.realpath(os.fspath(target))
         if key in self._claimed:
             if self._claimed[key] == what or what is None:
                 return None if key == "-" else Path(target)
@@ -204,7 +206,7 @@ class OutputSet:
         A symlink target is followed: the file it points to is replaced, never the link (nor,
         for ``/dev/stdout``, a node in ``/dev``)."""
         shown = Path(target)
-        key = os.path.abspath(shown)
+        key = os.path.realpath(shown)              # as claim() keys it
         if key not in self._claimed:
             self.claim(shown, f"`{escape_name(shown.name)}`")
         target = Path(os.path.realpath(shown)) if os.path.islink(shown) else shown
