@@ -362,3 +362,24 @@ def test_learned_scales_are_not_tested_against_the_base():
     assert not _minmax_gptq({"quant_method": "gptq", "meta": {"quantizer": ["gptqmodel:7.7.0"], "mse": 2.4}})
     assert not _minmax_gptq({"quant_method": "gptq", "autoround_version": "0.5.1", "iters": 200})
     assert not _minmax_gptq({"quant_method": "gptq", "meta": {"quantizer": ["someotherquantizer:1.0"]}})
+
+
+def test_two_compensated_quantizations_of_one_base_are_inconclusive(tmp_path, models):
+    """GPTQ with desc_act against GPTQ in column order, of the same weights: compensation
+    moves values by several steps in each, beyond the two floors, and the pair read "a fine-tune that
+    was then quantized". Neither floor bounds such a difference: inconclusive, saying why."""
+    base, _ = models
+    rng = np.random.default_rng(5)
+    mix = rng.standard_normal((T.IN, T.IN)) * 0.05 + np.eye(T.IN)
+    x = (rng.standard_normal((512, T.IN)) @ mix) * np.exp(rng.standard_normal(T.IN))
+    mats = {n: base[n] for n in base if any(n.startswith(m + ".") for m in T.LINEARS)}
+    a, qa = _gptq_files(mats, T._others(base), x, True)
+    b, qb = _gptq_files(mats, T._others(base), x, False)
+    r = compare(T._save(tmp_path / "a", a, qa), T._save(tmp_path / "b", b, qb), rank=False)
+    s = r.summary
+    assert s.verdict == "inconclusive", s.verdict_reason
+    assert "quant_both_compensated" in s.flags
+    assert "cannot be told from a fine-tune" in s.verdict_reason
+    q = [t.quant for t in r.tensors if t.quant]
+    assert q and all(x["side"] == "both" for x in q)
+    assert any(x["within"] is None for x in q)

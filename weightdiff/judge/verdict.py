@@ -137,6 +137,9 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         ("nonfinite", any((r.nonfinite or 0) > 0 for r in records)),
         ("cast_rounded_twice", any(r.cast and r.cast.get("through") for r in counted)),
         ("quant_untested", any(r.status == "quantized" and (r.quant or {}).get("within") is None for r in counted)),
+        ("quant_both_compensated", any(r.status == "quantized" and (r.quant or {}).get("within") is None
+                                       and (r.quant or {}).get("side") == "both"
+                                       and (r.quant or {}).get("test") not in ("none", "bound") for r in counted)),
         ("cast_offset", any(r.cast and any("1 + w" in str(c) for c in r.cast.get("chain") or ()) for r in counted)),
         ("cast_overflow", any(r.cast and ((r.cast.get("overflow") or 0) + (r.cast.get("saturated") or 0)) > 0
                               for r in counted)),

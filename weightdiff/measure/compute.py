@@ -229,8 +229,9 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                                tuple(shape_t), WINDOW_ELEMENTS, stop)
         if rec.quant is not None and rec.quant.get("within") and rec.status in ("changed", "rounding"):
             rec.status = "quantized"
-        elif rec.quant is not None and rec.quant.get("test") == "none" and rec.status in ("changed", "rounding"):
-            rec.status = "quantized"       # a format with no floor (GGUF TQ/IQ): quantized, not tested
+        elif rec.quant is not None and rec.quant.get("within") is None and rec.status in ("changed", "rounding"):
+            # untested: a format with no floor (GGUF TQ/IQ), or two quantizations one of which compensates
+            rec.status = "quantized"
         elif rec.quant is not None and rec.quant.get("test") not in (None, "none") and rec.status == "changed":
             above = True                           # rank the whole change above the quantization noise
 

@@ -138,6 +138,11 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             # its scales come back from the base's weights, or the base is not what it read
             info["first_group_scales"] = scales
             info["within"] = bool(info["within"]) and scales >= SCALE_MATCH_SHARE
+    if side == "both" and test != "bound" and not info.get("within"):
+        # GPTQ's compensation (AWQ's scaling) moves values by several steps, each side in its own order:
+        # two such quantizations of the same weights differ beyond the two floors, as a fine-tune does
+        info.update(within=None, note="both sides quantized, one by an error-compensating quantizer (GPTQ, AWQ): "
+                                      "their floors do not bound the difference of two quantizations")
     return info
 
 

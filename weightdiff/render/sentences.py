@@ -66,6 +66,9 @@ def verdict_title(summary: dict) -> str:
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
+    if v == "inconclusive" and "quant_both_compensated" in (summary.get("flags") or []) \
+            and not (summary.get("tensors_by_status") or {}).get("changed"):
+        return "INCONCLUSIVE: both models are quantized, and two quantizations cannot be told from a fine-tune here."
     if v == "inconclusive" and "quant_untested" in (summary.get("flags") or []) \
             and not (summary.get("tensors_by_status") or {}).get("changed"):
         return "INCONCLUSIVE: some quantized tensors differ from the base in a format with no noise floor to test."
@@ -105,6 +108,12 @@ def _inconclusive(data: dict) -> str:
     if "quant_untested" in (s.get("flags") or []) and not tbs.get("changed"):
         q = s.get("quantization") or {}
         n = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
+        if "quant_both_compensated" in (s.get("flags") or []):
+            return (f"Both models are quantized, at least one by an error-compensating quantizer "
+                    f"({', '.join(q.get('formats') or []) or 'unknown'}), and {count(n)} "
+                    f"{'tensor differs' if n == 1 else 'tensors differ'} by more than their two noise floors: "
+                    "such a quantizer moves values by several steps, so two quantizations of the same weights "
+                    "cannot be told from a fine-tune; compare each with the unquantized model instead.")
         return (f"{count(n)} quantized {'tensor differs' if n == 1 else 'tensors differ'} from the base in a format "
                 f"whose noise floor weightdiff cannot compute ({', '.join(q.get('schemes') or []) or 'unknown'}), so "
                 "whether by quantization alone or by a fine-tune cannot be told; every other tensor is unchanged, "
