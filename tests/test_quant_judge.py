@@ -383,3 +383,18 @@ def test_two_compensated_quantizations_of_one_base_are_inconclusive(tmp_path, mo
     q = [t.quant for t in r.tensors if t.quant]
     assert q and all(x["side"] == "both" for x in q)
     assert any(x["within"] is None for x in q)
+
+
+def test_quantized_file_given_as_the_base_is_named_as_such(tmp_path, models):
+    # the quantized side is the base: "quantized from this base" and "a fine-tune that was then quantized"
+    # described the float model given as tuned
+    base, tuned = models
+    for src, want, says in ((base, "quantized_only", "The base given is a quantization of these weights"),
+                            (tuned, "derived", "so the base given was quantized from other weights")):
+        stored, qc, _ = _build("bnb-nf4-nested", src)
+        q = T._save(tmp_path / want / "quant", stored, qc)
+        b = T._save(tmp_path / want / "plain", base, None)
+        r = compare(q, b, rank=False)
+        assert r.summary.verdict == want and says in r.summary.verdict_reason, r.summary.verdict_reason
+        assert "then quantized" not in r.summary.verdict_reason
+        assert "Quantized from this base" not in r.summary.verdict_reason

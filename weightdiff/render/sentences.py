@@ -60,6 +60,9 @@ def verdict_title(summary: dict) -> str:
                 "rounding or quantization.")
     if untouched and (summary.get("scope") or {}).get("blocks_moved"):
         return "DERIVED: this base's blocks, reordered or repeated; none of its weights changed."
+    if v == "quantized_only" and (summary.get("quantization") or {}).get("sides") == ["base"]:
+        return ("QUANTIZED ONLY: every difference is explained by quantizing these weights (the base given is "
+                "the quantized one).")
     if v == "quantized_only" and (summary.get("quantization") or {}).get("sides") == ["both"]:
         return ("QUANTIZED ONLY: every difference is explained by quantizing the same weights twice "
                 "(both models are quantized).")
@@ -233,11 +236,19 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     q = s.get("quantization") or {}
     if v == "quantized_only" and q.get("sides") == ["both"]:
         unknown = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
-        return (f"Both models are quantized: all {count(tbs.get('quantized', 0))} quantized tensors differ only "
-                f"within their two quantization noise floors together {_quant_how(q)} (up to about one "
+        n = int(tbs.get("quantized", 0))
+        return (f"Both models are quantized: the {count(n)} quantized {'tensor' if n == 1 else 'tensors'} that "
+                f"{'differs does' if n == 1 else 'differ do'} so only within their two quantization noise floors "
+                f"together {_quant_how(q)} (up to about one "
                 "quantization step), as two quantizations of the same weights can; at this precision a change "
                 "smaller than a quantization step would not show either. Every other tensor is unchanged or "
                 "within rounding"
+                + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + ".")
+    if v == "quantized_only" and q.get("sides") == ["base"]:
+        unknown = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
+        return (f"The base given is a quantization of these weights: all {count(tbs.get('quantized', 0))} "
+                f"quantized tensors differ from them only within their own quantization noise floor {_quant_how(q)}, "
+                "and every other tensor is unchanged or within rounding"
                 + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + ".")
     if v == "quantized_only":
         unknown = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
@@ -269,9 +280,13 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
     if q.get("tensors_beyond"):
+        after = {("base",): ", so the base given was quantized from other weights than these (a fine-tune of "
+                            "them, or the weights they were tuned from)",
+                 ("tuned",): ", so this is a fine-tune that was then quantized"}.get(tuple(q.get("sides") or ()),
+                                                                                 ", so the weights quantized differ")
         text += (f"; {count(q['tensors_beyond'])} of {count(q.get('tensors_judged'))} quantized tensors "
-                 f"({share(q.get('share_beyond'))}) stand beyond the quantization noise floor {_quant_how(q)}, "
-                 "so this is a fine-tune that was then quantized")
+                 f"({share(q.get('share_beyond'))}) stand beyond the quantization noise floor {_quant_how(q)}"
+                 + after)
     return text + "."
 
 
