@@ -438,6 +438,7 @@ def test_a_sparse_change_costs_two_numbers_per_changed_element_at_most():
 def test_flags_composite_adapter_nonfinite_bytes_partial():
     a = rec("encoder.layer.0.w", base_index=0)
     b = rec("decoder.h.0.w", "changed", base_index=1, nonfinite=3, rank=(2, 2))
+    b.norm_delta = 0.5                 # a real change beside its non-finite values
     b.rank.exact = False
     c = rec("decoder.h.0.q", "changed", base_index=1)
     c.compared = "factors"

@@ -324,3 +324,22 @@ def test_identical_checkpoints_with_empty_tensors_read_identical(tmp_path, rng):
     r = compare(a, b)
     assert r.summary.verdict == "identical"
     assert {x.name: x.status for x in r.tensors} == {"w": "unchanged", "extra.bias": "unchanged", "empty": "unchanged"}
+
+
+def test_changes_that_are_only_nan_are_inconclusive_not_a_fine_tune(tmp_path, rng):
+    # a matrix replaced by NaN read "DERIVED: a fine-tune", relative change 0 (norms skip non-finite values)
+    from weightdiff.comparison import compare
+
+    t = {f"model.layers.{i}.mlp.up_proj.weight": rng.normal(0, 1, (32, 16)).astype(np.float32) for i in range(3)}
+    a = save_file(tmp_path / "a.safetensors", t)
+    broken = dict(t)
+    broken["model.layers.0.mlp.up_proj.weight"] = np.full((32, 16), np.nan, np.float32)
+    r = compare(a, save_file(tmp_path / "nan.safetensors", broken))
+    assert r.summary.verdict == "inconclusive"
+    assert "nonfinite_changes" in r.summary.flags
+    assert "only differences are non-finite values" in r.summary.verdict_reason
+    # beside a real change: derived, and the broken tensor is named as not measured
+    broken["model.layers.1.mlp.up_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"] + np.float32(0.01)
+    r = compare(a, save_file(tmp_path / "both.safetensors", broken))
+    assert r.summary.verdict == "derived"
+    assert "1 of the changed tensors differ only by NaN or infinite values" in r.summary.verdict_reason

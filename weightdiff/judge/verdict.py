@@ -136,6 +136,7 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
                               and r.compared != "factors" for r in counted)),
         ("nonfinite", any((r.nonfinite or 0) > 0 for r in records)),
         ("cast_rounded_twice", any(r.cast and r.cast.get("through") for r in counted)),
+        ("nonfinite_changes", any(nonfinite_only(r) for r in counted)),
         ("quant_untested", any(r.status == "quantized" and (r.quant or {}).get("within") is None for r in counted)),
         ("quant_both_compensated", any(r.status == "quantized" and (r.quant or {}).get("within") is None
                                        and (r.quant or {}).get("side") == "both"
@@ -291,4 +292,13 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
                 return "inconclusive"
             return "quantized_only"
         return "identical" if tbs["rounding"] == 0 else "cast_only"
+    moved = [r for r in counted if is_changed(r, thr)]
+    if moved and not structural and all(nonfinite_only(r) for r in moved):
+        return "inconclusive"         # NaN or infinity where the other side has numbers: broken, not measured
     return "derived"
+
+
+def nonfinite_only(r: TensorRecord) -> bool:
+    """A changed tensor whose every finite value is the base's: it differs only where one side holds
+    NaN or infinity (a corrupted or overflowed tensor), which no number of this tool measures."""
+    return r.status == "changed" and (r.nonfinite or 0) > 0 and r.norm_delta == 0.0

@@ -69,6 +69,9 @@ def verdict_title(summary: dict) -> str:
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
+    if v == "inconclusive" and "nonfinite_changes" in (summary.get("flags") or []) \
+            and (summary.get("tensors_by_status") or {}).get("changed") and "quant_untested" not in (summary.get("flags") or []):
+        return "INCONCLUSIVE: the models differ only by NaN or infinite values, which cannot be measured."
     if v == "inconclusive" and "quant_both_compensated" in (summary.get("flags") or []) \
             and not (summary.get("tensors_by_status") or {}).get("changed"):
         return "INCONCLUSIVE: both models are quantized, and two quantizations cannot be told from a fine-tune here."
@@ -105,9 +108,23 @@ def _judged_share(side: dict):
     return side.get("large_share") if side.get("large_share") is not None else side.get("share")
 
 
+def _nonfinite_only(t: dict) -> bool:
+    """``judge.verdict.nonfinite_only`` of a JSON row."""
+    return t.get("status") == "changed" and (t.get("nonfinite") or 0) > 0 and t.get("norm_delta") == 0.0
+
+
 def _inconclusive(data: dict) -> str:
     s = data.get("summary") or {}
     tbs = s.get("tensors_by_status") or {}
+    if "nonfinite_changes" in (s.get("flags") or []):
+        bad = [t for t in data.get("tensors") or [] if _nonfinite_only(t)]
+        if bad and len(bad) == tbs.get("changed"):
+            vals = sum(int(t.get("nonfinite") or 0) for t in bad)
+            return (f"The only differences are non-finite values: {count(len(bad))} "
+                    f"{'tensor holds' if len(bad) == 1 else 'tensors hold'} NaN or infinity where the other model "
+                    f"has numbers ({count(vals)} values, for example {_names([str(bad[0].get('name'))])}), "
+                    "and every finite value is the base's. Broken or overflowed weights are not a fine-tune, and "
+                    "their change cannot be measured.")
     if "quant_untested" in (s.get("flags") or []) and not tbs.get("changed"):
         q = s.get("quantization") or {}
         n = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
@@ -279,6 +296,10 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
+    broken = [t for t in counted if _nonfinite_only(t)]
+    if broken:
+        text += (f"; {count(len(broken))} of the changed tensors differ only by NaN or infinite values "
+                 "(not measured: broken or overflowed weights)")
     if q.get("tensors_beyond"):
         after = {("base",): ", so the base given was quantized from other weights than these (a fine-tune of "
                             "them, or the weights they were tuned from)",
