@@ -432,3 +432,24 @@ def test_an_output_folder_that_refuses_files_fails_before_any_work(tmp_path, pai
     r = run("compare", *pair, "--json", tmp_path / "x.json", "--report", "/proc/memo.html", "-q")
     assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and "/proc" in r.stderr
     assert not (tmp_path / "x.json").exists() and not [p for p in os.listdir(tmp_path) if "probe" in p]
+
+
+def test_temporaries_a_killed_run_left_are_swept_by_the_next(tmp_path, pair):
+    # SIGKILL while writing leaves `.r.json.PID.XXXXXXXX.tmp`; nothing can catch it, so the next run that
+    # writes the same output removes them, unless their writer is still alive
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "o"
+    out.mkdir()
+    stale = out / f".r.json.{dead.pid}.abcd1234.tmp"
+    live = out / f".r.json.{os.getppid()}.efgh5678.tmp"
+    other = out / f".notes.txt.{dead.pid}.abcd1234.tmp"
+    for p in (stale, live, other):
+        p.write_text("partial")
+    r = run("compare", *pair, "--json", out / "r.json", "-q")
+    assert r.exit_code == 0, r.output
+    assert not stale.exists() and live.exists() and other.exists()
+    assert json.loads((out / "r.json").read_text())["schema"] == "weightdiff.compare/2"

@@ -32,6 +32,7 @@ import contextvars
 import errno
 import fcntl
 import os
+import re
 import signal
 import stat
 import tempfile
@@ -214,7 +215,8 @@ class OutputSet:
             self._special[os.path.abspath(target)] = self._special.pop(key)
         try:
             self._mkdirs(target.parent)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            # the pid in the name lets a later run remove what a killed one left (``_sweep_stale``)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
         except OSError as exc:
             raise OutputError(target, f"cannot write here ({exc.strerror or exc})") from None
         self._staged.append((Path(tmp), target))
@@ -269,6 +271,7 @@ class OutputSet:
         self._staged.clear()
         self._created.clear()
         self._close_special()
+        _sweep_stale(done)
         after, self._after = self._after, []
         for fn in after:
             fn()
@@ -337,6 +340,37 @@ class OutputSet:
             with contextlib.suppress(ValueError, OSError, TypeError):
                 signal.signal(s, h)
         self._handlers.clear()
+
+
+def _sweep_stale(targets: list[Path]) -> None:
+    """Remove the temporaries a run killed while writing these same outputs left beside them
+    (``.NAME.PID.XXXXXXXX.tmp`` of a process that no longer exists; SIGKILL leaves them, nothing can
+    catch it). A live writer's temporaries, and files of any other name, are left alone."""
+    by_dir: dict[Path, set[str]] = {}
+    for t in targets:
+        by_dir.setdefault(Path(t).parent, set()).add(Path(t).name)
+    stale = re.compile(r"^\.(.+)\.(\d+)\.[A-Za-z0-9_]{8}\.tmp$")
+    for d, names in by_dir.items():
+        try:
+            entries = os.listdir(d)
+        except OSError:
+            continue
+        for e in entries:
+            m = stale.match(e)
+            if m is None or m.group(1) not in names or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(d / e)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 def _open_special(target: Path) -> int:
