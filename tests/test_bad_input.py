@@ -258,6 +258,18 @@ def test_directory_with_no_weights(tmp_path):
            "(the folder is empty)")
     (d / "config.json").write_text("{}")
     bad(d, "(found config.json)")
+    (d / "model.onnx").write_bytes(b"\x08\x07")
+    bad(d, "(found config.json, model.onnx) (an ONNX model is not read: write its initializers to safetensors")
+
+
+def test_huge_integer_in_a_header_and_one_unclaimed_byte(tmp_path):
+    # Python's "use sys.set_int_max_str_digits()" advice leaked into the message; "1 data bytes"
+    line = bad(write(tmp_path / "big.safetensors", raw_file(b'{"w": {"dtype": "F32", "shape": [' + b"9" * 5000 +
+                                                            b'], "data_offsets": [0, 4]}}', b"\0" * 4)),
+               "holds an integer of more than 4,300 digits")
+    assert "set_int_max_str_digits" not in line
+    bad(write(tmp_path / "gap.safetensors", raw_file({"w": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}},
+                                                      b"\0\0")), "1 data byte at the start of the data belongs to no tensor")
 
 
 def test_missing_path(tmp_path):

@@ -217,8 +217,11 @@ def choose_weights(names: Sequence[str], where: object) -> tuple[str, str | None
         return "gguf", _the_one(where, gg, ".gguf files", "pass one file")
     found = f"found {', '.join(escape_name(n) for n in names[:6])}" + (", ..." if len(names) > 6 else "") \
         if names else "the folder is empty"
+    onnx = any(n.lower().endswith(".onnx") for n in names)
     raise CheckpointError(where, f"no checkpoint here: expected model.safetensors, "
-                                 f"model.safetensors.index.json or a .gguf file ({found})")
+                                 f"model.safetensors.index.json or a .gguf file ({found})",
+                          "an ONNX model is not read: write its initializers to safetensors "
+                          "(onnx.numpy_helper.to_array) and compare those" if onnx else None)
 
 
 def _the_one(where: object, candidates: list[str], what: str, hint: str) -> str:

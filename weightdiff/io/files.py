@@ -130,6 +130,8 @@ def load_json(raw: bytes | bytearray, path: str | os.PathLike | None, what: str,
     except json.JSONDecodeError as exc:
         raise CheckpointError(path, f"{what} is not valid JSON ({exc.msg.lower()} at byte {exc.pos:,})") from None
     except ValueError as exc:
+        if "integer string conversion" in str(exc):     # Python's own advice would leak into the message
+            raise CheckpointError(path, f"{what} holds an integer of more than 4,300 digits") from None
         raise CheckpointError(path, f"{what} is not valid JSON ({exc})") from None
 
 

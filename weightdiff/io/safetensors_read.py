@@ -338,7 +338,9 @@ def parse_header(raw: bytes | bytearray, file_size: int, path: str | os.PathLike
                                         f"(data bytes {begin:,}-{pos:,})")
         if begin > pos:
             after = f"after tensor {_q(prev)}" if prev is not None else "at the start of the data"
-            raise CheckpointError(path, f"{begin - pos:,} data bytes {after} belong to no tensor")
+            n = begin - pos
+            raise CheckpointError(path, f"{n:,} data {'byte' if n == 1 else 'bytes'} {after} "
+                                        f"{'belongs' if n == 1 else 'belong'} to no tensor")
         pos, prev = end, t.name
     if pos > data_len:
         raise CheckpointError(path, f"header declares {pos:,} bytes of tensor data but the file holds "
