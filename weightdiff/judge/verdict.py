@@ -137,6 +137,7 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         ("nonfinite", any((r.nonfinite or 0) > 0 for r in records)),
         ("cast_rounded_twice", any(r.cast and r.cast.get("through") for r in counted)),
         ("nonfinite_changes", any(nonfinite_only(r) for r in counted)),
+        ("awq_scaled", awq_scaled([r for r in counted if r.status in ("changed", "resized")])),
         ("quant_untested", any(r.status == "quantized" and (r.quant or {}).get("within") is None for r in counted)),
         ("quant_both_compensated", any(r.status == "quantized" and (r.quant or {}).get("within") is None
                                        and (r.quant or {}).get("side") == "both"
@@ -295,7 +296,22 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
     moved = [r for r in counted if is_changed(r, thr)]
     if moved and not structural and all(nonfinite_only(r) for r in moved):
         return "inconclusive"         # NaN or infinity where the other side has numbers: broken, not measured
+    if moved and not structural and awq_scaled(moved) and all(_awq_or_norm(r) for r in moved):
+        return "inconclusive"         # AWQ's scale search, folded into the norms: not undone, not told apart
     return "derived"
+
+
+def _awq_or_norm(r: TensorRecord) -> bool:
+    return "awq" in str((r.quant or {}).get("format") or "") or r.module == "norm"
+
+
+def awq_scaled(moved: list[TensorRecord]) -> bool:
+    """AWQ's scale search at work: AWQ tensors beyond their floor beside changed norm weights (AutoAWQ
+    multiplies each input channel of a linear by an activation scale before quantizing and divides the
+    norm before it by the same scale). weightdiff does not fit those scales back, so such a model of an
+    unchanged base and one of a fine-tune look alike."""
+    return (any("awq" in str((r.quant or {}).get("format") or "") and (r.quant or {}).get("within") is False
+                for r in moved) and any(r.module == "norm" for r in moved))
 
 
 def nonfinite_only(r: TensorRecord) -> bool:

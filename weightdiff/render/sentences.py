@@ -69,6 +69,9 @@ def verdict_title(summary: dict) -> str:
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
+    if v == "inconclusive" and "awq_scaled" in (summary.get("flags") or []):
+        return ("INCONCLUSIVE: an AWQ model with searched scales, which weightdiff does not undo; quantization "
+                "cannot be told from a fine-tune.")
     if v == "inconclusive" and "nonfinite_changes" in (summary.get("flags") or []) \
             and (summary.get("tensors_by_status") or {}).get("changed") and "quant_untested" not in (summary.get("flags") or []):
         return "INCONCLUSIVE: the models differ only by NaN or infinite values, which cannot be measured."
@@ -116,6 +119,16 @@ def _nonfinite_only(t: dict) -> bool:
 def _inconclusive(data: dict) -> str:
     s = data.get("summary") or {}
     tbs = s.get("tensors_by_status") or {}
+    if "awq_scaled" in (s.get("flags") or []):
+        rows = data.get("tensors") or []
+        nq = sum(1 for t in rows if t.get("status") == "changed" and "awq" in str((t.get("quant") or {}).get("format")))
+        nn = sum(1 for t in rows if t.get("status") == "changed" and t.get("module") == "norm")
+        return (f"{count(nq)} AWQ-quantized {'tensor stands' if nq == 1 else 'tensors stand'} beyond the quantization "
+                f"noise floor and {count(nn)} norm {'weight differs' if nn == 1 else 'weights differ'} from the base: "
+                "AWQ's scale search multiplies each input channel of a linear by an activation scale before "
+                "quantizing and divides the norm before it by the same scale, which a fine-tune could also "
+                "explain. weightdiff does not fit those scales back, so quantization cannot be told from a "
+                "fine-tune here; compare the unquantized fine-tune, or an AWQ model quantized without scale search.")
     if "nonfinite_changes" in (s.get("flags") or []):
         bad = [t for t in data.get("tensors") or [] if _nonfinite_only(t)]
         if bad and len(bad) == tbs.get("changed"):
