@@ -185,3 +185,27 @@ def row_grids(rows: np.ndarray, max_levels: int = 256) -> tuple[np.ndarray, np.n
             continue
         out[:, i] = (step, u[0], u[-1], k + 1)
     return out[0], out[1], out[2], out[3]
+
+
+def clipped_beyond(base: np.ndarray, other: np.ndarray, floor: np.ndarray, group: int,
+                   cast_rel: float = 0.0) -> int:
+    """Elements of one window beyond the floor (as ``floor_stats`` counts them) that a clipping search
+    explains: ``other`` (the quantized side) sits on its group's largest or smallest value, with the
+    sign of ``base`` and a smaller magnitude (AWQ clamps each group to a searched ``+-max`` before
+    quantizing, so the elements past it land on the end codes). The window starts at a group boundary
+    and holds whole groups of ``group`` consecutive elements.
+
+    >>> clipped_beyond(np.array([1.0, 0.1, 3.0, 0.2]), np.array([1.0, 0.1, 2.0, 0.2]), np.full(4, 0.1), 4)
+    1
+    """
+    b = np.asarray(base, np.float64).reshape(-1)
+    o = np.asarray(other, np.float64).reshape(-1)
+    f = np.asarray(floor, np.float64).reshape(-1)
+    if b.size % group:
+        raise ValueError(f"clipped_beyond: {b.size} elements are not whole groups of {group}")
+    with np.errstate(invalid="ignore"):
+        beyond = ~(np.abs(b - o) <= f + cast_rel * np.abs(b))
+        g = o.reshape(-1, group)
+        end = (g == g.max(axis=1, keepdims=True)) | (g == g.min(axis=1, keepdims=True))
+        inward = (np.sign(o) == np.sign(b)) & (np.abs(o) < np.abs(b))
+    return int(np.count_nonzero(beyond & end.reshape(-1) & inward))

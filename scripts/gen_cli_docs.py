@@ -24,6 +24,11 @@ FIXED = """## Exit codes
 | 2 | bad input or usage: one line on stderr naming the file or flag, and nothing written |
 | 130 | interrupted (Ctrl-C) |
 
+All outputs of a command appear together or not at all: each is written to a temporary beside it
+(`.NAME.PID.XXXXXXXX.tmp`) and renamed into place once every one is complete; an interrupted or failed
+run removes its temporaries. A run killed outright (SIGKILL, a power cut) cannot, and the next run
+that writes the same output removes what it left (temporaries of a process that no longer exists).
+
 ## Environment variables
 
 | variable | effect |

@@ -400,26 +400,55 @@ def test_quantized_file_given_as_the_base_is_named_as_such(tmp_path, models):
         assert "Quantized from this base" not in r.summary.verdict_reason
 
 
-def test_awq_with_searched_scales_is_inconclusive_not_a_fine_tune(tmp_path, models):
+def _awq_searched(src: dict, base: dict, rng, rename=None) -> tuple[dict, dict]:
+    """AutoAWQ's scale search applied to ``src``: q_proj's input channels times ``s``, the input norm
+    divided by it (``scale_ln_fcs``), then the AWQ packing; ``rename`` maps every name."""
+    scaled = dict(src)
+    for layer in (0, 1):
+        s = np.exp(0.3 * rng.standard_normal(T.IN)).astype(np.float32)
+        norm = f"model.layers.{layer}.input_layernorm.weight"
+        q = f"model.layers.{layer}.self_attn.q_proj.weight"
+        scaled[norm] = (src[norm] / s).astype(np.float32)
+        scaled[q] = (src[q] * s).astype(np.float32)
+    stored, qc, _ = _build("awq", scaled)
+    if rename:
+        stored = {rename(k): v for k, v in stored.items()}
+    return stored, qc
+
+
+def test_awq_searched_scales_are_fit_back(tmp_path, models):
     """AutoAWQ's default scale search multiplies each input channel of q_proj by an activation scale and
     divides the input norm by it: its model of an unchanged base read "DERIVED ... a fine-tune that was
-    then quantized" (found with AutoAWQ 0.2.9 on CPU). Not undone yet, so: inconclusive, saying why."""
+    then quantized" (found with AutoAWQ 0.2.9 on CPU). The scales are fit back (weightdiff.measure.awq_fold):
+    the base reads quantized_only with the norms explained, a fine-tune of one q_proj reads derived on
+    that tensor alone; under names the fold does not know, the verdict is inconclusive, saying why."""
     base, _ = models
     base = dict(base)
     rng = np.random.default_rng(3)
     for layer in (0, 1):
         base[f"model.layers.{layer}.input_layernorm.weight"] = (1 + 0.01 * rng.standard_normal(T.IN)).astype(np.float32)
-    scaled = dict(base)
-    for layer in (0, 1):
-        s = np.exp(0.5 * rng.standard_normal(T.IN)).astype(np.float32)
-        norm = f"model.layers.{layer}.input_layernorm.weight"
-        q = f"model.layers.{layer}.self_attn.q_proj.weight"
-        scaled[norm] = (base[norm] / s).astype(np.float32)
-        scaled[q] = (base[q] * s).astype(np.float32)
-    stored, qc, _ = _build("awq", scaled)
-    r = _judge(tmp_path, base, stored, qc)
+    stored, qc = _awq_searched(base, base, np.random.default_rng(4))
+    r = _judge(tmp_path / "base", base, stored, qc)
+    assert r.summary.verdict == "quantized_only", r.summary.verdict_reason
+    norms = [t for t in r.tensors if t.name.endswith("input_layernorm.weight")]
+    assert norms and all(t.status == "quantized" and t.quant["test"] == "awq-fold" for t in norms)
+    assert all(t.quant.get("awq_scales") for t in r.tensors if t.name.endswith("q_proj.weight"))
+
+    tuned = dict(base)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    u, v = rng.standard_normal((base[q].shape[0], 4)), rng.standard_normal((4, base[q].shape[1]))
+    tuned[q] = (base[q] + 0.05 * np.linalg.norm(base[q]) * (u @ v) / np.linalg.norm(u @ v)).astype(np.float32)
+    stored, qc = _awq_searched(tuned, base, np.random.default_rng(4))
+    r = _judge(tmp_path / "tuned", base, stored, qc)
+    assert r.summary.verdict == "derived", r.summary.verdict_reason
+    assert [t.name for t in r.tensors if t.status == "changed"] == [q]
+
+    def rename(k):       # not a Llama family's names: not folded
+        return k.replace("model.layers.", "transformer.h.").replace("input_layernorm", "ln_1")
+    stored, qc = _awq_searched(base, base, np.random.default_rng(4), rename)
+    b = {rename(k): v for k, v in base.items()}
+    r = _judge(tmp_path / "other", b, stored, qc)
     assert r.summary.verdict == "inconclusive", r.summary.verdict_reason
-    assert "awq_scaled" in r.summary.flags
-    assert "does not fit those scales back" in r.summary.verdict_reason
+    assert "awq_scaled" in r.summary.flags and "does not fit those scales back" in r.summary.verdict_reason
     stored, qc, _ = _build("awq", base)                       # no scale search: the share test decides
     assert _judge(tmp_path / "rtn", base, stored, qc).summary.verdict == "quantized_only"

@@ -307,3 +307,25 @@ def test_fp8_rows_numba_equals_dequant_fp8(rng):
             b = Q.dequant_fp8(w, fp8, np.repeat(s, 100, 1), sd, sd)
             np.testing.assert_array_equal(a[0], b[0])
             np.testing.assert_allclose(a[1], b[1], rtol=1e-4)
+
+
+def test_clipped_beyond_against_a_loop(rng):
+    # elements beyond the floor that AWQ's clipping explains: on the group's end code, same sign, nearer 0
+    clipped_beyond = QF.clipped_beyond
+
+    group = 8
+    b = rng.standard_normal(64 * group)
+    o = np.round(b * 2) / 2
+    o.reshape(-1, group)[:, 0] = np.clip(b.reshape(-1, group)[:, 0], -0.5, 0.5)     # some clipped
+    o[::17] += 0.7                                                                    # some moved outward
+    f = np.full(b.size, 0.25)
+    want = 0
+    for g in range(b.size // group):
+        sl = slice(g * group, (g + 1) * group)
+        hi, lo = o[sl].max(), o[sl].min()
+        for i in range(sl.start, sl.stop):
+            if abs(b[i] - o[i]) > f[i] and o[i] in (hi, lo) and np.sign(o[i]) == np.sign(b[i]) and abs(o[i]) < abs(b[i]):
+                want += 1
+    assert want > 0 and clipped_beyond(b, o, f, group) == want
+    with pytest.raises(ValueError):
+        clipped_beyond(b[:-1], o[:-1], f[:-1], group)

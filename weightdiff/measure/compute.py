@@ -224,7 +224,14 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     if rec.cast is not None:
         rec.note = _cast_note(rec.cast) + (f"; {rec.note}" if rec.note else "")
     above = None
-    if not opaque and shape_t is not None and rec.status != "unchanged" and tuned_t is None:
+    if rec.status in ("changed", "rounding") and not opaque and shape_t is not None and len(shape_t) == 1 \
+            and tuned_t is None and pair.base_name == tuned_name:
+        rec.quant = _norm_folded(base, tuned, tuned_name)
+        if rec.quant is not None:
+            rec.status = "quantized"
+            rec.note = ("AWQ divided this norm by the activation scales it multiplied the next linears' inputs "
+                        "by; the floor test of those linears uses the same scales")
+    if not opaque and shape_t is not None and rec.status != "unchanged" and tuned_t is None and rec.quant is None:
         rec.quant = floor_test(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
                                tuple(shape_t), WINDOW_ELEMENTS, stop)
         if rec.quant is not None and rec.quant.get("within") and rec.status in ("changed", "rounding"):
@@ -232,6 +239,12 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         elif rec.quant is not None and rec.quant.get("within") is None and rec.status in ("changed", "rounding"):
             # untested: a format with no floor (GGUF TQ/IQ), or two quantizations one of which compensates
             rec.status = "quantized"
+        elif rec.quant is not None and rec.quant.get("awq_scales") and rec.status == "changed":
+            # the base had to be scaled by fitted AWQ scales to be compared: the raw delta is mostly that
+            # scaling (full rank), so its rank says nothing of a fine-tune
+            rec.note = ("AWQ's activation scales fit back for the floor test; the rank of the change is not "
+                        "computed" + (f"; {rec.note}" if rec.note else ""))
+            above = False
         elif rec.quant is not None and rec.quant.get("test") not in (None, "none") and rec.status == "changed":
             above = True                           # rank the whole change above the quantization noise
 
@@ -255,7 +268,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         rec.note = (f"{e} experts of {m} x {n} fused in one tensor: the rank of each expert's change is not "
                     "computed (the tensor read as one matrix would cap every rank at the number of experts); "
                     "form and delta_params count it whole" + (f"; {rec.note}" if rec.note else ""))
-    elif (options.rank and rec.status == "changed" and not opaque and len(shape_t) >= 2
+    elif (options.rank and rec.status == "changed" and not opaque and len(shape_t) >= 2 and above is not False
             and min(shape_t[0], rec.numel // max(shape_t[0], 1)) >= 2):
         raw_b, dt_b, dt_t = base.read(pair.base_name), pair.dtype_base, pair.dtype_tuned
         raw_t = tuned.read(tuned_name) if tuned_t is None else tuned_t
@@ -277,6 +290,22 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         sink.gram.close()
     refine_rank(rec, pair, bases, tuned, options, backend)
     return rec
+
+
+def _norm_folded(base, tuned, name: str) -> dict | None:
+    """The record's ``quant`` when norm ``name`` holds AWQ's folded scales (weightdiff.measure.awq_fold):
+    the side whose linears after it are AWQ-quantized, and the scales' range; else None."""
+    from .awq_fold import norm_fold
+
+    for side, plain, quant in (("tuned", base, tuned), ("base", tuned, base)):
+        if not getattr(quant, "quant", None):
+            continue
+        s = norm_fold(plain, quant, name)
+        if s is not None:
+            return {"side": side, "format": "awq", "scheme": "activation scales folded in (AWQ's scale search)",
+                    "test": "awq-fold", "within": True, "elements": int(s.size), "beyond": 0,
+                    "scale_min": float(s.min()), "scale_max": float(s.max())}
+    return None
 
 
 def _offset_stored(base, bname: str, tuned, tname: str) -> bool:

@@ -328,7 +328,8 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
 TEST_WORDS = {"bound": "the per-element bound of round-to-nearest",
               "first-group": "the first-group test for error-compensating quantizers",
               "statistical": "the share test for scale-searching quantizers",
-              "none": "no test (the reader gives no floor)"}
+              "none": "no test (the reader gives no floor)",
+              "awq-fold": "AWQ's activation scales fit back from the norms they were folded into"}
 
 
 def _quant_how(q: dict) -> str:

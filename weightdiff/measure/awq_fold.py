@@ -1,0 +1,188 @@
+"""AWQ's searched scales, fit back before the floor test.
+
+AutoAWQ (``auto_scale.apply_scale``) multiplies each input channel ``j`` of the linears after an
+operation by an activation scale before quantizing them, and divides that operation's output channel
+``j`` by it, so the model computes the same function:
+
+* ``input_layernorm`` -> ``q_proj``, ``k_proj``, ``v_proj``; ``post_attention_layernorm`` ->
+  ``gate_proj``, ``up_proj``: the norm's weight is divided;
+* ``v_proj`` -> ``o_proj`` (when their shapes match) and ``up_proj`` -> ``down_proj``: the rows of
+  ``v_proj`` / ``up_proj`` are divided.
+
+Compared with the unquantized base, the norms then differ and every quantized linear by far more than
+its floor. When a block's norms differ and its linears are AWQ-quantized (the signature of the scale
+search), ``fold(plain, quant, name)`` fits the scales back from the data: per input column ``c_j``
+(and for ``v_proj`` / ``up_proj`` per row ``r_i`` too, by alternating least squares), the factors that
+bring the base closest to the dequantized tensor. The floor test then compares the quantized tensor
+with the base scaled so (``c_j r_i W_ij``). Fitting, not reading the scales off the norms: the files
+AutoAWQ 0.2.9 wrote on CPU with transformers 5 carry the square of the norms' ratio in their weights.
+A per-channel scaling of a fine-tune is absorbed by the fit too (docs/methodology.md says so). A norm
+whose ratio to the base goes with the fitted scales of the linears after it is explained by the fold
+(``norm_fold``).
+
+Names are those of Llama-family models (Llama, Mistral, Qwen2): a model named otherwise is not folded,
+and its AWQ model with searched scales keeps the ``awq_scaled`` verdict.
+
+>>> _ratio(np.array([2.0, 3.0]), np.array([1.0, 1.5])).tolist()
+[2.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ..kernels.reference import decode
+
+__all__ = ["fold", "norm_fold"]
+
+_LAYER = re.compile(r"^(.*\.layers\.\d+\.)(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight$")
+_NORM = re.compile(r"^(.*\.layers\.\d+\.)(input_layernorm|post_attention_layernorm)\.weight$")
+#: the linear whose input scales a linear's rows carry
+_NEXT = {"self_attn.v_proj": "self_attn.o_proj", "mlp.up_proj": "mlp.down_proj"}
+_FOLLOWERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """``a / b`` when every value is finite and positive (a scale), else None."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.asarray(a, np.float64) / np.asarray(b, np.float64)
+    return r if r.size and bool(np.all(np.isfinite(r) & (r > 0))) else None
+
+
+def _values(ck, name: str) -> np.ndarray | None:
+    info = ck.tensors.get(name)
+    if info is None:
+        return None
+    return np.asarray(decode(ck.read(name), info.dtype), np.float64).reshape(tuple(info.shape))
+
+
+def _awq(ck, name: str) -> bool:
+    info = ck.tensors.get(name)
+    return info is not None and info.quant is not None and info.quant.format == "awq"
+
+
+#: rows read at a time while fitting
+FIT_ROWS = 1024
+#: fitted scales within this of 1 are no scaling (a fine-tune's own column norms move less than that)
+NO_SCALE = 1e-2
+
+
+class _Folds:
+    """The scales of one (plain, quantized) checkpoint pair, found tensor by tensor as asked."""
+
+    def __init__(self, plain, quant):
+        self.plain, self.quant = plain, quant
+        self.memo: dict[str, object] = {}
+
+    def searched(self, prefix: str) -> bool:
+        """Whether block ``prefix`` shows AWQ's scale search: a norm before AWQ-quantized linears differs
+        from the base's by a positive factor per channel (not all 1)."""
+        key = prefix + ":searched"
+        if key not in self.memo:
+            self.memo[key] = any(self.norm_ratio(prefix, n) is not None for n in _FOLLOWERS)
+        return bool(self.memo[key])
+
+    def norm_ratio(self, prefix: str, norm: str) -> np.ndarray | None:
+        key = prefix + norm
+        if key not in self.memo:
+            self.memo[key] = None
+            if any(_awq(self.quant, f"{prefix}{m}.weight") for m in _FOLLOWERS[norm]):
+                a, b = _values(self.plain, key + ".weight"), _values(self.quant, key + ".weight")
+                r = _ratio(a, b) if a is not None and b is not None and a.shape == b.shape else None
+                if r is not None and not np.all(r == 1.0):
+                    self.memo[key] = r
+        return self.memo[key]
+
+    def scales(self, name: str, rows_too: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
+        if name not in self.memo:
+            self.memo[name] = _fit(self.plain, self.quant, name, rows_too)
+        return self.memo[name]
+
+
+def _fit(plain, quant, name: str, rows_too: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """``(c, r)``: the column (and row) factors minimising ``|| D - diag(r) W diag(c) ||_F`` for the base
+    ``W`` and the dequantized ``D`` of linear ``name``, by alternating least squares over row blocks;
+    None when no factor moves more than ``NO_SCALE``."""
+    info, pinfo = quant.tensors[name], plain.tensors.get(name)
+    if pinfo is None or tuple(pinfo.shape) != tuple(info.shape) or len(info.shape) != 2:
+        return None
+    m, n = (int(x) for x in info.shape)
+    c, r = np.ones(n), np.ones(m)
+
+    def blocks():
+        for r0 in range(0, m, FIT_ROWS):
+            idx = np.arange(r0, min(m, r0 + FIT_ROWS))
+            w = np.asarray(decode(plain.read_rows(name, idx), pinfo.dtype), np.float64).reshape(idx.size, n)
+            d = np.asarray(quant.read_rows(name, idx), np.float64).reshape(idx.size, n)
+            ok = np.isfinite(w) & np.isfinite(d)
+            yield r0, np.where(ok, w, 0.0), np.where(ok, d, 0.0)
+
+    for _ in range(3 if rows_too else 1):
+        num, den = np.zeros(n), np.zeros(n)
+        for r0, w, d in blocks():
+            wr = w * r[r0:r0 + w.shape[0], None]
+            num += np.einsum("ij,ij->j", d, wr)
+            den += np.einsum("ij,ij->j", wr, wr)
+        c = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+        if not rows_too:
+            break
+        for r0, w, d in blocks():
+            wc = w * c[None, :]
+            nu, de = np.einsum("ij,ij->i", d, wc), np.einsum("ij,ij->i", wc, wc)
+            r[r0:r0 + w.shape[0]] = np.where(de > 0, nu / np.where(de > 0, de, 1.0), 1.0)
+    if not (np.all(np.isfinite(c)) and np.all(c > 0) and np.all(np.isfinite(r)) and np.all(r > 0)):
+        return None
+    if np.max(np.abs(c - 1.0)) < NO_SCALE and np.max(np.abs(r - 1.0)) < NO_SCALE:
+        return None
+    return c, (r if rows_too else None)
+
+
+def _folds(plain, quant) -> _Folds:
+    """The memo of a (plain, quant) pair, kept on the quantized checkpoint."""
+    memo = quant.__dict__.setdefault("_awq_folds", {})
+    if id(plain) not in memo:
+        memo[id(plain)] = _Folds(plain, quant)
+    return memo[id(plain)]
+
+
+def fold(plain, quant, name: str) -> tuple[np.ndarray | None, np.ndarray | None] | None:
+    """``(s_in, s_out)`` of AWQ-quantized linear ``name`` in a block that shows the scale search: its
+    base columns are to be multiplied by ``s_in`` and its rows divided by ``s_out`` before the floor
+    test; None when AWQ scaled nothing there (or the names are not a Llama family's)."""
+    if not _awq(quant, name):
+        return None
+    m = _LAYER.match(name)
+    if m is None:
+        return None
+    f = _folds(plain, quant)
+    if not f.searched(m.group(1)):
+        return None
+    got = f.scales(name, m.group(2) in _NEXT)
+    if got is None:
+        return None
+    c, r = got
+    return c, (None if r is None else 1.0 / r)
+
+
+def norm_fold(plain, quant, name: str) -> np.ndarray | None:
+    """The factors norm ``name`` differs from the base's by (base / quantized side), when they go with
+    the scales fit back for the AWQ-quantized linears after it (their logarithms correlate, above
+    0.5); else None."""
+    mt = _NORM.match(name)
+    if mt is None:
+        return None
+    f = _folds(plain, quant)
+    prefix, norm = mt.group(1), mt.group(2)
+    ratio = f.norm_ratio(prefix, norm)
+    if ratio is None:
+        return None
+    for lin in _FOLLOWERS[norm]:
+        got = fold(plain, quant, f"{prefix}{lin}.weight")
+        if got is not None and got[0] is not None and got[0].size == ratio.size:
+            a, b = np.log(ratio), np.log(got[0])
+            if a.std() > 0 and b.std() > 0 and float(np.corrcoef(a, b)[0, 1]) > 0.5:
+                return ratio
+    return None
