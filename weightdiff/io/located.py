@@ -219,12 +219,18 @@ class Checkpoint:
             if idx.size and (idx.min() < 0 or idx.max() >= info.shape[0]):
                 raise IndexError(f"row index out of range for `{escape_name(name)}` with {info.shape[0]} rows")
             per = math.prod(info.shape[1:]) // src.rowlen if len(info.shape) > 1 else 1
+            parts, i = [], 0
             try:
-                parts = [src.rows(self._stored_read, self._stored_rows, int(r) * per, (int(r) + 1) * per)[0]
-                         for r in idx]
+                while i < idx.size:          # one call per run of consecutive rows (a block of a fit)
+                    j = i + 1
+                    while j < idx.size and idx[j] == idx[j - 1] + 1:
+                        j += 1
+                    got = src.rows(self._stored_read, self._stored_rows, int(idx[i]) * per, int(idx[j - 1] + 1) * per)[0]
+                    parts.append(np.asarray(got).reshape(j - i, -1))
+                    i = j
             finally:
                 src.release()
-            return np.stack(parts).reshape((idx.size, *info.shape[1:])) if parts else \
+            return np.concatenate(parts).reshape((idx.size, *info.shape[1:])) if parts else \
                 np.zeros((0, *info.shape[1:]), np.float32)
         if info.start is None:
             if not info.shape:
