@@ -30,6 +30,7 @@ and its AWQ model with searched scales keeps the ``awq_scaled`` verdict.
 from __future__ import annotations
 
 import re
+import weakref
 
 import numpy as np
 
@@ -74,8 +75,14 @@ class _Folds:
     """The scales of one (plain, quantized) checkpoint pair, found tensor by tensor as asked."""
 
     def __init__(self, plain, quant):
-        self.plain, self.quant = plain, quant
+        # weak: the memo lives on ``quant`` keyed weakly by ``plain``; a strong reference here would keep
+        # every base a provenance run compared against alive (and its files open) as long as ``quant``
+        self._plain, self.quant = weakref.ref(plain), quant
         self.memo: dict[str, object] = {}
+
+    @property
+    def plain(self):
+        return self._plain()
 
     def searched(self, prefix: str) -> bool:
         """Whether block ``prefix`` shows AWQ's scale search: a norm before AWQ-quantized linears differs
@@ -142,10 +149,10 @@ def _fit(plain, quant, name: str, rows_too: bool) -> tuple[np.ndarray, np.ndarra
 
 def _folds(plain, quant) -> _Folds:
     """The memo of a (plain, quant) pair, kept on the quantized checkpoint."""
-    memo = quant.__dict__.setdefault("_awq_folds", {})
-    if id(plain) not in memo:
-        memo[id(plain)] = _Folds(plain, quant)
-    return memo[id(plain)]
+    memo = quant.__dict__.setdefault("_awq_folds", weakref.WeakKeyDictionary())
+    if plain not in memo:              # keyed by the object, not its id: a closed base's id is reused
+        memo[plain] = _Folds(plain, quant)
+    return memo[plain]
 
 
 def fold(plain, quant, name: str) -> tuple[np.ndarray | None, np.ndarray | None] | None:
