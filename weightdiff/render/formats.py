@@ -49,8 +49,8 @@ def count(n: Any) -> str:
 def share(x: Any) -> str:
     """A share in [0, 1] as a percentage (see the module docstring).
 
-    >>> share(0), share(1), share(0.5), share(3e-9), share(0.9999999)
-    ('0%', '100%', '50.0%', '0.0000003%', '99.99999%')
+    >>> share(0), share(1), share(0.5), share(3e-9), share(0.9999999), share(0.009996)
+    ('0%', '100%', '50.0%', '0.0000003%', '99.99999%', '1.0%')
     """
     if not _finite(x):
         return MISSING
@@ -66,7 +66,9 @@ def share(x: Any) -> str:
     for d in range(decimals, 16):
         text = f"{pct:.{d}f}"
         if float(text) not in (0.0, 100.0):
-            if abs(pct) < 1:
+            if abs(pct) < 1 and abs(float(text)) >= 1:
+                text = f"{pct:.1f}"          # 0.9996% rounds up to 1: "1.0%", as the shares above 1% print
+            elif abs(pct) < 1:
                 text = text.rstrip("0")
             return text + "%"
     return f"{pct!r}%"
