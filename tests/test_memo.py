@@ -136,3 +136,24 @@ def test_relatedness_is_reported_as_one_minus_cosine(written):
     expected = sci(max(0.0, 1.0 - c))
     assert "1 − cosine (large matrices)" in md and expected in md
     assert "relatedness cosine" not in page
+
+
+def test_quantized_only_memo_names_neither_a_fine_tune_nor_dtype_rounding(tmp_path):
+    # page one called a base's own quantization "this fine-tune" (Figure 2) whose blocks "differ only by
+    # dtype rounding" (Figure 1): the JSON says quantized_only, every differing tensor quantized
+    from weightdiff.render.captions import caption_depth, caption_reference
+    from weightdiff.render.reference import reference_scale
+
+    rows = [{"name": f"model.layers.{i}.mlp.up_proj.weight", "block": f"layers.{i}", "status": "quantized",
+             "compared": "float", "cosine": 0.999, "module": "mlp.up", "shape": [8, 8], "numel": 64,
+             "numel_compared": 64, "norm_base": 3.0, "norm_tuned": 3.0, "norm_delta": 0.1, "rel_change": 0.033,
+             "rounding_floor": {"BF16": 0.01, "F16": 0.001}} for i in range(2)]
+    data = {"tensors": rows, "summary": {"verdict": "quantized_only"},
+            "blocks": [{"block": f"layers.{i}", "index": i, "rel_change": 0.033, "tensors_changed": 0,
+                        "params_changed": 0} for i in range(2)],
+            "settings": {"thresholds": {"large_matrix_numel": 1}}}
+    data["reference"] = reference_scale(data)
+    assert "within their quantization noise floor" in caption_depth(data)
+    assert "dtype rounding" not in caption_depth(data)
+    assert [p["label"] for p in data["reference"]["points"] if p["key"] == "model"] == ["this model"]
+    assert "fine-tune" not in caption_reference(data)

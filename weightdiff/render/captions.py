@@ -69,6 +69,16 @@ def block_state(b: dict) -> str:
     return "rounding" if rc is not None and rc > 0 else "unchanged"
 
 
+def within_words(data: dict, blocks: set | None = None) -> str:
+    """How the tensors of ``blocks`` (all when None) that differ without changing differ: "by dtype
+    rounding", "within their quantization noise floor", or both (status ``rounding`` / ``quantized``)."""
+    st = {t.get("status") for t in data.get("tensors") or []
+          if blocks is None or t.get("block") in blocks}
+    if "quantized" in st and "rounding" in st:
+        return "by dtype rounding or within their quantization noise floor"
+    return "within their quantization noise floor" if "quantized" in st else "by dtype rounding"
+
+
 def tensor_label(t: dict) -> str:
     """A short label for legends: ``block 11 attn.q`` when the aggregate named them, else the name."""
     block, module = t.get("block"), t.get("module")
@@ -132,7 +142,8 @@ def caption_depth(data: dict) -> str:
     if unchanged:
         text += f" {_plural(unchanged, 'block')} with no change at all sit as hollow circles on the line marked 0."
     if rounding:
-        text += f" {_plural(len(rounding), 'block')} differ only by dtype rounding (hollow diamonds)."
+        text += (f" {_plural(len(rounding), 'block')} differ only {within_words(data, {b.get('block') for b in rounding})}"
+                 " (hollow diamonds).")
     ends = [p for p in points if p["group"] is not None]
     said: dict[str, list[str]] = {}
     for p in ends:
@@ -143,7 +154,7 @@ def caption_depth(data: dict) -> str:
         elif p["state"] == "changed":
             what = "changed only by new or resized rows (triangles on the 0 line: their shared rows are unchanged)"
         elif p["state"] == "rounding":
-            what = f"differ only by dtype rounding ({sci(p['rel_change'])})"
+            what = f"differ only {within_words(data, {p['group']})} ({sci(p['rel_change'])})"
         else:
             what = "did not change"
         said.setdefault(what, []).append(where)
@@ -332,10 +343,11 @@ def caption_reference(data: dict) -> str:
         if key in pts:
             parts.append(f"rounding its weights to {'float16' if key == 'F16' else 'bfloat16'} would read "
                          f"{sci(pts[key]['rel_change'])} (1 − cosine {sci(pts[key]['one_minus_cosine'])})")
-    text = (f"This fine-tune's large matrices ({_plural(ref.get('matrices') or 0, 'matrix', 'matrices')}, "
+    # "this model", not "this fine-tune": the figure is on page one whatever the verdict (identical, unrelated)
+    text = (f"This model's large matrices ({_plural(ref.get('matrices') or 0, 'matrix', 'matrices')}, "
             f"{count(ref.get('params'))} parameters) on two log axes, relative change and 1 − cosine. ")
     if "model" in pts:
-        text += (f"The fine-tune reads {sci(pts['model']['rel_change'])} "
+        text += (f"It reads {sci(pts['model']['rel_change'])} "
                  f"(1 − cosine {sci(pts['model']['one_minus_cosine'])}). ")
     if parts:
         text += ("For scale, computed from this base's own weights: " + _list(parts) + "; ")

@@ -28,7 +28,7 @@ __all__ = ["draw_depth", "draw_heatmap", "draw_experts", "UNCHANGED_HATCH", "ABS
 UNCHANGED_HATCH, ABSENT_HATCH = "///", "xxx"
 
 
-def _markers(ax, xs, vals, states, floor: float, ms: float) -> list:
+def _markers(ax, xs, vals, states, floor: float, ms: float, rd_label: str = "rounding only") -> list:
     ch = [(x, v) for x, v, s in zip(xs, vals, states) if s == "changed" and v]
     zero_changed = [x for x, v, s in zip(xs, vals, states) if s == "changed" and not v]
     rd = [(x, v) for x, v, s in zip(xs, vals, states) if s == "rounding"]
@@ -41,7 +41,7 @@ def _markers(ax, xs, vals, states, floor: float, ms: float) -> list:
     if rd:
         ax.plot([x for x, _ in rd], [v for _, v in rd], "D", ms=ms * 0.85, mfc="white", mec=OKABE_ITO["sky"], mew=1.3,
                 zorder=3)
-        handles.append(Line2D([], [], marker="D", ls="", mfc="white", mec=OKABE_ITO["sky"], label="rounding only"))
+        handles.append(Line2D([], [], marker="D", ls="", mfc="white", mec=OKABE_ITO["sky"], label=rd_label))
     if zero_changed:
         ax.plot(zero_changed, [floor] * len(zero_changed), "^", ms=ms * 1.15, color=OKABE_ITO["orange"], zorder=3)
         handles.append(Line2D([], [], marker="^", ls="", color=OKABE_ITO["orange"],
@@ -71,7 +71,10 @@ def draw_depth(data: dict, height: float = 3.2) -> Figure:
     ax.set_ylim(floor / 2.5, top)
     ax.set_xlim(min(xs) - 0.7, max(xs) + 0.7)
     ms = 6.0 if len(xs) <= 26 else max(3.0, 6.0 * math.sqrt(26 / len(xs)))
-    handles = _markers(ax, xs, vals, states, floor, ms)
+    words = cap.within_words(data)
+    label = {"by dtype rounding": "rounding only", "within their quantization noise floor": "within quantization noise"
+             }.get(words, "within rounding or quantization noise")
+    handles = _markers(ax, xs, vals, states, floor, ms, label)
     inner = [p["x"] for p in points if p["group"] is None]
     for p in points:          # the groups outside the blocks are set apart by a thin line
         if p["group"] is not None and p["x"] in (min(inner) - 1, max(inner) + 1):

@@ -1,8 +1,8 @@
-"""The reference scale: this fine-tune on one log axis between a cast's rounding and an unrelated model.
+"""The reference scale: this model on one log axis between a cast's rounding and an unrelated model.
 
 Two rows, relative change and 1 - cosine of the large matrices, each with the points of
 ``render.reference.reference_scale`` (the JSON's ``reference`` when it has one): the change a
-cast of this base to float16 and to bfloat16 would make, this fine-tune, and an unrelated
+cast of this base to float16 and to bfloat16 would make, this model, and an unrelated
 model of this shape. Every number is computed from this base's own weights and norms.
 """
 
@@ -30,7 +30,7 @@ def draw_reference(data: dict, height: float = 2.5) -> Figure:
     """The reference points and this model on two log axes."""
     fig = _figure(height)
     axes = fig.subplots(2, 1)
-    fig.suptitle("Reference scale: this fine-tune between rounding and an unrelated model", fontsize=10,
+    fig.suptitle("Reference scale: this model between rounding and an unrelated model", fontsize=10,
                  fontweight="bold")
     points = reference_of(data)["points"]
     if not points:

@@ -1,4 +1,4 @@
-"""The reference scale: where this fine-tune sits between a cast's rounding and an unrelated model.
+"""The reference scale: where this model sits between a cast's rounding and an unrelated model.
 
 Every point is computed for this very base from the compare JSON, never typed in:
 
@@ -7,7 +7,7 @@ Every point is computed for this very base from the compare JSON, never typed in
   weightdiff.measure.floors). Relative change = sqrt(sum floor^2) / sqrt(sum norm_base^2);
   1 - cosine of rounding noise independent of the weights is floor^2 / (2 norm_base^2)
   per matrix, weighted by size as the model's own 1 - cosine is.
-* ``this fine-tune``: the relative change and 1 - cosine of the large matrices, the
+* ``this model`` (the tuned model, named so whatever the verdict): the relative change and 1 - cosine of the large matrices, the
   numbers the verdict uses.
 * ``unrelated model``: two independently initialised models are near-orthogonal
   (cosine about 0), so ||T - B||^2 = ||B||^2 + ||T||^2 and the relative change is
@@ -34,7 +34,7 @@ from ..judge.relatedness import chosen_evidence, evidence_sizes
 
 __all__ = ["reference_scale", "reference_of", "LABELS"]
 
-LABELS = {"F16": "float16 rounding", "BF16": "bfloat16 rounding", "model": "this fine-tune",
+LABELS = {"F16": "float16 rounding", "BF16": "bfloat16 rounding", "model": "this model",
           "unrelated": "unrelated model"}
 
 
