@@ -505,3 +505,13 @@ def test_headline_counts_unchanged_shared_rows_of_a_resized_vocabulary():
     # 100 unchanged of 196; with the 80 bitwise-equal shared rows, 180 of 196
     assert ("51.0% of parameters are bitwise unchanged, 91.8% counting the shared rows of resized tensors, "
             "which are bitwise unchanged too.") in s.headline
+
+
+def test_delta_params_share_is_of_the_tuned_model():
+    # a removed base layer is not part of the tuned model: "8,192 numbers, 1.3% of the model" was quoted
+    # beside the model's own size, which gives 1.8%
+    recs = [rec("model.layers.0.w", "changed", shape=(8, 8), nd=0.5, rank=(1, 1)),
+            rec("model.layers.1.w", shape=(8, 8)), rec("model.layers.2.w", "removed", shape=(8, 8))]
+    _, _, s = aggregate(recs, THR)
+    assert s.params_total == 192 and s.delta_params == 16
+    assert s.delta_params_share == 16 / 128
