@@ -452,3 +452,14 @@ def test_awq_searched_scales_are_fit_back(tmp_path, models):
     assert "awq_scaled" in r.summary.flags and "does not fit those scales back" in r.summary.verdict_reason
     stored, qc, _ = _build("awq", base)                       # no scale search: the share test decides
     assert _judge(tmp_path / "rtn", base, stored, qc).summary.verdict == "quantized_only"
+
+def test_delta_params_is_a_bound_when_quantization_noise_hides_the_rank(tmp_path, models):
+    """A rank-4 fine-tune rounded to NF4: nothing resolved above the modelled noise (form undecided), and
+    the energy ranks price the noise too: 262,144 parameters "injected" were printed as exact, where the
+    same fine-tune in FP8 reads 8,192. The count is an upper bound now, with the part above the noise as
+    its lower end."""
+    base, tuned = models
+    stored, qc, _ = _build("bnb-nf4-nested", tuned)
+    s = _judge(tmp_path, base, stored, qc, rank=True).summary
+    assert s.verdict == "derived" and s.form["kind"] == "undecided"
+    assert s.delta_params_lower is not None and s.delta_params_lower < s.delta_params
