@@ -325,8 +325,9 @@ def test_cli_survey_plot_and_report_population(models, sequential, tmp_path):
                                       str(tmp_path / "memo.md"), "--population", str(tmp_path / "s" / table)])
         assert r.exit_code == 0, r.output
         line = ("By relative change (" + f"{ft2['relative_change']:.1e}".replace("e-0", "e-") + "), this fine-tune "
-                "is deeper than 3 of the 3 other surveyed fine-tunes of this base")
+                "is deeper than 2 of the 2 other surveyed fine-tunes of this base")      # the copy is not one
         assert line in r.stdout
+        assert "1 other surveyed model is left out" in r.stdout and "(1 identical)" in r.stdout
         assert line in (tmp_path / "memo.md").read_text()
     r = CliRunner().invoke(main, ["report", str(tmp_path / "s" / ft2["json"]), "--population",
                                   str(tmp_path / "s" / "models" / Path(ft2["json"]).name)])
@@ -427,3 +428,20 @@ def test_local_workers_print_nothing_about_port_8787(models, tmp_path):
         s.close()
     assert res.computed == 1
     assert not [w for w in seen if "8787" in str(w.message)]
+
+
+def test_population_leaves_out_rows_that_are_not_fine_tunes():
+    # a bitwise copy and a model the survey judged unrelated were counted as "surveyed fine-tunes of this
+    # base" and moved the medians
+    from weightdiff.render.population import population_sentences
+
+    rows = _rows([0.004, 0.0127, 0.0, 0.66])
+    for r, v in zip(rows, ("derived", "derived", "identical", "unrelated")):
+        r["verdict"] = v
+    data = {"tuned": {"path": "/s/ft00"}, "base": [{"path": "/s/base"}],
+            "summary": {"verdict": "derived", "relative_change": 0.004, "relatedness_cosine": None}}
+    s = population_sentences(data, rows)
+    assert s[0] == ("By relative change (4.0e-3), this fine-tune is deeper than 0 of the 1 other surveyed "
+                    "fine-tunes of this base (median 1.3e-2).")
+    assert s[-1] == ("2 other surveyed models are left out: by the survey's own verdicts, not fine-tunes of the "
+                     "base (1 identical, 1 unrelated).")

@@ -15,6 +15,7 @@ result among the rows for the memo ("deeper than 34 of the 40 surveyed fine-tune
 from __future__ import annotations
 
 import math
+from collections import Counter
 import os
 from pathlib import Path
 from typing import Sequence
@@ -146,8 +147,12 @@ def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
     s = data.get("summary") or {}
     tuned = (data.get("tuned") or {}).get("path")
     own = {tuned, os.path.abspath(tuned)} if tuned else set()    # a local path made absolute, or a repo id
-    good = [r for r in ok_rows(rows) if r.get("tuned") not in own]
-    others = "other " if len(good) < len(ok_rows(rows)) else ""
+    mine_rows = [r for r in ok_rows(rows) if r.get("tuned") not in own]
+    others = "other " if len(mine_rows) < len(ok_rows(rows)) else ""
+    # fine-tunes of the base are the rows the survey judged derived: an identical copy or an unrelated
+    # model is not one, and would move the medians
+    good = [r for r in mine_rows if not r.get("verdict") or r.get("verdict") in ("derived", "partial")]
+    left = Counter(str(r["verdict"]) for r in mine_rows if r.get("verdict") and r["verdict"] not in ("derived", "partial"))
     bases = sorted({str(r.get("base")) for r in good if r.get("base")})
     mine = [os.path.abspath(str(b.get("path"))) for b in data.get("base") or [] if b.get("path")]
     of = "this base" if bases and set(bases) <= set(mine) else \
@@ -157,6 +162,7 @@ def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
               "one_minus_cosine": None if cos is None else max(0.0, 1.0 - cos),
               "delta_params_share": s.get("delta_params_share")}
     fmt = {"relative_change": sci, "one_minus_cosine": sci, "delta_params_share": share}
+    subject = "this fine-tune" if s.get("verdict") in (None, "derived", "partial") else "this model"
     out = []
     for col, _, words, than in METRICS:
         v = values[col]
@@ -168,11 +174,16 @@ def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
         med = float(np.median([r[col] for r in good if _finite(r.get(col))]))
         tie = f"; {equal} exactly as deep" if equal else ""
         if not out:
-            out.append(f"By {words} ({fmt[col](v)}), this fine-tune is deeper than {below} of the {n} "
+            out.append(f"By {words} ({fmt[col](v)}), {subject} is deeper than {below} of the {n} "
                        f"{others}surveyed fine-tunes of {of} (median {fmt[col](med)}{tie}).")
         else:
             out.append(f"By {words} ({fmt[col](v)}) it is {than} {below} of {n} "
                        f"(median {fmt[col](med)}{tie}).")
     if not out:
         out.append(f"The survey holds no {others}fine-tune of {of} with a result to compare this one with.")
+    if left:
+        n = sum(left.values())
+        out.append(f"{n} {others}surveyed {'model is' if n == 1 else 'models are'} left out: by the survey's own "
+                   "verdicts, not fine-tunes of the base ("
+                   + ", ".join(f"{v} {k}" for k, v in sorted(left.items())) + ").")
     return out

@@ -95,7 +95,7 @@ def _rel(target: Path, start: Path) -> str:
 def load_population(path: str | os.PathLike) -> list[dict]:
     """The rows of a ``weightdiff survey`` table: ``survey.parquet`` (needs pyarrow) or ``survey.csv``."""
     p = Path(path)
-    need = ("tuned", "status", "base", "relative_change", "one_minus_cosine", "delta_params_share")
+    need = ("tuned", "status", "base", "verdict", "relative_change", "one_minus_cosine", "delta_params_share")
     try:
         if p.suffix == ".parquet":
             try:
@@ -117,7 +117,7 @@ def load_population(path: str | os.PathLike) -> list[dict]:
                 raise WeightdiffError(f"{p}: not a weightdiff survey table (missing columns)",
                                       "write one with weightdiff survey BASE TUNED... --out DIR")
             for r in rows:
-                for k in need[3:]:
+                for k in need[4:]:
                     r[k] = float(r[k]) if r.get(k) else None
     except FileNotFoundError:
         raise WeightdiffError(f"{p}: no such file", "write one with weightdiff survey BASE TUNED... --out DIR") from None
