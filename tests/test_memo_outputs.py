@@ -201,3 +201,18 @@ def test_notebook_repr_card_and_pandas(chain):
     import weightdiff.provenance as module                                       # the module is callable too
 
     assert module(sft, [base], screen=False).to_dict()["leading"] == base
+
+
+def test_word_memo_is_the_same_bytes_every_time(tmp_path):
+    # python-docx stamps each zip entry with the time of writing: two runs gave different files
+    pytest.importorskip("docx")
+    import time
+    import zipfile
+
+    data = cached_result()
+    write_report(data, memo=tmp_path / "a.docx")
+    time.sleep(2.1)                                   # zip times have a 2 s resolution
+    write_report(data, memo=tmp_path / "b.docx")
+    assert (tmp_path / "a.docx").read_bytes() == (tmp_path / "b.docx").read_bytes()
+    with zipfile.ZipFile(tmp_path / "a.docx") as z:
+        assert z.testzip() is None and "word/document.xml" in z.namelist()

@@ -116,4 +116,18 @@ def to_docx(blocks: Sequence, title: str, core: dict | None = None) -> bytes:
             doc.add_page_break()
     buf = io.BytesIO()
     doc.save(buf)
-    return buf.getvalue()
+    return _fixed_zip(buf.getvalue())
+
+
+def _fixed_zip(raw: bytes) -> bytes:
+    """The same zip with every entry's time set to 1980-01-01 (zip's epoch): python-docx stamps the time
+    of writing, and the same inputs must give the same file, byte for byte."""
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
+            dst.writestr(fixed, src.read(info.filename))
+    return out.getvalue()
