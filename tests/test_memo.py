@@ -157,3 +157,19 @@ def test_quantized_only_memo_names_neither_a_fine_tune_nor_dtype_rounding(tmp_pa
     assert "dtype rounding" not in caption_depth(data)
     assert [p["label"] for p in data["reference"]["points"] if p["key"] == "model"] == ["this model"]
     assert "fine-tune" not in caption_reference(data)
+
+
+def test_depth_caption_agrees_verb_and_subject():
+    # "The head (after block 2) differ only by dtype rounding"
+    from weightdiff.render.captions import caption_depth
+
+    rows = [{"name": "model.layers.0.w", "block": "layers.0", "status": "unchanged"},
+            {"name": "lm_head.weight", "block": "head", "status": "rounding"},
+            {"name": "model.embed_tokens.weight", "block": "embeddings", "status": "rounding"}]
+    blocks = [{"block": "embeddings", "index": None, "rel_change": 1e-3, "tensors_changed": 0, "params_changed": 0},
+              {"block": "layers.0", "index": 0, "rel_change": 0.0, "tensors_changed": 0, "params_changed": 0},
+              {"block": "layers.1", "index": 1, "rel_change": 0.0, "tensors_changed": 0, "params_changed": 0},
+              {"block": "head", "index": None, "rel_change": 2e-3, "tensors_changed": 0, "params_changed": 0}]
+    text = caption_depth({"tensors": rows, "blocks": blocks, "summary": {}})
+    assert "The embeddings (before block 0) differ only by dtype rounding" in text, text
+    assert "The head (after block 1) differs only by dtype rounding" in text, text

@@ -160,6 +160,8 @@ def caption_depth(data: dict) -> str:
         said.setdefault(what, []).append(where)
     for what, wheres in said.items():
         subject = _list(wheres)
+        if len(wheres) == 1 and what.startswith("differ ") and not wheres[0].startswith("the embeddings"):
+            what = "differs " + what[len("differ "):]          # "the head differs", "the embeddings and the head differ"
         text += f" {subject[0].upper() + subject[1:]} {what}."
     return text
 

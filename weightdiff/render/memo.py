@@ -116,7 +116,9 @@ def key_figures(data: dict) -> list[list[Inline]]:
         ["1 − cosine (large matrices)", fmt.sci(model.get("one_minus_cosine")),
          "turn of direction: 0 none, 1 unrelated models"],
         ["parameters to write the change down", fmt.delta_params_text(s),
-         "how much was injected, written compactly"],
+         # "injected" says this base was changed: not for an unrelated, inconclusive or identical model
+         "how much was injected, written compactly" if s.get("verdict") in ("derived", "partial")
+         else "how much differs from this base, written compactly"],
     ]
 
 
