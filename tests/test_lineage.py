@@ -107,3 +107,14 @@ def test_a_chain_out_of_order_is_flagged(chain):
     r = lineage([sft, base, dpo], rank=False)
     assert any("the chain doubles back, so its order may not be the order the models were made in" in f
                for f in r.findings), r.findings
+
+
+def test_lineage_html_footer_points_to_no_missing_section():
+    # the footer said 'see "What these numbers show, and what they do not"', a section the lineage memo lacks
+    from weightdiff.render.memo import Block
+    from weightdiff.render.memo_html import to_html as render_html
+
+    html = render_html([Block("h1", "Lineage"), Block("p", [("", "text")])], "t")
+    assert "What these numbers show" not in html and "weights only.</p>" in html
+    html = render_html([Block("h1", "M"), Block("h2", "What these numbers show, and what they do not", "limits")], "t")
+    assert "see “What these numbers show, and what they do not”." in html

@@ -152,5 +152,8 @@ def to_html(blocks: list, title: str = "weightdiff memo") -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>{_h(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n<p class=\"note\">Made with weightdiff. The numbers describe weights only; "
-            "see “What these numbers show, and what they do not”.</p>\n</body>\n</html>\n")
+            + "\n".join(body) + "\n<p class=\"note\">Made with weightdiff. The numbers describe weights only"
+            # the footer points to the limits section only where the memo has one (the lineage memo does not)
+            + ("; see “What these numbers show, and what they do not”." if any(b.kind == "h2" and b.extra == "limits"
+                                                                              for b in blocks) else ".")
+            + "</p>\n</body>\n</html>\n")
