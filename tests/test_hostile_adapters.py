@@ -280,3 +280,15 @@ def test_untrained_adapter_reads_identical_without_a_dtype_change(tmp_path, rng)
     assert doc["summary"]["verdict"] == "identical"
     assert all(x["dtype_tuned"] == x["dtype_base"] == "F32" for x in doc["tensors"])
     assert "None" not in r.stdout and "another dtype" not in r.stdout
+
+
+def test_adapter_memo_says_the_parameters_are_base_plus_adapter():
+    # "Of the 405,120 parameters of m/hf_adapter, 83.8% are bit for bit the same": the adapter folder holds
+    # its factors only; the count is of the base with the adapter applied
+    from weightdiff.render.sentences import plain_language
+
+    data = {"tuned": {"path": "ad"}, "base": [{"path": "base"}],
+            "summary": {"verdict": "derived", "flags": ["adapter"], "params_total": 100,
+                        "params_by_status": {"unchanged": 80, "changed": 20}, "blocks_total": 2, "blocks_changed": 1}}
+    text = plain_language(data)[0]
+    assert text.startswith("Of the 100 parameters of the model ad adapts (its base with the adapter applied), 80.0%")

@@ -436,6 +436,9 @@ def plain_language(data: dict) -> list[str]:
     tuned = model_label(data.get("tuned"))
     bases = data.get("base") or []
     base = " and ".join(model_label(b) for b in bases) or "the base"
+    if "adapter" in (s.get("flags") or []):
+        # the adapter folder holds only its factors: the parameters counted are base + adapter's
+        tuned = f"the model {tuned} adapts (its base with the adapter applied)"
     total = tuned_params(s)           # "of <tuned>": removed base parameters are not the tuned model's
     by = s.get("params_by_status") or {}
     v = s.get("verdict")
