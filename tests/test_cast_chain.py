@@ -107,7 +107,9 @@ def test_chains_tried_and_the_probe_stops_a_fine_tune(monkeypatch, tmp_path, bas
     assert recast.chains("F32", "BF16") == [None, "F16"]
     assert recast.chains("F64", "BF16") == [None, "F16", "F32"]
     assert recast.chains("BF16", "F16") == [None]          # through F32 a bf16 value is exact
-    assert recast.chains("BF16", "BF16") == [] and recast.chains("F32", "F8_E4M3") == []
+    assert recast.chains("F32", "F8_E4M3") == []
+    # the same dtype, rounded through a narrower one (a fp16 model loaded as bf16 and saved back)
+    assert recast.chains("F16", "F16") == ["BF16"] and recast.chains("BF16", "BF16") == ["F16"]
     tensors, path = base
     tuned = write_checkpoint(tmp_path / "ft", _cast(tensors, "F16", "BF16", change=1e-3))
     seen = []
@@ -116,3 +118,26 @@ def test_chains_tried_and_the_probe_stops_a_fine_tune(monkeypatch, tmp_path, bas
     r = weightdiff.compare(str(path), str(tuned))
     assert r.summary.verdict == "derived" and seen
     assert max(seen) <= recast.PROBE                          # every changed tensor failed in its probe
+
+
+def test_same_dtype_rounded_through_bf16_is_a_cast(tmp_path):
+    # GPTQModel on CPU loads a fp16 model as bf16 and writes its biases back as F16: every value bf16(base).
+    # Same dtype on both sides, so no cast chain was tried, and the biases read "changed" (verdict derived)
+    import torch
+
+    from weightdiff.comparison import compare
+    from weightdiff.io.safetensors_write import save_file
+
+    rng = np.random.default_rng(1)
+    b = {"model.layers.0.self_attn.q_proj.bias": (rng.standard_normal(64) * 0.05).astype(np.float16),
+         "model.layers.0.self_attn.q_proj.weight": (rng.standard_normal((64, 64)) * 0.05).astype(np.float16)}
+    t = dict(b)
+    t["model.layers.0.self_attn.q_proj.bias"] = torch.tensor(b["model.layers.0.self_attn.q_proj.bias"]).bfloat16().half().numpy()
+    r = compare(save_file(tmp_path / "b.safetensors", b), save_file(tmp_path / "t.safetensors", t))
+    rec = r.tensor("model.layers.0.self_attn.q_proj.bias")
+    assert rec.status == "rounding" and rec.cast["chain"] == ["F16", "BF16", "F16"]
+    assert r.summary.verdict == "cast_only"
+    # a real change of the same vector is not explained
+    t["model.layers.0.self_attn.q_proj.bias"] = b["model.layers.0.self_attn.q_proj.bias"] + np.float16(0.01)
+    r = compare(save_file(tmp_path / "b.safetensors", b), save_file(tmp_path / "t2.safetensors", t))
+    assert r.tensor("model.layers.0.self_attn.q_proj.bias").status == "changed"

@@ -463,3 +463,22 @@ def test_delta_params_is_a_bound_when_quantization_noise_hides_the_rank(tmp_path
     s = _judge(tmp_path, base, stored, qc, rank=True).summary
     assert s.verdict == "derived" and s.form["kind"] == "undecided"
     assert s.delta_params_lower is not None and s.delta_params_lower < s.delta_params
+
+
+def test_awq_bias_divided_with_its_rows_is_explained(monkeypatch):
+    # Qwen2 with as many KV heads as heads: AutoAWQ scales v_proj -> o_proj and divides v_proj's rows and
+    # its bias; the bias read changed (an unchanged base "DERIVED"). Fitted row factors are known only up to
+    # a global factor (r k and c / k fit as well)
+    from weightdiff.measure import awq_fold
+
+    rng = np.random.default_rng(2)
+    bias = rng.standard_normal(16)
+    r = np.exp(0.2 * rng.standard_normal(16))
+    vals = {"b": bias, "q": bias * r}
+    monkeypatch.setattr(awq_fold, "fold", lambda p, q, n: (None, 1.0 / (1.3 * r)))
+    monkeypatch.setattr(awq_fold, "_values", lambda ck, n: vals[ck])
+    name = "model.layers.0.self_attn.v_proj.bias"
+    assert awq_fold.bias_fold("b", "q", name, 0.02) is not None
+    vals["q"] = bias * r * (1 + 0.05 * rng.standard_normal(16))         # not the rows' factors
+    assert awq_fold.bias_fold("b", "q", name, 0.02) is None
+    assert awq_fold.bias_fold("b", "q", "model.layers.0.self_attn.q_proj.bias", 0.02) is None

@@ -36,10 +36,11 @@ import numpy as np
 
 from ..kernels.reference import decode
 
-__all__ = ["fold", "norm_fold"]
+__all__ = ["fold", "norm_fold", "bias_fold"]
 
 _LAYER = re.compile(r"^(.*\.layers\.\d+\.)(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight$")
 _NORM = re.compile(r"^(.*\.layers\.\d+\.)(input_layernorm|post_attention_layernorm)\.weight$")
+_BIAS = re.compile(r"^(.*\.layers\.\d+\.)(self_attn\.v_proj|mlp\.up_proj)\.bias$")
 #: the linear whose input scales a linear's rows carry
 _NEXT = {"self_attn.v_proj": "self_attn.o_proj", "mlp.up_proj": "mlp.down_proj"}
 _FOLLOWERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -193,3 +194,30 @@ def norm_fold(plain, quant, name: str) -> np.ndarray | None:
             if a.std() > 0 and b.std() > 0 and float(np.corrcoef(a, b)[0, 1]) > 0.5:
                 return ratio
     return None
+
+
+def bias_fold(plain, quant, name: str, rel: float) -> np.ndarray | None:
+    """The factors the bias of ``v_proj`` / ``up_proj`` was divided by with its weight's rows (AutoAWQ's
+    ``scale_fc_fc`` divides both), when every value is the base's times the row factors fit for the
+    weight, within ``rel`` of its magnitude (the fit's error); else None. Qwen2 with as many KV heads as
+    heads: AWQ scales v_proj -> o_proj, and its bias read changed."""
+    mt = _BIAS.match(name)
+    if mt is None:
+        return None
+    got = fold(plain, quant, f"{mt.group(1)}{mt.group(2)}.weight")
+    if got is None or got[1] is None:
+        return None
+    r = 1.0 / got[1]
+    a, b = _values(plain, name), _values(quant, name)
+    if a is None or b is None or a.shape != b.shape or a.shape != r.shape:
+        return None
+    want = a * r
+    # the fit fixes r times the column factors, not how the two split (r k and c / k fit as well): one global
+    # factor k, least squares, before the test
+    den = float(want @ want)
+    if not den > 0:
+        return None
+    want = want * (float(b @ want) / den)
+    with np.errstate(invalid="ignore"):
+        ok = np.abs(b - want) <= rel * np.abs(want) + 2.0 ** -24
+    return r if bool(np.all(ok)) else None

@@ -209,7 +209,11 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     if opaque:
         rec.note = f"dtype {pair.dtype_tuned} has no float decoding: compared byte for byte"
     elif tuned_t is None and stats[reference.IDX["n_beyond"]] > 0 and (
-            pair.dtype_base != pair.dtype_tuned or _offset_stored(base, pair.base_name, tuned, tuned_name)):
+            pair.dtype_base != pair.dtype_tuned or _offset_stored(base, pair.base_name, tuned, tuned_name)
+            # the same dtype rounded through a narrower one: tried on vectors (cheap) and beside quantized
+            # weights (a quantizer that loaded the model as bf16 writes its float tensors back so)
+            or (shape_t is not None and len(shape_t) <= 1) or bool(getattr(base, "quant", None))
+            or bool(getattr(tuned, "quant", None))):
         # beyond half an ulp of a cast: is it still exactly a cast (through fp16, past the range)?
         rec.cast = cast_test(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
                              rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac)
@@ -226,10 +230,10 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     above = None
     if rec.status in ("changed", "rounding") and not opaque and shape_t is not None and len(shape_t) == 1 \
             and tuned_t is None and pair.base_name == tuned_name:
-        rec.quant = _norm_folded(base, tuned, tuned_name)
+        rec.quant = _awq_folded(base, tuned, tuned_name)
         if rec.quant is not None:
             rec.status = "quantized"
-            rec.note = ("AWQ divided this norm by the activation scales it multiplied the next linears' inputs "
+            rec.note = ("AWQ divided this tensor by the activation scales it multiplied the next linears' inputs "
                         "by; the floor test of those linears uses the same scales")
     if not opaque and shape_t is not None and rec.status != "unchanged" and tuned_t is None and rec.quant is None:
         rec.quant = floor_test(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
@@ -292,15 +296,18 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     return rec
 
 
-def _norm_folded(base, tuned, name: str) -> dict | None:
-    """The record's ``quant`` when norm ``name`` holds AWQ's folded scales (weightdiff.measure.awq_fold):
+def _awq_folded(base, tuned, name: str) -> dict | None:
+    """The record's ``quant`` when norm or bias ``name`` holds AWQ's folded scales (weightdiff.measure.awq_fold):
     the side whose linears after it are AWQ-quantized, and the scales' range; else None."""
-    from .awq_fold import norm_fold
+    from .awq_fold import bias_fold, norm_fold
+    from .quant_floor import FOLD_REL
 
     for side, plain, quant in (("tuned", base, tuned), ("base", tuned, base)):
         if not getattr(quant, "quant", None):
             continue
         s = norm_fold(plain, quant, name)
+        if s is None:
+            s = bias_fold(plain, quant, name, FOLD_REL)
         if s is not None:
             return {"side": side, "format": "awq", "scheme": "activation scales folded in (AWQ's scale search)",
                     "test": "awq-fold", "within": True, "elements": int(s.size), "beyond": 0,

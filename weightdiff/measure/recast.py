@@ -37,9 +37,14 @@ PROBE = 1 << 16
 def chains(dtype_b: str, dtype_t: str) -> list[str | None]:
     """The chains worth testing for a pair: the direct cast, and each intermediate that is neither side
     and does not hold every base value exactly (through such a one the chain is the direct cast)."""
-    if dtype_b == dtype_t or dtype_b not in RECAST_DTYPES or dtype_t not in RECAST_DTYPES:
+    if dtype_b not in RECAST_DTYPES or dtype_t not in RECAST_DTYPES:
         return []
     b = DTYPES[dtype_b]
+    if dtype_b == dtype_t:
+        # the same dtype on both sides, rounded through a narrower one in between (a model loaded as bf16 and
+        # saved back as fp16: GPTQModel on CPU writes a fp16 model's biases so)
+        return [v for v in RECAST_VIAS if v is not None and v != dtype_b
+                and (DTYPES[v].mant_bits < b.mant_bits or DTYPES[v].emin > b.emin)]
     out: list[str | None] = []
     for via in RECAST_VIAS:
         if via is not None:
