@@ -482,3 +482,29 @@ def test_awq_bias_divided_with_its_rows_is_explained(monkeypatch):
     vals["q"] = bias * r * (1 + 0.05 * rng.standard_normal(16))         # not the rows' factors
     assert awq_fold.bias_fold("b", "q", name, 0.02) is None
     assert awq_fold.bias_fold("b", "q", "model.layers.0.self_attn.q_proj.bias", 0.02) is None
+
+
+def test_awq_norms_changed_beyond_the_scales_and_two_awq_files(tmp_path, models):
+    """A fine-tune of the norms by 10% beside AWQ's scales is not explained (a correlation above 0.5
+    absorbed it); two AWQ files of one base fold different scales into the same norms: untested, not a
+    fine-tune's changed norms."""
+    base, _ = models
+    base = dict(base)
+    rng = np.random.default_rng(3)
+    for layer in (0, 1):
+        base[f"model.layers.{layer}.input_layernorm.weight"] = (1 + 0.01 * rng.standard_normal(T.IN)).astype(np.float32)
+    tuned = dict(base)
+    for layer in (0, 1):
+        n = f"model.layers.{layer}.input_layernorm.weight"
+        tuned[n] = (base[n] * np.exp(0.2 * rng.standard_normal(T.IN))).astype(np.float32)
+    stored, qc = _awq_searched(tuned, base, np.random.default_rng(4))
+    r = _judge(tmp_path / "norms", base, stored, qc)
+    assert r.summary.verdict == "derived", r.summary.verdict_reason
+    assert {t.name for t in r.tensors if t.status == "changed"} == {f"model.layers.{i}.input_layernorm.weight"
+                                                                    for i in (0, 1)}
+    a, qa = _awq_searched(base, base, np.random.default_rng(4))
+    b, qb = _awq_searched(base, base, np.random.default_rng(5))
+    r = compare(T._save(tmp_path / "a", a, qa), T._save(tmp_path / "b", b, qb), rank=False)
+    assert r.summary.verdict == "inconclusive", r.summary.verdict_reason
+    norms = [t for t in r.tensors if t.name.endswith("input_layernorm.weight")]
+    assert norms and all(t.status == "quantized" and t.quant["within"] is None for t in norms)

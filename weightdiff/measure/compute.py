@@ -302,6 +302,14 @@ def _awq_folded(base, tuned, name: str) -> dict | None:
     from .awq_fold import bias_fold, norm_fold
     from .quant_floor import FOLD_REL
 
+    from .awq_fold import _awq_norm_both
+
+    if _awq_norm_both(base, tuned, name):
+        # both sides AWQ with searched scales: each file folded its own scales into this norm, so the two
+        # differ by the ratio of two searches, which no floor bounds (untested, as two compensated quantizations)
+        return {"side": "both", "format": "awq", "scheme": "activation scales folded in (AWQ's scale search)",
+                "test": "awq-fold", "within": None,
+                "note": "both sides fold their own AWQ scales into this norm: their difference is not tested"}
     for side, plain, quant in (("tuned", base, tuned), ("base", tuned, base)):
         if not getattr(quant, "quant", None):
             continue
