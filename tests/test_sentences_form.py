@@ -54,3 +54,18 @@ def test_title_with_only_rounding_and_added_tensors_is_not_a_fine_tune():
                                 "within rounding or quantization.")
     s["tensors_by_status"]["changed"] = 1
     assert verdict_title(s) == "DERIVED: a fine-tune of this base."
+
+
+def test_derived_by_float_tensors_beside_quantized_matrices_names_their_noise():
+    # a norm-only fine-tune quantized: "the large matrices keep 1 - cosine = 1.1e-2 with the base" quoted
+    # the matrices' quantization noise as if the matrices had moved
+    from weightdiff.render.sentences import verdict_reason
+
+    rows = [{"name": "model.layers.0.q.weight", "status": "quantized", "shape": [64, 64]},
+            {"name": "model.layers.0.norm.weight", "status": "changed", "shape": [64]}]
+    data = {"tensors": rows, "summary": {"verdict": "derived", "relatedness_cosine": 0.989,
+                                         "scope": {"tensors_changed": 1, "tensors_total": 2},
+                                         "tensors_by_status": {"quantized": 1, "changed": 1}}}
+    text = verdict_reason(data)
+    assert "differ only within their quantization noise floor (1 - cosine = 1.1e-2)" in text, text
+    assert "keep 1 - cosine" not in text

@@ -306,7 +306,15 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         text += (f"; {count(n)} {'block is a base block' if n == 1 else 'blocks are base blocks'} at another "
                  "position (reordered or repeated, paired by content: see the notes)")
     if cos is not None:
-        text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
+        mats = [t for t in counted if len(t.get("shape") or ()) >= 2]
+        if mats and not any(t.get("status") in ("changed", "resized") for t in mats) \
+                and any(t.get("status") == "quantized" for t in mats):
+            # the 1 - cosine of matrices that moved only within their quantization floor is that noise,
+            # not the fine-tune's (which changed other tensors)
+            text += (f"; the {matrices_phrase(s)} differ only within their quantization noise floor "
+                     f"(1 - cosine = {sci(max(0.0, 1 - cos))})")
+        else:
+            text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
     broken = [t for t in counted if _nonfinite_only(t)]
