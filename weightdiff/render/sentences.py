@@ -142,8 +142,10 @@ def _inconclusive(data: dict) -> str:
         q = s.get("quantization") or {}
         n = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
         if "quant_both_compensated" in (s.get("flags") or []):
+            kinds = sorted({{"awq": "AWQ", "gptq": "GPTQ", "fp8": "FP8", "gguf": "GGUF"}.get(f, f)
+                            for x in q.get("formats") or [] for f in str(x).split("+") if f})
             return (f"Both models are quantized, at least one by an error-compensating quantizer "
-                    f"({', '.join(q.get('formats') or []) or 'unknown'}), and {count(n)} "
+                    f"({' and '.join(kinds) or 'unknown'}), and {count(n)} "
                     f"{'tensor differs' if n == 1 else 'tensors differ'} by more than their two noise floors: "
                     "such a quantizer moves values by several steps, so two quantizations of the same weights "
                     "cannot be told from a fine-tune; compare each with the unquantized model instead.")
