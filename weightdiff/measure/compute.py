@@ -299,10 +299,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
 def _awq_folded(base, tuned, name: str) -> dict | None:
     """The record's ``quant`` when norm or bias ``name`` holds AWQ's folded scales (weightdiff.measure.awq_fold):
     the side whose linears after it are AWQ-quantized, and the scales' range; else None."""
-    from .awq_fold import bias_fold, norm_fold
+    from .awq_fold import _awq_norm_both, bias_fold, norm_fold
     from .quant_floor import FOLD_REL
-
-    from .awq_fold import _awq_norm_both
 
     if _awq_norm_both(base, tuned, name):
         # both sides AWQ with searched scales: each file folded its own scales into this norm, so the two

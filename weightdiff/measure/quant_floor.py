@@ -33,6 +33,7 @@ import numpy as np
 from ..io.safetensors_read import QuantScheme
 from ..kernels import quant_floor as QF
 from ..kernels.dtypes import DTYPES
+from ..kernels.quant import round_to
 from ..kernels.reference import decode
 
 __all__ = ["floor_test", "quant_noise_var", "AWQ_BEYOND_SHARE", "ratio_share"]
@@ -132,14 +133,7 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         # may be the base)
         plain_v, quant_v = (vb, vt) if qb is None else (vt, vb)
         if folded is not None:
-            # the plain side as AWQ scaled it before quantizing: columns * s_in, rows / s_out
-            at = np.arange(pos, pos + len(plain_v), dtype=np.int64)
-            f = np.ones(len(plain_v))
-            if folded[0] is not None:
-                f *= folded[0][at % ncols]
-            if folded[1] is not None:
-                f /= folded[1][at // ncols]
-            plain_v = np.asarray(plain_v, np.float64) * f
+            plain_v = _scaled(plain_v, folded, pos, ncols)
         part, c = QF.floor_stats(plain_v, quant_v, floor, pos % max(ncols, 1), max(ncols, 1), cast_rel)
         if awq_group and len(plain_v) % awq_group == 0 and pos % awq_group == 0:
             clipped += QF.clipped_beyond(plain_v, quant_v, floor, awq_group, cast_rel)
@@ -178,6 +172,20 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         info.update(within=None, note="both sides quantized, one by an error-compensating quantizer (GPTQ, AWQ): "
                                       "their floors do not bound the difference of two quantizations")
     return info
+
+
+def _scaled(values: np.ndarray, folded: tuple, pos: int, ncols: int, chunk: int = 1 << 20) -> np.ndarray:
+    """A window of the plain side (flat elements from ``pos``) as AWQ scaled it before quantizing:
+    columns times ``s_in``, rows divided by ``s_out``; in float64, index arrays a chunk at a time."""
+    out = np.asarray(values, np.float64).copy()
+    s_in, s_out = folded
+    for a in range(0, len(out), chunk):
+        at = np.arange(pos + a, pos + min(len(out), a + chunk), dtype=np.int64)
+        if s_in is not None:
+            out[a:a + len(at)] *= s_in[at % ncols]
+        if s_out is not None:
+            out[a:a + len(at)] /= s_out[at // ncols]
+    return out
 
 
 #: rows of the first scale group GPTQ set up whose scale and zero point must come back from the base
@@ -219,7 +227,7 @@ def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_
         r1 = min(m, r0 + SCALE_ROWS)
         x = np.asarray(decode(pck.read_rows(pname, np.arange(r0, r1)), pdtype), np.float32).reshape(r1 - r0, n)
         for r in reads:
-            xr = x if not r else _as_read(x, r)
+            xr = x if not r else round_to(x, r)
             for k, c in cols.items():
                 sub = xr[:, c]
                 lo[k, r][r0:r1], hi[k, r][r0:r1] = sub.min(1), sub.max(1)
@@ -227,21 +235,10 @@ def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_
     for (k, r), xmin in lo.items():
         s, z = _minmax_params(xmin, hi[k, r], maxq, bool(src.sym))
         s_st = scales[k, :m]
-        s_r = _as_read(s, src.sdtype) if src.sdtype in ("BF16", "F16") else s
+        s_r = round_to(s, src.sdtype) if src.sdtype in ("BF16", "F16") else s
         ok = (np.abs(s_st - s_r) <= 2 * _ulp(s_r, src.sdtype)) & (np.abs(zeros[k, :m] - z) <= 1)
         best = max(best, float(np.count_nonzero(ok)) / m if m else 0.0)
     return best
-
-
-def _as_read(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values as the quantizer read them after a cast to bf16 or fp16 (round to nearest even)."""
-    if dtype == "F16":
-        with np.errstate(over="ignore"):
-            return x.astype(np.float16).astype(np.float32)
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    r = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
-    r = np.where(np.isnan(x), u, r)
-    return r.astype(np.uint32).view(np.float32)
 
 
 def _ulp(v: np.ndarray, dtype: str) -> np.ndarray:
