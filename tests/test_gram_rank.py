@@ -592,12 +592,12 @@ def test_a_float32_low_rank_change_the_gram_matrix_cannot_resolve_is_refined_by_
     assert kept.method == "gram" and kept.bounds["numerical_rank"][1] - kept.bounds["numerical_rank"][0] > 100
 
 
-@pytest.mark.parametrize("name", ["model.layers.0.mlp.experts.gate_up_proj", "blk.0.ffn_gate_exps.weight"])
+@pytest.mark.parametrize("name", ["model.layers.0.moe.experts.w_in", "blk.0.ffn_gate_exps.weight"])
 def test_fused_expert_tensors_get_no_rank_capped_at_the_expert_count(tmp_path, rng, name):
-    """``[experts, m, n]`` (gpt-oss, Llama 4) read as one experts x (m n) matrix would report every
-    rank at most the number of experts (a full-rank change of each expert read "up to 4 directions"):
-    no rank, a note, and the form and delta_params count the tensor whole. llama.cpp's stacked
-    `ffn_*_exps` too (a GGUF of an architecture without a name map keeps them: "rank 1, low-rank")."""
+    """``[experts, m, n]`` that no reader split into the experts' own (weightdiff.io.experts splits
+    gpt-oss's, Llama 4's, Granite's and llama.cpp's stacks by name), read as one experts x (m n) matrix,
+    would report every rank at most the number of experts (a full-rank change of each expert read "up
+    to 4 directions"): no rank, a note, and the form and delta_params count the tensor whole."""
     base = {name: rng.normal(0, 0.02, (4, 96, 80)).astype(np.float32),
             "model.layers.0.mlp.router.weight": rng.normal(0, 0.02, (4, 96)).astype(np.float32)}
     tuned = dict(base)

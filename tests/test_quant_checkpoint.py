@@ -193,12 +193,17 @@ def test_mxfp4_experts(tmp_path, rng):
     want = _convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
                                        dtype=torch.bfloat16).float().numpy()
     with locate(p) as ck:
-        assert sorted(ck.tensors) == ["model.layers.0.mlp.experts.gate_up_proj",
-                                      "model.layers.0.mlp.experts.gate_up_proj_bias"]
-        name = "model.layers.0.mlp.experts.gate_up_proj"
-        assert ck.tensors[name].shape == (2, 64, 8)
-        np.testing.assert_array_equal(ck.read(name), want)
-        np.testing.assert_array_equal(np.concatenate(list(ck.windows(name, 100))), want.reshape(-1))
+        # fused experts come out as the experts' own tensors (weightdiff.io.experts), the bias too
+        assert sorted(ck.tensors) == [f"model.layers.0.mlp.experts.{e}.{leaf}"
+                                      for e in (0, 1) for leaf in ("gate_up_proj", "gate_up_proj_bias")]
+        for e in (0, 1):
+            name = f"model.layers.0.mlp.experts.{e}.gate_up_proj"
+            assert ck.tensors[name].shape == (64, 8)
+            assert ck.tensors[name].quant.stored_bytes == (blocks.nbytes + scales.nbytes) // 2
+            np.testing.assert_array_equal(ck.read(name), want[e])
+            np.testing.assert_array_equal(np.concatenate(list(ck.windows(name, 100))), want[e].reshape(-1))
+            np.testing.assert_array_equal(ck.read_rows(name, [63, 2, 3]), want[e][[63, 2, 3]])
+            assert np.concatenate(list(ck.floor_windows(name, 77))).shape == (64 * 8,)
 
 
 def test_compare_base_with_its_quantization_has_no_added_tensors(tmp_path, base_tensors):

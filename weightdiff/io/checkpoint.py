@@ -27,6 +27,7 @@ from typing import Sequence
 
 from ..errors import CheckpointError, escape_name
 from .files import inside as _inside, load_json, open_regular, os_problem, pread_into, read_small
+from .experts import fused_origin, split_note
 from .located import Checkpoint
 from .peft_adapter import JSON_CAP, AdapterConfig, LoraFactor, parse_adapter_config
 from .pickle_read import PICKLE_SUFFIXES, load_pickle
@@ -331,7 +332,11 @@ def _single(folder, name: str, shown: object) -> Checkpoint:
     if not name.endswith(".safetensors") and name.endswith(".json"):
         raise CheckpointError(file, "is JSON, not a checkpoint", "pass the folder that holds it")
     tensors, metadata = folder.headers([name])[name]
-    ckpt = Checkpoint(shown, "safetensors", [file], tensors, dict(metadata), folder.root)
+    metadata = dict(metadata)
+    note = split_note(tensors)
+    if note:
+        metadata["weightdiff.experts"] = note
+    ckpt = Checkpoint(shown, "safetensors", [file], tensors, metadata, folder.root)
     ckpt._headers[file] = tensors
     return ckpt
 
@@ -385,6 +390,7 @@ def _sharded(folder, index_name: str, shown: object) -> Checkpoint:
     metadata: dict = {}
     owner: dict[str, str] = {}
     unlisted: list[tuple[str, str]] = []
+    cut: dict[str, list[str]] = {}           # fused experts tensor (as the index lists it) -> its experts' names
     for shard in shards:
         path = folder.file(shard)
         infos, md = parsed[shard]
@@ -392,20 +398,34 @@ def _sharded(folder, index_name: str, shown: object) -> Checkpoint:
             metadata.setdefault(k, v)
         headers[path] = infos
         for name in infos:
-            if name in owner:
-                raise CheckpointError(path, f"tensor `{escape_name(name)}` is stored in both "
-                                            f"{escape_name(owner[name])} and {escape_name(shard)}")
-            owner[name] = shard
+            key = name
             if name not in wmap:
+                origin = fused_origin(name)
+                if origin is not None and origin in wmap and origin not in infos:
+                    key = origin              # split by the reader (weightdiff.io.experts)
+                    cut.setdefault(origin, []).append(name)
+                    if owner.get(origin, shard) == shard and wmap[origin] == shard:
+                        owner[origin] = shard
+                        continue
+            if key in owner:
+                raise CheckpointError(path, f"tensor `{escape_name(key)}` is stored in both "
+                                            f"{escape_name(owner[key])} and {escape_name(shard)}")
+            owner[key] = shard
+            if key not in wmap:
                 unlisted.append((name, shard))
-            elif wmap[name] != shard:
-                raise CheckpointError(path, f"holds tensor `{escape_name(name)}` that the index places in "
-                                            f"{escape_name(wmap[name])}")
+            elif wmap[key] != shard:
+                raise CheckpointError(path, f"holds tensor `{escape_name(key)}` that the index places in "
+                                            f"{escape_name(wmap[key])}")
     for name, shard in wmap.items():
         if owner.get(name) != shard:
             raise CheckpointError(folder.file(shard), f"tensor `{escape_name(name)}` is listed in the index for "
                                                       "this shard but the shard does not hold it")
-        tensors[name] = headers[folder.file(shard)][name]
+        header = headers[folder.file(shard)]
+        for part in cut.get(name, (name,)):
+            tensors[part] = header[part]
+    note = split_note(tensors) if cut else None
+    if note:
+        metadata["weightdiff.experts"] = note
     notes = []
     for name, shard in unlisted:             # transformers loads by the index; still, measure it
         tensors[name] = headers[folder.file(shard)][name]

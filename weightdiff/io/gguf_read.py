@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -43,8 +44,12 @@ from .safetensors_read import TensorInfo, check_range, storage_of
 from .gguf_floor import FLOORS, floor, scheme_of
 from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf
 from .gguf_names import ARCHITECTURES, GENERATED, hf_name
+from .experts import expert_name
 
 __all__ = ["MAGIC", "GGUFFile", "is_gguf", "require_gguf"]
+
+#: llama.cpp's stacked expert tensors (``LLM_TENSOR_FFN_*_EXPS``) and their biases
+_STACKED = re.compile(r"^blk\.\d+\.ffn_(?:gate|up|down|gate_up)_exps\.(?:weight|bias)$")
 
 DECODE_ELEMENTS = 1 << 20         # elements dequantized per gguf call (bounds its temporaries)
 #: GGML types handed out as stored, with their safetensors dtype names
@@ -135,6 +140,11 @@ class GGUFFile(OpenCheckpointFile):
                 skipped.append(name)
                 continue
             mapped = hf_name(arch, name, meta)
+            if mapped.transform is None and mapped.name == name and len(ne) in (2, 3) and int(ne[-1]) >= 2 \
+                    and _STACKED.match(name):
+                # an architecture without a name map keeps llama.cpp's names: its stacked experts
+                # (and their biases) still split, as `blk.N.ffn_gate_exps.E.weight`
+                mapped = mapped._replace(name=expert_name(name, "{x}"), transform="experts")
             if mapped.transform == "experts":
                 self._split_experts(name, mapped.name, ne, data + offset, qtype, tname, block, tsize, meta)
                 counts["experts"] += 1
@@ -200,10 +210,13 @@ class GGUFFile(OpenCheckpointFile):
         its rank like the safetensors tensor it was stacked from (as one matrix, its spectrum would say
         nothing of any expert's change)."""
         q = f"`{escape_name(name)}`"
-        if len(ne) != 3:
+        if len(ne) == 2 and name.endswith(".bias"):
+            (cols, experts), rows = (int(v) for v in ne), 1       # one bias vector per expert
+        elif len(ne) != 3:
             raise CheckpointError(self.path, f"tensor {q} holds stacked experts but has {len(ne)} dimensions, not 3 "
                                              "(experts, rows, columns)")
-        cols, rows, experts = (int(v) for v in ne)
+        else:
+            cols, rows, experts = (int(v) for v in ne)
         layout = self._make_layout(name, start, qtype, tname, rows * experts, cols, block, tsize, None, 0)
         dtype = "F32" if layout.out == np.float32 and tname not in NATIVE else NATIVE[tname]
         scheme = None if tname in NATIVE else tname
@@ -215,7 +228,8 @@ class GGUFFile(OpenCheckpointFile):
                                                  f"both map to `{escape_name(hf)}`")
             at = start + x * nbytes
             quant = None if tname in NATIVE else scheme_of(tname, block, tsize, nbytes, name, meta)
-            self.tensors[hf] = TensorInfo(hf, dtype, (rows, cols), self.path, at, at + nbytes, scheme, quant)
+            shape = (cols,) if len(ne) == 2 else (rows, cols)
+            self.tensors[hf] = TensorInfo(hf, dtype, shape, self.path, at, at + nbytes, scheme, quant)
             self._layout[hf] = replace(layout, start=at, rows=rows)
 
     def _notes(self, arch: str, counts: dict, skipped: list[str]) -> None:

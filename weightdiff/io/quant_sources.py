@@ -290,20 +290,23 @@ class BnB8(Source):
 
 class MXFP4(Source):
     """gpt-oss experts: blocks [E, R, G, 16] and scales [E, R, G] -> [E, G*32, R] (transformers'
-    ``convert_moe_packed_tensors`` transposes the last two axes)."""
+    ``convert_moe_packed_tensors`` transposes the last two axes). With ``expert``: that expert's
+    [G*32, R] alone (weightdiff.io.experts splits fused experts into the experts' own tensors)."""
 
-    def __init__(self, name, shape, scheme, path, blocks, scales, out):
+    def __init__(self, name, shape, scheme, path, blocks, scales, out, expert: int | None = None):
         super().__init__(name, shape, scheme, path)
-        self.b, self.s, self.out = blocks, scales, out
+        self.b, self.s, self.out, self.expert = blocks, scales, out, expert
 
     def rows(self, read, read_rows, r0, r1):
-        per = self.shape[1]
+        per = self.shape[-2]
         vs, fs = [], []
-        for e in range(r0 // per, -(-r1 // per)):
+        first = 0 if self.expert is None else self.expert
+        for e in range(first + r0 // per, first - (-r1 // per)):
             if self._cache.get("e") != e:
                 v, f = K.mxfp4_rows(read_rows(self.b.name, [e])[0], read_rows(self.s.name, [e])[0], self.out)
                 self._cache.update(e=e, v=np.ascontiguousarray(v.T), f=np.ascontiguousarray(f.T))
-            lo, hi = max(r0, e * per) - e * per, min(r1, (e + 1) * per) - e * per
+            at = (e - first) * per
+            lo, hi = max(r0, at) - at, min(r1, at + per) - at
             vs.append(self._cache["v"][lo:hi])
             fs.append(self._cache["f"][lo:hi])
         return np.concatenate(vs), np.concatenate(fs)

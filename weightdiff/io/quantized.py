@@ -18,6 +18,7 @@ unsupported bit width or packing) is a ``CheckpointError`` naming the file and t
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 import re
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
+from .experts import expert_name, is_fused
 from .files import load_json, read_beside, read_small
 from .quant_sources import AWQ, FP8, GPTQ, MXFP4, BnB4, BnB8, IntGrid, Read, Source
 from .safetensors_read import QuantScheme, TensorInfo
@@ -393,14 +395,19 @@ def _bnb4(qs_name: str, tensors: dict, read: Read) -> tuple[Source, list[str]]:
     return BnB4(prefix, tuple(shape), sch, w.path, w, am, qm, nest, meta), [p.name for p in parts]
 
 
-def _mxfp4(prefix: str, b: TensorInfo, s: TensorInfo, qc: dict) -> Source:
+def _mxfp4(prefix: str, b: TensorInfo, s: TensorInfo, qc: dict) -> list[Source]:
+    """The logical tensors of one MXFP4 pair: the experts' own [G*32, R] matrices when ``prefix`` names
+    fused experts (weightdiff.io.experts), else the [E, G*32, R] tensor whole."""
     if b.dtype != "U8" or s.dtype != "U8" or len(b.shape) != 4 or b.shape[-1] != 16 or s.shape != b.shape[:-1]:
         raise _err(b, f"MXFP4 pair {_q(b.name)} {b.dtype} {list(b.shape)} / {_q(s.name)} {s.dtype} "
                       f"{list(s.shape)}: expected U8 [E, R, G, 16] and U8 [E, R, G]")
     E, R, G, _ = b.shape
     out = "BF16"
     sch = _scheme("mxfp4", "fp4 e2m1, 32-element blocks, e8m0 scales", 4, "32", False, [b, s])
-    return MXFP4(prefix, (E, G * 32, R), sch, b.path, b, s, out)
+    if not is_fused(prefix, (E, G * 32, R)):
+        return [MXFP4(prefix, (E, G * 32, R), sch, b.path, b, s, out)]
+    each = replace(sch, stored_bytes=sch.stored_bytes // E)     # the experts share the stored pair evenly
+    return [MXFP4(expert_name(prefix, e), (G * 32, R), each, b.path, b, s, out, expert=e) for e in range(E)]
 
 
 def _special_names(tensors: dict) -> bool:
@@ -457,6 +464,7 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
     _refuse_quanto(tensors)
     sources: dict[str, Source] = {}
     owner: dict[str, str] = {}                  # stored name -> logical name
+    group: dict[str, list[str]] = {}            # the first of several logical tensors from one stored set -> all
     hidden: list[str] = []
     for name in tensors:
         if _BNB_MARKER in name:
@@ -466,9 +474,13 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
             sources[src.name] = src
             owner.update({p: src.name for p in parts})
         elif name.endswith("_blocks") and name[:-7] + "_scales" in tensors:
-            src = _mxfp4(name[:-7], tensors[name], tensors[name[:-7] + "_scales"], qc)
-            sources[src.name] = src
-            owner.update({name: src.name, name[:-7] + "_scales": src.name})
+            made = _mxfp4(name[:-7], tensors[name], tensors[name[:-7] + "_scales"], qc)
+            for src in made:
+                if src.name in tensors:
+                    raise _err(tensors[src.name], f"tensor {_q(src.name)} is stored both plain and quantized")
+                sources[src.name] = src
+            owner.update({name: made[0].name, name[:-7] + "_scales": made[0].name})
+            group.update({made[0].name: [m.name for m in made]})
     by_mod: dict[str, dict[str, TensorInfo]] = {}
     for name, info in tensors.items():
         if name not in owner:
@@ -509,9 +521,11 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
         if name in hidden:
             continue
         if name in owner:
-            src = sources[owner[name]]
-            if src.name not in out:
-                out[src.name] = TensorInfo(src.name, "F32", tuple(src.shape), src.path, None, None, quant=src.scheme)
+            for logical in group.get(owner[name], (owner[name],)):
+                src = sources[logical]
+                if src.name not in out:
+                    out[src.name] = TensorInfo(src.name, "F32", tuple(src.shape), src.path, None, None,
+                                               quant=src.scheme)
             continue
         if name in out:
             raise _err(info, f"tensor {_q(name)} is stored both plain and quantized")

@@ -321,7 +321,8 @@ def parse_header(raw: bytes | bytearray, file_size: int, path: str | os.PathLike
                  ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate header JSON ``raw`` (without its length prefix) of a file of ``file_size`` bytes.
 
-    Returns tensors in file (offset) order and the ``__metadata__`` map.
+    Returns tensors in file (offset) order and the ``__metadata__`` map. A fused mixture-of-experts
+    tensor comes back as its experts' own tensors (weightdiff.io.experts).
     """
     data_start = 8 + len(raw)
     data_len = file_size - data_start
@@ -348,6 +349,11 @@ def parse_header(raw: bytes | bytearray, file_size: int, path: str | os.PathLike
     if pos < data_len:
         raise CheckpointError(path, f"{data_len - pos:,} trailing bytes after the last tensor's data "
                                     "(corrupt or appended file?)")
+    from .experts import split_infos          # fused mixture-of-experts tensors -> the experts' own
+
+    split = split_infos(infos, path)
+    if split is not None:
+        infos = split
     return {t.name: t for t in infos}, metadata
 
 

@@ -1,0 +1,109 @@
+"""Mixture-of-experts tensors that store all their experts in one array, split into the experts' own.
+
+gpt-oss and Llama 4 keep each layer's experts as ``mlp.experts.gate_up_proj`` [experts, m, n]
+(with gpt-oss's biases ``gate_up_proj_bias`` [experts, n]); Granite MoE and JetMoE as
+``input_linear.weight`` / ``output_linear.weight`` [experts, m, n]. Read as one matrix, such a
+tensor's spectrum says nothing about any expert's change (every rank would be capped at the
+number of experts), and a change to one expert would mark the whole layer's experts changed.
+So every reader hands them out as the experts' own tensors, named by inserting the expert's
+index before the last name component (``mlp.experts.gate_up_proj`` -> ``mlp.experts.3.gate_up_proj``,
+``input_linear.weight`` -> ``input_linear.3.weight``), each a contiguous run of the stored bytes:
+they read, pair, count and get their rank like the per-expert tensors of Mixtral or DeepSeek.
+The rule is by name and shape only, so both sides of a comparison split the same way.
+
+>>> expert_name("model.layers.0.mlp.experts.gate_up_proj", 3)
+'model.layers.0.mlp.experts.3.gate_up_proj'
+>>> fused_origin("model.layers.0.mlp.experts.3.gate_up_proj")
+'model.layers.0.mlp.experts.gate_up_proj'
+>>> is_fused("model.layers.0.mlp.experts.down_proj", (32, 2880, 2880)), is_fused("conv1.weight", (8, 4, 3))
+(True, False)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Sequence
+
+from ..errors import CheckpointError, escape_name
+from .safetensors_read import TensorInfo
+
+__all__ = ["is_fused", "expert_name", "fused_origin", "split_infos", "split_note"]
+
+#: (name suffix, dimensions of the fused tensor): matrices are [experts, m, n], biases [experts, n]
+_MATRIX = (".experts.gate_up_proj", ".experts.down_proj", ".experts.gate_proj", ".experts.up_proj",
+           ".input_linear.weight", ".output_linear.weight")
+_BIAS = (".experts.gate_up_proj_bias", ".experts.down_proj_bias")
+_SUFFIXES = _MATRIX + _BIAS
+_SPLIT = re.compile(r"^(.+)\.(\d+)\.([^.]+)$")
+
+_SPLIT_ANY = None
+
+
+def is_fused(name: str, shape: Sequence[int]) -> bool:
+    """Whether stored tensor ``name`` of ``shape`` holds several experts side by side on its first axis."""
+    if not name.endswith(_SUFFIXES) or not shape or int(shape[0]) < 2:
+        return False
+    return len(shape) == (2 if name.endswith(_BIAS) else 3)
+
+
+def expert_name(name: str, expert: int) -> str:
+    """The name of expert ``expert``'s tensor cut from fused tensor ``name``."""
+    stem, _, leaf = name.rpartition(".")
+    return f"{stem}.{expert}.{leaf}"
+
+
+def fused_origin(name: str) -> str | None:
+    """The fused tensor a split name was cut from (None when ``name`` is not such a name)."""
+    m = _SPLIT.match(name)
+    if m is None:
+        return None
+    origin = f"{m.group(1)}.{m.group(3)}"
+    return origin if origin.endswith(_SUFFIXES) else None
+
+
+def split_infos(infos: list[TensorInfo], path) -> list[TensorInfo] | None:
+    """``infos`` (one file's tensors, in file order) with every fused expert tensor replaced by its
+    experts' tensors (contiguous byte ranges of it), or None when there is none to split. A fused
+    tensor whose experts do not each fill whole bytes (packed 4- or 6-bit floats) is kept whole."""
+    if not any(t.name.endswith(_SUFFIXES) for t in infos):
+        return None
+    names = {t.name for t in infos}
+    out: list[TensorInfo] = []
+    done = False
+    for t in infos:
+        if not is_fused(t.name, t.shape) or t.start is None:
+            out.append(t)
+            continue
+        experts = int(t.shape[0])
+        total = t.end - t.start
+        if total % experts:
+            out.append(t)
+            continue
+        each, shape = total // experts, tuple(t.shape[1:])
+        for e in range(experts):
+            name = expert_name(t.name, e)
+            if name in names:
+                raise CheckpointError(path, f"tensor `{escape_name(name)}` is stored both on its own and inside "
+                                            f"the fused experts tensor `{escape_name(t.name)}`")
+            out.append(replace(t, name=name, shape=shape, start=t.start + e * each, end=t.start + (e + 1) * each))
+        done = True
+    return out if done else None
+
+
+
+def split_note(names) -> str | None:
+    """What a checkpoint's metadata says (key ``weightdiff.experts``, shown by ``inspect``) when its
+    reader split fused expert tensors: one regular-expression scan over all the names."""
+    global _SPLIT_ANY
+    if _SPLIT_ANY is None:
+        alts = "|".join(re.escape(s.rpartition(".")[2]) for s in _SUFFIXES)
+        _SPLIT_ANY = re.compile(r"^(.+)\.\d+\.(" + alts + r")$", re.M)
+    joined = "\n".join(names)
+    if not any(s.rpartition(".")[2] in joined for s in _SUFFIXES):       # most checkpoints: no scan
+        return None
+    origins = {f"{a}.{b}" for a, b in _SPLIT_ANY.findall(joined)}
+    fused = sorted(o for o in origins if o.endswith(_SUFFIXES))
+    if not fused:
+        return None
+    return f"{len(fused):,} fused expert tensor{'s' if len(fused) != 1 else ''} split into the experts' own"
