@@ -41,8 +41,12 @@ def grid_levels(rows: np.ndarray, max_levels: int = 256) -> tuple[int, float]:
 # -- the noise-floor test ---------------------------------------------------------------
 
 #: fields of ``floor_stats``: elements compared, elements beyond the floor, sum of (|d| / floor)^2,
-#: largest |d| / floor, sum of squares of the part above the floor, sum of d^2
-FLOOR_FIELDS = ("count", "n_beyond", "sum_u2", "max_u", "sum_excess2", "sum_d2")
+#: largest |d| / floor, sum of squares of the part above the floor, sum of d^2, elements that moved
+#: (finite |d| above the cast allowance ``cast_rel * |base|``, or above 0 without one) and how many of
+#: those sit within ``NEAR_U`` of their floor (a quantization spreads them over it: about that share)
+FLOOR_FIELDS = ("count", "n_beyond", "sum_u2", "max_u", "sum_excess2", "sum_d2", "n_moved", "n_moved_near")
+#: |d| / floor below which a moved element counts as near its quantized value
+NEAR_U = 0.25
 
 
 def floor_stats(base: np.ndarray, other: np.ndarray, floor: np.ndarray, col_start: int = 0,
@@ -83,6 +87,8 @@ def _floor_pass():
         @numba.njit(cache=True, nogil=True)
         def run(b, o, f, cast_rel, col_start, ncols, cols, out):  # pragma: no cover - compiled
             n_beyond = 0
+            n_moved = 0
+            n_near = 0
             su2 = se2 = sd2 = 0.0
             mx = 0.0
             nan_max = False
@@ -115,12 +121,18 @@ def _floor_pass():
                     if ex > 0:
                         se2 += ex * ex
                     sd2 += d * d
+                    if d > cast_rel * abs(bi):
+                        n_moved += 1
+                        if u < NEAR_U:
+                            n_near += 1
             out[0] = b.size
             out[1] = n_beyond
             out[2] = su2
             out[3] = math.nan if nan_max else mx
             out[4] = se2
             out[5] = sd2
+            out[6] = n_moved
+            out[7] = n_near
 
         _FLOOR_PASS.append(run)
     return _FLOOR_PASS[0]
@@ -152,8 +164,10 @@ def floor_stats_numpy(base: np.ndarray, other: np.ndarray, floor: np.ndarray, co
     fin = ~bad
     with np.errstate(invalid="ignore"):
         excess = np.maximum(d - f, 0.0)
+    moved = fin & (d > cast_rel * np.abs(b))
     out = np.array([d.size, beyond.sum(), float(np.sum(u[fin] ** 2)), float(u.max()) if u.size else 0.0,
-                    float(np.sum(excess[fin] ** 2)), float(np.sum(d[fin] ** 2))], dtype=np.float64)
+                    float(np.sum(excess[fin] ** 2)), float(np.sum(d[fin] ** 2)), moved.sum(),
+                    np.count_nonzero(u[moved] < NEAR_U)], dtype=np.float64)
     idx = np.flatnonzero(beyond)
     cols = np.bincount((idx + col_start) % ncols, minlength=ncols).astype(np.int64) if ncols > 1 else \
         np.array([idx.size], dtype=np.int64)

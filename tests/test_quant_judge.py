@@ -508,3 +508,41 @@ def test_awq_norms_changed_beyond_the_scales_and_two_awq_files(tmp_path, models)
     assert r.summary.verdict == "inconclusive", r.summary.verdict_reason
     norms = [t for t in r.tensors if t.name.endswith("input_layernorm.weight")]
     assert norms and all(t.status == "quantized" and t.quant["within"] is None for t in norms)
+
+
+@pytest.mark.parametrize("kind", list(T.BUILDERS))
+def test_quantized_base_against_the_weights_it_was_made_from_is_quantized_only(tmp_path, models, kind):
+    # the quantized file given as the base and the float weights it was made from as the tuned model: the
+    # errors spread over each floor (the near-grid test must not read them as a fine-tune of the quantized values)
+    base, _ = models
+    stored, qc, _ = _build(kind, base)
+    q = T._save(tmp_path / "quant", stored, qc)
+    r = compare(q, T._save(tmp_path / "plain", base, None), rank=False)
+    assert r.summary.verdict == "quantized_only", r.summary.verdict_reason
+    assert not any(t.quant.get("near_grid") for t in r.tensors if t.quant)
+
+
+@pytest.mark.parametrize("kind", list(T.BUILDERS))
+def test_fine_tune_of_the_dequantized_base_is_derived_with_its_rank(tmp_path, models, kind):
+    # gpt-oss as released (MXFP4), a QLoRA merge over its NF4 base, a fine-tune of DeepSeek's FP8 release:
+    # a float model that starts from the quantized values and moved each by a small part of a step read
+    # "the base given is a quantization of these weights" (every element within the floor); its changed
+    # matrices are the quantized values, moved (near_grid), and their rank is the change's own
+    base, _ = models
+    stored, qc, deq = _build(kind, base)
+    start = {k: deq.get(k, v) for k, v in base.items()}
+    old, T.OUT = T.OUT, ROWS
+    try:
+        tuned = T.fine_tune(np.random.default_rng(5), start, rel=2e-3, rank=4)
+    finally:
+        T.OUT = old
+    q = T._save(tmp_path / "quant", stored, qc)
+    r = compare(q, T._save(tmp_path / "ft", tuned, None), rank=True)
+    assert r.summary.verdict == "derived", r.summary.verdict_reason
+    changed = [t for t in r.tensors if t.status == "changed"]
+    assert changed and all(t.quant and t.quant.get("near_grid") for t in changed)
+    assert all(t.rank.numerical_rank == 4 for t in changed), [(t.name, t.rank.numerical_rank) for t in changed]
+    assert "quantized tensors are the base's quantized values, changed" in r.summary.verdict_reason
+    assert "beyond the quantization noise floor" not in r.summary.verdict_reason
+    same = [t for t in r.tensors if t.name in deq and t.status != "changed"]
+    assert all(t.status == "unchanged" for t in same)

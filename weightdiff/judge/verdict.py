@@ -254,8 +254,9 @@ def quantization_summary(counted: list[TensorRecord]) -> dict[str, Any] | None:
         return None
     judged = [r for r in tested if r.quant.get("within") is not None]
     beyond = [r for r in judged if not r.quant["within"]]
+    near = [r for r in beyond if r.quant.get("near_grid") is not None]
     return {"tensors": len(tested), "tensors_judged": len(judged), "tensors_beyond": len(beyond),
-            "share_beyond": len(beyond) / len(judged) if judged else None,
+            "share_beyond": len(beyond) / len(judged) if judged else None, "tensors_near_grid": len(near),
             "tests": dict(sorted(Counter(str(r.quant.get("test")) for r in tested).items())),
             "formats": sorted({str(r.quant.get("format")) for r in tested}),
             "schemes": sorted({str(r.quant.get("scheme")) for r in tested}),

@@ -249,6 +249,13 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             rec.note = ("AWQ's activation scales fit back for the floor test; the rank of the change is not "
                         "computed" + (f"; {rec.note}" if rec.note else ""))
             above = False
+        elif rec.quant is not None and rec.quant.get("near_grid") is not None and rec.status == "changed":
+            # the float side is the base's quantized values, moved: the difference is the change itself,
+            # with no quantization noise in it (the rank's floor is the stored dtypes' rounding)
+            rec.note = ("most of the elements that moved lie within a quarter of the base's quantization floor of "
+                        "its quantized values (quant.near_grid; a quantization of float weights leaves about a quarter "
+                        "that near): the quantized values, changed; the rank is of the difference itself"
+                        + (f"; {rec.note}" if rec.note else ""))
         elif rec.quant is not None and rec.quant.get("test") not in (None, "none") and rec.status == "changed":
             above = True                           # rank the whole change above the quantization noise
 

@@ -36,7 +36,7 @@ from ..kernels.dtypes import DTYPES
 from ..kernels.quant import round_to
 from ..kernels.reference import decode
 
-__all__ = ["floor_test", "quant_noise_var", "AWQ_BEYOND_SHARE", "ratio_share"]
+__all__ = ["floor_test", "quant_noise_var", "near_grid", "AWQ_BEYOND_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
 
 #: AWQ: share of elements beyond the floor a quantization of the base may leave, beside the group
 #: extremes its clipping search moved (``kernels.quant_floor.clipped_beyond``); AutoAWQ 0.2.9 on a
@@ -166,12 +166,42 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             # its scales come back from the base's weights, or the base is not what it read
             info["first_group_scales"] = scales
             info["within"] = bool(info["within"]) and scales >= SCALE_MATCH_SHARE
+    near = near_grid(side, acc)
+    if near is not None:
+        # a float model that starts from the quantized values (gpt-oss as released in MXFP4, a QLoRA merge
+        # over its NF4 base, DeepSeek's FP8 release) and moved most by a small part of a step: not spread
+        # over the floor as quantizing its weights would leave them. Not within, even when no element is
+        # beyond; and the difference is the change itself (no quantization noise in it, for the rank)
+        info.update(within=False, near_grid=near)
     if side == "both" and test != "bound" and not info.get("within"):
         # GPTQ's compensation (AWQ's scaling) moves values by several steps, each side in its own order:
         # two such quantizations of the same weights differ beyond the two floors, as a fine-tune does
         info.update(within=None, note="both sides quantized, one by an error-compensating quantizer (GPTQ, AWQ): "
                                       "their floors do not bound the difference of two quantizations")
     return info
+
+
+#: the near-grid test (``near_grid``): fewest moved elements it decides on, and the share of them within
+#: ``kernels.quant_floor.NEAR_U`` (a quarter) of their floor above which the float side reads "the quantized
+#: values, moved": a round-to-nearest quantization of float weights spreads its errors over the floor
+#: (uniform: a quarter of them that near; GPTQ's and AWQ's compensation fewer), where a fine-tune of the
+#: dequantized values moves most by a small part of a step (gpt-oss's MXFP4 experts, a dense or rank-4
+#: change of relative size 1e-2 over random block scales: 0.67-0.70; of 1e-3: 0.97)
+NEAR_GRID_MIN = 256
+NEAR_GRID_SHARE = 0.5
+
+
+def near_grid(side: str, acc: np.ndarray) -> float | None:
+    """The share of moved elements near their quantized value (``FLOOR_FIELDS`` ``n_moved_near`` over
+    ``n_moved``) when the quantized side is the base and that share says the float side is the base's
+    quantized values moved by a small part of a step (not the weights they were quantized from); None
+    otherwise. Elements within the plain side's cast rounding do not count as moved (a dequantized copy
+    stored in bf16 rounds each value)."""
+    moved = int(acc[6])
+    if side != "base" or moved < NEAR_GRID_MIN:
+        return None
+    share = float(acc[7]) / moved
+    return share if share > NEAR_GRID_SHARE else None
 
 
 def _scaled(values: np.ndarray, folded: tuple, pos: int, ncols: int, chunk: int = 1 << 20) -> np.ndarray:

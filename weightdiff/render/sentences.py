@@ -323,14 +323,21 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     if broken:
         text += (f"; {count(len(broken))} of the changed tensors differ only by NaN or infinite values "
                  "(not measured: broken or overflowed weights)")
-    if q.get("tensors_beyond"):
+    near = int(q.get("tensors_near_grid") or 0)
+    if near:
+        # the float model starts from the base's quantized values (weightdiff.measure.quant_floor.near_grid)
+        text += (f"; {count(near)} of {count(q.get('tensors_judged'))} quantized tensors are the base's quantized "
+                 "values, changed: most of their changed elements lie next to those values, where quantizing float "
+                 "weights spreads them over the noise floor (a fine-tune of the quantized model)")
+    if q.get("tensors_beyond", 0) > near:
         after = {("base",): ", so the base given was quantized from other weights than these (a fine-tune of "
                             "them, or the weights they were tuned from)",
                  ("tuned",): ", so this is a fine-tune that was then quantized"}.get(tuple(q.get("sides") or ()),
                                                                                  ", so the weights quantized differ")
-        text += (f"; {count(q['tensors_beyond'])} of {count(q.get('tensors_judged'))} quantized tensors "
-                 f"({share(q.get('share_beyond'))}) stand beyond the quantization noise floor {_quant_how(q)}"
-                 + after)
+        far = q["tensors_beyond"] - near
+        judged = q.get("tensors_judged")
+        text += (f"; {count(far)} of {count(judged)} quantized tensors ({share(far / judged if judged else None)}) "
+                 f"stand beyond the quantization noise floor {_quant_how(q)}" + after)
     return text + "."
 
 
