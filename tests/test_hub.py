@@ -520,3 +520,28 @@ def test_retries_are_bounded(server, hf, mode):
     line = one_error(*run("compare", "org/base", "org/tuned@v1", mode, "-q", "--no-rank")[::2])
     assert line.startswith("error: org/base: the Hub answered HTTP 503 after retries for `org/base`"), line
     assert server.api_faults["org/base"]["times"] >= 99 - 2 * (hub_http.RETRIES + 1)
+
+
+def test_fused_experts_of_a_hub_repo_split_streamed_and_downloaded(server, hf, tmp_path):
+    # gpt-oss-shaped fused experts in a sharded Hub repo whose index lists the fused names: streamed and
+    # downloaded, each expert is its own tensor, and the one expert changed is the only one that reads so
+    rng = np.random.default_rng(31)
+    t = {"model.layers.0.mlp.experts.gate_up_proj": rng.normal(0, 0.02, (4, 32, 48)).astype(np.float32),
+         "model.layers.0.mlp.experts.down_proj": rng.normal(0, 0.02, (4, 24, 32)).astype(np.float32),
+         "model.layers.0.self_attn.q_proj.weight": rng.normal(0, 0.02, (32, 32)).astype(np.float32)}
+    ft = {k: v.copy() for k, v in t.items()}
+    ft["model.layers.0.mlp.experts.down_proj"][3] += 0.01 * np.outer(rng.normal(size=24), rng.normal(size=32))
+    for name, tensors in (("moe-base", t), ("moe-tuned", ft)):
+        d = write_checkpoint(tmp_path / name, tensors, shards=2, dtype="BF16")
+        server.commit(f"org/{name}", {**_files(d), "config.json": b'{"model_type": "gpt_oss"}'})
+    docs = []
+    for mode in ("--stream", "--download"):
+        rc, _, err = run("compare", "org/moe-base", "org/moe-tuned", mode, "--json", f"{mode[2:]}.json", "-q")
+        assert rc == 0, err
+        docs.append(json.loads((tmp_path / f"{mode[2:]}.json").read_text()))
+    for d in docs:
+        status = {x["name"]: x["status"] for x in d["tensors"]}
+        assert len(status) == 4 + 4 + 1
+        assert [n for n, s in status.items() if s == "changed"] == ["model.layers.0.mlp.experts.3.down_proj"]
+        assert d["tensors"][[x["name"] for x in d["tensors"]].index("model.layers.0.mlp.experts.3.down_proj")
+                            ]["rank"]["numerical_rank"] == 1

@@ -546,3 +546,35 @@ def test_fine_tune_of_the_dequantized_base_is_derived_with_its_rank(tmp_path, mo
     assert "beyond the quantization noise floor" not in r.summary.verdict_reason
     same = [t for t in r.tensors if t.name in deq and t.status != "changed"]
     assert all(t.status == "unchanged" for t in same)
+
+
+@pytest.mark.parametrize("qname", ["Q8_0", "Q4_K", "Q6_K", "Q4_0"])
+def test_gguf_base_against_its_original_and_a_fine_tune_of_its_values(tmp_path, qname):
+    # a GGUF given as the base: against the weights it was made from, quantized_only (the errors spread
+    # over the floor, K-quants' end codes included); against a fine-tune of its dequantized values of
+    # relative size 2e-3, derived, near_grid, rank 4
+    gguf = pytest.importorskip("gguf")
+    from conftest import write_checkpoint
+    from gguf_build import to_gguf
+    from models import llama
+
+    rng = np.random.default_rng(21)
+    t = llama(rng, layers=2, hidden=256, inter=512, vocab=96, kv=128)
+    q = to_gguf(tmp_path / "q.gguf", t, "llama", getattr(gguf.GGMLQuantizationType, qname), n_head=4, n_kv=2,
+                layers=2)
+    r = compare(q, write_checkpoint(tmp_path / "orig", t), rank=False)
+    assert r.summary.verdict == "quantized_only", r.summary.verdict_reason
+    from weightdiff.io.checkpoint import locate
+
+    with locate(q) as ck:
+        deq = {k: ck.read(k).astype(np.float32) for k in t}
+    ft = dict(deq)
+    f = _rank4(np.random.default_rng(22), 2e-3)
+    names = [k for k in t if k.endswith("q_proj.weight")]
+    for k in names:
+        ft[k] = (deq[k] + f(deq[k])).astype(np.float32)
+    r = compare(q, write_checkpoint(tmp_path / "ft", ft), rank=True)
+    assert r.summary.verdict == "derived", r.summary.verdict_reason
+    changed = {x.name: x for x in r.tensors if x.status == "changed"}
+    assert sorted(changed) == sorted(names)
+    assert all(x.quant["near_grid"] > 0.5 and x.rank.numerical_rank == 4 for x in changed.values())
