@@ -52,6 +52,8 @@ def test_names():
     assert not is_fused(L + "gate_up_proj", (4, 16))          # a matrix leaf must be 3-D
     assert not is_fused(L + "gate_up_proj_bias", (4, 4, 4))
     assert not is_fused("model.layers.0.conv.weight", (4, 4, 4))
+    assert not is_fused(L + "gate_up_proj", (10 ** 8, 1, 0))    # a hostile header: no 10^8 tensors of nothing
+    assert not is_fused(L + "gate_up_proj", (5000, 2, 2)) and is_fused(L + "gate_up_proj", (4096, 2, 2))
     assert split_note([L + "0.gate_up_proj", L + "1.gate_up_proj", "x.input_linear.0.weight"]) == \
         "2 fused expert tensors split into the experts' own"
     assert split_note(["model.layers.0.mlp.down_proj.weight"]) is None
@@ -137,6 +139,14 @@ def test_mxfp4_base_against_its_bf16_fine_tune(tmp_path, rng):
     assert sum(1 for s in status.values() if s == "changed") == 1
 
 
+def test_a_header_claiming_millions_of_empty_experts_stays_one_tensor(tmp_path):
+    # 10^8 experts of zero bytes cost nothing on disk; split, they were 10^8 tensor entries in memory
+    write_checkpoint(tmp_path / "m", {L + "gate_up_proj": np.zeros((10 ** 8, 1, 0), np.float32),
+                                      "x.weight": np.ones((2, 2), np.float32)})
+    with locate(tmp_path / "m") as ck:
+        assert sorted(ck.tensors) == [L + "gate_up_proj", "x.weight"]
+
+
 def test_a_tensor_stored_both_fused_and_on_its_own_is_refused(tmp_path, rng):
     t = _gpt_oss(rng)
     t[L + "0.gate_up_proj"] = t[L + "gate_up_proj"][0]
@@ -173,3 +183,14 @@ def test_stacked_experts_of_an_architecture_without_a_name_map_split_too(tmp_pat
             assert np.array_equal(ck.read(f"blk.0.ffn_gate_exps.{e}.weight"), w[e])
             assert np.array_equal(ck.read(f"blk.0.ffn_gate_exps.{e}.bias"), b[e])
         assert "2 stacked expert tensors split" in ck.metadata["gguf.transforms"]
+
+
+def test_a_gguf_stack_of_more_experts_than_any_model_is_refused_or_kept_whole(tmp_path):
+    gguf_build = pytest.importorskip("gguf_build")
+    Q = gguf_build.gguf.GGMLQuantizationType
+    w = np.zeros((5000, 1, 32), np.float32)
+    mapped = gguf_build.raw_gguf(tmp_path / "llama.gguf", {"blk.0.ffn_gate_exps.weight": (w, Q.F32)}, arch="llama")
+    bad(mapped, "holds 5,000 stacked experts of 1 x 32: expected 1 to 4,096 experts")
+    kept = gguf_build.raw_gguf(tmp_path / "oss.gguf", {"blk.0.ffn_gate_exps.weight": (w, Q.F32)}, arch="gpt-oss")
+    with locate(kept) as ck:
+        assert list(ck.tensors) == ["blk.0.ffn_gate_exps.weight"]

@@ -28,7 +28,7 @@ from typing import Sequence
 from ..errors import CheckpointError, escape_name
 from .safetensors_read import TensorInfo
 
-__all__ = ["is_fused", "expert_name", "fused_origin", "split_infos", "split_note"]
+__all__ = ["MAX_EXPERTS", "is_fused", "expert_name", "fused_origin", "split_infos", "split_note"]
 
 #: (name suffix, dimensions of the fused tensor): matrices are [experts, m, n], biases [experts, n]
 _MATRIX = (".experts.gate_up_proj", ".experts.down_proj", ".experts.gate_proj", ".experts.up_proj",
@@ -40,11 +40,17 @@ _SPLIT = re.compile(r"^(.+)\.(\d+)\.([^.]+)$")
 _SPLIT_ANY = None
 
 
+#: most experts a fused tensor is split into: released models have up to 512 (Qwen3-Next); a header that
+#: claims millions of zero-size experts would otherwise make millions of tensors out of one entry
+MAX_EXPERTS = 4096
+
+
 def is_fused(name: str, shape: Sequence[int]) -> bool:
-    """Whether stored tensor ``name`` of ``shape`` holds several experts side by side on its first axis."""
-    if not name.endswith(_SUFFIXES) or not shape or int(shape[0]) < 2:
+    """Whether stored tensor ``name`` of ``shape`` holds several experts side by side on its first axis
+    (at most ``MAX_EXPERTS``, each of at least one element)."""
+    if not name.endswith(_SUFFIXES) or not shape or not 2 <= int(shape[0]) <= MAX_EXPERTS:
         return False
-    return len(shape) == (2 if name.endswith(_BIAS) else 3)
+    return len(shape) == (2 if name.endswith(_BIAS) else 3) and all(int(d) > 0 for d in shape[1:])
 
 
 def expert_name(name: str, expert: int) -> str:

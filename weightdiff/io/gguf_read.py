@@ -44,7 +44,7 @@ from .safetensors_read import TensorInfo, check_range, storage_of
 from .gguf_floor import FLOORS, floor, scheme_of
 from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf
 from .gguf_names import ARCHITECTURES, GENERATED, hf_name
-from .experts import expert_name
+from .experts import MAX_EXPERTS, expert_name
 
 __all__ = ["MAGIC", "GGUFFile", "is_gguf", "require_gguf"]
 
@@ -140,8 +140,8 @@ class GGUFFile(OpenCheckpointFile):
                 skipped.append(name)
                 continue
             mapped = hf_name(arch, name, meta)
-            if mapped.transform is None and mapped.name == name and len(ne) in (2, 3) and int(ne[-1]) >= 2 \
-                    and _STACKED.match(name):
+            if mapped.transform is None and mapped.name == name and len(ne) in (2, 3) \
+                    and 2 <= int(ne[-1]) <= MAX_EXPERTS and all(int(d) > 0 for d in ne[:-1]) and _STACKED.match(name):
                 # an architecture without a name map keeps llama.cpp's names: its stacked experts
                 # (and their biases) still split, as `blk.N.ffn_gate_exps.E.weight`
                 mapped = mapped._replace(name=expert_name(name, "{x}"), transform="experts")
@@ -217,6 +217,10 @@ class GGUFFile(OpenCheckpointFile):
                                              "(experts, rows, columns)")
         else:
             cols, rows, experts = (int(v) for v in ne)
+        if not 1 <= experts <= MAX_EXPERTS or rows * cols == 0:
+            raise CheckpointError(self.path, f"tensor {q} holds {experts:,} stacked experts of {rows:,} x {cols:,}: "
+                                             f"expected 1 to {MAX_EXPERTS:,} experts of at least one element "
+                                             "(corrupt header?)")
         layout = self._make_layout(name, start, qtype, tname, rows * experts, cols, block, tsize, None, 0)
         dtype = "F32" if layout.out == np.float32 and tname not in NATIVE else NATIVE[tname]
         scheme = None if tname in NATIVE else tname
