@@ -33,7 +33,7 @@ from ..records import RankRecord, TensorRecord
 __all__ = ["RecordCache", "CACHE_VERSION", "check_folder", "record_from_dict"]
 
 #: bump when a change of the code changes records for the same inputs and options
-CACHE_VERSION = 2
+CACHE_VERSION = 3           # 3: the near-grid test (quant.near_grid) and per-expert splits
 
 
 class CacheError(WeightdiffError):
