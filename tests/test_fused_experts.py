@@ -194,3 +194,57 @@ def test_a_gguf_stack_of_more_experts_than_any_model_is_refused_or_kept_whole(tm
     kept = gguf_build.raw_gguf(tmp_path / "oss.gguf", {"blk.0.ffn_gate_exps.weight": (w, Q.F32)}, arch="gpt-oss")
     with locate(kept) as ck:
         assert list(ck.tensors) == ["blk.0.ffn_gate_exps.weight"]
+
+
+def test_fused_experts_in_a_pickle_split_like_safetensors(tmp_path, rng):
+    # a pytorch_model.bin of the fused layout against the same weights in safetensors: every expert pairs
+    # (the pickle's fused tensors stayed whole, and nothing of the experts was compared)
+    torch = pytest.importorskip("torch")
+    t = _gpt_oss(rng)
+    (tmp_path / "bin").mkdir()
+    torch.save({k: torch.from_numpy(v) for k, v in t.items()}, tmp_path / "bin" / "pytorch_model.bin")
+    write_checkpoint(tmp_path / "st", t, dtype="F32")
+    with locate(tmp_path / "bin") as ck:
+        assert sorted(ck.tensors) == sorted(_split(t))
+        assert np.array_equal(ck.read(L + "2.down_proj"), t[L + "down_proj"][2])
+        assert np.array_equal(np.concatenate([w.copy() for w in ck.windows(L + "3.gate_up_proj", 50)]),
+                              t[L + "gate_up_proj"][3].reshape(-1))
+        assert ck.metadata["weightdiff.experts"] == "5 fused expert tensors split into the experts' own"
+    assert compare(tmp_path / "bin", tmp_path / "st").summary.verdict == "identical"
+    tuned = {k: v.copy() for k, v in t.items()}
+    tuned[L + "down_proj"][1] += 0.05
+    write_checkpoint(tmp_path / "ft", tuned, dtype="F32")
+    r = compare(tmp_path / "bin", tmp_path / "ft")
+    assert [x.name for x in r.tensors if x.status == "changed"] == [L + "1.down_proj"]
+
+
+def test_experts_fused_on_one_side_and_separate_on_the_other_are_not_called_unchanged(tmp_path, rng):
+    # Mixtral as the Hub holds it (each expert's w1, w2, w3) against a raw transformers 5 state dict (the
+    # experts fused in memory: gate_up_proj [E, 2I, H] = w1 over w3, down_proj [E, H, I]): the gate/up
+    # matrices pair with nothing, and every expert's gate and up replaced at random read "DERIVED: ...
+    # none of its own weights changed". Not paired, so not known: inconclusive, with the reason
+    E, H, I = 4, 32, 48
+    hub, raw = {}, {}
+    for layer in range(2):
+        w1, w3 = rng.normal(0, 0.05, (E, I, H)), rng.normal(0, 0.05, (E, I, H))
+        w2 = rng.normal(0, 0.05, (E, H, I))
+        att = rng.normal(0, 0.05, (H, H))
+        pre = f"model.layers.{layer}."
+        hub[pre + "self_attn.q_proj.weight"] = raw[pre + "self_attn.q_proj.weight"] = att
+        for e in range(E):
+            for w, arr in (("w1", w1), ("w2", w2), ("w3", w3)):
+                hub[f"{pre}block_sparse_moe.experts.{e}.{w}.weight"] = arr[e]
+        raw[pre + "mlp.experts.gate_up_proj"] = rng.normal(0, 0.05, (E, 2 * I, H))      # replaced: a fine-tune
+        raw[pre + "mlp.experts.down_proj"] = w2
+    write_checkpoint(tmp_path / "hub", hub, dtype="BF16")
+    write_checkpoint(tmp_path / "raw", raw, dtype="BF16")
+    r = compare(tmp_path / "hub", tmp_path / "raw", rank=False)
+    assert r.summary.verdict == "inconclusive", r.summary.verdict_reason
+    assert "relayout" in r.summary.flags
+    assert "fused on one side and separate on the other" in r.summary.verdict_reason
+    assert "none of its own weights changed" not in " ".join(r.summary.headline)
+    # a real addition (a new block's tensors) is not a relayout: derived, as before
+    grown = dict(hub, **{"model.layers.2.self_attn.q_proj.weight": rng.normal(0, 0.05, (H, H))})
+    write_checkpoint(tmp_path / "grown", grown, dtype="BF16")
+    r = compare(tmp_path / "hub", tmp_path / "grown", rank=False)
+    assert r.summary.verdict == "derived" and "relayout" not in r.summary.flags

@@ -27,7 +27,7 @@ from typing import Sequence
 
 from ..errors import CheckpointError, escape_name
 from .files import inside as _inside, load_json, open_regular, os_problem, pread_into, read_small
-from .experts import fused_origin, split_note
+from .experts import expert_name, fused_origin, is_fused, split_note
 from .located import Checkpoint
 from .peft_adapter import JSON_CAP, AdapterConfig, LoraFactor, parse_adapter_config
 from .pickle_read import PICKLE_SUFFIXES, load_pickle
@@ -452,15 +452,37 @@ def _pickles(shown: Path, files: list[Path], root: Path) -> Checkpoint:
                 raise CheckpointError(f, f"tensor `{escape_name(name)}` is stored in both "
                                          f"{tensors[name].path.name} and {f.name}")
             tensors[name] = info
-    return Checkpoint(shown, "pickle", files, tensors, {}, root)
+    cut: dict[str, tuple[str, int]] = {}
+    if any(is_fused(n, t.shape) for n, t in tensors.items()):
+        split: dict[str, TensorInfo] = {}
+        for name, info in tensors.items():      # fused experts, as every reader splits them
+            if not is_fused(name, info.shape) or info.packed:
+                split[name] = info
+                continue
+            for e in range(int(info.shape[0])):
+                part = expert_name(name, e)
+                if part in tensors:
+                    raise CheckpointError(info.path, f"tensor `{escape_name(part)}` is stored both on its own and "
+                                                     f"inside the fused experts tensor `{escape_name(name)}`")
+                split[part] = TensorInfo(part, info.dtype, tuple(info.shape[1:]), info.path, None, None)
+                cut[part] = (name, e)
+        tensors = split
+    ckpt = Checkpoint(shown, "pickle", files, tensors, {}, root)
+    ckpt._expert_of = cut
+    note = split_note(tensors) if cut else None
+    if note:
+        ckpt.metadata["weightdiff.experts"] = note
+    return ckpt
 
 
 def _pickle_sharded(d: Path, index: Path) -> Checkpoint:
     wmap, _ = _read_index(LocalFolder(d), index.name)
     shards = list(dict.fromkeys(wmap.values()))
     ckpt = _pickles(d, [_inside(d / s, d) for s in shards], d)
+    split = {fused: ckpt.tensors[part] for part, (fused, _) in ckpt._expert_of.items()}
     for name, shard in wmap.items():
-        if name not in ckpt.tensors or ckpt.tensors[name].path.name != PurePosixPath(shard).name:
+        info = ckpt.tensors.get(name) or split.get(name)
+        if info is None or info.path.name != PurePosixPath(shard).name:
             raise CheckpointError(d / shard, f"tensor `{escape_name(name)}` is listed in the index for "
                                              "this shard but the shard does not hold it")
     return ckpt
@@ -478,6 +500,7 @@ def _adapter(folder, weights: str | None, shown: object) -> Checkpoint:
     else:
         raise CheckpointError(shown, "adapter folder has adapter_config.json but no adapter_model.safetensors")
     out = Checkpoint(shown, "adapter", ckpt.files, ckpt.tensors, ckpt.metadata, folder.root, adapter=config)
+    out._expert_of = ckpt._expert_of
     out.notes += ckpt.notes
     out._headers.update(ckpt._headers)
     return out

@@ -43,6 +43,8 @@ class Checkpoint:
         self._pins: dict[Path, int] = {}
         self._headers: dict[Path, dict[str, TensorInfo]] = {}
         self._pickle: tuple[Path, Mapping[str, np.ndarray]] | None = None
+        #: a pickle's fused expert tensor split into the experts' own (weightdiff.io.experts): name -> (fused, e)
+        self._expert_of: dict[str, tuple[str, int]] = {}
         #: quantized checkpoints: the stored tensors, the logical tensors' sources, and the
         #: activation/KV-cache scales folded away (weightdiff.io.quantized)
         self.stored: dict[str, TensorInfo] = tensors
@@ -123,6 +125,10 @@ class Checkpoint:
         if self._pickle is None or self._pickle[0] != info.path:
             self._pickle = None                   # one pickle shard mapped at a time
             self._pickle = (info.path, load_pickle(info.path)[1])
+        cut = self._expert_of.get(info.name)
+        if cut is not None:               # expert e of a fused tensor: its run of the flat array
+            per = info.numel
+            return self._pickle[1][cut[0]][cut[1] * per:(cut[1] + 1) * per]
         return self._pickle[1][info.name]
 
     def _fname(self, name: str) -> str:

@@ -149,6 +149,7 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         ("partial_spectrum", any(r.rank is not None and not r.rank.exact for r in counted)),
         ("content_paired", any(r.paired_by == "content" for r in counted)),
         ("declared_base_mismatch", bool(declared.get("mismatch"))),
+        ("relayout", bool(relayout(counted))),
     ]
     return [name for name, on in checks if on]
 
@@ -298,11 +299,34 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
             return "quantized_only"
         return "identical" if tbs["rounding"] == 0 else "cast_only"
     moved = [r for r in counted if is_changed(r, thr)]
+    if not moved and tbs["added"] and tbs["removed"] and not tbs["resized"] and not moved_blocks(counted) \
+            and relayout(counted):
+        return "inconclusive"         # the unpaired tensors may be the same weights in another layout: not compared
     if moved and not structural and all(nonfinite_only(r) for r in moved):
         return "inconclusive"         # NaN or infinity where the other side has numbers: broken, not measured
     if moved and not structural and awq_scaled(moved) and all(_awq_or_norm(r) for r in moved):
         return "inconclusive"         # AWQ's scale search, folded into the norms: not undone, not told apart
     return "derived"
+
+
+def relayout(counted: list[TensorRecord]) -> int:
+    """Parameters of the blocks whose added and removed tensors hold the same number of parameters
+    (at least one of each): the same weights in another layout, fused on one side and separate on the
+    other (transformers 5 keeps a mixture-of-experts layer's experts as one ``gate_up_proj`` in memory
+    and a raw state dict writes it so; the Hub's files hold each expert's ``gate_proj`` and ``up_proj``),
+    which pairing does not match. 0 unless every block with an added or removed tensor is such a block
+    and some tensor was compared (with nothing paired, too little was compared to say anything)."""
+    added: dict = {}
+    removed: dict = {}
+    for r in counted:
+        if r.status == "added":
+            added[r.block] = added.get(r.block, 0) + int(r.numel or 0)
+        elif r.status == "removed":
+            removed[r.block] = removed.get(r.block, 0) + int(r.numel or 0)
+    blocks = set(added) | set(removed)
+    if not blocks or len(counted) == sum(1 for r in counted if r.status in ("added", "removed")) or any(added.get(b, 0) != removed.get(b, 0) or not added.get(b) for b in blocks):
+        return 0
+    return sum(added.values())
 
 
 def _awq_or_norm(r: TensorRecord) -> bool:

@@ -78,6 +78,10 @@ def verdict_title(summary: dict) -> str:
     if v == "inconclusive" and "quant_both_compensated" in (summary.get("flags") or []) \
             and not (summary.get("tensors_by_status") or {}).get("changed"):
         return "INCONCLUSIVE: both models are quantized, and two quantizations cannot be told from a fine-tune here."
+    if v == "inconclusive" and "relayout" in (summary.get("flags") or []) \
+            and not (summary.get("tensors_by_status") or {}).get("changed"):
+        return ("INCONCLUSIVE: no compared tensor changed, but some matrices are stored in another layout on each "
+                "side (fused and separate), which weightdiff does not pair.")
     if v == "inconclusive" and "quant_untested" in (summary.get("flags") or []) \
             and not (summary.get("tensors_by_status") or {}).get("changed"):
         return "INCONCLUSIVE: some quantized tensors differ from the base in a format with no noise floor to test."
@@ -138,6 +142,20 @@ def _inconclusive(data: dict) -> str:
                     f"has numbers ({count(vals)} values, for example {_names([str(bad[0].get('name'))])}), "
                     "and every finite value is the base's. Broken or overflowed weights are not a fine-tune, and "
                     "their change cannot be measured.")
+    if "relayout" in (s.get("flags") or []) and not tbs.get("changed"):
+        rows = [t for t in data.get("tensors") or [] if t.get("status") in ("added", "removed")]
+        params = sum(int(t.get("numel") or 0) for t in rows if t.get("status") == "added")
+        na, nr = tbs.get("added", 0), tbs.get("removed", 0)
+        blocks = sorted({str(t.get("block")) for t in rows if t.get("block")})
+        return (f"No paired tensor changed, but {count(nr)} base {'tensor has' if nr == 1 else 'tensors have'} no "
+                f"counterpart in the tuned model and {count(na)} tuned {'tensor has' if na == 1 else 'tensors have'} "
+                f"none in the base, with the same number of parameters ({count(params)}) in each block where they "
+                f"occur ({count(len(blocks))} {'block' if len(blocks) == 1 else 'blocks'}): most likely the same "
+                "matrices in another layout, fused on one side and separate on the other (as transformers 5 keeps a "
+                "mixture-of-experts layer's experts in memory, and a raw state dict writes them; the Hub's files "
+                "hold each expert's own gate and up matrices). weightdiff does not pair those, so they were not "
+                "compared and whether they changed is unknown; save both models with save_pretrained, or in the "
+                "same layout, and compare again.")
     if "quant_untested" in (s.get("flags") or []) and not tbs.get("changed"):
         q = s.get("quantization") or {}
         n = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
