@@ -42,15 +42,18 @@ def grid_levels(rows: np.ndarray, max_levels: int = 256) -> tuple[int, float]:
 
 #: fields of ``floor_stats``: elements compared, elements beyond the floor, sum of (|d| / floor)^2,
 #: largest |d| / floor, sum of squares of the part above the floor, sum of d^2, elements that moved
-#: (finite |d| above the cast allowance ``cast_rel * |base|``, or above 0 without one) and how many of
-#: those sit within ``NEAR_U`` of their floor (a quantization spreads them over it: about that share)
-FLOOR_FIELDS = ("count", "n_beyond", "sum_u2", "max_u", "sum_excess2", "sum_d2", "n_moved", "n_moved_near")
+#: (finite |d| above the cast allowance ``cast_rel * |base|``, or above 0 without one) on a nonzero
+#: quantized value, how many of those sit within ``NEAR_U`` of their floor (a quantization spreads them
+#: over it: about that share), and the elements off by more than ``off_rel * |base|`` whatever their
+#: quantized value (none: the float side is the dequantized values, up to a dequantization's rounding)
+FLOOR_FIELDS = ("count", "n_beyond", "sum_u2", "max_u", "sum_excess2", "sum_d2", "n_moved", "n_moved_near",
+                "n_off")
 #: |d| / floor below which a moved element counts as near its quantized value
 NEAR_U = 0.25
 
 
 def floor_stats(base: np.ndarray, other: np.ndarray, floor: np.ndarray, col_start: int = 0,
-                ncols: int = 1, cast_rel: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                ncols: int = 1, cast_rel: float = 0.0, off_rel: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One window of the noise-floor test in one numba pass (no window-sized temporaries):
     the same fields as ``floor_stats_numpy``, its specification; counts and the maximum are
     equal, the float sums agree to rounding (summed in order, not pairwise).
@@ -68,7 +71,7 @@ def floor_stats(base: np.ndarray, other: np.ndarray, floor: np.ndarray, col_star
     ncols = max(int(ncols), 1)
     cols = np.zeros(ncols, dtype=np.int64)
     out = np.zeros(len(FLOOR_FIELDS), dtype=np.float64)
-    _floor_pass()(b, o, f, float(cast_rel), int(col_start), ncols, cols, out)
+    _floor_pass()(b, o, f, float(cast_rel), float(off_rel), int(col_start), ncols, cols, out)
     if ncols == 1:
         cols[0] = int(out[1])
     return out, cols
@@ -85,10 +88,11 @@ def _floor_pass():
         import numba
 
         @numba.njit(cache=True, nogil=True)
-        def run(b, o, f, cast_rel, col_start, ncols, cols, out):  # pragma: no cover - compiled
+        def run(b, o, f, cast_rel, off_rel, col_start, ncols, cols, out):  # pragma: no cover - compiled
             n_beyond = 0
             n_moved = 0
             n_near = 0
+            n_off = 0
             su2 = se2 = sd2 = 0.0
             mx = 0.0
             nan_max = False
@@ -121,7 +125,9 @@ def _floor_pass():
                     if ex > 0:
                         se2 += ex * ex
                     sd2 += d * d
-                    if d > cast_rel * abs(bi):
+                    if d > off_rel * abs(bi):
+                        n_off += 1
+                    if d > cast_rel * abs(bi) and o[i] != 0:
                         n_moved += 1
                         if u < NEAR_U:
                             n_near += 1
@@ -133,13 +139,14 @@ def _floor_pass():
             out[5] = sd2
             out[6] = n_moved
             out[7] = n_near
+            out[8] = n_off
 
         _FLOOR_PASS.append(run)
     return _FLOOR_PASS[0]
 
 
 def floor_stats_numpy(base: np.ndarray, other: np.ndarray, floor: np.ndarray, col_start: int = 0,
-                ncols: int = 1, cast_rel: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                ncols: int = 1, cast_rel: float = 0.0, off_rel: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The numpy specification of ``floor_stats`` (the numba pass must agree with it). One window of the noise-floor test: ``d = |base - other|`` against ``floor`` (+
     ``cast_rel * |base|``, for a base stored wider than the quantizer read it).
 
@@ -164,10 +171,11 @@ def floor_stats_numpy(base: np.ndarray, other: np.ndarray, floor: np.ndarray, co
     fin = ~bad
     with np.errstate(invalid="ignore"):
         excess = np.maximum(d - f, 0.0)
-    moved = fin & (d > cast_rel * np.abs(b))
+    off = fin & (d > off_rel * np.abs(b))
+    moved = fin & (d > cast_rel * np.abs(b)) & (np.asarray(other) != 0)
     out = np.array([d.size, beyond.sum(), float(np.sum(u[fin] ** 2)), float(u.max()) if u.size else 0.0,
                     float(np.sum(excess[fin] ** 2)), float(np.sum(d[fin] ** 2)), moved.sum(),
-                    np.count_nonzero(u[moved] < NEAR_U)], dtype=np.float64)
+                    np.count_nonzero(u[moved] < NEAR_U), off.sum()], dtype=np.float64)
     idx = np.flatnonzero(beyond)
     cols = np.bincount((idx + col_start) % ncols, minlength=ncols).astype(np.int64) if ncols > 1 else \
         np.array([idx.size], dtype=np.int64)

@@ -578,3 +578,38 @@ def test_gguf_base_against_its_original_and_a_fine_tune_of_its_values(tmp_path, 
     changed = {x.name: x for x in r.tensors if x.status == "changed"}
     assert sorted(changed) == sorted(names)
     assert all(x.quant["near_grid"] > 0.5 and x.rank.numerical_rank == 4 for x in changed.values())
+
+
+@pytest.mark.parametrize("kind", ["ct-pack-int4", "bnb-nf4-nested", "gptq-v1"])
+def test_outlier_columns_quantized_are_not_a_fine_tune_of_the_quantized_values(tmp_path, models, kind):
+    # every 64th input column x100: each group's scale is set by its outlier, and most of its elements
+    # quantize to zero, each off by its own small value (near, as a fine-tune's would be): a real
+    # quantization of these weights read "the base's quantized values, changed". Zeros do not count
+    base, _ = models
+    out = {k: v.copy() for k, v in base.items()}
+    for k, v in out.items():
+        if v.ndim == 2 and k.endswith("proj.weight"):
+            v[:, ::64] *= 100.0
+    stored, qc, _ = _build(kind, out)
+    q = T._save(tmp_path / "quant", stored, qc)
+    r = compare(q, T._save(tmp_path / "plain", out, None), rank=False)
+    assert r.summary.verdict == "quantized_only", r.summary.verdict_reason
+
+
+def test_a_dequantized_copy_rounded_through_bf16_is_not_a_fine_tune(tmp_path, models):
+    # GPTQModel on CPU casts a checkpoint's fp16 scales to bf16 and dequantizes in bf16: each value of the
+    # unchanged copy is off by up to 2^-7 of itself, every element "moved" and near: it read DERIVED
+    base, _ = models
+    stored, qc, deq = _build("gptq-v1", base)
+    torch = pytest.importorskip("torch")
+    copy = {}
+    for k, v in base.items():
+        if k in deq:
+            x = torch.from_numpy(np.ascontiguousarray(deq[k])).bfloat16().float() * (1 + 2.0 ** -8)   # scale, then bf16
+            copy[k] = x.bfloat16()
+        else:
+            copy[k] = v
+    q = T._save(tmp_path / "quant", stored, qc)
+    r = compare(q, T._save(tmp_path / "copy", copy, None), rank=False)
+    assert r.summary.verdict == "quantized_only", r.summary.verdict_reason
+    assert all(t.quant.get("dequantized") for t in r.tensors if t.quant)

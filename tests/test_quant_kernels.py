@@ -279,12 +279,16 @@ def test_floor_stats_against_loop_and_windows(rng):
              for i in range(0, n, 300)]
     assert sum(p[0][1] for p in parts) == whole[1]
     np.testing.assert_array_equal(sum(p[1] for p in parts), cols)
-    moved = [i for i in range(n) if np.isfinite(b[i] - o[i]) and abs(b[i] - o[i]) > 2.0 ** -9 * abs(b[i])]
-    assert whole[6] == len(moved) < n - 5               # nor the three equal pairs, the two non-finite, the tiny
+    o[20:40] = 0.0                      # quantized to zero: off, but not counted as moved
+    whole, cols = QF.floor_stats(b, o, f, 0, ncols, cast_rel=2.0 ** -9, off_rel=0.05)
+    fin = [i for i in range(n) if np.isfinite(b[i] - o[i])]
+    off = [i for i in fin if abs(b[i] - o[i]) > 0.05 * abs(b[i])]
+    moved = [i for i in fin if abs(b[i] - o[i]) > 2.0 ** -9 * abs(b[i]) and o[i] != 0]
+    assert whole[8] == len(off) < len(moved) < n - 5 - 20   # not the equal pairs, the non-finite, the zeros
     u = [abs(b[i] - o[i]) / (f[i] + 2.0 ** -9 * abs(b[i])) for i in moved]
     assert whole[7] == sum(1 for x in u if x < QF.NEAR_U) > 0
-    spec, spec_cols = QF.floor_stats_numpy(b, o, f, 0, ncols, cast_rel=2.0 ** -9)
-    np.testing.assert_array_equal(whole[[0, 1, 3, 6, 7]], spec[[0, 1, 3, 6, 7]])     # counts and max exactly
+    spec, spec_cols = QF.floor_stats_numpy(b, o, f, 0, ncols, cast_rel=2.0 ** -9, off_rel=0.05)
+    np.testing.assert_array_equal(whole[[0, 1, 3, 6, 7, 8]], spec[[0, 1, 3, 6, 7, 8]])   # counts and max exactly
     np.testing.assert_allclose(whole, spec, rtol=1e-12)
     np.testing.assert_array_equal(cols, spec_cols)
 

@@ -256,6 +256,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                         "its quantized values (quant.near_grid; a quantization of float weights leaves about a quarter "
                         "that near): the quantized values, changed; the rank is of the difference itself"
                         + (f"; {rec.note}" if rec.note else ""))
+            if rec.quant.get("side") == "base" and pair.dtype_tuned in ("F16", "F32", "F64"):
+                above = "rounding"                 # the copy may have been dequantized in bf16: that noise too
         elif rec.quant is not None and rec.quant.get("test") not in (None, "none") and rec.status == "changed":
             above = True                           # rank the whole change above the quantization noise
 
@@ -284,7 +286,11 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         raw_b, dt_b, dt_t = base.read(pair.base_name), pair.dtype_base, pair.dtype_tuned
         raw_t = tuned.read(tuned_name) if tuned_t is None else tuned_t
         extra_var = None
-        if above:
+        if above == "rounding":
+            from .quant_floor import dequant_rounding_var
+
+            extra_var = dequant_rounding_var(base, pair.base_name, WINDOW_ELEMENTS)
+        elif above:
             # the whole change, with a noise floor that includes the quantization noise: the
             # elementwise part above the floor is not low rank even when the change is, and
             # float32 rounding is far below the quantization noise

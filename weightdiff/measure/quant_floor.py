@@ -36,7 +36,7 @@ from ..kernels.dtypes import DTYPES
 from ..kernels.quant import round_to
 from ..kernels.reference import decode
 
-__all__ = ["floor_test", "quant_noise_var", "near_grid", "AWQ_BEYOND_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
+__all__ = ["floor_test", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
 
 #: AWQ: share of elements beyond the floor a quantization of the base may leave, beside the group
 #: extremes its clipping search moved (``kernels.quant_floor.clipped_beyond``); AutoAWQ 0.2.9 on a
@@ -134,7 +134,8 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         plain_v, quant_v = (vb, vt) if qb is None else (vt, vb)
         if folded is not None:
             plain_v = _scaled(plain_v, folded, pos, ncols)
-        part, c = QF.floor_stats(plain_v, quant_v, floor, pos % max(ncols, 1), max(ncols, 1), cast_rel)
+        part, c = QF.floor_stats(plain_v, quant_v, floor, pos % max(ncols, 1), max(ncols, 1), cast_rel,
+                                 DEQUANT_REL if cast_rel else 0.0)
         if awq_group and len(plain_v) % awq_group == 0 and pos % awq_group == 0:
             clipped += QF.clipped_beyond(plain_v, quant_v, floor, awq_group, cast_rel)
         mx = max(acc[3], part[3])
@@ -166,7 +167,12 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             # its scales come back from the base's weights, or the base is not what it read
             info["first_group_scales"] = scales
             info["within"] = bool(info["within"]) and scales >= SCALE_MATCH_SHARE
-    near = near_grid(side, acc)
+    if side == "base" and cast_rel and n and int(acc[8]) == 0 and not info.get("within"):
+        # every value is the base's dequantized one up to the rounding of a dequantization done in bf16
+        # (GPTQModel casts fp16 scales to bf16): not a fine-tune, whatever the first-group scales say (the
+        # plain side is not the weights the quantizer read, so its min/max do not give them back)
+        info.update(within=True, dequantized=True)
+    near = None if info.get("dequantized") else near_grid(side, acc)
     if near is not None:
         # a float model that starts from the quantized values (gpt-oss as released in MXFP4, a QLoRA merge
         # over its NF4 base, DeepSeek's FP8 release) and moved most by a small part of a step: not spread
@@ -189,6 +195,11 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
 #: change of relative size 1e-2 over random block scales: 0.67-0.70; of 1e-3: 0.97)
 NEAR_GRID_MIN = 256
 NEAR_GRID_SHARE = 0.5
+#: a float side whose every value is within this of the quantized one (relative) is the base's dequantized
+#: values: a dequantization done in bf16 rounds the scale and the product (GPTQModel on CPU casts fp16
+#: scales to bf16: errors up to 2^-7), twice that for margin. Any fine-tune moves the elements near zero
+#: (and those quantized to zero) beyond it
+DEQUANT_REL = 2.0 ** -6
 
 
 def near_grid(side: str, acc: np.ndarray) -> float | None:
@@ -196,12 +207,23 @@ def near_grid(side: str, acc: np.ndarray) -> float | None:
     ``n_moved``) when the quantized side is the base and that share says the float side is the base's
     quantized values moved by a small part of a step (not the weights they were quantized from); None
     otherwise. Elements within the plain side's cast rounding do not count as moved (a dequantized copy
-    stored in bf16 rounds each value)."""
+    stored in bf16 rounds each value), nor do those quantized to zero (in a
+    group whose scale an outlier set, a quantization leaves most elements at zero, each off by its own
+    small value: near, as a fine-tune's would be)."""
     moved = int(acc[6])
     if side != "base" or moved < NEAR_GRID_MIN:
         return None
     share = float(acc[7]) / moved
     return share if share > NEAR_GRID_SHARE else None
+
+
+def dequant_rounding_var(ck, name: str, window: int) -> np.ndarray:
+    """Per-element variance (flat float64) of the rounding a dequantization done in bf16 may leave in a
+    float copy of quantized tensor ``name``: uniform within ``2^-8 |v|`` (the scale's rounding and the
+    product's), for the rank of a near-grid change stored wider than bf16 (its dtype floor is far below)."""
+    h = float(CAST_REL)
+    return np.concatenate([(h * np.abs(np.asarray(w, np.float64).reshape(-1))) ** 2 / 3.0
+                           for w in ck.windows(name, window)] or [np.zeros(0)])
 
 
 def _scaled(values: np.ndarray, folded: tuple, pos: int, ncols: int, chunk: int = 1 << 20) -> np.ndarray:
