@@ -121,6 +121,16 @@ def test_mxfp4_base_against_its_bf16_fine_tune(tmp_path, rng):
         {"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}))
     w = _convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.bfloat16)
     assert tuple(w.shape) == (E, G * 32, R)
+    (tmp_path / "same").mkdir()
+    save_file({L + "gate_up_proj": w.contiguous(), L + "gate_up_proj_bias": torch.from_numpy(bias).bfloat16(),
+               "model.layers.0.self_attn.q_proj.weight": torch.from_numpy(q).bfloat16()},
+              str(tmp_path / "same" / "model.safetensors"))
+    r = compare(tmp_path / "base", tmp_path / "same", rank=False)
+    assert r.summary.verdict == "identical"
+    # the quantized tensors are named as such, not as "stored in another dtype (F32 -> BF16)"
+    assert "3 are the base's quantized (mxfp4) tensors, dequantized exactly and stored as BF16" in \
+        r.summary.verdict_reason and "F32" not in r.summary.verdict_reason
+    assert r.to_dict()["base"][0]["dtypes"]["mxfp4"] == E * G * 32 * R
     w = w.clone()
     u, v = torch.randn(G * 32, 1, generator=torch.Generator().manual_seed(0)), torch.ones(1, R)
     w[1] = (w[1].float() + 0.02 * (u @ v) * w[1].float().norm() / (u @ v).norm()).bfloat16()

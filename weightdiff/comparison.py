@@ -127,7 +127,10 @@ def describe(ckpt: Checkpoint, digests: bool) -> dict:
     downloaded; with it, files on disk are hashed and checked against them: io.hub.hub_files)."""
     dtypes: dict[str, int] = {}
     for info in ckpt.tensors.values():
-        dtypes[info.dtype] = dtypes.get(info.dtype, 0) + info.numel
+        # a quantized tensor counts under its stored scheme (a GGUF type, `mxfp4`, `gptq`), not under the
+        # float32 its values are dequantized to
+        key = (info.scheme or info.quant.format) if info.quant is not None else info.dtype
+        dtypes[key] = dtypes.get(key, 0) + info.numel
     if ckpt.hub is not None:
         from .io.hub import hub_files
 

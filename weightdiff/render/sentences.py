@@ -10,6 +10,7 @@ numbers and writes no prose.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .formats import count, num, sci, share, tuned_params
@@ -42,6 +43,11 @@ def _large_compared(summary: dict) -> bool | None:
 def matrices_phrase(summary: dict) -> str:
     """"large matrices" only when some were compared, else "compared matrices"."""
     return "compared matrices" if _large_compared(summary) is False else "large matrices"
+
+
+#: a safetensors dtype name (F32, BF16, F8_E4M3, I8, BOOL, ...): anything else in a side's ``dtypes`` is a
+#: quantization scheme its tensors are stored in (``mxfp4``, a GGUF type), counted by comparison.describe
+_STORAGE_DTYPE = re.compile(r"^(?:BOOL|(?:F|BF|I|U|C)\d+|F8_E\w+|F[46](?:_E\w+)?)$")
 
 
 def verdict_title(summary: dict) -> str:
@@ -246,11 +252,25 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     if v == "identical":
         recast = [t for t in counted if t.get("dtype_base") and t.get("dtype_tuned")
                   and t.get("dtype_base") != t.get("dtype_tuned") and t.get("compared") != "factors"]
+        # a base side that holds no F32 but quantized schemes: its "F32" tensors are those, dequantized
+        sides = [b for b in (data.get("base") or []) if isinstance(b, dict)]
+        held = {k for b in sides for k in (b.get("dtypes") or {})}
+        schemes = sorted(k for k in held if not _STORAGE_DTYPE.match(k))
+        deq = [t for t in recast if t.get("dtype_base") == "F32" and schemes and "F32" not in held]
+        recast = [t for t in recast if t not in deq]
         moved = sorted({f"{t.get('dtype_base')} -> {t.get('dtype_tuned')}" for t in recast})
+        parts = []
+        if deq:
+            to = sorted({str(t.get("dtype_tuned")) for t in deq})
+            parts.append(f"{count(len(deq))} {'is' if len(deq) == 1 else 'are'} the base's quantized "
+                         f"({', '.join(schemes)}) {'tensor' if len(deq) == 1 else 'tensors'}, dequantized exactly "
+                         f"and stored as {', '.join(to)}")
         if moved:
             n = len(recast)
-            return (f"All {count(tbs.get('unchanged', 0))} tensors hold exactly the base's values; {count(n)} "
-                    f"{'is' if n == 1 else 'are'} stored in another dtype ({', '.join(moved)}), converted without loss.")
+            parts.append(f"{count(n)} {'is' if n == 1 else 'are'} stored in another dtype ({', '.join(moved)}), "
+                         "converted without loss")
+        if parts:
+            return f"All {count(tbs.get('unchanged', 0))} tensors hold exactly the base's values; " + "; ".join(parts) + "."
         return f"All {count(tbs.get('unchanged', 0))} tensors are bitwise identical to the base."
     if v == "cast_only":
         rounding = [t for t in counted if t.get("status") == "rounding"]
