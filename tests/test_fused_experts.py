@@ -258,3 +258,19 @@ def test_experts_fused_on_one_side_and_separate_on_the_other_are_not_called_unch
     write_checkpoint(tmp_path / "grown", grown, dtype="BF16")
     r = compare(tmp_path / "hub", tmp_path / "grown", rank=False)
     assert r.summary.verdict == "derived" and "relayout" not in r.summary.flags
+
+
+def test_inspect_lists_the_names_compare_uses(tmp_path, rng):
+    # --include / --exclude match the split names (`experts.3.gate_up_proj`), which inspect did not list
+    from click.testing import CliRunner
+
+    from weightdiff.cli import main
+
+    write_checkpoint(tmp_path / "m", _gpt_oss(rng), dtype="BF16")
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "m"), "--tensors"])
+    assert r.exit_code == 0, r.output
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith(L)]
+    assert [L + "3.gate_up_proj", "BF16", "24", "x", "32"] in rows and len(rows) == 4 * 4
+    doc = json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "m"), "--json", "--tensors"]).stdout)
+    assert {"name": L + "0.down_proj_bias", "dtype": "BF16", "shape": [24]} in doc["tensor_list"]
+    assert "tensor_list" not in json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "m"), "--json"]).stdout)

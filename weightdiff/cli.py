@@ -85,8 +85,12 @@ def main() -> None:
 @main.command("inspect")
 @click.argument("ckpt", metavar="CKPT")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (schema weightdiff.inspect/1).")
+@click.option("--tensors", "list_tensors", is_flag=True,
+              help="Also list every tensor as compare names it (name, dtype, shape): the names --include, "
+                   "--exclude and --rename match (fused experts split, GGUF names mapped, quantized weights "
+                   "folded).")
 @click_options(HubOptions)
-def inspect_cmd(ckpt: str, as_json: bool, **hub_opts) -> None:
+def inspect_cmd(ckpt: str, as_json: bool, list_tensors: bool, **hub_opts) -> None:
     """Describe a checkpoint from its headers: format, files and shards, tensor count,
     parameters by dtype and by block, metadata, and the LoRA settings of an adapter.
 
@@ -100,6 +104,7 @@ def inspect_cmd(ckpt: str, as_json: bool, **hub_opts) -> None:
       weightdiff inspect ./Llama-3.2-1B/
       weightdiff inspect adapter/ --json | jq .adapter
       weightdiff inspect meta-llama/Llama-3.2-1B --stream
+      weightdiff inspect gpt-oss-20b/ --tensors | grep experts.3
     """
     import json
 
@@ -108,7 +113,7 @@ def inspect_cmd(ckpt: str, as_json: bool, **hub_opts) -> None:
     hub = HubOptions.pop_from(hub_opts)
     if hub.download is None:                # headers only: the cache if it has them, else range requests
         hub = HubOptions(offline=hub.offline, stream_above=0.0)
-    summary = describe(ckpt, hub=hub)
+    summary = describe(ckpt, hub=hub, tensors=list_tensors)
     click.echo(json.dumps(summary, indent=2) if as_json else render_text(summary))
 
 

@@ -43,9 +43,10 @@ def block_of(name: str) -> tuple[str, int] | None:
     return None if label is None else (label, index)
 
 
-def describe(path: str | os.PathLike, hub: HubOptions | None = None) -> dict:
+def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bool = False) -> dict:
     """Locate ``path`` (or a Hub repo id, read as ``hub`` says) and summarise it as a
-    JSON-ready dict (reads headers only)."""
+    JSON-ready dict (reads headers only); with ``tensors``, also ``tensor_list``: every tensor
+    as compare names it (name, dtype, shape)."""
     with locate(path, hub) as ckpt:
         files = []
         per_file: dict = {}
@@ -114,6 +115,9 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None) -> dict:
             "blocks": ordered, "outside_blocks": other, "modules": ckpt.modules,
             "metadata": {str(k): str(v) for k, v in ckpt.metadata.items()}, "adapter": adapter,
             **({"hub": {k: v for k, v in ckpt.hub.items() if k != "files"}} if ckpt.hub is not None else {}),
+            **({"tensor_list": [{"name": t.name, "dtype": (t.scheme or t.quant.format) if t.quant is not None
+                                 else t.dtype, "shape": list(t.shape)} for t in ckpt.tensors.values()]}
+               if tensors else {}),
         }
 
 
@@ -204,4 +208,11 @@ def render_text(summary: dict) -> str:
         for i, (k, v) in enumerate(summary["metadata"].items()):
             v = v if len(v) <= 80 else v[:77] + "..."
             lines.append(f"{'metadata' if i == 0 else '':<12}{e(k)} = {e(v)}")
+    listed = summary.get("tensor_list")
+    if listed is not None:
+        lines.append("")
+        width = max([len("tensor")] + [len(e(t["name"])) for t in listed]) + 2
+        lines.append(f"{'tensor':<{width}}{'dtype':<14}shape")
+        for t in listed:
+            lines.append(f"{e(t['name']):<{width}}{e(t['dtype']):<14}{' x '.join(map(str, t['shape'])) or '()'}")
     return "\n".join(lines)

@@ -177,7 +177,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
         globs = ", ".join(repr(escape_name(g, keep_quotes=False)) for g in (include if which == "include" else exclude))
         verb = "matches none" if which == "include" else "leaves none"
         raise OptionsError(f"{which} {globs} {verb} of the {n_before:,} tuned tensors: nothing to compare",
-                           "globs match the tuned names that `weightdiff inspect TUNED` lists", option=which)
+                           "globs match the tuned names that `weightdiff inspect TUNED --tensors` lists", option=which)
     if len(items) < n_before:
         notes.append(f"--include/--exclude left out {n_before - len(items)} of {n_before} tuned tensors")
     buffers = [b for b in buffers if keep(b["name"])]
