@@ -274,3 +274,15 @@ def test_inspect_lists_the_names_compare_uses(tmp_path, rng):
     doc = json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "m"), "--json", "--tensors"]).stdout)
     assert {"name": L + "0.down_proj_bias", "dtype": "BF16", "shape": [24]} in doc["tensor_list"]
     assert "tensor_list" not in json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "m"), "--json"]).stdout)
+
+
+def test_a_head_replaced_by_one_of_the_same_size_is_not_a_relayout(tmp_path, rng):
+    # a classifier head retrained under a new name beside a frozen body: an addition, not another layout
+    base = {"model.layers.0.self_attn.q_proj.weight": rng.normal(0, 0.05, (32, 32)),
+            "classifier.weight": rng.normal(0, 0.05, (2, 32))}
+    tuned = {"model.layers.0.self_attn.q_proj.weight": base["model.layers.0.self_attn.q_proj.weight"],
+             "score.weight": rng.normal(0, 0.05, (2, 32))}
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    r = compare(tmp_path / "b", tmp_path / "t", rank=False)
+    assert r.summary.verdict == "derived" and "relayout" not in r.summary.flags

@@ -315,7 +315,8 @@ def relayout(counted: list[TensorRecord]) -> int:
     other (transformers 5 keeps a mixture-of-experts layer's experts as one ``gate_up_proj`` in memory
     and a raw state dict writes it so; the Hub's files hold each expert's ``gate_proj`` and ``up_proj``),
     which pairing does not match. 0 unless every block with an added or removed tensor is such a block
-    and some tensor was compared (with nothing paired, too little was compared to say anything)."""
+    (a numbered block: a head or embedding swapped for a new one of the same size outside them is an
+    addition) and some tensor was compared (with nothing paired, too little was compared to say anything)."""
     added: dict = {}
     removed: dict = {}
     for r in counted:
@@ -324,7 +325,7 @@ def relayout(counted: list[TensorRecord]) -> int:
         elif r.status == "removed":
             removed[r.block] = removed.get(r.block, 0) + int(r.numel or 0)
     blocks = set(added) | set(removed)
-    if not blocks or len(counted) == sum(1 for r in counted if r.status in ("added", "removed")) or any(added.get(b, 0) != removed.get(b, 0) or not added.get(b) for b in blocks):
+    if not blocks or None in blocks or len(counted) == sum(1 for r in counted if r.status in ("added", "removed")) or any(added.get(b, 0) != removed.get(b, 0) or not added.get(b) for b in blocks):
         return 0
     return sum(added.values())
 
