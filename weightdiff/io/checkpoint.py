@@ -27,7 +27,7 @@ from typing import Sequence
 
 from ..errors import CheckpointError, escape_name
 from .files import inside as _inside, load_json, open_regular, os_problem, pread_into, read_small
-from .experts import expert_name, fused_origin, is_fused, split_note
+from .experts import fused_origin, split_infos, split_note
 from .located import Checkpoint
 from .peft_adapter import JSON_CAP, AdapterConfig, LoraFactor, parse_adapter_config
 from .pickle_read import PICKLE_SUFFIXES, load_pickle
@@ -452,21 +452,10 @@ def _pickles(shown: Path, files: list[Path], root: Path) -> Checkpoint:
                 raise CheckpointError(f, f"tensor `{escape_name(name)}` is stored in both "
                                          f"{tensors[name].path.name} and {f.name}")
             tensors[name] = info
+    split = split_infos(list(tensors.values()), shown)      # fused experts, as every reader splits them
     cut: dict[str, tuple[str, int]] = {}
-    if any(is_fused(n, t.shape) for n, t in tensors.items()):
-        split: dict[str, TensorInfo] = {}
-        for name, info in tensors.items():      # fused experts, as every reader splits them
-            if not is_fused(name, info.shape) or info.packed:
-                split[name] = info
-                continue
-            for e in range(int(info.shape[0])):
-                part = expert_name(name, e)
-                if part in tensors:
-                    raise CheckpointError(info.path, f"tensor `{escape_name(part)}` is stored both on its own and "
-                                                     f"inside the fused experts tensor `{escape_name(name)}`")
-                split[part] = TensorInfo(part, info.dtype, tuple(info.shape[1:]), info.path, None, None)
-                cut[part] = (name, e)
-        tensors = split
+    if split is not None:
+        tensors, cut = {t.name: t for t in split[0]}, split[1]
     ckpt = Checkpoint(shown, "pickle", files, tensors, {}, root)
     ckpt._expert_of = cut
     note = split_note(tensors) if cut else None

@@ -68,34 +68,33 @@ def fused_origin(name: str) -> str | None:
     return origin if origin.endswith(_SUFFIXES) else None
 
 
-def split_infos(infos: list[TensorInfo], path) -> list[TensorInfo] | None:
+def split_infos(infos: list[TensorInfo], path) -> tuple[list[TensorInfo], dict[str, tuple[str, int]]] | None:
     """``infos`` (one file's tensors, in file order) with every fused expert tensor replaced by its
-    experts' tensors (contiguous byte ranges of it), or None when there is none to split. A fused
-    tensor whose experts do not each fill whole bytes (packed 4- or 6-bit floats) is kept whole."""
+    experts' tensors, and for each such tensor (fused name, expert index); None when there is none to
+    split. With a byte range, each expert's is its contiguous run of it; without one (a pickle's), none
+    (the reader slices the array). A fused tensor whose experts do not each fill whole bytes (packed 4-
+    or 6-bit floats) is kept whole."""
     if not any(t.name.endswith(_SUFFIXES) for t in infos):
         return None
     names = {t.name for t in infos}
     out: list[TensorInfo] = []
-    done = False
+    cut: dict[str, tuple[str, int]] = {}
     for t in infos:
-        if not is_fused(t.name, t.shape) or t.start is None:
+        experts = int(t.shape[0]) if t.shape else 1
+        nbytes = t.nbytes
+        if not is_fused(t.name, t.shape) or t.packed or nbytes % experts:
             out.append(t)
             continue
-        experts = int(t.shape[0])
-        total = t.end - t.start
-        if total % experts:
-            out.append(t)
-            continue
-        each, shape = total // experts, tuple(t.shape[1:])
+        each, shape = nbytes // experts, tuple(t.shape[1:])
         for e in range(experts):
             name = expert_name(t.name, e)
             if name in names:
                 raise CheckpointError(path, f"tensor `{escape_name(name)}` is stored both on its own and inside "
                                             f"the fused experts tensor `{escape_name(t.name)}`")
-            out.append(replace(t, name=name, shape=shape, start=t.start + e * each, end=t.start + (e + 1) * each))
-        done = True
-    return out if done else None
-
+            at = None if t.start is None else t.start + e * each
+            out.append(replace(t, name=name, shape=shape, start=at, end=None if at is None else at + each))
+            cut[name] = (t.name, e)
+    return (out, cut) if cut else None
 
 
 def split_note(names) -> str | None:

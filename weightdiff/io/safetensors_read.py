@@ -353,7 +353,7 @@ def parse_header(raw: bytes | bytearray, file_size: int, path: str | os.PathLike
 
     split = split_infos(infos, path)
     if split is not None:
-        infos = split
+        infos = split[0]
     return {t.name: t for t in infos}, metadata
 
 
