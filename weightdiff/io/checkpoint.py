@@ -27,7 +27,7 @@ from typing import Sequence
 
 from ..errors import CheckpointError, escape_name
 from .files import inside as _inside, load_json, open_regular, os_problem, pread_into, read_small
-from .experts import fused_origin, split_infos, split_note
+from .experts import count_note, fused_origin, split_infos, split_note
 from .located import Checkpoint
 from .peft_adapter import JSON_CAP, AdapterConfig, LoraFactor, parse_adapter_config
 from .pickle_read import PICKLE_SUFFIXES, load_pickle
@@ -423,9 +423,8 @@ def _sharded(folder, index_name: str, shown: object) -> Checkpoint:
         header = headers[folder.file(shard)]
         for part in cut.get(name, (name,)):
             tensors[part] = header[part]
-    note = split_note(tensors) if cut else None
-    if note:
-        metadata["weightdiff.experts"] = note
+    if cut:
+        metadata["weightdiff.experts"] = count_note(len(cut))
     notes = []
     for name, shard in unlisted:             # transformers loads by the index; still, measure it
         tensors[name] = headers[folder.file(shard)][name]
@@ -458,9 +457,8 @@ def _pickles(shown: Path, files: list[Path], root: Path) -> Checkpoint:
         tensors, cut = {t.name: t for t in split[0]}, split[1]
     ckpt = Checkpoint(shown, "pickle", files, tensors, {}, root)
     ckpt._expert_of = cut
-    note = split_note(tensors) if cut else None
-    if note:
-        ckpt.metadata["weightdiff.experts"] = note
+    if cut:
+        ckpt.metadata["weightdiff.experts"] = count_note(len({fused for fused, _ in cut.values()}))
     return ckpt
 
 

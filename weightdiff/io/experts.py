@@ -28,7 +28,7 @@ from typing import Sequence
 from ..errors import CheckpointError, escape_name
 from .safetensors_read import TensorInfo
 
-__all__ = ["MAX_EXPERTS", "is_fused", "expert_name", "fused_origin", "split_infos", "split_note"]
+__all__ = ["MAX_EXPERTS", "is_fused", "expert_name", "fused_origin", "split_infos", "split_note", "count_note"]
 
 #: (name suffix, dimensions of the fused tensor): matrices are [experts, m, n], biases [experts, n]
 _MATRIX = (".experts.gate_up_proj", ".experts.down_proj", ".experts.gate_proj", ".experts.up_proj",
@@ -36,9 +36,7 @@ _MATRIX = (".experts.gate_up_proj", ".experts.down_proj", ".experts.gate_proj", 
 _BIAS = (".experts.gate_up_proj_bias", ".experts.down_proj_bias")
 _SUFFIXES = _MATRIX + _BIAS
 _SPLIT = re.compile(r"^(.+)\.(\d+)\.([^.]+)$")
-
-_SPLIT_ANY = None
-
+_SPLIT_ANY = None                 # split_note's pattern, compiled on first use
 
 #: most experts a fused tensor is split into: released models have up to 512 (Qwen3-Next); a header that
 #: claims millions of zero-size experts would otherwise make millions of tensors out of one entry
@@ -108,7 +106,10 @@ def split_note(names) -> str | None:
     if not any(s.rpartition(".")[2] in joined for s in _SUFFIXES):       # most checkpoints: no scan
         return None
     origins = {f"{a}.{b}" for a, b in _SPLIT_ANY.findall(joined)}
-    fused = sorted(o for o in origins if o.endswith(_SUFFIXES))
-    if not fused:
-        return None
-    return f"{len(fused):,} fused expert tensor{'s' if len(fused) != 1 else ''} split into the experts' own"
+    fused = sum(1 for o in origins if o.endswith(_SUFFIXES))
+    return count_note(fused) if fused else None
+
+
+def count_note(fused: int) -> str:
+    """``split_note``'s text for a reader that knows how many fused tensors it split."""
+    return f"{fused:,} fused expert tensor{'s' if fused != 1 else ''} split into the experts' own"
