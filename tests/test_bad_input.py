@@ -254,12 +254,12 @@ def test_broken_symlink_shard(tmp_path):
 def test_directory_with_no_weights(tmp_path):
     d = tmp_path / "ck"
     d.mkdir()
-    bad(d, "no checkpoint here: expected model.safetensors, model.safetensors.index.json or a .gguf file "
-           "(the folder is empty)")
+    bad(d, "no checkpoint here: expected model.safetensors, model.safetensors.index.json, a .gguf or a .onnx "
+           "file (the folder is empty)")
     (d / "config.json").write_text("{}")
     bad(d, "(found config.json)")
     (d / "model.onnx").write_bytes(b"\x08\x07")
-    bad(d, "(found config.json, model.onnx) (an ONNX model is not read: write its initializers to safetensors")
+    bad(d, "is not a readable ONNX model: the model has no graph", names=d / "model.onnx")
 
 
 def test_huge_integer_in_a_header_and_one_unclaimed_byte(tmp_path):
@@ -337,7 +337,7 @@ def test_control_and_bidi_names_escaped(tmp_path):
 def test_an_onnx_file_is_named_as_such_not_as_a_bad_safetensors_header(tmp_path):
     p = tmp_path / "model.onnx"
     p.write_bytes(b"\x08\x07\x12\x07pytorch" + b"\0" * 64)
-    line = bad(p, "is an ONNX model, which weightdiff does not read")
+    line = bad(p, "is not a readable ONNX model")
     assert "header" not in line
 
 

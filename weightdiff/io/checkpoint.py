@@ -119,9 +119,7 @@ def _locate(p: Path, path: str | os.PathLike) -> Checkpoint:
     if stat.S_ISDIR(st.st_mode):
         ckpt = _locate_dir(p)
     elif p.name.lower().endswith(".onnx"):
-        raise CheckpointError(p, "is an ONNX model, which weightdiff does not read",
-                              "write its initializers to safetensors (onnx.numpy_helper.to_array) and compare "
-                              "those: docs/pairing.md explains how transposed MatMul weights are paired")
+        ckpt = _onnx(p, p, p.parent)
     elif _sniff(p) == "gguf" or p.name.lower().endswith(".gguf"):
         ckpt = _gguf(p, p, p.parent)          # a .gguf without the magic is refused by name
     elif p.name.endswith(".bin.index.json"):
@@ -179,7 +177,7 @@ def choose_weights(names: Sequence[str], where: object) -> tuple[str, str | None
 
     Kinds: ``adapter`` (name: the adapter's weights file, None when missing), ``sharded``
     (name: the safetensors index), ``single``, ``pickle_sharded`` (the .bin index),
-    ``pickle`` and ``gguf``. The same rules serve a local folder and a Hub repo's file list
+    ``pickle``, ``gguf`` and ``onnx``. The same rules serve a local folder and a Hub repo's file list
     (a new format adds its rule here). Raises CheckpointError naming ``where``.
 
     >>> choose_weights(["config.json", "model-00001-of-00002.safetensors",
@@ -216,13 +214,13 @@ def choose_weights(names: Sequence[str], where: object) -> tuple[str, str | None
     gg = [n for n in names if n.lower().endswith(".gguf")]
     if gg:
         return "gguf", _the_one(where, gg, ".gguf files", "pass one file")
+    ox = [n for n in names if n.lower().endswith(".onnx")]
+    if ox:
+        return "onnx", _the_one(where, ox, ".onnx files", "pass one file")
     found = f"found {', '.join(escape_name(n) for n in names[:6])}" + (", ..." if len(names) > 6 else "") \
         if names else "the folder is empty"
-    onnx = any(n.lower().endswith(".onnx") for n in names)
     raise CheckpointError(where, f"no checkpoint here: expected model.safetensors, "
-                                 f"model.safetensors.index.json or a .gguf file ({found})",
-                          "an ONNX model is not read: write its initializers to safetensors "
-                          "(onnx.numpy_helper.to_array) and compare those" if onnx else None)
+                                 f"model.safetensors.index.json, a .gguf or a .onnx file ({found})")
 
 
 def _the_one(where: object, candidates: list[str], what: str, hint: str) -> str:
@@ -245,6 +243,8 @@ def build(folder, kind: str, name: str | None, shown: object) -> Checkpoint:
         return _pickle_sharded(folder.root, folder.file(name))
     if kind == "gguf":
         return _gguf(folder.root / name, shown, folder.root)
+    if kind == "onnx":
+        return _onnx(folder.file(name), shown, folder.root)
     return _pickles(shown, [folder.file(name)], folder.root)
 
 
@@ -320,6 +320,12 @@ def _gguf(file: Path, shown: Path, root: Path) -> Checkpoint:
     ckpt = Checkpoint(shown, "gguf", [file], tensors, dict(metadata), root, opener=GGUFFile)
     ckpt._headers[file] = tensors
     return ckpt
+
+
+def _onnx(file: Path, shown: object, root: Path) -> Checkpoint:
+    from .onnx_read import locate_onnx
+
+    return locate_onnx(file, shown, root)
 
 
 def _header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:

@@ -50,7 +50,7 @@ EXTRA = "pip install 'weightdiff[hub]'"
 _BARE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@\S+)?$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")      # an ETag that is a sha256 (an LFS file's)
 #: checkpoint kinds whose reader needs a local file (torch's loader, the gguf package): downloaded, never streamed
-_LOCAL_ONLY = ("pickle", "pickle_sharded", "gguf")
+_LOCAL_ONLY = ("pickle", "pickle_sharded", "gguf", "onnx")
 
 
 def hub_spelling(spec: str) -> bool:
@@ -259,6 +259,10 @@ def _needed(kind: str, name: str | None, folder: HubFolder) -> list[str]:
                                       "the repo's index and its files disagree: ask its owner, or pick another "
                                       "revision")
         return [name] + shards
+    if kind == "onnx":               # its external data files, by the exporters' names (model.onnx_data, model.onnx.data)
+        stem = name[:-len(".onnx")]
+        return [name] + sorted(n for n in folder.listing.names() if n != name and n.startswith(stem)
+                               and n.endswith("data"))
     return [name]
 
 
@@ -377,7 +381,7 @@ def _mode(options: HubOptions, ref: HubRef, listing: _Listing, needed: list[str]
 
     if options.download is False:
         if kind in _LOCAL_ONLY:
-            what = "a GGUF file" if kind == "gguf" else "PyTorch pickles"
+            what = {"gguf": "a GGUF file", "onnx": "an ONNX model"}.get(kind, "PyTorch pickles")
             raise CheckpointError(ref.spelling, f"holds {what}, which cannot be read by range requests",
                                   "use --download: its reader needs a local file")
         return "stream"

@@ -15,9 +15,9 @@ import numpy as np
 
 from ..kernels import quant as K
 from ..kernels.dtypes import decode
-from .safetensors_read import QuantScheme, TensorInfo
+from .safetensors_read import QuantScheme, TensorInfo, storage_of
 
-__all__ = ["Source", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "Read", "ReadRows"]
+__all__ = ["Source", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "AxisGrid", "Read", "ReadRows"]
 
 Read = Callable[[str], np.ndarray]                      # stored name -> whole array (storage dtype, shaped)
 ReadRows = Callable[[str, Sequence[int]], np.ndarray]   # stored name, first-axis rows -> array
@@ -310,3 +310,69 @@ class MXFP4(Source):
             vs.append(self._cache["v"][lo:hi])
             fs.append(self._cache["f"][lo:hi])
         return np.concatenate(vs), np.concatenate(fs)
+
+
+class AxisGrid(Source):
+    """ONNX ``DequantizeLinear`` (and ONNX Runtime's ``W_quantized``/``W_scale``/``W_zero_point``):
+    ``value = (q - zero) * scale`` in the scale's dtype, with one scale for the tensor, one per
+    index of ``axis``, or one per ``block`` consecutive indices along ``axis`` (opset 21).
+
+    ``scale2``: a second scale the first is multiplied by (an int32 bias of ``QGemm``/``QLinearConv``:
+    input scale x weight scale). ``transposed``: the logical 2-D tensor is the stored codes'
+    transpose (ONNX Runtime's ``W_Transposed_quantized`` of a ``Gemm`` weight); ``axis`` and
+    ``block`` are given in the stored layout."""
+
+    def __init__(self, name, shape, scheme, path, codes: TensorInfo, scale: TensorInfo, zero: TensorInfo | None,
+                 axis: int | None, block: int, scale2: TensorInfo | None = None, transposed: bool = False):
+        super().__init__(name, shape, scheme, path)
+        self.codes, self.scale, self.zero, self.block, self.scale2 = codes, scale, zero, block, scale2
+        self.transposed = transposed
+        self.axis = (1 - axis if axis is not None else None) if transposed else axis
+        self.sdtype = scale.dtype if scale.dtype in ("BF16", "F16") else "F32"
+        info = np.iinfo(storage_of(codes.dtype))
+        self.qmin, self.qmax = int(info.min), int(info.max)
+
+    def _expand(self, a: np.ndarray) -> np.ndarray:
+        """A per-axis or per-block parameter spread over the whole tensor (its logical shape)."""
+        ax, shape = self.axis, self.shape
+        if self.block:
+            return np.repeat(a, self.block, axis=ax)[tuple(slice(0, d) for d in shape)]
+        view = [1] * len(shape)
+        view[ax] = shape[ax]
+        return np.broadcast_to(a.reshape(view), shape)
+
+    def _whole(self, read, key: str, t: TensorInfo) -> np.ndarray:
+        if key == "z":
+            a = read(t.name).astype(np.int32)
+        else:
+            a = _f32(read(t.name), t.dtype)
+            if self.scale2 is not None:
+                a = (a * _f32(read(self.scale2.name), self.scale2.dtype)).astype(np.float32)
+        return a.T if self.transposed and a.ndim == 2 else a
+
+    def _param(self, read, key: str, t: TensorInfo | None, r0: int, r1: int):
+        """The scale (``s``) or zero point (``z``) of every element of rows r0..r1, broadcastable."""
+        if t is None:
+            return 0
+        a = self._get(key, lambda: self._whole(read, key, t))
+        if self.axis is None:
+            return a.reshape(1, 1)
+        if len(self.shape) == 2:
+            if self.axis == 0:
+                return a.reshape(-1)[r0:r1].reshape(-1, 1) if not self.block else a[np.arange(r0, r1) // self.block]
+            if not self.block:
+                return a.reshape(1, -1)
+            return a[r0:r1][:, np.arange(self.rowlen) // self.block]
+        full = self._get(key + "full", lambda: self._expand(a).reshape(-1, self.rowlen))
+        return full[r0:r1]
+
+    def rows(self, read, read_rows, r0, r1):
+        if self.transposed:
+            q = self._get("q", lambda: np.ascontiguousarray(read(self.codes.name).T))[r0:r1]
+        elif len(self.shape) == 2:
+            q = read_rows(self.codes.name, range(r0, r1))
+        else:
+            q = self._get("q", lambda: read(self.codes.name).reshape(-1, self.rowlen))[r0:r1]
+        s = self._param(read, "s", self.scale, r0, r1)
+        z = self._param(read, "z", self.zero, r0, r1)
+        return K.dequant_int(np.asarray(q).reshape(r1 - r0, -1), z, s, self.sdtype, self.qmin, self.qmax)

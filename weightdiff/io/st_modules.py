@@ -154,7 +154,7 @@ def locate_modules(d: Path, names: list[str]) -> Checkpoint:
     parts = []
     for k, rel, kind_of, folder, kind, name in found:
         if kind not in MODULE_KINDS:
-            what = {"adapter": "a PEFT adapter", "gguf": "a GGUF file"}.get(kind, kind)
+            what = {"adapter": "a PEFT adapter", "gguf": "a GGUF file", "onnx": "an ONNX model"}.get(kind, kind)
             raise CheckpointError(folder, f"module {escape_name(rel or '.')} (modules.json) is {what}, which "
                                           "weightdiff reads only as a whole checkpoint, not beside other "
                                           "sentence-transformers modules",

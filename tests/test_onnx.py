@@ -1,0 +1,397 @@
+"""ONNX models: the reader against the onnx package's own, ONNX Runtime's quantizers, hostile files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from weightdiff.cli import main
+from weightdiff.errors import CheckpointError
+from weightdiff.io.checkpoint import locate
+from weightdiff.io.onnx_read import parse_onnx
+from weightdiff.io.safetensors_write import save_file
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+RNG = np.random.default_rng(7)
+
+
+def _graph_model(inits, nodes=(), producer="test", opset=17, inputs=None, outputs=None):
+    inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    outputs = outputs or [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]
+    nodes = list(nodes) or [helper.make_node("Identity", ["x"], ["y"])]
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(g, producer_name=producer, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _ours(path) -> dict[str, np.ndarray]:
+    """Every tensor as weightdiff reads it (storage dtype, shaped), quantized ones dequantized."""
+    with locate(path) as ck:
+        return {n: ck.read(n) for n in ck.tensors}
+
+
+def _theirs(path, names) -> dict[str, np.ndarray]:
+    m = onnx.load(str(path))
+    got = {t.name: numpy_helper.to_array(t, base_dir=str(Path(path).parent)) for t in m.graph.initializer}
+    for n in m.graph.node:
+        for a in n.attribute:
+            if n.op_type == "Constant" and a.name == "value":
+                got[n.output[0]] = numpy_helper.to_array(a.t)
+    return {k: got[k] for k in names}
+
+
+def _same(ours: np.ndarray, theirs: np.ndarray) -> bool:
+    if theirs.dtype == np.float16:
+        return ours.dtype == np.float16 and np.array_equal(ours.view(np.uint16), theirs.view(np.uint16))
+    if theirs.dtype.name == "bfloat16" or str(theirs.dtype) == "bfloat16":
+        return np.array_equal(ours, theirs.view(np.uint16))
+    return ours.shape == theirs.shape and np.array_equal(ours.view(np.uint8), np.ascontiguousarray(theirs).view(np.uint8))
+
+
+# -- the reader against onnx's own -----------------------------------------------------------------
+
+def _every_encoding(path: Path, external: str | None = None, one_file: bool = True) -> dict:
+    w = RNG.standard_normal((48, 32)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w, "onnx::MatMul_5"),                                   # raw_data
+        helper.make_tensor("fc.bias", TensorProto.FLOAT, [32], RNG.standard_normal(32).tolist()),   # float_data
+        helper.make_tensor("half", TensorProto.FLOAT16, [3, 2],                          # int32_data (fp16 bits)
+                           np.arange(6, dtype=np.float16).view(np.uint16).tolist()),
+        helper.make_tensor("bf", TensorProto.BFLOAT16, [4], [0x3F80, 0x4000, 0xBF80, 0x0000]),
+        helper.make_tensor("dbl", TensorProto.DOUBLE, [5], [1.5, -2.0, 3.25, 0.0, 1e300]),  # double_data
+        helper.make_tensor("i8", TensorProto.INT8, [70], [(-1) ** k * k for k in range(70)]),   # varints, signed
+        helper.make_tensor("pos", TensorProto.INT64, [1, 100], list(range(100))),        # int64_data
+        numpy_helper.from_array(np.array([-1, 32], np.int64), "onnx::Reshape_7"),        # plumbing
+        numpy_helper.from_array(RNG.standard_normal((8, 8)).astype(np.float16), "h16raw"),
+    ]
+    nodes = [helper.make_node("Constant", [], ["big_const"],
+                              value=numpy_helper.from_array(RNG.standard_normal((32, 40)).astype(np.float32))),
+             helper.make_node("Constant", [], ["small_const"], value=numpy_helper.from_array(np.float32(8.0))),
+             helper.make_node("Identity", ["x"], ["y"])]
+    m = _graph_model(inits, nodes)
+    if external:
+        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=one_file,
+                        location=external, size_threshold=64)
+    else:
+        onnx.save(m, str(path))
+    return {"weights": ["onnx::MatMul_5", "fc.bias", "half", "bf", "dbl", "i8", "pos", "h16raw", "big_const"],
+            "plumbing": ["onnx::Reshape_7", "small_const"]}
+
+
+@pytest.mark.parametrize("external,one_file", [(None, True), ("model.onnx_data", True), ("data", False)])
+def test_every_encoding_reads_as_the_onnx_package_reads_it(tmp_path, external, one_file):
+    path = tmp_path / "model.onnx"
+    kinds = _every_encoding(path, external, one_file)
+    ours = _ours(path)
+    assert sorted(ours) == sorted(kinds["weights"])          # plumbing set apart, big Constant kept
+    theirs = _theirs(path, kinds["weights"])
+    for name in kinds["weights"]:
+        assert _same(ours[name], theirs[name]), name
+    with locate(path) as ck:
+        assert ck.format == "onnx"
+        assert any("2 graph constants" in n for n in ck.notes)
+        if external:
+            assert len(ck.files) > 1 and all(f.is_relative_to(tmp_path) for f in ck.files)
+        assert ck.metadata["onnx.producer_name"] == "test"
+        # windows of every size give the same bytes as a whole read
+        for name in kinds["weights"]:
+            whole = ck.read(name).reshape(-1)
+            parts = np.concatenate([np.array(w) for w in ck.windows(name, 7)])
+            assert np.array_equal(parts.view(np.uint8), whole.view(np.uint8)), name
+            if ck.tensors[name].shape and ck.tensors[name].shape[0] > 2:
+                assert np.array_equal(ck.read_rows(name, [2, 0]), ck.read(name)[[2, 0]])
+
+
+def test_a_folder_with_one_onnx_file_and_its_data_is_a_checkpoint(tmp_path):
+    d = tmp_path / "export"
+    d.mkdir()
+    _every_encoding(d / "model.onnx", "model.onnx_data")
+    (d / "config.json").write_text("{}")
+    r = CliRunner().invoke(main, ["compare", str(d), str(d / "model.onnx")])
+    assert r.exit_code == 0, r.stderr
+    assert "IDENTICAL" in r.stdout
+
+
+def test_subgraph_initializers_are_read_and_a_name_twice_is_refused(tmp_path):
+    inner = helper.make_graph([helper.make_node("Identity", ["w_in"], ["o"])], "then", [],
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, [4])],
+                              [numpy_helper.from_array(np.arange(4, dtype=np.float32), "w_in")])
+    other = helper.make_graph([helper.make_node("Identity", ["w_out"], ["o2"])], "else", [],
+                              [helper.make_tensor_value_info("o2", TensorProto.FLOAT, [4])])
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=inner, else_branch=other)
+    m = _graph_model([numpy_helper.from_array(np.ones(4, np.float32), "w_out")], [node], inputs=[cond])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    assert sorted(_ours(tmp_path / "m.onnx")) == ["w_in", "w_out"]
+    m2 = _graph_model([numpy_helper.from_array(np.ones(4, np.float32), "w_in")], [node], inputs=[cond])
+    onnx.save(m2, str(tmp_path / "m2.onnx"))
+    with pytest.raises(CheckpointError, match="two tensors are named `w_in`"):
+        parse_onnx(tmp_path / "m2.onnx")
+
+
+def test_onnx_and_safetensors_of_the_same_weights_pair_and_a_change_is_measured(tmp_path):
+    w = RNG.standard_normal((64, 48)).astype(np.float32)
+    b = RNG.standard_normal(48).astype(np.float32)
+    save_file(tmp_path / "base.safetensors", {"fc.weight": np.ascontiguousarray(w.T), "fc.bias": b})
+    for name, ww in (("same", w), ("tuned", w + 1e-2 * RNG.standard_normal(w.shape).astype(np.float32))):
+        onnx.save(_graph_model([numpy_helper.from_array(ww, "onnx::MatMul_3"),
+                                numpy_helper.from_array(b, "fc.bias")]), str(tmp_path / f"{name}.onnx"))
+    for name, verdict in (("same", "identical"), ("tuned", "derived")):
+        r = CliRunner().invoke(main, ["compare", str(tmp_path / "base.safetensors"), str(tmp_path / f"{name}.onnx"),
+                                      "--json", str(tmp_path / f"{name}.json")])
+        assert r.exit_code == 0, r.stderr
+        doc = json.loads((tmp_path / f"{name}.json").read_text())
+        assert doc["summary"]["verdict"] == verdict
+        by = {t["name"]: t for t in doc["tensors"]}
+        assert by["fc.bias"]["status"] == "unchanged"
+        t = by["onnx::MatMul_3"]
+        assert t["paired_by"] == "content"
+        assert t["status"] == ("unchanged" if name == "same" else "changed")
+
+
+# -- ONNX Runtime's quantizers ------------------------------------------------------------------------
+
+def _torch_export(path: Path, seed: int, delta: float = 0.0, only: str | None = None) -> None:
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(64, 96)
+            self.b = torch.nn.Linear(96, 64)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    m = M().eval()
+    if delta:
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if p.ndim == 2 and (only is None or name.startswith(only)):
+                    p.add_(delta * p.abs().mean() * torch.randn(p.shape, generator=g))
+    torch.onnx.export(m, (torch.randn(1, 64),), str(path), dynamo=False, input_names=["x"])
+
+
+def _quantize(src: Path, dst: Path, how: str) -> None:
+    q = pytest.importorskip("onnxruntime.quantization")
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self):
+            r = np.random.default_rng(0)
+            self.it = iter([{"x": r.standard_normal((1, 64)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    if how == "dynamic":
+        q.quantize_dynamic(str(src), str(dst), weight_type=q.QuantType.QInt8)
+    elif how == "dynamic_pc_u8":
+        q.quantize_dynamic(str(src), str(dst), weight_type=q.QuantType.QUInt8, per_channel=True)
+    elif how == "qdq_pc":
+        q.quantize_static(str(src), str(dst), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True)
+    elif how == "qoperator":
+        q.quantize_static(str(src), str(dst), Reader(), quant_format=q.QuantFormat.QOperator)
+
+
+def _dequantized_reference(path: Path) -> dict[str, np.ndarray]:
+    """(q - zero) * scale of every quantized weight, by the spec's formula over onnx's own arrays."""
+    m = onnx.load(str(path))
+    arr = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    out = {}
+    for name, q in arr.items():
+        if not name.endswith("_quantized") or q.dtype == np.int32:
+            continue
+        stem = name[:-len("_quantized")]
+        s, z = arr[stem + "_scale"], arr.get(stem + "_zero_point", np.zeros_like(arr[stem + "_scale"], q.dtype))
+        if s.size > 1:      # per channel: along the axis the scale's length fits
+            shape = [1] * q.ndim
+            axis = next(k for k, d in enumerate(q.shape) if d == s.size) if q.shape[0] != q.shape[-1] else 0
+            for n in m.graph.node:
+                if n.op_type == "DequantizeLinear" and n.input[0] == name:
+                    axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            shape[axis] = s.size
+            s, z = s.reshape(shape), z.reshape(shape)
+        v = (q.astype(np.int32) - z.astype(np.int32)).astype(np.float32) * s
+        if stem.endswith("_Transposed"):
+            stem, v = stem[:-len("_Transposed")], v.T
+        out[stem] = v
+    return out
+
+
+@pytest.mark.parametrize("how", ["dynamic", "dynamic_pc_u8", "qdq_pc", "qoperator"])
+def test_onnxruntime_quantization_reads_as_the_float_model_quantized(tmp_path, how):
+    pytest.importorskip("onnxruntime")
+    _torch_export(tmp_path / "fp32.onnx", 0)
+    _quantize(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", how)
+    ref = _dequantized_reference(tmp_path / "int8.onnx")
+    with locate(tmp_path / "int8.onnx") as ck, locate(tmp_path / "fp32.onnx") as fp:
+        assert sorted(ck.tensors) == sorted(fp.tensors) == ["a.bias", "a.weight", "b.bias", "b.weight"]
+        for name, v in ref.items():
+            assert ck.tensors[name].quant is not None and ck.tensors[name].quant.format == "onnx"
+            assert np.array_equal(ck.read(name), v), name
+            # the floor is half a step of each element's scale (one more at the ends of the code range)
+            step = np.abs(v - fp.read(name))
+            floor = np.concatenate([np.array(f) for f in ck.floor_windows(name, 1000)]).reshape(v.shape)
+            assert (step <= floor).all()
+        if how == "qoperator":          # int32 biases: input scale x weight scale
+            assert ck.tensors["a.bias"].quant is not None
+            assert np.abs(ck.read("a.bias") - fp.read("a.bias")).max() < 1e-3
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx"),
+                                  "--json", str(tmp_path / "q.json")])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads((tmp_path / "q.json").read_text())
+    assert doc["summary"]["verdict"] == "quantized_only", doc["summary"]
+    assert all(t["paired_by"] == "name" for t in doc["tensors"])
+
+
+def test_a_fine_tune_quantized_reads_as_a_fine_tune_of_the_float_base(tmp_path):
+    pytest.importorskip("onnxruntime")
+    _torch_export(tmp_path / "base.onnx", 0)
+    _torch_export(tmp_path / "tuned.onnx", 0, delta=0.05, only="b.")
+    _quantize(tmp_path / "tuned.onnx", tmp_path / "tuned8.onnx", "qdq_pc")
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "base.onnx"), str(tmp_path / "tuned8.onnx"),
+                                  "--json", str(tmp_path / "o.json")])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads((tmp_path / "o.json").read_text())
+    assert doc["summary"]["verdict"] == "derived"
+    by = {t["name"]: t["status"] for t in doc["tensors"]}
+    assert by["b.weight"] == "changed" and by["a.weight"] != "changed"
+
+
+def test_matmulnbits_and_an_unscaled_integer_weight_are_refused_by_name(tmp_path):
+    w = numpy_helper.from_array(np.zeros((4, 1, 8), np.uint8), "w_Q4")
+    s = numpy_helper.from_array(np.ones(4, np.float32), "w_scales")
+    node = helper.make_node("MatMulNBits", ["x", "w_Q4", "w_scales"], ["y"], domain="com.microsoft",
+                            K=16, N=4, bits=4, block_size=16)
+    onnx.save(_graph_model([w, s], [node]), str(tmp_path / "nb.onnx"))
+    with pytest.raises(CheckpointError, match="MatMulNBits"):
+        locate(tmp_path / "nb.onnx")
+    wq = numpy_helper.from_array(np.ones((4, 4), np.int8), "W")
+    node = helper.make_node("MatMulInteger", ["x", "W"], ["y"])
+    onnx.save(_graph_model([wq], [node]), str(tmp_path / "mi.onnx"))
+    with pytest.raises(CheckpointError, match="integer weight of a MatMulInteger node, and no stored scale"):
+        locate(tmp_path / "mi.onnx")
+
+
+# -- hostile and broken files -------------------------------------------------------------------------
+
+def _bad(target: Path, expect: str) -> str:
+    before = sorted(os.listdir(target.parent))
+    r = CliRunner().invoke(main, ["inspect", str(target)])
+    assert r.exit_code == 2, (r.stdout, r.stderr, r.exception)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert expect in lines[0], lines[0]
+    assert sorted(os.listdir(target.parent)) == before
+    return lines[0]
+
+
+def _external(tmp_path: Path, location: str, offset: str = "0", length: str | None = None) -> Path:
+    t = numpy_helper.from_array(np.arange(16, dtype=np.float32), "w")
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", offset)) + ((("length", length),) if length else ()):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    d = tmp_path / "m"
+    d.mkdir(exist_ok=True)
+    onnx.save(_graph_model([t]), str(d / "model.onnx"))
+    return d / "model.onnx"
+
+
+def test_external_data_outside_the_folder_is_refused(tmp_path):
+    (tmp_path / "outside.bin").write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    for loc in ("../outside.bin", str(tmp_path / "outside.bin"), "~/x.bin", "a\\..\\b"):
+        _bad(_external(tmp_path, loc), "outside the model's folder")
+    p = _external(tmp_path, "link.bin")
+    os.symlink(tmp_path / "outside.bin", p.parent / "link.bin")
+    _bad(p, "refusing to follow the symlink")
+
+
+def test_external_data_too_short_or_of_the_wrong_length_is_refused(tmp_path):
+    p = _external(tmp_path, "w.bin")
+    (p.parent / "w.bin").write_bytes(b"\0" * 60)
+    line = _bad(p, "holds 60 bytes, but tensor `w` needs bytes 0-64 (truncated download?)")
+    assert "w.bin" in line
+    p = _external(tmp_path, "w.bin", length="32")
+    _bad(p, "needs 64 bytes, its external data holds 32")
+    p = _external(tmp_path, "missing.bin")
+    _bad(p, "missing.bin")
+
+
+def test_truncated_and_malformed_files_are_refused(tmp_path):
+    good = tmp_path / "good.onnx"
+    onnx.save(_graph_model([numpy_helper.from_array(np.ones((8, 8), np.float32), "w")]), str(good))
+    blob = good.read_bytes()
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "cut.onnx").write_bytes(blob[:len(blob) // 2])
+    _bad(d / "cut.onnx", "is not a readable ONNX model")
+    (d / "empty.onnx").write_bytes(b"")
+    _bad(d / "empty.onnx", "is empty")
+    (d / "wire3.onnx").write_bytes(b"\x0b\x00")
+    _bad(d / "wire3.onnx", "wire type 3")
+    (d / "nograph.onnx").write_bytes(b"\x08\x07")
+    _bad(d / "nograph.onnx", "the model has no graph")
+    t = numpy_helper.from_array(np.ones(4, np.float32), "w")
+    t.raw_data = t.raw_data[:12]
+    onnx.save(_graph_model([t]), str(d / "short.onnx"))
+    _bad(d / "short.onnx", "needs 16 bytes, its raw_data holds 12")
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                          sparse_initializer=[helper.make_sparse_tensor(
+                              numpy_helper.from_array(np.ones(1, np.float32), "sp"),
+                              numpy_helper.from_array(np.zeros(1, np.int64), "ix"), [4])])
+    onnx.save(helper.make_model(g), str(d / "sparse.onnx"))
+    _bad(d / "sparse.onnx", "sparse initializer")
+
+
+def test_a_folder_of_several_onnx_files_is_ambiguous(tmp_path):
+    for n in ("model.onnx", "model_quantized.onnx"):
+        onnx.save(_graph_model([numpy_helper.from_array(np.ones(4, np.float32), "w")]), str(tmp_path / n))
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert r.exit_code == 2
+    assert "2 .onnx files, so which is the model is ambiguous: model.onnx, model_quantized.onnx" in r.stderr
+
+
+SEED_MODEL = None
+
+
+def _seed() -> bytes:
+    global SEED_MODEL
+    if SEED_MODEL is None:
+        inits = [numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "w"),
+                 helper.make_tensor("h", TensorProto.FLOAT16, [2], [15360, 16384]),
+                 helper.make_tensor("i", TensorProto.INT64, [70], list(range(70)))]
+        SEED_MODEL = _graph_model(inits).SerializeToString()
+    return SEED_MODEL
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_mutated_models_parse_or_are_refused_in_one_line(tmp_path, data):
+    blob = bytearray(_seed())
+    for _ in range(data.draw(st.integers(1, 6))):
+        at = data.draw(st.integers(0, len(blob) - 1))
+        blob[at] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        blob = blob[:data.draw(st.integers(0, len(blob)))]
+    p = tmp_path / "f.onnx"
+    p.write_bytes(bytes(blob))
+    try:
+        with locate(p) as ck:
+            for n, info in ck.tensors.items():
+                assert ck.read(n).size == info.numel
+    except CheckpointError as exc:
+        assert "\n" not in str(exc)

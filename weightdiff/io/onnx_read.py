@@ -1,0 +1,678 @@
+"""Reader of ONNX models: the weights (initializers) of a ``.onnx`` file and its external data.
+
+An ONNX file is a protobuf ``ModelProto``. This module walks its wire format itself (no
+``onnx`` package, no copy of the file: the walk reads tags and lengths through a read-only
+mapping and records where each tensor's bytes lie), so a 2 GB file costs a few thousand
+small reads and no memory proportional to it, and a hostile file is refused before anything
+proportional to its claims is allocated.
+
+What becomes a tensor:
+
+* every initializer of the main graph and of its subgraphs (``If``/``Loop`` bodies) with a
+  float, integer or fp8 type; names must be unique;
+* the ``value`` tensor of a ``Constant`` node with at least ``CONSTANT_MIN`` elements (an
+  exporter that stores weights as constants); smaller constants are the graph's plumbing
+  (shapes, axes, a scalar ``sqrt(d)``) and are counted in a note, not compared;
+* integer initializers of at most ``PLUMBING_MAX`` elements that no quantized weight uses
+  (shape and index constants of the graph: ``onnx::Reshape_12`` = [-1, 64]) are likewise
+  counted, not compared: they are not weights, and two exports name them differently.
+
+Where the bytes are: ``raw_data`` (the usual case) and the fixed-width typed fields
+(``float_data``, ``double_data`` when packed) are read in place, like safetensors data;
+the varint-coded fields (``int32_data``, which holds fp16/bf16/int8 as well, ``int64_data``,
+``uint64_data``) are decoded when the file is parsed, up to ``DECODED_MAX`` bytes in all
+(exporters use them for small tensors only); external data (``data_location = EXTERNAL``)
+is read from the file its ``location`` names, which must be a plain relative path inside the
+model's folder (no ``..``, no absolute path, no symlink out of the folder), with its
+``offset`` and ``length`` checked against that file's size and the tensor's.
+
+Quantized weights are dequantized by ``weightdiff.io.quant_sources.Linear``: a
+``DequantizeLinear`` node reading an integer initializer (QDQ format: scale, zero point,
+``axis`` and ``block_size`` from the node), and ONNX Runtime's QOperator triples
+``W_quantized`` / ``W_scale`` / ``W_zero_point`` (``quantize_dynamic``; the axis of a
+per-channel scale from the node that consumes the weight). The logical tensor takes the
+float model's name (``W``), so an int8 export pairs with the float one by name.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from ..errors import CheckpointError, escape_name
+from .files import inside, open_regular
+from .safetensors_read import Header, QuantScheme, SafetensorsFile, TensorInfo, array_windows, check_range, \
+    storage_of
+
+__all__ = ["parse_onnx", "OnnxData", "OnnxModel", "ONNX_DTYPES", "CONSTANT_MIN", "PLUMBING_MAX"]
+
+#: ONNX TensorProto.DataType -> the safetensors dtype name its values are handed out as
+ONNX_DTYPES = {1: "F32", 2: "U8", 3: "I8", 4: "U16", 5: "I16", 6: "I32", 7: "I64", 9: "BOOL", 10: "F16",
+               11: "F64", 12: "U32", 13: "U64", 16: "BF16", 17: "F8_E4M3", 18: "F8_E4M3FNUZ",
+               19: "F8_E5M2", 20: "F8_E5M2FNUZ", 24: "F8_E8M0"}
+#: types no reader of weights needs: strings, complex numbers, sub-byte ints and floats (refused by name)
+_OTHER_TYPES = {8: "STRING", 14: "COMPLEX64", 15: "COMPLEX128", 21: "UINT4", 22: "INT4", 23: "FLOAT4E2M1",
+                25: "UINT2", 26: "INT2"}
+#: a Constant node's tensor is a weight from this many elements on; below, the graph's plumbing
+CONSTANT_MIN = 1024
+#: an integer initializer no quantized weight uses, of at most this many elements, is plumbing
+PLUMBING_MAX = 64
+#: bytes of tensor values decoded from varint fields, in all
+DECODED_MAX = 64 << 20
+#: graphs nested inside graphs (If/Loop/Scan bodies) at most
+MAX_DEPTH = 16
+_INT_TYPES = {"U8", "I8", "U16", "I16", "I32", "I64", "U32", "U64", "BOOL"}
+
+
+class _Bad(Exception):
+    """A malformed protobuf: turned into a CheckpointError naming the file."""
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise _Bad("a number runs past the end of its field (truncated file?)")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise _Bad("a number is longer than ten bytes")
+
+
+def _fields(buf, pos: int, end: int):
+    """(field number, wire type, value or start, end) of each field in buf[pos:end]."""
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        num, wt = key >> 3, key & 7
+        if num == 0:
+            raise _Bad("a field numbered 0")
+        if wt == 0:
+            v, pos = _varint(buf, pos, end)
+            yield num, 0, v, None
+        elif wt == 2:
+            n, pos = _varint(buf, pos, end)
+            if n > end - pos:
+                raise _Bad(f"a field of {n:,} bytes runs past the end of its message (truncated file?)")
+            yield num, 2, pos, pos + n
+            pos += n
+        elif wt == 1 or wt == 5:
+            n = 8 if wt == 1 else 4
+            if n > end - pos:
+                raise _Bad("a fixed-width field runs past the end of its message (truncated file?)")
+            yield num, wt, pos, pos + n
+            pos += n
+        else:
+            raise _Bad(f"wire type {wt} (field {num}) is not one ONNX uses")
+
+
+def _text(buf, a: int, b: int) -> str:
+    try:
+        return bytes(buf[a:b]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Bad("a name is not UTF-8") from None
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _packed_varints(buf, a: int, b: int, cap: int) -> list[int]:
+    out, pos = [], a
+    while pos < b:
+        v, pos = _varint(buf, pos, b)
+        out.append(v)
+        if len(out) > cap:
+            raise _Bad("a tensor holds more values than its shape")
+    return out
+
+
+@dataclass
+class _Tensor:
+    """One TensorProto as found: where its values are, or the values themselves."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path | None = None             # where the bytes are (None: ``held``)
+    start: int = 0
+    end: int = 0
+    held: np.ndarray | None = None       # decoded from varint fields (flat, storage dtype)
+
+
+@dataclass
+class _Node:
+    op: str
+    domain: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)   # int attributes, and "value" -> _Tensor
+
+
+class _Parser:
+    def __init__(self, path: Path, buf, size: int):
+        self.path, self.buf, self.size = path, buf, size
+        self.folder = path.parent
+        self.tensors: dict[str, _Tensor] = {}
+        self.nodes: list[_Node] = []
+        self.decoded = 0
+        self.metadata: dict[str, str] = {}
+        self.sizes: dict[Path, int] = {}
+
+    # -- the model -----------------------------------------------------------------------------
+    def model(self) -> None:
+        graphs = 0
+        for num, wt, a, b in _fields(self.buf, 0, self.size):
+            if num == 7 and wt == 2:
+                graphs += 1
+                if graphs > 1:
+                    raise _Bad("the model holds two graphs")
+                self.graph(a, b, 0)
+            elif num == 14 and wt == 2:            # metadata_props
+                kv = self.entry(a, b)
+                if kv[0]:
+                    self.metadata[kv[0] if kv[0].startswith("onnx.") else f"onnx.{kv[0]}"] = kv[1]
+            elif num in (2, 3) and wt == 2:        # producer_name, producer_version
+                self.metadata["onnx.producer_name" if num == 2 else "onnx.producer_version"] = _text(self.buf, a, b)
+            elif num == 1 and wt == 0:
+                self.metadata["onnx.ir_version"] = str(a)
+        if not graphs:
+            raise _Bad("the model has no graph")
+
+    def entry(self, a: int, b: int) -> tuple[str, str]:
+        k = v = ""
+        for num, wt, x, y in _fields(self.buf, a, b):
+            if num == 1 and wt == 2:
+                k = _text(self.buf, x, y)
+            elif num == 2 and wt == 2:
+                v = _text(self.buf, x, y)
+        return k, v
+
+    def graph(self, a: int, b: int, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise _Bad(f"graphs nested more than {MAX_DEPTH} deep")
+        for num, wt, x, y in _fields(self.buf, a, b):
+            if wt != 2:
+                continue
+            if num == 5:
+                self.add(self.tensor(x, y), "initializer")
+            elif num == 1:
+                self.node(x, y, depth)
+            elif num == 15:
+                raise _Bad("the graph holds a sparse initializer, which weightdiff does not read")
+
+    def add(self, t: _Tensor | None, what: str) -> None:
+        if t is None:
+            return
+        if not t.name:
+            raise _Bad(f"an {what} has no name")
+        if t.name in self.tensors:
+            raise _Bad(f"two tensors are named `{escape_name(t.name)}`")
+        self.tensors[t.name] = t
+
+    def node(self, a: int, b: int, depth: int) -> None:
+        n = _Node("", "", [], [])
+        tensor_attrs: list[tuple[int, int]] = []
+        for num, wt, x, y in _fields(self.buf, a, b):
+            if wt != 2:
+                continue
+            if num == 1:
+                n.inputs.append(_text(self.buf, x, y))
+            elif num == 2:
+                n.outputs.append(_text(self.buf, x, y))
+            elif num == 4:
+                n.op = _text(self.buf, x, y)
+            elif num == 7:
+                n.domain = _text(self.buf, x, y)
+            elif num == 5:
+                tensor_attrs.append((x, y))
+        for x, y in tensor_attrs:
+            self.attribute(n, x, y, depth)
+        self.nodes.append(n)
+
+    def attribute(self, n: _Node, a: int, b: int, depth: int) -> None:
+        name, ival, tval, graphs = "", None, None, []
+        for num, wt, x, y in _fields(self.buf, a, b):
+            if num == 1 and wt == 2:
+                name = _text(self.buf, x, y)
+            elif num == 3 and wt == 0:
+                ival = _signed(x)
+            elif num == 5 and wt == 2:
+                tval = (x, y)
+            elif num in (6, 11) and wt == 2:       # g, graphs: subgraph bodies
+                graphs.append((x, y))
+        if ival is not None:
+            n.attrs[name] = ival
+        if tval is not None and n.op == "Constant" and name == "value":
+            n.attrs["value"] = tval
+        for x, y in graphs:
+            self.graph(x, y, depth + 1)
+
+    # -- one TensorProto -----------------------------------------------------------------------
+    def tensor(self, a: int, b: int, named: str | None = None) -> _Tensor | None:
+        buf = self.buf
+        dims: list[int] = []
+        dtype_code, name, raw, external, location = 0, named or "", None, {}, 0
+        typed: dict[int, list] = {}
+        for num, wt, x, y in _fields(buf, a, b):
+            if num == 1:
+                if wt == 0:
+                    dims.append(_signed(x))
+                elif wt == 2:
+                    dims += [_signed(v) for v in _packed_varints(buf, x, y, 64)]
+            elif num == 2 and wt == 0:
+                dtype_code = x
+            elif num == 8 and wt == 2 and named is None:
+                name = _text(buf, x, y)
+            elif num == 9 and wt == 2:
+                raw = (x, y)
+            elif num == 13 and wt == 2:
+                k, v = self.entry(x, y)
+                external[k] = v
+            elif num == 14 and wt == 0:
+                location = x
+            elif num == 3:
+                raise _Bad(f"tensor `{escape_name(name)}` is split into segments, which weightdiff does not read")
+            elif num in (4, 5, 7, 10, 11):
+                typed.setdefault(num, []).append((wt, x, y))
+        if len(dims) > 8 or any(d < 0 for d in dims):
+            raise _Bad(f"tensor `{escape_name(name)}` has shape {dims}")
+        shape = tuple(dims)
+        numel = math.prod(shape)
+        if dtype_code in _OTHER_TYPES:
+            if dtype_code == 8:
+                return None                        # strings: vocabularies of tokenizer graphs, not weights
+            raise _Bad(f"tensor `{escape_name(name)}` is {_OTHER_TYPES[dtype_code]}, which weightdiff does not read")
+        if dtype_code not in ONNX_DTYPES:
+            raise _Bad(f"tensor `{escape_name(name)}` has unknown data type {dtype_code}")
+        dtype = ONNX_DTYPES[dtype_code]
+        item = storage_of(dtype).itemsize
+        want = numel * item
+        t = _Tensor(name, dtype, shape)
+        if location == 1 or external:
+            return self.external(t, external, want)
+        if raw is not None:
+            if raw[1] - raw[0] != want:
+                raise _Bad(f"tensor `{escape_name(name)}` {dtype} {list(shape)} needs {want:,} bytes, its raw_data "
+                           f"holds {raw[1] - raw[0]:,}")
+            t.file, t.start, t.end = self.path, raw[0], raw[1]
+            return t
+        return self.typed(t, typed, numel)
+
+    def typed(self, t: _Tensor, typed: dict[int, list], numel: int) -> _Tensor:
+        """A tensor in the typed fields: fixed-width packed ones in place, varints decoded."""
+        fixed = {"F32": 4, "F64": 10}.get(t.dtype)
+        if fixed is not None and typed.get(fixed, [(None,)])[0][0] == 2 and len(typed.get(fixed, [])) == 1 \
+                and len(typed) == 1:
+            _, x, y = typed[fixed][0]
+            if y - x != numel * storage_of(t.dtype).itemsize:
+                raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} {list(t.shape)} holds {y - x:,} bytes of values, "
+                           f"not {numel * storage_of(t.dtype).itemsize:,}")
+            t.file, t.start, t.end = self.path, x, y
+            return t
+        # the field each type is stored in (onnx.proto: TensorProto's comments)
+        where = {"F32": 4, "F64": 10, "I64": 7, "U32": 11, "U64": 11}.get(t.dtype, 5)
+        if any(k != where for k in typed):
+            raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} keeps values in a field of another type")
+        values: list = []
+        for wt, x, y in typed.get(where, []):
+            if where in (4, 10):
+                size, code = (4, "<f4") if where == 4 else (8, "<f8")
+                if wt == 2:
+                    if (y - x) % size:
+                        raise _Bad(f"tensor `{escape_name(t.name)}` has a torn value field")
+                    values.extend(np.frombuffer(bytes(self.buf[x:y]), code).tolist())
+                else:
+                    values.append(np.frombuffer(bytes(self.buf[x:y]), code)[0])
+            elif wt == 2:
+                values += _packed_varints(self.buf, x, y, numel)
+            elif wt == 0:
+                values.append(x)
+            if len(values) > numel:
+                raise _Bad(f"tensor `{escape_name(t.name)}` holds more values than its shape {list(t.shape)}")
+        if len(values) != numel:
+            raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} {list(t.shape)} holds {len(values):,} values, "
+                       f"not {numel:,}")
+        dt = storage_of(t.dtype)
+        self.decoded += numel * dt.itemsize
+        if self.decoded > DECODED_MAX:
+            raise _Bad(f"more than {DECODED_MAX >> 20} MB of values in varint fields (the exporter's raw_data "
+                       "is the way to store weights)")
+        if t.dtype in ("F32", "F64"):
+            arr = np.asarray(values, dtype=dt)
+        elif t.dtype in ("F16", "BF16") or t.dtype.startswith("F8_"):
+            arr = (np.asarray(values, dtype=np.uint64) & np.uint64((1 << (8 * dt.itemsize)) - 1)).astype(
+                np.uint16 if dt.itemsize == 2 else np.uint8).view(dt)
+        elif t.dtype in ("I64", "I32", "I16", "I8"):
+            arr = np.asarray([_signed(v) for v in values], dtype=np.int64)
+            info = np.iinfo(dt)
+            if arr.size and (arr.min() < info.min or arr.max() > info.max):
+                raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} holds a value out of its type's range")
+            arr = arr.astype(dt)
+        else:
+            arr = np.asarray(values, dtype=np.uint64)
+            if t.dtype != "U64" and arr.size and int(arr.max()) > np.iinfo(dt).max:
+                raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} holds a value out of its type's range")
+            arr = arr.astype(dt)
+        arr.flags.writeable = False
+        t.held = arr
+        return t
+
+    def external(self, t: _Tensor, ext: dict[str, str], want: int) -> _Tensor:
+        loc = ext.get("location", "")
+        pure = PurePosixPath(loc)
+        if not loc or pure.is_absolute() or ".." in pure.parts or "\\" in loc or "\0" in loc or loc.startswith("~") \
+                or ":" in loc:
+            raise CheckpointError(self.path, f"tensor `{escape_name(t.name)}` keeps its data in "
+                                             f"`{escape_name(loc)}`, outside the model's folder" if loc else
+                                  f"tensor `{escape_name(t.name)}` is stored externally but names no file",
+                                  "external data must be a plain relative path beside the .onnx file")
+        file = inside(self.folder / loc, self.folder, "copy the data file into the model's folder")
+        try:
+            offset = int(ext.get("offset", "0") or 0)
+            length = int(ext["length"]) if ext.get("length") not in (None, "") else want
+        except ValueError:
+            raise _Bad(f"tensor `{escape_name(t.name)}` has a non-numeric external offset or length") from None
+        if length != want or offset < 0:
+            raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} {list(t.shape)} needs {want:,} bytes, its external "
+                       f"data holds {length:,} at offset {offset:,}")
+        size = self.sizes.get(file)
+        if size is None:
+            fd, st = open_regular(file)
+            os.close(fd)
+            size = self.sizes[file] = st.st_size
+        if offset + length > size:
+            raise CheckpointError(file, f"holds {size:,} bytes, but tensor `{escape_name(t.name)}` needs bytes "
+                                        f"{offset:,}-{offset + length:,} (truncated download?)")
+        t.file, t.start, t.end = file, offset, offset + length
+        return t
+
+
+@dataclass
+class OnnxModel:
+    """What ``parse_onnx`` found: tensors by name (graph order), nodes, metadata, the files read."""
+
+    path: Path
+    tensors: dict[str, _Tensor]
+    nodes: list[_Node]
+    metadata: dict[str, str]
+    files: list[Path]
+    constants: dict[str, _Tensor]
+
+
+def parse_onnx(path: Path) -> OnnxModel:
+    """Parse the ONNX model at ``path`` (its tensors' locations; no tensor data read)."""
+    fd, st = open_regular(path)
+    try:
+        if st.st_size == 0:
+            raise CheckpointError(path, "is empty (0 bytes)")
+        try:
+            mm = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(path, f"cannot be mapped: {exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        p = _Parser(path, mm, st.st_size)
+        try:
+            p.model()
+            constants = {}
+            for n in p.nodes:
+                tv = n.attrs.pop("value", None)
+                if tv is not None and n.outputs:
+                    t = p.tensor(*tv, named=n.outputs[0])
+                    if t is not None:
+                        constants[t.name] = t
+        except _Bad as exc:
+            raise CheckpointError(path, f"is not a readable ONNX model: {exc}",
+                                  "a truncated download or another kind of file?") from None
+        except RecursionError:
+            raise CheckpointError(path, "is not a readable ONNX model: nested too deeply") from None
+    finally:
+        mm.close()
+    files = [path] + [f for f in dict.fromkeys(t.file for t in p.tensors.values()) if f is not None and f != path]
+    for t in constants.values():
+        if t.file is not None and t.file not in files:
+            files.append(t.file)
+    return OnnxModel(path, p.tensors, p.nodes, p.metadata, files, constants)
+
+
+class OnnxData(SafetensorsFile):
+    """One file of an ONNX checkpoint (the model or an external data file), read through the
+    header ``parse_onnx`` made for it: the same verbs as ``SafetensorsFile``; values that
+    were decoded from varint fields are served from memory."""
+
+    def __init__(self, path: str | os.PathLike, use_mmap: bool = True, known: Header | None = None):
+        self.use_mmap = use_mmap
+        self._open(path)
+        if known is None or known.size != self.size:
+            self.close()
+            raise CheckpointError(path, "file changed since the checkpoint was located (rerun)")
+        self.tensors, self.metadata = known, known.metadata
+        self.held: dict[str, np.ndarray] = getattr(known, "held", {})
+
+    def windows(self, name, max_elements=None, start=0, stop=None):
+        h = self.held.get(name)
+        if h is None:
+            return super().windows(name, max_elements, start, stop)
+        start, stop, step = check_range(self._info(name), max_elements, start, stop, h.itemsize)
+        return array_windows(h, start, stop, step)
+
+    def read(self, name):
+        h = self.held.get(name)
+        return super().read(name) if h is None else h.copy().reshape(self._info(name).shape)
+
+    def read_rows(self, name, rows):
+        h = self.held.get(name)
+        if h is None:
+            return super().read_rows(name, rows)
+        info = self._info(name)
+        if not info.shape:
+            raise ValueError(f"read_rows needs a >=1-D tensor; `{escape_name(name)}` is 0-d")
+        return h.reshape(info.shape)[np.asarray(rows, dtype=np.int64)].copy()
+
+
+def headers_of(model: OnnxModel, infos: dict[str, TensorInfo], held: dict[str, np.ndarray]
+               ) -> dict[Path, Header]:
+    """One ``Header`` per file: the tensors whose bytes it holds (the model file also the held values)."""
+    out: dict[Path, Header] = {}
+    for f in model.files:
+        h = Header()
+        h.size, h.metadata = os.stat(f).st_size, {}
+        h.held = {}
+        out[f] = h
+    for name, info in infos.items():
+        out[info.path][name] = info
+        if name in held:
+            out[info.path].held[name] = held[name]
+    return out
+
+
+#: quantization operators, and the input positions that hold scales and zero points (of activations
+#: as well as weights): such an initializer is a quantization parameter, not a weight
+_QPARAMS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+            "QLinearConv": (1, 2, 4, 5, 6, 7), "MatMulInteger": (2, 3), "ConvInteger": (2, 3),
+            "QGemm": (1, 2, 4, 5, 7, 8), "DynamicQuantizeMatMul": (2, 3), "MatMulIntegerToFloat": (2, 3, 4, 5),
+            "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7), "QAttention": (3, 4, 6, 7),
+            "QLinearSigmoid": (1, 2, 3, 4), "QLinearLeakyRelu": (1, 2, 3, 4), "QLinearAveragePool": (1, 2, 3, 4),
+            "QLinearGlobalAveragePool": (1, 2, 3, 4), "QLinearConcat": (), "QLinearSoftmax": (1, 2, 3, 4),
+            "QLinearWhere": (), "QEmbedLayerNormalization": ()}
+#: operators that read an integer weight at an input position, and which axis of it a per-channel scale spans
+_INT_WEIGHT = {"MatMulInteger": 1, "QLinearMatMul": 3, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
+               "ConvInteger": 1, "QLinearConv": 3, "QGemm": 3, "QAttention": 1}
+
+
+def _is_int(dtype: str) -> bool:
+    return dtype in ("U8", "I8", "U16", "I16", "I32")
+
+
+def _axis_for(op: _Node, shape: tuple[int, ...]) -> int | None:
+    """The axis a per-channel weight scale spans for the operator that consumes the weight."""
+    if op.op in ("ConvInteger", "QLinearConv"):
+        return 0
+    if op.op == "QGemm":
+        return 0 if op.attrs.get("transB", 0) else len(shape) - 1
+    if op.op in _INT_WEIGHT:
+        return len(shape) - 1              # MatMul: B is [K, N], one scale per output column
+    return None
+
+
+def locate_onnx(file: Path, shown: object, root: Path):
+    """The Checkpoint of one ONNX model (``format`` "onnx")."""
+    from .located import Checkpoint
+    from .quant_sources import AxisGrid
+
+    model = parse_onnx(file)
+    found = dict(model.tensors)
+    for name, t in model.constants.items():
+        if name in found:
+            raise CheckpointError(file, f"a Constant node's output `{escape_name(name)}` is also an initializer")
+        found[name] = t
+    stored: dict[str, TensorInfo] = {}
+    held: dict[str, np.ndarray] = {}
+    for name, t in found.items():
+        if t.held is not None:
+            held[name] = t.held
+            stored[name] = TensorInfo(name, t.dtype, t.shape, file, 0, t.held.nbytes)
+        else:
+            stored[name] = TensorInfo(name, t.dtype, t.shape, t.file, t.start, t.end)
+    uses: dict[str, list[tuple[_Node, int]]] = {}
+    for n in model.nodes:
+        for i, x in enumerate(n.inputs):
+            if x in stored:
+                uses.setdefault(x, []).append((n, i))
+    producer = model.metadata.get("onnx.producer_name", "")
+    sources: dict = {}
+    owned: dict[str, str] = {}               # stored name -> the logical tensor it is part of
+
+    def source(codes: str, scale: str, zero: str | None, axis: int | None, block: int, how: str,
+               scale2: str | None = None) -> None:
+        c, s = stored[codes], stored[scale]
+        z = stored.get(zero) if zero else None
+        if s.dtype not in ("F32", "F16", "BF16"):
+            raise CheckpointError(c.path, f"`{escape_name(codes)}`: its scale `{escape_name(scale)}` is {s.dtype}, "
+                                          "not a float")
+        if z is not None and (z.dtype != c.dtype or z.shape != s.shape):
+            raise CheckpointError(c.path, f"`{escape_name(codes)}` {c.dtype}: its zero point `{escape_name(zero)}` "
+                                          f"is {z.dtype} {list(z.shape)}, its scale {list(s.shape)}")
+        if math.prod(s.shape) == 1 and not block:
+            axis, group, what = None, "tensor", "per-tensor"
+        else:
+            nd = len(c.shape)
+            if axis is None or not -nd <= axis < nd:
+                raise CheckpointError(c.path, f"`{escape_name(codes)}` {list(c.shape)}: the axis of its scale "
+                                              f"`{escape_name(scale)}` {list(s.shape)} is unknown or out of range")
+            axis %= nd
+            if block:
+                want = tuple(-(-d // block) if k == axis else d for k, d in enumerate(c.shape))
+                group, what = str(block), f"block {block} along axis {axis}"
+            else:
+                want = (c.shape[axis],)
+                group, what = "channel", f"per-channel (axis {axis})"
+            if tuple(s.shape) != want:
+                raise CheckpointError(c.path, f"`{escape_name(codes)}` {list(c.shape)}: its scale "
+                                              f"`{escape_name(scale)}` {list(s.shape)} fits no {what} layout "
+                                              f"(expected {list(want)})")
+        s2 = stored[scale2] if scale2 else None
+        if s2 is not None and (s2.dtype not in ("F32", "F16", "BF16") or math.prod(s2.shape) != 1):
+            raise CheckpointError(c.path, f"`{escape_name(codes)}`: the input scale `{escape_name(scale2)}` of its "
+                                          f"bias is {s2.dtype} {list(s2.shape)}, not one float")
+        logical = codes[:-len("_quantized")] if codes.endswith("_quantized") else codes
+        shape, transposed = c.shape, False
+        if logical.endswith("_Transposed") and len(shape) == 2 and logical[:-len("_Transposed")] not in stored:
+            logical, shape, transposed = logical[:-len("_Transposed")], shape[::-1], True
+        if logical in sources or (logical != codes and logical in stored):
+            raise CheckpointError(c.path, f"tensor `{escape_name(logical)}` is stored both plain and quantized")
+        bits = 8 * storage_of(c.dtype).itemsize
+        label = f"{c.dtype.lower().replace('u', 'uint').replace('i', 'int')}" \
+                f"{' with zero points' if z is not None else ''}, {what} ({how})"
+        parts = [c, s] + ([z] if z is not None else [])
+        scheme = QuantScheme("onnx", label, bits, group, False, tuple(p.name for p in parts),
+                             sum(p.nbytes for p in parts))
+        sources[logical] = AxisGrid(logical, shape, scheme, c.path, c, s, z, axis, block, s2, transposed)
+        owned.update({p.name: logical for p in parts})
+
+    for n in model.nodes:                      # QDQ: DequantizeLinear of an integer initializer
+        if n.op != "DequantizeLinear" or not n.inputs or n.inputs[0] not in stored or n.inputs[0] in owned:
+            continue
+        x = stored[n.inputs[0]]
+        if not _is_int(x.dtype):
+            raise CheckpointError(file, f"`{escape_name(x.name)}` is {x.dtype}, dequantized by a DequantizeLinear "
+                                        "node; weightdiff reads integer (int8/uint8/int16) codes only")
+        if len(n.inputs) < 2 or n.inputs[1] not in stored:
+            raise CheckpointError(file, f"`{escape_name(x.name)}` is dequantized with a scale that is not stored "
+                                        "in the model, so its values cannot be known")
+        zero = n.inputs[2] if len(n.inputs) > 2 and n.inputs[2] else None
+        if zero is not None and zero not in stored:
+            raise CheckpointError(file, f"`{escape_name(x.name)}`: its zero point `{escape_name(zero)}` is not stored")
+        source(x.name, n.inputs[1], zero, n.attrs.get("axis", 1), n.attrs.get("block_size", 0), "DequantizeLinear")
+    for n in model.nodes:                      # an int32 bias of QGemm / QLinearConv: input scale x weight scale
+        at = {"QGemm": 6, "QLinearConv": 8}.get(n.op)
+        if at is None or len(n.inputs) <= at or n.inputs[at] not in stored or n.inputs[at] in owned:
+            continue
+        bias, xs, ws = n.inputs[at], n.inputs[1], n.inputs[4]
+        if stored[bias].dtype != "I32" or len(stored[bias].shape) != 1 or xs not in stored or ws not in stored:
+            continue
+        per = math.prod(stored[ws].shape) > 1
+        source(bias, ws, None, 0 if per else None, 0, f"{n.op} bias", scale2=xs)
+    for name, c in stored.items():             # ONNX Runtime's QOperator names: W_quantized, W_scale, W_zero_point
+        if not name.endswith("_quantized") or name in owned or not _is_int(c.dtype):
+            continue
+        stem = name[:-len("_quantized")]
+        scale, zero = stem + "_scale", stem + "_zero_point"
+        if scale not in stored:
+            continue
+        axis = None
+        if math.prod(stored[scale].shape) > 1:
+            fits = [k for k, d in enumerate(c.shape) if (d,) == tuple(stored[scale].shape)]
+            by_op = {_axis_for(op, c.shape) for op, i in uses.get(name, []) if _INT_WEIGHT.get(op.op) == i} - {None}
+            axis = by_op.pop() if len(by_op) == 1 else (fits[0] if len(fits) == 1 else None)
+        source(name, scale, zero if zero in stored else None, axis, 0, "ONNX Runtime")
+    for name, c in stored.items():             # an integer weight left: its values cannot be known
+        if name in owned or not _is_int(c.dtype):
+            continue
+        for op, i in uses.get(name, []):
+            if _INT_WEIGHT.get(op.op) == i:
+                raise CheckpointError(file, f"`{escape_name(name)}` {c.dtype} {list(c.shape)} is the integer weight of "
+                                            f"a {op.op} node, and no stored scale for it was found, so its values "
+                                            "cannot be known", "compare the float model this one was quantized from")
+    if any(n.op == "MatMulNBits" for n in model.nodes):
+        raise CheckpointError(file, "holds MatMulNBits weights (ONNX Runtime's 2-8 bit blockwise quantization), "
+                                    "which weightdiff does not read", "compare the float model it was quantized from")
+    tensors: dict[str, TensorInfo] = {}
+    plumbing = params = 0
+    for name, info in stored.items():
+        if name in owned:
+            logical = owned[name]
+            if logical not in tensors:
+                src = sources[logical]
+                tensors[logical] = TensorInfo(logical, "F32", tuple(src.shape), src.path, None, None, quant=src.scheme)
+            continue
+        qparam = bool(uses.get(name)) and all(i in _QPARAMS.get(op.op, ()) for op, i in uses[name])
+        small_int = info.dtype in _INT_TYPES and info.numel <= PLUMBING_MAX
+        small_const = name in model.constants and info.numel < CONSTANT_MIN
+        if qparam or small_int or small_const:
+            plumbing += 1
+            params += info.numel
+            continue
+        tensors[name] = info
+    meta = dict(model.metadata)
+    ckpt = Checkpoint(shown, "onnx", model.files, tensors, meta, root, opener=OnnxData)
+    ckpt.stored, ckpt.quant = stored, sources
+    ckpt.hidden = [n for n in stored if n not in owned and n not in tensors]
+    for path, h in headers_of(model, stored, held).items():
+        ckpt._headers[path] = h
+    if plumbing:
+        ckpt.notes.append(f"{escape_name(str(file))}: {plumbing} graph constant{'s' if plumbing != 1 else ''} "
+                          f"({params:,} value{'s' if params != 1 else ''}: shapes, indices, quantization parameters "
+                          f"of activations) {'are not weights and are' if plumbing != 1 else 'is not a weight and is'} "
+                          "not compared")
+    return ckpt
