@@ -268,14 +268,103 @@ def test_a_fine_tune_quantized_reads_as_a_fine_tune_of_the_float_base(tmp_path):
     assert by["b.weight"] == "changed" and by["a.weight"] != "changed"
 
 
-def test_matmulnbits_and_an_unscaled_integer_weight_are_refused_by_name(tmp_path):
+def _matmul_export(path: Path, seed: int, delta: float = 0.0) -> None:
+    """A torch export whose Linear layers are MatMul nodes (3-D input), as MatMulNBits quantizes them."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 80, bias=False)).eval()
+    if delta:
+        with torch.no_grad():
+            m[2].weight.add_(delta * m[2].weight.abs().mean() * torch.randn(m[2].weight.shape))
+    torch.onnx.export(m, (torch.randn(1, 3, 64),), str(path), dynamo=False, input_names=["x"])
+
+
+def _nbits(src: Path, dst: Path, bits: int, symmetric: bool, block: int) -> None:
+    pytest.importorskip("onnx_ir")
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=DefaultWeightOnlyQuantConfig(
+        block_size=block, is_symmetric=symmetric, bits=bits))
+    q.process()
+    q.model.save_model_to_file(str(dst))
+
+
+def _ort_dequantized(path: Path) -> dict[str, np.ndarray]:
+    """Each MatMulNBits weight as ONNX Runtime computes it: the node alone, fed the identity matrix."""
+    import onnxruntime as rt
+
+    m = onnx.load(str(path))
+    inits = {t.name: t for t in m.graph.initializer}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        k = next(a.i for a in n.attribute if a.name == "K")
+        nn = next(a.i for a in n.attribute if a.name == "N")
+        node = helper.make_node("MatMulNBits", ["x"] + list(n.input[1:]), ["y"], domain="com.microsoft",
+                                **{a.name: a.i for a in n.attribute})
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, nn])],
+                              [inits[x] for x in n.input[1:] if x])
+        one = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        sess = rt.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
+        out[n.input[1].rsplit("_Q", 1)[0]] = sess.run(None, {"x": np.eye(k, dtype=np.float32)})[0]
+    return out
+
+
+@pytest.mark.parametrize("bits,symmetric,block", [(4, False, 32), (4, True, 64), (8, False, 32), (8, True, 16)])
+def test_matmulnbits_reads_as_onnxruntime_dequantizes_it(tmp_path, bits, symmetric, block):
+    pytest.importorskip("onnxruntime")
+    _matmul_export(tmp_path / "fp32.onnx", 0)
+    _nbits(tmp_path / "fp32.onnx", tmp_path / "q.onnx", bits, symmetric, block)
+    ref = _ort_dequantized(tmp_path / "q.onnx")
+    assert len(ref) == 2
+    with locate(tmp_path / "q.onnx") as ck, locate(tmp_path / "fp32.onnx") as fp:
+        assert sorted(ck.tensors) == sorted(fp.tensors)
+        for name, v in ref.items():
+            info = ck.tensors[name]
+            assert info.shape == fp.tensors[name].shape == v.shape and info.quant.bits == bits
+            got = ck.read(name)
+            assert np.array_equal(got, v), (name, np.abs(got - v).max())
+            rows = np.concatenate([np.array(w) for w in ck.windows(name, 5 * v.shape[1] + 3)])
+            assert np.array_equal(rows, v.reshape(-1))
+            floor = np.concatenate([np.array(f) for f in ck.floor_windows(name, 1000)]).reshape(v.shape)
+            assert (np.abs(v - fp.read(name)) <= floor).all()
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "fp32.onnx"), str(tmp_path / "q.onnx"),
+                                  "--json", str(tmp_path / "q.json")])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "q.json").read_text())["summary"]["verdict"] == "quantized_only"
+
+
+def test_matmulnbits_of_a_fine_tune_changed_well_past_a_step_reads_derived(tmp_path):
+    pytest.importorskip("onnxruntime")
+    _matmul_export(tmp_path / "base.onnx", 0)
+    _matmul_export(tmp_path / "tuned.onnx", 0, delta=0.5)
+    _nbits(tmp_path / "tuned.onnx", tmp_path / "q.onnx", 4, False, 32)
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "base.onnx"), str(tmp_path / "q.onnx"),
+                                  "--json", str(tmp_path / "o.json")])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads((tmp_path / "o.json").read_text())
+    assert doc["summary"]["verdict"] == "derived"
+    changed = [t for t in doc["tensors"] if t["status"] == "changed"]
+    assert [t["shape"] for t in changed] == [[96, 80]]          # the second layer's MatMul weight alone
+
+
+def test_matmulnbits_with_what_weightdiff_does_not_read_and_an_unscaled_integer_weight_are_refused(tmp_path):
     w = numpy_helper.from_array(np.zeros((4, 1, 8), np.uint8), "w_Q4")
     s = numpy_helper.from_array(np.ones(4, np.float32), "w_scales")
-    node = helper.make_node("MatMulNBits", ["x", "w_Q4", "w_scales"], ["y"], domain="com.microsoft",
-                            K=16, N=4, bits=4, block_size=16)
-    onnx.save(_graph_model([w, s], [node]), str(tmp_path / "nb.onnx"))
-    with pytest.raises(CheckpointError, match="MatMulNBits"):
-        locate(tmp_path / "nb.onnx")
+    gi = numpy_helper.from_array(np.zeros(16, np.int32), "g")
+    for extra, inputs, attrs, expect in (
+            ([gi], ["x", "w_Q4", "w_scales", "", "g"], {}, "has a g_idx"),
+            ([], ["x", "w_Q4", "w_scales"], {"bits": 3}, "weightdiff reads 2, 4 and 8 bits"),
+            ([], ["x", "w_Q4", "w_scales"], {"K": 32}, r"expected U8 \[4, 2, 8\]"),
+            ([numpy_helper.from_array(np.ones(4, np.float32), "zf")], ["x", "w_Q4", "w_scales", "zf"], {},
+             r"float zero points \(HQQ\)")):
+        node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft",
+                                **{"K": 16, "N": 4, "bits": 4, "block_size": 16, **attrs})
+        onnx.save(_graph_model([w, s] + extra, [node]), str(tmp_path / "nb.onnx"))
+        with pytest.raises(CheckpointError, match=expect):
+            locate(tmp_path / "nb.onnx")
     wq = numpy_helper.from_array(np.ones((4, 4), np.int8), "W")
     node = helper.make_node("MatMulInteger", ["x", "W"], ["y"])
     onnx.save(_graph_model([wq], [node]), str(tmp_path / "mi.onnx"))

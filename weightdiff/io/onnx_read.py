@@ -504,7 +504,7 @@ _QPARAMS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "QLinearMatMul
             "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7), "QAttention": (3, 4, 6, 7),
             "QLinearSigmoid": (1, 2, 3, 4), "QLinearLeakyRelu": (1, 2, 3, 4), "QLinearAveragePool": (1, 2, 3, 4),
             "QLinearGlobalAveragePool": (1, 2, 3, 4), "QLinearConcat": (), "QLinearSoftmax": (1, 2, 3, 4),
-            "QLinearWhere": (), "QEmbedLayerNormalization": ()}
+            "QLinearWhere": (), "QEmbedLayerNormalization": (), "MatMulNBits": (2, 3, 4)}
 #: operators that read an integer weight at an input position, and which axis of it a per-channel scale spans
 _INT_WEIGHT = {"MatMulInteger": 1, "QLinearMatMul": 3, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
                "ConvInteger": 1, "QLinearConv": 3, "QGemm": 3, "QAttention": 1}
@@ -528,7 +528,7 @@ def _axis_for(op: _Node, shape: tuple[int, ...]) -> int | None:
 def locate_onnx(file: Path, shown: object, root: Path):
     """The Checkpoint of one ONNX model (``format`` "onnx")."""
     from .located import Checkpoint
-    from .quant_sources import AxisGrid
+    from .quant_sources import AxisGrid, NBits
 
     model = parse_onnx(file)
     found = dict(model.tensors)
@@ -600,6 +600,44 @@ def locate_onnx(file: Path, shown: object, root: Path):
         sources[logical] = AxisGrid(logical, shape, scheme, c.path, c, s, z, axis, block, s2, transposed)
         owned.update({p.name: logical for p in parts})
 
+    def nbits(n: _Node) -> None:
+        def refuse(problem: str) -> CheckpointError:
+            return CheckpointError(file, f"MatMulNBits weight `{escape_name(n.inputs[1] if len(n.inputs) > 1 else '?')}` "
+                                         f"{problem}", "compare the float model it was quantized from")
+        if len(n.inputs) < 3 or n.inputs[1] not in stored or n.inputs[2] not in stored:
+            raise refuse("or its scales are not stored in the model, so its values cannot be known")
+        b, sc = stored[n.inputs[1]], stored[n.inputs[2]]
+        zp = stored.get(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3] else None
+        if len(n.inputs) > 3 and n.inputs[3] and zp is None:
+            raise refuse(f"has a zero point `{escape_name(n.inputs[3])}` that is not stored")
+        if len(n.inputs) > 4 and n.inputs[4]:
+            raise refuse("has a g_idx (an activation order), which weightdiff does not read")
+        k, nn, bits, bs = (n.attrs.get(a) for a in ("K", "N", "bits", "block_size"))
+        bits = 4 if bits is None else bits
+        if bits not in (2, 4, 8) or not isinstance(k, int) or not isinstance(nn, int) or k < 1 or nn < 1 \
+                or not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
+            raise refuse(f"has bits={bits}, K={k}, N={nn}, block_size={bs}: weightdiff reads 2, 4 and 8 bits "
+                         "with a power-of-two block of at least 16")
+        kb = -(-k // bs)
+        if b.dtype != "U8" or tuple(b.shape) != (nn, kb, bs * bits // 8):
+            raise refuse(f"is {b.dtype} {list(b.shape)}, expected U8 {[nn, kb, bs * bits // 8]} for K={k}, N={nn}, "
+                         f"{bits} bits, block {bs}")
+        if sc.dtype not in ("F32", "F16", "BF16") or sc.numel != nn * kb:
+            raise refuse(f"has scales {sc.dtype} {list(sc.shape)}, expected {nn * kb} floats")
+        if zp is not None and (zp.dtype != "U8" or zp.numel != nn * -(-kb * bits // 8)):
+            what = "float zero points (HQQ), which weightdiff does not read" if zp.dtype == sc.dtype else \
+                f"zero points {zp.dtype} {list(zp.shape)}, expected {nn * -(-kb * bits // 8)} packed bytes"
+            raise refuse(f"has {what}")
+        logical = b.name[:-len(f"_Q{bits}")] if b.name.endswith(f"_Q{bits}") else b.name
+        if logical in sources or (logical != b.name and logical in stored):
+            raise CheckpointError(b.path, f"tensor `{escape_name(logical)}` is stored both plain and quantized")
+        parts = [b, sc] + ([zp] if zp is not None else [])
+        scheme = QuantScheme("onnx", f"int{bits}{' with zero points' if zp is not None else ''}, block {bs} "
+                             "(MatMulNBits)", bits, str(bs), False, tuple(p.name for p in parts),
+                             sum(p.nbytes for p in parts))
+        sources[logical] = NBits(logical, (k, nn), scheme, b.path, b, sc, zp, bits, bs)
+        owned.update({p.name: logical for p in parts})
+
     for n in model.nodes:                      # QDQ: DequantizeLinear of an integer initializer
         if n.op != "DequantizeLinear" or not n.inputs or n.inputs[0] not in stored or n.inputs[0] in owned:
             continue
@@ -644,9 +682,9 @@ def locate_onnx(file: Path, shown: object, root: Path):
                 raise CheckpointError(file, f"`{escape_name(name)}` {c.dtype} {list(c.shape)} is the integer weight of "
                                             f"a {op.op} node, and no stored scale for it was found, so its values "
                                             "cannot be known", "compare the float model this one was quantized from")
-    if any(n.op == "MatMulNBits" for n in model.nodes):
-        raise CheckpointError(file, "holds MatMulNBits weights (ONNX Runtime's 2-8 bit blockwise quantization), "
-                                    "which weightdiff does not read", "compare the float model it was quantized from")
+    for n in model.nodes:                      # ONNX Runtime's MatMulNBits: 2/4/8-bit blocks along K
+        if n.op == "MatMulNBits":
+            nbits(n)
     tensors: dict[str, TensorInfo] = {}
     plumbing = params = 0
     for name, info in stored.items():

@@ -17,7 +17,7 @@ from ..kernels import quant as K
 from ..kernels.dtypes import decode
 from .safetensors_read import QuantScheme, TensorInfo, storage_of
 
-__all__ = ["Source", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "AxisGrid", "Read", "ReadRows"]
+__all__ = ["Source", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "AxisGrid", "NBits", "unpack_low_first", "Read", "ReadRows"]
 
 Read = Callable[[str], np.ndarray]                      # stored name -> whole array (storage dtype, shaped)
 ReadRows = Callable[[str, Sequence[int]], np.ndarray]   # stored name, first-axis rows -> array
@@ -376,3 +376,46 @@ class AxisGrid(Source):
         s = self._param(read, "s", self.scale, r0, r1)
         z = self._param(read, "z", self.zero, r0, r1)
         return K.dequant_int(np.asarray(q).reshape(r1 - r0, -1), z, s, self.sdtype, self.qmin, self.qmax)
+
+
+def unpack_low_first(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 bytes -> codes of ``bits`` (2, 4 or 8) each, the lowest bits first: [..., n] -> [..., n * 8 / bits]."""
+    if bits == 8:
+        return packed
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    out = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return out.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+class NBits(Source):
+    """ONNX Runtime's ``MatMulNBits`` (com.microsoft): ``B`` uint8 [N, blocks, block_size * bits / 8], codes
+    lowest bits first along K, one scale (and zero point, packed the same way per row; default
+    2^(bits-1)) per block of ``block_size`` along K: ``W[n, k] = (q - z[n, k // bs]) * s[n, k // bs]``.
+    The logical tensor is the ``MatMul``'s B, [K, N] (the float model's initializer): rows of it are
+    columns of the stored codes, so the packed codes are read whole once per pass (half a byte per
+    element for 4 bits) and only the blocks a window needs are dequantized."""
+
+    def __init__(self, name, shape, scheme, path, b: TensorInfo, scales: TensorInfo, zeros: TensorInfo | None,
+                 bits: int, block: int):
+        super().__init__(name, shape, scheme, path)
+        self.b, self.s, self.z, self.bits, self.bs = b, scales, zeros, bits, block
+        self.K, self.N = shape
+        self.kb = -(-self.K // block)
+        self.sdtype = scales.dtype if scales.dtype in ("BF16", "F16") else "F32"
+
+    def rows(self, read, read_rows, r0, r1):
+        packed = self._get("b", lambda: read(self.b.name).reshape(self.N, self.kb, -1))
+        s = self._get("s", lambda: _f32(read(self.s.name), self.s.dtype).reshape(self.N, self.kb))
+        if self.z is None:
+            z = self._get("z", lambda: np.full((self.N, self.kb), 1 << (self.bits - 1), np.int32))
+        else:
+            z = self._get("z", lambda: unpack_low_first(read(self.z.name).reshape(self.N, -1), self.bits)
+                          [:, :self.kb].astype(np.int32))
+        k0, k1 = r0 // self.bs, -(-r1 // self.bs)
+        q = unpack_low_first(packed[:, k0:k1, :], self.bits).reshape(self.N, -1)
+        s_el = np.repeat(s[:, k0:k1], self.bs, axis=1)
+        z_el = np.repeat(z[:, k0:k1], self.bs, axis=1)
+        v, f = K.dequant_int(q, z_el, s_el, self.sdtype, 0, (1 << self.bits) - 1)
+        lo = r0 - k0 * self.bs
+        return (np.ascontiguousarray(v[:, lo:lo + r1 - r0].T), np.ascontiguousarray(f[:, lo:lo + r1 - r0].T))
