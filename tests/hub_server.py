@@ -58,7 +58,7 @@ class Repo:
 
 
 def is_lfs(path: str, data: bytes) -> bool:
-    return path.endswith((".safetensors", ".bin", ".gguf", ".pt")) or len(data) > 10 << 20
+    return path.endswith((".safetensors", ".bin", ".gguf", ".pt", ".onnx", ".onnx_data")) or len(data) > 10 << 20
 
 
 class _Server(ThreadingHTTPServer):

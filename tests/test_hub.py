@@ -545,3 +545,33 @@ def test_fused_experts_of_a_hub_repo_split_streamed_and_downloaded(server, hf, t
         assert [n for n, s in status.items() if s == "changed"] == ["model.layers.0.mlp.experts.3.down_proj"]
         assert d["tensors"][[x["name"] for x in d["tensors"]].index("model.layers.0.mlp.experts.3.down_proj")
                             ]["rank"]["numerical_rank"] == 1
+
+
+def test_an_onnx_repo_with_external_data_is_downloaded_with_its_data_and_refused_streamed(server, hf, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(41)
+    w = rng.normal(0, 0.02, (64, 48)).astype(np.float32)
+    for name, ww in (("onnx-base", w), ("onnx-tuned", w + 0.01 * np.outer(rng.normal(size=64), rng.normal(size=48)))):
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "onnx::MatMul_3"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48])],
+                              [numpy_helper.from_array(ww.astype(np.float32), "onnx::MatMul_3")])
+        d = tmp_path / name
+        d.mkdir()
+        onnx.save_model(helper.make_model(g), str(d / "model.onnx"), save_as_external_data=True,
+                        location="model.onnx_data", size_threshold=0)
+        server.commit(f"org/{name}", {**_files(d), "config.json": b"{}", "README.md": b"x"})
+    rc, _, err = run("compare", "org/onnx-base", "org/onnx-tuned", "--json", "o.json", "-q")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "o.json").read_text())
+    assert [(t["name"], t["status"], t["rank"]["numerical_rank"]) for t in doc["tensors"]] == \
+        [("onnx::MatMul_3", "changed", 1)]
+    assert sorted(f["name"] for f in doc["tuned"]["files"]) == ["model.onnx", "model.onnx_data"]
+    rc, _, err = run("compare", "org/onnx-base", "org/onnx-tuned", "--hash", "--json", "h.json", "-q")
+    assert rc == 0, err
+    files = json.loads((tmp_path / "h.json").read_text())["tuned"]["files"]
+    assert [f["sha256_source"] for f in files] == ["verified", "verified"]
+    rc, _, err = run("compare", "org/onnx-base", "org/onnx-tuned", "--stream")
+    assert rc == 2 and "holds an ONNX model, which cannot be read by range requests" in err
