@@ -282,3 +282,33 @@ def test_a_comparison_pauses_the_cycle_collector_and_makes_no_cycles_per_tensor(
         gc.enable()
     assert seen and not any(seen)
     assert garbage[400] <= garbage[40] + 20, garbage
+
+
+def test_a_removed_matrix_beside_an_added_one_of_its_shape_is_not_called_unchanged(tmp_path, base_dir, base_tensors):
+    # an ONNX export names a MatMul weight `onnx::MatMul_N`: changed so much that its values no longer
+    # correlate with the base's, it pairs neither by name nor by content. "none of its own weights changed"
+    # would be false; the title and reason say it may be that weight changed beyond recognition
+    rng = np.random.default_rng(3)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    t = dict(base_tensors)
+    t["onnx::MatMul_7"] = np.ascontiguousarray(rng.normal(0, 0.05, base_tensors[name].shape).astype(np.float32).T)
+    del t[name]
+    from weightdiff.render.sentences import verdict_title
+
+    r = CliRunner().invoke(main, ["compare", str(base_dir), str(write_checkpoint(tmp_path / "t", t)),
+                                  "--json", str(tmp_path / "a.json")])
+    assert r.exit_code == 0, r.stderr
+    s = json.loads((tmp_path / "a.json").read_text())["summary"]
+    assert s["verdict"] == "derived" and "unpaired_lookalikes" in s["flags"]
+    assert verdict_title(s) == ("DERIVED: this base with tensors added, removed or changed beyond recognition; "
+                                "none of the weights paired with it changed.")
+    assert "1 removed base matrix has an added tuned matrix of its shape beside it" in s["verdict_reason"]
+    # a new tensor of another shape beside a removed one: removed and added, as before
+    t2 = dict(base_tensors)
+    t2["extra.weight"] = rng.normal(0, 0.05, (7, 9)).astype(np.float32)
+    del t2[name]
+    r = CliRunner().invoke(main, ["compare", str(base_dir), str(write_checkpoint(tmp_path / "t2", t2)),
+                                  "--json", str(tmp_path / "b.json")])
+    s2 = json.loads((tmp_path / "b.json").read_text())["summary"]
+    assert "unpaired_lookalikes" not in s2["flags"]
+    assert verdict_title(s2) == "DERIVED: this base with tensors added or removed; none of its own weights changed."

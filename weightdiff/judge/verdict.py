@@ -150,6 +150,7 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         ("content_paired", any(r.paired_by == "content" for r in counted)),
         ("declared_base_mismatch", bool(declared.get("mismatch"))),
         ("relayout", bool(relayout(counted))),
+        ("unpaired_lookalikes", bool(lookalikes(counted))),
     ]
     return [name for name, on in checks if on]
 
@@ -328,6 +329,30 @@ def relayout(counted: list[TensorRecord]) -> int:
     if not blocks or None in blocks or len(counted) == sum(1 for r in counted if r.status in ("added", "removed")) or any(added.get(b, 0) != removed.get(b, 0) or not added.get(b) for b in blocks):
         return 0
     return sum(added.values())
+
+
+#: the smallest matrix the look-alike count considers (content pairing's own threshold)
+LOOKALIKE_MIN = 256
+
+
+def lookalikes(counted: list[TensorRecord]) -> int:
+    """Removed base matrices for which an added tuned matrix of the same or the transposed shape is
+    left unpaired: neither names nor content paired them (content pairing needs the values to correlate),
+    so they may be the same weights changed beyond recognition, or replaced, not weights that were only
+    removed beside new ones (an ONNX export's ``onnx::MatMul_N`` of a re-initialised layer)."""
+    spare: dict[tuple, int] = {}
+    for r in counted:
+        if r.status == "added" and len(r.shape or ()) == 2 and int(r.numel or 0) >= LOOKALIKE_MIN:
+            key = tuple(sorted(r.shape))
+            spare[key] = spare.get(key, 0) + 1
+    n = 0
+    for r in counted:
+        if r.status == "removed" and len(r.shape or ()) == 2 and int(r.numel or 0) >= LOOKALIKE_MIN:
+            key = tuple(sorted(r.shape))
+            if spare.get(key):
+                spare[key] -= 1
+                n += 1
+    return n
 
 
 def _awq_or_norm(r: TensorRecord) -> bool:

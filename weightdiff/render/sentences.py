@@ -58,6 +58,10 @@ def verdict_title(summary: dict) -> str:
         return f"UNRELATED: not derived from this base (the {matrices_phrase(summary)} are near-orthogonal)."
     tbs = summary.get("tensors_by_status") or {}
     untouched = v == "derived" and not any(tbs.get(k) for k in ("changed", "resized", "quantized", "rounding"))
+    if untouched and (tbs.get("added") or tbs.get("removed")) and "unpaired_lookalikes" in (summary.get("flags") or []):
+        # a removed matrix beside an added one of its shape may be that weight changed beyond recognition
+        return ("DERIVED: this base with tensors added, removed or changed beyond recognition; none of the "
+                "weights paired with it changed.")
     if untouched and (tbs.get("added") or tbs.get("removed")):
         return "DERIVED: this base with tensors added or removed; none of its own weights changed."
     if v == "derived" and not any(tbs.get(k) for k in ("changed", "resized")) and (tbs.get("added") or tbs.get("removed")):
@@ -237,6 +241,23 @@ def verdict_reason(data: dict) -> str:
     return f"{text} {cover}" if cover else text
 
 
+def _lookalikes(counted: list[dict]) -> int:
+    """``judge.verdict.lookalikes`` of the JSON rows: removed base matrices with an added tuned matrix of
+    the same or the transposed shape left over."""
+    spare: dict = {}
+    for t in counted:
+        sh = t.get("shape") or []
+        if t.get("status") == "added" and len(sh) == 2 and sh[0] * sh[1] >= 256:
+            spare[tuple(sorted(sh))] = spare.get(tuple(sorted(sh)), 0) + 1
+    n = 0
+    for t in counted:
+        sh = t.get("shape") or []
+        if t.get("status") == "removed" and len(sh) == 2 and sh[0] * sh[1] >= 256 and spare.get(tuple(sorted(sh))):
+            spare[tuple(sorted(sh))] -= 1
+            n += 1
+    return n
+
+
 def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, cos, rel, v) -> str:
     if not counted:
         return "No tensors were compared."
@@ -357,6 +378,13 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
             text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
+    alike = _lookalikes(counted) if "unpaired_lookalikes" in (s.get("flags") or []) else 0
+    if alike:
+        text += (f"; {count(alike)} removed base {'matrix has' if alike == 1 else 'matrices have'} an added tuned "
+                 f"matrix of {'its' if alike == 1 else 'their'} shape beside {'it' if alike == 1 else 'them'} that "
+                 "no name pairs and whose values do not correlate with any base tensor: the same "
+                 f"{'weight' if alike == 1 else 'weights'} changed beyond recognition, or replaced, cannot be told "
+                 "from removed and new ones")
     broken = [t for t in counted if _nonfinite_only(t)]
     if broken:
         text += (f"; {count(len(broken))} of the changed tensors differ only by NaN or infinite values "
