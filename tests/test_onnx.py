@@ -185,10 +185,22 @@ def _torch_export(path: Path, seed: int, delta: float = 0.0, only: str | None = 
 def _quantize(src: Path, dst: Path, how: str) -> None:
     q = pytest.importorskip("onnxruntime.quantization")
 
+    inputs = onnx.load(str(src)).graph.input
+
+    def feed(r):
+        out = {}
+        for i in inputs:
+            shape = [d.dim_value or 1 for d in i.type.tensor_type.shape.dim]
+            if i.type.tensor_type.elem_type == TensorProto.INT64:
+                out[i.name] = np.ones(shape, np.int64) if "mask" in i.name else r.integers(0, 100, shape)
+            else:
+                out[i.name] = r.standard_normal(shape).astype(np.float32)
+        return out
+
     class Reader(q.CalibrationDataReader):
         def __init__(self):
             r = np.random.default_rng(0)
-            self.it = iter([{"x": r.standard_normal((1, 64)).astype(np.float32)} for _ in range(4)])
+            self.it = iter([feed(r) for _ in range(4)])
 
         def get_next(self):
             return next(self.it, None)
@@ -484,3 +496,91 @@ def test_mutated_models_parse_or_are_refused_in_one_line(tmp_path, data):
                 assert ck.read(n).size == info.numel
     except CheckpointError as exc:
         assert "\n" not in str(exc)
+
+
+# -- an ONNX export against the safetensors it came from -----------------------------------------------
+
+def _llama_pair(tmp_path: Path):
+    """A tiny transformers Llama saved with save_pretrained, and its legacy torch ONNX export (MatMul
+    weights transposed under onnx::MatMul_N, rotary and GELU-free constants in the graph)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))       # no two initializers equal (the exporter dedups those)
+    m.save_pretrained(tmp_path / "st")
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask):
+            return self.m(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=False)[0]
+
+    (tmp_path / "onnx").mkdir()
+    try:
+        torch.onnx.export(Logits(), (torch.randint(0, 300, (1, 8)), torch.ones(1, 8, dtype=torch.int64)),
+                          str(tmp_path / "onnx" / "model.onnx"), dynamo=False, opset_version=17,
+                          input_names=["ids", "mask"])
+    except Exception as exc:       # an operator the legacy exporter lacks in this torch
+        pytest.skip(f"legacy ONNX export of a Llama failed: {exc}")
+    return tmp_path / "st", tmp_path / "onnx" / "model.onnx"
+
+
+def _verdict(tmp_path: Path, base, tuned) -> dict:
+    r = CliRunner().invoke(main, ["compare", str(base), str(tuned), "--json", str(tmp_path / "v.json")])
+    assert r.exit_code == 0, r.stderr
+    return json.loads((tmp_path / "v.json").read_text())
+
+
+def test_safetensors_base_against_its_quantized_and_fp16_onnx_exports(tmp_path):
+    """Content-paired transposed matrices get the floor and cast tests in the base's orientation; the
+    quantizer's Constant-turned-initializer scalars are plumbing, not added weights."""
+    pytest.importorskip("onnxruntime")
+    st_dir, fp32 = _llama_pair(tmp_path)
+    doc = _verdict(tmp_path, st_dir, fp32)
+    assert doc["summary"]["verdict"] == "identical", doc["summary"]
+    assert any(t["paired_by"] == "content" for t in doc["tensors"])
+    for how in ("dynamic", "qdq_pc"):
+        q = tmp_path / f"{how}.onnx"
+        _quantize(fp32, q, how)
+        doc = _verdict(tmp_path, st_dir, q)
+        assert doc["summary"]["verdict"] == "quantized_only", (how, doc["summary"]["verdict_reason"])
+        assert not [t["name"] for t in doc["tensors"] if t["status"] in ("added", "removed")]
+        moved = [t for t in doc["tensors"] if t["paired_by"] == "content"]
+        assert moved and all(t["status"] == "quantized" and t["quant"]["within"] for t in moved)
+    _nbits(fp32, tmp_path / "nb.onnx", 4, False, 32)
+    assert _verdict(tmp_path, st_dir, tmp_path / "nb.onnx")["summary"]["verdict"] == "quantized_only"
+    from onnxconverter_common import float16
+
+    half = float16.convert_float_to_float16(onnx.load(str(fp32)))
+    onnx.save(half, str(tmp_path / "half.onnx"))
+    for base in (st_dir, fp32):
+        doc = _verdict(tmp_path, base, tmp_path / "half.onnx")
+        assert doc["summary"]["verdict"] == "cast_only", doc["summary"]["verdict_reason"]
+
+
+def test_onnxconverter_commons_clamp_of_tiny_and_huge_values_is_a_cast(tmp_path):
+    """convert_float_to_float16 raises |x| < 1e-7 to 1e-7 and lowers |x| > 1e4 to 1e4 before casting."""
+    from onnxconverter_common import float16
+
+    w = RNG.standard_normal((64, 64)).astype(np.float32) * 0.02
+    w[0, :5] = [3e-8, -5e-8, 2e4, -7e4, 0.0]
+    w[1, :2] = [1e-9, -1e-12]
+    onnx.save(_graph_model([numpy_helper.from_array(w, "w")]), str(tmp_path / "a.onnx"))
+    onnx.save(float16.convert_float_to_float16(onnx.load(str(tmp_path / "a.onnx"))), str(tmp_path / "b.onnx"))
+    doc = _verdict(tmp_path, tmp_path / "a.onnx", tmp_path / "b.onnx")
+    assert doc["summary"]["verdict"] == "cast_only"
+    t = doc["tensors"][0]
+    assert t["status"] == "rounding" and t["cast"]["clamped"] == 6 and t["cast"]["unexplained"] == 0
+    assert "onnxconverter-common" in t["note"]
+    # one value changed besides: not a cast
+    x = numpy_helper.to_array(onnx.load(str(tmp_path / "b.onnx")).graph.initializer[0]).copy()
+    x[5, 5] = np.float16(0.5)
+    onnx.save(_graph_model([numpy_helper.from_array(x, "w")]), str(tmp_path / "c.onnx"))
+    assert _verdict(tmp_path, tmp_path / "a.onnx", tmp_path / "c.onnx")["summary"]["verdict"] == "derived"

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -510,6 +511,28 @@ _INT_WEIGHT = {"MatMulInteger": 1, "QLinearMatMul": 3, "DynamicQuantizeMatMul": 
                "ConvInteger": 1, "QLinearConv": 3, "QGemm": 3, "QAttention": 1}
 
 
+#: names exporters give the values they create (not a module's parameter): legacy ``onnx::Op_N``, dynamo
+#: ``val_N``, node outputs ``/path/Constant_output_0``
+_GENERATED = re.compile(r"^(?:onnx::|val_\d|_val_\d|/|const_|Constant_)|_output_\d+$")
+
+
+#: the output of a Constant node, made an initializer (ONNX Runtime's quantizer does so)
+_CONSTANT_OUTPUT = re.compile(r"(?:^|/)Constant(?:_\d+)?_output_\d+$")
+
+
+def _plumbing(name: str, numel: int, integer: bool, constant: bool) -> bool:
+    """A value of the graph, not a weight: a small integer (shapes, axes, indices), a Constant node's small
+    value (also when the quantizer made it an initializer), a scalar under a made-up name (sqrt(d), eps)."""
+    if integer and numel <= PLUMBING_MAX:
+        return True
+    if (constant or _CONSTANT_OUTPUT.search(name)) and numel < CONSTANT_MIN:
+        return True
+    return numel <= 1 and _GENERATED.match(name) is not None
+
+
+_INT_NAMES = {"U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "I32": "int32"}
+
+
 def _is_int(dtype: str) -> bool:
     return dtype in ("U8", "I8", "U16", "I16", "I32")
 
@@ -560,7 +583,7 @@ def locate_onnx(file: Path, shown: object, root: Path):
         if s.dtype not in ("F32", "F16", "BF16"):
             raise CheckpointError(c.path, f"`{escape_name(codes)}`: its scale `{escape_name(scale)}` is {s.dtype}, "
                                           "not a float")
-        if z is not None and (z.dtype != c.dtype or z.shape != s.shape):
+        if z is not None and (z.dtype != c.dtype or (z.shape != s.shape and not z.numel == s.numel == 1)):
             raise CheckpointError(c.path, f"`{escape_name(codes)}` {c.dtype}: its zero point `{escape_name(zero)}` "
                                           f"is {z.dtype} {list(z.shape)}, its scale {list(s.shape)}")
         if math.prod(s.shape) == 1 and not block:
@@ -592,7 +615,7 @@ def locate_onnx(file: Path, shown: object, root: Path):
         if logical in sources or (logical != codes and logical in stored):
             raise CheckpointError(c.path, f"tensor `{escape_name(logical)}` is stored both plain and quantized")
         bits = 8 * storage_of(c.dtype).itemsize
-        label = f"{c.dtype.lower().replace('u', 'uint').replace('i', 'int')}" \
+        label = f"{_INT_NAMES[c.dtype]}" \
                 f"{' with zero points' if z is not None else ''}, {what} ({how})"
         parts = [c, s] + ([z] if z is not None else [])
         scheme = QuantScheme("onnx", label, bits, group, False, tuple(p.name for p in parts),
@@ -687,25 +710,31 @@ def locate_onnx(file: Path, shown: object, root: Path):
             nbits(n)
     tensors: dict[str, TensorInfo] = {}
     plumbing = params = 0
+    dropped: set[str] = set()                 # quantized logical tensors that are plumbing too
     for name, info in stored.items():
         if name in owned:
             logical = owned[name]
-            if logical not in tensors:
+            if logical not in tensors and logical not in dropped:
                 src = sources[logical]
+                if _plumbing(logical, int(math.prod(src.shape)), False, False):
+                    dropped.add(logical)
+                    plumbing += 1
+                    params += int(math.prod(src.shape))
+                    continue
                 tensors[logical] = TensorInfo(logical, "F32", tuple(src.shape), src.path, None, None, quant=src.scheme)
             continue
         qparam = bool(uses.get(name)) and all(i in _QPARAMS.get(op.op, ()) for op, i in uses[name])
-        small_int = info.dtype in _INT_TYPES and info.numel <= PLUMBING_MAX
-        small_const = name in model.constants and info.numel < CONSTANT_MIN
-        if qparam or small_int or small_const:
+        if qparam or _plumbing(name, info.numel, info.dtype in _INT_TYPES, name in model.constants):
             plumbing += 1
             params += info.numel
             continue
         tensors[name] = info
+    for logical in dropped:
+        del sources[logical]
     meta = dict(model.metadata)
     ckpt = Checkpoint(shown, "onnx", model.files, tensors, meta, root, opener=OnnxData)
     ckpt.stored, ckpt.quant = stored, sources
-    ckpt.hidden = [n for n in stored if n not in owned and n not in tensors]
+    ckpt.hidden = [n for n in stored if n not in tensors and owned.get(n) not in sources]
     for path, h in headers_of(model, stored, held).items():
         ckpt._headers[path] = h
     if plumbing:

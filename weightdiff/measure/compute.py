@@ -27,7 +27,7 @@ from ..records import RankRecord, TensorRecord
 from .backend import Backend
 from .floors import FloorAccumulator
 from .quant_floor import floor_test
-from .recast import cast_test
+from .recast import cast_test, clamp_test
 from .rank_stream import streamed_rank_sink
 
 #: elements per streamed window; fixed (not derived from the machine) so results are reproducible
@@ -85,6 +85,47 @@ def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
         acc = reference.bytes_stats(np.zeros(0, np.uint8), np.zeros(0, np.uint8)) if opaque else \
             reference.delta_stats(np.zeros(0, np.float32), np.zeros(0, np.float32), "F32", "F32")
     return acc
+
+
+class TransposedSide:
+    """One tuned matrix stored transposed (content-paired: an ONNX ``MatMul`` weight, a quantized
+    ``MatMulNBits`` one), seen in the base's orientation by the floor test and the quantization noise
+    of the rank: its values (``values``, already transposed) and its floor are read whole, as the
+    transposed comparison reads the values. Its first-group columns are not known in this
+    orientation (``quant`` is empty), so a calibrated format falls back to the bound."""
+
+    def __init__(self, ck: Checkpoint, name: str, shape_b: tuple, values: np.ndarray):
+        from dataclasses import replace
+
+        self._ck, self._name, self._shape_b = ck, name, tuple(int(d) for d in shape_b)
+        self._values = np.ascontiguousarray(values).reshape(-1)
+        self.tensors = {name: replace(ck.tensors[name], shape=self._shape_b)}
+        self.quant: dict = {}
+
+    def windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None):
+        from ..io.safetensors_read import array_windows, check_range
+
+        start, stop, step = check_range(self.tensors[name], max_elements, start, stop, self._values.itemsize)
+        return array_windows(self._values, start, stop, step)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._values.reshape(self._shape_b).copy()
+
+    def read_rows(self, name: str, rows) -> np.ndarray:
+        return self._values.reshape(self._shape_b)[np.asarray(rows, dtype=np.int64)].copy()
+
+    def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None,
+                      noise: bool = False):
+        from ..io.safetensors_read import array_windows, check_range
+
+        it = self._ck.floor_windows(name, max_elements, 0, None, noise)
+        if it is None:
+            return None
+        stored = self._shape_b[::-1]
+        whole = np.concatenate([np.asarray(w, np.float32).reshape(-1) for w in it] or [np.zeros(0, np.float32)])
+        flat = np.ascontiguousarray(whole.reshape(stored[0], -1).T).reshape(-1)
+        start, stop, step = check_range(self.tensors[name], max_elements, start, stop, 4)
+        return array_windows(flat, start, stop, step)
 
 
 def _array_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str, tuned_raw: np.ndarray,
@@ -208,15 +249,20 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     rec.compared = "bytes" if opaque else "float"
     if opaque:
         rec.note = f"dtype {pair.dtype_tuned} has no float decoding: compared byte for byte"
-    elif tuned_t is None and stats[reference.IDX["n_beyond"]] > 0 and (
+    # a transposed pair is tested in the base's orientation (its values and floor read whole, transposed)
+    t_side, t_shape = (tuned, shape_t) if tuned_t is None else (TransposedSide(tuned, tuned_name, shape_b, tuned_t),
+                                                                shape_b)
+    if not opaque and stats[reference.IDX["n_beyond"]] > 0 and (
             pair.dtype_base != pair.dtype_tuned or _offset_stored(base, pair.base_name, tuned, tuned_name)
             # the same dtype rounded through a narrower one: tried on vectors (cheap) and beside quantized
             # weights (a quantizer that loaded the model as bf16 writes its float tensors back so)
             or (shape_t is not None and len(shape_t) <= 1) or bool(getattr(base, "quant", None))
             or bool(getattr(tuned, "quant", None))):
         # beyond half an ulp of a cast: is it still exactly a cast (through fp16, past the range)?
-        rec.cast = cast_test(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
-                             rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac)
+        rec.cast = cast_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
+                             rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac) or \
+            clamp_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
+                       rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac)
         if rec.cast is not None:
             fields = {**fields, "cast": rec.cast}
     if pair.kind == "resized":
@@ -235,9 +281,9 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             rec.status = "quantized"
             rec.note = ("AWQ divided this tensor by the activation scales it multiplied the next linears' inputs "
                         "by; the floor test of those linears uses the same scales")
-    if not opaque and shape_t is not None and rec.status != "unchanged" and tuned_t is None and rec.quant is None:
-        rec.quant = floor_test(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
-                               tuple(shape_t), WINDOW_ELEMENTS, stop)
+    if not opaque and shape_t is not None and rec.status != "unchanged" and rec.quant is None:
+        rec.quant = floor_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
+                               tuple(t_shape), WINDOW_ELEMENTS, stop)
         if rec.quant is not None and rec.quant.get("within") and rec.status in ("changed", "rounding"):
             rec.status = "quantized"
         elif rec.quant is not None and rec.quant.get("within") is None and rec.status in ("changed", "rounding"):
@@ -296,7 +342,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             # float32 rounding is far below the quantization noise
             from .quant_floor import quant_noise_var
 
-            extra_var = quant_noise_var(base, pair.base_name, dt_b, tuned, tuned_name, dt_t, tuple(shape_t),
+            extra_var = quant_noise_var(base, pair.base_name, dt_b, t_side, tuned_name, dt_t, tuple(t_shape),
                                         WINDOW_ELEMENTS)
             if extra_var is not None:
                 rec.note = ("rank of the whole change; numerical rank counted above the quantization noise "
@@ -350,6 +396,10 @@ def _cast_note(cast: dict) -> str:
         parts.append(f"{n} base value{'s' if n != 1 else ''} beyond the {cast['chain'][-1]} range became infinite")
     if s:
         parts.append(f"{s} beyond the range stored as the largest {cast['chain'][-1]} value")
+    c = int(cast.get("clamped") or 0)
+    if c:
+        parts.append(f"{c} value{'s' if c != 1 else ''} first clamped to magnitudes in [1e-7, 1e4] "
+                     "(onnxconverter-common's float16 conversion)")
     u = int(cast.get("unexplained") or 0)
     if u:
         parts.append(f"{u} element{'s' if u != 1 else ''} unexplained (within rounding_frac)")

@@ -28,7 +28,7 @@ from ..kernels import cpu
 from ..kernels.dtypes import DTYPES
 from ..kernels.reference import RECAST_DTYPES, RECAST_VIAS
 
-__all__ = ["cast_test", "chains", "PROBE"]
+__all__ = ["cast_test", "clamp_test", "chains", "PROBE", "CLAMP_MIN", "CLAMP_MAX"]
 
 #: elements of the first window read: a fine-tune leaves unexplained elements in it, and the test stops
 PROBE = 1 << 16
@@ -140,3 +140,39 @@ def offset_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str,
     inner, n = min(missed.items(), key=lambda kv: kv[1])
     return {"chain": [plain_dt, f"1 + w as {stored}", "F32"], "through": None, "elements": end,
             "unexplained": n, "overflow": 0, "saturated": 0}
+
+
+#: onnxconverter-common's ``convert_float_to_float16`` (the usual fp16 conversion of an ONNX model) raises
+#: magnitudes in (0, min_positive_val) to min_positive_val and lowers those above max_finite_val to it
+#: before the cast (``convert_np_to_float16``), with these defaults
+CLAMP_MIN = 1e-7
+CLAMP_MAX = 1e4
+
+
+def clamp_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, numel: int,
+               stop: int | None, window: int, rounding_frac: float) -> dict | None:
+    """The record's ``cast`` dict when the tuned F16 tensor is bitwise the base (F32, F64) clamped to
+    ``[CLAMP_MIN, CLAMP_MAX]`` in magnitude and cast, as onnxconverter-common converts an ONNX model to
+    fp16; ``clamped`` counts the values the clamp moved. None when another value differs."""
+    if dtype_t != "F16" or dtype_b not in ("F32", "F64") or numel <= 0 \
+            or not (_plain(base, bname) and _plain(tuned, tname)):
+        return None
+    end = numel if stop is None else min(stop, numel)
+    budget = math.floor(rounding_frac * end) if rounding_frac > 0 else 0
+    lo, hi = np.float64(CLAMP_MIN), np.float64(CLAMP_MAX)
+    bad = clamped = 0
+    for wb, wt in zip(base.windows(bname, window, 0, end), tuned.windows(tname, window, 0, end)):
+        x = np.asarray(wb, dtype=np.float64)
+        c = np.where((x > 0) & (x < lo), lo, x)
+        c = np.where((x < 0) & (x > -lo), -lo, c)
+        c = np.where((x > hi) & (x < np.inf), hi, c)
+        c = np.where((x < -hi) & (x > -np.inf), -hi, c)
+        want = c.astype(np.float32).astype(np.float16) if dtype_b == "F32" else c.astype(np.float16)
+        got = np.asarray(wt).view(np.uint16)
+        same = want.view(np.uint16) == got
+        bad += int(same.size - np.count_nonzero(same))
+        clamped += int(np.count_nonzero(c != x))
+        if bad > budget:
+            return None
+    return {"chain": [dtype_b, dtype_t], "through": None, "elements": end, "unexplained": bad, "overflow": 0,
+            "saturated": 0, "clamped": clamped}
