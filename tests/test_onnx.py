@@ -584,3 +584,31 @@ def test_onnxconverter_commons_clamp_of_tiny_and_huge_values_is_a_cast(tmp_path)
     x[5, 5] = np.float16(0.5)
     onnx.save(_graph_model([numpy_helper.from_array(x, "w")]), str(tmp_path / "c.onnx"))
     assert _verdict(tmp_path, tmp_path / "a.onnx", tmp_path / "c.onnx")["summary"]["verdict"] == "derived"
+
+
+def test_a_sentence_transformers_folder_saved_with_the_onnx_backend_reads_its_onnx_model(tmp_path):
+    """SentenceTransformer(..., backend="onnx").save(): modules.json, the backbone's onnx/model.onnx
+    (beside optimized or quantized variants), 1_Pooling without weights."""
+    def st(d: Path, files: dict) -> Path:
+        (d / "onnx").mkdir(parents=True)
+        (d / "1_Pooling").mkdir()
+        (d / "1_Pooling" / "config.json").write_text("{}")
+        (d / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+        for name, w in files.items():
+            onnx.save(_graph_model([numpy_helper.from_array(w, "onnx::MatMul_9")]), str(d / "onnx" / name))
+        return d
+
+    w = RNG.standard_normal((32, 48)).astype(np.float32)
+    a = st(tmp_path / "a", {"model.onnx": w, "model_O1.onnx": w + 1})
+    b = st(tmp_path / "b", {"model.onnx": w + 0.01 * np.outer(RNG.standard_normal(32), RNG.standard_normal(48))})
+    with locate(a) as ck:
+        assert ck.format == "onnx" and [f.name for f in ck.files] == ["model.onnx"]
+        assert np.array_equal(ck.read("onnx::MatMul_9"), w)
+    doc = _verdict(tmp_path, a, b)
+    assert doc["summary"]["verdict"] == "derived"
+    assert doc["tensors"][0]["rank"]["numerical_rank"] == 1
+    c = st(tmp_path / "c", {"model_qint8_avx512.onnx": w})
+    r = CliRunner().invoke(main, ["inspect", str(c)])
+    assert r.exit_code == 2 and "holds model_qint8_avx512.onnx but no model.onnx" in r.stderr
