@@ -545,15 +545,17 @@ def test_safetensors_base_against_its_quantized_and_fp16_onnx_exports(tmp_path):
     st_dir, fp32 = _llama_pair(tmp_path)
     doc = _verdict(tmp_path, st_dir, fp32)
     assert doc["summary"]["verdict"] == "identical", doc["summary"]
-    assert any(t["paired_by"] == "content" for t in doc["tensors"])
+    # the exporter's onnx::MatMul_N carry their module's name (from the node that reads them): paired by name
+    assert all(t["paired_by"] == "prefix" for t in doc["tensors"])
+    assert "m.model.layers.1.mlp.down_proj.weight" in {t["name"] for t in doc["tensors"]}
     for how in ("dynamic", "qdq_pc"):
         q = tmp_path / f"{how}.onnx"
         _quantize(fp32, q, how)
         doc = _verdict(tmp_path, st_dir, q)
         assert doc["summary"]["verdict"] == "quantized_only", (how, doc["summary"]["verdict_reason"])
         assert not [t["name"] for t in doc["tensors"] if t["status"] in ("added", "removed")]
-        moved = [t for t in doc["tensors"] if t["paired_by"] == "content"]
-        assert moved and all(t["status"] == "quantized" and t["quant"]["within"] for t in moved)
+        moved = [t for t in doc["tensors"] if len(t["shape"]) == 2 and "embed" not in t["name"]]
+        assert len(moved) == 15 and all(t["status"] == "quantized" and t["quant"]["within"] for t in moved)
     _nbits(fp32, tmp_path / "nb.onnx", 4, False, 32)
     assert _verdict(tmp_path, st_dir, tmp_path / "nb.onnx")["summary"]["verdict"] == "quantized_only"
     from onnxconverter_common import float16
@@ -612,3 +614,70 @@ def test_a_sentence_transformers_folder_saved_with_the_onnx_backend_reads_its_on
     c = st(tmp_path / "c", {"model_qint8_avx512.onnx": w})
     r = CliRunner().invoke(main, ["inspect", str(c)])
     assert r.exit_code == 2 and "holds model_qint8_avx512.onnx but no model.onnx" in r.stderr
+
+
+def test_weights_the_exporter_named_take_the_module_of_the_node_that_reads_them(tmp_path):
+    """legacy node names (/m/layers.0/q/MatMul), dynamo's name_scopes metadata, Identity aliases of
+    deduplicated parameters; a weight read from two modules keeps its generated name."""
+    w = [RNG.standard_normal((16, 16)).astype(np.float32) for _ in range(4)]
+    inits = [numpy_helper.from_array(w[0], "onnx::MatMul_5"), numpy_helper.from_array(w[1], "val_43"),
+             numpy_helper.from_array(w[2], "onnx::MatMul_9"), numpy_helper.from_array(w[3], "val_50"),
+             numpy_helper.from_array(np.ones(16, np.float32), "m.layers.0.norm.weight")]
+    dyn = helper.make_node("MatMul", ["x", "val_43"], ["y1"], name="node_linear_3")
+    p = dyn.metadata_props.add()
+    p.key, p.value = "pkg.torch.onnx.name_scopes", "['', 'm', 'm.layers.1', 'm.layers.1.mlp.up', 'linear']"
+    nodes = [helper.make_node("MatMul", ["x", "onnx::MatMul_5"], ["y0"], name="/m/layers.0/attn/q/MatMul"), dyn,
+             helper.make_node("MatMul", ["x", "onnx::MatMul_9"], ["y2"], name="/m/layers.0/attn/k/MatMul"),
+             helper.make_node("MatMul", ["x", "onnx::MatMul_9"], ["y3"], name="/m/layers.1/attn/k/MatMul"),
+             helper.make_node("MatMul", ["x", "val_50"], ["y4"], name="node_x"),
+             helper.make_node("Identity", ["m.layers.0.norm.weight"], ["m.layers.1.norm.weight"]),
+             helper.make_node("Identity", ["m.layers.0.norm.weight"], ["/m/Identity_output_0"])]
+    onnx.save(_graph_model(inits, nodes), str(tmp_path / "m.onnx"))
+    with locate(tmp_path / "m.onnx") as ck:
+        assert list(ck.tensors) == ["m.layers.0.attn.q.weight", "m.layers.1.mlp.up.weight", "onnx::MatMul_9",
+                                    "val_50", "m.layers.0.norm.weight", "m.layers.1.norm.weight"]
+        assert np.array_equal(ck.read("m.layers.0.attn.q.weight"), w[0])
+        assert np.array_equal(np.concatenate(list(ck.windows("m.layers.1.mlp.up.weight", 7))), w[1].reshape(-1))
+        assert np.array_equal(ck.read_rows("m.layers.1.norm.weight", [3]), np.ones(1, np.float32))
+        assert any("2 weights the exporter named itself (`onnx::MatMul_5`)" in n for n in ck.notes)
+        assert any("1 parameter the exporter stored once for equal values" in n for n in ck.notes)
+
+
+def test_two_onnx_exports_put_a_change_in_its_block_and_a_tied_head_pairs_transposed(tmp_path):
+    torch = pytest.importorskip("torch")
+    st_dir, fp32 = _llama_pair(tmp_path)
+    import transformers
+
+    m = transformers.LlamaForCausalLM.from_pretrained(st_dir).eval()
+    with torch.no_grad():
+        m.model.layers[1].self_attn.v_proj.weight.add_(0.01 * torch.randn(m.model.layers[1].self_attn.v_proj.weight.shape))
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask):
+            return self.m(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=False)[0]
+
+    torch.onnx.export(Logits(), (torch.randint(0, 300, (1, 8)), torch.ones(1, 8, dtype=torch.int64)),
+                      str(tmp_path / "tuned.onnx"), dynamo=False, opset_version=17, input_names=["ids", "mask"])
+    doc = _verdict(tmp_path, fp32, tmp_path / "tuned.onnx")
+    s = doc["summary"]
+    assert s["verdict"] == "derived" and s["scope"]["blocks_changed"] == 1
+    assert [t["name"] for t in doc["tensors"] if t["status"] == "changed"] == ["m.model.layers.1.self_attn.v_proj.weight"]
+    # a tied model: save_pretrained keeps the embedding only, the export a transposed head under onnx::MatMul_N
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    tied = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p_ in tied.parameters():
+            p_.add_(0.02 * torch.randn_like(p_))
+    tied.save_pretrained(tmp_path / "tied")
+    m = tied
+    torch.onnx.export(Logits(), (torch.randint(0, 300, (1, 8)), torch.ones(1, 8, dtype=torch.int64)),
+                      str(tmp_path / "tied.onnx"), dynamo=False, opset_version=17, input_names=["ids", "mask"])
+    doc = _verdict(tmp_path, tmp_path / "tied", tmp_path / "tied.onnx")
+    assert doc["summary"]["verdict"] == "identical", doc["summary"]["verdict_reason"]
+    assert any(t["paired_by"] == "tied" for t in doc["tensors"])

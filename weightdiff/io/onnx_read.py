@@ -36,6 +36,7 @@ float model's name (``W``), so an int8 export pairs with the float one by name.
 
 from __future__ import annotations
 
+import ast
 import math
 import mmap
 import os
@@ -156,6 +157,8 @@ class _Node:
     inputs: list[str]
     outputs: list[str]
     attrs: dict = field(default_factory=dict)   # int attributes, and "value" -> _Tensor
+    name: str = ""
+    scopes: str = ""                            # the torch dynamo exporter's pkg.torch.onnx.name_scopes
 
 
 class _Parser:
@@ -231,8 +234,14 @@ class _Parser:
                 n.outputs.append(_text(self.buf, x, y))
             elif num == 4:
                 n.op = _text(self.buf, x, y)
+            elif num == 3:
+                n.name = _text(self.buf, x, y)
             elif num == 7:
                 n.domain = _text(self.buf, x, y)
+            elif num == 9:                         # metadata_props
+                k, v = self.entry(x, y)
+                if k == "pkg.torch.onnx.name_scopes" and len(v) <= 4096:
+                    n.scopes = v
             elif num == 5:
                 tensor_attrs.append((x, y))
         for x, y in tensor_attrs:
@@ -516,6 +525,84 @@ _INT_WEIGHT = {"MatMulInteger": 1, "QLinearMatMul": 3, "DynamicQuantizeMatMul": 
 _GENERATED = re.compile(r"^(?:onnx::|val_\d|_val_\d|/|const_|Constant_)|_output_\d+$")
 
 
+#: operators that read a weight, and the input it is at
+_WEIGHT_USE = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "MatMulInteger": 1, "MatMulNBits": 1,
+               "QGemm": 3, "QLinearMatMul": 3, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
+               "ConvInteger": 1, "QLinearConv": 3, "Gather": 0, "Transpose": 0, "GatherBlockQuantized": 0}
+_MODULE_PATH = re.compile(r"[A-Za-z_][\w]*(?:\.[\w]+)*")
+_PARAM_NAME = re.compile(r"[A-Za-z_][\w]*(?:\.[\w]+)*\.(?:weight|bias)")
+
+
+def _scope(n: _Node) -> str | None:
+    """The module a node belongs to: the last module path of the torch dynamo exporter's name_scopes
+    (``[..., 'm.model.layers.0.self_attn.q_proj', 'linear']``), or the legacy exporter's node name
+    (``/m/model/layers.0/self_attn/q_proj/MatMul``) without its last part."""
+    path = None
+    if n.scopes:
+        try:
+            lst = ast.literal_eval(n.scopes)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            lst = None
+        if isinstance(lst, list) and len(lst) >= 2 and all(isinstance(x, str) for x in lst):
+            path = lst[-2]
+    elif n.name.startswith("/"):
+        path = ".".join(p for p in n.name.split("/")[1:-1] if p)
+    return path if path and _MODULE_PATH.fullmatch(path) else None
+
+
+def _module_names(nodes: list[_Node], tensors: dict[str, TensorInfo], sources: dict
+                  ) -> tuple[dict[str, TensorInfo], dict[str, str], list[tuple[str, str]], list[str]]:
+    """Names for the weights an exporter named itself (``onnx::MatMul_702``, ``val_43``): the module of
+    the one node that reads each (``m.model.layers.0.self_attn.q_proj.weight``), so two exports pair by
+    name, blocks are known and a fine-tune of layer 0 is not reported as the head's. A weight read by
+    nodes of several modules, or whose module name is taken, keeps its name. And the parameters an
+    exporter stored once for equal values (the legacy exporter keeps ``Identity(kept) -> dropped``).
+    -> (tensors, reported name -> stored name, [(old, new)], [alias])."""
+    readers: dict[str, list[tuple[_Node, int]]] = {}
+    for n in nodes:
+        for i, x in enumerate(n.inputs):
+            readers.setdefault(x, []).append((n, i))
+    dq = {n.inputs[0]: n.outputs[0] for n in nodes if n.op == "DequantizeLinear" and n.inputs and n.outputs}
+    rename: dict[str, str] = {}
+    taken = set(tensors)
+    for name, info in tensors.items():
+        if len(info.shape) < 2 or not _GENERATED.match(name):
+            continue
+        src = sources.get(name)
+        held = getattr(src, "codes", None) or getattr(src, "b", None) if src is not None else None
+        key = held.name if held is not None else name
+        if key in dq:
+            key = dq[key]
+        scopes = {_scope(n) for n, i in readers.get(key, []) if _WEIGHT_USE.get(n.op) == i}
+        if len(scopes) == 1 and None not in scopes:
+            new = scopes.pop() + ".weight"
+            if new not in taken:
+                rename[name] = new
+                taken.add(new)
+    out: dict[str, TensorInfo] = {}
+    file_names: dict[str, str] = {}
+    for name, info in tensors.items():
+        new = rename.get(name, name)
+        out[new] = info
+        if name in sources:
+            src = sources.pop(name)
+            src.name = new
+            sources[new] = src
+        elif new != name:
+            file_names[new] = name
+    aliased = []
+    for n in nodes:
+        if n.op != "Identity" or len(n.inputs) != 1 or len(n.outputs) != 1:
+            continue
+        x, y = n.inputs[0], n.outputs[0]
+        x = rename.get(x, x)
+        if x in out and x not in sources and y not in out and _PARAM_NAME.fullmatch(y) and not _GENERATED.match(y):
+            out[y] = out[x]
+            file_names[y] = file_names.get(x, x)
+            aliased.append(y)
+    return out, file_names, list(rename.items()), aliased
+
+
 #: the output of a Constant node, made an initializer (ONNX Runtime's quantizer does so)
 _CONSTANT_OUTPUT = re.compile(r"(?:^|/)Constant(?:_\d+)?_output_\d+$")
 
@@ -731,10 +818,23 @@ def locate_onnx(file: Path, shown: object, root: Path):
         tensors[name] = info
     for logical in dropped:
         del sources[logical]
+    hidden = [n for n in stored if n not in tensors and owned.get(n) not in sources]
+    tensors, file_names, named, aliased = _module_names(model.nodes, tensors, sources)
     meta = dict(model.metadata)
     ckpt = Checkpoint(shown, "onnx", model.files, tensors, meta, root, opener=OnnxData)
-    ckpt.stored, ckpt.quant = stored, sources
-    ckpt.hidden = [n for n in stored if n not in tensors and owned.get(n) not in sources]
+    ckpt.stored, ckpt.quant, ckpt.file_names = stored, sources, file_names
+    ckpt.hidden = hidden
+    if named:
+        old, new = named[0]
+        ckpt.notes.append(f"{escape_name(str(file))}: {len(named)} weight{'s' if len(named) != 1 else ''} the exporter "
+                          f"named itself (`{escape_name(old)}`) {'are' if len(named) != 1 else 'is'} reported under "
+                          f"the module of the node that reads {'them' if len(named) != 1 else 'it'} "
+                          f"(`{escape_name(new)}`)")
+    if aliased:
+        ckpt.notes.append(f"{escape_name(str(file))}: {len(aliased)} parameter{'s' if len(aliased) != 1 else ''} the "
+                          f"exporter stored once for equal values {'are' if len(aliased) != 1 else 'is'} read under "
+                          f"{'their' if len(aliased) != 1 else 'its'} own name{'s' if len(aliased) != 1 else ''} "
+                          f"through {'their' if len(aliased) != 1 else 'its'} Identity node (`{escape_name(aliased[0])}`)")
     for path, h in headers_of(model, stored, held).items():
         ckpt._headers[path] = h
     if plumbing:

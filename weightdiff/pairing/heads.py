@@ -108,10 +108,12 @@ def _parent(prefix: str) -> str:
 
 
 def _embedding_for(tensors: dict, prefix: str, shape: tuple | None) -> str | None:
-    """The first embedding under ``prefix`` whose row width matches ``shape``."""
+    """The first embedding under ``prefix`` whose row width matches ``shape``, or whose shape is its
+    transpose (an ONNX export stores the head of a tied model transposed, as its MatMul reads it)."""
     for name, info in tensors.items():
         if name.startswith(prefix) and is_embedding(name) and shape is not None \
-                and tuple(info.shape)[1:] == tuple(shape)[1:]:
+                and (tuple(info.shape)[1:] == tuple(shape)[1:]
+                     or (len(shape) == 2 and tuple(info.shape) == tuple(shape)[::-1])):
             return name
     return None
 
