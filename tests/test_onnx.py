@@ -513,6 +513,17 @@ def _llama_pair(tmp_path: Path):
         for p in m.parameters():
             p.add_(0.02 * torch.randn_like(p))       # no two initializers equal (the exporter dedups those)
     m.save_pretrained(tmp_path / "st")
+    (tmp_path / "onnx").mkdir()
+    try:
+        _export_lm(m, tmp_path / "onnx" / "model.onnx")
+    except Exception as exc:       # an operator the legacy exporter lacks in this torch
+        pytest.skip(f"legacy ONNX export of a Llama failed: {exc}")
+    return tmp_path / "st", tmp_path / "onnx" / "model.onnx"
+
+
+def _export_lm(m, path: Path) -> None:
+    """The logits of a transformers causal LM, exported by torch's legacy (TorchScript) exporter."""
+    import torch
 
     class Logits(torch.nn.Module):
         def __init__(self):
@@ -522,14 +533,8 @@ def _llama_pair(tmp_path: Path):
         def forward(self, ids, mask):
             return self.m(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=False)[0]
 
-    (tmp_path / "onnx").mkdir()
-    try:
-        torch.onnx.export(Logits(), (torch.randint(0, 300, (1, 8)), torch.ones(1, 8, dtype=torch.int64)),
-                          str(tmp_path / "onnx" / "model.onnx"), dynamo=False, opset_version=17,
-                          input_names=["ids", "mask"])
-    except Exception as exc:       # an operator the legacy exporter lacks in this torch
-        pytest.skip(f"legacy ONNX export of a Llama failed: {exc}")
-    return tmp_path / "st", tmp_path / "onnx" / "model.onnx"
+    torch.onnx.export(Logits(), (torch.randint(0, 300, (1, 8)), torch.ones(1, 8, dtype=torch.int64)), str(path),
+                      dynamo=False, opset_version=17, input_names=["ids", "mask"])
 
 
 def _verdict(tmp_path: Path, base, tuned) -> dict:
@@ -651,17 +656,7 @@ def test_two_onnx_exports_put_a_change_in_its_block_and_a_tied_head_pairs_transp
     m = transformers.LlamaForCausalLM.from_pretrained(st_dir).eval()
     with torch.no_grad():
         m.model.layers[1].self_attn.v_proj.weight.add_(0.01 * torch.randn(m.model.layers[1].self_attn.v_proj.weight.shape))
-
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids, mask):
-            return self.m(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=False)[0]
-
-    torch.onnx.export(Logits(), (torch.randint(0, 300, (1, 8)), torch.ones(1, 8, dtype=torch.int64)),
-                      str(tmp_path / "tuned.onnx"), dynamo=False, opset_version=17, input_names=["ids", "mask"])
+    _export_lm(m, tmp_path / "tuned.onnx")
     doc = _verdict(tmp_path, fp32, tmp_path / "tuned.onnx")
     s = doc["summary"]
     assert s["verdict"] == "derived" and s["scope"]["blocks_changed"] == 1
@@ -675,9 +670,7 @@ def test_two_onnx_exports_put_a_change_in_its_block_and_a_tied_head_pairs_transp
         for p_ in tied.parameters():
             p_.add_(0.02 * torch.randn_like(p_))
     tied.save_pretrained(tmp_path / "tied")
-    m = tied
-    torch.onnx.export(Logits(), (torch.randint(0, 300, (1, 8)), torch.ones(1, 8, dtype=torch.int64)),
-                      str(tmp_path / "tied.onnx"), dynamo=False, opset_version=17, input_names=["ids", "mask"])
+    _export_lm(tied, tmp_path / "tied.onnx")
     doc = _verdict(tmp_path, tmp_path / "tied", tmp_path / "tied.onnx")
     assert doc["summary"]["verdict"] == "identical", doc["summary"]["verdict_reason"]
     assert any(t["paired_by"] == "tied" for t in doc["tensors"])
