@@ -312,3 +312,14 @@ def test_a_removed_matrix_beside_an_added_one_of_its_shape_is_not_called_unchang
     s2 = json.loads((tmp_path / "b.json").read_text())["summary"]
     assert "unpaired_lookalikes" not in s2["flags"]
     assert verdict_title(s2) == "DERIVED: this base with tensors added or removed; none of its own weights changed."
+
+
+def test_a_0d_tensor_counts_once_on_both_sides_of_the_coverage(tmp_path, base_dir, base_tensors):
+    # a scalar parameter (CLIP's logit_scale) counted in `compared` but not in `params` read "100.001%"
+    t = dict(base_tensors)
+    t["model.scale"] = np.array(2.5, np.float32)
+    a, b = write_checkpoint(tmp_path / "a", t), write_checkpoint(tmp_path / "b", t)
+    s = _compare(a, b).summary
+    for side in ("base", "tuned"):
+        assert s.coverage[side]["compared"] == s.coverage[side]["params"] == s.params_total
+        assert s.coverage[side]["share"] == 1.0

@@ -37,7 +37,7 @@ def compared_elements(rec: TensorRecord) -> int:
 def _side(rows: list[tuple[list | None, int]], large: int) -> dict:
     params = compared = large_params = large_compared = 0
     for shape, done in rows:
-        n = math.prod(shape) if shape else 0
+        n = math.prod(shape) if shape is not None else 0      # a 0-d tensor holds one value
         big = shape is not None and len(shape) >= 2 and n >= large
         params += n
         compared += done
