@@ -674,3 +674,35 @@ def test_two_onnx_exports_put_a_change_in_its_block_and_a_tied_head_pairs_transp
     doc = _verdict(tmp_path, tmp_path / "tied", tmp_path / "tied.onnx")
     assert doc["summary"]["verdict"] == "identical", doc["summary"]["verdict_reason"]
     assert any(t["paired_by"] == "tied" for t in doc["tensors"])
+
+
+def test_int4_dequantizelinear_of_onnxruntimes_qdq_format_reads_as_onnxruntime_dequantizes_it(tmp_path):
+    pytest.importorskip("onnx_ir")
+    import onnxruntime as rt
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    _matmul_export(tmp_path / "fp32.onnx", 0)
+    q = MatMulNBitsQuantizer(onnx.load(str(tmp_path / "fp32.onnx")), algo_config=DefaultWeightOnlyQuantConfig(
+        block_size=32, is_symmetric=False, bits=4, quant_format=QuantFormat.QDQ))
+    q.process()
+    q.model.save_model_to_file(str(tmp_path / "q.onnx"))
+    m = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {t.name: t for t in m.graph.initializer}
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert dq and inits[dq[0].input[0]].data_type in (TensorProto.INT4, TensorProto.UINT4)
+    with locate(tmp_path / "q.onnx") as ck, locate(tmp_path / "fp32.onnx") as fp:
+        got = {tuple(info.shape): n for n, info in ck.tensors.items() if info.quant is not None}
+        assert len(got) == len(dq) == 2
+        for node in dq:       # ONNX Runtime itself, running the node alone
+            g = helper.make_graph([helper.make_node("DequantizeLinear", list(node.input), ["y"],
+                                                    **{a.name: helper.get_attribute_value(a) for a in node.attribute})],
+                                  "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [inits[x] for x in node.input if x])
+            one = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+            want = rt.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+            name = got[want.shape]
+            assert np.array_equal(ck.read(name), want), name
+            assert ck.tensors[name].quant.bits == 4
+    doc = _verdict(tmp_path, tmp_path / "fp32.onnx", tmp_path / "q.onnx")
+    assert doc["summary"]["verdict"] == "quantized_only", doc["summary"]["verdict_reason"]

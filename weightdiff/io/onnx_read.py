@@ -75,6 +75,10 @@ class _Bad(Exception):
     """A malformed protobuf: turned into a CheckpointError naming the file."""
 
 
+class _Unsupported(Exception):
+    """A valid model holding what weightdiff does not read (a type, a sparse tensor)."""
+
+
 def _varint(buf, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
@@ -148,6 +152,8 @@ class _Tensor:
     start: int = 0
     end: int = 0
     held: np.ndarray | None = None       # decoded from varint fields (flat, storage dtype)
+    nibbles: str | None = None           # INT4 / UINT4: two codes per byte (dtype U8, shape the bytes)
+    logical: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -211,7 +217,7 @@ class _Parser:
             elif num == 1:
                 self.node(x, y, depth)
             elif num == 15:
-                raise _Bad("the graph holds a sparse initializer, which weightdiff does not read")
+                raise _Unsupported("the graph holds a sparse initializer, which weightdiff does not read")
 
     def add(self, t: _Tensor | None, what: str) -> None:
         if t is None:
@@ -290,17 +296,29 @@ class _Parser:
             elif num == 14 and wt == 0:
                 location = x
             elif num == 3:
-                raise _Bad(f"tensor `{escape_name(name)}` is split into segments, which weightdiff does not read")
+                raise _Unsupported(f"tensor `{escape_name(name)}` is split into segments, which weightdiff does not "
+                                   "read")
             elif num in (4, 5, 7, 10, 11):
                 typed.setdefault(num, []).append((wt, x, y))
         if len(dims) > 8 or any(d < 0 for d in dims):
             raise _Bad(f"tensor `{escape_name(name)}` has shape {dims}")
         shape = tuple(dims)
         numel = math.prod(shape)
+        if dtype_code in (21, 22):                 # UINT4 / INT4: two codes a byte, low nibble first
+            t = _Tensor(name, "U8", (-(-numel // 2),), nibbles="U4" if dtype_code == 21 else "I4", logical=shape)
+            want = t.shape[0]
+            if location == 1 or external:
+                return self.external(t, external, want)
+            if raw is None or raw[1] - raw[0] != want:
+                raise _Bad(f"tensor `{escape_name(name)}` {_OTHER_TYPES[dtype_code]} {list(shape)} needs {want:,} bytes "
+                           "of raw_data")
+            t.file, t.start, t.end = self.path, raw[0], raw[1]
+            return t
         if dtype_code in _OTHER_TYPES:
             if dtype_code == 8:
                 return None                        # strings: vocabularies of tokenizer graphs, not weights
-            raise _Bad(f"tensor `{escape_name(name)}` is {_OTHER_TYPES[dtype_code]}, which weightdiff does not read")
+            raise _Unsupported(f"tensor `{escape_name(name)}` is {_OTHER_TYPES[dtype_code]}, which weightdiff does "
+                               "not read")
         if dtype_code not in ONNX_DTYPES:
             raise _Bad(f"tensor `{escape_name(name)}` has unknown data type {dtype_code}")
         dtype = ONNX_DTYPES[dtype_code]
@@ -444,6 +462,8 @@ def parse_onnx(path: Path) -> OnnxModel:
         except _Bad as exc:
             raise CheckpointError(path, f"is not a readable ONNX model: {exc}",
                                   "a truncated download or another kind of file?") from None
+        except _Unsupported as exc:
+            raise CheckpointError(path, str(exc), "compare the float model it was made from") from None
         except RecursionError:
             raise CheckpointError(path, "is not a readable ONNX model: nested too deeply") from None
     finally:
@@ -617,7 +637,7 @@ def _plumbing(name: str, numel: int, integer: bool, constant: bool) -> bool:
     return numel <= 1 and _GENERATED.match(name) is not None
 
 
-_INT_NAMES = {"U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "I32": "int32"}
+_INT_NAMES = {"U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "I32": "int32", "U4": "uint4", "I4": "int4"}
 
 
 def _is_int(dtype: str) -> bool:
@@ -648,6 +668,7 @@ def locate_onnx(file: Path, shown: object, root: Path):
         found[name] = t
     stored: dict[str, TensorInfo] = {}
     held: dict[str, np.ndarray] = {}
+    nibbles = {name: (t.nibbles, t.logical) for name, t in found.items() if t.nibbles}
     for name, t in found.items():
         if t.held is not None:
             held[name] = t.held
@@ -663,32 +684,40 @@ def locate_onnx(file: Path, shown: object, root: Path):
     sources: dict = {}
     owned: dict[str, str] = {}               # stored name -> the logical tensor it is part of
 
+    def kind_shape(t: TensorInfo) -> tuple[str, tuple[int, ...]]:
+        """A stored tensor's type and shape as the model declares them (INT4 and UINT4 are held as bytes)."""
+        return nibbles[t.name] if t.name in nibbles else (t.dtype, tuple(t.shape))
+
     def source(codes: str, scale: str, zero: str | None, axis: int | None, block: int, how: str,
                scale2: str | None = None) -> None:
         c, s = stored[codes], stored[scale]
         z = stored.get(zero) if zero else None
+        ctype, cshape = kind_shape(c)
         if s.dtype not in ("F32", "F16", "BF16"):
             raise CheckpointError(c.path, f"`{escape_name(codes)}`: its scale `{escape_name(scale)}` is {s.dtype}, "
                                           "not a float")
-        if z is not None and (z.dtype != c.dtype or (z.shape != s.shape and not z.numel == s.numel == 1)):
-            raise CheckpointError(c.path, f"`{escape_name(codes)}` {c.dtype}: its zero point `{escape_name(zero)}` "
-                                          f"is {z.dtype} {list(z.shape)}, its scale {list(s.shape)}")
+        if z is not None:
+            ztype, zshape = kind_shape(z)
+            if ztype != ctype or (zshape != tuple(s.shape) and not math.prod(zshape) == s.numel == 1):
+                raise CheckpointError(c.path, f"`{escape_name(codes)}` {ctype}: its zero point `{escape_name(zero)}` "
+                                              f"is {ztype} {list(zshape)}, expected {ctype} shaped as its scale "
+                                              f"{list(s.shape)}")
         if math.prod(s.shape) == 1 and not block:
             axis, group, what = None, "tensor", "per-tensor"
         else:
-            nd = len(c.shape)
+            nd = len(cshape)
             if axis is None or not -nd <= axis < nd:
-                raise CheckpointError(c.path, f"`{escape_name(codes)}` {list(c.shape)}: the axis of its scale "
+                raise CheckpointError(c.path, f"`{escape_name(codes)}` {list(cshape)}: the axis of its scale "
                                               f"`{escape_name(scale)}` {list(s.shape)} is unknown or out of range")
             axis %= nd
             if block:
-                want = tuple(-(-d // block) if k == axis else d for k, d in enumerate(c.shape))
+                want = tuple(-(-d // block) if k == axis else d for k, d in enumerate(cshape))
                 group, what = str(block), f"block {block} along axis {axis}"
             else:
-                want = (c.shape[axis],)
+                want = (cshape[axis],)
                 group, what = "channel", f"per-channel (axis {axis})"
             if tuple(s.shape) != want:
-                raise CheckpointError(c.path, f"`{escape_name(codes)}` {list(c.shape)}: its scale "
+                raise CheckpointError(c.path, f"`{escape_name(codes)}` {list(cshape)}: its scale "
                                               f"`{escape_name(scale)}` {list(s.shape)} fits no {what} layout "
                                               f"(expected {list(want)})")
         s2 = stored[scale2] if scale2 else None
@@ -696,18 +725,19 @@ def locate_onnx(file: Path, shown: object, root: Path):
             raise CheckpointError(c.path, f"`{escape_name(codes)}`: the input scale `{escape_name(scale2)}` of its "
                                           f"bias is {s2.dtype} {list(s2.shape)}, not one float")
         logical = codes[:-len("_quantized")] if codes.endswith("_quantized") else codes
-        shape, transposed = c.shape, False
+        shape, transposed = cshape, False
         if logical.endswith("_Transposed") and len(shape) == 2 and logical[:-len("_Transposed")] not in stored:
             logical, shape, transposed = logical[:-len("_Transposed")], shape[::-1], True
         if logical in sources or (logical != codes and logical in stored):
             raise CheckpointError(c.path, f"tensor `{escape_name(logical)}` is stored both plain and quantized")
-        bits = 8 * storage_of(c.dtype).itemsize
-        label = f"{_INT_NAMES[c.dtype]}" \
+        bits = 4 if ctype in ("U4", "I4") else 8 * storage_of(c.dtype).itemsize
+        label = f"{_INT_NAMES[ctype]}" \
                 f"{' with zero points' if z is not None else ''}, {what} ({how})"
         parts = [c, s] + ([z] if z is not None else [])
         scheme = QuantScheme("onnx", label, bits, group, False, tuple(p.name for p in parts),
                              sum(p.nbytes for p in parts))
-        sources[logical] = AxisGrid(logical, shape, scheme, c.path, c, s, z, axis, block, s2, transposed)
+        sources[logical] = AxisGrid(logical, shape, scheme, c.path, c, s, z, axis, block, s2, transposed,
+                                    nibbles=ctype if ctype in ("U4", "I4") else None, stored_shape=cshape)
         owned.update({p.name: logical for p in parts})
 
     def nbits(n: _Node) -> None:
@@ -752,9 +782,9 @@ def locate_onnx(file: Path, shown: object, root: Path):
         if n.op != "DequantizeLinear" or not n.inputs or n.inputs[0] not in stored or n.inputs[0] in owned:
             continue
         x = stored[n.inputs[0]]
-        if not _is_int(x.dtype):
+        if not _is_int(x.dtype) and x.name not in nibbles:
             raise CheckpointError(file, f"`{escape_name(x.name)}` is {x.dtype}, dequantized by a DequantizeLinear "
-                                        "node; weightdiff reads integer (int8/uint8/int16) codes only")
+                                        "node; weightdiff reads integer (int4/uint4/int8/uint8/int16) codes only")
         if len(n.inputs) < 2 or n.inputs[1] not in stored:
             raise CheckpointError(file, f"`{escape_name(x.name)}` is dequantized with a scale that is not stored "
                                         "in the model, so its values cannot be known")
@@ -795,6 +825,13 @@ def locate_onnx(file: Path, shown: object, root: Path):
     for n in model.nodes:                      # ONNX Runtime's MatMulNBits: 2/4/8-bit blocks along K
         if n.op == "MatMulNBits":
             nbits(n)
+    for name, (kind, shape) in nibbles.items():
+        if name not in owned:
+            readers = sorted({op.op for op, _ in uses.get(name, [])}) or ["no node"]
+            raise CheckpointError(file, f"`{escape_name(name)}` is {'INT4' if kind == 'I4' else 'UINT4'} "
+                                        f"{list(shape)} read by {', '.join(readers)}: weightdiff reads 4-bit codes "
+                                        "only through DequantizeLinear or MatMulNBits",
+                                  "compare the float model it was quantized from")
     tensors: dict[str, TensorInfo] = {}
     plumbing = params = 0
     dropped: set[str] = set()                 # quantized logical tensors that are plumbing too

@@ -323,14 +323,31 @@ class AxisGrid(Source):
     ``block`` are given in the stored layout."""
 
     def __init__(self, name, shape, scheme, path, codes: TensorInfo, scale: TensorInfo, zero: TensorInfo | None,
-                 axis: int | None, block: int, scale2: TensorInfo | None = None, transposed: bool = False):
+                 axis: int | None, block: int, scale2: TensorInfo | None = None, transposed: bool = False,
+                 nibbles: str | None = None, stored_shape: tuple | None = None):
         super().__init__(name, shape, scheme, path)
         self.codes, self.scale, self.zero, self.block, self.scale2 = codes, scale, zero, block, scale2
-        self.transposed = transposed
+        self.transposed, self.nibbles = transposed, nibbles
+        self.stored_shape = tuple(stored_shape) if stored_shape is not None else tuple(codes.shape)
         self.axis = (1 - axis if axis is not None else None) if transposed else axis
         self.sdtype = scale.dtype if scale.dtype in ("BF16", "F16") else "F32"
-        info = np.iinfo(storage_of(codes.dtype))
-        self.qmin, self.qmax = int(info.min), int(info.max)
+        if nibbles is not None:                # INT4 / UINT4: two codes a byte, low nibble first
+            self.qmin, self.qmax = (-8, 7) if nibbles == "I4" else (0, 15)
+        else:
+            info = np.iinfo(storage_of(codes.dtype))
+            self.qmin, self.qmax = int(info.min), int(info.max)
+
+    def _codes(self, read, t: TensorInfo, shape: tuple) -> np.ndarray:
+        """A stored code tensor (the codes, or the zero points: ``shape``), whole, shaped as declared
+        (4-bit codes unpacked to int8)."""
+        raw = read(t.name)
+        if self.nibbles is None:
+            return raw
+        q = unpack_low_first(np.ascontiguousarray(raw).reshape(-1), 4)[:math.prod(shape)]
+        q = q.astype(np.int8)
+        if self.nibbles == "I4":
+            q[q > 7] -= 16
+        return q.reshape(shape)
 
     def _expand(self, a: np.ndarray) -> np.ndarray:
         """A per-axis or per-block parameter spread over the whole tensor (its logical shape)."""
@@ -343,7 +360,7 @@ class AxisGrid(Source):
 
     def _whole(self, read, key: str, t: TensorInfo) -> np.ndarray:
         if key == "z":
-            a = read(t.name).astype(np.int32)
+            a = self._codes(read, t, tuple(self.scale.shape)).astype(np.int32)
         else:
             a = _f32(read(t.name), t.dtype)
             if self.scale2 is not None:
@@ -368,11 +385,11 @@ class AxisGrid(Source):
 
     def rows(self, read, read_rows, r0, r1):
         if self.transposed:
-            q = self._get("q", lambda: np.ascontiguousarray(read(self.codes.name).T))[r0:r1]
-        elif len(self.shape) == 2:
+            q = self._get("q", lambda: np.ascontiguousarray(self._codes(read, self.codes, self.stored_shape).T))[r0:r1]
+        elif len(self.shape) == 2 and self.nibbles is None:
             q = read_rows(self.codes.name, range(r0, r1))
         else:
-            q = self._get("q", lambda: read(self.codes.name).reshape(-1, self.rowlen))[r0:r1]
+            q = self._get("q", lambda: self._codes(read, self.codes, self.stored_shape).reshape(-1, self.rowlen))[r0:r1]
         s = self._param(read, "s", self.scale, r0, r1)
         z = self._param(read, "z", self.zero, r0, r1)
         return K.dequant_int(np.asarray(q).reshape(r1 - r0, -1), z, s, self.sdtype, self.qmin, self.qmax)
