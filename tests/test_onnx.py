@@ -706,3 +706,22 @@ def test_int4_dequantizelinear_of_onnxruntimes_qdq_format_reads_as_onnxruntime_d
             assert ck.tensors[name].quant.bits == 4
     doc = _verdict(tmp_path, tmp_path / "fp32.onnx", tmp_path / "q.onnx")
     assert doc["summary"]["verdict"] == "quantized_only", doc["summary"]["verdict_reason"]
+
+
+def test_one_initializer_read_by_the_nodes_of_several_modules_is_each_modules_parameter(tmp_path):
+    """The dynamo exporter stores equal-valued parameters once (a fresh model's norm weights, a tied
+    head) and records each reading node's module in name_scopes: each module gets its parameter back;
+    a parent or child module reading it makes no alias."""
+    def mul(scope: str, out: str):
+        n = helper.make_node("Mul", ["x", "m.layers.0.norm.weight"], [out])
+        p = n.metadata_props.add()
+        p.key, p.value = "pkg.torch.onnx.name_scopes", repr(["", "m"] + ([scope] if scope != "m" else []) + ["mul"])
+        return n
+    nodes = [mul("m.layers.0.norm", "a"), mul("m.layers.1.norm", "b"), mul("m.norm", "c"), mul("m", "d"),
+             mul("m.layers.0.norm.inner", "e")]
+    onnx.save(_graph_model([numpy_helper.from_array(np.full(4, 0.5, np.float32), "m.layers.0.norm.weight")], nodes),
+              str(tmp_path / "m.onnx"))
+    with locate(tmp_path / "m.onnx") as ck:
+        assert list(ck.tensors) == ["m.layers.0.norm.weight", "m.layers.1.norm.weight", "m.norm.weight"]
+        assert np.array_equal(ck.read("m.norm.weight"), np.full(4, 0.5, np.float32))
+        assert any("2 parameters the exporter stored once" in n for n in ck.notes)

@@ -611,6 +611,20 @@ def _module_names(nodes: list[_Node], tensors: dict[str, TensorInfo], sources: d
         elif new != name:
             file_names[new] = name
     aliased = []
+    for name in list(out):                     # dynamo: one initializer read by nodes of several modules
+        if name in sources or not _PARAM_NAME.fullmatch(name):
+            continue
+        own, leaf = name.rsplit(".", 1)
+        stored_name = file_names.get(name, name)
+        for n, _ in readers.get(stored_name, []):
+            scope = _scope(n) if n.scopes else None
+            if scope is None or scope == own or own.startswith(scope + ".") or scope.startswith(own + "."):
+                continue            # its own module, or a parent or child of it reading it
+            alias = f"{scope}.{leaf}"
+            if alias not in out:
+                out[alias] = out[name]
+                file_names[alias] = stored_name
+                aliased.append(alias)
     for n in nodes:
         if n.op != "Identity" or len(n.inputs) != 1 or len(n.outputs) != 1:
             continue
@@ -871,7 +885,8 @@ def locate_onnx(file: Path, shown: object, root: Path):
         ckpt.notes.append(f"{escape_name(str(file))}: {len(aliased)} parameter{'s' if len(aliased) != 1 else ''} the "
                           f"exporter stored once for equal values {'are' if len(aliased) != 1 else 'is'} read under "
                           f"{'their' if len(aliased) != 1 else 'its'} own name{'s' if len(aliased) != 1 else ''} "
-                          f"through {'their' if len(aliased) != 1 else 'its'} Identity node (`{escape_name(aliased[0])}`)")
+                          f"through the nodes of {'their' if len(aliased) != 1 else 'its'} modules "
+                          f"(`{escape_name(aliased[0])}`)")
     for path, h in headers_of(model, stored, held).items():
         ckpt._headers[path] = h
     if plumbing:
