@@ -725,3 +725,35 @@ def test_one_initializer_read_by_the_nodes_of_several_modules_is_each_modules_pa
         assert list(ck.tensors) == ["m.layers.0.norm.weight", "m.layers.1.norm.weight", "m.norm.weight"]
         assert np.array_equal(ck.read("m.norm.weight"), np.full(4, 0.5, np.float32))
         assert any("2 parameters the exporter stored once" in n for n in ck.notes)
+
+
+def test_a_folder_whose_weights_are_in_onnx_reads_onnx_model_onnx(tmp_path):
+    """A transformers.js repo: config.json and tokenizer at the top, onnx/model.onnx beside
+    onnx/model_quantized.onnx."""
+    w = RNG.standard_normal((8, 8)).astype(np.float32)
+    for side in ("a", "b"):
+        (tmp_path / side / "onnx").mkdir(parents=True)
+        (tmp_path / side / "config.json").write_text("{}")
+        onnx.save(_graph_model([numpy_helper.from_array(w, "w")]), str(tmp_path / side / "onnx" / "model.onnx"))
+    onnx.save(_graph_model([numpy_helper.from_array(w + 1, "w")]), str(tmp_path / "b" / "onnx" / "model_quantized.onnx"))
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert r.exit_code == 0 and "IDENTICAL" in r.stdout, r.stderr
+    assert "onnx/model.onnx is read" in r.stderr
+    (tmp_path / "b" / "onnx" / "model.onnx").unlink()
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "holds model_quantized.onnx but no model.onnx" in r.stderr
+
+
+def test_inspect_lists_the_names_compare_reports_and_the_names_stored(tmp_path):
+    w = RNG.standard_normal((16, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "onnx::MatMul_5"], ["y"], name="/m/layers.0/attn/q/MatMul")]
+    onnx.save(_graph_model([numpy_helper.from_array(w, "onnx::MatMul_5")], nodes), str(tmp_path / "m.onnx"))
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx"), "--tensors", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["tensor_list"] == [{"name": "m.layers.0.attn.q.weight", "dtype": "F32",
+                                                   "shape": [16, 16], "stored_as": "onnx::MatMul_5"}]
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx"), "--tensors"])
+    assert "m.layers.0.attn.q.weight" in r.stdout and "(stored as onnx::MatMul_5)" in r.stdout
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"),
+                                  "--include", "m.layers.0.attn.q.weight"])
+    assert r.exit_code == 0, r.stderr

@@ -69,7 +69,7 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
         schemes: dict[str, dict] = {}
         blocks: dict[str, dict] = {}
         other = {"tensors": 0, "params": 0}
-        for t in ckpt.tensors.values():
+        for key, t in ckpt.tensors.items():
             d = dtypes.setdefault(t.dtype, {"tensors": 0, "params": 0, "bytes": 0,
                                             "decodable": DTYPES[t.dtype].decodable})
             d["tensors"] += 1
@@ -80,7 +80,7 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
                 q["tensors"] += 1
                 q["params"] += t.numel
                 q["bytes"] += t.nbytes
-            name = t.name.removeprefix("base_model.model.") if ckpt.format == "adapter" else t.name
+            name = key.removeprefix("base_model.model.") if ckpt.format == "adapter" else key
             blk = block_of(name)
             if blk is None:
                 other["tensors"] += 1
@@ -102,9 +102,9 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
         if ckpt.quant:
             qc = ckpt.quant_config or {}
             quant = {"method": qc.get("quant_method"), "folded_away": ckpt.hidden,
-                     "tensors": [{"name": t.name, "format": t.quant.format, "scheme": t.quant.scheme,
+                     "tensors": [{"name": key, "format": t.quant.format, "scheme": t.quant.scheme,
                                   "bits": t.quant.bits, "group": t.quant.group, "stored": list(t.quant.stored)}
-                                 for t in ckpt.tensors.values() if t.quant is not None]}
+                                 for key, t in ckpt.tensors.items() if t.quant is not None]}
         return {
             "schema": SCHEMA, "path": str(ckpt.path), "format": ckpt.format, "files": files,
             "quantization": quant,
@@ -115,8 +115,12 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
             "blocks": ordered, "outside_blocks": other, "modules": ckpt.modules,
             "metadata": {str(k): str(v) for k, v in ckpt.metadata.items()}, "adapter": adapter,
             **({"hub": {k: v for k, v in ckpt.hub.items() if k != "files"}} if ckpt.hub is not None else {}),
-            **({"tensor_list": [{"name": t.name, "dtype": (t.scheme or t.quant.format) if t.quant is not None
-                                 else t.dtype, "shape": list(t.shape)} for t in ckpt.tensors.values()]}
+            # the name compare reports (and --include matches), and the name in the file where it differs (a
+            # sentence-transformers module's prefix, an ONNX weight named after the module that reads it)
+            **({"tensor_list": [{"name": key, "dtype": (t.scheme or t.quant.format) if t.quant is not None
+                                 else t.dtype, "shape": list(t.shape),
+                                 **({"stored_as": ckpt.file_names[key]} if key in ckpt.file_names else {})}
+                                for key, t in ckpt.tensors.items()]}
                if tensors else {}),
         }
 
@@ -214,5 +218,6 @@ def render_text(summary: dict) -> str:
         width = max([len("tensor")] + [len(e(t["name"])) for t in listed]) + 2
         lines.append(f"{'tensor':<{width}}{'dtype':<14}shape")
         for t in listed:
-            lines.append(f"{e(t['name']):<{width}}{e(t['dtype']):<14}{' x '.join(map(str, t['shape'])) or '()'}")
+            stored = f"  (stored as {e(t['stored_as'])})" if t.get("stored_as") else ""
+            lines.append(f"{e(t['name']):<{width}}{e(t['dtype']):<14}{' x '.join(map(str, t['shape'])) or '()'}{stored}")
     return "\n".join(lines)

@@ -258,8 +258,35 @@ def _locate_dir(d: Path) -> Checkpoint:
         from .st_modules import locate_modules
 
         return locate_modules(d, names)
-    kind, name = choose_weights(names, d)
+    try:
+        kind, name = choose_weights(names, d)
+    except CheckpointError:
+        sub = onnx_subfolder(d) if "onnx" in names else None
+        if sub is None:
+            raise
+        ckpt = build(LocalFolder(d), "onnx", sub, d)
+        ckpt.notes.append(f"{escape_name(str(d))}: no weights beside its config; {sub} is read (the file "
+                          "transformers.js and sentence-transformers' ONNX backend load)")
+        return ckpt
     return build(LocalFolder(d), kind, name, d)
+
+
+def onnx_subfolder(folder: Path) -> str | None:
+    """``onnx/model.onnx`` of a folder with no weights of its own, as transformers.js repos and
+    sentence-transformers' ONNX backend keep them (beside optimized and quantized variants,
+    ``model_quantized.onnx``, ``model_O1.onnx``: those load ``model.onnx`` unless told otherwise, and so
+    does weightdiff; pass another file directly to compare it). None without an ``onnx/`` subfolder."""
+    sub = folder / "onnx"
+    if os.path.islink(sub) or not sub.is_dir():
+        return None
+    found = [n for n in _listdir(sub) if n.lower().endswith(".onnx")]
+    if "model.onnx" in found:
+        return "onnx/model.onnx"
+    if found:
+        raise CheckpointError(sub, f"holds {', '.join(escape_name(n) for n in found[:6])} but no model.onnx, which "
+                                   "sentence-transformers' ONNX backend and transformers.js load",
+                              "pass the .onnx file to compare")
+    return None
 
 
 def _cache_inside(path: Path, repo: Path) -> None:

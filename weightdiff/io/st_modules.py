@@ -23,7 +23,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from ..errors import CheckpointError, escape_name
-from .checkpoint import _NOT_WEIGHTS, LocalFolder, _fold_quantized, _listdir, build, choose_weights
+from .checkpoint import _NOT_WEIGHTS, LocalFolder, _fold_quantized, _listdir, build, choose_weights, onnx_subfolder
 from .located import Checkpoint
 
 __all__ = ["locate_modules", "module_prefix", "weight_files", "MODULE_KINDS", "refuse_remote_modules"]
@@ -105,23 +105,6 @@ def _nested(folder: Path) -> str | None:
     return None
 
 
-def _onnx_backend(folder: Path) -> str | None:
-    """``onnx/model.onnx`` of a module folder with no weights of its own, as sentence-transformers saves a
-    model with ``backend="onnx"`` (beside optimized and quantized variants, ``model_O1.onnx``,
-    ``model_qint8_avx512.onnx``: sentence-transformers loads ``model.onnx`` unless told otherwise, and so
-    does weightdiff; pass another file directly to compare it). None without an ``onnx/`` subfolder."""
-    sub = folder / "onnx"
-    if os.path.islink(sub) or not sub.is_dir():
-        return None
-    found = [n for n in _listdir(sub) if n.lower().endswith(".onnx")]
-    if "model.onnx" in found:
-        return "onnx/model.onnx"
-    if found:
-        raise CheckpointError(sub, f"holds {', '.join(escape_name(n) for n in found[:6])} but no model.onnx, which "
-                                   "sentence-transformers' ONNX backend loads", "pass the .onnx file to compare")
-    return None
-
-
 def locate_modules(d: Path, names: list[str]) -> Checkpoint:
     """The checkpoint of a sentence-transformers folder ``d`` (whose listing ``names`` holds
     ``modules.json``). Raises CheckpointError."""
@@ -134,7 +117,7 @@ def locate_modules(d: Path, names: list[str]) -> Checkpoint:
         weights = weight_files(listing)
         described.append({"path": rel, "type": kind_of, "prefix": module_prefix(k, rel), "files": [],
                           "tensors": 0, "folder": folder is not None})
-        onnx = _onnx_backend(folder) if folder is not None and not weights else None
+        onnx = onnx_subfolder(folder) if folder is not None and not weights else None
         if onnx is not None:             # sentence-transformers' ONNX backend: the module's onnx/model.onnx
             found.append((k, rel, kind_of, folder, "onnx", onnx))
             continue
