@@ -352,14 +352,19 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     grown = sum(1 for t in counted if t.get("status") == "resized" and t.get("frac_changed") == 0)
     only = (f" ({count(grown)} of them only resized: rows added or removed, the shared rows bitwise unchanged)"
             if grown else "")
+    removed = int(tbs.get("removed") or 0)
+    # removed base tensors are not among the tuned model's tensors: said apart, or "0 of 37 tensors changed"
+    # reads as if nothing differed (an ONNX export that leaves out the unused pooler)
+    gone = f"; {count(removed)} base {'tensor' if removed == 1 else 'tensors'} removed" if removed else ""
     if added and scope.get("tensors_changed") is not None:    # added tensors are new, not changed
         parts = [f"{count(max(0, scope['tensors_changed'] - added))} of {count(scope.get('tensors_total'))} tensors "
                  f"changed{only} and {count(added)} added"]
     else:
-        parts = [f"{count(scope.get('tensors_changed'))} of {count(scope.get('tensors_total'))} tensors changed{only}"]
+        parts = [f"{count(scope.get('tensors_changed'))} of {count(scope.get('tensors_total'))} tensors "
+                 f"changed{only}"]
     if scope.get("blocks_total"):
         parts.append(f"{scope.get('blocks_changed')} of {scope.get('blocks_total')} blocks")
-    text = "Derived from this base: " + ", in ".join(parts)
+    text = "Derived from this base: " + ", in ".join(parts) + gone
     if scope.get("base_blocks_total") and scope.get("base_blocks_paired", 0) < scope["base_blocks_total"]:
         text += f"; {scope['base_blocks_paired']} of {scope['base_blocks_total']} base blocks have a counterpart"
     if scope.get("blocks_moved"):
