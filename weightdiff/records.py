@@ -450,3 +450,27 @@ def _emit_rows(rows: list, level: int, out: list[str]) -> None:
         sep = ","
     out.append("\n" + " " * level)
     out.append("]")
+
+
+#: the smallest matrix the look-alike count considers (content pairing's own threshold)
+LOOKALIKE_MIN = 256
+
+
+def count_lookalikes(rows) -> int:
+    """Removed base matrices for which an added tuned matrix of the same or the transposed shape is
+    left unpaired, from ``(status, shape)`` pairs (records or JSON rows): neither names nor content
+    paired them (content pairing needs the values to correlate), so they may be the same weights
+    changed beyond recognition, or replaced (an ONNX export's ``onnx::MatMul_N`` of a re-initialised
+    layer). Summary flag ``unpaired_lookalikes``; the derived reason gives the count."""
+    rows = [(st, tuple(sorted(sh))) for st, sh in rows
+            if st in ("added", "removed") and sh is not None and len(sh) == 2 and sh[0] * sh[1] >= LOOKALIKE_MIN]
+    spare: dict = {}
+    for st, key in rows:
+        if st == "added":
+            spare[key] = spare.get(key, 0) + 1
+    n = 0
+    for st, key in rows:
+        if st == "removed" and spare.get(key):
+            spare[key] -= 1
+            n += 1
+    return n

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..kernels.dtypes import DTYPES
 from ..options import Thresholds
-from ..records import STATUSES, BlockRecord, Summary, TensorRecord
+from ..records import STATUSES, BlockRecord, Summary, TensorRecord, count_lookalikes
 from ..io.declared import same_model
 from ..pairing.names import parse_name
 from .coverage import coverage, too_little
@@ -331,28 +331,9 @@ def relayout(counted: list[TensorRecord]) -> int:
     return sum(added.values())
 
 
-#: the smallest matrix the look-alike count considers (content pairing's own threshold)
-LOOKALIKE_MIN = 256
-
-
 def lookalikes(counted: list[TensorRecord]) -> int:
-    """Removed base matrices for which an added tuned matrix of the same or the transposed shape is
-    left unpaired: neither names nor content paired them (content pairing needs the values to correlate),
-    so they may be the same weights changed beyond recognition, or replaced, not weights that were only
-    removed beside new ones (an ONNX export's ``onnx::MatMul_N`` of a re-initialised layer)."""
-    spare: dict[tuple, int] = {}
-    for r in counted:
-        if r.status == "added" and len(r.shape or ()) == 2 and int(r.numel or 0) >= LOOKALIKE_MIN:
-            key = tuple(sorted(r.shape))
-            spare[key] = spare.get(key, 0) + 1
-    n = 0
-    for r in counted:
-        if r.status == "removed" and len(r.shape or ()) == 2 and int(r.numel or 0) >= LOOKALIKE_MIN:
-            key = tuple(sorted(r.shape))
-            if spare.get(key):
-                spare[key] -= 1
-                n += 1
-    return n
+    """``records.count_lookalikes`` of the records."""
+    return count_lookalikes((r.status, r.shape) for r in counted)
 
 
 def _awq_or_norm(r: TensorRecord) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..records import count_lookalikes
 from .formats import count, num, sci, share, tuned_params
 
 __all__ = ["verdict_title", "parts_text", "verdict_reason", "headline", "coverage_sentence", "form_sentence", "matrices_phrase",
@@ -241,23 +242,6 @@ def verdict_reason(data: dict) -> str:
     return f"{text} {cover}" if cover else text
 
 
-def _lookalikes(counted: list[dict]) -> int:
-    """``judge.verdict.lookalikes`` of the JSON rows: removed base matrices with an added tuned matrix of
-    the same or the transposed shape left over."""
-    spare: dict = {}
-    for t in counted:
-        sh = t.get("shape") or []
-        if t.get("status") == "added" and len(sh) == 2 and sh[0] * sh[1] >= 256:
-            spare[tuple(sorted(sh))] = spare.get(tuple(sorted(sh)), 0) + 1
-    n = 0
-    for t in counted:
-        sh = t.get("shape") or []
-        if t.get("status") == "removed" and len(sh) == 2 and sh[0] * sh[1] >= 256 and spare.get(tuple(sorted(sh))):
-            spare[tuple(sorted(sh))] -= 1
-            n += 1
-    return n
-
-
 def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, cos, rel, v) -> str:
     if not counted:
         return "No tensors were compared."
@@ -383,7 +367,7 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
             text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
-    alike = _lookalikes(counted) if "unpaired_lookalikes" in (s.get("flags") or []) else 0
+    alike = count_lookalikes((t.get("status"), t.get("shape")) for t in counted) if "unpaired_lookalikes" in (s.get("flags") or []) else 0
     if alike:
         text += (f"; {count(alike)} removed base {'matrix has' if alike == 1 else 'matrices have'} an added tuned "
                  f"matrix of {'its' if alike == 1 else 'their'} shape beside {'it' if alike == 1 else 'them'} that "
