@@ -88,8 +88,8 @@ def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
 
 
 class TransposedSide:
-    """One tuned matrix stored transposed (content-paired: an ONNX ``MatMul`` weight, a quantized
-    ``MatMulNBits`` one), seen in the base's orientation by the floor test and the quantization noise
+    """One tuned matrix stored transposed (paired by content or by name: an ONNX ``MatMul`` weight, a
+    quantized ``MatMulNBits`` one, GPT-2's Conv1D), seen in the base's orientation by the floor test and the quantization noise
     of the rank: its values (``values``, already transposed) and its floor are read whole, as the
     transposed comparison reads the values. Its first-group columns are not known in this
     orientation (``quant`` is empty), so a calibrated format falls back to the bound."""
@@ -97,7 +97,7 @@ class TransposedSide:
     def __init__(self, ck: Checkpoint, name: str, shape_b: tuple, values: np.ndarray):
         from dataclasses import replace
 
-        self._ck, self._name, self._shape_b = ck, name, tuple(int(d) for d in shape_b)
+        self._ck, self._shape_b = ck, tuple(int(d) for d in shape_b)
         self._values = np.ascontiguousarray(values).reshape(-1)
         self.tensors = {name: replace(ck.tensors[name], shape=self._shape_b)}
         self.quant: dict = {}
