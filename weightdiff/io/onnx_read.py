@@ -26,12 +26,15 @@ is read from the file its ``location`` names, which must be a plain relative pat
 model's folder (no ``..``, no absolute path, no symlink out of the folder), with its
 ``offset`` and ``length`` checked against that file's size and the tensor's.
 
-Quantized weights are dequantized by ``weightdiff.io.quant_sources.Linear``: a
-``DequantizeLinear`` node reading an integer initializer (QDQ format: scale, zero point,
-``axis`` and ``block_size`` from the node), and ONNX Runtime's QOperator triples
-``W_quantized`` / ``W_scale`` / ``W_zero_point`` (``quantize_dynamic``; the axis of a
-per-channel scale from the node that consumes the weight). The logical tensor takes the
-float model's name (``W``), so an int8 export pairs with the float one by name.
+Quantized weights are dequantized by ``weightdiff.io.quant_sources``: ``AxisGrid`` for a
+``DequantizeLinear`` node reading an integer (int4/uint4/int8/uint8/int16) initializer (QDQ format:
+scale, zero point, ``axis`` and ``block_size`` from the node), ONNX Runtime's QOperator triples
+``W_quantized`` / ``W_scale`` / ``W_zero_point`` (``quantize_dynamic``; the axis of a per-channel scale
+from the node that consumes the weight) and int32 ``QGemm``/``QLinearConv`` biases; ``NBits`` for
+``MatMulNBits``. The logical tensor takes the float model's name (``W``), so an int8 export pairs with
+the float one by name. Weights the exporter named itself (``onnx::MatMul_702``, ``val_43``) are reported
+under the module of the node that reads them (``_module_names``), and parameters stored once for equal
+values under each module's name. See docs/formats.md, "ONNX models".
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from .files import inside, open_regular
 from .safetensors_read import Header, QuantScheme, SafetensorsFile, TensorInfo, array_windows, check_range, \
     storage_of
 
-__all__ = ["parse_onnx", "OnnxData", "OnnxModel", "ONNX_DTYPES", "CONSTANT_MIN", "PLUMBING_MAX"]
+__all__ = ["parse_onnx", "locate_onnx", "OnnxData", "OnnxModel", "ONNX_DTYPES", "CONSTANT_MIN", "PLUMBING_MAX"]
 
 #: ONNX TensorProto.DataType -> the safetensors dtype name its values are handed out as
 ONNX_DTYPES = {1: "F32", 2: "U8", 3: "I8", 4: "U16", 5: "I16", 6: "I32", 7: "I64", 9: "BOOL", 10: "F16",
