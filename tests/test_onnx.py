@@ -758,3 +758,13 @@ def test_inspect_lists_the_names_compare_reports_and_the_names_stored(tmp_path):
     r = CliRunner().invoke(main, ["compare", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"),
                                   "--include", "m.layers.0.attn.q.weight"])
     assert r.exit_code == 0, r.stderr
+
+
+def test_quantized_onnx_tensors_count_under_their_stored_integer_type(tmp_path):
+    pytest.importorskip("onnxruntime")
+    _matmul_export(tmp_path / "fp32.onnx", 0)
+    _nbits(tmp_path / "fp32.onnx", tmp_path / "q4.onnx", 4, True, 32)
+    _quantize(tmp_path / "fp32.onnx", tmp_path / "q8.onnx", "dynamic")
+    for name, want in (("q4", "int4"), ("q8", "int8")):
+        doc = _verdict(tmp_path, tmp_path / "fp32.onnx", tmp_path / f"{name}.onnx")
+        assert set(doc["tuned"]["dtypes"]) == {want, "F32"}, doc["tuned"]["dtypes"]

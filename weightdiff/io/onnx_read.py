@@ -862,7 +862,11 @@ def locate_onnx(file: Path, shown: object, root: Path):
                     plumbing += 1
                     params += int(math.prod(src.shape))
                     continue
-                tensors[logical] = TensorInfo(logical, "F32", tuple(src.shape), src.path, None, None, quant=src.scheme)
+                # the stored integer type names the scheme (`dtypes` counts int8 and int4 tensors apart)
+                stored_as = f"int{src.scheme.bits}" if src.scheme.scheme.endswith("(MatMulNBits)") \
+                    else src.scheme.scheme.split(",")[0].split(" ")[0]
+                tensors[logical] = TensorInfo(logical, "F32", tuple(src.shape), src.path, None, None,
+                                              scheme=stored_as, quant=src.scheme)
             continue
         qparam = bool(uses.get(name)) and all(i in _QPARAMS.get(op.op, ()) for op, i in uses[name])
         if qparam or _plumbing(name, info.numel, info.dtype in _INT_TYPES, name in model.constants):
