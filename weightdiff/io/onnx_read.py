@@ -437,6 +437,7 @@ class OnnxModel:
     metadata: dict[str, str]
     files: list[Path]
     constants: dict[str, _Tensor]
+    sizes: dict[Path, int]               # each file's size when it was parsed (the checks were made against it)
 
 
 def parse_onnx(path: Path) -> OnnxModel:
@@ -475,7 +476,8 @@ def parse_onnx(path: Path) -> OnnxModel:
     for t in constants.values():
         if t.file is not None and t.file not in files:
             files.append(t.file)
-    return OnnxModel(path, p.tensors, p.nodes, p.metadata, files, constants)
+    p.sizes[path] = st.st_size
+    return OnnxModel(path, p.tensors, p.nodes, p.metadata, files, constants, p.sizes)
 
 
 class OnnxData(SafetensorsFile):
@@ -519,7 +521,7 @@ def headers_of(model: OnnxModel, infos: dict[str, TensorInfo], held: dict[str, n
     out: dict[Path, Header] = {}
     for f in model.files:
         h = Header()
-        h.size, h.metadata = os.stat(f).st_size, {}
+        h.size, h.metadata = model.sizes[f], {}
         h.held = {}
         out[f] = h
     for name, info in infos.items():
@@ -538,20 +540,21 @@ _QPARAMS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "QLinearMatMul
             "QLinearSigmoid": (1, 2, 3, 4), "QLinearLeakyRelu": (1, 2, 3, 4), "QLinearAveragePool": (1, 2, 3, 4),
             "QLinearGlobalAveragePool": (1, 2, 3, 4), "QLinearConcat": (), "QLinearSoftmax": (1, 2, 3, 4),
             "QLinearWhere": (), "QEmbedLayerNormalization": (), "MatMulNBits": (2, 3, 4)}
-#: operators that read an integer weight at an input position, and which axis of it a per-channel scale spans
-_INT_WEIGHT = {"MatMulInteger": 1, "QLinearMatMul": 3, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
-               "ConvInteger": 1, "QLinearConv": 3, "QGemm": 3, "QAttention": 1}
 
 
 #: names exporters give the values they create (not a module's parameter): legacy ``onnx::Op_N``, dynamo
 #: ``val_N``, node outputs ``/path/Constant_output_0``
-_GENERATED = re.compile(r"^(?:onnx::|val_\d|_val_\d|/|const_|Constant_)|_output_\d+$")
+_GENERATED = re.compile(r"^(?:onnx::|val_\d|_val_\d|/|const_|Constant_)")
 
 
 #: operators that read a weight, and the input it is at
 _WEIGHT_USE = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "MatMulInteger": 1, "MatMulNBits": 1,
                "QGemm": 3, "QLinearMatMul": 3, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
                "ConvInteger": 1, "QLinearConv": 3, "Gather": 0, "Transpose": 0, "GatherBlockQuantized": 0}
+#: the operators among them that read an integer weight (whose scale must be stored beside it)
+_INT_WEIGHT = {op: i for op, i in {**_WEIGHT_USE, "QAttention": 1}.items()
+               if op in ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                         "ConvInteger", "QLinearConv", "QGemm", "QAttention")}
 _MODULE_PATH = re.compile(r"[A-Za-z_][\w]*(?:\.[\w]+)*")
 _PARAM_NAME = re.compile(r"[A-Za-z_][\w]*(?:\.[\w]+)*\.(?:weight|bias)")
 
