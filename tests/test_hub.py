@@ -276,7 +276,8 @@ def test_provenance_screens_candidates_on_sampled_rows_only(server, hf):
     (["org/base", "org/gated"], ["`org/gated` is a gated repo", "hf auth login"]),
     (["org/base", "org/gated", "--stream"], ["`org/gated` is a gated repo", "hf auth login"]),
     (["org/base", "org/private"], ["no Hub repo `org/private` (or it is private)", "hf auth login"]),
-    (["org/base", "hf://org/multi@main/nope"], ["no folder `nope` in `org/multi`"]),
+    (["org/base", "hf://org/multi@main/nope"], ["no folder or file `nope` in `org/multi`"]),
+    (["org/base", "hf://org/base/config.json"], ["`config.json` in `org/base` is not a weights file weightdiff reads"]),
     (["org/base", "hf://datasets/org/data"], ["is a Hub dataset repo"]),
     (["org/base", "org/multi"], ["no checkpoint here", "found README.md, sub"]),
     # a sentence-transformers repo's module folders are not read over HTTP: refused, never compared without them
@@ -575,3 +576,99 @@ def test_an_onnx_repo_with_external_data_is_downloaded_with_its_data_and_refused
     assert [f["sha256_source"] for f in files] == ["verified", "verified"]
     rc, _, err = run("compare", "org/onnx-base", "org/onnx-tuned", "--stream")
     assert rc == 2 and "holds an ONNX model, which cannot be read by range requests" in err
+
+
+# -- naming one file of a repo; the transformers.js layout -------------------------------------------
+
+def _onnx_model(w: np.ndarray) -> bytes:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/layer/MatMul")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])],
+                          [numpy_helper.from_array(w.astype(np.float32), "W")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_a_transformers_js_repo_reads_onnx_model_onnx_and_any_file_can_be_named(server, hf, tmp_path):
+    """Xenova/* and sentence-transformers ONNX repos keep onnx/model.onnx beside quantized variants and
+    no weights at the top: the repo id reads onnx/model.onnx (as locally); hf://org/name/onnx/<file>
+    names another; the onnx/ folder alone is ambiguous and its error shows how to name one."""
+    rng = np.random.default_rng(43)
+    w = rng.normal(0, 0.02, (64, 48)).astype(np.float32)
+    t = w + 0.01 * np.outer(rng.normal(size=64), rng.normal(size=48)).astype(np.float32)
+    for name, ww, other in (("js-base", w, w * 2), ("js-tuned", t, t * 2)):
+        server.commit(f"org/{name}", {"config.json": b"{}", "onnx/model.onnx": _onnx_model(ww),
+                                      "onnx/model_fp16.onnx": _onnx_model(other)})
+    rc, _, err = run("compare", "org/js-base", "org/js-tuned", "--json", "a.json", "-q")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert [f["name"] for f in doc["tuned"]["files"]] == ["onnx/model.onnx"]
+    assert [(x["name"], x["status"], x["rank"]["numerical_rank"]) for x in doc["tensors"]] == [("W", "changed", 1)]
+    # naming a file: the other export; downloaded, then the same from the cache offline
+    named = ("hf://org/js-base/onnx/model_fp16.onnx", "hf://org/js-tuned@main/onnx/model_fp16.onnx")
+    rc, _, err = run("compare", *named, "--json", "b.json", "-q")
+    assert rc == 0, err
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert [f["name"] for f in b["tuned"]["files"]] == ["onnx/model_fp16.onnx"]
+    assert b["tuned"]["hub"]["subfolder"] == "onnx" and b["tuned"]["hub"]["revision"] == "main"
+    assert b["tensors"][0]["norm_base"] == pytest.approx(2 * doc["tensors"][0]["norm_base"], rel=1e-6)
+    server.reset_log()
+    rc, _, err = run("compare", *named, "--offline", "--json", "c.json", "-q")
+    assert rc == 0 and server.requests == [], err
+    c = json.loads((tmp_path / "c.json").read_text())
+    b.pop("run"), c.pop("run")
+    assert b == c
+    line = one_error(*run("compare", "org/js-base", "hf://org/js-tuned/onnx")[::2])
+    assert "2 .onnx files, so which is the model is ambiguous: model.onnx, model_fp16.onnx" in line
+    assert "(name one file: hf://org/js-tuned/onnx/model.onnx)" in line
+
+
+def test_a_gguf_repo_with_one_file_per_quantization_names_its_file(server, hf, tmp_path):
+    """A GGUF repo holds a file per quantization: the repo id is ambiguous (the hint spells a file), a
+    named file is read (downloaded: GGUF needs a local file), and a file of another repo's subfolder too."""
+    gguf = pytest.importorskip("gguf")
+    from gguf_build import to_gguf
+
+    Q = gguf.GGMLQuantizationType
+    base = llama(np.random.default_rng(5), **SHAPE)
+    tuned = {k: low_rank_update(np.random.default_rng(6), v, 2) if k.endswith("q_proj.weight") else v
+             for k, v in base.items()}
+    files = {}
+    for side, tensors in (("b", base), ("t", tuned)):
+        for q in (Q.F32, Q.Q8_0):
+            p = to_gguf(tmp_path / f"{side}.{q.name}.gguf", tensors, "llama", q, n_head=4, layers=2)
+            files[(side, q.name)] = p.read_bytes()
+    server.commit("org/gguf-base", {"README.md": b"x", "m.F32.gguf": files[("b", "F32")],
+                                    "m.Q8_0.gguf": files[("b", "Q8_0")]})
+    server.commit("org/gguf-tuned", {"README.md": b"x", "q/m-tuned.Q8_0.gguf": files[("t", "Q8_0")],
+                                     "m-tuned.F32.gguf": files[("t", "F32")]})
+    line = one_error(*run("compare", "org/gguf-base", "org/gguf-tuned")[::2])
+    assert "org/gguf-base: 2 .gguf files, so which is the model is ambiguous: m.F32.gguf, m.Q8_0.gguf" in line
+    assert "(name one file: hf://org/gguf-base/m.F32.gguf)" in line
+    rc, _, err = run("compare", "hf://org/gguf-base/m.F32.gguf", "hf://org/gguf-tuned/m-tuned.F32.gguf",
+                     "--json", "f.json", "-q")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "f.json").read_text())
+    assert doc["summary"]["verdict"] == "derived"
+    assert {x["name"] for x in doc["tensors"] if x["status"] == "changed"} == \
+        {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
+    assert doc["base"][0]["format"] == "gguf" and doc["base"][0]["hub"]["subfolder"] is None
+    rc, _, err = run("compare", "hf://org/gguf-base/m.Q8_0.gguf", "hf://org/gguf-tuned/q/m-tuned.Q8_0.gguf",
+                     "--json", "q.json", "-q")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "q.json").read_text())
+    assert doc["tuned"]["files"][0]["name"] == "q/m-tuned.Q8_0.gguf" and doc["tuned"]["hub"]["subfolder"] == "q"
+    assert {x["name"] for x in doc["tensors"] if x["status"] == "changed"} == \
+        {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
+
+
+def test_a_named_safetensors_file_streams_like_its_folder(server, hf, tmp_path):
+    r = weightdiff.compare("org/base", "hf://org/sibling/model.safetensors", hub=HubOptions(download=False),
+                           rank=False)
+    f = weightdiff.compare("org/base", "org/sibling", hub=HubOptions(download=False), rank=False)
+    assert r.tuned["files"] == f.tuned["files"] and r.tuned["hub"]["subfolder"] is None
+    a, b = r.to_dict(include_run=False), f.to_dict(include_run=False)
+    assert a["tensors"] == b["tensors"] and a["summary"] == b["summary"]
+    assert stored(hf) == []

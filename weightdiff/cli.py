@@ -96,7 +96,7 @@ def inspect_cmd(ckpt: str, as_json: bool, list_tensors: bool, **hub_opts) -> Non
 
     CKPT is a .safetensors file, a checkpoint folder (single, sharded or PEFT adapter),
     a Hugging Face cache folder, a legacy .bin/.pt (needs the torch extra), or a Hub
-    repo id (org/name[@revision], hf://org/name@revision/subfolder; the hub extra),
+    repo id (org/name[@revision], hf://org/name@revision/subfolder or /file; the hub extra),
     whose headers are read by range requests without downloading the weights.
 
     \b
@@ -141,7 +141,7 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, base_lab
     composite model, such as a ViT encoder plus a GPT-2 decoder). A checkpoint is a
     .safetensors file, a folder with model.safetensors or a sharded index, a PEFT
     adapter folder, a Hugging Face cache snapshot, or a Hub repo id (org/name,
-    org/name@revision, hf://org/name@revision/subfolder; needs the hub extra). A local
+    org/name@revision, hf://org/name@revision/subfolder or /file; needs the hub extra). A local
     path always wins over a repo id of the same spelling; the plan says which was read.
 
     The summary goes to stdout (or only JSON with --json -); the pairing plan and a

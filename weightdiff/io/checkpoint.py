@@ -23,7 +23,7 @@ import os
 import re
 import stat
 from pathlib import Path, PurePosixPath
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import CheckpointError, escape_name
 from .files import inside as _inside, load_json, open_regular, os_problem, pread_into, read_small
@@ -35,7 +35,7 @@ from .quantized import fold, read_quant_config
 from .safetensors_read import SafetensorsFile, TensorInfo
 
 __all__ = ["AdapterConfig", "LoraFactor", "Checkpoint", "locate", "JSON_CAP", "LocalFolder", "choose_weights", "build",
-           "is_hub_candidate"]
+           "file_kind", "AmbiguousWeights", "is_hub_candidate"]
 
 #: trainer state saved beside the weights, never a model
 _NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"}
@@ -172,13 +172,16 @@ class LocalFolder:
         return {n: _header(self.file(n)) for n in names}
 
 
-def choose_weights(names: Sequence[str], where: object) -> tuple[str, str | None]:
+def choose_weights(names: Sequence[str], where: object,
+                   listdir: Callable[[str], Sequence[str]] | None = None) -> tuple[str, str | None]:
     """Which file of a folder listing holds the model: ``(kind, name)``.
 
     Kinds: ``adapter`` (name: the adapter's weights file, None when missing), ``sharded``
     (name: the safetensors index), ``single``, ``pickle_sharded`` (the .bin index),
     ``pickle``, ``gguf`` and ``onnx``. The same rules serve a local folder and a Hub repo's file list
-    (a new format adds its rule here). Raises CheckpointError naming ``where``.
+    (a new format adds its rule here). ``listdir(sub)``: the names in a subfolder, for the one rule that
+    looks below the folder (``onnx_in_subfolder``; ``name`` is then ``onnx/model.onnx``). Raises
+    CheckpointError naming ``where`` (``AmbiguousWeights`` when several files could be the model).
 
     >>> choose_weights(["config.json", "model-00001-of-00002.safetensors",
     ...                 "model-00002-of-00002.safetensors", "model.safetensors.index.json"], "x")
@@ -217,18 +220,66 @@ def choose_weights(names: Sequence[str], where: object) -> tuple[str, str | None
     ox = [n for n in names if n.lower().endswith(".onnx")]
     if ox:
         return "onnx", _the_one(where, ox, ".onnx files", "pass one file")
+    sub = onnx_in_subfolder(listdir("onnx"), where) if listdir is not None and "onnx" in names else None
+    if sub is not None:
+        return "onnx", sub
     found = f"found {', '.join(escape_name(n) for n in names[:6])}" + (", ..." if len(names) > 6 else "") \
         if names else "the folder is empty"
     raise CheckpointError(where, f"no checkpoint here: expected model.safetensors, "
                                  f"model.safetensors.index.json, a .gguf or a .onnx file ({found})")
 
 
+class AmbiguousWeights(CheckpointError):
+    """A folder with several candidate weight files: ``candidates`` lists them (names relative to the
+    folder), so a caller can say how to name one in its own spelling (a Hub repo: ``hf://org/name/file``)."""
+
+    def __init__(self, where: object, problem: str, hint: str, candidates: Sequence[str]):
+        super().__init__(where, problem, hint)
+        self.problem, self.candidates = problem, list(candidates)
+
+
 def _the_one(where: object, candidates: list[str], what: str, hint: str) -> str:
     """The only candidate weight file, or bad input listing them all (which one is the model is ambiguous)."""
     if len(candidates) == 1:
         return candidates[0]
-    raise CheckpointError(where, f"{len(candidates)} {what}, so which is the model is ambiguous: "
-                                 f"{', '.join(escape_name(n) for n in candidates)}", hint)
+    raise AmbiguousWeights(where, f"{len(candidates)} {what}, so which is the model is ambiguous: "
+                                  f"{', '.join(escape_name(n) for n in candidates)}", hint, candidates)
+
+
+def file_kind(name: str) -> str | None:
+    """The kind of a weights file named directly, from its name alone (a Hub path, where nothing can be
+    sniffed before it is fetched; a local file also goes by its first bytes): None for a name that is no
+    weights file."""
+    low = name.lower()
+    if low.endswith(".onnx"):
+        return "onnx"
+    if low.endswith(".gguf"):
+        return "gguf"
+    if name.endswith(".bin.index.json"):
+        return "pickle_sharded"
+    if name.endswith(".safetensors.index.json"):
+        return "sharded"
+    if name.endswith(PICKLE_SUFFIXES) and name.rsplit("/", 1)[-1] not in _NOT_WEIGHTS:
+        return "pickle"
+    if name.endswith(".safetensors"):
+        return "single"
+    return None
+
+
+def onnx_in_subfolder(found: Sequence[str], where: object) -> str | None:
+    """The rule for an ``onnx/`` subfolder (its file names ``found``) of a folder with no weights of its
+    own, as transformers.js repos and sentence-transformers' ONNX backend keep them: ``onnx/model.onnx``,
+    the file those load (beside optimized and quantized variants, ``model_quantized.onnx``,
+    ``model_O1.onnx``: name another file to compare it). None when the subfolder holds no .onnx."""
+    found = sorted(n for n in found if n.lower().endswith(".onnx"))
+    if "model.onnx" in found:
+        return "onnx/model.onnx"
+    if found:
+        raise AmbiguousWeights(where, f"holds no weights of its own and its onnx/ folder holds "
+                                      f"{', '.join(escape_name(n) for n in found[:6])} but no model.onnx, which "
+                                      "sentence-transformers' ONNX backend and transformers.js load",
+                               "pass the .onnx file to compare", [f"onnx/{n}" for n in found])
+    return None
 
 
 def build(folder, kind: str, name: str | None, shown: object) -> Checkpoint:
@@ -258,35 +309,22 @@ def _locate_dir(d: Path) -> Checkpoint:
         from .st_modules import locate_modules
 
         return locate_modules(d, names)
-    try:
-        kind, name = choose_weights(names, d)
-    except CheckpointError:
-        sub = onnx_subfolder(d) if "onnx" in names else None
-        if sub is None:
-            raise
-        ckpt = build(LocalFolder(d), "onnx", sub, d)
-        ckpt.notes.append(f"{escape_name(str(d))}: no weights beside its config; {sub} is read (the file "
+    kind, name = choose_weights(names, d, lambda sub: onnx_subfolder_names(d / sub))
+    ckpt = build(LocalFolder(d), kind, name, d)
+    if kind == "onnx" and "/" in name:
+        ckpt.notes.append(f"{escape_name(str(d))}: no weights beside its config; {name} is read (the file "
                           "transformers.js and sentence-transformers' ONNX backend load)")
-        return ckpt
-    return build(LocalFolder(d), kind, name, d)
+    return ckpt
+
+
+def onnx_subfolder_names(sub: Path) -> list[str]:
+    """The names in a local ``onnx/`` subfolder (none when it is a symlink or not a folder)."""
+    return [] if os.path.islink(sub) or not sub.is_dir() else _listdir(sub)
 
 
 def onnx_subfolder(folder: Path) -> str | None:
-    """``onnx/model.onnx`` of a folder with no weights of its own, as transformers.js repos and
-    sentence-transformers' ONNX backend keep them (beside optimized and quantized variants,
-    ``model_quantized.onnx``, ``model_O1.onnx``: those load ``model.onnx`` unless told otherwise, and so
-    does weightdiff; pass another file directly to compare it). None without an ``onnx/`` subfolder."""
-    sub = folder / "onnx"
-    if os.path.islink(sub) or not sub.is_dir():
-        return None
-    found = [n for n in _listdir(sub) if n.lower().endswith(".onnx")]
-    if "model.onnx" in found:
-        return "onnx/model.onnx"
-    if found:
-        raise CheckpointError(sub, f"holds {', '.join(escape_name(n) for n in found[:6])} but no model.onnx, which "
-                                   "sentence-transformers' ONNX backend and transformers.js load",
-                              "pass the .onnx file to compare")
-    return None
+    """``onnx_in_subfolder`` for a local folder: ``onnx/model.onnx`` or None (raises when ambiguous)."""
+    return onnx_in_subfolder(onnx_subfolder_names(folder / "onnx"), folder)
 
 
 def _cache_inside(path: Path, repo: Path) -> None:

@@ -1,5 +1,7 @@
-"""Hugging Face Hub repo ids as checkpoints: ``org/name``, ``org/name@revision`` and
-``hf://org/name@revision/subfolder``.
+"""Hugging Face Hub repo ids as checkpoints: ``org/name``, ``org/name@revision``,
+``hf://org/name@revision/subfolder`` and ``hf://org/name@revision/path/to/file`` (one file of the
+repo, as a local file path: a GGUF repo's ``model.Q8_0.gguf``, a transformers.js repo's
+``onnx/model_quantized.onnx``; the kind goes by the name, ``checkpoint.file_kind``).
 
 Resolution goes through huggingface_hub (the ``hub`` extra) and honours what it honours:
 HF_ENDPOINT, HF_TOKEN, HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE (read when the call is
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, escape_name
 from ..options import HubOptions
-from .checkpoint import JSON_CAP, Checkpoint, LocalFolder, build, choose_weights
+from .checkpoint import JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, build, choose_weights, file_kind
 from .files import load_json
 from .hub_cache import from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
@@ -133,6 +135,39 @@ class _Listing:
         """Direct children of the subfolder (files and folders), as a local listdir gives them."""
         n = len(self.prefix)
         return sorted({p[n:].split("/", 1)[0] for p in self.files if p.startswith(self.prefix)})
+
+    def children(self, sub: str) -> list[str]:
+        """Direct children of ``sub`` inside the subfolder (``choose_weights``' ``listdir``)."""
+        top = self.prefix + sub + "/"
+        return sorted({p[len(top):].split("/", 1)[0] for p in self.files if p.startswith(top)})
+
+    def named_file(self, ref: "HubRef") -> "tuple[HubRef, _Listing, str] | None":
+        """When the spelling's path is a file of the repo, not a folder (``hf://org/name/model.Q8_0.gguf``):
+        the spelling with its folder as the subfolder, this listing seen from that folder, and the file's name."""
+        if not ref.subfolder or ref.subfolder not in self.files:
+            return None
+        parent, _, name = ref.subfolder.rpartition("/")
+        return (HubRef(ref.spelling, ref.repo_id, ref.revision, parent),
+                _Listing(self.commit, self.files, parent + "/" if parent else ""), name)
+
+
+def _choose(ref: HubRef, listing: _Listing, named: str | None) -> tuple[str, str | None]:
+    """``choose_weights`` on a repo's listing, or the kind of the file the spelling names. Where the
+    folder holds several candidates, the hint shows how to name one (a local path's "pass one file"
+    has no meaning for a repo id)."""
+    if named is not None:
+        kind = file_kind(named)
+        if kind is None:
+            raise CheckpointError(ref.spelling, f"`{escape_name(named)}` in `{escape_name(ref.repo_id)}` is not a weights "
+                                                "file weightdiff reads (.safetensors, a .safetensors.index.json, .gguf, "
+                                                ".onnx, .bin, .pt or .pth)", "name the model's folder or weights file")
+        return kind, named
+    try:
+        return choose_weights(listing.names(), ref.spelling, listing.children)
+    except AmbiguousWeights as exc:
+        at = f"@{ref.revision}" if ref.revision else ""
+        raise CheckpointError(ref.spelling, exc.problem,
+                              f"name one file: hf://{ref.repo_id}{at}/{listing.prefix}{exc.candidates[0]}") from None
 
 
 def _listing(ref: HubRef, env: _Env) -> _Listing:
@@ -260,8 +295,9 @@ def _needed(kind: str, name: str | None, folder: HubFolder) -> list[str]:
                                       "revision")
         return [name] + shards
     if kind == "onnx":               # its external data files, by the exporters' names (model.onnx_data, model.onnx.data)
-        stem = name[:-len(".onnx")]
-        return [name] + sorted(n for n in folder.listing.names() if n != name and n.startswith(stem)
+        stem, pre = name[:-len(".onnx")], folder.listing.prefix
+        beside = [p[len(pre):] for p in folder.listing.files if p.startswith(pre)]
+        return [name] + sorted(n for n in beside if n != name and n.startswith(stem) and "/" not in n[len(stem):]
                                and n.endswith("data"))
     return [name]
 
@@ -293,16 +329,14 @@ def preflight(paths, options: HubOptions | None = None) -> None:
             raise
         except Exception:           # unreachable: locate_hub falls back to the cache and says so
             continue
-        if ref.subfolder and not listing.names():
-            raise CheckpointError(spelling, f"no folder `{escape_name(ref.subfolder)}` in `{ref.repo_id}` at "
-                                            f"commit {listing.commit[:12]}")
-        if "modules.json" in listing.names():          # before anything is downloaded
+        ref, listing, named = _in_repo(ref, listing)
+        if named is None and "modules.json" in listing.names():          # before anything is downloaded
             reader = RangeReader(env.endpoint)
             try:
                 _no_remote_modules(listing, HubFolder(ref, listing, reader, env.cache_dir), spelling)
             finally:
                 reader.close()
-        kind, name = choose_weights(listing.names(), spelling)
+        kind, name = _choose(ref, listing, named)
         _head(ref, listing, listing.prefix + (name if kind != "adapter" else "adapter_config.json"), env)
         if kind in ("sharded", "pickle_sharded"):         # the index's shards exist (read from the index)
             reader = RangeReader(env.endpoint)
@@ -310,6 +344,18 @@ def preflight(paths, options: HubOptions | None = None) -> None:
                 _needed(kind, name, HubFolder(ref, listing, reader, env.cache_dir))
             finally:
                 reader.close()
+
+
+def _in_repo(ref: HubRef, listing: _Listing) -> tuple[HubRef, _Listing, str | None]:
+    """The folder the spelling names and the file in it when it names a file (else None); CheckpointError
+    when its path is neither a folder nor a file of the repo at that commit."""
+    named = listing.named_file(ref)
+    if named is not None:
+        return named
+    if ref.subfolder and not listing.names():
+        raise CheckpointError(ref.spelling, f"no folder or file `{escape_name(ref.subfolder)}` in "
+                                            f"`{escape_name(ref.repo_id)}` at commit {listing.commit[:12]}")
+    return ref, listing, None
 
 
 def _head(ref: HubRef, listing: _Listing, path: str, env: _Env) -> None:
@@ -342,13 +388,16 @@ def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
             raise hub_error(exc, ref.repo_id, spelling, ref.revision, env.endpoint) from None
         ckpt.origin += f" (the Hub at {env.endpoint} could not be reached: {first_line(exc)})"
         return ckpt
-    if ref.subfolder and not listing.names():
-        raise CheckpointError(spelling, f"no folder `{escape_name(ref.subfolder)}` in `{ref.repo_id}` at commit "
-                                        f"{listing.commit[:12]}")
+    ref, listing, named = _in_repo(ref, listing)
     reader = RangeReader(env.endpoint)
     folder = HubFolder(ref, listing, reader, env.cache_dir)
-    _no_remote_modules(listing, folder, spelling)
-    kind, name = choose_weights(listing.names(), spelling)
+    try:
+        if named is None:
+            _no_remote_modules(listing, folder, spelling)
+        kind, name = _choose(ref, listing, named)
+    except CheckpointError:
+        reader.close()
+        raise
     needed = [listing.prefix + n for n in _needed(kind, name, folder)]
     _fill_sizes(ref, listing, needed, env)
     mode = _mode(options, ref, listing, needed, kind, env)

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from ..errors import CheckpointError, escape_name
-from .checkpoint import Checkpoint, LocalFolder, _read_index, build, choose_weights
+from .checkpoint import Checkpoint, LocalFolder, _read_index, build, choose_weights, file_kind, onnx_subfolder_names
 
 __all__ = ["from_cache", "identity"]
 
@@ -48,16 +48,23 @@ def from_cache(ref: HubRef, env: _Env, why: str) -> Checkpoint:
     snap = revs[0]
     snapshot = Path(snap.snapshot_path)
     root = snapshot / ref.subfolder if ref.subfolder else snapshot
+    named = None
+    if ref.subfolder and root.is_file():            # the spelling names a file (hf://org/name/model.Q8_0.gguf)
+        root, named = root.parent, root.name
+        ref = type(ref)(ref.spelling, ref.repo_id, ref.revision, ref.subfolder.rpartition("/")[0])
     local = LocalFolder(root)
     names = local.names() if root.is_dir() else []
-    if "modules.json" in names:
+    if named is None and "modules.json" in names:
         from .st_modules import refuse_remote_modules
 
         paths = [(Path(dp) / f).relative_to(root).as_posix() for dp, _, fs in os.walk(root) for f in fs]
         refuse_remote_modules(names, paths, lambda n: local.read_json(n, "sentence-transformers modules"),
                               ref.spelling)
     try:
-        kind, name = choose_weights(names, ref.spelling)
+        kind, name = (file_kind(named), named) if named is not None else \
+            choose_weights(names, ref.spelling, lambda sub: onnx_subfolder_names(root / sub))
+        if kind is None:
+            raise CheckpointError(ref.spelling, f"`{escape_name(named)}` is not a weights file weightdiff reads")
     except CheckpointError as exc:
         raise CheckpointError(ref.spelling, f"no weights of commit {snap.commit_hash[:12]} in the local cache "
                                             f"({exc.message.split(': ', 1)[-1]}), and {why}", hint) from None
@@ -66,7 +73,7 @@ def from_cache(ref: HubRef, env: _Env, why: str) -> Checkpoint:
         wanted += list(dict.fromkeys(_read_index(local, name)[0].values()))
     for n in wanted:
         if not local.exists(n) or not (root / n).exists():
-            raise CheckpointError(ref.spelling, f"{escape_name((Path(ref.subfolder) / n).as_posix())} of commit "
+            raise CheckpointError(ref.spelling, f"{escape_name((root / n).relative_to(snapshot).as_posix())} of commit "
                                                 f"{snap.commit_hash[:12]} is not in the local cache, and {why}",
                                   f"run once without --offline, or `hf download {ref.repo_id} {n}`")
     ckpt = build(local, kind, name, ref.spelling)
