@@ -354,6 +354,20 @@ def test_invisible_characters_in_names_are_escaped(tmp_path):
     assert terminal_safe('{"a\u200d": 1}') == '{"a\\u200d": 1}' and escape_name("plain.name") == "plain.name"
 
 
+def test_an_error_line_has_a_bounded_length_and_keeps_its_start_and_end(tmp_path):
+    """A 70,000-character tensor name (or a shape of 100,000 dimensions) made a 300 KB error line."""
+    from weightdiff.errors import LINE_MAX, CheckpointError
+
+    name = "w" * 70_000
+    header = {name: {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}}
+    path = write(tmp_path / "m.safetensors", raw_file(header, b"\0" * 8))
+    line = bad(path, "has unknown dtype")
+    assert len(line) <= LINE_MAX + 80 and str(path) in line and "characters left out" in line
+    e = CheckpointError("f.safetensors", "x" * 5000, "the hint")
+    assert str(e).startswith("f.safetensors: xxx") and str(e).endswith("(the hint)") and len(str(e)) < LINE_MAX + 80
+    assert str(CheckpointError("f", "short", "h")) == "f: short (h)"
+
+
 def test_control_chars_in_file_name(tmp_path):
     path = tmp_path / "bad\x1b\u202ename.safetensors"
     path.write_bytes(b"")

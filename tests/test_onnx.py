@@ -768,3 +768,104 @@ def test_quantized_onnx_tensors_count_under_their_stored_integer_type(tmp_path):
     for name, want in (("q4", "int4"), ("q8", "int8")):
         doc = _verdict(tmp_path, tmp_path / "fp32.onnx", tmp_path / f"{name}.onnx")
         assert set(doc["tuned"]["dtypes"]) == {want, "F32"}, doc["tuned"]["dtypes"]
+
+
+# -- found by a hostile-input round: valid files refused, invalid ones read --------------------------
+
+def test_int4_codes_in_int32_data_as_onnx_helper_writes_them_read_as_onnx_reads_them(tmp_path):
+    """onnx.helper.make_tensor(INT4, ...) packs two codes a byte into int32_data, not raw_data."""
+    codes = RNG.integers(-8, 8, (64, 31)).astype(np.int8)            # an odd count: the last byte half used
+    scale = RNG.uniform(0.005, 0.02, 31).astype(np.float32)
+    for kind, c in ((TensorProto.INT4, codes), (TensorProto.UINT4, (codes + 8).astype(np.uint8))):
+        q = helper.make_tensor("W_quantized", kind, list(c.shape), c.ravel().tolist())
+        assert not q.raw_data and len(q.int32_data) == -(-c.size // 2)
+        nodes = [helper.make_node("DequantizeLinear", ["W_quantized", "W_scale"]
+                                  + (["W_zero"] if kind == TensorProto.UINT4 else []), ["W"], axis=1),
+                 helper.make_node("MatMul", ["x", "W"], ["y"])]
+        inits = [q, numpy_helper.from_array(scale, "W_scale")]
+        if kind == TensorProto.UINT4:
+            inits.append(helper.make_tensor("W_zero", TensorProto.UINT4, [31], [8] * 31))
+        m = _graph_model(inits, nodes, opset=21, inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                         outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 31])])
+        m.ir_version = 10
+        onnx.checker.check_model(m)
+        path = tmp_path / f"int4-{kind}.onnx"
+        onnx.save(m, str(path))
+        assert np.array_equal(numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]), c)
+        got = _ours(path)
+        assert list(got) == ["W"]
+        assert np.array_equal(got["W"], codes.astype(np.float32) * scale), kind
+
+
+def test_a_tensor_with_two_sources_of_values_is_refused_as_onnx_checker_refuses_it(tmp_path):
+    both = numpy_helper.from_array(np.arange(4, dtype=np.float32), "w")
+    both.float_data.extend([9.0, 9.0, 9.0, 9.0])
+    onnx.save(_graph_model([both]), str(tmp_path / "raw_float.onnx"))
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(str(tmp_path / "raw_float.onnx"))
+    line = _bad(tmp_path / "raw_float.onnx", "tensor `w` holds values both in raw_data and in a typed field")
+    assert "onnx.checker refuses it too" in line and "truncated" not in line
+    (tmp_path / "w.bin").write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    p = _external(tmp_path, "w.bin")
+    m = onnx.load(str(p), load_external_data=False)
+    m.graph.initializer[0].raw_data = np.ones(16, np.float32).tobytes()
+    p.write_bytes(m.SerializeToString())             # (onnx.save would move the raw_data out)
+    _bad(p, "tensor `w` is stored externally and also holds values in the model file")
+
+
+def test_external_data_named_like_a_pickle_is_read_as_the_models_data(tmp_path):
+    """Any external data name is legal (weights.bin): a .bin beside a .onnx is not a PyTorch pickle."""
+    w = RNG.standard_normal((32, 64)).astype(np.float32)
+    d = tmp_path / "m"
+    d.mkdir()
+    onnx.save_model(_graph_model([numpy_helper.from_array(w, "w")]), str(d / "model.onnx"),
+                    save_as_external_data=True, location="weights.bin", size_threshold=0)
+    got = _ours(d)
+    assert np.array_equal(got["w"], w)
+    (d / "pytorch_model.bin").write_bytes(b"not read")     # a real pickle beside it still wins, as before
+    _bad(d, "pytorch_model.bin")
+
+
+def test_an_onnx_subfolder_that_is_a_symlink_out_is_refused_naming_it(tmp_path):
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    onnx.save(_graph_model([numpy_helper.from_array(np.ones(4, np.float32), "w")]), str(out / "model.onnx"))
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    os.symlink(out, d / "onnx")
+    _bad(d / "config.json", "is JSON")          # (the folder itself below)
+    r = CliRunner().invoke(main, ["inspect", str(d)])
+    assert r.exit_code == 2 and "onnx: resolves to" in r.stderr and "refusing to follow the symlink" in r.stderr
+
+
+def test_a_shape_of_many_dimensions_gives_a_short_error_line(tmp_path):
+    t = numpy_helper.from_array(np.ones(1, np.float32), "w")
+    del t.dims[:]
+    t.dims.extend([1] * 100_000)
+    onnx.save(_graph_model([t]), str(tmp_path / "dims.onnx"))
+    line = _bad(tmp_path / "dims.onnx", "tensor `w` has 100,000 dimensions")
+    assert len(line) < 300
+
+
+def test_a_nan_scale_reads_inconclusive_and_every_output_is_written(tmp_path):
+    """A NaN weight scale made the quantization test's ratios NaN: the JSON wrote null, but the memo,
+    which re-reads the result, refused the whole run."""
+    ort = pytest.importorskip("onnxruntime.quantization")
+    w = RNG.standard_normal((64, 64)).astype(np.float32)
+    m = _graph_model([numpy_helper.from_array(w, "l1.weight")], [helper.make_node("MatMul", ["x", "l1.weight"], ["y"])],
+                     inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                     outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])])
+    onnx.save(m, str(tmp_path / "float.onnx"))
+    ort.quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"), weight_type=ort.QuantType.QInt8)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    s = next(i for i in q.graph.initializer if i.name == "l1.weight_scale")
+    s.CopyFrom(numpy_helper.from_array(np.array(np.nan, np.float32), "l1.weight_scale"))
+    onnx.save(q, str(tmp_path / "q_nan.onnx"))
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "float.onnx"), str(tmp_path / "q_nan.onnx"), "-q",
+                                  "--json", str(tmp_path / "o.json"), "--report", str(tmp_path / "memo.md")])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads((tmp_path / "o.json").read_text())
+    assert doc["summary"]["verdict"] == "inconclusive" and "nonfinite_changes" in doc["summary"]["flags"]
+    assert doc["tensors"][0]["quant"]["max_ratio"] is None
+    assert (tmp_path / "memo.md").read_text().count("NaN or infinite") >= 1

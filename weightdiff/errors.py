@@ -25,6 +25,10 @@ __all__ = [
 ]
 
 
+#: the longest error line printed; the middle of a longer one is left out (its start names the file)
+LINE_MAX = 2000
+
+
 class WeightdiffError(Exception):
     """A problem with the user's input or request (exit code 2 in the CLI)."""
 
@@ -38,7 +42,10 @@ class WeightdiffError(Exception):
     def one_line(self) -> str:
         text = self.message if not self.hint else f"{self.message} ({self.hint})"
         # never let a newline from a file name or header split the one-line contract
-        return escape_name(text, keep_quotes=True)
+        text = escape_name(text, keep_quotes=True)
+        if len(text) > LINE_MAX:          # a hostile name or a shape of 100,000 dimensions: one readable line
+            text = f"{text[:LINE_MAX - 300]} ... [{len(text) - LINE_MAX + 300:,} characters left out] ... {text[-250:]}"
+        return text
 
 
 class CheckpointError(WeightdiffError):

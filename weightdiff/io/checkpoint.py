@@ -210,6 +210,9 @@ def choose_weights(names: Sequence[str], where: object,
     if len(pk_index) == 1:
         return "pickle_sharded", pk_index[0]
     pk = [n for n in names if n.endswith(PICKLE_SUFFIXES) and n not in _NOT_WEIGHTS]
+    if any(n.lower().endswith(".onnx") for n in names):
+        # a .bin beside an ONNX model is most often its external data (any name is legal: weights.bin)
+        pk = [n for n in pk if not n.endswith(".bin") or n.startswith("pytorch_model")]
     if "pytorch_model.bin" in pk:
         pk = ["pytorch_model.bin"]
     if pk:
@@ -318,8 +321,12 @@ def _locate_dir(d: Path) -> Checkpoint:
 
 
 def onnx_subfolder_names(sub: Path) -> list[str]:
-    """The names in a local ``onnx/`` subfolder (none when it is a symlink or not a folder)."""
-    return [] if os.path.islink(sub) or not sub.is_dir() else _listdir(sub)
+    """The names in a local ``onnx/`` subfolder (none when it is not a folder); CheckpointError when
+    it is a symlink that leads out of its checkpoint folder."""
+    if not sub.is_dir():
+        return []
+    _inside(sub, sub.parent, "copy the ONNX model into the folder if it belongs to this model")
+    return _listdir(sub)
 
 
 def onnx_subfolder(folder: Path) -> str | None:

@@ -75,7 +75,15 @@ _INT_TYPES = {"U8", "I8", "U16", "I16", "I32", "I64", "U32", "U64", "BOOL"}
 
 
 class _Bad(Exception):
-    """A malformed protobuf: turned into a CheckpointError naming the file."""
+    """A malformed protobuf: turned into a CheckpointError naming the file (with ``hint``, else the
+    one of a damaged file)."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+_SPEC = "it breaks the ONNX spec, and onnx.checker refuses it too: re-export the model"
 
 
 class _Unsupported(Exception):
@@ -303,15 +311,24 @@ class _Parser:
                                    "read")
             elif num in (4, 5, 7, 10, 11):
                 typed.setdefault(num, []).append((wt, x, y))
-        if len(dims) > 8 or any(d < 0 for d in dims):
+        if len(dims) > 8:
+            raise _Bad(f"tensor `{escape_name(name)}` has {len(dims):,} dimensions")
+        if any(d < 0 for d in dims):
             raise _Bad(f"tensor `{escape_name(name)}` has shape {dims}")
         shape = tuple(dims)
         numel = math.prod(shape)
+        if raw is not None and raw[1] > raw[0] and typed:    # onnx.checker refuses it too: which is the tensor?
+            raise _Bad(f"tensor `{escape_name(name)}` holds values both in raw_data and in a typed field", _SPEC)
+        if (location == 1 or external) and ((raw is not None and raw[1] > raw[0]) or typed):
+            raise _Bad(f"tensor `{escape_name(name)}` is stored externally and also holds values in the model file",
+                       _SPEC)
         if dtype_code in (21, 22):                 # UINT4 / INT4: two codes a byte, low nibble first
             t = _Tensor(name, "U8", (-(-numel // 2),), nibbles="U4" if dtype_code == 21 else "I4", logical=shape)
             want = t.shape[0]
             if location == 1 or external:
                 return self.external(t, external, want)
+            if raw is None and typed:              # onnx.helper.make_tensor's way: a packed byte per int32_data value
+                return self.typed(t, typed, want)
             if raw is None or raw[1] - raw[0] != want:
                 raise _Bad(f"tensor `{escape_name(name)}` {_OTHER_TYPES[dtype_code]} {list(shape)} needs {want:,} bytes "
                            "of raw_data")
@@ -465,7 +482,7 @@ def parse_onnx(path: Path) -> OnnxModel:
                         constants[t.name] = t
         except _Bad as exc:
             raise CheckpointError(path, f"is not a readable ONNX model: {exc}",
-                                  "a truncated download or another kind of file?") from None
+                                  exc.hint or "a truncated download or another kind of file?") from None
         except _Unsupported as exc:
             raise CheckpointError(path, str(exc), "compare the float model it was made from") from None
         except RecursionError:

@@ -55,6 +55,10 @@ FOLD_REL = 0.02
 CAST_REL = 2.0 ** -8          # bf16 keeps 8 significant bits: half an ulp is up to 2^-8 of |x|
 
 
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
 def ratio_share(n: float, total: float) -> float | None:
     return n / total if total else None
 
@@ -146,8 +150,10 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
     n, beyond = int(acc[0]), int(acc[1])
     test = _test_of(schemes)
     info.update(test=test, elements=n, beyond=beyond, beyond_share=ratio_share(beyond, n),
-                max_ratio=float(acc[3]), rms_ratio=math.sqrt(acc[2] / n) if n else None,
-                norm_above_floor=math.sqrt(acc[4]))
+                # a NaN scale or value makes the ratios NaN: no number (the JSON would write null, and the
+                # memo, which re-reads the result, refused the run); the nonfinite counts tell the story
+                max_ratio=_finite(float(acc[3])), rms_ratio=_finite(math.sqrt(acc[2] / n)) if n else None,
+                norm_above_floor=_finite(math.sqrt(acc[4])))
     if test == "bound":
         info["within"] = beyond == 0
     elif test == "statistical":
