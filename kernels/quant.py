@@ -40,12 +40,24 @@ from .dtypes import FP8_TABLES
 __all__ = [
     "AWQ_ORDER", "FP4_E2M1", "MANT", "round_to", "codebook_halfwidth", "unpack_dense_int32",
     "unpack_rows", "unpack_cols", "dequant_int", "dequant_codebook", "dequant_fp8",
-    "gptq_rows", "gptq_rows_numpy", "fp8_rows", "awq_rows", "bnb4_flat", "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows",
-    "block_scales_rows",
+    "gptq_rows", "gptq_rows_numpy", "fp8_rows", "awq_rows", "bnb4_flat", "bnb4_gather", "BNB4_ORT_TABLES",
+    "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows", "block_scales_rows",
 ]
 
 #: AutoAWQ's pack order: the code of output column 8k+AWQ_ORDER[i] sits in nibble i of word k
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+#: ONNX Runtime's MatMulBnb4 code values (contrib_ops blockwise_quant_block_bnb4.h: fp4_qaunt_map,
+#: nf4_qaunt_map), by its quant_type attribute: 0 FP4, 1 NF4 (the bitsandbytes tables)
+BNB4_ORT_TABLES = {
+    0: np.array([0.0, 5.208333333e-03, 0.66666667, 1.0, 0.33333333, 0.5, 0.16666667, 0.25,
+                 -0.0, -5.208333333e-03, -0.66666667, -1.0, -0.33333333, -0.5, -0.16666667, -0.25], np.float32),
+    1: np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                 0.7229568362236023, 1.0], np.float32)}
+for _t in BNB4_ORT_TABLES.values():
+    _t.setflags(write=False)
+
 #: e2m1 (MXFP4) values of the 16 codes, as transformers' mxfp4.FP4_VALUES
 FP4_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                      -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
@@ -364,10 +376,25 @@ def bnb4_flat(packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksiz
     codes = np.empty(b.size * 2, dtype=np.uint8)
     codes[0::2], codes[1::2] = b >> 4, b & 0x0F
     codes = codes[start % 2: start % 2 + stop - start]
-    blk = np.arange(start, stop) // blocksize
+    return _bnb4_values(codes, np.arange(start, stop) // blocksize, absmax, code, out_dtype, absmax_err)
+
+
+def bnb4_gather(packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, out_dtype: str,
+                idx: np.ndarray, absmax_err: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``bnb4_flat`` at any flat element indices ``idx`` (the same nibble order: ONNX Runtime's
+    ``MatMulBnb4`` packs its blocks as bitsandbytes does), for layouts whose rows are not runs of
+    the flat order."""
+    i = np.asarray(idx, dtype=np.int64)
+    b = np.asarray(packed).reshape(-1).view(np.uint8)[i >> 1]
+    codes = np.where(i & 1, b & 0x0F, b >> 4).astype(np.uint8)
+    return _bnb4_values(codes, i // blocksize, absmax, code, out_dtype, absmax_err)
+
+
+def _bnb4_values(codes: np.ndarray, blk: np.ndarray, absmax: np.ndarray, code: np.ndarray, out_dtype: str,
+                 absmax_err: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(absmax, dtype=np.float32)[blk]
     value, floor = dequant_codebook(codes, code, a, "F32", out_dtype)
-    if absmax_err is not None:               # the absmax itself was quantized (nested)
+    if absmax_err is not None:               # the absmax itself was rounded or quantized (nested)
         table = np.asarray(code, dtype=np.float32)
         e = np.asarray(absmax_err, dtype=np.float32)[blk]
         floor = floor + (codebook_halfwidth(table)[codes] + np.abs(table[codes])) * e

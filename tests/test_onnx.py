@@ -301,27 +301,44 @@ def _nbits(src: Path, dst: Path, bits: int, symmetric: bool, block: int) -> None
     q.model.save_model_to_file(str(dst))
 
 
-def _ort_dequantized(path: Path) -> dict[str, np.ndarray]:
-    """Each MatMulNBits weight as ONNX Runtime computes it: the node alone, fed the identity matrix."""
+def _ort_dequantized(path: Path, op: str = "MatMulNBits", suffix: str = "_Q") -> dict[str, np.ndarray]:
+    """Each MatMulNBits (or ``op``) weight as ONNX Runtime computes it: the node alone, fed the identity matrix."""
     import onnxruntime as rt
 
     m = onnx.load(str(path))
     inits = {t.name: t for t in m.graph.initializer}
     out = {}
     for n in m.graph.node:
-        if n.op_type != "MatMulNBits":
+        if n.op_type != op:
             continue
         k = next(a.i for a in n.attribute if a.name == "K")
         nn = next(a.i for a in n.attribute if a.name == "N")
-        node = helper.make_node("MatMulNBits", ["x"] + list(n.input[1:]), ["y"], domain="com.microsoft",
+        node = helper.make_node(op, ["x"] + list(n.input[1:]), ["y"], domain="com.microsoft",
                                 **{a.name: a.i for a in n.attribute})
         g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, nn])],
                               [inits[x] for x in n.input[1:] if x])
         one = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
         sess = rt.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
-        out[n.input[1].rsplit("_Q", 1)[0]] = sess.run(None, {"x": np.eye(k, dtype=np.float32)})[0]
+        out[n.input[1].rsplit(suffix, 1)[0]] = sess.run(None, {"x": np.eye(k, dtype=np.float32)})[0]
     return out
+
+
+def _matches_onnxruntime(ck, fp, ref: dict[str, np.ndarray], bits: int) -> dict[str, np.ndarray]:
+    """Every quantized weight of ``ck`` equal to ONNX Runtime's (``ref``), read whole and in windows that
+    cut rows, and within its floor of the float model ``fp``'s; returns the floors."""
+    assert sorted(ck.tensors) == sorted(fp.tensors)
+    floors = {}
+    for name, v in ref.items():
+        info = ck.tensors[name]
+        assert info.shape == fp.tensors[name].shape == v.shape and info.quant.bits == bits
+        got = ck.read(name)
+        assert np.array_equal(got, v), (name, np.abs(got - v).max())
+        rows = np.concatenate([np.array(w) for w in ck.windows(name, 3 * v.shape[1] + 5)])
+        assert np.array_equal(rows, v.reshape(-1))
+        floors[name] = np.concatenate([np.array(f) for f in ck.floor_windows(name, 999)]).reshape(v.shape)
+        assert (np.abs(v - fp.read(name)) <= floors[name]).all()
+    return floors
 
 
 @pytest.mark.parametrize("bits,symmetric,block", [(4, False, 32), (4, True, 64), (8, False, 32), (8, True, 16)])
@@ -332,16 +349,7 @@ def test_matmulnbits_reads_as_onnxruntime_dequantizes_it(tmp_path, bits, symmetr
     ref = _ort_dequantized(tmp_path / "q.onnx")
     assert len(ref) == 2
     with locate(tmp_path / "q.onnx") as ck, locate(tmp_path / "fp32.onnx") as fp:
-        assert sorted(ck.tensors) == sorted(fp.tensors)
-        for name, v in ref.items():
-            info = ck.tensors[name]
-            assert info.shape == fp.tensors[name].shape == v.shape and info.quant.bits == bits
-            got = ck.read(name)
-            assert np.array_equal(got, v), (name, np.abs(got - v).max())
-            rows = np.concatenate([np.array(w) for w in ck.windows(name, 5 * v.shape[1] + 3)])
-            assert np.array_equal(rows, v.reshape(-1))
-            floor = np.concatenate([np.array(f) for f in ck.floor_windows(name, 1000)]).reshape(v.shape)
-            assert (np.abs(v - fp.read(name)) <= floor).all()
+        _matches_onnxruntime(ck, fp, ref, bits)
     r = CliRunner().invoke(main, ["compare", str(tmp_path / "fp32.onnx"), str(tmp_path / "q.onnx"),
                                   "--json", str(tmp_path / "q.json")])
     assert r.exit_code == 0, r.stderr
@@ -869,3 +877,81 @@ def test_a_nan_scale_reads_inconclusive_and_every_output_is_written(tmp_path):
     assert doc["summary"]["verdict"] == "inconclusive" and "nonfinite_changes" in doc["summary"]["flags"]
     assert doc["tensors"][0]["quant"]["max_ratio"] is None
     assert (tmp_path / "memo.md").read_text().count("NaN or infinite") >= 1
+
+
+def _bnb4(src: Path, dst: Path, quant_type: int, block: int) -> None:
+    from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+    q = MatMulBnb4Quantizer(onnx.load(str(src)), quant_type, block)
+    q.process()
+    q.model.save_model_to_file(str(dst))
+
+
+def _odd_matmul(path: Path, w: np.ndarray) -> None:
+    """One MatMul whose weight has an odd element count (the last byte and block half used)."""
+    m = _graph_model([numpy_helper.from_array(w, "proj.weight")], [helper.make_node("MatMul", ["x", "proj.weight"], ["y"])],
+                     inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
+                     outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])])
+    onnx.save(m, str(path))
+
+
+@pytest.mark.parametrize("quant_type,block", [(1, 64), (0, 32), (1, 256)])
+def test_matmulbnb4_reads_as_onnxruntime_dequantizes_it(tmp_path, quant_type, block):
+    """transformers.js ships model_bnb4.onnx: ONNX Runtime's MatMulBnb4 (NF4 = 1, FP4 = 0) of the float model."""
+    pytest.importorskip("onnxruntime")
+    _matmul_export(tmp_path / "fp32.onnx", 0)
+    _odd_matmul(tmp_path / "odd.onnx", RNG.normal(0, 0.02, (33, 21)).astype(np.float32))
+    for src in ("fp32", "odd"):
+        _bnb4(tmp_path / f"{src}.onnx", tmp_path / f"{src}-q.onnx", quant_type, block)
+        ref = _ort_dequantized(tmp_path / f"{src}-q.onnx", "MatMulBnb4", "_Bnb4")
+        assert len(ref) == (2 if src == "fp32" else 1)
+        with locate(tmp_path / f"{src}-q.onnx") as ck, locate(tmp_path / f"{src}.onnx") as fp:
+            for name, floor in _matches_onnxruntime(ck, fp, ref, 4).items():
+                assert ck.tensors[name].scheme == ("nf4" if quant_type == 1 else "fp4")
+                # the floor is the grid's: a code's half-gap times its block's absmax, not a blanket bound
+                assert np.median(floor) < 0.5 * np.abs(fp.read(name)).max()
+    doc = _verdict(tmp_path, tmp_path / "fp32.onnx", tmp_path / "fp32-q.onnx")
+    assert doc["summary"]["verdict"] == "quantized_only", doc["summary"]["verdict_reason"]
+    _matmul_export(tmp_path / "ft.onnx", 0, delta=0.05)
+    _bnb4(tmp_path / "ft.onnx", tmp_path / "ft-q.onnx", quant_type, block)
+    doc = _verdict(tmp_path, tmp_path / "fp32.onnx", tmp_path / "ft-q.onnx")
+    assert doc["summary"]["verdict"] == "derived", doc["summary"]["verdict_reason"]
+    changed = [t["shape"] for t in doc["tensors"] if t["status"] == "changed"]
+    assert changed == [[96, 80]], changed          # the second Linear's weight (as the MatMul's B), only it
+
+
+def test_matmulbnb4_with_f16_weights_dequantizes_in_f16_and_bad_attributes_are_refused(tmp_path):
+    """An fp16 model's absmax is F16 and ONNX Runtime multiplies T(table[code]) by it in T: the
+    formula in numpy's float16, against the float16 weights it came from within the floor."""
+    w = RNG.normal(0, 0.02, (48, 40)).astype(np.float16)
+    table = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                      -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                      0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                      0.7229568362236023, 1.0], np.float32)
+    flat = w.T.reshape(-1).astype(np.float32)                   # the transpose, flattened, blocks of 32
+    blocks = flat.reshape(-1, 32)
+    absmax = np.abs(blocks).max(axis=1)
+    codes = np.abs(blocks[:, :, None] / absmax[:, None, None] - table[None, None, :]).argmin(axis=2).reshape(-1)
+    packed = ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)
+    am16 = absmax.astype(np.float16)
+    want = (table.astype(np.float16)[codes].reshape(-1, 32) * am16[:, None]).reshape(40, 48).T     # in float16
+    node = helper.make_node("MatMulBnb4", ["x", "W_Bnb4", "W_absmax"], ["y"], domain="com.microsoft",
+                            K=48, N=40, block_size=32, quant_type=1)
+    m = _graph_model([numpy_helper.from_array(packed, "W_Bnb4"), numpy_helper.from_array(am16, "W_absmax")], [node],
+                     inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 48])],
+                     outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 40])])
+    onnx.save(m, str(tmp_path / "h.onnx"))
+    with locate(tmp_path / "h.onnx") as ck:
+        got = ck.read("W")
+        assert np.array_equal(got, want.astype(np.float32))
+        floor = np.concatenate([np.array(f) for f in ck.floor_windows("W", 100)]).reshape(w.shape)
+        assert (np.abs(got - w.astype(np.float32)) <= floor).all()
+    for bad, words in ((dict(block_size=24), "block_size=24"), (dict(quant_type=2), "quant_type=2"),
+                       (dict(K=47), "expected 940 bytes")):
+        attrs = dict(K=48, N=40, block_size=32, quant_type=1)
+        attrs.update(bad)
+        node = helper.make_node("MatMulBnb4", ["x", "W_Bnb4", "W_absmax"], ["y"], domain="com.microsoft", **attrs)
+        m = _graph_model([numpy_helper.from_array(packed, "W_Bnb4"), numpy_helper.from_array(am16, "W_absmax")],
+                         [node])
+        onnx.save(m, str(tmp_path / "bad.onnx"))
+        _bad(tmp_path / "bad.onnx", words)

@@ -183,6 +183,11 @@ def test_bnb4_matches_reference(rng, quant_type, nested, dtype):
     assert np.all(np.abs(xs.float().numpy().ravel() - value) <= floor)
     v2, _ = Q.bnb4_flat(st["packed"], absmax, st["quant_map"], 64, dtype, 77, 501, err)
     np.testing.assert_array_equal(v2, value[77:501])
+    # any flat indices (ONNX Runtime's MatMulBnb4 reads columns of the codes): the same values and floors
+    idx = np.concatenate([rng.integers(0, x.size, 300), [0, 1, x.size - 2, x.size - 1, 63, 64, 65]])
+    v3, f3 = Q.bnb4_gather(st["packed"], absmax, st["quant_map"], 64, dtype, idx, err)
+    np.testing.assert_array_equal(v3, value[idx])
+    np.testing.assert_array_equal(f3, floor[idx])
 
 
 def test_bnb_int8(rng):

@@ -31,7 +31,7 @@ Quantized weights are dequantized by ``weightdiff.io.quant_sources``: ``AxisGrid
 scale, zero point, ``axis`` and ``block_size`` from the node), ONNX Runtime's QOperator triples
 ``W_quantized`` / ``W_scale`` / ``W_zero_point`` (``quantize_dynamic``; the axis of a per-channel scale
 from the node that consumes the weight) and int32 ``QGemm``/``QLinearConv`` biases; ``NBits`` for
-``MatMulNBits``. The logical tensor takes the float model's name (``W``), so an int8 export pairs with
+``MatMulNBits``; ``Bnb4T`` for ``MatMulBnb4`` (NF4/FP4, transformers.js ``model_bnb4.onnx``). The logical tensor takes the float model's name (``W``), so an int8 export pairs with
 the float one by name. Weights the exporter named itself (``onnx::MatMul_702``, ``val_43``) are reported
 under the module of the node that reads them (``_module_names``), and parameters stored once for equal
 values under each module's name. See docs/formats.md, "ONNX models".
@@ -46,6 +46,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import numpy as np
 
@@ -556,7 +557,7 @@ _QPARAMS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "QLinearMatMul
             "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7), "QAttention": (3, 4, 6, 7),
             "QLinearSigmoid": (1, 2, 3, 4), "QLinearLeakyRelu": (1, 2, 3, 4), "QLinearAveragePool": (1, 2, 3, 4),
             "QLinearGlobalAveragePool": (1, 2, 3, 4), "QLinearConcat": (), "QLinearSoftmax": (1, 2, 3, 4),
-            "QLinearWhere": (), "QEmbedLayerNormalization": (), "MatMulNBits": (2, 3, 4)}
+            "QLinearWhere": (), "QEmbedLayerNormalization": (), "MatMulNBits": (2, 3, 4), "MatMulBnb4": (2,)}
 
 
 #: names exporters give the values they create (not a module's parameter): legacy ``onnx::Op_N``, dynamo
@@ -566,6 +567,7 @@ _GENERATED = re.compile(r"^(?:onnx::|val_\d|_val_\d|/|const_|Constant_)")
 
 #: operators that read a weight, and the input it is at
 _WEIGHT_USE = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "MatMulInteger": 1, "MatMulNBits": 1,
+               "MatMulBnb4": 1,
                "QGemm": 3, "QLinearMatMul": 3, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
                "ConvInteger": 1, "QLinearConv": 3, "Gather": 0, "Transpose": 0, "GatherBlockQuantized": 0}
 #: the operators among them that read an integer weight (whose scale must be stored beside it)
@@ -694,8 +696,9 @@ def _axis_for(op: _Node, shape: tuple[int, ...]) -> int | None:
 
 def locate_onnx(file: Path, shown: object, root: Path):
     """The Checkpoint of one ONNX model (``format`` "onnx")."""
+    from ..kernels import quant as K
     from .located import Checkpoint
-    from .quant_sources import AxisGrid, NBits
+    from .quant_sources import AxisGrid, Bnb4T, NBits
 
     model = parse_onnx(file)
     found = dict(model.tensors)
@@ -777,13 +780,18 @@ def locate_onnx(file: Path, shown: object, root: Path):
                                     nibbles=ctype if ctype in ("U4", "I4") else None, stored_shape=cshape)
         owned.update({p.name: logical for p in parts})
 
-    def nbits(n: _Node) -> None:
+    def weight_node(n: _Node, what: str) -> tuple[TensorInfo, TensorInfo, Callable[[str], CheckpointError]]:
+        """A com.microsoft weight node's stored codes (input 1) and ``what`` (input 2: scales, absmax),
+        and the one-line refusal naming its weight."""
         def refuse(problem: str) -> CheckpointError:
-            return CheckpointError(file, f"MatMulNBits weight `{escape_name(n.inputs[1] if len(n.inputs) > 1 else '?')}` "
+            return CheckpointError(file, f"{n.op} weight `{escape_name(n.inputs[1] if len(n.inputs) > 1 else '?')}` "
                                          f"{problem}", "compare the float model it was quantized from")
         if len(n.inputs) < 3 or n.inputs[1] not in stored or n.inputs[2] not in stored:
-            raise refuse("or its scales are not stored in the model, so its values cannot be known")
-        b, sc = stored[n.inputs[1]], stored[n.inputs[2]]
+            raise refuse(f"or its {what} is not stored in the model, so its values cannot be known")
+        return stored[n.inputs[1]], stored[n.inputs[2]], refuse
+
+    def nbits(n: _Node) -> None:
+        b, sc, refuse = weight_node(n, "scales tensor")
         zp = stored.get(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3] else None
         if len(n.inputs) > 3 and n.inputs[3] and zp is None:
             raise refuse(f"has a zero point `{escape_name(n.inputs[3])}` that is not stored")
@@ -814,6 +822,27 @@ def locate_onnx(file: Path, shown: object, root: Path):
                              sum(p.nbytes for p in parts))
         sources[logical] = NBits(logical, (k, nn), scheme, b.path, b, sc, zp, bits, bs)
         owned.update({p.name: logical for p in parts})
+
+    def bnb4(n: _Node) -> None:
+        b, am, refuse = weight_node(n, "absmax")
+        k, nn, bs, qt = (n.attrs.get(a) for a in ("K", "N", "block_size", "quant_type"))
+        if qt not in K.BNB4_ORT_TABLES or not isinstance(k, int) or not isinstance(nn, int) or k < 1 or nn < 1 \
+                or not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
+            raise refuse(f"has quant_type={qt}, K={k}, N={nn}, block_size={bs}: weightdiff reads FP4 (0) and NF4 (1) "
+                         "with a power-of-two block of at least 16")
+        numel = k * nn
+        if b.dtype != "U8" or b.numel != -(-numel // 2):
+            raise refuse(f"is {b.dtype} {list(b.shape)}, expected {-(-numel // 2)} bytes for K={k}, N={nn}")
+        if am.dtype not in ("F32", "F16", "BF16") or am.numel != -(-numel // bs):
+            raise refuse(f"has absmax {am.dtype} {list(am.shape)}, expected {-(-numel // bs)} floats (block {bs})")
+        logical = b.name[:-len("_Bnb4")] if b.name.endswith("_Bnb4") else b.name
+        if logical in sources or (logical != b.name and logical in stored):
+            raise CheckpointError(b.path, f"tensor `{escape_name(logical)}` is stored both plain and quantized")
+        kind = "nf4" if qt == 1 else "fp4"
+        scheme = QuantScheme("onnx", f"{kind}, block {bs} (MatMulBnb4)", 4, str(bs), False, (b.name, am.name),
+                             b.nbytes + am.nbytes)
+        sources[logical] = Bnb4T(logical, (k, nn), scheme, b.path, b, am, K.BNB4_ORT_TABLES[qt], bs)
+        owned.update({b.name: logical, am.name: logical})
 
     for n in model.nodes:                      # QDQ: DequantizeLinear of an integer initializer
         if n.op != "DequantizeLinear" or not n.inputs or n.inputs[0] not in stored or n.inputs[0] in owned:
@@ -859,9 +888,11 @@ def locate_onnx(file: Path, shown: object, root: Path):
                 raise CheckpointError(file, f"`{escape_name(name)}` {c.dtype} {list(c.shape)} is the integer weight of "
                                             f"a {op.op} node, and no stored scale for it was found, so its values "
                                             "cannot be known", "compare the float model this one was quantized from")
-    for n in model.nodes:                      # ONNX Runtime's MatMulNBits: 2/4/8-bit blocks along K
+    for n in model.nodes:                      # ONNX Runtime's MatMulNBits (2/4/8-bit blocks along K), MatMulBnb4
         if n.op == "MatMulNBits":
             nbits(n)
+        elif n.op == "MatMulBnb4":
+            bnb4(n)
     for name, (kind, shape) in nibbles.items():
         if name not in owned:
             readers = sorted({op.op for op, _ in uses.get(name, [])}) or ["no node"]
@@ -884,7 +915,7 @@ def locate_onnx(file: Path, shown: object, root: Path):
                     continue
                 # the stored integer type names the scheme (`dtypes` counts int8 and int4 tensors apart)
                 stored_as = f"int{src.scheme.bits}" if src.scheme.scheme.endswith("(MatMulNBits)") \
-                    else src.scheme.scheme.split(",")[0].split(" ")[0]
+                    else src.scheme.scheme.split(",")[0].split(" ")[0]       # int8, uint8, int4, nf4, fp4
                 tensors[logical] = TensorInfo(logical, "F32", tuple(src.shape), src.path, None, None,
                                               scheme=stored_as, quant=src.scheme)
             continue

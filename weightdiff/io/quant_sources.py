@@ -17,7 +17,7 @@ from ..kernels import quant as K
 from ..kernels.dtypes import decode
 from .safetensors_read import QuantScheme, TensorInfo, storage_of
 
-__all__ = ["Source", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "AxisGrid", "NBits", "unpack_low_first", "Read", "ReadRows"]
+__all__ = ["Source", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "AxisGrid", "NBits", "Bnb4T", "unpack_low_first", "Read", "ReadRows"]
 
 Read = Callable[[str], np.ndarray]                      # stored name -> whole array (storage dtype, shaped)
 ReadRows = Callable[[str, Sequence[int]], np.ndarray]   # stored name, first-axis rows -> array
@@ -436,3 +436,29 @@ class NBits(Source):
         v, f = K.dequant_int(q, z_el, s_el, self.sdtype, 0, (1 << self.bits) - 1)
         lo = r0 - k0 * self.bs
         return (np.ascontiguousarray(v[:, lo:lo + r1 - r0].T), np.ascontiguousarray(f[:, lo:lo + r1 - r0].T))
+
+
+class Bnb4T(Source):
+    """ONNX Runtime's ``MatMulBnb4`` (com.microsoft; transformers.js ``model_bnb4.onnx``): the MatMul's
+    B [K, N] quantized as its transpose [N, K], flattened and cut into blocks of ``block_size`` with one
+    absmax each (the weight's float type), NF4 or FP4 codes two a byte, first element in the high
+    nibble: ``W[k, n] = T(table[code(n * K + k)]) * absmax[(n * K + k) // bs]`` computed in T. A row of
+    the logical tensor is a strided column of the codes, so each window gathers its elements; an F16
+    absmax was rounded from the block's true absmax, which the floor allows for."""
+
+    def __init__(self, name, shape, scheme, path, b: TensorInfo, absmax: TensorInfo, table: np.ndarray, block: int):
+        super().__init__(name, shape, scheme, path)
+        self.b, self.a, self.bs = b, absmax, block
+        self.K, self.N = shape
+        self.out = absmax.dtype if absmax.dtype in ("F16", "BF16") else "F32"
+        # T(table): the code values in the weight's type, as ONNX Runtime's DequantizeOneBnb4 casts them
+        self.table = K.round_to(np.asarray(table, np.float32), self.out)
+
+    def rows(self, read, read_rows, r0, r1):
+        p = self._get("p", lambda: read(self.b.name).reshape(-1).view(np.uint8))
+        a = self._get("a", lambda: _f32(read(self.a.name), self.a.dtype).reshape(-1))
+        err = None if self.out == "F32" else self._get("e", lambda: np.abs(a) * np.float32(
+            2.0 ** -11 if self.out == "F16" else 2.0 ** -8))
+        idx = np.arange(self.N, dtype=np.int64)[:, None] * self.K + np.arange(r0, r1, dtype=np.int64)[None, :]
+        v, f = K.bnb4_gather(p, a, self.table, self.bs, self.out, idx.reshape(-1), err)
+        return (np.ascontiguousarray(v.reshape(self.N, r1 - r0).T), np.ascontiguousarray(f.reshape(self.N, r1 - r0).T))
