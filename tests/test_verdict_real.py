@@ -319,3 +319,110 @@ def test_partial_spectrum_values_are_never_printed_bare(tmp_path):
     # memo: the rank columns carry their sign, the summary row the bracket
     md = to_markdown(build(d, []), {})
     assert f"{lo}-{hi}" in md and "≥ " in md
+
+
+# -- changes no number measures, and modules grafted from elsewhere (a tester's architecture round) ----
+
+def _llama_pair(tmp_path, edit, seed: int = 3, **shape):
+    from models import llama
+
+    base = llama(np.random.default_rng(seed), **(shape or dict(layers=4, hidden=64, inter=128, vocab=256)))
+    tuned = edit({k: v.copy() for k, v in base.items()})
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    return compare(tmp_path / "b", tmp_path / "t")
+
+
+def test_matrices_set_to_zero_are_said_and_never_read_as_keeping_their_direction(tmp_path):
+    """Every block matrix zeroed read "DERIVED: a fine-tune of this base ... the large matrices keep 1 - cosine
+    = 1.1e-16": the zero matrices have no cosine, so the pooled one came from the embeddings and head alone."""
+    def zero_blocks(t):
+        return {k: (np.zeros_like(v) if ".layers." in k and v.ndim == 2 else v) for k, v in t.items()}
+
+    r = _llama_pair(tmp_path, zero_blocks)
+    s = r.summary
+    assert s.verdict == "derived" and "zeroed_matrices" in s.flags
+    assert s.scope["matrices_zeroed"] == {"tuned": 28, "base": 0, "params": 4 * (4 * 64 * 64 + 3 * 64 * 128)}
+    assert s.headline[0] == s.verdict_reason
+    data = r.to_dict()
+    from weightdiff.render.sentences import verdict_title
+
+    title = verdict_title(data["summary"])
+    assert title == "DERIVED: this base with some of its matrices set to zero; none of its other weights changed."
+    assert "28 matrices are all zero in the tuned model (set to zero: erased)" in s.verdict_reason
+    assert "a zero matrix has no direction, so that cosine leaves them out" in s.verdict_reason
+    assert "a fine-tune" not in title
+
+    def zero_one_and_tune(t):       # beside a real fine-tune: the usual title, the zeroed matrix still said
+        t["model.layers.1.mlp.down_proj.weight"][:] = 0
+        t["model.layers.2.self_attn.q_proj.weight"] += 0.01
+        return t
+
+    r = _llama_pair(tmp_path / "2", zero_one_and_tune)
+    assert verdict_title(r.to_dict()["summary"]) == \
+        "DERIVED: a fine-tune of this base, with some of its matrices set to zero."
+    assert "1 matrix is all zero in the tuned model" in r.summary.verdict_reason
+
+
+def test_tensors_of_another_shape_are_never_counted_as_a_measured_fine_tune(tmp_path):
+    """MLPs replaced by narrower ones (of an unrelated model) read "a fine-tune of this base ... relative
+    change 0": the 12 reshaped tensors were never compared."""
+    rng = np.random.default_rng(9)
+
+    def narrow_mlps(t):
+        for k in list(t):
+            if ".mlp." in k:
+                t[k] = rng.normal(0, 0.02, tuple(64 if d == 128 else d for d in t[k].shape)).astype(np.float32)
+        return t
+
+    r = _llama_pair(tmp_path, narrow_mlps)
+    from weightdiff.render.sentences import verdict_title
+
+    assert r.summary.verdict == "derived" and "shape_mismatch" in r.summary.flags
+    assert r.summary.scope["tensors_reshaped"] == {"tensors": 12, "params_base": 12 * 64 * 128,
+                                                   "params_tuned": 12 * 64 * 64}
+    assert verdict_title(r.to_dict()["summary"]) == \
+        "DERIVED: this base with some tensors of another shape (not compared); none of its other weights changed."
+    assert "12 of them of another shape than in the base, 98,304 base parameters: not compared" in \
+        r.summary.verdict_reason
+
+
+def test_a_narrower_student_is_inconclusive_for_the_reason_that_holds(tmp_path):
+    """Every name pairs but every shape differs: the reason said "the names do not match ... --rename"."""
+    from models import llama
+
+    write_checkpoint(tmp_path / "b", llama(np.random.default_rng(1), layers=2, hidden=64, inter=128, vocab=256))
+    write_checkpoint(tmp_path / "t", llama(np.random.default_rng(2), layers=2, hidden=32, inter=64, vocab=256))
+    r = compare(tmp_path / "b", tmp_path / "t")
+    assert r.summary.verdict == "inconclusive"
+    assert "tensors pair by name with a base tensor of another shape (the models differ in width or size" in \
+        r.summary.verdict_reason
+    assert "--rename" not in r.summary.verdict_reason
+    assert {c["status"] for c in r.summary.components} == {"reshaped"}
+
+
+def test_mlps_of_an_unrelated_model_grafted_into_every_block_read_partial(tmp_path):
+    """Each block's attention kept it "shared", so a graft of another model's MLPs (54% of the parameters)
+    read "DERIVED: a fine-tune of this base" with 1 - cosine = 0.55."""
+    from models import llama
+
+    other = llama(np.random.default_rng(77), layers=4, hidden=64, inter=128, vocab=256)
+
+    def graft(t):
+        return {k: (other[k] if ".mlp." in k else v) for k, v in t.items()}
+
+    r = _llama_pair(tmp_path, graft)
+    s = r.summary
+    assert s.verdict == "partial", s.verdict_reason
+    status = {c["component"]: c["status"] for c in s.components}
+    assert all(status[f"layers.{i} mlp"] == "unrelated" and status[f"layers.{i} attn"] == "shared" for i in range(4))
+    assert status["embeddings"] == status["head"] == "shared" and "layers.0" not in status
+    assert "Unrelated to it (near-orthogonal, as independent initialisations): layers.0 mlp" in s.verdict_reason
+
+    def tune(t):                     # a fine-tune of every matrix keeps whole blocks, as before
+        return {k: v + 0.05 * np.abs(v).mean() * np.random.default_rng(5).normal(size=v.shape).astype(np.float32)
+                if v.ndim == 2 else v for k, v in t.items()}
+
+    r = _llama_pair(tmp_path / "ft", tune)
+    assert r.summary.verdict == "derived"
+    assert [c["component"] for c in r.summary.components] == ["embeddings"] + [f"layers.{i}" for i in range(4)] + ["head"]

@@ -19,7 +19,7 @@ from ..kernels.dtypes import DTYPES, decode
 from ..options import Thresholds
 from ..pairing.names import component_of, parse_name
 from ..records import TensorRow
-from .status import PAIRED, placements, ratio
+from .status import PAIRED, is_mismatch, placements, ratio
 
 __all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components",
            "counts_for_relatedness", "evidence_sizes", "chosen_evidence", "evidence", "judge", "rank_key",
@@ -218,26 +218,52 @@ def components(records, thresholds: Thresholds) -> list[dict]:
                 else (1, index, label)
     out = []
     for label in sorted(groups, key=lambda k: order[k]):
-        rows = groups[label]
-        measured = [r for r in rows if r.status in PAIRED and r.compared in ("float", "bytes", "factors")]
-        # a tied head row (the tuned embedding against the base head) says the head was re-tied,
-        # not that it comes from elsewhere: it counts for `identical`, not as relatedness evidence
-        paired = [r for r in measured if not getattr(r, "tied", False)]
-        cos, rel, n = large_matrix_relatedness(paired, thresholds)
-        verdict = looks_unrelated(cos, rel, thresholds)
-        if verdict and low_rank_change(paired, thresholds):
-            verdict = False                  # a large but low-rank change of these very matrices
-        if not measured:
-            status = "base_only" if all(r.status == "removed" for r in rows) else "tuned_only"
-        elif verdict is None and len(paired) < len(measured):
-            status = "tied"
-        else:
-            status = {True: "unrelated", False: "shared", None: "unmeasured"}[verdict]
-        live = [r for r in rows if r.status != "removed" and not getattr(r, "tied", False)]
-        params = sum(r.numel for r in live) if live else sum(r.numel for r in rows if r.status == "removed")
-        out.append({"component": label, "status": status, "cosine": cos, "rel_change": rel, "matrices": n,
-                    "params": params, "identical": bool(measured) and all(r.status == "unchanged" for r in measured)})
+        entry = _component(label, groups[label], thresholds)
+        parts = _families(label, groups[label], thresholds) if entry["status"] == "shared" else None
+        out.extend(parts or [entry])
     return out
+
+
+def _component(label: str, rows: list, thresholds: Thresholds) -> dict:
+    """One component's entry (``components``)."""
+    measured = [r for r in rows if r.status in PAIRED and r.compared in ("float", "bytes", "factors")]
+    # a tied head row (the tuned embedding against the base head) says the head was re-tied,
+    # not that it comes from elsewhere: it counts for `identical`, not as relatedness evidence
+    paired = [r for r in measured if not getattr(r, "tied", False)]
+    cos, rel, n = large_matrix_relatedness(paired, thresholds)
+    verdict = looks_unrelated(cos, rel, thresholds)
+    if verdict and low_rank_change(paired, thresholds):
+        verdict = False                  # a large but low-rank change of these very matrices
+    if not measured:
+        # tensors of another shape than the base's (a narrower student) have a counterpart, not compared
+        status = "base_only" if all(r.status == "removed" for r in rows) else \
+            "reshaped" if any(is_mismatch(r) for r in rows) else "tuned_only"
+    elif verdict is None and len(paired) < len(measured):
+        status = "tied"
+    else:
+        status = {True: "unrelated", False: "shared", None: "unmeasured"}[verdict]
+    live = [r for r in rows if r.status != "removed" and not getattr(r, "tied", False)]
+    params = sum(r.numel for r in live) if live else sum(r.numel for r in rows if r.status == "removed")
+    return {"component": label, "status": status, "cosine": cos, "rel_change": rel, "matrices": n,
+            "params": params, "identical": bool(measured) and all(r.status == "unchanged" for r in measured)}
+
+
+def _families(label: str, rows: list, thresholds: Thresholds) -> list[dict] | None:
+    """A shared block whose modules of one kind (``mlp``, ``attn``: the first part of the module kind)
+    look unrelated while others are shared, as one entry per kind (``layers.3 mlp``): the MLPs of an
+    independently initialised model grafted into every block leave each block's pooled matrices
+    related through their attention. None when the block is all of a piece. Kinds without a matrix
+    to judge by (norms) are left out of the entries."""
+    fams: dict[str, list] = {}
+    for r in rows:
+        fams.setdefault(str(r.module or "other").split(".", 1)[0], []).append(r)
+    if len(fams) < 2:
+        return None
+    parts = [_component(f"{label} {fam}", fam_rows, thresholds) for fam, fam_rows in fams.items()]
+    judged = [p for p in parts if p["status"] in ("shared", "unrelated")]
+    if not any(p["status"] == "unrelated" for p in judged):
+        return None
+    return judged
 
 
 def evidence(tensors: Sequence[dict], thresholds: Thresholds, tuned_params: int) -> dict:

@@ -19,7 +19,7 @@ from ..pairing.names import block_slot
 from ..options import Thresholds
 from ..records import TensorRecord
 
-__all__ = ["classify", "cast_explains", "is_changed", "is_mismatch", "is_tied", "delta_params_of", "rank_upper", "matrix_dims",
+__all__ = ["classify", "cast_explains", "is_changed", "is_mismatch", "zero_side", "is_tied", "delta_params_of", "rank_upper", "matrix_dims",
            "extra_rows", "norms_sq", "ratio", "bytes_per", "PAIRED", "placements", "moved_blocks"]
 
 
@@ -99,6 +99,19 @@ def is_tied(rec: TensorRecord) -> bool:
 
 def is_mismatch(rec: TensorRecord) -> bool:
     return rec.status == "resized" and rec.compared == "none"
+
+
+def zero_side(rec) -> str | None:
+    """``tuned`` for a changed matrix that is all zero in the tuned model (erased: set to zero), ``base``
+    for one that is all zero in the base (trained from zero), else None: its cosine is undefined, so
+    no relatedness number covers it, which a sentence must say. Records and JSON rows alike."""
+    get = rec.get if isinstance(rec, dict) else (lambda k: getattr(rec, k, None))
+    if get("status") != "changed" or len(get("shape") or ()) < 2 or get("compared") != "float":
+        return None
+    nb, nt = get("norm_base"), get("norm_tuned")
+    if nb is None or nt is None:
+        return None
+    return "tuned" if nt == 0 and nb > 0 else "base" if nb == 0 and nt > 0 else None
 
 
 def is_changed(rec: TensorRecord, thresholds: Thresholds) -> bool:

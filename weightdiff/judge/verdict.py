@@ -30,7 +30,7 @@ from .coverage import coverage, too_little
 from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated,
                           low_rank_change)
 from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
-                     max_rank_fields, moved_blocks, norms_sq, rank_upper, ratio, unresolved_quant_noise)
+                     max_rank_fields, moved_blocks, norms_sq, rank_upper, ratio, unresolved_quant_noise, zero_side)
 
 
 
@@ -151,6 +151,7 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         ("declared_base_mismatch", bool(declared.get("mismatch"))),
         ("relayout", bool(relayout(counted))),
         ("unpaired_lookalikes", bool(lookalikes(counted))),
+        ("zeroed_matrices", any(zero_side(r) for r in counted)),
     ]
     return [name for name, on in checks if on]
 
@@ -222,6 +223,11 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         "delta_params_changed": dp_changed, "delta_params_added": dp_added,
         "base_blocks_total": len(base_blocks), "base_blocks_paired": sum(base_blocks.values()),
         "blocks_moved": len({parse_name(r.name)[0] for r in moved_blocks(counted)}),
+        # changes no number measures: matrices all zero on one side (no direction), tensors of another shape
+        "matrices_zeroed": _zeroed(counted),
+        "tensors_reshaped": {"tensors": sum(1 for r in counted if is_mismatch(r)),
+                             "params_base": sum(math.prod(r.base_shape or [0]) for r in counted if is_mismatch(r)),
+                             "params_tuned": sum(int(r.numel or 0) for r in counted if is_mismatch(r))},
     }
     decl = _declared(declared)
     flags = _flags(counted, records, decl)
@@ -248,6 +254,13 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                           "rank_basis": "energy_rank_99"},
         coverage=cov, components=comps, buffers=list(buffers or []), declared=decl, quantization=quant)
     return summary
+
+def _zeroed(counted: list[TensorRecord]) -> dict[str, int]:
+    """Changed matrices all zero on one side (``status.zero_side``): how many on each, and their parameters."""
+    sides = [(zero_side(r), int(r.numel or 0)) for r in counted]
+    return {"tuned": sum(1 for s, _ in sides if s == "tuned"), "base": sum(1 for s, _ in sides if s == "base"),
+            "params": sum(n for s, n in sides if s)}
+
 
 def quantization_summary(counted: list[TensorRecord]) -> dict[str, Any] | None:
     """Roll-up of the noise-floor tests (records whose pair has a quantized side), or None."""

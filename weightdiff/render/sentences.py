@@ -71,6 +71,9 @@ def verdict_title(summary: dict) -> str:
                 "rounding or quantization.")
     if untouched and (summary.get("scope") or {}).get("blocks_moved"):
         return "DERIVED: this base's blocks, reordered or repeated; none of its weights changed."
+    special = _derived_special(summary) if v == "derived" else None
+    if special:
+        return special
     if v == "quantized_only" and (summary.get("quantization") or {}).get("sides") == ["base"]:
         return ("QUANTIZED ONLY: every difference is explained by quantizing these weights (the base given is "
                 "the quantized one).")
@@ -103,6 +106,40 @@ def verdict_title(summary: dict) -> str:
     if v == "cast_only" and "dtype_changed" not in (summary.get("flags") or []):
         return "CAST ONLY: every difference is within rounding; no dtype changed (signed zeros, NaN payloads)."
     return _TITLES.get(v, str(v))
+
+
+def _derived_special(summary: dict) -> str | None:
+    """The derived title when the changed tensors include ones no number measured: matrices set to
+    zero (``zeroed_matrices``) or tensors of another shape (``shape_mismatch``). "A fine-tune of this
+    base" would claim what was not measured (every block matrix zeroed read so, and so did MLPs
+    replaced by narrower ones of an unrelated model)."""
+    flags = summary.get("flags") or []
+    scope = summary.get("scope") or {}
+    z = scope.get("matrices_zeroed") or {}
+    mism = int((scope.get("tensors_reshaped") or {}).get("tensors") or 0)
+    if "zeroed_matrices" not in flags and "shape_mismatch" not in flags:
+        return None
+    changed = int((summary.get("tensors_by_status") or {}).get("changed") or 0)
+    resized = int((summary.get("tensors_by_status") or {}).get("resized") or 0)
+    zeroed = int(z.get("tuned") or 0) + int(z.get("base") or 0)
+    what = []
+    if scope.get("blocks_moved"):
+        what.append("its blocks reordered or repeated")
+    if int(z.get("tuned") or 0):
+        what.append("some of its matrices set to zero")
+    if int(z.get("base") or 0):
+        what.append("some of its zero matrices filled")
+    if mism:
+        what.append("some tensors of another shape (not compared)")
+    if not what:
+        return None
+    if changed == zeroed and resized == mism:       # nothing else moved
+        return f"DERIVED: this base with {_and(what)}; none of its other weights changed."
+    return f"DERIVED: a fine-tune of this base, with {_and(what)}."
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _names(items: list[str], most: int = 6) -> str:
@@ -191,7 +228,13 @@ def _inconclusive(data: dict) -> str:
     text += f" (judging needs {share(need)} on one side)" if need is not None else ""
     text += (f": {count(counts.get('added', 0))} tuned tensors have no counterpart in the base and "
              f"{count(counts.get('removed', 0))} base tensors none in the tuned model.")
-    if not counts.get("paired") or any("shares no tensor name" in n for n in (data.get("plan") or {}).get("notes") or []):
+    reshaped = int(((s.get("scope") or {}).get("tensors_reshaped") or {}).get("tensors") or 0)
+    if reshaped:
+        # the names matched: --rename cannot help (a narrower student, a width-pruned model)
+        text += (f" {count(reshaped)} {'tensor pairs' if reshaped == 1 else 'tensors pair'} by name with a base tensor "
+                 "of another shape (the models differ in width or size: a distilled, pruned or resized model), "
+                 "which cannot be compared element by element.")
+    elif not counts.get("paired") or any("shares no tensor name" in n for n in (data.get("plan") or {}).get("notes") or []):
         text += (" The names do not match, even after prefix alignment, and no matrix matched by content; "
                  "map the names with --rename FROM=TO.")
     return text
@@ -336,6 +379,11 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     grown = sum(1 for t in counted if t.get("status") == "resized" and t.get("frac_changed") == 0)
     only = (f" ({count(grown)} of them only resized: rows added or removed, the shared rows bitwise unchanged)"
             if grown else "")
+    reshaped = scope.get("tensors_reshaped") or {}
+    if reshaped.get("tensors"):
+        n = int(reshaped["tensors"])
+        only += (f" ({count(n)} of them of another shape than in the base, {count(reshaped.get('params_base'))} base "
+                 "parameters: not compared, so nothing is known of how they relate to it)")
     removed = int(tbs.get("removed") or 0)
     # removed base tensors are not among the tuned model's tensors: said apart, or "0 of 37 tensors changed"
     # reads as if nothing differed (an ONNX export that leaves out the unused pooler)
@@ -367,6 +415,7 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
             text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
+    text += _zeroed_phrase(scope, cos is not None)
     alike = count_lookalikes((t.get("status"), t.get("shape")) for t in counted) if "unpaired_lookalikes" in (s.get("flags") or []) else 0
     if alike:
         text += (f"; {count(alike)} removed base {'matrix has' if alike == 1 else 'matrices have'} an added tuned "
@@ -394,6 +443,24 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         text += (f"; {count(far)} of {count(judged)} quantized tensors ({share(far / judged if judged else None)}) "
                  f"stand beyond the quantization noise floor {_quant_how(q)}" + after)
     return text + "."
+
+
+def _zeroed_phrase(scope: dict, had_cosine: bool) -> str:
+    """The matrices all zero on one side, which no cosine covers (``scope.matrices_zeroed``)."""
+    z = scope.get("matrices_zeroed") or {}
+    nt, nb = int(z.get("tuned") or 0), int(z.get("base") or 0)
+    if not nt and not nb:
+        return ""
+    parts = []
+    if nt:
+        parts.append(f"{count(nt)} {'matrix is' if nt == 1 else 'matrices are'} all zero in the tuned model "
+                     "(set to zero: erased)")
+    if nb:
+        parts.append(f"{count(nb)} {'matrix is' if nb == 1 else 'matrices are'} all zero in the base and not in the "
+                     "tuned model (trained from zero)")
+    where = "so that cosine leaves them out" if had_cosine else "so no cosine measures them"
+    return (f"; {' and '.join(parts)}, {count(z.get('params'))} parameters: a zero matrix has no direction, "
+            f"{where}")
 
 
 #: how each noise-floor test is named in sentences (docs/methodology.md)

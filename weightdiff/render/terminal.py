@@ -78,7 +78,7 @@ def render_text(result: dict, top: int = 10) -> str:
         lines.append(f"form      {form['kind']}{extra}")
     comps = s.get("components") or []
     if s.get("verdict") == "partial" or any(c.get("status") == "unrelated" for c in comps):
-        for status in ("shared", "unrelated", "unmeasured", "base_only", "tuned_only"):
+        for status in ("shared", "unrelated", "unmeasured", "reshaped", "base_only", "tuned_only"):
             names = [escape_name(c["component"]) for c in comps if c.get("status") == status]
             if names:
                 lines.append(f"          {status.replace('_', ' ')}: {', '.join(names[:8])}"
