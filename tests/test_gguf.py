@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -269,6 +270,26 @@ def test_locate_by_magic_and_in_folders(tmp_path, rng):
     bad(one, "2 .gguf files, so which is the model is ambiguous: mmproj-F16.gguf, model-Q8_0.gguf")
     r = CliRunner().invoke(main, ["compare", str(base), str(path)])
     assert r.exit_code == 0 and "IDENTICAL" in r.stdout
+    # a folder's .gguf that is a symlink out of it is refused, as for every other kind (it was followed)
+    link = tmp_path / "link"
+    link.mkdir()
+    os.symlink(path, link / "model.gguf")
+    bad(link, "refusing to follow the symlink")
+    os.symlink("/etc/hostname", tmp_path / "one" / "zz.gguf")
+    (one / "mmproj-F16.gguf").unlink()
+    (one / "model-Q8_0.gguf").unlink()
+    bad(one, "refusing to follow the symlink")
+
+
+def test_a_large_power_of_two_alignment_is_read(tmp_path):
+    """llama.cpp takes any power of two; a cap at 2**20 refused 2**21 saying "expected a power of two"."""
+    blob = _gguf(kv=(("general.architecture", 8, _s("llama")), ("general.alignment", 4, struct.pack("<I", 1 << 21))),
+                 data=b"")
+    blob += b"\0" * (-len(blob) % (1 << 21)) + b"\0" * 16
+    with locate(_write(tmp_path / "big.gguf", blob)) as ck:
+        assert ck.read("t.weight").tolist() == [0, 0, 0, 0]
+    past = _gguf(kv=(("general.architecture", 8, _s("llama")), ("general.alignment", 4, struct.pack("<I", 1 << 31))))
+    bad(_write(tmp_path / "past.gguf", past), "starts past the end of the file")
 
 
 def test_gguf_named_file_without_magic(tmp_path):

@@ -295,8 +295,8 @@ def build(folder, kind: str, name: str | None, shown: object) -> Checkpoint:
         return _single(folder, name, shown)
     if kind == "pickle_sharded":
         return _pickle_sharded(folder.root, folder.file(name))
-    if kind == "gguf":
-        return _gguf(folder.root / name, shown, folder.root)
+    if kind == "gguf":                 # through file(): a symlink out of the folder is refused, as for every kind
+        return _gguf(folder.file(name), shown, folder.root)
     if kind == "onnx":
         return _onnx(folder.file(name), shown, folder.root)
     return _pickles(shown, [folder.file(name)], folder.root)

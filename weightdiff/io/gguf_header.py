@@ -162,7 +162,8 @@ def parse_header(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list
                                   f"gguf {gguf_version(gguf)} knows {', '.join(t.name for t in gguf.GGMLQuantizationType)}")
         infos.append((name, tuple(int(d) for d in ne), qtype, offset))
     align = meta.get("general.alignment", 32)
-    if type(align) is not int or align < 1 or align & (align - 1) or align > 1 << 20:
+    # any power of two (llama.cpp's rule; a large one only pads the data start, checked against the size below)
+    if type(align) is not int or align < 1 or align & (align - 1):
         raise CheckpointError(path, f"general.alignment is {align!r}, expected a power of two")
     data = -(-c.pos // align) * align
     if not infos:
