@@ -95,7 +95,7 @@ def _varint(buf, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= end:
-            raise _Bad("a number runs past the end of its field (truncated file?)")
+            raise _Bad("a number runs past the end of its field")
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
@@ -119,13 +119,13 @@ def _fields(buf, pos: int, end: int):
         elif wt == 2:
             n, pos = _varint(buf, pos, end)
             if n > end - pos:
-                raise _Bad(f"a field of {n:,} bytes runs past the end of its message (truncated file?)")
+                raise _Bad(f"a field of {n:,} bytes runs past the end of its message")
             yield num, 2, pos, pos + n
             pos += n
         elif wt == 1 or wt == 5:
             n = 8 if wt == 1 else 4
             if n > end - pos:
-                raise _Bad("a fixed-width field runs past the end of its message (truncated file?)")
+                raise _Bad("a fixed-width field runs past the end of its message")
             yield num, wt, pos, pos + n
             pos += n
         else:
