@@ -426,3 +426,22 @@ def test_mlps_of_an_unrelated_model_grafted_into_every_block_read_partial(tmp_pa
     r = _llama_pair(tmp_path / "ft", tune)
     assert r.summary.verdict == "derived"
     assert [c["component"] for c in r.summary.components] == ["embeddings"] + [f"layers.{i}" for i in range(4)] + ["head"]
+
+
+def test_components_of_a_model_with_layers_dropped_and_renumbered_name_the_base_blocks_gone(tmp_path):
+    """Layers 2 and 5 of 8 dropped and the rest renumbered: the removed base blocks were merged into the
+    tuned blocks of the same numbers, so the component list named no block as gone."""
+    from models import llama
+
+    base = llama(np.random.default_rng(4), layers=8, hidden=64, inter=128, vocab=256)
+    keep = [0, 1, 3, 4, 6, 7]
+    tuned = {k: v for k, v in base.items() if ".layers." not in k}
+    for new, old in enumerate(keep):
+        tuned.update({k.replace(f".layers.{old}.", f".layers.{new}."): v for k, v in base.items()
+                      if f".layers.{old}." in k})
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    status = {c["component"]: c["status"] for c in s.components}
+    assert {k for k, v in status.items() if v == "base_only"} == {"layers.2 (base)", "layers.5 (base)"}
+    assert all(status[f"layers.{i}"] == "shared" for i in range(6)) and s.verdict == "derived"

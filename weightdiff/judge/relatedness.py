@@ -209,8 +209,16 @@ def components(records, thresholds: Thresholds) -> list[dict]:
     """
     groups: dict[str, list] = {}
     order: dict[str, tuple] = {}
-    for r, name in zip(records, placements(records)):
+    placed = placements(records)
+    # a base block none of whose tensors has a counterpart is gone: when the tuned model's blocks were
+    # renumbered (layers dropped), its number may be a live tuned block's, so it is labelled apart
+    paired_base = {parse_name(r.base_name)[0] for r in records if r.base_name and r.status in PAIRED}
+    live = {component_of(n) for r, n in zip(records, placed) if r.status != "removed"}
+    for r, name in zip(records, placed):
         label = component_of(name)
+        if r.status == "removed" and label in live and parse_name(name)[0] is not None \
+                and parse_name(r.base_name or name)[0] not in paired_base:
+            label += " (base)"
         groups.setdefault(label, []).append(r)
         if label not in order:
             block, index, _ = parse_name(name)
