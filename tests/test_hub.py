@@ -641,12 +641,12 @@ def test_a_gguf_repo_with_one_file_per_quantization_names_its_file(server, hf, t
             p = to_gguf(tmp_path / f"{side}.{q.name}.gguf", tensors, "llama", q, n_head=4, layers=2)
             files[(side, q.name)] = p.read_bytes()
     server.commit("org/gguf-base", {"README.md": b"x", "m.F32.gguf": files[("b", "F32")],
-                                    "m.Q8_0.gguf": files[("b", "Q8_0")]})
+                                    "m.Q8_0.gguf": files[("b", "Q8_0")], "llava-mmproj-F16.gguf": files[("b", "F32")]})
     server.commit("org/gguf-tuned", {"README.md": b"x", "q/m-tuned.Q8_0.gguf": files[("t", "Q8_0")],
                                      "m-tuned.F32.gguf": files[("t", "F32")]})
     line = one_error(*run("compare", "org/gguf-base", "org/gguf-tuned")[::2])
-    assert "org/gguf-base: 2 .gguf files, so which is the model is ambiguous: m.F32.gguf, m.Q8_0.gguf" in line
-    assert "(name one file: hf://org/gguf-base/m.F32.gguf)" in line
+    assert "org/gguf-base: 3 .gguf files, so which is the model is ambiguous: llava-mmproj-F16.gguf, m.F32.gguf" in line
+    assert "(name one file: hf://org/gguf-base/m.F32.gguf)" in line      # a model, never the projector
     rc, _, err = run("compare", "hf://org/gguf-base/m.F32.gguf", "hf://org/gguf-tuned/m-tuned.F32.gguf",
                      "--json", "f.json", "-q")
     assert rc == 0, err

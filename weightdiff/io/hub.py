@@ -166,8 +166,10 @@ def _choose(ref: HubRef, listing: _Listing, named: str | None) -> tuple[str, str
         return choose_weights(listing.names(), ref.spelling, listing.children)
     except AmbiguousWeights as exc:
         at = f"@{ref.revision}" if ref.revision else ""
+        # the example names a model, not a vision projector (llama.cpp's mmproj-*.gguf beside it)
+        pick = next((c for c in exc.candidates if "mmproj" not in c.rsplit("/", 1)[-1].lower()), exc.candidates[0])
         raise CheckpointError(ref.spelling, exc.problem,
-                              f"name one file: hf://{ref.repo_id}{at}/{listing.prefix}{exc.candidates[0]}") from None
+                              f"name one file: hf://{ref.repo_id}{at}/{listing.prefix}{pick}") from None
 
 
 def _listing(ref: HubRef, env: _Env) -> _Listing:
