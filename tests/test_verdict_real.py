@@ -445,3 +445,56 @@ def test_components_of_a_model_with_layers_dropped_and_renumbered_name_the_base_
     status = {c["component"]: c["status"] for c in s.components}
     assert {k for k, v in status.items() if v == "base_only"} == {"layers.2 (base)", "layers.5 (base)"}
     assert all(status[f"layers.{i}"] == "shared" for i in range(6)) and s.verdict == "derived"
+
+
+def test_mlp_neurons_or_attention_heads_in_another_order_are_the_base_not_another_model(tmp_path):
+    """Judging a block per module kind read a model whose MLP neurons (or attention heads) were put in
+    another order, which computes exactly what the base computes, as PARTIAL, "MLPs unrelated, as
+    independent initialisations"; the reordering is recognised and named instead."""
+    from weightdiff.render.sentences import verdict_title
+
+    order = np.random.default_rng(8).permutation(128)
+
+    def shuffle_neurons(t):
+        for i in range(4):
+            p = f"model.layers.{i}.mlp."
+            for k in ("gate_proj", "up_proj"):
+                t[p + k + ".weight"] = t[p + k + ".weight"][order]
+            t[p + "down_proj.weight"] = t[p + "down_proj.weight"][:, order]
+        return t
+
+    r = _llama_pair(tmp_path / "mlp", shuffle_neurons)
+    s = r.summary
+    assert s.verdict == "derived" and "permuted_units" in s.flags, s.verdict_reason
+    assert s.scope["permuted_units"] == {"blocks": {f"layers.{i}": ["mlp"] for i in range(4)}, "tensors_changed": 12}
+    assert verdict_title(r.to_dict()["summary"]) == ("DERIVED: this base with the neurons of some MLPs reordered; no "
+                                                     "other weight changed, and what changed beneath the reordering "
+                                                     "is not measured here.")
+    assert "the MLP neurons of 4 blocks are the base's in another order" in s.verdict_reason
+    assert [c["component"] for c in s.components] == ["embeddings"] + [f"layers.{i}" for i in range(4)] + ["head"]
+
+    heads = np.arange(64).reshape(4, 16)[[1, 0, 3, 2]].reshape(-1)     # heads of 16 rows, swapped in pairs
+
+    def swap_heads(t):
+        p = "model.layers.1.self_attn."
+        for k in ("q_proj", "k_proj", "v_proj"):
+            t[p + k + ".weight"] = t[p + k + ".weight"][heads]
+        t[p + "o_proj.weight"] = t[p + "o_proj.weight"][:, heads]
+        return t
+
+    r = _llama_pair(tmp_path / "attn", swap_heads)
+    s = r.summary
+    assert s.verdict == "derived" and s.scope["permuted_units"]["blocks"] == {"layers.1": ["attn"]}, s.verdict_reason
+    assert "the attention heads of 1 block are the base's in another order (layers.1)" in s.verdict_reason
+
+    other = np.random.default_rng(66)
+
+    def new_attention(t):          # re-initialised, not reordered: still another model's attention
+        for k in list(t):
+            if ".layers.1.self_attn." in k:
+                t[k] = other.normal(0, 0.02, t[k].shape).astype(np.float32)
+        return t
+
+    r = _llama_pair(tmp_path / "new", new_attention)
+    assert r.summary.verdict == "partial" and "permuted_units" not in r.summary.flags
+    assert "may also be the base's heads in another order" in r.summary.verdict_reason

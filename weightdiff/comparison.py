@@ -284,7 +284,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, backend, classify, progress)
         blocks, modules = aggregate(records, options.thresholds)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
-                            declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)})
+                            declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)},
+                            permuted=permuted_units(records, bases, tuned_ck, options))
         if line is not None:
             line.close()
         for ck in (*bases, tuned_ck):
@@ -305,6 +306,45 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     del bases, tuned_ck, the_plan, records
     clear_name_caches()
     return explain(result)
+
+
+def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
+                   options: CompareOptions) -> dict[str, list[str]]:
+    """Block -> the module kinds (``mlp``, ``attn``) that look unrelated to the base's while the rest of
+    the block is shared and whose neurons or heads are the base's in another order
+    (``measure.permutation``: MLP neurons as provenance finds them, attention heads by their q/o and k/v
+    rows): a reordering changes nothing the model computes, so the block must not read as partly another
+    model's. Reads those modules' matrices again; nothing when no block is suspect (the usual case)."""
+    from .judge.relatedness import split_suspects
+
+    suspects = split_suspects(records, options.thresholds)
+    if not suspects:
+        return {}
+    import numpy as np
+
+    from .measure.permutation import _as_float32, detect_permutations, heads_permuted
+
+    found: dict[str, list[str]] = {}
+    for label, kinds in suspects.items():
+        for kind, rows in kinds.items():
+            pairs = [r for r in rows if r.base_name is not None and r.status in ("changed", "unchanged", "rounding")]
+            for i in sorted({r.base_index for r in pairs}):
+                mine = [r for r in pairs if r.base_index == i]
+                if kind == "mlp":
+                    hit = any(f.applied for f in detect_permutations(bases[i], tuned, {r.name: r.base_name
+                                                                                       for r in mine}, seed=0))
+                else:
+                    def load(ck, name):
+                        info = ck.tensors[name]
+                        return _as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)), info.dtype)
+                    mats = {r.module.split(".", 1)[1]: (load(tuned, r.name), load(bases[i], r.base_name))
+                            for r in mine if r.module in ("attn.q", "attn.k", "attn.v", "attn.o")
+                            and len(r.shape or ()) == 2}
+                    hit = heads_permuted(mats)
+                if hit:
+                    found.setdefault(label, []).append(kind)
+                    break
+    return found
 
 
 def _labels(given: str | Sequence[str] | None, n: int) -> list[str | None]:

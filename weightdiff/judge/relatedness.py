@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from ..pairing.names import component_of, parse_name
 from ..records import TensorRow
 from .status import PAIRED, is_mismatch, placements, ratio
 
-__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components",
+__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components", "split_suspects",
            "counts_for_relatedness", "evidence_sizes", "chosen_evidence", "evidence", "judge", "rank_key",
            "sample_rows", "sample_plan", "sampled_sums", "screen_estimate"]
 
@@ -31,9 +31,11 @@ EXCLUDED_NOTE = ("relatedness (cosine and large-matrix relative change) uses mat
                  "{n:,} elements only: norm gains, biases and small matrices are left out, because "
                  "vectors near 1 or 0 make any two models look alike")
 LIMITS = (
-    "Only permuted MLP neurons are detected and undone; permuted attention heads, a permuted "
-    "hidden (residual) dimension, or neurons split, merged or rescaled are not, and make a derived "
-    "model look less related or unrelated.",
+    "Permuted MLP neurons are detected and undone by provenance; compare recognises MLP neurons and "
+    "attention heads put in another order in a block whose other modules are shared, and names them without "
+    "undoing them. Experts of a mixture-of-experts layer in another order, a permuted hidden (residual) "
+    "dimension, or neurons split, merged or rescaled are not recognised, and make a derived model look less "
+    "related or unrelated.",
     "Distillation, or training from scratch on the same data, leaves no weight-space trace: such a "
     "model reads unrelated to the teacher or sibling.",
     "A merge of several bases (averaging, task arithmetic, TIES) reads derived from each of them, "
@@ -195,7 +197,7 @@ def low_rank_change(rows, thresholds: Thresholds) -> bool:
     return bool(chosen) and all(_low_rank_row(r, thresholds) for r, _ in chosen)
 
 
-def components(records, thresholds: Thresholds) -> list[dict]:
+def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[str]] | None = None) -> list[dict]:
     """Relatedness per component (``embeddings``, each block, ``head``), in model order.
 
     Each entry: ``component``, ``status``, the component's ``cosine`` and ``rel_change``
@@ -205,7 +207,9 @@ def components(records, thresholds: Thresholds) -> list[dict]:
     (True), ``unmeasured`` (paired, but no matrix to judge by: norms and biases only),
     ``base_only`` / ``tuned_only`` (no counterpart), ``tied`` (only a tied head row: one side's
     head is its embedding table, compared with the other side's head, which is not evidence
-    of unrelatedness).
+    of unrelatedness). A shared block whose module kinds disagree is given per kind (``_families``),
+    where the kinds that look unrelated are not ``permuted[label]`` (MLP neurons or attention heads that
+    are the base's in another order: ``comparison.permuted_units``).
     """
     groups: dict[str, list] = {}
     order: dict[str, tuple] = {}
@@ -227,8 +231,28 @@ def components(records, thresholds: Thresholds) -> list[dict]:
     out = []
     for label in sorted(groups, key=lambda k: order[k]):
         entry = _component(label, groups[label], thresholds)
-        parts = _families(label, groups[label], thresholds) if entry["status"] == "shared" else None
+        parts = _families(label, groups[label], thresholds, (permuted or {}).get(label, ())) \
+            if entry["status"] == "shared" else None
         out.extend(parts or [entry])
+    return out
+
+
+def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]]:
+    """Blocks that ``components`` would give per kind with an ``mlp`` or ``attn`` unrelated: label ->
+    kind -> its rows. Such a module may be another model's, or the base's own neurons or heads in
+    another order, which changes nothing the model computes and which ``comparison.permuted_units``
+    tells apart (it holds the files)."""
+    groups: dict[str, list] = {}
+    for r, name in zip(records, placements(records)):
+        groups.setdefault(component_of(name), []).append(r)
+    out = {}
+    for label, rows in groups.items():
+        if _component(label, rows, thresholds)["status"] != "shared":
+            continue
+        kinds = {p["component"][len(label) + 1:] for p in _families(label, rows, thresholds) or []
+                 if p["status"] == "unrelated"} & {"mlp", "attn"}
+        if kinds:
+            out[label] = {k: [r for r in rows if str(r.module or "").split(".", 1)[0] == k] for k in sorted(kinds)}
     return out
 
 
@@ -256,18 +280,22 @@ def _component(label: str, rows: list, thresholds: Thresholds) -> dict:
             "params": params, "identical": bool(measured) and all(r.status == "unchanged" for r in measured)}
 
 
-def _families(label: str, rows: list, thresholds: Thresholds) -> list[dict] | None:
+def _families(label: str, rows: list, thresholds: Thresholds, reordered: Sequence[str] = ()) -> list[dict] | None:
     """A shared block whose modules of one kind (``mlp``, ``attn``: the first part of the module kind)
     look unrelated while others are shared, as one entry per kind (``layers.3 mlp``): the MLPs of an
     independently initialised model grafted into every block leave each block's pooled matrices
     related through their attention. None when the block is all of a piece. Kinds without a matrix
-    to judge by (norms) are left out of the entries."""
+    to judge by (norms) are left out of the entries; a kind in ``reordered`` (its neurons or heads are
+    the base's in another order) is not unrelated."""
     fams: dict[str, list] = {}
     for r in rows:
         fams.setdefault(str(r.module or "other").split(".", 1)[0], []).append(r)
     if len(fams) < 2:
         return None
     parts = [_component(f"{label} {fam}", fam_rows, thresholds) for fam, fam_rows in fams.items()]
+    for p in parts:
+        if p["status"] == "unrelated" and p["component"][len(label) + 1:] in reordered:
+            p["status"] = "shared"
     judged = [p for p in parts if p["status"] in ("shared", "unrelated")]
     if not any(p["status"] == "unrelated" for p in judged):
         return None

@@ -25,12 +25,13 @@ from ..kernels.dtypes import DTYPES
 from ..options import Thresholds
 from ..records import STATUSES, BlockRecord, Summary, TensorRecord, count_lookalikes
 from ..io.declared import same_model
-from ..pairing.names import parse_name
+from ..pairing.names import component_of, parse_name
 from .coverage import coverage, too_little
 from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated,
                           low_rank_change)
 from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
-                     max_rank_fields, moved_blocks, norms_sq, rank_upper, ratio, unresolved_quant_noise, zero_side)
+                     max_rank_fields, moved_blocks, norms_sq, placements, rank_upper, ratio, unresolved_quant_noise,
+                     zero_side)
 
 
 
@@ -157,10 +158,13 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
 
 
 def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds: Thresholds,
-              buffers: list[dict] | None = None, declared: dict | None = None) -> Summary:
+              buffers: list[dict] | None = None, declared: dict | None = None,
+              permuted: dict[str, list[str]] | None = None) -> Summary:
     """The model-level ``Summary`` of DESIGN.md from the records and their block roll-up
     (``judge.aggregate``): the judge step of the pipeline. ``buffers`` (from the plan) are
-    listed, never counted; ``declared`` holds the names each side declares (a hint)."""
+    listed, never counted; ``declared`` holds the names each side declares (a hint); ``permuted``: block
+    -> the module kinds (``mlp``, ``attn``) whose neurons or heads are the base's in another order
+    (``measure.permutation``, run by the caller, which holds the files): not unrelated."""
     counted = [r for r in records if not is_tied(r)]
     by_status = {s: 0 for s in STATUSES}
     for r in counted:
@@ -232,7 +236,12 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     decl = _declared(declared)
     flags = _flags(counted, records, decl)
     cov = coverage(records, thresholds)
-    comps = component_relatedness(records, thresholds)
+    comps = component_relatedness(records, thresholds, permuted)
+    if permuted:
+        flags.append("permuted_units")
+        scope["permuted_units"] = {"blocks": {k: list(v) for k, v in sorted(permuted.items())}, "tensors_changed": sum(
+            1 for r, b in zip(counted, placements(counted)) if r.status == "changed"
+            and str(r.module or "").split(".", 1)[0] in permuted.get(component_of(b), ()))}
     # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
     changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
     verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps)

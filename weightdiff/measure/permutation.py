@@ -35,7 +35,7 @@ from ..kernels.assignment import linear_assignment
 from ..kernels.dtypes import decode
 
 __all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation",
-           "detect_permutations", "undo", "neuron_vectors"]
+           "detect_permutations", "undo", "neuron_vectors", "heads_permuted", "HEAD_DIMS"]
 
 # (regex with the group prefix as group 1, neuron axis, role); role "in" feeds the neurons,
 # "out" reads them; "bias" is permuted but not used for matching.
@@ -306,3 +306,43 @@ def undo(x: np.ndarray, perm: np.ndarray, axis: int) -> np.ndarray:
     inverse = np.empty_like(perm)
     inverse[perm] = np.arange(len(perm))
     return np.take(x, inverse, axis=axis)
+
+
+#: head sizes tried when the attention's are not known (every one that divides the rows is tried)
+HEAD_DIMS = (256, 128, 96, 80, 64, 32, 16)
+
+
+def heads_permuted(mats: Mapping[str, tuple[np.ndarray, np.ndarray]], min_cosine: float = 0.5,
+                   head_dims: Sequence[int] = HEAD_DIMS) -> bool:
+    """Whether an attention's heads are the base's in another order: ``mats`` maps ``q``, ``k``, ``v``
+    (rows: heads of ``d`` rows each) and ``o`` (columns) to (tuned, base) float arrays [out, in]. The
+    query heads are matched on their q rows and o columns together, the key/value heads on their k and
+    v rows, by the exact assignment of their cosines, for each head size that divides the rows; a
+    reordering is accepted as ``find_permutation`` accepts one (matched heads agree, mean cosine at
+    least ``min_cosine``, better than the identity), which two unrelated attentions never pass."""
+    q, o = mats.get("q"), mats.get("o")
+    if q is None or o is None or q[0].shape != q[1].shape or o[0].shape != o[1].shape:
+        return False
+    kv = [mats[r] for r in ("k", "v") if r in mats and mats[r][0].shape == mats[r][1].shape]
+    for d in head_dims:
+        if q[0].shape[0] % d == 0 and o[0].shape[1] == q[0].shape[0] and q[0].shape[0] // d >= 2 \
+                and _heads_moved([(q, 0), (o, 1)], d, min_cosine):
+            return True
+        if kv and all(t.shape[0] % d == 0 and t.shape[0] // d >= 2 for t, _ in kv) \
+                and len({t.shape[0] for t, _ in kv}) == 1 and _heads_moved([(m, 0) for m in kv], d, min_cosine):
+            return True
+    return False
+
+
+def _heads_moved(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d: int, min_cosine: float) -> bool:
+    vt, vb = [], []
+    for (t, b), axis in members:
+        h = t.shape[axis] // d
+        vt.append(np.moveaxis(_finite(np.asarray(t, np.float64))[0], axis, 0).reshape(h, -1))
+        vb.append(np.moveaxis(_finite(np.asarray(b, np.float64))[0], axis, 0).reshape(h, -1))
+    st, sb = _unit_rows(np.concatenate(vt, axis=1)), _unit_rows(np.concatenate(vb, axis=1))
+    sim = st @ sb.T
+    perm = linear_assignment(sim, maximize=True)
+    n = len(perm)
+    matched, ident = float(sim[np.arange(n), perm].mean()), float(np.diag(sim).mean())
+    return bool(np.any(perm != np.arange(n))) and matched >= min_cosine and matched > ident + 1e-6

@@ -117,8 +117,9 @@ def _derived_special(summary: dict) -> str | None:
     scope = summary.get("scope") or {}
     z = scope.get("matrices_zeroed") or {}
     mism = int((scope.get("tensors_reshaped") or {}).get("tensors") or 0)
-    if "zeroed_matrices" not in flags and "shape_mismatch" not in flags:
+    if "zeroed_matrices" not in flags and "shape_mismatch" not in flags and "permuted_units" not in flags:
         return None
+    perm = scope.get("permuted_units") or {}
     changed = int((summary.get("tensors_by_status") or {}).get("changed") or 0)
     resized = int((summary.get("tensors_by_status") or {}).get("resized") or 0)
     zeroed = int(z.get("tuned") or 0) + int(z.get("base") or 0)
@@ -131,10 +132,18 @@ def _derived_special(summary: dict) -> str | None:
         what.append("some of its zero matrices filled")
     if mism:
         what.append("some tensors of another shape (not compared)")
+    kinds = {k for v in (perm.get("blocks") or {}).values() for k in v}
+    if kinds:
+        what.append(" and ".join(w for k, w in (("mlp", "the neurons of some MLPs"), ("attn", "the heads of some "
+                                                                                         "attention modules"))
+                                 if k in kinds) + " reordered")
     if not what:
         return None
-    if changed == zeroed and resized == mism:       # nothing else moved
-        return f"DERIVED: this base with {_and(what)}; none of its other weights changed."
+    reordered = int(perm.get("tensors_changed") or 0)
+    if changed == zeroed + reordered and resized == mism:       # nothing else moved
+        tail = "none of its other weights changed" if not reordered else \
+            "no other weight changed, and what changed beneath the reordering is not measured here"
+        return f"DERIVED: this base with {_and(what)}; {tail}."
     return f"DERIVED: a fine-tune of this base, with {_and(what)}."
 
 
@@ -244,8 +253,13 @@ def _partial(data: dict) -> str:
     comps = (data.get("summary") or {}).get("components") or []
     shared = [c["component"] for c in comps if c.get("status") == "shared"]
     unrelated = [c["component"] for c in comps if c.get("status") == "unrelated"]
-    return (f"Shared with this base: {_names(shared)}. Unrelated to it (near-orthogonal, as independent "
+    text = (f"Shared with this base: {_names(shared)}. Unrelated to it (near-orthogonal, as independent "
             f"initialisations): {_names(unrelated)}.")
+    if any(u.endswith(" attn") for u in unrelated):
+        # an attention whose heads were put in another order reads so too, and is the base's
+        text += (" An attention module unrelated while the rest of its block is shared may also be the base's "
+                 "heads in another order, which weightdiff does not undo.")
+    return text
 
 
 def is_tied_row(t: dict) -> bool:
@@ -416,6 +430,16 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
     text += _zeroed_phrase(scope, cos is not None)
+    perm = (scope.get("permuted_units") or {}).get("blocks") or {}
+    if perm:
+        n = len(perm)
+        kinds = {k for v in perm.values() for k in v}
+        what = " and ".join(w for k, w in (("mlp", "MLP neurons"), ("attn", "attention heads")) if k in kinds)
+        text += (f"; the {what} of {count(n)} {'block are' if n == 1 else 'blocks are'} the base's in another "
+                 f"order ({_names(list(perm))}), which changes nothing the model computes: their matrices' "
+                 "numbers here are of the reordered weights"
+                 + (" (weightdiff provenance undoes an MLP's order and measures what changed beneath it)"
+                    if "mlp" in kinds else ""))
     alike = count_lookalikes((t.get("status"), t.get("shape")) for t in counted) if "unpaired_lookalikes" in (s.get("flags") or []) else 0
     if alike:
         text += (f"; {count(alike)} removed base {'matrix has' if alike == 1 else 'matrices have'} an added tuned "
