@@ -232,7 +232,7 @@ def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[
     for label in sorted(groups, key=lambda k: order[k]):
         entry = _component(label, groups[label], thresholds)
         parts = _families(label, groups[label], thresholds, (permuted or {}).get(label, ())) \
-            if entry["status"] == "shared" else None
+            if entry["status"] == "shared" and _some_far(groups[label], thresholds) else None
         out.extend(parts or [entry])
     return out
 
@@ -242,6 +242,8 @@ def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]
     kind -> its rows. Such a module may be another model's, or the base's own neurons or heads in
     another order, which changes nothing the model computes and which ``comparison.permuted_units``
     tells apart (it holds the files)."""
+    if not _some_far(records, thresholds):           # the usual case: no kind can look unrelated
+        return {}
     groups: dict[str, list] = {}
     for r, name in zip(records, placements(records)):
         groups.setdefault(component_of(name), []).append(r)
@@ -278,6 +280,13 @@ def _component(label: str, rows: list, thresholds: Thresholds) -> dict:
     params = sum(r.numel for r in live) if live else sum(r.numel for r in rows if r.status == "removed")
     return {"component": label, "status": status, "cosine": cos, "rel_change": rel, "matrices": n,
             "params": params, "identical": bool(measured) and all(r.status == "unchanged" for r in measured)}
+
+
+def _some_far(rows, thresholds: Thresholds) -> bool:
+    """Whether some row's cosine is below the unrelated rule's: a pooled cosine is a weighted mean of its
+    rows', so without one no module kind can look unrelated (a cheap test before ``_families``)."""
+    cut = thresholds.unrelated_cosine
+    return any(c is not None and c < cut for c in (getattr(r, "cosine", None) for r in rows))
 
 
 def _families(label: str, rows: list, thresholds: Thresholds, reordered: Sequence[str] = ()) -> list[dict] | None:

@@ -105,8 +105,10 @@ def zero_side(rec) -> str | None:
     """``tuned`` for a changed matrix that is all zero in the tuned model (erased: set to zero), ``base``
     for one that is all zero in the base (trained from zero), else None: its cosine is undefined, so
     no relatedness number covers it, which a sentence must say. Records and JSON rows alike."""
+    if (rec.get("status") if isinstance(rec, dict) else rec.status) != "changed":
+        return None                      # (most records: one lookup)
     get = rec.get if isinstance(rec, dict) else (lambda k: getattr(rec, k, None))
-    if get("status") != "changed" or len(get("shape") or ()) < 2 or get("compared") != "float":
+    if len(get("shape") or ()) < 2 or get("compared") != "float":
         return None
     nb, nt = get("norm_base"), get("norm_tuned")
     if nb is None or nt is None:

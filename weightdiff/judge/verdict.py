@@ -152,7 +152,7 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         ("declared_base_mismatch", bool(declared.get("mismatch"))),
         ("relayout", bool(relayout(counted))),
         ("unpaired_lookalikes", bool(lookalikes(counted))),
-        ("zeroed_matrices", any(zero_side(r) for r in counted)),
+        ("zeroed_matrices", any(r.status == "changed" and zero_side(r) for r in counted)),
     ]
     return [name for name, on in checks if on]
 
@@ -229,9 +229,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         "blocks_moved": len({parse_name(r.name)[0] for r in moved_blocks(counted)}),
         # changes no number measures: matrices all zero on one side (no direction), tensors of another shape
         "matrices_zeroed": _zeroed(counted),
-        "tensors_reshaped": {"tensors": sum(1 for r in counted if is_mismatch(r)),
-                             "params_base": sum(math.prod(r.base_shape or [0]) for r in counted if is_mismatch(r)),
-                             "params_tuned": sum(int(r.numel or 0) for r in counted if is_mismatch(r))},
+        "tensors_reshaped": _reshaped([r for r in counted if r.status == "resized" and is_mismatch(r)]),
     }
     decl = _declared(declared)
     flags = _flags(counted, records, decl)
@@ -264,9 +262,14 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         coverage=cov, components=comps, buffers=list(buffers or []), declared=decl, quantization=quant)
     return summary
 
+def _reshaped(mism: list[TensorRecord]) -> dict[str, int]:
+    return {"tensors": len(mism), "params_base": sum(math.prod(r.base_shape or [0]) for r in mism),
+            "params_tuned": sum(int(r.numel or 0) for r in mism)}
+
+
 def _zeroed(counted: list[TensorRecord]) -> dict[str, int]:
     """Changed matrices all zero on one side (``status.zero_side``): how many on each, and their parameters."""
-    sides = [(zero_side(r), int(r.numel or 0)) for r in counted]
+    sides = [(zero_side(r), int(r.numel or 0)) for r in counted if r.status == "changed"]
     return {"tuned": sum(1 for s, _ in sides if s == "tuned"), "base": sum(1 for s, _ in sides if s == "base"),
             "params": sum(n for s, n in sides if s)}
 
