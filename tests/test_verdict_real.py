@@ -385,6 +385,9 @@ def test_tensors_of_another_shape_are_never_counted_as_a_measured_fine_tune(tmp_
         "DERIVED: this base with some tensors of another shape (not compared); none of its other weights changed."
     assert "12 of them of another shape than in the base, 98,304 base parameters: not compared" in \
         r.summary.verdict_reason
+    # the components (the memo's table) show the MLPs apart as reshaped, not inside "shared" blocks
+    status = {c["component"]: c["status"] for c in r.summary.components}
+    assert all(status[f"layers.{i} mlp"] == "reshaped" and status[f"layers.{i} attn"] == "shared" for i in range(4))
 
 
 def test_a_narrower_student_is_inconclusive_for_the_reason_that_holds(tmp_path):

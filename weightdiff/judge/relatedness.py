@@ -232,7 +232,8 @@ def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[
     for label in sorted(groups, key=lambda k: order[k]):
         entry = _component(label, groups[label], thresholds)
         parts = _families(label, groups[label], thresholds, (permuted or {}).get(label, ())) \
-            if entry["status"] == "shared" and _some_far(groups[label], thresholds) else None
+            if entry["status"] == "shared" and (_some_far(groups[label], thresholds)
+                                                or any(is_mismatch(r) for r in groups[label])) else None
         out.extend(parts or [entry])
     return out
 
@@ -305,8 +306,9 @@ def _families(label: str, rows: list, thresholds: Thresholds, reordered: Sequenc
     for p in parts:
         if p["status"] == "unrelated" and p["component"][len(label) + 1:] in reordered:
             p["status"] = "shared"
-    judged = [p for p in parts if p["status"] in ("shared", "unrelated")]
-    if not any(p["status"] == "unrelated" for p in judged):
+    # a kind of another shape (narrower MLPs) was never compared: shown apart, not inside a "shared" block
+    judged = [p for p in parts if p["status"] in ("shared", "unrelated", "reshaped")]
+    if not any(p["status"] in ("unrelated", "reshaped") for p in judged):
         return None
     return judged
 
