@@ -348,7 +348,7 @@ def test_matrices_set_to_zero_are_said_and_never_read_as_keeping_their_direction
     from weightdiff.render.sentences import verdict_title
 
     title = verdict_title(data["summary"])
-    assert title == "DERIVED: this base with some of its matrices set to zero; none of its other weights changed."
+    assert title == "DERIVED: this base with most of its weights set to zero; none of its other weights changed."
     assert "28 matrices are all zero in the tuned model (set to zero: erased)" in s.verdict_reason
     assert "a zero matrix has no direction, so that cosine leaves them out" in s.verdict_reason
     assert "a fine-tune" not in title

@@ -127,7 +127,9 @@ def _derived_special(summary: dict) -> str | None:
     if scope.get("blocks_moved"):
         what.append("its blocks reordered or repeated")
     if int(z.get("tuned") or 0):
-        what.append("some of its matrices set to zero")
+        total = summary.get("params_total") or 0
+        most = total and int(z.get("params") or 0) >= 0.5 * total      # every block's matrices erased: not "some"
+        what.append(f"{'most of its weights' if most else 'some of its matrices'} set to zero")
     if int(z.get("base") or 0):
         what.append("some of its zero matrices filled")
     if mism:
