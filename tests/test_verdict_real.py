@@ -501,3 +501,39 @@ def test_mlp_neurons_or_attention_heads_in_another_order_are_the_base_not_anothe
     r = _llama_pair(tmp_path / "new", new_attention)
     assert r.summary.verdict == "partial" and "permuted_units" not in r.summary.flags
     assert "may also be the base's heads in another order" in r.summary.verdict_reason
+
+
+def test_experts_of_a_moe_layer_in_another_order_are_the_base_not_another_model(tmp_path):
+    """Experts reordered with their router rows compute what the base computes; each expert compared with
+    another made whole blocks read "unrelated, as independent initialisations" (PARTIAL)."""
+    from weightdiff.render.sentences import verdict_title
+
+    rng = np.random.default_rng(12)
+    base = {"model.embed_tokens.weight": rng.normal(0, 0.02, (256, 64)).astype(np.float32),
+            "lm_head.weight": rng.normal(0, 0.02, (256, 64)).astype(np.float32)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for k in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            base[p + f"self_attn.{k}.weight"] = rng.normal(0, 0.02, (64, 64)).astype(np.float32)
+        base[p + "block_sparse_moe.gate.weight"] = rng.normal(0, 0.02, (4, 64)).astype(np.float32)
+        for e in range(4):
+            for k, shape in (("w1", (128, 64)), ("w3", (128, 64)), ("w2", (64, 128))):
+                base[p + f"block_sparse_moe.experts.{e}.{k}.weight"] = rng.normal(0, 0.02, shape).astype(np.float32)
+    order = [2, 3, 1, 0]                     # no expert keeps its place
+    tuned = dict(base)
+    for i in range(2):
+        p = f"model.layers.{i}.block_sparse_moe."
+        tuned[p + "gate.weight"] = base[p + "gate.weight"][order]
+        for new, old in enumerate(order):
+            for k in ("w1", "w2", "w3"):
+                tuned[p + f"experts.{new}.{k}.weight"] = base[p + f"experts.{old}.{k}.weight"]
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    r = compare(tmp_path / "b", tmp_path / "t")
+    s = r.summary
+    assert s.verdict == "derived", s.verdict_reason
+    assert s.scope["permuted_units"]["blocks"] == {"layers.0": ["experts"], "layers.1": ["experts"]}
+    assert verdict_title(r.to_dict()["summary"]) == (
+        "DERIVED: this base with the experts of some mixture-of-experts layers reordered; no other weight changed, "
+        "and what changed beneath the reordering is not measured here.")
+    assert {c["status"] for c in s.components} == {"shared"}

@@ -322,7 +322,11 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
         return {}
     import numpy as np
 
-    from .measure.permutation import _as_float32, detect_permutations, heads_permuted
+    from .measure.permutation import _as_float32, detect_permutations, experts_permuted, heads_permuted
+
+    def load(ck, name):
+        info = ck.tensors[name]
+        return _as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)), info.dtype)
 
     found: dict[str, list[str]] = {}
     for label, kinds in suspects.items():
@@ -333,10 +337,9 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
                 if kind == "mlp":
                     hit = any(f.applied for f in detect_permutations(bases[i], tuned, {r.name: r.base_name
                                                                                        for r in mine}, seed=0))
+                elif kind == "experts":
+                    hit = experts_permuted(_by_expert(mine, lambda r: (load(tuned, r.name), load(bases[i], r.base_name))))
                 else:
-                    def load(ck, name):
-                        info = ck.tensors[name]
-                        return _as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)), info.dtype)
                     mats = {r.module.split(".", 1)[1]: (load(tuned, r.name), load(bases[i], r.base_name))
                             for r in mine if r.module in ("attn.q", "attn.k", "attn.v", "attn.o")
                             and len(r.shape or ()) == 2}
@@ -345,6 +348,20 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
                     found.setdefault(label, []).append(kind)
                     break
     return found
+
+
+def _by_expert(rows, load) -> dict[int, list]:
+    """Expert index -> its (tuned, base) matrices in name order, the experts that have every kind of
+    matrix the others have (a layer's experts compared as wholes)."""
+    from .judge.relatedness import _EXPERT
+
+    found: dict[int, dict[str, object]] = {}
+    for r in rows:
+        m = _EXPERT.match(r.name)
+        if m is not None and len(r.shape or ()) == 2:
+            found.setdefault(int(m.group(2)), {})[m.group(3)] = r
+    kinds = set.intersection(*(set(v) for v in found.values())) if found else set()
+    return {e: [load(v[k]) for k in sorted(kinds)] for e, v in found.items()} if kinds else {}
 
 
 def _labels(given: str | Sequence[str] | None, n: int) -> list[str | None]:

@@ -10,6 +10,7 @@ pass with its estimates. No file access here except through arrays handed in.
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from typing import Mapping, Sequence
 
@@ -32,10 +33,10 @@ EXCLUDED_NOTE = ("relatedness (cosine and large-matrix relative change) uses mat
                  "vectors near 1 or 0 make any two models look alike")
 LIMITS = (
     "Permuted MLP neurons are detected and undone by provenance; compare recognises MLP neurons and "
-    "attention heads put in another order in a block whose other modules are shared, and names them without "
-    "undoing them. Experts of a mixture-of-experts layer in another order, a permuted hidden (residual) "
-    "dimension, or neurons split, merged or rescaled are not recognised, and make a derived model look less "
-    "related or unrelated.",
+    "attention heads put in another order in a block whose other modules are shared, and the experts of a "
+    "mixture-of-experts layer in another order, and names them without undoing them. A permuted hidden "
+    "(residual) dimension, or neurons split, merged or rescaled are not recognised, and make a derived "
+    "model look less related or unrelated.",
     "Distillation, or training from scratch on the same data, leaves no weight-space trace: such a "
     "model reads unrelated to the teacher or sibling.",
     "A merge of several bases (averaging, task arithmetic, TIES) reads derived from each of them, "
@@ -231,7 +232,10 @@ def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[
     out = []
     for label in sorted(groups, key=lambda k: order[k]):
         entry = _component(label, groups[label], thresholds)
-        parts = _families(label, groups[label], thresholds, (permuted or {}).get(label, ())) \
+        if entry["status"] == "unrelated" and "experts" in (permuted or {}).get(label, ()):
+            entry["status"] = "shared"           # its experts are the base's, in another order
+        kinds = tuple((permuted or {}).get(label, ()))
+        parts = _families(label, groups[label], thresholds, kinds + (("mlp",) if "experts" in kinds else ())) \
             if entry["status"] == "shared" and (_some_far(groups[label], thresholds)
                                                 or any(is_mismatch(r) for r in groups[label])) else None
         out.extend(parts or [entry])
@@ -250,13 +254,25 @@ def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]
         groups.setdefault(component_of(name), []).append(r)
     out = {}
     for label, rows in groups.items():
-        if _component(label, rows, thresholds)["status"] != "shared":
+        status = _component(label, rows, thresholds)["status"]
+        if status == "unrelated":
+            # a mixture-of-experts block whose experts are the base's in another order (router rows with
+            # them) compares each expert with another: it reads unrelated whole
+            experts = [r for r in rows if _EXPERT.match(str(r.name)) and r.base_name is not None]
+            if experts:
+                out[label] = {"experts": experts}
+            continue
+        if status != "shared":
             continue
         kinds = {p["component"][len(label) + 1:] for p in _families(label, rows, thresholds) or []
                  if p["status"] == "unrelated"} & {"mlp", "attn"}
         if kinds:
             out[label] = {k: [r for r in rows if str(r.module or "").split(".", 1)[0] == k] for k in sorted(kinds)}
     return out
+
+
+#: an expert's tensor: (prefix up to ``experts.``, expert index, the rest)
+_EXPERT = re.compile(r"^(.*\.experts\.)(\d+)(\..+)$")
 
 
 def _component(label: str, rows: list, thresholds: Thresholds) -> dict:

@@ -35,7 +35,7 @@ from ..kernels.assignment import linear_assignment
 from ..kernels.dtypes import decode
 
 __all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation",
-           "detect_permutations", "undo", "neuron_vectors", "heads_permuted", "HEAD_DIMS"]
+           "detect_permutations", "undo", "neuron_vectors", "heads_permuted", "experts_permuted", "HEAD_DIMS"]
 
 # (regex with the group prefix as group 1, neuron axis, role); role "in" feeds the neurons,
 # "out" reads them; "bias" is permuted but not used for matching.
@@ -306,6 +306,25 @@ def undo(x: np.ndarray, perm: np.ndarray, axis: int) -> np.ndarray:
     inverse = np.empty_like(perm)
     inverse[perm] = np.arange(len(perm))
     return np.take(x, inverse, axis=axis)
+
+
+def experts_permuted(experts: Mapping[int, Sequence[tuple[np.ndarray, np.ndarray]]], min_cosine: float = 0.5) -> bool:
+    """Whether a mixture-of-experts layer's experts are the base's in another order: ``experts`` maps
+    each expert index to its (tuned, base) matrices in one order; tuned expert i is matched to base
+    expert j by the exact assignment of the cosines of their concatenated weights, accepted as
+    ``heads_permuted`` accepts a reordering."""
+    ids = sorted(experts)
+    if len(ids) < 2 or len({len(experts[i]) for i in ids}) != 1:
+        return False
+    vt = _unit_rows(np.stack([np.concatenate([_finite(np.asarray(t, np.float64))[0].ravel() for t, _ in experts[i]])
+                              for i in ids]))
+    vb = _unit_rows(np.stack([np.concatenate([_finite(np.asarray(b, np.float64))[0].ravel() for _, b in experts[i]])
+                              for i in ids]))
+    sim = vt @ vb.T
+    perm = linear_assignment(sim, maximize=True)
+    n = len(perm)
+    matched, ident = float(sim[np.arange(n), perm].mean()), float(np.diag(sim).mean())
+    return bool(np.any(perm != np.arange(n))) and matched >= min_cosine and matched > ident + 1e-6
 
 
 #: head sizes tried when the attention's are not known (every one that divides the rows is tried)

@@ -136,8 +136,9 @@ def _derived_special(summary: dict) -> str | None:
         what.append("some tensors of another shape (not compared)")
     kinds = {k for v in (perm.get("blocks") or {}).values() for k in v}
     if kinds:
-        what.append(" and ".join(w for k, w in (("mlp", "the neurons of some MLPs"), ("attn", "the heads of some "
-                                                                                         "attention modules"))
+        what.append(" and ".join(w for k, w in (("mlp", "the neurons of some MLPs"),
+                                                ("attn", "the heads of some attention modules"),
+                                                ("experts", "the experts of some mixture-of-experts layers"))
                                  if k in kinds) + " reordered")
     if not what:
         return None
@@ -436,7 +437,8 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     if perm:
         n = len(perm)
         kinds = {k for v in perm.values() for k in v}
-        what = " and ".join(w for k, w in (("mlp", "MLP neurons"), ("attn", "attention heads")) if k in kinds)
+        what = " and ".join(w for k, w in (("mlp", "MLP neurons"), ("attn", "attention heads"), ("experts", "experts"))
+                            if k in kinds)
         text += (f"; the {what} of {count(n)} {'block are' if n == 1 else 'blocks are'} the base's in another "
                  f"order ({_names(list(perm))}), which changes nothing the model computes: their matrices' "
                  "numbers here are of the reordered weights"
