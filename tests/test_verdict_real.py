@@ -488,7 +488,8 @@ def test_mlp_neurons_or_attention_heads_in_another_order_are_the_base_not_anothe
     r = _llama_pair(tmp_path / "attn", swap_heads)
     s = r.summary
     assert s.verdict == "derived" and s.scope["permuted_units"]["blocks"] == {"layers.1": ["attn"]}, s.verdict_reason
-    assert "the attention heads of 1 block are the base's in another order (layers.1)" in s.verdict_reason
+    assert "the attention heads of 1 block are the base's in another order (layers.1; a reordering alone" in \
+        s.verdict_reason
 
     other = np.random.default_rng(66)
 
@@ -500,7 +501,8 @@ def test_mlp_neurons_or_attention_heads_in_another_order_are_the_base_not_anothe
 
     r = _llama_pair(tmp_path / "new", new_attention)
     assert r.summary.verdict == "partial" and "permuted_units" not in r.summary.flags
-    assert "may also be the base's heads in another order" in r.summary.verdict_reason
+    assert r.summary.scope["heads_checked"] == ["layers.1 attn"]      # looked for, not found: no hedge
+    assert "in another order" not in r.summary.verdict_reason
 
 
 def test_experts_of_a_moe_layer_in_another_order_are_the_base_not_another_model(tmp_path):
@@ -537,3 +539,47 @@ def test_experts_of_a_moe_layer_in_another_order_are_the_base_not_another_model(
         "DERIVED: this base with the experts of some mixture-of-experts layers reordered; no other weight changed, "
         "and what changed beneath the reordering is not measured here.")
     assert {c["status"] for c in s.components} == {"shared"}
+
+
+def test_a_reordering_is_named_only_where_every_member_is_the_bases(tmp_path):
+    """Heads and MLP neurons both reordered in one block read it "unrelated" whole (PARTIAL); and a
+    reordering must not hide new weights beside it: queries reordered with new keys and values, or gate and
+    up reordered with a new down projection, were called "the base's in another order"."""
+    heads = np.arange(64).reshape(4, 16)[[2, 3, 0, 1]].reshape(-1)
+    neurons = np.random.default_rng(21).permutation(128)
+    rng = np.random.default_rng(22)
+
+    def both(t):
+        p = "model.layers.1."
+        for k in ("q_proj", "k_proj", "v_proj"):
+            t[p + f"self_attn.{k}.weight"] = t[p + f"self_attn.{k}.weight"][heads]
+        t[p + "self_attn.o_proj.weight"] = t[p + "self_attn.o_proj.weight"][:, heads]
+        for k in ("gate_proj", "up_proj"):
+            t[p + f"mlp.{k}.weight"] = t[p + f"mlp.{k}.weight"][neurons]
+        t[p + "mlp.down_proj.weight"] = t[p + "mlp.down_proj.weight"][:, neurons]
+        return t
+
+    s = _llama_pair(tmp_path / "both", both).summary
+    assert s.verdict == "derived" and s.scope["permuted_units"]["blocks"] == {"layers.1": ["attn", "mlp"]}, \
+        s.verdict_reason
+
+    def new_kv(t):
+        p = "model.layers.1.self_attn."
+        t[p + "q_proj.weight"] = t[p + "q_proj.weight"][heads]
+        t[p + "o_proj.weight"] = t[p + "o_proj.weight"][:, heads]
+        for k in ("k_proj", "v_proj"):
+            t[p + f"{k}.weight"] = rng.normal(0, 0.02, (64, 64)).astype(np.float32)
+        return t
+
+    s = _llama_pair(tmp_path / "kv", new_kv).summary
+    assert s.verdict == "partial" and "permuted_units" not in s.flags, s.verdict_reason
+
+    def new_down(t):
+        p = "model.layers.1.mlp."
+        for k in ("gate_proj", "up_proj"):
+            t[p + f"{k}.weight"] = t[p + f"{k}.weight"][neurons]
+        t[p + "down_proj.weight"] = rng.normal(0, 0.02, (64, 128)).astype(np.float32)
+        return t
+
+    s = _llama_pair(tmp_path / "down", new_down).summary
+    assert "permuted_units" not in s.flags, s.verdict_reason

@@ -285,7 +285,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         blocks, modules = aggregate(records, options.thresholds)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
                             declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)},
-                            permuted=permuted_units(records, bases, tuned_ck, options))
+                            reordering=permuted_units(records, bases, tuned_ck, options))
         if line is not None:
             line.close()
         for ck in (*bases, tuned_ck):
@@ -309,45 +309,89 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
 
 
 def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
-                   options: CompareOptions) -> dict[str, list[str]]:
-    """Block -> the module kinds (``mlp``, ``attn``) that look unrelated to the base's while the rest of
-    the block is shared and whose neurons or heads are the base's in another order
-    (``measure.permutation``: MLP neurons as provenance finds them, attention heads by their q/o and k/v
-    rows): a reordering changes nothing the model computes, so the block must not read as partly another
-    model's. Reads those modules' matrices again; nothing when no block is suspect (the usual case)."""
-    from .judge.relatedness import split_suspects
+                   options: CompareOptions) -> tuple[dict[str, list[str]], list[str]]:
+    """(block -> the module kinds whose units are the base's in another order, the ``block kind`` labels
+    whose attention heads were examined). A kind that looks unrelated (alone, or with the rest of its
+    block) is first checked for a reordering (``measure.permutation``): MLP neurons as provenance finds
+    them, each member matrix related once the order is undone; attention heads by their q/o and k/v rows;
+    a layer's experts with its router rows following them. A reordering changes nothing the model
+    computes, so such a block must not read as another model's. Once one block shows a reordering of a
+    kind, every changed block of that kind is checked too. Reads those modules' matrices again; nothing
+    when no kind is suspect (the usual case)."""
+    from .judge.relatedness import kind_rows, split_suspects
 
     suspects = split_suspects(records, options.thresholds)
     if not suspects:
-        return {}
+        return {}, []
+    found: dict[str, list[str]] = {}
+    checked: list[str] = []
+
+    def look(label: str, kind: str, rows: list) -> None:
+        pairs = [r for r in rows if r.base_name is not None and r.status in ("changed", "unchanged", "rounding")]
+        for i in sorted({r.base_index for r in pairs}):
+            stray: list = []
+            hit = _reordered(kind, [r for r in pairs if r.base_index == i], bases[i], tuned, stray)
+            if stray:
+                found.setdefault(label, []).append("router")
+            if kind == "attn" and hit is not None:
+                checked.append(f"{label} attn")
+            if hit:
+                found.setdefault(label, []).append(kind)
+                return
+
+    for label, kinds in suspects.items():
+        for kind, rows in kinds.items():
+            look(label, kind, rows)
+    if found:                        # a reordering in one block: the same kind elsewhere may be reordered
+        seen = {(label, k) for label, kinds in suspects.items() for k in kinds}
+        hit_kinds = {("mlp" if k == "experts" else k) for v in found.values() for k in v}
+        for label, kinds in kind_rows(records).items():
+            for kind, rows in kinds.items():
+                if kind in hit_kinds and (label, kind) not in seen and (label, "experts") not in seen:
+                    look(label, "experts" if any(_expert_row(r) for r in rows) else kind, rows)
+    return found, checked
+
+
+def _expert_row(r) -> bool:
+    from .judge.relatedness import _EXPERT
+
+    return _EXPERT.match(str(r.name)) is not None
+
+
+def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray: list) -> bool | None:
+    """Whether one block's ``kind`` (``mlp``, ``attn``, ``experts``) is the base's units in another order;
+    None when it cannot be checked (an attention with a fused qkv). A layer whose experts were reordered
+    but whose router rows were not is appended to ``stray``."""
     import numpy as np
 
-    from .measure.permutation import _as_float32, detect_permutations, experts_permuted, heads_permuted
+    from .measure.permutation import (_as_float32, detect_permutations, experts_permuted, heads_permuted,
+                                      members_follow, rows_follow)
 
     def load(ck, name):
         info = ck.tensors[name]
         return _as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)), info.dtype)
 
-    found: dict[str, list[str]] = {}
-    for label, kinds in suspects.items():
-        for kind, rows in kinds.items():
-            pairs = [r for r in rows if r.base_name is not None and r.status in ("changed", "unchanged", "rounding")]
-            for i in sorted({r.base_index for r in pairs}):
-                mine = [r for r in pairs if r.base_index == i]
-                if kind == "mlp":
-                    hit = any(f.applied for f in detect_permutations(bases[i], tuned, {r.name: r.base_name
-                                                                                       for r in mine}, seed=0))
-                elif kind == "experts":
-                    hit = experts_permuted(_by_expert(mine, lambda r: (load(tuned, r.name), load(bases[i], r.base_name))))
-                else:
-                    mats = {r.module.split(".", 1)[1]: (load(tuned, r.name), load(bases[i], r.base_name))
-                            for r in mine if r.module in ("attn.q", "attn.k", "attn.v", "attn.o")
-                            and len(r.shape or ()) == 2}
-                    hit = heads_permuted(mats)
-                if hit:
-                    found.setdefault(label, []).append(kind)
-                    break
-    return found
+    if kind == "mlp":
+        name_map = {r.name: r.base_name for r in rows}
+        for f in detect_permutations(base, tuned, name_map, seed=0):
+            mats = [(load(tuned, n), load(base, name_map[n]), ax) for n, ax, role in f.members if role != "bias"]
+            if f.applied and members_follow(mats, f.perm):
+                return True
+        return False
+    if kind == "experts":
+        experts = [r for r in rows if _expert_row(r)]
+        perm = experts_permuted(_by_expert(experts, lambda r: (load(tuned, r.name), load(base, r.base_name))))
+        if perm is None:
+            return False
+        # the experts are the base's either way; a router whose rows did not follow sends tokens to other
+        # experts than in the base, which the reason must say (not "unrelated", which they are not)
+        routers = [r for r in rows if not _expert_row(r) and len(r.shape or ()) == 2 and r.shape[0] == len(perm)]
+        if not all(rows_follow(load(tuned, r.name), load(base, r.base_name), perm) for r in routers):
+            stray.append(rows[0])
+        return True
+    mats = {r.module.split(".", 1)[1]: (load(tuned, r.name), load(base, r.base_name))
+            for r in rows if r.module in ("attn.q", "attn.k", "attn.v", "attn.o") and len(r.shape or ()) == 2}
+    return heads_permuted(mats)
 
 
 def _by_expert(rows, load) -> dict[int, list]:

@@ -22,7 +22,7 @@ from ..pairing.names import component_of, parse_name
 from ..records import TensorRow
 from .status import PAIRED, is_mismatch, placements, ratio
 
-__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components", "split_suspects",
+__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components", "split_suspects", "kind_rows",
            "counts_for_relatedness", "evidence_sizes", "chosen_evidence", "evidence", "judge", "rank_key",
            "sample_rows", "sample_plan", "sampled_sums", "screen_estimate"]
 
@@ -232,9 +232,15 @@ def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[
     out = []
     for label in sorted(groups, key=lambda k: order[k]):
         entry = _component(label, groups[label], thresholds)
-        if entry["status"] == "unrelated" and "experts" in (permuted or {}).get(label, ()):
-            entry["status"] = "shared"           # its experts are the base's, in another order
         kinds = tuple((permuted or {}).get(label, ()))
+        if entry["status"] == "unrelated" and kinds:
+            # its units are the base's in another order: judged per kind, the reordered ones not unrelated
+            rest = _families(label, groups[label], thresholds, kinds + (("mlp",) if "experts" in kinds else ()))
+            if rest is None or "experts" in kinds and not any(p["status"] == "unrelated" for p in rest):
+                entry["status"] = "shared"
+            else:
+                out.extend(rest)
+                continue
         parts = _families(label, groups[label], thresholds, kinds + (("mlp",) if "experts" in kinds else ())) \
             if entry["status"] == "shared" and (_some_far(groups[label], thresholds)
                                                 or any(is_mismatch(r) for r in groups[label])) else None
@@ -257,10 +263,15 @@ def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]
         status = _component(label, rows, thresholds)["status"]
         if status == "unrelated":
             # a mixture-of-experts block whose experts are the base's in another order (router rows with
-            # them) compares each expert with another: it reads unrelated whole
-            experts = [r for r in rows if _EXPERT.match(str(r.name)) and r.base_name is not None]
-            if experts:
-                out[label] = {"experts": experts}
+            # them) compares each expert with another, and a block whose heads and MLP neurons are both
+            # reordered compares every unit with another: either reads unrelated whole
+            if any(_EXPERT.match(str(r.name)) and r.base_name is not None for r in rows):
+                out[label] = {"experts": [r for r in rows if str(r.module or "").split(".", 1)[0] == "mlp"]}
+            else:
+                kinds = {k: [r for r in rows if str(r.module or "").split(".", 1)[0] == k] for k in ("attn", "mlp")}
+                kinds = {k: v for k, v in kinds.items() if v}
+                if kinds:
+                    out[label] = kinds
             continue
         if status != "shared":
             continue
@@ -268,6 +279,17 @@ def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]
                  if p["status"] == "unrelated"} & {"mlp", "attn"}
         if kinds:
             out[label] = {k: [r for r in rows if str(r.module or "").split(".", 1)[0] == k] for k in sorted(kinds)}
+    return out
+
+
+def kind_rows(records) -> dict[str, dict[str, list]]:
+    """Block -> module kind (``attn``, ``mlp``) -> its changed rows with a base counterpart: where else to
+    look for a reordering once one block has shown one (``comparison.permuted_units``)."""
+    out: dict[str, dict[str, list]] = {}
+    for r, name in zip(records, placements(records)):
+        kind = str(r.module or "").split(".", 1)[0]
+        if kind in ("attn", "mlp") and r.status == "changed" and r.base_name is not None:
+            out.setdefault(component_of(name), {}).setdefault(kind, []).append(r)
     return out
 
 

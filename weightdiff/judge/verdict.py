@@ -159,12 +159,14 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
 
 def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds: Thresholds,
               buffers: list[dict] | None = None, declared: dict | None = None,
-              permuted: dict[str, list[str]] | None = None) -> Summary:
+              reordering: tuple[dict[str, list[str]], list[str]] | None = None) -> Summary:
     """The model-level ``Summary`` of DESIGN.md from the records and their block roll-up
     (``judge.aggregate``): the judge step of the pipeline. ``buffers`` (from the plan) are
-    listed, never counted; ``declared`` holds the names each side declares (a hint); ``permuted``: block
-    -> the module kinds (``mlp``, ``attn``) whose neurons or heads are the base's in another order
-    (``measure.permutation``, run by the caller, which holds the files): not unrelated."""
+    listed, never counted; ``declared`` holds the names each side declares (a hint); ``reordering``:
+    (block -> the module kinds, ``mlp``, ``attn``, ``experts``, whose units are the base's in another
+    order, not unrelated; the ``block attn`` labels whose heads were examined), from
+    ``comparison.permuted_units``, which holds the files."""
+    permuted, checked = reordering or ({}, [])
     counted = [r for r in records if not is_tied(r)]
     by_status = {s: 0 for s in STATUSES}
     for r in counted:
@@ -235,6 +237,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     flags = _flags(counted, records, decl)
     cov = coverage(records, thresholds)
     comps = component_relatedness(records, thresholds, permuted)
+    if checked:
+        scope["heads_checked"] = sorted(set(checked))
     if permuted:
         flags.append("permuted_units")
         scope["permuted_units"] = {"blocks": {k: list(v) for k, v in sorted(permuted.items())}, "tensors_changed": sum(

@@ -35,7 +35,8 @@ from ..kernels.assignment import linear_assignment
 from ..kernels.dtypes import decode
 
 __all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation",
-           "detect_permutations", "undo", "neuron_vectors", "heads_permuted", "experts_permuted", "HEAD_DIMS"]
+           "detect_permutations", "undo", "neuron_vectors", "heads_permuted", "experts_permuted", "rows_follow",
+           "members_follow", "HEAD_DIMS"]
 
 # (regex with the group prefix as group 1, neuron axis, role); role "in" feeds the neurons,
 # "out" reads them; "bias" is permuted but not used for matching.
@@ -308,14 +309,15 @@ def undo(x: np.ndarray, perm: np.ndarray, axis: int) -> np.ndarray:
     return np.take(x, inverse, axis=axis)
 
 
-def experts_permuted(experts: Mapping[int, Sequence[tuple[np.ndarray, np.ndarray]]], min_cosine: float = 0.5) -> bool:
-    """Whether a mixture-of-experts layer's experts are the base's in another order: ``experts`` maps
-    each expert index to its (tuned, base) matrices in one order; tuned expert i is matched to base
-    expert j by the exact assignment of the cosines of their concatenated weights, accepted as
-    ``heads_permuted`` accepts a reordering."""
+def experts_permuted(experts: Mapping[int, Sequence[tuple[np.ndarray, np.ndarray]]],
+                     min_cosine: float = 0.5) -> np.ndarray | None:
+    """The order of a mixture-of-experts layer's experts when they are the base's in another order, else
+    None: ``experts`` maps each expert index to its (tuned, base) matrices in one order; tuned expert i
+    is matched to base expert ``perm[i]`` by the exact assignment of the cosines of their concatenated
+    weights, accepted as ``heads_permuted`` accepts a reordering (the caller checks the router rows)."""
     ids = sorted(experts)
     if len(ids) < 2 or len({len(experts[i]) for i in ids}) != 1:
-        return False
+        return None
     vt = _unit_rows(np.stack([np.concatenate([_finite(np.asarray(t, np.float64))[0].ravel() for t, _ in experts[i]])
                               for i in ids]))
     vb = _unit_rows(np.stack([np.concatenate([_finite(np.asarray(b, np.float64))[0].ravel() for _, b in experts[i]])
@@ -324,36 +326,69 @@ def experts_permuted(experts: Mapping[int, Sequence[tuple[np.ndarray, np.ndarray
     perm = linear_assignment(sim, maximize=True)
     n = len(perm)
     matched, ident = float(sim[np.arange(n), perm].mean()), float(np.diag(sim).mean())
-    return bool(np.any(perm != np.arange(n))) and matched >= min_cosine and matched > ident + 1e-6
+    ok = bool(np.any(perm != np.arange(n))) and matched >= min_cosine and matched > ident + 1e-6
+    # each expert on its own, not only on average: one new expert among reordered ones is not the base's
+    return perm if ok and float(sim[np.arange(n), perm].min()) >= min_cosine else None
+
+
+def rows_follow(tuned: np.ndarray, base: np.ndarray, perm: np.ndarray, min_cosine: float = 0.5) -> bool:
+    """Whether tuned row i is base row ``perm[i]`` (a router's rows following its experts' order)."""
+    t = _unit_rows(_finite(np.asarray(tuned, np.float64).reshape(len(perm), -1))[0])
+    b = _unit_rows(_finite(np.asarray(base, np.float64).reshape(len(perm), -1))[0])
+    return bool(np.einsum("ij,ij->i", t, b[perm]).min() >= min_cosine)
+
+
+def members_follow(load_pairs: Sequence[tuple[np.ndarray, np.ndarray, int]], perm: np.ndarray,
+                   min_cosine: float = 0.5) -> bool:
+    """Whether every member matrix (tuned, base, neuron axis) of a reordered MLP is related to the base's
+    once the order is undone (cosine at least ``min_cosine``): pooled over gate, up and down, two matching
+    matrices pass the matcher beside a new third one."""
+    for t, b, axis in load_pairs:
+        x, y = undo(np.asarray(t, np.float64), perm, axis).ravel(), np.asarray(b, np.float64).ravel()
+        x, y = _finite(x)[0], _finite(y)[0]
+        den = float(np.sqrt(x @ x) * np.sqrt(y @ y))
+        if not den or float(x @ y) / den < min_cosine:
+            return False
+    return True
 
 
 #: head sizes tried when the attention's are not known (every one that divides the rows is tried)
-HEAD_DIMS = (256, 128, 96, 80, 64, 32, 16)
+HEAD_DIMS = (256, 192, 160, 128, 112, 96, 80, 72, 64, 48, 40, 32, 24, 16)
 
 
 def heads_permuted(mats: Mapping[str, tuple[np.ndarray, np.ndarray]], min_cosine: float = 0.5,
-                   head_dims: Sequence[int] = HEAD_DIMS) -> bool:
+                   head_dims: Sequence[int] = HEAD_DIMS) -> bool | None:
     """Whether an attention's heads are the base's in another order: ``mats`` maps ``q``, ``k``, ``v``
     (rows: heads of ``d`` rows each) and ``o`` (columns) to (tuned, base) float arrays [out, in]. The
     query heads are matched on their q rows and o columns together, the key/value heads on their k and
-    v rows, by the exact assignment of their cosines, for each head size that divides the rows; a
-    reordering is accepted as ``find_permutation`` accepts one (matched heads agree, mean cosine at
-    least ``min_cosine``, better than the identity), which two unrelated attentions never pass."""
+    v rows, by the exact assignment of their cosines, for each head size that divides the rows. A
+    reordering is accepted when one of the two is reordered (matched heads agree, each head's cosine at
+    least ``min_cosine``, better than the identity) and the other is reordered too or the base's as it
+    stands: new key/value projections beside reordered queries are not the base's. None when the check
+    cannot run (no separate q and o: a fused qkv)."""
     q, o = mats.get("q"), mats.get("o")
-    if q is None or o is None or q[0].shape != q[1].shape or o[0].shape != o[1].shape:
-        return False
+    if q is None or o is None or q[0].shape != q[1].shape or o[0].shape != o[1].shape \
+            or o[0].shape[1] != q[0].shape[0]:
+        return None
     kv = [mats[r] for r in ("k", "v") if r in mats and mats[r][0].shape == mats[r][1].shape]
     for d in head_dims:
-        if q[0].shape[0] % d == 0 and o[0].shape[1] == q[0].shape[0] and q[0].shape[0] // d >= 2 \
-                and _heads_moved([(q, 0), (o, 1)], d, min_cosine):
-            return True
-        if kv and all(t.shape[0] % d == 0 and t.shape[0] // d >= 2 for t, _ in kv) \
-                and len({t.shape[0] for t, _ in kv}) == 1 and _heads_moved([(m, 0) for m in kv], d, min_cosine):
+        if q[0].shape[0] % d or q[0].shape[0] // d < 2:
+            continue
+        qo = _heads_state([(q, 0), (o, 1)], d, min_cosine)
+        if kv and all(t.shape[0] % d == 0 for t, _ in kv) and len({t.shape[0] for t, _ in kv}) == 1:
+            kvs = _heads_state([(m, 0) for m in kv], d, min_cosine) if kv[0][0].shape[0] // d >= 2 else \
+                _heads_state([(m, 0) for m in kv], kv[0][0].shape[0], min_cosine)
+        elif kv:
+            continue
+        else:
+            kvs = "same"
+        if "reordered" in (qo, kvs) and "unrelated" not in (qo, kvs):
             return True
     return False
 
 
-def _heads_moved(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d: int, min_cosine: float) -> bool:
+def _heads_state(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d: int, min_cosine: float) -> str:
+    """``reordered``, ``same`` (the base's heads where they stand) or ``unrelated``, for heads of ``d`` rows."""
     vt, vb = [], []
     for (t, b), axis in members:
         h = t.shape[axis] // d
@@ -361,7 +396,9 @@ def _heads_moved(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d
         vb.append(np.moveaxis(_finite(np.asarray(b, np.float64))[0], axis, 0).reshape(h, -1))
     st, sb = _unit_rows(np.concatenate(vt, axis=1)), _unit_rows(np.concatenate(vb, axis=1))
     sim = st @ sb.T
-    perm = linear_assignment(sim, maximize=True)
-    n = len(perm)
-    matched, ident = float(sim[np.arange(n), perm].mean()), float(np.diag(sim).mean())
-    return bool(np.any(perm != np.arange(n))) and matched >= min_cosine and matched > ident + 1e-6
+    n = sim.shape[0]
+    perm = linear_assignment(sim, maximize=True) if n > 1 else np.zeros(1, np.int64)
+    matched = sim[np.arange(n), perm]
+    if bool(np.any(perm != np.arange(n))) and matched.min() >= min_cosine and matched.mean() > np.diag(sim).mean() + 1e-6:
+        return "reordered"
+    return "same" if np.diag(sim).min() >= min_cosine else "unrelated"

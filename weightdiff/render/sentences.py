@@ -258,10 +258,12 @@ def _partial(data: dict) -> str:
     unrelated = [c["component"] for c in comps if c.get("status") == "unrelated"]
     text = (f"Shared with this base: {_names(shared)}. Unrelated to it (near-orthogonal, as independent "
             f"initialisations): {_names(unrelated)}.")
-    if any(u.endswith(" attn") for u in unrelated):
-        # an attention whose heads were put in another order reads so too, and is the base's
+    checked = set(((data.get("summary") or {}).get("scope") or {}).get("heads_checked") or ())
+    if any(u.endswith(" attn") and u not in checked for u in unrelated):
+        # an attention whose heads were put in another order reads so too, and is the base's: said where
+        # the heads could not be matched (a fused qkv)
         text += (" An attention module unrelated while the rest of its block is shared may also be the base's "
-                 "heads in another order, which weightdiff does not undo.")
+                 "heads in another order, which weightdiff could not check there (a fused qkv projection).")
     return text
 
 
@@ -440,10 +442,16 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         what = " and ".join(w for k, w in (("mlp", "MLP neurons"), ("attn", "attention heads"), ("experts", "experts"))
                             if k in kinds)
         text += (f"; the {what} of {count(n)} {'block are' if n == 1 else 'blocks are'} the base's in another "
-                 f"order ({_names(list(perm))}), which changes nothing the model computes: their matrices' "
-                 "numbers here are of the reordered weights"
+                 f"order ({_names(list(perm))}; a reordering alone changes nothing the model computes): their "
+                 "matrices' numbers here are of the reordered weights"
                  + (" (weightdiff provenance undoes an MLP's order and measures what changed beneath it)"
                     if "mlp" in kinds else ""))
+        stays = [b for b, v in perm.items() if "router" in v]
+        if stays:
+            one = len(stays) == 1
+            text += (f"; in {_names(stays)} the router's rows were not reordered with the experts, so tokens reach "
+                     f"other experts than in the base: {'that block computes' if one else 'those blocks compute'} "
+                     "something else")
     alike = count_lookalikes((t.get("status"), t.get("shape")) for t in counted) if "unpaired_lookalikes" in (s.get("flags") or []) else 0
     if alike:
         text += (f"; {count(alike)} removed base {'matrix has' if alike == 1 else 'matrices have'} an added tuned "
