@@ -292,3 +292,4 @@ def test_adapter_memo_says_the_parameters_are_base_plus_adapter():
                         "params_by_status": {"unchanged": 80, "changed": 20}, "blocks_total": 2, "blocks_changed": 1}}
     text = plain_language(data)[0]
     assert text.startswith("Of the 100 parameters of the model ad adapts (its base with the adapter applied), 80.0%")
+

@@ -327,7 +327,12 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
     checked: list[str] = []
 
     def look(label: str, kind: str, rows: list) -> None:
-        pairs = [r for r in rows if r.base_name is not None and r.status in ("changed", "unchanged", "rounding")]
+        # dense tensors on both sides only (not an adapter's factors, not a transposed or quantized pair)
+        pairs = [r for r in rows if r.base_name is not None and r.status in ("changed", "unchanged", "rounding")
+                 and r.compared == "float" and not getattr(r, "tied", False)
+                 and not (r.note or "").startswith("paired by content") and r.name in tuned.tensors
+                 and r.base_name in bases[r.base_index].tensors
+                 and tuple(tuned.tensors[r.name].shape) == tuple(bases[r.base_index].tensors[r.base_name].shape)]
         for i in sorted({r.base_index for r in pairs}):
             stray: list = []
             hit = _reordered(kind, [r for r in pairs if r.base_index == i], bases[i], tuned, stray)
