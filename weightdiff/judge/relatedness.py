@@ -22,7 +22,7 @@ from ..pairing.names import component_of, parse_name
 from ..records import TensorRow
 from .status import PAIRED, is_mismatch, placements, ratio
 
-__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components", "split_suspects", "kind_rows",
+__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components", "split_suspects", "kind_rows", "reordered_kinds",
            "counts_for_relatedness", "evidence_sizes", "chosen_evidence", "evidence", "judge", "rank_key",
            "sample_rows", "sample_plan", "sampled_sums", "screen_estimate"]
 
@@ -209,8 +209,8 @@ def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[
     ``base_only`` / ``tuned_only`` (no counterpart), ``tied`` (only a tied head row: one side's
     head is its embedding table, compared with the other side's head, which is not evidence
     of unrelatedness). A shared block whose module kinds disagree is given per kind (``_families``),
-    where the kinds that look unrelated are not ``permuted[label]`` (MLP neurons or attention heads that
-    are the base's in another order: ``comparison.permuted_units``).
+    where the kinds that look unrelated are not ``permuted[label]`` (MLP neurons, attention heads or a
+    layer's experts that are the base's in another order: ``comparison.permuted_units``).
     """
     groups: dict[str, list] = {}
     order: dict[str, tuple] = {}
@@ -235,17 +235,22 @@ def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[
         kinds = tuple((permuted or {}).get(label, ()))
         if entry["status"] == "unrelated" and kinds:
             # its units are the base's in another order: judged per kind, the reordered ones not unrelated
-            rest = _families(label, groups[label], thresholds, kinds + (("mlp",) if "experts" in kinds else ()))
+            rest = _families(label, groups[label], thresholds, reordered_kinds(kinds))
             if rest is None or "experts" in kinds and not any(p["status"] == "unrelated" for p in rest):
                 entry["status"] = "shared"
             else:
                 out.extend(rest)
                 continue
-        parts = _families(label, groups[label], thresholds, kinds + (("mlp",) if "experts" in kinds else ())) \
+        parts = _families(label, groups[label], thresholds, reordered_kinds(kinds)) \
             if entry["status"] == "shared" and (_some_far(groups[label], thresholds)
                                                 or any(is_mismatch(r) for r in groups[label])) else None
         out.extend(parts or [entry])
     return out
+
+
+def reordered_kinds(kinds: Sequence[str]) -> tuple:
+    """The module kinds a block's reordered units cover (a layer's experts are its ``mlp``)."""
+    return tuple(kinds) + (("mlp",) if "experts" in kinds else ())
 
 
 def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]]:

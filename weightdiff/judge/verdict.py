@@ -28,7 +28,7 @@ from ..io.declared import same_model
 from ..pairing.names import component_of, parse_name
 from .coverage import coverage, too_little
 from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated,
-                          low_rank_change)
+                          low_rank_change, reordered_kinds)
 from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
                      max_rank_fields, moved_blocks, norms_sq, placements, rank_upper, ratio, unresolved_quant_noise,
                      zero_side)
@@ -243,7 +243,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         flags.append("permuted_units")
         scope["permuted_units"] = {"blocks": {k: list(v) for k, v in sorted(permuted.items())}, "tensors_changed": sum(
             1 for r, b in zip(counted, placements(counted)) if r.status == "changed"
-            and str(r.module or "").split(".", 1)[0] in _reordered_kinds(permuted.get(component_of(b), ())))}
+            and str(r.module or "").split(".", 1)[0] in reordered_kinds(permuted.get(component_of(b), ())))}
     # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
     changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
     verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps)
@@ -265,11 +265,6 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                           "rank_basis": "energy_rank_99"},
         coverage=cov, components=comps, buffers=list(buffers or []), declared=decl, quantization=quant)
     return summary
-
-def _reordered_kinds(kinds) -> tuple:
-    """The module families a block's reordered units cover (a layer's experts are its ``mlp``)."""
-    return tuple(kinds) + (("mlp",) if "experts" in kinds else ())
-
 
 def _reshaped(mism: list[TensorRecord]) -> dict[str, int]:
     return {"tensors": len(mism), "params_base": sum(math.prod(r.base_shape or [0]) for r in mism),
