@@ -318,7 +318,7 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
     computes, so such a block must not read as another model's. Once one block shows a reordering of a
     kind, every changed block of that kind is checked too. Reads those modules' matrices again; nothing
     when no kind is suspect (the usual case)."""
-    from .judge.relatedness import kind_rows, split_suspects
+    from .judge.relatedness import is_expert_name, kind_rows, split_suspects
 
     suspects = split_suspects(records, options.thresholds)
     if not suspects:
@@ -353,14 +353,8 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
         for label, kinds in kind_rows(records).items():
             for kind, rows in kinds.items():
                 if kind in hit_kinds and (label, kind) not in seen and (label, "experts") not in seen:
-                    look(label, "experts" if any(_expert_row(r) for r in rows) else kind, rows)
+                    look(label, "experts" if any(is_expert_name(r.name) for r in rows) else kind, rows)
     return found, checked
-
-
-def _expert_row(r) -> bool:
-    from .judge.relatedness import _EXPERT
-
-    return _EXPERT.match(str(r.name)) is not None
 
 
 def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray: list) -> bool | None:
@@ -369,6 +363,7 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
     but whose router rows were not is appended to ``stray``."""
     import numpy as np
 
+    from .judge.relatedness import is_expert_name
     from .measure.permutation import (_as_float32, detect_permutations, experts_permuted, heads_permuted,
                                       members_follow, rows_follow)
 
@@ -384,13 +379,13 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                 return True
         return False
     if kind == "experts":
-        experts = [r for r in rows if _expert_row(r)]
+        experts = [r for r in rows if is_expert_name(r.name)]
         perm = experts_permuted(_by_expert(experts, lambda r: (load(tuned, r.name), load(base, r.base_name))))
         if perm is None:
             return False
         # the experts are the base's either way; a router whose rows did not follow sends tokens to other
         # experts than in the base, which the reason must say (not "unrelated", which they are not)
-        routers = [r for r in rows if not _expert_row(r) and len(r.shape or ()) == 2 and r.shape[0] == len(perm)]
+        routers = [r for r in rows if not is_expert_name(r.name) and len(r.shape or ()) == 2 and r.shape[0] == len(perm)]
         if not all(rows_follow(load(tuned, r.name), load(base, r.base_name), perm) for r in routers):
             stray.append(rows[0])
         return True

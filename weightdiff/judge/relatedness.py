@@ -22,7 +22,7 @@ from ..pairing.names import component_of, parse_name
 from ..records import TensorRow
 from .status import PAIRED, is_mismatch, placements, ratio
 
-__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components", "split_suspects", "kind_rows", "reordered_kinds",
+__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components", "split_suspects", "kind_rows", "reordered_kinds", "is_expert_name",
            "counts_for_relatedness", "evidence_sizes", "chosen_evidence", "evidence", "judge", "rank_key",
            "sample_rows", "sample_plan", "sampled_sums", "screen_estimate"]
 
@@ -270,7 +270,7 @@ def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]
             # a mixture-of-experts block whose experts are the base's in another order (router rows with
             # them) compares each expert with another, and a block whose heads and MLP neurons are both
             # reordered compares every unit with another: either reads unrelated whole
-            if any(_EXPERT.match(str(r.name)) and r.base_name is not None for r in rows):
+            if any(is_expert_name(r.name) and r.base_name is not None for r in rows):
                 out[label] = {"experts": [r for r in rows if str(r.module or "").split(".", 1)[0] == "mlp"]}
             else:
                 kinds = {k: [r for r in rows if str(r.module or "").split(".", 1)[0] == k] for k in ("attn", "mlp")}
@@ -300,6 +300,11 @@ def kind_rows(records) -> dict[str, dict[str, list]]:
 
 #: an expert's tensor: (prefix up to ``experts.``, expert index, the rest)
 _EXPERT = re.compile(r"^(.*\.experts\.)(\d+)(\..+)$")
+
+
+def is_expert_name(name) -> bool:
+    """A tensor of one expert of a mixture-of-experts layer (``...experts.3.w1.weight``)."""
+    return _EXPERT.match(str(name)) is not None
 
 
 def _component(label: str, rows: list, thresholds: Thresholds) -> dict:

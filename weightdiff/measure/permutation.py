@@ -318,17 +318,24 @@ def experts_permuted(experts: Mapping[int, Sequence[tuple[np.ndarray, np.ndarray
     ids = sorted(experts)
     if len(ids) < 2 or len({len(experts[i]) for i in ids}) != 1:
         return None
-    vt = _unit_rows(np.stack([np.concatenate([_finite(np.asarray(t, np.float64))[0].ravel() for t, _ in experts[i]])
-                              for i in ids]))
-    vb = _unit_rows(np.stack([np.concatenate([_finite(np.asarray(b, np.float64))[0].ravel() for _, b in experts[i]])
-                              for i in ids]))
-    sim = vt @ vb.T
+    vt = np.stack([np.concatenate([_finite(np.asarray(t, np.float64))[0].ravel() for t, _ in experts[i]]) for i in ids])
+    vb = np.stack([np.concatenate([_finite(np.asarray(b, np.float64))[0].ravel() for _, b in experts[i]]) for i in ids])
+    return _reordering(vt, vb, min_cosine)[0]
+
+
+def _reordering(vt: np.ndarray, vb: np.ndarray, min_cosine: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """(the exact assignment of tuned units, rows of ``vt``, to base units by cosine when it is a
+    reordering: units moved, every matched pair at ``min_cosine`` or more, one new unit among reordered
+    ones being no reordering, and better than the identity; else None, the cosine matrix)."""
+    sim = _unit_rows(vt) @ _unit_rows(vb).T
+    n = sim.shape[0]
+    if n < 2:
+        return None, sim
     perm = linear_assignment(sim, maximize=True)
-    n = len(perm)
-    matched, ident = float(sim[np.arange(n), perm].mean()), float(np.diag(sim).mean())
-    ok = bool(np.any(perm != np.arange(n))) and matched >= min_cosine and matched > ident + 1e-6
-    # each expert on its own, not only on average: one new expert among reordered ones is not the base's
-    return perm if ok and float(sim[np.arange(n), perm].min()) >= min_cosine else None
+    matched = sim[np.arange(n), perm]
+    ok = bool(np.any(perm != np.arange(n))) and matched.min() >= min_cosine \
+        and matched.mean() > np.diag(sim).mean() + 1e-6
+    return (perm if ok else None), sim
 
 
 def rows_follow(tuned: np.ndarray, base: np.ndarray, perm: np.ndarray, min_cosine: float = 0.5) -> bool:
@@ -394,11 +401,7 @@ def _heads_state(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d
         h = t.shape[axis] // d
         vt.append(np.moveaxis(_finite(np.asarray(t, np.float64))[0], axis, 0).reshape(h, -1))
         vb.append(np.moveaxis(_finite(np.asarray(b, np.float64))[0], axis, 0).reshape(h, -1))
-    st, sb = _unit_rows(np.concatenate(vt, axis=1)), _unit_rows(np.concatenate(vb, axis=1))
-    sim = st @ sb.T
-    n = sim.shape[0]
-    perm = linear_assignment(sim, maximize=True) if n > 1 else np.zeros(1, np.int64)
-    matched = sim[np.arange(n), perm]
-    if bool(np.any(perm != np.arange(n))) and matched.min() >= min_cosine and matched.mean() > np.diag(sim).mean() + 1e-6:
+    perm, sim = _reordering(np.concatenate(vt, axis=1), np.concatenate(vb, axis=1), min_cosine)
+    if perm is not None:
         return "reordered"
     return "same" if np.diag(sim).min() >= min_cosine else "unrelated"
