@@ -123,38 +123,79 @@ def _declared(declared: dict | None) -> dict:
     return {"base_names": bases, "tuned_declares_base": claim, "mismatch": mismatch}
 
 
+#: every flag ``_flags`` can raise, in the order the JSON lists them
+FLAG_ORDER = ("added_tensors", "removed_tensors", "resized_embeddings", "shape_mismatch", "composite_base",
+              "adapter", "tied_lm_head", "dtype_changed", "nonfinite", "cast_rounded_twice",
+              "nonfinite_changes", "awq_scaled", "quant_untested", "quant_both_compensated", "cast_offset",
+              "cast_overflow", "bytes_compared", "partial_spectrum", "content_paired",
+              "declared_base_mismatch", "relayout", "unpaired_lookalikes", "zeroed_matrices")
+
+
 def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: dict) -> list[str]:
-    st = Counter(r.status for r in counted)
-    checks = [
-        ("added_tensors", st["added"] > 0),
-        ("removed_tensors", st["removed"] > 0),
-        ("resized_embeddings", any(r.status == "resized" and not is_mismatch(r) for r in counted)),
-        ("shape_mismatch", any(is_mismatch(r) for r in counted)),
-        ("composite_base", len({r.base_index for r in counted if r.base_name is not None}) > 1),
-        ("adapter", any(r.compared == "factors" for r in counted)),
-        ("tied_lm_head", any(is_tied(r) for r in records)),
-        ("dtype_changed", any(r.dtype_base and r.dtype_tuned and r.dtype_base != r.dtype_tuned
-                              and r.compared != "factors" for r in counted)),
-        ("nonfinite", any((r.nonfinite or 0) > 0 for r in records)),
-        ("cast_rounded_twice", any(r.cast and r.cast.get("through") for r in counted)),
-        ("nonfinite_changes", any(nonfinite_only(r) for r in counted)),
-        ("awq_scaled", awq_scaled([r for r in counted if r.status in ("changed", "resized")])),
-        ("quant_untested", any(r.status == "quantized" and (r.quant or {}).get("within") is None for r in counted)),
-        ("quant_both_compensated", any(r.status == "quantized" and (r.quant or {}).get("within") is None
-                                       and (r.quant or {}).get("side") == "both"
-                                       and (r.quant or {}).get("test") not in ("none", "bound") for r in counted)),
-        ("cast_offset", any(r.cast and any("1 + w" in str(c) for c in r.cast.get("chain") or ()) for r in counted)),
-        ("cast_overflow", any(r.cast and ((r.cast.get("overflow") or 0) + (r.cast.get("saturated") or 0)) > 0
-                              for r in counted)),
-        ("bytes_compared", any(r.compared == "bytes" for r in counted)),
-        ("partial_spectrum", any(r.rank is not None and not r.rank.exact for r in counted)),
-        ("content_paired", any(r.paired_by == "content" for r in counted)),
-        ("declared_base_mismatch", bool(declared.get("mismatch"))),
-        ("relayout", bool(relayout(counted))),
-        ("unpaired_lookalikes", bool(lookalikes(counted))),
-        ("zeroed_matrices", any(r.status == "changed" and zero_side(r) for r in counted)),
-    ]
-    return [name for name, on in checks if on]
+    """The run's flags, in ``FLAG_ORDER``. One pass over the records (a 100,000-tensor model paid a
+    generator per flag): a record whose status, comparison and pairing are the common ones and that
+    carries no cast, rank, quant or non-finite count raises nothing, so it costs a few lookups."""
+    on: set[str] = set()
+    base_indexes: set = set()
+    moved: list[TensorRecord] = []
+    for r in counted:
+        s, compared, cast = r.status, r.compared, r.cast
+        if r.base_name is not None:
+            base_indexes.add(r.base_index)
+        if s == "added":
+            on.add("added_tensors")
+        elif s == "removed":
+            on.add("removed_tensors")
+        elif s == "resized":
+            on.add("shape_mismatch" if compared == "none" else "resized_embeddings")
+        elif s == "quantized":
+            q = r.quant or {}
+            if q.get("within") is None:
+                on.add("quant_untested")
+                if q.get("side") == "both" and q.get("test") not in ("none", "bound"):
+                    on.add("quant_both_compensated")
+        if s in ("changed", "resized"):
+            moved.append(r)
+        if compared == "factors":
+            on.add("adapter")
+        elif compared == "bytes":
+            on.add("bytes_compared")
+        if r.dtype_base and r.dtype_tuned and r.dtype_base != r.dtype_tuned and compared != "factors":
+            on.add("dtype_changed")
+        if cast:
+            if cast.get("through"):
+                on.add("cast_rounded_twice")
+            if any("1 + w" in str(c) for c in cast.get("chain") or ()):
+                on.add("cast_offset")
+            if ((cast.get("overflow") or 0) + (cast.get("saturated") or 0)) > 0:
+                on.add("cast_overflow")
+        if s == "changed":
+            if nonfinite_only(r):
+                on.add("nonfinite_changes")
+            if zero_side(r):
+                on.add("zeroed_matrices")
+        if r.rank is not None and not r.rank.exact:
+            on.add("partial_spectrum")
+        if r.paired_by == "content":
+            on.add("content_paired")
+    if len(base_indexes) > 1:
+        on.add("composite_base")
+    for r in records:
+        if "tied_lm_head" not in on and is_tied(r):
+            on.add("tied_lm_head")
+        if (r.nonfinite or 0) > 0:
+            on.add("nonfinite")
+            if "tied_lm_head" in on:
+                break
+    if awq_scaled(moved):
+        on.add("awq_scaled")
+    if declared.get("mismatch"):
+        on.add("declared_base_mismatch")
+    if relayout(counted):
+        on.add("relayout")
+    if lookalikes(counted):
+        on.add("unpaired_lookalikes")
+    return [name for name in FLAG_ORDER if name in on]
 
 
 def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds: Thresholds,

@@ -1,0 +1,92 @@
+"""``verdict._flags`` walks the records once; each flag is checked against its own definition here (the
+per-flag form it replaced), on random records that raise every flag alone and in mixtures."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from weightdiff.judge import verdict
+from weightdiff.judge.status import is_mismatch, is_tied, zero_side
+from weightdiff.records import RankRecord, TensorRecord
+
+
+def _reference(counted, records, declared):
+    st = Counter(r.status for r in counted)
+    checks = [
+        ("added_tensors", st["added"] > 0),
+        ("removed_tensors", st["removed"] > 0),
+        ("resized_embeddings", any(r.status == "resized" and not is_mismatch(r) for r in counted)),
+        ("shape_mismatch", any(is_mismatch(r) for r in counted)),
+        ("composite_base", len({r.base_index for r in counted if r.base_name is not None}) > 1),
+        ("adapter", any(r.compared == "factors" for r in counted)),
+        ("tied_lm_head", any(is_tied(r) for r in records)),
+        ("dtype_changed", any(r.dtype_base and r.dtype_tuned and r.dtype_base != r.dtype_tuned
+                              and r.compared != "factors" for r in counted)),
+        ("nonfinite", any((r.nonfinite or 0) > 0 for r in records)),
+        ("cast_rounded_twice", any(r.cast and r.cast.get("through") for r in counted)),
+        ("nonfinite_changes", any(verdict.nonfinite_only(r) for r in counted)),
+        ("awq_scaled", verdict.awq_scaled([r for r in counted if r.status in ("changed", "resized")])),
+        ("quant_untested", any(r.status == "quantized" and (r.quant or {}).get("within") is None for r in counted)),
+        ("quant_both_compensated", any(r.status == "quantized" and (r.quant or {}).get("within") is None
+                                       and (r.quant or {}).get("side") == "both"
+                                       and (r.quant or {}).get("test") not in ("none", "bound") for r in counted)),
+        ("cast_offset", any(r.cast and any("1 + w" in str(c) for c in r.cast.get("chain") or ()) for r in counted)),
+        ("cast_overflow", any(r.cast and ((r.cast.get("overflow") or 0) + (r.cast.get("saturated") or 0)) > 0
+                              for r in counted)),
+        ("bytes_compared", any(r.compared == "bytes" for r in counted)),
+        ("partial_spectrum", any(r.rank is not None and not r.rank.exact for r in counted)),
+        ("content_paired", any(r.paired_by == "content" for r in counted)),
+        ("declared_base_mismatch", bool(declared.get("mismatch"))),
+        ("relayout", bool(verdict.relayout(counted))),
+        ("unpaired_lookalikes", bool(verdict.lookalikes(counted))),
+        ("zeroed_matrices", any(r.status == "changed" and zero_side(r) for r in counted)),
+    ]
+    return [name for name, on in checks if on]
+
+
+def _record(rng: random.Random, i: int) -> TensorRecord:
+    status = rng.choice(["unchanged"] * 6 + ["changed"] * 3 + ["added", "removed", "resized", "quantized"])
+    shape = rng.choice([[8, 8], [8], [4, 8]])
+    r = TensorRecord(name=f"model.layers.{i % 3}.mlp.{rng.choice(['up', 'down'])}_proj.weight",
+                     base_name=None if status == "added" else f"b{i}", status=status, shape=shape,
+                     base_shape=shape, dtype_base=rng.choice(["BF16", "F16", None]),
+                     dtype_tuned=rng.choice(["BF16", "F16", None]), numel=64,
+                     base_index=rng.choice([0, 0, 0, 1]),
+                     compared=rng.choice(["float"] * 6 + ["none", "bytes", "factors"]))
+    r.norm_base, r.norm_tuned = rng.choice([(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (None, None)])
+    r.norm_delta = rng.choice([0.0, 0.5, None])
+    r.nonfinite = rng.choice([0] * 8 + [3])
+    r.module = rng.choice(["mlp", "attn", "norm"])
+    if rng.random() < 0.05:
+        r.tied = True
+    if rng.random() < 0.05:
+        r.note = "tied: shares the embedding"
+    if rng.random() < 0.2:
+        r.quant = rng.choice([{}, {"within": None, "side": "both", "test": "floor"},
+                              {"within": None, "side": "tuned", "test": "bound"},
+                              {"within": False, "format": "awq"}, {"within": True}])
+    if rng.random() < 0.1:
+        r.cast = rng.choice([{"through": "F16"}, {"chain": ["x", "1 + w then BF16"]}, {"overflow": 2},
+                             {"saturated": 1, "chain": []}, {}])
+    if rng.random() < 0.1:
+        r.rank = RankRecord(None, None, None, None, numerical_rank=3, noise_floor=0.0, spectrum=[], energy_captured=None,
+                            exact=rng.random() < 0.5)
+    r.paired_by = rng.choice(["name"] * 9 + ["content"])
+    return r
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_flags_match_their_definitions(seed):
+    rng = random.Random(seed)
+    n = rng.choice([1, 3, 10, 40])
+    records = [_record(rng, i) for i in range(n)]
+    counted = [r for r in records if rng.random() < 0.9]
+    declared = rng.choice([{}, {"mismatch": True}, {"mismatch": False}])
+    assert verdict._flags(counted, records, declared) == _reference(counted, records, declared)
+
+
+def test_every_flag_is_listed_in_order():
+    assert len(set(verdict.FLAG_ORDER)) == len(verdict.FLAG_ORDER) == 23
