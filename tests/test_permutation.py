@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from weightdiff.kernels.assignment import assignment_cost, linear_assignment
-from weightdiff.measure.permutation import find_permutation, match_neurons, mlp_groups, undo
+from weightdiff.measure.permutation import (find_permutation, match_neurons, members_follow, mlp_groups, undo,
+                                           undo_member)
 
 
 def _brute(cost: np.ndarray) -> float:
@@ -130,9 +131,34 @@ def test_mlp_groups_by_family():
         "model.layers.1.mlp.gate_up_proj.weight": (32, 8), "model.layers.1.mlp.down_proj.weight": (8, 16),
     }
     groups = {g.prefix: g for g in mlp_groups(shapes)}
-    assert sorted(groups) == ["encoder.layer.1", "model.layers.0.mlp", "transformer.h.0.mlp"]
+    assert sorted(groups) == ["encoder.layer.1", "model.layers.0.mlp", "model.layers.1.mlp", "transformer.h.0.mlp"]
     assert groups["model.layers.0.mlp"].neurons == 16
+    # Phi-3's fused gate_up: 32 rows are 16 neurons' gate rows, then their up rows
+    assert groups["model.layers.1.mlp"].neurons == 16
+    assert sorted(groups["model.layers.1.mlp"].members) == [
+        ("model.layers.1.mlp.down_proj.weight", 1, "out"), ("model.layers.1.mlp.gate_up_proj.weight", 0, "in:2")]
+    # an odd row count cannot be two halves: no group
+    assert not mlp_groups({"m.mlp.gate_up_proj.weight": (33, 8), "m.mlp.down_proj.weight": (8, 16)})
     assert sorted(groups["transformer.h.0.mlp"].members) == [
         ("transformer.h.0.mlp.c_fc.bias", 0, "bias"), ("transformer.h.0.mlp.c_fc.weight", 1, "in"),
         ("transformer.h.0.mlp.c_proj.weight", 0, "out")]
     assert groups["encoder.layer.1"].neurons == 32
+
+
+@pytest.mark.parametrize("exact_max", [2048, 0])
+def test_fused_gate_up_neurons_move_as_one_and_undo_puts_both_halves_back(rng, exact_max):
+    base = _mlp(rng)
+    p = rng.permutation(96)
+    tuned = _permuted(base, p, 0.02, rng)
+    fused = lambda m: [(np.concatenate([m["gate"], m["up"]]), 0), (m["down"], 1)]   # noqa: E731
+    f = find_permutation(fused(tuned), fused(base), exact_max=exact_max, roles=["in:2", "out"])
+    assert f.applied and (f.perm == p).all() and f.neurons == 96
+    back = undo_member(np.concatenate([tuned["gate"], tuned["up"]]), f.perm, 0, "in:2")
+    assert np.allclose(back, np.concatenate([base["gate"], base["up"]]), atol=0.2)
+    pairs = [(np.concatenate([tuned["gate"], tuned["up"]]), np.concatenate([base["gate"], base["up"]]), 0, "in:2"),
+             (tuned["down"], base["down"], 1)]
+    assert members_follow(pairs, f.perm)
+    # a new gate half beside the base's up rows: the fused tensor as a whole keeps cosine ~0.7, each part
+    # is judged alone
+    pairs[0] = (np.concatenate([rng.standard_normal((96, 32)), tuned["up"]]), pairs[0][1], 0, "in:2")
+    assert not members_follow(pairs, f.perm)

@@ -421,3 +421,24 @@ def test_nonfinite_weights_do_not_crash_the_permutation_search(zoo, tmp_path):
     assert any("non-finite values (NaN or Inf) were found" in f for f in r.findings)
     res = CliRunner().invoke(main, ["provenance", p, "--candidates", zoo["base"], "-q", "--json", "-"])
     assert res.exit_code == 0, res.output
+
+
+def test_permuted_neurons_of_a_fused_gate_up_are_undone_in_both_halves(tmp_path):
+    """Phi-3 keeps gate and up as one ``gate_up_proj`` [2 x inter, hidden]: provenance matched no neurons
+    there (a fused MLP was left alone), so a reordered fine-tune's MLPs read as another model's; undoing
+    must move the gate rows and the up rows alike."""
+    def fused(t: dict) -> dict:
+        out = {k: v for k, v in t.items() if ".mlp.gate_proj" not in k and ".mlp.up_proj" not in k}
+        for i in range(SHAPE["layers"]):
+            pre = f"model.layers.{i}.mlp."
+            out[pre + "gate_up_proj.weight"] = np.concatenate([t[pre + "gate_proj.weight"], t[pre + "up_proj.weight"]])
+        return out
+
+    base = llama(np.random.default_rng(7), **SHAPE)
+    b = write_checkpoint(tmp_path / "base", fused(base))
+    t = write_checkpoint(tmp_path / "tuned", fused(permute_mlp(finetune(base, 4, rel=0.01), 5)))
+    r = provenance(str(t), [str(b)], screen=False)
+    c = r.candidates[0]
+    assert c["verdict"] == "derived"
+    assert c["permutation"]["groups_permuted"] == c["permutation"]["groups_examined"] == SHAPE["layers"]
+    assert c["relative_change_large"] == pytest.approx(math.hypot(0.01, 0.005), rel=0.15)

@@ -69,3 +69,13 @@ def test_derived_by_float_tensors_beside_quantized_matrices_names_their_noise():
     text = verdict_reason(data)
     assert "differ only within their quantization noise floor (1 - cosine = 1.1e-2)" in text, text
     assert "keep 1 - cosine" not in text
+
+
+def test_unrelated_attention_is_hedged_only_where_its_heads_were_not_examined():
+    from weightdiff.render.sentences import _partial
+
+    comps = [{"component": "layers.0 attn", "status": "unrelated"}, {"component": "layers.0 mlp", "status": "shared"}]
+    hedge = "may also be the base's heads in another order"
+    assert hedge in _partial({"summary": {"components": comps, "scope": {}}})
+    assert hedge not in _partial({"summary": {"components": comps, "scope": {"heads_checked": ["layers.0 attn"]}}})
+    assert hedge not in _partial({"summary": {"components": comps[1:], "scope": {}}})

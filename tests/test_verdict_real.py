@@ -583,3 +583,98 @@ def test_a_reordering_is_named_only_where_every_member_is_the_bases(tmp_path):
 
     s = _llama_pair(tmp_path / "down", new_down).summary
     assert "permuted_units" not in s.flags, s.verdict_reason
+
+
+def _fuse(t: dict, layout: str, d: int = 16) -> dict:
+    """A llama state dict in a fused layout: ``phi3`` (qkv_proj = [q; k; v], gate_up_proj = [gate; up]) or
+    ``neox`` (query_key_value grouped by key/value head: each group's queries, then its k and v rows)."""
+    out = {}
+    for k, v in t.items():
+        m = re.match(r"(model\.layers\.\d+\.)self_attn\.q_proj\.weight$", k)
+        if m:
+            p = m.group(1) + "self_attn."
+            q, kk, vv = t[p + "q_proj.weight"], t[p + "k_proj.weight"], t[p + "v_proj.weight"]
+            if layout == "phi3":
+                out[p + "qkv_proj.weight"] = np.concatenate([q, kk, vv])
+            else:
+                kv = kk.shape[0] // d
+                g = q.shape[0] // d // kv
+                parts = [np.concatenate([q.reshape(kv, g * d, -1)[i], kk.reshape(kv, d, -1)[i],
+                                         vv.reshape(kv, d, -1)[i]]) for i in range(kv)]
+                out[p + "qkv_proj.weight"] = np.concatenate(parts)
+        elif re.search(r"self_attn\.[kv]_proj|mlp\.up_proj", k):
+            continue
+        elif k.endswith("mlp.gate_proj.weight"):
+            out[k.replace("gate_proj", "gate_up_proj")] = np.concatenate([v, t[k.replace("gate_proj", "up_proj")]])
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("layout,kv", [("phi3", None), ("phi3", 32), ("neox", None), ("neox", 32)])
+def test_heads_and_neurons_reordered_inside_fused_projections_are_the_base(tmp_path, layout, kv):
+    """A fused qkv (Phi-3's stacked [q; k; v], with grouped-query k/v too; the per-group layout of GPT-NeoX
+    and Falcon) with its heads reordered read PARTIAL, "attention unrelated, as independent
+    initialisations", hedged only by "weightdiff could not check there"; a fused gate_up with
+    its neurons reordered read the same for the MLPs. Both are the base computing the same function."""
+    from models import llama
+
+    d, h = 16, 4
+    base = llama(np.random.default_rng(31), layers=3, hidden=64, inter=128, vocab=256, kv=kv)
+    tuned = {k: v.copy() for k, v in base.items()}
+    heads = np.arange(4)[[2, 0, 3, 1]]
+    kvh = (kv or 64) // d
+    neurons = np.random.default_rng(32).permutation(128)
+    p = "model.layers.1."
+    rows = (heads[:, None] * d + np.arange(d)).ravel()
+    tuned[p + "self_attn.q_proj.weight"] = base[p + "self_attn.q_proj.weight"][rows]
+    tuned[p + "self_attn.o_proj.weight"] = base[p + "self_attn.o_proj.weight"][:, rows]
+    if kvh == h:                        # one key/value head per query head: they move together
+        for k in ("k_proj", "v_proj"):
+            tuned[p + f"self_attn.{k}.weight"] = base[p + f"self_attn.{k}.weight"][rows]
+    else:                               # two query heads per key/value head: swap within each group
+        heads = np.array([1, 0, 3, 2])
+        rows = (heads[:, None] * d + np.arange(d)).ravel()
+        tuned[p + "self_attn.q_proj.weight"] = base[p + "self_attn.q_proj.weight"][rows]
+        tuned[p + "self_attn.o_proj.weight"] = base[p + "self_attn.o_proj.weight"][:, rows]
+    q = "model.layers.2.mlp."
+    for k in ("gate_proj", "up_proj"):
+        tuned[q + f"{k}.weight"] = base[q + f"{k}.weight"][neurons]
+    tuned[q + "down_proj.weight"] = base[q + "down_proj.weight"][:, neurons]
+    write_checkpoint(tmp_path / "b", _fuse(base, layout, d))
+    write_checkpoint(tmp_path / "t", _fuse(tuned, layout, d))
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    assert s.verdict == "derived" and "permuted_units" in s.flags, s.verdict_reason
+    # queries swapped within their key/value group leave k and v as they were: the block is not suspect
+    assert s.scope["permuted_units"]["blocks"] == ({"layers.1": ["attn"]} if kvh == h else {}) | {"layers.2": ["mlp"]}
+    assert "could not check" not in s.verdict_reason
+
+    # new queries beside the base's keys and values, reordered or not, are not the base's heads
+    other = np.random.default_rng(33)
+    tuned[p + "self_attn.q_proj.weight"] = other.normal(0, 0.02, (64, 64)).astype(np.float32)
+    tuned[q + "gate_proj.weight"] = other.normal(0, 0.02, (128, 64)).astype(np.float32)   # a new gate half
+    write_checkpoint(tmp_path / "t2", _fuse(tuned, layout, d))
+    s = compare(tmp_path / "b", tmp_path / "t2").summary
+    assert "permuted_units" not in s.flags and s.verdict != "derived", s.verdict_reason
+    assert "could not check" not in s.verdict_reason
+    if kvh == h:                       # (with grouped k/v the new queries are a third of the qkv: not suspect)
+        assert "layers.1 attn" in s.scope["heads_checked"]
+
+
+def test_heads_reordered_in_gpt2_conv1d_attention_are_the_base(tmp_path):
+    """GPT-2 stores c_attn as [hidden, 3 x hidden] (Conv1D: inputs first): the heads are columns of each
+    third, and c_proj's rows. Heads reordered there read as an unrelated attention, hedged as unchecked."""
+    from models import gpt2
+
+    base = gpt2(np.random.default_rng(41), layers=3, hidden=64)
+    tuned = {k: v.copy() for k, v in base.items()}
+    cols = (np.array([2, 3, 1, 0])[:, None] * 16 + np.arange(16)).ravel()     # four heads of 16, all moved
+    p = "transformer.h.1.attn."
+    w, b = base[p + "c_attn.weight"], base[p + "c_attn.bias"]
+    tuned[p + "c_attn.weight"] = np.concatenate([w[:, i * 64:(i + 1) * 64][:, cols] for i in range(3)], axis=1)
+    tuned[p + "c_attn.bias"] = np.concatenate([b[i * 64:(i + 1) * 64][cols] for i in range(3)])
+    tuned[p + "c_proj.weight"] = base[p + "c_proj.weight"][cols]
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    assert s.verdict == "derived" and s.scope["permuted_units"]["blocks"] == {"h.1": ["attn"]}, s.verdict_reason

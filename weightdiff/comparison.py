@@ -359,13 +359,13 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
 
 def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray: list) -> bool | None:
     """Whether one block's ``kind`` (``mlp``, ``attn``, ``experts``) is the base's units in another order;
-    None when it cannot be checked (an attention with a fused qkv). A layer whose experts were reordered
+    None when it cannot be checked (a fused qkv in no known layout, no output projection). A layer whose experts were reordered
     but whose router rows were not is appended to ``stray``."""
     import numpy as np
 
     from .judge.relatedness import is_expert_name
-    from .measure.permutation import (_as_float32, detect_permutations, experts_permuted, heads_permuted,
-                                      members_follow, rows_follow)
+    from .measure.permutation import (_as_float32, detect_permutations, experts_permuted, fused_qkv_views,
+                                      heads_permuted, members_follow, rows_follow)
 
     def load(ck, name):
         info = ck.tensors[name]
@@ -374,7 +374,8 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
     if kind == "mlp":
         name_map = {r.name: r.base_name for r in rows}
         for f in detect_permutations(base, tuned, name_map, seed=0):
-            mats = [(load(tuned, n), load(base, name_map[n]), ax) for n, ax, role in f.members if role != "bias"]
+            mats = [(load(tuned, n), load(base, name_map[n]), ax, role) for n, ax, role in f.members
+                    if not role.startswith("bias")]
             if f.applied and members_follow(mats, f.perm):
                 return True
         return False
@@ -389,9 +390,18 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
         if not all(rows_follow(load(tuned, r.name), load(base, r.base_name), perm) for r in routers):
             stray.append(rows[0])
         return True
-    mats = {r.module.split(".", 1)[1]: (load(tuned, r.name), load(base, r.base_name))
-            for r in rows if r.module in ("attn.q", "attn.k", "attn.v", "attn.o") and len(r.shape or ()) == 2}
-    return heads_permuted(mats)
+    mats = {}
+    for r in rows:
+        if r.module in ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv") and len(r.shape or ()) == 2 \
+                and r.name.endswith("weight"):
+            t, b = load(tuned, r.name), load(base, r.base_name)
+            if r.name.endswith("c_attn.weight") or (r.module == "attn.o" and r.name.endswith("c_proj.weight")):
+                t, b = t.T, b.T                      # GPT-2's Conv1D stores [in, out]
+            mats[r.module.split(".", 1)[1]] = (t, b)
+    if "q" in mats or "qkv" not in mats or "o" not in mats:
+        return heads_permuted(mats)
+    found = [heads_permuted(m, head_dims=dims) for m, dims in fused_qkv_views(mats["qkv"], mats["o"])]
+    return True if any(found) else False if found else None
 
 
 def _by_expert(rows, load) -> dict[int, list]:

@@ -38,7 +38,7 @@ from .errors import CheckpointError, OptionsError, WeightdiffError, escape_name
 from .kernels.dtypes import DTYPES, decode
 from .options import CompareOptions, HubOptions, ProvenanceOptions, Thresholds, _opt, options_from_kwargs
 from .pairing.plan import plan as make_plan
-from .measure.permutation import Finding, detect_permutations, mlp_groups, undo
+from .measure.permutation import Finding, detect_permutations, mlp_groups, undo_member
 from .records import dumps
 from .render.formats import num, sci, share
 from .judge.relatedness import (EXCLUDED_NOTE, LIMITS, MARGINS, REFERENCE, components, evidence, judge,
@@ -396,12 +396,12 @@ def _undo_rows(rows: list[dict], applied: list[Finding], base: Checkpoint, tck: 
     backend = backend_for(options.device, options.threads)
     by_name = {r["name"]: r for r in rows}
     for f in applied:
-        for name, axis, _ in f.members:
+        for name, axis, role in f.members:
             r = by_name.get(name)
             if r is None or r.get("compared") != "float":
                 continue
             braw = np.ascontiguousarray(base.read(r["base_name"])).reshape(-1)
-            traw = np.ascontiguousarray(undo(tck.read(name), f.perm, axis)).reshape(-1)
+            traw = np.ascontiguousarray(undo_member(tck.read(name), f.perm, axis, role)).reshape(-1)
             stats = backend.module.delta_stats(braw, traw, r["dtype_base"], r["dtype_tuned"])
             fields_ = reference.finalize(stats)
             for key in ("norm_base", "norm_tuned", "norm_delta", "rel_change", "cosine", "frac_changed",

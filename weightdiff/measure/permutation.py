@@ -18,8 +18,12 @@ matched cosines are then measured on the full vectors, and a permutation is
 accepted only when it clearly improves on the identity and matched neurons agree
 (mean cosine >= ``min_cosine``): two unrelated models never get "aligned".
 
-What this cannot see: attention-head permutations, a permuted residual stream
-(hidden size), neurons split or merged, fused gate_up projections.
+A fused ``gate_up_proj`` (Phi-3: the gate's rows, then the up projection's) is one member whose
+neuron axis holds two stacked parts (role ``in:2``): each neuron's vector is its gate row and its up
+row side by side, and a reordering moves both halves alike (``undo_member``). Attention heads are
+matched by ``heads_permuted`` (separate q/k/v/o, or a fused qkv split by ``fused_qkv_views``).
+
+What this cannot see: a permuted residual stream (hidden size), neurons split or merged.
 """
 
 from __future__ import annotations
@@ -36,14 +40,17 @@ from ..kernels.dtypes import decode
 
 __all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation",
            "detect_permutations", "undo", "neuron_vectors", "heads_permuted", "experts_permuted", "rows_follow",
-           "members_follow", "HEAD_DIMS"]
+           "members_follow", "HEAD_DIMS", "parts_of", "member_vectors", "undo_member", "fused_qkv_views"]
 
 # (regex with the group prefix as group 1, neuron axis, role); role "in" feeds the neurons,
-# "out" reads them; "bias" is permuted but not used for matching.
+# "out" reads them; "bias" is permuted but not used for matching; ":2" after a role: the neuron
+# axis holds two stacked parts of n each (a fused gate_up), reordered alike.
 _SPECS: tuple[tuple[str, int, str], ...] = (
     (r"^(.*\.mlp)\.(?:gate_proj|up_proj|fc1|dense_h_to_4h|w1|w3)\.weight$", 0, "in"),
     (r"^(.*\.mlp)\.(?:gate_proj|up_proj|fc1|dense_h_to_4h|w1|w3|c_fc)\.bias$", 0, "bias"),
     (r"^(.*\.mlp)\.(?:down_proj|fc2|dense_4h_to_h|w2)\.weight$", 1, "out"),
+    (r"^(.*\.mlp)\.gate_up_proj\.weight$", 0, "in:2"),   # Phi-3: [gate; up] stacked, [2n, hidden]
+    (r"^(.*\.mlp)\.gate_up_proj\.bias$", 0, "bias:2"),
     (r"^(.*\.mlp)\.c_fc\.weight$", 1, "in"),           # GPT-2 Conv1D: [hidden, n]
     (r"^(.*\.mlp)\.c_proj\.weight$", 0, "out"),        # GPT-2 Conv1D: [n, hidden]
     (r"^(.*\.experts\.\d+)\.(?:w1|w3|gate_proj|up_proj)\.weight$", 0, "in"),   # Mixtral-style experts
@@ -113,15 +120,16 @@ def mlp_groups(shapes: Mapping[str, Sequence[int]]) -> list[MlpGroup]:
             m = rx.match(name)
             if m is None:
                 continue
-            if (role == "bias") != (len(shape) == 1) or axis >= len(shape):
+            if role.startswith("bias") != (len(shape) == 1) or axis >= len(shape) \
+                    or shape[axis] % parts_of(role):
                 break
             found.setdefault(m.group(1), MlpGroup(m.group(1))).members.append((name, axis, role))
             break
     groups = []
     for prefix in sorted(found):
         g = found[prefix]
-        sizes = {shapes[n][a] for n, a, _ in g.members}
-        roles = {r for _, _, r in g.members}
+        sizes = {shapes[n][a] // parts_of(r) for n, a, r in g.members}
+        roles = {r.split(":")[0] for _, _, r in g.members}
         if len(sizes) == 1 and {"in", "out"} <= roles:
             g.neurons = sizes.pop()
             groups.append(g)
@@ -131,6 +139,35 @@ def mlp_groups(shapes: Mapping[str, Sequence[int]]) -> list[MlpGroup]:
 def neuron_vectors(x: np.ndarray, axis: int) -> np.ndarray:
     """The weights of each neuron as rows: ``x`` with ``axis`` moved first, flattened after."""
     return np.moveaxis(np.asarray(x), axis, 0).reshape(x.shape[axis], -1)
+
+
+def parts_of(role: str) -> int:
+    """How many stacked parts a member's neuron axis holds (``in:2``: a fused gate_up), 1 for most."""
+    return int(role.rsplit(":", 1)[1]) if ":" in role else 1
+
+
+def member_vectors(x: np.ndarray, axis: int, role: str = "in") -> np.ndarray:
+    """``neuron_vectors`` of one member: a fused member's parts side by side, one row per neuron.
+
+    >>> member_vectors(np.arange(8).reshape(4, 2), 0, "in:2").tolist()
+    [[0, 1, 4, 5], [2, 3, 6, 7]]
+    """
+    p = parts_of(role)
+    if p == 1:
+        return neuron_vectors(x, axis)
+    return np.concatenate([neuron_vectors(c, axis) for c in np.split(np.asarray(x), p, axis=axis)], axis=1)
+
+
+def undo_member(x: np.ndarray, perm: np.ndarray, axis: int, role: str = "in") -> np.ndarray:
+    """``undo`` for one member: each stacked part of a fused member reordered alike.
+
+    >>> undo_member(np.array([10, 20, 30, 40]), np.array([1, 0]), 0, "in:2").tolist()
+    [20, 10, 40, 30]
+    """
+    p = parts_of(role)
+    if p == 1:
+        return undo(x, perm, axis)
+    return np.concatenate([undo(c, perm, axis) for c in np.split(np.asarray(x), p, axis=axis)], axis=axis)
 
 
 def _unit_rows(v: np.ndarray) -> np.ndarray:
@@ -185,26 +222,28 @@ def match_neurons(sim: np.ndarray | None = None, *, sig_tuned: np.ndarray | None
 
 def find_permutation(tuned: Sequence[tuple[np.ndarray, int]], base: Sequence[tuple[np.ndarray, int]], *,
                      exact_max: int = 2048, proj_dims: int = 64, seed: int = 0,
-                     min_cosine: float = 0.5, group: str = "") -> Finding:
+                     min_cosine: float = 0.5, group: str = "", roles: Sequence[str] | None = None) -> Finding:
     """Match the neurons of one MLP given its member matrices as float arrays.
 
+    ``roles``: each member's role (``in:2`` for a fused gate_up, see ``parts_of``); plain by default.
     ``tuned`` and ``base`` list (array, neuron axis) in the same order. The arrays
     may be loaded lazily by the caller one at a time; here they are all in memory.
     """
     load_t = [lambda a=a: a for a, _ in tuned]
     load_b = [lambda a=a: a for a, _ in base]
     return _find(load_t, load_b, [ax for _, ax in tuned], exact_max=exact_max, proj_dims=proj_dims,
-                 seed=seed, min_cosine=min_cosine, group=group)
+                 seed=seed, min_cosine=min_cosine, group=group, roles=roles)
 
 
 def _find(load_t: Sequence[Callable[[], np.ndarray]], load_b: Sequence[Callable[[], np.ndarray]],
           axes: Sequence[int], *, exact_max: int, proj_dims: int, seed: int, min_cosine: float,
-          group: str) -> Finding:
+          group: str, roles: Sequence[str] | None = None) -> Finding:
+    roles = list(roles) if roles is not None else ["in"] * len(axes)
     n = None
     sim = sig_t = sig_b = None
     bad = 0
-    for k, (lt, lb, ax) in enumerate(zip(load_t, load_b, axes)):
-        vt, vb = neuron_vectors(lt(), ax), neuron_vectors(lb(), ax)
+    for k, (lt, lb, ax, role) in enumerate(zip(load_t, load_b, axes, roles)):
+        vt, vb = member_vectors(lt(), ax, role), member_vectors(lb(), ax, role)
         (vt, bt), (vb, bb) = _finite(vt), _finite(vb)
         bad += bt + bb
         n = vt.shape[0]
@@ -224,9 +263,9 @@ def _find(load_t: Sequence[Callable[[], np.ndarray]], load_b: Sequence[Callable[
     dot_i = np.zeros(n)
     nt = np.zeros(n)
     nb = np.zeros(n)
-    for lt, lb, ax in zip(load_t, load_b, axes):
-        vt = neuron_vectors(lt(), ax).astype(np.float64)
-        vb = neuron_vectors(lb(), ax).astype(np.float64)
+    for lt, lb, ax, role in zip(load_t, load_b, axes, roles):
+        vt = member_vectors(lt(), ax, role).astype(np.float64)
+        vb = member_vectors(lb(), ax, role).astype(np.float64)
         vt, vb = _finite(vt)[0], _finite(vb)[0]
         dot_m += np.einsum("ij,ij->i", vt, vb[perm])
         dot_i += np.einsum("ij,ij->i", vt, vb)
@@ -282,15 +321,15 @@ def detect_permutations(base, tuned, name_map: Mapping[str, str], *, exact_max: 
             shapes[tname] = tuple(ti.shape)
     findings = []
     for g in mlp_groups(shapes):
-        mats = [(n, ax) for n, ax, role in g.members if role != "bias"]
+        mats = [(n, ax, role) for n, ax, role in g.members if not role.startswith("bias")]
 
         def loader(ck, name):
             info = ck.tensors[name]
             return lambda: _as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)), info.dtype)
 
-        f = _find([loader(tuned, n) for n, _ in mats], [loader(base, name_map[n]) for n, _ in mats],
-                  [ax for _, ax in mats], exact_max=exact_max, proj_dims=proj_dims, seed=seed,
-                  min_cosine=min_cosine, group=g.prefix)
+        f = _find([loader(tuned, n) for n, _, _ in mats], [loader(base, name_map[n]) for n, _, _ in mats],
+                  [ax for _, ax, _ in mats], exact_max=exact_max, proj_dims=proj_dims, seed=seed,
+                  min_cosine=min_cosine, group=g.prefix, roles=[r for _, _, r in mats])
         f.members = list(g.members)
         findings.append(f)
     return findings
@@ -345,17 +384,20 @@ def rows_follow(tuned: np.ndarray, base: np.ndarray, perm: np.ndarray, min_cosin
     return bool(np.einsum("ij,ij->i", t, b[perm]).min() >= min_cosine)
 
 
-def members_follow(load_pairs: Sequence[tuple[np.ndarray, np.ndarray, int]], perm: np.ndarray,
-                   min_cosine: float = 0.5) -> bool:
+def members_follow(load_pairs: Sequence[tuple[np.ndarray, np.ndarray, int] | tuple[np.ndarray, np.ndarray, int, str]],
+                   perm: np.ndarray, min_cosine: float = 0.5) -> bool:
     """Whether every member matrix (tuned, base, neuron axis) of a reordered MLP is related to the base's
     once the order is undone (cosine at least ``min_cosine``): pooled over gate, up and down, two matching
-    matrices pass the matcher beside a new third one."""
-    for t, b, axis in load_pairs:
-        x, y = undo(np.asarray(t, np.float64), perm, axis).ravel(), np.asarray(b, np.float64).ravel()
-        x, y = _finite(x)[0], _finite(y)[0]
-        den = float(np.sqrt(x @ x) * np.sqrt(y @ y))
-        if not den or float(x @ y) / den < min_cosine:
-            return False
+    matrices pass the matcher beside a new third one. Each part of a fused member (its gate and its up
+    rows) is a matrix of its own here: a new gate beside the base's up would pass as one tensor."""
+    for t, b, axis, *role in load_pairs:
+        p = parts_of(role[0]) if role else 1
+        xs = np.split(undo_member(np.asarray(t, np.float64), perm, axis, *role), p, axis=axis)
+        for x, y in zip(xs, np.split(np.asarray(b, np.float64), p, axis=axis)):
+            x, y = _finite(x.ravel())[0], _finite(y.ravel())[0]
+            den = float(np.sqrt(x @ x) * np.sqrt(y @ y))
+            if not den or float(x @ y) / den < min_cosine:
+                return False
     return True
 
 
@@ -405,3 +447,43 @@ def _heads_state(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d
     if perm is not None:
         return "reordered"
     return "same" if np.diag(sim).min() >= min_cosine else "unrelated"
+
+
+def fused_qkv_views(qkv: tuple[np.ndarray, np.ndarray], o: tuple[np.ndarray, np.ndarray],
+                    head_dims: Sequence[int] = HEAD_DIMS) -> list[tuple[dict, tuple[int, ...]]]:
+    """The ways a fused qkv projection (tuned, base) [rows, hidden] may split into ``q``, ``k``, ``v``,
+    each as (``heads_permuted``'s ``mats``, the head sizes to try). The query rows are as many as the
+    output projection ``o`` [hidden, q rows] has columns. Two layouts are in use: the three stacked
+    (Phi-3's ``qkv_proj``, Falcon-7B's multi-query ``query_key_value``: q rows, then k, then v) and
+    grouped by key/value head (GPT-NeoX's ``query_key_value``, one q, k and v per head; Falcon-40B's,
+    each key/value head's queries, then its k and v), which depends on the head size. A layout that is
+    not the model's finds no reordering (its "heads" mix rows of several), so trying each is safe.
+
+    >>> t = np.arange(24.0).reshape(12, 2); views = fused_qkv_views((t, t), (np.ones((2, 4)), np.ones((2, 4))), (2,))
+    >>> [(sorted(m), dims, m["k"][0][:, 0].tolist()) for m, dims in views]  # doctest: +NORMALIZE_WHITESPACE
+    [(['k', 'o', 'q', 'v'], (2,), [8.0, 10.0, 12.0, 14.0]), (['k', 'o', 'q', 'v'], (2,), [4.0, 6.0, 16.0, 18.0])]
+    """
+    (qt, qb), (ot, ob) = qkv, o
+    if qt.ndim != 2 or qt.shape != qb.shape or ot.ndim != 2 or ot.shape != ob.shape:
+        return []
+    rows, n_q = qt.shape[0], ot.shape[1]
+    views: list[tuple[dict, tuple[int, ...]]] = []
+    if rows > n_q and (rows - n_q) % 2 == 0:                 # stacked: [q; k; v]
+        kv = (rows - n_q) // 2
+        views.append(({"q": (qt[:n_q], qb[:n_q]), "k": (qt[n_q:n_q + kv], qb[n_q:n_q + kv]),
+                       "v": (qt[n_q + kv:], qb[n_q + kv:]), "o": o}, tuple(head_dims)))
+    for d in head_dims:                                      # grouped: [kv heads, queries per group + 2, d]
+        if n_q % d or rows % d or n_q // d < 2:
+            continue
+        h, spare = n_q // d, rows // d - n_q // d
+        if spare < 2 or spare % 2 or h % (spare // 2):
+            continue
+        kv = spare // 2
+        g = h // kv
+        if kv == 1:                                          # one key/value head: the stacked layout
+            continue
+        gt, gb = qt.reshape(kv, g + 2, d, -1), qb.reshape(kv, g + 2, d, -1)
+        views.append(({"q": (gt[:, :g].reshape(n_q, -1), gb[:, :g].reshape(n_q, -1)),
+                       "k": (gt[:, g].reshape(kv * d, -1), gb[:, g].reshape(kv * d, -1)),
+                       "v": (gt[:, g + 1].reshape(kv * d, -1), gb[:, g + 1].reshape(kv * d, -1)), "o": o}, (d,)))
+    return views

@@ -261,9 +261,10 @@ def _partial(data: dict) -> str:
     checked = set(((data.get("summary") or {}).get("scope") or {}).get("heads_checked") or ())
     if any(u.endswith(" attn") and u not in checked for u in unrelated):
         # an attention whose heads were put in another order reads so too, and is the base's: said where
-        # the heads could not be matched (a fused qkv)
+        # the heads could not be matched (a fused qkv in no known layout, no output projection)
         text += (" An attention module unrelated while the rest of its block is shared may also be the base's "
-                 "heads in another order, which weightdiff could not check there (a fused qkv projection).")
+                 "heads in another order, which weightdiff could not check there (its projections are fused "
+                 "in a layout it does not split, or it has no output projection).")
     return text
 
 
