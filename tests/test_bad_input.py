@@ -531,3 +531,34 @@ def test_bulk_nested_json_is_refused_before_it_is_parsed(tmp_path, monkeypatch, 
     text = json.dumps({"__metadata__": {"format": "pt", "note": "[{},{},{}] in a string is text"}, **entries})
     assert len(text) > 1024
     files.load_json(text.encode(), p, "header")
+
+
+@pytest.mark.parametrize("scale", [1e40, 1e60, 1e300])
+def test_float64_values_past_float32_or_float64_squares(tmp_path, scale):
+    """Valid F64 weights of 1e40 or more: the rank pass (float32 where its error analysis allows) gave a
+    spectrum of infinities, written as nulls and read as "numerical rank 0", and --report refused its own
+    result ("should be a number (found a number)"); at 1e300 LAPACK printed to stdout ahead of the JSON.
+    Past float32 the rank is not computed, and said so; past what float64 can square, the tensor is bad
+    input, named in one line, and nothing is written."""
+    a = np.random.default_rng(0).standard_normal((8, 8))
+    for name, arr in (("base", a * scale), ("tuned", a * scale * 1.5 + np.eye(8) * scale)):
+        write(tmp_path / f"{name}.safetensors",
+              raw_file({"w": {"dtype": "F64", "shape": [8, 8], "data_offsets": [0, 512]}}, arr.tobytes()))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["compare", "-q", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"),
+                                  "--json", str(out / "r.json"), "--report", str(out / "memo.html")])
+    if scale < 1e150:
+        assert r.exit_code == 0, r.output
+        t = json.loads((out / "r.json").read_text())["tensors"][0]
+        assert t["rank"] is None and "beyond float32's range (3.4e38): the rank of the change is not computed" in t["note"]
+        assert t["cosine"] == pytest.approx(0.966, abs=0.01) and (out / "memo.html").exists()
+    else:
+        assert r.exit_code == 2 and r.stdout == "" and not out.exists(), r.output
+        assert r.stderr.splitlines() == [f"error: {tmp_path / 'base.safetensors'}: tensor `w` holds values too large to "
+                                         "measure: the sum of their squares overflows float64 (values of 1e154 or more)"]
+
+
+def test_a_non_finite_number_is_named_so_by_the_result_validator():
+    from weightdiff.render.validate import _kind
+
+    assert (_kind(float("nan")), _kind(float("inf")), _kind(1.5)) == ("nan", "inf", "a number")

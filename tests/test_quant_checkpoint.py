@@ -274,6 +274,29 @@ def test_fp8_scale_grid_must_tile(tmp_path, base_tensors):
         locate(path)
 
 
+@pytest.mark.parametrize("block", [[128, 256], [64, 256], [128, 512]])
+def test_fp8_weight_inside_one_block_reads_as_transformers_does(tmp_path, base_tensors, block):
+    """A weight no larger than one block has a [1, 1] scale grid, what the config asks for; it was taken
+    for a per-tensor scale and refused because the config names a block size (tiny FP8 models, small
+    projections). Read against transformers' own dequantization."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    stored, ref = _others(base_tensors), {}
+    for m in LINEARS:
+        x = torch.from_numpy(base_tensors[f"{m}.weight"])                     # [64, 256]: inside every block
+        grid = (-(-OUT // block[0]), -(-IN // block[1]))
+        s = torch.full(grid, float(x.abs().max()) / 448.0) if grid == (1, 1) else \
+            x.reshape(grid[0], OUT // grid[0], grid[1], IN // grid[1]).abs().amax((1, 3)) / 448.0
+        w = (x / s.repeat_interleave(OUT // grid[0], 0).repeat_interleave(IN // grid[1], 1)).to(torch.float8_e4m3fn)
+        stored[f"{m}.weight"], stored[f"{m}.weight_scale_inv"] = w, s.float()
+        ref[f"{m}.weight"] = _dequantize_fp8_weight(w, s, block, torch.float32).numpy()
+    path = _save(tmp_path / "fp8one", stored, {"quant_method": "fp8", "weight_block_size": block})
+    with locate(path) as ck:
+        for name, want in ref.items():
+            np.testing.assert_array_equal(ck.read(name), want)
+            assert ck.quant[name].scheme.group == f"{block[0]}x{block[1]}"
+
+
 def test_inspect_names_format_and_scheme(tmp_path, base_tensors):
     from weightdiff.inspect import describe, render_text
 

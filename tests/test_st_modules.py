@@ -173,3 +173,24 @@ def test_a_module_with_weights_no_reader_takes_is_refused_not_skipped(tmp_path, 
     (d3 / "2_Dense" / "inner").mkdir()
     save_file(d3 / "2_Dense" / "inner" / "model.safetensors", dense())
     bad(["compare", bert, d3], d3 / "2_Dense" / "inner", "nested module")
+
+
+def test_a_huge_modules_list_is_checked_in_linear_time():
+    """Each module path was compared with every earlier one: 200,000 entries (a 13 MB modules.json)
+    ran for about 12 minutes. The alarm is a hang guard with a wide margin, not a timing."""
+    import signal
+
+    from weightdiff.errors import CheckpointError
+    from weightdiff.io.st_modules import _parse_modules
+
+    doc = [{"idx": k, "name": str(k), "path": f"m{k}", "type": "sentence_transformers.models.Dense"}
+           for k in range(100_000)]
+    old = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("modules.json parsing hung"))
+    signal.alarm(30)
+    try:
+        assert len(_parse_modules(doc, "modules.json")) == 100_000
+        with pytest.raises(CheckpointError, match="module path `m7` is listed twice"):
+            _parse_modules(doc + [{"path": "m7"}], "modules.json")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -161,6 +161,8 @@ def _fp8_block(w: TensorInfo, s: TensorInfo, want: Sequence[int] | None) -> tupl
     if 0 in ss:
         raise _err(s, f"scale {_q(s.name)} has shape {list(ss)}, with no scales along a dimension "
                       f"(fp8 weight {_q(w.name)} {list(w.shape)})")
+    if want and all(x > 0 for x in want) and tuple(ss) == (*w.shape[:-2], -(-R // want[0]), -(-C // want[1])):
+        return int(want[0]), int(want[1])    # the grid the config asks for, even one block ([1, 1]: R, C <= 128)
     if math.prod(ss) == 1 or (len(ss) <= 2 and len(w.shape) == 2 and ss[0] == R and math.prod(ss[1:]) == 1):
         if want:
             raise _err(s, f"{_q(s.name)} has shape {list(ss)}, but quantization_config asks for "

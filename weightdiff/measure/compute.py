@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..errors import CheckpointError, escape_name
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_read import storage_of
 from ..kernels import reference
@@ -309,7 +310,18 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
 
     nd = rec.norm_delta
     nf_b, nf_t = (int(fields.get(k, 0) or 0) for k in ("nonfinite_base", "nonfinite_tuned"))
-    if options.rank and rec.status == "changed" and nf_b != nf_t:
+    try:
+        huge = _beyond_f32(rec, pair)
+    except BadValues as exc:
+        ck, nm = (tuned, tuned_name) if exc.side == "tuned" else (base, pair.base_name)
+        info = ck.tensors.get(nm)
+        raise CheckpointError(getattr(info, "path", None) or ck.path, exc.problem) from None
+    if options.rank and rec.status == "changed" and huge:
+        # float64 weights past float32's range (valid doubles no model holds): the rank pass works in
+        # float32 where its error analysis allows, so their spectrum would be infinities read as "no rank"
+        rec.note = (f"values up to {huge:.3g} in magnitude, beyond float32's range (3.4e38): the rank of the change "
+                    "is not computed" + (f"; {rec.note}" if rec.note else ""))
+    elif options.rank and rec.status == "changed" and nf_b != nf_t:
         # values that became NaN or Inf (or stopped being): the change has no spectrum to count, and
         # the rank of its finite part would call a broken matrix low-rank (rank 0 when that is all)
         rec.note = (f"{nf_t} non-finite values in the tuned tensor, {nf_b} in the base: the change has no "
@@ -353,6 +365,33 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         sink.gram.close()
     refine_rank(rec, pair, bases, tuned, options, backend)
     return rec
+
+
+#: the largest finite float32
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _beyond_f32(rec: TensorRecord, pair: Pair) -> float | None:
+    """The larger norm of a float64 pair's sides when it may hold values past float32's range (the norm
+    bounds every value), else None. Raises BadValues when a norm overflowed float64 itself (values near
+    1e154 or more, whose squares are infinite): nothing about such a tensor can be measured."""
+    if "F64" not in (pair.dtype_base, pair.dtype_tuned) or rec.compared != "float":
+        return None
+    for side, x in (("base", rec.norm_base), ("tuned", rec.norm_tuned)):
+        if x is not None and not math.isfinite(x) and not rec.nonfinite:
+            raise BadValues(side, f"tensor `{escape_name(rec.name if side == 'tuned' else str(rec.base_name))}` "
+                                  "holds values too large to measure: the sum of their squares overflows float64 "
+                                  "(values of 1e154 or more)")
+    top = max((x for x in (rec.norm_base, rec.norm_tuned) if x is not None), default=0.0)
+    return top if top > F32_MAX else None
+
+
+class BadValues(ValueError):
+    """A tensor whose finite values are too large for any measure: ``side`` (base, tuned), the problem."""
+
+    def __init__(self, side: str, problem: str):
+        super().__init__(problem)
+        self.side, self.problem = side, problem
 
 
 def _awq_folded(base, tuned, name: str) -> dict | None:
