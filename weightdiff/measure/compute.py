@@ -374,11 +374,12 @@ F32_MAX = float(np.finfo(np.float32).max)
 def _beyond_f32(rec: TensorRecord, pair: Pair) -> float | None:
     """The larger norm of a float64 pair's sides when it may hold values past float32's range (the norm
     bounds every value), else None. Raises BadValues when a norm overflowed float64 itself (values near
-    1e154 or more, whose squares are infinite): nothing about such a tensor can be measured."""
+    1e154 or more, whose squares are infinite) and the tensor differs from the base: nothing about its
+    change can be measured (a bitwise unchanged one needs no measure)."""
     if "F64" not in (pair.dtype_base, pair.dtype_tuned) or rec.compared != "float":
         return None
     for side, x in (("base", rec.norm_base), ("tuned", rec.norm_tuned)):
-        if x is not None and not math.isfinite(x) and not rec.nonfinite:
+        if x is not None and not math.isfinite(x) and not rec.nonfinite and rec.status != "unchanged":
             raise BadValues(side, f"tensor `{escape_name(rec.name if side == 'tuned' else str(rec.base_name))}` "
                                   "holds values too large to measure: the sum of their squares overflows float64 "
                                   "(values of 1e154 or more)")
