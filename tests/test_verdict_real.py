@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 
 import numpy as np
@@ -678,3 +679,55 @@ def test_heads_reordered_in_gpt2_conv1d_attention_are_the_base(tmp_path):
     write_checkpoint(tmp_path / "t", tuned)
     s = compare(tmp_path / "b", tmp_path / "t").summary
     assert s.verdict == "derived" and s.scope["permuted_units"]["blocks"] == {"h.1": ["attn"]}, s.verdict_reason
+
+
+@pytest.mark.parametrize("w,verdict", [(0.0, "unrelated"), (0.1, "inconclusive"), (0.15, "inconclusive")])
+def test_a_faint_trace_of_the_base_is_not_called_unrelated(tmp_path, w, verdict):
+    """A model that is w x this base + (1 - w) x an independent one keeps a size-weighted cosine of about
+    w / sqrt(w^2 + (1 - w)^2): 0.11 at w = 0.1, a hundred times an independent model's. It read
+    "UNRELATED: not derived from this base ... as between independently initialised models"."""
+    from models import llama
+    from weightdiff.render.sentences import verdict_reason, verdict_title
+
+    shape = dict(layers=4, hidden=64, inter=128, vocab=256)
+    base, other = llama(np.random.default_rng(51), **shape), llama(np.random.default_rng(52), **shape)
+    tuned = {k: (w * base[k] + (1 - w) * other[k]).astype(np.float32) for k in base}
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    r = compare(tmp_path / "b", tmp_path / "t")
+    s, d = r.summary, r.to_dict()
+    assert s.verdict == verdict, s.verdict_reason
+    assert ("faint_relatedness" in s.flags) == (verdict == "inconclusive")
+    if verdict == "inconclusive":
+        assert s.relatedness_cosine == pytest.approx(w / math.hypot(w, 1 - w), abs=0.02)
+        assert verdict_title(d["summary"]).startswith("INCONCLUSIVE: the large matrices keep a faint trace of this base")
+        assert "not orthogonal to it" in verdict_reason(d) and "below 0.05" in verdict_reason(d)
+    else:
+        assert abs(s.relatedness_cosine) < 0.01
+
+
+@pytest.mark.parametrize("how", ["merge", "noise"])
+def test_a_change_far_beyond_a_fine_tune_is_derived_but_not_called_a_fine_tune(tmp_path, how):
+    """A 50/50 merge with an unrelated model (cosine 0.71) and the base plus noise as large as itself read
+    "DERIVED: a fine-tune of this base", as a tiny edit does."""
+    from models import llama
+    from weightdiff.render.sentences import verdict_reason, verdict_title
+
+    shape = dict(layers=4, hidden=64, inter=128, vocab=256)
+    base, other = llama(np.random.default_rng(61), **shape), llama(np.random.default_rng(62), **shape)
+    noise = np.random.default_rng(63)
+    tuned = {k: ((base[k] + other[k]) / 2 if how == "merge" else
+                 base[k] + noise.normal(0, float(base[k].std()) or 0.01, base[k].shape)).astype(np.float32) for k in base}
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    d = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    s = d["summary"]
+    assert s["verdict"] == "derived" and "far_from_base" in s["flags"], s["verdict_reason"]
+    assert verdict_title(s).startswith("DERIVED: built on this base, but changed far more than a fine-tune changes it")
+    assert "far more than fine-tunes move" in verdict_reason(d)
+
+    small = {k: (v + noise.normal(0, 1e-3 * (float(v.std()) or 1), v.shape)).astype(np.float32) for k, v in base.items()}
+    write_checkpoint(tmp_path / "s", small)
+    s = compare(tmp_path / "b", tmp_path / "s").to_dict()["summary"]
+    assert s["verdict"] == "derived" and "far_from_base" not in s["flags"]
+    assert verdict_title(s) == "DERIVED: a fine-tune of this base."

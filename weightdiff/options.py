@@ -35,6 +35,10 @@ class Thresholds:
     unrelated_cosine: float = 0.2
     #: ... and the model-level relative change is above this (independent inits give ~sqrt(2))
     unrelated_rel_change: float = 0.9
+    #: ... and that cosine is below this too: independently initialised models stay near 0 (about
+    #: 1/sqrt(elements)); between this and `unrelated_cosine` the large matrices keep a faint share of the
+    #: base (a merge with another model, training far from it), so the verdict is `inconclusive`
+    independent_cosine: float = 0.05
     #: matrices with at least this many elements count as "large" in relatedness evidence
     large_matrix_numel: int = 4096
     #: a singular value counts toward numerical_rank when above this multiple of noise_floor

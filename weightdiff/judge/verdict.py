@@ -27,7 +27,7 @@ from ..records import STATUSES, BlockRecord, Summary, TensorRecord, count_lookal
 from ..io.declared import same_model
 from ..pairing.names import component_of, parse_name
 from .coverage import coverage, too_little
-from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated,
+from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, weak_evidence,
                           low_rank_change, reordered_kinds)
 from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
                      max_rank_fields, moved_blocks, norms_sq, placements, rank_upper, ratio, unresolved_quant_noise,
@@ -288,6 +288,11 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
     changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
     verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps)
+    if verdict == "faint":            # near-orthogonal, yet above what independent models show
+        verdict = "inconclusive"
+        flags.append("faint_relatedness")
+    if verdict == "derived" and not permuted and weak_evidence(cos, rel_m):
+        flags.append("far_from_base")     # derived, but not "a fine-tune": a merge, long training
     quant = quantization_summary(counted)
     form = _form(changed, thresholds) if verdict in ("derived", "partial") else {"kind": None}
     summary = Summary(
@@ -345,6 +350,8 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
     2. some components unrelated and others shared: partial (a pooled cosine dominated by
        one component never decides alone); all measured components unrelated: unrelated;
     3. the pooled large matrices look unrelated and no component is shared: unrelated;
+       in 2 and 3, a pooled cosine at or above ``independent_cosine`` is inconclusive instead
+       (``faint``: more of the base than independent models share, far less than a fine-tune keeps);
     4. no change beyond rounding (or the quantization noise floor) and no structural change:
        identical, cast_only or quantized_only;
     5. otherwise derived.
@@ -357,10 +364,10 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
     shared = [c for c in comps if c["status"] == "shared"]
     unrelated = [c for c in comps if c["status"] == "unrelated"]
     if unrelated:
-        return "partial" if shared else "unrelated"
+        return "partial" if shared else _unrelated_or_faint(cos, thr)
     if looks_unrelated(cos, rel, thr) is True and not shared and not low_rank_change(
             [r for r in counted if r.status in PAIRED and not getattr(r, "tied", False)], thr):
-        return "unrelated"
+        return _unrelated_or_faint(cos, thr)
     if not changed and not structural:
         if tbs["quantized"]:
             # a quantized tensor whose format gives no floor (GGUF TQ1_0, IQ2_XS) differs from the base
@@ -378,6 +385,18 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
     if moved and not structural and awq_scaled(moved) and all(_awq_or_norm(r) for r in moved):
         return "inconclusive"         # AWQ's scale search, folded into the norms: not undone, not told apart
     return "derived"
+
+
+def faint(cos: float | None, thr: Thresholds) -> bool:
+    """Whether a cosine the unrelated rule calls near-orthogonal is still above what independently
+    initialised models show (``independent_cosine``): a model that is 10% this base and 90% another keeps
+    a cosine of about 0.1, a hundred times an independent model's, and read "UNRELATED"."""
+    return cos is not None and cos >= thr.independent_cosine
+
+
+def _unrelated_or_faint(cos: float | None, thr: Thresholds) -> str:
+    """``unrelated``, or ``faint`` (``summarise`` reads it as inconclusive with flag ``faint_relatedness``)."""
+    return "faint" if faint(cos, thr) else "unrelated"
 
 
 def relayout(counted: list[TensorRecord]) -> int:

@@ -63,7 +63,8 @@ VERDICTS = [
     ("unrelated", "otherwise, every measured component is unrelated, or (none shared) the large matrices (norm "
      "gains and biases left out) are near-orthogonal: their size-weighted cosine is below unrelated_cosine and "
      "their relative change above unrelated_rel_change, as for two independently initialised models (cosine "
-     "about 0, relative change about √2)."),
+     "about 0, relative change about √2). A cosine from independent_cosine up to unrelated_cosine is a faint "
+     "trace of the base, more than independent models share: inconclusive."),
     ("identical", "otherwise, when every effective parameter is bitwise equal (a tied head counts as the "
      "embedding it is) and none was added, removed or resized."),
     ("cast_only", "otherwise, when no tensor changed beyond the rounding of a dtype cast (at most rounding_frac "
@@ -94,6 +95,8 @@ THRESHOLD_MEANING = {
     "rounding_frac": "largest share of a tensor's elements beyond rounding that still counts as rounding only",
     "unrelated_cosine": "size-weighted cosine of large matrices below which the models may be unrelated ...",
     "unrelated_rel_change": "... and relative change of those matrices above which they are (independent inits: ~1.41)",
+    "independent_cosine": "... and cosine below which they are; from it up to unrelated_cosine the matrices keep a "
+                          "faint trace of the base (inconclusive)",
     "large_matrix_numel": "elements a matrix needs to count as evidence of relatedness",
     "noise_floor_factor": "a singular value counts toward numerical rank above this multiple of the noise floor",
     "low_rank_share": "form is low_rank when min(energy_rank_99, numerical_rank) is at most this share of min(m, n) ...",

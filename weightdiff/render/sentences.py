@@ -83,6 +83,10 @@ def verdict_title(summary: dict) -> str:
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
+    if v == "inconclusive" and "faint_relatedness" in (summary.get("flags") or []):
+        return (f"INCONCLUSIVE: the {matrices_phrase(summary)} keep a faint trace of this base (weighted cosine "
+                f"{num(summary.get('relatedness_cosine'))}): more than independent models share, far less than a "
+                "fine-tune keeps.")
     if v == "inconclusive" and "awq_scaled" in (summary.get("flags") or []):
         return ("INCONCLUSIVE: an AWQ model with searched scales, which weightdiff does not undo; quantization "
                 "cannot be told from a fine-tune.")
@@ -105,6 +109,11 @@ def verdict_title(summary: dict) -> str:
                 "weights), not training.")
     if v == "cast_only" and "dtype_changed" not in (summary.get("flags") or []):
         return "CAST ONLY: every difference is within rounding; no dtype changed (signed zeros, NaN payloads)."
+    if v == "derived" and "far_from_base" in (summary.get("flags") or []):
+        cos, rel = summary.get("relatedness_cosine"), summary.get("relatedness_rel_change")
+        return (f"DERIVED: built on this base, but changed far more than a fine-tune changes it (the "
+                f"{matrices_phrase(summary)} keep 1 - cosine = {sci(max(0.0, 1 - cos)) if cos is not None else '?'}"
+                f", relative change {num(rel)}).")
     return _TITLES.get(v, str(v))
 
 
@@ -183,6 +192,15 @@ def _nonfinite_only(t: dict) -> bool:
 def _inconclusive(data: dict) -> str:
     s = data.get("summary") or {}
     tbs = s.get("tensors_by_status") or {}
+    if "faint_relatedness" in (s.get("flags") or []):
+        th = (data.get("settings") or {}).get("thresholds") or {}
+        return (f"The {matrices_phrase(s)} are far from the base (relative change {num(s.get('relatedness_rel_change'))}) "
+                f"but not orthogonal to it: their size-weighted cosine is {num(s.get('relatedness_cosine'))}, where "
+                f"independently initialised models stay near 0 (below {num(th.get('independent_cosine', 0.05))}; "
+                f"about 1/sqrt(elements) for random ones), and a fine-tune keeps 0.9 or more. A merge of this base "
+                "with another model, or training far from it, leaves such a trace; weightdiff cannot tell which, "
+                "nor whether the trace is this base's or a close relative's, so it does not call the models "
+                "unrelated.")
     if "awq_scaled" in (s.get("flags") or []):
         rows = data.get("tensors") or []
         nq = sum(1 for t in rows if t.get("status") == "changed" and "awq" in str((t.get("quant") or {}).get("format")))
@@ -436,6 +454,10 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
     text += _zeroed_phrase(scope, cos is not None)
+    if "far_from_base" in (s.get("flags") or []):
+        text += ("; that is far more than fine-tunes move (they keep a cosine of 0.9 or more and a relative change "
+                 "well below 0.5): a merge with another model, long further training, or a heavy fine-tune would "
+                 "do it, and weightdiff cannot tell which")
     perm = (scope.get("permuted_units") or {}).get("blocks") or {}
     if perm:
         n = len(perm)

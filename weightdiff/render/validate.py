@@ -41,7 +41,7 @@ def _kind(v: Any) -> str:
     if isinstance(v, int):
         return "an integer" if abs(v) < _INT_CAP else "an integer too large"
     if isinstance(v, float):
-        return "a number too large" if abs(v) > _NUM_CAP else "a number"
+        return f"{v}" if not math.isfinite(v) else "a number too large" if abs(v) > _NUM_CAP else "a number"
     return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(v), type(v).__name__)
 
 
@@ -207,8 +207,9 @@ def check_result(data: Any, where: str = "result") -> dict:
                               "use the weightdiff version that wrote it")
     _RESULT(data, where, "")
     th = (data.get("settings") or {}).get("thresholds") or {}
-    if "unrelated_cosine" in th:
-        num(th["unrelated_cosine"], where, "settings.thresholds.unrelated_cosine")
+    for key in ("unrelated_cosine", "independent_cosine"):
+        if key in th:
+            num(th[key], where, f"settings.thresholds.{key}")
     return data
 
 
