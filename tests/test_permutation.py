@@ -162,3 +162,22 @@ def test_fused_gate_up_neurons_move_as_one_and_undo_puts_both_halves_back(rng, e
     # is judged alone
     pairs[0] = (np.concatenate([rng.standard_normal((96, 32)), tuned["up"]]), pairs[0][1], 0, "in:2")
     assert not members_follow(pairs, f.perm)
+
+
+def test_rows_from_base_finds_remapped_trimmed_and_trained_rows_and_nothing_else(rng):
+    from weightdiff.measure.permutation import rows_from_base
+
+    b = rng.standard_normal((300, 32)).astype(np.float32)
+    bf = lambda x: (x.view(np.uint32) >> 16).astype(np.uint16)      # noqa: E731  (bf16 storage, truncated)
+    p = rng.permutation(300)
+    assert rows_from_base(b[p], b, "F32", "F32")
+    assert rows_from_base(bf(b[p]), bf(b), "BF16", "BF16")              # bitwise, in the stored dtype
+    assert rows_from_base(b[np.sort(rng.choice(300, 160, replace=False))], b, "F32", "F32")
+    assert rows_from_base(b[p] + 0.05 * rng.standard_normal(b.shape).astype(np.float32), b, "F32", "F32")
+    assert rows_from_base(bf(b[p]), b, "BF16", "F32")                   # other dtypes: by cosine
+    assert not rows_from_base(rng.standard_normal((300, 32)).astype(np.float32), b, "F32", "F32")
+    assert not rows_from_base(np.repeat(b[:1], 300, 0), b, "F32", "F32")     # one base row, many times
+    assert not rows_from_base(b[:, :16], b, "F32", "F32")                    # another width
+    half = b[p].copy()
+    half[::2] = rng.standard_normal((150, 32))                                # half the rows new
+    assert not rows_from_base(half, b, "F32", "F32")

@@ -731,3 +731,41 @@ def test_a_change_far_beyond_a_fine_tune_is_derived_but_not_called_a_fine_tune(t
     s = compare(tmp_path / "b", tmp_path / "s").to_dict()["summary"]
     assert s["verdict"] == "derived" and "far_from_base" not in s["flags"]
     assert verdict_title(s) == "DERIVED: a fine-tune of this base."
+
+
+@pytest.mark.parametrize("how", ["remapped", "trimmed", "remapped_trained", "new"])
+def test_token_rows_remapped_or_trimmed_are_the_base_not_another_model(tmp_path, how):
+    """Embedding and head rows that are the base's rows in another order (a tokenizer's ids remapped) or a
+    subset of them (a vocabulary trimmed) read PARTIAL, "embeddings, head unrelated, as independent
+    initialisations", though every row is a base row. New tables stay unrelated."""
+    from models import llama
+    from weightdiff.render.sentences import verdict_title
+
+    base = llama(np.random.default_rng(71), layers=3, hidden=64, inter=128, vocab=256)
+    tuned = dict(base)
+    rng = np.random.default_rng(72)
+    idx = np.sort(rng.choice(256, 160, replace=False)) if how == "trimmed" else rng.permutation(256)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        tuned[k] = base[k][idx]
+        if how == "remapped_trained":
+            tuned[k] = (tuned[k] + rng.normal(0, 0.004, tuned[k].shape)).astype(np.float32)
+        if how == "new":
+            tuned[k] = rng.normal(0, 0.02, base[k].shape).astype(np.float32)
+    write_checkpoint(tmp_path / "b", base, dtype="BF16")
+    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
+    d = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    s = d["summary"]
+    if how == "new":
+        assert s["verdict"] == "partial" and "permuted_units" not in s["flags"], s["verdict_reason"]
+        return
+    assert s["verdict"] == "derived", s["verdict_reason"]
+    assert s["scope"]["permuted_units"]["blocks"] == {"embeddings": ["rows"], "head": ["rows"]}
+    assert {c["status"] for c in s["components"]} == {"shared"}
+    assert "the token rows of the embeddings and head are the base's rows in another order" in s["verdict_reason"]
+    title = verdict_title(s)
+    if how == "trimmed":
+        assert s["scope"]["permuted_units"]["tensors_resized"] == 2
+        assert title == ("DERIVED: this base with the token rows of its embeddings and head reordered or trimmed; "
+                         "none of its other weights changed.")
+    elif how == "remapped":
+        assert title.startswith("DERIVED: this base with the token rows of its embeddings and head reordered; no other")

@@ -327,12 +327,16 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
     checked: list[str] = []
 
     def look(label: str, kind: str, rows: list) -> None:
-        # dense tensors on both sides only (not an adapter's factors, not a transposed or quantized pair)
-        pairs = [r for r in rows if r.base_name is not None and r.status in ("changed", "unchanged", "rounding")
+        # dense tensors on both sides only (not an adapter's factors, not a transposed or quantized pair);
+        # an embedding's or head's rows may be fewer or more than the base's (a vocabulary trimmed)
+        pairs = [r for r in rows if r.base_name is not None
+                 and r.status in (("changed", "unchanged", "rounding") + (("resized",) if kind == "rows" else ()))
                  and r.compared == "float" and not getattr(r, "tied", False)
                  and not (r.note or "").startswith("paired by content") and r.name in tuned.tensors
                  and r.base_name in bases[r.base_index].tensors
-                 and tuple(tuned.tensors[r.name].shape) == tuple(bases[r.base_index].tensors[r.base_name].shape)]
+                 and (tuple(tuned.tensors[r.name].shape) == tuple(bases[r.base_index].tensors[r.base_name].shape)
+                      or (kind == "rows" and len(tuned.tensors[r.name].shape) == 2
+                          and tuple(tuned.tensors[r.name].shape)[1:] == tuple(bases[r.base_index].tensors[r.base_name].shape)[1:]))]
         for i in sorted({r.base_index for r in pairs}):
             stray: list = []
             hit = _reordered(kind, [r for r in pairs if r.base_index == i], bases[i], tuned, stray)
@@ -365,7 +369,7 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
 
     from .judge.relatedness import is_expert_name
     from .measure.permutation import (_as_float32, detect_permutations, experts_permuted, fused_qkv_views,
-                                      heads_permuted, members_follow, rows_follow)
+                                      heads_permuted, members_follow, rows_follow, rows_from_base)
 
     def load(ck, name):
         info = ck.tensors[name]
@@ -379,6 +383,11 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
             if f.applied and members_follow(mats, f.perm):
                 return True
         return False
+    if kind == "rows":
+        # every changed embedding or head table: its rows the base's in another order, or a subset of them
+        mats = [r for r in rows if len(r.shape or ()) == 2 and r.status != "unchanged"]
+        return bool(mats) and all(rows_from_base(tuned.read(r.name), base.read(r.base_name), tuned.tensors[r.name].dtype,
+                                                 base.tensors[r.base_name].dtype) for r in mats)
     if kind == "experts":
         experts = [r for r in rows if is_expert_name(r.name)]
         perm = experts_permuted(_by_expert(experts, lambda r: (load(tuned, r.name), load(base, r.base_name))))

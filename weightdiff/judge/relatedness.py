@@ -249,8 +249,10 @@ def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[
 
 
 def reordered_kinds(kinds: Sequence[str]) -> tuple:
-    """The module kinds a block's reordered units cover (a layer's experts are its ``mlp``)."""
-    return tuple(kinds) + (("mlp",) if "experts" in kinds else ())
+    """The module kinds a block's reordered units cover (a layer's experts are its ``mlp``; an embedding's
+    or head's ``rows`` their tables)."""
+    return tuple(kinds) + (("mlp",) if "experts" in kinds else ()) + \
+        (("embed", "lm_head", "head") if "rows" in kinds else ())
 
 
 def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]]:
@@ -270,7 +272,12 @@ def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]
             # a mixture-of-experts block whose experts are the base's in another order (router rows with
             # them) compares each expert with another, and a block whose heads and MLP neurons are both
             # reordered compares every unit with another: either reads unrelated whole
-            if any(is_expert_name(r.name) and r.base_name is not None for r in rows):
+            if label in ("embeddings", "head"):
+                # a table whose token rows were remapped or trimmed compares each row with another token's
+                tables = [r for r in rows if len(r.shape or ()) == 2 and r.base_name is not None]
+                if tables:
+                    out[label] = {"rows": tables}
+            elif any(is_expert_name(r.name) and r.base_name is not None for r in rows):
                 out[label] = {"experts": [r for r in rows if str(r.module or "").split(".", 1)[0] == "mlp"]}
             else:
                 kinds = {k: [r for r in rows if str(r.module or "").split(".", 1)[0] == k] for k in ("attn", "mlp")}

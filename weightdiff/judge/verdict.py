@@ -282,9 +282,12 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         scope["heads_checked"] = sorted(set(checked))
     if permuted:
         flags.append("permuted_units")
-        scope["permuted_units"] = {"blocks": {k: list(v) for k, v in sorted(permuted.items())}, "tensors_changed": sum(
-            1 for r, b in zip(counted, placements(counted)) if r.status == "changed"
-            and str(r.module or "").split(".", 1)[0] in reordered_kinds(permuted.get(component_of(b), ())))}
+        inside = [r.status for r, b in zip(counted, placements(counted))
+                  if str(r.module or "").split(".", 1)[0] in reordered_kinds(permuted.get(component_of(b), ()))]
+        scope["permuted_units"] = {"blocks": {k: list(v) for k, v in sorted(permuted.items())},
+                                   "tensors_changed": inside.count("changed")}
+        if inside.count("resized"):           # a token table trimmed to a subset of the base's rows
+            scope["permuted_units"]["tensors_resized"] = inside.count("resized")
     # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
     changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
     verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps)

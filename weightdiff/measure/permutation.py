@@ -487,3 +487,66 @@ def fused_qkv_views(qkv: tuple[np.ndarray, np.ndarray], o: tuple[np.ndarray, np.
                        "k": (gt[:, g].reshape(kv * d, -1), gb[:, g].reshape(kv * d, -1)),
                        "v": (gt[:, g + 1].reshape(kv * d, -1), gb[:, g + 1].reshape(kv * d, -1)), "o": o}, (d,)))
     return views
+
+
+#: tuned rows sampled when rows are matched by cosine (a row reordered, then trained)
+ROW_SAMPLE = 64
+#: base rows per chunk of the cosine search (a float32 copy of at most this many rows at a time)
+ROW_CHUNK = 4096
+
+
+def rows_from_base(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_base: str,
+                   min_share: float = 0.9, min_cosine: float = 0.5) -> bool:
+    """Whether the rows of a tuned embedding or output head [rows, hidden] are the base's rows in another
+    order or a subset of them (a tokenizer's ids remapped, a vocabulary trimmed), though row i is not base
+    row i. ``tuned`` and ``base`` are the stored 2-D arrays (memory-mapped: read in chunks, never whole
+    in float32). First bitwise: at least ``min_share`` of the tuned rows are base rows, each base row
+    used once at most. Else by cosine, on ``ROW_SAMPLE`` tuned rows spread over the table: each one's
+    nearest base row at ``min_cosine`` or more for ``min_share`` of them, all different, and better than
+    the base row at its own index. Rows of zeros (padding) are left out."""
+    import hashlib
+
+    tuned, base = np.asarray(tuned), np.asarray(base)
+    if tuned.ndim != 2 or base.ndim != 2 or tuned.shape[1] != base.shape[1] or not len(tuned) or len(base) < 2:
+        return False
+    if dtype_tuned == dtype_base and tuned.dtype == base.dtype:
+        seen: dict[bytes, int] = {}
+        for lo in range(0, len(base), ROW_CHUNK):
+            chunk = np.ascontiguousarray(base[lo:lo + ROW_CHUNK])
+            for i, row in enumerate(chunk):
+                seen.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), lo + i)
+        used: set[int] = set()
+        hits = live = 0
+        for lo in range(0, len(tuned), ROW_CHUNK):
+            chunk = np.ascontiguousarray(tuned[lo:lo + ROW_CHUNK])
+            nonzero = np.any(chunk.view(np.uint8).reshape(len(chunk), -1) != 0, axis=1)
+            for row, nz in zip(chunk, nonzero):
+                if not nz:
+                    continue
+                live += 1
+                j = seen.get(hashlib.blake2b(row.tobytes(), digest_size=16).digest())
+                if j is not None and j not in used:
+                    used.add(j)
+                    hits += 1
+        if live and hits >= min_share * live:
+            return True
+    pick = np.unique(np.linspace(0, len(tuned) - 1, min(ROW_SAMPLE, len(tuned))).astype(np.int64))
+    st = _unit_rows(_finite(_as_float32(np.ascontiguousarray(tuned[pick]), dtype_tuned).astype(np.float64))[0])
+    live = np.einsum("ij,ij->i", st, st) > 0
+    if not live.any():
+        return False
+    best = np.full(len(pick), -np.inf)
+    arg = np.full(len(pick), -1, np.int64)
+    own = np.full(len(pick), -np.inf)
+    for lo in range(0, len(base), ROW_CHUNK):
+        sb = _unit_rows(_finite(_as_float32(np.ascontiguousarray(base[lo:lo + ROW_CHUNK]), dtype_base)
+                                .astype(np.float64))[0])
+        sim = st @ sb.T
+        k = np.argmax(sim, axis=1)
+        top = sim[np.arange(len(pick)), k]
+        better = top > best
+        best[better], arg[better] = top[better], lo + k[better]
+        mine = (pick >= lo) & (pick < lo + len(sb))
+        own[mine] = sim[np.flatnonzero(mine), pick[mine] - lo]
+    ok = live & (best >= min_cosine) & (best > own + 1e-6)
+    return bool(ok.sum() >= min_share * live.sum() and len(set(arg[ok].tolist())) == int(ok.sum()))

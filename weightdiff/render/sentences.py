@@ -144,14 +144,18 @@ def _derived_special(summary: dict) -> str | None:
     if mism:
         what.append("some tensors of another shape (not compared)")
     kinds = {k for v in (perm.get("blocks") or {}).values() for k in v}
-    if kinds:
+    if kinds - {"rows", "router"}:
         what.append(" and ".join(w for k, w in (("mlp", "the neurons of some MLPs"),
                                                 ("attn", "the heads of some attention modules"),
                                                 ("experts", "the experts of some mixture-of-experts layers"))
                                  if k in kinds) + " reordered")
+    if "rows" in kinds:
+        what.append("the token rows of its " + _and([b for b, v in (perm.get("blocks") or {}).items() if "rows" in v])
+                    + (" reordered" + (" or trimmed" if perm.get("tensors_resized") else "")))
     if not what:
         return None
     reordered = int(perm.get("tensors_changed") or 0)
+    mism += int(perm.get("tensors_resized") or 0)               # trimmed tables: rows kept, not trained
     if changed == zeroed + reordered and resized == mism:       # nothing else moved
         tail = "none of its other weights changed" if not reordered else \
             "no other weight changed, and what changed beneath the reordering is not measured here"
@@ -458,7 +462,16 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         text += ("; that is far more than fine-tunes move (they keep a cosine of 0.9 or more and a relative change "
                  "well below 0.5): a merge with another model, long further training, or a heavy fine-tune would "
                  "do it, and weightdiff cannot tell which")
-    perm = (scope.get("permuted_units") or {}).get("blocks") or {}
+    every = (scope.get("permuted_units") or {}).get("blocks") or {}
+    tables = [b for b, v in every.items() if "rows" in v]
+    if tables:
+        trimmed = bool((scope.get("permuted_units") or {}).get("tensors_resized"))
+        text += (f"; the token rows of the {_and(tables)} are the base's rows in another order"
+                 + (" or a subset of them" if trimmed else "")
+                 + f" (a tokenizer's ids remapped{', a vocabulary trimmed' if trimmed else ''}: on the remapped "
+                 "tokens the model computes what the base computes), so their numbers here are of rows compared "
+                 "with other tokens' rows")
+    perm = {b: v for b, v in every.items() if b not in tables}
     if perm:
         n = len(perm)
         kinds = {k for v in perm.values() for k in v}
