@@ -86,6 +86,37 @@ def test_a_freshly_initialised_layer_still_reads_unrelated(tmp_path):
     assert comps["layers.1"] == "unrelated" and comps["layers.0"] == "shared"
 
 
+def test_a_layer_inserted_anywhere_reads_as_one_appended(tmp_path):
+    """A fresh layer inserted in the middle (or first) kept the name pair with the base block it displaced,
+    which content pairing had matched with the next tuned block: that base block served twice, the new
+    layer read "unrelated" and the model PARTIAL, where the same layer appended read "tensors added"."""
+    from weightdiff.render.sentences import verdict_title
+
+    base = _base_layers(4)
+    new = _layer(np.random.default_rng(4321))
+    b = write_checkpoint(tmp_path / "base", _model(base))
+    seen = {}
+    for where in (0, 2, 4):
+        layers = base[:where] + [new] + base[where:]
+        t = write_checkpoint(tmp_path / f"at{where}", _model(layers))
+        p = plan([locate(b)], locate(t))
+        got = {q.tuned_name: q for q in p.pairs if q.tuned_name}
+        assert {got[f"model.layers.{where}.{slot}"].kind for slot in SLOTS} == {"added"}
+        for tk in range(5):
+            if tk != where:
+                q = got[f"model.layers.{tk}.mlp.down_proj.weight"]
+                assert q.base_name == f"model.layers.{tk - (tk > where)}.mlp.down_proj.weight"
+        if where < 4:
+            assert any(f"tuned layers.{where} is new" in n for n in p.notes)
+        s = compare(b, t, rank=False).summary
+        seen[where] = (s.verdict, s.tensors_by_status["added"], s.tensors_by_status["changed"],
+                       verdict_title(s.to_dict()))
+        assert not [c for c in s.components if c["status"] == "unrelated"]
+    assert len(set(seen.values())) == 1, seen
+    assert seen[4] == ("derived", len(SLOTS), 0,
+                       "DERIVED: this base with tensors added or removed; none of its own weights changed.")
+
+
 def test_nothing_reordered_reads_one_matrix_per_block_and_moves_nothing(tmp_path, monkeypatch):
     base = _base_layers(4)
     rng = np.random.default_rng(7)

@@ -457,7 +457,8 @@ def reuse_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Se
     passing the test), the whole block (vectors too, by slot) is paired with that base block,
     ``paired_by`` content. A base block may serve several tuned blocks (each base tensor still
     counts once in the coverage). A block without such a majority (a re-initialised layer)
-    keeps its names.
+    keeps its names, unless the base block of its number is paired by content with another tuned
+    block: then it was inserted, and its tensors are ``added``.
     """
     if not hasattr(tuned, "read_rows"):
         return
@@ -558,6 +559,18 @@ def reuse_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Se
         if not moves:
             continue
         freed = set()
+        # a named block that matches no base block while its own base block serves another tuned block
+        # (found there by content) was inserted: its name pairs it with the block it displaced, so a layer
+        # inserted in the middle read "unrelated" where the same layer appended read "added"
+        targets = set(moves.values())
+        inserted = [key for key in suspects if key[0] == "named" and key not in moves and key[1] in targets]
+        for key in inserted:
+            for j in blocks[key]:
+                p = out[j][1]
+                if p.base_name is not None:
+                    freed.add(p.base_name)
+                out[j] = (out[j][0], Pair(p.tuned_name, None, 0, "added", p.shape_tuned, None, p.dtype_tuned,
+                                          None, tuned_source=p.tuned_source))
         for key, target in sorted(moves.items()):
             for j in blocks[key]:
                 p = out[j][1]
@@ -591,6 +604,8 @@ def reuse_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Se
                     users.setdefault(bk, set()).add(tk)
         twice = [label(base_slots[s][t] for s in base_slots if t in base_slots[s])
                  for t in sorted(users) if len(users[t]) > 1]
+        said += [f"tuned {label(out[j][1].tuned_name for j in blocks[key])} is new (its number's base block "
+                 "is paired with another tuned block)" for key in inserted]
         more = f", and {len(said) - 12} more" if len(said) > 12 else ""
         notes.append("blocks reordered or repeated, paired by content (sampled rows match another base block): "
                      + ", ".join(said[:12]) + more
