@@ -769,3 +769,36 @@ def test_token_rows_remapped_or_trimmed_are_the_base_not_another_model(tmp_path,
                          "none of its other weights changed.")
     elif how == "remapped":
         assert title.startswith("DERIVED: this base with the token rows of its embeddings and head reordered; no other")
+
+
+@pytest.mark.parametrize("how", ["rows_added", "rows_removed", "head_tied"])
+def test_no_training_is_not_titled_a_fine_tune(tmp_path, how):
+    """Token rows appended or cut, or an output head replaced by the tied embedding, with every other weight
+    bitwise the base's, were titled "DERIVED: a fine-tune of this base" (the re-tied head even beside "0 of
+    56 tensors changed, relative change 0"), where a block appended reads "none of its own weights changed"."""
+    from models import llama
+    from weightdiff.render.sentences import verdict_title
+
+    base = llama(np.random.default_rng(81), layers=3, hidden=64, inter=128, vocab=256)
+    tuned = dict(base)
+    if how == "rows_added":
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            tuned[k] = np.concatenate([base[k], np.random.default_rng(82).normal(0, 0.02, (32, 64)).astype(np.float32)])
+    elif how == "rows_removed":
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            tuned[k] = base[k][:224]
+    else:
+        del tuned["lm_head.weight"]
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    s = compare(tmp_path / "b", tmp_path / "t").to_dict()["summary"]
+    assert s["verdict"] == "derived", s["verdict_reason"]
+    want = ("DERIVED: this base with its output head tied to its input embeddings on one side only (there the head's "
+            "weights are the embedding's); none of its other weights changed.") if how == "head_tied" else \
+        "DERIVED: this base with its vocabulary resized (token rows added or removed); none of its own weights changed."
+    assert verdict_title(s) == want
+    # one trained weight besides: a fine-tune again
+    tuned["model.layers.1.mlp.up_proj.weight"] = (tuned["model.layers.1.mlp.up_proj.weight"] * 1.01).astype(np.float32)
+    write_checkpoint(tmp_path / "t2", tuned)
+    s = compare(tmp_path / "b", tmp_path / "t2").to_dict()["summary"]
+    assert verdict_title(s) == "DERIVED: a fine-tune of this base."

@@ -274,6 +274,10 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         "matrices_zeroed": _zeroed(counted),
         "tensors_reshaped": _reshaped([r for r in counted if r.status == "resized" and is_mismatch(r)]),
     }
+    # vocabulary resized and nothing else: the shared rows bitwise the base's (the title must not say "a fine-tune")
+    grown = sum(1 for r in counted if r.status == "resized" and not is_mismatch(r) and r.frac_changed == 0)
+    if grown:
+        scope["tensors_only_resized"] = grown
     decl = _declared(declared)
     flags = _flags(counted, records, decl)
     cov = coverage(records, thresholds)

@@ -71,6 +71,15 @@ def verdict_title(summary: dict) -> str:
                 "rounding or quantization.")
     if untouched and (summary.get("scope") or {}).get("blocks_moved"):
         return "DERIVED: this base's blocks, reordered or repeated; none of its weights changed."
+    if untouched and "tied_lm_head" in (summary.get("flags") or []) and not tbs.get("resized"):
+        # only the effective head moved: one side's head is its embedding table, the other's its own
+        return ("DERIVED: this base with its output head tied to its input embeddings on one side only (there the "
+                "head's weights are the embedding's); none of its other weights changed.")
+    if v == "derived" and tbs.get("resized") and tbs.get("resized") == (summary.get("scope") or {}).get(
+            "tensors_only_resized") and not any(tbs.get(k) for k in ("changed", "quantized", "added", "removed")) \
+            and "permuted_units" not in (summary.get("flags") or []) and not (summary.get("scope") or {}).get("blocks_moved"):
+        return ("DERIVED: this base with its vocabulary resized (token rows added or removed); none of its own "
+                "weights changed.")
     special = _derived_special(summary) if v == "derived" else None
     if special:
         return special
