@@ -646,8 +646,9 @@ def test_heads_and_neurons_reordered_inside_fused_projections_are_the_base(tmp_p
     write_checkpoint(tmp_path / "t", _fuse(tuned, layout, d))
     s = compare(tmp_path / "b", tmp_path / "t").summary
     assert s.verdict == "derived" and "permuted_units" in s.flags, s.verdict_reason
-    # queries swapped within their key/value group leave k and v as they were: the block is not suspect
-    assert s.scope["permuted_units"]["blocks"] == ({"layers.1": ["attn"]} if kvh == h else {}) | {"layers.2": ["mlp"]}
+    # queries swapped within their key/value group leave k and v as they were: the block reads shared, and
+    # is looked at because q and o moved with their norms kept exactly
+    assert s.scope["permuted_units"]["blocks"] == {"layers.1": ["attn"], "layers.2": ["mlp"]}
     assert "could not check" not in s.verdict_reason
 
     # new queries beside the base's keys and values, reordered or not, are not the base's heads
@@ -802,3 +803,25 @@ def test_no_training_is_not_titled_a_fine_tune(tmp_path, how):
     write_checkpoint(tmp_path / "t2", tuned)
     s = compare(tmp_path / "b", tmp_path / "t2").to_dict()["summary"]
     assert verdict_title(s) == "DERIVED: a fine-tune of this base."
+
+
+def test_query_heads_reordered_within_their_group_are_found_by_their_kept_norms(tmp_path):
+    """Grouped-query attention: query heads swapped within their key/value group (o following) compute what
+    the base computes, but k and v are unchanged, so the block reads shared and was never checked: "DERIVED:
+    a fine-tune", dense at full rank. A permutation keeps each matrix's norm exactly, which training never
+    does; such matrices are checked. A real fine-tune's norms move, and nothing is read again for it."""
+    rows = (np.array([1, 0, 3, 2, 5, 4, 7, 6])[:, None] * 16 + np.arange(16)).ravel()   # 8 query heads, 4 k/v
+    p = "model.layers.2.self_attn."
+
+    def swap(t):
+        t[p + "q_proj.weight"] = t[p + "q_proj.weight"][rows]
+        t[p + "o_proj.weight"] = t[p + "o_proj.weight"][:, rows]
+        return t
+
+    shape = dict(layers=3, hidden=128, inter=256, vocab=256, kv=64)     # k and v large matrices too
+    s = _llama_pair(tmp_path / "gqa", swap, **shape).summary
+    assert s.verdict == "derived" and s.scope["permuted_units"]["blocks"] == {"layers.2": ["attn"]}, s.verdict_reason
+    noise = np.random.default_rng(92)
+    s = _llama_pair(tmp_path / "ft", lambda t: {k: (v + noise.normal(0, 1e-3, v.shape)).astype(np.float32)
+                                                for k, v in t.items()}, **shape).summary
+    assert "permuted_units" not in s.flags and "heads_checked" not in s.scope

@@ -256,15 +256,44 @@ def reordered_kinds(kinds: Sequence[str]) -> tuple:
 
 
 def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]]:
-    """Blocks that ``components`` would give per kind with an ``mlp`` or ``attn`` unrelated: label ->
-    kind -> its rows. Such a module may be another model's, or the base's own neurons or heads in
-    another order, which changes nothing the model computes and which ``comparison.permuted_units``
-    tells apart (it holds the files)."""
-    if not _some_far(records, thresholds):           # the usual case: no kind can look unrelated
+    """Blocks that ``components`` would give per kind with an ``mlp`` or ``attn`` unrelated, and blocks
+    with a changed matrix whose norm is exactly the base's (``_norm_kept``): label -> kind -> its rows.
+    Such a module may be another model's, or the base's own neurons or heads in another order, which
+    changes nothing the model computes and which ``comparison.permuted_units`` tells apart (it holds the
+    files)."""
+    far = _some_far(records, thresholds)
+    some_kept = any(_norm_kept(r) for r in records)
+    if not far and not some_kept:                    # the usual case: no kind can look unrelated or reordered
         return {}
+    placed = placements(records)
+    kept: dict[str, set] = {}                        # block -> kinds with a matrix moved but its norm kept
+    for r, name in zip(records, placed):
+        if some_kept and _norm_kept(r):
+            kind = str(r.module or "").split(".", 1)[0]
+            if kind in ("attn", "mlp"):
+                kept.setdefault(component_of(name), set()).add(kind)
     groups: dict[str, list] = {}
-    for r, name in zip(records, placements(records)):
+    for r, name in zip(records, placed):
         groups.setdefault(component_of(name), []).append(r)
+    out = _far_suspects(groups, thresholds) if far else {}
+    for label, kinds in kept.items():
+        # a reordering moves every value and keeps the norm exactly, which no training does: query heads
+        # reordered within their key/value group leave k and v as they were, so the block reads shared
+        for k in sorted(kinds):
+            if k not in out.get(label, {}) and "experts" not in out.get(label, {}):
+                out.setdefault(label, {})[k] = [r for r in groups[label] if str(r.module or "").split(".", 1)[0] == k]
+    return out
+
+
+def _norm_kept(r) -> bool:
+    """A changed matrix whose norm is the base's to 1e-9 though it moved by more than 1e-3 of it: its values
+    in another order (a permutation keeps every norm)."""
+    nb, nt, rc = getattr(r, "norm_base", None), getattr(r, "norm_tuned", None), getattr(r, "rel_change", None)
+    return bool(getattr(r, "status", None) == "changed" and nb and nt is not None and rc is not None
+                and rc > 1e-3 and abs(nt - nb) <= 1e-9 * nb and len(getattr(r, "shape", None) or ()) == 2)
+
+
+def _far_suspects(groups: dict[str, list], thresholds: Thresholds) -> dict[str, dict[str, list]]:
     out = {}
     for label, rows in groups.items():
         status = _component(label, rows, thresholds)["status"]
