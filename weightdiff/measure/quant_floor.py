@@ -78,7 +78,14 @@ def floor_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, 
     qb, qt = base.tensors[bname].quant, tuned.tensors[tname].quant
     if qb is None and qt is None:
         grid = detect_export(tuned, tname, dtype_t, shape)
-        if grid is None or detect_export(base, bname, dtype_b, shape) is not None:
+        if grid is None:
+            rt = detect_roundtrip(base, bname, dtype_b, tuned, tname, dtype_t, shape)
+            if rt is None:
+                return None
+            qt = QuantScheme("dequantized", rt["label"], rt["bits"], str(rt["group"] or "row"), False, (tname,), 0)
+            ft = roundtrip_floor_windows(base, bname, dtype_b, tuned, tname, shape, window, stop, rt)
+            return _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, None, qt, None, ft)
+        if detect_export(base, bname, dtype_b, shape) is not None:
             return None                 # a base on a grid too is structured data, not an export of it
         qt = QuantScheme("dequantized", f"int{grid['bits']} grid per row (up to {grid['levels']} levels in "
                          f"sampled rows)", grid["bits"], "row", False, (tname,), 0)
@@ -407,3 +414,82 @@ def export_floor_windows(ck, name: str, dtype: str, shape: tuple, window: int, s
         edge = (np.abs(v - lo[r]) < st / 4) | (np.abs(v - hi[r]) < st / 4)
         yield (st * (0.5 + edge) + np.abs(v) * tol).astype(np.float32)
         pos += v.size
+
+
+#: round-to-nearest schemes a float copy may have been quantized and dequantized with (bitsandbytes'
+#: LLM.int8 rows, the usual int4 groups): (bits, elements per scale or None for a row, symmetric)
+ROUNDTRIP_SCHEMES = ((8, None, True), (4, None, True), (8, 128, True), (8, 64, True),
+                     (4, 128, True), (4, 64, True), (4, 32, True), (4, 128, False), (4, 64, False), (4, 32, False))
+#: the share of sampled elements that must equal the round trip (to an ulp of the stored dtype)
+ROUNDTRIP_MATCH = 0.99
+
+
+def _roundtrip(v: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(dequantized values, step) of rows ``v`` [units, n], each unit quantized to nearest on its own
+    grid: symmetric absmax (``2^(bits-1) - 1`` levels each way) or asymmetric min-max (``2^bits - 1`` steps)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if sym:
+            step = np.abs(v).max(axis=1) / (2 ** (bits - 1) - 1)
+            safe = np.where(step > 0, step, 1.0)
+            return np.round(v / safe[:, None]) * safe[:, None], step
+        lo, hi = v.min(axis=1), v.max(axis=1)
+        step = (hi - lo) / (2 ** bits - 1)
+        safe = np.where(step > 0, step, 1.0)
+        zero = np.round(-lo / safe)
+        q = np.clip(np.round(v / safe[:, None]) + zero[:, None], 0, 2 ** bits - 1)
+        return (q - zero[:, None]) * safe[:, None], step
+
+
+def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, shape: tuple) -> dict | None:
+    """A float copy whose values are the base's quantized to nearest and dequantized (an int8 or int4
+    round trip stored back as bf16, where the grid ``detect_export`` looks for is blurred by the bf16
+    rounding): the first of ``ROUNDTRIP_SCHEMES`` that reproduces ``ROUNDTRIP_MATCH`` of the sampled rows'
+    elements to an ulp of the tuned dtype, as {bits, group, sym, label}; None otherwise. A fine-tune's
+    values do not sit on the base's grid, so they never match. Reads ``EXPORT_SAMPLE_ROWS`` rows a side."""
+    db, dt = DTYPES.get(dtype_b), DTYPES.get(dtype_t)
+    if db is None or dt is None or db.kind != "float" or dt.kind != "float" or len(shape) < 2 \
+            or tuple(base.tensors[bname].shape) != tuple(shape) or tuple(tuned.tensors[tname].shape) != tuple(shape):
+        return None                      # (a resized table, a transposed pair: not a round trip of the base)
+    rows, rowlen = int(shape[0]), int(math.prod(shape[1:]))
+    if rows == 0 or rowlen < EXPORT_MIN_ROW:
+        return None
+    idx = np.unique(np.linspace(0, rows - 1, min(rows, EXPORT_SAMPLE_ROWS)).astype(np.int64))
+    vb = decode(base.read_rows(bname, idx), dtype_b).astype(np.float64).reshape(idx.size, rowlen)
+    vt = decode(tuned.read_rows(tname, idx), dtype_t).astype(np.float64).reshape(idx.size, rowlen)
+    if vb.size < 512 or not (np.isfinite(vb).all() and np.isfinite(vt).all()) or np.array_equal(vb, vt):
+        return None
+    ulp = 2.0 ** -dt.mant_bits
+    for bits, group, sym in ROUNDTRIP_SCHEMES:
+        if group is not None and rowlen % group:
+            continue
+        dq, _ = _roundtrip(vb.reshape(-1, group or rowlen), bits, sym)
+        close = np.abs(dq.reshape(vt.shape) - vt) <= np.abs(vt) * ulp + 1e-30
+        if close.mean() >= ROUNDTRIP_MATCH:
+            where = "per row" if group is None else f"in groups of {group}"
+            return {"bits": bits, "group": group, "sym": sym,
+                    "label": f"int{bits} {'symmetric' if sym else 'asymmetric'} {where}, round to nearest, dequantized "
+                             f"(the base's round trip, matched on {idx.size} sampled rows)"}
+    return None
+
+
+def roundtrip_floor_windows(base, bname: str, dtype_b: str, tuned, tname: str, shape: tuple, window: int,
+                            stop: int | None, rt: dict):
+    """Floor windows of a round trip (``detect_roundtrip``): half the step of each element's row or group,
+    the steps taken from the base (one pass over it first); windows as long as the tuned side's."""
+    rowlen = int(math.prod(shape[1:]))
+    unit = rt["group"] or rowlen
+    numel = int(shape[0]) * rowlen
+    steps = np.empty(numel // unit)
+    pos = 0
+    for w in base.windows(bname, max(unit, (window // unit) * unit), 0, numel):
+        v = decode(w, dtype_b).astype(np.float64).reshape(-1, unit)
+        steps[pos // unit: pos // unit + len(v)] = _roundtrip(v, rt["bits"], rt["sym"])[1]
+        pos += v.size
+    # half a step, and a 256th more: a near-tie rounded the other way when the quantizer divided in float32,
+    # the 16-bit rounding of a value up to half a step larger than the base's; asymmetric: a whole step (the
+    # rounded zero point shifts the grid, and values past its ends are clamped)
+    part = (0.5 if rt["sym"] else 1.0) + 2.0 ** -8
+    pos = 0
+    for w in tuned.windows(tname, window, 0, numel if stop is None else stop):
+        yield (steps[(pos + np.arange(len(w))) // unit] * part).astype(np.float32)
+        pos += len(w)
