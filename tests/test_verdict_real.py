@@ -866,3 +866,18 @@ def test_a_quantize_dequantize_round_trip_stored_in_16_bits_is_quantization_not_
     write_checkpoint(tmp_path / "f", ft, dtype=dtype)
     s = compare(tmp_path / "b", tmp_path / "f").summary
     assert s.verdict == "derived" and s.tensors_by_status.get("quantized", 0) == 0, s.verdict_reason
+
+
+def test_a_dense_model_fused_on_one_side_is_not_explained_by_mixture_of_experts(tmp_path):
+    """The relayout reason (same parameters added and removed in every block) always cited transformers 5's
+    fused experts, also for a dense model whose qkv and gate_up are fused on one side only."""
+    from models import llama
+    from weightdiff.render.sentences import verdict_reason
+
+    base = llama(np.random.default_rng(97), layers=2, hidden=64, inter=128, vocab=256)
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", _fuse(base, "phi3"))
+    d = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    assert d["summary"]["verdict"] == "inconclusive" and "relayout" in d["summary"]["flags"]
+    text = verdict_reason(d)
+    assert "one qkv or gate_up projection on one side, its parts on the other" in text and "expert" not in text

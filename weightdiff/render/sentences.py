@@ -242,9 +242,12 @@ def _inconclusive(data: dict) -> str:
                 f"counterpart in the tuned model and {count(na)} tuned {'tensor has' if na == 1 else 'tensors have'} "
                 f"none in the base, with the same number of parameters ({count(params)}) in each block where they "
                 f"occur ({count(len(blocks))} {'block' if len(blocks) == 1 else 'blocks'}): most likely the same "
-                "matrices in another layout, fused on one side and separate on the other (as transformers 5 keeps a "
-                "mixture-of-experts layer's experts in memory, and a raw state dict writes them; the Hub's files "
-                "hold each expert's own gate and up matrices). weightdiff does not pair those, so they were not "
+                "matrices in another layout, fused on one side and separate on the other ("
+                + ("as transformers 5 keeps a mixture-of-experts layer's experts in memory, and a raw state dict "
+                   "writes them; the Hub's files hold each expert's own gate and up matrices"
+                   if any("expert" in str(t.get("name")) for t in rows) else
+                   "one qkv or gate_up projection on one side, its parts on the other")
+                + "). weightdiff does not pair those, so they were not "
                 "compared and whether they changed is unknown; save both models with save_pretrained, or in the "
                 "same layout, and compare again.")
     if "quant_untested" in (s.get("flags") or []) and not tbs.get("changed"):
