@@ -843,10 +843,11 @@ def _torch_roundtrip(w: np.ndarray, bits: int, group: int | None, sym: bool, dty
     return dq.reshape(w.shape).to(dtype).float().numpy()
 
 
-@pytest.mark.parametrize("bits,group,sym,dtype", [(8, None, True, "BF16"), (8, None, True, "F16"),
-                                                  (4, 32, False, "BF16"), (4, 128, True, "BF16")])
+@pytest.mark.parametrize("bits,group,sym,dtype,base_dtype", [
+    (8, None, True, "BF16", None), (8, None, True, "F16", None), (4, 32, False, "BF16", None),
+    (4, 128, True, "BF16", None), (8, None, True, "BF16", "BF16"), (4, 32, False, "BF16", "BF16")])
 def test_a_quantize_dequantize_round_trip_stored_in_16_bits_is_quantization_not_a_fine_tune(
-        tmp_path, bits, group, sym, dtype):
+        tmp_path, bits, group, sym, dtype, base_dtype):
     """A base quantized to nearest (int8 per row, as LLM.int8; int4 in groups) and dequantized back to bf16 or
     fp16 read "DERIVED: a fine-tune", dense: the 16-bit rounding blurs the grid the export test looks for. The
     base's own round trip is tested instead; a fine-tune stored the same way still reads derived."""
@@ -855,9 +856,14 @@ def test_a_quantize_dequantize_round_trip_stored_in_16_bits_is_quantization_not_
     from models import llama
 
     tdt = {"BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+    from weightdiff.io.safetensors_write import to_storage
+    from weightdiff.kernels.dtypes import decode
+
     base = llama(np.random.default_rng(95), layers=2, hidden=128, inter=256, vocab=256)
+    if base_dtype:                      # a bf16 base: its values as stored, quantized from those
+        base = {k: decode(to_storage(v, base_dtype), base_dtype).astype(np.float32) for k, v in base.items()}
     tuned = {k: (_torch_roundtrip(v, bits, group, sym, tdt) if v.ndim == 2 else v) for k, v in base.items()}
-    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "b", base, dtype=base_dtype)
     write_checkpoint(tmp_path / "t", tuned, dtype=dtype)
     s = compare(tmp_path / "b", tmp_path / "t").summary
     assert s.verdict == "quantized_only", s.verdict_reason
@@ -881,3 +887,30 @@ def test_a_dense_model_fused_on_one_side_is_not_explained_by_mixture_of_experts(
     assert d["summary"]["verdict"] == "inconclusive" and "relayout" in d["summary"]["flags"]
     text = verdict_reason(d)
     assert "one qkv or gate_up projection on one side, its parts on the other" in text and "expert" not in text
+
+
+@pytest.mark.parametrize("bits,group,sym", [(8, None, True), (4, 64, True)])
+def test_a_fine_tune_of_a_base_already_on_a_grid_is_not_a_round_trip(tmp_path, bits, group, sym):
+    """A base whose weights already sit on a round-to-nearest grid (quantization-aware training, a dequantized
+    release in bf16) comes back as itself from the round trip, so a copy with 0.4% of its elements edited
+    "matched" it and read QUANTIZED ONLY. The round trip must move the base to be evidence."""
+    import torch
+
+    from models import llama
+
+    raw = llama(np.random.default_rng(98), layers=2, hidden=128, inter=256, vocab=256)
+    base = {k: (_torch_roundtrip(v, bits, group, sym, torch.bfloat16) if v.ndim == 2 else v) for k, v in raw.items()}
+    rng = np.random.default_rng(99)
+    tuned = {}
+    for k, v in base.items():
+        t = v.copy()
+        if v.ndim == 2:
+            flat = t.reshape(-1)
+            idx = rng.choice(flat.size, max(1, flat.size // 250), replace=False)
+            step = float(np.abs(v).max()) / (2 ** (bits - 1) - 1)
+            flat[idx] += (rng.choice([-0.3, 0.3], idx.size) * step).astype(np.float32)   # under half a step
+        tuned[k] = t
+    write_checkpoint(tmp_path / "b", base, dtype="BF16")
+    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    assert s.verdict == "derived" and s.tensors_by_status.get("quantized", 0) == 0, s.verdict_reason

@@ -420,8 +420,12 @@ def export_floor_windows(ck, name: str, dtype: str, shape: tuple, window: int, s
 #: LLM.int8 rows, the usual int4 groups): (bits, elements per scale or None for a row, symmetric)
 ROUNDTRIP_SCHEMES = ((8, None, True), (4, None, True), (8, 128, True), (8, 64, True),
                      (4, 128, True), (4, 64, True), (4, 32, True), (4, 128, False), (4, 64, False), (4, 32, False))
-#: the share of sampled elements that must equal the round trip (to an ulp of the stored dtype)
+#: the share of sampled elements that must equal the round trip (to an ulp of the stored dtype), over all of
+#: them and over those the round trip moves
 ROUNDTRIP_MATCH = 0.99
+#: the share of sampled elements the round trip must move from the base by more than an ulp of its dtype (an
+#: int8 grid moves about half of bf16 weights that far, int4 nearly all; a base already on the grid, none)
+ROUNDTRIP_MOVED = 0.2
 
 
 def _roundtrip(v: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -463,8 +467,14 @@ def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t:
         if group is not None and rowlen % group:
             continue
         dq, _ = _roundtrip(vb.reshape(-1, group or rowlen), bits, sym)
-        close = np.abs(dq.reshape(vt.shape) - vt) <= np.abs(vt) * ulp + 1e-30
-        if close.mean() >= ROUNDTRIP_MATCH:
+        dq = dq.reshape(vt.shape)
+        close = np.abs(dq - vt) <= np.abs(vt) * ulp + 1e-30
+        # the round trip must move the base (most of it): a base already on that grid comes back as itself,
+        # and any copy that leaves it alone would "match" (a fine-tune of a quantization-aware base read
+        # QUANTIZED ONLY); matches are counted where it moved
+        moved = np.abs(dq - vb) > np.abs(vb) * 2.0 ** -db.mant_bits + 1e-30   # (an ulp of the base's dtype)
+        if moved.mean() >= ROUNDTRIP_MOVED and close[moved].mean() >= ROUNDTRIP_MATCH \
+                and close.mean() >= ROUNDTRIP_MATCH:
             where = "per row" if group is None else f"in groups of {group}"
             return {"bits": bits, "group": group, "sym": sym,
                     "label": f"int{bits} {'symmetric' if sym else 'asymmetric'} {where}, round to nearest, dequantized "
