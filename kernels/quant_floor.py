@@ -8,7 +8,7 @@ levels (a quantized-then-dequantized export). docs/methodology.md has the formul
 """
 
 from __future__ import annotations
-__all__ = ["FLOOR_FIELDS", "floor_stats", "floor_stats_numpy", "grid_levels", "row_grids"]
+__all__ = ["FLOOR_FIELDS", "floor_stats", "floor_stats_numpy", "grid_levels", "row_grids", "round_trip"]
 
 import numpy as np
 
@@ -207,6 +207,28 @@ def row_grids(rows: np.ndarray, max_levels: int = 256) -> tuple[np.ndarray, np.n
             continue
         out[:, i] = (step, u[0], u[-1], k + 1)
     return out[0], out[1], out[2], out[3]
+
+
+def round_trip(v: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(dequantized values, step) of rows ``v`` [units, n], each unit quantized to nearest on its own
+    grid: symmetric absmax (``2^(bits-1) - 1`` levels each way) or asymmetric min-max (``2^bits - 1`` steps),
+    rounding half to even (as ``torch.round``). A unit of zeros (or of one value, asymmetric) has step 0.
+
+    >>> dq, step = round_trip(np.array([[0.5, -1.0, 0.26, 0.0]]), 2, True)
+    >>> dq.tolist(), step.tolist()
+    ([[0.0, -1.0, 0.0, 0.0]], [1.0])
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if sym:
+            step = np.abs(v).max(axis=1) / (2 ** (bits - 1) - 1)
+            safe = np.where(step > 0, step, 1.0)
+            return np.round(v / safe[:, None]) * safe[:, None], step
+        lo, hi = v.min(axis=1), v.max(axis=1)
+        step = (hi - lo) / (2 ** bits - 1)
+        safe = np.where(step > 0, step, 1.0)
+        zero = np.round(-lo / safe)
+        q = np.clip(np.round(v / safe[:, None]) + zero[:, None], 0, 2 ** bits - 1)
+        return (q - zero[:, None]) * safe[:, None], step
 
 
 def clipped_beyond(base: np.ndarray, other: np.ndarray, floor: np.ndarray, group: int,

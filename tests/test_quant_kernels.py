@@ -342,3 +342,33 @@ def test_clipped_beyond_against_a_loop(rng):
     assert want > 0 and clipped_beyond(b, o, f, group) == want
     with pytest.raises(ValueError):
         clipped_beyond(b[:-1], o[:-1], f[:-1], group)
+
+
+@pytest.mark.parametrize("bits,sym", [(8, True), (4, True), (4, False), (2, False)])
+def test_round_trip_matches_torch(rng, bits, sym):
+    """``round_trip`` (the base's quantize-dequantize a float copy is tested against) against the same
+    scheme written with torch, on random rows with ties, zero rows and one-value rows."""
+    import torch
+
+    v = rng.standard_normal((64, 32)).astype(np.float32).astype(np.float64)
+    v[3] = 0.0                                               # a row of zeros: step 0
+    v[4] = 0.25                                              # one value
+    v[5] = np.round(v[5] * 4) / 4                            # many exact ties at half a step
+    dq, step = QF.round_trip(v, bits, sym)
+    x = torch.from_numpy(v)
+    if sym:
+        s = x.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+        s1 = torch.where(s > 0, s, torch.ones_like(s))
+        ref = torch.round(x / s1) * s1
+    else:
+        lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        s = (hi - lo) / (2 ** bits - 1)
+        s1 = torch.where(s > 0, s, torch.ones_like(s))
+        z = torch.round(-lo / s1)
+        ref = (torch.clamp(torch.round(x / s1) + z, 0, 2 ** bits - 1) - z) * s1
+    np.testing.assert_array_equal(dq, ref.numpy())
+    np.testing.assert_array_equal(step, s[:, 0].numpy())
+    # within half a step (symmetric) or a step (asymmetric: the zero point is rounded) of the input, on rows
+    # with a step (a one-value row has none: its floor is 0, so any difference there counts as beyond)
+    live = step > 0
+    assert np.all(np.abs(dq - v)[live] <= step[live, None] * (0.5 if sym else 1.0) + 1e-12)

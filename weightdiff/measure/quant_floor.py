@@ -428,22 +428,6 @@ ROUNDTRIP_MATCH = 0.99
 ROUNDTRIP_MOVED = 0.2
 
 
-def _roundtrip(v: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(dequantized values, step) of rows ``v`` [units, n], each unit quantized to nearest on its own
-    grid: symmetric absmax (``2^(bits-1) - 1`` levels each way) or asymmetric min-max (``2^bits - 1`` steps)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if sym:
-            step = np.abs(v).max(axis=1) / (2 ** (bits - 1) - 1)
-            safe = np.where(step > 0, step, 1.0)
-            return np.round(v / safe[:, None]) * safe[:, None], step
-        lo, hi = v.min(axis=1), v.max(axis=1)
-        step = (hi - lo) / (2 ** bits - 1)
-        safe = np.where(step > 0, step, 1.0)
-        zero = np.round(-lo / safe)
-        q = np.clip(np.round(v / safe[:, None]) + zero[:, None], 0, 2 ** bits - 1)
-        return (q - zero[:, None]) * safe[:, None], step
-
-
 def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, shape: tuple) -> dict | None:
     """A float copy whose values are the base's quantized to nearest and dequantized (an int8 or int4
     round trip stored back as bf16, where the grid ``detect_export`` looks for is blurred by the bf16
@@ -466,7 +450,7 @@ def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t:
     for bits, group, sym in ROUNDTRIP_SCHEMES:
         if group is not None and rowlen % group:
             continue
-        dq, _ = _roundtrip(vb.reshape(-1, group or rowlen), bits, sym)
+        dq, _ = QF.round_trip(vb.reshape(-1, group or rowlen), bits, sym)
         dq = dq.reshape(vt.shape)
         close = np.abs(dq - vt) <= np.abs(vt) * ulp + 1e-30
         # the round trip must move the base (most of it): a base already on that grid comes back as itself,
@@ -493,7 +477,7 @@ def roundtrip_floor_windows(base, bname: str, dtype_b: str, tuned, tname: str, s
     pos = 0
     for w in base.windows(bname, max(unit, (window // unit) * unit), 0, numel):
         v = decode(w, dtype_b).astype(np.float64).reshape(-1, unit)
-        steps[pos // unit: pos // unit + len(v)] = _roundtrip(v, rt["bits"], rt["sym"])[1]
+        steps[pos // unit: pos // unit + len(v)] = QF.round_trip(v, rt["bits"], rt["sym"])[1]
         pos += v.size
     # half a step, and a 256th more: a near-tie rounded the other way when the quantizer divided in float32,
     # the 16-bit rounding of a value up to half a step larger than the base's; asymmetric: a whole step (the
