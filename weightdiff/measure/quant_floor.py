@@ -431,9 +431,11 @@ ROUNDTRIP_MOVED = 0.2
 def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, shape: tuple) -> dict | None:
     """A float copy whose values are the base's quantized to nearest and dequantized (an int8 or int4
     round trip stored back as bf16, where the grid ``detect_export`` looks for is blurred by the bf16
-    rounding): the first of ``ROUNDTRIP_SCHEMES`` that reproduces ``ROUNDTRIP_MATCH`` of the sampled rows'
-    elements to an ulp of the tuned dtype, as {bits, group, sym, label}; None otherwise. A fine-tune's
-    values do not sit on the base's grid, so they never match. Reads ``EXPORT_SAMPLE_ROWS`` rows a side."""
+    rounding): the first of ``ROUNDTRIP_SCHEMES`` that moves at least ``ROUNDTRIP_MOVED`` of the sampled
+    base values by more than an ulp of the base's dtype and reproduces ``ROUNDTRIP_MATCH`` of the sampled
+    tuned values (overall and where it moved the base) to an ulp of the tuned dtype, as {bits, group, sym,
+    label}; None otherwise. A fine-tune's values do not sit on the base's grid, so they never match; a base
+    already on the grid is not moved, so it is no evidence. Reads ``EXPORT_SAMPLE_ROWS`` rows a side."""
     db, dt = DTYPES.get(dtype_b), DTYPES.get(dtype_t)
     if db is None or dt is None or db.kind != "float" or dt.kind != "float" or len(shape) < 2 \
             or tuple(base.tensors[bname].shape) != tuple(shape) or tuple(tuned.tensors[tname].shape) != tuple(shape):
@@ -468,8 +470,9 @@ def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t:
 
 def roundtrip_floor_windows(base, bname: str, dtype_b: str, tuned, tname: str, shape: tuple, window: int,
                             stop: int | None, rt: dict):
-    """Floor windows of a round trip (``detect_roundtrip``): half the step of each element's row or group,
-    the steps taken from the base (one pass over it first); windows as long as the tuned side's."""
+    """Floor windows of a round trip (``detect_roundtrip``): half the step of each element's row or group
+    (a whole step for an asymmetric scheme), and 1/256 of a step more, the steps taken from the base (one
+    pass over it first); windows as long as the tuned side's."""
     rowlen = int(math.prod(shape[1:]))
     unit = rt["group"] or rowlen
     numel = int(shape[0]) * rowlen
