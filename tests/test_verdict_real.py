@@ -470,10 +470,11 @@ def test_mlp_neurons_or_attention_heads_in_another_order_are_the_base_not_anothe
     r = _llama_pair(tmp_path / "mlp", shuffle_neurons)
     s = r.summary
     assert s.verdict == "derived" and "permuted_units" in s.flags, s.verdict_reason
-    assert s.scope["permuted_units"] == {"blocks": {f"layers.{i}": ["mlp"] for i in range(4)}, "tensors_changed": 12}
-    assert verdict_title(r.to_dict()["summary"]) == ("DERIVED: this base with the neurons of some MLPs reordered; no "
-                                                     "other weight changed, and what changed beneath the reordering "
-                                                     "is not measured here.")
+    # measured with the order undone (tests/test_reorder_undo.py): nothing changed beneath the reordering
+    assert s.scope["permuted_units"] == {"blocks": {f"layers.{i}": ["mlp"] for i in range(4)}, "tensors_changed": 0,
+                                         "undone": {f"layers.{i}": ["mlp"] for i in range(4)}, "tensors_undone": 12}
+    assert verdict_title(r.to_dict()["summary"]) == ("DERIVED: this base with the neurons of some MLPs reordered; none "
+                                                     "of its other weights changed.")
     assert "the MLP neurons of 4 blocks are the base's in another order" in s.verdict_reason
     assert [c["component"] for c in s.components] == ["embeddings"] + [f"layers.{i}" for i in range(4)] + ["head"]
 
@@ -537,8 +538,8 @@ def test_experts_of_a_moe_layer_in_another_order_are_the_base_not_another_model(
     assert s.verdict == "derived", s.verdict_reason
     assert s.scope["permuted_units"]["blocks"] == {"layers.0": ["experts"], "layers.1": ["experts"]}
     assert verdict_title(r.to_dict()["summary"]) == (
-        "DERIVED: this base with the experts of some mixture-of-experts layers reordered; no other weight changed, "
-        "and what changed beneath the reordering is not measured here.")
+        "DERIVED: this base with the experts of some mixture-of-experts layers reordered; none of its other weights "
+        "changed.")
     assert {c["status"] for c in s.components} == {"shared"}
 
 
@@ -764,11 +765,15 @@ def test_token_rows_remapped_or_trimmed_are_the_base_not_another_model(tmp_path,
     assert {c["status"] for c in s["components"]} == {"shared"}
     assert "the token rows of the embeddings and head are the base's rows in another order" in s["verdict_reason"]
     title = verdict_title(s)
-    if how == "trimmed":
-        assert s["scope"]["permuted_units"]["tensors_resized"] == 2
+    if how == "trimmed":           # every row bitwise a base row: compared with the rows they are
+        assert s["scope"]["permuted_units"]["tensors_trimmed"] == 2
         assert title == ("DERIVED: this base with the token rows of its embeddings and head reordered or trimmed; "
                          "none of its other weights changed.")
     elif how == "remapped":
+        assert title == ("DERIVED: this base with the token rows of its embeddings and head reordered; none of its "
+                         "other weights changed.")
+    else:                          # trained after the remap: matched on a sample, not undone
+        assert "undone" not in s["scope"]["permuted_units"]
         assert title.startswith("DERIVED: this base with the token rows of its embeddings and head reordered; no other")
 
 

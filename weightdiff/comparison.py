@@ -18,9 +18,10 @@ import functools
 import gc
 import os
 import platform
+import re
 import sys
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
@@ -224,7 +225,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             hash_files: bool = False, command: str | None = None, compute: Compute | None = None,
             hub: HubOptions | None = None,
             base_label: str | Sequence[str] | None = None, tuned_label: str | None = None,
-            **kwargs: Any) -> Comparison:
+            undo_reorderings: bool = True, **kwargs: Any) -> Comparison:
     """Compare a fine-tuned checkpoint against its base (or several bases of a composite model).
 
     ``base`` is one path or a list of paths; ``tuned`` one path. Options are those of
@@ -239,7 +240,11 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     ``compute`` replaces ``compute_all`` (same arguments, same return): a split comparison
     (weightdiff.split) measures the pairs on workers; everything else stays the same.
     ``base`` and ``tuned`` may be Hugging Face Hub repo ids (``org/name@revision``); ``hub``
-    (HubOptions) says how their weights are read. Raises WeightdiffError for bad input.
+    (HubOptions) says how their weights are read. Units found in another order than the base's (MLP
+    neurons, attention heads, experts, token rows: ``permuted_units``) are measured against the base's
+    units in the tuned model's order, so the numbers are of what changed beneath the reordering;
+    ``undo_reorderings=False`` keeps them measured as stored (provenance's ``--no-permutations``).
+    Raises WeightdiffError for bad input.
     """
     if options is None:
         options = options_from_kwargs(CompareOptions, **kwargs)
@@ -283,9 +288,15 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             on_plan(the_plan)
         records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, backend, classify, progress)
         blocks, modules = aggregate(records, options.thresholds)
+        undo: list[Undo] = []
+        found, checked = permuted_units(records, bases, tuned_ck, options, undo)
+        undone: dict = {}
+        if undo and undo_reorderings:   # measure what changed beneath each reordering, not the reordering itself
+            records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
+            blocks, modules = aggregate(records, options.thresholds)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
                             declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)},
-                            reordering=permuted_units(records, bases, tuned_ck, options))
+                            reordering=(found, checked, undone))
         if line is not None:
             line.close()
         for ck in (*bases, tuned_ck):
@@ -309,7 +320,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
 
 
 def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
-                   options: CompareOptions) -> tuple[dict[str, list[str]], list[str]]:
+                   options: CompareOptions, undo: list[Undo] | None = None) -> tuple[dict[str, list[str]], list[str]]:
     """(block -> the module kinds whose units are the base's in another order, the ``block kind`` labels
     whose attention heads were examined). A kind that looks unrelated (alone, or with the rest of its
     block) is first checked for a reordering (``measure.permutation``): MLP neurons as provenance finds
@@ -317,12 +328,15 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
     a layer's experts with its router rows following them. A reordering changes nothing the model
     computes, so such a block must not read as another model's. Once one block shows a reordering of a
     kind, every changed block of that kind is checked too. Reads those modules' matrices again; nothing
-    when no kind is suspect (the usual case)."""
+    when no kind is suspect (the usual case). ``undo`` receives, for each tensor of a reordering found
+    whose order is known exactly, how to see its base tensor in the tuned model's order (``Undo``;
+    ``measure_undone`` measures them so)."""
     from .judge.relatedness import is_expert_name, kind_rows, split_suspects
 
     suspects = split_suspects(records, options.thresholds)
     if not suspects:
         return {}, []
+    by_name = {r.name: r for r in records}
     found: dict[str, list[str]] = {}
     checked: list[str] = []
 
@@ -339,13 +353,16 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
                           and tuple(tuned.tensors[r.name].shape)[1:] == tuple(bases[r.base_index].tensors[r.base_name].shape)[1:]))]
         for i in sorted({r.base_index for r in pairs}):
             stray: list = []
-            hit = _reordered(kind, [r for r in pairs if r.base_index == i], bases[i], tuned, stray)
+            mine: list[Undo] = []
+            hit = _reordered(kind, [r for r in pairs if r.base_index == i], bases[i], tuned, stray, mine)
             if stray:
                 found.setdefault(label, []).append("router")
             if kind == "attn" and hit is not None:
                 checked.append(f"{label} attn")
             if hit:
                 found.setdefault(label, []).append(kind)
+                if undo is not None:
+                    undo.extend(replace(u, label=label) for u in _with_biases(mine, by_name, bases[i], tuned))
                 return
 
     for label, kinds in suspects.items():
@@ -361,56 +378,218 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
     return found, checked
 
 
-def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray: list) -> bool | None:
+@dataclass(frozen=True)
+class Undo:
+    """One tensor of a reordering found: its base tensor seen in the tuned model's order is base
+    ``source``'s units ``index`` along ``axis`` (``axis`` None: ``source`` as stored, another expert's
+    tensor). ``label``/``kind``: the block and module kind of ``scope.permuted_units``; ``note``: what
+    the record says was done; ``trimmed``: a token table with fewer rows than the base's."""
+
+    record: TensorRecord
+    source: str
+    axis: int | None
+    index: object
+    label: str
+    kind: str
+    note: str
+    trimmed: bool = False
+
+
+def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray: list,
+               undo: list | None = None) -> bool | None:
     """Whether one block's ``kind`` (``mlp``, ``attn``, ``experts``) is the base's units in another order;
     None when it cannot be checked (a fused qkv in no known layout, no output projection). A layer whose experts were reordered
-    but whose router rows were not is appended to ``stray``."""
+    but whose router rows were not is appended to ``stray``. ``undo`` receives the ``Undo`` of each
+    tensor whose order was found (every member of a reordered MLP, attention or expert layer, the
+    router rows that followed; a token table when each of its rows is bitwise a base row)."""
     import numpy as np
 
-    from .judge.relatedness import is_expert_name
+    from .judge.relatedness import _EXPERT, is_expert_name
     from .measure.permutation import (_as_float32, detect_permutations, experts_permuted, fused_qkv_views,
-                                      heads_permuted, members_follow, rows_follow, rows_from_base)
+                                      heads_order, members_follow, rows_follow, rows_reordered)
+
+    undo = [] if undo is None else undo
 
     def load(ck, name):
         info = ck.tensors[name]
         return _as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)), info.dtype)
 
+    def add(r, source, axis, index, note, trimmed=False):
+        undo.append(Undo(r, source, axis, None if index is None else np.asarray(index, np.int64), "", kind, note,
+                         trimmed))
+
     if kind == "mlp":
         name_map = {r.name: r.base_name for r in rows}
+        by_name = {r.name: r for r in rows}
         for f in detect_permutations(base, tuned, name_map, seed=0):
             mats = [(load(tuned, n), load(base, name_map[n]), ax, role) for n, ax, role in f.members
                     if not role.startswith("bias")]
             if f.applied and members_follow(mats, f.perm):
+                for n, ax, role in f.members:
+                    if n in by_name:
+                        parts = int(role.rsplit(":", 1)[1]) if ":" in role else 1
+                        index = np.concatenate([f.perm + k * f.neurons for k in range(parts)])
+                        add(by_name[n], name_map[n], ax, index,
+                            f"compared with the base's MLP neurons in this model's order ({f.moved} of {f.neurons} "
+                            "moved)")
                 return True
         return False
     if kind == "rows":
         # every changed embedding or head table: its rows the base's in another order, or a subset of them
         mats = [r for r in rows if len(r.shape or ()) == 2 and r.status != "unchanged"]
-        return bool(mats) and all(rows_from_base(tuned.read(r.name), base.read(r.base_name), tuned.tensors[r.name].dtype,
-                                                 base.tensors[r.base_name].dtype) for r in mats)
+        if not mats:
+            return False
+        orders = []
+        for r in mats:
+            ok, order = rows_reordered(tuned.read(r.name), base.read(r.base_name), tuned.tensors[r.name].dtype,
+                                       base.tensors[r.base_name].dtype)
+            if not ok:
+                return False
+            orders.append(order)
+        for r, order in zip(mats, orders):
+            if order is not None:
+                moved = int(np.count_nonzero(order != np.arange(len(order))))
+                add(r, r.base_name, 0, order, f"compared with the base's token rows in this model's order ({moved} of "
+                    f"{len(order)} rows from another index)", trimmed=len(order) < base.tensors[r.base_name].shape[0])
+        return True
     if kind == "experts":
         experts = [r for r in rows if is_expert_name(r.name)]
-        perm = experts_permuted(_by_expert(experts, lambda r: (load(tuned, r.name), load(base, r.base_name))))
+        grouped = _by_expert(experts, lambda r: r)
+        perm = experts_permuted({e: [(load(tuned, r.name), load(base, r.base_name)) for r in v]
+                                 for e, v in grouped.items()})
         if perm is None:
             return False
         # the experts are the base's either way; a router whose rows did not follow sends tokens to other
         # experts than in the base, which the reason must say (not "unrelated", which they are not)
+        ids = sorted(grouped)
         routers = [r for r in rows if not is_expert_name(r.name) and len(r.shape or ()) == 2 and r.shape[0] == len(perm)]
-        if not all(rows_follow(load(tuned, r.name), load(base, r.base_name), perm) for r in routers):
+        follow = all(rows_follow(load(tuned, r.name), load(base, r.base_name), perm) for r in routers)
+        if not follow:
             stray.append(rows[0])
+        for k, e in enumerate(ids):
+            if ids[perm[k]] == e:
+                continue
+            for r in grouped[e]:
+                m = _EXPERT.match(r.base_name)
+                other = f"{m.group(1)}{ids[perm[k]]}{m.group(3)}" if m else None
+                if other in base.tensors and tuple(base.tensors[other].shape) == tuple(base.tensors[r.base_name].shape):
+                    add(r, other, None, None, f"compared with base expert {ids[perm[k]]}, the one this expert is "
+                        "(experts reordered)")
+        if follow and ids == list(range(len(ids))):
+            for r in routers:
+                add(r, r.base_name, 0, perm, "compared with the base's router rows in this model's expert order")
         return True
-    mats = {}
+    mats, names = {}, {}
     for r in rows:
         if r.module in ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv") and len(r.shape or ()) == 2 \
                 and r.name.endswith("weight"):
             t, b = load(tuned, r.name), load(base, r.base_name)
-            if r.name.endswith("c_attn.weight") or (r.module == "attn.o" and r.name.endswith("c_proj.weight")):
+            if _conv1d(r):
                 t, b = t.T, b.T                      # GPT-2's Conv1D stores [in, out]
             mats[r.module.split(".", 1)[1]] = (t, b)
+            names[r.module.split(".", 1)[1]] = r
     if "q" in mats or "qkv" not in mats or "o" not in mats:
-        return heads_permuted(mats)
-    found = [heads_permuted(m, head_dims=dims) for m, dims in fused_qkv_views(mats["qkv"], mats["o"])]
-    return True if any(found) else False if found else None
+        order = heads_order(mats)
+        if order:
+            note = "compared with the base's attention heads in this model's order"
+            for r in rows:
+                part = str(r.module or "").split(".", 1)[-1]
+                if part in ("q", "k", "v", "o") and (part != "o" or len(r.shape or ()) == 2):
+                    axis = (1 if part == "o" and not _conv1d(r) else 0)
+                    n = int(r.shape[axis])
+                    if (part in ("q", "o") and order.q is not None) or (part in ("k", "v") and order.kv is not None):
+                        add(r, r.base_name, axis, order.rows(part, n), note)
+        return order if order is None else bool(order)
+    views = fused_qkv_views(mats["qkv"], mats["o"])
+    found = [heads_order(m, head_dims=dims) for m, dims in views]
+    hit = next((k for k, f in enumerate(found) if f), None)
+    if hit is not None:
+        rows_n = mats["qkv"][0].shape[0]
+        pos = np.arange(rows_n, dtype=np.float64)[:, None]
+        where = fused_qkv_views((pos, pos), mats["o"])[hit][0]
+        order = found[hit]
+        gather = np.arange(rows_n)
+        for part in ("q", "k", "v"):
+            at = where[part][0][:, 0].astype(np.int64)
+            gather[at] = at[order.rows(part, len(at))]
+        note = "compared with the base's attention heads in this model's order (fused q, k, v)"
+        for r in rows:
+            part = str(r.module or "").split(".", 1)[-1]
+            if part == "qkv" and len(r.shape or ()) in (1, 2) and int(r.shape[1 if _conv1d(r) else 0]) == rows_n:
+                add(r, r.base_name, 1 if _conv1d(r) else 0, gather, note)
+            elif part == "o" and len(r.shape or ()) == 2 and order.q is not None:
+                axis = 0 if _conv1d(r) else 1
+                add(r, r.base_name, axis, order.rows("o", int(r.shape[axis])), note)
+    return True if hit is not None else False if found else None
+
+
+def _with_biases(undo: list[Undo], by_name: dict, base: Checkpoint, tuned: Checkpoint) -> list[Undo]:
+    """``undo`` and the bias of each reordered weight that moved with its units: a q or gate bias
+    follows its rows, an output projection's does not (the layout, [out, in] or GPT-2's Conv1D
+    [in, out], is not known from a square matrix, so the bias follows when the order brings it strictly
+    closer to the base's); for an expert compared with another, that expert's bias."""
+    import numpy as np
+
+    from .measure.permutation import _as_float32
+
+    out = list(undo)
+    have = {id(u.record) for u in undo}
+    for u in undo:
+        name = u.record.name
+        if not name.endswith(".weight"):
+            continue
+        b = by_name.get(name[:-len("weight")] + "bias")
+        if b is None or id(b) in have or b.compared != "float" or len(b.shape or ()) != 1 or b.base_name is None:
+            continue
+        if u.axis is None:
+            source = u.source[:-len("weight")] + "bias"
+            if source in base.tensors and tuple(base.tensors[source].shape) == tuple(b.shape):
+                out.append(replace(u, record=b, source=source))
+                have.add(id(b))
+        elif len(u.index) == b.shape[0] and tuple(base.tensors[b.base_name].shape) == tuple(b.shape):
+            t = _as_float32(np.asarray(tuned.read(b.name)).reshape(-1), tuned.tensors[b.name].dtype).astype(np.float64)
+            v = _as_float32(np.asarray(base.read(b.base_name)).reshape(-1), base.tensors[b.base_name].dtype).astype(np.float64)
+            if np.linalg.norm(t - v[u.index]) < np.linalg.norm(t - v):
+                out.append(replace(u, record=b, source=b.base_name, axis=0))
+                have.add(id(b))
+    return out
+
+
+def _conv1d(r) -> bool:
+    """GPT-2's Conv1D attention weights, stored [in, out]."""
+    return r.name.endswith("c_attn.weight") or (r.module == "attn.o" and r.name.endswith("c_proj.weight"))
+
+
+def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: Plan, bases: Sequence[Checkpoint],
+                     tuned: Checkpoint, options: CompareOptions, backend, classify) -> tuple[list[TensorRecord], dict]:
+    """The records with each tensor of ``undo`` measured again against its base tensor in the tuned model's
+    order (``measure.compute.remeasure``: statistics, status and rank of what changed beneath the
+    reordering), and what was undone for ``scope.permuted_units``: ``blocks`` (block -> kinds whose every
+    reordered tensor was measured so), ``tensors``, ``trimmed`` (token tables with fewer rows)."""
+    from .measure.compute import GatheredSide, remeasure
+
+    pairs = {p.tuned_name: p for p in the_plan.pairs if p.tuned_name is not None}
+    redo = {id(u.record): u for u in undo}
+    out, blocks, n, trimmed = [], {}, 0, 0
+    for r in records:
+        u = redo.get(id(r))
+        pair = pairs.get(r.name) if u is not None else None
+        if u is None or pair is None or pair.base_name != r.base_name:
+            out.append(r)
+            continue
+        side = GatheredSide(bases[pair.base_index], pair.base_name, u.source, u.axis, u.index)
+        new = remeasure(pair, side, bases, tuned, options, backend, classify)
+        new.note = u.note + (f"; {new.note}" if new.note else "")
+        if u.source != pair.base_name:      # another expert's tensor: the one this expert is compared with
+            new.base_name = u.source
+        out.append(new)
+        n += 1
+        trimmed += int(u.trimmed)
+        kinds = blocks.setdefault(u.label, [])
+        if u.kind not in kinds:
+            kinds.append(u.kind)
+    undone = {"blocks": {k: sorted(v) for k, v in sorted(blocks.items())}, "tensors": n, "trimmed": trimmed} if n else {}
+    return out, undone
 
 
 def _by_expert(rows, load) -> dict[int, list]:

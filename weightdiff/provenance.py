@@ -349,7 +349,8 @@ def _full(e: _Entry, tuned: PathLike, tck: Checkpoint, options: ProvenanceOption
     if options.permutations:
         findings = detect_permutations(e.ck, tck, e.name_map, exact_max=options.exact_max, seed=options.seed,
                                        min_cosine=options.min_neuron_cosine)
-    cmp = compare(e.ck, tck, options=options.compare_options())   # headers already read once
+    cmp = compare(e.ck, tck, options=options.compare_options(),   # headers already read once
+                  undo_reorderings=options.permutations)
     rows = [t.to_dict() for t in cmp.tensors]
     applied = [f for f in findings if f.applied]
     comps = cmp.summary.components

@@ -198,16 +198,24 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
     return [name for name in FLAG_ORDER if name in on]
 
 
+def _all_undone(permuted: dict, undone: dict) -> bool:
+    """Whether every reordered kind (a router left in place aside) was measured in the base's order."""
+    done = (undone or {}).get("blocks") or {}
+    return all(set(v) - {"router"} <= set(done.get(k, ())) for k, v in permuted.items())
+
+
 def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds: Thresholds,
               buffers: list[dict] | None = None, declared: dict | None = None,
-              reordering: tuple[dict[str, list[str]], list[str]] | None = None) -> Summary:
+              reordering: tuple | None = None) -> Summary:
     """The model-level ``Summary`` of DESIGN.md from the records and their block roll-up
     (``judge.aggregate``): the judge step of the pipeline. ``buffers`` (from the plan) are
     listed, never counted; ``declared`` holds the names each side declares (a hint); ``reordering``:
     (block -> the module kinds, ``mlp``, ``attn``, ``experts``, whose units are the base's in another
-    order, not unrelated; the ``block attn`` labels whose heads were examined), from
-    ``comparison.permuted_units``, which holds the files."""
-    permuted, checked = reordering or ({}, [])
+    order, not unrelated; the ``block attn`` labels whose heads were examined[; what was undone before
+    measuring: ``blocks`` (block -> kinds), ``tensors``, ``trimmed``]), from ``comparison.permuted_units``
+    and ``comparison.measure_undone``, which hold the files."""
+    permuted, checked, *more = reordering or ({}, [])
+    undone = (more[0] if more else None) or {}
     counted = [r for r in records if not is_tied(r)]
     by_status = {s: 0 for s in STATUSES}
     for r in counted:
@@ -292,13 +300,19 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                                    "tensors_changed": inside.count("changed")}
         if inside.count("resized"):           # a token table trimmed to a subset of the base's rows
             scope["permuted_units"]["tensors_resized"] = inside.count("resized")
+        if undone:                            # measured against the base's units in the tuned model's order
+            scope["permuted_units"].update({"undone": undone["blocks"], "tensors_undone": undone["tensors"]})
+            if undone.get("trimmed"):
+                scope["permuted_units"]["tensors_trimmed"] = undone["trimmed"]
     # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
     changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
     verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps)
     if verdict == "faint":            # near-orthogonal, yet above what independent models show
         verdict = "inconclusive"
         flags.append("faint_relatedness")
-    if verdict == "derived" and not permuted and weak_evidence(cos, rel_m):
+    if verdict == "identical" and permuted:   # the base's weights, some units in another order: not the same files
+        verdict = "derived"
+    if verdict == "derived" and (not permuted or _all_undone(permuted, undone)) and weak_evidence(cos, rel_m):
         flags.append("far_from_base")     # derived, but not "a fine-tune": a merge, long training
     quant = quantization_summary(counted)
     form = _form(changed, thresholds) if verdict in ("derived", "partial") else {"kind": None}

@@ -129,6 +129,81 @@ class TransposedSide:
         return array_windows(flat, start, stop, step)
 
 
+class GatheredSide:
+    """One base tensor seen in the tuned model's order: row (``axis`` 0) or column (``axis`` 1) i of
+    what it shows is row or column ``index[i]`` of the base's ``source`` tensor (another expert's, for
+    experts reordered), so that a reordered tuned tensor is measured against the units it holds rather
+    than against others (``remeasure``). Windows are gathered from the stored rows a window covers
+    (memory bounded by the window, as a stored tensor's); float tensors only (no floor)."""
+
+    def __init__(self, ck: Checkpoint, name: str, source: str, axis: int | None = None,
+                 index: np.ndarray | None = None):
+        from dataclasses import replace
+
+        info = ck.tensors[source]
+        shape = [int(d) for d in info.shape]
+        if axis is not None:
+            shape[axis] = len(index)
+        self.path, self._ck, self._source, self._axis = ck.path, ck, source, axis
+        self._index = None if index is None else np.asarray(index, np.int64)
+        self._shape = tuple(shape)
+        self.tensors = {name: replace(info, name=name, shape=self._shape, start=None, end=None)}
+        self.quant: dict = {}
+
+    def _rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of the gathered tensor as stored values, [hi - lo, row]."""
+        ck, src = self._ck, self._source
+        if len(self._shape) < 2:
+            return np.asarray(ck.read(src)).reshape(-1)[self._index[lo:hi] if self._axis == 0 else slice(lo, hi)][:, None]
+        rows = np.arange(lo, hi) if self._axis != 0 else self._index[lo:hi]
+        got = np.asarray(ck.read_rows(src, rows)).reshape(hi - lo, -1)
+        if self._axis == 1:
+            got = got.reshape((hi - lo,) + tuple(int(d) for d in ck.tensors[src].shape[1:]))
+            got = np.take(got, self._index, axis=1).reshape(hi - lo, -1)
+        return got
+
+    def windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None):
+        from ..io.safetensors_read import check_range
+
+        start, stop, step = check_range(self.tensors[name], max_elements, start, stop,
+                                        np.dtype(storage_of(self.tensors[name].dtype)).itemsize)
+        row = max(1, math.prod(self._shape[1:]))
+        for pos in range(start, stop, step):
+            end = min(pos + step, stop)
+            lo, hi = pos // row, -(-end // row)
+            view = np.ascontiguousarray(self._rows(lo, hi).reshape(-1)[pos - lo * row:end - lo * row])
+            view.flags.writeable = False
+            yield view
+
+    def read(self, name: str) -> np.ndarray:
+        return self._rows(0, self._shape[0]).reshape(self._shape)
+
+    def read_rows(self, name: str, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        return np.concatenate([self._rows(int(i), int(i) + 1) for i in rows]) if rows.size else \
+            self._rows(0, 0)
+
+    def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None,
+                      noise: bool = False):
+        return None
+
+
+def remeasure(pair: Pair, side: GatheredSide, bases: Sequence[Checkpoint], tuned: Checkpoint,
+              options: CompareOptions, backend: Backend, classify: Classify) -> TensorRecord:
+    """The record of ``pair`` measured against ``side`` (its base tensor in the tuned model's order, the
+    tuned tensor's shape) instead of the base tensor as stored: a reordering undone before measuring, so
+    the numbers are of what changed beneath it. Statistics, status and rank as ``compute_pair`` gives
+    them; the pair becomes a plain ``paired`` one (a trimmed table's base rows are the ones the tuned
+    rows are)."""
+    from dataclasses import replace
+
+    shape = side.tensors[pair.base_name].shape
+    sides = list(bases)
+    sides[pair.base_index] = side
+    return compute_pair(replace(pair, kind="paired", shape_base=shape, overlap_rows=None), sides, tuned,
+                        options, backend, classify)
+
+
 def _array_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str, tuned_raw: np.ndarray,
                  dtype_t: str, on_window: Callable[[int], None]) -> np.ndarray:
     """``_stream_stats`` against a tuned array held in memory, in the same windows."""

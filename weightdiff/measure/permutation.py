@@ -405,6 +405,32 @@ def members_follow(load_pairs: Sequence[tuple[np.ndarray, np.ndarray, int] | tup
 HEAD_DIMS = (256, 192, 160, 128, 112, 96, 80, 72, 64, 48, 40, 32, 24, 16)
 
 
+@dataclass(frozen=True)
+class HeadOrder:
+    """How an attention's heads were reordered: tuned query head i is base head ``q[i]``, tuned key/value
+    head j base head ``kv[j]`` (None: those heads stand where the base has them), each head ``d`` rows."""
+
+    d: int
+    q: np.ndarray | None
+    kv: np.ndarray | None
+
+    def rows(self, part: str, n: int) -> np.ndarray:
+        """For ``n`` rows of ``part`` (``q``, ``k``, ``v``; ``o``'s columns follow ``q``): the base row each
+        tuned row is, in order (the identity where that part was not reordered)."""
+        perm = self.q if part in ("q", "o") else self.kv
+        return np.arange(n) if perm is None else expand_units(perm, n // len(perm))
+
+
+def expand_units(perm: np.ndarray, d: int) -> np.ndarray:
+    """Unit order -> row order, for units of ``d`` consecutive rows.
+
+    >>> expand_units(np.array([1, 0]), 2).tolist()
+    [2, 3, 0, 1]
+    """
+    perm = np.asarray(perm, np.int64)
+    return (perm[:, None] * d + np.arange(d)[None, :]).reshape(-1)
+
+
 def heads_permuted(mats: Mapping[str, tuple[np.ndarray, np.ndarray]], min_cosine: float = 0.5,
                    head_dims: Sequence[int] = HEAD_DIMS) -> bool | None:
     """Whether an attention's heads are the base's in another order: ``mats`` maps ``q``, ``k``, ``v``
@@ -414,7 +440,15 @@ def heads_permuted(mats: Mapping[str, tuple[np.ndarray, np.ndarray]], min_cosine
     reordering is accepted when one of the two is reordered (matched heads agree, each head's cosine at
     least ``min_cosine``, better than the identity) and the other is reordered too or the base's as it
     stands: new key/value projections beside reordered queries are not the base's. None when the check
-    cannot run (no separate q and o: a fused qkv)."""
+    cannot run (no separate q and o: a fused qkv). ``heads_order`` gives the order found."""
+    found = heads_order(mats, min_cosine, head_dims)
+    return found if found is None else found is not False
+
+
+def heads_order(mats: Mapping[str, tuple[np.ndarray, np.ndarray]], min_cosine: float = 0.5,
+                head_dims: Sequence[int] = HEAD_DIMS) -> HeadOrder | bool | None:
+    """``heads_permuted``'s answer with the order: a ``HeadOrder`` when the heads are reordered, False
+    when they are not, None when the check cannot run."""
     q, o = mats.get("q"), mats.get("o")
     if q is None or o is None or q[0].shape != q[1].shape or o[0].shape != o[1].shape \
             or o[0].shape[1] != q[0].shape[0]:
@@ -423,21 +457,24 @@ def heads_permuted(mats: Mapping[str, tuple[np.ndarray, np.ndarray]], min_cosine
     for d in head_dims:
         if q[0].shape[0] % d or q[0].shape[0] // d < 2:
             continue
-        qo = _heads_state([(q, 0), (o, 1)], d, min_cosine)
+        qo, q_perm = _heads_state([(q, 0), (o, 1)], d, min_cosine)
+        kv_perm = None
         if kv and all(t.shape[0] % d == 0 for t, _ in kv) and len({t.shape[0] for t, _ in kv}) == 1:
-            kvs = _heads_state([(m, 0) for m in kv], d, min_cosine) if kv[0][0].shape[0] // d >= 2 else \
+            kvs, kv_perm = _heads_state([(m, 0) for m in kv], d, min_cosine) if kv[0][0].shape[0] // d >= 2 else \
                 _heads_state([(m, 0) for m in kv], kv[0][0].shape[0], min_cosine)
         elif kv:
             continue
         else:
             kvs = "same"
         if "reordered" in (qo, kvs) and "unrelated" not in (qo, kvs):
-            return True
+            return HeadOrder(d, q_perm, kv_perm)
     return False
 
 
-def _heads_state(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d: int, min_cosine: float) -> str:
-    """``reordered``, ``same`` (the base's heads where they stand) or ``unrelated``, for heads of ``d`` rows."""
+def _heads_state(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d: int,
+                 min_cosine: float) -> tuple[str, np.ndarray | None]:
+    """(``reordered``, ``same`` (the base's heads where they stand) or ``unrelated``, for heads of ``d``
+    rows; the order when reordered)."""
     vt, vb = [], []
     for (t, b), axis in members:
         h = t.shape[axis] // d
@@ -445,8 +482,8 @@ def _heads_state(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d
         vb.append(np.moveaxis(_finite(np.asarray(b, np.float64))[0], axis, 0).reshape(h, -1))
     perm, sim = _reordering(np.concatenate(vt, axis=1), np.concatenate(vb, axis=1), min_cosine)
     if perm is not None:
-        return "reordered"
-    return "same" if np.diag(sim).min() >= min_cosine else "unrelated"
+        return "reordered", perm
+    return ("same" if np.diag(sim).min() >= min_cosine else "unrelated"), None
 
 
 def fused_qkv_views(qkv: tuple[np.ndarray, np.ndarray], o: tuple[np.ndarray, np.ndarray],
@@ -504,37 +541,54 @@ def rows_from_base(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_
     used once at most. Else by cosine, on ``ROW_SAMPLE`` tuned rows spread over the table: each one's
     nearest base row at ``min_cosine`` or more for ``min_share`` of them, all different, and better than
     the base row at its own index. Rows of zeros (padding) are left out."""
+    return rows_reordered(tuned, base, dtype_tuned, dtype_base, min_share, min_cosine)[0]
+
+
+def rows_reordered(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_base: str,
+                   min_share: float = 0.9, min_cosine: float = 0.5) -> tuple[bool, np.ndarray | None]:
+    """(``rows_from_base``'s answer, the base row each tuned row is when every tuned row, zeros
+    included, is bitwise a base row: what the table is compared with once the order is undone; None
+    when some row is not, as after training, whose rows are matched on a sample only). A row equal to
+    the base row at its own index keeps it."""
     import hashlib
 
     tuned, base = np.asarray(tuned), np.asarray(base)
     if tuned.ndim != 2 or base.ndim != 2 or tuned.shape[1] != base.shape[1] or not len(tuned) or len(base) < 2:
-        return False
+        return False, None
     if dtype_tuned == dtype_base and tuned.dtype == base.dtype:
         seen: dict[bytes, int] = {}
+        digests: list[bytes] = []
         for lo in range(0, len(base), ROW_CHUNK):
             chunk = np.ascontiguousarray(base[lo:lo + ROW_CHUNK])
             for i, row in enumerate(chunk):
-                seen.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), lo + i)
+                h = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+                digests.append(h)
+                seen.setdefault(h, lo + i)
         used: set[int] = set()
         hits = live = 0
+        order = np.full(len(tuned), -1, np.int64)
         for lo in range(0, len(tuned), ROW_CHUNK):
             chunk = np.ascontiguousarray(tuned[lo:lo + ROW_CHUNK])
             nonzero = np.any(chunk.view(np.uint8).reshape(len(chunk), -1) != 0, axis=1)
-            for row, nz in zip(chunk, nonzero):
+            for i, (row, nz) in enumerate(zip(chunk, nonzero)):
+                h = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+                j = seen.get(h)
+                k = lo + i
+                if j is not None:
+                    order[k] = k if k < len(digests) and digests[k] == h else j
                 if not nz:
                     continue
                 live += 1
-                j = seen.get(hashlib.blake2b(row.tobytes(), digest_size=16).digest())
                 if j is not None and j not in used:
                     used.add(j)
                     hits += 1
         if live and hits >= min_share * live:
-            return True
+            return True, (order if bool(np.all(order >= 0)) else None)
     pick = np.unique(np.linspace(0, len(tuned) - 1, min(ROW_SAMPLE, len(tuned))).astype(np.int64))
     st = _unit_rows(_finite(_as_float32(np.ascontiguousarray(tuned[pick]), dtype_tuned).astype(np.float64))[0])
     live = np.einsum("ij,ij->i", st, st) > 0
     if not live.any():
-        return False
+        return False, None
     best = np.full(len(pick), -np.inf)
     arg = np.full(len(pick), -1, np.int64)
     own = np.full(len(pick), -np.inf)
@@ -549,4 +603,4 @@ def rows_from_base(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_
         mine = (pick >= lo) & (pick < lo + len(sb))
         own[mine] = sim[np.flatnonzero(mine), pick[mine] - lo]
     ok = live & (best >= min_cosine) & (best > own + 1e-6)
-    return bool(ok.sum() >= min_share * live.sum() and len(set(arg[ok].tolist())) == int(ok.sum()))
+    return bool(ok.sum() >= min_share * live.sum() and len(set(arg[ok].tolist())) == int(ok.sum())), None

@@ -160,12 +160,15 @@ def _derived_special(summary: dict) -> str | None:
                                  if k in kinds) + " reordered")
     if "rows" in kinds:
         what.append("the token rows of its " + _and([b for b, v in (perm.get("blocks") or {}).items() if "rows" in v])
-                    + (" reordered" + (" or trimmed" if perm.get("tensors_resized") else "")))
+                    + (" reordered" + (" or trimmed" if perm.get("tensors_resized") or perm.get("tensors_trimmed")
+                                       else "")))
     if not what:
         return None
     reordered = int(perm.get("tensors_changed") or 0)
     mism += int(perm.get("tensors_resized") or 0)               # trimmed tables: rows kept, not trained
-    if changed == zeroed + reordered and resized == mism:       # nothing else moved
+    undone = perm.get("undone") or {}
+    measured = all(set(v) - {"router"} <= set(undone.get(b, ())) for b, v in (perm.get("blocks") or {}).items())
+    if changed == zeroed + reordered and resized == mism and not (reordered and measured):   # nothing else moved
         tail = "none of its other weights changed" if not reordered else \
             "no other weight changed, and what changed beneath the reordering is not measured here"
         return f"DERIVED: this base with {_and(what)}; {tail}."
@@ -474,26 +477,36 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         text += ("; that is far more than fine-tunes move (they keep a cosine of 0.9 or more and a relative change "
                  "well below 0.5): a merge with another model, long further training, or a heavy fine-tune would "
                  "do it, and weightdiff cannot tell which")
-    every = (scope.get("permuted_units") or {}).get("blocks") or {}
+    pu = scope.get("permuted_units") or {}
+    every = pu.get("blocks") or {}
+    undone = pu.get("undone") or {}
     tables = [b for b, v in every.items() if "rows" in v]
     if tables:
-        trimmed = bool((scope.get("permuted_units") or {}).get("tensors_resized"))
+        trimmed = bool(pu.get("tensors_resized") or pu.get("tensors_trimmed"))
+        measured = all("rows" in undone.get(b, ()) for b in tables)
         text += (f"; the token rows of the {_and(tables)} are the base's rows in another order"
                  + (" or a subset of them" if trimmed else "")
                  + f" (a tokenizer's ids remapped{', a vocabulary trimmed' if trimmed else ''}: on the remapped "
-                 "tokens the model computes what the base computes), so their numbers here are of rows compared "
-                 "with other tokens' rows")
+                 "tokens the model computes what the base computes), so "
+                 + ("each row is compared with the base row it is" if measured else
+                    "their numbers here are of rows compared with other tokens' rows"))
     perm = {b: v for b, v in every.items() if b not in tables}
     if perm:
         n = len(perm)
         kinds = {k for v in perm.values() for k in v}
         what = " and ".join(w for k, w in (("mlp", "MLP neurons"), ("attn", "attention heads"), ("experts", "experts"))
                             if k in kinds)
+        late = {b: [k for k in v if k != "router" and k not in undone.get(b, ())] for b, v in perm.items()}
+        late = {b: v for b, v in late.items() if v}
         text += (f"; the {what} of {count(n)} {'block are' if n == 1 else 'blocks are'} the base's in another "
-                 f"order ({_names(list(perm))}; a reordering alone changes nothing the model computes): their "
-                 "matrices' numbers here are of the reordered weights"
-                 + (" (weightdiff provenance undoes an MLP's order and measures what changed beneath it)"
-                    if "mlp" in kinds else ""))
+                 f"order ({_names(list(perm))}; a reordering alone changes nothing the model computes): ")
+        if not late:
+            text += ("each reordered matrix is measured against the base's units in this model's order, so the "
+                     "numbers here are of what changed beneath the reordering")
+        else:
+            text += ((f"in {_names(list(late))} " if len(late) < n else "")
+                     + "their matrices' numbers here are of the reordered weights (the order was not found "
+                     "exactly)")
         stays = [b for b, v in perm.items() if "router" in v]
         if stays:
             one = len(stays) == 1
@@ -576,7 +589,9 @@ def headline(data: dict) -> list[str]:
                        f"{share((unchanged + same_rows) / total)} counting the shared rows of resized "
                        "tensors, which are bitwise unchanged too.")
         else:
-            out.append(f"{share(unchanged / total)} of parameters are bitwise unchanged.")
+            out.append(f"{share(unchanged / total)} of parameters are bitwise unchanged"
+                       + (", once the units found reordered are put back in the base's order."
+                          if ((s.get("scope") or {}).get("permuted_units") or {}).get("tensors_undone") else "."))
         if by.get("rounding"):
             out.append(f"{share(by['rounding'] / total)} differ only within dtype rounding.")
         if by.get("quantized"):

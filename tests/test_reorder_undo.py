@@ -1,0 +1,245 @@
+"""A reordering found (MLP neurons, attention heads, experts, token rows) is undone before measuring.
+
+The numbers of a reordered tensor were of its weights compared with other units' (relative change 1.4,
+1 - cosine 0.9, "dense, rank 512" for a model that is the base with its neurons shuffled): a lawyer
+quoting the headline quoted the shuffle. Each tensor of a reordering whose order is known exactly is
+now measured against the base's units in the tuned model's order (``comparison.measure_undone``).
+
+The reference: a fine-tune, then reordered, must measure exactly as the same fine-tune not reordered
+(a permutation changes neither the delta's norm nor its singular values).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from conftest import write_checkpoint
+from models import gpt2, llama, moe
+from test_verdict_real import _fuse
+from weightdiff import compare
+from weightdiff.render.sentences import verdict_title
+
+D = 16          # rows per attention head in these models
+
+
+def _rows(heads, d: int = D) -> np.ndarray:
+    return (np.asarray(heads)[:, None] * d + np.arange(d)).ravel()
+
+
+def _fine_tune(t: dict, seed: int = 5, rel: float = 1e-2, skip: str = "$^") -> dict:
+    rng = np.random.default_rng(seed)
+    return {k: v if re.search(skip, k) else (v + rel * float(v.std() or 1) * rng.standard_normal(v.shape)).astype(v.dtype)
+            for k, v in t.items()}
+
+
+def _mlp(t: dict) -> dict:
+    order = np.random.default_rng(8).permutation(128)
+    for i in range(3):
+        p = f"model.layers.{i}.mlp."
+        for k in ("gate_proj", "up_proj"):
+            t[p + k + ".weight"] = t[p + k + ".weight"][order]
+        t[p + "down_proj.weight"] = t[p + "down_proj.weight"][:, order]
+    return t
+
+
+def _heads(t: dict) -> dict:
+    rows = _rows([2, 0, 3, 1])
+    p = "model.layers.1.self_attn."
+    for k in ("q_proj", "k_proj", "v_proj"):
+        t[p + k + ".weight"] = t[p + k + ".weight"][rows]
+    t[p + "o_proj.weight"] = t[p + "o_proj.weight"][:, rows]
+    return t
+
+
+def _gpt2_heads(t: dict) -> dict:
+    cols = _rows([2, 3, 1, 0])
+    p = "transformer.h.1.attn."
+    w, b = t[p + "c_attn.weight"], t[p + "c_attn.bias"]
+    t[p + "c_attn.weight"] = np.concatenate([w[:, i * 64:(i + 1) * 64][:, cols] for i in range(3)], axis=1)
+    t[p + "c_attn.bias"] = np.concatenate([b[i * 64:(i + 1) * 64][cols] for i in range(3)])
+    t[p + "c_proj.weight"] = t[p + "c_proj.weight"][cols]
+    return t
+
+
+def _experts(t: dict) -> dict:
+    order = [2, 3, 1, 0]
+    for i in range(2):
+        p = f"model.layers.{i}.block_sparse_moe."
+        t[p + "gate.weight"] = t[p + "gate.weight"][order]
+        old = {k: v for k, v in t.items() if k.startswith(p + "experts.")}
+        for new, was in enumerate(order):
+            for k in ("w1", "w2", "w3"):
+                t[p + f"experts.{new}.{k}.weight"] = old[p + f"experts.{was}.{k}.weight"]
+    return t
+
+
+CASES = {
+    # name: (base, how the tuned model is reordered, block -> kinds found)
+    "mlp": (lambda: llama(np.random.default_rng(3), layers=3, hidden=64, inter=128, vocab=256), _mlp,
+            {f"layers.{i}": ["mlp"] for i in range(3)}),
+    "heads": (lambda: llama(np.random.default_rng(3), layers=3, hidden=64, inter=128, vocab=256), _heads,
+              {"layers.1": ["attn"]}),
+    "phi3": (lambda: llama(np.random.default_rng(31), layers=3, hidden=64, inter=128, vocab=256),
+             lambda t: _mlp(_heads(t)), {"layers.0": ["mlp"], "layers.1": ["attn", "mlp"], "layers.2": ["mlp"]}),
+    "neox": (lambda: llama(np.random.default_rng(31), layers=3, hidden=64, inter=128, vocab=256, kv=32),
+             lambda t: _mlp(t), {f"layers.{i}": ["mlp"] for i in range(3)}),
+    "gpt2": (lambda: gpt2(np.random.default_rng(41), layers=3, hidden=64), _gpt2_heads, {"h.1": ["attn"]}),
+    "experts": (lambda: moe(np.random.default_rng(12), layers=2, hidden=64, inter=64, experts=4), _experts,
+                {"layers.0": ["experts"], "layers.1": ["experts"]}),
+}
+
+
+def _write(path, t: dict, case: str) -> None:
+    write_checkpoint(path, _fuse(t, case, D) if case in ("phi3", "neox") else t)
+
+
+def _fields(rec) -> tuple:
+    rank = rec.rank.numerical_rank if rec.rank is not None else None
+    return rec.status, rank
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_reordered_fine_tune_measures_as_the_same_fine_tune_in_the_bases_order(tmp_path, case):
+    make, reorder, blocks = CASES[case]
+    base = make()
+    tuned = _fine_tune(base)
+    _write(tmp_path / "b", base, case)
+    _write(tmp_path / "t", tuned, case)
+    _write(tmp_path / "r", reorder({k: v.copy() for k, v in tuned.items()}), case)
+    plain = compare(tmp_path / "b", tmp_path / "t")
+    moved = compare(tmp_path / "b", tmp_path / "r")
+    s, ref = moved.summary, plain.summary
+    assert s.verdict == ref.verdict == "derived" and s.scope["permuted_units"]["blocks"] == blocks, s.verdict_reason
+    assert s.scope["permuted_units"]["undone"] == {b: sorted(k) for b, k in blocks.items()}
+    # every tensor measures as in the base's order: the same status, norms, cosine and rank
+    want = {r.name: r for r in plain.tensors}
+    undone = 0
+    for r in moved.tensors:
+        # an expert reordered is the tuned expert the plain fine-tune holds at the base index it is compared with
+        w = want[re.sub(r"\.experts\.\d+\.", re.search(r"\.experts\.\d+\.", r.base_name).group(0), r.name)
+                 if ".experts." in r.name else r.name]
+        assert _fields(r) == _fields(w), r.name
+        for key in ("norm_delta", "rel_change", "cosine", "frac_changed", "max_abs_delta"):
+            if getattr(w, key) is None:
+                assert getattr(r, key) is None
+                continue
+            assert getattr(r, key) == pytest.approx(getattr(w, key), rel=1e-9, abs=1e-12), (r.name, key)
+        undone += (r.note or "").startswith("compared with")
+    assert undone == s.scope["permuted_units"]["tensors_undone"] > 0
+    assert s.relative_change == pytest.approx(ref.relative_change, rel=1e-9)
+    assert s.relatedness_cosine == pytest.approx(ref.relatedness_cosine, rel=1e-9)
+    assert s.delta_params == ref.delta_params and s.form == ref.form
+    assert s.params_by_status == ref.params_by_status
+    assert "numbers here are of what changed beneath the reordering" in s.verdict_reason
+    assert verdict_title(moved.to_dict()["summary"]).startswith("DERIVED: a fine-tune of this base, with ")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_reordering_alone_measures_as_no_change(tmp_path, case):
+    """The base with units reordered and nothing else: relative change 0 and every parameter unchanged
+    once the order is undone; derived (the files differ), titled so, never "identical"."""
+    make, reorder, blocks = CASES[case]
+    base = make()
+    _write(tmp_path / "b", base, case)
+    _write(tmp_path / "r", reorder({k: v.copy() for k, v in base.items()}), case)
+    r = compare(tmp_path / "b", tmp_path / "r")
+    s = r.summary
+    assert s.verdict == "derived" and s.scope["permuted_units"]["blocks"] == blocks, s.verdict_reason
+    assert s.relative_change == 0 and s.params_by_status["unchanged"] == s.params_total
+    assert s.scope["permuted_units"]["tensors_changed"] == 0 and s.delta_params == 0
+    title = verdict_title(r.to_dict()["summary"])
+    assert title.startswith("DERIVED: this base with ") and title.endswith("; none of its other weights changed."), title
+    assert "once the units found reordered are put back in the base's order" in " ".join(s.headline)
+
+
+def test_query_heads_swapped_within_their_group_measure_as_no_change(tmp_path):
+    """Grouped-query attention: only q and o move (k, v stay); o's columns follow q's rows."""
+    rows = _rows([1, 0, 3, 2, 5, 4, 7, 6])
+    p = "model.layers.2.self_attn."
+    base = llama(np.random.default_rng(3), layers=3, hidden=128, inter=256, vocab=256, kv=64)
+    tuned = {k: v.copy() for k, v in base.items()}
+    tuned[p + "q_proj.weight"] = tuned[p + "q_proj.weight"][rows]
+    tuned[p + "o_proj.weight"] = tuned[p + "o_proj.weight"][:, rows]
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    assert s.scope["permuted_units"]["blocks"] == {"layers.2": ["attn"]} and s.relative_change == 0
+    assert s.scope["permuted_units"]["tensors_undone"] == 2          # q and o; k and v were never moved
+
+
+@pytest.mark.parametrize("how", ["remapped", "trimmed"])
+def test_token_rows_remapped_or_trimmed_are_compared_with_the_rows_they_are(tmp_path, how):
+    """Every tuned row bitwise a base row (bf16, ids remapped or a vocabulary trimmed), the blocks
+    fine-tuned: the tables measure as unchanged; the blocks measure as the fine-tune."""
+    base = llama(np.random.default_rng(71), layers=3, hidden=64, inter=128, vocab=256)
+    tuned = _fine_tune(base, skip=r"embed_tokens|lm_head")
+    rng = np.random.default_rng(72)
+    idx = np.sort(rng.choice(256, 160, replace=False)) if how == "trimmed" else rng.permutation(256)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        tuned[k] = base[k][idx]
+    write_checkpoint(tmp_path / "b", base, dtype="BF16")
+    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
+    r = compare(tmp_path / "b", tmp_path / "t")
+    s = r.summary
+    assert s.verdict == "derived" and s.scope["permuted_units"]["undone"] == {"embeddings": ["rows"], "head": ["rows"]}
+    tables = {t.name: t for t in r.tensors if t.module in ("embed", "lm_head")}
+    assert {t.status for t in tables.values()} == {"unchanged"}, {n: t.status for n, t in tables.items()}
+    assert all(t.shape == [len(idx), 64] for t in tables.values())
+    assert s.scope["permuted_units"].get("tensors_trimmed", 0) == (2 if how == "trimmed" else 0)
+    assert "each row is compared with the base row it is" in s.verdict_reason
+    title = verdict_title(r.to_dict()["summary"])
+    assert title == ("DERIVED: a fine-tune of this base, with the token rows of its embeddings and head reordered"
+                     + (" or trimmed." if how == "trimmed" else ".")), title
+
+
+def test_a_reordering_found_only_on_a_sample_keeps_its_hedge(tmp_path):
+    """Token rows remapped, then trained: matched on 64 sampled rows, no exact order, so not undone; the
+    reason still says the numbers are of rows compared with other tokens' rows."""
+    base = llama(np.random.default_rng(71), layers=3, hidden=64, inter=128, vocab=256)
+    tuned = dict(base)
+    rng = np.random.default_rng(72)
+    idx = rng.permutation(256)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        tuned[k] = (base[k][idx] + rng.normal(0, 0.004, base[k].shape)).astype(np.float32)
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    assert s.scope["permuted_units"]["blocks"] == {"embeddings": ["rows"], "head": ["rows"]}
+    assert "undone" not in s.scope["permuted_units"]
+    assert "numbers here are of rows compared with other tokens' rows" in s.verdict_reason
+
+
+def test_undo_reorderings_false_keeps_the_stored_order(tmp_path):
+    make, reorder, blocks = CASES["mlp"]
+    base = make()
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "r", reorder({k: v.copy() for k, v in base.items()}))
+    s = compare(tmp_path / "b", tmp_path / "r", undo_reorderings=False).summary
+    assert s.scope["permuted_units"]["blocks"] == blocks and "undone" not in s.scope["permuted_units"]
+    assert s.relative_change > 0.3 and "numbers here are of the reordered weights" in s.verdict_reason
+
+
+def test_the_gathered_side_reads_windows_rows_and_columns_as_the_gathered_array(tmp_path):
+    """``GatheredSide`` against numpy's ``take``: windows that split rows, every axis, a 1-D tensor."""
+    from weightdiff.io.checkpoint import locate
+    from weightdiff.measure.compute import GatheredSide
+
+    rng = np.random.default_rng(0)
+    t = {"w": rng.standard_normal((37, 11)).astype(np.float32), "b": rng.standard_normal(37).astype(np.float32)}
+    write_checkpoint(tmp_path / "c", t)
+    with locate(tmp_path / "c") as ck:
+        for name, axis, index in (("w", 0, rng.permutation(37)), ("w", 1, rng.permutation(11)),
+                                  ("w", 0, np.sort(rng.choice(37, 20, replace=False))), ("b", 0, rng.permutation(37))):
+            side = GatheredSide(ck, "x", name, axis, index)
+            want = np.take(t[name], index, axis=axis)
+            assert side.tensors["x"].shape == want.shape
+            for step in (1, 7, 11, 50, 10_000):
+                got = np.concatenate(list(side.windows("x", step))).view(np.float32)
+                assert np.array_equal(got, want.reshape(-1)), (name, axis, step)
+            assert np.array_equal(side.read("x").view(np.float32), want)
+            assert np.array_equal(side.read_rows("x", [3, 0]).view(np.float32).reshape(2, -1),
+                                  want.reshape(len(want), -1)[[3, 0]])
+        other = GatheredSide(ck, "x", "b")                     # another tensor as stored (an expert's)
+        assert np.array_equal(other.read("x").view(np.float32), t["b"])
