@@ -8,7 +8,8 @@ levels (a quantized-then-dequantized export). docs/methodology.md has the formul
 """
 
 from __future__ import annotations
-__all__ = ["FLOOR_FIELDS", "floor_stats", "floor_stats_numpy", "grid_levels", "row_grids", "round_trip"]
+__all__ = ["FLOOR_FIELDS", "floor_stats", "floor_stats_numpy", "grid_levels", "row_grids", "round_trip",
+           "ggml_round_trip", "GGML_LEGACY"]
 
 import numpy as np
 
@@ -229,6 +230,49 @@ def round_trip(v: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndar
         zero = np.round(-lo / safe)
         q = np.clip(np.round(v / safe[:, None]) + zero[:, None], 0, 2 ** bits - 1)
         return (q - zero[:, None]) * safe[:, None], step
+
+
+#: llama.cpp's block quantizations that need no search (ggml-quants.c ``quantize_row_*_ref``): name ->
+#: (levels, signed: the largest magnitude maps to the lowest code; else min-max with a stored minimum)
+GGML_LEGACY = {"Q8_0": (255, True), "Q4_0": (16, True), "Q5_0": (32, True), "Q4_1": (16, False), "Q5_1": (32, False)}
+
+
+def ggml_round_trip(v: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(dequantized values, step) of blocks ``v`` [blocks, 32] under llama.cpp's ``kind`` (``GGML_LEGACY``),
+    the arithmetic of ggml's reference quantizers in float32: Q8_0 ``d = amax / 127``, codes rounded half
+    away from zero; Q4_0/Q5_0 ``d = max / -8`` (or -16, ``max`` the signed value of largest magnitude), codes
+    ``trunc(x / d + 8.5)`` clipped to 15 (31); Q4_1/Q5_1 ``d = (max - min) / 15`` (31), codes
+    ``trunc((x - min) / d + 0.5)``; each block's ``d`` (and ``min``) stored as fp16, the value ``q d (+ min)``.
+    The step is the fp16 ``|d|``. What a float copy of a GGUF is tested against (``detect_roundtrip``).
+
+    >>> dq, step = ggml_round_trip(np.linspace(-1, 1, 32, dtype=np.float32)[None], "Q4_0")
+    >>> float(step[0]), float(dq[0, 0]), float(dq[0, -1])
+    (0.125, -1.0, 0.875)
+    """
+    levels, signed = GGML_LEGACY[kind]
+    x = np.asarray(v, np.float32)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if kind == "Q8_0":
+            d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+            a = np.abs(x * inv)
+            q = np.sign(x) * (np.floor(a) + np.floor(2 * (a - np.floor(a)))) + np.float32(0)   # roundf, no -0
+            d16 = d.astype(np.float16).astype(np.float32)
+            return (q.astype(np.float32) * d16).astype(np.float32), d16[:, 0]
+        if signed:
+            half = levels // 2
+            big = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+            d = big / np.float32(-half)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+            q = np.clip(np.trunc(x * inv + np.float32(half + 0.5)), 0, levels - 1)
+            d16 = d.astype(np.float16).astype(np.float32)
+            return ((q - half).astype(np.float32) * d16).astype(np.float32), np.abs(d16[:, 0])
+        lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+        d = (hi - lo) / np.float32(levels - 1)
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        q = np.clip(np.trunc((x - lo) * inv + np.float32(0.5)), 0, levels - 1)
+        d16, m16 = d.astype(np.float16).astype(np.float32), lo.astype(np.float16).astype(np.float32)
+        return (d16 * q.astype(np.float32) + m16).astype(np.float32), d16[:, 0]
 
 
 def clipped_beyond(base: np.ndarray, other: np.ndarray, floor: np.ndarray, group: int,

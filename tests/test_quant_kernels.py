@@ -372,3 +372,33 @@ def test_round_trip_matches_torch(rng, bits, sym):
     # with a step (a one-value row has none: its floor is 0, so any difference there counts as beyond)
     live = step > 0
     assert np.all(np.abs(dq - v)[live] <= step[live, None] * (0.5 if sym else 1.0) + 1e-12)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1"])
+def test_ggml_round_trip_matches_the_gguf_package_bitwise(rng, kind):
+    """``ggml_round_trip`` (a GGUF dequantized back to floats is tested against it) against the gguf
+    package's quantize then dequantize (transcriptions of ggml's reference quantizers), bit for bit, on
+    random blocks of every scale and adversarial ones: zeros, one value, the largest magnitude negative,
+    exact ties at half a code, values at fp16's range, subnormal scales."""
+    gguf = pytest.importorskip("gguf")
+    from gguf import quants
+
+    x = (rng.standard_normal((400, 64)) * rng.choice([1e-6, 1e-3, 0.02, 1.0, 300.0], (400, 1))).astype(np.float32)
+    x[0] = 0.0
+    x[1] = 0.25
+    x[2, :32] = -np.abs(x[2, :32])                   # largest magnitude negative: Q4_0's d > 0
+    x[3] = np.round(x[3] * 8) / 8                    # many values on half-code ties
+    x[4, :32] = np.linspace(-1, 1, 32)
+    x[5] = 6e4 * np.sign(x[5])                       # near fp16's largest scale
+    x[6] = 1e-9 * x[6]                               # subnormal fp16 scales
+    t = getattr(gguf.GGMLQuantizationType, kind)
+    ref = quants.dequantize(quants.quantize(x, t), t).reshape(x.shape).astype(np.float32)
+    dq, step = QF.ggml_round_trip(x.reshape(-1, 32), kind)
+    assert dq.dtype == np.float32
+    np.testing.assert_array_equal(dq.reshape(x.shape).view(np.uint32), ref.view(np.uint32))
+    assert (step >= 0).all() and step.shape == (x.size // 32,)
+    # the step is the block's fp16 scale: every value one whole number of steps from the block's lowest
+    g = dq.reshape(-1, 32).astype(np.float64)
+    live = step > 0
+    k = (g[live] - g[live].min(axis=1, keepdims=True)) / step[live, None]
+    assert np.abs(k - np.round(k)).max() < 1e-3

@@ -919,3 +919,36 @@ def test_a_fine_tune_of_a_base_already_on_a_grid_is_not_a_round_trip(tmp_path, b
     write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
     s = compare(tmp_path / "b", tmp_path / "t").summary
     assert s.verdict == "derived" and s.tensors_by_status.get("quantized", 0) == 0, s.verdict_reason
+
+
+@pytest.mark.parametrize("kind,dtype", [("Q8_0", "F16"), ("Q8_0", "BF16"), ("Q4_0", "F16"), ("Q5_0", "BF16"),
+                                        ("Q4_1", "F16"), ("Q5_1", "BF16")])
+def test_a_gguf_dequantized_back_to_16_bits_is_quantization_not_a_fine_tune(tmp_path, kind, dtype):
+    """A bf16 base converted to a GGUF (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1: blocks of 32 with fp16 scales, no
+    search) and dequantized back to fp16 or bf16 (a "dequantized from GGUF" release) read "DERIVED: a
+    fine-tune of this base", dense. The base's own GGUF round trip (by the gguf package's own quantizer
+    here) is tested; a fine-tune then converted the same way still reads derived."""
+    gguf = pytest.importorskip("gguf")
+    from gguf import quants
+
+    from models import llama
+    from weightdiff.io.safetensors_write import to_storage
+    from weightdiff.kernels.dtypes import decode
+
+    t = getattr(gguf.GGMLQuantizationType, kind)
+    raw = llama(np.random.default_rng(101), layers=2, hidden=128, inter=256, vocab=256)
+    base = {k: decode(to_storage(v, "BF16"), "BF16").astype(np.float32) for k, v in raw.items()}
+
+    def gguf_trip(m):
+        return {k: quants.dequantize(quants.quantize(v, t), t).reshape(v.shape).astype(np.float32) if v.ndim == 2
+                else v for k, v in m.items()}
+
+    write_checkpoint(tmp_path / "b", base, dtype="BF16")
+    write_checkpoint(tmp_path / "t", gguf_trip(base), dtype=dtype)
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    assert s.verdict == "quantized_only", s.verdict_reason
+    noise = np.random.default_rng(102)
+    ft = {k: (v + noise.normal(0, 2e-3, v.shape)).astype(np.float32) if v.ndim == 2 else v for k, v in base.items()}
+    write_checkpoint(tmp_path / "f", gguf_trip(ft), dtype=dtype)
+    s = compare(tmp_path / "b", tmp_path / "f").summary
+    assert s.verdict == "derived" and s.tensors_by_status.get("quantized", 0) == 0, s.verdict_reason

@@ -420,6 +420,9 @@ def export_floor_windows(ck, name: str, dtype: str, shape: tuple, window: int, s
 #: LLM.int8 rows, the usual int4 groups): (bits, elements per scale or None for a row, symmetric)
 ROUNDTRIP_SCHEMES = ((8, None, True), (4, None, True), (8, 128, True), (8, 64, True),
                      (4, 128, True), (4, 64, True), (4, 32, True), (4, 128, False), (4, 64, False), (4, 32, False))
+#: llama.cpp's block quantizations without a search (GGUF Q8_0, Q4_0, Q5_0, Q4_1, Q5_1; blocks of 32 along a
+#: row, fp16 scales: ``kernels/quant_floor.ggml_round_trip``): a GGUF dequantized back to 16 bits
+GGML_ROUNDTRIPS = tuple(QF.GGML_LEGACY)
 #: the share of sampled elements that must equal the round trip (to an ulp of the stored dtype), over all of
 #: them and over those the round trip moves
 ROUNDTRIP_MATCH = 0.99
@@ -449,11 +452,14 @@ def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t:
     if vb.size < 512 or not (np.isfinite(vb).all() and np.isfinite(vt).all()) or np.array_equal(vb, vt):
         return None
     ulp = 2.0 ** -dt.mant_bits
-    for bits, group, sym in ROUNDTRIP_SCHEMES:
+    schemes = [{"bits": bits, "group": group, "sym": sym} for bits, group, sym in ROUNDTRIP_SCHEMES] + \
+        [{"bits": int(math.log2(QF.GGML_LEGACY[k][0] + 1)), "group": 32, "sym": QF.GGML_LEGACY[k][1], "ggml": k}
+         for k in GGML_ROUNDTRIPS]
+    for sc in schemes:
+        group = sc["group"]
         if group is not None and rowlen % group:
             continue
-        dq, _ = QF.round_trip(vb.reshape(-1, group or rowlen), bits, sym)
-        dq = dq.reshape(vt.shape)
+        dq = _round_trip(vb.reshape(-1, group or rowlen), sc)[0].reshape(vt.shape)
         close = np.abs(dq - vt) <= np.abs(vt) * ulp + 1e-30
         # the round trip must move the base (most of it): a base already on that grid comes back as itself,
         # and any copy that leaves it alone would "match" (a fine-tune of a quantization-aware base read
@@ -462,10 +468,18 @@ def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t:
         if moved.mean() >= ROUNDTRIP_MOVED and close[moved].mean() >= ROUNDTRIP_MATCH \
                 and close.mean() >= ROUNDTRIP_MATCH:
             where = "per row" if group is None else f"in groups of {group}"
-            return {"bits": bits, "group": group, "sym": sym,
-                    "label": f"int{bits} {'symmetric' if sym else 'asymmetric'} {where}, round to nearest, dequantized "
-                             f"(the base's round trip, matched on {idx.size} sampled rows)"}
+            what = (f"GGUF {sc['ggml']} (llama.cpp's blocks of 32 with fp16 scales)" if "ggml" in sc else
+                    f"int{sc['bits']} {'symmetric' if sc['sym'] else 'asymmetric'} {where}, round to nearest")
+            return {**sc, "label": f"{what}, dequantized (the base's round trip, matched on {idx.size} sampled rows)"}
     return None
+
+
+def _round_trip(v: np.ndarray, rt: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(dequantized, step per unit) of units ``v`` [units, group or row] under a ``detect_roundtrip`` scheme."""
+    if rt.get("ggml"):
+        dq, step = QF.ggml_round_trip(v, rt["ggml"])
+        return dq.astype(np.float64), step.astype(np.float64)
+    return QF.round_trip(v, rt["bits"], rt["sym"])
 
 
 def roundtrip_floor_windows(base, bname: str, dtype_b: str, tuned, tname: str, shape: tuple, window: int,
@@ -480,12 +494,14 @@ def roundtrip_floor_windows(base, bname: str, dtype_b: str, tuned, tname: str, s
     pos = 0
     for w in base.windows(bname, max(unit, (window // unit) * unit), 0, numel):
         v = decode(w, dtype_b).astype(np.float64).reshape(-1, unit)
-        steps[pos // unit: pos // unit + len(v)] = QF.round_trip(v, rt["bits"], rt["sym"])[1]
+        steps[pos // unit: pos // unit + len(v)] = _round_trip(v, rt)[1]
         pos += v.size
     # half a step, and a 256th more: a near-tie rounded the other way when the quantizer divided in float32,
     # the 16-bit rounding of a value up to half a step larger than the base's; asymmetric: a whole step (the
     # rounded zero point shifts the grid, and values past its ends are clamped)
-    part = (0.5 if rt["sym"] else 1.0) + 2.0 ** -8
+    # (GGUF: a whole step too; its signed blocks clip the far end, its fp16 scale is not the one the codes were
+    # rounded with, up to 127 x 2^-11 of a step at Q8_0's largest code, and its fp16 minimum shifts the grid)
+    part = (0.5 if rt["sym"] and not rt.get("ggml") else 1.0) + 2.0 ** -8
     pos = 0
     for w in tuned.windows(tname, window, 0, numel if stop is None else stop):
         yield (steps[(pos + np.arange(len(w))) // unit] * part).astype(np.float32)
