@@ -221,10 +221,15 @@ def test_undo_reorderings_false_keeps_the_stored_order(tmp_path):
     assert s.relative_change > 0.3 and "numbers here are of the reordered weights" in s.verdict_reason
 
 
-def test_the_gathered_side_reads_windows_rows_and_columns_as_the_gathered_array(tmp_path):
-    """``GatheredSide`` against numpy's ``take``: windows that split rows, every axis, a 1-D tensor."""
+@pytest.mark.parametrize("whole", [1 << 30, 0])
+def test_the_gathered_side_reads_windows_rows_and_columns_as_the_gathered_array(tmp_path, monkeypatch, whole):
+    """``GatheredSide`` against numpy's ``take``: windows that split rows, every axis, a 1-D tensor; the
+    source read whole and row by row."""
     from weightdiff.io.checkpoint import locate
+    from weightdiff.measure import compute
     from weightdiff.measure.compute import GatheredSide
+
+    monkeypatch.setattr(compute, "GATHER_WHOLE_BYTES", whole)
 
     rng = np.random.default_rng(0)
     t = {"w": rng.standard_normal((37, 11)).astype(np.float32), "b": rng.standard_normal(37).astype(np.float32)}

@@ -129,12 +129,17 @@ class TransposedSide:
         return array_windows(flat, start, stop, step)
 
 
+#: a base tensor a reordering is undone against is read whole up to this size, else row by row per window
+GATHER_WHOLE_BYTES = 256 << 20
+
+
 class GatheredSide:
     """One base tensor seen in the tuned model's order: row (``axis`` 0) or column (``axis`` 1) i of
     what it shows is row or column ``index[i]`` of the base's ``source`` tensor (another expert's, for
     experts reordered), so that a reordered tuned tensor is measured against the units it holds rather
-    than against others (``remeasure``). Windows are gathered from the stored rows a window covers
-    (memory bounded by the window, as a stored tensor's); float tensors only (no floor)."""
+    than against others (``remeasure``). A source up to ``GATHER_WHOLE_BYTES`` is read once, whole (as the
+    rank pass reads a matrix); a larger one window by window from the stored rows each window covers
+    (memory bounded by the window). Float tensors only (no floor)."""
 
     def __init__(self, ck: Checkpoint, name: str, source: str, axis: int | None = None,
                  index: np.ndarray | None = None):
@@ -147,16 +152,23 @@ class GatheredSide:
         self.path, self._ck, self._source, self._axis = ck.path, ck, source, axis
         self._index = None if index is None else np.asarray(index, np.int64)
         self._shape = tuple(shape)
+        self._whole: np.ndarray | None = None
         self.tensors = {name: replace(info, name=name, shape=self._shape, start=None, end=None)}
         self.quant: dict = {}
 
     def _rows(self, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) of the gathered tensor as stored values, [hi - lo, row]."""
         ck, src = self._ck, self._source
-        if len(self._shape) < 2:
-            return np.asarray(ck.read(src)).reshape(-1)[self._index[lo:hi] if self._axis == 0 else slice(lo, hi)][:, None]
+        info = ck.tensors[src]
+        if len(self._shape) < 2 or (self._whole is None and info.nbytes <= GATHER_WHOLE_BYTES):
+            # small enough to hold: read once (rows in another order would be one request each on the Hub)
+            if self._whole is None:
+                self._whole = np.asarray(ck.read(src)).reshape(tuple(int(d) for d in info.shape))
+            if len(self._shape) < 2:
+                return self._whole.reshape(-1)[self._index[lo:hi] if self._axis == 0 else slice(lo, hi)][:, None]
         rows = np.arange(lo, hi) if self._axis != 0 else self._index[lo:hi]
-        got = np.asarray(ck.read_rows(src, rows)).reshape(hi - lo, -1)
+        got = self._whole[rows] if self._whole is not None else ck.read_rows(src, rows)
+        got = np.asarray(got).reshape(hi - lo, -1)
         if self._axis == 1:
             got = got.reshape((hi - lo,) + tuple(int(d) for d in ck.tensors[src].shape[1:]))
             got = np.take(got, self._index, axis=1).reshape(hi - lo, -1)
