@@ -53,6 +53,16 @@ def _heads(t: dict) -> dict:
     return t
 
 
+def _gqa(t: dict) -> dict:
+    """Query heads swapped within their key/value group (two per group), o's columns following; k, v stay."""
+    rows = _rows([1, 0, 3, 2, 5, 4, 7, 6])
+    for i in range(3):
+        p = f"model.layers.{i}.self_attn."
+        t[p + "q_proj.weight"] = t[p + "q_proj.weight"][rows]
+        t[p + "o_proj.weight"] = t[p + "o_proj.weight"][:, rows]
+    return t
+
+
 def _gpt2_heads(t: dict) -> dict:
     cols = _rows([2, 3, 1, 0])
     p = "transformer.h.1.attn."
@@ -85,6 +95,9 @@ CASES = {
              lambda t: _mlp(_heads(t)), {"layers.0": ["mlp"], "layers.1": ["attn", "mlp"], "layers.2": ["mlp"]}),
     "neox": (lambda: llama(np.random.default_rng(31), layers=3, hidden=64, inter=128, vocab=256, kv=32),
              lambda t: _mlp(t), {f"layers.{i}": ["mlp"] for i in range(3)}),
+    # trained after the swap, q and o look like other matrices while k and v keep the attention related
+    "gqa": (lambda: llama(np.random.default_rng(3), layers=3, hidden=128, inter=256, vocab=256, kv=64), _gqa,
+            {f"layers.{i}": ["attn"] for i in range(3)}),
     "gpt2": (lambda: gpt2(np.random.default_rng(41), layers=3, hidden=64), _gpt2_heads, {"h.1": ["attn"]}),
     "experts": (lambda: moe(np.random.default_rng(12), layers=2, hidden=64, inter=64, experts=4), _experts,
                 {"layers.0": ["experts"], "layers.1": ["experts"]}),

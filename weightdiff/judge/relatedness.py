@@ -257,7 +257,9 @@ def reordered_kinds(kinds: Sequence[str]) -> tuple:
 
 def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]]:
     """Blocks that ``components`` would give per kind with an ``mlp`` or ``attn`` unrelated, and blocks
-    with a changed matrix whose norm is exactly the base's (``_norm_kept``): label -> kind -> its rows.
+    with a changed matrix whose norm is exactly the base's (``_norm_kept``) or whose own cosine is below the
+    unrelated rule's while its kind as a whole is not (query heads swapped within their key/value group,
+    then trained: q and o look like other matrices, k and v keep the kind related): label -> kind -> its rows.
     Such a module may be another model's, or the base's own neurons or heads in another order, which
     changes nothing the model computes and which ``comparison.permuted_units`` tells apart (it holds the
     files)."""
@@ -267,8 +269,10 @@ def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]
         return {}
     placed = placements(records)
     kept: dict[str, set] = {}                        # block -> kinds with a matrix moved but its norm kept
+    cut = thresholds.unrelated_cosine
     for r, name in zip(records, placed):
-        if some_kept and _norm_kept(r):
+        lone = far and r.cosine is not None and r.cosine < cut and len(r.shape or ()) == 2
+        if (some_kept and _norm_kept(r)) or lone:
             kind = str(r.module or "").split(".", 1)[0]
             if kind in ("attn", "mlp"):
                 kept.setdefault(component_of(name), set()).add(kind)
