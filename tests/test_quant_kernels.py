@@ -402,3 +402,28 @@ def test_ggml_round_trip_matches_the_gguf_package_bitwise(rng, kind):
     live = step > 0
     k = (g[live] - g[live].min(axis=1, keepdims=True)) / step[live, None]
     assert np.abs(k - np.round(k)).max() < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+def test_kquant_encoder_matches_llama_cpps_own_bytes(kind):
+    """``kernels/ggml_encode.encode`` against the bytes of ggml's own ``quantize_row_*_K_ref`` (compiled from
+    ggml's C without contraction, scripts/ggml_kquant_fixture.py) on Gaussian rows at four scales and
+    adversarial ones (zeros, one value, one sign, sixteenths, a ramp, cubes, sparse zeros): bit for bit."""
+    from pathlib import Path
+
+    from weightdiff.kernels import ggml_encode
+    from weightdiff.kernels.ggml import dequantize
+
+    ref = np.load(Path(__file__).parent / "data" / "ggml_kquants.npz")
+    got = ggml_encode.encode(ref["x"], kind)
+    np.testing.assert_array_equal(got, ref[kind])
+    # the round trip is those bytes decoded; each value within its sub-block's step plus what clamping adds
+    dq, step = ggml_encode.round_trip(ref["x"].reshape(-1, 256), kind)
+    np.testing.assert_array_equal(dq.reshape(-1), dequantize(ref[kind], kind).reshape(-1))
+    sub = ggml_encode.KQUANTS[kind][1]
+    assert step.shape == (ref["x"].size // 256, 256 // sub) and (step >= 0).all()
+    err = np.abs(dq - ref["x"].reshape(-1, 256)).reshape(-1, sub)
+    inside = err <= step.reshape(-1, 1) * 0.5 * (1 + 1e-5) + 1e-12
+    assert inside.mean() > 0.95                        # nearly every value within half a step (the rest clamped)
+    with pytest.raises(ValueError):
+        ggml_encode.encode(np.zeros(100, np.float32), kind)

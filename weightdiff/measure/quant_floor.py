@@ -423,9 +423,16 @@ ROUNDTRIP_SCHEMES = ((8, None, True), (4, None, True), (8, 128, True), (8, 64, T
 #: llama.cpp's block quantizations without a search (GGUF Q8_0, Q4_0, Q5_0, Q4_1, Q5_1; blocks of 32 along a
 #: row, fp16 scales: ``kernels/quant_floor.ggml_round_trip``): a GGUF dequantized back to 16 bits
 GGML_ROUNDTRIPS = tuple(QF.GGML_LEGACY)
+#: and its K-quants as ``llama-quantize`` writes them without an importance matrix (blocks of 256 with
+#: 6-bit sub-block scales found by a search: ``kernels/ggml_encode``); (type, bits, sub-block, signed)
+GGML_KQUANT_ROUNDTRIPS = (("Q4_K", 4, 32, False), ("Q5_K", 5, 32, False), ("Q6_K", 6, 16, True))
 #: the share of sampled elements that must equal the round trip (to an ulp of the stored dtype), over all of
 #: them and over those the round trip moves
 ROUNDTRIP_MATCH = 0.99
+#: values ``detect_roundtrip`` samples at least (rows of a narrow matrix: more than ``EXPORT_SAMPLE_ROWS``)
+ROUNDTRIP_MIN_VALUES = 32 * 256
+#: K-quants: the share of sampled blocks of 256 whose values (``ROUNDTRIP_MATCH`` of them) equal the round trip
+ROUNDTRIP_BLOCKS = 0.9
 #: the share of sampled elements the round trip must move from the base by more than an ulp of its dtype (an
 #: int8 grid moves about half of bf16 weights that far, int4 nearly all; a base already on the grid, none)
 ROUNDTRIP_MOVED = 0.2
@@ -438,7 +445,10 @@ def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t:
     base values by more than an ulp of the base's dtype and reproduces ``ROUNDTRIP_MATCH`` of the sampled
     tuned values (overall and where it moved the base) to an ulp of the tuned dtype, as {bits, group, sym,
     label}; None otherwise. A fine-tune's values do not sit on the base's grid, so they never match; a base
-    already on the grid is not moved, so it is no evidence. Reads ``EXPORT_SAMPLE_ROWS`` rows a side."""
+    already on the grid is not moved, so it is no evidence. Reads ``EXPORT_SAMPLE_ROWS`` rows a side, more of
+    a narrow matrix (``ROUNDTRIP_MIN_VALUES``). llama.cpp's K-quants are tried where the tuned rows sit on a
+    grid per sub-block (``_on_subgrids``; in bf16 only Q4_K's coarse grid survives the rounding), their
+    match counted per block of 256."""
     db, dt = DTYPES.get(dtype_b), DTYPES.get(dtype_t)
     if db is None or dt is None or db.kind != "float" or dt.kind != "float" or len(shape) < 2 \
             or tuple(base.tensors[bname].shape) != tuple(shape) or tuple(tuned.tensors[tname].shape) != tuple(shape):
@@ -446,7 +456,9 @@ def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t:
     rows, rowlen = int(shape[0]), int(math.prod(shape[1:]))
     if rows == 0 or rowlen < EXPORT_MIN_ROW:
         return None
-    idx = np.unique(np.linspace(0, rows - 1, min(rows, EXPORT_SAMPLE_ROWS)).astype(np.int64))
+    # at least 32 blocks of 256 for the K-quants' per-block match (narrow rows: more of them)
+    want = max(EXPORT_SAMPLE_ROWS, -(-ROUNDTRIP_MIN_VALUES // rowlen))
+    idx = np.unique(np.linspace(0, rows - 1, min(rows, want)).astype(np.int64))
     vb = decode(base.read_rows(bname, idx), dtype_b).astype(np.float64).reshape(idx.size, rowlen)
     vt = decode(tuned.read_rows(tname, idx), dtype_t).astype(np.float64).reshape(idx.size, rowlen)
     if vb.size < 512 or not (np.isfinite(vb).all() and np.isfinite(vt).all()) or np.array_equal(vb, vt):
@@ -454,28 +466,86 @@ def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t:
     ulp = 2.0 ** -dt.mant_bits
     schemes = [{"bits": bits, "group": group, "sym": sym} for bits, group, sym in ROUNDTRIP_SCHEMES] + \
         [{"bits": int(math.log2(QF.GGML_LEGACY[k][0] + 1)), "group": 32, "sym": QF.GGML_LEGACY[k][1], "ggml": k}
-         for k in GGML_ROUNDTRIPS]
+         for k in GGML_ROUNDTRIPS] + \
+        [{"bits": bits, "group": 256, "sym": signed, "ggml": k, "sub": sub} for k, bits, sub, signed in GGML_KQUANT_ROUNDTRIPS]
+    grids: dict[int, bool] = {}
     for sc in schemes:
         group = sc["group"]
         if group is not None and rowlen % group:
             continue
+        if sc.get("sub"):
+            key = sc["sub"] * 1000 + 2 ** sc["bits"]
+            if key not in grids:
+                grids[key] = _on_subgrids(vt, sc["sub"], 2 ** sc["bits"], ulp)
+            if not grids[key]:
+                continue
         dq = _round_trip(vb.reshape(-1, group or rowlen), sc)[0].reshape(vt.shape)
         close = np.abs(dq - vt) <= np.abs(vt) * ulp + 1e-30
         # the round trip must move the base (most of it): a base already on that grid comes back as itself,
         # and any copy that leaves it alone would "match" (a fine-tune of a quantization-aware base read
         # QUANTIZED ONLY); matches are counted where it moved
         moved = np.abs(dq - vb) > np.abs(vb) * 2.0 ** -db.mant_bits + 1e-30   # (an ulp of the base's dtype)
-        if moved.mean() >= ROUNDTRIP_MOVED and close[moved].mean() >= ROUNDTRIP_MATCH \
-                and close.mean() >= ROUNDTRIP_MATCH:
+        if sc.get("sub"):
+            # a K-quant's search, built with fused multiply-adds, picks another scale for 1-2% of blocks: those
+            # differ whole, so the match is counted per block of 256 (a fine-tune's blocks match none)
+            blocks = close.reshape(-1, 256).mean(axis=1) >= ROUNDTRIP_MATCH
+            matched = moved.mean() >= ROUNDTRIP_MOVED and blocks.mean() >= ROUNDTRIP_BLOCKS
+        else:
+            matched = moved.mean() >= ROUNDTRIP_MOVED and close[moved].mean() >= ROUNDTRIP_MATCH \
+                and close.mean() >= ROUNDTRIP_MATCH
+        if matched:
             where = "per row" if group is None else f"in groups of {group}"
-            what = (f"GGUF {sc['ggml']} (llama.cpp's blocks of 32 with fp16 scales)" if "ggml" in sc else
+            what = (f"GGUF {sc['ggml']} (llama.cpp's blocks of 256, {sc['sub']}-element sub-blocks with searched "
+                    "scales, no importance matrix)" if sc.get("sub") else
+                    f"GGUF {sc['ggml']} (llama.cpp's blocks of 32 with fp16 scales)" if "ggml" in sc else
                     f"int{sc['bits']} {'symmetric' if sc['sym'] else 'asymmetric'} {where}, round to nearest")
             return {**sc, "label": f"{what}, dequantized (the base's round trip, matched on {idx.size} sampled rows)"}
     return None
 
 
+def _on_subgrids(vt: np.ndarray, sub: int, levels: int, ulp: float, sample: int = 32) -> bool:
+    """Whether ``sample`` sub-blocks of ``sub`` values of the tuned rows each lie on a uniform grid of at most
+    ``levels`` levels, to the stored dtype's rounding (``ulp``, relative): what a K-quant leaves in every
+    sub-block and a fine-tune in none. A cheap look before the K-quant encoders are run (and compiled);
+    it stops at the fourth sub-block off any grid."""
+    blocks = vt.reshape(-1, sub)
+    picks = np.unique(np.linspace(0, len(blocks) - 1, min(sample, len(blocks))).astype(np.int64))
+    off = 0
+    for row in blocks[picks]:
+        u = np.unique(row[np.isfinite(row)])
+        if u.size < 3:
+            continue
+        x = u - u[0]
+        gap = np.diff(u).min()
+        fits = False
+        for m in range(1, 9):                      # the two closest values may be codes apart
+            step = gap / m
+            for _ in range(2):                     # refit the step to every value (rounding blurs the gap)
+                q = np.round(x / step)
+                if q[-1] >= levels:
+                    break
+                step = float(q @ x) / float(q @ q)
+            q = np.round(x / step)
+            if q[-1] >= levels:
+                break
+            tol = 0.02 + 2 * ulp * float(np.abs(u).max()) / step
+            if np.max(np.abs(x / step - q)) <= tol:
+                fits = True
+                break
+        off += not fits
+        if off > 3:
+            return False
+    return off <= max(3, len(picks) // 10)
+
+
 def _round_trip(v: np.ndarray, rt: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(dequantized, step per unit) of units ``v`` [units, group or row] under a ``detect_roundtrip`` scheme."""
+    """(dequantized, step per unit, or per sub-block of a K-quant) of units ``v`` [units, group or row] under a
+    ``detect_roundtrip`` scheme."""
+    if rt.get("sub"):
+        from ..kernels import ggml_encode
+
+        dq, step = ggml_encode.round_trip(v, rt["ggml"])
+        return dq.astype(np.float64), step.astype(np.float64)
     if rt.get("ggml"):
         dq, step = QF.ggml_round_trip(v, rt["ggml"])
         return dq.astype(np.float64), step.astype(np.float64)
@@ -485,24 +555,36 @@ def _round_trip(v: np.ndarray, rt: dict) -> tuple[np.ndarray, np.ndarray]:
 def roundtrip_floor_windows(base, bname: str, dtype_b: str, tuned, tname: str, shape: tuple, window: int,
                             stop: int | None, rt: dict):
     """Floor windows of a round trip (``detect_roundtrip``): half the step of each element's row or group
-    (a whole step for an asymmetric scheme), and 1/256 of a step more, the steps taken from the base (one
-    pass over it first); windows as long as the tuned side's."""
+    (a whole step for an asymmetric scheme or a GGUF block), and 1/256 of a step more, the steps taken from
+    the base (one pass over it first); for a K-quant, per sub-block, a step, the most the base's own round
+    trip moves one of its values and 2^-8 of its largest magnitude. Windows as long as the tuned side's."""
     rowlen = int(math.prod(shape[1:]))
     unit = rt["group"] or rowlen
+    sub = rt.get("sub") or unit                  # a K-quant's scales are per sub-block
     numel = int(shape[0]) * rowlen
-    steps = np.empty(numel // unit)
+    steps = np.empty(numel // sub)
     pos = 0
     for w in base.windows(bname, max(unit, (window // unit) * unit), 0, numel):
         v = decode(w, dtype_b).astype(np.float64).reshape(-1, unit)
-        steps[pos // unit: pos // unit + len(v)] = _round_trip(v, rt)[1]
+        dq, st = _round_trip(v, rt)
+        st = np.asarray(st).reshape(-1)
+        if rt.get("sub"):
+            # a K-quant's searched scale and its 6-bit scale and minimum may leave a sub-block's extremes past
+            # the grid's ends (clamped), and a build of llama.cpp with fused multiply-adds rounds a few codes of
+            # 1-2% of blocks the other way: a whole step, plus the most the base's own round trip moves a value of
+            # the sub-block, plus 2^-8 of its largest magnitude for the 16-bit rounding of the stored copy
+            err = np.abs(v - dq).reshape(-1, sub).max(axis=1)
+            big = np.abs(v).reshape(-1, sub).max(axis=1)
+            st = st * (1 + 2.0 ** -6) + err + big * 2.0 ** -8
+        steps[pos // sub: pos // sub + st.size] = st
         pos += v.size
     # half a step, and a 256th more: a near-tie rounded the other way when the quantizer divided in float32,
     # the 16-bit rounding of a value up to half a step larger than the base's; asymmetric: a whole step (the
     # rounded zero point shifts the grid, and values past its ends are clamped)
     # (GGUF: a whole step too; its signed blocks clip the far end, its fp16 scale is not the one the codes were
     # rounded with, up to 127 x 2^-11 of a step at Q8_0's largest code, and its fp16 minimum shifts the grid)
-    part = (0.5 if rt["sym"] and not rt.get("ggml") else 1.0) + 2.0 ** -8
+    part = 1.0 if rt.get("sub") else (0.5 if rt["sym"] and not rt.get("ggml") else 1.0) + 2.0 ** -8
     pos = 0
     for w in tuned.windows(tname, window, 0, numel if stop is None else stop):
-        yield (steps[(pos + np.arange(len(w))) // unit] * part).astype(np.float32)
+        yield (steps[(pos + np.arange(len(w))) // sub] * part).astype(np.float32)
         pos += len(w)
