@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .cuda import _check_decodable, _int_dtype, _stats_tensor, _torch, delta_stats, resolve_device
-from .reference import NSTATS
+from .reference import NSTATS, as_storage
 
 
 #: host copies of at least this many bytes are split over ``_copy_workers()`` threads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import io
 import re
 from pathlib import Path
 
@@ -168,3 +169,33 @@ def test_the_unrelated_thresholds_are_compared_in_one_module_only():
             if re.search(r"[<>]=?\s*\w*\.?unrelated_(cosine|rel_change)|unrelated_(cosine|rel_change)\s*[<>]", line):
                 homes.add(str(path.relative_to(ROOT)))
     assert homes == {"weightdiff/judge/relatedness.py"}, homes
+
+
+def _undefined_names(paths) -> list[str]:
+    from pyflakes import api, messages
+    from pyflakes.reporter import Reporter
+
+    found: list[str] = []
+
+    class Collect(Reporter):
+        def __init__(self):
+            super().__init__(io.StringIO(), io.StringIO())
+
+        def flake(self, message):
+            if isinstance(message, (messages.UndefinedName, messages.UndefinedLocal, messages.UndefinedExport)):
+                found.append(str(message))
+
+    for p in paths:
+        api.checkRecursive([str(p)], Collect())
+    return found
+
+
+def test_no_module_uses_a_name_it_never_defines_or_imports(tmp_path):
+    """`--device cuda` failed on every compare with NameError: kernels/cuda_stream.py called `as_storage`
+    without importing it, on a path no CPU test reaches. pyflakes finds such names statically, in every
+    module, whatever the machine can run."""
+    root = Path(__file__).resolve().parent.parent
+    assert _undefined_names([root / "weightdiff", root / "kernels"]) == []
+    planted = tmp_path / "planted.py"
+    planted.write_text("def f(x):\n    return as_storage(x)\n")
+    assert len(_undefined_names([planted])) == 1

@@ -10,9 +10,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError, escape_name
 from .checkpoint import Checkpoint, LocalFolder, _read_index, build, choose_weights, file_kind, onnx_subfolder_names
+
+if TYPE_CHECKING:
+    from .hub import HubRef, _Env
 
 __all__ = ["from_cache", "identity"]
 

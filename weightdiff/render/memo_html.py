@@ -13,8 +13,12 @@ from __future__ import annotations
 import base64
 import html
 import re
+from typing import TYPE_CHECKING
 
 from ..errors import escape_name
+
+if TYPE_CHECKING:
+    from .memo import Inline
 
 __all__ = ["to_html", "CSS"]
 

@@ -10,10 +10,14 @@ bidirectional characters are made visible.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from ..errors import escape_name
 from .memo_html import _lines
+
+if TYPE_CHECKING:
+    from .memo import Inline
 
 __all__ = ["to_markdown", "md_escape"]
 
