@@ -10,7 +10,8 @@
 # ~29 GB on local disk, every layer matrix changed by a dense 1e-2 update) and times a whole
 # `compare --device cuda` on it, cold (page cache dropped when root) and warm, with every rank from
 # the full Gram spectrum (benchmarks/bench_7b.py: wall, peak RSS, bytes read, exact ranks); the pair is
-# deleted afterwards. SKIP_7B=1 leaves it out.
+# deleted afterwards (after the CUDA-vs-CPU check). SKIP_7B=1 leaves it out; RUNS_7B=warm, T_GEN and T_7B
+# (seconds) fit it into a short lease.
 # Results go to $OUT (or ./device-out): gpu_check.txt, compare_<size>_<device>.json, bench_7b_cuda.json,
 # summary.txt.
 set -u
@@ -32,16 +33,6 @@ if [ "$DEVICE" = cuda ] && [ -z "${SKIP_GPU_CHECK:-}" ]; then
   log "kernel parity and stats-pass throughput (benchmarks/gpu_check.py)"
   timeout 240 $PY benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt"
   log "gpu_check exit: ${PIPESTATUS[0]}"
-fi
-
-if [ "$DEVICE" = cuda ] && [ -z "${SKIP_7B:-}" ]; then
-  pair=/tmp/wd-pair-mistral7b
-  log "generate a Mistral-7B-shaped bf16 pair on the device"
-  ( time timeout 300 $PY benchmarks/gen_pair_torch.py "$pair" --device cuda ) 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
-  log "compare the 7B pair --device cuda, cold then warm (benchmarks/bench_7b.py)"
-  timeout 600 $PY benchmarks/bench_7b.py "$pair" --runs cold,warm --naive-layers 0 \
-      --json "$OUT/bench_7b_cuda.json" -- --device cuda -q 2>&1 | tail -6 | tee -a "$OUT/summary.txt"
-  rm -rf "$pair"
 fi
 
 for size in $SIZES; do
@@ -86,4 +77,15 @@ EOF
   fi
   rm -rf "$pair"
 done
+
+# the 7B pair last: the CUDA-vs-CPU check above is the one that must finish within a short lease
+if [ "$DEVICE" = cuda ] && [ -z "${SKIP_7B:-}" ]; then
+  pair=/tmp/wd-pair-mistral7b
+  log "generate a Mistral-7B-shaped bf16 pair on the device"
+  ( time timeout "${T_GEN:-300}" $PY benchmarks/gen_pair_torch.py "$pair" --device cuda ) 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+  log "compare the 7B pair --device cuda, runs ${RUNS_7B:-cold,warm} (benchmarks/bench_7b.py)"
+  timeout "${T_7B:-600}" $PY benchmarks/bench_7b.py "$pair" --runs "${RUNS_7B:-cold,warm}" --naive-layers 0 \
+      --json "$OUT/bench_7b_cuda.json" -- --device cuda -q 2>&1 | tail -6 | tee -a "$OUT/summary.txt"
+  rm -rf "$pair"
+fi
 log "done"
