@@ -76,7 +76,7 @@ def child(body: str) -> dict:
             out["params"] = int(line.split()[1])
     if not out:
         raise SystemExit(f"child failed:\n{p.stderr[-3000:]}")
-    out["stderr_tail"] = p.stderr[-400:]
+    out["stderr_tail"] = p.stderr[-1500:]
     return out
 
 
@@ -136,6 +136,8 @@ def main() -> int:
         out = Path(f"/tmp/bench7b-{run}.json")
         argv = ["compare", str(data / "base"), str(data / "tuned"), "--json", str(out), *args.extra]
         r = child(COMPARE.format(argv=argv))
+        if r.get("rc") or not out.exists():
+            raise SystemExit(f"{run}: compare exited {r.get('rc')} without its JSON:\n{r['stderr_tail']}")
         r.update(note=note, read_share=r["read_bytes"] / size, load=os.getloadavg()[0], **rank_summary(out))
         report["runs"][run] = r
         print(f"{run}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB, read {r['read_bytes'] / 1e9:.1f} GB "
