@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,9 @@ NAIVE = """import torch
 
 def child(body: str) -> dict:
     code = CHILD.format(body=body)
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # from a neutral folder: run from the repository root, `import weightdiff` would find the source folder
+    # (whose kernels live at the top, not in it) before the installed package
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir())
     out = {}
     for line in p.stderr.splitlines():
         if line.startswith("BENCH "):
