@@ -991,3 +991,24 @@ def test_a_kquant_gguf_dequantized_back_to_16_bits_is_quantization_not_a_fine_tu
     write_checkpoint(tmp_path / "f", gguf_trip(ft), dtype=dtype)
     s = compare(tmp_path / "b", tmp_path / "f").summary
     assert s.verdict == "derived" and s.tensors_by_status.get("quantized", 0) == 0, s.verdict_reason
+
+
+def test_vectors_alone_never_decide_derived_or_unrelated(tmp_path):
+    """`--include '*norm*'` left only norm vectors: an independently drawn model read "DERIVED: a fine-tune of
+    this base" (norm weights near 1 on both sides), with nothing in the reason. Vectors alone are inconclusive;
+    bitwise equal ones still read identical."""
+    from models import llama
+    from weightdiff.render.sentences import verdict_title
+
+    shape = dict(layers=2, hidden=64, inter=128, vocab=256)
+    base, other = llama(np.random.default_rng(111), **shape), llama(np.random.default_rng(112), **shape)
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", other)
+    assert compare(tmp_path / "b", tmp_path / "t").summary.verdict == "unrelated"
+    d = compare(tmp_path / "b", tmp_path / "t", include=["*norm*"]).to_dict()
+    s = d["summary"]
+    assert s["verdict"] == "inconclusive" and "vectors_only" in s["flags"], s["verdict_reason"]
+    assert verdict_title(s).startswith("INCONCLUSIVE: only vectors were compared")
+    assert s["verdict_reason"].startswith("Only vectors were compared")
+    write_checkpoint(tmp_path / "same", base)
+    assert compare(tmp_path / "b", tmp_path / "same", include=["*norm*"]).summary.verdict == "identical"

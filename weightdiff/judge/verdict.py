@@ -26,7 +26,7 @@ from ..options import Thresholds
 from ..records import STATUSES, BlockRecord, Summary, TensorRecord, count_lookalikes
 from ..io.declared import same_model
 from ..pairing.names import component_of, parse_name
-from .coverage import coverage, too_little
+from .coverage import compared_elements, coverage, too_little
 from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, weak_evidence,
                           low_rank_change, reordered_kinds)
 from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
@@ -310,6 +310,12 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     if verdict == "faint":            # near-orthogonal, yet above what independent models show
         verdict = "inconclusive"
         flags.append("faint_relatedness")
+    if verdict in ("derived", "partial", "unrelated") and not any(
+            len(r.shape or ()) >= 2 and compared_elements(r) for r in counted):
+        # only vectors compared (a filter kept the norms, biases): norm weights near 1 make any two models look
+        # alike, and no matrix says whether this one derives from the base
+        verdict = "inconclusive"
+        flags.append("vectors_only")
     if verdict == "identical" and permuted:   # the base's weights, some units in another order: not the same files
         verdict = "derived"
     if verdict == "derived" and (not permuted or _all_undone(permuted, undone)) and weak_evidence(cos, rel_m):

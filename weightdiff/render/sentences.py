@@ -92,6 +92,8 @@ def verdict_title(summary: dict) -> str:
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
+    if v == "inconclusive" and "vectors_only" in (summary.get("flags") or []):
+        return "INCONCLUSIVE: only vectors were compared (no matrix), which any two models share closely."
     if v == "inconclusive" and "faint_relatedness" in (summary.get("flags") or []):
         return (f"INCONCLUSIVE: the {matrices_phrase(summary)} keep a faint trace of this base (weighted cosine "
                 f"{num(summary.get('relatedness_cosine'))}): more than independent models share, far less than a "
@@ -208,6 +210,10 @@ def _nonfinite_only(t: dict) -> bool:
 def _inconclusive(data: dict) -> str:
     s = data.get("summary") or {}
     tbs = s.get("tensors_by_status") or {}
+    if "vectors_only" in (s.get("flags") or []):
+        return ("Only vectors were compared (norm weights, biases; no matrix): norm weights near 1 make any two models "
+                "look alike, so whether this model derives from the base cannot be told from them; compare its "
+                "matrices too (widen --include or --exclude).")
     if "faint_relatedness" in (s.get("flags") or []):
         th = (data.get("settings") or {}).get("thresholds") or {}
         return (f"The {matrices_phrase(s)} are far from the base (relative change {num(s.get('relatedness_rel_change'))}) "
