@@ -293,3 +293,22 @@ def test_adapter_memo_says_the_parameters_are_base_plus_adapter():
     text = plain_language(data)[0]
     assert text.startswith("Of the 100 parameters of the model ad adapts (its base with the adapter applied), 80.0%")
 
+
+
+def test_an_adapter_never_claims_to_have_been_trained_on_the_base_it_is_given(tmp_path, rng):
+    """A LoRA adapter trained on one model, compared with an unrelated model of the same shapes, read "DERIVED: a
+    fine-tune of this base": the factors apply to any base of their shapes, so the merged model is that base
+    changed by construction. The title and reason now say which base it was trained on is not measured, and
+    name the base it declares."""
+    from weightdiff import compare
+    from weightdiff.render.sentences import verdict_title
+
+    b = base_model(tmp_path / "b", rng)
+    a = adapter(tmp_path / "a", {**CFG, "base_model_name_or_path": "org/other-model"}, lora(rng))
+    d = compare(b, a).to_dict()
+    s = d["summary"]
+    assert s["verdict"] == "derived" and "adapter" in s["flags"]
+    assert verdict_title(s) == ("DERIVED: this base with the adapter applied; an adapter holds only a change, which fits "
+                                "any base of its shapes, so which base it was trained on is not measured (it declares "
+                                "`org/other-model`).")
+    assert s["verdict_reason"].endswith("which base it was trained on is not measured.")

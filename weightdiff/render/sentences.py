@@ -83,6 +83,12 @@ def verdict_title(summary: dict) -> str:
     special = _derived_special(summary) if v == "derived" else None
     if special:
         return special
+    if v == "derived" and "adapter" in (summary.get("flags") or []):
+        # the factors fit any base of these shapes: the merged model is this base changed, by construction
+        claim = (summary.get("declared") or {}).get("tuned_declares_base")
+        return ("DERIVED: this base with the adapter applied; an adapter holds only a change, which fits any base of "
+                "its shapes, so which base it was trained on is not measured"
+                + (f" (it declares `{claim}`)." if claim else "."))
     if v == "quantized_only" and (summary.get("quantization") or {}).get("sides") == ["base"]:
         return ("QUANTIZED ONLY: every difference is explained by quantizing these weights (the base given is "
                 "the quantized one).")
@@ -295,6 +301,11 @@ def _inconclusive(data: dict) -> str:
     return text
 
 
+
+#: said wherever an adapter is judged: its factors fit any base of their shapes
+ADAPTER_CAVEAT = (" An adapter holds only a change, which applies to any base of its shapes: what it leaves alone is "
+                  "this base's by construction, and which base it was trained on is not measured.")
+
 def _partial(data: dict) -> str:
     comps = (data.get("summary") or {}).get("components") or []
     shared = [c["component"] for c in comps if c.get("status") == "shared"]
@@ -308,6 +319,8 @@ def _partial(data: dict) -> str:
         text += (" An attention module unrelated while the rest of its block is shared may also be the base's "
                  "heads in another order, which weightdiff could not check there (its projections are fused "
                  "in a layout it does not split, or it has no output projection).")
+    if "adapter" in ((data.get("summary") or {}).get("flags") or []):
+        text += ADAPTER_CAVEAT
     return text
 
 
@@ -481,8 +494,9 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     text += _zeroed_phrase(scope, cos is not None)
     if "far_from_base" in (s.get("flags") or []):
         text += ("; that is far more than fine-tunes move (they keep a cosine of 0.9 or more and a relative change "
-                 "well below 0.5): a merge with another model, long further training, or a heavy fine-tune would "
-                 "do it, and weightdiff cannot tell which")
+                 "well below 0.5): a merge with another model, long further training, a heavy fine-tune, or two "
+                 "models trained apart from the same random initialisation (the same seed) would do it, and "
+                 "weightdiff cannot tell which")
     pu = scope.get("permuted_units") or {}
     every = pu.get("blocks") or {}
     undone = pu.get("undone") or {}
@@ -545,7 +559,7 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         judged = q.get("tensors_judged")
         text += (f"; {count(far)} of {count(judged)} quantized tensors ({share(far / judged if judged else None)}) "
                  f"stand beyond the quantization noise floor {_quant_how(q)}" + after)
-    return text + "."
+    return text + "." + (ADAPTER_CAVEAT if "adapter" in (s.get("flags") or []) else "")
 
 
 def _zeroed_phrase(scope: dict, had_cosine: bool) -> str:
