@@ -50,6 +50,7 @@ class Repo:
     tags: dict[str, str] = field(default_factory=dict)
     gated: bool = False
     private: bool = False
+    default: str = "main"                  # the branch the model info answers without a revision
 
     def resolve(self, rev: str) -> str | None:
         if rev in self.commits:
@@ -81,6 +82,8 @@ class HubServer:
         self.faults: dict[tuple[str, str], dict] = {}
         self.api_stall = 0.0                    # seconds the API waits before answering anything
         self.api_faults: dict[str, dict] = {}   # repo_id -> {"status", "times", "retry_after"}: API answers
+        self.info_edit: dict[str, object] = {}  # repo_id -> f(model info dict) -> what the server answers instead
+        self.tree_loop: set[str] = set()        # repos whose tree listing's next page is the same page
         self.lock = threading.Lock()
         self._seq = 0
         self.api = self._start(_ApiHandler)
@@ -271,9 +274,16 @@ class _ApiHandler(_Handler):
                             extra={"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else None)
                 return
             if not rest or rest[0] == "revision":
-                sha = self._rev(repo, unquote("/".join(rest[1:])) if rest else "main")
+                sha = self._rev(repo, unquote("/".join(rest[1:])) if rest else repo.default)
                 if sha:
-                    self._json(self._info(repo, sha, query.get("blobs", ["false"])[0].lower() == "true"))
+                    info = self._info(repo, sha, query.get("blobs", ["false"])[0].lower() == "true")
+                    edit = self.hub.info_edit.get(repo_id)
+                    if edit is not None:
+                        info = edit(info)
+                    if isinstance(info, bytes):              # a proxy's page, answered 200
+                        self._send(200, info, {"Content-Type": "text/html"})
+                    else:
+                        self._json(info)
                 return
             if rest[0] == "refs":
                 fmt = lambda kind, items: [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": s}
@@ -294,6 +304,11 @@ class _ApiHandler(_Handler):
                     return
                 base = unquote("/".join(rest[2:])).strip("/")
                 recursive = query.get("recursive", ["false"])[0].lower() == "true"
+                if repo_id in self.hub.tree_loop:             # a next page that is this page again
+                    body = json.dumps(self._tree(repo_id, files, base, recursive)).encode()
+                    self._send(200, body, {"Content-Type": "application/json",
+                                           "Link": f'<{self.hub.url}{self.path}>; rel="next"'})
+                    return
                 self._json(self._tree(repo_id, files, base, recursive))
                 return
             self._error(404, "EntryNotFound", "Not found", head=head)
@@ -387,7 +402,7 @@ class _CdnHandler(_Handler):
     def _blob(self, head: bool) -> None:
         url = urlsplit(self.path)
         raw = url.path.split("/")[1:]
-        path = unquote(parse_qs(url.query).get("file", [""])[0])
+        path = parse_qs(url.query).get("file", [""])[0]
         if len(raw) != 3 or raw[0] != "_lfs":
             self._send(404)
             return

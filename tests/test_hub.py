@@ -91,6 +91,8 @@ def hf(server, tmp_path, monkeypatch):
     server.faults.clear()
     server.api_stall = 0.0
     server.api_faults.clear()
+    server.info_edit.clear()
+    server.tree_loop.clear()
     monkeypatch.setattr(hub_http, "BACKOFF", 0.01)
     return home
 
@@ -672,3 +674,72 @@ def test_a_named_safetensors_file_streams_like_its_folder(server, hf, tmp_path):
     a, b = r.to_dict(include_run=False), f.to_dict(include_run=False)
     assert a["tensors"] == b["tensors"] and a["summary"] == b["summary"]
     assert stored(hf) == []
+
+
+def _no_sizes(info: dict) -> dict:
+    """A model info as a server that ignores ``?blobs=true`` answers: file names only."""
+    return {**info, "siblings": [{"rfilename": x["rfilename"]} for x in info["siblings"]]}
+
+
+@pytest.mark.parametrize("how", ["names_only", "size_as_string"])
+def test_a_listing_without_usable_sizes_has_them_filled_before_any_file_is_read(hf, server, tmp_path, how):
+    """Model info without sizes (a server ignoring ?blobs=true) failed every sharded repo with "internal error:
+    ValueError: negative count" (the index was read with size -1 before sizes were filled); a size given as a
+    string with "internal error: TypeError". Sizes come from the tree listing or a HEAD request first."""
+    edit = _no_sizes if how == "names_only" else (
+        lambda info: {**info, "siblings": [{**x, "size": str(x.get("size"))} for x in info["siblings"]]})
+    server.info_edit.update({"org/base": edit, "org/tuned": edit})
+    rc, out, err = run("compare", "org/base", "org/tuned@v1", "--no-rank", "-q", "--json", str(tmp_path / "h.json"))
+    assert rc == 0, err
+    server.info_edit.clear()
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--no-rank", "-q", "--json", str(tmp_path / "ok.json"))
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("h.json", "ok.json"))
+    assert a["summary"] == b["summary"] and a["tensors"] == b["tensors"]
+
+
+def test_a_listing_whose_pages_lead_back_is_one_line_not_a_hang(hf, server):
+    """Model info with no files, and a tree listing whose ``Link: rel="next"`` is the same page: weightdiff
+    followed it forever (tens of thousands of requests a minute). A page seen twice is refused."""
+    server.info_edit["org/base"] = lambda info: {**info, "siblings": []}
+    server.tree_loop.add("org/base")
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--no-rank", "-q")
+    line = one_error(rc, err)
+    assert "org/base" in line and "pages lead back to a page already read" in line
+    assert sum("/tree/" in p for _, p in server.requests) <= 3
+
+
+@pytest.mark.parametrize("answer", [b"<html><body>Please sign in to the network</body></html>",
+                                    {"sha": "0" * 40, "siblings": ["model.safetensors"]}])
+def test_an_answer_no_hub_gives_is_named_so_not_a_network_fault(hf, server, answer):
+    """A captive portal's page answered 200, or a file list of plain strings, read "cannot reach the Hub"
+    (check the network), which sends the user the wrong way."""
+    server.info_edit["org/base"] = lambda info: answer
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--no-rank", "-q")
+    line = one_error(rc, err)
+    assert "did not answer as a Hugging Face Hub does" in line and "cannot reach" not in line
+
+
+def test_a_default_branch_not_named_main_downloads_the_commit_the_listing_resolved(hf, server, tmp_path):
+    """A repo whose default branch is `master`: --stream worked, --download asked for revision `main` and failed."""
+    sha = server.commit("org/master", _files(server.local["sibling"]), branch="master")
+    server.repos["org/master"].default = "master"
+    rc, _, err = run("compare", "org/base", "org/master", "--no-rank", "-q", "--download", "--json", str(tmp_path / "m.json"))
+    assert rc == 0, err
+    assert json.loads((tmp_path / "m.json").read_text())["tuned"]["hub"]["commit"] == sha
+
+
+def test_a_cached_copy_of_another_size_than_listed_is_fetched_again(hf, server, tmp_path):
+    """One faulty answer stored a 0-byte weights file in the Hugging Face cache; every later run took "cache"
+    mode and failed on it ("empty file"), with no way out but deleting it by hand. A cached file whose size is
+    not the listed one is a broken download: it is fetched again."""
+    rc, _, err = run("compare", "org/base", "org/sibling", "--no-rank", "-q", "--download", "--json",
+                     str(tmp_path / "a.json"))
+    assert rc == 0, err
+    snap = next(hf.rglob("models--org--sibling/snapshots/*/model.safetensors"))
+    blob = snap.resolve()
+    blob.write_bytes(b"")                         # the broken copy a faulty answer left
+    rc, _, err = run("compare", "org/base", "org/sibling", "--no-rank", "-q", "--json", str(tmp_path / "b.json"))
+    assert rc == 0, err
+    assert snap.resolve().stat().st_size > 0
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert a["tensors"] == b["tensors"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, escape_name
@@ -43,7 +43,7 @@ from .checkpoint import JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, bui
 from .files import load_json
 from .hub_cache import from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
-from .hub_http import Stalled, api_timeout, library_silenced, list_tree, retrying, watching
+from .hub_http import NotAHubAnswer, Stalled, api_timeout, library_silenced, list_tree, retrying, size_of, watching
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
 __all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "preflight", "hub_error", "hub_files", "EXTRA"]
@@ -130,6 +130,7 @@ class _Listing:
     commit: str
     files: dict[str, tuple[int | None, str | None]]
     prefix: str                      # "subfolder/" or ""
+    stale: set = field(default_factory=set)   # cached files whose size is not the listed one: fetched again
 
     def names(self) -> list[str]:
         """Direct children of the subfolder (files and folders), as a local listdir gives them."""
@@ -186,10 +187,16 @@ def _listing(ref: HubRef, env: _Env) -> _Listing:
     if not info.sha:
         raise CheckpointError(ref.spelling, "the Hub did not say which commit this revision is",
                               "is HF_ENDPOINT a Hugging Face Hub?")
-    files = {s.rfilename: (s.size, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []}
+    try:
+        files = {s.rfilename: (size_of(s.size), _sibling_sha(s)) for s in info.siblings or []
+                 if isinstance(getattr(s, "rfilename", None), str)}
+    except (AttributeError, TypeError) as exc:     # siblings of another shape than a Hub's
+        raise hub_error(NotAHubAnswer(f"its file list is malformed ({first_line(exc)})"), ref.repo_id, ref.spelling,
+                        ref.revision, env.endpoint) from None
     if not files:
         try:
-            files = {f["path"]: (f.get("size"), _lfs_oid(f)) for f in list_tree(env.endpoint, ref.repo_id, info.sha)}
+            files = {f["path"]: (size_of(f.get("size")), _lfs_oid(f))
+                     for f in list_tree(env.endpoint, ref.repo_id, info.sha)}
         except Exception as exc:
             raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
     return _Listing(info.sha, files, ref.subfolder + "/" if ref.subfolder else "")
@@ -204,7 +211,7 @@ def _fill_sizes(ref: HubRef, listing: _Listing, paths: list[str], env: _Env) -> 
     try:
         for f in list_tree(env.endpoint, ref.repo_id, listing.commit, ref.subfolder or None):
             if f.get("path") in listing.files:
-                listing.files[f["path"]] = (f.get("size"), _lfs_oid(f) or listing.files[f["path"]][1])
+                listing.files[f["path"]] = (size_of(f.get("size")), _lfs_oid(f) or listing.files[f["path"]][1])
     except Exception:
         pass
     for p in paths:
@@ -215,7 +222,16 @@ def _fill_sizes(ref: HubRef, listing: _Listing, paths: list[str], env: _Env) -> 
             except Exception as exc:
                 raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
             etag = meta.etag if meta.etag and _SHA256.match(meta.etag) else None
+            if size_of(meta.size) is None:
+                raise CheckpointError(ref.file(listing.commit, p, 0, None), "the Hub does not say how large this "
+                                      "file is (no size in its listing, none in the answer to a HEAD request)",
+                                      "is HF_ENDPOINT a Hugging Face Hub?")
             listing.files[p] = (meta.size, listing.files[p][1] or etag)
+
+
+def _sibling_sha(s) -> str | None:
+    sha = getattr(getattr(s, "lfs", None), "sha256", None)
+    return sha if isinstance(sha, str) else None
 
 
 def _lfs_oid(entry: dict) -> str | None:
@@ -230,8 +246,9 @@ class HubFolder:
     """A Hub repo folder as the locator reads it (the twin of checkpoint.LocalFolder):
     listing from the Hub, small JSON fetched into memory, headers by range requests."""
 
-    def __init__(self, ref: HubRef, listing: _Listing, reader: RangeReader, cache_dir: str | None = None):
-        self.ref, self.listing, self.reader, self.cache_dir = ref, listing, reader, cache_dir
+    def __init__(self, ref: HubRef, listing: _Listing, reader: RangeReader, cache_dir: str | None = None,
+                 env: "_Env | None" = None):
+        self.ref, self.listing, self.reader, self.cache_dir, self.env = ref, listing, reader, cache_dir, env
         self.root = ref.spelling
         self._files: dict[str, HubFile] = {}
         self._opened: dict[HubFile, RemoteSafetensorsFile] = {}
@@ -246,6 +263,8 @@ class HubFolder:
     def file(self, name: str) -> HubFile:
         if name not in self._files:
             path = self.listing.prefix + name
+            if path in self.listing.files and self.listing.files[path][0] is None and self.env is not None:
+                _fill_sizes(self.ref, self.listing, [path], self.env)    # (an index, a config: read before the rest)
             size, sha = self.listing.files.get(path, (None, None))
             self._files[name] = self.ref.file(self.listing.commit, path, -1 if size is None else size, sha)
         return self._files[name]
@@ -335,7 +354,7 @@ def preflight(paths, options: HubOptions | None = None) -> None:
         if named is None and "modules.json" in listing.names():          # before anything is downloaded
             reader = RangeReader(env.endpoint)
             try:
-                _no_remote_modules(listing, HubFolder(ref, listing, reader, env.cache_dir), spelling)
+                _no_remote_modules(listing, HubFolder(ref, listing, reader, env.cache_dir, env), spelling)
             finally:
                 reader.close()
         kind, name = _choose(ref, listing, named)
@@ -343,7 +362,7 @@ def preflight(paths, options: HubOptions | None = None) -> None:
         if kind in ("sharded", "pickle_sharded"):         # the index's shards exist (read from the index)
             reader = RangeReader(env.endpoint)
             try:
-                _needed(kind, name, HubFolder(ref, listing, reader, env.cache_dir))
+                _needed(kind, name, HubFolder(ref, listing, reader, env.cache_dir, env))
             finally:
                 reader.close()
 
@@ -392,7 +411,7 @@ def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
         return ckpt
     ref, listing, named = _in_repo(ref, listing)
     reader = RangeReader(env.endpoint)
-    folder = HubFolder(ref, listing, reader, env.cache_dir)
+    folder = HubFolder(ref, listing, reader, env.cache_dir, env)
     try:
         if named is None:
             _no_remote_modules(listing, folder, spelling)
@@ -436,9 +455,17 @@ def _mode(options: HubOptions, ref: HubRef, listing: _Listing, needed: list[str]
             raise CheckpointError(ref.spelling, f"holds {what}, which cannot be read by range requests",
                                   "use --download: its reader needs a local file")
         return "stream"
-    cached = all(isinstance(try_to_load_from_cache(ref.repo_id, p, cache_dir=env.cache_dir, revision=listing.commit),
-                            str) for p in needed)
-    if cached:
+    found = {p: try_to_load_from_cache(ref.repo_id, p, cache_dir=env.cache_dir, revision=listing.commit) for p in needed}
+    # a cached file of another size than the listed one is a broken download (a faulty answer stored as 0 bytes):
+    # it is fetched again, never read as the file
+    listing.stale = {p for p, f in found.items() if isinstance(f, str) and listing.files.get(p, (None,))[0] is not None
+                     and os.path.getsize(f) != listing.files[p][0]}
+    for p in listing.stale:            # the pointer to the broken copy: the download (forced) makes both again
+        try:
+            os.unlink(found[p])
+        except OSError:
+            pass
+    if all(isinstance(f, str) for f in found.values()) and not listing.stale:
         return "cache"
     if options.download is None and kind not in _LOCAL_ONLY:
         total = sum(listing.files[p][0] or 0 for p in needed)
@@ -491,11 +518,21 @@ def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: thre
 
     size, sha = listing.files.get(path, (None, None))
     shown = ref.file(listing.commit, path, -1 if size is None else size, sha)
+    def fetch(revision: str) -> str:
+        return retrying(lambda: hf_hub_download(ref.repo_id, path, revision=revision, cache_dir=env.cache_dir,
+                                                endpoint=env.endpoint, etag_timeout=api_timeout(),
+                                                force_download=path in listing.stale))
+
     try:
         with watching(cancel):
-            out = retrying(lambda: hf_hub_download(ref.repo_id, path, revision=ref.revision or "main",
-                                                   cache_dir=env.cache_dir, endpoint=env.endpoint,
-                                                   etag_timeout=api_timeout()))
+            try:
+                out = fetch(ref.revision or "main")
+            except Exception as exc:
+                from huggingface_hub.errors import RevisionNotFoundError
+
+                if ref.revision or not isinstance(exc, RevisionNotFoundError):
+                    raise
+                out = fetch(listing.commit)      # a default branch not named `main`: the commit the listing resolved
     except Stalled as exc:
         raise CheckpointError(shown, exc.text(), "rerun later (the download resumes where it stopped); "
                                                  "WEIGHTDIFF_HUB_STALL_SECONDS sets the window") from None

@@ -145,6 +145,14 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
         again = " after retries" if status in RETRY_STATUS and not wait else ""
         return CheckpointError(where, f"the Hub answered HTTP {status}{again} for {repo}{wait} ({first_line(exc)})",
                                "try again later")
+    from .hub_http import NotAHubAnswer
+
+    if isinstance(exc, (NotAHubAnswer, ValueError, KeyError, TypeError)) and not isinstance(exc, OSError):
+        # JSON that does not decode (a proxy's or captive portal's page answered 200), fields of the wrong kind,
+        # a listing whose pages lead back to themselves: not a Hub's answer, not a network fault
+        return CheckpointError(where, f"the server at {escape_name(str(endpoint))} did not answer as a Hugging Face "
+                                      f"Hub does for {repo} ({first_line(exc)})",
+                               "is HF_ENDPOINT a Hub's address? A proxy or captive portal may be answering instead")
     if isinstance(exc, _httpx().TimeoutException):
         from .hub_http import api_timeout
 

@@ -57,6 +57,19 @@ def download_timeout() -> float:
     return float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
 
 
+class NotAHubAnswer(ValueError):
+    """An answer no Hugging Face Hub gives: not JSON, fields of the wrong kind, pages that lead back."""
+
+
+#: pages of a tree listing followed at most (a Hub pages a 100,000-file repo in about a hundred)
+TREE_PAGES_MAX = 10_000
+
+
+def size_of(value) -> int | None:
+    """A listed file size: a non-negative int, else None (unknown; a string, a float, a negative or absent one)."""
+    return value if type(value) is int and value >= 0 else None
+
+
 def get_json(url: str, params: dict | None = None):
     """GET an API url with the library's session and headers (token, user agent), bounded by
     api_timeout(); HTTP errors raised as huggingface_hub raises them. -> (decoded JSON, response)."""
@@ -69,7 +82,11 @@ def get_json(url: str, params: dict | None = None):
         return r
 
     r = retrying(call)
-    return r.json(), r
+    try:
+        return r.json(), r
+    except ValueError:
+        kind = r.headers.get("content-type") or "no content type"
+        raise NotAHubAnswer(f"its answer is not JSON ({kind.split(';')[0]})") from None
 
 
 def list_tree(endpoint: str, repo_id: str, revision: str, path: str | None = None) -> list[dict]:
@@ -79,9 +96,16 @@ def list_tree(endpoint: str, repo_id: str, revision: str, path: str | None = Non
           (f"/{quote(path, safe='')}" if path else "")
     out: list[dict] = []
     params: dict | None = {"recursive": True}
+    seen: set[str] = set()
     while url:
+        if url in seen or len(seen) >= TREE_PAGES_MAX:
+            raise NotAHubAnswer("its file listing's pages lead back to a page already read" if url in seen else
+                                f"its file listing runs past {TREE_PAGES_MAX:,} pages")
+        seen.add(url)
         page, r = get_json(url, params)
-        out += [e for e in page if isinstance(e, dict) and e.get("type") == "file"]
+        if not isinstance(page, list):
+            raise NotAHubAnswer("its file listing is not a list of files")
+        out += [e for e in page if isinstance(e, dict) and e.get("type") == "file" and isinstance(e.get("path"), str)]
         url, params = r.links.get("next", {}).get("url"), None
     return out
 
