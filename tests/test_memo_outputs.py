@@ -216,3 +216,28 @@ def test_word_memo_is_the_same_bytes_every_time(tmp_path):
     assert (tmp_path / "a.docx").read_bytes() == (tmp_path / "b.docx").read_bytes()
     with zipfile.ZipFile(tmp_path / "a.docx") as z:
         assert z.testzip() is None and "word/document.xml" in z.namelist()
+
+
+@pytest.mark.parametrize("with_limits", [True, False])
+def test_the_verdicts_more_link_points_at_a_section_the_memo_has(with_limits):
+    """The provenance memo's first page linked to "#limits", a section only the compare memo has: a dead link in
+    Markdown and HTML (and a pointer to nothing in Word)."""
+    import io as _io
+    import re as _re
+
+    from weightdiff.render.memo import Block
+    from weightdiff.render.memo_docx import to_docx
+    from weightdiff.render.memo_html import to_html
+    from weightdiff.render.memo_md import to_markdown
+
+    blocks = [Block("h1", "Memo"), Block("verdict", "DERIVED", ("a reason", ["a caveat"]))]
+    if with_limits:
+        blocks.append(Block("h2", "What these numbers show, and what they do not", "limits"))
+    html, md = to_html(blocks), to_markdown(blocks, {})
+    ids = set(_re.findall(r'id="([^"]+)"', html))
+    assert all(h in ids for h in _re.findall(r'href="#([^"]+)"', html))
+    assert ("#limits" in html) == with_limits
+    assert ("More in [What these numbers show" in md) == with_limits
+    docx = pytest.importorskip("docx")
+    doc = docx.Document(_io.BytesIO(to_docx(blocks, "Memo")))
+    assert any("More in" in p.text for p in doc.paragraphs) == with_limits

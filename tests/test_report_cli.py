@@ -152,3 +152,14 @@ def test_worked_example_in_docs_is_a_valid_result_with_its_figures():
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(links) == 6 and all((root / link).is_file() for link in links)
     assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 1_500_000
+
+
+@pytest.mark.parametrize("flag,name", [("--html", "g.md"), ("--markdown", "h.html"), ("--html", "w.docx")])
+def test_a_flag_and_an_extension_that_disagree_exit_2_and_write_nothing(tmp_path, result_json, flag, name):
+    """`report --html g.md` wrote Markdown (and PNGs beside it), `--markdown h.html` an HTML page: the extension
+    won over the flag the user gave. Which one was meant cannot be told: one line, exit 2, nothing written."""
+    out = tmp_path / "o"
+    out.mkdir()
+    r = CliRunner().invoke(main, ["report", str(result_json), flag, str(out / name), "-q"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "the extension says" in r.stderr, r.stderr
+    assert list(out.iterdir()) == []

@@ -93,7 +93,8 @@ def to_docx(blocks: Sequence, title: str, core: dict | None = None) -> bytes:
                 head.add_run("What this cannot show").bold = True
                 for c in caveats:
                     _runs(doc.add_paragraph(style="Quote"), c)
-                doc.add_paragraph("More in “What these numbers show, and what they do not”.", style="Quote")
+                if any(x.kind == "h2" and x.extra == "limits" for x in blocks):
+                    doc.add_paragraph("More in “What these numbers show, and what they do not”.", style="Quote")
         elif kind == "table":
             rows = list(b.extra)
             table = doc.add_table(rows=1 + len(rows), cols=len(b.content))

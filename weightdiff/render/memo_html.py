@@ -108,7 +108,7 @@ def _figure_html(fo, n: int, small: bool = False) -> str:
             f"<figcaption><strong>Figure {n}. {_h(fo.title)}.</strong> {_h(fo.caption)}</figcaption></figure>")
 
 
-def _block_html(b) -> str:
+def _block_html(b, limits: bool = True) -> str:
     if b.kind in ("h1", "h2", "h3"):
         anchor = f' id="{_h(b.extra)}"' if b.extra else ""
         return f"<{b.kind}{anchor}>{_inline_html(b.content)}</{b.kind}>"
@@ -127,9 +127,10 @@ def _block_html(b) -> str:
         if not caveats:
             return text
         items = "".join(f"<li>{_inline_html(c)}</li>" for c in caveats)
+        more = ('<p><a href="#limits">More in “What these numbers show, and what they do not”</a>.</p>'
+                if limits else "")            # (a memo without that section, provenance's, links nowhere)
         return (f'<div class="verdict-row">{text}<aside class="caveats"><p><strong>What this cannot show</strong></p>'
-                f'<ul>{items}</ul><p><a href="#limits">More in “What these numbers show, and what they do not”'
-                "</a>.</p></aside></div>")
+                f'<ul>{items}</ul>{more}</aside></div>')
     if b.kind == "table":
         head = "".join(_cell_html(x, "th") for x in b.content)
         rows = "".join("<tr>" + "".join(_cell_html(c, "td") for c in r) + "</tr>" for r in b.extra)
@@ -146,13 +147,14 @@ def to_html(blocks: list, title: str = "weightdiff memo") -> str:
     """A complete, self-contained HTML document; the blocks before the first page break
     form the first page."""
     body, page1 = [], any(b.kind == "pagebreak" for b in blocks)
+    limits = any(b.kind == "h2" and b.extra == "limits" for b in blocks)
     if page1:
         body.append('<section class="page1">')
     for b in blocks:
         if b.kind == "pagebreak" and page1:
             body.append("</section>")
             page1 = False
-        body.append(_block_html(b))
+        body.append(_block_html(b, limits))
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>{_h(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"

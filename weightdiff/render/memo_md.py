@@ -100,8 +100,8 @@ def to_markdown(blocks: list, images: dict[str, str]) -> str:
             out.append(f"> **{md_escape(b.content)}**" + (f" {md_escape(reason)}" if reason else ""))
             if caveats:
                 out.append("> **What this cannot show:**\n" + "\n".join(f"> - {_inline_md(c)}" for c in caveats)
-                           + "\n>\n> More in [What these numbers show, and what they do not]"
-                           f"(#{anchors.get('limits', 'limits')}).")
+                           + ("\n>\n> More in [What these numbers show, and what they do not]"
+                              f"(#{anchors['limits']})." if "limits" in anchors else ""))
         elif b.kind == "table":
             out.append("| " + " | ".join(_inline_md(h) for h in b.content) + " |")
             out[-1] += "\n|" + "|".join(" --- " for _ in b.content) + "|"

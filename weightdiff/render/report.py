@@ -263,9 +263,14 @@ def report_many(paths: list[str | os.PathLike], *, html: str | os.PathLike | Non
     """One document from several saved results (compare, provenance, lineage), a section each,
     in the order given; a single compare JSON is ``report()``. With no output asked, an HTML
     memo beside the first JSON."""
-    for t in (html, markdown, memo):
-        if t is not None:
-            memo_format(t)
+    for t, flag, want in ((html, "html", "html"), (markdown, "markdown", "md"), (memo, None, None)):
+        if t is not None and memo_format(t) != want and want is not None:
+            # the flag says one format, the extension another: which one the user meant cannot be told
+            names = {"html": "an HTML", "md": "a Markdown", "docx": "a Word"}
+            raise OptionsError(f"--{flag} {os.fspath(t)}: the extension says {names[memo_format(t)]} memo, the "
+                               f"flag {names[want]} one",
+                               f"give --{flag} a .{want} path, or use --memo FILE (its format from the extension)",
+                               option=flag)
     items = [(p, *load_any(p)) for p in paths]
     if len(items) == 1 and items[0][1] == "compare":
         return report(paths[0], html=html, markdown=markdown, plots=plots, pdf=pdf, command=command,
