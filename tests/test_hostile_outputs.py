@@ -453,3 +453,18 @@ def test_temporaries_a_killed_run_left_are_swept_by_the_next(tmp_path, pair):
     assert r.exit_code == 0, r.output
     assert not stale.exists() and live.exists() and other.exists()
     assert json.loads((out / "r.json").read_text())["schema"] == "weightdiff.compare/2"
+
+
+@pytest.mark.parametrize("cmd", ["compare", "lineage"])
+def test_an_output_naming_the_markdown_memos_figure_folder_fails_before_any_work(tmp_path, pair, cmd):
+    """`--csv m_figures --memo m.md`: the memo's figures go to m_figures/, which the CSV had taken. The command
+    measured everything, wrote the JSON and printed the summary, then failed: all-or-nothing broken. The figure
+    folder is claimed with the other outputs, so the clash is one line before any work."""
+    out = tmp_path / "out"
+    out.mkdir()
+    r = run(cmd, *pair, "--no-rank", "--json", out / "a.json", "--csv", out / "m_figures", "--memo", out / "m.md")
+    one_error(r, "m_figures")
+    assert tree(out) == []
+    r = run(cmd, *pair, "--no-rank", "--json", out / "a.json", "--memo", out / "m.md", "-q")
+    assert r.exit_code == 0, r.output
+    assert (out / "m.md").is_file() and (out / "a.json").is_file()

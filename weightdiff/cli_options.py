@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -82,6 +83,12 @@ def _claim_outputs(inputs=(), **targets) -> None:
                                "folder; give a file name")
         if target:
             outs.claim(target, flag, folder=name.startswith("plots"))
+    memo = targets.get("report_out")
+    if memo and str(memo).lower().endswith(".md") and not (targets.get("plots_dir") or targets.get("plots")):
+        # a Markdown memo's figures go to <stem>_figures/ beside it: claimed now, so that another output naming
+        # that folder fails before any work (it failed after the JSON was written)
+        p = Path(memo)
+        outs.claim(p.parent / f"{p.stem}_figures", "--memo's figures", folder=True)
 
 
 def _memo_path(ctx, param, value):
