@@ -1012,3 +1012,34 @@ def test_vectors_alone_never_decide_derived_or_unrelated(tmp_path):
     assert s["verdict_reason"].startswith("Only vectors were compared")
     write_checkpoint(tmp_path / "same", base)
     assert compare(tmp_path / "b", tmp_path / "same", include=["*norm*"]).summary.verdict == "identical"
+
+
+def test_bounds_stay_bounds_in_the_survey_the_lineage_and_the_population_paragraph(tmp_path):
+    """A partial spectrum makes `delta_params` an upper bound and the largest numerical rank a bracket. The survey
+    CSV wrote both bare (and lost the bracket: it read a `form.bounds` key compare never writes), the lineage JSON
+    and CSV wrote `delta_params` bare, and the population paragraph printed the share with no ≤."""
+    from weightdiff.lineage import lineage
+    from weightdiff.render.population import population_sentences
+    from weightdiff.render.tabular import lineage_csv
+    from weightdiff.survey import row_from_result
+
+    rng = np.random.default_rng(0)
+    base = {f"layers.{i}.w.weight": rng.normal(size=(96, 80)).astype(np.float32) for i in range(2)}
+    tuned = {k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()}
+    b, t = write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)
+    d = compare(b, t, rank_k=8, exact_svd_max=16).to_dict()
+    s = d["summary"]
+    lo, hi = s["form"]["max_numerical_rank_bounds"]
+    assert s["delta_params_lower"] is not None and s["delta_params_lower"] < s["delta_params"]
+    row = row_from_result(d, {"path": str(t), "files": []}, {"path": str(b), "files": []}, "k")
+    assert (row["max_numerical_rank"], row["max_numerical_rank_bound"], row["max_numerical_rank_upper"]) == \
+        (lo, "lower", hi)
+    assert row["delta_params_lower"] == s["delta_params_lower"]
+    chain = lineage([b, t], rank_k=8, exact_svd_max=16).to_dict()
+    step = chain["steps"][0]
+    assert step["delta_params_lower"] == s["delta_params_lower"]
+    head, first = list(csv.reader(io.StringIO(lineage_csv(chain))))[:2]
+    assert first[head.index("delta_params_lower")] == str(s["delta_params_lower"])
+    others = [dict(row, tuned=f"other{i}", verdict="derived", delta_params_share=x) for i, x in enumerate((0.1, 0.9))]
+    text = " ".join(population_sentences(d, others))
+    assert "delta parameters (≤ " in text, text

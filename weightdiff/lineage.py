@@ -69,6 +69,8 @@ def step_summary(cmp: Comparison, src: str, dst: str) -> dict:
             "tensors_changed": s.scope.get("tensors_changed"), "tensors_total": s.scope.get("tensors_total"),
             "blocks_changed": s.blocks_changed, "blocks_total": s.blocks_total,
             "delta_params": s.delta_params, "delta_params_share": s.delta_params_share,
+            # (an upper bound when some energy rank is a bracket: the least it could be, else null)
+            "delta_params_lower": s.delta_params_lower,
             "form": s.form.get("kind"), "flags": list(s.flags),
             "blocks": {b.block: b.rel_change for b in cmp.blocks}}
 

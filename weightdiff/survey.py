@@ -43,8 +43,9 @@ COLUMNS: list[tuple[str, str]] = [
     ("tuned", "string"), ("name", "string"), ("status", "string"), ("error", "string"),
     ("verdict", "string"), ("coverage", "double"), ("relative_change", "double"),
     ("one_minus_cosine", "double"), ("blocks_changed", "int64"), ("blocks_total", "int64"),
-    ("delta_params", "int64"), ("delta_params_share", "double"), ("form", "string"),
-    ("max_numerical_rank", "int64"), ("max_numerical_rank_bound", "string"), ("flags", "string"), ("params_total", "int64"),
+    ("delta_params", "int64"), ("delta_params_lower", "int64"), ("delta_params_share", "double"), ("form", "string"),
+    ("max_numerical_rank", "int64"), ("max_numerical_rank_bound", "string"), ("max_numerical_rank_upper", "int64"),
+    ("flags", "string"), ("params_total", "int64"),
     ("tuned_files", "int64"), ("tuned_bytes", "int64"), ("tuned_sha256", "string"),
     ("base", "string"), ("base_bytes", "int64"), ("base_sha256", "string"),
     ("identity", "string"), ("json", "string"),
@@ -167,14 +168,18 @@ def row_from_result(data: dict | None, tuned_id: dict, base_id: dict, key: str, 
         return row
     s = data.get("summary") or {}
     form = s.get("form") or {}
+    bracket = form.get("max_numerical_rank_bounds") if form.get("max_numerical_rank") is None else None
     cos = s.get("relatedness_cosine")
     row.update(
         status="ok", verdict=s.get("verdict"), coverage=_coverage(s.get("coverage")),
         relative_change=_num(s.get("relative_change")), one_minus_cosine=None if cos is None else max(0.0, 1.0 - cos),
         blocks_changed=s.get("blocks_changed"), blocks_total=s.get("blocks_total"),
-        delta_params=s.get("delta_params"), delta_params_share=_num(s.get("delta_params_share")),
-        form=form.get("kind"), max_numerical_rank=form.get("max_numerical_rank"),
-        max_numerical_rank_bound="lower" if (form.get("bounds") or {}).get("max_numerical_rank") else None,
+        delta_params=s.get("delta_params"), delta_params_lower=s.get("delta_params_lower"),
+        delta_params_share=_num(s.get("delta_params_share")), form=form.get("kind"),
+        # a bracket (the value null in the JSON): its lower end, marked, and its upper end beside it
+        max_numerical_rank=form.get("max_numerical_rank") if bracket is None else bracket[0],
+        max_numerical_rank_bound=None if bracket is None else "lower",
+        max_numerical_rank_upper=None if bracket is None else bracket[1],
         flags=",".join(s.get("flags") or []) or None, params_total=s.get("params_total"),
         tuned_sha256=files_digest(data.get("tuned")), base_sha256=files_digest((data.get("base") or [None])[0]),
         json=f"models/{name}.json")

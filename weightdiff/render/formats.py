@@ -132,8 +132,9 @@ def rank_text(rank: dict | None, field: str = "numerical_rank", fmt=count) -> st
     if not rank or rank.get(field) is None:
         return MISSING
     bounds = rank.get("bounds") or {}
+    if field in (rank.get("estimated") or []):
+        # an estimate (effective_rank: the even-spread value, the upper end of its range) is never a bound
+        return "~" + num(rank[field])
     if field in bounds and bounds[field]:
         return bound(bounds[field][0], "lower", fmt)
-    if field in (rank.get("estimated") or []):
-        return "~" + num(rank[field])
     return fmt(rank[field])

@@ -25,7 +25,7 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from ..fsutil import write_bytes
-from .formats import sci, share
+from .formats import bound, sci, share
 from .figstyle import GREY, OKABE_ITO, STYLE, _figure, figure_bytes, text
 
 #: (column, axis label, name in sentences, comparison in sentences)
@@ -161,6 +161,7 @@ def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
     values = {"relative_change": s.get("relative_change"),
               "one_minus_cosine": None if cos is None else max(0.0, 1.0 - cos),
               "delta_params_share": s.get("delta_params_share")}
+    upper = s.get("delta_params_lower") is not None      # delta_params is then an upper bound
     fmt = {"relative_change": sci, "one_minus_cosine": sci, "delta_params_share": share}
     subject = "this fine-tune" if s.get("verdict") in (None, "derived", "partial") else "this model"
     out = []
@@ -173,11 +174,12 @@ def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
             continue
         med = float(np.median([r[col] for r in good if _finite(r.get(col))]))
         tie = f"; {equal} exactly as deep" if equal else ""
+        shown = bound(v, "upper", share) if col == "delta_params_share" and upper else fmt[col](v)
         if not out:
-            out.append(f"By {words} ({fmt[col](v)}), {subject} is deeper than {below} of the {n} "
+            out.append(f"By {words} ({shown}), {subject} is deeper than {below} of the {n} "
                        f"{others}surveyed fine-tunes of {of} (median {fmt[col](med)}{tie}).")
         else:
-            out.append(f"By {words} ({fmt[col](v)}) it is {than} {below} of {n} "
+            out.append(f"By {words} ({shown}) it is {than} {below} of {n} "
                        f"(median {fmt[col](med)}{tie}).")
     if not out:
         out.append(f"The survey holds no {others}fine-tune of {of} with a result to compare this one with.")
