@@ -21,6 +21,8 @@ import math
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
 from ..kernels.dtypes import DTYPES
 from ..options import Thresholds
 from ..records import STATUSES, BlockRecord, Summary, TensorRecord, count_lookalikes
@@ -44,6 +46,23 @@ def _low_rank_k(rec: TensorRecord, lower: bool = False) -> int | None:
     return min(ks) if ks else None
 
 
+#: the share of a matrix's change its directions above the noise must hold for a low numerical rank to make it
+#: low-rank when its energy is spread over many directions (a LoRA update beside the storage rounding: most)
+RESOLVED_MIN = 0.5
+
+
+def _resolved_share(rec: TensorRecord) -> float | None:
+    """The share of the change's squared norm held by its top ``numerical_rank`` singular values (0 when no
+    direction stands above the noise; None when the record carries no spectrum or norm to tell)."""
+    nr = int(getattr(rec.rank, "numerical_rank", 0) or 0)
+    spectrum = getattr(rec.rank, "spectrum", None) or []
+    total = float(rec.norm_delta or 0.0) ** 2
+    if not spectrum or not (total > 0 and math.isfinite(total)):
+        return None
+    s = np.sort(np.asarray(spectrum, dtype=np.float64))[::-1][:nr]
+    return float(np.sum(s * s)) / total
+
+
 def _rank_side(rec: TensorRecord, thresholds: Thresholds) -> str:
     """``low`` when a matrix's change is low-rank at the upper end of its rank brackets, ``dense``
     when it is not even at their lower end, ``undecided`` when the brackets straddle the rule (a
@@ -57,6 +76,13 @@ def _rank_side(rec: TensorRecord, thresholds: Thresholds) -> str:
         return "undecided" if not (getattr(rec.rank, "numerical_rank", None) or 0) else "dense"
     hi_k, hi_n = _low_rank_k(rec), rank_upper(rec, "numerical_rank")
     if hi_k is not None and hi_k <= cap and hi_n is not None and hi_n <= thresholds.low_rank_max:
+        er, held = rank_upper(rec, "energy_rank_99"), _resolved_share(rec)
+        if er is not None and er > cap and held is not None and held < RESOLVED_MIN \
+                and (getattr(rec.rank, "extra", None) or {}).get("noise_model") != "quantization":
+            # few directions stand above the rounding noise, but they hold little of the change: the rest is a
+            # dense change at the noise's level (a few small full fine-tune steps stored in fp32), not the
+            # rounding beside a low-rank update, which its top directions would hold
+            return "undecided"
         return "low"
     lo_k, lo_n = _low_rank_k(rec, lower=True), getattr(rec.rank, "numerical_rank", None)
     if (lo_k is not None and lo_k > cap) or (lo_n is not None and lo_n > thresholds.low_rank_max) \

@@ -782,8 +782,8 @@ def form_sentence(f: dict) -> str:
         where = f" (numerical ranks up to {count(b[0])}-{count(b[1])})" if b else ""
         return (f"Whether the change is low-rank or dense is not decided: for matrices holding "
                 f"{share(sh.get('undecided'))} of the changed matrices' parameters the rank is a bracket that "
-                f"spans the low-rank rule{where}, or no direction of the change stands above the "
-                f"quantization noise.")
+                f"spans the low-rank rule{where}, or the change sits at the level of the noise (rounding or "
+                f"quantization): the few directions above it hold too little of the change to call it low-rank.")
     if f.get("kind") == "sparse":
         return (f"The change is sparse: {share(f.get('changed_element_share'))} of the elements of the "
                 "changed tensors differ.")
