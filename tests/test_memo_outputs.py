@@ -241,3 +241,23 @@ def test_the_verdicts_more_link_points_at_a_section_the_memo_has(with_limits):
     docx = pytest.importorskip("docx")
     doc = docx.Document(_io.BytesIO(to_docx(blocks, "Memo")))
     assert any("More in" in p.text for p in doc.paragraphs) == with_limits
+
+
+def test_combined_results_are_told_apart_by_their_files_not_by_how_a_path_was_spelled():
+    """`report cmp.json prov.json` compared the path strings the results recorded: `tuned` and `./tuned`, one model,
+    opened the memo with "Caution: these results are not about one model"; two different models both spelled
+    `tuned` (run from two folders) got none. Files' hashes decide where both have them, else their names and
+    sizes beside the spelling."""
+    from weightdiff.render.report import _mixed_subjects
+
+    def item(kind, path, files):
+        return (f"{kind}.json", kind, {"tuned": {"path": path, "files": files}}, None)
+
+    hashed = [{"name": "model.safetensors", "bytes": 10, "sha256": "a" * 64}]
+    sized = [{"name": "model.safetensors", "bytes": 10}]
+    other = [{"name": "model.safetensors", "bytes": 12}]
+    assert _mixed_subjects([item("compare", "tuned", hashed), item("provenance", "./tuned", sized)]) is None
+    assert _mixed_subjects([item("compare", "tuned", hashed), item("provenance", "tuned", other)]) is not None
+    assert _mixed_subjects([item("compare", "x/tuned", hashed),
+                            item("compare", "y/tuned", [dict(hashed[0], sha256="b" * 64)])]) is not None
+    assert _mixed_subjects([item("compare", "x/tuned", hashed), item("compare", "y/t", hashed)]) is None

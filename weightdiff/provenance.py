@@ -33,7 +33,7 @@ import numpy as np
 from ._callable import callable_module
 from ._version import __version__
 from .io.checkpoint import Checkpoint, is_hub_candidate, locate
-from .comparison import compare, hub_run, run_date, versions
+from .comparison import compare, describe, hub_run, run_date, versions
 from .errors import CheckpointError, OptionsError, WeightdiffError, escape_name
 from .kernels.dtypes import DTYPES, decode
 from .options import CompareOptions, HubOptions, ProvenanceOptions, Thresholds, _opt, options_from_kwargs
@@ -175,7 +175,9 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
             screening["compared_in_full"] = sum(c["compared"] == "full" for c in rows)
         for i, c in enumerate(rows, 1):
             c["rank"] = i
-        tuned_desc = {"path": str(tuned), "format": tck.format, "params": tck.params}
+        tuned_desc = {"path": str(tuned), "format": tck.format, "params": tck.params,
+                      # its files' names and sizes: a combined report tells models apart by them, not by a spelling
+                      "files": [{"name": f["name"], "bytes": f["bytes"]} for f in describe(tck, False)["files"]]}
         if tck.hub is not None:
             tuned_desc["hub"] = {k: v for k, v in tck.hub.items() if k != "files"}
         run = {"date": date, "seconds": round(time.perf_counter() - t0, 3), "command": command,

@@ -295,27 +295,49 @@ def report_many(paths: list[str | os.PathLike], *, html: str | os.PathLike | Non
 def _subject(path: object) -> str:
     """A model's path as results name it, one spelling per checkpoint where it is on this machine."""
     text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
-    return os.path.realpath(text) if os.path.exists(text) else text.rstrip("/")
+    return os.path.realpath(text) if os.path.exists(text) else (os.path.normpath(text) if text else text)
+
+
+def _fingerprint(entry: dict) -> tuple:
+    """What tells two checkpoints apart beyond their spelling: the sha256 of every file when the result
+    recorded them, else the files' names and sizes (a result made elsewhere may spell another model alike)."""
+    files = [f for f in entry.get("files") or [] if isinstance(f, dict)]
+    shas = tuple(sorted(str(f["sha256"]) for f in files)) if files and all(f.get("sha256") for f in files) else None
+    return (shas, tuple(sorted((os.path.basename(str(f.get("name") or f.get("path") or "")), f.get("bytes"))
+                               for f in files)))
+
+
+def _same_model(a: tuple[str, tuple | None], b: tuple[str, tuple | None]) -> bool:
+    """(spelling, fingerprint or None) pairs: the same checkpoint when their hashes agree (whatever the
+    spelling), else when the spellings agree and no recorded file differs."""
+    (pa, fa), (pb, fb) = a, b
+    if fa is not None and fb is not None and fa[0] is not None and fb[0] is not None:
+        return fa[0] == fb[0]
+    if pa != pb:
+        return False
+    return fa is None or fb is None or not fa[1] or not fb[1] or fa[1] == fb[1]
 
 
 def _mixed_subjects(items: list) -> str | None:
     """A sentence when the results combined are not about one model: the tuned model of each compare
     and provenance result, and the last model of each lineage chain, which must include it. A memo
     that merged results about different models silently read as one story about one model."""
-    about: list[tuple[str, str]] = []
-    chains: list[list[str]] = []
+    about: list[tuple[str, tuple[str, tuple | None]]] = []
+    chains: list[list[tuple[str, tuple | None]]] = []
     for path, kind, data, _ in items:
         if kind in ("compare", "provenance"):
-            t = (data.get("tuned") or {}).get("path")
+            entry = data.get("tuned") or {}
+            t = entry.get("path") if isinstance(entry, dict) else None
             if t is not None:
-                about.append((f"{kind} {Path(path).name}", _subject(t)))
+                about.append((f"{kind} {Path(path).name}", (_subject(t), _fingerprint(entry))))
         elif kind == "lineage" and data.get("paths"):
-            chains.append([_subject(p) for p in data["paths"]])
+            chains.append([(_subject(p), None) for p in data["paths"]])
             about.append((f"lineage {Path(path).name} (its last model)", chains[-1][-1]))
-    named = {s for _, s in about}
-    if len(named) <= 1 and all(not named or named <= set(c) for c in chains):
+    subjects = [s for _, s in about]
+    one = all(_same_model(subjects[0], s) for s in subjects[1:]) if subjects else True
+    if one and all(any(_same_model(s, c) for c in chain) for s in subjects for chain in chains):
         return None
-    return ("these results are not about one model: " + "; ".join(f"{w}: {s}" for w, s in about)
+    return ("these results are not about one model: " + "; ".join(f"{w}: {s[0]}" for w, s in about)
             + ". Read each section for its own model.")
 
 
