@@ -1070,3 +1070,20 @@ def test_a_dense_change_at_the_rounding_noise_is_not_called_low_rank(tmp_path):
     assert "low-rank:" not in " ".join(s.headline)
     s = compare(tmp_path / "b", tmp_path / "l").summary
     assert s.form["kind"] == "low_rank" and s.form["max_numerical_rank"] == 4, s.form
+
+
+def test_two_roundings_of_one_original_are_not_called_a_cast_of_the_base(tmp_path):
+    """A bf16 base and an fp16 copy of the same fp32 weights read "CAST ONLY ... (BF16 -> F16)": a cast from BF16
+    to F16 is exact, so a differing fp16 value cannot be one. Both are roundings of the same weights."""
+    from models import llama
+
+    w = llama(np.random.default_rng(131), layers=2, hidden=64, inter=128, vocab=256)
+    write_checkpoint(tmp_path / "b", w, dtype="BF16")
+    write_checkpoint(tmp_path / "t", w, dtype="F16")
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    assert s.verdict == "cast_only", s.verdict_reason
+    assert "BF16 and F16 roundings of the same weights" in s.verdict_reason and "BF16 -> F16" not in s.verdict_reason
+    write_checkpoint(tmp_path / "t32", w, dtype="F32")
+    write_checkpoint(tmp_path / "t16", w, dtype="BF16")
+    s = compare(tmp_path / "t32", tmp_path / "t16").summary
+    assert "F32 -> BF16" in s.verdict_reason, s.verdict_reason

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..kernels.dtypes import DTYPES
 from ..records import count_lookalikes
 from .formats import count, num, sci, share, tuned_params
 
@@ -342,6 +343,17 @@ def _mismatch(t: dict) -> bool:
 _DTYPE_WORDS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
+def _cast_words(t) -> str:
+    """``BF16 -> F16`` for a cast of the base; where the tuned dtype holds every base value exactly (more mantissa
+    bits: BF16 values in F16), a tuned value that differs cannot be a cast of the base: both are roundings of one
+    original, said so instead of an arrow that gives a direction."""
+    chain = _chain(t)
+    a, b = (DTYPES.get(x) for x in (chain[0], chain[-1])) if len(chain) == 2 else (None, None)
+    if a is not None and b is not None and a.kind == b.kind == "float" and b.mant_bits > a.mant_bits:
+        return f"{chain[0]} and {chain[-1]} roundings of the same weights"
+    return " -> ".join(chain)
+
+
 def _chain(t) -> list[str]:
     """The dtypes a rounding tensor was cast through, base first (``cast.chain`` when measured)."""
     chain = (t.get("cast") or {}).get("chain")
@@ -398,7 +410,7 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         return f"All {count(tbs.get('unchanged', 0))} tensors are bitwise identical to the base."
     if v == "cast_only":
         rounding = [t for t in counted if t.get("status") == "rounding"]
-        casts = sorted({" -> ".join(_chain(t)) for t in rounding
+        casts = sorted({_cast_words(t) for t in rounding
                         if t.get("dtype_base") != t.get("dtype_tuned") or t.get("cast")})
         same = sum(1 for t in rounding if t.get("dtype_base") == t.get("dtype_tuned") and not t.get("cast"))
         parts = []
