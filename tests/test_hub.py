@@ -743,3 +743,16 @@ def test_a_cached_copy_of_another_size_than_listed_is_fetched_again(hf, server, 
     assert snap.resolve().stat().st_size > 0
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert a["tensors"] == b["tensors"]
+
+
+@pytest.mark.parametrize("mode", ["--stream", "--download", None])
+def test_a_stray_shard_is_refused_in_every_mode(hf, server, tmp_path, mode):
+    """A repo holding a shard of the index's series that the index does not list: --stream refused it, --download
+    and the default mode accepted it (only the index's shards were fetched, so the local check never saw it)."""
+    files = _files(server.local["tuned"])
+    shard = next(n for n in files if n.endswith(".safetensors"))
+    stray = shard.replace("00001-of-", "00009-of-")
+    server.commit("org/stray", {**files, stray: files[shard]})
+    rc, _, err = run("compare", "org/base", "org/stray", "--no-rank", "-q", *([mode] if mode else []))
+    line = one_error(rc, err)
+    assert stray in line and "not in the index" in line

@@ -303,10 +303,17 @@ def _needed(kind: str, name: str | None, folder: HubFolder) -> list[str]:
     if kind == "adapter":
         return ["adapter_config.json"] + ([name] if name else [])
     if kind in ("sharded", "pickle_sharded"):
-        from .checkpoint import _read_index
+        from .checkpoint import _read_index, _series
 
         wmap, _ = _read_index(folder, name)
         shards = list(dict.fromkeys(wmap.values()))
+        # the local rule, on the repo's file list: in every mode (a download fetched only the index's shards, so the
+        # local check after it never saw a stray one, while streaming refused it)
+        stray = _series(Path(name), set(shards), folder.names(), ".safetensors") if kind == "sharded" else []
+        if stray:
+            raise CheckpointError(folder.file(name), f"shard {escape_name(stray[0])} is in the repo but not in the "
+                                                     "index (incomplete index or stray file?)",
+                                  "ask the repo's owner, or pick another revision")
         for shard in shards:           # the local rule (every shard it names exists), before any download
             if not folder.exists(shard):
                 raise CheckpointError(folder.file(name), f"names shard {escape_name(shard)}, which is not in "
