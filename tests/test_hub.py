@@ -756,3 +756,19 @@ def test_a_stray_shard_is_refused_in_every_mode(hf, server, tmp_path, mode):
     rc, _, err = run("compare", "org/base", "org/stray", "--no-rank", "-q", *([mode] if mode else []))
     line = one_error(rc, err)
     assert stray in line and "not in the index" in line
+
+
+def test_a_downloaded_files_bytes_are_the_files_not_the_listings(hf, server, tmp_path):
+    """A listing that overstated a file's size (20 GB for a 230 KB file) was recorded as the file's `bytes`, beside
+    `sha256_source: "verified"`: the record described a file that was not read."""
+    def inflate(info):
+        return {**info, "siblings": [{**x, "size": 20_000_000_000} if x["rfilename"].endswith(".safetensors") else x
+                                     for x in info["siblings"]]}
+
+    server.info_edit["org/sibling"] = inflate
+    rc, _, err = run("compare", "org/base", "org/sibling", "--no-rank", "-q", "--download", "--hash",
+                     "--json", str(tmp_path / "s.json"))
+    assert rc == 0, err
+    files = json.loads((tmp_path / "s.json").read_text())["tuned"]["files"]
+    real = (server.local["sibling"] / "model.safetensors").stat().st_size
+    assert [(f["bytes"], f["sha256_source"]) for f in files if f["name"].endswith(".safetensors")] == [(real, "verified")]

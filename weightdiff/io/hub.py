@@ -566,6 +566,10 @@ def hub_files(ckpt: Checkpoint, hashed: bool) -> list[dict]:
     disk, the Hub lists none); a mismatch is a corrupt download or cache: CheckpointError."""
     files = [dict(f) for f in ckpt.hub["files"]]
     mode = (ckpt.hub_run or {}).get("mode")
+    if mode in ("download", "cache"):
+        # the bytes read, not the size the listing claims (a listing may overstate it; the hash is of these)
+        for f, path in zip(files, ckpt.files):
+            f["bytes"] = os.path.getsize(path)
     if not hashed or mode not in ("download", "cache"):
         return [dict(f, sha256_source="hub" if f["sha256"] else None) for f in files]
     digests = ckpt.hash_files()
