@@ -1087,3 +1087,19 @@ def test_two_roundings_of_one_original_are_not_called_a_cast_of_the_base(tmp_pat
     write_checkpoint(tmp_path / "t16", w, dtype="BF16")
     s = compare(tmp_path / "t32", tmp_path / "t16").summary
     assert "F32 -> BF16" in s.verdict_reason, s.verdict_reason
+
+
+def test_a_large_low_rank_change_is_not_offered_a_merge_as_its_cause(tmp_path):
+    """A rank-4 update as large as the weights reads far from the base; its reason offered "a merge with another
+    model", which would change every direction, not four."""
+    from models import llama
+
+    base = llama(np.random.default_rng(141), layers=2, hidden=128, inter=256, vocab=256)
+    rng = np.random.default_rng(142)
+    tuned = {k: (v + 3 * float(v.std()) * (rng.normal(size=(v.shape[0], 4)) @ rng.normal(size=(4, v.shape[1]))) / 2
+                 ).astype(np.float32) if v.ndim == 2 else v for k, v in base.items()}
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    assert "far_from_base" in s.flags and s.form["kind"] == "low_rank", (s.flags, s.form["kind"])
+    assert "a merge with another model" not in s.verdict_reason and "yet the change is low-rank" in s.verdict_reason

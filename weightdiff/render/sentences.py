@@ -504,7 +504,12 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
     text += _zeroed_phrase(scope, cos is not None)
-    if "far_from_base" in (s.get("flags") or []):
+    if "far_from_base" in (s.get("flags") or []) and (s.get("form") or {}).get("kind") == "low_rank":
+        # a merge or training apart changes every direction: a low-rank change that large is a heavy update
+        text += ("; that is far more than fine-tunes move (they keep a cosine of 0.9 or more and a relative change "
+                 "well below 0.5), yet the change is low-rank: a large low-rank update (an adapter trained hard or "
+                 "scaled up), not a merge or a model trained apart, which change every direction")
+    elif "far_from_base" in (s.get("flags") or []):
         text += ("; that is far more than fine-tunes move (they keep a cosine of 0.9 or more and a relative change "
                  "well below 0.5): a merge with another model, long further training, a heavy fine-tune, or two "
                  "models trained apart from the same random initialisation (the same seed) would do it, and "
