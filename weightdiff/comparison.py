@@ -18,7 +18,6 @@ import functools
 import gc
 import os
 import platform
-import re
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
