@@ -5,13 +5,16 @@
     nice python benchmarks/bench_7b.py DATA [--runs cold,warm] [--naive-layers 2] [--json out.json] \\
         [-- extra compare flags]
 
-Each measured run is a fresh subprocess; it reports wall time, peak RSS (``ru_maxrss``) and the
+Each measured run is a fresh subprocess; it reports wall time, peak RSS (``ru_maxrss``; and the peak of
+each part, anonymous, file-backed and shared, sampled every 50 ms from ``/proc/self/status``) and the
 bytes it read from the block device (``/proc/self/io`` ``read_bytes``: page-cache hits are not
 counted, so a cold run that reads each byte once shows about the pair's size). ``cold`` drops the
 page cache first when run as root (``/proc/sys/vm/drop_caches``); otherwise the run is cold only
 as far as the pair is larger than the RAM, and the table says so. From the JSON the run wrote:
 how many matrices have an exact ``numerical_rank``, the widest bracket, and the summary's largest
-rank. ``naive``: what a user would write with torch (load both tensors of every layer, norms of the
+rank. With ``-- --device cuda`` it also measures what torch and the CUDA runtime hold on their own
+(context, cuBLAS, cuSOLVER, the CLI imported): the part of the peak weightdiff does not choose.
+``naive``: what a user would write with torch (load both tensors of every layer, norms of the
 delta, ``torch.linalg.svdvals`` of each changed matrix in float32) on the first ``--naive-layers``
 layers, extrapolated to the whole pair by parameter count.
 """
@@ -28,18 +31,42 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, resource, sys, threading, time
 t0 = time.perf_counter()
+peaks = {{"RssAnon": 0, "RssFile": 0, "RssShmem": 0}}
+stop = threading.Event()
+
+def sample():   # the peak of each part of the resident set (ru_maxrss is their sum's peak)
+    while True:
+        for line in open("/proc/self/status"):
+            key = line.split(":")[0]
+            if key in peaks:
+                peaks[key] = max(peaks[key], int(line.split()[1]))
+        if stop.wait(0.05):
+            return
+
+threading.Thread(target=sample, daemon=True).start()
 rc = 0
 try:
     {body}
 except SystemExit as exc:
     rc = exc.code or 0
+stop.set()
 io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
 print("BENCH " + json.dumps({{"seconds": time.perf_counter() - t0, "rc": rc,
       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "peak_parts_mb": {{k: v / 1024 for k, v in peaks.items()}},
       "read_bytes": int(io["read_bytes"])}}), file=sys.stderr)
 """
+
+#: what torch and the CUDA runtime hold before weightdiff does anything: a context, cuBLAS and
+#: cuSOLVER loaded (a matrix product and an eigen-solve), the CLI imported
+RUNTIME = """import torch
+    import weightdiff.cli, weightdiff.kernels.cuda
+    x = torch.randn(512, 512, dtype=torch.float64, device="cuda")
+    torch.linalg.eigvalsh(x @ x.T)
+    torch.linalg.svdvals(x)
+    torch.cuda.synchronize()"""
 
 COMPARE = """from weightdiff.cli import main
     main({argv!r}, standalone_mode=False)"""
@@ -146,7 +173,12 @@ def main() -> int:
         print(f"{run}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB, read {r['read_bytes'] / 1e9:.1f} GB "
               f"({r['read_share']:.2f}x the pair), ranks exact {r['numerical_rank_exact']}/{r['matrices_ranked']}, "
               f"widest bracket {r['widest_bracket_share']:.1%}, max rank {r['max_numerical_rank']} "
-              f"{r['max_numerical_rank_bounds'] or ''} ({note})", file=sys.stderr)
+              f"{r['max_numerical_rank_bounds'] or ''} ({note}); RSS parts {r['peak_parts_mb']}", file=sys.stderr)
+    if "--device" in args.extra and args.extra[args.extra.index("--device") + 1] == "cuda":
+        r = child(RUNTIME)
+        report["runs"]["cuda_runtime"] = r
+        print(f"torch + CUDA runtime alone (context, cuBLAS, cuSOLVER, CLI imported): peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB {r['peak_parts_mb']}", file=sys.stderr)
     if args.naive_layers:
         r = child(NAIVE.format(layers=args.naive_layers, data=str(data)))
         r["extrapolated_seconds"] = r["seconds"] * params / max(r["params"], 1)

@@ -11,7 +11,8 @@
 # `compare --device cuda` on it, cold (page cache dropped when root) and warm, with every rank from
 # the full Gram spectrum (benchmarks/bench_7b.py: wall, peak RSS, bytes read, exact ranks); the pair is
 # deleted afterwards (after the CUDA-vs-CPU check). SKIP_7B=1 leaves it out; RUNS_7B=warm, T_GEN and T_7B
-# (seconds) fit it into a short lease.
+# (seconds) fit it into a short lease. Then the same for a 70B-width slice (two Llama-2-70B layers,
+# make_pair.py's 70b-slice): SKIP_70B, RUNS_70B, T_70B.
 # Results go to $OUT (or ./device-out): gpu_check.txt, compare_<size>_<device>.json, bench_7b_cuda.json,
 # summary.txt.
 set -u
@@ -86,6 +87,17 @@ if [ "$DEVICE" = cuda ] && [ -z "${SKIP_7B:-}" ]; then
   log "compare the 7B pair --device cuda, runs ${RUNS_7B:-cold,warm} (benchmarks/bench_7b.py)"
   timeout "${T_7B:-600}" $PY benchmarks/bench_7b.py "$pair" --runs "${RUNS_7B:-cold,warm}" --naive-layers 0 \
       --json "$OUT/bench_7b_cuda.json" -- --device cuda -q 2>&1 | tail -6 | tee -a "$OUT/summary.txt"
+  rm -rf "$pair"
+fi
+
+# a 70B-width slice: two Llama-2-70B layers (8192 x 28672 MLP matrices), every matrix changed
+if [ "$DEVICE" = cuda ] && [ -z "${SKIP_70B:-}" ]; then
+  pair=/tmp/wd-pair-70b-slice
+  log "generate a 70B-width slice (two layers) on the device"
+  ( time timeout "${T_GEN:-300}" $PY benchmarks/gen_pair_torch.py "$pair" --size 70b-slice --device cuda ) 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
+  log "compare the 70B-width slice --device cuda, runs ${RUNS_70B:-cold,warm}"
+  timeout "${T_70B:-300}" $PY benchmarks/bench_7b.py "$pair" --runs "${RUNS_70B:-cold,warm}" --naive-layers 0 \
+      --json "$OUT/bench_70b_slice_cuda.json" -- --device cuda -q 2>&1 | tail -6 | tee -a "$OUT/summary.txt"
   rm -rf "$pair"
 fi
 log "done"

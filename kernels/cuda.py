@@ -27,7 +27,7 @@ from .reference import IDX, NSTATS, STAT_FIELDS, as_storage, combine, finalize  
 
 __all__ = ["STAT_FIELDS", "NSTATS", "PIECE", "delta_stats", "bytes_stats", "combine", "finalize",
            "decode_delta_f32", "decode_delta", "stream_delta_stats",
-           "require_device", "resolve_device", "DeviceUnavailable"]
+           "require_device", "resolve_device", "DeviceUnavailable", "DeviceDelta"]
 
 #: elements reduced at a time on the device: weightdiff.measure.compute's window, so one piece per
 #: window; the temporaries of a piece peak near 75 bytes per element (~1.2 GB)
@@ -323,8 +323,104 @@ def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out
     out.reshape(-1)[:] = d.cpu().numpy()
 
 
-def stream_delta_stats(windows: Iterable[tuple], device=None, depth: int = 3) -> Iterator[np.ndarray]:
-    """The stats of each window, copies overlapped with compute on CUDA (``kernels.cuda_stream``)."""
+def stream_delta_stats(windows: Iterable[tuple], device=None, depth: int = 3,
+                       on_device=None) -> Iterator[np.ndarray]:
+    """The stats of each window, copies overlapped with compute on CUDA (``kernels.cuda_stream``);
+    ``on_device(bt, tt)``: called with each window's integer bits on the device, in order (a
+    ``DeviceDelta.add``)."""
     from .cuda_stream import stream_delta_stats as stream
 
-    return stream(windows, device=device, depth=depth)
+    return stream(windows, device=device, depth=depth, on_device=on_device)
+
+
+class DeviceDelta:
+    """``T - B`` of one ``m x n`` matrix kept on the device, filled from the stats pass's windows
+    (flat, row-major, in order), and each side's storage-rounding variance summed per row and per
+    column: what the rank of the change needs, so that it is not read a second time.
+
+    ``tables``: per side, ``(table, shift, mask)`` of ``weightdiff.measure.rank._variance_table``
+    (variance indexed by ``(bits >> shift) & mask``) or None for a dtype that stores exactly.
+    ``float64``: keep the delta in float64 (exact for 16-bit sides; the Gram matrix's error bound then
+    has no float32 copy term), else float32 like ``decode_delta``. The sums are taken per window as
+    a partial first row, whole rows (``sum`` over a dimension) and a partial last row, in a fixed
+    order: the same bits run after run (not those of the CPU's flat-order sums)."""
+
+    def __init__(self, shape2: tuple[int, int], dtype_base: str, dtype_tuned: str, tables, device,
+                 float64: bool = True):
+        torch = _torch()
+        _check_decodable(dtype_base, dtype_tuned)
+        self.torch = torch
+        self.shape2 = (int(shape2[0]), int(shape2[1]))
+        m, n = self.shape2
+        self.dtypes = (dtype_base, dtype_tuned)
+        self.dev = resolve_device(device)
+        self.fdtype = torch.float64 if float64 else torch.float32
+        self.delta = torch.empty(m * n, dtype=self.fdtype, device=self.dev)
+        self.rows = torch.zeros((2, m), dtype=torch.float64, device=self.dev)
+        self.cols = torch.zeros((2, n), dtype=torch.float64, device=self.dev)
+        self.tables = [None if t is None else (torch.from_numpy(np.asarray(t[0], np.float64)).to(self.dev),
+                                               int(t[1]), int(t[2])) for t in tables]
+        self.pos = 0
+
+    def add(self, bt, tt) -> None:
+        """The next window's raw bits (integer tensors or numpy arrays of the storage width)."""
+        torch = self.torch
+        db, dt = self.dtypes
+        bt = _as_int_tensor(bt, db, self.dev)
+        tt = _as_int_tensor(tt, dt, self.dev)
+        size = bt.numel()
+        if tt.numel() != size:
+            raise ValueError(f"base window has {size} elements, tuned window {tt.numel()}")
+        if self.pos + size > self.delta.numel():
+            raise ValueError(f"windows past the matrix's {self.delta.numel()} elements")
+        for s in range(0, size, PIECE):
+            b = _decode(bt[s:s + PIECE], db)
+            t = _decode(tt[s:s + PIECE], dt)
+            fin = torch.isfinite(b) & torch.isfinite(t)
+            d = torch.where(fin, t - torch.where(fin, b, 0.0), 0.0)
+            self.delta[self.pos + s:self.pos + s + d.numel()].copy_(d)
+            del b, t, fin, d
+        for side, bits in enumerate((bt, tt)):
+            if self.tables[side] is not None:
+                self._profile(side, bits)
+        self.pos += size
+
+    def _profile(self, side: int, bits) -> None:
+        torch = self.torch
+        table, shift, mask = self.tables[side]
+        n = self.shape2[1]
+        rows, cols = self.rows[side], self.cols[side]
+        for s in range(0, bits.numel(), PIECE):
+            piece = bits[s:s + PIECE]
+            idx = (piece.to(torch.int64) >> shift) & mask
+            var = torch.index_select(table, 0, idx)
+            p0 = self.pos + s
+            r, c = divmod(p0, n)
+            i = 0
+            if c:                                   # the rest of a row begun before this piece
+                k = min(n - c, var.numel())
+                rows[r] += var[:k].sum()
+                cols[c:c + k] += var[:k]
+                i, r = k, r + 1
+            whole = (var.numel() - i) // n
+            if whole:
+                blk = var[i:i + whole * n].view(whole, n)
+                rows[r:r + whole] += blk.sum(dim=1)
+                cols += blk.sum(dim=0)
+                i, r = i + whole * n, r + whole
+            if i < var.numel():                     # a row this piece begins
+                rows[r] += var[i:].sum()
+                cols[:var.numel() - i] += var[i:]
+
+    def matrix(self):
+        """The delta as an ``m x n`` device tensor (after every window)."""
+        if self.pos != self.delta.numel():
+            raise ValueError(f"fed {self.pos} of {self.delta.numel()} elements")
+        return self.delta.view(self.shape2)
+
+    def profile(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row and per-column variance sums, both sides added: float64 ``(m,)`` and ``(n,)``."""
+        return (self.rows.sum(dim=0).cpu().numpy(), self.cols.sum(dim=0).cpu().numpy())
+
+    def close(self) -> None:
+        self.delta = self.rows = self.cols = None

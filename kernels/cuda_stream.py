@@ -53,7 +53,8 @@ def host_copy(dst: np.ndarray, src: np.ndarray) -> None:
         f.result()
 
 
-def stream_delta_stats(windows: Iterable[tuple], device=None, depth: int = 3) -> Iterator[np.ndarray]:
+def stream_delta_stats(windows: Iterable[tuple], device=None, depth: int = 3,
+                       on_device=None) -> Iterator[np.ndarray]:
     """Stats of each ``(base_raw, tuned_raw, dtype_base, dtype_tuned)`` window, in order.
 
     On CUDA the windows go through ``depth`` pinned host buffers per side; the host copy
@@ -61,13 +62,16 @@ def stream_delta_stats(windows: Iterable[tuple], device=None, depth: int = 3) ->
     side stream) of window k+1 overlap the compute of window k (on the current stream),
     which never waits on the host; the small results come back through pinned memory and
     are yielded as soon as they are ready. Pinned buffers grow to the largest window seen.
-    On the CPU this is a plain loop.
+    ``on_device(bt, tt)``: called with each window's bits on the device, on the compute stream after
+    its stats and before its buffers are reused. On the CPU this is a plain loop.
     """
     torch = _torch()
     dev = resolve_device(device)
     if dev.type != "cuda":
         for b, t, db, dt in windows:
             yield delta_stats(b, t, db, dt, device=dev)
+            if on_device is not None:
+                on_device(b, t)
         return
     copy_stream = torch.cuda.Stream(device=dev)
     compute_stream = torch.cuda.current_stream(dev)
@@ -87,6 +91,8 @@ def stream_delta_stats(windows: Iterable[tuple], device=None, depth: int = 3) ->
             stats = _stats_tensor(bt, tt, db, dt)
             res = torch.empty(NSTATS, dtype=torch.float64, pin_memory=True)
             res.copy_(stats, non_blocking=True)
+            if on_device is not None:
+                on_device(bt, tt)
             done = torch.cuda.Event()
             done.record(compute_stream)
             slot.compute_done = done

@@ -61,7 +61,7 @@ class Backend:
             return s, "randomized", caps
         import torch
 
-        t = torch.from_numpy(d).to(self.device)
+        t = d if isinstance(d, torch.Tensor) else torch.from_numpy(d).to(self.device)
         if full:
             return ((spectral.svdvals_exact_torch(t), "exact", None) if direct or m * n <= LAPACK_MAX_ELEMENTS
                     else (spectral.svdvals_gram_torch(t), "gram", None))

@@ -29,7 +29,7 @@ from .backend import Backend
 from .floors import FloorAccumulator
 from .quant_floor import floor_test
 from .recast import cast_test, clamp_test
-from .rank_stream import streamed_rank_sink
+from .rank_stream import float_matrix, streamed_rank_sink
 
 #: elements per streamed window; fixed (not derived from the machine) so results are reproducible
 WINDOW_ELEMENTS = 1 << 24
@@ -53,7 +53,7 @@ def _elements(pair: Pair, shape: Sequence[int] | None) -> int:
 def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
                   tuned: Checkpoint, tname: str, dtype_t: str, stop: int | None,
                   on_window: Callable[[int], None], floors: FloorAccumulator | None = None,
-                  sink=None) -> np.ndarray:
+                  sink=None, device_sink=None) -> np.ndarray:
     k = backend.module
     opaque = not (DTYPES[dtype_b].decodable and DTYPES[dtype_t].decodable)
     acc = None
@@ -70,7 +70,8 @@ def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
                 sizes.append(len(wt))
                 yield wb, wt, dtype_b, dtype_t
 
-        for i, part in enumerate(k.stream_delta_stats(feed(), device=backend.device or "cuda")):
+        for i, part in enumerate(k.stream_delta_stats(feed(), device=backend.device or "cuda",
+                                                      on_device=device_sink.add if device_sink else None)):
             acc = part if acc is None else k.combine(acc, part)
             on_window(sizes[i])
         windows = iter(())
@@ -310,7 +311,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                     "and differ, so the values were not compared")
         rec.status = "changed"
         return rec
-    tuned_t = sink = None
+    tuned_t = sink = dsink = None
     floors = FloorAccumulator() if pre is None else None
     if pair.transposed:
         # content pairing found the tuned matrix stored transposed (ONNX MatMul initializers):
@@ -322,12 +323,13 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     else:
         if stop is None and not opaque and pre is None and not fused_experts(pair):   # a small pair never
             sink = streamed_rank_sink(pair, options, backend.name, WINDOW_ELEMENTS)       # streams its Gram
+            dsink = device_rank_sink(pair, options, backend)
         if pre is not None and not opaque:
             stats, rec.rounding_floor, fields = pre
             on_window(int(stats[0]))
         else:
             stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
-                                  pair.dtype_tuned, stop, on_window, floors, sink)
+                                  pair.dtype_tuned, stop, on_window, floors, sink, dsink)
             if not opaque:
                 rec.rounding_floor = floors.result()
     if pre is None or opaque:
@@ -426,6 +428,17 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         rec.note = (f"{e} experts of {m} x {n} fused in one tensor: the rank of each expert's change is not "
                     "computed (the tensor read as one matrix would cap every rank at the number of experts); "
                     "form and delta_params count it whole" + (f"; {rec.note}" if rec.note else ""))
+    elif dsink is not None and rec.status == "changed" and above is None:
+        # the delta the stats pass kept on the device (--device cuda): not read a second time
+        solve = _device_solve(dsink, float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
+                              options, backend)
+        if solver is not None and dsink.fdtype == dsink.torch.float64:
+            # solved on the solver's thread (its own CUDA stream) while the next matrix streams; the Gram
+            # matrix of a float64 delta brackets a rank only where singular values lie within ~n u64 s_1^2
+            # of the threshold: such a bracket is kept as it is (refine_rank reads on this thread only)
+            rec.rank = Deferred(solver.submit(solve))
+            return rec
+        rec.rank = solve()
     elif (options.rank and rec.status == "changed" and not opaque and len(shape_t) >= 2 and above is not False
             and min(shape_t[0], rec.numel // max(shape_t[0], 1)) >= 2):
         raw_b, dt_b, dt_t = base.read(pair.base_name), pair.dtype_base, pair.dtype_tuned
@@ -450,8 +463,79 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                             backend, extra_var=extra_var)
     if sink is not None:
         sink.gram.close()
+    if dsink is not None:
+        dsink.close()
     refine_rank(rec, pair, bases, tuned, options, backend)
     return rec
+
+
+def _device_solve(dsink, norm_delta_sq: float, options: CompareOptions, backend: Backend) -> Callable[[], RankRecord]:
+    """The rank of a delta kept on the device, as a call that may run on another thread: there it
+    runs on a CUDA stream of its own, after everything the current stream has queued (the delta's
+    last windows), and frees the delta when done."""
+    from .rank import analyze_device_delta
+
+    torch = dsink.torch
+    cuda = dsink.dev.type == "cuda"
+    after = None
+    if cuda:                      # the point of the current stream the delta is complete at
+        after = torch.cuda.Event()
+        after.record(torch.cuda.current_stream(dsink.dev))
+
+    def solve() -> RankRecord:
+        try:
+            if not cuda:
+                return _solve(dsink)
+            side = torch.cuda.Stream(device=dsink.dev)
+            side.wait_event(after)
+            with torch.cuda.stream(side):
+                return _solve(dsink)
+        finally:
+            dsink.close()
+
+    def _solve(dd) -> RankRecord:
+        return analyze_device_delta(dd, norm_delta_sq, k=options.rank_k, seed=options.seed,
+                                    exact_max=options.exact_svd_max, backend=backend,
+                                    noise_factor=options.thresholds.noise_floor_factor)
+    return solve
+
+
+#: a changed matrix's delta is kept on the device during the stats pass (``device_rank_sink``) when
+#: it and the rank's work space (about twice its size, the Gram matrix and the solver's) fit in this
+#: share of the device memory free at the time
+DEVICE_KEEP_SHARE = 0.5
+
+
+def device_rank_sink(pair: Pair, options: CompareOptions, backend: Backend):
+    """A ``kernels.cuda.DeviceDelta`` when this pair's rank is taken of a delta the stats pass keeps
+    on the device: the torch backend, rank on, no ``--subspace``, a float matrix of at least 2 x 2
+    whose float64 (else float32) delta and work space fit ``DEVICE_KEEP_SHARE`` of the free device
+    memory; else None (``analyze_delta`` then reads the matrix again)."""
+    from ..kernels.cuda import DeviceDelta
+    from .rank import _variance_table
+
+    if not options.rank or options.subspace or not backend.torch or pair.kind != "paired" or pair.transposed:
+        return None
+    mn = float_matrix(pair)
+    if mn is None:
+        return None
+    m, n = mn
+    import torch
+
+    dev = torch.device(backend.device or "cuda")
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else DEVICE_KEEP_CPU_BYTES
+    r = min(m, n)
+    for itemsize, f64 in ((8, True), (4, False)):
+        need = 3 * m * n * itemsize + 3 * r * r * 8
+        if need <= DEVICE_KEEP_SHARE * free:
+            tables = [_variance_table(dt) if DTYPES[dt].kind == "float" else None
+                      for dt in (pair.dtype_base, pair.dtype_tuned)]
+            return DeviceDelta((m, n), pair.dtype_base, pair.dtype_tuned, tables, dev, float64=f64)
+    return None
+
+
+#: the "free memory" of the torch backend on the cpu device (the tests'): deltas up to a sixth of it kept
+DEVICE_KEEP_CPU_BYTES = 1 << 30
 
 
 #: the largest finite float32

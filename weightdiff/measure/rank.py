@@ -166,7 +166,10 @@ def noise_floor(rows: np.ndarray, cols: np.ndarray) -> tuple[float, float]:
 
 
 def _record(s: np.ndarray, method: str, norm_sq: float, shape2: tuple[int, int], k: int,
-            floor: float, noise_factor: float, extra: dict, caps: np.ndarray | None = None) -> RankRecord:
+            floor: float, noise_factor: float, extra: dict, caps: np.ndarray | None = None,
+            d_float32: bool = True) -> RankRecord:
+    """The rank block from a spectrum ``s``; ``d_float32``: the delta it was taken of was rounded to
+    float32 (the Gram matrix's error bound then includes that copy's rounding)."""
     r = min(shape2)
     thr = noise_factor * floor
     full = method != "randomized"
@@ -178,7 +181,7 @@ def _record(s: np.ndarray, method: str, norm_sq: float, shape2: tuple[int, int],
         lam = np.asarray(s, dtype=np.float64) ** 2
         delta = kgram.eig_error_bound(r, max(shape2), max(norm_sq, float(lam.sum())) if norm_sq == norm_sq
                                       else float(lam.sum()), float(np.sqrt(np.sum(lam * lam))), np.float64,
-                                      d_float32=True)
+                                      d_float32=d_float32)
         _, lo, hi = kgram.certified_count(lam, thr * thr, delta)
         extra["eig_error_bound"] = delta
         fields["numerical_rank"] = lo
@@ -245,6 +248,32 @@ def analyze_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, 
     if subspace:
         extra.update(weight_subspace(base_raw, tuned_raw, dtype_base, dtype_tuned, shape2, k=k, seed=seed,
                                      exact_max=exact_max, backend=backend))
+    return rec
+
+
+def analyze_device_delta(dd, norm_delta_sq: float, *, k: int = 64, seed: int = 0,
+                         exact_max: int = DEFAULT_EXACT_MAX, backend: Backend, noise_factor: float = 1.5) -> RankRecord:
+    """``analyze_delta`` of a matrix whose delta the stats pass kept on the device
+    (``kernels.cuda.DeviceDelta``): the same record, without reading the checkpoint again."""
+    rows_v, cols_v = dd.profile()
+    floor, rms = noise_floor(rows_v, cols_v)
+    extra: dict = {"noise_rms": rms}
+    d = dd.matrix()
+    if not (norm_delta_sq >= 0 and math.isfinite(norm_delta_sq)):
+        import torch
+
+        norm_delta_sq = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+        extra["note"] = "norm_delta recomputed from the decoded delta (non-finite values count as 0)"
+    if norm_delta_sq == 0:
+        s, method, caps = np.zeros(min(dd.shape2)), "exact", None
+    else:
+        s, method, caps = backend.spectrum(d, k, seed, exact_max, norm_delta_sq)
+    del d
+    f32 = dd.fdtype != dd.torch.float64
+    rec = _record(s, method, norm_delta_sq, dd.shape2, k, floor, noise_factor, extra, caps, d_float32=f32)
+    if not rec.exact:
+        extra["note_bounds"] = (f"top {len(rec.spectrum)} of {min(dd.shape2)} singular values: "
+                                "fields in `bounds` are lower bounds, those in `estimated` approximate")
     return rec
 
 

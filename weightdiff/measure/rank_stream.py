@@ -35,7 +35,7 @@ from ..kernels.dtypes import DTYPES
 from ..records import RankRecord
 from .rank import _UINT, _bits, _variance_table, noise_floor, noise_kernel
 
-__all__ = ["DeltaGram", "RankSink", "streamed_rank_sink", "KEEP_BYTES", "BLOCK_BYTES"]
+__all__ = ["DeltaGram", "RankSink", "streamed_rank_sink", "float_matrix", "KEEP_BYTES", "BLOCK_BYTES"]
 
 #: bytes of float64 delta decoded at a time for a tall matrix (and per column tile when summing a wide one)
 BLOCK_BYTES = 64 << 20
@@ -330,6 +330,18 @@ class RankSink:
         g.feed(wb, wt, changed)
 
 
+def float_matrix(pair) -> tuple[int, int] | None:
+    """``(m, n)`` of a pair whose sides are float matrices of one shape, at least 2 x 2 (rows x the
+    rest); else None."""
+    st, sb = pair.shape_tuned, pair.shape_base
+    if st is None or sb is None or len(st) < 2 or tuple(st) != tuple(sb):
+        return None
+    if not (DTYPES[pair.dtype_base].decodable and DTYPES[pair.dtype_tuned].decodable):
+        return None
+    m, n = int(st[0]), int(math.prod(st[1:]))
+    return (m, n) if min(m, n) >= 2 else None
+
+
 def streamed_rank_sink(pair, options, backend: str, window_elements: int) -> RankSink | None:
     """A ``RankSink`` when this pair's rank is measured from its streamed Gram matrix: CPU, rank on,
     no ``--subspace``, a float matrix whose smaller side is at most ``exact_svd_max`` and that is too
@@ -338,13 +350,11 @@ def streamed_rank_sink(pair, options, backend: str, window_elements: int) -> Ran
 
     if not options.rank or options.subspace or backend != "cpu" or pair.kind == "resized":
         return None
-    st, sb = pair.shape_tuned, pair.shape_base
-    if st is None or sb is None or len(st) < 2 or tuple(st) != tuple(sb):
+    mn = float_matrix(pair)
+    if mn is None:
         return None
-    if not (DTYPES[pair.dtype_base].decodable and DTYPES[pair.dtype_tuned].decodable):
-        return None
-    m, n = int(st[0]), int(math.prod(st[1:]))
-    if min(m, n) < 2 or min(m, n) > options.exact_svd_max or m * n <= LAPACK_MAX_ELEMENTS:
+    m, n = mn
+    if min(m, n) > options.exact_svd_max or m * n <= LAPACK_MAX_ELEMENTS:
         return None
     return RankSink(DeltaGram((m, n), pair.dtype_base, pair.dtype_tuned, count=options.spectrum == "count",
                               seed=options.seed), window_elements)
