@@ -105,6 +105,17 @@ def build_ct_int8(t):
     return _ct(t, "int-quantized", {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"})
 
 
+def build_ct_int8_asym(t):
+    # compressed-tensors computes x / s + zp in the weights' dtype (bf16 here), rounded before the round to
+    # an integer: up to half a step more error than the symmetric scheme, at codes of large magnitude
+    return _ct(t, "int-quantized", {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "channel"})
+
+
+def build_ct_pack_g32_asym(t):
+    return _ct(t, "pack-quantized", {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
+                                     "group_size": 32})
+
+
 def build_ct_fp8(t):
     return _ct(t, "float-quantized", {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"})
 
@@ -153,6 +164,7 @@ def build_bnb8(t):
 
 
 BUILDERS = {"fp8-block": build_fp8_block, "ct-pack-int4": build_ct_pack, "ct-int8": build_ct_int8,
+            "ct-int8-asym": build_ct_int8_asym, "ct-pack-int4-g32-asym": build_ct_pack_g32_asym,
             "ct-fp8": build_ct_fp8, "gptq-v1": build_gptq, "gptq-v2": lambda t: build_gptq(t, False),
             "awq": build_awq, "bnb-nf4-nested": build_bnb4, "bnb-int8": build_bnb8}
 

@@ -45,6 +45,24 @@ def _build(kind, tensors):
         T.OUT = old
 
 
+@pytest.mark.parametrize("kind", ["ct-int8-asym", "ct-pack-int4-g32-asym", "ct-pack-int4", "ct-int8"])
+def test_a_bf16_base_quantized_by_compressed_tensors_is_quantized_only(tmp_path, models, kind):
+    """compressed-tensors quantizes in the model's dtype: with a bf16 model, x / s + zp is rounded to bf16
+    before the round to an integer (half a bf16 ulp of a code near 128 is half a step), so an asymmetric
+    int8 or int4 copy of an unchanged bf16 base lay past the half-step floor and read "derived"."""
+    from weightdiff.io.safetensors_write import to_storage
+
+    base, _ = models
+    b16 = {k: to_storage(v, "BF16").view(np.uint16) for k, v in base.items()}
+    as_f32 = {k: (v.astype(np.uint32) << 16).view(np.float32) for k, v in b16.items()}
+    stored, qc, _ = _build(kind, as_f32)
+    b = T._save(tmp_path / "base", {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in as_f32.items()}, None)
+    q = T._save(tmp_path / "quant", stored, qc)
+    r = compare(b, q, rank=False)
+    s = r.summary
+    assert s.verdict == "quantized_only", (s.verdict_reason, [(t.name, t.quant) for t in r.tensors if t.quant])
+
+
 @pytest.mark.parametrize("kind", list(T.BUILDERS))
 def test_base_quantized_is_quantized_only(tmp_path, models, kind):
     base, _ = models

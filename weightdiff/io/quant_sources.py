@@ -117,6 +117,10 @@ class FP8(Source):
         return K.fp8_rows(w.reshape(r1 - r0, -1), self.w.dtype, srow, bw, self.sdtype, self.sdtype)
 
 
+#: half an ulp, relative to the value, of the dtypes a quantizer may compute its codes in
+HALF_ULP = {"BF16": 2.0 ** -8, "F16": 2.0 ** -11}
+
+
 class IntGrid(Source):
     """compressed-tensors integer weights: ``pack-quantized`` (int32 words) or int8
     (``int-quantized``/``naive-quantized``), group/channel/tensor/block scales, optional
@@ -171,7 +175,14 @@ class IntGrid(Source):
         else:
             s_el, z_el = s.reshape(1, 1), np.reshape(z, (1, 1)) if not np.isscalar(z) else 0
         half = 1 << (self.bits - 1)
-        return K.dequant_int(q, z_el, s_el, self.sdtype, -half, half - 1)
+        value, floor = K.dequant_int(q, z_el, s_el, self.sdtype, -half, half - 1)
+        if self.zero is not None and self.sdtype in HALF_ULP:
+            # compressed-tensors quantizes in the weights' dtype (its scales are stored in it): x / s + zp
+            # is rounded to bf16 or f16 before the round to an integer, up to half an ulp of |x / s + zp|
+            # ~ |q| + 1/2 steps more (half a step at codes near 128 in bf16); x / s's own rounding is the
+            # cast allowance of the floor test. Asymmetric schemes only: with no zero point nothing is added
+            floor = floor + (np.abs(s_el) * (HALF_ULP[self.sdtype] * (np.abs(q) + 1.0))).astype(np.float32)
+        return value, floor
 
 
 def first_columns(g_idx: np.ndarray | None, actorder: bool | str, ncols: int) -> np.ndarray:
