@@ -631,3 +631,28 @@ def test_a_dequantized_copy_rounded_through_bf16_is_not_a_fine_tune(tmp_path, mo
     r = compare(q, T._save(tmp_path / "copy", copy, None), rank=False)
     assert r.summary.verdict == "quantized_only", r.summary.verdict_reason
     assert all(t.quant.get("dequantized") for t in r.tensors if t.quant)
+
+
+def test_a_2bit_copy_of_a_fine_tune_is_not_called_far_from_its_base(tmp_path, models):
+    """A 2-bit copy keeps 1 - cosine ~0.2 with the base whatever was trained: that distance is the
+    quantizer's noise, not "changed far more than a fine-tune" (a 2-bit GPTQ copy of a 0.5% fine-tune
+    read so, naming merges and long training). Net of the noise floors, the change is a fine-tune's."""
+    base, _ = models
+    rng = np.random.default_rng(5)
+    tuned = {k: (v + rng.normal(0, 0.05 * float(np.std(v)), v.shape)).astype(np.float32)
+             if k.split(".weight")[0] in T.LINEARS else v for k, v in base.items()}
+    args = {"num_bits": 2, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
+    old = T.OUT
+    T.OUT = ROWS
+    try:
+        stored, qc, _ = T._ct(tuned, "pack-quantized", args)
+        qbase, _, _ = T._ct(base, "pack-quantized", args)
+    finally:
+        T.OUT = old
+    r = _judge(tmp_path, base, stored, qc)
+    s = r.summary
+    assert s.verdict == "derived" and "far_from_base" not in s.flags, (s.flags, s.verdict_reason)
+    assert "quant_noise_distance" in s.flags and "quantization's own noise" in s.verdict_reason
+    assert s.relatedness_rel_change >= 0.5 or s.relatedness_cosine <= 0.5      # as far as a merge, by the cosine
+    same = _judge(tmp_path / "b", base, qbase, qc).summary
+    assert same.verdict == "quantized_only" and same.relatedness_cosine == pytest.approx(s.relatedness_cosine, abs=0.05)

@@ -171,6 +171,25 @@ def large_matrix_relatedness(rows, thresholds: Thresholds) -> tuple[float | None
     return cos, _ratio(nd2, nb2), len(chosen)
 
 
+def net_of_quantization(rows, thresholds: Thresholds) -> float | None:
+    """The large matrices' relative change with each quantized matrix's difference replaced by its part
+    above the quantization noise floor (``quant.norm_above_floor``); None when none of them was floor
+    tested. A quantized copy is as far from its base as its quantization noise (a 2-bit copy of an
+    unchanged base: 1 - cosine 0.2), which says nothing of how far training moved it."""
+    chosen = chosen_evidence(evidence_sizes(rows), thresholds.large_matrix_numel)
+    nb2 = nd2 = 0.0
+    tested = False
+    for r, _ in chosen:
+        nb, nd = _field(r, "norm_base"), _field(r, "norm_delta")
+        q = _field(r, "quant")
+        above = q.get("norm_above_floor") if isinstance(q, dict) and q.get("test") not in (None, "none") else None
+        if above is not None and math.isfinite(above):
+            nd, tested = min(above, nd) if nd is not None else above, True
+        if nb is not None and nd is not None and math.isfinite(nb) and math.isfinite(nd):
+            nb2, nd2 = nb2 + nb * nb, nd2 + nd * nd
+    return _ratio(nd2, nb2) if tested else None
+
+
 def _low_rank_row(row, thresholds: Thresholds) -> bool:
     """Whether one evidence row's change is certified low-rank (or absent): its numerical rank,
     at the upper end of any bracket, within the form's low-rank rule. Not for a rank counted above

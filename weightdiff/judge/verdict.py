@@ -30,7 +30,7 @@ from ..io.declared import same_model
 from ..pairing.names import component_of, parse_name
 from .coverage import compared_elements, coverage, too_little
 from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, weak_evidence,
-                          low_rank_change, reordered_kinds)
+                          net_of_quantization, low_rank_change, reordered_kinds)
 from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
                      max_rank_fields, moved_blocks, norms_sq, placements, rank_upper, ratio, unresolved_quant_noise,
                      zero_side)
@@ -38,6 +38,15 @@ from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_r
 
 
 # ---------------------------------------------------------------- the summary
+
+
+def quantization_explains(counted, thresholds: Thresholds) -> bool:
+    """Whether the large matrices are far from the base only by their quantization noise: net of each
+    quantized matrix's noise floor (``net_of_quantization``) their change is no longer weak evidence, so
+    ``far_from_base`` ("changed far more than a fine-tune") would blame training for the quantizer's error
+    (a 2-bit GPTQ copy of a 0.5% fine-tune read so; the base's own 2-bit copy is as far)."""
+    net = net_of_quantization(counted, thresholds)
+    return net is not None and not weak_evidence(None, net)
 
 def _low_rank_k(rec: TensorRecord, lower: bool = False) -> int | None:
     """min(energy_rank_99, numerical_rank) at the upper end of their brackets, or the lower end."""
@@ -345,7 +354,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     if verdict == "identical" and permuted:   # the base's weights, some units in another order: not the same files
         verdict = "derived"
     if verdict == "derived" and (not permuted or _all_undone(permuted, undone)) and weak_evidence(cos, rel_m):
-        flags.append("far_from_base")     # derived, but not "a fine-tune": a merge, long training
+        # derived, but not "a fine-tune": a merge, long training; unless the distance is the quantizer's noise
+        flags.append("quant_noise_distance" if quantization_explains(counted, thresholds) else "far_from_base")
     quant = quantization_summary(counted)
     form = _form(changed, thresholds) if verdict in ("derived", "partial") else {"kind": None}
     summary = Summary(

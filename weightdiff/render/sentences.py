@@ -501,6 +501,10 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                      f"(1 - cosine = {sci(max(0.0, 1 - cos))})")
         else:
             text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
+            if "quant_noise_distance" in (s.get("flags") or []):
+                text += (", most of it the quantization's own noise (net of each quantized matrix's noise floor "
+                         "the change is within what fine-tunes move; a copy of the base quantized the same way "
+                         "would be about as far)")
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
     text += _zeroed_phrase(scope, cos is not None)
