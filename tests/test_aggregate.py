@@ -165,6 +165,23 @@ def _worked_example():
     ]
 
 
+def test_bitwise_unchanged_counts_numbers_not_tensors():
+    """A change that touched 8 of each changed matrix's 64 numbers (a DARE or TIES merge, reserved token rows
+    trained) leaves 56 of them bit for bit the base's: 248 + 2 * 56 = 360 of 376 (95.7%), not the 248 (66.0%)
+    of the tensors left entirely unchanged (a DARE merge that kept 90.1% read "0.16% ... bit for bit the same")."""
+    records = [r if r.status != "changed" else rec(r.name, "changed", nb=2.0, nd=0.3, cos=0.99, frac=0.125,
+                                                   rank=(1, 1)) for r in _worked_example()]
+    _, _, s = aggregate(records, THR)
+    assert "95.7% of parameters are bitwise unchanged (66.0% in tensors left entirely unchanged)." in s.headline
+    data = {"summary": s.to_dict(), "tensors": [r.to_dict() for r in records], "tuned": {"path": "t"},
+            "base": [{"path": "b"}]}
+    assert sentences.unchanged_elements(data) == 360
+    text = " ".join(sentences.plain_language(data))
+    assert "Of the 376 parameters of t, 95.7% are bit for bit the same as in b (66.0% in tensors left" in text
+    from weightdiff.render.memo import key_figures
+    assert key_figures(data)[0][1] == "95.7% of 376 (66.0% in tensors left entirely unchanged)"
+
+
 def test_worked_example_low_rank_derived():
     blocks, modules, s = aggregate(_worked_example(), THR)
     # params: 80 + 64 + 8 + 64 + 64 + 8 + 8 + 80 = 376; changed 128

@@ -99,8 +99,8 @@ def key_figures(data: dict) -> list[list[Inline]]:
     """The five rows of the first page's key-figures table: figure, value, what it means."""
     s = data.get("summary") or {}
     total = fmt.tuned_params(s)
-    unchanged = (s.get("params_by_status") or {}).get("unchanged", 0)
     ref = reference_of(data)
+    same, aside = sentences.unchanged_words(data, total) if total else (fmt.MISSING, "")
     points = {p["key"]: p for p in ref.get("points") or []}
     model = points.get("model") or {}
     bf16 = (points.get("BF16") or {}).get("rel_change")
@@ -108,8 +108,7 @@ def key_figures(data: dict) -> list[list[Inline]]:
     if bf16:
         rel_note += f" (bfloat16 rounding alone: {fmt.sci(bf16)})"
     return [
-        ["parameters bit for bit unchanged", f"{fmt.share(unchanged / total) if total else fmt.MISSING} "
-                                             f"of {fmt.count(total)}", "numbers not touched at all"],
+        ["parameters bit for bit unchanged", f"{same} of {fmt.count(total)}{aside}", "numbers not touched at all"],
         ["blocks changed", f"{fmt.count(s.get('blocks_changed'))} of {fmt.count(s.get('blocks_total'))}",
          "layers of the stack with any change"],
         ["relative change (large matrices)", fmt.sci(model.get("rel_change")), rel_note],

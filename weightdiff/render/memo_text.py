@@ -16,7 +16,9 @@ METRICS = [
      "same direction; independently trained models give about 1. Reported in scientific notation because a small "
      "fine-tune gives values such as 1e-5.", "1 − cos = 1 − ⟨B, T⟩ / (‖B‖ ‖T‖) = (‖D‖² − (‖B‖ − ‖T‖)²) / (2 ‖B‖ ‖T‖)"),
     ("share of parameters unchanged", "The share of the tuned model's numbers that are bit for bit the same as in "
-     "the base.", "unchanged = Σ numel(tensors with T == B bitwise) / Σ numel(all tuned tensors)"),
+     "the base, counted number by number (a merge that left most numbers of every matrix alone counts them); "
+     "the share in tensors left entirely unchanged is given beside it when it differs.",
+     "unchanged = Σ #{(i, j): T_ij == B_ij bitwise} / Σ numel(all tuned tensors)"),
     ("rounding only", "A tensor whose every difference is smaller than half a step of the coarser storage format "
      "(for example float32 saved as bfloat16): the change a format conversion alone explains.",
      "|D_ij| ≤ ½ ulp(B_ij) in the coarser dtype, for every element"),

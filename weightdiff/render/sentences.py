@@ -334,6 +334,37 @@ def _counted(data: dict) -> list[dict]:
     return [t for t in data.get("tensors") or [] if not is_tied_row(t)]
 
 
+def unchanged_elements(data: dict) -> int:
+    """The tuned model's parameters bit for bit the base's, counted number by number: every element
+    of an unchanged tensor, and the elements a changed, rounded, quantized or resized tensor left as
+    they were (``numel_compared`` less its changed count, ``frac_changed`` times it, exact in float64).
+    ``params_by_status["unchanged"]`` counts whole tensors only: a DARE merge that left 90% of each
+    matrix's numbers alone has no unchanged tensor at all. A summary without its tensors: the whole-tensor
+    count."""
+    if not data.get("tensors"):
+        return int(((data.get("summary") or {}).get("params_by_status") or {}).get("unchanged", 0) or 0)
+    n = 0
+    for t in _counted(data):
+        status = t.get("status")
+        if status == "unchanged":
+            n += int(t.get("numel") or 0)
+        elif status in ("changed", "rounding", "quantized", "resized") and t.get("compared") in ("float", "bytes"):
+            m, f = int(t.get("numel_compared") or 0), t.get("frac_changed")
+            if m and f is not None and f == f:
+                n += m - int(round(float(f) * m))
+    return n
+
+
+def unchanged_words(data: dict, total: int) -> tuple[str, str]:
+    """(``"90.1%"`` of ``total`` bit for bit unchanged, number by number; the aside that gives the share in
+    wholly unchanged tensors when it differs, ``" (0.16% in tensors left entirely unchanged)"``, else "")."""
+    el = unchanged_elements(data)
+    whole = int(((data.get("summary") or {}).get("params_by_status") or {}).get("unchanged", 0) or 0)
+    text = share(el / total)
+    return text, (f" ({share(whole / total)} in tensors left entirely unchanged)"
+                  if share(whole / total) != text else "")
+
+
 def _mismatch(t: dict) -> bool:
     return t.get("status") == "resized" and t.get("compared") == "none"
 
@@ -625,12 +656,13 @@ def headline(data: dict) -> list[str]:
         unchanged = by.get("unchanged", 0)
         same_rows = sum(t.get("numel_compared") or 0 for t in counted if t.get("status") == "resized"
                         and t.get("compared") in ("float", "bytes") and t.get("frac_changed") == 0)
-        if same_rows:
+        if same_rows and unchanged_elements(data) == unchanged + same_rows:
             out.append(f"{share(unchanged / total)} of parameters are bitwise unchanged, "
                        f"{share((unchanged + same_rows) / total)} counting the shared rows of resized "
                        "tensors, which are bitwise unchanged too.")
         else:
-            out.append(f"{share(unchanged / total)} of parameters are bitwise unchanged"
+            main, aside = unchanged_words(data, total)
+            out.append(f"{main} of parameters are bitwise unchanged{aside}"
                        + (", once the units found reordered are put back in the base's order."
                           if ((s.get("scope") or {}).get("permuted_units") or {}).get("tensors_undone") else "."))
         if by.get("rounding"):
@@ -729,9 +761,8 @@ def plain_language(data: dict) -> list[str]:
     elif v == "identical":
         out.append(f"All {count(total)} parameters of {tuned} are bit for bit the same as in {base}.")
     else:
-        unchanged = by.get("unchanged", 0)
-        text = (f"Of the {count(total)} parameters of {tuned}, {share(unchanged / total)} are bit for bit the same "
-                f"as in {base}")
+        main, aside = unchanged_words(data, total)
+        text = f"Of the {count(total)} parameters of {tuned}, {main} are bit for bit the same as in {base}{aside}"
         if s.get("blocks_total"):
             n = s.get("blocks_changed") or 0
             text += (f", and {count(n)} of its {count(s['blocks_total'])} blocks "
