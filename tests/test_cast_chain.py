@@ -141,3 +141,37 @@ def test_same_dtype_rounded_through_bf16_is_a_cast(tmp_path):
     t["model.layers.0.self_attn.q_proj.bias"] = b["model.layers.0.self_attn.q_proj.bias"] + np.float16(0.01)
     r = compare(save_file(tmp_path / "b.safetensors", b), save_file(tmp_path / "t2.safetensors", t))
     assert r.tensor("model.layers.0.self_attn.q_proj.bias").status == "changed"
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    return (to_storage(x.astype(np.float32), "BF16").view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def test_matrices_off_a_bf16_base_grid_beside_matrices_on_it_are_not_a_cast(tmp_path):
+    """A bf16 base upcast to fp32 with small per-column scales (|l - 1| <= 1.5e-3, IA3 merged) in some
+    matrices: those values are within the base's rounding but no conversion of it (bf16 -> fp32 is exact),
+    while the untouched matrices stay exactly on its grid. It read "CAST ONLY ... so no weight was trained
+    further"; now inconclusive, flag off_grid_mixed. Every matrix off the grid (two roundings of one fp32
+    original) stays cast_only, in words that do not claim nothing was trained."""
+    from weightdiff.render.sentences import plain_language
+
+    t = llama(np.random.default_rng(3), layers=2)
+    base = {k: _bf16(v) for k, v in t.items()}
+    b = write_checkpoint(tmp_path / "b", base, dtype="BF16")
+    rng = np.random.default_rng(4)
+    tuned = dict(base)
+    scaled = [k for k in base if k.endswith(("k_proj.weight", "v_proj.weight"))]
+    for k in scaled:
+        tuned[k] = (base[k] * (1 + rng.uniform(-1.5e-3, 1.5e-3, base[k].shape[1]))).astype(np.float32)
+    r = weightdiff.compare(b, write_checkpoint(tmp_path / "t", tuned, dtype="F32"), rank=False)
+    s = r.summary
+    assert s.verdict == "inconclusive" and "off_grid_mixed" in s.flags, (s.verdict, s.flags)
+    assert s.scope["off_grid"]["off_grid"] == len(scaled) and s.scope["off_grid"]["on_grid"] >= 4
+    assert "no conversion of the base" in s.headline[0] or "no conversion of it" in s.verdict_reason
+    # the same weights as one fp32 original and its bf16 rounding: every matrix off the grid
+    orig = {k: v.astype(np.float32) for k, v in t.items()}
+    r = weightdiff.compare(write_checkpoint(tmp_path / "b2", orig, dtype="BF16"),
+                           write_checkpoint(tmp_path / "t2", orig, dtype="F32"), rank=False)
+    assert r.summary.verdict == "cast_only" and "off_grid_mixed" not in r.summary.flags
+    words = " ".join(plain_language(r.to_dict()))
+    assert "trained further" not in words and "the weights cannot tell the two apart" in words

@@ -342,6 +342,9 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
     changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
     verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps)
+    if verdict == "inconclusive" and not changed and (grid := off_grid_mixed(counted)):
+        flags.append("off_grid_mixed")
+        scope["off_grid"] = grid
     if verdict == "faint":            # near-orthogonal, yet above what independent models show
         verdict = "inconclusive"
         flags.append("faint_relatedness")
@@ -403,6 +406,32 @@ def quantization_summary(counted: list[TensorRecord]) -> dict[str, Any] | None:
             "sides": sorted({str(r.quant.get("side")) for r in tested})}
 
 
+def holds_exactly(dtype_base: str | None, dtype_tuned: str | None) -> bool:
+    """Whether every value of ``dtype_base`` is a value of ``dtype_tuned`` (BF16 or F16 in F32, F32 in F64):
+    a cast of the base to it is exact, so a tuned value that differs is no cast of the base."""
+    a, b = DTYPES.get(str(dtype_base)), DTYPES.get(str(dtype_tuned))
+    return (a is not None and b is not None and a.kind == b.kind == "float" and a.name != b.name
+            and b.mant_bits >= a.mant_bits and b.emin <= a.emin and b.bits > a.bits)
+
+
+def off_grid_mixed(counted) -> dict | None:
+    """``{"on_grid": n, "off_grid": m}`` when the tuned model stores matrices in a dtype that holds every base
+    value exactly (a bf16 base, an fp32 tuned model) and some of them are exactly the base's values while
+    others moved off them within rounding; else None. Two roundings of one float32 original leave every
+    matrix off the coarser grid; a base upcast and then changed by less than its rounding (small IA3 scales
+    merged into an fp32 copy) leaves the untouched matrices on it. "Cast only" would then say that no weight
+    was trained, which the matrices off the grid contradict."""
+    on = off = 0
+    for r in counted:
+        if len(r.shape or ()) < 2 or not holds_exactly(r.dtype_base, r.dtype_tuned):
+            continue
+        if r.status == "unchanged":
+            on += 1
+        elif r.status == "rounding":
+            off += 1
+    return {"on_grid": on, "off_grid": off} if on and off else None
+
+
 def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, cov: dict,
              comps: list[dict]) -> str:
     """The verdict, rule by rule (docs/methodology.md, "The verdict"). ``rel`` and ``cos``
@@ -438,6 +467,8 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
             if any(r.status == "quantized" and (r.quant or {}).get("within") is None for r in counted):
                 return "inconclusive"
             return "quantized_only"
+        if tbs["rounding"] and off_grid_mixed(counted):
+            return "inconclusive"     # some matrices on the base's grid, others off it: not one rounding
         return "identical" if tbs["rounding"] == 0 else "cast_only"
     moved = [r for r in counted if is_changed(r, thr)]
     if not moved and tbs["added"] and tbs["removed"] and not tbs["resized"] and not moved_blocks(counted) \

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from ..kernels.dtypes import DTYPES
+from ..judge.verdict import holds_exactly
 from ..records import count_lookalikes
 from .formats import count, num, sci, share, tuned_params
 
@@ -101,6 +102,9 @@ def verdict_title(summary: dict) -> str:
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
     if v == "inconclusive" and "vectors_only" in (summary.get("flags") or []):
         return "INCONCLUSIVE: only vectors were compared (no matrix), which any two models share closely."
+    if v == "inconclusive" and "off_grid_mixed" in (summary.get("flags") or []):
+        return ("INCONCLUSIVE: some matrices hold exactly the base's values and others moved off them by less than "
+                "its rounding, which no conversion of the base explains.")
     if v == "inconclusive" and "faint_relatedness" in (summary.get("flags") or []):
         return (f"INCONCLUSIVE: the {matrices_phrase(summary)} keep a faint trace of this base (weighted cosine "
                 f"{num(summary.get('relatedness_cosine'))}): more than independent models share, far less than a "
@@ -221,6 +225,15 @@ def _inconclusive(data: dict) -> str:
         return ("Only vectors were compared (norm weights, biases; no matrix): norm weights near 1 make any two models "
                 "look alike, so whether this model derives from the base cannot be told from them; compare its "
                 "matrices too (widen --include or --exclude).")
+    if "off_grid_mixed" in (s.get("flags") or []):
+        g = (s.get("scope") or {}).get("off_grid") or {}
+        on, off = int(g.get("on_grid") or 0), int(g.get("off_grid") or 0)
+        return (f"The tuned model stores its matrices in a wider format than the base; {count(on)} of them hold "
+                f"exactly the base's values and {count(off)} moved off them, each by less than the base's rounding. "
+                "Converting the base to the wider format is exact, so those values are no conversion of it; two "
+                "roundings of one original would leave every matrix off the base's values, not only some. It looks "
+                "like a change smaller than the base's rounding (as small scales merged into a few matrices would "
+                "be), which weightdiff does not measure below that rounding, so it does not call it a cast.")
     if "faint_relatedness" in (s.get("flags") or []):
         th = (data.get("settings") or {}).get("thresholds") or {}
         return (f"The {matrices_phrase(s)} are far from the base (relative change {num(s.get('relatedness_rel_change'))}) "
@@ -779,10 +792,18 @@ def plain_language(data: dict) -> list[str]:
         if any((t.get("cast") or {}).get("through") or (t.get("cast") or {}).get("overflow")
                or (t.get("cast") or {}).get("saturated") for t in _counted(data)):
             out.append("Every value is what storing the same numbers in another format gives (converted through "
-                       "an intermediate format, or beyond the new format's range), so no weight was trained further.")
+                       "an intermediate format, or beyond the new format's range): the weights show no change beyond "
+                       "that conversion.")
+        elif any(holds_exactly(t.get("dtype_base"), t.get("dtype_tuned")) and t.get("status") == "rounding"
+                 for t in _counted(data)):
+            # the base converts exactly to the tuned dtype: the tuned values are not a conversion of the base
+            out.append("Every difference is no larger than the rounding of the base's format: the base may be a "
+                       "rounding of this model's numbers, or this model may have been changed from the base by less "
+                       "than that rounding; the weights cannot tell the two apart.")
         else:
             out.append("Every difference is no larger than the rounding of storing the same numbers in another "
-                       "format, so no weight was trained further.")
+                       "format: the weights show no change beyond that conversion (a change smaller than the "
+                       "rounding would not show).")
     elif v == "derived" and rel:
         text = f"Taken together, its large weight matrices moved by {sci(rel)} of their size"
         if bf16:
