@@ -532,3 +532,18 @@ def test_delta_params_share_is_of_the_tuned_model():
     _, _, s = aggregate(recs, THR)
     assert s.params_total == 192 and s.delta_params == 16
     assert s.delta_params_share == 16 / 128
+
+
+def test_a_change_to_vectors_only_has_no_directions():
+    """Only norm gains changed (LayerNorm tuning; BitFit's biases alike): no matrix changed, so no rank was
+    measured, yet the form read "dense" and the memo "spread over many directions"."""
+    records = [r if r.name != "model.layers.1.input_layernorm.weight" else
+               rec(r.name, "changed", shape=(8,), nb=math.sqrt(8), nd=0.1, cos=0.999)
+               for r in _worked_example() if r.status != "changed"]
+    _, _, s = aggregate(records, THR)
+    assert s.verdict == "derived" and s.form["kind"] == "vectors" and s.form["vectors_changed"] == 1
+    data = {"summary": s.to_dict(), "tensors": [r.to_dict() for r in records], "tuned": {"path": "t"},
+            "base": [{"path": "b"}]}
+    words = " ".join(sentences.plain_language(data)) + " ".join(s.headline)
+    assert "directions" not in words.replace("no directions to count", "")
+    assert "Only vectors changed (norm weights or biases, 1 of them; no matrix)" in " ".join(s.headline)

@@ -101,7 +101,7 @@ def _rank_side(rec: TensorRecord, thresholds: Thresholds) -> str:
 
 
 def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]:
-    """low_rank / sparse / undecided / mixed / dense, with the numbers behind it (docs/pairing.md)."""
+    """low_rank / sparse / vectors / undecided / mixed / dense, with the numbers behind it (docs/pairing.md)."""
     mats = [r for r in changed if not is_mismatch(r) and matrix_dims(r) is not None]
     vecs = [r for r in changed if not is_mismatch(r) and matrix_dims(r) is None]
     ranked = [r for r in mats if r.rank is not None]
@@ -135,6 +135,10 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
         form["kind"] = "low_rank"
     elif share is not None and share <= thresholds.sparse_frac:
         form["kind"] = "sparse"
+    elif not mats:
+        # norm gains or biases only (LN tuning, BitFit): a vector has no directions, so neither "dense"
+        # ("spread over many directions") nor low-rank says anything true of it
+        form["kind"] = "vectors"
     elif mat_params and open_params and (shares["undecided"] >= thresholds.mixed_min_share
                                          or shares["dense"] < thresholds.mixed_min_share):
         form["kind"] = "undecided"        # rank brackets that straddle the rule decide the form

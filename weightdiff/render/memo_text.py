@@ -84,6 +84,8 @@ FORMS = [
      "(Hu et al. 2021) leaves."),
     ("sparse", "otherwise, when the elements that changed beyond rounding are at most sparse_frac of the changed "
      "tensors' elements."),
+    ("vectors", "otherwise, when no matrix changed, only vectors (norm weights, biases: LayerNorm tuning, "
+     "BitFit): a vector has no directions, so the change is neither low-rank nor spread over many."),
     ("undecided", "otherwise, when matrices whose rank cannot decide the low-rank rule (a bracket that is "
      "low-rank at its lower end but not at its upper end, or no direction above the modelled quantization "
      "noise) hold at least mixed_min_share of the changed matrices' parameters, or any do and the certainly "

@@ -816,7 +816,8 @@ def plain_language(data: dict) -> list[str]:
     form = s.get("form") or {}
     if v == "derived" and s.get("delta_params"):
         kind = {"low_rank": "compact (low-rank)", "sparse": "sparse", "dense": "spread over many directions",
-                "mixed": "partly compact, partly spread out"}.get(form.get("kind"), "")   # undecided: no word
+                "mixed": "partly compact, partly spread out",
+                "vectors": "in vectors only (norm weights or biases)"}.get(form.get("kind"), "")   # undecided: none
         most = "at most " if s.get("delta_params_lower") is not None else ""
         lead = f"The change is {kind}: writing" if kind else "Writing the change down"
         out.append(f"{lead} {'it down ' if kind else ''}takes {most}"
@@ -860,6 +861,10 @@ def form_sentence(f: dict) -> str:
     if f.get("kind") == "sparse":
         return (f"The change is sparse: {share(f.get('changed_element_share'))} of the elements of the "
                 "changed tensors differ.")
+    if f.get("kind") == "vectors":
+        return (f"Only vectors changed (norm weights or biases, {count(f.get('vectors_changed'))} of them; no "
+                f"matrix): {share(f.get('changed_element_share'))} of their elements differ, and a vector has no "
+                "directions to count.")
     if f.get("kind") == "dense" and f.get("max_energy_rank_99") is not None:
         return (f"The change is dense: up to {count(f['max_energy_rank_99'])} directions per matrix hold 99% "
                 "of its energy.")
