@@ -7,6 +7,7 @@ rules) shows up as a failing test rather than a silently different report.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -177,7 +178,7 @@ def test_bitwise_unchanged_counts_numbers_not_tensors():
             "base": [{"path": "b"}]}
     assert sentences.unchanged_elements(data) == 360
     text = " ".join(sentences.plain_language(data))
-    assert "Of the 376 parameters of t, 95.7% are bit for bit the same as in b (66.0% in tensors left" in text
+    assert "Of the 376 parameters of t, 95.7% are bit for bit the same as in b, 66.0% in tensors left" in text
     from weightdiff.render.memo import key_figures
     assert key_figures(data)[0][1] == "95.7% of 376 (66.0% in tensors left entirely unchanged)"
 
@@ -547,3 +548,22 @@ def test_a_change_to_vectors_only_has_no_directions():
     words = " ".join(sentences.plain_language(data)) + " ".join(s.headline)
     assert "directions" not in words.replace("no directions to count", "")
     assert "Only vectors changed (norm weights or biases, 1 of them; no matrix)" in " ".join(s.headline)
+
+
+def test_plain_words_give_the_changed_matrices_own_figure(tmp_path):
+    """One block of two trained: pooled over every large matrix the change reads "about the same as the
+    rounding a cast to bfloat16 would cause", while the trained matrices moved several times that rounding."""
+    import weightdiff
+    from conftest import write_checkpoint
+    from models import llama
+
+    base = llama(np.random.default_rng(8), layers=4)
+    rng = np.random.default_rng(9)
+    tuned = {k: (v + rng.normal(0, 4e-3 * float(np.std(v)), v.shape)).astype(np.float32)
+             if ".layers.1." in k and v.ndim == 2 else v for k, v in base.items()}
+    r = weightdiff.compare(write_checkpoint(tmp_path / "b", base, dtype="BF16"),
+                           write_checkpoint(tmp_path / "t", tuned, dtype="BF16"), rank=False)
+    words = " ".join(sentences.plain_language(json.loads(r.to_json())))
+    assert r.summary.verdict == "derived" and r.summary.blocks_changed == 1
+    changed = [t for t in r.tensors if t.status == "changed"]
+    assert f"the {len(changed)} matrices that changed moved by" in words and "the others not beyond rounding" in words

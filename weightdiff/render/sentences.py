@@ -739,6 +739,26 @@ def model_label(entry: dict | None) -> str:
     return str(entry.get("path") or "?")
 
 
+def _changed_matrices(data: dict) -> tuple[int, float] | None:
+    """(matrices changed, their pooled relative change) when some compared matrices changed and the others
+    are all unchanged or within rounding; else None."""
+    nb2 = nd2 = 0.0
+    n = rest = 0
+    for t in _counted(data):
+        if len(t.get("shape") or ()) < 2 or t.get("compared") not in ("float", "bytes"):
+            continue
+        if t.get("status") != "changed":
+            rest += t.get("status") in ("unchanged", "rounding")
+            if t.get("status") not in ("unchanged", "rounding"):
+                return None
+            continue
+        nb, nd = t.get("norm_base"), t.get("norm_delta")
+        if not (isinstance(nb, (int, float)) and isinstance(nd, (int, float))) or nb != nb or nd != nd:
+            return None
+        n, nb2, nd2 = n + 1, nb2 + nb * nb, nd2 + nd * nd
+    return (n, (nd2 / nb2) ** 0.5) if n and rest and nb2 > 0 else None
+
+
 def _times(a: float, b: float) -> str:
     """How many times ``a`` is ``b``, in words a reader can quote: ``'about 30 times'``."""
     r = a / b
@@ -775,10 +795,12 @@ def plain_language(data: dict) -> list[str]:
         out.append(f"All {count(total)} parameters of {tuned} are bit for bit the same as in {base}.")
     else:
         main, aside = unchanged_words(data, total)
-        text = f"Of the {count(total)} parameters of {tuned}, {main} are bit for bit the same as in {base}{aside}"
+        text = f"Of the {count(total)} parameters of {tuned}, {main} are bit for bit the same as in {base}"
+        if aside:
+            text += f", {share(int(by.get('unchanged', 0) or 0) / total)} in tensors left entirely unchanged"
         if s.get("blocks_total"):
             n = s.get("blocks_changed") or 0
-            text += (f", and {count(n)} of its {count(s['blocks_total'])} blocks "
+            text += (f"{';' if aside else ', and'} {count(n)} of its {count(s['blocks_total'])} blocks "
                      f"{'was' if n == 1 else 'were'} changed")
         out.append(text + ".")
     model, unrel = points.get("model"), points.get("unrelated")
@@ -808,6 +830,14 @@ def plain_language(data: dict) -> list[str]:
         text = f"Taken together, its large weight matrices moved by {sci(rel)} of their size"
         if bf16:
             text += f", {_times(rel, bf16)} the rounding a cast to bfloat16 would cause ({sci(bf16)})"
+        few = _changed_matrices(data)
+        if few is not None and few[1] >= 1.5 * rel:
+            # the pooled figure spreads a change of a few matrices over all of them: "about the rounding" of a
+            # model whose one trained block moved 2.4 times it
+            n, r_c = few
+            text += (f"; the {plural(n, 'matrix', 'matrices')} that changed moved by {sci(r_c)} of their size"
+                     + (f", {_times(r_c, bf16)} that rounding" if bf16 else "")
+                     + ", the others not beyond rounding")
         out.append(text + ".")
         if model and unrel:
             out.append(f"Measured as a turn of direction, they read 1 − cosine = "
