@@ -501,6 +501,12 @@ DISAGREE = [
      f"`{_Q}.weight_packed` of logical shape [64, 256] gives group 128: [64, 2]"),
     ("ct config channel", "ct-int8", None, lambda qc: _ct_weights_cfg(qc, strategy="tensor"),
      f"`{_Q}.weight_scale` has shape [64, 1], but quantization_config's strategy"),
+    ("gptq config group_size 128", "gptq-v1", None, lambda qc: qc.update(group_size=128),
+     f"`{_Q}.scales` has 4 group rows over 256 inputs, but quantization_config's "
+     "group_size 128 gives 2"),
+    ("gptq qweight a row short", "gptq-v1", lambda s: s.__setitem__(f"{_Q}.qweight", s[f"{_Q}.qweight"][:-1]), None,
+     f"`{_Q}.qweight` has shape [31, 64], packing 248 inputs at 4 bits, but `{_Q}.g_idx` and `{_Q}.scales` "
+     "[4, 64] give 256 inputs (expected [32, 64])"),
 ]
 
 
@@ -537,6 +543,14 @@ def test_tensors_the_config_disagrees_with_are_refused(tmp_path, base_tensors, w
                 ck.read(name)
     text = str(exc.value)
     assert text.startswith(f"{path / 'model.safetensors'}: ") and message in text, text
+
+
+def test_gptq_quantize_config_json_group_size_is_checked(tmp_path, base_tensors):
+    stored, qc, _ = build_gptq(base_tensors)
+    path = _save(tmp_path / "q", stored, None)
+    (path / "quantize_config.json").write_text(json.dumps({**qc, "group_size": 32}))
+    with pytest.raises(CheckpointError, match="group_size 32 gives 8"):
+        locate(path)
 
 
 def test_missing_companion_exits_2_with_one_line_and_writes_nothing(tmp_path, base_tensors):

@@ -268,11 +268,25 @@ def _gptq_awq(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
         if sc.shape[1] != out_f or qz.shape != (G, out_f // pf) or out_f % pf:
             raise _err(sc, f"GPTQ tensors of {_q(mod)} disagree: qweight {list(qw.shape)}, qzeros "
                            f"{list(qz.shape)}, scales {list(sc.shape)} at {bits} bits")
+        gs = _int_cfg(qc, "group_size")
         if gi is not None and gi.shape != (in_f,):
-            raise _err(gi, f"{_q(gi.name)} has shape {list(gi.shape)}, expected [{in_f}] (one group per input)")
+            n = gi.shape[0] if len(gi.shape) == 1 else None
+            # the scales decide which of the two is short: AutoGPTQ's QuantLinear has
+            # ceil(in / group_size) scale rows, and g_idx one entry per input
+            if n and n % pf == 0 and (G == -(-n // gs) if gs and gs > 0 else gs == -1 and G == 1):
+                raise _err(qw, f"{_q(qw.name)} has shape {list(qw.shape)}, packing {in_f} inputs at {bits} bits, "
+                               f"but {_q(gi.name)} and {_q(sc.name)} {list(sc.shape)} give {n} inputs "
+                               f"(expected [{n // pf}, {out_f}])")
+            raise _err(gi, f"{_q(gi.name)} has shape {list(gi.shape)}, expected [{in_f}] (one group per input "
+                           f"of {_q(qw.name)} {list(qw.shape)} at {bits} bits)")
         if gi is not None:
             _check_index(gi, read(gi.name), G)
-        gs = _int_cfg(qc, "group_size")
+        if gi is not None and gs is not None and G != (-(-in_f // gs) if gs > 0 else 1 if gs == -1 else -1):
+            # AutoGPTQ / GPTQModel / transformers build ceil(in / group_size) scale rows (one with -1):
+            # a config that disagrees does not load there
+            want = f"{-(-in_f // gs)}" if gs > 0 else "1" if gs == -1 else "no valid grouping"
+            raise _err(sc, f"{_q(sc.name)} has {G} group rows over {in_f} inputs, but quantization_config's "
+                           f"group_size {gs} gives {want}")
         group = in_f if gs in (None, -1) and G == 1 else gs
         if gi is None and (not group or in_f % group or in_f // group != G):
             raise _err(sc, f"group size {group} does not give the {G} scale rows of {_q(sc.name)} "
