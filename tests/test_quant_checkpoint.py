@@ -459,3 +459,139 @@ def test_gptq_packings_other_than_classic_are_refused(tmp_path, base_tensors, la
     path = _save(tmp_path / layout, stored, {**qc, "checkpoint_format": layout})
     with pytest.raises(CheckpointError, match=f"config.json: GPTQ checkpoint_format '{layout}' is not supported"):
         locate(path)
+
+
+# -- a quantized weight without a companion, tensors the config disagrees with (tester's findings 2, 3, 5-7):
+#    refused in one line naming the file and the tensor, never read another way or crashing
+
+_Q = LINEARS[1]       # model.layers.0.mlp.down_proj
+
+
+def _pop(name):
+    return lambda s: s.pop(name)
+
+
+def _set(name, value):
+    return lambda s: s.__setitem__(name, value)
+
+
+def _ct_weights_cfg(qc, **w):
+    qc["config_groups"]["group_0"]["weights"].update(w)
+
+
+MISSING = [
+    ("ct fp8 no weight_scale", "ct-fp8", _pop(f"{_Q}.weight_scale"),
+     f"`{_Q}.weight` is F8_E4M3 but has no `{_Q}.weight_scale` beside it (quantization_config of compressed-tensors"),
+    ("ct int8 no weight_scale", "ct-int8", _pop(f"{_Q}.weight_scale"),
+     f"`{_Q}.weight` is I8 but has no `{_Q}.weight_scale` beside it"),
+    ("bnb int8 no SCB", "bnb-int8", _pop(f"{_Q}.SCB"),
+     f"`{_Q}.weight` is I8 but has no `{_Q}.SCB` beside it (quantization_config of bitsandbytes"),
+    ("bnb nf4 nested no nested_absmax", "bnb-nf4-nested", _pop(f"{_Q}.weight.nested_absmax"),
+     f"bitsandbytes weight `{_Q}.weight` is double-quantized (its quant state has nested_blocksize) but has no "
+     f"`{_Q}.weight.nested_absmax`"),
+    ("ct asym no weight_zero_point", "ct-pack-int4", _pop(f"{_Q}.weight_zero_point"),
+     f"`{_Q}.weight_packed` has no `{_Q}.weight_zero_point` beside it, but quantization_config says its weights "
+     "are asymmetric (symmetric: false)"),
+    ("fp8 block no weight_scale_inv", "fp8-block", _pop(f"{_Q}.weight_scale_inv"),
+     f"`{_Q}.weight` is F8_E4M3 but has no `{_Q}.weight_scale_inv` beside it"),
+]
+
+DISAGREE = [
+    # a corrupt weight_shape: 32 words per row are 256 4-bit codes; [64, 200] would make them 5-bit
+    ("ct weight_shape", "ct-pack-int4", _set(f"{_Q}.weight_shape", np.array([OUT, 200], np.int64)), None,
+     f"`{_Q}.weight_packed` has 32 int32 words per row, but `{_Q}.weight_shape` = [64, 200] needs 25 at 4 bits "
+     "(num_bits of quantization_config)"),
+    ("ct zero point a row short", "ct-pack-int4", lambda s: s.__setitem__(f"{_Q}.weight_zero_point",
+                                                                          s[f"{_Q}.weight_zero_point"][:-1]), None,
+     f"`{_Q}.weight_zero_point` is I32 [7, 4], expected I32 [8, 4] (64 rows of 4-bit zero points packed 8 per "
+     "int32, x 4 groups)"),
+    ("ct config num_bits 8", "ct-pack-int4", None, lambda qc: _ct_weights_cfg(qc, num_bits=8),
+     f"`{_Q}.weight_packed` has 32 int32 words per row, but "
+     f"`{_Q}.weight_shape` = [64, 256] needs 64 at 8 bits"),
+    ("ct config group_size 128", "ct-pack-int4", None, lambda qc: _ct_weights_cfg(qc, group_size=128),
+     f"`{_Q}.weight_scale` has shape [64, 4], but quantization_config's strategy for "
+     f"`{_Q}.weight_packed` of logical shape [64, 256] gives group 128: [64, 2]"),
+    ("ct config channel", "ct-int8", None, lambda qc: _ct_weights_cfg(qc, strategy="tensor"),
+     f"`{_Q}.weight_scale` has shape [64, 1], but quantization_config's strategy"),
+    ("gptq config group_size 128", "gptq-v1", None, lambda qc: qc.update(group_size=128),
+     f"`{_Q}.scales` has 4 group rows over 256 inputs, but quantization_config's "
+     "group_size 128 gives 2"),
+    ("gptq qweight a row short", "gptq-v1", lambda s: s.__setitem__(f"{_Q}.qweight", s[f"{_Q}.qweight"][:-1]), None,
+     f"`{_Q}.qweight` has shape [31, 64], packing 248 inputs at 4 bits, but `{_Q}.g_idx` and `{_Q}.scales` "
+     "[4, 64] give 256 inputs (expected [32, 64])"),
+]
+
+
+@pytest.mark.parametrize("what,kind,mutate,message", MISSING, ids=[m[0] for m in MISSING])
+def test_quantized_weight_without_its_companion_is_refused(tmp_path, base_tensors, what, kind, mutate, message):
+    """Its codes (or a double-quantized absmax's U8 codes) were read as values: an unchanged base read
+    `derived`, and an asymmetric weight without its zero point read as symmetric."""
+    stored, qc, _ = BUILDERS[kind](base_tensors)
+    mutate(stored)
+    path = _save(tmp_path / "bad", stored, qc)
+    with pytest.raises(CheckpointError) as exc:
+        with locate(path) as ck:
+            for name in ck.tensors:
+                ck.read(name)
+    text = str(exc.value)
+    assert text.startswith(f"{path / 'model.safetensors'}: ") and message in text, text
+
+
+@pytest.mark.parametrize("what,kind,mutate,config,message", DISAGREE, ids=[d[0] for d in DISAGREE])
+def test_tensors_the_config_disagrees_with_are_refused(tmp_path, base_tensors, what, kind, mutate, config, message):
+    """quantization_config wins, as in the formats' own loaders: a weight_shape or zero point that does not
+    fit it, or a config whose num_bits / group_size / strategy the tensors do not have, is bad input (the
+    reader overrode num_bits 4 with 5-bit codes, crashed on a short zero point, accepted a wrong group size
+    and blamed a healthy g_idx for a short qweight)."""
+    stored, qc, _ = BUILDERS[kind](base_tensors)
+    if mutate:
+        mutate(stored)
+    if config:
+        config(qc)
+    path = _save(tmp_path / "bad", stored, qc)
+    with pytest.raises(CheckpointError) as exc:
+        with locate(path) as ck:
+            for name in ck.tensors:
+                ck.read(name)
+    text = str(exc.value)
+    assert text.startswith(f"{path / 'model.safetensors'}: ") and message in text, text
+
+
+def test_gptq_quantize_config_json_group_size_is_checked(tmp_path, base_tensors):
+    stored, qc, _ = build_gptq(base_tensors)
+    path = _save(tmp_path / "q", stored, None)
+    (path / "quantize_config.json").write_text(json.dumps({**qc, "group_size": 32}))
+    with pytest.raises(CheckpointError, match="group_size 32 gives 8"):
+        locate(path)
+
+
+def test_missing_companion_exits_2_with_one_line_and_writes_nothing(tmp_path, base_tensors):
+    from click.testing import CliRunner
+    from weightdiff.cli import main
+
+    base = _save(tmp_path / "base", base_tensors, None)
+    stored, qc, _ = build_ct_fp8(base_tensors)
+    stored.pop(f"{_Q}.weight_scale")
+    tuned = _save(tmp_path / "tuned", stored, qc)
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["compare", str(base), str(tuned), "--no-rank", "-q", "--json", str(out)])
+    assert r.exit_code == 2 and r.stdout == "" and not out.exists()
+    assert r.stderr == (f"error: {tuned / 'model.safetensors'}: `{_Q}.weight` is F8_E4M3 but has no "
+                        f"`{_Q}.weight_scale` beside it (quantization_config of compressed-tensors says it is "
+                        "quantized)\n")
+
+
+def test_plain_fp8_and_int8_tensors_without_a_quantization_config_stay_tensors(tmp_path, base_tensors):
+    """Only the config (or a quant state) says a weight is quantized: a bare F8/I8 tensor of an unquantized
+    model is read as it is stored, and one the config's `ignore` names is not its business either."""
+    t = dict(base_tensors)
+    t[f"{_Q}.weight"] = torch.from_numpy(t[f"{_Q}.weight"]).to(torch.float8_e4m3fn)
+    t[LINEARS[0] + ".weight"] = np.zeros((OUT, IN), np.int8)
+    with locate(_save(tmp_path / "plain", t, None)) as ck:
+        assert ck.tensors[f"{_Q}.weight"].dtype == "F8_E4M3" and ck.tensors[f"{_Q}.weight"].quant is None
+        assert ck.tensors[LINEARS[0] + ".weight"].dtype == "I8"
+    stored, qc, _ = build_ct_fp8(base_tensors)
+    stored.pop(f"{_Q}.weight_scale")
+    qc["ignore"] = ["lm_head", f"re:.*{_Q.split('.', 3)[-1]}$"]
+    with locate(_save(tmp_path / "ignored", stored, qc)) as ck:
+        assert ck.tensors[f"{_Q}.weight"].quant is None and ck.tensors[LINEARS[0] + ".weight"].quant is not None

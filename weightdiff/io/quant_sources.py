@@ -146,8 +146,7 @@ class IntGrid(Source):
             return 0
         z = read(self.zero.name)
         if self.packed and self.strategy in ("group", "channel"):
-            ng = 1 if self.strategy == "channel" else self.shape[1] // self.group if self.g_idx is None else \
-                int(read(self.g_idx.name).max()) + 1
+            ng = self.scale.shape[-1]       # [words, groups]: the scale's columns (1 per channel)
             z = K.unpack_dense_int32(np.ascontiguousarray(z.reshape(-1, ng).T), self.bits, self.shape[0])
             return z.T.astype(np.int32) - (1 << (self.bits - 1))
         return z.astype(np.int32)

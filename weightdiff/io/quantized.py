@@ -137,6 +137,42 @@ def _ct_weights(qc: dict) -> list[dict]:
     return [g["weights"] for g in groups.values() if isinstance(g, dict) and isinstance(g.get("weights"), dict)]
 
 
+def _ct_target(target: object, mod: str) -> bool | None:
+    """Whether a compressed-tensors ``targets`` / ``ignore`` entry names module ``mod``: a ``re:``
+    pattern (``re.match``, as compressed-tensors matches it) or a module name; None for what may be a
+    class name (``Linear``), which the names of a checkpoint cannot decide."""
+    if not isinstance(target, str):
+        return False
+    if target.startswith("re:"):
+        try:
+            return re.match(target[3:], mod) is not None
+        except re.error:
+            return False
+    return True if target == mod else (False if "." in target else None)
+
+
+def _ct_args(qc: dict, mod: str, kind: str) -> list[dict]:
+    """The ``weights`` quantization args of the compressed-tensors config groups that may apply to
+    module ``mod`` with ``type`` ``kind`` ("int" or "float"): none when ``ignore`` names the module,
+    and a group whose every target is a name or pattern that misses the module does not count."""
+    if qc.get("quant_method") != "compressed-tensors":
+        return []
+    ignore = qc.get("ignore") if isinstance(qc.get("ignore"), list) else []
+    if any(_ct_target(t, mod) for t in ignore):
+        return []
+    groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
+    out = []
+    for g in groups.values():
+        if not (isinstance(g, dict) and isinstance(g.get("weights"), dict)):
+            continue
+        targets = g.get("targets") if isinstance(g.get("targets"), list) else []
+        if targets and all(_ct_target(t, mod) is False for t in targets):
+            continue
+        if str(g["weights"].get("type") or "int") == kind:
+            out.append(g["weights"])
+    return out
+
+
 def _shown(v: object) -> str:
     """A config or JSON value for a message, cut short."""
     r = repr(v)
@@ -232,11 +268,25 @@ def _gptq_awq(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
         if sc.shape[1] != out_f or qz.shape != (G, out_f // pf) or out_f % pf:
             raise _err(sc, f"GPTQ tensors of {_q(mod)} disagree: qweight {list(qw.shape)}, qzeros "
                            f"{list(qz.shape)}, scales {list(sc.shape)} at {bits} bits")
+        gs = _int_cfg(qc, "group_size")
         if gi is not None and gi.shape != (in_f,):
-            raise _err(gi, f"{_q(gi.name)} has shape {list(gi.shape)}, expected [{in_f}] (one group per input)")
+            n = gi.shape[0] if len(gi.shape) == 1 else None
+            # the scales decide which of the two is short: AutoGPTQ's QuantLinear has
+            # ceil(in / group_size) scale rows, and g_idx one entry per input
+            if n and n % pf == 0 and (G == -(-n // gs) if gs and gs > 0 else gs == -1 and G == 1):
+                raise _err(qw, f"{_q(qw.name)} has shape {list(qw.shape)}, packing {in_f} inputs at {bits} bits, "
+                               f"but {_q(gi.name)} and {_q(sc.name)} {list(sc.shape)} give {n} inputs "
+                               f"(expected [{n // pf}, {out_f}])")
+            raise _err(gi, f"{_q(gi.name)} has shape {list(gi.shape)}, expected [{in_f}] (one group per input "
+                           f"of {_q(qw.name)} {list(qw.shape)} at {bits} bits)")
         if gi is not None:
             _check_index(gi, read(gi.name), G)
-        gs = _int_cfg(qc, "group_size")
+        if gi is not None and gs is not None and G != (-(-in_f // gs) if gs > 0 else 1 if gs == -1 else -1):
+            # AutoGPTQ / GPTQModel / transformers build ceil(in / group_size) scale rows (one with -1):
+            # a config that disagrees does not load there
+            want = f"{-(-in_f // gs)}" if gs > 0 else "1" if gs == -1 else "no valid grouping"
+            raise _err(sc, f"{_q(sc.name)} has {G} group rows over {in_f} inputs, but quantization_config's "
+                           f"group_size {gs} gives {want}")
         group = in_f if gs in (None, -1) and G == 1 else gs
         if gi is None and (not group or in_f % group or in_f // group != G):
             raise _err(sc, f"group size {group} does not give the {G} scale rows of {_q(sc.name)} "
@@ -278,13 +328,44 @@ def _gptq_awq(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
     return AWQ(mod + ".weight", (out_f, in_f), sch, qw.path, qw, qz, sc, 4, group)
 
 
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _ct_layout(qc: dict, args: dict, R: int, C: int) -> tuple[str, int | None, tuple | None, tuple] | None:
+    """(strategy, group size, block, the scale shape compressed-tensors gives it) of one config group's
+    weights over a logical [R, C] weight (``initialize_qparams``: groups and blocks rounded up), or None
+    when the group names no strategy this reader knows."""
+    st = args.get("strategy")
+    if st == "tensor":
+        return "tensor", None, None, (1,)
+    if st == "channel":
+        return "channel", None, None, (R, 1)
+    if st == "group":
+        gs = args.get("group_size")
+        if not _pos_int(gs):
+            raise CheckpointError(qc.get("_path"), f"quantization_config group_size {_shown(gs)} of a group "
+                                                   "strategy is not a positive integer")
+        return "group", gs, None, (R, -(-C // gs))
+    if st == "block":
+        bh, bw = _block_size(qc, args.get("block_structure"), "block_structure") or (0, 0)
+        if not bh:
+            raise CheckpointError(qc.get("_path"), "quantization_config block strategy has no block_structure")
+        return "block", None, (bh, bw), (-(-R // bh), -(-C // bw))
+    return None
+
+
 def _ct_int(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
+    """compressed-tensors integer weights. The config's ``num_bits``, ``strategy``/``group_size`` and
+    ``symmetric`` win, as in compressed-tensors' own decompressor: tensors that disagree with them
+    are refused, not reinterpreted."""
     packed = "weight_packed" in leaves
     codes = leaves["weight_packed" if packed else "weight"]
     sc = leaves.get("weight_scale")
     if sc is None:
         raise _err(codes, f"{_q(codes.name)} has no {_q(mod + '.weight_scale')} beside it")
     zp, gi = leaves.get("weight_zero_point"), leaves.get("weight_g_idx")
+    args = _ct_args(qc, mod, "int")
     if packed:
         ws = leaves.get("weight_shape")
         if ws is None:
@@ -298,27 +379,55 @@ def _ct_int(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
         if len(shape) != 2 or codes.dtype != "I32" or len(codes.shape) != 2 or shape[0] != codes.shape[0]:
             raise _err(ws, f"{_q(ws.name)} = {list(shape)} does not match {_q(codes.name)} "
                            f"{codes.dtype} {list(codes.shape)}")
-        cands = [b for b in range(1, 9) if -(-shape[1] * b // 32) == codes.shape[1]]
-        cfg_bits = {w.get("num_bits") for w in _ct_weights(qc)} & set(cands)
-        if len(cfg_bits) == 1:
-            bits = cfg_bits.pop()
-        elif len(cands) == 1:
-            bits = cands[0]
+        words = codes.shape[1]
+        cands = [b for b in range(1, 9) if -(-shape[1] * b // 32) == words]
+        cfg_bits = sorted({a["num_bits"] for a in args if _pos_int(a.get("num_bits"))})
+        if cfg_bits:
+            fit = [b for b in cfg_bits if b in cands]
+            if not fit:     # the config wins: a weight_shape or word count that disagrees is bad input
+                need = " or ".join(f"{-(-shape[1] * b // 32)} at {b} bits" for b in cfg_bits)
+                raise _err(codes, f"{_q(codes.name)} has {words} int32 words per row, but {_q(ws.name)} = "
+                                  f"{list(shape)} needs {need} (num_bits of quantization_config)")
         else:
-            raise _err(codes, f"{_q(codes.name)}: bit width unknown ({codes.shape[1]} words per row of "
+            fit = cands
+        if len(fit) != 1:
+            raise _err(codes, f"{_q(codes.name)}: bit width unknown ({words} words per row of "
                               f"{shape[1]} codes; no num_bits in quantization_config matches)")
+        bits = fit[0]
+        args = [a for a in args if a.get("num_bits") == bits] if cfg_bits else args
         parts = [codes, ws]
     else:
         shape, bits, parts = codes.shape, 8, [codes]
         if len(shape) != 2:
             raise _err(codes, f"{_q(codes.name)} is {codes.dtype} {list(shape)}, expected a matrix")
+    if zp is None and args and all(a.get("symmetric", True) is False for a in args):
+        raise _err(codes, f"{_q(codes.name)} has no {_q(mod + '.weight_zero_point')} beside it, but "
+                          "quantization_config says its weights are asymmetric (symmetric: false)")
     parts += [t for t in (sc, zp, gi) if t is not None]
     R, C = shape
     ss = sc.shape
     block = None
-    if gi is not None:
-        if gi.shape != (C,):
-            raise _err(gi, f"{_q(gi.name)} has shape {list(gi.shape)}, expected [{C}]")
+    layouts = [lay for a in args if (lay := _ct_layout(qc, a, R, C)) is not None]
+    if gi is not None and gi.shape != (C,):
+        raise _err(gi, f"{_q(gi.name)} has shape {list(gi.shape)}, expected [{C}]")
+    if layouts and len(layouts) == len(args):
+        # every config group that may hold this weight names its strategy: the scale must be its shape
+        fit = [lay for lay in layouts if (math.prod(ss) == 1 if lay[0] == "tensor" else tuple(ss) == lay[3])]
+        if not fit:
+            said = " or ".join(f"{lay[0]}" + (f" {lay[1]}" if lay[1] else f" {list(lay[2])}" if lay[2] else "")
+                               + f": {list(lay[3])}" for lay in layouts)
+            raise _err(sc, f"{_q(sc.name)} has shape {list(ss)}, but quantization_config's strategy for "
+                           f"{_q(codes.name)} of logical shape {[R, C]} gives {said}")
+        strategy, group, block = fit[0][:3]
+        if group and C % group:
+            raise _err(sc, f"quantization_config's group_size {group} does not divide the {C} columns of "
+                           f"{_q(codes.name)} (compressed-tensors quantizes whole groups only)")
+        if gi is not None:
+            if strategy != "group":
+                raise _err(gi, f"{_q(gi.name)} is a group index, but quantization_config's strategy is {strategy}")
+            group = None
+            _check_index(gi, read(gi.name), ss[1])
+    elif gi is not None:
         strategy, group = "group", None
         if len(ss) != 2 or ss[0] != R:
             raise _err(sc, f"{_q(sc.name)} has shape {list(ss)}, expected [{R}, groups]")
@@ -336,6 +445,21 @@ def _ct_int(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
             raise _err(sc, f"scale {_q(sc.name)} {list(ss)} fits no group, channel, tensor or block "
                            f"layout over {_q(codes.name)} of logical shape {[R, C]}")
         strategy, group, block = "block", None, (int(want[0]), int(want[1]))
+    if zp is not None:
+        # compressed-tensors packs group and channel zero points along the rows, 32 / bits per int32
+        # word (pack_quantized ``compress``); otherwise they have the scale's shape
+        if packed and strategy in ("group", "channel"):
+            want_z, how = (-(-R * bits // 32), ss[1]), f" ({R} rows of {bits}-bit zero points packed " \
+                f"{32 // bits} per int32, x {ss[1]} {'groups' if strategy == 'group' else 'column'})"
+            ok = zp.dtype == "I32" and tuple(zp.shape) == want_z
+        else:
+            want_z, how = tuple(ss), " (the shape of its scale)"
+            ok = zp.dtype.startswith(("I", "U")) and (tuple(zp.shape) == want_z or
+                                                      (strategy == "tensor" and math.prod(zp.shape) == 1))
+        if not ok:
+            raise _err(zp, f"{_q(zp.name)} is {zp.dtype} {list(zp.shape)}, expected "
+                           f"{'I32 ' if packed and strategy in ('group', 'channel') else 'integer '}"
+                           f"{list(want_z)}{how}")
     fmt = qc.get("format") or "pack-quantized" if packed else (qc.get("format") or "int-quantized")
     what = {"group": f"group {group}" if group else "group (g_idx)", "channel": "per-channel",
             "tensor": "per-tensor", "block": f"{block[0]}x{block[1]} blocks" if block else ""}[strategy]
@@ -373,17 +497,24 @@ def _bnb4(qs_name: str, tensors: dict, read: Read) -> tuple[Source, list[str]]:
         raise _err(qs, f"{_q(qs_name)}: quant state lacks a valid shape, blocksize or quant_type")
     n = math.prod(shape)
     am, qm = tensors[names["absmax"]], tensors[names["quant_map"]]
-    nested = "nested_absmax" in meta or names["nested_absmax"] in tensors
+    # bitsandbytes' packed state keeps nested_blocksize / nested_offset / nested_dtype in the JSON and
+    # stores the absmax as U8 codes when it double-quantizes: any of these says the weight is nested
+    nested = any(str(k).startswith("nested_") for k in meta) or am.dtype == "U8" or \
+        names["nested_absmax"] in tensors or names["nested_quant_map"] in tensors
     if w.nbytes * 2 < n or am.numel != -(-n // bs) or qm.numel != 16:
         raise _err(w, f"bitsandbytes weight {_q(prefix)} of shape {shape} disagrees with its companions: "
                       f"{w.nbytes:,} packed bytes, {am.numel} absmax for blocks of {bs}, {qm.numel} codes")
     parts = [w, qs, am, qm]
     nest = None
     if nested:
-        if names["nested_absmax"] not in tensors or names["nested_quant_map"] not in tensors \
-                or not isinstance(meta.get("nested_blocksize"), int) or "nested_offset" not in meta:
-            raise _err(w, f"bitsandbytes weight {_q(prefix)} is double-quantized but lacks its nested "
-                          "absmax, quant map, blocksize or offset")
+        lacks = [_q(names[k]) for k in ("nested_absmax", "nested_quant_map") if names[k] not in tensors] + \
+            [f"{k} in {_q(qs_name)}" for k in ("nested_blocksize", "nested_offset") if k not in meta]
+        if lacks:
+            keys = [str(k) for k in meta if str(k).startswith("nested_")]
+            why = f"its quant state has {keys[0]}" if keys else f"its absmax is {am.dtype}" if am.dtype == "U8" \
+                else "nested tensors are stored beside it"
+            raise _err(w, f"bitsandbytes weight {_q(prefix)} is double-quantized ({why}) but has no "
+                          f"{', '.join(lacks)}")
         nbs, off = meta["nested_blocksize"], meta["nested_offset"]
         finite = isinstance(off, float) and math.isfinite(off) or \
             isinstance(off, int) and not isinstance(off, bool) and abs(off) < 2 ** 53
@@ -448,6 +579,27 @@ _LEAVES = sorted({"qweight", "weight_packed", "SCB", "weight_scale", "weight_sca
 _WORDS = (*_LEAVES, "_blocks", ".quant_state.bitsandbytes__", "._data")
 
 
+def _refuse_bare_codes(mod: str, w: TensorInfo, qc: dict) -> None:
+    """An fp8 or int8 ``weight`` with no scale beside it where quantization_config says the weight is
+    quantized: its codes would be read as the weight's values. A plain F8/I8 tensor of a model with no
+    quantization_config (or one the config leaves unquantized) stays a tensor."""
+    method = qc.get("quant_method")
+    fp8 = w.dtype.startswith("F8_") and w.dtype != "F8_E8M0"
+    if fp8 and method in ("fp8", "fbgemm_fp8"):
+        need = "weight_scale_inv" if method == "fp8" else "weight_scale"
+    elif fp8 and _ct_args(qc, mod, "float"):
+        need = "weight_scale"
+    elif w.dtype == "I8" and method == "bitsandbytes" and \
+            any(_truthy(qc.get(k)) for k in ("load_in_8bit", "_load_in_8bit")):
+        need = "SCB"
+    elif w.dtype == "I8" and _ct_args(qc, mod, "int"):
+        need = "weight_scale"
+    else:
+        return
+    raise _err(w, f"{_q(w.name)} is {w.dtype} but has no {_q(mod + '.' + need)} beside it (quantization_config "
+                  f"of {method} says it is quantized)")
+
+
 def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
          ) -> tuple[dict[str, TensorInfo], dict[str, Source], list[str]]:
     """(logical tensors, their sources, folded-away activation/KV scales) of a checkpoint's
@@ -461,7 +613,7 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
             ("", "pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "mixed-precision"):
         raise CheckpointError(qc.get("_path"), f"compressed-tensors format {qc.get('format')!r} is not supported",
                               "supported: pack-quantized, int-quantized, float-quantized, naive-quantized")
-    if not _special_names(tensors):           # nothing to fold (most checkpoints): the same tensors
+    if not method and not _special_names(tensors):    # nothing to fold (most checkpoints): the same tensors
         return dict(tensors), {}, []
     _refuse_quanto(tensors)
     sources: dict[str, Source] = {}
@@ -507,6 +659,8 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
             src = BnB8(w.name, w.shape, sch, w.path, w, scb)
         elif w is not None and w.dtype == "I8" and "weight_scale" in leaves:
             src = _ct_int(mod, leaves, qc, read)
+        elif w is not None:
+            _refuse_bare_codes(mod, w, qc)
         if src is not None:
             sources[src.name] = src
             owner.update({n: src.name for n in src.scheme.stored})
