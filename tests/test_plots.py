@@ -202,3 +202,25 @@ def test_heatmap_draws_extreme_and_non_finite_changes(grid):
     from weightdiff.render.figures_blocks import _grid_figure
 
     FigureCanvasAgg(_grid_figure("t", ["a"], ["0", "1"], np.array(grid, dtype=float), "y")).draw()
+
+
+def test_depth_caption_calls_appended_blocks_new_not_changed(tmp_path):
+    """Two fresh layers appended: the caption read "2 of 6 blocks changed; the largest change is in block 4
+    (n/a)" for blocks the base does not have."""
+    import json
+
+    import numpy as np
+
+    import weightdiff
+    from conftest import write_checkpoint
+    from models import llama
+    from weightdiff.render.captions import caption_depth
+
+    base = llama(np.random.default_rng(1), layers=4)
+    more = llama(np.random.default_rng(2), layers=6)
+    tuned = {**base, **{k: v for k, v in more.items() if ".layers.4." in k or ".layers.5." in k}}
+    r = weightdiff.compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned), rank=False)
+    text = caption_depth(json.loads(r.to_json()))
+    assert "n/a" not in text and "0 of 6 blocks changed" in text
+    assert "2 blocks (4, 5) are not in the base, with no change to measure" in text
+    assert "4 blocks with no change at all" in text

@@ -131,14 +131,20 @@ def caption_depth(data: dict) -> str:
     points = depth_points(data)
     changed = [b for b in blocks if block_state(b) == "changed"]
     rounding = [b for b in blocks if block_state(b) == "rounding"]
+    # a block with no relative change to show is not in the base (appended or inserted layers): new, not changed
+    new = [b for b in changed if b.get("rel_change") is None]
+    changed = [b for b in changed if b.get("rel_change") is not None]
     text = (f"Relative change ‖ΔW‖ / ‖W‖ (Frobenius norms) of each of the {len(blocks)} blocks, from the input "
             f"(block {blocks[0]['index']}) to the top (block {blocks[-1]['index']}), on a log scale. "
             f"{len(changed)} of {len(blocks)} blocks changed")
     if changed:
         top = max(changed, key=lambda b: b.get("rel_change") or 0.0)
         text += f"; the largest change is in block {top['index']} ({sci(top.get('rel_change'))})"
+    if new:
+        text += (f"; {_plural(len(new), 'block')} ({', '.join(str(b['index']) for b in new)}) "
+                 f"{'is' if len(new) == 1 else 'are'} not in the base, with no change to measure")
     text += "."
-    unchanged = len(blocks) - len(changed) - len(rounding)
+    unchanged = len(blocks) - len(changed) - len(new) - len(rounding)
     if unchanged:
         text += f" {_plural(unchanged, 'block')} with no change at all sit as hollow circles on the line marked 0."
     if rounding:
