@@ -207,15 +207,47 @@ def test_token_rows_remapped_or_trimmed_are_compared_with_the_rows_they_are(tmp_
                      + (" or trimmed." if how == "trimmed" else ".")), title
 
 
+@pytest.mark.parametrize("how", ["remapped", "trimmed"])
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_token_rows_remapped_or_trimmed_then_trained_measure_as_the_same_fine_tune(tmp_path, how, dtype):
+    """Ids remapped or a vocabulary trimmed, then the whole model fine-tuned (no row bitwise a base row):
+    each row is matched to its base row by cosine and the tables measure as the same fine-tune of the
+    base's rows in this order (they read rel. change 1.41, 1 - cosine 1 against other tokens' rows)."""
+    base = llama(np.random.default_rng(71), layers=3, hidden=64, inter=128, vocab=256)
+    rng = np.random.default_rng(72)
+    idx = np.sort(rng.choice(256, 160, replace=False)) if how == "trimmed" else rng.permutation(256)
+    ref_base = {k: (v[idx] if k in ("model.embed_tokens.weight", "lm_head.weight") else v) for k, v in base.items()}
+    tuned = _fine_tune(ref_base)          # the same fine-tune, measured against the base's rows in this order
+    write_checkpoint(tmp_path / "b", base, dtype=dtype)
+    write_checkpoint(tmp_path / "rb", ref_base, dtype=dtype)
+    write_checkpoint(tmp_path / "t", tuned, dtype=dtype)
+    r, ref = compare(tmp_path / "b", tmp_path / "t"), compare(tmp_path / "rb", tmp_path / "t")
+    s = r.summary
+    assert s.scope["permuted_units"]["undone"] == {"embeddings": ["rows"], "head": ["rows"]}, s.verdict_reason
+    want = {t.name: t for t in ref.tensors}
+    for t in r.tensors:
+        for key in ("norm_delta", "norm_base", "rel_change", "cosine", "frac_changed", "max_abs_delta"):
+            assert getattr(t, key) == pytest.approx(getattr(want[t.name], key), rel=1e-9, abs=1e-12), (t.name, key)
+        assert _fields(t) == _fields(want[t.name]), t.name
+    tables = [t for t in r.tensors if t.module in ("embed", "lm_head")]
+    assert all(t.rel_change < 0.02 and "matched by cosine" in t.note for t in tables), [t.note for t in tables]
+    assert s.relative_change == pytest.approx(ref.summary.relative_change, rel=1e-9)
+    assert s.relatedness_cosine == pytest.approx(ref.summary.relatedness_cosine, rel=1e-9)
+    assert "each row is compared with the base row it is" in s.verdict_reason
+    title = verdict_title(r.to_dict()["summary"])
+    assert title.startswith("DERIVED: a fine-tune of this base, with the token rows"), title
+
+
 def test_a_reordering_found_only_on_a_sample_keeps_its_hedge(tmp_path):
-    """Token rows remapped, then trained: matched on 64 sampled rows, no exact order, so not undone; the
-    reason still says the numbers are of rows compared with other tokens' rows."""
+    """Token rows remapped and trained, a few of them new (no base row): matched on 64 sampled rows, but
+    no order for every row, so not undone; the reason still says so."""
     base = llama(np.random.default_rng(71), layers=3, hidden=64, inter=128, vocab=256)
     tuned = dict(base)
     rng = np.random.default_rng(72)
     idx = rng.permutation(256)
     for k in ("model.embed_tokens.weight", "lm_head.weight"):
         tuned[k] = (base[k][idx] + rng.normal(0, 0.004, base[k].shape)).astype(np.float32)
+        tuned[k][[5, 77, 140]] = rng.normal(0, 0.02, (3, 64))            # new tokens' rows
     write_checkpoint(tmp_path / "b", base)
     write_checkpoint(tmp_path / "t", tuned)
     s = compare(tmp_path / "b", tmp_path / "t").summary

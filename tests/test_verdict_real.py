@@ -774,9 +774,9 @@ def test_token_rows_remapped_or_trimmed_are_the_base_not_another_model(tmp_path,
     elif how == "remapped":
         assert title == ("DERIVED: this base with the token rows of its embeddings and head reordered; none of its "
                          "other weights changed.")
-    else:                          # trained after the remap: matched on a sample, not undone
-        assert "undone" not in s["scope"]["permuted_units"]
-        assert title.startswith("DERIVED: this base with the token rows of its embeddings and head reordered; no other")
+    else:                          # trained after the remap: every row matched by cosine, compared with its base row
+        assert s["scope"]["permuted_units"]["undone"] == {"embeddings": ["rows"], "head": ["rows"]}
+        assert title == "DERIVED: a fine-tune of this base, with the token rows of its embeddings and head reordered."
 
 
 @pytest.mark.parametrize("how", ["rows_added", "rows_removed", "head_tied"])

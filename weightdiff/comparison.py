@@ -438,18 +438,30 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
         mats = [r for r in rows if len(r.shape or ()) == 2 and r.status != "unchanged"]
         if not mats:
             return False
+        from .measure.rowmatch import match_rows
+
         orders = []
         for r in mats:
-            ok, order = rows_reordered(tuned.read(r.name), base.read(r.base_name), tuned.tensors[r.name].dtype,
-                                       base.tensors[r.base_name].dtype)
+            t, b = tuned.read(r.name), base.read(r.base_name)
+            dt, db = tuned.tensors[r.name].dtype, base.tensors[r.base_name].dtype
+            ok, order = rows_reordered(t, b, dt, db)
             if not ok:
                 return False
-            orders.append(order)
-        for r, order in zip(mats, orders):
+            how = ""
+            if order is None:
+                # trained after the remapping: no row is bitwise a base row; match every row by cosine, and
+                # keep the order only when each match is unambiguous (else the table is not measured)
+                m = match_rows(t, b, dt, db)
+                order = m.order
+                how = (f"; matched by cosine, every row's match unambiguous, lowest cosine {m.worst_cosine:.4g}"
+                       if order is not None else "")
+            orders.append((order, how))
+        for r, (order, how) in zip(mats, orders):
             if order is not None:
                 moved = int(np.count_nonzero(order != np.arange(len(order))))
                 add(r, r.base_name, 0, order, f"compared with the base's token rows in this model's order ({moved} of "
-                    f"{len(order)} rows from another index)", trimmed=len(order) < base.tensors[r.base_name].shape[0])
+                    f"{len(order)} rows from another index{how})",
+                    trimmed=len(order) < base.tensors[r.base_name].shape[0])
         return True
     if kind == "experts":
         experts = [r for r in rows if is_expert_name(r.name)]

@@ -1,0 +1,70 @@
+"""``measure.rowmatch.match_rows``: every tuned row's base row, or no order at all when one is ambiguous."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from weightdiff.measure import rowmatch
+from weightdiff.measure.rowmatch import match_rows
+
+
+def _table(rng, n=600, h=48):
+    return rng.standard_normal((n, h)).astype(np.float32)
+
+
+def _trained(rng, x, rel=1e-2):
+    return (x + rel * rng.standard_normal(x.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("keep", [600, 350])
+def test_the_order_of_rows_remapped_or_trimmed_then_trained(rng, keep):
+    b = _table(rng)
+    idx = rng.permutation(600)[:keep]
+    m = match_rows(_trained(rng, b[idx], 0.3), b, "F32", "F32")
+    assert m.order is not None and m.order.tolist() == idx.tolist() and m.matched == keep and m.why == ""
+    assert 0.85 < m.worst_cosine < 1                                  # a heavy change (rel. 0.3) still matches
+
+
+def test_bf16_tables_and_a_float_base(rng):
+    b = _table(rng)
+    idx = rng.permutation(600)
+    bf = lambda x: (x.view(np.uint32) >> 16).astype(np.uint16)      # noqa: E731  (bf16 storage, truncated)
+    assert match_rows(bf(_trained(rng, b[idx])), bf(b), "BF16", "BF16").order.tolist() == idx.tolist()
+    assert match_rows(bf(_trained(rng, b[idx])), b, "BF16", "F32").order.tolist() == idx.tolist()
+
+
+def test_blocks_smaller_than_the_table_give_the_same_order(rng, monkeypatch):
+    b = _table(rng)
+    t = _trained(rng, b[rng.permutation(600)])
+    whole = match_rows(t, b, "F32", "F32")
+    monkeypatch.setattr(rowmatch, "BLOCK", 7)
+    monkeypatch.setattr(rowmatch, "SIM_ELEMENTS", 1000)
+    small = match_rows(t, b, "F32", "F32")
+    assert small.order.tolist() == whole.order.tolist() and small.worst_cosine == pytest.approx(whole.worst_cosine)
+
+
+def test_no_order_when_a_row_is_new_zero_or_ambiguous(rng):
+    b = _table(rng)
+    idx = rng.permutation(600)
+    new = _trained(rng, b[idx])
+    new[3] = rng.standard_normal(48)                          # a new token's row: no base row near it
+    m = match_rows(new, b, "F32", "F32")
+    assert m.order is None and m.matched == 599 and m.why == "1 of 600 rows have no unambiguous base row"
+    zero = _trained(rng, b[idx])
+    zero[9] = 0
+    m = match_rows(zero, b, "F32", "F32")
+    assert m.order is None and "(1 of them all zero)" in m.why
+    twin = b.copy()
+    twin[idx[-1]] = b[idx[4]] * 1.5 + 1e-4                  # a base row not kept, pointing the same way
+    assert match_rows(_trained(rng, b[idx[:300]]), b, "F32", "F32").order is not None
+    m = match_rows(_trained(rng, b[idx[:300]]), twin, "F32", "F32")
+    assert m.order is None and m.why == "1 of 300 rows have no unambiguous base row"
+    # two tuned rows from one base row: each unambiguous, but the order would use that row twice
+    dup = _trained(rng, b[np.r_[idx[:300], idx[:1]]])
+    m = match_rows(dup, b, "F32", "F32")
+    assert m.order is None and m.why == "some base rows are the nearest of several tuned rows"
+
+
+def test_unrelated_tables_get_no_order(rng):
+    assert match_rows(_table(rng), _table(rng), "F32", "F32").order is None
+    assert match_rows(_table(rng)[:, :8], _table(rng), "F32", "F32").order is None      # another width
