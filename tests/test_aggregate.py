@@ -567,3 +567,20 @@ def test_plain_words_give_the_changed_matrices_own_figure(tmp_path):
     assert r.summary.verdict == "derived" and r.summary.blocks_changed == 1
     changed = [t for t in r.tensors if t.status == "changed"]
     assert f"the {len(changed)} matrices that changed moved by" in words and "the others not beyond rounding" in words
+
+
+def test_the_parameter_table_shares_are_of_the_tuned_model():
+    """A pruned model (a base tensor removed): the table's shares read "unchanged 79.5%" (over the base's
+    parameters too) beside the headline's 100%; they are of the tuned model now, the removed row has none."""
+    from weightdiff.render.terminal import render_text
+
+    records = [r for r in _worked_example() if r.status != "changed"]
+    records.append(rec("model.layers.1.mlp.up_proj.weight", "removed", shape=(8, 8)))
+    _, _, s = aggregate(records, THR)
+    data = {"summary": s.to_dict(), "tensors": [r.to_dict() for r in records], "tuned": {"path": "t"},
+            "base": [{"path": "b"}], "tool": {"version": "0"}}
+    table = render_text(data)
+    row = next(line for line in table.splitlines() if line.strip().startswith("unchanged"))
+    assert "100%" in row and "100% of parameters are bitwise unchanged." in s.headline
+    removed = next(line for line in table.splitlines() if line.strip().startswith("removed"))
+    assert "%" not in removed

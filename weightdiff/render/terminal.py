@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from ..errors import escape_name
 from .captions import one_minus_cosine
-from .formats import count, delta_params_count, max_rank, rank_text, sci, share
+from .formats import count, delta_params_count, max_rank, rank_text, sci, share, tuned_params
 from .sentences import coverage_sentence, matrices_phrase, plural, verdict_title
 
 STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
@@ -86,12 +86,14 @@ def render_text(result: dict, top: int = 10) -> str:
     if s.get("flags"):
         lines.append(f"flags     {', '.join(s['flags'])}")
     lines.append("")
-    total = s.get("params_total") or 0
+    # shares of the tuned model, as the headline's (a pruned model's table read "unchanged 79.5%" beside the
+    # bullet's 100%); the removed base parameters are no part of it: no share
+    total = tuned_params(s)
     rows = []
     for st in STATUS_ORDER:
         n = (s.get("params_by_status") or {}).get(st, 0)
         if n or st in ("unchanged", "changed"):
-            rows.append([st, count(n), share(n / total if total else None),
+            rows.append([st, count(n), share(n / total if total and st != "removed" else None),
                          count((s.get("tensors_by_status") or {}).get(st, 0))])
     lines += _table(rows, ["parameters", "count", "share", "tensors"], "lrrr")
     lines.append("")
