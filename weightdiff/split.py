@@ -75,12 +75,17 @@ def plan_digest(plan: Plan) -> str:
 
 
 def measure_task(base_paths: list[str], tuned_path: str, options: CompareOptions, indices: list[int],
-                 digest: str) -> tuple:
-    """A worker's share: ``("ok", records)`` in the order of ``indices``, or ``("error", line, code)``."""
+                 digest: str, digests: dict[str, str] | None = None) -> tuple:
+    """A worker's share: ``("ok", records)`` in the order of ``indices``, or ``("error", line, code)``.
+    ``digests``: the sha256 of files the parent hashed, by real path (the record cache keys by them)."""
     try:
         with ExitStack() as stack:
             bases = [stack.enter_context(locate(p)) for p in base_paths]
             tuned = stack.enter_context(locate(tuned_path))
+            if digests:
+                for ck in (*bases, tuned):
+                    ck.digests = {os.path.realpath(f): digests[os.path.realpath(f)] for f in ck.files
+                                  if os.path.realpath(f) in digests} or None
             the_plan = make_plan(bases, tuned, include=options.include, exclude=options.exclude,
                                  rename=options.rename)
             if plan_digest(the_plan) != digest:
@@ -110,7 +115,8 @@ def distributed_compute(run: Any, base_paths: list[str], tuned_path: str, task_o
         total = sum(streamed(p) for p in the_plan.pairs)
         done = 0
         records: list[TensorRecord | None] = [None] * len(the_plan.pairs)
-        args = [(base_paths, tuned_path, task_options, g, digest) for g in groups]
+        digests = {k: v for ck in (*bases, tuned) for k, v in (getattr(ck, "digests", None) or {}).items()}
+        args = [(base_paths, tuned_path, task_options, g, digest, digests or None) for g in groups]
         for oc in run.map(measure_task, args, name="split"):
             if oc.error is not None:
                 raise SplitError(f"group {oc.index + 1} of {len(groups)} failed: {oc.error}")
