@@ -152,10 +152,12 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     """
     base_paths = [_absolute(base)] if isinstance(base, (str, os.PathLike)) else [_absolute(b) for b in base]
     tuned_path = _absolute(tuned)
+    from dataclasses import replace
+
+    if options.cache:       # the parent's folder: a worker's current directory is another machine's
+        options = replace(options, cache=os.path.abspath(options.cache))
     task_options = options
     if workers and client is None and scheduler is None and options.threads is None:
-        from dataclasses import replace
-
         task_options = replace(options, threads=worker_threads(workers))
     with runner(scheduler, workers, memory_limit, client, say) as run:
         # the parent's JSON keeps the paths as given; workers get absolute ones
