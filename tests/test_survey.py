@@ -535,3 +535,26 @@ def test_a_second_survey_into_the_same_dir_is_refused(models, tmp_path):
     assert not (out / "survey.csv").exists()
     res = survey(models["base"], models["tuned"][:1], out)     # released: it runs, and leaves no lock behind
     assert res.computed == 1 and not (out / ".survey.lock").exists()
+
+
+def test_a_delta_params_bracket_is_a_range_in_the_table_and_in_the_sentence(tmp_path):
+    """delta_params_share was the bracket's upper end shown as a point, and the memo said "larger
+    than 2 of 2" where the ranges overlap (tester sv7, repro_7)."""
+    from weightdiff.render.population import population_sentences, save_population
+    from weightdiff.survey import row_from_result
+
+    summary = {"verdict": "derived", "relative_change": 0.05, "relatedness_cosine": 0.99, "delta_params": 753664,
+               "delta_params_lower": 79872, "delta_params_share": 753664 / 885888, "params_total": 885888}
+    row = row_from_result({"summary": summary}, {"path": "/s/ftB", "files": []}, {"path": "/s/base", "files": []}, "k")
+    assert row["delta_params_share_lower"] == 79872 / 885888
+    assert "delta_params_share_lower" in to_csv([row]).splitlines()[0].split(",")
+    others = [{"tuned": "/s/ftA", "status": "ok", "verdict": "derived", "base": "/s/base", "relative_change": 0.01,
+               "one_minus_cosine": 0.001, "delta_params_share": 0.0092, "delta_params_share_lower": None},
+              {"tuned": "/s/ftC", "status": "ok", "verdict": "derived", "base": "/s/base", "relative_change": 0.02,
+               "one_minus_cosine": 0.002, "delta_params_share": 0.148, "delta_params_share_lower": 0.021}]
+    data = {"tuned": {"path": "/s/ftB"}, "base": [{"path": "/s/base"}], "summary": summary}
+    last = population_sentences(data, others)[2]
+    assert last == ("By delta parameters (between 9.0% and 85.1%) it is larger than 1 of 2 "
+                    "(median between 1.5% and 7.9%; 1 undecided (the ranges overlap)).")
+    a = save_population(others + [row], tmp_path)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in save_population(others + [row], tmp_path)]

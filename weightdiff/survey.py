@@ -37,7 +37,7 @@ from .comparison import compare
 from .errors import WeightdiffError, escape_name
 from .fsutil import OutputError, write_bytes, write_text
 from .options import CompareOptions, options_from_kwargs
-from .records import dumps
+from .records import dumps, share_lower
 
 PANDAS_HINT = "pip install 'weightdiff[pandas]'"
 
@@ -46,7 +46,8 @@ COLUMNS: list[tuple[str, str]] = [
     ("tuned", "string"), ("name", "string"), ("status", "string"), ("error", "string"),
     ("verdict", "string"), ("coverage", "double"), ("relative_change", "double"),
     ("one_minus_cosine", "double"), ("blocks_changed", "int64"), ("blocks_total", "int64"),
-    ("delta_params", "int64"), ("delta_params_lower", "int64"), ("delta_params_share", "double"), ("form", "string"),
+    ("delta_params", "int64"), ("delta_params_lower", "int64"), ("delta_params_share", "double"),
+    ("delta_params_share_lower", "double"), ("form", "string"),
     ("max_numerical_rank", "int64"), ("max_numerical_rank_bound", "string"), ("max_numerical_rank_upper", "int64"),
     ("flags", "string"), ("params_total", "int64"),
     ("tuned_files", "int64"), ("tuned_bytes", "int64"), ("tuned_sha256", "string"),
@@ -178,7 +179,8 @@ def row_from_result(data: dict | None, tuned_id: dict, base_id: dict, key: str, 
         relative_change=_num(s.get("relative_change")), one_minus_cosine=None if cos is None else max(0.0, 1.0 - cos),
         blocks_changed=s.get("blocks_changed"), blocks_total=s.get("blocks_total"),
         delta_params=s.get("delta_params"), delta_params_lower=s.get("delta_params_lower"),
-        delta_params_share=_num(s.get("delta_params_share")), form=form.get("kind"),
+        delta_params_share=_num(s.get("delta_params_share")),
+        delta_params_share_lower=share_lower(s), form=form.get("kind"),
         # a bracket (the value null in the JSON): its lower end, marked, and its upper end beside it
         max_numerical_rank=form.get("max_numerical_rank") if bracket is None else bracket[0],
         max_numerical_rank_bound=None if bracket is None else "lower",

@@ -92,6 +92,10 @@ def _rel(target: Path, start: Path) -> str:
     return posixpath.join(*Path(os.path.relpath(target, start)).parts)
 
 
+#: survey columns read when the table has them (a bracket's lower end: tables of older surveys lack it)
+OPTIONAL = ("delta_params_share_lower",)
+
+
 def load_population(path: str | os.PathLike) -> list[dict]:
     """The rows of a ``weightdiff survey`` table: ``survey.parquet`` (needs pyarrow) or ``survey.csv``."""
     p = Path(path)
@@ -104,7 +108,8 @@ def load_population(path: str | os.PathLike) -> list[dict]:
                 raise WeightdiffError(f"{p}: reading a Parquet survey needs pyarrow",
                                       "pip install 'weightdiff[pandas]', or give survey.csv") from None
             try:
-                rows = pq.read_table(p, columns=list(need)).to_pylist()
+                have = set(pq.read_schema(p).names)
+                rows = pq.read_table(p, columns=list(need) + [c for c in OPTIONAL if c in have]).to_pylist()
             except (KeyError, ValueError) as exc:   # pyarrow's errors for a bad file or a missing column
                 raise WeightdiffError(f"{p}: not a weightdiff survey table ({escape_name(str(exc))[:120]})",
                                       "write one with weightdiff survey BASE TUNED... --out DIR") from None
@@ -117,7 +122,7 @@ def load_population(path: str | os.PathLike) -> list[dict]:
                 raise WeightdiffError(f"{p}: not a weightdiff survey table (missing columns)",
                                       "write one with weightdiff survey BASE TUNED... --out DIR")
             for r in rows:
-                for k in need[4:]:
+                for k in (*need[4:], *OPTIONAL):
                     r[k] = float(r[k]) if r.get(k) else None
     except FileNotFoundError:
         raise WeightdiffError(f"{p}: no such file", "write one with weightdiff survey BASE TUNED... --out DIR") from None
