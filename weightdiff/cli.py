@@ -182,6 +182,14 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, base_lab
     progress = ProgressLine(enabled=None if show else False)
 
     def on_plan(plan) -> None:
+        from .kernels.dtypes import byte_length
+        from .measure.compute import streamed
+
+        # the bytes read per element streamed, from the plan's own dtypes (fp32 reads 4 per side, fp8 1)
+        n = sum(streamed(p) for p in plan.pairs)
+        read = sum(byte_length(p.dtype_base, k) + byte_length(p.dtype_tuned or p.dtype_base, k)
+                   for p in plan.pairs if (k := streamed(p)))
+        progress.bpe = read / (2 * n) if n else progress.bpe
         if show:
             click.echo(plan_text(plan), err=True)
 
