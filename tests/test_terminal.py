@@ -120,6 +120,7 @@ def test_progress_in_a_log_ends_once_and_names_the_rank_tail(monkeypatch):
     assert [x.split(",")[0] for x in lines] == ["progress: measuring", "progress: finishing the rank analysis",
                                                 "progress: done"]
     assert "(~0.4 of 0.8 GB read)" in lines[0]                           # 4 bytes per element and side
+    assert lines[2].endswith("ETA 0 s")                                  # no empty tensor name
 
 
 def test_compare_counts_the_bytes_of_the_plans_dtypes(monkeypatch, tmp_path):

@@ -213,8 +213,8 @@ class ProgressLine:
             pct = 100.0 * done / total if total else 100.0
             self.stream.write(f"progress: {phase}, {pct:.1f}% of {total / 1e9:,.2f}B params "
                               f"(~{done * 2 * self.bpe / 1e9:,.1f} of {total * 2 * self.bpe / 1e9:,.1f} GB read), "
-                              f"{rate:.2f} GB/s, {el:,.0f} s so far, ETA {eta:,.0f} s; "
-                              f"{escape_name(_trim(name, 60))}\n")
+                              f"{rate:.2f} GB/s, {el:,.0f} s so far, ETA {eta:,.0f} s"
+                              f"{'; ' + escape_name(_trim(name, 60)) if name else ''}\n")
             self.stream.flush()
             self.drawn = True
             return
