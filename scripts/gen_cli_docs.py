@@ -24,10 +24,16 @@ FIXED = """## Exit codes
 | 2 | bad input or usage: one line on stderr naming the file or flag, and nothing written |
 | 130 | interrupted (Ctrl-C) |
 
-All outputs of a command appear together or not at all: each is written to a temporary beside it
-(`.NAME.PID.XXXXXXXX.tmp`) and renamed into place once every one is complete; an interrupted or failed
-run removes its temporaries. A run killed outright (SIGKILL, a power cut) cannot, and the next run
-that writes the same output removes what it left (temporaries of a process that no longer exists).
+All outputs of a command appear together or not at all. Every path is claimed before any work: the
+same path for two outputs (counting each figure file and `figures.json` that `--plots DIR` or a
+Markdown memo's figure folder will hold, and the `--cache` folder), an output inside another output
+that is a file, or an output over an input is exit 2 with nothing written. Each output is written to a
+temporary beside it (`.NAME.PID.XXXXXXXX.tmp`) and renamed into place once every one is complete:
+every destination is checked first, and a rename that fails part way puts back the files already
+replaced (kept as hard links until the end; on a filesystem without hard links a replaced file cannot
+come back). An interrupted or failed run removes its temporaries. A run killed outright (SIGKILL, a
+power cut) cannot, and the next run that writes the same output removes what it left (temporaries of a
+process that no longer exists).
 
 ## Environment variables
 

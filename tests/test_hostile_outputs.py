@@ -470,3 +470,64 @@ def test_an_output_naming_the_markdown_memos_figure_folder_fails_before_any_work
     r = run(cmd, *pair, "--no-rank", "--json", out / "a.json", "--memo", out / "m.md", "-q")
     assert r.exit_code == 0, r.output
     assert (out / "m.md").is_file() and (out / "a.json").is_file()
+
+
+# -- every output claimed up front, and the renames all or nothing (tester sv7) ---------------------------------
+
+@pytest.mark.parametrize("args,shown", [
+    (["--json", "out/figures.json", "--plots", "out"], "out/figures.json"),
+    (["--csv", "out/rank.svg", "--plots", "out"], "out/rank.svg"),
+    (["--json", "memo_figures/heatmap.png", "--report", "memo.md"], "memo_figures/heatmap.png"),
+    (["--json", "out/r.json", "--csv", "out/table", "--cache", "out/table"], "out/table"),
+    (["--json", "out/x", "--cache", "out/x/c"], "out/x"),
+])
+def test_an_output_that_another_output_writes_is_refused_before_any_work(tmp_path, pair, monkeypatch, args, shown):
+    """A figure (or its captions) silently replaced --json/--csv (exit 0); --cache on an output's path
+    ran the whole comparison, then exit 2 with the JSON already in place."""
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    line = one_error(run("compare", *pair, *args, "-q"), shown)
+    assert "given for two outputs" in line or "lies inside" in line
+    assert tree(tmp_path) == before
+
+
+def test_report_refuses_an_output_that_a_figure_writes(tmp_path):
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(cached_result()))
+    before = tree(tmp_path)
+    one_error(run("report", src, "--plots", tmp_path / "p", "--html", tmp_path / "p" / "figures.json"),
+              "figures.json")
+    assert tree(tmp_path) == before
+
+
+def test_a_commit_that_fails_part_way_puts_the_old_files_back(tmp_path):
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "b.txt").write_text("old b")
+    with pytest.raises(Exception):
+        with OutputSet():
+            write_text(tmp_path / "a.txt", "new a")
+            write_text(tmp_path / "b.txt", "new b")
+            write_text(tmp_path / "c.txt", "new c")
+            (tmp_path / "c.txt").mkdir()             # becomes a folder while the work runs
+    assert (tmp_path / "a.txt").read_text() == "old a" and (tmp_path / "b.txt").read_text() == "old b"
+    assert tree(tmp_path) == ["a.txt", "b.txt", "c.txt"]    # no temporary left
+
+    real = os.replace
+
+    def failing(src, dst):          # the second rename fails (a full quota, an I/O error)
+        if str(dst).endswith("b.txt"):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+    import weightdiff.fsutil as fsutil
+
+    fsutil.os.replace = failing
+    try:
+        with pytest.raises(Exception, match="b.txt"):
+            with OutputSet():
+                write_text(tmp_path / "a.txt", "new a")
+                write_text(tmp_path / "b.txt", "new b")
+                write_text(tmp_path / "d.txt", "new d")
+    finally:
+        fsutil.os.replace = real
+    assert (tmp_path / "a.txt").read_text() == "old a" and (tmp_path / "b.txt").read_text() == "old b"
+    assert tree(tmp_path) == ["a.txt", "b.txt", "c.txt"]

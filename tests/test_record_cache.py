@@ -114,3 +114,91 @@ def test_an_unusable_cache_folder_is_one_clear_error(tmp_path, rng):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--cache" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _plant(cache: Path, value: float = 123.0) -> None:
+    """A marker in every cached record: a rerun that uses the cache reports it."""
+    for p in _records(cache):
+        d = json.loads(p.read_text())
+        d["record"]["norm_delta"] = value
+        p.write_text(json.dumps(d))
+
+
+def _rewritten(path: Path, tensors: dict) -> None:
+    """``path``'s shard rewritten in place with other values of the same size, its times restored
+    (what ``cp -p``, ``touch -r``, ``rsync -t`` and ``tar x`` do)."""
+    shard = next(path.glob("*.safetensors"))
+    st = shard.stat()
+    write_checkpoint(path.parent / "new", tensors, dtype="BF16")
+    new = next((path.parent / "new").glob("*.safetensors"))
+    assert new.stat().st_size == st.st_size
+    os.replace(new, shard)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_a_file_rewritten_with_its_size_and_mtime_kept_misses_the_cache(tmp_path, rng):
+    """The key held path, size and mtime only: the old file's numbers came back (with --hash beside
+    the new file's sha256)."""
+    b, t = _pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    name = compare(b, t, cache=str(cache)).tensors[1].name
+    _plant(cache)
+    assert compare(b, t, cache=str(cache)).tensor(name).norm_delta == 123.0
+    base = llama(rng, layers=2, hidden=96, inter=160, vocab=200)
+    _rewritten(t, {k: v + rng.normal(0, 1e-2, v.shape).astype(np.float32) for k, v in base.items()})
+    cached = compare(b, t, cache=str(cache))
+    assert cached.tensor(name).norm_delta != 123.0
+    assert cached.to_json(include_run=False) == compare(b, t).to_json(include_run=False)
+
+
+def test_two_same_size_folders_swapped_miss_the_cache(tmp_path, rng):
+    b, t = _pair(tmp_path, rng)
+    other = tmp_path / "other"
+    write_checkpoint(other, {k: v + 1e-2 for k, v in llama(rng, layers=2, hidden=96, inter=160, vocab=200).items()},
+                     dtype="BF16")
+    for f in (*t.iterdir(), *other.iterdir()):      # one archive's times, as tar x leaves them
+        os.utime(f, ns=(10**18, 10**18))
+    cache = tmp_path / "cache"
+    compare(b, t, cache=str(cache))
+    os.rename(t, tmp_path / "x")
+    os.rename(other, t)
+    os.rename(tmp_path / "x", other)
+    assert compare(b, t, cache=str(cache)).to_json(include_run=False) == compare(b, t).to_json(include_run=False)
+
+
+def test_with_hash_records_are_keyed_by_the_sha256(tmp_path, rng):
+    """--hash computes the sha256 anyway: a copy of the file (another path, inode and times) hits,
+    a rewritten one misses, and the file is hashed once."""
+    b, t = _pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    name = compare(b, t, cache=str(cache), hash_files=True).tensors[1].name
+    _plant(cache)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in t.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    hit = compare(b, copy, cache=str(cache), hash_files=True)
+    assert hit.tensor(name).norm_delta == 123.0
+    base = llama(rng, layers=2, hidden=96, inter=160, vocab=200)
+    _rewritten(copy, {k: v + rng.normal(0, 1e-2, v.shape).astype(np.float32) for k, v in base.items()})
+    fresh = compare(b, copy, hash_files=True).to_json(include_run=False)
+    assert compare(b, copy, cache=str(cache), hash_files=True).to_json(include_run=False) == fresh
+
+
+@pytest.mark.parametrize("text", ["[]", "null", '"x"', "1", '{"v": 4, "key": [], "record": {}}', "NAN_FIELD"])
+def test_a_record_of_the_wrong_shape_is_a_miss_and_is_overwritten(tmp_path, rng, text):
+    """Valid JSON of another shape crashed every rerun (AttributeError, TypeError: exit 1)."""
+    b, t = _pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    want = compare(b, t, cache=str(cache)).to_json(include_run=False)
+    for p in _records(cache):
+        if text == "NAN_FIELD":
+            d = json.loads(p.read_text())
+            d["record"]["norm_delta"] = "NaN"
+            p.write_text(json.dumps(d))
+        else:
+            p.write_text(text)
+    assert compare(b, t, cache=str(cache)).to_json(include_run=False) == want
+    for p in _records(cache):       # measured again and written over
+        assert json.loads(p.read_text())["record"]["norm_delta"] != "NaN"

@@ -458,3 +458,103 @@ def test_population_leaves_out_rows_that_are_not_fine_tunes():
                     "fine-tunes of this base (median 1.3e-2).")
     assert s[-1] == ("2 other surveyed models are left out: by the survey's own verdicts, not fine-tunes of the "
                      "base (1 identical, 1 unrelated).")
+
+
+# -- tester sv7: --cache, output targets and a second survey into one DIR ------------------------------------------
+
+def _one_line(r, shown) -> str:
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(shown) in lines[0], r.stderr
+    return lines[0]
+
+
+def test_a_relative_cache_is_the_parents_folder_on_a_cluster(models, client, tmp_path, monkeypatch):
+    """The workers run in another directory: a relative --cache was resolved there, and the folder
+    the user named stayed empty (compare created it empty; survey never looked at it)."""
+    import shutil
+    import uuid
+
+    name = f"wd-cache-{uuid.uuid4().hex[:8]}"
+    monkeypatch.chdir(tmp_path)
+    try:
+        r = CliRunner().invoke(main, ["compare", str(models["base"]), str(models["tuned"][0]), "--json", "c.json",
+                                      "--cache", name + "-c", "--scheduler", client.scheduler.address, "-q"])
+        assert r.exit_code == 0, r.output
+        res = survey(models["base"], models["tuned"][:1], tmp_path / "s", client=client, cache=name + "-s")
+        assert res.computed == 1
+        for suffix in ("-c", "-s"):
+            assert list((tmp_path / (name + suffix) / "records").glob("*/*.json"))
+    finally:
+        for suffix in ("-c", "-s"):     # what a worker wrote into its own directory before the fix
+            client.run(shutil.rmtree, name + suffix, True)
+
+
+def test_survey_checks_the_cache_before_any_work(models, tmp_path):
+    """--cache under a regular file: every model became an error row, exit 0."""
+    (tmp_path / "afile").write_text("x")
+    r = CliRunner().invoke(main, ["survey", str(models["base"]), str(models["tuned"][0]), "--out",
+                                  str(tmp_path / "s"), "--cache", str(tmp_path / "afile" / "sub")])
+    assert "--cache" in _one_line(r, tmp_path / "afile" / "sub")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("make,extra,shown", [
+    (lambda d: (d / "survey.csv").mkdir(parents=True), [], "survey.csv"),
+    (lambda d: (d / "population.png").mkdir(parents=True), ["--plot"], "population.png"),
+    (lambda d: (d.mkdir(), (d / "models").write_text("x")), [], "models"),
+])
+def test_survey_targets_are_checked_before_any_work(models, tmp_path, make, extra, shown):
+    """A folder named survey.csv was an internal error (exit 1); population.png a folder failed
+    after every model was compared and written; `models` a file named DIR, not DIR/models."""
+    out = tmp_path / "s"
+    make(out)
+    before = _tree(out)
+    r = CliRunner().invoke(main, ["survey", str(models["base"]), str(models["tuned"][0]), "--out", str(out),
+                                  *extra])
+    _one_line(r, out / shown)
+    assert _tree(out) == before and not list(out.glob("models/*"))
+
+
+def test_a_second_survey_into_the_same_dir_is_refused(models, tmp_path):
+    """Two surveys into one DIR each rewrote survey.csv from the rows it read at start: rows lost."""
+    import fcntl
+
+    from weightdiff.errors import WeightdiffError
+
+    out = tmp_path / "s"
+    out.mkdir()
+    with open(out / ".survey.lock", "w") as held:          # another survey holds it
+        held.write("pid 1 on elsewhere\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(WeightdiffError, match=r"being written by another survey \(pid 1 on elsewhere"):
+            survey(models["base"], models["tuned"][:1], out)
+        r = CliRunner().invoke(main, ["survey", str(models["base"]), str(models["tuned"][0]), "--out", str(out)])
+        _one_line(r, ".survey.lock")
+    assert not (out / "survey.csv").exists()
+    res = survey(models["base"], models["tuned"][:1], out)     # released: it runs, and leaves no lock behind
+    assert res.computed == 1 and not (out / ".survey.lock").exists()
+
+
+def test_a_delta_params_bracket_is_a_range_in_the_table_and_in_the_sentence(tmp_path):
+    """delta_params_share was the bracket's upper end shown as a point, and the memo said "larger
+    than 2 of 2" where the ranges overlap (tester sv7, repro_7)."""
+    from weightdiff.render.population import population_sentences, save_population
+    from weightdiff.survey import row_from_result
+
+    summary = {"verdict": "derived", "relative_change": 0.05, "relatedness_cosine": 0.99, "delta_params": 753664,
+               "delta_params_lower": 79872, "delta_params_share": 753664 / 885888, "params_total": 885888}
+    row = row_from_result({"summary": summary}, {"path": "/s/ftB", "files": []}, {"path": "/s/base", "files": []}, "k")
+    assert row["delta_params_share_lower"] == 79872 / 885888
+    assert "delta_params_share_lower" in to_csv([row]).splitlines()[0].split(",")
+    others = [{"tuned": "/s/ftA", "status": "ok", "verdict": "derived", "base": "/s/base", "relative_change": 0.01,
+               "one_minus_cosine": 0.001, "delta_params_share": 0.0092, "delta_params_share_lower": None},
+              {"tuned": "/s/ftC", "status": "ok", "verdict": "derived", "base": "/s/base", "relative_change": 0.02,
+               "one_minus_cosine": 0.002, "delta_params_share": 0.148, "delta_params_share_lower": 0.021}]
+    data = {"tuned": {"path": "/s/ftB"}, "base": [{"path": "/s/base"}], "summary": summary}
+    last = population_sentences(data, others)[2]
+    assert last == ("By delta parameters (between 9.0% and 85.1%) it is larger than 1 of 2 "
+                    "(median between 1.5% and 7.9%; 1 undecided (the ranges overlap)).")
+    a = save_population(others + [row], tmp_path)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in save_population(others + [row], tmp_path)]

@@ -100,3 +100,49 @@ def test_progress_line_waits_for_its_delay():
     p = ProgressLine(stream=tty, delay=60.0)
     p(1, 2, "x")
     assert tty.getvalue() == ""
+
+
+def test_progress_in_a_log_ends_once_and_names_the_rank_tail(monkeypatch):
+    """The 100% line came twice (the second with no name), and the rank solves that run after the
+    stream said "measuring" (tester sv7, repro_9)."""
+    clock = [1000.0]
+    monkeypatch.setattr("weightdiff.render.terminal.time.monotonic", lambda: clock[0])
+    log = io.StringIO()
+    p = ProgressLine(stream=log, bytes_per_element=4.0)
+    clock[0] += 31
+    p(50_000_000, 100_000_000, "model.layers.2.self_attn.o_proj.weight")
+    clock[0] += 31
+    p(100_000_000, 100_000_000, "model.layers.3.mlp.up_proj.weight")      # streamed; its rank still solving
+    clock[0] += 1
+    p(100_000_000, 100_000_000, "")                                      # the end
+    p(100_000_000, 100_000_000, "")
+    lines = log.getvalue().splitlines()
+    assert [x.split(",")[0] for x in lines] == ["progress: measuring", "progress: finishing the rank analysis",
+                                                "progress: done"]
+    assert "(~0.4 of 0.8 GB read)" in lines[0]                           # 4 bytes per element and side
+    assert lines[2].endswith("ETA 0 s")                                  # no empty tensor name
+
+
+def test_compare_counts_the_bytes_of_the_plans_dtypes(monkeypatch, tmp_path):
+    """The progress line assumed 2 bytes per element: an fp32 pair showed half its GB and GB/s."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    import weightdiff.render.terminal as term
+    from weightdiff.cli import main
+    from weightdiff.io.safetensors_write import save_file
+
+    seen = []
+
+    class Line(term.ProgressLine):
+        def close(self) -> None:
+            seen.append(self.bpe)
+            super().close()
+    monkeypatch.setattr(term, "ProgressLine", Line)
+    rng = np.random.default_rng(0)
+    base = {"model.layers.0.mlp.up_proj.weight": rng.standard_normal((16, 8)).astype(np.float32)}
+    save_file(tmp_path / "b.safetensors", base)
+    save_file(tmp_path / "t.safetensors", {k: v + 0.01 for k, v in base.items()})
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert seen == [4.0]

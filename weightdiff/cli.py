@@ -168,13 +168,28 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, base_lab
             raise UsageProblem(f"expected BASE TUNED (got {len(paths)} paths)",
                                "for several bases use --base A --base B TUNED")
         base_list, tuned = [paths[0]], paths[1]
+    if opts.get("cache"):       # the parent's folder, not each Dask worker's current one
+        opts["cache"] = os.path.abspath(opts["cache"])
     options = CompareOptions(**opts)
-    _claim_outputs([*base_list, tuned], json_out=json_out, csv_out=csv_out, report_out=report_out,
-                   plots_dir=plots_dir)
+    figures = ()
+    if plots_dir or (report_out and str(report_out).lower().endswith(".md")):
+        from .render.plots import FIGURES
+
+        figures = tuple(FIGURES)
+    _claim_outputs([*base_list, tuned], figures=figures, figure_index=True, cache=options.cache, json_out=json_out,
+                   csv_out=csv_out, report_out=report_out, plots_dir=plots_dir)
     show = not quiet
     progress = ProgressLine(enabled=None if show else False)
 
     def on_plan(plan) -> None:
+        from .kernels.dtypes import byte_length
+        from .measure.compute import streamed
+
+        # the bytes read per element streamed, from the plan's own dtypes (fp32 reads 4 per side, fp8 1)
+        n = sum(streamed(p) for p in plan.pairs)
+        read = sum(byte_length(p.dtype_base, k) + byte_length(p.dtype_tuned or p.dtype_base, k)
+                   for p in plan.pairs if (k := streamed(p)))
+        progress.bpe = read / (2 * n) if n else progress.bpe
         if show:
             click.echo(plan_text(plan), err=True)
 
@@ -317,7 +332,8 @@ def provenance_cmd(paths, candidates_flag, json_out, csv_out, report_out, plots_
 
     if len(paths) < 2:
         raise UsageProblem(f"expected TUNED --candidates A [B ...] (got {len(paths)} paths)")
-    _claim_outputs(paths, json_out=json_out, csv_out=csv_out, report_out=report_out, plots_dir=plots_dir)
+    _claim_outputs(paths, figures=("provenance",), json_out=json_out, csv_out=csv_out, report_out=report_out,
+                   plots_dir=plots_dir)
     hub = _hub_options(opts, quiet)
     result = provenance(paths[0], list(paths[1:]), options=ProvenanceOptions(**opts), progress=_say(quiet),
                         command=_command_line(), hub=hub)
@@ -365,7 +381,9 @@ def lineage_cmd(paths, json_out, csv_out, report_out, quiet, **opts):
     from .lineage import lineage
     from .render.provenance import lineage_text
 
-    _claim_outputs(paths, json_out=json_out, csv_out=csv_out, report_out=report_out)
+    if opts.get("cache"):
+        opts["cache"] = os.path.abspath(opts["cache"])
+    _claim_outputs(paths, cache=opts.get("cache"), json_out=json_out, csv_out=csv_out, report_out=report_out)
     hub = _hub_options(opts, quiet)
     result = lineage(list(paths), options=CompareOptions(**opts), progress=_say(quiet), command=_command_line(),
                      hub=hub)

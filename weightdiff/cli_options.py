@@ -61,9 +61,13 @@ def _stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def _claim_outputs(inputs=(), **targets) -> None:
+def _claim_outputs(inputs=(), figures: tuple[str, ...] = (), figure_index: bool = False, cache: str | None = None,
+                   **targets) -> None:
     """Check every output path before any work (same path twice, a parent that is a file, an
-    input overwritten): ``name=path``; ``plots``/``plots_dir`` are folders."""
+    input overwritten, one output inside another that is a file): ``name=path``;
+    ``plots``/``plots_dir`` are folders. ``figures``: the names of the figures the command may draw,
+    claimed as ``<name>.png``/``.svg`` in the plots folder (``.png`` in a Markdown memo's figure
+    folder), with ``figures.json`` when ``figure_index``; ``cache``: the ``--cache`` folder."""
     from .fsutil import active_outputs
 
     outs = active_outputs()
@@ -89,6 +93,17 @@ def _claim_outputs(inputs=(), **targets) -> None:
         # that folder fails before any work (it failed after the JSON was written)
         p = Path(memo)
         outs.claim(p.parent / f"{p.stem}_figures", "--memo's figures", folder=True)
+        for name in figures:
+            outs.claim(p.parent / f"{p.stem}_figures" / f"{name}.png", "a figure")
+    plots = targets.get("plots_dir") or targets.get("plots")
+    if plots:
+        for name in figures:
+            for ext in ("png", "svg"):
+                outs.claim(Path(plots) / f"{name}.{ext}", "a figure")
+        if figure_index:
+            outs.claim(Path(plots) / "figures.json", "the figures' captions")
+    if cache:
+        outs.claim(cache, "--cache", folder=True)
 
 
 def _memo_path(ctx, param, value):

@@ -277,6 +277,10 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             for ck in (*bases, tuned_ck):
                 for f in ck.files:
                     outs.protect(f)
+        if options.cache and hash_files:    # hashed anyway: hashed first, and the cache keys records by it
+            for ck in (*bases, tuned_ck):
+                if ck.hub is None:
+                    ck.digests = {os.path.realpath(p): d for p, d in ck.hash_files().items()}
         the_plan = make_plan(bases, tuned_ck, include=options.include, exclude=options.exclude,
                              rename=options.rename)
         check_adapter_plan(the_plan, bases, tuned_ck)

@@ -94,6 +94,7 @@ class OutputSet:
 
     def __init__(self, protect: Iterable[str | os.PathLike] = ()):
         self._claimed: dict[str, str] = {}          # normalized target -> what it is for
+        self._folders: set[str] = set()             # the claimed targets that are folders
         self._staged: list[tuple[Path, Path]] = []  # (temporary, target)
         self._created: list[Path] = []              # folders made for the outputs
         self._special: dict[str, int] = {}          # FIFO/device targets: fds opened at claim time
@@ -136,9 +137,13 @@ class OutputSet:
             shown = "stdout" if key == "-" else escape_name(os.fspath(target))
             raise OutputError(None, f"{shown} is given for two outputs ({self._claimed[key]} and {what})",
                               "give each output its own path")
+        if key != "-":
+            self._check_nesting(key, target, what or "output", folder)
         self._claimed[key] = what or "output"
         if key == "-":
             return None
+        if folder:
+            self._folders.add(key)
         path = Path(target)
         self._check_not_input(path)
         try:
@@ -150,11 +155,26 @@ class OutputSet:
         if st is not None and stat.S_ISDIR(st.st_mode) and not folder:
             raise OutputError(path, "is a folder, expected a file name")
         if st is not None and not stat.S_ISDIR(st.st_mode) and folder:
-            raise OutputError(path, "is a file, expected a folder for the figures")
+            raise OutputError(path, f"is a file, expected a folder ({what or 'output'})")
         self._check_parent(path if folder and st is None else path.parent, path)
         if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
             self._special[key] = _open_special(path)      # a FIFO needs its reader now, not at the end
         return path
+
+    def _check_nesting(self, key: str, target: str | os.PathLike, what: str, folder: bool) -> None:
+        """An output inside another output that is a file (``--json out/x --cache out/x/c``) could
+        only fail at the end, after the work: refused now."""
+        for other, other_what in self._claimed.items():
+            if other == "-":
+                continue
+            if key.startswith(other + os.sep) and other not in self._folders:
+                outer, inner = (other, other_what), (key, what)
+            elif other.startswith(key + os.sep) and not folder:
+                outer, inner = (key, what), (other, other_what)
+            else:
+                continue
+            raise OutputError(None, f"{escape_name(inner[0])} ({inner[1]}) lies inside {escape_name(outer[0])}, "
+                                    f"which is given as a file ({outer[1]})", "give each output its own path")
 
     def _check_parent(self, parent: Path, target: Path) -> None:
         """The nearest existing ancestor of ``target`` must be a writable folder."""
@@ -241,7 +261,9 @@ class OutputSet:
     def commit(self) -> list[Path]:
         """Move every staged file into place (written into non-regular targets); returns the targets.
         Non-regular targets (a FIFO, /dev/full) are written first: they are the ones that can still
-        fail here, and then no regular file has been put in place yet."""
+        fail here, and then no regular file has been put in place yet. Every target is checked first
+        (one that became a folder fails before any rename), and a rename that fails part way puts the
+        files already replaced back (their old files kept as hard links until the end)."""
         check_interrupted()
         done = []
 
@@ -253,21 +275,35 @@ class OutputSet:
             return not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode)
 
         self._staged.sort(key=lambda item: not special(item))     # stable: the order given otherwise
-        for tmp, target in self._staged:
-            try:
-                st = os.stat(target)
-            except OSError:
-                st = None
-            try:
-                if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-                    fd = self._special.pop(os.path.abspath(target), None)
-                    _write_into(_open_special(target) if fd is None else fd, tmp)
-                    os.unlink(tmp)
-                else:
-                    os.replace(tmp, target)
-            except OSError as exc:
-                raise OutputError(target, f"cannot write ({exc.strerror or exc})") from None
-            done.append(target)
+        for tmp, target in self._staged:      # every destination checked before any is replaced
+            if os.path.isdir(target):
+                raise OutputError(target, "is a folder now, expected a file name; nothing was written")
+        backups: list[tuple[Path, Path | None]] = []    # (target, its old file kept as a hard link, or None)
+        try:
+            for tmp, target in self._staged:
+                try:
+                    st = os.stat(target)
+                except OSError:
+                    st = None
+                try:
+                    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                        fd = self._special.pop(os.path.abspath(target), None)
+                        _write_into(_open_special(target) if fd is None else fd, tmp)
+                        os.unlink(tmp)
+                    else:
+                        backups.append((target, _keep_old(target) if st is not None else None))
+                        os.replace(tmp, target)
+                except OSError as exc:
+                    raise OutputError(target, f"cannot write ({exc.strerror or exc}); nothing was "
+                                              "written") from None
+                done.append(target)
+        except BaseException:
+            _roll_back(backups, done)
+            raise
+        for _, old in backups:
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(old)
         self._staged.clear()
         self._created.clear()
         self._close_special()
@@ -340,6 +376,36 @@ class OutputSet:
             with contextlib.suppress(ValueError, OSError, TypeError):
                 signal.signal(s, h)
         self._handlers.clear()
+
+
+def _keep_old(target: Path) -> Path | None:
+    """A hard link to ``target``'s current file (``.NAME.PID.XXXXXXXX.tmp``, swept like a temporary if
+    the run is killed), so that a failed commit can put it back; None where links are not supported."""
+    for _ in range(8):
+        name = target.parent / f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        try:
+            os.link(target, name)
+            return name
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+    return None
+
+
+def _roll_back(backups: list[tuple[Path, Path | None]], done: list[Path]) -> None:
+    """Undo the renames of a commit that failed part way: old files back, new files removed (as far as
+    the filesystem allows: without hard links an overwritten file cannot come back)."""
+    placed = set(map(os.fspath, done))
+    for target, old in reversed(backups):
+        with contextlib.suppress(OSError):
+            if old is not None:
+                if os.fspath(target) in placed:
+                    os.replace(old, target)
+                else:
+                    os.unlink(old)
+            elif os.fspath(target) in placed:
+                os.unlink(target)
 
 
 def _sweep_stale(targets: list[Path]) -> None:

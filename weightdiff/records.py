@@ -474,3 +474,16 @@ def count_lookalikes(rows) -> int:
             spare[key] -= 1
             n += 1
     return n
+
+
+def share_lower(s: dict) -> float | None:
+    """The least the delta-parameter share could be when ``delta_params`` is an upper bound
+    (``delta_params_lower`` set), over the same model size as ``delta_params_share``; None when exact.
+
+    >>> share_lower({"delta_params": 300, "delta_params_share": 0.3, "delta_params_lower": 30})
+    0.03
+    """
+    lower, delta, share = s.get("delta_params_lower"), s.get("delta_params"), s.get("delta_params_share")
+    if not (isinstance(lower, int) and isinstance(delta, int) and delta and isinstance(share, float) and share):
+        return None
+    return lower / round(delta / share)        # delta_params_share is delta_params / the tuned model's size

@@ -75,12 +75,17 @@ def plan_digest(plan: Plan) -> str:
 
 
 def measure_task(base_paths: list[str], tuned_path: str, options: CompareOptions, indices: list[int],
-                 digest: str) -> tuple:
-    """A worker's share: ``("ok", records)`` in the order of ``indices``, or ``("error", line, code)``."""
+                 digest: str, digests: dict[str, str] | None = None) -> tuple:
+    """A worker's share: ``("ok", records)`` in the order of ``indices``, or ``("error", line, code)``.
+    ``digests``: the sha256 of files the parent hashed, by real path (the record cache keys by them)."""
     try:
         with ExitStack() as stack:
             bases = [stack.enter_context(locate(p)) for p in base_paths]
             tuned = stack.enter_context(locate(tuned_path))
+            if digests:
+                for ck in (*bases, tuned):
+                    ck.digests = {os.path.realpath(f): digests[os.path.realpath(f)] for f in ck.files
+                                  if os.path.realpath(f) in digests} or None
             the_plan = make_plan(bases, tuned, include=options.include, exclude=options.exclude,
                                  rename=options.rename)
             if plan_digest(the_plan) != digest:
@@ -110,7 +115,8 @@ def distributed_compute(run: Any, base_paths: list[str], tuned_path: str, task_o
         total = sum(streamed(p) for p in the_plan.pairs)
         done = 0
         records: list[TensorRecord | None] = [None] * len(the_plan.pairs)
-        args = [(base_paths, tuned_path, task_options, g, digest) for g in groups]
+        digests = {k: v for ck in (*bases, tuned) for k, v in (getattr(ck, "digests", None) or {}).items()}
+        args = [(base_paths, tuned_path, task_options, g, digest, digests or None) for g in groups]
         for oc in run.map(measure_task, args, name="split"):
             if oc.error is not None:
                 raise SplitError(f"group {oc.index + 1} of {len(groups)} failed: {oc.error}")
@@ -146,10 +152,12 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     """
     base_paths = [_absolute(base)] if isinstance(base, (str, os.PathLike)) else [_absolute(b) for b in base]
     tuned_path = _absolute(tuned)
+    from dataclasses import replace
+
+    if options.cache:       # the parent's folder: a worker's current directory is another machine's
+        options = replace(options, cache=os.path.abspath(options.cache))
     task_options = options
     if workers and client is None and scheduler is None and options.threads is None:
-        from dataclasses import replace
-
         task_options = replace(options, threads=worker_threads(workers))
     with runner(scheduler, workers, memory_limit, client, say) as run:
         # the parent's JSON keeps the paths as given; workers get absolute ones

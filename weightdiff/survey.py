@@ -18,15 +18,18 @@ Every file is written atomically (weightdiff.fsutil), the tables after each mode
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ._version import __version__
 from .cluster import Outcome, check, runner, worker_threads
@@ -34,7 +37,7 @@ from .comparison import compare
 from .errors import WeightdiffError, escape_name
 from .fsutil import OutputError, write_bytes, write_text
 from .options import CompareOptions, options_from_kwargs
-from .records import dumps
+from .records import dumps, share_lower
 
 PANDAS_HINT = "pip install 'weightdiff[pandas]'"
 
@@ -43,7 +46,8 @@ COLUMNS: list[tuple[str, str]] = [
     ("tuned", "string"), ("name", "string"), ("status", "string"), ("error", "string"),
     ("verdict", "string"), ("coverage", "double"), ("relative_change", "double"),
     ("one_minus_cosine", "double"), ("blocks_changed", "int64"), ("blocks_total", "int64"),
-    ("delta_params", "int64"), ("delta_params_lower", "int64"), ("delta_params_share", "double"), ("form", "string"),
+    ("delta_params", "int64"), ("delta_params_lower", "int64"), ("delta_params_share", "double"),
+    ("delta_params_share_lower", "double"), ("form", "string"),
     ("max_numerical_rank", "int64"), ("max_numerical_rank_bound", "string"), ("max_numerical_rank_upper", "int64"),
     ("flags", "string"), ("params_total", "int64"),
     ("tuned_files", "int64"), ("tuned_bytes", "int64"), ("tuned_sha256", "string"),
@@ -175,7 +179,8 @@ def row_from_result(data: dict | None, tuned_id: dict, base_id: dict, key: str, 
         relative_change=_num(s.get("relative_change")), one_minus_cosine=None if cos is None else max(0.0, 1.0 - cos),
         blocks_changed=s.get("blocks_changed"), blocks_total=s.get("blocks_total"),
         delta_params=s.get("delta_params"), delta_params_lower=s.get("delta_params_lower"),
-        delta_params_share=_num(s.get("delta_params_share")), form=form.get("kind"),
+        delta_params_share=_num(s.get("delta_params_share")),
+        delta_params_share_lower=share_lower(s), form=form.get("kind"),
         # a bracket (the value null in the JSON): its lower end, marked, and its upper end beside it
         max_numerical_rank=form.get("max_numerical_rank") if bracket is None else bracket[0],
         max_numerical_rank_bound=None if bracket is None else "lower",
@@ -295,10 +300,88 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
     with locate(base):     # a bad base is bad input for the whole survey: fail before writing anything
         pass
     directory = Path(out)
+    parquet = have_pyarrow()
+    check_targets(directory, parquet, plot)
+    if options.cache:       # the parent's folder (workers run elsewhere), checked before any work
+        from dataclasses import replace
+
+        from .measure.cache import check_folder
+
+        options = replace(options, cache=os.path.abspath(options.cache))
+        check_folder(options.cache)
     try:
         (directory / "models").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(directory, f"cannot write here ({exc.strerror or exc})") from None
+    with survey_lock(directory):
+        return _survey(base, tuned, directory, options, hash_files, scheduler, workers, memory_limit, client, plot,
+                       say, task, parquet)
+
+
+def check_targets(directory: Path, parquet: bool, plot: bool) -> None:
+    """OutputError (exit 2) before any work when a file the survey writes is a folder here, or
+    ``models`` is not one: found at the end, such a path cost the whole survey."""
+    wanted = [("models", True), ("survey.csv", False)]
+    wanted += [("survey.parquet", False)] if parquet else []
+    wanted += [("population.png", False), ("population.svg", False)] if plot else []
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(directory, "is a file, expected a folder for the survey")
+    for name, folder in wanted:
+        p = directory / name
+        if folder and p.exists() and not p.is_dir():
+            raise OutputError(p, "is a file, expected the folder of the models' JSON files")
+        if not folder and p.is_dir():
+            raise OutputError(p, "is a folder, expected a file name")
+
+
+LOCK_NAME = ".survey.lock"
+
+
+@contextlib.contextmanager
+def survey_lock(directory: Path) -> Iterator[None]:
+    """Hold ``DIR/.survey.lock`` (an flock, released when the process ends however it ends) while
+    surveying: a second survey into the same DIR rewrote the tables from the rows it had read at start
+    and dropped the other's rows. It is refused instead (exit 2, naming the other's pid and host)."""
+    path = directory / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise OutputError(path, f"cannot write here ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            finally:
+                os.close(fd)
+            raise SurveyBusy(f"{escape_name(os.fspath(directory))} is being written by another survey ({holder}; "
+                             f"{escape_name(os.fspath(path))})",
+                             "wait for it to finish, or give this survey another --out") from None
+        try:       # the file locked must still be the one at the path (a finishing survey unlinks it)
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+class SurveyBusy(WeightdiffError):
+    """Another survey holds the output folder."""
+
+
+def _survey(base, tuned, directory: Path, options: CompareOptions, hash_files: bool, scheduler, workers,
+            memory_limit, client, plot: bool, say: Callable[[str], None], task: Callable[..., dict],
+            parquet: bool) -> SurveyResult:
     base_id = identity(base)
     seen: dict[str, dict] = {}
     spelled: dict[str, str] = {}          # one checkpoint, one row: a symlink to a folder is that folder
@@ -315,7 +398,6 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
 
         task_options = replace(options, threads=worker_threads(workers))   # results do not depend on threads
     previous = {r["tuned"]: r for r in read_csv(directory / "survey.csv")} if (directory / "survey.csv").exists() else {}
-    parquet = have_pyarrow()
     result = SurveyResult(rows=[], directory=directory)
     if not parquet:
         result.notices.append(f"survey.parquet not written: pyarrow is not installed ({PANDAS_HINT}); "

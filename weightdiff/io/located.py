@@ -38,6 +38,10 @@ class Checkpoint:
         self._opener = opener               # the reader class of this checkpoint's files
         self.notes: list[str] = []          # things the user should hear about (shown with the plan)
         self._identity = {f: _identity(f) for f in files}
+        self._hashed: dict | None = None    # hash_files() once done (a file is hashed once per run)
+        #: sha256 of each file by its real path, when the run hashed the files before measuring them:
+        #: the record cache keys by it (weightdiff.measure.cache)
+        self.digests: dict[str, str] | None = None
         self.lora: list[LoraFactor] = lora_factors(tensors, files[0], adapter) if adapter is not None else []
         self._open: OrderedDict[Path, SafetensorsFile] = OrderedDict()
         self._pins: dict[Path, int] = {}
@@ -271,7 +275,11 @@ class Checkpoint:
 
     def hash_files(self) -> dict:
         """sha256 of every local file (``self.files``, the bytes on disk), keyed by the file as
-        ``self.files`` holds it; the identity checks of file_digests."""
+        ``self.files`` holds it; the identity checks of file_digests. Hashed once: a second call
+        checks that no file changed since and returns the same digests."""
+        if self._hashed is not None:
+            self.check_identity()
+            return dict(self._hashed)
         out = {}
         self.check_identity()
         for path in self.files:
@@ -291,6 +299,7 @@ class Checkpoint:
                 os.close(fd)
             out[path] = h.hexdigest()
         self.check_identity()
+        self._hashed = dict(out)
         return out
 
 

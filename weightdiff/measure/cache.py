@@ -3,10 +3,18 @@
 A record is stored under a key that hashes everything it depends on:
 
 * the pair itself (``Pair.to_dict()``: names, kind, shapes, dtypes, LoRA factors);
-* the identity of every stored tensor it reads, base and tuned: the file's resolved path,
-  size and modification time (ns), and the tensor's byte range in it (a tensor without a
-  byte range of its own, from a pickle or a quantized group, is keyed by its checkpoint's
-  whole set of files);
+* the identity of every stored tensor it reads, base and tuned, and the tensor's byte range
+  in its file (a tensor without a byte range of its own, from a pickle or a quantized group,
+  is keyed by its checkpoint's whole set of files). A file's identity is its sha256 when the
+  run hashes its inputs anyway (``--hash``: the checkpoint's ``digests``, taken before
+  measuring), else what ``stat`` says without reading a byte: the resolved path, the inode
+  number, the size, the modification time and the status-change time (ctime, ns). ``touch``,
+  ``cp -p``, ``rsync -t`` and ``tar x`` can restore an mtime but not a ctime, and a file moved
+  or copied into the path has another inode, so a rewritten or swapped file misses. What the
+  stat identity cannot see: a file whose bytes changed with no write through the filesystem
+  (a disk image edited offline, a filesystem without ctime), or a ctime forged by changing
+  the system clock. The device number is left out: machines mounting one shared filesystem
+  number it differently, and workers of a cluster must find each other's records;
 * the options that change records (``CompareOptions.settings()``, which leaves out the
   thread count; thresholds included), and ``CACHE_VERSION``.
 
@@ -14,16 +22,19 @@ So a rerun of the same command reuses every record already written and measures 
 and any change of an input file or of an option misses the cache. Each record is one file
 ``DIR/records/<key[:2]>/<key>.json`` written to a temporary name in the same folder and
 renamed into place (atomic on POSIX), so a run killed at any point leaves either a whole
-record or none; a file that does not parse, or whose stored key differs, is ignored and
-measured again. Floats keep their exact bits (JSON repr round-trips, NaN and infinities
+record or none; a file that does not parse, is not a record of the expected shape and
+types, or whose stored key differs, is ignored, measured again and overwritten. Floats keep their exact bits (JSON repr round-trips, NaN and infinities
 included), so a resumed run writes the same JSON bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +44,7 @@ from ..records import RankRecord, TensorRecord
 __all__ = ["RecordCache", "CACHE_VERSION", "check_folder", "record_from_dict"]
 
 #: bump when a change of the code changes records for the same inputs and options
-CACHE_VERSION = 3           # 3: the near-grid test (quant.near_grid) and per-expert splits
+CACHE_VERSION = 4           # 4: inode and ctime (or the sha256) in a file's identity
 
 
 class CacheError(WeightdiffError):
@@ -50,8 +61,57 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"cannot store {type(obj).__name__} in the record cache")
 
 
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether a value read back from JSON has the type a record field declares (an int where a
+    float is declared too: JSON writes 0.0 as 0 from other writers; NaN and infinities are floats).
+
+    >>> _fits(1.5, float), _fits("NaN", float), _fits([2, 3], list[int]), _fits(None, int | None)
+    (True, False, True, True)
+    """
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return True
+    if kind is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (str, bool):
+        return isinstance(value, kind)
+    if origin in (list, tuple) or kind in (list, tuple):
+        inner = args[0] if args and (origin is list or len(args) == 2 and args[1] is Ellipsis or
+                                     len(set(args)) == 1) else Any
+        return isinstance(value, list) and all(_fits(v, inner) for v in value)
+    if origin is dict or kind is dict:
+        return isinstance(value, dict)
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        return isinstance(value, dict)
+    return True
+
+
+def _check_fields(d: Any, cls: type) -> None:
+    """TypeError unless ``d`` is a dict whose every key is a field of ``cls`` of the declared type."""
+    if not isinstance(d, dict):
+        raise TypeError(f"not a {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    for name, value in d.items():
+        if name == "cast" and cls is TensorRecord:
+            if value is not None and not isinstance(value, dict):
+                raise TypeError("cast")
+            continue
+        if name not in hints or not _fits(value, hints[name]):
+            raise TypeError(f"field {name}")
+
+
 def record_from_dict(d: dict) -> TensorRecord:
-    """The inverse of ``TensorRecord.to_dict`` (lists stay lists, as in the JSON)."""
+    """The inverse of ``TensorRecord.to_dict`` (lists stay lists, as in the JSON). TypeError when
+    ``d`` is not such a dict: a field of another type, an unknown field, not a dict at all."""
+    _check_fields(d, TensorRecord)
+    if d.get("rank") is not None:
+        _check_fields(d["rank"], RankRecord)
     d = dict(d)
     rank = d.pop("rank", None)
     cast = d.pop("cast", None)
@@ -87,19 +147,25 @@ class RecordCache:
         self.hits = self.misses = 0
 
     # -- keys ---------------------------------------------------------------------------
-    def _file_id(self, path: Path) -> list:
+    @staticmethod
+    def _file_id(path: Path, ck: Any = None) -> list:
+        """``["sha256", digest]`` when the checkpoint's files were hashed before measuring, else
+        ``[resolved path, inode, size, mtime ns, ctime ns]`` (see the module doc)."""
+        digest = (getattr(ck, "digests", None) or {}).get(os.path.realpath(path))
+        if digest is not None:
+            return ["sha256", digest]
         st = os.stat(path)
-        return [os.fspath(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+        return [os.fspath(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
     def _tensor_id(self, ck: Any, name: str | None) -> list | None:
         if name is None:
             return None
         info = ck.tensors.get(name) if hasattr(ck, "tensors") else None
         if info is not None and getattr(info, "start", None) is not None and getattr(info, "path", None):
-            return [*self._file_id(info.path), info.start, info.end]
+            return [*self._file_id(info.path, ck), info.start, info.end]
         key = (id(ck), "all")
         if key not in self._files:    # no byte range of its own: the checkpoint's whole set of files
-            self._files[key] = [self._file_id(p) for p in getattr(ck, "files", [])]
+            self._files[key] = [self._file_id(p, ck) for p in getattr(ck, "files", [])]
         return [name, self._files[key]]
 
     def key(self, pair: Any, bases: Sequence[Any], tuned: Any) -> str:
@@ -125,10 +191,10 @@ class RecordCache:
     def get(self, key: str) -> TensorRecord | None:
         try:
             data = json.loads(self._path(key).read_text(encoding="utf-8"))
-            if data.get("key") != key or data.get("v") != CACHE_VERSION:
+            if not isinstance(data, dict) or data.get("key") != key or data.get("v") != CACHE_VERSION:
                 raise ValueError("stale")
             rec = record_from_dict(data["record"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self.misses += 1
             return None
         self.hits += 1

@@ -914,6 +914,8 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
                            or pending[0][0].rank.future.done()):
             rec, key, pair = pending.pop(0)
             if isinstance(rec.rank, Deferred):
+                if wait and progress is not None:       # the stream is done: say which solve is awaited
+                    progress(done, total, pair.tuned_name or pair.base_name or "rank")
                 Solver.resolve(rec)
                 refine_rank(rec, pair, bases, tuned, options, backend)
             if cache is not None:

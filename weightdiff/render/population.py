@@ -25,7 +25,8 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from ..fsutil import write_bytes
-from .formats import bound, sci, share
+from ..records import share_lower
+from .formats import sci, share
 from .figstyle import GREY, OKABE_ITO, STYLE, _figure, figure_bytes, text
 
 #: (column, axis label, name in sentences, comparison in sentences)
@@ -43,6 +44,30 @@ def _finite(v: object) -> bool:
 def ok_rows(rows: Sequence[dict]) -> list[dict]:
     """The rows with a result, sorted by tuned path (error rows left out)."""
     return sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: str(r.get("tuned")))
+
+
+def interval(row: dict, col: str) -> tuple[float, float] | None:
+    """A row's value of ``col`` as [lo, hi]: the delta-parameter share is a bracket when its row has a
+    lower end (``delta_params_share_lower``: some energy ranks were brackets), else lo == hi."""
+    v = row.get(col)
+    if not _finite(v):
+        return None
+    lo = row.get("delta_params_share_lower") if col == "delta_params_share" else None
+    return (lo, v) if _finite(lo) and lo < v else (v, v)
+
+
+def standing_bracket(mine: tuple[float, float], others: Sequence[tuple[float, float] | None]) -> tuple[int, int, int, int]:
+    """(how many of ``others`` lie wholly below ``mine``, how many equal it exactly, how many overlap it
+    so that neither is established to be larger, how many have a value).
+
+    >>> standing_bracket((0.09, 0.85), [(0.02, 0.15), (0.01, 0.01), (0.9, 0.9)])
+    (1, 0, 1, 3)
+    """
+    vals = [o for o in others if o is not None]
+    below = sum(o[1] < mine[0] for o in vals)
+    equal = sum(o == mine and o[0] == o[1] for o in vals)
+    above = sum(o[0] > mine[1] for o in vals)
+    return below, equal, len(vals) - below - equal - above, len(vals)
 
 
 def standing(value: float, others: Sequence[float | None]) -> tuple[int, int, int]:
@@ -109,8 +134,14 @@ def _draw(rows: Sequence[dict]) -> Figure:
         ys = _jitter(len(have))
         xs = np.array([v if v > 0 else floor for _, v in have])   # zeros sit on the zero line
         zero = np.array([v <= 0 for _, v in have])
-        if (~zero).any():
-            ax.plot(xs[~zero], ys[~zero], "o", ms=4.5, color=OKABE_ITO["blue"], alpha=0.8, zorder=3)
+        spans = [interval(r, col) for r, _ in have]
+        ranged = np.array([sp is not None and sp[0] < sp[1] for sp in spans])
+        dots = ~zero & ~ranged
+        if dots.any():
+            ax.plot(xs[dots], ys[dots], "o", ms=4.5, color=OKABE_ITO["blue"], alpha=0.8, zorder=3)
+        for i in np.flatnonzero(ranged):      # a bracket is drawn as its range, never as a point
+            ax.plot([max(spans[i][0], floor), spans[i][1]], [ys[i], ys[i]], "-", marker="|", ms=6, lw=1.2,
+                    color=OKABE_ITO["blue"], alpha=0.8, zorder=3)
         if zero.any():
             ax.plot(xs[zero], ys[zero], "o", ms=4.5, mfc="white", mec=GREY, zorder=3)
         if zeros:
@@ -161,7 +192,7 @@ def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
     values = {"relative_change": s.get("relative_change"),
               "one_minus_cosine": None if cos is None else max(0.0, 1.0 - cos),
               "delta_params_share": s.get("delta_params_share")}
-    upper = s.get("delta_params_lower") is not None      # delta_params is then an upper bound
+    mine_lo = share_lower(s)                            # delta_params is then an upper bound
     fmt = {"relative_change": sci, "one_minus_cosine": sci, "delta_params_share": share}
     subject = "this fine-tune" if s.get("verdict") in (None, "derived", "partial") else "this model"
     out = []
@@ -169,18 +200,24 @@ def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
         v = values[col]
         if not _finite(v):
             continue
-        below, equal, n = standing(v, [r.get(col) for r in good])
+        bracketed = col == "delta_params_share" and mine_lo is not None and mine_lo < v
+        spans = [interval(r, col) for r in good]
+        below, equal, undecided, n = standing_bracket((mine_lo, v) if bracketed else (v, v), spans)
         if not n:
             continue
-        med = float(np.median([r[col] for r in good if _finite(r.get(col))]))
+        los, his = [x[0] for x in spans if x], [x[1] for x in spans if x]
+        med_lo, med_hi = float(np.median(los)), float(np.median(his))
+        med = fmt[col](med_hi) if med_lo == med_hi else f"between {fmt[col](med_lo)} and {fmt[col](med_hi)}"
         tie = f"; {equal} exactly as deep" if equal else ""
-        shown = bound(v, "upper", share) if col == "delta_params_share" and upper else fmt[col](v)
+        if undecided:           # brackets that overlap: neither is established to be the larger
+            tie += f"; {undecided} undecided (the ranges overlap)"
+        shown = f"between {share(mine_lo)} and {share(v)}" if bracketed else fmt[col](v)
         if not out:
             out.append(f"By {words} ({shown}), {subject} is deeper than {below} of the {n} "
-                       f"{others}surveyed fine-tunes of {of} (median {fmt[col](med)}{tie}).")
+                       f"{others}surveyed fine-tunes of {of} (median {med}{tie}).")
         else:
             out.append(f"By {words} ({shown}) it is {than} {below} of {n} "
-                       f"(median {fmt[col](med)}{tie}).")
+                       f"(median {med}{tie}).")
     if not out:
         out.append(f"The survey holds no {others}fine-tune of {of} with a result to compare this one with.")
     if left:

@@ -30,7 +30,7 @@ from ..fsutil import OutputSet, active_outputs, write_bytes, write_text
 from ..io.files import read_small
 from . import memo as memo_mod
 from .captions import headline_sentences
-from .plots import FigureOutput, render_figures, save_figures
+from .plots import FIGURES, FigureOutput, render_figures, save_figures
 from .population import population_sentences
 from .validate import SCHEMA, check_result
 from .document import Block, memo_format, write_memo
@@ -92,6 +92,10 @@ def _rel(target: Path, start: Path) -> str:
     return posixpath.join(*Path(os.path.relpath(target, start)).parts)
 
 
+#: survey columns read when the table has them (a bracket's lower end: tables of older surveys lack it)
+OPTIONAL = ("delta_params_share_lower",)
+
+
 def load_population(path: str | os.PathLike) -> list[dict]:
     """The rows of a ``weightdiff survey`` table: ``survey.parquet`` (needs pyarrow) or ``survey.csv``."""
     p = Path(path)
@@ -104,7 +108,8 @@ def load_population(path: str | os.PathLike) -> list[dict]:
                 raise WeightdiffError(f"{p}: reading a Parquet survey needs pyarrow",
                                       "pip install 'weightdiff[pandas]', or give survey.csv") from None
             try:
-                rows = pq.read_table(p, columns=list(need)).to_pylist()
+                have = set(pq.read_schema(p).names)
+                rows = pq.read_table(p, columns=list(need) + [c for c in OPTIONAL if c in have]).to_pylist()
             except (KeyError, ValueError) as exc:   # pyarrow's errors for a bad file or a missing column
                 raise WeightdiffError(f"{p}: not a weightdiff survey table ({escape_name(str(exc))[:120]})",
                                       "write one with weightdiff survey BASE TUNED... --out DIR") from None
@@ -117,7 +122,7 @@ def load_population(path: str | os.PathLike) -> list[dict]:
                 raise WeightdiffError(f"{p}: not a weightdiff survey table (missing columns)",
                                       "write one with weightdiff survey BASE TUNED... --out DIR")
             for r in rows:
-                for k in need[4:]:
+                for k in (*need[4:], *OPTIONAL):
                     r[k] = float(r[k]) if r.get(k) else None
     except FileNotFoundError:
         raise WeightdiffError(f"{p}: no such file", "write one with weightdiff survey BASE TUNED... --out DIR") from None
@@ -155,14 +160,14 @@ def write_report(data: dict, *, html: str | os.PathLike | None = None, markdown:
     outs = active_outputs() or OutputSet()
     with outs, warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")        # matplotlib/numpy chatter is not the user's business
-        claim_report_outputs(outs, html_p, md_p, plot_dir, confirm=True)
+        claim_report_outputs(outs, html_p, md_p, plot_dir, confirm=True, pdf=pdf)
         if memo is not None:
             outs.claim(memo, None)
         return _write_report(data, targets, plot_dir, pdf, source, population)
 
 
 def claim_report_outputs(outs: OutputSet, html: Path | None, markdown: Path | None, plots: Path | None,
-                         confirm: bool = False) -> None:
+                         confirm: bool = False, pdf: bool = False) -> None:
     """Check every path a report will write before drawing anything (``confirm``: the caller
     has claimed them already under its own option names)."""
     if plots is not None:
@@ -170,6 +175,12 @@ def claim_report_outputs(outs: OutputSet, html: Path | None, markdown: Path | No
     for path, what in ((html, "--html"), (markdown, "--markdown")):
         if path is not None:
             outs.claim(path, None if confirm else what)
+    folder = plots if plots is not None else None if markdown is None else markdown.parent / f"{markdown.stem}_figures"
+    if folder is not None:          # every file a figure may take: no other output may be one of them
+        for name in FIGURES:
+            for ext in ("png", "svg", "pdf") if pdf else ("png", "svg"):
+                outs.claim(folder / f"{name}.{ext}", "a figure")
+        outs.claim(folder / "figures.json", "the figures' captions")
 
 
 def _write_report(data: dict, targets: list[Path], plot_dir: Path | None, pdf: bool,
@@ -219,7 +230,7 @@ def report(path: str | os.PathLike, *, html: str | os.PathLike | None = None,
     with outs:
         outs.protect(path)                     # the memo may never overwrite its own input
         claim_report_outputs(outs, None if html is None else Path(html), None if markdown is None else Path(markdown),
-                             None if plots is None else Path(plots))
+                             None if plots is None else Path(plots), pdf=pdf)
         if memo is not None:
             outs.claim(memo, "--report")
         data, digest = load_result(path)
@@ -286,7 +297,7 @@ def report_many(paths: list[str | os.PathLike], *, html: str | os.PathLike | Non
         for p in paths:
             outs.protect(p)                    # the memo may never overwrite one of its inputs
         claim_report_outputs(outs, None if html is None else Path(html), None if markdown is None else Path(markdown),
-                             None if plots is None else Path(plots))
+                             None if plots is None else Path(plots), pdf=pdf)
         if memo is not None:
             outs.claim(memo, "--report")
         return _sections_document(items, html, markdown, memo, plots, pdf, command, rows)

@@ -173,10 +173,14 @@ class ProgressLine:
 
     On a terminal, one line redrawn in place (at most ten times a second), after ``delay``
     seconds so short runs print nothing. Elsewhere (a log file, a CI job, a notebook), a
-    whole line every ``interval`` seconds (30 by default; the first after ``interval``).
-    ``enabled=False`` (``--quiet``) prints nothing. The ETA is the average rate so far
-    applied to what is left; the rank analysis runs tensor by tensor inside the same pass
-    (its Gram matrix is summed from the streamed windows), so the rate includes it.
+    whole line every ``interval`` seconds (30 by default; the first after ``interval``), and
+    one final 100% line when any was printed. ``enabled=False`` (``--quiet``) prints nothing.
+    The ETA is the average rate so far applied to what is left; the rank analysis runs tensor
+    by tensor inside the same pass (its Gram matrix is summed from the streamed windows), so
+    the rate includes it. Once every tensor has streamed, calls with a tensor's name are the
+    rank solves still running ("finishing the rank analysis"); ``(total, total, "")`` is the end.
+    ``bytes_per_element``: bytes read per element and side (the caller sets ``bpe`` from the plan's
+    dtypes: 4 for fp32, 2 for bf16).
     """
 
     def __init__(self, stream: IO[str] | None = None, bytes_per_element: float = 2.0, delay: float = 1.0,
@@ -190,25 +194,29 @@ class ProgressLine:
         self.interval = interval
         self.last = 0.0
         self.drawn = False
+        self.ended = False          # the final 100% line is printed once
 
     def __call__(self, done: int, total: int, name: str) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
         el = now - self.t0
-        if el < self.delay or (now - self.last < (0.1 if self.tty else self.interval) and done < total):
+        final = done >= total and not name
+        if self.ended or el < self.delay or (now - self.last < (0.1 if self.tty else self.interval) and not final):
             return
-        if not self.tty and done >= total and not self.drawn:
+        if not self.tty and final and not self.drawn:
             return        # a run shorter than the interval stays silent in a log
+        self.ended = final
         self.last = now
+        phase = "measuring" if done < total else "done" if final else "finishing the rank analysis"
         rate = done * 2 * self.bpe / el / 1e9 if el > 0 else 0.0
         eta = (total - done) * el / done if done else 0.0
         if not self.tty:
             pct = 100.0 * done / total if total else 100.0
-            self.stream.write(f"progress: measuring, {pct:.1f}% of {total / 1e9:,.2f}B params "
+            self.stream.write(f"progress: {phase}, {pct:.1f}% of {total / 1e9:,.2f}B params "
                               f"(~{done * 2 * self.bpe / 1e9:,.1f} of {total * 2 * self.bpe / 1e9:,.1f} GB read), "
-                              f"{rate:.2f} GB/s, {el:,.0f} s so far, ETA {eta:,.0f} s; "
-                              f"{escape_name(_trim(name, 60))}\n")
+                              f"{rate:.2f} GB/s, {el:,.0f} s so far, ETA {eta:,.0f} s"
+                              f"{'; ' + escape_name(_trim(name, 60)) if name else ''}\n")
             self.stream.flush()
             self.drawn = True
             return
