@@ -433,9 +433,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         solve = _device_solve(dsink, float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
                               options, backend)
         if solver is not None and dsink.fdtype == dsink.torch.float64:
-            # solved on the solver's thread (its own CUDA stream) while the next matrix streams; the Gram
-            # matrix of a float64 delta brackets a rank only where singular values lie within ~n u64 s_1^2
-            # of the threshold: such a bracket is kept as it is (refine_rank reads on this thread only)
+            # solved on the solver's thread (its own CUDA stream) while the next matrix streams; compute_some
+            # resolves it and refines a wide bracket there, as for the CPU's streamed Gram matrices
             rec.rank = Deferred(solver.submit(solve))
             return rec
         rec.rank = solve()
