@@ -502,10 +502,13 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                 + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + ".")
     if v == "quantized_only":
         unknown = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
+        # the floor is the test's resolution: at 2-4 bits a fine-tune of a few percent stays within it
+        limit = (f"; a change smaller than the quantization noise would not show (the {matrices_phrase(s)} are "
+                 f"{sci(rel)} of their size from the base, which is that noise)" if rel else "")
         return (f"Quantized from this base: all {count(tbs.get('quantized', 0))} quantized tensors differ from it "
                 f"only within their own quantization noise floor {_quant_how(q)}, and every other tensor is "
                 "unchanged or within rounding"
-                + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + ".")
+                + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + limit + ".")
     added = int(tbs.get("added") or 0)
     # a resized tensor whose shared rows are bitwise the base's changed only by its new (or dropped) rows
     grown = sum(1 for t in counted if t.get("status") == "resized" and t.get("frac_changed") == 0)
