@@ -68,3 +68,26 @@ def test_no_order_when_a_row_is_new_zero_or_ambiguous(rng):
 def test_unrelated_tables_get_no_order(rng):
     assert match_rows(_table(rng), _table(rng), "F32", "F32").order is None
     assert match_rows(_table(rng)[:, :8], _table(rng), "F32", "F32").order is None      # another width
+
+
+def test_rows_alike_in_the_base_are_one_row_for_the_match(rng, monkeypatch):
+    """Reserved tokens initialised to one vector and padding rows of zeros (Llama 3's reserved special tokens,
+    a padded vocabulary): a tuned row between two base rows stored alike is not ambiguous, since either gives the
+    same measure; the alike rows are spread over the tuned rows matched to them. The order stopped there, and a
+    trimmed, trained table fell back to rows compared with other tokens' rows."""
+    b = _table(rng)
+    b[500:540] = b[500]                                # 40 reserved rows, one vector
+    b[590:] = 0                                        # 10 padding rows
+    idx = np.concatenate([rng.permutation(500)[:300], np.arange(500, 520), np.arange(590, 595)])
+    rng.shuffle(idx)
+    t = _trained(rng, b[idx])
+    t[np.isin(idx, np.arange(590, 600))] = 0           # padding stays zero
+    monkeypatch.setattr(rowmatch, "BLOCK", 64)
+    m = match_rows(t, b, "F32", "F32")
+    assert m.order is not None, m.why
+    got = m.order
+    assert np.array_equal(b[got], b[idx])              # each tuned row against a row alike its own
+    assert len(np.unique(got)) == len(got)             # no base row twice
+    # more tuned rows than alike base rows: no order
+    t2 = _trained(rng, np.concatenate([b[:100], np.repeat(b[500:501], 41, axis=0)]))
+    assert match_rows(t2, b, "F32", "F32").order is None

@@ -141,6 +141,22 @@ def match_rows(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_base
             d2[lo:lo + len(t)] = d[rows, order[:, 1]]
     cos = 1.0 - d1 * d1 / 2.0
     ok = live_t & np.isfinite(d1) & (cos >= min_cosine) & (d1 <= margin * d2)
+    # base rows stored bitwise alike (reserved tokens initialised to one vector, padding rows of zeros) are one
+    # row for the measure: a tuned row between two of them is not ambiguous, whichever it is compared with
+    tie = ~ok & live_t & np.isfinite(d1) & (cos >= min_cosine)
+    zero_b = np.flatnonzero(~live_b)
+    group = _row_groups(base, dtype_base) if tie.any() or zero_b.size or len(np.unique(best)) < n else \
+        np.arange(nb)
+    if tie.any():
+        idx = np.flatnonzero(tie)
+        d2[idx] = _runner_up_outside(tuned, base, dtype_tuned, dtype_base, idx, cand[idx], best[idx], group)
+        ok = ok | (tie & (d1 <= margin * d2))
+    # a tuned row of zeros is a base row of zeros, when the base has them (any one: they are alike)
+    if zero_b.size:
+        zt = np.flatnonzero(~live_t)
+        if zt.size:
+            best[zt], cos[zt] = zero_b[0], 1.0
+            ok[zt] = True
     matched = int(ok.sum())
     worst = float(cos[ok].min()) if matched else None
     if matched < n:
@@ -148,6 +164,60 @@ def match_rows(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_base
         why = (f"{n - matched} of {n} rows have no unambiguous base row"
                + (f" ({zeros} of them all zero)" if zeros else ""))
         return RowMatch(None, matched, n, worst, why)
-    if len(np.unique(best)) < n:
+    best = _spread(best, group)
+    if best is None:
         return RowMatch(None, matched, n, worst, "some base rows are the nearest of several tuned rows")
     return RowMatch(best, matched, n, worst, "")
+
+
+def _row_groups(base: np.ndarray, dtype: str) -> np.ndarray:
+    """A group id per base row: rows whose stored bytes are equal share one (the first row's index), and
+    rows of zeros (either sign) one more; read ``BLOCK`` rows at a time."""
+    seen: dict[bytes, int] = {}
+    out = np.empty(len(base), np.int64)
+    for lo in range(0, len(base), BLOCK):
+        blk = np.ascontiguousarray(base[lo:lo + BLOCK])
+        zero = ~np.any(_float_block(blk, dtype) != 0, axis=1)
+        raw = blk.view(np.uint8).reshape(len(blk), -1)
+        for i in range(len(blk)):
+            key = b"0" if zero[i] else raw[i].tobytes()
+            out[lo + i] = seen.setdefault(key, lo + i)
+    return out
+
+
+def _runner_up_outside(tuned, base, dtype_tuned, dtype_base, idx: np.ndarray, cand: np.ndarray, best: np.ndarray,
+                       group: np.ndarray) -> np.ndarray:
+    """The distance from each tuned row ``idx[i]`` (tied with a row alike its match) to its nearest candidate
+    outside its match's group of alike base rows; inf when every candidate is in that group."""
+    out = np.full(len(idx), np.inf)
+    for lo in range(0, len(idx), BLOCK):
+        sel = idx[lo:lo + BLOCK]
+        t = _unit(_float_block(tuned[sel], dtype_tuned))[0]
+        ids = cand[lo:lo + len(sel)]
+        uniq, inv = np.unique(ids, return_inverse=True)
+        b = _unit(_float_block(base[uniq], dtype_base))[0]
+        cos_c = np.einsum("ijk,ik->ij", b[inv.reshape(ids.shape)], t).astype(np.float64)
+        d = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * cos_c))
+        d[group[ids] == group[best[lo:lo + len(sel)]][:, None]] = np.inf
+        out[lo:lo + len(sel)] = d.min(axis=1)
+    return out
+
+
+def _spread(best: np.ndarray, group: np.ndarray) -> np.ndarray | None:
+    """``best`` with the tuned rows matched into one group of alike base rows given its members in turn (in
+    tuned order), so that no base row serves twice; None when a group has fewer members than rows matched
+    into it, or a lone base row is the match of two tuned rows."""
+    out = best.copy()
+    g = group[best]
+    members: dict[int, list[int]] = {}
+    for j, gid in enumerate(group):
+        members.setdefault(int(gid), []).append(j)
+    taken: dict[int, int] = {}
+    for i, gid in enumerate(g):
+        k = taken.get(int(gid), 0)
+        pool = members[int(gid)]
+        if k >= len(pool):
+            return None
+        out[i] = pool[k]
+        taken[int(gid)] = k + 1
+    return out
