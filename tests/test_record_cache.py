@@ -202,3 +202,42 @@ def test_a_record_of_the_wrong_shape_is_a_miss_and_is_overwritten(tmp_path, rng,
     assert compare(b, t, cache=str(cache)).to_json(include_run=False) == want
     for p in _records(cache):       # measured again and written over
         assert json.loads(p.read_text())["record"]["norm_delta"] != "NaN"
+
+
+def test_a_record_that_cannot_be_written_does_not_stop_the_run(tmp_path, monkeypatch, capsys):
+    """A full cache disk: the write failed with "internal error: OSError" (exit 1) and left a temporary file.
+    Now the run finishes with the same results, one warning, and nothing half-written in the cache."""
+    import errno
+    import json as _json
+    import os as _os
+
+    from weightdiff import compare
+    from weightdiff.measure import cache as cache_mod
+
+    b, t = _pair_for_disk_full(tmp_path)
+    want = _json.loads(compare(b, t).to_json(include_run=False))
+    real = _os.fsync
+
+    def full(fd):
+        real(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_mod.os, "fsync", full)
+    got = _json.loads(compare(b, t, cache=str(tmp_path / "c")).to_json(include_run=False))
+    got.get("settings", {}).pop("cache", None)
+    want.get("settings", {}).pop("cache", None)
+    assert got["tensors"] == want["tensors"] and got["summary"] == want["summary"]
+    err = capsys.readouterr().err
+    assert err.count("warning: --cache") == 1 and "No space left on device" in err and "not written" in err
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
+
+
+def _pair_for_disk_full(tmp_path):
+    import numpy as np
+
+    from conftest import write_checkpoint
+
+    rng = np.random.default_rng(0)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": rng.normal(0, 0.02, (64, 32)).astype(np.float32) for i in range(3)}
+    tuned = {k: (v + 1e-3).astype(np.float32) for k, v in base.items()}
+    return write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)

@@ -145,6 +145,8 @@ class RecordCache:
         self.options = json.dumps(options_settings, sort_keys=True, default=_plain)
         self._files: dict[tuple[int, str], list] = {}
         self.hits = self.misses = 0
+        self.unwritten = 0                # records a write failed for (a full disk): the run goes on without them
+        self.write_error: str | None = None
 
     # -- keys ---------------------------------------------------------------------------
     @staticmethod
@@ -201,13 +203,36 @@ class RecordCache:
         return rec
 
     def put(self, key: str, rec: TensorRecord) -> None:
+        """Store one record; a write that fails (a full disk, a folder gone read-only) leaves no temporary
+        behind and stops the writes of this run: the results do not depend on the cache, so the run goes
+        on, and ``warn_unwritten`` says so once at the end."""
+        if self.write_error is not None:
+            self.unwritten += 1
+            return
         path = self._path(key)
-        path.parent.mkdir(exist_ok=True)
-        blob = json.dumps({"v": CACHE_VERSION, "key": key, "record": rec.to_dict()}, default=_plain,
-                          allow_nan=True)
         tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            blob = json.dumps({"v": CACHE_VERSION, "key": key, "record": rec.to_dict()}, default=_plain,
+                              allow_nan=True)
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(blob)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.write_error = exc.strerror or str(exc)
+            self.unwritten += 1
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+    def warn_unwritten(self) -> None:
+        """One line on stderr when some records could not be written."""
+        if self.unwritten:
+            import sys
+
+            sys.stderr.write(f"warning: --cache {self.root}: {self.unwritten} record"
+                             f"{'s' if self.unwritten != 1 else ''} not written ({self.write_error}); the results "
+                             "are complete, and a rerun measures those tensors again\n")

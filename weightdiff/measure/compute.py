@@ -945,6 +945,8 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
         settle(wait=True)
     finally:
         solver.close()
+        if cache is not None:
+            cache.warn_unwritten()
     if progress is not None:
         progress(total, total, "")
     return records
