@@ -558,3 +558,34 @@ def test_a_delta_params_bracket_is_a_range_in_the_table_and_in_the_sentence(tmp_
                     "(median between 1.5% and 7.9%; 1 undecided (the ranges overlap)).")
     a = save_population(others + [row], tmp_path)
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in save_population(others + [row], tmp_path)]
+
+
+def test_workers_killed_for_memory_are_an_exit_2_with_a_hint(tmp_path):
+    """Workers killed by their memory limit: `compare --workers 1 --worker-memory 100MB` exited 1 (the "bug,
+    please report" code) with distributed's KilledWorker text and no word of memory."""
+    pytest.importorskip("distributed")
+    import numpy as np
+    from distributed import KilledWorker
+
+    import weightdiff
+    from conftest import write_checkpoint
+    from weightdiff.cluster import KILLED, Outcome, _one_line
+    from weightdiff.errors import WeightdiffError
+    from weightdiff.options import CompareOptions
+    from weightdiff.split import distributed_compute
+
+    assert _one_line(KilledWorker("weightdiff-split-x-0", None, 3)) == KILLED    # its own str() fails here
+
+    class Killed:
+        workers, description = 1, "a fake cluster"
+
+        def map(self, fn, args, name="task"):
+            yield Outcome(0, None, KILLED, killed=True)
+
+    rng = np.random.default_rng(0)
+    x = {"model.layers.0.mlp.up_proj.weight": rng.normal(0, 0.02, (32, 16)).astype(np.float32)}
+    b, t = write_checkpoint(tmp_path / "b", x), write_checkpoint(tmp_path / "t", {k: v + 1e-3 for k, v in x.items()})
+    compute = distributed_compute(Killed(), [str(b)], str(t), CompareOptions(), lambda m: None)
+    with pytest.raises(WeightdiffError) as err:
+        weightdiff.compare(b, t, compute=compute)
+    assert err.value.exit_code == 2 and "give the workers more memory" in str(err.value)

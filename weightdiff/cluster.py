@@ -48,12 +48,28 @@ class Outcome:
     index: int
     value: Any = None
     error: str | None = None
+    killed: bool = False       # the worker processes running it died (Dask's KilledWorker): most often memory
+
+
+#: what a task whose workers died is reported as (the workers' memory limit is the usual cause)
+KILLED = ("the worker processes running it died (killed, most often for want of memory: each local worker has a "
+          "share of the machine's memory, or --worker-memory); give the workers more memory, or run fewer of them")
+
+
+def _killed(exc: BaseException) -> bool:
+    return type(exc).__name__ == "KilledWorker"
 
 
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, WeightdiffError):
         return exc.one_line()
-    return escape_name(f"worker failed: {type(exc).__name__}: {exc}")
+    if _killed(exc):
+        return KILLED
+    try:
+        text = str(exc)
+    except Exception:          # an exception whose __str__ fails (distributed's own, with half its state)
+        text = ""
+    return escape_name(f"worker failed: {type(exc).__name__}: {text}")
 
 
 class Sequential:
@@ -92,7 +108,7 @@ class DaskRunner:
                 try:
                     yield Outcome(i, fut.result())
                 except Exception as exc:   # a task that failed on the cluster: one line, not a traceback
-                    yield Outcome(i, None, _one_line(exc))
+                    yield Outcome(i, None, _one_line(exc), killed=_killed(exc))
                 finally:
                     fut.release()
         finally:
@@ -152,7 +168,7 @@ def runner(scheduler: str | None = None, workers: int | None = None, memory_limi
     # no dashboard; the scheduler's HTTP routes (health, metrics) on a free port: on 8787, taken by
     # another cluster, distributed warned on stderr "Port 8787 is already in use" even with -q
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None, memory_limit=memory_limit or "auto", silence_logs=40,
+                           dashboard_address=None, memory_limit=memory_limit or "auto", silence_logs=50,
                            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     try:
         cl = Client(cluster, set_as_default=False)

@@ -119,7 +119,9 @@ def distributed_compute(run: Any, base_paths: list[str], tuned_path: str, task_o
         args = [(base_paths, tuned_path, task_options, g, digest, digests or None) for g in groups]
         for oc in run.map(measure_task, args, name="split"):
             if oc.error is not None:
-                raise SplitError(f"group {oc.index + 1} of {len(groups)} failed: {oc.error}")
+                msg = f"group {oc.index + 1} of {len(groups)} failed: {oc.error}"
+                # workers killed (for memory): the machine's limits, not a bug to report
+                raise WeightdiffError(msg) if oc.killed else SplitError(msg)
             if oc.value[0] != "ok":
                 _, line, code = oc.value
                 err = WeightdiffError(line) if code == 2 else SplitError(line)
