@@ -578,3 +578,21 @@ def test_permuted_tensor_of_zero_dimensions_is_refused(tmp_path):
     path = raw_gguf(tmp_path / "z.gguf", {"blk.0.attn_q.weight": (np.zeros((), np.float32), Q.F32)})
     line = bad(path, "cannot undo llama.cpp's Q/K permutation of a tensor of 0 dimensions")
     assert "blk.0.attn_q.weight" in line
+
+
+def test_head_counts_that_do_not_describe_the_k_rows_are_refused(tmp_path, rng, monkeypatch):
+    """A Llama GGUF whose metadata lacks head_count_kv (2 KV heads of 16, stored permuted per those heads):
+    the fallback to head_count (4) split k's 32 rows into 4 heads of 8 and the un-permuted k read "changed"
+    though its bytes are the base's. The metadata's head size (embedding_length / head_count) says 4 heads
+    need 64 rows: bad input, as llama.cpp refuses it."""
+    t = llama(rng, layers=2, hidden=64, inter=128, vocab=96, kv=32)
+    base = write_checkpoint(tmp_path / "base", t)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_head_count_kv", lambda self, n: None)
+    path = to_gguf(tmp_path / "nokv.gguf", t, "llama", Q.F32, n_head=4, n_kv=2, layers=2,
+                   extra={"llama.embedding_length": 64})
+    line = bad(path, "32 rows, but the metadata's 4 heads of 16 need 64 (head_count_kv missing or wrong?)")
+    assert "blk.0.attn_k.weight" in line
+    monkeypatch.undo()
+    good = to_gguf(tmp_path / "kv.gguf", t, "llama", Q.F32, n_head=4, n_kv=2, layers=2,
+                   extra={"llama.embedding_length": 64})
+    assert compare(base, good).summary.verdict == "identical"

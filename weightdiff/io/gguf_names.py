@@ -131,6 +131,18 @@ def _heads(meta: dict, key: str, bid: int) -> int:
     return value if type(value) is int else 0
 
 
+def head_dim(meta: dict, arch: str) -> int | None:
+    """The attention head size the metadata gives: ``{arch}.attention.key_length``, else the embedding
+    length over the head count (llama.cpp's default); None when neither is a plain integer."""
+    k = meta.get(f"{arch}.attention.key_length")
+    if type(k) is int and k > 0:
+        return k
+    e, h = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.attention.head_count")
+    if type(e) is int and type(h) is int and h > 0 and e % h == 0:
+        return e // h
+    return None
+
+
 def hf_name(arch: str, name: str, meta: dict) -> Mapped:
     """Map GGUF tensor ``name`` of architecture ``arch``; unknown names come back unchanged."""
     table = ARCHITECTURES.get(arch)

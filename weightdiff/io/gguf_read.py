@@ -43,7 +43,7 @@ from .files import OpenCheckpointFile, os_problem, pread_into
 from .safetensors_read import TensorInfo, check_range, storage_of
 from .gguf_floor import FLOORS, floor, scheme_of
 from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf
-from .gguf_names import ARCHITECTURES, GENERATED, hf_name
+from .gguf_names import ARCHITECTURES, GENERATED, head_dim, hf_name
 from .experts import MAX_EXPERTS, expert_name
 
 __all__ = ["MAGIC", "GGUFFile", "is_gguf", "require_gguf"]
@@ -162,6 +162,14 @@ class GGUFFile(OpenCheckpointFile):
                 if mapped.heads < 1 or shape[0] % (2 * mapped.heads):
                     raise CheckpointError(path, f"tensor {q}: cannot undo llama.cpp's Q/K permutation: {shape[0]:,} "
                                                 f"rows and {mapped.heads} heads from the metadata (corrupt metadata?)")
+                hd = head_dim(meta, arch)
+                if hd and shape[0] != mapped.heads * hd:
+                    # a missing head_count_kv falls back to head_count: k's rows then split into the wrong
+                    # heads, and the un-permuted matrix read as changed weights (llama.cpp refuses such a file)
+                    raise CheckpointError(path, f"tensor {q}: {shape[0]:,} rows, but the metadata's "
+                                                f"{mapped.heads} heads of {hd} need {mapped.heads * hd:,} "
+                                                "(head_count_kv missing or wrong?): cannot undo llama.cpp's "
+                                                "Q/K permutation")
                 if len(ne) == 1:
                     if block != 1:
                         raise CheckpointError(path, f"tensor {q}: a permuted 1-D tensor stored as {tname} "
