@@ -16,7 +16,7 @@ from weightdiff.cli import main
 from weightdiff.errors import CheckpointError
 from weightdiff.io.checkpoint import locate
 from weightdiff.io.onnx_read import parse_onnx
-from weightdiff.io.safetensors_write import save_file
+from weightdiff.io.safetensors_write import save_file, to_storage
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -955,3 +955,31 @@ def test_matmulbnb4_with_f16_weights_dequantizes_in_f16_and_bad_attributes_are_r
                          [node])
         onnx.save(m, str(tmp_path / "bad.onnx"))
         _bad(tmp_path / "bad.onnx", words)
+
+
+@pytest.mark.parametrize("origin", ["bf16 release", "fp32 original"])
+def test_a_bf16_base_against_its_onnxconverter_fp16_export_is_a_cast(tmp_path, origin):
+    """Most models are released in bf16 and exported to fp16 ONNX by loading them as fp32 and running
+    convert_float_to_float16, which clamps |x| < 1e-7 to 1e-7: one such weight read "DERIVED: a fine-tune"
+    against the bf16 base (the clamp test took F32 bases only). Both the release upcast and a bf16 base that
+    is the rounding of the fp32 original the export was made from read cast only; a change does not."""
+    from onnxconverter_common import float16
+
+    from conftest import write_checkpoint
+
+    w = RNG.standard_normal((300, 300)).astype(np.float32) * 0.02
+    w[0, :4] = [-7.25e-8, 3e-9, 2e4, -1e-12]
+    w[299, :2] = [5e-8, -3e4]
+    bf = (to_storage(w, "BF16").view(np.uint16).astype(np.uint32) << 16).view(np.float32)   # the bf16 release
+    src = bf if origin == "bf16 release" else w
+    onnx.save(_graph_model([numpy_helper.from_array(src, "w")]), str(tmp_path / "a.onnx"))
+    onnx.save(float16.convert_float_to_float16(onnx.load(str(tmp_path / "a.onnx"))), str(tmp_path / "b.onnx"))
+    base = write_checkpoint(tmp_path / "base", {"w": bf}, dtype="BF16")
+    doc = _verdict(tmp_path, base, tmp_path / "b.onnx")
+    assert doc["summary"]["verdict"] == "cast_only", doc["summary"]["verdict_reason"]
+    t = doc["tensors"][0]
+    assert t["cast"]["clamped"] >= 4 and t["cast"]["unexplained"] == 0
+    x = numpy_helper.to_array(onnx.load(str(tmp_path / "b.onnx")).graph.initializer[0]).copy()
+    x[250, 5] = np.float16(0.5)
+    onnx.save(_graph_model([numpy_helper.from_array(x, "w")]), str(tmp_path / "c.onnx"))
+    assert _verdict(tmp_path, base, tmp_path / "c.onnx")["summary"]["verdict"] == "derived"

@@ -149,14 +149,43 @@ CLAMP_MIN = 1e-7
 CLAMP_MAX = 1e4
 
 
+def _half_ulp(v: np.ndarray, dtype: str) -> np.ndarray:
+    """Half an ulp of ``dtype`` at each magnitude of ``v`` (subnormals: the smallest normal's ulp)."""
+    d = DTYPES[dtype]
+    e = np.frexp(np.abs(v))[1].astype(np.int64) - 1
+    e = np.where(v == 0, d.emin, np.maximum(e, d.emin))
+    return np.ldexp(0.5, (e - d.mant_bits).astype(np.int32))
+
+
+def _two_roundings(x: np.ndarray, t: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Elements where a BF16 base ``x`` and an F16 ``t`` are the two roundings of one float32 original
+    clamped as onnxconverter-common clamps it: within half an ulp of each at the value, or, for the clamped,
+    ``t`` the clamp's magnitude in fp16 with the base's sign and the base no farther from the clamp than a
+    bf16 rounding could put it."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        tol = _half_ulp(x, "BF16") + _half_ulp(t, "F16")
+        near = np.isfinite(x) & np.isfinite(t) & (np.abs(t - x) <= tol)
+        lo16 = float(np.float16(np.float32(lo)))
+        hi16 = float(np.float16(np.float32(hi)))
+        clamp_lo = (np.abs(t) == lo16) & (np.sign(t) == np.sign(x)) & (np.abs(x) <= lo + _half_ulp(x, "BF16"))
+        clamp_hi = (np.abs(t) == hi16) & (np.sign(t) == np.sign(x)) & (np.abs(x) >= hi - _half_ulp(x, "BF16"))
+    return near | clamp_lo | clamp_hi
+
+
 def clamp_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, numel: int,
                stop: int | None, window: int, rounding_frac: float) -> dict | None:
-    """The record's ``cast`` dict when the tuned F16 tensor is bitwise the base (F32, F64) clamped to
+    """The record's ``cast`` dict when the tuned F16 tensor is bitwise the base (F32, F64, BF16) clamped to
     ``[CLAMP_MIN, CLAMP_MAX]`` in magnitude and cast, as onnxconverter-common converts an ONNX model to
-    fp16; ``clamped`` counts the values the clamp moved. None when another value differs."""
-    if dtype_t != "F16" or dtype_b not in ("F32", "F64") or numel <= 0 \
+    fp16; ``clamped`` counts the values the clamp moved. None when another value differs.
+
+    A BF16 base is most often the release the fp16 export was made from (upcast to float32 first: the
+    chain above), or the bf16 rounding of the float32 original it was made from: then an element that is not
+    the chain's still counts when it lies within the two roundings (half an ulp of bf16 and of fp16 at the
+    value) and a clamped one when the base rounds to the clamp's magnitude, with its sign."""
+    if dtype_t != "F16" or dtype_b not in ("F32", "F64", "BF16") or numel <= 0 \
             or not (_plain(base, bname) and _plain(tuned, tname)):
         return None
+    from ..kernels.dtypes import decode
     end = numel if stop is None else min(stop, numel)
     budget = math.floor(rounding_frac * end) if rounding_frac > 0 else 0
     lo, hi = np.float64(CLAMP_MIN), np.float64(CLAMP_MAX)
@@ -165,14 +194,16 @@ def clamp_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, 
     spans = [(0, first, first)] + ([(first, end, window)] if end > first else [])
     for wb, wt in ((wb, wt) for a, b, step in spans
                    for wb, wt in zip(base.windows(bname, step, a, b), tuned.windows(tname, step, a, b))):
-        x = np.asarray(wb, dtype=np.float64)
+        x = decode(wb, dtype_b) if dtype_b == "BF16" else np.asarray(wb, dtype=np.float64)
         c = np.where((x > 0) & (x < lo), lo, x)
         c = np.where((x < 0) & (x > -lo), -lo, c)
         c = np.where((x > hi) & (x < np.inf), hi, c)
         c = np.where((x < -hi) & (x > -np.inf), -hi, c)
-        want = c.astype(np.float32).astype(np.float16) if dtype_b == "F32" else c.astype(np.float16)
+        want = c.astype(np.float32).astype(np.float16) if dtype_b in ("F32", "BF16") else c.astype(np.float16)
         got = np.asarray(wt).view(np.uint16)
         same = want.view(np.uint16) == got
+        if dtype_b == "BF16" and not same.all():
+            same |= _two_roundings(x, got.view(np.float16).astype(np.float64), lo, hi)
         bad += int(same.size - np.count_nonzero(same))
         clamped += int(np.count_nonzero(c != x))
         if bad > budget:
