@@ -531,3 +531,42 @@ def test_a_commit_that_fails_part_way_puts_the_old_files_back(tmp_path):
         fsutil.os.replace = real
     assert (tmp_path / "a.txt").read_text() == "old a" and (tmp_path / "b.txt").read_text() == "old b"
     assert tree(tmp_path) == ["a.txt", "b.txt", "c.txt"]
+
+
+def test_side_inputs_are_regular_files_under_a_cap(tmp_path):
+    """The survey's --from-file list, a --population table and --cache records were read with no check:
+    a FIFO hung, /dev/zero filled the memory (exit 1 MemoryError), a deeply nested record crashed every rerun,
+    a survey cell that is not a number or is over csv's field limit was an internal error."""
+    import os
+
+    import pytest
+
+    from weightdiff.errors import WeightdiffError
+    from weightdiff.measure.cache import RecordCache
+    from weightdiff.render.report import load_population
+    from weightdiff.survey import read_list
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.csv"
+    zero.symlink_to("/dev/zero")
+    for bad in (fifo, zero):
+        with pytest.raises(WeightdiffError, match="not a regular file"):
+            read_list(bad)
+        with pytest.raises(WeightdiffError, match="not a regular file"):
+            load_population(bad)
+    head = "tuned,status,base,verdict,relative_change,one_minus_cosine,delta_params_share\n"
+    for cell, why in (("abc", "could not convert"), ("1" * 200_000, "field larger than field limit")):
+        t = tmp_path / "t.csv"
+        t.write_text(head + f"m,ok,b,derived,{cell},0.1,0.2\n")
+        with pytest.raises(WeightdiffError, match=why):
+            load_population(t)
+    cache = RecordCache(tmp_path / "c", {})
+    for k, body in (("a" * 64, "[" * 100_000 + "]" * 100_000), ("b" * 64, None)):
+        p = cache._path(k)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if body is None:
+            os.mkfifo(p)
+        else:
+            p.write_text(body)
+        assert cache.get(k) is None                       # a miss, never a hang or a crash

@@ -258,15 +258,20 @@ def write_tables(rows: Sequence[dict], directory: Path, parquet: bool) -> list[P
 
 # --- the survey -----------------------------------------------------------------------------------
 
+#: the largest list file ``read_list`` reads (a million paths of 16 bytes)
+LIST_CAP = 16 << 20
+
+
 def read_list(path: str | os.PathLike) -> list[str]:
     """Paths from a list file: one per line; blank lines and lines starting with # are skipped, and so
     is a comment after a path (`` #`` and what follows: a path holding " #" cannot be listed). Relative
     paths are taken from the current directory, as on the command line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise WeightdiffError(f"{path}: cannot read the list of models ({getattr(exc, 'strerror', None) or exc})",
-                              "one checkpoint path per line") from None
+    from .io.files import read_small
+
+    try:        # a regular file under LIST_CAP: a FIFO or /dev/zero would hang or fill the memory
+        text = read_small(Path(path), LIST_CAP).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WeightdiffError(f"{path}: cannot read the list of models ({exc})", "one checkpoint path per line") from None
     out = []
     for line in text.splitlines():
         line = line.strip()

@@ -137,6 +137,10 @@ def check_folder(folder: str | os.PathLike) -> Path:
     return root
 
 
+#: the largest record file read back (a record is a few KB; its spectrum at most 64 values)
+RECORD_CAP = 16 << 20
+
+
 class RecordCache:
     """Records of one comparison's pairs on disk (see the module doc)."""
 
@@ -191,12 +195,15 @@ class RecordCache:
         return self.root / key[:2] / f"{key}.json"
 
     def get(self, key: str) -> TensorRecord | None:
-        try:
-            data = json.loads(self._path(key).read_text(encoding="utf-8"))
+        from ..errors import WeightdiffError
+        from ..io.files import read_small
+
+        try:        # a regular file under RECORD_CAP (a FIFO hung, /dev/zero filled the memory), any nesting
+            data = json.loads(read_small(self._path(key), RECORD_CAP).decode("utf-8"))
             if not isinstance(data, dict) or data.get("key") != key or data.get("v") != CACHE_VERSION:
                 raise ValueError("stale")
             rec = record_from_dict(data["record"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, WeightdiffError):
             self.misses += 1
             return None
         self.hits += 1

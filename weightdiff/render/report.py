@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OptionsError, WeightdiffError, escape_name
+from ..errors import CheckpointError, OptionsError, WeightdiffError, escape_name
 from ..fsutil import OutputSet, active_outputs, write_bytes, write_text
-from ..io.files import read_small
+from ..io.files import open_regular, read_small
 from . import memo as memo_mod
 from .captions import headline_sentences
 from .plots import FIGURES, FigureOutput, render_figures, save_figures
@@ -37,6 +37,8 @@ from .document import Block, memo_format, write_memo
 
 #: largest compare JSON read
 RESULT_CAP = 4 << 30
+#: the largest survey table ``load_population`` reads (a million models' rows)
+TABLE_CAP = 1 << 30
 
 
 @dataclass
@@ -102,6 +104,7 @@ def load_population(path: str | os.PathLike) -> list[dict]:
     need = ("tuned", "status", "base", "verdict", "relative_change", "one_minus_cosine", "delta_params_share")
     try:
         if p.suffix == ".parquet":
+            os.close(open_regular(p)[0])         # a regular file: pyarrow would block on a FIFO
             try:
                 import pyarrow.parquet as pq
             except ImportError:
@@ -115,17 +118,28 @@ def load_population(path: str | os.PathLike) -> list[dict]:
                                       "write one with weightdiff survey BASE TUNED... --out DIR") from None
         else:
             import csv
+            import io
 
-            with open(p, newline="", encoding="utf-8") as fh:
-                rows = list(csv.DictReader(fh))
-            if rows and not set(need) <= set(rows[0]):
-                raise WeightdiffError(f"{p}: not a weightdiff survey table (missing columns)",
-                                      "write one with weightdiff survey BASE TUNED... --out DIR")
-            for r in rows:
-                for k in (*need[4:], *OPTIONAL):
-                    r[k] = float(r[k]) if r.get(k) else None
+            # a regular file under TABLE_CAP (a FIFO hung, /dev/zero filled the memory)
+            text = read_small(p, TABLE_CAP).decode("utf-8")
+            try:
+                rows = list(csv.DictReader(io.StringIO(text, newline="")))
+                if rows and not set(need) <= set(rows[0]):
+                    raise WeightdiffError(f"{p}: not a weightdiff survey table (missing columns)",
+                                          "write one with weightdiff survey BASE TUNED... --out DIR")
+                for r in rows:
+                    for k in (*need[4:], *OPTIONAL):
+                        r[k] = float(r[k]) if r.get(k) else None
+            except (csv.Error, ValueError, TypeError) as exc:     # a field over csv's limit, a number that is not
+                raise WeightdiffError(f"{p}: not a weightdiff survey table ({escape_name(str(exc))[:120]})",
+                                      "write one with weightdiff survey BASE TUNED... --out DIR") from None
     except FileNotFoundError:
         raise WeightdiffError(f"{p}: no such file", "write one with weightdiff survey BASE TUNED... --out DIR") from None
+    except CheckpointError:
+        if not os.path.lexists(p):
+            raise WeightdiffError(f"{p}: no such file", "write one with weightdiff survey BASE TUNED... --out DIR") \
+                from None
+        raise                                   # "PATH: is a FIFO, not a regular file", the cap: one line, exit 2
     except (OSError, UnicodeDecodeError) as exc:
         raise WeightdiffError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
     return rows
