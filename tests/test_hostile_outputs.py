@@ -570,3 +570,22 @@ def test_side_inputs_are_regular_files_under_a_cap(tmp_path):
         else:
             p.write_text(body)
         assert cache.get(k) is None                       # a miss, never a hang or a crash
+
+
+def test_json_to_dev_stdout_into_a_pipe(tmp_path):
+    """`--json /dev/stdout` when stdout is a pipe: /dev/stdout resolves to /proc/PID/fd/pipe:[N], no path,
+    and the run was refused with "cannot write here (No such file or directory)". It writes into the pipe."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import write_checkpoint
+
+    x = {"model.layers.0.a.weight": np.ones((8, 8), np.float32)}
+    b = write_checkpoint(tmp_path / "b", x)
+    t = write_checkpoint(tmp_path / "t", {k: v * 1.01 for k, v in x.items()})
+    p = subprocess.run([sys.executable, "-m", "weightdiff.cli", "compare", str(b), str(t), "--no-rank", "-q",
+                        "--json", "/dev/stdout"], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert '"summary"' in p.stdout and '"verdict": "derived"' in p.stdout

@@ -230,13 +230,18 @@ class OutputSet:
         key = os.path.realpath(shown)              # as claim() keys it
         if key not in self._claimed:
             self.claim(shown, f"`{escape_name(shown.name)}`")
-        target = Path(os.path.realpath(shown)) if os.path.islink(shown) else shown
-        if key in self._special:
+        special = key in self._special
+        # a pipe or device (``/dev/stdout`` into a pipe resolves to ``/proc/PID/fd/pipe:[N]``, no path at
+        # all) is written through the descriptor opened at claim time, staged in the temporary folder
+        target = shown if special else Path(os.path.realpath(shown)) if os.path.islink(shown) else shown
+        if special:
             self._special[os.path.abspath(target)] = self._special.pop(key)
         try:
-            self._mkdirs(target.parent)
+            if not special:
+                self._mkdirs(target.parent)
             # the pid in the name lets a later run remove what a killed one left (``_sweep_stale``)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
+                                       dir=tempfile.gettempdir() if special else target.parent)
         except OSError as exc:
             raise OutputError(target, f"cannot write here ({exc.strerror or exc})") from None
         self._staged.append((Path(tmp), target))
