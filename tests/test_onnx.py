@@ -983,3 +983,15 @@ def test_a_bf16_base_against_its_onnxconverter_fp16_export_is_a_cast(tmp_path, o
     x[250, 5] = np.float16(0.5)
     onnx.save(_graph_model([numpy_helper.from_array(x, "w")]), str(tmp_path / "c.onnx"))
     assert _verdict(tmp_path, base, tmp_path / "c.onnx")["summary"]["verdict"] == "derived"
+
+
+def test_external_offsets_and_lengths_are_plain_digits(tmp_path):
+    """Python's int() took "0_0", " 0" and other scripts' digits, and "-8" was reported as a wrong length."""
+    for off in ("-8", "0_0", " 0", "\u0660", "+0", "0x0"):
+        p = _external(tmp_path, "w.bin", offset=off)
+        (p.parent / "w.bin").write_bytes(np.arange(16, dtype=np.float32).tobytes())
+        _bad(p, "that is not a non-negative whole number")
+    p = _external(tmp_path, "w.bin", length="6\u0664")
+    _bad(p, "external length")
+    p = _external(tmp_path, "w.bin", offset="0", length="64")
+    assert _verdict(tmp_path, p, p)["summary"]["verdict"] == "identical"

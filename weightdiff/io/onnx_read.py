@@ -425,12 +425,16 @@ class _Parser:
                                   f"tensor `{escape_name(t.name)}` is stored externally but names no file",
                                   "external data must be a plain relative path beside the .onnx file")
         file = inside(self.folder / loc, self.folder, "copy the data file into the model's folder")
-        try:
-            offset = int(ext.get("offset", "0") or 0)
-            length = int(ext["length"]) if ext.get("length") not in (None, "") else want
-        except ValueError:
-            raise _Bad(f"tensor `{escape_name(t.name)}` has a non-numeric external offset or length") from None
-        if length != want or offset < 0:
+        # ONNX Runtime reads these with strtoll-like parsing of ASCII digits: Python's int() would take
+        # "0_0", " 0", "-8" or other scripts' digits, which name no byte of the file
+        raw_off, raw_len = ext.get("offset", "0") or "0", ext.get("length")
+        for key, raw in (("offset", raw_off), ("length", raw_len)):
+            if raw not in (None, "") and not (isinstance(raw, str) and raw.isascii() and raw.isdigit()):
+                raise _Bad(f"tensor `{escape_name(t.name)}` has an external {key} "
+                           f"`{escape_name(str(raw))[:40]}` that is not a non-negative whole number")
+        offset = int(raw_off)
+        length = int(raw_len) if raw_len not in (None, "") else want
+        if length != want:
             raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} {list(t.shape)} needs {want:,} bytes, its external "
                        f"data holds {length:,} at offset {offset:,}")
         size = self.sizes.get(file)
