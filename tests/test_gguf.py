@@ -596,3 +596,19 @@ def test_head_counts_that_do_not_describe_the_k_rows_are_refused(tmp_path, rng, 
     good = to_gguf(tmp_path / "kv.gguf", t, "llama", Q.F32, n_head=4, n_kv=2, layers=2,
                    extra={"llama.embedding_length": 64})
     assert compare(base, good).summary.verdict == "identical"
+
+
+def test_a_metadata_array_past_the_string_cap_is_refused_before_it_is_walked(tmp_path):
+    """2^24 empty strings in one array (134 MB, sparse on disk) were walked one by one (~25 s) before the
+    refusal; the cap is 2^22 items, checked before any is walked."""
+    from weightdiff.io import gguf_header
+
+    n = gguf_header.MAX_STRINGS + 1
+    head = bytearray(b"GGUF") + struct.pack("<IQQ", 3, 0, 1)
+    key = b"tokenizer.ggml.tokens"
+    head += struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 8, n)
+    p = tmp_path / "strings.gguf"
+    with open(p, "wb") as fh:
+        fh.write(head)
+        fh.truncate(len(head) + 8 * n)            # n zero-length strings: a sparse file
+    bad(p, f"metadata arrays hold over {gguf_header.MAX_STRINGS:,} items")
