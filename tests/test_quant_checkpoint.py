@@ -522,12 +522,8 @@ DISAGREE = [
 ]
 
 
-@pytest.mark.parametrize("what,kind,mutate,message", MISSING, ids=[m[0] for m in MISSING])
-def test_quantized_weight_without_its_companion_is_refused(tmp_path, base_tensors, what, kind, mutate, message):
-    """Its codes (or a double-quantized absmax's U8 codes) were read as values: an unchanged base read
-    `derived`, and an asymmetric weight without its zero point read as symmetric."""
-    stored, qc, _ = BUILDERS[kind](base_tensors)
-    mutate(stored)
+def _refused(tmp_path, stored: dict, qc: dict, message: str) -> None:
+    """Saved with ``qc``, the checkpoint is refused while its tensors are read, in one line naming the file."""
     path = _save(tmp_path / "bad", stored, qc)
     with pytest.raises(CheckpointError) as exc:
         with locate(path) as ck:
@@ -535,6 +531,15 @@ def test_quantized_weight_without_its_companion_is_refused(tmp_path, base_tensor
                 ck.read(name)
     text = str(exc.value)
     assert text.startswith(f"{path / 'model.safetensors'}: ") and message in text, text
+
+
+@pytest.mark.parametrize("what,kind,mutate,message", MISSING, ids=[m[0] for m in MISSING])
+def test_quantized_weight_without_its_companion_is_refused(tmp_path, base_tensors, what, kind, mutate, message):
+    """Its codes (or a double-quantized absmax's U8 codes) were read as values: an unchanged base read
+    `derived`, and an asymmetric weight without its zero point read as symmetric."""
+    stored, qc, _ = BUILDERS[kind](base_tensors)
+    mutate(stored)
+    _refused(tmp_path, stored, qc, message)
 
 
 @pytest.mark.parametrize("what,kind,mutate,config,message", DISAGREE, ids=[d[0] for d in DISAGREE])
@@ -548,13 +553,7 @@ def test_tensors_the_config_disagrees_with_are_refused(tmp_path, base_tensors, w
         mutate(stored)
     if config:
         config(qc)
-    path = _save(tmp_path / "bad", stored, qc)
-    with pytest.raises(CheckpointError) as exc:
-        with locate(path) as ck:
-            for name in ck.tensors:
-                ck.read(name)
-    text = str(exc.value)
-    assert text.startswith(f"{path / 'model.safetensors'}: ") and message in text, text
+    _refused(tmp_path, stored, qc, message)
 
 
 def test_gptq_quantize_config_json_group_size_is_checked(tmp_path, base_tensors):
