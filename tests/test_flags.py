@@ -41,6 +41,9 @@ def _reference(counted, records, declared):
         ("content_paired", any(r.paired_by == "content" for r in counted)),
         ("declared_base_mismatch", bool(declared.get("mismatch"))),
         ("relayout", bool(verdict.relayout(counted))),
+        ("meta_layout_unmapped", bool(verdict.relayout(counted)) and any(
+            r.status in ("added", "removed") and r.name.startswith("layers.") and ".attention.w" in r.name
+            and r.name.split(".attention.w")[1] in ("q.weight", "k.weight") for r in counted)),
         ("unpaired_lookalikes", bool(verdict.lookalikes(counted))),
         ("zeroed_matrices", any(r.status == "changed" and zero_side(r) for r in counted)),
     ]
@@ -50,7 +53,9 @@ def _reference(counted, records, declared):
 def _record(rng: random.Random, i: int) -> TensorRecord:
     status = rng.choice(["unchanged"] * 6 + ["changed"] * 3 + ["added", "removed", "resized", "quantized"])
     shape = rng.choice([[8, 8], [8], [4, 8]])
-    r = TensorRecord(name=f"model.layers.{i % 3}.mlp.{rng.choice(['up', 'down'])}_proj.weight",
+    name = rng.choice([f"model.layers.{i % 3}.mlp.{rng.choice(['up', 'down'])}_proj.weight"] * 5
+                      + [f"layers.{i % 3}.attention.w{rng.choice('qkv')}.weight"])
+    r = TensorRecord(name=name,
                      base_name=None if status == "added" else f"b{i}", status=status, shape=shape,
                      base_shape=shape, dtype_base=rng.choice(["BF16", "F16", None]),
                      dtype_tuned=rng.choice(["BF16", "F16", None]), numel=64,
@@ -89,4 +94,20 @@ def test_flags_match_their_definitions(seed):
 
 
 def test_every_flag_is_listed_in_order():
-    assert len(set(verdict.FLAG_ORDER)) == len(verdict.FLAG_ORDER) == 23
+    assert len(set(verdict.FLAG_ORDER)) == len(verdict.FLAG_ORDER) == 24
+
+
+def test_meta_layout_unmapped_needs_relayout_and_a_meta_query_or_key():
+    def rec(name, status, block="layers.0"):
+        return TensorRecord(name=name, base_name=None if status == "added" else name, status=status, shape=[8, 8],
+                            base_shape=[8, 8], dtype_base="BF16", dtype_tuned="BF16", numel=64, block=block,
+                            compared="none" if status in ("added", "removed") else "float")
+    kept = [rec("model.layers.0.mlp.up_proj.weight", "unchanged")]
+    meta = kept + [rec("layers.0.attention.wq.weight", "added"), rec("model.layers.0.self_attn.q_proj.weight", "removed")]
+    other = kept + [rec("model.layers.0.mlp.gate_up_proj", "added"), rec("model.layers.0.mlp.up_proj.x", "removed")]
+    v_only = kept + [rec("layers.0.attention.wv.weight", "added"), rec("model.layers.0.self_attn.v_proj.weight", "removed")]
+    assert "meta_layout_unmapped" in verdict._flags(meta, meta, {})
+    assert "relayout" in verdict._flags(other, other, {}) and "meta_layout_unmapped" not in verdict._flags(other, other, {})
+    assert "meta_layout_unmapped" not in verdict._flags(v_only, v_only, {})
+    for recs in (meta, other, v_only):
+        assert verdict._flags(recs, recs, {}) == _reference(recs, recs, {})

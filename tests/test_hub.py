@@ -772,3 +772,23 @@ def test_a_downloaded_files_bytes_are_the_files_not_the_listings(hf, server, tmp
     files = json.loads((tmp_path / "s.json").read_text())["tuned"]["files"]
     real = (server.local["sibling"] / "model.safetensors").stat().st_size
     assert [(f["bytes"], f["sha256_source"]) for f in files if f["name"].endswith(".safetensors")] == [(real, "verified")]
+
+
+def test_a_consolidated_hub_repo_reads_its_params_json_streamed_and_downloaded(server, hf, tmp_path):
+    # a Mistral repo's consolidated.safetensors with params.json: the heads come from the repo in both modes
+    # (a download fetches params.json beside config.json), so it reads identical to the converter's output
+    pytest.importorskip("torch")
+    from test_meta_layout import fine_tune, meta_tensors, write_hf, write_meta
+
+    t = meta_tensors()
+    hf_dir = write_hf(tmp_path / "hfside", t)
+    meta_dir = write_meta(tmp_path / "metaside", fine_tune(t))
+    server.commit("org/hf-base", _files(hf_dir))
+    server.commit("org/meta-tuned", {**_files(meta_dir), "tokenizer.model.v3": b"x"})
+    want = weightdiff.compare(str(hf_dir), str(write_hf(tmp_path / "hft", fine_tune(t))))
+    want = {x["name"]: x for x in json.loads(want.to_json())["tensors"]}
+    for mode in ("--stream", "--download"):
+        rc, _, err = run("compare", "org/hf-base", "org/meta-tuned", mode, "--json", f"{mode[2:]}.json", "-q")
+        assert rc == 0, err
+        got = {x["name"]: x for x in json.loads((tmp_path / f"{mode[2:]}.json").read_text())["tensors"]}
+        assert got == want, mode

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 from ..errors import CheckpointError, escape_name
 from .files import inside as _inside, load_json, open_regular, os_problem, pread_into, read_small
 from .experts import count_note, fused_origin, split_infos, split_note
+from . import meta_layout
 from .located import Checkpoint
 from .peft_adapter import JSON_CAP, AdapterConfig, LoraFactor, parse_adapter_config
 from .pickle_read import PICKLE_SUFFIXES, load_pickle
@@ -63,6 +64,12 @@ def locate(path: str | os.PathLike, hub: object = None) -> Checkpoint:
         except BaseException:
             ckpt.close()
             raise
+    if ckpt.format in ("safetensors", "sharded", "pickle"):
+        try:
+            meta_layout.apply(ckpt)
+        except BaseException:
+            ckpt.close()
+            raise
     if ckpt.format in ("safetensors", "sharded"):
         try:
             _fold_quantized(ckpt)
@@ -82,7 +89,7 @@ def is_hub_candidate(path: object) -> bool:
 
 
 #: files beside the weights that decide how a model is read (head tie, quantization, declared base)
-CONFIG_FILES = ("config.json", "quantize_config.json")
+CONFIG_FILES = ("config.json", "quantize_config.json", "params.json")
 
 
 def _configs_inside(ckpt: Checkpoint) -> None:

@@ -489,7 +489,9 @@ def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     _head(ref, listing, needed[-1], env)
-    extra = [listing.prefix + n for n in ("config.json", "quantize_config.json") if listing.prefix + n in listing.files]
+    from .checkpoint import CONFIG_FILES
+
+    extra = [listing.prefix + n for n in CONFIG_FILES if listing.prefix + n in listing.files]
     paths = needed + extra
     quiet = not options.progress and not are_progress_bars_disabled()
     cancel = threading.Event()

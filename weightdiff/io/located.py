@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import CheckpointError, escape_name
 from .files import open_regular, pread_into
 from .peft_adapter import AdapterConfig, LoraFactor, lora_factors
+from .meta_layout import interleaved_rows
 from .pickle_read import load_pickle
 from .quant_sources import Source
 from .safetensors_read import Header, SafetensorsFile, TensorInfo, array_windows, check_range, storage_of
@@ -72,6 +73,9 @@ class Checkpoint:
         self.config_dir: Path | None = None
         #: sentence-transformers modules (modules.json): [{path, type, prefix, files, tensors}]
         self.modules: list[dict] | None = None
+        #: tensors stored with each head's rows in rotary (interleaved) order, handed out in Hugging Face's
+        #: order: name -> head size (a Meta/Mistral consolidated checkpoint, weightdiff.io.meta_layout)
+        self.row_order: dict[str, int] = {}
 
     @property
     def params(self) -> int:
@@ -133,7 +137,7 @@ class Checkpoint:
         if cut is not None:               # expert e of a fused tensor: its run of the flat array
             per = info.numel
             return self._pickle[1][cut[0]][cut[1] * per:(cut[1] + 1) * per]
-        return self._pickle[1][info.name]
+        return self._pickle[1][self._fname(info.name)]
 
     def _fname(self, name: str) -> str:
         """The name of tensor ``name`` inside its file."""
@@ -174,11 +178,29 @@ class Checkpoint:
         if name in self.quant:
             return self._quant_windows(name, max_elements, start, stop, False)
         info = self._info(name)
+        if name in self.row_order:
+            start, stop, step = check_range(info, max_elements, start, stop, storage_of(info.dtype).itemsize)
+            return self._reordered_windows(info, start, stop, step)
         if info.start is None:
             start, stop, step = check_range(info, max_elements, start, stop, storage_of(info.dtype).itemsize)
             return array_windows(self._array(info), start, stop, step)
         f = self._file(info.path)
         return self._pinned(info.path, f.windows(self._fname(name), max_elements, start, stop))
+
+    def _reordered_windows(self, info: TensorInfo, start: int, stop: int, step: int) -> Iterator[np.ndarray]:
+        """``windows`` of a tensor in ``row_order``: each window's rows read as the run of stored rows
+        that holds them (whole heads at most, one read) and put in Hugging Face's order."""
+        cols = math.prod(info.shape[1:])
+        hd = self.row_order[info.name]
+        for pos in range(start, stop, step):
+            end = min(pos + step, stop)
+            ra, rb = pos // cols, -(-end // cols)
+            g = interleaved_rows(np.arange(ra, rb, dtype=np.int64), hd)
+            lo, hi = int(g.min()), int(g.max()) + 1
+            run = self._plain_rows(info.name, np.arange(lo, hi, dtype=np.int64))
+            vals = run.reshape(hi - lo, cols)[g - lo].reshape(-1)[pos - ra * cols:end - ra * cols]
+            vals.flags.writeable = False
+            yield vals
 
     def _pinned(self, path: Path, it: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         self._pins[path] = self._pins.get(path, 0) + 1
@@ -200,7 +222,7 @@ class Checkpoint:
         file (not quantized, not packed, not streamed); None for any other."""
         info = self.tensors.get(name)
         if (info is None or info.start is None or info.quant is not None or name in self.quant
-                or info.packed or self._opener is not SafetensorsFile):
+                or info.packed or self._opener is not SafetensorsFile or name in self.row_order):
             return None
         return info.path, info.start, info.end
 
@@ -216,6 +238,8 @@ class Checkpoint:
                 return src.rows(self._stored_read, self._stored_rows, 0, src.nrows)[0].reshape(info.shape)
             finally:
                 src.release()
+        if name in self.row_order:
+            return self.read_rows(name, np.arange(info.shape[0], dtype=np.int64))
         if info.start is None:
             out = self._array(info).copy()
             return out if info.packed else out.reshape(info.shape)
@@ -242,6 +266,16 @@ class Checkpoint:
                 src.release()
             return np.concatenate(parts).reshape((idx.size, *info.shape[1:])) if parts else \
                 np.zeros((0, *info.shape[1:]), np.float32)
+        if name in self.row_order:
+            idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+            if idx.size and (idx.min() < 0 or idx.max() >= info.shape[0]):
+                raise IndexError(f"row index out of range for `{escape_name(name)}` with {info.shape[0]} rows")
+            return self._plain_rows(name, interleaved_rows(idx, self.row_order[name]))
+        return self._plain_rows(name, rows)
+
+    def _plain_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Stored rows of ``name`` (no reordering), from a pickle or a file."""
+        info = self._info(name)
         if info.start is None:
             if not info.shape:
                 raise ValueError(f"read_rows needs a >=1-D tensor; `{escape_name(name)}` is 0-d")
@@ -254,7 +288,13 @@ class Checkpoint:
             files = [self._file(self._info(n).path) for n, _ in requests]
             many = getattr(files[0], "read_rows_many", None)
             if many is not None and all(type(f) is type(files[0]) for f in files):
-                return many([(f, self._fname(n), rows) for f, (n, rows) in zip(files, requests)])
+                for n, rows in requests:       # the same range check as read_rows, before any read
+                    idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+                    if n in self.row_order and idx.size and (idx.min() < 0 or idx.max() >= self._info(n).shape[0]):
+                        raise IndexError(f"row index out of range for `{escape_name(n)}`")
+                stored = [(n, interleaved_rows(np.asarray(rows, dtype=np.int64).reshape(-1), self.row_order[n])
+                           if n in self.row_order else rows) for n, rows in requests]
+                return many([(f, self._fname(n), rows) for f, (n, rows) in zip(files, stored)])
         return [self.read_rows(n, rows) for n, rows in requests]
 
     def check_identity(self) -> None:

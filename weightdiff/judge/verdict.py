@@ -27,6 +27,7 @@ from ..kernels.dtypes import DTYPES
 from ..options import Thresholds
 from ..records import STATUSES, BlockRecord, Summary, TensorRecord, count_lookalikes
 from ..io.declared import same_model
+from ..io.meta_layout import is_meta_qk
 from ..pairing.names import component_of, parse_name
 from .coverage import compared_elements, coverage, too_little
 from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, weak_evidence,
@@ -167,7 +168,8 @@ FLAG_ORDER = ("added_tensors", "removed_tensors", "resized_embeddings", "shape_m
               "adapter", "tied_lm_head", "dtype_changed", "nonfinite", "cast_rounded_twice",
               "nonfinite_changes", "awq_scaled", "quant_untested", "quant_both_compensated", "cast_offset",
               "cast_overflow", "bytes_compared", "partial_spectrum", "content_paired",
-              "declared_base_mismatch", "relayout", "unpaired_lookalikes", "zeroed_matrices")
+              "declared_base_mismatch", "relayout", "meta_layout_unmapped", "unpaired_lookalikes",
+              "zeroed_matrices")
 
 
 def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: dict) -> list[str]:
@@ -232,6 +234,8 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         on.add("declared_base_mismatch")
     if relayout(counted):
         on.add("relayout")
+        if any(r.status in ("added", "removed") and is_meta_qk(r.name) for r in counted):
+            on.add("meta_layout_unmapped")
     if lookalikes(counted):
         on.add("unpaired_lookalikes")
     return [name for name in FLAG_ORDER if name in on]

@@ -168,11 +168,15 @@ class RecordCache:
             return None
         info = ck.tensors.get(name) if hasattr(ck, "tensors") else None
         if info is not None and getattr(info, "start", None) is not None and getattr(info, "path", None):
-            return [*self._file_id(info.path, ck), info.start, info.end]
+            order = (getattr(ck, "row_order", None) or {}).get(name)
+            # rows handed out in another order than stored (a consolidated checkpoint's Q/K): the head size
+            # decides the values read, so it is part of what they are
+            return [*self._file_id(info.path, ck), info.start, info.end, *(["rows", order] if order else [])]
         key = (id(ck), "all")
         if key not in self._files:    # no byte range of its own: the checkpoint's whole set of files
             self._files[key] = [self._file_id(p, ck) for p in getattr(ck, "files", [])]
-        return [name, self._files[key]]
+        order = (getattr(ck, "row_order", None) or {}).get(name)
+        return [name, self._files[key], *(["rows", order] if order else [])]
 
     def key(self, pair: Any, bases: Sequence[Any], tuned: Any) -> str:
         base = bases[pair.base_index] if pair.base_name is not None else None

@@ -120,6 +120,10 @@ def verdict_title(summary: dict) -> str:
         return "INCONCLUSIVE: both models are quantized, and two quantizations cannot be told from a fine-tune here."
     if v == "inconclusive" and "relayout" in (summary.get("flags") or []) \
             and not (summary.get("tensors_by_status") or {}).get("changed"):
+        if "meta_layout_unmapped" in (summary.get("flags") or []):
+            return ("INCONCLUSIVE: no compared tensor changed, but the query and key matrices of a Meta/Mistral "
+                    "consolidated checkpoint could not be put in Hugging Face's order (no params.json), so they "
+                    "were not compared.")
         return ("INCONCLUSIVE: no compared tensor changed, but some matrices are stored in another layout on each "
                 "side (fused and separate), which weightdiff does not pair.")
     if v == "inconclusive" and "quant_untested" in (summary.get("flags") or []) \
@@ -267,6 +271,13 @@ def _inconclusive(data: dict) -> str:
         params = sum(int(t.get("numel") or 0) for t in rows if t.get("status") == "added")
         na, nr = tbs.get("added", 0), tbs.get("removed", 0)
         blocks = sorted({str(t.get("block")) for t in rows if t.get("block")})
+        if "meta_layout_unmapped" in (s.get("flags") or []):
+            return (f"No paired tensor changed, but the query and key matrices ({count(nr)} of the base, "
+                    f"{count(na)} of the tuned model, {count(params)} parameters on each side) were not "
+                    "compared: one model is a Meta/Mistral consolidated checkpoint (`layers.N.attention.wq`) with no "
+                    "params.json or config.json beside it, and without its attention head counts the rows of those "
+                    "matrices cannot be put in Hugging Face's order. Whether they changed is unknown; put the "
+                    "release's params.json beside its weights and compare again.")
         return (f"No paired tensor changed, but {count(nr)} base {'tensor has' if nr == 1 else 'tensors have'} no "
                 f"counterpart in the tuned model and {count(na)} tuned {'tensor has' if na == 1 else 'tensors have'} "
                 f"none in the base, with the same number of parameters ({count(params)}) in each block where they "
@@ -928,3 +939,4 @@ def parts_text(labels: list[str]) -> str:
     if "head" in labels:
         out.append("head")
     return ", ".join(out) or "nothing"
+
