@@ -286,6 +286,30 @@ def test_fp8_scale_grid_must_tile(tmp_path, base_tensors):
         locate(path)
 
 
+@pytest.mark.parametrize("strategy, scale, ok", [("channel", "scalar", False), ("tensor", "rows", False),
+                                                 ("tensor", "scalar", True), ("channel", "rows", True)])
+def test_compressed_tensors_fp8_scale_must_be_its_strategys(tmp_path, base_tensors, strategy, scale, ok):
+    # a per-tensor scalar under strategy "channel" (or per-channel scales under "tensor") is not this config's
+    # scale: read as one, every row would dequantize with one number
+    stored, qc, _ = build_ct_fp8(base_tensors)
+    qc["config_groups"]["group_0"]["weights"]["strategy"] = strategy
+    m = LINEARS[1]
+    rows = stored[f"{m}.weight"].shape[0]
+    stored[f"{m}.weight_scale"] = torch.full((1,), 0.01) if scale == "scalar" else torch.full((rows, 1), 0.01)
+    for other in LINEARS:
+        if other != m:
+            stored[f"{other}.weight_scale"] = torch.full((1,), 0.01) if scale == "scalar" else \
+                torch.full((stored[f"{other}.weight"].shape[0], 1), 0.01)
+    path = _save(tmp_path / f"ct-{strategy}-{scale}", stored, qc)
+    if ok:
+        with locate(path) as ck:
+            assert f"{m}.weight" in ck.quant
+    else:
+        with pytest.raises(CheckpointError, match=rf"`{m}.weight_scale` has shape .* but quantization_config's "
+                                                  rf"strategy is {strategy}"):
+            locate(path)
+
+
 @pytest.mark.parametrize("block", [[128, 256], [64, 256], [128, 512]])
 def test_fp8_weight_inside_one_block_reads_as_transformers_does(tmp_path, base_tensors, block):
     """A weight no larger than one block has a [1, 1] scale grid, what the config asks for; it was taken

@@ -212,6 +212,25 @@ def _fp8_block(w: TensorInfo, s: TensorInfo, want: Sequence[int] | None) -> tupl
                   + (f" in {list(want)} blocks" if want else " in blocks, per channel or per tensor"))
 
 
+def _fp8_strategy(qc: dict, w: TensorInfo, s: TensorInfo, block: tuple[int, int] | None, kind: str) -> None:
+    """A compressed-tensors fp8 model's scale must be one its config's strategies gives: a per-tensor scalar
+    under ``strategy: channel`` is a scale that does not belong to this config (a corrupt or mixed export),
+    and read as one it would dequantize every row with one number. Only when every config group names a
+    strategy this reader knows (``targets`` are not matched to modules here, so any group's may be this
+    weight's)."""
+    if qc.get("quant_method") != "compressed-tensors":
+        return
+    said = {wt.get("strategy") for wt in _ct_weights(qc)}
+    if not said or not said <= {"tensor", "channel", "block"}:
+        return
+    rows = w.shape[-2]
+    fits = {"block"} if block else {"tensor"} | ({"channel"} if rows == 1 else set()) \
+        if math.prod(s.shape) == 1 else {"channel"}
+    if not fits & said:
+        raise _err(s, f"{_q(s.name)} has shape {list(s.shape)} ({kind} over {_q(w.name)} {list(w.shape)}), but "
+                      f"quantization_config's strategy is {' or '.join(sorted(said))}")
+
+
 def _fp8(mod: str, leaves: dict, qc: dict) -> Source:
     w = leaves["weight"]
     s = leaves.get("weight_scale_inv") or leaves.get("weight_scale")
@@ -227,6 +246,7 @@ def _fp8(mod: str, leaves: dict, qc: dict) -> Source:
         raise _err(s, f"per-channel scale {_q(s.name)} over a {len(w.shape)}-D weight is not supported")
     kind = f"{block[0]}x{block[1]} block scales" if block else \
         "per-tensor scale" if math.prod(s.shape) == 1 else "per-channel scales"
+    _fp8_strategy(qc, w, s, block, kind)
     fmt = "F8_E4M3" if w.dtype.startswith("F8_E4M3") else "e5m2"
     label = f"fp8 {'e4m3' if fmt == 'F8_E4M3' else 'e5m2'}, {kind}"
     group = f"{block[0]}x{block[1]}" if block else ("tensor" if math.prod(s.shape) == 1 else "channel")
