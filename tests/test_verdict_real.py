@@ -1103,3 +1103,57 @@ def test_a_large_low_rank_change_is_not_offered_a_merge_as_its_cause(tmp_path):
     s = compare(tmp_path / "b", tmp_path / "t").summary
     assert "far_from_base" in s.flags and s.form["kind"] == "low_rank", (s.flags, s.form["kind"])
     assert "a merge with another model" not in s.verdict_reason and "yet the change is low-rank" in s.verdict_reason
+
+
+def _roundtrip_pair(tmp_path, train_after: float = 0.0):
+    """A tiny Llama and the same model after peft's merge_adapter + unmerge_adapter of a trained LoRA: the
+    weights come back with float32 round-off (relative change ~1e-8), as the tester found."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    base = transformers.LlamaForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)         # a trained adapter's size: BA about 1e-2 of W
+    pm.merge_adapter()
+    pm.unmerge_adapter()
+    plain = pm.unload()
+    if train_after:
+        with torch.no_grad():
+            w = plain.model.layers[1].self_attn.o_proj.weight
+            w += train_after * torch.randn(w.shape[0], 1) @ torch.randn(1, w.shape[1])
+    plain.save_pretrained(tmp_path / "tuned")
+    return tmp_path / "base", tmp_path / "tuned"
+
+
+def test_float32_round_off_of_a_merge_and_unmerge_is_not_called_a_fine_tune(tmp_path):
+    base, tuned = _roundtrip_pair(tmp_path)
+    r = compare(str(base), str(tuned))
+    s = r.summary
+    assert s.verdict == "derived" and "rounding_level" in s.flags, (s.verdict, s.flags)
+    assert s.tensors_by_status["changed"] >= 1 and s.relative_change < 1e-6
+    text = render_text(json.loads(r.to_json()))
+    assert "changed only at the level of floating-point rounding" in text and "a fine-tune" not in text
+    assert "nothing here shows that the model was trained further" in s.verdict_reason
+
+
+def test_a_real_change_beside_round_off_keeps_the_fine_tune_title(tmp_path):
+    base, tuned = _roundtrip_pair(tmp_path, train_after=1e-3)
+    s = compare(str(base), str(tuned)).summary
+    assert s.verdict == "derived" and "rounding_level" not in s.flags
+    # a changed vector has no rank to test: a norm trained alone keeps the ordinary title
+    w = {k: v.copy() for k, v in _load(base).items()}
+    w["model.norm.weight"] = w["model.norm.weight"] * np.float32(1.001)
+    d = write_checkpoint(tmp_path / "norm", w)
+    s = compare(str(base), str(d)).summary
+    assert s.verdict == "derived" and "rounding_level" not in s.flags
+
+
+def _load(folder):
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "model.safetensors"))

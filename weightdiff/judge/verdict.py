@@ -367,6 +367,9 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     if verdict == "derived" and (not permuted or _all_undone(permuted, undone)) and weak_evidence(cos, rel_m):
         # derived, but not "a fine-tune": a merge, long training; unless the distance is the quantizer's noise
         flags.append("quant_noise_distance" if quantization_explains(counted, thresholds) else "far_from_base")
+    if verdict == "derived" and not permuted and "far_from_base" not in flags \
+            and rounding_level(changed, tensors_by_status):
+        flags.append("rounding_level")
     quant = quantization_summary(counted)
     form = _form(changed, thresholds) if verdict in ("derived", "partial") else {"kind": None}
     summary = Summary(
@@ -385,6 +388,19 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                           "rank_basis": "energy_rank_99"},
         coverage=cov, components=comps, buffers=list(buffers or []), declared=decl, quantization=quant)
     return summary
+
+def rounding_level(changed: list[TensorRecord], tensors_by_status: dict) -> bool:
+    """Every change at the level of rounding: each changed tensor is a matrix compared as floats whose
+    numerical rank is 0 at the upper end of its bracket (no direction of the delta stands above the
+    rounding noise of the stored values, ``rank.noise_floor``), none quantized, and nothing added,
+    removed or resized. What merging and unmerging an adapter in float32, or another pass of arithmetic
+    over the same weights, leaves (relative change ~1e-8); "a fine-tune" would claim training that no
+    number here shows. A changed vector (no rank to test) keeps the ordinary title."""
+    if not changed or any(tensors_by_status.get(k) for k in ("added", "removed", "resized", "quantized")):
+        return False
+    return all(r.status == "changed" and r.compared == "float" and len(r.shape or ()) >= 2 and r.quant is None
+               and r.rank is not None and rank_upper(r, "numerical_rank") == 0 for r in changed)
+
 
 def _reshaped(mism: list[TensorRecord]) -> dict[str, int]:
     return {"tensors": len(mism), "params_base": sum(math.prod(r.base_shape or [0]) for r in mism),

@@ -135,6 +135,8 @@ def verdict_title(summary: dict) -> str:
                 "weights), not training.")
     if v == "cast_only" and "dtype_changed" not in (summary.get("flags") or []):
         return "CAST ONLY: every difference is within rounding; no dtype changed (signed zeros, NaN payloads)."
+    if v == "derived" and "rounding_level" in (summary.get("flags") or []):
+        return "DERIVED: this base, its weights changed only at the level of floating-point rounding."
     if v == "derived" and "far_from_base" in (summary.get("flags") or []):
         cos, rel = summary.get("relatedness_cosine"), summary.get("relatedness_rel_change")
         return (f"DERIVED: built on this base, but changed far more than a fine-tune changes it (the "
@@ -566,6 +568,13 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     elif not scope.get("tensors_changed"):
         text += "; every shared tensor is bitwise equal or within rounding"
     text += _zeroed_phrase(scope, cos is not None)
+    if "rounding_level" in (s.get("flags") or []):
+        n = int(tbs.get("changed") or 0)
+        text += (f"; no changed matrix has a direction above the rounding noise of its stored numbers (numerical "
+                 f"rank 0 in {'the one' if n == 1 else f'all {count(n)}'}; relative change {num(s.get('relative_change'))}): "
+                 "differences of this size are what arithmetic over the same weights leaves (merging and unmerging "
+                 "an adapter, a pass through another precision), far smaller than training moves weights, so "
+                 "nothing here shows that the model was trained further")
     if "far_from_base" in (s.get("flags") or []) and (s.get("form") or {}).get("kind") == "low_rank":
         # a merge or training apart changes every direction: a low-rank change that large is a heavy update
         text += ("; that is far more than fine-tunes move (they keep a cosine of 0.9 or more and a relative change "
