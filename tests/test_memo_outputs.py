@@ -261,3 +261,33 @@ def test_combined_results_are_told_apart_by_their_files_not_by_how_a_path_was_sp
     assert _mixed_subjects([item("compare", "x/tuned", hashed),
                             item("compare", "y/tuned", [dict(hashed[0], sha256="b" * 64)])]) is not None
     assert _mixed_subjects([item("compare", "x/tuned", hashed), item("compare", "y/t", hashed)]) is None
+
+
+def test_one_minus_cosine_is_one_number_everywhere_near_zero(tmp_path):
+    # one matrix scaled by 1.01: 1 - cosine is float64 noise (~1e-16); the verdict sentence, the tables, the
+    # plain-words paragraph and the terminal printed 0 in some places and 8.4e-17 in others (a tester found it)
+    from weightdiff.cli import main as cli
+
+    r = np.random.default_rng(0)
+    b = {f"model.layers.{i}.mlp.up_proj.weight": (r.standard_normal((64, 64)) * .02).astype(np.float32)
+         for i in range(4)}
+    t = dict(b)
+    t["model.layers.3.mlp.up_proj.weight"] = b["model.layers.3.mlp.up_proj.weight"] * np.float32(1.01)
+    base, tuned = write_checkpoint(tmp_path / "b", b), write_checkpoint(tmp_path / "t", t)
+    res = CliRunner().invoke(cli, ["compare", str(base), str(tuned), "--json", str(tmp_path / "r.json"),
+                                   "--report", str(tmp_path / "m.md")])
+    assert res.exit_code == 0, res.stderr
+    text = (tmp_path / "m.md").read_text() + res.stdout
+    values = re.findall(r"1 [-−] cosine = ([0-9][0-9.e+-]*)", text)              # sentences, plain words
+    values += re.findall(r"1 [-−] cosine \(large matrices\) \| ([0-9][0-9.e+-]*)", text)   # tables
+    values += re.findall(r"^1 - cosine +([0-9][0-9.e+-]*)", text, re.M)            # the terminal summary
+    assert len(values) >= 5 and len(set(values)) == 1, values
+
+
+def test_relative_change_prints_as_sci_in_the_far_from_base_and_faint_sentences():
+    from weightdiff.render.sentences import verdict_title
+
+    s = {"verdict": "derived", "flags": ["far_from_base"], "relatedness_cosine": 0.3,
+         "relatedness_rel_change": 0.7931, "coverage": {}}
+    title = verdict_title(s)
+    assert "relative change 7.9e-1" in title and "0.793" not in title, title

@@ -241,3 +241,23 @@ def _pair_for_disk_full(tmp_path):
     base = {f"model.layers.{i}.mlp.up_proj.weight": rng.normal(0, 0.02, (64, 32)).astype(np.float32) for i in range(3)}
     tuned = {k: (v + 1e-3).astype(np.float32) for k, v in base.items()}
     return write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)
+
+
+def test_bad_input_leaves_no_cache_folder_and_a_bad_place_is_refused(tmp_path, rng):
+    # exit 2 means nothing written: the cache folder appears with the first record, not before the inputs
+    # are accepted (a tester found `newcache/records/` left by a refused run)
+    from click.testing import CliRunner
+
+    from weightdiff.cli import main
+
+    b, _ = _pair(tmp_path, rng)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"")            # an empty file: bad input
+    r = CliRunner().invoke(main, ["compare", str(b), str(bad), "--cache", str(tmp_path / "newcache"), "-q"])
+    assert r.exit_code == 2 and not (tmp_path / "newcache").exists(), (r.exit_code, r.stderr)
+    (tmp_path / "afile").write_text("x")
+    r = CliRunner().invoke(main, ["compare", str(b), str(b), "--cache", str(tmp_path / "afile" / "c"), "-q"])
+    assert r.exit_code == 2 and "is not a folder" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = CliRunner().invoke(main, ["compare", str(b), str(b), "--cache", str(tmp_path / "ok"), "-q"])
+    assert r.exit_code == 0 and _records(tmp_path / "ok")

@@ -126,13 +126,18 @@ def record_from_dict(d: dict) -> TensorRecord:
 
 
 def check_folder(folder: str | os.PathLike) -> Path:
-    """``folder/records``, created; CacheError naming the folder when that fails or it is read-only."""
+    """``folder/records``, checked that it can be created and written, but not created: the first record
+    written creates it, so a run refused before it measured anything (bad input) leaves no cache folder
+    behind. CacheError naming the folder when it cannot be (a file on the way, a read-only folder)."""
     root = Path(folder) / "records"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CacheError(f"--cache {folder}: cannot create a folder there ({exc.strerror or exc})") from None
-    if not os.access(root, os.W_OK):
+    probe = root
+    while not os.path.lexists(probe):
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if os.path.lexists(probe) and not probe.is_dir():
+        raise CacheError(f"--cache {folder}: cannot create a folder there ({probe} is not a folder)")
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise CacheError(f"--cache {folder}: the folder is not writable")
     return root
 
@@ -223,7 +228,7 @@ class RecordCache:
         path = self._path(key)
         tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
         try:
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             blob = json.dumps({"v": CACHE_VERSION, "key": key, "record": rec.to_dict()}, default=_plain,
                               allow_nan=True)
             with open(tmp, "w", encoding="utf-8") as fh:

@@ -23,7 +23,7 @@ from . import sentences
 from .memo_html import to_html
 from .memo_md import md_escape, to_markdown
 from .plots import FigureOutput
-from .reference import reference_of
+from .reference import one_minus_cosine_of, reference_of
 
 __all__ = ["Block", "build", "first_page", "key_figures", "to_html", "to_markdown", "md_escape", "CAVEATS"]
 
@@ -173,8 +173,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
             ["largest numerical rank", fmt.max_rank(form)],
             ["delta parameters", fmt.delta_params_text(s)],
             ["model relative change", fmt.sci(s.get("relative_change"))],
-            [f"1 − cosine ({sentences.matrices_phrase(s)})", fmt.sci(None if s.get("relatedness_cosine") is None
-                                                        else max(0.0, 1.0 - s["relatedness_cosine"]))],
+            [f"1 − cosine ({sentences.matrices_phrase(s)})", fmt.sci(one_minus_cosine_of(data))],
             ["flags", _c(", ".join(s.get("flags") or []) or "none")]]
     out.append(Block("table", ["", "value"], rows))
     comps = s.get("components") or []

@@ -32,7 +32,7 @@ import math
 
 from ..judge.relatedness import chosen_evidence, evidence_sizes
 
-__all__ = ["reference_scale", "reference_of", "LABELS"]
+__all__ = ["reference_scale", "reference_of", "LABELS", "one_minus_cosine_of"]
 
 LABELS = {"F16": "float16 rounding", "BF16": "bfloat16 rounding", "model": "this model",
           "unrelated": "unrelated model"}
@@ -92,3 +92,17 @@ def reference_of(data: dict) -> dict:
     """The JSON's own ``reference`` when it has one (written by compare), else computed here."""
     given = data.get("reference")
     return given if isinstance(given, dict) and "points" in given else reference_scale(data)
+
+
+def one_minus_cosine_of(data: dict) -> float | None:
+    """The large matrices' 1 - cosine as every output prints it: the reference scale's "this model" point
+    (each matrix's 1 - cosine from its norms, which keeps the digits that ``1 - cosine`` loses near 0), else
+    ``1 - summary.relatedness_cosine``. One source, so a memo cannot print 0 in one place and 8.4e-17 in
+    another for the same quantity; the two agree to float64 rounding (~1e-16) where both exist."""
+    cos = (data.get("summary") or {}).get("relatedness_cosine")
+    if cos is None:
+        return None
+    for p in reference_of(data).get("points") or []:
+        if p.get("key") == "model" and p.get("one_minus_cosine") is not None:
+            return float(p["one_minus_cosine"])
+    return max(0.0, 1.0 - cos)

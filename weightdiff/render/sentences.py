@@ -17,6 +17,7 @@ from ..kernels.dtypes import DTYPES
 from ..judge.verdict import holds_exactly
 from ..records import count_lookalikes
 from .formats import count, num, sci, share, tuned_params
+from .reference import one_minus_cosine_of
 
 __all__ = ["verdict_title", "parts_text", "verdict_reason", "headline", "coverage_sentence", "form_sentence", "matrices_phrase",
            "is_tied_row", "PAIRED", "plain_language", "model_label", "plural"]
@@ -141,7 +142,7 @@ def verdict_title(summary: dict) -> str:
         cos, rel = summary.get("relatedness_cosine"), summary.get("relatedness_rel_change")
         return (f"DERIVED: built on this base, but changed far more than a fine-tune changes it (the "
                 f"{matrices_phrase(summary)} keep 1 - cosine = {sci(max(0.0, 1 - cos)) if cos is not None else '?'}"
-                f", relative change {num(rel)}).")
+                f", relative change {sci(rel)}).")
     return _TITLES.get(v, str(v))
 
 
@@ -242,7 +243,7 @@ def _inconclusive(data: dict) -> str:
                 "be), which weightdiff does not measure below that rounding, so it does not call it a cast.")
     if "faint_relatedness" in (s.get("flags") or []):
         th = (data.get("settings") or {}).get("thresholds") or {}
-        return (f"The {matrices_phrase(s)} are far from the base (relative change {num(s.get('relatedness_rel_change'))}) "
+        return (f"The {matrices_phrase(s)} are far from the base (relative change {sci(s.get('relatedness_rel_change'))}) "
                 f"but not orthogonal to it: their size-weighted cosine is {num(s.get('relatedness_cosine'))}, where "
                 f"independently initialised models stay near 0 (below {num(th.get('independent_cosine', 0.05))}; "
                 f"about 1/sqrt(elements) for random ones), and a fine-tune keeps 0.9 or more. A merge of this base "
@@ -558,9 +559,9 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
             # the 1 - cosine of matrices that moved only within their quantization floor is that noise,
             # not the fine-tune's (which changed other tensors)
             text += (f"; the {matrices_phrase(s)} differ only within their quantization noise floor "
-                     f"(1 - cosine = {sci(max(0.0, 1 - cos))})")
+                     f"(1 - cosine = {sci(one_minus_cosine_of(data))})")
         else:
-            text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(max(0.0, 1 - cos))} with the base"
+            text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(one_minus_cosine_of(data))} with the base"
             if "quant_noise_distance" in (s.get("flags") or []):
                 text += (", most of it the quantization's own noise (net of each quantized matrix's noise floor "
                          "the change is within what fine-tunes move; a copy of the base quantized the same way "
@@ -571,7 +572,7 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     if "rounding_level" in (s.get("flags") or []):
         n = int(tbs.get("changed") or 0)
         text += (f"; no changed matrix has a direction above the rounding noise of its stored numbers (numerical "
-                 f"rank 0 in {'the one' if n == 1 else f'all {count(n)}'}; relative change {num(s.get('relative_change'))}): "
+                 f"rank 0 in {'the one' if n == 1 else f'all {count(n)}'}; relative change {sci(s.get('relative_change'))}): "
                  "differences of this size are what arithmetic over the same weights leaves (merging and unmerging "
                  "an adapter, a pass through another precision), far smaller than training moves weights, so "
                  "nothing here shows that the model was trained further")

@@ -14,6 +14,7 @@ from typing import IO, Any
 
 from ..errors import escape_name
 from .captions import one_minus_cosine
+from .reference import one_minus_cosine_of
 from .formats import count, delta_params_count, max_rank, rank_text, sci, share, tuned_params
 from .sentences import coverage_sentence, matrices_phrase, plural, verdict_title
 
@@ -101,7 +102,7 @@ def render_text(result: dict, top: int = 10) -> str:
                  "(norm of all deltas / norm of the base, paired tensors)")
     if s.get("relatedness_cosine") is not None:
         pooled = "; pooled, see the components" if s.get("verdict") == "partial" else ""
-        lines.append(f"1 - cosine        {sci(max(0.0, 1 - s['relatedness_cosine']))}   "
+        lines.append(f"1 - cosine        {sci(one_minus_cosine_of(result))}   "
                      f"(parameter-weighted over the {matrices_phrase(s)}{pooled})")
     lines.append(f"delta params      {delta_params_count(s)}   "
                  f"({share(s.get('delta_params_share'))} of the model: parameters needed to write the change down)")
