@@ -130,10 +130,10 @@ def test_figures_index_keeps_captions(tmp_path):
 def test_relatedness_is_reported_as_one_minus_cosine(written):
     """DESIGN: report 1 - cosine in scientific notation, never a cosine that reads 1.000."""
     data, _, page, md = written
-    c = data["summary"]["relatedness_cosine"]
     from weightdiff.render.formats import sci
+    from weightdiff.render.reference import one_minus_cosine_of
 
-    expected = sci(max(0.0, 1.0 - c))
+    expected = sci(one_minus_cosine_of(data))     # the one source every output prints it from
     assert "1 − cosine (large matrices)" in md and expected in md
     assert "relatedness cosine" not in page
 

@@ -163,3 +163,20 @@ def test_a_flag_and_an_extension_that_disagree_exit_2_and_write_nothing(tmp_path
     r = CliRunner().invoke(main, ["report", str(result_json), flag, str(out / name), "-q"])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "the extension says" in r.stderr, r.stderr
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"verdict": "maybe"}, "`summary.verdict` is `maybe`, not one of"),
+    ({"verdict": "identical"}, "`summary.verdict` is `identical`, but `summary.tensors_by_status` counts"),
+    ({"delta_params": -5}, "`summary.delta_params` is negative"),
+    ({"delta_params_share": 3.5}, "`summary.delta_params_share` is 3.5, outside [0, 1]"),
+])
+def test_a_summary_no_comparison_writes_is_refused(tmp_path, edit, words):
+    # a hand-edited JSON rendered "IDENTICAL ... 15 of 76 tensors changed" with exit 0 (a tester found it)
+    d = json.loads(json.dumps(cached_result()))
+    assert d["summary"]["tensors_by_status"]["changed"] > 0
+    d["summary"].update(edit)
+    (tmp_path / "e.json").write_text(json.dumps(d))
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "e.json"), "--memo", str(tmp_path / "m.md")])
+    assert r.exit_code == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "m.md").exists()

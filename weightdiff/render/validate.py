@@ -21,7 +21,7 @@ import math
 from typing import Any, Callable
 
 from ..errors import WeightdiffError, escape_name
-from ..records import READABLE_SCHEMAS, SCHEMA
+from ..records import READABLE_SCHEMAS, SCHEMA, VERDICTS
 
 __all__ = ["check_result", "SCHEMA", "READABLE_SCHEMAS", "MAX_DEPTH"]
 
@@ -206,6 +206,7 @@ def check_result(data: Any, where: str = "result") -> dict:
         raise WeightdiffError(f"{where}: expected schema `{SCHEMA}` (or `{older}`), found {found}",
                               "use the weightdiff version that wrote it")
     _RESULT(data, where, "")
+    _consistent(data["summary"], where)
     th = (data.get("settings") or {}).get("thresholds") or {}
     for key in ("unrelated_cosine", "independent_cosine"):
         if key in th:
@@ -213,3 +214,29 @@ def check_result(data: Any, where: str = "result") -> dict:
     return data
 
 
+def _consistent(s: dict, where: str) -> None:
+    """The summary's values that a memo states as facts, checked against what a comparison can write: a
+    verdict of the documented set, counts and shares in range, and no "identical" beside changed
+    tensors. A hand-edited JSON re-rendered as "IDENTICAL ... 15 of 76 tensors changed" would put a
+    contradiction under weightdiff's name."""
+    v = s.get("verdict")
+    if v not in VERDICTS:
+        raise WeightdiffError(f"{where}: `summary.verdict` is `{escape_name(str(v))[:40]}`, not one of "
+                              f"{', '.join(VERDICTS)}", _HINT)
+    for key in ("params_total", "delta_params", "delta_params_lower", "blocks_total", "blocks_changed"):
+        x = s.get(key)
+        if x is not None and x < 0:
+            raise WeightdiffError(f"{where}: `summary.{key}` is negative ({x})", _HINT)
+    for key in ("delta_params_share",):
+        x = s.get(key)
+        if x is not None and not 0 <= x <= 1:
+            raise WeightdiffError(f"{where}: `summary.{key}` is {x}, outside [0, 1]", _HINT)
+    for key in ("params_by_status", "tensors_by_status"):
+        for k, x in (s.get(key) or {}).items():
+            if x < 0:
+                raise WeightdiffError(f"{where}: `summary.{key}.{escape_name(str(k))[:40]}` is negative ({x})", _HINT)
+    moved = {k: x for k, x in (s.get("tensors_by_status") or {}).items()
+             if k not in ("unchanged", "rounding", "quantized") and x}
+    if v in ("identical", "cast_only", "quantized_only") and moved:
+        raise WeightdiffError(f"{where}: `summary.verdict` is `{v}`, but `summary.tensors_by_status` counts "
+                              + ", ".join(f"{x} {k}" for k, x in sorted(moved.items())), _HINT)
