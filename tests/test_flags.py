@@ -111,3 +111,23 @@ def test_meta_layout_unmapped_needs_relayout_and_a_meta_query_or_key():
     assert "meta_layout_unmapped" not in verdict._flags(v_only, v_only, {})
     for recs in (meta, other, v_only):
         assert verdict._flags(recs, recs, {}) == _reference(recs, recs, {})
+
+
+def test_a_matrix_that_differs_only_by_nan_or_inf_is_not_in_the_form():
+    # one NaN and one inf in one matrix (nothing measured) beside a rank-1 change: the form read "mixed,
+    # dense 50%" for the unmeasured matrix (a tester found it); it is the rank-1 change's, low-rank
+    from weightdiff.options import Thresholds
+    from weightdiff.records import RankRecord
+
+    def rec(name, **kw):
+        r = TensorRecord(name=name, base_name=name, status="changed", shape=[64, 64], base_shape=[64, 64],
+                         dtype_base="F32", dtype_tuned="F32", numel=4096, compared="float", **kw)
+        r.numel_compared = 4096
+        return r
+    low = rec("model.layers.2.mlp.up_proj.weight", norm_delta=0.064, frac_changed=1.0, frac_beyond_rounding=1.0)
+    low.rank = RankRecord(1.0, 1.0, 1, 1, numerical_rank=1, noise_floor=1e-9, spectrum=[0.064], energy_captured=1.0,
+                          exact=True)
+    broken = rec("model.layers.1.mlp.up_proj.weight", norm_delta=0.0, nonfinite=2, frac_changed=2 / 4096,
+                 frac_beyond_rounding=2 / 4096)
+    form = verdict._form([low, broken], Thresholds())
+    assert form["kind"] == "low_rank" and form["matrices_changed"] == 1, form

@@ -102,7 +102,10 @@ def _rank_side(rec: TensorRecord, thresholds: Thresholds) -> str:
 
 
 def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]:
-    """low_rank / sparse / vectors / undecided / mixed / dense, with the numbers behind it (docs/pairing.md)."""
+    """low_rank / sparse / vectors / undecided / mixed / dense, with the numbers behind it (docs/pairing.md).
+    A tensor that differs only where one side holds NaN or infinity (``nonfinite_only``) is left out: no
+    number measured its change, and counted it read as a dense matrix (the reason names it as unmeasured)."""
+    changed = [r for r in changed if not nonfinite_only(r)]
     mats = [r for r in changed if not is_mismatch(r) and matrix_dims(r) is not None]
     vecs = [r for r in changed if not is_mismatch(r) and matrix_dims(r) is None]
     ranked = [r for r in mats if r.rank is not None]
