@@ -291,3 +291,14 @@ def test_relative_change_prints_as_sci_in_the_far_from_base_and_faint_sentences(
          "relatedness_rel_change": 0.7931, "coverage": {}}
     title = verdict_title(s)
     assert "relative change 7.9e-1" in title and "0.793" not in title, title
+
+
+def test_provenance_findings_print_their_paths_as_code_not_backticks():
+    from weightdiff.render.memo_md import to_markdown
+    from weightdiff.render.sections import _spans
+    from weightdiff.render.memo import Block
+
+    assert _spans("`b` ranks first") == [("code", "b"), ("", " ranks first")]
+    assert _spans("a ` lone backtick") == [("", "a ` lone backtick")]
+    md = to_markdown([Block("ul", [_spans("`b<x>` ranks first")])], {})
+    assert "\\\\`" not in md and "`b<x>` ranks first" in md, md

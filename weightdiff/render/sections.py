@@ -17,6 +17,15 @@ from .sentences import parts_text
 __all__ = ["provenance_blocks", "lineage_blocks"]
 
 
+def _spans(text: str) -> list[tuple[str, str]]:
+    """A finding's text as memo segments: its `...` spans (paths, tensor names) as code, so no format
+    prints the backticks themselves; text with an odd number of backticks stays plain."""
+    parts = text.split("`")
+    if len(parts) % 2 == 0:
+        return [("", text)]
+    return [("code" if i % 2 else "", part) for i, part in enumerate(parts) if part]
+
+
 def _omc(c: dict) -> float | None:
     cos = c.get("cosine_large")
     return None if cos is None else max(0.0, 1.0 - cos)
@@ -77,7 +86,7 @@ def provenance_blocks(d: dict, figures: Sequence = (), first: int = 1) -> list[B
         out.append(Block("ul", [[("code", c.get("path", "?")), ("", ": " + str(c.get("reason", "")))]
                                 for c in d["incompatible"]]))
     out.append(Block("h3", "Findings"))
-    out.append(Block("ul", [str(f) for f in d.get("findings") or []]))
+    out.append(Block("ul", [_spans(str(f)) for f in d.get("findings") or []]))
     out.append(Block("h3", "What this method cannot see"))
     out.append(Block("ul", [str(x) for x in d.get("limits") or []]))
     return out
@@ -107,5 +116,5 @@ def lineage_blocks(d: dict) -> list[Block]:
                          [[_c(b.get("block"))] + [fmt.sci(v) for v in b.get("steps") or []] + [fmt.sci(b.get("end_to_end"))]
                           for b in blocks]))
     out.append(Block("h3", "Findings"))
-    out.append(Block("ul", [str(f) for f in d.get("findings") or []]))
+    out.append(Block("ul", [_spans(str(f)) for f in d.get("findings") or []]))
     return out
