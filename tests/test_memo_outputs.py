@@ -302,3 +302,37 @@ def test_provenance_findings_print_their_paths_as_code_not_backticks():
     assert _spans("a ` lone backtick") == [("", "a ` lone backtick")]
     md = to_markdown([Block("ul", [_spans("`b<x>` ranks first")])], {})
     assert "\\\\`" not in md and "`b<x>` ranks first" in md, md
+
+
+def test_the_word_memo_is_a4_and_dated_by_its_run(tmp_path):
+    # python-docx's template said created 2013-12-23 on US Letter; the HTML memo is laid out for A4
+    pytest.importorskip("docx")
+    import docx
+
+    from weightdiff.render.report import render_outputs
+
+    data = json.loads(json.dumps(cached_result()))
+    data.setdefault("run", {})["date"] = "2026-03-04T05:06:07Z"
+    render_outputs(data, report=tmp_path / "m.docx")
+    d = docx.Document(str(tmp_path / "m.docx"))
+    assert d.core_properties.created.isoformat().startswith("2026-03-04T05:06:07")
+    assert round(d.sections[0].page_width.cm, 1) == 21.0 and round(d.sections[0].page_height.cm, 1) == 29.7
+
+
+def test_one_block_and_one_value_read_in_the_singular(tmp_path):
+    from weightdiff import compare
+    from weightdiff.render import captions
+    from weightdiff.render.sentences import plain_language, headline
+
+    r = np.random.default_rng(1)
+    b = {"model.layers.0.mlp.up_proj.weight": r.standard_normal((64, 64)).astype(np.float32),
+         "model.layers.0.mlp.down_proj.weight": r.standard_normal((64, 64)).astype(np.float32)}
+    b["model.layers.0.mlp.down_proj.weight"][0, 0] = np.nan
+    t = {k: v.copy() for k, v in b.items()}
+    t["model.layers.0.mlp.up_proj.weight"] += np.float32(0.01)
+    t["model.layers.0.mlp.down_proj.weight"][0, 0] = 0.5          # the NaN repaired: one non-finite value
+    data = json.loads(compare(str(write_checkpoint(tmp_path / "b", b)),
+                              str(write_checkpoint(tmp_path / "t", t))).to_json())
+    text = " ".join(plain_language(data) + headline(data) + [c for c in captions.headline_sentences(data)])
+    assert "1 of its 1 blocks" not in text and "its one block was changed" in text, text
+    assert "1 non-finite value (NaN or Inf) was found" in text and "1 non-finite values" not in text, text

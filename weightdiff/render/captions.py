@@ -134,9 +134,11 @@ def caption_depth(data: dict) -> str:
     # a block with no relative change to show is not in the base (appended or inserted layers): new, not changed
     new = [b for b in changed if b.get("rel_change") is None]
     changed = [b for b in changed if b.get("rel_change") is not None]
-    text = (f"Relative change ‖ΔW‖ / ‖W‖ (Frobenius norms) of each of the {len(blocks)} blocks, from the input "
-            f"(block {blocks[0]['index']}) to the top (block {blocks[-1]['index']}), on a log scale. "
-            f"{len(changed)} of {len(blocks)} blocks changed")
+    text = ((f"Relative change ‖ΔW‖ / ‖W‖ (Frobenius norms) of each of the {len(blocks)} blocks, from the input "
+             f"(block {blocks[0]['index']}) to the top (block {blocks[-1]['index']}), on a log scale. "
+             f"{len(changed)} of {len(blocks)} blocks changed") if len(blocks) != 1 else
+            (f"Relative change ‖ΔW‖ / ‖W‖ (Frobenius norms) of the model's one block (block {blocks[0]['index']}), "
+             f"on a log scale. {'It changed' if changed else 'It did not change'}"))
     if changed:
         top = max(changed, key=lambda b: b.get("rel_change") or 0.0)
         text += f"; the largest change is in block {top['index']} ({sci(top.get('rel_change'))})"
@@ -247,7 +249,8 @@ def caption_cosine(data: dict) -> str:
     vals = [(one_minus_cosine(t), t) for t in mats]
     moved = [(v, t) for v, t in vals if v > 0]
     cut = 1.0 - _thresholds(data).get("unrelated_cosine", 0.2)
-    text = (f"1 - cosine similarity between base and tuned weights for each of the {len(mats)} paired matrices, "
+    text = (f"1 - cosine similarity between base and tuned weights for "
+            f"{f'each of the {len(mats)} paired matrices' if len(mats) != 1 else 'the one paired matrix'}, "
             f"on a log scale (0 means identical direction). The dashed line at 1 marks unrelated models (cosine "
             f"about 0); the shaded band from {num(cut)} up is where the verdict's unrelated rule looks (cosine below "
             f"{num(1.0 - cut)}). ")

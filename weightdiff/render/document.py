@@ -58,7 +58,7 @@ def _rel(target: Path, start: Path) -> str:
 
 
 def write_memo(path: str | os.PathLike, blocks: list[Block], figures: Sequence, title: str,
-               figure_dir: str | os.PathLike | None = None) -> list[Path]:
+               figure_dir: str | os.PathLike | None = None, date: str | None = None) -> list[Path]:
     """Write ``blocks`` to ``path`` in the format of its extension; returns the files written.
 
     Markdown links PNG files: a figure already saved (``files["png"]``) is linked where it
@@ -71,7 +71,7 @@ def write_memo(path: str | os.PathLike, blocks: list[Block], figures: Sequence, 
     elif kind == "docx":
         from .memo_docx import to_docx
 
-        written.append(write_bytes(p, to_docx(blocks, title)))
+        written.append(write_bytes(p, to_docx(blocks, title, date=date)))
     else:
         folder = Path(figure_dir) if figure_dir is not None else p.parent / f"{p.stem}_figures"
         images = {}

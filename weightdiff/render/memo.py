@@ -43,8 +43,13 @@ def _c(text: object) -> list[Seg]:
     return [("code", str(text))]
 
 
-def _short(t: dict) -> str:
-    return "×".join(str(x) for x in t.get("shape") or [])
+def _short(t: dict, key: str = "shape") -> str:
+    """A shape as the memo prints it: ``4096×14336``; ``scalar`` for a 0-d tensor (an empty cell read as
+    missing), ``-`` where the record has none (an added tensor has no base shape)."""
+    shape = t.get(key)
+    if shape is None:
+        return "-"
+    return "×".join(str(x) for x in shape) or "scalar"
 
 
 def top_blocks(data: dict, n: int = 10) -> list[dict]:
@@ -228,7 +233,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
         out.append(Block("h3", "Added, removed and resized tensors"))
         out.append(Block("table", ["tensor", "status", "shape", "base shape", "note"],
                          [[_c(t.get("name")), t.get("status", ""), _short(t),
-                           "×".join(str(x) for x in t.get("base_shape") or []) or "-", t.get("note") or ""]
+                           _short(t, "base_shape"), t.get("note") or ""]
                           for t in st]))
 
     out.append(Block("h2", "How the numbers are computed", "methodology"))

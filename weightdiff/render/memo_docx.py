@@ -11,6 +11,8 @@ figures, depth profile, reference scale) ends with a page break, as in print.
 
 from __future__ import annotations
 
+import re
+
 import io
 from typing import Sequence
 
@@ -56,18 +58,34 @@ def _runs(par, content) -> None:
             run.bold = True
 
 
-def to_docx(blocks: Sequence, title: str, core: dict | None = None) -> bytes:
-    """The memo's blocks as the bytes of a .docx file; ``core``: document properties
-    (title, author, subject) for Word's File > Info."""
+def to_docx(blocks: Sequence, title: str, core: dict | None = None, date: str | None = None) -> bytes:
+    """The memo's blocks as the bytes of a .docx file, on A4 as the HTML memo; ``core``: document
+    properties (title, author, subject) for Word's File > Info; ``date``: the run's ``run.date``
+    (ISO, UTC), the document's created and modified dates (python-docx's template says 2013 otherwise;
+    none recorded: 1980-01-01, the zip entries' date, so the bytes stay a function of the JSON)."""
     _require()
+    import datetime
+
     import docx
-    from docx.shared import Inches
+    from docx.shared import Cm, Inches
 
     doc = docx.Document()
     _styles(doc)
+    for section in doc.sections:
+        section.page_width, section.page_height = Cm(21.0), Cm(29.7)
+        section.left_margin = section.right_margin = Cm(2.2)
     props = doc.core_properties
     props.title = escape_name(title)[:250]
     props.author = "weightdiff"
+    when = datetime.datetime(1980, 1, 1)
+    m = re.fullmatch(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d)(?::(\d\d))?Z", str(date or ""))
+    if m:
+        try:
+            when = datetime.datetime(*(int(x or 0) for x in m.groups()))
+        except ValueError:
+            pass
+    props.created = props.modified = when
+    props.last_modified_by = "weightdiff"
     for k, v in (core or {}).items():
         setattr(props, k, v)
     for b in blocks:

@@ -211,7 +211,7 @@ def _write_report(data: dict, targets: list[Path], plot_dir: Path | None, pdf: b
     else:
         out.figures = [fo for fo, _ in render_figures(data, ())]
     blocks = memo_mod.build(data, out.figures, source, out.population)
-    _write_memos(out, targets, blocks, memo_title(data))
+    _write_memos(out, targets, blocks, memo_title(data), date=(data.get("run") or {}).get("date"))
     return out
 
 
@@ -409,15 +409,17 @@ def _sections_document(items: list, html, markdown, memo, plots, pdf: bool, comm
         sections[0].insert(0, Block("p", "Caution: " + mixed))
     doc = combine(sections)
     title = "weightdiff memo: " + ", ".join(Path(p).name for p, *_ in items)
-    _write_memos(out, [t for t in (html, markdown, memo) if t is not None], doc, title, figure_dir=plots)
+    date = next((str((d.get("run") or {}).get("date")) for _, _, d, *_ in items
+                 if isinstance(d, dict) and (d.get("run") or {}).get("date")), None)
+    _write_memos(out, [t for t in (html, markdown, memo) if t is not None], doc, title, figure_dir=plots, date=date)
     return out
 
 
-def _write_memos(out, targets, blocks, title: str, figure_dir=None) -> None:
+def _write_memos(out, targets, blocks, title: str, figure_dir=None, date: str | None = None) -> None:
     """Write one document to each target (its extension picks the format); note the files and
     the first HTML and Markdown memo in ``out``."""
     for t in targets:
-        written = write_memo(t, blocks, out.figures, title, figure_dir=figure_dir)
+        written = write_memo(t, blocks, out.figures, title, figure_dir=figure_dir, date=date)
         out.files += written
         kind = memo_format(t)
         if kind == "html" and out.html is None:

@@ -266,7 +266,7 @@ def _inconclusive(data: dict) -> str:
             vals = sum(int(t.get("nonfinite") or 0) for t in bad)
             return (f"The only differences are non-finite values: {count(len(bad))} "
                     f"{'tensor holds' if len(bad) == 1 else 'tensors hold'} NaN or infinity where the other model "
-                    f"has numbers ({count(vals)} values, for example {_names([str(bad[0].get('name'))])}), "
+                    f"has numbers ({plural(vals, 'value')}, for example {_names([str(bad[0].get('name'))])}), "
                     "and every finite value is the base's. Broken or overflowed weights are not a fine-tune, and "
                     "their change cannot be measured.")
     if "relayout" in (s.get("flags") or []) and not tbs.get("changed"):
@@ -740,7 +740,7 @@ def headline(data: dict) -> list[str]:
         out.append(f"The tuned model is assembled from {n} bases.")
     bad = sum(t.get("nonfinite") or 0 for t in counted)
     if bad:
-        out.append(f"{count(bad)} non-finite values (NaN or Inf) were found.")
+        out.append(f"{plural(bad, 'non-finite value')} (NaN or Inf) {'was' if bad == 1 else 'were'} found.")
     return out
 
 
@@ -824,8 +824,9 @@ def plain_language(data: dict) -> list[str]:
             text += f", {share(int(by.get('unchanged', 0) or 0) / total)} in tensors left entirely unchanged"
         if s.get("blocks_total"):
             n = s.get("blocks_changed") or 0
-            text += (f"{';' if aside else ', and'} {count(n)} of its {count(s['blocks_total'])} blocks "
-                     f"{'was' if n == 1 else 'were'} changed")
+            tot = s["blocks_total"]
+            text += (f"{';' if aside else ', and'} " + (f"its one block {'was' if n else 'was not'} changed" if tot == 1 else
+                     f"{count(n)} of its {count(tot)} blocks {'was' if n == 1 else 'were'} changed"))
         out.append(text + ".")
     model, unrel = points.get("model"), points.get("unrelated")
     bf16 = (points.get("BF16") or {}).get("rel_change")
