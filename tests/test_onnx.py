@@ -995,3 +995,27 @@ def test_external_offsets_and_lengths_are_plain_digits(tmp_path):
     _bad(p, "external length")
     p = _external(tmp_path, "w.bin", offset="0", length="64")
     assert _verdict(tmp_path, p, p)["summary"]["verdict"] == "identical"
+
+
+def test_only_values_computed_for_the_input_shape_are_set_apart_as_folded(tmp_path):
+    """Without the torch exporter's signature: a generated name of two or more dimensions that nodes read,
+    none as a weight (a mask read by Add), is folded; a parameter's own name read by Add (a ViT's position
+    embeddings), a generated one-dimensional value read by Mul (a norm scale) and a transposed MatMul weight
+    are weights."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4])
+    inits = [numpy_helper.from_array(RNG.standard_normal((1, 5, 8)).astype(np.float32),
+                                     "vit.embeddings.position_embeddings"),
+             numpy_helper.from_array(RNG.standard_normal(8).astype(np.float32), "onnx::Mul_3"),
+             numpy_helper.from_array(RNG.standard_normal((8, 4)).astype(np.float32), "onnx::MatMul_4"),
+             numpy_helper.from_array(np.triu(np.full((1, 5, 4), -1e9, np.float32)), "val_9")]
+    nodes = [helper.make_node("Add", ["x", "vit.embeddings.position_embeddings"], ["a"]),
+             helper.make_node("Mul", ["a", "onnx::Mul_3"], ["b"]),
+             helper.make_node("MatMul", ["b", "onnx::MatMul_4"], ["c"]),
+             helper.make_node("Add", ["c", "val_9"], ["y"])]
+    path = tmp_path / "m.onnx"
+    onnx.save(_graph_model(inits, nodes, inputs=[x], outputs=[y]), str(path))
+    with locate(path) as ck:
+        assert sorted(ck.tensors) == ["onnx::MatMul_4", "onnx::Mul_3", "vit.embeddings.position_embeddings"]
+        assert ck.folded == [{"name": "val_9", "shape": [1, 5, 4], "dtype": "F32", "params": None}]
+        assert any("computed for a fixed input shape" in n and "does not say" in n for n in ck.notes)

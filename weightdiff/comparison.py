@@ -299,7 +299,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             blocks, modules = aggregate(records, options.thresholds)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
                             declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)},
-                            reordering=(found, checked, undone))
+                            reordering=(found, checked, undone), folded=the_plan.folded)
         if line is not None:
             line.close()
         for ck in (*bases, tuned_ck):

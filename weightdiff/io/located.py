@@ -56,6 +56,9 @@ class Checkpoint:
         self.quant: dict[str, Source] = {}
         self.quant_config: dict | None = None
         self.hidden: list[str] = []
+        #: values an exporter computed and stored beside the weights (an ONNX model's folded masks, rotary
+        #: tables, position rows): [{name, shape, dtype, params}], readable by ``read_stored``, not compared
+        self.folded: list[dict] = []
         #: identity of a Hub checkpoint (weightdiff.io.hub): repo id, commit, files with sizes and sha256
         self.hub: dict | None = None
         #: a line for the plan saying where a checkpoint came from, when its spelling could be a Hub id
@@ -142,6 +145,11 @@ class Checkpoint:
     def _fname(self, name: str) -> str:
         """The name of tensor ``name`` inside its file."""
         return self.file_names.get(name, name) if self.file_names else name
+
+    def read_stored(self, name: str) -> np.ndarray:
+        """A stored tensor read whole by its name in the file (one ``tensors`` does not list: a folded
+        constant of an ONNX model)."""
+        return self._file(self.stored[name].path).read(name)
 
     def _stored_read(self, name: str) -> np.ndarray:
         return self._file(self.stored[name].path).read(self._fname(name))

@@ -72,6 +72,10 @@ PLUMBING_MAX = 64
 DECODED_MAX = 64 << 20
 #: graphs nested inside graphs (If/Loop/Scan bodies) at most
 MAX_DEPTH = 16
+#: characters of the torch exporter's graph signature and of one value's folded_from read at most
+SIGNATURE_MAX = 4 << 20
+_SIGNATURE = "pkg.torch.export.ExportedProgram.graph_signature"
+_FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 _INT_TYPES = {"U8", "I8", "U16", "I16", "I32", "I64", "U32", "U64", "BOOL"}
 
 
@@ -188,6 +192,8 @@ class _Parser:
         self.decoded = 0
         self.metadata: dict[str, str] = {}
         self.sizes: dict[Path, int] = {}
+        self.signature = ""                        # the torch exporter's graph signature (main graph)
+        self.folded_from: dict[str, str] = {}      # value name -> onnxscript's pkg.onnxscript.optimizer.folded_from
 
     # -- the model -----------------------------------------------------------------------------
     def model(self) -> None:
@@ -230,6 +236,24 @@ class _Parser:
                 self.node(x, y, depth)
             elif num == 15:
                 raise _Unsupported("the graph holds a sparse initializer, which weightdiff does not read")
+            elif num == 13:                        # value_info: the optimizer records what it folded
+                self.value_info(x, y)
+            elif num == 16 and depth == 0:         # metadata_props of the main graph
+                k, v = self.entry(x, y)
+                if k == _SIGNATURE and len(v) <= SIGNATURE_MAX:
+                    self.signature = v
+
+    def value_info(self, a: int, b: int) -> None:
+        name, frm = "", None
+        for num, wt, x, y in _fields(self.buf, a, b):
+            if num == 1 and wt == 2:
+                name = _text(self.buf, x, y)
+            elif num == 4 and wt == 2:
+                k, v = self.entry(x, y)
+                if k == _FOLDED_FROM and len(v) <= SIGNATURE_MAX:
+                    frm = v
+        if name and frm is not None:
+            self.folded_from[name] = frm
 
     def add(self, t: _Tensor | None, what: str) -> None:
         if t is None:
@@ -460,6 +484,8 @@ class OnnxModel:
     files: list[Path]
     constants: dict[str, _Tensor]
     sizes: dict[Path, int]               # each file's size when it was parsed (the checks were made against it)
+    signature: str = ""                  # the torch dynamo exporter's graph signature ("" when none)
+    folded_from: dict[str, str] = field(default_factory=dict)   # value -> onnxscript's folded_from list (text)
 
 
 def parse_onnx(path: Path) -> OnnxModel:
@@ -499,7 +525,7 @@ def parse_onnx(path: Path) -> OnnxModel:
         if t.file is not None and t.file not in files:
             files.append(t.file)
     p.sizes[path] = st.st_size
-    return OnnxModel(path, p.tensors, p.nodes, p.metadata, files, constants, p.sizes)
+    return OnnxModel(path, p.tensors, p.nodes, p.metadata, files, constants, p.sizes, p.signature, p.folded_from)
 
 
 class OnnxData(SafetensorsFile):
@@ -599,12 +625,17 @@ def _scope(n: _Node) -> str | None:
     return path if path and _MODULE_PATH.fullmatch(path) else None
 
 
-def _module_names(nodes: list[_Node], tensors: dict[str, TensorInfo], sources: dict
+def _module_names(nodes: list[_Node], tensors: dict[str, TensorInfo], sources: dict,
+                  copies: dict[str, str] | None = None
                   ) -> tuple[dict[str, TensorInfo], dict[str, str], list[tuple[str, str]], list[str]]:
     """Names for the weights an exporter named itself (``onnx::MatMul_702``, ``val_43``): the module of
     the one node that reads each (``m.model.layers.0.self_attn.q_proj.weight``), so two exports pair by
     name, blocks are known and a fine-tune of layer 0 is not reported as the head's. A weight read by
-    nodes of several modules, or whose module name is taken, keeps its name. And the parameters an
+    nodes of several modules, or whose module name is taken, keeps its name, except when the name is taken by
+    the parameter it was folded from (``copies``, onnxscript's ``folded_from``) and that parameter's own readers
+    are of one other module: a tied head stored as it is for the embedding's Gather and transposed for the
+    head's MatMul (``m.lm_head.weight`` and ``val_245``) is the head's weight, and the parameter is the
+    embedding's (``m.transformer.wte.weight``). And the parameters an
     exporter stored once for equal values (the legacy exporter keeps ``Identity(kept) -> dropped``).
     -> (tensors, reported name -> stored name, [(old, new)], [alias])."""
     readers: dict[str, list[tuple[_Node, int]]] = {}
@@ -613,6 +644,7 @@ def _module_names(nodes: list[_Node], tensors: dict[str, TensorInfo], sources: d
             readers.setdefault(x, []).append((n, i))
     dq = {n.inputs[0]: n.outputs[0] for n in nodes if n.op == "DequantizeLinear" and n.inputs and n.outputs}
     rename: dict[str, str] = {}
+    moved: dict[str, str] = {}                 # a parameter whose name its transposed copy takes -> its reader's
     taken = set(tensors)
     for name, info in tensors.items():
         if len(info.shape) < 2 or not _GENERATED.match(name):
@@ -628,10 +660,16 @@ def _module_names(nodes: list[_Node], tensors: dict[str, TensorInfo], sources: d
             if new not in taken:
                 rename[name] = new
                 taken.add(new)
+            elif (copies or {}).get(name) == new and new in tensors and new not in sources and new not in moved:
+                own = {_scope(n) for n, _ in readers.get(new, [])}
+                if len(own) == 1 and None not in own and own != {new.rsplit(".", 1)[0]} \
+                        and (other := own.pop() + "." + new.rsplit(".", 1)[1]) not in taken:
+                    rename[name], moved[new] = new, other
+                    taken.add(other)
     out: dict[str, TensorInfo] = {}
     file_names: dict[str, str] = {}
     for name, info in tensors.items():
-        new = rename.get(name, name)
+        new = rename.get(name, moved.get(name, name))
         out[new] = info
         if name in sources:
             src = sources.pop(name)
@@ -664,6 +702,92 @@ def _module_names(nodes: list[_Node], tensors: dict[str, TensorInfo], sources: d
             file_names[y] = file_names.get(x, x)
             aliased.append(y)
     return out, file_names, list(rename.items()), aliased
+
+
+#: one input of the torch exporter's graph signature: ``p_m_fc_weight: PARAMETER target='m.fc.weight'``
+_SIGNATURE_LINE = re.compile(r"^\s*[^\s:]+: ([A-Z_]+) target='([^'\n]*)'", re.M)
+
+
+def _signature(text: str) -> tuple[set[str], set[str]] | None:
+    """(parameters, other inputs: buffers, lifted constants) the torch dynamo exporter's graph signature
+    names, or None without one (another exporter, the legacy one, metadata stripped)."""
+    if not text:
+        return None
+    params: set[str] = set()
+    others: set[str] = set()
+    for m in _SIGNATURE_LINE.finditer(text):
+        (params if m.group(1) == "PARAMETER" else others).add(m.group(2))
+    return (params, others) if params or others else None
+
+
+def _sources_of(text: str | None) -> list[str] | None:
+    """onnxscript's ``folded_from`` (the values a folded constant was computed from), or None."""
+    if text is None:
+        return None
+    try:
+        v = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return v if isinstance(v, list) and all(isinstance(x, str) for x in v) else None
+
+
+def _folded_constants(model: OnnxModel, tensors: dict[str, TensorInfo], sources: dict,
+                      uses: dict[str, list[tuple[_Node, int]]]) -> tuple[dict[str, TensorInfo], list[dict]]:
+    """The values an exporter computed and stored as initializers, set apart from the weights: what a
+    fixed input shape makes constant (causal masks, rotary cos/sin tables, position embeddings gathered
+    with constant position ids), which torch's dynamo exporter folds (``optimize=True``, the default) under
+    the name of the value (``val_83``, ``embedding_2``, ``unsqueeze_14``). A tensor is one when
+
+    * its name is the exporter's: with the dynamo exporter's graph signature, any name that is not an
+      input it lists (a parameter, buffer or lifted constant, by their module paths); without one
+      (the legacy exporter, other tools), a generated name (``onnx::Mul_7``, ``val_3``, ``/m/Constant_output_0``)
+      of at least two dimensions (a norm scale or bias is one-dimensional), and
+    * nodes read it, and none as a weight: not at the weight input of a MatMul, Gemm, Conv or Gather
+      (``_WEIGHT_USE``), where an exporter puts a parameter it transposed (``val_37``, ``onnx::MatMul_12``:
+      weights, renamed by ``_module_names``);
+    * and it is not a quantized weight.
+
+    The parameters each was computed from (onnxscript's ``folded_from`` among the signature's
+    parameters; None when the file does not say) go with it, so pairing can tell a base parameter folded
+    away (BERT's ``position_embeddings.weight``, held as its first rows) from one removed.
+    -> (the tensors left, [{name, shape, dtype, params}])."""
+    sig = _signature(model.signature)
+    params, others = sig if sig is not None else (set(), set())
+    kept: dict[str, TensorInfo] = {}
+    folded: list[dict] = []
+    for name, info in tensors.items():
+        read = uses.get(name, ())
+        if name in sources or not read or any(_WEIGHT_USE.get(op.op) == i for op, i in read):
+            kept[name] = info
+            continue
+        made = name not in params and name not in others if sig is not None else \
+            _GENERATED.match(name) is not None and len(info.shape) >= 2
+        if not made:
+            kept[name] = info
+            continue
+        frm = _sources_of(model.folded_from.get(name)) if sig is not None else None
+        folded.append({"name": name, "shape": [int(d) for d in info.shape], "dtype": info.dtype,
+                       "params": None if frm is None else sorted(x for x in set(frm) if x in params)})
+    return kept, folded
+
+
+def _folded_note(file: Path, folded: list[dict]) -> str:
+    n = len(folded)
+    values = sum(math.prod(f["shape"]) for f in folded)
+    first = folded[0]
+    held = [(p, f["name"]) for f in folded for p in (f["params"] or ())]
+    unknown = sum(1 for f in folded if f["params"] is None)
+    text = (f"{escape_name(str(file))}: {n} value{'s' if n != 1 else ''} the exporter computed for a fixed input "
+            f"shape and stored as {'initializers' if n != 1 else 'an initializer'} (`{escape_name(first['name'])}` "
+            f"{first['shape']}; {values:,} values in all: masks, rotary tables, position rows) "
+            f"{'are not weights and are' if n != 1 else 'is not a weight and is'} not compared")
+    if held:
+        text += (f"; computed from {len(held)} parameter{'s' if len(held) != 1 else ''} of the model, which "
+                 f"{'are' if len(held) != 1 else 'is'} not in the file as such (`{escape_name(held[0][0])}` "
+                 f"in `{escape_name(held[0][1])}`)")
+    elif unknown:
+        text += f"; the file does not say what {'they were' if unknown != 1 else 'it was'} computed from"
+    return text
 
 
 #: the output of a Constant node, made an initializer (ONNX Runtime's quantizer does so)
@@ -931,12 +1055,19 @@ def locate_onnx(file: Path, shown: object, root: Path):
         tensors[name] = info
     for logical in dropped:
         del sources[logical]
+    tensors, folded = _folded_constants(model, tensors, sources, uses)
     hidden = [n for n in stored if n not in tensors and owned.get(n) not in sources]
-    tensors, file_names, named, aliased = _module_names(model.nodes, tensors, sources)
+    copies = {}
+    for name in tensors:                       # a weight computed from one parameter alone (transposed)
+        frm = _sources_of(model.folded_from.get(name)) if _GENERATED.match(name) else None
+        if frm is not None and len(frm) == 1 and frm[0] in tensors:
+            copies[name] = frm[0]
+    tensors, file_names, named, aliased = _module_names(model.nodes, tensors, sources, copies)
     meta = dict(model.metadata)
     ckpt = Checkpoint(shown, "onnx", model.files, tensors, meta, root, opener=OnnxData)
     ckpt.stored, ckpt.quant, ckpt.file_names = stored, sources, file_names
     ckpt.hidden = hidden
+    ckpt.folded = folded
     if named:
         old, new = named[0]
         ckpt.notes.append(f"{escape_name(str(file))}: {len(named)} weight{'s' if len(named) != 1 else ''} the exporter "
@@ -951,6 +1082,8 @@ def locate_onnx(file: Path, shown: object, root: Path):
                           f"(`{escape_name(aliased[0])}`)")
     for path, h in headers_of(model, stored, held).items():
         ckpt._headers[path] = h
+    if folded:
+        ckpt.notes.append(_folded_note(file, folded))
     if plumbing:
         ckpt.notes.append(f"{escape_name(str(file))}: {plumbing} graph constant{'s' if plumbing != 1 else ''} "
                           f"({params:,} value{'s' if params != 1 else ''}: shapes, indices, quantization parameters "

@@ -172,10 +172,11 @@ FLAG_ORDER = ("added_tensors", "removed_tensors", "resized_embeddings", "shape_m
               "nonfinite_changes", "awq_scaled", "quant_untested", "quant_both_compensated", "cast_offset",
               "cast_overflow", "bytes_compared", "partial_spectrum", "content_paired",
               "declared_base_mismatch", "relayout", "meta_layout_unmapped", "unpaired_lookalikes",
-              "zeroed_matrices")
+              "zeroed_matrices", "folded_parameters")
 
 
-def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: dict) -> list[str]:
+def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: dict,
+           folds: frozenset = frozenset()) -> list[str]:
     """The run's flags, in ``FLAG_ORDER``. One pass over the records (a 100,000-tensor model paid a
     generator per flag): a record whose status, comparison and pairing are the common ones and that
     carries no cast, rank, quant or non-finite count raises nothing, so it costs a few lookups."""
@@ -241,6 +242,8 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
             on.add("meta_layout_unmapped")
     if lookalikes(counted):
         on.add("unpaired_lookalikes")
+    if folds and any(is_folded(r, folds) for r in counted):
+        on.add("folded_parameters")
     return [name for name in FLAG_ORDER if name in on]
 
 
@@ -252,14 +255,16 @@ def _all_undone(permuted: dict, undone: dict) -> bool:
 
 def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds: Thresholds,
               buffers: list[dict] | None = None, declared: dict | None = None,
-              reordering: tuple | None = None) -> Summary:
+              reordering: tuple | None = None, folded: list[dict] | None = None) -> Summary:
     """The model-level ``Summary`` of DESIGN.md from the records and their block roll-up
     (``judge.aggregate``): the judge step of the pipeline. ``buffers`` (from the plan) are
     listed, never counted; ``declared`` holds the names each side declares (a hint); ``reordering``:
     (block -> the module kinds, ``mlp``, ``attn``, ``experts``, whose units are the base's in another
     order, not unrelated; the ``block attn`` labels whose heads were examined[; what was undone before
     measuring: ``blocks`` (block -> kinds), ``tensors``, ``trimmed``]), from ``comparison.permuted_units``
-    and ``comparison.measure_undone``, which hold the files."""
+    and ``comparison.measure_undone``, which hold the files; ``folded`` (``Plan.folded``): the base
+    parameters the tuned model's exporter folded into computed constants, removed but not read as a
+    structural change."""
     permuted, checked, *more = reordering or ({}, [])
     undone = (more[0] if more else None) or {}
     counted = [r for r in records if not is_tied(r)]
@@ -333,7 +338,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     if grown:
         scope["tensors_only_resized"] = grown
     decl = _declared(declared)
-    flags = _flags(counted, records, decl)
+    folds = frozenset((f.get("base_index", 0), f.get("base_name")) for f in folded or ())
+    flags = _flags(counted, records, decl, folds)
     cov = coverage(records, thresholds)
     comps = component_relatedness(records, thresholds, permuted)
     if checked:
@@ -352,7 +358,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                 scope["permuted_units"]["tensors_trimmed"] = undone["trimmed"]
     # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
     changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
-    verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps)
+    verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps,
+                       folds)
     if verdict == "inconclusive" and not changed and (grid := off_grid_mixed(counted)):
         flags.append("off_grid_mixed")
         scope["off_grid"] = grid
@@ -460,7 +467,7 @@ def off_grid_mixed(counted) -> dict | None:
 
 
 def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, cov: dict,
-             comps: list[dict]) -> str:
+             comps: list[dict], folds: frozenset = frozenset()) -> str:
     """The verdict, rule by rule (docs/methodology.md, "The verdict"). ``rel`` and ``cos``
     are over the relatedness matrices (norm gains and biases left out); the sentence that
     explains it is written by ``render.sentences.verdict_reason``.
@@ -473,7 +480,10 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
        (``faint``: more of the base than independent models share, far less than a fine-tune keeps);
     4. no change beyond rounding (or the quantization noise floor) and no structural change:
        identical, cast_only or quantized_only;
-    5. otherwise derived.
+    5. nothing changed and the only structural change is base parameters the tuned model's exporter
+       folded into computed constants (``folded_parameters``: position embeddings gathered for a fixed
+       input shape): inconclusive, as what the export does not hold is not compared;
+    6. otherwise derived.
     """
     # blocks paired by content with another base block (reordered, repeated) change the model
     # even when every tensor is bitwise a base tensor
@@ -501,11 +511,19 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
     if not moved and tbs["added"] and tbs["removed"] and not tbs["resized"] and not moved_blocks(counted) \
             and relayout(counted):
         return "inconclusive"         # the unpaired tensors may be the same weights in another layout: not compared
+    if not moved and folds and not tbs["added"] and not tbs["resized"] and not moved_blocks(counted) \
+            and all(is_folded(r, folds) for r in counted if r.status == "removed"):
+        return "inconclusive"         # folded by the exporter, not removed: the rows it left out are not compared
     if moved and not structural and all(nonfinite_only(r) for r in moved):
         return "inconclusive"         # NaN or infinity where the other side has numbers: broken, not measured
     if moved and not structural and awq_scaled(moved) and all(_awq_or_norm(r) for r in moved):
         return "inconclusive"         # AWQ's scale search, folded into the norms: not undone, not told apart
     return "derived"
+
+
+def is_folded(r: TensorRecord, folds: frozenset) -> bool:
+    """A removed base tensor the tuned model's exporter folded into a computed constant."""
+    return r.status == "removed" and (r.base_index, r.base_name) in folds
 
 
 def faint(cos: float | None, thr: Thresholds) -> bool:

@@ -273,6 +273,12 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     if pair.tied:
         rec.note = f"tied: the tuned model has no `{pair.tuned_name}`; it shares `{pair.base_name}`"
     if pair.kind in ("added", "removed"):
+        f = getattr(pair, "folded", None)
+        if f is not None:
+            rows = f.get("rows")
+            rec.note = (f"folded by the exporter into `{f.get('into')}`" +
+                        (f", which holds rows {rows[0]}-{rows[1] - 1} bitwise" if rows else
+                         ", whose values are not rows of the base's" if f.get("known") else " (may be)"))
         return rec
     base = bases[pair.base_index]
     if pair.kind == "inherited":

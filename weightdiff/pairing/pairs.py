@@ -46,6 +46,9 @@ class Pair:
     tuned_source: str | None = None   # the tuned tensor to read when it differs from tuned_name
     paired_by: str | None = None      # one of PAIRED_BY when the pair has both sides
     transposed: bool = False          # content pairing: the tuned matrix is the base's transpose
+    #: removed: a base parameter the tuned model's exporter folded into a computed constant
+    #: (``pairing.folded``): {into, rows ([first, end) of the base's rows it holds bitwise, or None), known}
+    folded: dict | None = None
 
     @property
     def params(self) -> int:
@@ -57,6 +60,8 @@ class Pair:
         d = {k: getattr(self, k) for k in ("tuned_name", "base_name", "base_index", "kind", "dtype_tuned",
                                             "dtype_base", "overlap_rows", "tied", "tuned_source",
                                             "paired_by", "transposed")}
+        if self.folded is not None:
+            d["folded"] = dict(self.folded)
         d["shape_tuned"] = None if self.shape_tuned is None else list(self.shape_tuned)
         d["shape_base"] = None if self.shape_base is None else list(self.shape_base)
         if self.lora is not None:
@@ -99,6 +104,13 @@ class Plan:
                 "paired_by": {k: by[k] for k in PAIRED_BY if by[k]},
                 "buffers": len(self.buffers), **({"aliases": len(self.aliases)} if self.aliases else {})}
 
+    @property
+    def folded(self) -> list[dict]:
+        """The base parameters the tuned model's exporter folded into computed constants (``Pair.folded``):
+        {base_name, base_index, shape, into, rows, known}."""
+        return [{"base_name": p.base_name, "base_index": p.base_index, "shape": list(p.shape_base or ()),
+                 **p.folded} for p in self.pairs if p.folded is not None]
+
     def names(self, kind: str) -> list[str]:
         return [p.tuned_name if p.tuned_name is not None else p.base_name for p in self.pairs if p.kind == kind]
 
@@ -106,9 +118,10 @@ class Plan:
         """The ``plan`` entry of the JSON: alignment, notes, counts, and the non-trivial pairs."""
         special = [p.to_dict() for p in self.pairs if p.kind in ("resized", "mismatch") or p.tied
                    or p.paired_by in ("rename", "content") or p.transposed]
+        folded = self.folded
         return {"alignment": self.alignment, "notes": list(self.notes), "counts": self.counts,
                 "added": self.names("added"), "removed": self.names("removed"), "special": special,
-                "buffers": list(self.buffers), "aliases": list(self.aliases)}
+                "buffers": list(self.buffers), "aliases": list(self.aliases), **({"folded": folded} if folded else {})}
 
 
 def _numel(shape: Iterable[int] | None) -> int:

@@ -43,6 +43,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Sequence
 
 from .align import best_mapping, mapped as _mapped, orient_squares, pair_by_content, parse_renames, realign_blocks, renamed, reuse_blocks
+from .folded import fold_of
 from .heads import tie_aliases, tie_heads
 from .names import is_buffer, is_embedding, is_lm_head
 from .pairs import KINDS, PAIRED_BY, CheckpointLike, Pair, Plan, _Item, _numel, make_pair, source_of
@@ -244,7 +245,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
                                                info.dtype)))
             else:
                 out.append(((1, i, pos), Pair(None, bname, i, "removed", None, tuple(info.shape), None,
-                                               info.dtype)))
+                                               info.dtype, folded=fold_of(tuned, base, bname, shown, info))))
     out.sort(key=_adapter_key(bases) if adapter else (lambda t: t[0]))
     pairs = [p for _, p in out]
     for p in pairs:
@@ -258,6 +259,9 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
             notes.insert(0, f"base {i}: tuned `{escape_name(a['tuned_prefix'])}*` aligned with base "
                             f"`{escape_name(a['base_prefix'])}*` ({a['matched']} tensors)")
     _summarise_notes(pairs, notes)
+    for p in pairs:
+        if p.folded is not None:
+            notes.append(fold_note(p))
     if buffers:
         notes.append(f"{len(buffers)} buffers (position ids, masks, running statistics and the like) are not "
                      "parameters: listed apart, never compared")
@@ -307,3 +311,21 @@ def _summarise_notes(pairs: Sequence[Pair], notes: list[str]) -> None:
                  if p.kind in ("paired", "resized") and p.dtype_base != p.dtype_tuned)
     for change, n in sorted(dt.items()):
         notes.append(f"dtype changed {change} on {n} tensors")
+
+
+def fold_note(p: Pair) -> str:
+    """The plan's line for a base parameter the tuned model's exporter folded into a constant."""
+    f = p.folded or {}
+    name, into, rows = escape_name(p.base_name or ""), escape_name(str(f.get("into"))), f.get("rows")
+    n = (p.shape_base or (0,))[0] if p.shape_base else 0
+    if rows is not None:
+        rest = n - (rows[1] - rows[0])
+        return (f"base `{name}` is folded into the tuned model's constant `{into}`, which holds its rows "
+                f"{rows[0]}-{rows[1] - 1}, bitwise"
+                + (f"; its other {rest:,} rows are not in the export (a fixed input shape)" if rest else "")
+                + ": not compared as a tensor")
+    if f.get("known"):
+        return (f"base `{name}` is folded into the tuned model's constant `{into}` (computed from it for a fixed "
+                "input shape), whose values are not rows of the base's: not compared")
+    return (f"base `{name}` has no counterpart, and the tuned model holds values its exporter computed from "
+            f"what the file does not say (`{into}`): it may be folded into them; not compared")

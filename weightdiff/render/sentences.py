@@ -119,6 +119,10 @@ def verdict_title(summary: dict) -> str:
     if v == "inconclusive" and "quant_both_compensated" in (summary.get("flags") or []) \
             and not (summary.get("tensors_by_status") or {}).get("changed"):
         return "INCONCLUSIVE: both models are quantized, and two quantizations cannot be told from a fine-tune here."
+    if v == "inconclusive" and "folded_parameters" in (summary.get("flags") or []) \
+            and not (summary.get("tensors_by_status") or {}).get("changed"):
+        return ("INCONCLUSIVE: no compared tensor changed, but the export folded base parameters into values "
+                "computed for a fixed input shape and does not hold them whole.")
     if v == "inconclusive" and "relayout" in (summary.get("flags") or []) \
             and not (summary.get("tensors_by_status") or {}).get("changed"):
         if "meta_layout_unmapped" in (summary.get("flags") or []):
@@ -225,6 +229,28 @@ def _nonfinite_only(t: dict) -> bool:
     return t.get("status") == "changed" and (t.get("nonfinite") or 0) > 0 and t.get("norm_delta") == 0.0
 
 
+def _folded_reason(data: dict) -> str:
+    """Why base parameters folded into an export's computed constants leave the verdict open."""
+    folds = (data.get("plan") or {}).get("folded") or []
+    parts = []
+    for f in folds[:3]:
+        name, into, rows, n = str(f.get("base_name")), str(f.get("into")), f.get("rows"), (f.get("shape") or [0])[0]
+        if rows:
+            parts.append(f"{_names([name])} is held as rows {rows[0]}-{rows[1] - 1} of its {count(n)}, in "
+                         f"{_names([into])}, bitwise the base's")
+        elif f.get("known"):
+            parts.append(f"{_names([name])} is folded into {_names([into])}, whose values are not rows of the base's")
+        else:
+            parts.append(f"{_names([name])} has no counterpart, and the export holds values computed from what the "
+                         f"file does not say ({_names([into])})")
+    more = f" (and {count(len(folds) - 3)} more)" if len(folds) > 3 else ""
+    return ("Every tensor compared is the base's, but the exporter computed values for the fixed input shape it "
+            "was given and stored them in place of " + ("a parameter" if len(folds) == 1 else "parameters") + ": "
+            + "; ".join(parts) + more + ". What the export does not hold cannot be compared, so weightdiff does not "
+            "call the model identical to the base; export with dynamic_shapes (or optimize=False) to keep the "
+            "parameters whole.")
+
+
 def _inconclusive(data: dict) -> str:
     s = data.get("summary") or {}
     tbs = s.get("tensors_by_status") or {}
@@ -232,6 +258,8 @@ def _inconclusive(data: dict) -> str:
         return ("Only vectors were compared (norm weights, biases; no matrix): norm weights near 1 make any two models "
                 "look alike, so whether this model derives from the base cannot be told from them; compare its "
                 "matrices too (widen --include or --exclude).")
+    if "folded_parameters" in (s.get("flags") or []) and not tbs.get("changed"):
+        return _folded_reason(data)
     if "off_grid_mixed" in (s.get("flags") or []):
         g = (s.get("scope") or {}).get("off_grid") or {}
         on, off = int(g.get("on_grid") or 0), int(g.get("off_grid") or 0)
