@@ -74,6 +74,9 @@ DECODED_MAX = 64 << 20
 MAX_DEPTH = 16
 #: characters of the torch exporter's graph signature and of one value's folded_from read at most
 SIGNATURE_MAX = 4 << 20
+#: characters of one value's folded_from read at most: it names the few values a constant was computed
+#: from; a longer one is ignored (ast.literal_eval of a 4 MB list took 4 s, once per value of a hostile file)
+FOLDED_FROM_MAX = 1 << 16
 _SIGNATURE = "pkg.torch.export.ExportedProgram.graph_signature"
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 _INT_TYPES = {"U8", "I8", "U16", "I16", "I32", "I64", "U32", "U64", "BOOL"}
@@ -250,7 +253,7 @@ class _Parser:
                 name = _text(self.buf, x, y)
             elif num == 4 and wt == 2:
                 k, v = self.entry(x, y)
-                if k == _FOLDED_FROM and len(v) <= SIGNATURE_MAX:
+                if k == _FOLDED_FROM and len(v) <= FOLDED_FROM_MAX:
                     frm = v
         if name and frm is not None:
             self.folded_from[name] = frm
