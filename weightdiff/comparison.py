@@ -478,7 +478,12 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
         # experts than in the base, which the reason must say (not "unrelated", which they are not)
         ids = sorted(grouped)
         routers = [r for r in rows if not is_expert_name(r.name) and len(r.shape or ()) == 2 and r.shape[0] == len(perm)]
-        follow = all(rows_follow(load(tuned, r.name), load(base, r.base_name), perm) for r in routers)
+        # a router's per-expert vectors beside its rows (DeepSeek's e_score_correction_bias, a router bias)
+        heads = {r.name.rsplit(".", 1)[0] for r in routers}
+        vectors = [r for r in rows if not is_expert_name(r.name) and len(r.shape or ()) == 1
+                   and r.shape[0] == len(perm) and r.name.rsplit(".", 1)[0] in heads]
+        follow = all(rows_follow(load(tuned, r.name), load(base, r.base_name), perm) for r in routers) \
+            and all(_vector_follows(load(tuned, r.name), load(base, r.base_name), perm) for r in vectors)
         if not follow:
             stray.append(rows[0])
         for k, e in enumerate(ids):
@@ -491,7 +496,7 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                     add(r, other, None, None, f"compared with base expert {ids[perm[k]]}, the one this expert is "
                         "(experts reordered)")
         if follow and ids == list(range(len(ids))):
-            for r in routers:
+            for r in routers + vectors:
                 add(r, r.base_name, 0, perm, "compared with the base's router rows in this model's expert order")
         return True
     mats, names = {}, {}
@@ -536,6 +541,16 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                 axis = 0 if _conv1d(r) else 1
                 add(r, r.base_name, axis, order.rows("o", int(r.shape[axis])), note)
     return True if hit is not None else False if found else None
+
+
+def _vector_follows(tuned, base, perm) -> bool:
+    """Whether a router's per-expert vector (a bias) is at least as close to the base's in the experts' new
+    order as in the stored one: one value per expert carries no direction to match by cosine."""
+    import numpy as np
+
+    t, b = np.asarray(tuned, np.float64).reshape(-1), np.asarray(base, np.float64).reshape(-1)
+    t, b = np.where(np.isfinite(t), t, 0.0), np.where(np.isfinite(b), b, 0.0)
+    return bool(np.linalg.norm(t - b[perm]) <= np.linalg.norm(t - b))
 
 
 def _with_biases(undo: list[Undo], by_name: dict, base: Checkpoint, tuned: Checkpoint) -> list[Undo]:
