@@ -88,3 +88,33 @@ def test_experts_reordered_beside_a_shared_expert_are_found_and_undone(tmp_path,
     router = [t for t in r.tensors if t.name.startswith("model.layers.1.mlp.gate.")]
     assert router and all(t.status == "unchanged" and "router rows in this model's expert order" in (t.note or "")
                           for t in router), [(t.name, t.status, t.note) for t in router]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2moe"])
+def test_experts_reordered_without_their_router_rows_read_as_a_changed_block(tmp_path, kind):
+    """The router's rows left in place send tokens to other experts: the model computes something else. The
+    title said "none of its other weights changed", the figures "0 of 2 blocks changed"; the router is now
+    compared with the base's rows in the experts' new order and counts as changed."""
+    m = _model(kind)
+    m.save_pretrained(tmp_path / "b")
+    before = _logits(m)
+    _reorder(m, router=False)
+    assert not torch.allclose(before, _logits(m), atol=1e-4)   # the truth: other outputs
+    m.save_pretrained(tmp_path / "r")
+    r = weightdiff.compare(tmp_path / "b", tmp_path / "r")
+    s = r.summary
+    title = verdict_title(r.to_dict()["summary"])
+    assert s.verdict == "derived" and s.blocks_changed == 1 and s.relative_change > 0, title
+    pu = s.scope["permuted_units"]
+    assert pu["blocks"] == {"layers.1": ["router", "experts"]} and pu["undone"] == {"layers.1": ["experts", "router"]}
+    assert pu["routers_changed"] == 1 == s.tensors_by_status["changed"]
+    router = next(t for t in r.tensors if t.name.endswith("layers.1." + ("block_sparse_moe" if kind == "mixtral"
+                                                                          else "mlp") + ".gate.weight"))
+    assert router.status == "changed" and "not reordered with the experts" in router.note
+    # every expert is the base expert it is
+    assert all(t.status == "unchanged" for t in r.tensors if ".experts." in t.name)
+    assert title == ("DERIVED: this base with the experts of some mixture-of-experts layers reordered without their "
+                     "router's rows, so those layers route tokens to other experts than the base's; none of its other "
+                     "weights changed."), title
+    assert "that block computes something else" in s.verdict_reason
+    assert "a reordering alone changes nothing the model computes)" not in s.verdict_reason

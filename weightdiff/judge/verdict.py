@@ -347,6 +347,10 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             scope["permuted_units"].update({"undone": undone["blocks"], "tensors_undone": undone["tensors"]})
             if undone.get("trimmed"):
                 scope["permuted_units"]["tensors_trimmed"] = undone["trimmed"]
+            stray = set(undone.get("routers") or ())
+            if stray:                         # routers left in place, measured in their experts' new order
+                scope["permuted_units"]["routers_changed"] = sum(
+                    1 for r in counted if r.name in stray and r.status == "changed")
     # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
     changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
     verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps)
