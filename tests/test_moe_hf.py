@@ -118,3 +118,51 @@ def test_experts_reordered_without_their_router_rows_read_as_a_changed_block(tmp
                      "weights changed."), title
     assert "that block computes something else" in s.verdict_reason
     assert "a reordering alone changes nothing the model computes)" not in s.verdict_reason
+
+
+def _upcycle(m, kind: str, experts: int = 6):
+    """The base with experts added (copies of its first ones plus noise) and router rows for them."""
+    import copy
+
+    cfg = copy.deepcopy(m.config)
+    setattr(cfg, "num_local_experts" if kind == "mixtral" else "n_routed_experts", experts)
+    torch.manual_seed(5)
+    big = type(m)(cfg)
+    new = big.state_dict()
+    for k, v in m.state_dict().items():
+        extra = new[k].shape[0] - v.shape[0] if v.ndim else 0
+        new[k] = v.clone() if not extra else torch.cat([v, v[:extra] + 1e-3 * torch.randn_like(v[:extra])])
+    big.load_state_dict(new)
+    return big.eval()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "deepseekv3"])
+def test_upcycled_experts_compare_the_routers_shared_rows(tmp_path, kind):
+    """4 -> 6 experts: the router [4, h] -> [6, h] was "not a vocabulary resize, so not compared", though its
+    first 4 rows are the base's (and a title of "tensors of another shape (not compared)"). Its shared rows are
+    compared now, so a router trained beneath the upcycling is seen."""
+    m = _model(kind)
+    m.save_pretrained(tmp_path / "b")
+    big = _upcycle(m, kind)
+    big.save_pretrained(tmp_path / "u")
+    r = weightdiff.compare(tmp_path / "b", tmp_path / "u")
+    s = r.summary
+    routers = [t for t in r.tensors if t.name.startswith("model.layers.1.mlp.gate.") or ".gate.weight" in t.name
+               and "block_sparse_moe" in t.name]
+    assert routers and all(t.status == "resized" and t.compared == "float" and t.frac_changed == 0
+                           and "shared rows are compared" in t.note for t in routers), \
+        [(t.name, t.status, t.compared, t.note) for t in routers]
+    assert "shape_mismatch" not in s.flags and "resized_embeddings" not in s.flags, s.flags
+    assert any("experts added: the router" in n for n in r.plan["notes"]), r.plan["notes"]
+    assert verdict_title(r.to_dict()["summary"]) == (
+        "DERIVED: this base with tensors added or removed and rows added to or removed from some of its tensors "
+        "(their shared rows unchanged); none of its own weights changed.")
+    # the router's base rows trained as well: seen in its shared rows
+    with torch.no_grad():
+        _moe(big).gate.weight[:4] += 0.05 * torch.randn_like(_moe(big).gate.weight[:4])
+    big.save_pretrained(tmp_path / "t")
+    r = weightdiff.compare(tmp_path / "b", tmp_path / "t")
+    router = next(t for t in r.tensors if t.name.endswith("layers.1." + ("block_sparse_moe" if kind == "mixtral"
+                                                                          else "mlp") + ".gate.weight"))
+    assert router.status == "resized" and router.frac_changed == 1 and router.rel_change > 0.1, router
+    assert verdict_title(r.to_dict()["summary"]) == "DERIVED: a fine-tune of this base."

@@ -28,7 +28,7 @@ from ..options import Thresholds
 from ..records import STATUSES, BlockRecord, Summary, TensorRecord, count_lookalikes
 from ..io.declared import same_model
 from ..io.meta_layout import is_meta_qk
-from ..pairing.names import component_of, parse_name
+from ..pairing.names import component_of, is_router, parse_name
 from .coverage import compared_elements, coverage, too_little
 from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, weak_evidence,
                           net_of_quantization, low_rank_change, reordered_kinds)
@@ -188,7 +188,8 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         elif s == "removed":
             on.add("removed_tensors")
         elif s == "resized":
-            on.add("shape_mismatch" if compared == "none" else "resized_embeddings")
+            if compared == "none" or not is_router(r.name):      # a router's rows: experts added, not a vocabulary
+                on.add("shape_mismatch" if compared == "none" else "resized_embeddings")
         elif s == "quantized":
             q = r.quant or {}
             if q.get("within") is None:

@@ -67,6 +67,13 @@ def verdict_title(summary: dict) -> str:
                 "weights paired with it changed.")
     if untouched and (tbs.get("added") or tbs.get("removed")):
         return "DERIVED: this base with tensors added or removed; none of its own weights changed."
+    grown = tbs.get("resized") and tbs.get("resized") == (summary.get("scope") or {}).get("tensors_only_resized")
+    if v == "derived" and grown and (tbs.get("added") or tbs.get("removed")) \
+            and not any(tbs.get(k) for k in ("changed", "quantized", "rounding")) \
+            and "permuted_units" not in (summary.get("flags") or []) and not (summary.get("scope") or {}).get("blocks_moved"):
+        # experts added with their routers' rows (upcycled), a vocabulary grown beside a new head: nothing trained
+        return ("DERIVED: this base with tensors added or removed and rows added to or removed from some of its "
+                "tensors (their shared rows unchanged); none of its own weights changed.")
     if v == "derived" and not any(tbs.get(k) for k in ("changed", "resized")) and (tbs.get("added") or tbs.get("removed")):
         # its own weights moved only within a cast's rounding or a quantization's floor: "a fine-tune" overclaims
         return ("DERIVED: this base with tensors added or removed; its own weights changed only within "
