@@ -73,14 +73,14 @@ def _gpt2_heads(t: dict) -> dict:
     return t
 
 
-def _experts(t: dict) -> dict:
+def _experts(t: dict, style: str = "mixtral") -> dict:
     order = [2, 3, 1, 0]
     for i in range(2):
-        p = f"model.layers.{i}.block_sparse_moe."
+        p = f"model.layers.{i}.block_sparse_moe." if style == "mixtral" else f"model.layers.{i}.mlp."
         t[p + "gate.weight"] = t[p + "gate.weight"][order]
         old = {k: v for k, v in t.items() if k.startswith(p + "experts.")}
         for new, was in enumerate(order):
-            for k in ("w1", "w2", "w3"):
+            for k in (("w1", "w2", "w3") if style == "mixtral" else ("gate_proj", "up_proj", "down_proj")):
                 t[p + f"experts.{new}.{k}.weight"] = old[p + f"experts.{was}.{k}.weight"]
     return t
 
@@ -101,6 +101,11 @@ CASES = {
     "gpt2": (lambda: gpt2(np.random.default_rng(41), layers=3, hidden=64), _gpt2_heads, {"h.1": ["attn"]}),
     "experts": (lambda: moe(np.random.default_rng(12), layers=2, hidden=64, inter=64, experts=4), _experts,
                 {"layers.0": ["experts"], "layers.1": ["experts"]}),
+    # a shared expert beside the routed ones (Qwen2-MoE, DeepSeek) kept the block reading shared: its MLP
+    # was checked for reordered neurons, never for reordered experts ("PARTIAL ... mlp unrelated")
+    "shared_expert": (lambda: moe(np.random.default_rng(12), style="qwen", layers=2, hidden=64, inter=64, experts=4,
+                                  shared=128), lambda t: _experts(t, "qwen"),
+                      {"layers.0": ["experts"], "layers.1": ["experts"]}),
 }
 
 

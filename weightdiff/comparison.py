@@ -417,9 +417,9 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
         info = ck.tensors[name]
         return _as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)), info.dtype)
 
-    def add(r, source, axis, index, note, trimmed=False):
-        undo.append(Undo(r, source, axis, None if index is None else np.asarray(index, np.int64), "", kind, note,
-                         trimmed))
+    def add(r, source, axis, index, note, trimmed=False, as_kind=None):
+        undo.append(Undo(r, source, axis, None if index is None else np.asarray(index, np.int64), "",
+                         as_kind or kind, note, trimmed))
 
     if kind == "mlp":
         name_map = {r.name: r.base_name for r in rows}
@@ -478,7 +478,12 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
         # experts than in the base, which the reason must say (not "unrelated", which they are not)
         ids = sorted(grouped)
         routers = [r for r in rows if not is_expert_name(r.name) and len(r.shape or ()) == 2 and r.shape[0] == len(perm)]
-        follow = all(rows_follow(load(tuned, r.name), load(base, r.base_name), perm) for r in routers)
+        # a router's per-expert vectors beside its rows (DeepSeek's e_score_correction_bias, a router bias)
+        heads = {r.name.rsplit(".", 1)[0] for r in routers}
+        vectors = [r for r in rows if not is_expert_name(r.name) and len(r.shape or ()) == 1
+                   and r.shape[0] == len(perm) and r.name.rsplit(".", 1)[0] in heads]
+        follow = all(rows_follow(load(tuned, r.name), load(base, r.base_name), perm) for r in routers) \
+            and all(_vector_follows(load(tuned, r.name), load(base, r.base_name), perm) for r in vectors)
         if not follow:
             stray.append(rows[0])
         for k, e in enumerate(ids):
@@ -490,9 +495,14 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                 if other in base.tensors and tuple(base.tensors[other].shape) == tuple(base.tensors[r.base_name].shape):
                     add(r, other, None, None, f"compared with base expert {ids[perm[k]]}, the one this expert is "
                         "(experts reordered)")
-        if follow and ids == list(range(len(ids))):
-            for r in routers:
-                add(r, r.base_name, 0, perm, "compared with the base's router rows in this model's expert order")
+        if ids == list(range(len(ids))):
+            # a router left in the stored order routes to other experts than the base's: compared with the base's
+            # rows in the experts' new order, it reads changed, as what the block computes is
+            note = "compared with the base's router rows in this model's expert order" + (
+                "" if follow else " (its rows were not reordered with the experts: it routes tokens to other experts "
+                "than the base's)")
+            for r in routers + vectors:
+                add(r, r.base_name, 0, perm, note, as_kind=None if follow else "router")
         return True
     mats, names = {}, {}
     for r in rows:
@@ -538,6 +548,16 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
     return True if hit is not None else False if found else None
 
 
+def _vector_follows(tuned, base, perm) -> bool:
+    """Whether a router's per-expert vector (a bias) is at least as close to the base's in the experts' new
+    order as in the stored one: one value per expert carries no direction to match by cosine."""
+    import numpy as np
+
+    t, b = np.asarray(tuned, np.float64).reshape(-1), np.asarray(base, np.float64).reshape(-1)
+    t, b = np.where(np.isfinite(t), t, 0.0), np.where(np.isfinite(b), b, 0.0)
+    return bool(np.linalg.norm(t - b[perm]) <= np.linalg.norm(t - b))
+
+
 def _with_biases(undo: list[Undo], by_name: dict, base: Checkpoint, tuned: Checkpoint) -> list[Undo]:
     """``undo`` and the bias of each reordered weight that moved with its units: a q or gate bias
     follows its rows, an output projection's does not (the layout, [out, in] or GPT-2's Conv1D
@@ -580,12 +600,14 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
     """The records with each tensor of ``undo`` measured again against its base tensor in the tuned model's
     order (``measure.compute.remeasure``: statistics, status and rank of what changed beneath the
     reordering), and what was undone for ``scope.permuted_units``: ``blocks`` (block -> kinds whose every
-    reordered tensor was measured so), ``tensors``, ``trimmed`` (token tables with fewer rows)."""
+    reordered tensor was measured so; ``router`` where a router whose rows did not follow its experts was
+    measured in their new order), ``tensors``, ``trimmed`` (token tables with fewer rows), ``routers`` (the
+    names of those routers' tensors)."""
     from .measure.compute import GatheredSide, remeasure
 
     pairs = {p.tuned_name: p for p in the_plan.pairs if p.tuned_name is not None}
     redo = {id(u.record): u for u in undo}
-    out, blocks, n, trimmed = [], {}, 0, 0
+    out, blocks, n, trimmed, routers = [], {}, 0, 0, []
     for r in records:
         u = redo.get(id(r))
         pair = pairs.get(r.name) if u is not None else None
@@ -600,10 +622,13 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
         out.append(new)
         n += 1
         trimmed += int(u.trimmed)
+        if u.kind == "router":
+            routers.append(new.name)
         kinds = blocks.setdefault(u.label, [])
         if u.kind not in kinds:
             kinds.append(u.kind)
-    undone = {"blocks": {k: sorted(v) for k, v in sorted(blocks.items())}, "tensors": n, "trimmed": trimmed} if n else {}
+    undone = {"blocks": {k: sorted(v) for k, v in sorted(blocks.items())}, "tensors": n, "trimmed": trimmed,
+              "routers": routers} if n else {}
     return out, undone
 
 

@@ -303,9 +303,20 @@ def split_suspects(records, thresholds: Thresholds) -> dict[str, dict[str, list]
         # a reordering moves every value and keeps the norm exactly, which no training does: query heads
         # reordered within their key/value group leave k and v as they were, so the block reads shared
         for k in sorted(kinds):
+            rows = [r for r in groups[label] if str(r.module or "").split(".", 1)[0] == k]
+            k = _suspect_kind(k, rows)
             if k not in out.get(label, {}) and "experts" not in out.get(label, {}):
-                out.setdefault(label, {})[k] = [r for r in groups[label] if str(r.module or "").split(".", 1)[0] == k]
+                out.setdefault(label, {})[k] = rows
     return out
+
+
+def _suspect_kind(kind: str, rows) -> str:
+    """``experts`` for an ``mlp`` that holds a mixture-of-experts layer's experts, else ``kind``: its units
+    are whole experts (with the router's rows), not one MLP's neurons. A block whose ``mlp`` reads unrelated
+    while the block as a whole reads shared is one: a shared expert (Qwen2-MoE's ``shared_expert``,
+    DeepSeek's ``shared_experts``) or the attention, unchanged, outweighs the reordered experts."""
+    return "experts" if kind == "mlp" and any(is_expert_name(r.name) and r.base_name is not None for r in rows) \
+        else kind
 
 
 def _norm_kept(r) -> bool:
@@ -342,7 +353,8 @@ def _far_suspects(groups: dict[str, list], thresholds: Thresholds) -> dict[str, 
         kinds = {p["component"][len(label) + 1:] for p in _families(label, rows, thresholds) or []
                  if p["status"] == "unrelated"} & {"mlp", "attn"}
         if kinds:
-            out[label] = {k: [r for r in rows if str(r.module or "").split(".", 1)[0] == k] for k in sorted(kinds)}
+            by_kind = {k: [r for r in rows if str(r.module or "").split(".", 1)[0] == k] for k in sorted(kinds)}
+            out[label] = {_suspect_kind(k, v): v for k, v in by_kind.items()}
     return out
 
 

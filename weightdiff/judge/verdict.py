@@ -28,7 +28,7 @@ from ..options import Thresholds
 from ..records import STATUSES, BlockRecord, Summary, TensorRecord, count_lookalikes
 from ..io.declared import same_model
 from ..io.meta_layout import is_meta_qk
-from ..pairing.names import component_of, parse_name
+from ..pairing.names import component_of, is_router, parse_name
 from .coverage import compared_elements, coverage, too_little
 from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, weak_evidence,
                           net_of_quantization, low_rank_change, reordered_kinds)
@@ -192,7 +192,8 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         elif s == "removed":
             on.add("removed_tensors")
         elif s == "resized":
-            on.add("shape_mismatch" if compared == "none" else "resized_embeddings")
+            if compared == "none" or not is_router(r.name):      # a router's rows: experts added, not a vocabulary
+                on.add("shape_mismatch" if compared == "none" else "resized_embeddings")
         elif s == "quantized":
             q = r.quant or {}
             if q.get("within") is None:
@@ -356,6 +357,10 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             scope["permuted_units"].update({"undone": undone["blocks"], "tensors_undone": undone["tensors"]})
             if undone.get("trimmed"):
                 scope["permuted_units"]["tensors_trimmed"] = undone["trimmed"]
+            stray = set(undone.get("routers") or ())
+            if stray:                         # routers left in place, measured in their experts' new order
+                scope["permuted_units"]["routers_changed"] = sum(
+                    1 for r in counted if r.name in stray and r.status == "changed")
     # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
     changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
     verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps,

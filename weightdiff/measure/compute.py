@@ -23,6 +23,7 @@ from ..io.safetensors_read import storage_of
 from ..kernels import reference
 from ..kernels.dtypes import DTYPES
 from ..options import CompareOptions, Thresholds
+from ..pairing.names import is_router
 from ..pairing.plan import Pair, Plan
 from ..records import RankRecord, TensorRecord
 from .backend import Backend
@@ -363,7 +364,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             fields = {**fields, "cast": rec.cast}
     if pair.kind == "resized":
         rec.status = "resized"
-        rec.note = (f"vocabulary resized from {shape_b[0]} to {shape_t[0]} rows; "
+        rec.note = (f"{'router of' if is_router(pair.tuned_name) else 'vocabulary resized from'} {shape_b[0]} "
+                    f"{'experts, now' if is_router(pair.tuned_name) else 'to'} {shape_t[0]} rows; "
                     f"the {pair.overlap_rows} shared rows are compared")
     else:
         rec.status = classify(fields, pair.dtype_base, pair.dtype_tuned, thr)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["parse_name", "block_slot", "clear_name_caches", "group_of", "component_of", "is_embedding", "is_lm_head", "is_buffer"]
+__all__ = ["parse_name", "block_slot", "clear_name_caches", "group_of", "component_of", "is_embedding", "is_lm_head", "is_buffer",
+           "is_router"]
 
 _EMBED_LEAVES = ("embed_tokens", "wte", "word_embeddings", "shared", "embed_in", "tok_embeddings",
                  "token_embedding", "embedding")
@@ -210,6 +211,23 @@ def is_embedding(name: str) -> bool:
     """
     leaf = _leaf(name).rsplit(".", 1)[-1]
     return name.endswith(".weight") and leaf in _EMBED_LEAVES
+
+
+def is_router(name: str) -> bool:
+    """A mixture-of-experts router's tensor by its name: one row (or value) per expert, so a model whose experts
+    were added or removed (upcycled) has more or fewer of them, and the rows of the experts both keep compare.
+
+    >>> is_router("model.layers.1.block_sparse_moe.gate.weight"), is_router("model.layers.1.mlp.gate_proj.weight")
+    (True, False)
+    >>> is_router("model.layers.3.mlp.gate.e_score_correction_bias"), is_router("model.layers.0.mlp.router.bias")
+    (True, True)
+    """
+    n = str(name)
+    if n.endswith(".e_score_correction_bias"):
+        return True
+    if n.endswith(".bias"):
+        n = n[:-len("bias")] + "weight"
+    return parse_name(n)[2] == "mlp.router"
 
 
 def is_lm_head(name: str) -> bool:

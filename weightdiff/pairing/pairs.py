@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
-from .names import _vocab_like
+from .names import _vocab_like, is_router
 
 __all__ = ["Pair", "Plan", "KINDS", "PAIRED_BY", "CheckpointLike", "make_pair"]
 
@@ -164,7 +164,8 @@ def make_pair(it: _Item, bname: str, info: Any, i: int, vocab: tuple[set[int], s
     if st != sb:
         kind = "mismatch"
         if len(st) == len(sb) >= 1 and st[1:] == sb[1:] and (
-                _vocab_like(it.key) or (st[0] in vocab[0] and sb[0] in vocab[1])):
+                _vocab_like(it.key) or (st[0] in vocab[0] and sb[0] in vocab[1])
+                or (len(st) <= 2 and is_router(it.key))):     # experts added or removed: a router's rows
             kind, overlap = "resized", min(st[0], sb[0])
     # the same name stored transposed (GPT-2's Conv1D against a Linear export): compared as its transpose
     transposed = kind == "mismatch" and len(st) == len(sb) == 2 and st == sb[::-1]

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 from .align import best_mapping, mapped as _mapped, orient_squares, pair_by_content, parse_renames, realign_blocks, renamed, reuse_blocks
 from .folded import fold_of
 from .heads import tie_aliases, tie_heads
-from .names import is_buffer, is_embedding, is_lm_head
+from .names import is_buffer, is_embedding, is_lm_head, is_router
 from .pairs import KINDS, PAIRED_BY, CheckpointLike, Pair, Plan, _Item, _numel, make_pair, source_of
 from ..errors import OptionsError, escape_name
 
@@ -293,7 +293,11 @@ def _adapter_key(bases: Sequence[CheckpointLike]):
 def _summarise_notes(pairs: Sequence[Pair], notes: list[str]) -> None:
     kinds = Counter(p.kind for p in pairs)
     for p in pairs:
-        if p.kind == "resized":
+        if p.kind == "resized" and is_router(p.tuned_name):
+            grew = "added" if p.shape_tuned[0] > p.shape_base[0] else "removed"
+            notes.append(f"experts {grew}: the router `{escape_name(p.tuned_name)}` has {p.shape_tuned[0]:,} rows, "
+                         f"the base's {p.shape_base[0]:,}; the {p.overlap_rows:,} shared rows are compared")
+        elif p.kind == "resized":
             grew = "grew" if p.shape_tuned[0] > p.shape_base[0] else "shrank"
             notes.append(f"vocabulary {grew}: `{escape_name(p.tuned_name)}` has {p.shape_tuned[0]:,} rows, "
                          f"the base {p.shape_base[0]:,}; the {p.overlap_rows:,} shared rows are compared")

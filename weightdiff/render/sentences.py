@@ -68,6 +68,13 @@ def verdict_title(summary: dict) -> str:
                 "weights paired with it changed.")
     if untouched and (tbs.get("added") or tbs.get("removed")):
         return "DERIVED: this base with tensors added or removed; none of its own weights changed."
+    grown = tbs.get("resized") and tbs.get("resized") == (summary.get("scope") or {}).get("tensors_only_resized")
+    if v == "derived" and grown and (tbs.get("added") or tbs.get("removed")) \
+            and not any(tbs.get(k) for k in ("changed", "quantized", "rounding")) \
+            and "permuted_units" not in (summary.get("flags") or []) and not (summary.get("scope") or {}).get("blocks_moved"):
+        # experts added with their routers' rows (upcycled), a vocabulary grown beside a new head: nothing trained
+        return ("DERIVED: this base with tensors added or removed and rows added to or removed from some of its "
+                "tensors (their shared rows unchanged); none of its own weights changed.")
     if v == "derived" and not any(tbs.get(k) for k in ("changed", "resized")) and (tbs.get("added") or tbs.get("removed")):
         # its own weights moved only within a cast's rounding or a quantization's floor: "a fine-tune" overclaims
         return ("DERIVED: this base with tensors added or removed; its own weights changed only within "
@@ -181,14 +188,16 @@ def _derived_special(summary: dict) -> str | None:
         what.append(" and ".join(w for k, w in (("mlp", "the neurons of some MLPs"),
                                                 ("attn", "the heads of some attention modules"),
                                                 ("experts", "the experts of some mixture-of-experts layers"))
-                                 if k in kinds) + " reordered")
+                                 if k in kinds) + " reordered" + _stray_routers(perm.get("blocks") or {}))
     if "rows" in kinds:
         what.append("the token rows of its " + _and([b for b, v in (perm.get("blocks") or {}).items() if "rows" in v])
                     + (" reordered" + (" or trimmed" if perm.get("tensors_resized") or perm.get("tensors_trimmed")
                                        else "")))
     if not what:
         return None
-    reordered = int(perm.get("tensors_changed") or 0)
+    routed = int(perm.get("routers_changed") or 0)              # routers left in place: counted as changed
+    reordered = int(perm.get("tensors_changed") or 0) - routed
+    changed -= routed
     mism += int(perm.get("tensors_resized") or 0)               # trimmed tables: rows kept, not trained
     undone = perm.get("undone") or {}
     measured = all(set(v) - {"router"} <= set(undone.get(b, ())) for b, v in (perm.get("blocks") or {}).items())
@@ -197,6 +206,19 @@ def _derived_special(summary: dict) -> str | None:
             "no other weight changed, and what changed beneath the reordering is not measured here"
         return f"DERIVED: this base with {_and(what)}; {tail}."
     return f"DERIVED: a fine-tune of this base, with {_and(what)}."
+
+
+def _stray_routers(blocks: dict) -> str:
+    """What the title adds when some layers' experts were reordered but not their router's rows: tokens
+    then reach other experts than in the base, so those layers compute something else."""
+    moe = [v for v in blocks.values() if "experts" in v]
+    stray = [v for v in moe if "router" in v]
+    if not stray:
+        return ""
+    if len(stray) == len(moe):
+        return " without their router's rows, so those layers route tokens to other experts than the base's"
+    return (" (in some of those layers without the router's rows, so those route tokens to other experts than the "
+            "base's)")
 
 
 def _and(items: list[str]) -> str:
@@ -635,8 +657,10 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                             if k in kinds)
         late = {b: [k for k in v if k != "router" and k not in undone.get(b, ())] for b, v in perm.items()}
         late = {b: v for b, v in late.items() if v}
+        stays = [b for b, v in perm.items() if "router" in v]
         text += (f"; the {what} of {count(n)} {'block are' if n == 1 else 'blocks are'} the base's in another "
-                 f"order ({_names(list(perm))}; a reordering alone changes nothing the model computes): ")
+                 f"order ({_names(list(perm))}; a reordering alone changes nothing the model computes"
+                 + (" when the router's rows follow it" if stays else "") + "): ")
         if not late:
             text += ("each reordered matrix is measured against the base's units in this model's order, so the "
                      "numbers here are of what changed beneath the reordering")
@@ -644,12 +668,14 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
             text += ((f"in {_names(list(late))} " if len(late) < n else "")
                      + "their matrices' numbers here are of the reordered weights (the order was not found "
                      "exactly)")
-        stays = [b for b, v in perm.items() if "router" in v]
         if stays:
             one = len(stays) == 1
+            measured = all("router" in undone.get(b, ()) for b in stays)
             text += (f"; in {_names(stays)} the router's rows were not reordered with the experts, so tokens reach "
                      f"other experts than in the base: {'that block computes' if one else 'those blocks compute'} "
-                     "something else")
+                     "something else"
+                     + (f" ({'its router is' if one else 'their routers are'} compared with the base's rows in the "
+                        f"experts' new order, and {'counts' if one else 'count'} as changed)" if measured else ""))
     alike = count_lookalikes((t.get("status"), t.get("shape")) for t in counted) if "unpaired_lookalikes" in (s.get("flags") or []) else 0
     if alike:
         text += (f"; {count(alike)} removed base {'matrix has' if alike == 1 else 'matrices have'} an added tuned "
