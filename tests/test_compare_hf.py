@@ -139,6 +139,43 @@ def test_dora_adapter_stats_match_the_merged_model(tmp_path, base_dir):
     assert r.summary.delta_params_lower <= dense.summary.delta_params <= r.summary.delta_params
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_untrained_dora_adapter_reads_as_the_base(tmp_path, dtype):
+    """peft's DoRA init: B = 0 and the magnitude peft's own row norms of W, in the weight's dtype; its
+    merge gives the base back (up to the rounding of bfloat16). weightdiff recomputed the norms in
+    float64 and read the few-ulp gap of magnitude / ||W|| from 1 as "DERIVED, 4 tensors changed"."""
+    peft = pytest.importorskip("peft")
+    dt = getattr(torch, dtype)
+    _tiny_llama().to(dt).save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=dt),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True))
+    pm.save_pretrained(tmp_path / "adapter")
+    r = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "adapter"))
+    assert r.summary.verdict == "identical", r.summary.verdict_reason
+    assert not [t.name for t in r.tensors if t.status == "changed"]
+
+
+def test_trained_dora_magnitude_beyond_rounding_is_still_measured(tmp_path):
+    """The rounding rule of the DoRA factor takes c = 1 only within rounding: a magnitude moved by
+    1e-4 (far below any fine-tune's, far above float32's rounding) still reads as a change."""
+    peft = pytest.importorskip("peft")
+    _tiny_llama().save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], use_dora=True))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 1e-4)
+    pm.save_pretrained(tmp_path / "adapter")
+    pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "merged"))
+    assert r.summary.verdict == "derived"
+    for t in (t for t in r.tensors if t.compared == "factors"):
+        assert t.status == "changed"
+        assert t.norm_delta == pytest.approx(dense.tensor(t.name).norm_delta, rel=1e-3)
+
+
 def test_lora_on_the_lm_head_of_a_tied_base_modifies_the_tied_embedding_as_head(tmp_path):
     """Qwen2 with tie_word_embeddings: the base saves no lm_head.weight. A LoRA on lm_head was
     refused "has no weight in the base (is this adapter for another base model?)"; its factors

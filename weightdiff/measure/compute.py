@@ -685,9 +685,10 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     dt_a = tuned.tensors[lf.a_name].dtype
     a64 = decode(a, dt_a).reshape(a.shape[0], -1)
     b64 = decode(b, tuned.tensors[lf.b_name].dtype).reshape(b.shape[0], -1)
-    magnitude = None
+    magnitude, dt_m = None, None
     if lf.magnitude_name:
-        magnitude = decode(tuned.read(lf.magnitude_name), tuned.tensors[lf.magnitude_name].dtype).ravel()
+        dt_m = tuned.tensors[lf.magnitude_name].dtype
+        magnitude = decode(tuned.read(lf.magnitude_name), dt_m).ravel()
     values = {lf.a_name: a64, lf.b_name: b64}
     if magnitude is not None:
         values[lf.magnitude_name] = magnitude
@@ -704,7 +705,7 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         shape = shape[::-1]
     fields, rank = analyze_factors(a64, b64, lf.scale, base_raw, pair.dtype_base, shape,
                                    k=options.rank_k, noise_factor=options.thresholds.noise_floor_factor,
-                                   dtype_adapter=dt_a, magnitude=magnitude)
+                                   dtype_adapter=dt_a, magnitude=magnitude, dtype_magnitude=dt_m)
     if getattr(lf, "transposed", False):
         rank.shape_2d = tuple(pair.shape_base)        # as stored, like every other record
     _fill(rec, fields)
@@ -719,6 +720,10 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     if lf.magnitude_name:
         rec.note += ("; DoRA: the statistics are those of the merged weight, the spectrum covers the "
                      "low-rank direction term only (see docs/rank.md)")
+        near = rank.extra.get("dora", {}).get("rows_within_rounding", 0)
+        if near:
+            rec.note += (f"; {near:,} rows whose factor magnitude / ||W + scale B A|| is within rounding of 1 "
+                         f"(|c - 1| <= {rank.extra['dora']['rounding_tolerance']:.2g}) are taken as not rescaled")
     return rec
 
 
