@@ -110,6 +110,51 @@ def test_peft_adapter_on_the_embedding_matches_the_merged_model(tmp_path, base_d
     assert not [t for t in r.tensors if t.status in ("added", "resized")]
 
 
+def test_adapter_that_saves_an_edited_base_layer_reads_as_its_merged_model(tmp_path, base_dir):
+    """Rows of the embedding re-initialised (reserved special tokens), then LoRA on it: PEFT saves the
+    edited table as ``embed_tokens.base_layer.weight`` and loads it over the base's. The adapter read
+    rel 0.256, "rank 4, exactly from its factors" where the merged model reads rel 0.358, rank 20."""
+    peft = pytest.importorskip("peft")
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[112:] = emb[:112].mean(0)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
+                                                    init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(base_dir), str(tmp_path / "merged"))
+    name = "model.embed_tokens.weight"
+    t, d = r.tensor(name), dense.tensor(name)
+    assert t.compared == "float" and "base layer the adapter saves" in t.note
+    assert t.norm_delta == pytest.approx(d.norm_delta, rel=1e-6)
+    assert t.rank.numerical_rank == d.rank.numerical_rank > 2
+    assert r.tensor("model.layers.0.self_attn.q_proj.weight").compared == "factors"
+    assert r.summary.relative_change == pytest.approx(dense.summary.relative_change, rel=1e-5)
+
+
+def test_lora_on_resized_embeddings_reads_as_a_resize(tmp_path, base_dir):
+    """resize_token_embeddings, then LoRA on embed_tokens and lm_head: PEFT saves the resized base layers
+    in the adapter. It was refused as "do not fit the base weight (is this adapter for another base
+    model?)"; the merged weights against the base are a resize, as the merged model reads."""
+    peft = pytest.importorskip("peft")
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    model.resize_token_embeddings(136, mean_resizing=False)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                    target_modules=["embed_tokens", "lm_head", "q_proj"]))
+    pm.save_pretrained(tmp_path / "adapter")
+    pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(base_dir), str(tmp_path / "merged"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        t, d = r.tensor(name), dense.tensor(name)
+        assert t.status == d.status == "resized" and t.shape == [136, 64] and t.base_shape == [128, 64]
+        assert t.norm_delta == pytest.approx(d.norm_delta, rel=1e-6)
+    assert "resized_embeddings" in r.summary.flags
+    assert r.summary.params_by_status == dense.summary.params_by_status
+
+
 def test_dora_adapter_stats_match_the_merged_model(tmp_path, base_dir):
     peft = pytest.importorskip("peft")
     model = transformers.LlamaForCausalLM.from_pretrained(base_dir)

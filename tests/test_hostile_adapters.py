@@ -86,6 +86,16 @@ def test_embedding_factors_of_the_wrong_size(tmp_path, rng):
                 "`model.embed_tokens.weight` (A [4, 49], B [32, 4]) do not fit the base weight, which is [50, 32]")
 
 
+def test_saved_base_layer_of_another_width(tmp_path, rng):
+    """PEFT loads ``<m>.base_layer.weight`` saved in the adapter over the base's weight: one that is not
+    the base's table (rows added or cut is a resize) belongs to another model."""
+    t = {"model.embed_tokens.lora_embedding_A": rng.standard_normal((4, 50)).astype(np.float32),
+         "model.embed_tokens.lora_embedding_B": rng.standard_normal((31, 4)).astype(np.float32),
+         "model.embed_tokens.base_layer.weight": rng.standard_normal((50, 31)).astype(np.float32)}
+    compare_bad(tmp_path, rng, {**CFG, "target_modules": ["embed_tokens"]}, t,
+                "base layer `base_model.model.model.embed_tokens.base_layer.weight` saved in the adapter is [50, 31]")
+
+
 @pytest.mark.parametrize("shape", [(31,), (4,), (32, 2)])
 def test_dora_magnitude_of_the_wrong_length(tmp_path, rng, shape):
     t = lora(rng)

@@ -172,6 +172,9 @@ class LoraFactor:
     scale: float
     embedding: bool = False
     transposed: bool = False
+    #: ``<m>.base_layer.weight`` saved in the adapter (PEFT's ``save_embedding_layers``, a resized
+    #: vocabulary): PEFT loads it over the base's weight, so the factors apply to it
+    base_layer_name: str | None = None
 
 
 def _bool(path: Path, raw: dict, key: str) -> bool:
@@ -290,7 +293,12 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
                                          f"adapter_config.json gives r = {want} for this module",
                                   "factors and config from different adapters?")
         alpha = float(config.pattern("alpha_pattern", module, config.lora_alpha))
-        out.append(LoraFactor(module + ".weight", a, b, got.get("M"), r, config.scale_for(alpha, r), emb))
+        saved = f"{mod}.base_layer.weight"
+        if saved in tensors and not _is_float(tensors[saved]):
+            raise CheckpointError(where, f"base layer `{escape_name(saved)}` saved in the adapter is "
+                                         f"{tensors[saved].dtype}; expected a float dtype")
+        out.append(LoraFactor(module + ".weight", a, b, got.get("M"), r, config.scale_for(alpha, r), emb,
+                              base_layer_name=saved if saved in tensors else None))
     return out
 
 
@@ -305,6 +313,16 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
     """
     sa, sb, shape = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape), tuple(base.shape)
     t = f"`{escape_name(factor.target)}`"
+    if factor.base_layer_name is not None:
+        # PEFT loads the base layer saved in the adapter over the base's weight: the factors apply to
+        # it; it must be the base's shape, or the base's table with rows added or cut (a resize)
+        saved = tuple(tensors[factor.base_layer_name].shape)
+        if saved != shape and not (len(saved) == len(shape) == 2 and saved[1:] == shape[1:]):
+            raise CheckpointError(where, f"base layer `{escape_name(factor.base_layer_name)}` saved in the adapter "
+                                         f"is {list(saved)} but the base weight {t} is {list(shape)}",
+                                  "is this adapter for another base model?")
+        shape = saved
+        base = tensors[factor.base_layer_name]
     if factor.embedding:
         ok, rows = shape == (sa[1], sb[0]), sa[1]
     elif len(sa) == 4:
@@ -317,8 +335,9 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
         if factor.transposed and _bits(base) < 8:       # packed F4/F6 cannot be transposed by rows
             ok = False
     if not ok:
-        raise CheckpointError(where, f"LoRA factors of {t} (A {list(sa)}, B {list(sb)}) do not fit the base "
-                                     f"weight, which is {list(shape)}", "is this adapter for another base model?")
+        what = ("the base layer saved in the adapter" if factor.base_layer_name is not None else "the base weight")
+        raise CheckpointError(where, f"LoRA factors of {t} (A {list(sa)}, B {list(sb)}) do not fit {what}, "
+                                     f"which is {list(shape)}", "is this adapter for another base model?")
     if factor.magnitude_name is not None:
         m = tensors[factor.magnitude_name]
         if m.numel != rows or len([d for d in m.shape if d != 1]) > 1:

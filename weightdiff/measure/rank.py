@@ -408,12 +408,8 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
         wb = np.zeros_like(dblk) if base2 is None else decode(base2[i:i + step], dtype_base)
         if magnitude is not None:
             merged = wb + dblk
-            norms = np.sqrt(np.einsum("ij,ij->i", merged, merged))
-            mag = np.asarray(magnitude, dtype=np.float64).reshape(-1)[i:i + step]
-            c = np.divide(mag, norms, out=np.ones_like(norms), where=norms > 0)
-            near = np.abs(c - 1.0) <= tol
-            snapped += int(np.count_nonzero(near & (c != 1.0)))
-            c[near] = 1.0
+            c, near = _dora_factor(merged, np.asarray(magnitude, dtype=np.float64).reshape(-1)[i:i + step], tol)
+            snapped += near
             c_all[i:i + step] = c
             mag_term += float(np.sum(((c - 1.0)[:, None] * wb) ** 2))
             tuned = c[:, None] * merged
@@ -465,6 +461,30 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
         energy_captured=float(np.sum(top * top)) / total if total > 0 else None, method="factors",
         shape_2d=(m, n), exact=exact, extra=extra, bounds=bounds, estimated=estimated)
     return stats, rec
+
+
+def _dora_factor(merged: np.ndarray, mag: np.ndarray, tol: float) -> tuple[np.ndarray, int]:
+    """DoRA's row factor c = magnitude / rownorm(merged), 1 within ``tol`` of 1, and how many rows took it."""
+    norms = np.sqrt(np.einsum("ij,ij->i", merged, merged))
+    c = np.divide(mag, norms, out=np.ones_like(norms), where=norms > 0)
+    near = np.abs(c - 1.0) <= tol
+    count = int(np.count_nonzero(near & (c != 1.0)))
+    c[near] = 1.0
+    return c, count
+
+
+def merged_factor_weight(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, magnitude: np.ndarray | None,
+                         dtype_base: str, dtype_magnitude: str | None = None, dtype_adapter: str = "F32") -> np.ndarray:
+    """The merged weight ``W + scale b a`` (DoRA: ``diag(c) (W + scale b a)``, c as ``analyze_factors``
+    takes it) in float64, whole: for a module whose adapter saves its own base layer ``w`` [m, n]."""
+    m, n = w.shape
+    merged = np.asarray(w, dtype=np.float64) + float(scale) * (np.asarray(b, np.float64).reshape(m, -1)
+                                                               @ np.asarray(a, np.float64).reshape(-1, n))
+    if magnitude is not None:
+        tol = dora_tolerance(n, dtype_base, dtype_magnitude or dtype_adapter, dtype_adapter)
+        c, _ = _dora_factor(merged, np.asarray(magnitude, dtype=np.float64).reshape(-1), tol)
+        merged *= c[:, None]
+    return merged
 
 
 def _unit_roundoff(dtype: str | None, default: float) -> float:

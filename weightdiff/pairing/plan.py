@@ -63,8 +63,10 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
     first: dict[str, int] = {}
     order = {n: i for i, n in enumerate(tensors)}
     items: list[tuple[int, _Item]] = []
+    saved = 0
     for f in factors:
-        names = [f.a_name, f.b_name, getattr(f, "magnitude_name", None)]
+        saved += getattr(f, "base_layer_name", None) is not None
+        names = [f.a_name, f.b_name, getattr(f, "magnitude_name", None), getattr(f, "base_layer_name", None)]
         used.update(n for n in names if n)
         pos = min(order.get(n, len(order)) for n in names if n) if any(names) else len(order)
         a, b = tensors.get(f.a_name), tensors.get(f.b_name)
@@ -90,6 +92,11 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
             continue
         items.append((order[n], _Item(key, n, tuple(info.shape), info.dtype)))
     items.sort(key=lambda t: t[0])
+    if saved:
+        # PEFT's save_embedding_layers (a resized or edited table): PEFT loads the copy over the base's weight
+        notes.append(f"adapter stores the base layer of {saved} of its LoRA modules (PEFT loads it over the "
+                     "base's weight): the factors apply to that copy, and a copy that is not the base's is "
+                     "measured as the merged weight")
     if factors:
         notes.append(f"adapter: {len(factors)} LoRA factor pairs, {len(items) - len(factors)} other tensors "
                      "(modules_to_save); base tensors the adapter leaves alone are `inherited`")
