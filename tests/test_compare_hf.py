@@ -279,6 +279,38 @@ def test_lora_kinds_weightdiff_does_not_read_are_refused_with_the_true_reason(tm
     assert words in lines[0] and "merge_and_unload" in lines[0], lines[0]
 
 
+def test_unconverted_pissa_adapter_is_refused_and_the_converted_one_reads_as_merged(tmp_path, base_dir):
+    """init_lora_weights="pissa" trains on W - B0 A0: saved as is, its factors apply to that residual, and
+    an untrained one (the base itself) read "DERIVED: this base with the adapter applied", rel 0.45.
+    Converted at save (path_initial_model_for_weight_conversion), it is a plain LoRA of the base."""
+    from click.testing import CliRunner
+    from weightdiff.cli import main
+
+    peft = pytest.importorskip("peft")
+    cfg = dict(r=2, lora_alpha=2, target_modules=["q_proj"], init_lora_weights="pissa")
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base_dir), peft.LoraConfig(**cfg))
+    pm.save_pretrained(tmp_path / "raw")
+    r = CliRunner().invoke(main, ["compare", str(base_dir), str(tmp_path / "raw"), "--json", str(tmp_path / "o.json")])
+    lines = r.stderr.splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and str(tmp_path / "raw" / "adapter_config.json") in lines[0]
+    assert 'init_lora_weights "pissa"' in lines[0] and "path_initial_model_for_weight_conversion" in lines[0]
+    assert not (tmp_path / "o.json").exists()
+    pm.peft_config["default"].init_lora_weights = True
+    pm.save_pretrained(tmp_path / "init")
+    pm.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():   # training moves the factors
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(1.2)
+    pm.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    merged = pm.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "converted"))
+    dense = weightdiff.compare(str(base_dir), str(tmp_path / "merged"))
+    for t in (t for t in r.tensors if t.compared == "factors"):
+        assert t.norm_delta == pytest.approx(dense.tensor(t.name).norm_delta, rel=1e-4)
+
+
 def test_trainable_tokens_saved_by_peft_are_refused(tmp_path, base_dir):
     peft = pytest.importorskip("peft")
     model = transformers.LlamaForCausalLM.from_pretrained(base_dir)

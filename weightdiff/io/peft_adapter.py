@@ -205,6 +205,36 @@ def _rank(path: Path, what: str, value: object) -> int:
     return value
 
 
+#: initialisations that leave the base weights alone (B = 0, or A and B random, or B from W's SVD with A = 0)
+_INIT_KEEPS_BASE = ("gaussian", "eva", "orthogonal", "mica")
+#: initialisations that rewrite the base weights PEFT trains on: W - scale B A (PiSSA, OLoRA, CorDA,
+#: LoRA-GA), or W quantized (LoftQ)
+_INIT_MOVES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _check_init(path: Path, init: object) -> None:
+    """CheckpointError for an ``init_lora_weights`` under which the factors are not the change of the base.
+
+    PiSSA, OLoRA, CorDA, LoRA-GA move part of W into the initial factors and train on W - scale B0 A0
+    (LoftQ on a quantized W): saved as is, the factors apply to that modified copy, so scale B A is not
+    the fine-tune's delta against the base (an untrained PiSSA adapter read as a 45% change). Saved with
+    ``path_initial_model_for_weight_conversion``, PEFT rewrites the factors against the original base and
+    the config says ``true``. An initialisation weightdiff does not know is refused the same way."""
+    if init is None or type(init) is bool:
+        return
+    if not isinstance(init, str):
+        raise CheckpointError(path, f"adapter config has init_lora_weights = {_show(init)}, expected true, false "
+                                    "or the name of an initialisation")
+    name = init.lower()
+    if name in _INIT_KEEPS_BASE:
+        return
+    how = ("rewrites the base weights" if name.startswith(_INIT_MOVES_BASE)
+           else "is an initialisation weightdiff does not know")
+    raise CheckpointError(path, f"adapter config has init_lora_weights {_show(init)}, which {how}: the factors "
+                                "alone are not the change of the base",
+                          "save it with path_initial_model_for_weight_conversion, or compare the merged model")
+
+
 def read_adapter_config(path: Path) -> AdapterConfig:
     return parse_adapter_config(load_json(read_small(path, JSON_CAP), path, "adapter config"), path)
 
@@ -226,6 +256,7 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         raise CheckpointError(path, "adapter config has trainable_token_indices: PEFT's trainable tokens (a delta "
                                     "for some embedding rows, beside the LoRA factors) are not read by weightdiff",
                               "merge the adapter (merge_and_unload) and compare the merged model")
+    _check_init(path, raw.get("init_lora_weights"))
     r = _rank(path, "r", raw.get("r"))
     alpha = _number(path, "lora_alpha", raw.get("lora_alpha", r))
     flags = {k: _bool(path, raw, k) for k in _BOOLS}
