@@ -221,6 +221,35 @@ def test_trained_dora_magnitude_beyond_rounding_is_still_measured(tmp_path):
         assert t.norm_delta == pytest.approx(dense.tensor(t.name).norm_delta, rel=1e-3)
 
 
+def test_magnitudes_under_use_dora_false_are_ignored_as_peft_ignores_them(tmp_path, base_dir):
+    """A DoRA adapter whose config says use_dora: false: PEFT builds plain LoRA layers and drops the
+    magnitudes (rel 0.7049 in the tester's case); weightdiff applied DoRA anyway (0.7183)."""
+    import json
+
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base_dir),
+                             peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True,
+                                             init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.3)
+    pm.save_pretrained(tmp_path / "adapter")
+    conf = tmp_path / "adapter" / "adapter_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "use_dora": False}))
+    loaded = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(base_dir),
+                                            tmp_path / "adapter")
+    loaded.merge_and_unload().save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(base_dir), str(tmp_path / "merged"))
+    changed = [t for t in r.tensors if t.compared == "factors"]
+    assert len(changed) == 3 and all("DoRA" not in t.note for t in changed)
+    for t in changed:
+        assert t.norm_delta == pytest.approx(dense.tensor(t.name).norm_delta, rel=1e-5)
+    assert any("use_dora false" in n and "not used" in n for n in r.plan["notes"])
+    assert not [t for t in r.tensors if t.status == "added"]
+
+
 def test_lora_on_the_lm_head_of_a_tied_base_modifies_the_tied_embedding_as_head(tmp_path):
     """Qwen2 with tie_word_embeddings: the base saves no lm_head.weight. A LoRA on lm_head was
     refused "has no weight in the base (is this adapter for another base model?)"; its factors

@@ -175,6 +175,8 @@ class LoraFactor:
     #: ``<m>.base_layer.weight`` saved in the adapter (PEFT's ``save_embedding_layers``, a resized
     #: vocabulary): PEFT loads it over the base's weight, so the factors apply to it
     base_layer_name: str | None = None
+    #: a ``lora_magnitude_vector`` under ``use_dora: false``: PEFT loads a plain LoRA and ignores it
+    ignored_magnitude: str | None = None
 
 
 def _bool(path: Path, raw: dict, key: str) -> bool:
@@ -310,7 +312,10 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         if not ((len(sa) == 2 and len(sb) == 2) or conv) or sb[1] != sa[0]:
             raise CheckpointError(where, f"LoRA factors of `{escape_name(mod)}` do not chain: "
                                          f"A is {list(sa)}, B is {list(sb)} (expected A [r, in], B [out, r])")
-        for n in (a, b, got.get("M")):
+        mag, ignored = got.get("M"), None
+        if mag is not None and not config.use_dora:
+            mag, ignored = None, mag            # PEFT builds a plain LoRA layer and drops the magnitude
+        for n in (a, b, mag):
             if n is not None and not _is_float(tensors[n]):
                 raise CheckpointError(where, f"LoRA tensor `{escape_name(n)}` is {tensors[n].dtype}; expected a "
                                              "float dtype")
@@ -328,8 +333,8 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         if saved in tensors and not _is_float(tensors[saved]):
             raise CheckpointError(where, f"base layer `{escape_name(saved)}` saved in the adapter is "
                                          f"{tensors[saved].dtype}; expected a float dtype")
-        out.append(LoraFactor(module + ".weight", a, b, got.get("M"), r, config.scale_for(alpha, r), emb,
-                              base_layer_name=saved if saved in tensors else None))
+        out.append(LoraFactor(module + ".weight", a, b, mag, r, config.scale_for(alpha, r), emb,
+                              base_layer_name=saved if saved in tensors else None, ignored_magnitude=ignored))
     return out
 
 
