@@ -86,6 +86,15 @@ def test_embedding_factors_of_the_wrong_size(tmp_path, rng):
                 "`model.embed_tokens.weight` (A [4, 49], B [32, 4]) do not fit the base weight, which is [50, 32]")
 
 
+def test_adapter_with_no_tensors_is_not_identical(tmp_path, rng):
+    compare_bad(tmp_path, rng, CFG, {}, "adapter holds no tensors (its config targets q_proj)")
+
+
+def test_config_without_peft_type(tmp_path, rng):
+    compare_bad(tmp_path, rng, {k: v for k, v in CFG.items() if k != "peft_type"}, lora(rng),
+                "adapter config has no peft_type", names_config=True)
+
+
 def test_saved_base_layer_of_another_width(tmp_path, rng):
     """PEFT loads ``<m>.base_layer.weight`` saved in the adapter over the base's weight: one that is not
     the base's table (rows added or cut is a resize) belongs to another model."""

@@ -10,7 +10,7 @@ their weight as [in, out] (``fan_in_fan_out``): the delta is then (B @ A) transp
 
 The config is read strictly, as PEFT's own dataclass would type it: ``r`` a positive
 integer, ``lora_alpha`` a finite number, booleans real JSON booleans (``"false"`` is not
-false), ``peft_type`` LORA, patterns objects of module keys. Pattern keys are regular
+false), ``peft_type`` present and LORA (PEFT refuses a config without it), patterns objects of module keys. Pattern keys are regular
 expressions for PEFT (``re.match(rf"(.*\.)?({key})$", module)``); a key whose matching
 could backtrack without bound (nested or alternated repetition, look-arounds, back
 references) is refused instead of run. Factor shapes are checked against the base weight
@@ -246,7 +246,10 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(path, "adapter config is not a JSON object")
     kind = raw.get("peft_type")
-    if kind is not None and (not isinstance(kind, str) or kind.upper() != "LORA"):
+    if kind is None:
+        raise CheckpointError(path, "adapter config has no peft_type (PEFT refuses to load it; a LoRA adapter "
+                                    "says \"peft_type\": \"LORA\")")
+    if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA adapters are "
                                     "supported (LoHa, LoKr, IA3 and others store different factors)")
     if raw.get("target_parameters"):
