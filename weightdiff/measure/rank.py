@@ -500,8 +500,8 @@ def dora_tolerance(n: int, dtype_base: str, dtype_magnitude: str | None, dtype_a
     ``2 u_w + u_m + 2 sqrt(n) u_acc`` (``u_acc``: float32's, float64's when every dtype is F64). A base
     stored in an integer or packed format is dequantized by PEFT to 16 bits: bfloat16's ``u_w``.
 
-    >>> f"{dora_tolerance(64, 'F32', 'F32'):.2e}", f"{dora_tolerance(64, 'BF16', 'F32'):.2e}"
-    ('1.13e-06', '7.81e-03')
+    >>> round(dora_tolerance(64, "F32", "F32") * 1e6, 3), round(dora_tolerance(64, "BF16", "F32") * 1e3, 3)
+    (1.132, 7.814)
     """
     u_w = _unit_roundoff(dtype_base, 2.0 ** -8)
     u_m = _unit_roundoff(dtype_magnitude, 2.0 ** -8)
