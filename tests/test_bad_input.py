@@ -494,10 +494,29 @@ def test_adapter_config_without_rank(tmp_path):
     bad(d, "adapter config has r = None", d / "adapter_config.json")
 
 
-def test_adapter_with_one_factor(tmp_path):
+def test_adapter_config_without_peft_type(tmp_path):
+    """PEFT refuses a config without peft_type; it was read as LoRA."""
     d = tmp_path / "ad"
     d.mkdir()
     (d / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 4}')
+    save_file(d / "adapter_model.safetensors", {"base_model.model.l.q.lora_A.weight": np.zeros((2, 3), np.float32),
+                                                "base_model.model.l.q.lora_B.weight": np.zeros((3, 2), np.float32)})
+    bad(d, "adapter config has no peft_type", d / "adapter_config.json")
+
+
+def test_adapter_with_no_tensors(tmp_path):
+    """An adapter file holding nothing read IDENTICAL, exit 0: a broken save, not a statement about the base."""
+    d = tmp_path / "ad"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "target_modules": ["q_proj", "v_proj"]}')
+    save_file(d / "adapter_model.safetensors", {})
+    bad(d, "adapter holds no tensors (its config targets q_proj, v_proj)", d / "adapter_model.safetensors")
+
+
+def test_adapter_with_one_factor(tmp_path):
+    d = tmp_path / "ad"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}')
     save_file(d / "adapter_model.safetensors",
               {"base_model.model.l.q.lora_A.weight": np.zeros((2, 3), np.float32)})
     bad(d, "LoRA module `base_model.model.l.q` has only one of its A/B factors", d / "adapter_model.safetensors")

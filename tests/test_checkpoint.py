@@ -200,7 +200,7 @@ def test_peft_dora_rslora(tmp_path):
 def test_adapter_without_peft(tmp_path):
     d = tmp_path / "ad"
     d.mkdir()
-    (d / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2, "target_modules": "q",
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": "q",
                                                        "base_model_name_or_path": "org/base"}))
     save_file(d / "adapter_model.safetensors", {
         "base_model.model.l.0.q.lora_A.weight": np.ones((2, 3), np.float32),
@@ -214,7 +214,7 @@ def test_adapter_without_peft(tmp_path):
 def test_adapter_factors_that_do_not_chain(tmp_path):
     d = tmp_path / "ad"
     d.mkdir()
-    (d / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 2}')
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 2}')
     save_file(d / "adapter_model.safetensors", {"m.q.lora_A.weight": np.ones((2, 3), np.float32),
                                                 "m.q.lora_B.weight": np.ones((4, 3), np.float32)})
     with pytest.raises(CheckpointError, match=r"LoRA factors of `m.q` do not chain: A is \[2, 3\], B is \[4, 3\]"):

@@ -110,6 +110,51 @@ def test_peft_adapter_on_the_embedding_matches_the_merged_model(tmp_path, base_d
     assert not [t for t in r.tensors if t.status in ("added", "resized")]
 
 
+def test_adapter_that_saves_an_edited_base_layer_reads_as_its_merged_model(tmp_path, base_dir):
+    """Rows of the embedding re-initialised (reserved special tokens), then LoRA on it: PEFT saves the
+    edited table as ``embed_tokens.base_layer.weight`` and loads it over the base's. The adapter read
+    rel 0.256, "rank 4, exactly from its factors" where the merged model reads rel 0.358, rank 20."""
+    peft = pytest.importorskip("peft")
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[112:] = emb[:112].mean(0)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
+                                                    init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(base_dir), str(tmp_path / "merged"))
+    name = "model.embed_tokens.weight"
+    t, d = r.tensor(name), dense.tensor(name)
+    assert t.compared == "float" and "base layer the adapter saves" in t.note
+    assert t.norm_delta == pytest.approx(d.norm_delta, rel=1e-6)
+    assert t.rank.numerical_rank == d.rank.numerical_rank > 2
+    assert r.tensor("model.layers.0.self_attn.q_proj.weight").compared == "factors"
+    assert r.summary.relative_change == pytest.approx(dense.summary.relative_change, rel=1e-5)
+
+
+def test_lora_on_resized_embeddings_reads_as_a_resize(tmp_path, base_dir):
+    """resize_token_embeddings, then LoRA on embed_tokens and lm_head: PEFT saves the resized base layers
+    in the adapter. It was refused as "do not fit the base weight (is this adapter for another base
+    model?)"; the merged weights against the base are a resize, as the merged model reads."""
+    peft = pytest.importorskip("peft")
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    model.resize_token_embeddings(136, mean_resizing=False)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                    target_modules=["embed_tokens", "lm_head", "q_proj"]))
+    pm.save_pretrained(tmp_path / "adapter")
+    pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(base_dir), str(tmp_path / "merged"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        t, d = r.tensor(name), dense.tensor(name)
+        assert t.status == d.status == "resized" and t.shape == [136, 64] and t.base_shape == [128, 64]
+        assert t.norm_delta == pytest.approx(d.norm_delta, rel=1e-6)
+    assert "resized_embeddings" in r.summary.flags
+    assert r.summary.params_by_status == dense.summary.params_by_status
+
+
 def test_dora_adapter_stats_match_the_merged_model(tmp_path, base_dir):
     peft = pytest.importorskip("peft")
     model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
@@ -137,6 +182,72 @@ def test_dora_adapter_stats_match_the_merged_model(tmp_path, base_dir):
         assert t.rank.bounds["numerical_rank"][1] == min(t.shape)
     assert r.summary.form["kind"] == "undecided" and r.summary.delta_params_lower is not None
     assert r.summary.delta_params_lower <= dense.summary.delta_params <= r.summary.delta_params
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_untrained_dora_adapter_reads_as_the_base(tmp_path, dtype):
+    """peft's DoRA init: B = 0 and the magnitude peft's own row norms of W, in the weight's dtype; its
+    merge gives the base back (up to the rounding of bfloat16). weightdiff recomputed the norms in
+    float64 and read the few-ulp gap of magnitude / ||W|| from 1 as "DERIVED, 4 tensors changed"."""
+    peft = pytest.importorskip("peft")
+    dt = getattr(torch, dtype)
+    _tiny_llama().to(dt).save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=dt),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True))
+    pm.save_pretrained(tmp_path / "adapter")
+    r = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "adapter"))
+    assert r.summary.verdict == "identical", r.summary.verdict_reason
+    assert not [t.name for t in r.tensors if t.status == "changed"]
+
+
+def test_trained_dora_magnitude_beyond_rounding_is_still_measured(tmp_path):
+    """The rounding rule of the DoRA factor takes c = 1 only within rounding: a magnitude moved by
+    1e-4 (far below any fine-tune's, far above float32's rounding) still reads as a change."""
+    peft = pytest.importorskip("peft")
+    _tiny_llama().save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], use_dora=True))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 1e-4)
+    pm.save_pretrained(tmp_path / "adapter")
+    pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "merged"))
+    assert r.summary.verdict == "derived"
+    for t in (t for t in r.tensors if t.compared == "factors"):
+        assert t.status == "changed"
+        assert t.norm_delta == pytest.approx(dense.tensor(t.name).norm_delta, rel=1e-3)
+
+
+def test_magnitudes_under_use_dora_false_are_ignored_as_peft_ignores_them(tmp_path, base_dir):
+    """A DoRA adapter whose config says use_dora: false: PEFT builds plain LoRA layers and drops the
+    magnitudes (rel 0.7049 in the tester's case); weightdiff applied DoRA anyway (0.7183)."""
+    import json
+
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base_dir),
+                             peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True,
+                                             init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.3)
+    pm.save_pretrained(tmp_path / "adapter")
+    conf = tmp_path / "adapter" / "adapter_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "use_dora": False}))
+    loaded = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(base_dir),
+                                            tmp_path / "adapter")
+    loaded.merge_and_unload().save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(base_dir), str(tmp_path / "merged"))
+    changed = [t for t in r.tensors if t.compared == "factors"]
+    assert len(changed) == 3 and all("DoRA" not in t.note for t in changed)
+    for t in changed:
+        assert t.norm_delta == pytest.approx(dense.tensor(t.name).norm_delta, rel=1e-5)
+    assert any("use_dora false" in n and "not used" in n for n in r.plan["notes"])
+    assert not [t for t in r.tensors if t.status == "added"]
 
 
 def test_lora_on_the_lm_head_of_a_tied_base_modifies_the_tied_embedding_as_head(tmp_path):
@@ -195,6 +306,38 @@ def test_lora_kinds_weightdiff_does_not_read_are_refused_with_the_true_reason(tm
     lines = r.stderr.splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and str(conf) in lines[0], r.stderr
     assert words in lines[0] and "merge_and_unload" in lines[0], lines[0]
+
+
+def test_unconverted_pissa_adapter_is_refused_and_the_converted_one_reads_as_merged(tmp_path, base_dir):
+    """init_lora_weights="pissa" trains on W - B0 A0: saved as is, its factors apply to that residual, and
+    an untrained one (the base itself) read "DERIVED: this base with the adapter applied", rel 0.45.
+    Converted at save (path_initial_model_for_weight_conversion), it is a plain LoRA of the base."""
+    from click.testing import CliRunner
+    from weightdiff.cli import main
+
+    peft = pytest.importorskip("peft")
+    cfg = dict(r=2, lora_alpha=2, target_modules=["q_proj"], init_lora_weights="pissa")
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base_dir), peft.LoraConfig(**cfg))
+    pm.save_pretrained(tmp_path / "raw")
+    r = CliRunner().invoke(main, ["compare", str(base_dir), str(tmp_path / "raw"), "--json", str(tmp_path / "o.json")])
+    lines = r.stderr.splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and str(tmp_path / "raw" / "adapter_config.json") in lines[0]
+    assert 'init_lora_weights "pissa"' in lines[0] and "path_initial_model_for_weight_conversion" in lines[0]
+    assert not (tmp_path / "o.json").exists()
+    pm.peft_config["default"].init_lora_weights = True
+    pm.save_pretrained(tmp_path / "init")
+    pm.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():   # training moves the factors
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(1.2)
+    pm.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    merged = pm.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "converted"))
+    dense = weightdiff.compare(str(base_dir), str(tmp_path / "merged"))
+    for t in (t for t in r.tensors if t.compared == "factors"):
+        assert t.norm_delta == pytest.approx(dense.tensor(t.name).norm_delta, rel=1e-4)
 
 
 def test_trainable_tokens_saved_by_peft_are_refused(tmp_path, base_dir):

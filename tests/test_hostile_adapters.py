@@ -86,6 +86,25 @@ def test_embedding_factors_of_the_wrong_size(tmp_path, rng):
                 "`model.embed_tokens.weight` (A [4, 49], B [32, 4]) do not fit the base weight, which is [50, 32]")
 
 
+def test_adapter_with_no_tensors_is_not_identical(tmp_path, rng):
+    compare_bad(tmp_path, rng, CFG, {}, "adapter holds no tensors (its config targets q_proj)")
+
+
+def test_config_without_peft_type(tmp_path, rng):
+    compare_bad(tmp_path, rng, {k: v for k, v in CFG.items() if k != "peft_type"}, lora(rng),
+                "adapter config has no peft_type", names_config=True)
+
+
+def test_saved_base_layer_of_another_width(tmp_path, rng):
+    """PEFT loads ``<m>.base_layer.weight`` saved in the adapter over the base's weight: one that is not
+    the base's table (rows added or cut is a resize) belongs to another model."""
+    t = {"model.embed_tokens.lora_embedding_A": rng.standard_normal((4, 50)).astype(np.float32),
+         "model.embed_tokens.lora_embedding_B": rng.standard_normal((31, 4)).astype(np.float32),
+         "model.embed_tokens.base_layer.weight": rng.standard_normal((50, 31)).astype(np.float32)}
+    compare_bad(tmp_path, rng, {**CFG, "target_modules": ["embed_tokens"]}, t,
+                "base layer `base_model.model.model.embed_tokens.base_layer.weight` saved in the adapter is [50, 31]")
+
+
 @pytest.mark.parametrize("shape", [(31,), (4,), (32, 2)])
 def test_dora_magnitude_of_the_wrong_length(tmp_path, rng, shape):
     t = lora(rng)
@@ -128,6 +147,11 @@ def test_lora_target_missing_from_the_base(tmp_path, rng):
     ({"peft_type": "IA3"}, 'peft_type "IA3"'),
     ({"peft_type": 3}, "peft_type 3"),
     ({"target_modules": 7}, "target_modules = 7"),
+    ({"init_lora_weights": "olora"}, 'init_lora_weights "olora", which rewrites the base weights'),
+    ({"init_lora_weights": "pissa_niter_4"}, 'init_lora_weights "pissa_niter_4", which rewrites the base weights'),
+    ({"init_lora_weights": "loftq"}, 'init_lora_weights "loftq", which rewrites the base weights'),
+    ({"init_lora_weights": "newfangled"}, "is an initialisation weightdiff does not know"),
+    ({"init_lora_weights": 1}, "init_lora_weights = 1, expected true, false or the name"),
     ({"alpha_pattern": {"(x+x+)+y": 2}}, "nests one repetition inside another"),
     ({"alpha_pattern": {"(a|aa)*b": 2}}, "repeats an alternation"),
     ({"alpha_pattern": {"(a)\\1": 2}}, "back references"),

@@ -98,7 +98,7 @@ def test_blocks_ordered_by_stack_then_index(tmp_path):
 def test_adapter_text(tmp_path):
     d = tmp_path / "ad"
     d.mkdir()
-    (d / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
                                                        "use_rslora": True, "base_model_name_or_path": "org/base"}))
     save_file(d / "adapter_model.safetensors", {
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 3), np.float32),

@@ -571,6 +571,11 @@ def _adapter(folder, weights: str | None, shown: object) -> Checkpoint:
         ckpt = _pickles(shown, [folder.file(weights)], folder.root)
     else:
         raise CheckpointError(shown, "adapter folder has adapter_config.json but no adapter_model.safetensors")
+    if not ckpt.tensors:
+        # not "identical": an adapter that applies nothing is a broken save, not a statement about the base
+        targets = ", ".join(escape_name(t) for t in config.target_modules[:4]) or "no modules"
+        raise CheckpointError(ckpt.files[0], f"adapter holds no tensors (its config targets {targets}): "
+                                             "there is no change to measure")
     out = Checkpoint(shown, "adapter", ckpt.files, ckpt.tensors, ckpt.metadata, folder.root, adapter=config)
     out._expert_of = ckpt._expert_of
     out.notes += ckpt.notes

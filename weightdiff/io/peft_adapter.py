@@ -10,7 +10,7 @@ their weight as [in, out] (``fan_in_fan_out``): the delta is then (B @ A) transp
 
 The config is read strictly, as PEFT's own dataclass would type it: ``r`` a positive
 integer, ``lora_alpha`` a finite number, booleans real JSON booleans (``"false"`` is not
-false), ``peft_type`` LORA, patterns objects of module keys. Pattern keys are regular
+false), ``peft_type`` present and LORA (PEFT refuses a config without it), patterns objects of module keys. Pattern keys are regular
 expressions for PEFT (``re.match(rf"(.*\.)?({key})$", module)``); a key whose matching
 could backtrack without bound (nested or alternated repetition, look-arounds, back
 references) is refused instead of run. Factor shapes are checked against the base weight
@@ -172,6 +172,11 @@ class LoraFactor:
     scale: float
     embedding: bool = False
     transposed: bool = False
+    #: ``<m>.base_layer.weight`` saved in the adapter (PEFT's ``save_embedding_layers``, a resized
+    #: vocabulary): PEFT loads it over the base's weight, so the factors apply to it
+    base_layer_name: str | None = None
+    #: a ``lora_magnitude_vector`` under ``use_dora: false``: PEFT loads a plain LoRA and ignores it
+    ignored_magnitude: str | None = None
 
 
 def _bool(path: Path, raw: dict, key: str) -> bool:
@@ -202,6 +207,36 @@ def _rank(path: Path, what: str, value: object) -> int:
     return value
 
 
+#: initialisations that leave the base weights alone (B = 0, or A and B random, or B from W's SVD with A = 0)
+_INIT_KEEPS_BASE = ("gaussian", "eva", "orthogonal", "mica")
+#: initialisations that rewrite the base weights PEFT trains on: W - scale B A (PiSSA, OLoRA, CorDA,
+#: LoRA-GA), or W quantized (LoftQ)
+_INIT_MOVES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _check_init(path: Path, init: object) -> None:
+    """CheckpointError for an ``init_lora_weights`` under which the factors are not the change of the base.
+
+    PiSSA, OLoRA, CorDA, LoRA-GA move part of W into the initial factors and train on W - scale B0 A0
+    (LoftQ on a quantized W): saved as is, the factors apply to that modified copy, so scale B A is not
+    the fine-tune's delta against the base (an untrained PiSSA adapter read as a 45% change). Saved with
+    ``path_initial_model_for_weight_conversion``, PEFT rewrites the factors against the original base and
+    the config says ``true``. An initialisation weightdiff does not know is refused the same way."""
+    if init is None or type(init) is bool:
+        return
+    if not isinstance(init, str):
+        raise CheckpointError(path, f"adapter config has init_lora_weights = {_show(init)}, expected true, false "
+                                    "or the name of an initialisation")
+    name = init.lower()
+    if name in _INIT_KEEPS_BASE:
+        return
+    how = ("rewrites the base weights" if name.startswith(_INIT_MOVES_BASE)
+           else "is an initialisation weightdiff does not know")
+    raise CheckpointError(path, f"adapter config has init_lora_weights {_show(init)}, which {how}: the factors "
+                                "alone are not the change of the base",
+                          "save it with path_initial_model_for_weight_conversion, or compare the merged model")
+
+
 def read_adapter_config(path: Path) -> AdapterConfig:
     return parse_adapter_config(load_json(read_small(path, JSON_CAP), path, "adapter config"), path)
 
@@ -211,7 +246,10 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(path, "adapter config is not a JSON object")
     kind = raw.get("peft_type")
-    if kind is not None and (not isinstance(kind, str) or kind.upper() != "LORA"):
+    if kind is None:
+        raise CheckpointError(path, "adapter config has no peft_type (PEFT refuses to load it; a LoRA adapter "
+                                    "says \"peft_type\": \"LORA\")")
+    if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA adapters are "
                                     "supported (LoHa, LoKr, IA3 and others store different factors)")
     if raw.get("target_parameters"):
@@ -223,6 +261,7 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         raise CheckpointError(path, "adapter config has trainable_token_indices: PEFT's trainable tokens (a delta "
                                     "for some embedding rows, beside the LoRA factors) are not read by weightdiff",
                               "merge the adapter (merge_and_unload) and compare the merged model")
+    _check_init(path, raw.get("init_lora_weights"))
     r = _rank(path, "r", raw.get("r"))
     alpha = _number(path, "lora_alpha", raw.get("lora_alpha", r))
     flags = {k: _bool(path, raw, k) for k in _BOOLS}
@@ -276,7 +315,10 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         if not ((len(sa) == 2 and len(sb) == 2) or conv) or sb[1] != sa[0]:
             raise CheckpointError(where, f"LoRA factors of `{escape_name(mod)}` do not chain: "
                                          f"A is {list(sa)}, B is {list(sb)} (expected A [r, in], B [out, r])")
-        for n in (a, b, got.get("M")):
+        mag, ignored = got.get("M"), None
+        if mag is not None and not config.use_dora:
+            mag, ignored = None, mag            # PEFT builds a plain LoRA layer and drops the magnitude
+        for n in (a, b, mag):
             if n is not None and not _is_float(tensors[n]):
                 raise CheckpointError(where, f"LoRA tensor `{escape_name(n)}` is {tensors[n].dtype}; expected a "
                                              "float dtype")
@@ -290,7 +332,12 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
                                          f"adapter_config.json gives r = {want} for this module",
                                   "factors and config from different adapters?")
         alpha = float(config.pattern("alpha_pattern", module, config.lora_alpha))
-        out.append(LoraFactor(module + ".weight", a, b, got.get("M"), r, config.scale_for(alpha, r), emb))
+        saved = f"{mod}.base_layer.weight"
+        if saved in tensors and not _is_float(tensors[saved]):
+            raise CheckpointError(where, f"base layer `{escape_name(saved)}` saved in the adapter is "
+                                         f"{tensors[saved].dtype}; expected a float dtype")
+        out.append(LoraFactor(module + ".weight", a, b, mag, r, config.scale_for(alpha, r), emb,
+                              base_layer_name=saved if saved in tensors else None, ignored_magnitude=ignored))
     return out
 
 
@@ -305,6 +352,16 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
     """
     sa, sb, shape = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape), tuple(base.shape)
     t = f"`{escape_name(factor.target)}`"
+    if factor.base_layer_name is not None:
+        # PEFT loads the base layer saved in the adapter over the base's weight: the factors apply to
+        # it; it must be the base's shape, or the base's table with rows added or cut (a resize)
+        saved = tuple(tensors[factor.base_layer_name].shape)
+        if saved != shape and not (len(saved) == len(shape) == 2 and saved[1:] == shape[1:]):
+            raise CheckpointError(where, f"base layer `{escape_name(factor.base_layer_name)}` saved in the adapter "
+                                         f"is {list(saved)} but the base weight {t} is {list(shape)}",
+                                  "is this adapter for another base model?")
+        shape = saved
+        base = tensors[factor.base_layer_name]
     if factor.embedding:
         ok, rows = shape == (sa[1], sb[0]), sa[1]
     elif len(sa) == 4:
@@ -317,8 +374,9 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
         if factor.transposed and _bits(base) < 8:       # packed F4/F6 cannot be transposed by rows
             ok = False
     if not ok:
-        raise CheckpointError(where, f"LoRA factors of {t} (A {list(sa)}, B {list(sb)}) do not fit the base "
-                                     f"weight, which is {list(shape)}", "is this adapter for another base model?")
+        what = ("the base layer saved in the adapter" if factor.base_layer_name is not None else "the base weight")
+        raise CheckpointError(where, f"LoRA factors of {t} (A {list(sa)}, B {list(sb)}) do not fit {what}, "
+                                     f"which is {list(shape)}", "is this adapter for another base model?")
     if factor.magnitude_name is not None:
         m = tensors[factor.magnitude_name]
         if m.numel != rows or len([d for d in m.shape if d != 1]) > 1:

@@ -21,7 +21,7 @@ from ..errors import CheckpointError, escape_name
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_read import storage_of
 from ..kernels import reference
-from ..kernels.dtypes import DTYPES
+from ..kernels.dtypes import DTYPES, decode
 from ..options import CompareOptions, Thresholds
 from ..pairing.names import is_router
 from ..pairing.plan import Pair, Plan
@@ -129,6 +129,112 @@ class TransposedSide:
         flat = np.ascontiguousarray(whole.reshape(stored[0], -1).T).reshape(-1)
         start, stop, step = check_range(self.tensors[name], max_elements, start, stop, 4)
         return array_windows(flat, start, stop, step)
+
+
+class MergedSide:
+    """The tuned side of one adapter module whose base layer the adapter saves (PEFT's
+    ``save_embedding_layers``, a resized vocabulary): its merged weight held in memory, in the
+    saved layer's dtype, as PEFT's ``merge_and_unload`` gives it. No quantization, no floor."""
+
+    def __init__(self, ck: Checkpoint, name: str, info, values: np.ndarray):
+        self.path, self._ck = ck.path, ck
+        self._values = np.ascontiguousarray(values).reshape(-1)
+        self._shape = tuple(int(d) for d in info.shape)
+        self.tensors = {name: info}
+        self.quant: dict = {}
+
+    def windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None):
+        from ..io.safetensors_read import array_windows, check_range
+
+        start, stop, step = check_range(self.tensors[name], max_elements, start, stop, self._values.itemsize)
+        return array_windows(self._values, start, stop, step)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._values.reshape(self._shape).copy()
+
+    def read_rows(self, name: str, rows) -> np.ndarray:
+        return self._values.reshape(self._shape[0], -1)[np.asarray(rows, dtype=np.int64)].copy()
+
+    def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None,
+                      noise: bool = False):
+        return None
+
+
+def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple | None:
+    """``(info, values)`` of the merged weight of a LoRA pair whose adapter saves its own base layer
+    that is not the base's weight (another shape, dtype or values): PEFT loads that copy and merges
+    the factors into it, so that merged weight is what the adapter makes of the module. None when
+    there is no copy, or it is the base's weight to the bit (the factors alone are then the change)."""
+    from dataclasses import replace
+
+    from ..io.safetensors_write import to_bf16_bits
+    from .rank import merged_factor_weight
+
+    lf = pair.lora
+    saved = getattr(lf, "base_layer_name", None)
+    if saved is None:
+        return None
+    info = tuned.tensors[saved]
+    raw = np.asarray(tuned.read(saved))
+    if tuple(info.shape) == tuple(pair.shape_base) and info.dtype == pair.dtype_base:
+        if np.array_equal(raw.reshape(-1).view(np.uint8), np.asarray(base.read(pair.base_name)).reshape(-1).view(np.uint8)):
+            return None
+    shape = tuple(int(d) for d in info.shape)
+    w = decode(raw, info.dtype).reshape(shape[0], -1)
+    a, b, magnitude, dt_m = _factors(pair, tuned)
+    if getattr(lf, "transposed", False):
+        w = np.ascontiguousarray(w.T)
+    merged = merged_factor_weight(w, a, b, lf.scale, magnitude, info.dtype, dt_m, tuned.tensors[lf.a_name].dtype)
+    if getattr(lf, "transposed", False):
+        merged = np.ascontiguousarray(merged.T)
+    dtype = info.dtype if info.dtype in ("F16", "BF16", "F32", "F64") else "F32"
+    rounded = reference.round_to(merged, dtype).reshape(shape)
+    values = (to_bf16_bits(rounded.astype(np.float32)) if dtype == "BF16"
+              else rounded.astype(storage_of(dtype)))
+    return replace(info, name=pair.tuned_name, dtype=dtype, start=None, end=None, quant=None), values
+
+
+def _factors(pair: Pair, tuned: Checkpoint) -> tuple:
+    """A, B as float64 [r, in] and [out, r] (embedding factors turned so), the DoRA magnitude and its dtype."""
+    lf = pair.lora
+    a = tuned.read(lf.a_name)
+    b = tuned.read(lf.b_name)
+    a64 = decode(a, tuned.tensors[lf.a_name].dtype).reshape(a.shape[0], -1)
+    b64 = decode(b, tuned.tensors[lf.b_name].dtype).reshape(b.shape[0], -1)
+    magnitude, dt_m = None, None
+    if lf.magnitude_name:
+        dt_m = tuned.tensors[lf.magnitude_name].dtype
+        magnitude = decode(tuned.read(lf.magnitude_name), dt_m).ravel()
+    if getattr(lf, "embedding", False):
+        a64, b64 = b64.T.copy(), a64.T.copy()
+    return a64, b64, magnitude, dt_m
+
+
+def _compute_merged(pair: Pair, merged: tuple, bases: Sequence[Checkpoint], tuned: Checkpoint,
+                    options: CompareOptions, backend: Backend, classify: Classify,
+                    on_window: Callable[[int], None]) -> TensorRecord:
+    """The record of a LoRA module whose adapter saves its own base layer: its merged weight against the
+    base's, as a plain pair (a resized table is a resize, as the merged model reads)."""
+    from dataclasses import replace
+
+    from ..io.peft_adapter import check_factor_values
+
+    lf = pair.lora
+    a64, b64, magnitude, _ = _factors(pair, tuned)
+    values = {lf.a_name: a64, lf.b_name: b64, **({lf.magnitude_name: magnitude} if magnitude is not None else {})}
+    check_factor_values(lf, values, tuned.files[0])
+    info, raw = merged
+    side = MergedSide(tuned, pair.tuned_name, info, raw)
+    st, sb = tuple(info.shape), tuple(pair.shape_base)
+    kind, overlap = ("paired", None) if st == sb else ("resized", min(st[0], sb[0]))
+    flat = replace(pair, kind=kind, shape_tuned=st, dtype_tuned=info.dtype, overlap_rows=overlap, lora=None,
+                   tuned_source=None, transposed=False)
+    rec = compute_pair(flat, bases, side, options, backend, classify, on_window)
+    what = (f"LoRA adapter (r={lf.r}, scale={lf.scale:g}{', DoRA' if lf.magnitude_name else ''}) merged into "
+            f"the base layer the adapter saves, `{lf.base_layer_name}` ({list(st)}, {info.dtype}), which is not "
+            "this base's weight: PEFT loads that copy, so the merged weight is compared")
+    rec.note = what + (f"; {rec.note}" if rec.note else "")
+    return rec
 
 
 #: a base tensor a reordering is undone against is read whole up to this size, else row by row per window
@@ -299,6 +405,9 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     thr = options.thresholds
 
     if pair.kind == "lora":
+        merged = _merged_base_layer(pair, base, tuned)
+        if merged is not None:
+            return _compute_merged(pair, merged, bases, tuned, options, backend, classify, on_window)
         return _compute_lora(rec, pair, base, tuned, options)
 
     if pair.kind == "mismatch":
@@ -688,21 +797,13 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     from .rank import analyze_factors
 
     lf = pair.lora
-    a = tuned.read(lf.a_name)
-    b = tuned.read(lf.b_name)
     dt_a = tuned.tensors[lf.a_name].dtype
-    a64 = decode(a, dt_a).reshape(a.shape[0], -1)
-    b64 = decode(b, tuned.tensors[lf.b_name].dtype).reshape(b.shape[0], -1)
-    magnitude = None
-    if lf.magnitude_name:
-        magnitude = decode(tuned.read(lf.magnitude_name), tuned.tensors[lf.magnitude_name].dtype).ravel()
+    # PEFT embedding adapters store A as [r, vocab] and B as [dim, r]; the delta is (B @ A).T
+    a64, b64, magnitude, dt_m = _factors(pair, tuned)
     values = {lf.a_name: a64, lf.b_name: b64}
     if magnitude is not None:
         values[lf.magnitude_name] = magnitude
     check_factor_values(lf, values, tuned.files[0])   # before LAPACK sees them
-    if getattr(lf, "embedding", False):
-        # PEFT embedding adapters store A as [r, vocab] and B as [dim, r]; the delta is (B @ A).T
-        a64, b64 = b64.T.copy(), a64.T.copy()
     base_raw = base.read(pair.base_name)
     shape = tuple(pair.shape_base)
     if getattr(lf, "transposed", False):
@@ -712,7 +813,7 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         shape = shape[::-1]
     fields, rank = analyze_factors(a64, b64, lf.scale, base_raw, pair.dtype_base, shape,
                                    k=options.rank_k, noise_factor=options.thresholds.noise_floor_factor,
-                                   dtype_adapter=dt_a, magnitude=magnitude)
+                                   dtype_adapter=dt_a, magnitude=magnitude, dtype_magnitude=dt_m)
     if getattr(lf, "transposed", False):
         rank.shape_2d = tuple(pair.shape_base)        # as stored, like every other record
     _fill(rec, fields)
@@ -727,6 +828,10 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     if lf.magnitude_name:
         rec.note += ("; DoRA: the statistics are those of the merged weight, the spectrum covers the "
                      "low-rank direction term only (see docs/rank.md)")
+        near = rank.extra.get("dora", {}).get("rows_within_rounding", 0)
+        if near:
+            rec.note += (f"; {near:,} rows whose factor magnitude / ||W + scale B A|| is within rounding of 1 "
+                         f"(|c - 1| <= {rank.extra['dora']['rounding_tolerance']:.2g}) are taken as not rescaled")
     return rec
 
 

@@ -368,8 +368,8 @@ def weight_subspace(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str
 
 def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.ndarray | None,
                     dtype_base: str, shape, *, k: int = 64, noise_factor: float = 1.5,
-                    dtype_adapter: str = "F32", magnitude: np.ndarray | None = None
-                    ) -> tuple[dict, RankRecord]:
+                    dtype_adapter: str = "F32", magnitude: np.ndarray | None = None,
+                    dtype_magnitude: str | None = None) -> tuple[dict, RankRecord]:
     """Exact stats and rank of a LoRA delta ``scale * b @ a`` (b: m x r, a: r x n), never whole.
 
     The spectrum comes from the r x r core (``kernels.spectral.factors_svd``); the stats
@@ -383,6 +383,11 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
     are exact for that merged weight, the spectrum is exact for the direction update
     ``diag(c) scale b a`` only, and the row rescaling ``diag(c - 1) W`` (full rank) is
     reported in ``extra`` but not in the spectrum: ``exact`` is then False.
+
+    A row whose factor ``c`` is within ``dora_tolerance`` of 1 (the rounding of PEFT's own norm,
+    computed in the weight's dtype, and of the stored magnitude, ``dtype_magnitude``) takes
+    ``c = 1``: PEFT's merge of an untrained DoRA gives the base back, and float64 arithmetic on
+    the same numbers must not call that rounding a change (``extra["dora"]["rows_within_rounding"]``).
     """
     from ..kernels import reference
 
@@ -395,15 +400,16 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
     acc = None
     c_all = np.ones(m) if magnitude is not None else None
     mag_term = 0.0
+    tol = dora_tolerance(n, dtype_base, dtype_magnitude or dtype_adapter, dtype_adapter)
+    snapped = 0
     step = _rows(m, n)
     for i in range(0, m, step):
         dblk = float(scale) * (b[i:i + step] @ a)
         wb = np.zeros_like(dblk) if base2 is None else decode(base2[i:i + step], dtype_base)
         if magnitude is not None:
             merged = wb + dblk
-            norms = np.sqrt(np.einsum("ij,ij->i", merged, merged))
-            mag = np.asarray(magnitude, dtype=np.float64).reshape(-1)[i:i + step]
-            c = np.divide(mag, norms, out=np.ones_like(norms), where=norms > 0)
+            c, near = _dora_factor(merged, np.asarray(magnitude, dtype=np.float64).reshape(-1)[i:i + step], tol)
+            snapped += near
             c_all[i:i + step] = c
             mag_term += float(np.sum(((c - 1.0)[:, None] * wb) ** 2))
             tuned = c[:, None] * merged
@@ -438,8 +444,10 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
     exact = magnitude is None
     if magnitude is not None:
         extra["dora"] = {"magnitude_term_norm": math.sqrt(mag_term), "direction_term_norm": math.sqrt(norm_sq),
+                         "rows_within_rounding": snapped, "rounding_tolerance": tol,
                          "note": "spectrum and ranks describe the low-rank direction update diag(c)*scale*B@A; "
-                                 "the row rescaling diag(c-1)*W is full rank and is in the stats only"}
+                                 "the row rescaling diag(c-1)*W is full rank and is in the stats only; rows whose "
+                                 "c is within rounding_tolerance of 1 take c = 1"}
     total = norm_sq if magnitude is None else (stats["norm_delta"] or 0.0) ** 2
     bounds: dict = {}
     estimated: list[str] = []
@@ -453,6 +461,53 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
         energy_captured=float(np.sum(top * top)) / total if total > 0 else None, method="factors",
         shape_2d=(m, n), exact=exact, extra=extra, bounds=bounds, estimated=estimated)
     return stats, rec
+
+
+def _dora_factor(merged: np.ndarray, mag: np.ndarray, tol: float) -> tuple[np.ndarray, int]:
+    """DoRA's row factor c = magnitude / rownorm(merged), 1 within ``tol`` of 1, and how many rows took it."""
+    norms = np.sqrt(np.einsum("ij,ij->i", merged, merged))
+    c = np.divide(mag, norms, out=np.ones_like(norms), where=norms > 0)
+    near = np.abs(c - 1.0) <= tol
+    count = int(np.count_nonzero(near & (c != 1.0)))
+    c[near] = 1.0
+    return c, count
+
+
+def merged_factor_weight(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, magnitude: np.ndarray | None,
+                         dtype_base: str, dtype_magnitude: str | None = None, dtype_adapter: str = "F32") -> np.ndarray:
+    """The merged weight ``W + scale b a`` (DoRA: ``diag(c) (W + scale b a)``, c as ``analyze_factors``
+    takes it) in float64, whole: for a module whose adapter saves its own base layer ``w`` [m, n]."""
+    m, n = w.shape
+    merged = np.asarray(w, dtype=np.float64) + float(scale) * (np.asarray(b, np.float64).reshape(m, -1)
+                                                               @ np.asarray(a, np.float64).reshape(-1, n))
+    if magnitude is not None:
+        tol = dora_tolerance(n, dtype_base, dtype_magnitude or dtype_adapter, dtype_adapter)
+        c, _ = _dora_factor(merged, np.asarray(magnitude, dtype=np.float64).reshape(-1), tol)
+        merged *= c[:, None]
+    return merged
+
+
+def _unit_roundoff(dtype: str | None, default: float) -> float:
+    d = DTYPES.get(dtype or "")
+    return 2.0 ** -(d.mant_bits + 1) if d is not None and d.kind == "float" else default
+
+
+def dora_tolerance(n: int, dtype_base: str, dtype_magnitude: str | None, dtype_adapter: str | None = None) -> float:
+    """How far a DoRA factor ``magnitude / ||W + scale B A||`` (rows of ``n`` values) may sit from 1
+    by rounding alone. PEFT computes the norm in the weight's dtype (rounding W + scale B A and the
+    result: twice its unit roundoff ``u_w``), accumulating in float32 at least, and stores the magnitude
+    in its own dtype (``u_m``); weightdiff recomputes the norm in float64. Bound:
+    ``2 u_w + u_m + 2 sqrt(n) u_acc`` (``u_acc``: float32's, float64's when every dtype is F64). A base
+    stored in an integer or packed format is dequantized by PEFT to 16 bits: bfloat16's ``u_w``.
+
+    >>> round(dora_tolerance(64, "F32", "F32") * 1e6, 3), round(dora_tolerance(64, "BF16", "F32") * 1e3, 3)
+    (1.132, 7.814)
+    """
+    u_w = _unit_roundoff(dtype_base, 2.0 ** -8)
+    u_m = _unit_roundoff(dtype_magnitude, 2.0 ** -8)
+    wide = all(d == "F64" for d in (dtype_base, dtype_magnitude, dtype_adapter or "F64"))
+    u_acc = 2.0 ** -53 if wide else 2.0 ** -24
+    return 2.0 * u_w + u_m + 2.0 * math.sqrt(max(n, 1)) * u_acc
 
 
 def _dora_bounds(s: np.ndarray, mag_norm: float, total: float, thr: float, r: int,

@@ -64,8 +64,12 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
     first: dict[str, int] = {}
     order = {n: i for i, n in enumerate(tensors)}
     items: list[tuple[int, _Item]] = []
+    saved = ignored = 0
     for f in factors:
-        names = [f.a_name, f.b_name, getattr(f, "magnitude_name", None)]
+        saved += getattr(f, "base_layer_name", None) is not None
+        ignored += getattr(f, "ignored_magnitude", None) is not None
+        names = [f.a_name, f.b_name, getattr(f, "magnitude_name", None), getattr(f, "base_layer_name", None),
+                 getattr(f, "ignored_magnitude", None)]
         used.update(n for n in names if n)
         pos = min(order.get(n, len(order)) for n in names if n) if any(names) else len(order)
         a, b = tensors.get(f.a_name), tensors.get(f.b_name)
@@ -91,6 +95,14 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
             continue
         items.append((order[n], _Item(key, n, tuple(info.shape), info.dtype)))
     items.sort(key=lambda t: t[0])
+    if ignored:
+        notes.append(f"adapter_config.json has use_dora false, so PEFT loads a plain LoRA: the DoRA magnitudes "
+                     f"(lora_magnitude_vector) of {ignored} modules are not used, here as in PEFT")
+    if saved:
+        # PEFT's save_embedding_layers (a resized or edited table): PEFT loads the copy over the base's weight
+        notes.append(f"adapter stores the base layer of {saved} of its LoRA modules (PEFT loads it over the "
+                     "base's weight): the factors apply to that copy, and a copy that is not the base's is "
+                     "measured as the merged weight")
     if factors:
         notes.append(f"adapter: {len(factors)} LoRA factor pairs, {len(items) - len(factors)} other tensors "
                      "(modules_to_save); base tensors the adapter leaves alone are `inherited`")
