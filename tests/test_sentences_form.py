@@ -79,3 +79,13 @@ def test_unrelated_attention_is_hedged_only_where_its_heads_were_not_examined():
     assert hedge in _partial({"summary": {"components": comps, "scope": {}}})
     assert hedge not in _partial({"summary": {"components": comps, "scope": {"heads_checked": ["layers.0 attn"]}}})
     assert hedge not in _partial({"summary": {"components": comps[1:], "scope": {}}})
+
+
+def test_an_adapter_far_from_its_base_says_so_in_its_title():
+    from weightdiff.render.sentences import verdict_title
+
+    s = {"verdict": "derived", "flags": ["adapter", "far_from_base"], "relatedness_cosine": 0.4,
+         "relatedness_rel_change": 0.9, "coverage": {}}
+    t = verdict_title(s)
+    assert t.startswith("DERIVED: this base with the adapter applied; the result is changed far more") and "9.0e-1" in t
+    assert "far more" not in verdict_title({**s, "flags": ["adapter"]})

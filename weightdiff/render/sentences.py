@@ -96,8 +96,14 @@ def verdict_title(summary: dict) -> str:
     if v == "derived" and "adapter" in (summary.get("flags") or []):
         # the factors fit any base of these shapes: the merged model is this base changed, by construction
         claim = (summary.get("declared") or {}).get("tuned_declares_base")
-        return ("DERIVED: this base with the adapter applied; an adapter holds only a change, which fits any base of "
-                "its shapes, so which base it was trained on is not measured"
+        far = ""
+        if "far_from_base" in (summary.get("flags") or []):
+            # the merged model's own title says so: the adapter's must not read milder (a resized vocabulary's
+            # saved tables, re-initialised rows)
+            far = ("; the result is changed far more than a fine-tune changes a model (relative change "
+                   f"{sci(summary.get('relatedness_rel_change'))})")
+        return ("DERIVED: this base with the adapter applied" + far + "; an adapter holds only a change, which fits "
+                "any base of its shapes, so which base it was trained on is not measured"
                 + (f" (it declares `{claim}`)." if claim else "."))
     if v == "quantized_only" and (summary.get("quantization") or {}).get("sides") == ["base"]:
         return ("QUANTIZED ONLY: every difference is explained by quantizing these weights (the base given is "
