@@ -792,3 +792,33 @@ def test_a_consolidated_hub_repo_reads_its_params_json_streamed_and_downloaded(s
         assert rc == 0, err
         got = {x["name"]: x for x in json.loads((tmp_path / f"{mode[2:]}.json").read_text())["tensors"]}
         assert got == want, mode
+
+
+def test_a_streamed_hub_checkpoint_caches_its_records_by_commit(server, hf, tmp_path):
+    # --cache with a streamed Hub model stopped with "internal error" (the key stat'ed the hf:// name); the
+    # records are keyed by the commit, so a moved branch is measured again, never served stale
+    docs = {}
+    for rev in ("v1", "v1", "main"):
+        rc, _, err = run("compare", "org/base", f"org/tuned@{rev}", "--stream", "--cache", "c", "--json", "o.json", "-q")
+        assert rc == 0, err
+        d = json.loads((tmp_path / "o.json").read_text())
+        d.pop("run")
+        docs.setdefault(rev, []).append(d)
+        if rev == "v1":
+            assert list((tmp_path / "c" / "records").glob("*/*.json"))
+    assert docs["v1"][0] == docs["v1"][1]
+    assert docs["main"][0]["summary"]["relative_change"] != docs["v1"][0]["summary"]["relative_change"]
+    want = weightdiff.compare(str(server.local["base"]), str(server.local["tuned2"]))
+    assert docs["main"][0]["summary"]["relative_change"] == json.loads(want.to_json())["summary"]["relative_change"]
+
+
+def test_credentials_in_the_endpoint_are_never_printed(server, hf, tmp_path, monkeypatch):
+    # a mirror spelled http://user:password@host printed the password in every error line, and a survey wrote
+    # it into survey.csv and survey.parquet
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror-user:s3cretPassw0rd@127.0.0.1:1")
+    rc, _, err = run("compare", "org/base", "org/tuned")
+    assert "s3cretPassw0rd" not in err and "http://***@127.0.0.1:1" in one_error(rc, err)
+    rc, _, err = run("survey", "org/base", "org/tuned", "--out", "out", "-q")
+    assert rc in (0, 2) and "s3cretPassw0rd" not in err
+    for f in (tmp_path / "out").glob("survey.*") if (tmp_path / "out").exists() else ():
+        assert b"s3cretPassw0rd" not in f.read_bytes()

@@ -13,9 +13,11 @@ what was found, and end with one fix in parentheses where there is one:
 from __future__ import annotations
 
 import os
+import re
 
 __all__ = [
     "WeightdiffError",
+    "redact_url",
     "CheckpointError",
     "OptionsError",
     "OutputError",
@@ -29,14 +31,27 @@ __all__ = [
 LINE_MAX = 2000
 
 
+#: the user:password@ of a URL (a mirror's HF_ENDPOINT, a proxy): never printed, nor written into a survey
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the credentials of any URL in it replaced by ``***``.
+
+    >>> redact_url("cannot reach http://user:s3cret@mirror:8080/api")
+    'cannot reach http://***@mirror:8080/api'
+    """
+    return _USERINFO.sub(r"\1***@", text) if "@" in text else text
+
+
 class WeightdiffError(Exception):
     """A problem with the user's input or request (exit code 2 in the CLI)."""
 
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None):
-        self.message = message
-        self.hint = hint
+        self.message = redact_url(message)
+        self.hint = None if hint is None else redact_url(hint)
         super().__init__(self.one_line())
 
     def one_line(self) -> str:

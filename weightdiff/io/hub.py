@@ -37,7 +37,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError, escape_name
+from ..errors import CheckpointError, escape_name, redact_url
 from ..options import HubOptions
 from .checkpoint import JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, build, choose_weights, file_kind
 from .files import load_json
@@ -414,7 +414,7 @@ def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
             ckpt = from_cache(ref, env, "the Hub cannot be reached")
         except CheckpointError:
             raise hub_error(exc, ref.repo_id, spelling, ref.revision, env.endpoint) from None
-        ckpt.origin += f" (the Hub at {env.endpoint} could not be reached: {first_line(exc)})"
+        ckpt.origin += redact_url(f" (the Hub at {env.endpoint} could not be reached: {first_line(exc)})")
         return ckpt
     ref, listing, named = _in_repo(ref, listing)
     reader = RangeReader(env.endpoint)

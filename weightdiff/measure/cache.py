@@ -160,8 +160,14 @@ class RecordCache:
     # -- keys ---------------------------------------------------------------------------
     @staticmethod
     def _file_id(path: Path, ck: Any = None) -> list:
-        """``["sha256", digest]`` when the checkpoint's files were hashed before measuring, else
-        ``[resolved path, inode, size, mtime ns, ctime ns]`` (see the module doc)."""
+        """``["hub", repo, commit, file, sha256, size]`` for a streamed Hub file; ``["sha256", digest]`` when
+        the checkpoint's files were hashed before measuring, else ``[resolved path, inode, size, mtime ns,
+        ctime ns]`` (see the module doc)."""
+        commit = getattr(path, "commit", None)
+        if commit is not None:
+            # a streamed Hub file (io.hub_stream.HubFile): its commit fixes its bytes, and it has no local path
+            # to stat (os.stat of its hf:// name failed, or found an unrelated local file of that spelling)
+            return ["hub", path.repo_id, commit, path.path, path.sha256, path.size]
         digest = (getattr(ck, "digests", None) or {}).get(os.path.realpath(path))
         if digest is not None:
             return ["sha256", digest]
