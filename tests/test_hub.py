@@ -822,3 +822,15 @@ def test_credentials_in_the_endpoint_are_never_printed(server, hf, tmp_path, mon
     assert rc in (0, 2) and "s3cretPassw0rd" not in err
     for f in (tmp_path / "out").glob("survey.*") if (tmp_path / "out").exists() else ():
         assert b"s3cretPassw0rd" not in f.read_bytes()
+
+
+def test_an_environment_huggingface_hub_refuses_is_one_line(tmp_path):
+    # HF_HUB_ETAG_TIMEOUT=abc made huggingface_hub's import raise ValueError: "internal error", exit 1
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_ETAG_TIMEOUT": "abc", "HF_HOME": str(tmp_path / "h"), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-c", "from weightdiff.cli import main; main()", "compare", "org/base",
+                        "org/tuned"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    line = one_error(p.returncode, p.stderr)
+    assert "huggingface_hub refused the environment" in line and "HF_HUB_ETAG_TIMEOUT" in line

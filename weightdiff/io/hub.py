@@ -80,6 +80,13 @@ def _require(spelling: str) -> None:
     except ImportError:
         raise CheckpointError(spelling, "no such file or directory, and reading it as a Hugging Face Hub repo id "
                                         "needs huggingface_hub", EXTRA) from None
+    try:
+        from huggingface_hub import constants  # noqa: F401   (reads the HF_* environment when first imported)
+    except ValueError as exc:           # HF_HUB_ETAG_TIMEOUT=abc: the library refuses its environment
+        bad = sorted(k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_")))
+        raise CheckpointError(spelling, f"huggingface_hub refused the environment ({first_line(exc)})",
+                              "check the HF_* environment variables" + (f" ({', '.join(bad[:8])})" if bad else "")
+                              ) from None
 
 
 def parse_ref(spelling: str) -> HubRef:
