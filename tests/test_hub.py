@@ -834,3 +834,14 @@ def test_an_environment_huggingface_hub_refuses_is_one_line(tmp_path):
                         "org/tuned"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     line = one_error(p.returncode, p.stderr)
     assert "huggingface_hub refused the environment" in line and "HF_HUB_ETAG_TIMEOUT" in line
+
+
+def test_hash_with_a_streamed_model_says_it_checks_nothing(server, hf, tmp_path):
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--stream", "--hash", "--json", "o.json")
+    assert rc == 0, err
+    d = json.loads((tmp_path / "o.json").read_text())
+    notes = [n for n in d["plan"]["notes"] if "--hash checks nothing" in n]
+    assert len(notes) == 2 and all(f["sha256_source"] == "hub" for f in d["tuned"]["files"])
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--download", "--hash", "--json", "p.json", "-q")
+    assert rc == 0 and not [n for n in json.loads((tmp_path / "p.json").read_text())["plan"]["notes"]
+                            if "--hash checks nothing" in n]
