@@ -845,3 +845,13 @@ def test_hash_with_a_streamed_model_says_it_checks_nothing(server, hf, tmp_path)
     rc, _, err = run("compare", "org/base", "org/tuned@v1", "--download", "--hash", "--json", "p.json", "-q")
     assert rc == 0 and not [n for n in json.loads((tmp_path / "p.json").read_text())["plan"]["notes"]
                             if "--hash checks nothing" in n]
+
+
+def test_an_hf_uri_is_never_read_as_a_local_folder(server, hf, tmp_path):
+    # the filesystem reads hf://org/base as the folder hf:/org/base: a local folder of that spelling was read
+    decoy = write_checkpoint(tmp_path / "hf:" / "org" / "base", _tune(llama(np.random.default_rng(7), **SHAPE), 9))
+    assert decoy.exists()
+    rc, _, err = run("compare", "hf://org/base", "org/base", "--json", "o.json", "-q")
+    assert rc == 0, err
+    d = json.loads((tmp_path / "o.json").read_text())
+    assert d["summary"]["verdict"] == "identical" and d["base"][0]["hub"]["repo_id"] == "org/base"

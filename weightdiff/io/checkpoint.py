@@ -80,7 +80,10 @@ def locate(path: str | os.PathLike, hub: object = None) -> Checkpoint:
 
 
 def is_hub_candidate(path: object) -> bool:
-    """True when ``path`` names nothing local and is spelled as a Hub repo id."""
+    """True when ``path`` is spelled ``hf://...`` (a URI is never a local path, though the filesystem reads
+    ``hf://org/x`` as the folder ``hf:/org/x``), or names nothing local and is spelled as a Hub repo id."""
+    if isinstance(path, str) and path.startswith("hf://"):
+        return True
     if not isinstance(path, str) or os.path.lexists(path):
         return False
     from .hub import hub_spelling
