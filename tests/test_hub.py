@@ -855,3 +855,15 @@ def test_an_hf_uri_is_never_read_as_a_local_folder(server, hf, tmp_path):
     assert rc == 0, err
     d = json.loads((tmp_path / "o.json").read_text())
     assert d["summary"]["verdict"] == "identical" and d["base"][0]["hub"]["repo_id"] == "org/base"
+
+
+def test_a_cache_read_because_the_hub_cannot_be_reached_is_recorded(server, hf, tmp_path, monkeypatch):
+    # the fallback was said only on stderr (nothing with -q): the JSON's plan notes and the memo say it now
+    rc, _, err = run("compare", "org/base", "org/sibling", "--download", "-q")
+    assert rc == 0, err
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
+    rc, _, err = run("compare", "org/base", "org/sibling", "--json", "o.json", "--report", "m.md", "-q")
+    assert rc == 0 and err == "", err
+    notes = json.loads((tmp_path / "o.json").read_text())["plan"]["notes"]
+    assert sum("could not be reached" in n and "local Hugging Face cache was read" in n for n in notes) == 2
+    assert (tmp_path / "m.md").read_text().count("Not checked against the Hub") == 2

@@ -422,6 +422,11 @@ def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
         except CheckpointError:
             raise hub_error(exc, ref.repo_id, spelling, ref.revision, env.endpoint) from None
         ckpt.origin += redact_url(f" (the Hub at {env.endpoint} could not be reached: {first_line(exc)})")
+        # into the JSON's plan notes too: with -q nothing else records that the revision was not checked
+        ckpt.notes.append(redact_url(f"{escape_name(spelling)}: the Hub at {env.endpoint} could not be reached "
+                                     f"({first_line(exc)}), so the copy in the local Hugging Face cache was read "
+                                     f"(commit {ckpt.hub['commit'][:12] if ckpt.hub else '?'}); "
+                                     f"`{escape_name(ref.revision or 'main')}` may have moved on the Hub since"))
         return ckpt
     ref, listing, named = _in_repo(ref, listing)
     reader = RangeReader(env.endpoint)

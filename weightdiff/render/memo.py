@@ -284,6 +284,9 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     if hub_rows:
         out.append(Block("p", "Models read from the Hugging Face Hub (sha256 as the Hub lists the files):"))
         out.append(Block("table", ["role", "checkpoint", "repo", "revision", "commit"], hub_rows))
+        for note in (data.get("plan") or {}).get("notes") or []:
+            if "could not be reached" in str(note) and "so the copy in the local Hugging Face cache was read" in str(note):
+                out.append(Block("p", "Not checked against the Hub: " + str(note) + "."))
     if run.get("date"):
         out.append(Block("p", [("", "Run on "), ("code", str(run["date"])), ("", " (UTC).")]))
     return out
