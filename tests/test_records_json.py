@@ -188,6 +188,25 @@ def test_records_keep_cpythons_key_sharing():
     assert sys.getsizeof(recs[1].__dict__) < 600          # split (shared-key) dict: 296 B; combined 1584
 
 
+def test_a_comparison_adds_no_attribute_to_its_records(tmp_path):
+    """Changed vectors go through the cast test; one that finds no cast must not leave ``cast = None``
+    on the record: a 30th attribute ends the key sharing (1.2 KB per record) and sends the record's
+    JSON row and view down their slow paths (a third of a 100,000-tensor comparison's records)."""
+    import numpy as np
+
+    from weightdiff.comparison import compare
+    from weightdiff.io.safetensors_write import save_file
+    from weightdiff.records import _TENSOR_FIELDS
+
+    for side, k in (("a", 0), ("b", 1)):
+        save_file(tmp_path / f"{side}.safetensors",
+                  {f"layers.{i}.norm.weight": ("F32", np.full(4, 1.0 + k * (i % 2) * 0.25, np.float32))
+                   for i in range(4)} | {"x.w": ("U8", np.array([1, 2 + k], np.uint8))}, {"format": "pt"})
+    result = compare(tmp_path / "a.safetensors", tmp_path / "b.safetensors", rank=False)
+    assert {r.status for r in result.tensors} == {"changed", "unchanged"}
+    assert all(list(r.__dict__) == list(_TENSOR_FIELDS) for r in result.tensors)
+
+
 def test_cast_is_in_a_row_only_when_set():
     import json
 

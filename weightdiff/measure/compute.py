@@ -349,12 +349,16 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             or (shape_t is not None and len(shape_t) <= 1) or bool(getattr(base, "quant", None))
             or bool(getattr(tuned, "quant", None))):
         # beyond half an ulp of a cast: is it still exactly a cast (through fp16, past the range)?
-        rec.cast = cast_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
-                             rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac) or \
+        cast = cast_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
+                         rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac) or \
             clamp_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
                        rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac)
-        if rec.cast is not None:
-            fields = {**fields, "cast": rec.cast}
+        if cast is not None:
+            # set only when found: a `cast = None` of its own is a 30th attribute, which ends the key
+            # sharing of the record's __dict__ (1.2 KB more each) and sends its JSON row and its
+            # TensorRow view down their slow paths (every changed vector of a 100,000-tensor model)
+            rec.cast = cast
+            fields = {**fields, "cast": cast}
     if pair.kind == "resized":
         rec.status = "resized"
         rec.note = (f"vocabulary resized from {shape_b[0]} to {shape_t[0]} rows; "
