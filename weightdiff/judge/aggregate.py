@@ -20,8 +20,8 @@ import math
 from ..pairing.names import component_of, parse_name
 from ..options import Thresholds
 from ..records import BlockRecord, TensorRecord
-from .status import (placements, delta_params_range, extra_rows, is_changed, is_mismatch, is_tied, max_rank_fields, norms_sq,
-                     ratio)
+from .status import (_NOT_CHANGED, placements, delta_params_range, extra_rows, is_changed, is_mismatch, is_tied,
+                     max_rank_fields, norms_sq, ratio)
 
 __all__ = ["aggregate"]
 
@@ -73,6 +73,8 @@ def _facts(rec: TensorRecord, thresholds: Thresholds) -> tuple:
     """What a block and a module kind add up of one record, worked out once for both:
     (changed, delta parameters, extra rows, squared norms or None, the least the delta parameters
     could be when the energy rank is a bracket)."""
+    if rec.status in _NOT_CHANGED:      # not changed, no extra rows, nothing to write down (judge.status)
+        return False, 0, 0, norms_sq(rec), 0
     dp_changed, dp_added, lo = delta_params_range(rec, thresholds)
     return is_changed(rec, thresholds), dp_changed + dp_added, extra_rows(rec), norms_sq(rec), lo + dp_added
 
