@@ -314,13 +314,17 @@ def classify(stats: dict, dtype_base: str | None, dtype_tuned: str | None, thres
         return "changed"
     if changed == 0:
         return "unchanged"
-    floats = all(d is not None and d in DTYPES and DTYPES[d].kind == "float" for d in (dtype_base, dtype_tuned))
+    floats = _IS_FLOAT.get(dtype_base, False) and _IS_FLOAT.get(dtype_tuned, False)
     if floats and cast_explains(stats.get("cast"), thresholds):
         return "rounding"        # bitwise a cast chain of the base (through fp16, past the range)
     new_nonfinite = int(stats.get("nonfinite_tuned", 0) or 0) > int(stats.get("nonfinite_base", 0) or 0)
     if floats and beyond is not None and beyond <= thresholds.rounding_frac and not new_nonfinite:
         return "rounding"
     return "changed"
+
+
+#: dtype name -> whether it is a float format (``classify``: one lookup a side)
+_IS_FLOAT = {name: d.kind == "float" for name, d in DTYPES.items()}
 
 
 def cast_explains(cast: dict | None, thresholds: Thresholds) -> bool:

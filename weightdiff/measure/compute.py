@@ -27,7 +27,8 @@ from ..pairing.plan import Pair, Plan
 from ..records import RankRecord, TensorRecord
 from .backend import Backend
 from .floors import FloorAccumulator
-from .quant_floor import floor_test
+from .awq_fold import _awq_norm_both, bias_fold, norm_fold
+from .quant_floor import FOLD_REL, floor_test
 from .recast import cast_test, clamp_test
 from .rank_stream import float_matrix, streamed_rank_sink
 
@@ -235,6 +236,7 @@ def _array_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str, t
     return acc
 
 
+_N_BEYOND = reference.IDX["n_beyond"]
 _FILLED = ("norm_base", "norm_tuned", "norm_delta", "rel_change", "cosine", "frac_changed",
            "frac_beyond_rounding", "max_abs_delta")
 
@@ -342,7 +344,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     # a transposed pair is tested in the base's orientation (its values and floor read whole, transposed)
     t_side, t_shape = (tuned, shape_t) if tuned_t is None else (TransposedSide(tuned, tuned_name, shape_b, tuned_t),
                                                                 shape_b)
-    if not opaque and stats[reference.IDX["n_beyond"]] > 0 and (
+    if not opaque and stats[_N_BEYOND] > 0 and (
             pair.dtype_base != pair.dtype_tuned or _offset_stored(base, pair.base_name, tuned, tuned_name)
             # the same dtype rounded through a narrower one: tried on vectors (cheap) and beside quantized
             # weights (a quantizer that loaded the model as bf16 writes its float tensors back so)
@@ -402,7 +404,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             above = True                           # rank the whole change above the quantization noise
 
     nd = rec.norm_delta
-    nf_b, nf_t = (int(fields.get(k, 0) or 0) for k in ("nonfinite_base", "nonfinite_tuned"))
+    nf_b, nf_t = int(fields.get("nonfinite_base", 0) or 0), int(fields.get("nonfinite_tuned", 0) or 0)
     try:
         huge = _beyond_f32(rec, pair)
     except BadValues as exc:
@@ -572,9 +574,6 @@ class BadValues(ValueError):
 def _awq_folded(base, tuned, name: str) -> dict | None:
     """The record's ``quant`` when norm or bias ``name`` holds AWQ's folded scales (weightdiff.measure.awq_fold):
     the side whose linears after it are AWQ-quantized, and the scales' range; else None."""
-    from .awq_fold import _awq_norm_both, bias_fold, norm_fold
-    from .quant_floor import FOLD_REL
-
     if _awq_norm_both(base, tuned, name):
         # both sides AWQ with searched scales: each file folded its own scales into this norm, so the two
         # differ by the ratio of two searches, which no floor bounds (untested, as two compensated quantizations)
@@ -795,20 +794,38 @@ _SMALL_KINDS = ("paired",)
 Span = tuple
 
 
-def _small_spans(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint) -> Span | None:
-    """Where a small plain pair's bytes are, or None when it takes the windowed path."""
-    if (pair.kind not in _SMALL_KINDS or pair.transposed or pair.tied or getattr(pair, "tuned_source", None)
-            or pair.shape_tuned is None or pair.dtype_base is None or pair.dtype_tuned is None):
-        return None
-    if not (DTYPES[pair.dtype_base].decodable and DTYPES[pair.dtype_tuned].decodable):
-        return None
-    if not 0 < _elements(pair, pair.shape_tuned) <= min(SMALL_ELEMENTS, SMALL_MAX):
-        return None
-    sb = bases[pair.base_index].plain_span(pair.base_name)
-    st = tuned.plain_span(pair.tuned_name)
-    if sb is None or st is None:
-        return None
-    return (pair.base_index, *sb, storage_of(pair.dtype_base), *st, storage_of(pair.dtype_tuned))
+def _small_spans_all(pairs: Sequence[Pair], bases: Sequence[Checkpoint], tuned: Checkpoint) -> list[Span | None]:
+    """Where each small plain pair's bytes are, or None for a pair that takes the windowed path (with
+    what depends only on a dtype or a shape worked out once per dtype and shape, not per pair)."""
+    plain: dict = {}            # dtype -> its storage dtype when decodable, else None
+    small: dict = {}            # shape -> whether it is a small pair's
+    limit = min(SMALL_ELEMENTS, SMALL_MAX)
+    out: list[Span | None] = []
+    for pair in pairs:
+        if (pair.kind not in _SMALL_KINDS or pair.transposed or pair.tied or pair.tuned_source
+                or pair.shape_tuned is None or pair.dtype_base is None or pair.dtype_tuned is None):
+            out.append(None)
+            continue
+        db, dt = pair.dtype_base, pair.dtype_tuned
+        if db not in plain:
+            plain[db] = storage_of(db) if DTYPES[db].decodable else None
+        if dt not in plain:
+            plain[dt] = storage_of(dt) if DTYPES[dt].decodable else None
+        sb_dtype, st_dtype = plain[db], plain[dt]
+        if sb_dtype is None or st_dtype is None:
+            out.append(None)
+            continue
+        shape = pair.shape_tuned if type(pair.shape_tuned) is tuple else tuple(pair.shape_tuned)
+        ok = small.get(shape)
+        if ok is None:
+            ok = small[shape] = 0 < _elements(pair, shape) <= limit
+        if not ok:
+            out.append(None)
+            continue
+        sb = bases[pair.base_index].plain_span(pair.base_name)
+        st = tuned.plain_span(pair.tuned_name)
+        out.append(None if sb is None or st is None else (pair.base_index, *sb, sb_dtype, *st, st_dtype))
+    return out
 
 
 def _read_small(spans: list[Span | None], first: int, bases: Sequence[Checkpoint],
@@ -978,7 +995,7 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
         from .cache import RecordCache
 
         cache = RecordCache(options.cache, options.settings())
-    spans = [_small_spans(p, bases, tuned) if backend.name == "cpu" else None for p in pairs]
+    spans = _small_spans_all(pairs, bases, tuned) if backend.name == "cpu" else [None] * len(pairs)
     pres: dict[int, tuple[np.ndarray, dict, dict]] = {}
     solver = Solver()
     pending: list[tuple[TensorRecord, object, Pair]] = []   # computed, not yet cached (rank maybe still solving)
