@@ -208,8 +208,8 @@ def is_embedding(name: str) -> bool:
     >>> is_embedding("model.embed_tokens.weight"), is_embedding("transformer.wpe.weight")
     (True, False)
     """
-    leaf = _leaf(name).rsplit(".", 1)[-1]
-    return name.endswith(".weight") and leaf in _EMBED_LEAVES
+    # (``_leaf`` of a name ending in ``.weight`` is the name without it)
+    return name.endswith(".weight") and name[:-7].rpartition(".")[2] in _EMBED_LEAVES
 
 
 def is_lm_head(name: str) -> bool:
@@ -249,11 +249,11 @@ def is_buffer(name: str, dtype: str | None = None, shape=None) -> bool:
     >>> is_buffer("h.0.attn.c_attn.bias", "F32", (96,)), is_buffer("q.weight", "I8", (4, 4))
     (False, False)
     """
-    parts = str(name).split(".")
-    leaf = parts[-1]
+    head, dot, leaf = str(name).rpartition(".")
     if leaf in BUFFER_LEAVES or (dtype is not None and dtype in BUFFER_DTYPES):
         return True
-    return leaf == "bias" and len(parts) > 1 and parts[-2] == "attn" and shape is not None and len(shape) >= 2
+    # the component before the leaf is the last one of the head
+    return leaf == "bias" and bool(dot) and head.rpartition(".")[2] == "attn" and shape is not None and len(shape) >= 2
 
 
 def clear_name_caches() -> None:

@@ -136,8 +136,12 @@ def source_of(it: _Item) -> str | None:
 def _shape(shape) -> tuple[int, ...]:
     """``shape`` as a tuple of ints: the header's own tuple when it is one already (a reader
     shares one tuple per distinct shape; 100,000 pairs need no copies of it)."""
-    if type(shape) is tuple and all(type(d) is int for d in shape):
-        return shape
+    if type(shape) is tuple:
+        for d in shape:             # (a loop, not a generator: asked twice for each of 100,000 pairs)
+            if type(d) is not int:
+                break
+        else:
+            return shape
     return tuple(map(int, shape))
 
 
