@@ -109,6 +109,18 @@ def test_tensor_row_views_read_and_write_like_the_rows(tmp_path, rng):
     assert plain_rows(views)["tensors"] == rows["tensors"] and all(type(t) is dict for t in views["tensors"])
 
 
+@pytest.mark.parametrize("n", [1, 1023, 1024, 1025, 2500])
+def test_many_rows_are_written_as_one_row_per_line(n):
+    """Rows are joined a thousand at a time before they are handed on: the same text at every count."""
+    from weightdiff.records import dump_chunks
+
+    obj = {"a": 1, "tensors": [{"name": f"t{i}", "x": i / 3, "nested": {"k": [i, None]}} for i in range(n)], "z": []}
+    pieces: list[str] = []
+    dump_chunks(obj, pieces.append, 1000)
+    assert dumps(obj) == dumps_reference(obj) == "".join(pieces)
+    assert dumps(obj).count("\n") == n + 6
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
 def test_json_written_in_pieces_is_the_same_bytes(tmp_path, rng, chunk):
     """``dump_chunks`` hands on exactly ``dumps``' text, and ``write_text_pieces`` writes exactly
