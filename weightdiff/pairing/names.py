@@ -116,8 +116,11 @@ def _kind_of(rest: tuple[str, ...], in_block: bool) -> str:
 def _block_position(parts: list[str]) -> int | None:
     """Where the block index sits in a split name; a number right before a wrapper is a
     container slot (sentence-transformers' ``0.auto_model.``), not a block."""
-    return next((i for i, p in enumerate(parts) if p.isdecimal() and p.isascii() and len(p) < 10
-                 and not (i + 1 < len(parts) and parts[i + 1] in _WRAPPERS)), None)
+    n = len(parts)
+    for i, p in enumerate(parts):       # (a loop, not a generator: the first parse of every name asks)
+        if p.isdecimal() and p.isascii() and len(p) < 10 and not (i + 1 < n and parts[i + 1] in _WRAPPERS):
+            return i
+    return None
 
 
 def block_slot(name: str) -> tuple[str | None, int | None]:
