@@ -86,6 +86,68 @@ def test_small_reads_stay_bounded_when_gaps_separate_the_small_tensors(tmp_path,
     assert [t.status for t in result.tensors if t.name.endswith(".a")].count("changed") == 1
 
 
+@pytest.mark.parametrize("seed,budget", [(s, b) for s in range(3) for b in (300, 5_000, 1 << 25)])
+def test_small_reads_are_the_pair_by_pair_runs(monkeypatch, seed, budget):
+    """``_read_side`` finds its runs with arrays: the same reads (file, first byte, end byte) as the loop
+    over the sorted pairs, and every pair's bytes where it says; with several files and bases, gaps,
+    pairs sharing bytes, and runs cut by the byte budget."""
+    rng = np.random.default_rng(seed)
+    monkeypatch.setattr(compute, "SMALL_BATCH_BYTES", budget)
+    files = {}
+
+    class Side:
+        def __init__(self, name):
+            self.name = name
+
+        def read_span(self, path, lo, hi):
+            reads.append((self.name, str(path), lo, hi))
+            return files[path][lo:hi].copy()
+
+    from pathlib import Path
+
+    paths = [Path(f"/x/f{k}.safetensors") for k in range(3)]
+    for p in paths:
+        files[p] = rng.integers(0, 255, 200_000, dtype=np.uint8)
+    bases, tuned = [Side("b0"), Side("b1")], Side("t")
+    spans = []
+    for _ in range(int(rng.integers(1, 400))):
+        sb, st = int(rng.integers(0, 199_000)), int(rng.integers(0, 199_000))
+        if spans and rng.random() < 0.4:           # right after the last one, or sharing its bytes
+            sb = spans[-1][3] if rng.random() < 0.8 else spans[-1][2]
+        n = int(rng.integers(1, 40))
+        spans.append((int(rng.integers(0, 2)), paths[int(rng.integers(0, 3))], sb, sb + n, None,
+                      paths[int(rng.integers(0, 2))], st, st + n, None))
+    batch = list(range(len(spans)))
+    for side in (0, 1):
+        at = 1 + 4 * side
+        reads = []
+        packed, begin, length = compute._read_side(spans, batch, side, bases, tuned)
+        got_reads = reads
+        # the loop it replaces
+        reads = []
+        order = sorted(batch, key=lambda i: (spans[i][0] if side == 0 else 0, str(spans[i][at]), spans[i][at + 1]))
+        j = 0
+        while j < len(order):
+            i0 = order[j]
+            ck = bases[spans[i0][0]] if side == 0 else tuned
+            path, lo, hi = spans[i0][at], spans[i0][at + 1], spans[i0][at + 2]
+            k = j + 1
+            while k < len(order):
+                s = spans[order[k]]
+                if ((bases[s[0]] if side == 0 else tuned) is not ck or s[at] != path or s[at + 1] - hi > (1 << 16)
+                        or max(hi, s[at + 2]) - lo > budget):
+                    break
+                hi = max(hi, s[at + 2])
+                k += 1
+            ck.read_span(path, lo, hi)
+            j = k
+        assert got_reads == reads
+        for k, i in enumerate(batch):
+            s = spans[i]
+            want = files[s[at]][s[at + 1]:s[at + 2]]
+            assert length[k] == len(want) and np.array_equal(packed[begin[k]:begin[k] + length[k]], want)
+
+
 @pytest.mark.parametrize("size", [(64, 128), (600, 700)])     # batched small pair / streamed Gram
 def test_values_that_become_non_finite_leave_the_change_without_a_rank(tmp_path, size):
     """A matrix whose only change is a patch of NaN read "low_rank (largest numerical rank 0)" with

@@ -109,6 +109,18 @@ def test_tensor_row_views_read_and_write_like_the_rows(tmp_path, rng):
     assert plain_rows(views)["tensors"] == rows["tensors"] and all(type(t) is dict for t in views["tensors"])
 
 
+@pytest.mark.parametrize("n", [1, 1023, 1024, 1025, 2500])
+def test_many_rows_are_written_as_one_row_per_line(n):
+    """Rows are joined a thousand at a time before they are handed on: the same text at every count."""
+    from weightdiff.records import dump_chunks
+
+    obj = {"a": 1, "tensors": [{"name": f"t{i}", "x": i / 3, "nested": {"k": [i, None]}} for i in range(n)], "z": []}
+    pieces: list[str] = []
+    dump_chunks(obj, pieces.append, 1000)
+    assert dumps(obj) == dumps_reference(obj) == "".join(pieces)
+    assert dumps(obj).count("\n") == n + 6
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
 def test_json_written_in_pieces_is_the_same_bytes(tmp_path, rng, chunk):
     """``dump_chunks`` hands on exactly ``dumps``' text, and ``write_text_pieces`` writes exactly
@@ -186,6 +198,25 @@ def test_records_keep_cpythons_key_sharing():
     assert len(fields(TensorRecord)) <= 29
     recs = [TensorRecord(f"t{i}", None, "changed", [1], None, "U8", "U8", 1) for i in range(3)]
     assert sys.getsizeof(recs[1].__dict__) < 600          # split (shared-key) dict: 296 B; combined 1584
+
+
+def test_a_comparison_adds_no_attribute_to_its_records(tmp_path):
+    """Changed vectors go through the cast test; one that finds no cast must not leave ``cast = None``
+    on the record: a 30th attribute ends the key sharing (1.2 KB per record) and sends the record's
+    JSON row and view down their slow paths (a third of a 100,000-tensor comparison's records)."""
+    import numpy as np
+
+    from weightdiff.comparison import compare
+    from weightdiff.io.safetensors_write import save_file
+    from weightdiff.records import _TENSOR_FIELDS
+
+    for side, k in (("a", 0), ("b", 1)):
+        save_file(tmp_path / f"{side}.safetensors",
+                  {f"layers.{i}.norm.weight": ("F32", np.full(4, 1.0 + k * (i % 2) * 0.25, np.float32))
+                   for i in range(4)} | {"x.w": ("U8", np.array([1, 2 + k], np.uint8))}, {"format": "pt"})
+    result = compare(tmp_path / "a.safetensors", tmp_path / "b.safetensors", rank=False)
+    assert {r.status for r in result.tensors} == {"changed", "unchanged"}
+    assert all(list(r.__dict__) == list(_TENSOR_FIELDS) for r in result.tensors)
 
 
 def test_cast_is_in_a_row_only_when_set():

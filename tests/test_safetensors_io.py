@@ -313,6 +313,70 @@ def test_fast_header_parse_is_the_strict_parse_or_declines():
     assert _fast_infos(plain.encode(), 100, p) is not None and 20 < declined < len(cases)
 
 
+def test_compact_header_parse_is_the_strict_parse_or_declines(tmp_path):
+    """The regular-expression parse of the writers' compact header form gives exactly the strict
+    parse's result (names, metadata, order, shapes), and declines whatever else could differ."""
+    import random
+
+    from weightdiff.errors import CheckpointError
+    from weightdiff.io.safetensors_read import _compact_infos, _fast_infos, _strict_infos
+
+    def entry(i, dtype="F32"):
+        return '{"dtype":"%s","shape":[%d,2],"data_offsets":[%d,%d]}' % (dtype, i, 8 * i * i, 8 * i * (i + 1))
+
+    p = Path("h.safetensors")
+    taken = [
+        '{"t.0":%s}' % entry(0), '{"__metadata__":{"format":"pt"},"a":%s,"b":%s}' % (entry(1), entry(2)),
+        '{"__metadata__":{},"a":%s}   ' % entry(1), '{"__metadata__":{"k":"x},y","":"{"},"a":%s}' % entry(1),
+        '{"a":{"dtype":"U8","shape":[],"data_offsets":[0,1]}}', '{"é {x}:":%s,"\x7f":%s}' % (entry(1), entry(2)),
+        '{"a":{"dtype":"F32","shape":[0,10],"data_offsets":[5,5]}}',
+    ]
+    declined = [
+        '{"a":%s,"a":%s}' % (entry(1), entry(2)), '{"__metadata__":{"k":"1","k":"2"},"a":%s}' % entry(1),
+        '{"a":%s,"__metadata__":{"k":"1"}}' % entry(1), '{"__metadata__":%s}' % entry(1),
+        '{"a":{"dtype":"F99","shape":[1],"data_offsets":[0,4]}}', '{"a":{"dtype":"F32","shape":[01],"data_offsets":[0,4]}}',
+        '{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}', '{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}',
+        '{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}', '{"a":{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}}',
+        '{"a":{"shape":[1],"dtype":"F32","data_offsets":[0,4]}}', '{"a": %s}' % entry(1), ' {"a":%s}' % entry(1),
+        '{"a":%s}x' % entry(1), '{"a\tb":%s}' % entry(1), '{"a\\u0041":%s}' % entry(1), "{}", '{"__metadata__":{}}',
+        '{"a":%s,}' % entry(1), '{"a":%s' % entry(1),
+    ]
+    rng = random.Random(1)
+    for _ in range(300):
+        names = [rng.choice(["a", "b", "c", "__metadata__", "x:{", "é"]) + str(rng.randint(0, 3))
+                 for _ in range(rng.randint(1, 6))]
+        body = ",".join('"%s":%s' % (n, entry(rng.randint(0, 4), rng.choice(["F32", "BF16", "F99"]))) for n in names)
+        if rng.random() < 0.5:
+            meta = ",".join('"%s":"%s"' % (rng.choice("kl"), rng.choice(["pt", ":", "a}b", ""]))
+                            for _ in range(rng.randint(0, 2)))
+            body = '"__metadata__":{%s},' % meta + body
+        taken.append("{" + body + "}" + " " * rng.randint(0, 7))
+    n_taken = 0
+    for text in taken + declined:
+        raw = text.encode("utf-8")
+        got = _compact_infos(text, 8 + len(raw), p)
+        if got is None:
+            assert text not in taken[:7], text
+            continue
+        assert text not in declined, text
+        n_taken += 1
+        try:
+            strict = _strict_infos(raw, p, 8 + len(raw), p)
+        except CheckpointError as exc:
+            raise AssertionError(f"the compact parse took a header the strict parse refuses: {text} ({exc})")
+        assert got == strict and _fast_infos(raw, 8 + len(raw), p) == strict, text
+        assert all(type(v) is str for v in got[1].values()), text
+    assert n_taken > 40          # the seeded random headers: 46 taken, the rest repeat a name or use F99
+    # what the writers produce (padded with spaces) is taken
+    from weightdiff.io.safetensors_write import save_file
+
+    save_file(tmp_path / "m.safetensors", {"a.w": ("F32", np.ones((2, 3), np.float32)),
+                                           "b.w": ("U8", np.ones(3, np.uint8))}, {"format": "pt"})
+    blob = (tmp_path / "m.safetensors").read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    assert _compact_infos(blob[8:8 + n].decode(), 8 + n, p) == _strict_infos(blob[8:8 + n], p, 8 + n, p)
+
+
 def test_identical_checkpoints_with_empty_tensors_read_identical(tmp_path, rng):
     # a [0] or [3, 0] tensor holds nothing that could differ: it read "changed" (no share of changed
     # elements to take), so two byte-identical checkpoints read "DERIVED: a fine-tune"
@@ -343,3 +407,23 @@ def test_changes_that_are_only_nan_are_inconclusive_not_a_fine_tune(tmp_path, rn
     r = compare(a, save_file(tmp_path / "both.safetensors", broken))
     assert r.summary.verdict == "derived"
     assert "1 of the changed tensors differ only by NaN or infinite values" in r.summary.verdict_reason
+
+
+@pytest.mark.parametrize("where", ["offset", "shape"])
+def test_a_huge_integer_in_a_compact_header_is_one_line(tmp_path, where):
+    # the compact-form fast parse converted a 5,000-digit integer itself: Python's int() refused it with an
+    # internal error (exit 1) where the strict parse names the problem
+    import struct
+
+    from weightdiff.errors import CheckpointError
+    from weightdiff.io.safetensors_read import SafetensorsFile
+
+    big = "9" * 5000
+    text = ('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,%s]}}' if where == "offset" else
+            '{"a":{"dtype":"F32","shape":[%s],"data_offsets":[0,4]}}') % big
+    h = text.encode()
+    h += b" " * (-len(h) % 8)
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(struct.pack("<Q", len(h)) + h + b"\0" * 4)
+    with pytest.raises(CheckpointError, match="more than 4,300 digits"):
+        SafetensorsFile(p)

@@ -219,6 +219,8 @@ class Checkpoint:
 
     def offset_storage(self, name: str) -> str | None:
         """The float dtype ``name`` is stored in as ``1 + w`` by its reader (GGUF Gemma norms), or None."""
+        if self._opener is SafetensorsFile and not hasattr(SafetensorsFile, "offset_storage"):
+            return None                 # (asked of every changed vector: no file to look up)
         info = self.tensors.get(name)
         if info is None or info.start is None or name in self.quant:
             return None

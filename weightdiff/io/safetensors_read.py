@@ -229,7 +229,14 @@ def _fast_infos(raw: bytes | bytearray, data_start: int, p: Path) -> "tuple[list
     if len(raw) > FAST_HEADER_MAX or b"\\" in raw or _KEY_GAP.search(raw) is not None:
         return None
     try:
-        top = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        text = raw.decode("utf-8")
+    except ValueError:
+        return None
+    compact = _compact_infos(text, data_start, p)
+    if compact is not None:
+        return compact
+    try:
+        top = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return None
     if type(top) is not dict:
@@ -270,6 +277,63 @@ def _fast_infos(raw: bytes | bytearray, data_start: int, p: Path) -> "tuple[list
 
 
 _BITS_OF = {name: d.bits for name, d in DTYPES.items()}
+
+
+# The compact form the safetensors writers produce (no whitespace, ``__metadata__`` first, each entry's
+# keys in the order dtype, shape, data_offsets), matched by regular expressions instead of decoded into a
+# dict and two lists per tensor (4 times faster for 100,000 tensors; the writers pad the text with spaces
+# to a multiple of 8 bytes, which JSON allows after the value). A string here has no backslash (no
+# escape), so it is every character between two quotes, which JSON allows unless it is a control
+# character; integers are JSON's (no sign, no leading zero, no fraction).
+_STR = r'"[^"\\\x00-\x1f]*+"'
+_INT = r'(?:0|[1-9][0-9]{0,17}+)'       # at most 18 digits: a longer number is left to the strict parse's message
+_ENTRY = (r'"[^"\\\x00-\x1f]*+":\{"dtype":"[0-9A-Za-z_]++","shape":\[(?:%s(?:,%s)*+)?\],"data_offsets":'
+          r'\[%s,%s\]\}' % (_INT, _INT, _INT, _INT))
+_META = r'"__metadata__":\{(?:%s:%s(?:,%s:%s)*+)?\}' % (_STR, _STR, _STR, _STR)
+#: the whole text, nothing captured and no backtracking (possessive): 0.04 s for 100,000 entries
+_COMPACT = re.compile(r'\{(?:%s,)?+%s(?:,%s)*+\}[ \t\n\r]*+' % (_META, _ENTRY, _ENTRY))
+_COMPACT_META = re.compile(r'\{"__metadata__":\{((?:%s:%s(?:,%s:%s)*+)?)\},' % (_STR, _STR, _STR, _STR))
+_COMPACT_ENTRY = re.compile(r'"([^"\\\x00-\x1f]*)":\{"dtype":"([0-9A-Za-z_]+)","shape":\[([0-9,]*)\],'
+                            r'"data_offsets":\[([0-9]+),([0-9]+)\]\}')
+_META_ITEM = re.compile(r'"([^"\\\x00-\x1f]*)":"([^"\\\x00-\x1f]*)"')
+
+
+def _compact_infos(text: str, data_start: int, p: Path) -> "tuple[list, dict] | None":
+    """``_fast_infos`` of a header in the writers' compact form (the whole text matches ``_COMPACT``),
+    else None. The same result as decoding it: a repeated name or metadata key, a tensor named
+    ``__metadata__``, an unknown dtype or a size that does not fit declines, as there."""
+    if _COMPACT.fullmatch(text) is None:
+        return None
+    # the text is known to be in the compact form: the two plain patterns below find its parts
+    meta: dict = {}
+    head = _COMPACT_META.match(text)
+    if head is not None:
+        items = _META_ITEM.findall(head.group(1))
+        meta = dict(items)
+        if len(meta) != len(items):
+            return None
+    found = _COMPACT_ENTRY.findall(text, 1 if head is None else head.end())
+    shapes: dict[str, tuple] = {}                 # distinct shape text -> (elements, one shared tuple)
+    bits_of = _BITS_OF
+    infos = []
+    try:
+        for name, dtype, shape_text, begin, end in found:
+            known = shapes.get(shape_text)
+            if known is None:
+                key = tuple(map(int, shape_text.split(","))) if shape_text else ()
+                known = shapes[shape_text] = (math.prod(key), key)
+            n, shape = known
+            begin, end = int(begin), int(end)
+            bits = bits_of[dtype] * n
+            if not begin <= end or bits % 8 or end - begin != bits // 8:
+                return None
+            infos.append(TensorInfo(name, dtype, shape, p, data_start + begin, data_start + end))
+    except (KeyError, ValueError):                # an unknown dtype; an integer Python will not convert
+        return None
+    names = {t.name for t in infos}
+    if len(names) != len(infos) or "__metadata__" in names:
+        return None
+    return infos, meta
 
 
 def _plain(value: object) -> object:

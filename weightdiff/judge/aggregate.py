@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 
-from ..pairing.names import component_of, parse_name
+from ..pairing.names import group_of, parse_name
 from ..options import Thresholds
 from ..records import BlockRecord, TensorRecord
-from .status import (placements, delta_params_range, extra_rows, is_changed, is_mismatch, is_tied, max_rank_fields, norms_sq,
-                     ratio)
+from .status import (_NOT_CHANGED, placements, delta_params_range, extra_rows, is_changed, is_mismatch, is_tied,
+                     max_rank_fields, norms_sq, ratio)
 
 __all__ = ["aggregate"]
 
@@ -73,6 +73,8 @@ def _facts(rec: TensorRecord, thresholds: Thresholds) -> tuple:
     """What a block and a module kind add up of one record, worked out once for both:
     (changed, delta parameters, extra rows, squared norms or None, the least the delta parameters
     could be when the energy rank is a bracket)."""
+    if rec.status in _NOT_CHANGED:      # not changed, no extra rows, nothing to write down (judge.status)
+        return False, 0, 0, norms_sq(rec), 0
     dp_changed, dp_added, lo = delta_params_range(rec, thresholds)
     return is_changed(rec, thresholds), dp_changed + dp_added, extra_rows(rec), norms_sq(rec), lo + dp_added
 
@@ -85,21 +87,22 @@ def aggregate(records: list[TensorRecord], thresholds: Thresholds) -> tuple[list
     other tensor outside blocks). Removed base tensors and tied-head rows (the tuned
     embedding shown again against the base head) are left out of blocks and modules.
     """
-    where = {id(r): w for r, w in zip(records, placements(records))}
-    for rec in records:
-        rec.block, _, rec.module = parse_name(where[id(rec)])
-    counted = [r for r in records if not is_tied(r)]
-    live = [r for r in counted if r.status != "removed"]
+    placed = placements(records)
+    for rec, name in zip(records, placed):
+        rec.block, _, rec.module = parse_name(name)
 
     blocks: dict[str, _Acc] = {}
     index: dict[str, int | None] = {}
     namespaces: dict[str, int] = {}
     modules: dict[str, _Acc] = {}
-    for rec in live:
-        label = component_of(where[id(rec)])
+    for rec, name in zip(records, placed):
+        if rec.status == "removed" or is_tied(rec):
+            continue
+        # component_of(name): the block parse_name just gave, or the group outside blocks
+        label = rec.block if rec.block is not None else group_of(name, rec.module)
         if label not in blocks:
             blocks[label] = _Acc()
-            index[label] = parse_name(where[id(rec)])[1] if rec.block is not None else None
+            index[label] = parse_name(name)[1] if rec.block is not None else None
             namespaces.setdefault(label.rsplit(".", 1)[0] if rec.block is not None else label, len(namespaces))
         facts = _facts(rec, thresholds)
         blocks[label].add(rec, facts, rec.module)

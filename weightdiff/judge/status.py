@@ -24,6 +24,9 @@ __all__ = ["classify", "cast_explains", "is_changed", "is_mismatch", "zero_side"
 
 
 PAIRED = ("unchanged", "rounding", "quantized", "changed", "resized")
+#: statuses that carry no change (``is_changed`` False) and no extra rows (``extra_rows`` 0), whatever else
+#: the record holds: their ``delta_params_of`` is (0, 0) at either end of a rank bracket
+_NOT_CHANGED = ("unchanged", "rounding", "quantized")
 
 
 def placements(records) -> list[str]:
@@ -224,6 +227,8 @@ def _sparse_cost(rec: TensorRecord) -> int:
 def delta_params_range(rec: TensorRecord, thresholds: Thresholds) -> tuple[int, int, int]:
     """``delta_params_of`` and the least its changed part could be: (changed, added, changed at the
     lower end of a bracketed energy rank; equal to changed when the rank is not a bracket)."""
+    if rec.status in _NOT_CHANGED:      # (most records) no change, no new rows: nothing to write down
+        return 0, 0, 0
     c, a = delta_params_of(rec, thresholds)
     lo = c if rec.rank is None or not rec.rank.bounds else delta_params_of(rec, thresholds, lower=True)[0]
     if unresolved_quant_noise(rec) and is_changed(rec, thresholds) and (dims := matrix_dims(rec)) is not None:
@@ -309,13 +314,17 @@ def classify(stats: dict, dtype_base: str | None, dtype_tuned: str | None, thres
         return "changed"
     if changed == 0:
         return "unchanged"
-    floats = all(d is not None and d in DTYPES and DTYPES[d].kind == "float" for d in (dtype_base, dtype_tuned))
+    floats = _IS_FLOAT.get(dtype_base, False) and _IS_FLOAT.get(dtype_tuned, False)
     if floats and cast_explains(stats.get("cast"), thresholds):
         return "rounding"        # bitwise a cast chain of the base (through fp16, past the range)
     new_nonfinite = int(stats.get("nonfinite_tuned", 0) or 0) > int(stats.get("nonfinite_base", 0) or 0)
     if floats and beyond is not None and beyond <= thresholds.rounding_frac and not new_nonfinite:
         return "rounding"
     return "changed"
+
+
+#: dtype name -> whether it is a float format (``classify``: one lookup a side)
+_IS_FLOAT = {name: d.kind == "float" for name, d in DTYPES.items()}
 
 
 def cast_explains(cast: dict | None, thresholds: Thresholds) -> bool:

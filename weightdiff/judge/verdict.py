@@ -304,8 +304,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         bpe = bytes_per(r.dtype_tuned or r.dtype_base)
         model_bytes += r.numel * bpe
         lr_bytes += (c + a) * bpe
-        dims = matrix_dims(r)
-        if c and dims is not None and not is_mismatch(r):
+        if c and (dims := matrix_dims(r)) is not None and not is_mismatch(r):
             sign_bytes += math.ceil(dims[0] * dims[1] / 8) + bpe
         else:
             sign_bytes += c * bpe

@@ -28,7 +28,8 @@ from ..pairing.plan import Pair, Plan
 from ..records import RankRecord, TensorRecord
 from .backend import Backend
 from .floors import FloorAccumulator
-from .quant_floor import floor_test
+from .awq_fold import _awq_norm_both, bias_fold, norm_fold
+from .quant_floor import FOLD_REL, floor_test
 from .recast import cast_test, clamp_test
 from .rank_stream import float_matrix, streamed_rank_sink
 
@@ -342,6 +343,7 @@ def _array_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str, t
     return acc
 
 
+_N_BEYOND = reference.IDX["n_beyond"]
 _FILLED = ("norm_base", "norm_tuned", "norm_delta", "rel_change", "cosine", "frac_changed",
            "frac_beyond_rounding", "max_abs_delta")
 
@@ -458,19 +460,23 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     # a transposed pair is tested in the base's orientation (its values and floor read whole, transposed)
     t_side, t_shape = (tuned, shape_t) if tuned_t is None else (TransposedSide(tuned, tuned_name, shape_b, tuned_t),
                                                                 shape_b)
-    if not opaque and stats[reference.IDX["n_beyond"]] > 0 and (
+    if not opaque and stats[_N_BEYOND] > 0 and (
             pair.dtype_base != pair.dtype_tuned or _offset_stored(base, pair.base_name, tuned, tuned_name)
             # the same dtype rounded through a narrower one: tried on vectors (cheap) and beside quantized
             # weights (a quantizer that loaded the model as bf16 writes its float tensors back so)
             or (shape_t is not None and len(shape_t) <= 1) or bool(getattr(base, "quant", None))
             or bool(getattr(tuned, "quant", None))):
         # beyond half an ulp of a cast: is it still exactly a cast (through fp16, past the range)?
-        rec.cast = cast_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
-                             rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac) or \
+        cast = cast_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
+                         rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac) or \
             clamp_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
                        rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac)
-        if rec.cast is not None:
-            fields = {**fields, "cast": rec.cast}
+        if cast is not None:
+            # set only when found: a `cast = None` of its own is a 30th attribute, which ends the key
+            # sharing of the record's __dict__ (1.2 KB more each) and sends its JSON row and its
+            # TensorRow view down their slow paths (every changed vector of a 100,000-tensor model)
+            rec.cast = cast
+            fields = {**fields, "cast": cast}
     if pair.kind == "resized":
         rec.status = "resized"
         rec.note = (f"{'router of' if is_router(pair.tuned_name) else 'vocabulary resized from'} {shape_b[0]} "
@@ -515,7 +521,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             above = True                           # rank the whole change above the quantization noise
 
     nd = rec.norm_delta
-    nf_b, nf_t = (int(fields.get(k, 0) or 0) for k in ("nonfinite_base", "nonfinite_tuned"))
+    nf_b, nf_t = int(fields.get("nonfinite_base", 0) or 0), int(fields.get("nonfinite_tuned", 0) or 0)
     try:
         huge = _beyond_f32(rec, pair)
     except BadValues as exc:
@@ -685,9 +691,6 @@ class BadValues(ValueError):
 def _awq_folded(base, tuned, name: str) -> dict | None:
     """The record's ``quant`` when norm or bias ``name`` holds AWQ's folded scales (weightdiff.measure.awq_fold):
     the side whose linears after it are AWQ-quantized, and the scales' range; else None."""
-    from .awq_fold import _awq_norm_both, bias_fold, norm_fold
-    from .quant_floor import FOLD_REL
-
     if _awq_norm_both(base, tuned, name):
         # both sides AWQ with searched scales: each file folded its own scales into this norm, so the two
         # differ by the ratio of two searches, which no floor bounds (untested, as two compensated quantizations)
@@ -904,26 +907,47 @@ _SMALL_KINDS = ("paired",)
 Span = tuple
 
 
-def _small_spans(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint) -> Span | None:
-    """Where a small plain pair's bytes are, or None when it takes the windowed path."""
-    if (pair.kind not in _SMALL_KINDS or pair.transposed or pair.tied or getattr(pair, "tuned_source", None)
-            or pair.shape_tuned is None or pair.dtype_base is None or pair.dtype_tuned is None):
-        return None
-    if not (DTYPES[pair.dtype_base].decodable and DTYPES[pair.dtype_tuned].decodable):
-        return None
-    if not 0 < _elements(pair, pair.shape_tuned) <= min(SMALL_ELEMENTS, SMALL_MAX):
-        return None
-    sb = bases[pair.base_index].plain_span(pair.base_name)
-    st = tuned.plain_span(pair.tuned_name)
-    if sb is None or st is None:
-        return None
-    return (pair.base_index, *sb, storage_of(pair.dtype_base), *st, storage_of(pair.dtype_tuned))
+def _small_spans_all(pairs: Sequence[Pair], bases: Sequence[Checkpoint], tuned: Checkpoint) -> list[Span | None]:
+    """Where each small plain pair's bytes are, or None for a pair that takes the windowed path (with
+    what depends only on a dtype or a shape worked out once per dtype and shape, not per pair)."""
+    plain: dict = {}            # dtype -> its storage dtype when decodable, else None
+    small: dict = {}            # shape -> whether it is a small pair's
+    limit = min(SMALL_ELEMENTS, SMALL_MAX)
+    out: list[Span | None] = []
+    for pair in pairs:
+        if (pair.kind not in _SMALL_KINDS or pair.transposed or pair.tied or pair.tuned_source
+                or pair.shape_tuned is None or pair.dtype_base is None or pair.dtype_tuned is None):
+            out.append(None)
+            continue
+        db, dt = pair.dtype_base, pair.dtype_tuned
+        if db not in plain:
+            plain[db] = storage_of(db) if DTYPES[db].decodable else None
+        if dt not in plain:
+            plain[dt] = storage_of(dt) if DTYPES[dt].decodable else None
+        sb_dtype, st_dtype = plain[db], plain[dt]
+        if sb_dtype is None or st_dtype is None:
+            out.append(None)
+            continue
+        shape = pair.shape_tuned if type(pair.shape_tuned) is tuple else tuple(pair.shape_tuned)
+        ok = small.get(shape)
+        if ok is None:
+            ok = small[shape] = 0 < _elements(pair, shape) <= limit
+        if not ok:
+            out.append(None)
+            continue
+        sb = bases[pair.base_index].plain_span(pair.base_name)
+        st = tuned.plain_span(pair.tuned_name)
+        out.append(None if sb is None or st is None else (pair.base_index, *sb, sb_dtype, *st, st_dtype))
+    return out
 
 
 def _read_small(spans: list[Span | None], first: int, bases: Sequence[Checkpoint],
-                tuned: Checkpoint) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+                tuned: Checkpoint) -> tuple[list[int], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """Both sides of the run of small pairs from ``first`` on (at most ``SMALL_BATCH_BYTES`` a
-    side), each side read in runs of neighbouring bytes of one file."""
+    side), each side read in runs of neighbouring bytes of one file: (the batch's pair indices, and
+    per side (base, tuned) the bytes of every pair of the batch one after the other, where pair
+    ``batch[k]``'s begin and how many there are). No array per pair: 100,000 tiny tensors made
+    200,000 numpy views."""
     batch, used = [], [0, 0]
     for i in range(first, len(spans)):
         s = spans[i]
@@ -935,35 +959,95 @@ def _read_small(spans: list[Span | None], first: int, bases: Sequence[Checkpoint
         batch.append(i)
         used[0] += s[3] - s[2]
         used[1] += s[7] - s[6]
-    out: dict[int, list] = {i: [None, None] for i in batch}
+    packed, begins, lengths = [], [], []
     for side in (0, 1):
-        at = 1 + 4 * side
-        ckpt_of = (lambda i: bases[spans[i][0]]) if side == 0 else (lambda i: tuned)
-        names = {p: str(p) for p in {spans[i][at] for i in batch}}   # one str() per file, not per pair
-        order = sorted(batch, key=lambda i: (spans[i][0] if side == 0 else 0, names[spans[i][at]],
-                                             spans[i][at + 1]))
-        j = 0
-        while j < len(order):
-            i0 = order[j]
-            ckpt, path, lo, hi = ckpt_of(i0), spans[i0][at], spans[i0][at + 1], spans[i0][at + 2]
-            k = j + 1
-            while k < len(order):       # neighbours in the same file, gaps under 64 KB
-                s = spans[order[k]]
-                if (ckpt_of(order[k]) is not ckpt or (s[at] is not path and s[at] != path) or s[at + 1] - hi > (1 << 16)
-                        or max(hi, s[at + 2]) - lo > SMALL_BATCH_BYTES):   # gaps count: one read stays bounded
-                    break
-                hi = max(hi, s[at + 2])
-                k += 1
-            buf = ckpt.read_span(path, lo, hi)
-            for i in order[j:k]:
-                s = spans[i]
-                arr = buf[s[at + 1] - lo:s[at + 2] - lo].view(s[at + 3])
-                if not arr.flags.aligned:            # an odd offset: the kernels want aligned arrays
-                    arr = arr.copy()
-                arr.flags.writeable = False
-                out[i][side] = arr
-            j = k
-    return {i: (b, t) for i, (b, t) in out.items()}
+        buf, begin, length = _read_side(spans, batch, side, bases, tuned)
+        packed.append(buf)
+        begins.append(begin)
+        lengths.append(length)
+    return batch, packed, begins, lengths
+
+
+#: file offsets are below 2^50 (a petabyte): a file's rank times this keeps the files' offsets apart
+_FILE_STRIDE = 1 << 50
+
+
+def _read_side(spans: list[Span], batch: list[int], side: int, bases: Sequence[Checkpoint],
+               tuned: Checkpoint) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One side of ``_read_small``: (bytes of every pair of the batch, end to end in read order;
+    where pair ``batch[k]``'s begin in them; how many). The reads: the pairs sorted by (base, file,
+    offset); a run goes on while the next pair is in the same file, starts at most 64 KB after the
+    run's end and keeps the run within ``SMALL_BATCH_BYTES`` (gaps count: one read stays bounded)."""
+    at = 1 + 4 * side
+    n = len(batch)
+    rows = [spans[i] for i in batch]
+    begin = np.fromiter((s[at + 1] for s in rows), dtype=np.int64, count=n)
+    end = np.fromiter((s[at + 2] for s in rows), dtype=np.int64, count=n)
+    files: dict = {}                          # (base index, path) -> file rank, in (base, name) order
+    keys = [(s[0] if side == 0 else 0, s[at]) for s in rows]
+    for key in keys:
+        files.setdefault(key, None)
+    ranked = sorted(files, key=lambda k: (k[0], str(k[1])))
+    for r, key in enumerate(ranked):
+        files[key] = r
+    fid = np.fromiter((files[k] for k in keys), dtype=np.int64, count=n) if len(files) > 1 else np.zeros(n, np.int64)
+    order = np.lexsort((np.arange(n), begin, fid))          # a stable sort by (file, offset)
+    b, e, f = begin[order], end[order], fid[order]
+    if n and (int(e.max()) >= _FILE_STRIDE or len(files) >= (1 << 12)):
+        runs = _runs_one_by_one(b, e, f)
+    else:
+        key_b, key_e = f * _FILE_STRIDE + b, f * _FILE_STRIDE + e
+        reach = np.maximum.accumulate(key_e)                  # the running end of the bytes so far
+        cut = np.flatnonzero(key_b[1:] - reach[:-1] > (1 << 16)) + 1      # a new file, or a gap over 64 KB
+        firsts = np.concatenate(([0], cut)).astype(np.int64) if n else np.zeros(0, np.int64)
+        lasts = np.concatenate((cut - 1, [n - 1])).astype(np.int64) if n else np.zeros(0, np.int64)
+        if n and int((reach[lasts] - key_b[firsts]).max()) > SMALL_BATCH_BYTES:
+            runs = _runs_one_by_one(b, e, f)                  # a run to split by size: as the loop does
+        else:
+            runs = [(int(j), int(k) + 1, int(b[j]), int(reach[k] - f[k] * _FILE_STRIDE)) for j, k in zip(firsts, lasts)]
+    sizes = e - b
+    out_begin = np.zeros(n, dtype=np.int64)
+    if n:
+        np.cumsum(sizes[:-1], out=out_begin[1:])
+    parts = []
+    for j, k, lo, hi in runs:
+        key = ranked[int(f[j])]
+        ckpt = bases[key[0]] if side == 0 else tuned
+        buf = ckpt.read_span(key[1], lo, hi)
+        rel, size = b[j:k] - lo, sizes[j:k]
+        tiled = int(rel[0]) == 0 and int(size.sum()) == hi - lo and bool(np.all(rel[1:] == np.cumsum(size)[:-1]))
+        parts.append(buf if tiled else _gather(buf, rel, size))
+    packed = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    where = np.empty(n, dtype=np.int64)
+    where[order] = out_begin
+    length = np.empty(n, dtype=np.int64)
+    length[order] = sizes
+    return packed, where, length
+
+
+def _runs_one_by_one(b: np.ndarray, e: np.ndarray, f: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """The runs of ``_read_side`` (first, past the last, first byte, end byte), pair by pair."""
+    runs, j, n = [], 0, len(b)
+    bl, el, fl = b.tolist(), e.tolist(), f.tolist()
+    while j < n:
+        lo, hi, k = bl[j], el[j], j + 1
+        while k < n and fl[k] == fl[j] and bl[k] - hi <= (1 << 16) and max(hi, el[k]) - lo <= SMALL_BATCH_BYTES:
+            hi = max(hi, el[k])
+            k += 1
+        runs.append((j, k, lo, hi))
+        j = k
+    return runs
+
+
+def _gather(buf: np.ndarray, begin: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """The bytes ``buf[begin[k]:begin[k] + length[k]]`` of every k, end to end, as a new array."""
+    total = int(length.sum())
+    if total == 0:
+        return np.zeros(0, dtype=buf.dtype)
+    if len(begin) and bool(np.all(begin[1:] == begin[:-1] + length[:-1])):   # already end to end
+        return buf[int(begin[0]):int(begin[0]) + total].copy()
+    skip = np.repeat(begin - (np.cumsum(length) - length), length)
+    return buf[skip + np.arange(total, dtype=np.int64)]
 
 
 def _small_batch(pairs: Sequence[Pair], spans: list[Span | None], first: int, bases: Sequence[Checkpoint],
@@ -971,29 +1055,37 @@ def _small_batch(pairs: Sequence[Pair], spans: list[Span | None], first: int, ba
     """The statistics and cast floors of the run of small pairs from ``first`` on (``_read_small``),
     computed together: one kernel call per dtype pair and one histogram per base dtype instead of
     a few calls per pair, the same numbers as ``compute_pair`` gets pair by pair."""
-    from .floors import small_floors
+    from .floors import small_floors_flat
 
-    raws = _read_small(spans, first, bases, tuned)
-    out: dict[int, list] = {i: [None, None, None] for i in raws}
+    batch, packed, begins, lengths = _read_small(spans, first, bases, tuned)
+    out: dict[int, list] = {i: [None, None, None] for i in batch}
     groups: dict[tuple[str, str], list[int]] = {}
-    for i in raws:
-        groups.setdefault((pairs[i].dtype_base, pairs[i].dtype_tuned), []).append(i)
+    for k, i in enumerate(batch):
+        groups.setdefault((pairs[i].dtype_base, pairs[i].dtype_tuned), []).append(k)
     many = getattr(backend.module, "delta_stats_many", reference.delta_stats_many)
-    for (db, dt), idx in groups.items():
-        sizes = [raws[i][0].size for i in idx]
-        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
-        np.cumsum(sizes, out=offsets[1:])
-        rows = many(np.concatenate([raws[i][0].reshape(-1) for i in idx]),
-                    np.concatenate([raws[i][1].reshape(-1) for i in idx]), offsets, db, dt)
-        for i, row, fields in zip(idx, rows, reference.finalize_many(rows)):
-            out[i][0] = row
-            out[i][2] = fields
+
+    def side(s: int, ks: np.ndarray, dtype: str) -> np.ndarray:
+        return _gather(packed[s], begins[s][ks], lengths[s][ks]).view(storage_of(dtype))
+
+    for (db, dt), ks in groups.items():
+        ks = np.asarray(ks, dtype=np.int64)
+        base_flat, tuned_flat = side(0, ks, db), side(1, ks, dt)
+        offsets = np.zeros(len(ks) + 1, dtype=np.int64)
+        np.cumsum(lengths[0][ks] // storage_of(db).itemsize, out=offsets[1:])
+        rows = many(base_flat, tuned_flat, offsets, db, dt)
+        for k, row, fields in zip(ks.tolist(), rows, reference.finalize_many(rows)):
+            o = out[batch[k]]
+            o[0] = row
+            o[2] = fields
     by_base: dict[str, list[int]] = {}
-    for i in raws:
-        by_base.setdefault(pairs[i].dtype_base, []).append(i)
-    for db, idx in by_base.items():
-        for i, fl in zip(idx, small_floors([raws[i][0] for i in idx], db)):
-            out[i][1] = fl
+    for k, i in enumerate(batch):
+        by_base.setdefault(pairs[i].dtype_base, []).append(k)
+    for db, ks in by_base.items():
+        ks = np.asarray(ks, dtype=np.int64)
+        sizes = lengths[0][ks] // storage_of(db).itemsize
+        flat = side(0, ks, db) if DTYPES[db].decodable and DTYPES[db].kind == "float" else None
+        for k, fl in zip(ks.tolist(), small_floors_flat(flat, sizes, db)):
+            out[batch[k]][1] = fl
     return {i: (row, fl, fields) for i, (row, fl, fields) in out.items()}
 
 
@@ -1016,7 +1108,7 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
         from .cache import RecordCache
 
         cache = RecordCache(options.cache, options.settings())
-    spans = [_small_spans(p, bases, tuned) if backend.name == "cpu" else None for p in pairs]
+    spans = _small_spans_all(pairs, bases, tuned) if backend.name == "cpu" else [None] * len(pairs)
     pres: dict[int, tuple[np.ndarray, dict, dict]] = {}
     solver = Solver()
     pending: list[tuple[TensorRecord, object, Pair]] = []   # computed, not yet cached (rank maybe still solving)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..kernels.dtypes import DTYPES, decode
 
-__all__ = ["FloorAccumulator", "small_floors", "SAMPLE", "TARGETS"]
+__all__ = ["FloorAccumulator", "small_floors", "small_floors_flat", "SAMPLE", "TARGETS"]
 
 #: elements sampled per window at least (all of a smaller window)
 SAMPLE = 1 << 18
@@ -112,25 +112,33 @@ def small_floors(arrays: list[np.ndarray], dtype: str) -> list[dict]:
     """``FloorAccumulator().add(a, dtype); .result()`` for each of many small arrays (at most
     ``SAMPLE`` elements each, so every element is sampled), the same numbers, in one pass:
     the 100,000 small tensors of a mixture-of-experts checkpoint cost one histogram, not one each."""
-    if any(a.size > SAMPLE for a in arrays):
+    sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    floats = DTYPES[dtype].decodable and DTYPES[dtype].kind == "float"
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if floats and sizes.any() else None
+    return small_floors_flat(flat, sizes, dtype)
+
+
+def small_floors_flat(flat: np.ndarray | None, sizes: np.ndarray, dtype: str) -> list[dict]:
+    """``small_floors`` of arrays given end to end: ``flat`` holds them one after the other, ``sizes``
+    their element counts (``flat`` may be None when ``dtype`` is not a float: nothing is read)."""
+    if (sizes > SAMPLE).any():
         raise ValueError(f"small_floors takes arrays of at most {SAMPLE} elements")
+    n = len(sizes)
     zero = dict(_ZERO)              # one dict for every tensor with nothing to cast (records are read-only)
     if not DTYPES[dtype].decodable or DTYPES[dtype].kind != "float":
-        return [zero] * len(arrays)
-    sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+        return [zero] * n
     if not sizes.any():
-        return [zero] * len(arrays)
-    flat = np.concatenate([a.reshape(-1) for a in arrays])
+        return [zero] * n
     e = _exponents(flat, dtype).astype(np.int64).ravel()
-    key = np.repeat(np.arange(len(arrays), dtype=np.int64), sizes) * _BINS + e
+    key = np.repeat(np.arange(n, dtype=np.int64), sizes) * _BINS + e
     key = key[e != 0]                           # zeros, subnormals, non-finite: bin 0, left out
     keys, counts = np.unique(key, return_counts=True)
     rows, bins = np.divmod(keys, _BINS)
-    cuts = np.searchsorted(rows, np.arange(len(arrays) + 1)).tolist()
+    cuts = np.searchsorted(rows, np.arange(n + 1)).tolist()
     bf16, f16, over = (t.tolist() for t in _terms(bins, counts.astype(np.float64)))
     return [zero if cuts[i] == cuts[i + 1] else
             _row(bf16[cuts[i]:cuts[i + 1]], f16[cuts[i]:cuts[i + 1]], over[cuts[i]:cuts[i + 1]])
-            for i in range(len(arrays))]
+            for i in range(n)]
 
 
 def _tables() -> dict:

@@ -117,8 +117,11 @@ def _kind_of(rest: tuple[str, ...], in_block: bool) -> str:
 def _block_position(parts: list[str]) -> int | None:
     """Where the block index sits in a split name; a number right before a wrapper is a
     container slot (sentence-transformers' ``0.auto_model.``), not a block."""
-    return next((i for i, p in enumerate(parts) if p.isdecimal() and p.isascii() and len(p) < 10
-                 and not (i + 1 < len(parts) and parts[i + 1] in _WRAPPERS)), None)
+    n = len(parts)
+    for i, p in enumerate(parts):       # (a loop, not a generator: the first parse of every name asks)
+        if p.isdecimal() and p.isascii() and len(p) < 10 and not (i + 1 < n and parts[i + 1] in _WRAPPERS):
+            return i
+    return None
 
 
 def block_slot(name: str) -> tuple[str | None, int | None]:
@@ -209,8 +212,8 @@ def is_embedding(name: str) -> bool:
     >>> is_embedding("model.embed_tokens.weight"), is_embedding("transformer.wpe.weight")
     (True, False)
     """
-    leaf = _leaf(name).rsplit(".", 1)[-1]
-    return name.endswith(".weight") and leaf in _EMBED_LEAVES
+    # (``_leaf`` of a name ending in ``.weight`` is the name without it)
+    return name.endswith(".weight") and name[:-7].rpartition(".")[2] in _EMBED_LEAVES
 
 
 def is_router(name: str) -> bool:
@@ -267,11 +270,11 @@ def is_buffer(name: str, dtype: str | None = None, shape=None) -> bool:
     >>> is_buffer("h.0.attn.c_attn.bias", "F32", (96,)), is_buffer("q.weight", "I8", (4, 4))
     (False, False)
     """
-    parts = str(name).split(".")
-    leaf = parts[-1]
+    head, dot, leaf = str(name).rpartition(".")
     if leaf in BUFFER_LEAVES or (dtype is not None and dtype in BUFFER_DTYPES):
         return True
-    return leaf == "bias" and len(parts) > 1 and parts[-2] == "attn" and shape is not None and len(shape) >= 2
+    # the component before the leaf is the last one of the head
+    return leaf == "bias" and bool(dot) and head.rpartition(".")[2] == "attn" and shape is not None and len(shape) >= 2
 
 
 def clear_name_caches() -> None:

@@ -125,7 +125,24 @@ class Plan:
 
 
 def _numel(shape: Iterable[int] | None) -> int:
-    return 0 if shape is None else int(math.prod(int(s) for s in shape))
+    if shape is None:
+        return 0
+    if type(shape) is tuple:    # a pair's shape, asked of every pair several times (progress, counts)
+        try:
+            n = _NUMELS.get(shape)
+        except TypeError:       # an unhashable dimension: counted below, as any other shape
+            n = None
+        if n is not None:
+            return n
+        n = int(math.prod(int(s) for s in shape))
+        if len(_NUMELS) < 4096:
+            _NUMELS[shape] = n  # equal tuples have equal products of their int()s
+        return n
+    return int(math.prod(int(s) for s in shape))
+
+
+#: element counts of the shapes seen (a model has a few hundred distinct shapes)
+_NUMELS: dict[tuple, int] = {}
 
 
 @dataclass(slots=True)
@@ -149,8 +166,12 @@ def source_of(it: _Item) -> str | None:
 def _shape(shape) -> tuple[int, ...]:
     """``shape`` as a tuple of ints: the header's own tuple when it is one already (a reader
     shares one tuple per distinct shape; 100,000 pairs need no copies of it)."""
-    if type(shape) is tuple and all(type(d) is int for d in shape):
-        return shape
+    if type(shape) is tuple:
+        for d in shape:             # (a loop, not a generator: asked twice for each of 100,000 pairs)
+            if type(d) is not int:
+                break
+        else:
+            return shape
     return tuple(map(int, shape))
 
 

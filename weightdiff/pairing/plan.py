@@ -119,11 +119,18 @@ def _best_mapping(items: Sequence[_Item], base: CheckpointLike) -> tuple[tuple[i
 
 
 def _glob_filter(include: Sequence[str], exclude: Sequence[str]):
+    if not include and not exclude:
+        return _keep_all                # (asked of every tensor: no generator to run when there is no glob)
+
     def keep(name: str) -> bool:
         if include and not any(fnmatchcase(name, p) for p in include):
             return False
         return not any(fnmatchcase(name, p) for p in exclude)
     return keep
+
+
+def _keep_all(name: str) -> bool:
+    return True
 
 
 class _Filtered:

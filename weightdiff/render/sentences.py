@@ -410,7 +410,10 @@ def _partial(data: dict) -> str:
 
 def is_tied_row(t: dict) -> bool:
     """A tied LM head row (the tuned embedding again, shown against the base head)."""
-    return bool(t.get("tied")) or str(t.get("note") or "").startswith("tied:")
+    if t.get("tied"):
+        return True
+    note = t.get("note")
+    return bool(note) and str(note).startswith("tied:")
 
 
 def _counted(data: dict) -> list[dict]:
