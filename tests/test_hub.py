@@ -792,3 +792,45 @@ def test_a_consolidated_hub_repo_reads_its_params_json_streamed_and_downloaded(s
         assert rc == 0, err
         got = {x["name"]: x for x in json.loads((tmp_path / f"{mode[2:]}.json").read_text())["tensors"]}
         assert got == want, mode
+
+
+def test_workers_read_the_parents_commit_in_the_parents_mode(hf, server, tmp_path, monkeypatch):
+    """`compare --workers` sent the workers the spelling `org/moving` with default Hub options: each worker
+    resolved `main` again (the JSON named commit A and held commit B's numbers once `main` moved), downloaded
+    under --stream (stderr: "nothing stored on disk") and asked the Hub under --offline."""
+    pytest.importorskip("distributed")
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))        # the workers' processes too
+    a = server.commit("org/moving", _files(server.local["sibling"]))
+    b = server.commit("org/moving", _files(server.local["tuned2"]), branch="later")
+    server.repos["org/moving"].branches["main"] = a
+    calls = []
+
+    def move(info):                   # `main` moves to B once the parent has resolved it (preflight, locate)
+        calls.append(1)
+        if len(calls) == 2:
+            server.repos["org/moving"].branches["main"] = b
+        return info
+
+    server.info_edit["org/moving"] = move
+    rc, _, err = run("compare", "org/base", "org/moving", "--stream", "--workers", "2", "--no-rank", "-q",
+                     "--json", "w.json")
+    assert rc == 0, err
+    assert stored(hf) == [], "--stream --workers wrote into HF_HOME"
+    server.info_edit.clear()
+    rc, _, err = run("compare", "org/base", f"org/moving@{a}", "--stream", "--no-rank", "-q", "--json", "a.json")
+    assert rc == 0, err
+    w, want = (json.loads((tmp_path / f).read_text()) for f in ("w.json", "a.json"))
+    assert w["tuned"]["hub"]["commit"] == a
+    assert w["summary"]["relative_change"] == want["summary"]["relative_change"]
+    assert w["tensors"] == want["tensors"]
+    # offline: the workers read the cache and ask the Hub nothing
+    server.repos["org/moving"].branches["main"] = a
+    rc, _, err = run("compare", "org/base", "org/moving", "--download", "--no-rank", "-q")
+    assert rc == 0, err
+    server.reset_log()
+    rc, _, err = run("compare", "org/base", "org/moving", "--offline", "--workers", "2", "--no-rank", "-q",
+                     "--json", "o.json")
+    assert rc == 0, err
+    assert server.requests == [], "--offline --workers made HTTP requests"
+    assert json.loads((tmp_path / "o.json").read_text())["tensors"] == want["tensors"]
+

@@ -41,12 +41,12 @@ from ..errors import CheckpointError, escape_name
 from ..options import HubOptions
 from .checkpoint import JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, build, choose_weights, file_kind
 from .files import load_json
-from .hub_cache import from_cache, identity
+from .hub_cache import cached_revision, from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
 from .hub_http import NotAHubAnswer, Stalled, api_timeout, library_silenced, list_tree, retrying, size_of, watching
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
-__all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "preflight", "hub_error", "hub_files", "EXTRA"]
+__all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "resolve_commit", "preflight", "hub_error", "hub_files", "EXTRA"]
 
 EXTRA = "pip install 'weightdiff[hub]'"
 _BARE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@\S+)?$")
@@ -351,8 +351,9 @@ def preflight(paths, options: HubOptions | None = None) -> None:
         env = _env(options)
         if env.offline:
             continue
+        pin = options.commit_of(spelling)
         try:
-            listing = _listing(ref, env)
+            listing = _listing(ref if pin is None else HubRef(ref.spelling, ref.repo_id, pin, ref.subfolder), env)
         except CheckpointError:
             raise
         except Exception:           # unreachable: locate_hub falls back to the cache and says so
@@ -398,20 +399,40 @@ def _head(ref: HubRef, listing: _Listing, path: str, env: _Env) -> None:
                         file=ref.file(listing.commit, path, -1, None)) from None
 
 
+def resolve_commit(spelling: str, options: HubOptions | None = None) -> str:
+    """The commit a Hub spelling names now: the Hub's answer (one model-info request), or offline or with the
+    Hub unreachable, the local cache's (as ``locate_hub`` would read it). Raises CheckpointError."""
+    options = options if isinstance(options, HubOptions) else HubOptions()
+    ref = parse_ref(spelling)
+    env = _env(options)
+    if not env.offline:
+        try:
+            return _listing(ref, env).commit
+        except CheckpointError:
+            raise
+        except Exception as exc:                   # unreachable: what the cache holds, as locate_hub reads it
+            try:
+                return cached_revision(ref, env, "the Hub cannot be reached").commit_hash
+            except CheckpointError:
+                raise hub_error(exc, ref.repo_id, spelling, ref.revision, env.endpoint) from None
+    return cached_revision(ref, env, "offline mode is on (--offline or HF_HUB_OFFLINE)").commit_hash
+
+
 def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
     """The Checkpoint of a Hub spelling (see the module docstring). Raises CheckpointError."""
     options = options if isinstance(options, HubOptions) else HubOptions()
     ref = parse_ref(spelling)
     env = _env(options)
+    pin = options.commit_of(spelling)      # the commit a parent resolved: read it, whatever the revision names now
     if env.offline:
-        return from_cache(ref, env, "offline mode is on (--offline or HF_HUB_OFFLINE)")
+        return from_cache(ref, env, "offline mode is on (--offline or HF_HUB_OFFLINE)", commit=pin)
     try:
-        listing = _listing(ref, env)
+        listing = _listing(ref if pin is None else HubRef(ref.spelling, ref.repo_id, pin, ref.subfolder), env)
     except CheckpointError:
         raise
     except Exception as exc:                   # the Hub cannot be reached: the cache, as the library does
         try:
-            ckpt = from_cache(ref, env, "the Hub cannot be reached")
+            ckpt = from_cache(ref, env, "the Hub cannot be reached", commit=pin)
         except CheckpointError:
             raise hub_error(exc, ref.repo_id, spelling, ref.revision, env.endpoint) from None
         ckpt.origin += f" (the Hub at {env.endpoint} could not be reached: {first_line(exc)})"
@@ -437,7 +458,7 @@ def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
         files = [f.path for f in ckpt.files]
     else:
         reader.close()
-        snapshot = _fetch(ref, listing, needed, env, options) if mode == "download" else \
+        snapshot = _fetch(ref, listing, needed, env, options, pinned=pin is not None) if mode == "download" else \
             _cached_snapshot(ref, listing, needed, env)
         root = snapshot / ref.subfolder if ref.subfolder else snapshot
         ckpt = build(LocalFolder(root), kind, name, spelling)
@@ -481,7 +502,8 @@ def _mode(options: HubOptions, ref: HubRef, listing: _Listing, needed: list[str]
     return "download"
 
 
-def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options: HubOptions) -> Path:
+def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options: HubOptions,
+           pinned: bool = False) -> Path:
     """Download exactly ``needed`` (and the config) into the normal cache, a file per
     hf_hub_download, several at once; -> the snapshot folder of the resolved commit."""
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -500,7 +522,7 @@ def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options
     try:
         with library_silenced(), \
                 ThreadPoolExecutor(min(8, len(paths)), thread_name_prefix="weightdiff-download") as pool:
-            futures = [pool.submit(_download, ref, listing, p, env, cancel) for p in paths]
+            futures = [pool.submit(_download, ref, listing, p, env, cancel, pinned) for p in paths]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
             finally:
@@ -520,9 +542,11 @@ def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options
     return Path(env.cache_dir) / f"models--{ref.repo_id.replace('/', '--')}" / "snapshots" / listing.commit
 
 
-def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: threading.Event) -> str:
+def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: threading.Event,
+              pinned: bool = False) -> str:
     """One file into the cache (by the revision's name, so the cache records it under refs/ for
-    --offline, as the library does), watched for a stalled transfer; -> the commit it came from."""
+    --offline, as the library does; by the commit when ``pinned``), watched for a stalled transfer;
+    -> the commit it came from."""
     from huggingface_hub import hf_hub_download
 
     size, sha = listing.files.get(path, (None, None))
@@ -535,7 +559,7 @@ def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: thre
     try:
         with watching(cancel):
             try:
-                out = fetch(ref.revision or "main")
+                out = fetch(listing.commit if pinned else ref.revision or "main")
             except Exception as exc:
                 from huggingface_hub.errors import RevisionNotFoundError
 
