@@ -834,3 +834,41 @@ def test_workers_read_the_parents_commit_in_the_parents_mode(hf, server, tmp_pat
     assert server.requests == [], "--offline --workers made HTTP requests"
     assert json.loads((tmp_path / "o.json").read_text())["tensors"] == want["tensors"]
 
+
+def test_a_resumed_survey_reads_each_hub_member_at_its_commit_now(hf, server, tmp_path):
+    """A survey keyed a Hub member by its spelling alone: once `main` moved, a rerun kept the old row (and the
+    table had no commit to show it). Each task also resolved `main` again, after the parent had."""
+    pytest.importorskip("distributed")
+    a = server.commit("org/surveyed", _files(server.local["sibling"]))
+    b = server.commit("org/surveyed", _files(server.local["tuned2"]), branch="later")
+    server.repos["org/surveyed"].branches["main"] = a
+    calls = []
+
+    def move(info):                     # `main` moves once the parent has resolved it (call 1)
+        calls.append(1)
+        if len(calls) == 1:
+            server.repos["org/surveyed"].branches["main"] = b
+        return info
+
+    server.info_edit["org/surveyed"] = move
+    rc, _, err = run("survey", "org/base", "org/surveyed", "--out", "s", "--no-rank", "-q", "--workers", "2")
+    assert rc == 0, err
+    server.info_edit.clear()
+    rc, _, err = run("compare", "org/base", f"org/surveyed@{a}", "--no-rank", "-q", "--json", "a.json")
+    assert rc == 0, err
+    rc, _, err = run("compare", "org/base", f"org/surveyed@{b}", "--no-rank", "-q", "--json", "b.json")
+    assert rc == 0, err
+    want_a, want_b = (json.loads((tmp_path / f).read_text())["summary"]["relative_change"] for f in ("a.json", "b.json"))
+    from weightdiff.survey import read_csv
+
+    [row] = read_csv(tmp_path / "s" / "survey.csv")
+    assert (row["tuned"], row["tuned_commit"], row["relative_change"]) == ("org/surveyed", a, want_a)
+    assert row["base_commit"] == server.repos["org/base"].branches["main"]
+    # `main` is B now: a rerun compares again and records B
+    rc, out, err = run("survey", "org/base", "org/surveyed", "--out", "s", "--no-rank", "-q")
+    assert rc == 0 and "1 compared, 0 already done" in out, (out, err)
+    [row] = read_csv(tmp_path / "s" / "survey.csv")
+    assert (row["tuned_commit"], row["relative_change"]) == (b, want_b) != (a, want_a)
+    # unchanged: skipped
+    rc, out, err = run("survey", "org/base", "org/surveyed", "--out", "s", "--no-rank", "-q")
+    assert rc == 0 and "0 compared, 1 already done" in out, (out, err)
