@@ -872,3 +872,35 @@ def test_a_resumed_survey_reads_each_hub_member_at_its_commit_now(hf, server, tm
     # unchanged: skipped
     rc, out, err = run("survey", "org/base", "org/surveyed", "--out", "s", "--no-rank", "-q")
     assert rc == 0 and "0 compared, 1 already done" in out, (out, err)
+
+
+def test_cached_weights_without_their_config_are_read_with_it_in_every_mode(hf, server, tmp_path):
+    """The cache held org/untied-base's weights (fetched by another tool) but not its config.json: the default mode,
+    --download and --offline read the cache, found no config and assumed a tied head (verdict partial, 0.12);
+    --stream read config.json (tie_word_embeddings: false) and said derived (0.0044). Same commit."""
+    from huggingface_hub import hf_hub_download
+
+    base = llama(np.random.default_rng(7), **SHAPE)
+    cfg = b'{"model_type": "llama", "tie_word_embeddings": false}'
+    d = write_checkpoint(tmp_path / "ub", {k: v for k, v in base.items() if k != "lm_head.weight"}, dtype="BF16")
+    server.commit("org/untied-base", {**_files(d), "config.json": cfg})
+    t = write_checkpoint(tmp_path / "ut", _tune(base, 1), dtype="BF16")
+    server.commit("org/untied-tuned", {**_files(t), "config.json": cfg})
+    hf_hub_download("org/untied-base", "model.safetensors", cache_dir=str(hf / "hub"), endpoint=server.url)
+    hf_hub_download("org/untied-tuned", "model.safetensors", cache_dir=str(hf / "hub"), endpoint=server.url)
+    line = one_error(*run("compare", "org/untied-base", "org/untied-tuned", "--offline", "--no-rank")[::2])
+    assert "org/untied-base: config.json of commit" in line and "is not in the local cache" in line
+    rc, _, err = run("compare", "org/untied-base", "org/untied-tuned", "--stream", "--no-rank", "-q", "--json", "s.json")
+    assert rc == 0, err
+    want = json.loads((tmp_path / "s.json").read_text())
+    for mode in ([], ["--download"], ["--offline"]):
+        rc, _, err = run("compare", "org/untied-base", "org/untied-tuned", *mode, "--no-rank", "-q", "--json", "x.json")
+        assert rc == 0, (mode, err)
+        got = json.loads((tmp_path / "x.json").read_text())
+        assert (got["summary"]["verdict"], got["tensors"]) == (want["summary"]["verdict"], want["tensors"]), mode
+    # a repo without any config file, downloaded here, still reads offline (its absence is recorded)
+    server.commit("org/noconfig", _files(server.local["sibling"]))
+    rc, _, err = run("compare", "org/base", "org/noconfig", "--download", "--no-rank", "-q")
+    assert rc == 0, err
+    rc, _, err = run("compare", "org/base", "org/noconfig", "--offline", "--no-rank", "-q")
+    assert rc == 0, err

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, escape_name
 from ..options import HubOptions
-from .checkpoint import JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, build, choose_weights, file_kind
+from .checkpoint import CONFIG_FILES, JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, build, choose_weights, file_kind
 from .files import load_json
 from .hub_cache import cached_revision, from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
@@ -494,7 +494,11 @@ def _mode(options: HubOptions, ref: HubRef, listing: _Listing, needed: list[str]
         except OSError:
             pass
     if all(isinstance(f, str) for f in found.values()) and not listing.stale:
-        return "cache"
+        # the repo's config files decide how the weights are read (head tie, quantization, heads): weights cached
+        # without them (fetched by another tool) are read with them, fetched now (a few KB), never without
+        configs = [c for c in _configs(listing) if not isinstance(
+            try_to_load_from_cache(ref.repo_id, c, cache_dir=env.cache_dir, revision=listing.commit), str)]
+        return "download" if configs else "cache"
     if options.download is None and kind not in _LOCAL_ONLY:
         total = sum(listing.files[p][0] or 0 for p in needed)
         if total > options.stream_above * 1e9:
@@ -511,9 +515,7 @@ def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     _head(ref, listing, needed[-1], env)
-    from .checkpoint import CONFIG_FILES
-
-    extra = [listing.prefix + n for n in CONFIG_FILES if listing.prefix + n in listing.files]
+    extra = _configs(listing)
     paths = needed + extra
     quiet = not options.progress and not are_progress_bars_disabled()
     cancel = threading.Event()
@@ -539,7 +541,20 @@ def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options
     if moved:
         raise CheckpointError(ref.spelling, f"revision `{ref.revision or 'main'}` moved from commit "
                                             f"{listing.commit[:12]} to {moved[:12]} during the run", "rerun")
-    return Path(env.cache_dir) / f"models--{ref.repo_id.replace('/', '--')}" / "snapshots" / listing.commit
+    repo = Path(env.cache_dir) / f"models--{ref.repo_id.replace('/', '--')}"
+    if not extra:       # no config file at this commit: recorded as the library records a missing file, so that
+        try:            # --offline tells this repo from a cache that holds the weights without their config
+            marker = repo / ".no_exist" / listing.commit / (listing.prefix + CONFIG_FILES[0])
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            pass
+    return repo / "snapshots" / listing.commit
+
+
+def _configs(listing: _Listing) -> list[str]:
+    """The config files (``checkpoint.CONFIG_FILES``) the repo lists beside the weights, as paths in the repo."""
+    return [listing.prefix + n for n in CONFIG_FILES if listing.prefix + n in listing.files]
 
 
 def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: threading.Event,

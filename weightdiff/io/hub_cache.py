@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError, escape_name
-from .checkpoint import Checkpoint, LocalFolder, _read_index, build, choose_weights, file_kind, onnx_subfolder_names
+from .checkpoint import CONFIG_FILES, Checkpoint, LocalFolder, _read_index, build, choose_weights, file_kind, onnx_subfolder_names
 
 if TYPE_CHECKING:
     from .hub import HubRef, _Env
@@ -88,6 +88,8 @@ def from_cache(ref: HubRef, env: _Env, why: str, commit: str | None = None) -> C
             raise CheckpointError(ref.spelling, f"{escape_name((root / n).relative_to(snapshot).as_posix())} of commit "
                                                 f"{snap.commit_hash[:12]} is not in the local cache, and {why}",
                                   f"run once without --offline, or `hf download {ref.repo_id} {n}`")
+    if kind in ("single", "sharded", "pickle", "pickle_sharded"):       # (a GGUF file carries its own)
+        _config_cached(ref, env, snap.commit_hash, root, snapshot, why)
     ckpt = build(local, kind, name, ref.spelling)
     blobs = {Path(f.file_path): f for f in snap.files}
     files = []
@@ -100,3 +102,20 @@ def from_cache(ref: HubRef, env: _Env, why: str, commit: str | None = None) -> C
     ckpt.origin = (f"{escape_name(ref.spelling)}: Hub repo {escape_name(ref.repo_id)} at commit "
                    f"{snap.commit_hash[:12]}, read from the Hugging Face cache only ({why})")
     return ckpt
+
+
+def _config_cached(ref: HubRef, env: _Env, commit: str, root: Path, snapshot: Path, why: str) -> None:
+    """CheckpointError when the cache holds the weights but no config file beside them, and does not record
+    config.json as absent from the repo (a download of a repo without one records it, as the library does):
+    the config decides how the weights are read (the head tie), so reading without it could change the verdict."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if any((root / n).is_file() for n in CONFIG_FILES):
+        return
+    name = (root / CONFIG_FILES[0]).relative_to(snapshot).as_posix()
+    if try_to_load_from_cache(ref.repo_id, name, cache_dir=env.cache_dir, revision=commit) is not None:
+        return                       # recorded as not in the repo at this commit
+    raise CheckpointError(ref.spelling, f"{escape_name(name)} of commit {commit[:12]} is not in the local cache "
+                                        f"(the weights are: the config decides how they are read, such as whether the "
+                                        f"head is tied), and {why}",
+                          f"run once without --offline to fetch it, or `hf download {ref.repo_id} {name}`")
