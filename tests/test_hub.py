@@ -867,3 +867,114 @@ def test_a_cache_read_because_the_hub_cannot_be_reached_is_recorded(server, hf, 
     notes = json.loads((tmp_path / "o.json").read_text())["plan"]["notes"]
     assert sum("could not be reached" in n and "local Hugging Face cache was read" in n for n in notes) == 2
     assert (tmp_path / "m.md").read_text().count("Not checked against the Hub") == 2
+
+def test_workers_read_the_parents_commit_in_the_parents_mode(hf, server, tmp_path, monkeypatch):
+    """`compare --workers` sent the workers the spelling `org/moving` with default Hub options: each worker
+    resolved `main` again (the JSON named commit A and held commit B's numbers once `main` moved), downloaded
+    under --stream (stderr: "nothing stored on disk") and asked the Hub under --offline."""
+    pytest.importorskip("distributed")
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))        # the workers' processes too
+    a = server.commit("org/moving", _files(server.local["sibling"]))
+    b = server.commit("org/moving", _files(server.local["tuned2"]), branch="later")
+    server.repos["org/moving"].branches["main"] = a
+    calls = []
+
+    def move(info):                   # `main` moves to B once the parent has resolved it (preflight, locate)
+        calls.append(1)
+        if len(calls) == 2:
+            server.repos["org/moving"].branches["main"] = b
+        return info
+
+    server.info_edit["org/moving"] = move
+    rc, _, err = run("compare", "org/base", "org/moving", "--stream", "--workers", "2", "--no-rank", "-q",
+                     "--json", "w.json")
+    assert rc == 0, err
+    assert stored(hf) == [], "--stream --workers wrote into HF_HOME"
+    server.info_edit.clear()
+    rc, _, err = run("compare", "org/base", f"org/moving@{a}", "--stream", "--no-rank", "-q", "--json", "a.json")
+    assert rc == 0, err
+    w, want = (json.loads((tmp_path / f).read_text()) for f in ("w.json", "a.json"))
+    assert w["tuned"]["hub"]["commit"] == a
+    assert w["summary"]["relative_change"] == want["summary"]["relative_change"]
+    assert w["tensors"] == want["tensors"]
+    # offline: the workers read the cache and ask the Hub nothing
+    server.repos["org/moving"].branches["main"] = a
+    rc, _, err = run("compare", "org/base", "org/moving", "--download", "--no-rank", "-q")
+    assert rc == 0, err
+    server.reset_log()
+    rc, _, err = run("compare", "org/base", "org/moving", "--offline", "--workers", "2", "--no-rank", "-q",
+                     "--json", "o.json")
+    assert rc == 0, err
+    assert server.requests == [], "--offline --workers made HTTP requests"
+    assert json.loads((tmp_path / "o.json").read_text())["tensors"] == want["tensors"]
+
+
+def test_a_resumed_survey_reads_each_hub_member_at_its_commit_now(hf, server, tmp_path):
+    """A survey keyed a Hub member by its spelling alone: once `main` moved, a rerun kept the old row (and the
+    table had no commit to show it). Each task also resolved `main` again, after the parent had."""
+    pytest.importorskip("distributed")
+    a = server.commit("org/surveyed", _files(server.local["sibling"]))
+    b = server.commit("org/surveyed", _files(server.local["tuned2"]), branch="later")
+    server.repos["org/surveyed"].branches["main"] = a
+    calls = []
+
+    def move(info):                     # `main` moves once the parent has resolved it (call 1)
+        calls.append(1)
+        if len(calls) == 1:
+            server.repos["org/surveyed"].branches["main"] = b
+        return info
+
+    server.info_edit["org/surveyed"] = move
+    rc, _, err = run("survey", "org/base", "org/surveyed", "--out", "s", "--no-rank", "-q", "--workers", "2")
+    assert rc == 0, err
+    server.info_edit.clear()
+    rc, _, err = run("compare", "org/base", f"org/surveyed@{a}", "--no-rank", "-q", "--json", "a.json")
+    assert rc == 0, err
+    rc, _, err = run("compare", "org/base", f"org/surveyed@{b}", "--no-rank", "-q", "--json", "b.json")
+    assert rc == 0, err
+    want_a, want_b = (json.loads((tmp_path / f).read_text())["summary"]["relative_change"] for f in ("a.json", "b.json"))
+    from weightdiff.survey import read_csv
+
+    [row] = read_csv(tmp_path / "s" / "survey.csv")
+    assert (row["tuned"], row["tuned_commit"], row["relative_change"]) == ("org/surveyed", a, want_a)
+    assert row["base_commit"] == server.repos["org/base"].branches["main"]
+    # `main` is B now: a rerun compares again and records B
+    rc, out, err = run("survey", "org/base", "org/surveyed", "--out", "s", "--no-rank", "-q")
+    assert rc == 0 and "1 compared, 0 already done" in out, (out, err)
+    [row] = read_csv(tmp_path / "s" / "survey.csv")
+    assert (row["tuned_commit"], row["relative_change"]) == (b, want_b) != (a, want_a)
+    # unchanged: skipped
+    rc, out, err = run("survey", "org/base", "org/surveyed", "--out", "s", "--no-rank", "-q")
+    assert rc == 0 and "0 compared, 1 already done" in out, (out, err)
+
+
+def test_cached_weights_without_their_config_are_read_with_it_in_every_mode(hf, server, tmp_path):
+    """The cache held org/untied-base's weights (fetched by another tool) but not its config.json: the default mode,
+    --download and --offline read the cache, found no config and assumed a tied head (verdict partial, 0.12);
+    --stream read config.json (tie_word_embeddings: false) and said derived (0.0044). Same commit."""
+    from huggingface_hub import hf_hub_download
+
+    base = llama(np.random.default_rng(7), **SHAPE)
+    cfg = b'{"model_type": "llama", "tie_word_embeddings": false}'
+    d = write_checkpoint(tmp_path / "ub", {k: v for k, v in base.items() if k != "lm_head.weight"}, dtype="BF16")
+    server.commit("org/untied-base", {**_files(d), "config.json": cfg})
+    t = write_checkpoint(tmp_path / "ut", _tune(base, 1), dtype="BF16")
+    server.commit("org/untied-tuned", {**_files(t), "config.json": cfg})
+    hf_hub_download("org/untied-base", "model.safetensors", cache_dir=str(hf / "hub"), endpoint=server.url)
+    hf_hub_download("org/untied-tuned", "model.safetensors", cache_dir=str(hf / "hub"), endpoint=server.url)
+    line = one_error(*run("compare", "org/untied-base", "org/untied-tuned", "--offline", "--no-rank")[::2])
+    assert "org/untied-base: config.json of commit" in line and "is not in the local cache" in line
+    rc, _, err = run("compare", "org/untied-base", "org/untied-tuned", "--stream", "--no-rank", "-q", "--json", "s.json")
+    assert rc == 0, err
+    want = json.loads((tmp_path / "s.json").read_text())
+    for mode in ([], ["--download"], ["--offline"]):
+        rc, _, err = run("compare", "org/untied-base", "org/untied-tuned", *mode, "--no-rank", "-q", "--json", "x.json")
+        assert rc == 0, (mode, err)
+        got = json.loads((tmp_path / "x.json").read_text())
+        assert (got["summary"]["verdict"], got["tensors"]) == (want["summary"]["verdict"], want["tensors"]), mode
+    # a repo without any config file, downloaded here, still reads offline (its absence is recorded)
+    server.commit("org/noconfig", _files(server.local["sibling"]))
+    rc, _, err = run("compare", "org/base", "org/noconfig", "--download", "--no-rank", "-q")
+    assert rc == 0, err
+    rc, _, err = run("compare", "org/base", "org/noconfig", "--offline", "--no-rank", "-q")
+    assert rc == 0, err

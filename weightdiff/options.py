@@ -154,6 +154,13 @@ class HubOptions:
     stream_above: float = _opt(8.0, "Hub repo ids: stream instead of downloading when the weights exceed "
                                "this many GB.", flag="--stream-above")
     progress: bool = True    # the library's download progress bars (on stderr)
+    #: (spelling, commit) pairs: read that spelling at that commit, not at what its revision names now
+    #: (a parent's resolution handed to Dask workers and survey tasks, so all of a run reads one commit)
+    pinned: tuple = ()
+
+    def commit_of(self, spelling: object) -> str | None:
+        """The commit ``spelling`` is pinned to, or None (resolve its revision)."""
+        return next((c for s, c in self.pinned if s == spelling), None)
 
     def __post_init__(self) -> None:
         if not self.stream_above >= 0:

@@ -11,6 +11,12 @@ the code of a local run: the JSON is the same bytes as an unsplit comparison's.
 A worker plans again from the headers it sees and checks that the plan is the
 parent's (same pairs, shapes, dtypes), so a worker that sees other files at those paths
 fails loudly instead of measuring the wrong model.
+
+A Hub repo id is read by each worker at the commit the parent resolved (never at what its
+branch names by then), the way the parent read it: streamed when the parent streamed,
+from the cache only when the parent was offline (or fell back to the cache), else through
+the cache (downloading there when it lacks the files). A worker that finds another commit
+or other files than the parent's refuses to measure.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from .measure.backend import backend_for
 from .measure.compute import Progress, compute_some, streamed
 from .errors import WeightdiffError
 from .kernels.dtypes import byte_length
-from .options import CompareOptions
+from .options import CompareOptions, HubOptions
 from .pairing.plan import Pair, Plan, plan as make_plan
 from .records import TensorRecord, dumps
 
@@ -74,14 +80,38 @@ def plan_digest(plan: Plan) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def worker_hub(spelling: str, ck: Checkpoint, hub: HubOptions | None) -> HubOptions | None:
+    """How a worker reads a Hub checkpoint the parent located: at the parent's commit, in the parent's
+    mode (None for a local checkpoint)."""
+    if ck.hub is None or ck.hub_run is None:
+        return None
+    mode = ck.hub_run.get("mode")
+    return HubOptions(download=mode != "stream", offline=bool(ck.hub_run.get("offline")),
+                      stream_above=(hub or HubOptions()).stream_above, progress=False,
+                      pinned=((spelling, ck.hub["commit"]),))
+
+
+def _hub_identity(hub: dict | None) -> dict | None:
+    return None if hub is None else {k: hub.get(k) for k in ("repo_id", "commit", "subfolder", "files")}
+
+
 def measure_task(base_paths: list[str], tuned_path: str, options: CompareOptions, indices: list[int],
-                 digest: str, digests: dict[str, str] | None = None) -> tuple:
+                 digest: str, digests: dict[str, str] | None = None,
+                 hubs: Sequence[tuple[HubOptions | None, dict | None]] | None = None) -> tuple:
     """A worker's share: ``("ok", records)`` in the order of ``indices``, or ``("error", line, code)``.
-    ``digests``: the sha256 of files the parent hashed, by real path (the record cache keys by them)."""
+    ``digests``: the sha256 of files the parent hashed, by real path (the record cache keys by them).
+    ``hubs``: per path (bases, then tuned), how to read a Hub id and the identity the parent read."""
+    hubs = list(hubs) if hubs else [(None, None)] * (len(base_paths) + 1)
     try:
         with ExitStack() as stack:
-            bases = [stack.enter_context(locate(p)) for p in base_paths]
-            tuned = stack.enter_context(locate(tuned_path))
+            bases = [stack.enter_context(locate(p, h)) for p, (h, _) in zip(base_paths, hubs)]
+            tuned = stack.enter_context(locate(tuned_path, hubs[-1][0]))
+            for path, ck, (_, want) in zip([*base_paths, tuned_path], (*bases, tuned), hubs):
+                if want is not None and _hub_identity(ck.hub) != _hub_identity(want):
+                    got = (ck.hub or {}).get("commit") or "a local path"
+                    raise SplitError(f"{path}: this worker read commit {str(got)[:12]} or other files, not the "
+                                     f"parent's commit {want['commit'][:12]}",
+                                     "do the parent and every worker see the same Hub (HF_ENDPOINT) and cache?")
             if digests:
                 for ck in (*bases, tuned):
                     ck.digests = {os.path.realpath(f): digests[os.path.realpath(f)] for f in ck.files
@@ -100,7 +130,7 @@ def measure_task(base_paths: list[str], tuned_path: str, options: CompareOptions
 
 
 def distributed_compute(run: Any, base_paths: list[str], tuned_path: str, task_options: CompareOptions,
-                        say: Callable[[str], None]) -> Callable:
+                        say: Callable[[str], None], hub: HubOptions | None = None) -> Callable:
     """A ``compute`` for ``weightdiff.compare``: the plan's pairs measured on ``run``'s workers."""
 
     def compute(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint, options: CompareOptions,
@@ -116,7 +146,10 @@ def distributed_compute(run: Any, base_paths: list[str], tuned_path: str, task_o
         done = 0
         records: list[TensorRecord | None] = [None] * len(the_plan.pairs)
         digests = {k: v for ck in (*bases, tuned) for k, v in (getattr(ck, "digests", None) or {}).items()}
-        args = [(base_paths, tuned_path, task_options, g, digest, digests or None) for g in groups]
+        # Hub ids: the commit, files and mode the parent resolved (a branch may move during the run)
+        hubs = [(worker_hub(p, ck, hub), ck.hub) for p, ck in zip([*base_paths, tuned_path], (*bases, tuned))]
+        args = [(base_paths, tuned_path, task_options, g, digest, digests or None,
+                 hubs if any(h for h, _ in hubs) else None) for g in groups]
         for oc in run.map(measure_task, args, name="split"):
             if oc.error is not None:
                 msg = f"group {oc.index + 1} of {len(groups)} failed: {oc.error}"
@@ -164,5 +197,5 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     with runner(scheduler, workers, memory_limit, client, say) as run:
         # the parent's JSON keeps the paths as given; workers get absolute ones
         compute = None if isinstance(run, Sequential) else \
-            distributed_compute(run, base_paths, tuned_path, task_options, say)
+            distributed_compute(run, base_paths, tuned_path, task_options, say, kwargs.get("hub"))
         return local_compare(base, tuned, options=options, compute=compute, **kwargs)

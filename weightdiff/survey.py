@@ -36,7 +36,7 @@ from .cluster import Outcome, check, runner, worker_threads
 from .comparison import compare
 from .errors import WeightdiffError, escape_name
 from .fsutil import OutputError, write_bytes, write_text
-from .options import CompareOptions, options_from_kwargs
+from .options import CompareOptions, HubOptions, options_from_kwargs
 from .records import dumps, share_lower
 
 PANDAS_HINT = "pip install 'weightdiff[pandas]'"
@@ -50,8 +50,8 @@ COLUMNS: list[tuple[str, str]] = [
     ("delta_params_share_lower", "double"), ("form", "string"),
     ("max_numerical_rank", "int64"), ("max_numerical_rank_bound", "string"), ("max_numerical_rank_upper", "int64"),
     ("flags", "string"), ("params_total", "int64"),
-    ("tuned_files", "int64"), ("tuned_bytes", "int64"), ("tuned_sha256", "string"),
-    ("base", "string"), ("base_bytes", "int64"), ("base_sha256", "string"),
+    ("tuned_files", "int64"), ("tuned_bytes", "int64"), ("tuned_sha256", "string"), ("tuned_commit", "string"),
+    ("base", "string"), ("base_bytes", "int64"), ("base_sha256", "string"), ("base_commit", "string"),
     ("identity", "string"), ("json", "string"),
 ]
 NAMES = [c for c, _ in COLUMNS]
@@ -98,6 +98,28 @@ def identity(path: str | os.PathLike) -> dict:
     return {"path": root, "files": sorted(files)}
 
 
+def hub_identity(tid: dict) -> dict:
+    """``identity`` of a Hub repo id with the commit it names now (``commit``; None when it cannot be resolved:
+    the task then fails and says why), so a resumed survey compares again a model whose branch moved."""
+    from .io.checkpoint import is_hub_candidate
+
+    if not is_hub_candidate(tid["path"]):
+        return tid
+    from .io.hub import resolve_commit
+
+    try:
+        commit = resolve_commit(tid["path"])
+    except WeightdiffError:
+        commit = None
+    return {**tid, "commit": commit}
+
+
+def _pins(base_id: dict, tid: dict) -> tuple:
+    """The task's extra argument when a Hub id is among its inputs: HubOptions reading the commits resolved here."""
+    pins = tuple((i["path"], i["commit"]) for i in (base_id, tid) if i.get("commit"))
+    return (HubOptions(pinned=pins),) if pins else ()
+
+
 def identity_key(base: dict, tuned: dict, options: CompareOptions, hash_files: bool) -> str:
     """sha256 over everything a row depends on: both identities, the options, --hash, the version."""
     blob = dumps({"base": base, "tuned": tuned, "settings": options.settings(), "hash": hash_files,
@@ -134,19 +156,26 @@ def files_digest(entry: dict | None) -> str | None:
 
 # --- the task and the row -------------------------------------------------------------------------
 
-def survey_task(base: str, tuned: str, options: CompareOptions, hash_files: bool) -> dict:
+def survey_task(base: str, tuned: str, options: CompareOptions, hash_files: bool, hub: HubOptions | None = None) -> dict:
     """Compare one tuned model with the base: ``{"json": text}`` or ``{"error": one line}``.
 
-    Runs in this process or on a Dask worker; reads the checkpoints, writes nothing.
+    Runs in this process or on a Dask worker; reads the checkpoints, writes nothing. ``hub``: the
+    commits the parent resolved for Hub ids (``HubOptions.pinned``), read instead of their revisions.
     """
     try:
-        return {"json": compare(base, tuned, options=options, hash_files=hash_files).to_json(include_run=False)}
+        return {"json": compare(base, tuned, options=options, hash_files=hash_files,
+                                hub=hub).to_json(include_run=False)}
     except WeightdiffError as exc:
         return {"error": exc.one_line()}
     except MemoryError:
         return {"error": f"{escape_name(tuned)}: out of memory on the worker (give workers more memory)"}
     except Exception as exc:   # a bug: one line in the row, the other models go on
         return {"error": escape_name(f"internal error: {type(exc).__name__}: {exc} (please report it)")}
+
+
+def _commit(entry: dict | None) -> str | None:
+    """The commit a Hub checkpoint was read at (its JSON entry's ``hub.commit``), None for a local one."""
+    return ((entry or {}).get("hub") or {}).get("commit")
 
 
 def _coverage(v: Any) -> float | None:
@@ -165,6 +194,7 @@ def row_from_result(data: dict | None, tuned_id: dict, base_id: dict, key: str, 
     name = safe_name(tuned_id["path"])
     row: dict[str, Any] = dict.fromkeys(NAMES)
     row.update(tuned=tuned_id["path"], name=name, base=base_id["path"], identity=key,
+               tuned_commit=tuned_id.get("commit"), base_commit=base_id.get("commit"),
                tuned_files=len(tuned_id["files"]), tuned_bytes=sum(b for _, b in tuned_id["files"]),
                base_bytes=sum(b for _, b in base_id["files"]))
     if data is None:
@@ -187,6 +217,8 @@ def row_from_result(data: dict | None, tuned_id: dict, base_id: dict, key: str, 
         max_numerical_rank_upper=None if bracket is None else bracket[1],
         flags=",".join(s.get("flags") or []) or None, params_total=s.get("params_total"),
         tuned_sha256=files_digest(data.get("tuned")), base_sha256=files_digest((data.get("base") or [None])[0]),
+        tuned_commit=_commit(data.get("tuned")) or tuned_id.get("commit"),
+        base_commit=_commit((data.get("base") or [None])[0]) or base_id.get("commit"),
         json=f"models/{name}.json")
     return row
 
@@ -302,8 +334,9 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
     options = options if options is not None else options_from_kwargs(CompareOptions, **kwargs)
     if client is None:
         check(scheduler, workers, memory_limit)
-    with locate(base):     # a bad base is bad input for the whole survey: fail before writing anything
-        pass
+    with locate(base) as located:     # a bad base is bad input for the whole survey: fail before writing anything
+        # a Hub base: the commit every task reads (its branch may move during the survey)
+        base_commit = located.hub["commit"] if located.hub else None
     directory = Path(out)
     parquet = have_pyarrow()
     check_targets(directory, parquet, plot)
@@ -320,7 +353,7 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
         raise OutputError(directory, f"cannot write here ({exc.strerror or exc})") from None
     with survey_lock(directory):
         return _survey(base, tuned, directory, options, hash_files, scheduler, workers, memory_limit, client, plot,
-                       say, task, parquet)
+                       say, task, parquet, base_commit)
 
 
 def check_targets(directory: Path, parquet: bool, plot: bool) -> None:
@@ -386,12 +419,14 @@ class SurveyBusy(WeightdiffError):
 
 def _survey(base, tuned, directory: Path, options: CompareOptions, hash_files: bool, scheduler, workers,
             memory_limit, client, plot: bool, say: Callable[[str], None], task: Callable[..., dict],
-            parquet: bool) -> SurveyResult:
+            parquet: bool, base_commit: str | None = None) -> SurveyResult:
     base_id = identity(base)
+    if base_commit:
+        base_id["commit"] = base_commit
     seen: dict[str, dict] = {}
     spelled: dict[str, str] = {}          # one checkpoint, one row: a symlink to a folder is that folder
     for t in tuned:
-        tid = identity(t)
+        tid = hub_identity(identity(t))
         real = os.path.realpath(tid["path"]) if os.path.exists(tid["path"]) else tid["path"]
         if spelled.setdefault(real, tid["path"]) == tid["path"]:
             seen.setdefault(tid["path"], tid)
@@ -431,7 +466,7 @@ def _survey(base, tuned, directory: Path, options: CompareOptions, hash_files: b
         with runner(scheduler, workers, memory_limit, client, say) as run:
             say(f"surveying {len(todo)} model(s) on {run.description}")
             # absolute paths: workers of a --scheduler cluster do not share this process's directory
-            args = [(base_id["path"], tid["path"], task_options, hash_files) for tid, _ in todo]
+            args = [(base_id["path"], tid["path"], task_options, hash_files) + _pins(base_id, tid) for tid, _ in todo]
             for done, oc in enumerate(run.map(task, args, name="survey"), start=1):
                 tid, key = todo[oc.index]
                 rows[tid["path"]] = _finish(oc, tid, base_id, key, directory)

@@ -39,14 +39,14 @@ from pathlib import Path
 
 from ..errors import CheckpointError, escape_name, redact_url
 from ..options import HubOptions
-from .checkpoint import JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, build, choose_weights, file_kind
+from .checkpoint import CONFIG_FILES, JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, build, choose_weights, file_kind
 from .files import load_json
-from .hub_cache import from_cache, identity
+from .hub_cache import cached_revision, from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
 from .hub_http import NotAHubAnswer, Stalled, api_timeout, library_silenced, list_tree, retrying, size_of, watching
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
-__all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "preflight", "hub_error", "hub_files", "EXTRA"]
+__all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "resolve_commit", "preflight", "hub_error", "hub_files", "EXTRA"]
 
 EXTRA = "pip install 'weightdiff[hub]'"
 _BARE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@\S+)?$")
@@ -358,8 +358,9 @@ def preflight(paths, options: HubOptions | None = None) -> None:
         env = _env(options)
         if env.offline:
             continue
+        pin = options.commit_of(spelling)
         try:
-            listing = _listing(ref, env)
+            listing = _listing(ref if pin is None else HubRef(ref.spelling, ref.repo_id, pin, ref.subfolder), env)
         except CheckpointError:
             raise
         except Exception:           # unreachable: locate_hub falls back to the cache and says so
@@ -405,20 +406,40 @@ def _head(ref: HubRef, listing: _Listing, path: str, env: _Env) -> None:
                         file=ref.file(listing.commit, path, -1, None)) from None
 
 
+def resolve_commit(spelling: str, options: HubOptions | None = None) -> str:
+    """The commit a Hub spelling names now: the Hub's answer (one model-info request), or offline or with the
+    Hub unreachable, the local cache's (as ``locate_hub`` would read it). Raises CheckpointError."""
+    options = options if isinstance(options, HubOptions) else HubOptions()
+    ref = parse_ref(spelling)
+    env = _env(options)
+    if not env.offline:
+        try:
+            return _listing(ref, env).commit
+        except CheckpointError:
+            raise
+        except Exception as exc:                   # unreachable: what the cache holds, as locate_hub reads it
+            try:
+                return cached_revision(ref, env, "the Hub cannot be reached").commit_hash
+            except CheckpointError:
+                raise hub_error(exc, ref.repo_id, spelling, ref.revision, env.endpoint) from None
+    return cached_revision(ref, env, "offline mode is on (--offline or HF_HUB_OFFLINE)").commit_hash
+
+
 def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
     """The Checkpoint of a Hub spelling (see the module docstring). Raises CheckpointError."""
     options = options if isinstance(options, HubOptions) else HubOptions()
     ref = parse_ref(spelling)
     env = _env(options)
+    pin = options.commit_of(spelling)      # the commit a parent resolved: read it, whatever the revision names now
     if env.offline:
-        return from_cache(ref, env, "offline mode is on (--offline or HF_HUB_OFFLINE)")
+        return from_cache(ref, env, "offline mode is on (--offline or HF_HUB_OFFLINE)", commit=pin)
     try:
-        listing = _listing(ref, env)
+        listing = _listing(ref if pin is None else HubRef(ref.spelling, ref.repo_id, pin, ref.subfolder), env)
     except CheckpointError:
         raise
     except Exception as exc:                   # the Hub cannot be reached: the cache, as the library does
         try:
-            ckpt = from_cache(ref, env, "the Hub cannot be reached")
+            ckpt = from_cache(ref, env, "the Hub cannot be reached", commit=pin)
         except CheckpointError:
             raise hub_error(exc, ref.repo_id, spelling, ref.revision, env.endpoint) from None
         ckpt.origin += redact_url(f" (the Hub at {env.endpoint} could not be reached: {first_line(exc)})")
@@ -449,7 +470,7 @@ def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
         files = [f.path for f in ckpt.files]
     else:
         reader.close()
-        snapshot = _fetch(ref, listing, needed, env, options) if mode == "download" else \
+        snapshot = _fetch(ref, listing, needed, env, options, pinned=pin is not None) if mode == "download" else \
             _cached_snapshot(ref, listing, needed, env)
         root = snapshot / ref.subfolder if ref.subfolder else snapshot
         ckpt = build(LocalFolder(root), kind, name, spelling)
@@ -485,7 +506,11 @@ def _mode(options: HubOptions, ref: HubRef, listing: _Listing, needed: list[str]
         except OSError:
             pass
     if all(isinstance(f, str) for f in found.values()) and not listing.stale:
-        return "cache"
+        # the repo's config files decide how the weights are read (head tie, quantization, heads): weights cached
+        # without them (fetched by another tool) are read with them, fetched now (a few KB), never without
+        configs = [c for c in _configs(listing) if not isinstance(
+            try_to_load_from_cache(ref.repo_id, c, cache_dir=env.cache_dir, revision=listing.commit), str)]
+        return "download" if configs else "cache"
     if options.download is None and kind not in _LOCAL_ONLY:
         total = sum(listing.files[p][0] or 0 for p in needed)
         if total > options.stream_above * 1e9:
@@ -493,7 +518,8 @@ def _mode(options: HubOptions, ref: HubRef, listing: _Listing, needed: list[str]
     return "download"
 
 
-def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options: HubOptions) -> Path:
+def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options: HubOptions,
+           pinned: bool = False) -> Path:
     """Download exactly ``needed`` (and the config) into the normal cache, a file per
     hf_hub_download, several at once; -> the snapshot folder of the resolved commit."""
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -501,9 +527,7 @@ def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     _head(ref, listing, needed[-1], env)
-    from .checkpoint import CONFIG_FILES
-
-    extra = [listing.prefix + n for n in CONFIG_FILES if listing.prefix + n in listing.files]
+    extra = _configs(listing)
     paths = needed + extra
     quiet = not options.progress and not are_progress_bars_disabled()
     cancel = threading.Event()
@@ -512,7 +536,7 @@ def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options
     try:
         with library_silenced(), \
                 ThreadPoolExecutor(min(8, len(paths)), thread_name_prefix="weightdiff-download") as pool:
-            futures = [pool.submit(_download, ref, listing, p, env, cancel) for p in paths]
+            futures = [pool.submit(_download, ref, listing, p, env, cancel, pinned) for p in paths]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
             finally:
@@ -529,12 +553,27 @@ def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options
     if moved:
         raise CheckpointError(ref.spelling, f"revision `{ref.revision or 'main'}` moved from commit "
                                             f"{listing.commit[:12]} to {moved[:12]} during the run", "rerun")
-    return Path(env.cache_dir) / f"models--{ref.repo_id.replace('/', '--')}" / "snapshots" / listing.commit
+    repo = Path(env.cache_dir) / f"models--{ref.repo_id.replace('/', '--')}"
+    if not extra:       # no config file at this commit: recorded as the library records a missing file, so that
+        try:            # --offline tells this repo from a cache that holds the weights without their config
+            marker = repo / ".no_exist" / listing.commit / (listing.prefix + CONFIG_FILES[0])
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            pass
+    return repo / "snapshots" / listing.commit
 
 
-def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: threading.Event) -> str:
+def _configs(listing: _Listing) -> list[str]:
+    """The config files (``checkpoint.CONFIG_FILES``) the repo lists beside the weights, as paths in the repo."""
+    return [listing.prefix + n for n in CONFIG_FILES if listing.prefix + n in listing.files]
+
+
+def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: threading.Event,
+              pinned: bool = False) -> str:
     """One file into the cache (by the revision's name, so the cache records it under refs/ for
-    --offline, as the library does), watched for a stalled transfer; -> the commit it came from."""
+    --offline, as the library does; by the commit when ``pinned``), watched for a stalled transfer;
+    -> the commit it came from."""
     from huggingface_hub import hf_hub_download
 
     size, sha = listing.files.get(path, (None, None))
@@ -547,7 +586,7 @@ def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: thre
     try:
         with watching(cancel):
             try:
-                out = fetch(ref.revision or "main")
+                out = fetch(listing.commit if pinned else ref.revision or "main")
             except Exception as exc:
                 from huggingface_hub.errors import RevisionNotFoundError
 

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError, escape_name
-from .checkpoint import Checkpoint, LocalFolder, _read_index, build, choose_weights, file_kind, onnx_subfolder_names
+from .checkpoint import CONFIG_FILES, Checkpoint, LocalFolder, _read_index, build, choose_weights, file_kind, onnx_subfolder_names
 
 if TYPE_CHECKING:
     from .hub import HubRef, _Env
 
-__all__ = ["from_cache", "identity"]
+__all__ = ["from_cache", "cached_revision", "identity"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -28,8 +28,9 @@ def identity(ref: HubRef, commit: str, files: list[tuple[str, int | None, str | 
             "files": [{"name": p, "bytes": size, "sha256": sha} for p, size, sha in files]}
 
 
-def from_cache(ref: HubRef, env: _Env, why: str) -> Checkpoint:
-    """The checkpoint from the local cache only, found through ``scan_cache_dir``."""
+def cached_revision(ref: HubRef, env: _Env, why: str, commit: str | None = None):
+    """The cached revision (``scan_cache_dir``'s) ``commit``, else the spelling's revision, names; CheckpointError
+    when the cache holds no such revision of the repo."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
@@ -42,14 +43,21 @@ def from_cache(ref: HubRef, env: _Env, why: str) -> Checkpoint:
         raise CheckpointError(ref.spelling, f"no such file or directory, and Hub repo `{escape_name(ref.repo_id)}` "
                                             f"is not in the local cache ({escape_name(env.cache_dir)}), and {why}",
                               hint)
-    rev = ref.revision or "main"
+    rev = commit or ref.revision or "main"
     revs = [r for r in repos[0].revisions if r.commit_hash == rev or rev in r.refs]
     if not revs:
         known = sorted({x for r in repos[0].revisions for x in r.refs}) + \
             sorted(r.commit_hash[:12] for r in repos[0].revisions)
         raise CheckpointError(ref.spelling, f"revision `{escape_name(rev)}` of `{escape_name(ref.repo_id)}` is not in "
                                             f"the local cache (cached: {', '.join(known)}), and {why}", hint)
-    snap = revs[0]
+    return revs[0]
+
+
+def from_cache(ref: HubRef, env: _Env, why: str, commit: str | None = None) -> Checkpoint:
+    """The checkpoint from the local cache only, found through ``scan_cache_dir``; at ``commit``
+    when given (a parent's resolution), else at what the spelling's revision names in the cache."""
+    snap = cached_revision(ref, env, why, commit)
+    hint = f"run once without --offline to download it, or `hf download {ref.repo_id}`"
     snapshot = Path(snap.snapshot_path)
     root = snapshot / ref.subfolder if ref.subfolder else snapshot
     named = None
@@ -80,6 +88,8 @@ def from_cache(ref: HubRef, env: _Env, why: str) -> Checkpoint:
             raise CheckpointError(ref.spelling, f"{escape_name((root / n).relative_to(snapshot).as_posix())} of commit "
                                                 f"{snap.commit_hash[:12]} is not in the local cache, and {why}",
                                   f"run once without --offline, or `hf download {ref.repo_id} {n}`")
+    if kind in ("single", "sharded", "pickle", "pickle_sharded"):       # (a GGUF file carries its own)
+        _config_cached(ref, env, snap.commit_hash, root, snapshot, why)
     ckpt = build(local, kind, name, ref.spelling)
     blobs = {Path(f.file_path): f for f in snap.files}
     files = []
@@ -88,7 +98,24 @@ def from_cache(ref: HubRef, env: _Env, why: str) -> Checkpoint:
         sha = info.blob_path.name if info is not None and _SHA256.match(info.blob_path.name) else None
         files.append((Path(f).relative_to(snapshot).as_posix(), os.path.getsize(f), sha))
     ckpt.hub = identity(ref, snap.commit_hash, files)
-    ckpt.hub_run = {"mode": "cache", "reader": None}
+    ckpt.hub_run = {"mode": "cache", "reader": None, "offline": True}   # read without asking the Hub
     ckpt.origin = (f"{escape_name(ref.spelling)}: Hub repo {escape_name(ref.repo_id)} at commit "
                    f"{snap.commit_hash[:12]}, read from the Hugging Face cache only ({why})")
     return ckpt
+
+
+def _config_cached(ref: HubRef, env: _Env, commit: str, root: Path, snapshot: Path, why: str) -> None:
+    """CheckpointError when the cache holds the weights but no config file beside them, and does not record
+    config.json as absent from the repo (a download of a repo without one records it, as the library does):
+    the config decides how the weights are read (the head tie), so reading without it could change the verdict."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if any((root / n).is_file() for n in CONFIG_FILES):
+        return
+    name = (root / CONFIG_FILES[0]).relative_to(snapshot).as_posix()
+    if try_to_load_from_cache(ref.repo_id, name, cache_dir=env.cache_dir, revision=commit) is not None:
+        return                       # recorded as not in the repo at this commit
+    raise CheckpointError(ref.spelling, f"{escape_name(name)} of commit {commit[:12]} is not in the local cache "
+                                        f"(the weights are: the config decides how they are read, such as whether the "
+                                        f"head is tied), and {why}",
+                          f"run once without --offline to fetch it, or `hf download {ref.repo_id} {name}`")
