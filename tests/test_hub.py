@@ -868,6 +868,7 @@ def test_a_cache_read_because_the_hub_cannot_be_reached_is_recorded(server, hf, 
     assert sum("could not be reached" in n and "local Hugging Face cache was read" in n for n in notes) == 2
     assert (tmp_path / "m.md").read_text().count("Not checked against the Hub") == 2
 
+
 def test_workers_read_the_parents_commit_in_the_parents_mode(hf, server, tmp_path, monkeypatch):
     """`compare --workers` sent the workers the spelling `org/moving` with default Hub options: each worker
     resolved `main` again (the JSON named commit A and held commit B's numbers once `main` moved), downloaded
