@@ -40,7 +40,7 @@ from pathlib import Path
 from ..errors import CheckpointError, escape_name, redact_url
 from ..options import HubOptions
 from .checkpoint import CONFIG_FILES, JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, build, choose_weights, file_kind
-from .files import load_json
+from .files import load_json, os_problem
 from .hub_cache import cached_revision, from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
 from .hub_http import NotAHubAnswer, Stalled, api_timeout, library_silenced, list_tree, retrying, size_of, watching
@@ -576,8 +576,16 @@ def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: thre
     -> the commit it came from."""
     from huggingface_hub import hf_hub_download
 
+    from huggingface_hub import try_to_load_from_cache
+
     size, sha = listing.files.get(path, (None, None))
     shown = ref.file(listing.commit, path, -1 if size is None else size, sha)
+    try:            # downloaded by this run (not found in the cache): hashed against the listing afterwards
+        fresh = path in listing.stale or not isinstance(
+            try_to_load_from_cache(ref.repo_id, path, cache_dir=env.cache_dir, revision=listing.commit), str)
+    except Exception:
+        fresh = True
+
     def fetch(revision: str) -> str:
         return retrying(lambda: hf_hub_download(ref.repo_id, path, revision=revision, cache_dir=env.cache_dir,
                                                 endpoint=env.endpoint, etag_timeout=api_timeout(),
@@ -600,7 +608,36 @@ def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: thre
         raise
     except Exception as exc:
         raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint, file=shown) from None
+    if fresh and sha:
+        _verify_download(Path(out), sha, shown)
     return Path(out).parents[len(Path(path).parts) - 1].name
+
+
+def _verify_download(out: Path, sha: str, shown: object) -> None:
+    """A file this run downloaded, hashed against the sha256 the Hub lists for it (an LFS file's oid):
+    huggingface_hub does not check it, and a corrupt transfer or a mirror's wrong bytes read as weights
+    (a copy of the base with a flipped tail read "derived", relative change 2e+28) and stayed in the cache for
+    every later run. The bytes were just written, so this reads them from the page cache; on a mismatch the
+    copy is removed from the cache and the run stops. Files found in the cache are hashed only with --hash."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(out, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    except OSError as exc:
+        raise CheckpointError(shown, f"cannot read the downloaded file back ({os_problem(exc)})") from None
+    if h.hexdigest() == sha:
+        return
+    for victim in (out.resolve(), out):          # the blob, then the snapshot's link to it
+        try:
+            victim.unlink()
+        except OSError:
+            pass
+    raise CheckpointError(shown, f"the downloaded bytes have sha256 {h.hexdigest()[:16]}..., not the {sha[:16]}... "
+                                 "the Hub lists for the file (a corrupt transfer, or a mirror serving other "
+                                 "bytes); the copy was removed from the cache", "rerun")
 
 
 def _cached_snapshot(ref: HubRef, listing: _Listing, needed: list[str], env: _Env) -> Path:
