@@ -991,3 +991,20 @@ def test_cached_weights_without_their_config_are_read_with_it_in_every_mode(hf, 
     assert rc == 0, err
     rc, _, err = run("compare", "org/base", "org/noconfig", "--offline", "--no-rank", "-q")
     assert rc == 0, err
+
+
+def test_a_default_branch_not_named_main_is_read_in_every_online_mode(server, hf, tmp_path):
+    # `dev` the default beside a `main`: --stream read dev, --download fetched main's bytes and failed "moved
+    # during the run (rerun)" on every rerun (the library downloads "main" when no revision is given)
+    x = server.commit("org/dflt", _files(server.local["tuned"]), branch="main")
+    y = server.commit("org/dflt", _files(server.local["tuned2"]), branch="dev")
+    server.repos["org/dflt"].default = "dev"
+    docs = []
+    for mode in ("--stream", "--download", "--download"):
+        rc, _, err = run("compare", "org/base", "org/dflt", mode, "--json", "o.json", "--no-rank", "-q")
+        assert rc == 0, (mode, err)
+        d = json.loads((tmp_path / "o.json").read_text())
+        assert d["tuned"]["hub"]["commit"] == y != x
+        d.pop("run")
+        docs.append(d)
+    assert docs[0] == docs[1] == docs[2]

@@ -591,16 +591,26 @@ def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: thre
                                                 endpoint=env.endpoint, etag_timeout=api_timeout(),
                                                 force_download=path in listing.stale))
 
+    depth = len(Path(path).parts) - 1
+    revision = listing.commit if pinned else ref.revision or "main"
+    if revision == "main" and not ref.revision and _main_commit(ref, path, env) != listing.commit:
+        # the default branch is not `main` (a `dev` beside a `main`, or no `main`): the library would download
+        # main's bytes, or fail; read the commit the listing resolved, as --stream does
+        revision = listing.commit
     try:
         with watching(cancel):
             try:
-                out = fetch(listing.commit if pinned else ref.revision or "main")
+                out = fetch(revision)
             except Exception as exc:
                 from huggingface_hub.errors import RevisionNotFoundError
 
                 if ref.revision or not isinstance(exc, RevisionNotFoundError):
                     raise
                 out = fetch(listing.commit)      # a default branch not named `main`: the commit the listing resolved
+            if not pinned and ref.revision is None and Path(out).parents[depth].name != listing.commit:
+                # the library downloads "main" when no revision is given; the listing resolved the default branch,
+                # which may be another (`dev` beside a `main`): read the commit the listing resolved, as --stream does
+                out = fetch(listing.commit)
     except Stalled as exc:
         raise CheckpointError(shown, exc.text(), "rerun later (the download resumes where it stopped); "
                                                  "WEIGHTDIFF_HUB_STALL_SECONDS sets the window") from None
@@ -608,9 +618,22 @@ def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: thre
         raise
     except Exception as exc:
         raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint, file=shown) from None
-    if fresh and sha:
+    commit = Path(out).parents[depth].name
+    if fresh and sha and commit == listing.commit:     # another commit's bytes: the caller says it moved
         _verify_download(Path(out), sha, shown)
-    return Path(out).parents[len(Path(path).parts) - 1].name
+    return commit
+
+
+def _main_commit(ref: HubRef, path: str, env: _Env) -> str | None:
+    """The commit ``main`` resolves to for ``path`` (one HEAD request, nothing downloaded), or None when
+    it cannot be told (no ``main`` branch, a network fault: the download then speaks for itself)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        url = hf_hub_url(ref.repo_id, path, revision="main", endpoint=env.endpoint)
+        return retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout())).commit_hash
+    except Exception:
+        return None
 
 
 def _verify_download(out: Path, sha: str, shown: object) -> None:
