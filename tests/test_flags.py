@@ -131,3 +131,15 @@ def test_a_matrix_that_differs_only_by_nan_or_inf_is_not_in_the_form():
                  frac_beyond_rounding=2 / 4096)
     form = verdict._form([low, broken], Thresholds())
     assert form["kind"] == "low_rank" and form["matrices_changed"] == 1, form
+
+
+def test_a_changed_matrix_without_a_rank_is_priced_as_a_bound():
+    # no rank analysis (--no-rank, or an inf in the matrix): m x n is what it costs at most; a rank-1 change
+    # costs m + n. The memo printed "delta params 4,096" as exact for a rank-1 change that needs 128
+    from weightdiff.judge.status import delta_params_range
+    from weightdiff.options import Thresholds
+
+    r = TensorRecord(name="model.layers.0.mlp.up_proj.weight", base_name="b", status="changed", shape=[64, 64],
+                     base_shape=[64, 64], dtype_base="F32", dtype_tuned="F32", numel=4096, compared="float")
+    r.numel_compared, r.frac_changed, r.frac_beyond_rounding, r.norm_delta = 4096, 1.0, 1.0, 0.1
+    assert delta_params_range(r, Thresholds()) == (4096, 0, 128)

@@ -112,7 +112,7 @@ def delta_params_count(d: dict) -> str:
 
 def delta_params_text(s: dict) -> str:
     """``delta_params`` of a summary with its share: ``≤ N`` when it is an upper bound
-    (``delta_params_lower`` is set: some energy ranks are brackets)."""
+    (``delta_params_lower`` is set: some energy ranks are brackets, or some changed matrices have no rank)."""
     return f"{delta_params_count(s)} ({share(s.get('delta_params_share'))} of the model)"
 
 

@@ -779,7 +779,9 @@ def headline(data: dict) -> list[str]:
     if s.get("delta_params") and s.get("delta_params_lower") is not None:
         out.append(f"Writing the change down takes at most {count(s['delta_params'])} parameters "
                    f"({share(s.get('delta_params_share'))} of the model) and at least "
-                   f"{count(s['delta_params_lower'])}: some energy ranks are brackets.")
+                   f"{count(s['delta_params_lower'])}: "
+                   + ("some changed matrices have no rank analysis." if (f.get("matrices_without_rank") or 0)
+                      else "some energy ranks are brackets."))
     elif s.get("delta_params"):
         out.append(f"Writing the change down takes {count(s['delta_params'])} parameters "
                    f"({share(s.get('delta_params_share'))} of the model).")
