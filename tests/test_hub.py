@@ -1008,3 +1008,17 @@ def test_a_default_branch_not_named_main_is_read_in_every_online_mode(server, hf
         d.pop("run")
         docs.append(d)
     assert docs[0] == docs[1] == docs[2]
+
+
+def test_a_wrong_token_on_a_gated_repo_is_not_told_to_set_a_token(server, hf, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_token")
+    line = one_error(*run("compare", "org/base", "org/gated", "--stream")[::2])
+    assert "the token in use has no access" in line and "set HF_TOKEN" not in line, line
+
+
+def test_a_branch_spelled_refs_heads_is_that_branch():
+    # `org/base@refs/heads/main` read revision `refs` with subfolder `heads/main` ("revision `refs` not found")
+    assert parse_ref("org/base@refs/heads/main").revision == "main"
+    r = parse_ref("hf://org/base@refs/heads/dev/sub")
+    assert (r.repo_id, r.revision, r.subfolder) == ("org/base", "dev", "sub")
+    assert parse_ref("org/base@refs/pr/2").revision == "refs/pr/2"

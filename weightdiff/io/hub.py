@@ -95,8 +95,12 @@ def parse_ref(spelling: str) -> HubRef:
     from huggingface_hub import parse_hf_uri
     from huggingface_hub.errors import HfUriError
 
+    text = spelling if spelling.startswith("hf://") else "hf://" + spelling
+    # `@refs/heads/<branch>` (git's full name of a branch): the library's parser reads revision `refs` and
+    # subfolder `heads/<branch>`; the branch is meant (`refs/pr/N` it parses itself)
+    text = re.sub(r"@refs/heads/([^/]+)", r"@\1", text, count=1)
     try:
-        uri = parse_hf_uri(spelling if spelling.startswith("hf://") else "hf://" + spelling)
+        uri = parse_hf_uri(text)
     except HfUriError as exc:
         raise CheckpointError(spelling, f"no such file or directory, nor a valid Hub repo id "
                                         f"({first_line(exc)})",

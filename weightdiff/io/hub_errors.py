@@ -98,6 +98,16 @@ def transfer_error(exc: BaseException, where: str, transfer: bool = True) -> Che
     return None
 
 
+def _has_token() -> bool:
+    """Whether requests carry a token (HF_TOKEN, or one saved by `hf auth login`)."""
+    try:
+        from huggingface_hub import get_token
+
+        return bool(get_token())
+    except Exception:
+        return False
+
+
 def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None = None,
               endpoint: str | None = None, file: object = None) -> CheckpointError:
     """A huggingface_hub error as one line naming the repo and what to do; a server's fault
@@ -113,6 +123,11 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
     code = response.headers.get("X-Error-Code") if response is not None else None
     repo = f"`{escape_name(repo_id)}`"
     if isinstance(exc, e.GatedRepoError) or code == "GatedRepo":
+        if _has_token():        # "set HF_TOKEN" to someone whose token was sent and refused sends them in circles
+            return CheckpointError(where, f"{repo} is a gated repo and the token in use has no access to it "
+                                          f"(HTTP {status})",
+                                   "accept its conditions on the repo's Hub page with that token's account, or use "
+                                   "another token (HF_TOKEN, or `hf auth login`)")
         return CheckpointError(where, f"{repo} is a gated repo and this request has no access to it (HTTP {status})",
                                f"accept its conditions on the repo's Hub page, then {LOGIN}")
     if isinstance(exc, e.RevisionNotFoundError) or code == "RevisionNotFound":
