@@ -1022,3 +1022,16 @@ def test_a_branch_spelled_refs_heads_is_that_branch():
     r = parse_ref("hf://org/base@refs/heads/dev/sub")
     assert (r.repo_id, r.revision, r.subfolder) == ("org/base", "dev", "sub")
     assert parse_ref("org/base@refs/pr/2").revision == "refs/pr/2"
+
+
+def test_a_survey_row_of_a_hub_member_counts_the_files_it_read(hf, server, tmp_path):
+    # a Hub member has no local folder: its row said 0 files and 0 bytes for the tuned model and the base
+    import csv
+
+    rc, _, err = run("survey", "org/base", "org/sibling", "--out", "s", "--no-rank", "-q")
+    assert rc == 0, err
+    row = next(csv.DictReader((tmp_path / "s" / "survey.csv").open()))
+    d = json.loads(weightdiff.compare(str(server.local["base"]), str(server.local["sibling"])).to_json())
+    weights = sum(f["bytes"] for f in d["tuned"]["files"])
+    assert int(row["tuned_files"]) >= 1 and int(row["tuned_bytes"]) >= weights > 0
+    assert int(row["base_bytes"]) >= sum(f["bytes"] for f in d["base"][0]["files"]) > 0

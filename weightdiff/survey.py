@@ -200,6 +200,12 @@ def row_from_result(data: dict | None, tuned_id: dict, base_id: dict, key: str, 
     if data is None:
         row.update(status="error", error=error or "failed")
         return row
+    if not tuned_id["files"]:       # a Hub member: its files are the JSON's (what was read), not a local folder's
+        listed = (data.get("tuned") or {}).get("files") or []
+        row.update(tuned_files=len(listed), tuned_bytes=sum(int(f.get("bytes") or 0) for f in listed))
+    if not base_id["files"]:
+        listed = [f for b in data.get("base") or [] for f in b.get("files") or []]
+        row.update(base_bytes=sum(int(f.get("bytes") or 0) for f in listed))
     s = data.get("summary") or {}
     form = s.get("form") or {}
     bracket = form.get("max_numerical_rank_bounds") if form.get("max_numerical_rank") is None else None
