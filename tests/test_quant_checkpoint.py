@@ -7,6 +7,7 @@ with its float base without companions showing up as tensors or parameters."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -465,12 +466,7 @@ def test_hostile_quantization_is_bad_input(tmp_path, what, stored, qc, file, mes
     """Each value is validated where it is read: a CheckpointError naming the safetensors file or
     config.json, never a KeyError, RecursionError, ZeroDivisionError ... (exit 1), on locate and
     on reading the tensors (the nested offset is used only then)."""
-    path = _save(tmp_path / "bad", stored, qc)
-    with pytest.raises(CheckpointError) as exc:
-        with locate(path) as ck:
-            for name in ck.tensors:
-                ck.read(name)
-    text = str(exc.value)
+    text, path = _refusal(tmp_path, stored, qc)
     assert str(path / file) in text and message in text, text
     assert "\n" not in text
 
@@ -546,14 +542,20 @@ DISAGREE = [
 ]
 
 
-def _refused(tmp_path, stored: dict, qc: dict, message: str) -> None:
-    """Saved with ``qc``, the checkpoint is refused while its tensors are read, in one line naming the file."""
+def _refusal(tmp_path, stored: dict, qc: dict) -> tuple[str, Path]:
+    """(the CheckpointError's text, the folder) of a checkpoint saved with ``qc`` and refused on locate or
+    while its tensors are read."""
     path = _save(tmp_path / "bad", stored, qc)
     with pytest.raises(CheckpointError) as exc:
         with locate(path) as ck:
             for name in ck.tensors:
                 ck.read(name)
-    text = str(exc.value)
+    return str(exc.value), path
+
+
+def _refused(tmp_path, stored: dict, qc: dict, message: str) -> None:
+    """Saved with ``qc``, the checkpoint is refused while its tensors are read, in one line naming the file."""
+    text, path = _refusal(tmp_path, stored, qc)
     assert text.startswith(f"{path / 'model.safetensors'}: ") and message in text, text
 
 

@@ -91,51 +91,9 @@ def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
     return acc
 
 
-class TransposedSide:
-    """One tuned matrix stored transposed (paired by content or by name: an ONNX ``MatMul`` weight, a
-    quantized ``MatMulNBits`` one, GPT-2's Conv1D), seen in the base's orientation by the floor test and the quantization noise
-    of the rank: its values (``values``, already transposed) and its floor are read whole, as the
-    transposed comparison reads the values. Its first-group columns are not known in this
-    orientation (``quant`` is empty), so a calibrated format falls back to the bound."""
-
-    def __init__(self, ck: Checkpoint, name: str, shape_b: tuple, values: np.ndarray):
-        from dataclasses import replace
-
-        self._ck, self._shape_b = ck, tuple(int(d) for d in shape_b)
-        self._values = np.ascontiguousarray(values).reshape(-1)
-        self.tensors = {name: replace(ck.tensors[name], shape=self._shape_b)}
-        self.quant: dict = {}
-
-    def windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None):
-        from ..io.safetensors_read import array_windows, check_range
-
-        start, stop, step = check_range(self.tensors[name], max_elements, start, stop, self._values.itemsize)
-        return array_windows(self._values, start, stop, step)
-
-    def read(self, name: str) -> np.ndarray:
-        return self._values.reshape(self._shape_b).copy()
-
-    def read_rows(self, name: str, rows) -> np.ndarray:
-        return self._values.reshape(self._shape_b)[np.asarray(rows, dtype=np.int64)].copy()
-
-    def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None,
-                      noise: bool = False):
-        from ..io.safetensors_read import array_windows, check_range
-
-        it = self._ck.floor_windows(name, max_elements, 0, None, noise)
-        if it is None:
-            return None
-        stored = self._shape_b[::-1]
-        whole = np.concatenate([np.asarray(w, np.float32).reshape(-1) for w in it] or [np.zeros(0, np.float32)])
-        flat = np.ascontiguousarray(whole.reshape(stored[0], -1).T).reshape(-1)
-        start, stop, step = check_range(self.tensors[name], max_elements, start, stop, 4)
-        return array_windows(flat, start, stop, step)
-
-
-class MergedSide:
-    """The tuned side of one adapter module whose base layer the adapter saves (PEFT's
-    ``save_embedding_layers``, a resized vocabulary): its merged weight held in memory, in the
-    saved layer's dtype, as PEFT's ``merge_and_unload`` gives it. No quantization, no floor."""
+class _HeldSide:
+    """One tuned tensor held in memory as a flat array in its logical shape: ``windows``, ``read`` and
+    ``read_rows`` as a Checkpoint gives them; no quantization (``quant`` empty)."""
 
     def __init__(self, ck: Checkpoint, name: str, info, values: np.ndarray):
         self.path, self._ck = ck.path, ck
@@ -154,7 +112,39 @@ class MergedSide:
         return self._values.reshape(self._shape).copy()
 
     def read_rows(self, name: str, rows) -> np.ndarray:
-        return self._values.reshape(self._shape[0], -1)[np.asarray(rows, dtype=np.int64)].copy()
+        return self._values.reshape(self._shape)[np.asarray(rows, dtype=np.int64)].copy()
+
+
+class TransposedSide(_HeldSide):
+    """One tuned matrix stored transposed (paired by content or by name: an ONNX ``MatMul`` weight, a
+    quantized ``MatMulNBits`` one, GPT-2's Conv1D), seen in the base's orientation by the floor test and the quantization noise
+    of the rank: its values (``values``, already transposed) and its floor are read whole, as the
+    transposed comparison reads the values. Its first-group columns are not known in this
+    orientation (``quant`` is empty), so a calibrated format falls back to the bound."""
+
+    def __init__(self, ck: Checkpoint, name: str, shape_b: tuple, values: np.ndarray):
+        from dataclasses import replace
+
+        super().__init__(ck, name, replace(ck.tensors[name], shape=tuple(int(d) for d in shape_b)), values)
+
+    def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None,
+                      noise: bool = False):
+        from ..io.safetensors_read import array_windows, check_range
+
+        it = self._ck.floor_windows(name, max_elements, 0, None, noise)
+        if it is None:
+            return None
+        stored = self._shape[::-1]
+        whole = np.concatenate([np.asarray(w, np.float32).reshape(-1) for w in it] or [np.zeros(0, np.float32)])
+        flat = np.ascontiguousarray(whole.reshape(stored[0], -1).T).reshape(-1)
+        start, stop, step = check_range(self.tensors[name], max_elements, start, stop, 4)
+        return array_windows(flat, start, stop, step)
+
+
+class MergedSide(_HeldSide):
+    """The tuned side of one adapter module whose base layer the adapter saves (PEFT's
+    ``save_embedding_layers``, a resized vocabulary): its merged weight held in memory, in the
+    saved layer's dtype, as PEFT's ``merge_and_unload`` gives it. No quantization, no floor."""
 
     def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None,
                       noise: bool = False):
