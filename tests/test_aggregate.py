@@ -336,9 +336,9 @@ def test_sparse_and_dense_forms():
     bracketed[1].rank.bounds = {"energy_rank_99": [40, 55]}      # cannot exceed the exact 60: exact again
     _, _, s = aggregate(bracketed, THR)
     assert s.form["max_energy_rank_99"] == 60 and s.form["max_energy_rank_99_bounds"] is None
-    # without rank records there is no spectral evidence: dense by elements, said so
+    # without rank records there is no spectral evidence: undecided (it read dense by elements), said so
     _, _, s = aggregate([rec("h.0.w", "changed", shape=(100, 100), nd=0.1)], THR)
-    assert s.form["kind"] == "dense" and s.form["basis"] == "elements"
+    assert s.form["kind"] == "undecided" and s.form["basis"] == "elements"
     assert s.delta_params == 100 * 100
 
 
@@ -352,7 +352,7 @@ def test_low_rank_needs_every_ranked_matrix_low_and_numerical_rank_counts():
     _, _, s = aggregate([noisy, rec("h.1.w", "changed", shape=(128, 128), nd=0.1, rank=(90, 90))], THR)
     # one low-rank and one dense matrix of the same size: mixed, half and half (rule 8)
     assert s.form["kind"] == "mixed" and s.form["matrices_low_rank"] == 1
-    assert s.form["shares"] == {"low_rank": 0.5, "dense": 0.5, "undecided": 0.0}
+    assert s.form["shares"] == {"low_rank": 0.5, "dense": 0.5, "undecided": 0.0, "without_rank": 0.0}
     # a LoRA over big matrices beside a small fully trained head: mixed (it read dense, the rule
     # needing 5% on both sides), with the sentence giving both shares
     head = rec("score.weight", "changed", shape=(4, 128), nd=0.1, rank=(4, 4))
@@ -501,7 +501,7 @@ def test_partial_spectrum_uses_the_upper_bound_for_cost_and_form():
     assert s.delta_params == min(1000 * 1000, 700 * 2000)
     # rank 64 is low-rank for a 1000-wide matrix (cap 100), 700 is not: the form is not decided
     assert s.form["kind"] == "undecided" and s.form["matrices_undecided"] == 1
-    assert s.form["shares"] == {"low_rank": 0.0, "dense": 0.0, "undecided": 1.0}
+    assert s.form["shares"] == {"low_rank": 0.0, "dense": 0.0, "undecided": 1.0, "without_rank": 0.0}
     assert "is not decided" in sentences.form_sentence(s.form)
     r.rank.numerical_rank, r.rank.energy_rank_99 = 128, 128           # dense even at the lower end
     r.rank.bounds = {"energy_rank_99": [128, 700], "numerical_rank": [128, 900]}
@@ -584,3 +584,32 @@ def test_the_parameter_table_shares_are_of_the_tuned_model():
     assert "100%" in row and "100% of parameters are bitwise unchanged." in s.headline
     removed = next(line for line in table.splitlines() if line.strip().startswith("removed"))
     assert "%" not in removed
+
+
+def test_a_merged_low_rank_update_without_rank_analysis_is_not_called_dense(tmp_path):
+    """--no-rank on a merged rank-4 update read "form dense" (every element changes, and element counts were
+    the only basis): how many directions changed is not measured, so the form is undecided and says why."""
+    import weightdiff
+    from conftest import write_checkpoint
+    from weightdiff.render.sentences import form_sentence
+    from weightdiff.render.terminal import render_text
+
+    rng = np.random.default_rng(3)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": rng.normal(0, 1, (128, 64)).astype(np.float32) for i in range(3)}
+    tuned = {k: (v + 0.05 * rng.normal(0, 1, (128, 4)) @ rng.normal(0, 1, (4, 64))).astype(np.float32)
+             for k, v in base.items()}
+    b, t = write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)
+    ranked = weightdiff.compare(b, t)
+    assert ranked.summary.form["kind"] == "low_rank"
+    r = weightdiff.compare(b, t, rank=False)
+    f = r.summary.form
+    assert f["kind"] == "undecided" and f["basis"] == "elements" and f["matrices_without_rank"] == 3
+    assert f["shares"] == {"low_rank": 0.0, "dense": 0.0, "undecided": 1.0, "without_rank": 1.0}
+    assert "not measured: 3 changed matrices have no rank analysis" in form_sentence(f)
+    assert "form      undecided (100% of the changed matrices' parameters have no rank analysis)" in \
+        render_text(json.loads(r.to_json()))
+    # a sparse change stays sparse without a rank: that is measured by element counts
+    sparse = {k: v.copy() for k, v in base.items()}
+    sparse["model.layers.0.mlp.up_proj.weight"][0, :3] += 1.0
+    r = weightdiff.compare(b, write_checkpoint(tmp_path / "s", sparse), rank=False)
+    assert r.summary.form["kind"] == "sparse"

@@ -406,7 +406,7 @@ def test_changes_that_are_only_nan_are_inconclusive_not_a_fine_tune(tmp_path, rn
     broken["model.layers.1.mlp.up_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"] + np.float32(0.01)
     r = compare(a, save_file(tmp_path / "both.safetensors", broken))
     assert r.summary.verdict == "derived"
-    assert "1 of the changed tensors differ only by NaN or infinite values" in r.summary.verdict_reason
+    assert "1 of the changed tensors differs only by NaN or infinite values" in r.summary.verdict_reason
 
 
 @pytest.mark.parametrize("where", ["offset", "shape"])

@@ -118,14 +118,18 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
     low = [x == "low" for x in sides]
     mat_params = sum(r.numel for r in mats)
     low_params = sum(r.numel for r, is_low in zip(ranked, low) if is_low)
-    open_params = sum(r.numel for r, x in zip(ranked, sides) if x == "undecided")
+    # a changed matrix without a rank analysis (--no-rank, an infinity in its delta) is of unknown form: counted
+    # dense it made a merged rank-4 LoRA read "form dense" under --no-rank (every element changes)
+    unranked_params = sum(r.numel for r in mats if r.rank is None)
+    open_params = sum(r.numel for r, x in zip(ranked, sides) if x == "undecided") + unranked_params
     form: dict[str, Any] = {
         "kind": None,
         **max_rank_fields(ranked),
         **max_rank_fields(ranked, "energy_rank_99", "max_energy_rank_99"),
         "shares": {"low_rank": low_params / mat_params if mat_params else None,
                    "dense": (mat_params - low_params - open_params) / mat_params if mat_params else None,
-                   "undecided": open_params / mat_params if mat_params else None},
+                   "undecided": open_params / mat_params if mat_params else None,
+                   "without_rank": unranked_params / mat_params if mat_params else None},
         "max_rank_share": max(((_low_rank_k(r) or 0) / min(matrix_dims(r)) for r in ranked), default=None),
         "matrices_changed": len(mats), "matrices_low_rank": sum(low), "matrices_without_rank": len(mats) - len(ranked),
         "matrices_undecided": sides.count("undecided"),

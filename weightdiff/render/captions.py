@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from . import sentences
 from .formats import count, num, rank_text, sci, share, tuned_params
+from .reference import unmeasured_blocks
 
 #: statuses in the order the parameter-share figure and the tables list them
 STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
@@ -129,7 +130,9 @@ def caption_depth(data: dict) -> str:
     if not blocks:
         return "Relative change per block: the checkpoint has no numbered blocks to plot."
     points = depth_points(data)
-    changed = [b for b in blocks if block_state(b) == "changed"]
+    nan_only = unmeasured_blocks(data)
+    nonfinite = [b for b in blocks if b.get("block") in nan_only]
+    changed = [b for b in blocks if block_state(b) == "changed" and b.get("block") not in nan_only]
     rounding = [b for b in blocks if block_state(b) == "rounding"]
     # a block with no relative change to show is not in the base (appended or inserted layers): new, not changed
     new = [b for b in changed if b.get("rel_change") is None]
@@ -142,11 +145,15 @@ def caption_depth(data: dict) -> str:
     if changed:
         top = max(changed, key=lambda b: b.get("rel_change") or 0.0)
         text += f"; the largest change is in block {top['index']} ({sci(top.get('rel_change'))})"
+    if nonfinite:
+        text += (f"; {_plural(len(nonfinite), 'block')} ({', '.join(str(b['index']) for b in nonfinite)}) "
+                 f"{'differs' if len(nonfinite) == 1 else 'differ'} only by NaN or infinite values, which are not "
+                 f"measured (crosses on the 0 line)")
     if new:
         text += (f"; {_plural(len(new), 'block')} ({', '.join(str(b['index']) for b in new)}) "
                  f"{'is' if len(new) == 1 else 'are'} not in the base, with no change to measure")
     text += "."
-    unchanged = len(blocks) - len(changed) - len(new) - len(rounding)
+    unchanged = len(blocks) - len(changed) - len(new) - len(rounding) - len(nonfinite)
     if unchanged:
         text += f" {_plural(unchanged, 'block')} with no change at all sit as hollow circles on the line marked 0."
     if rounding:
@@ -157,7 +164,9 @@ def caption_depth(data: dict) -> str:
     for p in ends:
         where = (f"the embeddings (before block {blocks[0]['index']})" if "embed" in p["group"] else
                  f"the {'head' if p['group'] == 'head' else p['group']} (after block {blocks[-1]['index']})")
-        if p["state"] == "changed" and p["rel_change"]:
+        if p["state"] == "nonfinite":
+            what = "differ only by NaN or infinite values (not measured)"
+        elif p["state"] == "changed" and p["rel_change"]:
             what = f"changed ({sci(p['rel_change'])})"
         elif p["state"] == "changed":
             what = "changed only by new or resized rows (triangles on the 0 line: their shared rows are unchanged)"
@@ -174,16 +183,36 @@ def caption_depth(data: dict) -> str:
     return text
 
 
+def nonfinite_cells(data: dict) -> set:
+    """``(block, module kind)`` cells of the heatmap whose changed tensors all differ only by NaN or infinity:
+    their relative change of 0 is not a measurement, so they are drawn apart from the unchanged cells."""
+    from .reference import nonfinite_only
+
+    by_cell: dict = {}
+    for t in data.get("tensors") or []:
+        if t.get("status") == "changed" and t.get("block") is not None and t.get("module") is not None:
+            by_cell.setdefault((t["block"], t["module"]), []).append(nonfinite_only(t))
+    return {c for c, flags in by_cell.items() if all(flags)}
+
+
 def caption_heatmap(data: dict) -> str:
     cells = [(b, k, v) for b in layered_blocks(data) for k, v in (b.get("modules") or {}).items()]
     if not cells:
         return "Relative change by block and module kind: no numbered blocks to plot."
-    moved = [c for c in cells if c[2]]
-    text = (f"Relative change of each module kind ({len({c[1] for c in cells})} kinds, the rows) in each "
+    nan = nonfinite_cells(data)
+    broken = [c for c in cells if (c[0].get("block"), c[1]) in nan]
+    moved = [c for c in cells if c[2] and (c[0].get("block"), c[1]) not in nan]
+    text = (f"Relative change of each module kind ({_plural(len({c[1] for c in cells}), 'kind')}, the rows) in each "
             f"block, log colour scale. {len(moved)} of {len(cells)} block-module cells changed")
     if moved:
         b, k, v = max(moved, key=lambda c: c[2])
         text += f"; the largest is {k} in block {b['index']} ({sci(v)})"
+    if broken:
+        where = _list([f"{k} in block {b['index']}" for b, k, _ in broken[:3]]
+                      + ([f"{len(broken) - 3} more"] if len(broken) > 3 else []))
+        text += (f"; {_plural(len(broken), 'cell')} ({where}) "
+                 f"{'differs' if len(broken) == 1 else 'differ'} only by NaN or infinite values, which are not "
+                 f"measured (crosses)")
     kinds = {c[1] for c in cells}
     absent = sum(len(kinds) - len(b.get("modules") or {}) for b in layered_blocks(data))
     text += ". Hatched white cells did not change at all"
@@ -279,7 +308,8 @@ def depth_points(data: dict) -> list[dict]:
     """The points of the depth profile: the embeddings one step before the first block, every
     numbered block at its index, the groups after the stack (a final norm, the head) one step
     each after the last block, the head last. Each point: ``x``, ``label``, ``rel_change``,
-    ``state`` (block_state) and ``group`` (None for a numbered block, else its name)."""
+    ``state`` (block_state, or ``'nonfinite'`` for a block whose changes are all NaN or infinity: not
+    measured) and ``group`` (None for a numbered block, else its name)."""
     blocks = layered_blocks(data)
     if not blocks:
         return []
@@ -287,8 +317,11 @@ def depth_points(data: dict) -> list[dict]:
     before = [b for b in groups if "embed" in str(b.get("block"))]
     after = sorted((b for b in groups if b not in before), key=lambda b: str(b.get("block")) == "head")
 
+    nan_only = unmeasured_blocks(data)
+
     def point(b: dict, x: int, label: str, group: str | None) -> dict:
-        return {"x": x, "label": label, "rel_change": b.get("rel_change"), "state": block_state(b), "group": group}
+        state = "nonfinite" if b.get("block") in nan_only else block_state(b)
+        return {"x": x, "label": label, "rel_change": b.get("rel_change"), "state": state, "group": group}
 
     first, last = blocks[0]["index"], blocks[-1]["index"]
     out = [point(b, first - len(before) + i, "emb." if len(before) == 1 else str(b["block"])[:8], str(b["block"]))
@@ -343,7 +376,7 @@ def caption_experts(data: dict) -> str:
 
 
 def caption_reference(data: dict) -> str:
-    from .reference import reference_of
+    from .reference import only_nonfinite, reference_of
 
     ref = reference_of(data)
     pts = {p["key"]: p for p in ref.get("points") or []}
@@ -357,7 +390,10 @@ def caption_reference(data: dict) -> str:
     # "this model", not "this fine-tune": the figure is on page one whatever the verdict (identical, unrelated)
     text = (f"This model's large matrices ({_plural(ref.get('matrices') or 0, 'matrix', 'matrices')}, "
             f"{count(ref.get('params'))} parameters) on two log axes, relative change and 1 − cosine. ")
-    if "model" in pts:
+    if "model" in pts and only_nonfinite(data):
+        text += ("It differs from the base only by NaN or infinite values, which are not measured, so it is not "
+                 "placed (its finite values are the base's). ")
+    elif "model" in pts:
         text += (f"It reads {sci(pts['model']['rel_change'])} "
                  f"(1 − cosine {sci(pts['model']['one_minus_cosine'])}). ")
     if parts:

@@ -33,6 +33,7 @@ def _markers(ax, xs, vals, states, floor: float, ms: float, rd_label: str = "rou
     zero_changed = [x for x, v, s in zip(xs, vals, states) if s == "changed" and not v]
     rd = [(x, v) for x, v, s in zip(xs, vals, states) if s == "rounding"]
     un = [x for x, s in zip(xs, states) if s == "unchanged"]
+    nan = [x for x, s in zip(xs, states) if s == "nonfinite"]
     handles = []
     if ch:
         ax.vlines([x for x, _ in ch], floor, [v for _, v in ch], color=OKABE_ITO["blue"], lw=1.2, zorder=2)
@@ -46,6 +47,10 @@ def _markers(ax, xs, vals, states, floor: float, ms: float, rd_label: str = "rou
         ax.plot(zero_changed, [floor] * len(zero_changed), "^", ms=ms * 1.15, color=OKABE_ITO["orange"], zorder=3)
         handles.append(Line2D([], [], marker="^", ls="", color=OKABE_ITO["orange"],
                               label="new or resized rows only"))
+    if nan:
+        ax.plot(nan, [floor] * len(nan), "X", ms=ms * 1.1, color=OKABE_ITO["vermillion"], zorder=3)
+        handles.append(Line2D([], [], marker="X", ls="", color=OKABE_ITO["vermillion"],
+                              label="NaN/Inf only (not measured)"))
     if un:
         ax.plot(un, [floor] * len(un), "o", ms=ms, mfc="white", mec=GREY, mew=1.2, zorder=3)
         handles.append(Line2D([], [], marker="o", ls="", mfc="white", mec=GREY, label="unchanged (bitwise)"))
@@ -66,7 +71,7 @@ def draw_depth(data: dict, height: float = 3.2) -> Figure:
     xs = [p["x"] for p in points]
     vals = [p["rel_change"] for p in points]
     states = [p["state"] for p in points]
-    floor, top = _log_floor([v for v, s in zip(vals, states) if s != "unchanged"])
+    floor, top = _log_floor([v for v, s in zip(vals, states) if s not in ("unchanged", "nonfinite")])
     ax.set_yscale("log")
     ax.set_ylim(floor / 2.5, top)
     ax.set_xlim(min(xs) - 0.7, max(xs) + 0.7)
@@ -107,7 +112,7 @@ def _module_order(kinds: set[str]) -> list[str]:
 def _grid_figure(title: str, rows: list[str], cols: list[str], grid: np.ndarray, ylabel: str,
                  xlabel: str = "block (0 = nearest the input)") -> Figure:
     """A heatmap of relative change: ``grid[i, j]`` for row ``rows[i]`` and column ``cols[j]``,
-    NaN where the cell does not exist, 0 where nothing changed."""
+    NaN where the cell does not exist, 0 where nothing changed, +inf where only NaN/Inf values differ."""
     fig = _figure(max(2.4, 1.1 + 0.24 * len(rows)))
     ax = fig.add_subplot()
     ax.set_title(title)
@@ -136,6 +141,13 @@ def _grid_figure(title: str, rows: list[str], cols: list[str], grid: np.ndarray,
         ticks, labels = distinct_ticks(lo, hi, lambda v, d: fmt.num(v, d))
         cb.set_ticks(ticks, labels=labels)
         cb.ax.minorticks_off()
+    if np.isposinf(grid).any():     # changed only by NaN/Inf: white with a cross, never a colour or "unchanged"
+        ax.pcolormesh(xs, ys, np.ma.masked_invalid(np.where(np.isposinf(grid), 1.0, np.nan)),
+                      cmap=mcolors.ListedColormap(["white"]), edgecolors="#C8C8C8", linewidth=0.5)
+        ii, jj = np.nonzero(np.isposinf(grid))
+        ax.plot(jj, ii, "X", ms=7, color=OKABE_ITO["vermillion"], ls="", zorder=3)
+        handles.append(Line2D([], [], marker="X", ls="", color=OKABE_ITO["vermillion"],
+                              label="NaN/Inf only (not measured)"))
     if np.isnan(grid).any():
         handles.append(Patch(facecolor="#E4E4E4", edgecolor="#B0B0B0", hatch=ABSENT_HATCH, lw=0.5,
                              label="does not exist in this block"))
@@ -174,10 +186,12 @@ def draw_heatmap(data: dict) -> Figure:
         _empty(ax, "no numbered blocks in this checkpoint")
         return fig
     grid = np.full((len(kinds), len(blocks)), np.nan)
+    nan_only = cap.nonfinite_cells(data)
     for j, b in enumerate(blocks):
         for i, k in enumerate(kinds):
             v = (b.get("modules") or {}).get(k, None)
-            grid[i, j] = np.nan if v is None else v
+            # +inf marks a cell changed only by NaN/Inf: not a measurement, drawn as a cross
+            grid[i, j] = np.nan if v is None else np.inf if (b.get("block"), k) in nan_only else v
     return _grid_figure("Where the change sits: block x module kind", kinds, [str(b["index"]) for b in blocks],
                         grid, "module kind")
 

@@ -23,7 +23,7 @@ from . import sentences
 from .memo_html import to_html
 from .memo_md import md_escape, to_markdown
 from .plots import FigureOutput
-from .reference import one_minus_cosine_of, reference_of
+from .reference import nonfinite_only, one_minus_cosine_of, only_nonfinite, reference_of, unmeasured_blocks
 
 __all__ = ["Block", "build", "first_page", "key_figures", "to_html", "to_markdown", "md_escape", "CAVEATS"]
 
@@ -110,14 +110,16 @@ def key_figures(data: dict) -> list[list[Inline]]:
     model = points.get("model") or {}
     bf16 = (points.get("BF16") or {}).get("rel_change")
     rel_note = "size of the change over size of the weights"
+    nan_only = only_nonfinite(data)     # 0 over the finite values, which are the base's: not a measurement
     if bf16:
         rel_note += f" (bfloat16 rounding alone: {fmt.sci(bf16)})"
     return [
         ["parameters bit for bit unchanged", f"{same} of {fmt.count(total)}{aside}", "numbers not touched at all"],
         ["blocks changed", f"{fmt.count(s.get('blocks_changed'))} of {fmt.count(s.get('blocks_total'))}",
          "layers of the stack with any change"],
-        ["relative change (large matrices)", fmt.sci(model.get("rel_change")), rel_note],
-        ["1 − cosine (large matrices)", fmt.sci(model.get("one_minus_cosine")),
+        ["relative change (large matrices)", fmt.MISSING if nan_only else fmt.sci(model.get("rel_change")),
+         "not measured: the models differ only by NaN or infinite values" if nan_only else rel_note],
+        ["1 − cosine (large matrices)", fmt.MISSING if nan_only else fmt.sci(model.get("one_minus_cosine")),
          "turn of direction: 0 none, 1 unrelated models"],
         ["parameters to write the change down", fmt.delta_params_text(s),
          # "injected" says this base was changed: not for an unrelated, inconclusive or identical model
@@ -177,8 +179,9 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
             ["form of the change", _c(form.get("kind") or "none")],
             ["largest numerical rank", fmt.max_rank(form)],
             ["delta parameters", fmt.delta_params_text(s)],
-            ["model relative change", fmt.sci(s.get("relative_change"))],
-            [f"1 − cosine ({sentences.matrices_phrase(s)})", fmt.sci(one_minus_cosine_of(data))],
+            ["model relative change", fmt.MISSING if only_nonfinite(data) else fmt.sci(s.get("relative_change"))],
+            [f"1 − cosine ({sentences.matrices_phrase(s)})",
+             fmt.MISSING if only_nonfinite(data) else fmt.sci(one_minus_cosine_of(data))],
             ["flags", _c(", ".join(s.get("flags") or []) or "none")]]
     out.append(Block("table", ["", "value"], rows))
     comps = s.get("components") or []
@@ -206,11 +209,12 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
 
     out.append(Block("h2", "Most changed blocks"))
     tb = top_blocks(data)
+    nan_blocks = unmeasured_blocks(data)
     if tb:
         out.append(Block("table", ["block", "parameters", "changed", "relative change", "largest numerical rank",
                                    "delta parameters"],
                          [[_c(b.get("block")), fmt.count(b.get("params")), fmt.count(b.get("params_changed")),
-                           fmt.sci(b.get("rel_change")), fmt.max_rank(b),
+                           fmt.MISSING if b.get("block") in nan_blocks else fmt.sci(b.get("rel_change")), fmt.max_rank(b),
                            fmt.delta_params_count(b)] for b in tb]))
     else:
         out.append(Block("p", "No block changed."))
@@ -220,8 +224,10 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
         rows = []
         for t in tt:
             r = t.get("rank") or {}
-            rows.append([_c(t.get("name")), t.get("status", ""), _short(t), fmt.sci(t.get("rel_change")),
-                         fmt.sci(cap.one_minus_cosine(t)), fmt.rank_text(r, "energy_rank_90"),
+            nan_only = nonfinite_only(t)    # NaN/Inf only: 0 over the finite values measures nothing
+            rows.append([_c(t.get("name")), t.get("status", ""), _short(t),
+                         fmt.MISSING if nan_only else fmt.sci(t.get("rel_change")),
+                         fmt.MISSING if nan_only else fmt.sci(cap.one_minus_cosine(t)), fmt.rank_text(r, "energy_rank_90"),
                          fmt.rank_text(r, "energy_rank_99"), fmt.rank_text(r, "numerical_rank"),
                          fmt.rank_text(r, "stable_rank", fmt.num)])
         out.append(Block("table", ["tensor", "status", "shape", "relative change", "1 − cosine", "energy rank 90%",

@@ -87,8 +87,8 @@ FORMS = [
     ("vectors", "otherwise, when no matrix changed, only vectors (norm weights, biases: LayerNorm tuning, "
      "BitFit): a vector has no directions, so the change is neither low-rank nor spread over many."),
     ("undecided", "otherwise, when matrices whose rank cannot decide the low-rank rule (a bracket that is "
-     "low-rank at its lower end but not at its upper end, or no direction above the modelled quantization "
-     "noise) hold at least mixed_min_share of the changed matrices' parameters, or any do and the certainly "
+     "low-rank at its lower end but not at its upper end, no direction above the modelled quantization "
+     "noise, or no rank analysis at all: --no-rank) hold at least mixed_min_share of the changed matrices' parameters, or any do and the certainly "
      "dense ones hold less."),
     ("mixed", "otherwise, when low-rank matrices hold at least mixed_min_share of the changed matrices' "
      "parameters and the others the rest, however small (both shares are reported)."),

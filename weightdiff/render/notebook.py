@@ -16,6 +16,7 @@ from ..errors import escape_name
 from . import formats as fmt
 from . import sentences
 from .figstyle import figure_bytes
+from .reference import only_nonfinite
 
 __all__ = ["short_repr", "card_html", "rows", "TABLES"]
 
@@ -33,7 +34,7 @@ def short_repr(data: dict) -> str:
     base = ", ".join(sentences.model_label(b) for b in data.get("base") or [])
     return (f"<Comparison {s.get('verdict')}: {escape_name(base)} -> {escape_name(sentences.model_label(data.get('tuned')))}, "
             f"{fmt.count(scope.get('tensors_changed'))} of {fmt.count(scope.get('tensors_total'))} tensors changed, "
-            f"relative change {fmt.sci(s.get('relative_change'))}>")
+            f"relative change {'n/a' if only_nonfinite(data) else fmt.sci(s.get('relative_change'))}>")
 
 
 def card_html(data: dict) -> str:

@@ -32,7 +32,8 @@ import math
 
 from ..judge.relatedness import chosen_evidence, evidence_sizes
 
-__all__ = ["reference_scale", "reference_of", "LABELS", "one_minus_cosine_of"]
+__all__ = ["reference_scale", "reference_of", "LABELS", "one_minus_cosine_of", "nonfinite_only", "only_nonfinite",
+           "unmeasured_blocks"]
 
 LABELS = {"F16": "float16 rounding", "BF16": "bfloat16 rounding", "model": "this model",
           "unrelated": "unrelated model"}
@@ -106,3 +107,27 @@ def one_minus_cosine_of(data: dict) -> float | None:
         if p.get("key") == "model" and p.get("one_minus_cosine") is not None:
             return float(p["one_minus_cosine"])
     return max(0.0, 1.0 - cos)
+
+
+def nonfinite_only(t: dict) -> bool:
+    """A JSON tensor row that differs only where one side holds NaN or infinity (``judge.verdict.nonfinite_only``):
+    its norms are over the finite values, which are the base's, so its relative change of 0 is not a measurement
+    of the change and prints as n/a."""
+    return t.get("status") == "changed" and (t.get("nonfinite") or 0) > 0 and t.get("norm_delta") == 0.0
+
+
+def only_nonfinite(data: dict) -> bool:
+    """Every changed tensor differs only by NaN or infinity: the model's relative change and 1 - cosine (0, over
+    the finite values) measure nothing, and every output prints them as n/a rather than 0."""
+    changed = [t for t in data.get("tensors") or [] if t.get("status") == "changed"]
+    return bool(changed) and all(nonfinite_only(t) for t in changed)
+
+
+def unmeasured_blocks(data: dict) -> set:
+    """Blocks whose changed tensors all differ only by NaN or infinity (their relative change prints as n/a)."""
+    by_block: dict = {}
+    for t in data.get("tensors") or []:
+        if t.get("status") == "changed" and t.get("block") is not None:
+            by_block.setdefault(t["block"], []).append(nonfinite_only(t))
+    return {b for b, flags in by_block.items() if all(flags)}
+

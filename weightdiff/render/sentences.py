@@ -17,7 +17,7 @@ from ..kernels.dtypes import DTYPES
 from ..judge.verdict import holds_exactly
 from ..records import count_lookalikes
 from .formats import count, num, sci, share, tuned_params
-from .reference import one_minus_cosine_of
+from .reference import nonfinite_only, one_minus_cosine_of
 
 __all__ = ["verdict_title", "parts_text", "verdict_reason", "headline", "coverage_sentence", "form_sentence", "matrices_phrase",
            "is_tied_row", "PAIRED", "plain_language", "model_label", "plural"]
@@ -252,11 +252,6 @@ def _judged_share(side: dict):
     return side.get("large_share") if side.get("large_share") is not None else side.get("share")
 
 
-def _nonfinite_only(t: dict) -> bool:
-    """``judge.verdict.nonfinite_only`` of a JSON row."""
-    return t.get("status") == "changed" and (t.get("nonfinite") or 0) > 0 and t.get("norm_delta") == 0.0
-
-
 def _folded_reason(data: dict) -> str:
     """Why base parameters folded into an export's computed constants leave the verdict open."""
     folds = (data.get("plan") or {}).get("folded") or []
@@ -317,7 +312,7 @@ def _inconclusive(data: dict) -> str:
                 "explain. weightdiff does not fit those scales back, so quantization cannot be told from a "
                 "fine-tune here; compare the unquantized fine-tune, or an AWQ model quantized without scale search.")
     if "nonfinite_changes" in (s.get("flags") or []):
-        bad = [t for t in data.get("tensors") or [] if _nonfinite_only(t)]
+        bad = [t for t in data.get("tensors") or [] if nonfinite_only(t)]
         if bad and len(bad) == tbs.get("changed"):
             vals = sum(int(t.get("nonfinite") or 0) for t in bad)
             return (f"The only differences are non-finite values: {count(len(bad))} "
@@ -692,9 +687,10 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                  "no name pairs and whose values do not correlate with any base tensor: the same "
                  f"{'weight' if alike == 1 else 'weights'} changed beyond recognition, or replaced, cannot be told "
                  "from removed and new ones")
-    broken = [t for t in counted if _nonfinite_only(t)]
+    broken = [t for t in counted if nonfinite_only(t)]
     if broken:
-        text += (f"; {count(len(broken))} of the changed tensors differ only by NaN or infinite values "
+        text += (f"; {count(len(broken))} of the changed tensors {'differs' if len(broken) == 1 else 'differ'} "
+                 "only by NaN or infinite values "
                  "(not measured: broken or overflowed weights)")
     near = int(q.get("tensors_near_grid") or 0)
     if near:
@@ -970,6 +966,13 @@ def form_sentence(f: dict) -> str:
         sh = f.get("shares") or {}
         return (f"The change is mixed: low-rank matrices hold {share(sh.get('low_rank'))} of the changed matrices' "
                 f"parameters, dense ones {share(sh.get('dense'))}.")
+    if f.get("kind") == "undecided" and (f.get("shares") or {}).get("without_rank") \
+            and (f.get("shares") or {}).get("without_rank") >= (f.get("shares") or {}).get("undecided", 0):
+        n = int(f.get("matrices_without_rank") or 0)
+        return (f"Whether the change is low-rank or dense is not measured: {count(n)} changed "
+                f"{'matrix has' if n == 1 else 'matrices have'} no rank analysis (--no-rank, or a NaN or infinity "
+                f"in the change), holding {share(f['shares']['without_rank'])} of the changed matrices' parameters; "
+                "how many elements changed does not tell (a low-rank update changes every element).")
     if f.get("kind") == "undecided":
         sh = f.get("shares") or {}
         b = f.get("max_numerical_rank_bounds")

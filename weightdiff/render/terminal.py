@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from ..errors import escape_name
 from .captions import one_minus_cosine
-from .reference import one_minus_cosine_of
+from .reference import nonfinite_only, one_minus_cosine_of, only_nonfinite, unmeasured_blocks
 from .formats import count, delta_params_count, max_rank, rank_text, sci, share, tuned_params
 from .sentences import coverage_sentence, matrices_phrase, plural, verdict_title
 
@@ -73,6 +73,9 @@ def render_text(result: dict, top: int = 10) -> str:
         sh = form.get("shares") or {}
         if form["kind"] == "mixed":
             extra = f" ({share(sh.get('low_rank'))} low-rank, {share(sh.get('dense'))} dense, by parameters)" + extra
+        elif form["kind"] == "undecided" and sh.get("without_rank") and sh["without_rank"] >= sh.get("undecided", 0):
+            extra = (f" ({share(sh.get('without_rank'))} of the changed matrices' parameters have no rank "
+                     f"analysis)" + extra)
         elif form["kind"] == "undecided":
             extra = (f" ({share(sh.get('undecided'))} of the changed matrices' parameters have a rank that cannot "
                      f"decide it)" + extra)
@@ -98,12 +101,17 @@ def render_text(result: dict, top: int = 10) -> str:
                          count((s.get("tensors_by_status") or {}).get(st, 0))])
     lines += _table(rows, ["parameters", "count", "share", "tensors"], "lrrr")
     lines.append("")
-    lines.append(f"relative change   {sci(s.get('relative_change'))}   "
-                 "(norm of all deltas / norm of the base, paired tensors)")
-    if s.get("relatedness_cosine") is not None:
-        pooled = "; pooled, see the components" if s.get("verdict") == "partial" else ""
-        lines.append(f"1 - cosine        {sci(one_minus_cosine_of(result))}   "
-                     f"(parameter-weighted over the {matrices_phrase(s)}{pooled})")
+    if only_nonfinite(result):
+        # 0 over the finite values, which are the base's: not a measurement of the change
+        lines.append("relative change   n/a   (the models differ only by NaN or infinite values: not measured)")
+        lines.append("1 - cosine        n/a")
+    else:
+        lines.append(f"relative change   {sci(s.get('relative_change'))}   "
+                     "(norm of all deltas / norm of the base, paired tensors)")
+        if s.get("relatedness_cosine") is not None:
+            pooled = "; pooled, see the components" if s.get("verdict") == "partial" else ""
+            lines.append(f"1 - cosine        {sci(one_minus_cosine_of(result))}   "
+                         f"(parameter-weighted over the {matrices_phrase(s)}{pooled})")
     lines.append(f"delta params      {delta_params_count(s)}   "
                  f"({share(s.get('delta_params_share'))} of the model: parameters needed to write the change down)")
 
@@ -115,7 +123,9 @@ def render_text(result: dict, top: int = 10) -> str:
         others = len(blocks) - indexed
         label = plural(indexed, "block") + (f" and {plural(others, 'other group')}" if others else "")
         lines.append(f"most changed blocks ({label} changed)")
-        rows = [[_trim(b["block"], 32), sci(b.get("rel_change")), count(b.get("params_changed")),
+        nan_only = unmeasured_blocks(result)
+        rows = [[_trim(b["block"], 32), "n/a" if b["block"] in nan_only else sci(b.get("rel_change")),
+                 count(b.get("params_changed")),
                  count(b.get("params")), max_rank(b, missing="-")]
                 for b in blocks[:top]]
         lines += _table(rows, ["block", "rel change", "params changed", "params", "max rank"], "lrrrr")
@@ -128,8 +138,10 @@ def render_text(result: dict, top: int = 10) -> str:
         rows = []
         for t in tensors[:top]:
             r = t.get("rank") or {}
-            rows.append([_trim(t["name"]), t["status"], _shape(t.get("shape")), sci(t.get("rel_change")),
-                         _one_minus_cos(t), share(t.get("frac_beyond_rounding")),
+            nan_only = nonfinite_only(t)    # NaN/Inf only: 0 over the finite values measures nothing
+            rows.append([_trim(t["name"]), t["status"], _shape(t.get("shape")),
+                         "n/a" if nan_only else sci(t.get("rel_change")),
+                         "n/a" if nan_only else _one_minus_cos(t), share(t.get("frac_beyond_rounding")),
                          "-" if r.get("energy_rank_99") is None else rank_text(r, "energy_rank_99"),
                          "-" if not r else rank_text(r, "numerical_rank")])
         lines += _table(rows, ["tensor", "status", "shape", "rel change", "1-cos", "beyond rnd", "rank99",
