@@ -628,8 +628,9 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         text += (f"; no changed matrix has a direction above the rounding noise of its stored numbers (numerical "
                  f"rank 0 in {'the one' if n == 1 else f'all {count(n)}'}; relative change {sci(s.get('relative_change'))}): "
                  "differences of this size are what arithmetic over the same weights leaves (merging and unmerging "
-                 "an adapter, a pass through another precision), far smaller than training moves weights, so "
-                 "nothing here shows that the model was trained further")
+                 "an adapter, a pass through another precision), and also what training stored in a 16-bit format "
+                 "at a small learning rate can leave (most of its updates round away), so the weights alone do "
+                 "not show whether the model was trained further")
     if "far_from_base" in (s.get("flags") or []) and (s.get("form") or {}).get("kind") == "low_rank":
         # a merge or training apart changes every direction: a low-rank change that large is a heavy update
         text += ("; that is far more than fine-tunes move (they keep a cosine of 0.9 or more and a relative change "
@@ -982,7 +983,12 @@ def form_sentence(f: dict) -> str:
                 f"spans the low-rank rule{where}, or the change sits at the level of the noise (rounding or "
                 f"quantization): the few directions above it hold too little of the change to call it low-rank.")
     if f.get("kind") == "sparse":
-        return (f"The change is sparse: {share(f.get('changed_element_share'))} of the elements of the "
+        part, whole = f.get("changed_element_share"), f.get("differing_element_share")
+        if part is not None and whole is not None and whole > part:
+            # across a cast every element differs by rounding: say which count this is
+            return (f"The change is sparse: {share(part)} of the elements of the changed tensors differ beyond "
+                    f"rounding ({share(whole)} differ at all, the rest by the rounding of the dtype change).")
+        return (f"The change is sparse: {share(part)} of the elements of the "
                 "changed tensors differ.")
     if f.get("kind") == "vectors":
         return (f"Only vectors changed (norm weights or biases, {count(f.get('vectors_changed'))} of them; no "
