@@ -131,6 +131,18 @@ def test_bad_shape(tmp_path, shape):
     bad(write(tmp_path / "m.safetensors", raw_file(header, b"\0" * 8)), "expected a list of non-negative integers")
 
 
+@pytest.mark.parametrize("shape", [[2.0, 1], [True, 2], [2, 1.0]])
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_float_or_bool_shape_after_its_integer_twin_is_refused(tmp_path, shape, compact):
+    """The header parse checked each distinct shape once, keyed by its tuple: (2.0, 1) and (True, 2) equal (2, 1)
+    and (1, 2) as keys, so after an integer twin they were taken (the safetensors library refuses both)."""
+    twin = [int(d) for d in shape]
+    header = {"a": {"dtype": "F32", "shape": twin, "data_offsets": [0, 8]},
+              "b": {"dtype": "F32", "shape": shape, "data_offsets": [8, 16]}}
+    text = json.dumps(header, separators=(",", ":") if compact else (", ", ": ")).encode()
+    bad(write(tmp_path / "m.safetensors", raw_file(text, b"\0" * 16)), "expected a list of non-negative integers")
+
+
 def test_packed_dtype_not_whole_bytes(tmp_path):
     header = {"w": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}
     bad(write(tmp_path / "m.safetensors", raw_file(header, b"\0" * 2)), "12 bits is not a whole number of bytes")
@@ -429,6 +441,21 @@ def test_pickle_refusal_names_a_blocked_modules_global(tmp_path):
     assert f"(it names the global {os.system.__module__}.system)" in line, line
     assert "weights_only" not in line and "Re-running" not in line
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("cycle", [1, 2])
+def test_a_pickled_dict_that_holds_itself_is_refused_not_looped_on(tmp_path, cycle):
+    """``d["model"] = d`` is a legal weights-only pickle (a memo reference): unwrapping {"model": {...}} followed
+    the one inner dict forever (100% CPU, no output, no exit)."""
+    torch = pytest.importorskip("torch")
+    d: dict = {}
+    if cycle == 1:
+        d["model"] = d
+    else:
+        d["model"] = {"state_dict": d}
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(d, path)
+    bad(path, "holds no tensors, only dictionaries that contain themselves")
 
 
 def test_pickle_with_code_payload_in_zip_format(tmp_path):

@@ -338,3 +338,17 @@ def test_an_adapter_never_claims_to_have_been_trained_on_the_base_it_is_given(tm
     assert verdict_title(s).endswith("an adapter holds only a change, which fits any base of its shapes, so which "
                                      "base it was trained on is not measured (it declares `org/other-model`).")
     assert s["verdict_reason"].endswith("which base it was trained on is not measured.")
+
+
+def test_a_declared_base_holding_terminal_escapes_is_printed_escaped(tmp_path, rng):
+    """An adapter's ``base_model_name_or_path`` is quoted in the verdict; holding an OSC sequence (set the window
+    title, write the clipboard) it reached stdout raw. Every terminal line is escaped, and the memo's too."""
+    evil = "\x1b]0;PWNED\x07\x1b]52;c;cm0gLXJmIH4K\x07\u202eorg/model"
+    b = base_model(tmp_path / "b", rng)
+    a = adapter(tmp_path / "a", {**CFG, "base_model_name_or_path": evil}, lora(rng))
+    memo = tmp_path / "m.md"
+    r = CliRunner().invoke(main, ["compare", str(b), str(a), "--memo", str(memo)])
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert "it declares `\\x1b]0;PWNED\\x07" in r.stdout
+    for text in (r.stdout, r.stderr, memo.read_text()):
+        assert not any(c in text for c in "\x1b\x07\u202e")

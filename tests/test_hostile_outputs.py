@@ -589,3 +589,40 @@ def test_json_to_dev_stdout_into_a_pipe(tmp_path):
                         "--json", "/dev/stdout"], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert '"summary"' in p.stdout and '"verdict": "derived"' in p.stdout
+
+
+@pytest.mark.parametrize("side, name", [("t", "config.json"), ("b", "config.json"), ("t", "tokenizer.json"),
+                                        ("t", "model.safetensors.index.json"), ("a", "adapter_config.json")])
+@pytest.mark.parametrize("flag", ["--json", "--csv", "--memo"])
+def test_an_output_over_a_checkpoint_sidecar_is_refused(tmp_path, side, name, flag):
+    """Outputs were checked against the weights files only: --json over the tuned folder's config.json (or an
+    adapter's adapter_config.json, which decides the LoRA scale) replaced it and exited 0."""
+    rng = np.random.default_rng(0)
+    w = {"model.layers.0.mlp.up_proj.weight": rng.standard_normal((16, 8)).astype(np.float32)}
+    for d in ("b", "t"):
+        (tmp_path / d).mkdir()
+        save_file(tmp_path / d / "model.safetensors", w)
+        (tmp_path / d / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "t" / "tokenizer.json").write_text("{}")
+    (tmp_path / "t" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.layers.0.mlp.up_proj.weight": "model.safetensors"}}))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["up_proj"]}))
+    save_file(tmp_path / "a" / "adapter_model.safetensors",
+              {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": np.ones((2, 8), np.float32),
+               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": np.ones((16, 2), np.float32)})
+    tuned = tmp_path / ("a" if side == "a" else "t")
+    target = tmp_path / side / name
+    if flag == "--memo":
+        if name != "config.json":
+            pytest.skip("one memo case per side: a memo is .md, .html or .docx")
+        target = target.with_name("README.md")
+        target.write_text("# my model\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    r = run("compare", tmp_path / "b", tuned, flag, target)
+    assert "writing there would overwrite it" in one_error(r, target)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # a file of the user's own beside the model (an earlier run's result) stays writable
+    r = run("compare", tmp_path / "b", tuned, "--json", tmp_path / side / "result.json")
+    assert r.exit_code == 0 and (tmp_path / side / "result.json").is_file()

@@ -120,6 +120,31 @@ class Comparison:
         raise KeyError(name)
 
 
+#: files beside the weights that the readers take as input (heads, ties, the LoRA scale, modules, shards) or that
+#: are part of the model as published: an output is never written over one of them
+SIDECARS = ("config.json", "quantize_config.json", "params.json", "adapter_config.json", "modules.json",
+            "config_sentence_transformers.json", "sentence_bert_config.json", "generation_config.json",
+            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+            "preprocessor_config.json", "README.md")
+
+
+def protect_folder(outs, ck: Checkpoint) -> None:
+    """Protect the checkpoint's sidecar files (``SIDECARS``, ``*.index.json``) in its folder and in every folder
+    its weights are read from (a sentence-transformers module's ``0_Transformer/``). Files the user may write
+    beside a model (an earlier run's ``--json``) stay writable."""
+    root = Path(str(ck.path))
+    folders = {root if root.is_dir() else root.parent}
+    folders.update(Path(str(f)).parent for f in ck.files)
+    for folder in sorted(folders):
+        try:
+            names = [e.name for e in os.scandir(folder) if e.is_file()]
+        except OSError:
+            continue
+        for name in names:
+            if name in SIDECARS or name.endswith(".index.json"):
+                outs.protect(folder / name, f"is a file of the checkpoint `{escape_name(str(folder))}`")
+
+
 def describe(ckpt: Checkpoint, digests: bool) -> dict:
     """The ``base``/``tuned`` entry of the JSON: path, format, sizes, dtypes, files (and, for a
     Hub repo, ``hub``: repo id, revision asked for, commit, subfolder; the files' sha256 are
@@ -277,6 +302,10 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             for ck in (*bases, tuned_ck):
                 for f in ck.files:
                     outs.protect(f)
+                # ... nor any file of the checkpoint's folder: its config.json, params.json or
+                # adapter_config.json decide heads, ties and the LoRA scale (an --json over one replaced it
+                # and exited 0), and its tokenizer or README belong to the user's model too
+                protect_folder(outs, ck)
         if options.cache and hash_files:    # hashed anyway: hashed first, and the cache keys records by it
             for ck in (*bases, tuned_ck):
                 if ck.hub is None:

@@ -99,27 +99,25 @@ class OutputSet:
         self._created: list[Path] = []              # folders made for the outputs
         self._special: dict[str, int] = {}          # FIFO/device targets: fds opened at claim time
         self._after: list[Callable[[], object]] = []  # run once every file is in place ("wrote ..." lines)
-        self._protect: list[Path] = [Path(p) for p in protect]
+        self._protect: list[tuple[Path, str]] = [(Path(p), "is an input of this command") for p in protect]
         self._depth = 0
         self._token = None
         self._handlers: dict[int, object] = {}
         self.signal: int | None = None
 
     # -- claiming ---------------------------------------------------------------
-    def protect(self, path: str | os.PathLike) -> None:
-        """Never write over ``path`` (an input of the command)."""
+    def protect(self, path: str | os.PathLike, why: str = "is an input of this command") -> None:
+        """Never write over ``path`` (an input of the command; ``why`` says what it is)."""
         path = Path(path)
-        self._protect.append(path)
+        self._protect.append((path, why))
         for key in self._claimed:
             if key != "-" and _same_file(Path(key), path):
-                raise OutputError(key, "is an input of this command; writing there would overwrite it",
-                                  "choose another output path")
+                raise OutputError(key, f"{why}; writing there would overwrite it", "choose another output path")
 
     def _check_not_input(self, target: Path) -> None:
-        for p in self._protect:
+        for p, why in self._protect:
             if _same_file(target, p):
-                raise OutputError(target, "is an input of this command; writing there would overwrite it",
-                                  "choose another output path")
+                raise OutputError(target, f"{why}; writing there would overwrite it", "choose another output path")
 
     def claim(self, target: str | os.PathLike, what: str | None = "output", folder: bool = False) -> Path | None:
         """Register ``target`` (``-`` is stdout) and check it can be written, before any work.

@@ -456,9 +456,12 @@ class _Parser:
         # "0_0", " 0", "-8" or other scripts' digits, which name no byte of the file
         raw_off, raw_len = ext.get("offset", "0") or "0", ext.get("length")
         for key, raw in (("offset", raw_off), ("length", raw_len)):
-            if raw not in (None, "") and not (isinstance(raw, str) and raw.isascii() and raw.isdigit()):
+            # at most 19 digits: an int64 byte position (and int() refuses more than 4,300 digits: exit 1)
+            if raw not in (None, "") and not (isinstance(raw, str) and raw.isascii() and raw.isdigit()
+                                              and len(raw.lstrip("0")) <= 19):
                 raise _Bad(f"tensor `{escape_name(t.name)}` has an external {key} "
-                           f"`{escape_name(str(raw))[:40]}` that is not a non-negative whole number")
+                           f"`{escape_name(str(raw))[:40]}` that is not a byte position (a whole number of at most "
+                           f"19 digits)")
         offset = int(raw_off)
         length = int(raw_len) if raw_len not in (None, "") else want
         if length != want:

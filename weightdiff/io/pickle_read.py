@@ -89,11 +89,16 @@ def _torch_load(torch, path: Path) -> object:
 
 
 def _state_dict(torch, obj: object, path: Path) -> dict:
-    # unwrap {"state_dict": {...}} / {"model": {...}} style containers of one dict
+    # unwrap {"state_dict": {...}} / {"model": {...}} style containers of one dict; a pickle's memo can make a
+    # dict hold itself (d["model"] = d, loaded by the weights-only unpickler), which looped forever
+    seen = set()
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        seen.add(id(obj))
         inner = [v for v in obj.values() if isinstance(v, dict)]
         if len(inner) != 1:
             break
+        if id(inner[0]) in seen:
+            raise CheckpointError(path, "holds no tensors, only dictionaries that contain themselves")
         obj = inner[0]
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"holds a {type(obj).__name__}, expected a state dict of tensors")

@@ -258,10 +258,12 @@ def _fast_infos(raw: bytes | bytearray, data_start: int, p: Path) -> "tuple[list
             if type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
                 return None
             key = tuple(shape)
+            # checked for every tensor, not once per distinct shape: (4.0, 8) and (True, 8) are equal to (4, 8)
+            # and (1, 8) as dict keys, so a float or bool shape after an int one was taken for it
+            if not all(type(d) is int and d >= 0 for d in key):
+                return None
             known = shapes.get(key)
             if known is None:
-                if not all(type(d) is int and d >= 0 for d in key):
-                    return None
                 known = shapes[key] = (math.prod(key), key)
             n, shape = known
             begin, end = offsets

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..errors import escape_name
 from ..kernels.dtypes import DTYPES
 from ..judge.verdict import holds_exactly
 from ..records import count_lookalikes
@@ -104,7 +105,8 @@ def verdict_title(summary: dict) -> str:
                    f"{sci(summary.get('relatedness_rel_change'))})")
         return ("DERIVED: this base with the adapter applied" + far + "; an adapter holds only a change, which fits "
                 "any base of its shapes, so which base it was trained on is not measured"
-                + (f" (it declares `{claim}`)." if claim else "."))
+                # the adapter's own words (adapter_config.json): a name holding terminal escapes reached stdout raw
+                + (f" (it declares `{escape_name(str(claim))}`)." if claim else "."))
     if v == "quantized_only" and (summary.get("quantization") or {}).get("sides") == ["base"]:
         return ("QUANTIZED ONLY: every difference is explained by quantizing these weights (the base given is "
                 "the quantized one).")
@@ -817,12 +819,12 @@ def model_label(entry: dict | None) -> str:
     """How a memo names a model: its label, else its Hub repo id (with revision), else its path."""
     entry = entry or {}
     if entry.get("label"):
-        return str(entry["label"])
+        return escape_name(str(entry["label"]))
     hub = entry.get("hub") or {}
     if hub.get("repo_id"):
         rev = hub.get("revision")
-        return f"{hub['repo_id']}@{rev}" if rev and rev != "main" else str(hub["repo_id"])
-    return str(entry.get("path") or "?")
+        return escape_name(f"{hub['repo_id']}@{rev}" if rev and rev != "main" else str(hub["repo_id"]))
+    return escape_name(str(entry.get("path") or "?"))
 
 
 def _changed_matrices(data: dict) -> tuple[int, float] | None:

@@ -158,7 +158,10 @@ def render_text(result: dict, top: int = 10) -> str:
     if headline:
         lines.append("")
         lines += [f"  * {h}" for h in headline]
-    return "\n".join(lines) + "\n"
+    # every line is safe on a terminal whatever a checkpoint's names or a JSON's sentences hold (an adapter's
+    # declared base with an OSC escape reached stdout raw): control characters print as escapes; escape_name
+    # leaves text it already escaped as it is
+    return "\n".join(escape_name(line) for line in lines) + "\n"
 
 
 def plan_text(plan: Any) -> str:
