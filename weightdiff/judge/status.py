@@ -239,7 +239,7 @@ def delta_params_range(rec: TensorRecord, thresholds: Thresholds) -> tuple[int, 
     c, a = delta_params_of(rec, thresholds)
     lo = c if rec.rank is None or not rec.rank.bounds else delta_params_of(rec, thresholds, lower=True)[0]
     if rec.rank is None and c and not is_mismatch(rec) and (dims := matrix_dims(rec)) is not None:
-        # no rank analysis (--no-rank, or a matrix holding NaN or infinity): m x n is only what it costs at most;
+        # no rank analysis (--no-rank, or a change none is taken of: NaN, infinity, fused experts...): m x n is only what it costs at most;
         # a change of rank 1 costs m + n, so that is all that can be said of the least
         lo = min(lo, dims[0] + dims[1])
     if unresolved_quant_noise(rec) and is_changed(rec, thresholds) and (dims := matrix_dims(rec)) is not None:

@@ -119,7 +119,7 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
     low = [x == "low" for x in sides]
     mat_params = sum(r.numel for r in mats)
     low_params = sum(r.numel for r, is_low in zip(ranked, low) if is_low)
-    # a changed matrix without a rank analysis (--no-rank, an infinity in its delta) is of unknown form: counted
+    # a changed matrix without a rank analysis (--no-rank, an infinity in its delta, ...) is of unknown form: counted
     # dense it made a merged rank-4 LoRA read "form dense" under --no-rank (every element changes)
     unranked_params = sum(r.numel for r in mats if r.rank is None)
     open_params = sum(r.numel for r, x in zip(ranked, sides) if x == "undecided") + unranked_params

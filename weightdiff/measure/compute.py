@@ -4,7 +4,8 @@ For every pair of the plan (weightdiff.pairing.plan) this module streams both te
 in aligned windows through the backend's ``delta_stats`` (one pass, float64
 accumulation, windows combined in a fixed order so the numbers do not depend on
 thread count or window placement), classifies the tensor, and, for changed
-matrices, hands whole tensors to weightdiff.measure.rank. Only one pair's data is ever
+matrices (and the shared rows of a resized one that changed), takes the rank of the
+change: from the streamed windows, or by handing the tensors to weightdiff.measure.rank. Only one pair's data is ever
 held, so memory is bounded by the largest tensor, not the model.
 """
 
@@ -429,8 +430,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         stats = _array_stats(backend, base, pair.base_name, pair.dtype_base, tuned_t, pair.dtype_tuned, on_window)
         rec.note = "paired by content: the tuned matrix is stored transposed; its transpose is compared"
     else:
-        if stop is None and not opaque and pre is None and not fused_experts(pair):   # a small pair never
-            sink = streamed_rank_sink(pair, options, backend.name, WINDOW_ELEMENTS)       # streams its Gram
+        if not opaque and pre is None and not fused_experts(pair):   # a small pair never streams its Gram;
+            sink = streamed_rank_sink(pair, options, backend.name, WINDOW_ELEMENTS)   # a resized one: its shared rows
             dsink = device_rank_sink(pair, options, backend)
         if pre is not None and not opaque:
             stats, rec.rounding_floor, fields = pre
@@ -474,6 +475,10 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                     f"the {pair.overlap_rows} shared rows are compared")
     else:
         rec.status = classify(fields, pair.dtype_base, pair.dtype_tuned, thr)
+    # a resized tensor whose shared rows changed beyond rounding (the judge's rule, as for any pair):
+    # those rows (overlap_rows x the rest, what the stats pass compared) are ranked as a changed matrix
+    shared = (pair.kind == "resized" and not opaque and tuned_t is None and shape_t is not None
+              and len(shape_t) >= 2 and classify(fields, pair.dtype_base, pair.dtype_tuned, thr) == "changed")
     if rec.cast is not None:
         rec.note = _cast_note(rec.cast) + (f"; {rec.note}" if rec.note else "")
     above = None
@@ -492,13 +497,18 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         elif rec.quant is not None and rec.quant.get("within") is None and rec.status in ("changed", "rounding"):
             # untested: a format with no floor (GGUF TQ/IQ), or two quantizations one of which compensates
             rec.status = "quantized"
-        elif rec.quant is not None and rec.quant.get("awq_scales") and rec.status == "changed":
+        elif rec.quant is not None and rec.quant.get("within") is None and shared:
+            # a resized tensor keeps its status: its shared rows' change is untested against the quantization
+            rec.note = ("the shared rows differ by more than a floor that cannot be tested here (see quant): the rank "
+                        "of their change is not computed" + (f"; {rec.note}" if rec.note else ""))
+            above = False
+        elif rec.quant is not None and rec.quant.get("awq_scales") and (rec.status == "changed" or shared):
             # the base had to be scaled by fitted AWQ scales to be compared: the raw delta is mostly that
             # scaling (full rank), so its rank says nothing of a fine-tune
             rec.note = ("AWQ's activation scales fit back for the floor test; the rank of the change is not "
                         "computed" + (f"; {rec.note}" if rec.note else ""))
             above = False
-        elif rec.quant is not None and rec.quant.get("near_grid") is not None and rec.status == "changed":
+        elif rec.quant is not None and rec.quant.get("near_grid") is not None and (rec.status == "changed" or shared):
             # the float side is the base's quantized values, moved: the difference is the change itself,
             # with no quantization noise in it (the rank's floor is the stored dtypes' rounding)
             rec.note = ("most of the elements that moved lie within a quarter of the base's quantization floor of "
@@ -507,9 +517,10 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                         + (f"; {rec.note}" if rec.note else ""))
             if rec.quant.get("side") == "base" and pair.dtype_tuned in ("F16", "F32", "F64"):
                 above = "rounding"                 # the copy may have been dequantized in bf16: that noise too
-        elif rec.quant is not None and rec.quant.get("test") not in (None, "none") and rec.status == "changed":
+        elif rec.quant is not None and rec.quant.get("test") not in (None, "none") and (rec.status == "changed" or shared):
             above = True                           # rank the whole change above the quantization noise
 
+    ranked = rec.status == "changed" or shared     # a change whose rank is taken, unless one of these says no
     nd = rec.norm_delta
     nf_b, nf_t = int(fields.get("nonfinite_base", 0) or 0), int(fields.get("nonfinite_tuned", 0) or 0)
     try:
@@ -518,17 +529,17 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         ck, nm = (tuned, tuned_name) if exc.side == "tuned" else (base, pair.base_name)
         info = ck.tensors.get(nm)
         raise CheckpointError(getattr(info, "path", None) or ck.path, exc.problem) from None
-    if options.rank and rec.status == "changed" and huge:
+    if options.rank and ranked and huge:
         # float64 weights past float32's range (valid doubles no model holds): the rank pass works in
         # float32 where its error analysis allows, so their spectrum would be infinities read as "no rank"
         rec.note = (f"values up to {huge:.3g} in magnitude, beyond float32's range (3.4e38): the rank of the change "
                     "is not computed" + (f"; {rec.note}" if rec.note else ""))
-    elif options.rank and rec.status == "changed" and nf_b != nf_t:
+    elif options.rank and ranked and nf_b != nf_t:
         # values that became NaN or Inf (or stopped being): the change has no spectrum to count, and
         # the rank of its finite part would call a broken matrix low-rank (rank 0 when that is all)
         rec.note = (f"{nf_t} non-finite values in the tuned tensor, {nf_b} in the base: the change has no "
                     "rank" + (f"; {rec.note}" if rec.note else ""))
-    elif sink is not None and rec.status == "changed" and sink.gram.active and not above:
+    elif sink is not None and ranked and sink.gram.active and not above:
         args = (float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
                 thr.noise_floor_factor, options.rank_k)
         if solver is not None and min(sink.gram.shape2) <= OVERLAP_MAX:
@@ -536,12 +547,12 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             rec.rank = Deferred(solver.submit(lambda: gram.finish(*args)))   # finish frees the Gram
             return rec
         rec.rank = sink.gram.finish(*args)
-    elif options.rank and rec.status == "changed" and fused_experts(pair):
+    elif options.rank and ranked and fused_experts(pair):
         e, m, n = (int(x) for x in shape_t)
         rec.note = (f"{e} experts of {m} x {n} fused in one tensor: the rank of each expert's change is not "
                     "computed (the tensor read as one matrix would cap every rank at the number of experts); "
                     "form and delta_params count it whole" + (f"; {rec.note}" if rec.note else ""))
-    elif dsink is not None and rec.status == "changed" and above is None:
+    elif dsink is not None and ranked and above is None:
         # the delta the stats pass kept on the device (--device cuda): not read a second time
         solve = _device_solve(dsink, float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
                               options, backend)
@@ -551,15 +562,16 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             rec.rank = Deferred(solver.submit(solve))
             return rec
         rec.rank = solve()
-    elif (options.rank and rec.status == "changed" and not opaque and len(shape_t) >= 2 and above is not False
-            and min(shape_t[0], rec.numel // max(shape_t[0], 1)) >= 2):
-        raw_b, dt_b, dt_t = base.read(pair.base_name), pair.dtype_base, pair.dtype_tuned
-        raw_t = tuned.read(tuned_name) if tuned_t is None else tuned_t
+    elif (options.rank and ranked and not opaque and len(shape_t) >= 2 and above is not False
+            and min(shape_t[0] if stop is None else int(pair.overlap_rows), rec.numel // max(shape_t[0], 1)) >= 2):
+        # a resized tensor: its shared rows only (the first `stop` elements of each side)
+        raw_b, dt_b, dt_t = _read_part(base, pair.base_name, stop), pair.dtype_base, pair.dtype_tuned
+        raw_t = _read_part(tuned, tuned_name, stop) if tuned_t is None else tuned_t
         extra_var = None
         if above == "rounding":
             from .quant_floor import dequant_rounding_var
 
-            extra_var = dequant_rounding_var(base, pair.base_name, WINDOW_ELEMENTS)
+            extra_var = dequant_rounding_var(base, pair.base_name, WINDOW_ELEMENTS, stop)
         elif above:
             # the whole change, with a noise floor that includes the quantization noise: the
             # elementwise part above the floor is not low rank even when the change is, and
@@ -567,12 +579,12 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             from .quant_floor import quant_noise_var
 
             extra_var = quant_noise_var(base, pair.base_name, dt_b, t_side, tuned_name, dt_t, tuple(t_shape),
-                                        WINDOW_ELEMENTS)
+                                        WINDOW_ELEMENTS, stop)
             if extra_var is not None:
                 rec.note = ("rank of the whole change; numerical rank counted above the quantization noise "
                             "(modelled as uniform within each element's floor)" + (f"; {rec.note}" if rec.note else ""))
-        rec.rank = _analyze(raw_b, raw_t, dt_b, dt_t, shape_t if tuned_t is None else shape_b, nd, options,
-                            backend, extra_var=extra_var)
+        rec.rank = _analyze(raw_b, raw_t, dt_b, dt_t, _ranked_shape(pair, shape_t if tuned_t is None else shape_b),
+                            nd, options, backend, extra_var=extra_var)
     if sink is not None:
         sink.gram.close()
     if dsink is not None:
@@ -621,12 +633,13 @@ DEVICE_KEEP_SHARE = 0.5
 def device_rank_sink(pair: Pair, options: CompareOptions, backend: Backend):
     """A ``kernels.cuda.DeviceDelta`` when this pair's rank is taken of a delta the stats pass keeps
     on the device: the torch backend, rank on, no ``--subspace``, a float matrix of at least 2 x 2
-    whose float64 (else float32) delta and work space fit ``DEVICE_KEEP_SHARE`` of the free device
+    (a resized one's shared rows, where the stats pass stops) whose float64 (else float32) delta and work space fit ``DEVICE_KEEP_SHARE`` of the free device
     memory; else None (``analyze_delta`` then reads the matrix again)."""
     from ..kernels.cuda import DeviceDelta
     from .rank import _variance_table
 
-    if not options.rank or options.subspace or not backend.torch or pair.kind != "paired" or pair.transposed:
+    if (not options.rank or options.subspace or not backend.torch or pair.kind not in ("paired", "resized")
+            or pair.transposed):
         return None
     mn = float_matrix(pair)
     if mn is None:
@@ -738,6 +751,20 @@ def fused_experts(pair: Pair) -> bool:
     return shape is not None and len(shape) == 3 and int(shape[0]) >= 2 and ("expert" in name or "_exps" in name)
 
 
+def _ranked_shape(pair: Pair, shape) -> list:
+    """The shape whose rank is taken: a resized tensor's shared rows (``overlap_rows`` x the rest), else ``shape``."""
+    return [int(pair.overlap_rows), *shape[1:]] if pair.kind == "resized" else list(shape)
+
+
+def _read_part(ck: Checkpoint, name: str, stop: int | None) -> np.ndarray:
+    """Tensor ``name`` whole (``stop`` None), or its first ``stop`` elements, flat (a resized tensor's
+    shared rows: read window by window up to there, never the rest of the table)."""
+    if stop is None:
+        return ck.read(name)
+    parts = [np.asarray(w).reshape(-1) for w in ck.windows(name, WINDOW_ELEMENTS, 0, stop)]
+    return np.concatenate(parts) if len(parts) != 1 else parts[0].copy()
+
+
 def _analyze(raw_b, raw_t, dt_b: str, dt_t: str, shape, norm_delta, options: CompareOptions, backend: Backend,
              **kw) -> RankRecord:
     """``rank.analyze_delta`` of one whole pair with the options' rank settings (``kw``: ``direct``,
@@ -768,16 +795,19 @@ def _wide_bracket(rank) -> bool:
 def refine_rank(rec: TensorRecord, pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint,
                 options: CompareOptions, backend: Backend) -> None:
     """Replace a Gram-matrix rank whose ``numerical_rank`` bracket is wide (more than 10% of its
-    upper end) by the full spectrum of an SVD of the delta, for a plain paired matrix of at most
-    ``REFINE_MAX_ELEMENTS``; larger ones keep their bracket (read once more: the one exception to one
+    upper end) by the full spectrum of an SVD of the delta, for a plain paired matrix (or a resized one's
+    shared rows) of at most ``REFINE_MAX_ELEMENTS``; larger ones keep their bracket (read once more: the one exception to one
     read per byte, for small matrices only)."""
-    if (not _wide_bracket(rec.rank) or rec.numel > REFINE_MAX_ELEMENTS or pair.kind != "paired"
+    if (not _wide_bracket(rec.rank) or pair.kind not in ("paired", "resized")
+            or (rec.numel_compared if pair.kind == "resized" else rec.numel) > REFINE_MAX_ELEMENTS
             or pair.transposed or rec.quant is not None):
         return
     lo, hi = rec.rank.bounds["numerical_rank"]
     tuned_name = pair.tuned_source if getattr(pair, "tuned_source", None) else pair.tuned_name
-    rank = _analyze(bases[pair.base_index].read(pair.base_name), tuned.read(tuned_name), pair.dtype_base,
-                    pair.dtype_tuned, rec.shape, rec.norm_delta, options, backend, direct=True)
+    shape = _ranked_shape(pair, rec.shape)
+    stop = math.prod(shape) if pair.kind == "resized" else None     # a resized tensor: its shared rows
+    rank = _analyze(_read_part(bases[pair.base_index], pair.base_name, stop), _read_part(tuned, tuned_name, stop),
+                    pair.dtype_base, pair.dtype_tuned, shape, rec.norm_delta, options, backend, direct=True)
     rank.extra["note_refined"] = (f"the Gram matrix could only bracket numerical_rank in [{lo}, {hi}] (its error "
                                   "bound exceeds the squared noise floor): the spectrum is from an SVD of the delta")
     rec.rank = rank

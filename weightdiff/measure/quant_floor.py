@@ -230,13 +230,14 @@ def near_grid(side: str, acc: np.ndarray) -> float | None:
     return share if share > NEAR_GRID_SHARE else None
 
 
-def dequant_rounding_var(ck, name: str, window: int) -> np.ndarray:
+def dequant_rounding_var(ck, name: str, window: int, stop: int | None = None) -> np.ndarray:
     """Per-element variance (flat float64) of the rounding a dequantization done in bf16 may leave in a
     float copy of quantized tensor ``name``: uniform within ``2^-8 |v|`` (the scale's rounding and the
-    product's), for the rank of a near-grid change stored wider than bf16 (its dtype floor is far below)."""
+    product's), for the rank of a near-grid change stored wider than bf16 (its dtype floor is far below).
+    ``stop``: the first ``stop`` elements only (a resized tensor's shared rows)."""
     h = float(CAST_REL)
     return np.concatenate([(h * np.abs(np.asarray(w, np.float64).reshape(-1))) ** 2 / 3.0
-                           for w in ck.windows(name, window)] or [np.zeros(0)])
+                           for w in ck.windows(name, window, 0, stop)] or [np.zeros(0)])
 
 
 def _scaled(values: np.ndarray, folded: tuple, pos: int, ncols: int, chunk: int = 1 << 20) -> np.ndarray:
@@ -338,23 +339,24 @@ def _first_group(base, bname: str, tuned, tname: str, side: str, ncols: int) -> 
 
 
 def quant_noise_var(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str,
-                    shape: tuple, window: int) -> np.ndarray | None:
+                    shape: tuple, window: int, stop: int | None = None) -> np.ndarray | None:
     """Per-element variance (flat float64) of the quantization noise of a pair: each quantized
     side's error modelled as independent and uniform within its floor ``f``, variance ``f^2 / 3``
     (both sides quantized: the variances add; a dequantized export: its grid's floor). For the
     rank analysis of a pair that failed the bound test (``rank.analyze_delta(extra_var=...)``);
     None when no side gives a floor. A model of the noise, not a bound on it.
 
-    Uniform within half a step ``q / 2`` is the usual ``q^2 / 12``.
+    Uniform within half a step ``q / 2`` is the usual ``q^2 / 12``. ``stop``: the first ``stop``
+    elements only (a resized tensor's shared rows; ``shape`` is the tuned tensor's whole shape).
     """
     qb, qt = base.tensors[bname].quant, tuned.tensors[tname].quant
     its = []
     if qb is None and qt is None:
         if detect_export(tuned, tname, dtype_t, shape) is not None:
-            its.append(export_floor_windows(tuned, tname, dtype_t, shape, window, None))
+            its.append(export_floor_windows(tuned, tname, dtype_t, shape, window, stop))
     else:
-        its += [ck.floor_windows(name, window, noise=True) for ck, name, q in ((base, bname, qb), (tuned, tname, qt))
-                if q is not None]
+        its += [ck.floor_windows(name, window, 0, stop, noise=True) for ck, name, q in
+                ((base, bname, qb), (tuned, tname, qt)) if q is not None]
     if not its or any(it is None for it in its):
         return None
     out = None

@@ -331,24 +331,34 @@ class RankSink:
 
 
 def float_matrix(pair) -> tuple[int, int] | None:
-    """``(m, n)`` of a pair whose sides are float matrices of one shape, at least 2 x 2 (rows x the
-    rest); else None."""
+    """``(m, n)`` of the part of a pair whose rank is taken, at least 2 x 2 (rows x the rest): both sides
+    float matrices of one shape; or a resized one's shared rows (``overlap_rows`` x the rest, the rest
+    the same on both sides: the part the stats pass compares); else None."""
     st, sb = pair.shape_tuned, pair.shape_base
-    if st is None or sb is None or len(st) < 2 or tuple(st) != tuple(sb):
+    if st is None or sb is None or len(st) < 2 or len(sb) != len(st):
         return None
+    if pair.kind == "resized":
+        if tuple(st[1:]) != tuple(sb[1:]) or not pair.overlap_rows:
+            return None
+        m = int(pair.overlap_rows)
+    elif tuple(st) != tuple(sb):
+        return None
+    else:
+        m = int(st[0])
     if not (DTYPES[pair.dtype_base].decodable and DTYPES[pair.dtype_tuned].decodable):
         return None
-    m, n = int(st[0]), int(math.prod(st[1:]))
+    n = int(math.prod(st[1:]))
     return (m, n) if min(m, n) >= 2 else None
 
 
 def streamed_rank_sink(pair, options, backend: str, window_elements: int) -> RankSink | None:
     """A ``RankSink`` when this pair's rank is measured from its streamed Gram matrix: CPU, rank on,
-    no ``--subspace``, a float matrix whose smaller side is at most ``exact_svd_max`` and that is too
-    large for the direct LAPACK path; else None (``weightdiff.measure.rank.analyze_delta`` then reads it)."""
+    no ``--subspace``, a float matrix (a resized one's shared rows: the stats pass's windows stop
+    there) whose smaller side is at most ``exact_svd_max`` and that is too large for the direct LAPACK
+    path; else None (``weightdiff.measure.rank.analyze_delta`` then reads it)."""
     from .backend import LAPACK_MAX_ELEMENTS
 
-    if not options.rank or options.subspace or backend != "cpu" or pair.kind == "resized":
+    if not options.rank or options.subspace or backend != "cpu" or getattr(pair, "transposed", False):
         return None
     mn = float_matrix(pair)
     if mn is None:

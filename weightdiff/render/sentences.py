@@ -773,8 +773,9 @@ def headline(data: dict) -> list[str]:
     if s.get("verdict") in ("derived", "unrelated") and s.get("relative_change") is not None:
         out.append(f"Relative change {sci(s['relative_change'])} (norm of all deltas over norm of the base).")
     f = s.get("form") or {}
-    if form_sentence(f):
-        out.append(form_sentence(f))
+    said = form_sentence(f, (data.get("settings") or {}).get("rank"))
+    if said:
+        out.append(said)
     if s.get("delta_params") and s.get("delta_params_lower") is not None:
         out.append(f"Writing the change down takes at most {count(s['delta_params'])} parameters "
                    f"({share(s.get('delta_params_share'))} of the model) and at least "
@@ -950,9 +951,25 @@ def plain_language(data: dict) -> list[str]:
     return out
 
 
-def form_sentence(f: dict) -> str:
+#: the changes no rank is taken of with the rank analysis on (weightdiff.measure.compute: each one's note
+#: says why, but a single row or column's)
+UNRANKED_KINDS = ("changes holding NaN, infinity or values past float32's range, experts fused in one tensor, "
+                  "a single row or column, bytes with no float decoding, or a quantized side whose noise or "
+                  "scales the change cannot be told from")
+
+
+def unranked_why(rank: bool | None) -> str:
+    """Why changed matrices have no rank analysis, as far as the JSON tells: ``rank`` is
+    ``settings.rank`` (None when unknown)."""
+    if rank is False:
+        return "--no-rank"
+    return ("none is taken of " if rank else "--no-rank, or none is taken of ") + UNRANKED_KINDS
+
+
+def form_sentence(f: dict, rank: bool | None = None) -> str:
     """The sentence about the form of the change; a rank bracket reads as its upper end
-    ("at most"), never as a value."""
+    ("at most"), never as a value. ``rank``: the run's ``settings.rank`` (None: unknown), for why
+    some changed matrices have no rank analysis."""
     hi = (f.get("max_numerical_rank_bounds") or [None, None])[-1]
     if f.get("kind") == "low_rank":
         n = hi if hi is not None else f.get("max_numerical_rank")
@@ -973,8 +990,7 @@ def form_sentence(f: dict) -> str:
             and (f.get("shares") or {}).get("without_rank") >= (f.get("shares") or {}).get("undecided", 0):
         n = int(f.get("matrices_without_rank") or 0)
         return (f"Whether the change is low-rank or dense is not measured: {count(n)} changed "
-                f"{'matrix has' if n == 1 else 'matrices have'} no rank analysis (--no-rank, or a NaN or infinity "
-                f"in the change), holding {share(f['shares']['without_rank'])} of the changed matrices' parameters; "
+                f"{'matrix has' if n == 1 else 'matrices have'} no rank analysis ({unranked_why(rank)}), holding {share(f['shares']['without_rank'])} of the changed matrices' parameters; "
                 "how many elements changed does not tell (a low-rank update changes every element).")
     if f.get("kind") == "undecided":
         sh = f.get("shares") or {}

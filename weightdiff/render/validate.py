@@ -188,7 +188,7 @@ _SUMMARY = obj({"verdict": string, "verdict_reason": S,
                 "delta_params": N, "delta_params_share": N, "delta_params_lower": N, "headline": opt(array(string)),
                 "relatedness_rel_change": N}, required=("verdict",))
 _RESULT = obj({"schema": string, "tool": opt(obj({"name": string, "version": S})),
-               "settings": opt(obj({"thresholds": opt(mapping(scalar))})),
+               "settings": opt(obj({"thresholds": opt(mapping(scalar)), "rank": opt(boolean)})),
                "base": opt(array(_CHECKPOINT)), "tuned": opt(_CHECKPOINT), "summary": _SUMMARY,
                "modules": opt(mapping(free)), "blocks": array(_BLOCK), "tensors": array(_TENSOR),
                "run": opt(obj({"command": S, "versions": opt(mapping(scalar)), "seconds": N}))},
