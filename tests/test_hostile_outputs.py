@@ -589,3 +589,36 @@ def test_json_to_dev_stdout_into_a_pipe(tmp_path):
                         "--json", "/dev/stdout"], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert '"summary"' in p.stdout and '"verdict": "derived"' in p.stdout
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+@pytest.mark.parametrize("how", ["replace", "link", "signal"])
+def test_an_interrupt_at_any_step_of_the_commit_leaves_all_old_outputs(tmp_path, monkeypatch, step, how):
+    """Ctrl-C/SIGTERM between a rename and its bookkeeping (resume tester): the roll-back took the just
+    renamed file for not placed and left it new beside the other outputs put back, a mix of old and new.
+    Here the exception or the signal comes right after the step-th rename (or hard link of an old file)."""
+    import weightdiff.fsutil as fsutil
+
+    names = ["a.json", "b.csv", "c.html"]
+    for n in names:
+        (tmp_path / n).write_text(f"old {n}")
+    calls = {"n": 0}
+    real = getattr(os, how if how != "signal" else "replace")
+
+    def then_interrupt(src, dst):
+        real(src, dst)
+        calls["n"] += 1
+        if calls["n"] == step:
+            if how == "signal":
+                os.kill(os.getpid(), signal.SIGINT)      # the handler runs at the next bytecode
+            else:
+                raise fsutil.Interrupted(signal.SIGINT) if step != 2 else KeyboardInterrupt()
+
+    monkeypatch.setattr(fsutil.os, "link" if how == "link" else "replace", then_interrupt)
+    with pytest.raises((fsutil.Interrupted, KeyboardInterrupt)):
+        with OutputSet():
+            for n in names:
+                write_text(tmp_path / n, f"new {n}")
+    monkeypatch.undo()
+    assert [(tmp_path / n).read_text() for n in names] == [f"old {n}" for n in names]
+    assert tree(tmp_path) == sorted(names)          # no temporary, no kept link left
