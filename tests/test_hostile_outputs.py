@@ -626,3 +626,36 @@ def test_an_output_over_a_checkpoint_sidecar_is_refused(tmp_path, side, name, fl
     # a file of the user's own beside the model (an earlier run's result) stays writable
     r = run("compare", tmp_path / "b", tuned, "--json", tmp_path / side / "result.json")
     assert r.exit_code == 0 and (tmp_path / side / "result.json").is_file()
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+@pytest.mark.parametrize("how", ["replace", "link", "signal"])
+def test_an_interrupt_at_any_step_of_the_commit_leaves_all_old_outputs(tmp_path, monkeypatch, step, how):
+    """Ctrl-C/SIGTERM between a rename and its bookkeeping (resume tester): the roll-back took the just
+    renamed file for not placed and left it new beside the other outputs put back, a mix of old and new.
+    Here the exception or the signal comes right after the step-th rename (or hard link of an old file)."""
+    import weightdiff.fsutil as fsutil
+
+    names = ["a.json", "b.csv", "c.html"]
+    for n in names:
+        (tmp_path / n).write_text(f"old {n}")
+    calls = {"n": 0}
+    real = getattr(os, how if how != "signal" else "replace")
+
+    def then_interrupt(src, dst):
+        real(src, dst)
+        calls["n"] += 1
+        if calls["n"] == step:
+            if how == "signal":
+                os.kill(os.getpid(), signal.SIGINT)      # the handler runs at the next bytecode
+            else:
+                raise fsutil.Interrupted(signal.SIGINT) if step != 2 else KeyboardInterrupt()
+
+    monkeypatch.setattr(fsutil.os, "link" if how == "link" else "replace", then_interrupt)
+    with pytest.raises((fsutil.Interrupted, KeyboardInterrupt)):
+        with OutputSet():
+            for n in names:
+                write_text(tmp_path / n, f"new {n}")
+    monkeypatch.undo()
+    assert [(tmp_path / n).read_text() for n in names] == [f"old {n}" for n in names]
+    assert tree(tmp_path) == sorted(names)          # no temporary, no kept link left

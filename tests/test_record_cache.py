@@ -261,3 +261,102 @@ def test_bad_input_leaves_no_cache_folder_and_a_bad_place_is_refused(tmp_path, r
     assert r.exit_code == 2 and "is not a folder" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = CliRunner().invoke(main, ["compare", str(b), str(b), "--cache", str(tmp_path / "ok"), "-q"])
     assert r.exit_code == 0 and _records(tmp_path / "ok")
+
+
+def test_adding_hash_or_a_memo_reads_the_records_of_a_run_without_it(tmp_path, rng):
+    """--memo turns --hash on, and --hash keyed records by the sha256 instead of the stat identity: adding
+    --memo to a cached command measured every tensor again (resume tester). The key no longer depends on
+    the outputs: both ways round, every record is found and none is written."""
+    b, t = _pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    name = compare(b, t, cache=str(cache)).tensors[1].name
+    _plant(cache)
+    count = len(_records(cache))
+    assert compare(b, t, cache=str(cache), hash_files=True).tensor(name).norm_delta == 123.0
+    assert len(_records(cache)) == count
+    # and a hashed run's records are found without --hash
+    cache2 = tmp_path / "cache2"
+    compare(b, t, cache=str(cache2), hash_files=True)
+    _plant(cache2)
+    assert compare(b, t, cache=str(cache2)).tensor(name).norm_delta == 123.0
+    # the CLI: --memo after --json, same cache: no record added
+    from click.testing import CliRunner
+
+    from weightdiff.cli import main
+
+    cache3 = tmp_path / "cache3"
+    r = CliRunner().invoke(main, ["compare", str(b), str(t), "--cache", str(cache3), "--json", str(tmp_path / "a.json"),
+                                  "-q"])
+    assert r.exit_code == 0, r.output
+    _plant(cache3)
+    count = len(_records(cache3))
+    r = CliRunner().invoke(main, ["compare", str(b), str(t), "--cache", str(cache3), "--json", str(tmp_path / "b.json"),
+                                  "--memo", str(tmp_path / "m.md"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert len(_records(cache3)) == count
+    assert json.loads((tmp_path / "b.json").read_text())["tensors"][1]["norm_delta"] == 123.0
+    assert json.loads((tmp_path / "b.json").read_text())["tuned"]["files"][0]["sha256"]     # hashed all the same
+
+
+def test_with_hash_a_record_written_for_other_bytes_misses(tmp_path, rng):
+    """With --hash a record found by the stat identity is checked against the files' sha256 as hashed now:
+    one written for other bytes (a change that left no trace in stat) is measured again; without --hash it is
+    trusted on the stat identity, as before."""
+    b, t = _pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    name = compare(b, t, cache=str(cache), hash_files=True).tensors[1].name
+    by_content = [p for p in _records(cache) if json.loads(p.read_text())["key"] == json.loads(p.read_text())["content"]]
+    assert by_content and len(by_content) * 2 == len(_records(cache))
+    for p in by_content:            # only the stat-keyed records are left, as if written for other bytes
+        p.unlink()
+    for p in _records(cache):
+        d = json.loads(p.read_text())
+        d["content"] = "0" * 64
+        d["record"]["norm_delta"] = 123.0
+        p.write_text(json.dumps(d))
+    assert compare(b, t, cache=str(cache)).tensor(name).norm_delta == 123.0
+    assert compare(b, t, cache=str(cache), hash_files=True).tensor(name).norm_delta != 123.0
+
+
+def test_an_interrupted_record_write_leaves_no_temporary(tmp_path, rng, monkeypatch):
+    """Ctrl-C/SIGTERM while a record was written left ``records/XX/.KEY.PID.tmp`` for good (resume tester):
+    put() removed its temporary on OSError only."""
+    from weightdiff.fsutil import Interrupted
+    from weightdiff.measure import cache as cache_mod
+
+    b, t = _pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    real = os.replace
+
+    def interrupted(src, dst):
+        if str(src).endswith(".tmp"):
+            raise Interrupted(signal.SIGTERM)
+        return real(src, dst)
+
+    monkeypatch.setattr(cache_mod.os, "replace", interrupted)
+    with pytest.raises(Interrupted):
+        compare(b, t, cache=str(cache))
+    monkeypatch.undo()
+    assert [p.name for p in cache.rglob("*") if p.is_file()] == []
+
+
+def test_opening_a_cache_sweeps_the_temporaries_of_dead_writers(tmp_path):
+    """A SIGKILL while a record is written leaves its temporary: the next run removes those of this host's
+    dead processes and any a day old, never a live writer's (nor another host's, which it cannot check)."""
+    from weightdiff.measure import cache as cache_mod
+
+    folder = tmp_path / "cache" / "records" / "ab"
+    folder.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    key = "ab" + "0" * 62
+    host = cache_mod._HOST
+    names = {f".{key}.{host}.{dead}.tmp": False, f".{key}.{host}.{os.getppid()}.tmp": True,
+             f".{key}.{'f' * 8}.{dead}.tmp": True, f".{key}.{dead}.tmp": True,
+             f".{key}.{'e' * 8}.{dead}.tmp": False, f"{key}.json": True}
+    for n in names:
+        (folder / n).write_text("{")
+    old = time.time() - 2 * cache_mod.STALE_SECONDS
+    os.utime(folder / f".{key}.{'e' * 8}.{dead}.tmp", (old, old))
+    cache_mod.RecordCache(tmp_path / "cache", {})
+    assert sorted(p.name for p in folder.iterdir()) == sorted(n for n, kept in names.items() if kept)

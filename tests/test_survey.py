@@ -589,3 +589,49 @@ def test_workers_killed_for_memory_are_an_exit_2_with_a_hint(tmp_path):
     with pytest.raises(WeightdiffError) as err:
         weightdiff.compare(b, t, compute=compute)
     assert err.value.exit_code == 2 and "give the workers more memory" in str(err.value)
+
+
+@pytest.mark.parametrize("hash_files", [False, True])
+def test_a_model_rewritten_in_place_with_its_size_and_mtime_is_surveyed_again(tmp_path, hash_files):
+    """Resume skipped a model by paths, names and sizes only: one rewritten in place with the same size (a
+    re-trained fine-tune) kept its stale row, with --hash a sha256 the file no longer has (resume tester).
+    Files are identified as --cache identifies them (inode, mtime, ctime): touch -d cannot restore a ctime."""
+    import hashlib
+
+    rng = np.random.default_rng(3)
+    base = llama(rng, layers=1, hidden=32, inter=64, vocab=64)
+    write_checkpoint(tmp_path / "base", base, dtype="BF16")
+    t = tmp_path / "t1"
+    write_checkpoint(t, {k: low_rank_update(rng, v, 2, 0.05) if "q_proj" in k else v for k, v in base.items()},
+                     dtype="BF16")
+    out = tmp_path / "s"
+    first = survey(tmp_path / "base", [t], out, hash_files=hash_files).rows[0]
+    assert first["verdict"] != "identical"
+    shard = t / "model.safetensors"
+    st = shard.stat()
+    shard.write_bytes((tmp_path / "base" / "model.safetensors").read_bytes())     # same size: the base itself
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    res = survey(tmp_path / "base", [t], out, hash_files=hash_files)
+    assert (res.computed, res.skipped) == (1, 0)
+    assert res.rows[0]["verdict"] == "identical"
+    if hash_files:
+        assert res.rows[0]["tuned_sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+    # unchanged: skipped
+    assert survey(tmp_path / "base", [t], out, hash_files=hash_files).skipped == 1
+
+
+def test_with_hash_a_row_whose_sha256_the_files_no_longer_have_is_surveyed_again(tmp_path):
+    """With --hash a done row is skipped only when its files still have the sha256 it states (a change that
+    left no trace in stat: here the row's digest is made wrong instead)."""
+    rng = np.random.default_rng(4)
+    base = llama(rng, layers=1, hidden=32, inter=64, vocab=64)
+    write_checkpoint(tmp_path / "base", base, dtype="BF16")
+    write_checkpoint(tmp_path / "t1", {k: v + 0.01 for k, v in base.items()}, dtype="BF16")
+    out = tmp_path / "s"
+    want = survey(tmp_path / "base", [tmp_path / "t1"], out, hash_files=True).rows[0]["tuned_sha256"]
+    csv_path = out / "survey.csv"
+    csv_path.write_text(csv_path.read_text().replace(want, "0" * 64))
+    res = survey(tmp_path / "base", [tmp_path / "t1"], out, hash_files=True)
+    assert (res.computed, res.skipped) == (1, 0) and res.rows[0]["tuned_sha256"] == want
+    assert survey(tmp_path / "base", [tmp_path / "t1"], out, hash_files=True).skipped == 1

@@ -413,7 +413,8 @@ def lineage_cmd(paths, json_out, csv_out, report_out, quiet, **opts):
 @click.option("--plot", is_flag=True, help="Also draw the population figure (DIR/population.png and .svg).")
 @click.option("--hash/--no-hash", "hash_files", default=False,
               help="Record the sha256 of every input file in the rows (each comparison reads its files, "
-                   "the base's included, once more).")
+                   "the base's included, once more; a rerun hashes a done model's files again to check "
+                   "them before skipping it).")
 @_cluster_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click_options(CompareOptions)

@@ -103,6 +103,7 @@ class OutputSet:
         self._depth = 0
         self._token = None
         self._handlers: dict[int, object] = {}
+        self._holding = False                       # in the commit's renames: a signal is noted, raised after
         self.signal: int | None = None
 
     # -- claiming ---------------------------------------------------------------
@@ -268,7 +269,6 @@ class OutputSet:
         (one that became a folder fails before any rename), and a rename that fails part way puts the
         files already replaced back (their old files kept as hard links until the end)."""
         check_interrupted()
-        done = []
 
         def special(item: tuple[Path, Path]) -> bool:
             try:
@@ -281,29 +281,46 @@ class OutputSet:
         for tmp, target in self._staged:      # every destination checked before any is replaced
             if os.path.isdir(target):
                 raise OutputError(target, "is a folder now, expected a file name; nothing was written")
-        backups: list[tuple[Path, Path | None]] = []    # (target, its old file kept as a hard link, or None)
+        # Each regular target is recorded *before* anything is done to it: [target, its old file kept as a
+        # hard link (None: none), the temporary]. Whether the rename happened is read from the disk (the
+        # temporary is gone once renamed), not from a list appended after it, so an exception between a
+        # rename and the bookkeeping cannot leave a new file that the roll-back takes for not placed.
+        # SIGINT/SIGTERM are held while the regular files move (not while a FIFO's reader is awaited: Ctrl-C
+        # must still end that): the signal is noted, every placed file is put back, and Interrupted is raised
+        # then, so an interrupted commit leaves the old outputs, never a mix.
+        backups: list[list] = []
+        done: list[Path] = []
         try:
-            for tmp, target in self._staged:
-                try:
-                    st = os.stat(target)
-                except OSError:
-                    st = None
-                try:
-                    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-                        fd = self._special.pop(os.path.abspath(target), None)
-                        _write_into(_open_special(target) if fd is None else fd, tmp)
-                        os.unlink(tmp)
-                    else:
-                        backups.append((target, _keep_old(target) if st is not None else None))
-                        os.replace(tmp, target)
-                except OSError as exc:
-                    raise OutputError(target, f"cannot write ({exc.strerror or exc}); nothing was "
-                                              "written") from None
-                done.append(target)
-        except BaseException:
-            _roll_back(backups, done)
-            raise
-        for _, old in backups:
+            try:
+                for tmp, target in self._staged:
+                    try:
+                        st = os.stat(target)
+                    except OSError:
+                        st = None
+                    try:
+                        if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                            fd = self._special.pop(os.path.abspath(target), None)
+                            _write_into(_open_special(target) if fd is None else fd, tmp)
+                            os.unlink(tmp)
+                        else:
+                            self._holding = True
+                            entry: list = [target, None, tmp]
+                            backups.append(entry)
+                            if st is not None:
+                                _keep_old(target, entry)
+                            os.replace(tmp, target)
+                    except OSError as exc:
+                        raise OutputError(target, f"cannot write ({exc.strerror or exc}); nothing was "
+                                                  "written") from None
+                    done.append(target)
+                if self.signal is not None:         # arrived while the files moved: none of them stays
+                    raise Interrupted(self.signal)
+            except BaseException:
+                _roll_back(backups)
+                raise
+        finally:
+            self._holding = False
+        for _, old, _ in backups:
             if old is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(old)
@@ -363,7 +380,8 @@ class OutputSet:
 
     def _on_signal(self, signum, frame) -> None:
         self.signal = signum
-        raise Interrupted(signum)
+        if not self._holding:       # during the commit's renames commit() raises it once they are undone
+            raise Interrupted(signum)
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -381,33 +399,42 @@ class OutputSet:
         self._handlers.clear()
 
 
-def _keep_old(target: Path) -> Path | None:
-    """A hard link to ``target``'s current file (``.NAME.PID.XXXXXXXX.tmp``, swept like a temporary if
-    the run is killed), so that a failed commit can put it back; None where links are not supported."""
+def _keep_old(target: Path, entry: list) -> None:
+    """Keep ``target``'s current file as a hard link (``.NAME.PID.XXXXXXXX.tmp``, swept like a temporary if
+    the run is killed), so that a failed commit can put it back: its name goes into ``entry[1]`` before the
+    link is made (the roll-back checks that it exists), and stays None where links are not supported."""
     for _ in range(8):
         name = target.parent / f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        if os.path.lexists(name):
+            continue
+        entry[1] = name
         try:
             os.link(target, name)
-            return name
+            return
         except FileExistsError:
+            entry[1] = None
             continue
         except OSError:
-            return None
-    return None
+            entry[1] = None
+            return
+    entry[1] = None
 
 
-def _roll_back(backups: list[tuple[Path, Path | None]], done: list[Path]) -> None:
+def _roll_back(backups: list[list]) -> None:
     """Undo the renames of a commit that failed part way: old files back, new files removed (as far as
-    the filesystem allows: without hard links an overwritten file cannot come back)."""
-    placed = set(map(os.fspath, done))
-    for target, old in reversed(backups):
+    the filesystem allows: without hard links an overwritten file cannot come back). ``backups``:
+    ``[target, old file's link or None, temporary]`` of every target the commit began to place; a target
+    was placed when its temporary is gone, and its old file is kept when the link exists."""
+    for target, old, tmp in reversed(backups):
+        placed = not os.path.lexists(tmp)
+        kept = old is not None and os.path.lexists(old)
         with contextlib.suppress(OSError):
-            if old is not None:
-                if os.fspath(target) in placed:
+            if kept:
+                if placed:
                     os.replace(old, target)
                 else:
                     os.unlink(old)
-            elif os.fspath(target) in placed:
+            elif placed:
                 os.unlink(target)
 
 

@@ -92,9 +92,10 @@ class CompareOptions:
                          "LDL^T inertia counts, the other fields from the top k as bounds; a Mistral-7B layer "
                          "took half the time on a 2-core CPU).", flag="--spectrum", type_choice=("full", "count"))
     cache: str | None = _opt(None, "Folder keeping each tensor's record as soon as it is measured: "
-                             "rerunning the same command resumes an interrupted run; another option, or an "
-                             "input file with another inode, size, mtime or ctime (with --hash: another "
-                             "sha256), measures again.", flag="--cache")
+                             "rerunning the same command resumes an interrupted run, and with other outputs "
+                             "(--memo, --hash) re-renders from it; another option, an input file with another "
+                             "inode, size, mtime or ctime, or (with --hash) other bytes than a record was "
+                             "measured from, measures again.", flag="--cache")
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def __post_init__(self) -> None:

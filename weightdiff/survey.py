@@ -10,8 +10,10 @@ returns the compare JSON text and nothing else, and the parent alone writes file
 
 A row is built from the JSON by ``row_from_result``, so a distributed survey writes the
 same bytes as a sequential one. A survey is resumable: a model whose row is ``ok`` and
-whose input identity (absolute paths, file names and sizes of base and tuned, the
-options, the weightdiff version) matches is not compared again. A model that fails is a
+whose input identity (absolute paths of base and tuned, and every file's name, size, inode,
+mtime and ctime, as ``--cache`` identifies a file; the options, the weightdiff version)
+matches is not compared again; with ``--hash`` its files must also still have the sha256
+its row states (hashed again to decide). A model that fails is a
 row with ``status = error`` and its one-line error, rerun next time; the others go on.
 Every file is written atomically (weightdiff.fsutil), the tables after each model.
 """
@@ -73,7 +75,11 @@ class SurveyResult:
 # --- input identity -----------------------------------------------------------------------------
 
 def identity(path: str | os.PathLike) -> dict:
-    """The absolute path and the (relative name, bytes) of every regular file under it.
+    """The absolute path and ``[relative name, bytes, inode, mtime ns, ctime ns]`` of every regular file
+    under it: a file's identity as ``--cache`` keys records by it (weightdiff.measure.cache), so a file
+    rewritten in place with the same size (its mtime restored by ``touch -d`` or ``cp -p`` too: the ctime
+    cannot be) is another input. The device number is left out, as there (one shared filesystem is
+    numbered differently on each machine).
 
     Cheap (``stat`` only, no bytes read); hidden files are left out. A path that does not
     exist here is kept as given, with no files (a repo id is resolved by the comparison;
@@ -84,9 +90,14 @@ def identity(path: str | os.PathLike) -> dict:
     """
     given = os.fspath(path)
     root = os.path.abspath(given) if os.path.exists(given) else given
+
+    def entry(name: str, p: str) -> list:
+        st = os.stat(p)
+        return [name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
     files: list[list] = []
     if os.path.isfile(root):
-        files.append([os.path.basename(root), os.stat(root).st_size])
+        files.append(entry(os.path.basename(root), root))
     elif os.path.isdir(root):
         for d, dirs, names in os.walk(root):
             dirs[:] = sorted(x for x in dirs if not x.startswith("."))
@@ -94,8 +105,51 @@ def identity(path: str | os.PathLike) -> dict:
                 p = os.path.join(d, n)
                 if n.startswith(".") or not os.path.isfile(p):
                     continue
-                files.append([os.path.relpath(p, root).replace(os.sep, "/"), os.stat(p).st_size])
+                files.append(entry(os.path.relpath(p, root).replace(os.sep, "/"), p))
     return {"path": root, "files": sorted(files)}
+
+
+def _sha256(path: Path) -> str:
+    from .io.files import open_regular, pread_into
+
+    fd, st = open_regular(path)
+    try:
+        h, buf, pos = hashlib.sha256(), bytearray(4 << 20), 0
+        while pos < st.st_size:
+            mv = memoryview(buf)[:min(len(buf), st.st_size - pos)]
+            pread_into(fd, mv, pos, path)
+            h.update(mv)
+            pos += len(mv)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def digests_hold(row: dict, directory: Path, hashed: dict[str, str]) -> bool:
+    """With ``--hash``: whether the files a done row's JSON lists still have the sha256 the row states
+    (``tuned_sha256``, ``base_sha256``), hashed now (``hashed``: path -> sha256 of this survey, so the
+    base is read once). A Hub checkpoint is fixed by its commit (in the identity) and not read."""
+    try:
+        data = json.loads((directory / row["json"]).read_text(encoding="utf-8"))
+        for entry, want in ((data.get("tuned"), row.get("tuned_sha256")),
+                            ((data.get("base") or [None])[0], row.get("base_sha256"))):
+            if entry.get("hub"):
+                continue
+            if want is None:
+                return False
+            top = Path(entry["path"])
+            top = top if top.is_dir() else top.parent
+            files = []
+            for f in entry["files"]:
+                p = os.path.realpath(top / f["name"])
+                if p not in hashed:
+                    hashed[p] = _sha256(Path(p))
+                files.append({"name": f["name"], "sha256": hashed[p]})
+            if files_digest({"files": files}) != want:
+                return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, WeightdiffError):
+        return False
+    return True
 
 
 def hub_identity(tid: dict) -> dict:
@@ -121,7 +175,8 @@ def _pins(base_id: dict, tid: dict) -> tuple:
 
 
 def identity_key(base: dict, tuned: dict, options: CompareOptions, hash_files: bool) -> str:
-    """sha256 over everything a row depends on: both identities, the options, --hash, the version."""
+    """sha256 over everything a row depends on: both identities (each file's stat identity), the options,
+    --hash, the version."""
     blob = dumps({"base": base, "tuned": tuned, "settings": options.settings(), "hash": hash_files,
                   "version": __version__})
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -195,8 +250,8 @@ def row_from_result(data: dict | None, tuned_id: dict, base_id: dict, key: str, 
     row: dict[str, Any] = dict.fromkeys(NAMES)
     row.update(tuned=tuned_id["path"], name=name, base=base_id["path"], identity=key,
                tuned_commit=tuned_id.get("commit"), base_commit=base_id.get("commit"),
-               tuned_files=len(tuned_id["files"]), tuned_bytes=sum(b for _, b in tuned_id["files"]),
-               base_bytes=sum(b for _, b in base_id["files"]))
+               tuned_files=len(tuned_id["files"]), tuned_bytes=sum(f[1] for f in tuned_id["files"]),
+               base_bytes=sum(f[1] for f in base_id["files"]))
     if data is None:
         row.update(status="error", error=error or "failed")
         return row
@@ -451,11 +506,13 @@ def _survey(base, tuned, directory: Path, options: CompareOptions, hash_files: b
         say(result.notices[-1])
     rows: dict[str, dict] = {}
     todo: list[tuple[dict, str]] = []
+    hashed: dict[str, str] = {}
     for path, tid in sorted(seen.items()):
         key = identity_key(base_id, tid, options, hash_files)
         old = previous.get(path)
         if old and old.get("status") == "ok" and old.get("identity") == key and old.get("json") \
-                and (directory / old["json"]).is_file():
+                and (directory / old["json"]).is_file() \
+                and (not hash_files or digests_hold(old, directory, hashed)):
             rows[path] = old
             result.skipped += 1
         else:

@@ -5,24 +5,41 @@ A record is stored under a key that hashes everything it depends on:
 * the pair itself (``Pair.to_dict()``: names, kind, shapes, dtypes, LoRA factors);
 * the identity of every stored tensor it reads, base and tuned, and the tensor's byte range
   in its file (a tensor without a byte range of its own, from a pickle or a quantized group,
-  is keyed by its checkpoint's whole set of files). A file's identity is its sha256 when the
-  run hashes its inputs anyway (``--hash``: the checkpoint's ``digests``, taken before
-  measuring), else what ``stat`` says without reading a byte: the resolved path, the inode
-  number, the size, the modification time and the status-change time (ctime, ns). ``touch``,
-  ``cp -p``, ``rsync -t`` and ``tar x`` can restore an mtime but not a ctime, and a file moved
-  or copied into the path has another inode, so a rewritten or swapped file misses. What the
-  stat identity cannot see: a file whose bytes changed with no write through the filesystem
-  (a disk image edited offline, a filesystem without ctime), or a ctime forged by changing
-  the system clock. The device number is left out: machines mounting one shared filesystem
-  number it differently, and workers of a cluster must find each other's records;
+  is keyed by its checkpoint's whole set of files). A file's identity is what ``stat`` says
+  without reading a byte: the resolved path, the inode number, the size, the modification
+  time and the status-change time (ctime, ns). ``touch``, ``cp -p``, ``rsync -t`` and ``tar x``
+  can restore an mtime but not a ctime, and a file moved or copied into the path has another
+  inode, so a rewritten or swapped file misses. What the stat identity cannot see: a file
+  whose bytes changed with no write through the filesystem (a disk image edited offline, a
+  filesystem without ctime), or a ctime forged by changing the system clock. The device
+  number is left out: machines mounting one shared filesystem number it differently, and
+  workers of a cluster must find each other's records;
 * the options that change records (``CompareOptions.settings()``, which leaves out the
   thread count; thresholds included), and ``CACHE_VERSION``.
 
+The key does not depend on the outputs asked for: ``--hash`` (which ``--memo`` turns on) does not
+change it, so adding ``--memo`` or ``--report`` to a cached command finds its records. When the run
+hashes its inputs anyway (``--hash``: the checkpoint's ``digests``, taken before measuring), the
+key of the same material with each file's sha256 for its identity (the *content key*) is used
+beside it: a record is also written under the content key, and both carry it (``content``), so
+
+* a record found under the stat key but written for other bytes (its ``content`` differs from
+  the files' as hashed now: changed without a trace in ``stat``) is a miss, as before;
+* a record found under the content key (a copy of the same bytes at another path, inode or
+  time) is a hit, and is stored under the stat key too.
+
+A record written without ``--hash`` carries no ``content`` and is trusted on its stat identity
+alone, as a run without ``--hash`` trusts it. The hash itself is not taken from the cache: with
+``--hash`` every input file is read once more to hash it (the memo states the sha256 of the
+bytes on disk now); ``--no-hash`` or ``weightdiff report`` re-render without reading them.
+
 So a rerun of the same command reuses every record already written and measures the rest,
 and any change of an input file or of an option misses the cache. Each record is one file
-``DIR/records/<key[:2]>/<key>.json`` written to a temporary name in the same folder and
-renamed into place (atomic on POSIX), so a run killed at any point leaves either a whole
-record or none; a file that does not parse, is not a record of the expected shape and
+``DIR/records/<key[:2]>/<key>.json`` written to a temporary name in the same folder
+(``.<key>.<host>.<pid>.tmp``) and renamed into place (atomic on POSIX), so a run killed at any
+point leaves either a whole record or none; an exception while writing (Ctrl-C, SIGTERM) removes
+the temporary, and the temporaries a SIGKILL leaves are swept when a cache is opened (those of
+this host whose process is gone, and any a day old); a file that does not parse, is not a record of the expected shape and
 types, or whose stored key differs, is ignored, measured again and overwritten. Floats keep their exact bits (JSON repr round-trips, NaN and infinities
 included), so a resumed run writes the same JSON bytes as an uninterrupted one.
 """
@@ -33,6 +50,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import socket
+import time
 import types
 import typing
 from pathlib import Path
@@ -142,6 +162,24 @@ def check_folder(folder: str | os.PathLike) -> Path:
     return root
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+#: this host in a record temporary's name (``.KEY.HOST.PID.tmp``): a sweep removes only its own host's
+#: temporaries of dead processes (workers of a cluster share a cache folder; their pids are not ours)
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+#: a record temporary (``HOST.`` absent in those of weightdiff before 0.1.0's sweep)
+_TMP = re.compile(r"^\.[0-9a-f]{64}\.(?:([0-9a-f]{8})\.)?(\d+)\.tmp$")
+#: a temporary older than this is removed whoever wrote it
+STALE_SECONDS = 86400
+
 #: the largest record file read back (a record is a few KB; its spectrum at most 64 values)
 RECORD_CAP = 16 << 20
 
@@ -152,29 +190,32 @@ class RecordCache:
     def __init__(self, folder: str | os.PathLike, options_settings: dict):
         self.root = check_folder(folder)
         self.options = json.dumps(options_settings, sort_keys=True, default=_plain)
-        self._files: dict[tuple[int, str], list] = {}
+        self._files: dict[tuple[int, str, bool], list] = {}
+        self._content: dict[str, str] = {}    # stat key -> content key (sha256 of the files), when hashed
         self.hits = self.misses = 0
         self.unwritten = 0                # records a write failed for (a full disk): the run goes on without them
         self.write_error: str | None = None
+        self.sweep()
 
     # -- keys ---------------------------------------------------------------------------
     @staticmethod
-    def _file_id(path: Path, ck: Any = None) -> list:
-        """``["hub", repo, commit, file, sha256, size]`` for a streamed Hub file; ``["sha256", digest]`` when
-        the checkpoint's files were hashed before measuring, else ``[resolved path, inode, size, mtime ns,
-        ctime ns]`` (see the module doc)."""
+    def _file_id(path: Path, ck: Any = None, content: bool = False) -> list:
+        """``["hub", repo, commit, file, sha256, size]`` for a streamed Hub file; with ``content``,
+        ``["sha256", digest]`` when the checkpoint's files were hashed before measuring; else ``[resolved
+        path, inode, size, mtime ns, ctime ns]`` (see the module doc)."""
         commit = getattr(path, "commit", None)
         if commit is not None:
             # a streamed Hub file (io.hub_stream.HubFile): its commit fixes its bytes, and it has no local path
             # to stat (os.stat of its hf:// name failed, or found an unrelated local file of that spelling)
             return ["hub", path.repo_id, commit, path.path, path.sha256, path.size]
-        digest = (getattr(ck, "digests", None) or {}).get(os.path.realpath(path))
-        if digest is not None:
-            return ["sha256", digest]
+        if content:
+            digest = (getattr(ck, "digests", None) or {}).get(os.path.realpath(path))
+            if digest is not None:
+                return ["sha256", digest]
         st = os.stat(path)
         return [os.fspath(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
-    def _tensor_id(self, ck: Any, name: str | None) -> list | None:
+    def _tensor_id(self, ck: Any, name: str | None, content: bool = False) -> list | None:
         if name is None:
             return None
         info = ck.tensors.get(name) if hasattr(ck, "tensors") else None
@@ -182,14 +223,14 @@ class RecordCache:
             order = (getattr(ck, "row_order", None) or {}).get(name)
             # rows handed out in another order than stored (a consolidated checkpoint's Q/K): the head size
             # decides the values read, so it is part of what they are
-            return [*self._file_id(info.path, ck), info.start, info.end, *(["rows", order] if order else [])]
-        key = (id(ck), "all")
+            return [*self._file_id(info.path, ck, content), info.start, info.end, *(["rows", order] if order else [])]
+        key = (id(ck), "all", content)
         if key not in self._files:    # no byte range of its own: the checkpoint's whole set of files
-            self._files[key] = [self._file_id(p, ck) for p in getattr(ck, "files", [])]
+            self._files[key] = [self._file_id(p, ck, content) for p in getattr(ck, "files", [])]
         order = (getattr(ck, "row_order", None) or {}).get(name)
         return [name, self._files[key], *(["rows", order] if order else [])]
 
-    def key(self, pair: Any, bases: Sequence[Any], tuned: Any) -> str:
+    def _key(self, pair: Any, bases: Sequence[Any], tuned: Any, content: bool) -> str:
         base = bases[pair.base_index] if pair.base_name is not None else None
         names = [getattr(pair, "tuned_source", None) or pair.tuned_name]
         lora = getattr(pair, "lora", None)
@@ -198,18 +239,32 @@ class RecordCache:
         material = {
             "v": CACHE_VERSION,
             "pair": pair.to_dict(),
-            "base": self._tensor_id(base, pair.base_name) if base is not None else None,
-            "tuned": [self._tensor_id(tuned, n) for n in names if n is not None],
+            "base": self._tensor_id(base, pair.base_name, content) if base is not None else None,
+            "tuned": [self._tensor_id(tuned, n, content) for n in names if n is not None],
             "options": self.options,
         }
         blob = json.dumps(material, sort_keys=True, default=_plain).encode()
         return hashlib.sha256(blob).hexdigest()
 
+    def key(self, pair: Any, bases: Sequence[Any], tuned: Any) -> str:
+        """The record's key: by the stat identity of the files it reads, whatever the run outputs (so
+        adding ``--memo``, which hashes, still finds the records of a run without it). When the files were
+        hashed, the key by their sha256 (the content key) is kept beside it for ``get`` and ``put``."""
+        stat_key = self._key(pair, bases, tuned, content=False)
+        if any(getattr(ck, "digests", None) for ck in (*bases, tuned)):
+            content_key = self._key(pair, bases, tuned, content=True)
+            if content_key != stat_key:
+                self._content[stat_key] = content_key
+        return stat_key
+
     # -- records --------------------------------------------------------------------------
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
-    def get(self, key: str) -> TensorRecord | None:
+    def _read(self, key: str, content: str | None = None) -> TensorRecord | None:
+        """The record stored under ``key``, or None. ``content``: the content key of the files as hashed now;
+        a record that was written with another one (the files' bytes changed under an unchanged stat
+        identity) is not returned."""
         from ..errors import WeightdiffError
         from ..io.files import read_small
 
@@ -217,38 +272,99 @@ class RecordCache:
             data = json.loads(read_small(self._path(key), RECORD_CAP).decode("utf-8"))
             if not isinstance(data, dict) or data.get("key") != key or data.get("v") != CACHE_VERSION:
                 raise ValueError("stale")
-            rec = record_from_dict(data["record"])
+            stored = data.get("content")
+            if content is not None and stored is not None and stored != content:
+                raise ValueError("other bytes")
+            return record_from_dict(data["record"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, WeightdiffError):
+            return None
+
+    def get(self, key: str) -> TensorRecord | None:
+        """The record of ``key`` (a stat key), or None. When the files were hashed, a record under the
+        stat key is taken only if it was not written for other bytes, and a record under the content key
+        (written for a copy of the same bytes elsewhere) is taken too, and stored under the stat key."""
+        content = self._content.get(key)
+        rec = self._read(key, content)
+        if rec is None and content is not None:
+            rec = self._read(content)
+            if rec is not None:             # found again by the stat key next time, hashed or not
+                self._write(key, rec, content)
+        if rec is None:
             self.misses += 1
             return None
+        self._content.pop(key, None)
         self.hits += 1
         return rec
 
     def put(self, key: str, rec: TensorRecord) -> None:
-        """Store one record; a write that fails (a full disk, a folder gone read-only) leaves no temporary
-        behind and stops the writes of this run: the results do not depend on the cache, so the run goes
-        on, and ``warn_unwritten`` says so once at the end."""
+        """Store one record under its stat key (and under its content key when the files were hashed,
+        with that key beside it); a write that fails (a full disk, a folder gone read-only) leaves no
+        temporary behind and stops the writes of this run: the results do not depend on the cache, so
+        the run goes on, and ``warn_unwritten`` says so once at the end. An exception of another kind
+        (Ctrl-C, SIGTERM) also removes the temporary, and goes on."""
+        content = self._content.pop(key, None)
+        self._write(key, rec, content)
+        if content is not None:
+            self._write(content, rec, content)
+
+    def _write(self, key: str, rec: TensorRecord, content: str | None) -> None:
         if self.write_error is not None:
             self.unwritten += 1
             return
         path = self._path(key)
-        tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{key}.{_HOST}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            blob = json.dumps({"v": CACHE_VERSION, "key": key, "record": rec.to_dict()}, default=_plain,
-                              allow_nan=True)
+            blob = json.dumps({"v": CACHE_VERSION, "key": key, "record": rec.to_dict(),
+                               **({"content": content} if content is not None else {})},
+                              default=_plain, allow_nan=True)
             with open(tmp, "w", encoding="utf-8") as fh:
                 fh.write(blob)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-        except OSError as exc:
-            self.write_error = exc.strerror or str(exc)
-            self.unwritten += 1
+        except BaseException as exc:
             try:
                 tmp.unlink()
             except OSError:
                 pass
+            if not isinstance(exc, OSError):
+                raise
+            self.write_error = exc.strerror or str(exc)
+            self.unwritten += 1
+
+    def sweep(self) -> int:
+        """Remove the temporaries that writers which no longer run left in the record folders (a run
+        killed while it wrote a record): those of this host whose process is gone, and any a day old (a
+        record takes milliseconds to write; another host's pid cannot be checked from here). Returns how
+        many were removed."""
+        removed = 0
+        now = time.time()
+        try:
+            folders = [e.path for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return 0
+        for folder in folders:
+            try:
+                entries = [e for e in os.scandir(folder) if e.name.startswith(".") and e.name.endswith(".tmp")]
+            except OSError:
+                continue
+            for e in entries:
+                m = _TMP.match(e.name)
+                if m is None:
+                    continue
+                host, pid = m.group(1), int(m.group(2))
+                try:
+                    old = now - e.stat(follow_symlinks=False).st_mtime > STALE_SECONDS
+                except OSError:
+                    continue
+                if old or (host == _HOST and pid != os.getpid() and not _alive(pid)):
+                    try:
+                        os.unlink(e.path)
+                        removed += 1
+                    except OSError:
+                        pass
+        return removed
 
     def warn_unwritten(self) -> None:
         """One line on stderr when some records could not be written."""
