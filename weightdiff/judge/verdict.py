@@ -32,7 +32,7 @@ from ..pairing.names import component_of, is_router, parse_name
 from .coverage import compared_elements, coverage, too_little
 from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, weak_evidence,
                           net_of_quantization, low_rank_change, reordered_kinds)
-from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
+from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, only_resized, is_tied,
                      max_rank_fields, moved_blocks, norms_sq, placements, rank_upper, ratio, unresolved_quant_noise,
                      zero_side)
 
@@ -344,10 +344,14 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         "matrices_zeroed": _zeroed(counted),
         "tensors_reshaped": _reshaped([r for r in counted if r.status == "resized" and is_mismatch(r)]),
     }
-    # vocabulary resized and nothing else: the shared rows bitwise the base's (the title must not say "a fine-tune")
-    grown = sum(1 for r in counted if r.status == "resized" and not is_mismatch(r) and r.frac_changed == 0)
+    # vocabulary resized and nothing else: the shared rows the base's, within rounding or within the quantization
+    # noise floor (the title must not say "a fine-tune": a GGUF of a base with tokens added read so)
+    grown = [r for r in counted if only_resized(r, thresholds)]
     if grown:
-        scope["tensors_only_resized"] = grown
+        scope["tensors_only_resized"] = len(grown)
+        within = sum(1 for r in grown if (r.quant or {}).get("within"))
+        if within:
+            scope["tensors_only_resized_quantized"] = within
     decl = _declared(declared)
     folds = frozenset((f.get("base_index", 0), f.get("base_name")) for f in folded or ())
     flags = _flags(counted, records, decl, folds)

@@ -86,8 +86,15 @@ def verdict_title(summary: dict) -> str:
         return ("DERIVED: this base with its output head tied to its input embeddings on one side only (there the "
                 "head's weights are the embedding's); none of its other weights changed.")
     if v == "derived" and tbs.get("resized") and tbs.get("resized") == (summary.get("scope") or {}).get(
-            "tensors_only_resized") and not any(tbs.get(k) for k in ("changed", "quantized", "added", "removed")) \
+            "tensors_only_resized") and not any(tbs.get(k) for k in ("changed", "added", "removed")) \
             and "permuted_units" not in (summary.get("flags") or []) and not (summary.get("scope") or {}).get("blocks_moved"):
+        if tbs.get("quantized") or (summary.get("scope") or {}).get("tensors_only_resized_quantized"):
+            # a GGUF (Q8_0, Q4_K) of a base with tokens added: its weights within the quantization noise floor
+            untested = "quant_untested" in (summary.get("flags") or [])
+            return ("DERIVED: this base with its vocabulary resized (token rows added or removed), quantized; its "
+                    "own weights differ from the base only within their quantization noise floor"
+                    + (" where a floor could be tested" if untested else "")
+                    + " (a change smaller than that noise would not show).")
         return ("DERIVED: this base with its vocabulary resized (token rows added or removed); none of its own "
                 "weights changed.")
     special = _derived_special(summary) if v == "derived" else None
@@ -578,10 +585,14 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                 "unchanged or within rounding"
                 + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + limit + ".")
     added = int(tbs.get("added") or 0)
-    # a resized tensor whose shared rows are bitwise the base's changed only by its new (or dropped) rows
-    grown = sum(1 for t in counted if t.get("status") == "resized" and t.get("frac_changed") == 0)
-    only = (f" ({count(grown)} of them only resized: rows added or removed, the shared rows bitwise unchanged)"
-            if grown else "")
+    # a resized tensor whose shared rows carry no change (bitwise the base's, within rounding or within the
+    # quantization noise floor) changed only by its new (or dropped) rows
+    grown = int(scope.get("tensors_only_resized") or 0)
+    bitwise = sum(1 for t in counted if t.get("status") == "resized" and t.get("frac_changed") == 0)
+    only = ((f" ({count(grown)} of them only resized: rows added or removed, the shared rows bitwise unchanged)"
+             if bitwise >= grown else
+             f" ({count(grown)} of them only resized: rows added or removed, the shared rows unchanged beyond "
+             "rounding or their quantization noise floor)") if grown else "")
     reshaped = scope.get("tensors_reshaped") or {}
     if reshaped.get("tensors"):
         n = int(reshaped["tensors"])
