@@ -399,6 +399,18 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     if verdict == "derived" and not permuted and "far_from_base" not in flags \
             and rounding_level(changed, tensors_by_status):
         flags.append("rounding_level")
+    if changed and verdict in ("derived", "partial"):
+        # tensors within their quantization noise floor beside tensors found changed: a fine-tune smaller than
+        # the floor does not show there (a dense 1e-3 fine-tune of 7 tensors in Q4_1 read "1 of 21 tensors
+        # changed", "at most 65,536 numbers"): the counts are lower bounds, delta_params bounds only the rest
+        hidden = [r for r in live if r.quant is not None and r.status in ("quantized", "resized")
+                  and r.quant.get("within") is not False and not is_changed(r, thresholds)]
+        if hidden:
+            quiet = {b.block for b in numbered if b.params_changed == 0}
+            scope["within_quant_floor"] = {
+                "tensors": len(hidden), "params": sum(int(r.numel_compared or 0) for r in hidden),
+                "blocks": len({r.block for r in hidden if r.block in quiet})}
+            flags.append("quant_floor_lower_bounds")
     quant = quantization_summary(counted)
     form = _form(changed, thresholds) if verdict in ("derived", "partial") else {"kind": None}
     summary = Summary(
