@@ -97,3 +97,19 @@ def test_memo_does_not_present_quantization_noise_as_movement(tmp_path, rng):
     rows = {str(r[0]): " ".join(map(str, r[1:])) for r in key_figures(data)}
     note = rows["relative change (large matrices)"]
     assert "quantization noise included" in note and "bfloat16 rounding alone" not in note, note
+
+
+def test_depth_caption_names_the_quantization_floor_of_quantized_embeddings_and_agrees_in_number(tmp_path, rng):
+    """Figure 1's caption said quantized embeddings and head "differ only by dtype rounding (9.1e-2)" (their
+    status is ``quantized``), and "1 block differ only within their", "1 block with no change at all sit"."""
+    from weightdiff.render.captions import caption_depth
+    base, path = _fine_tune_q4(tmp_path, rng)
+    data = compare(base, path).to_dict()
+    assert {t["status"] for t in data["tensors"] if t["name"] in ("model.embed_tokens.weight", "lm_head.weight")} \
+        == {"quantized"}
+    text = caption_depth(data)
+    assert "dtype rounding" not in text, text
+    assert "The embeddings (before block 0) differ only within their quantization noise floor" in text, text
+    assert "The head (after block 1) differs only within its quantization noise floor" in text, text
+    assert "1 block differs only within its quantization noise floor" in text, text
+    assert "1 block differ " not in text and " sit as" not in text.replace("sit as hollow circles", "")
