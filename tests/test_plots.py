@@ -159,7 +159,7 @@ def test_unrelated_model_caption_and_rounding_blocks(tmp_path):
     data["blocks"][3].update(params_changed=0, tensors_changed=0, rel_change=1e-4)   # rounding only
     text = cap.caption_cosine(data)
     assert "86 inside the shaded band" in text
-    assert "differ only by dtype rounding" in cap.caption_depth(data)
+    assert "1 block differs only by dtype rounding" in cap.caption_depth(data)   # one block: singular
     svg = plots.save_figures(data, tmp_path, ("svg",))[0].files["svg"].read_text()
     assert "rounding only" in svg
 

@@ -19,7 +19,7 @@ from ..pairing.names import block_slot
 from ..options import Thresholds
 from ..records import TensorRecord
 
-__all__ = ["classify", "cast_explains", "is_changed", "is_mismatch", "zero_side", "is_tied", "delta_params_of", "rank_upper", "matrix_dims",
+__all__ = ["classify", "cast_explains", "is_changed", "only_resized", "is_mismatch", "zero_side", "is_tied", "delta_params_of", "rank_upper", "matrix_dims",
            "extra_rows", "norms_sq", "ratio", "bytes_per", "PAIRED", "placements", "moved_blocks"]
 
 
@@ -127,9 +127,19 @@ def is_changed(rec: TensorRecord, thresholds: Thresholds) -> bool:
         return False
     if is_mismatch(rec):
         return True
+    if (rec.quant or {}).get("within"):
+        # shared rows within the quantization noise floor (a GGUF Q8_0 of a base with tokens added): what a
+        # quantized tensor of the same shape reads as ``quantized``, not a change (the new rows are ``extra_rows``)
+        return False
     if rec.frac_beyond_rounding is not None:
         return rec.frac_beyond_rounding > thresholds.rounding_frac and not cast_explains(rec.cast, thresholds)
     return rec.frac_changed is None or rec.frac_changed > 0
+
+
+def only_resized(rec: TensorRecord, thresholds: Thresholds) -> bool:
+    """A resized tensor (new or dropped vocabulary rows, a router's experts) whose shared rows carry no
+    change: bitwise the base's, within rounding or a cast of it, or within the quantization noise floor."""
+    return rec.status == "resized" and not is_mismatch(rec) and not is_changed(rec, thresholds)
 
 
 def matrix_dims(rec: TensorRecord) -> tuple[int, int] | None:

@@ -32,7 +32,7 @@ from ..pairing.names import component_of, is_router, parse_name
 from .coverage import compared_elements, coverage, too_little
 from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, weak_evidence,
                           net_of_quantization, low_rank_change, reordered_kinds)
-from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, is_tied,
+from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, only_resized, is_tied,
                      max_rank_fields, moved_blocks, norms_sq, placements, rank_upper, ratio, unresolved_quant_noise,
                      zero_side)
 
@@ -344,10 +344,14 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         "matrices_zeroed": _zeroed(counted),
         "tensors_reshaped": _reshaped([r for r in counted if r.status == "resized" and is_mismatch(r)]),
     }
-    # vocabulary resized and nothing else: the shared rows bitwise the base's (the title must not say "a fine-tune")
-    grown = sum(1 for r in counted if r.status == "resized" and not is_mismatch(r) and r.frac_changed == 0)
+    # vocabulary resized and nothing else: the shared rows the base's, within rounding or within the quantization
+    # noise floor (the title must not say "a fine-tune": a GGUF of a base with tokens added read so)
+    grown = [r for r in counted if only_resized(r, thresholds)]
     if grown:
-        scope["tensors_only_resized"] = grown
+        scope["tensors_only_resized"] = len(grown)
+        within = sum(1 for r in grown if (r.quant or {}).get("within"))
+        if within:
+            scope["tensors_only_resized_quantized"] = within
     decl = _declared(declared)
     folds = frozenset((f.get("base_index", 0), f.get("base_name")) for f in folded or ())
     flags = _flags(counted, records, decl, folds)
@@ -395,6 +399,18 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     if verdict == "derived" and not permuted and "far_from_base" not in flags \
             and rounding_level(changed, tensors_by_status):
         flags.append("rounding_level")
+    if changed and verdict in ("derived", "partial"):
+        # tensors within their quantization noise floor beside tensors found changed: a fine-tune smaller than
+        # the floor does not show there (a dense 1e-3 fine-tune of 7 tensors in Q4_1 read "1 of 21 tensors
+        # changed", "at most 65,536 numbers"): the counts are lower bounds, delta_params bounds only the rest
+        hidden = [r for r in live if r.quant is not None and r.status in ("quantized", "resized")
+                  and r.quant.get("within") is not False and not is_changed(r, thresholds)]
+        if hidden:
+            quiet = {b.block for b in numbered if b.params_changed == 0}
+            scope["within_quant_floor"] = {
+                "tensors": len(hidden), "params": sum(int(r.numel_compared or 0) for r in hidden),
+                "blocks": len({r.block for r in hidden if r.block in quiet})}
+            flags.append("quant_floor_lower_bounds")
     quant = quantization_summary(counted)
     form = _form(changed, thresholds) if verdict in ("derived", "partial") else {"kind": None}
     summary = Summary(

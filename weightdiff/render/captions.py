@@ -20,6 +20,7 @@ from typing import Any, Iterable
 from . import sentences
 from .formats import count, num, rank_text, sci, share, tuned_params
 from .reference import unmeasured_blocks
+from ..pairing.names import component_of
 
 #: statuses in the order the parameter-share figure and the tables list them
 STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
@@ -73,11 +74,36 @@ def block_state(b: dict) -> str:
 def within_words(data: dict, blocks: set | None = None) -> str:
     """How the tensors of ``blocks`` (all when None) that differ without changing differ: "by dtype
     rounding", "within their quantization noise floor", or both (status ``rounding`` / ``quantized``)."""
-    st = {t.get("status") for t in data.get("tensors") or []
-          if blocks is None or t.get("block") in blocks}
+    st = {_within_status(t) for t in data.get("tensors") or [] if blocks is None or _group(t) in blocks}
     if "quantized" in st and "rounding" in st:
         return "by dtype rounding or within their quantization noise floor"
     return "within their quantization noise floor" if "quantized" in st else "by dtype rounding"
+
+
+def _group(t: dict) -> str | None:
+    """A tensor's block label, or for one outside the numbered blocks its group (``embeddings``, ``head``):
+    the quantized embeddings of a GGUF read "differ only by dtype rounding" when matched by block alone."""
+    if t.get("block") is not None:
+        return t.get("block")
+    return component_of(str(t.get("name") or "")) if t.get("name") else None
+
+
+def _within_status(t: dict) -> str | None:
+    """``rounding`` or ``quantized`` for a tensor that differs without changing: its status, and for a
+    resized one whose shared rows lie within its quantization noise floor, ``quantized``."""
+    if t.get("status") == "resized":
+        return "quantized" if (t.get("quant") or {}).get("within") else "rounding"
+    return t.get("status")
+
+
+def _only_new_rows(data: dict, group: str) -> bool:
+    """Every tensor of ``group`` that changed is resized with its shared rows unchanged beyond rounding or their
+    quantization noise floor: the group's relative change is that rounding or noise, its change the new rows."""
+    moved = [t for t in data.get("tensors") or [] if _group(t) == group and t.get("status") in ("changed", "resized")]
+    return bool(moved) and all(
+        t.get("status") == "resized" and t.get("compared") != "none"
+        and (t.get("frac_changed") == 0 or (t.get("quant") or {}).get("within") or t.get("frac_beyond_rounding") == 0)
+        for t in moved)
 
 
 def tensor_label(t: dict) -> str:
@@ -155,9 +181,14 @@ def caption_depth(data: dict) -> str:
     text += "."
     unchanged = len(blocks) - len(changed) - len(new) - len(rounding) - len(nonfinite)
     if unchanged:
-        text += f" {_plural(unchanged, 'block')} with no change at all sit as hollow circles on the line marked 0."
+        text += (f" {_plural(unchanged, 'block')} with no change at all {'sits as a hollow circle' if unchanged == 1 else 'sit as hollow circles'} "
+                 "on the line marked 0.")
     if rounding:
-        text += (f" {_plural(len(rounding), 'block')} differ only {within_words(data, {b.get('block') for b in rounding})}"
+        one = len(rounding) == 1
+        words = within_words(data, {b.get('block') for b in rounding})
+        if one:
+            words = words.replace("their", "its")
+        text += (f" {_plural(len(rounding), 'block')} {'differs' if one else 'differ'} only {words}"
                  " (hollow diamonds).")
     ends = [p for p in points if p["group"] is not None]
     said: dict[str, list[str]] = {}
@@ -166,6 +197,10 @@ def caption_depth(data: dict) -> str:
                  f"the {'head' if p['group'] == 'head' else p['group']} (after block {blocks[-1]['index']})")
         if p["state"] == "nonfinite":
             what = "differ only by NaN or infinite values (not measured)"
+        elif p["state"] == "changed" and p["rel_change"] and _only_new_rows(data, p["group"]):
+            # a vocabulary grown in a quantized copy: the shared rows' figure is the quantization's noise
+            what = (f"changed only by new or resized rows (their shared rows differ only "
+                    f"{within_words(data, {p['group']})}, {sci(p['rel_change'])})")
         elif p["state"] == "changed" and p["rel_change"]:
             what = f"changed ({sci(p['rel_change'])})"
         elif p["state"] == "changed":
@@ -178,7 +213,7 @@ def caption_depth(data: dict) -> str:
     for what, wheres in said.items():
         subject = _list(wheres)
         if len(wheres) == 1 and what.startswith("differ ") and not wheres[0].startswith("the embeddings"):
-            what = "differs " + what[len("differ "):]          # "the head differs", "the embeddings and the head differ"
+            what = "differs " + what[len("differ "):].replace("their", "its")   # "the head differs", "... and ... differ"
         text += f" {subject[0].upper() + subject[1:]} {what}."
     return text
 
@@ -293,7 +328,8 @@ def caption_cosine(data: dict) -> str:
         text += "No matrix moved."
     unchanged = len(mats) - len(moved)
     if unchanged:
-        text += f" {_plural(unchanged, 'matrix', 'matrices')} with no change sit as hollow circles on the line marked 0."
+        text += (f" {_plural(unchanged, 'matrix', 'matrices')} with no change "
+                 f"{'sits as a hollow circle' if unchanged == 1 else 'sit as hollow circles'} on the line marked 0.")
     return text
 
 

@@ -112,8 +112,50 @@ def delta_params_count(d: dict) -> str:
 
 def delta_params_text(s: dict) -> str:
     """``delta_params`` of a summary with its share: ``≤ N`` when it is an upper bound
-    (``delta_params_lower`` is set: some energy ranks are brackets, or some changed matrices have no rank)."""
-    return f"{delta_params_count(s)} ({share(s.get('delta_params_share'))} of the model)"
+    (``delta_params_lower`` is set: some energy ranks are brackets, or some changed matrices have no rank);
+    where tensors within their quantization noise floor sit beside changed ones (``within_floor``) the figure
+    covers only the tensors beyond the floor, and says so: it is no bound for the whole model."""
+    return f"{delta_params_count(s)} ({share(s.get('delta_params_share'))} of the model){floor_clause(s)}"
+
+
+def within_floor(s: dict) -> dict | None:
+    """``scope.within_quant_floor`` of a summary: tensors within their quantization noise floor beside
+    tensors found changed (flag ``quant_floor_lower_bounds``). A change smaller than the floor does not show
+    in them, so the counts of changed tensors and blocks are lower bounds and ``delta_params`` covers only
+    the tensors beyond the floor; None otherwise."""
+    return (s.get("scope") or {}).get("within_quant_floor") or None
+
+
+def at_least(s: dict) -> str:
+    """``"at least "`` before a count of changed tensors or blocks that is a lower bound (``within_floor``)."""
+    return "at least " if within_floor(s) else ""
+
+
+def floor_rest(s: dict) -> str:
+    """The tensors a delta-params figure leaves out where tensors within the quantization noise floor may hide a
+    change (``within_floor``), as a clause; "" otherwise."""
+    w = within_floor(s)
+    if not w:
+        return ""
+    n = int(w.get("tensors") or 0)
+    return (f"the {count(n)} {'tensor' if n == 1 else 'tensors'} within {'its' if n == 1 else 'their'} "
+            "quantization noise floor may hold a change smaller than that noise, which no figure here bounds")
+
+
+def floor_clause(s: dict) -> str:
+    """What a delta-params figure covers where tensors within the quantization noise floor may hide a change."""
+    rest = floor_rest(s)
+    return f", for the tensors beyond the quantization noise floor only; {rest}" if rest else ""
+
+
+def floor_blocks(s: dict) -> str:
+    """A parenthesis after a count of changed blocks that is a lower bound: the blocks that may hide a change."""
+    w = within_floor(s)
+    n = int((w or {}).get("blocks") or 0)
+    if not n:
+        return ""
+    return (f" ({count(n)} more {'holds' if n == 1 else 'hold'} tensors within their quantization noise floor, "
+            "which may hide a smaller change)")
 
 
 def max_rank(d: dict, missing: str = MISSING) -> str:

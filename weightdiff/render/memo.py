@@ -23,7 +23,7 @@ from . import sentences
 from .memo_html import to_html
 from .memo_md import md_escape, to_markdown
 from .plots import FigureOutput
-from .reference import nonfinite_only, one_minus_cosine_of, only_nonfinite, reference_of, unmeasured_blocks
+from .reference import nonfinite_only, one_minus_cosine_of, only_nonfinite, quantization_noise, reference_of, unmeasured_blocks
 
 __all__ = ["Block", "build", "first_page", "key_figures", "to_html", "to_markdown", "md_escape", "CAVEATS"]
 
@@ -111,12 +111,18 @@ def key_figures(data: dict) -> list[list[Inline]]:
     bf16 = (points.get("BF16") or {}).get("rel_change")
     rel_note = "size of the change over size of the weights"
     nan_only = only_nonfinite(data)     # 0 over the finite values, which are the base's: not a measurement
-    if bf16:
+    quantized, noise = quantization_noise(data)
+    if quantized:
+        # the quantization's own noise is in the figure: never read as the size of the change
+        rel_note = ("size of the difference over size of the weights, the quantization noise included"
+                    + (f" (matrices within their quantization noise floor: {fmt.sci(noise)})" if noise is not None
+                       else ""))
+    elif bf16:
         rel_note += f" (bfloat16 rounding alone: {fmt.sci(bf16)})"
     return [
         ["parameters bit for bit unchanged", f"{same} of {fmt.count(total)}{aside}", "numbers not touched at all"],
-        ["blocks changed", f"{fmt.count(s.get('blocks_changed'))} of {fmt.count(s.get('blocks_total'))}",
-         "layers of the stack with any change"],
+        ["blocks changed", f"{fmt.at_least(s)}{fmt.count(s.get('blocks_changed'))} of {fmt.count(s.get('blocks_total'))}",
+         "layers of the stack with any change" + fmt.floor_blocks(s)],
         ["relative change (large matrices)", fmt.MISSING if nan_only else fmt.sci(model.get("rel_change")),
          "not measured: the models differ only by NaN or infinite values" if nan_only else rel_note],
         ["1 − cosine (large matrices)", fmt.MISSING if nan_only else fmt.sci(model.get("one_minus_cosine")),
@@ -173,9 +179,12 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     out.append(Block("verdict", s.get("verdict", "?"), [s.get("verdict_reason") or "", None]))
     scope, form = s.get("scope") or {}, s.get("form") or {}
     rows = [["verdict", _c(s.get("verdict"))],
-            ["blocks changed", f"{fmt.count(scope.get('blocks_changed', s.get('blocks_changed')))} of "
+            ["blocks changed", f"{fmt.at_least(s)}{fmt.count(scope.get('blocks_changed', s.get('blocks_changed')))} of "
                                f"{fmt.count(scope.get('blocks_total', s.get('blocks_total')))}"],
-            ["tensors changed", f"{fmt.count(scope.get('tensors_changed'))} of {fmt.count(scope.get('tensors_total'))}"],
+            ["tensors changed", f"{fmt.at_least(s)}{fmt.count(scope.get('tensors_changed'))} of "
+                                f"{fmt.count(scope.get('tensors_total'))}"
+                                + (f" ({fmt.count(fmt.within_floor(s).get('tensors'))} more within their quantization "
+                                   "noise floor)" if fmt.within_floor(s) else "")],
             ["form of the change", _c(form.get("kind") or "none")],
             ["largest numerical rank", fmt.max_rank(form)],
             ["delta parameters", fmt.delta_params_text(s)],

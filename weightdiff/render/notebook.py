@@ -33,7 +33,7 @@ def short_repr(data: dict) -> str:
     scope = s.get("scope") or {}
     base = ", ".join(sentences.model_label(b) for b in data.get("base") or [])
     return (f"<Comparison {s.get('verdict')}: {escape_name(base)} -> {escape_name(sentences.model_label(data.get('tuned')))}, "
-            f"{fmt.count(scope.get('tensors_changed'))} of {fmt.count(scope.get('tensors_total'))} tensors changed, "
+            f"{fmt.at_least(s)}{fmt.count(scope.get('tensors_changed'))} of {fmt.count(scope.get('tensors_total'))} tensors changed, "
             f"relative change {'n/a' if only_nonfinite(data) else fmt.sci(s.get('relative_change'))}>")
 
 

@@ -32,7 +32,7 @@ import math
 
 from ..judge.relatedness import chosen_evidence, evidence_sizes
 
-__all__ = ["reference_scale", "reference_of", "LABELS", "one_minus_cosine_of", "nonfinite_only", "only_nonfinite",
+__all__ = ["reference_scale", "reference_of", "quantization_noise", "LABELS", "one_minus_cosine_of", "nonfinite_only", "only_nonfinite",
            "unmeasured_blocks"]
 
 LABELS = {"F16": "float16 rounding", "BF16": "bfloat16 rounding", "model": "this model",
@@ -48,6 +48,22 @@ def _rows(data: dict) -> list[dict]:
     evidence = [(t, n) for t, n in evidence_sizes(tensors)
                 if t.get("norm_base") and t.get("norm_tuned") is not None and t.get("norm_delta") is not None]
     return [t for t, _ in chosen_evidence(evidence, large)]
+
+
+def quantization_noise(data: dict) -> tuple[bool, float | None]:
+    """Whether the large matrices the scale reads include quantized ones (a quantized side, ``quant``), and
+    the relative change of those among them within their quantization noise floor (status ``quantized``):
+    what an untouched quantized copy of the base shows, the level the model's own figure includes (a Q4_K
+    copy of a 1e-3 fine-tune read 9.0e-2, as the base's own Q4_K copy does). (False, None) for float pairs;
+    (True, None) when no quantized matrix is within its floor."""
+    rows = _rows(data)
+    if not any(t.get("quant") for t in rows):
+        return False, None
+    within = [t for t in rows if t.get("status") == "quantized" and t.get("norm_base")]
+    nb2 = sum(t["norm_base"] ** 2 for t in within)
+    if not within or nb2 <= 0:
+        return True, None
+    return True, math.sqrt(sum(t["norm_delta"] ** 2 for t in within) / nb2)
 
 
 def _omc(t: dict) -> float:

@@ -17,8 +17,8 @@ from ..errors import escape_name
 from ..kernels.dtypes import DTYPES
 from ..judge.verdict import holds_exactly
 from ..records import count_lookalikes
-from .formats import count, num, sci, share, tuned_params
-from .reference import nonfinite_only, one_minus_cosine_of
+from .formats import at_least, count, floor_blocks, floor_rest, num, sci, share, tuned_params, within_floor
+from .reference import nonfinite_only, one_minus_cosine_of, quantization_noise
 
 __all__ = ["verdict_title", "parts_text", "verdict_reason", "headline", "coverage_sentence", "form_sentence", "matrices_phrase",
            "is_tied_row", "PAIRED", "plain_language", "model_label", "plural"]
@@ -87,8 +87,15 @@ def verdict_title(summary: dict) -> str:
         return ("DERIVED: this base with its output head tied to its input embeddings on one side only (there the "
                 "head's weights are the embedding's); none of its other weights changed.")
     if v == "derived" and tbs.get("resized") and tbs.get("resized") == (summary.get("scope") or {}).get(
-            "tensors_only_resized") and not any(tbs.get(k) for k in ("changed", "quantized", "added", "removed")) \
+            "tensors_only_resized") and not any(tbs.get(k) for k in ("changed", "added", "removed")) \
             and "permuted_units" not in (summary.get("flags") or []) and not (summary.get("scope") or {}).get("blocks_moved"):
+        if tbs.get("quantized") or (summary.get("scope") or {}).get("tensors_only_resized_quantized"):
+            # a GGUF (Q8_0, Q4_K) of a base with tokens added: its weights within the quantization noise floor
+            untested = "quant_untested" in (summary.get("flags") or [])
+            return ("DERIVED: this base with its vocabulary resized (token rows added or removed), quantized; its "
+                    "own weights differ from the base only within their quantization noise floor"
+                    + (" where a floor could be tested" if untested else "")
+                    + " (a change smaller than that noise would not show).")
         return ("DERIVED: this base with its vocabulary resized (token rows added or removed); none of its own "
                 "weights changed.")
     special = _derived_special(summary) if v == "derived" else None
@@ -580,10 +587,14 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                 "unchanged or within rounding"
                 + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + limit + ".")
     added = int(tbs.get("added") or 0)
-    # a resized tensor whose shared rows are bitwise the base's changed only by its new (or dropped) rows
-    grown = sum(1 for t in counted if t.get("status") == "resized" and t.get("frac_changed") == 0)
-    only = (f" ({count(grown)} of them only resized: rows added or removed, the shared rows bitwise unchanged)"
-            if grown else "")
+    # a resized tensor whose shared rows carry no change (bitwise the base's, within rounding or within the
+    # quantization noise floor) changed only by its new (or dropped) rows
+    grown = int(scope.get("tensors_only_resized") or 0)
+    bitwise = sum(1 for t in counted if t.get("status") == "resized" and t.get("frac_changed") == 0)
+    only = ((f" ({count(grown)} of them only resized: rows added or removed, the shared rows bitwise unchanged)"
+             if bitwise >= grown else
+             f" ({count(grown)} of them only resized: rows added or removed, the shared rows unchanged beyond "
+             "rounding or their quantization noise floor)") if grown else "")
     reshaped = scope.get("tensors_reshaped") or {}
     if reshaped.get("tensors"):
         n = int(reshaped["tensors"])
@@ -593,14 +604,20 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     # removed base tensors are not among the tuned model's tensors: said apart, or "0 of 37 tensors changed"
     # reads as if nothing differed (an ONNX export that leaves out the unused pooler)
     gone = f"; {count(removed)} base {'tensor' if removed == 1 else 'tensors'} removed" if removed else ""
+    # tensors within their quantization noise floor beside changed ones may hide a smaller change: lower bounds
+    least, hidden = at_least(s), within_floor(s)
+    if hidden:
+        n_h = int(hidden.get("tensors") or 0)
+        only += (f" ({count(n_h)} more {'stands' if n_h == 1 else 'stand'} within {'its' if n_h == 1 else 'their'} "
+                 "quantization noise floor and may have changed by less than it)")
     if added and scope.get("tensors_changed") is not None:    # added tensors are new, not changed
-        parts = [f"{count(max(0, scope['tensors_changed'] - added))} of {count(scope.get('tensors_total'))} tensors "
-                 f"changed{only} and {count(added)} added"]
+        parts = [f"{least}{count(max(0, scope['tensors_changed'] - added))} of {count(scope.get('tensors_total'))} "
+                 f"tensors changed{only} and {count(added)} added"]
     else:
-        parts = [f"{count(scope.get('tensors_changed'))} of {count(scope.get('tensors_total'))} tensors "
+        parts = [f"{least}{count(scope.get('tensors_changed'))} of {count(scope.get('tensors_total'))} tensors "
                  f"changed{only}"]
     if scope.get("blocks_total"):
-        parts.append(f"{scope.get('blocks_changed')} of {scope.get('blocks_total')} blocks")
+        parts.append(f"{least}{scope.get('blocks_changed')} of {scope.get('blocks_total')} blocks")
     text = "Derived from this base: " + ", in ".join(parts) + gone
     if scope.get("base_blocks_total") and scope.get("base_blocks_paired", 0) < scope["base_blocks_total"]:
         text += f"; {scope['base_blocks_paired']} of {scope['base_blocks_total']} base blocks have a counterpart"
@@ -769,14 +786,22 @@ def headline(data: dict) -> list[str]:
         if by.get("quantized"):
             out.append(f"{share(by['quantized'] / total)} differ only within their quantization noise floor.")
     if s.get("blocks_total"):
-        out.append(f"{s.get('blocks_changed')} of {s['blocks_total']} blocks changed.")
+        out.append(f"{at_least(s).capitalize()}{s.get('blocks_changed')} of {s['blocks_total']} blocks changed"
+                   f"{floor_blocks(s)}.")
     if s.get("verdict") in ("derived", "unrelated") and s.get("relative_change") is not None:
         out.append(f"Relative change {sci(s['relative_change'])} (norm of all deltas over norm of the base).")
     f = s.get("form") or {}
     said = form_sentence(f, (data.get("settings") or {}).get("rank"))
     if said:
         out.append(said)
-    if s.get("delta_params") and s.get("delta_params_lower") is not None:
+    if s.get("delta_params") and within_floor(s):
+        # no upper bound for the model: the tensors within their floor may hold a change of their own
+        out.append("Writing down the change of the tensors beyond the quantization noise floor takes "
+                   + ("at most " if s.get("delta_params_lower") is not None else "")
+                   + f"{count(s['delta_params'])} parameters ({share(s.get('delta_params_share'))} of the model)"
+                   + (f" and at least {count(s['delta_params_lower'])}" if s.get("delta_params_lower") else "")
+                   + f"; this is no bound for the whole model: {floor_rest(s)}.")
+    elif s.get("delta_params") and s.get("delta_params_lower") is not None:
         out.append(f"Writing the change down takes at most {count(s['delta_params'])} parameters "
                    f"({share(s.get('delta_params_share'))} of the model) and at least "
                    f"{count(s['delta_params_lower'])}: "
@@ -890,8 +915,10 @@ def plain_language(data: dict) -> list[str]:
         if s.get("blocks_total"):
             n = s.get("blocks_changed") or 0
             tot = s["blocks_total"]
+            least = at_least(s)
             text += (f"{';' if aside else ', and'} " + (f"its one block {'was' if n else 'was not'} changed" if tot == 1 else
-                     f"{count(n)} of its {count(tot)} blocks {'was' if n == 1 else 'were'} changed"))
+                     f"{least}{count(n)} of its {count(tot)} blocks {'was' if n == 1 else 'were'} changed"))
+            text += floor_blocks(s)
         out.append(text + ".")
     model, unrel = points.get("model"), points.get("unrelated")
     bf16 = (points.get("BF16") or {}).get("rel_change")
@@ -916,6 +943,20 @@ def plain_language(data: dict) -> list[str]:
             out.append("Every difference is no larger than the rounding of storing the same numbers in another "
                        "format: the weights show no change beyond that conversion (a change smaller than the "
                        "rounding would not show).")
+    elif v == "derived" and rel and quantization_noise(data)[0]:
+        # a quantized side: the figure holds the quantization's own noise, which is no movement of the weights (a
+        # Q4_K copy of a 1e-3 fine-tune read "moved by 9.0e-2, about 54 times the rounding", as the base's own does)
+        noise = quantization_noise(data)[1]
+        text = (f"Taken together, its large weight matrices differ from the base by {sci(rel)} of their size, a figure "
+                "that includes the noise of the quantization, which is not a movement of the weights")
+        text += (f": the matrices within their quantization noise floor, as an untouched quantized copy of the base "
+                 f"would read, differ by {sci(noise)}" if noise is not None else
+                 ": how much of it the fine-tune moved is not measured by this figure")
+        out.append(text + ".")
+        if model and unrel:
+            out.append(f"Measured as a turn of direction, they read 1 − cosine = "
+                       f"{sci(model['one_minus_cosine'])}, the quantization noise included, where an unrelated model "
+                       f"of the same shape reads {sci(unrel['one_minus_cosine'])}.")
     elif v == "derived" and rel:
         text = f"Taken together, its large weight matrices moved by {sci(rel)} of their size"
         if bf16:
@@ -939,9 +980,16 @@ def plain_language(data: dict) -> list[str]:
                 "mixed": "partly compact, partly spread out",
                 "vectors": "in vectors only (norm weights or biases)"}.get(form.get("kind"), "")   # undecided: none
         most = "at most " if s.get("delta_params_lower") is not None else ""
-        lead = f"The change is {kind}: writing" if kind else "Writing the change down"
-        out.append(f"{lead} {'it down ' if kind else ''}takes {most}"
-                   f"{count(s['delta_params'])} numbers, {share(s.get('delta_params_share'))} of the model.")
+        if within_floor(s):
+            # the tensors within their quantization floor may hold a change: no bound on the whole (a Q4_1 copy of a
+            # dense fine-tune of 7 tensors read "at most 65,536 numbers", the one tensor beyond the floor)
+            out.append(f"Writing down the change of the tensors beyond the quantization noise floor takes {most}"
+                       f"{count(s['delta_params'])} numbers, {share(s.get('delta_params_share'))} of the model; "
+                       f"this is no bound for the whole model: {floor_rest(s)}.")
+        else:
+            lead = f"The change is {kind}: writing" if kind else "Writing the change down"
+            out.append(f"{lead} {'it down ' if kind else ''}takes {most}"
+                       f"{count(s['delta_params'])} numbers, {share(s.get('delta_params_share'))} of the model.")
     added = [t for t in data.get("tensors") or [] if t.get("status") == "added" and not is_tied_row(t)]
     if added and v != "unrelated":
         out.append(f"{plural(len(added), 'new tensor')} with {plural(sum(t.get('numel') or 0 for t in added), 'parameter')} "

@@ -15,7 +15,7 @@ from typing import IO, Any
 from ..errors import escape_name
 from .captions import one_minus_cosine
 from .reference import nonfinite_only, one_minus_cosine_of, only_nonfinite, unmeasured_blocks
-from .formats import count, delta_params_count, max_rank, rank_text, sci, share, tuned_params
+from .formats import at_least, count, delta_params_count, floor_clause, within_floor, max_rank, rank_text, sci, share, tuned_params
 from .sentences import coverage_sentence, matrices_phrase, plural, verdict_title
 
 STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
@@ -58,8 +58,13 @@ def render_text(result: dict, top: int = 10) -> str:
     if s.get("verdict_reason"):
         lines.append(f"          {s['verdict_reason']}")
     sc = s.get("scope") or {}
-    lines.append(f"scope     {count(s['blocks_changed'])} of {count(s['blocks_total'])} blocks changed; "
-                 f"{count(sc.get('tensors_changed'))} of {count(sc.get('tensors_total'))} tensors")
+    least = at_least(s)
+    lines.append(f"scope     {least}{count(s['blocks_changed'])} of {count(s['blocks_total'])} blocks changed; "
+                 f"{least}{count(sc.get('tensors_changed'))} of {count(sc.get('tensors_total'))} tensors")
+    if within_floor(s):
+        w = within_floor(s)
+        lines[-1] += (f" ({count(w.get('tensors'))} more within their quantization noise floor may have changed "
+                      f"by less than it{'; so may ' + count(w['blocks']) + (' more block' if w['blocks'] == 1 else ' more blocks') if w.get('blocks') else ''})")
     if sc.get("base_blocks_total") and sc.get("base_blocks_paired", 0) < sc["base_blocks_total"]:
         lines[-1] += f"; {count(sc['base_blocks_paired'])} of {count(sc['base_blocks_total'])} base blocks have a counterpart"
     cover = coverage_sentence(s)
@@ -113,7 +118,8 @@ def render_text(result: dict, top: int = 10) -> str:
             lines.append(f"1 - cosine        {sci(one_minus_cosine_of(result))}   "
                          f"(parameter-weighted over the {matrices_phrase(s)}{pooled})")
     lines.append(f"delta params      {delta_params_count(s)}   "
-                 f"({share(s.get('delta_params_share'))} of the model: parameters needed to write the change down)")
+                 f"({share(s.get('delta_params_share'))} of the model: parameters needed to write the change down"
+                 f"{floor_clause(s)})")
 
     blocks = [b for b in result.get("blocks", []) if (b.get("params_changed") or 0) > 0]
     blocks.sort(key=lambda b: (-(b.get("rel_change") or 0.0), b["block"]))
