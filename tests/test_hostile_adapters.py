@@ -352,3 +352,24 @@ def test_a_declared_base_holding_terminal_escapes_is_printed_escaped(tmp_path, r
     assert "it declares `\\x1b]0;PWNED\\x07" in r.stdout
     for text in (r.stdout, r.stderr, memo.read_text()):
         assert not any(c in text for c in "\x1b\x07\u202e")
+
+
+@pytest.mark.parametrize("left_out", ["lora_alpha", "r", "both"])
+def test_a_config_without_r_or_lora_alpha_takes_peft_defaults(tmp_path, rng, left_out):
+    """PEFT's LoraConfig defaults are r = 8, lora_alpha = 8: an adapter_config.json without lora_alpha was read
+    with alpha = r (an r = 2 adapter 4x too small), and one without r was refused where PEFT loads it."""
+    r = 2 if left_out == "lora_alpha" else 8
+    cfg = {k: v for k, v in {**CFG, "r": r}.items()
+           if not (left_out in ("lora_alpha", "both") and k == "lora_alpha")
+           and not (left_out in ("r", "both") and k == "r")}
+    factors = lora(rng, r=r)
+    b = base_model(tmp_path / "b", rng)
+    a = adapter(tmp_path / "a", cfg, factors)
+    alpha = 8 if left_out in ("lora_alpha", "both") else CFG["lora_alpha"]
+    from safetensors.numpy import load_file
+
+    base_w = load_file(str(b / "model.safetensors"))[f"{Q}.weight"]
+    merged = base_w + (alpha / r) * factors[f"{Q}.lora_B.weight"] @ factors[f"{Q}.lora_A.weight"]
+    got = weightdiff.compare(b, a).tensor(f"{Q}.weight")
+    want = float(np.linalg.norm(merged.astype(np.float64) - base_w) / np.linalg.norm(base_w))
+    assert got.status == "changed" and got.rel_change == pytest.approx(want, rel=1e-5)

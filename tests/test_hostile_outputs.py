@@ -116,6 +116,29 @@ def test_malformed_rank_fields(tmp_path, where, value, expect):
     assert tree(tmp_path) == ["bad.json"]
 
 
+@pytest.mark.parametrize("edit, expect", [
+    (lambda r: r["points"].__setitem__(0, True), "`reference.points[0]` should be an object"),
+    (lambda r: r["points"][-1].__setitem__("rel_change", "x"), "].rel_change` should be a number"),
+    (lambda r: r.__setitem__("points", 5), "`reference.points` should be a list"),
+    (lambda r: r["points"][-1].__setitem__("key", 0), "].key` should be one of"),
+    (lambda r: r["points"][-1].__setitem__("key", "F32"), "].key` should be one of"),
+    (lambda r: r["points"][0].pop("one_minus_cosine"), "`reference.points[0].one_minus_cosine` should be"),
+])
+def test_a_malformed_reference_scale_is_bad_input(tmp_path, edit, expect):
+    """The top-level ``reference`` (the reference figure's points) was not validated: a hand-edited one was an
+    internal error (exit 1) where every other part of a result is exit 2 naming the field."""
+    from weightdiff.render.reference import reference_scale
+
+    data = cached_result()
+    data["reference"] = reference_scale(data)          # as compare writes it
+    assert data["reference"]["points"]
+    edit(data["reference"])
+    src = tmp_path / "bad.json"
+    src.write_text(json.dumps(data))
+    assert expect in one_error(run("report", src, "--plots", tmp_path / "figs"), src)
+    assert tree(tmp_path) == ["bad.json"]
+
+
 def test_json_nested_100000_deep(tmp_path):
     src = tmp_path / "deep.json"
     src.write_text("[" * 100_000 + "]" * 100_000)

@@ -99,6 +99,33 @@ def test_the_cache_is_used_only_for_the_same_inputs_and_options(tmp_path, rng):
     assert compare(b, t, cache=str(cache)).tensor(name).norm_delta != 123.0
 
 
+@pytest.mark.parametrize("edit", [
+    lambda r: r.update(status="unchanged", rel_change=0.0, norm_delta=0.0, frac_changed=0.0,
+                       frac_beyond_rounding=0.0, max_abs_delta=0.0, rank=None),
+    lambda r: r.update(norm_base=1e308),
+    lambda r: r.update(frac_changed=-1e308),
+    lambda r: r.update(frac_beyond_rounding=1.5),
+    lambda r: r.update(norm_delta=-1.0),
+    lambda r: r.update(status="bogus"),
+    lambda r: r.update(numel=-4),
+])
+def test_a_record_with_values_no_measurement_gives_is_measured_again(tmp_path, rng, edit):
+    """Records were checked for types only (hostile-input tester): a changed tensor's record rewritten as
+    unchanged (its norms left unequal) made a fine-tune read IDENTICAL, norms of 1e308 overflowed the
+    roll-up (exit 1), an unknown status read INCONCLUSIVE. Such a record is ignored and measured again."""
+    b, t = _pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    first = compare(b, t, cache=str(cache))
+    assert first.summary.verdict == "derived"
+    for p in _records(cache):
+        d = json.loads(p.read_text())
+        if d["record"]["status"] == "changed":
+            edit(d["record"])
+            p.write_text(json.dumps(d))
+    again = compare(b, t, cache=str(cache))
+    assert again.to_json(include_run=False) == first.to_json(include_run=False)
+
+
 def test_the_cache_folder_is_not_in_the_json(tmp_path, rng):
     b, t = _pair(tmp_path, rng)
     a = compare(b, t).to_json(include_run=False)

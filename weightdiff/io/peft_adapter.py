@@ -200,6 +200,10 @@ def _number(path: Path, what: str, value: object) -> float:
     return out
 
 
+#: peft.LoraConfig's defaults, used where adapter_config.json leaves the key out (as PEFT reads it)
+PEFT_DEFAULT_R, PEFT_DEFAULT_ALPHA = 8, 8
+
+
 def _rank(path: Path, what: str, value: object) -> int:
     if type(value) is not int or not 1 <= value < _R_CAP:
         raise CheckpointError(path, f"adapter config has {what} = {_show(value)}, expected a positive integer",
@@ -262,8 +266,10 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
                                     "for some embedding rows, beside the LoRA factors) are not read by weightdiff",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     _check_init(path, raw.get("init_lora_weights"))
-    r = _rank(path, "r", raw.get("r"))
-    alpha = _number(path, "lora_alpha", raw.get("lora_alpha", r))
+    # a key left out takes PEFT's own default (LoraConfig: r = 8, lora_alpha = 8), as LoraConfig.from_pretrained
+    # does: alpha = r (scale 1) made an r = 2 adapter without lora_alpha read 4x too small
+    r = _rank(path, "r", raw.get("r", PEFT_DEFAULT_R))
+    alpha = _number(path, "lora_alpha", raw.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     flags = {k: _bool(path, raw, k) for k in _BOOLS}
     repeats: dict[str, int] = {}
     for key, check in (("alpha_pattern", _number), ("rank_pattern", _rank)):

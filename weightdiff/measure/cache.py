@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -126,10 +127,42 @@ def _check_fields(d: Any, cls: type) -> None:
             raise TypeError(f"field {name}")
 
 
+def _check_values(d: dict) -> None:
+    """TypeError unless the record's values are ones a measurement produces: a known status, norms and
+    counts not negative, shares within [0, 1], and an ``unchanged`` record with no difference. A record
+    edited by hand (``changed`` rewritten as ``unchanged`` made a fine-tune read IDENTICAL) or corrupted into
+    other valid JSON (norms of 1e308 overflowed the roll-up: exit 1) is measured again, as a torn one is."""
+    from ..records import STATUSES
+
+    if d.get("status") not in STATUSES:
+        raise TypeError("status")
+    for name in ("norm_base", "norm_tuned", "norm_delta", "max_abs_delta"):
+        v = d.get(name)
+        # past 1e150 a square in the roll-up overflows; no weights a model holds come near
+        if v is not None and (not (v >= 0 or math.isnan(v)) or v > 1e150):
+            raise TypeError(name)
+    for name in ("frac_changed", "frac_beyond_rounding"):
+        v = d.get(name)
+        if v is not None and not (0.0 <= v <= 1.0 or math.isnan(v)):
+            raise TypeError(name)
+    for name in ("numel", "numel_compared", "nonfinite", "sign_flips"):
+        v = d.get(name)
+        if v is not None and v < 0:
+            raise TypeError(name)
+    if (d.get("numel_compared") or 0) > (d.get("numel") or 0) and d.get("status") != "resized":
+        raise TypeError("numel_compared")
+    if d.get("status") == "unchanged" and ((d.get("norm_delta") or 0) != 0 or (d.get("frac_changed") or 0) != 0
+                                           or (d.get("frac_beyond_rounding") or 0) != 0
+                                           or d.get("norm_base") != d.get("norm_tuned")):
+        raise TypeError("unchanged with a difference")       # equal values have bitwise equal norms
+
+
 def record_from_dict(d: dict) -> TensorRecord:
     """The inverse of ``TensorRecord.to_dict`` (lists stay lists, as in the JSON). TypeError when
-    ``d`` is not such a dict: a field of another type, an unknown field, not a dict at all."""
+    ``d`` is not such a dict: a field of another type, an unknown field, not a dict at all, or values no
+    measurement gives (``_check_values``)."""
     _check_fields(d, TensorRecord)
+    _check_values(d)
     if d.get("rank") is not None:
         _check_fields(d["rank"], RankRecord)
     d = dict(d)

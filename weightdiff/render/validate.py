@@ -187,7 +187,22 @@ _SUMMARY = obj({"verdict": string, "verdict_reason": S,
                 "relative_change": N, "relatedness_cosine": N, "blocks_total": I, "blocks_changed": I,
                 "delta_params": N, "delta_params_share": N, "delta_params_lower": N, "headline": opt(array(string)),
                 "relatedness_rel_change": N}, required=("verdict",))
-_RESULT = obj({"schema": string, "tool": opt(obj({"name": string, "version": S})),
+def one_of(*values: str) -> Check:
+    def c(v: Any, where: str, path: str) -> None:
+        if v not in values or type(v) is not str:
+            raise _fail(where, path, "one of " + ", ".join(f'"{x}"' for x in values), v)
+    c.__name__ = "one_of"
+    return c
+
+
+#: the reference scale the compare JSON carries (render.reference), read by its figure and captions: unchecked,
+#: a hand-edited point (`true`, a string rel_change, an unknown key) was an internal error (exit 1)
+_REFERENCE = obj({"matrices": I, "params": I,
+                  "points": array(obj({"key": one_of("F16", "BF16", "model", "unrelated"), "label": S,
+                                       "rel_change": num, "one_minus_cosine": num, "overflow": I},
+                                      required=("key", "rel_change", "one_minus_cosine")))},
+                 required=("points",))
+_RESULT = obj({"schema": string, "reference": opt(_REFERENCE), "tool": opt(obj({"name": string, "version": S})),
                "settings": opt(obj({"thresholds": opt(mapping(scalar)), "rank": opt(boolean)})),
                "base": opt(array(_CHECKPOINT)), "tuned": opt(_CHECKPOINT), "summary": _SUMMARY,
                "modules": opt(mapping(free)), "blocks": array(_BLOCK), "tensors": array(_TENSOR),
