@@ -315,3 +315,25 @@ def test_mixture_of_experts_names_of_mistral_inference():
     assert hf_of("layers.2.attention.wk.weight") == ("model.layers.2.self_attn.k_proj.weight", "k")
     assert hf_of("vision_encoder.transformer.layers.0.attention.wq.weight") is None
     assert hf_of("layers.0.attention.wq.lora_A.weight") is None
+
+
+def test_mistrals_one_file_layout_reads_the_hugging_face_file(tmp_path):
+    """A Mistral repo of a model that fits one file holds model.safetensors, config.json,
+    consolidated.safetensors and params.json: refused as "2 .safetensors files and no index, ambiguous",
+    where beside an index the Hugging Face files already won. model.safetensors is read; inspect lists the
+    consolidated file as ignored."""
+    t = meta_tensors()
+    both = write_hf(write_meta(tmp_path / "both", t), t)
+    hf = write_hf(tmp_path / "hf", t)
+    r = weightdiff.compare(str(hf), str(both))
+    assert r.summary.verdict == "identical"
+    code, out, err = run("inspect", str(both))
+    assert code == 0, err
+    assert "consolidated.safetensors (model.safetensors beside it is read)" in out
+    tuned = fine_tune(t)
+    r = weightdiff.compare(str(hf), str(write_hf(write_meta(tmp_path / "tuned", tuned), tuned)))
+    assert r.summary.verdict == "derived" and r.summary.scope["tensors_changed"] == 3
+    # any other pair of .safetensors files without an index stays ambiguous
+    (both / "consolidated.safetensors").rename(both / "extra.safetensors")
+    code, out, err = CliRunner().invoke(main, ["inspect", str(both)]).exit_code, None, None
+    assert code == 2

@@ -154,7 +154,8 @@ def render_text(summary: dict) -> str:
         lines.append(f"{'files' if i == 0 else '':<12}{e(_shown(f['path'], summary['path']))}  "
                      f"{_size(f['bytes'])}  {f['tensors']:,} tensors")
     for p in summary["ignored"]:
-        why = "no module of modules.json" if summary.get("modules") else "not in the index"
+        why = ("no module of modules.json" if summary.get("modules") else
+               "model.safetensors beside it is read" if summary.get("format") == "safetensors" else "not in the index")
         lines.append(f"{'ignored':<12}{e(_shown(p, summary['path']))} ({why})")
     for i, m in enumerate(summary.get("modules") or []):
         held = (f"{m['tensors']:,} tensors from {', '.join(e(f) for f in m['files'])}"

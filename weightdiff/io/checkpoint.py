@@ -213,6 +213,10 @@ def choose_weights(names: Sequence[str], where: object,
     if len(st_index) > 1:
         raise CheckpointError(where, f"several index files and none named model.safetensors.index.json: "
                                      f"{', '.join(st_index)}", "pass the index file to use")
+    if sorted(st) == ["consolidated.safetensors", "model.safetensors"]:
+        # Mistral's layout of a model that fits one file: the Hugging Face file wins, as the index's files do
+        # beside the consolidated one (the same weights under Mistral's names; listed by inspect as ignored)
+        return "single", "model.safetensors"
     if st:
         return "single", _the_one(where, st, ".safetensors files and no index",
                                   "pass one file, or add model.safetensors.index.json")
@@ -424,7 +428,14 @@ def _single(folder, name: str, shown: object) -> Checkpoint:
     note = split_note(tensors)
     if note:
         metadata["weightdiff.experts"] = note
-    ckpt = Checkpoint(shown, "safetensors", [file], tensors, metadata, folder.root)
+    ignored = []
+    if name == "model.safetensors":
+        try:
+            beside = folder.names()
+        except (OSError, AttributeError):
+            beside = []
+        ignored = [folder.file("consolidated.safetensors")] if "consolidated.safetensors" in beside else []
+    ckpt = Checkpoint(shown, "safetensors", [file], tensors, metadata, folder.root, ignored=ignored)
     ckpt._headers[file] = tensors
     return ckpt
 
