@@ -27,7 +27,9 @@ FIXED = """## Exit codes
 All outputs of a command appear together or not at all. Every path is claimed before any work: the
 same path for two outputs (counting each figure file and `figures.json` that `--plots DIR` or a
 Markdown memo's figure folder will hold, and the `--cache` folder), an output inside another output
-that is a file, or an output over an input is exit 2 with nothing written. Each output is written to a
+that is a file, or an output over an input (a weights file, or a checkpoint's `config.json`,
+`params.json`, `adapter_config.json`, index, tokenizer files or README) is exit 2 with nothing written.
+Each output is written to a
 temporary beside it (`.NAME.PID.XXXXXXXX.tmp`) and renamed into place once every one is complete:
 every destination is checked first, and a rename that fails part way puts back the files already
 replaced (kept as hard links until the end; on a filesystem without hard links a replaced file cannot
