@@ -514,10 +514,20 @@ def test_corrupt_pickle(tmp_path):
 
 # -- adapters ------------------------------------------------------------------
 
-def test_adapter_config_without_rank(tmp_path):
+def test_adapter_config_without_weights(tmp_path):
+    # a config without r takes PEFT's default (r = 8, test_hostile_adapters); without weights it is refused
     d = tmp_path / "ad"
     d.mkdir()
     (d / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    bad(d, "adapter folder has adapter_config.json but no adapter_model.safetensors", d)
+
+
+def test_adapter_config_with_a_null_rank(tmp_path):
+    d = tmp_path / "ad"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": null}')
+    save_file(d / "adapter_model.safetensors", {"base_model.model.l.q.lora_A.weight": np.zeros((2, 3), np.float32),
+                                                "base_model.model.l.q.lora_B.weight": np.zeros((3, 2), np.float32)})
     bad(d, "adapter config has r = None", d / "adapter_config.json")
 
 
