@@ -676,9 +676,11 @@ def _mlp_base(rng) -> dict:
     return t
 
 
-def _awq_mlp(src: dict, scales) -> tuple[dict, dict]:
+def _awq_mlp(src: dict, scales, clip=None) -> tuple[dict, dict]:
     """AutoAWQ's scale search on the MLPs (norm -> gate/up, up -> down: ``scale_fc_fc`` divides up_proj's
-    rows), each linear then AWQ-packed (group 64) from its fp16 values."""
+    rows), then, with ``clip`` (a generator), ``auto_clip`` on the scaled weights (half the (row, group)
+    cells clamped to 0.75-0.95 of their absmax), each linear then AWQ-packed (group 64) from its fp16
+    values."""
     t = {k: v.astype(np.float16).astype(np.float32) for k, v in src.items()}
     for layer in (0, 1):
         p = f"model.layers.{layer}."
@@ -692,6 +694,12 @@ def _awq_mlp(src: dict, scales) -> tuple[dict, dict]:
     out = {}
     for k, v in t.items():
         v = v.astype(np.float16).astype(np.float32)
+        if clip is not None and k.endswith("_proj.weight"):
+            g = v.reshape(v.shape[0], -1, 64)
+            ratio = np.where(clip.random((g.shape[0], g.shape[1], 1)) < 0.5, 1.0,
+                             1 - clip.integers(1, 6, (g.shape[0], g.shape[1], 1)) / 20)
+            mv = np.abs(g).max(-1, keepdims=True) * ratio
+            v = np.clip(g, -mv, mv).reshape(v.shape).astype(np.float16).astype(np.float32)
         if k.endswith("_proj.weight"):
             qw, qz, sc = P.awq_pack(v, 64)
             out.update({k[:-6] + "qweight": qw, k[:-6] + "qzeros": qz, k[:-6] + "scales": sc})
@@ -737,6 +745,29 @@ def test_awq_channel_scaled_to_zero_or_outliers_is_fit_back(tmp_path, scales, se
     u, v = rng.standard_normal((_H, 4)), rng.standard_normal((4, _I))
     tuned[d] = (base[d] + 0.05 * np.linalg.norm(base[d]) * (u @ v) / np.linalg.norm(u @ v)).astype(np.float32)
     stored, qc = _awq_mlp(tuned, scales(np.random.default_rng(seed)))
+    r = _judge(tmp_path / "tuned", base, stored, qc)
+    assert r.summary.verdict == "derived", r.summary.verdict_reason
+    assert [t.name for t in r.tensors if t.status == "changed"] == [d]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_awq_scale_search_with_clipping_is_fit_back(tmp_path, seed):
+    """AutoAWQ clips after the scale search, on the scaled weights: an outlier channel is its groups'
+    extreme and is clamped inward in many rows. Left in the least-squares fit, those clamped values pulled
+    its factor (and the rows' of up_proj) down, and 0.5-0.9% of an unchanged up_proj lay beyond the floor
+    (limit 0.4%): the base read DERIVED. The fit now leaves out what the clipping explains, as the test
+    does; a fine-tune quantized the same way still reads derived on its tensor."""
+    base = _mlp_base(np.random.default_rng(0))
+    stored, qc = _awq_mlp(base, _outlier_channels(np.random.default_rng(seed)), np.random.default_rng(7))
+    r = _judge(tmp_path / "base", base, stored, qc)
+    assert r.summary.verdict == "quantized_only", [(t.name, t.quant) for t in r.tensors if t.status == "changed"]
+
+    tuned = dict(base)
+    d = "model.layers.1.mlp.up_proj.weight"
+    rng = np.random.default_rng(5)
+    u, v = rng.standard_normal((_I, 4)), rng.standard_normal((4, _H))
+    tuned[d] = (base[d] + 0.05 * np.linalg.norm(base[d]) * (u @ v) / np.linalg.norm(u @ v)).astype(np.float32)
+    stored, qc = _awq_mlp(tuned, _outlier_channels(np.random.default_rng(seed)), np.random.default_rng(7))
     r = _judge(tmp_path / "tuned", base, stored, qc)
     assert r.summary.verdict == "derived", r.summary.verdict_reason
     assert [t.name for t in r.tensors if t.status == "changed"] == [d]
