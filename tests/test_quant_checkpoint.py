@@ -509,6 +509,11 @@ MISSING = [
     ("bnb nf4 nested no nested_absmax", "bnb-nf4-nested", _pop(f"{_Q}.weight.nested_absmax"),
      f"bitsandbytes weight `{_Q}.weight` is double-quantized (its quant state has nested_blocksize) but has no "
      f"`{_Q}.weight.nested_absmax`"),
+    # short, they were an IndexError (exit 1, no file named) while the values were read
+    ("bnb nf4 nested_absmax wrong length", "bnb-nf4-nested", _set(f"{_Q}.weight.nested_absmax", np.ones(5, np.float32)),
+     f"bitsandbytes weight `{_Q}.weight` is double-quantized but `{_Q}.weight.nested_absmax` has 5 values"),
+    ("bnb nf4 nested_quant_map short", "bnb-nf4-nested", _set(f"{_Q}.weight.nested_quant_map", np.ones(10, np.float32)),
+     f"`{_Q}.weight.nested_quant_map` has 10 codes, bitsandbytes' dynamic map has 256"),
     ("ct asym no weight_zero_point", "ct-pack-int4", _pop(f"{_Q}.weight_zero_point"),
      f"`{_Q}.weight_packed` has no `{_Q}.weight_zero_point` beside it, but quantization_config says its weights "
      "are asymmetric (symmetric: false)"),

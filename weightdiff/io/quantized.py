@@ -538,10 +538,20 @@ def _bnb4(qs_name: str, tensors: dict, read: Read) -> tuple[Source, list[str]]:
         nbs, off = meta["nested_blocksize"], meta["nested_offset"]
         finite = isinstance(off, float) and math.isfinite(off) or \
             isinstance(off, int) and not isinstance(off, bool) and abs(off) < 2 ** 53
-        if isinstance(nbs, bool) or nbs <= 0 or not finite:
+        if isinstance(nbs, bool) or not isinstance(nbs, int) or nbs <= 0 or not finite:
             raise _err(qs, f"{_q(qs_name)}: nested_blocksize {_shown(nbs)} / nested_offset {_shown(off)} are not a "
                            "positive integer and a finite number")
         nest = (tensors[names["nested_absmax"]], tensors[names["nested_quant_map"]])
+        # every length the dequantization indexes by, up front: one nested absmax per nested block of the
+        # absmax codes, a code book for every U8 code (bitsandbytes' dynamic map: 256); short, they were
+        # an IndexError (exit 1) in the middle of the comparison
+        need = -(-am.numel // nbs)
+        bad = (nest[0], f"has {nest[0].numel} values, {am.numel} absmax codes in nested blocks of {nbs} need "
+                        f"{need}") if nest[0].numel != need else \
+            (nest[1], f"has {nest[1].numel} codes, bitsandbytes' dynamic map has 256") if nest[1].numel != 256 else \
+            (am, f"is {am.dtype}, the codes of a double-quantized absmax are U8") if am.dtype != "U8" else None
+        if bad is not None:
+            raise _err(bad[0], f"bitsandbytes weight {_q(prefix)} is double-quantized but {_q(bad[0].name)} {bad[1]}")
         parts += list(nest)
     label = f"{meta['quant_type']} block {bs}{', nested absmax' if nest else ''}"
     sch = _scheme("bitsandbytes", label, 4, str(bs), False, parts)
