@@ -190,8 +190,14 @@ def _block_size(qc: dict, want: object, key: str) -> tuple[int, int] | None:
     return int(want[0]), int(want[1])
 
 
-def _fp8_block(w: TensorInfo, s: TensorInfo, want: Sequence[int] | None) -> tuple[int, int] | None:
-    """The block (bh, bw) of a scale grid over an fp8 weight, or None for channel/tensor scales."""
+def _fp8_block(w: TensorInfo, s: TensorInfo, want: Sequence[int] | None,
+               infer: str = "even") -> tuple[int, int] | None:
+    """The block (bh, bw) of a scale grid over an fp8 weight, or None for channel/tensor scales. Without a
+    block size in the config, the grid is DeepSeek's 128x128 (transformers' default) or the block the
+    shapes give, as ``infer`` allows: ``"any"`` (compressed-tensors, whose group and block layouts its
+    config's strategy then checks), ``"even"`` (a block that divides the weight evenly), ``"none"``
+    (fbgemm_fp8, which has no block scales: per channel or per tensor). Any other grid is refused: a
+    [7, 1] ``weight_scale`` over [256, 512] read as "37x512 block scales", a layout no writer produces."""
     R, C = w.shape[-2], w.shape[-1]
     ss = s.shape
     if 0 in ss:
@@ -204,12 +210,19 @@ def _fp8_block(w: TensorInfo, s: TensorInfo, want: Sequence[int] | None) -> tupl
             raise _err(s, f"{_q(s.name)} has shape {list(ss)}, but quantization_config asks for "
                           f"{list(want)} blocks over {_q(w.name)} {list(w.shape)}")
         return None
-    blocks = [tuple(want)] if want else [(128, 128)] + [(-(-R // ss[-2]), -(-C // ss[-1]))] if len(ss) >= 2 else []
+    blocks = [tuple(want)] if want else ([] if infer == "none" else [(128, 128)])
+    if not want and infer != "none" and len(ss) >= 2:
+        bh, bw = -(-R // ss[-2]), -(-C // ss[-1])
+        if infer == "any" or (R % bh == 0 and C % bw == 0):
+            blocks.append((bh, bw))
     for bh, bw in blocks:
         if bh > 0 and bw > 0 and tuple(ss) == (*w.shape[:-2], -(-R // bh), -(-C // bw)):
             return int(bh), int(bw)
     raise _err(s, f"scale {_q(s.name)} {list(ss)} does not tile fp8 weight {_q(w.name)} {list(w.shape)}"
-                  + (f" in {list(want)} blocks" if want else " in blocks, per channel or per tensor"))
+                  + (f" in {list(want)} blocks" if want else
+                     " per channel ([rows, 1]) or per tensor (fbgemm_fp8 has no block scales)" if infer == "none" else
+                     " in 128x128 blocks or blocks that divide it evenly, per channel ([rows, 1]) or per tensor"
+                     if infer == "even" else " in blocks, per channel or per tensor"))
 
 
 def _fp8_strategy(qc: dict, w: TensorInfo, s: TensorInfo, block: tuple[int, int] | None, kind: str) -> None:
@@ -241,7 +254,8 @@ def _fp8(mod: str, leaves: dict, qc: dict) -> Source:
         want = _block_size(qc, raw, "block_structure")
     if len(w.shape) < 2:
         raise _err(w, f"fp8 weight {_q(w.name)} has shape {list(w.shape)}, expected a matrix")
-    block = _fp8_block(w, s, want)
+    block = _fp8_block(w, s, want, infer="any" if method == "compressed-tensors" else
+                       "none" if qc.get("quant_method") == "fbgemm_fp8" else "even")
     if block is None and len(w.shape) != 2:
         raise _err(s, f"per-channel scale {_q(s.name)} over a {len(w.shape)}-D weight is not supported")
     kind = f"{block[0]}x{block[1]} block scales" if block else \
