@@ -130,9 +130,11 @@ def _weights(d: np.ndarray, group: int, levels: int) -> np.ndarray:
     step = (g.max(axis=2) - g.min(axis=2)) / levels
     pos = step > 0
     # a group all at its zero point: the row's typical step (one of its groups that is not)
-    fill = np.where(pos.any(axis=1), np.nanmedian(np.where(pos, step, np.nan), axis=1), 1.0) \
-        if not pos.all() else None
-    if fill is not None:
+    if not pos.all():
+        fill = np.ones(k)
+        some = pos.any(axis=1)
+        if some.any():
+            fill[some] = np.nanmedian(np.where(pos[some], step[some], np.nan), axis=1)
         fill = np.where(np.isfinite(fill) & (fill > 0), fill, 1.0)
         step = np.where(pos, step, fill[:, None])
     return np.repeat(1.0 / (step * step), group, axis=1)
