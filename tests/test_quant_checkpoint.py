@@ -509,6 +509,11 @@ MISSING = [
     ("bnb nf4 nested no nested_absmax", "bnb-nf4-nested", _pop(f"{_Q}.weight.nested_absmax"),
      f"bitsandbytes weight `{_Q}.weight` is double-quantized (its quant state has nested_blocksize) but has no "
      f"`{_Q}.weight.nested_absmax`"),
+    # short, they were an IndexError (exit 1, no file named) while the values were read
+    ("bnb nf4 nested_absmax wrong length", "bnb-nf4-nested", _set(f"{_Q}.weight.nested_absmax", np.ones(5, np.float32)),
+     f"bitsandbytes weight `{_Q}.weight` is double-quantized but `{_Q}.weight.nested_absmax` has 5 values"),
+    ("bnb nf4 nested_quant_map short", "bnb-nf4-nested", _set(f"{_Q}.weight.nested_quant_map", np.ones(10, np.float32)),
+     f"`{_Q}.weight.nested_quant_map` has 10 codes, bitsandbytes' dynamic map has 256"),
     ("ct asym no weight_zero_point", "ct-pack-int4", _pop(f"{_Q}.weight_zero_point"),
      f"`{_Q}.weight_packed` has no `{_Q}.weight_zero_point` beside it, but quantization_config says its weights "
      "are asymmetric (symmetric: false)"),
@@ -620,3 +625,26 @@ def test_plain_fp8_and_int8_tensors_without_a_quantization_config_stay_tensors(t
     qc["ignore"] = ["lm_head", f"re:.*{_Q.split('.', 3)[-1]}$"]
     with locate(_save(tmp_path / "ignored", stored, qc)) as ck:
         assert ck.tensors[f"{_Q}.weight"].quant is None and ck.tensors[LINEARS[0] + ".weight"].quant is not None
+
+
+@pytest.mark.parametrize("method,scale,message", [
+    ("fbgemm_fp8", (7, 1), "per channel ([rows, 1]) or per tensor (fbgemm_fp8 has no block scales)"),
+    ("fbgemm_fp8", (2, 2), "per channel ([rows, 1]) or per tensor (fbgemm_fp8 has no block scales)"),
+    ("fp8", (7, 1), "in 128x128 blocks or blocks that divide it evenly"),
+])
+def test_fp8_scale_of_no_writers_layout_is_refused(tmp_path, method, scale, message):
+    """A [7, 1] fbgemm_fp8 ``weight_scale`` over a [256, 512] weight was read as "37x512 block scales", a
+    block no writer produces (fbgemm's scale is one per row): an inferred block must be 128x128 or divide
+    the weight evenly, and fbgemm_fp8 has no blocks at all."""
+    w = torch.from_numpy((np.random.default_rng(0).standard_normal((256, 512)) * 0.02).astype(np.float32))
+    name = "model.layers.0.mlp.down_proj"
+    key = "weight_scale" if method == "fbgemm_fp8" else "weight_scale_inv"
+    stored = {f"{name}.weight": (w / (w.abs().max() / 448)).to(torch.float8_e4m3fn), f"{name}.{key}": torch.ones(scale)}
+    path = _save(tmp_path / "bad", stored, {"quant_method": method})
+    with pytest.raises(CheckpointError) as exc:
+        locate(path)
+    text = str(exc.value)
+    assert text.startswith(f"{path / 'model.safetensors'}: ") and f"`{name}.{key}`" in text and message in text, text
+    stored[f"{name}.{key}"] = torch.ones(256, 1)                 # one per row: read
+    with locate(_save(tmp_path / "ok", stored, {"quant_method": method})) as ck:
+        assert ck.tensors[f"{name}.weight"].quant.group == "channel"

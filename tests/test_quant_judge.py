@@ -659,3 +659,115 @@ def test_a_2bit_copy_of_a_fine_tune_is_not_called_far_from_its_base(tmp_path, mo
     # "quantized only" is as strong as the floor: at 2 bits a fine-tune of a few percent stays within it, so the
     # reason states that limit and the size of the noise
     assert "a change smaller than the quantization noise would not show" in same.verdict_reason
+
+
+_H, _I = 128, 256
+
+
+def _mlp_base(rng) -> dict:
+    t = {}
+    for layer in (0, 1):
+        p = f"model.layers.{layer}."
+        t[p + "post_attention_layernorm.weight"] = (1 + 0.05 * rng.standard_normal(_H)).astype(np.float32)
+        t[p + "mlp.gate_proj.weight"] = (0.02 * rng.standard_normal((_I, _H))).astype(np.float32)
+        t[p + "mlp.up_proj.weight"] = (0.02 * rng.standard_normal((_I, _H))).astype(np.float32)
+        t[p + "mlp.down_proj.weight"] = (0.02 * rng.standard_normal((_H, _I))).astype(np.float32)
+    t["model.norm.weight"] = np.ones(_H, np.float32)
+    return t
+
+
+def _awq_mlp(src: dict, scales, clip=None) -> tuple[dict, dict]:
+    """AutoAWQ's scale search on the MLPs (norm -> gate/up, up -> down: ``scale_fc_fc`` divides up_proj's
+    rows), then, with ``clip`` (a generator), ``auto_clip`` on the scaled weights (half the (row, group)
+    cells clamped to 0.75-0.95 of their absmax), each linear then AWQ-packed (group 64) from its fp16
+    values."""
+    t = {k: v.astype(np.float16).astype(np.float32) for k, v in src.items()}
+    for layer in (0, 1):
+        p = f"model.layers.{layer}."
+        s = scales(layer, "norm", _H)
+        t[p + "post_attention_layernorm.weight"] = t[p + "post_attention_layernorm.weight"] / s
+        for m in ("gate", "up"):
+            t[p + f"mlp.{m}_proj.weight"] = t[p + f"mlp.{m}_proj.weight"] * s[None, :]
+        s = scales(layer, "up", _I)
+        t[p + "mlp.up_proj.weight"] = t[p + "mlp.up_proj.weight"] / s[:, None]
+        t[p + "mlp.down_proj.weight"] = t[p + "mlp.down_proj.weight"] * s[None, :]
+    out = {}
+    for k, v in t.items():
+        v = v.astype(np.float16).astype(np.float32)
+        if clip is not None and k.endswith("_proj.weight"):
+            g = v.reshape(v.shape[0], -1, 64)
+            ratio = np.where(clip.random((g.shape[0], g.shape[1], 1)) < 0.5, 1.0,
+                             1 - clip.integers(1, 6, (g.shape[0], g.shape[1], 1)) / 20)
+            mv = np.abs(g).max(-1, keepdims=True) * ratio
+            v = np.clip(g, -mv, mv).reshape(v.shape).astype(np.float16).astype(np.float32)
+        if k.endswith("_proj.weight"):
+            qw, qz, sc = P.awq_pack(v, 64)
+            out.update({k[:-6] + "qweight": qw, k[:-6] + "qzeros": qz, k[:-6] + "scales": sc})
+        else:
+            out[k] = v.astype(np.float16)
+    return out, {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"}
+
+
+def _dead_channel(rng):
+    def scales(layer, what, n):
+        s = np.exp(rng.uniform(-0.22, 0.22, n))
+        if layer == 0 and what == "up":
+            s[17] = 0.02               # a channel with almost no activation: down_proj's column rounds to 0
+        return s.astype(np.float16).astype(np.float32)
+    return scales
+
+
+def _outlier_channels(rng):
+    def scales(layer, what, n):
+        x = np.exp(0.8 * rng.standard_normal(n))
+        x[rng.choice(n, 4, replace=False)] *= 30
+        s = x ** rng.uniform(0.2, 0.8)
+        return (s / np.sqrt(s.max() * s.min())).astype(np.float16).astype(np.float32)
+    return scales
+
+
+@pytest.mark.parametrize("scales,seed", [(_dead_channel, 3), (_outlier_channels, 1), (_outlier_channels, 8)])
+def test_awq_channel_scaled_to_zero_or_outliers_is_fit_back(tmp_path, scales, seed):
+    """A scale search that scales a channel with almost no activation down to s = 0.02 leaves down_proj's
+    column all at the zero point (dequantized 0): the fit gave up on the whole tensor (c = 0 is no scale)
+    and the untouched base read DERIVED; with outlier channels (varied scales, a few 30x) 1-75% of a
+    down_proj lay beyond (least squares led by the 50x row and pulled to 0 by the zeros of columns scaled
+    small). A fine-tune quantized the same way still reads derived, on its tensor."""
+    base = _mlp_base(np.random.default_rng(0))
+    stored, qc = _awq_mlp(base, scales(np.random.default_rng(seed)))
+    r = _judge(tmp_path / "base", base, stored, qc)
+    assert r.summary.verdict == "quantized_only", [(t.name, t.quant) for t in r.tensors if t.status == "changed"]
+    assert all(t.quant.get("awq_scales") for t in r.tensors if t.name.endswith("down_proj.weight"))
+
+    tuned = dict(base)
+    d = "model.layers.0.mlp.down_proj.weight"
+    rng = np.random.default_rng(5)
+    u, v = rng.standard_normal((_H, 4)), rng.standard_normal((4, _I))
+    tuned[d] = (base[d] + 0.05 * np.linalg.norm(base[d]) * (u @ v) / np.linalg.norm(u @ v)).astype(np.float32)
+    stored, qc = _awq_mlp(tuned, scales(np.random.default_rng(seed)))
+    r = _judge(tmp_path / "tuned", base, stored, qc)
+    assert r.summary.verdict == "derived", r.summary.verdict_reason
+    assert [t.name for t in r.tensors if t.status == "changed"] == [d]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_awq_scale_search_with_clipping_is_fit_back(tmp_path, seed):
+    """AutoAWQ clips after the scale search, on the scaled weights: an outlier channel is its groups'
+    extreme and is clamped inward in many rows. Left in the least-squares fit, those clamped values pulled
+    its factor (and the rows' of up_proj) down, and 0.5-0.9% of an unchanged up_proj lay beyond the floor
+    (limit 0.4%): the base read DERIVED. The fit now leaves out what the clipping explains, as the test
+    does; a fine-tune quantized the same way still reads derived on its tensor."""
+    base = _mlp_base(np.random.default_rng(0))
+    stored, qc = _awq_mlp(base, _outlier_channels(np.random.default_rng(seed)), np.random.default_rng(7))
+    r = _judge(tmp_path / "base", base, stored, qc)
+    assert r.summary.verdict == "quantized_only", [(t.name, t.quant) for t in r.tensors if t.status == "changed"]
+
+    tuned = dict(base)
+    d = "model.layers.1.mlp.up_proj.weight"
+    rng = np.random.default_rng(5)
+    u, v = rng.standard_normal((_I, 4)), rng.standard_normal((4, _H))
+    tuned[d] = (base[d] + 0.05 * np.linalg.norm(base[d]) * (u @ v) / np.linalg.norm(u @ v)).astype(np.float32)
+    stored, qc = _awq_mlp(tuned, _outlier_channels(np.random.default_rng(seed)), np.random.default_rng(7))
+    r = _judge(tmp_path / "tuned", base, stored, qc)
+    assert r.summary.verdict == "derived", r.summary.verdict_reason
+    assert [t.name for t in r.tensors if t.status == "changed"] == [d]

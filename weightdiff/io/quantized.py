@@ -190,8 +190,14 @@ def _block_size(qc: dict, want: object, key: str) -> tuple[int, int] | None:
     return int(want[0]), int(want[1])
 
 
-def _fp8_block(w: TensorInfo, s: TensorInfo, want: Sequence[int] | None) -> tuple[int, int] | None:
-    """The block (bh, bw) of a scale grid over an fp8 weight, or None for channel/tensor scales."""
+def _fp8_block(w: TensorInfo, s: TensorInfo, want: Sequence[int] | None,
+               infer: str = "even") -> tuple[int, int] | None:
+    """The block (bh, bw) of a scale grid over an fp8 weight, or None for channel/tensor scales. Without a
+    block size in the config, the grid is DeepSeek's 128x128 (transformers' default) or the block the
+    shapes give, as ``infer`` allows: ``"any"`` (compressed-tensors, whose group and block layouts its
+    config's strategy then checks), ``"even"`` (a block that divides the weight evenly), ``"none"``
+    (fbgemm_fp8, which has no block scales: per channel or per tensor). Any other grid is refused: a
+    [7, 1] ``weight_scale`` over [256, 512] read as "37x512 block scales", a layout no writer produces."""
     R, C = w.shape[-2], w.shape[-1]
     ss = s.shape
     if 0 in ss:
@@ -204,12 +210,19 @@ def _fp8_block(w: TensorInfo, s: TensorInfo, want: Sequence[int] | None) -> tupl
             raise _err(s, f"{_q(s.name)} has shape {list(ss)}, but quantization_config asks for "
                           f"{list(want)} blocks over {_q(w.name)} {list(w.shape)}")
         return None
-    blocks = [tuple(want)] if want else [(128, 128)] + [(-(-R // ss[-2]), -(-C // ss[-1]))] if len(ss) >= 2 else []
+    blocks = [tuple(want)] if want else ([] if infer == "none" else [(128, 128)])
+    if not want and infer != "none" and len(ss) >= 2:
+        bh, bw = -(-R // ss[-2]), -(-C // ss[-1])
+        if infer == "any" or (R % bh == 0 and C % bw == 0):
+            blocks.append((bh, bw))
     for bh, bw in blocks:
         if bh > 0 and bw > 0 and tuple(ss) == (*w.shape[:-2], -(-R // bh), -(-C // bw)):
             return int(bh), int(bw)
     raise _err(s, f"scale {_q(s.name)} {list(ss)} does not tile fp8 weight {_q(w.name)} {list(w.shape)}"
-                  + (f" in {list(want)} blocks" if want else " in blocks, per channel or per tensor"))
+                  + (f" in {list(want)} blocks" if want else
+                     " per channel ([rows, 1]) or per tensor (fbgemm_fp8 has no block scales)" if infer == "none" else
+                     " in 128x128 blocks or blocks that divide it evenly, per channel ([rows, 1]) or per tensor"
+                     if infer == "even" else " in blocks, per channel or per tensor"))
 
 
 def _fp8_strategy(qc: dict, w: TensorInfo, s: TensorInfo, block: tuple[int, int] | None, kind: str) -> None:
@@ -241,7 +254,8 @@ def _fp8(mod: str, leaves: dict, qc: dict) -> Source:
         want = _block_size(qc, raw, "block_structure")
     if len(w.shape) < 2:
         raise _err(w, f"fp8 weight {_q(w.name)} has shape {list(w.shape)}, expected a matrix")
-    block = _fp8_block(w, s, want)
+    block = _fp8_block(w, s, want, infer="any" if method == "compressed-tensors" else
+                       "none" if qc.get("quant_method") == "fbgemm_fp8" else "even")
     if block is None and len(w.shape) != 2:
         raise _err(s, f"per-channel scale {_q(s.name)} over a {len(w.shape)}-D weight is not supported")
     kind = f"{block[0]}x{block[1]} block scales" if block else \
@@ -538,10 +552,20 @@ def _bnb4(qs_name: str, tensors: dict, read: Read) -> tuple[Source, list[str]]:
         nbs, off = meta["nested_blocksize"], meta["nested_offset"]
         finite = isinstance(off, float) and math.isfinite(off) or \
             isinstance(off, int) and not isinstance(off, bool) and abs(off) < 2 ** 53
-        if isinstance(nbs, bool) or nbs <= 0 or not finite:
+        if isinstance(nbs, bool) or not isinstance(nbs, int) or nbs <= 0 or not finite:
             raise _err(qs, f"{_q(qs_name)}: nested_blocksize {_shown(nbs)} / nested_offset {_shown(off)} are not a "
                            "positive integer and a finite number")
         nest = (tensors[names["nested_absmax"]], tensors[names["nested_quant_map"]])
+        # every length the dequantization indexes by, up front: one nested absmax per nested block of the
+        # absmax codes, a code book for every U8 code (bitsandbytes' dynamic map: 256); short, they were
+        # an IndexError (exit 1) in the middle of the comparison
+        need = -(-am.numel // nbs)
+        bad = (nest[0], f"has {nest[0].numel} values, {am.numel} absmax codes in nested blocks of {nbs} need "
+                        f"{need}") if nest[0].numel != need else \
+            (nest[1], f"has {nest[1].numel} codes, bitsandbytes' dynamic map has 256") if nest[1].numel != 256 else \
+            (am, f"is {am.dtype}, the codes of a double-quantized absmax are U8") if am.dtype != "U8" else None
+        if bad is not None:
+            raise _err(bad[0], f"bitsandbytes weight {_q(prefix)} is double-quantized but {_q(bad[0].name)} {bad[1]}")
         parts += list(nest)
     label = f"{meta['quant_type']} block {bs}{', nested absmax' if nest else ''}"
     sch = _scheme("bitsandbytes", label, 4, str(bs), False, parts)

@@ -74,6 +74,12 @@ NORM_CORR = 0.9
 FIT_ROWS = 256                 # two float64 blocks of 256 x 14,336: 59 MB
 #: fitted scales within this of 1 are no scaling (a fine-tune's own column norms move less than that)
 NO_SCALE = 1e-2
+#: rounds of the alternating fit (rows, then columns) for ``v_proj`` / ``up_proj``
+FIT_ROUNDS = 4
+#: a column with fewer non-zero quantized values than this share of its rows (and than ``MIN_NONZERO``) is
+#: fit on those values alone: its zeros are the elements AWQ's scale rounded to the zero point
+FEW_NONZERO = 0.25
+MIN_NONZERO = 4
 
 
 class _Folds:
@@ -114,6 +120,79 @@ class _Folds:
         return self.memo[name]
 
 
+def _weights(d: np.ndarray, group: int, levels: int) -> np.ndarray:
+    """Least-squares weights of the dequantized rows ``d``: one over the square of each (row, group)'s
+    quantization step, estimated from its range. A row AWQ divided by a small scale (50x larger), or a
+    group holding an outlier channel, has a step to match and its rounding error with it; unweighted, it
+    set the fitted factors of every column (12% of an unchanged up_proj beyond the floor)."""
+    k, n = d.shape
+    g = d.reshape(k, n // group, group)
+    step = (g.max(axis=2) - g.min(axis=2)) / levels
+    pos = step > 0
+    # a group all at its zero point: the row's typical step (one of its groups that is not)
+    if not pos.all():
+        fill = np.ones(k)
+        some = pos.any(axis=1)
+        if some.any():
+            fill[some] = np.nanmedian(np.where(pos[some], step[some], np.nan), axis=1)
+        fill = np.where(np.isfinite(fill) & (fill > 0), fill, 1.0)
+        step = np.where(pos, step, fill[:, None])
+    return np.repeat(1.0 / (step * step), group, axis=1)
+
+
+def _ends(d: np.ndarray, group: int) -> np.ndarray:
+    """Where ``d`` sits on its (row, group)'s largest or smallest value: where AWQ's clipping search
+    (``auto_clip``, after the scale search, on the scaled weights) puts the values it clamped."""
+    k, n = d.shape
+    g = d.reshape(k, n // group, group)
+    return ((g == g.max(axis=2, keepdims=True)) | (g == g.min(axis=2, keepdims=True))).reshape(k, n)
+
+
+def _unclipped(q: np.ndarray, end: np.ndarray, p: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The weights ``q`` with 0 for the elements the clipping explains at the current factors (the base
+    scaled, ``p``): on an end value, with the base's sign, and nearer zero than it by more than half a
+    step, as ``kernels.quant_floor.clipped_beyond`` sets them apart in the test. Left in, they pull an
+    outlier channel's factor down (AWQ clips the groups it is largest in) and the rows with it: 0.5-0.9%
+    of an unchanged v_proj / up_proj beyond."""
+    with np.errstate(invalid="ignore"):
+        clip = end & (np.sign(p) == np.sign(d)) & (np.abs(p) - np.abs(d) > 0.5 / np.sqrt(q))
+    return np.where(clip, 0.0, q)
+
+
+def _stab(blocks, r: np.ndarray, cols: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The factor of each column ``cols`` (one with few non-zero quantized values) that leaves the most
+    of its elements within half a step of the dequantized value: each element allows an interval of
+    factors, and the point most of them hold is taken (the middle of its run; 0 when no positive factor
+    does better than the column rounding to zero). Least squares on such a column is pulled to 0 by its
+    zeros, or, on its non-zero values alone, away from it: 1.2% of an unchanged down_proj beyond."""
+    lo_all, hi_all = [], []
+    for r0, w, d, q, _ in blocks:
+        a = w[:, cols] * r[r0:r0 + w.shape[0], None]
+        half = 0.5 / np.sqrt(q[:, cols])
+        dd = d[:, cols]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x, y = (dd - half) / a, (dd + half) / a
+        lo_all.append(np.where(a != 0, np.minimum(x, y), np.nan))
+        hi_all.append(np.where(a != 0, np.maximum(x, y), np.nan))
+    lo, hi = np.concatenate(lo_all), np.concatenate(hi_all)
+    out = start.copy()
+    for k in range(lo.shape[1]):
+        ok = np.isfinite(lo[:, k]) & np.isfinite(hi[:, k])
+        ls, hs = np.sort(lo[ok, k]), np.sort(hi[ok, k])
+        if ls.size == 0:
+            continue
+        cand = np.concatenate([[0.0], ls[ls > 0]])
+        count = np.searchsorted(ls, cand, "right") - np.searchsorted(hs, cand, "left")
+        best = int(np.argmax(count))             # the first maximum: 0 when a positive factor does no better
+        x = cand[best]
+        if x > 0:
+            end = hs[np.searchsorted(hs, x, "left")] if np.searchsorted(hs, x, "left") < hs.size else x
+            nxt = ls[np.searchsorted(ls, x, "right")] if np.searchsorted(ls, x, "right") < ls.size else end
+            x = 0.5 * (x + min(end, nxt) if min(end, nxt) >= x else x + x)
+        out[k] = x
+    return out
+
+
 def _fit(plain, quant, name: str, rows_too: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
     """``(c, r)``: the column (and row) factors minimising ``|| D - diag(r) W diag(c) ||_F`` for the base
     ``W`` and the dequantized ``D`` of linear ``name``, by alternating least squares over row blocks;
@@ -123,6 +202,9 @@ def _fit(plain, quant, name: str, rows_too: bool) -> tuple[np.ndarray, np.ndarra
         return None
     m, n = (int(x) for x in info.shape)
     c, r = np.ones(n), np.ones(m)
+    q = info.quant
+    group = int(q.group) if q is not None and str(q.group).isdigit() and n % int(q.group) == 0 else n
+    levels = (1 << int(q.bits)) - 1 if q is not None and int(q.bits) > 0 else 15
 
     def blocks():
         for r0 in range(0, m, FIT_ROWS):
@@ -130,22 +212,56 @@ def _fit(plain, quant, name: str, rows_too: bool) -> tuple[np.ndarray, np.ndarra
             w = np.asarray(decode(plain.read_rows(name, idx), pinfo.dtype), np.float64).reshape(idx.size, n)
             d = np.asarray(quant.read_rows(name, idx), np.float64).reshape(idx.size, n)
             ok = np.isfinite(w) & np.isfinite(d)
-            yield r0, np.where(ok, w, 0.0), np.where(ok, d, 0.0)
+            w, d = np.where(ok, w, 0.0), np.where(ok, d, 0.0)
+            yield r0, w, d, _weights(d, group, levels), _ends(d, group)
 
-    for _ in range(3 if rows_too else 1):
+    if rows_too:
+        # start the rows at their norms' ratio: a row AWQ divided by a tiny scale (a channel with almost no
+        # activation: 50x and more) otherwise dominates the first column fit, and three rounds did not undo it
+        nd, nw = np.zeros(m), np.zeros(m)
+        for r0, w, d, _, _ in blocks():
+            nd[r0:r0 + w.shape[0]] = np.einsum("ij,ij->i", d, d)
+            nw[r0:r0 + w.shape[0]] = np.einsum("ij,ij->i", w, w)
+        r = np.where((nw > 0) & (nd > 0), np.sqrt(nd / np.where(nw > 0, nw, 1.0)), 1.0)
+        r = r / np.exp(np.mean(np.log(r)))
+    dead = np.zeros(n, bool)
+    for _ in range(FIT_ROUNDS if rows_too else 2):
         num, den = np.zeros(n), np.zeros(n)
-        for r0, w, d in blocks():
+        num_nz, den_nz, nz = np.zeros(n), np.zeros(n), np.zeros(n)
+        for r0, w, d, q, end in blocks():
             wr = w * r[r0:r0 + w.shape[0], None]
-            num += np.einsum("ij,ij->j", d, wr)
-            den += np.einsum("ij,ij->j", wr, wr)
+            q = _unclipped(q, end, wr * c[None, :], d)
+            on = d != 0
+            qwr = q * wr
+            num += np.einsum("ij,ij->j", d, qwr)
+            den += np.einsum("ij,ij->j", wr, qwr)
+            qwr_on = np.where(on, qwr, 0.0)
+            num_nz += np.einsum("ij,ij->j", d, qwr_on)
+            den_nz += np.einsum("ij,ij->j", wr, qwr_on)
+            nz += on.sum(axis=0)
         c = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+        # a column whose quantized values are (almost) all zero says little about its scale: AWQ scaled a
+        # channel with almost no activation down until most of it rounds to the zero point. Its zeros pull
+        # the fit towards 0: fit it on its non-zero values; with none, any small enough scale gives the
+        # column back (``c = 0``: the scaled base column rounds to zero, as the quantized one is)
+        few = nz < max(MIN_NONZERO, FEW_NONZERO * m)
+        c = np.where(few & (den_nz > 0), num_nz / np.where(den_nz > 0, den_nz, 1.0), c)
+        dead = nz == 0
+        c = np.where(dead, 0.0, c)
         if not rows_too:
-            break
-        for r0, w, d in blocks():
+            continue
+        for r0, w, d, q, end in blocks():
             wc = w * c[None, :]
-            nu, de = np.einsum("ij,ij->i", d, wc), np.einsum("ij,ij->i", wc, wc)
+            q = _unclipped(q, end, wc * r[r0:r0 + w.shape[0], None], d)
+            nu, de = np.einsum("ij,ij->i", d, q * wc), np.einsum("ij,ij->i", wc, q * wc)
             r[r0:r0 + w.shape[0]] = np.where(de > 0, nu / np.where(de > 0, de, 1.0), 1.0)
-    if not (np.all(np.isfinite(c)) and np.all(c > 0) and np.all(np.isfinite(r)) and np.all(r > 0)):
+    few = (nz < max(MIN_NONZERO, FEW_NONZERO * m)) & ~dead
+    if few.any():
+        c[few] = _stab(blocks(), r, few, c[few])
+        dead = dead | (few & (c == 0))
+    live = ~dead
+    if not (np.all(np.isfinite(c)) and np.all(c[live] > 0) and np.all(c[dead] == 0) and np.all(np.isfinite(r))
+            and np.all(r > 0)):
         return None
     if np.max(np.abs(c - 1.0)) < NO_SCALE and np.max(np.abs(r - 1.0)) < NO_SCALE:
         return None
@@ -194,8 +310,9 @@ def norm_fold(plain, quant, name: str) -> np.ndarray | None:
     for lin in _FOLLOWERS[norm]:
         got = fold(plain, quant, f"{prefix}{lin}.weight")
         if got is not None and got[0] is not None and got[0].size == ratio.size:
-            a, b = np.log(ratio), np.log(got[0])
-            if a.std() > 0 and b.std() > 0 and float(np.corrcoef(a, b)[0, 1]) > NORM_CORR:
+            live = got[0] > 0                  # a column that rounds to zero has no fitted scale
+            a, b = np.log(ratio[live]), np.log(got[0][live])
+            if a.size > 1 and a.std() > 0 and b.std() > 0 and float(np.corrcoef(a, b)[0, 1]) > NORM_CORR:
                 return ratio
     return None
 
