@@ -34,7 +34,8 @@ temporary beside it (`.NAME.PID.XXXXXXXX.tmp`) and renamed into place once every
 every destination is checked first, and a rename that fails part way puts back the files already
 replaced (kept as hard links until the end; on a filesystem without hard links a replaced file cannot
 come back). Ctrl-C or SIGTERM while the files are renamed into place is held until they are all put
-back: an interrupted run leaves the previous outputs, never some old and some new. An interrupted or
+back: an interrupted run leaves the previous outputs, never some old and some new (a signal that arrives once
+every output is in place is held and dropped: the command completes, exit 0). An interrupted or
 failed run removes its temporaries (a `--cache` record being written included). A run killed outright
 (SIGKILL, a power cut) cannot, and the next run that writes the same output removes what it left
 (temporaries of a process that no longer exists; for `--cache`, the next run that opens the cache).

@@ -615,7 +615,9 @@ def test_json_to_dev_stdout_into_a_pipe(tmp_path):
 
 
 @pytest.mark.parametrize("side, name", [("t", "config.json"), ("b", "config.json"), ("t", "tokenizer.json"),
-                                        ("t", "model.safetensors.index.json"), ("a", "adapter_config.json")])
+                                        ("t", "model.safetensors.index.json"), ("a", "adapter_config.json"),
+                                        ("t", "vocab.json"), ("t", "merges.txt"), ("t", "vocab.txt"),
+                                        ("t", "chat_template.jinja"), ("t", "added_tokens.json")])
 @pytest.mark.parametrize("flag", ["--json", "--csv", "--memo"])
 def test_an_output_over_a_checkpoint_sidecar_is_refused(tmp_path, side, name, flag):
     """Outputs were checked against the weights files only: --json over the tuned folder's config.json (or an
@@ -626,7 +628,8 @@ def test_an_output_over_a_checkpoint_sidecar_is_refused(tmp_path, side, name, fl
         (tmp_path / d).mkdir()
         save_file(tmp_path / d / "model.safetensors", w)
         (tmp_path / d / "config.json").write_text('{"model_type": "llama"}')
-    (tmp_path / "t" / "tokenizer.json").write_text("{}")
+    for n in ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "added_tokens.json"):
+        (tmp_path / "t" / n).write_text("{}")
     (tmp_path / "t" / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.layers.0.mlp.up_proj.weight": "model.safetensors"}}))
     (tmp_path / "a").mkdir()
@@ -682,3 +685,34 @@ def test_an_interrupt_at_any_step_of_the_commit_leaves_all_old_outputs(tmp_path,
     monkeypatch.undo()
     assert [(tmp_path / n).read_text() for n in names] == [f"old {n}" for n in names]
     assert tree(tmp_path) == sorted(names)          # no temporary, no kept link left
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_a_signal_after_every_output_is_in_place_is_held_and_the_run_completes(tmp_path, monkeypatch, step):
+    """Ctrl-C while the old files' hard links were removed (every new output already in place) exited 130
+    "interrupted" and left the links behind (verify tester): a script reading exit 130 as "nothing changed"
+    found every output replaced. The signal is held to the end of the clean-up and dropped."""
+    import weightdiff.fsutil as fsutil
+
+    names = ["a.json", "b.csv", "c.html"]
+    for n in names:
+        (tmp_path / n).write_text(f"old {n}")
+    calls = {"n": 0}
+    real = os.unlink
+
+    def then_signal(path, *a, **k):
+        real(path, *a, **k)
+        if not all((tmp_path / n).read_text() == f"new {n}" for n in names):
+            return                                      # not yet the clean-up after the renames
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signal.SIGINT)          # the handler runs at the next bytecode
+
+    monkeypatch.setattr(fsutil.os, "unlink", then_signal)
+    with OutputSet():
+        for n in names:
+            write_text(tmp_path / n, f"new {n}")
+    monkeypatch.undo()
+    assert calls["n"] >= step
+    assert [(tmp_path / n).read_text() for n in names] == [f"new {n}" for n in names]
+    assert tree(tmp_path) == sorted(names)          # no kept link left

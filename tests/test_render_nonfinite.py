@@ -62,7 +62,7 @@ def test_only_nan_changes_print_not_measured_everywhere(pair):
     assert "| model relative change | n/a |" in md
     assert "| `layers.1` | 2,048 | 2,048 | n/a |" in md
     assert "largest change" not in captions.caption_depth(d)
-    assert "block (1) differs only by NaN or infinite values" in captions.caption_depth(d)
+    assert "1 of 3 blocks changed; 1 block (1) differs only by NaN or infinite values" in captions.caption_depth(d)
     assert "It reads 0" not in captions.caption_reference(d)
     assert "only by NaN or infinite values" in captions.caption_reference(d)
     assert "1 cell (mlp.up in block 1) differs only by NaN" in captions.caption_heatmap(d)
@@ -100,3 +100,20 @@ def test_figures_draw_nan_only_cells_apart(pair):
     for fig in (draw_depth(d), draw_heatmap(d)):
         labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
         assert "NaN/Inf only (not measured)" in labels
+
+
+def test_plain_words_pool_only_measured_matrices_and_count_blocks_as_the_summary(pair):
+    """The NaN-only matrix was pooled as a change of 0 ("the 2 matrices that changed moved by 2.8e-2" where the
+    only measured change was 4.9e-2), and Figure 1 counted one block fewer than the summary (verify tester)."""
+    from weightdiff.render import captions
+    from weightdiff.render.formats import sci
+    from weightdiff.render.sentences import plain_language
+
+    base, _, mixed = pair
+    d = _data(base, mixed)
+    words = " ".join(plain_language(d))
+    rel = next(t["rel_change"] for t in d["tensors"] if t["name"] == "model.layers.2.mlp.up_proj.weight")
+    assert "2 matrices that changed" not in words
+    assert f"the 1 matrix that changed moved by {sci(rel)} of its size" in words
+    n = d["summary"]["blocks_changed"]
+    assert f"{n} of 3 blocks changed" in captions.caption_depth(d)

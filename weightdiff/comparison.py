@@ -125,7 +125,9 @@ class Comparison:
 SIDECARS = ("config.json", "quantize_config.json", "params.json", "adapter_config.json", "modules.json",
             "config_sentence_transformers.json", "sentence_bert_config.json", "generation_config.json",
             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-            "preprocessor_config.json", "README.md")
+            "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
+            "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
+            "README.md")
 
 
 def protect_folder(outs, ck: Checkpoint) -> None:
@@ -141,7 +143,7 @@ def protect_folder(outs, ck: Checkpoint) -> None:
         except OSError:
             continue
         for name in names:
-            if name in SIDECARS or name.endswith(".index.json"):
+            if name in SIDECARS or name.endswith((".index.json", ".jinja")):
                 outs.protect(folder / name, f"is a file of the checkpoint `{escape_name(str(folder))}`")
 
 

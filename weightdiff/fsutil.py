@@ -317,20 +317,25 @@ class OutputSet:
                     raise Interrupted(self.signal)
             except BaseException:
                 _roll_back(backups)
+                self._holding = False
                 raise
+            # every output is in place: the command has done what it was asked, so a signal from here on is
+            # held to the end and then dropped (raised during the clean-up it exited 130 "interrupted" with
+            # every new output in place and the old files' hard links left behind)
+            for _, old, _ in backups:
+                if old is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(old)
+            self._staged.clear()
+            self._created.clear()
+            self._close_special()
+            _sweep_stale(done)
+            after, self._after = self._after, []
+            for fn in after:
+                fn()
+            self.signal = None              # held and dropped: the outputs are complete
         finally:
             self._holding = False
-        for _, old, _ in backups:
-            if old is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(old)
-        self._staged.clear()
-        self._created.clear()
-        self._close_special()
-        _sweep_stale(done)
-        after, self._after = self._after, []
-        for fn in after:
-            fn()
         return done
 
     def _close_special(self) -> None:

@@ -165,9 +165,10 @@ def caption_depth(data: dict) -> str:
     changed = [b for b in changed if b.get("rel_change") is not None]
     text = ((f"Relative change ‖ΔW‖ / ‖W‖ (Frobenius norms) of each of the {len(blocks)} blocks, from the input "
              f"(block {blocks[0]['index']}) to the top (block {blocks[-1]['index']}), on a log scale. "
-             f"{len(changed)} of {len(blocks)} blocks changed") if len(blocks) != 1 else
+             # counted as the summary counts them: a block that differs only by NaN/Inf is changed, unmeasured
+             f"{len(changed) + len(nonfinite)} of {len(blocks)} blocks changed") if len(blocks) != 1 else
             (f"Relative change ‖ΔW‖ / ‖W‖ (Frobenius norms) of the model's one block (block {blocks[0]['index']}), "
-             f"on a log scale. {'It changed' if changed else 'It did not change'}"))
+             f"on a log scale. {'It changed' if changed or nonfinite else 'It did not change'}"))
     if changed:
         top = max(changed, key=lambda b: b.get("rel_change") or 0.0)
         text += f"; the largest change is in block {top['index']} ({sci(top.get('rel_change'))})"
@@ -189,7 +190,7 @@ def caption_depth(data: dict) -> str:
         if one:
             words = words.replace("their", "its")
         text += (f" {_plural(len(rounding), 'block')} {'differs' if one else 'differ'} only {words}"
-                 " (hollow diamonds).")
+                 f" ({'a hollow diamond' if one else 'hollow diamonds'}).")
     ends = [p for p in points if p["group"] is not None]
     said: dict[str, list[str]] = {}
     for p in ends:
@@ -320,10 +321,14 @@ def caption_cosine(data: dict) -> str:
             f"{num(1.0 - cut)}). ")
     if moved:
         v, t = max(moved, key=lambda p: p[0])
-        text += (f"{len(moved)} matrices moved; median {sci(median(v for v, _ in moved))}, largest "
-                 f"{sci(v)} ({tensor_label(t)})")
-        far = sum(1 for v, _ in moved if v >= cut)
-        text += f"; {far} inside the shaded band." if far else ", all below the shaded band."
+        if len(moved) == 1:
+            text += f"1 matrix moved: {sci(v)} ({tensor_label(t)})"
+            text += ", inside the shaded band." if v >= cut else ", below the shaded band."
+        else:
+            text += (f"{len(moved)} matrices moved; median {sci(median(v for v, _ in moved))}, largest "
+                     f"{sci(v)} ({tensor_label(t)})")
+            far = sum(1 for v, _ in moved if v >= cut)
+            text += f"; {far} inside the shaded band." if far else ", all below the shaded band."
     else:
         text += "No matrix moved."
     unchanged = len(mats) - len(moved)

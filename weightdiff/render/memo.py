@@ -181,7 +181,8 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     rows = [["verdict", _c(s.get("verdict"))],
             ["blocks changed", f"{fmt.at_least(s)}{fmt.count(scope.get('blocks_changed', s.get('blocks_changed')))} of "
                                f"{fmt.count(scope.get('blocks_total', s.get('blocks_total')))}"],
-            ["tensors changed", f"{fmt.at_least(s)}{fmt.count(scope.get('tensors_changed'))} of "
+            ["tensors changed or added" if (s.get("tensors_by_status") or {}).get("added") else "tensors changed",
+             f"{fmt.at_least(s)}{fmt.count(scope.get('tensors_changed'))} of "
                                 f"{fmt.count(scope.get('tensors_total'))}"
                                 + (f" ({fmt.count(fmt.within_floor(s).get('tensors'))} more within their quantization "
                                    "noise floor)" if fmt.within_floor(s) else "")],

@@ -28,12 +28,13 @@ def _h(x: object) -> str:
 
 
 def short_repr(data: dict) -> str:
-    """One line: ``<Comparison derived: base -> tuned, 16 of 76 tensors changed, relative change 6.1e-2>``."""
+    """One line: ``<Comparison derived: base -> tuned, 16 of 76 tensors changed or added, relative change 6.1e-2>``."""
     s = data.get("summary") or {}
     scope = s.get("scope") or {}
     base = ", ".join(sentences.model_label(b) for b in data.get("base") or [])
     return (f"<Comparison {s.get('verdict')}: {escape_name(base)} -> {escape_name(sentences.model_label(data.get('tuned')))}, "
-            f"{fmt.at_least(s)}{fmt.count(scope.get('tensors_changed'))} of {fmt.count(scope.get('tensors_total'))} tensors changed, "
+            f"{fmt.at_least(s)}{fmt.count(scope.get('tensors_changed'))} of {fmt.count(scope.get('tensors_total'))} tensors "
+            f"{'changed or added' if (s.get('tensors_by_status') or {}).get('added') else 'changed'}, "
             f"relative change {'n/a' if only_nonfinite(data) else fmt.sci(s.get('relative_change'))}>")
 
 

@@ -866,6 +866,8 @@ def _changed_matrices(data: dict) -> tuple[int, float] | None:
             if t.get("status") not in ("unchanged", "rounding"):
                 return None
             continue
+        if nonfinite_only(t):           # NaN/Inf only: no change measured (pooled as 0 it halved the figure)
+            continue
         nb, nd = t.get("norm_base"), t.get("norm_delta")
         if not (isinstance(nb, (int, float)) and isinstance(nd, (int, float))) or nb != nb or nd != nd:
             return None
@@ -966,7 +968,8 @@ def plain_language(data: dict) -> list[str]:
             # the pooled figure spreads a change of a few matrices over all of them: "about the rounding" of a
             # model whose one trained block moved 2.4 times it
             n, r_c = few
-            text += (f"; the {plural(n, 'matrix', 'matrices')} that changed moved by {sci(r_c)} of their size"
+            text += (f"; the {plural(n, 'matrix', 'matrices')} that changed moved by {sci(r_c)} of "
+                     f"{'its' if n == 1 else 'their'} size"
                      + (f", {_times(r_c, bf16)} that rounding" if bf16 else "")
                      + ", the others not beyond rounding")
         out.append(text + ".")
@@ -1043,7 +1046,7 @@ def form_sentence(f: dict, rank: bool | None = None) -> str:
     if f.get("kind") == "undecided":
         sh = f.get("shares") or {}
         b = f.get("max_numerical_rank_bounds")
-        where = f" (numerical ranks up to {count(b[0])}-{count(b[1])})" if b else ""
+        where = f" (the largest numerical rank lies between {count(b[0])} and {count(b[1])})" if b else ""
         return (f"Whether the change is low-rank or dense is not decided: for matrices holding "
                 f"{share(sh.get('undecided'))} of the changed matrices' parameters the rank is a bracket that "
                 f"spans the low-rank rule{where}, or the change sits at the level of the noise (rounding or "

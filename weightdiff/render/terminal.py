@@ -60,7 +60,9 @@ def render_text(result: dict, top: int = 10) -> str:
     sc = s.get("scope") or {}
     least = at_least(s)
     lines.append(f"scope     {least}{count(s['blocks_changed'])} of {count(s['blocks_total'])} blocks changed; "
-                 f"{least}{count(sc.get('tensors_changed'))} of {count(sc.get('tensors_total'))} tensors")
+                 f"{least}{count(sc.get('tensors_changed'))} of {count(sc.get('tensors_total'))} tensors"
+                 # the count holds added tensors too: said so, where the headline counts them apart
+                 + (" changed or added" if (s.get("tensors_by_status") or {}).get("added") else ""))
     if within_floor(s):
         w = within_floor(s)
         lines[-1] += (f" ({count(w.get('tensors'))} more within their quantization noise floor may have changed "
