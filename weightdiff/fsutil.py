@@ -458,13 +458,15 @@ def _sweep_stale(targets: list[Path]) -> None:
             continue
         for e in entries:
             m = stale.match(e)
-            if m is None or m.group(1) not in names or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+            if (m is None or m.group(1) not in names or int(m.group(2)) == os.getpid()
+                    or pid_alive(int(m.group(2)))):
                 continue
             with contextlib.suppress(OSError):
                 os.unlink(d / e)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this number runs on this machine (one of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

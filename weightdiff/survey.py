@@ -110,19 +110,13 @@ def identity(path: str | os.PathLike) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    from .io.files import open_regular, pread_into
+    from .io.files import open_regular, sha256_fd
 
     fd, st = open_regular(path)
     try:
-        h, buf, pos = hashlib.sha256(), bytearray(4 << 20), 0
-        while pos < st.st_size:
-            mv = memoryview(buf)[:min(len(buf), st.st_size - pos)]
-            pread_into(fd, mv, pos, path)
-            h.update(mv)
-            pos += len(mv)
+        return sha256_fd(fd, st.st_size, path)
     finally:
         os.close(fd)
-    return h.hexdigest()
 
 
 def digests_hold(row: dict, directory: Path, hashed: dict[str, str]) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, escape_name
 
-__all__ = ["open_regular", "pread_into", "read_small", "load_json", "os_problem"]
+__all__ = ["open_regular", "pread_into", "sha256_fd", "read_small", "load_json", "os_problem"]
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 _IO_CHUNK = 1 << 30          # Linux moves at most ~2 GiB per read call
@@ -80,6 +80,19 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str | os.PathLike) -
             raise CheckpointError(path, f"file ended at byte {offset + done:,} while {offset + total:,} "
                                         "were expected (truncated while being read?)")
         done += n
+
+
+def sha256_fd(fd: int, size: int, path: str | os.PathLike) -> str:
+    """The sha256 of the first ``size`` bytes of an open file, read in 4 MiB preads."""
+    import hashlib
+
+    h, buf, pos = hashlib.sha256(), bytearray(4 << 20), 0
+    while pos < size:
+        mv = memoryview(buf)[:min(len(buf), size - pos)]
+        pread_into(fd, mv, pos, path)
+        h.update(mv)
+        pos += len(mv)
+    return h.hexdigest()
 
 
 def _q(name: str) -> str:

@@ -5,7 +5,6 @@ locator that builds one from a path is ``io.checkpoint.locate``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import OrderedDict
@@ -15,7 +14,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
-from .files import open_regular, pread_into
+from .files import open_regular, sha256_fd
 from .peft_adapter import AdapterConfig, LoraFactor, lora_factors
 from .meta_layout import interleaved_rows
 from .pickle_read import load_pickle
@@ -339,15 +338,9 @@ class Checkpoint:
                 raise CheckpointError(path, "file was replaced during the run; its hash would not describe "
                                             "the bytes measured (rerun)")
             try:
-                h, buf, pos = hashlib.sha256(), bytearray(4 << 20), 0
-                while pos < st.st_size:
-                    mv = memoryview(buf)[:min(len(buf), st.st_size - pos)]
-                    pread_into(fd, mv, pos, path)
-                    h.update(mv)
-                    pos += len(mv)
+                out[path] = sha256_fd(fd, st.st_size, path)
             finally:
                 os.close(fd)
-            out[path] = h.hexdigest()
         self.check_identity()
         self._hashed = dict(out)
         return out

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import WeightdiffError
+from ..fsutil import pid_alive
 from ..records import RankRecord, TensorRecord
 
 __all__ = ["RecordCache", "CACHE_VERSION", "check_folder", "record_from_dict"]
@@ -193,16 +194,6 @@ def check_folder(folder: str | os.PathLike) -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise CacheError(f"--cache {folder}: the folder is not writable")
     return root
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
 
 
 #: this host in a record temporary's name (``.KEY.HOST.PID.tmp``): a sweep removes only its own host's
@@ -391,7 +382,7 @@ class RecordCache:
                     old = now - e.stat(follow_symlinks=False).st_mtime > STALE_SECONDS
                 except OSError:
                     continue
-                if old or (host == _HOST and pid != os.getpid() and not _alive(pid)):
+                if old or (host == _HOST and pid != os.getpid() and not pid_alive(pid)):
                     try:
                         os.unlink(e.path)
                         removed += 1
