@@ -522,23 +522,18 @@ def test_adapter_config_without_weights(tmp_path):
     bad(d, "adapter folder has adapter_config.json but no adapter_model.safetensors", d)
 
 
-def test_adapter_config_with_a_null_rank(tmp_path):
+@pytest.mark.parametrize("config, expect", [
+    ('{"peft_type": "LORA", "r": null}', "adapter config has r = None"),
+    # PEFT refuses a config without peft_type; it was read as LoRA
+    ('{"r": 2, "lora_alpha": 4}', "adapter config has no peft_type"),
+])
+def test_adapter_config_refused(tmp_path, config, expect):
     d = tmp_path / "ad"
     d.mkdir()
-    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": null}')
+    (d / "adapter_config.json").write_text(config)
     save_file(d / "adapter_model.safetensors", {"base_model.model.l.q.lora_A.weight": np.zeros((2, 3), np.float32),
                                                 "base_model.model.l.q.lora_B.weight": np.zeros((3, 2), np.float32)})
-    bad(d, "adapter config has r = None", d / "adapter_config.json")
-
-
-def test_adapter_config_without_peft_type(tmp_path):
-    """PEFT refuses a config without peft_type; it was read as LoRA."""
-    d = tmp_path / "ad"
-    d.mkdir()
-    (d / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 4}')
-    save_file(d / "adapter_model.safetensors", {"base_model.model.l.q.lora_A.weight": np.zeros((2, 3), np.float32),
-                                                "base_model.model.l.q.lora_B.weight": np.zeros((3, 2), np.float32)})
-    bad(d, "adapter config has no peft_type", d / "adapter_config.json")
+    bad(d, expect, d / "adapter_config.json")
 
 
 def test_adapter_with_no_tensors(tmp_path):
