@@ -117,6 +117,17 @@ def inspect_cmd(ckpt: str, as_json: bool, list_tensors: bool, **hub_opts) -> Non
     click.echo(json.dumps(summary, indent=2) if as_json else render_text(summary))
 
 
+def _freeze_heap() -> None:
+    """Keep the cycle collector off what a command has built (the result, its records) for the rest
+    of the process: rendering 100,000 rows allocates a view and a row each, and every full collection
+    those allocations trigger walked the millions of live objects again (0.5 s of CPU for a
+    100,000-tensor compare). Frozen objects are still freed by reference counting; the command's
+    process ends after it renders, so nothing frozen outlives it."""
+    import gc
+
+    gc.freeze()
+
+
 # --- compare -----------------------------------------------------------------
 
 @main.command("compare", context_settings=CONTEXT)
@@ -207,6 +218,7 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, base_lab
                          hash_files=hash_files, command=_command_line(), hub=hub,
                          base_label=list(base_labels) or None, tuned_label=tuned_label)
     progress.close()
+    _freeze_heap()
     # the tensors as views of their records: the JSON is written from the records and no dict per
     # tensor is built unless CSV, the memo or figures need one (plain_rows)
     data = result.to_dict(_views=True)
