@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import os
 import platform
 import sys
@@ -37,7 +38,7 @@ from .measure.backend import backend_for
 from .measure.compute import Progress, compute_all
 from .options import CompareOptions, HubOptions, options_from_kwargs
 from .pairing.plan import Plan, plan as make_plan
-from .pairing.names import clear_name_caches
+from .pairing.names import clear_name_caches, component_of
 from .render import sentences
 from .render.reference import reference_scale
 from .errors import OptionsError, WeightdiffError
@@ -329,8 +330,13 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         blocks, modules = aggregate(records, options.thresholds)
         undo: list[Undo] = []
         found, checked = permuted_units(records, bases, tuned_ck, options, undo)
+        if not undo_reorderings:
+            undo = []
+        # a matrix stored times -1 is measured against the base times -1 whatever the option: as stored
+        # it reads as far from the base as another model's (cosine -1), which it is not
+        undo.extend(negated_matrices(records, bases, tuned_ck, options, {id(u.record) for u in undo}))
         undone: dict = {}
-        if undo and undo_reorderings:   # measure what changed beneath each reordering, not the reordering itself
+        if undo:                        # measure what changed beneath each reordering, not the reordering itself
             records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
             blocks, modules = aggregate(records, options.thresholds)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
@@ -432,6 +438,55 @@ class Undo:
     kind: str
     note: str
     trimmed: bool = False
+    negate: bool = False            # the tuned tensor is the base's times -1 (``negated_matrices``)
+
+
+#: what a negated tensor's record says was done before it was measured
+NEGATED_NOTE = ("stored with its sign flipped: the tuned tensor is the base's times -1 (cosine below "
+                "-unrelated_cosine), so it is measured against the base times -1")
+
+
+def negated_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
+                     options: CompareOptions, skip: set[int] = frozenset()) -> list[Undo]:
+    """The ``Undo`` of each paired float matrix stored times -1: its cosine with the base is below
+    -``unrelated_cosine`` (independent initialisations give a cosine near 0, a fine-tune near +1, so a
+    strongly negative one is the base's matrix negated, and whatever changed beside), and the bias of
+    such a matrix when it is negated too. Flipping the sign of a matrix and of the one that reads its
+    output (v and o, up and down of a gated MLP) changes nothing the model computes; as stored, the
+    matrix reads as far from the base as another model's (relative change 2, cosine -1), a verdict of
+    unrelated for a model that computes exactly what its base computes. Read nothing: the cosine is the
+    record's. ``skip``: records another undo already measures (a reordering)."""
+    from .measure.compute import NEGATABLE
+
+    cut = -options.thresholds.unrelated_cosine
+    by_name = {r.name: r for r in records}
+
+    def fits(r: TensorRecord) -> bool:
+        return (id(r) not in skip and r.base_name is not None and r.status == "changed" and r.compared == "float"
+                and r.cosine is not None and math.isfinite(r.cosine) and r.cosine < cut
+                and not getattr(r, "tied", False) and r.paired_by in ("name", "prefix", "rename", None)
+                and _same_dense(r, bases, tuned, NEGATABLE))
+
+    out: list[Undo] = []
+    for r in records:
+        if len(r.shape or ()) < 2 or not fits(r):
+            continue
+        label, kind = r.block or component_of(r.name), str(r.module or "")
+        out.append(Undo(r, r.base_name, None, None, label, kind, NEGATED_NOTE, negate=True))
+        if r.name.endswith(".weight"):
+            b = by_name.get(r.name[:-len("weight")] + "bias")
+            if b is not None and len(b.shape or ()) == 1 and fits(b):
+                out.append(Undo(b, b.base_name, None, None, label, kind, NEGATED_NOTE, negate=True))
+    return out
+
+
+def _same_dense(r: TensorRecord, bases: Sequence[Checkpoint], tuned: Checkpoint, dtypes: Sequence[str]) -> bool:
+    """Both sides of ``r`` stored whole (no adapter factors, no quantized codes) in one of ``dtypes``, of one shape."""
+    base = bases[r.base_index]
+    t, b = tuned.tensors.get(r.name), base.tensors.get(r.base_name)
+    return (t is not None and b is not None and t.dtype in dtypes and b.dtype in dtypes
+            and tuple(t.shape) == tuple(b.shape) and not getattr(base, "quant", None)
+            and not getattr(tuned, "quant", None) and getattr(tuned, "adapter", None) is None)
 
 
 def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray: list,
@@ -644,18 +699,26 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
     pairs = {p.tuned_name: p for p in the_plan.pairs if p.tuned_name is not None}
     redo = {id(u.record): u for u in undo}
     out, blocks, n, trimmed, routers = [], {}, 0, 0, []
+    negated: dict[str, list[str]] = {}
+    n_negated = 0
     for r in records:
         u = redo.get(id(r))
         pair = pairs.get(r.name) if u is not None else None
         if u is None or pair is None or pair.base_name != r.base_name:
             out.append(r)
             continue
-        side = GatheredSide(bases[pair.base_index], pair.base_name, u.source, u.axis, u.index)
+        side = GatheredSide(bases[pair.base_index], pair.base_name, u.source, u.axis, u.index, negate=u.negate)
         new = remeasure(pair, side, bases, tuned, options, backend, classify)
         new.note = u.note + (f"; {new.note}" if new.note else "")
         if u.source != pair.base_name:      # another expert's tensor: the one this expert is compared with
             new.base_name = u.source
         out.append(new)
+        if u.negate:
+            n_negated += 1
+            kinds = negated.setdefault(u.label, [])
+            if u.kind not in kinds:
+                kinds.append(u.kind)
+            continue
         n += 1
         trimmed += int(u.trimmed)
         if u.kind == "router":
@@ -665,6 +728,9 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
             kinds.append(u.kind)
     undone = {"blocks": {k: sorted(v) for k, v in sorted(blocks.items())}, "tensors": n, "trimmed": trimmed,
               "routers": routers} if n else {}
+    if n_negated:
+        undone["negated"] = {"blocks": {k: sorted(v) for k, v in sorted(negated.items())}, "tensors": n_negated,
+                             "names": [u.record.name for u in undo if u.negate]}
     return out, undone
 
 

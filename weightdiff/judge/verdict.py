@@ -375,6 +375,14 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             if stray:                         # routers left in place, measured in their experts' new order
                 scope["permuted_units"]["routers_changed"] = sum(
                     1 for r in counted if r.name in stray and r.status == "changed")
+    negated = undone.get("negated") or {}
+    if negated:                               # matrices stored times -1, measured against the base times -1
+        flags.append("negated_matrices")
+        names = set(negated.get("names") or ())
+        beneath = [r.status for r in counted if r.name in names]
+        scope["negated_matrices"] = {"blocks": {k: list(v) for k, v in sorted((negated.get("blocks") or {}).items())},
+                                     "tensors": int(negated.get("tensors") or 0),
+                                     "tensors_changed": beneath.count("changed")}
     # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
     changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
     verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps,
@@ -391,8 +399,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # alike, and no matrix says whether this one derives from the base
         verdict = "inconclusive"
         flags.append("vectors_only")
-    if verdict == "identical" and permuted:   # the base's weights, some units in another order: not the same files
-        verdict = "derived"
+    if verdict == "identical" and (permuted or negated):   # the base's weights, some units in another order or
+        verdict = "derived"                                 # negated: not the same files
     if verdict == "derived" and (not permuted or _all_undone(permuted, undone)) and weak_evidence(cos, rel_m):
         # derived, but not "a fine-tune": a merge, long training; unless the distance is the quantizer's noise
         flags.append("quant_noise_distance" if quantization_explains(counted, thresholds) else "far_from_base")

@@ -233,19 +233,47 @@ def _compute_merged(pair: Pair, merged: tuple, bases: Sequence[Checkpoint], tune
 GATHER_WHOLE_BYTES = 256 << 20
 
 
+#: float formats whose values ``negated`` multiplies by -1 exactly (E8M0 has no sign bit)
+NEGATABLE = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ")
+
+
+def negated(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values of ``dtype`` times -1, as stored values: the sign bit flipped (what ``-x`` does in
+    torch, zeros included), except that the FNUZ formats have no negative zero (its pattern is their
+    NaN), so a zero stays zero there.
+
+    >>> negated(np.array([0x3F80, 0x0000], np.uint16), "BF16").tolist()       # 1.0, +0.0
+    [49024, 32768]
+    >>> negated(np.array([0x00, 0x80, 0x38], np.uint8), "F8_E4M3FNUZ").tolist()
+    [0, 128, 184]
+    """
+    if stored.dtype.kind == "f":
+        return -stored
+    bit = stored.dtype.type(1 << (8 * stored.dtype.itemsize - 1))
+    out = stored ^ bit
+    if dtype.endswith("FNUZ"):
+        out[stored == 0] = 0
+        out[stored == bit] = bit            # NaN stays NaN
+    return out
+
+
 class GatheredSide:
     """One base tensor seen in the tuned model's order: row (``axis`` 0) or column (``axis`` 1) i of
     what it shows is row or column ``index[i]`` of the base's ``source`` tensor (another expert's, for
     experts reordered), so that a reordered tuned tensor is measured against the units it holds rather
     than against others (``remeasure``). A source up to ``GATHER_WHOLE_BYTES`` is read once, whole (as the
     rank pass reads a matrix); a larger one window by window from the stored rows each window covers
-    (memory bounded by the window). Float tensors only (no floor)."""
+    (memory bounded by the window). Float tensors only (no floor). ``negate``: the values times -1 (the sign
+    bit flipped, exact in every float format; ``NEGATABLE``), for a matrix stored with its sign flipped."""
 
     def __init__(self, ck: Checkpoint, name: str, source: str, axis: int | None = None,
-                 index: np.ndarray | None = None):
+                 index: np.ndarray | None = None, negate: bool = False):
         from dataclasses import replace
 
         info = ck.tensors[source]
+        if negate and info.dtype not in NEGATABLE:
+            raise ValueError(f"cannot negate {info.dtype} values")
+        self._negate = info.dtype if negate else None
         shape = [int(d) for d in info.shape]
         if axis is not None:
             shape[axis] = len(index)
@@ -265,14 +293,15 @@ class GatheredSide:
             if self._whole is None:
                 self._whole = np.asarray(ck.read(src)).reshape(tuple(int(d) for d in info.shape))
             if len(self._shape) < 2:
-                return self._whole.reshape(-1)[self._index[lo:hi] if self._axis == 0 else slice(lo, hi)][:, None]
+                got = self._whole.reshape(-1)[self._index[lo:hi] if self._axis == 0 else slice(lo, hi)][:, None]
+                return negated(got, self._negate) if self._negate else got
         rows = np.arange(lo, hi) if self._axis != 0 else self._index[lo:hi]
         got = self._whole[rows] if self._whole is not None else ck.read_rows(src, rows)
         got = np.asarray(got).reshape(hi - lo, -1)
         if self._axis == 1:
             got = got.reshape((hi - lo,) + tuple(int(d) for d in ck.tensors[src].shape[1:]))
             got = np.take(got, self._index, axis=1).reshape(hi - lo, -1)
-        return got
+        return negated(got, self._negate) if self._negate else got
 
     def windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None):
         from ..io.safetensors_read import check_range

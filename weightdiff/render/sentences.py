@@ -181,7 +181,8 @@ def _derived_special(summary: dict) -> str | None:
     scope = summary.get("scope") or {}
     z = scope.get("matrices_zeroed") or {}
     mism = int((scope.get("tensors_reshaped") or {}).get("tensors") or 0)
-    if "zeroed_matrices" not in flags and "shape_mismatch" not in flags and "permuted_units" not in flags:
+    if "zeroed_matrices" not in flags and "shape_mismatch" not in flags and "permuted_units" not in flags \
+            and "negated_matrices" not in flags:
         return None
     perm = scope.get("permuted_units") or {}
     changed = int((summary.get("tensors_by_status") or {}).get("changed") or 0)
@@ -208,6 +209,8 @@ def _derived_special(summary: dict) -> str | None:
         what.append("the token rows of its " + _and([b for b, v in (perm.get("blocks") or {}).items() if "rows" in v])
                     + (" reordered" + (" or trimmed" if perm.get("tensors_resized") or perm.get("tensors_trimmed")
                                        else "")))
+    if (scope.get("negated_matrices") or {}).get("tensors"):
+        what.append("some of its matrices stored with the sign flipped (times -1)")
     if not what:
         return None
     routed = int(perm.get("routers_changed") or 0)              # routers left in place: counted as changed
@@ -700,6 +703,15 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                      "something else"
                      + (f" ({'its router is' if one else 'their routers are'} compared with the base's rows in the "
                         f"experts' new order, and {'counts' if one else 'count'} as changed)" if measured else ""))
+    neg = scope.get("negated_matrices") or {}
+    if neg.get("tensors"):
+        n_neg = int(neg["tensors"])
+        text += (f"; {count(n_neg)} {'tensor is' if n_neg == 1 else 'tensors are'} stored with the sign flipped "
+                 f"(the base's times -1, in {_names(list(neg.get('blocks') or {}))}): flipping the sign of a matrix "
+                 "and of the one that reads its output (v and o, up and down of a gated MLP) changes nothing the "
+                 f"model computes, and as stored {'it reads' if n_neg == 1 else 'they read'} as far from the base as "
+                 "another model's (cosine -1), so each is measured against the base times -1: the numbers here are "
+                 "of what changed beneath the sign")
     alike = count_lookalikes((t.get("status"), t.get("shape")) for t in counted) if "unpaired_lookalikes" in (s.get("flags") or []) else 0
     if alike:
         text += (f"; {count(alike)} removed base {'matrix has' if alike == 1 else 'matrices have'} an added tuned "
@@ -778,9 +790,13 @@ def headline(data: dict) -> list[str]:
                        "tensors, which are bitwise unchanged too.")
         else:
             main, aside = unchanged_words(data, total)
+            sc = s.get("scope") or {}
+            undone = [w for w, on in (("the units found reordered are put back in the base's order",
+                                       (sc.get("permuted_units") or {}).get("tensors_undone")),
+                                      ("the tensors stored with the sign flipped are multiplied by -1",
+                                       (sc.get("negated_matrices") or {}).get("tensors"))) if on]
             out.append(f"{main} of parameters are bitwise unchanged{aside}"
-                       + (", once the units found reordered are put back in the base's order."
-                          if ((s.get("scope") or {}).get("permuted_units") or {}).get("tensors_undone") else "."))
+                       + (f", once {' and '.join(undone)}." if undone else "."))
         if by.get("rounding"):
             out.append(f"{share(by['rounding'] / total)} differ only within dtype rounding.")
         if by.get("quantized"):
