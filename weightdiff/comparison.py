@@ -328,6 +328,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             on_plan(the_plan)
         records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, backend, classify, progress)
         blocks, modules = aggregate(records, options.thresholds)
+        mark_fixed_tables(records, tuned_ck)
         undo: list[Undo] = []
         found, checked = permuted_units(records, bases, tuned_ck, options, undo)
         if not undo_reorderings:
@@ -439,6 +440,28 @@ class Undo:
     note: str
     trimmed: bool = False
     negate: bool = False            # the tuned tensor is the base's times -1 (``negated_matrices``)
+
+
+def mark_fixed_tables(records: Sequence[TensorRecord], tuned: Checkpoint) -> None:
+    """Note each bitwise-unchanged position table that is a fixed sinusoid (``judge.relatedness.FIXED_NOTE``):
+    Whisper's encoder, Marian's and other sinusoidal position tables are computed from a formula, the same
+    in every model of that shape, trained or not, so being equal says nothing of where a model comes from
+    (two independently initialised Whisper models read PARTIAL, "shared: embeddings", on that table alone).
+    Reads only such tables (position embeddings, unchanged, at most 64 MB)."""
+    import numpy as np
+
+    from .judge.relatedness import FIXED_NOTE, is_sinusoid_table
+    from .kernels.dtypes import decode
+
+    for r in records:
+        if r.module != "embed.pos" or r.status != "unchanged" or r.compared != "float" or len(r.shape or ()) != 2:
+            continue
+        info = tuned.tensors.get(r.name)
+        if info is None or getattr(info, "nbytes", 1 << 62) > 64 << 20:
+            continue
+        table = decode(np.asarray(tuned.read(r.name)).reshape(-1), info.dtype).reshape(tuple(r.shape))
+        if is_sinusoid_table(table, info.dtype):
+            r.note = FIXED_NOTE + (f"; {r.note}" if r.note else "")
 
 
 #: what a negated tensor's record says was done before it was measured

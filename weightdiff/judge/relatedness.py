@@ -137,6 +137,44 @@ def chosen_evidence(evidence: list[tuple[object, int]], large: int | None) -> li
     return big or list(evidence)
 
 
+#: the note of a position table computed from a formula (``comparison.mark_fixed_tables``): not evidence
+FIXED_NOTE = "a fixed sinusoidal position table, the same in every model of its shape: not evidence of relatedness"
+
+
+def is_sinusoid_table(table, dtype: str) -> bool:
+    """Whether every column of a [positions, width] table is a sinusoid of the position (sin or cos of w * p,
+    any w, a zero column allowed): v[p - 1] + v[p + 1] = 2 cos(w) v[p] within the stored dtype's rounding,
+    values within [-1, 1] and reaching it (a cos column starts at 1), at least half the columns non-zero, at
+    least 8 positions. A learned table (GPT-2's
+    wpe, Whisper's decoder positions) fails the recurrence by orders of magnitude.
+
+    >>> import numpy as np
+    >>> p = np.arange(64)[:, None]; w = 1e-4 ** (np.arange(8) / 8)
+    >>> is_sinusoid_table(np.concatenate([np.sin(p * w), np.cos(p * w)], 1), "F32")
+    True
+    >>> is_sinusoid_table(np.random.default_rng(0).normal(0, 0.02, (64, 16)), "F32")
+    False
+    """
+    import numpy as np
+
+    from ..kernels.dtypes import DTYPES
+
+    t = np.asarray(table, dtype=np.float64)
+    if t.ndim != 2 or t.shape[0] < 8 or not np.isfinite(t).all() or not 0.99 <= np.abs(t).max() <= 1.0 + 1e-6:
+        return False
+    live = np.abs(t).max(axis=0) > 0
+    if live.sum() * 2 < t.shape[1]:
+        return False
+    v, side = t[1:-1, live], t[:-2, live] + t[2:, live]
+    den = (v * v).sum(axis=0)
+    a = (v * side).sum(axis=0) / den
+    # the stored values' rounding (a few ulps at magnitude 1: the recurrence sums three of them) and the
+    # float32 rounding of the argument w * p, which grows with the position (1.2e-4 at 1,500 positions)
+    ulp = 2.0 ** -DTYPES[dtype].mant_bits if dtype in DTYPES and DTYPES[dtype].mant_bits else 2.0 ** -7
+    tol = 4.0 * ulp + 4.0 * t.shape[0] * 2.0 ** -23
+    return bool(np.all(np.abs(a) <= 2.0 + tol) and np.abs(side - a * v).max() <= tol)
+
+
 def _evidence_size(row) -> int | None:
     """The compared elements of a row that is evidence of relatedness at some size, else None."""
     get = _getter(row)
@@ -146,6 +184,8 @@ def _evidence_size(row) -> int | None:
     if cos is None or not math.isfinite(cos):
         return None
     if get("module") in ("norm", "bias") or len(get("shape") or ()) < 2:
+        return None
+    if get("module") == "embed.pos" and FIXED_NOTE in (get("note") or ""):
         return None
     kinds = tuple(_KIND.get(d) if isinstance(d, str) else None for d in (get("dtype_base"), get("dtype_tuned")))
     if "int" in kinds and "float" in kinds:

@@ -70,7 +70,11 @@ def _module_kind(rest: list[str], in_block: bool) -> str:
     last = rest[-1] if rest else ""
     body = rest[:-1] if last in ("weight", "bias") else rest
     low = [p.lower() for p in body]
-    if any(_is_norm(p) for p in low):
+    # a norm's own component, or a norm container with no attention or MLP inside it: DBRX keeps its
+    # attention under `norm_attn_norm.attn.Wqkv`, which is no norm (read so, its attention was left out of
+    # the relatedness numbers: replaced by another model's, it read "a fine-tune, 1 - cosine = 0")
+    if low and (_is_norm(low[-1]) or (any(_is_norm(p) for p in low[:-1])
+                                      and not set(low) & (_ATTN | _XATTN | _MLP))):
         return "norm"
     if last == "bias":
         return "bias"

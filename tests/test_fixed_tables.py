@@ -1,0 +1,127 @@
+"""Tensors every model of a shape shares by construction are no evidence of relatedness, and a norm in a
+container's name does not make an attention a norm (found by the architecture-zoo tester).
+
+- Whisper's encoder position table is a fixed sinusoid: two independently initialised Whisper models
+  read "PARTIAL: shared with this base: embeddings" on that table alone.
+- DBRX keeps its attention under ``norm_attn_norm.attn.*``: every attention matrix was of kind ``norm``,
+  left out of the relatedness numbers, so attention replaced by another model's read "a fine-tune,
+  1 - cosine = 0".
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import write_checkpoint
+from models import llama
+from weightdiff import compare
+from weightdiff.io.safetensors_write import to_storage
+from weightdiff.judge.relatedness import FIXED_NOTE, is_sinusoid_table
+from weightdiff.kernels.dtypes import decode
+from weightdiff.pairing.names import parse_name
+
+
+def _whisper_sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+    """transformers' ``sinusoids`` for Whisper's encoder (concatenated sin | cos), in float32."""
+    inc = np.log(max_timescale) / (channels // 2 - 1)
+    inv = np.exp(-inc * np.arange(channels // 2, dtype=np.float32)).astype(np.float32)
+    scaled = (np.arange(length, dtype=np.float32)[:, None] * inv[None, :]).astype(np.float32)
+    return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
+
+
+def _interleaved(length: int, channels: int) -> np.ndarray:
+    """The "Attention is all you need" layout (sin and cos interleaved), as fairseq/Marian build it."""
+    pos = np.arange(length)[:, None]
+    div = np.exp(np.arange(0, channels, 2) * (-np.log(10000.0) / channels))
+    t = np.zeros((length, channels))
+    t[:, 0::2], t[:, 1::2] = np.sin(pos * div), np.cos(pos * div)
+    return t.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "F64"])
+@pytest.mark.parametrize("length,channels", [(64, 128), (1500, 384), (448, 64)])
+def test_sinusoid_tables_are_recognised_in_every_layout_and_dtype(dtype, length, channels):
+    for table in (_whisper_sinusoids(length, channels), _interleaved(length, channels)):
+        stored = decode(to_storage(table.astype(np.float64), dtype), dtype).reshape(table.shape)
+        assert is_sinusoid_table(stored, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_learned_or_damaged_tables_are_not_sinusoids(dtype, rng):
+    table = _whisper_sinusoids(448, 128)
+    learned = rng.normal(0, 0.02, table.shape)
+    scaled_up = rng.uniform(-1, 1, table.shape)            # reaches 1, but no recurrence
+    trained = table + 0.01 * rng.standard_normal(table.shape)  # a sinusoid init, trained: evidence again
+    zeros = np.zeros_like(table)
+    for t in (learned, scaled_up, trained, zeros, table[:4]):
+        stored = decode(to_storage(np.asarray(t, np.float64), dtype), dtype).reshape(np.shape(t))
+        assert not is_sinusoid_table(stored, dtype)
+
+
+def _encoder(rng: np.random.Generator, positions: np.ndarray) -> dict:
+    t = llama(rng, layers=2)
+    t["model.encoder.embed_positions.weight"] = positions
+    return t
+
+
+def test_two_unrelated_models_sharing_a_sinusoid_table_read_unrelated(tmp_path):
+    table = _whisper_sinusoids(64, 128)
+    a = _encoder(np.random.default_rng(0), table)
+    b = _encoder(np.random.default_rng(1), table)
+    r = compare(write_checkpoint(tmp_path / "a", a), write_checkpoint(tmp_path / "b", b))
+    assert r.summary.verdict == "unrelated", r.summary.verdict_reason
+    pos = next(t for t in r.tensors if t.name == "model.encoder.embed_positions.weight")
+    assert pos.status == "unchanged" and FIXED_NOTE in pos.note
+
+
+def test_a_learned_position_table_shared_bitwise_is_still_evidence(tmp_path, rng):
+    learned = rng.normal(0, 0.02, (2048, 128)).astype(np.float32)     # the larger part of the embeddings
+    a = _encoder(np.random.default_rng(0), learned)
+    b = _encoder(np.random.default_rng(1), learned)
+    r = compare(write_checkpoint(tmp_path / "a", a), write_checkpoint(tmp_path / "b", b))
+    assert r.summary.verdict == "partial"
+    assert next(c for c in r.summary.components if c["component"] == "embeddings")["status"] == "shared"
+
+
+def test_a_fine_tune_beside_a_sinusoid_table_reads_a_fine_tune(tmp_path, rng):
+    base = _encoder(rng, _whisper_sinusoids(64, 128))
+    tuned = {k: v if "positions" in k else (v + 1e-3 * rng.standard_normal(v.shape)).astype(np.float32)
+             for k, v in base.items()}
+    s = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)).summary
+    assert s.verdict == "derived" and s.tensors_by_status["changed"] == len(base) - 1
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight", "attn.qkv"),
+    ("transformer.blocks.0.norm_attn_norm.attn.out_proj.weight", "attn.o"),
+    ("transformer.blocks.0.norm_attn_norm.norm_1.weight", "norm"),
+    ("transformer.blocks.0.norm_attn_norm.norm_2.weight", "norm"),
+    ("model.layers.0.self_attn.q_norm.weight", "norm"),
+    ("bert.encoder.layer.0.attention.output.LayerNorm.weight", "norm"),
+    ("model.layers.0.input_layernorm.weight", "norm"),
+    ("blocks.0.layer_norm.scale", "norm"),
+])
+def test_norm_kind_is_the_norms_own_not_its_containers(name, kind):
+    assert parse_name(name)[2] == kind
+
+
+def test_dbrx_attention_replaced_by_another_models_reads_partial(tmp_path, rng):
+    def dbrx(r: np.random.Generator) -> dict:
+        t = {"transformer.wte.weight": r.normal(0, 0.02, (512, 128)).astype(np.float32)}
+        for i in range(2):
+            p = f"transformer.blocks.{i}."
+            t[p + "norm_attn_norm.norm_1.weight"] = np.ones(128, np.float32)
+            t[p + "norm_attn_norm.attn.Wqkv.weight"] = r.normal(0, 0.02, (256, 128)).astype(np.float32)
+            t[p + "norm_attn_norm.attn.out_proj.weight"] = r.normal(0, 0.02, (128, 128)).astype(np.float32)
+            t[p + "norm_attn_norm.norm_2.weight"] = np.ones(128, np.float32)
+            t[p + "ffn.experts.mlp.w1"] = r.normal(0, 0.02, (512, 128)).astype(np.float32)
+            t[p + "ffn.experts.mlp.w2"] = r.normal(0, 0.02, (512, 128)).astype(np.float32)
+        t["lm_head.weight"] = r.normal(0, 0.02, (512, 128)).astype(np.float32)
+        return t
+
+    base, other = dbrx(rng), dbrx(np.random.default_rng(99))
+    tuned = {k: other[k] if ".attn." in k else v for k, v in base.items()}
+    s = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)).summary
+    assert s.verdict == "partial"
+    unrelated = {c["component"] for c in s.components if c["status"] == "unrelated"}
+    assert unrelated == {"blocks.0 attn", "blocks.1 attn"}
