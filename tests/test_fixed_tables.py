@@ -125,3 +125,59 @@ def test_dbrx_attention_replaced_by_another_models_reads_partial(tmp_path, rng):
     assert s.verdict == "partial"
     unrelated = {c["component"] for c in s.components if c["status"] == "unrelated"}
     assert unrelated == {"blocks.0 attn", "blocks.1 attn"}
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("model.layers.1.block_sparse_moe.input_linear.0.weight", "mlp.up"),      # GraniteMoE, split per expert
+    ("model.layers.1.block_sparse_moe.output_linear.3.weight", "mlp.down"),
+    ("model.layers.1.block_sparse_moe.router.layer.weight", "mlp.router"),
+    ("transformer.blocks.0.ffn.experts.mlp.v1", "mlp.up"),                    # DBRX
+    ("transformer.blocks.0.ffn.router.layer.weight", "mlp.router"),
+    ("backbone.embeddings.weight", "embed"),                                  # Mamba, RWKV
+    ("model.layers.0.block_sparse_moe.experts.3.w1.weight", "mlp.gate"),
+])
+def test_expert_slices_routers_and_ssm_tables_get_their_kind(name, kind):
+    assert parse_name(name)[2] == kind
+
+
+def _ssm(rng: np.random.Generator, vocab: int, prefix: str) -> dict:
+    t = {f"{prefix}embeddings.weight": rng.normal(0, 0.02, (vocab, 128)).astype(np.float32)}
+    for i in range(2):
+        p = f"{prefix}layers.{i}.mixer."
+        t[p + "in_proj.weight"] = rng.normal(0, 0.02, (512, 128)).astype(np.float32)
+        t[p + "out_proj.weight"] = rng.normal(0, 0.02, (128, 256)).astype(np.float32)
+        t[f"{prefix}layers.{i}.norm.weight"] = np.ones(128, np.float32)
+    t["head.weight"] = rng.normal(0, 0.02, (vocab, 128)).astype(np.float32)
+    return t
+
+
+@pytest.mark.parametrize("prefix", ["backbone.", "rwkv."])
+def test_ssm_vocabulary_resize_compares_the_shared_rows(tmp_path, rng, prefix):
+    """Mamba's and RWKV's `embeddings.weight` (and RWKV's `head.weight`) grown by 8 tokens and trained: the
+    shared rows were not compared (shape mismatch), and the summary read relative change 0."""
+    base = _ssm(rng, 512, prefix)
+    tuned = dict(base)
+    for name in (f"{prefix}embeddings.weight", "head.weight"):
+        grown = np.concatenate([base[name], rng.normal(0, 0.02, (8, 128)).astype(np.float32)])
+        grown[:512] += 1e-3 * rng.standard_normal((512, 128)).astype(np.float32)
+        tuned[name] = grown
+    s = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)).summary
+    assert "resized_embeddings" in s.flags and "shape_mismatch" not in s.flags
+    assert s.relative_change > 0 and s.coverage["base"]["share"] == 1.0
+
+
+def test_rows_added_beside_a_tensor_of_another_shape_is_not_called_a_fine_tune(tmp_path, rng):
+    """BART: tokens added; `final_logits_bias` [1, vocab] is of another shape (not compared). Nothing was
+    trained, but the title read "a fine-tune of this base", and the reason had two parentheses in a row."""
+    base = llama(rng, layers=2)
+    base["final_logits_bias"] = np.zeros((1, 512), np.float32)
+    tuned = dict(base)
+    tuned["model.embed_tokens.weight"] = np.concatenate([base["model.embed_tokens.weight"],
+                                                         rng.normal(0, 0.02, (8, 128)).astype(np.float32)])
+    tuned["final_logits_bias"] = np.zeros((1, 520), np.float32)
+    s = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)).summary
+    from weightdiff.render.sentences import verdict_title
+
+    title = verdict_title(s.to_dict())
+    assert "fine-tune" not in title and "none of its other weights changed" in title, title
+    assert ") (" not in s.verdict_reason and "only resized" in s.verdict_reason and "another shape" in s.verdict_reason

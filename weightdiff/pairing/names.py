@@ -24,7 +24,7 @@ __all__ = ["parse_name", "block_slot", "clear_name_caches", "group_of", "compone
            "is_router"]
 
 _EMBED_LEAVES = ("embed_tokens", "wte", "word_embeddings", "shared", "embed_in", "tok_embeddings",
-                 "token_embedding", "embedding")
+                 "token_embedding", "embedding", "embeddings")   # (Mamba's, RWKV's `backbone.embeddings.weight`)
 _HEAD_NAMES = ("lm_head", "embed_out", "output", "cls.predictions.decoder")
 
 _WRAPPERS = {"model", "transformer", "base_model", "bert", "roberta", "xlm_roberta", "vit", "deit", "gpt_neox",
@@ -42,8 +42,9 @@ _ATTN_LEAF = {
 }
 _MLP_LEAF = {
     "gate": {"gate_proj", "w1", "wi_0"},
-    "up": {"up_proj", "c_fc", "fc1", "wi", "wi_1", "w3", "dense_h_to_4h", "fc_in", "lin1", "gate_up_proj"},
-    "down": {"down_proj", "c_proj", "fc2", "wo", "w2", "dense_4h_to_h", "fc_out", "lin2"},
+    "up": {"up_proj", "c_fc", "fc1", "wi", "wi_1", "w3", "dense_h_to_4h", "fc_in", "lin1", "gate_up_proj",
+           "input_linear", "v1"},                          # (GraniteMoE's gate|up, DBRX's up)
+    "down": {"down_proj", "c_proj", "fc2", "wo", "w2", "dense_4h_to_h", "fc_out", "lin2", "output_linear"},
     "router": {"gate", "router", "classifier"},
 }
 # leaves that name their module without a context (e.g. ``layers.0.q_proj``)
@@ -78,7 +79,14 @@ def _module_kind(rest: list[str], in_block: bool) -> str:
         return "norm"
     if last == "bias":
         return "bias"
+    if low and low[-1].isdecimal() and len(low) > 1:
+        # one expert's slice of a stacked tensor (GraniteMoE's `input_linear.3`): the kind is the tensor's
+        low = low[:-1]
     leaf = low[-1] if low else ""
+    if leaf == "embeddings":                    # Mamba's and RWKV's token table, `backbone.embeddings.weight`
+        return "embed"
+    if leaf == "layer" and len(low) > 1 and low[-2] == "router":   # GraniteMoE's, DBRX's `router.layer`
+        return "mlp.router"
     joined = ".".join(low)
     if leaf in ("lm_head", "embed_out") or joined.endswith("cls.predictions.decoder") or \
             (not in_block and joined == "output"):
@@ -244,8 +252,10 @@ def is_lm_head(name: str) -> bool:
     (True, False)
     """
     leaf = _leaf(name)
-    return name.endswith(".weight") and any(leaf == h or leaf.endswith("." + h) and h != "output"
-                                            for h in _HEAD_NAMES)
+    # a bare top-level `head.weight` is RWKV's output projection (and a classifier's, whose rows are classes:
+    # resized the same way when classes are added)
+    return name.endswith(".weight") and (leaf == "head" or any(leaf == h or leaf.endswith("." + h) and h != "output"
+                                                               for h in _HEAD_NAMES))
 
 
 def _vocab_like(name: str) -> bool:

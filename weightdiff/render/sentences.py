@@ -213,13 +213,18 @@ def _derived_special(summary: dict) -> str | None:
         what.append("some of its matrices stored with the sign flipped (times -1)")
     if not what:
         return None
+    # rows added or removed, the shared rows unchanged, beside tensors of another shape (a vocabulary grown
+    # beside BART's [1, vocab] final_logits_bias): nothing trained, not "a fine-tune"
+    grown = int(scope.get("tensors_only_resized") or 0) if mism else 0
+    if grown:
+        what.insert(0, "rows added to or removed from some of its tensors (their shared rows unchanged)")
     routed = int(perm.get("routers_changed") or 0)              # routers left in place: counted as changed
     reordered = int(perm.get("tensors_changed") or 0) - routed
     changed -= routed
     mism += int(perm.get("tensors_resized") or 0)               # trimmed tables: rows kept, not trained
     undone = perm.get("undone") or {}
     measured = all(set(v) - {"router"} <= set(undone.get(b, ())) for b, v in (perm.get("blocks") or {}).items())
-    if changed == zeroed + reordered and resized == mism and not (reordered and measured):   # nothing else moved
+    if changed == zeroed + reordered and resized == mism + grown and not (reordered and measured):   # nothing else moved
         tail = "none of its other weights changed" if not reordered else \
             "no other weight changed, and what changed beneath the reordering is not measured here"
         return f"DERIVED: this base with {_and(what)}; {tail}."
@@ -594,15 +599,16 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     # quantization noise floor) changed only by its new (or dropped) rows
     grown = int(scope.get("tensors_only_resized") or 0)
     bitwise = sum(1 for t in counted if t.get("status") == "resized" and t.get("frac_changed") == 0)
-    only = ((f" ({count(grown)} of them only resized: rows added or removed, the shared rows bitwise unchanged)"
-             if bitwise >= grown else
-             f" ({count(grown)} of them only resized: rows added or removed, the shared rows unchanged beyond "
-             "rounding or their quantization noise floor)") if grown else "")
+    asides = [(f"{count(grown)} of them only resized: rows added or removed, the shared rows bitwise unchanged"
+               if bitwise >= grown else
+               f"{count(grown)} of them only resized: rows added or removed, the shared rows unchanged beyond "
+               "rounding or their quantization noise floor")] if grown else []
     reshaped = scope.get("tensors_reshaped") or {}
     if reshaped.get("tensors"):
         n = int(reshaped["tensors"])
-        only += (f" ({count(n)} of them of another shape than in the base, {count(reshaped.get('params_base'))} base "
-                 "parameters: not compared, so nothing is known of how they relate to it)")
+        asides.append(f"{count(n)} of them of another shape than in the base, {count(reshaped.get('params_base'))} "
+                      "base parameters: not compared, so nothing is known of how they relate to it")
+    only = f" ({'; '.join(asides)})" if asides else ""      # one parenthesis, not two in a row
     removed = int(tbs.get("removed") or 0)
     # removed base tensors are not among the tuned model's tensors: said apart, or "0 of 37 tensors changed"
     # reads as if nothing differed (an ONNX export that leaves out the unused pooler)
