@@ -118,3 +118,32 @@ def test_lineage_html_footer_points_to_no_missing_section():
     assert "What these numbers show" not in html and "weights only.</p>" in html
     html = render_html([Block("h1", "M"), Block("h2", "What these numbers show, and what they do not", "limits")], "t")
     assert "see “What these numbers show, and what they do not”." in html
+
+
+def test_a_chain_that_returns_to_its_start_doubles_back(chain):
+    """base -> sft -> base: the end to end is identical (norm 0) while step 1 moved 5e-2; the finding
+    required 0 < end-to-end norm, so the strongest case of doubling back got none."""
+    base, sft, _ = chain
+    r = lineage([base, sft, base + "/model.safetensors"], rank=False)
+    assert r.end_to_end["verdict"] == "identical" and r.end_to_end["norm_delta"] == 0
+    assert any(f.startswith(f"the chain ends where it began: `{base}` and `{base}/model.safetensors` are identical, "
+                            "although step ") and "the steps' changes cancel out exactly" in f
+               for f in r.findings), r.findings
+    # the repeated checkpoint is named, whatever its spelling
+    assert f"`{base}` and `{base}/model.safetensors` (positions 1 and 3) are the same checkpoint: steps 1 to 2 " \
+           "lead from it back to it" in r.findings
+    assert not any("same checkpoint" in f for f in lineage(chain, rank=False).findings)
+
+
+def test_a_step_from_a_checkpoint_to_itself_is_refused(chain, tmp_path):
+    """`lineage base base` and `lineage base ./base/` ran a step that measures nothing, without comment."""
+    base, sft, _ = chain
+    for paths in ([base, base], [base, base + "/", sft], [sft, base, base + "/model.safetensors"]):
+        with pytest.raises(OptionsError, match="are the same checkpoint: a step from a model to itself measures"):
+            lineage(paths, rank=False)
+    (tmp_path / "link").symlink_to(base)
+    res = CliRunner().invoke(main, ["lineage", base, str(tmp_path / "link"), "-q"])
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr == (f"error: `{base}` and `{tmp_path / 'link'}` (positions 1 and 2 of the chain) are the same "
+                          "checkpoint: a step from a model to itself measures nothing (list each model once where "
+                          "the chain passes it; to compare two copies of one model, use weightdiff compare)\n")

@@ -107,6 +107,14 @@ def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
             opened.append(stack.enter_context(locate(p, hub)))
             if opened[-1].origin:
                 say(opened[-1].origin)
+        keys = [_identity(c, p) for c, p in zip(opened, paths)]
+        for i in range(1, len(paths)):
+            if keys[i] == keys[i - 1]:
+                raise OptionsError(
+                    f"`{paths[i - 1]}` and `{paths[i]}` (positions {i} and {i + 1} of the chain) are the same "
+                    "checkpoint: a step from a model to itself measures nothing",
+                    "list each model once where the chain passes it; to compare two copies of one model, "
+                    "use weightdiff compare")
         for (a, ca), (b, cb) in zip(zip(paths, opened), zip(paths[1:], opened[1:])):
             say(f"comparing {a} -> {b}")
             steps.append(step_summary(compare(ca, cb, options=options), a, b))
@@ -125,9 +133,35 @@ def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
     blocks = [{"block": b, "steps": [s["blocks"].get(b) for s in steps], "end_to_end": end["blocks"].get(b)}
               for b in names]
     return LineageResult(settings=options.settings(), paths=paths, steps=steps, end_to_end=end, blocks=blocks,
-                         findings=_findings(steps, end),
+                         findings=_findings(steps, end) + _repeats(paths, keys),
                          run={"date": date, "seconds": round(time.perf_counter() - t0, 3), "command": command,
                               "versions": versions()})
+
+
+def _identity(ck: Any, path: str) -> Any:
+    """What makes two spellings one checkpoint: its weight files' real paths (``B``, ``./B/``,
+    ``B/model.safetensors`` and a symlink to it are one), a Hub checkpoint's repo and commit."""
+    if ck.hub is not None:
+        return ("hub", ck.hub.get("repo_id"), ck.hub.get("commit"), ck.hub.get("subfolder"),
+                tuple(sorted(f["name"] for f in ck.hub.get("files") or ())))
+    files = [os.path.realpath(f) for f in ck.files or ()]
+    return frozenset(files) if files else ("path", os.path.realpath(path))
+
+
+def _repeats(paths: list[str], keys: list) -> list[str]:
+    """A finding per checkpoint the chain lists more than once (never next to itself: refused).
+
+    >>> _repeats(["a", "b", "./a/"], ["A", "B", "A"])
+    ['`a` and `./a/` (positions 1 and 3) are the same checkpoint: steps 1 to 2 lead from it back to it']
+    """
+    out, seen = [], {}
+    for j, k in enumerate(keys):
+        if k in seen:
+            i = seen[k]
+            out.append(f"`{paths[i]}` and `{paths[j]}` (positions {i + 1} and {j + 1}) are the same checkpoint: "
+                       f"steps {i + 1} to {j} lead from it back to it")
+        seen[k] = j
+    return out
 
 
 def _findings(steps: list[dict], end: dict) -> list[str]:
@@ -150,8 +184,16 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
         # the ends closer than the longest step: a later step undid part of an earlier one, or the
         # models are listed out of order (B-chat, B, B-instruct); fine-tunes in order move the ends
         # apart at least as far as their longest step unless they reverse it
+        # (nothing compared end to end reads norm 0 too: no finding then)
         e_norm, s_norm = end.get("norm_delta"), steps[big]["norm_delta"]
-        if e_norm is not None and s_norm is not None and 0 < e_norm < s_norm:
+        if end["verdict"] == "identical" and s_norm:
+            # the strongest case: the steps undid each other entirely
+            out.append(f"the chain ends where it began: `{end['from']}` and `{end['to']}` are identical, although "
+                       f"step {big + 1} alone moved the weights by a relative change of "
+                       f"{sci(steps[big]['relative_change'])}: the steps' changes cancel out exactly, so "
+                       "the chain doubles back and its order may not be the order the models were made in (the "
+                       "weights do not say which came first)")
+        elif e_norm is not None and s_norm is not None and e_norm < s_norm and end["relative_change"] is not None:
             out.append(f"the end-to-end change is smaller than step {big + 1}'s ({sci(end['relative_change'])} "
                        f"against {sci(steps[big]['relative_change'])}): the chain doubles back, so its order may "
                        "not be the order the models were made in (the weights do not say which came first)")
