@@ -147,3 +147,24 @@ def test_a_step_from_a_checkpoint_to_itself_is_refused(chain, tmp_path):
     assert res.stderr == (f"error: `{base}` and `{tmp_path / 'link'}` (positions 1 and 2 of the chain) are the same "
                           "checkpoint: a step from a model to itself measures nothing (list each model once where "
                           "the chain passes it; to compare two copies of one model, use weightdiff compare)\n")
+
+
+def test_a_step_where_nothing_was_compared_claims_no_changed_block(chain, tmp_path):
+    """sft -> a model of another width: the step read "inconclusive, relative change n/a, 3 of 3 blocks
+    changed", the table 3/3 and a path share of 0% though nothing of it was compared."""
+    narrow = str(write_checkpoint(tmp_path / "narrow", llama(np.random.default_rng(5), layers=3, hidden=32,
+                                                                 inter=64, vocab=256)))
+    base, sft, _ = chain
+    r = lineage([base, sft, narrow], rank=False)
+    s = r.steps[1]
+    assert (s["blocks_changed"], s["blocks_reshaped"], s["params_compared"], s["share_of_path"]) == (0, 3, 0, None)
+    assert r.steps[0]["share_of_path"] is None and r.end_to_end["straightness"] is None
+    assert f"step 2 (`{sft}` -> `{narrow}`): inconclusive, relative change n/a, none of the 3 blocks could be " \
+           "compared" in r.findings
+    assert "end to end: relative change n/a; path length not measured (step 2 could not be compared)" in r.findings
+    assert "step 2: no element of the two models could be compared, so the chain is not measured there" in r.findings
+    d = json.loads(r.to_json())
+    rows = {line.split()[0] + line.split()[1]: line for line in lineage_text(d).splitlines() if line.startswith("step")}
+    assert rows["step2"].split()[-2:] == ["n/a", "n/a"] and "1/3" in rows["step1"]
+    md = to_markdown(lineage_blocks(d), {})
+    assert "| n/a (none could be compared) |" in md

@@ -25,7 +25,7 @@ from .comparison import Comparison, compare, run_date, versions
 from .errors import CheckpointError, OptionsError
 from .options import CompareOptions, HubOptions, options_from_kwargs
 from .records import dumps
-from .render.formats import sci, share
+from .render.formats import sci, share, step_blocks_text, step_compared
 
 SCHEMA = "weightdiff.lineage/1"
 PathLike = Union[str, os.PathLike]
@@ -68,6 +68,10 @@ def step_summary(cmp: Comparison, src: str, dst: str) -> dict:
             "one_minus_cosine": None if cos is None else 1.0 - cos,
             "tensors_changed": s.scope.get("tensors_changed"), "tensors_total": s.scope.get("tensors_total"),
             "blocks_changed": s.blocks_changed, "blocks_total": s.blocks_total,
+            # blocks whose only difference is tensors of another shape (not compared), and the tuned parameters
+            # compared at all: 0 when nothing could be (another width), so no block is said to have changed
+            "blocks_reshaped": s.scope.get("blocks_reshaped", 0),
+            "params_compared": int(((s.coverage or {}).get("tuned") or {}).get("compared") or 0),
             "delta_params": s.delta_params, "delta_params_share": s.delta_params_share,
             # (an upper bound when some energy rank is a bracket: the least it could be, else null)
             "delta_params_lower": s.delta_params_lower,
@@ -123,10 +127,11 @@ def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
             end = step_summary(compare(opened[0], opened[-1], options=options), paths[0], paths[-1])
         else:
             end = dict(steps[0])
-    total = sum(s["norm_delta"] for s in steps)
+    # a step of which nothing was compared has no measured length (its norm reads 0): the path has none
+    total = sum(s["norm_delta"] for s in steps) if all(step_compared(s) for s in steps) else 0.0
     for s in steps:
         s["share_of_path"] = s["norm_delta"] / total if total > 0 else None
-    end["straightness"] = end["norm_delta"] / total if total > 0 else None
+    end["straightness"] = end["norm_delta"] / total if total > 0 and step_compared(end) else None
     names: list[str] = []
     for s in [*steps, end]:
         names += [b for b in s["blocks"] if b not in names]
@@ -169,13 +174,16 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
     for i, s in enumerate(steps, 1):
         rc = s["relative_change"]
         out.append(f"step {i} (`{s['from']}` -> `{s['to']}`): {s['verdict']}, relative change "
-                   f"{sci(rc) if rc is not None else 'n/a'}, {s['blocks_changed']} of "
-                   f"{s['blocks_total']} blocks changed")
+                   f"{sci(rc) if rc is not None else 'n/a'}, {step_blocks_text(s)}")
     if len(steps) > 1:
         big = max(range(len(steps)), key=lambda i: steps[i]["norm_delta"])
         rc = end["relative_change"]
         text = f"end to end: relative change {sci(rc) if rc is not None else 'n/a'}; "
-        if steps[big]["share_of_path"] is None:   # no step moved a compared float tensor (or none shared one)
+        blind = [str(i) for i, s in enumerate(steps, 1) if not step_compared(s)]
+        if blind:
+            text += (f"path length not measured (step{'s' if len(blind) > 1 else ''} {', '.join(blind)} could not "
+                     "be compared)")
+        elif steps[big]["share_of_path"] is None:   # no step moved a compared float tensor (or none shared one)
             text += "path length not measured (no step changed a tensor it shares with the one before)"
         else:
             text += (f"step {big + 1} moved the weights most ({share(steps[big]['share_of_path'])} of the path "
@@ -200,6 +208,9 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
         for i, s in enumerate(steps, 1):
             if s["verdict"] == "unrelated":
                 out.append(f"step {i} is not a fine-tune of the previous model: the chain is broken there")
+            elif not step_compared(s):
+                out.append(f"step {i}: no element of the two models could be compared, so the chain is not "
+                           "measured there")
             elif s["verdict"] in ("partial", "inconclusive"):
                 out.append(f"step {i} is {s['verdict']}: only part of the chain holds there (see its comparison)")
     return out
