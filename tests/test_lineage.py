@@ -118,3 +118,53 @@ def test_lineage_html_footer_points_to_no_missing_section():
     assert "What these numbers show" not in html and "weights only.</p>" in html
     html = render_html([Block("h1", "M"), Block("h2", "What these numbers show, and what they do not", "limits")], "t")
     assert "see “What these numbers show, and what they do not”." in html
+
+
+def test_a_chain_that_returns_to_its_start_doubles_back(chain):
+    """base -> sft -> base: the end to end is identical (norm 0) while step 1 moved 5e-2; the finding
+    required 0 < end-to-end norm, so the strongest case of doubling back got none."""
+    base, sft, _ = chain
+    r = lineage([base, sft, base + "/model.safetensors"], rank=False)
+    assert r.end_to_end["verdict"] == "identical" and r.end_to_end["norm_delta"] == 0
+    assert any(f.startswith(f"the chain ends where it began: `{base}` and `{base}/model.safetensors` are identical, "
+                            "although step ") and "the steps' changes cancel out exactly" in f
+               for f in r.findings), r.findings
+    # the repeated checkpoint is named, whatever its spelling
+    assert f"`{base}` and `{base}/model.safetensors` (positions 1 and 3) are the same checkpoint: steps 1 to 2 " \
+           "lead from it back to it" in r.findings
+    assert not any("same checkpoint" in f for f in lineage(chain, rank=False).findings)
+
+
+def test_a_step_from_a_checkpoint_to_itself_is_refused(chain, tmp_path):
+    """`lineage base base` and `lineage base ./base/` ran a step that measures nothing, without comment."""
+    base, sft, _ = chain
+    for paths in ([base, base], [base, base + "/", sft], [sft, base, base + "/model.safetensors"]):
+        with pytest.raises(OptionsError, match="are the same checkpoint: a step from a model to itself measures"):
+            lineage(paths, rank=False)
+    (tmp_path / "link").symlink_to(base)
+    res = CliRunner().invoke(main, ["lineage", base, str(tmp_path / "link"), "-q"])
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr == (f"error: `{base}` and `{tmp_path / 'link'}` (positions 1 and 2 of the chain) are the same "
+                          "checkpoint: a step from a model to itself measures nothing (list each model once where "
+                          "the chain passes it; to compare two copies of one model, use weightdiff compare)\n")
+
+
+def test_a_step_where_nothing_was_compared_claims_no_changed_block(chain, tmp_path):
+    """sft -> a model of another width: the step read "inconclusive, relative change n/a, 3 of 3 blocks
+    changed", the table 3/3 and a path share of 0% though nothing of it was compared."""
+    narrow = str(write_checkpoint(tmp_path / "narrow", llama(np.random.default_rng(5), layers=3, hidden=32,
+                                                                 inter=64, vocab=256)))
+    base, sft, _ = chain
+    r = lineage([base, sft, narrow], rank=False)
+    s = r.steps[1]
+    assert (s["blocks_changed"], s["blocks_reshaped"], s["params_compared"], s["share_of_path"]) == (0, 3, 0, None)
+    assert r.steps[0]["share_of_path"] is None and r.end_to_end["straightness"] is None
+    assert f"step 2 (`{sft}` -> `{narrow}`): inconclusive, relative change n/a, none of the 3 blocks could be " \
+           "compared" in r.findings
+    assert "end to end: relative change n/a; path length not measured (step 2 could not be compared)" in r.findings
+    assert "step 2: no element of the two models could be compared, so the chain is not measured there" in r.findings
+    d = json.loads(r.to_json())
+    rows = {line.split()[0] + line.split()[1]: line for line in lineage_text(d).splitlines() if line.startswith("step")}
+    assert rows["step2"].split()[-2:] == ["n/a", "n/a"] and "1/3" in rows["step1"]
+    md = to_markdown(lineage_blocks(d), {})
+    assert "| n/a (none could be compared) |" in md

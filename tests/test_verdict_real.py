@@ -386,8 +386,12 @@ def test_tensors_of_another_shape_are_never_counted_as_a_measured_fine_tune(tmp_
                                                    "params_tuned": 12 * 64 * 64}
     assert verdict_title(r.to_dict()["summary"]) == \
         "DERIVED: this base with some tensors of another shape (not compared); none of its other weights changed."
-    assert "12 of them of another shape than in the base, 98,304 base parameters: not compared" in \
+    # counted apart from the changed tensors (no number measured them), and so are their blocks
+    assert "0 of 39 tensors changed (12 others are of another shape than in the base, 98,304 base parameters: not "\
+           "compared" in r.summary.verdict_reason
+    assert "in 0 of 4 blocks (4 others hold tensors of another shape than in the base, not compared)" in \
         r.summary.verdict_reason
+    assert (r.summary.blocks_changed, r.summary.scope["blocks_reshaped"], r.summary.scope["tensors_changed"]) == (0, 4, 0)
     # the components (the memo's table) show the MLPs apart as reshaped, not inside "shared" blocks
     status = {c["component"]: c["status"] for c in r.summary.components}
     assert all(status[f"layers.{i} mlp"] == "reshaped" and status[f"layers.{i} attn"] == "shared" for i in range(4))
@@ -1158,3 +1162,28 @@ def _load(folder):
     from safetensors.numpy import load_file
 
     return load_file(str(folder / "model.safetensors"))
+
+
+def test_a_narrower_student_claims_no_changed_block_and_no_cost(tmp_path):
+    """Nothing compared (another width), yet the scope line read "4 of 4 blocks changed; 39 of 39 tensors" and
+    "delta params 430,944 (100% of the model: parameters needed to write the change down)"."""
+    from models import llama
+    from weightdiff.render.sentences import headline
+    from weightdiff.render.terminal import render_text
+
+    write_checkpoint(tmp_path / "b", llama(np.random.default_rng(1), layers=2, hidden=64, inter=128, vocab=256))
+    write_checkpoint(tmp_path / "t", llama(np.random.default_rng(2), layers=2, hidden=32, inter=64, vocab=256))
+    d = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    s = d["summary"]
+    assert (s["blocks_changed"], s["scope"]["blocks_changed"], s["scope"]["tensors_changed"]) == (0, 0, 0)
+    assert s["scope"]["blocks_reshaped"] == 2 and s["scope"]["changed_blocks"] == []
+    assert all(b["params_changed"] == 0 and b["tensors_changed"] == 0 for b in d["blocks"])
+    n = s["scope"]["tensors_reshaped"]["tensors"]
+    text = render_text(d)
+    assert f"scope     none of the 2 blocks could be compared; none of the {n} tensors could be compared ({n} of " \
+           "another shape than in the base)\n" in text
+    assert "delta params      n/a (nothing was compared: no change was measured to write down)\n" in text
+    assert "blocks changed" not in text and "write the change down" not in text.replace("no change was measured to write down", "")
+    lines = headline(d)
+    assert "None of the 2 blocks could be compared." in lines
+    assert not any("Writing the change down" in x or "blocks changed" in x for x in lines), lines

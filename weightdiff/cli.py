@@ -382,8 +382,9 @@ def lineage_cmd(paths, json_out, csv_out, report_out, quiet, **opts):
 
     PATHS are two or more checkpoints, oldest first (base -> SFT -> DPO). Every
     consecutive pair and the first against the last are compared; the relative
-    change per block and step shows which step injected what. Exit code 0 when the
-    comparisons ran, 2 for bad input.
+    change per block and step shows which step injected what. A checkpoint listed twice
+    gets a finding (and one listed twice in a row is refused: that step measures
+    nothing). Exit code 0 when the comparisons ran, 2 for bad input.
 
     \b
     Example:

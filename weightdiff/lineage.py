@@ -25,7 +25,7 @@ from .comparison import Comparison, compare, run_date, versions
 from .errors import CheckpointError, OptionsError
 from .options import CompareOptions, HubOptions, options_from_kwargs
 from .records import dumps
-from .render.formats import sci, share
+from .render.formats import sci, share, step_blocks_text, step_compared
 
 SCHEMA = "weightdiff.lineage/1"
 PathLike = Union[str, os.PathLike]
@@ -68,6 +68,10 @@ def step_summary(cmp: Comparison, src: str, dst: str) -> dict:
             "one_minus_cosine": None if cos is None else 1.0 - cos,
             "tensors_changed": s.scope.get("tensors_changed"), "tensors_total": s.scope.get("tensors_total"),
             "blocks_changed": s.blocks_changed, "blocks_total": s.blocks_total,
+            # blocks whose only difference is tensors of another shape (not compared), and the tuned parameters
+            # compared at all: 0 when nothing could be (another width), so no block is said to have changed
+            "blocks_reshaped": s.scope.get("blocks_reshaped", 0),
+            "params_compared": int(((s.coverage or {}).get("tuned") or {}).get("compared") or 0),
             "delta_params": s.delta_params, "delta_params_share": s.delta_params_share,
             # (an upper bound when some energy rank is a bracket: the least it could be, else null)
             "delta_params_lower": s.delta_params_lower,
@@ -107,6 +111,14 @@ def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
             opened.append(stack.enter_context(locate(p, hub)))
             if opened[-1].origin:
                 say(opened[-1].origin)
+        keys = [_identity(c, p) for c, p in zip(opened, paths)]
+        for i in range(1, len(paths)):
+            if keys[i] == keys[i - 1]:
+                raise OptionsError(
+                    f"`{paths[i - 1]}` and `{paths[i]}` (positions {i} and {i + 1} of the chain) are the same "
+                    "checkpoint: a step from a model to itself measures nothing",
+                    "list each model once where the chain passes it; to compare two copies of one model, "
+                    "use weightdiff compare")
         for (a, ca), (b, cb) in zip(zip(paths, opened), zip(paths[1:], opened[1:])):
             say(f"comparing {a} -> {b}")
             steps.append(step_summary(compare(ca, cb, options=options), a, b))
@@ -115,19 +127,46 @@ def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
             end = step_summary(compare(opened[0], opened[-1], options=options), paths[0], paths[-1])
         else:
             end = dict(steps[0])
-    total = sum(s["norm_delta"] for s in steps)
+    # a step of which nothing was compared has no measured length (its norm reads 0): the path has none
+    total = sum(s["norm_delta"] for s in steps) if all(step_compared(s) for s in steps) else 0.0
     for s in steps:
         s["share_of_path"] = s["norm_delta"] / total if total > 0 else None
-    end["straightness"] = end["norm_delta"] / total if total > 0 else None
+    end["straightness"] = end["norm_delta"] / total if total > 0 and step_compared(end) else None
     names: list[str] = []
     for s in [*steps, end]:
         names += [b for b in s["blocks"] if b not in names]
     blocks = [{"block": b, "steps": [s["blocks"].get(b) for s in steps], "end_to_end": end["blocks"].get(b)}
               for b in names]
     return LineageResult(settings=options.settings(), paths=paths, steps=steps, end_to_end=end, blocks=blocks,
-                         findings=_findings(steps, end),
+                         findings=_findings(steps, end) + _repeats(paths, keys),
                          run={"date": date, "seconds": round(time.perf_counter() - t0, 3), "command": command,
                               "versions": versions()})
+
+
+def _identity(ck: Any, path: str) -> Any:
+    """What makes two spellings one checkpoint: its weight files' real paths (``B``, ``./B/``,
+    ``B/model.safetensors`` and a symlink to it are one), a Hub checkpoint's repo and commit."""
+    if ck.hub is not None:
+        return ("hub", ck.hub.get("repo_id"), ck.hub.get("commit"), ck.hub.get("subfolder"),
+                tuple(sorted(f["name"] for f in ck.hub.get("files") or ())))
+    files = [os.path.realpath(f) for f in ck.files or ()]
+    return frozenset(files) if files else ("path", os.path.realpath(path))
+
+
+def _repeats(paths: list[str], keys: list) -> list[str]:
+    """A finding per checkpoint the chain lists more than once (never next to itself: refused).
+
+    >>> _repeats(["a", "b", "./a/"], ["A", "B", "A"])
+    ['`a` and `./a/` (positions 1 and 3) are the same checkpoint: steps 1 to 2 lead from it back to it']
+    """
+    out, seen = [], {}
+    for j, k in enumerate(keys):
+        if k in seen:
+            i = seen[k]
+            out.append(f"`{paths[i]}` and `{paths[j]}` (positions {i + 1} and {j + 1}) are the same checkpoint: "
+                       f"steps {i + 1} to {j} lead from it back to it")
+        seen[k] = j
+    return out
 
 
 def _findings(steps: list[dict], end: dict) -> list[str]:
@@ -135,13 +174,16 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
     for i, s in enumerate(steps, 1):
         rc = s["relative_change"]
         out.append(f"step {i} (`{s['from']}` -> `{s['to']}`): {s['verdict']}, relative change "
-                   f"{sci(rc) if rc is not None else 'n/a'}, {s['blocks_changed']} of "
-                   f"{s['blocks_total']} blocks changed")
+                   f"{sci(rc) if rc is not None else 'n/a'}, {step_blocks_text(s)}")
     if len(steps) > 1:
         big = max(range(len(steps)), key=lambda i: steps[i]["norm_delta"])
         rc = end["relative_change"]
         text = f"end to end: relative change {sci(rc) if rc is not None else 'n/a'}; "
-        if steps[big]["share_of_path"] is None:   # no step moved a compared float tensor (or none shared one)
+        blind = [str(i) for i, s in enumerate(steps, 1) if not step_compared(s)]
+        if blind:
+            text += (f"path length not measured (step{'s' if len(blind) > 1 else ''} {', '.join(blind)} could not "
+                     "be compared)")
+        elif steps[big]["share_of_path"] is None:   # no step moved a compared float tensor (or none shared one)
             text += "path length not measured (no step changed a tensor it shares with the one before)"
         else:
             text += (f"step {big + 1} moved the weights most ({share(steps[big]['share_of_path'])} of the path "
@@ -150,14 +192,25 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
         # the ends closer than the longest step: a later step undid part of an earlier one, or the
         # models are listed out of order (B-chat, B, B-instruct); fine-tunes in order move the ends
         # apart at least as far as their longest step unless they reverse it
+        # (nothing compared end to end reads norm 0 too: no finding then)
         e_norm, s_norm = end.get("norm_delta"), steps[big]["norm_delta"]
-        if e_norm is not None and s_norm is not None and 0 < e_norm < s_norm:
+        if end["verdict"] == "identical" and s_norm:
+            # the strongest case: the steps undid each other entirely
+            out.append(f"the chain ends where it began: `{end['from']}` and `{end['to']}` are identical, although "
+                       f"step {big + 1} alone moved the weights by a relative change of "
+                       f"{sci(steps[big]['relative_change'])}: the steps' changes cancel out exactly, so "
+                       "the chain doubles back and its order may not be the order the models were made in (the "
+                       "weights do not say which came first)")
+        elif e_norm is not None and s_norm is not None and e_norm < s_norm and end["relative_change"] is not None:
             out.append(f"the end-to-end change is smaller than step {big + 1}'s ({sci(end['relative_change'])} "
                        f"against {sci(steps[big]['relative_change'])}): the chain doubles back, so its order may "
                        "not be the order the models were made in (the weights do not say which came first)")
         for i, s in enumerate(steps, 1):
             if s["verdict"] == "unrelated":
                 out.append(f"step {i} is not a fine-tune of the previous model: the chain is broken there")
+            elif not step_compared(s):
+                out.append(f"step {i}: no element of the two models could be compared, so the chain is not "
+                           "measured there")
             elif s["verdict"] in ("partial", "inconclusive"):
                 out.append(f"step {i} is {s['verdict']}: only part of the chain holds there (see its comparison)")
     return out

@@ -41,14 +41,16 @@ class _Acc:
         changed, delta, extra, sq, delta_lo = facts
         self.params += rec.numel
         self.tensors += 1
+        # a tensor of another shape (never compared) is no measured change: not counted as changed here
+        # (``scope.tensors_reshaped`` and ``scope.blocks_reshaped`` count it), though writing it down costs it whole
+        measured = changed and not is_mismatch(rec)
         if rec.status == "added":
             self.params_changed += rec.numel
-        elif changed:
-            self.params_changed += rec.numel if is_mismatch(rec) or rec.status != "resized" else \
-                rec.numel_compared + extra
+        elif measured:
+            self.params_changed += rec.numel if rec.status != "resized" else rec.numel_compared + extra
         else:
             self.params_changed += extra
-        self.tensors_changed += changed or rec.status == "added" or extra > 0
+        self.tensors_changed += measured or rec.status == "added" or extra > 0
         self.delta += delta
         self.delta_lo += delta_lo
         if sq is not None:

@@ -329,10 +329,16 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         label = parse_name(r.base_name)[0] if r.base_name is not None else None
         if label is not None:
             base_blocks[label] = base_blocks.get(label, False) or r.status in PAIRED
-    tensors_changed = sum(1 for r in live if is_changed(r, thresholds) or r.status == "added" or extra_rows(r))
+    # changed by measurement: a tensor of another shape, never compared, is counted apart (tensors_reshaped), and a
+    # block whose only difference is such tensors is not "changed" (blocks_reshaped): "4 of 4 blocks changed"
+    # was said of a model of another width of which no element had been compared
+    tensors_changed = sum(1 for r in live if (is_changed(r, thresholds) and not is_mismatch(r))
+                          or r.status == "added" or extra_rows(r))
+    reshaped_in = {r.block for r in live if is_mismatch(r)}
+    blocks_reshaped = sum(1 for b in numbered if b.params_changed == 0 and b.block in reshaped_in)
     params_changed = sum(b.params_changed for b in blocks)
     scope = {
-        "blocks_changed": blocks_changed, "blocks_total": len(numbered),
+        "blocks_changed": blocks_changed, "blocks_total": len(numbered), "blocks_reshaped": blocks_reshaped,
         "tensors_changed": tensors_changed, "tensors_total": len(live),
         "params_changed": params_changed, "params_changed_share": params_changed / params_total if params_total else None,
         "changed_blocks": [b.block for b in blocks if b.params_changed > 0],

@@ -115,7 +115,77 @@ def delta_params_text(s: dict) -> str:
     (``delta_params_lower`` is set: some energy ranks are brackets, or some changed matrices have no rank);
     where tensors within their quantization noise floor sit beside changed ones (``within_floor``) the figure
     covers only the tensors beyond the floor, and says so: it is no bound for the whole model."""
+    if nothing_compared(s):
+        return f"{MISSING} (nothing was compared: no change was measured to write down)"
     return f"{delta_params_count(s)} ({share(s.get('delta_params_share'))} of the model){floor_clause(s)}"
+
+
+def nothing_compared(s: dict) -> bool:
+    """No element of either model was compared (every pair of another shape, or no pair at all): a count of
+    changed blocks, or a number of parameters to write "the change" down, would claim what was not measured.
+
+    >>> nothing_compared({"coverage": {"base": {"compared": 0}, "tuned": {"compared": 0}}})
+    True
+    """
+    cov = s.get("coverage") or {}
+    b, t = cov.get("base") or {}, cov.get("tuned") or {}
+    return bool(b or t) and not b.get("compared") and not t.get("compared")
+
+
+def blocks_changed_text(changed: Any, total: Any, reshaped: Any = 0, compared: bool = True,
+                        least: str = "", short: bool = False) -> str:
+    """A count of changed blocks as every text says it; blocks whose only difference is tensors of another
+    shape (never compared: ``scope.blocks_reshaped``) said apart; none claimed when nothing was compared.
+
+    >>> blocks_changed_text(0, 4, reshaped=1)
+    '0 of 4 blocks changed (1 other holds tensors of another shape than in the base, not compared)'
+    >>> blocks_changed_text(4, 4, compared=False)
+    'none of the 4 blocks could be compared'
+    >>> blocks_changed_text(4, 4, compared=False, short=True)   # a table cell headed "blocks changed"
+    'n/a (none could be compared)'
+    """
+    if not compared:
+        if short:
+            return f"{MISSING} ({'it could not be compared' if total == 1 else 'none could be compared'})"
+        return "the one block could not be compared" if total == 1 else \
+            f"none of the {count(total)} blocks could be compared"
+    n = int(reshaped or 0)
+    more = (f" ({count(n)} {'other holds' if n == 1 else 'others hold'} tensors of another shape than in the base, "
+            "not compared)") if n else ""
+    return f"{least}{count(changed)} of {count(total)}{'' if short else ' blocks changed'}{more}"
+
+
+def summary_blocks_text(s: dict, short: bool = False) -> str:
+    """``blocks_changed_text`` of a compare summary (``floor_blocks`` is the caller's)."""
+    return blocks_changed_text(s.get("blocks_changed"), s.get("blocks_total"),
+                               (s.get("scope") or {}).get("blocks_reshaped"), not nothing_compared(s), at_least(s),
+                               short)
+
+
+def summary_tensors_text(s: dict) -> str:
+    """The count of changed tensors of a compare summary's scope line; tensors of another shape (never
+    compared: ``scope.tensors_reshaped``) said apart, and none claimed when nothing was compared."""
+    sc = s.get("scope") or {}
+    n = int((sc.get("tensors_reshaped") or {}).get("tensors") or 0)
+    total = sc.get("tensors_total")
+    if nothing_compared(s):
+        return (f"none of the {count(total)} tensors could be compared"
+                + (f" ({count(n)} of another shape than in the base)" if n else ""))
+    added = " changed or added" if (s.get("tensors_by_status") or {}).get("added") else ""
+    return (f"{at_least(s)}{count(sc.get('tensors_changed'))} of {count(total)} tensors{added}"
+            + (f" ({count(n)} {'other' if n == 1 else 'others'} of another shape than in the base, not compared)" if n else ""))
+
+
+def step_compared(step: dict) -> bool:
+    """Some element of a lineage step's two models was compared (``params_compared``; a result written
+    before that field is assumed to have compared some)."""
+    return step.get("params_compared", 1) != 0
+
+
+def step_blocks_text(step: dict, short: bool = False) -> str:
+    """The blocks a lineage step changed, as compare says it (``blocks_changed_text``)."""
+    return blocks_changed_text(step.get("blocks_changed"), step.get("blocks_total"), step.get("blocks_reshaped"),
+                               step_compared(step), short=short)
 
 
 def within_floor(s: dict) -> dict | None:

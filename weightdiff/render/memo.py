@@ -121,7 +121,7 @@ def key_figures(data: dict) -> list[list[Inline]]:
         rel_note += f" (bfloat16 rounding alone: {fmt.sci(bf16)})"
     return [
         ["parameters bit for bit unchanged", f"{same} of {fmt.count(total)}{aside}", "numbers not touched at all"],
-        ["blocks changed", f"{fmt.at_least(s)}{fmt.count(s.get('blocks_changed'))} of {fmt.count(s.get('blocks_total'))}",
+        ["blocks changed", fmt.summary_blocks_text(s, short=True),
          "layers of the stack with any change" + fmt.floor_blocks(s)],
         ["relative change (large matrices)", fmt.MISSING if nan_only else fmt.sci(model.get("rel_change")),
          "not measured: the models differ only by NaN or infinite values" if nan_only else rel_note],
@@ -179,13 +179,15 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     out.append(Block("verdict", s.get("verdict", "?"), [s.get("verdict_reason") or "", None]))
     scope, form = s.get("scope") or {}, s.get("form") or {}
     rows = [["verdict", _c(s.get("verdict"))],
-            ["blocks changed", f"{fmt.at_least(s)}{fmt.count(scope.get('blocks_changed', s.get('blocks_changed')))} of "
-                               f"{fmt.count(scope.get('blocks_total', s.get('blocks_total')))}"],
+            ["blocks changed", fmt.summary_blocks_text(s, short=True)],
             ["tensors changed or added" if (s.get("tensors_by_status") or {}).get("added") else "tensors changed",
+             f"{fmt.MISSING} (none could be compared)" if fmt.nothing_compared(s) else
              f"{fmt.at_least(s)}{fmt.count(scope.get('tensors_changed'))} of "
                                 f"{fmt.count(scope.get('tensors_total'))}"
                                 + (f" ({fmt.count(fmt.within_floor(s).get('tensors'))} more within their quantization "
-                                   "noise floor)" if fmt.within_floor(s) else "")],
+                                   "noise floor)" if fmt.within_floor(s) else "")
+                                + (f" ({fmt.count(r)} {'other' if r == 1 else 'others'} of another shape, not compared)"
+                                   if (r := (scope.get("tensors_reshaped") or {}).get("tensors")) else "")],
             ["form of the change", _c(form.get("kind") or "none")],
             ["largest numerical rank", fmt.max_rank(form)],
             ["delta parameters", fmt.delta_params_text(s)],

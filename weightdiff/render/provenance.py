@@ -14,7 +14,7 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from ..errors import escape_name
-from .formats import count, num, sci, share
+from .formats import MISSING, count, num, sci, share, step_compared
 from .figstyle import GREY, OKABE_ITO, STYLE, _figure, figure_bytes, text
 from .plots import FigureOutput
 
@@ -76,9 +76,11 @@ def lineage_text(d: dict) -> str:
     lines += [head, "-" * len(head)]
     for label, s in rows:
         path_share = s.get("share_of_path", s.get("straightness"))
+        # (no element compared: no block is said to have changed; the findings say why)
+        blocks = f"{s['blocks_changed']}/{s['blocks_total']}" if step_compared(s) else MISSING
         lines.append(f"{label:<11} {s['verdict']:<10} {sci(s['relative_change']):>10} "
                      f"{sci(s['one_minus_cosine']):>9} "
-                     f"{str(s['blocks_changed']) + '/' + str(s['blocks_total']):>9} {share(path_share):>10}")
+                     f"{blocks:>9} {share(path_share):>10}")
     lines += ["", "path share: each step's delta norm over the summed step norms; on the end-to-end row, "
                   "end-to-end norm over that sum (straightness)", "",
               "relative change per block:",

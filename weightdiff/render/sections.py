@@ -104,7 +104,7 @@ def lineage_blocks(d: dict) -> list[Block]:
         share = s.get("share_of_path", s.get("straightness"))
         rows.append([label, _c(s.get("from")), _c(s.get("to")), _c(s.get("verdict")), fmt.sci(s.get("relative_change")),
                      fmt.sci(s.get("one_minus_cosine")),
-                     f"{fmt.count(s.get('blocks_changed'))} of {fmt.count(s.get('blocks_total'))}", fmt.share(share)])
+                     fmt.step_blocks_text(s, short=True), fmt.share(share)])
     out.append(Block("table", ["", "from", "to", "verdict", "relative change", "1 − cosine", "blocks changed",
                                "share of path"], rows))
     out.append(Block("p", "Share of path: each step's delta norm over the summed step norms; on the end-to-end row, "

@@ -17,7 +17,8 @@ from ..errors import escape_name
 from ..kernels.dtypes import DTYPES
 from ..judge.verdict import holds_exactly
 from ..records import count_lookalikes
-from .formats import at_least, count, floor_blocks, floor_rest, num, sci, share, tuned_params, within_floor
+from .formats import (at_least, count, floor_blocks, floor_rest, nothing_compared, num, sci, share, summary_blocks_text,
+                      tuned_params, within_floor)
 from .reference import nonfinite_only, one_minus_cosine_of, quantization_noise
 
 __all__ = ["verdict_title", "parts_text", "verdict_reason", "headline", "coverage_sentence", "form_sentence", "matrices_phrase",
@@ -606,9 +607,10 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     reshaped = scope.get("tensors_reshaped") or {}
     if reshaped.get("tensors"):
         n = int(reshaped["tensors"])
-        asides.append(f"{count(n)} of them of another shape than in the base, {count(reshaped.get('params_base'))} "
-                      "base parameters: not compared, so nothing is known of how they relate to it")
-    only = f" ({'; '.join(asides)})" if asides else ""      # one parenthesis, not two in a row
+        # not among the changed tensors (no number measured them): counted apart
+        asides.append(f"{count(n)} {'other is' if n == 1 else 'others are'} of another shape than in the base, "
+                      f"{count(reshaped.get('params_base'))} base parameters: not compared, so nothing is known of "
+                      "how they relate to it")
     removed = int(tbs.get("removed") or 0)
     # removed base tensors are not among the tuned model's tensors: said apart, or "0 of 37 tensors changed"
     # reads as if nothing differed (an ONNX export that leaves out the unused pooler)
@@ -617,8 +619,9 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     least, hidden = at_least(s), within_floor(s)
     if hidden:
         n_h = int(hidden.get("tensors") or 0)
-        only += (f" ({count(n_h)} more {'stands' if n_h == 1 else 'stand'} within {'its' if n_h == 1 else 'their'} "
-                 "quantization noise floor and may have changed by less than it)")
+        asides.append(f"{count(n_h)} more {'stands' if n_h == 1 else 'stand'} within {'its' if n_h == 1 else 'their'} "
+                      "quantization noise floor and may have changed by less than it")
+    only = f" ({'; '.join(asides)})" if asides else ""      # one parenthesis, not two in a row
     if added and scope.get("tensors_changed") is not None:    # added tensors are new, not changed
         parts = [f"{least}{count(max(0, scope['tensors_changed'] - added))} of {count(scope.get('tensors_total'))} "
                  f"tensors changed{only} and {count(added)} added"]
@@ -626,7 +629,10 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         parts = [f"{least}{count(scope.get('tensors_changed'))} of {count(scope.get('tensors_total'))} tensors "
                  f"changed{only}"]
     if scope.get("blocks_total"):
-        parts.append(f"{least}{scope.get('blocks_changed')} of {scope.get('blocks_total')} blocks")
+        n_r = int(scope.get("blocks_reshaped") or 0)
+        parts.append(f"{least}{scope.get('blocks_changed')} of {scope.get('blocks_total')} blocks"
+                     + (f" ({count(n_r)} {'other holds' if n_r == 1 else 'others hold'} tensors of another shape than in "
+                        "the base, not compared)" if n_r else ""))
     text = "Derived from this base: " + ", in ".join(parts) + gone
     if scope.get("base_blocks_total") and scope.get("base_blocks_paired", 0) < scope["base_blocks_total"]:
         text += f"; {scope['base_blocks_paired']} of {scope['base_blocks_total']} base blocks have a counterpart"
@@ -808,15 +814,17 @@ def headline(data: dict) -> list[str]:
         if by.get("quantized"):
             out.append(f"{share(by['quantized'] / total)} differ only within their quantization noise floor.")
     if s.get("blocks_total"):
-        out.append(f"{at_least(s).capitalize()}{s.get('blocks_changed')} of {s['blocks_total']} blocks changed"
-                   f"{floor_blocks(s)}.")
+        text = summary_blocks_text(s)
+        out.append(f"{text[0].upper()}{text[1:]}{floor_blocks(s)}.")
     if s.get("verdict") in ("derived", "unrelated") and s.get("relative_change") is not None:
         out.append(f"Relative change {sci(s['relative_change'])} (norm of all deltas over norm of the base).")
     f = s.get("form") or {}
     said = form_sentence(f, (data.get("settings") or {}).get("rank"))
     if said:
         out.append(said)
-    if s.get("delta_params") and within_floor(s):
+    if nothing_compared(s):
+        pass                      # no change was measured: its cost is not stated
+    elif s.get("delta_params") and within_floor(s):
         # no upper bound for the model: the tensors within their floor may hold a change of their own
         out.append("Writing down the change of the tensors beyond the quantization noise floor takes "
                    + ("at most " if s.get("delta_params_lower") is not None else "")

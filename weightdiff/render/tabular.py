@@ -50,7 +50,8 @@ def _table(header: tuple[str, ...], rows) -> str:
 PROVENANCE_COLUMNS = ("rank", "path", "verdict", "relative_change_large", "cosine_large", "identical_share",
                       "coverage", "compared")
 LINEAGE_COLUMNS = ("step", "from", "to", "verdict", "relative_change", "one_minus_cosine", "norm_delta",
-                   "blocks_changed", "blocks_total", "delta_params", "delta_params_lower", "share_of_path")
+                   "blocks_changed", "blocks_total", "delta_params", "delta_params_lower", "share_of_path",
+                   "blocks_reshaped", "params_compared")
 
 
 def provenance_csv(result: dict) -> str:

@@ -15,7 +15,9 @@ from typing import IO, Any
 from ..errors import escape_name
 from .captions import one_minus_cosine
 from .reference import nonfinite_only, one_minus_cosine_of, only_nonfinite, unmeasured_blocks
-from .formats import at_least, count, delta_params_count, floor_clause, within_floor, max_rank, rank_text, sci, share, tuned_params
+from .formats import (at_least, count, delta_params_count, delta_params_text, floor_clause, max_rank, nothing_compared,
+                      rank_text, sci, share, summary_blocks_text, summary_tensors_text, tuned_params,
+                      within_floor)
 from .sentences import coverage_sentence, matrices_phrase, plural, verdict_title
 
 STATUS_ORDER = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
@@ -59,10 +61,8 @@ def render_text(result: dict, top: int = 10) -> str:
         lines.append(f"          {s['verdict_reason']}")
     sc = s.get("scope") or {}
     least = at_least(s)
-    lines.append(f"scope     {least}{count(s['blocks_changed'])} of {count(s['blocks_total'])} blocks changed; "
-                 f"{least}{count(sc.get('tensors_changed'))} of {count(sc.get('tensors_total'))} tensors"
-                 # the count holds added tensors too: said so, where the headline counts them apart
-                 + (" changed or added" if (s.get("tensors_by_status") or {}).get("added") else ""))
+    # (the tensor count holds added tensors too: said so, where the headline counts them apart)
+    lines.append(f"scope     {summary_blocks_text(s)}; {summary_tensors_text(s)}")
     if within_floor(s):
         w = within_floor(s)
         lines[-1] += (f" ({count(w.get('tensors'))} more within their quantization noise floor may have changed "
@@ -119,9 +119,12 @@ def render_text(result: dict, top: int = 10) -> str:
             pooled = "; pooled, see the components" if s.get("verdict") == "partial" else ""
             lines.append(f"1 - cosine        {sci(one_minus_cosine_of(result))}   "
                          f"(parameter-weighted over the {matrices_phrase(s)}{pooled})")
-    lines.append(f"delta params      {delta_params_count(s)}   "
-                 f"({share(s.get('delta_params_share'))} of the model: parameters needed to write the change down"
-                 f"{floor_clause(s)})")
+    if nothing_compared(s):   # the whole tuned model, written down against nothing measured: no claim
+        lines.append(f"delta params      {delta_params_text(s)}")
+    else:
+        lines.append(f"delta params      {delta_params_count(s)}   "
+                     f"({share(s.get('delta_params_share'))} of the model: parameters needed to write the change down"
+                     f"{floor_clause(s)})")
 
     blocks = [b for b in result.get("blocks", []) if (b.get("params_changed") or 0) > 0]
     blocks.sort(key=lambda b: (-(b.get("rel_change") or 0.0), b["block"]))

@@ -176,7 +176,8 @@ _COMPONENT = obj({"component": string, "status": string, "cosine": N, "rel_chang
                   "identical": opt(boolean)}, required=("component", "status"))
 _SUMMARY = obj({"verdict": string, "verdict_reason": S,
                 "scope": opt(obj({k: I for k in ("blocks_changed", "blocks_total", "tensors_changed",
-                                                 "tensors_total", "base_blocks_total", "base_blocks_paired")})),
+                                                 "tensors_total", "base_blocks_total", "base_blocks_paired",
+                                                 "blocks_reshaped")})),
                 "form": opt(obj({"kind": S, "max_numerical_rank": I, "max_energy_rank_99": I,
                                  "max_numerical_rank_bounds": opt(array(integer, 2)),
                                  "max_energy_rank_99_bounds": opt(array(integer, 2)), "shares": opt(mapping(N))})),
