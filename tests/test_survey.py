@@ -769,3 +769,24 @@ def test_base_listed_as_a_tuned_model_is_left_out_with_a_notice(models, monkeypa
     r = CliRunner().invoke(main, ["survey", "base", "base/", "--out", str(tmp_path / "t")])
     _one_line(r, "no tuned models to survey")
     assert not (tmp_path / "t").exists()
+
+
+def test_population_figure_shows_the_memos_population_and_labels_no_near_median_dot(tmp_path):
+    """The figure was titled "8 surveyed fine-tunes of one base" with unrelated, identical and cast_only rows
+    in its strips and medians (the memo leaves them out), and with a zero interquartile range a dot 0.07%
+    from the others was labelled as an outlier."""
+    from weightdiff.render.population import outliers, save_population
+
+    rows = _rows([0.01, 0.011, 0.012, 0.013, 0.014, 0.0, 0.9, 0.02])
+    for r, v in zip(rows, ["derived"] * 5 + ["identical", "unrelated", "cast_only"]):
+        r["verdict"] = v
+        r["delta_params_share"] = 0.9984
+    rows[4]["delta_params_share"] = 1.0
+    svg = save_population(rows, tmp_path)[1].read_text()
+    assert "Population: 5 surveyed fine-tunes of one base" in svg
+    assert ("(3 other surveyed models left out, by their verdicts not fine-tunes of the base: 1 cast_only, "
+            "1 identical, 1 unrelated)") in svg
+    assert "ft06" not in svg and "ft04" not in svg             # the unrelated model is not in the strips
+    assert outliers(rows[:5], "delta_params_share") == []      # 1.0 among 0.9984s is not unusual
+    rows[4]["delta_params_share"] = 1e-3                        # a LoRA among dense fine-tunes still is
+    assert [r["tuned"] for r in outliers(rows[:5], "delta_params_share")] == ["/s/ft04"]
