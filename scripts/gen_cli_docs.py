@@ -21,7 +21,7 @@ FIXED = """## Exit codes
 |------|---------|
 | 0 | the work is done, whatever it found (differences are a result, not a failure) |
 | 1 | an unexpected error inside weightdiff: one line on stderr; please report it |
-| 2 | bad input or usage: one line on stderr naming the file or flag, and nothing written |
+| 2 | bad input or usage: one line on stderr naming the file or flag, and nothing written; also a Dask scheduler (`--scheduler`) that cannot be reached (nothing written) or that is lost during the run (a survey keeps the rows it completed, and a rerun compares the others) |
 | 130 | interrupted (Ctrl-C) |
 
 All outputs of a command appear together or not at all. Every path is claimed before any work: the

@@ -393,13 +393,16 @@ def test_hash_records_the_sha256_of_the_inputs(models, tmp_path):
     assert res.computed == 1 and res.rows[0]["tuned_sha256"] is None
 
 
-def test_a_path_that_is_not_here_is_kept_as_given_and_is_an_error_row(models, monkeypatch, tmp_path):
+def test_a_path_that_is_not_here_is_made_absolute_and_is_an_error_row(models, monkeypatch, tmp_path):
+    """A missing TUNED path kept its relative spelling in the `tuned` column, which docs/survey.md says
+    holds absolute paths (lineage/provenance/survey tester); a Hub repo id is still kept as given."""
     monkeypatch.chdir(tmp_path)
     res = survey(models["base"], ["missing-model", models["tuned"][0]], tmp_path / "s")
     rows = {r["tuned"]: r for r in res.rows}
-    miss = rows["missing-model"]
-    assert (miss["status"], miss["error"]) == ("error", "missing-model: no such file or directory")
-    assert miss["name"] == safe_name("missing-model") and miss["tuned_files"] == 0
+    gone = str(tmp_path / "missing-model")
+    miss = rows[gone]
+    assert (miss["status"], miss["error"]) == ("error", f"{gone}: no such file or directory")
+    assert miss["name"] == safe_name(gone) and miss["tuned_files"] == 0
     assert rows[str(models["tuned"][0])]["status"] == "ok"
 
 
@@ -635,3 +638,155 @@ def test_with_hash_a_row_whose_sha256_the_files_no_longer_have_is_surveyed_again
     res = survey(tmp_path / "base", [tmp_path / "t1"], out, hash_files=True)
     assert (res.computed, res.skipped) == (1, 0) and res.rows[0]["tuned_sha256"] == want
     assert survey(tmp_path / "base", [tmp_path / "t1"], out, hash_files=True).skipped == 1
+
+
+# -- lineage/provenance/survey tester: a cluster that cannot be reached or goes away; inputs spelled twice ------------
+
+def _unreachable(monkeypatch):
+    """distributed.Client refusing at once, as an unreachable --scheduler does after its 15 s timeout."""
+    def refuse(*args, **kwargs):
+        raise OSError("Timed out trying to connect to tcp://127.0.0.1:1 after 15 s")
+
+    monkeypatch.setattr(distributed, "Client", refuse)
+
+
+def test_an_unreachable_scheduler_writes_nothing_in_a_fresh_dir(models, monkeypatch, tmp_path):
+    """`survey base A --out fresh --scheduler tcp://127.0.0.1:1` exited 2 but had written fresh/survey.csv,
+    survey.parquet and models/ (the tables were written before the runner connected)."""
+    _unreachable(monkeypatch)
+    r = CliRunner().invoke(main, ["survey", str(models["base"]), str(models["tuned"][0]), "--out",
+                                  str(tmp_path / "fresh"), "--scheduler", "tcp://127.0.0.1:1"])
+    line = _one_line(r, "cannot reach the Dask scheduler at tcp://127.0.0.1:1")
+    assert line.startswith("error: cannot reach") and not (tmp_path / "fresh").exists()
+
+
+def test_an_unreachable_scheduler_leaves_an_existing_survey_as_it_was(models, monkeypatch, tmp_path):
+    """A rerun with a model to compare again and an unreachable scheduler exited 2 and rewrote survey.csv
+    without that model's row."""
+    out = tmp_path / "s"
+    survey(models["base"], models["tuned"][:2], out)
+    before = _tree(out)
+    _unreachable(monkeypatch)
+    r = CliRunner().invoke(main, ["survey", str(models["base"]), *map(str, models["tuned"][:2]), "--hash",
+                                  "--out", str(out), "--scheduler", "tcp://127.0.0.1:1"])
+    _one_line(r, "cannot reach the Dask scheduler")
+    assert _tree(out) == before and sorted(os.listdir(out)) == ["models", "survey.csv", "survey.parquet"]
+
+
+SLOW_TASK = '''
+import time
+from weightdiff.survey import survey_task
+
+def task(*args):
+    time.sleep(0.4)
+    return survey_task(*args)
+'''
+
+SLOW_CLI = ("import functools, slow_task, weightdiff.survey as s; "
+            "s.survey = functools.partial(s.survey, task=slow_task.task); "
+            "from weightdiff.cli import main; main()")
+
+
+def test_a_scheduler_lost_mid_survey_is_one_line_exit_2_and_blames_no_model(models, tmp_path):
+    """The scheduler stopped mid-survey: exit 0, a 48-line distributed traceback on stderr, and an error row
+    "worker failed: FutureCancelledError ..." for every model not done. Now: one line, exit 2, the rows
+    done kept, no row for the others, and the rerun compares only those."""
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "slow_task.py").write_text(SLOW_TASK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    address = f"tcp://127.0.0.1:{port}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env, "cwd": tmp_path}
+    sched = subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                              "--no-dashboard"], **quiet)
+    worker = None
+    out = tmp_path / "s"
+    try:
+        worker = subprocess.Popen([sys.executable, "-m", "dask", "worker", address, "--host", "127.0.0.1",
+                                   "--nthreads", "1", "--no-dashboard"], **quiet)
+        cli = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "survey", str(models["base"]),
+                                *map(str, models["tuned"][:4]), "--out", str(out), "--scheduler", address],
+                               env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        t0 = time.monotonic()
+        while not (out / "models").is_dir() or not os.listdir(out / "models"):
+            assert time.monotonic() - t0 < 120 and cli.poll() is None, "no model was done"
+            time.sleep(0.05)
+        sched.kill()
+        stdout, stderr = cli.communicate(timeout=120)
+    finally:
+        for p in (sched, worker):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert cli.returncode == 2, stderr
+    assert stdout == "" and "Traceback" not in stderr and "distributed" not in stderr, stderr
+    errors = [x for x in stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: lost the connection to the Dask cluster at {address} "
+                                                     "(the scheduler stopped, or the network to it failed)"), stderr
+    assert stderr.splitlines()[-1] == errors[0]
+    rows = read_csv(out / "survey.csv")
+    assert rows and len(rows) < 4 and all(r["status"] == "ok" for r in rows), rows
+    res = survey(models["base"], models["tuned"][:4], out)
+    assert (res.skipped, res.computed + res.failed) == (len(rows), 4 - len(rows))
+
+
+def test_an_error_row_is_one_line():
+    """distributed's cancellation message holds a newline; it reached the error column."""
+    from weightdiff.cluster import _one_line
+    from weightdiff.survey import row_from_result
+
+    tid = {"path": "/m/ft", "files": []}
+    row = row_from_result(None, tid, {"path": "/m/base", "files": []}, "k", "worker failed: x.\nClient lost it\r\n")
+    assert row["error"] == "worker failed: x. Client lost it"
+    assert _one_line(RuntimeError("a\n  b\n")) == "worker failed: RuntimeError: a b"
+
+
+def test_one_checkpoint_spelled_as_its_folder_and_its_file_is_one_row(models, tmp_path):
+    """`survey base A A/model.safetensors` wrote two rows for one file; both counted in the population."""
+    ft0 = models["tuned"][0]
+    said = []
+    for i, order in enumerate(([ft0, ft0 / "model.safetensors"], [ft0 / "model.safetensors", ft0])):
+        res = survey(models["base"], order, tmp_path / f"s{i}", say=said.append)
+        assert [r["tuned"] for r in res.rows] == [str(ft0)]
+    assert _tree(tmp_path / "s0") == _tree(tmp_path / "s1")
+    assert f"{ft0 / 'model.safetensors'}: the same checkpoint as {ft0} (the same weight files): surveyed once" in said
+
+
+def test_base_listed_as_a_tuned_model_is_left_out_with_a_notice(models, monkeypatch, tmp_path):
+    """`survey base base A` surveyed BASE against itself silently (an `identical` row)."""
+    monkeypatch.chdir(models["root"])
+    r = CliRunner().invoke(main, ["survey", "base", "base", "./base/model.safetensors", "ft0", "--out",
+                                  str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert "base: the BASE itself (the same weight files): not surveyed\n" in r.stderr
+    assert "./base/model.safetensors: the BASE itself (the same weight files): not surveyed\n" in r.stderr
+    assert [x["tuned"] for x in read_csv(tmp_path / "s" / "survey.csv")] == [str(models["tuned"][0])]
+    r = CliRunner().invoke(main, ["survey", "base", "base/", "--out", str(tmp_path / "t")])
+    _one_line(r, "no tuned models to survey")
+    assert not (tmp_path / "t").exists()
+
+
+def test_population_figure_shows_the_memos_population_and_labels_no_near_median_dot(tmp_path):
+    """The figure was titled "8 surveyed fine-tunes of one base" with unrelated, identical and cast_only rows
+    in its strips and medians (the memo leaves them out), and with a zero interquartile range a dot 0.07%
+    from the others was labelled as an outlier."""
+    from weightdiff.render.population import outliers, save_population
+
+    rows = _rows([0.01, 0.011, 0.012, 0.013, 0.014, 0.0, 0.9, 0.02])
+    for r, v in zip(rows, ["derived"] * 5 + ["identical", "unrelated", "cast_only"]):
+        r["verdict"] = v
+        r["delta_params_share"] = 0.9984
+    rows[4]["delta_params_share"] = 1.0
+    svg = save_population(rows, tmp_path)[1].read_text()
+    assert "Population: 5 surveyed fine-tunes of one base" in svg
+    assert ("(3 other surveyed models left out, by their verdicts not fine-tunes of the base: 1 cast_only, "
+            "1 identical, 1 unrelated)") in svg
+    assert "ft06" not in svg and "ft04" not in svg             # the unrelated model is not in the strips
+    assert outliers(rows[:5], "delta_params_share") == []      # 1.0 among 0.9984s is not unusual
+    rows[4]["delta_params_share"] = 1e-3                        # a LoRA among dense fine-tunes still is
+    assert [r["tuned"] for r in outliers(rows[:5], "delta_params_share")] == ["/s/ft04"]

@@ -438,9 +438,13 @@ def survey_cmd(paths, list_file, out_dir, plot, hash_files, scheduler, workers, 
     verdict, relative change, 1 - cosine, blocks changed, delta_params share, form,
     largest rank, flags and the inputs' identity; each model's full compare JSON goes
     to DIR/models/. A model that fails gets an error row and the others go on; a rerun
-    skips the models already done with the same inputs and options. With --scheduler
-    or --workers the comparisons run on Dask with the same result. Exit code 0 when
-    the survey ran (even with error rows), 2 for a bad BASE or DIR.
+    skips the models already done with the same inputs and options. One checkpoint
+    given twice (its folder and its model.safetensors, a symlink) is surveyed once,
+    and BASE given again as a TUNED model is left out, each with a notice. With
+    --scheduler or --workers the comparisons run on Dask with the same result. Exit
+    code 0 when the survey ran (even with error rows); 2 for a bad BASE or DIR or an
+    unreachable scheduler (nothing written), or a scheduler lost during the run (the
+    rows done are kept; rerun to compare the others).
 
     \b
     Example:

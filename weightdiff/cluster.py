@@ -15,10 +15,14 @@ return them as data; anything that still escapes a task (a worker that died more
 often than the scheduler allows, a result that cannot be unpickled) becomes an
 ``Outcome`` with a one-line ``error``. Dask reruns a task whose worker died
 (``distributed.scheduler.allowed-failures``) and, with ``retries``, one that raised.
+A scheduler that goes away is no task's failure: ``map`` raises ``ClusterLost``
+(exit code 2) and the tasks not done are left for a rerun; distributed's own log
+lines about the lost connection are silenced while a runner is in use.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from contextlib import contextmanager
@@ -61,6 +65,11 @@ def _killed(exc: BaseException) -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
+    """An exception from the cluster as one line: its lines joined by spaces, control characters escaped.
+
+    >>> _one_line(ValueError("bad\\nvalue"))
+    'worker failed: ValueError: bad value'
+    """
     if isinstance(exc, WeightdiffError):
         return exc.one_line()
     if _killed(exc):
@@ -69,7 +78,27 @@ def _one_line(exc: BaseException) -> str:
         text = str(exc)
     except Exception:          # an exception whose __str__ fails (distributed's own, with half its state)
         text = ""
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
     return escape_name(f"worker failed: {type(exc).__name__}: {text}")
+
+
+class ClusterLost(WeightdiffError):
+    """The connection to the Dask scheduler was lost while tasks ran (exit code 2, like a scheduler that
+    cannot be reached): the cluster's failure, not the tasks'."""
+
+
+#: the client states of a connection that is gone (distributed retries, then closes)
+_GONE = ("connecting", "closing", "closed", "failed")
+
+
+def _lost(exc: BaseException, client: Any) -> bool:
+    """Whether a task's exception says the scheduler went away rather than the task failed: distributed
+    cancels every pending future with reason ``scheduler-connection-lost`` when the connection drops."""
+    if getattr(exc, "reason", None) == "scheduler-connection-lost":
+        return True
+    if type(exc).__name__ in ("CommClosedError", "CancelledError", "FutureCancelledError"):
+        return str(getattr(client, "status", "running")) in _GONE
+    return False
 
 
 class Sequential:
@@ -102,19 +131,30 @@ class DaskRunner:
         for i, a in enumerate(args):
             fut = self.client.submit(fn, *a, key=f"weightdiff-{name}-{run}-{i}", pure=False, retries=RETRIES)
             futures[fut] = i
+        lost = False
         try:
             for fut in as_completed(list(futures), loop=self.client.loop):
                 i = futures[fut]
                 try:
-                    yield Outcome(i, fut.result())
+                    value = fut.result()
                 except Exception as exc:   # a task that failed on the cluster: one line, not a traceback
-                    yield Outcome(i, None, _one_line(exc), killed=_killed(exc))
+                    if _lost(exc, self.client):
+                        lost = True
+                        why = "the scheduler stopped, or the network to it failed" \
+                            if getattr(exc, "reason", None) == "scheduler-connection-lost" \
+                            else _one_line(exc).removeprefix("worker failed: ")
+                        raise ClusterLost(f"lost the connection to the {self.description} ({why})") from None
+                    outcome = Outcome(i, None, _one_line(exc), killed=_killed(exc))
+                else:
+                    outcome = Outcome(i, value)
                 finally:
                     fut.release()
+                yield outcome
         finally:
-            for fut in futures:
-                if not fut.done():
-                    fut.cancel()
+            if not lost:           # a lost client cancels nothing: its futures are gone already
+                for fut in futures:
+                    if not fut.done():
+                        fut.cancel()
 
 
 def check(scheduler: str | None, workers: int | None, memory_limit: str | None = None) -> None:
@@ -155,15 +195,17 @@ def runner(scheduler: str | None = None, workers: int | None = None, memory_limi
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
-        try:
-            cl = Client(scheduler, timeout="15s", set_as_default=False)
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise WeightdiffError(f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}: {exc})",
-                                  "is `dask scheduler` running there, and is the address tcp://HOST:PORT?") from None
-        try:
-            yield DaskRunner(cl, f"Dask cluster at {scheduler}")
-        finally:
-            cl.close()
+        with quiet_distributed():
+            try:
+                cl = Client(scheduler, timeout="15s", set_as_default=False)
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise WeightdiffError(
+                    f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}: {exc})",
+                    "is `dask scheduler` running there, and is the address tcp://HOST:PORT?") from None
+            try:
+                yield DaskRunner(cl, f"Dask cluster at {scheduler}")
+            finally:
+                cl.close(timeout=5)
         return
     # no dashboard; the scheduler's HTTP routes (health, metrics) on a free port: on 8787, taken by
     # another cluster, distributed warned on stderr "Port 8787 is already in use" even with -q
@@ -178,6 +220,27 @@ def runner(scheduler: str | None = None, workers: int | None = None, memory_limi
             cl.close()
     finally:
         cluster.close()
+
+
+#: the loggers whose records about a lost or closing connection would reach stderr (distributed's own
+#: configuration gives ``distributed.client`` a level of its own, so each is set, not only the parent)
+_NOISY = ("distributed", "tornado")
+
+
+@contextmanager
+def quiet_distributed() -> Iterator[None]:
+    """Silence distributed's (and tornado's) loggers while a client to a remote scheduler is in use: a lost
+    scheduler made ``distributed.client`` log a 40-line traceback on stderr, beside the one line that
+    says what happened. Their levels are put back on exit."""
+    names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in _NOISY] + list(_NOISY)
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in saved:
+        logging.getLogger(n).setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
 
 
 def worker_threads(workers: int | None) -> int | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ._version import __version__
-from .cluster import Outcome, check, runner, worker_threads
+from .cluster import ClusterLost, Outcome, check, runner, worker_threads
 from .comparison import compare
 from .errors import WeightdiffError, escape_name
 from .fsutil import OutputError, write_bytes, write_text
@@ -82,14 +82,19 @@ def identity(path: str | os.PathLike) -> dict:
     numbered differently on each machine).
 
     Cheap (``stat`` only, no bytes read); hidden files are left out. A path that does not
-    exist here is kept as given, with no files (a repo id is resolved by the comparison;
-    a missing path fails there and says why).
+    exist here has no files: spelled as a Hub repo id it is kept as given (the comparison
+    resolves it), else it is made absolute like any local path (the comparison fails and
+    says why).
 
     >>> identity("no/such-model")
     {'path': 'no/such-model', 'files': []}
+    >>> identity("/no/such-model.safetensors")
+    {'path': '/no/such-model.safetensors', 'files': []}
     """
+    from .io.checkpoint import is_hub_candidate
+
     given = os.fspath(path)
-    root = os.path.abspath(given) if os.path.exists(given) else given
+    root = given if not os.path.exists(given) and is_hub_candidate(given) else os.path.abspath(given)
 
     def entry(name: str, p: str) -> list:
         st = os.stat(p)
@@ -247,7 +252,9 @@ def row_from_result(data: dict | None, tuned_id: dict, base_id: dict, key: str, 
                tuned_files=len(tuned_id["files"]), tuned_bytes=sum(f[1] for f in tuned_id["files"]),
                base_bytes=sum(f[1] for f in base_id["files"]))
     if data is None:
-        row.update(status="error", error=error or "failed")
+        # one line, whatever the error's source wrote (distributed's messages hold newlines)
+        text = " ".join(part.strip() for part in (error or "failed").splitlines() if part.strip())
+        row.update(status="error", error=escape_name(text or "failed"))
         return row
     if not tuned_id["files"]:       # a Hub member: its files are the JSON's (what was read), not a local folder's
         listed = (data.get("tuned") or {}).get("files") or []
@@ -382,7 +389,9 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
     or without Dask installed, they run here one after another, with the same result.
     ``plot`` also draws the population figure (``population.png``/``.svg``).
     ``say`` receives one progress line per model. ``task`` is the function each task runs
-    (``survey_task``; tests wrap it). Raises WeightdiffError for a bad base or output folder.
+    (``survey_task``; tests wrap it). Raises WeightdiffError for a bad base or output folder,
+    or a cluster that cannot be reached, before anything is written; ``ClusterLost`` when
+    the cluster goes away during the survey (the rows done are kept, the others left for a rerun).
     """
     from .io.checkpoint import locate
 
@@ -392,6 +401,7 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
     with locate(base) as located:     # a bad base is bad input for the whole survey: fail before writing anything
         # a Hub base: the commit every task reads (its branch may move during the survey)
         base_commit = located.hub["commit"] if located.hub else None
+        base_files = None if located.hub else frozenset(os.path.realpath(f) for f in located.files)
     directory = Path(out)
     parquet = have_pyarrow()
     check_targets(directory, parquet, plot)
@@ -402,13 +412,111 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
 
         options = replace(options, cache=os.path.abspath(options.cache))
         check_folder(options.cache)
+    base_id = identity(base)
+    if base_commit:
+        base_id["commit"] = base_commit
+    notices: list[str] = []
+    seen = tuned_identities(tuned, base_id["path"], base_files, notices)
+    if not seen:
+        raise WeightdiffError("no tuned models to survey", "give TUNED paths (other than BASE) or --from-file list.txt")
+    for line in notices:
+        say(line)
+    with contextlib.ExitStack() as stack:
+        # nothing is written before the cluster is up: a fresh DIR is made only then, and an existing
+        # survey's tables are rewritten only with rows (a failed connection must not drop any)
+        held = directory.is_dir()
+        if held:
+            stack.enter_context(survey_lock(directory))
+        plan = _plan(seen, base_id, directory, options, hash_files)
+        run = stack.enter_context(runner(scheduler, workers, memory_limit, client, say)) if plan.todo else None
+        try:
+            (directory / "models").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(directory, f"cannot write here ({exc.strerror or exc})") from None
+        if not held:    # a DIR made now: plan again under the lock (another survey may have made it first)
+            stack.enter_context(survey_lock(directory))
+            plan = _plan(seen, base_id, directory, options, hash_files)
+            if plan.todo and run is None:
+                run = stack.enter_context(runner(scheduler, workers, memory_limit, client, say))
+        result = _survey(plan, run, base_id, directory, options, hash_files, workers, client, scheduler, plot,
+                         say, task, parquet)
+        result.notices[:0] = notices
+        return result
+
+
+def weight_files(path: str) -> frozenset[str] | None:
+    """The real paths of the files a local checkpoint reads (its headers are read to find them), or None
+    for a path that is not a readable local checkpoint (a Hub repo id, a missing or corrupt model: the task
+    says why). One checkpoint spelled as its folder and as its single ``model.safetensors`` (or through
+    a symlink) gives the same set, so a survey compares it once."""
+    from .io.checkpoint import is_hub_candidate, locate
+
+    if is_hub_candidate(path) or not os.path.exists(path):
+        return None
     try:
-        (directory / "models").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(directory, f"cannot write here ({exc.strerror or exc})") from None
-    with survey_lock(directory):
-        return _survey(base, tuned, directory, options, hash_files, scheduler, workers, memory_limit, client, plot,
-                       say, task, parquet, base_commit)
+        with locate(path) as ckpt:
+            return frozenset(os.path.realpath(f) for f in ckpt.files)
+    except WeightdiffError:
+        return None
+
+
+def tuned_identities(tuned: Sequence[str | os.PathLike], base_path: str, base_files: frozenset[str] | None,
+                     notices: list[str]) -> dict[str, dict]:
+    """The identity of each TUNED model to survey, by its row's ``tuned`` path. One checkpoint gets one
+    row however it is spelled (``ft``, ``./ft/``, a symlink, ``ft/model.safetensors``: the same weight
+    files), under the first of its spellings in sorted order, so the rows do not depend on the order of
+    the list; BASE given again as a TUNED model is left out. Each model left out adds a line to
+    ``notices``. A missing local path is made absolute; a Hub repo id is kept as given."""
+    found: dict[object, list[dict]] = {}
+    for t in tuned:
+        tid = hub_identity(identity(t))
+        files = weight_files(tid["path"])
+        if files is None:
+            real = os.path.realpath(tid["path"]) if os.path.exists(tid["path"]) else tid["path"]
+            key: object = real
+        else:
+            key = files
+        if key == base_files or (files is None and key == os.path.realpath(base_path)):
+            notices.append(f"{escape_name(os.fspath(t))}: the BASE itself (the same weight files): not surveyed")
+            continue
+        found.setdefault(key, []).append(tid)
+    seen: dict[str, dict] = {}
+    for tids in found.values():
+        keep = min(tids, key=lambda x: x["path"])
+        seen.setdefault(keep["path"], keep)
+        for other in sorted({x["path"] for x in tids} - {keep["path"]}):
+            notices.append(f"{escape_name(other)}: the same checkpoint as {escape_name(keep['path'])} "
+                           "(the same weight files): surveyed once")
+    return seen
+
+
+@dataclass
+class Plan:
+    """What a survey run does: the rows it keeps (done with these inputs), the models it compares, and
+    the previous rows (by ``tuned``) it keeps in the tables until each model's new row replaces them."""
+
+    rows: dict[str, dict]
+    todo: list[tuple[dict, str]]
+    previous: dict[str, dict]
+    total: int
+
+
+def _plan(seen: dict[str, dict], base_id: dict, directory: Path, options: CompareOptions, hash_files: bool) -> Plan:
+    csv_path = directory / "survey.csv"
+    previous = {r["tuned"]: r for r in read_csv(csv_path)} if csv_path.is_file() else {}
+    rows: dict[str, dict] = {}
+    todo: list[tuple[dict, str]] = []
+    hashed: dict[str, str] = {}
+    for path, tid in sorted(seen.items()):
+        key = identity_key(base_id, tid, options, hash_files)
+        old = previous.get(path)
+        if old and old.get("status") == "ok" and old.get("identity") == key and old.get("json") \
+                and (directory / old["json"]).is_file() \
+                and (not hash_files or digests_hold(old, directory, hashed)):
+            rows[path] = old
+        else:
+            todo.append((tid, key))
+    return Plan(rows, todo, previous, len(seen))
 
 
 def check_targets(directory: Path, parquet: bool, plot: bool) -> None:
@@ -472,58 +580,36 @@ class SurveyBusy(WeightdiffError):
     """Another survey holds the output folder."""
 
 
-def _survey(base, tuned, directory: Path, options: CompareOptions, hash_files: bool, scheduler, workers,
-            memory_limit, client, plot: bool, say: Callable[[str], None], task: Callable[..., dict],
-            parquet: bool, base_commit: str | None = None) -> SurveyResult:
-    base_id = identity(base)
-    if base_commit:
-        base_id["commit"] = base_commit
-    seen: dict[str, dict] = {}
-    spelled: dict[str, str] = {}          # one checkpoint, one row: a symlink to a folder is that folder
-    for t in tuned:
-        tid = hub_identity(identity(t))
-        real = os.path.realpath(tid["path"]) if os.path.exists(tid["path"]) else tid["path"]
-        if spelled.setdefault(real, tid["path"]) == tid["path"]:
-            seen.setdefault(tid["path"], tid)
-    if not seen:
-        raise WeightdiffError("no tuned models to survey", "give TUNED paths or --from-file list.txt")
+def _survey(plan: Plan, run: Any, base_id: dict, directory: Path, options: CompareOptions, hash_files: bool,
+            workers, client, scheduler, plot: bool, say: Callable[[str], None], task: Callable[..., dict],
+            parquet: bool) -> SurveyResult:
     task_options = options
     if workers and client is None and scheduler is None and options.threads is None:
         from dataclasses import replace
 
         task_options = replace(options, threads=worker_threads(workers))   # results do not depend on threads
-    previous = {r["tuned"]: r for r in read_csv(directory / "survey.csv")} if (directory / "survey.csv").exists() else {}
-    result = SurveyResult(rows=[], directory=directory)
+    result = SurveyResult(rows=[], directory=directory, skipped=len(plan.rows))
     if not parquet:
         result.notices.append(f"survey.parquet not written: pyarrow is not installed ({PANDAS_HINT}); "
                               "wrote survey.csv only")
         say(result.notices[-1])
-    rows: dict[str, dict] = {}
-    todo: list[tuple[dict, str]] = []
-    hashed: dict[str, str] = {}
-    for path, tid in sorted(seen.items()):
-        key = identity_key(base_id, tid, options, hash_files)
-        old = previous.get(path)
-        if old and old.get("status") == "ok" and old.get("identity") == key and old.get("json") \
-                and (directory / old["json"]).is_file() \
-                and (not hash_files or digests_hold(old, directory, hashed)):
-            rows[path] = old
-            result.skipped += 1
-        else:
-            todo.append((tid, key))
-    total = len(seen)
+    rows = dict(plan.rows)
+    todo = plan.todo
     if result.skipped:
-        say(f"{result.skipped} of {total} models already surveyed with these inputs and options: skipped")
+        say(f"{result.skipped} of {plan.total} models already surveyed with these inputs and options: skipped")
 
-    def table() -> list[dict]:
-        return [rows[p] for p in sorted(rows)]
+    def table(final: bool = False) -> list[dict]:
+        # until the run ends, a model not compared yet keeps its previous row (and so does a model not
+        # in this list): a run that stops early (a lost cluster, a signal) drops no row; a rerun compares
+        # the stale ones again, as their identity says
+        keep = rows if final else {**plan.previous, **rows}
+        return [keep[p] for p in sorted(keep)]
 
-    result.files = write_tables(table(), directory, parquet)
     if todo:
-        with runner(scheduler, workers, memory_limit, client, say) as run:
-            say(f"surveying {len(todo)} model(s) on {run.description}")
-            # absolute paths: workers of a --scheduler cluster do not share this process's directory
-            args = [(base_id["path"], tid["path"], task_options, hash_files) + _pins(base_id, tid) for tid, _ in todo]
+        say(f"surveying {len(todo)} model(s) on {run.description}")
+        # absolute paths: workers of a --scheduler cluster do not share this process's directory
+        args = [(base_id["path"], tid["path"], task_options, hash_files) + _pins(base_id, tid) for tid, _ in todo]
+        try:
             for done, oc in enumerate(run.map(task, args, name="survey"), start=1):
                 tid, key = todo[oc.index]
                 rows[tid["path"]] = _finish(oc, tid, base_id, key, directory)
@@ -534,8 +620,14 @@ def _survey(base, tuned, directory: Path, options: CompareOptions, hash_files: b
                 else:
                     result.failed += 1
                     say(f"[{done}/{len(todo)}] {escape_name(tid['path'])}: error: {r['error']}")
-                result.files = write_tables(table(), directory, parquet)
-    result.rows = table()
+                write_tables(table(), directory, parquet)
+        except ClusterLost as exc:
+            done = result.computed + result.failed
+            raise ClusterLost(exc.message, f"{done} of the {len(todo)} models to compare done, their rows kept in "
+                              f"{escape_name(os.fspath(directory / 'survey.csv'))}; rerun the same command to "
+                              f"compare the other {len(todo) - done}") from None
+    result.rows = table(final=True)
+    result.files = write_tables(result.rows, directory, parquet)
     if plot:
         from .render.population import save_population
 

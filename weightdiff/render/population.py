@@ -2,10 +2,11 @@
 
 Reads survey rows (dicts with the columns of ``weightdiff survey``'s table: ``tuned``,
 ``status``, ``relative_change``, ``one_minus_cosine``, ``delta_params_share``, ...),
-never checkpoints. ``draw_population`` plots the three depth measures, one dot per
-model, with outliers labelled; ``save_population`` writes it as PNG and SVG with the
-byte-stable settings of ``render.plots``; ``population_sentences`` places one compare
-result among the rows for the memo ("deeper than 34 of the 40 surveyed fine-tunes").
+never checkpoints. ``fine_tunes`` picks the rows that count as fine-tunes of the base
+(the population of both the figure and the sentences); ``draw_population`` plots the
+three depth measures, one dot per fine-tune, with outliers labelled; ``save_population``
+writes it as PNG and SVG with the byte-stable settings of ``render.plots``;
+``population_sentences`` places one compare result among the rows for the memo ("deeper than 34 of the 40 surveyed fine-tunes").
 
 >>> rows = [{"tuned": f"/m{i}", "status": "ok", "relative_change": v} for i, v in enumerate([0.1, 0.2, 0.3])]
 >>> standing(0.25, [r["relative_change"] for r in rows])
@@ -35,6 +36,11 @@ METRICS = [("relative_change", "relative change ‖ΔW‖ / ‖W‖", "relative 
            ("delta_params_share", "delta parameters (share of the model)", "delta parameters", "larger than")]
 #: at most this many labelled outliers per panel
 LABELS = 4
+#: the least interquartile range (of log10 values) the outlier fences are drawn from: a factor of 2. With
+#: the middle half of the models (nearly) equal, every other dot was an outlier, one 0.07% away included
+SPREAD_FLOOR = math.log10(2.0)
+#: the verdicts of the rows that count as fine-tunes of the base, in the figure and in the memo's sentences
+FINE_TUNE_VERDICTS = ("derived", "partial")
 
 
 def _finite(v: object) -> bool:
@@ -44,6 +50,27 @@ def _finite(v: object) -> bool:
 def ok_rows(rows: Sequence[dict]) -> list[dict]:
     """The rows with a result, sorted by tuned path (error rows left out)."""
     return sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: str(r.get("tuned")))
+
+
+def fine_tunes(rows: Sequence[dict]) -> tuple[list[dict], Counter]:
+    """The ``ok`` rows that count as fine-tunes of the base (the survey judged them ``derived`` or
+    ``partial``; a row without a verdict is kept), and a Counter of the verdicts of the others: a bitwise
+    copy, a cast or an unrelated model is not a fine-tune, and would move the medians.
+
+    >>> good, left = fine_tunes([{"tuned": "/a", "status": "ok", "verdict": "derived"},
+    ...                          {"tuned": "/b", "status": "ok", "verdict": "identical"}])
+    >>> [r["tuned"] for r in good], dict(left)
+    (['/a'], {'identical': 1})
+    """
+    good = [r for r in ok_rows(rows) if not r.get("verdict") or r["verdict"] in FINE_TUNE_VERDICTS]
+    left = Counter(str(r["verdict"]) for r in ok_rows(rows)
+                   if r.get("verdict") and r["verdict"] not in FINE_TUNE_VERDICTS)
+    return good, left
+
+
+def left_out(left: Counter) -> str:
+    """How many rows ``fine_tunes`` left out, and why, in words: ``1 cast_only, 2 identical``."""
+    return ", ".join(f"{v} {k}" for k, v in sorted(left.items()))
 
 
 def interval(row: dict, col: str) -> tuple[float, float] | None:
@@ -83,13 +110,21 @@ def model_label(row: dict) -> str:
 
 def outliers(rows: Sequence[dict], column: str, limit: int = LABELS) -> list[dict]:
     """Rows whose value lies beyond 1.5 interquartile ranges of the others (on log10 of the
-    positive values), the most extreme first, at most ``limit``; none with fewer than 5 values."""
+    positive values; a range narrower than a factor of 2 counts as a factor of 2, ``SPREAD_FLOOR``),
+    the most extreme first, at most ``limit``; none with fewer than 5 values.
+
+    >>> outliers([{"tuned": f"/m{i}", "x": v} for i, v in enumerate([0.9984] * 4 + [1.0])], "x")
+    []
+    >>> [r["tuned"] for r in outliers([{"tuned": f"/m{i}", "x": v} for i, v in enumerate([0.9984] * 4 + [1e-3])], "x")]
+    ['/m4']
+    """
     pts = [(math.log10(r[column]), r) for r in rows if _finite(r.get(column)) and r[column] > 0]
     if len(pts) < 5:
         return []
     logs = np.array([p[0] for p in pts])
     q1, q3 = np.percentile(logs, [25, 75])
-    lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
+    spread = max(float(q3 - q1), SPREAD_FLOOR)
+    lo, hi = q1 - 1.5 * spread, q3 + 1.5 * spread
     mid = float(np.median(logs))
     out = [(abs(x - mid), str(r.get("tuned")), r) for x, r in pts if x < lo or x > hi]
     return [r for _, _, r in sorted(out, key=lambda t: (-t[0], t[1]))[:limit]]
@@ -101,17 +136,23 @@ def _jitter(n: int) -> np.ndarray:
 
 
 def draw_population(rows: Sequence[dict]) -> Figure:
-    """Three strips (relative change, 1 - cosine, delta-parameter share), one dot per model,
-    log axes with bitwise-unchanged models on a marked zero line, outliers labelled."""
+    """Three strips (relative change, 1 - cosine, delta-parameter share), one dot per fine-tune of the
+    base (``fine_tunes``: the population of the memo's sentences; the title says how many rows are left
+    out and why), log axes with bitwise-unchanged models on a marked zero line, outliers labelled."""
     with rc_context(STYLE):
         return _draw(rows)
 
 
 def _draw(rows: Sequence[dict]) -> Figure:
-    good = ok_rows(rows)
+    good, left = fine_tunes(rows)
     fig = _figure(1.0 + 1.35 * len(METRICS))
     axes = fig.subplots(len(METRICS), 1)
-    fig.suptitle(f"Population: {len(good)} surveyed fine-tunes of one base", fontsize=10, fontweight="bold")
+    title = f"Population: {len(good)} surveyed fine-tune{'' if len(good) == 1 else 's'} of one base"
+    if left:
+        n = sum(left.values())
+        title += (f"\n({n} other surveyed {'model' if n == 1 else 'models'} left out, by their verdicts not "
+                  f"fine-tunes of the base: {left_out(left)})")
+    fig.suptitle(title, fontsize=10, fontweight="bold")
     for ax, (col, label, _, _) in zip(axes, METRICS):
         vals = [r.get(col) for r in good]
         have = [(r, v) for r, v in zip(good, vals) if _finite(v)]
@@ -180,10 +221,7 @@ def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
     own = {tuned, os.path.abspath(tuned)} if tuned else set()    # a local path made absolute, or a repo id
     mine_rows = [r for r in ok_rows(rows) if r.get("tuned") not in own]
     others = "other " if len(mine_rows) < len(ok_rows(rows)) else ""
-    # fine-tunes of the base are the rows the survey judged derived: an identical copy or an unrelated
-    # model is not one, and would move the medians
-    good = [r for r in mine_rows if not r.get("verdict") or r.get("verdict") in ("derived", "partial")]
-    left = Counter(str(r["verdict"]) for r in mine_rows if r.get("verdict") and r["verdict"] not in ("derived", "partial"))
+    good, left = fine_tunes(mine_rows)
     bases = sorted({str(r.get("base")) for r in good if r.get("base")})
     mine = [os.path.abspath(str(b.get("path"))) for b in data.get("base") or [] if b.get("path")]
     of = "this base" if bases and set(bases) <= set(mine) else \
@@ -194,7 +232,7 @@ def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
               "delta_params_share": s.get("delta_params_share")}
     mine_lo = share_lower(s)                            # delta_params is then an upper bound
     fmt = {"relative_change": sci, "one_minus_cosine": sci, "delta_params_share": share}
-    subject = "this fine-tune" if s.get("verdict") in (None, "derived", "partial") else "this model"
+    subject = "this fine-tune" if s.get("verdict") in (None, *FINE_TUNE_VERDICTS) else "this model"
     out = []
     for col, _, words, than in METRICS:
         v = values[col]
@@ -223,6 +261,5 @@ def population_sentences(data: dict, rows: Sequence[dict]) -> list[str]:
     if left:
         n = sum(left.values())
         out.append(f"{n} {others}surveyed {'model is' if n == 1 else 'models are'} left out: by the survey's own "
-                   "verdicts, not fine-tunes of the base ("
-                   + ", ".join(f"{v} {k}" for k, v in sorted(left.items())) + ").")
+                   f"verdicts, not fine-tunes of the base ({left_out(left)}).")
     return out
