@@ -252,3 +252,32 @@ def test_blocks_are_labelled_and_measured_as_compare_does(family):
     for (_, x), (_, y) in zip(ours, theirs):
         assert x == pytest.approx(y, rel=1e-12)
     assert not math.isnan(ours[0][1])
+
+
+def test_near_tie_rule_on_hand_made_rows():
+    """A model assembled from two candidates (each closer in some blocks) stays tied; exactness decides first."""
+    from weightdiff.judge.ties import promote, singles_out
+
+    def row(path, values, verdict="derived", ident=0):
+        return {"path": path, "verdict": "derived", "compare_verdict": verdict, "identical_large_params": ident,
+                "relative_change_large": 0.1, "blocks": [{"block": f"layers.{i}", "rel_change": v}
+                                                        for i, v in enumerate(values)]}
+
+    x, y = row("x", [0.0, 0.0, 0.2, 0.2], ident=10), row("y", [0.2, 0.2, 0.0, 0.0], ident=10)
+    assert singles_out(x, y) is None and singles_out(y, x) is None and promote([y, x]) == [y, x]
+    # closer in half the blocks and nowhere farther: not a majority, and both hold bitwise matrices
+    z = row("z", [0.1, 0.1, 0.1, 0.1], ident=5)
+    w = row("w", [0.1, 0.1, 0.3, 0.3], ident=5)
+    assert singles_out(z, w) is None
+    # ... but bitwise large matrices on one side only decide it
+    w["identical_large_params"] = 0
+    assert singles_out(z, w)["closer"] == ["layers.2", "layers.3"] and promote([w, z]) == [z, w]
+    # a bitwise copy beats anything within the margin, even a candidate closer in no block
+    c = row("c", [0.1, 0.1, 0.1, 0.1], verdict="identical")
+    assert singles_out(c, z)["exact"] == "identical" and singles_out(z, c) is None
+
+
+def test_the_answer_does_not_depend_on_the_candidate_order(family):
+    one = provenance(family["A_l1"], [family["base"], family["A"]], screen=False)
+    two = provenance(family["A_l1"], [family["A"], family["base"]], screen=False)
+    assert one.to_json(include_run=False) == two.to_json(include_run=False)
