@@ -100,18 +100,20 @@ def test_finetune_ranks_its_true_base_first(zoo):
     assert c["base"]["excluded"]["vector_params"] == (2 * SHAPE["layers"] + 1) * SHAPE["hidden"]
     assert "norm gains, biases" in r.to_dict()["relatedness"]
     assert c["base"]["coverage"] == 1.0 and c["base"]["identical_share"] == 0.0
-    assert [b["block"] for b in c["base"]["blocks"]][-2:] == ["layers.0", "layers.1"]
+    # compare's block labels and order (judge.aggregate), so the tables line up across commands
+    assert [b["block"] for b in c["base"]["blocks"]] == ["embeddings", "layers.0", "layers.1", "head"]
     assert all(0.005 < b["rel_change"] < 0.05 for b in c["base"]["blocks"] if b["block"].startswith("layers"))
     assert c["base"]["permutation"]["groups_permuted"] == 0
     assert r.findings[0].startswith(f"`{zoo['base']}` ranks first")
 
 
-def test_bitwise_copy_and_cast_of_the_base(zoo):
+def test_bitwise_copy_and_cast_of_the_base(zoo, tmp_path):
     r = provenance(zoo["base"], [zoo["bf16_base"], zoo["sibling"]], screen=False)
     c = _by_path(r, zoo)
     assert c["bf16_base"]["rank"] == 1 and c["bf16_base"]["verdict"] == "derived"
     assert c["bf16_base"]["relative_change_large"] < 0.01          # bf16 rounding only
-    r = provenance(zoo["base"], [zoo["base"]], screen=False)
+    copy = str(write_checkpoint(tmp_path / "copy", llama(np.random.default_rng(7), **SHAPE)))
+    r = provenance(zoo["base"], [copy], screen=False)
     assert r.candidates[0]["identical_share"] == 1.0 and r.candidates[0]["relative_change_large"] == 0.0
 
 
@@ -211,8 +213,9 @@ def test_evidence_on_hand_made_rows():
                 "norm_base": nb, "norm_tuned": nb, "norm_delta": nd, "cosine": cos, "compared": "float",
                 "block": block}
 
-    rows = [row("a", (64, 64), 3.0, 0.3, 0.99), row("b", (64, 128), 4.0, 0.0, 1.0, "unchanged"),
-            row("g", (64,), 8.0, 4.0, 0.9), row("s", (4, 4), 1.0, 1.0, 0.5, block=None),
+    rows = [row("model.layers.0.a.weight", (64, 64), 3.0, 0.3, 0.99),
+            row("model.layers.0.b.weight", (64, 128), 4.0, 0.0, 1.0, "unchanged"),
+            row("model.layers.0.g.weight", (64,), 8.0, 4.0, 0.9), row("s", (4, 4), 1.0, 1.0, 0.5, block=None),
             {"name": "new", "status": "added", "shape": [10, 10], "numel": 100, "numel_compared": 0,
              "compared": "none"}]
     e = evidence(rows, t, tuned_params=4096 + 8192 + 64 + 16 + 100)
@@ -222,7 +225,9 @@ def test_evidence_on_hand_made_rows():
     assert e["identical_share"] == 0.25 and e["tensors_compared"] == 4
     assert e["coverage"] == pytest.approx((4096 + 8192 + 64 + 16) / (4096 + 8192 + 64 + 16 + 100))
     assert e["excluded"] == {"vectors": 1, "vector_params": 64, "small_matrices": 1, "small_matrix_params": 16}
-    assert [b["block"] for b in e["blocks"]] == ["layers.0", "(other)"]
+    # blocks as compare labels them (from the names): a tensor outside the blocks that does not embed is the head
+    assert [b["block"] for b in e["blocks"]] == ["layers.0", "head"]
+    assert e["identical_large_params"] == 8192 and e["large_params"] == 4096 + 8192
     assert judge(e["cosine_large"], e["relative_change_large"], t) == "derived"
     assert judge(0.1, 1.0, t) == "unrelated" and judge(0.1, 0.5, t) == "derived" and judge(0.3, 1.4, t) == "derived"
 

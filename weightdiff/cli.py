@@ -329,9 +329,13 @@ def provenance_cmd(paths, candidates_flag, json_out, csv_out, report_out, plots_
     Each candidate gets `derived` or `unrelated` with its evidence: relative change
     and parameter-weighted cosine over large matrices (norm gains and biases left
     out), the share of tensors bitwise identical, per-block change and coverage.
-    Candidates sharing no large matrix are listed with the reason. With more
-    candidates than --full-top, a seeded sample of rows ranks them first. Permuted
-    MLP neurons are found and undone. Exit code 0 when the ranking ran, 2 for bad input.
+    Candidates sharing no large matrix are listed with the reason (none compared:
+    inconclusive). A near tie on the pooled change is broken only by what singles
+    one out (bitwise-equal matrices, closer in most blocks). TUNED itself and repeats among the
+    candidates are ranked once or left out. With more candidates than --full-top,
+    a seeded sample of rows ranks them first. Permuted MLP neurons are found and
+    undone. A PEFT adapter as TUNED is refused: compare it with its base. Exit
+    code 0 when the ranking ran, 2 for bad input.
 
     \b
     Example:

@@ -33,6 +33,8 @@ import numpy as np
 from ._callable import callable_module
 from ._version import __version__
 from .io.checkpoint import Checkpoint, is_hub_candidate, locate
+from .io.declared import declared
+from .io.located import weight_files
 from .comparison import compare, describe, hub_run, run_date, versions
 from .errors import CheckpointError, OptionsError, WeightdiffError, escape_name
 from .kernels.dtypes import DTYPES, decode
@@ -43,7 +45,8 @@ from .records import dumps
 from .render.formats import num, sci, share
 from .judge.relatedness import (EXCLUDED_NOTE, LIMITS, MARGINS, REFERENCE, components, evidence, judge,
                                 large_matrix_relatedness, near_tie, rank_key, sample_plan, sample_rows,
-                                sampled_sums, screen_estimate, weak_evidence)
+                                sampled_sums, screen_estimate, weak_by)
+from .judge.ties import promote, singles_out, within_margin
 from .render.formats import count
 from .render.sentences import parts_text
 
@@ -71,7 +74,7 @@ class ProvenanceResult:
     @property
     def answer(self) -> dict:
         """How the answer is stated (see ``_answer``): its kind and the candidates it names."""
-        return _answer(self.candidates)
+        return _answer(self.candidates, len(self.incompatible))
 
     def to_dict(self, include_run: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -99,7 +102,10 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
     ``progress`` receives one-line status messages (for stderr). Models may be Hub repo
     ids; ``hub`` (HubOptions) says how they are read (screening a streamed candidate fetches
     only its sampled rows by range requests). Raises WeightdiffError for bad input: a
-    missing path, an unreadable tuned model, no candidates.
+    missing path, an unreadable tuned model, a PEFT adapter as the tuned model (it holds LoRA
+    factors, not weights to match: compare it with its base instead), no candidates (none left once
+    the tuned model itself and repeats are dropped), an ``include``/``exclude`` that leaves no
+    tuned tensor.
     """
     if options is None:
         options = options_from_kwargs(ProvenanceOptions, **kwargs)
@@ -120,14 +126,30 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
         tck = stack.enter_context(locate(tuned, hub))
         if tck.origin:
             say(tck.origin)
+        _refuse_adapter(tuned, tck)
+        # the filters concern the tuned model's names: one that leaves nothing is bad input, never a
+        # candidate that "cannot be read"
+        make_plan([], tck, include=options.include, exclude=options.exclude, content=False, reorder=False)
         entries, incompatible = [], []
         unique, duplicates = _dedupe(candidates)
+        seen = {weight_files(tck): None}      # the tuned model's own files: a candidate naming them is itself
         for path in unique:
             try:
                 ck = stack.enter_context(locate(path, hub))
                 if ck.origin:
                     say(ck.origin)
+                if ck.format == "adapter":
+                    incompatible.append({"path": str(path), "reason": "a PEFT adapter (LoRA factors), not a model's "
+                                         "weights: give it merged into its base"})
+                    continue
+                key = weight_files(ck)
+                if key in seen:
+                    duplicates.append((str(path), seen[key], "same weight files"))
+                    continue
+                seen[key] = str(path)
                 pl = make_plan([ck], tck, include=options.include, exclude=options.exclude, reorder=False)
+            except OptionsError:
+                raise
             except WeightdiffError as exc:
                 incompatible.append({"path": str(path), "reason": f"cannot be read: {exc.one_line()}"})
                 continue
@@ -136,6 +158,9 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
                 entries.append(entry)
             else:
                 incompatible.append({"path": str(path), "reason": _why_incompatible(pl, tck)})
+        if not entries and not incompatible:
+            raise OptionsError("candidates: every candidate is the tuned model itself (the same weight files)",
+                               "list the candidate bases after TUNED, not TUNED again", option="candidates")
         do_screen = options.screen if options.screen is not None else len(entries) > options.full_top
         screening = None
         screened_names: frozenset = frozenset()
@@ -158,6 +183,10 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
         rows = []
         for e in entries:
             if id(e) in done:
+                if done[id(e)]["relative_change_large"] is None:
+                    # nothing measured is no evidence either way: listed as not compared, never "unrelated"
+                    incompatible.append({"path": e.path, "reason": _why_unmeasured(done[id(e)])})
+                    continue
                 rows.append(done[id(e)])
             else:
                 rows.append({"path": e.path, "format": e.ck.format, "params": e.ck.params,
@@ -169,6 +198,8 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
         # one ranking by the evidence, whatever the comparison mode: a sampled candidate is compared in
         # full whenever its sample cannot rule out that it beats the leader (_must_compare)
         rows.sort(key=rank_key)
+        # within the near-tie margin of the pooled number, a candidate the blocks single out ranks first
+        rows = promote(rows)
         for c in rows:
             c.pop("_screened", None)
         if screening is not None:
@@ -190,6 +221,24 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
         screening=screening, findings=_findings(rows, incompatible, screening, thr, duplicates), run=run)
 
 
+def _refuse_adapter(tuned: PathLike, tck: Checkpoint) -> None:
+    """A PEFT adapter holds LoRA factors, not a model's weights: merged into any candidate it would
+    make that candidate look like its base, so provenance refuses it (compare it with its base)."""
+    if tck.format != "adapter":
+        return
+    names = declared(tck)["declares_base"]
+    said = f" (its adapter_config.json names `{names}` as its base)" if names else ""
+    raise CheckpointError(tuned, "is a PEFT adapter (LoRA factors, not a model's weights): provenance has "
+                                 f"nothing to match against the candidates{said}",
+                          "run `weightdiff compare BASE ADAPTER` to see what it changes, or give the adapter "
+                          "merged into its base as TUNED")
+
+
+def _why_unmeasured(row: dict) -> str:
+    return ("no large matrix could be measured: every shared large matrix has non-finite norms"
+            if row.get("nonfinite") else "no large matrix could be measured")
+
+
 @dataclass(eq=False)
 class _Entry:
     path: str
@@ -201,15 +250,17 @@ class _Entry:
     screen: dict | None = None
 
 
-def _dedupe(candidates: Sequence[PathLike]) -> tuple[list[PathLike], list[tuple[str, str]]]:
-    """The candidates with repeats of one checkpoint removed (``B``, ``./B``, ``B/``, a symlink to
-    ``B``: the same real path), first spelling kept; and (dropped, kept) for each repeat."""
+def _dedupe(candidates: Sequence[PathLike]) -> tuple[list[PathLike], list[tuple[str, str | None, str]]]:
+    """The candidates with repeats of one path removed (``B``, ``./B``, ``B/``, a symlink to
+    ``B``: the same real path), first spelling kept; and (dropped, kept, why) for each repeat.
+    Spellings of one checkpoint by other paths (``B`` and ``B/model.safetensors``) are found once
+    located, by their weight files (``io.located.weight_files``)."""
     seen: dict[str, str] = {}
     unique, dropped = [], []
     for p in candidates:
         key = os.path.realpath(p) if os.path.exists(p) else str(p)
         if key in seen:
-            dropped.append((str(p), seen[key]))
+            dropped.append((str(p), seen[key], "same real path"))
             continue
         seen[key] = str(p)
         unique.append(p)
@@ -247,8 +298,8 @@ def _must_compare(entries: list["_Entry"], done: dict[int, dict]) -> list["_Entr
         if id(e) in done or e.screen is None:
             continue
         est = e.screen
-        if lead is None:
-            if est["verdict"] == "derived":
+        if lead is None or est["relative_change_large"] is None:
+            if est["verdict"] == "derived" or est["relative_change_large"] is None:
                 out.append(e)
             continue
         floor = est.get("relative_change_floor")
@@ -415,33 +466,99 @@ def _undo_rows(rows: list[dict], applied: list[Finding], base: Checkpoint, tck: 
             r["note"] = f"compared after undoing the permutation of {f.moved} of {f.neurons} MLP neurons"
 
 
-def _answer(rows: list[dict]) -> dict:
+def _answer(rows: list[dict], not_compared: int = 0) -> dict:
     """How sure the answer is, from the ranked rows (the memo's headline reads it).
 
-    ``kind``: ``derived`` (one closest candidate), ``tie`` (candidates within ``near_tie_ratio``
-    of the leader cannot be told apart), ``weak`` (the leader reads derived on evidence near the
-    unrelated reference), ``partial`` (no candidate is derived, but one shares some components
-    and not others), ``none``. ``leading`` the first derived (or partial) candidate, ``tied``
-    the others within the margin, ``ratio`` the runner-up's relative change over the leader's.
+    ``kind``: ``identical`` (the leader holds the tuned model's weights bitwise), ``cast_only`` (the
+    same weights within the rounding of a cast), ``derived`` (one closest candidate), ``tie`` (candidates
+    within ``near_tie_ratio`` of the leader that nothing else singles out: ``judge.ties``), ``weak``
+    (the leader reads derived on evidence near the unrelated reference; ``weak_by`` says which number),
+    ``partial`` (no candidate is derived, but one shares some components and not others), ``none``
+    (every candidate compared is unrelated), ``inconclusive`` (no candidate could be compared).
+    ``leading`` the first derived (or partial) candidate, ``tied`` the others within the margin that
+    cannot be told apart from it, ``separated`` those within the margin that the blocks tell apart (and
+    how: ``ties.singles_out``), ``ratio`` the runner-up's relative change over the leader's,
+    ``not_compared`` how many candidates could not be compared.
     """
+    out = {"kind": "none", "leading": None, "tied": [], "separated": [], "ratio": None, "weak": False,
+           "weak_by": [], "not_compared": not_compared}
     derived = [c for c in rows if c["verdict"] == "derived"]
     if derived:
         a = derived[0]
         lead = a["relative_change_large"]
-        tied = [c["path"] for c in derived[1:] if near_tie(lead, c["relative_change_large"])]
+        near = [c for c in within_margin(rows) if c is not a]
+        tied, separated = [], []
+        for c in near:
+            why = singles_out(a, c)
+            if why is None:
+                tied.append(c["path"])
+            else:
+                separated.append(why)
         ratio = None
         if len(derived) > 1 and lead and derived[1]["relative_change_large"] is not None:
             ratio = derived[1]["relative_change_large"] / lead
         elif len(derived) > 1 and lead == 0 and derived[1]["relative_change_large"] == 0:
             ratio = 1.0
-        weak = weak_evidence(a["cosine_large"], lead)
-        kind = "tie" if tied else "weak" if weak else "derived"
-        return {"kind": kind, "leading": a["path"], "tied": tied, "ratio": ratio, "weak": weak}
+        weak = weak_by(a["cosine_large"], lead)
+        exact = a.get("compare_verdict") if a.get("compare_verdict") in ("identical", "cast_only") else None
+        kind = exact or ("tie" if tied else "weak" if weak else "derived")
+        out.update(kind=kind, leading=a["path"], tied=tied, separated=separated, ratio=ratio, weak=bool(weak),
+                   weak_by=weak)
+        return out
     partial = [c for c in rows if c["verdict"] == "partial"]
     if partial:
-        return {"kind": "partial", "leading": partial[0]["path"], "tied": [], "ratio": None, "weak": False,
-                "shared": partial[0]["components"]["shared"], "unrelated": partial[0]["components"]["unrelated"]}
-    return {"kind": "none", "leading": None, "tied": [], "ratio": None, "weak": False}
+        out.update(kind="partial", leading=partial[0]["path"], shared=partial[0]["components"]["shared"],
+                   unrelated=partial[0]["components"]["unrelated"])
+        return out
+    if not rows:
+        out["kind"] = "inconclusive"
+    return out
+
+
+def _separation_text(a: dict, why: dict, rows: list[dict]) -> str:
+    """Why a candidate within the near-tie margin of the leader is not tied with it (``ties.singles_out``)."""
+    other = next(c for c in rows if c["path"] == why["path"])
+    lead, rc = a["relative_change_large"], other["relative_change_large"]
+    if lead and rc is not None and rc != lead:
+        pooled = f"{rc / lead - 1:.1%} further" if rc > lead else f"{1 - rc / lead:.1%} closer"
+    else:
+        pooled = "exactly as close"
+    if why["exact"] == "identical":
+        parts = [f"`{a['path']}` holds the tuned model's weights bitwise and `{why['path']}` does not"]
+    elif why["exact"] == "cast_only":
+        parts = [f"`{a['path']}` holds the tuned model's weights within the rounding of a cast and "
+                 f"`{why['path']}` does not"]
+    else:
+        parts = []
+        if why["identical_large_params"] and not why["other_identical_large_params"]:
+            parts.append(f"{share(why['identical_large_params'] / a['large_params'])} of the large-matrix parameters "
+                         f"are bitwise equal to `{a['path']}`'s and none to `{why['path']}`'s")
+        if why["closer"]:
+            s = (f"`{a['path']}` is closer by more than the margin in {count(len(why['closer']))} of the "
+                 f"{count(why['blocks'])} blocks both share ({parts_text(why['closer'])}")
+            if why["bitwise"]:
+                s += f"; bitwise equal in {count(len(why['bitwise']))} of them"
+            parts.append(s + f"), `{why['path']}` in none")
+    return (f"`{why['path']}` is within the {MARGINS['near_tie_ratio']}x margin of `{a['path']}` on the pooled "
+            f"relative change ({pooled}), but the weights single out `{a['path']}`: " + ", and ".join(parts))
+
+
+def _weak_text(a: dict, weak_by: Sequence[str]) -> str:
+    """The weak-evidence finding, naming only the numbers that are near the unrelated reference."""
+    cos = a["cosine_large"]
+    rel = f"relative change {sci(a['relative_change_large'])}"
+    omc = f"1 - cosine {sci(None if cos is None else 1 - cos)}"
+    ref_rel, ref_omc = sci(REFERENCE["relative_change"]), "1"
+    if list(weak_by) == ["relative_change"]:
+        near = f"{rel} is nearer the unrelated reference ({ref_rel}) than a fine-tune's (typically 1e-3 to 1e-1)"
+        near += f"; {omc} is not" if cos is not None else ""
+    elif list(weak_by) == ["cosine"]:
+        near = f"{omc} is nearer the unrelated reference ({ref_omc}) than a fine-tune's"
+        near += f"; {rel} is not" if a["relative_change_large"] is not None else ""
+    else:
+        near = (f"{rel} and {omc} are nearer the unrelated reference ({ref_rel} and {ref_omc}) than a fine-tune "
+                "(typically 1e-3 to 1e-1)")
+    return f"the evidence for `{a['path']}` is weak: {near}; \"derived\" here only says the weights are not independent"
 
 
 DIRECTION = ("the weights cannot show which of two related models came first: \"derived from\" means related "
@@ -449,31 +566,38 @@ DIRECTION = ("the weights cannot show which of two related models came first: \"
 
 
 def _findings(rows: list[dict], incompatible: list[dict], screening: dict | None, thr: Thresholds,
-              duplicates: Sequence[tuple[str, str]] = ()) -> list[str]:
+              duplicates: Sequence[tuple[str, str | None, str]] = ()) -> list[str]:
     out = []
-    ans = _answer(rows)
+    ans = _answer(rows, len(incompatible))
     derived = [c for c in rows if c["verdict"] == "derived"]
     if derived:
         a = derived[0]
         cos = a["cosine_large"]
-        s = (f"`{a['path']}` ranks first: relative change {sci(a['relative_change_large'])} over large "
-             f"matrices, 1 - cosine {sci(None if cos is None else 1 - cos)}")
-        if ans["tied"]:
-            names = ", ".join(f"`{p}`" for p in ans["tied"])
-            s += (f"; but it cannot be told apart from {names}: "
-                  + ("exactly as close" if ans["ratio"] == 1.0 else
-                     f"the next is only {(ans['ratio'] - 1):.1%} further")
-                  + f", within the {MARGINS['near_tie_ratio']}x margin; the weights do not single out one of them")
-        elif ans["ratio"] is not None:
-            b = derived[1]
-            s += f"; the next derived candidate, `{b['path']}`, is {ans['ratio']:.1f}x further"
+        omc = sci(None if cos is None else 1 - cos)
+        others = ", ".join(f"`{p}`" for p in ans["tied"])
+        if ans["kind"] == "identical":
+            s = (f"`{a['path']}` ranks first: it holds the same weights as the tuned model (every compared tensor "
+                 "bitwise equal)") + (f"; so does {others}" if others else "")
+        elif ans["kind"] == "cast_only":
+            s = (f"`{a['path']}` ranks first: it holds the same weights as the tuned model at another precision "
+                 f"(every difference within the rounding of a cast; relative change {sci(a['relative_change_large'])} "
+                 "over large matrices); either may be the cast of the other") + (f"; so does {others}" if others else "")
+        else:
+            s = (f"`{a['path']}` ranks first: relative change {sci(a['relative_change_large'])} over large "
+                 f"matrices, 1 - cosine {omc}")
+            if ans["tied"]:
+                s += (f"; but it cannot be told apart from {others}: "
+                      + ("exactly as close" if ans["ratio"] == 1.0 else
+                         f"the next is only {(ans['ratio'] - 1):.1%} further")
+                      + f", within the {MARGINS['near_tie_ratio']}x margin, and no block singles out one of them")
+            elif ans["ratio"] is not None and not ans["separated"]:
+                s += f"; the next derived candidate, `{derived[1]['path']}`, is {ans['ratio']:.1f}x further"
         out.append(s)
+        out += [_separation_text(a, why, rows) for why in ans["separated"]]
         if ans["weak"]:
-            out.append(f"the evidence for `{a['path']}` is weak: relative change {sci(a['relative_change_large'])} "
-                       f"and 1 - cosine {sci(None if cos is None else 1 - cos)} are nearer the unrelated reference "
-                       f"({sci(REFERENCE['relative_change'])} and 1) than a fine-tune (typically 1e-3 to 1e-1); "
-                       "\"derived\" here only says the weights are not independent")
-        out.append(DIRECTION.format(a=a["path"]))
+            out.append(_weak_text(a, ans["weak_by"]))
+        if ans["kind"] not in ("identical", "cast_only"):
+            out.append(DIRECTION.format(a=a["path"]))
     elif ans["kind"] == "partial":
         out.append(f"no candidate is a plausible base of the whole model; `{ans['leading']}` is partially "
                    f"derived: the tuned model shares {parts_text(ans['shared'])} with it; "
@@ -481,7 +605,16 @@ def _findings(rows: list[dict], incompatible: list[dict], screening: dict | None
         out.append(DIRECTION.format(a=ans["leading"]))
     elif rows:
         out.append(f"no candidate is a plausible base: every one compared is unrelated (reference for "
-                   f"independent inits: relative change {sci(REFERENCE['relative_change'])}, cosine 0)")
+                   f"independent inits: relative change {sci(REFERENCE['relative_change'])}, cosine 0)"
+                   + (f"; {count(len(incompatible))} could not be compared and {'is' if len(incompatible) == 1 else 'are'} "
+                      "not judged" if incompatible else ""))
+    else:
+        n = len(incompatible)
+        out.append("nothing was compared: " + (
+            "the candidate could not be compared with the tuned model (reason below), so this run says nothing "
+            "about whether it is its base" if n == 1 else
+            f"none of the {count(n)} candidates could be compared with the tuned model (reasons below), so this "
+            "run says nothing about whether any of them is its base"))
     for c in rows:
         if c["verdict"] == "unrelated":
             out.append(f"`{c['path']}` is unrelated: cosine {num(c['cosine_large'])}, relative change "
@@ -507,8 +640,11 @@ def _findings(rows: list[dict], incompatible: list[dict], screening: dict | None
                        "shape; only that part is compared")
     for c in incompatible:
         out.append(f"`{c['path']}` was not compared: {c['reason']}")
-    for dropped, kept in duplicates:
-        out.append(f"`{dropped}` is the same checkpoint as `{kept}` (same real path); ranked once, as `{kept}`")
+    for dropped, kept, why in duplicates:
+        if kept is None:
+            out.append(f"`{dropped}` is the tuned model itself ({why}); left out of the ranking")
+        else:
+            out.append(f"`{dropped}` is the same checkpoint as `{kept}` ({why}); ranked once, as `{kept}`")
     if screening:
         full = screening.get("compared_in_full", min(screening["full_top"], screening["candidates"]))
         s = (f"screened {screening['candidates']} candidates on {screening['rows']:,} sampled rows of "

@@ -21,7 +21,7 @@ from .pickle_read import load_pickle
 from .quant_sources import Source
 from .safetensors_read import Header, SafetensorsFile, TensorInfo, array_windows, check_range, storage_of
 
-__all__ = ["Checkpoint"]
+__all__ = ["Checkpoint", "weight_files"]
 
 _OPEN_FILES = 8                     # headers parsed and fds held at once; data is mapped per window
 
@@ -344,6 +344,20 @@ class Checkpoint:
         self.check_identity()
         self._hashed = dict(out)
         return out
+
+
+def weight_files(ckpt: "Checkpoint") -> tuple:
+    """What names one checkpoint whatever the spelling: the sorted real paths of the files it reads
+    (``B``, ``B/`` and ``B/model.safetensors`` alike), or, for a Hub checkpoint streamed (its files not
+    on disk), its repo, commit and file names. Two checkpoints with equal keys read the same bytes.
+
+    >>> weight_files(Checkpoint(Path("B"), "safetensors", [], {}, {}, Path("B")))
+    ('files', ())
+    """
+    if ckpt.hub is not None and not all(os.path.exists(f) for f in ckpt.files):
+        return ("hub", ckpt.hub.get("repo_id"), ckpt.hub.get("commit"),
+                tuple(sorted(str(f.get("name")) for f in ckpt.hub.get("files") or ())))
+    return ("files", tuple(sorted(os.path.realpath(f) for f in ckpt.files)))
 
 
 def _identity_of(st: os.stat_result) -> tuple[int, int, int, int]:

@@ -18,11 +18,11 @@ import numpy as np
 
 from ..kernels.dtypes import DTYPES, decode
 from ..options import Thresholds
-from ..pairing.names import component_of, parse_name
+from ..pairing.names import component_of, group_of, parse_name
 from ..records import TensorRow
 from .status import PAIRED, is_mismatch, placements, ratio
 
-__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components", "split_suspects", "kind_rows", "reordered_kinds", "is_expert_name",
+__all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "weak_by", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components", "split_suspects", "kind_rows", "reordered_kinds", "is_expert_name",
            "counts_for_relatedness", "evidence_sizes", "chosen_evidence", "evidence", "judge", "rank_key",
            "sample_rows", "sample_plan", "sampled_sums", "screen_estimate"]
 
@@ -72,8 +72,22 @@ def weak_evidence(cosine: float | None, rel_change: float | None) -> bool:
     >>> weak_evidence(0.30, 1.2), weak_evidence(0.95, 0.3), weak_evidence(0.999, 0.01)
     (True, False, False)
     """
-    return bool((rel_change is not None and rel_change >= MARGINS["weak_rel_change"])
-                or (cosine is not None and cosine <= MARGINS["weak_cosine"]))
+    return bool(weak_by(cosine, rel_change))
+
+
+def weak_by(cosine: float | None, rel_change: float | None) -> list[str]:
+    """Which of the two numbers make the evidence weak (the rule is an "or"): ``relative_change``
+    at or above ``weak_rel_change``, ``cosine`` at or below ``weak_cosine``; empty when neither.
+
+    >>> weak_by(1.0, 2.0), weak_by(0.3, 1.2), weak_by(0.3, 0.1), weak_by(0.999, 0.01)
+    (['relative_change'], ['relative_change', 'cosine'], ['cosine'], [])
+    """
+    out = []
+    if rel_change is not None and rel_change >= MARGINS["weak_rel_change"]:
+        out.append("relative_change")
+    if cosine is not None and cosine <= MARGINS["weak_cosine"]:
+        out.append("cosine")
+    return out
 
 
 _ratio = ratio     # sqrt(num) / sqrt(den): the one norm ratio of judge.status
@@ -483,7 +497,9 @@ def evidence(tensors: Sequence[dict], thresholds: Thresholds, tuned_params: int)
     n_cmp = n_ident = p_ident = shared = 0
     excluded = {"vectors": 0, "vector_params": 0, "small_matrices": 0, "small_matrix_params": 0}
     blocks: dict[str, list[float]] = {}
-    for t in tensors:
+    order: dict[str, tuple] = {}
+    labels = _block_labels(tensors)
+    for t, label in zip(tensors, labels):
         if t.get("compared", "none") == "none":
             continue
         nc = int(t.get("numel_compared") or t["numel"])
@@ -497,10 +513,12 @@ def evidence(tensors: Sequence[dict], thresholds: Thresholds, tuned_params: int)
             continue
         sb += nb * nb
         sd += nd * nd
-        acc = blocks.setdefault(t.get("block") or "(other)", [0.0, 0.0, 0])
-        acc[0] += nb * nb
-        acc[1] += nd * nd
-        acc[2] += nc
+        if label is not None:
+            acc = blocks.setdefault(label[0], [0.0, 0.0, 0])
+            order.setdefault(label[0], label[1])
+            acc[0] += nb * nb
+            acc[1] += nd * nd
+            acc[2] += nc
         if len(t["shape"]) < 2:
             excluded["vectors"] += 1
             excluded["vector_params"] += nc
@@ -508,21 +526,54 @@ def evidence(tensors: Sequence[dict], thresholds: Thresholds, tuned_params: int)
             excluded["small_matrices"] += 1
             excluded["small_matrix_params"] += nc
     cos_large, rel_large, _ = large_matrix_relatedness(tensors, thresholds)
-    large_params = sum(int(t.get("numel_compared") or t["numel"]) for t in tensors
-                       if counts_for_relatedness(t, thresholds.large_matrix_numel))
+    large = [t for t in tensors if counts_for_relatedness(t, thresholds.large_matrix_numel)]
+    large_params = sum(int(t.get("numel_compared") or t["numel"]) for t in large)
+    identical_large = sum(int(t.get("numel_compared") or t["numel"]) for t in large if t["status"] == "unchanged")
     return {
         "relative_change": _ratio(sd, sb),
         "relative_change_large": rel_large,
         "cosine_large": cos_large,
         "large_params": large_params,
+        "identical_large_params": identical_large,
         "identical_share": n_ident / n_cmp if n_cmp else None,
         "identical_params_share": p_ident / shared if shared else None,
         "tensors_compared": n_cmp,
         "params_shared": shared,
         "coverage": min(1.0, shared / tuned_params) if tuned_params else None,
         "excluded": excluded,
-        "blocks": [{"block": b, "rel_change": _ratio(v[1], v[0]), "params": v[2]} for b, v in blocks.items()],
+        "blocks": [{"block": b, "rel_change": _ratio(blocks[b][1], blocks[b][0]), "params": blocks[b][2]}
+                   for b in sorted(blocks, key=lambda b: order[b])],
     }
+
+
+def _block_labels(tensors: Sequence[dict]) -> list[tuple[str, tuple] | None]:
+    """(label, sort key) of each row's block, as compare's ``judge.aggregate`` labels and orders its
+    blocks (``embeddings``, the numbered blocks, ``head``; placed by ``placements``), so provenance,
+    compare and lineage line up block by block; None for a tied head row (compare leaves it out).
+
+    >>> [x[0] for x in _block_labels([{"name": "lm_head.weight"}, {"name": "model.layers.1.mlp.up_proj.weight"},
+    ...                               {"name": "model.embed_tokens.weight"}])]
+    ['head', 'layers.1', 'embeddings']
+    """
+    from types import SimpleNamespace
+
+    views = [SimpleNamespace(name=t.get("name"), base_name=t.get("base_name"), status=t.get("status"),
+                             paired_by=t.get("paired_by"), base_index=t.get("base_index") or 0) for t in tensors]
+    namespaces: dict[str, int] = {}
+    out: list[tuple[str, tuple] | None] = []
+    for t, name in zip(tensors, placements(views)):
+        note = t.get("note")
+        if t.get("tied") or (note is not None and str(note).startswith("tied:")):
+            out.append(None)
+            continue
+        block, index, module = parse_name(name)
+        if block is None:
+            label = group_of(name, module)
+            out.append((label, (0 if label == "embeddings" else 2, 0, 0, label)))
+            continue
+        ns = namespaces.setdefault(block.rsplit(".", 1)[0], len(namespaces))
+        out.append((block, (1, ns, index, block)))
+    return out
 
 
 def judge(cosine: float | None, rel_change: float | None, thresholds: Thresholds) -> str:

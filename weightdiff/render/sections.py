@@ -31,6 +31,9 @@ def _omc(c: dict) -> float | None:
     return None if cos is None else max(0.0, 1.0 - cos)
 
 
+_WEAK_WORDS = {"relative_change": "relative change", "cosine": "cosine"}
+
+
 def provenance_blocks(d: dict, figures: Sequence = (), first: int = 1) -> list[Block]:
     """A provenance result: the question, the leading candidate with caveats, the ranking
     table, the chart, findings and limits."""
@@ -46,7 +49,16 @@ def provenance_blocks(d: dict, figures: Sequence = (), first: int = 1) -> list[B
     direction = ("Derived means related by a fine-tune in one direction or the other: the weights do not say "
                  "which came first.")
     margin = (d.get("margins") or {}).get("near_tie_ratio", 1.2)
-    if ans["kind"] == "tie":
+    others = ", ".join(str(p) for p in ans.get("tied") or [])
+    if ans["kind"] == "identical" and lead:
+        title = f"IDENTICAL to {lead}" + (f" and {others}" if others else "") + ": the same weights"
+        reason = (f"Every compared tensor of this model is bitwise equal to {lead}'s: the same weights, "
+                  "not a fine-tune.")
+    elif ans["kind"] == "cast_only" and lead:
+        title = f"CAST of {lead}" + (f" and {others}" if others else "") + ": the same weights at another precision"
+        reason = (f"Every difference from {lead} is within the rounding of a cast: the same weights stored at "
+                  "another precision (either may be the cast of the other), not a fine-tune.")
+    elif ans["kind"] == "tie":
         tied = ", ".join(str(p) for p in ans.get("tied") or [])
         title = f"DERIVED from {lead} or {tied}: the weights cannot tell them apart"
         reason = (f"{fmt.count(len(derived))} of {fmt.count(len(cands))} candidates read derived; {tied} "
@@ -54,8 +66,10 @@ def provenance_blocks(d: dict, figures: Sequence = (), first: int = 1) -> list[B
                   f"to name one. {direction}")
     elif ans["kind"] == "weak" and lead:
         title = f"WEAK EVIDENCE: closest to {lead}, near the unrelated reference"
-        reason = (f"{lead} reads derived, but its relative change and cosine are nearer two independent models "
-                  f"than a fine-tune: the weights are not independent, and little more can be said. {direction}")
+        by = ans.get("weak_by") or ["relative_change", "cosine"]
+        numbers = (" and ".join(_WEAK_WORDS[k] for k in by) + (" are" if len(by) > 1 else " is"))
+        reason = (f"{lead} reads derived, but its {numbers} nearer two independent models than a fine-tune: "
+                  f"the weights are not independent, and little more can be said. {direction}")
     elif ans["kind"] == "partial":
         title = (f"PARTIALLY DERIVED from {ans['leading']}: shares {parts_text(ans.get('shared') or [])} "
                  f"with it; {parts_text(ans.get('unrelated') or [])} unrelated")
@@ -63,11 +77,23 @@ def provenance_blocks(d: dict, figures: Sequence = (), first: int = 1) -> list[B
                   f"{ans['leading']} and the others do not. {direction}")
     elif lead:
         title = f"DERIVED from {lead}"
+        apart = [str(x.get("path")) for x in ans.get("separated") or []]
         reason = (f"{fmt.count(len(derived))} of {fmt.count(len(cands))} candidates read derived; "
-                  f"{lead} is the closest. {direction}")
+                  f"{lead} is the closest"
+                  + (f"; {', '.join(apart)} {'is' if len(apart) == 1 else 'are'} within {margin}x of it on the pooled "
+                     f"change, but the weights single out {lead} (bitwise equal, or closer block by block: see the "
+                     "findings)" if apart else "") + f". {direction}")
+    elif cands:
+        skipped = len(d.get("incompatible") or [])
+        title = "NO CANDIDATE: none of the compared candidates is a base of this model."
+        reason = "Every candidate compared reads unrelated." + (
+            f" {fmt.count(skipped)} could not be compared and {'is' if skipped == 1 else 'are'} not judged "
+            "(listed under Not compared)." if skipped else "")
     else:
-        title = "NO CANDIDATE: none of the candidates is a base of this model."
-        reason = "Every candidate reads unrelated or could not be compared."
+        why = "; ".join(f"{c.get('path', '?')}: {c.get('reason', '')}" for c in d.get("incompatible") or [])
+        title = "INCONCLUSIVE: no candidate could be compared with this model."
+        reason = ("Nothing was compared, so this says nothing about whether any candidate is its base"
+                  + (f" ({why})." if why else "."))
     out.append(Block("verdict", title, [reason, CAVEATS]))
     out.append(Block("p", str(d.get("relatedness") or "") + "."))
     rows = [[fmt.count(c.get("rank")), _c(c.get("path")), _c(c.get("verdict")),
