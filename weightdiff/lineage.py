@@ -146,11 +146,9 @@ def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
 def _identity(ck: Any, path: str) -> Any:
     """What makes two spellings one checkpoint: its weight files' real paths (``B``, ``./B/``,
     ``B/model.safetensors`` and a symlink to it are one), a Hub checkpoint's repo and commit."""
-    if ck.hub is not None:
-        return ("hub", ck.hub.get("repo_id"), ck.hub.get("commit"), ck.hub.get("subfolder"),
-                tuple(sorted(f["name"] for f in ck.hub.get("files") or ())))
-    files = [os.path.realpath(f) for f in ck.files or ()]
-    return frozenset(files) if files else ("path", os.path.realpath(path))
+    from .io.located import weight_files
+
+    return weight_files(ck) if ck.files else ("path", os.path.realpath(path))
 
 
 def _repeats(paths: list[str], keys: list) -> list[str]:

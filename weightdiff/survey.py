@@ -450,12 +450,13 @@ def weight_files(path: str) -> frozenset[str] | None:
     says why). One checkpoint spelled as its folder and as its single ``model.safetensors`` (or through
     a symlink) gives the same set, so a survey compares it once."""
     from .io.checkpoint import is_hub_candidate, locate
+    from .io.located import weight_files as files_of
 
     if is_hub_candidate(path) or not os.path.exists(path):
         return None
     try:
         with locate(path) as ckpt:
-            return frozenset(os.path.realpath(f) for f in ckpt.files)
+            return frozenset(files_of(ckpt)[1])
     except WeightdiffError:
         return None
 

@@ -355,7 +355,7 @@ def weight_files(ckpt: "Checkpoint") -> tuple:
     ('files', ())
     """
     if ckpt.hub is not None and not all(os.path.exists(f) for f in ckpt.files):
-        return ("hub", ckpt.hub.get("repo_id"), ckpt.hub.get("commit"),
+        return ("hub", ckpt.hub.get("repo_id"), ckpt.hub.get("commit"), ckpt.hub.get("subfolder"),
                 tuple(sorted(str(f.get("name")) for f in ckpt.hub.get("files") or ())))
     return ("files", tuple(sorted(os.path.realpath(f) for f in ckpt.files)))
 

@@ -32,11 +32,11 @@ EXCLUDED_NOTE = ("relatedness (cosine and large-matrix relative change) uses mat
                  "{n:,} elements only: norm gains, biases and small matrices are left out, because "
                  "vectors near 1 or 0 make any two models look alike")
 LIMITS = (
-    "Permuted MLP neurons are detected and undone by provenance; compare recognises MLP neurons and "
-    "attention heads put in another order in a block whose other modules are shared, and the experts of a "
-    "mixture-of-experts layer in another order, and names them without undoing them. A permuted hidden "
-    "(residual) dimension, or neurons split, merged or rescaled are not recognised, and make a derived "
-    "model look less related or unrelated.",
+    "MLP neurons, attention heads, the experts of a mixture-of-experts layer or token rows put in another "
+    "order, and whole matrices stored times -1, are recognised and measured against the base's units in the "
+    "same order and sign. A permuted hidden (residual) dimension, or neurons split, merged, rescaled or with "
+    "their sign flipped one by one are not recognised, and make a derived model look less related or "
+    "unrelated.",
     "Distillation, or training from scratch on the same data, leaves no weight-space trace: such a "
     "model reads unrelated to the teacher or sibling.",
     "A merge of several bases (averaging, task arithmetic, TIES) reads derived from each of them, "
