@@ -132,3 +132,17 @@ def test_negated_is_times_minus_one_in_every_format(dtype, rng):
     v = decode(raw, dtype)
     finite = np.isfinite(v)
     assert np.array_equal(d_got[finite], -v[finite])
+
+
+def test_provenance_ranks_the_signed_base_first_and_says_why(tmp_path, rng):
+    from weightdiff.provenance import provenance
+
+    base, other = llama(rng), llama(np.random.default_rng(77))
+    b = write_checkpoint(tmp_path / "base", base)
+    u = write_checkpoint(tmp_path / "other", other)
+    t = write_checkpoint(tmp_path / "signed", _negate(base))
+    r = provenance(t, [u, b], screen=False)
+    assert r.leading == str(b) and r.candidates[0]["verdict"] == "derived"
+    assert r.candidates[0]["negated"] == {"tensors": 16, "tensors_changed": 0}
+    assert r.candidates[1]["negated"] is None and r.candidates[1]["verdict"] == "unrelated"
+    assert any("sign flipped" in f and "nothing changed beneath" in f for f in r.findings)

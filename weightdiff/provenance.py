@@ -194,7 +194,7 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
                              "coverage": e.coverage, "params_shared": e.shared,
                              "relative_change": None, "relative_change_large": e.screen["relative_change_large"],
                              "cosine_large": e.screen["cosine_large"], "identical_share": None,
-                             "blocks": [], "permutation": None, "screen": e.screen})
+                             "blocks": [], "permutation": None, "negated": None, "screen": e.screen})
         # one ranking by the evidence, whatever the comparison mode: a sampled candidate is compared in
         # full whenever its sample cannot rule out that it beats the leader (_must_compare)
         rows.sort(key=rank_key)
@@ -433,11 +433,19 @@ def _full(e: _Entry, tuned: PathLike, tck: Checkpoint, options: ProvenanceOption
            "compared": "full", "compare_verdict": cmp.summary.verdict, **ev,
            "components": {"shared": shared, "unrelated": unrelated},
            "nonfinite": int(sum(r.get("nonfinite") or 0 for r in rows)), "permutation": perm,
-           "screen": e.screen}
+           "negated": _negated(cmp.summary.scope), "screen": e.screen}
     if screened:
         row["_screened"] = large_matrix_relatedness(
             [r for r in rows if r["name"] in screened], options.thresholds)[1]
     return row
+
+
+def _negated(scope: dict) -> dict | None:
+    """The candidate's ``negated`` entry: how many tuned tensors are its own times -1
+    (``scope.negated_matrices`` of the comparison), or None."""
+    neg = (scope or {}).get("negated_matrices") or {}
+    return {"tensors": int(neg.get("tensors") or 0), "tensors_changed": int(neg.get("tensors_changed") or 0)} \
+        if neg.get("tensors") else None
 
 
 def _undo_rows(rows: list[dict], applied: list[Finding], base: Checkpoint, tck: Checkpoint,
@@ -629,6 +637,12 @@ def _findings(rows: list[dict], incompatible: list[dict], screening: dict | None
             out.append(f"`{c['path']}`: the tuned model's MLP neurons are permuted in {p['groups_permuted']} "
                        f"of {p['groups_examined']} MLPs ({share(p['moved_share'])} of neurons moved); "
                        "undone before comparing")
+        neg = c.get("negated")
+        if neg:
+            out.append(f"`{c['path']}`: {count(neg['tensors'])} of the tuned model's tensors are its own stored with the "
+                       "sign flipped (times -1); measured against it times -1, so they do not read as another "
+                       "model's" + (f" ({count(neg['tensors_changed'])} of them changed beneath the sign)"
+                                    if neg.get("tensors_changed") else " (nothing changed beneath the sign)"))
         if c.get("nonfinite"):
             s = (f"`{c['path']}`: {count(c['nonfinite'])} non-finite values (NaN or Inf) were found in the "
                  "compared tensors; tensors whose norms are not finite are left out of the relatedness evidence")
