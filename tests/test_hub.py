@@ -90,6 +90,7 @@ def hf(server, tmp_path, monkeypatch):
     server.reset_log()
     server.faults.clear()
     server.api_stall = 0.0
+    server.api_trickle = 0.0
     server.api_faults.clear()
     server.info_edit.clear()
     server.tree_loop.clear()

@@ -1,0 +1,44 @@
+"""Hub answers that contradict each other or the user's spelling (the Hub tester's findings), against the
+server of tests/hub_server.py: an API answer trickled forever, a CDN serving another file's bytes, a lying
+``X-Linked-Etag``, branch names with a slash, short commit shas offline, a CDN's 403, a default branch not
+named ``main`` offline, a malformed file that was downloaded and verified. Each is one line, exit 2, nothing
+written, or the right reading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import pytest
+
+pytest.importorskip("huggingface_hub")
+
+from test_hub import SHAPE, _files, hf, one_error, run, server, stored  # noqa: F401  (fixtures)
+
+
+def sha256(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+# -- 2: a CDN serving another file's bytes ---------------------------------------------------------
+
+def test_a_stream_whose_etag_names_another_blob_is_refused(server, hf, tmp_path):
+    """The resolve answer for org/sibling's weights redirected to the base's blob (same size): every range
+    answer carried the base's sha256 as its ETag, and --stream read "identical" while the JSON recorded the
+    sibling's sha256 as the file compared."""
+    server.faults[("org/sibling", "model.safetensors")] = {"cdn_serves": ("org/base", "model.safetensors")}
+    rc, out, err = run("compare", "org/base", "org/sibling", "--stream", "-q", "--json", "o.json")
+    line = one_error(rc, err)
+    want = sha256(_files(server.local["sibling"])["model.safetensors"])
+    got = sha256(_files(server.local["base"])["model.safetensors"])
+    assert line.startswith(f"error: hf://org/sibling/model.safetensors: the server sent bytes whose ETag is the "
+                           f"content hash {got[:16]}..., not the sha256 {want[:16]}... the Hub lists"), line
+    assert "use --download" in line and out == "" and not (tmp_path / "o.json").exists()
+
+
+def test_a_xet_hash_etag_the_resolve_announced_is_accepted(server, hf, tmp_path):
+    """A Xet-backed file's CDN answers carry the Xet hash, which the resolve answer names in X-Xet-Hash."""
+    server.faults[("org/sibling", "model.safetensors")] = {"xet_hash": "e" * 64}
+    rc, _, err = run("compare", "org/base", "org/sibling", "--stream", "-q", "--no-rank")
+    assert rc == 0, err
