@@ -42,3 +42,27 @@ def test_a_xet_hash_etag_the_resolve_announced_is_accepted(server, hf, tmp_path)
     server.faults[("org/sibling", "model.safetensors")] = {"xet_hash": "e" * 64}
     rc, _, err = run("compare", "org/base", "org/sibling", "--stream", "-q", "--no-rank")
     assert rc == 0, err
+
+
+# -- 1: an API answer trickled a byte at a time -------------------------------------------------------
+
+def test_an_api_answer_trickled_forever_is_bounded_as_a_whole(server, hf, monkeypatch):
+    """The model info sent a byte every 2 s: each read inside HF_HUB_ETAG_TIMEOUT, the answer never done
+    (about 40 minutes for 1.2 KB). Every API exchange must finish within WEIGHTDIFF_HUB_API_SECONDS."""
+    from weightdiff.io import hub_errors, hub_http
+
+    monkeypatch.setenv("WEIGHTDIFF_HUB_API_SECONDS", "1")
+    server.api_trickle = 0.05                 # about 60 s for a model info; 1 KB in 50 s for the refs
+    t0 = time.monotonic()
+    line = one_error(*run("compare", "org/base", "org/sibling", "-q")[::2])
+    assert time.monotonic() - t0 < 8
+    assert line.startswith(f"error: org/base: the Hub at {server.url} had sent "), line
+    assert "past the 1 s an API answer may take" in line and "for `org/base`" in line
+    assert "WEIGHTDIFF_HUB_API_SECONDS" in line and stored(hf) == []
+    t0 = time.monotonic()                     # the file listing and the refs (get_json) too
+    with pytest.raises(hub_http.AnswerTooSlow):
+        hub_http.list_tree(server.url, "org/multi", "main")
+    assert hub_errors._refs("org/tuned", server.url) == ""
+    assert time.monotonic() - t0 < 6
+    server.api_trickle = 0.0                  # a steady answer within the limit passes
+    assert hub_http.list_refs(server.url, "org/tuned")["tags"] == ["v1"]

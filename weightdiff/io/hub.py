@@ -43,7 +43,8 @@ from .checkpoint import CONFIG_FILES, JSON_CAP, AmbiguousWeights, Checkpoint, Lo
 from .files import load_json, os_problem
 from .hub_cache import cached_revision, from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
-from .hub_http import NotAHubAnswer, Stalled, api_timeout, library_silenced, list_tree, retrying, size_of, watching
+from .hub_http import (NotAHubAnswer, Stalled, api_retrying, api_timeout, library_silenced, list_tree, retrying, size_of,
+                       watching)
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
 __all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "resolve_commit", "preflight", "hub_error", "hub_files", "EXTRA"]
@@ -189,7 +190,7 @@ def _listing(ref: HubRef, env: _Env) -> _Listing:
 
     api = HfApi(endpoint=env.endpoint)
     try:
-        info = retrying(lambda: api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True,
+        info = api_retrying(lambda: api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True,
                                                timeout=api_timeout()))
     except Exception as exc:
         if is_transport_error(exc):
@@ -229,7 +230,7 @@ def _fill_sizes(ref: HubRef, listing: _Listing, paths: list[str], env: _Env) -> 
         if listing.files[p][0] is None:
             try:
                 url = hf_hub_url(ref.repo_id, p, revision=listing.commit, endpoint=env.endpoint)
-                meta = retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout()))
+                meta = api_retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout()))
             except Exception as exc:
                 raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
             etag = meta.etag if meta.etag and _SHA256.match(meta.etag) else None
@@ -404,7 +405,7 @@ def _head(ref: HubRef, listing: _Listing, path: str, env: _Env) -> None:
 
     try:
         url = hf_hub_url(ref.repo_id, path, revision=listing.commit, endpoint=env.endpoint)
-        retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout()))
+        api_retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout()))
     except Exception as exc:
         raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint,
                         file=ref.file(listing.commit, path, -1, None)) from None
@@ -635,7 +636,7 @@ def _main_commit(ref: HubRef, path: str, env: _Env) -> str | None:
 
     try:
         url = hf_hub_url(ref.repo_id, path, revision="main", endpoint=env.endpoint)
-        return retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout())).commit_hash
+        return api_retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout())).commit_hash
     except Exception:
         return None
 

@@ -122,6 +122,11 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
     status = getattr(response, "status_code", None)
     code = response.headers.get("X-Error-Code") if response is not None else None
     repo = f"`{escape_name(repo_id)}`"
+    from .hub_http import AnswerTooSlow
+
+    if isinstance(exc, AnswerTooSlow):
+        return CheckpointError(where, f"the Hub at {escape_name(str(endpoint))} {exc.text()} for {repo}",
+                               "try again later; WEIGHTDIFF_HUB_API_SECONDS sets the limit, in seconds")
     if isinstance(exc, e.GatedRepoError) or code == "GatedRepo":
         if _has_token():        # "set HF_TOKEN" to someone whose token was sent and refused sends them in circles
             return CheckpointError(where, f"{repo} is a gated repo and the token in use has no access to it "
