@@ -66,3 +66,16 @@ def test_an_api_answer_trickled_forever_is_bounded_as_a_whole(server, hf, monkey
     assert time.monotonic() - t0 < 6
     server.api_trickle = 0.0                  # a steady answer within the limit passes
     assert hub_http.list_refs(server.url, "org/tuned")["tags"] == ["v1"]
+
+
+# -- 6: a CDN's 403 is the storage's refusal, not the user's token ------------------------------------
+
+@pytest.mark.parametrize("mode", ["--stream", "--download"])
+def test_a_cdn_refusal_names_the_file_and_the_host_not_the_token(server, hf, mode):
+    """Only the CDN answered 403 (an expired signed URL) for a public repo: the line said the Hub refused the
+    token and to set HF_TOKEN, and under --download did not name the file."""
+    server.faults[("org/sibling", "model.safetensors")] = {"cdn_status": 403}
+    line = one_error(*run("compare", "org/base", "org/sibling", mode, "-q")[::2])
+    assert line.startswith(f"error: hf://org/sibling/model.safetensors: the file's request was redirected to "
+                           f"{server.cdn_url}, which refused it (HTTP 403): the storage refused the link the Hub gave"), line
+    assert "HF_TOKEN" not in line and "hf auth login" not in line and "token" not in line

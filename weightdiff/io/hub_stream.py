@@ -93,6 +93,7 @@ class RangeReader:
         from huggingface_hub.utils import build_hf_headers
 
         self._session = get_session
+        self.endpoint = endpoint
         self._url = lambda f: hf_hub_url(f.repo_id, f.path, revision=f.commit, endpoint=endpoint)
         self.headers = build_hf_headers(token=token)
         self.headers["Accept-Encoding"] = "identity"
@@ -199,7 +200,7 @@ class RangeReader:
             except (hf_errors.HfHubHTTPError, httpx.TooManyRedirects) as exc:
                 from .hub_errors import hub_error
 
-                raise hub_error(exc, f.repo_id, str(f), file=f) from None
+                raise hub_error(exc, f.repo_id, str(f), file=f, endpoint=self.endpoint) from None
 
 
 def _httpx():
