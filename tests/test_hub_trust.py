@@ -79,3 +79,56 @@ def test_a_cdn_refusal_names_the_file_and_the_host_not_the_token(server, hf, mod
     assert line.startswith(f"error: hf://org/sibling/model.safetensors: the file's request was redirected to "
                            f"{server.cdn_url}, which refused it (HTTP 403): the storage refused the link the Hub gave"), line
     assert "HF_TOKEN" not in line and "hf auth login" not in line and "token" not in line
+
+
+# -- 4: a branch whose name holds a slash ----------------------------------------------------------------
+
+def test_a_branch_with_a_slash_is_read_by_its_name_online_and_offline(server, hf, tmp_path):
+    """`org/name@feature/x` read branch `feature` and subfolder `x` ("revision `feature` not found", listing
+    `feature/x` among the branches); `@refs/heads/feature/x` too. The longest branch or tag the spelling
+    starts with is meant; %2F keeps working."""
+    sha = server.commit("org/slashed", {**_files(server.local["sibling"]),
+                                        **{f"sub/{k}": v for k, v in _files(server.local["tuned2"]).items()}},
+                        branch="feature/x")
+    server.repos["org/slashed"].tags["rel/1"] = sha
+    server.commit("org/slashed", _files(server.local["base"]), branch="main")
+    for spelling in ("org/slashed@feature/x", "org/slashed@refs/heads/feature/x", "org/slashed@feature%2Fx",
+                     "org/slashed@refs/tags/rel/1"):
+        rc, _, err = run("compare", "org/base", spelling, "--stream", "--no-rank", "-q", "--json", "o.json")
+        assert rc == 0, (spelling, err)
+        d = json.loads((tmp_path / "o.json").read_text())
+        assert d["tuned"]["hub"]["commit"] == sha and d["tuned"]["hub"]["subfolder"] is None, spelling
+        assert d["summary"]["verdict"] == "derived", spelling
+    # a path after the branch is its subfolder; a file of it names the file
+    for spelling in ("hf://org/slashed@feature/x/sub", "hf://org/slashed@feature/x/sub/model.safetensors"):
+        rc, _, err = run("compare", "org/base", spelling, "--no-rank", "-q", "--json", "s.json")
+        assert rc == 0, (spelling, err)
+        assert json.loads((tmp_path / "s.json").read_text())["tuned"]["hub"]["revision"] == "feature/x"
+    # refs/heads/ looks among branches only
+    line = one_error(*run("compare", "org/base", "org/slashed@refs/heads/rel/1", "--stream", "-q")[::2])
+    assert "revision `rel` not found in `org/slashed`" in line, line
+    # offline, from the refs the cache recorded (a download by the branch's name writes refs/feature/x)
+    rc, _, err = run("compare", "org/base", "org/slashed@feature/x", "--download", "--no-rank", "-q")
+    assert rc == 0, err
+    rc, _, err = run("compare", "org/base", "org/slashed@feature/x", "--offline", "--no-rank", "-q", "--json",
+                     "off.json")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "off.json").read_text())["tuned"]["hub"]["commit"] == sha
+
+
+# -- 5: the 12-digit commit weightdiff prints, offline ------------------------------------------------------
+
+def test_a_short_sha_of_a_cached_commit_reads_offline(server, hf, tmp_path):
+    """`org/name@<12 digits>` (as weightdiff prints a commit) was refused offline, the error listing that very
+    commit as cached."""
+    sha = server.repos["org/sibling"].branches["main"]
+    rc, _, err = run("compare", "org/base", "org/sibling", "--download", "--no-rank", "-q")
+    assert rc == 0, err
+    for short in (sha[:12], sha[:7]):
+        rc, _, err = run("compare", "org/base", f"org/sibling@{short}", "--offline", "--no-rank", "-q", "--json",
+                         "o.json")
+        assert rc == 0, (short, err)
+        assert json.loads((tmp_path / "o.json").read_text())["tuned"]["hub"]["commit"] == sha
+    other = "0123456" if not sha.startswith("0123456") else "7654321"
+    line = one_error(*run("compare", "org/base", f"org/sibling@{other}", "--offline", "-q")[::2])
+    assert f"revision `{other}` of `org/sibling` is not in the local cache (cached: main, {sha[:12]})" in line

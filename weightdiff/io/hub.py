@@ -41,10 +41,10 @@ from ..errors import CheckpointError, escape_name, redact_url
 from ..options import HubOptions
 from .checkpoint import CONFIG_FILES, JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, build, choose_weights, file_kind
 from .files import load_json, os_problem
-from .hub_cache import cached_revision, from_cache, identity
+from .hub_cache import cached_refs, cached_revision, from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
-from .hub_http import (NotAHubAnswer, Stalled, api_retrying, api_timeout, library_silenced, list_tree, retrying, size_of,
-                       watching)
+from .hub_http import (NotAHubAnswer, Stalled, api_retrying, api_timeout, library_silenced, list_refs, list_tree,
+                       retrying, size_of, watching)
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
 __all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "resolve_commit", "preflight", "hub_error", "hub_files", "EXTRA"]
@@ -69,6 +69,7 @@ class HubRef:
     repo_id: str
     revision: str | None
     subfolder: str
+    kind: str | None = None          # "branch" or "tag" when spelled refs/heads/... or refs/tags/...
 
     def file(self, commit: str, path: str, size: int, sha256: str | None) -> HubFile:
         at = f"@{self.revision}" if self.revision else ""
@@ -97,9 +98,14 @@ def parse_ref(spelling: str) -> HubRef:
     from huggingface_hub.errors import HfUriError
 
     text = spelling if spelling.startswith("hf://") else "hf://" + spelling
-    # `@refs/heads/<branch>` (git's full name of a branch): the library's parser reads revision `refs` and
-    # subfolder `heads/<branch>`; the branch is meant (`refs/pr/N` it parses itself)
-    text = re.sub(r"@refs/heads/([^/]+)", r"@\1", text, count=1)
+    # `@refs/heads/<branch>`, `@refs/tags/<tag>` (git's full names): the library's parser reads revision `refs`
+    # and subfolder `heads/<branch>`; the branch or tag is meant (`refs/pr/N` it parses itself). A name with a
+    # slash is settled against the repo's refs later (settle_revision)
+    kind = None
+    full = re.search(r"@refs/(heads|tags)/(?=[^/])", text)
+    if full:
+        kind = "branch" if full[1] == "heads" else "tag"
+        text = text[:full.start()] + "@" + text[full.end():]
     try:
         uri = parse_hf_uri(text)
     except HfUriError as exc:
@@ -109,7 +115,53 @@ def parse_ref(spelling: str) -> HubRef:
                               ) from None
     if uri.type != "model":
         raise CheckpointError(spelling, f"is a Hub {uri.type} repo; checkpoints are read from model repos")
-    return HubRef(spelling, uri.id, uri.revision, uri.path_in_repo.strip("/"))
+    return HubRef(spelling, uri.id, uri.revision, uri.path_in_repo.strip("/"), kind)
+
+
+_COMMITISH = re.compile(r"^[0-9a-f]{7,40}$")
+
+
+def settle_revision(ref: HubRef, refs: dict[str, list[str]]) -> HubRef:
+    """A revision followed by a path, re-split at the longest branch or tag name (``refs``: the repo's
+    ``{"branches", "tags"}``) that the revision and a prefix of the path spell: ``org/name@feature/x/sub``
+    is branch ``feature/x``, subfolder ``sub``, when the repo has a branch ``feature/x``. A spelling
+    ``refs/heads/...`` looks among branches only, ``refs/tags/...`` among tags; a commit sha, a ``refs/pr/N``
+    and a name spelled with ``%2F`` are left as they are.
+
+    >>> r = HubRef("o/n@feature/x/sub", "o/n", "feature", "x/sub")
+    >>> s = settle_revision(r, {"branches": ["main", "feature/x"], "tags": []}); s.revision, s.subfolder
+    ('feature/x', 'sub')
+    >>> s = settle_revision(r, {"branches": ["main"], "tags": []}); s.revision, s.subfolder
+    ('feature', 'x/sub')
+    """
+    if not ref.revision or not ref.subfolder or ref.revision.startswith("refs/"):
+        return ref
+    pool = set(refs.get("branches", []) if ref.kind != "tag" else []) | \
+        set(refs.get("tags", []) if ref.kind != "branch" else [])
+    parts = ref.subfolder.split("/")
+    for k in range(len(parts), 0, -1):
+        name = "/".join([ref.revision, *parts[:k]])
+        if name in pool:
+            return HubRef(ref.spelling, ref.repo_id, name, "/".join(parts[k:]), ref.kind)
+    return ref
+
+
+def _settled(ref: HubRef, env: "_Env") -> HubRef:
+    """settle_revision with the repo's refs: the Hub's (one request, only for a revision followed by a path),
+    or offline the refs the local cache records. The refs unknown (an error): the spelling as parsed."""
+    if not ref.revision or not ref.subfolder or ref.revision.startswith("refs/") or (
+            _COMMITISH.match(ref.revision) and ref.kind is None):
+        return ref
+    try:
+        if env.offline:
+            refs = {"branches": sorted(cached_refs(ref, env)), "tags": []}
+            if ref.kind == "tag":
+                refs = {"branches": [], "tags": refs["branches"]}
+        else:
+            refs = list_refs(env.endpoint, ref.repo_id)
+    except Exception:
+        return ref
+    return settle_revision(ref, refs)
 
 
 @dataclass
@@ -359,10 +411,10 @@ def preflight(paths, options: HubOptions | None = None) -> None:
     for spelling in paths:
         if not isinstance(spelling, str) or os.path.lexists(spelling) or not hub_spelling(spelling):
             continue
-        ref = parse_ref(spelling)
         env = _env(options)
         if env.offline:
             continue
+        ref = _settled(parse_ref(spelling), env)
         pin = options.commit_of(spelling)
         try:
             listing = _listing(ref if pin is None else HubRef(ref.spelling, ref.repo_id, pin, ref.subfolder), env)
@@ -415,8 +467,8 @@ def resolve_commit(spelling: str, options: HubOptions | None = None) -> str:
     """The commit a Hub spelling names now: the Hub's answer (one model-info request), or offline or with the
     Hub unreachable, the local cache's (as ``locate_hub`` would read it). Raises CheckpointError."""
     options = options if isinstance(options, HubOptions) else HubOptions()
-    ref = parse_ref(spelling)
     env = _env(options)
+    ref = _settled(parse_ref(spelling), env)
     if not env.offline:
         try:
             return _listing(ref, env).commit
@@ -433,8 +485,8 @@ def resolve_commit(spelling: str, options: HubOptions | None = None) -> str:
 def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
     """The Checkpoint of a Hub spelling (see the module docstring). Raises CheckpointError."""
     options = options if isinstance(options, HubOptions) else HubOptions()
-    ref = parse_ref(spelling)
     env = _env(options)
+    ref = _settled(parse_ref(spelling), env)
     pin = options.commit_of(spelling)      # the commit a parent resolved: read it, whatever the revision names now
     if env.offline:
         return from_cache(ref, env, "offline mode is on (--offline or HF_HUB_OFFLINE)", commit=pin)
