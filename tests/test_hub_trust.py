@@ -132,3 +132,40 @@ def test_a_short_sha_of_a_cached_commit_reads_offline(server, hf, tmp_path):
     other = "0123456" if not sha.startswith("0123456") else "7654321"
     line = one_error(*run("compare", "org/base", f"org/sibling@{other}", "--offline", "-q")[::2])
     assert f"revision `{other}` of `org/sibling` is not in the local cache (cached: main, {sha[:12]})" in line
+
+
+# -- 3: a lying X-Linked-Etag, and what offline runs call the Hub's ------------------------------------
+
+def test_a_wrong_linked_etag_leaves_no_mislabelled_blob_and_offline_says_where_a_sha256_comes_from(
+        server, hf, tmp_path):
+    """huggingface_hub names a blob by the server's X-Linked-Etag: a wrong one (the bytes right) made offline
+    runs report it as the file's sha256 "from the Hub", and --hash offline refuse the correct file as corrupt,
+    saying "the Hub lists" (offline the Hub lists nothing)."""
+    true = sha256(_files(server.local["sibling"])["model.safetensors"])
+    server.faults[("org/sibling", "model.safetensors")] = {"linked_etag": "ab" * 32}
+    rc, _, err = run("compare", "org/base", "org/sibling", "--download", "--no-rank", "-q", "--json", "d.json")
+    assert rc == 0, err
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert [f["sha256"] for f in d["tuned"]["files"]] == [true]
+    assert any("the server's ETag was abababababababab..., not the file's sha256" in n for n in d["plan"]["notes"])
+    link = next(hf.rglob("models--org--sibling/snapshots/*/model.safetensors"))
+    assert link.resolve().name == true                      # the blob is kept under its verified sha256
+    for flags, source in ((), "cache"), (("--hash",), "local"):
+        rc, _, err = run("compare", "org/base", "org/sibling", "--offline", "--no-rank", "-q", "--json", "o.json",
+                         *flags)
+        assert rc == 0, err
+        f = json.loads((tmp_path / "o.json").read_text())["tuned"]["files"][0]
+        assert (f["sha256"], f["sha256_source"]) == (true, source), flags
+    # a cache an older run left under the wrong name: offline says so, and --hash says which disagrees
+    blob = link.resolve()
+    wrong = blob.with_name("ab" * 32)
+    blob.rename(wrong)
+    link.unlink()
+    link.symlink_to(wrong)
+    rc, _, err = run("compare", "org/base", "org/sibling", "--offline", "--no-rank", "-q", "--json", "o.json")
+    f = json.loads((tmp_path / "o.json").read_text())["tuned"]["files"][0]
+    assert rc == 0 and (f["sha256"], f["sha256_source"]) == ("ab" * 32, "cache")
+    line = one_error(*run("compare", "org/base", "org/sibling", "--offline", "--hash", "-q")[::2])
+    assert line.startswith(f"error: hf://org/sibling/model.safetensors: the cached file's bytes have sha256 "
+                           f"{true[:16]}..., but the cache stores it under abababababababab..."), line
+    assert "the Hub lists" not in line and "run once online with --hash" in line

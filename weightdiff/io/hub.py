@@ -21,7 +21,10 @@ resolved commit, and each weights file's path in the repo, size and sha256 as th
 lists it (its LFS oid), the same whichever way it was read. ``hub_files(ckpt, hashed)``
 gives them for the JSON: with ``--hash``, a file on disk (download, cache) is hashed and
 must match the Hub's sha256 (``sha256_source`` "verified"); a streamed one keeps the Hub's
-value, unverified ("hub").
+value, unverified ("hub"); offline, the Hub lists nothing: the sha256 is the cached blob's
+name ("cache"), or with ``--hash`` the bytes' own ("local"). A download is hashed against the
+listing; when the server's ETag (the blob's name in the cache) was not that sha256, the blob is
+renamed to it, so an offline run reads the verified value.
 
 >>> hub_spelling("meta-llama/Llama-2-7b-hf@main"), hub_spelling("hf://org/name@v1/sub")
 (True, True)
@@ -195,6 +198,8 @@ class _Listing:
     files: dict[str, tuple[int | None, str | None]]
     prefix: str                      # "subfolder/" or ""
     stale: set = field(default_factory=set)   # cached files whose size is not the listed one: fetched again
+    verified: set = field(default_factory=set)  # files this run downloaded and hashed equal to the listed sha256
+    notes: list = field(default_factory=list)   # what the download found that the plan should say
 
     def names(self) -> list[str]:
         """Direct children of the subfolder (files and folders), as a local listdir gives them."""
@@ -534,6 +539,7 @@ def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
         files = [Path(f).relative_to(snapshot).as_posix() for f in ckpt.files]
     ckpt.hub = identity(ref, listing.commit, [(p, *listing.files[p]) for p in files])
     ckpt.hub_run = {"mode": mode, "reader": reader if mode == "stream" else None}
+    ckpt.notes.extend(listing.notes)
     size = sum(f["bytes"] or 0 for f in ckpt.hub["files"])
     how = {"stream": "streamed by HTTP range requests, nothing stored on disk",
            "download": f"downloaded into the Hugging Face cache ({escape_name(env.cache_dir)})",
@@ -678,7 +684,35 @@ def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: thre
     commit = Path(out).parents[depth].name
     if fresh and sha and commit == listing.commit:     # another commit's bytes: the caller says it moved
         _verify_download(Path(out), sha, shown)
+        listing.verified.add(path)
+        etag = _store_by_sha(Path(out), sha)
+        if etag:
+            listing.notes.append(f"{escape_name(str(shown))}: the server's ETag was {escape_name(etag[:16])}..., not the "
+                                 f"file's sha256; the bytes match the sha256 the Hub lists ({sha[:16]}...), and the "
+                                 "cache keeps them under that sha256")
     return commit
+
+
+def _store_by_sha(out: Path, sha: str) -> str | None:
+    """A verified download that huggingface_hub stored under the server's ETag (its blob's name) when the
+    ETag is not the sha256: the blob renamed to the sha256 and the snapshot's link pointed at it, so that an
+    offline run, which knows a blob only by its name, reads the verified sha256. -> the ETag, or None."""
+    try:
+        if not out.is_symlink():
+            return None
+        blob = out.resolve()
+        if blob.name == sha or not _SHA256.match(blob.name):     # not an LFS blob's name: left as it is
+            return None
+        target = blob.with_name(sha)
+        if target.exists():
+            blob.unlink()
+        else:
+            os.replace(blob, target)
+        out.unlink()
+        out.symlink_to(os.path.relpath(target, out.parent))
+        return blob.name
+    except OSError:
+        return None
 
 
 def _main_commit(ref: HubRef, path: str, env: _Env) -> str | None:
@@ -732,22 +766,38 @@ def _cached_snapshot(ref: HubRef, listing: _Listing, needed: list[str], env: _En
 def hub_files(ckpt: Checkpoint, hashed: bool) -> list[dict]:
     """The ``files`` of a Hub checkpoint's JSON entry: name, bytes, sha256 and where that sha256
     comes from: "hub" (the Hub's listed LFS oid, not checked against the bytes: without --hash,
-    or streamed), "verified" (the file on disk hashed, equal to the Hub's), "local" (hashed on
-    disk, the Hub lists none); a mismatch is a corrupt download or cache: CheckpointError."""
+    or streamed), "verified" (the file on disk hashed, equal to the Hub's), "cache" (offline: the
+    name of the cached blob, which huggingface_hub takes from the server's ETag and weightdiff's
+    downloads keep equal to the verified sha256; not hashed), "local" (hashed on disk, with no
+    listing to compare: the Hub lists none, or offline, equal to the blob's name); a mismatch is
+    CheckpointError saying which two sha256 disagree."""
     files = [dict(f) for f in ckpt.hub["files"]]
     mode = (ckpt.hub_run or {}).get("mode")
+    offline = bool((ckpt.hub_run or {}).get("offline"))
     if mode in ("download", "cache"):
         # the bytes read, not the size the listing claims (a listing may overstate it; the hash is of these)
         for f, path in zip(files, ckpt.files):
             f["bytes"] = os.path.getsize(path)
     if not hashed or mode not in ("download", "cache"):
-        return [dict(f, sha256_source="hub" if f["sha256"] else None) for f in files]
+        said = "cache" if offline else "hub"
+        return [dict(f, sha256_source=said if f["sha256"] else None) for f in files]
     digests = ckpt.hash_files()
     at = f"@{ckpt.hub['revision']}" if ckpt.hub.get("revision") else ""
     for f, path in zip(files, ckpt.files):
         got = digests[path]
         if f["sha256"] is None:
             f["sha256"], f["sha256_source"] = got, "local"
+        elif offline and got != f["sha256"]:
+            # offline the Hub lists nothing: the sha256 is the name huggingface_hub gave the blob (the server's
+            # ETag when it was downloaded), which either the bytes or that ETag contradicts
+            raise CheckpointError(f"hf://{ckpt.hub['repo_id']}{at}/{f['name']}",
+                                  f"the cached file's bytes have sha256 {got[:16]}..., but the cache stores it under "
+                                  f"{f['sha256'][:16]}... (the ETag the server sent when it was downloaded, normally "
+                                  f"the sha256): the bytes were damaged in the cache, or that ETag was not the file's "
+                                  f"sha256; offline the Hub's listing cannot tell which",
+                                  "run once online with --hash: it checks the bytes against the Hub's listing")
+        elif offline:
+            f["sha256_source"] = "local"          # hashed here; no listing of the Hub's to compare with
         elif got != f["sha256"]:
             blob = Path(path).resolve()
             raise CheckpointError(f"hf://{ckpt.hub['repo_id']}{at}/{f['name']}",
