@@ -169,3 +169,21 @@ def test_a_wrong_linked_etag_leaves_no_mislabelled_blob_and_offline_says_where_a
     assert line.startswith(f"error: hf://org/sibling/model.safetensors: the cached file's bytes have sha256 "
                            f"{true[:16]}..., but the cache stores it under abababababababab..."), line
     assert "the Hub lists" not in line and "run once online with --hash" in line
+
+
+# -- 8: a malformed file downloaded and verified ---------------------------------------------------------
+
+def test_a_malformed_downloaded_file_is_named_as_the_repos_and_not_called_truncated(server, hf):
+    """--download named the file by its cache path and said "truncated download?", though the download had
+    just been hashed equal to the Hub's sha256: the file is malformed in the repo."""
+    import struct
+
+    h = json.dumps({"w": {"dtype": "F32", "shape": [50000, 500000], "data_offsets": [0, 100 * 10**9]}}).encode()
+    h += b" " * (-len(h) % 8)
+    server.commit("org/bad", {"model.safetensors": struct.pack("<Q", len(h)) + h + b"\0" * 64,
+                              "config.json": b'{"model_type": "llama"}'})
+    line = one_error(*run("compare", "org/base", "org/bad", "--download", "-q")[::2])
+    assert line.startswith("error: hf://org/bad/model.safetensors: header declares "), line
+    assert "truncated download?" not in line and "byte for byte the one the Hub lists" in line
+    line = one_error(*run("compare", "org/base", "org/bad", "--offline", "-q")[::2])    # named so offline too
+    assert line.startswith("error: hf://org/bad/model.safetensors: header declares "), line

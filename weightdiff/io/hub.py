@@ -44,7 +44,7 @@ from ..errors import CheckpointError, escape_name, redact_url
 from ..options import HubOptions
 from .checkpoint import CONFIG_FILES, JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, build, choose_weights, file_kind
 from .files import load_json, os_problem
-from .hub_cache import cached_refs, cached_revision, from_cache, identity
+from .hub_cache import as_hub_file, cached_refs, cached_revision, from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
 from .hub_http import (NotAHubAnswer, Stalled, api_retrying, api_timeout, library_silenced, list_refs, list_tree,
                        retrying, size_of, watching)
@@ -535,7 +535,10 @@ def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
         snapshot = _fetch(ref, listing, needed, env, options, pinned=pin is not None) if mode == "download" else \
             _cached_snapshot(ref, listing, needed, env)
         root = snapshot / ref.subfolder if ref.subfolder else snapshot
-        ckpt = build(LocalFolder(root), kind, name, spelling)
+        try:
+            ckpt = build(LocalFolder(root), kind, name, spelling)
+        except CheckpointError as exc:            # named as the repo's file, not by its place in the cache
+            raise as_hub_file(exc, ref, listing.commit, snapshot, listing.verified) from None
         files = [Path(f).relative_to(snapshot).as_posix() for f in ckpt.files]
     ckpt.hub = identity(ref, listing.commit, [(p, *listing.files[p]) for p in files])
     ckpt.hub_run = {"mode": mode, "reader": reader if mode == "stream" else None}

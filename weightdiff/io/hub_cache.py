@@ -18,7 +18,7 @@ from .checkpoint import CONFIG_FILES, Checkpoint, LocalFolder, _read_index, buil
 if TYPE_CHECKING:
     from .hub import HubRef, _Env
 
-__all__ = ["from_cache", "cached_revision", "cached_refs", "identity"]
+__all__ = ["from_cache", "cached_revision", "cached_refs", "identity", "as_hub_file"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHORT_SHA = re.compile(r"^[0-9a-f]{7,39}$")
@@ -27,6 +27,31 @@ _SHORT_SHA = re.compile(r"^[0-9a-f]{7,39}$")
 def identity(ref: HubRef, commit: str, files: list[tuple[str, int | None, str | None]]) -> dict:
     return {"repo_id": ref.repo_id, "revision": ref.revision, "commit": commit, "subfolder": ref.subfolder or None,
             "files": [{"name": p, "bytes": size, "sha256": sha} for p, size, sha in files]}
+
+
+_TRUNCATED = re.compile(r" \(truncated download\?\)|;? truncated download\?")
+
+
+def as_hub_file(exc: CheckpointError, ref: HubRef, commit: str, snapshot: Path, verified=frozenset()) -> CheckpointError:
+    """An error of the local reader about a file of a cache snapshot, naming it as the repo's file
+    (``hf://org/name@rev/path``), not by its path in the cache. A file this run downloaded and hashed equal to
+    the Hub's sha256 (``verified``: paths in the repo) is the Hub's own file, byte for byte: "truncated
+    download?" is dropped and the hint says so."""
+    if exc.path is None:
+        return exc
+    try:
+        rel = Path(exc.path).relative_to(snapshot).as_posix()
+    except ValueError:
+        return exc
+    if rel in ("", ".") or not exc.message.startswith(exc.path):
+        return exc
+    problem = exc.message[len(exc.path):].removeprefix(": ")
+    hint = exc.hint
+    if rel in verified:
+        problem = _TRUNCATED.sub("", problem)
+        hint = ("the file is byte for byte the one the Hub lists (its sha256 was checked): it is malformed in the "
+                "repo; ask its owner, or pick another revision")
+    return CheckpointError(ref.file(commit, rel, -1, None), problem, hint)
 
 
 def _cached_repos(ref: HubRef, env: _Env) -> list:
@@ -109,7 +134,10 @@ def from_cache(ref: HubRef, env: _Env, why: str, commit: str | None = None) -> C
                                   f"run once without --offline, or `hf download {ref.repo_id} {n}`")
     if kind in ("single", "sharded", "pickle", "pickle_sharded"):       # (a GGUF file carries its own)
         _config_cached(ref, env, snap.commit_hash, root, snapshot, why)
-    ckpt = build(local, kind, name, ref.spelling)
+    try:
+        ckpt = build(local, kind, name, ref.spelling)
+    except CheckpointError as exc:
+        raise as_hub_file(exc, ref, snap.commit_hash, snapshot) from None
     blobs = {Path(f.file_path): f for f in snap.files}
     files = []
     for f in ckpt.files:
