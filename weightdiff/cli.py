@@ -140,7 +140,7 @@ def _freeze_heap() -> None:
               help="Name of the base in the memo (repeat for each --base; default: its path or Hub id).")
 @click.option("--tuned-label", metavar="TEXT", help="Name of the tuned model in the memo (default: its path).")
 @click.option("--hash/--no-hash", "hash_files", default=None,
-              help="Record the sha256 of every input file (default: on with --report); a Hub file on disk is hashed and checked against the sha256 the Hub lists.")
+              help="Record the sha256 of every input file (default: on with --report); a Hub file on disk is hashed and checked against the sha256 the Hub lists (offline, against the name of its cached blob); a streamed file is not hashed.")
 @click.option("-q", "--quiet", is_flag=True, help="No plan or progress on stderr.")
 @_cluster_options
 @click_options(CompareOptions)
