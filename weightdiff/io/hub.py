@@ -416,10 +416,11 @@ def preflight(paths, options: HubOptions | None = None) -> None:
     for spelling in paths:
         if not isinstance(spelling, str) or os.path.lexists(spelling) or not hub_spelling(spelling):
             continue
+        ref = parse_ref(spelling)
         env = _env(options)
         if env.offline:
             continue
-        ref = _settled(parse_ref(spelling), env)
+        ref = _settled(ref, env)
         pin = options.commit_of(spelling)
         try:
             listing = _listing(ref if pin is None else HubRef(ref.spelling, ref.repo_id, pin, ref.subfolder), env)
@@ -472,8 +473,9 @@ def resolve_commit(spelling: str, options: HubOptions | None = None) -> str:
     """The commit a Hub spelling names now: the Hub's answer (one model-info request), or offline or with the
     Hub unreachable, the local cache's (as ``locate_hub`` would read it). Raises CheckpointError."""
     options = options if isinstance(options, HubOptions) else HubOptions()
+    ref = parse_ref(spelling)          # (first: it says so when huggingface_hub refuses the environment)
     env = _env(options)
-    ref = _settled(parse_ref(spelling), env)
+    ref = _settled(ref, env)
     if not env.offline:
         try:
             return _listing(ref, env).commit
@@ -490,8 +492,9 @@ def resolve_commit(spelling: str, options: HubOptions | None = None) -> str:
 def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
     """The Checkpoint of a Hub spelling (see the module docstring). Raises CheckpointError."""
     options = options if isinstance(options, HubOptions) else HubOptions()
+    ref = parse_ref(spelling)          # (first: it says so when huggingface_hub refuses the environment)
     env = _env(options)
-    ref = _settled(parse_ref(spelling), env)
+    ref = _settled(ref, env)
     pin = options.commit_of(spelling)      # the commit a parent resolved: read it, whatever the revision names now
     if env.offline:
         return from_cache(ref, env, "offline mode is on (--offline or HF_HUB_OFFLINE)", commit=pin)
