@@ -149,7 +149,7 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
     from .hub_http import AnswerTooSlow
 
     if isinstance(exc, AnswerTooSlow):
-        return CheckpointError(where, f"the Hub at {escape_name(str(endpoint))} {exc.text()} for {repo}",
+        return CheckpointError(where, f"the Hub at {escape_name(str(endpoint))} {exc.text(f'its answer for {repo}')}",
                                "try again later; WEIGHTDIFF_HUB_API_SECONDS sets the limit, in seconds")
     if isinstance(exc, e.GatedRepoError) or code == "GatedRepo":
         if _has_token():        # "set HF_TOKEN" to someone whose token was sent and refused sends them in circles

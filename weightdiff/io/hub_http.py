@@ -143,9 +143,9 @@ class AnswerTooSlow(Exception):
         self.got, self.seconds, self.limit = got, seconds, limit
         super().__init__(self.text())
 
-    def text(self) -> str:
-        return (f"had sent {self.got:,} bytes of its answer after {self.seconds:.0f} s without finishing it, past the "
-                f"{self.limit:g} s an API answer may take (a stalled or throttled connection)")
+    def text(self, what: str = "its answer") -> str:
+        return (f"did not finish {what} within the {self.limit:g} s an API answer may take ({self.got:,} bytes in "
+                f"{self.seconds:.0f} s: a stalled or throttled connection)")
 
 
 def stall_seconds() -> float:
