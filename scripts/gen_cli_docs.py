@@ -47,6 +47,7 @@ failed run removes its temporaries (a `--cache` record being written included). 
 | `WEIGHTDIFF_DEBUG=1` | on an unexpected error (exit 1), print the full Python traceback instead of one line |
 | `SOURCE_DATE_EPOCH` | the run date recorded in the JSON's `run.date` and printed in the memo (reproducible builds) |
 | `HF_HUB_ETAG_TIMEOUT` | Hub repo ids: seconds (default 10) each Hub API call (model info, file listing, branches and tags, a file's HEAD) may wait to connect and for each read of the answer; past it, one line "did not answer within N s (timed out)", exit 2 |
+| `WEIGHTDIFF_HUB_API_SECONDS` | Hub repo ids: seconds (default 60) one Hub API answer may take as a whole, from its request to its last byte (a server trickling a byte at a time keeps each read inside `HF_HUB_ETAG_TIMEOUT`); past it, one line naming the repo and the endpoint, exit 2 |
 | `HF_HUB_DOWNLOAD_TIMEOUT` | Hub repo ids: seconds (default 10) a download or a streamed range request may wait for its next bytes |
 | `WEIGHTDIFF_HUB_STALL_SECONDS` | Hub repo ids: every download and range request must bring 64 KiB within each window of this many seconds (default 60; about 1 KiB/s, which any real connection passes); a server that trickles bytes below that pace stops the run with one line naming the file, exit 2 |
 

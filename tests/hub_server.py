@@ -21,7 +21,12 @@ can be planted: a connection dropped after some bytes, a transient 503, a body t
 byte at a time (``trickle``: seconds per byte), a body with its last bytes flipped (``corrupt``), a
 wrong ``X-Linked-Size`` (``linked_size_delta``), a redirect loop on resolve (``redirect_loop``), a CDN
 redirecting back to a missing repo (``redirect_back``), ``Retry-After`` on a planted status, transient statuses on the API (``api_faults``); ``api_stall``
-makes the API accept connections and answer nothing for that many seconds.
+makes the API accept connections and answer nothing for that many seconds, ``api_trickle`` sends every JSON
+answer a byte at a time (seconds per byte). Faults of a mirror or CDN: a resolve answer whose ``X-Linked-Etag``
+is not the file's sha256 (``linked_etag``), a resolve that redirects to another blob of the repo
+(``cdn_serves``: (repo, path) of that blob; its answers carry that blob's ETag), a file served as Xet-backed
+(``xet_hash``: the resolve answer carries ``X-Xet-Hash`` and the CDN's ETag is that hash, not the sha256), a
+status from the CDN only (``cdn_status``: the API's answers stay 2xx/3xx).
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         self.faults: dict[tuple[str, str], dict] = {}
         self.api_stall = 0.0                    # seconds the API waits before answering anything
+        self.api_trickle = 0.0                  # seconds per byte of every JSON answer of the API
         self.api_faults: dict[str, dict] = {}   # repo_id -> {"status", "times", "retry_after"}: API answers
         self.info_edit: dict[str, object] = {}  # repo_id -> f(model info dict) -> what the server answers instead
         self.tree_loop: set[str] = set()        # repos whose tree listing's next page is the same page
@@ -251,7 +257,22 @@ class _ApiHandler(_Handler):
         return sha
 
     def _json(self, obj) -> None:
-        self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json"})
+        body = json.dumps(obj).encode()
+        if self.hub.api_trickle:                # a byte at a time: each read in time, the answer never done
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(self.hub.api_trickle)
+            except OSError:
+                pass
+            self.close_connection = True
+            return
+        self._send(200, body, {"Content-Type": "application/json"})
 
     def _route(self, head: bool, post: bool = False) -> None:
         url = urlsplit(self.path)
@@ -343,10 +364,16 @@ class _ApiHandler(_Handler):
                 return
             if is_lfs(path, data):
                 oid = hashlib.sha256(data).hexdigest()
-                loc = f"{self.hub.cdn_url}/_lfs/{quote(repo_id, safe='')}/{oid}?file={quote(path, safe='')}"
+                blob = (repo_id, path, oid)
+                if fault and fault.get("cdn_serves"):          # (repo, path): another file's blob on its main branch
+                    other, served = fault["cdn_serves"]
+                    o = self.hub.repos[other]
+                    blob = (other, served, hashlib.sha256(o.commits[o.branches["main"]][served]).hexdigest())
+                loc = f"{self.hub.cdn_url}/_lfs/{quote(blob[0], safe='')}/{blob[2]}?file={quote(blob[1], safe='')}"
                 size = len(data) + (fault or {}).get("linked_size_delta", 0)
-                self._send(302, b"", {**headers, "Location": loc, "X-Linked-Etag": f'"{oid}"',
-                                      "X-Linked-Size": str(size)}, head=head, length=0)
+                extra = {"X-Xet-Hash": fault["xet_hash"]} if fault and fault.get("xet_hash") else {}
+                self._send(302, b"", {**headers, "Location": loc, "X-Linked-Etag": f'"{(fault or {}).get("linked_etag") or oid}"',
+                                      "X-Linked-Size": str(size), **extra}, head=head, length=0)
                 return
             self._content(data, headers, head, (repo_id, path))
             return
@@ -425,4 +452,9 @@ class _CdnHandler(_Handler):
             self._send(fault["status"], b"unavailable", {"Retry-After": str(fault["retry_after"])}
                        if "retry_after" in fault else None)
             return
-        self._content(data, {"ETag": f'"{oid}"'}, head, (repo_id, path))
+        if fault and fault.get("cdn_status"):          # the CDN alone refuses (an expired signed URL)
+            self._send(fault["cdn_status"], b"<Error><Code>AccessDenied</Code></Error>",
+                       {"Content-Type": "application/xml"}, head=head)
+            return
+        etag = fault["xet_hash"] if fault and fault.get("xet_hash") else oid
+        self._content(data, {"ETag": f'"{etag}"'}, head, (repo_id, path))

@@ -97,7 +97,8 @@ def inspect_cmd(ckpt: str, as_json: bool, list_tensors: bool, **hub_opts) -> Non
     CKPT is a .safetensors file, a checkpoint folder (single, sharded or PEFT adapter),
     a Hugging Face cache folder, a legacy .bin/.pt (needs the torch extra), or a Hub
     repo id (org/name[@revision], hf://org/name@revision/subfolder or /file; the hub extra),
-    whose headers are read by range requests without downloading the weights.
+    whose headers are read by range requests without downloading the weights (a revision
+    with a slash, org/name@feature/x, is read as compare --help says).
 
     \b
     Example:
@@ -139,7 +140,7 @@ def _freeze_heap() -> None:
               help="Name of the base in the memo (repeat for each --base; default: its path or Hub id).")
 @click.option("--tuned-label", metavar="TEXT", help="Name of the tuned model in the memo (default: its path).")
 @click.option("--hash/--no-hash", "hash_files", default=None,
-              help="Record the sha256 of every input file (default: on with --report); a Hub file on disk is hashed and checked against the sha256 the Hub lists.")
+              help="Record the sha256 of every input file (default: on with --report); a Hub file on disk is hashed and checked against the sha256 the Hub lists (offline, against the name of its cached blob); a streamed file is not hashed.")
 @click.option("-q", "--quiet", is_flag=True, help="No plan or progress on stderr.")
 @_cluster_options
 @click_options(CompareOptions)
@@ -153,7 +154,10 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, base_lab
     .safetensors file, a folder with model.safetensors or a sharded index, a PEFT
     adapter folder, a Hugging Face cache snapshot, or a Hub repo id (org/name,
     org/name@revision, hf://org/name@revision/subfolder or /file; needs the hub extra). A local
-    path always wins over a repo id of the same spelling; the plan says which was read.
+    path always wins over a repo id of the same spelling; the plan says which was read. A
+    revision is a branch, a tag or a commit sha (7 digits or more, offline too); a name with a
+    slash is spelled as it is (org/name@feature/x reads the longest branch or tag the spelling
+    starts with, the rest a subfolder), or refs/heads/feature/x, refs/tags/v1 or feature%2Fx.
 
     The summary goes to stdout (or only JSON with --json -); the pairing plan and a
     progress line go to stderr. With --workers or --scheduler the tensor pairs are

@@ -21,7 +21,10 @@ resolved commit, and each weights file's path in the repo, size and sha256 as th
 lists it (its LFS oid), the same whichever way it was read. ``hub_files(ckpt, hashed)``
 gives them for the JSON: with ``--hash``, a file on disk (download, cache) is hashed and
 must match the Hub's sha256 (``sha256_source`` "verified"); a streamed one keeps the Hub's
-value, unverified ("hub").
+value, unverified ("hub"); offline, the Hub lists nothing: the sha256 is the cached blob's
+name ("cache"), or with ``--hash`` the bytes' own ("local"). A download is hashed against the
+listing; when the server's ETag (the blob's name in the cache) was not that sha256, the blob is
+renamed to it, so an offline run reads the verified value.
 
 >>> hub_spelling("meta-llama/Llama-2-7b-hf@main"), hub_spelling("hf://org/name@v1/sub")
 (True, True)
@@ -41,9 +44,10 @@ from ..errors import CheckpointError, escape_name, redact_url
 from ..options import HubOptions
 from .checkpoint import CONFIG_FILES, JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, build, choose_weights, file_kind
 from .files import load_json, os_problem
-from .hub_cache import cached_revision, from_cache, identity
+from .hub_cache import as_hub_file, cached_refs, cached_revision, from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
-from .hub_http import NotAHubAnswer, Stalled, api_timeout, library_silenced, list_tree, retrying, size_of, watching
+from .hub_http import (NotAHubAnswer, Stalled, api_retrying, api_timeout, library_silenced, list_refs, list_tree,
+                       retrying, size_of, watching)
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
 __all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "resolve_commit", "preflight", "hub_error", "hub_files", "EXTRA"]
@@ -68,6 +72,7 @@ class HubRef:
     repo_id: str
     revision: str | None
     subfolder: str
+    kind: str | None = None          # "branch" or "tag" when spelled refs/heads/... or refs/tags/...
 
     def file(self, commit: str, path: str, size: int, sha256: str | None) -> HubFile:
         at = f"@{self.revision}" if self.revision else ""
@@ -96,9 +101,14 @@ def parse_ref(spelling: str) -> HubRef:
     from huggingface_hub.errors import HfUriError
 
     text = spelling if spelling.startswith("hf://") else "hf://" + spelling
-    # `@refs/heads/<branch>` (git's full name of a branch): the library's parser reads revision `refs` and
-    # subfolder `heads/<branch>`; the branch is meant (`refs/pr/N` it parses itself)
-    text = re.sub(r"@refs/heads/([^/]+)", r"@\1", text, count=1)
+    # `@refs/heads/<branch>`, `@refs/tags/<tag>` (git's full names): the library's parser reads revision `refs`
+    # and subfolder `heads/<branch>`; the branch or tag is meant (`refs/pr/N` it parses itself). A name with a
+    # slash is settled against the repo's refs later (settle_revision)
+    kind = None
+    full = re.search(r"@refs/(heads|tags)/(?=[^/])", text)
+    if full:
+        kind = "branch" if full[1] == "heads" else "tag"
+        text = text[:full.start()] + "@" + text[full.end():]
     try:
         uri = parse_hf_uri(text)
     except HfUriError as exc:
@@ -108,7 +118,53 @@ def parse_ref(spelling: str) -> HubRef:
                               ) from None
     if uri.type != "model":
         raise CheckpointError(spelling, f"is a Hub {uri.type} repo; checkpoints are read from model repos")
-    return HubRef(spelling, uri.id, uri.revision, uri.path_in_repo.strip("/"))
+    return HubRef(spelling, uri.id, uri.revision, uri.path_in_repo.strip("/"), kind)
+
+
+_COMMITISH = re.compile(r"^[0-9a-f]{7,40}$")
+
+
+def settle_revision(ref: HubRef, refs: dict[str, list[str]]) -> HubRef:
+    """A revision followed by a path, re-split at the longest branch or tag name (``refs``: the repo's
+    ``{"branches", "tags"}``) that the revision and a prefix of the path spell: ``org/name@feature/x/sub``
+    is branch ``feature/x``, subfolder ``sub``, when the repo has a branch ``feature/x``. A spelling
+    ``refs/heads/...`` looks among branches only, ``refs/tags/...`` among tags; a commit sha, a ``refs/pr/N``
+    and a name spelled with ``%2F`` are left as they are.
+
+    >>> r = HubRef("o/n@feature/x/sub", "o/n", "feature", "x/sub")
+    >>> s = settle_revision(r, {"branches": ["main", "feature/x"], "tags": []}); s.revision, s.subfolder
+    ('feature/x', 'sub')
+    >>> s = settle_revision(r, {"branches": ["main"], "tags": []}); s.revision, s.subfolder
+    ('feature', 'x/sub')
+    """
+    if not ref.revision or not ref.subfolder or ref.revision.startswith("refs/"):
+        return ref
+    pool = set(refs.get("branches", []) if ref.kind != "tag" else []) | \
+        set(refs.get("tags", []) if ref.kind != "branch" else [])
+    parts = ref.subfolder.split("/")
+    for k in range(len(parts), 0, -1):
+        name = "/".join([ref.revision, *parts[:k]])
+        if name in pool:
+            return HubRef(ref.spelling, ref.repo_id, name, "/".join(parts[k:]), ref.kind)
+    return ref
+
+
+def _settled(ref: HubRef, env: "_Env") -> HubRef:
+    """settle_revision with the repo's refs: the Hub's (one request, only for a revision followed by a path),
+    or offline the refs the local cache records. The refs unknown (an error): the spelling as parsed."""
+    if not ref.revision or not ref.subfolder or ref.revision.startswith("refs/") or (
+            _COMMITISH.match(ref.revision) and ref.kind is None):
+        return ref
+    try:
+        if env.offline:
+            refs = {"branches": sorted(cached_refs(ref, env)), "tags": []}
+            if ref.kind == "tag":
+                refs = {"branches": [], "tags": refs["branches"]}
+        else:
+            refs = list_refs(env.endpoint, ref.repo_id)
+    except Exception:
+        return ref
+    return settle_revision(ref, refs)
 
 
 @dataclass
@@ -142,6 +198,8 @@ class _Listing:
     files: dict[str, tuple[int | None, str | None]]
     prefix: str                      # "subfolder/" or ""
     stale: set = field(default_factory=set)   # cached files whose size is not the listed one: fetched again
+    verified: set = field(default_factory=set)  # files this run downloaded and hashed equal to the listed sha256
+    notes: list = field(default_factory=list)   # what the download found that the plan should say
 
     def names(self) -> list[str]:
         """Direct children of the subfolder (files and folders), as a local listdir gives them."""
@@ -189,7 +247,7 @@ def _listing(ref: HubRef, env: _Env) -> _Listing:
 
     api = HfApi(endpoint=env.endpoint)
     try:
-        info = retrying(lambda: api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True,
+        info = api_retrying(lambda: api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True,
                                                timeout=api_timeout()))
     except Exception as exc:
         if is_transport_error(exc):
@@ -229,7 +287,7 @@ def _fill_sizes(ref: HubRef, listing: _Listing, paths: list[str], env: _Env) -> 
         if listing.files[p][0] is None:
             try:
                 url = hf_hub_url(ref.repo_id, p, revision=listing.commit, endpoint=env.endpoint)
-                meta = retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout()))
+                meta = api_retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout()))
             except Exception as exc:
                 raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint) from None
             etag = meta.etag if meta.etag and _SHA256.match(meta.etag) else None
@@ -362,6 +420,7 @@ def preflight(paths, options: HubOptions | None = None) -> None:
         env = _env(options)
         if env.offline:
             continue
+        ref = _settled(ref, env)
         pin = options.commit_of(spelling)
         try:
             listing = _listing(ref if pin is None else HubRef(ref.spelling, ref.repo_id, pin, ref.subfolder), env)
@@ -404,7 +463,7 @@ def _head(ref: HubRef, listing: _Listing, path: str, env: _Env) -> None:
 
     try:
         url = hf_hub_url(ref.repo_id, path, revision=listing.commit, endpoint=env.endpoint)
-        retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout()))
+        api_retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout()))
     except Exception as exc:
         raise hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint,
                         file=ref.file(listing.commit, path, -1, None)) from None
@@ -414,8 +473,9 @@ def resolve_commit(spelling: str, options: HubOptions | None = None) -> str:
     """The commit a Hub spelling names now: the Hub's answer (one model-info request), or offline or with the
     Hub unreachable, the local cache's (as ``locate_hub`` would read it). Raises CheckpointError."""
     options = options if isinstance(options, HubOptions) else HubOptions()
-    ref = parse_ref(spelling)
+    ref = parse_ref(spelling)          # (first: it says so when huggingface_hub refuses the environment)
     env = _env(options)
+    ref = _settled(ref, env)
     if not env.offline:
         try:
             return _listing(ref, env).commit
@@ -432,8 +492,9 @@ def resolve_commit(spelling: str, options: HubOptions | None = None) -> str:
 def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
     """The Checkpoint of a Hub spelling (see the module docstring). Raises CheckpointError."""
     options = options if isinstance(options, HubOptions) else HubOptions()
-    ref = parse_ref(spelling)
+    ref = parse_ref(spelling)          # (first: it says so when huggingface_hub refuses the environment)
     env = _env(options)
+    ref = _settled(ref, env)
     pin = options.commit_of(spelling)      # the commit a parent resolved: read it, whatever the revision names now
     if env.offline:
         return from_cache(ref, env, "offline mode is on (--offline or HF_HUB_OFFLINE)", commit=pin)
@@ -477,10 +538,14 @@ def locate_hub(spelling: str, options: HubOptions | None = None) -> Checkpoint:
         snapshot = _fetch(ref, listing, needed, env, options, pinned=pin is not None) if mode == "download" else \
             _cached_snapshot(ref, listing, needed, env)
         root = snapshot / ref.subfolder if ref.subfolder else snapshot
-        ckpt = build(LocalFolder(root), kind, name, spelling)
+        try:
+            ckpt = build(LocalFolder(root), kind, name, spelling)
+        except CheckpointError as exc:            # named as the repo's file, not by its place in the cache
+            raise as_hub_file(exc, ref, listing.commit, snapshot, listing.verified) from None
         files = [Path(f).relative_to(snapshot).as_posix() for f in ckpt.files]
     ckpt.hub = identity(ref, listing.commit, [(p, *listing.files[p]) for p in files])
     ckpt.hub_run = {"mode": mode, "reader": reader if mode == "stream" else None}
+    ckpt.notes.extend(listing.notes)
     size = sum(f["bytes"] or 0 for f in ckpt.hub["files"])
     how = {"stream": "streamed by HTTP range requests, nothing stored on disk",
            "download": f"downloaded into the Hugging Face cache ({escape_name(env.cache_dir)})",
@@ -625,7 +690,35 @@ def _download(ref: HubRef, listing: _Listing, path: str, env: _Env, cancel: thre
     commit = Path(out).parents[depth].name
     if fresh and sha and commit == listing.commit:     # another commit's bytes: the caller says it moved
         _verify_download(Path(out), sha, shown)
+        listing.verified.add(path)
+        etag = _store_by_sha(Path(out), sha)
+        if etag:
+            listing.notes.append(f"{escape_name(str(shown))}: the server's ETag was {escape_name(etag[:16])}..., not the "
+                                 f"file's sha256; the bytes match the sha256 the Hub lists ({sha[:16]}...), and the "
+                                 "cache keeps them under that sha256")
     return commit
+
+
+def _store_by_sha(out: Path, sha: str) -> str | None:
+    """A verified download that huggingface_hub stored under the server's ETag (its blob's name) when the
+    ETag is not the sha256: the blob renamed to the sha256 and the snapshot's link pointed at it, so that an
+    offline run, which knows a blob only by its name, reads the verified sha256. -> the ETag, or None."""
+    try:
+        if not out.is_symlink():
+            return None
+        blob = out.resolve()
+        if blob.name == sha or not _SHA256.match(blob.name):     # not an LFS blob's name: left as it is
+            return None
+        target = blob.with_name(sha)
+        if target.exists():
+            blob.unlink()
+        else:
+            os.replace(blob, target)
+        out.unlink()
+        out.symlink_to(os.path.relpath(target, out.parent))
+        return blob.name
+    except OSError:
+        return None
 
 
 def _main_commit(ref: HubRef, path: str, env: _Env) -> str | None:
@@ -635,7 +728,7 @@ def _main_commit(ref: HubRef, path: str, env: _Env) -> str | None:
 
     try:
         url = hf_hub_url(ref.repo_id, path, revision="main", endpoint=env.endpoint)
-        return retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout())).commit_hash
+        return api_retrying(lambda: get_hf_file_metadata(url, endpoint=env.endpoint, timeout=api_timeout())).commit_hash
     except Exception:
         return None
 
@@ -679,22 +772,38 @@ def _cached_snapshot(ref: HubRef, listing: _Listing, needed: list[str], env: _En
 def hub_files(ckpt: Checkpoint, hashed: bool) -> list[dict]:
     """The ``files`` of a Hub checkpoint's JSON entry: name, bytes, sha256 and where that sha256
     comes from: "hub" (the Hub's listed LFS oid, not checked against the bytes: without --hash,
-    or streamed), "verified" (the file on disk hashed, equal to the Hub's), "local" (hashed on
-    disk, the Hub lists none); a mismatch is a corrupt download or cache: CheckpointError."""
+    or streamed), "verified" (the file on disk hashed, equal to the Hub's), "cache" (offline: the
+    name of the cached blob, which huggingface_hub takes from the server's ETag and weightdiff's
+    downloads keep equal to the verified sha256; not hashed), "local" (hashed on disk, with no
+    listing to compare: the Hub lists none, or offline, equal to the blob's name); a mismatch is
+    CheckpointError saying which two sha256 disagree."""
     files = [dict(f) for f in ckpt.hub["files"]]
     mode = (ckpt.hub_run or {}).get("mode")
+    offline = bool((ckpt.hub_run or {}).get("offline"))
     if mode in ("download", "cache"):
         # the bytes read, not the size the listing claims (a listing may overstate it; the hash is of these)
         for f, path in zip(files, ckpt.files):
             f["bytes"] = os.path.getsize(path)
     if not hashed or mode not in ("download", "cache"):
-        return [dict(f, sha256_source="hub" if f["sha256"] else None) for f in files]
+        said = "cache" if offline else "hub"
+        return [dict(f, sha256_source=said if f["sha256"] else None) for f in files]
     digests = ckpt.hash_files()
     at = f"@{ckpt.hub['revision']}" if ckpt.hub.get("revision") else ""
     for f, path in zip(files, ckpt.files):
         got = digests[path]
         if f["sha256"] is None:
             f["sha256"], f["sha256_source"] = got, "local"
+        elif offline and got != f["sha256"]:
+            # offline the Hub lists nothing: the sha256 is the name huggingface_hub gave the blob (the server's
+            # ETag when it was downloaded), which either the bytes or that ETag contradicts
+            raise CheckpointError(f"hf://{ckpt.hub['repo_id']}{at}/{f['name']}",
+                                  f"the cached file's bytes have sha256 {got[:16]}..., but the cache stores it under "
+                                  f"{f['sha256'][:16]}... (the ETag the server sent when it was downloaded, normally "
+                                  f"the sha256): the bytes were damaged in the cache, or that ETag was not the file's "
+                                  f"sha256; offline the Hub's listing cannot tell which",
+                                  "run once online with --hash: it checks the bytes against the Hub's listing")
+        elif offline:
+            f["sha256_source"] = "local"          # hashed here; no listing of the Hub's to compare with
         elif got != f["sha256"]:
             blob = Path(path).resolve()
             raise CheckpointError(f"hf://{ckpt.hub['repo_id']}{at}/{f['name']}",

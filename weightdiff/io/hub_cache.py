@@ -18,9 +18,10 @@ from .checkpoint import CONFIG_FILES, Checkpoint, LocalFolder, _read_index, buil
 if TYPE_CHECKING:
     from .hub import HubRef, _Env
 
-__all__ = ["from_cache", "cached_revision", "identity"]
+__all__ = ["from_cache", "cached_revision", "cached_refs", "identity", "as_hub_file"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHORT_SHA = re.compile(r"^[0-9a-f]{7,39}$")
 
 
 def identity(ref: HubRef, commit: str, files: list[tuple[str, int | None, str | None]]) -> dict:
@@ -28,23 +29,66 @@ def identity(ref: HubRef, commit: str, files: list[tuple[str, int | None, str | 
             "files": [{"name": p, "bytes": size, "sha256": sha} for p, size, sha in files]}
 
 
-def cached_revision(ref: HubRef, env: _Env, why: str, commit: str | None = None):
-    """The cached revision (``scan_cache_dir``'s) ``commit``, else the spelling's revision, names; CheckpointError
-    when the cache holds no such revision of the repo."""
+_TRUNCATED = re.compile(r" \(truncated download\?\)|;? truncated download\?")
+
+
+def as_hub_file(exc: CheckpointError, ref: HubRef, commit: str, snapshot: Path, verified=frozenset()) -> CheckpointError:
+    """An error of the local reader about a file of a cache snapshot, naming it as the repo's file
+    (``hf://org/name@rev/path``), not by its path in the cache. A file this run downloaded and hashed equal to
+    the Hub's sha256 (``verified``: paths in the repo) is the Hub's own file, byte for byte: "truncated
+    download?" is dropped and the hint says so."""
+    if exc.path is None:
+        return exc
+    try:
+        rel = Path(exc.path).relative_to(snapshot).as_posix()
+    except ValueError:
+        return exc
+    if rel in ("", ".") or not exc.message.startswith(exc.path):
+        return exc
+    problem = exc.message[len(exc.path):].removeprefix(": ")
+    hint = exc.hint
+    if rel in verified:
+        problem = _TRUNCATED.sub("", problem)
+        hint = ("the file is byte for byte the one the Hub lists (its sha256 was checked): it is malformed in the "
+                "repo; ask its owner, or pick another revision")
+    return CheckpointError(ref.file(commit, rel, -1, None), problem, hint)
+
+
+def _cached_repos(ref: HubRef, env: _Env) -> list:
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    hint = f"run once without --offline to download it, or `hf download {ref.repo_id}`"
     try:
-        repos = [r for r in scan_cache_dir(env.cache_dir).repos if r.repo_id == ref.repo_id and r.repo_type == "model"]
+        return [r for r in scan_cache_dir(env.cache_dir).repos if r.repo_id == ref.repo_id and r.repo_type == "model"]
     except CacheNotFound:
-        repos = []
+        return []
+
+
+def cached_refs(ref: HubRef, env: _Env) -> set[str]:
+    """The branch and tag names the local cache records for the repo (its ``refs/``; a name with a slash is a
+    file in a folder there, as huggingface_hub writes it)."""
+    return {x for repo in _cached_repos(ref, env) for r in repo.revisions for x in r.refs}
+
+
+def cached_revision(ref: HubRef, env: _Env, why: str, commit: str | None = None):
+    """The cached revision (``scan_cache_dir``'s) ``commit``, else the spelling's revision, names (a branch or
+    tag the cache records, a commit sha, or an unambiguous prefix of a cached commit's sha of at least 7 hex
+    digits, as the 12 digits weightdiff prints); CheckpointError when the cache holds no such revision."""
+    hint = f"run once without --offline to download it, or `hf download {ref.repo_id}`"
+    repos = _cached_repos(ref, env)
     if not repos:
         raise CheckpointError(ref.spelling, f"no such file or directory, and Hub repo `{escape_name(ref.repo_id)}` "
                                             f"is not in the local cache ({escape_name(env.cache_dir)}), and {why}",
                               hint)
     rev = commit or ref.revision or "main"
     revs = [r for r in repos[0].revisions if r.commit_hash == rev or rev in r.refs]
+    if not revs and _SHORT_SHA.match(rev):            # a short sha, as git and the Hub resolve it
+        revs = sorted((r for r in repos[0].revisions if r.commit_hash.startswith(rev)), key=lambda r: r.commit_hash)
+        if len(revs) > 1:
+            raise CheckpointError(ref.spelling, f"revision `{escape_name(rev)}` of `{escape_name(ref.repo_id)}` is the "
+                                                f"start of {len(revs)} cached commits "
+                                                f"({', '.join(r.commit_hash[:16] for r in revs)}), and {why}",
+                                  "give more digits of the commit sha")
     if not revs:
         known = sorted({x for r in repos[0].revisions for x in r.refs}) + \
             sorted(r.commit_hash[:12] for r in repos[0].revisions)
@@ -90,7 +134,10 @@ def from_cache(ref: HubRef, env: _Env, why: str, commit: str | None = None) -> C
                                   f"run once without --offline, or `hf download {ref.repo_id} {n}`")
     if kind in ("single", "sharded", "pickle", "pickle_sharded"):       # (a GGUF file carries its own)
         _config_cached(ref, env, snap.commit_hash, root, snapshot, why)
-    ckpt = build(local, kind, name, ref.spelling)
+    try:
+        ckpt = build(local, kind, name, ref.spelling)
+    except CheckpointError as exc:
+        raise as_hub_file(exc, ref, snap.commit_hash, snapshot) from None
     blobs = {Path(f.file_path): f for f in snap.files}
     files = []
     for f in ckpt.files:

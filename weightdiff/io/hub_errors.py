@@ -57,11 +57,31 @@ def _origin(response) -> str:
         return "another server"
 
 
-def transfer_error(exc: BaseException, where: str, transfer: bool = True) -> CheckpointError | None:
+def _elsewhere(response, endpoint: str | None) -> bool:
+    """Whether ``response`` came from another server than the Hub at ``endpoint``: after a redirect, or
+    from another origin (huggingface_hub fetches the CDN's URL by a request of its own)."""
+    if getattr(response, "history", None):
+        return True
+    if not endpoint:
+        return False
+    from urllib.parse import urlsplit
+
+    try:
+        url, hub = response.request.url, urlsplit(endpoint)
+        port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+        return (url.scheme, (url.host or "").lower(), port) != \
+            (hub.scheme, (hub.hostname or "").lower(), hub.port or {"http": 80, "https": 443}.get(hub.scheme))
+    except Exception:
+        return False
+
+
+def transfer_error(exc: BaseException, where: str, transfer: bool = True,
+                   endpoint: str | None = None) -> CheckpointError | None:
     """What a server did wrong while serving one file (``where`` names it), or None when ``exc``
-    is not such a fault: a redirect loop or a redirect to an error, a body cut short, a size
-    other than announced, an answer without the Hub's headers, a read that timed out (when
-    ``transfer``: a file's bytes were awaited, not an API answer)."""
+    is not such a fault: a redirect loop or an error from the server the file's request was sent on to
+    (the CDN: its 401 or 403 is the storage refusing a signed link, not the Hub refusing the token), a body
+    cut short, a size other than announced, an answer without the Hub's headers, a read that timed out
+    (when ``transfer``: a file's bytes were awaited, not an API answer)."""
     from huggingface_hub import errors as e
 
     httpx = _httpx()
@@ -72,6 +92,10 @@ def transfer_error(exc: BaseException, where: str, transfer: bool = True) -> Che
     if isinstance(exc, httpx.TooManyRedirects):
         return CheckpointError(where, f"the server redirected badly: a redirect loop ({text})",
                                "the Hub or the mirror in HF_ENDPOINT is misconfigured; try again later")
+    if status in (401, 403) and transfer and _elsewhere(response, endpoint):
+        return CheckpointError(where, f"the file's request was redirected to {_origin(response)}, which refused it "
+                                      f"(HTTP {status}): the storage refused the link the Hub gave, not the repo's "
+                                      "access", "an expired link or a storage fault; try again later")
     if status is not None and status >= 400 and getattr(response, "history", None):
         code = response.headers.get("X-Error-Code")
         return CheckpointError(where, f"the server redirected badly: the file's request was redirected to "
@@ -114,7 +138,7 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
     while serving ``file`` (transfer_error) names the file instead."""
     from huggingface_hub import errors as e
 
-    fault = transfer_error(exc, str(file) if file is not None else where, transfer=file is not None)
+    fault = transfer_error(exc, str(file) if file is not None else where, transfer=file is not None, endpoint=endpoint)
     if fault is not None:
         return fault
     exc = _cause(exc)
@@ -122,6 +146,11 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
     status = getattr(response, "status_code", None)
     code = response.headers.get("X-Error-Code") if response is not None else None
     repo = f"`{escape_name(repo_id)}`"
+    from .hub_http import AnswerTooSlow
+
+    if isinstance(exc, AnswerTooSlow):
+        return CheckpointError(where, f"the Hub at {escape_name(str(endpoint))} {exc.text(f'its answer for {repo}')}",
+                               "try again later; WEIGHTDIFF_HUB_API_SECONDS sets the limit, in seconds")
     if isinstance(exc, e.GatedRepoError) or code == "GatedRepo":
         if _has_token():        # "set HF_TOKEN" to someone whose token was sent and refused sends them in circles
             return CheckpointError(where, f"{repo} is a gated repo and the token in use has no access to it "

@@ -21,6 +21,14 @@ one line naming the file. This holds for streamed range requests (weightdiff.io.
 and for downloads (the watch is hooked onto huggingface_hub's session for the thread that
 downloads the file; a download by hf_xet, the Hub's Xet storage, is outside it and keeps
 that client's own timeouts).
+
+An API answer is small, and a pace alone would let a server trickle one forever (a byte every 2 s keeps
+every read inside its timeout): so every API exchange (model info, file listing, branches and tags, a
+file's HEAD; ``api_exchange``) must be complete within ``WEIGHTDIFF_HUB_API_SECONDS`` (default 60 s) of
+its request, counted per request (a retry or a redirect starts again); past it the run stops with one
+line naming the repo and the endpoint (``AnswerTooSlow``). The check runs when the answer's headers are
+in and at each piece of its body, so a server that sends nothing at all is bounded by
+``HF_HUB_ETAG_TIMEOUT`` instead, and the whole exchange by the sum of the two.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import time
 from contextlib import contextmanager
 from urllib.parse import quote
 
-__all__ = ["retrying", "retry_after", "RETRY_STATUS", "library_silenced", "api_timeout", "download_timeout", "get_json", "list_tree", "list_refs", "STALL_BYTES",
+__all__ = ["retrying", "api_retrying", "api_exchange", "api_seconds", "AnswerTooSlow", "API_SECONDS", "retry_after", "RETRY_STATUS", "library_silenced", "api_timeout", "download_timeout", "get_json", "list_tree", "list_refs", "STALL_BYTES",
            "stall_seconds", "Stalled", "StallWatch", "watching", "Cancelled"]
 
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
@@ -43,6 +51,8 @@ RETRY_WAIT_TOTAL = 30.0
 #: a response body must bring this many bytes within every stall_seconds() of its transfer
 STALL_BYTES = 64 << 10
 STALL_SECONDS = 60.0
+#: the most seconds one API exchange may take, request to last byte (WEIGHTDIFF_HUB_API_SECONDS)
+API_SECONDS = 60.0
 
 
 def api_timeout() -> float:
@@ -81,7 +91,7 @@ def get_json(url: str, params: dict | None = None):
         hf_raise_for_status(r)
         return r
 
-    r = retrying(call)
+    r = api_retrying(call)
     try:
         return r.json(), r
     except ValueError:
@@ -115,6 +125,27 @@ def list_refs(endpoint: str, repo_id: str) -> dict[str, list[str]]:
     doc, _ = get_json(f"{endpoint}/api/models/{repo_id}/refs")
     return {k: [r["name"] for r in doc.get(k) or [] if isinstance(r, dict) and isinstance(r.get("name"), str)]
             for k in ("branches", "tags")}
+
+
+def api_seconds() -> float:
+    """``WEIGHTDIFF_HUB_API_SECONDS`` (read at call time), default API_SECONDS."""
+    try:
+        v = float(os.environ.get("WEIGHTDIFF_HUB_API_SECONDS") or API_SECONDS)
+    except ValueError:
+        v = API_SECONDS
+    return v if v > 0 else API_SECONDS
+
+
+class AnswerTooSlow(Exception):
+    """An API answer not complete within api_seconds() of its request."""
+
+    def __init__(self, got: int, seconds: float, limit: float):
+        self.got, self.seconds, self.limit = got, seconds, limit
+        super().__init__(self.text())
+
+    def text(self, what: str = "its answer") -> str:
+        return (f"did not finish {what} within the {self.limit:g} s an API answer may take ({self.got:,} bytes in "
+                f"{self.seconds:.0f} s: a stalled or throttled connection)")
 
 
 def stall_seconds() -> float:
@@ -189,7 +220,37 @@ def _watched_stream(stream, cancel):
     return Watched()
 
 
+def _deadline_stream(stream, started: float, limit: float):
+    from .hub_stream import _httpx
+
+    class Bounded(_httpx().SyncByteStream):
+        def __iter__(self):
+            got = 0
+            for chunk in stream:
+                got += len(chunk)
+                now = time.monotonic()
+                if now - started > limit:
+                    raise AnswerTooSlow(got, now - started, limit)
+                yield chunk
+
+        def close(self):
+            stream.close()
+
+    return Bounded()
+
+
+def _on_request(request) -> None:
+    if getattr(_local, "api", None) is not None:
+        _local.started = time.monotonic()
+
+
 def _on_response(response) -> None:
+    limit = getattr(_local, "api", None)
+    if limit is not None:
+        started = getattr(_local, "started", None) or time.monotonic()
+        if time.monotonic() - started > limit:         # the headers alone took too long
+            raise AnswerTooSlow(0, time.monotonic() - started, limit)
+        response.stream = _deadline_stream(response.stream, started, limit)
     state = getattr(_local, "state", None)
     if state is None:
         return
@@ -203,19 +264,44 @@ def _on_response(response) -> None:
     response.stream = _watched_stream(response.stream, state)
 
 
+def _hook() -> None:
+    """Our hooks on huggingface_hub's shared client (recreated after close_session), once."""
+    from huggingface_hub import get_session
+
+    session = get_session()
+    with _hook_lock:
+        if id(session) not in _hooked or _on_response not in session.event_hooks["response"]:
+            hooks = dict(session.event_hooks)
+            hooks["request"] = [*hooks.get("request", []), _on_request]
+            hooks["response"] = [*hooks.get("response", []), _on_response]
+            session.event_hooks = hooks
+            _hooked.add(id(session))
+
+
+@contextmanager
+def api_exchange():
+    """While in this block, every answer huggingface_hub reads *in this thread* must be complete within
+    api_seconds() of its request (AnswerTooSlow)."""
+    _hook()
+    previous = getattr(_local, "api", None)
+    _local.api = api_seconds()
+    try:
+        yield
+    finally:
+        _local.api = previous
+
+
+def api_retrying(call):
+    """``retrying(call)`` for an API call: each exchange bounded as a whole (api_exchange)."""
+    with api_exchange():
+        return retrying(call)
+
+
 @contextmanager
 def watching(cancel: threading.Event | None = None):
     """While in this block, response bodies that huggingface_hub reads *in this thread* are
     watched (StallWatch), and stop with Cancelled once ``cancel`` is set."""
-    from huggingface_hub import get_session
-
-    session = get_session()             # the library's shared client (recreated after close_session)
-    with _hook_lock:
-        if id(session) not in _hooked or _on_response not in session.event_hooks["response"]:
-            hooks = dict(session.event_hooks)
-            hooks["response"] = [*hooks.get("response", []), _on_response]
-            session.event_hooks = hooks
-            _hooked.add(id(session))
+    _hook()
     previous = getattr(_local, "state", None)
     _local.state = cancel if cancel is not None else threading.Event()
     try:

@@ -16,11 +16,19 @@ first missing byte; when the retries run out, the error names the file. Every re
 a timeout, and every response must keep up a minimum pace (weightdiff.io.hub_http.StallWatch:
 64 KiB within every WEIGHTDIFF_HUB_STALL_SECONDS), so a lost or trickling connection is an
 error naming the file, never a hang.
+
+What a stream verifies: the header by the local parser, each answer's range, and each answer's ETag where
+it is a content hash (64 hex digits: the sha256 the listing gives, or the Xet hash the resolve answer
+announced): an ETag naming other content is an error naming the file (``_check_etag``). What it does not:
+the bytes themselves are never hashed (a whole file would have to be read), so a server that sends other
+bytes under the right ETag, or no content-hash ETag at all, is not caught; ``--download`` hashes every
+file it fetches against the listing.
 """
 
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +54,7 @@ RETRIES = 5
 BACKOFF = 1.0
 BACKOFF_MAX = 8.0
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class RangeReader:
         from huggingface_hub.utils import build_hf_headers
 
         self._session = get_session
+        self.endpoint = endpoint
         self._url = lambda f: hf_hub_url(f.repo_id, f.path, revision=f.commit, endpoint=endpoint)
         self.headers = build_hf_headers(token=token)
         self.headers["Accept-Encoding"] = "identity"
@@ -152,6 +162,7 @@ class RangeReader:
                                                  f"{r.status_code}, Content-Range "
                                                  f"{r.headers.get('Content-Range')!r})",
                                               "use --download to fetch whole files instead")
+                    _check_etag(f, r)
                     before, watch = got, StallWatch()
                     try:
                         for chunk in r.iter_bytes():       # as received: the pace is checked per read
@@ -189,7 +200,7 @@ class RangeReader:
             except (hf_errors.HfHubHTTPError, httpx.TooManyRedirects) as exc:
                 from .hub_errors import hub_error
 
-                raise hub_error(exc, f.repo_id, str(f), file=f) from None
+                raise hub_error(exc, f.repo_id, str(f), file=f, endpoint=self.endpoint) from None
 
 
 def _httpx():
@@ -198,6 +209,40 @@ def _httpx():
     except ImportError:                 # pragma: no cover - huggingface_hub 1.x
         import httpx
     return httpx
+
+
+def _etag(value: str | None) -> str | None:
+    """An ETag header without its weak marker and quotes, lower case (``W/"ab12"`` -> ``ab12``)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    return value.strip('"').lower() or None
+
+
+def _check_etag(f: HubFile, r) -> None:
+    """A range answer whose ETag names other content than the file the Hub lists: CheckpointError.
+
+    The Hub's CDN names an LFS blob by a content hash: its sha256 (the LFS oid the listing gives), or for a
+    file in Xet storage the Xet hash that the resolve answer announced in ``X-Xet-Hash``. A 64-hex ETag that
+    is neither is another blob (a mirror or CDN serving the wrong file: the base's bytes in place of the
+    tuned model's read "identical"), or the file changed between two range requests. An ETag of another
+    shape (a storage's MD5, a small file's git oid) says nothing about the content and is not checked.
+
+    >>> _etag('W/"AB12"'), _etag(None)
+    ('ab12', None)
+    """
+    tag = _etag(r.headers.get("ETag"))
+    if not f.sha256 or tag is None or not _SHA256.match(tag) or tag == f.sha256.lower():
+        return
+    vouched = {_etag(h.headers.get("X-Xet-Hash")) for h in getattr(r, "history", ())}
+    if tag in vouched:
+        return
+    raise CheckpointError(f, f"the server sent bytes whose ETag is the content hash {tag[:16]}..., not the "
+                             f"sha256 {f.sha256[:16]}... the Hub lists for the file (a mirror or CDN serving "
+                             f"another file, or the file changed on the server during the run)",
+                          "rerun later, or use --download, which hashes the whole file against the Hub's listing")
 
 
 def _range_starts(content_range: str | None, start: int) -> bool:
