@@ -146,3 +146,28 @@ def test_provenance_ranks_the_signed_base_first_and_says_why(tmp_path, rng):
     assert r.candidates[0]["negated"] == {"tensors": 16, "tensors_changed": 0}
     assert r.candidates[1]["negated"] is None and r.candidates[1]["verdict"] == "unrelated"
     assert any("sign flipped" in f and "nothing changed beneath" in f for f in r.findings)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F8_E4M3"])
+def test_negated_then_cast_is_not_cast_only(tmp_path, rng, dtype):
+    """Only q negated (which changes what the model computes), then cast: read "CAST ONLY ... no weight moved
+    beyond it" (found by a tester verifying this round's fixes)."""
+    base = llama(rng)
+    s = compare(write_checkpoint(tmp_path / "b", base),
+                write_checkpoint(tmp_path / "t", _negate(base, kinds=("self_attn.q_proj",)), dtype=dtype)).summary
+    assert s.verdict == "derived" and s.scope["negated_matrices"]["tensors"] == 4
+    title = verdict_title(s.to_dict())
+    assert "sign flipped" in title and "beyond rounding" in title
+    assert "not checked here" in s.verdict_reason
+
+
+def test_small_matrices_are_never_taken_for_negations(tmp_path):
+    """Two independent width-4 models: a 4 x 4 matrix reaches cosine -0.5 by chance; read PARTIAL "shared"
+    once such matrices were undone as negations."""
+    def toy(seed):
+        r = np.random.default_rng(seed)
+        return {f"model.layers.{i}.{k}.weight": r.normal(0, 0.02, (4, 4)).astype(np.float32)
+                for i in range(2) for k in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")}
+    for seed in range(1, 6):
+        s = compare(write_checkpoint(tmp_path / f"a{seed}", toy(0)), write_checkpoint(tmp_path / f"b{seed}", toy(seed))).summary
+        assert "negated_matrices" not in s.flags

@@ -465,8 +465,9 @@ def mark_fixed_tables(records: Sequence[TensorRecord], tuned: Checkpoint) -> Non
 
 
 #: what a negated tensor's record says was done before it was measured
-NEGATED_NOTE = ("stored with its sign flipped: the tuned tensor is the base's times -1 (cosine below "
-                "-unrelated_cosine), so it is measured against the base times -1")
+NEGATED_NOTE = ("stored with its sign flipped: its cosine with the base is strongly negative (below "
+                "-unrelated_cosine), the base's tensor times -1 and whatever changed beside, so it is measured "
+                "against the base times -1")
 
 
 def negated_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
@@ -481,12 +482,12 @@ def negated_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     record's. ``skip``: records another undo already measures (a reordering)."""
     from .measure.compute import NEGATABLE
 
-    cut = -options.thresholds.unrelated_cosine
     by_name = {r.name: r for r in records}
 
     def fits(r: TensorRecord) -> bool:
         return (id(r) not in skip and r.base_name is not None and r.status == "changed" and r.compared == "float"
-                and r.cosine is not None and math.isfinite(r.cosine) and r.cosine < cut
+                and r.cosine is not None and math.isfinite(r.cosine)
+                and r.cosine < -negation_cut(options.thresholds, r.numel_compared)
                 and not getattr(r, "tied", False) and r.paired_by in ("name", "prefix", "rename", None)
                 and _same_dense(r, bases, tuned, NEGATABLE))
 
@@ -501,6 +502,18 @@ def negated_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
             if b is not None and len(b.shape or ()) == 1 and fits(b):
                 out.append(Undo(b, b.base_name, None, None, label, kind, NEGATED_NOTE, negate=True))
     return out
+
+
+def negation_cut(thresholds, elements: int | None) -> float:
+    """How negative a matrix's cosine with the base must be to read as the base negated: below
+    -``unrelated_cosine``, and below what two independent matrices of that size reach by chance (their
+    cosine spreads as 1/sqrt(elements): six of those; a 4 x 4 toy matrix is never taken for a negation).
+
+    >>> from weightdiff.options import Thresholds
+    >>> negation_cut(Thresholds(), 4096), round(negation_cut(Thresholds(), 256), 3), negation_cut(Thresholds(), 16)
+    (0.2, 0.375, 1.5)
+    """
+    return max(thresholds.unrelated_cosine, 6.0 / math.sqrt(max(int(elements or 0), 1)))
 
 
 def _same_dense(r: TensorRecord, bases: Sequence[Checkpoint], tuned: Checkpoint, dtypes: Sequence[str]) -> bool:

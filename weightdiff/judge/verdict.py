@@ -405,8 +405,10 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # alike, and no matrix says whether this one derives from the base
         verdict = "inconclusive"
         flags.append("vectors_only")
-    if verdict == "identical" and (permuted or negated):   # the base's weights, some units in another order or
-        verdict = "derived"                                 # negated: not the same files
+    if verdict in ("identical", "cast_only", "quantized_only") and (permuted or negated):
+        # the base's weights, some units in another order or negated, maybe cast or quantized: not the same
+        # weights at another precision (a negated q alone changes what the model computes)
+        verdict = "derived"
     if verdict == "derived" and (not permuted or _all_undone(permuted, undone)) and weak_evidence(cos, rel_m):
         # derived, but not "a fine-tune": a merge, long training; unless the distance is the quantizer's noise
         flags.append("quant_noise_distance" if quantization_explains(counted, thresholds) else "far_from_base")

@@ -226,8 +226,10 @@ def _derived_special(summary: dict) -> str | None:
     undone = perm.get("undone") or {}
     measured = all(set(v) - {"router"} <= set(undone.get(b, ())) for b, v in (perm.get("blocks") or {}).items())
     if changed == zeroed + reordered and resized == mism + grown and not (reordered and measured):   # nothing else moved
-        tail = "none of its other weights changed" if not reordered else \
-            "no other weight changed, and what changed beneath the reordering is not measured here"
+        tbs = summary.get("tensors_by_status") or {}
+        within = " beyond rounding or quantization" if tbs.get("rounding") or tbs.get("quantized") else ""
+        tail = f"none of its other weights changed{within}" if not reordered else \
+            f"no other weight changed{within}, and what changed beneath the reordering is not measured here"
         return f"DERIVED: this base with {_and(what)}; {tail}."
     return f"DERIVED: a fine-tune of this base, with {_and(what)}."
 
@@ -718,12 +720,15 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     neg = scope.get("negated_matrices") or {}
     if neg.get("tensors"):
         n_neg = int(neg["tensors"])
+        kinds = sorted({k for v in (neg.get("blocks") or {}).values() for k in v})
         text += (f"; {count(n_neg)} {'tensor is' if n_neg == 1 else 'tensors are'} stored with the sign flipped "
-                 f"(the base's times -1, in {_names(list(neg.get('blocks') or {}))}): flipping the sign of a matrix "
-                 "and of the one that reads its output (v and o, up and down of a gated MLP) changes nothing the "
-                 f"model computes, and as stored {'it reads' if n_neg == 1 else 'they read'} as far from the base as "
-                 "another model's (cosine -1), so each is measured against the base times -1: the numbers here are "
-                 "of what changed beneath the sign")
+                 f"({_names(kinds)}, in {_names(list(neg.get('blocks') or {}))}: a cosine with the base below "
+                 f"-{((data.get('settings') or {}).get('thresholds') or {}).get('unrelated_cosine', 0.2)}, the base's "
+                 "times -1 and whatever changed beside), "
+                 f"so {'it' if n_neg == 1 else 'each'} is measured against the base times -1 and the numbers here are "
+                 "of what changed beneath "
+                 "the sign; a sign flip changes nothing the model computes only when the matrix that reads its "
+                 "output is flipped too (v and o, up and down of a gated MLP), which is not checked here")
     alike = count_lookalikes((t.get("status"), t.get("shape")) for t in counted) if "unpaired_lookalikes" in (s.get("flags") or []) else 0
     if alike:
         text += (f"; {count(alike)} removed base {'matrix has' if alike == 1 else 'matrices have'} an added tuned "
