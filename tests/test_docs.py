@@ -199,3 +199,16 @@ def test_no_module_uses_a_name_it_never_defines_or_imports(tmp_path):
     planted = tmp_path / "planted.py"
     planted.write_text("def f(x):\n    return as_storage(x)\n")
     assert len(_undefined_names([planted])) == 1
+
+
+def test_the_schema_doc_gives_settings_backend_as_written():
+    # json-schema.md said `cpu` or `cuda`, every result holds `numba` (a pipeline switching on the doc never matched)
+    from weightdiff.options import CompareOptions
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "json-schema.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| `settings` |"))
+    backend = line[line.index("`backend`"):]
+    backend = backend[:backend.index(")")]
+    assert f"`{CompareOptions(device='cpu').settings()['backend']}`" in backend
+    assert f"`{CompareOptions(device='cuda').settings()['backend']}`" in backend
+    assert "`cpu` or `cuda`" not in backend

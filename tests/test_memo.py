@@ -173,3 +173,95 @@ def test_depth_caption_agrees_verb_and_subject():
     text = caption_depth({"tensors": rows, "blocks": blocks, "summary": {}})
     assert "The embeddings (before block 0) differ only by dtype rounding" in text, text
     assert "The head (after block 1) differs only by dtype rounding" in text, text
+
+
+def test_counts_of_one_read_in_the_singular():
+    # "for all 1 changed matrices" and "1 block (1) differs only by NaN" (the index unlabelled), a tester found
+    from weightdiff.render.formats import summary_tensors_text
+    from weightdiff.render.provenance import caption_provenance
+
+    from weightdiff.render.plots import pick_rank_matrices
+
+    def rank_caption(d):
+        return cap.caption_rank(d, pick_rank_matrices(cap.changed_matrices(d)))
+
+    data = cached_result()
+    mats = cap.changed_matrices(data)
+    one = dict(data, tensors=[t for t in data["tensors"] if t not in mats or t is mats[0]])
+    assert "for the 1 changed matrix" in rank_caption(one) and "all 1 " not in rank_caption(one)
+    assert f"for all {len(mats)} changed matrices" in rank_caption(data)
+    assert cap._blocks_named([{"index": 1}]) == "block 1"
+    assert cap._blocks_named([{"index": 1}, {"index": 4}]) == "2 blocks (1 and 4)"
+    prov = {"settings": {"thresholds": {"unrelated_rel_change": 0.9, "unrelated_cosine": 0.2}},
+            "reference": {"relative_change": 1.41, "cosine": 0.0},
+            "candidates": [{"path": "base", "relative_change_large": 1e-3, "cosine_large": 0.999}]}
+    assert caption_provenance(prov).startswith("The 1 compared candidate against the tuned model")
+    assert summary_tensors_text({"coverage": {"tuned": {"compared": 0}}, "scope": {"tensors_total": 1}}) == \
+        "the one tensor could not be compared"
+
+
+def test_a_nan_only_block_is_named_by_its_index_in_the_depth_caption():
+    data = json_copy(cached_result())
+    b = next(b for b in data["blocks"] if b.get("index") is not None and b.get("tensors_changed"))
+    for t in data["tensors"]:
+        if t.get("block") == b["block"] and t["status"] == "changed":
+            t.update(norm_delta=0.0, rel_change=0.0, cosine=1.0, nonfinite=3)
+    text = cap.caption_depth(data)
+    assert f"; block {b['index']} differs only by NaN or infinite values" in text, text
+
+
+def json_copy(d):
+    import json
+
+    return json.loads(json.dumps(d))
+
+
+def test_partial_plain_words_name_the_shared_and_the_unrelated_parts():
+    # page one said only "2 of its 4 blocks were changed": never that they are unrelated to the base, and with no
+    # reference the docs promise
+    from weightdiff.render.sentences import plain_language
+
+    data = json_copy(cached_result())
+    s = data["summary"]
+    s["verdict"] = "partial"
+    s["components"] = [
+        {"component": "embeddings", "status": "shared", "cosine": 1.0, "rel_change": 0.0, "identical": True},
+        {"component": "layers.0", "status": "shared", "cosine": 1.0, "rel_change": 2e-3, "identical": False},
+        {"component": "layers.1", "status": "unrelated", "cosine": 0.001, "rel_change": 1.41, "identical": False},
+        {"component": "layers.2", "status": "unrelated", "cosine": -0.002, "rel_change": 1.42, "identical": False}]
+    data["reference"] = {"points": [{"key": "BF16", "label": "bfloat16 rounding", "rel_change": 1.7e-3,
+                                     "one_minus_cosine": 1.4e-6},
+                                    {"key": "unrelated", "label": "unrelated model", "rel_change": 1.41,
+                                     "one_minus_cosine": 1.0}]}
+    words = " ".join(plain_language(data))
+    assert "It shares embeddings, block layers.0 with base/, whose large matrices moved by at most 2.0e-3" in words
+    assert "the rounding a cast to bfloat16 would cause" in words
+    assert "2 blocks (layers.1 to layers.2) are unrelated to base/" in words
+    assert "as an independently initialised model of the same shape would" in words
+
+
+def test_the_reference_scale_draws_a_model_that_reads_zero():
+    # only tensors added: the model reads 0, which a log axis cannot hold, and the figure dropped it
+    from weightdiff.render.figures_reference import draw_reference
+    from weightdiff.render.reference import reference_scale
+
+    data = json_copy(cached_result())
+    ref = reference_scale(data)
+    for p in ref["points"]:
+        if p["key"] == "model":
+            p.update(rel_change=0.0, one_minus_cosine=0.0)
+    data["reference"] = ref
+    fig = draw_reference(data)
+    labels = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert labels.count("this model\n0 (no change)") == 2, labels
+
+
+def test_a_blank_label_names_nothing():
+    # `--base-label "   "` titled the memo "from    ?" and wrote `**Base:** ****`
+    from weightdiff.comparison import _labelled
+    from weightdiff.render.sentences import model_label
+
+    assert model_label({"path": "base/", "label": "   "}) == "base/"
+    assert model_label({"path": "base/", "label": " Acme "}) == " Acme "
+    assert "label" not in _labelled({"path": "base/"}, " \t")
+    assert _labelled({"path": "base/"}, "Acme")["label"] == "Acme"

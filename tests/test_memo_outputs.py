@@ -133,7 +133,8 @@ def test_report_merges_compare_provenance_and_lineage(chain, tmp_path):
     assert r.exit_code == 0, r.output
     page = (tmp_path / "mixed.html").read_text()
     assert "Caution: these results are not about one model" in page
-    assert page.index("Caution:") < page.index("<h1")
+    # under the document's title and the first section's model lines, before its verdict (it sat above the title)
+    assert page.index("<h1") < page.index("Caution:") < page.index("<h1", page.index("<h1") + 1)
 
 
 def test_provenance_memo_is_a_complete_document(chain, tmp_path):

@@ -222,5 +222,5 @@ def test_depth_caption_calls_appended_blocks_new_not_changed(tmp_path):
     r = weightdiff.compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned), rank=False)
     text = caption_depth(json.loads(r.to_json()))
     assert "n/a" not in text and "0 of 6 blocks changed" in text
-    assert "2 blocks (4, 5) are not in the base, with no change to measure" in text
+    assert "2 blocks (4 and 5) are not in the base, with no change to measure" in text
     assert "4 blocks with no change at all" in text

@@ -137,8 +137,8 @@ def _freeze_heap() -> None:
               help="A base checkpoint; repeat for a model built from several bases (then give only TUNED).")
 @output_options
 @click.option("--base-label", "base_labels", multiple=True, metavar="TEXT",
-              help="Name of the base in the memo (repeat for each --base; default: its path or Hub id).")
-@click.option("--tuned-label", metavar="TEXT", help="Name of the tuned model in the memo (default: its path).")
+              help="Name of the base in the memo (repeat for each --base; default, or when TEXT is blank: its path or Hub id).")
+@click.option("--tuned-label", metavar="TEXT", help="Name of the tuned model in the memo (default, or when TEXT is blank: its path or Hub id).")
 @click.option("--hash/--no-hash", "hash_files", default=None,
               help="Record the sha256 of every input file (default: on with --report); a Hub file on disk is hashed and checked against the sha256 the Hub lists (offline, against the name of its cached blob); a streamed file is not hashed.")
 @click.option("-q", "--quiet", is_flag=True, help="No plan or progress on stderr.")
@@ -268,8 +268,10 @@ def report_cmd(results, memo_out, html_out, md_out, plots_dir, pdf, population, 
     given (a question such as "is this model derived from A, and how deeply?").
     With no output option the HTML memo is written beside the first RESULT
     (result.json -> result.html). The headline sentences go to stdout, the files
-    written to stderr. Exit code 0 when the memo was written, 2 when a RESULT is not
-    a weightdiff result or an output's extension is not .html, .md or .docx.
+    written to stderr. One provenance or lineage RESULT alone gives the document its
+    own --report wrote. Exit code 0 when the memo was written, 2 when a RESULT is not a
+    weightdiff result (a key of the wrong type, or a value no run writes, such as more
+    blocks changed than there are) or an output's extension is not .html, .md or .docx.
 
     \b
     Example:
@@ -373,8 +375,10 @@ def provenance_cmd(paths, candidates_flag, json_out, csv_out, report_out, plots_
             fo.files = {f: write_bytes(os.path.join(plots_dir, f"provenance.{f}"), b) for f, b in blobs.items()}
             _listed(fo.files.values(), quiet)
         if report_out:
-            _document(report_out, provenance_blocks(data, [fo]), [fo],
-                      f"weightdiff provenance: {data['tuned']['path']}", plots_dir, quiet)
+            from .render.report import result_date, section_title
+
+            _document(report_out, provenance_blocks(data, [fo]), [fo], section_title("provenance", data), plots_dir,
+                      quiet, date=result_date(data))
     if json_out != "-" and csv_out != "-":
         click.echo(ranking_text(data), nl=False)
 
@@ -418,8 +422,10 @@ def lineage_cmd(paths, json_out, csv_out, report_out, quiet, **opts):
     if report_out:
         from .render.sections import lineage_blocks
 
-        _document(report_out, lineage_blocks(data), [], "weightdiff lineage: " + " -> ".join(data["paths"]),
-                  None, quiet)
+        from .render.report import result_date, section_title
+
+        _document(report_out, lineage_blocks(data), [], section_title("lineage", data), None, quiet,
+                  date=result_date(data))
     if json_out != "-" and csv_out != "-":
         click.echo(lineage_text(data), nl=False)
 

@@ -184,7 +184,8 @@ def _say(quiet: bool):
     return (lambda message: None) if quiet else (lambda message: click.echo(escape_name(message), err=True))
 
 
-def _document(target: str, blocks: list, figures: list, title: str, plots_dir: str | None, quiet: bool) -> None:
+def _document(target: str, blocks: list, figures: list, title: str, plots_dir: str | None, quiet: bool,
+              date: str | None = None) -> None:
     from .render.document import write_memo
 
-    _listed(write_memo(target, blocks, figures, title, figure_dir=plots_dir), quiet)
+    _listed(write_memo(target, blocks, figures, title, figure_dir=plots_dir, date=date), quiet)

@@ -794,7 +794,7 @@ def _labels(given: str | Sequence[str] | None, n: int) -> list[str | None]:
 
 
 def _labelled(entry: dict, label: str | None) -> dict:
-    if label:
+    if label and str(label).strip():    # a blank label names nothing: the path stands, as for an empty one
         entry["label"] = str(label)
     return entry
 

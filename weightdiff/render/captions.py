@@ -134,6 +134,13 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
     return f"{n:,} " + (word if n == 1 else plural or word + "s")
 
 
+def _blocks_named(blocks: list[dict]) -> str:
+    """Numbered blocks by their index: ``block 3``, ``2 blocks (3 and 5)``."""
+    if len(blocks) == 1:
+        return f"block {blocks[0]['index']}"
+    return f"{len(blocks):,} blocks ({_list(str(b['index']) for b in blocks)})"
+
+
 def _list(items: Iterable[str]) -> str:
     items = list(items)
     if len(items) <= 1:
@@ -173,11 +180,11 @@ def caption_depth(data: dict) -> str:
         top = max(changed, key=lambda b: b.get("rel_change") or 0.0)
         text += f"; the largest change is in block {top['index']} ({sci(top.get('rel_change'))})"
     if nonfinite:
-        text += (f"; {_plural(len(nonfinite), 'block')} ({', '.join(str(b['index']) for b in nonfinite)}) "
+        text += (f"; {_blocks_named(nonfinite)} "
                  f"{'differs' if len(nonfinite) == 1 else 'differ'} only by NaN or infinite values, which are not "
                  f"measured (crosses on the 0 line)")
     if new:
-        text += (f"; {_plural(len(new), 'block')} ({', '.join(str(b['index']) for b in new)}) "
+        text += (f"; {_blocks_named(new)} "
                  f"{'is' if len(new) == 1 else 'are'} not in the base, with no change to measure")
     text += "."
     unchanged = len(blocks) - len(changed) - len(new) - len(rounding) - len(nonfinite)
@@ -286,9 +293,9 @@ def caption_rank(data: dict, shown: list[dict]) -> str:
                      f"{rank_text(t['rank'], 'energy_rank_99')}." for t in _first_per_block(shown)[:3])
     k = max((len(t["rank"].get("spectrum") or []) for t in shown), default=0)
     if any((t["rank"].get("energy_captured") or 1.0) < 0.985 for t in shown):
-        text += f" Curves that stop short of 100% end where the reported spectrum ends (top {k} singular values)."
-    text += (f" Right: rank needed for 90% of the energy against the matrix's smaller side, for all {len(mats)} "
-             f"changed matrices")
+        text += f" Curves that stop short of 100% end where the reported spectrum ends (top {_plural(k, 'singular value')})."
+    text += (" Right: rank needed for 90% of the energy against the matrix's smaller side, for "
+             + (f"all {len(mats)} changed matrices" if len(mats) != 1 else "the 1 changed matrix"))
     if r90:
         text += f" (median {median(r90):g}, range {min(r90)}-{max(r90)}; smaller side {_list(str(d) for d in dims[:4])}" \
                 + (" ..." if len(dims) > 4 else "") + ")"
@@ -407,8 +414,9 @@ def caption_experts(data: dict) -> str:
     if not cells:
         return "Experts: the model has no mixture-of-experts tensors."
     moved = [c for c in cells if c[2] > 0]
-    text = (f"Relative change of each of the {len(ex['experts'])} experts (rows) in each of the "
-            f"{len(ex['blocks'])} blocks that have experts, log colour scale. "
+    where = (f"each of the {len(ex['blocks'])} blocks that have experts" if len(ex["blocks"]) != 1 else
+             "the 1 block that has experts")
+    text = (f"Relative change of each of the {len(ex['experts'])} experts (rows) in {where}, log colour scale. "
             f"{len(moved)} of {len(cells)} expert-block cells changed")
     if moved:
         e, b, v = max(moved, key=lambda c: c[2])

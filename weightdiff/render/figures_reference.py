@@ -50,14 +50,21 @@ def draw_reference(data: dict, height: float = 2.5) -> Figure:
         ax.axhline(0, color="#BBBBBB", lw=0.8, zorder=0)
         for i, p in enumerate(points):
             v = p[key]
-            if v is None or v <= 0:
+            big = p["key"] == "model"
+            # a log axis has no zero: a model that reads 0 (only tensors or rows added) sits on the axis's left
+            # end, labelled 0, as the depth profile's "0 (no change)" line; left out, the figure lost the model
+            at_zero = big and v is not None and v <= 0
+            if v is None or (v <= 0 and not at_zero):
                 continue
             marker, face, edge = POINT_STYLE[p["key"]]
-            big = p["key"] == "model"
-            ax.plot([v], [0], marker, ms=9 if big else 7, mfc=face, mec=edge, mew=1.3, zorder=3)
-            up = i % 2 == 0
-            ax.annotate(f"{text(p['label'])}\n{fmt.sci(v)}", (v, 0), xytext=(0, 8 if up else -9),
-                        textcoords="offset points", ha="center", va="bottom" if up else "top",
+            x = lo if at_zero else v
+            ax.plot([x], [0], marker, ms=9 if big else 7, mfc="white" if at_zero else face, mec=edge, mew=1.3,
+                    zorder=3, clip_on=False)
+            up = i % 2 == 0 and not at_zero          # below, clear of the float16 label above the left end
+            value = "0 (no change)" if at_zero else fmt.sci(v)
+            ax.annotate(f"{text(p['label'])}\n{value}", (x, 0), xytext=(0, 8 if up else -9),
+                        textcoords="offset points", ha="left" if at_zero else "center",
+                        va="bottom" if up else "top",
                         fontsize=7.5, fontweight="bold" if big else "normal",
                         color=OKABE_ITO["blue"] if big else "#222222")
         ax.set_yticks([])

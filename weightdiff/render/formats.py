@@ -169,7 +169,8 @@ def summary_tensors_text(s: dict) -> str:
     n = int((sc.get("tensors_reshaped") or {}).get("tensors") or 0)
     total = sc.get("tensors_total")
     if nothing_compared(s):
-        return (f"none of the {count(total)} tensors could be compared"
+        return (("the one tensor could not be compared" if total == 1 else
+                 f"none of the {count(total)} tensors could be compared")
                 + (f" ({count(n)} of another shape than in the base)" if n else ""))
     added = " changed or added" if (s.get("tensors_by_status") or {}).get("added") else ""
     return (f"{at_least(s)}{count(sc.get('tensors_changed'))} of {count(total)} tensors{added}"

@@ -143,7 +143,9 @@ def caption_provenance(d: dict) -> str:
     """The chart's caption, with the numbers it draws."""
     thr, ref = d["settings"]["thresholds"], d["reference"]
     cands = d["candidates"]
-    text = (f"Each of the {len(cands)} compared candidates (rows, closest first) against the tuned model: relative "
+    which = f"Each of the {len(cands)} compared candidates (rows, closest first)" if len(cands) != 1 else \
+        "The 1 compared candidate"
+    text = (f"{which} against the tuned model: relative "
             f"change (left) and 1 − cosine (right) of the large matrices, log scale; filled bars read derived, "
             f"hatched bars unrelated. Dashed lines: {ref.get('what', 'two independently initialised models')} "
             f"({sci(ref['relative_change'])} and {sci(1.0 - ref['cosine'])}); dotted lines: the unrelated rule's "

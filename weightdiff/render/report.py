@@ -33,6 +33,7 @@ from .captions import headline_sentences
 from .plots import FIGURES, FigureOutput, render_figures, save_figures
 from .population import population_sentences
 from .validate import SCHEMA, check_result
+from .validate_kinds import check_kind
 from .document import Block, memo_format, write_memo
 
 #: largest compare JSON read
@@ -75,7 +76,9 @@ def _read_json(p: Path) -> tuple[Any, bytes]:
         raise WeightdiffError(f"{p}: is a directory, expected a comparison result saved as JSON")
     raw = read_small(p, RESULT_CAP)             # a regular file only: no FIFO or device can hang it
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=lambda c: None)
+        # utf-8-sig: a result re-saved by an editor that writes a byte order mark (Notepad) is the same JSON;
+        # RFC 8259 lets a parser ignore it
+        data = json.loads(raw.decode("utf-8-sig"), parse_constant=lambda c: None)
     except UnicodeDecodeError:
         raise WeightdiffError(f"{p}: not UTF-8 text, expected a comparison result saved as JSON") from None
     except json.JSONDecodeError as exc:
@@ -121,7 +124,7 @@ def load_population(path: str | os.PathLike) -> list[dict]:
             import io
 
             # a regular file under TABLE_CAP (a FIFO hung, /dev/zero filled the memory)
-            text = read_small(p, TABLE_CAP).decode("utf-8")
+            text = read_small(p, TABLE_CAP).decode("utf-8-sig")     # a byte order mark (Excel) is not a column name
             try:
                 rows = list(csv.DictReader(io.StringIO(text, newline="")))
                 if rows and not set(need) <= set(rows[0]):
@@ -258,13 +261,8 @@ def report(path: str | os.PathLike, *, html: str | os.PathLike | None = None,
 
 KINDS = {"weightdiff.compare/1": "compare", "weightdiff.provenance/1": "provenance",
          "weightdiff.lineage/1": "lineage"}
-#: the keys (and their types) the provenance and lineage sections read
-_NEEDS = {"provenance": (("tuned", dict), ("candidates", list), ("reference", dict), ("findings", list),
-                         ("limits", list), ("settings", dict)),
-          "lineage": (("paths", list), ("steps", list), ("end_to_end", dict), ("blocks", list), ("findings", list))}
-
-
-_NEEDS_BY_SCHEMA = {s for s, k in KINDS.items() if k in _NEEDS}
+#: the schemas checked by ``validate_kinds.check_kind`` (every other file is checked as a comparison)
+_NEEDS_BY_SCHEMA = {s for s, k in KINDS.items() if k != "compare"}
 
 
 def load_any(path: str | os.PathLike) -> tuple[str, dict, str]:
@@ -274,11 +272,7 @@ def load_any(path: str | os.PathLike) -> tuple[str, dict, str]:
     if not isinstance(data, dict) or data.get("schema") not in _NEEDS_BY_SCHEMA:
         return "compare", validate_result(data, str(p)), hashlib.sha256(raw).hexdigest()
     kind = KINDS[data["schema"]]
-    for key, typ in _NEEDS[kind]:
-        if not isinstance(data.get(key), typ):
-            raise WeightdiffError(f"{p}: `{key}` should be {'an object' if typ is dict else 'a list'} in a "
-                                  f"{kind} result", "was it written by weightdiff?")
-    return kind, data, hashlib.sha256(raw).hexdigest()
+    return kind, check_kind(kind, data, str(p)), hashlib.sha256(raw).hexdigest()
 
 
 def report_many(paths: list[str | os.PathLike], *, html: str | os.PathLike | None = None,
@@ -318,9 +312,11 @@ def report_many(paths: list[str | os.PathLike], *, html: str | os.PathLike | Non
 
 
 def _subject(path: object) -> str:
-    """A model's path as results name it, one spelling per checkpoint where it is on this machine."""
+    """A model's path as results recorded it, normalised (``./tuned`` is ``tuned``) and never resolved on this
+    machine: a relative path was relative to where the result was made, and a memo's bytes may not depend on
+    the folder or machine where ``report`` runs (nor print a home directory nobody typed)."""
     text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
-    return os.path.realpath(text) if os.path.exists(text) else (os.path.normpath(text) if text else text)
+    return posixpath.normpath(text) if text else text
 
 
 def _fingerprint(entry: dict) -> tuple:
@@ -347,22 +343,24 @@ def _mixed_subjects(items: list) -> str | None:
     """A sentence when the results combined are not about one model: the tuned model of each compare
     and provenance result, and the last model of each lineage chain, which must include it. A memo
     that merged results about different models silently read as one story about one model."""
-    about: list[tuple[str, tuple[str, tuple | None]]] = []
+    from .sentences import model_label
+
+    about: list[tuple[str, str, tuple[str, tuple | None]]] = []   # (which result, the model's name, identity)
     chains: list[list[tuple[str, tuple | None]]] = []
     for path, kind, data, _ in items:
         if kind in ("compare", "provenance"):
             entry = data.get("tuned") or {}
             t = entry.get("path") if isinstance(entry, dict) else None
             if t is not None:
-                about.append((f"{kind} {Path(path).name}", (_subject(t), _fingerprint(entry))))
+                about.append((f"{kind} {Path(path).name}", model_label(entry), (_subject(t), _fingerprint(entry))))
         elif kind == "lineage" and data.get("paths"):
             chains.append([(_subject(p), None) for p in data["paths"]])
-            about.append((f"lineage {Path(path).name} (its last model)", chains[-1][-1]))
-    subjects = [s for _, s in about]
+            about.append((f"lineage {Path(path).name} (its last model)", str(data["paths"][-1]), chains[-1][-1]))
+    subjects = [s for *_, s in about]
     one = all(_same_model(subjects[0], s) for s in subjects[1:]) if subjects else True
     if one and all(any(_same_model(s, c) for c in chain) for s in subjects for chain in chains):
         return None
-    return ("these results are not about one model: " + "; ".join(f"{w}: {s[0]}" for w, s in about)
+    return ("these results are not about one model: " + "; ".join(f"{w}: {name}" for w, name, _ in about)
             + ". Read each section for its own model.")
 
 
@@ -391,7 +389,8 @@ def _sections_document(items: list, html, markdown, memo, plots, pdf: bool, comm
             pairs, figs = [], []
             out.headline += [str(f) for f in data["findings"]]
         for fo, blobs in pairs:
-            fo.name = f"{i}-{fo.name}"
+            if len(items) > 1:              # one result alone keeps the names its own command gives its figures
+                fo.name = f"{i}-{fo.name}"
             if plots is not None:
                 for fmt, blob in blobs.items():
                     fo.files[fmt] = write_bytes(Path(plots) / f"{fo.name}.{fmt}", blob)
@@ -406,13 +405,30 @@ def _sections_document(items: list, html, markdown, memo, plots, pdf: bool, comm
     mixed = _mixed_subjects(items)
     if mixed:
         out.headline.insert(0, mixed)
-        sections[0].insert(0, Block("p", "Caution: " + mixed))
+        # under the first section's title and the lines naming its model, before its verdict: the document
+        # still opens with its title, and the caution is read before any finding
+        at = next((i for i, b in enumerate(sections[0]) if i and b.kind not in ("ident",)), len(sections[0]))
+        sections[0].insert(at, Block("p", "Caution: " + mixed))
     doc = combine(sections)
-    title = "weightdiff memo: " + ", ".join(Path(p).name for p, *_ in items)
-    date = next((str((d.get("run") or {}).get("date")) for _, _, d, *_ in items
-                 if isinstance(d, dict) and (d.get("run") or {}).get("date")), None)
+    title = section_title(items[0][1], items[0][2]) if len(items) == 1 else \
+        "weightdiff memo: " + ", ".join(Path(p).name for p, *_ in items)
+    date = next((dt for _, _, d, _ in items if (dt := result_date(d))), None)
     _write_memos(out, [t for t in (html, markdown, memo) if t is not None], doc, title, figure_dir=plots, date=date)
     return out
+
+
+def section_title(kind: str, data: dict) -> str:
+    """The document title ``provenance --report`` and ``lineage --report`` give their memo, so that ``report``
+    on the saved result writes the same document."""
+    if kind == "provenance":
+        return f"weightdiff provenance: {data['tuned']['path']}"
+    return "weightdiff lineage: " + " -> ".join(str(p) for p in data["paths"])
+
+
+def result_date(data: dict) -> str | None:
+    """``run.date`` of a saved result, the date a Word memo's properties carry; None when not recorded."""
+    date = (data.get("run") or {}).get("date") if isinstance(data.get("run"), dict) else None
+    return str(date) if date else None
 
 
 def _write_memos(out, targets, blocks, title: str, figure_dir=None, date: str | None = None) -> None:

@@ -38,7 +38,7 @@ def provenance_blocks(d: dict, figures: Sequence = (), first: int = 1) -> list[B
     """A provenance result: the question, the leading candidate with caveats, the ranking
     table, the chart, findings and limits."""
     tuned = d.get("tuned") or {}
-    label = tuned.get("label") or tuned.get("path", "?")
+    label = str(tuned.get("label") or "").strip() and tuned["label"] or tuned.get("path", "?")
     out = [Block("h1", f"Which base was {label} derived from?"),
            Block("ident", [("b", "Tuned: "), ("code", tuned.get("path", "?"))]),
            Block("ident", [("b", "Run: "), ("", run_date(d))])]

@@ -580,23 +580,18 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                 f"together {_quant_how(q)} (up to about one "
                 "quantization step), as two quantizations of the same weights can; at this precision a change "
                 "smaller than a quantization step would not show either. Every other tensor is unchanged or "
-                "within rounding"
-                + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + ".")
+                f"within rounding{_no_floor(unknown)}.")
     if v == "quantized_only" and q.get("sides") == ["base"]:
         unknown = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
-        return (f"The base given is a quantization of these weights: all {count(tbs.get('quantized', 0))} "
-                f"quantized tensors differ from them only within their own quantization noise floor {_quant_how(q)}, "
-                "and every other tensor is unchanged or within rounding"
-                + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + ".")
+        return (f"The base given is a quantization of these weights: {_quantized_within(tbs, 'them')} "
+                f"{_quant_how(q)}, and every other tensor is unchanged or within rounding{_no_floor(unknown)}.")
     if v == "quantized_only":
         unknown = (q.get("tensors") or 0) - (q.get("tensors_judged") or 0)
         # the floor is the test's resolution: at 2-4 bits a fine-tune of a few percent stays within it
         limit = (f"; a change smaller than the quantization noise would not show (the {matrices_phrase(s)} are "
                  f"{sci(rel)} of their size from the base, which is that noise)" if rel else "")
-        return (f"Quantized from this base: all {count(tbs.get('quantized', 0))} quantized tensors differ from it "
-                f"only within their own quantization noise floor {_quant_how(q)}, and every other tensor is "
-                "unchanged or within rounding"
-                + (f" ({count(unknown)} quantized tensors had no floor to test)" if unknown else "") + limit + ".")
+        return (f"Quantized from this base: {_quantized_within(tbs, 'it')} {_quant_how(q)}, and every other tensor "
+                f"is unchanged or within rounding{_no_floor(unknown)}{limit}.")
     added = int(tbs.get("added") or 0)
     # a resized tensor whose shared rows carry no change (bitwise the base's, within rounding or within the
     # quantization noise floor) changed only by its new (or dropped) rows
@@ -876,10 +871,26 @@ def plural(n: Any, word: str, many: str | None = None) -> str:
     return f"{count(n)} {word if n == 1 else many or word + 's'}"
 
 
+def _quantized_within(tbs: dict, whom: str) -> str:
+    """``all 12 quantized tensors differ from it only within their own quantization noise floor``; one tensor
+    in the singular."""
+    n = int(tbs.get("quantized", 0) or 0)
+    if n == 1:
+        return f"the 1 quantized tensor differs from {whom} only within its own quantization noise floor"
+    return f"all {count(n)} quantized tensors differ from {whom} only within their own quantization noise floor"
+
+
+def _no_floor(unknown: int) -> str:
+    """`` (3 quantized tensors had no floor to test)``, or "" when every one had."""
+    if not unknown:
+        return ""
+    return f" ({count(unknown)} quantized {'tensor' if unknown == 1 else 'tensors'} had no floor to test)"
+
+
 def model_label(entry: dict | None) -> str:
     """How a memo names a model: its label, else its Hub repo id (with revision), else its path."""
     entry = entry or {}
-    if entry.get("label"):
+    if entry.get("label") and str(entry["label"]).strip():      # a blank label (a hand-edited JSON) names nothing
         return escape_name(str(entry["label"]))
     hub = entry.get("hub") or {}
     if hub.get("repo_id"):
@@ -918,6 +929,44 @@ def _times(a: float, b: float) -> str:
     if r >= 0.67:
         return "about the same as"
     return f"about {num(b / a, 2)} times smaller than"
+
+
+def _partial_parts(components: list[dict], base: str, bf16: float | None, unrel: dict | None) -> list[str]:
+    """A partial verdict in plain words: which components the model shares with the base, set against a
+    bfloat16 cast, and which are unrelated to it, set against an unrelated model. The whole model's pooled
+    figure mixes the two and is near neither, so each group is measured against the reference it is read by.
+
+    >>> _partial_parts([{"component": "layers.0", "status": "shared", "rel_change": 0.0, "identical": True},
+    ...                 {"component": "layers.1", "status": "unrelated", "rel_change": 1.41, "cosine": 0.001}],
+    ...                "B", 1.7e-3, {"rel_change": 1.41, "one_minus_cosine": 1.0})[0]
+    'It shares block layers.0 with B, bit for bit; block layers.1 is unrelated to B.'
+    """
+    shared = [c for c in components if c.get("status") == "shared"]
+    apart = [c for c in components if c.get("status") == "unrelated"]
+    if not shared or not apart:
+        return []
+    text = f"It shares {parts_text([str(c['component']) for c in shared])} with {base}"
+    moved = [c.get("rel_change") for c in shared if c.get("rel_change") is not None]
+    if all(c.get("identical") for c in shared):
+        text += ", bit for bit"
+    elif moved:
+        top = max(moved)
+        text += (f", whose large matrices moved by at most {sci(top)} of their size"
+                 + (f", {_times(top, bf16)} the rounding a cast to bfloat16 would cause ({sci(bf16)})"
+                    if bf16 and top > 0 else ""))
+    n = len(apart)
+    text += f"; {parts_text([str(c['component']) for c in apart])} {'is' if n == 1 else 'are'} unrelated to {base}."
+    out = [text]
+    rels = [c["rel_change"] for c in apart if c.get("rel_change") is not None]
+    omcs = [max(0.0, 1.0 - c["cosine"]) for c in apart if c.get("cosine") is not None]
+    if rels and omcs and unrel:
+        span = (lambda xs: sci(xs[0]) if len(xs) == 1 or sci(min(xs)) == sci(max(xs)) else
+                f"{sci(min(xs))} to {sci(max(xs))}")
+        out.append(f"{'Its' if n == 1 else 'Their'} large matrices differ from the base's by {span(rels)} of their "
+                   f"size (1 − cosine {span(omcs)}), as an independently initialised model of the same shape would "
+                   f"({sci(unrel['rel_change'])} and {sci(unrel['one_minus_cosine'])}): those parts were not made "
+                   "from the base.")
+    return out
 
 
 def plain_language(data: dict) -> list[str]:
@@ -1012,6 +1061,8 @@ def plain_language(data: dict) -> list[str]:
             out.append(f"Measured as a turn of direction, they read 1 − cosine = "
                        f"{sci(model['one_minus_cosine'])}, where an unrelated model of the same shape reads "
                        f"{sci(unrel['one_minus_cosine'])}.")
+    elif v == "partial":
+        out += _partial_parts(s.get("components") or [], base, (points.get("BF16") or {}).get("rel_change"), unrel)
     form = s.get("form") or {}
     if v == "derived" and s.get("delta_params"):
         kind = {"low_rank": "compact (low-rank)", "sparse": "sparse", "dense": "spread over many directions",

@@ -207,7 +207,7 @@ _RESULT = obj({"schema": string, "reference": opt(_REFERENCE), "tool": opt(obj({
                "settings": opt(obj({"thresholds": opt(mapping(scalar)), "rank": opt(boolean)})),
                "base": opt(array(_CHECKPOINT)), "tuned": opt(_CHECKPOINT), "summary": _SUMMARY,
                "modules": opt(mapping(free)), "blocks": array(_BLOCK), "tensors": array(_TENSOR),
-               "run": opt(obj({"command": S, "versions": opt(mapping(scalar)), "seconds": N}))},
+               "run": opt(obj({"command": S, "date": S, "versions": opt(mapping(scalar)), "seconds": N}))},
               required=("schema", "summary", "blocks", "tensors"))
 
 
@@ -223,6 +223,7 @@ def check_result(data: Any, where: str = "result") -> dict:
                               "use the weightdiff version that wrote it")
     _RESULT(data, where, "")
     _consistent(data["summary"], where)
+    _invariants(data, where)
     th = (data.get("settings") or {}).get("thresholds") or {}
     for key in ("unrelated_cosine", "independent_cosine"):
         if key in th:
@@ -256,3 +257,100 @@ def _consistent(s: dict, where: str) -> None:
     if v in ("identical", "cast_only", "quantized_only") and moved:
         raise WeightdiffError(f"{where}: `summary.verdict` is `{v}`, but `summary.tensors_by_status` counts "
                               + ", ".join(f"{x} {k}" for k, x in sorted(moved.items())), _HINT)
+
+
+#: statuses a tensor row can have (docs/json-schema.md, ``tensors[].status``)
+STATUSES = ("unchanged", "rounding", "quantized", "changed", "resized", "added", "removed")
+_TOL = 1e-9                 # float rounding in a cosine or a share computed as a ratio
+
+
+def _rule(where: str, rule: str) -> WeightdiffError:
+    return WeightdiffError(f"{where}: {rule}", _HINT)
+
+
+def _at_least0(x: Any, where: str, path: str) -> None:
+    if x is not None and x < 0:
+        raise _rule(where, f"`{escape_name(path)}` is negative ({x}), and no measurement writes that")
+
+
+def _share(x: Any, where: str, path: str, top: float = 1.0) -> None:
+    if x is not None and not -_TOL <= x <= top + _TOL:
+        raise _rule(where, f"`{escape_name(path)}` is {x}, outside [0, {top:g}]")
+
+
+def _cos(x: Any, where: str, path: str) -> None:
+    if x is not None and not -1 - _TOL <= x <= 1 + _TOL:
+        raise _rule(where, f"`{escape_name(path)}` is {x}, outside [-1, 1]")
+
+
+def _within(part: Any, whole: Any, where: str, ppath: str, wpath: str) -> None:
+    if part is not None and whole is not None and part > whole:
+        raise _rule(where, f"`{escape_name(ppath)}` is {part}, more than `{escape_name(wpath)}` ({whole})")
+
+
+def _invariants(data: dict, where: str) -> None:
+    """What a memo states as a fact and a comparison cannot write otherwise: counts within their totals,
+    shares in [0, 1], norms and relative changes not negative, cosines in [-1, 1], and the summary's counts
+    by status equal to the tensor rows it sums. The first rule broken is named (``report`` exits 2): a
+    hand-edited "99 of 2 blocks changed" or a share of 700% is never drawn as weightdiff's finding."""
+    from .sentences import is_tied_row
+
+    s = data["summary"]
+    sc = s.get("scope") or {}
+    _within(s.get("blocks_changed"), s.get("blocks_total"), where, "summary.blocks_changed", "summary.blocks_total")
+    for part, whole in (("blocks_changed", "blocks_total"), ("tensors_changed", "tensors_total"),
+                        ("base_blocks_paired", "base_blocks_total")):
+        _within(sc.get(part), sc.get(whole), where, f"summary.scope.{part}", f"summary.scope.{whole}")
+    for k in sc:
+        if isinstance(sc[k], int) and not isinstance(sc[k], bool):
+            _at_least0(sc[k], where, f"summary.scope.{k}")
+    _within(s.get("delta_params_lower"), s.get("delta_params"), where, "summary.delta_params_lower",
+            "summary.delta_params")
+    for k in ("relative_change", "relatedness_rel_change"):
+        _at_least0(s.get(k), where, f"summary.{k}")
+    _cos(s.get("relatedness_cosine"), where, "summary.relatedness_cosine")
+    for side, cov in (s.get("coverage") or {}).items():
+        for k, x in (cov or {}).items():
+            (_share if k.endswith("share") else _at_least0)(x, where, f"summary.coverage.{side}.{k}")
+    for k, x in ((s.get("form") or {}).get("shares") or {}).items():
+        _share(x, where, f"summary.form.shares.{k}")
+    for i, c in enumerate(s.get("components") or []):
+        _cos(c.get("cosine"), where, f"summary.components[{i}].cosine")
+        _at_least0(c.get("rel_change"), where, f"summary.components[{i}].rel_change")
+    by_status = s.get("params_by_status") or {}
+    total = s.get("params_total")
+    if by_status and total is not None and sum(by_status.values()) != total:
+        raise _rule(where, f"`summary.params_by_status` sums to {sum(by_status.values())}, not "
+                           f"`summary.params_total` ({total})")
+    rows: dict[str, int] = {}
+    for i, t in enumerate(data["tensors"]):
+        p = f"tensors[{i}]"
+        if t["status"] not in STATUSES:
+            raise _rule(where, f"`{p}.status` is `{escape_name(str(t['status']))[:40]}`, not one of "
+                               + ", ".join(STATUSES))
+        if not is_tied_row(t):
+            rows[t["status"]] = rows.get(t["status"], 0) + 1
+        for k in ("numel", "numel_compared", "norm_base", "norm_tuned", "norm_delta", "rel_change", "max_abs_delta",
+                  "nonfinite", "sign_flips"):
+            _at_least0(t.get(k), where, f"{p}.{k}")
+        for k in ("frac_changed", "frac_beyond_rounding"):
+            _share(t.get(k), where, f"{p}.{k}")
+        _cos(t.get("cosine"), where, f"{p}.cosine")
+        _within(t.get("numel_compared"), t.get("numel"), where, f"{p}.numel_compared", f"{p}.numel")
+        _within(t.get("frac_beyond_rounding"), t.get("frac_changed"), where, f"{p}.frac_beyond_rounding",
+                f"{p}.frac_changed")
+    stated = {k: x for k, x in (s.get("tensors_by_status") or {}).items() if x}
+    if "tensors_by_status" in s and stated != rows:
+        k = next(k for k in sorted(set(stated) | set(rows)) if stated.get(k, 0) != rows.get(k, 0))
+        raise _rule(where, f"`summary.tensors_by_status.{escape_name(str(k))[:40]}` is {stated.get(k, 0)}, but "
+                           f"{rows.get(k, 0)} of the rows in `tensors` have that status")
+    for i, b in enumerate(data["blocks"]):
+        p = f"blocks[{i}]"
+        for k in ("params", "params_changed", "tensors", "tensors_changed", "rel_change", "norm_base", "norm_delta",
+                  "delta_params", "delta_params_lower"):
+            _at_least0(b.get(k), where, f"{p}.{k}")
+        _within(b.get("params_changed"), b.get("params"), where, f"{p}.params_changed", f"{p}.params")
+        _within(b.get("tensors_changed"), b.get("tensors"), where, f"{p}.tensors_changed", f"{p}.tensors")
+    for i, pt in enumerate((data.get("reference") or {}).get("points") or []):
+        _at_least0(pt["rel_change"], where, f"reference.points[{i}].rel_change")
+        _share(pt["one_minus_cosine"], where, f"reference.points[{i}].one_minus_cosine", top=2.0)
