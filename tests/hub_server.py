@@ -25,7 +25,8 @@ makes the API accept connections and answer nothing for that many seconds, ``api
 answer a byte at a time (seconds per byte). Faults of a mirror or CDN: a resolve answer whose ``X-Linked-Etag``
 is not the file's sha256 (``linked_etag``), a resolve that redirects to another blob of the repo
 (``cdn_serves``: (repo, path) of that blob; its answers carry that blob's ETag), a file served as Xet-backed
-(``xet_hash``: the resolve answer carries ``X-Xet-Hash`` and the CDN's ETag is that hash, not the sha256), a
+(``xet_hash``: the resolve answer carries ``X-Xet-Hash`` and the CDN's ETag is that hash, not the sha256, and
+the tree lists it as ``xetHash`` unless ``listed_xet`` says otherwise: None for none, another hash for a mirror), a
 status from the CDN only (``cdn_status``: the API's answers stay 2xx/3xx).
 """
 
@@ -411,7 +412,11 @@ class _ApiHandler(_Handler):
                     dirs.add(pre + "/".join(parts[:k]))
                 if not recursive:
                     continue
-            out.append(self.hub.entry(repo_id, p, files[p]))
+            e = self.hub.entry(repo_id, p, files[p])
+            fault = self.hub.faults.get((repo_id, p)) or {}
+            if fault.get("listed_xet", fault.get("xet_hash")):   # the tree lists a Xet-backed file's hash
+                e["xetHash"] = fault.get("listed_xet", fault.get("xet_hash"))
+            out.append(e)
         out += [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
                 for d in sorted(dirs)]
         return out

@@ -187,3 +187,16 @@ def test_a_malformed_downloaded_file_is_named_as_the_repos_and_not_called_trunca
     assert "truncated download?" not in line and "byte for byte the one the Hub lists" in line
     line = one_error(*run("compare", "org/base", "org/bad", "--offline", "-q")[::2])    # named so offline too
     assert line.startswith("error: hf://org/bad/model.safetensors: header declares "), line
+
+
+@pytest.mark.parametrize("listed", [None, "f" * 64])
+def test_a_xet_hash_the_listing_does_not_give_vouches_for_nothing(server, hf, tmp_path, listed):
+    """A redirect that serves the base's blob announces that blob's Xet hash: the ETag check took the
+    redirect's word and an unrelated model read IDENTICAL (found by a tester verifying this round's fixes)."""
+    server.faults[("org/base", "model.safetensors")] = {"xet_hash": "e" * 64}          # the base is Xet-backed
+    server.faults[("org/sibling", "model.safetensors")] = {
+        "cdn_serves": ("org/base", "model.safetensors"), "xet_hash": "e" * 64, "listed_xet": listed}
+    rc, out, err = run("compare", "org/base", "org/sibling", "--stream", "-q", "--json", "o.json")
+    line = one_error(rc, err)
+    assert line.startswith("error: hf://org/sibling/model.safetensors: the server sent bytes whose ETag"), line
+    assert not (tmp_path / "o.json").exists()

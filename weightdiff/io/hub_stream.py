@@ -19,7 +19,7 @@ error naming the file, never a hang.
 
 What a stream verifies: the header by the local parser, each answer's range, and each answer's ETag where
 it is a content hash (64 hex digits: the sha256 the listing gives, or the Xet hash the resolve answer
-announced): an ETag naming other content is an error naming the file (``_check_etag``). What it does not:
+announced when the tree listing gives that hash for the file): an ETag naming other content is an error naming the file (``_check_etag``). What it does not:
 the bytes themselves are never hashed (a whole file would have to be read), so a server that sends other
 bytes under the right ETag, or no content-hash ETag at all, is not caught; ``--download`` hashes every
 file it fetches against the listing.
@@ -33,7 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -101,6 +101,7 @@ class RangeReader:
         self.bytes_read: dict[str, int] = {}
         self.requests = 0
         self._lock = threading.Lock()
+        self._xet: dict[tuple[str, str, str], str | None] = {}
         self._pool: ThreadPoolExecutor | None = None
 
     def pool(self) -> ThreadPoolExecutor:
@@ -113,6 +114,27 @@ class RangeReader:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+    def listed_xet(self, f: HubFile) -> str | None:
+        """The Xet hash the Hub's tree listing gives for ``f`` at its commit (None when it lists none), read
+        once per folder: what an ETag vouched for only by a redirect's ``X-Xet-Hash`` must match."""
+        from .hub_http import list_tree
+
+        key = (f.repo_id, f.commit, f.path)
+        with self._lock:
+            if key in self._xet:
+                return self._xet[key]
+        folder = f.path.rsplit("/", 1)[0] if "/" in f.path else None
+        try:
+            entries = list_tree(self.endpoint, f.repo_id, f.commit, folder)
+        except Exception:           # no listing to check against: nothing vouches for the hash
+            entries = []
+        found = {e["path"]: e.get("xetHash") for e in entries}
+        with self._lock:
+            for p, h in found.items():
+                self._xet[(f.repo_id, f.commit, p)] = _etag(h) if isinstance(h, str) else None
+            self._xet.setdefault(key, None)
+            return self._xet[key]
 
     def _count(self, f: HubFile, n: int) -> None:
         with self._lock:
@@ -162,7 +184,7 @@ class RangeReader:
                                                  f"{r.status_code}, Content-Range "
                                                  f"{r.headers.get('Content-Range')!r})",
                                               "use --download to fetch whole files instead")
-                    _check_etag(f, r)
+                    _check_etag(f, r, self.listed_xet)
                     before, watch = got, StallWatch()
                     try:
                         for chunk in r.iter_bytes():       # as received: the pace is checked per read
@@ -221,14 +243,16 @@ def _etag(value: str | None) -> str | None:
     return value.strip('"').lower() or None
 
 
-def _check_etag(f: HubFile, r) -> None:
+def _check_etag(f: HubFile, r, listed_xet: "Callable[[HubFile], str | None] | None" = None) -> None:
     """A range answer whose ETag names other content than the file the Hub lists: CheckpointError.
 
     The Hub's CDN names an LFS blob by a content hash: its sha256 (the LFS oid the listing gives), or for a
     file in Xet storage the Xet hash that the resolve answer announced in ``X-Xet-Hash``. A 64-hex ETag that
     is neither is another blob (a mirror or CDN serving the wrong file: the base's bytes in place of the
     tuned model's read "identical"), or the file changed between two range requests. An ETag of another
-    shape (a storage's MD5, a small file's git oid) says nothing about the content and is not checked.
+    shape (a storage's MD5, a small file's git oid) says nothing about the content and is not checked. A
+    Xet hash counts only when the Hub's tree listing gives that hash for the file (``listed_xet``): a
+    redirect that serves another blob announces that blob's Xet hash, which vouches for nothing.
 
     >>> _etag('W/"AB12"'), _etag(None)
     ('ab12', None)
@@ -237,7 +261,7 @@ def _check_etag(f: HubFile, r) -> None:
     if not f.sha256 or tag is None or not _SHA256.match(tag) or tag == f.sha256.lower():
         return
     vouched = {_etag(h.headers.get("X-Xet-Hash")) for h in getattr(r, "history", ())}
-    if tag in vouched:
+    if tag in vouched and listed_xet is not None and listed_xet(f) == tag:
         return
     raise CheckpointError(f, f"the server sent bytes whose ETag is the content hash {tag[:16]}..., not the "
                              f"sha256 {f.sha256[:16]}... the Hub lists for the file (a mirror or CDN serving "
