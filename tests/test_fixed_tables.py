@@ -138,6 +138,18 @@ def test_dbrx_attention_replaced_by_another_models_reads_partial(tmp_path, rng):
     ("transformer.blocks.0.ffn.router.layer.weight", "mlp.router"),
     ("backbone.embeddings.weight", "embed"),                                  # Mamba, RWKV
     ("model.layers.0.block_sparse_moe.experts.3.w1.weight", "mlp.gate"),
+    # TransformerEngine's fused names: a QKV matrix and the MLP's, each with its norm beside it (every one
+    # read as a norm; found by a tester verifying this round's fixes); Megatron-core's
+    ("model.layers.0.self_attention.layernorm_qkv.weight", "attn.qkv"),
+    ("model.layers.0.self_attention.layernorm_qkv.layer_norm_weight", "norm"),
+    ("model.layers.0.layernorm_mlp.fc1_weight", "mlp.up"),
+    ("model.layers.0.layernorm_mlp.fc2_weight", "mlp.down"),
+    ("model.layers.0.layernorm_mlp.layer_norm_weight", "norm"),
+    ("decoder.layers.0.self_attention.linear_qkv.weight", "attn.qkv"),
+    ("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", "norm"),
+    ("decoder.layers.0.self_attention.linear_proj.weight", "attn.o"),
+    ("decoder.layers.0.mlp.linear_fc1.weight", "mlp.up"),
+    ("decoder.layers.0.mlp.linear_fc2.weight", "mlp.down"),
 ])
 def test_expert_slices_routers_and_ssm_tables_get_their_kind(name, kind):
     assert parse_name(name)[2] == kind

@@ -37,14 +37,15 @@ _ATTN_LEAF = {
     "q": {"q_proj", "q", "query", "q_attn", "wq", "q_lin"},
     "k": {"k_proj", "k", "key", "wk", "k_lin"},
     "v": {"v_proj", "v", "value", "wv", "v_lin"},
-    "qkv": {"c_attn", "qkv_proj", "query_key_value", "wqkv", "qkv", "in_proj", "w_pack"},
-    "o": {"o_proj", "o", "out_proj", "c_proj", "dense", "wo", "proj", "out_lin", "output"},
+    "qkv": {"c_attn", "qkv_proj", "query_key_value", "wqkv", "qkv", "in_proj", "w_pack", "linear_qkv"},
+    "o": {"o_proj", "o", "out_proj", "c_proj", "dense", "wo", "proj", "out_lin", "output", "linear_proj"},
 }
 _MLP_LEAF = {
     "gate": {"gate_proj", "w1", "wi_0"},
     "up": {"up_proj", "c_fc", "fc1", "wi", "wi_1", "w3", "dense_h_to_4h", "fc_in", "lin1", "gate_up_proj",
-           "input_linear", "v1"},                          # (GraniteMoE's gate|up, DBRX's up)
-    "down": {"down_proj", "c_proj", "fc2", "wo", "w2", "dense_4h_to_h", "fc_out", "lin2", "output_linear"},
+           "input_linear", "v1", "linear_fc1"},            # (GraniteMoE's gate|up, DBRX's up, Megatron's)
+    "down": {"down_proj", "c_proj", "fc2", "wo", "w2", "dense_4h_to_h", "fc_out", "lin2", "output_linear",
+             "linear_fc2"},
     "router": {"gate", "router", "classifier"},
 }
 # leaves that name their module without a context (e.g. ``layers.0.q_proj``)
@@ -66,8 +67,28 @@ def _is_norm(part: str) -> bool:
     return "norm" in p or p == "ln" or p.startswith("ln_") or p in ("ln1", "ln2", "ln_f")
 
 
+def _te_parts(rest: list[str]) -> list[str]:
+    """TransformerEngine's fused names in the plain form: ``layernorm_qkv.weight`` is a QKV matrix,
+    ``layernorm_mlp.fc1_weight`` the MLP's first matrix (their norms are ``layer_norm_weight``); read by
+    their words, every one of them was a norm ("norm" in the name) and left out of the relatedness numbers.
+
+    >>> _te_parts(["self_attention", "layernorm_qkv", "weight"]), _te_parts(["layernorm_mlp", "fc2_weight"])
+    (['self_attention', 'qkv', 'weight'], ['mlp', 'fc2', 'weight'])
+    """
+    if not any(p.startswith("layernorm_") or p in _TE_LEAVES for p in rest):
+        return rest
+    out = [p[len("layernorm_"):] if p.startswith("layernorm_") else p for p in rest]
+    if out and out[-1] in _TE_LEAVES:
+        out[-1:] = out[-1].rsplit("_", 1)
+    return out
+
+
+_TE_LEAVES = {"fc1_weight", "fc2_weight", "fc1_bias", "fc2_bias"}
+
+
 def _module_kind(rest: list[str], in_block: bool) -> str:
     """Module kind from the name components after the block index (or of a non-block tensor)."""
+    rest = _te_parts(rest)
     last = rest[-1] if rest else ""
     body = rest[:-1] if last in ("weight", "bias") else rest
     low = [p.lower() for p in body]
