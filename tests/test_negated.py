@@ -171,3 +171,52 @@ def test_small_matrices_are_never_taken_for_negations(tmp_path):
     for seed in range(1, 6):
         s = compare(write_checkpoint(tmp_path / f"a{seed}", toy(0)), write_checkpoint(tmp_path / f"b{seed}", toy(seed))).summary
         assert "negated_matrices" not in s.flags
+
+
+def test_negated_matrices_left_as_stored_are_not_another_models(tmp_path, rng):
+    """FP8-block quantized with v/o and up/down negated, and a LoRA adapter whose delta is -2W: neither can be
+    measured against the base times -1, and both read PARTIAL "unrelated (near-orthogonal, as independent
+    initialisations)" at cosine -1 (found by a tester verifying this round's fixes)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    base = llama(rng, hidden=128, inter=256)
+    b = write_checkpoint(tmp_path / "base", base)
+    st = {}
+    for k, v in base.items():
+        x = torch.from_numpy(v).float()
+        if k.startswith("model.layers") and x.ndim == 2:
+            if any(p in k for p in PAIRED):
+                x = -x
+            o, i = x.shape
+            s = x.reshape(o // 128, 128, i // 128, 128).abs().amax((1, 3)) / 448.0
+            st[k] = (x / s.repeat_interleave(128, 0).repeat_interleave(128, 1)).to(torch.float8_e4m3fn)
+            st[k[:-len("weight")] + "weight_scale_inv"] = s
+        else:
+            st[k] = x
+    (tmp_path / "fp8").mkdir()
+    save_file(st, str(tmp_path / "fp8" / "model.safetensors"))
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                                       "fmt": "e4m3"}}))
+    (tmp_path / "ad").mkdir()
+    t = {}
+    for i in range(4):
+        for m in ("v_proj", "o_proj"):
+            w = base[f"model.layers.{i}.self_attn.{m}.weight"]
+            t[f"base_model.model.model.layers.{i}.self_attn.{m}.lora_A.weight"] = torch.eye(128)
+            t[f"base_model.model.model.layers.{i}.self_attn.{m}.lora_B.weight"] = torch.from_numpy(-2 * w).float()
+    save_file(t, str(tmp_path / "ad" / "adapter_model.safetensors"))
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 128, "lora_alpha": 128, "target_modules": ["v_proj", "o_proj"],
+        "bias": "none", "fan_in_fan_out": False}))
+    for tuned, n in ((tmp_path / "fp8", 16), (tmp_path / "ad", 8)):
+        s = compare(b, tuned).summary
+        assert s.verdict == "derived", (tuned, s.verdict_reason)
+        assert s.scope["negated_matrices"]["tensors_not_measured"] == n
+        assert not any(c["status"] == "unrelated" for c in s.components)
+        assert s.relatedness_cosine > 0.99
+        title = verdict_title(s.to_dict())
+        assert "sign flipped" in title and "not measured" in title and "a fine-tune" not in title, title

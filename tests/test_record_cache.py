@@ -143,14 +143,16 @@ def test_an_unusable_cache_folder_is_one_clear_error(tmp_path, rng):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def _plant(cache: Path, value: float = 123.0) -> None:
+def _plant(cache: Path, value: float = 123.0, scale: float | None = None) -> None:
     """A marker in every cached record of a changed tensor: a rerun that uses the cache reports it (an unchanged
-    record with a norm_delta would be one no measurement gives, and measured again)."""
+    record with a norm_delta would be one no measurement gives, and measured again). ``scale``: the record's own
+    norm_delta times it instead, a marker the memo's consistency checks still accept (123 is far outside the
+    triangle of the two norms: a memo from it is refused as not written by weightdiff)."""
     for p in _records(cache):
         d = json.loads(p.read_text())
         if d["record"]["status"] == "unchanged":
             continue
-        d["record"]["norm_delta"] = value
+        d["record"]["norm_delta"] = value if scale is None else d["record"]["norm_delta"] * scale
         p.write_text(json.dumps(d))
 
 
@@ -318,13 +320,14 @@ def test_adding_hash_or_a_memo_reads_the_records_of_a_run_without_it(tmp_path, r
     r = CliRunner().invoke(main, ["compare", str(b), str(t), "--cache", str(cache3), "--json", str(tmp_path / "a.json"),
                                   "-q"])
     assert r.exit_code == 0, r.output
-    _plant(cache3)
+    _plant(cache3, scale=1.25)
     count = len(_records(cache3))
     r = CliRunner().invoke(main, ["compare", str(b), str(t), "--cache", str(cache3), "--json", str(tmp_path / "b.json"),
                                   "--memo", str(tmp_path / "m.md"), "-q"])
     assert r.exit_code == 0, r.output
     assert len(_records(cache3)) == count
-    assert json.loads((tmp_path / "b.json").read_text())["tensors"][1]["norm_delta"] == 123.0
+    before = json.loads((tmp_path / "a.json").read_text())["tensors"][1]["norm_delta"]
+    assert json.loads((tmp_path / "b.json").read_text())["tensors"][1]["norm_delta"] == before * 1.25
     assert json.loads((tmp_path / "b.json").read_text())["tuned"]["files"][0]["sha256"]     # hashed all the same
 
 

@@ -480,6 +480,7 @@ def negated_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     matrix reads as far from the base as another model's (relative change 2, cosine -1), a verdict of
     unrelated for a model that computes exactly what its base computes. Read nothing: the cosine is the
     record's. ``skip``: records another undo already measures (a reordering)."""
+    from .judge.relatedness import negation_cut
     from .measure.compute import NEGATABLE
 
     by_name = {r.name: r for r in records}
@@ -502,18 +503,6 @@ def negated_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
             if b is not None and len(b.shape or ()) == 1 and fits(b):
                 out.append(Undo(b, b.base_name, None, None, label, kind, NEGATED_NOTE, negate=True))
     return out
-
-
-def negation_cut(thresholds, elements: int | None) -> float:
-    """How negative a matrix's cosine with the base must be to read as the base negated: below
-    -``unrelated_cosine``, and below what two independent matrices of that size reach by chance (their
-    cosine spreads as 1/sqrt(elements): six of those; a 4 x 4 toy matrix is never taken for a negation).
-
-    >>> from weightdiff.options import Thresholds
-    >>> negation_cut(Thresholds(), 4096), round(negation_cut(Thresholds(), 256), 3), negation_cut(Thresholds(), 16)
-    (0.2, 0.375, 1.5)
-    """
-    return max(thresholds.unrelated_cosine, 6.0 / math.sqrt(max(int(elements or 0), 1)))
 
 
 def _same_dense(r: TensorRecord, bases: Sequence[Checkpoint], tuned: Checkpoint, dtypes: Sequence[str]) -> bool:

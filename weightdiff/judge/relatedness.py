@@ -220,13 +220,36 @@ def large_matrix_relatedness(rows, thresholds: Thresholds) -> tuple[float | None
     if not chosen:
         return None, None, 0
     w = [float(n) for _, n in chosen]
-    cos = sum(wi * _field(r, "cosine") for wi, (r, _) in zip(w, chosen)) / sum(w)
-    nb2 = nd2 = 0.0
-    for r, _ in chosen:
-        nb, nd = _field(r, "norm_base"), _field(r, "norm_delta")
+    cos = nb2 = nd2 = 0.0
+    for wi, (r, n) in zip(w, chosen):
+        c, nb, nd = _field(r, "cosine"), _field(r, "norm_base"), _field(r, "norm_delta")
+        if c < -negation_cut(thresholds, n):
+            # the base's matrix with its sign flipped, left as stored (quantized, adapter factors, reordered
+            # too): a sign is no evidence of another model, so it counts by its distance from the base negated
+            c, nt = -c, _field(r, "norm_tuned")
+            if nb is not None and nt is not None and math.isfinite(nb) and math.isfinite(nt):
+                nd = math.sqrt(max(0.0, nt * nt + nb * nb - 2.0 * nt * nb * c))
+        cos += wi * c
         if nb is not None and nd is not None and math.isfinite(nb) and math.isfinite(nd):
             nb2, nd2 = nb2 + nb * nb, nd2 + nd * nd
-    return cos, _ratio(nd2, nb2), len(chosen)
+    return cos / sum(w), _ratio(nd2, nb2), len(chosen)
+
+
+def negation_cut(thresholds: Thresholds, elements: int | None) -> float:
+    """How negative a matrix's cosine with the base must be to read as the base negated: below
+    -``unrelated_cosine``, and below what two independent matrices of that size reach by chance (their
+    cosine spreads as 1/sqrt(elements): six of those; a 4 x 4 toy matrix is never taken for a negation).
+
+    >>> negation_cut(Thresholds(), 4096), round(negation_cut(Thresholds(), 256), 3), negation_cut(Thresholds(), 16)
+    (0.2, 0.375, 1.5)
+    """
+    return max(thresholds.unrelated_cosine, 6.0 / math.sqrt(max(int(elements or 0), 1)))
+
+
+def negated_rows(rows, thresholds: Thresholds) -> list:
+    """The evidence rows still stored with the sign flipped (cosine below -``negation_cut``): those
+    ``comparison.negated_matrices`` could not measure against the base times -1."""
+    return [r for r, n in evidence_sizes(rows) if _field(r, "cosine") < -negation_cut(thresholds, n)]
 
 
 def net_of_quantization(rows, thresholds: Thresholds) -> float | None:
@@ -464,7 +487,11 @@ def _some_far(rows, thresholds: Thresholds) -> bool:
     """Whether some row's cosine is below the unrelated rule's: a pooled cosine is a weighted mean of its
     rows', so without one no module kind can look unrelated (a cheap test before ``_families``)."""
     cut = thresholds.unrelated_cosine
-    return any(c is not None and c < cut for c in (getattr(r, "cosine", None) for r in rows))
+    for r in rows:
+        c = getattr(r, "cosine", None)
+        if c is not None and -negation_cut(thresholds, getattr(r, "numel_compared", None)) <= c < cut:
+            return True
+    return False
 
 
 def _families(label: str, rows: list, thresholds: Thresholds, reordered: Sequence[str] = ()) -> list[dict] | None:

@@ -30,7 +30,7 @@ from ..io.declared import same_model
 from ..io.meta_layout import is_meta_qk
 from ..pairing.names import component_of, is_router, parse_name
 from .coverage import compared_elements, coverage, too_little
-from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, weak_evidence,
+from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, negated_rows, weak_evidence,
                           net_of_quantization, low_rank_change, reordered_kinds)
 from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, only_resized, is_tied,
                      max_rank_fields, moved_blocks, norms_sq, placements, rank_upper, ratio, unresolved_quant_noise,
@@ -382,13 +382,21 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                 scope["permuted_units"]["routers_changed"] = sum(
                     1 for r in counted if r.name in stray and r.status == "changed")
     negated = undone.get("negated") or {}
-    if negated:                               # matrices stored times -1, measured against the base times -1
+    left = negated_rows(counted, thresholds)  # still stored negated: quantized, adapter factors, reordered too
+    if negated or left:                       # matrices stored times -1, measured against the base times -1
         flags.append("negated_matrices")
         names = set(negated.get("names") or ())
         beneath = [r.status for r in counted if r.name in names]
-        scope["negated_matrices"] = {"blocks": {k: list(v) for k, v in sorted((negated.get("blocks") or {}).items())},
-                                     "tensors": int(negated.get("tensors") or 0),
+        blocks = {k: list(v) for k, v in (negated.get("blocks") or {}).items()}
+        for r in left:
+            kinds = blocks.setdefault(r.block or component_of(r.name), [])
+            if str(r.module or "") not in kinds:
+                kinds.append(str(r.module or ""))
+        scope["negated_matrices"] = {"blocks": {k: sorted(v) for k, v in sorted(blocks.items())},
+                                     "tensors": int(negated.get("tensors") or 0) + len(left),
                                      "tensors_changed": beneath.count("changed")}
+        if left:                              # their numbers are of the flipped weights
+            scope["negated_matrices"]["tensors_not_measured"] = len(left)
     # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
     changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
     verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps,

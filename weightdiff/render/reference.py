@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 
-from ..judge.relatedness import chosen_evidence, evidence_sizes
+from ..judge.relatedness import chosen_evidence, evidence_sizes, negation_cut
 
 __all__ = ["reference_scale", "reference_of", "quantization_noise", "LABELS", "one_minus_cosine_of", "nonfinite_only", "only_nonfinite",
            "unmeasured_blocks"]
@@ -66,6 +66,19 @@ def quantization_noise(data: dict) -> tuple[bool, float | None]:
     return True, math.sqrt(sum(t["norm_delta"] ** 2 for t in within) / nb2)
 
 
+def _net_of_sign(t: dict, unrelated_cosine: float) -> dict:
+    """A row stored with the sign flipped and left so (``judge.relatedness.negated_rows``: quantized, adapter
+    factors) as its distance from the base negated, as the summary's relatedness counts it; others as they are."""
+    from types import SimpleNamespace
+
+    n = t.get("numel_compared") or t.get("numel") or 0
+    c = t.get("cosine")
+    if c is None or c >= -negation_cut(SimpleNamespace(unrelated_cosine=unrelated_cosine), n):
+        return t
+    nb, nt = t["norm_base"], t["norm_tuned"]
+    return {**t, "cosine": -c, "norm_delta": math.sqrt(max(0.0, nt * nt + nb * nb + 2.0 * nt * nb * c))}
+
+
 def _omc(t: dict) -> float:
     nb, nt, nd = t["norm_base"], t["norm_tuned"], t["norm_delta"]
     if nd == 0:
@@ -84,6 +97,8 @@ def reference_scale(data: dict) -> dict:
         return {"matrices": 0, "params": 0, "points": []}
     w = [float(t.get("numel_compared") or t.get("numel") or 0) for t in rows]
     wsum = sum(w) or 1.0
+    unrel = ((data.get("settings") or {}).get("thresholds") or {}).get("unrelated_cosine", 0.2)
+    rows = [_net_of_sign(t, unrel) for t in rows]
     nb2 = sum(t["norm_base"] ** 2 for t in rows)
     nt2 = sum(t["norm_tuned"] ** 2 for t in rows)
     nd2 = sum(t["norm_delta"] ** 2 for t in rows)

@@ -210,8 +210,10 @@ def _derived_special(summary: dict) -> str | None:
         what.append("the token rows of its " + _and([b for b, v in (perm.get("blocks") or {}).items() if "rows" in v])
                     + (" reordered" + (" or trimmed" if perm.get("tensors_resized") or perm.get("tensors_trimmed")
                                        else "")))
-    if (scope.get("negated_matrices") or {}).get("tensors"):
-        what.append("some of its matrices stored with the sign flipped (times -1)")
+    neg = scope.get("negated_matrices") or {}
+    if neg.get("tensors"):
+        what.append("some of its matrices stored with the sign flipped (times -1"
+                    + ("; not all measured beneath the sign)" if neg.get("tensors_not_measured") else ")"))
     if not what:
         return None
     # rows added or removed, the shared rows unchanged, beside tensors of another shape (a vocabulary grown
@@ -221,7 +223,7 @@ def _derived_special(summary: dict) -> str | None:
         what.insert(0, "rows added to or removed from some of its tensors (their shared rows unchanged)")
     routed = int(perm.get("routers_changed") or 0)              # routers left in place: counted as changed
     reordered = int(perm.get("tensors_changed") or 0) - routed
-    changed -= routed
+    changed -= routed + int(neg.get("tensors_not_measured") or 0)   # flipped, not measured beneath: said apart
     mism += int(perm.get("tensors_resized") or 0)               # trimmed tables: rows kept, not trained
     undone = perm.get("undone") or {}
     measured = all(set(v) - {"router"} <= set(undone.get(b, ())) for b, v in (perm.get("blocks") or {}).items())
@@ -230,6 +232,9 @@ def _derived_special(summary: dict) -> str | None:
         within = " beyond rounding or quantization" if tbs.get("rounding") or tbs.get("quantized") else ""
         tail = f"none of its other weights changed{within}" if not reordered else \
             f"no other weight changed{within}, and what changed beneath the reordering is not measured here"
+        if neg.get("tensors_not_measured"):
+            tail += ("; what changed beneath the sign of the flipped matrices that are quantized or adapter factors "
+                     "is not measured here")
         return f"DERIVED: this base with {_and(what)}; {tail}."
     return f"DERIVED: a fine-tune of this base, with {_and(what)}."
 
@@ -724,6 +729,11 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                  "of what changed beneath "
                  "the sign; a sign flip changes nothing the model computes only when the matrix that reads its "
                  "output is flipped too (v and o, up and down of a gated MLP), which is not checked here")
+        n_left = int(neg.get("tensors_not_measured") or 0)
+        if n_left:
+            text += (f"; {count(n_left)} of them could not be measured so (quantized codes, adapter factors, or "
+                     f"units also reordered): {'its' if n_left == 1 else 'their'} numbers here are of the flipped "
+                     "weights, and relatedness counts them by their distance from the base negated")
     alike = count_lookalikes((t.get("status"), t.get("shape")) for t in counted) if "unpaired_lookalikes" in (s.get("flags") or []) else 0
     if alike:
         text += (f"; {count(alike)} removed base {'matrix has' if alike == 1 else 'matrices have'} an added tuned "
@@ -747,6 +757,9 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                             "them, or the weights they were tuned from)",
                  ("tuned",): ", so this is a fine-tune that was then quantized"}.get(tuple(q.get("sides") or ()),
                                                                                  ", so the weights quantized differ")
+        if neg.get("tensors_not_measured"):        # the sign flip alone puts them beyond the floor
+            after = (", some of them only by the sign flip said above (a flipped matrix is as far as it can be from "
+                     "the base it copies)")
         far = q["tensors_beyond"] - near
         judged = q.get("tensors_judged")
         text += (f"; {count(far)} of {count(judged)} quantized tensors ({share(far / judged if judged else None)}) "
