@@ -220,3 +220,17 @@ def test_negated_matrices_left_as_stored_are_not_another_models(tmp_path, rng):
         assert s.relatedness_cosine > 0.99
         title = verdict_title(s.to_dict())
         assert "sign flipped" in title and "not measured" in title and "a fine-tune" not in title, title
+
+
+def test_zeros_of_the_other_sign_are_nothing_beneath_the_flip(tmp_path, rng):
+    """A quantizer negates codes, not bits: code 0 times its scale is +0 where the base's zero negated is -0.
+    A Q8_0 GGUF of a negated base read INCONCLUSIVE, "quantized tensors differ" with relative change 0
+    (found by a tester verifying this round's fixes)."""
+    base = llama(rng, layers=2)
+    w = base["model.layers.0.mlp.up_proj.weight"]
+    w[rng.random(w.shape) < 0.05] = 0.0
+    tuned = dict(base)
+    tuned["model.layers.0.mlp.up_proj.weight"] = np.where(w == 0, np.float32(0.0), -w).astype(np.float32)
+    s = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)).summary
+    assert s.verdict == "derived" and s.scope["negated_matrices"]["tensors_changed"] == 0
+    assert s.tensors_by_status.get("changed", 0) == 0

@@ -737,6 +737,11 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
         new.note = u.note + (f"; {new.note}" if new.note else "")
         if u.source != pair.base_name:      # another expert's tensor: the one this expert is compared with
             new.base_name = u.source
+        if u.negate and new.norm_delta == 0 and not new.max_abs_delta and not new.nonfinite and new.status != "unchanged":
+            # equal values, differing bits: only zeros of the other sign (a quantizer's code 0 times its scale is
+            # +0, the base's zero negated -0), which the sign flip leaves undecided: nothing changed beneath it
+            new.status, new.frac_changed, new.frac_beyond_rounding, new.quant, new.rank = "unchanged", 0.0, 0.0, None, None
+            new.note += "; its zeros differ from the base's negated only in their sign"
         out.append(new)
         if u.negate:
             n_negated += 1
