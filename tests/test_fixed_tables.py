@@ -196,3 +196,22 @@ def test_rows_added_beside_a_tensor_of_another_shape_is_not_called_a_fine_tune(t
     title = verdict_title(s.to_dict())
     assert "fine-tune" not in title and "none of its other weights changed" in title, title
     assert ") (" not in s.verdict_reason and "only resized" in s.verdict_reason and "another shape" in s.verdict_reason
+
+
+def test_depth_caption_does_not_count_a_reshaped_block_as_unchanged(tmp_path, rng):
+    """Layer 0's MLP replaced by a wider one, layer 2 fine-tuned: the scope line says 1 of 4 blocks changed and
+    1 holds tensors of another shape; Figure 1's caption said 3 blocks had no change at all (found by a tester
+    verifying this round's fixes)."""
+    from weightdiff.render.captions import caption_depth
+
+    base = llama(rng)
+    tuned = dict(base)
+    for k, shape in (("gate_proj", (384, 128)), ("up_proj", (384, 128)), ("down_proj", (128, 384))):
+        tuned[f"model.layers.0.mlp.{k}.weight"] = rng.normal(0, 0.02, shape).astype(np.float32)
+    for k, v in base.items():
+        if k.startswith("model.layers.2."):
+            tuned[k] = (v + 1e-2 * float(v.std()) * rng.standard_normal(v.shape)).astype(np.float32)
+    r = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    text = caption_depth(r.to_dict())
+    assert "block 0 holds tensors of another shape" in text, text
+    assert "2 blocks with no change at all" in text, text

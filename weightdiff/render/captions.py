@@ -186,8 +186,16 @@ def caption_depth(data: dict) -> str:
     if new:
         text += (f"; {_blocks_named(new)} "
                  f"{'is' if len(new) == 1 else 'are'} not in the base, with no change to measure")
+    # a block whose only difference is tensors of another shape (never compared) is not "no change at all"
+    reshaped_in = {t.get("block") for t in data.get("tensors") or []
+                   if t.get("status") == "resized" and t.get("compared") == "none"}
+    counted = {b.get("block") for b in changed + new + rounding + nonfinite}
+    reshaped = [b for b in blocks if b.get("block") in reshaped_in and b.get("block") not in counted]
+    if reshaped:
+        text += (f"; {_blocks_named(reshaped)} {'holds' if len(reshaped) == 1 else 'hold'} tensors of another shape "
+                 "than in the base, not compared (on the 0 line, not measured)")
     text += "."
-    unchanged = len(blocks) - len(changed) - len(new) - len(rounding) - len(nonfinite)
+    unchanged = len(blocks) - len(changed) - len(new) - len(rounding) - len(nonfinite) - len(reshaped)
     if unchanged:
         text += (f" {_plural(unchanged, 'block')} with no change at all {'sits as a hollow circle' if unchanged == 1 else 'sit as hollow circles'} "
                  "on the line marked 0.")
