@@ -239,3 +239,18 @@ def test_zeros_of_the_other_sign_are_nothing_beneath_the_flip(tmp_path, rng):
     assert s.scope["negated_matrices"] == {"blocks": {f"layers.{i}": ["attn.o", "attn.v", "mlp.down", "mlp.up"]
                                                       for i in range(2)}, "tensors": 8, "tensors_changed": 0}
     assert s.tensors_by_status.get("changed", 0) == 0 and s.tensors_by_status.get("quantized", 0) == 0
+
+
+def test_lineage_step_says_what_its_numbers_are_net_of(tmp_path, rng):
+    """A chain step whose model is its predecessor with 16 matrices negated read "derived, relative change 0,
+    0 of 4 blocks changed" with the sign flips only in the raw flags (found by a tester verifying this
+    round's fixes)."""
+    from weightdiff.lineage import lineage
+
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "base", base)
+    t = write_checkpoint(tmp_path / "signed", _negate(base))
+    r = lineage([b, t])
+    step = r.to_dict()["steps"][0]
+    assert step["negated_tensors"] == 16 and step["reordered_blocks"] == []
+    assert any("16 tensors stored with the sign flipped" in f for f in r.findings)

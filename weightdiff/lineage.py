@@ -76,6 +76,9 @@ def step_summary(cmp: Comparison, src: str, dst: str) -> dict:
             # (an upper bound when some energy rank is a bracket: the least it could be, else null)
             "delta_params_lower": s.delta_params_lower,
             "form": s.form.get("kind"), "flags": list(s.flags),
+            # what the step's numbers are net of: matrices stored times -1, units in another order
+            "negated_tensors": int((s.scope.get("negated_matrices") or {}).get("tensors") or 0),
+            "reordered_blocks": sorted((s.scope.get("permuted_units") or {}).get("blocks") or {}),
             "blocks": {b.block: b.rel_change for b in cmp.blocks}}
 
 
@@ -171,8 +174,13 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
     out = []
     for i, s in enumerate(steps, 1):
         rc = s["relative_change"]
+        net = [w for w, on in ((f"{s.get('negated_tensors')} tensors stored with the sign flipped, measured "
+                                "against the previous model's times -1", s.get("negated_tensors")),
+                               (f"units in another order in {len(s.get('reordered_blocks') or [])} blocks, "
+                                "measured in the previous model's order", s.get("reordered_blocks"))) if on]
         out.append(f"step {i} (`{s['from']}` -> `{s['to']}`): {s['verdict']}, relative change "
-                   f"{sci(rc) if rc is not None else 'n/a'}, {step_blocks_text(s)}")
+                   f"{sci(rc) if rc is not None else 'n/a'}, {step_blocks_text(s)}"
+                   + (f" ({'; '.join(net)})" if net else ""))
     if len(steps) > 1:
         big = max(range(len(steps)), key=lambda i: steps[i]["norm_delta"])
         rc = end["relative_change"]
