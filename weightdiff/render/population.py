@@ -150,8 +150,12 @@ def _draw(rows: Sequence[dict]) -> Figure:
     title = f"Population: {len(good)} surveyed fine-tune{'' if len(good) == 1 else 's'} of one base"
     if left:
         n = sum(left.values())
-        title += (f"\n({n} other surveyed {'model' if n == 1 else 'models'} left out, by their verdicts not "
-                  f"fine-tunes of the base: {left_out(left)})")
+        # wrapped to the figure's width (one line ran past both edges), the verdicts in words
+        import textwrap
+
+        words = left_out(left).replace("cast_only", "cast only").replace("quantized_only", "quantized only")
+        title += "\n" + textwrap.fill(f"({n} other surveyed {'model' if n == 1 else 'models'} left out, by their "
+                                      f"verdicts not fine-tunes of the base: {words})", width=80)
     fig.suptitle(title, fontsize=10, fontweight="bold")
     for ax, (col, label, _, _) in zip(axes, METRICS):
         vals = [r.get(col) for r in good]
@@ -168,6 +172,8 @@ def _draw(rows: Sequence[dict]) -> Figure:
         hi = max(pos) if pos else 1.0
         zeros = len(pos) < len(have)      # the zero line only when some model changed nothing
         floor = 10.0 ** (math.floor(math.log10(lo)) - (1 if zeros else 0))
+        if lo < floor * 1.2:              # on a decade (every model's delta share 1.0): not on the axis's edge
+            floor /= 10.0
         top = 10.0 ** math.ceil(math.log10(hi * 2.0))
         ax.set_xscale("log")
         ax.set_xlim(floor / 2.5 if zeros else floor, max(top, floor * 100))
