@@ -150,6 +150,8 @@ def test_dbrx_attention_replaced_by_another_models_reads_partial(tmp_path, rng):
     ("decoder.layers.0.self_attention.linear_proj.weight", "attn.o"),
     ("decoder.layers.0.mlp.linear_fc1.weight", "mlp.up"),
     ("decoder.layers.0.mlp.linear_fc2.weight", "mlp.down"),
+    ("vit.encoder.layer.0.layernorm_before.weight", "norm"),       # not TransformerEngine's: ViT's norms
+    ("vit.encoder.layer.0.layernorm_after.weight", "norm"),
 ])
 def test_expert_slices_routers_and_ssm_tables_get_their_kind(name, kind):
     assert parse_name(name)[2] == kind

@@ -75,15 +75,17 @@ def _te_parts(rest: list[str]) -> list[str]:
     >>> _te_parts(["self_attention", "layernorm_qkv", "weight"]), _te_parts(["layernorm_mlp", "fc2_weight"])
     (['self_attention', 'qkv', 'weight'], ['mlp', 'fc2', 'weight'])
     """
-    if not any(p.startswith("layernorm_") or p in _TE_LEAVES for p in rest):
+    if not any(p in _TE_MODULES or p in _TE_LEAVES for p in rest):
         return rest
-    out = [p[len("layernorm_"):] if p.startswith("layernorm_") else p for p in rest]
+    out = [_TE_MODULES.get(p, p) for p in rest]
     if out and out[-1] in _TE_LEAVES:
         out[-1:] = out[-1].rsplit("_", 1)
     return out
 
 
 _TE_LEAVES = {"fc1_weight", "fc2_weight", "fc1_bias", "fc2_bias"}
+#: TransformerEngine's fused modules (ViT's `layernorm_before` / `layernorm_after` are norms)
+_TE_MODULES = {"layernorm_qkv": "qkv", "layernorm_mlp": "mlp", "layernorm_linear": "linear"}
 
 
 def _module_kind(rest: list[str], in_block: bool) -> str:
