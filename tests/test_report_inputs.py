@@ -204,3 +204,25 @@ def test_one_provenance_result_is_redrawn_with_its_commands_names(tmp_path):
     (tmp_path / "l.json").write_text(json.dumps(lineage_result()))
     r = _report(tmp_path / "l.json", "--html", tmp_path / "l.html", "-q")
     assert "<title>weightdiff lineage: base -&gt; sft -&gt; dpo</title>" in (tmp_path / "l.html").read_text()
+
+
+def test_compares_own_result_breaking_a_rule_is_an_internal_error_not_bad_input(tmp_path, rng):
+    """compare --report validates the result it just computed: a rule it breaks is weightdiff's bug, so the
+    CLI says "internal error" (exit 1), not "was it written by weightdiff?" (exit 2); a saved file breaking
+    the same rule stays bad input."""
+    from conftest import write_checkpoint
+    from models import llama
+    from weightdiff import compare
+    from weightdiff.errors import WeightdiffError
+    from weightdiff.records import plain_rows
+    from weightdiff.render.report import render_outputs, write_report
+
+    base = llama(rng, layers=2)
+    tuned = {k: v * 1.01 for k, v in base.items()}
+    data = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)).to_dict()
+    plain_rows(data)
+    data["summary"]["blocks_changed"] = 99
+    with pytest.raises(RuntimeError, match="own result breaks a consistency rule"):
+        render_outputs(data, report=tmp_path / "m.md")
+    with pytest.raises(WeightdiffError):
+        write_report(data, memo=tmp_path / "m2.md")

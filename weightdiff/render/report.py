@@ -151,7 +151,7 @@ def load_population(path: str | os.PathLike) -> list[dict]:
 def write_report(data: dict, *, html: str | os.PathLike | None = None, markdown: str | os.PathLike | None = None,
                  plots: str | os.PathLike | None = None, pdf: bool = False,
                  source: dict | None = None, population: list[dict] | None = None,
-                 memo: str | os.PathLike | None = None) -> ReportOutputs:
+                 memo: str | os.PathLike | None = None, own: bool = False) -> ReportOutputs:
     """Draw the figures and write the memo(s) for a loaded compare dict.
 
     ``plots``: a folder for the figures (PNG 300 dpi and SVG, plus PDF when ``pdf``) and a
@@ -160,9 +160,17 @@ def write_report(data: dict, *, html: str | os.PathLike | None = None, markdown:
     and needs no folder. ``memo``: a memo in the format of its extension (.html, .md, .docx;
     ``render.document.memo_format``). ``source`` (path, sha256, command of the JSON) goes into
     the memo's reproducibility block. ``population``: survey rows (``load_population``) to place the
-    model among, in a sentence of the memo's summary.
+    model among, in a sentence of the memo's summary. ``own``: ``data`` is the result this process just
+    computed (compare's --report), so a rule it breaks is weightdiff's bug (an internal error, exit 1), not
+    a file to blame (exit 2, "was it written by weightdiff?").
     """
-    validate_result(data)
+    try:
+        validate_result(data)
+    except WeightdiffError as exc:
+        if not own:
+            raise
+        raise RuntimeError(f"the comparison's own result breaks a consistency rule before its memo is drawn "
+                           f"({exc})") from None
     targets = [Path(t) for t in (html, markdown, memo) if t is not None]
     for t in targets:
         memo_format(t)                       # bad input before any drawing
@@ -230,7 +238,7 @@ def render_outputs(data: dict, *, report: str | os.PathLike | None = None,
                    source: dict | None = None) -> list[Path]:
     """For ``weightdiff compare --report FILE --plots DIR``: the memo in the format of FILE's
     extension (its Markdown figures in DIR, or beside it) and the figures. Returns the paths written."""
-    out = write_report(data, memo=report, plots=plots_dir, pdf=pdf, source=source)
+    out = write_report(data, memo=report, plots=plots_dir, pdf=pdf, source=source, own=True)
     return out.files
 
 
