@@ -167,3 +167,23 @@ def test_every_caption_number_appears_in_its_figure_data_or_the_json():
         for number in re.findall(r"\((\d\.\de-?\d+)\)", fn(data)):
             assert number in known, (fn.__name__, number)
     assert not math.isnan(len(known))
+
+
+def test_cast_floor_points_cover_the_elements_the_norms_cover(tmp_path, rng):
+    """An f32 base with ten values of 1e6 cast to float16 (infinite there): the norms leave those pairs out,
+    the base's bfloat16 floor counted them, and the bfloat16 point read a relative change of 1,190 (1 - cosine
+    709,339): compare --report was refused by the memo's own checks and `report` refused the JSON (found by
+    the tester of the memo's consistency checks)."""
+    from conftest import write_checkpoint
+    from weightdiff import compare
+    from weightdiff.render.reference import reference_scale
+
+    t = {f"model.layers.{i}.mlp.down_proj.weight": rng.normal(0, 0.02, (64, 128)).astype(np.float32) for i in range(2)}
+    t["model.layers.0.mlp.down_proj.weight"][0, :10] = 1e6
+    r = compare(write_checkpoint(tmp_path / "b", t), write_checkpoint(tmp_path / "t", t, dtype="F16"))
+    data = r.to_dict()
+    points = {p["key"]: p for p in reference_scale(data)["points"]}
+    assert points["BF16"]["rel_change"] < 2.0 ** -8 and points["BF16"]["one_minus_cosine"] < 1e-4
+    assert points["F16"]["rel_change"] < points["BF16"]["rel_change"]
+    from weightdiff.render.validate import check_result
+    check_result(data, "result")            # the memo's consistency checks accept compare's own result
