@@ -168,3 +168,28 @@ def test_a_step_where_nothing_was_compared_claims_no_changed_block(chain, tmp_pa
     assert rows["step2"].split()[-2:] == ["n/a", "n/a"] and "1/3" in rows["step1"]
     md = to_markdown(lineage_blocks(d), {})
     assert "| n/a (none could be compared) |" in md
+
+
+def test_straightness_is_not_stated_when_the_ends_compare_more_than_a_step(tmp_path, rng):
+    """A -> B trims the vocabulary from 256 to 240 rows (and tunes q a little), B -> C grows it back: the ends
+    compare the 16 new rows against A's, which no step could, and straightness read 71.6 ("7160.6%" of the
+    path); `report` then refused the JSON lineage wrote (found by the tester of the memo's consistency checks)."""
+    from conftest import write_checkpoint
+    from models import llama
+
+    a = llama(rng, layers=2, vocab=256)
+    b = {k: v[:240] if k in ("model.embed_tokens.weight", "lm_head.weight") else v for k, v in a.items()}
+    b["model.layers.0.self_attn.q_proj.weight"] = a["model.layers.0.self_attn.q_proj.weight"] * 1.01
+    c = dict(b)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        c[k] = np.concatenate([b[k], rng.normal(0, 0.02, (16, 128)).astype(np.float32)])
+    paths = [write_checkpoint(tmp_path / n, m) for n, m in (("a", a), ("b", b), ("c", c))]
+    r = lineage(paths)
+    assert r.end_to_end["straightness"] is None
+    assert any(f.startswith("straightness not measured") for f in r.findings)
+    out = tmp_path / "l.json"
+    res = CliRunner().invoke(main, ["lineage", *map(str, paths), "--json", str(out), "--report", str(tmp_path / "l.md"),
+                                    "-q"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["report", str(out), "--memo", str(tmp_path / "again.md"), "-q"])
+    assert res.exit_code == 0, res.output

@@ -118,6 +118,20 @@ def inspect_cmd(ckpt: str, as_json: bool, list_tensors: bool, **hub_opts) -> Non
     click.echo(json.dumps(summary, indent=2) if as_json else render_text(summary))
 
 
+def _own_checked(kind: str, text: str) -> None:
+    """A provenance or lineage result this process just computed, held to the rules ``report`` holds a saved one
+    to before its memo is drawn (``render.validate_kinds``): a rule it breaks is weightdiff's bug, an internal
+    error (exit 1), never a memo that states it (a straightness of 71.6 was drawn as "7160.6%" of the path)."""
+    import json
+
+    from .render.validate_kinds import check_kind
+
+    try:
+        check_kind(kind, json.loads(text), "result")
+    except WeightdiffError as exc:
+        raise RuntimeError(f"the {kind} result breaks a consistency rule before its memo is drawn ({exc})") from None
+
+
 def _freeze_heap() -> None:
     """Keep the cycle collector off what a command has built (the result, its records) for the rest
     of the process: rendering 100,000 rows allocates a view and a row each, and every full collection
@@ -370,6 +384,8 @@ def provenance_cmd(paths, candidates_flag, json_out, csv_out, report_out, plots_
         from .fsutil import write_bytes
         from .render.sections import provenance_blocks
 
+        _own_checked("provenance", result.to_json())
+
         fo, blobs = provenance_figure(data)
         if plots_dir:
             fo.files = {f: write_bytes(os.path.join(plots_dir, f"provenance.{f}"), b) for f, b in blobs.items()}
@@ -423,6 +439,8 @@ def lineage_cmd(paths, json_out, csv_out, report_out, quiet, **opts):
         from .render.sections import lineage_blocks
 
         from .render.report import result_date, section_title
+
+        _own_checked("lineage", result.to_json())
 
         _document(report_out, lineage_blocks(data), [], section_title("lineage", data), None, quiet,
                   date=result_date(data))
