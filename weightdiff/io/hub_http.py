@@ -127,13 +127,18 @@ def list_refs(endpoint: str, repo_id: str) -> dict[str, list[str]]:
             for k in ("branches", "tags")}
 
 
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable ``name`` (read at call time), else ``default``."""
+    try:
+        v = float(os.environ.get(name) or default)
+    except ValueError:
+        v = default
+    return v if v > 0 else default
+
+
 def api_seconds() -> float:
     """``WEIGHTDIFF_HUB_API_SECONDS`` (read at call time), default API_SECONDS."""
-    try:
-        v = float(os.environ.get("WEIGHTDIFF_HUB_API_SECONDS") or API_SECONDS)
-    except ValueError:
-        v = API_SECONDS
-    return v if v > 0 else API_SECONDS
+    return _env_seconds("WEIGHTDIFF_HUB_API_SECONDS", API_SECONDS)
 
 
 class AnswerTooSlow(Exception):
@@ -150,11 +155,7 @@ class AnswerTooSlow(Exception):
 
 def stall_seconds() -> float:
     """``WEIGHTDIFF_HUB_STALL_SECONDS`` (read at call time), default STALL_SECONDS."""
-    try:
-        v = float(os.environ.get("WEIGHTDIFF_HUB_STALL_SECONDS") or STALL_SECONDS)
-    except ValueError:
-        v = STALL_SECONDS
-    return v if v > 0 else STALL_SECONDS
+    return _env_seconds("WEIGHTDIFF_HUB_STALL_SECONDS", STALL_SECONDS)
 
 
 class Stalled(Exception):
