@@ -226,13 +226,23 @@ def large_matrix_relatedness(rows, thresholds: Thresholds) -> tuple[float | None
         if c < -negation_cut(thresholds, n):
             # the base's matrix with its sign flipped, left as stored (quantized, adapter factors, reordered
             # too): a sign is no evidence of another model, so it counts by its distance from the base negated
-            c, nt = -c, _field(r, "norm_tuned")
+            nt = _field(r, "norm_tuned")
             if nb is not None and nt is not None and math.isfinite(nb) and math.isfinite(nt):
-                nd = math.sqrt(max(0.0, nt * nt + nb * nb - 2.0 * nt * nb * c))
+                nd = from_negated(nb, nt, c)
+            c = -c
         cos += wi * c
         if nb is not None and nd is not None and math.isfinite(nb) and math.isfinite(nd):
             nb2, nd2 = nb2 + nb * nb, nd2 + nd * nd
     return cos / sum(w), _ratio(nd2, nb2), len(chosen)
+
+
+def from_negated(norm_base: float, norm_tuned: float, cosine: float) -> float:
+    """||T + B||, the distance of T from the base negated, from the two norms and their cosine.
+
+    >>> from_negated(2.0, 2.0, -1.0), from_negated(3.0, 4.0, 0.0)
+    (0.0, 5.0)
+    """
+    return math.sqrt(max(0.0, norm_tuned * norm_tuned + norm_base * norm_base + 2.0 * norm_tuned * norm_base * cosine))
 
 
 def negation_cut(thresholds: Thresholds, elements: int | None) -> float:

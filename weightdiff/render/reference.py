@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 
-from ..judge.relatedness import chosen_evidence, evidence_sizes, negation_cut
+from ..judge.relatedness import chosen_evidence, evidence_sizes, from_negated, negation_cut
 
 __all__ = ["reference_scale", "reference_of", "quantization_noise", "LABELS", "one_minus_cosine_of", "nonfinite_only", "only_nonfinite",
            "unmeasured_blocks"]
@@ -75,8 +75,7 @@ def _net_of_sign(t: dict, unrelated_cosine: float) -> dict:
     c = t.get("cosine")
     if c is None or c >= -negation_cut(SimpleNamespace(unrelated_cosine=unrelated_cosine), n):
         return t
-    nb, nt = t["norm_base"], t["norm_tuned"]
-    return {**t, "cosine": -c, "norm_delta": math.sqrt(max(0.0, nt * nt + nb * nb + 2.0 * nt * nb * c))}
+    return {**t, "cosine": -c, "norm_delta": from_negated(t["norm_base"], t["norm_tuned"], c)}
 
 
 #: explicit mantissa bits of the cast floors' formats: a cast moves each element by at most |x| 2^-(bits + 1)
