@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from weightdiff.kernels.assignment import assignment_cost, linear_assignment
-from weightdiff.measure.permutation import (find_permutation, match_neurons, members_follow, mlp_groups, undo,
+from weightdiff.measure.permutation import (find_permutation, keep_matched, match_neurons, members_follow, mlp_groups, undo,
                                            undo_member)
 
 
@@ -181,3 +181,39 @@ def test_rows_from_base_finds_remapped_trimmed_and_trained_rows_and_nothing_else
     half = b[p].copy()
     half[::2] = rng.standard_normal((150, 32))                                # half the rows new
     assert not rows_from_base(half, b, "F32", "F32")
+
+
+@pytest.mark.parametrize("exact_max", [2048, 0])
+def test_neurons_flipped_in_sign_are_never_shuffled_into_a_reordering(rng, exact_max):
+    # up rows and down columns of a few neurons times -1 (SwiGLU computes the same): the assignment pairs
+    # those neurons among themselves at cosine ~0 (better than their own -1/3), and a mean over the
+    # 90 untouched neurons accepted it: "neurons reordered" and an untouched gate_proj "changed"
+    base = _mlp(rng)
+    s = np.ones(96)
+    s[rng.choice(96, 10, replace=False)] = -1.0
+    tuned = {"gate": base["gate"].copy(), "up": base["up"] * s[:, None], "down": base["down"] * s[None, :]}
+    f = find_permutation(_members(tuned), _members(base), exact_max=exact_max)
+    assert not f.applied and f.moved == 0
+    # the same flips beside a real reordering: the reordering is found, the flipped neurons move only
+    # where their places were taken, never onto another flipped neuron's place by choice
+    p = rng.permutation(96)
+    shuffled = {k: (v[p] if k != "down" else v[:, p]) for k, v in tuned.items()}
+    f = find_permutation(_members(shuffled), _members(base), exact_max=exact_max)
+    assert f.applied
+    unflipped = s[p] > 0
+    assert (f.perm[unflipped] == p[unflipped]).all()
+
+
+def test_keep_matched_keeps_a_bijection(rng):
+    for _ in range(50):
+        n = int(rng.integers(1, 40))
+        perm = rng.permutation(n)
+        good = rng.random(n) < 0.5
+        kept = keep_matched(perm, good)
+        assert sorted(kept.tolist()) == list(range(n))
+        assert (kept[good] == perm[good]).all()
+        # a unit that is not good stays where it stands whenever its own place is free
+        taken = set(perm[good].tolist())
+        for i in np.flatnonzero(~good):
+            if i not in taken:
+                assert kept[i] == i

@@ -40,7 +40,7 @@ from ..kernels.dtypes import decode
 
 __all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation",
            "detect_permutations", "undo", "neuron_vectors", "heads_permuted", "experts_permuted", "rows_follow",
-           "members_follow", "HEAD_DIMS", "parts_of", "member_vectors", "undo_member", "fused_qkv_views"]
+           "members_follow", "keep_matched", "HEAD_DIMS", "parts_of", "member_vectors", "undo_member", "fused_qkv_views"]
 
 # (regex with the group prefix as group 1, neuron axis, role); role "in" feeds the neurons,
 # "out" reads them; "bias" is permuted but not used for matching; ":2" after a role: the neuron
@@ -258,23 +258,15 @@ def _find(load_t: Sequence[Callable[[], np.ndarray]], load_b: Sequence[Callable[
             sig_b = pb if sig_b is None else sig_b + pb
         del vt, vb
     perm, method = match_neurons(sim, sig_tuned=sig_t, sig_base=sig_b, exact_max=exact_max)
-    # matched and identity cosines on the full vectors
-    dot_m = np.zeros(n)
-    dot_i = np.zeros(n)
-    nt = np.zeros(n)
-    nb = np.zeros(n)
-    for lt, lb, ax, role in zip(load_t, load_b, axes, roles):
-        vt = member_vectors(lt(), ax, role).astype(np.float64)
-        vb = member_vectors(lb(), ax, role).astype(np.float64)
-        vt, vb = _finite(vt)[0], _finite(vb)[0]
-        dot_m += np.einsum("ij,ij->i", vt, vb[perm])
-        dot_i += np.einsum("ij,ij->i", vt, vb)
-        nt += np.einsum("ij,ij->i", vt, vt)
-        nb += np.einsum("ij,ij->i", vb, vb)
-        del vt, vb
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos_m = np.where((nt > 0) & (nb[perm] > 0), dot_m / np.sqrt(nt * nb[perm]), 0.0)
-        cos_i = np.where((nt > 0) & (nb > 0), dot_i / np.sqrt(nt * nb), 0.0)
+    cos_m, cos_i, dead = _cosines(load_t, load_b, axes, roles, perm)
+    # a neuron moves only where it matches (at least min_cosine, and better than where it stands): the
+    # assignment also shuffles neurons that match nothing (flipped in sign, re-initialised) among
+    # themselves, and a mean over the good moves would accept those too (a dead neuron, zero on both
+    # sides, matches any other dead one)
+    kept = keep_matched(perm, ((cos_m >= min_cosine) & (cos_m > cos_i + 1e-6)) | dead)
+    if not np.array_equal(kept, perm):
+        perm = kept
+        cos_m = _cosines(load_t, load_b, axes, roles, perm)[0]
     matched, ident = float(cos_m.mean()), float(cos_i.mean())
     moved = bool(np.any(perm != np.arange(n)))
     applied = moved and matched >= min_cosine and matched > ident + 1e-6
@@ -283,6 +275,48 @@ def _find(load_t: Sequence[Callable[[], np.ndarray]], load_b: Sequence[Callable[
         matched = ident
     return Finding(group=group, neurons=int(n), perm=perm, matched_cosine=matched, identity_cosine=ident,
                    method=method, applied=applied, nonfinite=int(bad))
+
+
+def keep_matched(perm: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """``perm`` keeping the moves of the ``good`` units only: every other unit stays where it stands when
+    its own place is free, and the rest take the places left, in order (a bijection still).
+
+    >>> keep_matched(np.array([1, 0, 3, 2]), np.array([True, True, False, False])).tolist()
+    [1, 0, 2, 3]
+    >>> keep_matched(np.array([1, 2, 0]), np.array([True, False, False])).tolist()
+    [1, 0, 2]
+    """
+    perm = np.asarray(perm, np.int64).copy()
+    n = len(perm)
+    keep = np.asarray(good, bool) | (perm == np.arange(n))
+    free = np.ones(n, bool)
+    free[perm[keep]] = False
+    rest = np.flatnonzero(~keep)
+    stay = rest[free[rest]]
+    perm[stay] = stay
+    free[stay] = False
+    left = np.setdiff1d(rest, stay)
+    perm[left] = np.flatnonzero(free)
+    return perm
+
+
+def _cosines(load_t, load_b, axes, roles, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cosine of tuned neuron i with base neuron perm[i], with base neuron i, whether both of the first
+    pair are zero: a dead neuron, matched by any other) on the full vectors."""
+    n = len(perm)
+    dot_m, dot_i, nt, nb = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+    for lt, lb, ax, role in zip(load_t, load_b, axes, roles):
+        vt = _finite(member_vectors(lt(), ax, role).astype(np.float64))[0]
+        vb = _finite(member_vectors(lb(), ax, role).astype(np.float64))[0]
+        dot_m += np.einsum("ij,ij->i", vt, vb[perm])
+        dot_i += np.einsum("ij,ij->i", vt, vb)
+        nt += np.einsum("ij,ij->i", vt, vt)
+        nb += np.einsum("ij,ij->i", vb, vb)
+        del vt, vb
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos_m = np.where((nt > 0) & (nb[perm] > 0), dot_m / np.sqrt(nt * nb[perm]), 0.0)
+        cos_i = np.where((nt > 0) & (nb > 0), dot_i / np.sqrt(nt * nb), 0.0)
+    return cos_m, cos_i, (nt == 0) & (nb[perm] == 0)
 
 
 def _finite(v: np.ndarray) -> tuple[np.ndarray, int]:
