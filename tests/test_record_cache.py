@@ -393,3 +393,23 @@ def test_opening_a_cache_sweeps_the_temporaries_of_dead_writers(tmp_path):
     os.utime(folder / f".{key}.{'e' * 8}.{dead}.tmp", (old, old))
     cache_mod.RecordCache(tmp_path / "cache", {})
     assert sorted(p.name for p in folder.iterdir()) == sorted(n for n, kept in names.items() if kept)
+
+
+@pytest.mark.parametrize("sidecar", ["config.json", "quantize_config.json"])
+def test_a_changed_config_beside_the_weights_misses_the_cache(tmp_path, rng, sidecar):
+    """config.json's quantization_config (an FP8 block size) and adapter_config.json's fan_in_fan_out decide how
+    the bytes are read: with them out of the key, a stale DERIVED came back after the config was corrected. An
+    output written beside the model (an earlier --json) is no such file and keeps the records."""
+    b, t = _pair(tmp_path, rng)
+    (t / sidecar).write_text(json.dumps({"model_type": "llama"}))
+    cache = tmp_path / "cache"
+    name = compare(b, t, cache=str(cache)).tensors[1].name
+    _plant(cache)
+    (t / "out.json").write_text("{}")
+    assert compare(b, t, cache=str(cache)).tensor(name).norm_delta == 123.0
+    (t / sidecar).write_text(json.dumps({"model_type": "llama", "x": 1}))
+    assert compare(b, t, cache=str(cache)).tensor(name).norm_delta != 123.0
+    # and with --hash (the content key): the new bytes, not the planted record
+    _plant(cache)
+    (t / sidecar).write_text(json.dumps({"model_type": "llama", "x": 2}))
+    assert compare(b, t, cache=str(cache), hash_files=True).tensor(name).norm_delta != 123.0

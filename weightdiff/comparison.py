@@ -132,8 +132,8 @@ SIDECARS = ("config.json", "quantize_config.json", "params.json", "adapter_confi
 
 
 def protect_folder(outs, ck: Checkpoint) -> None:
-    """Protect the checkpoint's sidecar files (``SIDECARS``, ``*.index.json``) in its folder and in every folder
-    its weights are read from (a sentence-transformers module's ``0_Transformer/``). Files the user may write
+    """Protect the checkpoint's sidecar files (``SIDECARS``, present or not, and ``*.index.json``) in its folder and
+    in every folder its weights are read from (a sentence-transformers module's ``0_Transformer/``). Files the user may write
     beside a model (an earlier run's ``--json``) stay writable."""
     root = Path(str(ck.path))
     folders = {root if root.is_dir() else root.parent}
@@ -143,7 +143,9 @@ def protect_folder(outs, ck: Checkpoint) -> None:
             names = [e.name for e in os.scandir(folder) if e.is_file()]
         except OSError:
             continue
-        for name in names:
+        # absent ones too: a --memo README.md written into a model without one made that folder refuse the
+        # same command the next time (and put an output among the model's files)
+        for name in sorted(set(names) | set(SIDECARS)):
             if name in SIDECARS or name.endswith((".index.json", ".jinja")):
                 outs.protect(folder / name, f"is a file of the checkpoint `{escape_name(str(folder))}`")
 
@@ -336,10 +338,17 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         # a matrix stored times -1 is measured against the base times -1 whatever the option: as stored
         # it reads as far from the base as another model's (cosine -1), which it is not
         undo.extend(negated_matrices(records, bases, tuned_ck, options, {id(u.record) for u in undo}))
+        # a rotated residual stream likewise (QuaRot, SpinQuant, a permuted hidden dimension): as stored, every
+        # matrix reads as another model's
+        turned, rotation = rotated_residual(records, bases, tuned_ck, options, {id(u.record) for u in undo})
+        undo.extend(turned)
         undone: dict = {}
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
             records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
             blocks, modules = aggregate(records, options.thresholds)
+        if rotation and undone.get("rotated"):
+            undone["rotated"].update(rotation)
+            undone["rotated"]["norms_folded"] = folded_norms(records, rotation["gains"], tuned_ck)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
                             declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)},
                             reordering=(found, checked, undone), folded=the_plan.folded)
@@ -440,6 +449,7 @@ class Undo:
     note: str
     trimmed: bool = False
     negate: bool = False            # the tuned tensor is the base's times -1 (``negated_matrices``)
+    rotate: tuple | None = None     # (form, R, gains or None): the base's in a rotated residual stream
 
 
 def mark_fixed_tables(records: Sequence[TensorRecord], tuned: Checkpoint) -> None:
@@ -503,6 +513,145 @@ def negated_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
             if b is not None and len(b.shape or ()) == 1 and fits(b):
                 out.append(Undo(b, b.base_name, None, None, label, kind, NEGATED_NOTE, negate=True))
     return out
+
+
+ROTATED_NOTE = ("the residual stream is rotated: measured against the base's tensor times the orthogonal matrix "
+                "fitted on the embedding and the output matrices")
+
+
+def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
+                     options: CompareOptions, skip: set[int] = frozenset()) -> tuple[list[Undo], dict]:
+    """The ``Undo`` of every tensor of a model whose residual stream was rotated (``measure.rotation``: QuaRot,
+    SpinQuant, a permuted hidden dimension), and what the fit showed (``fit``: the held-out matrices and their
+    pooled cosine; ``gains``: the base norm gains folded into the matrices that read them). Tried only when the
+    token embedding is no closer to the base's than a weak relation (cosine below ``weak_cosine``) and some
+    output matrix is not either: the usual comparison reads nothing here. R is fitted on the embedding and the
+    output matrices of every other block and must hold on the rest (pooled cosine at least ``weak_cosine``,
+    each held-out matrix above chance, 6/sqrt(elements)); two independent models never pass that."""
+    from .judge.relatedness import MARGINS
+    from .measure import rotation as rot
+    from .measure.compute import NEGATABLE
+    from .pairing.names import parse_name
+
+    weak = MARGINS["weak_cosine"]
+    if len(bases) != 1:
+        return [], {}
+    base = bases[0]
+
+    def dense(r: TensorRecord) -> bool:
+        return (id(r) not in skip and r.base_name is not None and r.compared == "float"
+                and r.status in ("changed", "unchanged", "rounding") and not getattr(r, "tied", False)
+                and r.paired_by in ("name", "prefix", "rename", None) and _same_dense(r, bases, tuned, NEGATABLE))
+
+    mats = [r for r in records if len(r.shape or ()) == 2 and dense(r)]
+    emb = [r for r in mats if r.module == "embed"]
+    if not emb or any(".c_attn." in r.name for r in mats):      # (GPT-2's Conv1D stores its linears transposed)
+        return [], {}
+    e = emb[0]
+    d = int(e.shape[1])
+    outs = [r for r in mats if r.module in rot.OUT_KINDS and int(r.shape[0]) == d]
+    ins = [r for r in mats if r.module in rot.IN_KINDS and int(r.shape[1]) == d and r is not e]
+    if e.cosine is None or e.cosine >= weak or not outs or all((r.cosine or 0.0) >= weak for r in outs):
+        return [], {}
+
+    def load(ck: Checkpoint, name: str):
+        return rot.values(ck, name)
+
+    def fitted(rows: list):
+        fit = rot.Rotation(d)
+        fit.add("in", load(base, e.base_name), load(tuned, e.name))
+        for r in rows:
+            fit.add("out", load(base, r.base_name), load(tuned, r.name))
+        return fit.solve()
+
+    labels = sorted({r.block for r in outs}, key=lambda b: (parse_name(f"{b}.x")[1] or 0, str(b)))
+    train = set(labels[0::2]) if len(labels) > 1 else set()
+    r_fit = fitted([r for r in outs if r.block in train])
+    if r_fit is None or rot.small_rotation(r_fit):
+        return [], {}
+    held = [r for r in outs if r.block not in train]
+    num = den = 0.0
+    for r in held:
+        c = rot.rotated_cosine("out", load(base, r.base_name), load(tuned, r.name), r_fit)
+        n = float(r.numel_compared or r.numel or 1)
+        if c <= 6.0 / math.sqrt(n):
+            return [], {}
+        num, den = num + n * c, den + n
+    if not held or num / den < weak:
+        return [], {}
+    r_all = fitted(outs)
+    # the gains a norm folded into the matrices that read it: the base's norm vectors of the hidden width
+    gains: dict = {}
+    for r in records:
+        if r.module == "norm" and r.base_name is not None and list(r.base_shape or ()) == [d] \
+                and base.tensors[r.base_name].dtype in NEGATABLE:
+            gains.setdefault(r.block, []).append(r.base_name)
+    out: list[Undo] = []
+    used: set = set()
+    by_name = {r.name: r for r in records}
+    for r in [e, *outs, *ins]:
+        form = "out" if r in outs else "in"
+        gain = None
+        if form == "in" and r.module not in ("embed", "embed.pos"):
+            b, t = load(base, r.base_name), load(tuned, r.name)
+            best, best_c = None, rot.rotated_cosine("in", b, t, r_all)
+            for g in gains.get(r.block, []) + gains.get(None, []):
+                c = rot.rotated_cosine("in", b, t, r_all, load(base, g).reshape(-1).astype(float))
+                if c > best_c:
+                    best, best_c = g, c
+            gain = best
+            del b, t
+        if gain is not None:
+            used.add(gain)
+        label, kind = r.block or component_of(r.name), str(r.module or "")
+        g = None if gain is None else load(base, gain).reshape(-1).astype(float)
+        note = ROTATED_NOTE + (f", with the base's `{escape_name(gain)}` folded into its columns" if gain else "")
+        out.append(Undo(r, r.base_name, None, None, label, kind, note, rotate=(form, r_all, g)))
+        if form == "out" and r.name.endswith(".weight"):
+            bias = by_name.get(r.name[:-len("weight")] + "bias")
+            if bias is not None and list(bias.shape or ()) == [d] and dense(bias):
+                out.append(Undo(bias, bias.base_name, None, None, label, kind, ROTATED_NOTE, rotate=("out", r_all, None)))
+    return out, {"fit": {"matrices_held_out": len(held), "cosine_held_out": num / den,
+                         "matrices_fitted": 1 + len(outs)}, "gains": sorted(used)}
+
+
+FOLDED_NOTE = "its gains folded into the matrices that read it (all ones here, the base's gains in those matrices)"
+
+
+def folded_norms(records: Sequence[TensorRecord], gains: Sequence[str], tuned: Checkpoint) -> list[str]:
+    """The tuned norms whose base gains ``rotated_residual`` found folded into the matrices that read them and
+    that hold all ones (what folding leaves): noted on their records, named for ``scope.rotated_residual``."""
+    import numpy as np
+
+    from .kernels.dtypes import decode
+
+    out = []
+    for r in records:
+        if r.module != "norm" or r.base_name not in gains or r.status != "changed" or r.name not in tuned.tensors:
+            continue
+        info = tuned.tensors[r.name]
+        if np.all(decode(np.asarray(tuned.read(r.name)).reshape(-1), info.dtype) == 1.0):
+            r.note = FOLDED_NOTE + (f"; {r.note}" if r.note else "")
+            out.append(r.name)
+    return out
+
+
+def _within_rotation_rounding(r: TensorRecord) -> None:
+    """A rotated tensor whose change beneath the rotation is within the rounding of its stored format reads
+    ``rounding``: the base in the rotated frame is float64 values, which no stored tensor holds bitwise (a
+    float32 or bfloat16 copy of the rotated base differs from them by its rounding, and the fitted R by less).
+    The bound: a relative change of at most 2^-(mantissa bits + 1), twice what rounding to nearest leaves."""
+    from .kernels.dtypes import DTYPES
+
+    d = DTYPES.get(r.dtype_tuned or "")
+    if r.status != "changed" or d is None or not d.mant_bits or r.rel_change is None \
+            or not math.isfinite(r.rel_change) or r.rel_change > 2.0 ** -(d.mant_bits + 1):
+        return
+    r.status = "rounding"
+    r.rank = None
+    r.note = (r.note + "; " if r.note else "") + (
+        f"within the rounding of {r.dtype_tuned} (relative change at most 2^-{d.mant_bits + 1}): beneath the "
+        "rotation it changed by no more than that")
 
 
 def _same_dense(r: TensorRecord, bases: Sequence[Checkpoint], tuned: Checkpoint, dtypes: Sequence[str]) -> bool:
@@ -726,13 +875,19 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
     out, blocks, n, trimmed, routers = [], {}, 0, 0, []
     negated: dict[str, list[str]] = {}
     n_negated = 0
+    rotated: list[str] = []
     for r in records:
         u = redo.get(id(r))
         pair = pairs.get(r.name) if u is not None else None
         if u is None or pair is None or pair.base_name != r.base_name:
             out.append(r)
             continue
-        side = GatheredSide(bases[pair.base_index], pair.base_name, u.source, u.axis, u.index, negate=u.negate)
+        if u.rotate is not None:
+            from .measure.rotation import RotatedSide
+
+            side = RotatedSide(bases[pair.base_index], pair.base_name, u.source, *u.rotate)
+        else:
+            side = GatheredSide(bases[pair.base_index], pair.base_name, u.source, u.axis, u.index, negate=u.negate)
         new = remeasure(pair, side, bases, tuned, options, backend, classify)
         new.note = u.note + (f"; {new.note}" if new.note else "")
         if u.source != pair.base_name:      # another expert's tensor: the one this expert is compared with
@@ -743,6 +898,11 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
             new.status, new.frac_changed, new.frac_beyond_rounding, new.quant, new.rank = "unchanged", 0.0, 0.0, None, None
             new.note += "; its zeros differ from the base's negated only in their sign"
         out.append(new)
+        if u.rotate is not None:
+            rotated.append(new.name)
+            new.dtype_base = r.dtype_base           # measured against float64 values; stored as the base stores it
+            _within_rotation_rounding(new)
+            continue
         if u.negate:
             n_negated += 1
             kinds = negated.setdefault(u.label, [])
@@ -761,6 +921,8 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
     if n_negated:
         undone["negated"] = {"blocks": {k: sorted(v) for k, v in sorted(negated.items())}, "tensors": n_negated,
                              "names": [u.record.name for u in undo if u.negate]}
+    if rotated:
+        undone["rotated"] = {"tensors": len(rotated), "names": rotated}
     return out, undone
 
 

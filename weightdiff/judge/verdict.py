@@ -381,6 +381,17 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             if stray:                         # routers left in place, measured in their experts' new order
                 scope["permuted_units"]["routers_changed"] = sum(
                     1 for r in counted if r.name in stray and r.status == "changed")
+    rotated = undone.get("rotated") or {}
+    if rotated:                               # the residual stream rotated: measured in the rotated frame
+        flags.append("rotated_residual")
+        names = set(rotated.get("names") or ())
+        beneath = [r.status for r in counted if r.name in names]
+        fit = rotated.get("fit") or {}
+        scope["rotated_residual"] = {"tensors": len(names), "tensors_changed": beneath.count("changed"),
+                                     "norms_folded": len(rotated.get("norms_folded") or ()),
+                                     "matrices_fitted": int(fit.get("matrices_fitted") or 0),
+                                     "matrices_held_out": int(fit.get("matrices_held_out") or 0),
+                                     "cosine_held_out": float(fit.get("cosine_held_out") or 0.0)}
     negated = undone.get("negated") or {}
     left = negated_rows(counted, thresholds)  # still stored negated: quantized, adapter factors, reordered too
     if negated or left:                       # matrices stored times -1, measured against the base times -1
@@ -413,7 +424,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # alike, and no matrix says whether this one derives from the base
         verdict = "inconclusive"
         flags.append("vectors_only")
-    if verdict in ("identical", "cast_only", "quantized_only") and (permuted or negated):
+    if verdict in ("identical", "cast_only", "quantized_only") and (permuted or negated or rotated):
         # the base's weights, some units in another order or negated, maybe cast or quantized: not the same
         # weights at another precision (a negated q alone changes what the model computes)
         verdict = "derived"

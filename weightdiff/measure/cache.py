@@ -14,6 +14,10 @@ A record is stored under a key that hashes everything it depends on:
   filesystem without ctime), or a ctime forged by changing the system clock. The device
   number is left out: machines mounting one shared filesystem number it differently, and
   workers of a cluster must find each other's records;
+* the identity of the files beside the weights that decide how their bytes are read
+  (``READ_SIDECARS``: config.json's ``quantization_config``, adapter_config.json's
+  ``fan_in_fan_out``, params.json's heads), in the checkpoint's folder and every folder its
+  weights are read from, by the same stat identity (their sha256 when the run hashes);
 * the options that change records (``CompareOptions.settings()``, which leaves out the
   thread count; thresholds included), and ``CACHE_VERSION``.
 
@@ -66,7 +70,7 @@ from ..records import RankRecord, TensorRecord
 __all__ = ["RecordCache", "CACHE_VERSION", "check_folder", "record_from_dict"]
 
 #: bump when a change of the code changes records for the same inputs and options
-CACHE_VERSION = 4           # 4: inode and ctime (or the sha256) in a file's identity
+CACHE_VERSION = 5           # 4: inode and ctime (or the sha256) in a file's identity; 5: the JSON sidecars
 
 
 class CacheError(WeightdiffError):
@@ -204,6 +208,11 @@ _TMP = re.compile(r"^\.[0-9a-f]{64}\.(?:([0-9a-f]{8})\.)?(\d+)\.tmp$")
 #: a temporary older than this is removed whoever wrote it
 STALE_SECONDS = 86400
 
+#: the files beside the weights that decide how their bytes are read (heads, ties, quantization, adapter
+#: orientation and scale, sentence-transformers modules): in a record's key
+READ_SIDECARS = ("config.json", "quantize_config.json", "params.json", "adapter_config.json", "modules.json",
+                 "config_sentence_transformers.json", "sentence_bert_config.json")
+
 #: the largest record file read back (a record is a few KB; its spectrum at most 64 values)
 RECORD_CAP = 16 << 20
 
@@ -254,6 +263,41 @@ class RecordCache:
         order = (getattr(ck, "row_order", None) or {}).get(name)
         return [name, self._files[key], *(["rows", order] if order else [])]
 
+    def _sidecars(self, ck: Any, content: bool) -> list:
+        """The identity of the JSON files beside a checkpoint's weights (its folder and every folder its weights are
+        read from), which decide how the bytes are read: config.json's ``quantization_config`` (an FP8 block size
+        turns a fine-tune into quantization noise), adapter_config.json's ``fan_in_fan_out``, params.json's heads.
+        ``READ_SIDECARS`` only (an output written beside the model must not make every rerun miss); a streamed
+        Hub checkpoint's commit fixes them all."""
+        key = (id(ck), "sidecars", content)
+        if key in self._files:
+            return self._files[key]
+        files = list(getattr(ck, "files", None) or [])
+        commits = sorted({(str(getattr(f, "repo_id", "")), str(f.commit)) for f in files
+                          if getattr(f, "commit", None) is not None})
+        out: list = [["hub", *c] for c in commits]
+        root = getattr(ck, "path", None)
+        folders = set()
+        if root is not None and getattr(root, "commit", None) is None and os.path.exists(str(root)):
+            folders.add(Path(str(root)) if os.path.isdir(str(root)) else Path(str(root)).parent)
+        folders.update(Path(str(f)).parent for f in files if getattr(f, "commit", None) is None)
+        if getattr(ck, "config_dir", None) is not None:
+            folders.add(Path(str(ck.config_dir)))
+        for folder in sorted(folders):
+            try:
+                names = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name in READ_SIDECARS)
+            except OSError:
+                continue
+            for name in names:
+                path = folder / name
+                if content:
+                    with open(path, "rb") as fh:
+                        out.append([name, "sha256", hashlib.sha256(fh.read(RECORD_CAP * 4)).hexdigest()])
+                else:
+                    out.append([name, *self._file_id(path)])
+        self._files[key] = out
+        return out
+
     def _key(self, pair: Any, bases: Sequence[Any], tuned: Any, content: bool) -> str:
         base = bases[pair.base_index] if pair.base_name is not None else None
         names = [getattr(pair, "tuned_source", None) or pair.tuned_name]
@@ -266,6 +310,7 @@ class RecordCache:
             "base": self._tensor_id(base, pair.base_name, content) if base is not None else None,
             "tuned": [self._tensor_id(tuned, n, content) for n in names if n is not None],
             "options": self.options,
+            "sidecars": [self._sidecars(base, content) if base is not None else None, self._sidecars(tuned, content)],
         }
         blob = json.dumps(material, sort_keys=True, default=_plain).encode()
         return hashlib.sha256(blob).hexdigest()

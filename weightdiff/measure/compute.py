@@ -338,11 +338,12 @@ def remeasure(pair: Pair, side: GatheredSide, bases: Sequence[Checkpoint], tuned
     rows are)."""
     from dataclasses import replace
 
-    shape = side.tensors[pair.base_name].shape
+    info = side.tensors[pair.base_name]
     sides = list(bases)
     sides[pair.base_index] = side
-    return compute_pair(replace(pair, kind="paired", shape_base=shape, overlap_rows=None), sides, tuned,
-                        options, backend, classify)
+    # (a rotated base tensor is float64 values, whatever the base stored: ``measure.rotation.RotatedSide``)
+    return compute_pair(replace(pair, kind="paired", shape_base=info.shape, dtype_base=info.dtype,
+                                overlap_rows=None), sides, tuned, options, backend, classify)
 
 
 def _array_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str, tuned_raw: np.ndarray,

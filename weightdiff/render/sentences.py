@@ -183,7 +183,7 @@ def _derived_special(summary: dict) -> str | None:
     z = scope.get("matrices_zeroed") or {}
     mism = int((scope.get("tensors_reshaped") or {}).get("tensors") or 0)
     if "zeroed_matrices" not in flags and "shape_mismatch" not in flags and "permuted_units" not in flags \
-            and "negated_matrices" not in flags:
+            and "negated_matrices" not in flags and "rotated_residual" not in flags:
         return None
     perm = scope.get("permuted_units") or {}
     changed = int((summary.get("tensors_by_status") or {}).get("changed") or 0)
@@ -214,6 +214,12 @@ def _derived_special(summary: dict) -> str | None:
     if neg.get("tensors"):
         what.append("some of its matrices stored with the sign flipped (times -1"
                     + ("; not all measured beneath the sign)" if neg.get("tensors_not_measured") else ")"))
+    rot = scope.get("rotated_residual") or {}
+    folded = int(rot.get("norms_folded") or 0)
+    if rot.get("tensors"):
+        what.append("its residual stream rotated (every matrix that reads or writes it is the base's times one "
+                    "orthogonal matrix)" + (" and its norms' gains folded into the matrices that read them"
+                                            if folded else ""))
     if not what:
         return None
     # rows added or removed, the shared rows unchanged, beside tensors of another shape (a vocabulary grown
@@ -224,6 +230,7 @@ def _derived_special(summary: dict) -> str | None:
     routed = int(perm.get("routers_changed") or 0)              # routers left in place: counted as changed
     reordered = int(perm.get("tensors_changed") or 0) - routed
     changed -= routed + int(neg.get("tensors_not_measured") or 0)   # flipped, not measured beneath: said apart
+    changed -= folded                                           # norms folded into the rotated matrices: said
     mism += int(perm.get("tensors_resized") or 0)               # trimmed tables: rows kept, not trained
     undone = perm.get("undone") or {}
     measured = all(set(v) - {"router"} <= set(undone.get(b, ())) for b, v in (perm.get("blocks") or {}).items())
@@ -734,6 +741,19 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
             text += (f"; {count(n_left)} of them could not be measured so (quantized codes, adapter factors, or "
                      f"units also reordered): {'its' if n_left == 1 else 'their'} numbers here are of the flipped "
                      "weights, and relatedness counts them by their distance from the base negated")
+    rot = scope.get("rotated_residual") or {}
+    if rot.get("tensors"):
+        n_rot, folded = int(rot["tensors"]), int(rot.get("norms_folded") or 0)
+        text += (f"; every matrix that reads or writes the residual stream is the base's times one orthogonal "
+                 f"matrix (fitted on the token embedding and the output matrices of half the blocks, it holds on the "
+                 f"{count(int(rot.get('matrices_held_out') or 0))} held-out output matrices with 1 - cosine = "
+                 f"{sci(max(0.0, 1.0 - float(rot.get('cosine_held_out') or 0.0)))}; QuaRot and SpinQuant rotate so, and a "
+                 f"permuted hidden dimension is such a rotation), so {'the' if n_rot == 1 else 'each of the'} "
+                 f"{count(n_rot)} {'tensor is' if n_rot == 1 else 'tensors is'} measured against the base in the "
+                 "rotated frame and the numbers here are of what changed beneath the rotation; a rotation changes "
+                 "nothing the model computes only with each norm's gains folded into the matrices that read it"
+                 + (f" ({count(folded)} {'norm is' if folded == 1 else 'norms are'} so here: all ones, "
+                    "the base's gains in those matrices)" if folded else ""))
     alike = count_lookalikes((t.get("status"), t.get("shape")) for t in counted) if "unpaired_lookalikes" in (s.get("flags") or []) else 0
     if alike:
         text += (f"; {count(alike)} removed base {'matrix has' if alike == 1 else 'matrices have'} an added tuned "
@@ -819,7 +839,9 @@ def headline(data: dict) -> list[str]:
             undone = [w for w, on in (("the units found reordered are put back in the base's order",
                                        (sc.get("permuted_units") or {}).get("tensors_undone")),
                                       ("the tensors stored with the sign flipped are multiplied by -1",
-                                       (sc.get("negated_matrices") or {}).get("tensors"))) if on]
+                                       (sc.get("negated_matrices") or {}).get("tensors")),
+                                      ("the residual stream's rotation is undone",
+                                       (sc.get("rotated_residual") or {}).get("tensors"))) if on]
             out.append(f"{main} of parameters are bitwise unchanged{aside}"
                        + (f", once {' and '.join(undone)}." if undone else "."))
         if by.get("rounding"):

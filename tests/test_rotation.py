@@ -1,0 +1,119 @@
+"""A rotated residual stream (QuaRot, SpinQuant, a permuted hidden dimension) is measured beneath the rotation.
+
+Folding each RMSNorm's gains into the matrices that read it and multiplying the hidden dimension by an
+orthogonal R leaves what a Llama computes as it was (checked against transformers by the tester who found it),
+yet every matrix moves: as stored the model read "UNRELATED: not derived from this base" and provenance ranked the
+true base behind an independent model. The reference: the base rotated reads derived with nothing changed beneath
+the rotation; a fine-tune rotated measures as the fine-tune; two independent models still read unrelated.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import write_checkpoint
+from models import llama
+from weightdiff import compare
+from weightdiff.measure import rotation as rot
+from weightdiff.render.sentences import verdict_title
+
+READ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+WRITE = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def _orthogonal(d: int, seed: int = 42) -> np.ndarray:
+    return np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))[0]
+
+
+def _rotated(t: dict, r: np.ndarray, layers: int = 4, fold: bool = True) -> dict:
+    """QuaRot's fold and rotation, in float64 then stored as float32."""
+    o = {k: v.astype(np.float64) for k, v in t.items()}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for norm, kinds in (("input_layernorm", READ[:3]), ("post_attention_layernorm", READ[3:])):
+            g = o[p + norm + ".weight"]
+            for k in kinds:
+                o[p + k + ".weight"] = (o[p + k + ".weight"] * g[None, :] if fold else o[p + k + ".weight"]) @ r
+            if fold:
+                o[p + norm + ".weight"] = np.ones_like(g)
+        for k in WRITE:
+            o[p + k + ".weight"] = r.T @ o[p + k + ".weight"]
+    g = o["model.norm.weight"]
+    o["lm_head.weight"] = (o["lm_head.weight"] * g[None, :] if fold else o["lm_head.weight"]) @ r
+    if fold:
+        o["model.norm.weight"] = np.ones_like(g)
+    o["model.embed_tokens.weight"] = o["model.embed_tokens.weight"] @ r
+    return {k: v.astype(np.float32) for k, v in o.items()}
+
+
+def _tuned(t: dict, rel: float = 2e-2, seed: int = 3) -> dict:
+    rng = np.random.default_rng(seed)
+    return {k: (v + rel * float(v.std()) * rng.standard_normal(v.shape)).astype(np.float32) if v.ndim == 2 else v
+            for k, v in t.items()}
+
+
+def test_procrustes_and_the_rotated_side_agree_with_numpy(rng):
+    r = _orthogonal(16)
+    e = rng.standard_normal((40, 16))
+    w = rng.standard_normal((16, 24))
+    fit = rot.Rotation(16)
+    fit.add("in", e, e @ r)
+    fit.add("out", w, r.T @ w)
+    assert np.allclose(fit.solve(), r, atol=1e-12)
+    g = rng.random(16) + 0.5
+    x = rng.standard_normal((8, 16))
+    assert np.allclose(rot.apply("in", x, r, g), (x * g) @ r)
+    assert rot.rotated_cosine("out", w, r.T @ w, r) == pytest.approx(1.0)
+    assert abs(rot.rotated_cosine("out", w, rng.standard_normal(w.shape), r)) < 0.3
+    assert rot.small_rotation(np.eye(8)) and not rot.small_rotation(_orthogonal(8))
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_the_base_rotated_reads_derived_with_nothing_changed_beneath(tmp_path, rng, dtype):
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "base", base)
+    t = write_checkpoint(tmp_path / "rot", _rotated(base, _orthogonal(128)), dtype=dtype)
+    s = compare(b, t).summary
+    assert s.verdict == "derived" and "rotated_residual" in s.flags
+    sc = s.scope["rotated_residual"]
+    assert sc["tensors"] == 30 and sc["tensors_changed"] == 0 and sc["norms_folded"] == 9
+    assert sc["matrices_held_out"] == 4 and sc["cosine_held_out"] > 0.999
+    assert s.tensors_by_status.get("changed", 0) == 9          # the folded norms, said in the title
+    title = verdict_title(s.to_dict())
+    assert "residual stream rotated" in title and "none of its other weights changed" in title
+    assert "unrelated" not in (s.verdict_reason or "").lower()
+    assert not any(c["status"] == "unrelated" for c in s.components)
+
+
+def test_a_permuted_hidden_dimension_is_a_rotation(tmp_path, rng):
+    base = llama(rng)
+    p = np.eye(128)[np.random.default_rng(5).permutation(128)]
+    s = compare(write_checkpoint(tmp_path / "b", base),
+                write_checkpoint(tmp_path / "p", _rotated(base, p, fold=False))).summary
+    assert s.verdict == "derived" and s.scope["rotated_residual"]["tensors_changed"] == 0
+    assert s.scope["rotated_residual"]["norms_folded"] == 0 and s.tensors_by_status.get("changed", 0) == 0
+
+
+def test_a_fine_tune_rotated_measures_as_the_fine_tune(tmp_path, rng):
+    base = llama(rng)
+    ft = _tuned(base)
+    b = write_checkpoint(tmp_path / "b", base)
+    plain = compare(b, write_checkpoint(tmp_path / "ft", ft)).summary
+    s = compare(b, write_checkpoint(tmp_path / "rft", _rotated(ft, _orthogonal(128)))).summary
+    assert s.verdict == "derived" and s.scope["rotated_residual"]["tensors_changed"] == 30
+    assert "a fine-tune of this base" in verdict_title(s.to_dict())
+    # beneath the rotation: the fine-tune's own distance (the whole model's counts the folded norms too)
+    assert s.relatedness_rel_change == pytest.approx(plain.relatedness_rel_change, rel=0.02)
+    assert s.relatedness_cosine == pytest.approx(plain.relatedness_cosine, abs=1e-5)
+
+
+def test_independent_models_and_a_new_embedding_are_not_rotations(tmp_path, rng):
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "b", base)
+    other = compare(b, write_checkpoint(tmp_path / "o", llama(np.random.default_rng(99)))).summary
+    assert other.verdict == "unrelated" and "rotated_residual" not in other.flags
+    # a fine-tune whose token embedding was initialised anew: R fits the identity, nothing is rotated
+    new = dict(_tuned(base))
+    new["model.embed_tokens.weight"] = np.random.default_rng(7).normal(0, 0.02, (512, 128)).astype(np.float32)
+    s = compare(b, write_checkpoint(tmp_path / "n", new)).summary
+    assert "rotated_residual" not in s.flags and s.verdict in ("derived", "partial")
