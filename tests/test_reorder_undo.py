@@ -207,9 +207,31 @@ def test_token_rows_remapped_or_trimmed_are_compared_with_the_rows_they_are(tmp_
     assert all(t.shape == [len(idx), 64] for t in tables.values())
     assert s.scope["permuted_units"].get("tensors_trimmed", 0) == (2 if how == "trimmed" else 0)
     assert "each row is compared with the base row it is" in s.verdict_reason
+    assert s.scope["permuted_units"]["rows_consistent"] is True and "computes what the base computes" in s.verdict_reason
     title = verdict_title(r.to_dict()["summary"])
     assert title == ("DERIVED: a fine-tune of this base, with the token rows of its embeddings and head reordered"
                      + (" or trimmed." if how == "trimmed" else ".")), title
+
+
+@pytest.mark.parametrize("how", ["two_orders", "embedding_only"])
+def test_token_tables_in_different_orders_are_not_a_remapped_tokenizer(tmp_path, how):
+    """An untied model whose embedding rows are in one order and whose head rows are in another (or left
+    alone) computes something else than the base under every remapping of the ids: the reason said "on the
+    remapped tokens the model computes what the base computes" (top-1 agreement with the base was 0)."""
+    base = llama(np.random.default_rng(71), layers=2, hidden=64, inter=128, vocab=256)
+    rng = np.random.default_rng(73)
+    tuned = dict(base)
+    tuned["model.embed_tokens.weight"] = base["model.embed_tokens.weight"][rng.permutation(256)]
+    if how == "two_orders":
+        tuned["lm_head.weight"] = base["lm_head.weight"][rng.permutation(256)]
+    write_checkpoint(tmp_path / "b", base, dtype="BF16")
+    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
+    r = compare(tmp_path / "b", tmp_path / "t")
+    s = r.summary
+    assert s.scope["permuted_units"]["rows_consistent"] is False
+    assert "computes what the base computes" not in s.verdict_reason
+    assert "no remapping of the tokenizer's ids gives the base's computation" in s.verdict_reason
+    assert "computes something else than the base" in verdict_title(r.to_dict()["summary"])
 
 
 @pytest.mark.parametrize("how", ["remapped", "trimmed"])

@@ -923,7 +923,24 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
                              "names": [u.record.name for u in undo if u.negate]}
     if rotated:
         undone["rotated"] = {"tensors": len(rotated), "names": rotated}
+    if undone and any(u.kind == "rows" and u.axis == 0 for u in undo):
+        undone["rows_consistent"] = _rows_consistent(records, undo)
     return out, undone
+
+
+def _rows_consistent(records: Sequence[TensorRecord], undo: Sequence[Undo]) -> bool:
+    """Whether the token tables whose rows were reordered are all in one order (the embedding's and an untied
+    head's, a table left as stored being in the base's order): only then is it a tokenizer's ids remapped, on
+    which the model computes what the base computes. An embedding in one order and the head in another (or
+    left alone) is a scrambled model."""
+    import numpy as np
+
+    orders = {u.label: np.asarray(u.index) for u in undo if u.kind == "rows" and u.axis == 0}
+    tables = {component_of(r.name): int((r.shape or [0])[0]) for r in records
+              if r.module in ("embed", "lm_head") and len(r.shape or ()) == 2 and r.base_name is not None
+              and not getattr(r, "tied", False) and r.status != "removed"}
+    seen = [orders.get(label, np.arange(n)) for label, n in tables.items()] or list(orders.values())
+    return all(len(o) == len(seen[0]) and np.array_equal(o, seen[0]) for o in seen)
 
 
 def _by_expert(rows, load) -> dict[int, list]:

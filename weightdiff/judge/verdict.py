@@ -377,6 +377,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             scope["permuted_units"].update({"undone": undone["blocks"], "tensors_undone": undone["tensors"]})
             if undone.get("trimmed"):
                 scope["permuted_units"]["tensors_trimmed"] = undone["trimmed"]
+            if undone.get("rows_consistent") is not None:     # the token tables all in one order, or not
+                scope["permuted_units"]["rows_consistent"] = bool(undone["rows_consistent"])
             stray = set(undone.get("routers") or ())
             if stray:                         # routers left in place, measured in their experts' new order
                 scope["permuted_units"]["routers_changed"] = sum(

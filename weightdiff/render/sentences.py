@@ -209,7 +209,9 @@ def _derived_special(summary: dict) -> str | None:
     if "rows" in kinds:
         what.append("the token rows of its " + _and([b for b, v in (perm.get("blocks") or {}).items() if "rows" in v])
                     + (" reordered" + (" or trimmed" if perm.get("tensors_resized") or perm.get("tensors_trimmed")
-                                       else "")))
+                                       else ""))
+                    + (" (the embedding's and the head's not in one order: it computes something else than the base)"
+                       if perm.get("rows_consistent") is False else ""))
     neg = scope.get("negated_matrices") or {}
     if neg.get("tensors"):
         what.append("some of its matrices stored with the sign flipped (times -1"
@@ -691,10 +693,14 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     if tables:
         trimmed = bool(pu.get("tensors_resized") or pu.get("tensors_trimmed"))
         measured = all("rows" in undone.get(b, ()) for b in tables)
+        scrambled = pu.get("rows_consistent") is False
         text += (f"; the token rows of the {_and(tables)} are the base's rows in another order"
                  + (" or a subset of them" if trimmed else "")
-                 + f" (a tokenizer's ids remapped{', a vocabulary trimmed' if trimmed else ''}: on the remapped "
-                 "tokens the model computes what the base computes), so "
+                 + (" (the embedding's rows and the head's are not in one order, so no remapping of the tokenizer's "
+                    "ids gives the base's computation: the model computes something else than the base), so "
+                    if scrambled else
+                    f" (a tokenizer's ids remapped{', a vocabulary trimmed' if trimmed else ''}: on the remapped "
+                    "tokens the model computes what the base computes), so ")
                  + ("each row is compared with the base row it is" if measured else
                     "their numbers here are of rows compared with other tokens' rows"))
     perm = {b: v for b, v in every.items() if b not in tables}
