@@ -196,3 +196,20 @@ def test_a_large_low_rank_change_is_not_an_independent_initialisation(tmp_path):
     assert s.form["kind"] in ("low_rank", "mixed")     # (rank 4 of a 32-wide k_proj is not low-rank)
     s = compare(b, t, rank=False).summary          # without ranks the rule stands
     assert s.verdict in ("unrelated", "partial")
+
+
+def test_depth_up_scaled_then_trained_says_so_in_the_title(tmp_path):
+    """SOLAR-style up-scaling (or LLaMA-Pro's inserted blocks) then trained read only "a fine-tune of this base":
+    the blocks the base does not have were in the reason alone."""
+    from weightdiff.render.sentences import verdict_title
+
+    base = _base_layers(4)
+    rng = np.random.default_rng(5)
+    grown = [{s: (v + rng.normal(size=v.shape).astype(np.float32) * 5e-4) for s, v in base[k].items()}
+             for k in (0, 1, 2, 1, 2, 3)]
+    b = write_checkpoint(tmp_path / "base", _model(base))
+    t = write_checkpoint(tmp_path / "dus", _model(grown))
+    s = compare(b, t, rank=False).summary
+    title = verdict_title(s.to_dict())
+    assert s.verdict == "derived" and "a fine-tune of this base" in title
+    assert "2 blocks more than the base's 4" in title, title

@@ -182,8 +182,10 @@ def _derived_special(summary: dict) -> str | None:
     scope = summary.get("scope") or {}
     z = scope.get("matrices_zeroed") or {}
     mism = int((scope.get("tensors_reshaped") or {}).get("tensors") or 0)
+    grown_by = int(scope.get("blocks_total") or 0) - int(scope.get("base_blocks_total") or 0)
     if "zeroed_matrices" not in flags and "shape_mismatch" not in flags and "permuted_units" not in flags \
-            and "negated_matrices" not in flags and "rotated_residual" not in flags:
+            and "negated_matrices" not in flags and "rotated_residual" not in flags and not scope.get("blocks_moved") \
+            and not (grown_by > 0 and scope.get("base_blocks_total")):
         return None
     perm = scope.get("permuted_units") or {}
     changed = int((summary.get("tensors_by_status") or {}).get("changed") or 0)
@@ -192,6 +194,10 @@ def _derived_special(summary: dict) -> str | None:
     what = []
     if scope.get("blocks_moved"):
         what.append("its blocks reordered or repeated")
+    if grown_by > 0 and scope.get("base_blocks_total"):
+        # LLaMA-Pro's inserted blocks, SOLAR's depth up-scaling: more blocks than the base has, trained or not
+        what.append(f"{count(grown_by)} {'block' if grown_by == 1 else 'blocks'} more than the base's "
+                    f"{count(int(scope['base_blocks_total']))}")
     if int(z.get("tuned") or 0):
         total = summary.get("params_total") or 0
         most = total and int(z.get("params") or 0) >= 0.5 * total      # every block's matrices erased: not "some"
