@@ -346,6 +346,9 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
             records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
             blocks, modules = aggregate(records, options.thresholds)
+        pruned = pruned_matrices(records, bases, tuned_ck)
+        if pruned:
+            undone = {**undone, "pruned": pruned}
         if rotation and undone.get("rotated"):
             undone["rotated"].update(rotation)
             undone["rotated"]["norms_folded"] = folded_norms(records, rotation["gains"], tuned_ck)
@@ -613,6 +616,37 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
                 out.append(Undo(bias, bias.base_name, None, None, label, kind, ROTATED_NOTE, rotate=("out", r_all, None)))
     return out, {"fit": {"matrices_held_out": len(held), "cosine_held_out": num / den,
                          "matrices_fitted": 1 + len(outs)}, "gains": sorted(used)}
+
+
+def pruned_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint) -> dict:
+    """The changed float matrices that are the base's with some elements set to zero and every other element
+    exactly the base's (magnitude or 2:4 pruning, heads zeroed in place, no training): ``names``, ``elements``
+    (set to zero) and ``elements_in`` (of those matrices). As stored they read "a fine-tune, dense". Only the
+    records whose norms fit it are read again: the delta is then minus the pruned values, orthogonal to the kept
+    ones, so ||base||^2 = ||tuned||^2 + ||delta||^2 and cosine = ||tuned|| / ||base||; the elements decide."""
+    import numpy as np
+
+    from .measure.compute import NEGATABLE
+    from .measure.rotation import values
+
+    names, zeroed, total = [], 0, 0
+    for r in records:
+        nb, nt, nd, c = r.norm_base, r.norm_tuned, r.norm_delta, r.cosine
+        if r.status != "changed" or r.compared != "float" or len(r.shape or ()) != 2 or r.base_name is None \
+                or getattr(r, "tied", False) or None in (nb, nt, nd, c) \
+                or not all(math.isfinite(x) for x in (nb, nt, nd, c)) or not (nb > 0 and nt > 0 and nd > 0) \
+                or abs(nb * nb - nt * nt - nd * nd) > 1e-7 * nb * nb or abs(c - nt / nb) > 1e-7 \
+                or not _same_dense(r, bases, tuned, NEGATABLE):
+            continue
+        t, b = values(tuned, r.name), values(bases[r.base_index], r.base_name)
+        if t.shape != b.shape or not bool(((t == b) | (t == 0)).all()):
+            continue
+        k = int(np.count_nonzero((t == 0) & (b != 0)))
+        names.append(r.name)
+        zeroed, total = zeroed + k, total + t.size
+        r.note = (f"pruned: {k:,} of {t.size:,} elements set to zero, every other element exactly the base's"
+                  + (f"; {r.note}" if r.note else ""))
+    return {"names": names, "elements": zeroed, "elements_in": total} if names else {}
 
 
 FOLDED_NOTE = "its gains folded into the matrices that read it (all ones here, the base's gains in those matrices)"

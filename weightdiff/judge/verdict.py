@@ -383,6 +383,12 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             if stray:                         # routers left in place, measured in their experts' new order
                 scope["permuted_units"]["routers_changed"] = sum(
                     1 for r in counted if r.name in stray and r.status == "changed")
+    pruned = undone.get("pruned") or {}
+    if pruned:                                # elements set to zero, the rest the base's: pruned, not trained
+        flags.append("pruned_elements")
+        scope["pruned_elements"] = {"tensors": len(pruned.get("names") or ()),
+                                    "elements_zeroed": int(pruned.get("elements") or 0),
+                                    "elements_in": int(pruned.get("elements_in") or 0)}
     rotated = undone.get("rotated") or {}
     if rotated:                               # the residual stream rotated: measured in the rotated frame
         flags.append("rotated_residual")
@@ -430,7 +436,13 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # the base's weights, some units in another order or negated, maybe cast or quantized: not the same
         # weights at another precision (a negated q alone changes what the model computes)
         verdict = "derived"
-    if verdict == "derived" and (not permuted or _all_undone(permuted, undone)) and weak_evidence(cos, rel_m):
+    only_pruned = bool(pruned) and all(r.name in set(pruned.get("names") or ()) for r in changed if len(r.shape or ()) >= 2)
+    if only_pruned and verdict in ("unrelated", "partial"):
+        # every changed matrix is the base's with elements set to zero: far from it by the numbers (90% pruned
+        # keeps a cosine near 0.5), yet nothing in it comes from another model
+        verdict = "derived"
+    if verdict == "derived" and (not permuted or _all_undone(permuted, undone)) and weak_evidence(cos, rel_m) \
+            and not only_pruned:
         # derived, but not "a fine-tune": a merge, long training; unless the distance is the quantizer's noise
         flags.append("quant_noise_distance" if quantization_explains(counted, thresholds) else "far_from_base")
     if verdict == "derived" and not permuted and "far_from_base" not in flags \

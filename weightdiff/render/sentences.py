@@ -185,6 +185,7 @@ def _derived_special(summary: dict) -> str | None:
     grown_by = int(scope.get("blocks_total") or 0) - int(scope.get("base_blocks_total") or 0)
     if "zeroed_matrices" not in flags and "shape_mismatch" not in flags and "permuted_units" not in flags \
             and "negated_matrices" not in flags and "rotated_residual" not in flags and not scope.get("blocks_moved") \
+            and "pruned_elements" not in flags \
             and not (grown_by > 0 and scope.get("base_blocks_total")):
         return None
     perm = scope.get("permuted_units") or {}
@@ -222,6 +223,12 @@ def _derived_special(summary: dict) -> str | None:
     if neg.get("tensors"):
         what.append("some of its matrices stored with the sign flipped (times -1"
                     + ("; not all measured beneath the sign)" if neg.get("tensors_not_measured") else ")"))
+    pr = scope.get("pruned_elements") or {}
+    if pr.get("tensors"):
+        n_pr = int(pr["tensors"])
+        what.append(f"some of its weights pruned ({share(int(pr.get('elements_zeroed') or 0) / max(1, int(pr.get('elements_in') or 1)))} "
+                    f"of the elements of {count(n_pr)} {'matrix' if n_pr == 1 else 'matrices'} set to zero, the rest "
+                    "exactly the base's)")
     rot = scope.get("rotated_residual") or {}
     folded = int(rot.get("norms_folded") or 0)
     if rot.get("tensors"):
@@ -239,6 +246,7 @@ def _derived_special(summary: dict) -> str | None:
     reordered = int(perm.get("tensors_changed") or 0) - routed
     changed -= routed + int(neg.get("tensors_not_measured") or 0)   # flipped, not measured beneath: said apart
     changed -= folded                                           # norms folded into the rotated matrices: said
+    changed -= int(pr.get("tensors") or 0)                      # pruned matrices: said
     mism += int(perm.get("tensors_resized") or 0)               # trimmed tables: rows kept, not trained
     undone = perm.get("undone") or {}
     measured = all(set(v) - {"router"} <= set(undone.get(b, ())) for b, v in (perm.get("blocks") or {}).items())
