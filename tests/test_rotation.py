@@ -117,3 +117,23 @@ def test_independent_models_and_a_new_embedding_are_not_rotations(tmp_path, rng)
     new["model.embed_tokens.weight"] = np.random.default_rng(7).normal(0, 0.02, (512, 128)).astype(np.float32)
     s = compare(b, write_checkpoint(tmp_path / "n", new)).summary
     assert "rotated_residual" not in s.flags and s.verdict in ("derived", "partial")
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_norms_folded_without_a_rotation_read_as_a_fold(tmp_path, rng, dtype):
+    """QuaRot's first step alone (each RMSNorm's gains folded into the matrices that read it, the norms set to
+    ones) computes what the base computes, yet read "a fine-tune of this base", dense, 61% of the model."""
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "base", base)
+    s = compare(b, write_checkpoint(tmp_path / "fold", _rotated(base, np.eye(128)), dtype=dtype)).summary
+    assert s.verdict == "derived" and "folded_norms" in s.flags and "rotated_residual" not in s.flags
+    assert s.scope["folded_norms"] == {"norms": 9, "tensors": 21, "tensors_changed": 0}
+    title = verdict_title(s.to_dict())
+    assert "gains of 9 norms folded" in title and "none of its other weights changed" in title, title
+    # a fine-tune with its norms reset to ones is no fold: its matrices were not multiplied by the gains
+    ft = _tuned(base)
+    for k in ft:
+        if k.endswith("norm.weight"):
+            ft[k] = np.ones_like(ft[k])
+    s = compare(b, write_checkpoint(tmp_path / "reset", ft)).summary
+    assert "folded_norms" not in s.flags and "a fine-tune" in verdict_title(s.to_dict())

@@ -342,6 +342,9 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         # matrix reads as another model's
         turned, rotation = rotated_residual(records, bases, tuned_ck, options, {id(u.record) for u in undo})
         undo.extend(turned)
+        # a norm's gains folded into the matrices that read it, nothing rotated (QuaRot's first step alone)
+        gains_folded = [] if turned else folded_gains(records, bases, tuned_ck, {id(u.record) for u in undo})
+        undo.extend(gains_folded)
         undone: dict = {}
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
             records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
@@ -352,6 +355,9 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         if rotation and undone.get("rotated"):
             undone["rotated"].update(rotation)
             undone["rotated"]["norms_folded"] = folded_norms(records, rotation["gains"], tuned_ck)
+        if undone.get("folded"):
+            undone["folded"]["norms_folded"] = folded_norms(
+                records, sorted({u.gain_name for u in gains_folded if u.gain_name}), tuned_ck)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
                             declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)},
                             reordering=(found, checked, undone), folded=the_plan.folded)
@@ -453,6 +459,7 @@ class Undo:
     trimmed: bool = False
     negate: bool = False            # the tuned tensor is the base's times -1 (``negated_matrices``)
     rotate: tuple | None = None     # (form, R, gains or None): the base's in a rotated residual stream
+    gain_name: str | None = None    # the base norm whose gains ``rotate`` folds in
 
 
 def mark_fixed_tables(records: Sequence[TensorRecord], tuned: Checkpoint) -> None:
@@ -609,13 +616,66 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         label, kind = r.block or component_of(r.name), str(r.module or "")
         g = None if gain is None else load(base, gain).reshape(-1).astype(float)
         note = ROTATED_NOTE + (f", with the base's `{escape_name(gain)}` folded into its columns" if gain else "")
-        out.append(Undo(r, r.base_name, None, None, label, kind, note, rotate=(form, r_all, g)))
+        out.append(Undo(r, r.base_name, None, None, label, kind, note, rotate=(form, r_all, g), gain_name=gain))
         if form == "out" and r.name.endswith(".weight"):
             bias = by_name.get(r.name[:-len("weight")] + "bias")
             if bias is not None and list(bias.shape or ()) == [d] and dense(bias):
                 out.append(Undo(bias, bias.base_name, None, None, label, kind, ROTATED_NOTE, rotate=("out", r_all, None)))
     return out, {"fit": {"matrices_held_out": len(held), "cosine_held_out": num / den,
                          "matrices_fitted": 1 + len(outs)}, "gains": sorted(used)}
+
+
+FOLD_NOTE = "measured against the base's matrix with the gains of the base's `{}` folded into its columns"
+
+
+def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
+                 skip: set[int] = frozenset()) -> list[Undo]:
+    """The ``Undo`` of each matrix that reads a norm whose gains were folded into it (the tuned norm all ones, the
+    matrix the base's times the base gains column by column: QuaRot's first step, done alone, which changes
+    nothing the model computes and read "a fine-tune, dense"). Each changed matrix that reads the residual stream
+    is measured against the base times the gains of whichever changed norm of its block (or the model's final
+    norm) brings it closest, when one brings it closer than the stored base; nothing when no norm went to ones."""
+    import numpy as np
+
+    from .measure import rotation as rot
+    from .measure.compute import NEGATABLE
+    from .kernels.dtypes import decode
+
+    if len(bases) != 1:
+        return []
+    base = bases[0]
+    ones: dict = {}
+    for r in records:
+        if r.module == "norm" and r.status == "changed" and len(r.shape or ()) == 1 and r.base_name is not None \
+                and r.name in tuned.tensors and tuned.tensors[r.name].dtype in NEGATABLE \
+                and base.tensors[r.base_name].dtype in NEGATABLE:
+            t = decode(np.asarray(tuned.read(r.name)).reshape(-1), tuned.tensors[r.name].dtype)
+            if np.all(t == 1.0):
+                ones.setdefault(r.block, []).append(r)
+    if not ones:
+        return []
+    out: list[Undo] = []
+    for r in records:
+        if id(r) in skip or r.status != "changed" or r.compared != "float" or len(r.shape or ()) != 2 \
+                or r.module not in rot.IN_KINDS or r.module in ("embed", "embed.pos") or r.base_name is None \
+                or getattr(r, "tied", False) or not _same_dense(r, bases, tuned, NEGATABLE):
+            continue
+        norms = [n for n in ones.get(r.block, []) + ones.get(None, []) if int(n.shape[0]) == int(r.shape[1])]
+        if not norms:
+            continue
+        b, t = rot.values(base, r.base_name), rot.values(tuned, r.name)
+        best, best_c = None, rot.rotated_cosine("in", b, t, None)
+        for n in norms:
+            g = rot.values(base, n.base_name).reshape(-1).astype(float)
+            c = rot.rotated_cosine("in", b, t, None, g)
+            if c > best_c:
+                best, best_c = (n, g), c
+        if best is None:
+            continue
+        label, kind = r.block or component_of(r.name), str(r.module or "")
+        out.append(Undo(r, r.base_name, None, None, label, kind, FOLD_NOTE.format(escape_name(best[0].base_name)),
+                        rotate=("in", None, best[1]), gain_name=best[0].base_name))
+    return out
 
 
 def pruned_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint) -> dict:
@@ -910,6 +970,7 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
     negated: dict[str, list[str]] = {}
     n_negated = 0
     rotated: list[str] = []
+    folded: list[str] = []
     for r in records:
         u = redo.get(id(r))
         pair = pairs.get(r.name) if u is not None else None
@@ -933,7 +994,7 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
             new.note += "; its zeros differ from the base's negated only in their sign"
         out.append(new)
         if u.rotate is not None:
-            rotated.append(new.name)
+            (rotated if u.rotate[1] is not None else folded).append(new.name)
             new.dtype_base = r.dtype_base           # measured against float64 values; stored as the base stores it
             _within_rotation_rounding(new)
             continue
@@ -957,6 +1018,8 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
                              "names": [u.record.name for u in undo if u.negate]}
     if rotated:
         undone["rotated"] = {"tensors": len(rotated), "names": rotated}
+    if folded:
+        undone["folded"] = {"tensors": len(folded), "names": folded}
     if undone and any(u.kind == "rows" and u.axis == 0 for u in undo):
         undone["rows_consistent"] = _rows_consistent(records, undo)
     return out, undone

@@ -389,6 +389,12 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         scope["pruned_elements"] = {"tensors": len(pruned.get("names") or ()),
                                     "elements_zeroed": int(pruned.get("elements") or 0),
                                     "elements_in": int(pruned.get("elements_in") or 0)}
+    folded = undone.get("folded") or {}
+    if folded:                                # norms' gains folded into the matrices that read them, nothing rotated
+        flags.append("folded_norms")
+        names = set(folded.get("names") or ())
+        scope["folded_norms"] = {"norms": len(folded.get("norms_folded") or ()), "tensors": len(names),
+                                 "tensors_changed": [r.status for r in counted if r.name in names].count("changed")}
     rotated = undone.get("rotated") or {}
     if rotated:                               # the residual stream rotated: measured in the rotated frame
         flags.append("rotated_residual")
@@ -432,7 +438,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # alike, and no matrix says whether this one derives from the base
         verdict = "inconclusive"
         flags.append("vectors_only")
-    if verdict in ("identical", "cast_only", "quantized_only") and (permuted or negated or rotated):
+    if verdict in ("identical", "cast_only", "quantized_only") and (permuted or negated or rotated or folded):
         # the base's weights, some units in another order or negated, maybe cast or quantized: not the same
         # weights at another precision (a negated q alone changes what the model computes)
         verdict = "derived"

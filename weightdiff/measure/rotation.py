@@ -88,13 +88,13 @@ class Rotation:
         return procrustes(self.c) if self.c is not None else None
 
 
-def apply(kind: str, base: np.ndarray, r: np.ndarray, gain: np.ndarray | None = None) -> np.ndarray:
+def apply(kind: str, base: np.ndarray, r: np.ndarray | None, gain: np.ndarray | None = None) -> np.ndarray:
     """The base tensor in the rotated frame, float64: ``in`` (base diag(gain)) R, ``out`` R^T base (a bias,
-    [d, 1], likewise)."""
+    [d, 1], likewise); ``r`` None: no rotation (a norm's gains folded, nothing rotated)."""
     if kind == "in":
         b = base.astype(np.float64) if gain is None else base.astype(np.float64) * gain[None, :]
-        return b @ r
-    return r.T @ base.astype(np.float64)
+        return b if r is None else b @ r
+    return base.astype(np.float64) if r is None else r.T @ base.astype(np.float64)
 
 
 def rotated_cosine(kind: str, base: np.ndarray, tuned: np.ndarray, r: np.ndarray,

@@ -185,7 +185,7 @@ def _derived_special(summary: dict) -> str | None:
     grown_by = int(scope.get("blocks_total") or 0) - int(scope.get("base_blocks_total") or 0)
     if "zeroed_matrices" not in flags and "shape_mismatch" not in flags and "permuted_units" not in flags \
             and "negated_matrices" not in flags and "rotated_residual" not in flags and not scope.get("blocks_moved") \
-            and "pruned_elements" not in flags \
+            and "pruned_elements" not in flags and "folded_norms" not in flags \
             and not (grown_by > 0 and scope.get("base_blocks_total")):
         return None
     perm = scope.get("permuted_units") or {}
@@ -229,8 +229,13 @@ def _derived_special(summary: dict) -> str | None:
         what.append(f"some of its weights pruned ({share(int(pr.get('elements_zeroed') or 0) / max(1, int(pr.get('elements_in') or 1)))} "
                     f"of the elements of {count(n_pr)} {'matrix' if n_pr == 1 else 'matrices'} set to zero, the rest "
                     "exactly the base's)")
+    fo = scope.get("folded_norms") or {}
+    if fo.get("norms"):
+        n_fo = int(fo["norms"])
+        what.append(f"the gains of {count(n_fo)} {'norm' if n_fo == 1 else 'norms'} folded into the matrices that "
+                    "read them (the norms all ones, the matrices' columns times the base's gains)")
     rot = scope.get("rotated_residual") or {}
-    folded = int(rot.get("norms_folded") or 0)
+    folded = int(rot.get("norms_folded") or 0) + int(fo.get("norms") or 0)
     if rot.get("tensors"):
         what.append("its residual stream rotated (every matrix that reads or writes it is the base's times one "
                     "orthogonal matrix)" + (" and its norms' gains folded into the matrices that read them"
@@ -761,6 +766,15 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
             text += (f"; {count(n_left)} of them could not be measured so (quantized codes, adapter factors, or "
                      f"units also reordered): {'its' if n_left == 1 else 'their'} numbers here are of the flipped "
                      "weights, and relatedness counts them by their distance from the base negated")
+    fo = scope.get("folded_norms") or {}
+    if fo.get("tensors"):
+        n_fo, n_norms = int(fo["tensors"]), int(fo.get("norms") or 0)
+        text += (f"; {count(n_norms)} {'norm holds' if n_norms == 1 else 'norms hold'} all ones, {'its' if n_norms == 1 else 'their'} "
+                 f"base gains folded into the matrices that read {'it' if n_norms == 1 else 'them'} (QuaRot's first step; "
+                 "with RMSNorm the model computes what the base computes), so "
+                 f"{'the' if n_fo == 1 else 'each of the'} {count(n_fo)} {'matrix' if n_fo == 1 else 'matrices'} is "
+                 "measured against the base's times those gains and the numbers here are of what changed beneath the "
+                 "fold")
     rot = scope.get("rotated_residual") or {}
     if rot.get("tensors"):
         n_rot, folded = int(rot["tensors"]), int(rot.get("norms_folded") or 0)
