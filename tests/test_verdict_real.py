@@ -809,6 +809,10 @@ def test_no_training_is_not_titled_a_fine_tune(tmp_path, how):
             "weights are the embedding's); none of its other weights changed.") if how == "head_tied" else \
         "DERIVED: this base with its vocabulary resized (token rows added or removed); none of its own weights changed."
     assert verdict_title(s) == want
+    if how == "head_tied":
+        # the counts leave the tied head row out: the reason and the bitwise share must say it differs
+        assert "not counting the tuned model's effective head" in s["verdict_reason"], s["verdict_reason"]
+        assert any("not counting the effective head, which differs" in h for h in s["headline"]), s["headline"]
     # one trained weight besides: a fine-tune again
     tuned["model.layers.1.mlp.up_proj.weight"] = (tuned["model.layers.1.mlp.up_proj.weight"] * 1.01).astype(np.float32)
     write_checkpoint(tmp_path / "t2", tuned)

@@ -664,6 +664,13 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                      + (f" ({count(n_r)} {'other holds' if n_r == 1 else 'others hold'} tensors of another shape than in "
                         "the base, not compared)" if n_r else ""))
     text = "Derived from this base: " + ", in ".join(parts) + gone
+    heads = [t for t in data.get("tensors") or [] if is_tied_row(t) and t.get("status") == "changed"]
+    if heads:
+        # the tied head row is left out of every count (its parameters are the embedding's): "0 of 38 tensors
+        # changed" alone was quoted of a model whose output head was swapped for a near-orthogonal matrix
+        text += (f" (not counting the tuned model's effective head, its embedding table tied as `"
+                 f"{escape_name(str(heads[0].get('name')))}`, which differs from the base's head: relative change "
+                 f"{sci(heads[0].get('rel_change'))})")
     if scope.get("base_blocks_total") and scope.get("base_blocks_paired", 0) < scope["base_blocks_total"]:
         text += f"; {scope['base_blocks_paired']} of {scope['base_blocks_total']} base blocks have a counterpart"
     if scope.get("blocks_moved"):
@@ -876,8 +883,10 @@ def headline(data: dict) -> list[str]:
                                        (sc.get("negated_matrices") or {}).get("tensors")),
                                       ("the residual stream's rotation is undone",
                                        (sc.get("rotated_residual") or {}).get("tensors"))) if on]
+            tied_moved = any(is_tied_row(t) and t.get("status") == "changed" for t in data.get("tensors") or [])
             out.append(f"{main} of parameters are bitwise unchanged{aside}"
-                       + (f", once {' and '.join(undone)}." if undone else "."))
+                       + (f", once {' and '.join(undone)}" if undone else "")
+                       + (" (not counting the effective head, which differs: see below)." if tied_moved else "."))
         if by.get("rounding"):
             out.append(f"{share(by['rounding'] / total)} differ only within dtype rounding.")
         if by.get("quantized"):
