@@ -710,6 +710,10 @@ def test_a_faint_trace_of_the_base_is_not_called_unrelated(tmp_path, w, verdict)
         assert s.relatedness_cosine == pytest.approx(w / math.hypot(w, 1 - w), abs=0.02)
         assert verdict_title(d["summary"]).startswith("INCONCLUSIVE: the large matrices keep a faint trace of this base")
         assert "not orthogonal to it" in verdict_reason(d) and "below 0.05" in verdict_reason(d)
+        # the terminal's component line must not say "unrelated:" under an inconclusive verdict
+        from weightdiff.render.terminal import render_text
+        text = render_text(d)
+        assert "near-orthogonal: embeddings" in text and "unrelated: embeddings" not in text
     else:
         assert abs(s.relatedness_cosine) < 0.01
 

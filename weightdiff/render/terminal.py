@@ -92,7 +92,11 @@ def render_text(result: dict, top: int = 10) -> str:
         for status in ("shared", "unrelated", "unmeasured", "reshaped", "base_only", "tuned_only"):
             names = [escape_name(c["component"]) for c in comps if c.get("status") == status]
             if names:
-                lines.append(f"          {status.replace('_', ' ')}: {', '.join(names[:8])}"
+                # under an inconclusive verdict (a faint trace of the base) the components' rule is not the
+                # model's answer: "unrelated: embeddings, layers.0, ..." was quoted beside it
+                label = "near-orthogonal" if status == "unrelated" and s.get("verdict") != "unrelated" \
+                    and "faint_relatedness" in (s.get("flags") or []) else status.replace('_', ' ')
+                lines.append(f"          {label}: {', '.join(names[:8])}"
                              + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
     if s.get("flags"):
         lines.append(f"flags     {', '.join(s['flags'])}")
