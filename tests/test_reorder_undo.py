@@ -320,3 +320,23 @@ def test_the_gathered_side_reads_windows_rows_and_columns_as_the_gathered_array(
                                   want.reshape(len(want), -1)[[3, 0]])
         other = GatheredSide(ck, "x", "b")                     # another tensor as stored (an expert's)
         assert np.array_equal(other.read("x").view(np.float32), t["b"])
+
+
+def test_token_rows_reordered_and_grown_are_not_called_trimmed(tmp_path):
+    """A tokenizer swapped (ids remapped and rows added) read "reordered or trimmed" (nothing was trimmed), and with
+    more than a tenth of the rows new, PARTIAL "unrelated to it: embeddings, head" (the bitwise row match wanted
+    nine tenths of the tuned rows to be base rows, not of the base's)."""
+    base = llama(np.random.default_rng(71), layers=2, hidden=64, inter=128, vocab=256)
+    rng = np.random.default_rng(74)
+    order = rng.permutation(256)
+    tuned = dict(base)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        tuned[k] = np.concatenate([base[k][order], base[k].mean(0, keepdims=True).repeat(32, 0)]).astype(np.float32)
+    write_checkpoint(tmp_path / "b", base, dtype="BF16")
+    write_checkpoint(tmp_path / "t", tuned, dtype="BF16")
+    r = compare(tmp_path / "b", tmp_path / "t")
+    title = verdict_title(r.to_dict()["summary"])
+    assert r.summary.verdict == "derived" and not [c for c in r.summary.components if c["status"] == "unrelated"]
+    assert r.summary.scope["permuted_units"].get("tensors_grown") == 2
+    assert "with rows added" in title and "trimmed" not in title, title
+    assert "a vocabulary grown" in r.summary.verdict_reason and "trimmed" not in r.summary.verdict_reason

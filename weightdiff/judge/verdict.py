@@ -371,8 +371,13 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                   if str(r.module or "").split(".", 1)[0] in reordered_kinds(permuted.get(component_of(b), ()))]
         scope["permuted_units"] = {"blocks": {k: list(v) for k, v in sorted(permuted.items())},
                                    "tensors_changed": inside.count("changed")}
-        if inside.count("resized"):           # a token table trimmed to a subset of the base's rows
+        if inside.count("resized"):           # a token table trimmed to a subset of the base's rows (or grown)
             scope["permuted_units"]["tensors_resized"] = inside.count("resized")
+            grown = sum(1 for r, b in zip(counted, placements(counted)) if r.status == "resized"
+                        and "rows" in (permuted.get(component_of(b)) or ()) and r.shape and r.base_shape
+                        and r.shape[0] > r.base_shape[0])
+            if grown:                         # reordered and rows added: a tokenizer's ids remapped and grown
+                scope["permuted_units"]["tensors_grown"] = grown
         if undone:                            # measured against the base's units in the tuned model's order
             scope["permuted_units"].update({"undone": undone["blocks"], "tensors_undone": undone["tensors"]})
             if undone.get("trimmed"):

@@ -592,12 +592,16 @@ def rows_reordered(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_
     if dtype_tuned == dtype_base and tuned.dtype == base.dtype:
         seen: dict[bytes, int] = {}
         digests: list[bytes] = []
+        zero = set()
         for lo in range(0, len(base), ROW_CHUNK):
             chunk = np.ascontiguousarray(base[lo:lo + ROW_CHUNK])
             for i, row in enumerate(chunk):
                 h = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
                 digests.append(h)
                 seen.setdefault(h, lo + i)
+                if not row.view(np.uint8).any():
+                    zero.add(h)
+        base_live = len(seen) - len(zero)           # distinct non-zero base rows
         used: set[int] = set()
         hits = live = 0
         order = np.full(len(tuned), -1, np.int64)
@@ -616,7 +620,9 @@ def rows_reordered(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_
                 if j is not None and j not in used:
                     used.add(j)
                     hits += 1
-        if live and hits >= min_share * live:
+        # a share of the tuned rows, or of the base's when the tuned table is larger (ids remapped and tokens added:
+        # a tokenizer swapped; 32 new rows beside 256 remapped ones read "unrelated: embeddings, head")
+        if live and hits >= min_share * min(live, base_live):
             return True, (order if bool(np.all(order >= 0)) else None)
     pick = np.unique(np.linspace(0, len(tuned) - 1, min(ROW_SAMPLE, len(tuned))).astype(np.int64))
     st = _unit_rows(_finite(_as_float32(np.ascontiguousarray(tuned[pick]), dtype_tuned).astype(np.float64))[0])

@@ -214,9 +214,10 @@ def _derived_special(summary: dict) -> str | None:
                                                 ("experts", "the experts of some mixture-of-experts layers"))
                                  if k in kinds) + " reordered" + _stray_routers(perm.get("blocks") or {}))
     if "rows" in kinds:
+        n_grown = int(perm.get("tensors_grown") or 0)
+        cut = int(perm.get("tensors_resized") or 0) - n_grown > 0 or perm.get("tensors_trimmed")
         what.append("the token rows of its " + _and([b for b, v in (perm.get("blocks") or {}).items() if "rows" in v])
-                    + (" reordered" + (" or trimmed" if perm.get("tensors_resized") or perm.get("tensors_trimmed")
-                                       else ""))
+                    + (" reordered" + (" or trimmed" if cut else "") + (", with rows added" if n_grown else ""))
                     + (" (the embedding's and the head's not in one order: it computes something else than the base)"
                        if perm.get("rows_consistent") is False else ""))
     neg = scope.get("negated_matrices") or {}
@@ -717,16 +718,18 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     undone = pu.get("undone") or {}
     tables = [b for b, v in every.items() if "rows" in v]
     if tables:
-        trimmed = bool(pu.get("tensors_resized") or pu.get("tensors_trimmed"))
+        grown = int(pu.get("tensors_grown") or 0)
+        trimmed = bool(int(pu.get("tensors_resized") or 0) - grown > 0 or pu.get("tensors_trimmed"))
         measured = all("rows" in undone.get(b, ()) for b in tables)
         scrambled = pu.get("rows_consistent") is False
         text += (f"; the token rows of the {_and(tables)} are the base's rows in another order"
-                 + (" or a subset of them" if trimmed else "")
+                 + (" or a subset of them" if trimmed else "") + (", with rows added" if grown else "")
                  + (" (the embedding's rows and the head's are not in one order, so no remapping of the tokenizer's "
                     "ids gives the base's computation: the model computes something else than the base), so "
                     if scrambled else
-                    f" (a tokenizer's ids remapped{', a vocabulary trimmed' if trimmed else ''}: on the remapped "
-                    "tokens the model computes what the base computes), so ")
+                    f" (a tokenizer's ids remapped{', a vocabulary trimmed' if trimmed else ''}"
+                    f"{', a vocabulary grown' if grown else ''}: on the remapped tokens the model computes what the base "
+                    "computes), so ")
                  + ("each row is compared with the base row it is" if measured else
                     "their numbers here are of rows compared with other tokens' rows"))
     perm = {b: v for b, v in every.items() if b not in tables}
