@@ -209,9 +209,10 @@ def runner(scheduler: str | None = None, workers: int | None = None, memory_limi
         return
     # no dashboard; the scheduler's HTTP routes (health, metrics) on a free port: on 8787, taken by
     # another cluster, distributed warned on stderr "Port 8787 is already in use" even with -q
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None, memory_limit=memory_limit or "auto", silence_logs=50,
-                           scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+    with _sigint_ignored():    # inherited by the worker processes: a terminal's Ctrl-C reaches this process alone
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=None, memory_limit=memory_limit or "auto", silence_logs=50,
+                               scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     try:
         cl = Client(cluster, set_as_default=False)
         try:
@@ -220,6 +221,25 @@ def runner(scheduler: str | None = None, workers: int | None = None, memory_limi
             cl.close()
     finally:
         cluster.close()
+
+
+@contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while worker processes start, so that they inherit it ignored (Python installs no
+    KeyboardInterrupt handler in a process that starts with SIGINT ignored): a terminal's Ctrl-C goes to the
+    whole process group, and every worker printed its own KeyboardInterrupt and CancelledError tracebacks
+    before this process's one line. This process stops the cluster on its own KeyboardInterrupt."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 #: the loggers whose records about a lost or closing connection would reach stderr (distributed's own
