@@ -420,6 +420,22 @@ def test_pickle_with_code_payload_is_refused(tmp_path):
     assert line.endswith("(it names the global io.open) (convert it to safetensors with a trusted tool)")
 
 
+@pytest.mark.parametrize("payload", ["benign", "code"])
+def test_a_plain_pickle_is_named_for_what_it_is(tmp_path, payload):
+    """pickle.dump of protocol 4 or later (not torch.save): refused with torch's "unsupported operand 149", read
+    as "carries code" even for a plain dict of tensors; the line now says it is a plain pickle."""
+    torch = pytest.importorskip("torch")
+    import pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "pytorch_model.bin"
+    obj = {"w": torch.zeros(4, 4)} if payload == "benign" else {"w": _Payload(str(marker))}
+    path.write_bytes(pickle.dumps(obj, protocol=4))
+    line = bad(path, "refused: a plain pickle (protocol 4 or later")
+    assert "operand" not in line and "carries code" not in line
+    assert not marker.exists()
+
+
 class _SystemPayload:
     """Pickles as os.system (posix.system), a global of a module torch blocks outright."""
 

@@ -78,6 +78,12 @@ def _torch_load(torch, path: Path) -> object:
                 # mmap needs the zip format (torch >= 1.6); older files load without it
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if re.search(r"Unsupported operand 149\b", str(exc)):
+            # opcode 149 (FRAME) opens every pickle of protocol 4 or later, which torch.save never writes: a plain
+            # pickle.dump, not "code outside the allow-list" (a benign dict of tensors read so)
+            raise CheckpointError(path, "refused: a plain pickle (protocol 4 or later, as pickle.dump writes), not a "
+                                        "file torch.save wrote; weightdiff reads pickles only through torch's "
+                                        "weights-only loader", "convert it to safetensors with a trusted tool") from None
         raise CheckpointError(path, "refused: the pickle carries code or objects outside torch's "
                                     f"weights-only allow-list ({_refusal(exc)})",
                               "convert it to safetensors with a trusted tool") from None
