@@ -23,6 +23,7 @@ FIXED = """## Exit codes
 | 1 | an unexpected error inside weightdiff: one line on stderr; please report it |
 | 2 | bad input or usage: one line on stderr naming the file or flag, and nothing written; also a Dask scheduler (`--scheduler`) that cannot be reached (nothing written) or that is lost during the run (a survey keeps the rows it completed, and a rerun compares the others) |
 | 130 | interrupted (Ctrl-C) |
+| 143 | terminated (SIGTERM, as a job scheduler or `timeout` sends it): like an interrupt, nothing written, a `--cache` keeps the records already measured |
 
 All outputs of a command appear together or not at all. Every path is claimed before any work: the
 same path for two outputs (counting each figure file and `figures.json` that `--plots DIR` or a
