@@ -262,7 +262,8 @@ def test_a_model_that_only_gained_tensors_is_not_called_a_fine_tune_with_changed
     assert "fine-tune" not in sentences.verdict_title(s.to_dict())
     _, _, s = aggregate([rec("model.layers.0.w", "changed", nd=0.1), rec("model.layers.1.w", "added")], THR)
     assert "1 of 2 tensors changed and 1 added" in s.verdict_reason
-    assert sentences.verdict_title(s.to_dict()) == "DERIVED: a fine-tune of this base."
+    # a block the base does not have is named in the title (LLaMA-Pro, depth up-scaling)
+    assert sentences.verdict_title(s.to_dict()) == "DERIVED: a fine-tune of this base, with 1 block more than the base's 1."
 
 
 def test_cast_only():

@@ -137,3 +137,28 @@ def test_norms_folded_without_a_rotation_read_as_a_fold(tmp_path, rng, dtype):
             ft[k] = np.ones_like(ft[k])
     s = compare(b, write_checkpoint(tmp_path / "reset", ft)).summary
     assert "folded_norms" not in s.flags and "a fine-tune" in verdict_title(s.to_dict())
+
+
+@pytest.mark.parametrize("how", ["signs", "scales"])
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_units_rescaled_or_sign_flipped_one_by_one_are_measured_beneath(tmp_path, rng, how, dtype):
+    """Up rows times c and down columns divided by c (a gated MLP computes the same), or c = -1 for some neurons:
+    as stored "a fine-tune, dense", and the sign flips were taken for a reordering."""
+    base = llama(rng)
+    tuned = dict(base)
+    r = np.random.default_rng(9)
+    c = np.where(r.random(256) < 0.2, -1.0, 1.0) if how == "signs" else r.uniform(0.5, 2.0, 256)
+    for i in (1, 2):
+        p = f"model.layers.{i}.mlp."
+        tuned[p + "up_proj.weight"] = (base[p + "up_proj.weight"] * c[:, None]).astype(np.float32)
+        tuned[p + "down_proj.weight"] = (base[p + "down_proj.weight"] / c[None, :]).astype(np.float32)
+    b = write_checkpoint(tmp_path / "b", base, dtype=dtype)
+    s = compare(b, write_checkpoint(tmp_path / "t", tuned, dtype=dtype)).summary
+    assert s.verdict == "derived" and "rescaled_units" in s.flags and "permuted_units" not in s.flags
+    assert s.scope["rescaled_units"]["tensors"] == 4 and s.scope["rescaled_units"]["tensors_changed"] == 0
+    assert (s.scope["rescaled_units"]["negative"] > 0) == (how == "signs")
+    title = verdict_title(s.to_dict())
+    assert "rescaled" in title and "none of its other weights changed" in title, title
+    # a dense fine-tune of every matrix reads nothing again and is no rescale
+    s = compare(b, write_checkpoint(tmp_path / "ft", _tuned(base), dtype=dtype)).summary
+    assert "rescaled_units" not in s.flags

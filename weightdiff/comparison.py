@@ -345,6 +345,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         # a norm's gains folded into the matrices that read it, nothing rotated (QuaRot's first step alone)
         gains_folded = [] if turned else folded_gains(records, bases, tuned_ck, {id(u.record) for u in undo})
         undo.extend(gains_folded)
+        # rows or columns each the base's times a factor (a scale moved between two matrices, units' signs flipped)
+        undo.extend(rescaled_units(records, bases, tuned_ck, options, {id(u.record) for u in undo}))
         undone: dict = {}
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
             records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
@@ -678,6 +680,61 @@ def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], t
     return out
 
 
+RESCALED_NOTE = "each {} the base's times its own factor (from {} to {}{}): measured against the base so scaled"
+
+
+def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
+                   options: CompareOptions, skip: set[int] = frozenset()) -> list[Undo]:
+    """The ``Undo`` of each changed matrix whose rows (or columns) are the base's each times its own factor, within
+    the rounding of the tuned dtype: a scale moved from one matrix to the next (v rows and o columns, up rows and
+    down columns, SmoothQuant's), or units' signs flipped one by one (up rows and down columns of a gated MLP times
+    -1), none of which changes what the model computes when the reading matrix is scaled inversely; as stored they
+    read "a fine-tune, dense" (and signs flipped, "unrelated"). Read only in blocks where some matrix is unchanged
+    (a scale moved between two matrices leaves the rest alone) and for changes not certified low-rank (a merged
+    LoRA): a dense fine-tune of every matrix reads nothing again."""
+    import numpy as np
+
+    from .judge.relatedness import _low_rank_row
+    from .kernels.dtypes import DTYPES
+    from .measure import rotation as rot
+    from .measure.compute import NEGATABLE
+
+    if len(bases) != 1:
+        return []
+    base = bases[0]
+    blocks: dict = {}
+    for r in records:
+        if r.block is not None and len(r.shape or ()) == 2 and r.base_name is not None and r.compared == "float" \
+                and not getattr(r, "tied", False):
+            blocks.setdefault(r.block, []).append(r)
+    out: list[Undo] = []
+    for label, mats in blocks.items():
+        if not any(r.status in ("unchanged", "rounding") for r in mats):
+            continue
+        for r in mats:
+            if id(r) in skip or r.status != "changed" or _low_rank_row(r, options.thresholds) \
+                    or not _same_dense(r, bases, tuned, NEGATABLE):
+                continue
+            d = DTYPES[tuned.tensors[r.name].dtype]
+            tol = 2.0 ** -((d.mant_bits or 0) + 1)
+            b = rot.values(base, r.base_name).astype(np.float64)
+            t = rot.values(tuned, r.name).astype(np.float64)
+            nt = float(np.sqrt((t * t).sum()))
+            for axis, what in ((1, "row"), (0, "column")):
+                den = (b * b).sum(axis=axis)
+                c = np.where(den > 0, (t * b).sum(axis=axis) / np.where(den > 0, den, 1.0), 1.0)
+                fit = b * (c[:, None] if axis == 1 else c[None, :])
+                if nt and float(np.sqrt(((t - fit) ** 2).sum())) <= tol * nt and not np.allclose(c, 1.0, rtol=tol):
+                    neg = int(np.count_nonzero(c < 0))
+                    note = RESCALED_NOTE.format(what, f"{c.min():.4g}", f"{c.max():.4g}",
+                                                f"; {neg:,} negative" if neg else "")
+                    out.append(Undo(r, r.base_name, None, None, label, str(r.module or ""), note,
+                                    rotate=("rows" if axis == 1 else "in", None, c)))
+                    break
+            del b, t
+    return out
+
+
 def pruned_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint) -> dict:
     """The changed float matrices that are the base's with some elements set to zero and every other element
     exactly the base's (magnitude or 2:4 pruning, heads zeroed in place, no training): ``names``, ``elements``
@@ -962,6 +1019,8 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
     reordered tensor was measured so; ``router`` where a router whose rows did not follow its experts was
     measured in their new order), ``tensors``, ``trimmed`` (token tables with fewer rows), ``routers`` (the
     names of those routers' tensors)."""
+    import numpy as np
+
     from .measure.compute import GatheredSide, remeasure
 
     pairs = {p.tuned_name: p for p in the_plan.pairs if p.tuned_name is not None}
@@ -971,6 +1030,7 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
     n_negated = 0
     rotated: list[str] = []
     folded: list[str] = []
+    rescaled: list[str] = []
     for r in records:
         u = redo.get(id(r))
         pair = pairs.get(r.name) if u is not None else None
@@ -994,7 +1054,7 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
             new.note += "; its zeros differ from the base's negated only in their sign"
         out.append(new)
         if u.rotate is not None:
-            (rotated if u.rotate[1] is not None else folded).append(new.name)
+            (rotated if u.rotate[1] is not None else folded if u.gain_name else rescaled).append(new.name)
             new.dtype_base = r.dtype_base           # measured against float64 values; stored as the base stores it
             _within_rotation_rounding(new)
             continue
@@ -1020,6 +1080,10 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
         undone["rotated"] = {"tensors": len(rotated), "names": rotated}
     if folded:
         undone["folded"] = {"tensors": len(folded), "names": folded}
+    if rescaled:
+        undone["rescaled"] = {"tensors": len(rescaled), "names": rescaled,
+                              "negative": sum(int(np.count_nonzero(u.rotate[2] < 0)) for u in undo
+                                              if u.rotate is not None and u.rotate[1] is None and not u.gain_name)}
     if undone and any(u.kind == "rows" and u.axis == 0 for u in undo):
         undone["rows_consistent"] = _rows_consistent(records, undo)
     return out, undone

@@ -35,8 +35,9 @@ LIMITS = (
     "MLP neurons, attention heads, the experts of a mixture-of-experts layer or token rows put in another "
     "order, and whole matrices stored times -1, are recognised and measured against the base's units in the "
     "same order and sign; a residual stream rotated or permuted as a whole (QuaRot, SpinQuant) is measured in "
-    "the rotated frame. Neurons split, merged, rescaled or with their sign flipped one by one are not "
-    "recognised, and make a derived model look less related or unrelated.",
+    "the rotated frame; rows or columns each rescaled (signs flipped one by one included) are measured beneath "
+    "the scales where the rest of their block is unchanged. Neurons split or merged, or rescaled inside a block "
+    "that was also trained, are not recognised, and make a derived model look less related or unrelated.",
     "Distillation, or training from scratch on the same data, leaves no weight-space trace: such a "
     "model reads unrelated to the teacher or sibling.",
     "A merge of several bases (averaging, task arithmetic, TIES) reads derived from each of them, "

@@ -400,6 +400,12 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         names = set(folded.get("names") or ())
         scope["folded_norms"] = {"norms": len(folded.get("norms_folded") or ()), "tensors": len(names),
                                  "tensors_changed": [r.status for r in counted if r.name in names].count("changed")}
+    rescaled = undone.get("rescaled") or {}
+    if rescaled:                              # rows or columns each the base's times a factor
+        flags.append("rescaled_units")
+        names = set(rescaled.get("names") or ())
+        scope["rescaled_units"] = {"tensors": len(names), "negative": int(rescaled.get("negative") or 0),
+                                   "tensors_changed": [r.status for r in counted if r.name in names].count("changed")}
     rotated = undone.get("rotated") or {}
     if rotated:                               # the residual stream rotated: measured in the rotated frame
         flags.append("rotated_residual")
@@ -443,7 +449,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # alike, and no matrix says whether this one derives from the base
         verdict = "inconclusive"
         flags.append("vectors_only")
-    if verdict in ("identical", "cast_only", "quantized_only") and (permuted or negated or rotated or folded):
+    if verdict in ("identical", "cast_only", "quantized_only") and (permuted or negated or rotated or folded
+                                                                   or rescaled):
         # the base's weights, some units in another order or negated, maybe cast or quantized: not the same
         # weights at another precision (a negated q alone changes what the model computes)
         verdict = "derived"

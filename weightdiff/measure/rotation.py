@@ -90,7 +90,10 @@ class Rotation:
 
 def apply(kind: str, base: np.ndarray, r: np.ndarray | None, gain: np.ndarray | None = None) -> np.ndarray:
     """The base tensor in the rotated frame, float64: ``in`` (base diag(gain)) R, ``out`` R^T base (a bias,
-    [d, 1], likewise); ``r`` None: no rotation (a norm's gains folded, nothing rotated)."""
+    [d, 1], likewise); ``r`` None: no rotation (a norm's gains folded, nothing rotated); ``rows``: base diag-scaled
+    row by row (``gain`` one factor per row), for units rescaled."""
+    if kind == "rows":                  # each row the base's times its own factor (no rotation)
+        return base.astype(np.float64) * gain.reshape(-1, *([1] * (base.ndim - 1)))
     if kind == "in":
         b = base.astype(np.float64) if gain is None else base.astype(np.float64) * gain[None, :]
         return b if r is None else b @ r

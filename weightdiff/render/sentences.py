@@ -185,7 +185,7 @@ def _derived_special(summary: dict) -> str | None:
     grown_by = int(scope.get("blocks_total") or 0) - int(scope.get("base_blocks_total") or 0)
     if "zeroed_matrices" not in flags and "shape_mismatch" not in flags and "permuted_units" not in flags \
             and "negated_matrices" not in flags and "rotated_residual" not in flags and not scope.get("blocks_moved") \
-            and "pruned_elements" not in flags and "folded_norms" not in flags \
+            and "pruned_elements" not in flags and "folded_norms" not in flags and "rescaled_units" not in flags \
             and not (grown_by > 0 and scope.get("base_blocks_total")):
         return None
     perm = scope.get("permuted_units") or {}
@@ -230,6 +230,12 @@ def _derived_special(summary: dict) -> str | None:
         what.append(f"some of its weights pruned ({share(int(pr.get('elements_zeroed') or 0) / max(1, int(pr.get('elements_in') or 1)))} "
                     f"of the elements of {count(n_pr)} {'matrix' if n_pr == 1 else 'matrices'} set to zero, the rest "
                     "exactly the base's)")
+    rs = scope.get("rescaled_units") or {}
+    if rs.get("tensors"):
+        n_rs = int(rs["tensors"])
+        what.append(f"the rows or columns of {count(n_rs)} {'matrix' if n_rs == 1 else 'matrices'} rescaled (each the "
+                    "base's times its own factor" + (", some negative: signs flipped" if rs.get("negative") else "")
+                    + ")")
     fo = scope.get("folded_norms") or {}
     if fo.get("norms"):
         n_fo = int(fo["norms"])
@@ -776,6 +782,16 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
             text += (f"; {count(n_left)} of them could not be measured so (quantized codes, adapter factors, or "
                      f"units also reordered): {'its' if n_left == 1 else 'their'} numbers here are of the flipped "
                      "weights, and relatedness counts them by their distance from the base negated")
+    rs = scope.get("rescaled_units") or {}
+    if rs.get("tensors"):
+        n_rs = int(rs["tensors"])
+        text += (f"; {count(n_rs)} {'matrix is' if n_rs == 1 else 'matrices are'} the base's with each row or column "
+                 "times its own factor" + (f" ({count(int(rs.get('negative') or 0))} of them negative: signs flipped)"
+                                          if rs.get("negative") else "")
+                 + ", as a scale moved from one matrix to the next (SmoothQuant, AWQ) or units' signs flipped one by "
+                 "one leave them, so each is measured against the base so scaled and the numbers here are of what "
+                 "changed beneath the scales; such a change computes what the base computes only when the matrix that "
+                 "reads those units is scaled inversely, which is not checked here")
     fo = scope.get("folded_norms") or {}
     if fo.get("tensors"):
         n_fo, n_norms = int(fo["tensors"]), int(fo.get("norms") or 0)
