@@ -162,3 +162,8 @@ def test_units_rescaled_or_sign_flipped_one_by_one_are_measured_beneath(tmp_path
     # a dense fine-tune of every matrix reads nothing again and is no rescale
     s = compare(b, write_checkpoint(tmp_path / "ft", _tuned(base), dtype=dtype)).summary
     assert "rescaled_units" not in s.flags
+    # up's rows scaled with down left alone (a DoRA magnitude trained) changes what the model computes: a change
+    alone = dict(base)
+    alone["model.layers.1.mlp.up_proj.weight"] = tuned["model.layers.1.mlp.up_proj.weight"]
+    s = compare(b, write_checkpoint(tmp_path / "alone", alone, dtype=dtype)).summary
+    assert "rescaled_units" not in s.flags and s.tensors_by_status.get("changed") == 1

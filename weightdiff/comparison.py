@@ -680,18 +680,23 @@ def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], t
     return out
 
 
-RESCALED_NOTE = "each {} the base's times its own factor (from {} to {}{}): measured against the base so scaled"
+RESCALED_NOTE = ("each {} the base's times its own factor (from {} to {}{}), and `{}` scaled inversely: measured "
+                 "against the base so scaled")
+
+#: (the matrix whose rows are units, the matrix whose columns read them): a factor moved from one to the other
+#: changes nothing a gated MLP (or v and o) computes
+_UNIT_PAIRS = (("mlp.up", "mlp.down"), ("attn.v", "attn.o"))
 
 
 def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
                    options: CompareOptions, skip: set[int] = frozenset()) -> list[Undo]:
-    """The ``Undo`` of each changed matrix whose rows (or columns) are the base's each times its own factor, within
-    the rounding of the tuned dtype: a scale moved from one matrix to the next (v rows and o columns, up rows and
-    down columns, SmoothQuant's), or units' signs flipped one by one (up rows and down columns of a gated MLP times
-    -1), none of which changes what the model computes when the reading matrix is scaled inversely; as stored they
-    read "a fine-tune, dense" (and signs flipped, "unrelated"). Read only in blocks where some matrix is unchanged
-    (a scale moved between two matrices leaves the rest alone) and for changes not certified low-rank (a merged
-    LoRA): a dense fine-tune of every matrix reads nothing again."""
+    """The ``Undo`` of each pair of changed matrices of one block where the first's rows (up, v) are the base's each
+    times its own factor and the second's columns (down, o) the base's each divided by it, within the rounding of
+    the tuned dtype: a scale moved from one matrix to the next, or units' signs flipped one by one (factors of
+    -1), which leaves what a gated MLP (and attention's v and o) computes unchanged; as stored such a model read
+    "a fine-tune, dense" (and with signs flipped, "neurons reordered"). A matrix rescaled alone is a change (a
+    DoRA magnitude trained, a matrix times 1.01) and reads as one. Read only in blocks where some matrix is
+    unchanged (moving a scale leaves the rest alone), for changes not certified low-rank (a merged LoRA)."""
     import numpy as np
 
     from .judge.relatedness import _low_rank_row
@@ -707,31 +712,48 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
         if r.block is not None and len(r.shape or ()) == 2 and r.base_name is not None and r.compared == "float" \
                 and not getattr(r, "tied", False):
             blocks.setdefault(r.block, []).append(r)
+
+    def factors(r: TensorRecord, axis: int):
+        """The factor of each row (axis 1) or column (axis 0) when the tuned matrix is the base's so scaled within
+        rounding, none of them zero (a unit set to zero is pruned, not rescaled), else None."""
+        tol = 2.0 ** -((DTYPES[tuned.tensors[r.name].dtype].mant_bits or 0) + 1)
+        b = rot.values(base, r.base_name).astype(np.float64)
+        t = rot.values(tuned, r.name).astype(np.float64)
+        den = (b * b).sum(axis=axis)
+        c = np.where(den > 0, (t * b).sum(axis=axis) / np.where(den > 0, den, 1.0), 1.0)
+        fit = b * (c[:, None] if axis == 1 else c[None, :])
+        nt = float(np.sqrt((t * t).sum()))
+        if not nt or float(np.sqrt(((t - fit) ** 2).sum())) > tol * nt or np.any(c == 0) \
+                or np.allclose(c, 1.0, rtol=tol):
+            return None, tol
+        return c, tol
+
     out: list[Undo] = []
     for label, mats in blocks.items():
         if not any(r.status in ("unchanged", "rounding") for r in mats):
             continue
+        by_kind = {}
         for r in mats:
-            if id(r) in skip or r.status != "changed" or _low_rank_row(r, options.thresholds) \
-                    or not _same_dense(r, bases, tuned, NEGATABLE):
+            by_kind.setdefault(r.module, []).append(r)
+        for rows_kind, cols_kind in _UNIT_PAIRS:
+            if len(by_kind.get(rows_kind, ())) != 1 or len(by_kind.get(cols_kind, ())) != 1:
                 continue
-            d = DTYPES[tuned.tensors[r.name].dtype]
-            tol = 2.0 ** -((d.mant_bits or 0) + 1)
-            b = rot.values(base, r.base_name).astype(np.float64)
-            t = rot.values(tuned, r.name).astype(np.float64)
-            nt = float(np.sqrt((t * t).sum()))
-            for axis, what in ((1, "row"), (0, "column")):
-                den = (b * b).sum(axis=axis)
-                c = np.where(den > 0, (t * b).sum(axis=axis) / np.where(den > 0, den, 1.0), 1.0)
-                fit = b * (c[:, None] if axis == 1 else c[None, :])
-                if nt and float(np.sqrt(((t - fit) ** 2).sum())) <= tol * nt and not np.allclose(c, 1.0, rtol=tol):
-                    neg = int(np.count_nonzero(c < 0))
-                    note = RESCALED_NOTE.format(what, f"{c.min():.4g}", f"{c.max():.4g}",
-                                                f"; {neg:,} negative" if neg else "")
-                    out.append(Undo(r, r.base_name, None, None, label, str(r.module or ""), note,
-                                    rotate=("rows" if axis == 1 else "in", None, c)))
-                    break
-            del b, t
+            a, z = by_kind[rows_kind][0], by_kind[cols_kind][0]
+            if any(id(r) in skip or r.status != "changed" or _low_rank_row(r, options.thresholds)
+                   or not _same_dense(r, bases, tuned, NEGATABLE) for r in (a, z)) \
+                    or int(a.shape[0]) != int(z.shape[1]):
+                continue
+            ca, tol_a = factors(a, 1)
+            if ca is None:
+                continue
+            cz, tol_z = factors(z, 0)
+            if cz is None or not np.allclose(ca * cz, 1.0, rtol=0.0, atol=8.0 * max(tol_a, tol_z)):
+                continue
+            for r, c, what, other, form in ((a, ca, "row", z.name, "rows"), (z, cz, "column", a.name, "in")):
+                neg = int(np.count_nonzero(c < 0))
+                note = RESCALED_NOTE.format(what, f"{c.min():.4g}", f"{c.max():.4g}",
+                                            f"; {neg:,} negative" if neg else "", escape_name(other))
+                out.append(Undo(r, r.base_name, None, None, label, str(r.module or ""), note, rotate=(form, None, c)))
     return out
 
 

@@ -233,9 +233,10 @@ def _derived_special(summary: dict) -> str | None:
     rs = scope.get("rescaled_units") or {}
     if rs.get("tensors"):
         n_rs = int(rs["tensors"])
-        what.append(f"the rows or columns of {count(n_rs)} {'matrix' if n_rs == 1 else 'matrices'} rescaled (each the "
-                    "base's times its own factor" + (", some negative: signs flipped" if rs.get("negative") else "")
-                    + ")")
+        pairs = max(1, n_rs // 2)
+        what.append(f"units rescaled in {count(pairs)} {'pair' if pairs == 1 else 'pairs'} of matrices (rows times a "
+                    "factor, the reading matrix's columns divided by it" + ("; some negative: signs flipped"
+                                                                          if rs.get("negative") else "") + ")")
     fo = scope.get("folded_norms") or {}
     if fo.get("norms"):
         n_fo = int(fo["norms"])
@@ -788,10 +789,10 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         text += (f"; {count(n_rs)} {'matrix is' if n_rs == 1 else 'matrices are'} the base's with each row or column "
                  "times its own factor" + (f" ({count(int(rs.get('negative') or 0))} of them negative: signs flipped)"
                                           if rs.get("negative") else "")
-                 + ", as a scale moved from one matrix to the next (SmoothQuant, AWQ) or units' signs flipped one by "
-                 "one leave them, so each is measured against the base so scaled and the numbers here are of what "
-                 "changed beneath the scales; such a change computes what the base computes only when the matrix that "
-                 "reads those units is scaled inversely, which is not checked here")
+                 + ", and the matrix that reads those units (down, o) the base's divided by the same factors: a scale "
+                 "moved from one matrix to the next, or units' signs flipped one by one, which leaves what a gated MLP "
+                 "and attention's v and o compute unchanged (a GELU MLP's only for positive factors); each is measured "
+                 "against the base so scaled and the numbers here are of what changed beneath the scales")
     fo = scope.get("folded_norms") or {}
     if fo.get("tensors"):
         n_fo, n_norms = int(fo["tensors"]), int(fo.get("norms") or 0)
