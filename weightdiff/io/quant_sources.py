@@ -128,12 +128,36 @@ class IntGrid(Source):
 
     def __init__(self, name, shape, scheme, path, codes: TensorInfo, bits: int, scale: TensorInfo,
                  zero: TensorInfo | None, g_idx: TensorInfo | None, strategy: str, group: int | None,
-                 block: tuple[int, int] | None, packed: bool, actorder: bool = False):
+                 block: tuple[int, int] | None, packed: bool, actorder: bool = False, minmax: bool = False):
         super().__init__(name, shape, scheme, path)
         self.codes, self.bits, self.scale, self.zero, self.g_idx = codes, bits, scale, zero, g_idx
         self.strategy, self.group, self.block, self.packed = strategy, group, block, packed
         self.actorder = actorder
         self.sdtype = scale.dtype if scale.dtype in ("BF16", "F16") else "F32"
+        #: the config says every group's scale is compressed-tensors' ``calculate_qparams`` of the min/max of
+        #: the weights it read (a symmetric int scheme, a min/max observer, no transform): llm-compressor sets
+        #: up every group before quantizing (GPTQModifier too, before any compensation), so ``group_params``
+        #: is checked against the base in every group, not only the first (``all_groups``)
+        self.minmax = minmax and zero is None and strategy in ("group", "channel")
+        self.sym, self.all_groups = True, True
+
+    def group_params(self, read) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scales [groups, rows] float32 as stored, zero points [groups, rows] as ``first_group_scales``
+        compares them (a symmetric scheme's midpoint), the group of each column [columns]) of a symmetric
+        group or channel scheme."""
+        s = _f32(read(self.scale.name), self.scale.dtype).reshape(self.shape[0], -1).T
+        cols = np.arange(self.rowlen)
+        if self.strategy == "channel":
+            g = np.zeros(self.rowlen, np.int64)
+        elif self.g_idx is not None:
+            g = read(self.g_idx.name).astype(np.int64).reshape(-1)
+        else:
+            g = cols // self.group
+        return np.ascontiguousarray(s), np.full(s.shape, (1 << self.bits) // 2, np.int64), g
+
+    def first_scale_groups(self, read) -> np.ndarray:
+        """Every group: llm-compressor computes them all from the weights before quantizing any."""
+        return np.unique(self.group_params(read)[2])
 
     def first_group(self, read, ncols: int) -> np.ndarray:
         """Columns one of which a GPTQ-style quantizer (llm-compressor) processed first, before any

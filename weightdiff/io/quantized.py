@@ -71,8 +71,43 @@ def read_quant_config(root: Path, read=None) -> dict | None:
         if isinstance(qc, dict):
             if key is None:
                 qc = {"quant_method": "gptq", **qc}
-            return {**qc, "_path": str(path)}
+            out = {**qc, "_path": str(path)}
+            if qc.get("quant_method") == "compressed-tensors" and read is None:
+                out["_recipe"] = recipe_modifiers(root)
+            return out
     return None
+
+
+#: llm-compressor's recipe.yaml beside the model: its modifiers say how the weights were quantized
+RECIPE = "recipe.yaml"
+_MODIFIER = re.compile(r"^[ \t]*([A-Za-z_][A-Za-z0-9_]*Modifier)[ \t]*:", re.M)
+
+
+def recipe_modifiers(root) -> list[str] | None:
+    """The modifiers llm-compressor's ``recipe.yaml`` beside the weights names (``QuantizationModifier``,
+    ``GPTQModifier``, ...), in order, or None without a recipe (or one naming none). Read as text: each
+    modifier is a mapping key ending in ``Modifier``.
+
+    >>> _MODIFIER.findall("default_stage:\\n  default_modifiers:\\n    QuantizationModifier:\\n      scheme: W4A16\\n")
+    ['QuantizationModifier']
+    """
+    got = read_beside(root, RECIPE, _CONFIG_CAP)
+    if got is None:
+        return None
+    names = list(dict.fromkeys(_MODIFIER.findall(got[1].decode("utf-8", "replace"))))
+    return names or None
+
+
+def rounded_to_nearest(qc: dict) -> bool:
+    """Whether a compressed-tensors model's integer weights were rounded to nearest, with no error
+    compensation: its recipe (``recipe_modifiers``) names ``QuantizationModifier`` and no other modifier
+    (GPTQModifier compensates errors; AWQ, SmoothQuant, SpinQuant and the like change the weights before
+    quantizing), no config group records a GPTQ ``actorder``, and no transform was applied. False when
+    that cannot be told (no recipe: a Hub checkpoint streamed, a folder without it)."""
+    recipe = qc.get("_recipe")
+    if not recipe or set(recipe) != {"QuantizationModifier"} or qc.get("transform_config"):
+        return False
+    return not any(w.get("actorder") not in (None, False, "", "none", "None") for w in _ct_weights(qc))
 
 
 # -- recognition -------------------------------------------------------------------------
@@ -497,12 +532,29 @@ def _ct_int(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
     fmt = qc.get("format") or "pack-quantized" if packed else (qc.get("format") or "int-quantized")
     what = {"group": f"group {group}" if group else "group (g_idx)", "channel": "per-channel",
             "tensor": "per-tensor", "block": f"{block[0]}x{block[1]} blocks" if block else ""}[strategy]
-    label = f"int{bits} {'asym' if zp is not None else 'sym'}, {what} ({fmt})"
-    sch = _scheme("compressed-tensors", label, bits, str(group or strategy), True, parts)
+    rtn = rounded_to_nearest(qc)
+    label = f"int{bits} {'asym' if zp is not None else 'sym'}, {what} ({fmt}{', round to nearest' if rtn else ''})"
+    sch = _scheme("compressed-tensors", label, bits, str(group or strategy), not rtn, parts)
     # llm-compressor records its GPTQ column order as `actorder` (null, "group", "static", "weight")
     actorder = any(w.get("actorder") not in (None, False, "", "none", "None") for w in _ct_weights(qc))
     return IntGrid(mod + ".weight", (R, C), sch, codes.path, codes, bits, sc, zp, gi, strategy, group,
-                   block, packed, actorder)
+                   block, packed, actorder, minmax=_ct_minmax(qc, args))
+
+
+#: llm-compressor's observers whose weight scales are the min/max of the weights (``memoryless_minmax``
+#: its default since 0.9; ``minmax`` before); ``mse`` searches a clipping range instead
+_MINMAX_OBSERVERS = (None, "minmax", "memoryless_minmax", "static_minmax")
+
+
+def _ct_minmax(qc: dict, args: list[dict]) -> bool:
+    """Whether every config group that may hold a compressed-tensors integer weight sets its scales as
+    ``calculate_qparams`` does from the min/max of the weights it read: symmetric int, a min/max observer,
+    no scale dtype of its own, no transform (a rotation quantizes other weights than the base's)."""
+    if not args or qc.get("transform_config"):
+        return False
+    return all(a.get("symmetric", True) is True and str(a.get("type") or "int") == "int"
+               and a.get("observer") in _MINMAX_OBSERVERS and a.get("scale_dtype") is None
+               and not a.get("observer_kwargs") for a in args)
 
 
 _BNB_MARKER = ".quant_state.bitsandbytes__"
