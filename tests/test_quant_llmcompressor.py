@@ -42,33 +42,27 @@ GPTQ_RECIPE = """default_stage:
 """
 
 
-def _args():
+def _args(sym=True):
     from compressed_tensors.quantization import QuantizationArgs
 
-    return QuantizationArgs(num_bits=BITS, type="int", symmetric=True, strategy="group", group_size=GROUP)
+    return QuantizationArgs(num_bits=BITS, type="int", symmetric=sym, strategy="group", group_size=GROUP)
 
 
-def _config(actorder=None) -> dict:
-    weights = {"num_bits": BITS, "type": "int", "symmetric": True, "strategy": "group", "group_size": GROUP,
+def _config(actorder=None, sym=True) -> dict:
+    weights = {"num_bits": BITS, "type": "int", "symmetric": sym, "strategy": "group", "group_size": GROUP,
                "observer": "memoryless_minmax", "dynamic": False, "actorder": actorder}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "format": "pack-quantized"}},
             "ignore": ["lm_head"], "sparsity_config": {}, "transform_config": {}}
 
 
-def _scales(x):
+def _scales(x, sym=True):
     """llm-compressor's ``memoryless_minmax`` observer and compressed-tensors' ``calculate_qparams``, in
     the weights' dtype (bf16)."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
     v = x.reshape(x.shape[0], -1, GROUP)
-    return calculate_qparams(v.amin(-1), v.amax(-1), _args())
-
-
-def _rtn_codes(x, scale, zp):
-    from compressed_tensors.quantization.lifecycle.forward import quantize
-
-    return quantize(x, scale, zp, _args()).to(torch.int8)
+    return calculate_qparams(v.amin(-1), v.amax(-1), _args(sym))
 
 
 def _gptq_codes(x, scale, hess):
@@ -91,18 +85,28 @@ def _gptq_codes(x, scale, hess):
     return torch.from_numpy(q)
 
 
-def _save(folder, weights: dict, others: dict, gptq_hess=None, recipe: str | None = None, actorder=None):
-    """A pack-quantized model of ``weights`` (bf16 tensors), the recipe beside it when given."""
+def _save(folder, weights: dict, others: dict, gptq_hess=None, recipe: str | None = None, actorder=None,
+          sym=True):
+    """A pack-quantized model of ``weights`` (bf16 tensors), the recipe beside it when given: rounded to
+    nearest by compressed-tensors' own compressor, or GPTQ's codes (symmetric) packed by its packer."""
+    from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationScheme
 
     stored = dict(others)
+    comp = BaseCompressor.get_value_from_registry("pack-quantized")
     for name, x in weights.items():
         m = name[: -len(".weight")]
-        scale, zp = _scales(x)
-        q = _gptq_codes(x, scale, gptq_hess) if gptq_hess is not None else _rtn_codes(x, scale, zp)
-        stored.update({f"{m}.weight_packed": pack_to_int32(q, BITS), f"{m}.weight_scale": scale,
-                       f"{m}.weight_shape": torch.tensor(list(x.shape), dtype=torch.int64)})
-    T._save(folder, stored, _config(actorder))
+        scale, zp = _scales(x, sym)
+        if gptq_hess is not None:
+            q = _gptq_codes(x, scale, gptq_hess)
+            stored.update({f"{m}.weight_packed": pack_to_int32(q, BITS), f"{m}.weight_scale": scale,
+                           f"{m}.weight_shape": torch.tensor(list(x.shape), dtype=torch.int64)})
+        else:
+            packed = comp.compress({"weight": x, "weight_scale": scale, "weight_zero_point": zp},
+                                   QuantizationScheme(targets=["Linear"], weights=_args(sym)))
+            stored.update({f"{m}.{k}": v for k, v in packed.items()})
+    T._save(folder, stored, _config(actorder, sym))
     if recipe is not None:
         (folder / "recipe.yaml").write_text(recipe)
     return folder
@@ -147,15 +151,17 @@ def test_round_to_nearest_by_its_recipe_is_judged_by_the_bound(tmp_path, models)
     assert all(x["test"] == "bound" and x["within"] and x["beyond"] == 0 for x in q)
 
 
-def test_without_a_recipe_every_groups_scale_must_come_back_from_the_base(tmp_path, models):
+@pytest.mark.parametrize("sym", [True, False], ids=["symmetric", "asymmetric"])
+def test_without_a_recipe_every_groups_scale_must_come_back_from_the_base(tmp_path, models, sym):
     """No recipe: the lenient first-group test, and every stored group scale must equal the scale of the
-    base's group (bf16(max |w| / 7.5)): all of them for a copy of the base, far fewer for the fine-tune."""
+    base's group (bf16(max |w| / 7.5); asymmetric: bf16(bf16(max - min) / 15), and its zero point): all of
+    them for a copy of the base, far fewer for the fine-tune."""
     base, tuned, others, _ = models
-    r, q = _run(tmp_path, base, others, _save(tmp_path / "ft", tuned, others))
+    r, q = _run(tmp_path, base, others, _save(tmp_path / "ft", tuned, others, sym=sym))
     assert r.summary.verdict == "derived", r.summary.verdict_reason
     assert all(x["test"] == "first-group" and x["first_group_min_beyond"] == 0 for x in q)
     assert all(x["first_group_scales"] < 0.9 and not x["within"] for x in q), [x["first_group_scales"] for x in q]
-    r, q = _run(tmp_path, base, others, _save(tmp_path / "bq", base, others))
+    r, q = _run(tmp_path, base, others, _save(tmp_path / "bq", base, others, sym=sym))
     assert r.summary.verdict == "quantized_only", r.summary.verdict_reason
     assert all(x["first_group_scales"] == 1.0 and x["within"] for x in q)
 

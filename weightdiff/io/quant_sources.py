@@ -185,16 +185,16 @@ class IntGrid(Source):
         self.actorder = actorder
         self.sdtype = scale.dtype if scale.dtype in ("BF16", "F16") else "F32"
         #: the config says every group's scale is compressed-tensors' ``calculate_qparams`` of the min/max of
-        #: the weights it read (a symmetric int scheme, a min/max observer, no transform): llm-compressor sets
+        #: the weights it read (int, a min/max observer, no transform): llm-compressor sets
         #: up every group before quantizing (GPTQModifier too, before any compensation), so ``group_params``
         #: is checked against the base in every group, not only the first (``all_groups``)
-        self.minmax = minmax and zero is None and strategy in ("group", "channel")
-        self.sym, self.all_groups = True, True
+        self.minmax = minmax and strategy in ("group", "channel")
+        self.sym, self.all_groups = zero is None, True
 
     def group_params(self, read) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scales [groups, rows] float32 as stored, zero points [groups, rows] as ``first_group_scales``
-        compares them (a symmetric scheme's midpoint), the group of each column [columns]) of a symmetric
-        group or channel scheme."""
+        compares them (unsigned, as GPTQ's: the stored signed zero point plus 2^(b-1); a symmetric scheme's
+        midpoint), the group of each column [columns]) of a group or channel scheme."""
         s = _f32(read(self.scale.name), self.scale.dtype).reshape(self.shape[0], -1).T
         cols = np.arange(self.rowlen)
         if self.strategy == "channel":
@@ -203,7 +203,12 @@ class IntGrid(Source):
             g = read(self.g_idx.name).astype(np.int64).reshape(-1)
         else:
             g = cols // self.group
-        return np.ascontiguousarray(s), np.full(s.shape, (1 << self.bits) // 2, np.int64), g
+        half = (1 << self.bits) // 2
+        if self.zero is None:
+            z = np.full(s.shape, half, np.int64)
+        else:
+            z = np.asarray(self._zeros(read), np.int64).reshape(self.shape[0], -1).T + half
+        return np.ascontiguousarray(s), np.ascontiguousarray(z), g
 
     def first_scale_groups(self, read) -> np.ndarray:
         """Every group: llm-compressor computes them all from the weights before quantizing any."""

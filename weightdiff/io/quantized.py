@@ -548,11 +548,11 @@ _MINMAX_OBSERVERS = (None, "minmax", "memoryless_minmax", "static_minmax")
 
 def _ct_minmax(qc: dict, args: list[dict]) -> bool:
     """Whether every config group that may hold a compressed-tensors integer weight sets its scales as
-    ``calculate_qparams`` does from the min/max of the weights it read: symmetric int, a min/max observer,
+    ``calculate_qparams`` does from the min/max of the weights it read: int, a min/max observer,
     no scale dtype of its own, no transform (a rotation quantizes other weights than the base's)."""
     if not args or qc.get("transform_config"):
         return False
-    return all(a.get("symmetric", True) is True and str(a.get("type") or "int") == "int"
+    return all(str(a.get("type") or "int") == "int"
                and a.get("observer") in _MINMAX_OBSERVERS and a.get("scale_dtype") is None
                and not a.get("observer_kwargs") for a in args)
 

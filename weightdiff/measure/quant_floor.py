@@ -305,13 +305,12 @@ def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_
             hi[r][:, r0:r1] = np.maximum.reduceat(xr, starts, axis=1).T
     best = 0.0
     for r in reads:
-        s, z = _minmax_params(lo[r], hi[r], maxq, bool(src.sym))
         if every:
-            # compressed-tensors replaces a zero scale (a group of zeros) by its dtype's eps
-            both = (lo[r] == 0) & (hi[r] == 0)
-            s = np.where(both, np.float32(_EPS[src.sdtype]), s)
+            s_r, z = _ct_params(lo[r], hi[r], maxq, bool(src.sym), src.sdtype)
+        else:
+            s, z = _minmax_params(lo[r], hi[r], maxq, bool(src.sym))
+            s_r = round_to(s, src.sdtype) if src.sdtype in ("BF16", "F16") else s
         s_st = scales[groups, :m]
-        s_r = round_to(s, src.sdtype) if src.sdtype in ("BF16", "F16") else s
         # compressed-tensors divides in the weights' dtype, one rounding of the float32 quotient as here:
         # its scales come back exactly (a dense change of relative size 1e-2 moves a group's largest value
         # by a fraction of an ulp of bf16 and left 99% within two ulps, 53-60% equal)
@@ -320,6 +319,27 @@ def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_
         per = ok.mean(axis=1) if m else np.zeros(len(groups))
         best = max(best, float(ok.mean()) if every and m else float(per.max()))
     return best
+
+
+def _ct_params(xmin: np.ndarray, xmax: np.ndarray, maxq: int, sym: bool, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """compressed-tensors' ``calculate_qparams`` of int weights, in the scale's dtype ``dtype`` (the weights'):
+    (scale, zero point as GPTQ's unsigned one). Symmetric: ``max(|min|, |max|) / (maxq / 2)``; asymmetric:
+    ``(max - min) / maxq``, the difference rounded to ``dtype`` first as torch does in bf16, and the zero
+    point ``-min / scale`` rounded (its signed ``bit_min - min / scale`` plus 2^(b-1)). A zero scale (a group
+    of zeros) becomes the dtype's eps. Each operation rounds its float32 result to ``dtype``."""
+    def rd(v):
+        return round_to(np.asarray(v, np.float32), dtype) if dtype in ("BF16", "F16") else np.asarray(v, np.float32)
+
+    lo, hi = np.minimum(xmin, np.float32(0)), np.maximum(xmax, np.float32(0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if sym:
+            s = rd(np.maximum(np.abs(lo), np.abs(hi)) / np.float32(maxq / 2))
+        else:
+            s = rd(rd(hi - lo) / np.float32(maxq))
+        s = np.where(s == 0, np.float32(_EPS[dtype]), s)
+        z = np.full(s.shape, (maxq + 1) // 2, np.int64) if sym else \
+            np.clip(np.round(-rd(lo / s).astype(np.float64)), 0, maxq).astype(np.int64)
+    return s, z
 
 
 #: ``torch.finfo(dtype).eps`` of a scale dtype (compressed-tensors' stand-in for a zero scale)
