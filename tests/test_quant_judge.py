@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from weightdiff import compare  # noqa: E402
+from weightdiff.render.sentences import verdict_title  # noqa: E402
 
 import quant_packers as P  # noqa: E402
 import test_quant_checkpoint as T  # noqa: E402
@@ -771,3 +772,38 @@ def test_awq_scale_search_with_clipping_is_fit_back(tmp_path, seed):
     r = _judge(tmp_path / "tuned", base, stored, qc)
     assert r.summary.verdict == "derived", r.summary.verdict_reason
     assert [t.name for t in r.tensors if t.status == "changed"] == [d]
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    from weightdiff.io.safetensors_write import to_storage
+
+    return (to_storage(a, "BF16").view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["bnb-int8", "fp8-block"])
+def test_a_rounding_level_copy_quantized_is_not_called_a_fine_tune(tmp_path, models, kind):
+    """An adapter merged and unmerged in bf16, ``(W + BA) - BA``: nothing trained, values moved by an ulp.
+    Unquantized it reads rounding level; quantized, elements land just past the floor (it allows the plain
+    side half a bf16 ulp) and it read "a fine-tune ... that was then quantized" with numerical rank 0 in
+    every matrix. A real rank-4 fine-tune, quantized the same way, still reads a fine-tune."""
+    base, tuned = models
+    rng = np.random.default_rng(3)
+    b16 = {k: _bf16(v) for k, v in base.items()}
+    merged = dict(b16)
+    for n in (n for n in b16 if any(n.startswith(m + ".") for m in T.LINEARS)):
+        d = (rng.standard_normal((b16[n].shape[0], 8)) @ rng.standard_normal((8, b16[n].shape[1]))) * 0.004
+        merged[n] = _bf16(_bf16(b16[n] + d) - d)
+    b = T._save(tmp_path / "base", {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in b16.items()}, None)
+    for name, src, flagged in (("merged", merged, True), ("tuned", {k: _bf16(v) for k, v in tuned.items()}, False)):
+        stored, qc, _ = _build(kind, src)
+        r = compare(b, T._save(tmp_path / name, stored, qc), rank=True)
+        s = r.summary
+        assert s.verdict == "derived", s.verdict_reason
+        assert ("quant_noise_level" in s.flags) == flagged, (name, s.flags, [t.rank.numerical_rank for t in r.tensors
+                                                                             if t.rank])
+        if flagged:
+            assert "a fine-tune" not in verdict_title(s.to_dict())
+            assert "fine-tune that was then quantized" not in s.verdict_reason
+            assert "do not show whether the model was trained further" in s.verdict_reason
+        else:
+            assert "a fine-tune that was then quantized" in s.verdict_reason

@@ -169,9 +169,10 @@ class Checkpoint:
         that was not quantized (or whose reader gives no floor). ``noise``: the half-width of the
         error's model instead of its bound where the two differ (GGUF K-quants: half a step also
         at the end codes, whose bound allows the encoder's search several steps there)."""
-        if name in self.quant:
-            return self._quant_windows(name, max_elements, start, stop, True)
         info = self._info(name)
+        if name in self.quant:
+            # a lossless decoding (a sparse bitmask) is a plain tensor: no floor
+            return None if info.quant is None else self._quant_windows(name, max_elements, start, stop, True)
         if info.quant is not None and info.start is not None:   # a reader that dequantizes itself
             f = self._file(info.path)
             it = f.floor_windows(self._fname(name), max_elements, start, stop, noise) if hasattr(f, "floor_windows") else None

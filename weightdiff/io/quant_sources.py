@@ -17,7 +17,7 @@ from ..kernels import quant as K
 from ..kernels.dtypes import decode
 from .safetensors_read import QuantScheme, TensorInfo, storage_of
 
-__all__ = ["Source", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "AxisGrid", "NBits", "Bnb4T", "unpack_low_first", "Read", "ReadRows"]
+__all__ = ["Source", "Bitmask", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "AxisGrid", "NBits", "Bnb4T", "unpack_low_first", "Read", "ReadRows"]
 
 Read = Callable[[str], np.ndarray]                      # stored name -> whole array (storage dtype, shaped)
 ReadRows = Callable[[str, Sequence[int]], np.ndarray]   # stored name, first-axis rows -> array
@@ -87,6 +87,56 @@ class Source:
 
 # -- the formats --------------------------------------------------------------------------
 
+#: set bits of each byte value
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int64)
+
+
+class Bitmask(Source):
+    """compressed-tensors' lossless sparse formats (``sparse-bitmask``, ``sparse-24-bitmask``): the
+    non-zero values of a weight in row-major order (``m.compressed``: flat, or [R, C/2] for 2:4) and a
+    bitmask of where they stand (``m.bitmask`` U8 [R, ceil(C/8)], little bit order as ``numpy.packbits``),
+    decoded as compressed-tensors' ``bitmask_decompress`` does: zeros, the mask's places filled with the
+    values in order (``m.row_offsets`` is not read, as there). Rows come out in the stored float dtype
+    (``dtype``), not float32, and with no floor: nothing was rounded. The logical tensor is a plain one
+    (its ``TensorInfo.quant`` is None)."""
+
+    lossless = True
+
+    def __init__(self, name, shape, scheme, path, compressed: TensorInfo, bitmask: TensorInfo):
+        super().__init__(name, shape, scheme, path)
+        self.compressed, self.bitmask, self.dtype = compressed, bitmask, compressed.dtype
+
+    def _offsets(self, read) -> np.ndarray:
+        """Where each row's values start in the flat values, and their end (R + 1 entries)."""
+        m = read(self.bitmask.name).reshape(self.shape[0], -1)
+        counts = _POPCOUNT[m].sum(axis=1) if m.size else np.zeros(self.shape[0], np.int64)
+        pad = m.shape[1] * 8 - self.rowlen
+        if pad and m.size:              # bits past the row's end are not read (``unpackbits(count=C)``)
+            counts -= _POPCOUNT[m[:, -1] & np.uint8((0xFF << (8 - pad)) & 0xFF)]
+        off = np.concatenate([[0], np.cumsum(counts)])
+        if int(off[-1]) != self.compressed.numel:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(self.bitmask.path, f"`{self.bitmask.name}` marks {int(off[-1]):,} non-zero "
+                                  f"values, but `{self.compressed.name}` holds {self.compressed.numel:,}")
+        return off
+
+    def rows(self, read, read_rows, r0, r1):
+        off = self._get("off", lambda: self._offsets(read))
+        C = self.rowlen
+        mask = np.unpackbits(np.asarray(read_rows(self.bitmask.name, range(r0, r1))).reshape(r1 - r0, -1),
+                             axis=1, count=C, bitorder="little").astype(bool)
+        a, b = int(off[r0]), int(off[r1])
+        width = self.compressed.shape[-1] if len(self.compressed.shape) > 1 else 1
+        vals = np.zeros(0, storage_of(self.dtype))
+        if b > a:
+            stored = read_rows(self.compressed.name, np.arange(a // width, -(-b // width)))
+            vals = np.asarray(stored).reshape(-1)[a - (a // width) * width:][:b - a]
+        out = np.zeros((r1 - r0, C), storage_of(self.dtype))
+        out[mask] = vals
+        return out, np.zeros((r1 - r0, C), np.float32)
+
+
 class FP8(Source):
     """fp8 weight times a block, channel or tensor scale (DeepSeek-V3 ``weight_scale_inv``,
     FBGEMM and compressed-tensors ``weight_scale``)."""
@@ -128,12 +178,41 @@ class IntGrid(Source):
 
     def __init__(self, name, shape, scheme, path, codes: TensorInfo, bits: int, scale: TensorInfo,
                  zero: TensorInfo | None, g_idx: TensorInfo | None, strategy: str, group: int | None,
-                 block: tuple[int, int] | None, packed: bool, actorder: bool = False):
+                 block: tuple[int, int] | None, packed: bool, actorder: bool = False, minmax: bool = False):
         super().__init__(name, shape, scheme, path)
         self.codes, self.bits, self.scale, self.zero, self.g_idx = codes, bits, scale, zero, g_idx
         self.strategy, self.group, self.block, self.packed = strategy, group, block, packed
         self.actorder = actorder
         self.sdtype = scale.dtype if scale.dtype in ("BF16", "F16") else "F32"
+        #: the config says every group's scale is compressed-tensors' ``calculate_qparams`` of the min/max of
+        #: the weights it read (int, a min/max observer, no transform): llm-compressor sets
+        #: up every group before quantizing (GPTQModifier too, before any compensation), so ``group_params``
+        #: is checked against the base in every group, not only the first (``all_groups``)
+        self.minmax = minmax and strategy in ("group", "channel")
+        self.sym, self.all_groups = zero is None, True
+
+    def group_params(self, read) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scales [groups, rows] float32 as stored, zero points [groups, rows] as ``first_group_scales``
+        compares them (unsigned, as GPTQ's: the stored signed zero point plus 2^(b-1); a symmetric scheme's
+        midpoint), the group of each column [columns]) of a group or channel scheme."""
+        s = _f32(read(self.scale.name), self.scale.dtype).reshape(self.shape[0], -1).T
+        cols = np.arange(self.rowlen)
+        if self.strategy == "channel":
+            g = np.zeros(self.rowlen, np.int64)
+        elif self.g_idx is not None:
+            g = read(self.g_idx.name).astype(np.int64).reshape(-1)
+        else:
+            g = cols // self.group
+        half = (1 << self.bits) // 2
+        if self.zero is None:
+            z = np.full(s.shape, half, np.int64)
+        else:
+            z = np.asarray(self._zeros(read), np.int64).reshape(self.shape[0], -1).T + half
+        return np.ascontiguousarray(s), np.ascontiguousarray(z), g
+
+    def first_scale_groups(self, read) -> np.ndarray:
+        """Every group: llm-compressor computes them all from the weights before quantizing any."""
+        return np.unique(self.group_params(read)[2])
 
     def first_group(self, read, ncols: int) -> np.ndarray:
         """Columns one of which a GPTQ-style quantizer (llm-compressor) processed first, before any

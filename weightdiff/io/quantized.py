@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import CheckpointError, escape_name
 from .experts import expert_name, is_fused
 from .files import load_json, read_beside, read_small
-from .quant_sources import AWQ, FP8, GPTQ, MXFP4, BnB4, BnB8, IntGrid, Read, Source
+from .quant_sources import AWQ, FP8, GPTQ, MXFP4, Bitmask, BnB4, BnB8, IntGrid, Read, Source
 from .safetensors_read import QuantScheme, TensorInfo
 
 __all__ = ["QuantScheme", "fold", "read_quant_config", "split_name", "ACTIVATION_SCALES"]
@@ -71,8 +71,43 @@ def read_quant_config(root: Path, read=None) -> dict | None:
         if isinstance(qc, dict):
             if key is None:
                 qc = {"quant_method": "gptq", **qc}
-            return {**qc, "_path": str(path)}
+            out = {**qc, "_path": str(path)}
+            if qc.get("quant_method") == "compressed-tensors" and read is None:
+                out["_recipe"] = recipe_modifiers(root)
+            return out
     return None
+
+
+#: llm-compressor's recipe.yaml beside the model: its modifiers say how the weights were quantized
+RECIPE = "recipe.yaml"
+_MODIFIER = re.compile(r"^[ \t]*([A-Za-z_][A-Za-z0-9_]*Modifier)[ \t]*:", re.M)
+
+
+def recipe_modifiers(root) -> list[str] | None:
+    """The modifiers llm-compressor's ``recipe.yaml`` beside the weights names (``QuantizationModifier``,
+    ``GPTQModifier``, ...), in order, or None without a recipe (or one naming none). Read as text: each
+    modifier is a mapping key ending in ``Modifier``.
+
+    >>> _MODIFIER.findall("default_stage:\\n  default_modifiers:\\n    QuantizationModifier:\\n      scheme: W4A16\\n")
+    ['QuantizationModifier']
+    """
+    got = read_beside(root, RECIPE, _CONFIG_CAP)
+    if got is None:
+        return None
+    names = list(dict.fromkeys(_MODIFIER.findall(got[1].decode("utf-8", "replace"))))
+    return names or None
+
+
+def rounded_to_nearest(qc: dict) -> bool:
+    """Whether a compressed-tensors model's integer weights were rounded to nearest, with no error
+    compensation: its recipe (``recipe_modifiers``) names ``QuantizationModifier`` and no other modifier
+    (GPTQModifier compensates errors; AWQ, SmoothQuant, SpinQuant and the like change the weights before
+    quantizing), no config group records a GPTQ ``actorder``, and no transform was applied. False when
+    that cannot be told (no recipe: a Hub checkpoint streamed, a folder without it)."""
+    recipe = qc.get("_recipe")
+    if not recipe or set(recipe) != {"QuantizationModifier"} or qc.get("transform_config"):
+        return False
+    return not any(w.get("actorder") not in (None, False, "", "none", "None") for w in _ct_weights(qc))
 
 
 # -- recognition -------------------------------------------------------------------------
@@ -497,12 +532,91 @@ def _ct_int(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
     fmt = qc.get("format") or "pack-quantized" if packed else (qc.get("format") or "int-quantized")
     what = {"group": f"group {group}" if group else "group (g_idx)", "channel": "per-channel",
             "tensor": "per-tensor", "block": f"{block[0]}x{block[1]} blocks" if block else ""}[strategy]
-    label = f"int{bits} {'asym' if zp is not None else 'sym'}, {what} ({fmt})"
-    sch = _scheme("compressed-tensors", label, bits, str(group or strategy), True, parts)
+    rtn = rounded_to_nearest(qc)
+    label = f"int{bits} {'asym' if zp is not None else 'sym'}, {what} ({fmt}{', round to nearest' if rtn else ''})"
+    sch = _scheme("compressed-tensors", label, bits, str(group or strategy), not rtn, parts)
     # llm-compressor records its GPTQ column order as `actorder` (null, "group", "static", "weight")
     actorder = any(w.get("actorder") not in (None, False, "", "none", "None") for w in _ct_weights(qc))
     return IntGrid(mod + ".weight", (R, C), sch, codes.path, codes, bits, sc, zp, gi, strategy, group,
-                   block, packed, actorder)
+                   block, packed, actorder, minmax=_ct_minmax(qc, args))
+
+
+#: llm-compressor's observers whose weight scales are the min/max of the weights (``memoryless_minmax``
+#: its default since 0.9; ``minmax`` before); ``mse`` searches a clipping range instead
+_MINMAX_OBSERVERS = (None, "minmax", "memoryless_minmax", "static_minmax")
+
+
+def _ct_minmax(qc: dict, args: list[dict]) -> bool:
+    """Whether every config group that may hold a compressed-tensors integer weight sets its scales as
+    ``calculate_qparams`` does from the min/max of the weights it read: int, a min/max observer,
+    no scale dtype of its own, no transform (a rotation quantizes other weights than the base's)."""
+    if not args or qc.get("transform_config"):
+        return False
+    return all(str(a.get("type") or "int") == "int"
+               and a.get("observer") in _MINMAX_OBSERVERS and a.get("scale_dtype") is None
+               and not a.get("observer_kwargs") for a in args)
+
+
+#: compressed-tensors' sparse formats this reader decodes (lossless: the non-zero values and where they stand)
+SPARSE_FORMATS = ("sparse-bitmask", "sparse-24-bitmask")
+
+
+def _sparsity_format(qc: dict) -> str | None:
+    """The ``sparsity_config.format`` of a compressed-tensors config when it compresses the weights
+    (``sparse-bitmask``, ``sparse-24-bitmask``), None when it does not (absent, empty, ``dense``);
+    CheckpointError for a sparse format this reader does not decode, or one stacked on quantization
+    (its values would be codes)."""
+    sp = qc.get("sparsity_config")
+    if not sp:
+        return None
+    fmt = sp.get("format") if isinstance(sp, dict) else None
+    if fmt in (None, "", "dense"):
+        return None
+    if fmt not in SPARSE_FORMATS:
+        raise CheckpointError(qc.get("_path"), f"compressed-tensors sparsity_config format {_shown(fmt)} is not "
+                                               "supported", "supported: sparse-bitmask, sparse-24-bitmask "
+                                                            "(unquantized); or compare the dense model")
+    if _ct_weights(qc):
+        raise CheckpointError(qc.get("_path"), f"compressed-tensors sparsity_config format {fmt!r} together with "
+                                               "quantization (config_groups) is not supported",
+                              "compare the dense or the quantized-only model")
+    return fmt
+
+
+def _bitmask(mod: str, leaves: dict, fmt: str, read: Read) -> Source:
+    """One weight of a compressed-tensors sparse model: ``m.compressed``, ``m.bitmask``, ``m.shape``
+    (and ``m.row_offsets`` for ``sparse-bitmask``), checked as ``bitmask_decompress`` needs them."""
+    missing = [k for k in ("compressed", "bitmask", "shape") if k not in leaves]
+    some = leaves.get("compressed") or leaves.get("bitmask")
+    if missing:
+        raise _err(some, f"{_q(some.name)} has no {', '.join(_q(mod + '.' + k) for k in missing)} beside it "
+                         f"({fmt})")
+    vals, mask, sh = leaves["compressed"], leaves["bitmask"], leaves["shape"]
+    if not sh.dtype.startswith(("I", "U")) or math.prod(sh.shape) != 2:
+        raise _err(sh, f"{_q(sh.name)} is {sh.dtype} {list(sh.shape)}, expected two integers (the dense "
+                       "[rows, columns])")
+    shape = tuple(int(v) for v in read(sh.name).reshape(-1))
+    if min(shape) < 0:
+        raise _err(sh, f"{_q(sh.name)} = {list(shape)} is not a shape (a negative dimension)")
+    R, C = shape
+    if mask.dtype != "U8" or tuple(mask.shape) != (R, -(-C // 8)):
+        raise _err(mask, f"{_q(mask.name)} is {mask.dtype} {list(mask.shape)}, expected U8 {[R, -(-C // 8)]} "
+                         f"(one bit per element of {_q(sh.name)} = {list(shape)})")
+    if vals.dtype not in ("BF16", "F16", "F32", "F64"):
+        raise _err(vals, f"{_q(vals.name)} is {vals.dtype}: sparse values other than float (a quantized sparse "
+                         "model) are not supported")
+    if fmt == "sparse-24-bitmask" and tuple(vals.shape) != (R, C // 2):
+        raise _err(vals, f"{_q(vals.name)} has shape {list(vals.shape)}, expected {[R, C // 2]} (2:4: half of "
+                         f"each row of {list(shape)})")
+    if fmt == "sparse-bitmask" and len(vals.shape) != 1:
+        raise _err(vals, f"{_q(vals.name)} has shape {list(vals.shape)}, expected the flat non-zero values")
+    parts = [vals, mask, sh] + ([leaves["row_offsets"]] if "row_offsets" in leaves else [])
+    sch = _scheme("compressed-tensors", f"{fmt}, lossless", DTYPES_BITS.get(vals.dtype, 16), "element", False,
+                  parts)
+    return Bitmask(mod + ".weight", (R, C), sch, vals.path, vals, mask)
+
+
+DTYPES_BITS = {"BF16": 16, "F16": 16, "F32": 32, "F64": 64}
 
 
 _BNB_MARKER = ".quant_state.bitsandbytes__"
@@ -617,7 +731,9 @@ def _refuse_quanto(tensors: dict[str, TensorInfo]) -> None:
 
 
 _SPECIAL = None
-_LEAVES = sorted({"qweight", "weight_packed", "SCB", "weight_scale", "weight_scale_inv",
+#: the stored leaves of one weight of compressed-tensors' sparse formats
+_BITMASK_LEAVES = {"compressed", "bitmask", "shape"}
+_LEAVES = sorted({"qweight", "weight_packed", "SCB", "weight_scale", "weight_scale_inv", "bitmask",
                   *ACTIVATION_SCALES, *_COMPANIONS, *_COMPANIONS_IF_QUANTIZED})
 #: every name the expression matches contains one of these (the leaves, ``_blocks``, the bnb state)
 _WORDS = (*_LEAVES, "_blocks", ".quant_state.bitsandbytes__", "._data")
@@ -657,6 +773,7 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
             ("", "pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "mixed-precision"):
         raise CheckpointError(qc.get("_path"), f"compressed-tensors format {qc.get('format')!r} is not supported",
                               "supported: pack-quantized, int-quantized, float-quantized, naive-quantized")
+    sparse = _sparsity_format(qc) if method == "compressed-tensors" else None
     if not method and not _special_names(tensors):    # nothing to fold (most checkpoints): the same tensors
         return dict(tensors), {}, []
     _refuse_quanto(tensors)
@@ -687,7 +804,13 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
     for mod, leaves in by_mod.items():
         w = leaves.get("weight")
         src = None
-        if "qweight" in leaves:
+        if sparse and ("compressed" in leaves or "bitmask" in leaves):
+            src = _bitmask(mod, leaves, sparse, read)
+        elif not sparse and w is None and _BITMASK_LEAVES <= leaves.keys() and leaves["bitmask"].dtype == "U8":
+            # a sparse model's weights without its config (a model.safetensors copied out): the names say it
+            src = _bitmask(mod, leaves, "sparse-24-bitmask" if len(leaves["compressed"].shape) == 2
+                           else "sparse-bitmask", read)
+        elif "qweight" in leaves:
             src = _gptq_awq(mod, leaves, qc, read)
         elif "weight_packed" in leaves:
             src = _ct_int(mod, leaves, qc, read)
@@ -724,8 +847,9 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
             for logical in group.get(owner[name], (owner[name],)):
                 src = sources[logical]
                 if src.name not in out:
-                    out[src.name] = TensorInfo(src.name, "F32", tuple(src.shape), src.path, None, None,
-                                               quant=src.scheme)
+                    lossless = isinstance(src, Bitmask)      # decoded, not dequantized: a plain tensor
+                    out[src.name] = TensorInfo(src.name, src.dtype if lossless else "F32", tuple(src.shape),
+                                               src.path, None, None, quant=None if lossless else src.scheme)
             continue
         if name in out:
             raise _err(info, f"tensor {_q(name)} is stored both plain and quantized")

@@ -466,6 +466,9 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     if verdict == "derived" and not permuted and "far_from_base" not in flags \
             and rounding_level(changed, tensors_by_status):
         flags.append("rounding_level")
+    elif verdict == "derived" and not permuted and "far_from_base" not in flags \
+            and quant_noise_level(changed, tensors_by_status):
+        flags.append("quant_noise_level")
     if changed and verdict in ("derived", "partial"):
         # tensors within their quantization noise floor beside tensors found changed: a fine-tune smaller than
         # the floor does not show there (a dense 1e-3 fine-tune of 7 tensors in Q4_1 read "1 of 21 tensors
@@ -508,6 +511,36 @@ def rounding_level(changed: list[TensorRecord], tensors_by_status: dict) -> bool
         return False
     return all(r.status == "changed" and r.compared == "float" and len(r.shape or ()) >= 2 and r.quant is None
                and r.rank is not None and rank_upper(r, "numerical_rank") == 0 for r in changed)
+
+
+def quant_noise_level(changed: list[TensorRecord], tensors_by_status: dict) -> bool:
+    """``rounding_level`` where some changed tensors are quantized pairs beyond their floor: each such
+    matrix has numerical rank 0 above the modelled quantization and rounding noise
+    (``rank.extra["noise_model"] == "quantization"``) and the energy of its whole difference is within
+    that noise's (``residual_energy_ratio`` at most ``measure.rank.RESIDUAL_MAX``); every other changed
+    tensor is a float matrix of rank 0; nothing added, removed or resized. A bf16 copy whose values
+    moved by an ulp (an adapter merged and unmerged), quantized, lands elements just past the floor
+    (half a bf16 ulp is all it allows the plain side) and read "a fine-tune that was then quantized",
+    though the same weights unquantized read rounding level; a dense fine-tune of relative size 1e-3 in
+    Q8_0 gives the same numbers (residual ratio 0.77, the rounding copy 0.83), one of 1e-2 ranks 5-21
+    with ratio 2.8-3.1. So what the file shows is a change no larger than the noise, not training."""
+    from ..measure.rank import RESIDUAL_MAX
+
+    if not changed or any(tensors_by_status.get(k) for k in ("added", "removed", "resized")) \
+            or not any(r.quant is not None for r in changed):
+        return False
+    for r in changed:
+        if r.status != "changed" or len(r.shape or ()) < 2 or r.rank is None or rank_upper(r, "numerical_rank") != 0:
+            return False
+        if r.quant is None:
+            if r.compared != "float":
+                return False
+            continue
+        extra = getattr(r.rank, "extra", None) or {}
+        ratio = extra.get("residual_energy_ratio")
+        if extra.get("noise_model") != "quantization" or ratio is None or not ratio <= RESIDUAL_MAX:
+            return False
+    return True
 
 
 def _reshaped(mism: list[TensorRecord]) -> dict[str, int]:

@@ -70,7 +70,8 @@ from ..records import RankRecord, TensorRecord
 __all__ = ["RecordCache", "CACHE_VERSION", "check_folder", "record_from_dict"]
 
 #: bump when a change of the code changes records for the same inputs and options
-CACHE_VERSION = 5           # 4: inode and ctime (or the sha256) in a file's identity; 5: the JSON sidecars
+CACHE_VERSION = 6           # 4: inode and ctime (or the sha256) in a file's identity; 5: the JSON sidecars;
+#                             6: recipe.yaml among them, compressed-tensors int weights' floor test changed
 
 
 class CacheError(WeightdiffError):
@@ -211,7 +212,7 @@ STALE_SECONDS = 86400
 #: the files beside the weights that decide how their bytes are read (heads, ties, quantization, adapter
 #: orientation and scale, sentence-transformers modules): in a record's key
 READ_SIDECARS = ("config.json", "quantize_config.json", "params.json", "adapter_config.json", "modules.json",
-                 "config_sentence_transformers.json", "sentence_bert_config.json")
+                 "config_sentence_transformers.json", "sentence_bert_config.json", "recipe.yaml")
 
 #: the largest record file read back (a record is a few KB; its spectrum at most 64 values)
 RECORD_CAP = 16 << 20

@@ -165,6 +165,9 @@ def verdict_title(summary: dict) -> str:
         return "CAST ONLY: every difference is within rounding; no dtype changed (signed zeros, NaN payloads)."
     if v == "derived" and "rounding_level" in (summary.get("flags") or []):
         return "DERIVED: this base, its weights changed only at the level of floating-point rounding."
+    if v == "derived" and "quant_noise_level" in (summary.get("flags") or []):
+        return ("DERIVED: this base, quantized; its differences beyond the quantization noise floor are no larger "
+                "than that noise.")
     if v == "derived" and "far_from_base" in (summary.get("flags") or []):
         cos, rel = summary.get("relatedness_cosine"), summary.get("relatedness_rel_change")
         return (f"DERIVED: built on this base, but changed far more than a fine-tune changes it (the "
@@ -838,6 +841,14 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                             "them, or the weights they were tuned from)",
                  ("tuned",): ", so this is a fine-tune that was then quantized"}.get(tuple(q.get("sides") or ()),
                                                                                  ", so the weights quantized differ")
+        if "quant_noise_level" in (s.get("flags") or []):
+            n = int(tbs.get("changed") or 0)
+            after = (f"; but no changed matrix has a direction above the modelled quantization and rounding noise "
+                     f"(numerical rank 0 in {'the one' if n == 1 else f'all {count(n)}'}), and the energy of each "
+                     "difference is within that noise's: a bf16 copy moved by an ulp (an adapter merged and "
+                     "unmerged, a pass through another precision) quantized the same way leaves this, and so does "
+                     "a fine-tune too small to show at this precision, so the weights alone do not show whether "
+                     "the model was trained further")
         if neg.get("tensors_not_measured"):        # the sign flip alone puts them beyond the floor
             after = (", some of them only by the sign flip said above (a flipped matrix is as far as it can be from "
                      "the base it copies)")
