@@ -167,3 +167,45 @@ def test_units_rescaled_or_sign_flipped_one_by_one_are_measured_beneath(tmp_path
     alone["model.layers.1.mlp.up_proj.weight"] = tuned["model.layers.1.mlp.up_proj.weight"]
     s = compare(b, write_checkpoint(tmp_path / "alone", alone, dtype=dtype)).summary
     assert "rescaled_units" not in s.flags and s.tensors_by_status.get("changed") == 1
+
+
+def test_the_rotation_fit_survives_a_retrained_block_and_is_not_skewed(tmp_path, rng):
+    """From the verification round: one block replaced after the rotation vetoed the whole fit (UNRELATED for a
+    model three quarters the base rotated); two matrices fine-tuned after it skewed R so that every untouched
+    matrix read changed; a fine-tune never rotated, with a new embedding, was taken for a rotation."""
+    base = llama(rng)
+    r = _orthogonal(128)
+    b = write_checkpoint(tmp_path / "b", base)
+    rotated = _rotated(base, r)
+    other = llama(np.random.default_rng(77))
+    replaced = dict(rotated)
+    for k in other:
+        if k.startswith("model.layers.3."):
+            replaced[k] = other[k]
+    s = compare(b, write_checkpoint(tmp_path / "rep", replaced)).summary
+    assert "rotated_residual" in s.flags and s.verdict in ("derived", "partial")
+    assert s.scope["rotated_residual"]["matrices_explained"] < s.scope["rotated_residual"]["matrices_held_out"]
+    two = dict(rotated)
+    for k in ("model.layers.1.self_attn.o_proj.weight", "model.layers.2.mlp.down_proj.weight"):
+        two[k] = (two[k] + 0.2 * float(two[k].std()) * rng.standard_normal(two[k].shape)).astype(np.float32)
+    s = compare(b, write_checkpoint(tmp_path / "two", two)).summary
+    assert s.scope["rotated_residual"]["tensors_changed"] == 2
+    never = _tuned(base)
+    never["model.embed_tokens.weight"] = np.random.default_rng(8).normal(0, 0.02, (512, 128)).astype(np.float32)
+    for k in other:
+        if k.startswith("model.layers.2."):
+            never[k] = other[k]
+    s = compare(b, write_checkpoint(tmp_path / "never", never)).summary
+    assert "rotated_residual" not in s.flags
+
+
+def test_a_pair_scaled_alike_is_not_a_scale_moved(tmp_path, rng):
+    """v rows and o columns both times 0.985 (what weight decay leaves) changes what the model computes: it
+    passed as "scaled inversely" within eight times the rounding bound."""
+    base = llama(rng)
+    tuned = dict(base)
+    for k in ("model.layers.1.self_attn.v_proj.weight", "model.layers.1.self_attn.o_proj.weight"):
+        tuned[k] = (base[k] * 0.985).astype(np.float32)
+    s = compare(write_checkpoint(tmp_path / "b", base, dtype="BF16"),
+                write_checkpoint(tmp_path / "t", tuned, dtype="BF16")).summary
+    assert "rescaled_units" not in s.flags and s.tensors_by_status.get("changed") == 2

@@ -416,6 +416,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                                      "norms_folded": len(rotated.get("norms_folded") or ()),
                                      "matrices_fitted": int(fit.get("matrices_fitted") or 0),
                                      "matrices_held_out": int(fit.get("matrices_held_out") or 0),
+                                     "matrices_explained": int(fit.get("matrices_explained") or 0),
+                                     "matrices_out": int(fit.get("matrices_out") or 0),
                                      "cosine_held_out": float(fit.get("cosine_held_out") or 0.0)}
     negated = undone.get("negated") or {}
     left = negated_rows(counted, thresholds)  # still stored negated: quantized, adapter factors, reordered too

@@ -808,10 +808,13 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     rot = scope.get("rotated_residual") or {}
     if rot.get("tensors"):
         n_rot, folded = int(rot["tensors"]), int(rot.get("norms_folded") or 0)
-        text += (f"; every matrix that reads or writes the residual stream is the base's times one orthogonal "
-                 f"matrix (fitted on the token embedding and the output matrices of half the blocks, it holds on the "
-                 f"{count(int(rot.get('matrices_held_out') or 0))} held-out output matrices with 1 - cosine = "
-                 f"{sci(max(0.0, 1.0 - float(rot.get('cosine_held_out') or 0.0)))}; QuaRot and SpinQuant rotate so, and a "
+        held, held_ok = int(rot.get('matrices_held_out') or 0), int(rot.get('matrices_explained') or 0)
+        text += (f"; the residual stream is rotated: the token embedding and the output matrices are the base's times "
+                 f"one orthogonal matrix (fitted on the embedding and the output matrices of half the blocks, it "
+                 + (f"holds on the {count(held)} held-out output matrices" if held_ok >= held else
+                    f"holds on {count(held_ok)} of the {count(held)} held-out output matrices, the others changed "
+                    "beyond it")
+                 + f" with 1 - cosine = {sci(max(0.0, 1.0 - float(rot.get('cosine_held_out') or 0.0)))}; QuaRot and SpinQuant rotate so, and a "
                  f"permuted hidden dimension is such a rotation), so {'the' if n_rot == 1 else 'each of the'} "
                  f"{count(n_rot)} {'tensor is' if n_rot == 1 else 'tensors is'} measured against the base in the "
                  "rotated frame and the numbers here are of what changed beneath the rotation; a rotation changes "
