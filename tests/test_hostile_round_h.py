@@ -84,3 +84,78 @@ def test_empty_quantized_weight_refused_by_inspect(tmp_path):
     _, tuned = _empty_pack_quantized(tmp_path)
     one_error_line(CliRunner().invoke(main, ["inspect", str(tuned)]), str(tuned / "model.safetensors"),
                    "holds no elements")
+
+
+# -- a NaN cosine is not a sign flip; an overflowed norm is refused with a NaN beside it ---------------
+
+def _overflowed_stats() -> np.ndarray:
+    s = np.zeros(reference.NSTATS)
+    for k, v in (("count", 256), ("sum_b2", np.inf), ("sum_t2", np.inf), ("sum_d2", np.inf), ("dot", np.inf),
+                 ("n_changed", 1), ("n_beyond", 1), ("max_abs", 0.01), ("nonfinite_b", 1), ("nonfinite_t", 1)):
+        s[reference.IDX[k]] = v
+    return s
+
+
+def test_finalize_keeps_a_nan_cosine_unmeasured():
+    s = _overflowed_stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no RuntimeWarning for inf / inf either
+        one = reference.finalize(s)
+        many = reference.finalize_many(np.stack([s, s]))
+    # max(-1.0, nan) is -1.0: the NaN of inf / inf read as a matrix stored times -1
+    assert one["cosine"] is None and one["rel_change"] is None
+    assert many == [one, one]
+
+
+def test_finalize_many_still_clips_like_finalize(rng):
+    rows = []
+    for cos_target in (1.0 + 1e-12, -1.0 - 1e-12, 0.3):
+        s = np.zeros(reference.NSTATS)
+        s[reference.IDX["count"]], s[reference.IDX["sum_b2"]], s[reference.IDX["sum_t2"]] = 4, 4.0, 9.0
+        s[reference.IDX["dot"]] = cos_target * 6.0
+        rows.append(s)
+    got = reference.finalize_many(np.stack(rows))
+    assert [g["cosine"] for g in got] == [reference.finalize(r)["cosine"] for r in rows] == [1.0, -1.0, 0.3 * 6.0 / 6.0]
+
+
+def _f64_pair(tmp_path: Path, edit) -> tuple[Path, Path]:
+    w = np.random.default_rng(0).standard_normal((16, 16))
+    edit(w)
+    t = w.copy()
+    t[5, 5] += 0.01
+    name = "model.layers.0.mlp.up_proj.weight"
+    return tuple(st_file(tmp_path / f"{side}.safetensors", {name: entry("F64", [16, 16], 0, 2048)}, a.tobytes())
+                 for side, a in (("base", w), ("tuned", t)))
+
+
+def test_overflowing_f64_with_a_nan_is_refused_not_a_sign_flip(tmp_path):
+    def edit(w):
+        w[0, 0], w[0, 1] = np.nan, 1e200
+    base, tuned = _f64_pair(tmp_path, edit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = CliRunner().invoke(main, ["compare", str(base), str(tuned), "--json", str(tmp_path / "r.json"), "-q"])
+    one_error_line(r, str(base), "holds values too large to measure")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_overflowing_f64_gives_one_stderr_line_and_no_numpy_warning(tmp_path):
+    # the content fingerprint's norm overflowed: numpy printed "RuntimeWarning: overflow encountered in dot"
+    def edit(w):
+        w[0, 0] = 1e300
+    base, tuned = _f64_pair(tmp_path, edit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = CliRunner().invoke(main, ["compare", str(base), str(tuned), "--json", str(tmp_path / "r.json"), "-q"])
+    one_error_line(r, str(base), "holds values too large to measure")
+
+
+def test_nan_alone_in_f64_is_still_measured(tmp_path):
+    def edit(w):
+        w[0, 0] = np.nan
+    base, tuned = _f64_pair(tmp_path, edit)
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["compare", str(base), str(tuned), "--json", str(out), "-q"])
+    assert r.exit_code == 0, r.stderr
+    t = json.loads(out.read_text())["tensors"][0]
+    assert t["status"] == "changed" and 0.999 < t["cosine"] <= 1.0
