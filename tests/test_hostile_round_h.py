@@ -159,3 +159,44 @@ def test_nan_alone_in_f64_is_still_measured(tmp_path):
     assert r.exit_code == 0, r.stderr
     t = json.loads(out.read_text())["tensors"][0]
     assert t["status"] == "changed" and 0.999 < t["cosine"] <= 1.0
+
+
+# -- empty tensors: measured, and inside the result's schema --------------------------------------------
+
+def test_empty_matrix_stored_transposed_is_measured(tmp_path):
+    w = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+
+    def write(path, zshape, arr):
+        return st_file(path, {"model.embed_tokens.weight": entry("F32", zshape, 0, 0),
+                              "model.layers.0.mlp.up_proj.weight": entry("F32", [16, 16], 0, 1024)}, arr.tobytes())
+    base = write(tmp_path / "base.safetensors", [5, 0], w)
+    tuned = write(tmp_path / "tuned.safetensors", [0, 5], w + 0.01)
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["compare", str(base), str(tuned), "--json", str(out), "-q"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    empty = next(t for t in json.loads(out.read_text())["tensors"] if t["name"] == "model.embed_tokens.weight")
+    assert empty["status"] == "unchanged" and empty["numel"] == 0
+    r = CliRunner().invoke(main, ["report", str(out), "--memo", str(tmp_path / "m.md"), "-q"])
+    assert r.exit_code == 0, r.stderr
+
+
+@pytest.mark.parametrize("dims", [[0, 2 ** 64], [0, 2 ** 63], [2 ** 70, 0, 3]])
+def test_a_dimension_past_int64_is_refused_by_the_reader(tmp_path, dims):
+    path = st_file(tmp_path / "m.safetensors", {"a.weight": entry("F32", [2, 2], 0, 16),
+                                                 "b.weight": entry("F32", dims, 16, 16)}, bytes(16))
+    one_error_line(CliRunner().invoke(main, ["inspect", str(path)]), str(path), "`b.weight`",
+                   "a dimension of 2**63 or more")
+
+
+def test_the_largest_dimension_compares_and_reports(tmp_path):
+    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    paths = [st_file(tmp_path / f"{side}.safetensors",
+                     {"model.layers.0.mlp.up_proj.weight": entry("F32", [4, 4], 0, 64),
+                      "model.layers.0.self_attn.q_proj.weight": entry("F32", [0, 2 ** 63 - 1], 64, 64)}, a.tobytes())
+             for side, a in (("base", w), ("tuned", w + 0.01))]
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["compare", *map(str, paths), "--json", str(out), "--memo",
+                                  str(tmp_path / "m.md"), "-q"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    r = CliRunner().invoke(main, ["report", str(out), "--memo", str(tmp_path / "m2.md"), "-q"])
+    assert r.exit_code == 0, r.stderr
