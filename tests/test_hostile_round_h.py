@@ -200,3 +200,33 @@ def test_the_largest_dimension_compares_and_reports(tmp_path):
     assert r.exit_code == 0, (r.stderr, r.exception)
     r = CliRunner().invoke(main, ["report", str(out), "--memo", str(tmp_path / "m2.md"), "-q"])
     assert r.exit_code == 0, r.stderr
+
+
+# -- a NUL byte in a path is bad input, not an internal error ---------------------------------------
+
+def test_survey_list_line_with_a_nul_byte_is_refused(tmp_path):
+    from weightdiff.io.safetensors_write import save_file
+
+    for side, v in (("base", 1.0), ("tuned", 1.5)):
+        (tmp_path / side).mkdir()
+        save_file(tmp_path / side / "model.safetensors", {"w.weight": np.full((4, 4), v, np.float32)})
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"# models\n" + str(tmp_path / "tuned").encode() + b"\0evil\n")
+    r = CliRunner().invoke(main, ["survey", str(tmp_path / "base"), "--from-file", str(listing),
+                                  "--out", str(tmp_path / "out"), "-q"])
+    one_error_line(r, str(listing), "line 2 holds a NUL byte")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_path_with_a_nul_byte_is_a_checkpoint_error(tmp_path):
+    from weightdiff.errors import CheckpointError
+    from weightdiff.io.checkpoint import locate
+    from weightdiff.survey import survey_task
+
+    with pytest.raises(CheckpointError, match="holds a NUL byte"):
+        locate(str(tmp_path / "tuned\0evil"))
+    from weightdiff.io.safetensors_write import save_file
+
+    save_file(tmp_path / "base.safetensors", {"w.weight": np.ones((4, 4), np.float32)})
+    row = survey_task(str(tmp_path / "base.safetensors"), str(tmp_path / "tuned\0evil"), None, False)
+    assert "NUL byte" in row["error"] and "internal error" not in row["error"], row

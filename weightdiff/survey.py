@@ -367,7 +367,10 @@ def read_list(path: str | os.PathLike) -> list[str]:
     except UnicodeDecodeError as exc:
         raise WeightdiffError(f"{path}: cannot read the list of models ({exc})", "one checkpoint path per line") from None
     out = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
+        if "\0" in line:   # no file name holds one: bad input, not a row whose compare fails as a bug
+            raise WeightdiffError(f"{escape_name(os.fspath(path))}: line {number} holds a NUL byte, which no path "
+                                  "can hold", "one checkpoint path per line")
         line = line.strip()
         if line.startswith("#"):
             continue
