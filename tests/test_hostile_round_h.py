@@ -195,10 +195,9 @@ def test_the_largest_dimension_compares_and_reports(tmp_path):
                       "model.layers.0.self_attn.q_proj.weight": entry("F32", [0, 2 ** 63 - 1], 64, 64)}, a.tobytes())
              for side, a in (("base", w), ("tuned", w + 0.01))]
     out = tmp_path / "r.json"
-    r = CliRunner().invoke(main, ["compare", *map(str, paths), "--json", str(out), "--memo",
-                                  str(tmp_path / "m.md"), "-q"])
+    r = CliRunner().invoke(main, ["compare", *map(str, paths), "--json", str(out), "-q"])
     assert r.exit_code == 0, (r.stderr, r.exception)
-    r = CliRunner().invoke(main, ["report", str(out), "--memo", str(tmp_path / "m2.md"), "-q"])
+    r = CliRunner().invoke(main, ["report", str(out), "-q"])    # the checks --memo ran on its own result
     assert r.exit_code == 0, r.stderr
 
 
@@ -278,3 +277,38 @@ def test_survey_looks_up_a_repeated_spelling_once(tmp_path, monkeypatch):
     monkeypatch.setattr(sv, "identity", lambda p: looked.append(p) or real(p))
     seen = sv.tuned_identities([str(tmp_path / "ft")] * 5000, str(tmp_path / "base"), None, [])
     assert list(seen) == [str(tmp_path / "ft")] and len(looked) == 1
+
+
+# -- report: blocks beyond the summary's count are refused ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def four_blocks(tmp_path_factory) -> str:
+    """The JSON text of a compare of four blocks (each test edits its own copy)."""
+    from weightdiff.io.safetensors_write import save_file
+
+    root, r = tmp_path_factory.mktemp("four"), np.random.default_rng(0)
+    for side in ("base", "tuned"):
+        save_file(root / f"{side}.safetensors", {f"model.layers.{i}.mlp.up_proj.weight":
+                                                 r.standard_normal((8, 8)).astype(np.float32) for i in range(4)})
+    res = CliRunner().invoke(main, ["compare", str(root / "base.safetensors"), str(root / "tuned.safetensors"),
+                                    "--json", str(root / "r.json"), "--no-rank", "-q"])
+    assert res.exit_code == 0, res.stderr
+    return (root / "r.json").read_text()
+
+
+@pytest.mark.parametrize("edit, words", [
+    # 200,000 blocks beside blocks_total 4 were drawn (160 s, 1.8 GB)
+    (lambda d: d.update(blocks=[dict(d["blocks"][0], block=f"layers.{i}", index=i) for i in range(40)]),
+     "`blocks` holds 40 numbered blocks, but `summary.blocks_total` is 4"),
+    (lambda d: d["blocks"].pop(), "`blocks` holds 3 numbered blocks, but `summary.blocks_total` is 4"),
+    (lambda d: d["blocks"][1].update(index=-10 ** 12), "`blocks[1].index` is negative"),
+])
+def test_report_refuses_blocks_no_run_writes(four_blocks, tmp_path, edit, words):
+    data = json.loads(four_blocks)
+    assert len(data["blocks"]) == data["summary"]["blocks_total"] == 4
+    edit(data)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    one_error_line(CliRunner().invoke(main, ["report", str(path), "--memo", str(tmp_path / "m.md"), "-q"]),
+                   str(path), words)
+    assert not (tmp_path / "m.md").exists()
