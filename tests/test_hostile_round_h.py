@@ -161,6 +161,27 @@ def test_nan_alone_in_f64_is_still_measured(tmp_path):
     assert t["status"] == "changed" and 0.999 < t["cosine"] <= 1.0
 
 
+@pytest.mark.parametrize("dtype, size", [("BF16", 2), ("F32", 4)])
+def test_signaling_nans_widen_without_a_numpy_warning(tmp_path, dtype, size):
+    """Random bytes hold signaling NaNs; widening one to float64 made numpy print "RuntimeWarning: invalid
+    value encountered in cast" (kernels/dtypes.py, the neuron matcher) on a run that exits 0."""
+    r = np.random.default_rng(1)
+    b = r.integers(0, 256, 64 * 64 * size, dtype=np.uint8).tobytes()
+    t = bytearray(b)
+    t[10] ^= 1
+    t[-1] ^= 0x40
+    paths = []
+    for side, data in (("base", b), ("tuned", bytes(t))):
+        other = b if side == "base" else bytes(reversed(b))
+        paths.append(st_file(tmp_path / f"{side}.safetensors", {
+            "model.layers.0.mlp.up_proj.weight": entry(dtype, [64, 64], 0, len(data)),
+            "model.layers.0.mlp.down_proj.weight": entry(dtype, [64, 64], len(data), 2 * len(data))}, data + other))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = CliRunner().invoke(main, ["compare", *map(str, paths), "--json", str(tmp_path / "r.json"), "-q"])
+    assert res.exit_code == 0 and res.stderr == "", (res.stderr, res.exception)
+
+
 # -- empty tensors: measured, and inside the result's schema --------------------------------------------
 
 def test_empty_matrix_stored_transposed_is_measured(tmp_path):
