@@ -178,8 +178,9 @@ def finalize(stats: np.ndarray) -> dict:
     ``norm_*`` = sqrt of the sums; ``rel_change`` = norm_delta / norm_base (None when
     norm_base is 0); ``cosine`` = dot / (norm_base norm_tuned), clipped to [-1, 1] (None
     when either norm is 0). Both are None too where the quotient is NaN (norms that overflowed
-    float64, inf / inf): not measured, never clipped to -1 as ``max(-1.0, nan)`` would; ``frac_changed``, ``frac_beyond_rounding`` and ``frac_sign_flips``
-    = counts / count (None when count is 0); ``nonfinite`` = non-finite values on both sides.
+    float64, inf / inf): not measured, never clipped to -1 as ``max(-1.0, nan)`` would;
+    ``frac_changed``, ``frac_beyond_rounding`` and ``frac_sign_flips`` = counts / count (None
+    when count is 0); ``nonfinite`` = non-finite values on both sides.
 
     >>> f = finalize(np.array([4, 4.0, 9.0, 1.0, 6.0, 1, 1, 1.0, 0, 0, 0]))
     >>> f["norm_base"], f["norm_tuned"], f["rel_change"], f["cosine"], f["frac_changed"]
