@@ -177,8 +177,10 @@ def finalize(stats: np.ndarray) -> dict:
 
     ``norm_*`` = sqrt of the sums; ``rel_change`` = norm_delta / norm_base (None when
     norm_base is 0); ``cosine`` = dot / (norm_base norm_tuned), clipped to [-1, 1] (None
-    when either norm is 0); ``frac_changed``, ``frac_beyond_rounding`` and ``frac_sign_flips``
-    = counts / count (None when count is 0); ``nonfinite`` = non-finite values on both sides.
+    when either norm is 0). Both are None too where the quotient is NaN (norms that overflowed
+    float64, inf / inf): not measured, never clipped to -1 as ``max(-1.0, nan)`` would;
+    ``frac_changed``, ``frac_beyond_rounding`` and ``frac_sign_flips`` = counts / count (None
+    when count is 0); ``nonfinite`` = non-finite values on both sides.
 
     >>> f = finalize(np.array([4, 4.0, 9.0, 1.0, 6.0, 1, 1, 1.0, 0, 0, 0]))
     >>> f["norm_base"], f["norm_tuned"], f["rel_change"], f["cosine"], f["frac_changed"]
@@ -187,9 +189,13 @@ def finalize(stats: np.ndarray) -> dict:
     s = np.asarray(stats, dtype=np.float64)
     count = int(s[IDX["count"]])
     nb, nt, nd = (math.sqrt(s[IDX[k]]) for k in ("sum_b2", "sum_t2", "sum_d2"))
-    cos = None
-    if nb > 0 and nt > 0:
-        cos = float(min(1.0, max(-1.0, s[IDX["dot"]] / (nb * nt))))
+    cos = rel = None
+    den = nb * nt
+    if nb > 0 and nt > 0 and den > 0:
+        x = float(s[IDX["dot"]]) / den          # Python floats: inf / inf is NaN without a warning
+        cos = None if math.isnan(x) else min(1.0, max(-1.0, x))
+    if nb > 0 and not math.isnan(nd / nb):
+        rel = nd / nb
 
     def frac(key: str):
         return None if count == 0 else float(s[IDX[key]]) / count
@@ -199,7 +205,7 @@ def finalize(stats: np.ndarray) -> dict:
         "norm_base": nb,
         "norm_tuned": nt,
         "norm_delta": nd,
-        "rel_change": nd / nb if nb > 0 else None,
+        "rel_change": rel,
         "cosine": cos,
         "frac_changed": frac("n_changed"),
         "frac_beyond_rounding": frac("n_beyond"),
@@ -222,13 +228,13 @@ def finalize_many(stats: np.ndarray) -> list[dict]:
     count = col["count"]
     nb, nt, nd = (np.sqrt(col[k]) for k in ("sum_b2", "sum_t2", "sum_d2"))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        x = col["dot"] / (nb * nt)
-        x = np.where(x > -1.0, x, -1.0)          # as max(-1.0, x) then min(1.0, x): NaN -> -1.0
-        cos = np.where(x < 1.0, x, 1.0)
+        den = nb * nt
+        x = col["dot"] / den
+        cos = np.clip(x, -1.0, 1.0)              # as min(1.0, max(-1.0, x)); NaN stays NaN (not measured)
         rel = nd / nb
         fracs = [col[k] / count for k in ("n_changed", "n_beyond", "sign_flips")]
-    has_cos = ((nb > 0) & (nt > 0)).tolist()
-    has_rel = (nb > 0).tolist()
+    has_cos = ((nb > 0) & (nt > 0) & (den > 0) & ~np.isnan(x)).tolist()
+    has_rel = ((nb > 0) & ~np.isnan(rel)).tolist()
     counted = (count != 0).tolist()
     ints = [col[k].astype(np.int64).tolist() for k in ("count", "nonfinite_b", "nonfinite_t", "sign_flips")]
     nonfinite = (col["nonfinite_b"] + col["nonfinite_t"]).astype(np.int64).tolist()

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -367,7 +368,10 @@ def read_list(path: str | os.PathLike) -> list[str]:
     except UnicodeDecodeError as exc:
         raise WeightdiffError(f"{path}: cannot read the list of models ({exc})", "one checkpoint path per line") from None
     out = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
+        if "\0" in line:   # no file name holds one: bad input, not a row whose compare fails as a bug
+            raise WeightdiffError(f"{escape_name(os.fspath(path))}: line {number} holds a NUL byte, which no path "
+                                  "can hold", "one checkpoint path per line")
         line = line.strip()
         if line.startswith("#"):
             continue
@@ -469,7 +473,7 @@ def tuned_identities(tuned: Sequence[str | os.PathLike], base_path: str, base_fi
     the list; BASE given again as a TUNED model is left out. Each model left out adds a line to
     ``notices``. A missing local path is made absolute; a Hub repo id is kept as given."""
     found: dict[object, list[dict]] = {}
-    for t in tuned:
+    for t in dict.fromkeys(tuned):      # one spelling listed many times is looked up once
         tid = hub_identity(identity(t))
         files = weight_files(tid["path"])
         if files is None:
@@ -610,6 +614,7 @@ def _survey(plan: Plan, run: Any, base_id: dict, directory: Path, options: Compa
         say(f"surveying {len(todo)} model(s) on {run.description}")
         # absolute paths: workers of a --scheduler cluster do not share this process's directory
         args = [(base_id["path"], tid["path"], task_options, hash_files) + _pins(base_id, tid) for tid, _ in todo]
+        tables = _Batched(lambda: write_tables(table(), directory, parquet))
         try:
             for done, oc in enumerate(run.map(task, args, name="survey"), start=1):
                 tid, key = todo[oc.index]
@@ -621,8 +626,11 @@ def _survey(plan: Plan, run: Any, base_id: dict, directory: Path, options: Compa
                 else:
                     result.failed += 1
                     say(f"[{done}/{len(todo)}] {escape_name(tid['path'])}: error: {r['error']}")
-                write_tables(table(), directory, parquet)
-        except ClusterLost as exc:
+                tables.changed()
+        except BaseException as exc:
+            tables.flush()          # a run that stops early (a lost cluster, SIGINT, SIGTERM) keeps the rows done
+            if not isinstance(exc, ClusterLost):
+                raise
             done = result.computed + result.failed
             raise ClusterLost(exc.message, f"{done} of the {len(todo)} models to compare done, their rows kept in "
                               f"{escape_name(os.fspath(directory / 'survey.csv'))}; rerun the same command to "
@@ -634,6 +642,36 @@ def _survey(plan: Plan, run: Any, base_id: dict, directory: Path, options: Compa
 
         result.files += save_population(result.rows, directory)
     return result
+
+
+#: while a survey runs, its tables are rewritten at most this often (seconds), and then after the last
+#: row or when the run stops early: rewriting and fsyncing them whole after every row made a survey
+#: quadratic in its list (3,000 missing paths took 87 s: 3,001 rewrites of a growing table)
+TABLE_SECONDS = 5.0
+
+
+class _Batched:
+    """Calls ``write`` when rows changed and ``TABLE_SECONDS`` (or ten times the last write's duration,
+    whichever is longer: writing stays a tenth of the run) have passed since the last write; ``flush``
+    writes what is pending at once."""
+
+    def __init__(self, write: Callable[[], object]):
+        self.write, self.pending = write, False
+        self.due = time.monotonic() + TABLE_SECONDS
+
+    def changed(self) -> None:
+        self.pending = True
+        if time.monotonic() >= self.due:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        start = time.monotonic()
+        self.write()
+        self.pending = False
+        took = time.monotonic() - start
+        self.due = time.monotonic() + max(TABLE_SECONDS, 10.0 * took)
 
 
 def _finish(oc: Outcome, tid: dict, base_id: dict, key: str, directory: Path) -> dict:

@@ -122,6 +122,8 @@ def _fold_quantized(ckpt: Checkpoint) -> None:
 
 
 def _locate(p: Path, path: str | os.PathLike) -> Checkpoint:
+    if "\0" in str(p):     # os.stat raises ValueError ("embedded null byte"), which read as a bug
+        raise CheckpointError(escape_name(str(p)), "the path holds a NUL byte, which no file name can")
     try:
         st = p.stat()
     except OSError as exc:

@@ -760,6 +760,15 @@ def _refuse_bare_codes(mod: str, w: TensorInfo, qc: dict) -> None:
                   f"of {method} says it is quantized)")
 
 
+def _refuse_empty(src: Source) -> None:
+    """A quantized weight of no elements is refused before anything is dequantized: no quantizer
+    writes one, and its stored parts then hold no byte, so nothing bounds its other dimensions (a
+    345-byte file declaring [0, 1e9] made the column-wise unpacking allocate gigabytes)."""
+    if math.prod(src.shape) == 0:
+        raise CheckpointError(src.path, f"quantized weight {_q(src.name)} declares shape {list(src.shape)}, "
+                                        "which holds no elements (a quantizer never writes an empty weight)")
+
+
 def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
          ) -> tuple[dict[str, TensorInfo], dict[str, Source], list[str]]:
     """(logical tensors, their sources, folded-away activation/KV scales) of a checkpoint's
@@ -839,6 +848,8 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
             elif src is None and (leaf in _COMPANIONS or (qc and leaf in _COMPANIONS_IF_QUANTIZED)):
                 raise _err(info, f"{_q(info.name)} is a quantization companion, but its weight is missing "
                                  f"or not quantized ({_q(mod + '.weight')})")
+    for src in sources.values():
+        _refuse_empty(src)
     out: dict[str, TensorInfo] = {}
     for name, info in tensors.items():
         if name in hidden:

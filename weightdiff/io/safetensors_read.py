@@ -155,6 +155,11 @@ def header_length(prefix: bytes, file_size: int, path: str | os.PathLike | None)
     return n
 
 
+#: the largest dimension a tensor may declare: numpy's (and the result schema's) signed 64-bit integers.
+#: An empty tensor bounds its other dimensions by no byte, so [0, 2**64] passed every size check
+MAX_DIM = 2 ** 63 - 1
+
+
 def _int_list(value: object) -> bool:
     return isinstance(value, list) and all(type(v) is int for v in value)
 
@@ -196,7 +201,7 @@ def _compact(items: list) -> _Entry | _Pairs:
             d = dict(items)
             dtype, shape, offsets = d["dtype"], d["shape"], d["data_offsets"]
             if (type(dtype) is str and dtype in _DTYPE_NAMES and type(shape) is list and type(offsets) is list
-                    and len(offsets) == 2 and all(type(v) is int and v >= 0 for v in shape)
+                    and len(offsets) == 2 and all(type(v) is int and 0 <= v <= MAX_DIM for v in shape)
                     and type(offsets[0]) is int and type(offsets[1]) is int and 0 <= offsets[0] <= offsets[1]):
                 return _Entry((_DTYPE_NAMES[dtype], tuple(shape), offsets[0], offsets[1]))
     seen = set()
@@ -260,7 +265,7 @@ def _fast_infos(raw: bytes | bytearray, data_start: int, p: Path) -> "tuple[list
             key = tuple(shape)
             # checked for every tensor, not once per distinct shape: (4.0, 8) and (True, 8) are equal to (4, 8)
             # and (1, 8) as dict keys, so a float or bool shape after an int one was taken for it
-            if not all(type(d) is int and d >= 0 for d in key):
+            if not all(type(d) is int and 0 <= d <= MAX_DIM for d in key):
                 return None
             known = shapes.get(key)
             if known is None:
@@ -438,6 +443,9 @@ def _checked_entry(path: str | os.PathLike, name: str, entry: object, p: Path, d
     if not _int_list(shape) or any(d < 0 for d in shape):
         raise CheckpointError(path, f"tensor {_q(name)} has shape {_q(json.dumps(shape))}, "
                                     "expected a list of non-negative integers")
+    if any(d > MAX_DIM for d in shape):
+        raise CheckpointError(path, f"tensor {_q(name)} has shape {_q(json.dumps(shape))}, with a dimension "
+                                    "of 2**63 or more (no array has one; the largest is 2**63 - 1)")
     if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
         raise CheckpointError(path, f"tensor {_q(name)} has data_offsets {_q(json.dumps(offsets))}, "
                                     "expected [begin, end] with 0 <= begin <= end")

@@ -137,7 +137,7 @@ class TransposedSide(_HeldSide):
             return None
         stored = self._shape[::-1]
         whole = np.concatenate([np.asarray(w, np.float32).reshape(-1) for w in it] or [np.zeros(0, np.float32)])
-        flat = np.ascontiguousarray(whole.reshape(stored[0], -1).T).reshape(-1)
+        flat = np.ascontiguousarray(whole.reshape(stored[0], math.prod(stored[1:])).T).reshape(-1)
         start, stop, step = check_range(self.tensors[name], max_elements, start, stop, 4)
         return array_windows(flat, start, stop, step)
 
@@ -172,7 +172,7 @@ def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple
         if np.array_equal(raw.reshape(-1).view(np.uint8), np.asarray(base.read(pair.base_name)).reshape(-1).view(np.uint8)):
             return None
     shape = tuple(int(d) for d in info.shape)
-    w = decode(raw, info.dtype).reshape(shape[0], -1)
+    w = decode(raw, info.dtype).reshape(shape[0], math.prod(shape[1:]))
     a, b, magnitude, dt_m = _factors(pair, tuned)
     if getattr(lf, "transposed", False):
         w = np.ascontiguousarray(w.T)
@@ -456,7 +456,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         # content pairing found the tuned matrix stored transposed (ONNX MatMul initializers):
         # compare its transpose, read whole (bounded by the tensor, as the rank pass is)
         raw = np.asarray(tuned.read(tuned_name))
-        tuned_t = np.ascontiguousarray(raw.reshape(shape_t[0], -1).T).reshape(shape_b)
+        # the row length spelled out: reshape(0, -1) of an empty matrix ([0, n] against [n, 0]) is ambiguous
+        tuned_t = np.ascontiguousarray(raw.reshape(shape_t[0], math.prod(shape_t[1:])).T).reshape(shape_b)
         stats = _array_stats(backend, base, pair.base_name, pair.dtype_base, tuned_t, pair.dtype_tuned, on_window)
         rec.note = "paired by content: the tuned matrix is stored transposed; its transpose is compared"
     else:
@@ -705,7 +706,9 @@ def _beyond_f32(rec: TensorRecord, pair: Pair) -> float | None:
     if "F64" not in (pair.dtype_base, pair.dtype_tuned) or rec.compared != "float":
         return None
     for side, x in (("base", rec.norm_base), ("tuned", rec.norm_tuned)):
-        if x is not None and not math.isfinite(x) and not rec.nonfinite and rec.status != "unchanged":
+        # NaN and infinity never enter the sums (kernels.reference): an infinite norm is an overflow,
+        # with or without non-finite values beside it
+        if x is not None and not math.isfinite(x) and rec.status != "unchanged":
             raise BadValues(side, f"tensor `{escape_name(rec.name if side == 'tuned' else str(rec.base_name))}` "
                                   "holds values too large to measure: the sum of their squares overflows float64 "
                                   "(values of 1e154 or more)")

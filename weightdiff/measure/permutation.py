@@ -306,8 +306,8 @@ def _cosines(load_t, load_b, axes, roles, perm: np.ndarray) -> tuple[np.ndarray,
     n = len(perm)
     dot_m, dot_i, nt, nb = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     for lt, lb, ax, role in zip(load_t, load_b, axes, roles):
-        vt = _finite(member_vectors(lt(), ax, role).astype(np.float64))[0]
-        vb = _finite(member_vectors(lb(), ax, role).astype(np.float64))[0]
+        vt = _finite(_f64(member_vectors(lt(), ax, role)))[0]
+        vb = _finite(_f64(member_vectors(lb(), ax, role)))[0]
         dot_m += np.einsum("ij,ij->i", vt, vb[perm])
         dot_i += np.einsum("ij,ij->i", vt, vb)
         nt += np.einsum("ij,ij->i", vt, vt)
@@ -317,6 +317,13 @@ def _cosines(load_t, load_b, axes, roles, perm: np.ndarray) -> tuple[np.ndarray,
         cos_m = np.where((nt > 0) & (nb[perm] > 0), dot_m / np.sqrt(nt * nb[perm]), 0.0)
         cos_i = np.where((nt > 0) & (nb > 0), dot_i / np.sqrt(nt * nb), 0.0)
     return cos_m, cos_i, (nt == 0) & (nb[perm] == 0)
+
+
+def _f64(x) -> np.ndarray:
+    """``x`` as float64; a signaling NaN widens to NaN without numpy's "invalid value encountered in
+    cast" warning (``_finite`` then leaves it out, as every NaN)."""
+    with np.errstate(invalid="ignore"):
+        return np.asarray(x, dtype=np.float64)
 
 
 def _finite(v: np.ndarray) -> tuple[np.ndarray, int]:
@@ -426,8 +433,8 @@ def members_follow(load_pairs: Sequence[tuple[np.ndarray, np.ndarray, int] | tup
     rows) is a matrix of its own here: a new gate beside the base's up would pass as one tensor."""
     for t, b, axis, *role in load_pairs:
         p = parts_of(role[0]) if role else 1
-        xs = np.split(undo_member(np.asarray(t, np.float64), perm, axis, *role), p, axis=axis)
-        for x, y in zip(xs, np.split(np.asarray(b, np.float64), p, axis=axis)):
+        xs = np.split(undo_member(_f64(t), perm, axis, *role), p, axis=axis)
+        for x, y in zip(xs, np.split(_f64(b), p, axis=axis)):
             x, y = _finite(x.ravel())[0], _finite(y.ravel())[0]
             den = float(np.sqrt(x @ x) * np.sqrt(y @ y))
             if not den or float(x @ y) / den < min_cosine:

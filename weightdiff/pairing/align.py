@@ -158,9 +158,10 @@ def _fingerprint(rows: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
     x = rows[:, cols].astype(np.float64).ravel()
     if not np.all(np.isfinite(x)):
         return None
-    x = x - x.mean()
-    n = float(np.linalg.norm(x))
-    return x / n if n > 0 else None
+    with np.errstate(over="ignore", invalid="ignore"):    # float64 values near its limit: squares overflow
+        x = x - x.mean()
+        n = float(np.linalg.norm(x))
+    return x / n if 0 < n < math.inf else None             # an overflowed sample fingerprints nothing
 
 
 def content_pairs(tuned: dict[str, tuple], base: dict[str, tuple],

@@ -344,8 +344,14 @@ def _invariants(data: dict, where: str) -> None:
         k = next(k for k in sorted(set(stated) | set(rows)) if stated.get(k, 0) != rows.get(k, 0))
         raise _rule(where, f"`summary.tensors_by_status.{escape_name(str(k))[:40]}` is {stated.get(k, 0)}, but "
                            f"{rows.get(k, 0)} of the rows in `tensors` have that status")
+    numbered = sum(1 for b in data["blocks"] if b.get("index") is not None)
+    if s.get("blocks_total") is not None and numbered != s["blocks_total"]:
+        # a run lists every numbered block it counts, no more: 200,000 blocks beside a total of 4 took minutes
+        raise _rule(where, f"`blocks` holds {numbered} numbered blocks, but `summary.blocks_total` is "
+                           f"{s['blocks_total']}")
     for i, b in enumerate(data["blocks"]):
         p = f"blocks[{i}]"
+        _at_least0(b.get("index"), where, f"{p}.index")
         for k in ("params", "params_changed", "tensors", "tensors_changed", "rel_change", "norm_base", "norm_delta",
                   "delta_params", "delta_params_lower"):
             _at_least0(b.get(k), where, f"{p}.{k}")
