@@ -86,12 +86,24 @@ def test_the_base_rotated_reads_derived_with_nothing_changed_beneath(tmp_path, r
 
 
 def test_a_permuted_hidden_dimension_is_a_rotation(tmp_path, rng):
+    """Every column a base column, every norm the base's gains in the same new order: nothing changed beneath it.
+    Norms left in the base's order scale other coordinates than their own: the model computes something else."""
     base = llama(rng)
-    p = np.eye(128)[np.random.default_rng(5).permutation(128)]
-    s = compare(write_checkpoint(tmp_path / "b", base),
-                write_checkpoint(tmp_path / "p", _rotated(base, p, fold=False))).summary
+    order = np.random.default_rng(5).permutation(128)
+    p = np.eye(128)[order]
+    permuted = _rotated(base, p, fold=False)
+    b = write_checkpoint(tmp_path / "b", base)
+    s = compare(b, write_checkpoint(tmp_path / "left", permuted)).summary
     assert s.verdict == "derived" and s.scope["rotated_residual"]["tensors_changed"] == 0
-    assert s.scope["rotated_residual"]["norms_folded"] == 0 and s.tensors_by_status.get("changed", 0) == 0
+    assert s.scope["rotated_residual"]["norms_unfolded"] == 9
+    assert "computes something else" in verdict_title(s.to_dict())
+    for k, v in base.items():
+        if k.endswith("norm.weight"):
+            permuted[k] = (p.T @ v.astype(np.float64)).astype(np.float32)      # the gains follow their channels
+    s = compare(b, write_checkpoint(tmp_path / "p", permuted)).summary
+    assert s.verdict == "derived" and s.scope["rotated_residual"]["tensors_changed"] == 0
+    assert s.scope["rotated_residual"]["norms_unfolded"] == 0 and s.tensors_by_status.get("changed", 0) == 0
+    assert "computes something else" not in verdict_title(s.to_dict())
 
 
 def test_a_fine_tune_rotated_measures_as_the_fine_tune(tmp_path, rng):

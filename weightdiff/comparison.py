@@ -357,6 +357,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         if rotation and undone.get("rotated"):
             undone["rotated"].update(rotation)
             undone["rotated"]["norms_folded"] = folded_norms(records, rotation["gains"], tuned_ck)
+            undone["rotated"]["norms_unfolded"] = unfolded_norms(records, tuned_ck, rotation["width"],
+                                                                 set(undone["rotated"].get("names") or ()))
         if undone.get("folded"):
             undone["folded"]["norms_folded"] = folded_norms(
                 records, sorted({u.gain_name for u in gains_folded if u.gain_name}), tuned_ck)
@@ -641,7 +643,17 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
             bias = by_name.get(r.name[:-len("weight")] + "bias")
             if bias is not None and list(bias.shape or ()) == [d] and dense(bias):
                 out.append(Undo(bias, bias.base_name, None, None, label, kind, ROTATED_NOTE, rotate=("out", r_all, None)))
-    return out, {"fit": {"matrices_held_out": len(held), "matrices_explained": len(good),
+    # a permuted hidden dimension (R a permutation, signs allowed) permutes every norm's gains with it: measured so
+    import numpy as np
+
+    if np.allclose(np.abs(r_all).max(axis=0), 1.0, atol=1e-6):
+        perm_abs = np.abs(r_all)
+        for r in records:
+            if r.module == "norm" and len(r.shape or ()) == 1 and int(r.shape[0]) == d and r.base_name is not None \
+                    and r.status != "unchanged" and id(r) not in skip and dense(r):
+                out.append(Undo(r, r.base_name, None, None, r.block or component_of(r.name), "norm", ROTATED_NOTE,
+                                rotate=("out", perm_abs, None)))
+    return out, {"width": d, "fit": {"matrices_held_out": len(held), "matrices_explained": len(good),
                          "cosine_held_out": num / den, "matrices_fitted": 1 + len(fitting),
                          "matrices_out": len(outs)}, "gains": sorted(used)}
 
@@ -826,6 +838,27 @@ def folded_norms(records: Sequence[TensorRecord], gains: Sequence[str], tuned: C
         info = tuned.tensors[r.name]
         if np.all(decode(np.asarray(tuned.read(r.name)).reshape(-1), info.dtype) == 1.0):
             r.note = FOLDED_NOTE + (f"; {r.note}" if r.note else "")
+            out.append(r.name)
+    return out
+
+
+def unfolded_norms(records: Sequence[TensorRecord], tuned: Checkpoint, d: int, moved: set = frozenset()) -> list[str]:
+    """The tuned model's norms of the residual width whose gains differ from channel to channel: in a rotated
+    residual stream such a norm scales rotated coordinates, so the model does not compute what the base computes
+    (QuaRot folds every gain first; a tied head cannot take the final norm's). A norm measured in the frame of a
+    permuted hidden dimension (``moved``) that reads unchanged there was permuted with it, as it must be. Names."""
+    import numpy as np
+
+    from .kernels.dtypes import decode
+
+    out = []
+    for r in records:
+        if r.module != "norm" or len(r.shape or ()) != 1 or int(r.shape[0]) != d or r.name not in tuned.tensors \
+                or not r.name.endswith("weight") or (r.name in moved and r.status in ("unchanged", "rounding")):
+            continue
+        info = tuned.tensors[r.name]
+        v = decode(np.asarray(tuned.read(r.name)).reshape(-1), info.dtype)
+        if v.size and not np.all(v == v[0]):
             out.append(r.name)
     return out
 

@@ -414,6 +414,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         fit = rotated.get("fit") or {}
         scope["rotated_residual"] = {"tensors": len(names), "tensors_changed": beneath.count("changed"),
                                      "norms_folded": len(rotated.get("norms_folded") or ()),
+                                     "norms_unfolded": len(rotated.get("norms_unfolded") or ()),
                                      "matrices_fitted": int(fit.get("matrices_fitted") or 0),
                                      "matrices_held_out": int(fit.get("matrices_held_out") or 0),
                                      "matrices_explained": int(fit.get("matrices_explained") or 0),

@@ -250,7 +250,9 @@ def _derived_special(summary: dict) -> str | None:
     if rot.get("tensors"):
         what.append("its residual stream rotated (every matrix that reads or writes it is the base's times one "
                     "orthogonal matrix)" + (" and its norms' gains folded into the matrices that read them"
-                                            if folded else ""))
+                                            if folded else "")
+                    + (", some norms' gains not folded (so it computes something else than the base)"
+                       if rot.get("norms_unfolded") else ""))
     if not what:
         return None
     # rows added or removed, the shared rows unchanged, beside tensors of another shape (a vocabulary grown
@@ -821,6 +823,11 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                  "nothing the model computes only with each norm's gains folded into the matrices that read it"
                  + (f" ({count(folded)} {'norm is' if folded == 1 else 'norms are'} so here: all ones, "
                     "the base's gains in those matrices)" if folded else ""))
+        unfolded = int(rot.get("norms_unfolded") or 0)
+        if unfolded:
+            text += (f"; {count(unfolded)} {'norm keeps' if unfolded == 1 else 'norms keep'} gains that differ from "
+                     "channel to channel, which scale the rotated coordinates: this model does not compute what the "
+                     "base computes")
     alike = count_lookalikes((t.get("status"), t.get("shape")) for t in counted) if "unpaired_lookalikes" in (s.get("flags") or []) else 0
     if alike:
         text += (f"; {count(alike)} removed base {'matrix has' if alike == 1 else 'matrices have'} an added tuned "
