@@ -63,3 +63,14 @@ def test_a_fine_tune_and_pruning_then_training_are_not_pruning(tmp_path, rng):
                _pruned(base, "magnitude").items()}
     s = compare(b, write_checkpoint(tmp_path / "pt", trained)).summary
     assert "pruned_elements" not in s.flags and "a fine-tune" in verdict_title(s.to_dict())
+
+
+def test_pruning_then_a_cast_reads_pruned(tmp_path, rng):
+    """A pruned f32 model stored in bf16 read "a fine-tune": the kept elements are the base's rounded."""
+    base = llama(rng)
+    r = compare(write_checkpoint(tmp_path / "b", base),
+                write_checkpoint(tmp_path / "p", _pruned(base, "magnitude"), dtype="BF16"))
+    s = r.summary
+    assert "pruned_elements" in s.flags and s.scope["pruned_elements"]["tensors"] == 28
+    assert s.scope["pruned_elements"]["cast"] is True
+    assert "the base's cast to the tuned dtype" in verdict_title(s.to_dict())

@@ -801,23 +801,32 @@ def pruned_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint]
     from .measure.compute import NEGATABLE
     from .measure.rotation import values
 
+    from .kernels.dtypes import DTYPES
+    from .kernels.reference import round_to
+
     names, zeroed, total = [], 0, 0
     for r in records:
         nb, nt, nd, c = r.norm_base, r.norm_tuned, r.norm_delta, r.cosine
+        cast = r.dtype_base != r.dtype_tuned
+        # pruned then cast (a bf16 copy of a pruned f32 model): the identities hold to the cast's rounding
+        tol = 4.0 * 2.0 ** -(DTYPES[r.dtype_tuned].mant_bits or 0) if cast and r.dtype_tuned in DTYPES else 1e-7
         if r.status != "changed" or r.compared != "float" or len(r.shape or ()) != 2 or r.base_name is None \
                 or getattr(r, "tied", False) or None in (nb, nt, nd, c) \
                 or not all(math.isfinite(x) for x in (nb, nt, nd, c)) or not (nb > 0 and nt > 0 and nd > 0) \
-                or abs(nb * nb - nt * nt - nd * nd) > 1e-7 * nb * nb or abs(c - nt / nb) > 1e-7 \
+                or abs(nb * nb - nt * nt - nd * nd) > tol * nb * nb or abs(c - nt / nb) > tol \
                 or not _same_dense(r, bases, tuned, NEGATABLE):
             continue
         t, b = values(tuned, r.name), values(bases[r.base_index], r.base_name)
-        if t.shape != b.shape or not bool(((t == b) | (t == 0)).all()):
+        if t.shape != b.shape:
             continue
-        k = int(np.count_nonzero((t == 0) & (b != 0)))
+        kept = np.asarray(round_to(b.astype(np.float64).ravel(), r.dtype_tuned)).reshape(b.shape) if cast else b
+        if not bool(((t == kept) | (t == 0)).all()):
+            continue
+        k = int(np.count_nonzero((t == 0) & (kept != 0)))
         names.append(r.name)
         zeroed, total = zeroed + k, total + t.size
         r.note = (f"pruned: {k:,} of {t.size:,} elements set to zero, every other element exactly the base's"
-                  + (f"; {r.note}" if r.note else ""))
+                  + (f" cast to {r.dtype_tuned}" if cast else "") + (f"; {r.note}" if r.note else ""))
     return {"names": names, "elements": zeroed, "elements_in": total} if names else {}
 
 

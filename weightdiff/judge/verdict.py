@@ -394,6 +394,9 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         scope["pruned_elements"] = {"tensors": len(pruned.get("names") or ()),
                                     "elements_zeroed": int(pruned.get("elements") or 0),
                                     "elements_in": int(pruned.get("elements_in") or 0)}
+        names = set(pruned.get("names") or ())
+        if any(r.dtype_base != r.dtype_tuned for r in counted if r.name in names):
+            scope["pruned_elements"]["cast"] = True       # the kept elements are the base's cast to the tuned dtype
     folded = undone.get("folded") or {}
     if folded:                                # norms' gains folded into the matrices that read them, nothing rotated
         flags.append("folded_norms")
