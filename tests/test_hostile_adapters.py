@@ -373,3 +373,30 @@ def test_a_config_without_r_or_lora_alpha_takes_peft_defaults(tmp_path, rng, lef
     got = weightdiff.compare(b, a).tensor(f"{Q}.weight")
     want = float(np.linalg.norm(merged.astype(np.float64) - base_w) / np.linalg.norm(base_w))
     assert got.status == "changed" and got.rel_change == pytest.approx(want, rel=1e-5)
+
+
+def test_fan_in_fan_out_on_a_linear_model_is_ignored_as_peft_ignores_it(tmp_path):
+    """adapter_config.json saying fan_in_fan_out true for a Llama's square q/v: PEFT warns, resets the flag for an
+    nn.Linear and merges untransposed; weightdiff transposed the deltas and its numbers differed from PEFT's merge."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=128)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    conf = tmp_path / "adapter" / "adapter_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "fan_in_fan_out": True}))
+    r = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "merged"))
+    lora_t = [t for t in r.tensors if t.compared == "factors"]
+    assert len(lora_t) == 4
+    for t in lora_t:
+        assert t.shape[0] == t.shape[1]
+        assert t.cosine == pytest.approx(dense.tensor(t.name).cosine, rel=1e-6)
+        assert t.norm_delta == pytest.approx(dense.tensor(t.name).norm_delta, rel=1e-4)

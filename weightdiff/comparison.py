@@ -1243,8 +1243,17 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
     A target the base lacks means the adapter belongs to another model: bad input, not an
     "added" tensor that would make the verdict read derived.
     """
+    from .io.peft_adapter import layout_evidence
     from .kernels.dtypes import decode
 
+    seen = {layout_evidence(p.lora, tuned.tensors, bases[p.base_index].tensors[p.base_name])
+            for p in the_plan.pairs if p.lora is not None and p.kind == "lora"} - {None}
+    layout = seen.pop() if len(seen) == 1 else None       # one module type in evidence (never both in one model)
+    if layout is None and not seen:
+        # every target square: transformers' Conv1D modules are GPT-2's family, named c_attn, c_proj, c_fc, q_attn
+        leaves = {str(p.lora.target).removesuffix(".weight").rsplit(".", 1)[-1] for p in the_plan.pairs
+                  if p.lora is not None}
+        layout = "conv1d" if leaves & {"c_attn", "c_proj", "c_fc", "q_attn"} else "linear" if leaves else None
     for p in the_plan.pairs:
         if p.lora is None:
             continue
@@ -1254,7 +1263,7 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
                                                   f"the base ({escape_name(where)}) to modify",
                                   "is this adapter for another base model?")
         check_against_base(p.lora, tuned.tensors, bases[p.base_index].tensors[p.base_name], tuned.adapter,
-                           tuned.files[0])
+                           tuned.files[0], layout)
         values = {n: decode(tuned.read(n), tuned.tensors[n].dtype)
                   for n in (p.lora.a_name, p.lora.b_name, p.lora.magnitude_name) if n}
         check_factor_values(p.lora, values, tuned.files[0])

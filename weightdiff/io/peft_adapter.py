@@ -34,7 +34,7 @@ from .files import load_json, read_small
 from .safetensors_read import TensorInfo
 
 __all__ = ["AdapterConfig", "LoraFactor", "read_adapter_config", "parse_adapter_config", "lora_factors",
-           "check_against_base", "check_factor_values", "JSON_CAP"]
+           "check_against_base", "layout_evidence", "check_factor_values", "JSON_CAP"]
 
 #: largest adapter config / index accepted
 JSON_CAP = 100_000_000
@@ -347,8 +347,20 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
     return out
 
 
+def layout_evidence(factor: LoraFactor, tensors: dict[str, TensorInfo], base: TensorInfo) -> str | None:
+    """What a plain 2-D factor pair's shapes say of its module: ``linear`` (B @ A is [out, in] as the base weight
+    and only so), ``conv1d`` (only transposed: GPT-2's Conv1D), None (square, or not a plain pair)."""
+    if factor.embedding or factor.base_layer_name is not None:
+        return None
+    sa, sb, shape = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape), tuple(base.shape)
+    if len(sa) != 2 or len(sb) != 2 or len(shape) != 2:
+        return None
+    normal, flipped = shape == (sb[0], sa[1]), shape == (sa[1], sb[0])
+    return "linear" if normal and not flipped else "conv1d" if flipped and not normal else None
+
+
 def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base: TensorInfo,
-                       config: AdapterConfig | None, where: Path) -> None:
+                       config: AdapterConfig | None, where: Path, layout: str | None = None) -> None:
     """Check that ``factor`` fits the base weight ``base`` (headers only) and set its orientation.
 
     Linear: B @ A is [out, in] as the base weight; GPT-2 ``Conv1D`` (``fan_in_fan_out``)
@@ -374,7 +386,10 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
         ok, rows = shape == (sb[0], *sa[1:]), sb[0]
     else:
         normal, flipped = shape == (sb[0], sa[1]), shape == (sa[1], sb[0])
-        prefer = bool(config and config.fan_in_fan_out)
+        # PEFT applies fan_in_fan_out by the module's type, not by the flag (it warns and resets the flag for an
+        # nn.Linear, and sets it for a Conv1D): the other factors' shapes say which the model has; the flag
+        # decides only when none does (every target square)
+        prefer = layout == "conv1d" if layout is not None else bool(config and config.fan_in_fan_out)
         factor.transposed = flipped and (prefer or not normal)
         ok, rows = normal or flipped, sb[0]
         if factor.transposed and _bits(base) < 8:       # packed F4/F6 cannot be transposed by rows
