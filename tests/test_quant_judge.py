@@ -76,6 +76,12 @@ def test_base_quantized_is_quantized_only(tmp_path, models, kind):
     q = [t.quant for t in r.tensors if t.quant]
     assert len(q) == 4 and all(x["within"] and x["side"] == "tuned" for x in q)
     assert "quantiz" in s.headline[0]
+    # "0 of N blocks changed" alone read as "nothing changed": a change below the floor would not show
+    from weightdiff.render.terminal import render_text
+    text = render_text(r.to_dict())
+    assert "changed beyond the quantization noise floor (a change smaller than it would not show)" in text
+    assert "; beyond the quantization noise floor)" in text
+    assert any("changed beyond the quantization noise floor" in h for h in s.headline), s.headline
 
 
 @pytest.mark.parametrize("kind", ["fp8-block", "ct-pack-int4", "ct-fp8", "gptq-v1", "bnb-nf4-nested", "bnb-int8"])

@@ -934,7 +934,8 @@ def headline(data: dict) -> list[str]:
             out.append(f"{share(by['quantized'] / total)} differ only within their quantization noise floor.")
     if s.get("blocks_total"):
         text = summary_blocks_text(s)
-        out.append(f"{text[0].upper()}{text[1:]}{floor_blocks(s)}.")
+        beyond = " beyond the quantization noise floor" if s.get("verdict") == "quantized_only" else ""
+        out.append(f"{text[0].upper()}{text[1:]}{beyond}{floor_blocks(s)}.")
     if s.get("verdict") in ("derived", "unrelated") and s.get("relative_change") is not None:
         out.append(f"Relative change {sci(s['relative_change'])} (norm of all deltas over norm of the base).")
     f = s.get("form") or {}

@@ -63,6 +63,9 @@ def render_text(result: dict, top: int = 10) -> str:
     least = at_least(s)
     # (the tensor count holds added tensors too: said so, where the headline counts them apart)
     lines.append(f"scope     {summary_blocks_text(s)}; {summary_tensors_text(s)}")
+    if s.get("verdict") == "quantized_only":
+        # nothing beyond the floor: the counts are of changes larger than the quantization noise, not "none"
+        lines[-1] += " changed beyond the quantization noise floor (a change smaller than it would not show)"
     if within_floor(s):
         w = within_floor(s)
         lines[-1] += (f" ({count(w.get('tensors'))} more within their quantization noise floor may have changed "
@@ -128,7 +131,8 @@ def render_text(result: dict, top: int = 10) -> str:
     else:
         lines.append(f"delta params      {delta_params_count(s)}   "
                      f"({share(s.get('delta_params_share'))} of the model: parameters needed to write the change down"
-                     f"{floor_clause(s)})")
+                     f"{floor_clause(s)}"
+                     + ("; beyond the quantization noise floor" if s.get("verdict") == "quantized_only" else "") + ")")
 
     blocks = [b for b in result.get("blocks", []) if (b.get("params_changed") or 0) > 0]
     blocks.sort(key=lambda b: (-(b.get("rel_change") or 0.0), b["block"]))
