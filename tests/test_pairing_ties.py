@@ -267,3 +267,29 @@ def test_the_tie_a_config_declares(tmp_path, config, ties):
     r = _compare(write_checkpoint(tmp_path / "b", base), t)
     assert any(x.paired_by == "tied" for x in r.tensors) is ties
     assert any(x.status == "removed" and x.base_name == "lm_head.weight" for x in r.tensors) is not ties
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "LlamaModel"])
+def test_a_config_that_unties_a_head_it_does_not_store_is_not_identical(tmp_path, arch):
+    """A tied base, and a copy whose config.json says tie_word_embeddings false but stores no lm_head: every stored
+    tensor is the base's, yet transformers loads that copy with a random head; it read IDENTICAL. An encoder class
+    (no LM head to load) is unaffected."""
+    import json
+
+    from weightdiff.render.sentences import verdict_title
+
+    t = llama(np.random.default_rng(3), tied=True)
+    b = write_checkpoint(tmp_path / "b", t)
+    c = write_checkpoint(tmp_path / "c", t)
+    (b / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                               "tie_word_embeddings": True}))
+    (c / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": [arch],
+                                               "tie_word_embeddings": False}))
+    r = weightdiff.compare(str(b), str(c))
+    if arch == "LlamaModel":
+        assert r.summary.verdict == "identical" and "head_missing" not in r.summary.flags
+        return
+    s = r.summary
+    assert s.verdict == "inconclusive" and "head_missing" in s.flags
+    assert "that head is random" in verdict_title(s.to_dict())
+    assert any("stores no LM head" in n for n in r.plan["notes"])

@@ -325,6 +325,9 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
                 the_plan.notes.append(f"{escape_name(str(ck.path))}: streamed, so --hash checks nothing: its files' "
                                       "sha256 are the Hub's listing, not a hash of the bytes read (--download "
                                       "hashes them)")
+        headless = missing_head(bases, tuned_ck)
+        if headless:
+            the_plan.notes.append(headless)
         the_plan.sources = [ck.origin for ck in [*bases, tuned_ck] if ck.origin]
         if on_plan is not None:
             on_plan(the_plan)
@@ -354,6 +357,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         pruned = pruned_matrices(records, bases, tuned_ck)
         if pruned:
             undone = {**undone, "pruned": pruned}
+        if headless:
+            undone = {**undone, "head_missing": headless}
         if rotation and undone.get("rotated"):
             undone["rotated"].update(rotation)
             undone["rotated"]["norms_folded"] = folded_norms(records, rotation["gains"], tuned_ck)
@@ -870,6 +875,39 @@ def unfolded_norms(records: Sequence[TensorRecord], tuned: Checkpoint, d: int, m
         if v.size and not np.all(v == v[0]):
             out.append(r.name)
     return out
+
+
+#: transformers model classes that hold an LM head
+_LM_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
+
+
+def missing_head(bases: Sequence[Checkpoint], tuned: Checkpoint) -> str | None:
+    """The note when the tuned model's config unties its LM head but it stores none, beside a base that has one
+    (stored, or tied to its embedding): transformers then initialises that head at random, so the model as loaded
+    is not the base's, though every stored tensor may be (it read IDENTICAL). None otherwise."""
+    from .io.model_config import config_of, ties_head
+    from .pairing.names import is_embedding, is_lm_head
+
+    names = list(tuned.tensors)
+    if any(is_lm_head(n) for n in names) or not any(is_embedding(n) for n in names) or len(bases) != 1:
+        return None
+    if any(k in n for n in names for k in ("score.", "classifier.", "qa_outputs.", "v_head.")):
+        return None                          # another head (a reward or classification model): not missing
+    tie = ties_head(tuned)
+    if tie.ties is not False:
+        return None
+    try:                                     # a language model's class (an encoder for embeddings has no head)
+        doc = config_of(tuned)
+    except (CheckpointError, OSError):
+        return None
+    archs = doc.get("architectures") if isinstance(doc, dict) else None
+    if not isinstance(archs, list) or not any(isinstance(a, str) and a.endswith(_LM_CLASSES) for a in archs):
+        return None
+    base = bases[0]
+    if not (any(is_lm_head(n) for n in base.tensors) or ties_head(base).ties is True):
+        return None
+    return (f"{escape_name(str(tuned.path))}: {tie.why}, but it stores no LM head: transformers initialises that head "
+            "at random, so the model as loaded is not the base's whatever its stored tensors are")
 
 
 def _within_rotation_rounding(r: TensorRecord) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .files import load_json, read_beside
 
-__all__ = ["HeadTie", "ties_head", "ties_head_of", "UNTIED_BY_DEFAULT"]
+__all__ = ["HeadTie", "config_of", "ties_head", "ties_head_of", "UNTIED_BY_DEFAULT"]
 
 _CAP = 4 << 20
 
@@ -86,20 +86,23 @@ def ties_head_of(doc: object) -> HeadTie:
     return HeadTie(True, "its config.json leaves tie_word_embeddings at transformers' default, true")
 
 
-def ties_head(ckpt: object) -> HeadTie:
-    """Whether located checkpoint ``ckpt`` ties its LM head, from the config.json beside its
-    weights (a streamed Hub checkpoint's through ``read_config``)."""
+def config_of(ckpt: object) -> object:
+    """The parsed config.json beside a located checkpoint's weights (a streamed Hub checkpoint's through
+    ``read_config``); None when it has none; CheckpointError or OSError when it cannot be read."""
     read = getattr(ckpt, "read_config", None)
     root = getattr(ckpt, "config_dir", None) or getattr(ckpt, "root", None)
     # a config.json that resolves out of the folder is refused (CheckpointError), not read, nor assumed
     got = read_beside(root, "config.json", _CAP) if read is None and root is not None else None
+    if read is not None:
+        return read("config.json")
+    return load_json(got[1], got[0], "config.json") if got is not None else None
+
+
+def ties_head(ckpt: object) -> HeadTie:
+    """Whether located checkpoint ``ckpt`` ties its LM head, from the config.json beside its
+    weights (a streamed Hub checkpoint's through ``read_config``)."""
     try:
-        if read is not None:
-            doc = read("config.json")
-        elif got is not None:
-            doc = load_json(got[1], got[0], "config.json")
-        else:
-            doc = None
+        doc = config_of(ckpt)
     except (CheckpointError, OSError):
         return HeadTie(None, "its config.json cannot be read, so the tie is assumed")
     if doc is None:

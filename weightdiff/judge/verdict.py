@@ -455,6 +455,10 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # alike, and no matrix says whether this one derives from the base
         verdict = "inconclusive"
         flags.append("vectors_only")
+    if verdict in ("identical", "cast_only", "quantized_only") and undone.get("head_missing"):
+        # every stored tensor the base's, but the head the config asks for is missing: loaded, it is random
+        verdict = "inconclusive"
+        flags.append("head_missing")
     if verdict in ("identical", "cast_only", "quantized_only") and (permuted or negated or rotated or folded
                                                                    or rescaled):
         # the base's weights, some units in another order or negated, maybe cast or quantized: not the same

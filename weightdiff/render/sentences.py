@@ -124,6 +124,9 @@ def verdict_title(summary: dict) -> str:
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
+    if v == "inconclusive" and "head_missing" in (summary.get("flags") or []):
+        return ("INCONCLUSIVE: every stored tensor matches the base, but the tuned config unties the LM head and none "
+                "is stored: loaded with transformers, that head is random.")
     if v == "inconclusive" and "vectors_only" in (summary.get("flags") or []):
         return "INCONCLUSIVE: only vectors were compared (no matrix), which any two models share closely."
     if v == "inconclusive" and "off_grid_mixed" in (summary.get("flags") or []):
@@ -554,6 +557,11 @@ def verdict_reason(data: dict) -> str:
 def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, cos, rel, v) -> str:
     if not counted:
         return "No tensors were compared."
+    if v == "inconclusive" and "head_missing" in (s.get("flags") or []):
+        return (f"{count(len(counted))} compared {'tensor matches' if len(counted) == 1 else 'tensors match'} the "
+                "base within rounding, but the tuned model's config.json unties its LM head and stores none: "
+                "transformers initialises that head at random, so the model as loaded computes something else than "
+                "the base, and its weights alone cannot say what (see the notes).")
     if v == "inconclusive":
         return _inconclusive(data)
     if v == "partial":
