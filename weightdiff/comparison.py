@@ -534,6 +534,26 @@ def negated_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     return out
 
 
+def _vector(ck: Checkpoint, name: str):
+    """A stored vector's values (float32 where that is exact), flat."""
+    from .measure.rotation import values
+
+    return values(ck, name).reshape(-1)
+
+
+def _best_gain(b, t, r, candidates: Sequence[tuple[str, object]]) -> tuple[str, object] | None:
+    """Of (base norm name, its gains) ``candidates``, the one whose gains folded into ``b``'s columns (then ``r``,
+    None: no rotation) bring it closest to ``t``, when one brings it closer than ``b`` alone; else None."""
+    from .measure.rotation import rotated_cosine
+
+    best, best_c = None, rotated_cosine("in", b, t, r)
+    for name, g in candidates:
+        c = rotated_cosine("in", b, t, r, g)
+        if c > best_c:
+            best, best_c = (name, g), c
+    return best
+
+
 ROTATED_NOTE = ("the residual stream is rotated: measured against the base's tensor times the orthogonal matrix "
                 "fitted on the embedding and the output matrices")
 
@@ -628,20 +648,14 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     by_name = {r.name: r for r in records}
     for r in [e, *outs, *ins]:
         form = "out" if r in outs else "in"
-        gain = None
+        gain = g = None
         if form == "in" and r.module not in ("embed", "embed.pos"):
-            b, t = load(base, r.base_name), load(tuned, r.name)
-            best, best_c = None, rot.rotated_cosine("in", b, t, r_all)
-            for g in gains.get(r.block, []) + gains.get(None, []):
-                c = rot.rotated_cosine("in", b, t, r_all, load(base, g).reshape(-1).astype(float))
-                if c > best_c:
-                    best, best_c = g, c
-            gain = best
-            del b, t
-        if gain is not None:
-            used.add(gain)
+            found = _best_gain(load(base, r.base_name), load(tuned, r.name), r_all,
+                               [(n, _vector(base, n)) for n in gains.get(r.block, []) + gains.get(None, [])])
+            if found is not None:
+                gain, g = found
+                used.add(gain)
         label, kind = r.block or component_of(r.name), str(r.module or "")
-        g = None if gain is None else load(base, gain).reshape(-1).astype(float)
         note = ROTATED_NOTE + (f", with the base's `{escape_name(gain)}` folded into its columns" if gain else "")
         out.append(Undo(r, r.base_name, None, None, label, kind, note, rotate=(form, r_all, g), gain_name=gain))
         if form == "out" and r.name.endswith(".weight"):
@@ -677,7 +691,6 @@ def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], t
 
     from .measure import rotation as rot
     from .measure.compute import NEGATABLE
-    from .kernels.dtypes import decode
 
     if len(bases) != 1:
         return []
@@ -687,8 +700,7 @@ def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], t
         if r.module == "norm" and r.status == "changed" and len(r.shape or ()) == 1 and r.base_name is not None \
                 and r.name in tuned.tensors and tuned.tensors[r.name].dtype in NEGATABLE \
                 and base.tensors[r.base_name].dtype in NEGATABLE:
-            t = decode(np.asarray(tuned.read(r.name)).reshape(-1), tuned.tensors[r.name].dtype)
-            if np.all(t == 1.0):
+            if np.all(_vector(tuned, r.name) == 1.0):
                 ones.setdefault(r.block, []).append(r)
     if not ones:
         return []
@@ -701,18 +713,13 @@ def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], t
         norms = [n for n in ones.get(r.block, []) + ones.get(None, []) if int(n.shape[0]) == int(r.shape[1])]
         if not norms:
             continue
-        b, t = rot.values(base, r.base_name), rot.values(tuned, r.name)
-        best, best_c = None, rot.rotated_cosine("in", b, t, None)
-        for n in norms:
-            g = rot.values(base, n.base_name).reshape(-1).astype(float)
-            c = rot.rotated_cosine("in", b, t, None, g)
-            if c > best_c:
-                best, best_c = (n, g), c
+        best = _best_gain(rot.values(base, r.base_name), rot.values(tuned, r.name), None,
+                          [(n.base_name, _vector(base, n.base_name)) for n in norms])
         if best is None:
             continue
         label, kind = r.block or component_of(r.name), str(r.module or "")
-        out.append(Undo(r, r.base_name, None, None, label, kind, FOLD_NOTE.format(escape_name(best[0].base_name)),
-                        rotate=("in", None, best[1]), gain_name=best[0].base_name))
+        out.append(Undo(r, r.base_name, None, None, label, kind, FOLD_NOTE.format(escape_name(best[0])),
+                        rotate=("in", None, best[1]), gain_name=best[0]))
     return out
 
 
@@ -843,14 +850,11 @@ def folded_norms(records: Sequence[TensorRecord], gains: Sequence[str], tuned: C
     that hold all ones (what folding leaves): noted on their records, named for ``scope.rotated_residual``."""
     import numpy as np
 
-    from .kernels.dtypes import decode
-
     out = []
     for r in records:
         if r.module != "norm" or r.base_name not in gains or r.status != "changed" or r.name not in tuned.tensors:
             continue
-        info = tuned.tensors[r.name]
-        if np.all(decode(np.asarray(tuned.read(r.name)).reshape(-1), info.dtype) == 1.0):
+        if np.all(_vector(tuned, r.name) == 1.0):
             r.note = FOLDED_NOTE + (f"; {r.note}" if r.note else "")
             out.append(r.name)
     return out
@@ -863,15 +867,12 @@ def unfolded_norms(records: Sequence[TensorRecord], tuned: Checkpoint, d: int, m
     permuted hidden dimension (``moved``) that reads unchanged there was permuted with it, as it must be. Names."""
     import numpy as np
 
-    from .kernels.dtypes import decode
-
     out = []
     for r in records:
         if r.module != "norm" or len(r.shape or ()) != 1 or int(r.shape[0]) != d or r.name not in tuned.tensors \
                 or not r.name.endswith("weight") or (r.name in moved and r.status in ("unchanged", "rounding")):
             continue
-        info = tuned.tensors[r.name]
-        v = decode(np.asarray(tuned.read(r.name)).reshape(-1), info.dtype)
+        v = _vector(tuned, r.name)
         if v.size and not np.all(v == v[0]):
             out.append(r.name)
     return out
