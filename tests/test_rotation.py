@@ -211,6 +211,70 @@ def test_the_rotation_fit_survives_a_retrained_block_and_is_not_skewed(tmp_path,
     assert "rotated_residual" not in s.flags
 
 
+def test_units_reordered_and_flipped_or_rescaled_are_measured_beneath_both(tmp_path, rng):
+    """Neurons reordered and their up rows and down columns negated or rescaled alike (a gated MLP computes the
+    same), and attention heads reordered with v rows and o columns rescaled: read "a fine-tune" with up and down
+    far from the base (the matcher counted a flipped neuron's gate, up and down together, cosine -1/3, so it
+    stayed put, and the rescaled pairs were never looked at beneath a reordering)."""
+    import json
+
+    base = llama(rng)
+    bases = {dtype: write_checkpoint(tmp_path / f"b{dtype}", base, dtype=dtype) for dtype in ("F32", "BF16")}
+    b = bases["F32"]
+    r = np.random.default_rng(9)
+
+    def edit(signs: bool, gate: bool = False, heads: bool = False) -> dict:
+        t = dict(base)
+        for i in range(4):
+            p = f"model.layers.{i}."
+            perm = r.permutation(256)
+            c = np.where(r.random(256) < 0.3, -1.0, 1.0) if signs else r.uniform(0.5, 2.0, 256)
+            g = np.where(r.random(256) < 0.3, -1.0, 1.0) if gate else np.ones(256)
+            t[p + "mlp.gate_proj.weight"] = (base[p + "mlp.gate_proj.weight"] * g[:, None])[perm]
+            t[p + "mlp.up_proj.weight"] = (base[p + "mlp.up_proj.weight"] * c[:, None])[perm]
+            t[p + "mlp.down_proj.weight"] = (base[p + "mlp.down_proj.weight"] / c[None, :])[:, perm]
+            if heads:       # 4 heads of 32 rows: reordered in q, k, v and o, then v's rows times c, o's columns / c
+                rows = (r.permutation(4)[:, None] * 32 + np.arange(32)).reshape(-1)
+                cv = r.uniform(0.5, 2.0, 128) * np.where(r.random(128) < 0.3, -1.0, 1.0)
+                for k in ("q", "k"):
+                    t[p + f"self_attn.{k}_proj.weight"] = base[p + f"self_attn.{k}_proj.weight"][rows]
+                t[p + "self_attn.v_proj.weight"] = (base[p + "self_attn.v_proj.weight"][rows] * cv[:, None])
+                t[p + "self_attn.o_proj.weight"] = (base[p + "self_attn.o_proj.weight"][:, rows] / cv[None, :])
+        return {k: v.astype(np.float32) for k, v in t.items()}
+
+    for name, dtype, tuned in (("signs", "BF16", edit(True)), ("scales", "F32", edit(False)),
+                               ("heads", "F32", edit(True, heads=True))):
+        s = compare(bases[dtype], write_checkpoint(tmp_path / name, tuned, dtype=dtype)).summary
+        assert s.verdict == "derived" and {"permuted_units", "rescaled_units"} <= set(s.flags), (name, s.flags)
+        assert "far_from_base" not in s.flags and not s.tensors_by_status.get("changed"), (name, s.tensors_by_status)
+        assert s.scope["rescaled_units"]["tensors"] == (16 if name == "heads" else 8)
+        assert (s.scope["rescaled_units"]["negative"] > 0) == (name != "scales")
+        assert s.scope["permuted_units"]["tensors_undone"] >= 12
+        title = verdict_title(s.to_dict())
+        assert "reordered" in title and "rescaled" in title and "none of its other weights changed" in title, title
+    # a gate's rows negated too is no reparametrisation (SiLU is not odd): the gates read changed, nothing else
+    s = compare(b, write_checkpoint(tmp_path / "gate", edit(True, gate=True))).summary
+    assert s.tensors_by_status.get("changed") == 4 and "a fine-tune" in verdict_title(s.to_dict())
+    assert all(".gate_proj." in t.name for t in compare(b, tmp_path / "gate").tensors if t.status == "changed")
+    # an MLP with no gate (GELU) applies its activation to up's output: a scale moved changes what it computes
+    gelu = {k.replace("mlp.up_proj", "mlp.fc1").replace("mlp.down_proj", "mlp.fc2"): v for k, v in base.items()
+            if ".gate_proj." not in k}
+    bg = write_checkpoint(tmp_path / "bg", gelu)
+    moved = dict(gelu)
+    c = r.uniform(0.5, 2.0, 256)
+    for i in range(4):
+        p = f"model.layers.{i}.mlp."
+        moved[p + "fc1.weight"] = (gelu[p + "fc1.weight"] * c[:, None]).astype(np.float32)
+        moved[p + "fc2.weight"] = (gelu[p + "fc2.weight"] / c[None, :]).astype(np.float32)
+    tg = write_checkpoint(tmp_path / "tg", moved)
+    s = compare(bg, tg).summary
+    assert "rescaled_units" not in s.flags and s.tensors_by_status.get("changed") == 8
+    # ... unless its config names ReLU, positively homogeneous, and every factor is positive
+    (tg / "config.json").write_text(json.dumps({"hidden_act": "relu"}))
+    s = compare(bg, tg).summary
+    assert "rescaled_units" in s.flags and not s.tensors_by_status.get("changed")
+
+
 def test_a_pair_scaled_alike_is_not_a_scale_moved(tmp_path, rng):
     """v rows and o columns both times 0.985 (what weight decay leaves) changes what the model computes: it
     passed as "scaled inversely" within eight times the rounding bound."""

@@ -349,7 +349,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         gains_folded = [] if turned else folded_gains(records, bases, tuned_ck, {id(u.record) for u in undo})
         undo.extend(gains_folded)
         # rows or columns each the base's times a factor (a scale moved between two matrices, units' signs flipped)
-        undo.extend(rescaled_units(records, bases, tuned_ck, options, {id(u.record) for u in undo}))
+        # (after a reordering too: tools that reorder neurons also flip or rescale them)
+        undo.extend(rescaled_units(records, bases, tuned_ck, options, {id(u.record) for u in undo}, undo))
         undone: dict = {}
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
             records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
@@ -732,14 +733,19 @@ _UNIT_PAIRS = (("mlp.up", "mlp.down"), ("attn.v", "attn.o"))
 
 
 def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
-                   options: CompareOptions, skip: set[int] = frozenset()) -> list[Undo]:
+                   options: CompareOptions, skip: set[int] = frozenset(), done: Sequence[Undo] = ()) -> list[Undo]:
     """The ``Undo`` of each pair of changed matrices of one block where the first's rows (up, v) are the base's each
     times its own factor and the second's columns (down, o) the base's each divided by it, within the rounding of
     the tuned dtype: a scale moved from one matrix to the next, or units' signs flipped one by one (factors of
-    -1), which leaves what a gated MLP (and attention's v and o) computes unchanged; as stored such a model read
+    -1), which leaves what a gated MLP (and attention's v and o) computes unchanged (an MLP with no gate only
+    when its config names ReLU and every factor is positive); as stored such a model read
     "a fine-tune, dense" (and with signs flipped, "neurons reordered"). A matrix rescaled alone is a change (a
     DoRA magnitude trained, a matrix times 1.01) and reads as one. Read only in blocks where some matrix is
-    unchanged (moving a scale leaves the rest alone), for changes not certified low-rank (a merged LoRA)."""
+    unchanged (moving a scale leaves the rest alone), for changes not certified low-rank (a merged LoRA).
+
+    ``done``: the undos found before; a pair whose units were reordered (MLP neurons, attention heads: an ``Undo``
+    gathering the base's rows or columns) is compared with the base in that order, and its ``Undo`` then does both
+    (a model whose neurons were reordered and flipped read "a fine-tune" with up and down far from the base)."""
     import numpy as np
 
     from .judge.relatedness import _low_rank_row
@@ -755,12 +761,17 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
         if r.block is not None and len(r.shape or ()) == 2 and r.base_name is not None and r.compared == "float" \
                 and not getattr(r, "tied", False):
             blocks.setdefault(r.block, []).append(r)
+    # the reorderings found: the base's units gathered in the tuned model's order, nothing else undone
+    orders = {id(u.record): u for u in done if u.axis is not None and u.index is not None and not u.negate
+              and u.rotate is None and u.source == u.record.base_name and u.kind in ("mlp", "attn")}
 
     def factors(r: TensorRecord, axis: int):
         """The factor of each row (axis 1) or column (axis 0) when the tuned matrix is the base's so scaled within
         rounding, none of them zero (a unit set to zero is pruned, not rescaled), else None."""
         tol = 2.0 ** -((DTYPES[tuned.tensors[r.name].dtype].mant_bits or 0) + 1)
         b = rot.values(base, r.base_name).astype(np.float64)
+        if id(r) in orders:
+            b = np.take(b, np.asarray(orders[id(r)].index, np.int64), axis=orders[id(r)].axis)
         t = rot.values(tuned, r.name).astype(np.float64)
         den = (b * b).sum(axis=axis)
         c = np.where(den > 0, (t * b).sum(axis=axis) / np.where(den > 0, den, 1.0), 1.0)
@@ -771,9 +782,22 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
             return None, tol
         return c, tol
 
+    @functools.lru_cache(maxsize=1)
+    def relu() -> bool:
+        """Whether the tuned model's config.json names ReLU as its MLP's activation (positively homogeneous)."""
+        from .io.model_config import config_of
+
+        try:
+            cfg = config_of(tuned)
+        except (CheckpointError, OSError):
+            return False
+        cfg = cfg if isinstance(cfg, dict) else {}
+        return any(str(cfg.get(k) or "").lower() == "relu" for k in ("hidden_act", "activation_function", "hidden_activation"))
+
     out: list[Undo] = []
     for label, mats in blocks.items():
-        if not any(r.status in ("unchanged", "rounding") for r in mats):
+        # (or reordered: what changed beneath the reordering is not known yet, and such a block is read anyway)
+        if not any(r.status in ("unchanged", "rounding") or id(r) in orders for r in mats):
             continue
         by_kind = {}
         for r in mats:
@@ -782,12 +806,16 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
             if len(by_kind.get(rows_kind, ())) != 1 or len(by_kind.get(cols_kind, ())) != 1:
                 continue
             a, z = by_kind[rows_kind][0], by_kind[cols_kind][0]
-            if any(id(r) in skip or r.status != "changed" or _low_rank_row(r, options.thresholds)
+            if any((id(r) in skip and id(r) not in orders) or r.status != "changed" or _low_rank_row(r, options.thresholds)
                    or not _same_dense(r, bases, tuned, NEGATABLE) for r in (a, z)) \
                     or int(a.shape[0]) != int(z.shape[1]):
                 continue
             ca, tol_a = factors(a, 1)
             if ca is None:
+                continue
+            if rows_kind == "mlp.up" and "mlp.gate" not in by_kind and not (relu() and bool(np.all(ca > 0))):
+                # an MLP with no gate applies its activation to up's output: GELU(c x) / c is not GELU(x), a ReLU's
+                # only for c > 0; moving the scale changed what it computes
                 continue
             cz, tol_z = factors(z, 0)
             # inversely: within the rounding bound itself (a pair scaled alike by 1.5%, what weight decay leaves
@@ -798,7 +826,12 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
                 neg = int(np.count_nonzero(c < 0))
                 note = RESCALED_NOTE.format(what, f"{c.min():.4g}", f"{c.max():.4g}",
                                             f"; {neg:,} negative" if neg else "", escape_name(other))
-                out.append(Undo(r, r.base_name, None, None, label, str(r.module or ""), note, rotate=(form, None, c)))
+                if id(r) in orders:         # reordered, then rescaled: gathered in that order, then scaled
+                    o = orders[id(r)]
+                    out.append(replace(o, note=f"{o.note}; {note}", rotate=(form, None, c)))
+                else:
+                    out.append(Undo(r, r.base_name, None, None, label, str(r.module or ""), note,
+                                    rotate=(form, None, c)))
     return out
 
 
@@ -1164,7 +1197,8 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
         if u.rotate is not None:
             from .measure.rotation import RotatedSide
 
-            side = RotatedSide(bases[pair.base_index], pair.base_name, u.source, *u.rotate)
+            side = RotatedSide(bases[pair.base_index], pair.base_name, u.source, *u.rotate,
+                               order=None if u.axis is None else (u.axis, u.index))
         else:
             side = GatheredSide(bases[pair.base_index], pair.base_name, u.source, u.axis, u.index, negate=u.negate)
         new = remeasure(pair, side, bases, tuned, options, backend, classify)
@@ -1181,7 +1215,9 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
             (rotated if u.rotate[1] is not None else folded if u.gain_name else rescaled).append(new.name)
             new.dtype_base = r.dtype_base           # measured against float64 values; stored as the base stores it
             _within_rotation_rounding(new)
-            continue
+            if u.axis is None:
+                continue
+            # units reordered then rescaled: the reordering counts as one undone too
         if u.negate:
             n_negated += 1
             kinds = negated.setdefault(u.label, [])

@@ -18,6 +18,13 @@ matched cosines are then measured on the full vectors, and a permutation is
 accepted only when it clearly improves on the identity and matched neurons agree
 (mean cosine >= ``min_cosine``): two unrelated models never get "aligned".
 
+Each member matrix counts up to its sign: a neuron's similarity is the sum over the member matrices of the
+absolute value of their dot products (the cosine likewise). A gated MLP computes the same with a neuron's up
+row and down column negated (or scaled by c and 1/c), and tools that reparametrise a model do that to neurons
+they also reorder; with the vectors concatenated, such a neuron's gate, up and down summed to a cosine of -1/3
+and it matched nothing. Whether the signs and scales found change what the model computes is decided after
+the order is undone (``comparison.rescaled_units``), not here.
+
 A fused ``gate_up_proj`` (Phi-3: the gate's rows, then the up projection's) is one member whose
 neuron axis holds two stacked parts (role ``in:2``): each neuron's vector is its gate row and its up
 row side by side, and a reordering moves both halves alike (``undo_member``). Attention heads are
@@ -181,22 +188,33 @@ def match_neurons(sim: np.ndarray | None = None, *, sig_tuned: np.ndarray | None
     """Best one-to-one matching of tuned neurons (rows) to base neurons.
 
     Either ``sim`` (n x n similarities, solved exactly) or two signature matrices
-    (n x k each, one row per neuron, compared by cosine). With signatures, mutual
+    (n x k each, one row per neuron, compared by cosine; or two lists of them, one per member matrix,
+    compared by the sum of each member's absolute cosine). With signatures, mutual
     nearest neighbours are matched directly and only the remaining neurons are
     solved exactly (greedily when more than ``exact_max`` remain).
     Returns (perm, method) with tuned neuron i -> base neuron perm[i].
     """
     if sim is not None:
         return linear_assignment(sim, maximize=True), "exact"
-    st, sb = _unit_rows(np.asarray(sig_tuned, np.float64)), _unit_rows(np.asarray(sig_base, np.float64))
-    n = st.shape[0]
+    many = isinstance(sig_tuned, (list, tuple))
+    st = [_unit_rows(np.asarray(x, np.float64)) for x in (sig_tuned if many else [sig_tuned])]
+    sb = [_unit_rows(np.asarray(x, np.float64)) for x in (sig_base if many else [sig_base])]
+
+    def sims(a: list, b: list, lo: int, hi: int) -> np.ndarray:
+        # one member: the cosine of the signatures; several: the sum of each member's absolute cosine (a
+        # neuron's up row and down column negated together match as they stand)
+        if len(a) == 1:
+            return a[0][lo:hi] @ b[0].T
+        return sum(np.abs(x[lo:hi] @ y.T) for x, y in zip(a, b))
+
+    n = st[0].shape[0]
     if n <= exact_max:
-        return linear_assignment(st @ sb.T, maximize=True), "exact"
+        return linear_assignment(sims(st, sb, 0, n), maximize=True), "exact"
     best_b = np.empty(n, dtype=np.int64)
     best_t = np.empty(n, dtype=np.int64)
     for lo in range(0, n, chunk):
-        best_b[lo:lo + chunk] = np.argmax(st[lo:lo + chunk] @ sb.T, axis=1)
-        best_t[lo:lo + chunk] = np.argmax(sb[lo:lo + chunk] @ st.T, axis=1)
+        best_b[lo:lo + chunk] = np.argmax(sims(st, sb, lo, lo + chunk), axis=1)
+        best_t[lo:lo + chunk] = np.argmax(sims(sb, st, lo, lo + chunk), axis=1)
     perm = np.full(n, -1, dtype=np.int64)
     mutual = best_t[best_b] == np.arange(n)
     perm[mutual] = best_b[mutual]
@@ -205,7 +223,7 @@ def match_neurons(sim: np.ndarray | None = None, *, sig_tuned: np.ndarray | None
         taken = np.zeros(n, dtype=bool)
         taken[perm[mutual]] = True
         rest_b = np.flatnonzero(~taken)
-        sub = st[rest_t] @ sb[rest_b].T
+        sub = sims([x[rest_t] for x in st], [y[rest_b] for y in sb], 0, rest_t.size)
         if rest_t.size <= exact_max:
             perm[rest_t] = rest_b[linear_assignment(sub, maximize=True)]
         else:   # greedy by descending similarity: rare (the models barely agree), bounded work
@@ -240,7 +258,9 @@ def _find(load_t: Sequence[Callable[[], np.ndarray]], load_b: Sequence[Callable[
           group: str, roles: Sequence[str] | None = None) -> Finding:
     roles = list(roles) if roles is not None else ["in"] * len(axes)
     n = None
-    sim = sig_t = sig_b = None
+    sim = None
+    sig_t: list = []
+    sig_b: list = []
     bad = 0
     for k, (lt, lb, ax, role) in enumerate(zip(load_t, load_b, axes, roles)):
         vt, vb = member_vectors(lt(), ax, role), member_vectors(lb(), ax, role)
@@ -248,16 +268,16 @@ def _find(load_t: Sequence[Callable[[], np.ndarray]], load_b: Sequence[Callable[
         bad += bt + bb
         n = vt.shape[0]
         if n <= exact_max:
-            part = vt.astype(np.float64) @ vb.astype(np.float64).T
+            # each member up to its sign (see the module's docstring)
+            part = np.abs(vt.astype(np.float64) @ vb.astype(np.float64).T)
             sim = part if sim is None else sim + part
         else:
             rng = np.random.default_rng([seed, zlib.crc32(group.encode()), k])
             r = rng.standard_normal((vt.shape[1], proj_dims)).astype(np.float32)
-            pt, pb = vt.astype(np.float32) @ r, vb.astype(np.float32) @ r
-            sig_t = pt if sig_t is None else sig_t + pt
-            sig_b = pb if sig_b is None else sig_b + pb
+            sig_t.append(vt.astype(np.float32) @ r)
+            sig_b.append(vb.astype(np.float32) @ r)
         del vt, vb
-    perm, method = match_neurons(sim, sig_tuned=sig_t, sig_base=sig_b, exact_max=exact_max)
+    perm, method = match_neurons(sim, sig_tuned=sig_t or None, sig_base=sig_b or None, exact_max=exact_max)
     cos_m, cos_i, dead = _cosines(load_t, load_b, axes, roles, perm)
     # a neuron moves only where it matches (at least min_cosine, and better than where it stands): the
     # assignment also shuffles neurons that match nothing (flipped in sign, re-initialised) among
@@ -302,14 +322,14 @@ def keep_matched(perm: np.ndarray, good: np.ndarray) -> np.ndarray:
 
 def _cosines(load_t, load_b, axes, roles, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cosine of tuned neuron i with base neuron perm[i], with base neuron i, whether both of the first
-    pair are zero: a dead neuron, matched by any other) on the full vectors."""
+    pair are zero: a dead neuron, matched by any other) on the full vectors, each member up to its sign."""
     n = len(perm)
     dot_m, dot_i, nt, nb = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     for lt, lb, ax, role in zip(load_t, load_b, axes, roles):
         vt = _finite(_f64(member_vectors(lt(), ax, role)))[0]
         vb = _finite(_f64(member_vectors(lb(), ax, role)))[0]
-        dot_m += np.einsum("ij,ij->i", vt, vb[perm])
-        dot_i += np.einsum("ij,ij->i", vt, vb)
+        dot_m += np.abs(np.einsum("ij,ij->i", vt, vb[perm]))
+        dot_i += np.abs(np.einsum("ij,ij->i", vt, vb))
         nt += np.einsum("ij,ij->i", vt, vt)
         nb += np.einsum("ij,ij->i", vb, vb)
         del vt, vb
@@ -403,11 +423,13 @@ def experts_permuted(experts: Mapping[int, Sequence[tuple[np.ndarray, np.ndarray
     return _reordering(vt, vb, min_cosine)[0]
 
 
-def _reordering(vt: np.ndarray, vb: np.ndarray, min_cosine: float) -> tuple[np.ndarray | None, np.ndarray]:
-    """(the exact assignment of tuned units, rows of ``vt``, to base units by cosine when it is a
-    reordering: units moved, every matched pair at ``min_cosine`` or more, one new unit among reordered
-    ones being no reordering, and better than the identity; else None, the cosine matrix)."""
-    sim = _unit_rows(vt) @ _unit_rows(vb).T
+def _reordering(vt: np.ndarray | None, vb: np.ndarray | None, min_cosine: float,
+                sim: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+    """(the exact assignment of tuned units, rows of ``vt``, to base units by cosine (or by the similarities
+    ``sim`` given) when it is a reordering: units moved, every matched pair at ``min_cosine`` or more, one new
+    unit among reordered ones being no reordering, and better than the identity; else None, the cosine matrix)."""
+    if sim is None:
+        sim = _unit_rows(vt) @ _unit_rows(vb).T
     n = sim.shape[0]
     if n < 2:
         return None, sim
@@ -428,16 +450,17 @@ def rows_follow(tuned: np.ndarray, base: np.ndarray, perm: np.ndarray, min_cosin
 def members_follow(load_pairs: Sequence[tuple[np.ndarray, np.ndarray, int] | tuple[np.ndarray, np.ndarray, int, str]],
                    perm: np.ndarray, min_cosine: float = 0.5) -> bool:
     """Whether every member matrix (tuned, base, neuron axis) of a reordered MLP is related to the base's
-    once the order is undone (cosine at least ``min_cosine``): pooled over gate, up and down, two matching
-    matrices pass the matcher beside a new third one. Each part of a fused member (its gate and its up
-    rows) is a matrix of its own here: a new gate beside the base's up would pass as one tensor."""
+    once the order is undone (cosine at least ``min_cosine``, each neuron's part up to its sign, as the matcher
+    counts it): pooled over gate, up and down, two matching matrices pass the matcher beside a new third one.
+    Each part of a fused member (its gate and its up rows) is a matrix of its own here: a new gate beside the
+    base's up would pass as one tensor."""
     for t, b, axis, *role in load_pairs:
         p = parts_of(role[0]) if role else 1
         xs = np.split(undo_member(_f64(t), perm, axis, *role), p, axis=axis)
         for x, y in zip(xs, np.split(_f64(b), p, axis=axis)):
-            x, y = _finite(x.ravel())[0], _finite(y.ravel())[0]
-            den = float(np.sqrt(x @ x) * np.sqrt(y @ y))
-            if not den or float(x @ y) / den < min_cosine:
+            x, y = _finite(neuron_vectors(x, axis))[0], _finite(neuron_vectors(y, axis))[0]
+            den = float(np.sqrt(np.einsum("ij,ij->", x, x)) * np.sqrt(np.einsum("ij,ij->", y, y)))
+            if not den or float(np.abs(np.einsum("ij,ij->i", x, y)).sum()) / den < min_cosine:
                 return False
     return True
 
@@ -495,36 +518,57 @@ def heads_order(mats: Mapping[str, tuple[np.ndarray, np.ndarray]], min_cosine: f
             or o[0].shape[1] != q[0].shape[0]:
         return None
     kv = [mats[r] for r in ("k", "v") if r in mats and mats[r][0].shape == mats[r][1].shape]
+    best, best_score = None, -1.0
     for d in head_dims:
         if q[0].shape[0] % d or q[0].shape[0] // d < 2:
             continue
-        qo, q_perm = _heads_state([(q, 0), (o, 1)], d, min_cosine)
-        kv_perm = None
+        qo, q_perm, qs = _heads_state([(q, 0), (o, 1)], d, min_cosine)
+        kv_perm, ks = None, 1.0
         if kv and all(t.shape[0] % d == 0 for t, _ in kv) and len({t.shape[0] for t, _ in kv}) == 1:
-            kvs, kv_perm = _heads_state([(m, 0) for m in kv], d, min_cosine) if kv[0][0].shape[0] // d >= 2 else \
+            kvs, kv_perm, ks = _heads_state([(m, 0) for m in kv], d, min_cosine) if kv[0][0].shape[0] // d >= 2 else \
                 _heads_state([(m, 0) for m in kv], kv[0][0].shape[0], min_cosine)
         elif kv:
             continue
         else:
             kvs = "same"
-        if "reordered" in (qo, kvs) and "unrelated" not in (qo, kvs):
-            return HeadOrder(d, q_perm, kv_perm)
-    return False
+        # of the head sizes that show a reordering, the one whose heads match best (the larger on a tie): with
+        # heads of 16 rows reordered, units of 32 rows may match half their rows, a reordering too at a glance
+        if "reordered" in (qo, kvs) and "unrelated" not in (qo, kvs) and min(qs, ks) > best_score + 1e-9:
+            best, best_score = HeadOrder(d, q_perm, kv_perm), min(qs, ks)
+    return best if best is not None else False
 
 
 def _heads_state(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d: int,
-                 min_cosine: float) -> tuple[str, np.ndarray | None]:
+                 min_cosine: float) -> tuple[str, np.ndarray | None, float]:
     """(``reordered``, ``same`` (the base's heads where they stand) or ``unrelated``, for heads of ``d``
-    rows; the order when reordered)."""
-    vt, vb = [], []
+    rows; the order when reordered; the lowest similarity of a head with the base head it is taken for)."""
+    # each row of a head counts up to its sign (v's rows and o's columns negated or rescaled alike change nothing
+    # attention computes, and reparametrising tools do that to heads they also reorder): the similarity of two
+    # heads is the sum over their rows of the absolute dot products, over the heads' norms
+    h = members[0][0][0].shape[members[0][1]] // d
+    parts = []
     for (t, b), axis in members:
-        h = t.shape[axis] // d
-        vt.append(np.moveaxis(_finite(np.asarray(t, np.float64))[0], axis, 0).reshape(h, -1))
-        vb.append(np.moveaxis(_finite(np.asarray(b, np.float64))[0], axis, 0).reshape(h, -1))
-    perm, sim = _reordering(np.concatenate(vt, axis=1), np.concatenate(vb, axis=1), min_cosine)
+        vt = np.moveaxis(_finite(np.asarray(t, np.float64))[0], axis, 0).reshape(h, d, -1)
+        vb = np.moveaxis(_finite(np.asarray(b, np.float64))[0], axis, 0).reshape(h, d, -1)
+        dots = np.zeros((h, h))
+        for r in range(d):                      # one product per row of a head (BLAS), h x h each
+            dots += np.abs(vt[:, r, :] @ vb[:, r, :].T)
+        parts.append((dots, np.einsum("irw,irw->i", vt, vt), np.einsum("irw,irw->i", vb, vb)))
+
+    def cos(dots, nt, nb):
+        den = np.sqrt(np.outer(nt, nb))
+        return np.divide(dots, den, out=np.zeros_like(dots), where=den > 0)
+
+    sim = cos(*(sum(x) for x in zip(*parts)))
+    perm, sim = _reordering(None, None, min_cosine, sim)
+    # each member on its own too (q and o, k and v): the base's o beside a new q matches half of each pooled head
+    # vector, which a threshold of 0.5 cannot tell from a head of the base's
+    order = np.arange(h) if perm is None else perm
+    each = min(float(cos(*part)[np.arange(h), order].min()) for part in parts)
+    score = min(float(sim[np.arange(h), order].min()), each)
     if perm is not None:
-        return "reordered", perm
-    return ("same" if np.diag(sim).min() >= min_cosine else "unrelated"), None
+        return ("reordered" if each >= min_cosine else "unrelated"), (perm if each >= min_cosine else None), score
+    return ("same" if score >= min_cosine else "unrelated"), None, score
 
 
 def fused_qkv_views(qkv: tuple[np.ndarray, np.ndarray], o: tuple[np.ndarray, np.ndarray],

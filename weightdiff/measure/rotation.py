@@ -110,11 +110,14 @@ def rotated_cosine(kind: str, base: np.ndarray, tuned: np.ndarray, r: np.ndarray
 
 class RotatedSide:
     """One base tensor in the tuned model's rotated frame (``apply``), as float64 values (dtype ``F64``), for
-    ``compute.remeasure``: computed once, whole, when first read."""
+    ``compute.remeasure``: computed once, whole, when first read. ``order``: (axis, index), the base's rows
+    (axis 0) or columns (1) gathered in that order first, for units reordered and rescaled."""
 
-    def __init__(self, ck, name: str, source: str, kind: str, r: np.ndarray, gain: np.ndarray | None = None):
+    def __init__(self, ck, name: str, source: str, kind: str, r: np.ndarray, gain: np.ndarray | None = None,
+                 order: tuple[int, np.ndarray] | None = None):
         info = ck.tensors[source]
         self.path, self._ck, self._source, self._kind, self._r, self._gain = ck.path, ck, source, kind, r, gain
+        self._order = order
         self._shape = tuple(int(d) for d in info.shape)
         self._whole: np.ndarray | None = None
         self.tensors = {name: replace(info, name=name, dtype="F64", start=None, end=None)}
@@ -122,7 +125,10 @@ class RotatedSide:
 
     def _values(self) -> np.ndarray:
         if self._whole is None:
-            got = apply(self._kind, values(self._ck, self._source), self._r, self._gain)
+            base = values(self._ck, self._source)
+            if self._order is not None:     # the base's units in the tuned model's order first
+                base = np.take(base, np.asarray(self._order[1], np.int64), axis=self._order[0])
+            got = apply(self._kind, base, self._r, self._gain)
             self._whole = np.ascontiguousarray(got.reshape(-1))
             self._whole.flags.writeable = False
         return self._whole
