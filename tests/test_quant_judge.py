@@ -446,7 +446,9 @@ def test_awq_searched_scales_are_fit_back(tmp_path, models):
     divides the input norm by it: its model of an unchanged base read "DERIVED ... a fine-tune that was
     then quantized" (found with AutoAWQ 0.2.9 on CPU). The scales are fit back (weightdiff.measure.awq_fold):
     the base reads quantized_only with the norms explained, a fine-tune of one q_proj reads derived on
-    that tensor alone; under names the fold does not know, the verdict is inconclusive, saying why."""
+    that tensor alone; under names the fold does not know, the norms' ratio to the base's is found in q_proj's
+    columns (``comparison.folded_gains``, SmoothQuant's smoothing scales) and the base so scaled is within the
+    floor: read inconclusive before that ("does not fit those scales back")."""
     base, _ = models
     base = dict(base)
     rng = np.random.default_rng(3)
@@ -473,8 +475,11 @@ def test_awq_searched_scales_are_fit_back(tmp_path, models):
     stored, qc = _awq_searched(base, base, np.random.default_rng(4), rename)
     b = {rename(k): v for k, v in base.items()}
     r = _judge(tmp_path / "other", b, stored, qc)
-    assert r.summary.verdict == "inconclusive", r.summary.verdict_reason
-    assert "awq_scaled" in r.summary.flags and "does not fit those scales back" in r.summary.verdict_reason
+    assert r.summary.verdict == "derived" and r.summary.scope["folded_norms"]["norms_smoothed"] == 2, \
+        r.summary.verdict_reason
+    assert {t.status for t in r.tensors if len(t.shape) == 2} <= {"unchanged", "quantized"}
+    assert "none of its other weights changed" in verdict_title(r.summary.to_dict())
+    assert "smoothing scales" in r.summary.verdict_reason and "hold all ones" not in r.summary.verdict_reason
     stored, qc, _ = _build("awq", base)                       # no scale search: the share test decides
     assert _judge(tmp_path / "rtn", base, stored, qc).summary.verdict == "quantized_only"
 

@@ -366,8 +366,10 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             undone["rotated"]["norms_unfolded"] = unfolded_norms(records, tuned_ck, rotation["width"],
                                                                  set(undone["rotated"].get("names") or ()))
         if undone.get("folded"):
-            undone["folded"]["norms_folded"] = folded_norms(
-                records, sorted({u.gain_name for u in gains_folded if u.gain_name}), tuned_ck)
+            ones = folded_norms(records, sorted({u.gain_name for u in gains_folded if u.gain_name}), tuned_ck)
+            smoothed = smoothed_norms(records, gains_folded, set(ones))
+            undone["folded"]["norms_folded"] = ones + smoothed
+            undone["folded"]["norms_smoothed"] = smoothed
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
                             declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)},
                             reordering=(found, checked, undone), folded=the_plan.folded)
@@ -683,11 +685,16 @@ FOLD_NOTE = "measured against the base's matrix with the gains of the base's `{}
 
 def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
                  skip: set[int] = frozenset()) -> list[Undo]:
-    """The ``Undo`` of each matrix that reads a norm whose gains were folded into it (the tuned norm all ones, the
-    matrix the base's times the base gains column by column: QuaRot's first step, done alone, which changes
-    nothing the model computes and read "a fine-tune, dense"). Each changed matrix that reads the residual stream
-    is measured against the base times the gains of whichever changed norm of its block (or the model's final
-    norm) brings it closest, when one brings it closer than the stored base; nothing when no norm went to ones."""
+    """The ``Undo`` of each matrix that reads a norm whose gains were folded into it, wholly or in part: the
+    tuned norm the base's divided by a factor per channel and the matrix the base's times those factors column by
+    column. All ones is QuaRot's first step (the factors are the base's gains); SmoothQuant (and llm-compressor's
+    AWQ) divide each norm by a smoothing scale per channel and multiply the next matrices' columns by it before
+    quantizing. Either changes nothing the model computes, and read "a fine-tune, dense" (SmoothQuant W8A8 read
+    "changed far more than a fine-tune changes it"). Each changed matrix that reads the residual stream is
+    measured against the base times the factors of whichever changed norm of its block (or the model's final
+    norm) brings it closest, when one brings it closer than the stored base; a quantized matrix (the base stored
+    whole) too, its noise floor then tested against the base so scaled. Nothing when no norm differs from the
+    base's by a factor per channel."""
     import numpy as np
 
     from .measure import rotation as rot
@@ -696,32 +703,47 @@ def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], t
     if len(bases) != 1:
         return []
     base = bases[0]
-    ones: dict = {}
+    ratios: dict = {}
     for r in records:
         if r.module == "norm" and r.status == "changed" and len(r.shape or ()) == 1 and r.base_name is not None \
                 and r.name in tuned.tensors and tuned.tensors[r.name].dtype in NEGATABLE \
                 and base.tensors[r.base_name].dtype in NEGATABLE:
-            if np.all(_vector(tuned, r.name) == 1.0):
-                ones.setdefault(r.block, []).append(r)
-    if not ones:
+            t, b = _vector(tuned, r.name).astype(np.float64), _vector(base, r.base_name).astype(np.float64)
+            if np.all(t == 1.0):
+                ratios.setdefault(r.block, []).append((r, b))
+            elif np.all(np.isfinite(t) & np.isfinite(b) & (t != 0)):
+                ratios.setdefault(r.block, []).append((r, b / t))
+    if not ratios:
         return []
     out: list[Undo] = []
     for r in records:
         if id(r) in skip or r.status != "changed" or r.compared != "float" or len(r.shape or ()) != 2 \
                 or r.module not in rot.IN_KINDS or r.module in ("embed", "embed.pos") or r.base_name is None \
-                or getattr(r, "tied", False) or not _same_dense(r, bases, tuned, NEGATABLE):
+                or getattr(r, "tied", False) or not (_same_dense(r, bases, tuned, NEGATABLE)
+                                                     or _quantized_over_dense(r, base, tuned)):
             continue
-        norms = [n for n in ones.get(r.block, []) + ones.get(None, []) if int(n.shape[0]) == int(r.shape[1])]
+        norms = [(n, g) for n, g in ratios.get(r.block, []) + ratios.get(None, []) if int(n.shape[0]) == int(r.shape[1])]
         if not norms:
             continue
         best = _best_gain(rot.values(base, r.base_name), rot.values(tuned, r.name), None,
-                          [(n.base_name, _vector(base, n.base_name)) for n in norms])
+                          [(n.base_name, g) for n, g in norms])
         if best is None:
             continue
         label, kind = r.block or component_of(r.name), str(r.module or "")
         out.append(Undo(r, r.base_name, None, None, label, kind, FOLD_NOTE.format(escape_name(best[0])),
                         rotate=("in", None, best[1]), gain_name=best[0]))
     return out
+
+
+def _quantized_over_dense(r: TensorRecord, base: Checkpoint, tuned: Checkpoint) -> bool:
+    """The tuned tensor of ``r`` quantized (dequantized by the reader, its noise floor known) and the base's stored
+    whole in a float dtype, of one shape: the floor test can run against the base seen otherwise."""
+    from .measure.compute import NEGATABLE
+
+    t, b = tuned.tensors.get(r.name), base.tensors.get(r.base_name)
+    return (t is not None and b is not None and getattr(t, "quant", None) is not None
+            and getattr(b, "quant", None) is None and b.dtype in NEGATABLE and tuple(t.shape) == tuple(b.shape)
+            and getattr(tuned, "adapter", None) is None)
 
 
 RESCALED_NOTE = ("each {} the base's times its own factor (from {} to {}{}), and `{}` scaled inversely: measured "
@@ -891,6 +913,57 @@ def folded_norms(records: Sequence[TensorRecord], gains: Sequence[str], tuned: C
             r.note = FOLDED_NOTE + (f"; {r.note}" if r.note else "")
             out.append(r.name)
     return out
+
+
+SMOOTHED_NOTE = ("its gains the base's divided by a factor per channel that the matrices reading it carry in their "
+                 "columns (smoothing scales, as SmoothQuant and AWQ move them before quantizing): what it computes "
+                 "with them is the base's")
+
+
+def smoothed_norms(records: Sequence[TensorRecord], gains_folded: Sequence[Undo], skip: set = frozenset()) -> list[str]:
+    """The tuned norms (not all ones: ``skip`` holds those) whose ratio to the base's gains ``folded_gains`` found
+    in the columns of the matrices that read them: noted on their records and named. Every matrix of the block of
+    the kinds that took the ratio (attention's q, k, v; the MLP's gate and up) must have taken it (q scaled, k and v
+    left as they were, computes something else), and one of them must measure, so scaled, as the base's within
+    rounding or its quantization floor (the others may have changed beneath the scaling: a fine-tune, then
+    smoothed)."""
+    import numpy as np
+
+    from .kernels.dtypes import DTYPES
+    from .measure import rotation as rot
+
+    status = {r.name: r.status for r in records}
+    gains = {u.gain_name: np.asarray(u.rotate[2], np.float64) for u in gains_folded if u.gain_name}
+    readers: dict[str, set[str]] = {}
+    for name, g in gains.items():
+        # a matrix took this norm's ratio when its factors are that ratio within the norm's rounding (two norms
+        # divided by one scale give ratios equal up to it, and either may have been picked)
+        tol = 2.0 * 2.0 ** -(DTYPES[r_dtype].mant_bits or 0) if (r_dtype := _dtype_of(records, name)) else 0.0
+        readers[name] = {u.record.name for u in gains_folded if u.gain_name and (
+            u.gain_name == name or (u.rotate[2].shape == g.shape
+                                    and np.allclose(np.asarray(u.rotate[2], np.float64), g, rtol=tol, atol=0.0)))}
+    by_block: dict = {}
+    for r in records:
+        if len(r.shape or ()) == 2 and r.module in rot.IN_KINDS and r.module not in ("embed", "embed.pos") \
+                and r.base_name is not None and not getattr(r, "tied", False):
+            by_block.setdefault(r.block, []).append(r)
+    out = []
+    for r in records:
+        if r.module != "norm" or r.status != "changed" or r.name in skip or r.base_name not in readers:
+            continue
+        took = readers[r.base_name]
+        families = {str(m.module).split(".")[0] for m in by_block.get(r.block, []) if m.name in took}
+        peers = [m.name for m in by_block.get(r.block, []) if str(m.module).split(".")[0] in families
+                 and int(m.shape[1]) == int(r.shape[0])]
+        if set(peers) <= took and any(status.get(n) in ("unchanged", "rounding", "quantized") for n in took):
+            r.note = SMOOTHED_NOTE + (f"; {r.note}" if r.note else "")
+            out.append(r.name)
+    return out
+
+
+def _dtype_of(records: Sequence[TensorRecord], base_name: str) -> str | None:
+    """The tuned dtype of the record paired with base tensor ``base_name``."""
+    return next((r.dtype_tuned for r in records if r.base_name == base_name and r.dtype_tuned), None)
 
 
 def unfolded_norms(records: Sequence[TensorRecord], tuned: Checkpoint, d: int, moved: set = frozenset()) -> list[str]:

@@ -403,6 +403,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         names = set(folded.get("names") or ())
         scope["folded_norms"] = {"norms": len(folded.get("norms_folded") or ()), "tensors": len(names),
                                  "tensors_changed": [r.status for r in counted if r.name in names].count("changed")}
+        if folded.get("norms_smoothed"):      # divided by smoothing scales (SmoothQuant, AWQ), not set to ones
+            scope["folded_norms"]["norms_smoothed"] = len(folded["norms_smoothed"])
     rescaled = undone.get("rescaled") or {}
     if rescaled:                              # rows or columns each the base's times a factor
         flags.append("rescaled_units")

@@ -314,7 +314,8 @@ def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_
         # compressed-tensors divides in the weights' dtype, one rounding of the float32 quotient as here:
         # its scales come back exactly (a dense change of relative size 1e-2 moves a group's largest value
         # by a fraction of an ulp of bf16 and left 99% within two ulps, 53-60% equal)
-        tol = 0 if every else 2 * _ulp(s_r, src.sdtype)
+        tol = (_ulp(s_r, src.sdtype) if getattr(pck, "reconstructed", False) else 0) if every \
+            else 2 * _ulp(s_r, src.sdtype)
         ok = (np.abs(s_st - s_r) <= tol) & (np.abs(zeros[groups, :m] - z) <= 1)
         per = ok.mean(axis=1) if m else np.zeros(len(groups))
         best = max(best, float(ok.mean()) if every and m else float(per.max()))

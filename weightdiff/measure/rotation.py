@@ -118,6 +118,9 @@ class RotatedSide:
         info = ck.tensors[source]
         self.path, self._ck, self._source, self._kind, self._r, self._gain = ck.path, ck, source, kind, r, gain
         self._order = order
+        # the base's weights as the tuned model's writer saw them, up to the error of factors recovered from
+        # the files (a norm's ratio rounded to its dtype, a fitted R): a quantizer's scales come back within an ulp
+        self.reconstructed = True
         self._shape = tuple(int(d) for d in info.shape)
         self._whole: np.ndarray | None = None
         self.tensors = {name: replace(info, name=name, dtype="F64", start=None, end=None)}

@@ -245,9 +245,14 @@ def _derived_special(summary: dict) -> str | None:
                                                                           if rs.get("negative") else "") + ")")
     fo = scope.get("folded_norms") or {}
     if fo.get("norms"):
-        n_fo = int(fo["norms"])
-        what.append(f"the gains of {count(n_fo)} {'norm' if n_fo == 1 else 'norms'} folded into the matrices that "
-                    "read them (the norms all ones, the matrices' columns times the base's gains)")
+        n_fo, n_sm = int(fo["norms"]), int(fo.get("norms_smoothed") or 0)
+        if n_sm < n_fo:
+            what.append(f"the gains of {count(n_fo - n_sm)} {'norm' if n_fo - n_sm == 1 else 'norms'} folded into the "
+                        "matrices that read them (the norms all ones, the matrices' columns times the base's gains)")
+        if n_sm:
+            what.append(f"the gains of {count(n_sm)} {'norm' if n_sm == 1 else 'norms'} moved in part into the matrices "
+                        "that read them (each norm divided by a factor per channel, the matrices' columns times it: "
+                        "smoothing scales, as SmoothQuant and AWQ apply before quantizing)")
     rot = scope.get("rotated_residual") or {}
     folded = int(rot.get("norms_folded") or 0) + int(fo.get("norms") or 0)
     if rot.get("tensors"):
@@ -804,17 +809,32 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                                           if rs.get("negative") else "")
                  + ", and the matrix that reads those units (down, o) the base's divided by the same factors: a scale "
                  "moved from one matrix to the next, or units' signs flipped one by one, which leaves what a gated MLP "
-                 "and attention's v and o compute unchanged (a GELU MLP's only for positive factors); each is measured "
+                 "and attention's v and o compute unchanged (an MLP with no gate only when it uses ReLU and every factor is "
+                 "positive); each is measured "
                  "against the base so scaled and the numbers here are of what changed beneath the scales")
     fo = scope.get("folded_norms") or {}
     if fo.get("tensors"):
         n_fo, n_norms = int(fo["tensors"]), int(fo.get("norms") or 0)
-        text += (f"; {count(n_norms)} {'norm holds' if n_norms == 1 else 'norms hold'} all ones, {'its' if n_norms == 1 else 'their'} "
-                 f"base gains folded into the matrices that read {'it' if n_norms == 1 else 'them'} (QuaRot's first step; "
-                 "with RMSNorm the model computes what the base computes), so "
+        n_sm = int(fo.get("norms_smoothed") or 0)
+        n_ones = n_norms - n_sm
+        parts = []
+        if n_ones:
+            parts.append(f"{count(n_ones)} {'norm holds' if n_ones == 1 else 'norms hold'} all ones, "
+                         f"{'its' if n_ones == 1 else 'their'} base gains folded into the matrices that read "
+                         f"{'it' if n_ones == 1 else 'them'} (QuaRot's first step; with RMSNorm the model computes what "
+                         "the base computes)")
+        if n_sm:
+            parts.append(f"{count(n_sm)} {'norm is' if n_sm == 1 else 'norms are'} the base's divided by a factor per "
+                         f"channel that the matrices reading {'it' if n_sm == 1 else 'them'} carry in their columns "
+                         "(smoothing scales, as SmoothQuant and AWQ apply before quantizing; the model computes what "
+                         "the base computes)")
+        if not parts:
+            parts.append("some norms differ from the base's by a factor per channel that the matrices reading them "
+                         "carry in their columns")
+        text += ("; " + "; ".join(parts) + ", so "
                  f"{'the' if n_fo == 1 else 'each of the'} {count(n_fo)} {'matrix' if n_fo == 1 else 'matrices'} is "
-                 "measured against the base's times those gains and the numbers here are of what changed beneath the "
-                 "fold")
+                 "measured against the base's times those factors and the numbers here are of what changed beneath "
+                 "the fold")
     rot = scope.get("rotated_residual") or {}
     if rot.get("tensors"):
         n_rot, folded = int(rot["tensors"]), int(rot.get("norms_folded") or 0)

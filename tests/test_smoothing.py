@@ -1,0 +1,96 @@
+"""SmoothQuant's smoothing scales: each norm divided by a factor per channel and the matrices that read it
+(q, k, v; gate, up) multiplied column by column by the same factors, which changes nothing the model computes.
+llm-compressor applies them before quantizing (its W8A8 recipes: SmoothQuantModifier, then round to nearest or
+GPTQ). As written, the base so smoothed and quantized read "DERIVED: built on this base, but changed far more
+than a fine-tune changes it" (relative change 3.9): the matrices are measured against the base times the norms'
+ratio now, the quantized ones tested against their floor so.
+
+The fixtures under tests/data/ct_smooth were written by llm-compressor 0.14's oneshot and compressed-tensors'
+writer (make.py there says how)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_checkpoint
+from models import llama
+from weightdiff import compare
+from weightdiff.render.sentences import verdict_title
+
+DATA = Path(__file__).parent / "data" / "ct_smooth"
+READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+
+
+@pytest.mark.parametrize("folder,status", [("sq-float", "rounding"), ("sq-w8a8", "quantized"),
+                                           ("sq-gptq", "quantized")])
+def test_the_base_smoothed_by_llm_compressor_is_the_base(folder, status):
+    r = compare(DATA / "base", DATA / folder)
+    s = r.summary
+    assert s.verdict == "derived" and "folded_norms" in s.flags and "far_from_base" not in s.flags, s.verdict_reason
+    assert s.scope["folded_norms"] == {"norms": 4, "norms_smoothed": 4, "tensors": 10, "tensors_changed": 0}
+    by = {t.name: t for t in r.tensors}
+    for i in range(2):
+        for m in READERS:
+            t = by[f"model.layers.{i}.{m}.weight"]
+            assert t.status == status and "gains of the base's" in t.note, (t.name, t.status)
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            assert "smoothing scales" in by[f"model.layers.{i}.{n}.weight"].note
+    title = verdict_title(s.to_dict())
+    assert "smoothing scales" in title and "none of its other weights changed" in title, title
+    assert "a fine-tune" not in title
+
+
+def test_a_fine_tune_smoothed_and_quantized_reads_as_the_fine_tune():
+    """A rank-4 update of every q_proj, then SmoothQuant W8A8: the two q_proj read changed beneath the scales, the
+    rest within the floor (the group scales checked against the base so scaled, within an ulp: a fine-tune of
+    relative size 1e-2 matched 56-67% of them, the base 100%)."""
+    r = compare(DATA / "base", DATA / "ft-sq-w8a8")
+    s = r.summary
+    changed = sorted(t.name for t in r.tensors if t.status == "changed" and len(t.shape) == 2)
+    assert changed == [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)]
+    assert s.scope["folded_norms"]["norms_smoothed"] == 4 and s.scope["folded_norms"]["tensors_changed"] == 2
+    assert verdict_title(s.to_dict()).startswith("DERIVED: a fine-tune of this base, with the gains of 4 norms moved")
+
+
+def _smoothed(base: dict, s: np.ndarray, readers=READERS, layers=range(4)) -> dict:
+    """Each norm divided by its own scales (SmoothQuant's come from each norm's activations): ``s`` for the input
+    norms, its reverse for the others."""
+    t = {k: v.astype(np.float64) for k, v in base.items()}
+    for i in layers:
+        p = f"model.layers.{i}."
+        for norm, kinds, f in (("input_layernorm", readers[:3], s), ("post_attention_layernorm", readers[3:], s[::-1])):
+            t[p + norm + ".weight"] = t[p + norm + ".weight"] / f
+            for k in kinds:
+                if k:
+                    t[p + k + ".weight"] = t[p + k + ".weight"] * f[None, :]
+    return {k: v.astype(np.float32) for k, v in t.items()}
+
+
+def test_smoothing_in_float_and_what_is_not_smoothing(tmp_path, rng):
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "b", base)
+    s = np.exp(np.random.default_rng(4).normal(0, 0.5, 128))
+    r = compare(b, write_checkpoint(tmp_path / "sq", _smoothed(base, s))).summary
+    assert r.verdict == "derived" and r.scope["folded_norms"]["norms_smoothed"] == 8
+    assert not r.tensors_by_status.get("changed", 0) - 8          # only the 8 norms, said in the title
+    assert "none of its other weights changed" in verdict_title(r.to_dict())
+    # the norms divided, the matrices left alone: the model computes something else
+    plain = dict(base)
+    for k in base:
+        if k.endswith("layernorm.weight"):
+            plain[k] = (base[k] / s).astype(np.float32)     # (test of the matrices: one scale for all will do)
+    r = compare(b, write_checkpoint(tmp_path / "norms", plain)).summary
+    assert "folded_norms" not in r.flags and "a fine-tune" in verdict_title(r.to_dict())
+    # q scaled, k and v left as they were: q matches the scaled base, but the input norms are no smoothing
+    part = _smoothed(base, s, readers=("self_attn.q_proj", "", "", "mlp.gate_proj", "mlp.up_proj"))
+    r = compare(b, write_checkpoint(tmp_path / "part", part)).summary
+    assert r.scope["folded_norms"]["norms_smoothed"] == 4            # the MLP's norms only
+    assert "a fine-tune" in verdict_title(r.to_dict())
+    # a dense fine-tune whose norms moved too is no smoothing
+    rr = np.random.default_rng(6)
+    ft = {k: (v * (1 + 0.02 * rr.standard_normal(v.shape))).astype(np.float32) for k, v in base.items()}
+    r = compare(b, write_checkpoint(tmp_path / "ft", ft)).summary
+    assert "folded_norms" not in r.flags
