@@ -370,6 +370,14 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             smoothed = smoothed_norms(records, gains_folded, set(ones))
             undone["folded"]["norms_folded"] = ones + smoothed
             undone["folded"]["norms_smoothed"] = smoothed
+        explained = set((undone.get("rotated") or {}).get("norms_folded") or ()) \
+            | set((undone.get("folded") or {}).get("norms_folded") or ())
+        if explained:
+            # a norm whose gains went into the matrices that read it is measured beneath the fold too: as stored,
+            # each read as a change of relative size ~0.1, and every block of a model rotated after one block was
+            # trained read changed, the untouched ones most
+            records = measure_folded_norms(records, explained, the_plan, bases, tuned_ck, options, backend, classify)
+            blocks, modules = aggregate(records, options.thresholds)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
                             declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)},
                             reordering=(found, checked, undone), folded=the_plan.folded)
@@ -722,17 +730,51 @@ def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], t
                 or getattr(r, "tied", False) or not (_same_dense(r, bases, tuned, NEGATABLE)
                                                      or _quantized_over_dense(r, base, tuned)):
             continue
-        norms = [(n, g) for n, g in ratios.get(r.block, []) + ratios.get(None, []) if int(n.shape[0]) == int(r.shape[1])]
+        # the norms that may feed it: its block's (the final norm only the head's), of the matrix's family when
+        # the norm's name says which it feeds (input_layernorm the attention, post_attention_layernorm the MLP)
+        family = str(r.module).split(".")[0]
+        norms = [(n, g) for n, g in ratios.get(r.block, []) if int(n.shape[0]) == int(r.shape[1])
+                 and _norm_feeds(n.name) in (None, family)]
         if not norms:
             continue
-        best = _best_gain(rot.values(base, r.base_name), rot.values(tuned, r.name), None,
-                          [(n.base_name, g) for n, g in norms])
+        b_vals, t_vals = rot.values(base, r.base_name), rot.values(tuned, r.name)
+        best = _best_gain(b_vals, t_vals, None, [(n.base_name, g) for n, g in norms])
         if best is None:
+            continue
+        # the factors must explain the difference, not nudge it: most of 1 - cosine goes (a fine-tune then
+        # pruned came closer to a base scaled by any norm's ratio, its zeros costing less, and read "folded")
+        stored, folded = 1.0 - rot.rotated_cosine("in", b_vals, t_vals, None), \
+            1.0 - rot.rotated_cosine("in", b_vals, t_vals, None, best[1])
+        if not folded <= FOLD_EXPLAINS * stored:
             continue
         label, kind = r.block or component_of(r.name), str(r.module or "")
         out.append(Undo(r, r.base_name, None, None, label, kind, FOLD_NOTE.format(escape_name(best[0])),
                         rotate=("in", None, best[1]), gain_name=best[0]))
     return out
+
+
+#: a norm's factors fold into a matrix only when 1 - cosine with the base so scaled is at most this share of 1 -
+#: cosine as stored: smoothing or folding leaves the rounding (or the fine-tune beneath it: 1e-3 of it at least
+#: in the tests), a fine-tune pruned then scaled by some norm's ratio kept 99%
+FOLD_EXPLAINS = 0.25
+
+_FEEDS = (("attn", ("input_layernorm", "ln_1", "attention_norm", "self_attn_layer_norm", "attn_norm", "norm1",
+                    "ln_attn", "input_norm")),
+          ("mlp", ("post_attention_layernorm", "ln_2", "ffn_norm", "final_layer_norm", "norm2", "ln_mlp",
+                   "pre_feedforward_layernorm", "post_attention_norm")))
+
+
+def _norm_feeds(name: str) -> str | None:
+    """The module family (``attn``, ``mlp``) a block norm feeds, from its name; None when the name does not say.
+
+    >>> _norm_feeds("model.layers.3.input_layernorm.weight"), _norm_feeds("h.0.ln_2.weight"), _norm_feeds("x.norm.weight")
+    ('attn', 'mlp', None)
+    """
+    leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+    for family, names in _FEEDS:
+        if leaf in names:
+            return family
+    return None
 
 
 def _quantized_over_dense(r: TensorRecord, base: Checkpoint, tuned: Checkpoint) -> bool:
@@ -915,6 +957,37 @@ def folded_norms(records: Sequence[TensorRecord], gains: Sequence[str], tuned: C
     return out
 
 
+def measure_folded_norms(records: list[TensorRecord], names: set[str], the_plan: Plan, bases: Sequence[Checkpoint],
+                         tuned: Checkpoint, options: CompareOptions, backend, classify) -> list[TensorRecord]:
+    """The records with each norm of ``names`` (its gains found in the matrices that read it: ``folded_norms``,
+    ``smoothed_norms``) measured against the base's gains divided by the factors those matrices carry, which are
+    the tuned norm's own values within the rounding of its dtype: it reads ``rounding`` (or unchanged) beneath the
+    fold, its note saying why, instead of a change of the size of the gains' spread."""
+    import numpy as np
+
+    from .measure.compute import remeasure
+    from .measure.rotation import RotatedSide
+
+    pairs = {p.tuned_name: p for p in the_plan.pairs if p.tuned_name is not None}
+    out = []
+    for r in records:
+        pair = pairs.get(r.name)
+        if r.name not in names or pair is None or pair.base_name != r.base_name or len(bases) != 1:
+            out.append(r)
+            continue
+        t, b = _vector(tuned, r.name).astype(np.float64), _vector(bases[0], r.base_name).astype(np.float64)
+        if t.shape != b.shape or not np.all(np.isfinite(t) & np.isfinite(b) & (b != 0)):
+            out.append(r)
+            continue
+        new = remeasure(pair, RotatedSide(bases[0], pair.base_name, pair.base_name, "rows", None, t / b), bases,
+                        tuned, options, backend, classify)
+        new.dtype_base = r.dtype_base
+        new.note = r.note
+        _within_rotation_rounding(new, "fold")
+        out.append(new)
+    return out
+
+
 SMOOTHED_NOTE = ("its gains the base's divided by a factor per channel that the matrices reading it carry in their "
                  "columns (smoothing scales, as SmoothQuant and AWQ move them before quantizing): what it computes "
                  "with them is the base's")
@@ -1017,7 +1090,7 @@ def missing_head(bases: Sequence[Checkpoint], tuned: Checkpoint) -> str | None:
             "at random, so the model as loaded is not the base's whatever its stored tensors are")
 
 
-def _within_rotation_rounding(r: TensorRecord) -> None:
+def _within_rotation_rounding(r: TensorRecord, what: str = "rotation") -> None:
     """A rotated tensor whose change beneath the rotation is within the rounding of its stored format reads
     ``rounding``: the base in the rotated frame is float64 values, which no stored tensor holds bitwise (a
     float32 or bfloat16 copy of the rotated base differs from them by its rounding, and the fitted R by less).
@@ -1032,7 +1105,7 @@ def _within_rotation_rounding(r: TensorRecord) -> None:
     r.rank = None
     r.note = (r.note + "; " if r.note else "") + (
         f"within the rounding of {r.dtype_tuned} (relative change at most 2^-{d.mant_bits + 1}): beneath the "
-        "rotation it changed by no more than that")
+        f"{what} it changed by no more than that")
 
 
 def _same_dense(r: TensorRecord, bases: Sequence[Checkpoint], tuned: Checkpoint, dtypes: Sequence[str]) -> bool:

@@ -271,7 +271,6 @@ def _derived_special(summary: dict) -> str | None:
     routed = int(perm.get("routers_changed") or 0)              # routers left in place: counted as changed
     reordered = int(perm.get("tensors_changed") or 0) - routed
     changed -= routed + int(neg.get("tensors_not_measured") or 0)   # flipped, not measured beneath: said apart
-    changed -= folded                                           # norms folded into the rotated matrices: said
     changed -= int(pr.get("tensors") or 0)                      # pruned matrices: said
     mism += int(perm.get("tensors_resized") or 0)               # trimmed tables: rows kept, not trained
     undone = perm.get("undone") or {}
