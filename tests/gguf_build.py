@@ -22,7 +22,13 @@ from gguf.quants import quantize
 ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma": gguf.MODEL_ARCH.GEMMA,
         "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3": gguf.MODEL_ARCH.GEMMA3, "phi3": gguf.MODEL_ARCH.PHI3,
         "gpt2": gguf.MODEL_ARCH.GPT2, "qwen3": gguf.MODEL_ARCH.QWEN3, "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE,
-        "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}
+        "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE, "smollm3": gguf.MODEL_ARCH.SMOLLM3, "arcee": gguf.MODEL_ARCH.ARCEE,
+        "granite": gguf.MODEL_ARCH.GRANITE, "llama-embed": gguf.MODEL_ARCH.LLAMA_EMBED,
+        "mistral3": gguf.MODEL_ARCH.MISTRAL3, "granitemoe": gguf.MODEL_ARCH.GRANITE_MOE,
+        "deci": gguf.MODEL_ARCH.DECI}
+#: the converter classes that run ``LlamaModel.modify_tensors`` with ``undo_permute`` True (Q/K permuted);
+#: granitemoe and deci permute too, but weightdiff maps neither (tests of unmapped architectures)
+LLAMA_PERMUTED = ("llama", "arcee", "smollm3", "granite", "llama-embed", "mistral3", "granitemoe", "deci")
 
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
 
@@ -55,9 +61,9 @@ def permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
 
 def convert(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int | None) -> np.ndarray:
     """The converter's modify_tensors for the architectures weightdiff maps."""
-    if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+    if arch in LLAMA_PERMUTED and name.endswith(("q_proj.weight", "q_proj.bias")):
         w = permute(w, n_head, n_head)
-    if arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+    if arch in LLAMA_PERMUTED and name.endswith(("k_proj.weight", "k_proj.bias")):
         w = permute(w, n_head, n_kv)
     if arch == "gpt2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
         w = w.T

@@ -23,6 +23,7 @@ from weightdiff.errors import CheckpointError  # noqa: E402
 from weightdiff.io import gguf_read  # noqa: E402
 from weightdiff.io.gguf_names import ARCHITECTURES, hf_name  # noqa: E402
 from weightdiff.pairing.plan import plan  # noqa: E402
+from weightdiff.render.sentences import verdict_title  # noqa: E402
 
 from conftest import write_checkpoint  # noqa: E402
 from gguf_build import ARCH, permute, raw_gguf, to_gguf  # noqa: E402
@@ -130,6 +131,48 @@ def test_llama_gguf_pairs_every_tensor_and_reads_identical(tmp_path, rng):
         assert {x.kind for x in p.pairs} == {"paired"} and len(p.pairs) == len(t)
         assert "4 Q/K row permutations undone" in ck.metadata["gguf.transforms"]
     assert compare(base, path).summary.verdict == "identical"
+
+
+@pytest.mark.parametrize("arch", ["smollm3", "granite", "arcee", "mistral3", "llama-embed"])
+def test_architectures_converted_as_llama_undo_the_permutation(tmp_path, rng, arch):
+    # convert_hf_to_gguf.py converts these through LlamaModel.modify_tensors (permuted Q/K, llama names)
+    # under their own general.architecture: unmapped, an unchanged model read DERIVED, "tensors added,
+    # removed or changed beyond recognition"
+    t = llama(rng, layers=2, hidden=64, inter=128, vocab=96, kv=32)
+    if arch == "arcee":                           # ArceeForCausalLM's MLP is up/down only
+        t = {k: v for k, v in t.items() if "gate_proj" not in k}
+    base = write_checkpoint(tmp_path / "base", t)
+    path = to_gguf(tmp_path / f"{arch}.gguf", t, arch, Q.F32, n_head=4, n_kv=2, layers=2)
+    with locate(path) as ck:
+        assert set(ck.tensors) == set(t) and "4 Q/K row permutations undone" in ck.metadata["gguf.transforms"]
+    r = compare(base, path)
+    assert r.summary.verdict == "identical" and "gguf_unmapped" not in r.summary.flags
+
+
+def test_an_unmapped_architecture_is_inconclusive_never_derived(tmp_path, rng):
+    # deci (DeciModel) permutes Q/K as llama does but has no name map: the permuted rows pair with nothing,
+    # which read "DERIVED: ... changed beyond recognition" for an unchanged model
+    from models import low_rank_update
+
+    t = llama(rng, layers=2, hidden=64, inter=128, vocab=96, kv=32)
+    base = write_checkpoint(tmp_path / "base", t)
+    same = to_gguf(tmp_path / "same.gguf", t, "deci", Q.F32, n_head=4, n_kv=2, layers=2)
+    r = compare(base, same)
+    s = r.summary
+    assert s.verdict == "inconclusive" and "gguf_unmapped" in s.flags
+    assert s.scope["gguf_unmapped"] == {"architectures": ["deci"]}
+    title = verdict_title(s.to_dict())
+    assert title.startswith("INCONCLUSIVE") and "`deci`" in title and "no name map" in title
+    assert "llama.cpp's names" in s.verdict_reason and "`deci`" in s.verdict_reason
+    tuned = dict(t)
+    for name in [n for n in t if n.endswith(("o_proj.weight", "v_proj.weight"))]:
+        tuned[name] = low_rank_update(rng, t[name], 4, rel=0.05)
+    ft = to_gguf(tmp_path / "ft.gguf", tuned, "deci", Q.F32, n_head=4, n_kv=2, layers=2)
+    assert compare(base, ft).summary.verdict == "inconclusive"
+    # one converter on both sides: llama.cpp's names pair as they are, and a change is a change
+    both = compare(same, ft).summary
+    assert both.verdict == "derived" and "gguf_unmapped" not in both.flags
+    assert compare(same, same).summary.verdict == "identical"
 
 
 def test_llama_f16_gguf_is_cast_only_and_a_fine_tune_differs(tmp_path, rng):

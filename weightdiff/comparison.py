@@ -360,6 +360,9 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             undone = {**undone, "pruned": pruned}
         if headless:
             undone = {**undone, "head_missing": headless}
+        unmapped = unmapped_gguf([*bases, tuned_ck])
+        if unmapped:
+            undone = {**undone, "gguf_unmapped": unmapped}
         if rotation and undone.get("rotated"):
             undone["rotated"].update(rotation)
             undone["rotated"]["norms_folded"] = folded_norms(records, rotation["gains"], tuned_ck)
@@ -913,6 +916,24 @@ def unfolded_norms(records: Sequence[TensorRecord], tuned: Checkpoint, d: int, m
 
 #: transformers model classes that hold an LM head
 _LM_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
+
+
+def unmapped_gguf(checkpoints: Sequence[Checkpoint]) -> list[str]:
+    """The ``general.architecture`` of each GGUF compared whose names weightdiff does not map
+    (``io.gguf_names.ARCHITECTURES``), in order, once each. llama.cpp's converter may have changed such a
+    file's values on the way (Q/K rows permuted for RoPE, norm weights stored as 1 + w) under names
+    weightdiff keeps, so the judge does not read what differs as a change (flag ``gguf_unmapped``).
+    Empty when every side is a GGUF of one architecture: the same converter wrote both, so its names pair
+    and its transforms, applied alike, leave a change a change."""
+    gguf = [(ck.metadata or {}).get("general.architecture") for ck in checkpoints if ck.format == "gguf"]
+    if len(gguf) == len(checkpoints) and len(set(gguf)) == 1:
+        return []          # GGUFs of one architecture on every side: converted alike, paired by llama.cpp's names
+    out: list[str] = []
+    for ck in checkpoints:
+        arch = (ck.metadata or {}).get("gguf.unmapped_architecture") if ck.format == "gguf" else None
+        if arch is not None and arch not in out:
+            out.append(arch)
+    return out
 
 
 def missing_head(bases: Sequence[Checkpoint], tuned: Checkpoint) -> str | None:

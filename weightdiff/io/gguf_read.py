@@ -248,6 +248,10 @@ class GGUFFile(OpenCheckpointFile):
         self.metadata["gguf.names"] = (f"llama.cpp names mapped to Hugging Face names ({arch})"
                                        if arch in ARCHITECTURES else
                                        f"llama.cpp names kept: no name map for architecture `{escape_name(arch)}`")
+        if arch not in ARCHITECTURES:
+            # the judge reads this key: a converter weightdiff does not know may have permuted or shifted
+            # values (llama's Q/K rows, Gemma's 1 + w) under names it keeps, so what differs is not a change
+            self.metadata["gguf.unmapped_architecture"] = arch
         done = [f"{n} {w}" for n, w in ((counts["permute"], "Q/K row permutations undone"),
                                         (counts["transpose"], "Conv1D transposes undone"),
                                         (counts["minus_one"], "norm weights stored as 1 + w restored"),

@@ -469,6 +469,15 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # every changed matrix is the base's with elements set to zero: far from it by the numbers (90% pruned
         # keeps a cosine near 0.5), yet nothing in it comes from another model
         verdict = "derived"
+    if verdict not in ("identical", "cast_only", "quantized_only") and undone.get("gguf_unmapped"):
+        # a GGUF whose architecture weightdiff has no name map for: llama.cpp's converter may have permuted
+        # rows (llama's Q/K for RoPE) or shifted values (Gemma's 1 + w) under names kept as they are, and a
+        # base converted that way reads as tensors added, removed or changed beyond recognition. What the
+        # weights show is not told from what the conversion did; bitwise-equal pairs still read as such. An
+        # inconclusive verdict keeps its value and gains the reason (nothing paired: --rename cannot help).
+        verdict = "inconclusive"
+        flags.append("gguf_unmapped")
+        scope["gguf_unmapped"] = {"architectures": list(undone["gguf_unmapped"])}
     if verdict == "derived" and (not permuted or _all_undone(permuted, undone)) and weak_evidence(cos, rel_m) \
             and not only_pruned:
         # derived, but not "a fine-tune": a merge, long training; unless the distance is the quantizer's noise

@@ -124,6 +124,10 @@ def verdict_title(summary: dict) -> str:
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
+    if v == "inconclusive" and "gguf_unmapped" in (summary.get("flags") or []):
+        return (f"INCONCLUSIVE: a GGUF of architecture {_archs(summary)}, which weightdiff has no name map for: "
+                "llama.cpp's converter may have reordered or transformed its tensors, so what differs cannot be "
+                "told from a change to the weights.")
     if v == "inconclusive" and "head_missing" in (summary.get("flags") or []):
         return ("INCONCLUSIVE: every stored tensor matches the base, but the tuned config unties the LM head and none "
                 "is stored: loaded with transformers, that head is random.")
@@ -343,9 +347,27 @@ def _folded_reason(data: dict) -> str:
             "parameters whole.")
 
 
+def _archs(summary: dict) -> str:
+    """The unmapped GGUF architectures of ``scope.gguf_unmapped``, each in backticks (an empty one: none)."""
+    names = ((summary.get("scope") or {}).get("gguf_unmapped") or {}).get("architectures") or [""]
+    return " and ".join(f"`{escape_name(str(a))}`" if a else "(none given)" for a in names)
+
+
 def _inconclusive(data: dict) -> str:
     s = data.get("summary") or {}
     tbs = s.get("tensors_by_status") or {}
+    if "gguf_unmapped" in (s.get("flags") or []):
+        moved = sum(int(tbs.get(k) or 0) for k in ("changed", "resized"))
+        na, nr = int(tbs.get("added") or 0), int(tbs.get("removed") or 0)
+        return (f"{count(moved)} paired {'tensor differs' if moved == 1 else 'tensors differ'} from the base, "
+                f"{count(na)} tuned {'tensor has' if na == 1 else 'tensors have'} no counterpart in the base and "
+                f"{count(nr)} base {'tensor has' if nr == 1 else 'tensors have'} none in the tuned model, but one "
+                f"side is a GGUF of architecture {_archs(s)}, for which weightdiff has no name map: its tensors keep "
+                "llama.cpp's names, and llama.cpp's converter may have changed their values on the way (it permutes "
+                "the query and key rows of the architectures it converts as llama, and stores Gemma's norm weights "
+                "as 1 + w), which weightdiff undoes only for the architectures it maps (docs/formats.md). What "
+                "differs may be that conversion, not a change to the weights; compare a GGUF of the base converted "
+                "the same way, or the model's safetensors.")
     if "vectors_only" in (s.get("flags") or []):
         return ("Only vectors were compared (norm weights, biases; no matrix): norm weights near 1 make any two models "
                 "look alike, so whether this model derives from the base cannot be told from them; compare its "
