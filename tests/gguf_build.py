@@ -74,18 +74,23 @@ def convert(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int | None) 
 
 def to_gguf(path: Path, tensors: dict, arch: str = "llama", qtype=gguf.GGMLQuantizationType.F32,
             n_head: int = 4, n_kv: int | None = None, layers: int = 64, extra: dict | None = None,
-            order: list[str] | None = None) -> Path:
-    """Write ``tensors`` (HF names) as a GGUF of ``arch``; returns the path."""
+            order: list[str] | None = None, imatrix=None) -> Path:
+    """Write ``tensors`` (HF names) as a GGUF of ``arch``; returns the path. ``imatrix(cols, i)``: the
+    importance of each column of the i-th tensor written, for Q4_K as ``llama-quantize --imatrix`` makes
+    it (``ggml_imatrix``), with the ``quantize.imatrix.*`` keys llama-quantize writes."""
     tmap = gguf.TensorNameMap(ARCH[arch], layers)
     w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[ARCH[arch]])
     w.add_block_count(layers)
     w.add_head_count(n_head)
     if n_kv is not None:
         w.add_head_count_kv(n_kv)
+    if imatrix is not None:
+        w.add_string("quantize.imatrix.file", "imatrix.dat")
+        w.add_string("quantize.imatrix.dataset", "calibration_datav3.txt")
     for k, v in (extra or {}).items():
         w.add_string(k, v) if isinstance(v, str) else w.add_uint32(k, v)
     tensors = stack_experts(tensors)
-    for name in order or list(tensors):
+    for i, name in enumerate(order or list(tensors)):
         if arch == "gemma" and name == "lm_head.weight":
             continue                                     # GemmaModel skips the tied head
         new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -98,6 +103,9 @@ def to_gguf(path: Path, tensors: dict, arch: str = "llama", qtype=gguf.GGMLQuant
             w.add_tensor(new, data)
         elif q == gguf.GGMLQuantizationType.F16:
             w.add_tensor(new, data.astype(np.float16))
+        elif q.name == "Q4_K" and imatrix is not None:
+            import ggml_imatrix
+            w.add_tensor(new, ggml_imatrix.quantize(data, imatrix(data.shape[-1], i)), raw_dtype=q)
         elif q.name in ("Q4_K", "Q6_K"):                  # gguf has no K-quant encoder
             import ggml_kquants
             w.add_tensor(new, ggml_kquants.quantize(data, q.name), raw_dtype=q)

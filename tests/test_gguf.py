@@ -518,7 +518,8 @@ def test_floor_windows_follow_the_permutation_and_skip_plain_tensors(tmp_path, r
     meta = {"quantize.imatrix.file": "x.dat"}
     from weightdiff.io.gguf_floor import scheme_of
     assert scheme_of("Q4_0", 32, 18, 18, "w", meta).calibrated
-    assert not scheme_of("Q4_K", 256, 144, 144, "w", meta).calibrated
+    assert scheme_of("Q4_K", 256, 144, 144, "w", meta).calibrated       # quantize_row_q4_K_impl: clamps
+    assert not scheme_of("Q4_K", 256, 144, 144, "w", {}).calibrated
     assert scheme_of("IQ2_XXS", 256, 66, 66, "w", {}).bits == 2
 
 
@@ -541,6 +542,33 @@ def test_gguf_of_the_base_is_quantized_only_and_of_a_fine_tune_derived(tmp_path,
     assert r.summary.verdict == "derived"
     moved = {x.name for x in r.tensors if x.status == "changed"}
     assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved)
+
+
+def test_a_q4_k_made_with_an_importance_matrix_is_quantized_only_and_a_fine_tune_derived(tmp_path, rng):
+    # llama-quantize --imatrix clamps low-importance elements to the end codes many steps past the grid,
+    # beyond the reach of the reference search the floor allows: the unchanged base read "DERIVED: a
+    # fine-tune ... then quantized" (a tenth of the columns never activated, as unseen channels are)
+    import ggml_imatrix
+
+    t = llama(rng, layers=2, hidden=256, inter=512, vocab=256, kv=128)
+    t = {k: (rng.standard_t(2.5, v.shape) * 0.02).astype(np.float32) if v.ndim == 2 else v for k, v in t.items()}
+    base = write_checkpoint(tmp_path / "base", t)
+
+    def imatrix(cols, i):
+        return ggml_imatrix.importance(cols, i, zero=0.1)
+
+    path = to_gguf(tmp_path / "im.gguf", t, "llama", Q.Q4_K, n_head=4, n_kv=2, layers=2, imatrix=imatrix)
+    r = compare(base, path)
+    clamped = [x.quant["beyond_clamped"] for x in r.tensors if x.quant and x.quant.get("beyond_clamped")]
+    assert r.summary.verdict == "quantized_only", [(x.name, x.quant) for x in r.tensors if x.status == "changed"]
+    assert clamped, "no element was clamped past the floor: the case this test is about"
+    tuned = {k: (v + 1e-2 * v.std() * rng.normal(0, 1, v.shape)).astype(np.float32) if v.ndim == 2 and
+             "embed" not in k and "lm_head" not in k else v for k, v in t.items()}
+    ft = to_gguf(tmp_path / "ft.gguf", tuned, "llama", Q.Q4_K, n_head=4, n_kv=2, layers=2, imatrix=imatrix)
+    r = compare(base, ft)
+    assert r.summary.verdict == "derived"
+    assert {x.name for x in r.tensors if x.status == "changed"} == {
+        k for k, v in t.items() if v.ndim == 2 and "embed" not in k and "lm_head" not in k}
 
 
 def test_a_vocab_only_gguf_says_it_holds_no_tensors(tmp_path):

@@ -41,7 +41,7 @@ from ..errors import CheckpointError, escape_name
 from ..kernels import ggml
 from .files import OpenCheckpointFile, os_problem, pread_into
 from .safetensors_read import TensorInfo, check_range, storage_of
-from .gguf_floor import FLOORS, floor, scheme_of
+from .gguf_floor import FLOORS, ends, floor, scheme_of
 from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf
 from .gguf_names import ARCHITECTURES, GENERATED, head_dim, hf_name
 from .experts import MAX_EXPERTS, expert_name
@@ -331,6 +331,33 @@ class GGUFFile(OpenCheckpointFile):
         flay = replace(lay, decode=decode, kernel=None)
         start, stop, step = check_range(info, max_elements, start, stop, 4)
         return self._windows(info, flay, start, stop, step)
+
+    def end_windows(self, name: str, max_elements: int | None = None, start: int = 0,
+                    stop: int | None = None) -> Iterator[np.ndarray] | None:
+        """float32 windows aligned with ``windows``: per element of a K-quant tensor, 1 at its sub-block's
+        top code, -1 at the bottom one, 0 between, 2 where the sub-block's step is 0
+        (``gguf_floor.ends``); None for any other type. The floor test reads them to tell a code an
+        importance-matrix quantizer clamped from one it rounded."""
+        info = self._info(name)
+        lay = self._layout[name]
+        if info.scheme not in FLOORS or lay.transform == "minus_one":
+            return None
+        bs, ts, tname = lay.block, lay.tsize, info.scheme
+        if ends(np.zeros((1, ts), np.uint8), np.zeros((1, bs), np.float32), tname) is None:
+            return None
+
+        def decode(raw):
+            blocks = raw.reshape(-1, ts)
+            values = np.empty((blocks.shape[0], bs), np.float32)
+            if lay.kernel is not None:
+                lay.kernel(blocks, values)
+            else:
+                values = lay.decode(blocks).reshape(-1, bs)
+            return ends(blocks, values, tname).reshape(raw.shape[0], -1)
+
+        elay = replace(lay, decode=decode, kernel=None)
+        start, stop, step = check_range(info, max_elements, start, stop, 4)
+        return self._windows(info, elay, start, stop, step)
 
     def _windows(self, info, lay, start, stop, step) -> Iterator[np.ndarray]:
         for pos in range(start, stop, step):

@@ -587,7 +587,9 @@ def quantization_summary(counted: list[TensorRecord]) -> dict[str, Any] | None:
             "tests": dict(sorted(Counter(str(r.quant.get("test")) for r in tested).items())),
             "formats": sorted({str(r.quant.get("format")) for r in tested}),
             "schemes": sorted({str(r.quant.get("scheme")) for r in tested}),
-            "sides": sorted({str(r.quant.get("side")) for r in tested})}
+            "sides": sorted({str(r.quant.get("side")) for r in tested}),
+            # importance-matrix K-quants: tensors with elements past the floor that the quantizer's clamp explains
+            "tensors_clamped": sum(1 for r in tested if r.quant.get("beyond_clamped"))}
 
 
 def holds_exactly(dtype_base: str | None, dtype_tuned: str | None) -> bool:

@@ -927,7 +927,11 @@ TEST_WORDS = {"bound": "the per-element bound of round-to-nearest",
 
 def _quant_how(q: dict) -> str:
     tests = ", ".join(TEST_WORDS.get(t, t) for t in q.get("tests") or {})
-    return f"({', '.join(q.get('formats') or [])}; decided by {tests})"
+    n = int(q.get("tensors_clamped") or 0)
+    # an importance-matrix K-quant clamps elements to its end codes past the grid: set apart, and said so
+    clamped = (f", elements an importance-matrix quantizer clamped to the end of their grid set apart in "
+               f"{plural(n, 'tensor')}") if n else ""
+    return f"({', '.join(q.get('formats') or [])}; decided by {tests}{clamped})"
 
 
 def headline(data: dict) -> list[str]:
