@@ -683,3 +683,30 @@ def test_a_metadata_array_past_the_string_cap_is_refused_before_it_is_walked(tmp
         fh.write(head)
         fh.truncate(len(head) + 8 * n)            # n zero-length strings: a sparse file
     bad(p, f"metadata arrays hold over {gguf_header.MAX_STRINGS:,} items")
+
+
+@pytest.mark.parametrize("kind", ["lora", "alora", None])
+def test_a_llama_cpp_adapter_is_named_and_refused_in_one_line(tmp_path, rng, kind):
+    # convert_lora_to_gguf.py writes general.type `adapter` and only the factors: it read INCONCLUSIVE
+    # "the names do not match ...; map the names with --rename FROM=TO", which no renaming helps
+    t = llama(rng, layers=1, hidden=64, inter=128, vocab=96)
+    base = write_checkpoint(tmp_path / "base", t)
+    w = gguf.GGUFWriter(str(tmp_path / "lora.gguf"), "llama")
+    w.add_string("general.type", "adapter")
+    if kind:
+        w.add_string("adapter.type", kind)
+    w.add_float32("adapter.lora.alpha", 16.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", rng.normal(0, 0.01, (8, 64)).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", rng.normal(0, 0.01, (64, 8)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["compare", str(base), str(tmp_path / "lora.gguf"), "--json", str(out), "-q"])
+    assert r.exit_code == 2 and not out.exists()
+    line = r.stderr.strip()
+    assert "\n" not in line and "Traceback" not in r.output
+    label = {"lora": "LoRA ", "alora": "`alora` ", None: ""}[kind]
+    assert f"lora.gguf: is a llama.cpp {label}adapter (general.type `adapter`)" in line
+    assert "llama-export-lora" in line and "--rename" not in line

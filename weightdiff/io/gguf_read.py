@@ -114,6 +114,14 @@ class GGUFFile(OpenCheckpointFile):
         if type(split) is int and split > 1:
             raise CheckpointError(path, f"is part of a GGUF split into {split} files",
                                   "merge the parts with llama-gguf-split --merge and pass the merged file")
+        if meta.get("general.type") == "adapter":
+            # convert_lora_to_gguf.py writes only the factors (`blk.N.attn_q.weight.lora_a`, `.lora_b`) and
+            # adapter.lora.alpha: a change to some base, not a model, whose names no --rename pairs
+            kind = meta.get("adapter.type")
+            kind = {"lora": "LoRA "}.get(kind, f"`{escape_name(kind)}` ") if isinstance(kind, str) and kind else ""
+            raise CheckpointError(path, f"is a llama.cpp {kind}adapter (general.type `adapter`): it holds only a "
+                                        "change to a base model, not a model's weights",
+                                  "merge it into its base with llama-export-lora, and compare the merged GGUF")
         self.metadata = {k: (v if isinstance(v, str) else str(v)) for k, v in meta.items()}
         self.tensors: dict[str, TensorInfo] = {}
         self._layout: dict[str, _Layout] = {}
