@@ -710,3 +710,30 @@ def test_a_llama_cpp_adapter_is_named_and_refused_in_one_line(tmp_path, rng, kin
     label = {"lora": "LoRA ", "alora": "`alora` ", None: ""}[kind]
     assert f"lora.gguf: is a llama.cpp {label}adapter (general.type `adapter`)" in line
     assert "llama-export-lora" in line and "--rename" not in line
+
+
+def test_identical_weights_with_other_inference_metadata_say_so(tmp_path, rng):
+    # a long-context re-release changes the RoPE base and the context length, not a weight: it read
+    # "IDENTICAL: every tensor is bitwise equal to the base" with no word of either
+    t, base, path = _llama_pair(tmp_path, rng)
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "rope_theta": 10000.0,
+                                                   "max_position_embeddings": 4096}))
+    same = to_gguf(tmp_path / "same.gguf", t, "llama", Q.F32, n_head=4, n_kv=2, layers=2,
+                   extra={"llama.rope.freq_base": 10000, "llama.context_length": 4096})
+    long = to_gguf(tmp_path / "long.gguf", t, "llama", Q.F32, n_head=4, n_kv=2, layers=2,
+                   extra={"llama.rope.freq_base": 1000000, "llama.context_length": 32768,
+                          "tokenizer.chat_template": "{{ messages }}", "general.name": "renamed"})
+    s = compare(same, long).summary
+    assert s.verdict == "identical" and "gguf_metadata_differs" in s.flags
+    assert s.scope["gguf_metadata_differs"] == {
+        "keys": ["llama.context_length", "llama.rope.freq_base", "tokenizer.chat_template"]}   # not general.name
+    title = verdict_title(s.to_dict())
+    assert title.startswith("IDENTICAL") and "`llama.rope.freq_base`" in title and "may not compute" in title
+    r = compare(base, long)                        # config.json's rope_theta against the GGUF's
+    assert r.summary.verdict == "identical"
+    assert r.summary.scope["gguf_metadata_differs"] == {"keys": ["llama.rope.freq_base", "llama.context_length"]}
+    assert any("`llama.rope.freq_base` `10000.0` in the base, `1000000` in the tuned model" in n
+               for n in r.plan["notes"])
+    for a, b in ((base, same), (same, same)):
+        s = compare(a, b).summary
+        assert s.verdict == "identical" and "gguf_metadata_differs" not in s.flags

@@ -469,6 +469,11 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # every changed matrix is the base's with elements set to zero: far from it by the numbers (90% pruned
         # keeps a cosine near 0.5), yet nothing in it comes from another model
         verdict = "derived"
+    if verdict in ("identical", "cast_only", "quantized_only") and undone.get("gguf_metadata"):
+        # the weights are the base's, but llama.cpp runs them with other settings (a RoPE base, a context
+        # length, a chat template): said beside the verdict, which is of the weights
+        flags.append("gguf_metadata_differs")
+        scope["gguf_metadata_differs"] = {"keys": [k for k, _, _ in undone["gguf_metadata"]]}
     if verdict not in ("identical", "cast_only", "quantized_only") and undone.get("gguf_unmapped"):
         # a GGUF whose architecture weightdiff has no name map for: llama.cpp's converter may have permuted
         # rows (llama's Q/K for RoPE) or shifted values (Gemma's 1 + w) under names kept as they are, and a

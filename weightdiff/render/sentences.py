@@ -58,7 +58,21 @@ _STORAGE_DTYPE = re.compile(r"^(?:BOOL|(?:F|BF|I|U|C)\d+|F8_E\w+|F[46](?:_E\w+)?
 
 def verdict_title(summary: dict) -> str:
     """The verdict in capitals with its one-line meaning, as the terminal prints it first.
-    The unrelated title cites near-orthogonal matrices only when matrices were measured."""
+    The unrelated title cites near-orthogonal matrices only when matrices were measured. Beside a verdict
+    that says the weights are the base's, GGUF settings that change what llama.cpp computes are named
+    (flag ``gguf_metadata_differs``): "IDENTICAL" must not read as "the same model" when its RoPE base
+    differs."""
+    title = _verdict_title(summary)
+    keys = ((summary.get("scope") or {}).get("gguf_metadata_differs") or {}).get("keys")
+    if keys and "gguf_metadata_differs" in (summary.get("flags") or []):
+        shown = ", ".join(f"`{escape_name(str(k))}`" for k in keys[:4]) + (f" and {len(keys) - 4} more"
+                                                                       if len(keys) > 4 else "")
+        title = (title.rstrip(".") + f"; but the GGUF metadata llama.cpp runs the model with differs ({shown}), "
+                 "so it may not compute what the base computes.")
+    return title
+
+
+def _verdict_title(summary: dict) -> str:
     v = summary.get("verdict")
     if v == "unrelated" and summary.get("relatedness_cosine") is not None:
         return f"UNRELATED: not derived from this base (the {matrices_phrase(summary)} are near-orthogonal)."
