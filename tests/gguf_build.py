@@ -74,10 +74,11 @@ def convert(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int | None) 
 
 def to_gguf(path: Path, tensors: dict, arch: str = "llama", qtype=gguf.GGMLQuantizationType.F32,
             n_head: int = 4, n_kv: int | None = None, layers: int = 64, extra: dict | None = None,
-            order: list[str] | None = None, imatrix=None) -> Path:
+            order: list[str] | None = None, imatrix=None, types: dict | None = None) -> Path:
     """Write ``tensors`` (HF names) as a GGUF of ``arch``; returns the path. ``imatrix(cols, i)``: the
     importance of each column of the i-th tensor written, for Q4_K as ``llama-quantize --imatrix`` makes
-    it (``ggml_imatrix``), with the ``quantize.imatrix.*`` keys llama-quantize writes."""
+    it (``ggml_imatrix``), with the ``quantize.imatrix.*`` keys llama-quantize writes. ``types``: the GGML
+    type of some tensors by their GGUF name prefix (``{"blk.1.": Q.MXFP4}``), as a llama-quantize mix."""
     tmap = gguf.TensorNameMap(ARCH[arch], layers)
     w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[ARCH[arch]])
     w.add_block_count(layers)
@@ -96,7 +97,7 @@ def to_gguf(path: Path, tensors: dict, arch: str = "llama", qtype=gguf.GGMLQuant
         new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         assert new is not None, name
         data = convert(name, tensors[name], arch, n_head, n_kv)
-        q = qtype
+        q = next((t for p, t in (types or {}).items() if new.startswith(p)), qtype)
         if data.ndim <= 1 or new.endswith("_norm.weight"):
             q = gguf.GGMLQuantizationType.F32
         if q == gguf.GGMLQuantizationType.F32:

@@ -737,3 +737,27 @@ def test_identical_weights_with_other_inference_metadata_say_so(tmp_path, rng):
     for a, b in ((base, same), (same, same)):
         s = compare(a, b).summary
         assert s.verdict == "identical" and "gguf_metadata_differs" not in s.flags
+
+
+def test_a_format_without_a_floor_beside_one_with_is_named_alone_and_counted_apart(tmp_path, rng):
+    # layer 1 in MXFP4 (no floor), layer 0 in Q8_0 (tested): the reason said "a format whose noise floor
+    # weightdiff cannot compute (MXFP4, Q8_0)", and a fine-tune's "N more stand within their quantization
+    # noise floor" counted the untested MXFP4 tensors among them
+    from models import low_rank_update
+
+    t, base, _ = _llama_pair(tmp_path, rng)
+    mix = {"blk.1.": Q.MXFP4}
+    tuned = {k: (v + 0.02 * v.std() * rng.normal(0, 1, v.shape)).astype(np.float32)
+             if ".layers.1." in k and v.ndim == 2 else v for k, v in t.items()}
+    layer1 = to_gguf(tmp_path / "l1.gguf", tuned, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2, types=mix)
+    s = compare(base, layer1).summary
+    assert s.verdict == "inconclusive" and "quant_untested" in s.flags
+    assert "cannot compute (MXFP4)," in s.verdict_reason
+    tuned = dict(t)
+    for name in [n for n in t if n.endswith(("q_proj.weight", "v_proj.weight")) and ".layers.0." in n]:
+        tuned[name] = low_rank_update(rng, t[name], 4, rel=0.05)
+    r4 = to_gguf(tmp_path / "r4.gguf", tuned, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2, types=mix)
+    s = compare(base, r4).summary
+    assert s.verdict == "derived" and s.scope["within_quant_floor"]["untested"] == 7
+    assert "7 more stand within their quantization noise floor" in s.verdict_reason     # embed, head, 5 of layer 0
+    assert "7 more are quantized in a format whose noise floor weightdiff cannot compute" in s.verdict_reason

@@ -503,7 +503,9 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             quiet = {b.block for b in numbered if b.params_changed == 0}
             scope["within_quant_floor"] = {
                 "tensors": len(hidden), "params": sum(int(r.numel_compared or 0) for r in hidden),
-                "blocks": len({r.block for r in hidden if r.block in quiet})}
+                "blocks": len({r.block for r in hidden if r.block in quiet}),
+                # of ``tensors``, those in a format with no floor (MXFP4, IQ types): not within it, untested
+                "untested": sum(1 for r in hidden if r.quant.get("within") is None)}
             flags.append("quant_floor_lower_bounds")
     quant = quantization_summary(counted)
     form = _form(changed, thresholds) if verdict in ("derived", "partial") else {"kind": None}

@@ -460,8 +460,11 @@ def _inconclusive(data: dict) -> str:
                     f"{'tensor differs' if n == 1 else 'tensors differ'} by more than their two noise floors: "
                     "such a quantizer moves values by several steps, so two quantizations of the same weights "
                     "cannot be told from a fine-tune; compare each with the unquantized model instead.")
+        # the formats of the untested tensors only: a Q8_0 tested beside MXFP4 has a floor
+        untested = sorted({str((t.get("quant") or {}).get("scheme")) for t in data.get("tensors") or []
+                           if t.get("quant") and (t.get("quant") or {}).get("within") is None})
         return (f"{count(n)} quantized {'tensor differs' if n == 1 else 'tensors differ'} from the base in a format "
-                f"whose noise floor weightdiff cannot compute ({', '.join(q.get('schemes') or []) or 'unknown'}), so "
+                f"whose noise floor weightdiff cannot compute ({', '.join(untested) or 'unknown'}), so "
                 "whether by quantization alone or by a fine-tune cannot be told; every other tensor is unchanged, "
                 "within rounding or within its quantization floor.")
     cov = s.get("coverage") or {}
@@ -705,9 +708,15 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     # tensors within their quantization noise floor beside changed ones may hide a smaller change: lower bounds
     least, hidden = at_least(s), within_floor(s)
     if hidden:
-        n_h = int(hidden.get("tensors") or 0)
-        asides.append(f"{count(n_h)} more {'stands' if n_h == 1 else 'stand'} within {'its' if n_h == 1 else 'their'} "
-                      "quantization noise floor and may have changed by less than it")
+        # a tensor in a format with no floor (MXFP4 beside Q8_0) was not tested: it is not "within" anything
+        n_u = int(hidden.get("untested") or 0)
+        n_h = int(hidden.get("tensors") or 0) - n_u
+        if n_h:
+            asides.append(f"{count(n_h)} more {'stands' if n_h == 1 else 'stand'} within {'its' if n_h == 1 else 'their'} "
+                          "quantization noise floor and may have changed by less than it")
+        if n_u:
+            asides.append(f"{count(n_u)} more {'is' if n_u == 1 else 'are'} quantized in a format whose noise floor "
+                          "weightdiff cannot compute, untested, and may have changed too")
     only = f" ({'; '.join(asides)})" if asides else ""      # one parenthesis, not two in a row
     if added and scope.get("tensors_changed") is not None:    # added tensors are new, not changed
         parts = [f"{least}{count(max(0, scope['tensors_changed'] - added))} of {count(scope.get('tensors_total'))} "
