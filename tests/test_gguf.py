@@ -403,7 +403,14 @@ HOSTILE = {
     "offset_past_eof": (dict(tensors=(("t.weight", (4,), 0, 1 << 40),)), "runs past the end of the"),
     "size_past_eof": (dict(tensors=(("t.weight", (1 << 20,), 0, 0),)), "runs past the end of the"),
     "too_many_dims": (dict(tensors=(("t.weight", (1, 1, 1, 1, 1), 0, 0),)), "has 5 dimensions; GGUF allows at most 4"),
-    "unknown_type": (dict(tensors=(("t.weight", (4,), 99, 0),)), "has unknown type 99"),
+    "unknown_type": (dict(tensors=(("t.weight", (4,), 99, 0),)), "has unknown type 99 (gguf "),
+    # a metadata count one short: the last key is read where the first tensor entry belongs
+    "kv_count_short": (dict(kv=(("general.name", 8, struct.pack("<Q", 1) + b"x"),
+                                ("general.alignment", 4, struct.pack("<I", 32))), n_kv=1),
+                       "the header declares 1 metadata entries, but `general.alignment`, a metadata key, follows "
+                       "them where the first tensor entry belongs"),
+    "q8_k_stored": (dict(tensors=(("t.weight", (256,), 15, 0),), data=b"\0" * 292),
+                    "is stored as Q8_K, a type ggml uses only for the activations of its dot products"),
     "misaligned": (dict(tensors=(("t.weight", (2,), 0, 4),)), "not a multiple of the alignment 32"),
     "partial_block": (dict(tensors=(("t.weight", (16,), 8, 0),)), "not a whole number of 32-element blocks"),
     "duplicate": (dict(tensors=(("t.weight", (2,), 0, 0), ("t.weight", (2,), 0, 0))), "appears twice"),

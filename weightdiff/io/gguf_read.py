@@ -283,6 +283,10 @@ class GGUFFile(OpenCheckpointFile):
                 raise CheckpointError(self.path, f"tensor `{escape_name(name)}` is stored as {tname}, but this "
                                                  "architecture stores its norm weights as 1 + w, which is read "
                                                  "from F32, F16 or BF16 only") from None
+            if tname in ("Q8_1", "Q8_K"):   # ggml quantizes activations to these for its dot products only
+                raise CheckpointError(self.path, f"tensor `{escape_name(name)}` is stored as {tname}, a type ggml "
+                                                 "uses only for the activations of its dot products, never for "
+                                                 "stored weights (a corrupt or hand-made file?)") from None
             raise CheckpointError(self.path, f"tensor `{escape_name(name)}` is stored as {tname}, which gguf "
                                              f"{gguf_version(gguf)} cannot dequantize", "upgrade gguf") from None
         qt = gguf.GGMLQuantizationType(qtype)
