@@ -22,7 +22,13 @@ from gguf.quants import quantize
 ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma": gguf.MODEL_ARCH.GEMMA,
         "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3": gguf.MODEL_ARCH.GEMMA3, "phi3": gguf.MODEL_ARCH.PHI3,
         "gpt2": gguf.MODEL_ARCH.GPT2, "qwen3": gguf.MODEL_ARCH.QWEN3, "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE,
-        "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}
+        "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE, "smollm3": gguf.MODEL_ARCH.SMOLLM3, "arcee": gguf.MODEL_ARCH.ARCEE,
+        "granite": gguf.MODEL_ARCH.GRANITE, "llama-embed": gguf.MODEL_ARCH.LLAMA_EMBED,
+        "mistral3": gguf.MODEL_ARCH.MISTRAL3, "granitemoe": gguf.MODEL_ARCH.GRANITE_MOE,
+        "deci": gguf.MODEL_ARCH.DECI}
+#: the converter classes that run ``LlamaModel.modify_tensors`` with ``undo_permute`` True (Q/K permuted);
+#: granitemoe and deci permute too, but weightdiff maps neither (tests of unmapped architectures)
+LLAMA_PERMUTED = ("llama", "arcee", "smollm3", "granite", "llama-embed", "mistral3", "granitemoe", "deci")
 
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
 
@@ -55,9 +61,9 @@ def permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
 
 def convert(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int | None) -> np.ndarray:
     """The converter's modify_tensors for the architectures weightdiff maps."""
-    if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+    if arch in LLAMA_PERMUTED and name.endswith(("q_proj.weight", "q_proj.bias")):
         w = permute(w, n_head, n_head)
-    if arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+    if arch in LLAMA_PERMUTED and name.endswith(("k_proj.weight", "k_proj.bias")):
         w = permute(w, n_head, n_kv)
     if arch == "gpt2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
         w = w.T
@@ -68,30 +74,39 @@ def convert(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int | None) 
 
 def to_gguf(path: Path, tensors: dict, arch: str = "llama", qtype=gguf.GGMLQuantizationType.F32,
             n_head: int = 4, n_kv: int | None = None, layers: int = 64, extra: dict | None = None,
-            order: list[str] | None = None) -> Path:
-    """Write ``tensors`` (HF names) as a GGUF of ``arch``; returns the path."""
+            order: list[str] | None = None, imatrix=None, types: dict | None = None) -> Path:
+    """Write ``tensors`` (HF names) as a GGUF of ``arch``; returns the path. ``imatrix(cols, i)``: the
+    importance of each column of the i-th tensor written, for Q4_K as ``llama-quantize --imatrix`` makes
+    it (``ggml_imatrix``), with the ``quantize.imatrix.*`` keys llama-quantize writes. ``types``: the GGML
+    type of some tensors by their GGUF name prefix (``{"blk.1.": Q.MXFP4}``), as a llama-quantize mix."""
     tmap = gguf.TensorNameMap(ARCH[arch], layers)
     w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[ARCH[arch]])
     w.add_block_count(layers)
     w.add_head_count(n_head)
     if n_kv is not None:
         w.add_head_count_kv(n_kv)
+    if imatrix is not None:
+        w.add_string("quantize.imatrix.file", "imatrix.dat")
+        w.add_string("quantize.imatrix.dataset", "calibration_datav3.txt")
     for k, v in (extra or {}).items():
         w.add_string(k, v) if isinstance(v, str) else w.add_uint32(k, v)
     tensors = stack_experts(tensors)
-    for name in order or list(tensors):
+    for i, name in enumerate(order or list(tensors)):
         if arch == "gemma" and name == "lm_head.weight":
             continue                                     # GemmaModel skips the tied head
         new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         assert new is not None, name
         data = convert(name, tensors[name], arch, n_head, n_kv)
-        q = qtype
+        q = next((t for p, t in (types or {}).items() if new.startswith(p)), qtype)
         if data.ndim <= 1 or new.endswith("_norm.weight"):
             q = gguf.GGMLQuantizationType.F32
         if q == gguf.GGMLQuantizationType.F32:
             w.add_tensor(new, data)
         elif q == gguf.GGMLQuantizationType.F16:
             w.add_tensor(new, data.astype(np.float16))
+        elif q.name == "Q4_K" and imatrix is not None:
+            import ggml_imatrix
+            w.add_tensor(new, ggml_imatrix.quantize(data, imatrix(data.shape[-1], i)), raw_dtype=q)
         elif q.name in ("Q4_K", "Q6_K"):                  # gguf has no K-quant encoder
             import ggml_kquants
             w.add_tensor(new, ggml_kquants.quantize(data, q.name), raw_dtype=q)

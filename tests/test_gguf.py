@@ -23,6 +23,7 @@ from weightdiff.errors import CheckpointError  # noqa: E402
 from weightdiff.io import gguf_read  # noqa: E402
 from weightdiff.io.gguf_names import ARCHITECTURES, hf_name  # noqa: E402
 from weightdiff.pairing.plan import plan  # noqa: E402
+from weightdiff.render.sentences import verdict_title  # noqa: E402
 
 from conftest import write_checkpoint  # noqa: E402
 from gguf_build import ARCH, permute, raw_gguf, to_gguf  # noqa: E402
@@ -130,6 +131,48 @@ def test_llama_gguf_pairs_every_tensor_and_reads_identical(tmp_path, rng):
         assert {x.kind for x in p.pairs} == {"paired"} and len(p.pairs) == len(t)
         assert "4 Q/K row permutations undone" in ck.metadata["gguf.transforms"]
     assert compare(base, path).summary.verdict == "identical"
+
+
+@pytest.mark.parametrize("arch", ["smollm3", "granite", "arcee", "mistral3", "llama-embed"])
+def test_architectures_converted_as_llama_undo_the_permutation(tmp_path, rng, arch):
+    # convert_hf_to_gguf.py converts these through LlamaModel.modify_tensors (permuted Q/K, llama names)
+    # under their own general.architecture: unmapped, an unchanged model read DERIVED, "tensors added,
+    # removed or changed beyond recognition"
+    t = llama(rng, layers=2, hidden=64, inter=128, vocab=96, kv=32)
+    if arch == "arcee":                           # ArceeForCausalLM's MLP is up/down only
+        t = {k: v for k, v in t.items() if "gate_proj" not in k}
+    base = write_checkpoint(tmp_path / "base", t)
+    path = to_gguf(tmp_path / f"{arch}.gguf", t, arch, Q.F32, n_head=4, n_kv=2, layers=2)
+    with locate(path) as ck:
+        assert set(ck.tensors) == set(t) and "4 Q/K row permutations undone" in ck.metadata["gguf.transforms"]
+    r = compare(base, path)
+    assert r.summary.verdict == "identical" and "gguf_unmapped" not in r.summary.flags
+
+
+def test_an_unmapped_architecture_is_inconclusive_never_derived(tmp_path, rng):
+    # deci (DeciModel) permutes Q/K as llama does but has no name map: the permuted rows pair with nothing,
+    # which read "DERIVED: ... changed beyond recognition" for an unchanged model
+    from models import low_rank_update
+
+    t = llama(rng, layers=2, hidden=64, inter=128, vocab=96, kv=32)
+    base = write_checkpoint(tmp_path / "base", t)
+    same = to_gguf(tmp_path / "same.gguf", t, "deci", Q.F32, n_head=4, n_kv=2, layers=2)
+    r = compare(base, same)
+    s = r.summary
+    assert s.verdict == "inconclusive" and "gguf_unmapped" in s.flags
+    assert s.scope["gguf_unmapped"] == {"architectures": ["deci"]}
+    title = verdict_title(s.to_dict())
+    assert title.startswith("INCONCLUSIVE") and "`deci`" in title and "no name map" in title
+    assert "llama.cpp's names" in s.verdict_reason and "`deci`" in s.verdict_reason
+    tuned = dict(t)
+    for name in [n for n in t if n.endswith(("o_proj.weight", "v_proj.weight"))]:
+        tuned[name] = low_rank_update(rng, t[name], 4, rel=0.05)
+    ft = to_gguf(tmp_path / "ft.gguf", tuned, "deci", Q.F32, n_head=4, n_kv=2, layers=2)
+    assert compare(base, ft).summary.verdict == "inconclusive"
+    # one converter on both sides: llama.cpp's names pair as they are, and a change is a change
+    both = compare(same, ft).summary
+    assert both.verdict == "derived" and "gguf_unmapped" not in both.flags
+    assert compare(same, same).summary.verdict == "identical"
 
 
 def test_llama_f16_gguf_is_cast_only_and_a_fine_tune_differs(tmp_path, rng):
@@ -360,7 +403,14 @@ HOSTILE = {
     "offset_past_eof": (dict(tensors=(("t.weight", (4,), 0, 1 << 40),)), "runs past the end of the"),
     "size_past_eof": (dict(tensors=(("t.weight", (1 << 20,), 0, 0),)), "runs past the end of the"),
     "too_many_dims": (dict(tensors=(("t.weight", (1, 1, 1, 1, 1), 0, 0),)), "has 5 dimensions; GGUF allows at most 4"),
-    "unknown_type": (dict(tensors=(("t.weight", (4,), 99, 0),)), "has unknown type 99"),
+    "unknown_type": (dict(tensors=(("t.weight", (4,), 99, 0),)), "has unknown type 99 (gguf "),
+    # a metadata count one short: the last key is read where the first tensor entry belongs
+    "kv_count_short": (dict(kv=(("general.name", 8, struct.pack("<Q", 1) + b"x"),
+                                ("general.alignment", 4, struct.pack("<I", 32))), n_kv=1),
+                       "the header declares 1 metadata entries, but `general.alignment`, a metadata key, follows "
+                       "them where the first tensor entry belongs"),
+    "q8_k_stored": (dict(tensors=(("t.weight", (256,), 15, 0),), data=b"\0" * 292),
+                    "is stored as Q8_K, a type ggml uses only for the activations of its dot products"),
     "misaligned": (dict(tensors=(("t.weight", (2,), 0, 4),)), "not a multiple of the alignment 32"),
     "partial_block": (dict(tensors=(("t.weight", (16,), 8, 0),)), "not a whole number of 32-element blocks"),
     "duplicate": (dict(tensors=(("t.weight", (2,), 0, 0), ("t.weight", (2,), 0, 0))), "appears twice"),
@@ -475,7 +525,8 @@ def test_floor_windows_follow_the_permutation_and_skip_plain_tensors(tmp_path, r
     meta = {"quantize.imatrix.file": "x.dat"}
     from weightdiff.io.gguf_floor import scheme_of
     assert scheme_of("Q4_0", 32, 18, 18, "w", meta).calibrated
-    assert not scheme_of("Q4_K", 256, 144, 144, "w", meta).calibrated
+    assert scheme_of("Q4_K", 256, 144, 144, "w", meta).calibrated       # quantize_row_q4_K_impl: clamps
+    assert not scheme_of("Q4_K", 256, 144, 144, "w", {}).calibrated
     assert scheme_of("IQ2_XXS", 256, 66, 66, "w", {}).bits == 2
 
 
@@ -498,6 +549,33 @@ def test_gguf_of_the_base_is_quantized_only_and_of_a_fine_tune_derived(tmp_path,
     assert r.summary.verdict == "derived"
     moved = {x.name for x in r.tensors if x.status == "changed"}
     assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved)
+
+
+def test_a_q4_k_made_with_an_importance_matrix_is_quantized_only_and_a_fine_tune_derived(tmp_path, rng):
+    # llama-quantize --imatrix clamps low-importance elements to the end codes many steps past the grid,
+    # beyond the reach of the reference search the floor allows: the unchanged base read "DERIVED: a
+    # fine-tune ... then quantized" (a tenth of the columns never activated, as unseen channels are)
+    import ggml_imatrix
+
+    t = llama(rng, layers=2, hidden=256, inter=512, vocab=256, kv=128)
+    t = {k: (rng.standard_t(2.5, v.shape) * 0.02).astype(np.float32) if v.ndim == 2 else v for k, v in t.items()}
+    base = write_checkpoint(tmp_path / "base", t)
+
+    def imatrix(cols, i):
+        return ggml_imatrix.importance(cols, i, zero=0.1)
+
+    path = to_gguf(tmp_path / "im.gguf", t, "llama", Q.Q4_K, n_head=4, n_kv=2, layers=2, imatrix=imatrix)
+    r = compare(base, path)
+    clamped = [x.quant["beyond_clamped"] for x in r.tensors if x.quant and x.quant.get("beyond_clamped")]
+    assert r.summary.verdict == "quantized_only", [(x.name, x.quant) for x in r.tensors if x.status == "changed"]
+    assert clamped, "no element was clamped past the floor: the case this test is about"
+    tuned = {k: (v + 1e-2 * v.std() * rng.normal(0, 1, v.shape)).astype(np.float32) if v.ndim == 2 and
+             "embed" not in k and "lm_head" not in k else v for k, v in t.items()}
+    ft = to_gguf(tmp_path / "ft.gguf", tuned, "llama", Q.Q4_K, n_head=4, n_kv=2, layers=2, imatrix=imatrix)
+    r = compare(base, ft)
+    assert r.summary.verdict == "derived"
+    assert {x.name for x in r.tensors if x.status == "changed"} == {
+        k for k, v in t.items() if v.ndim == 2 and "embed" not in k and "lm_head" not in k}
 
 
 def test_a_vocab_only_gguf_says_it_holds_no_tensors(tmp_path):
@@ -612,3 +690,81 @@ def test_a_metadata_array_past_the_string_cap_is_refused_before_it_is_walked(tmp
         fh.write(head)
         fh.truncate(len(head) + 8 * n)            # n zero-length strings: a sparse file
     bad(p, f"metadata arrays hold over {gguf_header.MAX_STRINGS:,} items")
+
+
+@pytest.mark.parametrize("kind", ["lora", "alora", None])
+def test_a_llama_cpp_adapter_is_named_and_refused_in_one_line(tmp_path, rng, kind):
+    # convert_lora_to_gguf.py writes general.type `adapter` and only the factors: it read INCONCLUSIVE
+    # "the names do not match ...; map the names with --rename FROM=TO", which no renaming helps
+    t = llama(rng, layers=1, hidden=64, inter=128, vocab=96)
+    base = write_checkpoint(tmp_path / "base", t)
+    w = gguf.GGUFWriter(str(tmp_path / "lora.gguf"), "llama")
+    w.add_string("general.type", "adapter")
+    if kind:
+        w.add_string("adapter.type", kind)
+    w.add_float32("adapter.lora.alpha", 16.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", rng.normal(0, 0.01, (8, 64)).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", rng.normal(0, 0.01, (64, 8)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["compare", str(base), str(tmp_path / "lora.gguf"), "--json", str(out), "-q"])
+    assert r.exit_code == 2 and not out.exists()
+    line = r.stderr.strip()
+    assert "\n" not in line and "Traceback" not in r.output
+    label = {"lora": "LoRA ", "alora": "`alora` ", None: ""}[kind]
+    assert f"lora.gguf: is a llama.cpp {label}adapter (general.type `adapter`)" in line
+    assert "llama-export-lora" in line and "--rename" not in line
+
+
+def test_identical_weights_with_other_inference_metadata_say_so(tmp_path, rng):
+    # a long-context re-release changes the RoPE base and the context length, not a weight: it read
+    # "IDENTICAL: every tensor is bitwise equal to the base" with no word of either
+    t, base, path = _llama_pair(tmp_path, rng)
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "rope_theta": 10000.0,
+                                                   "max_position_embeddings": 4096}))
+    same = to_gguf(tmp_path / "same.gguf", t, "llama", Q.F32, n_head=4, n_kv=2, layers=2,
+                   extra={"llama.rope.freq_base": 10000, "llama.context_length": 4096})
+    long = to_gguf(tmp_path / "long.gguf", t, "llama", Q.F32, n_head=4, n_kv=2, layers=2,
+                   extra={"llama.rope.freq_base": 1000000, "llama.context_length": 32768,
+                          "tokenizer.chat_template": "{{ messages }}", "general.name": "renamed"})
+    s = compare(same, long).summary
+    assert s.verdict == "identical" and "gguf_metadata_differs" in s.flags
+    assert s.scope["gguf_metadata_differs"] == {
+        "keys": ["llama.context_length", "llama.rope.freq_base", "tokenizer.chat_template"]}   # not general.name
+    title = verdict_title(s.to_dict())
+    assert title.startswith("IDENTICAL") and "`llama.rope.freq_base`" in title and "may not compute" in title
+    r = compare(base, long)                        # config.json's rope_theta against the GGUF's
+    assert r.summary.verdict == "identical"
+    assert r.summary.scope["gguf_metadata_differs"] == {"keys": ["llama.rope.freq_base", "llama.context_length"]}
+    assert any("`llama.rope.freq_base` `10000.0` in the base, `1000000` in the tuned model" in n
+               for n in r.plan["notes"])
+    for a, b in ((base, same), (same, same)):
+        s = compare(a, b).summary
+        assert s.verdict == "identical" and "gguf_metadata_differs" not in s.flags
+
+
+def test_a_format_without_a_floor_beside_one_with_is_named_alone_and_counted_apart(tmp_path, rng):
+    # layer 1 in MXFP4 (no floor), layer 0 in Q8_0 (tested): the reason said "a format whose noise floor
+    # weightdiff cannot compute (MXFP4, Q8_0)", and a fine-tune's "N more stand within their quantization
+    # noise floor" counted the untested MXFP4 tensors among them
+    from models import low_rank_update
+
+    t, base, _ = _llama_pair(tmp_path, rng)
+    mix = {"blk.1.": Q.MXFP4}
+    tuned = {k: (v + 0.02 * v.std() * rng.normal(0, 1, v.shape)).astype(np.float32)
+             if ".layers.1." in k and v.ndim == 2 else v for k, v in t.items()}
+    layer1 = to_gguf(tmp_path / "l1.gguf", tuned, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2, types=mix)
+    s = compare(base, layer1).summary
+    assert s.verdict == "inconclusive" and "quant_untested" in s.flags
+    assert "cannot compute (MXFP4)," in s.verdict_reason
+    tuned = dict(t)
+    for name in [n for n in t if n.endswith(("q_proj.weight", "v_proj.weight")) and ".layers.0." in n]:
+        tuned[name] = low_rank_update(rng, t[name], 4, rel=0.05)
+    r4 = to_gguf(tmp_path / "r4.gguf", tuned, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2, types=mix)
+    s = compare(base, r4).summary
+    assert s.verdict == "derived" and s.scope["within_quant_floor"]["untested"] == 7
+    assert "7 more stand within their quantization noise floor" in s.verdict_reason     # embed, head, 5 of layer 0
+    assert "7 more are quantized in a format whose noise floor weightdiff cannot compute" in s.verdict_reason

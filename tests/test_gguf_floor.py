@@ -124,3 +124,65 @@ def test_noise_model_energy_matches_the_real_error(rng, q, kind):
     # outlier columns leave most of a 4-bit block far inside half a step (Q4_0: 0.48): the model
     # overstates there, as any model that does not know the weights' distribution within a step
     assert (0.6 if kind == "gauss" else 0.4) <= ratio <= 1.05, ratio
+
+
+# -- importance-matrix K-quants: clamped past the grid at the end codes only ----------
+
+def test_imatrix_q4_k_transcription_is_ggml_c_byte_for_byte():
+    """``ggml_imatrix`` against the bytes of ggml's own ``quantize_row_q4_K_impl`` (compiled from
+    ggml-quants.c without contraction) on heavy tails, an outlier, a zero sub-block and row, fp16-subnormal
+    scales and an importance matrix with unused columns."""
+    import ggml_imatrix
+    from pathlib import Path
+
+    ref = np.load(Path(__file__).parent / "data" / "ggml_q4k_imatrix.npz")
+    assert np.array_equal(ggml_imatrix.quantize(ref["x"], ref["qw"]), ref["blocks"])
+
+
+def _imatrix_case(rng):
+    import ggml_imatrix
+
+    x = (rng.standard_t(2.5, (256, 512)) * 0.02).astype(np.float32)
+    qw = ggml_imatrix.importance(512, 3, zero=0.1)                # 10% of the columns never activated
+    return x, qw, ggml_imatrix.quantize(x, qw)
+
+
+def test_imatrix_q4_k_clamps_past_the_floor_only_at_the_end_codes(rng):
+    """With an importance matrix the weighted search leaves low-importance elements many steps past the
+    end of their grid (beyond the reach of the reference search the floor allows); every element past the
+    floor is then at an end code with the plain value past that end, which ``clamped_beyond`` counts."""
+    from weightdiff.io.gguf_floor import ends
+    from weightdiff.measure.quant_floor import clamped_beyond
+
+    x, qw, raw = _imatrix_case(rng)
+    values, fl = _floor_of(raw, Q.Q4_K)
+    beyond = np.abs(x - values) > fl
+    assert beyond.sum() >= 3                                      # the case this test is about
+    assert float(np.max(np.abs(x - values) / fl)) > 1.5
+    e = ends(raw.reshape(-1, 144), values.reshape(-1, 256), "Q4_K").reshape(x.shape)
+    assert set(np.unique(e[beyond]).tolist()) <= {-1.0, 1.0, 2.0}
+    assert clamped_beyond(x.ravel(), values.ravel(), fl.ravel(), e.ravel()) == int(beyond.sum())
+    # a fine-tune of relative size 1e-2, quantized the same way, moves interior codes past the floor
+    import ggml_imatrix
+
+    delta = rng.normal(0, 1, x.shape)
+    tuned = (x + 1e-2 * np.linalg.norm(x) / np.linalg.norm(delta) * delta).astype(np.float32)
+    traw = ggml_imatrix.quantize(tuned, qw)
+    tv, tfl = _floor_of(traw, Q.Q4_K)
+    te = ends(traw.reshape(-1, 144), tv.reshape(-1, 256), "Q4_K").reshape(x.shape)
+    n = int(np.count_nonzero(np.abs(x - tv) > tfl))
+    assert n - clamped_beyond(x.ravel(), tv.ravel(), tfl.ravel(), te.ravel()) >= 50
+
+
+def test_ends_mark_the_codes_the_floor_reads(rng):
+    from weightdiff.io.gguf_floor import ends
+
+    x = _adversarial(rng)
+    for q, top in ((Q.Q4_K, 15), (Q.Q6_K, 31)):
+        raw = _quant(x, q)
+        bs, ts = gguf.GGML_QUANT_SIZES[q]
+        values = dequantize(raw, q).astype(np.float32).reshape(-1, bs)
+        e = ends(raw.reshape(-1, ts), values, q.name)
+        assert e.shape == values.shape and set(np.unique(e).tolist()) <= {-1.0, 0.0, 1.0, 2.0}
+        assert np.any(e == 1) and np.any(e == -1) and np.any(e == 0)
+    assert ends(np.zeros((1, 34), np.uint8), np.zeros((1, 32), np.float32), "Q8_0") is None

@@ -360,6 +360,15 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             undone = {**undone, "pruned": pruned}
         if headless:
             undone = {**undone, "head_missing": headless}
+        unmapped = unmapped_gguf([*bases, tuned_ck])
+        if unmapped:
+            undone = {**undone, "gguf_unmapped": unmapped}
+        settings = gguf_settings(bases, tuned_ck)
+        if settings:
+            undone = {**undone, "gguf_metadata": settings}
+            the_plan.notes.append("GGUF metadata that llama.cpp runs the model with differs from the base's: "
+                                  + "; ".join(f"`{escape_name(k)}` {_shown(b)} in the base, {_shown(t)} in the tuned "
+                                              "model" for k, b, t in settings))
         if rotation and undone.get("rotated"):
             undone["rotated"].update(rotation)
             undone["rotated"]["norms_folded"] = folded_norms(records, rotation["gains"], tuned_ck)
@@ -1059,6 +1068,83 @@ def unfolded_norms(records: Sequence[TensorRecord], tuned: Checkpoint, d: int, m
 
 #: transformers model classes that hold an LM head
 _LM_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
+
+
+def unmapped_gguf(checkpoints: Sequence[Checkpoint]) -> list[str]:
+    """The ``general.architecture`` of each GGUF compared whose names weightdiff does not map
+    (``io.gguf_names.ARCHITECTURES``), in order, once each. llama.cpp's converter may have changed such a
+    file's values on the way (Q/K rows permuted for RoPE, norm weights stored as 1 + w) under names
+    weightdiff keeps, so the judge does not read what differs as a change (flag ``gguf_unmapped``).
+    Empty when every side is a GGUF of one architecture: the same converter wrote both, so its names pair
+    and its transforms, applied alike, leave a change a change."""
+    gguf = [(ck.metadata or {}).get("general.architecture") for ck in checkpoints if ck.format == "gguf"]
+    if len(gguf) == len(checkpoints) and len(set(gguf)) == 1:
+        return []          # GGUFs of one architecture on every side: converted alike, paired by llama.cpp's names
+    out: list[str] = []
+    for ck in checkpoints:
+        arch = (ck.metadata or {}).get("gguf.unmapped_architecture") if ck.format == "gguf" else None
+        if arch is not None and arch not in out:
+            out.append(arch)
+    return out
+
+
+#: GGUF keys that say nothing of how llama.cpp runs the model: provenance, the quantizer's record,
+#: weightdiff's own notes, the split layout
+_GGUF_INERT = ("general.", "quantize.", "gguf.", "split.")
+
+
+def _shown(v: str | None) -> str:
+    """A metadata value for a note: absent, or its first 40 characters, escaped."""
+    if v is None:
+        return "absent"
+    v = escape_name(str(v))
+    return f"`{v}`" if len(v) <= 40 else f"`{v[:40]}...` ({len(v):,} characters)"
+
+
+def gguf_settings(bases: Sequence[Checkpoint], tuned: Checkpoint) -> list[tuple[str, str | None, str | None]]:
+    """The settings llama.cpp runs a GGUF with that differ between a base and the tuned model, as
+    ``(key, base value, tuned value)``: every key of the architecture's hyperparameters
+    (``llama.rope.freq_base``, ``llama.context_length``, ...) and of the tokenizer
+    (``tokenizer.chat_template``, ...) when both are GGUFs; ``rope_theta`` and
+    ``max_position_embeddings`` of a config.json against the GGUF's ``rope.freq_base`` and
+    ``context_length``, which the converter copies from them. The verdict is of the weights: a
+    long-context re-release that changed only the RoPE base is bitwise the base's weights, yet computes
+    something else, so the judge says so beside IDENTICAL (flag ``gguf_metadata_differs``). Arrays are
+    compared by the summary the reader keeps."""
+    from .io.model_config import config_of
+
+    if len(bases) != 1 or "gguf" not in (bases[0].format, tuned.format):
+        return []
+    b, t = bases[0], tuned
+    if b.format == t.format == "gguf":
+        mb, mt = b.metadata or {}, t.metadata or {}
+        keys = sorted(k for k in set(mb) | set(mt) if not k.startswith(_GGUF_INERT))
+        return [(k, mb.get(k), mt.get(k)) for k in keys if mb.get(k) != mt.get(k)]
+    g, hf = (b, t) if b.format == "gguf" else (t, b)
+    arch = (g.metadata or {}).get("general.architecture")
+    try:
+        doc = config_of(hf)
+    except (CheckpointError, OSError):
+        return []
+    if not isinstance(doc, dict) or not isinstance(arch, str):
+        return []
+    doc = {**doc, **(doc.get("text_config") if isinstance(doc.get("text_config"), dict) else {})}
+    rope = doc.get("rope_theta")
+    if rope is None and isinstance(doc.get("rope_parameters"), dict):      # transformers 5
+        rope = doc["rope_parameters"].get("rope_theta")
+    out = []
+    for key, want in ((f"{arch}.rope.freq_base", rope), (f"{arch}.context_length", doc.get("max_position_embeddings"))):
+        have = (g.metadata or {}).get(key)
+        if have is None or type(want) not in (int, float):
+            continue
+        try:
+            same = math.isclose(float(have), float(want), rel_tol=1e-6)
+        except ValueError:
+            same = False
+        if not same:
+            pair = (key, str(want), have) if g is t else (key, have, str(want))
+            out.append(pair)
+    return out
 
 
 def missing_head(bases: Sequence[Checkpoint], tuned: Checkpoint) -> str | None:

@@ -30,7 +30,15 @@ offset``, exact for these small integers). The scale rounding term:
   can lie, in searched scales. Interior codes are a plain round-to-nearest: half a step.
 
 With an importance matrix (``quantize.imatrix.*`` metadata) the legacy types Q4_0..Q5_1 keep the
-search's codes under a refitted scale, so they are marked ``calibrated``. Q2_K, Q3_K and the
+search's codes under a refitted scale, so they are marked ``calibrated``. So are the K-quants:
+llama-quantize then calls ``quantize_row_q*_K_impl`` with the importance weights, whose searches
+(``make_qkx3_quants``, ``make_qp_quants``, ``make_qx_quants``) weigh each element by its column's
+importance and may clip a low-importance element any number of steps past the end of its grid (33
+steps measured), beyond the reach ``R`` the reference search allows. Their last pass is still a
+round-to-nearest with the stored scales, clamped to the code range (``l = MAX(0, MIN(15, l))``), so
+an interior code stays within half a step and only an end code can be clipped, toward its own end:
+``ends`` marks those codes, and the floor test counts an element past the floor at an end code, with
+the plain value past that end of the grid, as clipped (``measure.quant_floor``). Q2_K, Q3_K and the
 IQ/TQ/FP4 types get no floor (``floor`` returns None): the judge reads them as quantized with an
 unknown floor.
 
@@ -44,7 +52,7 @@ import numpy as np
 
 from .safetensors_read import QuantScheme
 
-__all__ = ["scheme_of", "floor", "FLOORS"]
+__all__ = ["scheme_of", "floor", "ends", "FLOORS", "K_QUANTS"]
 
 TOL = np.float32(2.0 ** -10 + 2.0 ** -24)
 #: half the spacing of fp16 subnormals: the absolute rounding error of a scale stored as fp16 near 0
@@ -60,10 +68,15 @@ FLOORS = {"Q8_0": 127, "Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31, "Q4_K": 1
 _REACH = {"Q4_K": np.float32(24), "Q5_K": np.float32(37), "Q6_K": np.float32(37)}
 
 
+#: the K-quants whose floor ``_k_floor`` gives; ``ends`` marks their end codes
+K_QUANTS = tuple(_REACH)
+
+
 def scheme_of(tname: str, block: int, tsize: int, nbytes: int, gguf_name: str, meta: dict) -> QuantScheme:
-    """The QuantScheme of a tensor stored as GGML type ``tname``."""
+    """The QuantScheme of a tensor stored as GGML type ``tname``; ``calibrated`` when the file says an
+    importance matrix steered the quantizer (``quantize.imatrix.*``) and the type's encoder reads one."""
     imatrix = any(k.startswith("quantize.imatrix") for k in meta)
-    calibrated = imatrix and (tname in _LEGACY or tname.startswith("IQ"))
+    calibrated = imatrix and (tname in _LEGACY or tname.startswith("IQ") or tname.endswith("_K"))
     bits = _BITS.get(tname, max(1, int(tsize * 8 / block)))
     group = str(_SUB.get(tname, block))
     return QuantScheme("gguf", tname, bits, group, calibrated, (gguf_name,), nbytes)
@@ -178,3 +191,35 @@ def _k_floor(raw: np.ndarray, values: np.ndarray, tname: str, noise: bool = Fals
         flat = whole * s_hi + mu + (np.abs(values) + np.abs(offset)) * TOL
         out = np.where(step == 0, flat, inner if noise else np.where(edge > 0, ends, inner))
     return out.astype(np.float32)
+
+
+def ends(raw: np.ndarray, values: np.ndarray, tname: str) -> np.ndarray | None:
+    """Per element of K-quant blocks ``raw`` (n, block bytes) dequantized as ``values`` (n, 256): 1 at
+    the top code of its sub-block's range (15 for Q4_K, 31 for Q5_K and Q6_K), -1 at the bottom one (0;
+    -32 for Q6_K), 0 between, and 2 in a sub-block whose step is 0 (every element decodes to one value,
+    which tells no code). None for another type. Where ggml's last pass clamps a code
+    (``quantize_row_q*_K_impl``), the element lies past that end of the grid; anywhere else it was
+    rounded to the nearest code.
+
+    >>> raw = np.zeros((1, 144), np.uint8); raw[0, 0:2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)
+    >>> raw[0, 4:6] = 1                        # sub-blocks 0 and 1: step 0.5, no min; the rest step 0
+    >>> vals = np.zeros((1, 256), np.float32); vals[0, 0] = 0.5; vals[0, 32] = 7.5
+    >>> ends(raw, vals, "Q4_K")[0, [0, 1, 32, 64]].tolist()
+    [0.0, -1.0, 1.0, 2.0]
+    """
+    if tname not in _REACH:
+        return None
+    d = _f16(raw, 208 if tname == "Q6_K" else 0)[:, None]
+    if tname == "Q6_K":
+        step = d * np.repeat(raw[:, 192:208].view(np.int8).astype(np.float32), 16, axis=1)
+        offset = np.zeros_like(step)
+        low, top = -32, 31
+    else:
+        sc6, mn6 = _k_scales(raw)
+        step = d * np.repeat(sc6, 32, axis=1)
+        offset = _f16(raw, 2)[:, None] * np.repeat(mn6, 32, axis=1)
+        low, top = 0, FLOORS[tname]
+    with np.errstate(all="ignore"):
+        code = np.rint((values + offset) / step)
+    out = np.where(code >= top, 1, np.where(code <= low, -1, 0)).astype(np.float32)
+    return np.where((step == 0) | ~np.isfinite(code), np.float32(2), out).astype(np.float32)

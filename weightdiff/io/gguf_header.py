@@ -147,6 +147,12 @@ def parse_header(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list
         q = f"`{escape_name(name)}`"
         if not name:
             raise CheckpointError(path, f"tensor {i} has an empty name")
+        if i == 0 and _is_key(name, meta):
+            # the first "tensor" is a metadata key: the header's metadata count stopped short of it, and
+            # its value would be read as dimensions, a type and an offset (a key named as a bad tensor)
+            raise CheckpointError(path, f"the header declares {n_kv:,} metadata entries, but `{escape_name(name)}`, "
+                                        "a metadata key, follows them where the first tensor entry belongs "
+                                        "(a metadata count too small: corrupt header?)")
         if name in names:
             raise CheckpointError(path, f"tensor {q} appears twice")
         names.add(name)
@@ -159,8 +165,10 @@ def parse_header(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list
         qtype = c.scalar("<I", f"tensor {q}")
         offset = c.scalar("<Q", f"tensor {q}")
         if qtype not in known or qtype not in gguf.GGML_QUANT_SIZES:
-            raise CheckpointError(path, f"tensor {q} has unknown type {qtype}",
-                                  f"gguf {gguf_version(gguf)} knows {', '.join(t.name for t in gguf.GGMLQuantizationType)}")
+            top = max(t.value for t in gguf.GGMLQuantizationType)
+            raise CheckpointError(path, f"tensor {q} has unknown type {qtype} (gguf {gguf_version(gguf)} knows "
+                                        f"types 0 to {top}, with gaps)",
+                                  "a type newer than the installed gguf: upgrade gguf" if qtype > top else None)
         infos.append((name, tuple(int(d) for d in ne), qtype, offset))
     align = meta.get("general.alignment", 32)
     # any power of two (llama.cpp's rule; a large one only pads the data start, checked against the size below)
@@ -181,6 +189,20 @@ def parse_header(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list
         raise CheckpointError(path, f"the {data - c.pos} bytes between the header and the tensor data are not zero "
                                     "padding (a tensor or metadata count that does not match the header?)")
     return data, align, meta, infos
+
+
+#: prefixes of GGUF metadata keys (gguf-py's Keys): a tensor entry named so is a misread metadata entry
+_KEY_PREFIXES = ("general.", "tokenizer.", "split.", "quantize.", "adapter.", "clip.")
+
+
+def _is_key(name: str, meta: dict) -> bool:
+    """Whether ``name``, read where a tensor entry belongs, is a metadata key: one of gguf-py's key
+    families, or a key of the file's own architecture (``llama.embedding_length``), and not named as
+    llama.cpp names tensors (``.weight``, ``.bias``)."""
+    if name.endswith((".weight", ".bias")):      # tensors are named so; no metadata key is
+        return False
+    arch = meta.get("general.architecture")
+    return name.startswith(_KEY_PREFIXES) or (isinstance(arch, str) and bool(arch) and name.startswith(arch + "."))
 
 
 def gguf_version(gguf) -> str:

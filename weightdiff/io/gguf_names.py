@@ -2,8 +2,9 @@
 
 llama.cpp's converter (``convert_hf_to_gguf.py``) renames every tensor
 (``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``) and, for some
-architectures, changes the values on the way: it permutes the rows of the llama Q/K
-projections (``LlamaModel.permute``), transposes GPT-2's ``Conv1D`` weights
+architectures, changes the values on the way: it permutes the rows of the Q/K
+projections of llama and of the architectures converted as llama (``LlamaModel.permute``,
+``PERMUTED``), transposes GPT-2's ``Conv1D`` weights
 (``GPT2Model.modify_tensors``) and adds 1 to Gemma's RMSNorm weights
 (``GemmaModel.modify_tensors``, ``Gemma2Model.modify_tensors``, Gemma 3's ``norm_shift``).
 ``hf_name`` gives the Hugging Face name and the transform that brings the GGUF tensor back
@@ -22,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-__all__ = ["Mapped", "hf_name", "ARCHITECTURES", "GENERATED"]
+__all__ = ["Mapped", "hf_name", "ARCHITECTURES", "GENERATED", "PERMUTED"]
 
 _L = "model.layers.{}."
 _LLAMA = {
@@ -91,9 +92,23 @@ _SHARED_EXPERT = {
     "blk.{}.ffn_down_shexp": _L + "mlp.shared_expert.down_proj",
 }
 
+#: the architectures llama.cpp converts with ``LlamaModel.modify_tensors`` and ``undo_permute`` left True:
+#: ``LlamaModel`` itself and its subclasses ``ArceeModel``, ``SmolLM3Model``, ``GraniteModel``,
+#: ``LlamaEmbedNemotronModel`` and ``Mistral3Model.Ministral3Model`` keep llama's tensor names and permute
+#: the Q/K rows (weights and biases) for ggml's RoPE. ``Llama4Model`` and ``ApertusModel`` subclass it with
+#: ``undo_permute = False`` and are not here; ``GraniteMoeModel`` splits a fused ``input_linear`` that no
+#: Hugging Face name gives back, so it is left unmapped (``hf_name`` then keeps every name, and the judge
+#: reads what differs as inconclusive: flag ``gguf_unmapped``).
+PERMUTED = ("llama", "arcee", "smollm3", "granite", "llama-embed", "mistral3")
+
 #: general.architecture -> {GGUF name (without .weight/.bias): Hugging Face name}
 ARCHITECTURES: dict[str, dict[str, str]] = {
     "llama": {**_LLAMA, **_MIXTRAL},   # Llama 1-3, Mistral, Mixtral (LlamaModel)
+    "arcee": _LLAMA,                   # ArceeModel(LlamaModel); its MLP has no gate
+    "smollm3": _LLAMA,                 # SmolLM3Model(LlamaModel)
+    "granite": _LLAMA,                 # GraniteModel(LlamaModel), dense Granite 3.x
+    "llama-embed": _LLAMA,             # LlamaEmbedNemotronModel(LlamaModel)
+    "mistral3": _LLAMA,                # Ministral3Model(LlamaModel), Ministral 3 / Mistral 3 text
     "qwen2": _LLAMA,            # Qwen2Model: no permutation
     "qwen2moe": {**_LLAMA, **_QWEN_MOE, **_SHARED_EXPERT},
     "qwen3moe": {**_LLAMA, **_QK_NORM, **_QWEN_MOE},
@@ -158,7 +173,7 @@ def hf_name(arch: str, name: str, meta: dict) -> Mapped:
     part = key.removeprefix("blk.{}.")
     if "{x}" in out:
         return Mapped(out, "experts")
-    if arch == "llama" and part in ("attn_q", "attn_k"):
+    if arch in PERMUTED and part in ("attn_q", "attn_k"):
         heads = _heads(meta, f"{arch}.attention.head_count", bid)
         if part == "attn_k":
             heads = _heads(meta, f"{arch}.attention.head_count_kv", bid) or heads

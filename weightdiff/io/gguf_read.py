@@ -41,7 +41,7 @@ from ..errors import CheckpointError, escape_name
 from ..kernels import ggml
 from .files import OpenCheckpointFile, os_problem, pread_into
 from .safetensors_read import TensorInfo, check_range, storage_of
-from .gguf_floor import FLOORS, floor, scheme_of
+from .gguf_floor import FLOORS, ends, floor, scheme_of
 from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf
 from .gguf_names import ARCHITECTURES, GENERATED, head_dim, hf_name
 from .experts import MAX_EXPERTS, expert_name
@@ -114,6 +114,14 @@ class GGUFFile(OpenCheckpointFile):
         if type(split) is int and split > 1:
             raise CheckpointError(path, f"is part of a GGUF split into {split} files",
                                   "merge the parts with llama-gguf-split --merge and pass the merged file")
+        if meta.get("general.type") == "adapter":
+            # convert_lora_to_gguf.py writes only the factors (`blk.N.attn_q.weight.lora_a`, `.lora_b`) and
+            # adapter.lora.alpha: a change to some base, not a model, whose names no --rename pairs
+            kind = meta.get("adapter.type")
+            kind = {"lora": "LoRA "}.get(kind, f"`{escape_name(kind)}` ") if isinstance(kind, str) and kind else ""
+            raise CheckpointError(path, f"is a llama.cpp {kind}adapter (general.type `adapter`): it holds only a "
+                                        "change to a base model, not a model's weights",
+                                  "merge it into its base with llama-export-lora, and compare the merged GGUF")
         self.metadata = {k: (v if isinstance(v, str) else str(v)) for k, v in meta.items()}
         self.tensors: dict[str, TensorInfo] = {}
         self._layout: dict[str, _Layout] = {}
@@ -248,6 +256,10 @@ class GGUFFile(OpenCheckpointFile):
         self.metadata["gguf.names"] = (f"llama.cpp names mapped to Hugging Face names ({arch})"
                                        if arch in ARCHITECTURES else
                                        f"llama.cpp names kept: no name map for architecture `{escape_name(arch)}`")
+        if arch not in ARCHITECTURES:
+            # the judge reads this key: a converter weightdiff does not know may have permuted or shifted
+            # values (llama's Q/K rows, Gemma's 1 + w) under names it keeps, so what differs is not a change
+            self.metadata["gguf.unmapped_architecture"] = arch
         done = [f"{n} {w}" for n, w in ((counts["permute"], "Q/K row permutations undone"),
                                         (counts["transpose"], "Conv1D transposes undone"),
                                         (counts["minus_one"], "norm weights stored as 1 + w restored"),
@@ -271,6 +283,10 @@ class GGUFFile(OpenCheckpointFile):
                 raise CheckpointError(self.path, f"tensor `{escape_name(name)}` is stored as {tname}, but this "
                                                  "architecture stores its norm weights as 1 + w, which is read "
                                                  "from F32, F16 or BF16 only") from None
+            if tname in ("Q8_1", "Q8_K"):   # ggml quantizes activations to these for its dot products only
+                raise CheckpointError(self.path, f"tensor `{escape_name(name)}` is stored as {tname}, a type ggml "
+                                                 "uses only for the activations of its dot products, never for "
+                                                 "stored weights (a corrupt or hand-made file?)") from None
             raise CheckpointError(self.path, f"tensor `{escape_name(name)}` is stored as {tname}, which gguf "
                                              f"{gguf_version(gguf)} cannot dequantize", "upgrade gguf") from None
         qt = gguf.GGMLQuantizationType(qtype)
@@ -327,6 +343,33 @@ class GGUFFile(OpenCheckpointFile):
         flay = replace(lay, decode=decode, kernel=None)
         start, stop, step = check_range(info, max_elements, start, stop, 4)
         return self._windows(info, flay, start, stop, step)
+
+    def end_windows(self, name: str, max_elements: int | None = None, start: int = 0,
+                    stop: int | None = None) -> Iterator[np.ndarray] | None:
+        """float32 windows aligned with ``windows``: per element of a K-quant tensor, 1 at its sub-block's
+        top code, -1 at the bottom one, 0 between, 2 where the sub-block's step is 0
+        (``gguf_floor.ends``); None for any other type. The floor test reads them to tell a code an
+        importance-matrix quantizer clamped from one it rounded."""
+        info = self._info(name)
+        lay = self._layout[name]
+        if info.scheme not in FLOORS or lay.transform == "minus_one":
+            return None
+        bs, ts, tname = lay.block, lay.tsize, info.scheme
+        if ends(np.zeros((1, ts), np.uint8), np.zeros((1, bs), np.float32), tname) is None:
+            return None
+
+        def decode(raw):
+            blocks = raw.reshape(-1, ts)
+            values = np.empty((blocks.shape[0], bs), np.float32)
+            if lay.kernel is not None:
+                lay.kernel(blocks, values)
+            else:
+                values = lay.decode(blocks).reshape(-1, bs)
+            return ends(blocks, values, tname).reshape(raw.shape[0], -1)
+
+        elay = replace(lay, decode=decode, kernel=None)
+        start, stop, step = check_range(info, max_elements, start, stop, 4)
+        return self._windows(info, elay, start, stop, step)
 
     def _windows(self, info, lay, start, stop, step) -> Iterator[np.ndarray]:
         for pos in range(start, stop, step):

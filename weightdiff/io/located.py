@@ -179,6 +179,18 @@ class Checkpoint:
             return None if it is None else self._pinned(info.path, it)
         return None
 
+    def end_windows(self, name: str, max_elements: int | None = None, start: int = 0,
+                    stop: int | None = None) -> Iterator[np.ndarray] | None:
+        """float32 windows aligned with ``windows`` marking each element's code as the top (1) or bottom (-1)
+        of its range, between (0), or unknown (2), for a reader that has them (GGUF K-quants:
+        ``GGUFFile.end_windows``); None otherwise."""
+        info = self._info(name)
+        if name in self.quant or info.quant is None or info.start is None:
+            return None
+        f = self._file(info.path)
+        it = f.end_windows(self._fname(name), max_elements, start, stop) if hasattr(f, "end_windows") else None
+        return None if it is None else self._pinned(info.path, it)
+
     def windows(self, name: str, max_elements: int | None = None, start: int = 0,
                 stop: int | None = None) -> Iterator[np.ndarray]:
         """As ``SafetensorsFile.windows``, opening the right shard lazily; quantized tensors

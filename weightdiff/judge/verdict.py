@@ -471,6 +471,20 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # every changed matrix is the base's with elements set to zero: far from it by the numbers (90% pruned
         # keeps a cosine near 0.5), yet nothing in it comes from another model
         verdict = "derived"
+    if verdict in ("identical", "cast_only", "quantized_only") and undone.get("gguf_metadata"):
+        # the weights are the base's, but llama.cpp runs them with other settings (a RoPE base, a context
+        # length, a chat template): said beside the verdict, which is of the weights
+        flags.append("gguf_metadata_differs")
+        scope["gguf_metadata_differs"] = {"keys": [k for k, _, _ in undone["gguf_metadata"]]}
+    if verdict not in ("identical", "cast_only", "quantized_only") and undone.get("gguf_unmapped"):
+        # a GGUF whose architecture weightdiff has no name map for: llama.cpp's converter may have permuted
+        # rows (llama's Q/K for RoPE) or shifted values (Gemma's 1 + w) under names kept as they are, and a
+        # base converted that way reads as tensors added, removed or changed beyond recognition. What the
+        # weights show is not told from what the conversion did; bitwise-equal pairs still read as such. An
+        # inconclusive verdict keeps its value and gains the reason (nothing paired: --rename cannot help).
+        verdict = "inconclusive"
+        flags.append("gguf_unmapped")
+        scope["gguf_unmapped"] = {"architectures": list(undone["gguf_unmapped"])}
     if verdict == "derived" and (not permuted or _all_undone(permuted, undone)) and weak_evidence(cos, rel_m) \
             and not only_pruned:
         # derived, but not "a fine-tune": a merge, long training; unless the distance is the quantizer's noise
@@ -491,7 +505,9 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             quiet = {b.block for b in numbered if b.params_changed == 0}
             scope["within_quant_floor"] = {
                 "tensors": len(hidden), "params": sum(int(r.numel_compared or 0) for r in hidden),
-                "blocks": len({r.block for r in hidden if r.block in quiet})}
+                "blocks": len({r.block for r in hidden if r.block in quiet}),
+                # of ``tensors``, those in a format with no floor (MXFP4, IQ types): not within it, untested
+                "untested": sum(1 for r in hidden if r.quant.get("within") is None)}
             flags.append("quant_floor_lower_bounds")
     quant = quantization_summary(counted)
     form = _form(changed, thresholds) if verdict in ("derived", "partial") else {"kind": None}
@@ -580,7 +596,9 @@ def quantization_summary(counted: list[TensorRecord]) -> dict[str, Any] | None:
             "tests": dict(sorted(Counter(str(r.quant.get("test")) for r in tested).items())),
             "formats": sorted({str(r.quant.get("format")) for r in tested}),
             "schemes": sorted({str(r.quant.get("scheme")) for r in tested}),
-            "sides": sorted({str(r.quant.get("side")) for r in tested})}
+            "sides": sorted({str(r.quant.get("side")) for r in tested}),
+            # importance-matrix K-quants: tensors with elements past the floor that the quantizer's clamp explains
+            "tensors_clamped": sum(1 for r in tested if r.quant.get("beyond_clamped"))}
 
 
 def holds_exactly(dtype_base: str | None, dtype_tuned: str | None) -> bool:

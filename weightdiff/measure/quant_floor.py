@@ -8,7 +8,9 @@ own grid, plus a step for clipped codes, plus the rounding of its scales), throu
 not fine-tuning"):
 
 * ``bound`` (round-to-nearest formats: FP8, bitsandbytes, MXFP4, GGUF): within the floor
-  when no element lies beyond it;
+  when no element lies beyond it; a GGUF K-quant made with an importance matrix sets apart the
+  elements its clamp explains (``clamped_beyond``: at an end code, the plain value past that end),
+  which its weighted search may leave any number of steps off (``beyond_clamped``);
 * ``first-group`` (GPTQ and compressed-tensors integer weights, whose quantizer may have
   compensated errors): those quantizers round the first group of columns they process
   (``g_idx == 0``) before any compensation reaches it, and each row's compensation only
@@ -36,7 +38,7 @@ from ..kernels.dtypes import DTYPES
 from ..kernels.quant import round_to
 from ..kernels.reference import decode
 
-__all__ = ["floor_test", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
+__all__ = ["floor_test", "clamped_beyond", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
 
 #: AWQ: share of elements beyond the floor a quantization of the base may leave, beside the group
 #: extremes its clipping search moved (``kernels.quant_floor.clipped_beyond``); AutoAWQ 0.2.9 on a
@@ -66,7 +68,7 @@ def ratio_share(n: float, total: float) -> float | None:
 def _test_of(schemes: list) -> str:
     if any(s.format == "awq" for s in schemes):
         return "statistical"
-    if any(s.calibrated for s in schemes):
+    if any(s.calibrated and s.format != "gguf" for s in schemes):    # llama.cpp's quantizers have no first group
         return "first-group"
     return "bound"
 
@@ -126,6 +128,14 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
     groups = [int(q.group) for q in schemes if q.format == "awq" and str(q.group).isdigit()]
     awq_group = groups[0] if len(groups) == 1 and side != "both" and ncols % groups[0] == 0 else 0
     clipped = 0
+    # an importance-matrix K-quant (llama-quantize --imatrix) clamps low-importance elements to the end codes
+    # any number of steps past the grid: counted apart where the code is an end one and the plain value lies
+    # past that end (``gguf_floor.ends``)
+    ends_it = None
+    if side != "both":
+        qs, qck, qname = (qt, tuned, tname) if qt is not None else (qb, base, bname)
+        if qs.format == "gguf" and qs.calibrated and hasattr(qck, "end_windows"):
+            ends_it = qck.end_windows(qname, window, 0, stop)
     cols = np.zeros(max(ncols, 1), dtype=np.int64)
     pos = 0
     wb_it = base.windows(bname, window, 0, stop)
@@ -149,6 +159,8 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
                                  DEQUANT_REL if cast_rel else 0.0)
         if awq_group and len(plain_v) % awq_group == 0 and pos % awq_group == 0:
             clipped += QF.clipped_beyond(plain_v, quant_v, floor, awq_group, cast_rel)
+        if ends_it is not None:
+            clipped += clamped_beyond(plain_v, quant_v, floor, next(ends_it), cast_rel)
         mx = max(acc[3], part[3])
         acc += part
         acc[3] = mx                              # max_u combines with max, the rest with +
@@ -161,7 +173,10 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
                 # memo, which re-reads the result, refused the run); the nonfinite counts tell the story
                 max_ratio=_finite(float(acc[3])), rms_ratio=_finite(math.sqrt(acc[2] / n)) if n else None,
                 norm_above_floor=_finite(math.sqrt(acc[4])))
-    if test == "bound":
+    if test == "bound" and ends_it is not None:
+        info["beyond_clamped"] = clipped
+        info["within"] = beyond == clipped
+    elif test == "bound":
         info["within"] = beyond == 0
     elif test == "statistical":
         if awq_group:
@@ -198,6 +213,29 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         info.update(within=None, note="both sides quantized, one by an error-compensating quantizer (GPTQ, AWQ): "
                                       "their floors do not bound the difference of two quantizations")
     return info
+
+
+def clamped_beyond(plain: np.ndarray, quant: np.ndarray, floor: np.ndarray, end: np.ndarray,
+                   cast_rel: float = 0.0) -> int:
+    """Elements beyond the floor (as ``floor_stats`` counts them, finite ones) that the clamp of an
+    importance-matrix K-quant explains: the quantized value is its sub-block's top code (``end`` 1) and
+    the plain value lies above it, or the bottom code (-1) and the plain value lies below it, or the
+    sub-block's step is 0 (2: one value, no code). ggml's last pass rounds every element to the
+    nearest code and clamps it to the range, so an element past its floor anywhere else is no
+    quantization of the plain value, however much the search clipped.
+
+    >>> clamped_beyond(np.array([1.0, -3.0, 0.9, 3.0]), np.array([0.5, 0.0, 0.2, 3.0]), np.full(4, 0.1),
+    ...                np.array([1.0, -1.0, 0.0, 1.0], np.float32))
+    2
+    """
+    b = np.asarray(plain, np.float64)
+    o = np.asarray(quant, np.float64)
+    e = np.asarray(end)
+    with np.errstate(invalid="ignore"):
+        d = np.abs(b - o)
+        beyond = np.isfinite(d) & (d > np.asarray(floor, np.float64) + cast_rel * np.abs(b))
+        toward = ((e == 1) & (b > o)) | ((e == -1) & (b < o)) | (e == 2)
+    return int(np.count_nonzero(beyond & toward))
 
 
 #: the near-grid test (``near_grid``): fewest moved elements it decides on, and the share of them within

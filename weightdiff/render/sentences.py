@@ -58,7 +58,21 @@ _STORAGE_DTYPE = re.compile(r"^(?:BOOL|(?:F|BF|I|U|C)\d+|F8_E\w+|F[46](?:_E\w+)?
 
 def verdict_title(summary: dict) -> str:
     """The verdict in capitals with its one-line meaning, as the terminal prints it first.
-    The unrelated title cites near-orthogonal matrices only when matrices were measured."""
+    The unrelated title cites near-orthogonal matrices only when matrices were measured. Beside a verdict
+    that says the weights are the base's, GGUF settings that change what llama.cpp computes are named
+    (flag ``gguf_metadata_differs``): "IDENTICAL" must not read as "the same model" when its RoPE base
+    differs."""
+    title = _verdict_title(summary)
+    keys = ((summary.get("scope") or {}).get("gguf_metadata_differs") or {}).get("keys")
+    if keys and "gguf_metadata_differs" in (summary.get("flags") or []):
+        shown = ", ".join(f"`{escape_name(str(k))}`" for k in keys[:4]) + (f" and {len(keys) - 4} more"
+                                                                       if len(keys) > 4 else "")
+        title = (title.rstrip(".") + f"; but the GGUF metadata llama.cpp runs the model with differs ({shown}), "
+                 "so it may not compute what the base computes.")
+    return title
+
+
+def _verdict_title(summary: dict) -> str:
     v = summary.get("verdict")
     if v == "unrelated" and summary.get("relatedness_cosine") is not None:
         return f"UNRELATED: not derived from this base (the {matrices_phrase(summary)} are near-orthogonal)."
@@ -124,6 +138,10 @@ def verdict_title(summary: dict) -> str:
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
+    if v == "inconclusive" and "gguf_unmapped" in (summary.get("flags") or []):
+        return (f"INCONCLUSIVE: a GGUF of architecture {_archs(summary)}, which weightdiff has no name map for: "
+                "llama.cpp's converter may have reordered or transformed its tensors, so what differs cannot be "
+                "told from a change to the weights.")
     if v == "inconclusive" and "head_missing" in (summary.get("flags") or []):
         return ("INCONCLUSIVE: every stored tensor matches the base, but the tuned config unties the LM head and none "
                 "is stored: loaded with transformers, that head is random.")
@@ -347,9 +365,27 @@ def _folded_reason(data: dict) -> str:
             "parameters whole.")
 
 
+def _archs(summary: dict) -> str:
+    """The unmapped GGUF architectures of ``scope.gguf_unmapped``, each in backticks (an empty one: none)."""
+    names = ((summary.get("scope") or {}).get("gguf_unmapped") or {}).get("architectures") or [""]
+    return " and ".join(f"`{escape_name(str(a))}`" if a else "(none given)" for a in names)
+
+
 def _inconclusive(data: dict) -> str:
     s = data.get("summary") or {}
     tbs = s.get("tensors_by_status") or {}
+    if "gguf_unmapped" in (s.get("flags") or []):
+        moved = sum(int(tbs.get(k) or 0) for k in ("changed", "resized"))
+        na, nr = int(tbs.get("added") or 0), int(tbs.get("removed") or 0)
+        return (f"{count(moved)} paired {'tensor differs' if moved == 1 else 'tensors differ'} from the base, "
+                f"{count(na)} tuned {'tensor has' if na == 1 else 'tensors have'} no counterpart in the base and "
+                f"{count(nr)} base {'tensor has' if nr == 1 else 'tensors have'} none in the tuned model, but one "
+                f"side is a GGUF of architecture {_archs(s)}, for which weightdiff has no name map: its tensors keep "
+                "llama.cpp's names, and llama.cpp's converter may have changed their values on the way (it permutes "
+                "the query and key rows of the architectures it converts as llama, and stores Gemma's norm weights "
+                "as 1 + w), which weightdiff undoes only for the architectures it maps (docs/formats.md). What "
+                "differs may be that conversion, not a change to the weights; compare a GGUF of the base converted "
+                "the same way, or the model's safetensors.")
     if "vectors_only" in (s.get("flags") or []):
         return ("Only vectors were compared (norm weights, biases; no matrix): norm weights near 1 make any two models "
                 "look alike, so whether this model derives from the base cannot be told from them; compare its "
@@ -428,8 +464,11 @@ def _inconclusive(data: dict) -> str:
                     f"{'tensor differs' if n == 1 else 'tensors differ'} by more than their two noise floors: "
                     "such a quantizer moves values by several steps, so two quantizations of the same weights "
                     "cannot be told from a fine-tune; compare each with the unquantized model instead.")
+        # the formats of the untested tensors only: a Q8_0 tested beside MXFP4 has a floor
+        untested = sorted({str((t.get("quant") or {}).get("scheme")) for t in data.get("tensors") or []
+                           if t.get("quant") and (t.get("quant") or {}).get("within") is None})
         return (f"{count(n)} quantized {'tensor differs' if n == 1 else 'tensors differ'} from the base in a format "
-                f"whose noise floor weightdiff cannot compute ({', '.join(q.get('schemes') or []) or 'unknown'}), so "
+                f"whose noise floor weightdiff cannot compute ({', '.join(untested) or 'unknown'}), so "
                 "whether by quantization alone or by a fine-tune cannot be told; every other tensor is unchanged, "
                 "within rounding or within its quantization floor.")
     cov = s.get("coverage") or {}
@@ -673,9 +712,15 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     # tensors within their quantization noise floor beside changed ones may hide a smaller change: lower bounds
     least, hidden = at_least(s), within_floor(s)
     if hidden:
-        n_h = int(hidden.get("tensors") or 0)
-        asides.append(f"{count(n_h)} more {'stands' if n_h == 1 else 'stand'} within {'its' if n_h == 1 else 'their'} "
-                      "quantization noise floor and may have changed by less than it")
+        # a tensor in a format with no floor (MXFP4 beside Q8_0) was not tested: it is not "within" anything
+        n_u = int(hidden.get("untested") or 0)
+        n_h = int(hidden.get("tensors") or 0) - n_u
+        if n_h:
+            asides.append(f"{count(n_h)} more {'stands' if n_h == 1 else 'stand'} within {'its' if n_h == 1 else 'their'} "
+                          "quantization noise floor and may have changed by less than it")
+        if n_u:
+            asides.append(f"{count(n_u)} more {'is' if n_u == 1 else 'are'} quantized in a format whose noise floor "
+                          "weightdiff cannot compute, untested, and may have changed too")
     only = f" ({'; '.join(asides)})" if asides else ""      # one parenthesis, not two in a row
     if added and scope.get("tensors_changed") is not None:    # added tensors are new, not changed
         parts = [f"{least}{count(max(0, scope['tensors_changed'] - added))} of {count(scope.get('tensors_total'))} "
@@ -924,7 +969,11 @@ TEST_WORDS = {"bound": "the per-element bound of round-to-nearest",
 
 def _quant_how(q: dict) -> str:
     tests = ", ".join(TEST_WORDS.get(t, t) for t in q.get("tests") or {})
-    return f"({', '.join(q.get('formats') or [])}; decided by {tests})"
+    n = int(q.get("tensors_clamped") or 0)
+    # an importance-matrix K-quant clamps elements to its end codes past the grid: set apart, and said so
+    clamped = (f", elements an importance-matrix quantizer clamped to the end of their grid set apart in "
+               f"{plural(n, 'tensor')}") if n else ""
+    return f"({', '.join(q.get('formats') or [])}; decided by {tests}{clamped})"
 
 
 def headline(data: dict) -> list[str]:
