@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..errors import escape_name
 from ..kernels.dtypes import DTYPES, decode
 from .names import _block_position, block_slot, parse_name
 from .pairs import CheckpointLike, Pair
@@ -369,24 +370,70 @@ def _family(name: str) -> str | None:
 
 
 def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],
-                   notes: list[str]) -> None:
+                   notes: list[str], probe: bool = True) -> None:
     """Square matrices of a checkpoint stored transposed (GPT-2's Conv1D saved in nn.Linear
-    layout): shapes show the transposition of every other matrix (``make_pair``), not of a
-    square one. When every non-square name-paired matrix of a module family (``attn``, ``mlp``;
-    of all blocks when the family has none) is transposed, each square name-paired matrix of
-    that family is fingerprinted both ways (``content_pairs``' sample); it is compared
-    transposed only when the plain orientation fails the content-pairing test and the
-    transposed one passes it. A plain orientation that matches is never transposed.
+    layout, an ONNX export's MatMul weights): shapes show the transposition of every other
+    matrix (``make_pair``), not of a square one.
+
+    * Where both sides are ONNX graphs that fix the layout (``Checkpoint.layouts``: the B input of
+      MatMul is ``[in, out]``, of Gemm with transB ``[out, in]``), the graphs decide, with no read.
+    * Where one side's graph fixes it and the other is a torch checkpoint (nn.Linear ``[out, in]``,
+      Conv1D ``[in, out]``: the names do not say which), the graph is the reason to look: each square
+      matrix is fingerprinted both ways (``content_pairs``' sample) and compared transposed when the
+      transposed sample matches beyond chance (``CONTENT_SIGMAS``) and better than the plain one, and
+      the plain one fails the content-pairing test. An export of a model whose block matrices are all
+      square has no non-square matrix to show the transposition, and its own weights compared as
+      stored read as unrelated (near-orthogonal), the worst wrong verdict; a fine-tune is still far
+      above chance the right way round. When neither way is beyond chance a note says so.
+    * Otherwise, when every non-square name-paired matrix of a module family (``attn``, ``mlp``;
+      of all blocks when the family has none) is transposed, each square name-paired matrix of
+      that family is fingerprinted both ways, and compared transposed only when the plain
+      orientation fails the content-pairing test and the transposed one passes it.
+
+    A plain orientation that matches is never transposed by content. ``probe`` False (content
+    pairing off) leaves only the graphs' own answer.
     """
-    if not hasattr(tuned, "read_rows"):
-        return
     named = [(j, p) for j, (_, p) in enumerate(out) if p.kind == "paired" and p.lora is None
              and p.paired_by in ("name", "prefix", "rename") and p.shape_tuned is not None
              and len(p.shape_tuned) == 2 and len(p.shape_base or ()) == 2]
+    lay_t = getattr(tuned, "layouts", None) or {}
     for i, base in enumerate(bases):
-        if not hasattr(base, "read_rows"):
-            continue
+        lay_b = getattr(base, "layouts", None) or {}
         mine = [(j, p, _family(p.tuned_name)) for j, p in named if p.base_index == i]
+        by_graph, undecided, turned = [], [], []
+        hinted = set()
+        for j, p, fam in mine:
+            n = p.shape_base[0]
+            if p.transposed or tuple(p.shape_tuned) != (n, n) or tuple(p.shape_base) != (n, n):
+                continue
+            lt, lb = lay_t.get(p.tuned_name), lay_b.get(p.base_name)
+            if lt is not None and lb is not None:
+                hinted.add(j)
+                if lt != lb:
+                    p.transposed = True
+                    by_graph.append(p.tuned_name)
+            elif lt is not None or lb is not None:
+                hinted.add(j)
+                if probe and hasattr(tuned, "read_rows") and hasattr(base, "read_rows"):
+                    verdict = _graph_probe(tuned, p, base, n)
+                    if verdict is True:
+                        p.transposed = True
+                        turned.append(p.tuned_name)
+                    elif verdict is None:
+                        undecided.append(p.tuned_name)
+        if by_graph:
+            notes.append(f"{len(by_graph)} square matrices compared transposed, as the ONNX graphs read them in "
+                         f"opposite layouts (`{escape_name(by_graph[0])}`)")
+        if turned:
+            notes.append(f"{len(turned)} square matrices compared transposed: the ONNX graph reads them as the "
+                         f"[in, out] operand of MatMul and their sampled rows match the other side's only that way "
+                         f"(`{escape_name(turned[0])}`)")
+        if undecided:
+            notes.append(f"{len(undecided)} square matrices read as the [in, out] operand of an ONNX MatMul match "
+                         f"the other side neither as stored nor transposed (sampled rows); they are compared as "
+                         f"stored, and a transposed layout cannot be ruled out (`{escape_name(undecided[0])}`)")
+        if not probe or not hasattr(tuned, "read_rows") or not hasattr(base, "read_rows"):
+            continue
         votes: dict[str | None, list[bool]] = {}
         for _, p, fam in mine:
             if fam is not None and p.shape_base[0] != p.shape_base[1]:
@@ -398,7 +445,7 @@ def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
         turned = []
         for j, p, fam in mine:
             n = p.shape_base[0]
-            if fam is None or p.transposed or tuple(p.shape_tuned) != (n, n) or \
+            if j in hinted or fam is None or p.transposed or tuple(p.shape_tuned) != (n, n) or \
                     (fam not in flipped and (fam in votes or None not in flipped)):
                 continue
             try:
@@ -414,6 +461,29 @@ def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
         if turned:
             notes.append(f"{len(turned)} square matrices compared transposed, as the other matrices of their "
                          f"module family are stored transposed (sampled rows match only that way)")
+
+
+def _graph_probe(tuned: CheckpointLike, p: Pair, base: CheckpointLike, n: int) -> bool | None:
+    """Whether a square matrix one ONNX graph fixes as ``[in, out]`` (or ``[out, in]``) is to be
+    compared transposed against a checkpoint whose layout no graph fixes: True when the transposed
+    sample matches beyond chance and better than the plain one, and the plain one fails the
+    content-pairing test; False when the plain one is beyond chance and at least as good; None
+    when neither is beyond chance (independent weights, or a change too large to tell)."""
+    try:
+        plain, across, size = _both_ways(tuned, p.tuned_source or p.tuned_name, base, p.base_name, n)
+    except (ValueError, KeyError, OSError, IndexError):
+        return None
+    if not size:
+        return None
+    chance = CONTENT_SIGMAS / math.sqrt(size)
+    need = max(CONTENT_MIN_CORR, chance)
+    plain = -math.inf if plain is None else plain
+    across = -math.inf if across is None else across
+    if plain < need and across >= chance and across > plain:
+        return True
+    if plain >= chance and plain >= across:
+        return False
+    return None
 
 
 def _both_ways(tuned: CheckpointLike, tname: str, base: CheckpointLike, bname: str,

@@ -247,6 +247,8 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
             reuse_blocks(out, tuned, bases, used, notes)    # every block, and screening reads samples only
         pair_by_content(out, tuned, bases, used, notes)
         orient_squares(out, tuned, bases, notes)
+    else:
+        orient_squares(out, tuned, bases, notes, probe=False)
     # the tie is a last resort: only a head that neither names nor content pair (an ONNX export's
     # transposed head `onnx::MatMul_N` is the base head, not a sign that the tuned model ties it)
     tie_heads(out, items, bases, mapping, used, notes, tuned)
