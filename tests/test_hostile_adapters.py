@@ -146,6 +146,14 @@ def test_lora_target_missing_from_the_base(tmp_path, rng):
     ({"peft_type": "LOHA"}, 'peft_type "LOHA": only LoRA adapters are supported'),
     ({"peft_type": "IA3"}, 'peft_type "IA3"'),
     ({"peft_type": 3}, "peft_type 3"),
+    # LoRA variants read as a plain LoRA gave a confident wrong delta, or a refusal that blamed the file
+    ({"kasa_config": {"beta": 1e-4, "gamma": 1e-3}}, "has kasa_config {'beta': 0.0001, 'gamma': 0.001}: KaSA "
+                                                     "truncates the base weight"),
+    ({"use_bdlora": {"nblocks": 2}}, "use_bdlora {'nblocks': 2}: block-diagonal LoRA"),
+    ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication [[0, 2], [1, 2]]: PEFT builds the layers"),
+    ({"peft_type": "PROMPT_TUNING"}, "prompt and prefix tuning add virtual-token embeddings and change no model "
+                                     "weight, so there is no weight delta to measure"),
+    ({"peft_type": "PREFIX_TUNING"}, 'peft_type "PREFIX_TUNING": prompt and prefix tuning'),
     ({"target_modules": 7}, "target_modules = 7"),
     ({"init_lora_weights": "olora"}, 'init_lora_weights "olora", which rewrites the base weights'),
     ({"init_lora_weights": "pissa_niter_4"}, 'init_lora_weights "pissa_niter_4", which rewrites the base weights'),
@@ -163,6 +171,13 @@ def test_bad_config_values(tmp_path, rng, patch, expect):
     # inspect reads the same config and fails the same way
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "ad")])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and expect in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("patch", [{"kasa_config": {"beta": 1e-4}}, {"use_bdlora": {"nblocks": 2}},
+                                   {"peft_type": "LOHA"}])
+def test_refused_lora_variants_and_other_types_say_to_compare_the_merged_model(tmp_path, rng, patch):
+    line = compare_bad(tmp_path, rng, {**CFG, **patch}, lora(rng), "adapter config has", names_config=True)
+    assert "merge the adapter (merge_and_unload) and compare the merged model" in line
 
 
 def test_catastrophic_pattern_against_a_long_module_name_does_not_hang(tmp_path, rng):

@@ -241,6 +241,23 @@ def _check_init(path: Path, init: object) -> None:
                           "save it with path_initial_model_for_weight_conversion, or compare the merged model")
 
 
+#: peft_types that train virtual tokens fed beside the input, not weights
+_VIRTUAL_TOKENS = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
+_MERGE_HINT = "merge the adapter (merge_and_unload) and compare the merged model"
+#: LoRA variants (peft_type LORA) whose factors are not ``scale * B @ A`` of the base weight: the key, why,
+#: and the way out. Read as a plain LoRA, each gave a confident wrong delta (KaSA: an untrained adapter read as
+#: 4 added tensors while PEFT runs 4 truncated matrices) or a refusal that blamed the file.
+_VARIANTS = (
+    ("kasa_config", "KaSA truncates the base weight (its smallest singular values) and scales B A by "
+                    "lora_diag: the factors alone are not the change of the base", _MERGE_HINT),
+    ("use_bdlora", "block-diagonal LoRA (BD-LoRA) splits its factors into blocks, which weightdiff does not "
+                   "read", _MERGE_HINT),
+    ("layer_replication", "PEFT builds the layers it lists from copies of base layers, which weightdiff does not "
+                          "reproduce", "compare a full checkpoint of the model PEFT builds (merge_and_unload "
+                                       "refuses layer_replication)"),
+)
+
+
 def read_adapter_config(path: Path) -> AdapterConfig:
     return parse_adapter_config(load_json(read_small(path, JSON_CAP), path, "adapter config"), path)
 
@@ -253,9 +270,17 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
     if kind is None:
         raise CheckpointError(path, "adapter config has no peft_type (PEFT refuses to load it; a LoRA adapter "
                                     "says \"peft_type\": \"LORA\")")
+    if isinstance(kind, str) and kind.upper() in _VIRTUAL_TOKENS:
+        raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: prompt and prefix tuning add "
+                                    "virtual-token embeddings and change no model weight, so there is no weight "
+                                    "delta to measure")
     if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA adapters are "
-                                    "supported (LoHa, LoKr, IA3 and others store different factors)")
+                                    "supported (LoHa, LoKr, IA3 and others store different factors)",
+                              "merge the adapter (merge_and_unload) and compare the merged model")
+    for key, why, hint in _VARIANTS:
+        if raw.get(key) not in (None, False, [], {}):
+            raise CheckpointError(path, f"adapter config has {key} {_show(raw[key])}: {why}", hint)
     if raw.get("target_parameters"):
         raise CheckpointError(path, f"adapter config has target_parameters {_show(raw['target_parameters'])}: LoRA "
                                     "on parameters (PEFT's ParamWrapper, as for fused MoE experts) stacks its "
