@@ -22,6 +22,7 @@ each side is the other's best match. docs/pairing.md has the rules and the reaso
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from collections import Counter
@@ -283,6 +284,110 @@ def pair_by_content(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases:
             if more:
                 notes.append(f"{len(more)} more tensors paired by content with base {i} tensors that another "
                              "tensor also copies (experts upcycled from one dense MLP, duplicated matrices)")
+
+
+#: a tensor is hashed whole to be paired by its bytes only up to this many elements
+BYTES_MAX_NUMEL = 1 << 22
+
+
+def pair_leftovers(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],
+                   used: list[set[str]], notes: list[str]) -> None:
+    """Biases, norm gains and small tables no name explains, after the matrices are paired by content.
+
+    Content pairing fingerprints matrices only: a vector has too few values to tell chance from a match
+    by correlation, so an ONNX model whose initializers were renamed (``w0``..``wN``) read DERIVED with
+    every bias and norm "added" and "removed", each bitwise the base's. Two rules, neither of which can
+    pair tensors that differ in value by guesswork:
+
+    1. its module's matrix: where ``T.weight`` was paired by content with ``B.weight``, a leftover
+       ``T.<leaf>`` pairs with a leftover ``B.<leaf>`` of the same shape (a sentence-transformers
+       Dense moved to another folder: its bias follows its weight), whatever their values;
+    2. its bytes: a leftover tensor whose dtype, shape and bytes occur once among the tuned leftovers
+       and once among the base's pairs with that one. A constant tensor (an all-zero bias, an all-one
+       gain: every fresh init has many) is never paired this way, as equal bytes say nothing of which
+       module it belongs to; only rule 1 places it.
+    """
+    left = {p.tuned_name: j for j, (_, p) in enumerate(out) if p.kind == "added" and p.lora is None
+            and p.shape_tuned is not None}
+    if not left:
+        return
+    for i, base in enumerate(bases):
+        followed = bytewise = 0
+        owners = [(p.tuned_name[:-len(".weight")], p.base_name[:-len(".weight")]) for _, p in out
+                  if p.kind == "paired" and p.base_index == i and p.paired_by == "content"
+                  and p.tuned_name.endswith(".weight") and (p.base_name or "").endswith(".weight")]
+        for tm, bm in owners:
+            if tm == bm:
+                continue
+            for tname in [n for n in left if n.startswith(tm + ".") and "." not in n[len(tm) + 1:]]:
+                bname = bm + tname[len(tm):]
+                info = base.tensors.get(bname)
+                p = out[left[tname]][1]
+                if info is None or bname in used[i] or tuple(int(x) for x in info.shape) != tuple(p.shape_tuned):
+                    continue
+                _pair_as_content(out, left.pop(tname), bname, i, info)
+                used[i].add(bname)
+                followed += 1
+        if left and hasattr(tuned, "read") and hasattr(base, "read"):
+            bytewise = _pair_by_bytes(out, left, tuned, base, i, used[i])
+        if followed:
+            notes.append(f"{followed} tensors paired with base {i} as the other tensors of their module's matrix, "
+                         "which was paired by content")
+        if bytewise:
+            notes.append(f"{bytewise} tensors paired with base {i} by their bytes (the same dtype, shape and "
+                         "values, held by no other leftover tensor on either side)")
+
+
+def _pair_as_content(out: list[tuple[tuple, Pair]], j: int, bname: str, i: int, info) -> None:
+    p = out[j][1]
+    out[j] = (out[j][0], Pair(p.tuned_name, bname, i, "paired", p.shape_tuned, tuple(int(x) for x in info.shape),
+                              p.dtype_tuned, info.dtype, tuned_source=p.tuned_source, paired_by="content"))
+
+
+def _pair_by_bytes(out: list[tuple[tuple, Pair]], left: dict[str, int], tuned: CheckpointLike,
+                   base: CheckpointLike, i: int, used: set[str]) -> int:
+    """Rule 2 of ``pair_leftovers``: unique, non-constant bytes on both sides. -> pairs made."""
+    def digest(ck, name: str, info) -> tuple | None:
+        if info.dtype not in DTYPES or DTYPES[info.dtype].kind == "opaque" or name in (getattr(ck, "quant", None) or {}) \
+                or not 1 < math.prod(int(x) for x in info.shape) <= BYTES_MAX_NUMEL:
+            return None
+        try:
+            raw = np.ascontiguousarray(np.asarray(ck.read(name))).reshape(-1)
+        except (ValueError, KeyError, OSError, IndexError):
+            return None
+        if raw.size < 2 or bool(np.all(raw == raw[0])) or raw.tobytes() == raw[:1].tobytes() * raw.size:
+            return None                     # constant: equal bytes say nothing of its module
+        return info.dtype, tuple(int(x) for x in info.shape), hashlib.sha256(raw.tobytes()).digest()
+
+    t_keys: dict[tuple, list[str]] = {}
+    b_keys: dict[tuple, list[str]] = {}
+    shapes = set()
+    for tname, j in left.items():
+        p = out[j][1]
+        src = p.tuned_source or tname
+        info = tuned.tensors.get(src)
+        if info is None:
+            continue
+        k = digest(tuned, src, info)
+        if k is not None:
+            t_keys.setdefault(k, []).append(tname)
+            shapes.add((k[0], k[1]))
+    if not t_keys:
+        return 0
+    for bname, info in base.tensors.items():
+        if bname in used or (info.dtype, tuple(int(x) for x in info.shape)) not in shapes:
+            continue
+        k = digest(base, bname, info)
+        if k is not None:
+            b_keys.setdefault(k, []).append(bname)
+    made = 0
+    for k, tnames in t_keys.items():
+        bnames = b_keys.get(k, [])
+        if len(tnames) == 1 and len(bnames) == 1:
+            _pair_as_content(out, left.pop(tnames[0]), bnames[0], i, base.tensors[bnames[0]])
+            used.add(bnames[0])
+            made += 1
+    return made
 
 
 def realign_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],

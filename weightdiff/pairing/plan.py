@@ -42,7 +42,7 @@ from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Any, Sequence
 
-from .align import best_mapping, mapped as _mapped, orient_squares, pair_by_content, parse_renames, realign_blocks, renamed, reuse_blocks
+from .align import best_mapping, mapped as _mapped, orient_squares, pair_by_content, pair_leftovers, parse_renames, realign_blocks, renamed, reuse_blocks
 from .folded import fold_of
 from .heads import tie_aliases, tie_heads
 from .names import is_buffer, is_embedding, is_lm_head, is_router
@@ -246,6 +246,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
         if reorder:             # provenance's screening leaves it out: an unrelated candidate fails
             reuse_blocks(out, tuned, bases, used, notes)    # every block, and screening reads samples only
         pair_by_content(out, tuned, bases, used, notes)
+        pair_leftovers(out, tuned, bases, used, notes)
         orient_squares(out, tuned, bases, notes)
     else:
         orient_squares(out, tuned, bases, notes, probe=False)
