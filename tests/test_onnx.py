@@ -1139,3 +1139,34 @@ def test_a_bert_whose_intermediate_size_is_its_hidden_size_reads_identical_to_it
         pytest.skip(f"legacy ONNX export of a BERT failed: {exc}")
     doc = _verdict(tmp_path, tmp_path / "st", tmp_path / "m.onnx")
     assert doc["summary"]["verdict"] == "identical", doc["summary"]["verdict_reason"]
+
+
+def test_a_head_the_onnx_export_does_not_hold_leaves_the_verdict_open_not_derived(tmp_path):
+    """A feature-extraction export drops the pooler no output reads: 'derived, 2 tensors removed' was quoted
+    as a change. Outside the blocks it is INCONCLUSIVE (pruned_by_export); a block parameter missing, or a
+    change beside the missing pooler, is still DERIVED."""
+    sd = _square_blocks()
+    rng = np.random.default_rng(2)
+    base = {**sd, "pooler.dense.weight": (0.05 * rng.standard_normal((64, 64))).astype(np.float32),
+            "pooler.dense.bias": (0.05 * rng.standard_normal(64)).astype(np.float32)}
+    save_file(tmp_path / "base.safetensors", base)
+    _square_export(tmp_path / "m.onnx", sd)
+    doc = _verdict(tmp_path, tmp_path / "base.safetensors", tmp_path / "m.onnx")
+    s = doc["summary"]
+    assert s["verdict"] == "inconclusive" and "pruned_by_export" in s["flags"], s["verdict_reason"]
+    assert "the ONNX export does not hold 2 base parameters outside the blocks" in s["verdict_reason"]
+    assert sorted(f["base_name"] for f in doc["plan"]["pruned"]) == ["pooler.dense.bias", "pooler.dense.weight"]
+    # a block's parameter is on the path of every output that reads the block: missing, it is removed
+    _square_export(tmp_path / "cut.onnx", {k: v for k, v in sd.items() if not k.startswith("layers.1.mlp.down")})
+    doc = _verdict(tmp_path, tmp_path / "base.safetensors", tmp_path / "cut.onnx")
+    assert doc["summary"]["verdict"] == "derived"
+    assert sorted(f["base_name"] for f in doc["plan"]["pruned"]) == ["pooler.dense.bias", "pooler.dense.weight"]
+    tuned = dict(sd)
+    tuned["layers.0.attn.q.weight"] = tuned["layers.0.attn.q.weight"] + np.float32(0.01)
+    _square_export(tmp_path / "tuned.onnx", tuned)
+    doc = _verdict(tmp_path, tmp_path / "base.safetensors", tmp_path / "tuned.onnx")
+    assert doc["summary"]["verdict"] == "derived"
+    # safetensors against safetensors: nothing is pruned by an export, the pooler is removed
+    save_file(tmp_path / "nopool.safetensors", sd)
+    doc = _verdict(tmp_path, tmp_path / "base.safetensors", tmp_path / "nopool.safetensors")
+    assert doc["summary"]["verdict"] == "derived" and "pruned" not in doc["plan"]

@@ -370,7 +370,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
                 records, sorted({u.gain_name for u in gains_folded if u.gain_name}), tuned_ck)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
                             declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)},
-                            reordering=(found, checked, undone), folded=the_plan.folded)
+                            reordering=(found, checked, undone), folded=the_plan.folded,
+                            pruned=the_plan.pruned)
         if line is not None:
             line.close()
         for ck in (*bases, tuned_ck):

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 from .align import best_mapping, mapped as _mapped, orient_squares, pair_by_content, pair_leftovers, parse_renames, realign_blocks, renamed, reuse_blocks
 from .folded import fold_of
 from .heads import tie_aliases, tie_heads
-from .names import is_buffer, is_embedding, is_lm_head, is_router
+from .names import is_buffer, is_embedding, is_lm_head, is_router, parse_name
 from .pairs import KINDS, PAIRED_BY, CheckpointLike, Pair, Plan, _Item, _numel, make_pair, source_of
 from ..errors import OptionsError, escape_name
 
@@ -266,8 +266,10 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
                 out.append(((1, i, pos), Pair(shown, bname, i, "inherited", None, tuple(info.shape), info.dtype,
                                                info.dtype)))
             else:
+                fold = fold_of(tuned, base, bname, shown, info)
                 out.append(((1, i, pos), Pair(None, bname, i, "removed", None, tuple(info.shape), None,
-                                               info.dtype, folded=fold_of(tuned, base, bname, shown, info))))
+                                               info.dtype, folded=fold,
+                                               pruned=fold is None and _pruned_by_export(tuned, bname))))
     out.sort(key=_adapter_key(bases) if adapter else (lambda t: t[0]))
     pairs = [p for _, p in out]
     for p in pairs:
@@ -284,10 +286,25 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
     for p in pairs:
         if p.folded is not None:
             notes.append(fold_note(p))
+    pruned = [p.base_name for p in pairs if p.pruned]
+    if pruned:
+        notes.append(f"{len(pruned)} base tensor{'s' if len(pruned) != 1 else ''} outside the blocks "
+                     f"({', '.join('`' + escape_name(n) + '`' for n in pruned[:4])}{', ...' if len(pruned) > 4 else ''}) "
+                     f"{'are' if len(pruned) != 1 else 'is'} not in the tuned ONNX model: an exporter drops the "
+                     "parameters no exported output reads (a pooler or LM head in a feature-extraction export), so "
+                     "what the export does not hold is not compared")
     if buffers:
         notes.append(f"{len(buffers)} buffers (position ids, masks, running statistics and the like) are not "
                      "parameters: listed apart, never compared")
     return Plan(pairs, [alignment[i] for i in range(len(bases))], notes, buffers, aliases=aliases)
+
+
+def _pruned_by_export(tuned: CheckpointLike, bname: str) -> bool:
+    """Whether base tensor ``bname``, which the tuned model lacks, may be one its ONNX exporter pruned: the
+    tuned model is an ONNX graph, which holds only what its outputs read, and the tensor is outside the
+    numbered blocks (a head or pooler after the last block; a block's own parameter is on the path of any
+    output that reads the block)."""
+    return getattr(tuned, "format", None) == "onnx" and parse_name(bname)[0] is None
 
 
 def _vocab_sizes(items: Sequence[_Item], bases: Sequence[CheckpointLike],
