@@ -180,6 +180,13 @@ def test_refused_lora_variants_and_other_types_say_to_compare_the_merged_model(t
     assert "merge the adapter (merge_and_unload) and compare the merged model" in line
 
 
+def test_a_lora_bias_the_config_does_not_declare_or_of_the_wrong_size_is_refused(tmp_path, rng):
+    t = {**lora(rng), f"{Q}.lora_B.bias": rng.standard_normal(32).astype(np.float32)}
+    compare_bad(tmp_path / "a", rng, CFG, t, "does not set lora_bias: true, so PEFT would not load it")
+    t[f"{Q}.lora_B.bias"] = rng.standard_normal(31).astype(np.float32)
+    compare_bad(tmp_path / "b", rng, {**CFG, "lora_bias": True}, t, "expected 32 floats, one per output feature")
+
+
 def test_catastrophic_pattern_against_a_long_module_name_does_not_hang(tmp_path, rng):
     mod = "model.layers.0." + "x" * 40 + "z"
     base = base_model(tmp_path / "base", rng, {mod + ".weight": np.ones((8, 8), np.float32)})

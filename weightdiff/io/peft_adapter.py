@@ -177,6 +177,14 @@ class LoraFactor:
     base_layer_name: str | None = None
     #: a ``lora_magnitude_vector`` under ``use_dora: false``: PEFT loads a plain LoRA and ignores it
     ignored_magnitude: str | None = None
+    #: ``<m>.lora_B.bias`` (``lora_bias: true``): PEFT merges scale x it into the layer's bias, so it is
+    #: measured as a change of ``<m>.bias``, not as a tensor of its own
+    bias_name: str | None = None
+
+    @property
+    def bias_target(self) -> str:
+        """The base bias ``bias_name`` changes: ``<m>.bias`` of the target ``<m>.weight``."""
+        return self.target.removesuffix(".weight") + ".bias"
 
 
 def _bool(path: Path, raw: dict, key: str) -> bool:
@@ -367,8 +375,21 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         if saved in tensors and not _is_float(tensors[saved]):
             raise CheckpointError(where, f"base layer `{escape_name(saved)}` saved in the adapter is "
                                          f"{tensors[saved].dtype}; expected a float dtype")
+        bias = f"{mod}.lora_B.bias"
+        if bias not in tensors:
+            bias = None
+        elif config.raw.get("lora_bias") is not True:
+            raise CheckpointError(where, f"LoRA tensor `{escape_name(bias)}` is in the adapter but adapter_config.json "
+                                         "does not set lora_bias: true, so PEFT would not load it",
+                                  "factors and config from different adapters?")
+        elif emb or not _is_float(tensors[bias]) or tuple(tensors[bias].shape) != (int(sb[0]),):
+            raise CheckpointError(where, f"LoRA bias `{escape_name(bias)}` is {tensors[bias].dtype} "
+                                         f"{list(tensors[bias].shape)}; expected {int(sb[0])} floats, one per output "
+                                         f"feature of `{escape_name(module)}`" + (" (PEFT has no lora_bias for "
+                                                                                  "embeddings)" if emb else ""))
         out.append(LoraFactor(module + ".weight", a, b, mag, r, config.scale_for(alpha, r), emb,
-                              base_layer_name=saved if saved in tensors else None, ignored_magnitude=ignored))
+                              base_layer_name=saved if saved in tensors else None, ignored_magnitude=ignored,
+                              bias_name=bias))
     return out
 
 

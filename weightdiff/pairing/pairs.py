@@ -52,6 +52,9 @@ class Pair:
     #: removed: a base parameter outside the numbered blocks that the tuned ONNX model does not hold: an
     #: exporter drops what no exported output reads (BERT's pooler in a feature-extraction export)
     pruned: bool = False
+    #: a base bias an adapter's ``lora_B.bias`` (``lora_bias: true``) changes: the LoraFactor; the tuned
+    #: tensor is the merged bias, base + scale x lora_B.bias, as PEFT merges it
+    lora_bias: object | None = None
 
     @property
     def params(self) -> int:
@@ -168,6 +171,7 @@ class _Item:
     dtype: str | None
     lora: object | None = None
     renamed: bool = False
+    lora_bias: object | None = None    # the LoraFactor whose ``lora_B.bias`` this bias entry stands for
 
 
 
@@ -204,4 +208,4 @@ def make_pair(it: _Item, bname: str, info: Any, i: int, vocab: tuple[set[int], s
     # the same name stored transposed (GPT-2's Conv1D against a Linear export): compared as its transpose
     transposed = kind == "mismatch" and len(st) == len(sb) == 2 and st == sb[::-1]
     return Pair(it.key, bname, i, "paired" if transposed else kind, st, sb, it.dtype, info.dtype,
-                overlap_rows=overlap, tuned_source=source_of(it), transposed=transposed)
+                overlap_rows=overlap, tuned_source=source_of(it), transposed=transposed, lora_bias=it.lora_bias)

@@ -64,7 +64,7 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
     first: dict[str, int] = {}
     order = {n: i for i, n in enumerate(tensors)}
     items: list[tuple[int, _Item]] = []
-    saved = ignored = 0
+    saved = ignored = biased = 0
     for f in factors:
         saved += getattr(f, "base_layer_name", None) is not None
         ignored += getattr(f, "ignored_magnitude", None) is not None
@@ -81,6 +81,12 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
                 shape = (int(a.shape[1]), int(b.shape[0]))
         items.append((pos, _Item(f.target, None, shape, dtype, lora=f)))
         first.setdefault(f.target, pos)
+        bias = getattr(f, "bias_name", None)
+        if bias:                        # lora_bias: true, merged by PEFT into the layer's bias
+            used.add(bias)
+            info = tensors[bias]
+            items.append((order[bias], _Item(f.bias_target, bias, tuple(info.shape), info.dtype, lora_bias=f)))
+            biased += 1
     targets = {it.key: it.shape for _, it in items}
     for n, info in tensors.items():
         if n in used:
@@ -103,8 +109,11 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
         notes.append(f"adapter stores the base layer of {saved} of its LoRA modules (PEFT loads it over the "
                      "base's weight): the factors apply to that copy, and a copy that is not the base's is "
                      "measured as the merged weight")
+    if biased:
+        notes.append(f"adapter has lora_bias: the lora_B.bias of {biased} LoRA modules is measured as a change of "
+                     "the module's bias (base + scale x lora_B.bias, as PEFT merges it)")
     if factors:
-        notes.append(f"adapter: {len(factors)} LoRA factor pairs, {len(items) - len(factors)} other tensors "
+        notes.append(f"adapter: {len(factors)} LoRA factor pairs, {len(items) - len(factors) - biased} other tensors "
                      "(modules_to_save); base tensors the adapter leaves alone are `inherited`")
     return [it for _, it in items]
 
@@ -235,7 +244,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
             break
         if pair is None:
             pair = Pair(it.key, None, 0, "added", it.shape, None, it.dtype, None, lora=it.lora,
-                        tuned_source=source_of(it))
+                        tuned_source=source_of(it), lora_bias=it.lora_bias)
             if it.lora is not None:
                 notes.append(f"adapter factor for `{escape_name(it.key)}` has no base tensor to modify")
         out.append(((0, pos, 0), pair))
