@@ -464,6 +464,14 @@ def test_truncated_and_malformed_files_are_refused(tmp_path):
                               numpy_helper.from_array(np.zeros(1, np.int64), "ix"), [4])])
     onnx.save(helper.make_model(g), str(d / "sparse.onnx"))
     _bad(d / "sparse.onnx", "sparse initializer")
+    # an empty tensor bounds its other dimensions by no byte: [0, 2**62, 2**62] was accepted into the report
+    t = helper.make_tensor("w", TensorProto.FLOAT, [0, 2 ** 62, 2 ** 62], [])
+    onnx.save(_graph_model([t]), str(d / "huge_empty.onnx"))
+    _bad(d / "huge_empty.onnx", "an empty tensor's other dimensions multiply to more than 2**63 - 1")
+    t = helper.make_tensor("w", TensorProto.FLOAT, [0, 64], [])
+    onnx.save(_graph_model([t]), str(tmp_path / "empty_ok.onnx"))
+    with locate(tmp_path / "empty_ok.onnx") as ck:
+        assert tuple(ck.tensors["w"].shape) == (0, 64)
 
 
 def test_a_folder_of_several_onnx_files_is_ambiguous(tmp_path):

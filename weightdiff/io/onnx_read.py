@@ -53,7 +53,7 @@ import numpy as np
 from ..errors import CheckpointError, escape_name
 from .files import inside, open_regular
 from .safetensors_read import Header, QuantScheme, SafetensorsFile, TensorInfo, array_windows, check_range, \
-    storage_of
+    MAX_DIM, storage_of
 
 __all__ = ["parse_onnx", "locate_onnx", "OnnxData", "OnnxModel", "ONNX_DTYPES", "CONSTANT_MIN", "PLUMBING_MAX"]
 
@@ -345,6 +345,11 @@ class _Parser:
             raise _Bad(f"tensor `{escape_name(name)}` has shape {dims}")
         shape = tuple(dims)
         numel = math.prod(shape)
+        if numel == 0 and math.prod(d for d in dims if d) > MAX_DIM:
+            # an empty tensor bounds its other dimensions by no byte (as in safetensors_read): [0, 2**62, 2**62]
+            # was accepted and carried into the report
+            raise _Bad(f"tensor `{escape_name(name)}` has shape {dims}: an empty tensor's other dimensions multiply "
+                       "to more than 2**63 - 1")
         if raw is not None and raw[1] > raw[0] and typed:    # onnx.checker refuses it too: which is the tensor?
             raise _Bad(f"tensor `{escape_name(name)}` holds values both in raw_data and in a typed field", _SPEC)
         if (location == 1 or external) and ((raw is not None and raw[1] > raw[0]) or typed):
