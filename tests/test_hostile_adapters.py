@@ -86,6 +86,15 @@ def test_embedding_factors_of_the_wrong_size(tmp_path, rng):
                 "`model.embed_tokens.weight` (A [4, 49], B [32, 4]) do not fit the base weight, which is [50, 32]")
 
 
+def test_dora_on_an_embedding_is_refused_by_name_not_as_a_wrong_magnitude(tmp_path, rng):
+    t = {"model.embed_tokens.lora_embedding_A": rng.standard_normal((4, 50)).astype(np.float32),
+         "model.embed_tokens.lora_embedding_B": rng.standard_normal((32, 4)).astype(np.float32),
+         "model.embed_tokens.lora_magnitude_vector": rng.standard_normal(32).astype(np.float32)}
+    line = compare_bad(tmp_path, rng, {**CFG, "target_modules": ["embed_tokens"], "use_dora": True}, t,
+                       "is DoRA on an embedding (use_dora with lora_embedding_A/B), which weightdiff does not read")
+    assert "merge the adapter (merge_and_unload) and compare the merged model" in line
+
+
 def test_adapter_with_no_tensors_is_not_identical(tmp_path, rng):
     compare_bad(tmp_path, rng, CFG, {}, "adapter holds no tensors (its config targets q_proj)")
 

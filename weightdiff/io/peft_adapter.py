@@ -261,8 +261,8 @@ _VARIANTS = (
     ("use_bdlora", "block-diagonal LoRA (BD-LoRA) splits its factors into blocks, which weightdiff does not "
                    "read", _MERGE_HINT),
     ("layer_replication", "PEFT builds the layers it lists from copies of base layers, which weightdiff does not "
-                          "reproduce", "compare a full checkpoint of the model PEFT builds (merge_and_unload "
-                                       "refuses layer_replication)"),
+                          "reproduce", "compare a full checkpoint of the model PEFT builds; merge_and_unload "
+                                       "refuses layer_replication"),
 )
 
 
@@ -357,6 +357,11 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         mag, ignored = got.get("M"), None
         if mag is not None and not config.use_dora:
             mag, ignored = None, mag            # PEFT builds a plain LoRA layer and drops the magnitude
+        if mag is not None and emb:
+            # PEFT's DoRA on an nn.Embedding keeps one magnitude per embedding dimension and normalises the other
+            # way: read as a linear layer's, it was refused as a magnitude of the wrong size (a corrupt file?)
+            raise CheckpointError(where, f"LoRA module `{escape_name(mod)}` is DoRA on an embedding (use_dora with "
+                                         "lora_embedding_A/B), which weightdiff does not read", _MERGE_HINT)
         for n in (a, b, mag):
             if n is not None and not _is_float(tensors[n]):
                 raise CheckpointError(where, f"LoRA tensor `{escape_name(n)}` is {tensors[n].dtype}; expected a "
