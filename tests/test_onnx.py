@@ -1120,6 +1120,7 @@ def test_a_square_matrix_stored_as_the_graph_reads_it_is_not_turned(tmp_path):
     doc = _verdict(tmp_path, tmp_path / "other.safetensors", tmp_path / "m.onnx")
     assert doc["summary"]["verdict"] in ("unrelated", "partial")
     assert all(r[0] == "changed" and abs(r[1]) < 0.2 for n, r in _rows(doc).items() if n.endswith(".weight"))
+    assert any("match the other side neither as stored nor transposed" in n for n in doc["plan"]["notes"])
 
 
 def test_a_bert_whose_intermediate_size_is_its_hidden_size_reads_identical_to_its_onnx_export(tmp_path):

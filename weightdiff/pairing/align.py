@@ -530,13 +530,13 @@ def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
             notes.append(f"{len(by_graph)} square matrices compared transposed, as the ONNX graphs read them in "
                          f"opposite layouts (`{escape_name(by_graph[0])}`)")
         if turned:
-            notes.append(f"{len(turned)} square matrices compared transposed: the ONNX graph reads them as the "
-                         f"[in, out] operand of MatMul and their sampled rows match the other side's only that way "
+            notes.append(f"{len(turned)} square matrices compared transposed: an ONNX graph fixes their layout "
+                         f"(MatMul reads [in, out]) and their sampled rows match the other side's only that way "
                          f"(`{escape_name(turned[0])}`)")
         if undecided:
-            notes.append(f"{len(undecided)} square matrices read as the [in, out] operand of an ONNX MatMul match "
-                         f"the other side neither as stored nor transposed (sampled rows); they are compared as "
-                         f"stored, and a transposed layout cannot be ruled out (`{escape_name(undecided[0])}`)")
+            notes.append(f"{len(undecided)} square matrices whose layout an ONNX graph fixes match the other side "
+                         f"neither as stored nor transposed (sampled rows); they are compared as stored, and a "
+                         f"transposed layout cannot be ruled out (`{escape_name(undecided[0])}`)")
         if not probe or not hasattr(tuned, "read_rows") or not hasattr(base, "read_rows"):
             continue
         votes: dict[str | None, list[bool]] = {}
