@@ -431,3 +431,25 @@ def test_fan_in_fan_out_on_a_linear_model_is_ignored_as_peft_ignores_it(tmp_path
         assert t.shape[0] == t.shape[1]
         assert t.cosine == pytest.approx(dense.tensor(t.name).cosine, rel=1e-6)
         assert t.norm_delta == pytest.approx(dense.tensor(t.name).norm_delta, rel=1e-4)
+
+
+def test_monteclora_sampler_state_is_not_model_weights_and_alora_says_it_is_conditional(tmp_path, rng):
+    """MonteCLoRA's sampler tensors were counted as added model tensors (PEFT uses them in training only);
+    an aLoRA adapter read as an unconditional change with no word that PEFT applies it after its invocation
+    tokens only."""
+    from weightdiff.comparison import compare
+
+    base = base_model(tmp_path / "base", rng)
+    t = lora(rng)
+    sampler = {f"{Q}.lora_monteclora_sampler.{k}": rng.standard_normal(4).astype(np.float32)
+               for k in ("expert_weights", "std_prior")}
+    ad = adapter(tmp_path / "mc", {**CFG, "monteclora_config": {"num_samples": 8}}, {**t, **sampler})
+    r = compare(base, ad)
+    assert not r.plan["added"] and r.summary.tensors_by_status["added"] == 0
+    assert any("2 tensors of MonteCLoRA's sampler state" in n for n in r.plan["notes"])
+    # without the config that explains them, they are what they look like: tensors the base does not have
+    ad = adapter(tmp_path / "plain", CFG, {**t, **sampler})
+    assert len(compare(base, ad).plan["added"]) == 2
+    ad = adapter(tmp_path / "alora", {**CFG, "alora_invocation_tokens": [5, 6]}, t)
+    r = compare(base, ad)
+    assert any("alora_invocation_tokens (aLoRA)" in n and "not on every input" in n for n in r.plan["notes"])

@@ -88,8 +88,15 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
             items.append((order[bias], _Item(f.bias_target, bias, tuple(info.shape), info.dtype, lora_bias=f)))
             biased += 1
     targets = {it.key: it.shape for _, it in items}
+    raw = getattr(getattr(tuned, "adapter", None), "raw", None) or {}
+    sampler = 0
     for n, info in tensors.items():
         if n in used:
+            continue
+        if raw.get("monteclora_config") and ".lora_monteclora_sampler." in n:
+            # MonteCLoRA's sampler state: PEFT samples from it in training only, and its eval forward and merge
+            # use scale x B @ A alone; counted as added tensors, it gave 29 tensors where the merged model has 21
+            sampler += 1
             continue
         key = n[len(_PEFT_PREFIX):] if n.startswith(_PEFT_PREFIX) else n
         key = _PEFT_SEGMENTS.sub("", key)
@@ -109,6 +116,14 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
         notes.append(f"adapter stores the base layer of {saved} of its LoRA modules (PEFT loads it over the "
                      "base's weight): the factors apply to that copy, and a copy that is not the base's is "
                      "measured as the merged weight")
+    if sampler:
+        notes.append(f"adapter has monteclora_config: {sampler} tensors of MonteCLoRA's sampler state "
+                     "(lora_monteclora_sampler) are used in training only (PEFT's eval forward and merge use "
+                     "scale x B @ A alone): not model weights, not compared")
+    if raw.get("alora_invocation_tokens"):
+        notes.append("adapter has alora_invocation_tokens (aLoRA): PEFT applies its change only to the tokens "
+                     "after an invocation sequence, and cannot merge it; the weights measured are those the "
+                     "model uses once the adapter is invoked, not on every input")
     if biased:
         notes.append(f"adapter has lora_bias: the lora_B.bias of {biased} LoRA modules is measured as a change of "
                      "the module's bias (base + scale x lora_B.bias, as PEFT merges it)")
