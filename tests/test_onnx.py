@@ -1179,3 +1179,23 @@ def test_a_head_the_onnx_export_does_not_hold_leaves_the_verdict_open_not_derive
     save_file(tmp_path / "nopool.safetensors", sd)
     doc = _verdict(tmp_path, tmp_path / "base.safetensors", tmp_path / "nopool.safetensors")
     assert doc["summary"]["verdict"] == "derived" and "pruned" not in doc["plan"]
+
+
+def test_a_square_matrix_changed_past_recognition_follows_the_layout_of_the_others(tmp_path):
+    """One matrix retrained until a 32 x 32 sample cannot tell its orientation (cosine 0.15): the graph's other
+    matrices of the same layout all matched only transposed, so it is compared transposed too and reads the
+    cosine safetensors against safetensors gives, not the near-zero of the wrong orientation."""
+    base = _square_blocks()
+    save_file(tmp_path / "base.safetensors", base)
+    tuned = dict(base)
+    name = "layers.1.mlp.down.weight"
+    rng = np.random.default_rng(4)
+    w = base[name]
+    tuned[name] = (0.15 * w + np.sqrt(1 - 0.15 ** 2) * w.std() * rng.standard_normal(w.shape)).astype(np.float32)
+    save_file(tmp_path / "tuned.safetensors", tuned)
+    _square_export(tmp_path / "tuned.onnx", tuned)
+    want = _rows(_verdict(tmp_path, tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"))[name]
+    doc = _verdict(tmp_path, tmp_path / "base.safetensors", tmp_path / "tuned.onnx")
+    got = _rows(doc)[name]
+    assert 0.1 < want[1] < 0.2 and got[1] == pytest.approx(want[1], rel=1e-6)
+    assert any("as every other matrix the ONNX graph reads in the same layout" in n for n in doc["plan"]["notes"])

@@ -489,7 +489,8 @@ def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
       the plain one fails the content-pairing test. An export of a model whose block matrices are all
       square has no non-square matrix to show the transposition, and its own weights compared as
       stored read as unrelated (near-orthogonal), the worst wrong verdict; a fine-tune is still far
-      above chance the right way round. When neither way is beyond chance a note says so.
+      above chance the right way round. One that neither way is beyond chance for follows the other
+      matrices of its graph layout when they all decided alike; otherwise it stays as stored, with a note.
     * Otherwise, when every non-square name-paired matrix of a module family (``attn``, ``mlp``;
       of all blocks when the family has none) is transposed, each square name-paired matrix of
       that family is fingerprinted both ways, and compared transposed only when the plain
@@ -506,6 +507,7 @@ def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
         lay_b = getattr(base, "layouts", None) or {}
         mine = [(j, p, _family(p.tuned_name)) for j, p in named if p.base_index == i]
         by_graph, undecided, turned = [], [], []
+        decided: dict[tuple, set] = {}
         hinted = set()
         for j, p, fam in mine:
             n = p.shape_base[0]
@@ -524,8 +526,25 @@ def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
                     if verdict is True:
                         p.transposed = True
                         turned.append(p.tuned_name)
-                    elif verdict is None:
-                        undecided.append(p.tuned_name)
+                    if verdict is None:
+                        undecided.append((p, (lt, lb)))
+                    else:
+                        decided.setdefault((lt, lb), set()).add(verdict)
+        # a matrix changed beyond what a sample can tell either way follows the other matrices of the same
+        # graph layout when they all agree (one exporter wrote them all): left as stored among turned ones,
+        # a heavily retrained block read as unrelated, near-orthogonal, where it is only far from the base
+        followed, open_ = [], []
+        for p, key in undecided:
+            if decided.get(key) == {True}:
+                p.transposed = True
+                followed.append(p.tuned_name)
+            elif decided.get(key) != {False}:
+                open_.append(p.tuned_name)
+        undecided = open_
+        if followed:
+            notes.append(f"{len(followed)} square matrices that match the other side neither way (sampled rows) are "
+                         f"compared transposed, as every other matrix the ONNX graph reads in the same layout matched "
+                         f"only transposed (`{escape_name(followed[0])}`)")
         if by_graph:
             notes.append(f"{len(by_graph)} square matrices compared transposed, as the ONNX graphs read them in "
                          f"opposite layouts (`{escape_name(by_graph[0])}`)")
@@ -535,8 +554,9 @@ def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
                          f"(`{escape_name(turned[0])}`)")
         if undecided:
             notes.append(f"{len(undecided)} square matrices whose layout an ONNX graph fixes match the other side "
-                         f"neither as stored nor transposed (sampled rows); they are compared as stored, and a "
-                         f"transposed layout cannot be ruled out (`{escape_name(undecided[0])}`)")
+                         f"neither as stored nor transposed (sampled rows), nor do the others of that layout say "
+                         f"which; they are compared as stored, and a transposed layout cannot be ruled out "
+                         f"(`{escape_name(undecided[0])}`)")
         if not probe or not hasattr(tuned, "read_rows") or not hasattr(base, "read_rows"):
             continue
         votes: dict[str | None, list[bool]] = {}
