@@ -286,8 +286,9 @@ def pair_by_content(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases:
                              "tensor also copies (experts upcycled from one dense MLP, duplicated matrices)")
 
 
-#: a tensor is hashed whole to be paired by its bytes only up to this many elements
-BYTES_MAX_NUMEL = 1 << 22
+#: a vector is hashed whole to be paired by its bytes only up to this many elements (matrices of
+#: CONTENT_MIN_NUMEL elements or more are content pairing's, by sampled rows: never read whole here)
+BYTES_MAX_NUMEL = 1 << 20
 
 
 def pair_leftovers(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],
@@ -302,8 +303,9 @@ def pair_leftovers(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
     1. its module's matrix: where ``T.weight`` was paired by content with ``B.weight``, a leftover
        ``T.<leaf>`` pairs with a leftover ``B.<leaf>`` of the same shape (a sentence-transformers
        Dense moved to another folder: its bias follows its weight), whatever their values;
-    2. its bytes: a leftover tensor whose dtype, shape and bytes occur once among the tuned leftovers
-       and once among the base's pairs with that one. A constant tensor (an all-zero bias, an all-one
+    2. its bytes: a leftover vector or small table (under ``CONTENT_MIN_NUMEL`` elements) whose dtype,
+       shape and bytes occur once among the tuned leftovers and once among the base's pairs with that one.
+       Larger matrices are never read whole here: unrelated models would have every one hashed. A constant tensor (an all-zero bias, an all-one
        gain: every fresh init has many) is never paired this way, as equal bytes say nothing of which
        module it belongs to; only rule 1 places it.
     """
@@ -348,8 +350,9 @@ def _pair_by_bytes(out: list[tuple[tuple, Pair]], left: dict[str, int], tuned: C
                    base: CheckpointLike, i: int, used: set[str]) -> int:
     """Rule 2 of ``pair_leftovers``: unique, non-constant bytes on both sides. -> pairs made."""
     def digest(ck, name: str, info) -> tuple | None:
+        numel = math.prod(int(x) for x in info.shape)
         if info.dtype not in DTYPES or DTYPES[info.dtype].kind == "opaque" or name in (getattr(ck, "quant", None) or {}) \
-                or not 1 < math.prod(int(x) for x in info.shape) <= BYTES_MAX_NUMEL:
+                or not 1 < numel <= BYTES_MAX_NUMEL or (len(info.shape) > 1 and numel >= CONTENT_MIN_NUMEL):
             return None
         try:
             raw = np.ascontiguousarray(np.asarray(ck.read(name))).reshape(-1)
