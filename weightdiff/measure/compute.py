@@ -246,8 +246,8 @@ def _compute_lora_bias(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint]
     b64 = decode(np.asarray(base.read(pair.base_name)), info_b.dtype).reshape(-1)
     l64 = decode(np.asarray(tuned.read(lf.bias_name)), info_l.dtype).reshape(-1)
     if not np.isfinite(l64).all():
-        raise CheckpointError(tuned.files[0], f"LoRA bias `{escape_name(lf.bias_name)}` holds NaN or Inf values, so the change "
-                                              f"of `{escape_name(lf.bias_target)}` cannot be measured")
+        raise CheckpointError(tuned.files[0], f"LoRA bias `{escape_name(lf.bias_name)}` holds NaN or Inf values, so "
+                                              f"the change of `{escape_name(lf.bias_target)}` cannot be measured")
     wide = "F64" if "F64" in (info_b.dtype, info_l.dtype) else "F32"
     with np.errstate(all="ignore"):
         step = reference.round_to(l64 * float(reference.round_to(np.array([lf.scale]), wide)[0]), wide)

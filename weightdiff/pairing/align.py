@@ -305,9 +305,10 @@ def pair_leftovers(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
        Dense moved to another folder: its bias follows its weight), whatever their values;
     2. its bytes: a leftover vector or small table (under ``CONTENT_MIN_NUMEL`` elements) whose dtype,
        shape and bytes occur once among the tuned leftovers and once among the base's pairs with that one.
-       Larger matrices are never read whole here: unrelated models would have every one hashed. A constant tensor (an all-zero bias, an all-one
-       gain: every fresh init has many) is never paired this way, as equal bytes say nothing of which
-       module it belongs to; only rule 1 places it.
+       Larger matrices are never read whole here: unrelated models would have every one hashed.
+       A constant tensor (an all-zero bias, an all-one gain: every fresh init has many) is never
+       paired this way, as equal bytes say nothing of which module it belongs to; only rule 1
+       places it.
     """
     left = {p.tuned_name: j for j, (_, p) in enumerate(out) if p.kind == "added" and p.lora is None
             and p.shape_tuned is not None}
@@ -351,8 +352,9 @@ def _pair_by_bytes(out: list[tuple[tuple, Pair]], left: dict[str, int], tuned: C
     """Rule 2 of ``pair_leftovers``: unique, non-constant bytes on both sides. -> pairs made."""
     def digest(ck, name: str, info) -> tuple | None:
         numel = math.prod(int(x) for x in info.shape)
-        if info.dtype not in DTYPES or DTYPES[info.dtype].kind == "opaque" or name in (getattr(ck, "quant", None) or {}) \
-                or not 1 < numel <= BYTES_MAX_NUMEL or (len(info.shape) > 1 and numel >= CONTENT_MIN_NUMEL):
+        if info.dtype not in DTYPES or DTYPES[info.dtype].kind == "opaque" \
+                or name in (getattr(ck, "quant", None) or {}) or not 1 < numel <= BYTES_MAX_NUMEL \
+                or (len(info.shape) > 1 and numel >= CONTENT_MIN_NUMEL):
             return None
         try:
             raw = np.ascontiguousarray(np.asarray(ck.read(name))).reshape(-1)

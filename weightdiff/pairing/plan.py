@@ -42,7 +42,8 @@ from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Any, Sequence
 
-from .align import best_mapping, mapped as _mapped, orient_squares, pair_by_content, pair_leftovers, parse_renames, realign_blocks, renamed, reuse_blocks
+from .align import best_mapping, mapped as _mapped, orient_squares, pair_by_content, pair_leftovers, parse_renames, \
+    realign_blocks, renamed, reuse_blocks
 from .folded import fold_of
 from .heads import tie_aliases, tie_heads
 from .names import is_buffer, is_embedding, is_lm_head, is_router, parse_name
@@ -312,8 +313,8 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
             notes.append(fold_note(p))
     pruned = [p.base_name for p in pairs if p.pruned]
     if pruned:
-        notes.append(f"{len(pruned)} base tensor{'s' if len(pruned) != 1 else ''} outside the blocks "
-                     f"({', '.join('`' + escape_name(n) + '`' for n in pruned[:4])}{', ...' if len(pruned) > 4 else ''}) "
+        shown = ", ".join(f"`{escape_name(n)}`" for n in pruned[:4]) + (", ..." if len(pruned) > 4 else "")
+        notes.append(f"{len(pruned)} base tensor{'s' if len(pruned) != 1 else ''} outside the blocks ({shown}) "
                      f"{'are' if len(pruned) != 1 else 'is'} not in the tuned ONNX model: an exporter drops the "
                      "parameters no exported output reads (a pooler or LM head in a feature-extraction export), so "
                      "what the export does not hold is not compared")
