@@ -472,6 +472,14 @@ def test_truncated_and_malformed_files_are_refused(tmp_path):
     onnx.save(_graph_model([t]), str(tmp_path / "empty_ok.onnx"))
     with locate(tmp_path / "empty_ok.onnx") as ck:
         assert tuple(ck.tensors["w"].shape) == (0, 64)
+    # added beside the weights, it holds none: the verdict says a tensor was added, a note says it is a name only
+    w = numpy_helper.from_array(np.ones((8, 8), np.float32), "m.fc.weight")
+    onnx.save(_graph_model([w]), str(tmp_path / "plain.onnx"))
+    onnx.save(_graph_model([w, helper.make_tensor("m.extra.weight", TensorProto.FLOAT, [0, 64], [])]),
+              str(tmp_path / "extra.onnx"))
+    doc = _verdict(tmp_path, tmp_path / "plain.onnx", tmp_path / "extra.onnx")
+    assert any("1 added tensor holds no element (`m.extra.weight` [0, 64]): only a name differs there" in n
+               for n in doc["plan"]["notes"])
 
 
 def test_a_folder_of_several_onnx_files_is_ambiguous(tmp_path):

@@ -308,6 +308,15 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
             notes.insert(0, f"base {i}: tuned `{escape_name(a['tuned_prefix'])}*` aligned with base "
                             f"`{escape_name(a['base_prefix'])}*` ({a['matched']} tensors)")
     _summarise_notes(pairs, notes)
+    empty = [p for p in pairs if p.kind in ("added", "removed") and p.params == 0]
+    if empty:
+        # a tensor of no element holds no weight: "1 tensor was added (0 parameters)" decided a DERIVED verdict
+        # with nothing said of it; the verdict stays (the names differ), the note says what the change is
+        e = empty[0]
+        one = len(empty) == 1
+        notes.append(f"{len(empty)} {e.kind if one else 'added or removed'} tensor{'' if one else 's'} "
+                     f"hold{'s' if one else ''} no element (`{escape_name(e.tuned_name or e.base_name or '')}` "
+                     f"{list(e.shape_tuned or e.shape_base or ())}): only a name differs there, no weight")
     for p in pairs:
         if p.folded is not None:
             notes.append(fold_note(p))
