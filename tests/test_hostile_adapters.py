@@ -194,6 +194,12 @@ def test_a_lora_bias_the_config_does_not_declare_or_of_the_wrong_size_is_refused
     compare_bad(tmp_path / "a", rng, CFG, t, "does not set lora_bias: true, so PEFT would not load it")
     t[f"{Q}.lora_B.bias"] = rng.standard_normal(31).astype(np.float32)
     compare_bad(tmp_path / "b", rng, {**CFG, "lora_bias": True}, t, "expected 32 floats, one per output feature")
+    # a base whose bias is an integer tensor (a buffer, never a weight): there is no float bias to merge into
+    t[f"{Q}.lora_B.bias"] = rng.standard_normal(32).astype(np.float32)
+    base = base_model(tmp_path / "c" / "base", rng, {f"{Q}.bias": np.arange(32, dtype=np.int32)})
+    ad = adapter(tmp_path / "c" / "ad", {**CFG, "lora_bias": True}, t)
+    contract(["compare", str(base), str(ad)], ad / "adapter_model.safetensors", "but the base has no such bias",
+             tmp_path / "c")
 
 
 def test_catastrophic_pattern_against_a_long_module_name_does_not_hang(tmp_path, rng):

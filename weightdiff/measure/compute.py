@@ -243,18 +243,25 @@ def _compute_lora_bias(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint]
 
     lf = pair.lora_bias
     info_b, info_l = base.tensors[pair.base_name], tuned.tensors[lf.bias_name]
+    if DTYPES[info_b.dtype].kind != "float" or pair.base_name in (getattr(base, "quant", None) or {}):
+        raise CheckpointError(tuned.files[0], f"LoRA bias `{escape_name(lf.bias_name)}` adds to the base's "
+                                              f"`{escape_name(pair.base_name)}`, which is {info_b.dtype}"
+                                              f"{' (quantized)' if DTYPES[info_b.dtype].kind == 'float' else ''}, "
+                                              "not a float bias PEFT can merge into",
+                              "merge the adapter (merge_and_unload) and compare the merged model")
     b64 = decode(np.asarray(base.read(pair.base_name)), info_b.dtype).reshape(-1)
     l64 = decode(np.asarray(tuned.read(lf.bias_name)), info_l.dtype).reshape(-1)
     if not np.isfinite(l64).all():
         raise CheckpointError(tuned.files[0], f"LoRA bias `{escape_name(lf.bias_name)}` holds NaN or Inf values, so "
                                               f"the change of `{escape_name(lf.bias_target)}` cannot be measured")
     wide = "F64" if "F64" in (info_b.dtype, info_l.dtype) else "F32"
+    # a float8 bias is held as the float32 sum (weightdiff writes no float8 values of its own)
+    dtype = info_b.dtype if info_b.dtype in ("F16", "BF16", "F32", "F64") else "F32"
     with np.errstate(all="ignore"):
         step = reference.round_to(l64 * float(reference.round_to(np.array([lf.scale]), wide)[0]), wide)
-        merged = reference.round_to(reference.round_to(b64 + step, wide), info_b.dtype)
-    dtype = info_b.dtype
+        merged = reference.round_to(reference.round_to(b64 + step, wide), dtype)
     values = to_bf16_bits(merged.astype(np.float32)) if dtype == "BF16" else merged.astype(storage_of(dtype))
-    info = replace(info_b, name=pair.tuned_name, start=None, end=None, quant=None)
+    info = replace(info_b, name=pair.tuned_name, dtype=dtype, start=None, end=None, quant=None)
     side = MergedSide(tuned, pair.tuned_name, info, values)
     flat = replace(pair, dtype_tuned=dtype, tuned_source=None, lora_bias=None)
     rec = compute_pair(flat, bases, side, options, backend, classify, on_window)
