@@ -348,3 +348,47 @@ def test_trainable_tokens_saved_by_peft_are_refused(tmp_path, base_dir):
     peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
     with pytest.raises(weightdiff.errors.CheckpointError, match="trainable_token_indices"):
         weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
+
+
+def test_lora_bias_is_a_change_of_the_layers_bias_as_peft_merges_it(tmp_path):
+    """``lora_bias=True`` saves ``lora_B.bias``, which PEFT merges into the layer's bias: the adapter read 4
+    changed weights and 4 *added* ``lora_B.bias`` tensors where its merged model reads 8 changed tensors.
+    Untrained (the bias starts at zero) it is the base; on a base layer without a bias it is refused, as PEFT
+    refuses to merge it."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    q = transformers.Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in q.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.02)
+    q.save_pretrained(tmp_path / "base")
+    lcfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True)
+    pm = peft.get_peft_model(transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "base"), peft.LoraConfig(**lcfg))
+    pm.save_pretrained(tmp_path / "untrained")
+    assert weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "untrained")).summary.verdict == "identical"
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "adapter")
+    pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    r = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "adapter"))
+    dense = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "merged"))
+    changed = sorted(t.name for t in r.tensors if t.status == "changed")
+    assert changed == sorted(t.name for t in dense.tensors if t.status == "changed") and len(changed) == 8
+    assert not [t for t in r.tensors if t.status == "added"]
+    name = "model.layers.1.self_attn.v_proj.bias"
+    assert "lora_bias" in r.tensor(name).note
+    assert r.tensor(name).norm_delta == pytest.approx(dense.tensor(name).norm_delta, rel=1e-6)
+    assert r.summary.relative_change == pytest.approx(dense.summary.relative_change, rel=1e-5)
+    # a base without biases: PEFT builds the adapter but cannot merge it; nor can weightdiff read it as a change
+    _tiny_llama().save_pretrained(tmp_path / "llama")
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama"),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True))
+    pm.save_pretrained(tmp_path / "llama_adapter")
+    with pytest.raises(weightdiff.WeightdiffError, match="but the base has no such bias: PEFT cannot merge it"):
+        weightdiff.compare(str(tmp_path / "llama"), str(tmp_path / "llama_adapter"))

@@ -86,6 +86,15 @@ def test_embedding_factors_of_the_wrong_size(tmp_path, rng):
                 "`model.embed_tokens.weight` (A [4, 49], B [32, 4]) do not fit the base weight, which is [50, 32]")
 
 
+def test_dora_on_an_embedding_is_refused_by_name_not_as_a_wrong_magnitude(tmp_path, rng):
+    t = {"model.embed_tokens.lora_embedding_A": rng.standard_normal((4, 50)).astype(np.float32),
+         "model.embed_tokens.lora_embedding_B": rng.standard_normal((32, 4)).astype(np.float32),
+         "model.embed_tokens.lora_magnitude_vector": rng.standard_normal(32).astype(np.float32)}
+    line = compare_bad(tmp_path, rng, {**CFG, "target_modules": ["embed_tokens"], "use_dora": True}, t,
+                       "is DoRA on an embedding (use_dora with lora_embedding_A/B), which weightdiff does not read")
+    assert "merge the adapter (merge_and_unload) and compare the merged model" in line
+
+
 def test_adapter_with_no_tensors_is_not_identical(tmp_path, rng):
     compare_bad(tmp_path, rng, CFG, {}, "adapter holds no tensors (its config targets q_proj)")
 
@@ -146,6 +155,14 @@ def test_lora_target_missing_from_the_base(tmp_path, rng):
     ({"peft_type": "LOHA"}, 'peft_type "LOHA": only LoRA adapters are supported'),
     ({"peft_type": "IA3"}, 'peft_type "IA3"'),
     ({"peft_type": 3}, "peft_type 3"),
+    # LoRA variants read as a plain LoRA gave a confident wrong delta, or a refusal that blamed the file
+    ({"kasa_config": {"beta": 1e-4, "gamma": 1e-3}}, "has kasa_config {'beta': 0.0001, 'gamma': 0.001}: KaSA "
+                                                     "truncates the base weight"),
+    ({"use_bdlora": {"nblocks": 2}}, "use_bdlora {'nblocks': 2}: block-diagonal LoRA"),
+    ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication [[0, 2], [1, 2]]: PEFT builds the layers"),
+    ({"peft_type": "PROMPT_TUNING"}, "prompt and prefix tuning add virtual-token embeddings and change no model "
+                                     "weight, so there is no weight delta to measure"),
+    ({"peft_type": "PREFIX_TUNING"}, 'peft_type "PREFIX_TUNING": prompt and prefix tuning'),
     ({"target_modules": 7}, "target_modules = 7"),
     ({"init_lora_weights": "olora"}, 'init_lora_weights "olora", which rewrites the base weights'),
     ({"init_lora_weights": "pissa_niter_4"}, 'init_lora_weights "pissa_niter_4", which rewrites the base weights'),
@@ -163,6 +180,26 @@ def test_bad_config_values(tmp_path, rng, patch, expect):
     # inspect reads the same config and fails the same way
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "ad")])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and expect in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("patch", [{"kasa_config": {"beta": 1e-4}}, {"use_bdlora": {"nblocks": 2}},
+                                   {"peft_type": "LOHA"}])
+def test_refused_lora_variants_and_other_types_say_to_compare_the_merged_model(tmp_path, rng, patch):
+    line = compare_bad(tmp_path, rng, {**CFG, **patch}, lora(rng), "adapter config has", names_config=True)
+    assert "merge the adapter (merge_and_unload) and compare the merged model" in line
+
+
+def test_a_lora_bias_the_config_does_not_declare_or_of_the_wrong_size_is_refused(tmp_path, rng):
+    t = {**lora(rng), f"{Q}.lora_B.bias": rng.standard_normal(32).astype(np.float32)}
+    compare_bad(tmp_path / "a", rng, CFG, t, "does not set lora_bias: true, so PEFT would not load it")
+    t[f"{Q}.lora_B.bias"] = rng.standard_normal(31).astype(np.float32)
+    compare_bad(tmp_path / "b", rng, {**CFG, "lora_bias": True}, t, "expected 32 floats, one per output feature")
+    # a base whose bias is an integer tensor (a buffer, never a weight): there is no float bias to merge into
+    t[f"{Q}.lora_B.bias"] = rng.standard_normal(32).astype(np.float32)
+    base = base_model(tmp_path / "c" / "base", rng, {f"{Q}.bias": np.arange(32, dtype=np.int32)})
+    ad = adapter(tmp_path / "c" / "ad", {**CFG, "lora_bias": True}, t)
+    contract(["compare", str(base), str(ad)], ad / "adapter_model.safetensors", "but the base has no such bias",
+             tmp_path / "c")
 
 
 def test_catastrophic_pattern_against_a_long_module_name_does_not_hang(tmp_path, rng):
@@ -400,3 +437,25 @@ def test_fan_in_fan_out_on_a_linear_model_is_ignored_as_peft_ignores_it(tmp_path
         assert t.shape[0] == t.shape[1]
         assert t.cosine == pytest.approx(dense.tensor(t.name).cosine, rel=1e-6)
         assert t.norm_delta == pytest.approx(dense.tensor(t.name).norm_delta, rel=1e-4)
+
+
+def test_monteclora_sampler_state_is_not_model_weights_and_alora_says_it_is_conditional(tmp_path, rng):
+    """MonteCLoRA's sampler tensors were counted as added model tensors (PEFT uses them in training only);
+    an aLoRA adapter read as an unconditional change with no word that PEFT applies it after its invocation
+    tokens only."""
+    from weightdiff.comparison import compare
+
+    base = base_model(tmp_path / "base", rng)
+    t = lora(rng)
+    sampler = {f"{Q}.lora_monteclora_sampler.{k}": rng.standard_normal(4).astype(np.float32)
+               for k in ("expert_weights", "std_prior")}
+    ad = adapter(tmp_path / "mc", {**CFG, "monteclora_config": {"num_samples": 8}}, {**t, **sampler})
+    r = compare(base, ad)
+    assert not r.plan["added"] and r.summary.tensors_by_status["added"] == 0
+    assert any("2 tensors of MonteCLoRA's sampler state" in n for n in r.plan["notes"])
+    # without the config that explains them, they are what they look like: tensors the base does not have
+    ad = adapter(tmp_path / "plain", CFG, {**t, **sampler})
+    assert len(compare(base, ad).plan["added"]) == 2
+    ad = adapter(tmp_path / "alora", {**CFG, "alora_invocation_tokens": [5, 6]}, t)
+    r = compare(base, ad)
+    assert any("alora_invocation_tokens (aLoRA)" in n and "not on every input" in n for n in r.plan["notes"])

@@ -293,3 +293,46 @@ def test_a_config_that_unties_a_head_it_does_not_store_is_not_identical(tmp_path
     assert s.verdict == "inconclusive" and "head_missing" in s.flags
     assert "that head is random" in verdict_title(s.to_dict())
     assert any("stores no LM head" in n for n in r.plan["notes"])
+
+
+# ---------------------------------------------------------------- leftover vectors: module, then bytes
+
+def test_opaque_names_pair_vectors_by_unique_bytes_but_never_constant_ones(tmp_path):
+    """Every tensor renamed ``w0..wN`` (an ONNX model's initializers renamed): the matrices pair by content,
+    the norm gains (each one of a kind) by their bytes; two all-zero biases, equal to each other, say nothing
+    of their module and stay added and removed."""
+    base = _small_llama(21)
+    base["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+    base["model.layers.0.self_attn.k_proj.bias"] = np.zeros(64, np.float32)
+    tuned = {f"w{k}": v for k, v in enumerate(base.values())}
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    by = {t.base_name or t.name: t for t in r.tensors}
+    for name, t in by.items():
+        if t.status == "added":
+            continue
+        if name.endswith("_proj.bias"):
+            assert t.status == "removed", (name, t.status)
+        else:
+            assert t.status == "unchanged" and t.paired_by == "content", (name, t.status)
+    assert sorted(r.plan["added"]) == sorted(f"w{k}" for k, n in enumerate(base) if n.endswith("_proj.bias"))
+    assert any("by their bytes" in n for n in r.plan["notes"])
+
+
+def test_a_module_paired_by_content_brings_its_bias_even_an_all_zero_one(tmp_path):
+    """A head moved to another name (a sentence-transformers Dense in another folder): its weight pairs by
+    content and its bias, all zeros, follows it (its changed value is measured); a constant vector of no
+    paired module stays added."""
+    base = _small_llama(22)
+    rng = np.random.default_rng(5)
+    base["dense.weight"] = rng.normal(0, 0.02, (48, 64)).astype(np.float32)
+    base["dense.bias"] = np.zeros(48, np.float32)
+    tuned = {k: v for k, v in base.items() if not k.startswith("dense.")}
+    tuned["extra.proj.weight"] = base["dense.weight"]
+    tuned["extra.proj.bias"] = np.full(48, 0.5, np.float32)
+    tuned["other.scale"] = np.zeros(48, np.float32)
+    r = _compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned))
+    by = {t.name: t for t in r.tensors}
+    assert by["extra.proj.weight"].base_name == "dense.weight" and by["extra.proj.weight"].status == "unchanged"
+    assert by["extra.proj.bias"].base_name == "dense.bias" and by["extra.proj.bias"].status == "changed"
+    assert by["other.scale"].status == "added"
+    assert any("as the other tensors of their module's matrix" in n for n in r.plan["notes"])

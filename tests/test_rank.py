@@ -319,3 +319,27 @@ def test_randomized_lower_ends_are_certified_on_both_backends(rng, torch_backend
     for key in ("energy_rank_90", "energy_rank_99"):
         lo, hi = rec.bounds[key]
         assert getattr(rec, key) == lo <= getattr(exact, key) <= hi
+
+
+def test_a_dora_bracket_counts_what_the_energy_certifies():
+    """A DoRA delta D + M whose magnitude term M dominates read numerical_rank [0, 64] ("at least 0") for a
+    matrix changed by half its norm: every singular value is at most s_1(D) + ||M||_F, so the energy above
+    r thr^2 certifies some above thr. The bracket holds the true count of random cases."""
+    from weightdiff.measure.rank import _dora_bounds
+
+    fields, bounds = _dora_bounds(np.array([0.01]), 1.0, 1.0, 1e-3, 64, {})
+    assert fields["numerical_rank"] >= 1 and bounds["numerical_rank"][0] >= 1
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        m = 32
+        w = rng.standard_normal((m, m))
+        c = 1 + rng.normal(0, rng.choice([1e-3, 1e-2, 0.3]), m)
+        d = rng.normal(0, rng.choice([1e-4, 1e-2, 1.0])) * rng.standard_normal((m, 2)) @ rng.standard_normal((2, m))
+        mm = (c - 1)[:, None] * w
+        thr = float(rng.choice([1e-3, 1e-1, 1.0]))
+        s_d = np.linalg.svd(d, compute_uv=False)
+        total = float(np.sum((d + mm) ** 2))
+        f, b = _dora_bounds(s_d, float(np.linalg.norm(mm)), total, thr, m, {})
+        true = int(np.count_nonzero(np.linalg.svd(d + mm, compute_uv=False) > thr))
+        lo, hi = b.get("numerical_rank", [f["numerical_rank"]] * 2)
+        assert lo <= true <= hi, (lo, true, hi)

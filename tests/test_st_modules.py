@@ -175,6 +175,18 @@ def test_a_module_with_weights_no_reader_takes_is_refused_not_skipped(tmp_path, 
     bad(["compare", bert, d3], d3 / "2_Dense" / "inner", "nested module")
 
 
+def test_an_onnx_backbone_beside_a_dense_module_is_refused_with_a_hint_that_fits(tmp_path, bert):
+    """sentence-transformers' ONNX backend saves the backbone as onnx/model.onnx beside 2_Dense: the refusal
+    said "merge the adapter", which has nothing to do with it."""
+    d = st_folder(tmp_path / "st", bert, dense())
+    for f in ("model.safetensors", "config.json"):
+        (d / f).unlink(missing_ok=True)
+    (d / "onnx").mkdir()
+    (d / "onnx" / "model.onnx").write_bytes(b"")
+    line = bad(["compare", bert, d], "is an ONNX model", "compare the ONNX model and the other module folders one by one")
+    assert "adapter" not in line
+
+
 def test_a_huge_modules_list_is_checked_in_linear_time():
     """Each module path was compared with every earlier one: 200,000 entries (a 13 MB modules.json)
     ran for about 12 minutes. The alarm is a hang guard with a wide margin, not a timing."""

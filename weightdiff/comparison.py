@@ -389,7 +389,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             blocks, modules = aggregate(records, options.thresholds)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
                             declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)},
-                            reordering=(found, checked, undone), folded=the_plan.folded)
+                            reordering=(found, checked, undone), folded=the_plan.folded,
+                            pruned=the_plan.pruned)
         if line is not None:
             line.close()
         for ck in (*bases, tuned_ck):
@@ -1562,6 +1563,16 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
                   if p.lora is not None}
         layout = "conv1d" if leaves & {"c_attn", "c_proj", "c_fc", "q_attn"} else "linear" if leaves else None
     for p in the_plan.pairs:
+        lb = getattr(p, "lora_bias", None)
+        if lb is not None and (p.kind != "paired" or p.transposed):
+            found = "has no such bias" if p.kind == "added" else \
+                f"has it as {list(p.shape_base or ())}, not {list(p.shape_tuned or ())}"
+            raise CheckpointError(tuned.files[0], f"LoRA bias `{escape_name(lb.bias_name)}` (lora_bias: true) adds to "
+                                                  f"`{escape_name(lb.bias_target)}`, but the base {found}: PEFT cannot "
+                                                  "merge it either (its merge_and_unload refuses a lora_bias on a layer "
+                                                  "without a bias)",
+                                  "the adapter adds a bias the base layer lacks: there is no merged model to compare"
+                                  if p.kind == "added" else "is this adapter for another base model?")
         if p.lora is None:
             continue
         if p.kind != "lora":

@@ -58,6 +58,9 @@ class Checkpoint:
         #: values an exporter computed and stored beside the weights (an ONNX model's folded masks, rotary
         #: tables, position rows): [{name, shape, dtype, params}], readable by ``read_stored``, not compared
         self.folded: list[dict] = []
+        #: the layout an ONNX graph fixes for a 2-D float weight: "in_out" (the B input of MatMul, of Gemm
+        #: without transB), "out_in" (Gemm with transB=1); absent where no operator says (name -> layout)
+        self.layouts: dict[str, str] = {}
         #: identity of a Hub checkpoint (weightdiff.io.hub): repo id, commit, files with sizes and sha256
         self.hub: dict | None = None
         #: a line for the plan saying where a checkpoint came from, when its spelling could be a Hub id

@@ -53,7 +53,7 @@ import numpy as np
 from ..errors import CheckpointError, escape_name
 from .files import inside, open_regular
 from .safetensors_read import Header, QuantScheme, SafetensorsFile, TensorInfo, array_windows, check_range, \
-    storage_of
+    MAX_DIM, storage_of
 
 __all__ = ["parse_onnx", "locate_onnx", "OnnxData", "OnnxModel", "ONNX_DTYPES", "CONSTANT_MIN", "PLUMBING_MAX"]
 
@@ -345,6 +345,11 @@ class _Parser:
             raise _Bad(f"tensor `{escape_name(name)}` has shape {dims}")
         shape = tuple(dims)
         numel = math.prod(shape)
+        if numel == 0 and math.prod(d for d in dims if d) > MAX_DIM:
+            # an empty tensor bounds its other dimensions by no byte (as in safetensors_read): [0, 2**62, 2**62]
+            # was accepted and carried into the report
+            raise _Bad(f"tensor `{escape_name(name)}` has shape {dims}: an empty tensor's other dimensions multiply "
+                       "to more than 2**63 - 1")
         if raw is not None and raw[1] > raw[0] and typed:    # onnx.checker refuses it too: which is the tensor?
             raise _Bad(f"tensor `{escape_name(name)}` holds values both in raw_data and in a typed field", _SPEC)
         if (location == 1 or external) and ((raw is not None and raw[1] > raw[0]) or typed):
@@ -777,6 +782,32 @@ def _folded_constants(model: OnnxModel, tensors: dict[str, TensorInfo], sources:
     return kept, folded
 
 
+def _layouts(tensors: dict[str, TensorInfo], file_names: dict[str, str], sources: dict,
+             uses: dict[str, list[tuple[_Node, int]]]) -> dict[str, str]:
+    """The layout the graph fixes for each 2-D float weight, by reported name: the B input of ``MatMul``
+    (and of ``Gemm`` or ``FusedMatMul`` without ``transB``) is ``[in, out]``, "in_out"; ``Gemm`` or
+    ``FusedMatMul`` with ``transB=1`` reads B as ``[out, in]``, "out_in". A square matrix's shape cannot
+    show which, and torch's ``nn.Linear`` stores ``[out, in]`` while the legacy exporter writes its weight
+    for MatMul, so pairing needs this to compare a square matrix the right way round (``align.orient_squares``).
+    A weight some other operator also reads (Gather, Transpose, as MatMul's A), or read both ways, has none.
+    Quantized weights are left out: their sources carry their own orientation."""
+    out: dict[str, str] = {}
+    for name, info in tensors.items():
+        if len(info.shape) != 2 or name in sources:
+            continue
+        seen = set()
+        for n, i in uses.get(file_names.get(name, name), []):
+            if n.op == "MatMul" and i == 1 and n.domain in ("", "ai.onnx"):
+                seen.add("in_out")
+            elif n.op in ("Gemm", "FusedMatMul") and i == 1:
+                seen.add("out_in" if n.attrs.get("transB") else "in_out")
+            else:
+                seen.add(None)
+        if len(seen) == 1 and None not in seen:
+            out[name] = seen.pop()
+    return out
+
+
 def _folded_note(file: Path, folded: list[dict]) -> str:
     n = len(folded)
     values = sum(math.prod(f["shape"]) for f in folded)
@@ -1074,6 +1105,7 @@ def locate_onnx(file: Path, shown: object, root: Path):
     ckpt.stored, ckpt.quant, ckpt.file_names = stored, sources, file_names
     ckpt.hidden = hidden
     ckpt.folded = folded
+    ckpt.layouts = _layouts(tensors, file_names, sources, uses)
     if named:
         old, new = named[0]
         ckpt.notes.append(f"{escape_name(str(file))}: {len(named)} weight{'s' if len(named) != 1 else ''} the exporter "

@@ -177,6 +177,14 @@ class LoraFactor:
     base_layer_name: str | None = None
     #: a ``lora_magnitude_vector`` under ``use_dora: false``: PEFT loads a plain LoRA and ignores it
     ignored_magnitude: str | None = None
+    #: ``<m>.lora_B.bias`` (``lora_bias: true``): PEFT merges scale x it into the layer's bias, so it is
+    #: measured as a change of ``<m>.bias``, not as a tensor of its own
+    bias_name: str | None = None
+
+    @property
+    def bias_target(self) -> str:
+        """The base bias ``bias_name`` changes: ``<m>.bias`` of the target ``<m>.weight``."""
+        return self.target.removesuffix(".weight") + ".bias"
 
 
 def _bool(path: Path, raw: dict, key: str) -> bool:
@@ -241,6 +249,23 @@ def _check_init(path: Path, init: object) -> None:
                           "save it with path_initial_model_for_weight_conversion, or compare the merged model")
 
 
+#: peft_types that train virtual tokens fed beside the input, not weights
+_VIRTUAL_TOKENS = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
+_MERGE_HINT = "merge the adapter (merge_and_unload) and compare the merged model"
+#: LoRA variants (peft_type LORA) whose factors are not ``scale * B @ A`` of the base weight: the key, why,
+#: and the way out. Read as a plain LoRA, each gave a confident wrong delta (KaSA: an untrained adapter read as
+#: 4 added tensors while PEFT runs 4 truncated matrices) or a refusal that blamed the file.
+_VARIANTS = (
+    ("kasa_config", "KaSA truncates the base weight (its smallest singular values) and scales B A by "
+                    "lora_diag: the factors alone are not the change of the base", _MERGE_HINT),
+    ("use_bdlora", "block-diagonal LoRA (BD-LoRA) splits its factors into blocks, which weightdiff does not "
+                   "read", _MERGE_HINT),
+    ("layer_replication", "PEFT builds the layers it lists from copies of base layers, which weightdiff does not "
+                          "reproduce", "compare a full checkpoint of the model PEFT builds; merge_and_unload "
+                                       "refuses layer_replication"),
+)
+
+
 def read_adapter_config(path: Path) -> AdapterConfig:
     return parse_adapter_config(load_json(read_small(path, JSON_CAP), path, "adapter config"), path)
 
@@ -253,9 +278,17 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
     if kind is None:
         raise CheckpointError(path, "adapter config has no peft_type (PEFT refuses to load it; a LoRA adapter "
                                     "says \"peft_type\": \"LORA\")")
+    if isinstance(kind, str) and kind.upper() in _VIRTUAL_TOKENS:
+        raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: prompt and prefix tuning add "
+                                    "virtual-token embeddings and change no model weight, so there is no weight "
+                                    "delta to measure")
     if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA adapters are "
-                                    "supported (LoHa, LoKr, IA3 and others store different factors)")
+                                    "supported (LoHa, LoKr, IA3 and others store different factors)",
+                              "merge the adapter (merge_and_unload) and compare the merged model")
+    for key, why, hint in _VARIANTS:
+        if raw.get(key) not in (None, False, [], {}):
+            raise CheckpointError(path, f"adapter config has {key} {_show(raw[key])}: {why}", hint)
     if raw.get("target_parameters"):
         raise CheckpointError(path, f"adapter config has target_parameters {_show(raw['target_parameters'])}: LoRA "
                                     "on parameters (PEFT's ParamWrapper, as for fused MoE experts) stacks its "
@@ -324,6 +357,11 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         mag, ignored = got.get("M"), None
         if mag is not None and not config.use_dora:
             mag, ignored = None, mag            # PEFT builds a plain LoRA layer and drops the magnitude
+        if mag is not None and emb:
+            # PEFT's DoRA on an nn.Embedding keeps one magnitude per embedding dimension and normalises the other
+            # way: read as a linear layer's, it was refused as a magnitude of the wrong size (a corrupt file?)
+            raise CheckpointError(where, f"LoRA module `{escape_name(mod)}` is DoRA on an embedding (use_dora with "
+                                         "lora_embedding_A/B), which weightdiff does not read", _MERGE_HINT)
         for n in (a, b, mag):
             if n is not None and not _is_float(tensors[n]):
                 raise CheckpointError(where, f"LoRA tensor `{escape_name(n)}` is {tensors[n].dtype}; expected a "
@@ -342,8 +380,21 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         if saved in tensors and not _is_float(tensors[saved]):
             raise CheckpointError(where, f"base layer `{escape_name(saved)}` saved in the adapter is "
                                          f"{tensors[saved].dtype}; expected a float dtype")
+        bias = f"{mod}.lora_B.bias"
+        if bias not in tensors:
+            bias = None
+        elif config.raw.get("lora_bias") is not True:
+            raise CheckpointError(where, f"LoRA tensor `{escape_name(bias)}` is in the adapter but adapter_config.json "
+                                         "does not set lora_bias: true, so PEFT would not load it",
+                                  "factors and config from different adapters?")
+        elif emb or not _is_float(tensors[bias]) or tuple(tensors[bias].shape) != (int(sb[0]),):
+            raise CheckpointError(where, f"LoRA bias `{escape_name(bias)}` is {tensors[bias].dtype} "
+                                         f"{list(tensors[bias].shape)}; expected {int(sb[0])} floats, one per output "
+                                         f"feature of `{escape_name(module)}`" + (" (PEFT has no lora_bias for "
+                                                                                  "embeddings)" if emb else ""))
         out.append(LoraFactor(module + ".weight", a, b, mag, r, config.scale_for(alpha, r), emb,
-                              base_layer_name=saved if saved in tensors else None, ignored_magnitude=ignored))
+                              base_layer_name=saved if saved in tensors else None, ignored_magnitude=ignored,
+                              bias_name=bias))
     return out
 
 

@@ -161,10 +161,14 @@ def locate_modules(d: Path, names: list[str]) -> Checkpoint:
     for k, rel, kind_of, folder, kind, name in found:
         if kind not in MODULE_KINDS:
             what = {"adapter": "a PEFT adapter", "gguf": "a GGUF file", "onnx": "an ONNX model"}.get(kind, kind)
+            # the hint fits the kind: "merge the adapter" was given for an ONNX backbone beside a Dense module
+            hint = {"adapter": "merge the adapter (merge_and_unload) and compare the merged model, or compare the "
+                               "module folders one by one",
+                    "onnx": "compare the ONNX model and the other module folders one by one"
+                    }.get(kind, "compare the module folders one by one")
             raise CheckpointError(folder, f"module {escape_name(rel or '.')} (modules.json) is {what}, which "
                                           "weightdiff reads only as a whole checkpoint, not beside other "
-                                          "sentence-transformers modules",
-                                  "merge the adapter, or compare the module folders one by one")
+                                          "sentence-transformers modules", hint)
         sub = build(LocalFolder(folder), kind, name, folder)
         if sub.format in ("safetensors", "sharded"):
             _fold_quantized(sub)

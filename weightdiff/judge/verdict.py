@@ -183,11 +183,11 @@ FLAG_ORDER = ("added_tensors", "removed_tensors", "resized_embeddings", "shape_m
               "nonfinite_changes", "awq_scaled", "quant_untested", "quant_both_compensated", "cast_offset",
               "cast_overflow", "bytes_compared", "partial_spectrum", "content_paired",
               "declared_base_mismatch", "relayout", "meta_layout_unmapped", "unpaired_lookalikes",
-              "zeroed_matrices", "folded_parameters")
+              "zeroed_matrices", "folded_parameters", "pruned_by_export")
 
 
 def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: dict,
-           folds: frozenset = frozenset()) -> list[str]:
+           folds: frozenset = frozenset(), prunes: frozenset = frozenset()) -> list[str]:
     """The run's flags, in ``FLAG_ORDER``. One pass over the records (a 100,000-tensor model paid a
     generator per flag): a record whose status, comparison and pairing are the common ones and that
     carries no cast, rank, quant or non-finite count raises nothing, so it costs a few lookups."""
@@ -256,6 +256,8 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         on.add("unpaired_lookalikes")
     if folds and any(is_folded(r, folds) for r in counted):
         on.add("folded_parameters")
+    if prunes and any(is_folded(r, prunes) for r in counted):
+        on.add("pruned_by_export")
     return [name for name in FLAG_ORDER if name in on]
 
 
@@ -267,7 +269,8 @@ def _all_undone(permuted: dict, undone: dict) -> bool:
 
 def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds: Thresholds,
               buffers: list[dict] | None = None, declared: dict | None = None,
-              reordering: tuple | None = None, folded: list[dict] | None = None) -> Summary:
+              reordering: tuple | None = None, folded: list[dict] | None = None,
+              pruned: list[dict] | None = None) -> Summary:
     """The model-level ``Summary`` of DESIGN.md from the records and their block roll-up
     (``judge.aggregate``): the judge step of the pipeline. ``buffers`` (from the plan) are
     listed, never counted; ``declared`` holds the names each side declares (a hint); ``reordering``:
@@ -276,7 +279,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     measuring: ``blocks`` (block -> kinds), ``tensors``, ``trimmed``]), from ``comparison.permuted_units``
     and ``comparison.measure_undone``, which hold the files; ``folded`` (``Plan.folded``): the base
     parameters the tuned model's exporter folded into computed constants, removed but not read as a
-    structural change."""
+    structural change; ``pruned`` (``Plan.pruned``): base parameters outside the blocks that the tuned ONNX
+    model does not hold (an exporter drops what no output reads), read the same way."""
     permuted, checked, *more = reordering or ({}, [])
     undone = (more[0] if more else None) or {}
     counted = [r for r in records if not is_tied(r)]
@@ -360,7 +364,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             scope["tensors_only_resized_quantized"] = within
     decl = _declared(declared)
     folds = frozenset((f.get("base_index", 0), f.get("base_name")) for f in folded or ())
-    flags = _flags(counted, records, decl, folds)
+    prunes = frozenset((f.get("base_index", 0), f.get("base_name")) for f in pruned or ())
+    flags = _flags(counted, records, decl, folds, prunes)
     cov = coverage(records, thresholds)
     comps = component_relatedness(records, thresholds, permuted)
     if checked:
@@ -444,7 +449,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     # a tied head row is the tuned model's effective head: it counts for identical, not for parameters
     changed_eff = changed + [r for r in records if is_tied(r) and is_changed(r, thresholds)]
     verdict = _verdict(counted, tensors_by_status, rel_m, cos, changed_eff, thresholds, n_paired, cov, comps,
-                       folds)
+                       folds | prunes)
     if verdict == "inconclusive" and not changed and (grid := off_grid_mixed(counted)):
         flags.append("off_grid_mixed")
         scope["off_grid"] = grid
@@ -643,7 +648,9 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
        identical, cast_only or quantized_only;
     5. nothing changed and the only structural change is base parameters the tuned model's exporter
        folded into computed constants (``folded_parameters``: position embeddings gathered for a fixed
-       input shape): inconclusive, as what the export does not hold is not compared;
+       input shape), or parameters outside the blocks that an ONNX export does not hold (``pruned_by_export``:
+       an exporter drops what no output reads, BERT's pooler in a feature-extraction export): inconclusive,
+       as what the export does not hold is not compared;
     6. otherwise derived.
     """
     # blocks paired by content with another base block (reordered, repeated) change the model

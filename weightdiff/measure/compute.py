@@ -229,6 +229,48 @@ def _compute_merged(pair: Pair, merged: tuple, bases: Sequence[Checkpoint], tune
     return rec
 
 
+def _compute_lora_bias(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint], tuned: Checkpoint,
+                       options: CompareOptions, backend: Backend, classify: Classify,
+                       on_window: Callable[[int], None]) -> TensorRecord:
+    """The record of a base bias an adapter's ``lora_B.bias`` changes (``lora_bias: true``): the merged bias
+    against the base's, as a plain pair, so the adapter reads as its merged model does (read as a tensor of
+    its own, the adapter showed 4 changed and 4 added tensors where the merged model showed 8 changed).
+    PEFT merges ``base.bias + lora_B.bias * scaling`` in torch: the product and the sum in float32 (float64
+    when either side is), then the result in the base bias's dtype; the same roundings are made here."""
+    from dataclasses import replace
+
+    from ..io.safetensors_write import to_bf16_bits
+
+    lf = pair.lora_bias
+    info_b, info_l = base.tensors[pair.base_name], tuned.tensors[lf.bias_name]
+    if DTYPES[info_b.dtype].kind != "float" or pair.base_name in (getattr(base, "quant", None) or {}):
+        raise CheckpointError(tuned.files[0], f"LoRA bias `{escape_name(lf.bias_name)}` adds to the base's "
+                                              f"`{escape_name(pair.base_name)}`, which is {info_b.dtype}"
+                                              f"{' (quantized)' if DTYPES[info_b.dtype].kind == 'float' else ''}, "
+                                              "not a float bias PEFT can merge into",
+                              "merge the adapter (merge_and_unload) and compare the merged model")
+    b64 = decode(np.asarray(base.read(pair.base_name)), info_b.dtype).reshape(-1)
+    l64 = decode(np.asarray(tuned.read(lf.bias_name)), info_l.dtype).reshape(-1)
+    if not np.isfinite(l64).all():
+        raise CheckpointError(tuned.files[0], f"LoRA bias `{escape_name(lf.bias_name)}` holds NaN or Inf values, so "
+                                              f"the change of `{escape_name(lf.bias_target)}` cannot be measured")
+    wide = "F64" if "F64" in (info_b.dtype, info_l.dtype) else "F32"
+    # a float8 bias is held as the float32 sum (weightdiff writes no float8 values of its own)
+    dtype = info_b.dtype if info_b.dtype in ("F16", "BF16", "F32", "F64") else "F32"
+    with np.errstate(all="ignore"):
+        step = reference.round_to(l64 * float(reference.round_to(np.array([lf.scale]), wide)[0]), wide)
+        merged = reference.round_to(reference.round_to(b64 + step, wide), dtype)
+    values = to_bf16_bits(merged.astype(np.float32)) if dtype == "BF16" else merged.astype(storage_of(dtype))
+    info = replace(info_b, name=pair.tuned_name, dtype=dtype, start=None, end=None, quant=None)
+    side = MergedSide(tuned, pair.tuned_name, info, values)
+    flat = replace(pair, dtype_tuned=dtype, tuned_source=None, lora_bias=None)
+    rec = compute_pair(flat, bases, side, options, backend, classify, on_window)
+    what = (f"LoRA bias `{lf.bias_name}` (lora_bias, scale={lf.scale:g}) merged into the base's bias, as PEFT "
+            "merges it")
+    rec.note = what + (f"; {rec.note}" if rec.note else "")
+    return rec
+
+
 #: a base tensor a reordering is undone against is read whole up to this size, else row by row per window
 GATHER_WHOLE_BYTES = 256 << 20
 
@@ -427,6 +469,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         return rec
     thr = options.thresholds
 
+    if getattr(pair, "lora_bias", None) is not None and pair.kind == "paired":
+        return _compute_lora_bias(pair, base, bases, tuned, options, backend, classify, on_window)
     if pair.kind == "lora":
         merged = _merged_base_layer(pair, base, tuned)
         if merged is not None:

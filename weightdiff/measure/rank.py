@@ -520,7 +520,8 @@ def _dora_bounds(s: np.ndarray, mag_norm: float, total: float, thr: float, r: in
     ``sqrt(S_j(D + M))`` lies within ``||M||_F`` of ``sqrt(S_j(D))`` (``S_j``: the sum of the j
     largest squared singular values); with the exact ``total`` = ``||D + M||_F^2`` that brackets
     each energy rank. Weyl: ``s_i(D + M) >= s_i(D) - ||M||_2``, so the values of ``D`` above
-    ``thr + ||M||_F`` count towards ``numerical_rank``; the upper end is ``min(m, n)``. Fields
+    ``thr + ||M||_F`` count towards ``numerical_rank``, and so, from the energy, do at least
+    ``(total - r thr^2) / ((s_1(D) + ||M||_F)^2 - thr^2)`` values; the upper end is ``min(m, n)``. Fields
     hold the lower ends, as for every partial spectrum (``judge.status.rank_upper`` reads the
     upper ends, which claims such as "low-rank" must hold for)."""
     fields = dict(fields)
@@ -540,6 +541,13 @@ def _dora_bounds(s: np.ndarray, mag_norm: float, total: float, thr: float, r: in
         if lo != hi:
             bounds[key] = [lo, hi]
     lo_n = int(np.count_nonzero(np.asarray(s) > thr + mag_norm))
+    # the energy says more when the magnitude term dominates: every singular value of D + M is at most
+    # s_1(D) + ||M||_F, so total <= count x that^2 + (r - count) x thr^2 for the count above thr. A DoRA
+    # module changed by half its norm read numerical_rank [0, 64], "at least 0", for a changed matrix.
+    top = (float(s[0]) if len(s) else 0.0) + mag_norm
+    if total > r * thr * thr and top > thr:
+        need = (total * (1.0 - 1e-9) - r * thr * thr) / (top * top * (1.0 + 1e-9) - thr * thr)
+        lo_n = max(lo_n, min(r, math.ceil(need - 1e-9)))
     fields["numerical_rank"] = lo_n
     if lo_n != r:
         bounds["numerical_rank"] = [lo_n, r]

@@ -22,6 +22,7 @@ each side is the other's best match. docs/pairing.md has the rules and the reaso
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from collections import Counter
@@ -29,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..errors import escape_name
 from ..kernels.dtypes import DTYPES, decode
 from .names import _block_position, block_slot, parse_name
 from .pairs import CheckpointLike, Pair
@@ -284,6 +286,115 @@ def pair_by_content(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases:
                              "tensor also copies (experts upcycled from one dense MLP, duplicated matrices)")
 
 
+#: a vector is hashed whole to be paired by its bytes only up to this many elements (matrices of
+#: CONTENT_MIN_NUMEL elements or more are content pairing's, by sampled rows: never read whole here)
+BYTES_MAX_NUMEL = 1 << 20
+
+
+def pair_leftovers(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],
+                   used: list[set[str]], notes: list[str]) -> None:
+    """Biases, norm gains and small tables no name explains, after the matrices are paired by content.
+
+    Content pairing fingerprints matrices only: a vector has too few values to tell chance from a match
+    by correlation, so an ONNX model whose initializers were renamed (``w0``..``wN``) read DERIVED with
+    every bias and norm "added" and "removed", each bitwise the base's. Two rules, neither of which can
+    pair tensors that differ in value by guesswork:
+
+    1. its module's matrix: where ``T.weight`` was paired by content with ``B.weight``, a leftover
+       ``T.<leaf>`` pairs with a leftover ``B.<leaf>`` of the same shape (a sentence-transformers
+       Dense moved to another folder: its bias follows its weight), whatever their values;
+    2. its bytes: a leftover vector or small table (under ``CONTENT_MIN_NUMEL`` elements) whose dtype,
+       shape and bytes occur once among the tuned leftovers and once among the base's pairs with that one.
+       Larger matrices are never read whole here: unrelated models would have every one hashed.
+       A constant tensor (an all-zero bias, an all-one gain: every fresh init has many) is never
+       paired this way, as equal bytes say nothing of which module it belongs to; only rule 1
+       places it.
+    """
+    left = {p.tuned_name: j for j, (_, p) in enumerate(out) if p.kind == "added" and p.lora is None
+            and p.shape_tuned is not None}
+    if not left:
+        return
+    for i, base in enumerate(bases):
+        followed = bytewise = 0
+        owners = [(p.tuned_name[:-len(".weight")], p.base_name[:-len(".weight")]) for _, p in out
+                  if p.kind == "paired" and p.base_index == i and p.paired_by == "content"
+                  and p.tuned_name.endswith(".weight") and (p.base_name or "").endswith(".weight")]
+        for tm, bm in owners:
+            if tm == bm:
+                continue
+            for tname in [n for n in left if n.startswith(tm + ".") and "." not in n[len(tm) + 1:]]:
+                bname = bm + tname[len(tm):]
+                info = base.tensors.get(bname)
+                p = out[left[tname]][1]
+                if info is None or bname in used[i] or tuple(int(x) for x in info.shape) != tuple(p.shape_tuned):
+                    continue
+                _pair_as_content(out, left.pop(tname), bname, i, info)
+                used[i].add(bname)
+                followed += 1
+        if left and hasattr(tuned, "read") and hasattr(base, "read"):
+            bytewise = _pair_by_bytes(out, left, tuned, base, i, used[i])
+        if followed:
+            notes.append(f"{followed} tensors paired with base {i} as the other tensors of their module's matrix, "
+                         "which was paired by content")
+        if bytewise:
+            notes.append(f"{bytewise} tensors paired with base {i} by their bytes (the same dtype, shape and "
+                         "values, held by no other leftover tensor on either side)")
+
+
+def _pair_as_content(out: list[tuple[tuple, Pair]], j: int, bname: str, i: int, info) -> None:
+    p = out[j][1]
+    out[j] = (out[j][0], Pair(p.tuned_name, bname, i, "paired", p.shape_tuned, tuple(int(x) for x in info.shape),
+                              p.dtype_tuned, info.dtype, tuned_source=p.tuned_source, paired_by="content"))
+
+
+def _pair_by_bytes(out: list[tuple[tuple, Pair]], left: dict[str, int], tuned: CheckpointLike,
+                   base: CheckpointLike, i: int, used: set[str]) -> int:
+    """Rule 2 of ``pair_leftovers``: unique, non-constant bytes on both sides. -> pairs made."""
+    def digest(ck, name: str, info) -> tuple | None:
+        numel = math.prod(int(x) for x in info.shape)
+        if info.dtype not in DTYPES or DTYPES[info.dtype].kind == "opaque" \
+                or name in (getattr(ck, "quant", None) or {}) or not 1 < numel <= BYTES_MAX_NUMEL \
+                or (len(info.shape) > 1 and numel >= CONTENT_MIN_NUMEL):
+            return None
+        try:
+            raw = np.ascontiguousarray(np.asarray(ck.read(name))).reshape(-1)
+        except (ValueError, KeyError, OSError, IndexError):
+            return None
+        if raw.size < 2 or bool(np.all(raw == raw[0])) or raw.tobytes() == raw[:1].tobytes() * raw.size:
+            return None                     # constant: equal bytes say nothing of its module
+        return info.dtype, tuple(int(x) for x in info.shape), hashlib.sha256(raw.tobytes()).digest()
+
+    t_keys: dict[tuple, list[str]] = {}
+    b_keys: dict[tuple, list[str]] = {}
+    shapes = set()
+    for tname, j in left.items():
+        p = out[j][1]
+        src = p.tuned_source or tname
+        info = tuned.tensors.get(src)
+        if info is None:
+            continue
+        k = digest(tuned, src, info)
+        if k is not None:
+            t_keys.setdefault(k, []).append(tname)
+            shapes.add((k[0], k[1]))
+    if not t_keys:
+        return 0
+    for bname, info in base.tensors.items():
+        if bname in used or (info.dtype, tuple(int(x) for x in info.shape)) not in shapes:
+            continue
+        k = digest(base, bname, info)
+        if k is not None:
+            b_keys.setdefault(k, []).append(bname)
+    made = 0
+    for k, tnames in t_keys.items():
+        bnames = b_keys.get(k, [])
+        if len(tnames) == 1 and len(bnames) == 1:
+            _pair_as_content(out, left.pop(tnames[0]), bnames[0], i, base.tensors[bnames[0]])
+            used.add(bnames[0])
+            made += 1
+    return made
+
+
 def realign_blocks(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],
                    used: list[set[str]], notes: list[str]) -> None:
     """Blocks renumbered after layers were dropped, found by content.
@@ -369,24 +480,90 @@ def _family(name: str) -> str | None:
 
 
 def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: Sequence[CheckpointLike],
-                   notes: list[str]) -> None:
+                   notes: list[str], probe: bool = True) -> None:
     """Square matrices of a checkpoint stored transposed (GPT-2's Conv1D saved in nn.Linear
-    layout): shapes show the transposition of every other matrix (``make_pair``), not of a
-    square one. When every non-square name-paired matrix of a module family (``attn``, ``mlp``;
-    of all blocks when the family has none) is transposed, each square name-paired matrix of
-    that family is fingerprinted both ways (``content_pairs``' sample); it is compared
-    transposed only when the plain orientation fails the content-pairing test and the
-    transposed one passes it. A plain orientation that matches is never transposed.
+    layout, an ONNX export's MatMul weights): shapes show the transposition of every other
+    matrix (``make_pair``), not of a square one.
+
+    * Where both sides are ONNX graphs that fix the layout (``Checkpoint.layouts``: the B input of
+      MatMul is ``[in, out]``, of Gemm with transB ``[out, in]``), the graphs decide, with no read.
+    * Where one side's graph fixes it and the other is a torch checkpoint (nn.Linear ``[out, in]``,
+      Conv1D ``[in, out]``: the names do not say which), the graph is the reason to look: each square
+      matrix is fingerprinted both ways (``content_pairs``' sample) and compared transposed when the
+      transposed sample matches beyond chance (``CONTENT_SIGMAS``) and better than the plain one, and
+      the plain one fails the content-pairing test. An export of a model whose block matrices are all
+      square has no non-square matrix to show the transposition, and its own weights compared as
+      stored read as unrelated (near-orthogonal), the worst wrong verdict; a fine-tune is still far
+      above chance the right way round. One that neither way is beyond chance for follows the other
+      matrices of its graph layout when they all decided alike; otherwise it stays as stored, with a note.
+    * Otherwise, when every non-square name-paired matrix of a module family (``attn``, ``mlp``;
+      of all blocks when the family has none) is transposed, each square name-paired matrix of
+      that family is fingerprinted both ways, and compared transposed only when the plain
+      orientation fails the content-pairing test and the transposed one passes it.
+
+    A plain orientation that matches is never transposed by content. ``probe`` False (content
+    pairing off) leaves only the graphs' own answer.
     """
-    if not hasattr(tuned, "read_rows"):
-        return
     named = [(j, p) for j, (_, p) in enumerate(out) if p.kind == "paired" and p.lora is None
              and p.paired_by in ("name", "prefix", "rename") and p.shape_tuned is not None
              and len(p.shape_tuned) == 2 and len(p.shape_base or ()) == 2]
+    lay_t = getattr(tuned, "layouts", None) or {}
     for i, base in enumerate(bases):
-        if not hasattr(base, "read_rows"):
-            continue
+        lay_b = getattr(base, "layouts", None) or {}
         mine = [(j, p, _family(p.tuned_name)) for j, p in named if p.base_index == i]
+        by_graph, undecided, turned = [], [], []
+        decided: dict[tuple, set] = {}
+        hinted = set()
+        for j, p, fam in mine:
+            n = p.shape_base[0]
+            if p.transposed or tuple(p.shape_tuned) != (n, n) or tuple(p.shape_base) != (n, n):
+                continue
+            lt, lb = lay_t.get(p.tuned_name), lay_b.get(p.base_name)
+            if lt is not None and lb is not None:
+                hinted.add(j)
+                if lt != lb:
+                    p.transposed = True
+                    by_graph.append(p.tuned_name)
+            elif lt is not None or lb is not None:
+                hinted.add(j)
+                if probe and hasattr(tuned, "read_rows") and hasattr(base, "read_rows"):
+                    verdict = _graph_probe(tuned, p, base, n)
+                    if verdict is True:
+                        p.transposed = True
+                        turned.append(p.tuned_name)
+                    if verdict is None:
+                        undecided.append((p, (lt, lb)))
+                    else:
+                        decided.setdefault((lt, lb), set()).add(verdict)
+        # a matrix changed beyond what a sample can tell either way follows the other matrices of the same
+        # graph layout when they all agree (one exporter wrote them all): left as stored among turned ones,
+        # a heavily retrained block read as unrelated, near-orthogonal, where it is only far from the base
+        followed, open_ = [], []
+        for p, key in undecided:
+            if decided.get(key) == {True}:
+                p.transposed = True
+                followed.append(p.tuned_name)
+            elif decided.get(key) != {False}:
+                open_.append(p.tuned_name)
+        undecided = open_
+        if followed:
+            notes.append(f"{len(followed)} square matrices that match the other side neither way (sampled rows) are "
+                         f"compared transposed, as every other matrix the ONNX graph reads in the same layout matched "
+                         f"only transposed (`{escape_name(followed[0])}`)")
+        if by_graph:
+            notes.append(f"{len(by_graph)} square matrices compared transposed, as the ONNX graphs read them in "
+                         f"opposite layouts (`{escape_name(by_graph[0])}`)")
+        if turned:
+            notes.append(f"{len(turned)} square matrices compared transposed: an ONNX graph fixes their layout "
+                         f"(MatMul reads [in, out]) and their sampled rows match the other side's only that way "
+                         f"(`{escape_name(turned[0])}`)")
+        if undecided:
+            notes.append(f"{len(undecided)} square matrices whose layout an ONNX graph fixes match the other side "
+                         f"neither as stored nor transposed (sampled rows), nor do the others of that layout say "
+                         f"which; they are compared as stored, and a transposed layout cannot be ruled out "
+                         f"(`{escape_name(undecided[0])}`)")
+        if not probe or not hasattr(tuned, "read_rows") or not hasattr(base, "read_rows"):
+            continue
         votes: dict[str | None, list[bool]] = {}
         for _, p, fam in mine:
             if fam is not None and p.shape_base[0] != p.shape_base[1]:
@@ -398,7 +575,7 @@ def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
         turned = []
         for j, p, fam in mine:
             n = p.shape_base[0]
-            if fam is None or p.transposed or tuple(p.shape_tuned) != (n, n) or \
+            if j in hinted or fam is None or p.transposed or tuple(p.shape_tuned) != (n, n) or \
                     (fam not in flipped and (fam in votes or None not in flipped)):
                 continue
             try:
@@ -414,6 +591,29 @@ def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
         if turned:
             notes.append(f"{len(turned)} square matrices compared transposed, as the other matrices of their "
                          f"module family are stored transposed (sampled rows match only that way)")
+
+
+def _graph_probe(tuned: CheckpointLike, p: Pair, base: CheckpointLike, n: int) -> bool | None:
+    """Whether a square matrix one ONNX graph fixes as ``[in, out]`` (or ``[out, in]``) is to be
+    compared transposed against a checkpoint whose layout no graph fixes: True when the transposed
+    sample matches beyond chance and better than the plain one, and the plain one fails the
+    content-pairing test; False when the plain one is beyond chance and at least as good; None
+    when neither is beyond chance (independent weights, or a change too large to tell)."""
+    try:
+        plain, across, size = _both_ways(tuned, p.tuned_source or p.tuned_name, base, p.base_name, n)
+    except (ValueError, KeyError, OSError, IndexError):
+        return None
+    if not size:
+        return None
+    chance = CONTENT_SIGMAS / math.sqrt(size)
+    need = max(CONTENT_MIN_CORR, chance)
+    plain = -math.inf if plain is None else plain
+    across = -math.inf if across is None else across
+    if plain < need and across >= chance and across > plain:
+        return True
+    if plain >= chance and plain >= across:
+        return False
+    return None
 
 
 def _both_ways(tuned: CheckpointLike, tname: str, base: CheckpointLike, bname: str,

@@ -49,6 +49,12 @@ class Pair:
     #: removed: a base parameter the tuned model's exporter folded into a computed constant
     #: (``pairing.folded``): {into, rows ([first, end) of the base's rows it holds bitwise, or None), known}
     folded: dict | None = None
+    #: removed: a base parameter outside the numbered blocks that the tuned ONNX model does not hold: an
+    #: exporter drops what no exported output reads (BERT's pooler in a feature-extraction export)
+    pruned: bool = False
+    #: a base bias an adapter's ``lora_B.bias`` (``lora_bias: true``) changes: the LoraFactor; the tuned
+    #: tensor is the merged bias, base + scale x lora_B.bias, as PEFT merges it
+    lora_bias: object | None = None
 
     @property
     def params(self) -> int:
@@ -62,6 +68,8 @@ class Pair:
                                             "paired_by", "transposed")}
         if self.folded is not None:
             d["folded"] = dict(self.folded)
+        if self.pruned:
+            d["pruned"] = True
         d["shape_tuned"] = None if self.shape_tuned is None else list(self.shape_tuned)
         d["shape_base"] = None if self.shape_base is None else list(self.shape_base)
         if self.lora is not None:
@@ -111,6 +119,13 @@ class Plan:
         return [{"base_name": p.base_name, "base_index": p.base_index, "shape": list(p.shape_base or ()),
                  **p.folded} for p in self.pairs if p.folded is not None]
 
+    @property
+    def pruned(self) -> list[dict]:
+        """The base parameters the tuned ONNX model does not hold, outside the blocks (``Pair.pruned``):
+        {base_name, base_index, shape}."""
+        return [{"base_name": p.base_name, "base_index": p.base_index, "shape": list(p.shape_base or ())}
+                for p in self.pairs if p.pruned]
+
     def names(self, kind: str) -> list[str]:
         return [p.tuned_name if p.tuned_name is not None else p.base_name for p in self.pairs if p.kind == kind]
 
@@ -118,10 +133,11 @@ class Plan:
         """The ``plan`` entry of the JSON: alignment, notes, counts, and the non-trivial pairs."""
         special = [p.to_dict() for p in self.pairs if p.kind in ("resized", "mismatch") or p.tied
                    or p.paired_by in ("rename", "content") or p.transposed]
-        folded = self.folded
+        folded, pruned = self.folded, self.pruned
         return {"alignment": self.alignment, "notes": list(self.notes), "counts": self.counts,
                 "added": self.names("added"), "removed": self.names("removed"), "special": special,
-                "buffers": list(self.buffers), "aliases": list(self.aliases), **({"folded": folded} if folded else {})}
+                "buffers": list(self.buffers), "aliases": list(self.aliases), **({"folded": folded} if folded else {}),
+                **({"pruned": pruned} if pruned else {})}
 
 
 def _numel(shape: Iterable[int] | None) -> int:
@@ -155,6 +171,7 @@ class _Item:
     dtype: str | None
     lora: object | None = None
     renamed: bool = False
+    lora_bias: object | None = None    # the LoraFactor whose ``lora_B.bias`` this bias entry stands for
 
 
 
@@ -191,4 +208,4 @@ def make_pair(it: _Item, bname: str, info: Any, i: int, vocab: tuple[set[int], s
     # the same name stored transposed (GPT-2's Conv1D against a Linear export): compared as its transpose
     transposed = kind == "mismatch" and len(st) == len(sb) == 2 and st == sb[::-1]
     return Pair(it.key, bname, i, "paired" if transposed else kind, st, sb, it.dtype, info.dtype,
-                overlap_rows=overlap, tuned_source=source_of(it), transposed=transposed)
+                overlap_rows=overlap, tuned_source=source_of(it), transposed=transposed, lora_bias=it.lora_bias)

@@ -42,10 +42,11 @@ from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Any, Sequence
 
-from .align import best_mapping, mapped as _mapped, orient_squares, pair_by_content, parse_renames, realign_blocks, renamed, reuse_blocks
+from .align import best_mapping, mapped as _mapped, orient_squares, pair_by_content, pair_leftovers, parse_renames, \
+    realign_blocks, renamed, reuse_blocks
 from .folded import fold_of
 from .heads import tie_aliases, tie_heads
-from .names import is_buffer, is_embedding, is_lm_head, is_router
+from .names import is_buffer, is_embedding, is_lm_head, is_router, parse_name
 from .pairs import KINDS, PAIRED_BY, CheckpointLike, Pair, Plan, _Item, _numel, make_pair, source_of
 from ..errors import OptionsError, escape_name
 
@@ -64,7 +65,7 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
     first: dict[str, int] = {}
     order = {n: i for i, n in enumerate(tensors)}
     items: list[tuple[int, _Item]] = []
-    saved = ignored = 0
+    saved = ignored = biased = 0
     for f in factors:
         saved += getattr(f, "base_layer_name", None) is not None
         ignored += getattr(f, "ignored_magnitude", None) is not None
@@ -81,9 +82,22 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
                 shape = (int(a.shape[1]), int(b.shape[0]))
         items.append((pos, _Item(f.target, None, shape, dtype, lora=f)))
         first.setdefault(f.target, pos)
+        bias = getattr(f, "bias_name", None)
+        if bias:                        # lora_bias: true, merged by PEFT into the layer's bias
+            used.add(bias)
+            info = tensors[bias]
+            items.append((order[bias], _Item(f.bias_target, bias, tuple(info.shape), info.dtype, lora_bias=f)))
+            biased += 1
     targets = {it.key: it.shape for _, it in items}
+    raw = getattr(getattr(tuned, "adapter", None), "raw", None) or {}
+    sampler = 0
     for n, info in tensors.items():
         if n in used:
+            continue
+        if raw.get("monteclora_config") and ".lora_monteclora_sampler." in n:
+            # MonteCLoRA's sampler state: PEFT samples from it in training only, and its eval forward and merge
+            # use scale x B @ A alone; counted as added tensors, it gave 29 tensors where the merged model has 21
+            sampler += 1
             continue
         key = n[len(_PEFT_PREFIX):] if n.startswith(_PEFT_PREFIX) else n
         key = _PEFT_SEGMENTS.sub("", key)
@@ -103,8 +117,19 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
         notes.append(f"adapter stores the base layer of {saved} of its LoRA modules (PEFT loads it over the "
                      "base's weight): the factors apply to that copy, and a copy that is not the base's is "
                      "measured as the merged weight")
+    if sampler:
+        notes.append(f"adapter has monteclora_config: {sampler} tensors of MonteCLoRA's sampler state "
+                     "(lora_monteclora_sampler) are used in training only (PEFT's eval forward and merge use "
+                     "scale x B @ A alone): not model weights, not compared")
+    if raw.get("alora_invocation_tokens"):
+        notes.append("adapter has alora_invocation_tokens (aLoRA): PEFT applies its change only to the tokens "
+                     "after an invocation sequence, and cannot merge it; the weights measured are those the "
+                     "model uses once the adapter is invoked, not on every input")
+    if biased:
+        notes.append(f"adapter has lora_bias: the lora_B.bias of {biased} LoRA modules is measured as a change of "
+                     "the module's bias (base + scale x lora_B.bias, as PEFT merges it)")
     if factors:
-        notes.append(f"adapter: {len(factors)} LoRA factor pairs, {len(items) - len(factors)} other tensors "
+        notes.append(f"adapter: {len(factors)} LoRA factor pairs, {len(items) - len(factors) - biased} other tensors "
                      "(modules_to_save); base tensors the adapter leaves alone are `inherited`")
     return [it for _, it in items]
 
@@ -235,7 +260,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
             break
         if pair is None:
             pair = Pair(it.key, None, 0, "added", it.shape, None, it.dtype, None, lora=it.lora,
-                        tuned_source=source_of(it))
+                        tuned_source=source_of(it), lora_bias=it.lora_bias)
             if it.lora is not None:
                 notes.append(f"adapter factor for `{escape_name(it.key)}` has no base tensor to modify")
         out.append(((0, pos, 0), pair))
@@ -246,7 +271,10 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
         if reorder:             # provenance's screening leaves it out: an unrelated candidate fails
             reuse_blocks(out, tuned, bases, used, notes)    # every block, and screening reads samples only
         pair_by_content(out, tuned, bases, used, notes)
+        pair_leftovers(out, tuned, bases, used, notes)
         orient_squares(out, tuned, bases, notes)
+    else:
+        orient_squares(out, tuned, bases, notes, probe=False)
     # the tie is a last resort: only a head that neither names nor content pair (an ONNX export's
     # transposed head `onnx::MatMul_N` is the base head, not a sign that the tuned model ties it)
     tie_heads(out, items, bases, mapping, used, notes, tuned)
@@ -263,8 +291,10 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
                 out.append(((1, i, pos), Pair(shown, bname, i, "inherited", None, tuple(info.shape), info.dtype,
                                                info.dtype)))
             else:
+                fold = fold_of(tuned, base, bname, shown, info)
                 out.append(((1, i, pos), Pair(None, bname, i, "removed", None, tuple(info.shape), None,
-                                               info.dtype, folded=fold_of(tuned, base, bname, shown, info))))
+                                               info.dtype, folded=fold,
+                                               pruned=fold is None and _pruned_by_export(tuned, bname))))
     out.sort(key=_adapter_key(bases) if adapter else (lambda t: t[0]))
     pairs = [p for _, p in out]
     for p in pairs:
@@ -278,13 +308,37 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
             notes.insert(0, f"base {i}: tuned `{escape_name(a['tuned_prefix'])}*` aligned with base "
                             f"`{escape_name(a['base_prefix'])}*` ({a['matched']} tensors)")
     _summarise_notes(pairs, notes)
+    empty = [p for p in pairs if p.kind in ("added", "removed") and p.params == 0]
+    if empty:
+        # a tensor of no element holds no weight: "1 tensor was added (0 parameters)" decided a DERIVED verdict
+        # with nothing said of it; the verdict stays (the names differ), the note says what the change is
+        e = empty[0]
+        one = len(empty) == 1
+        notes.append(f"{len(empty)} {e.kind if one else 'added or removed'} tensor{'' if one else 's'} "
+                     f"hold{'s' if one else ''} no element (`{escape_name(e.tuned_name or e.base_name or '')}` "
+                     f"{list(e.shape_tuned or e.shape_base or ())}): only a name differs there, no weight")
     for p in pairs:
         if p.folded is not None:
             notes.append(fold_note(p))
+    pruned = [p.base_name for p in pairs if p.pruned]
+    if pruned:
+        shown = ", ".join(f"`{escape_name(n)}`" for n in pruned[:4]) + (", ..." if len(pruned) > 4 else "")
+        notes.append(f"{len(pruned)} base tensor{'s' if len(pruned) != 1 else ''} outside the blocks ({shown}) "
+                     f"{'are' if len(pruned) != 1 else 'is'} not in the tuned ONNX model: an exporter drops the "
+                     "parameters no exported output reads (a pooler or LM head in a feature-extraction export), so "
+                     "what the export does not hold is not compared")
     if buffers:
         notes.append(f"{len(buffers)} buffers (position ids, masks, running statistics and the like) are not "
                      "parameters: listed apart, never compared")
     return Plan(pairs, [alignment[i] for i in range(len(bases))], notes, buffers, aliases=aliases)
+
+
+def _pruned_by_export(tuned: CheckpointLike, bname: str) -> bool:
+    """Whether base tensor ``bname``, which the tuned model lacks, may be one its ONNX exporter pruned: the
+    tuned model is an ONNX graph, which holds only what its outputs read, and the tensor is outside the
+    numbered blocks (a head or pooler after the last block; a block's own parameter is on the path of any
+    output that reads the block)."""
+    return getattr(tuned, "format", None) == "onnx" and parse_name(bname)[0] is None
 
 
 def _vocab_sizes(items: Sequence[_Item], bases: Sequence[CheckpointLike],

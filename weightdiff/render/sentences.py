@@ -167,6 +167,10 @@ def _verdict_title(summary: dict) -> str:
             and not (summary.get("tensors_by_status") or {}).get("changed"):
         return ("INCONCLUSIVE: no compared tensor changed, but the export folded base parameters into values "
                 "computed for a fixed input shape and does not hold them whole.")
+    if v == "inconclusive" and "pruned_by_export" in (summary.get("flags") or []) \
+            and not (summary.get("tensors_by_status") or {}).get("changed"):
+        return ("INCONCLUSIVE: no compared tensor changed, but the ONNX export does not hold some base parameters "
+                "(dropped as no exported output reads them).")
     if v == "inconclusive" and "relayout" in (summary.get("flags") or []) \
             and not (summary.get("tensors_by_status") or {}).get("changed"):
         if "meta_layout_unmapped" in (summary.get("flags") or []):
@@ -371,6 +375,18 @@ def _archs(summary: dict) -> str:
     return " and ".join(f"`{escape_name(str(a))}`" if a else "(none given)" for a in names)
 
 
+def _pruned_reason(data: dict) -> str:
+    """Why base parameters an ONNX export does not hold (pruned as unused) leave the verdict open."""
+    pruned = [str(f.get("base_name")) for f in (data.get("plan") or {}).get("pruned") or []]
+    more = f" (and {count(len(pruned) - 3)} more)" if len(pruned) > 3 else ""
+    return ("Every tensor compared is the base's, but the ONNX export does not hold "
+            + ("a base parameter" if len(pruned) == 1 else f"{count(len(pruned))} base parameters")
+            + f" outside the blocks: {_names(pruned[:3])}{more}. An exporter drops the parameters no exported "
+            "output reads (a pooler or LM head when only the hidden states are exported), so their absence is no "
+            "sign of a change; but what the export does not hold cannot be compared, so weightdiff does not call "
+            "the model identical to the base.")
+
+
 def _inconclusive(data: dict) -> str:
     s = data.get("summary") or {}
     tbs = s.get("tensors_by_status") or {}
@@ -392,6 +408,8 @@ def _inconclusive(data: dict) -> str:
                 "matrices too (widen --include or --exclude).")
     if "folded_parameters" in (s.get("flags") or []) and not tbs.get("changed"):
         return _folded_reason(data)
+    if "pruned_by_export" in (s.get("flags") or []) and not tbs.get("changed"):
+        return _pruned_reason(data)
     if "off_grid_mixed" in (s.get("flags") or []):
         g = (s.get("scope") or {}).get("off_grid") or {}
         on, off = int(g.get("on_grid") or 0), int(g.get("off_grid") or 0)
