@@ -182,16 +182,22 @@ def _unit_rows(v: np.ndarray) -> np.ndarray:
     return v / np.where(norms > 0, norms, 1.0)[:, None]
 
 
+#: at most this many neurons left unmatched by the mutual nearest neighbours are matched greedily (their
+#: similarity matrix is float64 [rest, rest]: 128 MB at 4,096)
+GREEDY_MAX = 4096
+
+
 def match_neurons(sim: np.ndarray | None = None, *, sig_tuned: np.ndarray | None = None,
                   sig_base: np.ndarray | None = None, exact_max: int = 2048,
-                  chunk: int = 4096) -> tuple[np.ndarray, str]:
+                  chunk: int = 1024) -> tuple[np.ndarray, str]:
     """Best one-to-one matching of tuned neurons (rows) to base neurons.
 
     Either ``sim`` (n x n similarities, solved exactly) or two signature matrices
     (n x k each, one row per neuron, compared by cosine; or two lists of them, one per member matrix,
     compared by the sum of each member's absolute cosine). With signatures, mutual
     nearest neighbours are matched directly and only the remaining neurons are
-    solved exactly (greedily when more than ``exact_max`` remain).
+    solved exactly (greedily when more than ``exact_max`` remain), ``chunk`` rows at a time (each member's
+    similarities of a chunk are float64 [chunk, n]: 117 MB at 14,336 neurons).
     Returns (perm, method) with tuned neuron i -> base neuron perm[i].
     """
     if sim is not None:
@@ -223,6 +229,11 @@ def match_neurons(sim: np.ndarray | None = None, *, sig_tuned: np.ndarray | None
         taken = np.zeros(n, dtype=bool)
         taken[perm[mutual]] = True
         rest_b = np.flatnonzero(~taken)
+        if rest_t.size > GREEDY_MAX:
+            # most neurons match nothing (the MLPs are not one another's): no reordering to find, and the similarities
+            # of the rest would be rest^2 float64 (1.6 GB at 14,336): they keep their order
+            perm[rest_t] = rest_b
+            return perm, "projection"
         sub = sims([x[rest_t] for x in st], [y[rest_b] for y in sb], 0, rest_t.size)
         if rest_t.size <= exact_max:
             perm[rest_t] = rest_b[linear_assignment(sub, maximize=True)]
