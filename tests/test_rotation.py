@@ -285,3 +285,31 @@ def test_a_pair_scaled_alike_is_not_a_scale_moved(tmp_path, rng):
     s = compare(write_checkpoint(tmp_path / "b", base, dtype="BF16"),
                 write_checkpoint(tmp_path / "t", tuned, dtype="BF16")).summary
     assert "rescaled_units" not in s.flags and s.tensors_by_status.get("changed") == 2
+
+
+def test_a_rotation_computed_in_float32_is_rounding_not_a_fine_tune(tmp_path, rng):
+    """From the tester of the memo's sentences: the residual stream rotated with a float32 matmul (stored float32)
+    leaves round-off of about sqrt(n) 2^-24 relative, just above the bound of one rounding (2^-24): every matrix
+    read changed, "a fine-tune ... spread over many directions". A real change of 1e-4 still reads changed."""
+    base = llama(rng)
+    r = _orthogonal(128)
+    folded = _rotated(base, np.eye(128))                   # the gains folded in float64, nothing rotated yet
+    r32 = r.astype(np.float32)
+    t = {}
+    for k, v in folded.items():
+        if v.ndim != 2:
+            t[k] = v
+        elif any(w in k for w in WRITE):
+            t[k] = r32.T @ v                               # float32 products, as a float32 matmul computes them
+        else:
+            t[k] = v @ r32
+    b = write_checkpoint(tmp_path / "b", base)
+    s = compare(b, write_checkpoint(tmp_path / "r32", t)).summary
+    assert "rotated_residual" in s.flags and s.scope["rotated_residual"]["tensors_changed"] == 0
+    title = verdict_title(s.to_dict())
+    assert "a fine-tune" not in title and "none of its other weights changed" in title, title
+    k = "model.layers.1.mlp.down_proj.weight"
+    t[k] = (t[k] + 1e-4 * float(np.linalg.norm(t[k])) / np.sqrt(t[k].size)
+            * np.random.default_rng(4).standard_normal(t[k].shape)).astype(np.float32)
+    s = compare(b, write_checkpoint(tmp_path / "r32ft", t)).summary
+    assert s.scope["rotated_residual"]["tensors_changed"] == 1

@@ -1017,22 +1017,52 @@ def missing_head(bases: Sequence[Checkpoint], tuned: Checkpoint) -> str | None:
             "at random, so the model as loaded is not the base's whatever its stored tensors are")
 
 
-def _within_rotation_rounding(r: TensorRecord) -> None:
+def _rotation_bound(dtype: str | None, width: int | None = None) -> float | None:
+    """The largest relative change (||tuned - base in the rotated frame|| / ||that base||) that the rounding of a
+    rotation can leave in a tensor stored as ``dtype``; None for a dtype without a mantissa.
+
+    Storing float64 values rounds each element once: at most 2^-(m + 1) relative (m mantissa bits), the bound
+    with nothing rotated (a gain folded, units rescaled: one product per element). A rotation of width ``width``
+    (= n) computes each element as a sum of n products, each product and each partial sum rounded at the
+    precision the tool multiplied in: the errors, of random sign, add up to about u sqrt(n / 2) relative to the
+    element for sequential summation with unit round-off u (blocked or pairwise BLAS sums leave less), so
+    2 u sqrt(n) bounds it with room. A float32 (or narrower) tensor is taken as multiplied in float32 (what a
+    float32 matmul does, and a bfloat16 or float16 one accumulates in): u = 2^-24; a float64 one in float64. A
+    float32 rotation of width 128, stored as float32, leaves 2.1e-7 (the bound 2^-24 alone read it as a
+    fine-tune, "dense"); the bound there is 7.3e-7, and 1.1e-5 at width 8192, so a real change of 1e-4 reads
+    changed at every width a model has.
+    """
+    from .kernels.dtypes import DTYPES
+
+    d = DTYPES.get(dtype or "")
+    if d is None or not d.mant_bits:
+        return None
+    bound = 2.0 ** -(d.mant_bits + 1)
+    if width:
+        bound += 2.0 * math.sqrt(width) * 2.0 ** -(max(d.mant_bits, 23) + 1)
+    return bound
+
+
+def _within_rotation_rounding(r: TensorRecord, width: int | None = None) -> None:
     """A rotated tensor whose change beneath the rotation is within the rounding of its stored format reads
     ``rounding``: the base in the rotated frame is float64 values, which no stored tensor holds bitwise (a
     float32 or bfloat16 copy of the rotated base differs from them by its rounding, and the fitted R by less).
-    The bound: a relative change of at most 2^-(mantissa bits + 1), twice what rounding to nearest leaves."""
+    The bound (``_rotation_bound``): a relative change of at most 2^-(mantissa bits + 1), twice what rounding to
+    nearest leaves, plus, under a rotation of width ``width`` (None: nothing rotated), the round-off of the
+    width-n products that computed it."""
+    bound = _rotation_bound(r.dtype_tuned, width)
+    if r.status != "changed" or bound is None or r.rel_change is None \
+            or not math.isfinite(r.rel_change) or r.rel_change > bound:
+        return
     from .kernels.dtypes import DTYPES
 
-    d = DTYPES.get(r.dtype_tuned or "")
-    if r.status != "changed" or d is None or not d.mant_bits or r.rel_change is None \
-            or not math.isfinite(r.rel_change) or r.rel_change > 2.0 ** -(d.mant_bits + 1):
-        return
+    m = DTYPES[r.dtype_tuned].mant_bits
     r.status = "rounding"
     r.rank = None
     r.note = (r.note + "; " if r.note else "") + (
-        f"within the rounding of {r.dtype_tuned} (relative change at most 2^-{d.mant_bits + 1}): beneath the "
-        "rotation it changed by no more than that")
+        f"within the rounding of {r.dtype_tuned} (relative change at most 2^-{m + 1}"
+        + (f" plus the round-off of a width-{width} product, {bound:.2g} in all" if width else "")
+        + "): beneath the rotation it changed by no more than that")
 
 
 def _same_dense(r: TensorRecord, bases: Sequence[Checkpoint], tuned: Checkpoint, dtypes: Sequence[str]) -> bool:
@@ -1287,7 +1317,7 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
         if u.rotate is not None:
             (rotated if u.rotate[1] is not None else folded if u.gain_name else rescaled).append(new.name)
             new.dtype_base = r.dtype_base           # measured against float64 values; stored as the base stores it
-            _within_rotation_rounding(new)
+            _within_rotation_rounding(new, None if u.rotate[1] is None else int(u.rotate[1].shape[0]))
             if u.axis is None:
                 continue
             # units reordered then rescaled: the reordering counts as one undone too
