@@ -313,3 +313,26 @@ def test_a_rotation_computed_in_float32_is_rounding_not_a_fine_tune(tmp_path, rn
             * np.random.default_rng(4).standard_normal(t[k].shape)).astype(np.float32)
     s = compare(b, write_checkpoint(tmp_path / "r32ft", t)).summary
     assert s.scope["rotated_residual"]["tensors_changed"] == 1
+
+
+@pytest.mark.parametrize("rows", [520, 480])
+def test_a_rotated_model_with_token_rows_added_or_trimmed_reads_rotated(tmp_path, rng, rows):
+    """From the tester of the memo's sentences: QuaRot's rotation, then 8 token rows appended to the embedding and
+    the head (``resize_token_embeddings``), read "UNRELATED ... no sign that one was made from the other": the
+    rotation was looked for only with the embedding at the base's shape. R is fitted on the shared rows; the tables
+    read as resized (rows added or removed), their shared rows unchanged beneath the rotation."""
+    base = llama(rng)
+    t = dict(_rotated(base, _orthogonal(128)))
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        extra = np.random.default_rng(11).normal(0, 0.02, (max(0, rows - 512), 128)).astype(np.float32)
+        t[k] = np.concatenate([t[k][:rows], extra])
+    s = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", t)).summary
+    assert s.verdict == "derived" and {"rotated_residual", "resized_embeddings"} <= set(s.flags), (s.verdict, s.flags)
+    sc = s.scope["rotated_residual"]
+    assert sc["tensors"] == 30 and sc["tensors_changed"] == 0 and sc["norms_folded"] == 9
+    assert s.scope["tensors_only_resized"] == 2
+    title = verdict_title(s.to_dict())
+    assert "residual stream rotated" in title and "none of its other weights changed" in title, title
+    assert "a fine-tune" not in title and "rows added" in title
+    assert "unrelated" not in (s.verdict_reason or "").lower()
+

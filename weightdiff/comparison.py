@@ -569,7 +569,12 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     token embedding is no closer to the base's than a weak relation (cosine below ``weak_cosine``) and some
     output matrix is not either: the usual comparison reads nothing here. R is fitted on the embedding and the
     output matrices of every other block and must hold on the rest (pooled cosine at least ``weak_cosine``,
-    each held-out matrix above chance, 6/sqrt(elements)); two independent models never pass that."""
+    each held-out matrix above chance, 6/sqrt(elements)); two independent models never pass that.
+
+    Token tables of another height (``resized``: rows appended by ``resize_token_embeddings``, or trimmed) take
+    part through their shared rows, the first ones, which the resized pair compares: R is fitted on them and they
+    are measured in the rotated frame, the added rows counted as added rows (a rotated release with special tokens
+    added read UNRELATED: the embedding, needed at the base's shape, disabled the test)."""
     from .judge.relatedness import MARGINS
     from .measure import rotation as rot
     from .measure.compute import NEGATABLE
@@ -580,10 +585,16 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         return [], {}
     base = bases[0]
 
+    def table(r: TensorRecord) -> bool:
+        """A token table of another height whose shared rows are compared (rows added or trimmed)."""
+        return (r.status == "resized" and r.module in ("embed", "lm_head") and len(r.shape or ()) == 2
+                and len(r.base_shape or ()) == 2 and r.shape[1:] == r.base_shape[1:])
+
     def dense(r: TensorRecord) -> bool:
         return (id(r) not in skip and r.base_name is not None and r.compared == "float"
-                and r.status in ("changed", "unchanged", "rounding") and not getattr(r, "tied", False)
-                and r.paired_by in ("name", "prefix", "rename", None) and _same_dense(r, bases, tuned, NEGATABLE))
+                and (r.status in ("changed", "unchanged", "rounding") or table(r)) and not getattr(r, "tied", False)
+                and r.paired_by in ("name", "prefix", "rename", None)
+                and _same_dense(r, bases, tuned, NEGATABLE, rows=table(r)))
 
     mats = [r for r in records if len(r.shape or ()) == 2 and dense(r)]
     emb = [r for r in mats if r.module == "embed"]
@@ -599,9 +610,15 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     def load(ck: Checkpoint, name: str):
         return rot.values(ck, name)
 
+    def shared(r: TensorRecord):
+        """(base, tuned) values of ``r``: a resized table's shared rows only (the first ones on both sides)."""
+        b, t = load(base, r.base_name), load(tuned, r.name)
+        k = min(b.shape[0], t.shape[0])
+        return (b[:k], t[:k]) if table(r) else (b, t)
+
     def fitted(rows: list):
         fit = rot.Rotation(d)
-        fit.add("in", load(base, e.base_name), load(tuned, e.name))
+        fit.add("in", *shared(e))
         for r in rows:
             fit.add("out", load(base, r.base_name), load(tuned, r.name))
         return fit.solve()
@@ -653,13 +670,15 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         form = "out" if r in outs else "in"
         gain = g = None
         if form == "in" and r.module not in ("embed", "embed.pos"):
-            found = _best_gain(load(base, r.base_name), load(tuned, r.name), r_all,
+            found = _best_gain(*shared(r), r_all,
                                [(n, _vector(base, n)) for n in gains.get(r.block, []) + gains.get(None, [])])
             if found is not None:
                 gain, g = found
                 used.add(gain)
         label, kind = r.block or component_of(r.name), str(r.module or "")
-        note = ROTATED_NOTE + (f", with the base's `{escape_name(gain)}` folded into its columns" if gain else "")
+        note = ROTATED_NOTE + (f", with the base's `{escape_name(gain)}` folded into its columns" if gain else "") \
+            + (f" (its {min(r.shape[0], r.base_shape[0]):,} shared rows; rows added or removed are not compared)"
+               if table(r) else "")
         out.append(Undo(r, r.base_name, None, None, label, kind, note, rotate=(form, r_all, g), gain_name=gain))
         if form == "out" and r.name.endswith(".weight"):
             bias = by_name.get(r.name[:-len("weight")] + "bias")
@@ -1049,15 +1068,22 @@ def _within_rotation_rounding(r: TensorRecord, width: int | None = None) -> None
     float32 or bfloat16 copy of the rotated base differs from them by its rounding, and the fitted R by less).
     The bound (``_rotation_bound``): a relative change of at most 2^-(mantissa bits + 1), twice what rounding to
     nearest leaves, plus, under a rotation of width ``width`` (None: nothing rotated), the round-off of the
-    width-n products that computed it."""
+    width-n products that computed it. A token table with rows added or removed stays ``resized``: its shared rows
+    so within the bound count no element beyond rounding (``frac_beyond_rounding`` 0: element by element, the
+    float64 values of a fitted R round to other float32 values in about half the elements), so it reads as a table
+    with rows added, as it would unrotated, not as a change."""
     bound = _rotation_bound(r.dtype_tuned, width)
-    if r.status != "changed" or bound is None or r.rel_change is None \
-            or not math.isfinite(r.rel_change) or r.rel_change > bound:
+    if r.status not in ("changed", "resized") or bound is None or r.rel_change is None \
+            or not math.isfinite(r.rel_change) or r.rel_change > bound \
+            or (r.status == "resized" and (r.compared != "float" or not r.numel_compared)):
         return
     from .kernels.dtypes import DTYPES
 
     m = DTYPES[r.dtype_tuned].mant_bits
-    r.status = "rounding"
+    if r.status == "resized":
+        r.frac_beyond_rounding = 0.0
+    else:
+        r.status = "rounding"
     r.rank = None
     r.note = (r.note + "; " if r.note else "") + (
         f"within the rounding of {r.dtype_tuned} (relative change at most 2^-{m + 1}"
@@ -1065,12 +1091,15 @@ def _within_rotation_rounding(r: TensorRecord, width: int | None = None) -> None
         + "): beneath the rotation it changed by no more than that")
 
 
-def _same_dense(r: TensorRecord, bases: Sequence[Checkpoint], tuned: Checkpoint, dtypes: Sequence[str]) -> bool:
-    """Both sides of ``r`` stored whole (no adapter factors, no quantized codes) in one of ``dtypes``, of one shape."""
+def _same_dense(r: TensorRecord, bases: Sequence[Checkpoint], tuned: Checkpoint, dtypes: Sequence[str],
+                rows: bool = False) -> bool:
+    """Both sides of ``r`` stored whole (no adapter factors, no quantized codes) in one of ``dtypes``, of one shape
+    (``rows``: of one shape but for the number of rows, a token table resized)."""
     base = bases[r.base_index]
     t, b = tuned.tensors.get(r.name), base.tensors.get(r.base_name)
     return (t is not None and b is not None and t.dtype in dtypes and b.dtype in dtypes
-            and tuple(t.shape) == tuple(b.shape) and not getattr(base, "quant", None)
+            and (tuple(t.shape) == tuple(b.shape) or (rows and tuple(t.shape)[1:] == tuple(b.shape)[1:]))
+            and not getattr(base, "quant", None)
             and not getattr(tuned, "quant", None) and getattr(tuned, "adapter", None) is None)
 
 

@@ -265,9 +265,12 @@ def _derived_special(summary: dict) -> str | None:
         return None
     # rows added or removed, the shared rows unchanged, beside tensors of another shape (a vocabulary grown
     # beside BART's [1, vocab] final_logits_bias): nothing trained, not "a fine-tune"
-    grown = int(scope.get("tensors_only_resized") or 0) if mism else 0
+    # (and beside a rotated residual stream: a rotated release with tokens added, its shared rows unchanged beneath
+    # the rotation)
+    grown = int(scope.get("tensors_only_resized") or 0) if mism or rot.get("tensors") else 0
     if grown:
-        what.insert(0, "rows added to or removed from some of its tensors (their shared rows unchanged)")
+        what.insert(0, "rows added to or removed from some of its tensors (their shared rows unchanged"
+                    + (" beneath the rotation)" if rot.get("tensors") and not mism else ")"))
     routed = int(perm.get("routers_changed") or 0)              # routers left in place: counted as changed
     reordered = int(perm.get("tensors_changed") or 0) - routed
     changed -= routed + int(neg.get("tensors_not_measured") or 0)   # flipped, not measured beneath: said apart
