@@ -336,3 +336,20 @@ def test_a_rotated_model_with_token_rows_added_or_trimmed_reads_rotated(tmp_path
     assert "a fine-tune" not in title and "rows added" in title
     assert "unrelated" not in (s.verdict_reason or "").lower()
 
+
+def test_a_tied_base_rotated_with_its_head_untied_reads_rotated(tmp_path, rng):
+    """From the tester of the memo's sentences: QuaRot on a base that ties its head (Llama-3.2): the head is untied
+    (a copy of the embedding, the final norm's gains folded in) and rotated. Paired with the base's embedding but
+    measured as stored, it read "PARTIAL ... head is unrelated". It is measured in the rotated frame, its gains
+    found; the title says the head was untied."""
+    base = llama(rng, tied=True)
+    t = dict(base)
+    t["lm_head.weight"] = base["model.embed_tokens.weight"].copy()
+    t = _rotated(t, _orthogonal(128))
+    s = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", t)).summary
+    assert s.verdict == "derived" and "rotated_residual" in s.flags, (s.verdict, s.flags)
+    sc = s.scope["rotated_residual"]
+    assert sc["tensors"] == 30 and sc["tensors_changed"] == 0 and sc["norms_folded"] == 9 and sc["head_untied"]
+    assert not any(c["status"] == "unrelated" for c in s.components)
+    title = verdict_title(s.to_dict())
+    assert "head untied" in title and "none of its other weights changed" in title, title

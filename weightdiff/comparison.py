@@ -574,7 +574,11 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     Token tables of another height (``resized``: rows appended by ``resize_token_embeddings``, or trimmed) take
     part through their shared rows, the first ones, which the resized pair compares: R is fitted on them and they
     are measured in the rotated frame, the added rows counted as added rows (a rotated release with special tokens
-    added read UNRELATED: the embedding, needed at the base's shape, disabled the test)."""
+    added read UNRELATED: the embedding, needed at the base's shape, disabled the test). A head the tuned model
+    stores beside a base that ties it is paired with the base's embedding (``paired_by`` ``tied``): that is the
+    head the base computes with, so it is measured in the rotated frame like any reader of the residual stream,
+    with the final norm's gains folded in where that fits better (QuaRot unties a tied head so; measured as
+    stored it read "head unrelated")."""
     from .judge.relatedness import MARGINS
     from .measure import rotation as rot
     from .measure.compute import NEGATABLE
@@ -593,7 +597,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     def dense(r: TensorRecord) -> bool:
         return (id(r) not in skip and r.base_name is not None and r.compared == "float"
                 and (r.status in ("changed", "unchanged", "rounding") or table(r)) and not getattr(r, "tied", False)
-                and r.paired_by in ("name", "prefix", "rename", None)
+                and (r.paired_by in ("name", "prefix", "rename", None) or (r.paired_by == "tied" and r.module == "lm_head"))
                 and _same_dense(r, bases, tuned, NEGATABLE, rows=table(r)))
 
     mats = [r for r in records if len(r.shape or ()) == 2 and dense(r)]
@@ -677,6 +681,8 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
                 used.add(gain)
         label, kind = r.block or component_of(r.name), str(r.module or "")
         note = ROTATED_NOTE + (f", with the base's `{escape_name(gain)}` folded into its columns" if gain else "") \
+            + (" (the base ties its head to this embedding: this model stores the head untied)"
+               if r.paired_by == "tied" else "") \
             + (f" (its {min(r.shape[0], r.base_shape[0]):,} shared rows; rows added or removed are not compared)"
                if table(r) else "")
         out.append(Undo(r, r.base_name, None, None, label, kind, note, rotate=(form, r_all, g), gain_name=gain))
@@ -694,9 +700,10 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
                     and r.status != "unchanged" and id(r) not in skip and dense(r):
                 out.append(Undo(r, r.base_name, None, None, r.block or component_of(r.name), "norm", ROTATED_NOTE,
                                 rotate=("out", perm_abs, None)))
+    untied = any(u.record.paired_by == "tied" for u in out)      # a head stored beside a base that ties it
     return out, {"width": d, "fit": {"matrices_held_out": len(held), "matrices_explained": len(good),
                          "cosine_held_out": num / den, "matrices_fitted": 1 + len(fitting),
-                         "matrices_out": len(outs)}, "gains": sorted(used)}
+                         "matrices_out": len(outs)}, "gains": sorted(used), **({"head_untied": True} if untied else {})}
 
 
 FOLD_NOTE = "measured against the base's matrix with the gains of the base's `{}` folded into its columns"

@@ -425,6 +425,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                                      "matrices_explained": int(fit.get("matrices_explained") or 0),
                                      "matrices_out": int(fit.get("matrices_out") or 0),
                                      "cosine_held_out": float(fit.get("cosine_held_out") or 0.0)}
+        if rotated.get("head_untied"):        # the base ties its head; this model stores one, measured rotated
+            scope["rotated_residual"]["head_untied"] = True
     negated = undone.get("negated") or {}
     left = negated_rows(counted, thresholds)  # still stored negated: quantized, adapter factors, reordered too
     if negated or left:                       # matrices stored times -1, measured against the base times -1

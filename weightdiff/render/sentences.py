@@ -260,7 +260,9 @@ def _derived_special(summary: dict) -> str | None:
                     "orthogonal matrix)" + (" and its norms' gains folded into the matrices that read them"
                                             if folded else "")
                     + (", some norms' gains not folded (so it computes something else than the base)"
-                       if rot.get("norms_unfolded") else ""))
+                       if rot.get("norms_unfolded") else "")
+                    + (" (its head untied: the base's tied embedding, rotated like every matrix that reads the "
+                       "residual stream)" if rot.get("head_untied") else ""))
     if not what:
         return None
     # rows added or removed, the shared rows unchanged, beside tensors of another shape (a vocabulary grown
