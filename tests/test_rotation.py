@@ -353,3 +353,29 @@ def test_a_tied_base_rotated_with_its_head_untied_reads_rotated(tmp_path, rng):
     assert not any(c["status"] == "unrelated" for c in s.components)
     title = verdict_title(s.to_dict())
     assert "head untied" in title and "none of its other weights changed" in title, title
+
+
+def test_pruned_beneath_a_rotation_reads_pruned_not_a_fine_tune(tmp_path, rng):
+    """From the tester of the memo's sentences: rotated, then 50% magnitude pruning of one block's matrices in the
+    rotated frame (nothing trained) read "a fine-tune", dense: the pruning test compared the kept elements bitwise
+    with the stored base, and the rotated base is float64 values. Pruned beneath a rotation is the rotated base with
+    exact zeros, the kept elements within the rotation's rounding; a rotated fine-tune, then pruned, is not."""
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "b", base)
+
+    def pruned(t: dict) -> dict:
+        t = dict(t)
+        for k in READ + WRITE:
+            w = t[f"model.layers.1.{k}.weight"].copy()
+            w[np.abs(w) <= np.median(np.abs(w))] = 0.0
+            t[f"model.layers.1.{k}.weight"] = w
+        return t
+
+    s = compare(b, write_checkpoint(tmp_path / "p", pruned(_rotated(base, _orthogonal(128))))).summary
+    assert s.verdict == "derived" and {"rotated_residual", "pruned_elements"} <= set(s.flags), s.flags
+    assert s.scope["pruned_elements"]["tensors"] == 7 and s.scope["pruned_elements"]["beneath"] == 7
+    title = verdict_title(s.to_dict())
+    assert "a fine-tune" not in title and "pruned" in title and "beneath the rotation" in title, title
+    assert "none of its other weights changed" in title, title
+    s = compare(b, write_checkpoint(tmp_path / "ftp", pruned(_rotated(_tuned(base, rel=1e-2), _orthogonal(128))))).summary
+    assert "pruned_elements" not in s.flags and "a fine-tune" in verdict_title(s.to_dict())

@@ -355,7 +355,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
             records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
             blocks, modules = aggregate(records, options.thresholds)
-        pruned = pruned_matrices(records, bases, tuned_ck)
+        pruned = pruned_matrices(records, bases, tuned_ck, undo)
         if pruned:
             undone = {**undone, "pruned": pruned}
         if headless:
@@ -883,33 +883,66 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
     return out
 
 
-def pruned_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint) -> dict:
+def pruned_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
+                    undo: Sequence[Undo] = ()) -> dict:
     """The changed float matrices that are the base's with some elements set to zero and every other element
     exactly the base's (magnitude or 2:4 pruning, heads zeroed in place, no training): ``names``, ``elements``
     (set to zero) and ``elements_in`` (of those matrices). As stored they read "a fine-tune, dense". Only the
     records whose norms fit it are read again: the delta is then minus the pruned values, orthogonal to the kept
-    ones, so ||base||^2 = ||tuned||^2 + ||delta||^2 and cosine = ||tuned|| / ||base||; the elements decide."""
+    ones, so ||base||^2 = ||tuned||^2 + ||delta||^2 and cosine = ||tuned|| / ||base||; the elements decide.
+
+    A matrix measured beneath a rotation or a fold (an ``undo`` entry with ``rotate``) is pruned when it is the base
+    in that frame with elements set to exactly zero and the kept ones within the rotation's rounding bound
+    (``_rotation_bound``, on their norm): the rotated base is float64 values that no stored element holds bitwise,
+    so the bitwise test of the kept elements never held and a model rotated, then pruned, read "a fine-tune"; the
+    norm identities are tested to that bound too. ``beneath``: how many were found so."""
     import numpy as np
 
     from .measure.compute import NEGATABLE
-    from .measure.rotation import values
+    from .measure.rotation import RotatedSide, values
 
     from .kernels.dtypes import DTYPES
     from .kernels.reference import round_to
 
-    names, zeroed, total = [], 0, 0
+    framed = {u.record.name: u for u in undo if u.rotate is not None}
+    names, zeroed, total, beneath = [], 0, 0, 0
     for r in records:
         nb, nt, nd, c = r.norm_base, r.norm_tuned, r.norm_delta, r.cosine
         cast = r.dtype_base != r.dtype_tuned
+        u = framed.get(r.name)
+        # the base in the undone frame, float64, when the record was measured so (a rotation, a fold, a rescale)
+        bound = _rotation_bound(r.dtype_tuned, None if u is None or u.rotate[1] is None
+                                else int(u.rotate[1].shape[0])) if u is not None else None
         # pruned then cast (a bf16 copy of a pruned f32 model): the identities hold to the cast's rounding
         tol = 4.0 * 2.0 ** -(DTYPES[r.dtype_tuned].mant_bits or 0) if cast and r.dtype_tuned in DTYPES else 1e-7
+        if u is not None:
+            if bound is None:
+                continue
+            tol = max(tol, 4.0 * bound)           # the kept elements within the rotation's rounding, not bitwise
         if r.status != "changed" or r.compared != "float" or len(r.shape or ()) != 2 or r.base_name is None \
                 or getattr(r, "tied", False) or None in (nb, nt, nd, c) \
                 or not all(math.isfinite(x) for x in (nb, nt, nd, c)) or not (nb > 0 and nt > 0 and nd > 0) \
                 or abs(nb * nb - nt * nt - nd * nd) > tol * nb * nb or abs(c - nt / nb) > tol \
                 or not _same_dense(r, bases, tuned, NEGATABLE):
             continue
-        t, b = values(tuned, r.name), values(bases[r.base_index], r.base_name)
+        t = values(tuned, r.name)
+        if u is not None:
+            side = RotatedSide(bases[r.base_index], r.base_name, u.source, *u.rotate,
+                               order=None if u.axis is None else (u.axis, u.index))
+            ref = side.read(r.base_name).reshape(t.shape)
+            held = t != 0
+            k = int(np.count_nonzero(~held & (ref != 0)))
+            gap = float(np.linalg.norm(t[held].astype(np.float64) - ref[held]))
+            if not k or gap > bound * float(np.linalg.norm(ref)):
+                continue
+            names.append(r.name)
+            zeroed, total, beneath = zeroed + k, total + t.size, beneath + 1
+            r.note = (f"pruned: {k:,} of {t.size:,} elements set to zero, every other element the base's "
+                      f"{'in the rotated frame' if u.rotate[1] is not None else 'so scaled'}, within rounding "
+                      f"(relative {gap / max(float(np.linalg.norm(ref)), 1e-300):.2g}, the bound {bound:.2g})"
+                      + (f"; {r.note}" if r.note else ""))
+            continue
+        b = values(bases[r.base_index], r.base_name)
         if t.shape != b.shape:
             continue
         kept = np.asarray(round_to(b.astype(np.float64).ravel(), r.dtype_tuned)).reshape(b.shape) if cast else b
@@ -920,7 +953,10 @@ def pruned_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint]
         zeroed, total = zeroed + k, total + t.size
         r.note = (f"pruned: {k:,} of {t.size:,} elements set to zero, every other element exactly the base's"
                   + (f" cast to {r.dtype_tuned}" if cast else "") + (f"; {r.note}" if r.note else ""))
-    return {"names": names, "elements": zeroed, "elements_in": total} if names else {}
+    out = {"names": names, "elements": zeroed, "elements_in": total} if names else {}
+    if beneath:
+        out["beneath"] = beneath
+    return out
 
 
 FOLDED_NOTE = "its gains folded into the matrices that read it (all ones here, the base's gains in those matrices)"

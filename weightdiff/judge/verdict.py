@@ -397,6 +397,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         names = set(pruned.get("names") or ())
         if any(r.dtype_base != r.dtype_tuned for r in counted if r.name in names):
             scope["pruned_elements"]["cast"] = True       # the kept elements are the base's cast to the tuned dtype
+        if pruned.get("beneath"):             # the kept elements the base's beneath a rotation or fold, within rounding
+            scope["pruned_elements"]["beneath"] = int(pruned["beneath"])
     folded = undone.get("folded") or {}
     if folded:                                # norms' gains folded into the matrices that read them, nothing rotated
         flags.append("folded_norms")

@@ -235,7 +235,11 @@ def _derived_special(summary: dict) -> str | None:
         n_pr = int(pr["tensors"])
         what.append(f"some of its weights pruned ({share(int(pr.get('elements_zeroed') or 0) / max(1, int(pr.get('elements_in') or 1)))} "
                     f"of the elements of {count(n_pr)} {'matrix' if n_pr == 1 else 'matrices'} set to zero, the rest "
-                    + ("the base's cast to the tuned dtype)" if pr.get("cast") else "exactly the base's)"))
+                    + ("the base's cast to the tuned dtype)" if pr.get("cast") else
+                       "the base's within rounding beneath the " + ("rotation)" if (scope.get("rotated_residual") or {}).get("tensors")
+                                                                 else "fold)")
+                       if pr.get("beneath") else
+                       "exactly the base's)"))
     rs = scope.get("rescaled_units") or {}
     if rs.get("tensors"):
         n_rs = int(rs["tensors"])
