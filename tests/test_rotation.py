@@ -379,3 +379,40 @@ def test_pruned_beneath_a_rotation_reads_pruned_not_a_fine_tune(tmp_path, rng):
     assert "none of its other weights changed" in title, title
     s = compare(b, write_checkpoint(tmp_path / "ftp", pruned(_rotated(_tuned(base, rel=1e-2), _orthogonal(128))))).summary
     assert "pruned_elements" not in s.flags and "a fine-tune" in verdict_title(s.to_dict())
+
+
+@pytest.mark.parametrize("config", [True, False])
+def test_v_and_o_rescaled_under_grouped_query_heads_are_a_rescale(tmp_path, rng, config):
+    """From the tester of the memo's sentences: v's rows times a factor and o's columns divided by the factor of the
+    v row each reads, with 4 query heads on 2 key-value heads (every current Llama), read "a fine-tune", dense: the
+    rescale was looked for one to one. o's columns are matched through the group map, the head size from config.json
+    or, without one, the one divisor that fits; o's columns divided by the factors in another order is a change (the
+    order of head size 64 against a config that says 32; without a config, an order no head size gives)."""
+    import json
+
+    base = llama(rng, kv=64)
+    s_v = np.exp(0.5 * np.random.default_rng(7).standard_normal(64))
+    j = np.arange(128)
+    cols = s_v[((j // 32) // 2) * 32 + j % 32]
+    tuned = dict(base)
+    p = "model.layers.1.self_attn."
+    tuned[p + "v_proj.weight"] = (base[p + "v_proj.weight"] * s_v[:, None]).astype(np.float32)
+    tuned[p + "o_proj.weight"] = (base[p + "o_proj.weight"] / cols[None, :]).astype(np.float32)
+    b = write_checkpoint(tmp_path / "b", base)
+    t = write_checkpoint(tmp_path / "t", tuned)
+    if config:
+        (t / "config.json").write_text(json.dumps({"hidden_size": 128, "num_attention_heads": 4,
+                                                   "num_key_value_heads": 2}))
+    s = compare(b, t).summary
+    assert s.verdict == "derived" and "rescaled_units" in s.flags, s.flags
+    assert s.scope["rescaled_units"]["tensors"] == 2 and s.scope["rescaled_units"]["tensors_changed"] == 0
+    title = verdict_title(s.to_dict())
+    assert "rescaled" in title and "a fine-tune" not in title, title
+    wrong = dict(tuned)
+    other = np.tile(s_v, 2) if config else cols[np.random.default_rng(8).permutation(128)]
+    wrong[p + "o_proj.weight"] = (base[p + "o_proj.weight"] / other[None, :]).astype(np.float32)
+    w = write_checkpoint(tmp_path / "w", wrong)
+    if config:
+        (w / "config.json").write_text((t / "config.json").read_text())
+    s = compare(b, w).summary
+    assert "rescaled_units" not in s.flags and s.tensors_by_status.get("changed") == 2

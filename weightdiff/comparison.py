@@ -793,7 +793,12 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
 
     ``done``: the undos found before; a pair whose units were reordered (MLP neurons, attention heads: an ``Undo``
     gathering the base's rows or columns) is compared with the base in that order, and its ``Undo`` then does both
-    (a model whose neurons were reordered and flipped read "a fine-tune" with up and down far from the base)."""
+    (a model whose neurons were reordered and flipped read "a fine-tune" with up and down far from the base).
+
+    Grouped-query attention (``_group_map``): o has more columns than v has rows, each query head of a group reading
+    its key-value head's rows, so column j of o reads v's row ((j // head_dim) // group) head_dim + j % head_dim and
+    o's column factors must be the inverse of v's row factors through that map (every current Llama, Mistral and
+    Qwen is so; paired one to one only, such a rescale, AWQ's v->o scale, read "a fine-tune, dense")."""
     import numpy as np
 
     from .judge.relatedness import _low_rank_row
@@ -856,7 +861,8 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
             a, z = by_kind[rows_kind][0], by_kind[cols_kind][0]
             if any((id(r) in skip and id(r) not in orders) or r.status != "changed" or _low_rank_row(r, options.thresholds)
                    or not _same_dense(r, bases, tuned, NEGATABLE) for r in (a, z)) \
-                    or int(a.shape[0]) != int(z.shape[1]):
+                    or (int(a.shape[0]) != int(z.shape[1])
+                        and not (rows_kind == "attn.v" and int(z.shape[1]) % int(a.shape[0]) == 0)):
                 continue
             ca, tol_a = factors(a, 1)
             if ca is None:
@@ -866,14 +872,22 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
                 # only for c > 0; moving the scale changed what it computes
                 continue
             cz, tol_z = factors(z, 0)
+            if cz is None:
+                continue
             # inversely: within the rounding bound itself (a pair scaled alike by 1.5%, what weight decay leaves
-            # on v and o, passed a bound of eight times it in bf16)
-            if cz is None or not np.allclose(ca * cz, 1.0, rtol=0.0, atol=max(tol_a, tol_z)):
+            # on v and o, passed a bound of eight times it in bf16); through the group map under grouped-query heads
+            group = _group_map(int(a.shape[0]), int(z.shape[1]), tuned,
+                               lambda idx: bool(np.allclose(ca[idx] * cz, 1.0, rtol=0.0, atol=max(tol_a, tol_z))))
+            if group is None:
                 continue
             for r, c, what, other, form in ((a, ca, "row", z.name, "rows"), (z, cz, "column", a.name, "in")):
                 neg = int(np.count_nonzero(c < 0))
                 note = RESCALED_NOTE.format(what, f"{c.min():.4g}", f"{c.max():.4g}",
                                             f"; {neg:,} negative" if neg else "", escape_name(other))
+                if group[1]:
+                    told = "" if group[2] else ", the only one that fits: no config.json gives it"
+                    note += (f" (grouped-query heads: head size {group[0]}{told}, {group[1]} query heads reading "
+                             "each key-value head's rows)")
                 if id(r) in orders:         # reordered, then rescaled: gathered in that order, then scaled
                     o = orders[id(r)]
                     out.append(replace(o, note=f"{o.note}; {note}", rotate=(form, None, c)))
@@ -881,6 +895,47 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
                     out.append(Undo(r, r.base_name, None, None, label, str(r.module or ""), note,
                                     rotate=(form, None, c)))
     return out
+
+
+def _group_map(rows: int, cols: int, tuned: Checkpoint, fits) -> tuple[int, int, bool] | None:
+    """(head size, query heads per key-value head, whether config.json gave the head size; (0, 0, False) when one to
+    one) under which column j of o reads v's row ((j // head) // group) head + j % head (transformers'
+    ``repeat_kv``: query head h reads key-value head h // group) and ``fits(index)`` holds for that index of v's
+    row per o column; None when none does or the head size is not known. One to one (``rows == cols``) needs no
+    head size. Else the head size is the config's (``head_dim``, or ``hidden_size // num_attention_heads``) when it
+    agrees with the shapes; without one, every divisor of ``rows`` is tried and taken only when exactly one fits
+    (two that fit would leave the model's own map unknown; the note then says the head size was inferred).
+
+    >>> _group_map(4, 8, None, lambda idx: list(idx) == [0, 1, 0, 1, 2, 3, 2, 3])
+    (2, 2, False)
+    """
+    import numpy as np
+
+    if rows == cols:
+        return (0, 0, False) if fits(np.arange(cols)) else None
+    group = cols // rows
+    j = np.arange(cols)
+
+    def index(head: int):
+        return ((j // head) // group) * head + j % head
+
+    head = None
+    try:
+        from .io.model_config import config_of
+
+        cfg = config_of(tuned) if tuned is not None else None
+    except (CheckpointError, OSError):
+        cfg = None
+    if isinstance(cfg, dict):
+        heads = cfg.get("num_attention_heads")
+        head = cfg.get("head_dim") or (cfg.get("hidden_size") // heads if isinstance(cfg.get("hidden_size"), int)
+                                       and isinstance(heads, int) and heads > 0 else None)
+        if not isinstance(head, int) or head <= 0 or rows % head or cols % head:
+            head = None
+    if head is not None:
+        return (head, group, True) if fits(index(head)) else None
+    found = [h for h in range(1, rows + 1) if rows % h == 0 and fits(index(h))]
+    return (found[0], group, False) if len(found) == 1 else None
 
 
 def pruned_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
