@@ -416,3 +416,32 @@ def test_v_and_o_rescaled_under_grouped_query_heads_are_a_rescale(tmp_path, rng,
         (w / "config.json").write_text((t / "config.json").read_text())
     s = compare(b, w).summary
     assert "rescaled_units" not in s.flags and s.tensors_by_status.get("changed") == 2
+
+
+def test_a_rotated_model_whose_token_rows_moved_and_grew_is_not_unrelated(tmp_path, rng):
+    """The tables' first rows are not the base's rows rotated (ids remapped, then tokens added): they skewed R or
+    failed it (UNRELATED). R is then fitted on the output matrices alone, held out as ever, and the tables' rows are
+    matched to the base's rows rotated: the model reads rotated with its token rows reordered and rows added (the
+    embedding's and the head's orders compared, as unrotated); an independent model with its vocabulary grown
+    still reads unrelated."""
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "b", base)
+    for alike in (True, False):
+        t = dict(_rotated(base, _orthogonal(128)))
+        for seed, k in enumerate(("model.embed_tokens.weight", "lm_head.weight")):
+            order = np.random.default_rng(12 if alike else 12 + seed).permutation(512)
+            t[k] = np.concatenate([t[k][order], np.random.default_rng(11).normal(0, 0.02, (8, 128)).astype(np.float32)])
+        s = compare(b, write_checkpoint(tmp_path / f"t{alike}", t)).summary
+        assert s.verdict == "derived" and {"rotated_residual", "permuted_units"} <= set(s.flags), (s.verdict, s.flags)
+        assert s.scope["rotated_residual"]["embedding_fitted"] is False
+        assert s.scope["rotated_residual"]["tensors_changed"] == 0
+        assert s.scope["permuted_units"]["rows_consistent"] is alike
+        assert "fitted on the output matrices of half the blocks alone" in s.verdict_reason
+        title = verdict_title(s.to_dict())
+        assert "reordered, with rows added" in title and "residual stream rotated" in title, title
+        assert ("computes something else" in title) is not alike and "a fine-tune" not in title, title
+    other = llama(np.random.default_rng(99))
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        other[k] = np.concatenate([other[k], np.random.default_rng(11).normal(0, 0.02, (8, 128)).astype(np.float32)])
+    s = compare(b, write_checkpoint(tmp_path / "o", other)).summary
+    assert s.verdict == "unrelated" and "rotated_residual" not in s.flags

@@ -345,6 +345,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         # matrix reads as another model's
         turned, rotation = rotated_residual(records, bases, tuned_ck, options, {id(u.record) for u in undo})
         undo.extend(turned)
+        for label, kinds in rotation.pop("rows_reordered", {}).items():     # token rows matched beneath it
+            found.setdefault(label, []).extend(k for k in kinds if k not in found.get(label, []))
         # a norm's gains folded into the matrices that read it, nothing rotated (QuaRot's first step alone)
         gains_folded = [] if turned else folded_gains(records, bases, tuned_ck, {id(u.record) for u in undo})
         undo.extend(gains_folded)
@@ -614,24 +616,32 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     def load(ck: Checkpoint, name: str):
         return rot.values(ck, name)
 
+    rows_order: dict = {}           # id(table) -> the base row of each of its first rows, matched beneath R
+
     def shared(r: TensorRecord):
-        """(base, tuned) values of ``r``: a resized table's shared rows only (the first ones on both sides)."""
+        """(base, tuned) values of ``r``: a resized table's shared rows only (the first ones on both sides), or the
+        base's rows in the order matched beneath R against the table's first rows."""
         b, t = load(base, r.base_name), load(tuned, r.name)
+        if id(r) in rows_order:
+            idx = rows_order[id(r)]
+            return b[idx], t[:len(idx)]
         k = min(b.shape[0], t.shape[0])
         return (b[:k], t[:k]) if table(r) else (b, t)
 
+    with_e = [True]                 # the embedding's (shared) rows in the fit
+
     def fitted(rows: list):
         fit = rot.Rotation(d)
-        fit.add("in", *shared(e))
+        if with_e[0]:
+            fit.add("in", *shared(e))
         for r in rows:
             fit.add("out", load(base, r.base_name), load(tuned, r.name))
         return fit.solve()
 
     labels = sorted({r.block for r in outs}, key=lambda b: (parse_name(f"{b}.x")[1] or 0, str(b)))
     train = set(labels[0::2]) if len(labels) > 1 else set()
-    r_fit = fitted([r for r in outs if r.block in train])
-    if r_fit is None or rot.small_rotation(r_fit):
-        return [], {}
+    held = [r for r in outs if r.block not in train]
+
     # R must explain held-out output matrices, each far better than no rotation does (a fine-tune never rotated,
     # with a new embedding, fitted an R under which its held-out matrices kept a cosine of 0.69, against 0.9998
     # as stored), on at least half of them (one block retrained after the rotation must not veto it)
@@ -641,10 +651,28 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         stored = r.cosine if r.cosine is not None and math.isfinite(r.cosine) else 0.0
         return c if c >= weak and c > 6.0 / math.sqrt(n) and c > stored + 0.1 else None
 
-    held = [r for r in outs if r.block not in train]
-    good = [(r, c) for r in held if (c := explained(r, r_fit)) is not None]
-    if not held or 2 * len(good) < len(held):
+    def attempt():
+        r_fit = fitted([r for r in outs if r.block in train])
+        if r_fit is None or rot.small_rotation(r_fit):
+            return None
+        good = [(r, c) for r in held if (c := explained(r, r_fit)) is not None]
+        return None if not held or 2 * len(good) < len(held) else (r_fit, good)
+
+    got = attempt()
+    if train and (got is None or rot.rotated_cosine("in", *shared(e), got[0]) < weak):
+        # the embedding's (first) rows are not the base's rows rotated (ids remapped, then tokens added): they fail
+        # the fit or skew it (a table so remapped left every output matrix "changed" beneath R). R from the output
+        # matrices alone, which no vocabulary touches, held out as ever; the embedding is then measured against
+        # the rotated base as it is (its rows read changed), and the model does not read as unrelated
+        with_e[0] = False
+        bare = attempt()
+        if bare is not None or got is None:
+            got = bare
+        else:
+            with_e[0] = True
+    if got is None:
         return [], {}
+    r_fit, good = got
     # refitted on the embedding and every output matrix R explains (not on one retrained after the rotation,
     # which would skew it: every other matrix then read 1.8% changed)
     kept = {id(g) for g, _ in good}
@@ -670,6 +698,22 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     out: list[Undo] = []
     used: set = set()
     by_name = {r.name: r for r in records}
+    import numpy as np
+
+    if not with_e[0]:
+        # the embedding left out of the fit: its rows (and the head's) matched to the base's rows rotated by cosine,
+        # every match unambiguous (``measure.rowmatch``), so that a table whose ids were remapped is measured
+        # against the rows it holds (its first rows: tokens added are appended); with no such order it is measured
+        # as stored, its rows read changed
+        from .measure.rowmatch import match_rows
+
+        for r in [e, *ins]:
+            if r.module in ("embed", "lm_head"):
+                b, t = load(base, r.base_name), load(tuned, r.name)
+                k = min(b.shape[0], t.shape[0])
+                m = match_rows(t[:k], rot.apply("in", b, r_all).astype(np.float32), "F32", "F32")
+                if m.order is not None:
+                    rows_order[id(r)] = np.asarray(m.order, np.int64)
     for r in [e, *outs, *ins]:
         form = "out" if r in outs else "in"
         gain = g = None
@@ -680,18 +724,26 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
                 gain, g = found
                 used.add(gain)
         label, kind = r.block or component_of(r.name), str(r.module or "")
-        note = ROTATED_NOTE + (f", with the base's `{escape_name(gain)}` folded into its columns" if gain else "") \
+        note = (ROTATED_NOTE if with_e[0] else ROTATED_NOTE.replace("the embedding and the output matrices",
+                                                                    "the output matrices alone")) + (f", with the base's `{escape_name(gain)}` folded into its columns" if gain else "") \
             + (" (the base ties its head to this embedding: this model stores the head untied)"
                if r.paired_by == "tied" else "") \
             + (f" (its {min(r.shape[0], r.base_shape[0]):,} shared rows; rows added or removed are not compared)"
-               if table(r) else "")
+               if table(r) and id(r) not in rows_order else "")
+        idx = rows_order.get(id(r))
+        if idx is not None:             # its rows the base's in another order, beneath the rotation
+            moved = int(np.count_nonzero(idx != np.arange(len(idx))))
+            note += (f"; compared with the base's token rows in this model's order ({moved:,} of {len(idx):,} rows "
+                     "from another index, matched by cosine beneath the rotation, every match unambiguous)")
+            out.append(Undo(r, r.base_name, 0, idx, label, "rows", note, trimmed=len(idx) < int(r.base_shape[0]),
+                            rotate=(form, r_all, g), gain_name=gain))
+            continue
         out.append(Undo(r, r.base_name, None, None, label, kind, note, rotate=(form, r_all, g), gain_name=gain))
         if form == "out" and r.name.endswith(".weight"):
             bias = by_name.get(r.name[:-len("weight")] + "bias")
             if bias is not None and list(bias.shape or ()) == [d] and dense(bias):
                 out.append(Undo(bias, bias.base_name, None, None, label, kind, ROTATED_NOTE, rotate=("out", r_all, None)))
     # a permuted hidden dimension (R a permutation, signs allowed) permutes every norm's gains with it: measured so
-    import numpy as np
 
     if np.allclose(np.abs(r_all).max(axis=0), 1.0, atol=1e-6):
         perm_abs = np.abs(r_all)
@@ -702,8 +754,10 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
                                 rotate=("out", perm_abs, None)))
     untied = any(u.record.paired_by == "tied" for u in out)      # a head stored beside a base that ties it
     return out, {"width": d, "fit": {"matrices_held_out": len(held), "matrices_explained": len(good),
-                         "cosine_held_out": num / den, "matrices_fitted": 1 + len(fitting),
-                         "matrices_out": len(outs)}, "gains": sorted(used), **({"head_untied": True} if untied else {})}
+                         "cosine_held_out": num / den, "matrices_fitted": int(with_e[0]) + len(fitting),
+                         "matrices_out": len(outs)}, "gains": sorted(used), **({"head_untied": True} if untied else {}),
+                 **({} if with_e[0] else {"embedding_fitted": False}),
+                 **({"rows_reordered": {u.label: ["rows"] for u in out if u.kind == "rows"}} if rows_order else {})}
 
 
 FOLD_NOTE = "measured against the base's matrix with the gains of the base's `{}` folded into its columns"

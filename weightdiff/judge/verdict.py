@@ -427,6 +427,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                                      "matrices_explained": int(fit.get("matrices_explained") or 0),
                                      "matrices_out": int(fit.get("matrices_out") or 0),
                                      "cosine_held_out": float(fit.get("cosine_held_out") or 0.0)}
+        if rotated.get("embedding_fitted") is False:   # R from the output matrices alone (the table's rows moved)
+            scope["rotated_residual"]["embedding_fitted"] = False
         if rotated.get("head_untied"):        # the base ties its head; this model stores one, measured rotated
             scope["rotated_residual"]["head_untied"] = True
     negated = undone.get("negated") or {}

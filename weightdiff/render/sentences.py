@@ -272,8 +272,9 @@ def _derived_special(summary: dict) -> str | None:
     # rows added or removed, the shared rows unchanged, beside tensors of another shape (a vocabulary grown
     # beside BART's [1, vocab] final_logits_bias): nothing trained, not "a fine-tune"
     # (and beside a rotated residual stream: a rotated release with tokens added, its shared rows unchanged beneath
-    # the rotation)
-    grown = int(scope.get("tensors_only_resized") or 0) if mism or rot.get("tensors") else 0
+    # the rotation; tables whose rows were also reordered are counted with the reordering, not here)
+    only = int(scope.get("tensors_only_resized") or 0)
+    grown = only if mism else max(0, only - int(perm.get("tensors_resized") or 0)) if rot.get("tensors") else 0
     if grown:
         what.insert(0, "rows added to or removed from some of its tensors (their shared rows unchanged"
                     + (" beneath the rotation)" if rot.get("tensors") and not mism else ")"))
@@ -848,8 +849,12 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     if rot.get("tensors"):
         n_rot, folded = int(rot["tensors"]), int(rot.get("norms_folded") or 0)
         held, held_ok = int(rot.get('matrices_held_out') or 0), int(rot.get('matrices_explained') or 0)
-        text += (f"; the residual stream is rotated: the token embedding and the output matrices are the base's times "
-                 f"one orthogonal matrix (fitted on the embedding and the output matrices of half the blocks, it "
+        bare = rot.get("embedding_fitted") is False     # the table's first rows are not the base's rows rotated
+        text += ("; the residual stream is rotated: " + ("the output matrices are the base's times one orthogonal "
+                 "matrix (fitted on the output matrices of half the blocks alone: the token embedding's shared rows "
+                 "are not the base's rows rotated, so it is measured against them as it is; it " if bare else
+                 "the token embedding and the output matrices are the base's times one orthogonal matrix (fitted on "
+                 "the embedding and the output matrices of half the blocks, it ")
                  + (f"holds on the {count(held)} held-out output matrices" if held_ok >= held else
                     f"holds on {count(held_ok)} of the {count(held)} held-out output matrices, the others changed "
                     "beyond it")
