@@ -287,22 +287,19 @@ def test_a_pair_scaled_alike_is_not_a_scale_moved(tmp_path, rng):
     assert "rescaled_units" not in s.flags and s.tensors_by_status.get("changed") == 2
 
 
+def _rotated32(t: dict, r: np.ndarray) -> dict:
+    """QuaRot's fold in float64, then the rotation as a float32 matmul computes it (float32 products and sums)."""
+    folded = _rotated(t, np.eye(r.shape[0]))
+    r32 = r.astype(np.float32)
+    return {k: v if v.ndim != 2 else r32.T @ v if any(w in k for w in WRITE) else v @ r32 for k, v in folded.items()}
+
+
 def test_a_rotation_computed_in_float32_is_rounding_not_a_fine_tune(tmp_path, rng):
     """From the tester of the memo's sentences: the residual stream rotated with a float32 matmul (stored float32)
     leaves round-off of about sqrt(n) 2^-24 relative, just above the bound of one rounding (2^-24): every matrix
     read changed, "a fine-tune ... spread over many directions". A real change of 1e-4 still reads changed."""
     base = llama(rng)
-    r = _orthogonal(128)
-    folded = _rotated(base, np.eye(128))                   # the gains folded in float64, nothing rotated yet
-    r32 = r.astype(np.float32)
-    t = {}
-    for k, v in folded.items():
-        if v.ndim != 2:
-            t[k] = v
-        elif any(w in k for w in WRITE):
-            t[k] = r32.T @ v                               # float32 products, as a float32 matmul computes them
-        else:
-            t[k] = v @ r32
+    t = _rotated32(base, _orthogonal(128))
     b = write_checkpoint(tmp_path / "b", base)
     s = compare(b, write_checkpoint(tmp_path / "r32", t)).summary
     assert "rotated_residual" in s.flags and s.scope["rotated_residual"]["tensors_changed"] == 0
@@ -315,14 +312,15 @@ def test_a_rotation_computed_in_float32_is_rounding_not_a_fine_tune(tmp_path, rn
     assert s.scope["rotated_residual"]["tensors_changed"] == 1
 
 
-@pytest.mark.parametrize("rows", [520, 480])
-def test_a_rotated_model_with_token_rows_added_or_trimmed_reads_rotated(tmp_path, rng, rows):
+@pytest.mark.parametrize("rows, f32", [(520, False), (480, False), (520, True)])
+def test_a_rotated_model_with_token_rows_added_or_trimmed_reads_rotated(tmp_path, rng, rows, f32):
     """From the tester of the memo's sentences: QuaRot's rotation, then 8 token rows appended to the embedding and
     the head (``resize_token_embeddings``), read "UNRELATED ... no sign that one was made from the other": the
     rotation was looked for only with the embedding at the base's shape. R is fitted on the shared rows; the tables
-    read as resized (rows added or removed), their shared rows unchanged beneath the rotation."""
+    read as resized (rows added or removed), their shared rows unchanged beneath the rotation (a float32 rotation's
+    round-off too)."""
     base = llama(rng)
-    t = dict(_rotated(base, _orthogonal(128)))
+    t = dict((_rotated32 if f32 else _rotated)(base, _orthogonal(128)))
     for k in ("model.embed_tokens.weight", "lm_head.weight"):
         extra = np.random.default_rng(11).normal(0, 0.02, (max(0, rows - 512), 128)).astype(np.float32)
         t[k] = np.concatenate([t[k][:rows], extra])
@@ -379,6 +377,10 @@ def test_pruned_beneath_a_rotation_reads_pruned_not_a_fine_tune(tmp_path, rng):
     assert "none of its other weights changed" in title, title
     s = compare(b, write_checkpoint(tmp_path / "ftp", pruned(_rotated(_tuned(base, rel=1e-2), _orthogonal(128))))).summary
     assert "pruned_elements" not in s.flags and "a fine-tune" in verdict_title(s.to_dict())
+    # the norms' gains folded, nothing rotated, then pruned: q, k, v, gate and up pruned beneath the fold
+    s = compare(b, write_checkpoint(tmp_path / "fp", pruned(_rotated(base, np.eye(128))))).summary
+    assert "pruned_elements" in s.flags and s.scope["pruned_elements"]["beneath"] == 5, s.scope.get("pruned_elements")
+    assert "beneath the fold" in verdict_title(s.to_dict()) and "a fine-tune" not in verdict_title(s.to_dict())
 
 
 @pytest.mark.parametrize("config", [True, False])
