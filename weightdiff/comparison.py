@@ -581,6 +581,8 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     head the base computes with, so it is measured in the rotated frame like any reader of the residual stream,
     with the final norm's gains folded in where that fits better (QuaRot unties a tied head so; measured as
     stored it read "head unrelated")."""
+    import numpy as np
+
     from .judge.relatedness import MARGINS
     from .measure import rotation as rot
     from .measure.compute import NEGATABLE
@@ -629,11 +631,23 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         return (b[:k], t[:k]) if table(r) else (b, t)
 
     with_e = [True]                 # the embedding's (shared) rows in the fit
+    e_sums: list = []               # (B^T T, ||B||, ||T||) of the embedding's shared rows, computed once
+
+    def e_fit() -> tuple:
+        if not e_sums:
+            b, t = shared(e)
+            e_sums.extend((rot._cross(b, t), float(np.linalg.norm(b)), float(np.linalg.norm(t))))
+        return tuple(e_sums)
+
+    def e_cosine(r_: np.ndarray) -> float:
+        """The embedding's cosine with the base's rotated by ``r_``: trace(R^T B^T T) / (||B|| ||T||), R orthogonal."""
+        c, nb, nt = e_fit()
+        return float(np.sum(r_ * c)) / (nb * nt) if nb and nt else 0.0
 
     def fitted(rows: list):
         fit = rot.Rotation(d)
         if with_e[0]:
-            fit.add("in", *shared(e))
+            fit.c, fit.pairs = e_fit()[0].copy(), 1
         for r in rows:
             fit.add("out", load(base, r.base_name), load(tuned, r.name))
         return fit.solve()
@@ -659,7 +673,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         return None if not held or 2 * len(good) < len(held) else (r_fit, good)
 
     got = attempt()
-    if train and (got is None or rot.rotated_cosine("in", *shared(e), got[0]) < weak):
+    if train and (got is None or e_cosine(got[0]) < weak):
         # the embedding's (first) rows are not the base's rows rotated (ids remapped, then tokens added): they fail
         # the fit or skew it (a table so remapped left every output matrix "changed" beneath R). R from the output
         # matrices alone, which no vocabulary touches, held out as ever; the embedding is then measured against
@@ -698,8 +712,6 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     out: list[Undo] = []
     used: set = set()
     by_name = {r.name: r for r in records}
-    import numpy as np
-
     if not with_e[0]:
         # the embedding left out of the fit: its rows (and the head's) matched to the base's rows rotated by cosine,
         # every match unambiguous (``measure.rowmatch``), so that a table whose ids were remapped is measured
