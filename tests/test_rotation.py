@@ -285,3 +285,165 @@ def test_a_pair_scaled_alike_is_not_a_scale_moved(tmp_path, rng):
     s = compare(write_checkpoint(tmp_path / "b", base, dtype="BF16"),
                 write_checkpoint(tmp_path / "t", tuned, dtype="BF16")).summary
     assert "rescaled_units" not in s.flags and s.tensors_by_status.get("changed") == 2
+
+
+def _rotated32(t: dict, r: np.ndarray) -> dict:
+    """QuaRot's fold in float64, then the rotation as a float32 matmul computes it (float32 products and sums)."""
+    folded = _rotated(t, np.eye(r.shape[0]))
+    r32 = r.astype(np.float32)
+    return {k: v if v.ndim != 2 else r32.T @ v if any(w in k for w in WRITE) else v @ r32 for k, v in folded.items()}
+
+
+def test_a_rotation_computed_in_float32_is_rounding_not_a_fine_tune(tmp_path, rng):
+    """From the tester of the memo's sentences: the residual stream rotated with a float32 matmul (stored float32)
+    leaves round-off of about sqrt(n) 2^-24 relative, just above the bound of one rounding (2^-24): every matrix
+    read changed, "a fine-tune ... spread over many directions". A real change of 1e-4 still reads changed."""
+    base = llama(rng)
+    t = _rotated32(base, _orthogonal(128))
+    b = write_checkpoint(tmp_path / "b", base)
+    s = compare(b, write_checkpoint(tmp_path / "r32", t)).summary
+    assert "rotated_residual" in s.flags and s.scope["rotated_residual"]["tensors_changed"] == 0
+    title = verdict_title(s.to_dict())
+    assert "a fine-tune" not in title and "none of its other weights changed" in title, title
+    k = "model.layers.1.mlp.down_proj.weight"
+    t[k] = (t[k] + 1e-4 * float(np.linalg.norm(t[k])) / np.sqrt(t[k].size)
+            * np.random.default_rng(4).standard_normal(t[k].shape)).astype(np.float32)
+    s = compare(b, write_checkpoint(tmp_path / "r32ft", t)).summary
+    assert s.scope["rotated_residual"]["tensors_changed"] == 1
+
+
+@pytest.mark.parametrize("rows, f32", [(520, False), (480, False), (520, True)])
+def test_a_rotated_model_with_token_rows_added_or_trimmed_reads_rotated(tmp_path, rng, rows, f32):
+    """From the tester of the memo's sentences: QuaRot's rotation, then 8 token rows appended to the embedding and
+    the head (``resize_token_embeddings``), read "UNRELATED ... no sign that one was made from the other": the
+    rotation was looked for only with the embedding at the base's shape. R is fitted on the shared rows; the tables
+    read as resized (rows added or removed), their shared rows unchanged beneath the rotation (a float32 rotation's
+    round-off too)."""
+    base = llama(rng)
+    t = dict((_rotated32 if f32 else _rotated)(base, _orthogonal(128)))
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        extra = np.random.default_rng(11).normal(0, 0.02, (max(0, rows - 512), 128)).astype(np.float32)
+        t[k] = np.concatenate([t[k][:rows], extra])
+    s = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", t)).summary
+    assert s.verdict == "derived" and {"rotated_residual", "resized_embeddings"} <= set(s.flags), (s.verdict, s.flags)
+    sc = s.scope["rotated_residual"]
+    assert sc["tensors"] == 30 and sc["tensors_changed"] == 0 and sc["norms_folded"] == 9
+    assert s.scope["tensors_only_resized"] == 2
+    title = verdict_title(s.to_dict())
+    assert "residual stream rotated" in title and "none of its other weights changed" in title, title
+    assert "a fine-tune" not in title and "rows added" in title
+    assert "unrelated" not in (s.verdict_reason or "").lower()
+
+
+def test_a_tied_base_rotated_with_its_head_untied_reads_rotated(tmp_path, rng):
+    """From the tester of the memo's sentences: QuaRot on a base that ties its head (Llama-3.2): the head is untied
+    (a copy of the embedding, the final norm's gains folded in) and rotated. Paired with the base's embedding but
+    measured as stored, it read "PARTIAL ... head is unrelated". It is measured in the rotated frame, its gains
+    found; the title says the head was untied."""
+    base = llama(rng, tied=True)
+    t = dict(base)
+    t["lm_head.weight"] = base["model.embed_tokens.weight"].copy()
+    t = _rotated(t, _orthogonal(128))
+    s = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", t)).summary
+    assert s.verdict == "derived" and "rotated_residual" in s.flags, (s.verdict, s.flags)
+    sc = s.scope["rotated_residual"]
+    assert sc["tensors"] == 30 and sc["tensors_changed"] == 0 and sc["norms_folded"] == 9 and sc["head_untied"]
+    assert not any(c["status"] == "unrelated" for c in s.components)
+    title = verdict_title(s.to_dict())
+    assert "head untied" in title and "none of its other weights changed" in title, title
+
+
+def test_pruned_beneath_a_rotation_reads_pruned_not_a_fine_tune(tmp_path, rng):
+    """From the tester of the memo's sentences: rotated, then 50% magnitude pruning of one block's matrices in the
+    rotated frame (nothing trained) read "a fine-tune", dense: the pruning test compared the kept elements bitwise
+    with the stored base, and the rotated base is float64 values. Pruned beneath a rotation is the rotated base with
+    exact zeros, the kept elements within the rotation's rounding; a rotated fine-tune, then pruned, is not."""
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "b", base)
+
+    def pruned(t: dict) -> dict:
+        t = dict(t)
+        for k in READ + WRITE:
+            w = t[f"model.layers.1.{k}.weight"].copy()
+            w[np.abs(w) <= np.median(np.abs(w))] = 0.0
+            t[f"model.layers.1.{k}.weight"] = w
+        return t
+
+    s = compare(b, write_checkpoint(tmp_path / "p", pruned(_rotated(base, _orthogonal(128))))).summary
+    assert s.verdict == "derived" and {"rotated_residual", "pruned_elements"} <= set(s.flags), s.flags
+    assert s.scope["pruned_elements"]["tensors"] == 7 and s.scope["pruned_elements"]["beneath"] == 7
+    title = verdict_title(s.to_dict())
+    assert "a fine-tune" not in title and "pruned" in title and "beneath the rotation" in title, title
+    assert "none of its other weights changed" in title, title
+    s = compare(b, write_checkpoint(tmp_path / "ftp", pruned(_rotated(_tuned(base, rel=1e-2), _orthogonal(128))))).summary
+    assert "pruned_elements" not in s.flags and "a fine-tune" in verdict_title(s.to_dict())
+    # the norms' gains folded, nothing rotated, then pruned: q, k, v, gate and up pruned beneath the fold
+    s = compare(b, write_checkpoint(tmp_path / "fp", pruned(_rotated(base, np.eye(128))))).summary
+    assert "pruned_elements" in s.flags and s.scope["pruned_elements"]["beneath"] == 5, s.scope.get("pruned_elements")
+    assert "beneath the fold" in verdict_title(s.to_dict()) and "a fine-tune" not in verdict_title(s.to_dict())
+
+
+@pytest.mark.parametrize("config", [True, False])
+def test_v_and_o_rescaled_under_grouped_query_heads_are_a_rescale(tmp_path, rng, config):
+    """From the tester of the memo's sentences: v's rows times a factor and o's columns divided by the factor of the
+    v row each reads, with 4 query heads on 2 key-value heads (every current Llama), read "a fine-tune", dense: the
+    rescale was looked for one to one. o's columns are matched through the group map, the head size from config.json
+    or, without one, the one divisor that fits; o's columns divided by the factors in another order is a change (the
+    order of head size 64 against a config that says 32; without a config, an order no head size gives)."""
+    import json
+
+    base = llama(rng, kv=64)
+    s_v = np.exp(0.5 * np.random.default_rng(7).standard_normal(64))
+    j = np.arange(128)
+    cols = s_v[((j // 32) // 2) * 32 + j % 32]
+    tuned = dict(base)
+    p = "model.layers.1.self_attn."
+    tuned[p + "v_proj.weight"] = (base[p + "v_proj.weight"] * s_v[:, None]).astype(np.float32)
+    tuned[p + "o_proj.weight"] = (base[p + "o_proj.weight"] / cols[None, :]).astype(np.float32)
+    b = write_checkpoint(tmp_path / "b", base)
+    t = write_checkpoint(tmp_path / "t", tuned)
+    if config:
+        (t / "config.json").write_text(json.dumps({"hidden_size": 128, "num_attention_heads": 4,
+                                                   "num_key_value_heads": 2}))
+    s = compare(b, t).summary
+    assert s.verdict == "derived" and "rescaled_units" in s.flags, s.flags
+    assert s.scope["rescaled_units"]["tensors"] == 2 and s.scope["rescaled_units"]["tensors_changed"] == 0
+    title = verdict_title(s.to_dict())
+    assert "rescaled" in title and "a fine-tune" not in title, title
+    wrong = dict(tuned)
+    other = np.tile(s_v, 2) if config else cols[np.random.default_rng(8).permutation(128)]
+    wrong[p + "o_proj.weight"] = (base[p + "o_proj.weight"] / other[None, :]).astype(np.float32)
+    w = write_checkpoint(tmp_path / "w", wrong)
+    if config:
+        (w / "config.json").write_text((t / "config.json").read_text())
+    s = compare(b, w).summary
+    assert "rescaled_units" not in s.flags and s.tensors_by_status.get("changed") == 2
+
+
+def test_a_rotated_model_whose_token_rows_moved_and_grew_is_not_unrelated(tmp_path, rng):
+    """The tables' first rows are not the base's rows rotated (ids remapped, then tokens added): they skewed R or
+    failed it (UNRELATED). R is then fitted on the output matrices alone, held out as ever, and the tables' rows are
+    matched to the base's rows rotated: the model reads rotated with its token rows reordered and rows added (the
+    embedding's and the head's orders compared, as unrotated); an independent model with its vocabulary grown
+    still reads unrelated."""
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "b", base)
+    for alike in (True, False):
+        t = dict(_rotated(base, _orthogonal(128)))
+        for seed, k in enumerate(("model.embed_tokens.weight", "lm_head.weight")):
+            order = np.random.default_rng(12 if alike else 12 + seed).permutation(512)
+            t[k] = np.concatenate([t[k][order], np.random.default_rng(11).normal(0, 0.02, (8, 128)).astype(np.float32)])
+        s = compare(b, write_checkpoint(tmp_path / f"t{alike}", t)).summary
+        assert s.verdict == "derived" and {"rotated_residual", "permuted_units"} <= set(s.flags), (s.verdict, s.flags)
+        assert s.scope["rotated_residual"]["embedding_fitted"] is False
+        assert s.scope["rotated_residual"]["tensors_changed"] == 0
+        assert s.scope["permuted_units"]["rows_consistent"] is alike
+        assert "fitted on the output matrices of half the blocks alone" in s.verdict_reason
+        title = verdict_title(s.to_dict())
+        assert "reordered, with rows added" in title and "residual stream rotated" in title, title
+        assert ("computes something else" in title) is not alike and "a fine-tune" not in title, title
+    other = llama(np.random.default_rng(99))
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        other[k] = np.concatenate([other[k], np.random.default_rng(11).normal(0, 0.02, (8, 128)).astype(np.float32)])
+    s = compare(b, write_checkpoint(tmp_path / "o", other)).summary
+    assert s.verdict == "unrelated" and "rotated_residual" not in s.flags

@@ -345,6 +345,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         # matrix reads as another model's
         turned, rotation = rotated_residual(records, bases, tuned_ck, options, {id(u.record) for u in undo})
         undo.extend(turned)
+        for label, kinds in rotation.pop("rows_reordered", {}).items():     # token rows matched beneath it
+            found.setdefault(label, []).extend(k for k in kinds if k not in found.get(label, []))
         # a norm's gains folded into the matrices that read it, nothing rotated (QuaRot's first step alone)
         gains_folded = [] if turned else folded_gains(records, bases, tuned_ck, {id(u.record) for u in undo})
         undo.extend(gains_folded)
@@ -355,7 +357,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
             records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
             blocks, modules = aggregate(records, options.thresholds)
-        pruned = pruned_matrices(records, bases, tuned_ck)
+        pruned = pruned_matrices(records, bases, tuned_ck, undo)
         if pruned:
             undone = {**undone, "pruned": pruned}
         if headless:
@@ -587,7 +589,18 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     token embedding is no closer to the base's than a weak relation (cosine below ``weak_cosine``) and some
     output matrix is not either: the usual comparison reads nothing here. R is fitted on the embedding and the
     output matrices of every other block and must hold on the rest (pooled cosine at least ``weak_cosine``,
-    each held-out matrix above chance, 6/sqrt(elements)); two independent models never pass that."""
+    each held-out matrix above chance, 6/sqrt(elements)); two independent models never pass that.
+
+    Token tables of another height (``resized``: rows appended by ``resize_token_embeddings``, or trimmed) take
+    part through their shared rows, the first ones, which the resized pair compares: R is fitted on them and they
+    are measured in the rotated frame, the added rows counted as added rows (a rotated release with special tokens
+    added read UNRELATED: the embedding, needed at the base's shape, disabled the test). A head the tuned model
+    stores beside a base that ties it is paired with the base's embedding (``paired_by`` ``tied``): that is the
+    head the base computes with, so it is measured in the rotated frame like any reader of the residual stream,
+    with the final norm's gains folded in where that fits better (QuaRot unties a tied head so; measured as
+    stored it read "head unrelated")."""
+    import numpy as np
+
     from .judge.relatedness import MARGINS
     from .measure import rotation as rot
     from .measure.compute import NEGATABLE
@@ -598,10 +611,16 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         return [], {}
     base = bases[0]
 
+    def table(r: TensorRecord) -> bool:
+        """A token table of another height whose shared rows are compared (rows added or trimmed)."""
+        return (r.status == "resized" and r.module in ("embed", "lm_head") and len(r.shape or ()) == 2
+                and len(r.base_shape or ()) == 2 and r.shape[1:] == r.base_shape[1:])
+
     def dense(r: TensorRecord) -> bool:
         return (id(r) not in skip and r.base_name is not None and r.compared == "float"
-                and r.status in ("changed", "unchanged", "rounding") and not getattr(r, "tied", False)
-                and r.paired_by in ("name", "prefix", "rename", None) and _same_dense(r, bases, tuned, NEGATABLE))
+                and (r.status in ("changed", "unchanged", "rounding") or table(r)) and not getattr(r, "tied", False)
+                and (r.paired_by in ("name", "prefix", "rename", None) or (r.paired_by == "tied" and r.module == "lm_head"))
+                and _same_dense(r, bases, tuned, NEGATABLE, rows=table(r)))
 
     mats = [r for r in records if len(r.shape or ()) == 2 and dense(r)]
     emb = [r for r in mats if r.module == "embed"]
@@ -617,18 +636,44 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     def load(ck: Checkpoint, name: str):
         return rot.values(ck, name)
 
+    rows_order: dict = {}           # id(table) -> the base row of each of its first rows, matched beneath R
+
+    def shared(r: TensorRecord):
+        """(base, tuned) values of ``r``: a resized table's shared rows only (the first ones on both sides), or the
+        base's rows in the order matched beneath R against the table's first rows."""
+        b, t = load(base, r.base_name), load(tuned, r.name)
+        if id(r) in rows_order:
+            idx = rows_order[id(r)]
+            return b[idx], t[:len(idx)]
+        k = min(b.shape[0], t.shape[0])
+        return (b[:k], t[:k]) if table(r) else (b, t)
+
+    with_e = [True]                 # the embedding's (shared) rows in the fit
+    e_sums: list = []               # (B^T T, ||B||, ||T||) of the embedding's shared rows, computed once
+
+    def e_fit() -> tuple:
+        if not e_sums:
+            b, t = shared(e)
+            e_sums.extend((rot._cross(b, t), float(np.linalg.norm(b)), float(np.linalg.norm(t))))
+        return tuple(e_sums)
+
+    def e_cosine(r_: np.ndarray) -> float:
+        """The embedding's cosine with the base's rotated by ``r_``: trace(R^T B^T T) / (||B|| ||T||), R orthogonal."""
+        c, nb, nt = e_fit()
+        return float(np.sum(r_ * c)) / (nb * nt) if nb and nt else 0.0
+
     def fitted(rows: list):
         fit = rot.Rotation(d)
-        fit.add("in", load(base, e.base_name), load(tuned, e.name))
+        if with_e[0]:
+            fit.c, fit.pairs = e_fit()[0].copy(), 1
         for r in rows:
             fit.add("out", load(base, r.base_name), load(tuned, r.name))
         return fit.solve()
 
     labels = sorted({r.block for r in outs}, key=lambda b: (parse_name(f"{b}.x")[1] or 0, str(b)))
     train = set(labels[0::2]) if len(labels) > 1 else set()
-    r_fit = fitted([r for r in outs if r.block in train])
-    if r_fit is None or rot.small_rotation(r_fit):
-        return [], {}
+    held = [r for r in outs if r.block not in train]
+
     # R must explain held-out output matrices, each far better than no rotation does (a fine-tune never rotated,
     # with a new embedding, fitted an R under which its held-out matrices kept a cosine of 0.69, against 0.9998
     # as stored), on at least half of them (one block retrained after the rotation must not veto it)
@@ -638,10 +683,28 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         stored = r.cosine if r.cosine is not None and math.isfinite(r.cosine) else 0.0
         return c if c >= weak and c > 6.0 / math.sqrt(n) and c > stored + 0.1 else None
 
-    held = [r for r in outs if r.block not in train]
-    good = [(r, c) for r in held if (c := explained(r, r_fit)) is not None]
-    if not held or 2 * len(good) < len(held):
+    def attempt():
+        r_fit = fitted([r for r in outs if r.block in train])
+        if r_fit is None or rot.small_rotation(r_fit):
+            return None
+        good = [(r, c) for r in held if (c := explained(r, r_fit)) is not None]
+        return None if not held or 2 * len(good) < len(held) else (r_fit, good)
+
+    got = attempt()
+    if train and (got is None or e_cosine(got[0]) < weak):
+        # the embedding's (first) rows are not the base's rows rotated (ids remapped, then tokens added): they fail
+        # the fit or skew it (a table so remapped left every output matrix "changed" beneath R). R from the output
+        # matrices alone, which no vocabulary touches, held out as ever; the embedding is then measured against
+        # the rotated base as it is (its rows read changed), and the model does not read as unrelated
+        with_e[0] = False
+        bare = attempt()
+        if bare is not None or got is None:
+            got = bare
+        else:
+            with_e[0] = True
+    if got is None:
         return [], {}
+    r_fit, good = got
     # refitted on the embedding and every output matrix R explains (not on one retrained after the rotation,
     # which would skew it: every other matrix then read 1.8% changed)
     kept = {id(g) for g, _ in good}
@@ -667,24 +730,50 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     out: list[Undo] = []
     used: set = set()
     by_name = {r.name: r for r in records}
+    if not with_e[0]:
+        # the embedding left out of the fit: its rows (and the head's) matched to the base's rows rotated by cosine,
+        # every match unambiguous (``measure.rowmatch``), so that a table whose ids were remapped is measured
+        # against the rows it holds (its first rows: tokens added are appended); with no such order it is measured
+        # as stored, its rows read changed
+        from .measure.rowmatch import match_rows
+
+        for r in [e, *ins]:
+            if r.module in ("embed", "lm_head"):
+                b, t = load(base, r.base_name), load(tuned, r.name)
+                k = min(b.shape[0], t.shape[0])
+                m = match_rows(t[:k], rot.apply("in", b, r_all).astype(np.float32), "F32", "F32")
+                if m.order is not None:
+                    rows_order[id(r)] = np.asarray(m.order, np.int64)
     for r in [e, *outs, *ins]:
         form = "out" if r in outs else "in"
         gain = g = None
         if form == "in" and r.module not in ("embed", "embed.pos"):
-            found = _best_gain(load(base, r.base_name), load(tuned, r.name), r_all,
+            found = _best_gain(*shared(r), r_all,
                                [(n, _vector(base, n)) for n in gains.get(r.block, []) + gains.get(None, [])])
             if found is not None:
                 gain, g = found
                 used.add(gain)
         label, kind = r.block or component_of(r.name), str(r.module or "")
-        note = ROTATED_NOTE + (f", with the base's `{escape_name(gain)}` folded into its columns" if gain else "")
+        note = (ROTATED_NOTE if with_e[0] else ROTATED_NOTE.replace("the embedding and the output matrices",
+                                                                    "the output matrices alone")) + (f", with the base's `{escape_name(gain)}` folded into its columns" if gain else "") \
+            + (" (the base ties its head to this embedding: this model stores the head untied)"
+               if r.paired_by == "tied" else "") \
+            + (f" (its {min(r.shape[0], r.base_shape[0]):,} shared rows; rows added or removed are not compared)"
+               if table(r) and id(r) not in rows_order else "")
+        idx = rows_order.get(id(r))
+        if idx is not None:             # its rows the base's in another order, beneath the rotation
+            moved = int(np.count_nonzero(idx != np.arange(len(idx))))
+            note += (f"; compared with the base's token rows in this model's order ({moved:,} of {len(idx):,} rows "
+                     "from another index, matched by cosine beneath the rotation, every match unambiguous)")
+            out.append(Undo(r, r.base_name, 0, idx, label, "rows", note, trimmed=len(idx) < int(r.base_shape[0]),
+                            rotate=(form, r_all, g), gain_name=gain))
+            continue
         out.append(Undo(r, r.base_name, None, None, label, kind, note, rotate=(form, r_all, g), gain_name=gain))
         if form == "out" and r.name.endswith(".weight"):
             bias = by_name.get(r.name[:-len("weight")] + "bias")
             if bias is not None and list(bias.shape or ()) == [d] and dense(bias):
                 out.append(Undo(bias, bias.base_name, None, None, label, kind, ROTATED_NOTE, rotate=("out", r_all, None)))
     # a permuted hidden dimension (R a permutation, signs allowed) permutes every norm's gains with it: measured so
-    import numpy as np
 
     if np.allclose(np.abs(r_all).max(axis=0), 1.0, atol=1e-6):
         perm_abs = np.abs(r_all)
@@ -693,9 +782,12 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
                     and r.status != "unchanged" and id(r) not in skip and dense(r):
                 out.append(Undo(r, r.base_name, None, None, r.block or component_of(r.name), "norm", ROTATED_NOTE,
                                 rotate=("out", perm_abs, None)))
+    untied = any(u.record.paired_by == "tied" for u in out)      # a head stored beside a base that ties it
     return out, {"width": d, "fit": {"matrices_held_out": len(held), "matrices_explained": len(good),
-                         "cosine_held_out": num / den, "matrices_fitted": 1 + len(fitting),
-                         "matrices_out": len(outs)}, "gains": sorted(used)}
+                         "cosine_held_out": num / den, "matrices_fitted": int(with_e[0]) + len(fitting),
+                         "matrices_out": len(outs)}, "gains": sorted(used), **({"head_untied": True} if untied else {}),
+                 **({} if with_e[0] else {"embedding_fitted": False}),
+                 **({"rows_reordered": {u.label: ["rows"] for u in out if u.kind == "rows"}} if rows_order else {})}
 
 
 FOLD_NOTE = "measured against the base's matrix with the gains of the base's `{}` folded into its columns"
@@ -819,7 +911,12 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
 
     ``done``: the undos found before; a pair whose units were reordered (MLP neurons, attention heads: an ``Undo``
     gathering the base's rows or columns) is compared with the base in that order, and its ``Undo`` then does both
-    (a model whose neurons were reordered and flipped read "a fine-tune" with up and down far from the base)."""
+    (a model whose neurons were reordered and flipped read "a fine-tune" with up and down far from the base).
+
+    Grouped-query attention (``_group_map``): o has more columns than v has rows, each query head of a group reading
+    its key-value head's rows, so column j of o reads v's row ((j // head_dim) // group) head_dim + j % head_dim and
+    o's column factors must be the inverse of v's row factors through that map (every current Llama, Mistral and
+    Qwen is so; paired one to one only, such a rescale, AWQ's v->o scale, read "a fine-tune, dense")."""
     import numpy as np
 
     from .judge.relatedness import _low_rank_row
@@ -882,7 +979,8 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
             a, z = by_kind[rows_kind][0], by_kind[cols_kind][0]
             if any((id(r) in skip and id(r) not in orders) or r.status != "changed" or _low_rank_row(r, options.thresholds)
                    or not _same_dense(r, bases, tuned, NEGATABLE) for r in (a, z)) \
-                    or int(a.shape[0]) != int(z.shape[1]):
+                    or (int(a.shape[0]) != int(z.shape[1])
+                        and not (rows_kind == "attn.v" and int(z.shape[1]) % int(a.shape[0]) == 0)):
                 continue
             ca, tol_a = factors(a, 1)
             if ca is None:
@@ -892,14 +990,22 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
                 # only for c > 0; moving the scale changed what it computes
                 continue
             cz, tol_z = factors(z, 0)
+            if cz is None:
+                continue
             # inversely: within the rounding bound itself (a pair scaled alike by 1.5%, what weight decay leaves
-            # on v and o, passed a bound of eight times it in bf16)
-            if cz is None or not np.allclose(ca * cz, 1.0, rtol=0.0, atol=max(tol_a, tol_z)):
+            # on v and o, passed a bound of eight times it in bf16); through the group map under grouped-query heads
+            group = _group_map(int(a.shape[0]), int(z.shape[1]), tuned,
+                               lambda idx: bool(np.allclose(ca[idx] * cz, 1.0, rtol=0.0, atol=max(tol_a, tol_z))))
+            if group is None:
                 continue
             for r, c, what, other, form in ((a, ca, "row", z.name, "rows"), (z, cz, "column", a.name, "in")):
                 neg = int(np.count_nonzero(c < 0))
                 note = RESCALED_NOTE.format(what, f"{c.min():.4g}", f"{c.max():.4g}",
                                             f"; {neg:,} negative" if neg else "", escape_name(other))
+                if group[1]:
+                    told = "" if group[2] else ", the only one that fits: no config.json gives it"
+                    note += (f" (grouped-query heads: head size {group[0]}{told}, {group[1]} query heads reading "
+                             "each key-value head's rows)")
                 if id(r) in orders:         # reordered, then rescaled: gathered in that order, then scaled
                     o = orders[id(r)]
                     out.append(replace(o, note=f"{o.note}; {note}", rotate=(form, None, c)))
@@ -909,33 +1015,107 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
     return out
 
 
-def pruned_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint) -> dict:
+def _group_map(rows: int, cols: int, tuned: Checkpoint, fits) -> tuple[int, int, bool] | None:
+    """(head size, query heads per key-value head, whether config.json gave the head size; (0, 0, False) when one to
+    one) under which column j of o reads v's row ((j // head) // group) head + j % head (transformers'
+    ``repeat_kv``: query head h reads key-value head h // group) and ``fits(index)`` holds for that index of v's
+    row per o column; None when none does or the head size is not known. One to one (``rows == cols``) needs no
+    head size. Else the head size is the config's (``head_dim``, or ``hidden_size // num_attention_heads``) when it
+    agrees with the shapes; without one, every divisor of ``rows`` is tried and taken only when exactly one fits
+    (two that fit would leave the model's own map unknown; the note then says the head size was inferred).
+
+    >>> _group_map(4, 8, None, lambda idx: list(idx) == [0, 1, 0, 1, 2, 3, 2, 3])
+    (2, 2, False)
+    """
+    import numpy as np
+
+    if rows == cols:
+        return (0, 0, False) if fits(np.arange(cols)) else None
+    group = cols // rows
+    j = np.arange(cols)
+
+    def index(head: int):
+        return ((j // head) // group) * head + j % head
+
+    head = None
+    try:
+        from .io.model_config import config_of
+
+        cfg = config_of(tuned) if tuned is not None else None
+    except (CheckpointError, OSError):
+        cfg = None
+    if isinstance(cfg, dict):
+        heads = cfg.get("num_attention_heads")
+        head = cfg.get("head_dim") or (cfg.get("hidden_size") // heads if isinstance(cfg.get("hidden_size"), int)
+                                       and isinstance(heads, int) and heads > 0 else None)
+        if not isinstance(head, int) or head <= 0 or rows % head or cols % head:
+            head = None
+    if head is not None:
+        return (head, group, True) if fits(index(head)) else None
+    found = [h for h in range(1, rows + 1) if rows % h == 0 and fits(index(h))]
+    return (found[0], group, False) if len(found) == 1 else None
+
+
+def pruned_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
+                    undo: Sequence[Undo] = ()) -> dict:
     """The changed float matrices that are the base's with some elements set to zero and every other element
     exactly the base's (magnitude or 2:4 pruning, heads zeroed in place, no training): ``names``, ``elements``
     (set to zero) and ``elements_in`` (of those matrices). As stored they read "a fine-tune, dense". Only the
     records whose norms fit it are read again: the delta is then minus the pruned values, orthogonal to the kept
-    ones, so ||base||^2 = ||tuned||^2 + ||delta||^2 and cosine = ||tuned|| / ||base||; the elements decide."""
+    ones, so ||base||^2 = ||tuned||^2 + ||delta||^2 and cosine = ||tuned|| / ||base||; the elements decide.
+
+    A matrix measured beneath a rotation or a fold (an ``undo`` entry with ``rotate``) is pruned when it is the base
+    in that frame with elements set to exactly zero and the kept ones within the rotation's rounding bound
+    (``_rotation_bound``, on their norm): the rotated base is float64 values that no stored element holds bitwise,
+    so the bitwise test of the kept elements never held and a model rotated, then pruned, read "a fine-tune"; the
+    norm identities are tested to that bound too. ``beneath``: how many were found so."""
     import numpy as np
 
     from .measure.compute import NEGATABLE
-    from .measure.rotation import values
+    from .measure.rotation import RotatedSide, values
 
     from .kernels.dtypes import DTYPES
     from .kernels.reference import round_to
 
-    names, zeroed, total = [], 0, 0
+    framed = {u.record.name: u for u in undo if u.rotate is not None}
+    names, zeroed, total, beneath = [], 0, 0, 0
     for r in records:
         nb, nt, nd, c = r.norm_base, r.norm_tuned, r.norm_delta, r.cosine
         cast = r.dtype_base != r.dtype_tuned
+        u = framed.get(r.name)
+        # the base in the undone frame, float64, when the record was measured so (a rotation, a fold, a rescale)
+        bound = _rotation_bound(r.dtype_tuned, None if u is None or u.rotate[1] is None
+                                else int(u.rotate[1].shape[0])) if u is not None else None
         # pruned then cast (a bf16 copy of a pruned f32 model): the identities hold to the cast's rounding
         tol = 4.0 * 2.0 ** -(DTYPES[r.dtype_tuned].mant_bits or 0) if cast and r.dtype_tuned in DTYPES else 1e-7
+        if u is not None:
+            if bound is None:
+                continue
+            tol = max(tol, 4.0 * bound)           # the kept elements within the rotation's rounding, not bitwise
         if r.status != "changed" or r.compared != "float" or len(r.shape or ()) != 2 or r.base_name is None \
                 or getattr(r, "tied", False) or None in (nb, nt, nd, c) \
                 or not all(math.isfinite(x) for x in (nb, nt, nd, c)) or not (nb > 0 and nt > 0 and nd > 0) \
                 or abs(nb * nb - nt * nt - nd * nd) > tol * nb * nb or abs(c - nt / nb) > tol \
                 or not _same_dense(r, bases, tuned, NEGATABLE):
             continue
-        t, b = values(tuned, r.name), values(bases[r.base_index], r.base_name)
+        t = values(tuned, r.name)
+        if u is not None:
+            side = RotatedSide(bases[r.base_index], r.base_name, u.source, *u.rotate,
+                               order=None if u.axis is None else (u.axis, u.index))
+            ref = side.read(r.base_name).reshape(t.shape)
+            held = t != 0
+            k = int(np.count_nonzero(~held & (ref != 0)))
+            gap = float(np.linalg.norm(t[held].astype(np.float64) - ref[held]))
+            if not k or gap > bound * float(np.linalg.norm(ref)):
+                continue
+            names.append(r.name)
+            zeroed, total, beneath = zeroed + k, total + t.size, beneath + 1
+            r.note = (f"pruned: {k:,} of {t.size:,} elements set to zero, every other element the base's "
+                      f"{'in the rotated frame' if u.rotate[1] is not None else 'so scaled'}, within rounding "
+                      f"(relative {gap / max(float(np.linalg.norm(ref)), 1e-300):.2g}, the bound {bound:.2g})"
+                      + (f"; {r.note}" if r.note else ""))
+            continue
+        b = values(bases[r.base_index], r.base_name)
         if t.shape != b.shape:
             continue
         kept = np.asarray(round_to(b.astype(np.float64).ravel(), r.dtype_tuned)).reshape(b.shape) if cast else b
@@ -946,7 +1126,10 @@ def pruned_matrices(records: Sequence[TensorRecord], bases: Sequence[Checkpoint]
         zeroed, total = zeroed + k, total + t.size
         r.note = (f"pruned: {k:,} of {t.size:,} elements set to zero, every other element exactly the base's"
                   + (f" cast to {r.dtype_tuned}" if cast else "") + (f"; {r.note}" if r.note else ""))
-    return {"names": names, "elements": zeroed, "elements_in": total} if names else {}
+    out = {"names": names, "elements": zeroed, "elements_in": total} if names else {}
+    if beneath:
+        out["beneath"] = beneath
+    return out
 
 
 FOLDED_NOTE = "its gains folded into the matrices that read it (all ones here, the base's gains in those matrices)"
@@ -993,7 +1176,7 @@ def measure_folded_norms(records: list[TensorRecord], names: set[str], the_plan:
                         tuned, options, backend, classify)
         new.dtype_base = r.dtype_base
         new.note = r.note
-        _within_rotation_rounding(new, "fold")
+        _within_rotation_rounding(new, what="fold")
         out.append(new)
     return out
 
@@ -1177,30 +1360,70 @@ def missing_head(bases: Sequence[Checkpoint], tuned: Checkpoint) -> str | None:
             "at random, so the model as loaded is not the base's whatever its stored tensors are")
 
 
-def _within_rotation_rounding(r: TensorRecord, what: str = "rotation") -> None:
+def _rotation_bound(dtype: str | None, width: int | None = None) -> float | None:
+    """The largest relative change (||tuned - base in the rotated frame|| / ||that base||) that the rounding of a
+    rotation can leave in a tensor stored as ``dtype``; None for a dtype without a mantissa.
+
+    Storing float64 values rounds each element once: at most 2^-(m + 1) relative (m mantissa bits), the bound
+    with nothing rotated (a gain folded, units rescaled: one product per element). A rotation of width ``width``
+    (= n) computes each element as a sum of n products, each product and each partial sum rounded at the
+    precision the tool multiplied in: the errors, of random sign, add up to about u sqrt(n / 2) relative to the
+    element for sequential summation with unit round-off u (blocked or pairwise BLAS sums leave less), so
+    2 u sqrt(n) bounds it with room. A float32 (or narrower) tensor is taken as multiplied in float32 (what a
+    float32 matmul does, and a bfloat16 or float16 one accumulates in): u = 2^-24; a float64 one in float64. A
+    float32 rotation of width 128, stored as float32, leaves 2.1e-7 (the bound 2^-24 alone read it as a
+    fine-tune, "dense"); the bound there is 7.3e-7, and 1.1e-5 at width 8192, so a real change of 1e-4 reads
+    changed at every width a model has.
+    """
+    from .kernels.dtypes import DTYPES
+
+    d = DTYPES.get(dtype or "")
+    if d is None or not d.mant_bits:
+        return None
+    bound = 2.0 ** -(d.mant_bits + 1)
+    if width:
+        bound += 2.0 * math.sqrt(width) * 2.0 ** -(max(d.mant_bits, 23) + 1)
+    return bound
+
+
+def _within_rotation_rounding(r: TensorRecord, width: int | None = None, what: str = "rotation") -> None:
     """A rotated tensor whose change beneath the rotation is within the rounding of its stored format reads
     ``rounding``: the base in the rotated frame is float64 values, which no stored tensor holds bitwise (a
     float32 or bfloat16 copy of the rotated base differs from them by its rounding, and the fitted R by less).
-    The bound: a relative change of at most 2^-(mantissa bits + 1), twice what rounding to nearest leaves."""
+    The bound (``_rotation_bound``): a relative change of at most 2^-(mantissa bits + 1), twice what rounding to
+    nearest leaves, plus, under a rotation of width ``width`` (None: nothing rotated), the round-off of the
+    width-n products that computed it. A token table with rows added or removed stays ``resized``: its shared rows
+    so within the bound count no element beyond rounding (``frac_beyond_rounding`` 0: element by element, the
+    float64 values of a fitted R round to other float32 values in about half the elements), so it reads as a table
+    with rows added, as it would unrotated, not as a change."""
+    bound = _rotation_bound(r.dtype_tuned, width)
+    if r.status not in ("changed", "resized") or bound is None or r.rel_change is None \
+            or not math.isfinite(r.rel_change) or r.rel_change > bound \
+            or (r.status == "resized" and (r.compared != "float" or not r.numel_compared)):
+        return
     from .kernels.dtypes import DTYPES
 
-    d = DTYPES.get(r.dtype_tuned or "")
-    if r.status != "changed" or d is None or not d.mant_bits or r.rel_change is None \
-            or not math.isfinite(r.rel_change) or r.rel_change > 2.0 ** -(d.mant_bits + 1):
-        return
-    r.status = "rounding"
+    m = DTYPES[r.dtype_tuned].mant_bits
+    if r.status == "resized":
+        r.frac_beyond_rounding = 0.0
+    else:
+        r.status = "rounding"
     r.rank = None
     r.note = (r.note + "; " if r.note else "") + (
-        f"within the rounding of {r.dtype_tuned} (relative change at most 2^-{d.mant_bits + 1}): beneath the "
-        f"{what} it changed by no more than that")
+        f"within the rounding of {r.dtype_tuned} (relative change at most 2^-{m + 1}"
+        + (f" plus the round-off of a width-{width} product, {bound:.2g} in all" if width else "")
+        + f"): beneath the {what} it changed by no more than that")
 
 
-def _same_dense(r: TensorRecord, bases: Sequence[Checkpoint], tuned: Checkpoint, dtypes: Sequence[str]) -> bool:
-    """Both sides of ``r`` stored whole (no adapter factors, no quantized codes) in one of ``dtypes``, of one shape."""
+def _same_dense(r: TensorRecord, bases: Sequence[Checkpoint], tuned: Checkpoint, dtypes: Sequence[str],
+                rows: bool = False) -> bool:
+    """Both sides of ``r`` stored whole (no adapter factors, no quantized codes) in one of ``dtypes``, of one shape
+    (``rows``: of one shape but for the number of rows, a token table resized)."""
     base = bases[r.base_index]
     t, b = tuned.tensors.get(r.name), base.tensors.get(r.base_name)
     return (t is not None and b is not None and t.dtype in dtypes and b.dtype in dtypes
-            and tuple(t.shape) == tuple(b.shape) and not getattr(base, "quant", None)
+            and (tuple(t.shape) == tuple(b.shape) or (rows and tuple(t.shape)[1:] == tuple(b.shape)[1:]))
+            and not getattr(base, "quant", None)
             and not getattr(tuned, "quant", None) and getattr(tuned, "adapter", None) is None)
 
 
@@ -1447,7 +1670,7 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
         if u.rotate is not None:
             (rotated if u.rotate[1] is not None else folded if u.gain_name else rescaled).append(new.name)
             new.dtype_base = r.dtype_base           # measured against float64 values; stored as the base stores it
-            _within_rotation_rounding(new)
+            _within_rotation_rounding(new, None if u.rotate[1] is None else int(u.rotate[1].shape[0]))
             if u.axis is None:
                 continue
             # units reordered then rescaled: the reordering counts as one undone too

@@ -402,6 +402,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         names = set(pruned.get("names") or ())
         if any(r.dtype_base != r.dtype_tuned for r in counted if r.name in names):
             scope["pruned_elements"]["cast"] = True       # the kept elements are the base's cast to the tuned dtype
+        if pruned.get("beneath"):             # the kept elements the base's beneath a rotation or fold, within rounding
+            scope["pruned_elements"]["beneath"] = int(pruned["beneath"])
     folded = undone.get("folded") or {}
     if folded:                                # norms' gains folded into the matrices that read them, nothing rotated
         flags.append("folded_norms")
@@ -430,6 +432,10 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                                      "matrices_explained": int(fit.get("matrices_explained") or 0),
                                      "matrices_out": int(fit.get("matrices_out") or 0),
                                      "cosine_held_out": float(fit.get("cosine_held_out") or 0.0)}
+        if rotated.get("embedding_fitted") is False:   # R from the output matrices alone (the table's rows moved)
+            scope["rotated_residual"]["embedding_fitted"] = False
+        if rotated.get("head_untied"):        # the base ties its head; this model stores one, measured rotated
+            scope["rotated_residual"]["head_untied"] = True
     negated = undone.get("negated") or {}
     left = negated_rows(counted, thresholds)  # still stored negated: quantized, adapter factors, reordered too
     if negated or left:                       # matrices stored times -1, measured against the base times -1

@@ -384,8 +384,11 @@ def remeasure(pair: Pair, side: GatheredSide, bases: Sequence[Checkpoint], tuned
     sides = list(bases)
     sides[pair.base_index] = side
     # (a rotated base tensor is float64 values, whatever the base stored: ``measure.rotation.RotatedSide``)
-    return compute_pair(replace(pair, kind="paired", shape_base=info.shape, dtype_base=info.dtype,
-                                overlap_rows=None), sides, tuned, options, backend, classify)
+    # a resized token table seen at the base's height (rotated) stays resized: its shared rows are compared
+    keep = pair.kind == "resized" and tuple(info.shape) != tuple(pair.shape_tuned or ())
+    return compute_pair(replace(pair, kind="resized" if keep else "paired", shape_base=info.shape,
+                                dtype_base=info.dtype, overlap_rows=pair.overlap_rows if keep else None),
+                        sides, tuned, options, backend, classify)
 
 
 def _array_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str, tuned_raw: np.ndarray,

@@ -257,7 +257,11 @@ def _derived_special(summary: dict) -> str | None:
         n_pr = int(pr["tensors"])
         what.append(f"some of its weights pruned ({share(int(pr.get('elements_zeroed') or 0) / max(1, int(pr.get('elements_in') or 1)))} "
                     f"of the elements of {count(n_pr)} {'matrix' if n_pr == 1 else 'matrices'} set to zero, the rest "
-                    + ("the base's cast to the tuned dtype)" if pr.get("cast") else "exactly the base's)"))
+                    + ("the base's cast to the tuned dtype)" if pr.get("cast") else
+                       "the base's within rounding beneath the " + ("rotation)" if (scope.get("rotated_residual") or {}).get("tensors")
+                                                                 else "fold)")
+                       if pr.get("beneath") else
+                       "exactly the base's)"))
     rs = scope.get("rescaled_units") or {}
     if rs.get("tensors"):
         n_rs = int(rs["tensors"])
@@ -282,14 +286,20 @@ def _derived_special(summary: dict) -> str | None:
                     "orthogonal matrix)" + (" and its norms' gains folded into the matrices that read them"
                                             if folded else "")
                     + (", some norms' gains not folded (so it computes something else than the base)"
-                       if rot.get("norms_unfolded") else ""))
+                       if rot.get("norms_unfolded") else "")
+                    + (" (its head untied: the base's tied embedding, rotated like every matrix that reads the "
+                       "residual stream)" if rot.get("head_untied") else ""))
     if not what:
         return None
     # rows added or removed, the shared rows unchanged, beside tensors of another shape (a vocabulary grown
     # beside BART's [1, vocab] final_logits_bias): nothing trained, not "a fine-tune"
-    grown = int(scope.get("tensors_only_resized") or 0) if mism else 0
+    # (and beside a rotated residual stream: a rotated release with tokens added, its shared rows unchanged beneath
+    # the rotation; tables whose rows were also reordered are counted with the reordering, not here)
+    only = int(scope.get("tensors_only_resized") or 0)
+    grown = only if mism else max(0, only - int(perm.get("tensors_resized") or 0)) if rot.get("tensors") else 0
     if grown:
-        what.insert(0, "rows added to or removed from some of its tensors (their shared rows unchanged)")
+        what.insert(0, "rows added to or removed from some of its tensors (their shared rows unchanged"
+                    + (" beneath the rotation)" if rot.get("tensors") and not mism else ")"))
     routed = int(perm.get("routers_changed") or 0)              # routers left in place: counted as changed
     reordered = int(perm.get("tensors_changed") or 0) - routed
     changed -= routed + int(neg.get("tensors_not_measured") or 0)   # flipped, not measured beneath: said apart
@@ -901,8 +911,12 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     if rot.get("tensors"):
         n_rot, folded = int(rot["tensors"]), int(rot.get("norms_folded") or 0)
         held, held_ok = int(rot.get('matrices_held_out') or 0), int(rot.get('matrices_explained') or 0)
-        text += (f"; the residual stream is rotated: the token embedding and the output matrices are the base's times "
-                 f"one orthogonal matrix (fitted on the embedding and the output matrices of half the blocks, it "
+        bare = rot.get("embedding_fitted") is False     # the table's first rows are not the base's rows rotated
+        text += ("; the residual stream is rotated: " + ("the output matrices are the base's times one orthogonal "
+                 "matrix (fitted on the output matrices of half the blocks alone: the token embedding's shared rows "
+                 "are not the base's rows rotated, so it is measured against them as it is; it " if bare else
+                 "the token embedding and the output matrices are the base's times one orthogonal matrix (fitted on "
+                 "the embedding and the output matrices of half the blocks, it ")
                  + (f"holds on the {count(held)} held-out output matrices" if held_ok >= held else
                     f"holds on {count(held_ok)} of the {count(held)} held-out output matrices, the others changed "
                     "beyond it")
