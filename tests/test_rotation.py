@@ -78,7 +78,7 @@ def test_the_base_rotated_reads_derived_with_nothing_changed_beneath(tmp_path, r
     sc = s.scope["rotated_residual"]
     assert sc["tensors"] == 30 and sc["tensors_changed"] == 0 and sc["norms_folded"] == 9
     assert sc["matrices_held_out"] == 4 and sc["cosine_held_out"] > 0.999
-    assert s.tensors_by_status.get("changed", 0) == 9          # the folded norms, said in the title
+    assert not s.tensors_by_status.get("changed")              # the folded norms measured beneath the fold too
     title = verdict_title(s.to_dict())
     assert "residual stream rotated" in title and "none of its other weights changed" in title
     assert "unrelated" not in (s.verdict_reason or "").lower()

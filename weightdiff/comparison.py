@@ -845,6 +845,11 @@ def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], t
             continue
         # the factors must explain the difference, not nudge it: most of 1 - cosine goes (a fine-tune then
         # pruned came closer to a base scaled by any norm's ratio, its zeros costing less, and read "folded")
+        # (on the kept elements when the tuned matrix holds zeros the base does not: a fold then pruned is explained
+        # on them, its zeros are ``pruned_matrices``' to find beneath the fold)
+        kept = t_vals != 0
+        if np.count_nonzero(~kept) > np.count_nonzero(b_vals == 0):
+            b_vals = np.where(kept, b_vals, 0)
         stored, folded = 1.0 - rot.rotated_cosine("in", b_vals, t_vals, None), \
             1.0 - rot.rotated_cosine("in", b_vals, t_vals, None, best[1])
         if not folded <= FOLD_EXPLAINS * stored:

@@ -103,7 +103,8 @@ def _verdict_title(summary: dict) -> str:
                 "head's weights are the embedding's); none of its other weights changed.")
     if v == "derived" and tbs.get("resized") and tbs.get("resized") == (summary.get("scope") or {}).get(
             "tensors_only_resized") and not any(tbs.get(k) for k in ("changed", "added", "removed")) \
-            and "permuted_units" not in (summary.get("flags") or []) and not (summary.get("scope") or {}).get("blocks_moved"):
+            and "permuted_units" not in (summary.get("flags") or []) and not (summary.get("scope") or {}).get("blocks_moved") \
+            and not set(summary.get("flags") or ()) & _REPARAMETRISED:
         if tbs.get("quantized") or (summary.get("scope") or {}).get("tensors_only_resized_quantized"):
             # a GGUF (Q8_0, Q4_K) of a base with tokens added: its weights within the quantization noise floor
             untested = "quant_untested" in (summary.get("flags") or [])
@@ -199,6 +200,12 @@ def _verdict_title(summary: dict) -> str:
                 f"{matrices_phrase(summary)} keep 1 - cosine = {sci(max(0.0, 1 - cos)) if cos is not None else '?'}"
                 f", relative change {sci(rel)}).")
     return _TITLES.get(v, str(v))
+
+
+#: flags of a model measured beneath a function-preserving transformation: its title says the transformation
+#: (``_derived_special``), so no shortcut title that names only what is left (a vocabulary resized) may stand
+_REPARAMETRISED = frozenset({"rotated_residual", "folded_norms", "rescaled_units", "negated_matrices",
+                             "pruned_elements"})
 
 
 def _derived_special(summary: dict) -> str | None:
