@@ -378,16 +378,17 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                         and r.shape[0] > r.base_shape[0])
             if grown:                         # reordered and rows added: a tokenizer's ids remapped and grown
                 scope["permuted_units"]["tensors_grown"] = grown
-        if undone:                            # measured against the base's units in the tuned model's order
+        if undone.get("blocks"):              # measured against the base's units in the tuned model's order
             scope["permuted_units"].update({"undone": undone["blocks"], "tensors_undone": undone["tensors"]})
             if undone.get("trimmed"):
                 scope["permuted_units"]["tensors_trimmed"] = undone["trimmed"]
-            if undone.get("rows_consistent") is not None:     # the token tables all in one order, or not
-                scope["permuted_units"]["rows_consistent"] = bool(undone["rows_consistent"])
-            stray = set(undone.get("routers") or ())
-            if stray:                         # routers left in place, measured in their experts' new order
-                scope["permuted_units"]["routers_changed"] = sum(
-                    1 for r in counted if r.name in stray and r.status == "changed")
+        if undone.get("rows_consistent") is not None:   # the token tables all in one order, or not (also when
+            # rows added left nothing to undo: comparison.grown_rows_consistent)
+            scope["permuted_units"]["rows_consistent"] = bool(undone["rows_consistent"])
+        stray = set(undone.get("routers") or ())
+        if stray:                             # routers left in place, measured in their experts' new order
+            scope["permuted_units"]["routers_changed"] = sum(
+                1 for r in counted if r.name in stray and r.status == "changed")
     pruned = undone.get("pruned") or {}
     if pruned:                                # elements set to zero, the rest the base's: pruned, not trained
         flags.append("pruned_elements")

@@ -264,8 +264,9 @@ def _derived_special(summary: dict) -> str | None:
     if not what:
         return None
     # rows added or removed, the shared rows unchanged, beside tensors of another shape (a vocabulary grown
-    # beside BART's [1, vocab] final_logits_bias): nothing trained, not "a fine-tune"
-    grown = int(scope.get("tensors_only_resized") or 0) if mism else 0
+    # beside BART's [1, vocab] final_logits_bias) or beside a reordering (a head trimmed or grown in the base's
+    # order beside a remapped embedding): nothing trained, not "a fine-tune"
+    grown = int(scope.get("tensors_only_resized") or 0)
     if grown:
         what.insert(0, "rows added to or removed from some of its tensors (their shared rows unchanged)")
     routed = int(perm.get("routers_changed") or 0)              # routers left in place: counted as changed
@@ -656,10 +657,16 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     # quantization noise floor) changed only by its new (or dropped) rows
     grown = int(scope.get("tensors_only_resized") or 0)
     bitwise = sum(1 for t in counted if t.get("status") == "resized" and t.get("frac_changed") == 0)
-    asides = [(f"{count(grown)} of them only resized: rows added or removed, the shared rows bitwise unchanged"
-               if bitwise >= grown else
-               f"{count(grown)} of them only resized: rows added or removed, the shared rows unchanged beyond "
-               "rounding or their quantization noise floor")] if grown else []
+    # a table only trimmed (rows removed, none added) is not among the changed tensors: "0 of 39 tensors changed
+    # (1 of them only resized ...)" contradicted itself, so it is counted apart
+    cut = min(grown, sum(1 for t in counted if t.get("status") == "resized" and t.get("base_shape")
+                         and int(t.get("numel") or 0) <= int(t.get("numel_compared") or 0)
+                         and not t.get("frac_beyond_rounding")))
+    kept = "bitwise unchanged" if bitwise >= grown else "unchanged beyond rounding or their quantization noise floor"
+    asides = [f"{count(grown - cut)} of them only resized: rows added or removed, the shared rows {kept}"] \
+        if grown - cut else []
+    if cut:
+        asides.append(f"{count(cut)} more only trimmed: rows removed, the rows kept {kept}")
     reshaped = scope.get("tensors_reshaped") or {}
     if reshaped.get("tensors"):
         n = int(reshaped["tensors"])
@@ -747,6 +754,9 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         trimmed = bool(int(pu.get("tensors_resized") or 0) - grown > 0 or pu.get("tensors_trimmed"))
         measured = all("rows" in undone.get(b, ()) for b in tables)
         scrambled = pu.get("rows_consistent") is False
+        # "computes what the base computes" only when the tables were found in one order: unchecked, it was said
+        # of an embedding remapped beside a head left in the base's order
+        consistent = pu.get("rows_consistent") is True
         text += (f"; the token rows of the {_and(tables)} are the base's rows in another order"
                  + (" or a subset of them" if trimmed else "") + (", with rows added" if grown else "")
                  + (" (the embedding's rows and the head's are not in one order, so no remapping of the tokenizer's "
@@ -754,7 +764,11 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                     if scrambled else
                     f" (a tokenizer's ids remapped{', a vocabulary trimmed' if trimmed else ''}"
                     f"{', a vocabulary grown' if grown else ''}: on the remapped tokens the model computes what the base "
-                    "computes), so ")
+                    "computes), so " if consistent else
+                    f" (a tokenizer's ids remapped{', a vocabulary trimmed' if trimmed else ''}"
+                    f"{', a vocabulary grown' if grown else ''}, if the embedding's rows and the head's follow one "
+                    "remapping, which was not established here: only then does the model compute what the base "
+                    "computes on the remapped tokens), so ")
                  + ("each row is compared with the base row it is" if measured else
                     "their numbers here are of rows compared with other tokens' rows"))
     perm = {b: v for b, v in every.items() if b not in tables}

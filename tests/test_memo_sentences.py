@@ -1,0 +1,62 @@
+"""Sentences of the verdict, the headline and the memo, read as a lawyer reads them (the tester of the memo's
+sentences, t-memo): each test builds a small model whose truth is known by construction and checks that no text
+claims more than was established, and that page one, the figures and the title tell one story."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import write_checkpoint
+from models import llama
+from weightdiff import compare
+from weightdiff.render.sentences import verdict_title
+
+
+def _grown(table: np.ndarray, rows: int, seed: int) -> np.ndarray:
+    """``table`` with ``rows`` new rows appended, as ``resize_token_embeddings`` adds tokens."""
+    new = np.random.default_rng(seed).normal(0, float(table.std()), (rows, table.shape[1])).astype(table.dtype)
+    return np.concatenate([table, new])
+
+
+@pytest.mark.parametrize("head", ["follows", "base_order"])
+def test_remapped_and_grown_token_tables_say_whether_the_base_is_computed(tmp_path, head):
+    """Embedding rows remapped, then 8 token rows added to both tables, nothing trained. With the head in the
+    base's order (it does not follow the remapping), the reason said "on the remapped tokens the model computes
+    what the base computes" (``rows_consistent`` was never computed when rows were added) and the title "a
+    fine-tune". Now the consistency is read from the rows bitwise, and the title says nothing was trained."""
+    base = llama(np.random.default_rng(81), layers=2, hidden=64, inter=128, vocab=256)
+    order = np.random.default_rng(82).permutation(256)
+    tuned = dict(base)
+    tuned["model.embed_tokens.weight"] = _grown(base["model.embed_tokens.weight"][order], 8, 83)
+    tuned["lm_head.weight"] = _grown(base["lm_head.weight"][order] if head == "follows" else base["lm_head.weight"], 8, 84)
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    r = compare(tmp_path / "b", tmp_path / "t")
+    s = r.summary
+    title = verdict_title(r.to_dict()["summary"])
+    assert s.verdict == "derived" and "a fine-tune" not in title, title
+    assert "none of its other weights changed" in title, title
+    if head == "follows":
+        assert s.scope["permuted_units"]["rows_consistent"] is True
+        assert "computes what the base computes" in s.verdict_reason
+    else:
+        assert s.scope["permuted_units"]["rows_consistent"] is False
+        assert "computes what the base computes" not in s.verdict_reason
+        assert "computes something else than the base" in title and "computes something else" in s.verdict_reason
+
+
+def test_trimmed_head_beside_a_remapped_embedding_is_not_a_fine_tune(tmp_path):
+    """Embedding trimmed and remapped, head trimmed in the base's order, nothing trained: the title read "a
+    fine-tune" beside "0 of 39 tensors changed (1 of them only resized ...)"."""
+    base = llama(np.random.default_rng(81), layers=2, hidden=64, inter=128, vocab=256)
+    keep = np.random.default_rng(85).permutation(256)[:240]
+    tuned = dict(base)
+    tuned["model.embed_tokens.weight"] = base["model.embed_tokens.weight"][keep]
+    tuned["lm_head.weight"] = base["lm_head.weight"][:240]
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    r = compare(tmp_path / "b", tmp_path / "t")
+    title = verdict_title(r.to_dict()["summary"])
+    assert "a fine-tune" not in title and "computes something else than the base" in title, title
+    assert "0 of" in r.summary.verdict_reason and "of them only resized" not in r.summary.verdict_reason
+    assert "1 more only trimmed: rows removed" in r.summary.verdict_reason
