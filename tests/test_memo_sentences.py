@@ -60,3 +60,47 @@ def test_trimmed_head_beside_a_remapped_embedding_is_not_a_fine_tune(tmp_path):
     assert "a fine-tune" not in title and "computes something else than the base" in title, title
     assert "0 of" in r.summary.verdict_reason and "of them only resized" not in r.summary.verdict_reason
     assert "1 more only trimmed: rows removed" in r.summary.verdict_reason
+
+
+def _with_config(path, tie: bool):
+    import json
+
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                  "tie_word_embeddings": tie}))
+    return path
+
+
+@pytest.mark.parametrize("base_tied", [False, True])
+def test_a_missing_untied_head_is_inconclusive_and_figure_1_says_so(tmp_path, base_tied):
+    """The tuned model's config unties its LM head and stores none. Beside a base that stores its head, the removed
+    head made the verdict "derived" first and the title read "this base with tensors added or removed; none of its
+    own weights changed"; with either base Figure 1 said the head "did not change"."""
+    from weightdiff.render.captions import caption_depth
+
+    base = llama(np.random.default_rng(91), layers=2, hidden=64, inter=128, vocab=256, tied=base_tied)
+    tuned = {k: v for k, v in base.items() if k != "lm_head.weight"}
+    b = _with_config(write_checkpoint(tmp_path / "b", base), base_tied)
+    t = _with_config(write_checkpoint(tmp_path / "t", tuned), False)
+    r = compare(b, t)
+    data = r.to_dict()
+    s = r.summary
+    assert s.verdict == "inconclusive" and "head_missing" in s.flags, (s.verdict, s.flags)
+    title = verdict_title(data["summary"])
+    assert "LM head" in title and "random" in title and "added or removed" not in title, title
+    caption = caption_depth(data)
+    assert "did not change" not in caption.split("The head")[-1] and "head (after block 1) did not" not in caption
+    assert "The head (after block 1) is not stored" in caption, caption
+
+
+def test_figure_1_reads_the_effective_head_of_a_tie_added_on_one_side(tmp_path):
+    """The base stores its head; the tuned model drops it and ties the head to its embedding: the reason says the
+    effective head differs (relative change 1.4), Figure 1 said the head "did not change"."""
+    from weightdiff.render.captions import caption_depth
+
+    base = llama(np.random.default_rng(92), layers=2, hidden=64, inter=128, vocab=256)
+    tuned = {k: v for k, v in base.items() if k != "lm_head.weight"}
+    b = _with_config(write_checkpoint(tmp_path / "b", base), False)
+    t = _with_config(write_checkpoint(tmp_path / "t", tuned), True)
+    caption = caption_depth(compare(b, t).to_dict())
+    assert "and the head (after block 1) did not change" not in caption, caption
+    assert "The head (after block 1) is tied to the embeddings on one side only" in caption, caption

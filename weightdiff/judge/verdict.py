@@ -28,7 +28,7 @@ from ..options import Thresholds
 from ..records import STATUSES, BlockRecord, Summary, TensorRecord, count_lookalikes
 from ..io.declared import same_model
 from ..io.meta_layout import is_meta_qk
-from ..pairing.names import component_of, is_router, parse_name
+from ..pairing.names import component_of, is_lm_head, is_router, parse_name
 from .coverage import compared_elements, coverage, too_little
 from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, negated_rows, weak_evidence,
                           net_of_quantization, low_rank_change, reordered_kinds)
@@ -458,7 +458,14 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # alike, and no matrix says whether this one derives from the base
         verdict = "inconclusive"
         flags.append("vectors_only")
-    if verdict in ("identical", "cast_only", "quantized_only") and undone.get("head_missing"):
+    # a base that stores its head, a tuned model that drops it and unties it in its config: the removed head made
+    # the verdict "derived" first, and it read "this base with tensors added or removed; none of its own weights
+    # changed" of a model whose head, loaded, is random
+    head_only = verdict == "derived" and not changed_eff and not tensors_by_status.get("added") \
+        and not tensors_by_status.get("resized") and tensors_by_status.get("removed") \
+        and all(is_lm_head(str(r.base_name or r.name)) for r in counted if r.status == "removed") \
+        and not (permuted or negated or rotated or folded or rescaled or pruned)
+    if undone.get("head_missing") and (verdict in ("identical", "cast_only", "quantized_only") or head_only):
         # every stored tensor the base's, but the head the config asks for is missing: loaded, it is random
         verdict = "inconclusive"
         flags.append("head_missing")

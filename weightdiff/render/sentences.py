@@ -125,6 +125,10 @@ def verdict_title(summary: dict) -> str:
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
     if v == "inconclusive" and "head_missing" in (summary.get("flags") or []):
+        if (summary.get("tensors_by_status") or {}).get("removed"):
+            # the base stores its head and the tuned model dropped it: "tensors added or removed" named nothing
+            return ("INCONCLUSIVE: every other stored tensor matches the base, but the base's LM head is not stored "
+                    "and the tuned config unties it: loaded with transformers, that head is random.")
         return ("INCONCLUSIVE: every stored tensor matches the base, but the tuned config unties the LM head and none "
                 "is stored: loaded with transformers, that head is random.")
     if v == "inconclusive" and "vectors_only" in (summary.get("flags") or []):
@@ -564,10 +568,14 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     if not counted:
         return "No tensors were compared."
     if v == "inconclusive" and "head_missing" in (s.get("flags") or []):
-        return (f"{count(len(counted))} compared {'tensor matches' if len(counted) == 1 else 'tensors match'} the "
-                "base within rounding, but the tuned model's config.json unties its LM head and stores none: "
-                "transformers initialises that head at random, so the model as loaded computes something else than "
-                "the base, and its weights alone cannot say what (see the notes).")
+        live = [t for t in counted if t.get("status") != "removed"]
+        gone = [t for t in counted if t.get("status") == "removed"]
+        return (f"{count(len(live))} compared {'tensor matches' if len(live) == 1 else 'tensors match'} the "
+                "base within rounding, but the tuned model's config.json unties its LM head and stores none"
+                + (f" (the base's `{escape_name(str(gone[0].get('base_name') or gone[0].get('name')))}` is not in it)"
+                   if gone else "")
+                + ": transformers initialises that head at random, so the model as loaded computes something else "
+                "than the base, and its weights alone cannot say what (see the notes).")
     if v == "inconclusive":
         return _inconclusive(data)
     if v == "partial":
