@@ -104,3 +104,28 @@ def test_figure_1_reads_the_effective_head_of_a_tie_added_on_one_side(tmp_path):
     caption = caption_depth(compare(b, t).to_dict())
     assert "and the head (after block 1) did not change" not in caption, caption
     assert "The head (after block 1) is tied to the embeddings on one side only" in caption, caption
+
+
+def test_the_memo_has_the_notes_its_sentences_point_to(tmp_path):
+    """The reason says "(see the notes)" (a head that loads at random, blocks paired by content): the memo had no
+    notes, only the JSON and stderr did. Markdown and Word now carry a Notes section with the plan's notes; a
+    comparison without notes gets none."""
+    import io
+
+    docx = pytest.importorskip("docx")
+    from weightdiff.render.memo import build, to_markdown
+    from weightdiff.render.memo_docx import to_docx
+
+    base = llama(np.random.default_rng(93), layers=2, hidden=64, inter=128, vocab=256)
+    tuned = {k: v for k, v in base.items() if k != "lm_head.weight"}
+    b = _with_config(write_checkpoint(tmp_path / "b", base), False)
+    t = _with_config(write_checkpoint(tmp_path / "t", tuned), False)
+    data = compare(b, t).to_dict()
+    assert "see the notes" in data["summary"]["verdict_reason"]
+    md = to_markdown(build(data, []), {})
+    assert "### Notes" in md and "it stores no LM head: transformers initialises that head at random" in md
+    assert "base `lm_head.weight` is removed" in md           # a tensor's name as code
+    text = [p.text for p in docx.Document(io.BytesIO(to_docx(build(data, []), "memo"))).paragraphs]
+    assert "Notes" in text and any("stores no LM head" in p for p in text[text.index("Notes"):])
+    same = compare(b, b).to_dict()
+    assert not same["plan"]["notes"] and "### Notes" not in to_markdown(build(same, []), {})

@@ -43,6 +43,20 @@ def _c(text: object) -> list[Seg]:
     return [("code", str(text))]
 
 
+#: plan notes listed in the memo's Notes (the rest are in the JSON; a model with thousands of renamed tensors
+#: would otherwise fill pages)
+MAX_NOTES = 40
+
+
+def _code_spans(text: str) -> list[Seg]:
+    """A note as inline segments, its backticked names as code: ``a `x` b`` -> [("", "a "), ("code", "x"),
+    ("", " b")]. The notes name tensors in backticks (``errors.escape_name``), which each writer escapes."""
+    parts = text.split("`")
+    if len(parts) % 2 == 0:                 # an unpaired backtick: the text as it is
+        return [("", text)]
+    return [("code" if i % 2 else "", p) for i, p in enumerate(parts) if p]
+
+
 def _short(t: dict, key: str = "shape") -> str:
     """A shape as the memo prints it: ``4096×14336``; ``scalar`` for a 0-d tensor (an empty cell read as
     missing), ``-`` where the record has none (an added tensor has no base shape)."""
@@ -203,6 +217,16 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
                          [[_c(c.get("component")), c.get("status", "").replace("_", " "),
                            fmt.sci(None if c.get("cosine") is None else max(0.0, 1.0 - c["cosine"])),
                            fmt.sci(c.get("rel_change")), fmt.count(c.get("params"))] for c in comps]))
+    notes = [str(n) for n in (data.get("plan") or {}).get("notes") or []]
+    if notes:
+        # the reasons say "see the notes" (which base block each moved block copies, a head that loads at random):
+        # the memo had no notes to see, only the JSON and stderr did
+        out.append(Block("h3", "Notes", "notes"))
+        out.append(Block("p", "What weightdiff noted while reading and pairing the two models (the JSON's "
+                              "plan.notes):"))
+        out.append(Block("ul", [_code_spans(n) for n in notes[:MAX_NOTES]]
+                         + ([f"... and {fmt.count(len(notes) - MAX_NOTES)} more in the JSON."]
+                            if len(notes) > MAX_NOTES else [])))
     out.append(Block("p", "The verdict follows these rules, checked in this order (the numbers are in the "
                           "thresholds table below):"))
     out.append(Block("ul", [[("b", name + ": "), ("", rule)] for name, rule in txt.VERDICTS]))
