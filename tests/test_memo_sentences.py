@@ -129,3 +129,49 @@ def test_the_memo_has_the_notes_its_sentences_point_to(tmp_path):
     assert "Notes" in text and any("stores no LM head" in p for p in text[text.index("Notes"):])
     same = compare(b, b).to_dict()
     assert not same["plan"]["notes"] and "### Notes" not in to_markdown(build(same, []), {})
+
+
+def _page_one(data: dict) -> tuple[str, str, list]:
+    """(the plain-words paragraph, Figure 1's caption, the key-figure rows) as the memo prints them."""
+    from weightdiff.render.captions import caption_depth
+    from weightdiff.render.memo import key_figures
+    from weightdiff.render.sentences import plain_language
+
+    return " ".join(plain_language(data)), caption_depth(data), key_figures(data)
+
+
+def test_page_one_keeps_the_qualifier_of_a_reordering_undone(tmp_path):
+    """MLP neurons of one block reordered, nothing trained: the headline says "100% ... bitwise unchanged, once
+    the units found reordered are put back in the base's order"; page one said "100% are bit for bit the same"
+    and the key figure "numbers not touched at all", though the neurons' numbers sit at other positions."""
+    base = llama(np.random.default_rng(94), layers=2, hidden=64, inter=128, vocab=256)
+    tuned = dict(base)
+    order = np.random.default_rng(95).permutation(128)
+    p = "model.layers.1.mlp."
+    for k in ("gate_proj", "up_proj"):
+        tuned[p + k + ".weight"] = base[p + k + ".weight"][order]
+    tuned[p + "down_proj.weight"] = base[p + "down_proj.weight"][:, order]
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    data = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    assert data["summary"]["scope"]["permuted_units"]["tensors_undone"] == 3
+    plain, caption, keys = _page_one(data)
+    once = "once the units found reordered are put back in the base's order"
+    assert once in plain and once in caption, (plain, caption)
+    assert keys[0][2] == "numbers not touched, " + once
+
+
+def test_page_one_and_figure_1_repeat_that_the_model_computes_something_else(tmp_path):
+    """Embedding rows remapped, the head left in the base's order, nothing trained: the title says the model
+    computes something else than the base; page one said "100% ... 0 of its 2 blocks were changed" and Figure 1
+    "the embeddings ... and the head ... did not change", with no caveat."""
+    base = llama(np.random.default_rng(96), layers=2, hidden=64, inter=128, vocab=256)
+    tuned = dict(base)
+    tuned["model.embed_tokens.weight"] = base["model.embed_tokens.weight"][np.random.default_rng(97).permutation(256)]
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    data = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    assert data["summary"]["scope"]["permuted_units"]["rows_consistent"] is False
+    plain, caption, _ = _page_one(data)
+    for text in (plain, caption):
+        assert "not in one order, so the model computes something else than the base" in text, text

@@ -236,6 +236,12 @@ def caption_depth(data: dict) -> str:
         text += f" {subject[0].upper() + subject[1:]} {what}."
     if head and any(p["group"] == "head" for p in ends):
         text += f" The head (after block {blocks[-1]['index']}) {head}."
+    summary = data.get("summary") or {}
+    if sentences.undone_words(summary):
+        # the numbers are beneath a reordering, rotation or rescale, as the headline says; as stored they moved
+        text += f" Each part is measured once {' and '.join(sentences.undone_words(summary))}."
+    if sentences.computes_else(summary):
+        text += " " + sentences.computes_else(summary)
     return text
 
 

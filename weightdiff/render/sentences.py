@@ -950,6 +950,42 @@ def _quant_how(q: dict) -> str:
     return f"({', '.join(q.get('formats') or [])}; decided by {tests})"
 
 
+def undone_words(s: dict) -> list[str]:
+    """What was undone before the parameters were counted bit for bit and the matrices measured: the clauses of
+    "once ..." (``["the units found reordered are put back in the base's order"]``), [] when nothing was. Page one
+    and the key figures say them as the headline does: "100% are bit for bit the same ... numbers not touched at
+    all" was printed of a model whose MLP neurons sit at other positions."""
+    sc = s.get("scope") or {}
+    return [w for w, on in (("the units found reordered are put back in the base's order",
+                             (sc.get("permuted_units") or {}).get("tensors_undone")),
+                            ("the tensors stored with the sign flipped are multiplied by -1",
+                             (sc.get("negated_matrices") or {}).get("tensors")),
+                            ("the residual stream's rotation is undone",
+                             (sc.get("rotated_residual") or {}).get("tensors")),
+                            ("the units found rescaled are divided by their factors",
+                             (sc.get("rescaled_units") or {}).get("tensors")),
+                            ("the norms' gains found folded into the matrices that read them are taken out again",
+                             (sc.get("folded_norms") or {}).get("tensors"))) if on]
+
+
+def computes_else(s: dict) -> str:
+    """The caveat the title gives when every weight matches the base beneath a transformation that the model does
+    not undo itself, so that it computes something else (token tables in two orders, a rotation with norms left
+    unfolded); "" otherwise. Page one and Figure 1 repeat it: "0 of 4 blocks changed", "did not change" stood
+    beside a title that said the model computes something else than the base."""
+    sc = s.get("scope") or {}
+    said = []
+    if (sc.get("permuted_units") or {}).get("rows_consistent") is False:
+        said.append("the embedding's token rows and the head's are not in one order")
+    n = int((sc.get("rotated_residual") or {}).get("norms_unfolded") or 0)
+    if n:
+        said.append(f"{plural(n, 'norm')} of the rotated residual stream keep gains that differ from channel to "
+                    "channel, which scale the rotated coordinates")
+    if not said:
+        return ""
+    return f"Yet {_and(said)}, so the model computes something else than the base."
+
+
 def headline(data: dict) -> list[str]:
     """The verdict's reason, then the sentences a reader can quote, each from the numbers."""
     s: dict[str, Any] = data.get("summary") or {}
@@ -967,13 +1003,7 @@ def headline(data: dict) -> list[str]:
                        "tensors, which are bitwise unchanged too.")
         else:
             main, aside = unchanged_words(data, total)
-            sc = s.get("scope") or {}
-            undone = [w for w, on in (("the units found reordered are put back in the base's order",
-                                       (sc.get("permuted_units") or {}).get("tensors_undone")),
-                                      ("the tensors stored with the sign flipped are multiplied by -1",
-                                       (sc.get("negated_matrices") or {}).get("tensors")),
-                                      ("the residual stream's rotation is undone",
-                                       (sc.get("rotated_residual") or {}).get("tensors"))) if on]
+            undone = undone_words(s)
             tied_moved = any(is_tied_row(t) and t.get("status") == "changed" for t in data.get("tensors") or [])
             out.append(f"{main} of parameters are bitwise unchanged{aside}"
                        + (f", once {' and '.join(undone)}" if undone else "")
@@ -1166,6 +1196,9 @@ def plain_language(data: dict) -> list[str]:
     else:
         main, aside = unchanged_words(data, total)
         text = f"Of the {count(total)} parameters of {tuned}, {main} are bit for bit the same as in {base}"
+        if undone_words(s):
+            # counted beneath the reordering, rotation or rescale, as the headline says: as stored they differ
+            text += f" once {' and '.join(undone_words(s))} (as stored, the tensors concerned differ from the base's)"
         if aside:
             text += f", {share(int(by.get('unchanged', 0) or 0) / total)} in tensors left entirely unchanged"
         if s.get("blocks_total"):
@@ -1176,6 +1209,8 @@ def plain_language(data: dict) -> list[str]:
                      f"{least}{count(n)} of its {count(tot)} blocks {'was' if n == 1 else 'were'} changed"))
             text += floor_blocks(s)
         out.append(text + ".")
+        if computes_else(s):
+            out.append(computes_else(s))
     model, unrel = points.get("model"), points.get("unrelated")
     bf16 = (points.get("BF16") or {}).get("rel_change")
     rel = (model or {}).get("rel_change")
@@ -1214,7 +1249,8 @@ def plain_language(data: dict) -> list[str]:
                        f"{sci(model['one_minus_cosine'])}, the quantization noise included, where an unrelated model "
                        f"of the same shape reads {sci(unrel['one_minus_cosine'])}.")
     elif v == "derived" and rel:
-        text = f"Taken together, its large weight matrices moved by {sci(rel)} of their size"
+        text = (f"Taken together, {'measured so, ' if undone_words(s) else ''}its large weight matrices moved by "
+                f"{sci(rel)} of their size")
         if bf16:
             text += f", {_times(rel, bf16)} the rounding a cast to bfloat16 would cause ({sci(bf16)})"
         few = _changed_matrices(data)
