@@ -175,3 +175,31 @@ def test_page_one_and_figure_1_repeat_that_the_model_computes_something_else(tmp
     plain, caption, _ = _page_one(data)
     for text in (plain, caption):
         assert "not in one order, so the model computes something else than the base" in text, text
+
+
+def test_whole_blocks_appended_read_as_added_everywhere(tmp_path):
+    """Two freshly initialised blocks appended, nothing else changed: page one said "2 of its 6 blocks were
+    changed" and Figure 1 "0 of 6 blocks changed", the title "tensors added or removed" (nothing was removed)."""
+    from weightdiff.render.formats import summary_blocks_text
+
+    base = llama(np.random.default_rng(98), layers=2, hidden=64, inter=128, vocab=256)
+    other = llama(np.random.default_rng(99), layers=2, hidden=64, inter=128, vocab=256)
+    tuned = dict(base)
+    for k, v in other.items():
+        if k.startswith("model.layers."):
+            i = int(k.split(".")[2])
+            tuned[k.replace(f"model.layers.{i}.", f"model.layers.{i + 2}.", 1)] = v
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    data = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    s = data["summary"]
+    assert s["scope"]["blocks_added"] == {"blocks": ["layers.2", "layers.3"], "tensors": 18}
+    title = verdict_title(s)
+    assert title == ("DERIVED: this base with 2 blocks added (layers.2, layers.3: 18 tensors with no counterpart in "
+                     "the base); none of its own weights changed."), title
+    plain, caption, keys = _page_one(data)
+    assert "0 of its 4 blocks were changed and 2 were added (not in the base)" in plain, plain
+    assert "0 of 4 blocks changed" in caption
+    assert summary_blocks_text(s) == "0 of 4 blocks changed, 2 added (not in the base)"
+    assert keys[1][1] == "0 of 4, 2 added (not in the base)"
+    assert "in 0 of 4 blocks; 2 blocks added" in s["verdict_reason"]

@@ -337,6 +337,11 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     reshaped_in = {r.block for r in live if is_mismatch(r)}
     blocks_reshaped = sum(1 for b in numbered if b.params_changed == 0 and b.block in reshaped_in)
     params_changed = sum(b.params_changed for b in blocks)
+    # numbered blocks whose every tensor is added (layers appended or inserted with no base counterpart): counted
+    # among the changed blocks, yet nothing in them changed; the texts say "2 blocks added"
+    labels = {b.block for b in numbered}
+    added_in = sorted({r.block for r in live if r.block in labels}
+                      - {r.block for r in live if r.block in labels and r.status != "added"})
     scope = {
         "blocks_changed": blocks_changed, "blocks_total": len(numbered), "blocks_reshaped": blocks_reshaped,
         "tensors_changed": tensors_changed, "tensors_total": len(live),
@@ -350,6 +355,9 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         "matrices_zeroed": _zeroed(counted),
         "tensors_reshaped": _reshaped([r for r in counted if r.status == "resized" and is_mismatch(r)]),
     }
+    if added_in:
+        scope["blocks_added"] = {"blocks": added_in,
+                                 "tensors": sum(1 for r in live if r.block in set(added_in))}
     # vocabulary resized and nothing else: the shared rows the base's, within rounding or within the quantization
     # noise floor (the title must not say "a fine-tune": a GGUF of a base with tokens added read so)
     grown = [r for r in counted if only_resized(r, thresholds)]

@@ -69,7 +69,7 @@ def verdict_title(summary: dict) -> str:
         return ("DERIVED: this base with tensors added, removed or changed beyond recognition; none of the "
                 "weights paired with it changed.")
     if untouched and (tbs.get("added") or tbs.get("removed")):
-        return "DERIVED: this base with tensors added or removed; none of its own weights changed."
+        return f"DERIVED: this base with {_structural_words(summary)}; none of its own weights changed."
     grown = tbs.get("resized") and tbs.get("resized") == (summary.get("scope") or {}).get("tensors_only_resized")
     if v == "derived" and grown and (tbs.get("added") or tbs.get("removed")) \
             and not any(tbs.get(k) for k in ("changed", "quantized", "rounding")) \
@@ -181,6 +181,23 @@ def verdict_title(summary: dict) -> str:
                 f"{matrices_phrase(summary)} keep 1 - cosine = {sci(max(0.0, 1 - cos)) if cos is not None else '?'}"
                 f", relative change {sci(rel)}).")
     return _TITLES.get(v, str(v))
+
+
+def _structural_words(summary: dict) -> str:
+    """What was added or removed, as the counts say: ``2 blocks added (layers.4, layers.5: 18 tensors with no
+    counterpart in the base)``, ``tensors added``, ``tensors removed``, ``tensors added and removed``. "Tensors added
+    or removed" was said of a model with 2 blocks appended and nothing removed."""
+    tbs = summary.get("tensors_by_status") or {}
+    added, removed = int(tbs.get("added") or 0), int(tbs.get("removed") or 0)
+    ba = (summary.get("scope") or {}).get("blocks_added") or {}
+    names, in_blocks = list(ba.get("blocks") or ()), int(ba.get("tensors") or 0)
+    if names and not removed:
+        n = len(names)
+        what = (f"{count(n)} {'block' if n == 1 else 'blocks'} added ({_names(names)}: {count(in_blocks)} "
+                f"{'tensor' if in_blocks == 1 else 'tensors'} with no counterpart in the base)")
+        rest = added - in_blocks
+        return what + (f" and {count(rest)} other {'tensor' if rest == 1 else 'tensors'} added" if rest > 0 else "")
+    return "tensors " + ("added and removed" if added and removed else "added" if added else "removed")
 
 
 def _derived_special(summary: dict) -> str | None:
@@ -701,9 +718,12 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                  f"changed{only}"]
     if scope.get("blocks_total"):
         n_r = int(scope.get("blocks_reshaped") or 0)
-        parts.append(f"{least}{scope.get('blocks_changed')} of {scope.get('blocks_total')} blocks"
+        n_a = len((scope.get("blocks_added") or {}).get("blocks") or ())
+        parts.append(f"{least}{int(scope.get('blocks_changed') or 0) - n_a} of {scope.get('blocks_total')} blocks"
                      + (f" ({count(n_r)} {'other holds' if n_r == 1 else 'others hold'} tensors of another shape than in "
-                        "the base, not compared)" if n_r else ""))
+                        "the base, not compared)" if n_r else "")
+                     + (f"; {count(n_a)} {'block' if n_a == 1 else 'blocks'} added, with no counterpart in the base"
+                        if n_a else ""))
     text = "Derived from this base: " + ", in ".join(parts) + gone
     heads = [t for t in data.get("tensors") or [] if is_tied_row(t) and t.get("status") == "changed"]
     if heads:
@@ -1202,11 +1222,14 @@ def plain_language(data: dict) -> list[str]:
         if aside:
             text += f", {share(int(by.get('unchanged', 0) or 0) / total)} in tensors left entirely unchanged"
         if s.get("blocks_total"):
-            n = s.get("blocks_changed") or 0
+            n_a = len(((s.get("scope") or {}).get("blocks_added") or {}).get("blocks") or ())
+            n = (s.get("blocks_changed") or 0) - n_a      # blocks added are not changed: they have no base block
             tot = s["blocks_total"]
             least = at_least(s)
             text += (f"{';' if aside else ', and'} " + (f"its one block {'was' if n else 'was not'} changed" if tot == 1 else
                      f"{least}{count(n)} of its {count(tot)} blocks {'was' if n == 1 else 'were'} changed"))
+            if n_a:
+                text += f" and {count(n_a)} {'was' if n_a == 1 else 'were'} added (not in the base)"
             text += floor_blocks(s)
         out.append(text + ".")
         if computes_else(s):
