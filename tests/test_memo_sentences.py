@@ -203,3 +203,23 @@ def test_whole_blocks_appended_read_as_added_everywhere(tmp_path):
     assert summary_blocks_text(s) == "0 of 4 blocks changed, 2 added (not in the base)"
     assert keys[1][1] == "0 of 4, 2 added (not in the base)"
     assert "in 0 of 4 blocks; 2 blocks added" in s["verdict_reason"]
+
+
+def test_rescaled_units_are_counted_by_pair_and_by_unit(tmp_path):
+    """Up rows times c and down columns divided by c in one block, c = -1 for 13 of 128 neurons: the reason said
+    "2 matrices are the base's with each row or column times its own factor (26 of them negative ...), and the
+    matrix that reads those units" (read as 3 or 4 matrices, and 26 flipped units out of 128 with 13 flipped)."""
+    base = llama(np.random.default_rng(100), layers=2, hidden=64, inter=128, vocab=256)
+    c = np.ones(128)
+    c[np.random.default_rng(101).choice(128, 13, replace=False)] = -1.0
+    tuned = dict(base)
+    p = "model.layers.1.mlp."
+    tuned[p + "up_proj.weight"] = (base[p + "up_proj.weight"] * c[:, None]).astype(np.float32)
+    tuned[p + "down_proj.weight"] = (base[p + "down_proj.weight"] / c[None, :]).astype(np.float32)
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    assert s.scope["rescaled_units"]["tensors"] == 2 and s.scope["rescaled_units"]["negative"] == 26
+    assert "in 1 pair of matrices the first's rows (up, v)" in s.verdict_reason, s.verdict_reason
+    assert "(13 units have a negative factor: their signs flipped)" in s.verdict_reason
+    assert "26" not in s.verdict_reason and "2 matrices are" not in s.verdict_reason

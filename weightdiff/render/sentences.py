@@ -846,13 +846,21 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     rs = scope.get("rescaled_units") or {}
     if rs.get("tensors"):
         n_rs = int(rs["tensors"])
-        text += (f"; {count(n_rs)} {'matrix is' if n_rs == 1 else 'matrices are'} the base's with each row or column "
-                 "times its own factor" + (f" ({count(int(rs.get('negative') or 0))} of them negative: signs flipped)"
-                                          if rs.get("negative") else "")
-                 + ", and the matrix that reads those units (down, o) the base's divided by the same factors: a scale "
+        # counted by pair and by unit: "2 matrices are the base's with each row times its own factor, and the matrix
+        # that reads those units ..." read as four matrices, and "266 of them negative" counted each of 133 flipped
+        # units twice (once in each matrix of its pair; ``scope.rescaled_units.negative`` counts so)
+        n_pairs = max(1, n_rs // 2)
+        neg = int(rs.get("negative") or 0)
+        units = neg // 2 if n_rs % 2 == 0 else neg
+        text += (f"; in {count(n_pairs)} {'pair' if n_pairs == 1 else 'pairs'} of matrices the first's rows (up, v) are "
+                 "the base's each times its own factor and the second's columns (down, o), which read those units, "
+                 "the base's divided by the same factors"
+                 + (f" ({count(units)} {'unit has' if units == 1 else 'units have'} a negative factor: "
+                    f"{'its sign' if units == 1 else 'their signs'} flipped)" if neg else "")
+                 + ": a scale "
                  "moved from one matrix to the next, or units' signs flipped one by one, which leaves what a gated MLP "
                  "and attention's v and o compute unchanged (an MLP with no gate only when it uses ReLU and every factor is "
-                 "positive); each is measured "
+                 "positive); each matrix is measured "
                  "against the base so scaled and the numbers here are of what changed beneath the scales")
     fo = scope.get("folded_norms") or {}
     if fo.get("tensors"):
