@@ -223,3 +223,19 @@ def test_rescaled_units_are_counted_by_pair_and_by_unit(tmp_path):
     assert "in 1 pair of matrices the first's rows (up, v)" in s.verdict_reason, s.verdict_reason
     assert "(13 units have a negative factor: their signs flipped)" in s.verdict_reason
     assert "26" not in s.verdict_reason and "2 matrices are" not in s.verdict_reason
+
+
+def test_the_terminal_table_says_it_counts_whole_tensors(tmp_path):
+    """A fine-tune of one block: the table's first column was headed "parameters" and its "unchanged" row counted
+    the parameters of tensors left entirely unchanged, beside a bullet that counts parameters number by number
+    (a rotated model read "unchanged 0 0%" above "0.97% of parameters are bitwise unchanged")."""
+    from weightdiff.render.terminal import render_text
+
+    base = llama(np.random.default_rng(102), layers=2, hidden=64, inter=128, vocab=256)
+    tuned = dict(base)
+    tuned["model.layers.1.mlp.up_proj.weight"] = base["model.layers.1.mlp.up_proj.weight"] * np.float32(1.01)
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    text = render_text(compare(tmp_path / "b", tmp_path / "t").to_dict())
+    header = next(line for line in text.splitlines() if "share" in line and "tensors" in line)
+    assert header.split()[:3] == ["tensor", "status", "parameters"], header
