@@ -239,3 +239,44 @@ def test_the_terminal_table_says_it_counts_whole_tensors(tmp_path):
     text = render_text(compare(tmp_path / "b", tmp_path / "t").to_dict())
     header = next(line for line in text.splitlines() if "share" in line and "tensors" in line)
     assert header.split()[:3] == ["tensor", "status", "parameters"], header
+
+
+def test_page_one_says_remapped_rows_compared_with_other_rows_measure_no_change(tmp_path):
+    """Both token tables remapped alike, then 8 rows added, nothing trained: no order to undo, so their numbers are
+    of rows compared with other tokens' rows. The reason says so; page one said "its large weight matrices moved
+    by 6.0e-1 of their size, about 363 times the rounding a cast to bfloat16 would cause" and nothing else."""
+    from weightdiff.render.sentences import plain_language
+
+    base = llama(np.random.default_rng(103), layers=2, hidden=64, inter=128, vocab=256)
+    order = np.random.default_rng(104).permutation(256)
+    tuned = dict(base)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        tuned[k] = _grown(base[k][order], 8, 105)
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    data = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    assert "rows" not in (data["summary"]["scope"]["permuted_units"].get("undone") or {}).get("embeddings", ())
+    plain = " ".join(plain_language(data))
+    assert "moved by" in plain
+    assert ("These figures include the token rows of the embeddings and head, which are the base's rows in another "
+            "order and were compared here with other tokens' rows") in plain, plain
+
+
+def test_page_one_says_blocks_are_repeated_copies(tmp_path):
+    """SOLAR-style depth up-scaling (base blocks 0-1 then 0-1 again), nothing trained: page one said only "100% are
+    bit for bit the same ... and 0 of its 4 blocks were changed", not that the model is deeper, made of copies."""
+    from weightdiff.render.sentences import plain_language
+
+    base = llama(np.random.default_rng(106), layers=2, hidden=64, inter=128, vocab=256)
+    tuned = {k: v for k, v in base.items() if not k.startswith("model.layers.")}
+    for new, old in enumerate((0, 1, 0, 1)):
+        for k, v in base.items():
+            if k.startswith(f"model.layers.{old}."):
+                tuned[k.replace(f"model.layers.{old}.", f"model.layers.{new}.", 1)] = v
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    data = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    assert data["summary"]["scope"]["blocks_moved"] == 2
+    plain = " ".join(plain_language(data))
+    assert ("2 of its blocks are base blocks at another position (repeated or reordered; the Notes say which), and it "
+            "has 4 blocks where the base has 2") in plain, plain

@@ -1238,6 +1238,15 @@ def plain_language(data: dict) -> list[str]:
                      f"{least}{count(n)} of its {count(tot)} blocks {'was' if n == 1 else 'were'} changed"))
             if n_a:
                 text += f" and {count(n_a)} {'was' if n_a == 1 else 'were'} added (not in the base)"
+            sc = s.get("scope") or {}
+            moved, base_tot = int(sc.get("blocks_moved") or 0), int(sc.get("base_blocks_total") or 0)
+            if moved:
+                # SOLAR's depth up-scaling read "0 of its 6 blocks were changed" and nothing else: the reader was not
+                # told that the model is deeper, its blocks copies of the base's
+                text += (f"; {count(moved)} of its blocks {'is a base block' if moved == 1 else 'are base blocks'} at "
+                         "another position (repeated or reordered; the Notes say which)"
+                         + (f", and it has {count(tot)} blocks where the base has {count(base_tot)}"
+                            if base_tot and tot != base_tot else ""))
             text += floor_blocks(s)
         out.append(text + ".")
         if computes_else(s):
@@ -1282,6 +1291,16 @@ def plain_language(data: dict) -> list[str]:
     elif v == "derived" and rel:
         text = (f"Taken together, {'measured so, ' if undone_words(s) else ''}its large weight matrices moved by "
                 f"{sci(rel)} of their size")
+        pu = (s.get("scope") or {}).get("permuted_units") or {}
+        late = [b for b, k in (pu.get("blocks") or {}).items() if "rows" in k and "rows" not in (pu.get("undone") or {}).get(b, ())]
+        caveat = ""
+        if late:
+            # the reason admits that these tables' rows were compared with other tokens' rows; page one quoted the
+            # figure as a movement ("moved by 6.0e-1 ..., 363 times the rounding") of a model nothing was trained in
+            caveat = (f"These figures include the token rows of the {_and(late)}, which are the base's rows in another "
+                      "order and were compared here with other tokens' rows, not with the rows they are: for "
+                      f"{'that table' if len(late) == 1 else 'those tables'} they do not measure a change, nor does "
+                      "the count of numbers it takes to write the change down.")
         if bf16:
             text += f", {_times(rel, bf16)} the rounding a cast to bfloat16 would cause ({sci(bf16)})"
         few = _changed_matrices(data)
@@ -1298,6 +1317,8 @@ def plain_language(data: dict) -> list[str]:
             out.append(f"Measured as a turn of direction, they read 1 − cosine = "
                        f"{sci(model['one_minus_cosine'])}, where an unrelated model of the same shape reads "
                        f"{sci(unrel['one_minus_cosine'])}.")
+        if caveat:
+            out.append(caveat)
     elif v == "partial":
         out += _partial_parts(s.get("components") or [], base, (points.get("BF16") or {}).get("rel_change"), unrel)
     form = s.get("form") or {}
