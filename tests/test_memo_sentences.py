@@ -280,3 +280,22 @@ def test_page_one_says_blocks_are_repeated_copies(tmp_path):
     plain = " ".join(plain_language(data))
     assert ("2 of its blocks are base blocks at another position (repeated or reordered; the Notes say which), and it "
             "has 4 blocks where the base has 2") in plain, plain
+
+
+def test_pruning_is_said_as_a_mask_not_a_change_spread_over_directions(tmp_path):
+    """Half the elements of one block's matrices set to zero by magnitude, the rest exactly the base's: page one
+    said "The change is spread over many directions: writing it down takes ... numbers"."""
+    from weightdiff.render.sentences import plain_language
+
+    base = llama(np.random.default_rng(107), layers=2, hidden=64, inter=128, vocab=256)
+    tuned = dict(base)
+    for k, v in base.items():
+        if k.startswith("model.layers.1.") and v.ndim == 2:
+            tuned[k] = np.where(np.abs(v) < np.median(np.abs(v)), np.float32(0), v).astype(np.float32)
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    data = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    assert data["summary"]["scope"]["pruned_elements"]["tensors"] == 7
+    plain = " ".join(plain_language(data))
+    assert "spread over many directions" not in plain, plain
+    assert "elements of 7 matrices to zero and leaves the rest exactly the base's (pruning)" in plain, plain

@@ -996,6 +996,14 @@ def undone_words(s: dict) -> list[str]:
                              (sc.get("folded_norms") or {}).get("tensors"))) if on]
 
 
+def _only_pruned(s: dict) -> bool:
+    """Every changed tensor is a pruned matrix (``scope.pruned_elements``), nothing added, removed or resized."""
+    pr = ((s.get("scope") or {}).get("pruned_elements") or {})
+    tbs = s.get("tensors_by_status") or {}
+    return bool(pr.get("tensors")) and int(tbs.get("changed") or 0) == int(pr["tensors"]) \
+        and not any(tbs.get(k) for k in ("added", "removed", "resized"))
+
+
 def computes_else(s: dict) -> str:
     """The caveat the title gives when every weight matches the base beneath a transformation that the model does
     not undo itself, so that it computes something else (token tables in two orders, a rotation with norms left
@@ -1333,6 +1341,17 @@ def plain_language(data: dict) -> list[str]:
             out.append(f"Writing down the change of the tensors beyond the quantization noise floor takes {most}"
                        f"{count(s['delta_params'])} numbers, {share(s.get('delta_params_share'))} of the model; "
                        f"this is no bound for the whole model: {floor_rest(s)}.")
+        elif _only_pruned(s):
+            # a mask on the base's weights: "spread over many directions" was said of 50% magnitude pruning, which
+            # writes nothing into any direction
+            pr = (s.get("scope") or {}).get("pruned_elements") or {}
+            n_pr = int(pr.get("tensors") or 0)
+            out.append(f"The change sets {count(pr.get('elements_zeroed'))} of the {count(pr.get('elements_in'))} "
+                       f"elements of {plural(n_pr, 'matrix', 'matrices')} to zero and leaves the rest "
+                       + ("the base's cast to the tuned dtype" if pr.get("cast") else "exactly the base's")
+                       + " (pruning): a mask on the base's weights, not a change written into them; written down as "
+                       f"a difference from the base, it takes {count(s['delta_params'])} numbers, "
+                       f"{share(s.get('delta_params_share'))} of the model.")
         else:
             lead = f"The change is {kind}: writing" if kind else "Writing the change down"
             out.append(f"{lead} {'it down ' if kind else ''}takes {most}"
