@@ -299,3 +299,20 @@ def test_pruning_is_said_as_a_mask_not_a_change_spread_over_directions(tmp_path)
     plain = " ".join(plain_language(data))
     assert "spread over many directions" not in plain, plain
     assert "elements of 7 matrices to zero and leaves the rest exactly the base's (pruning)" in plain, plain
+
+
+def test_the_delta_parameters_key_figure_does_not_call_a_reordering_injected(tmp_path):
+    """MLP neurons reordered, nothing trained: the key figure read "0 ... how much was injected, written compactly",
+    though rebuilding the model from the base takes the new order."""
+    base = llama(np.random.default_rng(108), layers=2, hidden=64, inter=128, vocab=256)
+    tuned = dict(base)
+    order = np.random.default_rng(109).permutation(128)
+    p = "model.layers.0.mlp."
+    for k in ("gate_proj", "up_proj"):
+        tuned[p + k + ".weight"] = base[p + k + ".weight"][order]
+    tuned[p + "down_proj.weight"] = base[p + "down_proj.weight"][:, order]
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    _, _, keys = _page_one(compare(tmp_path / "b", tmp_path / "t").to_dict())
+    assert keys[-1][2] == ("how much differs once the units found reordered are put back in the base's order, written "
+                           "compactly (what was undone is not counted in it)"), keys[-1]

@@ -145,6 +145,10 @@ def key_figures(data: dict) -> list[list[Inline]]:
         ["1 − cosine (large matrices)", fmt.MISSING if nan_only else fmt.sci(model.get("one_minus_cosine")),
          "turn of direction: 0 none, 1 unrelated models"],
         ["parameters to write the change down", fmt.delta_params_text(s),
+         # beneath a reordering, rotation or rescale the count leaves the transformation out: "0, how much was
+         # injected" was said of a rotated model, whose rotation alone takes a matrix of numbers to write down
+         f"how much differs once {' and '.join(undone)}, written compactly (what was undone is not counted in "
+         "it)" if undone else
          # "injected" says this base was changed: not for an unrelated, inconclusive or identical model
          "how much was injected, written compactly" if s.get("verdict") in ("derived", "partial")
          else "how much differs from this base, written compactly"],
