@@ -316,3 +316,21 @@ def test_the_delta_parameters_key_figure_does_not_call_a_reordering_injected(tmp
     _, _, keys = _page_one(compare(tmp_path / "b", tmp_path / "t").to_dict())
     assert keys[-1][2] == ("how much differs once the units found reordered are put back in the base's order, written "
                            "compactly (what was undone is not counted in it)"), keys[-1]
+
+
+@pytest.mark.parametrize("head", ["follows", "base_order"])
+def test_a_trimmed_vocabulary_keeps_the_base_whole(tmp_path, head):
+    """Embedding trimmed from 256 to 240 rows and remapped (the head alike, or trimmed in the base's order): the
+    base was counted as 30,720 + ... parameters short of its file, the rows the embedding lost vanishing from
+    every count ("Compared: 99.4% of the base's parameters (713,856 of 717,952)" of a 722,048-parameter base)."""
+    base = llama(np.random.default_rng(110), layers=2, hidden=64, inter=128, vocab=256)
+    keep = np.random.default_rng(111).permutation(256)[:240]
+    tuned = dict(base)
+    tuned["model.embed_tokens.weight"] = base["model.embed_tokens.weight"][keep]
+    tuned["lm_head.weight"] = base["lm_head.weight"][keep if head == "follows" else slice(0, 240)]
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    whole = sum(v.size for v in base.values())
+    assert s.params_total == whole and s.coverage["base"]["params"] == whole, (s.params_total, s.coverage)
+    assert s.params_by_status["removed"] == 2 * 16 * 64

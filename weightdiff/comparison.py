@@ -1293,6 +1293,10 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
             side = GatheredSide(bases[pair.base_index], pair.base_name, u.source, u.axis, u.index, negate=u.negate)
         new = remeasure(pair, side, bases, tuned, options, backend, classify)
         new.note = u.note + (f"; {new.note}" if new.note else "")
+        if u.trimmed and r.base_shape:
+            # measured against the base rows it kept, but the base table is the whole one: its dropped rows are
+            # counted as removed (the base read 713,856 parameters where its file holds 722,048)
+            new.base_shape = list(r.base_shape)
         if u.source != pair.base_name:      # another expert's tensor: the one this expert is compared with
             new.base_name = u.source
         if u.negate and new.norm_delta == 0 and not new.max_abs_delta and not new.nonfinite and new.status != "unchanged":

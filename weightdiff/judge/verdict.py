@@ -259,6 +259,16 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
     return [name for name in FLAG_ORDER if name in on]
 
 
+def trimmed_rows(r: TensorRecord) -> int:
+    """Base elements of a token table trimmed and remapped, then measured on the base rows it kept
+    (``comparison.measure_undone``): its record keeps the base's whole shape, and the rows it dropped are no
+    part of the tuned model. 0 for any other record."""
+    if r.status in ("resized", "added", "removed") or not r.base_shape or not r.shape \
+            or list(r.base_shape[1:]) != list(r.shape[1:]):
+        return 0
+    return max(0, math.prod(r.base_shape) - r.numel)
+
+
 def _all_undone(permuted: dict, undone: dict) -> bool:
     """Whether every reordered kind (a router left in place aside) was measured in the base's order."""
     done = (undone or {}).get("blocks") or {}
@@ -288,6 +298,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             by_status["removed"] += max(0, math.prod(r.base_shape or [0]) - r.numel_compared)
         else:
             by_status[r.status] = by_status.get(r.status, 0) + r.numel
+            if trimmed_rows(r):               # a trimmed token table measured on the rows it kept
+                by_status["removed"] += trimmed_rows(r)
     tensors_by_status = {s: 0 for s in STATUSES}
     tensors_by_status.update(Counter(r.status for r in counted))
     params_total = sum(by_status.values())
