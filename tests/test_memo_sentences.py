@@ -334,3 +334,25 @@ def test_a_trimmed_vocabulary_keeps_the_base_whole(tmp_path, head):
     whole = sum(v.size for v in base.values())
     assert s.params_total == whole and s.coverage["base"]["params"] == whole, (s.params_total, s.coverage)
     assert s.params_by_status["removed"] == 2 * 16 * 64
+
+
+def test_the_memo_defines_and_cites_the_transformation_its_verdict_names(tmp_path):
+    """A model with MLP neurons reordered: the verdict box says "reordered", "units"; the method section defined
+    only D = T - B and the sources cited none of the work on such transformations."""
+    from weightdiff.render.memo import build, to_markdown
+
+    base = llama(np.random.default_rng(112), layers=2, hidden=64, inter=128, vocab=256)
+    tuned = dict(base)
+    order = np.random.default_rng(113).permutation(128)
+    p = "model.layers.1.mlp."
+    for k in ("gate_proj", "up_proj"):
+        tuned[p + k + ".weight"] = base[p + k + ".weight"][order]
+    tuned[p + "down_proj.weight"] = base[p + "down_proj.weight"][:, order]
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    md = to_markdown(build(compare(tmp_path / "b", tmp_path / "t").to_dict(), []), {})
+    method = md.split("How the numbers are computed")[1]
+    assert "D = T − f(B)" in method and "Units reordered:" in method
+    assert "Git Re-Basin" in method.split("Sources")[1]
+    plain = compare(tmp_path / "b", tmp_path / "b").to_dict()
+    assert "D = T − f(B)" not in to_markdown(build(plain, []), {})

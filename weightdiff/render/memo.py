@@ -293,6 +293,16 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     out.append(Block("table", ["measure", "in plain words", "formula"],
                      [[[("b", m)], w, _c(f)] for m, w, f in txt.METRICS]))
     out.append(Block("p", txt.SPECTRUM_NOTE))
+    fired = [f for f in txt.TRANSFORMS if f in (s.get("flags") or [])]
+    if any(f != "pruned_elements" for f in fired):
+        # the verdict measured some tensors against the base transformed, not against the base as stored
+        out.append(Block("p", "Measured beneath a transformation: where the verdict names one, D = T − f(B), f the "
+                              "transformation found (a reordering, a sign flip, a rescale, a fold or a rotation of "
+                              "the base's weights), so the numbers are of what changed beneath it; as stored, those "
+                              "tensors differ from the base's by the transformation itself."))
+    if fired:
+        out.append(Block("p", "What the changes the verdict names mean:"))
+        out.append(Block("ul", [txt.TRANSFORMS[f][0] for f in fired]))
     if (data.get("settings") or {}).get("spectrum") == "count":
         out.append(Block("p", txt.COUNT_NOTE))
     out.append(Block("h2", "What these numbers show, and what they do not", "limits"))
@@ -301,7 +311,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     out.append(Block("p", [("b", "They do not show:")]))
     out.append(Block("ul", txt.DOES_NOT_SHOW))
     out.append(Block("h3", "Sources"))
-    out.append(Block("ul", txt.SOURCES))
+    out.append(Block("ul", txt.SOURCES + [src for f in fired for src in txt.TRANSFORMS[f][1]]))
 
     out.append(Block("h2", "Reproducibility"))
     run = data.get("run") or {}
