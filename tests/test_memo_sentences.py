@@ -260,6 +260,8 @@ def test_page_one_says_remapped_rows_compared_with_other_rows_measure_no_change(
     assert "moved by" in plain
     assert ("These figures include the token rows of the embeddings and head, which are the base's rows in another "
             "order and were compared here with other tokens' rows") in plain, plain
+    form = [h for h in data["summary"]["headline"] if "directions" in h or "rank" in h]
+    assert form and all("for those tables it measures no change" in h for h in form), form
 
 
 def test_page_one_says_blocks_are_repeated_copies(tmp_path):

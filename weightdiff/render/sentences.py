@@ -1004,6 +1004,14 @@ def _only_pruned(s: dict) -> bool:
         and not any(tbs.get(k) for k in ("added", "removed", "resized"))
 
 
+def rows_not_measured(s: dict) -> list[str]:
+    """The token tables (``embeddings``, ``head``) found to hold the base's rows in another order whose order was
+    not undone (rows added, or matched by no exact order): their numbers are of rows compared with other tokens'
+    rows, which page one and the form sentence must say (they were quoted as a change)."""
+    pu = (s.get("scope") or {}).get("permuted_units") or {}
+    return [b for b, k in (pu.get("blocks") or {}).items() if "rows" in k and "rows" not in (pu.get("undone") or {}).get(b, ())]
+
+
 def computes_else(s: dict) -> str:
     """The caveat the title gives when every weight matches the base beneath a transformation that the model does
     not undo itself, so that it computes something else (token tables in two orders, a rotation with norms left
@@ -1057,7 +1065,10 @@ def headline(data: dict) -> list[str]:
     f = s.get("form") or {}
     said = form_sentence(f, (data.get("settings") or {}).get("rank"))
     if said:
-        out.append(said)
+        late = rows_not_measured(s)
+        out.append(said[:-1] + f" (this counts the token rows of the {_and(late)}, which are the base's rows in another "
+                   "order compared with other tokens' rows: for those tables it measures no change)." if late and
+                   said.endswith(".") else said)
     if nothing_compared(s):
         pass                      # no change was measured: its cost is not stated
     elif s.get("delta_params") and within_floor(s):
@@ -1299,8 +1310,7 @@ def plain_language(data: dict) -> list[str]:
     elif v == "derived" and rel:
         text = (f"Taken together, {'measured so, ' if undone_words(s) else ''}its large weight matrices moved by "
                 f"{sci(rel)} of their size")
-        pu = (s.get("scope") or {}).get("permuted_units") or {}
-        late = [b for b, k in (pu.get("blocks") or {}).items() if "rows" in k and "rows" not in (pu.get("undone") or {}).get(b, ())]
+        late = rows_not_measured(s)
         caveat = ""
         if late:
             # the reason admits that these tables' rows were compared with other tokens' rows; page one quoted the
