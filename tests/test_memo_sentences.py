@@ -358,3 +358,18 @@ def test_the_memo_defines_and_cites_the_transformation_its_verdict_names(tmp_pat
     assert "Git Re-Basin" in method.split("Sources")[1]
     plain = compare(tmp_path / "b", tmp_path / "b").to_dict()
     assert "D = T − f(B)" not in to_markdown(build(plain, []), {})
+
+
+def test_a_fold_is_not_read_as_vector_tuning_on_page_one(tmp_path, rng):
+    """QuaRot's fold alone (each norm's gains moved into the matrices that read it, the norms set to ones): the title
+    says so, page one said "The change is in vectors only (norm weights or biases)", which reads as norm tuning."""
+    from test_rotation import _rotated
+    from weightdiff.render.sentences import plain_language
+
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "base", base)
+    data = compare(b, write_checkpoint(tmp_path / "fold", _rotated(base, np.eye(128)))).to_dict()
+    assert "folded_norms" in data["summary"]["flags"]
+    plain = " ".join(plain_language(data))
+    if "in vectors only" in plain:
+        assert "in vectors only (among them 9 norms whose gains were moved into the matrices that read them" in plain

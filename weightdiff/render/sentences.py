@@ -1344,6 +1344,13 @@ def plain_language(data: dict) -> list[str]:
         kind = {"low_rank": "compact (low-rank)", "sparse": "sparse", "dense": "spread over many directions",
                 "mixed": "partly compact, partly spread out",
                 "vectors": "in vectors only (norm weights or biases)"}.get(form.get("kind"), "")   # undecided: none
+        sc = s.get("scope") or {}
+        n_fold = int((sc.get("rotated_residual") or {}).get("norms_folded") or 0) \
+            + int((sc.get("folded_norms") or {}).get("norms") or 0)
+        if form.get("kind") == "vectors" and n_fold:
+            # the norms whose gains were folded into the matrices read as LayerNorm tuning
+            kind = (f"in vectors only (among them {plural(n_fold, 'norm')} whose gains were moved into the matrices "
+                    "that read them, which the title names)")
         most = "at most " if s.get("delta_params_lower") is not None else ""
         if within_floor(s):
             # the tensors within their quantization floor may hold a change: no bound on the whole (a Q4_1 copy of a
