@@ -311,7 +311,7 @@ def test_a_removed_matrix_beside_an_added_one_of_its_shape_is_not_called_unchang
                                   "--json", str(tmp_path / "b.json")])
     s2 = json.loads((tmp_path / "b.json").read_text())["summary"]
     assert "unpaired_lookalikes" not in s2["flags"]
-    assert verdict_title(s2) == "DERIVED: this base with tensors added or removed; none of its own weights changed."
+    assert verdict_title(s2) == "DERIVED: this base with tensors added and removed; none of its own weights changed."
     # the removed base tensor is said apart: "0 of N tensors changed" alone read as if nothing differed
     assert "; 1 base tensor removed;" in s2["verdict_reason"]
 

@@ -335,7 +335,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         blocks, modules = aggregate(records, options.thresholds)
         mark_fixed_tables(records, tuned_ck)
         undo: list[Undo] = []
-        found, checked = permuted_units(records, bases, tuned_ck, options, undo)
+        rows_seen: dict = {}
+        found, checked = permuted_units(records, bases, tuned_ck, options, undo, rows_seen)
         if not undo_reorderings:
             undo = []
         # a matrix stored times -1 is measured against the base times -1 whatever the option: as stored
@@ -357,6 +358,12 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
             records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
             blocks, modules = aggregate(records, options.thresholds)
+        if "rows_consistent" not in undone and any("rows" in v for v in found.values()):
+            # token rows reordered and rows added: nothing undone, but whether the tables follow one remapping
+            # is still known from their bitwise rows (else "computes what the base computes" went unchecked)
+            consistent = grown_rows_consistent(records, found, rows_seen)
+            if consistent is not None:
+                undone = {**undone, "rows_consistent": consistent}
         pruned = pruned_matrices(records, bases, tuned_ck, undo)
         if pruned:
             undone = {**undone, "pruned": pruned}
@@ -416,7 +423,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
 
 
 def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
-                   options: CompareOptions, undo: list[Undo] | None = None) -> tuple[dict[str, list[str]], list[str]]:
+                   options: CompareOptions, undo: list[Undo] | None = None,
+                   rows_seen: dict | None = None) -> tuple[dict[str, list[str]], list[str]]:
     """(block -> the module kinds whose units are the base's in another order, the ``block kind`` labels
     whose attention heads were examined). A kind that looks unrelated (alone, or with the rest of its
     block) is first checked for a reordering (``measure.permutation``): MLP neurons as provenance finds
@@ -426,7 +434,8 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
     kind, every changed block of that kind is checked too. Reads those modules' matrices again; nothing
     when no kind is suspect (the usual case). ``undo`` receives, for each tensor of a reordering found
     whose order is known exactly, how to see its base tensor in the tuned model's order (``Undo``;
-    ``measure_undone`` measures them so)."""
+    ``measure_undone`` measures them so); ``rows_seen`` the bitwise row sources of reordered token tables
+    (``_reordered``), kept for ``grown_rows_consistent``."""
     from .judge.relatedness import is_expert_name, kind_rows, split_suspects
 
     suspects = split_suspects(records, options.thresholds)
@@ -450,7 +459,7 @@ def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
         for i in sorted({r.base_index for r in pairs}):
             stray: list = []
             mine: list[Undo] = []
-            hit = _reordered(kind, [r for r in pairs if r.base_index == i], bases[i], tuned, stray, mine)
+            hit = _reordered(kind, [r for r in pairs if r.base_index == i], bases[i], tuned, stray, mine, rows_seen)
             if stray:
                 found.setdefault(label, []).append("router")
             if kind == "attn" and hit is not None:
@@ -1433,12 +1442,14 @@ def _same_dense(r: TensorRecord, bases: Sequence[Checkpoint], tuned: Checkpoint,
 
 
 def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray: list,
-               undo: list | None = None) -> bool | None:
+               undo: list | None = None, rows_seen: dict | None = None) -> bool | None:
     """Whether one block's ``kind`` (``mlp``, ``attn``, ``experts``) is the base's units in another order;
     None when it cannot be checked (a fused qkv in no known layout, no output projection). A layer whose experts were reordered
     but whose router rows were not is appended to ``stray``. ``undo`` receives the ``Undo`` of each
     tensor whose order was found (every member of a reordered MLP, attention or expert layer, the
-    router rows that followed; a token table when each of its rows is bitwise a base row)."""
+    router rows that followed; a token table when each of its rows is bitwise a base row). ``rows_seen``
+    receives, for a token table whose rows are found bitwise, the base row each of its rows is (-1 for a
+    row added): ``rows_consistent`` reads it where rows added leave no order to undo."""
     import numpy as np
 
     from .judge.relatedness import _EXPERT, is_expert_name
@@ -1446,6 +1457,7 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                                       heads_order, members_follow, rows_follow, rows_reordered)
 
     undo = [] if undo is None else undo
+    rows_seen = {} if rows_seen is None else rows_seen
 
     def load(ck, name):
         info = ck.tensors[name]
@@ -1478,13 +1490,17 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
             return False
         from .measure.rowmatch import match_rows
 
-        orders = []
+        orders, seen_here = [], {}
         for r in mats:
             t, b = tuned.read(r.name), base.read(r.base_name)
             dt, db = tuned.tensors[r.name].dtype, base.tensors[r.base_name].dtype
-            ok, order = rows_reordered(t, b, dt, db)
+            ok, order = rows_reordered(t, b, dt, db, partial=True)
             if not ok:
                 return False
+            if order is not None:
+                seen_here[r.name] = order
+            if order is not None and bool(np.any(order < 0)):
+                order = None            # rows added: some tuned rows are no base row, no order to undo
             how = ""
             if order is None:
                 # trained after the remapping: no row is bitwise a base row; match every row by cosine, and
@@ -1500,6 +1516,7 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                 add(r, r.base_name, 0, order, f"compared with the base's token rows in this model's order ({moved} of "
                     f"{len(order)} rows from another index{how})",
                     trimmed=len(order) < base.tensors[r.base_name].shape[0])
+        rows_seen.update(seen_here)
         return True
     if kind == "experts":
         experts = [r for r in rows if is_expert_name(r.name)]
@@ -1664,6 +1681,10 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
             side = GatheredSide(bases[pair.base_index], pair.base_name, u.source, u.axis, u.index, negate=u.negate)
         new = remeasure(pair, side, bases, tuned, options, backend, classify)
         new.note = u.note + (f"; {new.note}" if new.note else "")
+        if u.trimmed and r.base_shape:
+            # measured against the base rows it kept, but the base table is the whole one: its dropped rows are
+            # counted as removed (the base read 713,856 parameters where its file holds 722,048)
+            new.base_shape = list(r.base_shape)
         if u.source != pair.base_name:      # another expert's tensor: the one this expert is compared with
             new.base_name = u.source
         if u.negate and new.norm_delta == 0 and not new.max_abs_delta and not new.nonfinite and new.status != "unchanged":
@@ -1723,6 +1744,37 @@ def _rows_consistent(records: Sequence[TensorRecord], undo: Sequence[Undo]) -> b
               and not getattr(r, "tied", False) and r.status != "removed"}
     seen = [orders.get(label, np.arange(n)) for label, n in tables.items()] or list(orders.values())
     return all(len(o) == len(seen[0]) and np.array_equal(o, seen[0]) for o in seen)
+
+
+def grown_rows_consistent(records: Sequence[TensorRecord], found: dict, rows_seen: dict) -> bool | None:
+    """``_rows_consistent`` for token tables whose reordering was not undone because rows were added (a
+    tokenizer's ids remapped, then tokens added): whether the untied token tables follow one remapping,
+    read from the base row each of their rows is bitwise (``rows_seen``, -1 for a row added; a table not
+    found reordered is in the base's order, its added rows new). None when that cannot be told (a table
+    matched by cosine only, rows trained): then no sentence may say the model computes what the base
+    computes, nor that it does not. Example: embedding rows ``[2, 0, 1, -1]``, head left as stored
+    ``[0, 1, 2, -1]``: False (the head does not follow the embedding's remapping)."""
+    import numpy as np
+
+    orders = []
+    for r in records:
+        if r.module not in ("embed", "lm_head") or len(r.shape or ()) != 2 or r.base_name is None \
+                or getattr(r, "tied", False) or r.status == "removed":
+            continue
+        n_t, n_b = int(r.shape[0]), int((r.base_shape or r.shape)[0])
+        if r.name in rows_seen:
+            o = np.asarray(rows_seen[r.name])
+            if int(np.count_nonzero(o < 0)) != max(0, n_t - n_b):
+                return None                 # some shared rows are no base row bitwise: trained, not only remapped
+        elif "rows" in (found.get(component_of(r.name)) or ()):
+            return None                     # found reordered by cosine only: no exact order to compare
+        else:
+            o = np.concatenate([np.arange(min(n_t, n_b)), np.full(max(0, n_t - n_b), -1)])
+        orders.append(o)
+    if not orders:
+        return None
+    n = min(len(o) for o in orders)
+    return all(np.array_equal(o[:n], orders[0][:n]) for o in orders)
 
 
 def _by_expert(rows, load) -> dict[int, list]:

@@ -28,7 +28,7 @@ from ..options import Thresholds
 from ..records import STATUSES, BlockRecord, Summary, TensorRecord, count_lookalikes
 from ..io.declared import same_model
 from ..io.meta_layout import is_meta_qk
-from ..pairing.names import component_of, is_router, parse_name
+from ..pairing.names import component_of, is_lm_head, is_router, parse_name
 from .coverage import compared_elements, coverage, too_little
 from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, negated_rows, weak_evidence,
                           net_of_quantization, low_rank_change, reordered_kinds)
@@ -261,6 +261,16 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
     return [name for name in FLAG_ORDER if name in on]
 
 
+def trimmed_rows(r: TensorRecord) -> int:
+    """Base elements of a token table trimmed and remapped, then measured on the base rows it kept
+    (``comparison.measure_undone``): its record keeps the base's whole shape, and the rows it dropped are no
+    part of the tuned model. 0 for any other record."""
+    if r.status in ("resized", "added", "removed") or not r.base_shape or not r.shape \
+            or list(r.base_shape[1:]) != list(r.shape[1:]):
+        return 0
+    return max(0, math.prod(r.base_shape) - r.numel)
+
+
 def _all_undone(permuted: dict, undone: dict) -> bool:
     """Whether every reordered kind (a router left in place aside) was measured in the base's order."""
     done = (undone or {}).get("blocks") or {}
@@ -292,6 +302,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             by_status["removed"] += max(0, math.prod(r.base_shape or [0]) - r.numel_compared)
         else:
             by_status[r.status] = by_status.get(r.status, 0) + r.numel
+            if trimmed_rows(r):               # a trimmed token table measured on the rows it kept
+                by_status["removed"] += trimmed_rows(r)
     tensors_by_status = {s: 0 for s in STATUSES}
     tensors_by_status.update(Counter(r.status for r in counted))
     params_total = sum(by_status.values())
@@ -341,6 +353,11 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     reshaped_in = {r.block for r in live if is_mismatch(r)}
     blocks_reshaped = sum(1 for b in numbered if b.params_changed == 0 and b.block in reshaped_in)
     params_changed = sum(b.params_changed for b in blocks)
+    # numbered blocks whose every tensor is added (layers appended or inserted with no base counterpart): counted
+    # among the changed blocks, yet nothing in them changed; the texts say "2 blocks added"
+    labels = {b.block for b in numbered}
+    added_in = sorted({r.block for r in live if r.block in labels}
+                      - {r.block for r in live if r.block in labels and r.status != "added"})
     scope = {
         "blocks_changed": blocks_changed, "blocks_total": len(numbered), "blocks_reshaped": blocks_reshaped,
         "tensors_changed": tensors_changed, "tensors_total": len(live),
@@ -354,6 +371,9 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         "matrices_zeroed": _zeroed(counted),
         "tensors_reshaped": _reshaped([r for r in counted if r.status == "resized" and is_mismatch(r)]),
     }
+    if added_in:
+        scope["blocks_added"] = {"blocks": added_in,
+                                 "tensors": sum(1 for r in live if r.block in set(added_in))}
     # vocabulary resized and nothing else: the shared rows the base's, within rounding or within the quantization
     # noise floor (the title must not say "a fine-tune": a GGUF of a base with tokens added read so)
     grown = [r for r in counted if only_resized(r, thresholds)]
@@ -383,16 +403,17 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                         and r.shape[0] > r.base_shape[0])
             if grown:                         # reordered and rows added: a tokenizer's ids remapped and grown
                 scope["permuted_units"]["tensors_grown"] = grown
-        if undone:                            # measured against the base's units in the tuned model's order
+        if undone.get("blocks"):              # measured against the base's units in the tuned model's order
             scope["permuted_units"].update({"undone": undone["blocks"], "tensors_undone": undone["tensors"]})
             if undone.get("trimmed"):
                 scope["permuted_units"]["tensors_trimmed"] = undone["trimmed"]
-            if undone.get("rows_consistent") is not None:     # the token tables all in one order, or not
-                scope["permuted_units"]["rows_consistent"] = bool(undone["rows_consistent"])
-            stray = set(undone.get("routers") or ())
-            if stray:                         # routers left in place, measured in their experts' new order
-                scope["permuted_units"]["routers_changed"] = sum(
-                    1 for r in counted if r.name in stray and r.status == "changed")
+        if undone.get("rows_consistent") is not None:   # the token tables all in one order, or not (also when
+            # rows added left nothing to undo: comparison.grown_rows_consistent)
+            scope["permuted_units"]["rows_consistent"] = bool(undone["rows_consistent"])
+        stray = set(undone.get("routers") or ())
+        if stray:                             # routers left in place, measured in their experts' new order
+            scope["permuted_units"]["routers_changed"] = sum(
+                1 for r in counted if r.name in stray and r.status == "changed")
     pruned = undone.get("pruned") or {}
     if pruned:                                # elements set to zero, the rest the base's: pruned, not trained
         flags.append("pruned_elements")
@@ -468,7 +489,14 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # alike, and no matrix says whether this one derives from the base
         verdict = "inconclusive"
         flags.append("vectors_only")
-    if verdict in ("identical", "cast_only", "quantized_only") and undone.get("head_missing"):
+    # a base that stores its head, a tuned model that drops it and unties it in its config: the removed head made
+    # the verdict "derived" first, and it read "this base with tensors added or removed; none of its own weights
+    # changed" of a model whose head, loaded, is random
+    head_only = verdict == "derived" and not changed_eff and not tensors_by_status.get("added") \
+        and not tensors_by_status.get("resized") and tensors_by_status.get("removed") \
+        and all(is_lm_head(str(r.base_name or r.name)) for r in counted if r.status == "removed") \
+        and not (permuted or negated or rotated or folded or rescaled or pruned)
+    if undone.get("head_missing") and (verdict in ("identical", "cast_only", "quantized_only") or head_only):
         # every stored tensor the base's, but the head the config asks for is missing: loaded, it is random
         verdict = "inconclusive"
         flags.append("head_missing")

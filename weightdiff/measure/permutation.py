@@ -641,11 +641,14 @@ def rows_from_base(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_
 
 
 def rows_reordered(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_base: str,
-                   min_share: float = 0.9, min_cosine: float = 0.5) -> tuple[bool, np.ndarray | None]:
+                   min_share: float = 0.9, min_cosine: float = 0.5,
+                   partial: bool = False) -> tuple[bool, np.ndarray | None]:
     """(``rows_from_base``'s answer, the base row each tuned row is when every tuned row, zeros
     included, is bitwise a base row: what the table is compared with once the order is undone; None
     when some row is not, as after training, whose rows are matched on a sample only). A row equal to
-    the base row at its own index keeps it."""
+    the base row at its own index keeps it. ``partial``: on the bitwise path, the order even when some
+    tuned rows are no base row, -1 at those (rows added to a remapped vocabulary: no order to undo, but
+    enough to tell whether the embedding's and the head's rows follow one remapping)."""
     import hashlib
 
     tuned, base = np.asarray(tuned), np.asarray(base)
@@ -685,7 +688,7 @@ def rows_reordered(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_
         # a share of the tuned rows, or of the base's when the tuned table is larger (ids remapped and tokens added:
         # a tokenizer swapped; 32 new rows beside 256 remapped ones read "unrelated: embeddings, head")
         if live and hits >= min_share * min(live, base_live):
-            return True, (order if bool(np.all(order >= 0)) else None)
+            return True, (order if partial or bool(np.all(order >= 0)) else None)
     pick = np.unique(np.linspace(0, len(tuned) - 1, min(ROW_SAMPLE, len(tuned))).astype(np.int64))
     st = _unit_rows(_finite(_as_float32(np.ascontiguousarray(tuned[pick]), dtype_tuned).astype(np.float64))[0])
     live = np.einsum("ij,ij->i", st, st) > 0

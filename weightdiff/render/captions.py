@@ -208,9 +208,12 @@ def caption_depth(data: dict) -> str:
                  f" ({'a hollow diamond' if one else 'hollow diamonds'}).")
     ends = [p for p in points if p["group"] is not None]
     said: dict[str, list[str]] = {}
+    head = _effective_head(data)
     for p in ends:
         where = (f"the embeddings (before block {blocks[0]['index']})" if "embed" in p["group"] else
                  f"the {'head' if p['group'] == 'head' else p['group']} (after block {blocks[-1]['index']})")
+        if p["group"] == "head" and head:
+            continue                    # said below, from the head the model computes with
         if p["state"] == "nonfinite":
             what = "differ only by NaN or infinite values (not measured)"
         elif p["state"] == "changed" and p["rel_change"] and _only_new_rows(data, p["group"]):
@@ -231,7 +234,35 @@ def caption_depth(data: dict) -> str:
         if len(wheres) == 1 and what.startswith("differ ") and not wheres[0].startswith("the embeddings"):
             what = "differs " + what[len("differ "):].replace("their", "its")   # "the head differs", "... and ... differ"
         text += f" {subject[0].upper() + subject[1:]} {what}."
+    if head and any(p["group"] == "head" for p in ends):
+        text += f" The head (after block {blocks[-1]['index']}) {head}."
+    summary = data.get("summary") or {}
+    if sentences.undone_words(summary):
+        # the numbers are beneath a reordering, rotation or rescale, as the headline says; as stored they moved
+        text += f" Each part is measured once {' and '.join(sentences.undone_words(summary))}."
+    if sentences.computes_else(summary):
+        text += " " + sentences.computes_else(summary)
     return text
+
+
+def _effective_head(data: dict) -> str:
+    """What the depth profile says of the head the model computes with when its stored tensors do not show it:
+    missing and untied (``head_missing``: random when loaded), the base's head removed, or a tied head on one
+    side only that differs from the base's. "" when the stored tensors say it. The caption read "the head did
+    not change" of each of these, beside a verdict that said the head was random or differed."""
+    flags = (data.get("summary") or {}).get("flags") or []
+    ts = [t for t in data.get("tensors") or [] if _group(t) == "head"]
+    heads = [t for t in ts if sentences.is_tied_row(t) or "lm_head" in str(t.get("base_name") or t.get("name") or "")]
+    if "head_missing" in flags:
+        return ("is not stored: the config asks for an untied head, which transformers initialises at random, so "
+                "no figure here measures it")
+    if any(t.get("status") == "removed" for t in heads):
+        return "is not in this model (the base's head tensor is removed)"
+    tied = [t for t in heads if sentences.is_tied_row(t) and t.get("status") == "changed"]
+    if tied:
+        return (f"is tied to the embeddings on one side only, and the head the model computes with differs from the "
+                f"base's (relative change {sci(tied[0].get('rel_change'))}, not plotted)")
+    return ""
 
 
 def nonfinite_cells(data: dict) -> set:

@@ -156,10 +156,18 @@ def blocks_changed_text(changed: Any, total: Any, reshaped: Any = 0, compared: b
 
 
 def summary_blocks_text(s: dict, short: bool = False) -> str:
-    """``blocks_changed_text`` of a compare summary (``floor_blocks`` is the caller's)."""
-    return blocks_changed_text(s.get("blocks_changed"), s.get("blocks_total"),
-                               (s.get("scope") or {}).get("blocks_reshaped"), not nothing_compared(s), at_least(s),
-                               short)
+    """``blocks_changed_text`` of a compare summary (``floor_blocks`` is the caller's); blocks with no base
+    counterpart (``scope.blocks_added``) are said as added, not changed: "2 of 6 blocks changed" was printed of
+    a model with 2 new blocks appended and none of the base's touched, whose Figure 1 said "0 of 6".
+
+    >>> summary_blocks_text({"blocks_changed": 2, "blocks_total": 6, "scope": {"blocks_added": {"blocks": ["a", "b"]}}})
+    '0 of 6 blocks changed, 2 added (not in the base)'
+    """
+    added = len(((s.get("scope") or {}).get("blocks_added") or {}).get("blocks") or ())
+    text = blocks_changed_text(max(0, int(s.get("blocks_changed") or 0) - added) if added else s.get("blocks_changed"),
+                               s.get("blocks_total"), (s.get("scope") or {}).get("blocks_reshaped"),
+                               not nothing_compared(s), at_least(s), short)
+    return text + (f", {count(added)} added (not in the base)" if added and not nothing_compared(s) else "")
 
 
 def summary_tensors_text(s: dict) -> str:

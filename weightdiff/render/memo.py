@@ -43,6 +43,20 @@ def _c(text: object) -> list[Seg]:
     return [("code", str(text))]
 
 
+#: plan notes listed in the memo's Notes (the rest are in the JSON; a model with thousands of renamed tensors
+#: would otherwise fill pages)
+MAX_NOTES = 40
+
+
+def _code_spans(text: str) -> list[Seg]:
+    """A note as inline segments, its backticked names as code: ``a `x` b`` -> [("", "a "), ("code", "x"),
+    ("", " b")]. The notes name tensors in backticks (``errors.escape_name``), which each writer escapes."""
+    parts = text.split("`")
+    if len(parts) % 2 == 0:                 # an unpaired backtick: the text as it is
+        return [("", text)]
+    return [("code" if i % 2 else "", p) for i, p in enumerate(parts) if p]
+
+
 def _short(t: dict, key: str = "shape") -> str:
     """A shape as the memo prints it: ``4096×14336``; ``scalar`` for a 0-d tensor (an empty cell read as
     missing), ``-`` where the record has none (an added tensor has no base shape)."""
@@ -120,7 +134,10 @@ def key_figures(data: dict) -> list[list[Inline]]:
     elif bf16:
         rel_note += f" (bfloat16 rounding alone: {fmt.sci(bf16)})"
     return [
-        ["parameters bit for bit unchanged", f"{same} of {fmt.count(total)}{aside}", "numbers not touched at all"],
+        ["parameters bit for bit unchanged", f"{same} of {fmt.count(total)}{aside}",
+         # counted beneath a reordering, rotation or rescale, as the headline says: as stored, those numbers moved
+         f"numbers not touched, once {' and '.join(undone)}" if (undone := sentences.undone_words(s))
+         else "numbers not touched at all"],
         ["blocks changed", fmt.summary_blocks_text(s, short=True),
          "layers of the stack with any change" + fmt.floor_blocks(s)],
         ["relative change (large matrices)", fmt.MISSING if nan_only else fmt.sci(model.get("rel_change")),
@@ -128,6 +145,10 @@ def key_figures(data: dict) -> list[list[Inline]]:
         ["1 − cosine (large matrices)", fmt.MISSING if nan_only else fmt.sci(model.get("one_minus_cosine")),
          "turn of direction: 0 none, 1 unrelated models"],
         ["parameters to write the change down", fmt.delta_params_text(s),
+         # beneath a reordering, rotation or rescale the count leaves the transformation out: "0, how much was
+         # injected" was said of a rotated model, whose rotation alone takes a matrix of numbers to write down
+         f"how much differs once {' and '.join(undone)}, written compactly (what was undone is not counted in "
+         "it)" if undone else
          # "injected" says this base was changed: not for an unrelated, inconclusive or identical model
          "how much was injected, written compactly" if s.get("verdict") in ("derived", "partial")
          else "how much differs from this base, written compactly"],
@@ -203,6 +224,16 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
                          [[_c(c.get("component")), c.get("status", "").replace("_", " "),
                            fmt.sci(None if c.get("cosine") is None else max(0.0, 1.0 - c["cosine"])),
                            fmt.sci(c.get("rel_change")), fmt.count(c.get("params"))] for c in comps]))
+    notes = [str(n) for n in (data.get("plan") or {}).get("notes") or []]
+    if notes:
+        # the reasons say "see the notes" (which base block each moved block copies, a head that loads at random):
+        # the memo had no notes to see, only the JSON and stderr did
+        out.append(Block("h3", "Notes", "notes"))
+        out.append(Block("p", "What weightdiff noted while reading and pairing the two models (the JSON's "
+                              "plan.notes):"))
+        out.append(Block("ul", [_code_spans(n) for n in notes[:MAX_NOTES]]
+                         + ([f"... and {fmt.count(len(notes) - MAX_NOTES)} more in the JSON."]
+                            if len(notes) > MAX_NOTES else [])))
     out.append(Block("p", "The verdict follows these rules, checked in this order (the numbers are in the "
                           "thresholds table below):"))
     out.append(Block("ul", [[("b", name + ": "), ("", rule)] for name, rule in txt.VERDICTS]))
@@ -262,6 +293,16 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     out.append(Block("table", ["measure", "in plain words", "formula"],
                      [[[("b", m)], w, _c(f)] for m, w, f in txt.METRICS]))
     out.append(Block("p", txt.SPECTRUM_NOTE))
+    fired = [f for f in txt.TRANSFORMS if f in (s.get("flags") or [])]
+    if any(f != "pruned_elements" for f in fired):
+        # the verdict measured some tensors against the base transformed, not against the base as stored
+        out.append(Block("p", "Measured beneath a transformation: where the verdict names one, D = T − f(B), f the "
+                              "transformation found (a reordering, a sign flip, a rescale, a fold or a rotation of "
+                              "the base's weights), so the numbers are of what changed beneath it; as stored, those "
+                              "tensors differ from the base's by the transformation itself."))
+    if fired:
+        out.append(Block("p", "What the changes the verdict names mean:"))
+        out.append(Block("ul", [txt.TRANSFORMS[f][0] for f in fired]))
     if (data.get("settings") or {}).get("spectrum") == "count":
         out.append(Block("p", txt.COUNT_NOTE))
     out.append(Block("h2", "What these numbers show, and what they do not", "limits"))
@@ -270,7 +311,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     out.append(Block("p", [("b", "They do not show:")]))
     out.append(Block("ul", txt.DOES_NOT_SHOW))
     out.append(Block("h3", "Sources"))
-    out.append(Block("ul", txt.SOURCES))
+    out.append(Block("ul", txt.SOURCES + [src for f in fired for src in txt.TRANSFORMS[f][1]]))
 
     out.append(Block("h2", "Reproducibility"))
     run = data.get("run") or {}

@@ -133,6 +133,45 @@ DOES_NOT_SHOW = [
     "floor of the dtype are not evidence of training.",
 ]
 
+#: flag -> (a plain-words line on the transformation found, the sources it names); the memo's method section
+#: gives one for each flag that fired, since the verdict uses these words ("residual stream", "folded") and the
+#: tester found none of them defined or cited anywhere in the memo
+TRANSFORMS = {
+    "permuted_units": ("Units reordered: the neurons of an MLP, the heads of an attention module, the experts of a "
+                       "mixture-of-experts layer or the token rows of the embedding and head tables can be put in "
+                       "another order, the matrices that read them following, without changing what the model "
+                       "computes (a token table only when the embedding and the head follow one order, a tokenizer's "
+                       "ids remapped).",
+                       ["S. Ainsworth, J. Hayase and S. Srinivasa, 'Git Re-Basin: Merging Models modulo Permutation "
+                        "Symmetries', ICLR 2023 (arXiv:2209.04836)."]),
+    "rescaled_units": ("Units rescaled: a unit's row times a factor and the column that reads it divided by the same "
+                       "factor leaves what a gated MLP or attention's v and o compute unchanged; a factor of -1 flips "
+                       "the unit's sign.", []),
+    "negated_matrices": ("Signs flipped: a matrix stored times -1; what the model computes is unchanged only when the "
+                         "matrix that reads its output is flipped too.", []),
+    "folded_norms": ("Norm gains folded: a normalization layer's per-channel gains multiplied into the columns of the "
+                     "matrices that read it (the norm then all ones, or divided by smoothing scales), which leaves what "
+                     "the model computes unchanged; QuaRot and SpinQuant do it before rotating, SmoothQuant before "
+                     "quantizing.",
+                     ["G. Xiao et al., 'SmoothQuant: Accurate and Efficient Post-Training Quantization for Large "
+                      "Language Models', ICML 2023 (arXiv:2211.10438)."]),
+    "rotated_residual": ("Residual stream rotated: the residual stream is the vector each layer reads and adds to; "
+                         "multiplying it by one orthogonal matrix, the matrices that write it and read it following "
+                         "(with the norms' gains folded first), changes every stored matrix but not what the model "
+                         "computes. QuaRot and SpinQuant do this before quantizing.",
+                         ["S. Ashkboos et al., 'QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs', NeurIPS 2024 "
+                          "(arXiv:2404.00456).",
+                          "Z. Liu et al., 'SpinQuant: LLM Quantization with Learned Rotations', ICLR 2025 "
+                          "(arXiv:2405.16406)."]),
+    "pruned_elements": ("Pruned: elements of a matrix set to exactly zero and every other element left the base's "
+                        "(magnitude pruning, 2:4 sparsity, heads zeroed), as SparseGPT and Wanda do without "
+                        "retraining.",
+                        ["E. Frantar and D. Alistarh, 'SparseGPT: Massive Language Models Can Be Accurately Pruned in "
+                         "One-Shot', ICML 2023 (arXiv:2301.00774).",
+                         "M. Sun et al., 'A Simple and Effective Pruning Approach for Large Language Models', ICLR "
+                         "2024 (arXiv:2306.11695)."]),
+}
+
 SOURCES = [
     "O. Roy and M. Vetterli, 'The effective rank: a measure of effective dimensionality', EUSIPCO 2007.",
     "M. Rudelson and R. Vershynin, 'Sampling from large matrices: an approach through geometric functional "

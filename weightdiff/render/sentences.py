@@ -83,7 +83,7 @@ def _verdict_title(summary: dict) -> str:
         return ("DERIVED: this base with tensors added, removed or changed beyond recognition; none of the "
                 "weights paired with it changed.")
     if untouched and (tbs.get("added") or tbs.get("removed")):
-        return "DERIVED: this base with tensors added or removed; none of its own weights changed."
+        return f"DERIVED: this base with {_structural_words(summary)}; none of its own weights changed."
     grown = tbs.get("resized") and tbs.get("resized") == (summary.get("scope") or {}).get("tensors_only_resized")
     if v == "derived" and grown and (tbs.get("added") or tbs.get("removed")) \
             and not any(tbs.get(k) for k in ("changed", "quantized", "rounding")) \
@@ -144,6 +144,10 @@ def _verdict_title(summary: dict) -> str:
                 "llama.cpp's converter may have reordered or transformed its tensors, so what differs cannot be "
                 "told from a change to the weights.")
     if v == "inconclusive" and "head_missing" in (summary.get("flags") or []):
+        if (summary.get("tensors_by_status") or {}).get("removed"):
+            # the base stores its head and the tuned model dropped it: "tensors added or removed" named nothing
+            return ("INCONCLUSIVE: every other stored tensor matches the base, but the base's LM head is not stored "
+                    "and the tuned config unties it: loaded with transformers, that head is random.")
         return ("INCONCLUSIVE: every stored tensor matches the base, but the tuned config unties the LM head and none "
                 "is stored: loaded with transformers, that head is random.")
     if v == "inconclusive" and "vectors_only" in (summary.get("flags") or []):
@@ -206,6 +210,23 @@ def _verdict_title(summary: dict) -> str:
 #: (``_derived_special``), so no shortcut title that names only what is left (a vocabulary resized) may stand
 _REPARAMETRISED = frozenset({"rotated_residual", "folded_norms", "rescaled_units", "negated_matrices",
                              "pruned_elements"})
+
+
+def _structural_words(summary: dict) -> str:
+    """What was added or removed, as the counts say: ``2 blocks added (layers.4, layers.5: 18 tensors with no
+    counterpart in the base)``, ``tensors added``, ``tensors removed``, ``tensors added and removed``. "Tensors added
+    or removed" was said of a model with 2 blocks appended and nothing removed."""
+    tbs = summary.get("tensors_by_status") or {}
+    added, removed = int(tbs.get("added") or 0), int(tbs.get("removed") or 0)
+    ba = (summary.get("scope") or {}).get("blocks_added") or {}
+    names, in_blocks = list(ba.get("blocks") or ()), int(ba.get("tensors") or 0)
+    if names and not removed:
+        n = len(names)
+        what = (f"{count(n)} {'block' if n == 1 else 'blocks'} added ({_names(names)}: {count(in_blocks)} "
+                f"{'tensor' if in_blocks == 1 else 'tensors'} with no counterpart in the base)")
+        rest = added - in_blocks
+        return what + (f" and {count(rest)} other {'tensor' if rest == 1 else 'tensors'} added" if rest > 0 else "")
+    return "tensors " + ("added and removed" if added and removed else "added" if added else "removed")
 
 
 def _derived_special(summary: dict) -> str | None:
@@ -299,11 +320,12 @@ def _derived_special(summary: dict) -> str | None:
     if not what:
         return None
     # rows added or removed, the shared rows unchanged, beside tensors of another shape (a vocabulary grown
-    # beside BART's [1, vocab] final_logits_bias): nothing trained, not "a fine-tune"
+    # beside BART's [1, vocab] final_logits_bias) or beside a reordering (a head trimmed or grown in the base's
+    # order beside a remapped embedding): nothing trained, not "a fine-tune"
     # (and beside a rotated residual stream: a rotated release with tokens added, its shared rows unchanged beneath
     # the rotation; tables whose rows were also reordered are counted with the reordering, not here)
     only = int(scope.get("tensors_only_resized") or 0)
-    grown = only if mism else max(0, only - int(perm.get("tensors_resized") or 0)) if rot.get("tensors") else 0
+    grown = max(0, only - int(perm.get("tensors_resized") or 0)) if rot.get("tensors") and not mism else only
     if grown:
         what.insert(0, "rows added to or removed from some of its tensors (their shared rows unchanged"
                     + (" beneath the rotation)" if rot.get("tensors") and not mism else ")"))
@@ -636,10 +658,14 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     if not counted:
         return "No tensors were compared."
     if v == "inconclusive" and "head_missing" in (s.get("flags") or []):
-        return (f"{count(len(counted))} compared {'tensor matches' if len(counted) == 1 else 'tensors match'} the "
-                "base within rounding, but the tuned model's config.json unties its LM head and stores none: "
-                "transformers initialises that head at random, so the model as loaded computes something else than "
-                "the base, and its weights alone cannot say what (see the notes).")
+        live = [t for t in counted if t.get("status") != "removed"]
+        gone = [t for t in counted if t.get("status") == "removed"]
+        return (f"{count(len(live))} compared {'tensor matches' if len(live) == 1 else 'tensors match'} the "
+                "base within rounding, but the tuned model's config.json unties its LM head and stores none"
+                + (f" (the base's `{escape_name(str(gone[0].get('base_name') or gone[0].get('name')))}` is not in it)"
+                   if gone else "")
+                + ": transformers initialises that head at random, so the model as loaded computes something else "
+                "than the base, and its weights alone cannot say what (see the notes).")
     if v == "inconclusive":
         return _inconclusive(data)
     if v == "partial":
@@ -729,10 +755,16 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     # quantization noise floor) changed only by its new (or dropped) rows
     grown = int(scope.get("tensors_only_resized") or 0)
     bitwise = sum(1 for t in counted if t.get("status") == "resized" and t.get("frac_changed") == 0)
-    asides = [(f"{count(grown)} of them only resized: rows added or removed, the shared rows bitwise unchanged"
-               if bitwise >= grown else
-               f"{count(grown)} of them only resized: rows added or removed, the shared rows unchanged beyond "
-               "rounding or their quantization noise floor")] if grown else []
+    # a table only trimmed (rows removed, none added) is not among the changed tensors: "0 of 39 tensors changed
+    # (1 of them only resized ...)" contradicted itself, so it is counted apart
+    cut = min(grown, sum(1 for t in counted if t.get("status") == "resized" and t.get("base_shape")
+                         and int(t.get("numel") or 0) <= int(t.get("numel_compared") or 0)
+                         and not t.get("frac_beyond_rounding")))
+    kept = "bitwise unchanged" if bitwise >= grown else "unchanged beyond rounding or their quantization noise floor"
+    asides = [f"{count(grown - cut)} of them only resized: rows added or removed, the shared rows {kept}"] \
+        if grown - cut else []
+    if cut:
+        asides.append(f"{count(cut)} more only trimmed: rows removed, the rows kept {kept}")
     reshaped = scope.get("tensors_reshaped") or {}
     if reshaped.get("tensors"):
         n = int(reshaped["tensors"])
@@ -765,9 +797,12 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                  f"changed{only}"]
     if scope.get("blocks_total"):
         n_r = int(scope.get("blocks_reshaped") or 0)
-        parts.append(f"{least}{scope.get('blocks_changed')} of {scope.get('blocks_total')} blocks"
+        n_a = len((scope.get("blocks_added") or {}).get("blocks") or ())
+        parts.append(f"{least}{int(scope.get('blocks_changed') or 0) - n_a} of {scope.get('blocks_total')} blocks"
                      + (f" ({count(n_r)} {'other holds' if n_r == 1 else 'others hold'} tensors of another shape than in "
-                        "the base, not compared)" if n_r else ""))
+                        "the base, not compared)" if n_r else "")
+                     + (f"; {count(n_a)} {'block' if n_a == 1 else 'blocks'} added, with no counterpart in the base"
+                        if n_a else ""))
     text = "Derived from this base: " + ", in ".join(parts) + gone
     heads = [t for t in data.get("tensors") or [] if is_tied_row(t) and t.get("status") == "changed"]
     if heads:
@@ -826,6 +861,9 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         trimmed = bool(int(pu.get("tensors_resized") or 0) - grown > 0 or pu.get("tensors_trimmed"))
         measured = all("rows" in undone.get(b, ()) for b in tables)
         scrambled = pu.get("rows_consistent") is False
+        # "computes what the base computes" only when the tables were found in one order: unchecked, it was said
+        # of an embedding remapped beside a head left in the base's order
+        consistent = pu.get("rows_consistent") is True
         text += (f"; the token rows of the {_and(tables)} are the base's rows in another order"
                  + (" or a subset of them" if trimmed else "") + (", with rows added" if grown else "")
                  + (" (the embedding's rows and the head's are not in one order, so no remapping of the tokenizer's "
@@ -833,7 +871,11 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                     if scrambled else
                     f" (a tokenizer's ids remapped{', a vocabulary trimmed' if trimmed else ''}"
                     f"{', a vocabulary grown' if grown else ''}: on the remapped tokens the model computes what the base "
-                    "computes), so ")
+                    "computes), so " if consistent else
+                    f" (a tokenizer's ids remapped{', a vocabulary trimmed' if trimmed else ''}"
+                    f"{', a vocabulary grown' if grown else ''}, if the embedding's rows and the head's follow one "
+                    "remapping, which was not established here: only then does the model compute what the base "
+                    "computes on the remapped tokens), so ")
                  + ("each row is compared with the base row it is" if measured else
                     "their numbers here are of rows compared with other tokens' rows"))
     perm = {b: v for b, v in every.items() if b not in tables}
@@ -883,13 +925,21 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
     rs = scope.get("rescaled_units") or {}
     if rs.get("tensors"):
         n_rs = int(rs["tensors"])
-        text += (f"; {count(n_rs)} {'matrix is' if n_rs == 1 else 'matrices are'} the base's with each row or column "
-                 "times its own factor" + (f" ({count(int(rs.get('negative') or 0))} of them negative: signs flipped)"
-                                          if rs.get("negative") else "")
-                 + ", and the matrix that reads those units (down, o) the base's divided by the same factors: a scale "
+        # counted by pair and by unit: "2 matrices are the base's with each row times its own factor, and the matrix
+        # that reads those units ..." read as four matrices, and "266 of them negative" counted each of 133 flipped
+        # units twice (once in each matrix of its pair; ``scope.rescaled_units.negative`` counts so)
+        n_pairs = max(1, n_rs // 2)
+        neg = int(rs.get("negative") or 0)
+        units = neg // 2 if n_rs % 2 == 0 else neg
+        text += (f"; in {count(n_pairs)} {'pair' if n_pairs == 1 else 'pairs'} of matrices the first's rows (up, v) are "
+                 "the base's each times its own factor and the second's columns (down, o), which read those units, "
+                 "the base's divided by the same factors"
+                 + (f" ({count(units)} {'unit has' if units == 1 else 'units have'} a negative factor: "
+                    f"{'its sign' if units == 1 else 'their signs'} flipped)" if neg else "")
+                 + ": a scale "
                  "moved from one matrix to the next, or units' signs flipped one by one, which leaves what a gated MLP "
                  "and attention's v and o compute unchanged (an MLP with no gate only when it uses ReLU and every factor is "
-                 "positive); each is measured "
+                 "positive); each matrix is measured "
                  "against the base so scaled and the numbers here are of what changed beneath the scales")
     fo = scope.get("folded_norms") or {}
     if fo.get("tensors"):
@@ -1015,6 +1065,58 @@ def _quant_how(q: dict) -> str:
     return f"({', '.join(q.get('formats') or [])}; decided by {tests}{clamped})"
 
 
+def undone_words(s: dict) -> list[str]:
+    """What was undone before the parameters were counted bit for bit and the matrices measured: the clauses of
+    "once ..." (``["the units found reordered are put back in the base's order"]``), [] when nothing was. Page one
+    and the key figures say them as the headline does: "100% are bit for bit the same ... numbers not touched at
+    all" was printed of a model whose MLP neurons sit at other positions."""
+    sc = s.get("scope") or {}
+    return [w for w, on in (("the units found reordered are put back in the base's order",
+                             (sc.get("permuted_units") or {}).get("tensors_undone")),
+                            ("the tensors stored with the sign flipped are multiplied by -1",
+                             (sc.get("negated_matrices") or {}).get("tensors")),
+                            ("the residual stream's rotation is undone",
+                             (sc.get("rotated_residual") or {}).get("tensors")),
+                            ("the units found rescaled are divided by their factors",
+                             (sc.get("rescaled_units") or {}).get("tensors")),
+                            ("the norms' gains found folded into the matrices that read them are taken out again",
+                             (sc.get("folded_norms") or {}).get("tensors"))) if on]
+
+
+def _only_pruned(s: dict) -> bool:
+    """Every changed tensor is a pruned matrix (``scope.pruned_elements``), nothing added, removed or resized."""
+    pr = ((s.get("scope") or {}).get("pruned_elements") or {})
+    tbs = s.get("tensors_by_status") or {}
+    return bool(pr.get("tensors")) and int(tbs.get("changed") or 0) == int(pr["tensors"]) \
+        and not any(tbs.get(k) for k in ("added", "removed", "resized"))
+
+
+def rows_not_measured(s: dict) -> list[str]:
+    """The token tables (``embeddings``, ``head``) found to hold the base's rows in another order whose order was
+    not undone (rows added, or matched by no exact order): their numbers are of rows compared with other tokens'
+    rows, which page one and the form sentence must say (they were quoted as a change)."""
+    pu = (s.get("scope") or {}).get("permuted_units") or {}
+    return [b for b, k in (pu.get("blocks") or {}).items() if "rows" in k and "rows" not in (pu.get("undone") or {}).get(b, ())]
+
+
+def computes_else(s: dict) -> str:
+    """The caveat the title gives when every weight matches the base beneath a transformation that the model does
+    not undo itself, so that it computes something else (token tables in two orders, a rotation with norms left
+    unfolded); "" otherwise. Page one and Figure 1 repeat it: "0 of 4 blocks changed", "did not change" stood
+    beside a title that said the model computes something else than the base."""
+    sc = s.get("scope") or {}
+    said = []
+    if (sc.get("permuted_units") or {}).get("rows_consistent") is False:
+        said.append("the embedding's token rows and the head's are not in one order")
+    n = int((sc.get("rotated_residual") or {}).get("norms_unfolded") or 0)
+    if n:
+        said.append(f"{plural(n, 'norm')} of the rotated residual stream keep gains that differ from channel to "
+                    "channel, which scale the rotated coordinates")
+    if not said:
+        return ""
+    return f"Yet {_and(said)}, so the model computes something else than the base."
+
+
 def headline(data: dict) -> list[str]:
     """The verdict's reason, then the sentences a reader can quote, each from the numbers."""
     s: dict[str, Any] = data.get("summary") or {}
@@ -1032,13 +1134,7 @@ def headline(data: dict) -> list[str]:
                        "tensors, which are bitwise unchanged too.")
         else:
             main, aside = unchanged_words(data, total)
-            sc = s.get("scope") or {}
-            undone = [w for w, on in (("the units found reordered are put back in the base's order",
-                                       (sc.get("permuted_units") or {}).get("tensors_undone")),
-                                      ("the tensors stored with the sign flipped are multiplied by -1",
-                                       (sc.get("negated_matrices") or {}).get("tensors")),
-                                      ("the residual stream's rotation is undone",
-                                       (sc.get("rotated_residual") or {}).get("tensors"))) if on]
+            undone = undone_words(s)
             tied_moved = any(is_tied_row(t) and t.get("status") == "changed" for t in data.get("tensors") or [])
             out.append(f"{main} of parameters are bitwise unchanged{aside}"
                        + (f", once {' and '.join(undone)}" if undone else "")
@@ -1056,7 +1152,10 @@ def headline(data: dict) -> list[str]:
     f = s.get("form") or {}
     said = form_sentence(f, (data.get("settings") or {}).get("rank"))
     if said:
-        out.append(said)
+        late = rows_not_measured(s)
+        out.append(said[:-1] + f" (this counts the token rows of the {_and(late)}, which are the base's rows in another "
+                   "order compared with other tokens' rows: for those tables it measures no change)." if late and
+                   said.endswith(".") else said)
     if nothing_compared(s):
         pass                      # no change was measured: its cost is not stated
     elif s.get("delta_params") and within_floor(s):
@@ -1231,16 +1330,33 @@ def plain_language(data: dict) -> list[str]:
     else:
         main, aside = unchanged_words(data, total)
         text = f"Of the {count(total)} parameters of {tuned}, {main} are bit for bit the same as in {base}"
+        if undone_words(s):
+            # counted beneath the reordering, rotation or rescale, as the headline says: as stored they differ
+            text += f" once {' and '.join(undone_words(s))} (as stored, the tensors concerned differ from the base's)"
         if aside:
             text += f", {share(int(by.get('unchanged', 0) or 0) / total)} in tensors left entirely unchanged"
         if s.get("blocks_total"):
-            n = s.get("blocks_changed") or 0
+            n_a = len(((s.get("scope") or {}).get("blocks_added") or {}).get("blocks") or ())
+            n = (s.get("blocks_changed") or 0) - n_a      # blocks added are not changed: they have no base block
             tot = s["blocks_total"]
             least = at_least(s)
             text += (f"{';' if aside else ', and'} " + (f"its one block {'was' if n else 'was not'} changed" if tot == 1 else
                      f"{least}{count(n)} of its {count(tot)} blocks {'was' if n == 1 else 'were'} changed"))
+            if n_a:
+                text += f" and {count(n_a)} {'was' if n_a == 1 else 'were'} added (not in the base)"
+            sc = s.get("scope") or {}
+            moved, base_tot = int(sc.get("blocks_moved") or 0), int(sc.get("base_blocks_total") or 0)
+            if moved:
+                # SOLAR's depth up-scaling read "0 of its 6 blocks were changed" and nothing else: the reader was not
+                # told that the model is deeper, its blocks copies of the base's
+                text += (f"; {count(moved)} of its blocks {'is a base block' if moved == 1 else 'are base blocks'} at "
+                         "another position (repeated or reordered; the Notes say which)"
+                         + (f", and it has {count(tot)} blocks where the base has {count(base_tot)}"
+                            if base_tot and tot != base_tot else ""))
             text += floor_blocks(s)
         out.append(text + ".")
+        if computes_else(s):
+            out.append(computes_else(s))
     model, unrel = points.get("model"), points.get("unrelated")
     bf16 = (points.get("BF16") or {}).get("rel_change")
     rel = (model or {}).get("rel_change")
@@ -1279,7 +1395,17 @@ def plain_language(data: dict) -> list[str]:
                        f"{sci(model['one_minus_cosine'])}, the quantization noise included, where an unrelated model "
                        f"of the same shape reads {sci(unrel['one_minus_cosine'])}.")
     elif v == "derived" and rel:
-        text = f"Taken together, its large weight matrices moved by {sci(rel)} of their size"
+        text = (f"Taken together, {'measured so, ' if undone_words(s) else ''}its large weight matrices moved by "
+                f"{sci(rel)} of their size")
+        late = rows_not_measured(s)
+        caveat = ""
+        if late:
+            # the reason admits that these tables' rows were compared with other tokens' rows; page one quoted the
+            # figure as a movement ("moved by 6.0e-1 ..., 363 times the rounding") of a model nothing was trained in
+            caveat = (f"These figures include the token rows of the {_and(late)}, which are the base's rows in another "
+                      "order and were compared here with other tokens' rows, not with the rows they are: for "
+                      f"{'that table' if len(late) == 1 else 'those tables'} they do not measure a change, nor does "
+                      "the count of numbers it takes to write the change down.")
         if bf16:
             text += f", {_times(rel, bf16)} the rounding a cast to bfloat16 would cause ({sci(bf16)})"
         few = _changed_matrices(data)
@@ -1296,6 +1422,8 @@ def plain_language(data: dict) -> list[str]:
             out.append(f"Measured as a turn of direction, they read 1 − cosine = "
                        f"{sci(model['one_minus_cosine'])}, where an unrelated model of the same shape reads "
                        f"{sci(unrel['one_minus_cosine'])}.")
+        if caveat:
+            out.append(caveat)
     elif v == "partial":
         out += _partial_parts(s.get("components") or [], base, (points.get("BF16") or {}).get("rel_change"), unrel)
     form = s.get("form") or {}
@@ -1303,6 +1431,13 @@ def plain_language(data: dict) -> list[str]:
         kind = {"low_rank": "compact (low-rank)", "sparse": "sparse", "dense": "spread over many directions",
                 "mixed": "partly compact, partly spread out",
                 "vectors": "in vectors only (norm weights or biases)"}.get(form.get("kind"), "")   # undecided: none
+        sc = s.get("scope") or {}
+        n_fold = int((sc.get("rotated_residual") or {}).get("norms_folded") or 0) \
+            + int((sc.get("folded_norms") or {}).get("norms") or 0)
+        if form.get("kind") == "vectors" and n_fold:
+            # the norms whose gains were folded into the matrices read as LayerNorm tuning
+            kind = (f"in vectors only (among them {plural(n_fold, 'norm')} whose gains were moved into the matrices "
+                    "that read them, which the title names)")
         most = "at most " if s.get("delta_params_lower") is not None else ""
         if within_floor(s):
             # the tensors within their quantization floor may hold a change: no bound on the whole (a Q4_1 copy of a
@@ -1310,6 +1445,17 @@ def plain_language(data: dict) -> list[str]:
             out.append(f"Writing down the change of the tensors beyond the quantization noise floor takes {most}"
                        f"{count(s['delta_params'])} numbers, {share(s.get('delta_params_share'))} of the model; "
                        f"this is no bound for the whole model: {floor_rest(s)}.")
+        elif _only_pruned(s):
+            # a mask on the base's weights: "spread over many directions" was said of 50% magnitude pruning, which
+            # writes nothing into any direction
+            pr = (s.get("scope") or {}).get("pruned_elements") or {}
+            n_pr = int(pr.get("tensors") or 0)
+            out.append(f"The change sets {count(pr.get('elements_zeroed'))} of the {count(pr.get('elements_in'))} "
+                       f"elements of {plural(n_pr, 'matrix', 'matrices')} to zero and leaves the rest "
+                       + ("the base's cast to the tuned dtype" if pr.get("cast") else "exactly the base's")
+                       + " (pruning): a mask on the base's weights, not a change written into them; written down as "
+                       f"a difference from the base, it takes {count(s['delta_params'])} numbers, "
+                       f"{share(s.get('delta_params_share'))} of the model.")
         else:
             lead = f"The change is {kind}: writing" if kind else "Writing the change down"
             out.append(f"{lead} {'it down ' if kind else ''}takes {most}"
