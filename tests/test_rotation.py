@@ -8,6 +8,8 @@ the rotation; a fine-tune rotated measures as the fine-tune; two independent mod
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -269,8 +271,11 @@ def test_units_reordered_and_flipped_or_rescaled_are_measured_beneath_both(tmp_p
     tg = write_checkpoint(tmp_path / "tg", moved)
     s = compare(bg, tg).summary
     assert "rescaled_units" not in s.flags and s.tensors_by_status.get("changed") == 8
-    # ... unless its config names ReLU, positively homogeneous, and every factor is positive
+    # ... unless its config names ReLU, positively homogeneous, and every factor is positive; the base's config too
+    # (a config switched to relu beside a GELU base passed: the model computes something else)
     (tg / "config.json").write_text(json.dumps({"hidden_act": "relu"}))
+    assert "rescaled_units" not in compare(bg, tg).summary.flags
+    (bg / "config.json").write_text(json.dumps({"hidden_act": "relu"}))
     s = compare(bg, tg).summary
     assert "rescaled_units" in s.flags and not s.tensors_by_status.get("changed")
 
@@ -447,3 +452,71 @@ def test_a_rotated_model_whose_token_rows_moved_and_grew_is_not_unrelated(tmp_pa
         other[k] = np.concatenate([other[k], np.random.default_rng(11).normal(0, 0.02, (8, 128)).astype(np.float32)])
     s = compare(b, write_checkpoint(tmp_path / "o", other)).summary
     assert s.verdict == "unrelated" and "rotated_residual" not in s.flags
+
+
+def test_a_rescale_needs_its_bias_scaled_and_units_rows_not_conv1d_columns(tmp_path, rng):
+    """From the verification tester: fc1's rows and fc2's columns rescaled with fc1's bias left as it was (the
+    logits 0.06 away) read "nothing changed"; with the bias scaled too, the bias read changed; GPT-2's Conv1D
+    c_fc (stored [in, out]) was rescaled along its inputs and read "nothing changed" (logits 0.85 away); one neuron
+    scaled by 60 beside a reordering read PARTIAL, "mlp unrelated"."""
+    import json
+
+    base = {k.replace("mlp.up_proj", "mlp.fc1").replace("mlp.down_proj", "mlp.fc2"): v for k, v in llama(rng).items()
+            if ".gate_proj." not in k}
+    for i in range(4):
+        base[f"model.layers.{i}.mlp.fc1.bias"] = rng.normal(0, 0.02, 256).astype(np.float32)
+    cfg = json.dumps({"hidden_act": "relu"})
+    b = write_checkpoint(tmp_path / "b", base)
+    (b / "config.json").write_text(cfg)
+    c = np.random.default_rng(3).uniform(0.5, 2.0, 256)
+
+    def scaled(bias: bool) -> Path:
+        t = dict(base)
+        for i in range(2):
+            p = f"model.layers.{i}.mlp."
+            t[p + "fc1.weight"] = (base[p + "fc1.weight"] * c[:, None]).astype(np.float32)
+            t[p + "fc2.weight"] = (base[p + "fc2.weight"] / c[None, :]).astype(np.float32)
+            if bias:
+                t[p + "fc1.bias"] = (base[p + "fc1.bias"] * c).astype(np.float32)
+        out = write_checkpoint(tmp_path / f"s{bias}", t)
+        (out / "config.json").write_text(cfg)
+        return out
+
+    s = compare(b, scaled(True)).summary
+    assert "rescaled_units" in s.flags and not s.tensors_by_status.get("changed"), s.tensors_by_status
+    assert s.scope["rescaled_units"]["tensors"] == 4
+    s = compare(b, scaled(False)).summary
+    assert "rescaled_units" not in s.flags and s.tensors_by_status.get("changed") == 4
+
+    # GPT-2's Conv1D: c_fc [hidden, 4 hidden] scaled along its rows (inputs), c_proj's columns divided
+    from models import gpt2
+
+    g = gpt2(np.random.default_rng(5), layers=2, hidden=64)
+    bg = write_checkpoint(tmp_path / "g", g)
+    (bg / "config.json").write_text(json.dumps({"activation_function": "relu"}))
+    t = dict(g)
+    k = np.random.default_rng(6).uniform(0.5, 2.0, 64)
+    for i in range(2):
+        p = f"transformer.h.{i}.mlp."
+        t[p + "c_fc.weight"] = (g[p + "c_fc.weight"] * k[:, None]).astype(np.float32)
+        t[p + "c_proj.weight"] = (g[p + "c_proj.weight"] / k[None, :]).astype(np.float32)
+    tg = write_checkpoint(tmp_path / "tg", t)
+    (tg / "config.json").write_text(json.dumps({"activation_function": "relu"}))
+    assert "rescaled_units" not in compare(bg, tg).summary.flags
+
+    # a gated MLP reordered with one neuron scaled by 60 (and its down column by 1/60): the same function
+    ll = llama(np.random.default_rng(8))
+    bl = write_checkpoint(tmp_path / "bl", ll)
+    t = dict(ll)
+    for i in range(4):
+        p = f"model.layers.{i}.mlp."
+        perm = np.random.default_rng(i).permutation(256)
+        f = np.ones(256)
+        f[7] = 60.0
+        t[p + "gate_proj.weight"] = ll[p + "gate_proj.weight"][perm]
+        t[p + "up_proj.weight"] = (ll[p + "up_proj.weight"] * f[:, None])[perm].astype(np.float32)
+        t[p + "down_proj.weight"] = (ll[p + "down_proj.weight"] / f[None, :])[:, perm].astype(np.float32)
+    s = compare(bl, write_checkpoint(tmp_path / "spike", t)).summary
+    assert s.verdict == "derived" and {"permuted_units", "rescaled_units"} <= set(s.flags), s.verdict_reason
+    assert not s.tensors_by_status.get("changed")
+

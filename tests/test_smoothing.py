@@ -136,3 +136,54 @@ def test_folded_norms_are_measured_beneath_the_fold_and_blocks_count_the_trainin
     norms = [x for x in r.tensors if x.name.endswith("norm.weight")]
     assert all(x.status in ("unchanged", "rounding") and "folded" in x.note for x in norms)
 
+
+def test_layernorm_bias_and_gemma_norms_in_smoothing(tmp_path, rng):
+    """From the verification tester: a LayerNorm's weight divided by the scales and its bias left (logits 0.01 away)
+    read "nothing changed"; divided with it (as llm-compressor does on BLOOM and OPT) the bias read changed; Gemma
+    stores w and applies 1 + w: its stored w divided by the scales (logits 0.14 away) read "nothing changed", and a
+    right smoothing, (1 + w) / s - 1, read "a fine-tune"."""
+    import json
+
+    base = llama(rng)
+    for k in list(base):
+        if k.endswith("layernorm.weight"):
+            base[k[:-len("weight")] + "bias"] = rng.normal(0, 0.05, base[k].shape).astype(np.float32)
+    b = write_checkpoint(tmp_path / "b", base)
+    s = np.exp(np.random.default_rng(4).normal(0, 0.5, 128))
+
+    def layernorm(bias: bool) -> dict:
+        t = _smoothed(base, s)
+        for i in range(4):
+            for norm, f in (("input_layernorm", s), ("post_attention_layernorm", s[::-1])):
+                k = f"model.layers.{i}.{norm}.bias"
+                t[k] = (base[k] / f).astype(np.float32) if bias else base[k]
+        return t
+
+    r = compare(b, write_checkpoint(tmp_path / "with", layernorm(True))).summary
+    assert r.scope["folded_norms"]["norms_smoothed"] == 8 and not r.tensors_by_status.get("changed"), r.tensors_by_status
+    r = compare(b, write_checkpoint(tmp_path / "without", layernorm(False))).summary
+    assert not r.scope.get("folded_norms", {}).get("norms_smoothed") and r.tensors_by_status.get("changed") == 8
+
+    gemma = json.dumps({"model_type": "gemma"})
+    g = {k: ((v - 1.0) if k.endswith("norm.weight") else v) for k, v in llama(np.random.default_rng(9)).items()}
+    bg = write_checkpoint(tmp_path / "gb", g)
+    (bg / "config.json").write_text(gemma)
+
+    def gem(right: bool) -> Path:
+        t = {k: v.astype(np.float64) for k, v in g.items()}
+        for i in range(4):
+            p = f"model.layers.{i}."
+            for norm, kinds, f in (("input_layernorm", READERS[:3], s), ("post_attention_layernorm", READERS[3:], s[::-1])):
+                w = t[p + norm + ".weight"]
+                t[p + norm + ".weight"] = (1.0 + w) / f - 1.0 if right else w / f
+                for k in kinds:
+                    t[p + k + ".weight"] = t[p + k + ".weight"] * f[None, :]
+        out = write_checkpoint(tmp_path / f"g{right}", {k: v.astype(np.float32) for k, v in t.items()})
+        (out / "config.json").write_text(gemma)
+        return out
+
+    r = compare(bg, gem(False)).summary
+    assert "none of its other weights changed" not in verdict_title(r.to_dict()) and r.tensors_by_status.get("changed")
+    r = compare(bg, gem(True)).summary
+    assert r.scope["folded_norms"]["norms_smoothed"] == 8 and not r.tensors_by_status.get("changed")
+

@@ -385,11 +385,15 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
                                                                  set(undone["rotated"].get("names") or ()))
         if undone.get("folded"):
             ones = folded_norms(records, sorted({u.gain_name for u in gains_folded if u.gain_name}), tuned_ck)
-            smoothed = smoothed_norms(records, gains_folded, set(ones))
-            undone["folded"]["norms_folded"] = ones + smoothed
-            undone["folded"]["norms_smoothed"] = smoothed
+            smoothed = smoothed_norms(records, gains_folded, set(ones), bases, tuned_ck)
+            # (a LayerNorm's bias divided with its weight is measured beneath the fold, not counted as a norm)
+            weights = [n for n in smoothed if not n.endswith(".bias")]
+            undone["folded"]["norms_folded"] = ones + weights
+            undone["folded"]["norms_smoothed"] = weights
+            undone["folded"]["biases_smoothed"] = [n for n in smoothed if n.endswith(".bias")]
         explained = set((undone.get("rotated") or {}).get("norms_folded") or ()) \
-            | set((undone.get("folded") or {}).get("norms_folded") or ())
+            | set((undone.get("folded") or {}).get("norms_folded") or ()) \
+            | set((undone.get("folded") or {}).get("biases_smoothed") or ())
         if explained:
             # a norm whose gains went into the matrices that read it is measured beneath the fold too: as stored,
             # each read as a change of relative size ~0.1, and every block of a model rotated after one block was
@@ -822,13 +826,20 @@ def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], t
     if len(bases) != 1:
         return []
     base = bases[0]
+    # Gemma applies its norms as 1 + w and stores w: the gains are 1 + w on both sides (dividing the stored w by a
+    # scale is no smoothing, and read "nothing changed ... computes what the base computes")
+    offset = 1.0 if all(_gemma(ck) for ck in (base, tuned)) else 0.0
+    if offset == 0.0 and any(_gemma(ck) for ck in (base, tuned)):
+        return []                       # one side Gemma, the other not: no gain is known on both
     ratios: dict = {}
     for r in records:
         if r.module == "norm" and r.status == "changed" and len(r.shape or ()) == 1 and r.base_name is not None \
-                and r.name in tuned.tensors and tuned.tensors[r.name].dtype in NEGATABLE \
-                and base.tensors[r.base_name].dtype in NEGATABLE:
-            t, b = _vector(tuned, r.name).astype(np.float64), _vector(base, r.base_name).astype(np.float64)
-            if np.all(t == 1.0):
+                and not r.name.endswith(".bias") and r.name in tuned.tensors \
+                and tuned.tensors[r.name].dtype in NEGATABLE and base.tensors[r.base_name].dtype in NEGATABLE:
+            # (a LayerNorm's gains are its weight; its bias divided with it is checked in ``smoothed_norms``)
+            t = _vector(tuned, r.name).astype(np.float64) + offset
+            b = _vector(base, r.base_name).astype(np.float64) + offset
+            if np.all(t == 1.0) and not offset:
                 ratios.setdefault(r.block, []).append((r, b))
             elif np.all(np.isfinite(t) & np.isfinite(b) & (t != 0)):
                 ratios.setdefault(r.block, []).append((r, b / t))
@@ -893,6 +904,17 @@ def _norm_feeds(name: str) -> str | None:
     return None
 
 
+def _gemma(ck: Checkpoint) -> bool:
+    """Whether ``ck``'s config.json names a Gemma model (its norms stored as w, applied as 1 + w)."""
+    from .io.model_config import config_of
+
+    try:
+        cfg = config_of(ck)
+    except (CheckpointError, OSError):
+        return False
+    return isinstance(cfg, dict) and str(cfg.get("model_type") or "").lower().startswith(("gemma", "recurrent_gemma"))
+
+
 def _quantized_over_dense(r: TensorRecord, base: Checkpoint, tuned: Checkpoint) -> bool:
     """The tuned tensor of ``r`` quantized (dequantized by the reader, its noise floor known) and the base's stored
     whole in a float dtype, of one shape: the floor test can run against the base seen otherwise."""
@@ -947,6 +969,7 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
                 and not getattr(r, "tied", False):
             blocks.setdefault(r.block, []).append(r)
     # the reorderings found: the base's units gathered in the tuned model's order, nothing else undone
+    by_name = {r.name: r for r in records}
     orders = {id(u.record): u for u in done if u.axis is not None and u.index is not None and not u.negate
               and u.rotate is None and u.source == u.record.base_name and u.kind in ("mlp", "attn")}
 
@@ -969,15 +992,20 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
 
     @functools.lru_cache(maxsize=1)
     def relu() -> bool:
-        """Whether the tuned model's config.json names ReLU as its MLP's activation (positively homogeneous)."""
+        """Whether both models' config.json name ReLU as their MLP's activation (positively homogeneous): the base's
+        too, or a config switched to relu beside a GELU base passed for a rescale of the base's GELU units."""
         from .io.model_config import config_of
 
-        try:
-            cfg = config_of(tuned)
-        except (CheckpointError, OSError):
-            return False
-        cfg = cfg if isinstance(cfg, dict) else {}
-        return any(str(cfg.get(k) or "").lower() == "relu" for k in ("hidden_act", "activation_function", "hidden_activation"))
+        def says(ck) -> bool:
+            try:
+                cfg = config_of(ck)
+            except (CheckpointError, OSError):
+                return False
+            cfg = cfg if isinstance(cfg, dict) else {}
+            return any(str(cfg.get(k) or "").lower() == "relu"
+                       for k in ("hidden_act", "activation_function", "hidden_activation"))
+
+        return says(tuned) and says(base)
 
     out: list[Undo] = []
     for label, mats in blocks.items():
@@ -991,7 +1019,9 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
             if len(by_kind.get(rows_kind, ())) != 1 or len(by_kind.get(cols_kind, ())) != 1:
                 continue
             a, z = by_kind[rows_kind][0], by_kind[cols_kind][0]
+            # (GPT-2's Conv1D stores [in, out]: its rows are not units; such a pair is not read here)
             if any((id(r) in skip and id(r) not in orders) or r.status != "changed" or _low_rank_row(r, options.thresholds)
+                   or r.name.endswith(("c_fc.weight", "c_proj.weight", "c_attn.weight"))
                    or not _same_dense(r, bases, tuned, NEGATABLE) for r in (a, z)) \
                     or (int(a.shape[0]) != int(z.shape[1])
                         and not (rows_kind == "attn.v" and int(z.shape[1]) % int(a.shape[0]) == 0)):
@@ -1012,6 +1042,11 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
                                lambda idx: bool(np.allclose(ca[idx] * cz, 1.0, rtol=0.0, atol=max(tol_a, tol_z))))
             if group is None:
                 continue
+            # the bias of the scaled rows is scaled with them, or the units compute something else (fc1's, v's, a
+            # Llama mlp_bias up's left as it was read "nothing changed", the logits 0.02-0.07 away)
+            bias = _scaled_bias(a, ca, by_name, base, tuned, orders)
+            if bias is False:
+                continue
             for r, c, what, other, form in ((a, ca, "row", z.name, "rows"), (z, cz, "column", a.name, "in")):
                 neg = int(np.count_nonzero(c < 0))
                 note = RESCALED_NOTE.format(what, f"{c.min():.4g}", f"{c.max():.4g}",
@@ -1026,7 +1061,38 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
                 else:
                     out.append(Undo(r, r.base_name, None, None, label, str(r.module or ""), note,
                                     rotate=(form, None, c)))
+            if bias is not None:            # scaled with its rows: measured so (it read changed)
+                note = f"scaled with the rows of `{escape_name(a.name)}`: measured against the base's so scaled"
+                o = orders.get(id(bias))
+                out.append(replace(o, note=f"{o.note}; {note}", rotate=("rows", None, ca)) if o is not None else
+                           Undo(bias, bias.base_name, None, None, label, str(bias.module or ""), note,
+                                rotate=("rows", None, ca)))
     return out
+
+
+def _scaled_bias(a: TensorRecord, c, by_name: dict, base: Checkpoint, tuned: Checkpoint, orders: dict):
+    """The bias record of matrix ``a`` when each of its values is the base's (in the reordered units' order, where
+    they were reordered) times the factor ``c`` of its row, within the rounding of its dtype; None when ``a`` has no
+    bias or it needs no measuring again (unchanged: all zero); False when it is not so scaled."""
+    import numpy as np
+
+    from .kernels.dtypes import DTYPES
+
+    if not a.name.endswith(".weight"):
+        return None
+    rb = by_name.get(a.name[:-len("weight")] + "bias")
+    if rb is None or rb.base_name is None or rb.name not in tuned.tensors or rb.base_name not in base.tensors:
+        return None
+    tb, bb = _vector(tuned, rb.name).astype(np.float64), _vector(base, rb.base_name).astype(np.float64)
+    if id(rb) in orders:
+        bb = bb[np.asarray(orders[id(rb)].index, np.int64)]
+    if tb.shape != bb.shape or tb.shape != np.shape(c):
+        return False
+    want = bb * np.asarray(c, np.float64)
+    tol = 2.0 ** -((DTYPES[tuned.tensors[rb.name].dtype].mant_bits or 0) + 1)
+    if not np.all(np.abs(tb - want) <= tol * (np.abs(want) + np.abs(tb)) + 1e-30):
+        return False
+    return rb if rb.status == "changed" or id(rb) in orders else None
 
 
 def _group_map(rows: int, cols: int, tuned: Checkpoint, fits) -> tuple[int, int, bool] | None:
@@ -1182,8 +1248,15 @@ def measure_folded_norms(records: list[TensorRecord], names: set[str], the_plan:
         if r.name not in names or pair is None or pair.base_name != r.base_name or len(bases) != 1:
             out.append(r)
             continue
-        t, b = _vector(tuned, r.name).astype(np.float64), _vector(bases[0], r.base_name).astype(np.float64)
-        if t.shape != b.shape or not np.all(np.isfinite(t) & np.isfinite(b) & (b != 0)):
+        # a LayerNorm's bias divided with its weight: the weight's factors (its own would match anything)
+        src = r.name[:-len("bias")] + "weight" if r.name.endswith(".bias") else r.name
+        bsrc = next((x.base_name for x in records if x.name == src), None)
+        if bsrc is None or src not in tuned.tensors or bsrc not in bases[0].tensors:
+            out.append(r)
+            continue
+        t, b = _vector(tuned, src).astype(np.float64), _vector(bases[0], bsrc).astype(np.float64)
+        if t.shape != b.shape or int(np.prod(r.shape or (0,))) != t.size \
+                or not np.all(np.isfinite(t) & np.isfinite(b) & (b != 0)):
             out.append(r)
             continue
         new = remeasure(pair, RotatedSide(bases[0], pair.base_name, pair.base_name, "rows", None, t / b), bases,
@@ -1200,7 +1273,8 @@ SMOOTHED_NOTE = ("its gains the base's divided by a factor per channel that the 
                  "with them is the base's")
 
 
-def smoothed_norms(records: Sequence[TensorRecord], gains_folded: Sequence[Undo], skip: set = frozenset()) -> list[str]:
+def smoothed_norms(records: Sequence[TensorRecord], gains_folded: Sequence[Undo], skip: set = frozenset(),
+                   bases: Sequence[Checkpoint] = (), tuned: Checkpoint | None = None) -> list[str]:
     """The tuned norms (not all ones: ``skip`` holds those) whose ratio to the base's gains ``folded_gains`` found
     in the columns of the matrices that read them: noted on their records and named. Every matrix of the block of
     the kinds that took the ratio (attention's q, k, v; the MLP's gate and up) must have taken it (q scaled, k and v
@@ -1236,9 +1310,43 @@ def smoothed_norms(records: Sequence[TensorRecord], gains_folded: Sequence[Undo]
         peers = [m.name for m in by_block.get(r.block, []) if str(m.module).split(".")[0] in families
                  and int(m.shape[1]) == int(r.shape[0])]
         if set(peers) <= took and any(status.get(n) in ("unchanged", "rounding", "quantized") for n in took):
+            bias = _norm_bias(records, r, bases, tuned)
+            if bias is False:
+                continue                # a LayerNorm whose weight was divided and its bias not: something else
             r.note = SMOOTHED_NOTE + (f"; {r.note}" if r.note else "")
             out.append(r.name)
+            if bias is not None:        # divided with it (SmoothQuant divides both): measured beneath the fold too
+                bias.note = SMOOTHED_NOTE + (f"; {bias.note}" if bias.note else "")
+                out.append(bias.name)
     return out
+
+
+def _norm_bias(records: Sequence[TensorRecord], norm: TensorRecord, bases: Sequence[Checkpoint],
+               tuned: Checkpoint | None):
+    """The bias record beside LayerNorm weight ``norm`` when it is the base's divided by the weight's factors within
+    the rounding of its dtype (SmoothQuant divides a LayerNorm's weight and bias alike: only then does the norm
+    compute the base's output over the scales); None when the norm has no bias, or its bias did not change with
+    none to divide (all zero); False when the bias is not so divided (left as it was: the model computes
+    something else)."""
+    import numpy as np
+
+    from .kernels.dtypes import DTYPES
+
+    if not norm.name.endswith(".weight") or tuned is None or len(bases) != 1:
+        return None
+    name = norm.name[:-len("weight")] + "bias"
+    rb = next((x for x in records if x.name == name and x.base_name is not None), None)
+    if rb is None or rb.name not in tuned.tensors or rb.base_name not in bases[0].tensors:
+        return None
+    tw, bw = _vector(tuned, norm.name).astype(np.float64), _vector(bases[0], norm.base_name).astype(np.float64)
+    tb, bb = _vector(tuned, rb.name).astype(np.float64), _vector(bases[0], rb.base_name).astype(np.float64)
+    if tb.shape != bb.shape or bw.shape != bb.shape or not np.all(bw != 0):
+        return False
+    want = bb * (tw / bw)
+    tol = 2.0 * 2.0 ** -((DTYPES[tuned.tensors[rb.name].dtype].mant_bits or 0) + 1)
+    if not np.all(np.abs(tb - want) <= tol * np.abs(want) + tol * np.abs(tb) + 1e-30):
+        return False
+    return rb if rb.status == "changed" else None
 
 
 def _dtype_of(records: Sequence[TensorRecord], base_name: str) -> str | None:
@@ -1723,9 +1831,14 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
     if folded:
         undone["folded"] = {"tensors": len(folded), "names": folded}
     if rescaled:
-        undone["rescaled"] = {"tensors": len(rescaled), "names": rescaled,
-                              "negative": sum(int(np.count_nonzero(u.rotate[2] < 0)) for u in undo
-                                              if u.rotate is not None and u.rotate[1] is None and not u.gain_name)}
+        # the pairs' matrices (a bias scaled with its rows is measured so too, but is no member of a pair)
+        mats = [u for u in undo if u.rotate is not None and u.rotate[1] is None and not u.gain_name
+                and len(u.record.shape or ()) >= 2]
+        names = {u.record.name for u in mats}
+        undone["rescaled"] = {"tensors": len([n for n in rescaled if n in names]),
+                              "names": [n for n in rescaled if n in names],
+                              "biases": [n for n in rescaled if n not in names],
+                              "negative": sum(int(np.count_nonzero(u.rotate[2] < 0)) for u in mats)}
     if undone and any(u.kind == "rows" and u.axis == 0 for u in undo):
         undone["rows_consistent"] = _rows_consistent(records, undo)
     return out, undone

@@ -461,8 +461,9 @@ def rows_follow(tuned: np.ndarray, base: np.ndarray, perm: np.ndarray, min_cosin
 def members_follow(load_pairs: Sequence[tuple[np.ndarray, np.ndarray, int] | tuple[np.ndarray, np.ndarray, int, str]],
                    perm: np.ndarray, min_cosine: float = 0.5) -> bool:
     """Whether every member matrix (tuned, base, neuron axis) of a reordered MLP is related to the base's
-    once the order is undone (cosine at least ``min_cosine``, each neuron's part up to its sign, as the matcher
-    counts it): pooled over gate, up and down, two matching matrices pass the matcher beside a new third one.
+    once the order is undone (the mean over neurons of each one's absolute cosine at least ``min_cosine``: up to
+    its sign and scale, as the matcher counts it; a neuron zero on one side only counts 0): pooled over gate, up
+    and down, two matching matrices pass the matcher beside a new third one.
     Each part of a fused member (its gate and its up rows) is a matrix of its own here: a new gate beside the
     base's up would pass as one tensor."""
     for t, b, axis, *role in load_pairs:
@@ -470,8 +471,15 @@ def members_follow(load_pairs: Sequence[tuple[np.ndarray, np.ndarray, int] | tup
         xs = np.split(undo_member(_f64(t), perm, axis, *role), p, axis=axis)
         for x, y in zip(xs, np.split(_f64(b), p, axis=axis)):
             x, y = _finite(neuron_vectors(x, axis))[0], _finite(neuron_vectors(y, axis))[0]
-            den = float(np.sqrt(np.einsum("ij,ij->", x, x)) * np.sqrt(np.einsum("ij,ij->", y, y)))
-            if not den or float(np.abs(np.einsum("ij,ij->i", x, y)).sum()) / den < min_cosine:
+            # the mean over neurons of each one's absolute cosine: pooled over the matrix, one neuron scaled by 60
+            # (and its down column by 1/60, the same function) outweighed the rest and the MLP read unrelated
+            nx, ny = np.sqrt(np.einsum("ij,ij->i", x, x)), np.sqrt(np.einsum("ij,ij->i", y, y))
+            live = (nx > 0) & (ny > 0)
+            dead = (nx == 0) & (ny == 0)            # zero on both sides: a dead neuron, the base's
+            if not (live.any() or dead.any()):
+                return False
+            cos = np.abs(np.einsum("ij,ij->i", x[live], y[live])) / (nx[live] * ny[live])
+            if float((cos.sum() + dead.sum()) / (live.sum() + dead.sum())) < min_cosine:
                 return False
     return True
 
