@@ -343,9 +343,9 @@ def test_token_rows_reordered_and_grown_are_not_called_trimmed(tmp_path):
 
 
 def _with_vectors(t: dict, width: str) -> dict:
-    """Biases on q, k, v, o, gate, up and down (Qwen2 has q/k/v ones, OPT fc1/fc2 ones), and per-channel
+    """Biases on q, k, v, o, gate, up and down (Qwen2 has q/k/v ones, OPT fc1/fc2 ones), per-channel
     q_norm/k_norm gains: over the whole q and k width (OLMo-2, ``width="full"``) or one head long and shared
-    by every head (Qwen3, ``width="head"``)."""
+    by every head (Qwen3, ``width="head"``), and one attention sink per query head (gpt-oss)."""
     rng = np.random.default_rng(17)
     for i in range(3):
         p = f"model.layers.{i}."
@@ -355,6 +355,7 @@ def _with_vectors(t: dict, width: str) -> dict:
         for k in ("q", "k"):
             n = t[p + f"self_attn.{k}_proj.weight"].shape[0] if width == "full" else D
             t[p + f"self_attn.{k}_norm.weight"] = (1 + rng.normal(0, 0.3, n)).astype(np.float32)
+        t[p + "self_attn.sinks"] = rng.normal(0, 1, t[p + "self_attn.q_proj.weight"].shape[0] // D).astype(np.float32)
     return t
 
 
@@ -367,6 +368,8 @@ def _heads_vectors(t: dict, follow: bool) -> dict:
     t = _heads(t)
     for k in moved if follow else ():
         t[k] = t[k][rows]
+    if follow:
+        t[p + "sinks"] = t[p + "sinks"][[2, 0, 3, 1]]
     return t
 
 
@@ -384,8 +387,8 @@ def _mlp_vectors(t: dict, follow: bool) -> dict:
 @pytest.mark.parametrize("kind", ["heads", "mlp"])
 @pytest.mark.parametrize("follow", [True, False])
 def test_a_vector_indexed_by_reordered_units_is_compared_in_their_order(tmp_path, kind, follow, width):
-    """F9/F10: units reordered with a bias (q/k/v, gate/up) or OLMo-2's q_norm/k_norm gains left in the old
-    order pair each unit with another's offset or gain: the model computes something else, yet those
+    """F9/F10: units reordered with a bias (q/k/v, gate/up), OLMo-2's q_norm/k_norm gains or gpt-oss's
+    sinks left in the old order pair each unit with another's offset or gain: the model computes something else, yet those
     vectors, compared as stored, equalled the base's and the model read "0 tensors changed ... a reordering
     alone changes nothing". Compared in the units' order they read changed when they stayed and unchanged
     when they followed. An output projection's bias (o, down: indexed by the hidden size) and Qwen3's
@@ -400,7 +403,7 @@ def test_a_vector_indexed_by_reordered_units_is_compared_in_their_order(tmp_path
     assert s.verdict == "derived" and s.scope["permuted_units"]["blocks"] == blocks, s.verdict_reason
     if kind == "heads":
         p = "model.layers.1.self_attn."
-        stale = {p + k + ".bias" for k in ("q_proj", "k_proj", "v_proj")}
+        stale = {p + k + ".bias" for k in ("q_proj", "k_proj", "v_proj")} | {p + "sinks"}
         stale |= {p + f"{k}_norm.weight" for k in ("q", "k")} if width == "full" else set()
     else:
         stale = {f"model.layers.{i}.mlp.{k}.bias" for i in range(3) for k in ("gate_proj", "up_proj")}

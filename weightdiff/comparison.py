@@ -1623,11 +1623,12 @@ def _with_biases(undo: list[Undo], by_name: dict, base: Checkpoint, tuned: Check
     base's and read unchanged beside "a reordering alone changes nothing". Measured in the units' order it
     reads changed when it stayed and unchanged when it followed. An output projection's bias (o, down) is
     indexed by the hidden size, not the units, and stays as stored; where the side is not known
-    (``outputs`` None) the bias follows only when the order brings it strictly closer to the base's. For an
-    expert compared with another, that expert's bias."""
+    (``outputs`` None) the bias follows only when the order brings it strictly closer to the base's. An
+    attention's ``sinks`` (gpt-oss: one logit per query head) follow the query heads. For an expert
+    compared with another, that expert's bias."""
     import numpy as np
 
-    from .measure.permutation import _as_float32
+    from .measure.permutation import _as_float32, expand_units
 
     out = list(undo)
     have = {id(u.record) for u in undo}
@@ -1669,6 +1670,15 @@ def _with_biases(undo: list[Undo], by_name: dict, base: Checkpoint, tuned: Check
                     out.append(replace(u, record=g, source=g.base_name, axis=0,
                                        note=u.note + f" (its {leaf[1][0]}_norm gains, one per channel of "
                                        f"{leaf[1]}, in that order too)"))
+                    have.add(id(g))
+            g = by_name.get(f"{leaf[0]}.sinks") if leaf[1] == "q_proj" else None
+            if g is not None and len(g.shape or ()) == 1 and g.shape[0] and len(u.index) % g.shape[0] == 0:
+                # one attention sink per query head (gpt-oss): the heads' order, read off q's rows
+                d = len(u.index) // g.shape[0]
+                heads = u.index[::d] // d
+                if np.array_equal(expand_units(heads, d), u.index) and usable(g, len(heads)):
+                    out.append(replace(u, record=g, source=g.base_name, axis=0, index=heads,
+                                       note=u.note + " (its sinks, one per query head, in that order too)"))
                     have.add(id(g))
     return out
 
