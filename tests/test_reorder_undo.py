@@ -340,3 +340,81 @@ def test_token_rows_reordered_and_grown_are_not_called_trimmed(tmp_path):
     assert r.summary.scope["permuted_units"].get("tensors_grown") == 2
     assert "with rows added" in title and "trimmed" not in title, title
     assert "a vocabulary grown" in r.summary.verdict_reason and "trimmed" not in r.summary.verdict_reason
+
+
+def _with_vectors(t: dict, width: str) -> dict:
+    """Biases on q, k, v, o, gate, up and down (Qwen2 has q/k/v ones, OPT fc1/fc2 ones), per-channel
+    q_norm/k_norm gains: over the whole q and k width (OLMo-2, ``width="full"``) or one head long and shared
+    by every head (Qwen3, ``width="head"``), and one attention sink per query head (gpt-oss)."""
+    rng = np.random.default_rng(17)
+    for i in range(3):
+        p = f"model.layers.{i}."
+        for k in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            t[p + k + ".bias"] = rng.normal(0, 0.5, t[p + k + ".weight"].shape[0]).astype(np.float32)
+        for k in ("q", "k"):
+            n = t[p + f"self_attn.{k}_proj.weight"].shape[0] if width == "full" else D
+            t[p + f"self_attn.{k}_norm.weight"] = (1 + rng.normal(0, 0.3, n)).astype(np.float32)
+        t[p + "self_attn.sinks"] = rng.normal(0, 1, t[p + "self_attn.q_proj.weight"].shape[0] // D).astype(np.float32)
+    return t
+
+
+def _heads_vectors(t: dict, follow: bool) -> dict:
+    """``_heads``, and the vectors indexed by those heads reordered alike (``follow``) or left as stored."""
+    rows = _rows([2, 0, 3, 1])
+    p = "model.layers.1.self_attn."
+    moved = [p + k + ".bias" for k in ("q_proj", "k_proj", "v_proj")]
+    moved += [p + f"{k}_norm.weight" for k in ("q", "k") if t[p + f"{k}_norm.weight"].shape[0] == len(rows)]
+    t = _heads(t)
+    for k in moved if follow else ():
+        t[k] = t[k][rows]
+    if follow:
+        t[p + "sinks"] = t[p + "sinks"][[2, 0, 3, 1]]
+    return t
+
+
+def _mlp_vectors(t: dict, follow: bool) -> dict:
+    order = np.random.default_rng(8).permutation(128)
+    t = _mlp(t)
+    for i in range(3):
+        for k in ("gate_proj", "up_proj") if follow else ():
+            k = f"model.layers.{i}.mlp.{k}.bias"
+            t[k] = t[k][order]
+    return t
+
+
+@pytest.mark.parametrize("width", ["full", "head"])
+@pytest.mark.parametrize("kind", ["heads", "mlp"])
+@pytest.mark.parametrize("follow", [True, False])
+def test_a_vector_indexed_by_reordered_units_is_compared_in_their_order(tmp_path, kind, follow, width):
+    """F9/F10: units reordered with a bias (q/k/v, gate/up), OLMo-2's q_norm/k_norm gains or gpt-oss's
+    sinks left in the old order pair each unit with another's offset or gain: the model computes something else, yet those
+    vectors, compared as stored, equalled the base's and the model read "0 tensors changed ... a reordering
+    alone changes nothing". Compared in the units' order they read changed when they stayed and unchanged
+    when they followed. An output projection's bias (o, down: indexed by the hidden size) and Qwen3's
+    one-head q_norm/k_norm (shared by every head) are not indexed by the units and stay unchanged either way."""
+    base = _with_vectors(llama(np.random.default_rng(3), layers=3, hidden=64, inter=128, vocab=256), width)
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "r", (_heads_vectors if kind == "heads" else _mlp_vectors)(
+        {k: v.copy() for k, v in base.items()}, follow))
+    r = compare(tmp_path / "b", tmp_path / "r")
+    s = r.summary
+    blocks = {"layers.1": ["attn"]} if kind == "heads" else {f"layers.{i}": ["mlp"] for i in range(3)}
+    assert s.verdict == "derived" and s.scope["permuted_units"]["blocks"] == blocks, s.verdict_reason
+    if kind == "heads":
+        p = "model.layers.1.self_attn."
+        stale = {p + k + ".bias" for k in ("q_proj", "k_proj", "v_proj")} | {p + "sinks"}
+        stale |= {p + f"{k}_norm.weight" for k in ("q", "k")} if width == "full" else set()
+    else:
+        stale = {f"model.layers.{i}.mlp.{k}.bias" for i in range(3) for k in ("gate_proj", "up_proj")}
+    changed = {t.name for t in r.tensors if t.status != "unchanged"}
+    assert changed == (set() if follow else stale), changed
+    for t in r.tensors:
+        if t.name in stale:
+            assert (t.note or "").startswith("compared with the base's"), t.name
+    assert s.scope["permuted_units"]["tensors_undone"] == sum(
+        (t.note or "").startswith("compared with") for t in r.tensors)
+    if follow:
+        assert s.relative_change == 0 and s.delta_params == 0
+    else:
+        assert s.scope["tensors_changed"] == len(stale) and s.delta_params > 0

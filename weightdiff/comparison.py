@@ -505,6 +505,9 @@ class Undo:
     negate: bool = False            # the tuned tensor is the base's times -1 (``negated_matrices``)
     rotate: tuple | None = None     # (form, R, gains or None): the base's in a rotated residual stream
     gain_name: str | None = None    # the base norm whose gains ``rotate`` folds in
+    # the units reordered are this tensor's outputs (a q or gate row, a token row), so its bias is indexed by them;
+    # False: its inputs (an o or down column), its bias by the hidden size; None: not known (``_with_biases``)
+    outputs: bool | None = None
 
 
 def mark_fixed_tables(records: Sequence[TensorRecord], tuned: Checkpoint) -> None:
@@ -1577,9 +1580,9 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
         info = ck.tensors[name]
         return _as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)), info.dtype)
 
-    def add(r, source, axis, index, note, trimmed=False, as_kind=None):
+    def add(r, source, axis, index, note, trimmed=False, as_kind=None, outputs=None):
         undo.append(Undo(r, source, axis, None if index is None else np.asarray(index, np.int64), "",
-                         as_kind or kind, note, trimmed))
+                         as_kind or kind, note, trimmed, outputs=outputs))
 
     if kind == "mlp":
         name_map = {r.name: r.base_name for r in rows}
@@ -1594,7 +1597,7 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                         index = np.concatenate([f.perm + k * f.neurons for k in range(parts)])
                         add(by_name[n], name_map[n], ax, index,
                             f"compared with the base's MLP neurons in this model's order ({f.moved} of {f.neurons} "
-                            "moved)")
+                            "moved)", outputs=not role.startswith("out"))
                 return True
         return False
     if kind == "rows":
@@ -1629,7 +1632,7 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                 moved = int(np.count_nonzero(order != np.arange(len(order))))
                 add(r, r.base_name, 0, order, f"compared with the base's token rows in this model's order ({moved} of "
                     f"{len(order)} rows from another index{how})",
-                    trimmed=len(order) < base.tensors[r.base_name].shape[0])
+                    trimmed=len(order) < base.tensors[r.base_name].shape[0], outputs=True)
         rows_seen.update(seen_here)
         return True
     if kind == "experts":
@@ -1667,7 +1670,7 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                 "" if follow else " (its rows were not reordered with the experts: it routes tokens to other experts "
                 "than the base's)")
             for r in routers + vectors:
-                add(r, r.base_name, 0, perm, note, as_kind=None if follow else "router")
+                add(r, r.base_name, 0, perm, note, as_kind=None if follow else "router", outputs=True)
         return True
     mats, names = {}, {}
     for r in rows:
@@ -1688,7 +1691,7 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                     axis = (1 if part == "o" and not _conv1d(r) else 0)
                     n = int(r.shape[axis])
                     if (part in ("q", "o") and order.q is not None) or (part in ("k", "v") and order.kv is not None):
-                        add(r, r.base_name, axis, order.rows(part, n), note)
+                        add(r, r.base_name, axis, order.rows(part, n), note, outputs=part != "o")
         return order if order is None else bool(order)
     views = fused_qkv_views(mats["qkv"], mats["o"])
     found = [heads_order(m, head_dims=dims) for m, dims in views]
@@ -1706,10 +1709,10 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
         for r in rows:
             part = str(r.module or "").split(".", 1)[-1]
             if part == "qkv" and len(r.shape or ()) in (1, 2) and int(r.shape[1 if _conv1d(r) else 0]) == rows_n:
-                add(r, r.base_name, 1 if _conv1d(r) else 0, gather, note)
+                add(r, r.base_name, 1 if _conv1d(r) else 0, gather, note, outputs=True)
             elif part == "o" and len(r.shape or ()) == 2 and order.q is not None:
                 axis = 0 if _conv1d(r) else 1
-                add(r, r.base_name, axis, order.rows("o", int(r.shape[axis])), note)
+                add(r, r.base_name, axis, order.rows("o", int(r.shape[axis])), note, outputs=False)
     return True if hit is not None else False if found else None
 
 
@@ -1724,34 +1727,73 @@ def _vector_follows(tuned, base, perm) -> bool:
 
 
 def _with_biases(undo: list[Undo], by_name: dict, base: Checkpoint, tuned: Checkpoint) -> list[Undo]:
-    """``undo`` and the bias of each reordered weight that moved with its units: a q or gate bias
-    follows its rows, an output projection's does not (the layout, [out, in] or GPT-2's Conv1D
-    [in, out], is not known from a square matrix, so the bias follows when the order brings it strictly
-    closer to the base's); for an expert compared with another, that expert's bias."""
+    """``undo`` and the vectors indexed by the units of each reordered weight, compared with the base's in
+    the units' new order: the bias of a weight whose outputs are the units (a q, k, v or gate row, a fused
+    qkv row; ``Undo.outputs``), and the per-channel norm over a whole q or k projection (OLMo-2's
+    ``q_norm``/``k_norm``, as long as q's or k's rows; Qwen3's, one head long and shared by every head, is
+    not indexed by heads and stays as stored). Such a vector does not follow its units by choice: one
+    left in the old order pairs each unit with another unit's offset or gain, and the model computes
+    something else (logits 0.49 apart for Qwen2's q/k/v biases), yet compared as stored it equals the
+    base's and read unchanged beside "a reordering alone changes nothing". Measured in the units' order it
+    reads changed when it stayed and unchanged when it followed. An output projection's bias (o, down) is
+    indexed by the hidden size, not the units, and stays as stored; where the side is not known
+    (``outputs`` None) the bias follows only when the order brings it strictly closer to the base's. An
+    attention's ``sinks`` (gpt-oss: one logit per query head) follow the query heads. For an expert
+    compared with another, that expert's bias."""
     import numpy as np
 
-    from .measure.permutation import _as_float32
+    from .measure.permutation import _as_float32, expand_units
 
     out = list(undo)
     have = {id(u.record) for u in undo}
+
+    def usable(b, n: int) -> bool:
+        return (b is not None and id(b) not in have and b.compared == "float" and len(b.shape or ()) == 1
+                and b.base_name is not None and n == b.shape[0] and b.base_name in base.tensors
+                and tuple(base.tensors[b.base_name].shape) == tuple(b.shape))
+
     for u in undo:
         name = u.record.name
         if not name.endswith(".weight"):
             continue
         b = by_name.get(name[:-len("weight")] + "bias")
-        if b is None or id(b) in have or b.compared != "float" or len(b.shape or ()) != 1 or b.base_name is None:
-            continue
         if u.axis is None:
+            if b is None or id(b) in have or b.compared != "float" or len(b.shape or ()) != 1 or b.base_name is None:
+                continue
             source = u.source[:-len("weight")] + "bias"
             if source in base.tensors and tuple(base.tensors[source].shape) == tuple(b.shape):
                 out.append(replace(u, record=b, source=source))
                 have.add(id(b))
-        elif len(u.index) == b.shape[0] and tuple(base.tensors[b.base_name].shape) == tuple(b.shape):
-            t = _as_float32(np.asarray(tuned.read(b.name)).reshape(-1), tuned.tensors[b.name].dtype).astype(np.float64)
-            v = _as_float32(np.asarray(base.read(b.base_name)).reshape(-1), base.tensors[b.base_name].dtype).astype(np.float64)
-            if np.linalg.norm(t - v[u.index]) < np.linalg.norm(t - v):
+            continue
+        if u.outputs is False:
+            continue
+        if usable(b, len(u.index)):
+            follows = u.outputs
+            if follows is None:
+                t = _as_float32(np.asarray(tuned.read(b.name)).reshape(-1), tuned.tensors[b.name].dtype).astype(np.float64)
+                v = _as_float32(np.asarray(base.read(b.base_name)).reshape(-1), base.tensors[b.base_name].dtype).astype(np.float64)
+                follows = bool(np.linalg.norm(t - v[u.index]) < np.linalg.norm(t - v))
+            if follows:
                 out.append(replace(u, record=b, source=b.base_name, axis=0))
                 have.add(id(b))
+        leaf = name[:-len(".weight")].rsplit(".", 1)
+        if u.outputs and u.kind == "attn" and len(leaf) == 2 and leaf[1] in ("q_proj", "k_proj"):
+            for part in ("weight", "bias"):
+                g = by_name.get(f"{leaf[0]}.{leaf[1][0]}_norm.{part}")
+                if usable(g, len(u.index)):
+                    out.append(replace(u, record=g, source=g.base_name, axis=0,
+                                       note=u.note + f" (its {leaf[1][0]}_norm gains, one per channel of "
+                                       f"{leaf[1]}, in that order too)"))
+                    have.add(id(g))
+            g = by_name.get(f"{leaf[0]}.sinks") if leaf[1] == "q_proj" else None
+            if g is not None and len(g.shape or ()) == 1 and g.shape[0] and len(u.index) % g.shape[0] == 0:
+                # one attention sink per query head (gpt-oss): the heads' order, read off q's rows
+                d = len(u.index) // g.shape[0]
+                heads = u.index[::d] // d
+                if np.array_equal(expand_units(heads, d), u.index) and usable(g, len(heads)):
+                    out.append(replace(u, record=g, source=g.base_name, axis=0, index=heads,
+                                       note=u.note + " (its sinks, one per query head, in that order too)"))
+                    have.add(id(g))
     return out
 
 
