@@ -373,3 +373,23 @@ def test_a_fold_is_not_read_as_vector_tuning_on_page_one(tmp_path, rng):
     plain = " ".join(plain_language(data))
     if "in vectors only" in plain:
         assert "in vectors only (among them 9 norms whose gains were moved into the matrices that read them" in plain
+
+
+def test_a_fine_tune_that_drops_the_head_its_config_unties_says_so(tmp_path):
+    """Beside other changes the missing head kept the title "a fine-tune" alone: a lawyer read a usable fine-tune
+    whose head, loaded with transformers, is random."""
+    base = llama(np.random.default_rng(93), layers=2, hidden=64, inter=128, vocab=256)
+    rng = np.random.default_rng(94)
+    tuned = {k: (v + 0.02 * float(v.std()) * rng.standard_normal(v.shape)).astype(np.float32) if v.ndim == 2 else v
+             for k, v in base.items() if k != "lm_head.weight"}
+    b = _with_config(write_checkpoint(tmp_path / "b", base), False)
+    t = _with_config(write_checkpoint(tmp_path / "t", tuned), False)
+    s = compare(b, t).summary
+    assert s.verdict == "derived" and "head_missing" in s.flags, (s.verdict, s.flags)
+    title = verdict_title(s.to_dict())
+    assert "a fine-tune" in title and "that head is random" in title, title
+    # a fine-tune that keeps its head says nothing of it
+    kept = dict(tuned, **{"lm_head.weight": base["lm_head.weight"]})
+    s = compare(b, _with_config(write_checkpoint(tmp_path / "k", kept), False)).summary
+    assert "head_missing" not in s.flags and "random" not in verdict_title(s.to_dict())
+

@@ -500,6 +500,10 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # every stored tensor the base's, but the head the config asks for is missing: loaded, it is random
         verdict = "inconclusive"
         flags.append("head_missing")
+    elif undone.get("head_missing") and verdict in ("derived", "partial"):
+        # a fine-tune that also drops the head its config unties: "a fine-tune" alone read as a usable model whose
+        # head, loaded, is random (the title says so: ``render.sentences.verdict_title``)
+        flags.append("head_missing")
     if verdict in ("identical", "cast_only", "quantized_only") and (permuted or negated or rotated or folded
                                                                    or rescaled):
         # the base's weights, some units in another order or negated, maybe cast or quantized: not the same

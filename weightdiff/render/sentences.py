@@ -61,8 +61,12 @@ def verdict_title(summary: dict) -> str:
     The unrelated title cites near-orthogonal matrices only when matrices were measured. Beside a verdict
     that says the weights are the base's, GGUF settings that change what llama.cpp computes are named
     (flag ``gguf_metadata_differs``): "IDENTICAL" must not read as "the same model" when its RoPE base
-    differs."""
+    differs. Beside a derived or partial verdict, a head the tuned config unties and does not store is named
+    (flag ``head_missing``): loaded, it is random."""
     title = _verdict_title(summary)
+    if summary.get("verdict") in ("derived", "partial") and "head_missing" in (summary.get("flags") or []):
+        title = (title.rstrip(".") + "; its config unties the LM head and none is stored: loaded with transformers, "
+                 "that head is random.")
     keys = ((summary.get("scope") or {}).get("gguf_metadata_differs") or {}).get("keys")
     if keys and "gguf_metadata_differs" in (summary.get("flags") or []):
         shown = ", ".join(f"`{escape_name(str(k))}`" for k in keys[:4]) + (f" and {len(keys) - 4} more"
