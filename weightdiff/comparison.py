@@ -1085,8 +1085,6 @@ def _scaled_bias(a: TensorRecord, c, by_name: dict, base: Checkpoint, tuned: Che
     bias or it needs no measuring again (unchanged: all zero); False when it is not so scaled."""
     import numpy as np
 
-    from .kernels.dtypes import DTYPES
-
     if not a.name.endswith(".weight"):
         return None
     rb = by_name.get(a.name[:-len("weight")] + "bias")
@@ -1097,11 +1095,20 @@ def _scaled_bias(a: TensorRecord, c, by_name: dict, base: Checkpoint, tuned: Che
         bb = bb[np.asarray(orders[id(rb)].index, np.int64)]
     if tb.shape != bb.shape or tb.shape != np.shape(c):
         return False
-    want = bb * np.asarray(c, np.float64)
-    tol = 2.0 ** -((DTYPES[tuned.tensors[rb.name].dtype].mant_bits or 0) + 1)
-    if not np.all(np.abs(tb - want) <= tol * (np.abs(want) + np.abs(tb)) + 1e-30):
+    if not _within_ulps(tb, bb * np.asarray(c, np.float64), tuned.tensors[rb.name].dtype):
         return False
     return rb if rb.status == "changed" or id(rb) in orders else None
+
+
+def _within_ulps(t, want, dtype: str, ulps: float = 1.0) -> bool:
+    """Whether every value of ``t`` (stored as ``dtype``) is ``want`` within ``ulps`` roundings of that dtype
+    (2^-(mantissa bits + 1) relative each, of the larger of the two)."""
+    import numpy as np
+
+    from .kernels.dtypes import DTYPES
+
+    tol = ulps * 2.0 ** -((DTYPES[dtype].mant_bits or 0) + 1)
+    return bool(np.all(np.abs(t - want) <= tol * (np.abs(want) + np.abs(t)) + 1e-30))
 
 
 def _group_map(rows: int, cols: int, tuned: Checkpoint, fits) -> tuple[int, int, bool] | None:
@@ -1339,8 +1346,6 @@ def _norm_bias(records: Sequence[TensorRecord], norm: TensorRecord, bases: Seque
     something else)."""
     import numpy as np
 
-    from .kernels.dtypes import DTYPES
-
     if not norm.name.endswith(".weight") or tuned is None or len(bases) != 1:
         return None
     name = norm.name[:-len("weight")] + "bias"
@@ -1351,9 +1356,8 @@ def _norm_bias(records: Sequence[TensorRecord], norm: TensorRecord, bases: Seque
     tb, bb = _vector(tuned, rb.name).astype(np.float64), _vector(bases[0], rb.base_name).astype(np.float64)
     if tb.shape != bb.shape or bw.shape != bb.shape or not np.all(bw != 0):
         return False
-    want = bb * (tw / bw)
-    tol = 2.0 * 2.0 ** -((DTYPES[tuned.tensors[rb.name].dtype].mant_bits or 0) + 1)
-    if not np.all(np.abs(tb - want) <= tol * np.abs(want) + tol * np.abs(tb) + 1e-30):
+    # (two roundings: the weight's ratio and the bias itself)
+    if not _within_ulps(tb, bb * (tw / bw), tuned.tensors[rb.name].dtype, 2.0):
         return False
     return rb if rb.status == "changed" else None
 

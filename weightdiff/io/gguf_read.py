@@ -329,20 +329,9 @@ class GGUFFile(OpenCheckpointFile):
         lay = self._layout[name]
         if info.scheme not in FLOORS or lay.transform == "minus_one":
             return None
-        bs, ts, tname = lay.block, lay.tsize, info.scheme
-
-        def decode(raw):
-            blocks = raw.reshape(-1, ts)
-            values = np.empty((blocks.shape[0], bs), np.float32)
-            if lay.kernel is not None:
-                lay.kernel(blocks, values)
-            else:
-                values = lay.decode(blocks).reshape(-1, bs)
-            return floor(blocks, values, tname, bs, noise).reshape(raw.shape[0], -1)
-
-        flay = replace(lay, decode=decode, kernel=None)
-        start, stop, step = check_range(info, max_elements, start, stop, 4)
-        return self._windows(info, flay, start, stop, step)
+        bs, tname = lay.block, info.scheme
+        return self._per_block(info, lay, lambda blocks, values: floor(blocks, values, tname, bs, noise),
+                               max_elements, start, stop)
 
     def end_windows(self, name: str, max_elements: int | None = None, start: int = 0,
                     stop: int | None = None) -> Iterator[np.ndarray] | None:
@@ -357,6 +346,13 @@ class GGUFFile(OpenCheckpointFile):
         bs, ts, tname = lay.block, lay.tsize, info.scheme
         if ends(np.zeros((1, ts), np.uint8), np.zeros((1, bs), np.float32), tname) is None:
             return None
+        return self._per_block(info, lay, lambda blocks, values: ends(blocks, values, tname),
+                               max_elements, start, stop)
+
+    def _per_block(self, info, lay, fn, max_elements, start, stop) -> Iterator[np.ndarray]:
+        """float32 windows aligned with ``windows`` of ``fn(blocks, values)``: a value per element computed from
+        each quantized block's raw bytes and its decoded values (a floor, an end-code mark)."""
+        bs, ts = lay.block, lay.tsize
 
         def decode(raw):
             blocks = raw.reshape(-1, ts)
@@ -365,11 +361,10 @@ class GGUFFile(OpenCheckpointFile):
                 lay.kernel(blocks, values)
             else:
                 values = lay.decode(blocks).reshape(-1, bs)
-            return ends(blocks, values, tname).reshape(raw.shape[0], -1)
+            return fn(blocks, values).reshape(raw.shape[0], -1)
 
-        elay = replace(lay, decode=decode, kernel=None)
         start, stop, step = check_range(info, max_elements, start, stop, 4)
-        return self._windows(info, elay, start, stop, step)
+        return self._windows(info, replace(lay, decode=decode, kernel=None), start, stop, step)
 
     def _windows(self, info, lay, start, stop, step) -> Iterator[np.ndarray]:
         for pos in range(start, stop, step):

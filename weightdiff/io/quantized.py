@@ -153,6 +153,17 @@ def _truthy(v) -> bool:
     return v is True or (isinstance(v, str) and v.strip().lower() == "true") or (type(v) is int and v == 1)
 
 
+def _shape_pair(t: TensorInfo, read, what: str) -> tuple[int, int]:
+    """The two non-negative integers stored tensor ``t`` holds (``what``: the shape they give); CheckpointError
+    naming it otherwise."""
+    if not t.dtype.startswith(("I", "U")) or math.prod(t.shape) != 2:
+        raise _err(t, f"{_q(t.name)} is {t.dtype} {list(t.shape)}, expected two integers ({what})")
+    shape = tuple(int(v) for v in read(t.name).reshape(-1))
+    if min(shape) < 0:
+        raise _err(t, f"{_q(t.name)} = {list(shape)} is not a shape (a negative dimension)")
+    return shape
+
+
 def _err(info: TensorInfo, problem: str, hint: str | None = None) -> CheckpointError:
     return CheckpointError(info.path, problem, hint)
 
@@ -439,12 +450,7 @@ def _ct_int(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
         ws = leaves.get("weight_shape")
         if ws is None:
             raise _err(codes, f"{_q(codes.name)} has no {_q(mod + '.weight_shape')} beside it")
-        if not ws.dtype.startswith(("I", "U")) or math.prod(ws.shape) != 2:
-            raise _err(ws, f"{_q(ws.name)} is {ws.dtype} {list(ws.shape)}, expected two integers "
-                           "(the logical [rows, columns])")
-        shape = tuple(int(v) for v in read(ws.name).reshape(-1))
-        if min(shape) < 0:
-            raise _err(ws, f"{_q(ws.name)} = {list(shape)} is not a shape (a negative dimension)")
+        shape = _shape_pair(ws, read, "the logical [rows, columns]")
         if len(shape) != 2 or codes.dtype != "I32" or len(codes.shape) != 2 or shape[0] != codes.shape[0]:
             raise _err(ws, f"{_q(ws.name)} = {list(shape)} does not match {_q(codes.name)} "
                            f"{codes.dtype} {list(codes.shape)}")
@@ -592,12 +598,7 @@ def _bitmask(mod: str, leaves: dict, fmt: str, read: Read) -> Source:
         raise _err(some, f"{_q(some.name)} has no {', '.join(_q(mod + '.' + k) for k in missing)} beside it "
                          f"({fmt})")
     vals, mask, sh = leaves["compressed"], leaves["bitmask"], leaves["shape"]
-    if not sh.dtype.startswith(("I", "U")) or math.prod(sh.shape) != 2:
-        raise _err(sh, f"{_q(sh.name)} is {sh.dtype} {list(sh.shape)}, expected two integers (the dense "
-                       "[rows, columns])")
-    shape = tuple(int(v) for v in read(sh.name).reshape(-1))
-    if min(shape) < 0:
-        raise _err(sh, f"{_q(sh.name)} = {list(shape)} is not a shape (a negative dimension)")
+    shape = _shape_pair(sh, read, "the dense [rows, columns]")
     R, C = shape
     if mask.dtype != "U8" or tuple(mask.shape) != (R, -(-C // 8)):
         raise _err(mask, f"{_q(mask.name)} is {mask.dtype} {list(mask.shape)}, expected U8 {[R, -(-C // 8)]} "
