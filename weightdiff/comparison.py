@@ -580,17 +580,20 @@ def _vector(ck: Checkpoint, name: str):
     return values(ck, name).reshape(-1)
 
 
-def _best_gain(b, t, r, candidates: Sequence[tuple[str, object]]) -> tuple[str, object] | None:
-    """Of (base norm name, its gains) ``candidates``, the one whose gains folded into ``b``'s columns (then ``r``,
-    None: no rotation) bring it closest to ``t``, when one brings it closer than ``b`` alone; else None."""
-    from .measure.rotation import rotated_cosine
+def _best_gain(base: Checkpoint, bname: str, tuned: Checkpoint, tname: str, r,
+               candidates: Sequence[tuple[str, object]], upto: int | None = None, order=None) -> tuple[str, object] | None:
+    """Of (base norm name, its gains) ``candidates``, the one whose gains folded into the base matrix's columns
+    (then ``r``, None: no rotation) bring it closest to the tuned matrix, when one brings it closer than the base
+    alone; else None. In row blocks (``measure.rotation.frame_sums``); ``upto``/``order``: a table's shared rows."""
+    from .measure import rotation as rot
 
-    best, best_c = None, rotated_cosine("in", b, t, r)
-    for name, g in candidates:
-        c = rotated_cosine("in", b, t, r, g)
-        if c > best_c:
-            best, best_c = (name, g), c
-    return best
+    if not candidates:
+        return None
+    frames = [rot.Frame(base, bname, "in", r, None, order)] + \
+        [rot.Frame(base, bname, "in", r, g, order) for _, g in candidates]
+    cos = rot.frame_sums(frames, tuned, tname, upto=upto).cosines()
+    best = max(range(1, len(cos)), key=lambda i: (cos[i], -i))
+    return candidates[best - 1] if cos[best] > cos[0] else None
 
 
 ROTATED_NOTE = ("the residual stream is rotated: measured against the base's tensor times the orthogonal matrix "
@@ -654,24 +657,32 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
 
     rows_order: dict = {}           # id(table) -> the base row of each of its first rows, matched beneath R
 
-    def shared(r: TensorRecord):
-        """(base, tuned) values of ``r``: a resized table's shared rows only (the first ones on both sides), or the
-        base's rows in the order matched beneath R against the table's first rows."""
-        b, t = load(base, r.base_name), load(tuned, r.name)
+    def shared_rows(r: TensorRecord) -> tuple[int | None, tuple | None]:
+        """(rows of the tuned tensor compared, the base's order): a resized table's shared rows only (the first ones
+        on both sides), or the base's rows in the order matched beneath R against the table's first rows."""
         if id(r) in rows_order:
             idx = rows_order[id(r)]
-            return b[idx], t[:len(idx)]
-        k = min(b.shape[0], t.shape[0])
-        return (b[:k], t[:k]) if table(r) else (b, t)
+            return len(idx), (0, idx)
+        return (min(int(r.shape[0]), int(r.base_shape[0])), None) if table(r) else (None, None)
 
     with_e = [True]                 # the embedding's (shared) rows in the fit
     e_sums: list = []               # (B^T T, ||B||, ||T||) of the embedding's shared rows, computed once
 
     def e_fit() -> tuple:
         if not e_sums:
-            b, t = shared(e)
-            e_sums.extend((rot._cross(b, t), float(np.linalg.norm(b)), float(np.linalg.norm(t))))
+            upto, order = shared_rows(e)
+            e_sums.extend(rot.in_cross(base, e.base_name, tuned, e.name, upto, None if order is None else order[1]))
         return tuple(e_sums)
+
+    def out_sums(r: TensorRecord) -> tuple:
+        """``measure.rotation.out_cross`` of output matrix ``r``, in row blocks (d x d: not kept, computed again
+        where asked again, so that memory holds no more than the fit's own d x d matrices)."""
+        return rot.out_cross(base, r.base_name, tuned, r.name)
+
+    def out_cosine(r: TensorRecord, r_: np.ndarray) -> float:
+        """Cosine of R^T B with T: trace(R^T B T^T) / (||B|| ||T||), R orthogonal."""
+        c, nb, nt = out_sums(r)
+        return float(np.sum(r_ * c)) / (nb * nt) if nb and nt else 0.0
 
     def e_cosine(r_: np.ndarray) -> float:
         """The embedding's cosine with the base's rotated by ``r_``: trace(R^T B^T T) / (||B|| ||T||), R orthogonal."""
@@ -683,7 +694,9 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         if with_e[0]:
             fit.c, fit.pairs = e_fit()[0].copy(), 1
         for r in rows:
-            fit.add("out", load(base, r.base_name), load(tuned, r.name))
+            part = out_sums(r)[0]
+            fit.c = part.copy() if fit.c is None else fit.c + part
+            fit.pairs += 1
         return fit.solve()
 
     labels = sorted({r.block for r in outs}, key=lambda b: (parse_name(f"{b}.x")[1] or 0, str(b)))
@@ -694,7 +707,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     # with a new embedding, fitted an R under which its held-out matrices kept a cosine of 0.69, against 0.9998
     # as stored), on at least half of them (one block retrained after the rotation must not veto it)
     def explained(r: TensorRecord, rr) -> float | None:
-        c = rot.rotated_cosine("out", load(base, r.base_name), load(tuned, r.name), rr)
+        c = out_cosine(r, rr)
         n = float(r.numel_compared or r.numel or 1)
         stored = r.cosine if r.cosine is not None and math.isfinite(r.cosine) else 0.0
         return c if c >= weak and c > 6.0 / math.sqrt(n) and c > stored + 0.1 else None
@@ -728,8 +741,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     r_all = fitted(fitting)
     # and once more on those it fits best (1 - cosine within ten times the best's): two matrices fine-tuned after
     # the rotation pulled R enough that every untouched one read 1.8% changed
-    gaps = {id(r): 1.0 - rot.rotated_cosine("out", load(base, r.base_name), load(tuned, r.name), r_all)
-            for r in fitting}
+    gaps = {id(r): 1.0 - out_cosine(r, r_all) for r in fitting}
     floor = max(min(gaps.values()), 1e-12) if gaps else 0.0
     best = [r for r in fitting if gaps[id(r)] <= 10.0 * floor]
     # the embedding likewise: one fine-tuned after the rotation (relative 1e-2) pulled R so that every untouched
@@ -770,8 +782,10 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         form = "out" if r in outs else "in"
         gain = g = None
         if form == "in" and r.module not in ("embed", "embed.pos"):
-            found = _best_gain(*shared(r), r_all,
-                               [(n, _vector(base, n)) for n in gains.get(r.block, []) + gains.get(None, [])])
+            upto, order = shared_rows(r)
+            found = _best_gain(base, r.base_name, tuned, r.name, r_all,
+                               [(n, _vector(base, n)) for n in gains.get(r.block, []) + gains.get(None, [])],
+                               upto, order)
             if found is not None:
                 gain, g = found
                 used.add(gain)
@@ -868,25 +882,41 @@ def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], t
                  and _norm_feeds(n.name) in (None, family)]
         if not norms:
             continue
-        b_vals, t_vals = rot.values(base, r.base_name), rot.values(tuned, r.name)
-        best = _best_gain(b_vals, t_vals, None, [(n.base_name, g) for n, g in norms])
-        if best is None:
+        cands = [(n.base_name, g) for n, g in norms]
+        frames = [rot.Frame(base, r.base_name)] + [rot.Frame(base, r.base_name, "in", None, g) for _, g in cands]
+        # a sample of rows first (every row carries a fold's factors): a matrix whose change no candidate begins to
+        # explain there (a full fine-tune that trained its norms: every block's) is not read again whole, which
+        # doubled the bytes read and held two float64 copies of each matrix (1.6 GB for a 7B-shaped pair)
+        rows = rot.sample_rows(frames[0].rows)
+        if len(rows) < frames[0].rows and not _fold_may_explain(rot.frame_sums(frames, tuned, r.name, rows)):
             continue
+        sums = rot.frame_sums(frames, tuned, r.name)
+        cos = sums.cosines()
+        best_i = max(range(1, len(cos)), key=lambda i: (cos[i], -i))
+        if not cos[best_i] > cos[0]:
+            continue
+        best = cands[best_i - 1]
         # the factors must explain the difference, not nudge it: most of 1 - cosine goes (a fine-tune then
         # pruned came closer to a base scaled by any norm's ratio, its zeros costing less, and read "folded")
         # (on the kept elements when the tuned matrix holds zeros the base does not: a fold then pruned is explained
         # on them, its zeros are ``pruned_matrices``' to find beneath the fold)
-        kept = t_vals != 0
-        if np.count_nonzero(~kept) > np.count_nonzero(b_vals == 0):
-            b_vals = np.where(kept, b_vals, 0)
-        stored, folded = 1.0 - rot.rotated_cosine("in", b_vals, t_vals, None), \
-            1.0 - rot.rotated_cosine("in", b_vals, t_vals, None, best[1])
+        kept = sums.cosines(kept=True) if sums.zeros_tuned > sums.zeros_base else cos
+        stored, folded = 1.0 - kept[0], 1.0 - kept[best_i]
         if not folded <= FOLD_EXPLAINS * stored:
             continue
         label, kind = r.block or component_of(r.name), str(r.module or "")
         out.append(Undo(r, r.base_name, None, None, label, kind, FOLD_NOTE.format(escape_name(best[0])),
                         rotate=("in", None, best[1]), gain_name=best[0]))
     return out
+
+
+def _fold_may_explain(sums) -> bool:
+    """Whether, on a sample of rows (``measure.rotation.frame_sums``), some candidate's factors take at least a tenth
+    of 1 - cosine away (the whole matrix must lose three quarters: ``FOLD_EXPLAINS``); a sample where nothing
+    changed leaves the question to the whole matrix only when no candidate moves it either."""
+    kept = sums.cosines(kept=True) if sums.zeros_tuned > sums.zeros_base else sums.cosines()
+    stored = 1.0 - kept[0]
+    return any(1.0 - c <= 0.9 * stored for c in kept[1:])
 
 
 #: a norm's factors fold into a matrix only when 1 - cosine with the base so scaled is at most this share of 1 -
@@ -986,16 +1016,50 @@ def rescaled_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint],
         """The factor of each row (axis 1) or column (axis 0) when the tuned matrix is the base's so scaled within
         rounding, none of them zero (a unit set to zero is pruned, not rescaled), else None."""
         tol = 2.0 ** -((DTYPES[tuned.tensors[r.name].dtype].mant_bits or 0) + 1)
-        b = rot.values(base, r.base_name).astype(np.float64)
-        if id(r) in orders:
-            b = np.take(b, np.asarray(orders[id(r)].index, np.int64), axis=orders[id(r)].axis)
-        t = rot.values(tuned, r.name).astype(np.float64)
-        den = (b * b).sum(axis=axis)
-        c = np.where(den > 0, (t * b).sum(axis=axis) / np.where(den > 0, den, 1.0), 1.0)
-        fit = b * (c[:, None] if axis == 1 else c[None, :])
-        nt = float(np.sqrt((t * t).sum()))
-        if not nt or float(np.sqrt(((t - fit) ** 2).sum())) > tol * nt or np.any(c == 0) \
-                or np.allclose(c, 1.0, rtol=tol):
+        o = orders.get(id(r))
+        frame = rot.Frame(base, r.base_name, "in", order=None if o is None else (o.axis, o.index))
+
+        def fitted(rows=None, c=None):
+            """(factors, sum of squared residuals, sum of t^2) over ``rows`` (all: in blocks); ``c`` the column
+            factors to take (axis 0: found in a first pass over the same rows)."""
+            spans = frame.blocks() if rows is None else [(0, len(rows))]
+            res = tt = 0.0
+            tb = np.zeros(frame.cols) if axis == 0 else None
+            bb = np.zeros(frame.cols) if axis == 0 else None
+            per_row = []
+            for lo, hi in spans:
+                b = frame.block(lo, hi) if rows is None else frame.block(0, 0, rows)
+                t = rot.rows_of(tuned, r.name, lo, hi) if rows is None else \
+                    rot.rows_of(tuned, r.name, 0, len(rows), rows)
+                tt += float(np.vdot(t, t))
+                if axis == 1:
+                    den = np.einsum("ij,ij->i", b, b)
+                    cb = np.where(den > 0, np.einsum("ij,ij->i", t, b) / np.where(den > 0, den, 1.0), 1.0)
+                    per_row.append(cb)
+                    res += float(np.sum((t - b * cb[:, None]) ** 2))
+                elif c is None:
+                    tb += np.einsum("ij,ij->j", t, b)
+                    bb += np.einsum("ij,ij->j", b, b)
+                else:
+                    res += float(np.sum((t - b * c[None, :]) ** 2))
+            if axis == 1:
+                return np.concatenate(per_row) if per_row else np.zeros(0), res, tt
+            if c is None:
+                c = np.where(bb > 0, tb / np.where(bb > 0, bb, 1.0), 1.0)
+                return fitted(rows, c)
+            return c, res, tt
+
+        # a sample of rows first: every element of a rescaled matrix is the base's times its factor within rounding,
+        # so a sample that is not (a fine-tune of the MLP alone: every block's up and down) ends it before the
+        # whole matrices are read again (they were decoded whole in float64, several copies: GBs at 70B widths)
+        rows = rot.sample_rows(frame.rows)
+        if len(rows) < frame.rows:
+            _, res, tt = fitted(rows)
+            if not tt or math.sqrt(res) > 2.0 * tol * math.sqrt(tt):
+                return None, tol
+        c, res, tt = fitted()
+        nt = math.sqrt(tt)
+        if not nt or math.sqrt(res) > tol * nt or np.any(c == 0) or np.allclose(c, 1.0, rtol=tol):
             return None, tol
         return c, tol
 

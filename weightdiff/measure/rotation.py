@@ -11,8 +11,11 @@ that what changed beneath the rotation is measured (``comparison.rotated_residua
 R is the orthogonal Procrustes solution (the U V^T of the SVD of sum A^T B) over the pairs whose form has no
 unknown gain: the embedding's rows and the output matrices' columns. It is fitted on the embedding and half the
 blocks and must hold, unchanged, on the other half (held out); only then is it taken, refitted on them all.
-Values are float64 where the stored format needs it, else float32 (exact for F32, F16 and BF16 values), and
-each matrix is held whole: memory is bounded by the largest matrix, not the model.
+Values are float64 where the stored format needs it, else float32 (exact for F32, F16 and BF16 values).
+Whole matrices are held only by ``values`` (small tensors, token tables matched row by row); every test the
+comparison runs on a matrix (``Frame``, ``frame_sums``, ``out_cross``) and ``RotatedSide`` work in row blocks
+of ``BLOCK_BYTES``: memory is bounded by the block and by the d x d matrices of the fit, not by the matrix (a
+7B-shaped fine-tune with its norms trained held 1.6 GB here, whole matrices decoded twice in float64).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 from ..kernels.dtypes import DTYPES, decode
 
 __all__ = ["OUT_KINDS", "IN_KINDS", "values", "procrustes", "Rotation", "apply", "RotatedSide", "rotated_cosine",
-           "small_rotation"]
+           "small_rotation", "BLOCK_BYTES", "Frame", "FrameSums", "frame_sums", "in_cross", "out_cross", "sample_rows", "rows_of"]
 
 #: module kinds that write the residual stream (rows are hidden units): their tensor is R^T W
 OUT_KINDS = ("attn.o", "mlp.down")
@@ -34,6 +37,48 @@ OUT_KINDS = ("attn.o", "mlp.down")
 IN_KINDS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "mlp.gate", "mlp.up", "lm_head", "embed", "embed.pos")
 
 _ROWS = 4096                       # rows decoded at a time
+#: float64 bytes of one row block a blocked pass decodes at a time (a block of the base, one of the tuned)
+BLOCK_BYTES = 32 << 20
+#: rows read by a sampled pre-test (``sample_rows``): evenly spaced, the first and the last among them
+SAMPLE_ROWS = 256
+
+
+def _dims(ck, name: str) -> tuple[int, int]:
+    """(rows, columns) of tensor ``name`` seen 2-D: a vector as one column, a higher-rank tensor by its first axis."""
+    shape = tuple(int(d) for d in ck.tensors[name].shape)
+    n = math.prod(shape) if shape else 1
+    rows = shape[0] if len(shape) >= 2 else n
+    return rows, (n // rows if rows else 0)
+
+
+def block_rows(cols: int, budget: int | None = None) -> int:
+    """Rows of ``cols`` float64 columns in one block of ``budget`` bytes (``BLOCK_BYTES``; at least one)."""
+    return max(1, int(BLOCK_BYTES if budget is None else budget) // (8 * max(1, int(cols))))
+
+
+def rows_of(ck, name: str, r0: int, r1: int, index: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``r0:r1`` of tensor ``name`` (seen 2-D, ``_dims``) decoded to float64, ``[r1 - r0, cols]``; with
+    ``index``, the rows ``index[r0:r1]`` (read row by row) instead."""
+    info = ck.tensors[name]
+    _, cols = _dims(ck, name)
+    if index is not None:
+        raw = np.asarray(ck.read_rows(name, np.asarray(index[r0:r1], np.int64))).reshape(-1)
+    else:
+        parts = [np.asarray(w).reshape(-1) for w in ck.windows(name, None, r0 * cols, r1 * cols)] if r1 > r0 else []
+        raw = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, np.float32)
+    return np.asarray(decode(raw, info.dtype if raw.size else "F32"), np.float64).reshape(r1 - r0, cols)
+
+
+def sample_rows(rows: int, k: int | None = None) -> np.ndarray:
+    """``k`` evenly spaced row indices of ``rows`` (all of them when there are no more), the first and last included.
+
+    >>> sample_rows(10, 4).tolist(), sample_rows(3, 4).tolist()
+    ([0, 3, 6, 9], [0, 1, 2])
+    """
+    k = SAMPLE_ROWS if k is None else int(k)
+    if rows <= k:
+        return np.arange(rows, dtype=np.int64)
+    return np.unique(np.round(np.linspace(0, rows - 1, k)).astype(np.int64))
 
 
 def values(ck, name: str) -> np.ndarray:
@@ -110,7 +155,8 @@ def rotated_cosine(kind: str, base: np.ndarray, tuned: np.ndarray, r: np.ndarray
 
 class RotatedSide:
     """One base tensor in the tuned model's rotated frame (``apply``), as float64 values (dtype ``F64``), for
-    ``compute.remeasure``: computed once, whole, when first read. ``order``: (axis, index), the base's rows
+    ``compute.remeasure``: computed row block by row block as windows ask for them (``Frame``; the last block kept
+    for the next window), never whole unless ``read`` asks for it. ``order``: (axis, index), the base's rows
     (axis 0) or columns (1) gathered in that order first, for units reordered and rescaled."""
 
     def __init__(self, ck, name: str, source: str, kind: str, r: np.ndarray, gain: np.ndarray | None = None,
@@ -122,37 +168,197 @@ class RotatedSide:
         # the files (a norm's ratio rounded to its dtype, a fitted R): a quantizer's scales come back within an ulp
         self.reconstructed = True
         self._shape = tuple(int(d) for d in info.shape)
-        self._whole: np.ndarray | None = None
+        self._frame = Frame(ck, source, kind, r, gain, order)
+        self._spans = self._frame.blocks()
+        self._cached: tuple[int, int, np.ndarray] | None = None
         self.tensors = {name: replace(info, name=name, dtype="F64", start=None, end=None)}
         self.quant: dict = {}
 
-    def _values(self) -> np.ndarray:
-        if self._whole is None:
-            base = values(self._ck, self._source)
-            if self._order is not None:     # the base's units in the tuned model's order first
-                base = np.take(base, np.asarray(self._order[1], np.int64), axis=self._order[0])
-            got = apply(self._kind, base, self._r, self._gain)
-            self._whole = np.ascontiguousarray(got.reshape(-1))
-            self._whole.flags.writeable = False
-        return self._whole
+    def _span(self, i: int) -> tuple[int, np.ndarray]:
+        """(first flat element, values) of row block ``i``, flat."""
+        lo, hi = self._spans[i]
+        if self._cached is None or self._cached[0] != i:
+            got = np.ascontiguousarray(self._frame.block(lo, hi).reshape(-1))
+            got.flags.writeable = False
+            self._cached = (i, lo * self._frame.cols, got)
+        return self._cached[1], self._cached[2]
 
     def windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None):
-        flat = self._values()
-        stop = flat.size if stop is None else min(int(stop), flat.size)
-        step = max(1, int(max_elements or flat.size or 1))
-        for pos in range(int(start), stop, step):
-            yield flat[pos:min(pos + step, stop)]
+        cols = max(1, self._frame.cols)
+        total = self._frame.rows * self._frame.cols
+        stop = total if stop is None else min(int(stop), total)
+        step = max(1, int(max_elements or total or 1))
+        pos = int(start)
+        while pos < stop:
+            end = min(pos + step, stop)
+            parts = []
+            at = pos
+            while at < end:
+                i = next(k for k, (lo, hi) in enumerate(self._spans) if lo * cols <= at < hi * cols)
+                first, flat = self._span(i)
+                upto = min(end, first + flat.size)
+                parts.append(flat[at - first:upto - first])
+                at = upto
+            yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+            pos = end
 
     def read(self, name: str) -> np.ndarray:
-        return self._values().reshape(self._shape)
+        parts = [self._frame.block(lo, hi).reshape(-1) for lo, hi in self._spans]
+        flat = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        return flat.reshape(self._shape)
 
     def read_rows(self, name: str, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        return self.read(name).reshape(self._shape[0], -1)[rows].reshape((len(rows),) + self._shape[1:])
+        return self._frame.block(0, 0, rows).reshape((len(rows),) + self._shape[1:])
 
     def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None,
                       noise: bool = False):
         return None                 # float64 values: no quantization floor
+
+
+class Frame:
+    """The base tensor ``name`` of ``ck`` seen in a frame (``apply``), computed row block by row block, float64:
+    ``order`` (axis, index) gathers its rows (axis 0) or columns (1) first; ``kind`` ``in`` scales its columns by
+    ``gain`` then multiplies by ``r`` on the right, ``out`` multiplies by ``r``^T on the left (each output row block
+    then reads every row of the base, in blocks), ``rows`` scales each row by its ``gain``."""
+
+    def __init__(self, ck, name: str, kind: str = "in", r: np.ndarray | None = None, gain: np.ndarray | None = None,
+                 order: tuple[int, np.ndarray] | None = None):
+        self.ck, self.name, self.kind, self.r, self.gain = ck, name, kind, r, gain
+        self.rows, self.cols = _dims(ck, name)
+        self._rows_index = np.asarray(order[1], np.int64) if order is not None and order[0] == 0 else None
+        self._cols_index = np.asarray(order[1], np.int64) if order is not None and order[0] == 1 else None
+        if self._rows_index is not None:
+            self.rows = len(self._rows_index)
+
+    def base(self, r0: int, r1: int, index: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``r0:r1`` of the base in its units' order (or the rows ``index``), before the frame's factors."""
+        if index is not None:
+            at = index if self._rows_index is None else self._rows_index[index]
+            b = rows_of(self.ck, self.name, 0, len(at), at)
+        else:
+            b = rows_of(self.ck, self.name, r0, r1, self._rows_index)
+        return b if self._cols_index is None else np.take(b, self._cols_index, axis=1)
+
+    def block(self, r0: int, r1: int, index: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``r0:r1`` of the base in the frame (or the rows ``index``), float64."""
+        if self.kind == "out" and self.r is not None:
+            pick = np.arange(r0, r1) if index is None else np.asarray(index, np.int64)
+            acc = np.zeros((len(pick), self.cols))
+            step = block_rows(self.cols)
+            for k0 in range(0, self.rows, step):
+                k1 = min(self.rows, k0 + step)
+                acc += self.r[k0:k1][:, pick].T @ self.base(k0, k1)
+            return acc
+        b = self.base(r0, r1, index)
+        if self.kind == "rows":
+            g = self.gain[r0:r1] if index is None else self.gain[np.asarray(index, np.int64)]
+            return b * np.asarray(g, np.float64).reshape(-1, 1)
+        if self.kind == "in":
+            if self.gain is not None:
+                b *= np.asarray(self.gain, np.float64)[None, :]
+            return b if self.r is None else b @ self.r
+        return b
+
+    def blocks(self):
+        """(r0, r1) row ranges of one block each: fewer and taller for ``out`` (each reads the whole base)."""
+        step = block_rows(self.cols, 4 * BLOCK_BYTES if self.kind == "out" and self.r is not None else None)
+        return [(lo, min(self.rows, lo + step)) for lo in range(0, self.rows, step)]
+
+
+@dataclass
+class FrameSums:
+    """Sums of one tuned tensor against frames of the base over the same rows (all of them, or a sample): per
+    frame x.y and x.x, and the same over the tuned tensor's nonzero elements only (``_kept``); y.y and its kept
+    part; the tuned tensor's zeros and the first frame's."""
+
+    xy: np.ndarray
+    xx: np.ndarray
+    xy_kept: np.ndarray
+    xx_kept: np.ndarray
+    yy: float
+    yy_kept: float
+    zeros_tuned: int
+    zeros_base: int
+
+    def cosines(self, kept: bool = False) -> list[float]:
+        """Each frame's cosine with the tuned tensor (0 when either is zero); ``kept``: on its nonzero elements."""
+        xy, xx, yy = (self.xy_kept, self.xx_kept, self.yy_kept) if kept else (self.xy, self.xx, self.yy)
+        return [float(a) / den if (den := math.sqrt(float(b)) * math.sqrt(yy)) else 0.0 for a, b in zip(xy, xx)]
+
+
+def frame_sums(frames: Sequence[Frame], tuned, tname: str, rows: np.ndarray | None = None,
+               upto: int | None = None) -> FrameSums:
+    """``FrameSums`` of tuned tensor ``tname`` against each of ``frames`` (one base tensor seen several ways, of
+    its shape), block by block over every row (the first ``upto`` only: a resized table's shared rows), or over the
+    rows ``rows`` only (a sampled pre-test)."""
+    k = len(frames)
+    xy, xx, xyk, xxk = (np.zeros(k) for _ in range(4))
+    yy = yyk = 0.0
+    zt = zb = 0
+    f0 = frames[0]
+    n = len(rows) if rows is not None else f0.rows if upto is None else min(int(upto), f0.rows)
+    step = block_rows(f0.cols, 4 * BLOCK_BYTES if f0.kind == "out" and f0.r is not None else BLOCK_BYTES)
+    spans = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+    for lo, hi in spans:
+        idx = None if rows is None else np.asarray(rows[lo:hi], np.int64)
+        t = rows_of(tuned, tname, lo, hi) if idx is None else rows_of(tuned, tname, 0, len(idx), idx)
+        kept = t != 0
+        tk = np.where(kept, t, 0.0)
+        yy += float(np.vdot(t, t))
+        yyk += float(np.vdot(tk, tk))
+        zt += int(t.size - np.count_nonzero(kept))
+        for i, f in enumerate(frames):
+            x = f.block(lo, hi) if idx is None else f.block(0, 0, idx)
+            if i == 0:
+                zb += int(x.size - np.count_nonzero(x))
+            xy[i] += float(np.vdot(x, t))
+            xx[i] += float(np.vdot(x, x))
+            xk = np.where(kept, x, 0.0)
+            xyk[i] += float(np.vdot(xk, tk))
+            xxk[i] += float(np.vdot(xk, xk))
+    return FrameSums(xy, xx, xyk, xxk, yy, yyk, zt, zb)
+
+
+def in_cross(base, bname: str, tuned, tname: str, upto: int | None = None,
+             index: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
+    """(B^T T, ||B||, ||T||) over the first ``upto`` rows of two matrices [n, d] (all of them when None), float64, in
+    row blocks; ``index``: B's rows in that order (T's first ``len(index)`` rows against them). The sums of
+    ``Rotation.add("in", B, T)``."""
+    rows = len(index) if index is not None else min(_dims(base, bname)[0], _dims(tuned, tname)[0]) \
+        if upto is None else int(upto)
+    d = _dims(base, bname)[1]
+    out = np.zeros((d, _dims(tuned, tname)[1]))
+    nb = nt = 0.0
+    step = block_rows(d)
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        b = rows_of(base, bname, lo, hi, index)
+        t = rows_of(tuned, tname, lo, hi)
+        nb, nt = nb + float(np.vdot(b, b)), nt + float(np.vdot(t, t))
+        out += b.T @ t
+    return out, math.sqrt(nb), math.sqrt(nt)
+
+
+def out_cross(base, bname: str, tuned, tname: str) -> tuple[np.ndarray, float, float]:
+    """(B T^T, ||B||, ||T||) of two matrices of one shape [d, n], float64, in row blocks: a block of B's rows (four
+    budgets) against each block of T's in turn. The sums of ``Rotation.add("out", B, T)``; the cosine of R^T B with
+    T is then sum(R * B T^T) / (||B|| ||T||) for any orthogonal R."""
+    d, n = _dims(base, bname)
+    out = np.zeros((d, d))
+    big, small = block_rows(n, 4 * BLOCK_BYTES), block_rows(n)
+    nb = nt = 0.0
+    for i0 in range(0, d, big):
+        i1 = min(d, i0 + big)
+        b = rows_of(base, bname, i0, i1)
+        nb += float(np.vdot(b, b))
+        for j0 in range(0, d, small):
+            j1 = min(d, j0 + small)
+            t = rows_of(tuned, tname, j0, j1)
+            if i0 == 0:
+                nt += float(np.vdot(t, t))
+            out[i0:i1, j0:j1] = b @ t.T
+    return out, math.sqrt(nb), math.sqrt(nt)
 
 
 def small_rotation(r: np.ndarray) -> bool:
