@@ -105,9 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--runs", default="cold", help="cold, warm or both (cold,warm)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     data = args.data.resolve()
-    variants = build(data, args.layers)
+    if args.build_only:
+        build(data, args.layers)
+        return 0
+    # built in a process of its own: a child inherits its parent's resident size into ru_maxrss (the variants
+    # held whole while written made every run's peak read 7 GB)
+    subprocess.run([sys.executable, __file__, str(data), "--layers", str(args.layers), "--build-only"], check=True)
+    variants = {"norms_too": data / "tuned", **{v: data / v for v in ("matrices", "mlp_only", "folded")}}
     side = sum(f.stat().st_size for f in (data / "base").glob("*.safetensors"))
     report: dict = {"layers": args.layers, "base_bytes": side, "cpus": os.cpu_count(), "runs": []}
     for run in [r for r in args.runs.split(",") if r]:
