@@ -1522,7 +1522,7 @@ def gguf_settings(bases: Sequence[Checkpoint], tuned: Checkpoint) -> list[tuple[
             continue
         try:
             same = math.isclose(float(have), float(want), rel_tol=1e-6)
-        except ValueError:
+        except (ValueError, OverflowError):      # a config.json integer past a float's range (10**400)
             same = False
         if not same:
             pair = (key, str(want), have) if g is t else (key, have, str(want))

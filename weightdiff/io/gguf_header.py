@@ -13,6 +13,7 @@ b'hello'
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from pathlib import Path
@@ -29,6 +30,7 @@ MAX_KV = 1 << 20
 MAX_STRINGS = 1 << 22             # strings walked in metadata arrays (vocabularies and merges: up to ~10^6; each
 #                                 walked in Python at ~1.5 us, so 2^24 cost ~25 s before the refusal)
 MAX_KEY = 65535                   # the GGUF specification's key length limit
+_MAX_DIM = (1 << 63) - 1          # llama.cpp's INT64_MAX: no dimension, nor product of dimensions, past it
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
@@ -162,6 +164,12 @@ def parse_header(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list
         c.need(8 * n_dims + 12, f"tensor {q}")
         ne = struct.unpack_from(f"<{n_dims}Q", c.buf, c.pos)
         c.pos += 8 * n_dims
+        if any(d > _MAX_DIM for d in ne) or math.prod(d for d in ne if d) > _MAX_DIM:
+            # llama.cpp refuses these (gguf.cpp's INT64_MAX checks); a 0 dimension makes the tensor hold no
+            # byte, so no size check bounds the others: [0, 2**63, 2**63] was accepted and broke the report
+            raise CheckpointError(path, f"tensor {q} has shape {list(ne)}: its dimensions, or the product of its "
+                                        "non-zero dimensions, reach 2**63 (no array has one; the largest is "
+                                        "2**63 - 1; corrupt header?)")
         qtype = c.scalar("<I", f"tensor {q}")
         offset = c.scalar("<Q", f"tensor {q}")
         if qtype not in known or qtype not in gguf.GGML_QUANT_SIZES:
