@@ -1493,7 +1493,8 @@ def gguf_settings(bases: Sequence[Checkpoint], tuned: Checkpoint) -> list[tuple[
     ``context_length``, which the converter copies from them. The verdict is of the weights: a
     long-context re-release that changed only the RoPE base is bitwise the base's weights, yet computes
     something else, so the judge says so beside IDENTICAL (flag ``gguf_metadata_differs``). Arrays are
-    compared by the summary the reader keeps."""
+    compared by the summary the reader keeps: a long one by its length and a hash of its bytes, so a
+    vocabulary with tokens swapped (or other merges, token types, scores) differs."""
     from .io.model_config import config_of
 
     if len(bases) != 1 or "gguf" not in (bases[0].format, tuned.format):

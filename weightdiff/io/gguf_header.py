@@ -1,8 +1,8 @@
 """The GGUF header (v2/v3), parsed and validated before anything it claims is allocated.
 
 Every count and length is checked against the bytes left in the file and against caps,
-metadata values are read by type (numeric arrays skipped unless short, strings in arrays
-walked, not kept), and tensor entries are checked for dimension count and known type.
+metadata values are read by type (numeric arrays kept only when short, strings in arrays
+walked, not kept: a long array is summarised by its length and a hash of its bytes), and tensor entries are checked for dimension count and known type.
 ``weightdiff.io.gguf_read`` checks the rest (block-aligned rows, aligned offsets, data
 ranges inside the file, no overlap) and reads the data. Any problem is a CheckpointError
 naming the file.
@@ -13,6 +13,7 @@ b'hello'
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -89,6 +90,7 @@ class _Cursor:
             raise CheckpointError(self.path, f"{what} has unknown value type {vtype}")
         if depth >= 3:
             raise CheckpointError(self.path, f"{what} nests arrays more than 3 deep")
+        start = self.pos
         itype = self.scalar("<I", what)
         count = self.scalar("<Q", what)
         if itype in _SCALARS:
@@ -99,7 +101,7 @@ class _Cursor:
                 self.pos += count * size
                 return out
             self.pos += count * size
-            return f"[{count:,} numbers]"
+            return f"[{count:,} numbers, {self.digest(start)}]" if depth == 0 else ""
         if itype not in (_STRING, _ARRAY):
             raise CheckpointError(self.path, f"{what} is an array of unknown type {itype}")
         self.need(count * (8 if itype == _STRING else 12), what)
@@ -109,7 +111,18 @@ class _Cursor:
             raise CheckpointError(self.path, f"{what}: metadata arrays hold over {MAX_STRINGS:,} items")
         for _ in range(count):
             self.value(itype, key, depth + 1, walked)
-        return f"[{count:,} {'strings' if itype == _STRING else 'arrays'}]"
+        if depth:
+            return ""
+        return f"[{count:,} {'strings' if itype == _STRING else 'arrays'}, {self.digest(start)}]"
+
+    def digest(self, start: int) -> str:
+        """``hash`` and 16 hex digits of the bytes from ``start`` to the cursor (an array as stored: its type,
+        count and items), hashed in 1 MB pieces: the summary a long array is kept and compared by, so two
+        vocabularies of one size with tokens swapped differ (as "[N strings]" alone, they read equal)."""
+        h = hashlib.blake2b(digest_size=8)
+        for at in range(start, self.pos, 1 << 20):
+            h.update(self.buf[at:min(at + (1 << 20), self.pos)])
+        return f"hash {h.hexdigest()}"
 
 
 def parse_header(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list[tuple]]:
