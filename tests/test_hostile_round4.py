@@ -340,7 +340,7 @@ def _ct_checkpoint(root: Path, module: str, ignore: list) -> Path:
     return root
 
 
-@pytest.mark.parametrize("pattern", ["re:(a+)+$", "re:(a|aa)*$", "re:(.*)*x"])
+@pytest.mark.parametrize("pattern", ["re:(a+)+$", "re:(a|aa)*$", "re:(.*)*x", "re:(?=(a+)+$)a"])
 def test_a_catastrophic_compressed_tensors_pattern_is_refused(tmp_path, pattern):
     # re.match ran the publisher's pattern on the publisher's module names: (a+)+$ on "a" * 32 + "!" took
     # minutes, doubling with each character
@@ -358,6 +358,9 @@ def test_a_catastrophic_compressed_tensors_pattern_is_refused(tmp_path, pattern)
     ("re:.*self_attn.(k|v)_proj$", "model.layers.0.self_attn.v_proj", True),
     ("re:vision_tower.*", "model.layers.0.mlp.up_proj", False),
     ("lm_head", "lm_head", True),
+    (r"re:(?!.*experts).*Linear", "model.layers.0.mlp.up_proj.Linear", True),
+    (r"re:(?!.*experts).*up_proj", "model.layers.0.mlp.experts.1.up_proj", False),
+    (r"re:(?!(?:lm_head|model\.embed_tokens)$)(?:.*)", "lm_head", False),
     ("Linear", "model.layers.0.mlp.up_proj", None)])
 def test_llm_compressor_patterns_still_match(pattern, module, hit):
     from weightdiff.io.quantized import _ct_target

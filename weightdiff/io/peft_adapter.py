@@ -99,13 +99,16 @@ class AdapterConfig:
 
 
 def _pattern_repeats(path: Path | None, key: str, pat: str, what: str | None = None,
-                     hint: str = "use literal module names as keys") -> int:
+                     hint: str = "use literal module names as keys", lookarounds: bool = False) -> int:
     """Repetitions in pattern key ``pat``; CheckpointError for a key whose matching could blow up
     (``what``: how the message names the pattern, ``{key} key `pat``` unless given; ``hint``: its hint).
 
     Backtracking stays polynomial when no repetition holds another repetition or an
     alternation, and there are no back references or look-arounds; the match cost is then
-    at most about n ** (repetitions + 1) for a module name of n characters.
+    at most about n ** (repetitions + 1) for a module name of n characters. With ``lookarounds``, a
+    look-ahead or look-behind is walked as a group (Python never backtracks into one, so each try costs at
+    most its contents' polynomial, and its repetitions count): compressed-tensors configs use them
+    (``re:(?!.*experts).*Linear``).
 
     >>> _pattern_repeats(None, "alpha_pattern", "layers.0.q_proj"), _pattern_repeats(None, "alpha_pattern", r"layers\\.\\d+\\.q")
     (0, 1)
@@ -148,9 +151,11 @@ def _pattern_repeats(path: Path | None, key: str, pat: str, what: str | None = N
                     raise refuse("nests one repetition inside another (catastrophic backtracking)")
                 count += many
                 walk(sub, inside or many)
+            elif lookarounds and op in (C.ASSERT, C.ASSERT_NOT):
+                walk(arg[1], inside)
             else:
-                raise refuse(f"uses {str(op).lower()}, which weightdiff does not match (no back references "
-                             "or look-arounds)")
+                raise refuse(f"uses {str(op).lower()}, which weightdiff does not match (no back references"
+                             f"{'' if lookarounds else ' or look-arounds'})")
 
     try:
         walk(tree, False)

@@ -192,7 +192,8 @@ def _ct_target(target: object, mod: str, path: str | None = None) -> bool | None
     pattern (``re.match``, as compressed-tensors matches it) or a module name; None for what may be a
     class name (``Linear``), which the names of a checkpoint cannot decide. The publisher writes both the
     pattern and the names it runs on: a pattern whose backtracking could blow up (``(a+)+$``: a repetition
-    inside a repetition, a repeated alternation, back references) is a CheckpointError (file ``path``),
+    inside a repetition, a repeated alternation, back references; look-aheads are walked as groups) is a
+    CheckpointError (file ``path``),
     as is one too costly for a module name this long; llm-compressor's own (``re:.*lm_head``,
     ``re:model.layers.\\d+.mlp.experts.*``) match as they did."""
     if not isinstance(target, str):
@@ -221,7 +222,8 @@ def _ct_repeats(target: str, path: str | None) -> int:
 
     re.compile(target[3:])
     return _pattern_repeats(Path(path) if path else None, "", target[3:],
-                            f"quantization_config targets/ignore entry `{escape_name(target[:60])}`", _CT_HINT)
+                            f"quantization_config targets/ignore entry `{escape_name(target[:60])}`", _CT_HINT,
+                            lookarounds=True)
 
 
 def _ct_args(qc: dict, mod: str, kind: str) -> list[dict]:
