@@ -91,7 +91,7 @@ _INT_TYPES = {"U8", "I8", "U16", "I16", "I32", "I64", "U32", "U64", "BOOL"}
 _FIELD = {4: "float_data", 5: "int32_data", 7: "int64_data", 10: "double_data", 11: "uint64_data"}
 _WIRE = {4: 5, 5: 0, 7: 0, 10: 1, 11: 0}
 _U64 = (1 << 64) - 1
-_CHUNK = 1 << 22                 # bytes of a packed varint field decoded at a time
+_CHUNK = 1 << 20                 # bytes of a packed varint field decoded at a time
 
 
 class _Bad(Exception):
@@ -466,35 +466,36 @@ class _Parser:
             raise _Bad(f"more than {DECODED_MAX >> 20} MB of tensor values in typed fields (float_data, int32_data, "
                        "...), which weightdiff decodes in memory", "re-export the model: exporters store weights in "
                                                                    "raw_data")
-        parts = []
+        parts = []                          # each piece converted as it is decoded: no uint64 copy of it all
         for seg in segs:
             if where in (4, 10):
-                parts.append(np.frombuffer(bytes(self.buf[seg[1]:seg[2]]) if seg[0] == 2 else bytes(seg[1]), code))
+                raw = bytes(self.buf[seg[1]:seg[2]]) if seg[0] == 2 else bytes(seg[1])
+                parts.append(np.frombuffer(raw, code).astype(dt))
             elif seg[0] == 2:
-                parts.append(self.decode_varints(seg[1], seg[2]))
+                parts += [self.stored_as(t, v, dt) for v in self.decode_varints(seg[1], seg[2])]
             else:
-                parts.append(np.frombuffer(seg[1], np.uint64))
-        values = np.concatenate(parts) if parts else np.zeros(0, np.float64 if where in (4, 10) else np.uint64)
-        if t.dtype in ("F32", "F64"):
-            arr = values.astype(dt)
-        elif t.dtype in ("F16", "BF16") or t.dtype.startswith("F8_"):
-            arr = (values & np.uint64((1 << (8 * dt.itemsize)) - 1)).astype(
+                parts.append(self.stored_as(t, np.frombuffer(seg[1], np.uint64), dt))
+        arr = np.concatenate(parts) if parts else np.zeros(0, dt)
+        arr.flags.writeable = False
+        t.held = arr
+        return t
+
+    @staticmethod
+    def stored_as(t: _Tensor, values: np.ndarray, dt: np.dtype) -> np.ndarray:
+        """Varint ``values`` (uint64) of tensor ``t`` in its storage dtype ``dt``; _Bad for one out of its range."""
+        if t.dtype in ("F16", "BF16") or t.dtype.startswith("F8_"):
+            return (values & np.uint64((1 << (8 * dt.itemsize)) - 1)).astype(
                 np.uint16 if dt.itemsize == 2 else np.uint8).view(dt)
-        elif t.dtype in ("I64", "I32", "I16", "I8"):
+        if t.dtype in ("I64", "I32", "I16", "I8"):
             arr = values.view(np.int64)            # two's complement: a negative int32 is sign-extended to 64 bits
             info = np.iinfo(dt)
             if arr.size and (arr.min() < info.min or arr.max() > info.max):
                 raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} holds a value out of its type's range")
-            arr = arr.astype(dt)
-        else:
-            arr = values
-            top = 1 if dt.kind == "b" else np.iinfo(dt).max          # BOOL: 0 or 1 (np.iinfo refuses bool)
-            if t.dtype != "U64" and arr.size and int(arr.max()) > top:
-                raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} holds a value out of its type's range")
-            arr = arr.astype(dt)
-        arr.flags.writeable = False
-        t.held = arr
-        return t
+            return arr.astype(dt)
+        top = 1 if dt.kind == "b" else np.iinfo(dt).max          # BOOL: 0 or 1 (np.iinfo refuses bool)
+        if t.dtype != "U64" and values.size and int(values.max()) > top:
+            raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} holds a value out of its type's range")
+        return values.astype(dt)
 
     def varints_in(self, a: int, b: int) -> int:
         """How many varints the packed field buf[a:b] holds (its bytes below 0x80 end one each), counted chunk
@@ -506,10 +507,11 @@ class _Parser:
             raise _Bad("a number runs past the end of its field")
         return count
 
-    def decode_varints(self, a: int, b: int) -> np.ndarray:
+    def decode_varints(self, a: int, b: int):
         """The varints of packed field buf[a:b] as uint64 (the low 64 bits, as protobuf keeps), decoded in
-        numpy chunk by chunk (each chunk cut after a varint's last byte): no Python object per value."""
-        out, x = [], a
+        numpy chunk by chunk (each chunk cut after a varint's last byte) and yielded a chunk at a time: no
+        Python object per value."""
+        x = a
         while x < b:
             raw = np.frombuffer(bytes(self.buf[x:min(x + _CHUNK, b)]), np.uint8)
             ends = np.flatnonzero(raw < 0x80)
@@ -523,9 +525,8 @@ class _Parser:
                 raise _Bad("a number is longer than ten bytes")
             at = np.arange(raw.size) - np.repeat(starts, lengths)
             parts = (raw & 0x7F).astype(np.uint64) << (7 * at).astype(np.uint64)
-            out.append(np.add.reduceat(parts, starts))     # disjoint bits: the sum is the OR
+            yield np.add.reduceat(parts, starts)           # disjoint bits: the sum is the OR
             x += raw.size
-        return np.concatenate(out) if out else np.zeros(0, np.uint64)
 
     def external(self, t: _Tensor, ext: dict[str, str], want: int) -> _Tensor:
         loc = ext.get("location", "")
