@@ -2,7 +2,8 @@
 
 Every count and length is checked against the bytes left in the file and against caps,
 metadata values are read by type (numeric arrays kept only when short, strings in arrays
-walked, not kept: a long array is summarised by its length and a hash of its bytes), and tensor entries are checked for dimension count and known type.
+walked, not kept: a long array is summarised by its length and a hash of its bytes), and
+tensor entries are checked for dimension count, dimensions below 2**63 and known type.
 ``weightdiff.io.gguf_read`` checks the rest (block-aligned rows, aligned offsets, data
 ranges inside the file, no overlap) and reads the data. Any problem is a CheckpointError
 naming the file.
