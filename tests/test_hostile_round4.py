@@ -366,3 +366,13 @@ def test_llm_compressor_patterns_still_match(pattern, module, hit):
     from weightdiff.io.quantized import _ct_target
 
     assert _ct_target(pattern, module) is hit
+
+
+def test_a_compressed_tensors_pattern_is_refused_only_when_too_costly_for_the_name():
+    from weightdiff.errors import CheckpointError
+    from weightdiff.io.quantized import _ct_target
+
+    long = "model.language_model.layers.10.mlp.experts.gate_up_proj." + "x" * 60     # 116 characters
+    assert _ct_target(r"re:.*layers\.\d+\.mlp.*", long) is True                        # 3 repetitions
+    with pytest.raises(CheckpointError, match="too costly to match against a module name of 400 characters"):
+        _ct_target("re:.*a.*a.*a.*a.*a.*b", "a" * 400)

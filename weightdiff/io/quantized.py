@@ -203,7 +203,9 @@ def _ct_target(target: object, mod: str, path: str | None = None) -> bool | None
             reps = _ct_repeats(target, path)
         except re.error:
             return False
-        if max(len(mod), 2) ** (reps + 1) > _MATCH_BUDGET:
+        # the backtracking of reps unnested repetitions over n characters tries at most about
+        # C(n + reps, reps + 1) splits: n ** 3 / 6 for re:model.layers.\d+.mlp.experts.* (reps = 2)
+        if math.comb(len(mod) + reps, reps + 1) > _MATCH_BUDGET:
             raise CheckpointError(path, f"quantization_config pattern `{escape_name(target[:60])}` is a regular "
                                         f"expression too costly to match against a module name of {len(mod):,} "
                                         "characters", _CT_HINT)
