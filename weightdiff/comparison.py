@@ -1493,7 +1493,8 @@ def gguf_settings(bases: Sequence[Checkpoint], tuned: Checkpoint) -> list[tuple[
     ``context_length``, which the converter copies from them. The verdict is of the weights: a
     long-context re-release that changed only the RoPE base is bitwise the base's weights, yet computes
     something else, so the judge says so beside IDENTICAL (flag ``gguf_metadata_differs``). Arrays are
-    compared by the summary the reader keeps."""
+    compared by the summary the reader keeps: a long one by its length and a hash of its bytes, so a
+    vocabulary with tokens swapped (or other merges, token types, scores) differs."""
     from .io.model_config import config_of
 
     if len(bases) != 1 or "gguf" not in (bases[0].format, tuned.format):
@@ -1522,7 +1523,7 @@ def gguf_settings(bases: Sequence[Checkpoint], tuned: Checkpoint) -> list[tuple[
             continue
         try:
             same = math.isclose(float(have), float(want), rel_tol=1e-6)
-        except ValueError:
+        except (ValueError, OverflowError):      # a config.json integer past a float's range (10**400)
             same = False
         if not same:
             pair = (key, str(want), have) if g is t else (key, have, str(want))

@@ -1,8 +1,9 @@
 """The GGUF header (v2/v3), parsed and validated before anything it claims is allocated.
 
 Every count and length is checked against the bytes left in the file and against caps,
-metadata values are read by type (numeric arrays skipped unless short, strings in arrays
-walked, not kept), and tensor entries are checked for dimension count and known type.
+metadata values are read by type (numeric arrays kept only when short, strings in arrays
+walked, not kept: a long array is summarised by its length and a hash of its bytes), and
+tensor entries are checked for dimension count, dimensions below 2**63 and known type.
 ``weightdiff.io.gguf_read`` checks the rest (block-aligned rows, aligned offsets, data
 ranges inside the file, no overlap) and reads the data. Any problem is a CheckpointError
 naming the file.
@@ -13,6 +14,8 @@ b'hello'
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import struct
 from pathlib import Path
@@ -29,6 +32,7 @@ MAX_KV = 1 << 20
 MAX_STRINGS = 1 << 22             # strings walked in metadata arrays (vocabularies and merges: up to ~10^6; each
 #                                 walked in Python at ~1.5 us, so 2^24 cost ~25 s before the refusal)
 MAX_KEY = 65535                   # the GGUF specification's key length limit
+_MAX_DIM = (1 << 63) - 1          # llama.cpp's INT64_MAX: no dimension, nor product of dimensions, past it
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
@@ -87,6 +91,7 @@ class _Cursor:
             raise CheckpointError(self.path, f"{what} has unknown value type {vtype}")
         if depth >= 3:
             raise CheckpointError(self.path, f"{what} nests arrays more than 3 deep")
+        start = self.pos
         itype = self.scalar("<I", what)
         count = self.scalar("<Q", what)
         if itype in _SCALARS:
@@ -97,7 +102,7 @@ class _Cursor:
                 self.pos += count * size
                 return out
             self.pos += count * size
-            return f"[{count:,} numbers]"
+            return f"[{count:,} numbers, {self.digest(start)}]" if depth == 0 else ""
         if itype not in (_STRING, _ARRAY):
             raise CheckpointError(self.path, f"{what} is an array of unknown type {itype}")
         self.need(count * (8 if itype == _STRING else 12), what)
@@ -107,7 +112,18 @@ class _Cursor:
             raise CheckpointError(self.path, f"{what}: metadata arrays hold over {MAX_STRINGS:,} items")
         for _ in range(count):
             self.value(itype, key, depth + 1, walked)
-        return f"[{count:,} {'strings' if itype == _STRING else 'arrays'}]"
+        if depth:
+            return ""
+        return f"[{count:,} {'strings' if itype == _STRING else 'arrays'}, {self.digest(start)}]"
+
+    def digest(self, start: int) -> str:
+        """``hash`` and 16 hex digits of the bytes from ``start`` to the cursor (an array as stored: its type,
+        count and items), hashed in 1 MB pieces: the summary a long array is kept and compared by, so two
+        vocabularies of one size with tokens swapped differ (as "[N strings]" alone, they read equal)."""
+        h = hashlib.blake2b(digest_size=8)
+        for at in range(start, self.pos, 1 << 20):
+            h.update(self.buf[at:min(at + (1 << 20), self.pos)])
+        return f"hash {h.hexdigest()}"
 
 
 def parse_header(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list[tuple]]:
@@ -162,6 +178,12 @@ def parse_header(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list
         c.need(8 * n_dims + 12, f"tensor {q}")
         ne = struct.unpack_from(f"<{n_dims}Q", c.buf, c.pos)
         c.pos += 8 * n_dims
+        if any(d > _MAX_DIM for d in ne) or math.prod(d for d in ne if d) > _MAX_DIM:
+            # llama.cpp refuses these (gguf.cpp's INT64_MAX checks); a 0 dimension makes the tensor hold no
+            # byte, so no size check bounds the others: [0, 2**63, 2**63] was accepted and broke the report
+            raise CheckpointError(path, f"tensor {q} has shape {list(ne)}: its dimensions, or the product of its "
+                                        "non-zero dimensions, reach 2**63 (no array has one; the largest is "
+                                        "2**63 - 1; corrupt header?)")
         qtype = c.scalar("<I", f"tensor {q}")
         offset = c.scalar("<Q", f"tensor {q}")
         if qtype not in known or qtype not in gguf.GGML_QUANT_SIZES:

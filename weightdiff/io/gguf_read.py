@@ -76,6 +76,26 @@ class _Layout:
         return self.cols // self.block * self.tsize
 
 
+#: suffixes of llama.cpp's LoRA factor tensors (convert_lora_to_gguf.py, llama-adapter.cpp)
+_LORA_SUFFIXES = (".lora_a", ".lora_b")
+
+
+def _adapter_evidence(meta: dict, infos: list[tuple]) -> str | None:
+    """What says a GGUF is a llama.cpp adapter, for the refusal (None when nothing does): general.type
+    `adapter` (any case), an ``adapter.*`` key (``adapter.lora.alpha``, ``adapter.type``: llama.cpp's loader
+    reads them only from adapters), or tensors named as LoRA factors (``blk.0.attn_q.weight.lora_a``)."""
+    kind = meta.get("general.type")
+    if isinstance(kind, str) and kind.strip().lower() == "adapter":
+        return f"general.type `{escape_name(kind)}`"
+    key = next((k for k in meta if k.startswith("adapter.")), None)
+    if key is not None:
+        return f"metadata `{escape_name(key)}`"
+    factor = next((name for name, *_ in infos if name.endswith(_LORA_SUFFIXES)), None)
+    if factor is not None:
+        return f"tensors named as LoRA factors: `{escape_name(factor)}`"
+    return None
+
+
 class GGUFFile(OpenCheckpointFile):
     """One open, fully validated GGUF file (a context manager), named as Hugging Face names.
 
@@ -114,13 +134,17 @@ class GGUFFile(OpenCheckpointFile):
         if type(split) is int and split > 1:
             raise CheckpointError(path, f"is part of a GGUF split into {split} files",
                                   "merge the parts with llama-gguf-split --merge and pass the merged file")
-        if meta.get("general.type") == "adapter":
+        why = _adapter_evidence(meta, infos)
+        if why is not None:
             # convert_lora_to_gguf.py writes only the factors (`blk.N.attn_q.weight.lora_a`, `.lora_b`) and
-            # adapter.lora.alpha: a change to some base, not a model, whose names no --rename pairs
+            # adapter.lora.alpha: a change to some base, not a model, whose names no --rename pairs. Known by
+            # its factors and keys too: without general.type (or spelled `Adapter`) it read as a model whose
+            # factors were added tensors ("DERIVED ... none of its own weights changed")
             kind = meta.get("adapter.type")
-            kind = {"lora": "LoRA "}.get(kind, f"`{escape_name(kind)}` ") if isinstance(kind, str) and kind else ""
-            raise CheckpointError(path, f"is a llama.cpp {kind}adapter (general.type `adapter`): it holds only a "
-                                        "change to a base model, not a model's weights",
+            kind = {"lora": "LoRA "}.get(kind.lower(), f"`{escape_name(kind)}` ") \
+                if isinstance(kind, str) and kind else ""
+            raise CheckpointError(path, f"is a llama.cpp {kind}adapter ({why}): it holds only a change to a base "
+                                        "model, not a model's weights",
                                   "merge it into its base with llama-export-lora, and compare the merged GGUF")
         self.metadata = {k: (v if isinstance(v, str) else str(v)) for k, v in meta.items()}
         self.tensors: dict[str, TensorInfo] = {}

@@ -20,8 +20,9 @@ What becomes a tensor:
 Where the bytes are: ``raw_data`` (the usual case) and the fixed-width typed fields
 (``float_data``, ``double_data`` when packed) are read in place, like safetensors data;
 the varint-coded fields (``int32_data``, which holds fp16/bf16/int8 as well, ``int64_data``,
-``uint64_data``) are decoded when the file is parsed, up to ``DECODED_MAX`` bytes in all
-(exporters use them for small tensors only); external data (``data_location = EXTERNAL``)
+``uint64_data``) are decoded into numpy when the file is parsed, up to ``DECODED_MAX`` bytes in all,
+counted before any is decoded (exporters use them for small tensors only; values stored one field
+each, unpacked, at most ``UNPACKED_MAX``; nodes at most ``MAX_NODES``); external data (``data_location = EXTERNAL``)
 is read from the file its ``location`` names, which must be a plain relative path inside the
 model's folder (no ``..``, no absolute path, no symlink out of the folder), with its
 ``offset`` and ``length`` checked against that file's size and the tensor's.
@@ -44,6 +45,7 @@ import math
 import mmap
 import os
 import re
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -68,7 +70,7 @@ _OTHER_TYPES = {8: "STRING", 14: "COMPLEX64", 15: "COMPLEX128", 21: "UINT4", 22:
 CONSTANT_MIN = 1024
 #: an integer initializer no quantized weight uses, of at most this many elements, is plumbing
 PLUMBING_MAX = 64
-#: bytes of tensor values decoded from varint fields, in all
+#: bytes of tensor values decoded from typed fields (varints, unpacked or split values), in all
 DECODED_MAX = 64 << 20
 #: graphs nested inside graphs (If/Loop/Scan bodies) at most
 MAX_DEPTH = 16
@@ -77,9 +79,19 @@ SIGNATURE_MAX = 4 << 20
 #: characters of one value's folded_from read at most: it names the few values a constant was computed
 #: from; a longer one is ignored (ast.literal_eval of a 4 MB list took 4 s, once per value of a hostile file)
 FOLDED_FROM_MAX = 1 << 16
+#: tensor values stored one field each (unpacked float_data, int32_data, ...) read at most, in all: onnx.proto
+#: declares these fields packed; each costs a Python-level step to walk (20 M of them took 50 s)
+UNPACKED_MAX = 1 << 20
+#: nodes in all graphs at most: real exports hold tens of thousands (8 M empty ones took 2.75 GB and 70 s)
+MAX_NODES = 1 << 20
 _SIGNATURE = "pkg.torch.export.ExportedProgram.graph_signature"
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 _INT_TYPES = {"U8", "I8", "U16", "I16", "I32", "I64", "U32", "U64", "BOOL"}
+#: TensorProto's typed value fields, their names and the wire type of one unpacked value
+_FIELD = {4: "float_data", 5: "int32_data", 7: "int64_data", 10: "double_data", 11: "uint64_data"}
+_WIRE = {4: 5, 5: 0, 7: 0, 10: 1, 11: 0}
+_U64 = (1 << 64) - 1
+_CHUNK = 1 << 20                 # bytes of a packed varint field decoded at a time
 
 
 class _Bad(Exception):
@@ -170,12 +182,12 @@ class _Tensor:
     file: Path | None = None             # where the bytes are (None: ``held``)
     start: int = 0
     end: int = 0
-    held: np.ndarray | None = None       # decoded from varint fields (flat, storage dtype)
+    held: np.ndarray | None = None       # decoded from typed fields (flat, storage dtype)
     nibbles: str | None = None           # INT4 / UINT4: two codes per byte (dtype U8, shape the bytes)
     logical: tuple[int, ...] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     op: str
     domain: str
@@ -193,6 +205,8 @@ class _Parser:
         self.tensors: dict[str, _Tensor] = {}
         self.nodes: list[_Node] = []
         self.decoded = 0
+        self.unpacked = 0                          # values stored one field each, in all
+        self.node_count = 0
         self.metadata: dict[str, str] = {}
         self.sizes: dict[Path, int] = {}
         self.signature = ""                        # the torch exporter's graph signature (main graph)
@@ -268,6 +282,10 @@ class _Parser:
         self.tensors[t.name] = t
 
     def node(self, a: int, b: int, depth: int) -> None:
+        self.node_count += 1
+        if self.node_count > MAX_NODES:
+            raise _Bad(f"its graphs hold more than {MAX_NODES:,} nodes, which weightdiff does not read (exports "
+                       "of real models hold tens of thousands)", "a corrupt or generated file?")
         n = _Node("", "", [], [])
         tensor_attrs: list[tuple[int, int]] = []
         for num, wt, x, y in _fields(self.buf, a, b):
@@ -291,7 +309,8 @@ class _Parser:
                 tensor_attrs.append((x, y))
         for x, y in tensor_attrs:
             self.attribute(n, x, y, depth)
-        self.nodes.append(n)
+        if n.inputs or "value" in n.attrs:
+            self.nodes.append(n)       # a node that reads nothing and holds no constant says nothing of a weight
 
     def attribute(self, n: _Node, a: int, b: int, depth: int) -> None:
         name, ival, tval, graphs = "", None, None, []
@@ -338,7 +357,7 @@ class _Parser:
                 raise _Unsupported(f"tensor `{escape_name(name)}` is split into segments, which weightdiff does not "
                                    "read")
             elif num in (4, 5, 7, 10, 11):
-                typed.setdefault(num, []).append((wt, x, y))
+                self.keep_typed(typed, num, wt, x, y, name)
         if len(dims) > 8:
             raise _Bad(f"tensor `{escape_name(name)}` has {len(dims):,} dimensions")
         if any(d < 0 for d in dims):
@@ -388,11 +407,36 @@ class _Parser:
             return t
         return self.typed(t, typed, numel)
 
+    def keep_typed(self, typed: dict[int, list], num: int, wt: int, x: int, y: int, name: str) -> None:
+        """Keep one typed value field (``float_data``, ``int32_data``, ...) of a tensor in ``typed``: a packed
+        field as its span (2, x, y); values stored one field each (onnx.proto declares these fields packed,
+        but a reader must take both) appended to one compact run (0: an ``array`` of varints, 5 / 1: the
+        fixed-width bytes), so a value costs at most 8 bytes and no Python object (a tuple per value took
+        36 times the file in memory), and at most ``UNPACKED_MAX`` of them in the file are read."""
+        want = _WIRE.get(num)
+        if wt != 2 and wt != want:
+            raise _Bad(f"tensor `{escape_name(name)}` stores a {_FIELD[num]} value with wire type {wt}, not {want}")
+        segs = typed.setdefault(num, [])
+        if wt == 2:
+            segs.append((2, x, y))
+            return
+        self.unpacked += 1
+        if self.unpacked > UNPACKED_MAX:
+            raise _Bad(f"more than {UNPACKED_MAX:,} tensor values stored one field each (unpacked "
+                       f"{_FIELD[num]}; onnx.proto declares these fields packed)",
+                       "re-export the model: exporters store weights in raw_data")
+        if not segs or segs[-1][0] != wt:
+            segs.append((wt, array("Q") if wt == 0 else bytearray()))
+        if wt == 0:
+            segs[-1][1].append(x & _U64)
+        else:
+            segs[-1][1].extend(self.buf[x:y])
+
     def typed(self, t: _Tensor, typed: dict[int, list], numel: int) -> _Tensor:
-        """A tensor in the typed fields: fixed-width packed ones in place, varints decoded."""
+        """A tensor in the typed fields: a fixed-width packed one in place, the others decoded into numpy
+        (varints vectorised, chunk by chunk), counted against ``DECODED_MAX`` before any is decoded."""
         fixed = {"F32": 4, "F64": 10}.get(t.dtype)
-        if fixed is not None and typed.get(fixed, [(None,)])[0][0] == 2 and len(typed.get(fixed, [])) == 1 \
-                and len(typed) == 1:
+        if fixed is not None and len(typed.get(fixed, [])) == 1 and typed[fixed][0][0] == 2 and len(typed) == 1:
             _, x, y = typed[fixed][0]
             if y - x != numel * storage_of(t.dtype).itemsize:
                 raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} {list(t.shape)} holds {y - x:,} bytes of values, "
@@ -403,49 +447,86 @@ class _Parser:
         where = {"F32": 4, "F64": 10, "I64": 7, "U32": 11, "U64": 11}.get(t.dtype, 5)
         if any(k != where for k in typed):
             raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} keeps values in a field of another type")
-        values: list = []
-        for wt, x, y in typed.get(where, []):
-            if where in (4, 10):
-                size, code = (4, "<f4") if where == 4 else (8, "<f8")
-                if wt == 2:
-                    if (y - x) % size:
-                        raise _Bad(f"tensor `{escape_name(t.name)}` has a torn value field")
-                    values.extend(np.frombuffer(bytes(self.buf[x:y]), code).tolist())
-                else:
-                    values.append(np.frombuffer(bytes(self.buf[x:y]), code)[0])
-            elif wt == 2:
-                values += _packed_varints(self.buf, x, y, numel)
-            elif wt == 0:
-                values.append(x)
-            if len(values) > numel:
-                raise _Bad(f"tensor `{escape_name(t.name)}` holds more values than its shape {list(t.shape)}")
-        if len(values) != numel:
-            raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} {list(t.shape)} holds {len(values):,} values, "
+        segs = typed.get(where, [])
+        if where in (4, 10):
+            size, code = (4, "<f4") if where == 4 else (8, "<f8")
+            if any(seg[0] == 2 and (seg[2] - seg[1]) % size for seg in segs):
+                raise _Bad(f"tensor `{escape_name(t.name)}` has a torn value field")
+            count = sum((seg[2] - seg[1]) // size if seg[0] == 2 else len(seg[1]) // size for seg in segs)
+        else:
+            count = sum(self.varints_in(seg[1], seg[2]) if seg[0] == 2 else len(seg[1]) for seg in segs)
+        if count > numel:
+            raise _Bad(f"tensor `{escape_name(t.name)}` holds more values than its shape {list(t.shape)}")
+        if count != numel:
+            raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} {list(t.shape)} holds {count:,} values, "
                        f"not {numel:,}")
         dt = storage_of(t.dtype)
         self.decoded += numel * dt.itemsize
         if self.decoded > DECODED_MAX:
-            raise _Bad(f"more than {DECODED_MAX >> 20} MB of values in varint fields (the exporter's raw_data "
-                       "is the way to store weights)")
-        if t.dtype in ("F32", "F64"):
-            arr = np.asarray(values, dtype=dt)
-        elif t.dtype in ("F16", "BF16") or t.dtype.startswith("F8_"):
-            arr = (np.asarray(values, dtype=np.uint64) & np.uint64((1 << (8 * dt.itemsize)) - 1)).astype(
-                np.uint16 if dt.itemsize == 2 else np.uint8).view(dt)
-        elif t.dtype in ("I64", "I32", "I16", "I8"):
-            arr = np.asarray([_signed(v) for v in values], dtype=np.int64)
-            info = np.iinfo(dt)
-            if arr.size and (arr.min() < info.min or arr.max() > info.max):
-                raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} holds a value out of its type's range")
-            arr = arr.astype(dt)
-        else:
-            arr = np.asarray(values, dtype=np.uint64)
-            if t.dtype != "U64" and arr.size and int(arr.max()) > np.iinfo(dt).max:
-                raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} holds a value out of its type's range")
-            arr = arr.astype(dt)
+            raise _Bad(f"more than {DECODED_MAX >> 20} MB of tensor values in typed fields (float_data, int32_data, "
+                       "...), which weightdiff decodes in memory", "re-export the model: exporters store weights in "
+                                                                   "raw_data")
+        parts = []                          # each piece converted as it is decoded: no uint64 copy of it all
+        for seg in segs:
+            if where in (4, 10):
+                raw = bytes(self.buf[seg[1]:seg[2]]) if seg[0] == 2 else bytes(seg[1])
+                parts.append(np.frombuffer(raw, code).astype(dt))
+            elif seg[0] == 2:
+                parts += [self.stored_as(t, v, dt) for v in self.decode_varints(seg[1], seg[2])]
+            else:
+                parts.append(self.stored_as(t, np.frombuffer(seg[1], np.uint64), dt))
+        arr = np.concatenate(parts) if parts else np.zeros(0, dt)
         arr.flags.writeable = False
         t.held = arr
         return t
+
+    @staticmethod
+    def stored_as(t: _Tensor, values: np.ndarray, dt: np.dtype) -> np.ndarray:
+        """Varint ``values`` (uint64) of tensor ``t`` in its storage dtype ``dt``; _Bad for one out of its range."""
+        if t.dtype in ("F16", "BF16") or t.dtype.startswith("F8_"):
+            return (values & np.uint64((1 << (8 * dt.itemsize)) - 1)).astype(
+                np.uint16 if dt.itemsize == 2 else np.uint8).view(dt)
+        if t.dtype in ("I64", "I32", "I16", "I8"):
+            arr = values.view(np.int64)            # two's complement: a negative int32 is sign-extended to 64 bits
+            info = np.iinfo(dt)
+            if arr.size and (arr.min() < info.min or arr.max() > info.max):
+                raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} holds a value out of its type's range")
+            return arr.astype(dt)
+        top = 1 if dt.kind == "b" else np.iinfo(dt).max          # BOOL: 0 or 1 (np.iinfo refuses bool)
+        if t.dtype != "U64" and values.size and int(values.max()) > top:
+            raise _Bad(f"tensor `{escape_name(t.name)}` {t.dtype} holds a value out of its type's range")
+        return values.astype(dt)
+
+    def varints_in(self, a: int, b: int) -> int:
+        """How many varints the packed field buf[a:b] holds (its bytes below 0x80 end one each), counted chunk
+        by chunk; _Bad when its last one runs past the field's end."""
+        count = 0
+        for x in range(a, b, _CHUNK):
+            count += int(np.count_nonzero(np.frombuffer(bytes(self.buf[x:min(x + _CHUNK, b)]), np.uint8) < 0x80))
+        if b > a and self.buf[b - 1] >= 0x80:
+            raise _Bad("a number runs past the end of its field")
+        return count
+
+    def decode_varints(self, a: int, b: int):
+        """The varints of packed field buf[a:b] as uint64 (the low 64 bits, as protobuf keeps), decoded in
+        numpy chunk by chunk (each chunk cut after a varint's last byte) and yielded a chunk at a time: no
+        Python object per value."""
+        x = a
+        while x < b:
+            raw = np.frombuffer(bytes(self.buf[x:min(x + _CHUNK, b)]), np.uint8)
+            ends = np.flatnonzero(raw < 0x80)
+            if not ends.size:
+                raise _Bad("a number is longer than ten bytes" if raw.size >= 10 else
+                           "a number runs past the end of its field")
+            raw = raw[:int(ends[-1]) + 1]
+            starts = np.concatenate(([0], ends[:-1] + 1))
+            lengths = ends - starts + 1
+            if int(lengths.max()) > 10:
+                raise _Bad("a number is longer than ten bytes")
+            at = np.arange(raw.size) - np.repeat(starts, lengths)
+            parts = (raw & 0x7F).astype(np.uint64) << (7 * at).astype(np.uint64)
+            yield np.add.reduceat(parts, starts)           # disjoint bits: the sum is the OR
+            x += raw.size
 
     def external(self, t: _Tensor, ext: dict[str, str], want: int) -> _Tensor:
         loc = ext.get("location", "")
@@ -716,7 +797,7 @@ def _module_names(nodes: list[_Node], tensors: dict[str, TensorInfo], sources: d
 
 
 #: one input of the torch exporter's graph signature: ``p_m_fc_weight: PARAMETER target='m.fc.weight'``
-_SIGNATURE_LINE = re.compile(r"^\s*[^\s:]+: ([A-Z_]+) target='([^'\n]*)'", re.M)
+_SIGNATURE_LINE = re.compile(r"^[ \t\r\f\v]*[^\s:]+: ([A-Z_]+) target='([^'\n]*)'", re.M)
 
 
 def _signature(text: str) -> tuple[set[str], set[str]] | None:

@@ -98,12 +98,17 @@ class AdapterConfig:
         return default
 
 
-def _pattern_repeats(path: Path | None, key: str, pat: str) -> int:
-    """Repetitions in pattern key ``pat``; CheckpointError for a key whose matching could blow up.
+def _pattern_repeats(path: Path | None, key: str, pat: str, what: str | None = None,
+                     hint: str = "use literal module names as keys", lookarounds: bool = False) -> int:
+    """Repetitions in pattern key ``pat``; CheckpointError for a key whose matching could blow up
+    (``what``: how the message names the pattern, ``{key} key `pat``` unless given; ``hint``: its hint).
 
     Backtracking stays polynomial when no repetition holds another repetition or an
     alternation, and there are no back references or look-arounds; the match cost is then
-    at most about n ** (repetitions + 1) for a module name of n characters.
+    at most about n ** (repetitions + 1) for a module name of n characters. With ``lookarounds``, a
+    look-ahead or look-behind is walked as a group (Python never backtracks into one, so each try costs at
+    most its contents' polynomial, and its repetitions count): compressed-tensors configs use them
+    (``re:(?!.*experts).*Linear``).
 
     >>> _pattern_repeats(None, "alpha_pattern", "layers.0.q_proj"), _pattern_repeats(None, "alpha_pattern", r"layers\\.\\d+\\.q")
     (0, 1)
@@ -115,8 +120,7 @@ def _pattern_repeats(path: Path | None, key: str, pat: str) -> int:
         import sre_parse as P
 
     def refuse(why: str) -> CheckpointError:
-        return CheckpointError(path, f"{key} key `{escape_name(pat[:60])}` {why}",
-                               "use literal module names as keys")
+        return CheckpointError(path, f"{what or f'{key} key `{escape_name(pat[:60])}`'} {why}", hint)
 
     if len(pat) > _KEY_CAP:
         raise refuse(f"is {len(pat):,} characters long (at most {_KEY_CAP:,})")
@@ -147,9 +151,11 @@ def _pattern_repeats(path: Path | None, key: str, pat: str) -> int:
                     raise refuse("nests one repetition inside another (catastrophic backtracking)")
                 count += many
                 walk(sub, inside or many)
+            elif lookarounds and op in (C.ASSERT, C.ASSERT_NOT):
+                walk(arg[1], inside)
             else:
-                raise refuse(f"uses {str(op).lower()}, which weightdiff does not match (no back references "
-                             "or look-arounds)")
+                raise refuse(f"uses {str(op).lower()}, which weightdiff does not match (no back references"
+                             f"{'' if lookarounds else ' or look-arounds'})")
 
     try:
         walk(tree, False)
@@ -266,6 +272,11 @@ _VARIANTS = (
 )
 
 
+def _truthy_flag(v: object) -> bool:
+    """Whether a config flag is set as PEFT would read it (anything but false, 0, null, empty)."""
+    return v not in (None, False, 0, "", [], {}) and not (isinstance(v, str) and v.strip().lower() == "false")
+
+
 def read_adapter_config(path: Path) -> AdapterConfig:
     return parse_adapter_config(load_json(read_small(path, JSON_CAP), path, "adapter config"), path)
 
@@ -289,6 +300,14 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
     for key, why, hint in _VARIANTS:
         if raw.get(key) not in (None, False, [], {}):
             raise CheckpointError(path, f"adapter config has {key} {_show(raw[key])}: {why}", hint)
+    group = raw.get("qalora_group_size", 16)
+    if _truthy_flag(raw.get("use_qalora")) and not (type(group) is int and group == 1):
+        # QA-LoRA's A takes the input averaged over groups of qalora_group_size columns: A is [r, in / group],
+        # which read as plain LoRA "did not fit the base" (blaming the base); a group of 1 is plain LoRA
+        raise CheckpointError(path, f"adapter config has use_qalora with qalora_group_size {_show(group)}: QA-LoRA "
+                                    "applies its factors to the input pooled in groups of columns, which weightdiff "
+                                    "does not read, and PEFT cannot merge it",
+                              "compare a full checkpoint of the fine-tuned model")
     if raw.get("target_parameters"):
         raise CheckpointError(path, f"adapter config has target_parameters {_show(raw['target_parameters'])}: LoRA "
                                     "on parameters (PEFT's ParamWrapper, as for fused MoE experts) stacks its "

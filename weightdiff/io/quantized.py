@@ -17,6 +17,7 @@ unsupported bit width or packing) is a ``CheckpointError`` naming the file and t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 import re
@@ -30,6 +31,9 @@ from .experts import expert_name, is_fused
 from .files import load_json, read_beside, read_small
 from .quant_sources import AWQ, FP8, GPTQ, MXFP4, Bitmask, BnB4, BnB8, IntGrid, Read, Source
 from .safetensors_read import QuantScheme, TensorInfo
+
+#: the most backtracking steps a `re:` entry may cost on one module name (as peft_adapter's)
+_MATCH_BUDGET = 10_000_000
 
 __all__ = ["QuantScheme", "fold", "read_quant_config", "split_name", "ACTIVATION_SCALES"]
 
@@ -144,7 +148,7 @@ def _minmax_gptq(qc: dict) -> bool:
         return False
     who = meta.get("quantizer")
     if who is not None:
-        names = " ".join(who) if isinstance(who, list) else str(who)
+        names = " ".join(map(str, who)) if isinstance(who, list) else str(who)    # a list may hold anything
         return "gptqmodel" in names.lower()
     return True
 
@@ -183,18 +187,45 @@ def _ct_weights(qc: dict) -> list[dict]:
     return [g["weights"] for g in groups.values() if isinstance(g, dict) and isinstance(g.get("weights"), dict)]
 
 
-def _ct_target(target: object, mod: str) -> bool | None:
+def _ct_target(target: object, mod: str, path: str | None = None) -> bool | None:
     """Whether a compressed-tensors ``targets`` / ``ignore`` entry names module ``mod``: a ``re:``
     pattern (``re.match``, as compressed-tensors matches it) or a module name; None for what may be a
-    class name (``Linear``), which the names of a checkpoint cannot decide."""
+    class name (``Linear``), which the names of a checkpoint cannot decide. The publisher writes both the
+    pattern and the names it runs on: a pattern whose backtracking could blow up (``(a+)+$``: a repetition
+    inside a repetition, a repeated alternation, back references; look-aheads are walked as groups) is a
+    CheckpointError (file ``path``),
+    as is one too costly for a module name this long; llm-compressor's own (``re:.*lm_head``,
+    ``re:model.layers.\\d+.mlp.experts.*``) match as they did."""
     if not isinstance(target, str):
         return False
     if target.startswith("re:"):
         try:
-            return re.match(target[3:], mod) is not None
+            reps = _ct_repeats(target, path)
         except re.error:
             return False
+        # the backtracking of reps unnested repetitions over n characters tries at most about
+        # C(n + reps, reps + 1) splits: n ** 3 / 6 for re:model.layers.\d+.mlp.experts.* (reps = 2)
+        if math.comb(len(mod) + reps, reps + 1) > _MATCH_BUDGET:
+            raise CheckpointError(path, f"quantization_config pattern `{escape_name(target[:60])}` is a regular "
+                                        f"expression too costly to match against a module name of {len(mod):,} "
+                                        "characters", _CT_HINT)
+        return re.match(target[3:], mod) is not None
     return True if target == mod else (False if "." in target else None)
+
+
+_CT_HINT = "list module names, or patterns without nested repetition"
+
+
+@functools.lru_cache(maxsize=256)
+def _ct_repeats(target: str, path: str | None) -> int:
+    """The repetitions in ``re:`` entry ``target`` (checked safe to backtrack); re.error when Python cannot
+    compile it (compressed-tensors would fail on it too: it names no module)."""
+    from .peft_adapter import _pattern_repeats
+
+    re.compile(target[3:])
+    return _pattern_repeats(Path(path) if path else None, "", target[3:],
+                            f"quantization_config targets/ignore entry `{escape_name(target[:60])}`", _CT_HINT,
+                            lookarounds=True)
 
 
 def _ct_args(qc: dict, mod: str, kind: str) -> list[dict]:
@@ -204,7 +235,7 @@ def _ct_args(qc: dict, mod: str, kind: str) -> list[dict]:
     if qc.get("quant_method") != "compressed-tensors":
         return []
     ignore = qc.get("ignore") if isinstance(qc.get("ignore"), list) else []
-    if any(_ct_target(t, mod) for t in ignore):
+    if any(_ct_target(t, mod, qc.get("_path")) for t in ignore):
         return []
     groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
     out = []
@@ -212,7 +243,7 @@ def _ct_args(qc: dict, mod: str, kind: str) -> list[dict]:
         if not (isinstance(g, dict) and isinstance(g.get("weights"), dict)):
             continue
         targets = g.get("targets") if isinstance(g.get("targets"), list) else []
-        if targets and all(_ct_target(t, mod) is False for t in targets):
+        if targets and all(_ct_target(t, mod, qc.get("_path")) is False for t in targets):
             continue
         if str(g["weights"].get("type") or "int") == kind:
             out.append(g["weights"])
