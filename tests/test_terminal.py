@@ -146,3 +146,53 @@ def test_compare_counts_the_bytes_of_the_plans_dtypes(monkeypatch, tmp_path):
     r = CliRunner().invoke(main, ["compare", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "-q"])
     assert r.exit_code == 0, r.output
     assert seen == [4.0]
+
+
+def test_the_steps_after_the_pass_log_a_line_while_they_run(tmp_path, rng):
+    """The checks after the measuring pass (reordered units, a rotation, folds) and the tensors measured again took
+    minutes at 70B widths after "done, ETA 0 s", with nothing on stderr: a stage logs a line every interval while it
+    runs, and stops with it; ``--quiet`` prints nothing; ``compare`` names its stages to a progress that has one."""
+    import time
+
+    import numpy as np
+
+    from conftest import write_checkpoint
+    from models import llama
+    from weightdiff import compare
+    from weightdiff.cli_options import _checked
+
+    out = io.StringIO()
+    line = ProgressLine(stream=out, interval=0.05)
+    line.stage("checking for reparametrisations")
+    time.sleep(0.4)
+    line.stage("measuring 3 tensors again")
+    time.sleep(0.3)
+    line.stage(None)
+    text = out.getvalue()
+    assert text.count("progress: checking for reparametrisations, ") >= 2, text
+    assert "progress: measuring 3 tensors again, " in text and text.endswith("in all)\n")
+    time.sleep(0.2)
+    assert out.getvalue() == text                       # the stage ended: no more lines
+    quiet = io.StringIO()
+    off = ProgressLine(stream=quiet, interval=0.05, enabled=False)
+    off.stage("x")
+    time.sleep(0.2)
+    off.close()
+    assert quiet.getvalue() == ""
+    # the CLI's wrapper hands the stage on; compare names its steps, and ends them
+    seen = []
+
+    def progress(done, total, name):
+        pass
+
+    progress.stage = seen.append
+    assert _checked(progress).stage == seen.append
+    base = llama(rng, layers=2)
+    tuned = dict(base)
+    perm = np.random.default_rng(5).permutation(256)
+    for k in ("gate_proj", "up_proj"):
+        tuned[f"model.layers.1.mlp.{k}.weight"] = base[f"model.layers.1.mlp.{k}.weight"][perm]
+    tuned["model.layers.1.mlp.down_proj.weight"] = base["model.layers.1.mlp.down_proj.weight"][:, perm]
+    compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned), progress=progress)
+    assert seen[0].startswith("checking for reparametrisations") and seen[-1] is None, seen
+    assert any(s and s.startswith("measuring 3 tensors again") for s in seen), seen

@@ -160,6 +160,9 @@ def _checked(progress):
     def call(*args) -> None:
         check_interrupted()
         progress(*args)
+    stage = getattr(progress, "stage", None)
+    if stage is not None:                   # the steps after the pass (``ProgressLine.stage``)
+        call.stage = stage
     return call
 
 

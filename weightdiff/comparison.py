@@ -336,6 +336,9 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         mark_fixed_tables(records, tuned_ck)
         undo: list[Undo] = []
         rows_seen: dict = {}
+        stage = getattr(progress, "stage", None) or (lambda what: None)
+        stage("checking for reparametrisations (units reordered, a rotated residual stream, norms folded, units "
+              "rescaled)")
         found, checked = permuted_units(records, bases, tuned_ck, options, undo, rows_seen)
         if not undo_reorderings:
             undo = []
@@ -356,6 +359,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         undo.extend(rescaled_units(records, bases, tuned_ck, options, {id(u.record) for u in undo}, undo))
         undone: dict = {}
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
+            stage(f"measuring {len(undo):,} tensors again beneath the reparametrisations found")
             records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
             blocks, modules = aggregate(records, options.thresholds)
         if "rows_consistent" not in undone and any("rows" in v for v in found.values()):
@@ -364,6 +368,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             consistent = grown_rows_consistent(records, found, rows_seen)
             if consistent is not None:
                 undone = {**undone, "rows_consistent": consistent}
+        stage("checking for matrices pruned, folded norms and settings")
         pruned = pruned_matrices(records, bases, tuned_ck, undo)
         if pruned:
             undone = {**undone, "pruned": pruned}
@@ -400,6 +405,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             # trained read changed, the untouched ones most
             records = measure_folded_norms(records, explained, the_plan, bases, tuned_ck, options, backend, classify)
             blocks, modules = aggregate(records, options.thresholds)
+        stage(None)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
                             declared={"bases": [declared(b) for b in bases], "tuned": declared(tuned_ck)},
                             reordering=(found, checked, undone), folded=the_plan.folded,

@@ -9,6 +9,7 @@ progress line are diagnostics and go to stderr (``plan_text``, ``ProgressLine``)
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -263,7 +264,46 @@ class ProgressLine:
         self.stream.flush()
         self.drawn = True
 
+    def stage(self, what: str | None) -> None:
+        """A step after the measuring pass whose length is not known in advance (the checks for reordered units, a
+        rotated residual stream, folded norms; the tensors measured again beneath what they found): on a log, a
+        line ``progress: WHAT, N s so far`` every ``interval`` seconds while it runs (it took minutes at 70B widths
+        after a "done, ETA 0 s" line, with nothing on stderr); on a terminal, one line redrawn every second.
+        ``None`` ends it. Lines come from a daemon thread, which stops with the stage."""
+        old = getattr(self, "_stage", None)
+        if old is not None:
+            old[1].set()
+            old[2].join()
+            self._stage = None
+        if not self.enabled or what is None:
+            if what is None and old is not None and self.tty and self.drawn:
+                self.stream.write("\r" + " " * 100 + "\r")
+                self.stream.flush()
+            return
+        stop = threading.Event()
+        started = time.monotonic()
+
+        def beat() -> None:
+            period = 1.0 if self.tty else self.interval
+            while not stop.wait(period):
+                el = time.monotonic() - started
+                try:
+                    if self.tty:
+                        self.stream.write(f"\r{_trim(what, 80)}  {el:,.0f} s".ljust(100)[:160])
+                    else:
+                        self.stream.write(f"progress: {escape_name(what)}, {el:,.0f} s so far "
+                                          f"({time.monotonic() - self.t0:,.0f} s in all)\n")
+                    self.stream.flush()
+                    self.drawn = True
+                except (OSError, ValueError):     # stderr closed under us: nothing more to say
+                    return
+
+        thread = threading.Thread(target=beat, name="weightdiff-progress", daemon=True)
+        self._stage = (what, stop, thread)
+        thread.start()
+
     def close(self) -> None:
+        self.stage(None)
         if self.drawn and self.tty:
             self.stream.write("\r" + " " * 100 + "\r")
             self.stream.flush()
