@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from conftest import write_checkpoint
 from models import llama
 from weightdiff import compare
-from weightdiff.measure.cache import RecordCache, record_from_dict
+from weightdiff.measure.cache import RecordCache, _digest, record_from_dict
 
 
 def _pair(tmp_path: Path, rng, layers: int = 2) -> tuple[Path, Path]:
@@ -36,6 +37,14 @@ def _body(path: Path) -> dict:
 
 def _records(cache: Path) -> list[Path]:
     return sorted((cache / "records").glob("*/*.json"))
+
+
+def _save(path: Path, d: dict) -> None:
+    """A record file edited and sealed again with the digest of its new content, as a deliberate edit would
+    be: what is tested is then what the record holds, not its digest."""
+    d.pop("digest", None)
+    d["digest"] = _digest(d)
+    path.write_text(json.dumps(d))
 
 
 def test_records_round_trip_exactly(tmp_path, rng):
@@ -82,7 +91,7 @@ def test_the_cache_is_used_only_for_the_same_inputs_and_options(tmp_path, rng):
     for p in _records(cache):
         d = json.loads(p.read_text())
         d["record"]["norm_delta"] = 123.0
-        p.write_text(json.dumps(d))
+        _save(p, d)
     assert compare(b, t, cache=str(cache)).tensor(name).norm_delta == 123.0
     assert json.dumps(first.to_dict(include_run=False)) != json.dumps(
         compare(b, t, cache=str(cache)).to_dict(include_run=False))
@@ -121,7 +130,7 @@ def test_a_record_with_values_no_measurement_gives_is_measured_again(tmp_path, r
         d = json.loads(p.read_text())
         if d["record"]["status"] == "changed":
             edit(d["record"])
-            p.write_text(json.dumps(d))
+            _save(p, d)
     again = compare(b, t, cache=str(cache))
     assert again.to_json(include_run=False) == first.to_json(include_run=False)
 
@@ -153,7 +162,7 @@ def _plant(cache: Path, value: float = 123.0, scale: float | None = None) -> Non
         if d["record"]["status"] == "unchanged":
             continue
         d["record"]["norm_delta"] = value if scale is None else d["record"]["norm_delta"] * scale
-        p.write_text(json.dumps(d))
+        _save(p, d)
 
 
 def _rewritten(path: Path, tensors: dict) -> None:
@@ -228,7 +237,7 @@ def test_a_record_of_the_wrong_shape_is_a_miss_and_is_overwritten(tmp_path, rng,
         if text == "NAN_FIELD":
             d = json.loads(p.read_text())
             d["record"]["norm_delta"] = "NaN"
-            p.write_text(json.dumps(d))
+            _save(p, d)
         else:
             p.write_text(text)
     assert compare(b, t, cache=str(cache)).to_json(include_run=False) == want
@@ -346,7 +355,7 @@ def test_with_hash_a_record_written_for_other_bytes_misses(tmp_path, rng):
         d = json.loads(p.read_text())
         d["content"] = "0" * 64
         d["record"]["norm_delta"] = 123.0
-        p.write_text(json.dumps(d))
+        _save(p, d)
     assert compare(b, t, cache=str(cache)).tensor(name).norm_delta == 123.0
     assert compare(b, t, cache=str(cache), hash_files=True).tensor(name).norm_delta != 123.0
 
@@ -361,10 +370,10 @@ def test_an_interrupted_record_write_leaves_no_temporary(tmp_path, rng, monkeypa
     cache = tmp_path / "cache"
     real = os.replace
 
-    def interrupted(src, dst):
+    def interrupted(src, dst, **dir_fds):        # renamed within the record's folder (its descriptor)
         if str(src).endswith(".tmp"):
             raise Interrupted(signal.SIGTERM)
-        return real(src, dst)
+        return real(src, dst, **dir_fds)
 
     monkeypatch.setattr(cache_mod.os, "replace", interrupted)
     with pytest.raises(Interrupted):
@@ -413,3 +422,131 @@ def test_a_changed_config_beside_the_weights_misses_the_cache(tmp_path, rng, sid
     _plant(cache)
     (t / sidecar).write_text(json.dumps({"model_type": "llama", "x": 2}))
     assert compare(b, t, cache=str(cache), hash_files=True).tensor(name).norm_delta != 123.0
+
+
+def _forge(r: dict) -> None:
+    """A changed tensor's record rewritten as a consistent unchanged one (its norms made equal)."""
+    r.update(status="unchanged", norm_tuned=r["norm_base"], norm_delta=0.0, rel_change=0.0, cosine=1.0,
+             frac_changed=0.0, frac_beyond_rounding=0.0, max_abs_delta=0.0, sign_flips=0, rank=None, quant=None)
+
+
+def _other_name(r: dict) -> None:
+    r.update(name="model.embed_tokens.weight", shape=[])
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_a_record_is_taken_only_if_it_fits_its_pair_and_its_digest(tmp_path, rng):
+    """Records were checked for their own types and values only, never against the pair they are keyed to,
+    nor for being the bytes that were written (hostile-input tester, round 4): a forged consistent `unchanged`
+    record made a fine-tune read IDENTICAL, `base_index` 5 (IndexError) or a string in `rounding_floor`
+    (TypeError) made every rerun exit 1, another tensor's name or an empty shape skewed the scope ("150% of the
+    tuned model's parameters"), a numerical rank of -5 was printed and a spectrum of 1e308 overflowed. Each
+    such record is measured again and written over: the JSON is the uninterrupted run's, byte for byte."""
+    b, t = _pair(tmp_path, rng, layers=1)
+    pristine = tmp_path / "pristine"
+    want = compare(b, t, cache=str(pristine)).to_json(include_run=False)
+    unsealed = [_forge, lambda r: r.update(norm_delta=r["norm_delta"] * 1.5)]
+    sealed = [lambda r: r.update(base_index=5),
+              lambda r: r.update(base_index=-1),
+              lambda r: r.update(rounding_floor={"BF16": "x"}),
+              lambda r: r.update(rounding_floor={"BF16": 1e308}),
+              _other_name,
+              lambda r: r.update(shape=[10 ** 12, 10 ** 12], numel=10 ** 24),
+              lambda r: r.update(base_name="model.norm.weight"),
+              lambda r: r.update(dtype_tuned="F32"),
+              lambda r: r.update(status="added"),
+              lambda r: r["rank"].update(numerical_rank=-5),
+              lambda r: r["rank"].update(spectrum=[1e308] * 8),
+              lambda r: r["rank"].update(stable_rank="x"),
+              lambda r: r.update(quant={"within": "yes"}),
+              lambda r: r.update(cosine=7.0)]
+    for i, (edit, seal) in enumerate([(e, False) for e in unsealed] + [(e, True) for e in sealed]):
+        cache = tmp_path / f"cache{i}"
+        shutil.copytree(pristine, cache)
+        edited = 0
+        for p in _records(cache):
+            d = json.loads(p.read_text())
+            if d["record"]["status"] == "changed" and d["record"]["rank"] is not None:
+                edit(d["record"])
+                edited += 1
+                if seal:
+                    _save(p, d)
+                else:
+                    p.write_text(json.dumps(d))
+        assert edited, i
+        assert compare(b, t, cache=str(cache)).to_json(include_run=False) == want, i
+        # measured again and written over: the rerun finds every record
+        assert [p.read_bytes() for p in _records(cache)] == [p.read_bytes() for p in _records(pristine)], i
+
+
+def test_a_valid_record_is_read_back_as_written(tmp_path, rng):
+    """The digest and the pair check take nothing from a record written by weightdiff: a rerun reads every
+    record (the measuring code is never reached) and gives the same bytes."""
+    from weightdiff.measure import compute
+
+    b, t = _pair(tmp_path, rng, layers=1)
+    cache = tmp_path / "cache"
+    want = compare(b, t, cache=str(cache)).to_json(include_run=False)
+    before = [p.read_bytes() for p in _records(cache)]
+    real = compute.compute_pair
+    calls = []
+    compute.compute_pair = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        assert compare(b, t, cache=str(cache)).to_json(include_run=False) == want
+    finally:
+        compute.compute_pair = real
+    assert calls == [] and [p.read_bytes() for p in _records(cache)] == before
+    assert all(json.loads(x)["v"] == 7 and "digest" in json.loads(x) for x in before)
+
+
+def test_a_record_subfolder_that_is_a_symlink_is_refused(tmp_path, rng):
+    """`records/<xx>` as a symbolic link was written through: records landed outside --cache DIR (hostile-input
+    tester, round 4). A link there (or for records/ itself) is one clear line and exit 2 before anything is
+    read; nothing is written, outside or in."""
+    b, t = _pair(tmp_path, rng, layers=1)
+    cache, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    compare(b, t, cache=str(cache))
+    sub = _records(cache)[0].parent
+    shutil.rmtree(sub)
+    elsewhere.mkdir()
+    sub.symlink_to(elsewhere, target_is_directory=True)
+    r = subprocess.run([sys.executable, "-m", "weightdiff.cli", "compare", str(b), str(t), "--cache", str(cache),
+                        "--json", str(tmp_path / "o.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "symbolic link" in r.stderr and sub.name in r.stderr
+    assert list(elsewhere.iterdir()) == [] and not (tmp_path / "o.json").exists()
+    records = cache / "records"
+    shutil.rmtree(records)
+    records.symlink_to(elsewhere, target_is_directory=True)
+    r = subprocess.run([sys.executable, "-m", "weightdiff.cli", "compare", str(b), str(t), "--cache", str(cache)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "symbolic link" in r.stderr and list(elsewhere.iterdir()) == []
+
+
+def test_a_link_made_in_the_cache_during_a_run_is_not_followed(tmp_path):
+    """A symbolic link put into the cache after it was opened (another worker sharing the folder): a record is
+    neither read nor written through it; the write stops the run's writes with the one warning."""
+    from weightdiff.measure.cache import CacheError
+    from weightdiff.records import TensorRecord
+
+    cache = RecordCache(tmp_path / "c", {})
+    rec = TensorRecord("w", "w", "added", [2], None, None, "F32", 2, 0, compared="none")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "c" / "records").mkdir(parents=True)
+    (tmp_path / "c" / "records" / "ab").symlink_to(elsewhere, target_is_directory=True)
+    cache.put("ab" + "0" * 62, rec)
+    assert list(elsewhere.iterdir()) == [] and cache.unwritten == 1 and "symbolic link" in cache.write_error
+    # a record found through a link (a subfolder, or the record file itself) is not one of this cache
+    key = "ab" + "0" * 62
+    other = RecordCache(tmp_path / "d", {})
+    other.put(key, rec)
+    assert other.get(key) is not None
+    (elsewhere / f"{key}.json").write_bytes(other._path(key).read_bytes())
+    assert cache.get(key) is None
+    moved = tmp_path / "moved.json"
+    other._path(key).rename(moved)
+    other._path(key).symlink_to(moved)
+    assert other.get(key) is None
+    with pytest.raises(CacheError, match="symbolic link"):
+        RecordCache(tmp_path / "c", {})

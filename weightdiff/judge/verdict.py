@@ -339,7 +339,15 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     delta = dp_changed + dp_added
 
     numbered = [b for b in blocks if b.index is not None]
-    blocks_changed = sum(1 for b in numbered if b.params_changed > 0)
+    # numbered blocks whose every tensor is added (layers appended or inserted with no base counterpart): counted
+    # among the changed blocks, yet nothing in them changed; the texts say "2 blocks added". Counted so even when
+    # their tensors hold no element: a block of one empty added tensor had no parameter changed, was left out of
+    # blocks_changed yet subtracted from it as added, and the texts said "in -1 of 1 blocks"
+    labels = {b.block for b in numbered}
+    added_in = sorted({r.block for r in live if r.block in labels}
+                      - {r.block for r in live if r.block in labels and r.status != "added"})
+    added_set = set(added_in)             # built once: rebuilt per tensor, 200,000 empty added tensors took minutes
+    blocks_changed = sum(1 for b in numbered if b.params_changed > 0 or b.block in added_set)
     base_blocks: dict[str, bool] = {}
     for r in counted:
         label = parse_name(r.base_name)[0] if r.base_name is not None else None
@@ -353,16 +361,11 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     reshaped_in = {r.block for r in live if is_mismatch(r)}
     blocks_reshaped = sum(1 for b in numbered if b.params_changed == 0 and b.block in reshaped_in)
     params_changed = sum(b.params_changed for b in blocks)
-    # numbered blocks whose every tensor is added (layers appended or inserted with no base counterpart): counted
-    # among the changed blocks, yet nothing in them changed; the texts say "2 blocks added"
-    labels = {b.block for b in numbered}
-    added_in = sorted({r.block for r in live if r.block in labels}
-                      - {r.block for r in live if r.block in labels and r.status != "added"})
     scope = {
         "blocks_changed": blocks_changed, "blocks_total": len(numbered), "blocks_reshaped": blocks_reshaped,
         "tensors_changed": tensors_changed, "tensors_total": len(live),
         "params_changed": params_changed, "params_changed_share": params_changed / params_total if params_total else None,
-        "changed_blocks": [b.block for b in blocks if b.params_changed > 0],
+        "changed_blocks": [b.block for b in blocks if b.params_changed > 0 or b.block in added_set],
         "modules_changed": sorted({r.module for r in changed if r.module}),
         "delta_params_changed": dp_changed, "delta_params_added": dp_added,
         "base_blocks_total": len(base_blocks), "base_blocks_paired": sum(base_blocks.values()),
@@ -373,7 +376,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     }
     if added_in:
         scope["blocks_added"] = {"blocks": added_in,
-                                 "tensors": sum(1 for r in live if r.block in set(added_in))}
+                                 "tensors": sum(1 for r in live if r.block in added_set)}
     # vocabulary resized and nothing else: the shared rows the base's, within rounding or within the quantization
     # noise floor (the title must not say "a fine-tune": a GGUF of a base with tokens added read so)
     grown = [r for r in counted if only_resized(r, thresholds)]

@@ -44,34 +44,44 @@ and any change of an input file or of an option misses the cache. Each record is
 point leaves either a whole record or none; an exception while writing (Ctrl-C, SIGTERM) removes
 the temporary, and the temporaries a SIGKILL leaves are swept when a cache is opened (those of
 this host whose process is gone, and any a day old); a file that does not parse, is not a record of the expected shape and
-types, or whose stored key differs, is ignored, measured again and overwritten. Floats keep their exact bits (JSON repr round-trips, NaN and infinities
+types, or whose stored key differs, is ignored, measured again and overwritten. So is a record whose ``digest`` (the
+sha256 of the file's content, stored in it) does not match, or that does not fit the pair it is read for
+(``check_pair``: names, base index, dtypes, shapes, element count, status): a record edited or copied by hand is
+absent, never a result (a forged ``unchanged`` record made a fine-tune read IDENTICAL, a ``base_index`` of 5 made the
+run exit 1). The digest is no signature: whoever can write the folder can recompute it. Every folder and record is
+opened with ``O_NOFOLLOW`` (relative to its parent's descriptor), so nothing is read or written through a symbolic
+link inside the folder (a linked ``records/<xx>`` put records outside it; ``check_folder`` refuses one up front).
+Floats keep their exact bits (JSON repr round-trips, NaN and infinities
 included), so a resumed run writes the same JSON bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import socket
+import stat
 import time
 import types
 import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import WeightdiffError
+from ..errors import WeightdiffError, escape_name
 from ..fsutil import pid_alive
 from ..records import RankRecord, TensorRecord
 
 __all__ = ["RecordCache", "CACHE_VERSION", "check_folder", "record_from_dict"]
 
 #: bump when a change of the code changes records for the same inputs and options
-CACHE_VERSION = 6           # 4: inode and ctime (or the sha256) in a file's identity; 5: the JSON sidecars;
-#                             6: recipe.yaml among them, compressed-tensors int weights' floor test changed
+CACHE_VERSION = 7           # 4: inode and ctime (or the sha256) in a file's identity; 5: the JSON sidecars;
+#                             6: recipe.yaml among them, compressed-tensors int weights' floor test changed;
+#                             7: a digest of the record's content stored with it
 
 
 class CacheError(WeightdiffError):
@@ -163,6 +173,133 @@ def _check_values(d: dict) -> None:
         raise TypeError("unchanged with a difference")       # equal values have bitwise equal norms
 
 
+#: past this a square (or a product of two) overflows a float: no measurement of weights comes near it
+_HUGE = 1e150
+
+
+def _measure(v: Any, name: str, low: float = 0.0) -> None:
+    """TypeError unless ``v`` is None or a number a measurement gives: at least ``low`` (or NaN), at most
+    ``_HUGE``."""
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= low or v != v) or v > _HUGE:
+        raise TypeError(name)
+
+
+def _count(v: Any, name: str) -> None:
+    """TypeError unless ``v`` is None or an integer not negative."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        raise TypeError(name)
+
+
+def _bounded(v: Any, name: str, depth: int = 0) -> None:
+    """TypeError unless ``v`` is JSON of string keys, nested at most 8 deep, with no finite number past
+    ``_HUGE`` (a free-form dict: the quantization floor test, a rank's extra analyses)."""
+    if depth > 8:
+        raise TypeError(name)
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise TypeError(name)
+            _bounded(x, name, depth + 1)
+    elif isinstance(v, list):
+        for x in v:
+            _bounded(x, name, depth + 1)
+    elif isinstance(v, float):
+        if math.isfinite(v) and abs(v) > _HUGE:
+            raise TypeError(name)
+    elif isinstance(v, int) and not isinstance(v, bool):
+        if abs(v) > 2 ** 63:
+            raise TypeError(name)
+    elif v is not None and not isinstance(v, (str, bool)):
+        raise TypeError(name)
+
+
+def _check_nested(d: dict) -> None:
+    """TypeError unless the record's nested values are ones a measurement produces: cast floors (a string
+    there made the roll-up exit 1), a rank's counts not negative and its numbers within ``_HUGE`` (a
+    numerical rank of -5 was printed, a spectrum of 1e308 overflowed), the floor test's verdict a boolean."""
+    for name in ("rel_change",):
+        _measure(d.get(name), name)
+    cos = d.get("cosine")
+    if cos is not None and not (-1.0 - 1e-6 <= cos <= 1.0 + 1e-6 or math.isnan(cos)):
+        raise TypeError("cosine")
+    floor = d.get("rounding_floor")
+    if floor is not None:
+        for k, v in floor.items():
+            if not isinstance(k, str):
+                raise TypeError("rounding_floor")
+            _measure(v, "rounding_floor")
+    quant = d.get("quant")
+    if quant is not None:
+        _bounded(quant, "quant")
+        if not isinstance(quant.get("within"), (bool, type(None))):
+            raise TypeError("quant.within")
+        for k in ("beyond", "beyond_clamped", "elements"):
+            _measure(quant.get(k), f"quant.{k}")
+    rank = d.get("rank")
+    if rank is not None:
+        for k in ("energy_rank_90", "energy_rank_99", "numerical_rank"):
+            _count(rank.get(k), f"rank.{k}")
+        for k in ("stable_rank", "effective_rank", "noise_floor", "energy_captured"):
+            _measure(rank.get(k), f"rank.{k}")
+        for v in rank.get("spectrum") or ():
+            _measure(v, "rank.spectrum")
+        shape_2d = rank.get("shape_2d")
+        if shape_2d is not None and (len(shape_2d) != 2 or any(x < 0 for x in shape_2d)):
+            raise TypeError("rank.shape_2d")
+        for k, v in (rank.get("bounds") or {}).items():
+            if not isinstance(v, list) or len(v) != 2:
+                raise TypeError("rank.bounds")
+            for x in v:
+                _measure(x, "rank.bounds", low=-_HUGE)
+        _bounded(rank.get("extra"), "rank.extra")
+
+
+#: the statuses a pair of each kind gives (``measure.compute.compute_pair``)
+_STATUS_OF_KIND = {"added": ("added",), "removed": ("removed",), "inherited": ("unchanged",),
+                   "mismatch": ("resized",)}
+
+
+def check_pair(rec: TensorRecord, pair: Any, n_bases: int) -> None:
+    """ValueError unless the record is one measured for ``pair``: the names, the base it was paired with
+    (an index within the ``n_bases`` bases: 5 of 1 made the run exit 1), the dtypes, the shapes and the
+    element count as ``compute_pair`` writes them from the pair, and a status of its kind. A record is found
+    by a key hashing the pair, so a mismatch is a record edited or copied by hand (another tensor's name or
+    an empty shape skewed the scope: "150% of the tuned model's parameters"); it is measured again."""
+    name = pair.tuned_name if pair.tuned_name is not None else pair.base_name
+    if rec.name != name or rec.base_name != pair.base_name:
+        raise ValueError("name")
+    if rec.base_index != pair.base_index or not 0 <= rec.base_index < max(1, n_bases):
+        raise ValueError("base_index")
+    if rec.dtype_base != pair.dtype_base or rec.tied != bool(pair.tied) or rec.paired_by != pair.paired_by:
+        raise ValueError("dtype_base")
+    statuses = _STATUS_OF_KIND.get(pair.kind)
+    if (rec.status not in statuses) if statuses else (rec.status in ("added", "removed")):
+        raise ValueError("status")
+    base_shape = list(pair.shape_base) if pair.shape_base is not None else None
+    if rec.base_shape != base_shape:
+        raise ValueError("base_shape")
+    # an adapter merged with the base layer it saves, or a merged LoRA bias, is measured as the merged tensor
+    # (its own shape and dtype); every other record has the pair's
+    merged = getattr(pair, "lora", None) is not None or getattr(pair, "lora_bias", None) is not None
+    if not merged:
+        shape = list(pair.shape_tuned) if pair.shape_tuned is not None else base_shape
+        if rec.shape != shape or rec.dtype_tuned != pair.dtype_tuned:
+            raise ValueError("shape")
+    if rec.shape is None or any(x < 0 for x in rec.shape) or rec.numel != math.prod(rec.shape):
+        raise ValueError("numel")
+    top = max(rec.numel, math.prod(base_shape)) if base_shape is not None else rec.numel
+    if rec.numel_compared > top:
+        raise ValueError("numel_compared")
+
+
+def _digest(payload: dict) -> str:
+    """The sha256 of a record file's content (everything but the digest) as JSON with sorted keys: the same
+    text for the dict written and the dict read back (floats keep their bits through JSON)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=_plain, allow_nan=True).encode()).hexdigest()
+
+
 def record_from_dict(d: dict) -> TensorRecord:
     """The inverse of ``TensorRecord.to_dict`` (lists stay lists, as in the JSON). TypeError when
     ``d`` is not such a dict: a field of another type, an unknown field, not a dict at all, or values no
@@ -171,6 +308,7 @@ def record_from_dict(d: dict) -> TensorRecord:
     _check_values(d)
     if d.get("rank") is not None:
         _check_fields(d["rank"], RankRecord)
+    _check_nested(d)
     d = dict(d)
     rank = d.pop("rank", None)
     cast = d.pop("cast", None)
@@ -198,7 +336,35 @@ def check_folder(folder: str | os.PathLike) -> Path:
         raise CacheError(f"--cache {folder}: cannot create a folder there ({probe} is not a folder)")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise CacheError(f"--cache {folder}: the folder is not writable")
+    # records are written only inside the cache folder: a symbolic link for records/ or one of its
+    # subfolders (records/<xx>) sent them elsewhere (the folder itself may be a link: the user named it)
+    links = [root] if os.path.islink(root) else []
+    if not links and os.path.isdir(root):
+        try:
+            links = sorted(Path(e.path) for e in os.scandir(root) if e.is_symlink() and _SUB.match(e.name))
+        except OSError:
+            links = []
+    if links:
+        raise CacheError(f"--cache {escape_name(os.fspath(folder))}: {escape_name(os.fspath(links[0]))} is a "
+                         "symbolic link; records are written only inside the cache folder, never through a link",
+                         "remove the link, or give another --cache folder")
     return root
+
+
+#: a record subfolder's name (``records/<key[:2]>``)
+_SUB = re.compile(r"^[0-9a-f]{2}$")
+#: a folder of the cache opened never through a symbolic link (ELOOP when it is one)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+#: a record opened for reading: never through a link, never blocking on a FIFO
+_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0))
+#: a record temporary opened for writing: never through a link
+_WRITE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+                | getattr(os, "O_CLOEXEC", 0))
+
+
+class _Link(OSError):
+    """A folder of the cache is a symbolic link (or not a folder): nothing is read or written through it."""
 
 
 #: this host in a record temporary's name (``.KEY.HOST.PID.tmp``): a sweep removes only its own host's
@@ -331,32 +497,96 @@ class RecordCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
-    def _read(self, key: str, content: str | None = None) -> TensorRecord | None:
+    def _folder(self, key: str, create: bool) -> int:
+        """A descriptor of ``records/<key[:2]>``, opened through no symbolic link (records/ and the subfolder
+        each opened with O_NOFOLLOW, the subfolder relative to records/, so a link put there in the meantime
+        is not followed either); with ``create`` the folders are made first. ``_Link`` when one is a link."""
+        if create:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(self.root)
+            except FileExistsError:
+                pass
+        try:
+            root = os.open(self.root, _DIR_FLAGS)
+        except OSError as exc:
+            if os.path.islink(self.root) or exc.errno == errno.ENOTDIR:
+                raise _Link(exc.errno, f"{self.root} is a symbolic link or not a folder") from None
+            raise
+        try:
+            if create:
+                try:
+                    os.mkdir(key[:2], dir_fd=root)
+                except FileExistsError:
+                    pass
+            try:
+                return os.open(key[:2], _DIR_FLAGS, dir_fd=root)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _Link(exc.errno, f"{self.root / key[:2]} is a symbolic link or not a folder") from None
+                raise
+        finally:
+            os.close(root)
+
+    def _load(self, key: str) -> Any:
+        """The parsed JSON of the record file of ``key``: a regular file under RECORD_CAP (a FIFO hung, /dev/zero
+        filled the memory), read through no symbolic link (a record or subfolder linked elsewhere is not a
+        record of this cache). OSError when there is none such."""
+        folder = self._folder(key, create=False)
+        try:
+            fd = os.open(f"{key}.json", _READ_FLAGS, dir_fd=folder)
+        finally:
+            os.close(folder)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > RECORD_CAP:
+                raise OSError(errno.EINVAL, "not a record")
+            chunks, left = [], st.st_size
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+        finally:
+            os.close(fd)
+        return json.loads(b"".join(chunks).decode("utf-8"))
+
+    def _read(self, key: str, content: str | None = None, pair: Any = None, n_bases: int = 1) -> TensorRecord | None:
         """The record stored under ``key``, or None. ``content``: the content key of the files as hashed now;
         a record that was written with another one (the files' bytes changed under an unchanged stat
-        identity) is not returned."""
-        from ..errors import WeightdiffError
-        from ..io.files import read_small
-
-        try:        # a regular file under RECORD_CAP (a FIFO hung, /dev/zero filled the memory), any nesting
-            data = json.loads(read_small(self._path(key), RECORD_CAP).decode("utf-8"))
+        identity) is not returned. Nor is one whose digest does not match its content (edited or torn), nor
+        one that is not a record of ``pair`` (``check_pair``)."""
+        try:
+            data = self._load(key)
             if not isinstance(data, dict) or data.get("key") != key or data.get("v") != CACHE_VERSION:
                 raise ValueError("stale")
+            digest = data.pop("digest", None)
+            if not isinstance(digest, str) or digest != _digest(data):
+                raise ValueError("digest")
             stored = data.get("content")
+            if stored is not None and not isinstance(stored, str):
+                raise ValueError("content")
             if content is not None and stored is not None and stored != content:
                 raise ValueError("other bytes")
-            return record_from_dict(data["record"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, WeightdiffError):
+            rec = record_from_dict(data["record"])
+            if pair is not None:
+                check_pair(rec, pair, n_bases)
+            return rec
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError,
+                WeightdiffError):
             return None
 
-    def get(self, key: str) -> TensorRecord | None:
+    def get(self, key: str, pair: Any = None, bases: Sequence[Any] = ()) -> TensorRecord | None:
         """The record of ``key`` (a stat key), or None. When the files were hashed, a record under the
         stat key is taken only if it was not written for other bytes, and a record under the content key
-        (written for a copy of the same bytes elsewhere) is taken too, and stored under the stat key."""
+        (written for a copy of the same bytes elsewhere) is taken too, and stored under the stat key.
+        ``pair`` (with the ``bases`` of the comparison): a record that does not fit it is a miss."""
         content = self._content.get(key)
-        rec = self._read(key, content)
+        n_bases = len(bases)
+        rec = self._read(key, content, pair, n_bases)
         if rec is None and content is not None:
-            rec = self._read(content)
+            rec = self._read(content, None, pair, n_bases)
             if rec is not None:             # found again by the stat key next time, hashed or not
                 self._write(key, rec, content)
         if rec is None:
@@ -368,10 +598,10 @@ class RecordCache:
 
     def put(self, key: str, rec: TensorRecord) -> None:
         """Store one record under its stat key (and under its content key when the files were hashed,
-        with that key beside it); a write that fails (a full disk, a folder gone read-only) leaves no
-        temporary behind and stops the writes of this run: the results do not depend on the cache, so
-        the run goes on, and ``warn_unwritten`` says so once at the end. An exception of another kind
-        (Ctrl-C, SIGTERM) also removes the temporary, and goes on."""
+        with that key beside it); a write that fails (a full disk, a folder gone read-only, a subfolder that
+        is a symbolic link) leaves no temporary behind and stops the writes of this run: the results do not
+        depend on the cache, so the run goes on, and ``warn_unwritten`` says so once at the end. An exception
+        of another kind (Ctrl-C, SIGTERM) also removes the temporary, and goes on."""
         content = self._content.pop(key, None)
         self._write(key, rec, content)
         if content is not None:
@@ -381,27 +611,38 @@ class RecordCache:
         if self.write_error is not None:
             self.unwritten += 1
             return
-        path = self._path(key)
-        tmp = path.with_name(f".{key}.{_HOST}.{os.getpid()}.tmp")
+        name, tmp = f"{key}.json", f".{key}.{_HOST}.{os.getpid()}.tmp"
+        folder = fd = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            blob = json.dumps({"v": CACHE_VERSION, "key": key, "record": rec.to_dict(),
-                               **({"content": content} if content is not None else {})},
-                              default=_plain, allow_nan=True)
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            payload = {"v": CACHE_VERSION, "key": key, "record": rec.to_dict(),
+                       **({"content": content} if content is not None else {})}
+            # the digest of the content as it reads back: the same JSON text (numpy scalars, tuples and sets
+            # written as the floats, ints and lists they read back as; a float's repr round-trips)
+            blob = json.dumps({**payload, "digest": _digest(payload)}, default=_plain, allow_nan=True).encode()
+            folder = self._folder(key, create=True)
+            fd = os.open(tmp, _WRITE_FLAGS, 0o666, dir_fd=folder)
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.close(fd)
+            fd = None
+            os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
         except BaseException as exc:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+            if fd is not None:
+                os.close(fd)
+            if folder is not None:
+                try:
+                    os.unlink(tmp, dir_fd=folder)
+                except OSError:
+                    pass
             if not isinstance(exc, OSError):
                 raise
             self.write_error = exc.strerror or str(exc)
             self.unwritten += 1
+        finally:
+            if folder is not None:
+                os.close(folder)
 
     def sweep(self) -> int:
         """Remove the temporaries that writers which no longer run left in the record folders (a run

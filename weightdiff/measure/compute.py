@@ -1236,7 +1236,7 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
                     progress(done, total, _name)
 
             key = cache.key(pair, bases, tuned) if cache is not None else None
-            rec = cache.get(key) if cache is not None else None
+            rec = cache.get(key, pair, bases) if cache is not None else None   # one that fits this pair only
             if rec is None:
                 if spans[i] is not None and i not in pres:
                     pres = _small_batch(pairs, spans, i, bases, tuned, backend)

@@ -1344,9 +1344,12 @@ def plain_language(data: dict) -> list[str]:
             n = (s.get("blocks_changed") or 0) - n_a      # blocks added are not changed: they have no base block
             tot = s["blocks_total"]
             least = at_least(s)
-            text += (f"{';' if aside else ', and'} " + (f"its one block {'was' if n else 'was not'} changed" if tot == 1 else
-                     f"{least}{count(n)} of its {count(tot)} blocks {'was' if n == 1 else 'were'} changed"))
-            if n_a:
+            if tot == 1 and n_a == 1:      # "its one block was not changed and 1 was added" said of one block
+                text += f"{';' if aside else ', and'} its one block was added (not in the base)"
+            else:
+                text += (f"{';' if aside else ', and'} " + (f"its one block {'was' if n else 'was not'} changed" if tot == 1
+                         else f"{least}{count(n)} of its {count(tot)} blocks {'was' if n == 1 else 'were'} changed"))
+            if n_a and not (tot == 1 and n_a == 1):
                 text += f" and {count(n_a)} {'was' if n_a == 1 else 'were'} added (not in the base)"
             sc = s.get("scope") or {}
             moved, base_tot = int(sc.get("blocks_moved") or 0), int(sc.get("base_blocks_total") or 0)
