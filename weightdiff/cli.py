@@ -232,9 +232,12 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, base_lab
 
         run_compare = partial(split_compare, scheduler=scheduler, workers=workers, memory_limit=worker_memory,
                               say=_say(quiet))
-    result = run_compare(base_list, tuned, options=options, progress=_checked(progress), on_plan=on_plan,
-                         hash_files=hash_files, command=_command_line(), hub=hub,
-                         base_label=list(base_labels) or None, tuned_label=tuned_label)
+    try:
+        result = run_compare(base_list, tuned, options=options, progress=_checked(progress), on_plan=on_plan,
+                             hash_files=hash_files, command=_command_line(), hub=hub,
+                             base_label=list(base_labels) or None, tuned_label=tuned_label)
+    finally:
+        progress.stage(None)            # no line of a step after the error's or the interruption's
     progress.close()
     _freeze_heap()
     # the tensors as views of their records: the JSON is written from the records and no dict per
