@@ -118,7 +118,67 @@ def parse_ref(spelling: str) -> HubRef:
                               ) from None
     if uri.type != "model":
         raise CheckpointError(spelling, f"is a Hub {uri.type} repo; checkpoints are read from model repos")
-    return HubRef(spelling, uri.id, uri.revision, uri.path_in_repo.strip("/"), kind)
+    ref = HubRef(spelling, uri.id, uri.revision, uri.path_in_repo.strip("/"), kind)
+    check_revision(ref)
+    return ref
+
+
+#: characters git refuses in a ref name (``git check-ref-format``): controls, space, ~ ^ : ? * [ and backslash
+_REF_BAD_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def revision_problem(revision: str) -> str | None:
+    """Why ``revision`` cannot name a branch, a tag or a commit (git's ref name rules), or None.
+
+    A ``.`` or ``..`` component would be dropped by the HTTP client (``/revision/..`` becomes the repo's
+    default branch), an empty one is not a name: none reaches the Hub.
+
+    >>> revision_problem("main"), revision_problem("refs/pr/3"), revision_problem("feature/x")
+    (None, None, None)
+    >>> revision_problem("..")
+    'has a `..` component'
+    >>> revision_problem("a/./b"), revision_problem("a//b"), revision_problem("main@{1}")
+    ('has a `.` component', 'has an empty component', 'contains `@{`')
+    """
+    parts = revision.split("/")
+    if revision == "@":
+        return "is `@` alone"
+    if ".." in parts:
+        return "has a `..` component"
+    if "." in parts:
+        return "has a `.` component"
+    if "" in parts:
+        return "ends with `/`" if revision.endswith("/") and revision.strip("/") else "has an empty component"
+    if _REF_BAD_CHARS.search(revision):
+        ch = _REF_BAD_CHARS.search(revision)[0]
+        return f"contains {'a control character or a space' if ch <= ' ' or ch == chr(127) else f'`{ch}`'}"
+    if ".." in revision:
+        return "contains `..`"
+    if "@{" in revision:
+        return "contains `@{`"
+    if any(p.startswith(".") for p in parts):
+        return "has a component starting with `.`"
+    if any(p.endswith(".lock") for p in parts) or revision.endswith("."):
+        return "ends a component with `.lock` or `.`" if not revision.endswith(".") else "ends with `.`"
+    return None
+
+
+def check_revision(ref: HubRef) -> None:
+    """CheckpointError (before any request) when the revision is not a name git allows, or the path after it
+    has a ``.`` or ``..`` segment: read as given, the HTTP client would drop such a segment and the Hub would
+    answer for another revision (``org/name@..`` read the default branch) or another folder."""
+    if ref.revision is not None:
+        problem = revision_problem(ref.revision)
+        if problem:
+            raise CheckpointError(ref.spelling, f"`{escape_name(ref.revision)}` is not a valid revision: it {problem} "
+                                                f"(git's rules for branch and tag names)",
+                                  "give a branch, a tag or a commit sha, e.g. org/name@main")
+    segments = ref.subfolder.split("/") if ref.subfolder else []
+    bad = next((s for s in segments if s in (".", "..")), None)
+    if bad is not None:
+        raise CheckpointError(ref.spelling, f"the path `{escape_name(ref.subfolder)}` in `{escape_name(ref.repo_id)}` "
+                                            f"has a `{bad}` segment, which names no folder or file of a repo",
+                              "spell the folder or file as the repo lists it")
 
 
 _COMMITISH = re.compile(r"^[0-9a-f]{7,40}$")
@@ -413,10 +473,9 @@ def preflight(paths, options: HubOptions | None = None) -> None:
     """Check every Hub spelling among ``paths`` (repo, revision, subfolder, access) before
     anything is downloaded, so a typo in the second model fails before the first is fetched."""
     options = options if isinstance(options, HubOptions) else HubOptions()
-    for spelling in paths:
-        if not isinstance(spelling, str) or os.path.lexists(spelling) or not hub_spelling(spelling):
-            continue
-        ref = parse_ref(spelling)
+    spellings = [s for s in paths if isinstance(s, str) and not os.path.lexists(s) and hub_spelling(s)]
+    refs = [parse_ref(s) for s in spellings]       # every spelling (a revision git refuses) before any request
+    for spelling, ref in zip(spellings, refs):
         env = _env(options)
         if env.offline:
             continue
