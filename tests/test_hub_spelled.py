@@ -58,3 +58,36 @@ def test_git_ref_names_the_hub_has_stay_valid():
     assert parse_ref("org/name@release%2Fv1").revision == "release/v1"
     with pytest.raises(CheckpointError, match="not a valid revision"):
         parse_ref("org/name@refs/tags/../x")
+
+
+# -- 2: Xet storage that cannot be reached ---------------------------------------------------------------
+
+def test_a_xet_backed_file_downloads_by_plain_http(server, hf, tmp_path, monkeypatch):
+    """A resolve answer with `X-Xet-Hash` and a `rel="xet-auth"` link sent the download to hf_xet: its token
+    route answering 404 read "hf://org/sibling/model.safetensors: the server answered HTTP 404 (try again later)"
+    (the file exists), and a Xet storage that cannot be reached kept the run silent about two minutes (no
+    timeout of weightdiff's applies to hf_xet), then blamed "the Hub at <endpoint>". The download now follows
+    the resolve answer's redirect like any other file: the same timeouts, and a failure names the file."""
+    from huggingface_hub import constants
+
+    server.faults[("org/sibling", "model.safetensors")] = {"xet_auth": True}
+    for cas in (None, "http://127.0.0.1:9"):              # the token route 404; a storage nobody answers at
+        monkeypatch.setattr(server, "xet_cas", cas)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / f"cache{cas is None}"))     # a fresh download each
+        server.reset_log()
+        t0 = time.monotonic()
+        rc, out, err = run("compare", "org/base", "org/sibling", "--download", "--no-rank", "-q", "--json",
+                           f"x{cas is None}.json")
+        assert rc == 0, (cas, err)
+        assert time.monotonic() - t0 < 60
+        assert not any("xet-read-token" in path for _, path in server.requests), server.requests
+        doc = json.loads((tmp_path / f"x{cas is None}.json").read_text())
+        assert doc["summary"]["verdict"] == "derived"
+        assert not constants.HF_HUB_DISABLE_XET          # the library's setting is given back after the run
+    # the storage refusing the file: one line naming the file and the server that answered, at once
+    server.faults[("org/independent", "model.safetensors")] = {"xet_auth": True, "cdn_status": 404}
+    rc, out, err = run("compare", "org/base", "org/independent", "--download", "-q", "--json", "f.json")
+    line = one_error(rc, err)
+    assert line.startswith("error: hf://org/independent/model.safetensors: "), line
+    assert server.cdn_url in line and "HTTP 404" in line, line
+    assert not (tmp_path / "f.json").exists()

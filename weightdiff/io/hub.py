@@ -47,7 +47,7 @@ from .files import load_json, os_problem
 from .hub_cache import as_hub_file, cached_refs, cached_revision, from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
 from .hub_http import (NotAHubAnswer, Stalled, api_retrying, api_timeout, library_silenced, list_refs, list_tree,
-                       retrying, size_of, watching)
+                       plain_http, retrying, size_of, watching)
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
 __all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "resolve_commit", "preflight", "hub_error", "hub_files", "EXTRA"]
@@ -662,7 +662,7 @@ def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options
     if quiet:
         disable_progress_bars()
     try:
-        with library_silenced(), \
+        with library_silenced(), plain_http(), \
                 ThreadPoolExecutor(min(8, len(paths)), thread_name_prefix="weightdiff-download") as pool:
             futures = [pool.submit(_download, ref, listing, p, env, cancel, pinned) for p in paths]
             try:
