@@ -91,3 +91,17 @@ def test_a_xet_backed_file_downloads_by_plain_http(server, hf, tmp_path, monkeyp
     assert line.startswith("error: hf://org/independent/model.safetensors: "), line
     assert server.cdn_url in line and "HTTP 404" in line, line
     assert not (tmp_path / "f.json").exists()
+
+
+# -- 3: a listed file the Hub does not serve ---------------------------------------------------------------
+
+def test_a_listed_file_the_hub_does_not_serve_is_named_in_every_mode(server, hf, tmp_path):
+    """--download named only the repo ("org/tuned: a file of `org/tuned` is listed but the Hub does not serve
+    it"); --stream named the file."""
+    server.faults[("org/tuned", "model-00002-of-00003.safetensors")] = {"entry_missing": True}
+    for mode in ("--download", "--stream"):
+        rc, out, err = run("compare", "org/base", "org/tuned@v1", mode, "-q", "--json", "o.json")
+        line = one_error(rc, err)
+        assert line.startswith("error: hf://org/tuned@v1/model-00002-of-00003.safetensors: a file of `org/tuned` is "
+                               "listed but the Hub does not serve it (HTTP 404)"), (mode, line)
+        assert not (tmp_path / "o.json").exists()

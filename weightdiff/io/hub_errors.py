@@ -163,7 +163,8 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
         return CheckpointError(where, f"revision `{escape_name(str(revision or 'main'))}` not found in {repo}"
                                       f"{_refs(repo_id, endpoint)}", "give a branch, a tag or a commit sha")
     if isinstance(exc, e.RemoteEntryNotFoundError) or code == "EntryNotFound":
-        return CheckpointError(where, f"a file of {repo} is listed but the Hub does not serve it (HTTP {status})",
+        return CheckpointError(str(file) if file is not None else where,
+                               f"a file of {repo} is listed but the Hub does not serve it (HTTP {status})",
                                "the repo may have changed meanwhile: rerun")
     if isinstance(exc, e.RepositoryNotFoundError) or code == "RepoNotFound":
         return CheckpointError(where, f"no such file or directory, and no Hub repo {repo} (or it is private)",
