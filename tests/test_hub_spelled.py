@@ -105,3 +105,23 @@ def test_a_listed_file_the_hub_does_not_serve_is_named_in_every_mode(server, hf,
         assert line.startswith("error: hf://org/tuned@v1/model-00002-of-00003.safetensors: a file of `org/tuned` is "
                                "listed but the Hub does not serve it (HTTP 404)"), (mode, line)
         assert not (tmp_path / "o.json").exists()
+
+
+# -- 4: the listing's size is not the served file's -------------------------------------------------------
+
+@pytest.mark.parametrize("delta", [100, -100])
+def test_a_listing_size_the_served_file_contradicts_is_said_as_such(server, hf, tmp_path, delta):
+    """The listing off by 100 bytes, the served file right: --stream blamed the file ("100 trailing bytes after
+    the last tensor's data (corrupt or appended file?)", "... (truncated download?)") though nothing was
+    downloaded. Now the line says the listing and the served file disagree; --download checks the sha256."""
+    name = "model-00002-of-00003.safetensors"
+    server.faults[("org/tuned", name)] = {"listed_size_delta": delta}
+    real = len(_files(server.local["tuned"])[name])
+    rc, out, err = run("compare", "org/base", "org/tuned@v1", "--stream", "-q", "--json", "o.json")
+    line = one_error(rc, err)
+    assert line.startswith(f"error: hf://org/tuned@v1/{name}: the Hub's listing gives this file {real + delta:,} "
+                           f"bytes but the server serves {real:,} bytes: the listing and the served file "
+                           "disagree"), line
+    assert "truncated" not in line and "trailing" not in line and not (tmp_path / "o.json").exists()
+    rc, out, err = run("compare", "org/base", "org/tuned@v1", "--download", "--no-rank", "-q", "--json", "d.json")
+    assert rc == 0, err
