@@ -125,3 +125,24 @@ def test_a_listing_size_the_served_file_contradicts_is_said_as_such(server, hf, 
     assert "truncated" not in line and "trailing" not in line and not (tmp_path / "o.json").exists()
     rc, out, err = run("compare", "org/base", "org/tuned@v1", "--download", "--no-rank", "-q", "--json", "d.json")
     assert rc == 0, err
+
+
+# -- 5: the list of branches rate-limited ------------------------------------------------------------------
+
+def test_a_rate_limited_refs_list_is_reported_not_read_as_another_split(server, hf, tmp_path, monkeypatch):
+    """`org/slash@feature/x` with the refs route answering 429 (Retry-After 3600): the failure was swallowed and
+    the spelling read as revision `feature`, subfolder `x` ("revision `feature` not found")."""
+    sha = server.commit("org/slash", _files(server.local["sibling"]), branch="feature/x")
+    server.commit("org/slash", _files(server.local["base"]), branch="main")
+    monkeypatch.setitem(server.refs_faults, "org/slash", {"status": 429, "retry_after": 3600})
+    for mode in ("--stream", "--download"):
+        rc, out, err = run("compare", "org/base", "org/slash@feature/x", mode, "-q", "--json", "o.json")
+        line = one_error(rc, err)
+        assert line.startswith("error: org/slash@feature/x: cannot tell where the revision in `feature/x` ends: "
+                               "the Hub answered HTTP 429 and asked to retry after 3600 s"), line
+        assert "branches and tags of `org/slash`" in line and "not found" not in line, line
+        assert not (tmp_path / "o.json").exists()
+    server.refs_faults.clear()
+    rc, out, err = run("compare", "org/base", "org/slash@feature/x", "--stream", "--no-rank", "-q", "--json", "o.json")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "o.json").read_text())["tuned"]["hub"]["commit"] == sha

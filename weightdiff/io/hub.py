@@ -215,16 +215,50 @@ def _settled(ref: HubRef, env: "_Env") -> HubRef:
     if not ref.revision or not ref.subfolder or ref.revision.startswith("refs/") or (
             _COMMITISH.match(ref.revision) and ref.kind is None):
         return ref
+    def cached() -> dict[str, list[str]]:
+        refs = {"branches": sorted(cached_refs(ref, env)), "tags": []}
+        return {"branches": [], "tags": refs["branches"]} if ref.kind == "tag" else refs
+
     try:
         if env.offline:
-            refs = {"branches": sorted(cached_refs(ref, env)), "tags": []}
-            if ref.kind == "tag":
-                refs = {"branches": [], "tags": refs["branches"]}
+            refs = cached()
         else:
-            refs = list_refs(env.endpoint, ref.repo_id)
+            try:
+                refs = list_refs(env.endpoint, ref.repo_id)
+            except Exception as exc:
+                if not is_transport_error(exc):
+                    raise _refs_failed(ref, exc, env) from None
+                # the Hub cannot be reached: the listing fails too and the cache is read; split as the cache knows
+                refs = cached()
+    except CheckpointError:
+        raise
     except Exception:
         return ref
-    return settle_revision(ref, refs)
+    settled = settle_revision(ref, refs)
+    check_revision(settled)
+    return settled
+
+
+def _refs_failed(ref: HubRef, exc: BaseException, env: "_Env") -> CheckpointError:
+    """The Hub's list of branches and tags, asked to tell where a revision spelled with a slash ends
+    (``org/name@feature/x``), did not come: said as such, never read as the parser's split (revision
+    ``feature``, subfolder ``x``), which would report a "missing" revision or read another folder."""
+    from .hub_http import RETRY_STATUS, RETRY_WAIT_TOTAL, _status_of, retry_after
+
+    status, response = _status_of(exc)
+    code = response.headers.get("X-Error-Code") if response is not None else None
+    if status is None or status in (401, 403) or code in ("RepoNotFound", "GatedRepo"):
+        return hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint)   # access, or not a Hub
+    asked = retry_after(response)
+    wait = (f" and asked to retry after {asked:g} s, over the {RETRY_WAIT_TOTAL:g} s weightdiff waits"
+            if asked is not None and asked > RETRY_WAIT_TOTAL else " after retries" if status in RETRY_STATUS else "")
+    whole = f"{ref.revision}/{ref.subfolder}"
+    return CheckpointError(ref.spelling, f"cannot tell where the revision in `{escape_name(whole)}` ends: the Hub "
+                                         f"answered HTTP {status}{wait} for the branches and tags of "
+                                         f"`{escape_name(ref.repo_id)}`",
+                           f"try again later; a branch or tag whose name has a slash can be spelled with %2F "
+                           f"(@{escape_name(ref.revision)}%2F{escape_name(ref.subfolder.split('/')[0])}), which needs "
+                           "no list")
 
 
 @dataclass
