@@ -271,11 +271,15 @@ def _check_etag(f: HubFile, r, listed_xet: "Callable[[HubFile], str | None] | No
 
 
 def _served_size(r) -> int | None:
-    """The whole file's size the server that answered states: a 206's ``Content-Range: bytes a-b/N``, else the
-    ``X-Linked-Size`` of the resolve answer that redirected to it (None when neither says)."""
+    """The whole file's size the server that answered states: a 206's ``Content-Range: bytes a-b/N``, a 200's
+    ``Content-Length`` (not encoded), else the ``X-Linked-Size`` of the resolve answer that redirected to it (None
+    when none says)."""
     total = (r.headers.get("Content-Range") or "").rpartition("/")[2].strip()
     if r.status_code == 206 and total.isdigit():
         return int(total)
+    length = (r.headers.get("Content-Length") or "").strip()
+    if r.status_code == 200 and length.isdigit() and r.headers.get("Content-Encoding", "identity") == "identity":
+        return int(length)                   # the whole file, as sent
     for h in getattr(r, "history", ()):
         linked = (h.headers.get("X-Linked-Size") or "").strip()
         if linked.isdigit():
