@@ -139,8 +139,9 @@ def test_a_rate_limited_refs_list_is_reported_not_read_as_another_split(server, 
         rc, out, err = run("compare", "org/base", "org/slash@feature/x", mode, "-q", "--json", "o.json")
         line = one_error(rc, err)
         assert line.startswith("error: org/slash@feature/x: cannot tell where the revision in `feature/x` ends: "
-                               "the Hub answered HTTP 429 and asked to retry after 3600 s"), line
-        assert "branches and tags of `org/slash`" in line and "not found" not in line, line
+                               "asked for the branches and tags of `org/slash`, the Hub answered HTTP 429 and asked "
+                               "to retry after 3600 s"), line
+        assert "@feature%2Fx" in line and "not found" not in line, line
         assert not (tmp_path / "o.json").exists()
     server.refs_faults.clear()
     rc, out, err = run("compare", "org/base", "org/slash@feature/x", "--stream", "--no-rank", "-q", "--json", "o.json")

@@ -253,9 +253,9 @@ def _refs_failed(ref: HubRef, exc: BaseException, env: "_Env") -> CheckpointErro
     wait = (f" and asked to retry after {asked:g} s, over the {RETRY_WAIT_TOTAL:g} s weightdiff waits"
             if asked is not None and asked > RETRY_WAIT_TOTAL else " after retries" if status in RETRY_STATUS else "")
     whole = f"{ref.revision}/{ref.subfolder}"
-    return CheckpointError(ref.spelling, f"cannot tell where the revision in `{escape_name(whole)}` ends: the Hub "
-                                         f"answered HTTP {status}{wait} for the branches and tags of "
-                                         f"`{escape_name(ref.repo_id)}`",
+    return CheckpointError(ref.spelling, f"cannot tell where the revision in `{escape_name(whole)}` ends: asked for "
+                                         f"the branches and tags of `{escape_name(ref.repo_id)}`, the Hub answered "
+                                         f"HTTP {status}{wait}",
                            f"try again later; a branch or tag whose name has a slash can be spelled with %2F "
                            f"(@{escape_name(ref.revision)}%2F{escape_name(ref.subfolder.split('/')[0])}), which needs "
                            "no list")
