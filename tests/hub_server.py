@@ -33,7 +33,8 @@ rel="xet-auth"``, which makes huggingface_hub hand the download to hf_xet; the t
 ``X-Xet-Cas-Url`` = ``HubServer.xet_cas`` when set, else 404), a listed file that ``/resolve`` answers 404
 ``EntryNotFound`` (``entry_missing``), a listing whose size for a file is off (``listed_size_delta``: model
 info, tree and paths-info; the served file and ``X-Linked-Size`` stay right), and a status on the refs route
-(``refs_faults``: repo_id -> {"status", "retry_after"}).
+(``refs_faults``: repo_id -> {"status", "retry_after"}), a redirect to a storage host that cannot be reached
+(``cdn_at``: the origin the resolve answer's Location names instead of the CDN's).
 """
 
 from __future__ import annotations
@@ -394,7 +395,8 @@ class _ApiHandler(_Handler):
                     other, served = fault["cdn_serves"]
                     o = self.hub.repos[other]
                     blob = (other, served, hashlib.sha256(o.commits[o.branches["main"]][served]).hexdigest())
-                loc = f"{self.hub.cdn_url}/_lfs/{quote(blob[0], safe='')}/{blob[2]}?file={quote(blob[1], safe='')}"
+                cdn = (fault or {}).get("cdn_at") or self.hub.cdn_url      # a storage host nobody answers at
+                loc = f"{cdn}/_lfs/{quote(blob[0], safe='')}/{blob[2]}?file={quote(blob[1], safe='')}"
                 size = len(data) + (fault or {}).get("linked_size_delta", 0)
                 extra = {"X-Xet-Hash": fault["xet_hash"]} if fault and fault.get("xet_hash") else {}
                 if fault and fault.get("xet_auth"):           # Xet storage, as huggingface.co announces it

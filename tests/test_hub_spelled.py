@@ -93,6 +93,20 @@ def test_a_xet_backed_file_downloads_by_plain_http(server, hf, tmp_path, monkeyp
     assert not (tmp_path / "f.json").exists()
 
 
+@pytest.mark.parametrize("xet", [False, True])
+def test_a_storage_host_that_cannot_be_reached_is_named_with_the_file(server, hf, tmp_path, xet):
+    """The resolve answer redirects to a storage host nobody answers at: a download said "org/tuned: cannot
+    reach the Hub at <endpoint>" (the Hub had answered every request), naming neither the file nor the host."""
+    fault = {"cdn_at": "http://127.0.0.1:9", **({"xet_auth": True} if xet else {})}
+    server.faults[("org/sibling", "model.safetensors")] = fault
+    for mode in ("--download", "--stream"):
+        rc, out, err = run("compare", "org/base", "org/sibling", mode, "-q", "--json", "o.json")
+        line = one_error(rc, err)
+        assert line.startswith("error: hf://org/sibling/model.safetensors: "), (mode, line)
+        assert "http://127.0.0.1:9" in line and "cannot reach the Hub" not in line, (mode, line)
+        assert not (tmp_path / "o.json").exists()
+
+
 # -- 3: a listed file the Hub does not serve ---------------------------------------------------------------
 
 def test_a_listed_file_the_hub_does_not_serve_is_named_in_every_mode(server, hf, tmp_path):

@@ -208,8 +208,12 @@ class RangeReader:
             except (_Transient, httpx.TransportError) as exc:
                 failures += 1
                 if failures > RETRIES:
+                    from .hub_errors import request_origin
+
+                    where = request_origin(exc, self.endpoint)         # the storage the Hub redirected to
                     raise CheckpointError(f, f"connection lost at byte {offset + got:,} of {f.size:,} after "
-                                             f"{RETRIES} retries ({_what(exc)})",
+                                             f"{RETRIES} retries ({_what(exc)}"
+                                             f"{f', at {where}, where the Hub redirected the file' if where else ''})",
                                           "check the network and rerun, or use --download") from None
                 wait = min(BACKOFF_MAX, BACKOFF * 2 ** (failures - 1))
                 asked = getattr(exc, "wait", None)
