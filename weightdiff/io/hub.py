@@ -12,7 +12,8 @@ so only the files they name are fetched, plus config.json. The bytes are read on
 three ways, none of which changes a number:
 
   cache     every chosen file is already in the cache at the resolved commit: read there;
-  download  ``snapshot_download`` of exactly those files into the normal cache, with its progress;
+  download  ``hf_hub_download`` of exactly those files into the normal cache, with its progress, by plain
+            HTTP (a file in Xet storage too: hub_http.plain_http), so every timeout and the stall watch apply;
   stream    weightdiff.io.hub_stream: HTTP range requests into bounded buffers, nothing stored.
 
 ``--offline`` (or HF_HUB_OFFLINE) reads the cache only (``scan_cache_dir``). A Hub

@@ -229,7 +229,8 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
         return CheckpointError(where, f"the Hub at {escape_name(str(endpoint))} did not answer within "
                                       f"{api_timeout():g} s (timed out)",
                                "try again later; HF_HUB_ETAG_TIMEOUT sets the wait, in seconds")
-    return CheckpointError(where, f"cannot reach the Hub at {escape_name(str(endpoint))} ({first_line(exc)})",
+    return CheckpointError(str(file) if file is not None else where,
+                           f"cannot reach the Hub at {escape_name(str(endpoint))} ({first_line(exc)})",
                            "check the network or proxy settings, or use --offline with a cached copy")
 
 
