@@ -27,7 +27,14 @@ is not the file's sha256 (``linked_etag``), a resolve that redirects to another 
 (``cdn_serves``: (repo, path) of that blob; its answers carry that blob's ETag), a file served as Xet-backed
 (``xet_hash``: the resolve answer carries ``X-Xet-Hash`` and the CDN's ETag is that hash, not the sha256, and
 the tree lists it as ``xetHash`` unless ``listed_xet`` says otherwise: None for none, another hash for a mirror), a
-status from the CDN only (``cdn_status``: the API's answers stay 2xx/3xx).
+status from the CDN only (``cdn_status``: the API's answers stay 2xx/3xx). As huggingface.co: a file in Xet
+storage (``xet_auth``: the resolve answer carries ``X-Xet-Hash`` and ``Link: <...xet-read-token...>;
+rel="xet-auth"``, which makes huggingface_hub hand the download to hf_xet; the token route answers with
+``X-Xet-Cas-Url`` = ``HubServer.xet_cas`` when set, else 404), a listed file that ``/resolve`` answers 404
+``EntryNotFound`` (``entry_missing``), a listing whose size for a file is off (``listed_size_delta``: model
+info, tree and paths-info; the served file and ``X-Linked-Size`` stay right), and a status on the refs route
+(``refs_faults``: repo_id -> {"status", "retry_after"}), a redirect to a storage host that cannot be reached
+(``cdn_at``: the origin the resolve answer's Location names instead of the CDN's).
 """
 
 from __future__ import annotations
@@ -91,6 +98,8 @@ class HubServer:
         self.api_faults: dict[str, dict] = {}   # repo_id -> {"status", "times", "retry_after"}: API answers
         self.info_edit: dict[str, object] = {}  # repo_id -> f(model info dict) -> what the server answers instead
         self.tree_loop: set[str] = set()        # repos whose tree listing's next page is the same page
+        self.refs_faults: dict[str, dict] = {}  # repo_id -> {"status", "retry_after"}: the refs route's answer
+        self.xet_cas: str | None = None         # the Xet storage the token route names (None: the route answers 404)
         self.lock = threading.Lock()
         self._seq = 0
         self.api = self._start(_ApiHandler)
@@ -138,9 +147,10 @@ class HubServer:
             self.requests.clear()
 
     def entry(self, repo_id: str, path: str, data: bytes) -> dict:
-        e = {"type": "file", "oid": git_oid(data), "size": len(data), "path": path}
+        size = len(data) + (self.faults.get((repo_id, path)) or {}).get("listed_size_delta", 0)
+        e = {"type": "file", "oid": git_oid(data), "size": size, "path": path}
         if is_lfs(path, data):
-            e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": size, "pointerSize": 134}
         return e
 
 
@@ -307,6 +317,17 @@ class _ApiHandler(_Handler):
                     else:
                         self._json(info)
                 return
+            if rest[0] == "refs" and repo_id in self.hub.refs_faults:
+                f = self.hub.refs_faults[repo_id]
+                self._error(f["status"], "", "Too many requests", head=head,
+                            extra={"Retry-After": str(f["retry_after"]), "RateLimit": f'"resolvers";r=0;t={f["retry_after"]}'}
+                            if "retry_after" in f else None)
+                return
+            if rest[0] == "xet-read-token" and self.hub.xet_cas:
+                self._send(200, b"{}", {"Content-Type": "application/json", "X-Xet-Cas-Url": self.hub.xet_cas,
+                                        "X-Xet-Access-Token": "xet_token", "X-Xet-Token-Expiration": "9999999999"},
+                           head=head)
+                return
             if rest[0] == "refs":
                 fmt = lambda kind, items: [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": s}
                                            for n, s in sorted(items.items())]
@@ -354,6 +375,10 @@ class _ApiHandler(_Handler):
                             extra={"X-Repo-Commit": sha})
                 return
             fault = self.hub.faults.get((repo_id, path))
+            if fault and fault.get("entry_missing"):          # listed, but not served
+                self._error(404, "EntryNotFound", f"{path} does not exist on \"{raw[3]}\"", head=head,
+                            extra={"X-Repo-Commit": sha})
+                return
             if fault and fault.get("status") and fault.get("times", 0) > 0 and not head:
                 fault["times"] -= 1
                 self._error(fault["status"], "", "Service unavailable",
@@ -370,9 +395,13 @@ class _ApiHandler(_Handler):
                     other, served = fault["cdn_serves"]
                     o = self.hub.repos[other]
                     blob = (other, served, hashlib.sha256(o.commits[o.branches["main"]][served]).hexdigest())
-                loc = f"{self.hub.cdn_url}/_lfs/{quote(blob[0], safe='')}/{blob[2]}?file={quote(blob[1], safe='')}"
+                cdn = (fault or {}).get("cdn_at") or self.hub.cdn_url      # a storage host nobody answers at
+                loc = f"{cdn}/_lfs/{quote(blob[0], safe='')}/{blob[2]}?file={quote(blob[1], safe='')}"
                 size = len(data) + (fault or {}).get("linked_size_delta", 0)
                 extra = {"X-Xet-Hash": fault["xet_hash"]} if fault and fault.get("xet_hash") else {}
+                if fault and fault.get("xet_auth"):           # Xet storage, as huggingface.co announces it
+                    extra = {"X-Xet-Hash": fault.get("xet_hash") or hashlib.sha256(b"xet" + data).hexdigest(),
+                             "Link": f'<{self.hub.url}/api/models/{repo_id}/xet-read-token/{sha}>; rel="xet-auth"'}
                 self._send(302, b"", {**headers, "Location": loc, "X-Linked-Etag": f'"{(fault or {}).get("linked_etag") or oid}"',
                                       "X-Linked-Size": str(size), **extra}, head=head, length=0)
                 return

@@ -12,7 +12,8 @@ so only the files they name are fetched, plus config.json. The bytes are read on
 three ways, none of which changes a number:
 
   cache     every chosen file is already in the cache at the resolved commit: read there;
-  download  ``snapshot_download`` of exactly those files into the normal cache, with its progress;
+  download  ``hf_hub_download`` of exactly those files into the normal cache, with its progress, by plain
+            HTTP (a file in Xet storage too: hub_http.plain_http), so every timeout and the stall watch apply;
   stream    weightdiff.io.hub_stream: HTTP range requests into bounded buffers, nothing stored.
 
 ``--offline`` (or HF_HUB_OFFLINE) reads the cache only (``scan_cache_dir``). A Hub
@@ -47,7 +48,7 @@ from .files import load_json, os_problem
 from .hub_cache import as_hub_file, cached_refs, cached_revision, from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
 from .hub_http import (NotAHubAnswer, Stalled, api_retrying, api_timeout, library_silenced, list_refs, list_tree,
-                       retrying, size_of, watching)
+                       plain_http, retrying, size_of, watching)
 from .hub_stream import HubFile, RangeReader, RemoteSafetensorsFile
 
 __all__ = ["HubRef", "hub_spelling", "parse_ref", "locate_hub", "resolve_commit", "preflight", "hub_error", "hub_files", "EXTRA"]
@@ -118,7 +119,67 @@ def parse_ref(spelling: str) -> HubRef:
                               ) from None
     if uri.type != "model":
         raise CheckpointError(spelling, f"is a Hub {uri.type} repo; checkpoints are read from model repos")
-    return HubRef(spelling, uri.id, uri.revision, uri.path_in_repo.strip("/"), kind)
+    ref = HubRef(spelling, uri.id, uri.revision, uri.path_in_repo.strip("/"), kind)
+    check_revision(ref)
+    return ref
+
+
+#: characters git refuses in a ref name (``git check-ref-format``): controls, space, ~ ^ : ? * [ and backslash
+_REF_BAD_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def revision_problem(revision: str) -> str | None:
+    """Why ``revision`` cannot name a branch, a tag or a commit (git's ref name rules), or None.
+
+    A ``.`` or ``..`` component would be dropped by the HTTP client (``/revision/..`` becomes the repo's
+    default branch), an empty one is not a name: none reaches the Hub.
+
+    >>> revision_problem("main"), revision_problem("refs/pr/3"), revision_problem("feature/x")
+    (None, None, None)
+    >>> revision_problem("..")
+    'has a `..` component'
+    >>> revision_problem("a/./b"), revision_problem("a//b"), revision_problem("main@{1}")
+    ('has a `.` component', 'has an empty component', 'contains `@{`')
+    """
+    parts = revision.split("/")
+    if revision == "@":
+        return "is `@` alone"
+    if ".." in parts:
+        return "has a `..` component"
+    if "." in parts:
+        return "has a `.` component"
+    if "" in parts:
+        return "ends with `/`" if revision.endswith("/") and revision.strip("/") else "has an empty component"
+    if _REF_BAD_CHARS.search(revision):
+        ch = _REF_BAD_CHARS.search(revision)[0]
+        return f"contains {'a control character or a space' if ch <= ' ' or ch == chr(127) else f'`{ch}`'}"
+    if ".." in revision:
+        return "contains `..`"
+    if "@{" in revision:
+        return "contains `@{`"
+    if any(p.startswith(".") for p in parts):
+        return "has a component starting with `.`"
+    if any(p.endswith(".lock") for p in parts) or revision.endswith("."):
+        return "ends a component with `.lock` or `.`" if not revision.endswith(".") else "ends with `.`"
+    return None
+
+
+def check_revision(ref: HubRef) -> None:
+    """CheckpointError (before any request) when the revision is not a name git allows, or the path after it
+    has a ``.`` or ``..`` segment: read as given, the HTTP client would drop such a segment and the Hub would
+    answer for another revision (``org/name@..`` read the default branch) or another folder."""
+    if ref.revision is not None:
+        problem = revision_problem(ref.revision)
+        if problem:
+            raise CheckpointError(ref.spelling, f"`{escape_name(ref.revision)}` is not a valid revision: it {problem} "
+                                                f"(git's rules for branch and tag names)",
+                                  "give a branch, a tag or a commit sha, e.g. org/name@main")
+    segments = ref.subfolder.split("/") if ref.subfolder else []
+    bad = next((s for s in segments if s in (".", "..")), None)
+    if bad is not None:
+        raise CheckpointError(ref.spelling, f"the path `{escape_name(ref.subfolder)}` in `{escape_name(ref.repo_id)}` "
+                                            f"has a `{bad}` segment, which names no folder or file of a repo",
+                              "spell the folder or file as the repo lists it")
 
 
 _COMMITISH = re.compile(r"^[0-9a-f]{7,40}$")
@@ -155,16 +216,50 @@ def _settled(ref: HubRef, env: "_Env") -> HubRef:
     if not ref.revision or not ref.subfolder or ref.revision.startswith("refs/") or (
             _COMMITISH.match(ref.revision) and ref.kind is None):
         return ref
+    def cached() -> dict[str, list[str]]:
+        refs = {"branches": sorted(cached_refs(ref, env)), "tags": []}
+        return {"branches": [], "tags": refs["branches"]} if ref.kind == "tag" else refs
+
     try:
         if env.offline:
-            refs = {"branches": sorted(cached_refs(ref, env)), "tags": []}
-            if ref.kind == "tag":
-                refs = {"branches": [], "tags": refs["branches"]}
+            refs = cached()
         else:
-            refs = list_refs(env.endpoint, ref.repo_id)
+            try:
+                refs = list_refs(env.endpoint, ref.repo_id)
+            except Exception as exc:
+                if not is_transport_error(exc):
+                    raise _refs_failed(ref, exc, env) from None
+                # the Hub cannot be reached: the listing fails too and the cache is read; split as the cache knows
+                refs = cached()
+    except CheckpointError:
+        raise
     except Exception:
         return ref
-    return settle_revision(ref, refs)
+    settled = settle_revision(ref, refs)
+    check_revision(settled)
+    return settled
+
+
+def _refs_failed(ref: HubRef, exc: BaseException, env: "_Env") -> CheckpointError:
+    """The Hub's list of branches and tags, asked to tell where a revision spelled with a slash ends
+    (``org/name@feature/x``), did not come: said as such, never read as the parser's split (revision
+    ``feature``, subfolder ``x``), which would report a "missing" revision or read another folder."""
+    from .hub_http import RETRY_STATUS, RETRY_WAIT_TOTAL, _status_of, retry_after
+
+    status, response = _status_of(exc)
+    code = response.headers.get("X-Error-Code") if response is not None else None
+    if status is None or status in (401, 403) or code in ("RepoNotFound", "GatedRepo"):
+        return hub_error(exc, ref.repo_id, ref.spelling, ref.revision, env.endpoint)   # access, or not a Hub
+    asked = retry_after(response)
+    wait = (f" and asked to retry after {asked:g} s, over the {RETRY_WAIT_TOTAL:g} s weightdiff waits"
+            if asked is not None and asked > RETRY_WAIT_TOTAL else " after retries" if status in RETRY_STATUS else "")
+    whole = f"{ref.revision}/{ref.subfolder}"
+    return CheckpointError(ref.spelling, f"cannot tell where the revision in `{escape_name(whole)}` ends: asked for "
+                                         f"the branches and tags of `{escape_name(ref.repo_id)}`, the Hub answered "
+                                         f"HTTP {status}{wait}",
+                           f"try again later; a branch or tag whose name has a slash can be spelled with %2F "
+                           f"(@{escape_name(ref.revision)}%2F{escape_name(ref.subfolder.split('/')[0])}), which needs "
+                           "no list")
 
 
 @dataclass
@@ -413,10 +508,9 @@ def preflight(paths, options: HubOptions | None = None) -> None:
     """Check every Hub spelling among ``paths`` (repo, revision, subfolder, access) before
     anything is downloaded, so a typo in the second model fails before the first is fetched."""
     options = options if isinstance(options, HubOptions) else HubOptions()
-    for spelling in paths:
-        if not isinstance(spelling, str) or os.path.lexists(spelling) or not hub_spelling(spelling):
-            continue
-        ref = parse_ref(spelling)
+    spellings = [s for s in paths if isinstance(s, str) and not os.path.lexists(s) and hub_spelling(s)]
+    refs = [parse_ref(s) for s in spellings]       # every spelling (a revision git refuses) before any request
+    for spelling, ref in zip(spellings, refs):
         env = _env(options)
         if env.offline:
             continue
@@ -603,7 +697,7 @@ def _fetch(ref: HubRef, listing: _Listing, needed: list[str], env: _Env, options
     if quiet:
         disable_progress_bars()
     try:
-        with library_silenced(), \
+        with library_silenced(), plain_http(), \
                 ThreadPoolExecutor(min(8, len(paths)), thread_name_prefix="weightdiff-download") as pool:
             futures = [pool.submit(_download, ref, listing, p, env, cancel, pinned) for p in paths]
             try:

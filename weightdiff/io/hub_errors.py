@@ -119,7 +119,32 @@ def transfer_error(exc: BaseException, where: str, transfer: bool = True,
 
         return CheckpointError(where, f"the server sent nothing for {download_timeout():g} s (timed out)",
                                "try again later; HF_HUB_DOWNLOAD_TIMEOUT sets the wait, in seconds")
+    origin = request_origin(exc, endpoint)
+    if transfer and origin and isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.ProxyError):
+        # the Hub answered and redirected the file to its storage (a CDN, Xet's bridge), which did not: said so,
+        # never "cannot reach the Hub" naming only the repo
+        return CheckpointError(where, f"the Hub redirected the file to {origin}, which cannot be reached ({text})",
+                               "the Hub's storage or the network to it is failing; try again later, or check the "
+                               "proxy settings")
     return None
+
+
+def request_origin(exc: BaseException, endpoint: str | None) -> str | None:
+    """``scheme://host[:port]`` of the request a transport error was raised on (never its query: a CDN's is
+    signed) when that is another server than the Hub at ``endpoint``; None when it is the Hub, or unknown."""
+    from urllib.parse import urlsplit
+
+    try:
+        url = exc.request.url            # (an httpx error raised without a request has none: RuntimeError)
+        hub = urlsplit(endpoint or "")
+        port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+        if (url.scheme, (url.host or "").lower(), port) == \
+                (hub.scheme, (hub.hostname or "").lower(), hub.port or {"http": 80, "https": 443}.get(hub.scheme)):
+            return None
+        netloc = url.netloc.decode() if isinstance(url.netloc, bytes) else url.netloc
+        return escape_name(f"{url.scheme}://{netloc.rpartition('@')[2]}")
+    except Exception:
+        return None
 
 
 def _has_token() -> bool:
@@ -163,7 +188,8 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
         return CheckpointError(where, f"revision `{escape_name(str(revision or 'main'))}` not found in {repo}"
                                       f"{_refs(repo_id, endpoint)}", "give a branch, a tag or a commit sha")
     if isinstance(exc, e.RemoteEntryNotFoundError) or code == "EntryNotFound":
-        return CheckpointError(where, f"a file of {repo} is listed but the Hub does not serve it (HTTP {status})",
+        return CheckpointError(str(file) if file is not None else where,
+                               f"a file of {repo} is listed but the Hub does not serve it (HTTP {status})",
                                "the repo may have changed meanwhile: rerun")
     if isinstance(exc, e.RepositoryNotFoundError) or code == "RepoNotFound":
         return CheckpointError(where, f"no such file or directory, and no Hub repo {repo} (or it is private)",
@@ -203,7 +229,8 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
         return CheckpointError(where, f"the Hub at {escape_name(str(endpoint))} did not answer within "
                                       f"{api_timeout():g} s (timed out)",
                                "try again later; HF_HUB_ETAG_TIMEOUT sets the wait, in seconds")
-    return CheckpointError(where, f"cannot reach the Hub at {escape_name(str(endpoint))} ({first_line(exc)})",
+    return CheckpointError(str(file) if file is not None else where,
+                           f"cannot reach the Hub at {escape_name(str(endpoint))} ({first_line(exc)})",
                            "check the network or proxy settings, or use --offline with a cached copy")
 
 

@@ -19,8 +19,11 @@ second. So each response body must deliver ``STALL_BYTES`` (64 KiB) within every
 real connection passes (a dial-up modem sends 5 KiB/s); a body that falls below stops with
 one line naming the file. This holds for streamed range requests (weightdiff.io.hub_stream)
 and for downloads (the watch is hooked onto huggingface_hub's session for the thread that
-downloads the file; a download by hf_xet, the Hub's Xet storage, is outside it and keeps
-that client's own timeouts).
+downloads the file). A file in the Hub's Xet storage is downloaded by plain HTTP too, never by
+hf_xet (``plain_http``): hf_xet keeps its own timeouts and retries (a storage host that cannot be
+reached kept a run silent for two minutes, then blamed "the Hub"), so its files come through the
+redirect the resolve answer carries, like every other file, under these timeouts and the stall watch,
+and a failure names the file and the server that answered.
 
 An API answer is small, and a pace alone would let a server trickle one forever (a byte every 2 s keeps
 every read inside its timeout): so every API exchange (model info, file listing, branches and tags, a
@@ -39,7 +42,7 @@ import time
 from contextlib import contextmanager
 from urllib.parse import quote
 
-__all__ = ["retrying", "api_retrying", "api_exchange", "api_seconds", "AnswerTooSlow", "API_SECONDS", "retry_after", "RETRY_STATUS", "library_silenced", "api_timeout", "download_timeout", "get_json", "list_tree", "list_refs", "STALL_BYTES",
+__all__ = ["retrying", "api_retrying", "api_exchange", "api_seconds", "AnswerTooSlow", "API_SECONDS", "retry_after", "RETRY_STATUS", "library_silenced", "plain_http", "api_timeout", "download_timeout", "get_json", "list_tree", "list_refs", "STALL_BYTES",
            "stall_seconds", "Stalled", "StallWatch", "watching", "Cancelled"]
 
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
@@ -309,6 +312,32 @@ def watching(cancel: threading.Event | None = None):
         yield
     finally:
         _local.state = previous
+
+
+_plain = 0
+_saved_xet: bool | None = None
+
+
+@contextmanager
+def plain_http():
+    """While in this block (any thread), huggingface_hub downloads every file by HTTP, never by hf_xet:
+    its ``HF_HUB_DISABLE_XET`` setting on, so a Xet-backed file follows the resolve answer's redirect
+    like any other (the library's own fallback when hf_xet is not installed)."""
+    from huggingface_hub import constants
+
+    global _plain, _saved_xet
+    with _hook_lock:
+        if _plain == 0:
+            _saved_xet = constants.HF_HUB_DISABLE_XET
+            constants.HF_HUB_DISABLE_XET = True
+        _plain += 1
+    try:
+        yield
+    finally:
+        with _hook_lock:
+            _plain -= 1
+            if _plain == 0:
+                constants.HF_HUB_DISABLE_XET = bool(_saved_xet)
 
 
 _silenced = 0

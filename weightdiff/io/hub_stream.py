@@ -184,6 +184,7 @@ class RangeReader:
                                                  f"{r.status_code}, Content-Range "
                                                  f"{r.headers.get('Content-Range')!r})",
                                               "use --download to fetch whole files instead")
+                    _check_size(f, r)
                     _check_etag(f, r, self.listed_xet)
                     before, watch = got, StallWatch()
                     try:
@@ -207,8 +208,12 @@ class RangeReader:
             except (_Transient, httpx.TransportError) as exc:
                 failures += 1
                 if failures > RETRIES:
+                    from .hub_errors import request_origin
+
+                    where = request_origin(exc, self.endpoint)         # the storage the Hub redirected to
                     raise CheckpointError(f, f"connection lost at byte {offset + got:,} of {f.size:,} after "
-                                             f"{RETRIES} retries ({_what(exc)})",
+                                             f"{RETRIES} retries ({_what(exc)}"
+                                             f"{f', at {where}, where the Hub redirected the file' if where else ''})",
                                           "check the network and rerun, or use --download") from None
                 wait = min(BACKOFF_MAX, BACKOFF * 2 ** (failures - 1))
                 asked = getattr(exc, "wait", None)
@@ -267,6 +272,36 @@ def _check_etag(f: HubFile, r, listed_xet: "Callable[[HubFile], str | None] | No
                              f"sha256 {f.sha256[:16]}... the Hub lists for the file (a mirror or CDN serving "
                              f"another file, or the file changed on the server during the run)",
                           "rerun later, or use --download, which hashes the whole file against the Hub's listing")
+
+
+def _served_size(r) -> int | None:
+    """The whole file's size the server that answered states: a 206's ``Content-Range: bytes a-b/N``, a 200's
+    ``Content-Length`` (not encoded), else the ``X-Linked-Size`` of the resolve answer that redirected to it (None
+    when none says)."""
+    total = (r.headers.get("Content-Range") or "").rpartition("/")[2].strip()
+    if r.status_code == 206 and total.isdigit():
+        return int(total)
+    length = (r.headers.get("Content-Length") or "").strip()
+    if r.status_code == 200 and length.isdigit() and r.headers.get("Content-Encoding", "identity") == "identity":
+        return int(length)                   # the whole file, as sent
+    for h in getattr(r, "history", ()):
+        linked = (h.headers.get("X-Linked-Size") or "").strip()
+        if linked.isdigit():
+            return int(linked)
+    return None
+
+
+def _check_size(f: HubFile, r) -> None:
+    """A range answer from a file of another size than the Hub's listing gives: CheckpointError saying that the
+    listing and the served file disagree (read with the listed size, its header would be blamed: "trailing bytes",
+    "truncated download?", for a stream that downloaded nothing)."""
+    served = _served_size(r)
+    if served is None or f.size < 0 or served == f.size:
+        return
+    raise CheckpointError(f, f"the Hub's listing gives this file {f.size:,} bytes but the server serves {served:,} "
+                             f"bytes: the listing and the served file disagree",
+                          "use --download, which checks the whole file against the sha256 the Hub lists; or ask "
+                          "the Hub or mirror's owner")
 
 
 def _range_starts(content_range: str | None, start: int) -> bool:
