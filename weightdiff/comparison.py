@@ -1640,7 +1640,7 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
 
     from .judge.relatedness import _EXPERT, is_expert_name
     from .measure.permutation import (_as_float32, detect_permutations, experts_permuted, fused_qkv_views,
-                                      heads_order, members_follow, rows_follow, rows_reordered)
+                                      heads_order, members_follow_stored, rows_follow, rows_reordered)
 
     undo = [] if undo is None else undo
     rows_seen = {} if rows_seen is None else rows_seen
@@ -1657,9 +1657,9 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
         name_map = {r.name: r.base_name for r in rows}
         by_name = {r.name: r for r in rows}
         for f in detect_permutations(base, tuned, name_map, seed=0):
-            mats = [(load(tuned, n), load(base, name_map[n]), ax, role) for n, ax, role in f.members
-                    if not role.startswith("bias")]
-            if f.applied and members_follow(mats, f.perm):
+            # read in row blocks, the base's neurons gathered in the order found: no member decoded whole
+            mats = [(n, name_map[n], ax, role) for n, ax, role in f.members if not role.startswith("bias")]
+            if f.applied and members_follow_stored(tuned, base, mats, f.perm):
                 for n, ax, role in f.members:
                     if n in by_name:
                         parts = int(role.rsplit(":", 1)[1]) if ":" in role else 1

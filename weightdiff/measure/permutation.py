@@ -38,7 +38,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -47,7 +47,7 @@ from ..kernels.dtypes import decode
 
 __all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation",
            "detect_permutations", "undo", "neuron_vectors", "heads_permuted", "experts_permuted", "rows_follow",
-           "members_follow", "keep_matched", "HEAD_DIMS", "parts_of", "member_vectors", "undo_member", "fused_qkv_views"]
+           "members_follow", "members_follow_stored", "member_sources", "keep_matched", "HEAD_DIMS", "parts_of", "member_vectors", "undo_member", "fused_qkv_views"]
 
 # (regex with the group prefix as group 1, neuron axis, role); role "in" feeds the neurons,
 # "out" reads them; "bias" is permuted but not used for matching; ":2" after a role: the neuron
@@ -189,7 +189,7 @@ GREEDY_MAX = 4096
 
 def match_neurons(sim: np.ndarray | None = None, *, sig_tuned: np.ndarray | None = None,
                   sig_base: np.ndarray | None = None, exact_max: int = 2048,
-                  chunk: int = 1024) -> tuple[np.ndarray, str]:
+                  chunk: int | None = None) -> tuple[np.ndarray, str]:
     """Best one-to-one matching of tuned neurons (rows) to base neurons.
 
     Either ``sim`` (n x n similarities, solved exactly) or two signature matrices
@@ -197,7 +197,8 @@ def match_neurons(sim: np.ndarray | None = None, *, sig_tuned: np.ndarray | None
     compared by the sum of each member's absolute cosine). With signatures, mutual
     nearest neighbours are matched directly and only the remaining neurons are
     solved exactly (greedily when more than ``exact_max`` remain), ``chunk`` rows at a time (each member's
-    similarities of a chunk are float64 [chunk, n]: 117 MB at 14,336 neurons).
+    similarities of a chunk are float64 [chunk, n]; by default as many rows as ``rotation.BLOCK_BYTES`` holds:
+    1,024 rows were 235 MB a member at 28,672 neurons, several of them alive at once).
     Returns (perm, method) with tuned neuron i -> base neuron perm[i].
     """
     if sim is not None:
@@ -214,6 +215,8 @@ def match_neurons(sim: np.ndarray | None = None, *, sig_tuned: np.ndarray | None
         return sum(np.abs(x[lo:hi] @ y.T) for x, y in zip(a, b))
 
     n = st[0].shape[0]
+    if chunk is None:
+        chunk = _step(n)
     if n <= exact_max:
         return linear_assignment(sims(st, sb, 0, n), maximize=True), "exact"
     best_b = np.empty(n, dtype=np.int64)
@@ -255,49 +258,186 @@ def find_permutation(tuned: Sequence[tuple[np.ndarray, int]], base: Sequence[tup
     """Match the neurons of one MLP given its member matrices as float arrays.
 
     ``roles``: each member's role (``in:2`` for a fused gate_up, see ``parts_of``); plain by default.
-    ``tuned`` and ``base`` list (array, neuron axis) in the same order. The arrays
-    may be loaded lazily by the caller one at a time; here they are all in memory.
+    ``tuned`` and ``base`` list (array, neuron axis) in the same order. Read in row blocks as
+    ``detect_permutations`` reads stored matrices (the same sums, the same answer).
     """
-    load_t = [lambda a=a: a for a, _ in tuned]
-    load_b = [lambda a=a: a for a, _ in base]
-    return _find(load_t, load_b, [ax for _, ax in tuned], exact_max=exact_max, proj_dims=proj_dims,
-                 seed=seed, min_cosine=min_cosine, group=group, roles=roles)
+    roles = list(roles) if roles is not None else ["in"] * len(tuned)
+    src_t = [_ArraySource(a, ax) for a, ax in tuned]
+    src_b = [_ArraySource(a, ax) for a, ax in base]
+    return _find(src_t, src_b, [0 if s.flat else ax for s, (_, ax) in zip(src_t, tuned)], exact_max=exact_max,
+                 proj_dims=proj_dims, seed=seed, min_cosine=min_cosine, group=group, roles=roles)
 
 
-def _find(load_t: Sequence[Callable[[], np.ndarray]], load_b: Sequence[Callable[[], np.ndarray]],
-          axes: Sequence[int], *, exact_max: int, proj_dims: int, seed: int, min_cosine: float,
-          group: str, roles: Sequence[str] | None = None) -> Finding:
+class _ArraySource:
+    """A member matrix held in memory, read as ``_StoredSource`` reads a stored one: 2-D rows, float64, in blocks.
+    A member of more than two axes is seen with its neuron axis first, flattened after (``flat``: axis 0 then)."""
+
+    def __init__(self, a: np.ndarray, axis: int):
+        a = np.asarray(a)
+        self.flat = a.ndim != 2
+        self._a = a if not self.flat else np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+        self.rows, self.cols = self._a.shape
+
+    def block(self, r0: int, r1: int, index: np.ndarray | None = None) -> np.ndarray:
+        x = self._a[np.asarray(index[r0:r1], np.int64)] if index is not None else self._a[r0:r1]
+        return _f64(x)
+
+
+class _StoredSource:
+    """A stored member matrix [rows, cols] read in row blocks (``rotation.rows_of``: rows ``r0:r1`` or the rows
+    ``index[r0:r1]``, a gather), decoded to float64; never whole."""
+
+    def __init__(self, ck, name: str):
+        from .rotation import _dims
+
+        self.ck, self.name, self.flat = ck, name, False
+        self.rows, self.cols = _dims(ck, name)
+
+    def block(self, r0: int, r1: int, index: np.ndarray | None = None) -> np.ndarray:
+        from .rotation import rows_of
+
+        if index is not None:
+            return rows_of(self.ck, self.name, r0, r1, index)
+        return rows_of(self.ck, self.name, r0, r1)
+
+
+def _step(cols: int) -> int:
+    from .rotation import block_rows
+
+    return block_rows(cols)
+
+
+def _clean(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """A float64 block with its NaN/Inf entries zeroed (``_finite``), and how many there were."""
+    return _finite(x)
+
+
+def _signatures(src, axis: int, parts: int, n: int, r: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each neuron's vector (its parts side by side, ``member_vectors``) times ``r`` [vector, k], float64 [n, k],
+    read in row blocks; and the non-finite entries met (zeroed)."""
+    out = np.zeros((n, r.shape[1]))
+    r = np.asarray(r, np.float64)
+    bad = 0
+    if axis == 0:                        # neuron i of part k: row k * n + i, whole
+        step = _step(src.cols)
+        for k in range(parts):
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                x, b = _clean(src.block(k * n + lo, k * n + hi))
+                bad += b
+                out[lo:hi] += x @ r[k * src.cols:(k + 1) * src.cols]
+    else:                                # neuron i of part k: column k * n + i, over every row
+        step = _step(src.cols)
+        for lo in range(0, src.rows, step):
+            hi = min(src.rows, lo + step)
+            x, b = _clean(src.block(lo, hi))
+            bad += b
+            for k in range(parts):
+                out += x[:, k * n:(k + 1) * n].T @ r[k * src.rows + lo:k * src.rows + hi]
+    return out, bad
+
+
+def _similarities(st, sb, axis: int, parts: int, n: int) -> tuple[np.ndarray, int]:
+    """The n x n dot products of every tuned neuron's vector with every base neuron's (one member, its parts side
+    by side), in row blocks; and the non-finite entries met (zeroed)."""
+    dots = np.zeros((n, n))
+    bad = 0
+    if axis == 0:
+        step = _step(st.cols)
+        for k in range(parts):
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                x, b = _clean(st.block(k * n + lo, k * n + hi))
+                bad += b
+                for lo2 in range(0, n, step):
+                    hi2 = min(n, lo2 + step)
+                    y, b = _clean(sb.block(k * n + lo2, k * n + hi2))
+                    if lo == 0:
+                        bad += b
+                    dots[lo:hi, lo2:hi2] += x @ y.T
+    else:
+        step = _step(st.cols)
+        for lo in range(0, st.rows, step):
+            hi = min(st.rows, lo + step)
+            (x, b1), (y, b2) = _clean(st.block(lo, hi)), _clean(sb.block(lo, hi))
+            bad += b1 + b2
+            for k in range(parts):
+                dots += x[:, k * n:(k + 1) * n].T @ y[:, k * n:(k + 1) * n]
+    return dots, bad
+
+
+def _member_sums(st, sb, axis: int, parts: int, n: int, perm: np.ndarray) -> np.ndarray:
+    """Per part and neuron of one member, in row blocks (the base's rows gathered in ``perm``'s order, never a
+    whole matrix): [4, parts, n] of (tuned neuron i . base neuron perm[i], tuned i . base i, |tuned i|^2,
+    |base i|^2), non-finite entries zeroed."""
+    out = np.zeros((4, parts, n))
+    perm = np.asarray(perm, np.int64)
+    if axis == 0:
+        step = _step(st.cols)
+        for k in range(parts):
+            gather = perm + k * n
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                x = _clean(st.block(k * n + lo, k * n + hi))[0]
+                y = _clean(sb.block(k * n + lo, k * n + hi))[0]
+                ym = _clean(sb.block(lo, hi, gather))[0]
+                out[0, k, lo:hi] = np.einsum("ij,ij->i", x, ym)
+                out[1, k, lo:hi] = np.einsum("ij,ij->i", x, y)
+                out[2, k, lo:hi] = np.einsum("ij,ij->i", x, x)
+                out[3, k, lo:hi] = np.einsum("ij,ij->i", y, y)
+    else:
+        step = _step(st.cols)
+        for lo in range(0, st.rows, step):
+            hi = min(st.rows, lo + step)
+            x, y = _clean(st.block(lo, hi))[0], _clean(sb.block(lo, hi))[0]
+            for k in range(parts):
+                xk, yk = x[:, k * n:(k + 1) * n], y[:, k * n:(k + 1) * n]
+                out[0, k] += np.einsum("ij,ij->j", xk, yk[:, perm])
+                out[1, k] += np.einsum("ij,ij->j", xk, yk)
+                out[2, k] += np.einsum("ij,ij->j", xk, xk)
+                out[3, k] += np.einsum("ij,ij->j", yk, yk)
+    return out
+
+
+def _find(src_t: Sequence, src_b: Sequence, axes: Sequence[int], *, exact_max: int, proj_dims: int, seed: int,
+          min_cosine: float, group: str, roles: Sequence[str] | None = None) -> Finding:
+    """The matching of one MLP whose members are sources read in row blocks (``_ArraySource``,
+    ``_StoredSource``): the signatures (or, for at most ``exact_max`` neurons, the n x n similarities) and the
+    cosines summed block by block; memory is bounded by a block and by [n, proj_dims], never a whole matrix."""
     roles = list(roles) if roles is not None else ["in"] * len(axes)
-    n = None
     sim = None
     sig_t: list = []
     sig_b: list = []
     bad = 0
-    for k, (lt, lb, ax, role) in enumerate(zip(load_t, load_b, axes, roles)):
-        vt, vb = member_vectors(lt(), ax, role), member_vectors(lb(), ax, role)
-        (vt, bt), (vb, bb) = _finite(vt), _finite(vb)
-        bad += bt + bb
-        n = vt.shape[0]
+    n = None
+    for k, (st, sb, ax, role) in enumerate(zip(src_t, src_b, axes, roles)):
+        p = parts_of(role)
+        n = (st.rows if ax == 0 else st.cols) // p
         if n <= exact_max:
             # each member up to its sign (see the module's docstring)
-            part = np.abs(vt.astype(np.float64) @ vb.astype(np.float64).T)
+            dots, b = _similarities(st, sb, ax, p, n)
+            bad += b
+            part = np.abs(dots)
             sim = part if sim is None else sim + part
         else:
+            length = (st.cols if ax == 0 else st.rows) * p
             rng = np.random.default_rng([seed, zlib.crc32(group.encode()), k])
-            r = rng.standard_normal((vt.shape[1], proj_dims)).astype(np.float32)
-            sig_t.append(vt.astype(np.float32) @ r)
-            sig_b.append(vb.astype(np.float32) @ r)
-        del vt, vb
+            r = rng.standard_normal((length, proj_dims)).astype(np.float32)
+            (a, bt), (c, bb) = _signatures(st, ax, p, n, r), _signatures(sb, ax, p, n, r)
+            bad += bt + bb
+            sig_t.append(a)
+            sig_b.append(c)
     perm, method = match_neurons(sim, sig_tuned=sig_t or None, sig_base=sig_b or None, exact_max=exact_max)
-    cos_m, cos_i, dead = _cosines(load_t, load_b, axes, roles, perm)
+    cos_m, cos_i, dead = _cosines(src_t, src_b, axes, roles, perm)
     # a neuron moves only where it matches (at least min_cosine, and better than where it stands): the
-    # assignment also shuffles neurons that match nothing (flipped in sign, re-initialised) among
+    # solver pairs every neuron, so a fine-tuned row whose match is no better than noise would move with
+    # the real ones and the mean could still pass; neurons that matched no better stay where they stand
     # themselves, and a mean over the good moves would accept those too (a dead neuron, zero on both
     # sides, matches any other dead one)
     kept = keep_matched(perm, ((cos_m >= min_cosine) & (cos_m > cos_i + 1e-6)) | dead)
     if not np.array_equal(kept, perm):
         perm = kept
-        cos_m = _cosines(load_t, load_b, axes, roles, perm)[0]
+        cos_m = _cosines(src_t, src_b, axes, roles, perm)[0]
     matched, ident = float(cos_m.mean()), float(cos_i.mean())
     moved = bool(np.any(perm != np.arange(n)))
     applied = moved and matched >= min_cosine and matched > ident + 1e-6
@@ -331,19 +471,18 @@ def keep_matched(perm: np.ndarray, good: np.ndarray) -> np.ndarray:
     return perm
 
 
-def _cosines(load_t, load_b, axes, roles, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cosines(src_t, src_b, axes, roles, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cosine of tuned neuron i with base neuron perm[i], with base neuron i, whether both of the first
-    pair are zero: a dead neuron, matched by any other) on the full vectors, each member up to its sign."""
+    pair are zero: a dead neuron, matched by any other) on the full vectors, each member up to its sign;
+    summed in row blocks (``_member_sums``)."""
     n = len(perm)
     dot_m, dot_i, nt, nb = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
-    for lt, lb, ax, role in zip(load_t, load_b, axes, roles):
-        vt = _finite(_f64(member_vectors(lt(), ax, role)))[0]
-        vb = _finite(_f64(member_vectors(lb(), ax, role)))[0]
-        dot_m += np.abs(np.einsum("ij,ij->i", vt, vb[perm]))
-        dot_i += np.abs(np.einsum("ij,ij->i", vt, vb))
-        nt += np.einsum("ij,ij->i", vt, vt)
-        nb += np.einsum("ij,ij->i", vb, vb)
-        del vt, vb
+    for st, sb, ax, role in zip(src_t, src_b, axes, roles):
+        sums = _member_sums(st, sb, ax, parts_of(role), n, perm)
+        dot_m += np.abs(sums[0].sum(axis=0))
+        dot_i += np.abs(sums[1].sum(axis=0))
+        nt += sums[2].sum(axis=0)
+        nb += sums[3].sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         cos_m = np.where((nt > 0) & (nb[perm] > 0), dot_m / np.sqrt(nt * nb[perm]), 0.0)
         cos_i = np.where((nt > 0) & (nb > 0), dot_i / np.sqrt(nt * nb), 0.0)
@@ -394,17 +533,28 @@ def detect_permutations(base, tuned, name_map: Mapping[str, str], *, exact_max: 
     findings = []
     for g in mlp_groups(shapes):
         mats = [(n, ax, role) for n, ax, role in g.members if not role.startswith("bias")]
-
-        def loader(ck, name):
-            info = ck.tensors[name]
-            return lambda: _as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)), info.dtype)
-
-        f = _find([loader(tuned, n) for n, _, _ in mats], [loader(base, name_map[n]) for n, _, _ in mats],
-                  [ax for _, ax, _ in mats], exact_max=exact_max, proj_dims=proj_dims, seed=seed,
-                  min_cosine=min_cosine, group=g.prefix, roles=[r for _, _, r in mats])
+        srcs_t, srcs_b = member_sources(tuned, base, [(n, name_map[n], ax) for n, ax, _ in mats])
+        f = _find(srcs_t, srcs_b, [0 if s.flat else ax for s, (_, ax, _) in zip(srcs_t, mats)], exact_max=exact_max,
+                  proj_dims=proj_dims, seed=seed, min_cosine=min_cosine, group=g.prefix, roles=[r for _, _, r in mats])
         f.members = list(g.members)
         findings.append(f)
     return findings
+
+
+def member_sources(tuned, base, members: Sequence[tuple[str, str, int]]) -> tuple[list, list]:
+    """Sources (tuned, base) for member matrices (tuned name, base name, neuron axis) of two Checkpoints: read in
+    row blocks from the stored tensors (2-D ones; a member of more axes, rare, is decoded whole)."""
+    out_t, out_b = [], []
+    for tname, bname, ax in members:
+        if len(tuned.tensors[tname].shape) == 2 and len(base.tensors[bname].shape) == 2:
+            out_t.append(_StoredSource(tuned, tname))
+            out_b.append(_StoredSource(base, bname))
+        else:
+            for ck, name, out in ((tuned, tname, out_t), (base, bname, out_b)):
+                info = ck.tensors[name]
+                out.append(_ArraySource(_as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)),
+                                                    info.dtype), ax))
+    return out_t, out_b
 
 
 def undo(x: np.ndarray, perm: np.ndarray, axis: int) -> np.ndarray:
@@ -465,20 +615,39 @@ def members_follow(load_pairs: Sequence[tuple[np.ndarray, np.ndarray, int] | tup
     its sign and scale, as the matcher counts it; a neuron zero on one side only counts 0): pooled over gate, up
     and down, two matching matrices pass the matcher beside a new third one.
     Each part of a fused member (its gate and its up rows) is a matrix of its own here: a new gate beside the
-    base's up would pass as one tensor."""
+    base's up would pass as one tensor. ``members_follow_stored`` answers the same for stored matrices."""
+    srcs = []
     for t, b, axis, *role in load_pairs:
-        p = parts_of(role[0]) if role else 1
-        xs = np.split(undo_member(_f64(t), perm, axis, *role), p, axis=axis)
-        for x, y in zip(xs, np.split(_f64(b), p, axis=axis)):
-            x, y = _finite(neuron_vectors(x, axis))[0], _finite(neuron_vectors(y, axis))[0]
-            # the mean over neurons of each one's absolute cosine: pooled over the matrix, one neuron scaled by 60
-            # (and its down column by 1/60, the same function) outweighed the rest and the MLP read unrelated
-            nx, ny = np.sqrt(np.einsum("ij,ij->i", x, x)), np.sqrt(np.einsum("ij,ij->i", y, y))
+        st, sb = _ArraySource(t, axis), _ArraySource(b, axis)
+        srcs.append((st, sb, 0 if st.flat else axis, role[0] if role else "in"))
+    return _follow(srcs, perm, min_cosine)
+
+
+def members_follow_stored(tuned, base, members: Sequence[tuple[str, str, int, str]], perm: np.ndarray,
+                          min_cosine: float = 0.5) -> bool:
+    """``members_follow`` for members (tuned name, base name, neuron axis, role) of two Checkpoints, read in row
+    blocks (the base's neurons gathered in ``perm``'s order block by block): no matrix decoded whole."""
+    srcs_t, srcs_b = member_sources(tuned, base, [(t, b, ax) for t, b, ax, _ in members])
+    return _follow([(st, sb, 0 if st.flat else ax, role) for st, sb, (_, _, ax, role) in zip(srcs_t, srcs_b, members)],
+                   perm, min_cosine)
+
+
+def _follow(srcs, perm: np.ndarray, min_cosine: float) -> bool:
+    perm = np.asarray(perm, np.int64)
+    n = len(perm)
+    for st, sb, axis, role in srcs:
+        sums = _member_sums(st, sb, axis, parts_of(role), n, perm)
+        for dm, nx2, ny2 in zip(sums[0], sums[2], sums[3][:, perm]):
+            # tuned neuron i against base neuron perm[i]: the undone tuned neuron perm[i] against the base's (the mean
+            # over neurons is the same in either order); the mean over neurons of each one's absolute cosine: pooled
+            # over the matrix, one neuron scaled by 60 (and its down column by 1/60, the same function) outweighed
+            # the rest and the MLP read unrelated
+            nx, ny = np.sqrt(nx2), np.sqrt(ny2)
             live = (nx > 0) & (ny > 0)
             dead = (nx == 0) & (ny == 0)            # zero on both sides: a dead neuron, the base's
             if not (live.any() or dead.any()):
                 return False
-            cos = np.abs(np.einsum("ij,ij->i", x[live], y[live])) / (nx[live] * ny[live])
+            cos = np.abs(dm[live]) / (nx[live] * ny[live])
             if float((cos.sum() + dead.sum()) / (live.sum() + dead.sum())) < min_cosine:
                 return False
     return True
