@@ -92,3 +92,31 @@ def test_permuted_neurons_are_found_in_row_blocks(tmp_path, rng, monkeypatch, fu
     assert seen and all(kind != "read" for _, _, kind in seen), {n for n, _, k in seen if k == "read"}
     largest = max(size for _, size, _ in seen)
     assert largest <= N * H // 4, largest
+
+
+def test_permuted_heads_are_found_in_row_blocks(tmp_path, rng, monkeypatch):
+    from weightdiff.measure.permutation import expand_units, heads_order, member_sources
+
+    monkeypatch.setattr(rot, "BLOCK_BYTES", 8 * 64 * 4)
+    hid, d, h, kv = 48, 16, 8, 2
+    base = {"q": rng.standard_normal((h * d, hid)), "k": rng.standard_normal((kv * d, hid)),
+            "v": rng.standard_normal((kv * d, hid)), "o": rng.standard_normal((hid, h * d))}
+    base = {f"m.layers.0.self_attn.{k}_proj.weight": v.astype(np.float32) for k, v in base.items()}
+    pq = rng.permutation(h)
+    rows = expand_units(pq, d)
+    tuned = {k: (v[:, rows] if ".o_proj" in k else v[rows] if ".q_proj" in k else v) + 1e-3 * rng.standard_normal(v.shape)
+             for k, v in base.items()}
+    tuned = {k: v.astype(np.float32) for k, v in tuned.items()}
+    seen: list = []
+    bc = _spied(locate(write_checkpoint(tmp_path / "b", base)), seen)
+    tc = _spied(locate(write_checkpoint(tmp_path / "t", tuned)), seen)
+    mats, whole = {}, {}
+    for part in "qkvo":
+        name = f"m.layers.0.self_attn.{part}_proj.weight"
+        (t,), (b,) = member_sources(tc, bc, [(name, name, 0)])
+        mats[part], whole[part] = (t, b), (tuned[name], base[name])
+    got, want = heads_order(mats), heads_order(whole)
+    assert got and want and got.d == want.d == d and np.array_equal(got.q, want.q) and np.array_equal(got.q, pq)
+    assert (got.kv is None) == (want.kv is None)
+    assert seen and all(kind != "read" for _, _, kind in seen)
+    assert max(size for _, size, _ in seen) <= h * d * hid // 4

@@ -1640,7 +1640,8 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
 
     from .judge.relatedness import _EXPERT, is_expert_name
     from .measure.permutation import (_as_float32, detect_permutations, experts_permuted, fused_qkv_views,
-                                      heads_order, members_follow_stored, rows_follow, rows_reordered)
+                                      heads_order, member_sources, members_follow_stored, rows_follow,
+                                      rows_reordered)
 
     undo = [] if undo is None else undo
     rows_seen = {} if rows_seen is None else rows_seen
@@ -1742,12 +1743,16 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                 add(r, r.base_name, 0, perm, note, as_kind=None if follow else "router", outputs=True)
         return True
     mats, names = {}, {}
+    fused = any(r.module == "attn.qkv" for r in rows)
     for r in rows:
         if r.module in ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv") and len(r.shape or ()) == 2 \
                 and r.name.endswith("weight"):
-            t, b = load(tuned, r.name), load(base, r.base_name)
-            if _conv1d(r):
-                t, b = t.T, b.T                      # GPT-2's Conv1D stores [in, out]
+            if _conv1d(r) or fused:                  # a fused qkv is split in memory (``fused_qkv_views``)
+                t, b = load(tuned, r.name), load(base, r.base_name)
+                if _conv1d(r):
+                    t, b = t.T, b.T                  # GPT-2's Conv1D stores [in, out]
+            else:                                    # read in row blocks by the heads check, never whole
+                (t,), (b,) = member_sources(tuned, base, [(r.name, r.base_name, 0)])
             mats[r.module.split(".", 1)[1]] = (t, b)
             names[r.module.split(".", 1)[1]] = r
     if "q" in mats or "qkv" not in mats or "o" not in mats:

@@ -277,6 +277,7 @@ class _ArraySource:
         self.flat = a.ndim != 2
         self._a = a if not self.flat else np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
         self.rows, self.cols = self._a.shape
+        self.shape = (self.rows, self.cols)
 
     def block(self, r0: int, r1: int, index: np.ndarray | None = None) -> np.ndarray:
         x = self._a[np.asarray(index[r0:r1], np.int64)] if index is not None else self._a[r0:r1]
@@ -292,6 +293,7 @@ class _StoredSource:
 
         self.ck, self.name, self.flat = ck, name, False
         self.rows, self.cols = _dims(ck, name)
+        self.shape = (self.rows, self.cols)
 
     def block(self, r0: int, r1: int, index: np.ndarray | None = None) -> np.ndarray:
         from .rotation import rows_of
@@ -733,15 +735,9 @@ def _heads_state(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d
     # each row of a head counts up to its sign (v's rows and o's columns negated or rescaled alike change nothing
     # attention computes, and reparametrising tools do that to heads they also reorder): the similarity of two
     # heads is the sum over their rows of the absolute dot products, over the heads' norms
+    # each matrix read in blocks (``_head_sums``): a 70B-width q and o held whole in float64 were 2 GB a side
     h = members[0][0][0].shape[members[0][1]] // d
-    parts = []
-    for (t, b), axis in members:
-        vt = np.moveaxis(_finite(np.asarray(t, np.float64))[0], axis, 0).reshape(h, d, -1)
-        vb = np.moveaxis(_finite(np.asarray(b, np.float64))[0], axis, 0).reshape(h, d, -1)
-        dots = np.zeros((h, h))
-        for r in range(d):                      # one product per row of a head (BLAS), h x h each
-            dots += np.abs(vt[:, r, :] @ vb[:, r, :].T)
-        parts.append((dots, np.einsum("irw,irw->i", vt, vt), np.einsum("irw,irw->i", vb, vb)))
+    parts = [_head_sums(_source(t), _source(b), axis, d, h) for (t, b), axis in members]
 
     def cos(dots, nt, nb):
         den = np.sqrt(np.outer(nt, nb))
@@ -757,6 +753,41 @@ def _heads_state(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d
     if perm is not None:
         return ("reordered" if each >= min_cosine else "unrelated"), (perm if each >= min_cosine else None), score
     return ("same" if score >= min_cosine else "unrelated"), None, score
+
+
+def _source(x):
+    """A matrix as a source read in row blocks: a ``_StoredSource`` as it is, an array wrapped."""
+    return x if hasattr(x, "block") else _ArraySource(np.asarray(x), 0)
+
+
+def _head_sums(st, sb, axis: int, d: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For heads of ``d`` rows (``axis`` 0) or columns (1): (h x h sums over a head's rows of the absolute dot
+    products of tuned head i's row r with base head j's, each head's squared norm tuned and base), non-finite
+    entries zeroed. Rows: the r-th row of every head gathered at once (h rows a side); columns: row blocks, the
+    h x h products of each of the d column offsets summed before their absolute value."""
+    dots = np.zeros((h, h))
+    nt, nb = np.zeros(h), np.zeros(h)
+    if axis == 0:
+        for r in range(d):                      # one product per row of a head (BLAS), h x h each
+            index = np.arange(h, dtype=np.int64) * d + r
+            x, y = _clean(st.block(0, h, index))[0], _clean(sb.block(0, h, index))[0]
+            dots += np.abs(x @ y.T)
+            nt += np.einsum("ij,ij->i", x, x)
+            nb += np.einsum("ij,ij->i", y, y)
+        return dots, nt, nb
+    acc = np.zeros((d, h, h))
+    step = _step(st.cols)
+    for lo in range(0, st.rows, step):
+        hi = min(st.rows, lo + step)
+        x = _clean(st.block(lo, hi))[0].reshape(hi - lo, h, d)
+        y = _clean(sb.block(lo, hi))[0].reshape(hi - lo, h, d)
+        for r in range(d):
+            acc[r] += x[:, :, r].T @ y[:, :, r]
+        nt += np.einsum("bir,bir->i", x, x)
+        nb += np.einsum("bir,bir->i", y, y)
+    for r in range(d):
+        dots += np.abs(acc[r])
+    return dots, nt, nb
 
 
 def fused_qkv_views(qkv: tuple[np.ndarray, np.ndarray], o: tuple[np.ndarray, np.ndarray],
