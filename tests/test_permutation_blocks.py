@@ -120,3 +120,27 @@ def test_permuted_heads_are_found_in_row_blocks(tmp_path, rng, monkeypatch):
     assert (got.kv is None) == (want.kv is None)
     assert seen and all(kind != "read" for _, _, kind in seen)
     assert max(size for _, size, _ in seen) <= h * d * hid // 4
+
+
+def test_permuted_experts_are_found_in_row_blocks(tmp_path, rng, monkeypatch):
+    from weightdiff.measure.permutation import experts_permuted, member_sources
+
+    monkeypatch.setattr(rot, "BLOCK_BYTES", 8 * 32 * 16)
+    e, n, hid = 4, 40, 32
+    base = {}
+    for i in range(e):
+        base[f"m.layers.0.mlp.experts.{i}.w1.weight"] = rng.standard_normal((n, hid)).astype(np.float32)
+        base[f"m.layers.0.mlp.experts.{i}.w2.weight"] = rng.standard_normal((hid, n)).astype(np.float32)
+    perm = np.array([2, 0, 3, 1])
+    tuned = {k: (base[k.replace(f"experts.{k.split('.')[5]}.", f"experts.{perm[int(k.split('.')[5])]}.")]
+                 + 1e-3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in base.items()}
+    seen: list = []
+    bc = _spied(locate(write_checkpoint(tmp_path / "b", base)), seen)
+    tc = _spied(locate(write_checkpoint(tmp_path / "t", tuned)), seen)
+    names = {i: [f"m.layers.0.mlp.experts.{i}.{w}.weight" for w in ("w1", "w2")] for i in range(e)}
+    stored = {i: list(zip(*member_sources(tc, bc, [(x, x, 0) for x in v]))) for i, v in names.items()}
+    whole = {i: [(tuned[x], base[x]) for x in v] for i, v in names.items()}
+    got, want = experts_permuted(stored), experts_permuted(whole)
+    assert np.array_equal(got, want) and np.array_equal(got, perm)
+    assert seen and all(kind != "read" for _, _, kind in seen)
+    assert max(size for _, size, _ in seen) < n * hid

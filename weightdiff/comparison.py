@@ -1708,7 +1708,8 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
     if kind == "experts":
         experts = [r for r in rows if is_expert_name(r.name)]
         grouped = _by_expert(experts, lambda r: r)
-        perm = experts_permuted({e: [(load(tuned, r.name), load(base, r.base_name)) for r in v]
+        # stored sources, read in row blocks by experts_permuted (never a whole expert)
+        perm = experts_permuted({e: list(zip(*member_sources(tuned, base, [(r.name, r.base_name, 0) for r in v])))
                                  for e, v in grouped.items()})
         if perm is None:
             return False

@@ -581,6 +581,27 @@ def experts_permuted(experts: Mapping[int, Sequence[tuple[np.ndarray, np.ndarray
     ids = sorted(experts)
     if len(ids) < 2 or len({len(experts[i]) for i in ids}) != 1:
         return None
+    pairs = [[(_source(t), _source(b)) for t, b in experts[i]] for i in ids]
+    if all(len({(p[m][0].shape, p[m][1].shape) for p in pairs}) == 1 for m in range(len(pairs[0]))):
+        # each member in row blocks, every expert's block of it at once (a block budget shared by 2 x experts):
+        # a Mixtral-sized layer's experts stacked whole in float64 were 11 GB a side
+        from .rotation import BLOCK_BYTES, block_rows
+
+        e = len(ids)
+        dots, nt, nb = np.zeros((e, e)), np.zeros(e), np.zeros(e)
+        for m in range(len(pairs[0])):
+            rows, cols = pairs[0][m][0].shape
+            step = block_rows(cols, max(1, BLOCK_BYTES // (2 * e)))
+            for lo in range(0, rows, step):
+                hi = min(rows, lo + step)
+                x = np.stack([_clean(p[m][0].block(lo, hi))[0].reshape(-1) for p in pairs])
+                y = np.stack([_clean(p[m][1].block(lo, hi))[0].reshape(-1) for p in pairs])
+                dots += x @ y.T
+                nt += np.einsum("ij,ij->i", x, x)
+                nb += np.einsum("ij,ij->i", y, y)
+        st, sb = np.sqrt(nt), np.sqrt(nb)
+        sim = dots / np.outer(np.where(st > 0, st, 1.0), np.where(sb > 0, sb, 1.0))
+        return _reordering(None, None, min_cosine, sim)[0]
     vt = np.stack([np.concatenate([_finite(np.asarray(t, np.float64))[0].ravel() for t, _ in experts[i]]) for i in ids])
     vb = np.stack([np.concatenate([_finite(np.asarray(b, np.float64))[0].ravel() for _, b in experts[i]]) for i in ids])
     return _reordering(vt, vb, min_cosine)[0]
