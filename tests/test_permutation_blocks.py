@@ -25,7 +25,8 @@ def _mlp(rng, fused: bool):
     if fused:
         return {"m.layers.0.mlp.gate_up_proj.weight": np.concatenate([g, u]).astype(np.float32),
                 "m.layers.0.mlp.down_proj.weight": d.astype(np.float32)}
-    return {"m.layers.0.mlp.gate_proj.weight": g.astype(np.float32), "m.layers.0.mlp.up_proj.weight": u.astype(np.float32),
+    return {"m.layers.0.mlp.gate_proj.weight": g.astype(np.float32),
+            "m.layers.0.mlp.up_proj.weight": u.astype(np.float32),
             "m.layers.0.mlp.down_proj.weight": d.astype(np.float32)}
 
 
@@ -104,8 +105,8 @@ def test_permuted_heads_are_found_in_row_blocks(tmp_path, rng, monkeypatch):
     base = {f"m.layers.0.self_attn.{k}_proj.weight": v.astype(np.float32) for k, v in base.items()}
     pq = rng.permutation(h)
     rows = expand_units(pq, d)
-    tuned = {k: (v[:, rows] if ".o_proj" in k else v[rows] if ".q_proj" in k else v) + 1e-3 * rng.standard_normal(v.shape)
-             for k, v in base.items()}
+    tuned = {k: (v[:, rows] if ".o_proj" in k else v[rows] if ".q_proj" in k else v)
+             + 1e-3 * rng.standard_normal(v.shape) for k, v in base.items()}
     tuned = {k: v.astype(np.float32) for k, v in tuned.items()}
     seen: list = []
     bc = _spied(locate(write_checkpoint(tmp_path / "b", base)), seen)

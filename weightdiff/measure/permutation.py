@@ -47,7 +47,8 @@ from ..kernels.dtypes import decode
 
 __all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation",
            "detect_permutations", "undo", "neuron_vectors", "heads_permuted", "experts_permuted", "rows_follow",
-           "members_follow", "members_follow_stored", "member_sources", "keep_matched", "HEAD_DIMS", "parts_of", "member_vectors", "undo_member", "fused_qkv_views"]
+           "members_follow", "members_follow_stored", "member_sources", "keep_matched", "HEAD_DIMS", "parts_of",
+           "member_vectors", "undo_member", "fused_qkv_views"]
 
 # (regex with the group prefix as group 1, neuron axis, role); role "in" feeds the neurons,
 # "out" reads them; "bias" is permuted but not used for matching; ":2" after a role: the neuron
