@@ -1646,7 +1646,8 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
 
     from .judge.relatedness import _EXPERT, is_expert_name
     from .measure.permutation import (_as_float32, detect_permutations, experts_permuted, fused_qkv_views,
-                                      heads_order, members_follow, rows_follow, rows_reordered)
+                                      heads_order, member_sources, members_follow_stored, rows_follow,
+                                      rows_reordered)
 
     undo = [] if undo is None else undo
     rows_seen = {} if rows_seen is None else rows_seen
@@ -1663,9 +1664,9 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
         name_map = {r.name: r.base_name for r in rows}
         by_name = {r.name: r for r in rows}
         for f in detect_permutations(base, tuned, name_map, seed=0):
-            mats = [(load(tuned, n), load(base, name_map[n]), ax, role) for n, ax, role in f.members
-                    if not role.startswith("bias")]
-            if f.applied and members_follow(mats, f.perm):
+            # read in row blocks, the base's neurons gathered in the order found: no member decoded whole
+            mats = [(n, name_map[n], ax, role) for n, ax, role in f.members if not role.startswith("bias")]
+            if f.applied and members_follow_stored(tuned, base, mats, f.perm):
                 for n, ax, role in f.members:
                     if n in by_name:
                         parts = int(role.rsplit(":", 1)[1]) if ":" in role else 1
@@ -1713,7 +1714,8 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
     if kind == "experts":
         experts = [r for r in rows if is_expert_name(r.name)]
         grouped = _by_expert(experts, lambda r: r)
-        perm = experts_permuted({e: [(load(tuned, r.name), load(base, r.base_name)) for r in v]
+        # stored sources, read in row blocks by experts_permuted (never a whole expert)
+        perm = experts_permuted({e: list(zip(*member_sources(tuned, base, [(r.name, r.base_name, 0) for r in v])))
                                  for e, v in grouped.items()})
         if perm is None:
             return False
@@ -1748,12 +1750,16 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                 add(r, r.base_name, 0, perm, note, as_kind=None if follow else "router", outputs=True)
         return True
     mats, names = {}, {}
+    fused = any(r.module == "attn.qkv" for r in rows)
     for r in rows:
         if r.module in ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv") and len(r.shape or ()) == 2 \
                 and r.name.endswith("weight"):
-            t, b = load(tuned, r.name), load(base, r.base_name)
-            if _conv1d(r):
-                t, b = t.T, b.T                      # GPT-2's Conv1D stores [in, out]
+            if _conv1d(r) or fused:                  # a fused qkv is split in memory (``fused_qkv_views``)
+                t, b = load(tuned, r.name), load(base, r.base_name)
+                if _conv1d(r):
+                    t, b = t.T, b.T                  # GPT-2's Conv1D stores [in, out]
+            else:                                    # read in row blocks by the heads check, never whole
+                (t,), (b,) = member_sources(tuned, base, [(r.name, r.base_name, 0)])
             mats[r.module.split(".", 1)[1]] = (t, b)
             names[r.module.split(".", 1)[1]] = r
     if "q" in mats or "qkv" not in mats or "o" not in mats:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -47,7 +47,8 @@ from ..kernels.dtypes import decode
 
 __all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation",
            "detect_permutations", "undo", "neuron_vectors", "heads_permuted", "experts_permuted", "rows_follow",
-           "members_follow", "keep_matched", "HEAD_DIMS", "parts_of", "member_vectors", "undo_member", "fused_qkv_views"]
+           "members_follow", "members_follow_stored", "member_sources", "keep_matched", "HEAD_DIMS", "parts_of",
+           "member_vectors", "undo_member", "fused_qkv_views"]
 
 # (regex with the group prefix as group 1, neuron axis, role); role "in" feeds the neurons,
 # "out" reads them; "bias" is permuted but not used for matching; ":2" after a role: the neuron
@@ -189,7 +190,7 @@ GREEDY_MAX = 4096
 
 def match_neurons(sim: np.ndarray | None = None, *, sig_tuned: np.ndarray | None = None,
                   sig_base: np.ndarray | None = None, exact_max: int = 2048,
-                  chunk: int = 1024) -> tuple[np.ndarray, str]:
+                  chunk: int | None = None) -> tuple[np.ndarray, str]:
     """Best one-to-one matching of tuned neurons (rows) to base neurons.
 
     Either ``sim`` (n x n similarities, solved exactly) or two signature matrices
@@ -197,7 +198,8 @@ def match_neurons(sim: np.ndarray | None = None, *, sig_tuned: np.ndarray | None
     compared by the sum of each member's absolute cosine). With signatures, mutual
     nearest neighbours are matched directly and only the remaining neurons are
     solved exactly (greedily when more than ``exact_max`` remain), ``chunk`` rows at a time (each member's
-    similarities of a chunk are float64 [chunk, n]: 117 MB at 14,336 neurons).
+    similarities of a chunk are float64 [chunk, n]; by default as many rows as ``rotation.BLOCK_BYTES`` holds:
+    1,024 rows were 235 MB a member at 28,672 neurons, several of them alive at once).
     Returns (perm, method) with tuned neuron i -> base neuron perm[i].
     """
     if sim is not None:
@@ -214,6 +216,8 @@ def match_neurons(sim: np.ndarray | None = None, *, sig_tuned: np.ndarray | None
         return sum(np.abs(x[lo:hi] @ y.T) for x, y in zip(a, b))
 
     n = st[0].shape[0]
+    if chunk is None:
+        chunk = _step(n)
     if n <= exact_max:
         return linear_assignment(sims(st, sb, 0, n), maximize=True), "exact"
     best_b = np.empty(n, dtype=np.int64)
@@ -255,49 +259,188 @@ def find_permutation(tuned: Sequence[tuple[np.ndarray, int]], base: Sequence[tup
     """Match the neurons of one MLP given its member matrices as float arrays.
 
     ``roles``: each member's role (``in:2`` for a fused gate_up, see ``parts_of``); plain by default.
-    ``tuned`` and ``base`` list (array, neuron axis) in the same order. The arrays
-    may be loaded lazily by the caller one at a time; here they are all in memory.
+    ``tuned`` and ``base`` list (array, neuron axis) in the same order. Read in row blocks as
+    ``detect_permutations`` reads stored matrices (the same sums, the same answer).
     """
-    load_t = [lambda a=a: a for a, _ in tuned]
-    load_b = [lambda a=a: a for a, _ in base]
-    return _find(load_t, load_b, [ax for _, ax in tuned], exact_max=exact_max, proj_dims=proj_dims,
-                 seed=seed, min_cosine=min_cosine, group=group, roles=roles)
+    roles = list(roles) if roles is not None else ["in"] * len(tuned)
+    src_t = [_ArraySource(a, ax) for a, ax in tuned]
+    src_b = [_ArraySource(a, ax) for a, ax in base]
+    return _find(src_t, src_b, [0 if s.flat else ax for s, (_, ax) in zip(src_t, tuned)], exact_max=exact_max,
+                 proj_dims=proj_dims, seed=seed, min_cosine=min_cosine, group=group, roles=roles)
 
 
-def _find(load_t: Sequence[Callable[[], np.ndarray]], load_b: Sequence[Callable[[], np.ndarray]],
-          axes: Sequence[int], *, exact_max: int, proj_dims: int, seed: int, min_cosine: float,
-          group: str, roles: Sequence[str] | None = None) -> Finding:
+class _ArraySource:
+    """A member matrix held in memory, read as ``_StoredSource`` reads a stored one: 2-D rows, float64, in blocks.
+    A member of more than two axes is seen with its neuron axis first, flattened after (``flat``: axis 0 then)."""
+
+    def __init__(self, a: np.ndarray, axis: int):
+        a = np.asarray(a)
+        self.flat = a.ndim != 2
+        self._a = a if not self.flat else np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+        self.rows, self.cols = self._a.shape
+        self.shape = (self.rows, self.cols)
+
+    def block(self, r0: int, r1: int, index: np.ndarray | None = None) -> np.ndarray:
+        x = self._a[np.asarray(index[r0:r1], np.int64)] if index is not None else self._a[r0:r1]
+        return _f64(x)
+
+
+class _StoredSource:
+    """A stored member matrix [rows, cols] read in row blocks (``rotation.rows_of``: rows ``r0:r1`` or the rows
+    ``index[r0:r1]``, a gather), decoded to float64; never whole."""
+
+    def __init__(self, ck, name: str):
+        from .rotation import _dims
+
+        self.ck, self.name, self.flat = ck, name, False
+        self.rows, self.cols = _dims(ck, name)
+        self.shape = (self.rows, self.cols)
+
+    def block(self, r0: int, r1: int, index: np.ndarray | None = None) -> np.ndarray:
+        from .rotation import rows_of
+
+        if index is not None:
+            return rows_of(self.ck, self.name, r0, r1, index)
+        return rows_of(self.ck, self.name, r0, r1)
+
+
+def _step(cols: int) -> int:
+    from .rotation import block_rows
+
+    return block_rows(cols)
+
+
+def _clean(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """A float64 block with its NaN/Inf entries zeroed (``_finite``), and how many there were."""
+    return _finite(x)
+
+
+def _signatures(src, axis: int, parts: int, n: int, r: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each neuron's vector (its parts side by side, ``member_vectors``) times ``r`` [vector, k], float64 [n, k],
+    read in row blocks; and the non-finite entries met (zeroed)."""
+    out = np.zeros((n, r.shape[1]))
+    r = np.asarray(r, np.float64)
+    bad = 0
+    if axis == 0:                        # neuron i of part k: row k * n + i, whole
+        step = _step(src.cols)
+        for k in range(parts):
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                x, b = _clean(src.block(k * n + lo, k * n + hi))
+                bad += b
+                out[lo:hi] += x @ r[k * src.cols:(k + 1) * src.cols]
+    else:                                # neuron i of part k: column k * n + i, over every row
+        step = _step(src.cols)
+        for lo in range(0, src.rows, step):
+            hi = min(src.rows, lo + step)
+            x, b = _clean(src.block(lo, hi))
+            bad += b
+            for k in range(parts):
+                out += x[:, k * n:(k + 1) * n].T @ r[k * src.rows + lo:k * src.rows + hi]
+    return out, bad
+
+
+def _similarities(st, sb, axis: int, parts: int, n: int) -> tuple[np.ndarray, int]:
+    """The n x n dot products of every tuned neuron's vector with every base neuron's (one member, its parts side
+    by side), in row blocks; and the non-finite entries met (zeroed)."""
+    dots = np.zeros((n, n))
+    bad = 0
+    if axis == 0:
+        step = _step(st.cols)
+        for k in range(parts):
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                x, b = _clean(st.block(k * n + lo, k * n + hi))
+                bad += b
+                for lo2 in range(0, n, step):
+                    hi2 = min(n, lo2 + step)
+                    y, b = _clean(sb.block(k * n + lo2, k * n + hi2))
+                    if lo == 0:
+                        bad += b
+                    dots[lo:hi, lo2:hi2] += x @ y.T
+    else:
+        step = _step(st.cols)
+        for lo in range(0, st.rows, step):
+            hi = min(st.rows, lo + step)
+            (x, b1), (y, b2) = _clean(st.block(lo, hi)), _clean(sb.block(lo, hi))
+            bad += b1 + b2
+            for k in range(parts):
+                dots += x[:, k * n:(k + 1) * n].T @ y[:, k * n:(k + 1) * n]
+    return dots, bad
+
+
+def _member_sums(st, sb, axis: int, parts: int, n: int, perm: np.ndarray) -> np.ndarray:
+    """Per part and neuron of one member, in row blocks (the base's rows gathered in ``perm``'s order, never a
+    whole matrix): [4, parts, n] of (tuned neuron i . base neuron perm[i], tuned i . base i, |tuned i|^2,
+    |base i|^2), non-finite entries zeroed."""
+    out = np.zeros((4, parts, n))
+    perm = np.asarray(perm, np.int64)
+    if axis == 0:
+        step = _step(st.cols)
+        for k in range(parts):
+            gather = perm + k * n
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                x = _clean(st.block(k * n + lo, k * n + hi))[0]
+                y = _clean(sb.block(k * n + lo, k * n + hi))[0]
+                ym = _clean(sb.block(lo, hi, gather))[0]
+                out[0, k, lo:hi] = np.einsum("ij,ij->i", x, ym)
+                out[1, k, lo:hi] = np.einsum("ij,ij->i", x, y)
+                out[2, k, lo:hi] = np.einsum("ij,ij->i", x, x)
+                out[3, k, lo:hi] = np.einsum("ij,ij->i", y, y)
+    else:
+        step = _step(st.cols)
+        for lo in range(0, st.rows, step):
+            hi = min(st.rows, lo + step)
+            x, y = _clean(st.block(lo, hi))[0], _clean(sb.block(lo, hi))[0]
+            for k in range(parts):
+                xk, yk = x[:, k * n:(k + 1) * n], y[:, k * n:(k + 1) * n]
+                out[0, k] += np.einsum("ij,ij->j", xk, yk[:, perm])
+                out[1, k] += np.einsum("ij,ij->j", xk, yk)
+                out[2, k] += np.einsum("ij,ij->j", xk, xk)
+                out[3, k] += np.einsum("ij,ij->j", yk, yk)
+    return out
+
+
+def _find(src_t: Sequence, src_b: Sequence, axes: Sequence[int], *, exact_max: int, proj_dims: int, seed: int,
+          min_cosine: float, group: str, roles: Sequence[str] | None = None) -> Finding:
+    """The matching of one MLP whose members are sources read in row blocks (``_ArraySource``,
+    ``_StoredSource``): the signatures (or, for at most ``exact_max`` neurons, the n x n similarities) and the
+    cosines summed block by block; memory is bounded by a block and by [n, proj_dims], never a whole matrix."""
     roles = list(roles) if roles is not None else ["in"] * len(axes)
-    n = None
     sim = None
     sig_t: list = []
     sig_b: list = []
     bad = 0
-    for k, (lt, lb, ax, role) in enumerate(zip(load_t, load_b, axes, roles)):
-        vt, vb = member_vectors(lt(), ax, role), member_vectors(lb(), ax, role)
-        (vt, bt), (vb, bb) = _finite(vt), _finite(vb)
-        bad += bt + bb
-        n = vt.shape[0]
+    n = None
+    for k, (st, sb, ax, role) in enumerate(zip(src_t, src_b, axes, roles)):
+        p = parts_of(role)
+        n = (st.rows if ax == 0 else st.cols) // p
         if n <= exact_max:
             # each member up to its sign (see the module's docstring)
-            part = np.abs(vt.astype(np.float64) @ vb.astype(np.float64).T)
+            dots, b = _similarities(st, sb, ax, p, n)
+            bad += b
+            part = np.abs(dots)
             sim = part if sim is None else sim + part
         else:
+            length = (st.cols if ax == 0 else st.rows) * p
             rng = np.random.default_rng([seed, zlib.crc32(group.encode()), k])
-            r = rng.standard_normal((vt.shape[1], proj_dims)).astype(np.float32)
-            sig_t.append(vt.astype(np.float32) @ r)
-            sig_b.append(vb.astype(np.float32) @ r)
-        del vt, vb
+            r = rng.standard_normal((length, proj_dims)).astype(np.float32)
+            (a, bt), (c, bb) = _signatures(st, ax, p, n, r), _signatures(sb, ax, p, n, r)
+            bad += bt + bb
+            sig_t.append(a)
+            sig_b.append(c)
     perm, method = match_neurons(sim, sig_tuned=sig_t or None, sig_base=sig_b or None, exact_max=exact_max)
-    cos_m, cos_i, dead = _cosines(load_t, load_b, axes, roles, perm)
+    cos_m, cos_i, dead = _cosines(src_t, src_b, axes, roles, perm)
     # a neuron moves only where it matches (at least min_cosine, and better than where it stands): the
-    # assignment also shuffles neurons that match nothing (flipped in sign, re-initialised) among
+    # solver pairs every neuron, so a fine-tuned row whose match is no better than noise would move with
+    # the real ones and the mean could still pass; neurons that matched no better stay where they stand
     # themselves, and a mean over the good moves would accept those too (a dead neuron, zero on both
     # sides, matches any other dead one)
     kept = keep_matched(perm, ((cos_m >= min_cosine) & (cos_m > cos_i + 1e-6)) | dead)
     if not np.array_equal(kept, perm):
         perm = kept
-        cos_m = _cosines(load_t, load_b, axes, roles, perm)[0]
+        cos_m = _cosines(src_t, src_b, axes, roles, perm)[0]
     matched, ident = float(cos_m.mean()), float(cos_i.mean())
     moved = bool(np.any(perm != np.arange(n)))
     applied = moved and matched >= min_cosine and matched > ident + 1e-6
@@ -331,19 +474,18 @@ def keep_matched(perm: np.ndarray, good: np.ndarray) -> np.ndarray:
     return perm
 
 
-def _cosines(load_t, load_b, axes, roles, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cosines(src_t, src_b, axes, roles, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cosine of tuned neuron i with base neuron perm[i], with base neuron i, whether both of the first
-    pair are zero: a dead neuron, matched by any other) on the full vectors, each member up to its sign."""
+    pair are zero: a dead neuron, matched by any other) on the full vectors, each member up to its sign;
+    summed in row blocks (``_member_sums``)."""
     n = len(perm)
     dot_m, dot_i, nt, nb = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
-    for lt, lb, ax, role in zip(load_t, load_b, axes, roles):
-        vt = _finite(_f64(member_vectors(lt(), ax, role)))[0]
-        vb = _finite(_f64(member_vectors(lb(), ax, role)))[0]
-        dot_m += np.abs(np.einsum("ij,ij->i", vt, vb[perm]))
-        dot_i += np.abs(np.einsum("ij,ij->i", vt, vb))
-        nt += np.einsum("ij,ij->i", vt, vt)
-        nb += np.einsum("ij,ij->i", vb, vb)
-        del vt, vb
+    for st, sb, ax, role in zip(src_t, src_b, axes, roles):
+        sums = _member_sums(st, sb, ax, parts_of(role), n, perm)
+        dot_m += np.abs(sums[0].sum(axis=0))
+        dot_i += np.abs(sums[1].sum(axis=0))
+        nt += sums[2].sum(axis=0)
+        nb += sums[3].sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         cos_m = np.where((nt > 0) & (nb[perm] > 0), dot_m / np.sqrt(nt * nb[perm]), 0.0)
         cos_i = np.where((nt > 0) & (nb > 0), dot_i / np.sqrt(nt * nb), 0.0)
@@ -394,17 +536,28 @@ def detect_permutations(base, tuned, name_map: Mapping[str, str], *, exact_max: 
     findings = []
     for g in mlp_groups(shapes):
         mats = [(n, ax, role) for n, ax, role in g.members if not role.startswith("bias")]
-
-        def loader(ck, name):
-            info = ck.tensors[name]
-            return lambda: _as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)), info.dtype)
-
-        f = _find([loader(tuned, n) for n, _, _ in mats], [loader(base, name_map[n]) for n, _, _ in mats],
-                  [ax for _, ax, _ in mats], exact_max=exact_max, proj_dims=proj_dims, seed=seed,
-                  min_cosine=min_cosine, group=g.prefix, roles=[r for _, _, r in mats])
+        srcs_t, srcs_b = member_sources(tuned, base, [(n, name_map[n], ax) for n, ax, _ in mats])
+        f = _find(srcs_t, srcs_b, [0 if s.flat else ax for s, (_, ax, _) in zip(srcs_t, mats)], exact_max=exact_max,
+                  proj_dims=proj_dims, seed=seed, min_cosine=min_cosine, group=g.prefix, roles=[r for _, _, r in mats])
         f.members = list(g.members)
         findings.append(f)
     return findings
+
+
+def member_sources(tuned, base, members: Sequence[tuple[str, str, int]]) -> tuple[list, list]:
+    """Sources (tuned, base) for member matrices (tuned name, base name, neuron axis) of two Checkpoints: read in
+    row blocks from the stored tensors (2-D ones; a member of more axes, rare, is decoded whole)."""
+    out_t, out_b = [], []
+    for tname, bname, ax in members:
+        if len(tuned.tensors[tname].shape) == 2 and len(base.tensors[bname].shape) == 2:
+            out_t.append(_StoredSource(tuned, tname))
+            out_b.append(_StoredSource(base, bname))
+        else:
+            for ck, name, out in ((tuned, tname, out_t), (base, bname, out_b)):
+                info = ck.tensors[name]
+                out.append(_ArraySource(_as_float32(np.asarray(ck.read(name)).reshape(tuple(info.shape)),
+                                                    info.dtype), ax))
+    return out_t, out_b
 
 
 def undo(x: np.ndarray, perm: np.ndarray, axis: int) -> np.ndarray:
@@ -429,6 +582,27 @@ def experts_permuted(experts: Mapping[int, Sequence[tuple[np.ndarray, np.ndarray
     ids = sorted(experts)
     if len(ids) < 2 or len({len(experts[i]) for i in ids}) != 1:
         return None
+    pairs = [[(_source(t), _source(b)) for t, b in experts[i]] for i in ids]
+    if all(len({(p[m][0].shape, p[m][1].shape) for p in pairs}) == 1 for m in range(len(pairs[0]))):
+        # each member in row blocks, every expert's block of it at once (a block budget shared by 2 x experts):
+        # a Mixtral-sized layer's experts stacked whole in float64 were 11 GB a side
+        from .rotation import BLOCK_BYTES, block_rows
+
+        e = len(ids)
+        dots, nt, nb = np.zeros((e, e)), np.zeros(e), np.zeros(e)
+        for m in range(len(pairs[0])):
+            rows, cols = pairs[0][m][0].shape
+            step = block_rows(cols, max(1, BLOCK_BYTES // (2 * e)))
+            for lo in range(0, rows, step):
+                hi = min(rows, lo + step)
+                x = np.stack([_clean(p[m][0].block(lo, hi))[0].reshape(-1) for p in pairs])
+                y = np.stack([_clean(p[m][1].block(lo, hi))[0].reshape(-1) for p in pairs])
+                dots += x @ y.T
+                nt += np.einsum("ij,ij->i", x, x)
+                nb += np.einsum("ij,ij->i", y, y)
+        st, sb = np.sqrt(nt), np.sqrt(nb)
+        sim = dots / np.outer(np.where(st > 0, st, 1.0), np.where(sb > 0, sb, 1.0))
+        return _reordering(None, None, min_cosine, sim)[0]
     vt = np.stack([np.concatenate([_finite(np.asarray(t, np.float64))[0].ravel() for t, _ in experts[i]]) for i in ids])
     vb = np.stack([np.concatenate([_finite(np.asarray(b, np.float64))[0].ravel() for _, b in experts[i]]) for i in ids])
     return _reordering(vt, vb, min_cosine)[0]
@@ -465,20 +639,39 @@ def members_follow(load_pairs: Sequence[tuple[np.ndarray, np.ndarray, int] | tup
     its sign and scale, as the matcher counts it; a neuron zero on one side only counts 0): pooled over gate, up
     and down, two matching matrices pass the matcher beside a new third one.
     Each part of a fused member (its gate and its up rows) is a matrix of its own here: a new gate beside the
-    base's up would pass as one tensor."""
+    base's up would pass as one tensor. ``members_follow_stored`` answers the same for stored matrices."""
+    srcs = []
     for t, b, axis, *role in load_pairs:
-        p = parts_of(role[0]) if role else 1
-        xs = np.split(undo_member(_f64(t), perm, axis, *role), p, axis=axis)
-        for x, y in zip(xs, np.split(_f64(b), p, axis=axis)):
-            x, y = _finite(neuron_vectors(x, axis))[0], _finite(neuron_vectors(y, axis))[0]
-            # the mean over neurons of each one's absolute cosine: pooled over the matrix, one neuron scaled by 60
-            # (and its down column by 1/60, the same function) outweighed the rest and the MLP read unrelated
-            nx, ny = np.sqrt(np.einsum("ij,ij->i", x, x)), np.sqrt(np.einsum("ij,ij->i", y, y))
+        st, sb = _ArraySource(t, axis), _ArraySource(b, axis)
+        srcs.append((st, sb, 0 if st.flat else axis, role[0] if role else "in"))
+    return _follow(srcs, perm, min_cosine)
+
+
+def members_follow_stored(tuned, base, members: Sequence[tuple[str, str, int, str]], perm: np.ndarray,
+                          min_cosine: float = 0.5) -> bool:
+    """``members_follow`` for members (tuned name, base name, neuron axis, role) of two Checkpoints, read in row
+    blocks (the base's neurons gathered in ``perm``'s order block by block): no matrix decoded whole."""
+    srcs_t, srcs_b = member_sources(tuned, base, [(t, b, ax) for t, b, ax, _ in members])
+    return _follow([(st, sb, 0 if st.flat else ax, role) for st, sb, (_, _, ax, role) in zip(srcs_t, srcs_b, members)],
+                   perm, min_cosine)
+
+
+def _follow(srcs, perm: np.ndarray, min_cosine: float) -> bool:
+    perm = np.asarray(perm, np.int64)
+    n = len(perm)
+    for st, sb, axis, role in srcs:
+        sums = _member_sums(st, sb, axis, parts_of(role), n, perm)
+        for dm, nx2, ny2 in zip(sums[0], sums[2], sums[3][:, perm]):
+            # tuned neuron i against base neuron perm[i]: the undone tuned neuron perm[i] against the base's (the mean
+            # over neurons is the same in either order); the mean over neurons of each one's absolute cosine: pooled
+            # over the matrix, one neuron scaled by 60 (and its down column by 1/60, the same function) outweighed
+            # the rest and the MLP read unrelated
+            nx, ny = np.sqrt(nx2), np.sqrt(ny2)
             live = (nx > 0) & (ny > 0)
             dead = (nx == 0) & (ny == 0)            # zero on both sides: a dead neuron, the base's
             if not (live.any() or dead.any()):
                 return False
-            cos = np.abs(np.einsum("ij,ij->i", x[live], y[live])) / (nx[live] * ny[live])
+            cos = np.abs(dm[live]) / (nx[live] * ny[live])
             if float((cos.sum() + dead.sum()) / (live.sum() + dead.sum())) < min_cosine:
                 return False
     return True
@@ -564,15 +757,9 @@ def _heads_state(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d
     # each row of a head counts up to its sign (v's rows and o's columns negated or rescaled alike change nothing
     # attention computes, and reparametrising tools do that to heads they also reorder): the similarity of two
     # heads is the sum over their rows of the absolute dot products, over the heads' norms
+    # each matrix read in blocks (``_head_sums``): a 70B-width q and o held whole in float64 were 2 GB a side
     h = members[0][0][0].shape[members[0][1]] // d
-    parts = []
-    for (t, b), axis in members:
-        vt = np.moveaxis(_finite(np.asarray(t, np.float64))[0], axis, 0).reshape(h, d, -1)
-        vb = np.moveaxis(_finite(np.asarray(b, np.float64))[0], axis, 0).reshape(h, d, -1)
-        dots = np.zeros((h, h))
-        for r in range(d):                      # one product per row of a head (BLAS), h x h each
-            dots += np.abs(vt[:, r, :] @ vb[:, r, :].T)
-        parts.append((dots, np.einsum("irw,irw->i", vt, vt), np.einsum("irw,irw->i", vb, vb)))
+    parts = [_head_sums(_source(t), _source(b), axis, d, h) for (t, b), axis in members]
 
     def cos(dots, nt, nb):
         den = np.sqrt(np.outer(nt, nb))
@@ -588,6 +775,41 @@ def _heads_state(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d
     if perm is not None:
         return ("reordered" if each >= min_cosine else "unrelated"), (perm if each >= min_cosine else None), score
     return ("same" if score >= min_cosine else "unrelated"), None, score
+
+
+def _source(x):
+    """A matrix as a source read in row blocks: a ``_StoredSource`` as it is, an array wrapped."""
+    return x if hasattr(x, "block") else _ArraySource(np.asarray(x), 0)
+
+
+def _head_sums(st, sb, axis: int, d: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For heads of ``d`` rows (``axis`` 0) or columns (1): (h x h sums over a head's rows of the absolute dot
+    products of tuned head i's row r with base head j's, each head's squared norm tuned and base), non-finite
+    entries zeroed. Rows: the r-th row of every head gathered at once (h rows a side); columns: row blocks, the
+    h x h products of each of the d column offsets summed before their absolute value."""
+    dots = np.zeros((h, h))
+    nt, nb = np.zeros(h), np.zeros(h)
+    if axis == 0:
+        for r in range(d):                      # one product per row of a head (BLAS), h x h each
+            index = np.arange(h, dtype=np.int64) * d + r
+            x, y = _clean(st.block(0, h, index))[0], _clean(sb.block(0, h, index))[0]
+            dots += np.abs(x @ y.T)
+            nt += np.einsum("ij,ij->i", x, x)
+            nb += np.einsum("ij,ij->i", y, y)
+        return dots, nt, nb
+    acc = np.zeros((d, h, h))
+    step = _step(st.cols)
+    for lo in range(0, st.rows, step):
+        hi = min(st.rows, lo + step)
+        x = _clean(st.block(lo, hi))[0].reshape(hi - lo, h, d)
+        y = _clean(sb.block(lo, hi))[0].reshape(hi - lo, h, d)
+        for r in range(d):
+            acc[r] += x[:, :, r].T @ y[:, :, r]
+        nt += np.einsum("bir,bir->i", x, x)
+        nb += np.einsum("bir,bir->i", y, y)
+    for r in range(d):
+        dots += np.abs(acc[r])
+    return dots, nt, nb
 
 
 def fused_qkv_views(qkv: tuple[np.ndarray, np.ndarray], o: tuple[np.ndarray, np.ndarray],
