@@ -41,7 +41,7 @@ from ..errors import CheckpointError, escape_name
 from ..kernels import ggml
 from .files import OpenCheckpointFile, os_problem, pread_into
 from .safetensors_read import TensorInfo, check_range, storage_of
-from .gguf_floor import FLOORS, ends, floor, scheme_of
+from .gguf_floor import FLOORS, claims, ends, floor, scheme_of
 from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf
 from .gguf_names import ARCHITECTURES, GENERATED, head_dim, hf_name
 from .experts import MAX_EXPERTS, expert_name
@@ -347,6 +347,21 @@ class GGUFFile(OpenCheckpointFile):
         if ends(np.zeros((1, ts), np.uint8), np.zeros((1, bs), np.float32), tname) is None:
             return None
         return self._per_block(info, lay, lambda blocks, values: ends(blocks, values, tname),
+                               max_elements, start, stop)
+
+    def claim_windows(self, name: str, which: int, max_elements: int | None = None, start: int = 0,
+                      stop: int | None = None) -> Iterator[np.ndarray] | None:
+        """float32 windows aligned with ``windows``: per element, what its block's stored scales say of the
+        weights they quantized (``gguf_floor.claims``): ``which`` 0, the least range of its block or
+        sub-block, 1 the least largest sub-block range of its super-block. Blocks run along rows in both
+        orders (the head permutation moves whole rows); None for a transposed tensor (blocks down a
+        column) or a type without a floor."""
+        info = self._info(name)
+        lay = self._layout[name]
+        if info.scheme not in FLOORS or lay.transform in ("minus_one", "transpose"):
+            return None
+        tname = info.scheme
+        return self._per_block(info, lay, lambda blocks, values: claims(blocks, values, tname)[:, which],
                                max_elements, start, stop)
 
     def _per_block(self, info, lay, fn, max_elements, start, stop) -> Iterator[np.ndarray]:
