@@ -260,7 +260,7 @@ def claims(raw: np.ndarray, values: np.ndarray, tname: str) -> np.ndarray | None
     >>> raw = np.zeros((1, 144), np.uint8); raw[0, 0:2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
     >>> c = claims(raw, np.zeros((1, 256), np.float32), "Q4_K")     # d = 1 with every sub-block scale 0
     >>> float(c[0, 0, 0]), round(float(c[0, 1, 0]), 1)
-    (0.0, 372.0)
+    (0.0, 371.6)
     """
     if tname not in FLOORS:
         return None
