@@ -460,14 +460,18 @@ def scale_excess(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str
         return None
     qck, qname, pck, pname, pdtype = ((tuned, tname, base, bname, dtype_b) if side == "tuned"
                                       else (base, bname, tuned, tname, dtype_t))
+    from .compute import TransposedSide
+
     src = getattr(qck, "quant", {}).get(qname)
     read = getattr(qck, "_stored_read", None)
     turned = False
-    if src is None and getattr(qck, "_ck", None) is not None:
-        # a tuned matrix stored transposed (compute.TransposedSide): its source is in the stored orientation
+    if src is None and isinstance(qck, TransposedSide):
+        # a tuned matrix stored transposed: its source is in the stored orientation (any other held side, a
+        # reordered or merged one, has no stored groups to check)
         src = getattr(qck._ck, "quant", {}).get(qname)
         read, turned = getattr(qck._ck, "_stored_read", None), True
-    if src is None or read is None or not hasattr(src, "scale_groups"):
+    if src is None or read is None or not hasattr(src, "scale_groups") \
+            or not hasattr(pck, "read" if turned else "read_rows"):
         return None
     got = src.scale_groups(read)
     if got is None:
