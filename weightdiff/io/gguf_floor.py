@@ -243,11 +243,12 @@ _LEGACY_RANGE = {"Q8_0": np.float32(127), "Q4_0": np.float32(8), "Q5_0": np.floa
                  "Q4_1": np.float32(15), "Q5_1": np.float32(31)}
 
 
-def claims(raw: np.ndarray, values: np.ndarray, tname: str) -> np.ndarray | None:
+def claims(raw: np.ndarray, values: np.ndarray, tname: str, which: int | None = None) -> np.ndarray | None:
     """What the stored scales of blocks ``raw`` (n, block bytes) say of the weights they quantized, per
     element (n, 2, block): ``[:, 0]`` the least range (``max(x, 0) - min(x, 0)``) the element's block or
     sub-block of the quantized weights must have had, ``[:, 1]`` the least largest such range over its
-    super-block (K-quants; 0 for the legacy types), for any of llama.cpp's quantizers (``SCALE_SLACK``). A
+    super-block (K-quants; 0 for the legacy types), for any of llama.cpp's quantizers (``SCALE_SLACK``);
+    ``which`` 0 or 1: that one alone (n, block). ``values`` gives the block length only. A
     block whose plain counterpart has a smaller range is no quantization of it: its stored step (and the
     floor built on it) vouches for nothing there. None for a type without a floor.
 
@@ -264,33 +265,40 @@ def claims(raw: np.ndarray, values: np.ndarray, tname: str) -> np.ndarray | None
     """
     if tname not in FLOORS:
         return None
+    if which is not None:
+        return _claims(raw, values.shape[1], tname, which)
+    n, block = raw.shape[0], values.shape[1]
+    out = np.empty((n, 2, block), np.float32)
+    out[:, 0], out[:, 1] = _claims(raw, block, tname, 0), _claims(raw, block, tname, 1)
+    return out
+
+
+def _claims(raw: np.ndarray, block: int, tname: str, which: int) -> np.ndarray:
     n = raw.shape[0]
-    block = values.shape[1]
-    out = np.zeros((n, 2, block), np.float32)
     if tname in _LEGACY_RANGE:
+        if which == 1:
+            return np.zeros((n, block), np.float32)
         d = np.abs(_f16(raw, 0))[:, None]
         least = _LEGACY_RANGE[tname] * np.maximum(d - _rounding16(d), 0)
         if tname in ("Q4_1", "Q5_1"):
             m = np.abs(_f16(raw, 2))[:, None]          # the block's min: within its range of 0
             least = np.maximum(least, np.maximum(m - _rounding16(m), 0))
         # (an importance matrix refits the scale by weighted least squares: the slack as for the K-quants)
-        out[:, 0] = np.broadcast_to(least / SCALE_SLACK, (n, block))
-        return out
+        return np.repeat((least / SCALE_SLACK).astype(np.float32), block, axis=1)
     d = np.abs(_f16(raw, 208 if tname == "Q6_K" else 0))[:, None]
     dlow = np.maximum(d - _rounding16(d), 0)
     levels, slack = _LEVELS[tname], SCALE_SLACK
     # searched scales at least this (sub-block; the super-block's largest), as ranges: times levels / slack
-    if tname == "Q6_K":
-        sc = np.repeat(np.abs(raw[:, 192:208].view(np.int8).astype(np.float32)), 16, axis=1)
-        least_s = np.maximum(sc - 1, 0) * dlow
-        top = _TOP[tname] * dlow * levels / slack
-    else:
-        sc6, _ = _k_scales(raw)
-        least_s = np.maximum(np.repeat(sc6, 32, axis=1) - np.float32(0.5), 0) * dlow
+    if which == 0:
+        if tname == "Q6_K":
+            least_s = np.maximum(np.abs(raw[:, 192:208].view(np.int8).astype(np.float32)) - 1, 0) * dlow
+        else:
+            least_s = np.maximum(_k_scales(raw)[0] - np.float32(0.5), 0) * dlow
+        return np.repeat((least_s * levels / slack).astype(np.float32), block // least_s.shape[1], axis=1)
+    top = _TOP[tname] * dlow * levels / slack
+    if tname != "Q6_K":
         dmin = np.abs(_f16(raw, 2))[:, None]
         # the largest searched min (63 dmin, rounded) lies within the range plus the reach of its scale
         mins = np.float32(62) * np.maximum(dmin - _rounding16(dmin), 0) / (1 + _REACH[tname] * slack / levels)
-        top = np.maximum(_TOP[tname] * dlow * levels / slack, mins)
-    out[:, 0] = least_s * levels / slack
-    out[:, 1] = np.broadcast_to(top, (n, block))
-    return out
+        top = np.maximum(top, mins)
+    return np.repeat(top.astype(np.float32), block, axis=1)

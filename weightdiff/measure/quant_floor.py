@@ -143,7 +143,7 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
     for q, ck, name, of_tuned in ((qb, base, bname, False), (qt, tuned, tname, True)):
         if q is not None and q.format == "gguf" and str(q.group).isdigit() and hasattr(ck, "claim_windows"):
             a, b = ck.claim_windows(name, 0, window, 0, stop), ck.claim_windows(name, 1, window, 0, stop)
-            if a is not None and b is not None:
+            if a is not None:
                 claim_its.append((a, b, int(q.group), of_tuned))
     implausible = 0
     nonzero = [False, False]                 # (plain side, quantized side) hold a non-zero value
@@ -166,7 +166,7 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         plain_v, quant_v = (vb, vt) if qb is None else (vt, vb)
         bad = None
         for a, b, sub, of_tuned in claim_its:
-            ca, cb = next(a), next(b)
+            ca, cb = next(a), (next(b) if b is not None else None)
             off = scales_beyond(vb if of_tuned else vt, ca, cb, sub)
             if off is not None:
                 bad = off if bad is None else bad | off
@@ -293,11 +293,12 @@ def clamped_beyond(plain: np.ndarray, quant: np.ndarray, floor: np.ndarray, end:
     return int(np.count_nonzero(beyond & toward))
 
 
-def scales_beyond(other: np.ndarray, least: np.ndarray, least_top: np.ndarray, sub: int) -> np.ndarray | None:
+def scales_beyond(other: np.ndarray, least: np.ndarray, least_top: np.ndarray | None, sub: int) -> np.ndarray | None:
     """Per element of one window, whether its block's stored scales claim more of the weights they quantized
     than ``other`` (the other side's values there) has (``gguf_floor.claims``): the range (``max(x, 0) -
     min(x, 0)``) of its block or sub-block (runs of ``sub`` elements) below ``least``, or the largest such
-    range over its super-block (runs of 256) below ``least_top``. None when the window is not cut at blocks.
+    range over its super-block (runs of 256) below ``least_top`` (None: no such claim). None when the window is
+    not cut at blocks.
 
     >>> scales_beyond(np.array([0.1, -0.1, 0.0, 0.05]), np.array([0.1, 0.1, 0.5, 0.5]), np.zeros(4), 2).tolist()
     [False, False, True, True]
@@ -309,8 +310,8 @@ def scales_beyond(other: np.ndarray, least: np.ndarray, least_top: np.ndarray, s
     with np.errstate(invalid="ignore"):
         r = np.maximum(xs.max(axis=1), 0) - np.minimum(xs.min(axis=1), 0)
         out = np.asarray(least) > np.repeat(r, sub)
-        top = np.asarray(least_top)
-        if top.any():
+        top = None if least_top is None else np.asarray(least_top)
+        if top is not None and top.any():
             per = 256 // sub if 256 % sub == 0 else 0
             if not per or len(x) % 256:
                 return out
