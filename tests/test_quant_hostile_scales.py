@@ -35,10 +35,11 @@ def _verdict_and_quant(r):
     return r.summary.verdict, [(x.name, x.status, x.quant) for x in t]
 
 
-def _changed(r):
+def _changed(r, name: str | None = None):
     verdict, q = _verdict_and_quant(r)
     assert verdict != "quantized_only", q
-    assert all(s != "quantized" for _, s, _ in q), q
+    q = [x for x in q if name is None or x[0] == name]
+    assert q and all(s != "quantized" for _, s, _ in q), q
     assert any(x.get("within") is False for _, _, x in q), q
 
 
@@ -310,3 +311,62 @@ def test_scale_excess_counts_groups_past_the_slack(tmp_path, rng):
     shape = tuple(x.shape)
     assert scale_excess(b, f"{M}.weight", "F32", q, f"{M}.weight", "F32", "tuned", shape) == 2
     assert scale_excess(b, f"{M}.weight", "F32", q, f"{M}.weight", "F32", "both", shape) is None
+
+
+def test_bnb_int8_rows_zeroed_under_a_large_scb_are_a_change(tmp_path, rng):
+    """bitsandbytes LLM.int8: a row's codes of 0 under an SCB of 127 (a step of 1) held every weight of it."""
+    base = _base(rng)
+    x = base[f"{M}.weight"]
+    scb = np.abs(x).max(1).astype(np.float32)
+    cb = np.round(x * (127.0 / scb)[:, None]).astype(np.int8)
+    qc = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    b = T._save(tmp_path / "base", base, None)
+    r = compare(b, T._save(tmp_path / "ok", {f"{M}.weight": cb, f"{M}.SCB": scb}, qc), rank=False)
+    assert r.summary.verdict == "quantized_only", _verdict_and_quant(r)
+    cb[:8], scb[:8] = 0, 127.0
+    _changed(compare(b, T._save(tmp_path / "bad", {f"{M}.weight": cb, f"{M}.SCB": scb}, qc), rank=False))
+
+
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+
+
+def _mxfp4(w: np.ndarray):
+    """gpt-oss's MXFP4 of fused experts ``w`` [E, G * 32, R]: (blocks [E, R, G, 16], scales [E, R, G]), the
+    scale the least power of two that holds the 32 values' largest within e2m1's 6 (up to amax / 3), each
+    value rounded to the nearest e2m1 value."""
+    E, H, R = w.shape
+    x = np.transpose(w, (0, 2, 1)).reshape(E, R, H // 32, 32)
+    amax = np.abs(x).max(-1, keepdims=True)
+    e = np.ceil(np.log2(np.maximum(amax, 2.0 ** -120) / 6))
+    y = np.abs(x) / np.exp2(e)
+    idx = np.abs(np.minimum(y, 6)[..., None] - E2M1).argmin(-1).astype(np.uint8)
+    codes = idx | np.where(x < 0, 8, 0).astype(np.uint8)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, np.ascontiguousarray(e[..., 0] + 127).astype(np.uint8)
+
+
+def test_mxfp4_groups_zeroed_under_a_large_scale_are_a_change(tmp_path, rng):
+    """gpt-oss MXFP4 experts: groups of code 0 under a scale of 2^10 (e2m1's 0 has a floor of a quarter of
+    the scale) held every weight of them."""
+    from safetensors.numpy import save_file
+
+    L = "model.layers.0.mlp.experts."
+    w = (rng.standard_normal((2, 64, 16)) * 0.02).astype(np.float32)
+    cfg = {"model_type": "gpt_oss"}
+    (tmp_path / "base").mkdir()
+    save_file({L + "gate_up_proj": w}, str(tmp_path / "base" / "model.safetensors"))
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+
+    def write(folder, blocks, scales):
+        (tmp_path / folder).mkdir()
+        save_file({L + "gate_up_proj_blocks": blocks, L + "gate_up_proj_scales": scales},
+                  str(tmp_path / folder / "model.safetensors"))
+        (tmp_path / folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+        return tmp_path / folder
+
+    blocks, scales = _mxfp4(w)
+    r = compare(tmp_path / "base", write("ok", blocks, scales), rank=False)
+    assert r.summary.verdict == "quantized_only", _verdict_and_quant(r)
+    blocks, scales = blocks.copy(), scales.copy()
+    blocks[0, :4], scales[0, :4] = 0, 127 + 10
+    _changed(compare(tmp_path / "base", write("bad", blocks, scales), rank=False), L + "0.gate_up_proj")

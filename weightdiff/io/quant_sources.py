@@ -427,6 +427,13 @@ class BnB8(Source):
         s = self._get("s", lambda: _f32(read(self.scb.name), self.scb.dtype).reshape(-1))
         return K.bnb_int8_rows(read_rows(self.w.name, range(r0, r1)), s[r0:r1])
 
+    def scale_groups(self, read) -> tuple | None:
+        """As ``IntGrid.scale_groups``: one scale a row, ``SCB / 127`` (SCB is the row's largest magnitude)."""
+        if len(self.shape) != 2:
+            return None
+        s = np.abs(_f32(read(self.scb.name), self.scb.dtype).reshape(-1, 1)) / np.float32(127)
+        return s, ("block", 1, self.shape[1]), 127.0
+
 
 class MXFP4(Source):
     """gpt-oss experts: blocks [E, R, G, 16] and scales [E, R, G] -> [E, G*32, R] (transformers'
@@ -436,6 +443,15 @@ class MXFP4(Source):
     def __init__(self, name, shape, scheme, path, blocks, scales, out, expert: int | None = None):
         super().__init__(name, shape, scheme, path)
         self.b, self.s, self.out, self.expert = blocks, scales, out, expert
+
+    def scale_groups(self, read) -> tuple | None:
+        """As ``IntGrid.scale_groups``, for one expert's [G * 32, R]: a power-of-two scale per 32 rows of a
+        column, ``half`` 6 (e2m1's largest: the OCP scale is 2^(floor(log2 amax) - 2), at most amax / 4; one
+        rounded up, at most amax / 3)."""
+        if self.expert is None or len(self.shape) != 2:
+            return None
+        e = np.asarray(read(self.s.name))[self.expert].astype(np.int32) - 127      # [R, G]
+        return np.ldexp(np.float64(1.0), e).T, ("block", 32, 1), 6.0
 
     def rows(self, read, read_rows, r0, r1):
         per = self.shape[-2]
