@@ -52,7 +52,7 @@ import numpy as np
 
 from .safetensors_read import QuantScheme
 
-__all__ = ["scheme_of", "floor", "ends", "FLOORS", "K_QUANTS"]
+__all__ = ["scheme_of", "floor", "ends", "claims", "FLOORS", "K_QUANTS", "SCALE_SLACK"]
 
 TOL = np.float32(2.0 ** -10 + 2.0 ** -24)
 #: half the spacing of fp16 subnormals: the absolute rounding error of a scale stored as fp16 near 0
@@ -223,3 +223,82 @@ def ends(raw: np.ndarray, values: np.ndarray, tname: str) -> np.ndarray | None:
         code = np.rint((values + offset) / step)
     out = np.where(code >= top, 1, np.where(code <= low, -1, 0)).astype(np.float32)
     return np.where((step == 0) | ~np.isfinite(code), np.float32(2), out).astype(np.float32)
+
+
+#: how much larger than the range of the weights it quantized (over the levels) a scale that a real
+#: quantizer chose may be: llama.cpp's searches (``make_qkx2_quants``, ``make_qkx3_quants``, ``make_qx_quants``
+#: with or without importance weights) refit a sub-block's scale by least squares, which moves it from
+#: range / levels by a fraction of a step; 2.5 leaves room for that and for the fp16 / 6-bit roundings
+SCALE_SLACK = np.float32(2.5)
+#: the least searched scale of the super-block's largest sub-block scale, in units of d: ggml stores
+#: d = largest / 63 (``make_qp_quants`` with an importance matrix: largest / 62.6 at the least), Q6_K
+#: d = largest / -128 (clamped to 127)
+_TOP = {"Q4_K": np.float32(62), "Q5_K": np.float32(62), "Q6_K": np.float32(127)}
+#: levels a sub-block's range spans at a scale of one (Q6_K: make_qx_quants' nmax 32, the range up to twice
+#: the largest magnitude)
+_LEVELS = {"Q4_K": np.float32(15), "Q5_K": np.float32(31), "Q6_K": np.float32(32)}
+#: legacy types: the range of a block (its largest magnitude at the least) in units of d; ``quantize_row_q*_ref``
+#: sets d = amax / 127 (Q8_0), max / -8 (Q4_0), max / -16 (Q5_0), (max - min) / 15 or 31 (Q4_1, Q5_1)
+_LEGACY_RANGE = {"Q8_0": np.float32(127), "Q4_0": np.float32(8), "Q5_0": np.float32(16),
+                 "Q4_1": np.float32(15), "Q5_1": np.float32(31)}
+
+
+def claims(raw: np.ndarray, values: np.ndarray, tname: str, which: int | None = None) -> np.ndarray | None:
+    """What the stored scales of blocks ``raw`` (n, block bytes) say of the weights they quantized, per
+    element (n, 2, block): ``[:, 0]`` the least range (``max(x, 0) - min(x, 0)``) the element's block or
+    sub-block of the quantized weights must have had, ``[:, 1]`` the least largest such range over its
+    super-block (K-quants; 0 for the legacy types), for any of llama.cpp's quantizers (``SCALE_SLACK``);
+    ``which`` 0 or 1: that one alone (n, block). ``values`` gives the block length only. A
+    block whose plain counterpart has a smaller range is no quantization of it: its stored step (and the
+    floor built on it) vouches for nothing there. None for a type without a floor.
+
+    The K-quants: a sub-block's searched scale is at least ``(sc - 1/2) (|d| - dd)`` (the 6-bit rounding;
+    ``sc - 1`` for Q6_K's int8), at most ``SCALE_SLACK`` times its range over the levels; the super-block's
+    largest is ``_TOP`` times d, and its largest min ``63 dmin`` lies within its range plus the search's
+    reach (``_REACH``) of scales of it. A sub-block of scale 0 says nothing of its own range (its searched
+    scale rounded to 0 against the largest), but the super-block's d still does.
+
+    >>> raw = np.zeros((1, 144), np.uint8); raw[0, 0:2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    >>> c = claims(raw, np.zeros((1, 256), np.float32), "Q4_K")     # d = 1 with every sub-block scale 0
+    >>> float(c[0, 0, 0]), round(float(c[0, 1, 0]), 1)
+    (0.0, 371.6)
+    """
+    if tname not in FLOORS:
+        return None
+    if which is not None:
+        return _claims(raw, values.shape[1], tname, which)
+    n, block = raw.shape[0], values.shape[1]
+    out = np.empty((n, 2, block), np.float32)
+    out[:, 0], out[:, 1] = _claims(raw, block, tname, 0), _claims(raw, block, tname, 1)
+    return out
+
+
+def _claims(raw: np.ndarray, block: int, tname: str, which: int) -> np.ndarray:
+    n = raw.shape[0]
+    if tname in _LEGACY_RANGE:
+        if which == 1:
+            return np.zeros((n, block), np.float32)
+        d = np.abs(_f16(raw, 0))[:, None]
+        least = _LEGACY_RANGE[tname] * np.maximum(d - _rounding16(d), 0)
+        if tname in ("Q4_1", "Q5_1"):
+            m = np.abs(_f16(raw, 2))[:, None]          # the block's min: within its range of 0
+            least = np.maximum(least, np.maximum(m - _rounding16(m), 0))
+        # (an importance matrix refits the scale by weighted least squares: the slack as for the K-quants)
+        return np.repeat((least / SCALE_SLACK).astype(np.float32), block, axis=1)
+    d = np.abs(_f16(raw, 208 if tname == "Q6_K" else 0))[:, None]
+    dlow = np.maximum(d - _rounding16(d), 0)
+    levels, slack = _LEVELS[tname], SCALE_SLACK
+    # searched scales at least this (sub-block; the super-block's largest), as ranges: times levels / slack
+    if which == 0:
+        if tname == "Q6_K":
+            least_s = np.maximum(np.abs(raw[:, 192:208].view(np.int8).astype(np.float32)) - 1, 0) * dlow
+        else:
+            least_s = np.maximum(_k_scales(raw)[0] - np.float32(0.5), 0) * dlow
+        return np.repeat((least_s * levels / slack).astype(np.float32), block // least_s.shape[1], axis=1)
+    top = _TOP[tname] * dlow * levels / slack
+    if tname != "Q6_K":
+        dmin = np.abs(_f16(raw, 2))[:, None]
+        # the largest searched min (63 dmin, rounded) lies within the range plus the reach of its scale
+        mins = np.float32(62) * np.maximum(dmin - _rounding16(dmin), 0) / (1 + _REACH[tname] * slack / levels)
+        top = np.maximum(top, mins)
+    return np.repeat(top.astype(np.float32), block, axis=1)

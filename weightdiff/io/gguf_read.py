@@ -41,7 +41,7 @@ from ..errors import CheckpointError, escape_name
 from ..kernels import ggml
 from .files import OpenCheckpointFile, os_problem, pread_into
 from .safetensors_read import TensorInfo, check_range, storage_of
-from .gguf_floor import FLOORS, ends, floor, scheme_of
+from .gguf_floor import FLOORS, K_QUANTS, claims, ends, floor, scheme_of
 from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf
 from .gguf_names import ARCHITECTURES, GENERATED, head_dim, hf_name
 from .experts import MAX_EXPERTS, expert_name
@@ -373,20 +373,40 @@ class GGUFFile(OpenCheckpointFile):
         return self._per_block(info, lay, lambda blocks, values: ends(blocks, values, tname),
                                max_elements, start, stop)
 
-    def _per_block(self, info, lay, fn, max_elements, start, stop) -> Iterator[np.ndarray]:
+    def claim_windows(self, name: str, which: int, max_elements: int | None = None, start: int = 0,
+                      stop: int | None = None) -> Iterator[np.ndarray] | None:
+        """float32 windows aligned with ``windows``: per element, what its block's stored scales say of the
+        weights they quantized (``gguf_floor.claims``): ``which`` 0, the least range of its block or
+        sub-block, 1 the least largest sub-block range of its super-block (K-quants only). Blocks run along
+        rows in both orders (the head permutation moves whole rows); None for a transposed tensor (blocks
+        down a column) or a type without a floor."""
+        info = self._info(name)
+        lay = self._layout[name]
+        if info.scheme not in FLOORS or lay.transform in ("minus_one", "transpose") \
+                or (which == 1 and info.scheme not in K_QUANTS):
+            return None
+        tname = info.scheme
+        return self._per_block(info, lay, lambda blocks, values: claims(blocks, values, tname, which),
+                               max_elements, start, stop, values=False)
+
+    def _per_block(self, info, lay, fn, max_elements, start, stop, values: bool = True) -> Iterator[np.ndarray]:
         """float32 windows aligned with ``windows`` of ``fn(blocks, values)``: a value per element computed from
-        each quantized block's raw bytes and its decoded values (a floor, an end-code mark)."""
+        each quantized block's raw bytes and its decoded values (a floor, an end-code mark); ``values`` False:
+        ``fn`` reads the bytes only and gets an unfilled array of the values' shape."""
         bs, ts = lay.block, lay.tsize
 
         def decode(raw):
             blocks = raw.reshape(-1, ts)
             values = np.empty((blocks.shape[0], bs), np.float32)
-            if lay.kernel is not None:
+            if not need:
+                pass
+            elif lay.kernel is not None:
                 lay.kernel(blocks, values)
             else:
                 values = lay.decode(blocks).reshape(-1, bs)
             return fn(blocks, values).reshape(raw.shape[0], -1)
 
+        need = values
         start, stop, step = check_range(info, max_elements, start, stop, 4)
         return self._windows(info, replace(lay, decode=decode, kernel=None), start, stop, step)
 

@@ -194,6 +194,18 @@ class Checkpoint:
         it = f.end_windows(self._fname(name), max_elements, start, stop) if hasattr(f, "end_windows") else None
         return None if it is None else self._pinned(info.path, it)
 
+    def claim_windows(self, name: str, which: int, max_elements: int | None = None, start: int = 0,
+                      stop: int | None = None) -> Iterator[np.ndarray] | None:
+        """float32 windows aligned with ``windows`` of what each element's stored block scales say of the
+        weights they quantized (GGUF: ``GGUFFile.claim_windows``); None for a reader without them."""
+        info = self._info(name)
+        if name in self.quant or info.quant is None or info.start is None:
+            return None
+        f = self._file(info.path)
+        it = f.claim_windows(self._fname(name), which, max_elements, start, stop) \
+            if hasattr(f, "claim_windows") else None
+        return None if it is None else self._pinned(info.path, it)
+
     def windows(self, name: str, max_elements: int | None = None, start: int = 0,
                 stop: int | None = None) -> Iterator[np.ndarray]:
         """As ``SafetensorsFile.windows``, opening the right shard lazily; quantized tensors

@@ -166,6 +166,24 @@ class FP8(Source):
             srow, bw = s.reshape(-1, 1)[idx], self.rowlen
         return K.fp8_rows(w.reshape(r1 - r0, -1), self.w.dtype, srow, bw, self.sdtype, self.sdtype)
 
+    def scale_groups(self, read) -> tuple | None:
+        """As ``IntGrid.scale_groups``; ``half`` the fp8 format's largest finite value (448 for e4m3: a
+        block's scale is its largest magnitude over it)."""
+        from ..kernels.dtypes import FP8_TABLES
+
+        table = FP8_TABLES.get(self.w.dtype)
+        if len(self.shape) != 2 or table is None:
+            return None
+        R, C = self.shape
+        s = np.abs(_f32(read(self.s.name), self.s.dtype))
+        half = float(np.nanmax(np.abs(table[np.isfinite(table)])))
+        if self.block is not None:
+            bh, bw = self.block
+            return s.reshape(-(-R // bh), -(-C // bw)), ("block", bh, bw), half
+        if s.size == 1:
+            return s.reshape(1, 1), ("block", R, C), half
+        return s.reshape(-1, 1), ("block", 1, C), half
+
 
 #: half an ulp, relative to the value, of the dtypes a quantizer may compute its codes in
 HALF_ULP = {"BF16": 2.0 ** -8, "F16": 2.0 ** -11}
@@ -209,6 +227,31 @@ class IntGrid(Source):
         else:
             z = np.asarray(self._zeros(read), np.int64).reshape(self.shape[0], -1).T + half
         return np.ascontiguousarray(s), np.ascontiguousarray(z), g
+
+    def scale_groups(self, read) -> tuple | None:
+        """The stored scales and the groups of the logical 2-D tensor they cover, for the floor test's check
+        that no scale is larger than a quantizer of the other side's weights picks (``measure.quant_floor.
+        scale_excess``): ``(|scales|, layout, half)``, layout ``("block", bh, bw)`` (scales [ceil(R / bh),
+        ceil(C / bw)]) or ``("cols", g, checked)`` (scales [R, groups], ``g`` the group of each column,
+        ``checked`` the groups set up from the weights or None for all), ``half`` the largest weight a scale
+        of 1 quantizes without clipping (half the code span). None where not 2-D."""
+        if len(self.shape) != 2:
+            return None
+        R, C = self.shape
+        s = np.abs(_f32(read(self.scale.name), self.scale.dtype))
+        half = ((1 << self.bits) - 1) / 2
+        if self.strategy == "group":
+            g = read(self.g_idx.name).astype(np.int64).reshape(-1) if self.g_idx is not None else \
+                np.arange(C) // self.group
+            return s.reshape(R, -1), ("cols", g, None), half
+        if self.strategy == "channel":
+            return s.reshape(-1, 1), ("block", 1, C), half
+        if self.strategy == "block" and self.block is not None:
+            bh, bw = self.block
+            return s.reshape(-(-R // bh), -(-C // bw)), ("block", bh, bw), half
+        if s.size == 1:
+            return s.reshape(1, 1), ("block", R, C), half
+        return None
 
     def first_scale_groups(self, read) -> np.ndarray:
         """Every group: llm-compressor computes them all from the weights before quantizing any."""
@@ -309,6 +352,14 @@ class GPTQ(Source):
         g = read(gi.name).astype(np.int64) if gi is not None else np.arange(self.shape[1]) // self.group
         return _f32(read(sc.name), sc.dtype), z, g
 
+    def scale_groups(self, read) -> tuple | None:
+        """As ``IntGrid.scale_groups``: only the groups set up from the weights before any compensation
+        (``first_scale_groups``) are checked, as the later ones come from the compensated weights."""
+        if len(self.shape) != 2:
+            return None
+        s, _, g = self.group_params(read)
+        return np.abs(s).T[:self.shape[0]], ("cols", g, self.first_scale_groups(read)), ((1 << self.bits) - 1) / 2
+
     def first_scale_groups(self, read) -> np.ndarray:
         """Scale groups one of which the quantizer set up first, from the original weights (before any
         error compensation): group ``g_idx[0]`` in order, group 0 under ``desc_act`` (the first group
@@ -376,6 +427,13 @@ class BnB8(Source):
         s = self._get("s", lambda: _f32(read(self.scb.name), self.scb.dtype).reshape(-1))
         return K.bnb_int8_rows(read_rows(self.w.name, range(r0, r1)), s[r0:r1])
 
+    def scale_groups(self, read) -> tuple | None:
+        """As ``IntGrid.scale_groups``: one scale a row, ``SCB / 127`` (SCB is the row's largest magnitude)."""
+        if len(self.shape) != 2:
+            return None
+        s = np.abs(_f32(read(self.scb.name), self.scb.dtype).reshape(-1, 1)) / np.float32(127)
+        return s, ("block", 1, self.shape[1]), 127.0
+
 
 class MXFP4(Source):
     """gpt-oss experts: blocks [E, R, G, 16] and scales [E, R, G] -> [E, G*32, R] (transformers'
@@ -385,6 +443,15 @@ class MXFP4(Source):
     def __init__(self, name, shape, scheme, path, blocks, scales, out, expert: int | None = None):
         super().__init__(name, shape, scheme, path)
         self.b, self.s, self.out, self.expert = blocks, scales, out, expert
+
+    def scale_groups(self, read) -> tuple | None:
+        """As ``IntGrid.scale_groups``, for one expert's [G * 32, R]: a power-of-two scale per 32 rows of a
+        column, ``half`` 6 (e2m1's largest: the OCP scale is 2^(floor(log2 amax) - 2), at most amax / 4; one
+        rounded up, at most amax / 3)."""
+        if self.expert is None or len(self.shape) != 2:
+            return None
+        e = np.asarray(read(self.s.name))[self.expert].astype(np.int32) - 127      # [R, G]
+        return np.ldexp(np.float64(1.0), e).T, ("block", 32, 1), 6.0
 
     def rows(self, read, read_rows, r0, r1):
         per = self.shape[-2]
@@ -471,6 +538,22 @@ class AxisGrid(Source):
             return a[r0:r1][:, np.arange(self.rowlen) // self.block]
         full = self._get(key + "full", lambda: self._expand(a).reshape(-1, self.rowlen))
         return full[r0:r1]
+
+    def scale_groups(self, read) -> tuple | None:
+        """As ``IntGrid.scale_groups``, in the logical orientation (a transposed ``W_Transposed_quantized``
+        already turned)."""
+        if len(self.shape) != 2 or self.scale2 is not None:
+            return None
+        R, C = self.shape
+        a = np.abs(self._get("s", lambda: self._whole(read, "s", self.scale)))
+        half = (self.qmax - self.qmin) / 2
+        if self.axis is None:
+            return a.reshape(1, 1), ("block", R, C), half
+        if self.axis == 0:
+            return a.reshape(-1, C if self.block else 1), ("block", self.block or 1, 1 if self.block else C), half
+        if self.block:
+            return a.reshape(R, -1), ("block", 1, self.block), half
+        return a.reshape(1, -1), ("block", R, 1), half
 
     def rows(self, read, read_rows, r0, r1):
         if self.transposed:

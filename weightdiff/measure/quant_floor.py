@@ -38,7 +38,7 @@ from ..kernels.dtypes import DTYPES
 from ..kernels.quant import round_to
 from ..kernels.reference import decode
 
-__all__ = ["floor_test", "clamped_beyond", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
+__all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
 
 #: AWQ: share of elements beyond the floor a quantization of the base may leave, beside the group
 #: extremes its clipping search moved (``kernels.quant_floor.clipped_beyond``); AutoAWQ 0.2.9 on a
@@ -143,6 +143,17 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         qs, qck, qname = (qt, tuned, tname) if qt is not None else (qb, base, bname)
         if qs.format == "gguf" and qs.calibrated and hasattr(qck, "end_windows"):
             ends_it = qck.end_windows(qname, window, 0, stop)
+    # what a GGUF side's block scales say of the weights they quantized (``gguf_floor.claims``), checked against
+    # the other side's values: a block whose scales no quantizer of those values could have chosen vouches for
+    # nothing (floor 0 there, and no clamp)
+    claim_its = []
+    for q, ck, name, of_tuned in ((qb, base, bname, False), (qt, tuned, tname, True)):
+        if q is not None and q.format == "gguf" and str(q.group).isdigit() and hasattr(ck, "claim_windows"):
+            a, b = ck.claim_windows(name, 0, window, 0, stop), ck.claim_windows(name, 1, window, 0, stop)
+            if a is not None:
+                claim_its.append((a, b, int(q.group), of_tuned))
+    implausible = 0
+    nonzero = [False, False]                 # (plain side, quantized side) hold a non-zero value
     cols = np.zeros(max(ncols, 1), dtype=np.int64)
     pos = 0
     wb_it = base.windows(bname, window, 0, stop)
@@ -160,6 +171,19 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         # cast_rel scales with the first argument's magnitude: the plain side's (the quantized one
         # may be the base)
         plain_v, quant_v = (vb, vt) if qb is None else (vt, vb)
+        bad = None
+        for a, b, sub, of_tuned in claim_its:
+            ca, cb = next(a), (next(b) if b is not None else None)
+            off = scales_beyond(vb if of_tuned else vt, ca, cb, sub)
+            if off is not None:
+                bad = off if bad is None else bad | off
+        if bad is not None and bad.any():
+            floor[bad] = 0.0
+            implausible += int(np.count_nonzero(bad))
+        if not nonzero[0] and np.any(plain_v != 0):
+            nonzero[0] = True
+        if not nonzero[1] and np.any(quant_v != 0):
+            nonzero[1] = True
         if folded is not None:
             plain_v = _scaled(plain_v, folded, pos, ncols)
         part, c = QF.floor_stats(plain_v, quant_v, floor, pos % max(ncols, 1), max(ncols, 1), cast_rel,
@@ -167,7 +191,10 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         if awq_group and len(plain_v) % awq_group == 0 and pos % awq_group == 0:
             clipped += QF.clipped_beyond(plain_v, quant_v, floor, awq_group, cast_rel)
         if ends_it is not None:
-            clipped += clamped_beyond(plain_v, quant_v, floor, next(ends_it), cast_rel)
+            end = np.asarray(next(ends_it), np.float32)
+            if bad is not None and bad.any():
+                end = np.where(bad, np.float32(0), end)
+            clipped += clamped_beyond(plain_v, quant_v, floor, end, cast_rel, int(qs.group) if str(qs.group).isdigit() else 0)
         mx = max(acc[3], part[3])
         acc += part
         acc[3] = mx                              # max_u combines with max, the rest with +
@@ -202,6 +229,20 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             # its scales come back from the base's weights, or the base is not what it read
             info["first_group_scales"] = scales
             info["within"] = bool(info["within"]) and scales >= SCALE_MATCH_SHARE
+    if implausible:
+        # blocks whose stored scales are far larger than any quantizer of the other side's weights picks: their
+        # floor was taken as 0 (their elements count beyond it wherever they differ)
+        info["scales_beyond_base"] = implausible
+    nz_b, nz_t = (nonzero[0], nonzero[1]) if qb is None else (nonzero[1], nonzero[0])
+    if n and ((nz_b and not nz_t) if side != "base" else (nz_t and not nz_b)):
+        # every quantized value is 0 (the tuned side's, when both are quantized) while the other side's are not:
+        # no quantizer of those weights stores that (each group's largest weight takes an end code), whatever
+        # scale is stored beside the zeros; a tuned tensor of zeros is pruning, not quantization
+        info.update(within=False, all_zero=True)
+    elif info.get("within"):
+        excess = scale_excess(base, bname, dtype_b, tuned, tname, dtype_t, side, shape)
+        if excess:
+            info.update(within=False, scales_beyond_base=info.get("scales_beyond_base", 0) + excess)
     if side == "base" and cast_rel and n and int(acc[8]) == 0 and not info.get("within"):
         # every value is the base's dequantized one up to the rounding of a dequantization done in bf16
         # (GPTQModel casts fp16 scales to bf16): not a fine-tune, whatever the first-group scales say (the
@@ -223,16 +264,21 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
 
 
 def clamped_beyond(plain: np.ndarray, quant: np.ndarray, floor: np.ndarray, end: np.ndarray,
-                   cast_rel: float = 0.0) -> int:
+                   cast_rel: float = 0.0, sub: int = 0) -> int:
     """Elements beyond the floor (as ``floor_stats`` counts them, finite ones) that the clamp of an
     importance-matrix K-quant explains: the quantized value is its sub-block's top code (``end`` 1) and
     the plain value lies above it, or the bottom code (-1) and the plain value lies below it, or the
-    sub-block's step is 0 (2: one value, no code). ggml's last pass rounds every element to the
-    nearest code and clamps it to the range, so an element past its floor anywhere else is no
-    quantization of the plain value, however much the search clipped.
+    sub-block's step is 0 (2: one value, no code) and the plain values of the sub-block (runs of ``sub``
+    elements) are themselves near one value: their range within twice the sub-block's largest floor (a
+    step of 0 is a searched scale that rounded to 0 against the super-block's, which a sub-block far from
+    constant does not have; without ``sub``, or windows not cut at sub-blocks, no step-0 element counts).
+    ggml's last pass rounds every element to the nearest code and clamps it to the range, so an element past
+    its floor anywhere else is no quantization of the plain value, however much the search clipped.
 
     >>> clamped_beyond(np.array([1.0, -3.0, 0.9, 3.0]), np.array([0.5, 0.0, 0.2, 3.0]), np.full(4, 0.1),
     ...                np.array([1.0, -1.0, 0.0, 1.0], np.float32))
+    2
+    >>> clamped_beyond(np.array([0.3, 0.31, 0.3, -0.5]), np.zeros(4), np.full(4, 0.1), np.full(4, 2.0), sub=2)
     2
     """
     b = np.asarray(plain, np.float64)
@@ -240,9 +286,44 @@ def clamped_beyond(plain: np.ndarray, quant: np.ndarray, floor: np.ndarray, end:
     e = np.asarray(end)
     with np.errstate(invalid="ignore"):
         d = np.abs(b - o)
-        beyond = np.isfinite(d) & (d > np.asarray(floor, np.float64) + cast_rel * np.abs(b))
-        toward = ((e == 1) & (b > o)) | ((e == -1) & (b < o)) | (e == 2)
+        f = np.asarray(floor, np.float64)
+        beyond = np.isfinite(d) & (d > f + cast_rel * np.abs(b))
+        flat = e == 2
+        if flat.any():
+            if sub and len(b) % sub == 0:
+                bs = b.reshape(-1, sub)
+                near = (bs.max(axis=1) - bs.min(axis=1)) <= 2 * f.reshape(-1, sub).max(axis=1)
+                flat &= np.repeat(near, sub)
+            else:
+                flat[:] = False
+        toward = ((e == 1) & (b > o)) | ((e == -1) & (b < o)) | flat
     return int(np.count_nonzero(beyond & toward))
+
+
+def scales_beyond(other: np.ndarray, least: np.ndarray, least_top: np.ndarray | None, sub: int) -> np.ndarray | None:
+    """Per element of one window, whether its block's stored scales claim more of the weights they quantized
+    than ``other`` (the other side's values there) has (``gguf_floor.claims``): the range (``max(x, 0) -
+    min(x, 0)``) of its block or sub-block (runs of ``sub`` elements) below ``least``, or the largest such
+    range over its super-block (runs of 256) below ``least_top`` (None: no such claim). None when the window is
+    not cut at blocks.
+
+    >>> scales_beyond(np.array([0.1, -0.1, 0.0, 0.05]), np.array([0.1, 0.1, 0.5, 0.5]), np.zeros(4), 2).tolist()
+    [False, False, True, True]
+    """
+    x = np.asarray(other, np.float32)
+    if not sub or len(x) % sub:
+        return None
+    xs = x.reshape(-1, sub)
+    with np.errstate(invalid="ignore"):
+        r = np.maximum(xs.max(axis=1), 0) - np.minimum(xs.min(axis=1), 0)
+        out = np.asarray(least) > np.repeat(r, sub)
+        top = None if least_top is None else np.asarray(least_top)
+        if top is not None and top.any():
+            per = 256 // sub if 256 % sub == 0 else 0
+            if not per or len(x) % 256:
+                return out
+            out |= top > np.repeat(r.reshape(-1, per).max(axis=1), 256)
+    return out
 
 
 #: the near-grid test (``near_grid``): fewest moved elements it decides on, and the share of them within
@@ -365,6 +446,87 @@ def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_
         per = ok.mean(axis=1) if m else np.zeros(len(groups))
         best = max(best, float(ok.mean()) if every and m else float(per.max()))
     return best
+
+
+#: how much larger than a quantizer of the weights picks a stored scale may be (``scale_excess``): absmax and
+#: min/max quantizers store max|w| / half the code span (GPTQ, compressed-tensors, FP8's amax / 448, ONNX
+#: Runtime's symmetric int8), MSE and clipping observers less; ONNX Runtime's ``reduce_range`` uses half the
+#: codes (twice the step), and the scale's dtype rounds it
+SCALE_SLACK = 2.5
+
+
+def scale_excess(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, side: str,
+                 shape: tuple) -> int | None:
+    """Groups of the quantized side whose stored scale is more than ``SCALE_SLACK`` times what a quantizer of
+    the plain side's weights in that group picks (their largest magnitude over half the code span: the
+    source's ``scale_groups``); a group whose plain weights are all 0 is not counted. Such a scale makes a
+    floor wide enough to hold anything (a zeroed weight with a scale of 1 reads as within half a step of any
+    small weight), and no quantizer of these weights chose it, whatever its observer (MSE and clipping only
+    shrink the scale; GPTQ's first groups are set up before any compensation). None when not testable: both
+    sides quantized, a source without ``scale_groups``, not 2-D. Reads the plain side once."""
+    if side == "both" or len(shape) != 2:
+        return None
+    qck, qname, pck, pname, pdtype = ((tuned, tname, base, bname, dtype_b) if side == "tuned"
+                                      else (base, bname, tuned, tname, dtype_t))
+    from .compute import TransposedSide
+
+    src = getattr(qck, "quant", {}).get(qname)
+    read = getattr(qck, "_stored_read", None)
+    turned = False
+    if src is None and isinstance(qck, TransposedSide):
+        # a tuned matrix stored transposed: its source is in the stored orientation (any other held side, a
+        # reordered or merged one, has no stored groups to check)
+        src = getattr(qck._ck, "quant", {}).get(qname)
+        read, turned = getattr(qck._ck, "_stored_read", None), True
+    if src is None or read is None or not hasattr(src, "scale_groups") \
+            or not hasattr(pck, "read" if turned else "read_rows"):
+        return None
+    got = src.scale_groups(read)
+    if got is None:
+        return None
+    S, layout, half = got
+    R, C = (int(d) for d in src.shape)
+    if tuple(int(d) for d in shape) != ((C, R) if turned else (R, C)):
+        return None
+    S = np.asarray(S, np.float64)
+    A = np.zeros(S.shape, np.float64)
+    if turned:
+        chunks = [(0, np.abs(np.asarray(decode(pck.read(pname), pdtype), np.float64)).reshape(C, R).T)]
+    else:
+        def rows():
+            for r0 in range(0, R, SCALE_ROWS):
+                r1 = min(R, r0 + SCALE_ROWS)
+                x = decode(pck.read_rows(pname, np.arange(r0, r1)), pdtype)
+                yield r0, np.abs(np.asarray(x, np.float64)).reshape(r1 - r0, C)
+        chunks = rows()
+    if layout[0] == "cols":
+        g = np.asarray(layout[1], np.int64).reshape(-1)
+        if g.size != C or (g.size and (g.min() < 0 or g.max() >= S.shape[1])) or S.shape[0] < R:
+            return None
+        groups = np.unique(g)
+        if layout[2] is not None:
+            groups = np.intersect1d(groups, np.asarray(layout[2], np.int64))
+        if not groups.size:
+            return None
+        order = np.concatenate([np.flatnonzero(g == k) for k in groups])
+        starts = np.concatenate([[0], np.cumsum([np.count_nonzero(g == k) for k in groups])[:-1]])
+        for r0, x in chunks:
+            A[r0:r0 + len(x), groups] = np.maximum.reduceat(x[:, order], starts, axis=1)
+        S, A = S[:R, groups], A[:R, groups]
+    else:
+        bh, bw = int(layout[1]), int(layout[2])
+        nb = -(-C // bw)
+        if S.shape != (-(-R // bh), nb):
+            return None
+        for r0, x in chunks:
+            pad = nb * bw - C
+            if pad:
+                x = np.concatenate([x, np.zeros((len(x), pad))], axis=1)
+            per_row = x.reshape(len(x), nb, bw).max(axis=2)
+            np.maximum.at(A, (r0 + np.arange(len(x))) // bh, per_row)
+    with np.errstate(invalid="ignore", over="ignore"):
+        bad = np.isfinite(S) & (A > 0) & (S * half > SCALE_SLACK * A * (1 + 2.0 ** -6))
+    return int(np.count_nonzero(bad))
 
 
 def _ct_params(xmin: np.ndarray, xmax: np.ndarray, maxq: int, sym: bool, dtype: str) -> tuple[np.ndarray, np.ndarray]:
