@@ -96,10 +96,10 @@ def test_frame_sums_and_crosses_equal_numpy(tmp_path, rng, tiny_blocks, dtype):
     idx = rng.permutation(37)[:25]
     c, nb, nt = rot.in_cross(bc, "w", tc, "w", index=idx)
     np.testing.assert_allclose(c, b[idx].T @ t[:25], rtol=1e-10, atol=1e-10)
-    # the cosine of R^T B with T from the cross, for an orthogonal R, is the one ``rotated_cosine`` gives whole
+    # the cosine of R^T B with T from the cross, for an orthogonal R, is the one of the whole matrices
     r = np.linalg.qr(rng.standard_normal((37, 37)))[0]
     c, nb, nt = rot.out_cross(bc, "w", tc, "w")
-    assert float(np.sum(r * c)) / (nb * nt) == pytest.approx(rot.rotated_cosine("out", b, t, r), rel=1e-10)
+    assert float(np.sum(r * c)) / (nb * nt) == pytest.approx(cos(r.T @ b, t), rel=1e-10)
 
 
 def _fold(t: dict, layers: int = 4) -> dict:

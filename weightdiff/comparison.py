@@ -597,9 +597,21 @@ def _best_gain(base: Checkpoint, bname: str, tuned: Checkpoint, tname: str, r,
         return None
     frames = [rot.Frame(base, bname, "in", r, None, order)] + \
         [rot.Frame(base, bname, "in", r, g, order) for _, g in candidates]
-    cos = rot.frame_sums(frames, tuned, tname, upto=upto).cosines()
+    best = _closest(rot.frame_sums(frames, tuned, tname, upto=upto).cosines())
+    return None if best is None else candidates[best - 1]
+
+
+def _closest(cos: Sequence[float]) -> int | None:
+    """The index (from 1) of the largest of ``cos[1:]`` (the first on ties) when it exceeds ``cos[0]`` (the frame
+    with no candidate), else None.
+
+    >>> _closest([0.5, 0.4, 0.9, 0.9]), _closest([0.5, 0.5])
+    (2, None)
+    """
+    if len(cos) < 2:
+        return None
     best = max(range(1, len(cos)), key=lambda i: (cos[i], -i))
-    return candidates[best - 1] if cos[best] > cos[0] else None
+    return best if cos[best] > cos[0] else None
 
 
 ROTATED_NOTE = ("the residual stream is rotated: measured against the base's tensor times the orthogonal matrix "
@@ -698,11 +710,9 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     def fitted(rows: list):
         fit = rot.Rotation(d)
         if with_e[0]:
-            fit.c, fit.pairs = e_fit()[0].copy(), 1
+            fit.add(e_fit()[0])
         for r in rows:
-            part = out_sums(r)[0]
-            fit.c = part.copy() if fit.c is None else fit.c + part
-            fit.pairs += 1
+            fit.add(out_sums(r)[0])
         return fit.solve()
 
     labels = sorted({r.block for r in outs}, key=lambda b: (parse_name(f"{b}.x")[1] or 0, str(b)))
@@ -898,8 +908,8 @@ def folded_gains(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], t
             continue
         sums = rot.frame_sums(frames, tuned, r.name)
         cos = sums.cosines()
-        best_i = max(range(1, len(cos)), key=lambda i: (cos[i], -i))
-        if not cos[best_i] > cos[0]:
+        best_i = _closest(cos)
+        if best_i is None:
             continue
         best = cands[best_i - 1]
         # the factors must explain the difference, not nudge it: most of 1 - cosine goes (a fine-tune then

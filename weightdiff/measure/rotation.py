@@ -28,8 +28,7 @@ import numpy as np
 
 from ..kernels.dtypes import DTYPES, decode
 
-__all__ = ["OUT_KINDS", "IN_KINDS", "values", "procrustes", "Rotation", "apply", "RotatedSide", "rotated_cosine",
-           "small_rotation", "BLOCK_BYTES", "Frame", "FrameSums", "frame_sums", "in_cross", "out_cross", "sample_rows", "rows_of"]
+__all__ = ["OUT_KINDS", "IN_KINDS", "values", "procrustes", "Rotation", "apply", "RotatedSide", "small_rotation", "BLOCK_BYTES", "Frame", "FrameSums", "frame_sums", "in_cross", "out_cross", "sample_rows", "rows_of"]
 
 #: module kinds that write the residual stream (rows are hidden units): their tensor is R^T W
 OUT_KINDS = ("attn.o", "mlp.down")
@@ -107,26 +106,17 @@ def procrustes(c: np.ndarray) -> np.ndarray:
     return u @ vt
 
 
-def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """A^T B in float64, in row blocks (A, B: [n, d])."""
-    out = np.zeros((a.shape[1], b.shape[1]))
-    for lo in range(0, a.shape[0], _ROWS):
-        out += a[lo:lo + _ROWS].astype(np.float64).T @ b[lo:lo + _ROWS].astype(np.float64)
-    return out
-
-
 @dataclass
 class Rotation:
-    """Sums for one Procrustes fit: add (base, tuned) pairs in their forms, then ``solve``."""
+    """Sums for one Procrustes fit: ``add`` each pair's cross sums (``in_cross``: B^T T for tuned = B R;
+    ``out_cross``: B T^T for tuned = R^T B), then ``solve``."""
 
     d: int
     c: np.ndarray | None = None
     pairs: int = 0
 
-    def add(self, kind: str, base: np.ndarray, tuned: np.ndarray) -> None:
-        """``kind`` ``in``: tuned = base R (rows [n, d]); ``out``: tuned = R^T base ([d, n]: base^T R = tuned^T)."""
-        part = _cross(base, tuned) if kind == "in" else _cross(base.T, tuned.T)
-        self.c = part if self.c is None else self.c + part
+    def add(self, cross: np.ndarray) -> None:
+        self.c = np.array(cross, np.float64) if self.c is None else self.c + cross
         self.pairs += 1
 
     def solve(self) -> np.ndarray | None:
@@ -143,14 +133,6 @@ def apply(kind: str, base: np.ndarray, r: np.ndarray | None, gain: np.ndarray | 
         b = base.astype(np.float64) if gain is None else base.astype(np.float64) * gain[None, :]
         return b if r is None else b @ r
     return base.astype(np.float64) if r is None else r.T @ base.astype(np.float64)
-
-
-def rotated_cosine(kind: str, base: np.ndarray, tuned: np.ndarray, r: np.ndarray,
-                   gain: np.ndarray | None = None) -> float:
-    """Cosine of the base tensor in the rotated frame with the tuned tensor (0 when either is zero)."""
-    x, y = apply(kind, base, r, gain).ravel(), tuned.astype(np.float64).ravel()
-    den = float(np.sqrt(x @ x) * np.sqrt(y @ y))
-    return float(x @ y) / den if den else 0.0
 
 
 class RotatedSide:
@@ -323,8 +305,8 @@ def frame_sums(frames: Sequence[Frame], tuned, tname: str, rows: np.ndarray | No
 def in_cross(base, bname: str, tuned, tname: str, upto: int | None = None,
              index: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
     """(B^T T, ||B||, ||T||) over the first ``upto`` rows of two matrices [n, d] (all of them when None), float64, in
-    row blocks; ``index``: B's rows in that order (T's first ``len(index)`` rows against them). The sums of
-    ``Rotation.add("in", B, T)``."""
+    row blocks; ``index``: B's rows in that order (T's first ``len(index)`` rows against them). What
+    ``Rotation.add`` sums for a reader of the residual stream (tuned = B R)."""
     rows = len(index) if index is not None else min(_dims(base, bname)[0], _dims(tuned, tname)[0]) \
         if upto is None else int(upto)
     d = _dims(base, bname)[1]
@@ -342,7 +324,7 @@ def in_cross(base, bname: str, tuned, tname: str, upto: int | None = None,
 
 def out_cross(base, bname: str, tuned, tname: str) -> tuple[np.ndarray, float, float]:
     """(B T^T, ||B||, ||T||) of two matrices of one shape [d, n], float64, in row blocks: a block of B's rows (four
-    budgets) against each block of T's in turn. The sums of ``Rotation.add("out", B, T)``; the cosine of R^T B with
+    budgets) against each block of T's in turn. What ``Rotation.add`` sums for a writer (tuned = R^T B); the cosine of R^T B with
     T is then sum(R * B T^T) / (||B|| ||T||) for any orthogonal R."""
     d, n = _dims(base, bname)
     out = np.zeros((d, d))
