@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["available", "eigvalsh_inplace", "ldl_available", "ldl_inertia_inplace", "Inertia"]
+__all__ = ["available", "eigvalsh_inplace", "ldl_available", "ldl_inertia_inplace", "Inertia", "polar_available",
+           "polar_inplace", "PolarFailed"]
 
 
 #: LAPACK's two-stage tridiagonal reduction (eigenvalues only) is BLAS-3 rich: 3-4x faster than
@@ -36,6 +37,8 @@ _NAMES = (("scipy_dsyevd_2stage_64_", ctypes.c_int64), ("scipy_dsyevd_2stage_", 
 
 
 _SYTRF = (("scipy_dsytrf_rk_64_", ctypes.c_int64), ("scipy_dsytrf_rk_", ctypes.c_int32))
+_GETRF = (("scipy_dgetrf_64_", ctypes.c_int64), ("scipy_dgetrf_", ctypes.c_int32))
+_GETRI = (("scipy_dgetri_64_", ctypes.c_int64), ("scipy_dgetri_", ctypes.c_int32))
 
 
 def _find(names):
@@ -62,6 +65,12 @@ def _syevd():
 @functools.lru_cache(maxsize=1)
 def _sytrf():
     return _find(_SYTRF)
+
+
+@functools.lru_cache(maxsize=1)
+def _getrf_getri():
+    f, i = _find(_GETRF), _find(_GETRI)
+    return (f[0], i[0], f[1]) if f is not None and i is not None and f[1] is i[1] else None
 
 
 def _checked(found, routine: str, a: np.ndarray, caller: str):
@@ -251,3 +260,111 @@ def ldl_inertia_inplace(a: np.ndarray, lower: bool = True) -> Inertia:
         raise RuntimeError("LAPACK dsytrf_rk returned non-finite factors")
     err = (10.0 * n + 10.0) * U64 * (norm_a + m_inf)
     return Inertia(pos, neg, zero, float(err))
+
+
+def polar_available() -> bool:
+    """Whether ``polar_inplace`` can run (numpy's OpenBLAS exports ``dgetrf`` and ``dgetri``)."""
+    return _getrf_getri() is not None
+
+
+class PolarFailed(RuntimeError):
+    """``polar_inplace`` could not finish: the matrix is singular to working precision, the iteration did not
+    converge, or its result is not orthogonal to the tolerance; the caller falls back to an SVD."""
+
+
+#: bytes of one row block ``polar_inplace`` updates at a time (and at most an eighth of the matrix)
+_POLAR_BYTES = 8 << 20
+
+
+def _inverse_inplace(y: np.ndarray, ipiv: np.ndarray, fns) -> None:
+    """``y`` (C-contiguous float64, square) replaced by its inverse: LU with partial pivoting (``dgetrf``), then
+    ``dgetri``. Row-major ``Y`` is LAPACK's column-major ``Y^T``, whose inverse, read row-major, is ``Y^-1``."""
+    getrf, getri, itype = fns
+    n = y.shape[0]
+    nn, info = itype(n), itype(0)
+    ptr = y.ctypes.data_as(ctypes.c_void_p)
+    getrf(ctypes.byref(nn), ctypes.byref(nn), ptr, ctypes.byref(nn), ipiv.ctypes.data_as(ctypes.c_void_p),
+          ctypes.byref(info))
+    if info.value != 0:
+        raise PolarFailed(f"LAPACK dgetrf: {'singular matrix' if info.value > 0 else 'argument error'} "
+                          f"(info={info.value})")
+    query = np.zeros(1)
+    getri(ctypes.byref(nn), ptr, ctypes.byref(nn), ipiv.ctypes.data_as(ctypes.c_void_p),
+          query.ctypes.data_as(ctypes.c_void_p), ctypes.byref(itype(-1)), ctypes.byref(info))
+    work = np.empty(max(int(query[0]) if info.value == 0 else 0, n, 1))
+    getri(ctypes.byref(nn), ptr, ctypes.byref(nn), ipiv.ctypes.data_as(ctypes.c_void_p),
+          work.ctypes.data_as(ctypes.c_void_p), ctypes.byref(itype(work.size)), ctypes.byref(info))
+    if info.value != 0:
+        raise PolarFailed(f"LAPACK dgetri: {'singular matrix' if info.value > 0 else 'argument error'} "
+                          f"(info={info.value})")
+
+
+def polar_inplace(a: np.ndarray, max_iter: int = 60, tol: float = 1e-9) -> int:
+    """``a`` (square, C-contiguous float64) replaced by the orthogonal factor ``U`` of its polar decomposition
+    ``A = U H`` (``H`` symmetric positive semidefinite): the ``U V^T`` of ``A``'s SVD, the orthogonal matrix closest
+    to ``A`` and the one maximising ``trace(U^T A)`` (orthogonal Procrustes). Returns the iterations taken.
+
+    Newton's iteration ``X <- (mu X + X^-T / mu) / 2`` with Frobenius-norm scaling
+    ``mu = (||X^-1|| / ||X||)^(1/2)`` until the step is below 1e-2 relative, unscaled after (Higham, Functions of
+    Matrices, 2008, alg. 8.20; quadratic near the end), stopping one iteration after a step below 1e-7 relative.
+    Memory: ``a`` and one copy (its inverse, in place), where numpy's SVD of ``a`` holds seven n x n float64
+    arrays (its copy, U, V^T, the divide-and-conquer workspace) and ``U V^T`` one more: 2 n^2 against 8 n^2, which
+    at n = 8192 is 1.1 GB against 4.3 GB. The result is checked: ``max |U^T U - I| <= tol``, computed in row blocks
+    (``n`` u sqrt(n) bounds its rounding at the widths models have: 1e-10 at n = 8192).
+
+    Raises PolarFailed when ``a`` is singular to working precision, has a non-finite value, does not converge in ``max_iter`` iterations, or fails the check: ``a`` then still holds
+    finite values with the same orthogonal factor (the input, or a Newton iterate ``U H_k``, ``H_k`` symmetric
+    positive definite), so an SVD of it gives the answer. RuntimeError when LAPACK lacks ``dgetrf``/``dgetri``;
+    ValueError on a wrong input."""
+    fns = _getrf_getri()
+    _checked(fns, "dgetrf/dgetri", a, "polar_inplace")
+    n = a.shape[0]
+    if n == 0:
+        return 0
+    if not np.all(np.isfinite(a)):
+        raise PolarFailed("the matrix has a non-finite value")
+    top = float(np.max(np.abs(a)))
+    if top == 0.0:
+        raise PolarFailed("the matrix is zero")
+    a /= top                        # the orthogonal factor does not depend on scale: norms neither overflow nor underflow
+    y = np.empty_like(a)
+    rows = max(1, min(-(-n // 8), _POLAR_BYTES // (8 * n)))    # a block's temporaries: at most n^2 / 8 each
+    ipiv = np.zeros(n, dtype=np.int64 if fns[2] is ctypes.c_int64 else np.int32)
+    scaled, last = True, False
+    for it in range(1, max_iter + 1):
+        np.copyto(y, a)
+        _inverse_inplace(y, ipiv, fns)
+        nx, ny = float(np.linalg.norm(a)), float(np.linalg.norm(y))
+        if not (math.isfinite(ny) and nx > 0 and ny > 0):
+            raise PolarFailed("the matrix is singular to working precision")
+        mu = math.sqrt(ny / nx) if scaled else 1.0
+        if not math.isfinite(mu) or mu * nx > 1e300 or ny / mu > 1e300:
+            raise PolarFailed("the matrix is too ill-conditioned for the iteration")
+        step2 = 0.0
+        for i in range(0, n, rows):
+            j = min(n, i + rows)
+            t = y[:, i:j].T * (0.5 / mu)
+            t += a[i:j] * (0.5 * mu - 1.0)          # the step: new - old
+            step2 += float(np.vdot(t, t))
+            a[i:j] += t
+        rel = math.sqrt(step2) / max(float(np.linalg.norm(a)), 1e-300)
+        if not math.isfinite(rel):
+            raise PolarFailed("the iteration overflowed")
+        if last:
+            break
+        if rel < 1e-2:
+            scaled = False
+        if rel < 1e-7:
+            last = True
+    else:
+        raise PolarFailed(f"no convergence in {max_iter} iterations")
+    del y
+    worst = 0.0
+    for i in range(0, n, rows):
+        j = min(n, i + rows)
+        g = a[:, i:j].T @ a                          # rows i..j of U^T U
+        g[:, i:j] -= np.eye(j - i)
+        worst = max(worst, float(np.max(np.abs(g))))
+    if not worst <= tol:
+        raise PolarFailed(f"the result is not orthogonal (max |U^T U - I| = {worst:.2g})")
+    return it

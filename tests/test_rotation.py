@@ -520,11 +520,9 @@ def test_a_rescale_needs_its_bias_scaled_and_units_rows_not_conv1d_columns(tmp_p
     assert not s.tensors_by_status.get("changed")
 
 
-def test_an_embedding_fine_tuned_after_the_rotation_does_not_skew_it(tmp_path, rng):
-    """From the verification tester: a rotated model with block 2 and the token embedding fine-tuned (relative 1e-2)
-    read "30 of 39 tensors changed, in 4 of 4 blocks": the embedding, always in the fit, pulled R off every untouched
-    matrix. It is left out of the refit when it fits far worse than the output matrices, and its rows, each its own,
-    are no remapping."""
+def _block2_and_embedding_tuned_then_rotated(tmp_path, rng) -> tuple:
+    """(base folder, tuned folder): block 2's matrices and the token embedding changed (relative 1e-2), then the
+    whole model rotated."""
     base = llama(rng)
     b = write_checkpoint(tmp_path / "b", base)
     t = dict(base)
@@ -532,8 +530,34 @@ def test_an_embedding_fine_tuned_after_the_rotation_does_not_skew_it(tmp_path, r
     for k, v in base.items():
         if (k.startswith("model.layers.2.") and v.ndim == 2) or k == "model.embed_tokens.weight":
             t[k] = (v + 1e-2 * float(v.std()) * rr.standard_normal(v.shape)).astype(np.float32)
-    s = compare(b, write_checkpoint(tmp_path / "t", _rotated(t, _orthogonal(128)))).summary
+    return b, write_checkpoint(tmp_path / "t", _rotated(t, _orthogonal(128)))
+
+
+def test_an_embedding_fine_tuned_after_the_rotation_does_not_skew_it(tmp_path, rng):
+    """From the verification tester: a rotated model with block 2 and the token embedding fine-tuned (relative 1e-2)
+    read "30 of 39 tensors changed, in 4 of 4 blocks": the embedding, always in the fit, pulled R off every untouched
+    matrix. It is left out of the refit when it fits far worse than the output matrices, and its rows, each its own,
+    are no remapping."""
+    b, tuned = _block2_and_embedding_tuned_then_rotated(tmp_path, rng)
+    s = compare(b, tuned).summary
     assert s.verdict == "derived" and "rotated_residual" in s.flags and "permuted_units" not in s.flags, s.flags
     assert s.scope["blocks_changed"] == 1, s.verdict_reason
     assert s.scope["rotated_residual"]["tensors_changed"] == 8          # block 2's seven matrices, the embedding
 
+
+
+def test_the_embedding_cross_sums_computed_again_give_the_same_json(tmp_path, rng, monkeypatch):
+    """Beyond ``E_CROSS_KEPT`` (d > 4096) the embedding's d x d sums are not kept between the fits but computed
+    again: the same numbers, byte for byte, as when kept (and the fit's sums are never the kept copy itself)."""
+    import weightdiff.comparison as cmp
+    from weightdiff.records import dumps
+
+    b, tuned = _block2_and_embedding_tuned_then_rotated(tmp_path, rng)
+    kept = compare(b, tuned).to_dict(include_run=False)
+    calls = []
+    real = rot.in_cross
+    monkeypatch.setattr(rot, "in_cross", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(cmp, "E_CROSS_KEPT", 0)
+    again = compare(b, tuned).to_dict(include_run=False)
+    assert calls.count("model.embed_tokens.weight") >= 2
+    assert dumps(again) == dumps(kept) and "rotated_residual" in kept["summary"]["flags"]

@@ -618,6 +618,10 @@ ROTATED_NOTE = ("the residual stream is rotated: measured against the base's ten
                 "fitted on the embedding and the output matrices")
 
 
+#: bytes of the embedding's d x d cross sums ``rotated_residual`` keeps between the fits that use them
+E_CROSS_KEPT = 128 << 20
+
+
 def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
                      options: CompareOptions, skip: set[int] = frozenset()) -> tuple[list[Undo], dict]:
     """The ``Undo`` of every tensor of a model whose residual stream was rotated (``measure.rotation``: QuaRot,
@@ -687,10 +691,16 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     e_sums: list = []               # (B^T T, ||B||, ||T||) of the embedding's shared rows, computed once
 
     def e_fit() -> tuple:
-        if not e_sums:
-            upto, order = shared_rows(e)
-            e_sums.extend(rot.in_cross(base, e.base_name, tuned, e.name, upto, None if order is None else order[1]))
-        return tuple(e_sums)
+        """The embedding's ``in_cross``: kept up to ``E_CROSS_KEPT`` bytes (d = 4096), else computed again where asked
+        (at d = 8192 a kept copy is 512 MB beside the fit's two d x d arrays; computing it again costs vocabulary x
+        d^2 products a time, a few percent of what the fit's output matrices cost)."""
+        if e_sums:
+            return tuple(e_sums)
+        upto, order = shared_rows(e)
+        got = rot.in_cross(base, e.base_name, tuned, e.name, upto, None if order is None else order[1])
+        if 8 * d * d <= E_CROSS_KEPT:
+            e_sums.extend(got)
+        return got
 
     def out_sums(r: TensorRecord) -> tuple:
         """``measure.rotation.out_cross`` of output matrix ``r``, in row blocks (d x d: not kept, computed again
@@ -700,19 +710,21 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     def out_cosine(r: TensorRecord, r_: np.ndarray) -> float:
         """Cosine of R^T B with T: trace(R^T B T^T) / (||B|| ||T||), R orthogonal."""
         c, nb, nt = out_sums(r)
-        return float(np.sum(r_ * c)) / (nb * nt) if nb and nt else 0.0
+        return rot.inner(r_, c) / (nb * nt) if nb and nt else 0.0
 
     def e_cosine(r_: np.ndarray) -> float:
         """The embedding's cosine with the base's rotated by ``r_``: trace(R^T B^T T) / (||B|| ||T||), R orthogonal."""
         c, nb, nt = e_fit()
-        return float(np.sum(r_ * c)) / (nb * nt) if nb and nt else 0.0
+        return rot.inner(r_, c) / (nb * nt) if nb and nt else 0.0
 
     def fitted(rows: list):
+        """R fitted on the embedding (when ``with_e``) and the output matrices ``rows``: the sums, then R in their
+        place (``Rotation``), each matrix's cross sums added as they come; callers drop the R they held first."""
         fit = rot.Rotation(d)
         if with_e[0]:
-            fit.add(e_fit()[0])
+            fit.add(e_fit()[0], own=not e_sums)         # (a kept copy is copied)
         for r in rows:
-            fit.add(out_sums(r)[0])
+            fit.add(out_sums(r)[0], own=True)
         return fit.solve()
 
     labels = sorted({r.block for r in outs}, key=lambda b: (parse_name(f"{b}.x")[1] or 0, str(b)))
@@ -747,6 +759,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
             got = bare
         else:
             with_e[0] = True
+        del bare
     if got is None:
         return [], {}
     r_fit, good = got
@@ -754,6 +767,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     # which would skew it: every other matrix then read 1.8% changed)
     kept = {id(g) for g, _ in good}
     fitting = [r for r in outs if id(r) in kept or (r.block in train and explained(r, r_fit) is not None)]
+    del got, r_fit                  # (d x d each: at most one R and the sums of the next are held at once)
     r_all = fitted(fitting)
     # and once more on those it fits best (1 - cosine within ten times the best's): two matrices fine-tuned after
     # the rotation pulled R enough that every untouched one read 1.8% changed
@@ -767,6 +781,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         if drop_e:
             with_e[0] = False
         fitting = best or fitting
+        r_all = None
         r_all = fitted(fitting)
     num = sum(float(r.numel_compared or r.numel or 1) * c for r, c in good)
     den = sum(float(r.numel_compared or r.numel or 1) for r, _ in good)
@@ -827,7 +842,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
                 out.append(Undo(bias, bias.base_name, None, None, label, kind, ROTATED_NOTE, rotate=("out", r_all, None)))
     # a permuted hidden dimension (R a permutation, signs allowed) permutes every norm's gains with it: measured so
 
-    if np.allclose(np.abs(r_all).max(axis=0), 1.0, atol=1e-6):
+    if rot.signed_permutation(r_all):
         perm_abs = np.abs(r_all)
         for r in records:
             if r.module == "norm" and len(r.shape or ()) == 1 and int(r.shape[0]) == d and r.base_name is not None \
