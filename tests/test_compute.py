@@ -165,3 +165,24 @@ def test_values_that_become_non_finite_leave_the_change_without_a_rank(tmp_path,
     assert rec.status == "changed" and rec.rank is None
     assert "128 non-finite values in the tuned tensor, 0 in the base" in rec.note
     assert r.summary.form["kind"] != "low_rank" and r.summary.delta_params == 256
+
+
+@pytest.mark.parametrize("dtype, share", [("F64", 4), ("F32", 1), ("BF16", 1)])
+def test_a_float64_side_streams_in_windows_a_quarter_as_long(tmp_path, monkeypatch, dtype, share):
+    """A float64 side (a base seen beneath a rotation, a fold or a rescale is float64 values; a float64 checkpoint)
+    reads windows of a quarter of ``WINDOW_ELEMENTS``: no window passes 32 MB a side. At 128 MB, two held at once
+    beside the block being computed, a rotated 7B-shaped pair's remeasure passed 1 GB."""
+    from weightdiff import compare
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 0.02, size=(300, 70)).astype(np.float32)
+    write_checkpoint(tmp_path / "b", {"w": x}, dtype=dtype)
+    write_checkpoint(tmp_path / "t", {"w": x + rng.normal(0, 1e-3, x.shape).astype(np.float32)}, dtype="F32")
+    monkeypatch.setattr(compute, "WINDOW_ELEMENTS", 4096)
+    monkeypatch.setattr(compute, "SMALL_ELEMENTS", 16)          # streamed, not read in a small batch
+    seen: list = []
+    real = compute._stream_stats
+    monkeypatch.setattr(compute, "_stream_stats", lambda *a, **k: seen.append(a[12] if len(a) > 12 else None)
+                        or real(*a, **k))
+    assert compare(tmp_path / "b", tmp_path / "t").summary.tensors_by_status.get("changed") == 1
+    assert seen == [4096 // share]

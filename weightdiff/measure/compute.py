@@ -37,6 +37,15 @@ from .rank_stream import float_matrix, streamed_rank_sink
 #: elements per streamed window; fixed (not derived from the machine) so results are reproducible
 WINDOW_ELEMENTS = 1 << 24
 
+
+def window_elements(dtype_base: str, dtype_tuned: str) -> int:
+    """Elements per window of a pair: ``WINDOW_ELEMENTS`` (32 MB of bfloat16, 64 MB of float32), a quarter of it
+    when a side is 8 bytes an element (the float64 values of a base seen beneath a rotation, a fold or a rescale,
+    ``measure.rotation.RotatedSide``; a float64 checkpoint), so that no window passes 32 MB a side: windows of
+    128 MB there, two held at once while the next is computed, took a rotated 7B-shaped pair's remeasure past 1 GB."""
+    wide = max(DTYPES[d].bits if d in DTYPES else 0 for d in (dtype_base, dtype_tuned))
+    return WINDOW_ELEMENTS // 4 if wide > 32 else WINDOW_ELEMENTS
+
 Progress = Callable[[int, int, str], None]   # (elements done, elements total, current tensor name)
 
 
@@ -56,14 +65,15 @@ def _elements(pair: Pair, shape: Sequence[int] | None) -> int:
 def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
                   tuned: Checkpoint, tname: str, dtype_t: str, stop: int | None,
                   on_window: Callable[[int], None], floors: FloorAccumulator | None = None,
-                  sink=None, device_sink=None) -> np.ndarray:
+                  sink=None, device_sink=None, window: int | None = None) -> np.ndarray:
     k = backend.module
+    window = WINDOW_ELEMENTS if window is None else int(window)
     opaque = not (DTYPES[dtype_b].decodable and DTYPES[dtype_t].decodable)
     acc = None
-    base_windows = base.windows(bname, WINDOW_ELEMENTS, 0, stop)
+    base_windows = base.windows(bname, window, 0, stop)
     if floors is not None and not opaque:   # the cast-rounding floors see every base window
         base_windows = (floors.add(w, dtype_b) or w for w in base_windows)
-    windows = zip(base_windows, tuned.windows(tname, WINDOW_ELEMENTS, 0, stop))
+    windows = zip(base_windows, tuned.windows(tname, window, 0, stop))
     if backend.name == "cuda" and not opaque:
         # pinned buffers, the copy of window k+1 overlapping the compute of window k
         sizes: list[int] = []
@@ -498,6 +508,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         rec.status = "changed"
         return rec
     tuned_t = sink = dsink = None
+    win = window_elements(pair.dtype_base, pair.dtype_tuned)
     floors = FloorAccumulator() if pre is None else None
     if pair.transposed:
         # content pairing found the tuned matrix stored transposed (ONNX MatMul initializers):
@@ -509,14 +520,14 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         rec.note = "paired by content: the tuned matrix is stored transposed; its transpose is compared"
     else:
         if not opaque and pre is None and not fused_experts(pair):   # a small pair never streams its Gram;
-            sink = streamed_rank_sink(pair, options, backend.name, WINDOW_ELEMENTS)   # a resized one: its shared rows
+            sink = streamed_rank_sink(pair, options, backend.name, win)   # a resized one: its shared rows
             dsink = device_rank_sink(pair, options, backend)
         if pre is not None and not opaque:
             stats, rec.rounding_floor, fields = pre
             on_window(int(stats[0]))
         else:
             stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
-                                  pair.dtype_tuned, stop, on_window, floors, sink, dsink)
+                                  pair.dtype_tuned, stop, on_window, floors, sink, dsink, win)
             if not opaque:
                 rec.rounding_floor = floors.result()
     if pre is None or opaque:
@@ -537,9 +548,9 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             or bool(getattr(tuned, "quant", None))):
         # beyond half an ulp of a cast: is it still exactly a cast (through fp16, past the range)?
         cast = cast_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
-                         rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac) or \
+                         rec.numel_compared, stop, win, thr.rounding_frac) or \
             clamp_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
-                       rec.numel_compared, stop, WINDOW_ELEMENTS, thr.rounding_frac)
+                       rec.numel_compared, stop, win, thr.rounding_frac)
         if cast is not None:
             # set only when found: a `cast = None` of its own is a 30th attribute, which ends the key
             # sharing of the record's __dict__ (1.2 KB more each) and sends its JSON row and its
@@ -569,7 +580,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
                         "by; the floor test of those linears uses the same scales")
     if not opaque and shape_t is not None and rec.status != "unchanged" and rec.quant is None:
         rec.quant = floor_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
-                               tuple(t_shape), WINDOW_ELEMENTS, stop)
+                               tuple(t_shape), win, stop)
         if rec.quant is not None and rec.quant.get("within") and rec.status in ("changed", "rounding"):
             rec.status = "quantized"
         elif rec.quant is not None and rec.quant.get("within") is None and rec.status in ("changed", "rounding"):
@@ -649,7 +660,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         if above == "rounding":
             from .quant_floor import dequant_rounding_var
 
-            extra_var = dequant_rounding_var(base, pair.base_name, WINDOW_ELEMENTS, stop)
+            extra_var = dequant_rounding_var(base, pair.base_name, win, stop)
         elif above:
             # the whole change, with a noise floor that includes the quantization noise: the
             # elementwise part above the floor is not low rank even when the change is, and
@@ -657,7 +668,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             from .quant_floor import quant_noise_var
 
             extra_var = quant_noise_var(base, pair.base_name, dt_b, t_side, tuned_name, dt_t, tuple(t_shape),
-                                        WINDOW_ELEMENTS, stop)
+                                        win, stop)
             if extra_var is not None:
                 rec.note = ("rank of the whole change; numerical rank counted above the quantization noise "
                             "(modelled as uniform within each element's floor)" + (f"; {rec.note}" if rec.note else ""))

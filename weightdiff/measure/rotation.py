@@ -183,6 +183,7 @@ class RotatedSide:
         """(first flat element, values) of row block ``i``, flat."""
         lo, hi = self._spans[i]
         if self._cached is None or self._cached[0] != i:
+            self._cached = None             # (the last block is let go before the next is computed)
             got = np.ascontiguousarray(self._frame.block(lo, hi).reshape(-1))
             got.flags.writeable = False
             self._cached = (i, lo * self._frame.cols, got)
@@ -251,9 +252,14 @@ class Frame:
             pick = np.arange(r0, r1) if index is None else np.asarray(index, np.int64)
             acc = np.zeros((len(pick), self.cols))
             step = block_rows(self.cols)
+            # the product added in column tiles: a temporary of a tile, not of the whole block
+            tile = max(1, (8 << 20) // (8 * max(1, len(pick))))
             for k0 in range(0, self.rows, step):
                 k1 = min(self.rows, k0 + step)
-                acc += self.r[k0:k1][:, pick].T @ self.base(k0, k1)
+                rt = np.ascontiguousarray(self.r[k0:k1][:, pick].T)
+                b = self.base(k0, k1)
+                for c0 in range(0, self.cols, tile):
+                    acc[:, c0:c0 + tile] += rt @ b[:, c0:c0 + tile]
             return acc
         b = self.base(r0, r1, index)
         if self.kind == "rows":
