@@ -240,7 +240,7 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         # scale is stored beside the zeros; a tuned tensor of zeros is pruning, not quantization
         info.update(within=False, all_zero=True)
     elif info.get("within"):
-        excess = scale_excess(base, bname, dtype_b, tuned, tname, dtype_t, side, shape)
+        excess = scale_excess(base, bname, dtype_b, tuned, tname, dtype_t, side, shape, folded)
         if excess:
             info.update(within=False, scales_beyond_base=info.get("scales_beyond_base", 0) + excess)
     if side == "base" and cast_rel and n and int(acc[8]) == 0 and not info.get("within"):
@@ -451,20 +451,27 @@ def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_
 #: how much larger than a quantizer of the weights picks a stored scale may be (``scale_excess``): absmax and
 #: min/max quantizers store max|w| / half the code span (GPTQ, compressed-tensors, FP8's amax / 448, ONNX
 #: Runtime's symmetric int8), MSE and clipping observers less; ONNX Runtime's ``reduce_range`` uses half the
-#: codes (twice the step), and the scale's dtype rounds it
+#: codes (twice the step), and the scale's dtype rounds it. A source whose scale is the block's absmax itself,
+#: with no observer that could pick another (bitsandbytes 4-bit), gives its own, tighter slack
 SCALE_SLACK = 2.5
+#: elements of the plain side ``scale_excess`` holds at a time (float64, with an int64 group index each)
+SCALE_CHUNK = 1 << 20
 
 
 def scale_excess(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, side: str,
-                 shape: tuple) -> int | None:
-    """Groups of the quantized side whose stored scale is more than ``SCALE_SLACK`` times what a quantizer of
-    the plain side's weights in that group picks (their largest magnitude over half the code span: the
-    source's ``scale_groups``); a group whose plain weights are all 0 is not counted. Such a scale makes a
-    floor wide enough to hold anything (a zeroed weight with a scale of 1 reads as within half a step of any
-    small weight), and no quantizer of these weights chose it, whatever its observer (MSE and clipping only
-    shrink the scale; GPTQ's first groups are set up before any compensation). None when not testable: both
-    sides quantized, a source without ``scale_groups``, not 2-D. Reads the plain side once."""
-    if side == "both" or len(shape) != 2:
+                 shape: tuple, folded: tuple | None = None) -> int | None:
+    """Groups of the quantized side whose stored scale is more than ``SCALE_SLACK`` (or the source's own
+    slack) times what a quantizer of the plain side's weights in that group picks (their largest magnitude
+    over half the code span: the source's ``scale_groups``); a group whose plain weights are all 0 is not
+    counted. Such a scale makes a floor wide enough to hold anything (a zeroed weight with a scale of 1 reads
+    as within half a step of any small weight), and no quantizer of these weights chose it, whatever its
+    observer (MSE and clipping only shrink the scale; GPTQ's first groups are set up before any compensation).
+    ``folded``: AWQ's searched scales fit back (``awq_fold.fold``): the plain side is compared as AWQ scaled it
+    before quantizing (columns times ``s_in``, rows over ``s_out``). A stacked tensor ([experts, m, n]) is
+    read as its [experts * m, n] rows. None when not testable: both sides quantized, a source without
+    ``scale_groups`` (or whose layout does not fit the shape). Reads the plain side once, ``SCALE_CHUNK``
+    elements at a time."""
+    if side == "both" or len(shape) < 2:
         return None
     qck, qname, pck, pname, pdtype = ((tuned, tname, base, bname, dtype_b) if side == "tuned"
                                       else (base, bname, tuned, tname, dtype_t))
@@ -478,55 +485,105 @@ def scale_excess(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str
         # reordered or merged one, has no stored groups to check)
         src = getattr(qck._ck, "quant", {}).get(qname)
         read, turned = getattr(qck._ck, "_stored_read", None), True
-    if src is None or read is None or not hasattr(src, "scale_groups") \
-            or not hasattr(pck, "read" if turned else "read_rows"):
+    if src is None or read is None or not hasattr(src, "scale_groups") or not hasattr(pck, "windows"):
         return None
     got = src.scale_groups(read)
     if got is None:
         return None
-    S, layout, half = got
-    R, C = (int(d) for d in src.shape)
-    if tuple(int(d) for d in shape) != ((C, R) if turned else (R, C)):
+    S, layout, half = got[:3]
+    opts = got[3] if len(got) > 3 else {}
+    sshape = tuple(int(d) for d in src.shape)
+    if len(sshape) < 2 or (turned and len(sshape) != 2):
+        return None
+    R, C = math.prod(sshape[:-1]), sshape[-1]
+    if tuple(int(d) for d in shape) != ((C, R) if turned else sshape):
         return None
     S = np.asarray(S, np.float64)
-    A = np.zeros(S.shape, np.float64)
-    if turned:
-        chunks = [(0, np.abs(np.asarray(decode(pck.read(pname), pdtype), np.float64)).reshape(C, R).T)]
-    else:
-        def rows():
-            for r0 in range(0, R, SCALE_ROWS):
-                r1 = min(R, r0 + SCALE_ROWS)
-                x = decode(pck.read_rows(pname, np.arange(r0, r1)), pdtype)
-                yield r0, np.abs(np.asarray(x, np.float64)).reshape(r1 - r0, C)
-        chunks = rows()
-    if layout[0] == "cols":
-        g = np.asarray(layout[1], np.int64).reshape(-1)
-        if g.size != C or (g.size and (g.min() < 0 or g.max() >= S.shape[1])) or S.shape[0] < R:
-            return None
-        groups = np.unique(g)
-        if layout[2] is not None:
-            groups = np.intersect1d(groups, np.asarray(layout[2], np.int64))
-        if not groups.size:
-            return None
-        order = np.concatenate([np.flatnonzero(g == k) for k in groups])
-        starts = np.concatenate([[0], np.cumsum([np.count_nonzero(g == k) for k in groups])[:-1]])
-        for r0, x in chunks:
-            A[r0:r0 + len(x), groups] = np.maximum.reduceat(x[:, order], starts, axis=1)
-        S, A = S[:R, groups], A[:R, groups]
-    else:
-        bh, bw = int(layout[1]), int(layout[2])
-        nb = -(-C // bw)
-        if S.shape != (-(-R // bh), nb):
-            return None
-        for r0, x in chunks:
-            pad = nb * bw - C
-            if pad:
-                x = np.concatenate([x, np.zeros((len(x), pad))], axis=1)
-            per_row = x.reshape(len(x), nb, bw).max(axis=2)
-            np.maximum.at(A, (r0 + np.arange(len(x))) // bh, per_row)
+    if layout[0] == "cols" and S.ndim == 2:
+        S = S[:R]
+    ids_of = _group_ids(layout, S.shape, R, C)
+    if ids_of is None:
+        return None
+    A = np.zeros(S.size, np.float64)
+    s_in, s_out = folded if folded is not None else (None, None)
+    pinfo = pck.tensors.get(pname)
+    prow = R if turned else C                              # the plain side's row length
+    if pinfo is None or not pinfo.shape or math.prod(pinfo.shape) % prow:
+        return None
+    prows = min(math.prod(pinfo.shape) // prow, C if turned else R)   # (a resized plain side: its shared rows)
+    for p0, x in _plain_chunks(pck, pname, pdtype, prow, prows):
+        p = np.arange(p0, p0 + len(x), dtype=np.int64)
+        rs, cs = (np.arange(R, dtype=np.int64)[None, :], p[:, None]) if turned else \
+            (p[:, None], np.arange(C, dtype=np.int64)[None, :])
+        if s_in is not None:
+            x = x * np.abs(np.asarray(s_in, np.float64))[cs]
+        if s_out is not None:
+            x = x / np.abs(np.asarray(s_out, np.float64))[rs]
+        ids = np.broadcast_to(ids_of(rs, cs), x.shape)
+        np.maximum.at(A, ids.reshape(-1), x.reshape(-1))
+    S = S.reshape(-1)
+    keep = np.ones(S.size, bool)
+    if layout[0] == "cols" and layout[2] is not None:      # only the groups set up from the weights
+        cols = np.zeros(S.size // R if R else 0, bool)
+        checked = np.asarray(layout[2], np.int64).reshape(-1)
+        cols[checked[(checked >= 0) & (checked < cols.size)]] = True
+        keep = np.tile(cols, R)
+    slack = float(opts.get("slack", SCALE_SLACK))
+    least = float(opts.get("min_scale", 0.0))
     with np.errstate(invalid="ignore", over="ignore"):
-        bad = np.isfinite(S) & (A > 0) & (S * half > SCALE_SLACK * A * (1 + 2.0 ** -6))
+        bad = keep & np.isfinite(S) & (A > 0) & (S * half > slack * A * (1 + 2.0 ** -6)) \
+            & (S > least * (1 + 2.0 ** -6))
     return int(np.count_nonzero(bad))
+
+
+def _group_ids(layout: tuple, sshape: tuple, R: int, C: int):
+    """``ids(rs, cs)``: the flat index into the scales (of shape ``sshape``) of the group each element of the
+    source's [R, C] rows lies in (``rs``, ``cs`` broadcastable int64 row and column indices), for a
+    ``scale_groups`` layout: ``("cols", g, checked)`` (scales [R, groups], ``g`` the group of each column),
+    ``("block", bh, bw[, per])`` (scales [experts * ceil(per / bh), ceil(C / bw)], rows ``per`` to an expert,
+    all of them by default), ``("flat", bs[, transposed])`` (one scale per ``bs`` elements of the flat order,
+    of the rows or of their transpose). None when the scales do not fit the layout."""
+    kind = layout[0]
+    n = math.prod(sshape)
+    if kind == "cols":
+        g = np.asarray(layout[1], np.int64).reshape(-1)
+        if len(sshape) != 2 or sshape[0] < R or g.size != C or (g.size and (g.min() < 0 or g.max() >= sshape[1])):
+            return None
+        ng = sshape[1]
+        return lambda rs, cs: rs * ng + g[cs]
+    if kind == "block":
+        bh, bw = int(layout[1]), int(layout[2])
+        per = int(layout[3]) if len(layout) > 3 else R
+        if bh < 1 or bw < 1 or per < 1 or R % per:
+            return None
+        nbr, nbc = -(-per // bh), -(-C // bw)
+        if len(sshape) != 2 or tuple(sshape) != ((R // per) * nbr, nbc):
+            return None
+        return lambda rs, cs: ((rs // per) * nbr + (rs % per) // bh) * nbc + cs // bw
+    if kind == "flat":
+        bs, tr = int(layout[1]), bool(layout[2]) if len(layout) > 2 else False
+        if bs < 1 or n != -(-(R * C) // bs):
+            return None
+        return (lambda rs, cs: (cs * R + rs) // bs) if tr else (lambda rs, cs: (rs * C + cs) // bs)
+    return None
+
+
+def _plain_chunks(ck, name: str, dtype: str, rowlen: int, rows: int):
+    """(first row, |rows| as float64 [k, rowlen]) of the first ``rows`` rows of ``name``, about ``SCALE_CHUNK``
+    elements at a time, from its flat windows (whatever their length)."""
+    per = max(1, SCALE_CHUNK // max(rowlen, 1))
+    buf: list[np.ndarray] = []
+    held = 0
+    r0 = 0
+    for w in ck.windows(name, per * rowlen, 0, rows * rowlen):
+        buf.append(np.abs(np.asarray(decode(w, dtype), np.float64).reshape(-1)))
+        held += buf[-1].size
+        if held >= rowlen:
+            flat = np.concatenate(buf)
+            k = flat.size // rowlen
+            yield r0, flat[:k * rowlen].reshape(k, rowlen)
+            r0 += k
+            buf, held = [flat[k * rowlen:]], flat.size - k * rowlen
 
 
 def _ct_params(xmin: np.ndarray, xmax: np.ndarray, maxq: int, sym: bool, dtype: str) -> tuple[np.ndarray, np.ndarray]:
