@@ -363,3 +363,78 @@ def test_fp8_stacked_experts_block_of_zeros_under_scale_1000_is_a_change(tmp_pat
     w2[1, :32, :128], s2[1, 0, 0] = 0, 1000.0                       # expert 1's first block
     _changed(compare(b, T._save(tmp_path / "bad", {name: w2.to(torch.float8_e4m3fn), name + "_scale_inv": s2}, qc),
                      rank=False))
+
+
+# -- GGUF tensors stored transposed (GPT-2's Conv1D weights) -----------------------------------------
+
+def _gguf_gpt2(path, raw: np.ndarray, qname: str):
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(1)
+    w.add_head_count(4)
+    w.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=gguf.GGMLQuantizationType[qname])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _q8_0_hidden(x: np.ndarray, rng) -> np.ndarray:
+    """Q8_0 blocks of ``x`` [rows, cols] (rows of the GGUF tensor) with the first eight rows' block scales
+    ``K`` times llama.cpp's, carrying ``x + change`` wherever it fits within half that step."""
+    from gguf.quants import quantize
+
+    raw = quantize(x, pytest.importorskip("gguf").GGMLQuantizationType.Q8_0).reshape(-1, 34).copy()
+    d = raw[:, :2].copy().view(np.float16).astype(np.float32).reshape(-1)
+    per = x.shape[1] // 32
+    d[: 8 * per] *= K
+    d16 = d.astype(np.float16)
+    s = d16.astype(np.float32)[:, None]
+    xb, vb = x.reshape(-1, 32), (x + _change(rng, x)).reshape(-1, 32)
+    q = np.clip(np.round(vb / np.where(s == 0, 1, s)), -127, 127)
+    keep = np.abs(q * s - xb) <= 0.49 * s
+    keep[8 * per:] = False
+    q = np.where(keep, q, np.clip(np.round(xb / np.where(s == 0, 1, s)), -127, 127)).astype(np.int8)
+    raw[:, :2] = d16.view(np.uint8).reshape(-1, 2)
+    raw[:, 2:] = q.view(np.uint8)
+    return raw.reshape(x.shape[0], -1)
+
+
+def test_gguf_transposed_blocks_under_inflated_scales_hiding_a_change_are_a_change(tmp_path, rng):
+    """GPT-2's ``c_fc`` [in, out] is stored transposed in GGUF ([out, in] rows): its blocks run down the
+    Hugging Face columns, where ``gguf_floor.claims`` went unchecked."""
+    from gguf.quants import quantize
+    from safetensors.numpy import save_file
+
+    gguf = pytest.importorskip("gguf")
+    W = _base(rng, 256, 128)                                   # HF Conv1D [in, out]
+    (tmp_path / "base").mkdir()
+    save_file({"transformer.h.0.mlp.c_fc.weight": W}, str(tmp_path / "base" / "model.safetensors"))
+    base = tmp_path / "base"
+    Wt = np.ascontiguousarray(W.T)
+    ok = quantize(Wt, gguf.GGMLQuantizationType.Q8_0)
+    _quantized(compare(base, _gguf_gpt2(tmp_path / "ok.gguf", ok, "Q8_0"), rank=False))
+    _changed(compare(base, _gguf_gpt2(tmp_path / "bad.gguf", _q8_0_hidden(Wt, rng), "Q8_0"), rank=False))
+
+
+@pytest.mark.parametrize("qname", ["Q4_K", "Q6_K", "Q4_0", "Q5_1"])
+def test_gguf_transposed_honest_copies_read_quantized(tmp_path, qname):
+    """llama.cpp's own encoders (gguf's, and the K-quant transcriptions) of a transposed tensor with outlier
+    rows and columns: its blocks' claims, now checked down the columns, never trip."""
+    import ggml_kquants
+    from gguf.quants import quantize
+    from safetensors.numpy import save_file
+
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(len(qname))
+    W = _base(rng, 256, 96)
+    W[:, 5] *= 30
+    W[17] *= 20
+    W[:, 9] = 0
+    (tmp_path / "base").mkdir()
+    save_file({"transformer.h.0.mlp.c_fc.weight": W}, str(tmp_path / "base" / "model.safetensors"))
+    Wt = np.ascontiguousarray(W.T)
+    raw = ggml_kquants.quantize(Wt, qname) if qname.endswith("_K") else \
+        quantize(Wt, gguf.GGMLQuantizationType[qname])
+    _quantized(compare(tmp_path / "base", _gguf_gpt2(tmp_path / "q.gguf", raw, qname), rank=False))

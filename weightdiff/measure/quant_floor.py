@@ -147,11 +147,23 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
     # the other side's values: a block whose scales no quantizer of those values could have chosen vouches for
     # nothing (floor 0 there, and no clamp)
     claim_its = []
+    claims_unchecked = False
+    columns = False                          # a GGUF side stored transposed: its blocks run down the columns
     for q, ck, name, of_tuned in ((qb, base, bname, False), (qt, tuned, tname, True)):
         if q is not None and q.format == "gguf" and str(q.group).isdigit() and hasattr(ck, "claim_windows"):
             a, b = ck.claim_windows(name, 0, window, 0, stop), ck.claim_windows(name, 1, window, 0, stop)
-            if a is not None:
-                claim_its.append((a, b, int(q.group), of_tuned))
+            if a is None:
+                continue
+            down = None
+            if hasattr(ck, "claim_order") and ck.claim_order(name) == "cols":
+                # the other side's range per block of ``sub`` rows of a column (and per 256), one pass first
+                down = column_ranges(tuned if not of_tuned else base, bname if of_tuned else tname,
+                                     dtype_b if of_tuned else dtype_t, shape, int(q.group), stop)
+                columns = True
+                if down is None:             # (not cut at whole blocks: the scales cannot be checked)
+                    claims_unchecked = True
+                    continue
+            claim_its.append((a, b, int(q.group), of_tuned, down))
     implausible = 0
     nonzero = [False, False]                 # (plain side, quantized side) hold a non-zero value
     cols = np.zeros(max(ncols, 1), dtype=np.int64)
@@ -172,9 +184,10 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         # may be the base)
         plain_v, quant_v = (vb, vt) if qb is None else (vt, vb)
         bad = None
-        for a, b, sub, of_tuned in claim_its:
+        for a, b, sub, of_tuned, down in claim_its:
             ca, cb = next(a), (next(b) if b is not None else None)
-            off = scales_beyond(vb if of_tuned else vt, ca, cb, sub)
+            off = scales_beyond(vb if of_tuned else vt, ca, cb, sub) if down is None else \
+                columns_beyond(pos, ca, cb, *down)
             if off is not None:
                 bad = off if bad is None else bad | off
         if bad is not None and bad.any():
@@ -194,7 +207,9 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             end = np.asarray(next(ends_it), np.float32)
             if bad is not None and bad.any():
                 end = np.where(bad, np.float32(0), end)
-            clipped += clamped_beyond(plain_v, quant_v, floor, end, cast_rel, int(qs.group) if str(qs.group).isdigit() else 0)
+            # (a transposed tensor's sub-blocks run down its columns, not along a window: no step-0 element counts)
+            clipped += clamped_beyond(plain_v, quant_v, floor, end, cast_rel,
+                                      int(qs.group) if str(qs.group).isdigit() and not columns else 0)
         mx = max(acc[3], part[3])
         acc += part
         acc[3] = mx                              # max_u combines with max, the rest with +
@@ -229,6 +244,10 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             # its scales come back from the base's weights, or the base is not what it read
             info["first_group_scales"] = scales
             info["within"] = bool(info["within"]) and scales >= SCALE_MATCH_SHARE
+    if claims_unchecked and info.get("within"):
+        info.update(within=None, note="the GGUF block scales could not be checked against the other side's "
+                                      "weights (a transposed tensor not cut at whole blocks): a floor they make "
+                                      "may hold a change")
     if implausible:
         # blocks whose stored scales are far larger than any quantizer of the other side's weights picks: their
         # floor was taken as 0 (their elements count beyond it wherever they differ)
@@ -324,6 +343,69 @@ def scales_beyond(other: np.ndarray, least: np.ndarray, least_top: np.ndarray | 
                 return out
             out |= top > np.repeat(r.reshape(-1, per).max(axis=1), 256)
     return out
+
+
+def column_ranges(ck, name: str, dtype: str, shape: tuple, sub: int, stop: int | None) -> tuple | None:
+    """The range (``max(x, 0) - min(x, 0)``) of ``name``'s values per block of ``sub`` consecutive rows of a
+    column (a GGUF tensor stored transposed: its blocks run down the Hugging Face columns), and the largest
+    such range per 256 rows (a K-quant's super-block; None where 256 rows are not whole blocks), as
+    ``columns_beyond`` takes them: (ranges [rows / sub * cols], top ranges or None, cols, sub). Reads the tensor
+    once, in windows; holds one float32 per block. None when the rows are not whole blocks."""
+    if len(shape) != 2 or sub < 1:
+        return None
+    R, C = int(shape[0]), int(shape[1])
+    if R % sub or not C:
+        return None
+    hi = np.zeros((R // sub) * C, np.float32)
+    lo = np.zeros((R // sub) * C, np.float32)
+    n = R * C if stop is None else min(int(stop), R * C)
+    pos = 0
+    for w in ck.windows(name, max(C, (SCALE_CHUNK // C) * C), 0, n):
+        x = np.asarray(decode(w, dtype), np.float32).reshape(-1)
+        idx = pos + np.arange(x.size, dtype=np.int64)
+        ids = (idx // C // sub) * C + idx % C
+        with np.errstate(invalid="ignore"):
+            np.maximum.at(hi, ids, x)
+            np.minimum.at(lo, ids, x)
+        pos += x.size
+    with np.errstate(invalid="ignore"):
+        r = hi - lo
+    top = None
+    if R % 256 == 0 and 256 % sub == 0:
+        top = r.reshape(R // 256, 256 // sub, C).max(axis=1).reshape(-1)
+    return r, top, C, sub
+
+
+def columns_beyond(pos: int, least: np.ndarray, least_top: np.ndarray | None, ranges: np.ndarray,
+                   top: np.ndarray | None, cols: int, sub: int) -> np.ndarray:
+    """``scales_beyond`` for a window (flat elements from ``pos``) of a tensor whose blocks run down its
+    columns: per element, whether its block's claim ``least`` exceeds the other side's range there
+    (``column_ranges``), or its super-block's ``least_top`` the largest such range over 256 rows.
+
+    >>> r = column_ranges_of(np.array([[0.1, 1.0], [0.1, 1.0], [0.0, 0.0], [0.0, 0.5]]), 2)
+    >>> columns_beyond(0, np.array([0.1, 1.0, 0.1, 1.0, 0.2, 0.5, 0.2, 0.5]), None, *r).tolist()
+    [False, False, False, False, True, False, True, False]
+    """
+    least = np.asarray(least)
+    idx = pos + np.arange(least.size, dtype=np.int64)
+    r, c = idx // cols, idx % cols
+    with np.errstate(invalid="ignore"):
+        out = least > ranges[(r // sub) * cols + c]
+        if least_top is not None and top is not None and np.any(least_top):
+            out |= np.asarray(least_top) > top[(r // 256) * cols + c]
+    return out
+
+
+def column_ranges_of(x: np.ndarray, sub: int) -> tuple:
+    """``column_ranges`` of an array held whole (its doctest, and tests)."""
+    x = np.asarray(x, np.float32)
+    R, C = x.shape
+    xs = x.reshape(R // sub, sub, C)
+    r = (np.maximum(xs.max(axis=1), 0) - np.minimum(xs.min(axis=1), 0)).reshape(-1)
+    top = None
+    if R % 256 == 0 and 256 % sub == 0:
+        top = r.reshape(R // 256, 256 // sub, C).max(axis=1).reshape(-1)
+    return r, top, C, sub
 
 
 #: the near-grid test (``near_grid``): fewest moved elements it decides on, and the share of them within
