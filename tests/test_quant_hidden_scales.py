@@ -438,3 +438,23 @@ def test_gguf_transposed_honest_copies_read_quantized(tmp_path, qname):
     raw = ggml_kquants.quantize(Wt, qname) if qname.endswith("_K") else \
         quantize(Wt, gguf.GGMLQuantizationType[qname])
     _quantized(compare(tmp_path / "base", _gguf_gpt2(tmp_path / "q.gguf", raw, qname), rank=False))
+
+
+# -- where the scales cannot be checked ---------------------------------------------------------------
+
+def test_scales_that_cannot_be_checked_leave_the_pair_untested_not_quantized(tmp_path, rng, monkeypatch):
+    """A source whose scale layout ``scale_excess`` cannot read for a tensor: the floor it gives rests on
+    scales nothing tested, so the pair is untested (``within`` None) and the verdict inconclusive, never
+    "quantized only"; the same file with its scales checked reads quantized."""
+    from weightdiff.io import quant_sources
+
+    x = _base(rng)
+    st = P.bnb4_quantize(torch.from_numpy(x).to(torch.bfloat16), 64, "nf4", True)
+    b = T._save(tmp_path / "base", {f"{M}.weight": x}, None)
+    q = T._save(tmp_path / "q", P.bnb4_state_tensors(f"{M}.weight", st), _bnb4_qc("nf4", True))
+    _quantized(compare(b, q, rank=False))
+    monkeypatch.setattr(quant_sources.BnB4, "scale_groups", lambda self, read: None)
+    r = compare(b, q, rank=False)
+    assert r.summary.verdict == "inconclusive", _quant(r)
+    (t,) = [t for t in r.tensors if t.quant]
+    assert t.quant["within"] is None and t.quant["scales_unchecked"] is True, t.quant

@@ -582,14 +582,25 @@ class AxisGrid(Source):
 
     def scale_groups(self, read) -> tuple | None:
         """As ``IntGrid.scale_groups``, in the logical orientation (a transposed ``W_Transposed_quantized``
-        already turned)."""
-        if len(self.shape) != 2 or self.scale2 is not None:
+        already turned); a tensor of more axes as its rows of the last axis (per-tensor, per output channel
+        or per last-axis index)."""
+        if len(self.shape) < 2 or self.scale2 is not None:
             return None
-        R, C = self.shape
         a = np.abs(self._get("s", lambda: self._whole(read, "s", self.scale)))
         half = (self.qmax - self.qmin) / 2
+        R, C = math.prod(self.shape[:-1]), self.shape[-1]
         if self.axis is None:
             return a.reshape(1, 1), ("block", R, C), half
+        if len(self.shape) > 2:
+            # a convolution's [out, in, kh, kw] as rows of kw: a scale per output channel (or per block of them)
+            # covers whole runs of R / out rows; per last-axis index, a column
+            per = R // self.shape[0]
+            if self.axis == 0:
+                return a.reshape(-1, 1), ("block", per * (self.block or 1), C), half
+            if self.axis == len(self.shape) - 1 and not self.block:
+                return a.reshape(1, -1), ("block", R, 1), half
+            return None
+        R, C = self.shape
         if self.axis == 0:
             return a.reshape(-1, C if self.block else 1), ("block", self.block or 1, 1 if self.block else C), half
         if self.block:

@@ -38,7 +38,7 @@ from ..kernels.dtypes import DTYPES
 from ..kernels.quant import round_to
 from ..kernels.reference import decode
 
-__all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
+__all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "scales_unchecked", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
 
 #: AWQ: share of elements beyond the floor a quantization of the base may leave, beside the group
 #: extremes its clipping search moved (``kernels.quant_floor.clipped_beyond``); AutoAWQ 0.2.9 on a
@@ -262,6 +262,12 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         excess = scale_excess(base, bname, dtype_b, tuned, tname, dtype_t, side, shape, folded)
         if excess:
             info.update(within=False, scales_beyond_base=info.get("scales_beyond_base", 0) + excess)
+        elif excess is None and scales_unchecked(base, bname, tuned, tname, side, shape):
+            # the floor rests on stored scales nothing here tested: no quantizer of the plain weights may have
+            # chosen them, and a floor from larger ones holds a change. Untested, not within
+            info.update(within=None, scales_unchecked=True,
+                        note="the stored scales could not be checked against the other side's weights (this "
+                             "layout has no check): a floor from scales no quantizer of them picks may hold a change")
     if side == "base" and cast_rel and n and int(acc[8]) == 0 and not info.get("within"):
         # every value is the base's dequantized one up to the rounding of a dequantization done in bf16
         # (GPTQModel casts fp16 scales to bf16): not a fine-tune, whatever the first-group scales say (the
@@ -616,6 +622,22 @@ def scale_excess(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str
         bad = keep & np.isfinite(S) & (A > 0) & (S * half > slack * A * (1 + 2.0 ** -6)) \
             & (S > least * (1 + 2.0 ** -6))
     return int(np.count_nonzero(bad))
+
+
+def scales_unchecked(base, bname: str, tuned, tname: str, side: str, shape: tuple) -> bool:
+    """Whether the floor of a pair rests on a quantized ``Source``'s stored scales that ``scale_excess`` could
+    not check (a layout or shape its ``scale_groups`` does not give): one side quantized, a matrix or more
+    (a vector's scales, an int32 bias's input scale times the weight's, are not its own values' choice), the
+    source not lossless. GGUF tensors are checked by their claims; a dequantized export has no stored scales."""
+    if side == "both" or len(shape) < 2:
+        return False
+    from .compute import TransposedSide
+
+    ck, name = (tuned, tname) if side == "tuned" else (base, bname)
+    src = getattr(ck, "quant", {}).get(name)
+    if src is None and isinstance(ck, TransposedSide):
+        src = getattr(ck._ck, "quant", {}).get(name)
+    return src is not None and not getattr(src, "lossless", False)
 
 
 def _group_ids(layout: tuple, sshape: tuple, R: int, C: int):
