@@ -458,3 +458,32 @@ def test_scales_that_cannot_be_checked_leave_the_pair_untested_not_quantized(tmp
     assert r.summary.verdict == "inconclusive", _quant(r)
     (t,) = [t for t in r.tensors if t.quant]
     assert t.quant["within"] is None and t.quant["scales_unchecked"] is True, t.quant
+
+
+@pytest.mark.parametrize("zero_channels", [0, 2])
+def test_onnx_qdq_conv_weight_channels_under_inflated_scales(tmp_path, rng, zero_channels):
+    """A 4-D convolution weight, int8 per output channel (QDQ): its scales are checked as rows of its last
+    axis (before, a weight of more than two axes went unchecked); channels of code 0 under a scale of 1 are
+    a change, the honest copy quantized."""
+    W = (rng.standard_normal((8, 4, 3, 3)) * 0.05).astype(np.float32)
+
+    def conv(path, inits, nodes):
+        g = helper.make_graph(nodes + [helper.make_node("Conv", ["x", "w_in"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+        onnx_.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+        return path
+
+    base = conv(tmp_path / "fp32.onnx", [numpy_helper.from_array(W, "conv.weight")],
+                [helper.make_node("Identity", ["conv.weight"], ["w_in"])])
+    s = (np.abs(W).reshape(8, -1).max(1) / 127.0).astype(np.float32)
+    codes = np.clip(np.round(W / s[:, None, None, None]), -127, 127).astype(np.int8)
+    codes[:zero_channels], s[:zero_channels] = 0, 1.0
+    q = conv(tmp_path / "q.onnx", [numpy_helper.from_array(codes, "conv.weight"),
+                                   numpy_helper.from_array(s, "conv.weight_scale")],
+             [helper.make_node("DequantizeLinear", ["conv.weight", "conv.weight_scale"], ["w_in"], axis=0)])
+    r = compare(base, q, rank=False)
+    if zero_channels:
+        _changed(r)
+    else:
+        _quantized(r)
