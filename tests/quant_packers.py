@@ -100,8 +100,16 @@ def awq_pack(w: np.ndarray, group: int, bits: int = 4):
     mx, mn = g.max(-1), g.min(-1)
     scales = np.maximum(mx - mn, 1e-5) / max_int
     zeros = np.clip(-np.round(mn / scales), min_int, max_int)
-    scales16 = scales.astype(np.float16).T.copy()                 # [in/group, out]
-    zeros_t = zeros.T.astype(np.int32)
+    return awq_pack_params(w, scales, zeros, group, bits)
+
+
+def awq_pack_params(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, bits: int = 4):
+    """``awq_pack``'s packing of ``w`` [out, in] with the given scales and zero points [out, in/group]
+    (``WQLinear_GEMM.from_linear``: codes rounded with the fp16 scales)."""
+    max_int, min_int = 2 ** bits - 1, 0
+    out_f, in_f = w.shape
+    scales16 = np.asarray(scales).astype(np.float16).T.copy()     # [in/group, out]
+    zeros_t = np.asarray(zeros).T.astype(np.int32)
     s_el = scales16.astype(np.float32)[np.arange(in_f) // group]  # WQLinear_GEMM packs with the fp16 scales
     intweight = np.clip(np.round((w.T + zeros_t[np.arange(in_f) // group] * s_el) / s_el), min_int, max_int)
     intweight = intweight.astype(np.uint32)                        # [in, out]

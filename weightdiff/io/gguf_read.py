@@ -378,16 +378,21 @@ class GGUFFile(OpenCheckpointFile):
         """float32 windows aligned with ``windows``: per element, what its block's stored scales say of the
         weights they quantized (``gguf_floor.claims``): ``which`` 0, the least range of its block or
         sub-block, 1 the least largest sub-block range of its super-block (K-quants only). Blocks run along
-        rows in both orders (the head permutation moves whole rows); None for a transposed tensor (blocks
-        down a column) or a type without a floor."""
+        rows in both orders (the head permutation moves whole rows), down a column of a transposed tensor
+        (``claim_order``); None for a type without a floor."""
         info = self._info(name)
         lay = self._layout[name]
-        if info.scheme not in FLOORS or lay.transform in ("minus_one", "transpose") \
+        if info.scheme not in FLOORS or lay.transform == "minus_one" \
                 or (which == 1 and info.scheme not in K_QUANTS):
             return None
         tname = info.scheme
         return self._per_block(info, lay, lambda blocks, values: claims(blocks, values, tname, which),
                                max_elements, start, stop, values=False)
+
+    def claim_order(self, name: str) -> str:
+        """How the blocks ``claim_windows`` speaks of run in the Hugging Face tensor: ``"rows"`` (runs of the
+        flat order), or ``"cols"`` (a transposed tensor: runs of consecutive rows down each column)."""
+        return "cols" if self._layout[name].transform == "transpose" else "rows"
 
     def _per_block(self, info, lay, fn, max_elements, start, stop, values: bool = True) -> Iterator[np.ndarray]:
         """float32 windows aligned with ``windows`` of ``fn(blocks, values)``: a value per element computed from

@@ -206,6 +206,15 @@ class Checkpoint:
             if hasattr(f, "claim_windows") else None
         return None if it is None else self._pinned(info.path, it)
 
+    def claim_order(self, name: str) -> str:
+        """How the blocks of ``claim_windows`` run: ``"rows"`` (runs of the flat order) or ``"cols"`` (down the
+        columns of a tensor its reader hands out transposed: ``GGUFFile.claim_order``)."""
+        info = self._info(name)
+        if name in self.quant or info.start is None:
+            return "rows"
+        f = self._file(info.path)
+        return f.claim_order(self._fname(name)) if hasattr(f, "claim_order") else "rows"
+
     def windows(self, name: str, max_elements: int | None = None, start: int = 0,
                 stop: int | None = None) -> Iterator[np.ndarray]:
         """As ``SafetensorsFile.windows``, opening the right shard lazily; quantized tensors

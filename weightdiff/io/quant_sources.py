@@ -168,22 +168,30 @@ class FP8(Source):
 
     def scale_groups(self, read) -> tuple | None:
         """As ``IntGrid.scale_groups``; ``half`` the fp8 format's largest finite value (448 for e4m3: a
-        block's scale is its largest magnitude over it)."""
+        block's scale is its largest magnitude over it). Stacked experts [E, m, n] as their [E * m, n] rows,
+        each expert's blocks its own."""
         from ..kernels.dtypes import FP8_TABLES
 
         table = FP8_TABLES.get(self.w.dtype)
-        if len(self.shape) != 2 or table is None:
+        if len(self.shape) not in (2, 3) or table is None:
             return None
-        R, C = self.shape
+        per, C = self.shape[-2], self.shape[-1]        # stacked experts [E, m, n]: rows m to an expert
+        R = self.nrows
         s = np.abs(_f32(read(self.s.name), self.s.dtype))
         half = float(np.nanmax(np.abs(table[np.isfinite(table)])))
         if self.block is not None:
             bh, bw = self.block
-            return s.reshape(-(-R // bh), -(-C // bw)), ("block", bh, bw), half
+            return s.reshape(-1, -(-C // bw)), ("block", bh, bw, per), half
         if s.size == 1:
             return s.reshape(1, 1), ("block", R, C), half
         return s.reshape(-1, 1), ("block", 1, C), half
 
+
+#: how much larger than the block's largest magnitude a bitsandbytes-style 4-bit absmax may be
+#: (``BnB4.scale_groups``, ``Bnb4T``): it is that magnitude, of the weights as the quantizer read them (a bf16 or
+#: f16 copy of a wider plain side: 2^-8 of it; an f16 absmax rounds it by 2^-11), the floor test's check allows
+#: 2^-6 more on top
+BNB4_SLACK = 1.0 + 2.0 ** -5
 
 #: half an ulp, relative to the value, of the dtypes a quantizer may compute its codes in
 HALF_ULP = {"BF16": 2.0 ** -8, "F16": 2.0 ** -11}
@@ -234,7 +242,9 @@ class IntGrid(Source):
         scale_excess``): ``(|scales|, layout, half)``, layout ``("block", bh, bw)`` (scales [ceil(R / bh),
         ceil(C / bw)]) or ``("cols", g, checked)`` (scales [R, groups], ``g`` the group of each column,
         ``checked`` the groups set up from the weights or None for all), ``half`` the largest weight a scale
-        of 1 quantizes without clipping (half the code span). None where not 2-D."""
+        of 1 quantizes without clipping (half the code span). None where not 2-D. (The layouts in full, a
+        ``("block", bh, bw, per)`` of stacked experts and ``("flat", bs, transposed)``, and the optional fourth
+        item {"slack", "min_scale"}: ``measure.quant_floor._group_ids`` and ``scale_excess``.)"""
         if len(self.shape) != 2:
             return None
         R, C = self.shape
@@ -386,6 +396,17 @@ class AWQ(Source):
         self.bits, self.group = bits, group
         self.sdtype = scales.dtype if scales.dtype in ("BF16", "F16") else "F32"
 
+    def scale_groups(self, read) -> tuple | None:
+        """As ``IntGrid.scale_groups``: scales [in / group, out] per group of ``group`` input columns of each
+        output row. AutoAWQ's ``pseudo_quantize_tensor`` stores ``(max - min) / maxq`` of the group as it
+        scaled and clipped it (clipping only shrinks it; the floor test compares with the base scaled by the
+        searched scales it fit back), at least ``1e-5 / maxq`` (``min_scale``: its clamp)."""
+        if len(self.shape) != 2 or not self.group or self.shape[1] % self.group:
+            return None
+        maxq = (1 << self.bits) - 1
+        s = np.abs(_f32(read(self.t[2].name), self.t[2].dtype)).reshape(-1, self.shape[0]).T
+        return s, ("block", 1, self.group), maxq / 2, {"min_scale": 1e-5 / maxq}
+
     def rows(self, read, read_rows, r0, r1):
         qw, qz, sc = self.t
         a = self._get("qw", lambda: read(qw.name))
@@ -408,6 +429,22 @@ class BnB4(Source):
         return K.bnb_nested_absmax(raw.reshape(-1), _f32(read(n_map.name), n_map.dtype),
                                    _f32(read(n_abs.name), n_abs.dtype), int(self.meta["nested_blocksize"]),
                                    float(self.meta["nested_offset"]))
+
+    def scale_groups(self, read) -> tuple | None:
+        """As ``IntGrid.scale_groups``: one absmax per ``blocksize`` elements of the flat order
+        (``("flat", bs)``), the least the stored absmax may be (a double-quantized one less its own
+        rounding), ``half`` the code table's largest magnitude (1: the block's largest weight takes the end
+        code). bitsandbytes stores the block's largest magnitude itself, with no observer that could pick
+        another: its slack is ``BNB4_SLACK``, not the observers' ``SCALE_SLACK``."""
+        a, err = self._absmax(read)
+        a = np.abs(np.asarray(a, np.float64).reshape(-1))
+        if err is not None:
+            a = np.maximum(a - np.abs(np.asarray(err, np.float64).reshape(-1)), 0.0)
+        qmap = _f32(read(self.qmap.name), self.qmap.dtype)
+        half = float(np.nanmax(np.abs(qmap))) if qmap.size else 0.0
+        if not half or not np.isfinite(half):
+            return None
+        return a, ("flat", int(self.meta["blocksize"])), half, {"slack": BNB4_SLACK}
 
     def rows(self, read, read_rows, r0, r1):
         p = self._get("p", lambda: read(self.packed.name).reshape(-1).view(np.uint8))
@@ -448,10 +485,14 @@ class MXFP4(Source):
         """As ``IntGrid.scale_groups``, for one expert's [G * 32, R]: a power-of-two scale per 32 rows of a
         column, ``half`` 6 (e2m1's largest: the OCP scale is 2^(floor(log2 amax) - 2), at most amax / 4; one
         rounded up, at most amax / 3)."""
-        if self.expert is None or len(self.shape) != 2:
+        if len(self.shape) != (2 if self.expert is not None else 3):
             return None
-        e = np.asarray(read(self.s.name))[self.expert].astype(np.int32) - 127      # [R, G]
-        return np.ldexp(np.float64(1.0), e).T, ("block", 32, 1), 6.0
+        e = np.asarray(read(self.s.name)).astype(np.int32) - 127                    # [E, R, G]
+        if self.expert is not None:
+            return np.ldexp(np.float64(1.0), e[self.expert]).T, ("block", 32, 1), 6.0
+        # all the experts, [E, G * 32, R]: each expert's [G, R] scales stacked, blocks of 32 rows within it
+        s = np.ldexp(np.float64(1.0), np.transpose(e, (0, 2, 1)))
+        return s.reshape(-1, s.shape[-1]), ("block", 32, 1, self.shape[-2]), 6.0
 
     def rows(self, read, read_rows, r0, r1):
         per = self.shape[-2]
@@ -541,14 +582,25 @@ class AxisGrid(Source):
 
     def scale_groups(self, read) -> tuple | None:
         """As ``IntGrid.scale_groups``, in the logical orientation (a transposed ``W_Transposed_quantized``
-        already turned)."""
-        if len(self.shape) != 2 or self.scale2 is not None:
+        already turned); a tensor of more axes as its rows of the last axis (per-tensor, per output channel
+        or per last-axis index)."""
+        if len(self.shape) < 2 or self.scale2 is not None:
             return None
-        R, C = self.shape
         a = np.abs(self._get("s", lambda: self._whole(read, "s", self.scale)))
         half = (self.qmax - self.qmin) / 2
+        R, C = math.prod(self.shape[:-1]), self.shape[-1]
         if self.axis is None:
             return a.reshape(1, 1), ("block", R, C), half
+        if len(self.shape) > 2:
+            # a convolution's [out, in, kh, kw] as rows of kw: a scale per output channel (or per block of them)
+            # covers whole runs of R / out rows; per last-axis index, a column
+            per = R // self.shape[0]
+            if self.axis == 0:
+                return a.reshape(-1, 1), ("block", per * (self.block or 1), C), half
+            if self.axis == len(self.shape) - 1 and not self.block:
+                return a.reshape(1, -1), ("block", R, 1), half
+            return None
+        R, C = self.shape
         if self.axis == 0:
             return a.reshape(-1, C if self.block else 1), ("block", self.block or 1, 1 if self.block else C), half
         if self.block:
@@ -593,6 +645,13 @@ class NBits(Source):
         self.kb = -(-self.K // block)
         self.sdtype = scales.dtype if scales.dtype in ("BF16", "F16") else "F32"
 
+    def scale_groups(self, read) -> tuple | None:
+        """As ``IntGrid.scale_groups``, in the logical [K, N]: one scale per block of ``block_size`` rows of a
+        column (``("block", bs, 1)``, scales [ceil(K / bs), N]); ``half`` half the code span (ONNX Runtime's
+        quantizer stores ``absmax / 2^(bits-1)`` symmetric, ``(max - min) / maxq`` with a zero point)."""
+        s = np.abs(_f32(read(self.s.name), self.s.dtype)).reshape(self.N, self.kb)
+        return s.T, ("block", self.bs, 1), ((1 << self.bits) - 1) / 2
+
     def rows(self, read, read_rows, r0, r1):
         packed = self._get("b", lambda: read(self.b.name).reshape(self.N, self.kb, -1))
         s = self._get("s", lambda: _f32(read(self.s.name), self.s.dtype).reshape(self.N, self.kb))
@@ -625,6 +684,15 @@ class Bnb4T(Source):
         self.out = absmax.dtype if absmax.dtype in ("F16", "BF16") else "F32"
         # T(table): the code values in the weight's type, as ONNX Runtime's DequantizeOneBnb4 casts them
         self.table = K.round_to(np.asarray(table, np.float32), self.out)
+
+    def scale_groups(self, read) -> tuple | None:
+        """As ``BnB4.scale_groups``: one absmax per ``block_size`` elements of the flat order of the logical
+        [K, N]'s transpose (``("flat", bs, True)``); ``half`` the table's largest magnitude."""
+        a = np.abs(_f32(read(self.a.name), self.a.dtype).reshape(-1)).astype(np.float64)
+        half = float(np.nanmax(np.abs(self.table))) if self.table.size else 0.0
+        if not half or not np.isfinite(half):
+            return None
+        return a, ("flat", self.bs, True), half, {"slack": BNB4_SLACK}
 
     def rows(self, read, read_rows, r0, r1):
         p = self._get("p", lambda: read(self.b.name).reshape(-1).view(np.uint8))

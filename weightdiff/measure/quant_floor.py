@@ -38,7 +38,7 @@ from ..kernels.dtypes import DTYPES
 from ..kernels.quant import round_to
 from ..kernels.reference import decode
 
-__all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
+__all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "scales_unchecked", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
 
 #: AWQ: share of elements beyond the floor a quantization of the base may leave, beside the group
 #: extremes its clipping search moved (``kernels.quant_floor.clipped_beyond``); AutoAWQ 0.2.9 on a
@@ -147,11 +147,23 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
     # the other side's values: a block whose scales no quantizer of those values could have chosen vouches for
     # nothing (floor 0 there, and no clamp)
     claim_its = []
+    claims_unchecked = False
+    columns = False                          # a GGUF side stored transposed: its blocks run down the columns
     for q, ck, name, of_tuned in ((qb, base, bname, False), (qt, tuned, tname, True)):
         if q is not None and q.format == "gguf" and str(q.group).isdigit() and hasattr(ck, "claim_windows"):
             a, b = ck.claim_windows(name, 0, window, 0, stop), ck.claim_windows(name, 1, window, 0, stop)
-            if a is not None:
-                claim_its.append((a, b, int(q.group), of_tuned))
+            if a is None:
+                continue
+            down = None
+            if hasattr(ck, "claim_order") and ck.claim_order(name) == "cols":
+                # the other side's range per block of ``sub`` rows of a column (and per 256), one pass first
+                down = column_ranges(tuned if not of_tuned else base, bname if of_tuned else tname,
+                                     dtype_b if of_tuned else dtype_t, shape, int(q.group), stop)
+                columns = True
+                if down is None:             # (not cut at whole blocks: the scales cannot be checked)
+                    claims_unchecked = True
+                    continue
+            claim_its.append((a, b, int(q.group), of_tuned, down))
     implausible = 0
     nonzero = [False, False]                 # (plain side, quantized side) hold a non-zero value
     cols = np.zeros(max(ncols, 1), dtype=np.int64)
@@ -172,9 +184,10 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         # may be the base)
         plain_v, quant_v = (vb, vt) if qb is None else (vt, vb)
         bad = None
-        for a, b, sub, of_tuned in claim_its:
+        for a, b, sub, of_tuned, down in claim_its:
             ca, cb = next(a), (next(b) if b is not None else None)
-            off = scales_beyond(vb if of_tuned else vt, ca, cb, sub)
+            off = scales_beyond(vb if of_tuned else vt, ca, cb, sub) if down is None else \
+                columns_beyond(pos, ca, cb, *down)
             if off is not None:
                 bad = off if bad is None else bad | off
         if bad is not None and bad.any():
@@ -194,7 +207,9 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             end = np.asarray(next(ends_it), np.float32)
             if bad is not None and bad.any():
                 end = np.where(bad, np.float32(0), end)
-            clipped += clamped_beyond(plain_v, quant_v, floor, end, cast_rel, int(qs.group) if str(qs.group).isdigit() else 0)
+            # (a transposed tensor's sub-blocks run down its columns, not along a window: no step-0 element counts)
+            clipped += clamped_beyond(plain_v, quant_v, floor, end, cast_rel,
+                                      int(qs.group) if str(qs.group).isdigit() and not columns else 0)
         mx = max(acc[3], part[3])
         acc += part
         acc[3] = mx                              # max_u combines with max, the rest with +
@@ -229,6 +244,10 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             # its scales come back from the base's weights, or the base is not what it read
             info["first_group_scales"] = scales
             info["within"] = bool(info["within"]) and scales >= SCALE_MATCH_SHARE
+    if claims_unchecked and info.get("within"):
+        info.update(within=None, note="the GGUF block scales could not be checked against the other side's "
+                                      "weights (a transposed tensor not cut at whole blocks): a floor they make "
+                                      "may hold a change")
     if implausible:
         # blocks whose stored scales are far larger than any quantizer of the other side's weights picks: their
         # floor was taken as 0 (their elements count beyond it wherever they differ)
@@ -240,9 +259,15 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         # scale is stored beside the zeros; a tuned tensor of zeros is pruning, not quantization
         info.update(within=False, all_zero=True)
     elif info.get("within"):
-        excess = scale_excess(base, bname, dtype_b, tuned, tname, dtype_t, side, shape)
+        excess = scale_excess(base, bname, dtype_b, tuned, tname, dtype_t, side, shape, folded)
         if excess:
             info.update(within=False, scales_beyond_base=info.get("scales_beyond_base", 0) + excess)
+        elif excess is None and scales_unchecked(base, bname, tuned, tname, side, shape):
+            # the floor rests on stored scales nothing here tested: no quantizer of the plain weights may have
+            # chosen them, and a floor from larger ones holds a change. Untested, not within
+            info.update(within=None, scales_unchecked=True,
+                        note="the stored scales could not be checked against the other side's weights (this "
+                             "layout has no check): a floor from scales no quantizer of them picks may hold a change")
     if side == "base" and cast_rel and n and int(acc[8]) == 0 and not info.get("within"):
         # every value is the base's dequantized one up to the rounding of a dequantization done in bf16
         # (GPTQModel casts fp16 scales to bf16): not a fine-tune, whatever the first-group scales say (the
@@ -324,6 +349,69 @@ def scales_beyond(other: np.ndarray, least: np.ndarray, least_top: np.ndarray | 
                 return out
             out |= top > np.repeat(r.reshape(-1, per).max(axis=1), 256)
     return out
+
+
+def column_ranges(ck, name: str, dtype: str, shape: tuple, sub: int, stop: int | None) -> tuple | None:
+    """The range (``max(x, 0) - min(x, 0)``) of ``name``'s values per block of ``sub`` consecutive rows of a
+    column (a GGUF tensor stored transposed: its blocks run down the Hugging Face columns), and the largest
+    such range per 256 rows (a K-quant's super-block; None where 256 rows are not whole blocks), as
+    ``columns_beyond`` takes them: (ranges [rows / sub * cols], top ranges or None, cols, sub). Reads the tensor
+    once, in windows; holds one float32 per block. None when the rows are not whole blocks."""
+    if len(shape) != 2 or sub < 1:
+        return None
+    R, C = int(shape[0]), int(shape[1])
+    if R % sub or not C:
+        return None
+    hi = np.zeros((R // sub) * C, np.float32)
+    lo = np.zeros((R // sub) * C, np.float32)
+    n = R * C if stop is None else min(int(stop), R * C)
+    pos = 0
+    for w in ck.windows(name, max(C, (SCALE_CHUNK // C) * C), 0, n):
+        x = np.asarray(decode(w, dtype), np.float32).reshape(-1)
+        idx = pos + np.arange(x.size, dtype=np.int64)
+        ids = (idx // C // sub) * C + idx % C
+        with np.errstate(invalid="ignore"):
+            np.maximum.at(hi, ids, x)
+            np.minimum.at(lo, ids, x)
+        pos += x.size
+    with np.errstate(invalid="ignore"):
+        r = hi - lo
+    top = None
+    if R % 256 == 0 and 256 % sub == 0:
+        top = r.reshape(R // 256, 256 // sub, C).max(axis=1).reshape(-1)
+    return r, top, C, sub
+
+
+def columns_beyond(pos: int, least: np.ndarray, least_top: np.ndarray | None, ranges: np.ndarray,
+                   top: np.ndarray | None, cols: int, sub: int) -> np.ndarray:
+    """``scales_beyond`` for a window (flat elements from ``pos``) of a tensor whose blocks run down its
+    columns: per element, whether its block's claim ``least`` exceeds the other side's range there
+    (``column_ranges``), or its super-block's ``least_top`` the largest such range over 256 rows.
+
+    >>> r = column_ranges_of(np.array([[0.1, 1.0], [0.1, 1.0], [0.0, 0.0], [0.0, 0.5]]), 2)
+    >>> columns_beyond(0, np.array([0.1, 1.0, 0.1, 1.0, 0.2, 0.5, 0.2, 0.5]), None, *r).tolist()
+    [False, False, False, False, True, False, True, False]
+    """
+    least = np.asarray(least)
+    idx = pos + np.arange(least.size, dtype=np.int64)
+    r, c = idx // cols, idx % cols
+    with np.errstate(invalid="ignore"):
+        out = least > ranges[(r // sub) * cols + c]
+        if least_top is not None and top is not None and np.any(least_top):
+            out |= np.asarray(least_top) > top[(r // 256) * cols + c]
+    return out
+
+
+def column_ranges_of(x: np.ndarray, sub: int) -> tuple:
+    """``column_ranges`` of an array held whole (its doctest, and tests)."""
+    x = np.asarray(x, np.float32)
+    R, C = x.shape
+    xs = x.reshape(R // sub, sub, C)
+    r = (np.maximum(xs.max(axis=1), 0) - np.minimum(xs.min(axis=1), 0)).reshape(-1)
+    top = None
+    if R % 256 == 0 and 256 % sub == 0:
+        top = r.reshape(R // 256, 256 // sub, C).max(axis=1).reshape(-1)
+    return r, top, C, sub
 
 
 #: the near-grid test (``near_grid``): fewest moved elements it decides on, and the share of them within
@@ -451,20 +539,27 @@ def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_
 #: how much larger than a quantizer of the weights picks a stored scale may be (``scale_excess``): absmax and
 #: min/max quantizers store max|w| / half the code span (GPTQ, compressed-tensors, FP8's amax / 448, ONNX
 #: Runtime's symmetric int8), MSE and clipping observers less; ONNX Runtime's ``reduce_range`` uses half the
-#: codes (twice the step), and the scale's dtype rounds it
+#: codes (twice the step), and the scale's dtype rounds it. A source whose scale is the block's absmax itself,
+#: with no observer that could pick another (bitsandbytes 4-bit), gives its own, tighter slack
 SCALE_SLACK = 2.5
+#: elements of the plain side ``scale_excess`` holds at a time (float64, with an int64 group index each)
+SCALE_CHUNK = 1 << 20
 
 
 def scale_excess(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, side: str,
-                 shape: tuple) -> int | None:
-    """Groups of the quantized side whose stored scale is more than ``SCALE_SLACK`` times what a quantizer of
-    the plain side's weights in that group picks (their largest magnitude over half the code span: the
-    source's ``scale_groups``); a group whose plain weights are all 0 is not counted. Such a scale makes a
-    floor wide enough to hold anything (a zeroed weight with a scale of 1 reads as within half a step of any
-    small weight), and no quantizer of these weights chose it, whatever its observer (MSE and clipping only
-    shrink the scale; GPTQ's first groups are set up before any compensation). None when not testable: both
-    sides quantized, a source without ``scale_groups``, not 2-D. Reads the plain side once."""
-    if side == "both" or len(shape) != 2:
+                 shape: tuple, folded: tuple | None = None) -> int | None:
+    """Groups of the quantized side whose stored scale is more than ``SCALE_SLACK`` (or the source's own
+    slack) times what a quantizer of the plain side's weights in that group picks (their largest magnitude
+    over half the code span: the source's ``scale_groups``); a group whose plain weights are all 0 is not
+    counted. Such a scale makes a floor wide enough to hold anything (a zeroed weight with a scale of 1 reads
+    as within half a step of any small weight), and no quantizer of these weights chose it, whatever its
+    observer (MSE and clipping only shrink the scale; GPTQ's first groups are set up before any compensation).
+    ``folded``: AWQ's searched scales fit back (``awq_fold.fold``): the plain side is compared as AWQ scaled it
+    before quantizing (columns times ``s_in``, rows over ``s_out``). A stacked tensor ([experts, m, n]) is
+    read as its [experts * m, n] rows. None when not testable: both sides quantized, a source without
+    ``scale_groups`` (or whose layout does not fit the shape). Reads the plain side once, ``SCALE_CHUNK``
+    elements at a time."""
+    if side == "both" or len(shape) < 2:
         return None
     qck, qname, pck, pname, pdtype = ((tuned, tname, base, bname, dtype_b) if side == "tuned"
                                       else (base, bname, tuned, tname, dtype_t))
@@ -478,55 +573,121 @@ def scale_excess(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str
         # reordered or merged one, has no stored groups to check)
         src = getattr(qck._ck, "quant", {}).get(qname)
         read, turned = getattr(qck._ck, "_stored_read", None), True
-    if src is None or read is None or not hasattr(src, "scale_groups") \
-            or not hasattr(pck, "read" if turned else "read_rows"):
+    if src is None or read is None or not hasattr(src, "scale_groups") or not hasattr(pck, "windows"):
         return None
     got = src.scale_groups(read)
     if got is None:
         return None
-    S, layout, half = got
-    R, C = (int(d) for d in src.shape)
-    if tuple(int(d) for d in shape) != ((C, R) if turned else (R, C)):
+    S, layout, half = got[:3]
+    opts = got[3] if len(got) > 3 else {}
+    sshape = tuple(int(d) for d in src.shape)
+    if len(sshape) < 2 or (turned and len(sshape) != 2):
+        return None
+    R, C = math.prod(sshape[:-1]), sshape[-1]
+    if tuple(int(d) for d in shape) != ((C, R) if turned else sshape):
         return None
     S = np.asarray(S, np.float64)
-    A = np.zeros(S.shape, np.float64)
-    if turned:
-        chunks = [(0, np.abs(np.asarray(decode(pck.read(pname), pdtype), np.float64)).reshape(C, R).T)]
-    else:
-        def rows():
-            for r0 in range(0, R, SCALE_ROWS):
-                r1 = min(R, r0 + SCALE_ROWS)
-                x = decode(pck.read_rows(pname, np.arange(r0, r1)), pdtype)
-                yield r0, np.abs(np.asarray(x, np.float64)).reshape(r1 - r0, C)
-        chunks = rows()
-    if layout[0] == "cols":
-        g = np.asarray(layout[1], np.int64).reshape(-1)
-        if g.size != C or (g.size and (g.min() < 0 or g.max() >= S.shape[1])) or S.shape[0] < R:
-            return None
-        groups = np.unique(g)
-        if layout[2] is not None:
-            groups = np.intersect1d(groups, np.asarray(layout[2], np.int64))
-        if not groups.size:
-            return None
-        order = np.concatenate([np.flatnonzero(g == k) for k in groups])
-        starts = np.concatenate([[0], np.cumsum([np.count_nonzero(g == k) for k in groups])[:-1]])
-        for r0, x in chunks:
-            A[r0:r0 + len(x), groups] = np.maximum.reduceat(x[:, order], starts, axis=1)
-        S, A = S[:R, groups], A[:R, groups]
-    else:
-        bh, bw = int(layout[1]), int(layout[2])
-        nb = -(-C // bw)
-        if S.shape != (-(-R // bh), nb):
-            return None
-        for r0, x in chunks:
-            pad = nb * bw - C
-            if pad:
-                x = np.concatenate([x, np.zeros((len(x), pad))], axis=1)
-            per_row = x.reshape(len(x), nb, bw).max(axis=2)
-            np.maximum.at(A, (r0 + np.arange(len(x))) // bh, per_row)
+    if layout[0] == "cols" and S.ndim == 2:
+        S = S[:R]
+    ids_of = _group_ids(layout, S.shape, R, C)
+    if ids_of is None:
+        return None
+    A = np.zeros(S.size, np.float64)
+    s_in, s_out = folded if folded is not None else (None, None)
+    pinfo = pck.tensors.get(pname)
+    prow = R if turned else C                              # the plain side's row length
+    if pinfo is None or not pinfo.shape or math.prod(pinfo.shape) % prow:
+        return None
+    prows = min(math.prod(pinfo.shape) // prow, C if turned else R)   # (a resized plain side: its shared rows)
+    for p0, x in _plain_chunks(pck, pname, pdtype, prow, prows):
+        p = np.arange(p0, p0 + len(x), dtype=np.int64)
+        rs, cs = (np.arange(R, dtype=np.int64)[None, :], p[:, None]) if turned else \
+            (p[:, None], np.arange(C, dtype=np.int64)[None, :])
+        if s_in is not None:
+            x = x * np.abs(np.asarray(s_in, np.float64))[cs]
+        if s_out is not None:
+            x = x / np.abs(np.asarray(s_out, np.float64))[rs]
+        ids = np.broadcast_to(ids_of(rs, cs), x.shape)
+        np.maximum.at(A, ids.reshape(-1), x.reshape(-1))
+    S = S.reshape(-1)
+    keep = np.ones(S.size, bool)
+    if layout[0] == "cols" and layout[2] is not None:      # only the groups set up from the weights
+        cols = np.zeros(S.size // R if R else 0, bool)
+        checked = np.asarray(layout[2], np.int64).reshape(-1)
+        cols[checked[(checked >= 0) & (checked < cols.size)]] = True
+        keep = np.tile(cols, R)
+    slack = float(opts.get("slack", SCALE_SLACK))
+    least = float(opts.get("min_scale", 0.0))
     with np.errstate(invalid="ignore", over="ignore"):
-        bad = np.isfinite(S) & (A > 0) & (S * half > SCALE_SLACK * A * (1 + 2.0 ** -6))
+        bad = keep & np.isfinite(S) & (A > 0) & (S * half > slack * A * (1 + 2.0 ** -6)) \
+            & (S > least * (1 + 2.0 ** -6))
     return int(np.count_nonzero(bad))
+
+
+def scales_unchecked(base, bname: str, tuned, tname: str, side: str, shape: tuple) -> bool:
+    """Whether the floor of a pair rests on a quantized ``Source``'s stored scales that ``scale_excess`` could
+    not check (a layout or shape its ``scale_groups`` does not give): one side quantized, a matrix or more
+    (a vector's scales, an int32 bias's input scale times the weight's, are not its own values' choice), the
+    source not lossless. GGUF tensors are checked by their claims; a dequantized export has no stored scales."""
+    if side == "both" or len(shape) < 2:
+        return False
+    from .compute import TransposedSide
+
+    ck, name = (tuned, tname) if side == "tuned" else (base, bname)
+    src = getattr(ck, "quant", {}).get(name)
+    if src is None and isinstance(ck, TransposedSide):
+        src = getattr(ck._ck, "quant", {}).get(name)
+    return src is not None and not getattr(src, "lossless", False)
+
+
+def _group_ids(layout: tuple, sshape: tuple, R: int, C: int):
+    """``ids(rs, cs)``: the flat index into the scales (of shape ``sshape``) of the group each element of the
+    source's [R, C] rows lies in (``rs``, ``cs`` broadcastable int64 row and column indices), for a
+    ``scale_groups`` layout: ``("cols", g, checked)`` (scales [R, groups], ``g`` the group of each column),
+    ``("block", bh, bw[, per])`` (scales [experts * ceil(per / bh), ceil(C / bw)], rows ``per`` to an expert,
+    all of them by default), ``("flat", bs[, transposed])`` (one scale per ``bs`` elements of the flat order,
+    of the rows or of their transpose). None when the scales do not fit the layout."""
+    kind = layout[0]
+    n = math.prod(sshape)
+    if kind == "cols":
+        g = np.asarray(layout[1], np.int64).reshape(-1)
+        if len(sshape) != 2 or sshape[0] < R or g.size != C or (g.size and (g.min() < 0 or g.max() >= sshape[1])):
+            return None
+        ng = sshape[1]
+        return lambda rs, cs: rs * ng + g[cs]
+    if kind == "block":
+        bh, bw = int(layout[1]), int(layout[2])
+        per = int(layout[3]) if len(layout) > 3 else R
+        if bh < 1 or bw < 1 or per < 1 or R % per:
+            return None
+        nbr, nbc = -(-per // bh), -(-C // bw)
+        if len(sshape) != 2 or tuple(sshape) != ((R // per) * nbr, nbc):
+            return None
+        return lambda rs, cs: ((rs // per) * nbr + (rs % per) // bh) * nbc + cs // bw
+    if kind == "flat":
+        bs, tr = int(layout[1]), bool(layout[2]) if len(layout) > 2 else False
+        if bs < 1 or n != -(-(R * C) // bs):
+            return None
+        return (lambda rs, cs: (cs * R + rs) // bs) if tr else (lambda rs, cs: (rs * C + cs) // bs)
+    return None
+
+
+def _plain_chunks(ck, name: str, dtype: str, rowlen: int, rows: int):
+    """(first row, |rows| as float64 [k, rowlen]) of the first ``rows`` rows of ``name``, about ``SCALE_CHUNK``
+    elements at a time, from its flat windows (whatever their length)."""
+    per = max(1, SCALE_CHUNK // max(rowlen, 1))
+    buf: list[np.ndarray] = []
+    held = 0
+    r0 = 0
+    for w in ck.windows(name, per * rowlen, 0, rows * rowlen):
+        buf.append(np.abs(np.asarray(decode(w, dtype), np.float64).reshape(-1)))
+        held += buf[-1].size
+        if held >= rowlen:
+            flat = np.concatenate(buf)
+            k = flat.size // rowlen
+            yield r0, flat[:k * rowlen].reshape(k, rowlen)
+            r0 += k
+            buf, held = [flat[k * rowlen:]], flat.size - k * rowlen
 
 
 def _ct_params(xmin: np.ndarray, xmax: np.ndarray, maxq: int, sym: bool, dtype: str) -> tuple[np.ndarray, np.ndarray]:
