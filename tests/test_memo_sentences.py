@@ -140,20 +140,26 @@ def _page_one(data: dict) -> tuple[str, str, list]:
     return " ".join(plain_language(data)), caption_depth(data), key_figures(data)
 
 
-def test_page_one_keeps_the_qualifier_of_a_reordering_undone(tmp_path):
-    """MLP neurons of one block reordered, nothing trained: the headline says "100% ... bitwise unchanged, once
-    the units found reordered are put back in the base's order"; page one said "100% are bit for bit the same"
-    and the key figure "numbers not touched at all", though the neurons' numbers sit at other positions."""
-    base = llama(np.random.default_rng(94), layers=2, hidden=64, inter=128, vocab=256)
+def _mlp_reordered(tmp_path, seed: int, block: int) -> dict:
+    """The JSON of a two-block Llama against itself with block ``block``'s MLP neurons reordered, nothing trained
+    (the base from ``seed``, the order from ``seed + 1``)."""
+    base = llama(np.random.default_rng(seed), layers=2, hidden=64, inter=128, vocab=256)
     tuned = dict(base)
-    order = np.random.default_rng(95).permutation(128)
-    p = "model.layers.1.mlp."
+    order = np.random.default_rng(seed + 1).permutation(128)
+    p = f"model.layers.{block}.mlp."
     for k in ("gate_proj", "up_proj"):
         tuned[p + k + ".weight"] = base[p + k + ".weight"][order]
     tuned[p + "down_proj.weight"] = base[p + "down_proj.weight"][:, order]
     write_checkpoint(tmp_path / "b", base)
     write_checkpoint(tmp_path / "t", tuned)
-    data = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    return compare(tmp_path / "b", tmp_path / "t").to_dict()
+
+
+def test_page_one_keeps_the_qualifier_of_a_reordering_undone(tmp_path):
+    """MLP neurons of one block reordered, nothing trained: the headline says "100% ... bitwise unchanged, once
+    the units found reordered are put back in the base's order"; page one said "100% are bit for bit the same"
+    and the key figure "numbers not touched at all", though the neurons' numbers sit at other positions."""
+    data = _mlp_reordered(tmp_path, 94, 1)
     assert data["summary"]["scope"]["permuted_units"]["tensors_undone"] == 3
     plain, caption, keys = _page_one(data)
     once = "once the units found reordered are put back in the base's order"
@@ -306,16 +312,7 @@ def test_pruning_is_said_as_a_mask_not_a_change_spread_over_directions(tmp_path)
 def test_the_delta_parameters_key_figure_does_not_call_a_reordering_injected(tmp_path):
     """MLP neurons reordered, nothing trained: the key figure read "0 ... how much was injected, written compactly",
     though rebuilding the model from the base takes the new order."""
-    base = llama(np.random.default_rng(108), layers=2, hidden=64, inter=128, vocab=256)
-    tuned = dict(base)
-    order = np.random.default_rng(109).permutation(128)
-    p = "model.layers.0.mlp."
-    for k in ("gate_proj", "up_proj"):
-        tuned[p + k + ".weight"] = base[p + k + ".weight"][order]
-    tuned[p + "down_proj.weight"] = base[p + "down_proj.weight"][:, order]
-    write_checkpoint(tmp_path / "b", base)
-    write_checkpoint(tmp_path / "t", tuned)
-    _, _, keys = _page_one(compare(tmp_path / "b", tmp_path / "t").to_dict())
+    _, _, keys = _page_one(_mlp_reordered(tmp_path, 108, 0))
     assert keys[-1][2] == ("how much differs once the units found reordered are put back in the base's order, written "
                            "compactly (what was undone is not counted in it)"), keys[-1]
 
