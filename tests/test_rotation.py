@@ -561,3 +561,24 @@ def test_the_embedding_cross_sums_computed_again_give_the_same_json(tmp_path, rn
     again = compare(b, tuned).to_dict(include_run=False)
     assert calls.count("model.embed_tokens.weight") >= 2
     assert dumps(again) == dumps(kept) and "rotated_residual" in kept["summary"]["flags"]
+
+
+@pytest.mark.parametrize("vocab", [16, 64])
+def test_a_one_block_model_narrower_in_tokens_than_wide_reads_rotated(tmp_path, rng, vocab):
+    """One block, a vocabulary narrower than the width: the fit on the embedding alone left R undetermined and the
+    base rotated, nothing else changed, read UNRELATED (the scale tester's one-layer 70B-width slice, 512 tokens, 8192
+    wide). One output matrix now fits beside the embedding, the other is held out; independent models still read
+    unrelated, a fine-tune rotated reads as the fine-tune, and no cosine passes 1."""
+    base = llama(rng, layers=1, hidden=128, vocab=vocab)
+    b = write_checkpoint(tmp_path / "b", base)
+    s = compare(b, write_checkpoint(tmp_path / "t", _rotated(base, _orthogonal(128), layers=1))).summary
+    assert s.verdict == "derived" and "rotated_residual" in s.flags, s.verdict_reason
+    sc = s.scope["rotated_residual"]
+    assert sc["tensors_changed"] == 0 and sc["matrices_held_out"] == 1 and sc["matrices_explained"] == 1
+    assert 0.999 < sc["cosine_held_out"] <= 1.0
+    ft = compare(b, write_checkpoint(tmp_path / "ft", _rotated(_tuned(base), _orthogonal(128), layers=1))).summary
+    assert ft.verdict == "derived" and ft.scope["rotated_residual"]["tensors_changed"] == 9
+    other = llama(np.random.default_rng(9), layers=1, hidden=128, vocab=vocab)
+    for name, t in (("o", other), ("or", _rotated(other, _orthogonal(128), layers=1))):
+        s = compare(b, write_checkpoint(tmp_path / name, t)).summary
+        assert s.verdict == "unrelated" and "rotated_residual" not in s.flags, name

@@ -710,12 +710,12 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     def out_cosine(r: TensorRecord, r_: np.ndarray) -> float:
         """Cosine of R^T B with T: trace(R^T B T^T) / (||B|| ||T||), R orthogonal."""
         c, nb, nt = out_sums(r)
-        return rot.inner(r_, c) / (nb * nt) if nb and nt else 0.0
+        return max(-1.0, min(1.0, rot.inner(r_, c) / (nb * nt))) if nb and nt else 0.0
 
     def e_cosine(r_: np.ndarray) -> float:
         """The embedding's cosine with the base's rotated by ``r_``: trace(R^T B^T T) / (||B|| ||T||), R orthogonal."""
         c, nb, nt = e_fit()
-        return rot.inner(r_, c) / (nb * nt) if nb and nt else 0.0
+        return max(-1.0, min(1.0, rot.inner(r_, c) / (nb * nt))) if nb and nt else 0.0
 
     def fitted(rows: list):
         """R fitted on the embedding (when ``with_e``) and the output matrices ``rows``: the sums, then R in their
@@ -728,8 +728,15 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         return fit.solve()
 
     labels = sorted({r.block for r in outs}, key=lambda b: (parse_name(f"{b}.x")[1] or 0, str(b)))
-    train = set(labels[0::2]) if len(labels) > 1 else set()
-    held = [r for r in outs if r.block not in train]
+    if len(labels) > 1:             # every other block fits, the rest is held out
+        train = {id(r) for r in outs if r.block in set(labels[0::2])}
+    else:
+        # one block: its first output matrix fits beside the embedding and the others are held out (the embedding
+        # alone leaves R undetermined where the vocabulary is narrower than the width: a one-block model of 16
+        # tokens, 128 wide, rotated and nothing else, read UNRELATED)
+        ordered = sorted(outs, key=lambda r: r.name)
+        train = {id(ordered[0])} if len(ordered) > 1 else set()
+    held = [r for r in outs if id(r) not in train]
 
     # R must explain held-out output matrices, each far better than no rotation does (a fine-tune never rotated,
     # with a new embedding, fitted an R under which its held-out matrices kept a cosine of 0.69, against 0.9998
@@ -741,7 +748,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         return c if c >= weak and c > 6.0 / math.sqrt(n) and c > stored + 0.1 else None
 
     def attempt():
-        r_fit = fitted([r for r in outs if r.block in train])
+        r_fit = fitted([r for r in outs if id(r) in train])
         if r_fit is None or rot.small_rotation(r_fit):
             return None
         good = [(r, c) for r in held if (c := explained(r, r_fit)) is not None]
@@ -766,7 +773,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     # refitted on the embedding and every output matrix R explains (not on one retrained after the rotation,
     # which would skew it: every other matrix then read 1.8% changed)
     kept = {id(g) for g, _ in good}
-    fitting = [r for r in outs if id(r) in kept or (r.block in train and explained(r, r_fit) is not None)]
+    fitting = [r for r in outs if id(r) in kept or (id(r) in train and explained(r, r_fit) is not None)]
     del got, r_fit                  # (d x d each: at most one R and the sums of the next are held at once)
     r_all = fitted(fitting)
     # and once more on those it fits best (1 - cosine within ten times the best's): two matrices fine-tuned after
