@@ -582,3 +582,40 @@ def test_a_one_block_model_narrower_in_tokens_than_wide_reads_rotated(tmp_path, 
     for name, t in (("o", other), ("or", _rotated(other, _orthogonal(128), layers=1))):
         s = compare(b, write_checkpoint(tmp_path / name, t)).summary
         assert s.verdict == "unrelated" and "rotated_residual" not in s.flags, name
+
+
+def test_independent_models_are_turned_away_before_the_fit(tmp_path, rng, monkeypatch):
+    """Every independent model of the base's shapes went through the d x d Procrustes fit (at the 70B width 30-40
+    minutes and 1.3-1.8 GB, scale tester 2, F1: a survey row, a provenance candidate). A rotated writer's columns keep
+    their inner products, an independent model's share nothing with the base's: the fit now runs only when the
+    sampled column Gram matrices correlate; rotated models, fine-tuned too, still pass (the rest of this file)."""
+    base = llama(rng, layers=2)
+    other = llama(np.random.default_rng(77), layers=2)
+    b = write_checkpoint(tmp_path / "b", base)
+    with rot_spy(monkeypatch) as fits:
+        s = compare(b, write_checkpoint(tmp_path / "o", _rotated(other, _orthogonal(128), layers=2))).summary
+        assert s.verdict == "unrelated" and not fits
+        s = compare(b, write_checkpoint(tmp_path / "r", _rotated(_tuned(base, rel=0.3), _orthogonal(128), layers=2)))
+        assert s.summary.verdict == "derived" and "rotated_residual" in s.summary.flags and fits
+    from weightdiff.io.checkpoint import locate
+
+    with locate(b) as cb, locate(tmp_path / "o") as co, locate(tmp_path / "r") as cr:
+        name = "model.layers.1.mlp.down_proj.weight"
+        assert abs(rot.column_gram_correlation(cb, name, co, name)) < 0.1
+        assert rot.column_gram_correlation(cb, name, cr, name) > 0.5
+        assert rot.column_gram_correlation(cb, name, cb, name) == pytest.approx(1.0)
+
+
+class rot_spy:
+    """Records each Procrustes fit started (``Rotation`` made) while in use."""
+
+    def __init__(self, monkeypatch):
+        self.mp, self.fits = monkeypatch, []
+
+    def __enter__(self):
+        real = rot.Rotation
+        self.mp.setattr(rot, "Rotation", lambda d: self.fits.append(d) or real(d))
+        return self.fits
+
+    def __exit__(self, *exc):
+        return False

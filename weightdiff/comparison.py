@@ -673,6 +673,17 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     ins = [r for r in mats if r.module in rot.IN_KINDS and int(r.shape[1]) == d and r is not e]
     if e.cosine is None or e.cosine >= weak or not outs or all((r.cosine or 0.0) >= weak for r in outs):
         return [], {}
+    # a pre-test before the d x d fit (at the 70B width 30-40 minutes and two 512 MB arrays, which every independent
+    # model paid): a rotated writer's columns keep their inner products (R^T B: B's), an independent model's share
+    # nothing with the base's. Up to four output matrices, spread over the blocks, 256 columns each; the fit runs when
+    # any of them correlates beyond six times chance (a rotated model that a fine-tune moved far still does)
+    probe = sorted(outs, key=lambda r: r.name)
+    probe = probe[::max(1, len(probe) // 4)][:4]
+    k = min(rot.SAMPLE_ROWS, min(int(r.shape[1]) for r in probe))
+    chance = 6.0 / math.sqrt(max(1, k * (k - 1) // 2))
+    if all((c := rot.column_gram_correlation(base, r.base_name, tuned, r.name)) is not None and c < chance
+           for r in probe):
+        return [], {}
 
     def load(ck: Checkpoint, name: str):
         return rot.values(ck, name)

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..kernels.dtypes import DTYPES, decode
 
-__all__ = ["OUT_KINDS", "IN_KINDS", "values", "procrustes", "Rotation", "apply", "RotatedSide", "small_rotation", "BLOCK_BYTES", "Frame", "FrameSums", "frame_sums", "in_cross", "out_cross", "sample_rows", "rows_of", "inner", "signed_permutation"]
+__all__ = ["OUT_KINDS", "IN_KINDS", "values", "procrustes", "Rotation", "apply", "RotatedSide", "small_rotation", "BLOCK_BYTES", "Frame", "FrameSums", "frame_sums", "in_cross", "out_cross", "sample_rows", "rows_of", "inner", "signed_permutation", "column_gram_correlation"]
 
 #: module kinds that write the residual stream (rows are hidden units): their tensor is R^T W
 OUT_KINDS = ("attn.o", "mlp.down")
@@ -393,6 +393,32 @@ def signed_permutation(r: np.ndarray, atol: float = 1.1e-5) -> bool:
     for i in range(0, r.shape[0], step):
         np.maximum(top, np.max(np.abs(r[i:i + step]), axis=0), out=top)
     return bool(np.all(np.abs(top - 1.0) <= atol))
+
+
+def column_gram_correlation(base, bname: str, tuned, tname: str, k: int | None = None) -> float | None:
+    """Pearson correlation of the off-diagonal entries of B[:, S]^T B[:, S] and T[:, S]^T T[:, S], S ``k`` evenly
+    spaced columns (``sample_rows``) of two matrices [d, n] of one shape, read in row blocks. A matrix that writes the
+    residual stream, rotated, is R^T B: its columns' inner products are B's exactly (and a fine-tune's nearly), where
+    an independent model's are unrelated to B's (about 0, spread 1/sqrt(pairs)). None when it cannot tell (fewer
+    than three columns, no spread)."""
+    d, n = _dims(base, bname)
+    if n < 3 or _dims(tuned, tname) != (d, n):
+        return None
+    cols = sample_rows(n, k)
+    gb = np.zeros((len(cols), len(cols)))
+    gt = np.zeros_like(gb)
+    step = block_rows(n)
+    for lo in range(0, d, step):
+        hi = min(d, lo + step)
+        b = rows_of(base, bname, lo, hi)[:, cols]
+        t = rows_of(tuned, tname, lo, hi)[:, cols]
+        gb += b.T @ b
+        gt += t.T @ t
+    iu = np.triu_indices(len(cols), 1)
+    x, y = gb[iu], gt[iu]
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float(np.vdot(x, x)) * float(np.vdot(y, y)))
+    return float(np.vdot(x, y)) / den if den > 0 and math.isfinite(den) else None
 
 
 def small_rotation(r: np.ndarray) -> bool:
