@@ -163,6 +163,12 @@ def _checked(progress):
     stage = getattr(progress, "stage", None)
     if stage is not None:                   # the steps after the pass (``ProgressLine.stage``)
         call.stage = stage
+    advance = getattr(progress, "advance", None)
+    if advance is not None:                 # the elements measured again after the pass (``ProgressLine.advance``)
+        def step(n: int, cached: bool = False) -> None:
+            check_interrupted()
+            advance(n, cached=cached)
+        call.advance = step
     return call
 
 

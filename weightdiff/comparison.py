@@ -20,7 +20,7 @@ import math
 import os
 import platform
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -358,9 +358,12 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         # (after a reordering too: tools that reorder neurons also flip or rescale them)
         undo.extend(rescaled_units(records, bases, tuned_ck, options, {id(u.record) for u in undo}, undo))
         undone: dict = {}
+        # the tensors measured again beneath what the checks found: stored to --cache as each finishes, progress
+        # by elements (``Again``)
+        again = stack.enter_context(closing(Again(options, bases, tuned_ck, progress)))
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
-            stage(f"measuring {len(undo):,} tensors again beneath the reparametrisations found")
-            records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
+            records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify,
+                                             again)
             blocks, modules = aggregate(records, options.thresholds)
         if "rows_consistent" not in undone and any("rows" in v for v in found.values()):
             # token rows reordered and rows added: nothing undone, but whether the tables follow one remapping
@@ -403,7 +406,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             # a norm whose gains went into the matrices that read it is measured beneath the fold too: as stored,
             # each read as a change of relative size ~0.1, and every block of a model rotated after one block was
             # trained read changed, the untouched ones most
-            records = measure_folded_norms(records, explained, the_plan, bases, tuned_ck, options, backend, classify)
+            records = measure_folded_norms(records, explained, the_plan, bases, tuned_ck, options, backend, classify,
+                                           again)
             blocks, modules = aggregate(records, options.thresholds)
         stage(None)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
@@ -1327,40 +1331,62 @@ def folded_norms(records: Sequence[TensorRecord], gains: Sequence[str], tuned: C
 
 
 def measure_folded_norms(records: list[TensorRecord], names: set[str], the_plan: Plan, bases: Sequence[Checkpoint],
-                         tuned: Checkpoint, options: CompareOptions, backend, classify) -> list[TensorRecord]:
+                         tuned: Checkpoint, options: CompareOptions, backend, classify,
+                         again: Again | None = None) -> list[TensorRecord]:
     """The records with each norm of ``names`` (its gains found in the matrices that read it: ``folded_norms``,
     ``smoothed_norms``) measured against the base's gains divided by the factors those matrices carry, which are
     the tuned norm's own values within the rounding of its dtype: it reads ``rounding`` (or unchanged) beneath the
-    fold, its note saying why, instead of a change of the size of the gains' spread."""
+    fold, its note saying why, instead of a change of the size of the gains' spread. ``again``: the cache and
+    progress of these measurements (``Again``: keyed by the factors' digest and the record's note)."""
     import numpy as np
 
-    from .measure.compute import remeasure
+    from .measure.compute import remeasure, remeasured_pair, streamed
     from .measure.rotation import RotatedSide
 
+    if again is None:
+        again = Again(replace(options, cache=None), bases, tuned)
     pairs = {p.tuned_name: p for p in the_plan.pairs if p.tuned_name is not None}
-    out = []
+    jobs: dict[int, tuple] = {}         # id(record) -> (pair, side, factors, the pair as measured again)
     for r in records:
         pair = pairs.get(r.name)
         if r.name not in names or pair is None or pair.base_name != r.base_name or len(bases) != 1:
-            out.append(r)
             continue
         # a LayerNorm's bias divided with its weight: the weight's factors (its own would match anything)
         src = r.name[:-len("bias")] + "weight" if r.name.endswith(".bias") else r.name
         bsrc = next((x.base_name for x in records if x.name == src), None)
         if bsrc is None or src not in tuned.tensors or bsrc not in bases[0].tensors:
-            out.append(r)
             continue
         t, b = _vector(tuned, src).astype(np.float64), _vector(bases[0], bsrc).astype(np.float64)
         if t.shape != b.shape or int(np.prod(r.shape or (0,))) != t.size \
                 or not np.all(np.isfinite(t) & np.isfinite(b) & (b != 0)):
-            out.append(r)
             continue
-        new = remeasure(pair, RotatedSide(bases[0], pair.base_name, pair.base_name, "rows", None, t / b), bases,
-                        tuned, options, backend, classify)
+        factors = t / b
+        side = RotatedSide(bases[0], pair.base_name, pair.base_name, "rows", None, factors)
+        jobs[id(r)] = (pair, side, factors, replace(remeasured_pair(pair, side), dtype_base=r.dtype_base))
+    if not jobs:
+        return list(records)
+    again.begin(f"measuring {len(jobs):,} norms again beneath the gains folded",
+                sum(streamed(j[3]) for j in jobs.values()))
+
+    def measured(r: TensorRecord, pair: Any, side: Any, on_window: Callable[[int], None]) -> TensorRecord:
+        new = remeasure(pair, side, bases, tuned, options, backend, classify, on_window)
         new.dtype_base = r.dtype_base
         new.note = r.note
         _within_rotation_rounding(new, what="fold")
-        out.append(new)
+        return new
+
+    out = []
+    for r in records:
+        job = jobs.get(id(r))
+        if job is None:
+            out.append(r)
+            continue
+        pair, side, factors, expected = job
+        out.append(again.record(
+            pair, expected,
+            lambda: {"undo": "measure_folded_norms", "factors": again.array_id(factors), "note": r.note,
+                     "record": {"dtype_base": r.dtype_base}},
+            lambda on_window: measured(r, pair, side, on_window)))
     return out
 
 
@@ -1888,23 +1914,112 @@ def _with_biases(undo: list[Undo], by_name: dict, base: Checkpoint, tuned: Check
     return out
 
 
+class Again:
+    """The tensors measured again after the pass, beneath the reparametrisations found (``measure_undone``,
+    ``measure_folded_norms``): with ``options.cache`` each record is stored as soon as it is final (``RecordCache``:
+    written to a temporary and renamed, validated when read back) under the key of its pair's inputs and the
+    options (the pass's) plus the undo itself (``RecordCache.key(post=...)``: its kind, the permutation, the
+    rotation and the gains by the sha256 of their bytes, what it reads besides the pair's base), so a run killed
+    during these measurements, or run again with other outputs, measures only what is not stored. A record read
+    back must fit the pair as measured again (``remeasured_pair``: names, dtypes, shapes, status), or it is
+    measured again and written over. ``progress``: a progress object with ``advance(n, cached=False)`` is told
+    the elements of each tensor as they stream (``stage(what, total)`` announces the total first); one with
+    ``stage`` alone hears the stage's name."""
+
+    def __init__(self, options: CompareOptions, bases: Sequence[Checkpoint], tuned: Checkpoint,
+                 progress: Any = None):
+        self._options = options
+        self._cache: Any = None
+        self.bases, self.tuned = bases, tuned
+        self._stage = getattr(progress, "stage", None)
+        self._advance = getattr(progress, "advance", None)
+
+    @property
+    def cache(self) -> Any:
+        """The ``RecordCache`` of ``--cache``, opened when first needed (None without one)."""
+        if self._cache is None and self._options.cache:
+            from .measure.cache import RecordCache
+
+            self._cache = RecordCache(self._options.cache, self._options.settings())
+        return self._cache
+
+    def begin(self, what: str, total: int) -> None:
+        """Name the stage of ``total`` elements to the progress line."""
+        if self._stage is None:
+            return
+        if self._advance is not None:
+            self._stage(what, total=total)
+        else:
+            self._stage(what)
+
+    def advance(self, n: int, cached: bool = False) -> None:
+        if self._advance is not None:
+            self._advance(n, cached=cached)
+
+    def array_id(self, a: Any) -> list | None:
+        return self.cache.array_id(a) if self.cache is not None else None
+
+    def record(self, pair: Any, expected: Any, post: Callable[[], dict],
+               measure: Callable[[Callable[[int], None]], TensorRecord]) -> TensorRecord:
+        """The record of ``pair`` measured again: the stored one when the cache holds one that fits
+        ``expected`` (the pair as measured again, with the base name, dtype and shape its final record carries),
+        else ``measure(on_window)``, stored once it returns (complete, every note and status set). ``post()``:
+        the key's undo material (``RecordCache.key``), built only with a cache."""
+        from .measure.compute import streamed
+
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(pair, self.bases, self.tuned, post=post())
+            rec = self.cache.get(key, expected, self.bases)
+            if rec is not None:
+                self.advance(streamed(expected), cached=True)
+                return rec
+        rec = measure(self.advance)
+        if key is not None:
+            self.cache.put(key, rec)
+        return rec
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.warn_unwritten()
+
+
+def _undo_material(u: Undo, r: TensorRecord, array_id: Callable[[Any], Any]) -> dict:
+    """What a record measured again beneath ``u`` depends on besides its pair's inputs and the options (a
+    ``RecordCache.key(post=...)``): the undo's kind and parameters (the order, the rotation and the gains by their
+    bytes' digest: a rotation fitted again to other bits is another key, whatever made it differ), the note it
+    writes, and what it takes from the pass's record ``r``."""
+    rotate = None
+    if u.rotate is not None:
+        form, r_, gains = u.rotate
+        rotate = [form, array_id(r_), array_id(gains)]
+    return {"undo": "measure_undone", "source": u.source, "axis": u.axis,
+            "index": array_id(None if u.index is None else u.index), "note": u.note, "trimmed": u.trimmed,
+            "negate": u.negate, "rotate": rotate, "gain_name": u.gain_name,
+            "record": {"base_shape": r.base_shape, "dtype_base": r.dtype_base},
+            "reads": [u.source] if u.source != r.base_name else []}
+
+
 def _conv1d(r) -> bool:
     """GPT-2's Conv1D attention weights, stored [in, out]."""
     return r.name.endswith("c_attn.weight") or (r.module == "attn.o" and r.name.endswith("c_proj.weight"))
 
 
 def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: Plan, bases: Sequence[Checkpoint],
-                     tuned: Checkpoint, options: CompareOptions, backend, classify) -> tuple[list[TensorRecord], dict]:
+                   tuned: Checkpoint, options: CompareOptions, backend, classify,
+                   again: Again | None = None) -> tuple[list[TensorRecord], dict]:
     """The records with each tensor of ``undo`` measured again against its base tensor in the tuned model's
     order (``measure.compute.remeasure``: statistics, status and rank of what changed beneath the
     reordering), and what was undone for ``scope.permuted_units``: ``blocks`` (block -> kinds whose every
     reordered tensor was measured so; ``router`` where a router whose rows did not follow its experts was
     measured in their new order), ``tensors``, ``trimmed`` (token tables with fewer rows), ``routers`` (the
-    names of those routers' tensors)."""
+    names of those routers' tensors). ``again``: the cache and progress of these measurements (``Again``)."""
     import numpy as np
 
-    from .measure.compute import GatheredSide, remeasure
+    from .measure.compute import GatheredSide, remeasure, remeasured_pair, streamed
 
+    if again is None:
+        again = Again(replace(options, cache=None), bases, tuned)
     pairs = {p.tuned_name: p for p in the_plan.pairs if p.tuned_name is not None}
     redo = {id(u.record): u for u in undo}
     out, blocks, n, trimmed, routers = [], {}, 0, 0, []
@@ -1913,11 +2028,11 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
     rotated: list[str] = []
     folded: list[str] = []
     rescaled: list[str] = []
+    jobs: dict[int, tuple] = {}         # id(record) -> (undo, pair, side, the pair as measured again)
     for r in records:
         u = redo.get(id(r))
         pair = pairs.get(r.name) if u is not None else None
         if u is None or pair is None or pair.base_name != r.base_name:
-            out.append(r)
             continue
         if u.rotate is not None:
             from .measure.rotation import RotatedSide
@@ -1926,7 +2041,18 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
                                order=None if u.axis is None else (u.axis, u.index))
         else:
             side = GatheredSide(bases[pair.base_index], pair.base_name, u.source, u.axis, u.index, negate=u.negate)
-        new = remeasure(pair, side, bases, tuned, options, backend, classify)
+        # the pair as its final record has it: another expert's tensor for base name, the base's whole table for a
+        # trimmed one, the base's own dtype for one measured against float64 values
+        expected = remeasured_pair(pair, side)
+        expected = replace(expected, base_name=u.source,
+                           shape_base=list(r.base_shape) if u.trimmed and r.base_shape else expected.shape_base,
+                           dtype_base=r.dtype_base if u.rotate is not None else expected.dtype_base)
+        jobs[id(r)] = (u, pair, side, expected)
+    again.begin(f"measuring {len(jobs):,} tensors again beneath the reparametrisations found",
+                sum(streamed(j[3]) for j in jobs.values()))
+
+    def measured(r: TensorRecord, u: Undo, pair: Any, side: Any, on_window: Callable[[int], None]) -> TensorRecord:
+        new = remeasure(pair, side, bases, tuned, options, backend, classify, on_window)
         new.note = u.note + (f"; {new.note}" if new.note else "")
         if u.trimmed and r.base_shape:
             # measured against the base rows it kept, but the base table is the whole one: its dropped rows are
@@ -1939,11 +2065,22 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
             # +0, the base's zero negated -0), which the sign flip leaves undecided: nothing changed beneath it
             new.status, new.frac_changed, new.frac_beyond_rounding, new.quant, new.rank = "unchanged", 0.0, 0.0, None, None
             new.note += "; its zeros differ from the base's negated only in their sign"
+        if u.rotate is not None:
+            new.dtype_base = r.dtype_base           # measured against float64 values; stored as the base stores it
+            _within_rotation_rounding(new, None if u.rotate[1] is None else int(u.rotate[1].shape[0]))
+        return new
+
+    for r in records:
+        job = jobs.get(id(r))
+        if job is None:
+            out.append(r)
+            continue
+        u, pair, side, expected = job
+        new = again.record(pair, expected, lambda: _undo_material(u, r, again.array_id),
+                           lambda on_window: measured(r, u, pair, side, on_window))
         out.append(new)
         if u.rotate is not None:
             (rotated if u.rotate[1] is not None else folded if u.gain_name else rescaled).append(new.name)
-            new.dtype_base = r.dtype_base           # measured against float64 values; stored as the base stores it
-            _within_rotation_rounding(new, None if u.rotate[1] is None else int(u.rotate[1].shape[0]))
             if u.axis is None:
                 continue
             # units reordered then rescaled: the reordering counts as one undone too

@@ -392,6 +392,7 @@ class RecordCache:
         self.options = json.dumps(options_settings, sort_keys=True, default=_plain)
         self._files: dict[tuple[int, str, bool], list] = {}
         self._content: dict[str, str] = {}    # stat key -> content key (sha256 of the files), when hashed
+        self._arrays: dict[int, tuple[Any, list]] = {}     # id(array) -> (array, array_id): digested once
         self.hits = self.misses = 0
         self.unwritten = 0                # records a write failed for (a full disk): the run goes on without them
         self.write_error: str | None = None
@@ -465,7 +466,7 @@ class RecordCache:
         self._files[key] = out
         return out
 
-    def _key(self, pair: Any, bases: Sequence[Any], tuned: Any, content: bool) -> str:
+    def _key(self, pair: Any, bases: Sequence[Any], tuned: Any, content: bool, post: dict | None = None) -> str:
         base = bases[pair.base_index] if pair.base_name is not None else None
         names = [getattr(pair, "tuned_source", None) or pair.tuned_name]
         lora = getattr(pair, "lora", None)
@@ -479,19 +480,47 @@ class RecordCache:
             "options": self.options,
             "sidecars": [self._sidecars(base, content) if base is not None else None, self._sidecars(tuned, content)],
         }
+        if post is not None:
+            # a record measured again after the pass (beneath an undo): what the undo is, and the identity of
+            # every other base tensor it reads (another expert's, for experts reordered)
+            material["post"] = {**post, "reads": [self._tensor_id(base, n, content) for n in post.get("reads", ())]}
         blob = json.dumps(material, sort_keys=True, default=_plain).encode()
         return hashlib.sha256(blob).hexdigest()
 
-    def key(self, pair: Any, bases: Sequence[Any], tuned: Any) -> str:
+    def key(self, pair: Any, bases: Sequence[Any], tuned: Any, post: dict | None = None) -> str:
         """The record's key: by the stat identity of the files it reads, whatever the run outputs (so
         adding ``--memo``, which hashes, still finds the records of a run without it). When the files were
-        hashed, the key by their sha256 (the content key) is kept beside it for ``get`` and ``put``."""
-        stat_key = self._key(pair, bases, tuned, content=False)
+        hashed, the key by their sha256 (the content key) is kept beside it for ``get`` and ``put``.
+
+        ``post``: the key of the pair's record measured again after the pass beneath an undo (a reordering,
+        a sign flip, a rotation, folded gains, a rescale: ``comparison.measure_undone``, ``measure_folded_norms``):
+        a JSON dict saying everything besides the pair's inputs and the options that the record depends on (the
+        undo's kind and its parameters, arrays as ``array_id``), with ``reads``, the names of the other base
+        tensors it reads. The pass's key with that added: never the pass's record's key, and a changed input,
+        option or undo misses."""
+        stat_key = self._key(pair, bases, tuned, content=False, post=post)
         if any(getattr(ck, "digests", None) for ck in (*bases, tuned)):
-            content_key = self._key(pair, bases, tuned, content=True)
+            content_key = self._key(pair, bases, tuned, content=True, post=post)
             if content_key != stat_key:
                 self._content[stat_key] = content_key
         return stat_key
+
+    def array_id(self, a: Any) -> list | None:
+        """``[dtype, shape, sha256 of the bytes]`` of an array an undo holds (an order, a rotation, gains), for
+        ``key(post=...)``; None for None. The digest of one array object is taken once per cache object (a
+        70B-width rotation is 512 MB, shared by every matrix it turns): the array is kept with it, so its id
+        names it for as long as the cache lives."""
+        if a is None:
+            return None
+        got = self._arrays.get(id(a))
+        if got is not None and got[0] is a:
+            return got[1]
+        import numpy as np
+
+        arr = np.ascontiguousarray(np.asarray(a))
+        ident = [str(arr.dtype), list(arr.shape), hashlib.sha256(arr.reshape(-1).view(np.uint8)).hexdigest()]
+        self._arrays[id(a)] = (a, ident)
+        return ident
 
     # -- records --------------------------------------------------------------------------
     def _path(self, key: str) -> Path:
