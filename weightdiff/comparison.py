@@ -1967,16 +1967,17 @@ class Again:
         the key's undo material (``RecordCache.key``), built only with a cache."""
         from .measure.compute import streamed
 
-        key = None
+        key = material = None
         if self.cache is not None:
-            key = self.cache.key(pair, self.bases, self.tuned, post=post())
+            material = post()
+            key = self.cache.key(pair, self.bases, self.tuned, post=material)
             rec = self.cache.get(key, expected, self.bases)
             if rec is not None:
                 self.advance(streamed(expected), cached=True)
                 return rec
         rec = measure(self.advance)
         if key is not None:
-            self.cache.put(key, rec)
+            self.cache.put(key, rec, post=str(material.get("undo")))
         return rec
 
     def close(self) -> None:

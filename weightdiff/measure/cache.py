@@ -625,18 +625,20 @@ class RecordCache:
         self.hits += 1
         return rec
 
-    def put(self, key: str, rec: TensorRecord) -> None:
+    def put(self, key: str, rec: TensorRecord, post: str | None = None) -> None:
         """Store one record under its stat key (and under its content key when the files were hashed,
         with that key beside it); a write that fails (a full disk, a folder gone read-only, a subfolder that
         is a symbolic link) leaves no temporary behind and stops the writes of this run: the results do not
         depend on the cache, so the run goes on, and ``warn_unwritten`` says so once at the end. An exception
-        of another kind (Ctrl-C, SIGTERM) also removes the temporary, and goes on."""
+        of another kind (Ctrl-C, SIGTERM) also removes the temporary, and goes on. ``post``: what measured
+        the record again after the pass (``measure_undone``), written beside it for whoever reads the folder
+        (nothing reads it back: the key says what the record is)."""
         content = self._content.pop(key, None)
-        self._write(key, rec, content)
+        self._write(key, rec, content, post)
         if content is not None:
-            self._write(content, rec, content)
+            self._write(content, rec, content, post)
 
-    def _write(self, key: str, rec: TensorRecord, content: str | None) -> None:
+    def _write(self, key: str, rec: TensorRecord, content: str | None, post: str | None = None) -> None:
         if self.write_error is not None:
             self.unwritten += 1
             return
@@ -644,7 +646,8 @@ class RecordCache:
         folder = fd = None
         try:
             payload = {"v": CACHE_VERSION, "key": key, "record": rec.to_dict(),
-                       **({"content": content} if content is not None else {})}
+                       **({"content": content} if content is not None else {}),
+                       **({"post": post} if post is not None else {})}
             # the digest of the content as it reads back: the same JSON text (numpy scalars, tuples and sets
             # written as the floats, ints and lists they read back as; a float's repr round-trips)
             blob = json.dumps({**payload, "digest": _digest(payload)}, default=_plain, allow_nan=True).encode()

@@ -1,0 +1,258 @@
+"""--cache DIR covers the tensors measured again after the pass, beneath the reparametrisations found.
+
+At 70B widths the post-pass (a rotation, folded gains, rescaled or reordered units undone, then each tensor
+measured again) took 10-20 minutes and none of it was kept: a kill during it redid all of it, and so did a
+second run with other outputs. Each record measured again is now stored as it finishes, under its pair's key
+plus the undo itself: a run killed during the post-pass resumes to the same JSON bytes, measuring only the rest;
+another input, option or undo misses; a record torn, edited or not fitting its pair is measured again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_checkpoint
+from models import llama
+from test_record_cache import _body, _records, _save
+from test_rotation import _orthogonal, _rotated, _tuned
+from weightdiff import compare
+from weightdiff.measure import compute as mc
+from weightdiff.measure.cache import RecordCache
+
+
+def _rotated_pair(tmp_path: Path, rng) -> tuple[Path, Path]:
+    """A fine-tune whose residual stream was rotated and its norms folded (QuaRot): 30 matrices measured again
+    beneath the rotation, 9 norms beneath the fold."""
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "base", base)
+    t = write_checkpoint(tmp_path / "tuned", _rotated(_tuned(base), _orthogonal(128)))
+    return b, t
+
+
+def _permuted_pair(tmp_path: Path, rng) -> tuple[Path, Path]:
+    """Neurons reordered with up rows and down columns rescaled (a gated MLP computes the same), then fine-tuned:
+    measured again beneath the reordering (GatheredSide) and the rescale (RotatedSide with an order)."""
+    base = llama(rng, layers=2)
+    r = np.random.default_rng(9)
+    t = dict(base)
+    for i in range(2):
+        p = f"model.layers.{i}."
+        perm, c = r.permutation(256), r.uniform(0.5, 2.0, 256)
+        t[p + "mlp.gate_proj.weight"] = base[p + "mlp.gate_proj.weight"][perm]
+        t[p + "mlp.up_proj.weight"] = (base[p + "mlp.up_proj.weight"] * c[:, None])[perm]
+        t[p + "mlp.down_proj.weight"] = (base[p + "mlp.down_proj.weight"] / c[None, :])[:, perm]
+    t = {k: v.astype(np.float32) for k, v in t.items()}
+    return write_checkpoint(tmp_path / "base", base), write_checkpoint(tmp_path / "tuned", t)
+
+
+def _post(cache: Path) -> list[Path]:
+    """The record files of tensors measured again after the pass."""
+    return [p for p in _records(cache) if "post" in json.loads(p.read_text())]
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The names of the tensors measured again (``remeasure`` calls) in this process."""
+    calls: list[str] = []
+    orig = mc.remeasure
+
+    def remeasure(pair, *args, **kwargs):
+        calls.append(pair.tuned_name)
+        return orig(pair, *args, **kwargs)
+    monkeypatch.setattr(mc, "remeasure", remeasure)
+    return calls
+
+
+#: a CLI run in a subprocess: counts its remeasure calls into $COUNT_TO, kills itself with SIGKILL once $KILL_AFTER
+#: records of the post-pass are final (stored, with a cache)
+_SCRIPT = """
+import atexit, os, signal, sys
+import weightdiff.comparison as c
+import weightdiff.measure.compute as mc
+calls = []
+orig_remeasure = mc.remeasure
+def remeasure(pair, *a, **k):
+    calls.append(pair.tuned_name)
+    return orig_remeasure(pair, *a, **k)
+mc.remeasure = remeasure
+atexit.register(lambda: open(os.environ["COUNT_TO"], "w").write(str(len(calls))))
+kill_after = int(os.environ.get("KILL_AFTER") or 0)
+orig_record = c.Again.record
+done = []
+def record(self, *a, **k):
+    rec = orig_record(self, *a, **k)
+    done.append(rec.name)
+    if len(done) == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rec
+c.Again.record = record
+from weightdiff.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _run(args: list, tmp_path: Path, kill_after: int = 0) -> tuple[int, int]:
+    """(exit status, tensors measured again) of ``weightdiff ARGS`` in a subprocess."""
+    count = tmp_path / "count"
+    count.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONHASHSEED": "0", "COUNT_TO": str(count), "KILL_AFTER": str(kill_after),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, *map(str, args)], env=env, capture_output=True)
+    return proc.returncode, int(count.read_text()) if count.exists() else -1
+
+
+def test_a_run_killed_during_the_post_pass_resumes_to_the_same_bytes(tmp_path, rng):
+    b, t = _rotated_pair(tmp_path, rng)
+    plain, out, cache = tmp_path / "plain.json", tmp_path / "resumed.json", tmp_path / "cache"
+    rc, total = _run(["compare", b, t, "--json", plain], tmp_path)
+    assert rc == 0 and total == 39                      # 30 matrices beneath the rotation, 9 norms beneath the fold
+    cmd = ["compare", b, t, "--json", out, "--cache", cache]
+    rc, _ = _run(cmd, tmp_path, kill_after=12)          # killed during the post-pass, 12 records of it final
+    tensors = len(_body(plain)["tensors"])
+    assert rc == -signal.SIGKILL and not out.exists()
+    assert len(_post(cache)) == 12 and len(_records(cache)) == tensors + 12
+    for p in _records(cache):                            # whatever is there parses: nothing half-written
+        json.loads(p.read_text())
+    rc, again = _run(cmd, tmp_path)
+    assert rc == 0 and again == total - 12              # only the rest measured again
+    assert len(_post(cache)) == total
+    assert json.dumps(_body(out)) == json.dumps(_body(plain))
+    assert out.read_text().split('"run"')[0] == plain.read_text().split('"run"')[0]
+    # a second run with other outputs measures nothing again, and writes the same results
+    csv = tmp_path / "out.csv"
+    rc, again = _run([*cmd[:3], "--json", tmp_path / "second.json", "--csv", csv, "--cache", cache], tmp_path)
+    assert rc == 0 and again == 0 and csv.exists()
+    assert json.dumps(_body(tmp_path / "second.json")) == json.dumps(_body(plain))
+
+
+@pytest.mark.parametrize("make", [_rotated_pair, _permuted_pair])
+def test_a_rerun_takes_the_post_pass_from_the_cache(tmp_path, rng, counted, make):
+    b, t = make(tmp_path, rng)
+    cache = tmp_path / "cache"
+    first = compare(b, t, cache=str(cache))
+    assert counted and len(_post(cache)) == len(counted)
+    kinds = {json.loads(p.read_text())["post"] for p in _post(cache)}
+    assert kinds == ({"measure_undone", "measure_folded_norms"} if make is _rotated_pair else {"measure_undone"})
+    counted.clear()
+    again = compare(b, t, cache=str(cache))
+    assert counted == []
+    assert again.to_json(include_run=False) == first.to_json(include_run=False)
+    assert first.to_json(include_run=False) == compare(b, t).to_json(include_run=False)
+
+
+def test_the_cached_post_pass_is_used_only_for_the_same_inputs_and_options(tmp_path, rng, counted):
+    b, t = _rotated_pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    first = compare(b, t, cache=str(cache))
+    planted = []
+    for p in _post(cache):          # a marker in every record measured again: a rerun that uses one reports it
+        d = json.loads(p.read_text())
+        if d["record"]["status"] == "changed":
+            d["record"]["norm_delta"] = 123.0
+            _save(p, d)
+            planted.append(d["record"]["name"])
+    assert planted
+    name = planted[0]
+    assert first.tensor(name).norm_delta != 123.0
+    assert compare(b, t, cache=str(cache)).tensor(name).norm_delta == 123.0
+    # another option that changes records: measured again
+    counted.clear()
+    assert compare(b, t, cache=str(cache), rank_k=8).tensor(name).norm_delta != 123.0
+    assert name in counted
+    # the tuned file rewritten (new mtime and ctime): measured again
+    shard = next(t.glob("*.safetensors"))
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert compare(b, t, cache=str(cache)).tensor(name).norm_delta != 123.0
+    # so is the base
+    shard = next(b.glob("*.safetensors"))
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    counted.clear()
+    assert compare(b, t, cache=str(cache)).tensor(name).norm_delta != 123.0
+    assert len(counted) == 39
+
+
+def test_the_undo_itself_is_in_the_key(tmp_path, rng):
+    """Two undos of one pair (another rotation, by one bit; another order; another note) are other keys, and
+    none is the pass's key of the pair."""
+    from weightdiff.io.checkpoint import locate
+    from weightdiff.pairing.plan import plan
+
+    b, t = _rotated_pair(tmp_path, rng)
+    base, tuned = locate(b), locate(t)
+    pair = next(p for p in plan([base], tuned).pairs if p.tuned_name == "model.layers.0.mlp.up_proj.weight")
+    cache = RecordCache(tmp_path / "cache", {"x": 1})
+    r = _orthogonal(128)
+    r2 = r.copy()
+    r2[3, 5] = np.nextafter(r2[3, 5], 2.0)
+
+    def post(rot, note="n", index=None):
+        return {"undo": "measure_undone", "rotate": ["in", cache.array_id(rot), None], "note": note,
+                "index": cache.array_id(index)}
+    keys = {cache.key(pair, [base], tuned), cache.key(pair, [base], tuned, post=post(r)),
+            cache.key(pair, [base], tuned, post=post(r2)), cache.key(pair, [base], tuned, post=post(r, "m")),
+            cache.key(pair, [base], tuned, post=post(r, index=np.arange(4))),
+            cache.key(pair, [base], tuned, post=post(r, index=np.arange(4)[::-1].copy()))}
+    assert len(keys) == 6
+    assert cache.key(pair, [base], tuned, post=post(r)) == cache.key(pair, [base], tuned, post=post(r.copy()))
+    # another base tensor it reads (another expert's) is in the key by its file's identity
+    with_read = {**post(r), "reads": ["model.layers.1.mlp.up_proj.weight"]}
+    assert cache.key(pair, [base], tuned, post=with_read) not in keys
+
+
+def _tear(d: dict, p: Path) -> None:
+    p.write_text(p.read_text()[:60])
+
+
+def _unsealed(d: dict, p: Path) -> None:
+    d["record"]["norm_delta"] = 0.5                    # edited without its digest recomputed
+    p.write_text(json.dumps(d))
+
+
+def _sealed(edit):
+    def run(d: dict, p: Path) -> None:
+        edit(d["record"])
+        _save(p, d)
+    return run
+
+
+_CORRUPT = [
+    _tear, _unsealed,
+    _sealed(lambda r: r.update(name="model.layers.1.mlp.up_proj.weight")),        # another tensor's
+    _sealed(lambda r: r.update(base_name="model.layers.3.mlp.up_proj.weight")),
+    _sealed(lambda r: r.update(dtype_base="F64")),                               # the rotated side's dtype
+    _sealed(lambda r: r.update(base_shape=[1, 1])),
+    _sealed(lambda r: r.update(status="added")),
+    _sealed(lambda r: r.update(norm_delta=-1.0)),
+    _sealed(lambda r: r.update(cosine=3.0)),
+    _sealed(lambda r: r.update(rank={"bogus": 1})),
+]
+
+
+def test_a_corrupted_post_pass_record_is_measured_again_never_trusted(tmp_path, rng, counted):
+    """Torn, edited without its digest, another tensor's, another base name, dtype, shape or status than the pair
+    measured again gives, values no measurement gives: each such record of the post-pass is measured again and
+    written over, never a result."""
+    b, t = _rotated_pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    first = compare(b, t, cache=str(cache)).to_json(include_run=False)
+    files = {json.loads(p.read_text())["record"]["name"]: p for p in _post(cache)}
+    names = sorted(n for n in files if n.endswith("proj.weight"))[:len(_CORRUPT)]
+    assert len(names) == len(_CORRUPT)
+    for name, corrupt in zip(names, _CORRUPT):
+        corrupt(json.loads(files[name].read_text()), files[name])
+    counted.clear()
+    assert compare(b, t, cache=str(cache)).to_json(include_run=False) == first
+    assert sorted(counted) == names
+    # each written over with the record measured again: the next run takes them all
+    assert all(json.loads(files[n].read_text())["record"]["name"] == n for n in names)
+    counted.clear()
+    assert compare(b, t, cache=str(cache)).to_json(include_run=False) == first and counted == []
