@@ -169,6 +169,9 @@ def _checked(progress):
             check_interrupted()
             advance(n, cached=cached)
         call.advance = step
+    skip = getattr(progress, "skip", None)
+    if skip is not None:                    # elements the pass took from --cache (``ProgressLine.skip``)
+        call.skip = skip
     return call
 
 

@@ -1251,6 +1251,9 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
                                    pres.pop(i, None))
                 pending.append((rec, key, pair))
             else:
+                skip = getattr(progress, "skip", None)
+                if skip is not None:        # done, but taken from the cache: not the pass's rate
+                    skip(streamed(pair))
                 on_window(streamed(pair))
             records.append(rec)
             settle(wait=False)
