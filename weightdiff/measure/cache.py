@@ -53,6 +53,15 @@ opened with ``O_NOFOLLOW`` (relative to its parent's descriptor), so nothing is 
 link inside the folder (a linked ``records/<xx>`` put records outside it; ``check_folder`` refuses one up front).
 Floats keep their exact bits (JSON repr round-trips, NaN and infinities
 included), so a resumed run writes the same JSON bytes as an uninterrupted one.
+
+The tensors measured again after the pass, beneath a reparametrisation found (``comparison.Again``:
+``measure_undone``, ``measure_folded_norms``), are records of this cache too, in the same folder with the same
+writes and checks: their key is their pair's key with ``post`` added to the material (``key(post=...)``: the
+undo's kind, its note, what it takes from the pass's record, the identity of the other base tensors it reads,
+and its order, rotation and gains by ``array_id``, the sha256 of their bytes), so it is never the pass's key
+of the pair, and another input, option or undo misses. Such a record carries ``post`` (what measured it) for
+whoever reads the folder; nothing reads it back. It is checked against the pair as measured again
+(``measure.compute.remeasured_pair``, with the base name, dtype and shape its final record carries).
 """
 
 from __future__ import annotations
