@@ -57,6 +57,11 @@ def _post(cache: Path) -> list[Path]:
     return [p for p in _records(cache) if "post" in json.loads(p.read_text())]
 
 
+def _outcomes(cache: Path) -> list[Path]:
+    """The files of the checks' outcomes (not records)."""
+    return [p for p in _records(cache) if "outcome" in json.loads(p.read_text())]
+
+
 @pytest.fixture
 def counted(monkeypatch):
     """The names of the tensors measured again (``remeasure`` calls) in this process."""
@@ -117,7 +122,8 @@ def test_a_run_killed_during_the_post_pass_resumes_to_the_same_bytes(tmp_path, r
     rc, _ = _run(cmd, tmp_path, kill_after=12)          # killed during the post-pass, 12 records of it final
     tensors = len(_body(plain)["tensors"])
     assert rc == -signal.SIGKILL and not out.exists()
-    assert len(_post(cache)) == 12 and len(_records(cache)) == tensors + 12
+    # the pass's records, the checks' outcome, 12 records measured again
+    assert len(_post(cache)) == 12 and len(_outcomes(cache)) == 1 and len(_records(cache)) == tensors + 13
     for p in _records(cache):                            # whatever is there parses: nothing half-written
         json.loads(p.read_text())
     rc, again = _run(cmd, tmp_path)

@@ -172,6 +172,9 @@ def _checked(progress):
     skip = getattr(progress, "skip", None)
     if skip is not None:                    # elements the pass took from --cache (``ProgressLine.skip``)
         call.skip = skip
+    expect = getattr(progress, "expect", None)
+    if expect is not None:                  # elements known to be measured again after the pass
+        call.expect = expect
     return call
 
 

@@ -331,36 +331,25 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         the_plan.sources = [ck.origin for ck in [*bases, tuned_ck] if ck.origin]
         if on_plan is not None:
             on_plan(the_plan)
+        # the tensors measured again after the pass, and what the checks before them found: with --cache each
+        # record stored as it finishes and the checks' outcome as they end (``Again``); progress by elements
+        again = stack.enter_context(closing(Again(options, bases, tuned_ck, progress)))
+        expect = getattr(progress, "expect", None)
+        if expect is not None:          # a previous run's checks say how much is measured again after the pass
+            later = again.expected(the_plan, undo_reorderings)
+            if later:
+                expect(later)
         records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, backend, classify, progress)
         blocks, modules = aggregate(records, options.thresholds)
         mark_fixed_tables(records, tuned_ck)
-        undo: list[Undo] = []
-        rows_seen: dict = {}
         stage = getattr(progress, "stage", None) or (lambda what: None)
         stage("checking for reparametrisations (units reordered, a rotated residual stream, norms folded, units "
               "rescaled)")
-        found, checked = permuted_units(records, bases, tuned_ck, options, undo, rows_seen)
-        if not undo_reorderings:
-            undo = []
-        # a matrix stored times -1 is measured against the base times -1 whatever the option: as stored
-        # it reads as far from the base as another model's (cosine -1), which it is not
-        undo.extend(negated_matrices(records, bases, tuned_ck, options, {id(u.record) for u in undo}))
-        # a rotated residual stream likewise (QuaRot, SpinQuant, a permuted hidden dimension): as stored, every
-        # matrix reads as another model's
-        turned, rotation = rotated_residual(records, bases, tuned_ck, options, {id(u.record) for u in undo})
-        undo.extend(turned)
-        for label, kinds in rotation.pop("rows_reordered", {}).items():     # token rows matched beneath it
-            found.setdefault(label, []).extend(k for k in kinds if k not in found.get(label, []))
-        # a norm's gains folded into the matrices that read it, nothing rotated (QuaRot's first step alone)
-        gains_folded = [] if turned else folded_gains(records, bases, tuned_ck, {id(u.record) for u in undo})
-        undo.extend(gains_folded)
-        # rows or columns each the base's times a factor (a scale moved between two matrices, units' signs flipped)
-        # (after a reordering too: tools that reorder neurons also flip or rescale them)
-        undo.extend(rescaled_units(records, bases, tuned_ck, options, {id(u.record) for u in undo}, undo))
+        checks = again.checks(the_plan, records, undo_reorderings,
+                              lambda: reparametrisations(records, bases, tuned_ck, options, undo_reorderings))
+        found, checked, undo, rotation = checks.found, checks.checked, checks.undo, checks.rotation
+        gains_folded, rows_seen = checks.gains_folded, checks.rows_seen
         undone: dict = {}
-        # the tensors measured again beneath what the checks found: stored to --cache as each finishes, progress
-        # by elements (``Again``)
-        again = stack.enter_context(closing(Again(options, bases, tuned_ck, progress)))
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
             records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify,
                                              again)
@@ -434,6 +423,144 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     del bases, tuned_ck, the_plan, records
     clear_name_caches()
     return explain(result)
+
+
+@dataclass
+class Checks:
+    """What the checks after the pass found (``reparametrisations``): ``found``/``checked`` of ``permuted_units``
+    (token rows matched beneath a rotation added), every ``Undo`` (``gains_folded``: those of ``folded_gains``,
+    also in ``undo``), what ``rotated_residual`` showed (``rotation``, its ``rows_reordered`` taken into ``found``)
+    and the bitwise row sources of reordered token tables (``rows_seen``)."""
+
+    found: dict
+    checked: list
+    undo: list
+    rotation: dict
+    gains_folded: list
+    rows_seen: dict
+
+
+def reparametrisations(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
+                       options: CompareOptions, undo_reorderings: bool = True) -> Checks:
+    """The checks after the pass, in order: units reordered (``permuted_units``; their undos dropped without
+    ``undo_reorderings``), matrices stored times -1, a rotated residual stream, norm gains folded alone (when
+    nothing is rotated), units rescaled (beneath a reordering too)."""
+    undo: list[Undo] = []
+    rows_seen: dict = {}
+    found, checked = permuted_units(records, bases, tuned, options, undo, rows_seen)
+    if not undo_reorderings:
+        undo = []
+    # a matrix stored times -1 is measured against the base times -1 whatever the option: as stored
+    # it reads as far from the base as another model's (cosine -1), which it is not
+    undo.extend(negated_matrices(records, bases, tuned, options, {id(u.record) for u in undo}))
+    # a rotated residual stream likewise (QuaRot, SpinQuant, a permuted hidden dimension): as stored, every
+    # matrix reads as another model's
+    turned, rotation = rotated_residual(records, bases, tuned, options, {id(u.record) for u in undo})
+    undo.extend(turned)
+    for label, kinds in rotation.pop("rows_reordered", {}).items():     # token rows matched beneath it
+        found.setdefault(label, []).extend(k for k in kinds if k not in found.get(label, []))
+    # a norm's gains folded into the matrices that read it, nothing rotated (QuaRot's first step alone)
+    gains_folded = [] if turned else folded_gains(records, bases, tuned, {id(u.record) for u in undo})
+    undo.extend(gains_folded)
+    # rows or columns each the base's times a factor (a scale moved between two matrices, units' signs flipped)
+    # (after a reordering too: tools that reorder neurons also flip or rescale them)
+    undo.extend(rescaled_units(records, bases, tuned, options, {id(u.record) for u in undo}, undo))
+    return Checks(found, checked, undo, rotation, gains_folded, rows_seen)
+
+
+def _encode_checks(checks: Checks, records: Sequence[TensorRecord]) -> tuple[dict, dict]:
+    """(JSON outcome, arrays) of ``checks`` for ``RecordCache.put_outcome``: each undo's record by its position in
+    ``records`` (and its name, checked when read back), each array once by a name of its own (a rotation shared by
+    every matrix it turns is stored once)."""
+    import numpy as np
+
+    pos = {id(r): i for i, r in enumerate(records)}
+    arrays: dict = {}
+    names: dict[int, str] = {}
+
+    def ref(a: Any) -> str | None:
+        if a is None:
+            return None
+        k = names.get(id(a))
+        if k is None:
+            k = names[id(a)] = f"a{len(arrays)}"
+            arrays[k] = np.asarray(a)
+        return k
+    folded = {id(u) for u in checks.gains_folded}
+    undo = [{"record": pos[id(u.record)], "name": u.record.name, "source": u.source, "axis": u.axis,
+             "index": ref(u.index), "label": u.label, "kind": u.kind, "note": u.note, "trimmed": bool(u.trimmed),
+             "negate": bool(u.negate),
+             "rotate": None if u.rotate is None else [u.rotate[0], ref(u.rotate[1]), ref(u.rotate[2])],
+             "gain_name": u.gain_name, "outputs": u.outputs, "folded": id(u) in folded,
+             "elements": int(u.record.numel or 0)} for u in checks.undo]
+    return ({"found": checks.found, "checked": checks.checked, "rotation": checks.rotation, "undo": undo,
+             "rows_seen": {k: ref(v) for k, v in checks.rows_seen.items()}}, arrays)
+
+
+def _decode_checks(outcome: dict, arrays: dict, records: Sequence[TensorRecord], bases: Sequence[Checkpoint]) -> Checks:
+    """The ``Checks`` that ``_encode_checks`` stored, bound to this run's ``records``; ValueError unless every part
+    is of its type and fits: records by position with their names, sources that the base holds, orders of integers
+    within the source's units, rotations square and gains vectors of floats."""
+    import numpy as np
+
+    def strs(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    def arr(k: Any, kind: str, ndim: int | None = None) -> Any:
+        if k is None:
+            return None
+        a = arrays.get(k) if isinstance(k, str) else None
+        if a is None or a.dtype.kind not in kind or (ndim is not None and a.ndim != ndim):
+            raise ValueError("array")
+        return a
+    found, checked, rotation = outcome.get("found"), outcome.get("checked"), outcome.get("rotation")
+    if not isinstance(found, dict) or not all(isinstance(k, str) and strs(v) for k, v in found.items()) \
+            or not strs(checked) or not isinstance(rotation, dict):
+        raise ValueError("found")
+    if rotation and (not isinstance(rotation.get("width"), int) or not strs(rotation.get("gains"))):
+        raise ValueError("rotation")
+    rows_seen = outcome.get("rows_seen")
+    if not isinstance(rows_seen, dict):
+        raise ValueError("rows_seen")
+    rows_seen = {k: arr(v, "iu", 1) for k, v in rows_seen.items()}
+    undo, folded = [], []
+    for d in outcome.get("undo") or ():
+        i = d["record"]
+        if not isinstance(i, int) or not 0 <= i < len(records) or records[i].name != d["name"]:
+            raise ValueError("record")
+        r = records[i]
+        if r.base_name is None or not 0 <= r.base_index < len(bases):
+            raise ValueError("base")
+        src = bases[r.base_index].tensors.get(d["source"]) if isinstance(d["source"], str) else None
+        if src is None or d["axis"] not in (None, 0, 1) or (d["axis"] is not None and d["axis"] >= len(src.shape)):
+            raise ValueError("source")
+        index = arr(d["index"], "iu", 1)
+        if index is not None and index.size and d["axis"] is not None \
+                and (int(index.min()) < 0 or int(index.max()) >= int(src.shape[d["axis"]])):
+            raise ValueError("index")
+        rotate = d["rotate"]
+        if rotate is not None:
+            if not isinstance(rotate, list) or len(rotate) != 3 or rotate[0] not in ("in", "out", "rows"):
+                raise ValueError("rotate")
+            r_, g = arr(rotate[1], "f", 2), arr(rotate[2], "f", 1)
+            if r_ is not None and r_.shape[0] != r_.shape[1]:
+                raise ValueError("rotation")
+            rotate = (rotate[0], r_, g)
+        for k in ("label", "kind", "note"):
+            if not isinstance(d[k], str):
+                raise ValueError(k)
+        if not all(isinstance(d[k], bool) for k in ("trimmed", "negate", "folded")) \
+                or not isinstance(d["gain_name"], (str, type(None))) or d["outputs"] not in (None, True, False):
+            raise ValueError("flags")
+        u = Undo(r, d["source"], d["axis"], index, d["label"], d["kind"], d["note"], trimmed=d["trimmed"],
+                 negate=d["negate"], rotate=rotate, gain_name=d["gain_name"], outputs=d["outputs"])
+        undo.append(u)
+        if d["folded"]:
+            folded.append(u)
+    if len({id(u.record) for u in undo}) != len(undo):
+        raise ValueError("twice")
+    return Checks({k: list(v) for k, v in found.items()}, list(checked), undo, rotation, folded,
+                  {k: np.asarray(v) for k, v in rows_seen.items()})
 
 
 def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
@@ -1979,6 +2106,43 @@ class Again:
         if key is not None:
             self.cache.put(key, rec, post=str(material.get("undo")))
         return rec
+
+    def _checks_key(self, plan: Plan, undo_reorderings: bool) -> str:
+        return self.cache.checks_key(plan, self.bases, self.tuned, {"undo_reorderings": bool(undo_reorderings)})
+
+    def expected(self, plan: Plan, undo_reorderings: bool) -> int:
+        """Before the pass: the elements of the tensors a previous run of the same inputs and options measured again
+        after it (its checks' outcome, read without its arrays), for the pass's ETA; 0 when none is known."""
+        if self.cache is None:
+            return 0
+        data = self.cache.peek_outcome(self._checks_key(plan, undo_reorderings))
+        try:
+            return sum(int(d["elements"]) for d in data["outcome"]["undo"]) if data else 0
+        except (KeyError, TypeError, ValueError):
+            return 0
+
+    def checks(self, plan: Plan, records: Sequence[TensorRecord], undo_reorderings: bool,
+               run: Callable[[], Checks]) -> Checks:
+        """What the checks after the pass find: with a cache, the outcome a run of the same inputs and options stored
+        when it was found from the same records (``records_digest``) and reads back whole and fitting this run's
+        records and bases (``_decode_checks``); else ``run()``, stored as soon as it returns (before anything is
+        measured again, so a run killed then finds it)."""
+        if self.cache is None:
+            return run()
+        from .measure.cache import records_digest
+
+        key = self._checks_key(plan, undo_reorderings)
+        digest = records_digest(records)
+        got = self.cache.get_outcome(key)
+        if got is not None and got[0].get("records") == digest:
+            try:
+                return _decode_checks(got[0], got[1], records, self.bases)
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+                pass
+        found = run()
+        outcome, arrays = _encode_checks(found, records)
+        self.cache.put_outcome(key, {"records": digest, **outcome}, arrays)
+        return found
 
     def close(self) -> None:
         if self._cache is not None:

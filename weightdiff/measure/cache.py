@@ -85,7 +85,7 @@ from ..errors import WeightdiffError, escape_name
 from ..fsutil import pid_alive
 from ..records import RankRecord, TensorRecord
 
-__all__ = ["RecordCache", "CACHE_VERSION", "check_folder", "record_from_dict"]
+__all__ = ["RecordCache", "CACHE_VERSION", "check_folder", "record_from_dict", "records_digest"]
 
 #: bump when a change of the code changes records for the same inputs and options
 CACHE_VERSION = 7           # 4: inode and ctime (or the sha256) in a file's identity; 5: the JSON sidecars;
@@ -392,6 +392,25 @@ READ_SIDECARS = ("config.json", "quantize_config.json", "params.json", "adapter_
 #: the largest record file read back (a record is a few KB; its spectrum at most 64 values)
 RECORD_CAP = 16 << 20
 
+#: bump when a change of the code changes what the checks after the pass find for the same records
+CHECKS_VERSION = 1
+
+
+def records_digest(records: Sequence[TensorRecord]) -> str:
+    """The sha256 of records as JSON (sorted keys; floats keep their bits): what the checks' outcome was found
+    from, compared before it is taken."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r.to_dict(), sort_keys=True, default=_plain, allow_nan=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _arrays_key(key: str) -> str:
+    """The key of the arrays file of the outcome stored under ``key`` (its own name, so its temporary is not the
+    outcome's)."""
+    return hashlib.sha256(f"{key}:arrays".encode()).hexdigest()
+
 
 class RecordCache:
     """Records of one comparison's pairs on disk (see the module doc)."""
@@ -681,6 +700,143 @@ class RecordCache:
                 raise
             self.write_error = exc.strerror or str(exc)
             self.unwritten += 1
+        finally:
+            if folder is not None:
+                os.close(folder)
+
+    # -- the checks' outcome ----------------------------------------------------------------
+    def checks_key(self, plan: Any, bases: Sequence[Any], tuned: Any, extra: dict) -> str:
+        """The key of what the checks after the pass found (``comparison.reparametrisations``), known before the
+        pass: the plan's pairs, the stat identity of every file of every checkpoint and of its ``READ_SIDECARS``,
+        the options and ``extra`` (the caller's own settings). The outcome stored under it also names the digest
+        of the pass's records it was found from, and is taken only when they are the same records again."""
+        files = [[self._file_id(f, ck) for f in getattr(ck, "files", None) or []] for ck in (*bases, tuned)]
+        pairs = hashlib.sha256(json.dumps([p.to_dict() for p in plan.pairs], sort_keys=True,
+                                          default=_plain).encode()).hexdigest()
+        material = {"v": CACHE_VERSION, "checks": CHECKS_VERSION, "pairs": pairs, "files": files,
+                    "sidecars": [self._sidecars(ck, False) for ck in (*bases, tuned)], "options": self.options,
+                    "extra": extra}
+        return hashlib.sha256(json.dumps(material, sort_keys=True, default=_plain).encode()).hexdigest()
+
+    def put_outcome(self, key: str, outcome: dict, arrays: dict) -> None:
+        """Store a JSON ``outcome`` and its numpy ``arrays`` (``name -> array``) under ``key``: the arrays first, in
+        one ``.npz`` of their own key (``_arrays_key``), then the outcome as a record file naming the arrays' size
+        and sha256, each written to a temporary and renamed, so a kill leaves the outcome whole or absent. A failed
+        write stops the cache's writes as ``put``'s does."""
+        if self.write_error is not None:
+            self.unwritten += 1
+            return
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        blob = buf.getvalue()
+        akey = _arrays_key(key)
+        if not self._write_bytes(akey, f"{akey}.npz", blob):
+            return
+        payload = {"v": CACHE_VERSION, "key": key, "outcome": outcome,
+                   "arrays": {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+                              "names": {k: [str(np.asarray(v).dtype), list(np.asarray(v).shape)]
+                                        for k, v in arrays.items()}}}
+        text = json.dumps({**payload, "digest": _digest(payload)}, default=_plain, allow_nan=True).encode()
+        self._write_bytes(key, f"{key}.json", text)
+
+    def peek_outcome(self, key: str) -> dict | None:
+        """The outcome stored under ``key`` (its JSON only, the arrays not read), or None: absent, torn, or with a
+        digest that does not match."""
+        try:
+            data = self._load(key)
+            if not isinstance(data, dict) or data.get("key") != key or data.get("v") != CACHE_VERSION:
+                raise ValueError("stale")
+            digest = data.pop("digest", None)
+            if not isinstance(digest, str) or digest != _digest(data):
+                raise ValueError("digest")
+            if not isinstance(data.get("outcome"), dict) or not isinstance(data.get("arrays"), dict):
+                raise ValueError("outcome")
+            return data
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
+            return None
+
+    def get_outcome(self, key: str) -> tuple[dict, dict] | None:
+        """(outcome, arrays) stored under ``key``, or None: the outcome as ``peek_outcome`` takes it, and its arrays
+        only when their file (read through no symbolic link) has the size and sha256 the outcome names, loads
+        without pickles and holds exactly the arrays named, of the dtypes and shapes named."""
+        data = self.peek_outcome(key)
+        if data is None:
+            return None
+        import numpy as np
+
+        meta = data["arrays"]
+        akey = _arrays_key(key)
+        fd = None
+        try:
+            folder = self._folder(akey, create=False)
+            try:
+                fd = os.open(f"{akey}.npz", _READ_FLAGS, dir_fd=folder)
+            finally:
+                os.close(folder)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != meta.get("size"):
+                raise ValueError("size")
+            h = hashlib.sha256()
+            while True:
+                chunk = os.read(fd, 1 << 24)
+                if not chunk:
+                    break
+                h.update(chunk)
+            if h.hexdigest() != meta.get("sha256"):
+                raise ValueError("sha256")
+            os.lseek(fd, 0, os.SEEK_SET)
+            with os.fdopen(fd, "rb") as fh:
+                fd = None
+                with np.load(fh, allow_pickle=False) as z:
+                    names = meta.get("names")
+                    if not isinstance(names, dict) or sorted(z.files) != sorted(names):
+                        raise ValueError("names")
+                    arrays = {}
+                    for k, (dtype, shape) in names.items():
+                        a = z[k]
+                        if str(a.dtype) != dtype or list(a.shape) != shape:
+                            raise ValueError("array")
+                        arrays[k] = a
+            return data["outcome"], arrays
+        except Exception:           # whatever np.load makes of a file that is no outcome's: absent
+            return None
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _write_bytes(self, key: str, name: str, blob: bytes) -> bool:
+        """``blob`` written to ``records/<key[:2]>/name`` through a temporary (``.<key>.<host>.<pid>.tmp``) renamed
+        into place; False (the cache's writes stopped, as ``_write``'s) when it fails."""
+        tmp = f".{key}.{_HOST}.{os.getpid()}.tmp"
+        folder = fd = None
+        try:
+            folder = self._folder(key, create=True)
+            fd = os.open(tmp, _WRITE_FLAGS, 0o666, dir_fd=folder)
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.close(fd)
+            fd = None
+            os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+            return True
+        except BaseException as exc:
+            if fd is not None:
+                os.close(fd)
+            if folder is not None:
+                try:
+                    os.unlink(tmp, dir_fd=folder)
+                except OSError:
+                    pass
+            if not isinstance(exc, OSError):
+                raise
+            self.write_error = exc.strerror or str(exc)
+            self.unwritten += 1
+            return False
         finally:
             if folder is not None:
                 os.close(folder)

@@ -309,8 +309,9 @@ class ProgressLine:
 
     The steps after the pass (``stage``): a check whose length is not known in advance shows its time so far;
     tensors measured again (``stage(what, total)``, then ``advance(n)`` as their windows stream) show
-    done / total, GB/s and an ETA for them as the pass does. Their size is known only once the checks before
-    them have run, so until then the ETA covers the pass alone.
+    done / total, GB/s and an ETA for them as the pass does. Their size is known once the checks before them
+    have run, or before the pass when ``--cache`` holds a previous run's checks of the same inputs (``expect``):
+    the pass's ETA then counts them at its rate ("with the tensors measured again after the pass").
     """
 
     def __init__(self, stream: IO[str] | None = None, bytes_per_element: float = 2.0, delay: float = 1.0,
@@ -328,6 +329,12 @@ class ProgressLine:
         self.estimate = RateEstimate()
         self._skipped = 0           # elements of the next call taken from a cache
         self._lock = threading.Lock()
+        self.later = 0              # elements known to be measured again after the pass (``expect``)
+
+    def expect(self, n: int) -> None:
+        """``n`` elements will be measured again after the pass (a previous run's checks found them): the pass's ETA
+        counts them at its rate, until the stage that measures them starts."""
+        self.later = int(n)
 
     def skip(self, n: int) -> None:
         """``n`` elements of the next call were taken from a cache: done, but not measured at the pass's rate."""
@@ -351,11 +358,15 @@ class ProgressLine:
         per_s = self.estimate.rate()
         rate = (per_s or 0.0) * 2 * self.bpe / 1e9
         eta = self.estimate.eta(total)
+        later = ""
+        if eta is not None and self.later and per_s:
+            eta += self.later / per_s
+            later = " (with the tensors measured again after the pass)"
         if not self.tty:
             pct = 100.0 * done / total if total else 100.0
             self.stream.write(f"progress: {phase}, {pct:.1f}% of {total / 1e9:,.2f}B params "
                               f"(~{done * 2 * self.bpe / 1e9:,.1f} of {total * 2 * self.bpe / 1e9:,.1f} GB read), "
-                              f"{rate:.2f} GB/s, {el:,.0f} s so far, {_eta(eta, False)}"
+                              f"{rate:.2f} GB/s, {el:,.0f} s so far, {_eta(eta, False)}{later}"
                               f"{'; ' + escape_name(_trim(name, 60)) if name else ''}\n")
             self.stream.flush()
             self.drawn = True
@@ -411,6 +422,8 @@ class ProgressLine:
             old[2].join()
             self._stage = None
         self._measured = None
+        if total is not None:
+            self.later = 0          # what was expected after the pass is measured now, and shown so
         if not self.enabled or what is None:
             if what is None and old is not None and self.tty and self.drawn:
                 self.stream.write("\r" + " " * 100 + "\r")
