@@ -262,3 +262,134 @@ def test_a_corrupted_post_pass_record_is_measured_again_never_trusted(tmp_path, 
     assert all(json.loads(files[n].read_text())["record"]["name"] == n for n in names)
     counted.clear()
     assert compare(b, t, cache=str(cache)).to_json(include_run=False) == first and counted == []
+
+
+@pytest.fixture
+def checks_run(monkeypatch):
+    """How many times the checks after the pass ran (``reparametrisations``) in this process."""
+    import weightdiff.comparison as c
+
+    runs: list[int] = []
+    orig = c.reparametrisations
+
+    def counting(*args, **kwargs):
+        runs.append(1)
+        return orig(*args, **kwargs)
+    monkeypatch.setattr(c, "reparametrisations", counting)
+    return runs
+
+
+@pytest.mark.parametrize("make", [_rotated_pair, _permuted_pair])
+def test_what_the_checks_found_is_taken_from_the_cache(tmp_path, rng, checks_run, make):
+    b, t = make(tmp_path, rng)
+    cache = tmp_path / "cache"
+    first = compare(b, t, cache=str(cache))
+    assert len(checks_run) == 1 and len(_outcomes(cache)) == 1
+    again = compare(b, t, cache=str(cache))
+    assert len(checks_run) == 1                          # not run again
+    assert again.to_json(include_run=False) == first.to_json(include_run=False)
+    # another option: its own checks
+    compare(b, t, cache=str(cache), rank_k=8)
+    assert len(checks_run) == 2
+
+
+def _arrays_file(cache: Path, outcome: Path) -> Path:
+    from weightdiff.measure.cache import _arrays_key
+
+    key = _arrays_key(outcome.stem)
+    return cache / "records" / key[:2] / f"{key}.npz"
+
+
+def _edit_outcome(edit):
+    def run(cache: Path, p: Path) -> None:
+        d = json.loads(p.read_text())
+        edit(d["outcome"])
+        _save(p, d)
+    return run
+
+
+def _tear_arrays(cache: Path, p: Path) -> None:
+    a = _arrays_file(cache, p)
+    a.write_bytes(a.read_bytes()[:100])
+
+
+def _flip_array_byte(cache: Path, p: Path) -> None:
+    a = _arrays_file(cache, p)
+    data = bytearray(a.read_bytes())
+    data[len(data) // 2] ^= 1
+    a.write_bytes(bytes(data))
+
+
+def _index_out_of_range(o: dict) -> None:
+    o["undo"][0]["record"] = 10_000
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda cache, p: p.write_text(p.read_text()[:50]),                  # torn outcome
+    _tear_arrays, _flip_array_byte,
+    lambda cache, p: _arrays_file(cache, p).unlink(),
+    _edit_outcome(lambda o: o.update(records="0" * 64)),                 # found from other records
+    _edit_outcome(_index_out_of_range),
+    _edit_outcome(lambda o: o["undo"][0].update(name="model.norm.weight")),
+    _edit_outcome(lambda o: o["undo"][0].update(source="no.such.tensor")),
+    _edit_outcome(lambda o: o["undo"][0].update(rotate=["sideways", None, None])),
+    _edit_outcome(lambda o: o.update(found="x")),
+], ids=["torn", "arrays-torn", "arrays-byte", "arrays-gone", "records", "index", "name", "source", "rotate", "found"])
+def test_a_corrupted_outcome_of_the_checks_runs_them_again(tmp_path, rng, checks_run, corrupt):
+    b, t = _rotated_pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    first = compare(b, t, cache=str(cache)).to_json(include_run=False)
+    (outcome,) = _outcomes(cache)
+    corrupt(cache, outcome)
+    assert compare(b, t, cache=str(cache)).to_json(include_run=False) == first
+    assert len(checks_run) == 2                         # run again, and written over
+    assert compare(b, t, cache=str(cache)).to_json(include_run=False) == first
+    assert len(checks_run) == 2
+
+
+def test_an_order_out_of_range_in_a_stored_outcome_is_refused(tmp_path, rng, checks_run):
+    """An outcome whose arrays were rewritten consistently (size and sha256 recomputed) with an order past the
+    source's units: refused, not an IndexError in the measurement."""
+    import io
+
+    b, t = _permuted_pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    first = compare(b, t, cache=str(cache)).to_json(include_run=False)
+    (outcome,) = _outcomes(cache)
+    path = _arrays_file(cache, outcome)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    d = json.loads(outcome.read_text())
+    k = next(u["index"] for u in d["outcome"]["undo"] if u["index"] is not None)
+    arrays[k] = arrays[k] + 10_000
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path.write_bytes(buf.getvalue())
+    import hashlib
+
+    d["arrays"]["size"], d["arrays"]["sha256"] = len(buf.getvalue()), hashlib.sha256(buf.getvalue()).hexdigest()
+    _save(outcome, d)
+    assert compare(b, t, cache=str(cache)).to_json(include_run=False) == first
+    assert len(checks_run) == 2
+
+
+def test_a_previous_runs_checks_put_the_post_pass_in_the_pass_eta(tmp_path, rng):
+    b, t = _rotated_pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    told: list = []
+
+    class Progress:
+        def __call__(self, done, total, name):
+            pass
+
+        def expect(self, n):
+            told.append(n)
+    compare(b, t, cache=str(cache), progress=Progress())
+    assert told == []                                   # nothing known before the first run's checks
+    compare(b, t, cache=str(cache), progress=Progress())
+    # the 30 matrices measured again beneath the rotation: embedding and head, then q, k, v, o, gate, up, down x 4
+    assert told == [2 * 512 * 128 + 4 * (4 * 128 * 128 + 3 * 256 * 128)]
+    # and the progress line counts them in the pass's ETA
+    from weightdiff.cli_options import _checked
+
+    assert hasattr(_checked(Progress()), "expect")

@@ -207,3 +207,21 @@ def test_compare_reports_the_post_pass_by_elements(tmp_path, rng):
     plain.stage = names.append
     compare(b, t, progress=plain)
     assert "measuring 30 tensors again beneath the reparametrisations found" in names and names[-1] is None
+
+
+def test_the_pass_eta_counts_what_a_previous_run_measured_again(clock):
+    """``expect(n)``: a previous run's checks (``--cache``) say n elements are measured again after the pass; the
+    pass's ETA counts them at its rate, until the stage that measures them starts."""
+    log = io.StringIO()
+    p = ProgressLine(stream=log, interval=1.0)
+    p.expect(400)
+    p(0, 1000, "a")
+    for _ in range(20):
+        clock.t += 0.5
+        p(p.estimate.done + 10, 1000, "a")          # 20 a second
+    last = log.getvalue().splitlines()[-1]
+    # 800 left in the pass and 400 after it, at 20 a second
+    assert "ETA 60 s (with the tensors measured again after the pass)" in last, last
+    p.stage("measuring 30 tensors again", total=400)
+    assert p.later == 0
+    p.stage(None)

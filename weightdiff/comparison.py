@@ -557,8 +557,6 @@ def _decode_checks(outcome: dict, arrays: dict, records: Sequence[TensorRecord],
         undo.append(u)
         if d["folded"]:
             folded.append(u)
-    if len({id(u.record) for u in undo}) != len(undo):
-        raise ValueError("twice")
     return Checks({k: list(v) for k, v in found.items()}, list(checked), undo, rotation, folded,
                   {k: np.asarray(v) for k, v in rows_seen.items()})
 

@@ -62,6 +62,14 @@ and its order, rotation and gains by ``array_id``, the sha256 of their bytes), s
 of the pair, and another input, option or undo misses. Such a record carries ``post`` (what measured it) for
 whoever reads the folder; nothing reads it back. It is checked against the pair as measured again
 (``measure.compute.remeasured_pair``, with the base name, dtype and shape its final record carries).
+
+What the checks after the pass found (``comparison.reparametrisations``) is stored here too, once they end
+(``put_outcome``): a JSON outcome file in the records' layout (``v``, ``key``, ``digest``) naming the size and
+sha256 of one ``.npz`` of its arrays (the orders, rotations and gains), which is written first, under a key of
+its own. Its key (``checks_key``) is known before the pass: the plan's pairs, every file's stat identity and
+sidecars, the options. The outcome is taken only when its digest matches, its arrays have the size and sha256
+it names and load without pickles to the dtypes and shapes it names, the pass's records are those it was found
+from (``records_digest``), and it fits them (``comparison._decode_checks``).
 """
 
 from __future__ import annotations
