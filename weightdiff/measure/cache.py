@@ -734,22 +734,22 @@ class RecordCache:
         if self.write_error is not None:
             self.unwritten += 1
             return
-        import io
-
         import numpy as np
 
-        buf = io.BytesIO()
-        np.savez(buf, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
-        blob = buf.getvalue()
         akey = _arrays_key(key)
-        if not self._write_bytes(akey, f"{akey}.npz", blob):
+        # written straight to the temporary (a 70B-width rotation is 512 MB: no copy of it in memory), then hashed
+        # as it reads back from there
+        got = self._write_bytes(akey, f"{akey}.npz", lambda fh: np.savez(fh, **{
+            k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+        if got is None:
             return
+        size, sha = got
         payload = {"v": CACHE_VERSION, "key": key, "outcome": outcome,
-                   "arrays": {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+                   "arrays": {"size": size, "sha256": sha,
                               "names": {k: [str(np.asarray(v).dtype), list(np.asarray(v).shape)]
                                         for k, v in arrays.items()}}}
         text = json.dumps({**payload, "digest": _digest(payload)}, default=_plain, allow_nan=True).encode()
-        self._write_bytes(key, f"{key}.json", text)
+        self._write_bytes(key, f"{key}.json", lambda fh: fh.write(text))
 
     def peek_outcome(self, key: str) -> dict | None:
         """The outcome stored under ``key`` (its JSON only, the arrays not read), or None: absent, torn, or with a
@@ -816,25 +816,33 @@ class RecordCache:
             if fd is not None:
                 os.close(fd)
 
-    def _write_bytes(self, key: str, name: str, blob: bytes) -> bool:
-        """``blob`` written to ``records/<key[:2]>/name`` through a temporary (``.<key>.<host>.<pid>.tmp``) renamed
-        into place; False (the cache's writes stopped, as ``_write``'s) when it fails."""
+    def _write_bytes(self, key: str, name: str, produce: Any) -> tuple[int, str] | None:
+        """``produce(file)`` written to ``records/<key[:2]>/name`` through a temporary (``.<key>.<host>.<pid>.tmp``,
+        opened through no link) renamed into place once flushed to the disk; (its size, its sha256 as read back
+        from the temporary), or None (the cache's writes stopped, as ``_write``'s) when it fails."""
         tmp = f".{key}.{_HOST}.{os.getpid()}.tmp"
-        folder = fd = None
+        folder = fh = None
         try:
             folder = self._folder(key, create=True)
-            fd = os.open(tmp, _WRITE_FLAGS, 0o666, dir_fd=folder)
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-            os.close(fd)
-            fd = None
+            fh = os.fdopen(os.open(tmp, _WRITE_FLAGS & ~os.O_WRONLY | os.O_RDWR, 0o666, dir_fd=folder), "w+b")
+            produce(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.seek(0)
+            h, size = hashlib.sha256(), 0
+            while True:
+                chunk = fh.read(1 << 24)
+                if not chunk:
+                    break
+                h.update(chunk)
+                size += len(chunk)
+            fh.close()
+            fh = None
             os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
-            return True
+            return size, h.hexdigest()
         except BaseException as exc:
-            if fd is not None:
-                os.close(fd)
+            if fh is not None:
+                fh.close()
             if folder is not None:
                 try:
                     os.unlink(tmp, dir_fd=folder)
@@ -844,7 +852,7 @@ class RecordCache:
                 raise
             self.write_error = exc.strerror or str(exc)
             self.unwritten += 1
-            return False
+            return None
         finally:
             if folder is not None:
                 os.close(folder)
