@@ -346,7 +346,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         stage("checking for reparametrisations (units reordered, a rotated residual stream, norms folded, units "
               "rescaled)")
         checks = again.checks(the_plan, records, undo_reorderings,
-                              lambda: reparametrisations(records, bases, tuned_ck, options, undo_reorderings))
+                              functools.partial(reparametrisations, records, bases, tuned_ck, options,
+                                                undo_reorderings))
         found, checked, undo, rotation = checks.found, checks.checked, checks.undo, checks.rotation
         gains_folded, rows_seen = checks.gains_folded, checks.rows_seen
         undone: dict = {}
