@@ -58,8 +58,8 @@ def _post(cache: Path) -> list[Path]:
 
 
 def _outcomes(cache: Path) -> list[Path]:
-    """The files of the checks' outcomes (not records)."""
-    return [p for p in _records(cache) if "outcome" in json.loads(p.read_text())]
+    """The files of the checks' outcomes (not records: ``.checks``, not ``.json``)."""
+    return sorted((cache / "records").glob("*/*.checks"))
 
 
 @pytest.fixture
@@ -87,7 +87,13 @@ def remeasure(pair, *a, **k):
     calls.append(pair.tuned_name)
     return orig_remeasure(pair, *a, **k)
 mc.remeasure = remeasure
-atexit.register(lambda: open(os.environ["COUNT_TO"], "w").write(str(len(calls))))
+checks = []
+orig_checks = c.reparametrisations
+def reparametrisations(*a, **k):
+    checks.append(1)
+    return orig_checks(*a, **k)
+c.reparametrisations = reparametrisations
+atexit.register(lambda: open(os.environ["COUNT_TO"], "w").write(f"{len(calls)} {len(checks)}"))
 kill_after = int(os.environ.get("KILL_AFTER") or 0)
 orig_record = c.Again.record
 done = []
@@ -103,38 +109,40 @@ main(sys.argv[1:])
 """
 
 
-def _run(args: list, tmp_path: Path, kill_after: int = 0) -> tuple[int, int]:
-    """(exit status, tensors measured again) of ``weightdiff ARGS`` in a subprocess."""
+def _run(args: list, tmp_path: Path, kill_after: int = 0) -> tuple[int, int, int]:
+    """(exit status, tensors measured again, times the checks ran) of ``weightdiff ARGS`` in a subprocess."""
     count = tmp_path / "count"
     count.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONHASHSEED": "0", "COUNT_TO": str(count), "KILL_AFTER": str(kill_after),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, *map(str, args)], env=env, capture_output=True)
-    return proc.returncode, int(count.read_text()) if count.exists() else -1
+    done, checks = map(int, count.read_text().split()) if count.exists() else (-1, -1)
+    return proc.returncode, done, checks
 
 
 def test_a_run_killed_during_the_post_pass_resumes_to_the_same_bytes(tmp_path, rng):
     b, t = _rotated_pair(tmp_path, rng)
     plain, out, cache = tmp_path / "plain.json", tmp_path / "resumed.json", tmp_path / "cache"
-    rc, total = _run(["compare", b, t, "--json", plain], tmp_path)
+    rc, total, _ = _run(["compare", b, t, "--json", plain], tmp_path)
     assert rc == 0 and total == 39                      # 30 matrices beneath the rotation, 9 norms beneath the fold
     cmd = ["compare", b, t, "--json", out, "--cache", cache]
-    rc, _ = _run(cmd, tmp_path, kill_after=12)          # killed during the post-pass, 12 records of it final
+    rc, _, _ = _run(cmd, tmp_path, kill_after=12)       # killed during the post-pass, 12 records of it final
     tensors = len(_body(plain)["tensors"])
     assert rc == -signal.SIGKILL and not out.exists()
     # the pass's records, the checks' outcome, 12 records measured again
-    assert len(_post(cache)) == 12 and len(_outcomes(cache)) == 1 and len(_records(cache)) == tensors + 13
+    assert len(_post(cache)) == 12 and len(_outcomes(cache)) == 1 and len(_records(cache)) == tensors + 12
     for p in _records(cache):                            # whatever is there parses: nothing half-written
         json.loads(p.read_text())
-    rc, again = _run(cmd, tmp_path)
-    assert rc == 0 and again == total - 12              # only the rest measured again
+    rc, again, checks = _run(cmd, tmp_path)
+    assert rc == 0 and again == total - 12 and checks == 0      # only the rest measured again, no check run
     assert len(_post(cache)) == total
     assert json.dumps(_body(out)) == json.dumps(_body(plain))
     assert out.read_text().split('"run"')[0] == plain.read_text().split('"run"')[0]
     # a second run with other outputs measures nothing again, and writes the same results
     csv = tmp_path / "out.csv"
-    rc, again = _run([*cmd[:3], "--json", tmp_path / "second.json", "--csv", csv, "--cache", cache], tmp_path)
-    assert rc == 0 and again == 0 and csv.exists()
+    rc, again, checks = _run([*cmd[:3], "--json", tmp_path / "second.json", "--csv", csv, "--cache", cache],
+                             tmp_path)
+    assert rc == 0 and again == 0 and checks == 0 and csv.exists()
     assert json.dumps(_body(tmp_path / "second.json")) == json.dumps(_body(plain))
 
 

@@ -2056,6 +2056,11 @@ class Again:
                  progress: Any = None):
         self._options = options
         self._cache: Any = None
+        self._warned = 0
+        if options.cache:
+            from .measure.cache import warnings_given
+
+            self._warned = warnings_given(options.cache)      # before the pass: did the pass warn?
         self.bases, self.tuned = bases, tuned
         self._stage = getattr(progress, "stage", None)
         self._advance = getattr(progress, "advance", None)
@@ -2144,8 +2149,12 @@ class Again:
         return found
 
     def close(self) -> None:
+        """The warning of records not written, unless the pass gave it (one line per run: the disk is as full)."""
         if self._cache is not None:
-            self._cache.warn_unwritten()
+            from .measure.cache import warnings_given
+
+            if warnings_given(self._options.cache) == self._warned:
+                self._cache.warn_unwritten()
 
 
 def _undo_material(u: Undo, r: TensorRecord, array_id: Callable[[Any], Any]) -> dict:

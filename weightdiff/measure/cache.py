@@ -64,7 +64,8 @@ whoever reads the folder; nothing reads it back. It is checked against the pair 
 (``measure.compute.remeasured_pair``, with the base name, dtype and shape its final record carries).
 
 What the checks after the pass found (``comparison.reparametrisations``) is stored here too, once they end
-(``put_outcome``): a JSON outcome file in the records' layout (``v``, ``key``, ``digest``) naming the size and
+(``put_outcome``): a JSON outcome file (``records/<xx>/<key>.checks``, not ``.json``: no record) in the records'
+layout (``v``, ``key``, ``digest``) naming the size and
 sha256 of one ``.npz`` of its arrays (the orders, rotations and gains), which is written first, under a key of
 its own. Its key (``checks_key``) is known before the pass: the plan's pairs, every file's stat identity and
 sidecars, the options. The outcome is taken only when its digest matches, its arrays have the size and sha256
@@ -414,6 +415,16 @@ def records_digest(records: Sequence[TensorRecord]) -> str:
     return h.hexdigest()
 
 
+#: the warnings ``warn_unwritten`` gave in this process, by records folder
+_WARNED: dict[str, int] = {}
+
+
+def warnings_given(folder: str | os.PathLike) -> int:
+    """How many times this process warned that records of the cache ``folder`` could not be written: a run's
+    second cache of one folder (the post-pass's, after the pass's) says nothing when the first said it."""
+    return _WARNED.get(str(Path(folder) / "records"), 0)
+
+
 def _arrays_key(key: str) -> str:
     """The key of the arrays file of the outcome stored under ``key`` (its own name, so its temporary is not the
     outcome's)."""
@@ -593,13 +604,13 @@ class RecordCache:
         finally:
             os.close(root)
 
-    def _load(self, key: str) -> Any:
+    def _load(self, key: str, suffix: str = ".json") -> Any:
         """The parsed JSON of the record file of ``key``: a regular file under RECORD_CAP (a FIFO hung, /dev/zero
         filled the memory), read through no symbolic link (a record or subfolder linked elsewhere is not a
-        record of this cache). OSError when there is none such."""
+        record of this cache). OSError when there is none such. ``suffix``: ``.checks`` for the checks' outcome."""
         folder = self._folder(key, create=False)
         try:
-            fd = os.open(f"{key}.json", _READ_FLAGS, dir_fd=folder)
+            fd = os.open(f"{key}{suffix}", _READ_FLAGS, dir_fd=folder)
         finally:
             os.close(folder)
         try:
@@ -749,13 +760,13 @@ class RecordCache:
                               "names": {k: [str(np.asarray(v).dtype), list(np.asarray(v).shape)]
                                         for k, v in arrays.items()}}}
         text = json.dumps({**payload, "digest": _digest(payload)}, default=_plain, allow_nan=True).encode()
-        self._write_bytes(key, f"{key}.json", lambda fh: fh.write(text))
+        self._write_bytes(key, f"{key}.checks", lambda fh: fh.write(text))
 
     def peek_outcome(self, key: str) -> dict | None:
         """The outcome stored under ``key`` (its JSON only, the arrays not read), or None: absent, torn, or with a
         digest that does not match."""
         try:
-            data = self._load(key)
+            data = self._load(key, ".checks")
             if not isinstance(data, dict) or data.get("key") != key or data.get("v") != CACHE_VERSION:
                 raise ValueError("stale")
             digest = data.pop("digest", None)
@@ -891,9 +902,11 @@ class RecordCache:
         return removed
 
     def warn_unwritten(self) -> None:
-        """One line on stderr when some records could not be written."""
+        """One line on stderr when some records could not be written (counted in ``warnings_given``)."""
         if self.unwritten:
             import sys
+
+            _WARNED[str(self.root)] = _WARNED.get(str(self.root), 0) + 1
 
             sys.stderr.write(f"warning: --cache {self.root}: {self.unwritten} record"
                              f"{'s' if self.unwritten != 1 else ''} not written ({self.write_error}); the results "
