@@ -749,9 +749,10 @@ class RecordCache:
 
         akey = _arrays_key(key)
         # written straight to the temporary (a 70B-width rotation is 512 MB: no copy of it in memory), then hashed
-        # as it reads back from there
+        # as it reads back from there; each array in its own memory order (.npy keeps a Fortran order: a product
+        # with the array read back takes the same BLAS path, so gives the same bits)
         got = self._write_bytes(akey, f"{akey}.npz", lambda fh: np.savez(fh, **{
-            k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+            k: np.asarray(v) for k, v in arrays.items()}))
         if got is None:
             return
         size, sha = got
