@@ -163,6 +163,18 @@ def _checked(progress):
     stage = getattr(progress, "stage", None)
     if stage is not None:                   # the steps after the pass (``ProgressLine.stage``)
         call.stage = stage
+    advance = getattr(progress, "advance", None)
+    if advance is not None:                 # the elements measured again after the pass (``ProgressLine.advance``)
+        def step(n: int, cached: bool = False) -> None:
+            check_interrupted()
+            advance(n, cached=cached)
+        call.advance = step
+    skip = getattr(progress, "skip", None)
+    if skip is not None:                    # elements the pass took from --cache (``ProgressLine.skip``)
+        call.skip = skip
+    expect = getattr(progress, "expect", None)
+    if expect is not None:                  # elements known to be measured again after the pass
+        call.expect = expect
     return call
 
 

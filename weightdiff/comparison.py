@@ -20,7 +20,7 @@ import math
 import os
 import platform
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -331,36 +331,29 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         the_plan.sources = [ck.origin for ck in [*bases, tuned_ck] if ck.origin]
         if on_plan is not None:
             on_plan(the_plan)
+        # the tensors measured again after the pass, and what the checks before them found: with --cache each
+        # record stored as it finishes and the checks' outcome as they end (``Again``); progress by elements
+        again = stack.enter_context(closing(Again(options, bases, tuned_ck, progress)))
+        expect = getattr(progress, "expect", None)
+        if expect is not None:          # a previous run's checks say how much is measured again after the pass
+            later = again.expected(the_plan, undo_reorderings)
+            if later:
+                expect(later)
         records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, backend, classify, progress)
         blocks, modules = aggregate(records, options.thresholds)
         mark_fixed_tables(records, tuned_ck)
-        undo: list[Undo] = []
-        rows_seen: dict = {}
         stage = getattr(progress, "stage", None) or (lambda what: None)
         stage("checking for reparametrisations (units reordered, a rotated residual stream, norms folded, units "
               "rescaled)")
-        found, checked = permuted_units(records, bases, tuned_ck, options, undo, rows_seen)
-        if not undo_reorderings:
-            undo = []
-        # a matrix stored times -1 is measured against the base times -1 whatever the option: as stored
-        # it reads as far from the base as another model's (cosine -1), which it is not
-        undo.extend(negated_matrices(records, bases, tuned_ck, options, {id(u.record) for u in undo}))
-        # a rotated residual stream likewise (QuaRot, SpinQuant, a permuted hidden dimension): as stored, every
-        # matrix reads as another model's
-        turned, rotation = rotated_residual(records, bases, tuned_ck, options, {id(u.record) for u in undo})
-        undo.extend(turned)
-        for label, kinds in rotation.pop("rows_reordered", {}).items():     # token rows matched beneath it
-            found.setdefault(label, []).extend(k for k in kinds if k not in found.get(label, []))
-        # a norm's gains folded into the matrices that read it, nothing rotated (QuaRot's first step alone)
-        gains_folded = [] if turned else folded_gains(records, bases, tuned_ck, {id(u.record) for u in undo})
-        undo.extend(gains_folded)
-        # rows or columns each the base's times a factor (a scale moved between two matrices, units' signs flipped)
-        # (after a reordering too: tools that reorder neurons also flip or rescale them)
-        undo.extend(rescaled_units(records, bases, tuned_ck, options, {id(u.record) for u in undo}, undo))
+        checks = again.checks(the_plan, records, undo_reorderings,
+                              functools.partial(reparametrisations, records, bases, tuned_ck, options,
+                                                undo_reorderings))
+        found, checked, undo, rotation = checks.found, checks.checked, checks.undo, checks.rotation
+        gains_folded, rows_seen = checks.gains_folded, checks.rows_seen
         undone: dict = {}
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
-            stage(f"measuring {len(undo):,} tensors again beneath the reparametrisations found")
-            records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify)
+            records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify,
+                                             again)
             blocks, modules = aggregate(records, options.thresholds)
         if "rows_consistent" not in undone and any("rows" in v for v in found.values()):
             # token rows reordered and rows added: nothing undone, but whether the tables follow one remapping
@@ -403,7 +396,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             # a norm whose gains went into the matrices that read it is measured beneath the fold too: as stored,
             # each read as a change of relative size ~0.1, and every block of a model rotated after one block was
             # trained read changed, the untouched ones most
-            records = measure_folded_norms(records, explained, the_plan, bases, tuned_ck, options, backend, classify)
+            records = measure_folded_norms(records, explained, the_plan, bases, tuned_ck, options, backend, classify,
+                                           again)
             blocks, modules = aggregate(records, options.thresholds)
         stage(None)
         summary = summarise(records, blocks, options.thresholds, buffers=the_plan.buffers,
@@ -430,6 +424,142 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     del bases, tuned_ck, the_plan, records
     clear_name_caches()
     return explain(result)
+
+
+@dataclass
+class Checks:
+    """What the checks after the pass found (``reparametrisations``): ``found``/``checked`` of ``permuted_units``
+    (token rows matched beneath a rotation added), every ``Undo`` (``gains_folded``: those of ``folded_gains``,
+    also in ``undo``), what ``rotated_residual`` showed (``rotation``, its ``rows_reordered`` taken into ``found``)
+    and the bitwise row sources of reordered token tables (``rows_seen``)."""
+
+    found: dict
+    checked: list
+    undo: list
+    rotation: dict
+    gains_folded: list
+    rows_seen: dict
+
+
+def reparametrisations(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
+                       options: CompareOptions, undo_reorderings: bool = True) -> Checks:
+    """The checks after the pass, in order: units reordered (``permuted_units``; their undos dropped without
+    ``undo_reorderings``), matrices stored times -1, a rotated residual stream, norm gains folded alone (when
+    nothing is rotated), units rescaled (beneath a reordering too)."""
+    undo: list[Undo] = []
+    rows_seen: dict = {}
+    found, checked = permuted_units(records, bases, tuned, options, undo, rows_seen)
+    if not undo_reorderings:
+        undo = []
+    # a matrix stored times -1 is measured against the base times -1 whatever the option: as stored
+    # it reads as far from the base as another model's (cosine -1), which it is not
+    undo.extend(negated_matrices(records, bases, tuned, options, {id(u.record) for u in undo}))
+    # a rotated residual stream likewise (QuaRot, SpinQuant, a permuted hidden dimension): as stored, every
+    # matrix reads as another model's
+    turned, rotation = rotated_residual(records, bases, tuned, options, {id(u.record) for u in undo})
+    undo.extend(turned)
+    for label, kinds in rotation.pop("rows_reordered", {}).items():     # token rows matched beneath it
+        found.setdefault(label, []).extend(k for k in kinds if k not in found.get(label, []))
+    # a norm's gains folded into the matrices that read it, nothing rotated (QuaRot's first step alone)
+    gains_folded = [] if turned else folded_gains(records, bases, tuned, {id(u.record) for u in undo})
+    undo.extend(gains_folded)
+    # rows or columns each the base's times a factor (a scale moved between two matrices, units' signs flipped)
+    # (after a reordering too: tools that reorder neurons also flip or rescale them)
+    undo.extend(rescaled_units(records, bases, tuned, options, {id(u.record) for u in undo}, undo))
+    return Checks(found, checked, undo, rotation, gains_folded, rows_seen)
+
+
+def _encode_checks(checks: Checks, records: Sequence[TensorRecord]) -> tuple[dict, dict]:
+    """(JSON outcome, arrays) of ``checks`` for ``RecordCache.put_outcome``: each undo's record by its position in
+    ``records`` (and its name, checked when read back), each array once by a name of its own (a rotation shared by
+    every matrix it turns is stored once)."""
+    import numpy as np
+
+    pos = {id(r): i for i, r in enumerate(records)}
+    arrays: dict = {}
+    names: dict[int, str] = {}
+
+    def ref(a: Any) -> str | None:
+        if a is None:
+            return None
+        k = names.get(id(a))
+        if k is None:
+            k = names[id(a)] = f"a{len(arrays)}"
+            arrays[k] = np.asarray(a)
+        return k
+    folded = {id(u) for u in checks.gains_folded}
+    undo = [{"record": pos[id(u.record)], "name": u.record.name, "source": u.source, "axis": u.axis,
+             "index": ref(u.index), "label": u.label, "kind": u.kind, "note": u.note, "trimmed": bool(u.trimmed),
+             "negate": bool(u.negate),
+             "rotate": None if u.rotate is None else [u.rotate[0], ref(u.rotate[1]), ref(u.rotate[2])],
+             "gain_name": u.gain_name, "outputs": u.outputs, "folded": id(u) in folded,
+             "elements": int(u.record.numel or 0)} for u in checks.undo]
+    return ({"found": checks.found, "checked": checks.checked, "rotation": checks.rotation, "undo": undo,
+             "rows_seen": {k: ref(v) for k, v in checks.rows_seen.items()}}, arrays)
+
+
+def _decode_checks(outcome: dict, arrays: dict, records: Sequence[TensorRecord], bases: Sequence[Checkpoint]) -> Checks:
+    """The ``Checks`` that ``_encode_checks`` stored, bound to this run's ``records``; ValueError unless every part
+    is of its type and fits: records by position with their names, sources that the base holds, orders of integers
+    within the source's units, rotations square and gains vectors of floats."""
+    import numpy as np
+
+    def strs(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    def arr(k: Any, kind: str, ndim: int | None = None) -> Any:
+        if k is None:
+            return None
+        a = arrays.get(k) if isinstance(k, str) else None
+        if a is None or a.dtype.kind not in kind or (ndim is not None and a.ndim != ndim):
+            raise ValueError("array")
+        return a
+    found, checked, rotation = outcome.get("found"), outcome.get("checked"), outcome.get("rotation")
+    if not isinstance(found, dict) or not all(isinstance(k, str) and strs(v) for k, v in found.items()) \
+            or not strs(checked) or not isinstance(rotation, dict):
+        raise ValueError("found")
+    if rotation and (not isinstance(rotation.get("width"), int) or not strs(rotation.get("gains"))):
+        raise ValueError("rotation")
+    rows_seen = outcome.get("rows_seen")
+    if not isinstance(rows_seen, dict):
+        raise ValueError("rows_seen")
+    rows_seen = {k: arr(v, "iu", 1) for k, v in rows_seen.items()}
+    undo, folded = [], []
+    for d in outcome.get("undo") or ():
+        i = d["record"]
+        if not isinstance(i, int) or not 0 <= i < len(records) or records[i].name != d["name"]:
+            raise ValueError("record")
+        r = records[i]
+        if r.base_name is None or not 0 <= r.base_index < len(bases):
+            raise ValueError("base")
+        src = bases[r.base_index].tensors.get(d["source"]) if isinstance(d["source"], str) else None
+        if src is None or d["axis"] not in (None, 0, 1) or (d["axis"] is not None and d["axis"] >= len(src.shape)):
+            raise ValueError("source")
+        index = arr(d["index"], "iu", 1)
+        if index is not None and index.size and d["axis"] is not None \
+                and (int(index.min()) < 0 or int(index.max()) >= int(src.shape[d["axis"]])):
+            raise ValueError("index")
+        rotate = d["rotate"]
+        if rotate is not None:
+            if not isinstance(rotate, list) or len(rotate) != 3 or rotate[0] not in ("in", "out", "rows"):
+                raise ValueError("rotate")
+            r_, g = arr(rotate[1], "f", 2), arr(rotate[2], "f", 1)
+            if r_ is not None and r_.shape[0] != r_.shape[1]:
+                raise ValueError("rotation")
+            rotate = (rotate[0], r_, g)
+        for k in ("label", "kind", "note"):
+            if not isinstance(d[k], str):
+                raise ValueError(k)
+        if not all(isinstance(d[k], bool) for k in ("trimmed", "negate", "folded")) \
+                or not isinstance(d["gain_name"], (str, type(None))) or d["outputs"] not in (None, True, False):
+            raise ValueError("flags")
+        u = Undo(r, d["source"], d["axis"], index, d["label"], d["kind"], d["note"], trimmed=d["trimmed"],
+                 negate=d["negate"], rotate=rotate, gain_name=d["gain_name"], outputs=d["outputs"])
+        undo.append(u)
+        if d["folded"]:
+            folded.append(u)
+    return Checks({k: list(v) for k, v in found.items()}, list(checked), undo, rotation, folded,
+                  {k: np.asarray(v) for k, v in rows_seen.items()})
 
 
 def permuted_units(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
@@ -1360,40 +1490,62 @@ def folded_norms(records: Sequence[TensorRecord], gains: Sequence[str], tuned: C
 
 
 def measure_folded_norms(records: list[TensorRecord], names: set[str], the_plan: Plan, bases: Sequence[Checkpoint],
-                         tuned: Checkpoint, options: CompareOptions, backend, classify) -> list[TensorRecord]:
+                         tuned: Checkpoint, options: CompareOptions, backend, classify,
+                         again: Again | None = None) -> list[TensorRecord]:
     """The records with each norm of ``names`` (its gains found in the matrices that read it: ``folded_norms``,
     ``smoothed_norms``) measured against the base's gains divided by the factors those matrices carry, which are
     the tuned norm's own values within the rounding of its dtype: it reads ``rounding`` (or unchanged) beneath the
-    fold, its note saying why, instead of a change of the size of the gains' spread."""
+    fold, its note saying why, instead of a change of the size of the gains' spread. ``again``: the cache and
+    progress of these measurements (``Again``: keyed by the factors' digest and the record's note)."""
     import numpy as np
 
-    from .measure.compute import remeasure
+    from .measure.compute import remeasure, remeasured_pair, streamed
     from .measure.rotation import RotatedSide
 
+    if again is None:
+        again = Again(replace(options, cache=None), bases, tuned)
     pairs = {p.tuned_name: p for p in the_plan.pairs if p.tuned_name is not None}
-    out = []
+    jobs: dict[int, tuple] = {}         # id(record) -> (pair, side, factors, the pair as measured again)
     for r in records:
         pair = pairs.get(r.name)
         if r.name not in names or pair is None or pair.base_name != r.base_name or len(bases) != 1:
-            out.append(r)
             continue
         # a LayerNorm's bias divided with its weight: the weight's factors (its own would match anything)
         src = r.name[:-len("bias")] + "weight" if r.name.endswith(".bias") else r.name
         bsrc = next((x.base_name for x in records if x.name == src), None)
         if bsrc is None or src not in tuned.tensors or bsrc not in bases[0].tensors:
-            out.append(r)
             continue
         t, b = _vector(tuned, src).astype(np.float64), _vector(bases[0], bsrc).astype(np.float64)
         if t.shape != b.shape or int(np.prod(r.shape or (0,))) != t.size \
                 or not np.all(np.isfinite(t) & np.isfinite(b) & (b != 0)):
-            out.append(r)
             continue
-        new = remeasure(pair, RotatedSide(bases[0], pair.base_name, pair.base_name, "rows", None, t / b), bases,
-                        tuned, options, backend, classify)
+        factors = t / b
+        side = RotatedSide(bases[0], pair.base_name, pair.base_name, "rows", None, factors)
+        jobs[id(r)] = (pair, side, factors, replace(remeasured_pair(pair, side), dtype_base=r.dtype_base))
+    if not jobs:
+        return list(records)
+    again.begin(f"measuring {len(jobs):,} norms again beneath the gains folded",
+                sum(streamed(j[3]) for j in jobs.values()))
+
+    def measured(r: TensorRecord, pair: Any, side: Any, on_window: Callable[[int], None]) -> TensorRecord:
+        new = remeasure(pair, side, bases, tuned, options, backend, classify, on_window)
         new.dtype_base = r.dtype_base
         new.note = r.note
         _within_rotation_rounding(new, what="fold")
-        out.append(new)
+        return new
+
+    out = []
+    for r in records:
+        job = jobs.get(id(r))
+        if job is None:
+            out.append(r)
+            continue
+        pair, side, factors, expected = job
+        out.append(again.record(
+            pair, expected,
+            lambda: {"undo": "measure_folded_norms", "factors": again.array_id(factors), "note": r.note,
+                     "record": {"dtype_base": r.dtype_base}},
+            lambda on_window: measured(r, pair, side, on_window)))
     return out
 
 
@@ -1921,23 +2073,159 @@ def _with_biases(undo: list[Undo], by_name: dict, base: Checkpoint, tuned: Check
     return out
 
 
+class Again:
+    """The tensors measured again after the pass, beneath the reparametrisations found (``measure_undone``,
+    ``measure_folded_norms``): with ``options.cache`` each record is stored as soon as it is final (``RecordCache``:
+    written to a temporary and renamed, validated when read back) under the key of its pair's inputs and the
+    options (the pass's) plus the undo itself (``RecordCache.key(post=...)``: its kind, the permutation, the
+    rotation and the gains by the sha256 of their bytes, what it reads besides the pair's base), so a run killed
+    during these measurements, or run again with other outputs, measures only what is not stored. A record read
+    back must fit the pair as measured again (``remeasured_pair``: names, dtypes, shapes, status), or it is
+    measured again and written over. ``progress``: a progress object with ``advance(n, cached=False)`` is told
+    the elements of each tensor as they stream (``stage(what, total)`` announces the total first); one with
+    ``stage`` alone hears the stage's name."""
+
+    def __init__(self, options: CompareOptions, bases: Sequence[Checkpoint], tuned: Checkpoint,
+                 progress: Any = None):
+        self._options = options
+        self._cache: Any = None
+        self._warned = 0
+        if options.cache:
+            from .measure.cache import warnings_given
+
+            self._warned = warnings_given(options.cache)      # before the pass: did the pass warn?
+        self.bases, self.tuned = bases, tuned
+        self._stage = getattr(progress, "stage", None)
+        self._advance = getattr(progress, "advance", None)
+
+    @property
+    def cache(self) -> Any:
+        """The ``RecordCache`` of ``--cache``, opened when first needed (None without one)."""
+        if self._cache is None and self._options.cache:
+            from .measure.cache import RecordCache
+
+            self._cache = RecordCache(self._options.cache, self._options.settings())
+        return self._cache
+
+    def begin(self, what: str, total: int) -> None:
+        """Name the stage of ``total`` elements to the progress line."""
+        if self._stage is None:
+            return
+        if self._advance is not None:
+            self._stage(what, total=total)
+        else:
+            self._stage(what)
+
+    def advance(self, n: int, cached: bool = False) -> None:
+        if self._advance is not None:
+            self._advance(n, cached=cached)
+
+    def array_id(self, a: Any) -> list | None:
+        return self.cache.array_id(a) if self.cache is not None else None
+
+    def record(self, pair: Any, expected: Any, post: Callable[[], dict],
+               measure: Callable[[Callable[[int], None]], TensorRecord]) -> TensorRecord:
+        """The record of ``pair`` measured again: the stored one when the cache holds one that fits
+        ``expected`` (the pair as measured again, with the base name, dtype and shape its final record carries),
+        else ``measure(on_window)``, stored once it returns (complete, every note and status set). ``post()``:
+        the key's undo material (``RecordCache.key``), built only with a cache."""
+        from .measure.compute import streamed
+
+        key = material = None
+        if self.cache is not None:
+            material = post()
+            key = self.cache.key(pair, self.bases, self.tuned, post=material)
+            rec = self.cache.get(key, expected, self.bases)
+            if rec is not None:
+                self.advance(streamed(expected), cached=True)
+                return rec
+        rec = measure(self.advance)
+        if key is not None:
+            self.cache.put(key, rec, post=str(material.get("undo")))
+        return rec
+
+    def _checks_key(self, plan: Plan, undo_reorderings: bool) -> str:
+        return self.cache.checks_key(plan, self.bases, self.tuned, {"undo_reorderings": bool(undo_reorderings)})
+
+    def expected(self, plan: Plan, undo_reorderings: bool) -> int:
+        """Before the pass: the elements of the tensors a previous run of the same inputs and options measured again
+        after it (its checks' outcome, read without its arrays), for the pass's ETA; 0 when none is known."""
+        if self.cache is None:
+            return 0
+        data = self.cache.peek_outcome(self._checks_key(plan, undo_reorderings))
+        try:
+            return sum(int(d["elements"]) for d in data["outcome"]["undo"]) if data else 0
+        except (KeyError, TypeError, ValueError):
+            return 0
+
+    def checks(self, plan: Plan, records: Sequence[TensorRecord], undo_reorderings: bool,
+               run: Callable[[], Checks]) -> Checks:
+        """What the checks after the pass find: with a cache, the outcome a run of the same inputs and options stored
+        when it was found from the same records (``records_digest``) and reads back whole and fitting this run's
+        records and bases (``_decode_checks``); else ``run()``, stored as soon as it returns (before anything is
+        measured again, so a run killed then finds it)."""
+        if self.cache is None:
+            return run()
+        from .measure.cache import records_digest
+
+        key = self._checks_key(plan, undo_reorderings)
+        digest = records_digest(records)
+        got = self.cache.get_outcome(key)
+        if got is not None and got[0].get("records") == digest:
+            try:
+                return _decode_checks(got[0], got[1], records, self.bases)
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+                pass
+        found = run()
+        outcome, arrays = _encode_checks(found, records)
+        self.cache.put_outcome(key, {"records": digest, **outcome}, arrays)
+        return found
+
+    def close(self) -> None:
+        """The warning of records not written, unless the pass gave it (one line per run: the disk is as full)."""
+        if self._cache is not None:
+            from .measure.cache import warnings_given
+
+            if warnings_given(self._options.cache) == self._warned:
+                self._cache.warn_unwritten()
+
+
+def _undo_material(u: Undo, r: TensorRecord, array_id: Callable[[Any], Any]) -> dict:
+    """What a record measured again beneath ``u`` depends on besides its pair's inputs and the options (a
+    ``RecordCache.key(post=...)``): the undo's kind and parameters (the order, the rotation and the gains by their
+    bytes' digest: a rotation fitted again to other bits is another key, whatever made it differ), the note it
+    writes, and what it takes from the pass's record ``r``."""
+    rotate = None
+    if u.rotate is not None:
+        form, r_, gains = u.rotate
+        rotate = [form, array_id(r_), array_id(gains)]
+    return {"undo": "measure_undone", "source": u.source, "axis": u.axis,
+            "index": array_id(None if u.index is None else u.index), "note": u.note, "trimmed": u.trimmed,
+            "negate": u.negate, "rotate": rotate, "gain_name": u.gain_name,
+            "record": {"base_shape": r.base_shape, "dtype_base": r.dtype_base},
+            "reads": [u.source] if u.source != r.base_name else []}
+
+
 def _conv1d(r) -> bool:
     """GPT-2's Conv1D attention weights, stored [in, out]."""
     return r.name.endswith("c_attn.weight") or (r.module == "attn.o" and r.name.endswith("c_proj.weight"))
 
 
 def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: Plan, bases: Sequence[Checkpoint],
-                     tuned: Checkpoint, options: CompareOptions, backend, classify) -> tuple[list[TensorRecord], dict]:
+                   tuned: Checkpoint, options: CompareOptions, backend, classify,
+                   again: Again | None = None) -> tuple[list[TensorRecord], dict]:
     """The records with each tensor of ``undo`` measured again against its base tensor in the tuned model's
     order (``measure.compute.remeasure``: statistics, status and rank of what changed beneath the
     reordering), and what was undone for ``scope.permuted_units``: ``blocks`` (block -> kinds whose every
     reordered tensor was measured so; ``router`` where a router whose rows did not follow its experts was
     measured in their new order), ``tensors``, ``trimmed`` (token tables with fewer rows), ``routers`` (the
-    names of those routers' tensors)."""
+    names of those routers' tensors). ``again``: the cache and progress of these measurements (``Again``)."""
     import numpy as np
 
-    from .measure.compute import GatheredSide, remeasure
+    from .measure.compute import GatheredSide, remeasure, remeasured_pair, streamed
 
+    if again is None:
+        again = Again(replace(options, cache=None), bases, tuned)
     pairs = {p.tuned_name: p for p in the_plan.pairs if p.tuned_name is not None}
     redo = {id(u.record): u for u in undo}
     out, blocks, n, trimmed, routers = [], {}, 0, 0, []
@@ -1946,11 +2234,11 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
     rotated: list[str] = []
     folded: list[str] = []
     rescaled: list[str] = []
+    jobs: dict[int, tuple] = {}         # id(record) -> (undo, pair, side, the pair as measured again)
     for r in records:
         u = redo.get(id(r))
         pair = pairs.get(r.name) if u is not None else None
         if u is None or pair is None or pair.base_name != r.base_name:
-            out.append(r)
             continue
         if u.rotate is not None:
             from .measure.rotation import RotatedSide
@@ -1959,7 +2247,18 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
                                order=None if u.axis is None else (u.axis, u.index))
         else:
             side = GatheredSide(bases[pair.base_index], pair.base_name, u.source, u.axis, u.index, negate=u.negate)
-        new = remeasure(pair, side, bases, tuned, options, backend, classify)
+        # the pair as its final record has it: another expert's tensor for base name, the base's whole table for a
+        # trimmed one, the base's own dtype for one measured against float64 values
+        expected = remeasured_pair(pair, side)
+        expected = replace(expected, base_name=u.source,
+                           shape_base=list(r.base_shape) if u.trimmed and r.base_shape else expected.shape_base,
+                           dtype_base=r.dtype_base if u.rotate is not None else expected.dtype_base)
+        jobs[id(r)] = (u, pair, side, expected)
+    again.begin(f"measuring {len(jobs):,} tensors again beneath the reparametrisations found",
+                sum(streamed(j[3]) for j in jobs.values()))
+
+    def measured(r: TensorRecord, u: Undo, pair: Any, side: Any, on_window: Callable[[int], None]) -> TensorRecord:
+        new = remeasure(pair, side, bases, tuned, options, backend, classify, on_window)
         new.note = u.note + (f"; {new.note}" if new.note else "")
         if u.trimmed and r.base_shape:
             # measured against the base rows it kept, but the base table is the whole one: its dropped rows are
@@ -1972,11 +2271,22 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
             # +0, the base's zero negated -0), which the sign flip leaves undecided: nothing changed beneath it
             new.status, new.frac_changed, new.frac_beyond_rounding, new.quant, new.rank = "unchanged", 0.0, 0.0, None, None
             new.note += "; its zeros differ from the base's negated only in their sign"
+        if u.rotate is not None:
+            new.dtype_base = r.dtype_base           # measured against float64 values; stored as the base stores it
+            _within_rotation_rounding(new, None if u.rotate[1] is None else int(u.rotate[1].shape[0]))
+        return new
+
+    for r in records:
+        job = jobs.get(id(r))
+        if job is None:
+            out.append(r)
+            continue
+        u, pair, side, expected = job
+        new = again.record(pair, expected, lambda: _undo_material(u, r, again.array_id),
+                           lambda on_window: measured(r, u, pair, side, on_window))
         out.append(new)
         if u.rotate is not None:
             (rotated if u.rotate[1] is not None else folded if u.gain_name else rescaled).append(new.name)
-            new.dtype_base = r.dtype_base           # measured against float64 values; stored as the base stores it
-            _within_rotation_rounding(new, None if u.rotate[1] is None else int(u.rotate[1].shape[0]))
             if u.axis is None:
                 continue
             # units reordered then rescaled: the reordering counts as one undone too

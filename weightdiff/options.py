@@ -91,7 +91,8 @@ class CompareOptions:
                          "(its eigenvalues: every rank field exact) or count (numerical_rank certified by two "
                          "LDL^T inertia counts, the other fields from the top k as bounds; a Mistral-7B layer "
                          "took half the time on a 2-core CPU).", flag="--spectrum", type_choice=("full", "count"))
-    cache: str | None = _opt(None, "Folder keeping each tensor's record as soon as it is measured: "
+    cache: str | None = _opt(None, "Folder keeping each tensor's record as soon as it is measured (and "
+                             "measured again beneath a reparametrisation found): "
                              "rerunning the same command resumes an interrupted run, and with other outputs "
                              "(--memo, --hash) re-renders from it; another option, an input file with another "
                              "inode, size, mtime or ctime, or (with --hash) other bytes than a record was "

@@ -53,6 +53,24 @@ opened with ``O_NOFOLLOW`` (relative to its parent's descriptor), so nothing is 
 link inside the folder (a linked ``records/<xx>`` put records outside it; ``check_folder`` refuses one up front).
 Floats keep their exact bits (JSON repr round-trips, NaN and infinities
 included), so a resumed run writes the same JSON bytes as an uninterrupted one.
+
+The tensors measured again after the pass, beneath a reparametrisation found (``comparison.Again``:
+``measure_undone``, ``measure_folded_norms``), are records of this cache too, in the same folder with the same
+writes and checks: their key is their pair's key with ``post`` added to the material (``key(post=...)``: the
+undo's kind, its note, what it takes from the pass's record, the identity of the other base tensors it reads,
+and its order, rotation and gains by ``array_id``, the sha256 of their bytes), so it is never the pass's key
+of the pair, and another input, option or undo misses. Such a record carries ``post`` (what measured it) for
+whoever reads the folder; nothing reads it back. It is checked against the pair as measured again
+(``measure.compute.remeasured_pair``, with the base name, dtype and shape its final record carries).
+
+What the checks after the pass found (``comparison.reparametrisations``) is stored here too, once they end
+(``put_outcome``): a JSON outcome file (``records/<xx>/<key>.checks``, not ``.json``: no record) in the records'
+layout (``v``, ``key``, ``digest``) naming the size and
+sha256 of one ``.npz`` of its arrays (the orders, rotations and gains), which is written first, under a key of
+its own. Its key (``checks_key``) is known before the pass: the plan's pairs, every file's stat identity and
+sidecars, the options. The outcome is taken only when its digest matches, its arrays have the size and sha256
+it names and load without pickles to the dtypes and shapes it names, the pass's records are those it was found
+from (``records_digest``), and it fits them (``comparison._decode_checks``).
 """
 
 from __future__ import annotations
@@ -76,7 +94,7 @@ from ..errors import WeightdiffError, escape_name
 from ..fsutil import pid_alive
 from ..records import RankRecord, TensorRecord
 
-__all__ = ["RecordCache", "CACHE_VERSION", "check_folder", "record_from_dict"]
+__all__ = ["RecordCache", "CACHE_VERSION", "check_folder", "record_from_dict", "records_digest"]
 
 #: bump when a change of the code changes records for the same inputs and options
 CACHE_VERSION = 7           # 4: inode and ctime (or the sha256) in a file's identity; 5: the JSON sidecars;
@@ -383,6 +401,35 @@ READ_SIDECARS = ("config.json", "quantize_config.json", "params.json", "adapter_
 #: the largest record file read back (a record is a few KB; its spectrum at most 64 values)
 RECORD_CAP = 16 << 20
 
+#: bump when a change of the code changes what the checks after the pass find for the same records
+CHECKS_VERSION = 1
+
+
+def records_digest(records: Sequence[TensorRecord]) -> str:
+    """The sha256 of records as JSON (sorted keys; floats keep their bits): what the checks' outcome was found
+    from, compared before it is taken."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r.to_dict(), sort_keys=True, default=_plain, allow_nan=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+#: the warnings ``warn_unwritten`` gave in this process, by records folder
+_WARNED: dict[str, int] = {}
+
+
+def warnings_given(folder: str | os.PathLike) -> int:
+    """How many times this process warned that records of the cache ``folder`` could not be written: a run's
+    second cache of one folder (the post-pass's, after the pass's) says nothing when the first said it."""
+    return _WARNED.get(str(Path(folder) / "records"), 0)
+
+
+def _arrays_key(key: str) -> str:
+    """The key of the arrays file of the outcome stored under ``key`` (its own name, so its temporary is not the
+    outcome's)."""
+    return hashlib.sha256(f"{key}:arrays".encode()).hexdigest()
+
 
 class RecordCache:
     """Records of one comparison's pairs on disk (see the module doc)."""
@@ -392,6 +439,7 @@ class RecordCache:
         self.options = json.dumps(options_settings, sort_keys=True, default=_plain)
         self._files: dict[tuple[int, str, bool], list] = {}
         self._content: dict[str, str] = {}    # stat key -> content key (sha256 of the files), when hashed
+        self._arrays: dict[int, tuple[Any, list]] = {}     # id(array) -> (array, array_id): digested once
         self.hits = self.misses = 0
         self.unwritten = 0                # records a write failed for (a full disk): the run goes on without them
         self.write_error: str | None = None
@@ -465,7 +513,7 @@ class RecordCache:
         self._files[key] = out
         return out
 
-    def _key(self, pair: Any, bases: Sequence[Any], tuned: Any, content: bool) -> str:
+    def _key(self, pair: Any, bases: Sequence[Any], tuned: Any, content: bool, post: dict | None = None) -> str:
         base = bases[pair.base_index] if pair.base_name is not None else None
         names = [getattr(pair, "tuned_source", None) or pair.tuned_name]
         lora = getattr(pair, "lora", None)
@@ -479,19 +527,47 @@ class RecordCache:
             "options": self.options,
             "sidecars": [self._sidecars(base, content) if base is not None else None, self._sidecars(tuned, content)],
         }
+        if post is not None:
+            # a record measured again after the pass (beneath an undo): what the undo is, and the identity of
+            # every other base tensor it reads (another expert's, for experts reordered)
+            material["post"] = {**post, "reads": [self._tensor_id(base, n, content) for n in post.get("reads", ())]}
         blob = json.dumps(material, sort_keys=True, default=_plain).encode()
         return hashlib.sha256(blob).hexdigest()
 
-    def key(self, pair: Any, bases: Sequence[Any], tuned: Any) -> str:
+    def key(self, pair: Any, bases: Sequence[Any], tuned: Any, post: dict | None = None) -> str:
         """The record's key: by the stat identity of the files it reads, whatever the run outputs (so
         adding ``--memo``, which hashes, still finds the records of a run without it). When the files were
-        hashed, the key by their sha256 (the content key) is kept beside it for ``get`` and ``put``."""
-        stat_key = self._key(pair, bases, tuned, content=False)
+        hashed, the key by their sha256 (the content key) is kept beside it for ``get`` and ``put``.
+
+        ``post``: the key of the pair's record measured again after the pass beneath an undo (a reordering,
+        a sign flip, a rotation, folded gains, a rescale: ``comparison.measure_undone``, ``measure_folded_norms``):
+        a JSON dict saying everything besides the pair's inputs and the options that the record depends on (the
+        undo's kind and its parameters, arrays as ``array_id``), with ``reads``, the names of the other base
+        tensors it reads. The pass's key with that added: never the pass's record's key, and a changed input,
+        option or undo misses."""
+        stat_key = self._key(pair, bases, tuned, content=False, post=post)
         if any(getattr(ck, "digests", None) for ck in (*bases, tuned)):
-            content_key = self._key(pair, bases, tuned, content=True)
+            content_key = self._key(pair, bases, tuned, content=True, post=post)
             if content_key != stat_key:
                 self._content[stat_key] = content_key
         return stat_key
+
+    def array_id(self, a: Any) -> list | None:
+        """``[dtype, shape, sha256 of the bytes]`` of an array an undo holds (an order, a rotation, gains), for
+        ``key(post=...)``; None for None. The digest of one array object is taken once per cache object (a
+        70B-width rotation is 512 MB, shared by every matrix it turns): the array is kept with it, so its id
+        names it for as long as the cache lives."""
+        if a is None:
+            return None
+        got = self._arrays.get(id(a))
+        if got is not None and got[0] is a:
+            return got[1]
+        import numpy as np
+
+        arr = np.ascontiguousarray(np.asarray(a))
+        ident = [str(arr.dtype), list(arr.shape), hashlib.sha256(arr.reshape(-1).view(np.uint8)).hexdigest()]
+        self._arrays[id(a)] = (a, ident)
+        return ident
 
     # -- records --------------------------------------------------------------------------
     def _path(self, key: str) -> Path:
@@ -528,13 +604,13 @@ class RecordCache:
         finally:
             os.close(root)
 
-    def _load(self, key: str) -> Any:
+    def _load(self, key: str, suffix: str = ".json") -> Any:
         """The parsed JSON of the record file of ``key``: a regular file under RECORD_CAP (a FIFO hung, /dev/zero
         filled the memory), read through no symbolic link (a record or subfolder linked elsewhere is not a
-        record of this cache). OSError when there is none such."""
+        record of this cache). OSError when there is none such. ``suffix``: ``.checks`` for the checks' outcome."""
         folder = self._folder(key, create=False)
         try:
-            fd = os.open(f"{key}.json", _READ_FLAGS, dir_fd=folder)
+            fd = os.open(f"{key}{suffix}", _READ_FLAGS, dir_fd=folder)
         finally:
             os.close(folder)
         try:
@@ -596,18 +672,20 @@ class RecordCache:
         self.hits += 1
         return rec
 
-    def put(self, key: str, rec: TensorRecord) -> None:
+    def put(self, key: str, rec: TensorRecord, post: str | None = None) -> None:
         """Store one record under its stat key (and under its content key when the files were hashed,
         with that key beside it); a write that fails (a full disk, a folder gone read-only, a subfolder that
         is a symbolic link) leaves no temporary behind and stops the writes of this run: the results do not
         depend on the cache, so the run goes on, and ``warn_unwritten`` says so once at the end. An exception
-        of another kind (Ctrl-C, SIGTERM) also removes the temporary, and goes on."""
+        of another kind (Ctrl-C, SIGTERM) also removes the temporary, and goes on. ``post``: what measured
+        the record again after the pass (``measure_undone``), written beside it for whoever reads the folder
+        (nothing reads it back: the key says what the record is)."""
         content = self._content.pop(key, None)
-        self._write(key, rec, content)
+        self._write(key, rec, content, post)
         if content is not None:
-            self._write(content, rec, content)
+            self._write(content, rec, content, post)
 
-    def _write(self, key: str, rec: TensorRecord, content: str | None) -> None:
+    def _write(self, key: str, rec: TensorRecord, content: str | None, post: str | None = None) -> None:
         if self.write_error is not None:
             self.unwritten += 1
             return
@@ -615,7 +693,8 @@ class RecordCache:
         folder = fd = None
         try:
             payload = {"v": CACHE_VERSION, "key": key, "record": rec.to_dict(),
-                       **({"content": content} if content is not None else {})}
+                       **({"content": content} if content is not None else {}),
+                       **({"post": post} if post is not None else {})}
             # the digest of the content as it reads back: the same JSON text (numpy scalars, tuples and sets
             # written as the floats, ints and lists they read back as; a float's repr round-trips)
             blob = json.dumps({**payload, "digest": _digest(payload)}, default=_plain, allow_nan=True).encode()
@@ -640,6 +719,152 @@ class RecordCache:
                 raise
             self.write_error = exc.strerror or str(exc)
             self.unwritten += 1
+        finally:
+            if folder is not None:
+                os.close(folder)
+
+    # -- the checks' outcome ----------------------------------------------------------------
+    def checks_key(self, plan: Any, bases: Sequence[Any], tuned: Any, extra: dict) -> str:
+        """The key of what the checks after the pass found (``comparison.reparametrisations``), known before the
+        pass: the plan's pairs, the stat identity of every file of every checkpoint and of its ``READ_SIDECARS``,
+        the options and ``extra`` (the caller's own settings). The outcome stored under it also names the digest
+        of the pass's records it was found from, and is taken only when they are the same records again."""
+        files = [[self._file_id(f, ck) for f in getattr(ck, "files", None) or []] for ck in (*bases, tuned)]
+        pairs = hashlib.sha256(json.dumps([p.to_dict() for p in plan.pairs], sort_keys=True,
+                                          default=_plain).encode()).hexdigest()
+        material = {"v": CACHE_VERSION, "checks": CHECKS_VERSION, "pairs": pairs, "files": files,
+                    "sidecars": [self._sidecars(ck, False) for ck in (*bases, tuned)], "options": self.options,
+                    "extra": extra}
+        return hashlib.sha256(json.dumps(material, sort_keys=True, default=_plain).encode()).hexdigest()
+
+    def put_outcome(self, key: str, outcome: dict, arrays: dict) -> None:
+        """Store a JSON ``outcome`` and its numpy ``arrays`` (``name -> array``) under ``key``: the arrays first, in
+        one ``.npz`` of their own key (``_arrays_key``), then the outcome as a record file naming the arrays' size
+        and sha256, each written to a temporary and renamed, so a kill leaves the outcome whole or absent. A failed
+        write stops the cache's writes as ``put``'s does."""
+        if self.write_error is not None:
+            self.unwritten += 1
+            return
+        import numpy as np
+
+        akey = _arrays_key(key)
+        # written straight to the temporary (a 70B-width rotation is 512 MB: no copy of it in memory), then hashed
+        # as it reads back from there; each array in its own memory order (.npy keeps a Fortran order: a product
+        # with the array read back takes the same BLAS path, so gives the same bits)
+        got = self._write_bytes(akey, f"{akey}.npz", lambda fh: np.savez(fh, **{
+            k: np.asarray(v) for k, v in arrays.items()}))
+        if got is None:
+            return
+        size, sha = got
+        payload = {"v": CACHE_VERSION, "key": key, "outcome": outcome,
+                   "arrays": {"size": size, "sha256": sha,
+                              "names": {k: [str(np.asarray(v).dtype), list(np.asarray(v).shape)]
+                                        for k, v in arrays.items()}}}
+        text = json.dumps({**payload, "digest": _digest(payload)}, default=_plain, allow_nan=True).encode()
+        self._write_bytes(key, f"{key}.checks", lambda fh: fh.write(text))
+
+    def peek_outcome(self, key: str) -> dict | None:
+        """The outcome stored under ``key`` (its JSON only, the arrays not read), or None: absent, torn, or with a
+        digest that does not match."""
+        try:
+            data = self._load(key, ".checks")
+            if not isinstance(data, dict) or data.get("key") != key or data.get("v") != CACHE_VERSION:
+                raise ValueError("stale")
+            digest = data.pop("digest", None)
+            if not isinstance(digest, str) or digest != _digest(data):
+                raise ValueError("digest")
+            if not isinstance(data.get("outcome"), dict) or not isinstance(data.get("arrays"), dict):
+                raise ValueError("outcome")
+            return data
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
+            return None
+
+    def get_outcome(self, key: str) -> tuple[dict, dict] | None:
+        """(outcome, arrays) stored under ``key``, or None: the outcome as ``peek_outcome`` takes it, and its arrays
+        only when their file (read through no symbolic link) has the size and sha256 the outcome names, loads
+        without pickles and holds exactly the arrays named, of the dtypes and shapes named."""
+        data = self.peek_outcome(key)
+        if data is None:
+            return None
+        import numpy as np
+
+        meta = data["arrays"]
+        akey = _arrays_key(key)
+        fd = None
+        try:
+            folder = self._folder(akey, create=False)
+            try:
+                fd = os.open(f"{akey}.npz", _READ_FLAGS, dir_fd=folder)
+            finally:
+                os.close(folder)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != meta.get("size"):
+                raise ValueError("size")
+            h = hashlib.sha256()
+            while True:
+                chunk = os.read(fd, 1 << 24)
+                if not chunk:
+                    break
+                h.update(chunk)
+            if h.hexdigest() != meta.get("sha256"):
+                raise ValueError("sha256")
+            os.lseek(fd, 0, os.SEEK_SET)
+            with os.fdopen(fd, "rb") as fh:
+                fd = None
+                with np.load(fh, allow_pickle=False) as z:
+                    names = meta.get("names")
+                    if not isinstance(names, dict) or sorted(z.files) != sorted(names):
+                        raise ValueError("names")
+                    arrays = {}
+                    for k, (dtype, shape) in names.items():
+                        a = z[k]
+                        if str(a.dtype) != dtype or list(a.shape) != shape:
+                            raise ValueError("array")
+                        arrays[k] = a
+            return data["outcome"], arrays
+        except Exception:           # whatever np.load makes of a file that is no outcome's: absent
+            return None
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _write_bytes(self, key: str, name: str, produce: Any) -> tuple[int, str] | None:
+        """``produce(file)`` written to ``records/<key[:2]>/name`` through a temporary (``.<key>.<host>.<pid>.tmp``,
+        opened through no link) renamed into place once flushed to the disk; (its size, its sha256 as read back
+        from the temporary), or None (the cache's writes stopped, as ``_write``'s) when it fails."""
+        tmp = f".{key}.{_HOST}.{os.getpid()}.tmp"
+        folder = fh = None
+        try:
+            folder = self._folder(key, create=True)
+            fh = os.fdopen(os.open(tmp, _WRITE_FLAGS & ~os.O_WRONLY | os.O_RDWR, 0o666, dir_fd=folder), "w+b")
+            produce(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.seek(0)
+            h, size = hashlib.sha256(), 0
+            while True:
+                chunk = fh.read(1 << 24)
+                if not chunk:
+                    break
+                h.update(chunk)
+                size += len(chunk)
+            fh.close()
+            fh = None
+            os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+            return size, h.hexdigest()
+        except BaseException as exc:
+            if fh is not None:
+                fh.close()
+            if folder is not None:
+                try:
+                    os.unlink(tmp, dir_fd=folder)
+                except OSError:
+                    pass
+            if not isinstance(exc, OSError):
+                raise
+            self.write_error = exc.strerror or str(exc)
+            self.unwritten += 1
+            return None
         finally:
             if folder is not None:
                 os.close(folder)
@@ -678,9 +903,11 @@ class RecordCache:
         return removed
 
     def warn_unwritten(self) -> None:
-        """One line on stderr when some records could not be written."""
+        """One line on stderr when some records could not be written (counted in ``warnings_given``)."""
         if self.unwritten:
             import sys
+
+            _WARNED[str(self.root)] = _WARNED.get(str(self.root), 0) + 1
 
             sys.stderr.write(f"warning: --cache {self.root}: {self.unwritten} record"
                              f"{'s' if self.unwritten != 1 else ''} not written ({self.write_error}); the results "

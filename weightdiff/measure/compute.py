@@ -381,24 +381,31 @@ class GatheredSide:
         return None
 
 
+def remeasured_pair(pair: Pair, side: GatheredSide) -> Pair:
+    """The pair ``remeasure`` measures: ``pair`` against ``side`` (a plain ``paired`` one, or a resized token table
+    still resized at the base's height), with the side's shape and dtype for the base's. What a record measured
+    again is checked against when it is read back from a cache (``measure.cache.check_pair``)."""
+    from dataclasses import replace
+
+    info = side.tensors[pair.base_name]
+    # (a rotated base tensor is float64 values, whatever the base stored: ``measure.rotation.RotatedSide``)
+    # a resized token table seen at the base's height (rotated) stays resized: its shared rows are compared
+    keep = pair.kind == "resized" and tuple(info.shape) != tuple(pair.shape_tuned or ())
+    return replace(pair, kind="resized" if keep else "paired", shape_base=info.shape,
+                   dtype_base=info.dtype, overlap_rows=pair.overlap_rows if keep else None)
+
+
 def remeasure(pair: Pair, side: GatheredSide, bases: Sequence[Checkpoint], tuned: Checkpoint,
-              options: CompareOptions, backend: Backend, classify: Classify) -> TensorRecord:
+              options: CompareOptions, backend: Backend, classify: Classify,
+              on_window: Callable[[int], None] = lambda n: None) -> TensorRecord:
     """The record of ``pair`` measured against ``side`` (its base tensor in the tuned model's order, the
     tuned tensor's shape) instead of the base tensor as stored: a reordering undone before measuring, so
     the numbers are of what changed beneath it. Statistics, status and rank as ``compute_pair`` gives
     them; the pair becomes a plain ``paired`` one (a trimmed table's base rows are the ones the tuned
-    rows are)."""
-    from dataclasses import replace
-
-    info = side.tensors[pair.base_name]
+    rows are). ``on_window(n)``: the elements of each window as it streams (progress)."""
     sides = list(bases)
     sides[pair.base_index] = side
-    # (a rotated base tensor is float64 values, whatever the base stored: ``measure.rotation.RotatedSide``)
-    # a resized token table seen at the base's height (rotated) stays resized: its shared rows are compared
-    keep = pair.kind == "resized" and tuple(info.shape) != tuple(pair.shape_tuned or ())
-    return compute_pair(replace(pair, kind="resized" if keep else "paired", shape_base=info.shape,
-                                dtype_base=info.dtype, overlap_rows=pair.overlap_rows if keep else None),
-                        sides, tuned, options, backend, classify)
+    return compute_pair(remeasured_pair(pair, side), sides, tuned, options, backend, classify, on_window)
 
 
 def _array_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str, tuned_raw: np.ndarray,
@@ -1255,6 +1262,9 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
                                    pres.pop(i, None))
                 pending.append((rec, key, pair))
             else:
+                skip = getattr(progress, "skip", None)
+                if skip is not None:        # done, but taken from the cache: not the pass's rate
+                    skip(streamed(pair))
                 on_window(streamed(pair))
             records.append(rec)
             settle(wait=False)

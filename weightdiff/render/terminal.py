@@ -206,6 +206,91 @@ def plan_text(plan: Any) -> str:
     return "".join(f"source: {escape_name(str(s))}\n" for s in sources) + text
 
 
+class RateEstimate:
+    """Elements per second and the time left, from ``(time, done)`` samples: what a progress line's ETA says.
+
+    The average since the progress line was made was a bad guess early: it counted the start-up (locating,
+    hashing, planning) and the first windows' latency (a compile, a rank solve) as if the rest would go as slowly
+    (ETA 1,002 s printed at 96 s of a run done at 118 s). So:
+
+    * the clock starts at the first sample, not before it (what came before measured nothing);
+    * the rate is over the last ``window`` seconds (or a quarter of the time measured so far, when longer): a slow
+      start fades out of it, and so does a fast one;
+    * elements taken from a cache (``cached``) count as done but not as measured: a resumed run's first records
+      come back at once and said nothing about how fast the rest will go;
+    * there is no ETA (None) until ``min_seconds`` have passed since the first sample and ``min_share`` of the
+      total has been measured since it.
+
+    Pure: the caller gives the times (``time.monotonic()``, or a fake clock in a test).
+    """
+
+    def __init__(self, window: float = 20.0, min_seconds: float = 5.0, min_share: float = 0.02,
+                 spacing: float = 0.1):
+        self.window, self.min_seconds, self.min_share, self.spacing = window, min_seconds, min_share, spacing
+        self.samples: list[tuple[float, float]] = []     # (time, elements measured), at least ``spacing`` apart
+        self.head: tuple[float, float] | None = None     # the latest sample
+        self.cached = 0.0                                # elements done that came from a cache
+        self.done = 0.0
+
+    def add(self, now: float, done: float, cached: float = 0.0) -> None:
+        """``done`` elements in all at ``now``, of which ``cached`` more than before came from a cache (added before
+        or with this sample)."""
+        self.cached += cached
+        self.done = done
+        head = (now, done - self.cached)
+        if not self.samples:
+            self.samples.append(head)
+        elif now - self.samples[-1][0] >= self.spacing:
+            self.samples.append(head)
+            cut = now - max(self.window, 0.25 * (now - self.samples[0][0]))
+            # the anchor: the last sample at or before the window's start (the first sample stays: it is the start)
+            first = 1
+            while first + 1 < len(self.samples) and self.samples[first + 1][0] <= cut:
+                first += 1
+            if first > 1:
+                del self.samples[1:first]
+        self.head = head
+
+    def _anchor(self) -> tuple[float, float] | None:
+        if self.head is None:
+            return None
+        now = self.head[0]
+        cut = now - max(self.window, 0.25 * (now - self.samples[0][0]))
+        anchor = self.samples[0]
+        for smp in self.samples:
+            if smp[0] <= cut:
+                anchor = smp
+            else:
+                break
+        return anchor
+
+    def rate(self) -> float | None:
+        """Elements measured per second over the window, or None with less than two samples' time between them."""
+        anchor = self._anchor()
+        if anchor is None or self.head[0] <= anchor[0]:
+            return None
+        return max(0.0, self.head[1] - anchor[1]) / (self.head[0] - anchor[0])
+
+    def eta(self, total: float) -> float | None:
+        """Seconds left for ``total`` elements at the rate over the window; None until there is enough to tell."""
+        if self.head is None:
+            return None
+        left = max(0.0, total - self.done)
+        if left == 0:
+            return 0.0
+        start = self.samples[0]
+        if self.head[0] - start[0] < self.min_seconds or self.head[1] - start[1] < self.min_share * total:
+            return None
+        rate = self.rate()
+        return left / rate if rate else None
+
+
+def _eta(eta: float | None, tty: bool) -> str:
+    if eta is None:
+        return "ETA  ...  " if tty else "ETA not yet known"
+    return f"ETA {eta:4.0f}s" if tty else f"ETA {eta:,.0f} s"
+
+
 class ProgressLine:
     """Progress on stderr: elements done / total, GB/s, ETA.
 
@@ -213,12 +298,20 @@ class ProgressLine:
     seconds so short runs print nothing. Elsewhere (a log file, a CI job, a notebook), a
     whole line every ``interval`` seconds (30 by default; the first after ``interval``), and
     one final 100% line when any was printed. ``enabled=False`` (``--quiet``) prints nothing.
-    The ETA is the average rate so far applied to what is left; the rank analysis runs tensor
-    by tensor inside the same pass (its Gram matrix is summed from the streamed windows), so
-    the rate includes it. Once every tensor has streamed, calls with a tensor's name are the
-    rank solves still running ("finishing the rank analysis"); ``(total, total, "")`` is the end.
+    The rate and the ETA are ``RateEstimate``'s: from the first tensor on, over the last 20 s or so, none
+    until 5 s and 2% have been measured (then ``ETA not yet known``); elements taken from a cache (``skip``)
+    are not in the rate. The rank analysis runs tensor by tensor inside the same pass (its Gram matrix is
+    summed from the streamed windows), so the rate includes it. Once every tensor has streamed, calls with a
+    tensor's name are the rank solves still running ("finishing the rank analysis"); ``(total, total, "")``
+    is the end.
     ``bytes_per_element``: bytes read per element and side (the caller sets ``bpe`` from the plan's
     dtypes: 4 for fp32, 2 for bf16).
+
+    The steps after the pass (``stage``): a check whose length is not known in advance shows its time so far;
+    tensors measured again (``stage(what, total)``, then ``advance(n)`` as their windows stream) show
+    done / total, GB/s and an ETA for them as the pass does. Their size is known once the checks before them
+    have run, or before the pass when ``--cache`` holds a previous run's checks of the same inputs (``expect``):
+    the pass's ETA then counts them at its rate ("with the tensors measured again after the pass").
     """
 
     def __init__(self, stream: IO[str] | None = None, bytes_per_element: float = 2.0, delay: float = 1.0,
@@ -233,11 +326,26 @@ class ProgressLine:
         self.last = 0.0
         self.drawn = False
         self.ended = False          # the final 100% line is printed once
+        self.estimate = RateEstimate()
+        self._skipped = 0           # elements of the next call taken from a cache
+        self._lock = threading.Lock()
+        self.later = 0              # elements known to be measured again after the pass (``expect``)
+
+    def expect(self, n: int) -> None:
+        """``n`` elements will be measured again after the pass (a previous run's checks found them): the pass's ETA
+        counts them at its rate, until the stage that measures them starts."""
+        self.later = int(n)
+
+    def skip(self, n: int) -> None:
+        """``n`` elements of the next call were taken from a cache: done, but not measured at the pass's rate."""
+        self._skipped += n
 
     def __call__(self, done: int, total: int, name: str) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
+        self.estimate.add(now, done, self._skipped)
+        self._skipped = 0
         el = now - self.t0
         final = done >= total and not name
         if self.ended or el < self.delay or (now - self.last < (0.1 if self.tty else self.interval) and not final):
@@ -247,52 +355,90 @@ class ProgressLine:
         self.ended = final
         self.last = now
         phase = "measuring" if done < total else "done" if final else "finishing the rank analysis"
-        rate = done * 2 * self.bpe / el / 1e9 if el > 0 else 0.0
-        eta = (total - done) * el / done if done else 0.0
+        per_s = self.estimate.rate()
+        rate = (per_s or 0.0) * 2 * self.bpe / 1e9
+        eta = self.estimate.eta(total)
+        later = ""
+        if eta is not None and self.later and per_s:
+            eta += self.later / per_s
+            later = " (with the tensors measured again after the pass)"
         if not self.tty:
             pct = 100.0 * done / total if total else 100.0
             self.stream.write(f"progress: {phase}, {pct:.1f}% of {total / 1e9:,.2f}B params "
                               f"(~{done * 2 * self.bpe / 1e9:,.1f} of {total * 2 * self.bpe / 1e9:,.1f} GB read), "
-                              f"{rate:.2f} GB/s, {el:,.0f} s so far, ETA {eta:,.0f} s"
+                              f"{rate:.2f} GB/s, {el:,.0f} s so far, {_eta(eta, False)}{later}"
                               f"{'; ' + escape_name(_trim(name, 60)) if name else ''}\n")
             self.stream.flush()
             self.drawn = True
             return
         pct = 100.0 * done / total if total else 100.0
-        msg = f"\r{pct:5.1f}%  {done / 1e6:,.0f}M / {total / 1e6:,.0f}M params  {rate:5.2f} GB/s  ETA {eta:4.0f}s  {_trim(name, 40)}"
+        msg = (f"\r{pct:5.1f}%  {done / 1e6:,.0f}M / {total / 1e6:,.0f}M params  {rate:5.2f} GB/s  "
+               f"{_eta(eta, True)}  {_trim(name, 40)}")
         self.stream.write(msg[:160].ljust(100))
         self.stream.flush()
         self.drawn = True
 
-    def stage(self, what: str | None) -> None:
-        """A step after the measuring pass whose length is not known in advance (the checks for reordered units, a
-        rotated residual stream, folded norms; the tensors measured again beneath what they found): on a log, a
-        line ``progress: WHAT, N s so far`` every ``interval`` seconds while it runs (it took minutes at 70B widths
-        after a "done, ETA 0 s" line, with nothing on stderr); on a terminal, one line redrawn every second.
-        ``None`` ends it. Lines come from a daemon thread, which stops with the stage."""
+    def advance(self, n: int, cached: bool = False) -> None:
+        """``n`` more elements of the measured stage done (``cached``: taken from a cache, not measured)."""
+        st = getattr(self, "_measured", None)
+        if st is None:
+            return
+        with self._lock:
+            st["done"] += n
+            st["estimate"].add(time.monotonic(), st["done"], n if cached else 0)
+
+    def _stage_text(self, what: str, started: float) -> str:
+        """The line of the running stage: its time so far, and for a measured stage done / total, GB/s, ETA."""
+        now = time.monotonic()
+        el = now - started
+        st = getattr(self, "_measured", None)
+        if st is None:
+            if self.tty:
+                return f"\r{_trim(what, 80)}  {el:,.0f} s".ljust(100)[:160]
+            return f"progress: {escape_name(what)}, {el:,.0f} s so far ({now - self.t0:,.0f} s in all)\n"
+        with self._lock:
+            done, total = st["done"], st["total"]
+            per_s, eta = st["estimate"].rate(), st["estimate"].eta(total)
+        pct = 100.0 * done / total if total else 100.0
+        rate = (per_s or 0.0) * 2 * self.bpe / 1e9
+        if self.tty:
+            return (f"\r{_trim(what, 60)}  {pct:5.1f}%  {rate:5.2f} GB/s  {_eta(eta, True)}  {el:,.0f} s"
+                    .ljust(100)[:160])
+        return (f"progress: {escape_name(what)}, {pct:.1f}% of {total / 1e9:,.2f}B params "
+                f"(~{done * 2 * self.bpe / 1e9:,.1f} of {total * 2 * self.bpe / 1e9:,.1f} GB read), {rate:.2f} GB/s, "
+                f"{el:,.0f} s so far ({now - self.t0:,.0f} s in all), {_eta(eta, False)}\n")
+
+    def stage(self, what: str | None, total: int | None = None) -> None:
+        """A step after the measuring pass (the checks for reordered units, a rotated residual stream, folded norms;
+        the tensors measured again beneath what they found): on a log, a line ``progress: WHAT, N s so far`` every
+        ``interval`` seconds while it runs (it took minutes at 70B widths after a "done, ETA 0 s" line, with nothing
+        on stderr); on a terminal, one line redrawn every second. ``total``: the elements the stage measures
+        (tensors measured again), told as they stream with ``advance``: the line then shows done / total, GB/s and
+        the ETA of the stage (``RateEstimate``, started with the stage). ``None`` ends it. Lines come from a daemon
+        thread, which stops with the stage."""
         old = getattr(self, "_stage", None)
         if old is not None:
             old[1].set()
             old[2].join()
             self._stage = None
+        self._measured = None
+        if total is not None:
+            self.later = 0          # what was expected after the pass is measured now, and shown so
         if not self.enabled or what is None:
             if what is None and old is not None and self.tty and self.drawn:
                 self.stream.write("\r" + " " * 100 + "\r")
                 self.stream.flush()
             return
+        if total is not None:
+            self._measured = {"done": 0, "total": int(total), "estimate": RateEstimate()}
         stop = threading.Event()
         started = time.monotonic()
 
         def beat() -> None:
             period = 1.0 if self.tty else self.interval
             while not stop.wait(period):
-                el = time.monotonic() - started
                 try:
-                    if self.tty:
-                        self.stream.write(f"\r{_trim(what, 80)}  {el:,.0f} s".ljust(100)[:160])
-                    else:
-                        self.stream.write(f"progress: {escape_name(what)}, {el:,.0f} s so far "
-                                          f"({time.monotonic() - self.t0:,.0f} s in all)\n")
+                    self.stream.write(self._stage_text(what, started))
                     self.stream.flush()
                     self.drawn = True
                 except (OSError, ValueError):     # stderr closed under us: nothing more to say
