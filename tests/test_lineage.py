@@ -193,3 +193,21 @@ def test_straightness_is_not_stated_when_the_ends_compare_more_than_a_step(tmp_p
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["report", str(out), "--memo", str(tmp_path / "again.md"), "-q"])
     assert res.exit_code == 0, res.output
+
+
+def test_steps_of_equal_length_are_not_ranked(tmp_path):
+    """The same update applied to two blocks, one per step: the scale tester's chain read "step 1 moved the weights
+    most" on a 50.001% / 49.999% split. Steps within 1% of the longest are named together."""
+    rng = np.random.default_rng(21)
+    base = llama(rng, **SHAPE)
+    a, b = dict(base), {}
+    k0, k2 = "model.layers.0.self_attn.q_proj.weight", "model.layers.2.self_attn.q_proj.weight"
+    delta = low_rank_update(rng, base[k0], 4, rel=0.05) - base[k0]
+    a[k0] = base[k0] + delta
+    b = dict(a)
+    b[k2] = base[k2] + delta
+    paths = [str(write_checkpoint(tmp_path / n, t)) for n, t in (("base", base), ("a", a), ("b", b))]
+    r = lineage(paths, rank=False)
+    assert "steps 1 and 2 moved the weights about equally (50.0% and 50.0% of the path length" in r.findings[-1], \
+        r.findings[-1]
+    assert "moved the weights most" not in r.findings[-1]

@@ -28,6 +28,8 @@ from .records import dumps
 from .render.formats import count, sci, share, step_blocks_text, step_compared
 
 SCHEMA = "weightdiff.lineage/1"
+#: steps whose change is within this share of the longest step's are said to move the weights about equally
+TIE_SHARE = 0.01
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["lineage", "LineageResult", "SCHEMA"]
@@ -204,8 +206,19 @@ def _findings(steps: list[dict], end: dict) -> list[str]:
         elif steps[big]["share_of_path"] is None:   # no step moved a compared float tensor (or none shared one)
             text += "path length not measured (no step changed a tensor it shares with the one before)"
         else:
-            text += (f"step {big + 1} moved the weights most ({share(steps[big]['share_of_path'])} of the path "
-                     "length)")
+            # steps within 1% of the longest moved the weights about as much: naming one of them "most" on a
+            # 50.001% / 49.999% split (scale tester 2) says more than the measurement does
+            near = [i for i, s in enumerate(steps) if s["norm_delta"] is not None and s["share_of_path"] is not None
+                    and s["norm_delta"] >= (1.0 - TIE_SHARE) * steps[big]["norm_delta"]]
+            if len(near) > 1:
+                names = ", ".join(str(i + 1) for i in near[:-1]) + f" and {near[-1] + 1}"
+                shares = ", ".join(share(steps[i]["share_of_path"]) for i in near[:-1]) + \
+                    f" and {share(steps[near[-1]]['share_of_path'])}"
+                text += (f"steps {names} moved the weights about equally ({shares} of the path length, within "
+                         f"{share(TIE_SHARE)} of each other)")
+            else:
+                text += (f"step {big + 1} moved the weights most ({share(steps[big]['share_of_path'])} of the path "
+                         "length)")
         out.append(text)
         # the ends closer than the longest step: a later step undid part of an earlier one, or the
         # models are listed out of order (B-chat, B, B-instruct); fine-tunes in order move the ends
