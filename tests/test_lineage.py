@@ -211,3 +211,30 @@ def test_steps_of_equal_length_are_not_ranked(tmp_path):
     assert "steps 1 and 2 moved the weights about equally (50.0% and 50.0% of the path length" in r.findings[-1], \
         r.findings[-1]
     assert "moved the weights most" not in r.findings[-1]
+
+
+def test_each_comparison_of_a_chain_or_a_provenance_run_shows_progress(chain):
+    """Scale tester 2: provenance, lineage printed one line per candidate or step, then nothing while a comparison
+    ran (69 minutes for one 70B-width candidate). Each comparison now gets its own progress line, closed at its end;
+    the CLI makes them unless --quiet."""
+    import io
+
+    from weightdiff.cli_options import _measure_progress
+    from weightdiff.provenance import provenance
+    from weightdiff.render.terminal import ProgressLine
+
+    made = []
+
+    def make():
+        buf = io.StringIO()
+        line = ProgressLine(stream=buf, delay=0.0, interval=0.0)
+        made.append(buf)
+        return line
+
+    lineage(chain, rank=False, measure_progress=make)
+    assert len(made) == 3 and all("progress:" in b.getvalue() and "100" in b.getvalue() for b in made), \
+        [b.getvalue() for b in made]
+    made.clear()
+    provenance(chain[2], [chain[0]], measure_progress=make)
+    assert len(made) == 1 and "progress:" in made[0].getvalue()
+    assert _measure_progress(True) is None and callable(_measure_progress(False)().close)

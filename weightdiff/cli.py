@@ -13,7 +13,7 @@ import sys
 import click
 
 from ._version import __version__
-from .cli_options import (_checked, _claim_outputs, _cluster_options, _command_line, _document, _hub_options, _listed, _memo_path,
+from .cli_options import (_checked, _claim_outputs, _measure_progress, _cluster_options, _command_line, _document, _hub_options, _listed, _memo_path,
                           _provenance_options, _say, _write_json, _write_output, output_options)
 from .errors import OptionsError, UsageProblem, WeightdiffError, escape_name
 from .options import CompareOptions, HubOptions, click_options, flag_of
@@ -375,6 +375,7 @@ def provenance_cmd(paths, candidates_flag, json_out, csv_out, report_out, plots_
                    plots_dir=plots_dir)
     hub = _hub_options(opts, quiet)
     result = provenance(paths[0], list(paths[1:]), options=ProvenanceOptions(**opts), progress=_say(quiet),
+                        measure_progress=_measure_progress(quiet),
                         command=_command_line(), hub=hub)
     data = result.to_dict()
     if json_out:
@@ -430,6 +431,7 @@ def lineage_cmd(paths, json_out, csv_out, report_out, quiet, **opts):
     _claim_outputs(paths, cache=opts.get("cache"), json_out=json_out, csv_out=csv_out, report_out=report_out)
     hub = _hub_options(opts, quiet)
     result = lineage(list(paths), options=CompareOptions(**opts), progress=_say(quiet), command=_command_line(),
+                     measure_progress=_measure_progress(quiet),
                      hub=hub)
     data = result.to_dict()
     if json_out:

@@ -178,6 +178,23 @@ def _checked(progress):
     return call
 
 
+def _measure_progress(quiet: bool):
+    """Makes a progress line for each comparison a command runs one after another (provenance, lineage): done/total,
+    ETA and the steps after the pass, every 30 s on a log (a 70B-width provenance candidate was an hour of
+    silence); None with --quiet."""
+    if quiet:
+        return None
+
+    def make():
+        from .render.terminal import ProgressLine
+
+        line = ProgressLine()
+        call = _checked(line)
+        call.close = line.close
+        return call
+    return make
+
+
 def _hub_options(opts: dict, quiet: bool) -> HubOptions:
     hub = HubOptions.pop_from(opts)
     return HubOptions(hub.download, hub.offline, hub.stream_above, progress=not quiet)

@@ -131,6 +131,23 @@ SIDECARS = ("config.json", "quantize_config.json", "params.json", "adapter_confi
             "README.md")
 
 
+def measured(measure_progress: Callable[[], Any] | None, base, tuned, **kwargs: Any):
+    """``compare(base, tuned, **kwargs)`` with a progress object from ``measure_progress`` (None: none), whose step
+    line is ended and which is closed however the comparison ends. For commands that run comparisons one after
+    another (lineage, provenance): a comparison at 70B widths is many minutes, which a log showed as silence."""
+    line = measure_progress() if measure_progress is not None else None
+    try:
+        return compare(base, tuned, progress=line, **kwargs)
+    finally:
+        if line is not None:
+            stage = getattr(line, "stage", None)
+            if stage is not None:
+                stage(None)
+            close = getattr(line, "close", None)
+            if close is not None:
+                close()
+
+
 def protect_folder(outs, ck: Checkpoint) -> None:
     """Protect the checkpoint's sidecar files (``SIDECARS``, present or not, and ``*.index.json``) in its folder and
     in every folder its weights are read from (a sentence-transformers module's ``0_Transformer/``). Files the user may write

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence, Union
 from ._callable import callable_module
 from ._version import __version__
 from .io.checkpoint import is_hub_candidate, locate
-from .comparison import Comparison, compare, run_date, versions
+from .comparison import Comparison, compare, measured, run_date, versions
 from .errors import CheckpointError, OptionsError
 from .options import CompareOptions, HubOptions, options_from_kwargs
 from .records import dumps
@@ -86,8 +86,12 @@ def step_summary(cmp: Comparison, src: str, dst: str) -> dict:
 
 def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
             progress: Callable[[str], None] | None = None, command: str | None = None,
-            hub: HubOptions | None = None, **kwargs: Any) -> LineageResult:
+            hub: HubOptions | None = None, measure_progress: Callable[[], Any] | None = None,
+            **kwargs: Any) -> LineageResult:
     """Compare each consecutive pair of ``paths`` and the first with the last.
+
+    ``measure_progress``: makes the progress object of each comparison (``compare(progress=...)``, its own line,
+    every 30 s on a log), closed when the comparison ends (``measured``); None: no progress within a comparison.
 
     Options are those of ``weightdiff.compare`` (CompareOptions); paths may be Hub repo ids,
     read as ``hub`` (HubOptions) says. Raises
@@ -126,10 +130,11 @@ def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
                     "use weightdiff compare")
         for (a, ca), (b, cb) in zip(zip(paths, opened), zip(paths[1:], opened[1:])):
             say(f"comparing {a} -> {b}")
-            steps.append(step_summary(compare(ca, cb, options=options), a, b))
+            steps.append(step_summary(measured(measure_progress, ca, cb, options=options), a, b))
         if len(paths) > 2:
             say(f"comparing {paths[0]} -> {paths[-1]} (end to end)")
-            end = step_summary(compare(opened[0], opened[-1], options=options), paths[0], paths[-1])
+            end = step_summary(measured(measure_progress, opened[0], opened[-1], options=options), paths[0],
+                               paths[-1])
         else:
             end = dict(steps[0])
     # a step of which nothing was compared has no measured length (its norm reads 0): the path has none

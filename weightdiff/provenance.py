@@ -35,7 +35,7 @@ from ._version import __version__
 from .io.checkpoint import Checkpoint, is_hub_candidate, locate
 from .io.declared import declared
 from .io.located import weight_files
-from .comparison import compare, describe, hub_run, run_date, versions
+from .comparison import compare, describe, hub_run, measured, run_date, versions
 from .errors import CheckpointError, OptionsError, WeightdiffError, escape_name
 from .kernels.dtypes import DTYPES, decode
 from .options import CompareOptions, HubOptions, ProvenanceOptions, Thresholds, _opt, options_from_kwargs
@@ -96,8 +96,11 @@ class ProvenanceResult:
 
 def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: ProvenanceOptions | None = None,
                progress: Callable[[str], None] | None = None, command: str | None = None,
-               hub: HubOptions | None = None, **kwargs: Any) -> ProvenanceResult:
+               hub: HubOptions | None = None, measure_progress: Callable[[], Any] | None = None,
+               **kwargs: Any) -> ProvenanceResult:
     """Rank ``candidates`` as possible bases of ``tuned``; options as in ProvenanceOptions.
+
+    ``measure_progress``: as ``lineage``'s, for each candidate's full comparison.
 
     ``progress`` receives one-line status messages (for stderr). Models may be Hub repo
     ids; ``hub`` (HubOptions) says how they are read (screening a streamed candidate fetches
@@ -176,7 +179,7 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
             for e in full:
                 if id(e) not in done:
                     say(f"comparing {e.path} in full")
-                    done[id(e)] = _full(e, tuned, tck, options, screened_names)
+                    done[id(e)] = _full(e, tuned, tck, options, screened_names, measure_progress)
             full = _must_compare(entries, done)
             if not full:
                 break
@@ -397,13 +400,13 @@ def _screen(entries: list[_Entry], tck: Checkpoint, options: ProvenanceOptions) 
 
 
 def _full(e: _Entry, tuned: PathLike, tck: Checkpoint, options: ProvenanceOptions,
-          screened: frozenset = frozenset()) -> dict:
+          screened: frozenset = frozenset(), measure_progress: Callable[[], Any] | None = None) -> dict:
     findings: list[Finding] = []
     if options.permutations:
         findings = detect_permutations(e.ck, tck, e.name_map, exact_max=options.exact_max, seed=options.seed,
                                        min_cosine=options.min_neuron_cosine)
-    cmp = compare(e.ck, tck, options=options.compare_options(),   # headers already read once
-                  undo_reorderings=options.permutations)
+    cmp = measured(measure_progress, e.ck, tck, options=options.compare_options(),   # headers already read once
+                   undo_reorderings=options.permutations)
     rows = [t.to_dict() for t in cmp.tensors]
     applied = [f for f in findings if f.applied]
     comps = cmp.summary.components
