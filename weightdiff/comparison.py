@@ -131,7 +131,7 @@ SIDECARS = ("config.json", "quantize_config.json", "params.json", "adapter_confi
             "README.md")
 
 
-def measured(measure_progress: Callable[[], Any] | None, base, tuned, **kwargs: Any):
+def compare_with_progress(measure_progress: Callable[[], Any] | None, base, tuned, **kwargs: Any):
     """``compare(base, tuned, **kwargs)`` with a progress object from ``measure_progress`` (None: none), whose step
     line is ended and which is closed however the comparison ends. For commands that run comparisons one after
     another (lineage, provenance): a comparison at 70B widths is many minutes, which a log showed as silence."""

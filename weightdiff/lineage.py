@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence, Union
 from ._callable import callable_module
 from ._version import __version__
 from .io.checkpoint import is_hub_candidate, locate
-from .comparison import Comparison, compare, measured, run_date, versions
+from .comparison import Comparison, compare_with_progress, run_date, versions
 from .errors import CheckpointError, OptionsError
 from .options import CompareOptions, HubOptions, options_from_kwargs
 from .records import dumps
@@ -130,11 +130,12 @@ def lineage(paths: Sequence[PathLike], *, options: CompareOptions | None = None,
                     "use weightdiff compare")
         for (a, ca), (b, cb) in zip(zip(paths, opened), zip(paths[1:], opened[1:])):
             say(f"comparing {a} -> {b}")
-            steps.append(step_summary(measured(measure_progress, ca, cb, options=options), a, b))
+            steps.append(step_summary(compare_with_progress(measure_progress, ca, cb, options=options), a,
+                                      b))
         if len(paths) > 2:
             say(f"comparing {paths[0]} -> {paths[-1]} (end to end)")
-            end = step_summary(measured(measure_progress, opened[0], opened[-1], options=options), paths[0],
-                               paths[-1])
+            end = step_summary(compare_with_progress(measure_progress, opened[0], opened[-1], options=options),
+                               paths[0], paths[-1])
         else:
             end = dict(steps[0])
     # a step of which nothing was compared has no measured length (its norm reads 0): the path has none

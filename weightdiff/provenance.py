@@ -35,7 +35,7 @@ from ._version import __version__
 from .io.checkpoint import Checkpoint, is_hub_candidate, locate
 from .io.declared import declared
 from .io.located import weight_files
-from .comparison import compare, describe, hub_run, measured, run_date, versions
+from .comparison import compare_with_progress, describe, hub_run, run_date, versions
 from .errors import CheckpointError, OptionsError, WeightdiffError, escape_name
 from .kernels.dtypes import DTYPES, decode
 from .options import CompareOptions, HubOptions, ProvenanceOptions, Thresholds, _opt, options_from_kwargs
@@ -405,8 +405,8 @@ def _full(e: _Entry, tuned: PathLike, tck: Checkpoint, options: ProvenanceOption
     if options.permutations:
         findings = detect_permutations(e.ck, tck, e.name_map, exact_max=options.exact_max, seed=options.seed,
                                        min_cosine=options.min_neuron_cosine)
-    cmp = measured(measure_progress, e.ck, tck, options=options.compare_options(),   # headers already read once
-                   undo_reorderings=options.permutations)
+    cmp = compare_with_progress(measure_progress, e.ck, tck,           # headers already read once
+                                options=options.compare_options(), undo_reorderings=options.permutations)
     rows = [t.to_dict() for t in cmp.tensors]
     applied = [f for f in findings if f.applied]
     comps = cmp.summary.components
