@@ -689,39 +689,13 @@ class RecordCache:
         if self.write_error is not None:
             self.unwritten += 1
             return
-        name, tmp = f"{key}.json", f".{key}.{_HOST}.{os.getpid()}.tmp"
-        folder = fd = None
-        try:
-            payload = {"v": CACHE_VERSION, "key": key, "record": rec.to_dict(),
-                       **({"content": content} if content is not None else {}),
-                       **({"post": post} if post is not None else {})}
-            # the digest of the content as it reads back: the same JSON text (numpy scalars, tuples and sets
-            # written as the floats, ints and lists they read back as; a float's repr round-trips)
-            blob = json.dumps({**payload, "digest": _digest(payload)}, default=_plain, allow_nan=True).encode()
-            folder = self._folder(key, create=True)
-            fd = os.open(tmp, _WRITE_FLAGS, 0o666, dir_fd=folder)
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-            os.close(fd)
-            fd = None
-            os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
-        except BaseException as exc:
-            if fd is not None:
-                os.close(fd)
-            if folder is not None:
-                try:
-                    os.unlink(tmp, dir_fd=folder)
-                except OSError:
-                    pass
-            if not isinstance(exc, OSError):
-                raise
-            self.write_error = exc.strerror or str(exc)
-            self.unwritten += 1
-        finally:
-            if folder is not None:
-                os.close(folder)
+        payload = {"v": CACHE_VERSION, "key": key, "record": rec.to_dict(),
+                   **({"content": content} if content is not None else {}),
+                   **({"post": post} if post is not None else {})}
+        # the digest of the content as it reads back: the same JSON text (numpy scalars, tuples and sets
+        # written as the floats, ints and lists they read back as; a float's repr round-trips)
+        blob = json.dumps({**payload, "digest": _digest(payload)}, default=_plain, allow_nan=True).encode()
+        self._write_bytes(key, f"{key}.json", lambda fh: fh.write(blob))
 
     # -- the checks' outcome ----------------------------------------------------------------
     def checks_key(self, plan: Any, bases: Sequence[Any], tuned: Any, extra: dict) -> str:
