@@ -832,9 +832,6 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
            for r in probe):
         return [], {}
 
-    def load(ck: Checkpoint, name: str):
-        return rot.values(ck, name)
-
     rows_order: dict = {}           # id(table) -> the base row of each of its first rows, matched beneath R
 
     def shared_rows(r: TensorRecord) -> tuple[int | None, tuple | None]:
@@ -964,13 +961,19 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         # every match unambiguous (``measure.rowmatch``), so that a table whose ids were remapped is measured
         # against the rows it holds (its first rows: tokens added are appended); with no such order it is measured
         # as stored, its rows read changed
-        from .measure.rowmatch import match_rows
+        from .measure.rowmatch import RowTable, match_rows
+
+        def rotated_rows(name: str, idx: np.ndarray) -> np.ndarray:
+            # the base's rows ``idx`` in the rotated frame (rows times R), float32: never the whole table
+            return (rot.rows_of(base, name, 0, len(idx), idx) @ r_all).astype(np.float32)
 
         for r in [e, *ins]:
             if r.module in ("embed", "lm_head"):
-                b, t = load(base, r.base_name), load(tuned, r.name)
-                k = min(b.shape[0], t.shape[0])
-                m = match_rows(t[:k], rot.apply("in", b, r_all).astype(np.float32), "F32", "F32")
+                k = min(int(base.tensors[r.base_name].shape[0]), int(tuned.tensors[r.name].shape[0]))
+                t = RowTable.stored(tuned, r.name, k)
+                b = RowTable((int(base.tensors[r.base_name].shape[0]), d),
+                             lambda idx, name=r.base_name: rotated_rows(name, idx), np.float32)
+                m = match_rows(t, b, tuned.tensors[r.name].dtype, "F32")
                 # (each row its own: no remapping, the table fine-tuned after the rotation, measured as it stands)
                 if m.order is not None and not np.array_equal(np.asarray(m.order), np.arange(len(m.order))):
                     rows_order[id(r)] = np.asarray(m.order, np.int64)
@@ -1893,11 +1896,12 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
         mats = [r for r in rows if len(r.shape or ()) == 2 and r.status != "unchanged"]
         if not mats:
             return False
-        from .measure.rowmatch import match_rows
+        from .measure.rowmatch import RowTable, match_rows
 
         orders, seen_here = [], {}
         for r in mats:
-            t, b = tuned.read(r.name), base.read(r.base_name)
+            # read by rows, never whole (two 32,000-token tables a side held 1 GB beside the process)
+            t, b = RowTable.stored(tuned, r.name), RowTable.stored(base, r.base_name)
             dt, db = tuned.tensors[r.name].dtype, base.tensors[r.base_name].dtype
             ok, order = rows_reordered(t, b, dt, db, partial=True)
             if not ok:

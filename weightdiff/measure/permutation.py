@@ -862,7 +862,7 @@ def rows_from_base(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_
                    min_share: float = 0.9, min_cosine: float = 0.5) -> bool:
     """Whether the rows of a tuned embedding or output head [rows, hidden] are the base's rows in another
     order or a subset of them (a tokenizer's ids remapped, a vocabulary trimmed), though row i is not base
-    row i. ``tuned`` and ``base`` are the stored 2-D arrays (memory-mapped: read in chunks, never whole
+    row i. ``tuned`` and ``base`` are 2-D arrays or ``rowmatch.RowTable``s (read in chunks, never whole
     in float32). First bitwise: at least ``min_share`` of the tuned rows are base rows, each base row
     used once at most. Else by cosine, on ``ROW_SAMPLE`` tuned rows spread over the table: each one's
     nearest base row at ``min_cosine`` or more for ``min_share`` of them, all different, and better than
@@ -881,7 +881,9 @@ def rows_reordered(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_
     enough to tell whether the embedding's and the head's rows follow one remapping)."""
     import hashlib
 
-    tuned, base = np.asarray(tuned), np.asarray(base)
+    from .rowmatch import as_table
+
+    tuned, base = as_table(tuned), as_table(base)
     if tuned.ndim != 2 or base.ndim != 2 or tuned.shape[1] != base.shape[1] or not len(tuned) or len(base) < 2:
         return False, None
     if dtype_tuned == dtype_base and tuned.dtype == base.dtype:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RowMatch", "match_rows", "SKETCH_DIMS", "CANDIDATES", "MARGIN"]
+__all__ = ["RowMatch", "RowTable", "as_table", "match_rows", "SKETCH_DIMS", "CANDIDATES", "MARGIN"]
 
 #: dimensions of the random projection the candidate search runs on
 SKETCH_DIMS = 64
@@ -34,6 +34,54 @@ MARGIN = 0.5
 BLOCK = 2048
 #: similarities of the sketch search held at a time (float32: 32 MB)
 SIM_ELEMENTS = 1 << 23
+
+
+class RowTable:
+    """A 2-D table [rows, cols] read by rows, never whole: what ``match_rows`` and ``permutation.rows_reordered``
+    index. A slice or an index array gives those rows as an array (``fetch`` of their indices), so a 32,000-token
+    embedding is read ``BLOCK`` rows at a time rather than held (256 MB a side in bf16, 2 GB as float64 at Llama 3's
+    128,256 x 4,096). ``dtype`` is the numpy dtype ``fetch`` returns (the stored one, or float32 when the rows come
+    decoded).
+
+    >>> t = RowTable((5, 2), lambda i: np.stack([i, -i], axis=1).astype(np.float32), np.float32)
+    >>> t[1:3].tolist(), t[np.array([4, 0])].tolist(), len(t)
+    ([[1.0, -1.0], [2.0, -2.0]], [[4.0, -4.0], [0.0, 0.0]], 5)
+    """
+
+    ndim = 2
+
+    def __init__(self, shape, fetch, dtype):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(dtype)
+        self._fetch = fetch
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            idx = np.arange(*key.indices(self.shape[0]), dtype=np.int64)
+        else:
+            idx = np.asarray(key, np.int64).reshape(-1)
+            if idx.size and (idx.min() < -self.shape[0] or idx.max() >= self.shape[0]):
+                raise IndexError(f"row index out of range for a table of {self.shape[0]} rows")
+            idx = np.where(idx < 0, idx + self.shape[0], idx)
+        return np.asarray(self._fetch(idx)).reshape(len(idx), self.shape[1])
+
+    @classmethod
+    def stored(cls, ck, name: str, rows: int | None = None) -> "RowTable":
+        """Tensor ``name`` of checkpoint ``ck`` (2-D) in its stored dtype, read by ``ck.read_rows``; its first
+        ``rows`` rows only when given."""
+        info = ck.tensors[name]
+        n, cols = int(info.shape[0]), int(np.prod(info.shape[1:], dtype=np.int64))
+        first = np.asarray(ck.read_rows(name, np.zeros(0, np.int64)))
+        return cls((n if rows is None else min(n, int(rows)), cols),
+                   lambda idx: ck.read_rows(name, idx), first.dtype)
+
+
+def as_table(x):
+    """``x`` as ``match_rows`` reads it: a ``RowTable`` as it is, anything else as an array."""
+    return x if isinstance(x, RowTable) else np.asarray(x)
 
 
 @dataclass(frozen=True)
@@ -87,8 +135,8 @@ def _sketch(table: np.ndarray, dtype: str, proj: np.ndarray) -> tuple[np.ndarray
 def match_rows(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_base: str, *,
                min_cosine: float = 0.5, margin: float = MARGIN, seed: int = 0) -> RowMatch:
     """Each tuned row's base row by cosine, for a table [rows, hidden] whose rows are base rows in
-    another order (or a subset), then trained. ``tuned`` and ``base`` are the stored 2-D arrays
-    (memory-mapped: read ``BLOCK`` rows at a time). A tuned row is matched to its nearest base row
+    another order (or a subset), then trained. ``tuned`` and ``base`` are 2-D arrays or ``RowTable``s
+    (read ``BLOCK`` rows at a time). A tuned row is matched to its nearest base row
     when their cosine is at least ``min_cosine`` and the distance between the two unit rows is at most
     ``margin`` times the distance to the next nearest base row; the order is given only when every
     tuned row is matched so, no base row twice (a row of zeros has no direction: it stops the order).
@@ -98,7 +146,7 @@ def match_rows(tuned: np.ndarray, base: np.ndarray, dtype_tuned: str, dtype_base
     >>> m = match_rows(t, b, "F32", "F32"); m.order[:3].tolist(), m.matched
     ([49, 48, 47], 30)
     """
-    tuned, base = np.asarray(tuned), np.asarray(base)
+    tuned, base = as_table(tuned), as_table(base)
     n, nb = len(tuned), len(base)
     if tuned.ndim != 2 or base.ndim != 2 or tuned.shape[1] != base.shape[1] or not n or nb < 2:
         return RowMatch(None, 0, n, None, "the tables' shapes do not allow a row match")
