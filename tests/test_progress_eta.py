@@ -225,3 +225,83 @@ def test_the_pass_eta_counts_what_a_previous_run_measured_again(clock):
     p.stage("measuring 30 tensors again", total=400)
     assert p.later == 0
     p.stage(None)
+
+
+def test_a_long_step_without_a_call_still_gets_a_line_in_a_log(clock):
+    """One 70B-width matrix's rank solve is minutes without a call: the log showed nothing for 3 to 8 minutes after
+    "finishing the rank analysis". The heartbeat writes the pass's line again, saying how long since the last step,
+    and not "ETA 0 s" while rank solves are left."""
+    log = io.StringIO()
+    p = ProgressLine(stream=log, interval=30.0)
+    p(0, 1000, "a")
+    for _ in range(20):
+        clock.t += 0.5
+        p(p.estimate.done + 10, 1000, "a")
+    clock.t += 31
+    p(400, 1000, "model.layers.0.mlp.down_proj.weight")
+    before = log.getvalue()
+    clock.t += 10
+    assert p.beat() and log.getvalue() == before             # too soon: nothing
+    clock.t += 25
+    assert p.beat()
+    line = log.getvalue()[len(before):]
+    assert line.startswith("progress: measuring, 40.0%") and line.rstrip().endswith(
+        "model.layers.0.mlp.down_proj.weight, 35 s since the last step"), line
+    assert "ETA not known while this step runs" in line      # 35 s of nothing: the last 20 s measured nothing
+    p(1000, 1000, "model.layers.1.mlp.down_proj.weight")    # streamed; its rank solving
+    clock.t += 120
+    assert p.beat()
+    last = log.getvalue().splitlines()[-1]
+    assert last.startswith("progress: finishing the rank analysis, 100.0%") and "120 s since the last step" in last
+    assert "ETA not known (rank solves still running)" in last and "ETA 0 s" not in last
+    p(1000, 1000, "")                                       # the end: the heartbeat stops
+    assert not p.beat()
+
+
+def test_the_heartbeat_thread_writes_and_ends_with_the_line():
+    import gc
+    import threading
+    import time
+
+    log = io.StringIO()
+    p = ProgressLine(stream=log, interval=0.2, delay=0.0)
+    p(1, 10, "x")
+    deadline = time.monotonic() + 20
+    while "since the last step" not in log.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "since the last step" in log.getvalue()
+    p.close()
+    assert not any(t.name == "weightdiff-heartbeat" and t.is_alive() for t in threading.enumerate()
+                   if p._heart is not None and t is p._heart[1])
+    q = ProgressLine(stream=io.StringIO(), interval=0.2, delay=0.0)
+    q(1, 10, "x")
+    thread = q._heart[1]
+    del q
+    gc.collect()
+    thread.join(20)
+    assert not thread.is_alive()                            # a line dropped without close: its thread ends too
+
+
+def test_hashing_the_inputs_is_a_stage_of_its_own(tmp_path, rng):
+    """--hash (which --memo turns on) hashed every input file after the pass with nothing on stderr (56 to 93 s for
+    a 7B pair): a stage names it, with the bytes to hash, before the pass too when --cache keys records by it."""
+    from conftest import write_checkpoint
+    from models import llama
+    from weightdiff import compare
+
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "b", base)
+    t = write_checkpoint(tmp_path / "t", {k: v * 1.01 for k, v in base.items()})
+    names: list = []
+
+    def progress(done, total, name):
+        pass
+    progress.stage = lambda what, total=None: names.append(what)
+    compare(b, t, progress=progress, hash_files=True)
+    hashing = [n for n in names if n and n.startswith("hashing the input files (sha256 of ")]
+    assert len(hashing) == 1 and names[names.index(hashing[0]) + 1] is None, names
+    names.clear()
+    compare(b, t, progress=progress, hash_files=False)
+    assert not any(n and n.startswith("hashing") for n in names), names
+    compare(b, t, progress=progress, hash_files=True, cache=str(tmp_path / "c"))
+    assert sum(1 for n in names if n and n.startswith("hashing")) == 1        # hashed once, before the pass

@@ -20,7 +20,7 @@ import math
 import os
 import platform
 import sys
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -165,6 +165,24 @@ def protect_folder(outs, ck: Checkpoint) -> None:
         for name in sorted(set(names) | set(SIDECARS)):
             if name in SIDECARS or name.endswith((".index.json", ".jinja")):
                 outs.protect(folder / name, f"is a file of the checkpoint `{escape_name(str(folder))}`")
+
+
+@contextmanager
+def hashing(progress, cks: Sequence[Checkpoint]):
+    """While the local files of ``cks`` not hashed yet are hashed (``--hash``, which ``--memo`` turns on): a progress
+    stage saying so with the bytes to hash (a log showed 56 to 93 s of silence for a 7B pair's). Nothing when there
+    is nothing to hash or no progress line."""
+    stage = getattr(progress, "stage", None)
+    todo = sum(os.path.getsize(f) for ck in cks if ck.hub is None and getattr(ck, "_hashed", None) is None
+               for f in ck.files if os.path.isfile(f))
+    if stage is None or not todo:
+        yield
+        return
+    stage(f"hashing the input files (sha256 of {todo / 1e9:,.2f} GB)")
+    try:
+        yield
+    finally:
+        stage(None)
 
 
 def describe(ckpt: Checkpoint, digests: bool) -> dict:
@@ -312,6 +330,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
     elif progress is False:
         progress = None
     with ExitStack() as stack:
+        if line is not None:            # its threads (heartbeat, stages) end with the comparison, however it ends
+            stack.callback(line.close)
         date = run_date()
         bases = [_opened(stack, p, hub) for p in base_paths]
         for b in bases:
@@ -329,9 +349,10 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
                 # and exited 0), and its tokenizer or README belong to the user's model too
                 protect_folder(outs, ck)
         if options.cache and hash_files:    # hashed anyway: hashed first, and the cache keys records by it
-            for ck in (*bases, tuned_ck):
-                if ck.hub is None:
-                    ck.digests = {os.path.realpath(p): d for p, d in ck.hash_files().items()}
+            with hashing(progress, (*bases, tuned_ck)):
+                for ck in (*bases, tuned_ck):
+                    if ck.hub is None:
+                        ck.digests = {os.path.realpath(p): d for p, d in ck.hash_files().items()}
         the_plan = make_plan(bases, tuned_ck, include=options.include, exclude=options.exclude,
                              rename=options.rename)
         check_adapter_plan(the_plan, bases, tuned_ck)
@@ -425,8 +446,9 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
             line.close()
         for ck in (*bases, tuned_ck):
             ck.check_identity()             # the numbers describe the files located, unchanged
-        base_desc = [_labelled(describe(b, hash_files), lab) for b, lab in zip(bases, base_labels)]
-        tuned_desc = _labelled(describe(tuned_ck, hash_files), tuned_label)
+        with hashing(progress if hash_files else None, (*bases, tuned_ck)):
+            base_desc = [_labelled(describe(b, hash_files), lab) for b, lab in zip(bases, base_labels)]
+            tuned_desc = _labelled(describe(tuned_ck, hash_files), tuned_label)
         run = {"date": date, "seconds": round(seconds, 3), "command": command, "versions": versions(),
                "threads": options.threads}
         hub_reads = hub_run([*bases, tuned_ck])

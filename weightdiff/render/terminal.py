@@ -291,6 +291,15 @@ def _eta(eta: float | None, tty: bool) -> str:
     return f"ETA {eta:4.0f}s" if tty else f"ETA {eta:,.0f} s"
 
 
+def _heartbeat(ref, stop: threading.Event, wake: float) -> None:
+    """``ProgressLine``'s heartbeat thread: ``beat`` every ``wake`` seconds while the line lives and says go on."""
+    while not stop.wait(wake):
+        line = ref()
+        if line is None or not line.beat():
+            return
+        del line
+
+
 class ProgressLine:
     """Progress on stderr: elements done / total, GB/s, ETA.
 
@@ -328,8 +337,11 @@ class ProgressLine:
         self.ended = False          # the final 100% line is printed once
         self.estimate = RateEstimate()
         self._skipped = 0           # elements of the next call taken from a cache
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.later = 0              # elements known to be measured again after the pass (``expect``)
+        self._state: tuple[int, int, str, float] | None = None   # the pass's last call: done, total, name, when
+        self._pass_over = False     # the pass's final call came: the heartbeat stops
+        self._heart: tuple[threading.Event, threading.Thread] | None = None
 
     def expect(self, n: int) -> None:
         """``n`` elements will be measured again after the pass (a previous run's checks found them): the pass's ETA
@@ -344,17 +356,65 @@ class ProgressLine:
         if not self.enabled:
             return
         now = time.monotonic()
-        self.estimate.add(now, done, self._skipped)
-        self._skipped = 0
+        final = done >= total and not name
+        with self._lock:
+            self.estimate.add(now, done, self._skipped)
+            self._skipped = 0
+            self._state = (done, total, name, now)
+            if final:
+                self._pass_over = True
+            elif self._heart is None:
+                self._start_heart()
+            el = now - self.t0
+            if self.ended or el < self.delay or (now - self.last < (0.1 if self.tty else self.interval) and not final):
+                return
+            if not self.tty and final and not self.drawn:
+                return        # a run shorter than the interval stays silent in a log
+            self.ended = final
+            self._write_pass(done, total, name, now, None)
+
+    def _start_heart(self) -> None:
+        """The pass's heartbeat: a line (a log: every ``interval`` s; a terminal: every second) while no call comes.
+        One 70B-width matrix's rank solve, or a large tensor's first window, is minutes without a call: a log showed
+        nothing for 3 to 8 minutes after "finishing the rank analysis". The line says how long since the last step;
+        the rate and the ETA count the time without one. The thread holds the line weakly: it ends with the pass,
+        ``close``/``stop_heartbeat``, or the line's being dropped."""
+        import weakref
+
+        stop = threading.Event()
+        thread = threading.Thread(target=_heartbeat, args=(weakref.ref(self), stop, 1.0 if self.tty else
+                                                            min(self.interval, 5.0)),
+                                  name="weightdiff-heartbeat", daemon=True)
+        self._heart = (stop, thread)
+        thread.start()
+
+    def beat(self) -> bool:
+        """One heartbeat: the pass's line again when no call came for a period (a log: ``interval``; a terminal:
+        a second) and none was written in it; False once the pass is over (the heartbeat then ends)."""
+        period = 1.0 if self.tty else self.interval
+        with self._lock:
+            if self._pass_over or self.ended:
+                return False
+            if getattr(self, "_stage", None) is not None or self._state is None:
+                return True
+            done, total, name, at = self._state
+            now = time.monotonic()
+            if now - self.t0 < self.delay or now - self.last < period or now - at < period:
+                return True
+            self.estimate.add(now, done)
+            try:
+                self._write_pass(done, total, name, now, now - at)
+            except (OSError, ValueError):       # stderr closed under us: nothing more to say
+                return False
+            return True
+
+    def _write_pass(self, done: int, total: int, name: str, now: float, quiet: float | None) -> None:
+        """One line of the pass (``quiet``: seconds since its last step, from the heartbeat)."""
         el = now - self.t0
         final = done >= total and not name
-        if self.ended or el < self.delay or (now - self.last < (0.1 if self.tty else self.interval) and not final):
-            return
-        if not self.tty and final and not self.drawn:
-            return        # a run shorter than the interval stays silent in a log
-        self.ended = final
         self.last = now
         phase = "measuring" if done < total else "done" if final else "finishing the rank analysis"
+        since = "" if quiet is None else f", {quiet:,.0f} s since the last step"
         per_s = self.estimate.rate()
         rate = (per_s or 0.0) * 2 * self.bpe / 1e9
         eta = self.estimate.eta(total)
@@ -362,18 +422,23 @@ class ProgressLine:
         if eta is not None and self.later and per_s:
             eta += self.later / per_s
             later = " (with the tensors measured again after the pass)"
+        told = _eta(eta, self.tty)
+        if not self.tty and done >= total and not final:
+            told = "ETA not known (rank solves still running)"      # not "ETA 0 s" for minutes of solves
+        elif not self.tty and quiet is not None and eta is None:
+            told = "ETA not known while this step runs"
         if not self.tty:
             pct = 100.0 * done / total if total else 100.0
             self.stream.write(f"progress: {phase}, {pct:.1f}% of {total / 1e9:,.2f}B params "
                               f"(~{done * 2 * self.bpe / 1e9:,.1f} of {total * 2 * self.bpe / 1e9:,.1f} GB read), "
-                              f"{rate:.2f} GB/s, {el:,.0f} s so far, {_eta(eta, False)}{later}"
-                              f"{'; ' + escape_name(_trim(name, 60)) if name else ''}\n")
+                              f"{rate:.2f} GB/s, {el:,.0f} s so far, {told}{later}"
+                              f"{'; ' + escape_name(_trim(name, 60)) if name else ''}{since}\n")
             self.stream.flush()
             self.drawn = True
             return
         pct = 100.0 * done / total if total else 100.0
         msg = (f"\r{pct:5.1f}%  {done / 1e6:,.0f}M / {total / 1e6:,.0f}M params  {rate:5.2f} GB/s  "
-               f"{_eta(eta, True)}  {_trim(name, 40)}")
+               f"{told}  {_trim(name, 40)}{'' if quiet is None else f'  {quiet:,.0f} s'}")
         self.stream.write(msg[:160].ljust(100))
         self.stream.flush()
         self.drawn = True
@@ -448,7 +513,17 @@ class ProgressLine:
         self._stage = (what, stop, thread)
         thread.start()
 
+    def stop_heartbeat(self) -> None:
+        """No more heartbeat lines of the pass (it ended, or the command failed): the thread is stopped and joined."""
+        with self._lock:
+            self._pass_over = True
+            heart, self._heart = self._heart, None
+        if heart is not None:
+            heart[0].set()
+            heart[1].join()
+
     def close(self) -> None:
+        self.stop_heartbeat()
         self.stage(None)
         if self.drawn and self.tty:
             self.stream.write("\r" + " " * 100 + "\r")
