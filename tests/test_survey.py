@@ -791,3 +791,53 @@ def test_population_figure_shows_the_memos_population_and_labels_no_near_median_
     assert outliers(rows[:5], "delta_params_share") == []      # 1.0 among 0.9984s is not unusual
     rows[4]["delta_params_share"] = 1e-3                        # a LoRA among dense fine-tunes still is
     assert [r["tuned"] for r in outliers(rows[:5], "delta_params_share")] == ["/s/ft04"]
+
+
+def test_the_survey_heartbeat_says_models_bytes_and_an_eta():
+    """A survey printed one line per model and nothing between (its comparisons run in worker processes): at 70B
+    width an hour of silence. Between rows, every ``BEAT_SECONDS``, a line with the models and bytes done, the time
+    since the last row and an ETA from the bytes finished per second."""
+    from weightdiff.survey import Heartbeat
+
+    now = [0.0]
+    said: list[str] = []
+    h = Heartbeat(said.append, [10_000_000_000, 20_000_000_000, 30_000_000_000], every=30.0, clock=lambda: now[0])
+    assert h.line(10.0).endswith("ETA not yet known (no model done)")
+    now[0] = 29.0
+    h.beat()
+    assert said == []                                       # not 30 s yet
+    now[0] = 31.0
+    h.beat()
+    assert said == ["survey: 0 of 3 models compared (0.0 of 60.0 GB of tuned weights), 31 s so far, 31 s since the "
+                    "last one, ETA not yet known (no model done)"]
+    now[0] = 100.0
+    h.finished(1)
+    now[0] = 129.0
+    h.beat()
+    assert len(said) == 1                                   # a row was said at 100 s
+    now[0] = 130.0
+    h.beat()
+    # 20 GB in 130 s, 40 GB left: 260 s
+    assert said[-1] == ("survey: 1 of 3 models compared (20.0 of 60.0 GB of tuned weights), 130 s so far, 30 s since "
+                        "the last one, ETA 260 s (from the models done)")
+    hub = Heartbeat(said.append, [0, 5], clock=lambda: now[0])        # a Hub id's size is not known here: by number
+    hub.finished(0)
+    assert hub.line(now[0] + 10).endswith("1 of 2 models compared, 10 s so far, 10 s since the last one, ETA 10 s "
+                                          "(from the models done)")
+
+
+def test_a_survey_between_rows_prints_its_heartbeat(models, tmp_path, monkeypatch):
+    import weightdiff.survey as sv
+
+    monkeypatch.setattr(sv, "BEAT_SECONDS", 0.2)
+
+    def slow(*args):
+        time.sleep(1.5)
+        return survey_task(*args)
+
+    said: list[str] = []
+    survey(models["base"], models["tuned"][:2], tmp_path / "s", say=said.append, task=slow)
+    beats = [m for m in said if m.startswith("survey: ")]
+    assert any(m.startswith("survey: 0 of 2 models compared") for m in beats), said
+    assert any(m.startswith("survey: 1 of 2 models compared") and "ETA" in m for m in beats), said
+    assert not any(t.name == "weightdiff-survey-progress" for t in threading.enumerate())

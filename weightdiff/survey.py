@@ -615,8 +615,10 @@ def _survey(plan: Plan, run: Any, base_id: dict, directory: Path, options: Compa
         # absolute paths: workers of a --scheduler cluster do not share this process's directory
         args = [(base_id["path"], tid["path"], task_options, hash_files) + _pins(base_id, tid) for tid, _ in todo]
         tables = _Batched(lambda: write_tables(table(), directory, parquet))
+        beat = Heartbeat(say, [sum(int(f[1]) for f in tid.get("files") or ()) for tid, _ in todo])
         try:
-            for done, oc in enumerate(run.map(task, args, name="survey"), start=1):
+            for done, oc in enumerate(beat.watch(run.map(task, args, name="survey")), start=1):
+                beat.finished(oc.index)
                 tid, key = todo[oc.index]
                 rows[tid["path"]] = _finish(oc, tid, base_id, key, directory)
                 r = rows[tid["path"]]
@@ -642,6 +644,71 @@ def _survey(plan: Plan, run: Any, base_id: dict, directory: Path, options: Compa
 
         result.files += save_population(result.rows, directory)
     return result
+
+
+#: a survey's progress line while no model finishes, every this many seconds (its comparisons run in worker
+#: processes, whose own progress lines nobody sees: a 70B-width model is an hour of silence between two rows)
+BEAT_SECONDS = 30.0
+
+
+class Heartbeat:
+    """The survey's progress between rows: every ``every`` seconds without a model finished, a line with the models
+    and the tuned models' bytes done of the total, the time so far and an ETA from the bytes finished per second
+    (the models done; with several workers, their throughput). Models whose size is not known here (a Hub id) count
+    by number. ``line(now)`` is the text (pure, for tests); ``watch(outcomes)`` runs a daemon thread beside the
+    iteration and stops it when the iteration ends, however it ends."""
+
+    def __init__(self, say: Callable[[str], None], sizes: Sequence[int], every: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.say, self.sizes, self.clock = say, [int(x) for x in sizes], clock
+        self.every = BEAT_SECONDS if every is None else float(every)
+        self.t0 = self.row_at = self.said_at = clock()
+        self.done: set[int] = set()
+
+    def finished(self, index: int) -> None:
+        """Model ``index`` (of ``sizes``) finished (its row is said by the caller)."""
+        self.done.add(int(index))
+        self.row_at = self.said_at = self.clock()
+
+    def line(self, now: float) -> str:
+        n, total = len(self.done), len(self.sizes)
+        el = now - self.t0
+        if self.sizes and all(self.sizes):
+            got, whole = sum(self.sizes[i] for i in self.done), sum(self.sizes)
+            share = f" ({got / 1e9:,.1f} of {whole / 1e9:,.1f} GB of tuned weights)"
+        else:
+            got, whole, share = n, total, ""
+        eta = (f"ETA {(whole - got) / (got / el):,.0f} s (from the models done)" if got and el > 0
+               else "ETA not yet known (no model done)")
+        return (f"survey: {n} of {total} models compared{share}, {el:,.0f} s so far, "
+                f"{now - self.row_at:,.0f} s since the last one, {eta}")
+
+    def beat(self) -> None:
+        """The line, when ``every`` seconds passed since the last row or line."""
+        now = self.clock()
+        if now - self.said_at >= self.every:
+            self.said_at = now
+            self.say(self.line(now))
+
+    def watch(self, outcomes: Iterator) -> Iterator:
+        import threading
+
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(min(self.every, 5.0)):
+                try:
+                    self.beat()
+                except (OSError, ValueError):      # stderr closed under us: nothing more to say
+                    return
+
+        thread = threading.Thread(target=run, name="weightdiff-survey-progress", daemon=True)
+        thread.start()
+        try:
+            yield from outcomes
+        finally:
+            stop.set()
+            thread.join()
 
 
 #: while a survey runs, its tables are rewritten at most this often (seconds), and then after the last
