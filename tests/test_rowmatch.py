@@ -91,3 +91,38 @@ def test_rows_alike_in_the_base_are_one_row_for_the_match(rng, monkeypatch):
     # more tuned rows than alike base rows: no order
     t2 = _trained(rng, np.concatenate([b[:100], np.repeat(b[500:501], 41, axis=0)]))
     assert match_rows(t2, b, "F32", "F32").order is None
+
+
+def test_a_row_table_reads_rows_locally_and_a_streamed_table_once(rng):
+    """Local: rows by ``read_rows``, never the whole table. Streamed from the Hub: the match gathers thousands of
+    scattered rows at a time (one HTTP range each), so the table is read once, whole; the same order either way."""
+    from types import SimpleNamespace
+
+    from weightdiff.measure.rowmatch import RowTable
+
+    b = _table(rng)
+    idx = rng.permutation(600)
+    t = _trained(rng, b[idx])
+    calls = {"read": 0, "rows": []}
+
+    def ck(x, streamed):
+        def read(name):
+            calls["read"] += 1
+            return x.copy()
+
+        def read_rows(name, rows):
+            calls["rows"].append(len(rows))
+            return x[np.asarray(rows, np.int64)]
+        return SimpleNamespace(tensors={"w": SimpleNamespace(shape=x.shape)}, read=read, read_rows=read_rows,
+                               hub_run={"mode": "stream"} if streamed else None)
+
+    local = match_rows(RowTable.stored(ck(t, False), "w"), RowTable.stored(ck(b, False), "w"), "F32", "F32")
+    assert local.order.tolist() == idx.tolist() and calls["read"] == 0
+    assert calls["rows"] and max(calls["rows"]) <= rowmatch.BLOCK
+    calls["rows"].clear()
+    streamed = match_rows(RowTable.stored(ck(t, True), "w"), RowTable.stored(ck(b, True), "w"), "F32", "F32")
+    assert streamed.order.tolist() == idx.tolist() and calls["read"] == 2 and not calls["rows"]
+    first = RowTable.stored(ck(t, False), "w", rows=10)
+    assert first.shape == (10, 48) and np.array_equal(first[-1:], t[9:10]) and np.array_equal(first[:], t[:10])
+    with pytest.raises(IndexError):
+        first[np.array([10])]

@@ -71,12 +71,17 @@ class RowTable:
     @classmethod
     def stored(cls, ck, name: str, rows: int | None = None) -> "RowTable":
         """Tensor ``name`` of checkpoint ``ck`` (2-D) in its stored dtype, read by ``ck.read_rows``; its first
-        ``rows`` rows only when given."""
+        ``rows`` rows only when given. A checkpoint streamed from the Hub is read whole once instead: the cosine
+        match gathers thousands of scattered rows at a time, one HTTP range each, where one download of the table
+        is a single request (its memory is what a download's page cache would be)."""
         info = ck.tensors[name]
         n, cols = int(info.shape[0]), int(np.prod(info.shape[1:], dtype=np.int64))
+        n = n if rows is None else min(n, int(rows))
+        if ((getattr(ck, "hub_run", None) or {}).get("mode")) == "stream":
+            whole = np.asarray(ck.read(name)).reshape(int(info.shape[0]), cols)[:n]
+            return cls((n, cols), lambda idx: whole[idx], whole.dtype)
         first = np.asarray(ck.read_rows(name, np.zeros(0, np.int64)))
-        return cls((n if rows is None else min(n, int(rows)), cols),
-                   lambda idx: ck.read_rows(name, idx), first.dtype)
+        return cls((n, cols), lambda idx: ck.read_rows(name, idx), first.dtype)
 
 
 def as_table(x):
