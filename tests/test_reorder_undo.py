@@ -467,3 +467,35 @@ def test_the_token_row_check_reads_its_tables_by_rows_never_whole(tmp_path, monk
     assert got["summary"]["verdict"] == want["summary"]["verdict"]
     assert [t["rel_change"] for t in got["tensors"]] == [t["rel_change"] for t in want["tensors"]]
     assert seen and max(seen) <= 96, sorted(set(seen))          # at most 3 candidates x 32 rows at a time
+
+
+def test_each_side_measured_again_is_let_go_before_the_next(tmp_path, monkeypatch):
+    """The tensors measured again kept every side to the end of the stage: a gathered side holds its source whole
+    (a 32,000-token table: 256 MB), a rotated one its last row block (up to 128 MB), and a Mistral-7B-shaped pair
+    rotated peaked at 1.6 GB. When a tensor is measured again, no side of an earlier one holds data."""
+    import weakref
+
+    from weightdiff.measure import compute
+
+    base = llama(np.random.default_rng(71), layers=3, hidden=64, inter=128, vocab=256)
+    idx = np.random.default_rng(72).permutation(256)
+    ref_base = {k: (v[idx] if k in ("model.embed_tokens.weight", "lm_head.weight") else v) for k, v in base.items()}
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", _fine_tune(_mlp(ref_base)))
+    sides: list = []
+    made, again = compute.GatheredSide.__init__, compute.remeasure
+    held: list[int] = []
+
+    def init(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        sides.append(weakref.ref(self))
+
+    def remeasure(pair, side, *args, **kwargs):
+        held.append(sum(1 for w in sides if w() is not None and w() is not side and w()._whole is not None))
+        return again(pair, side, *args, **kwargs)
+
+    monkeypatch.setattr(compute.GatheredSide, "__init__", init)
+    monkeypatch.setattr(compute, "remeasure", remeasure)
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    assert {"rows"} <= set(s.scope["permuted_units"]["undone"]["embeddings"])
+    assert len(held) >= 4 and max(held) == 0, held

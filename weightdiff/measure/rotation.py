@@ -189,6 +189,10 @@ class RotatedSide:
             self._cached = (i, lo * self._frame.cols, got)
         return self._cached[1], self._cached[2]
 
+    def release(self) -> None:
+        """Let go of the row block kept for the next window (the tensor is measured)."""
+        self._cached = None
+
     def windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None):
         cols = max(1, self._frame.cols)
         total = self._frame.rows * self._frame.cols
