@@ -674,3 +674,23 @@ class rot_spy:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_rows_of_decodes_a_block_piece_by_piece_to_the_same_values(tmp_path, monkeypatch, dtype):
+    """``rows_of`` decodes a block into its float64 rows a piece at a time (a bf16 block decoded whole went through
+    uint32 and float32 copies of its size): the same values as decoding the whole tensor, for blocks that split
+    rows and pieces anywhere."""
+    from weightdiff.io.checkpoint import locate
+    from weightdiff.kernels.dtypes import decode
+
+    monkeypatch.setattr(rot, "DECODE_PIECE", 7)
+    x = np.random.default_rng(3).standard_normal((23, 9)).astype(np.float32)
+    write_checkpoint(tmp_path / "c", {"w": x}, dtype=dtype)
+    with locate(tmp_path / "c") as ck:
+        want = np.asarray(decode(np.asarray(ck.read("w")).reshape(-1), ck.tensors["w"].dtype), np.float64).reshape(23, 9)
+        for r0, r1 in ((0, 23), (3, 4), (5, 17), (22, 23), (4, 4)):
+            got = rot.rows_of(ck, "w", r0, r1)
+            assert got.dtype == np.float64 and got.shape == (r1 - r0, 9)
+            assert np.array_equal(got, want[r0:r1]), (r0, r1)
+        assert np.array_equal(rot.rows_of(ck, "w", 0, 3, np.array([5, 0, 22])), want[[5, 0, 22]])

@@ -38,6 +38,8 @@ IN_KINDS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "mlp.gate", "mlp.up", "lm_
 _ROWS = 4096                       # rows decoded at a time
 #: float64 bytes of one row block a blocked pass decodes at a time (a block of the base, one of the tuned)
 BLOCK_BYTES = 32 << 20
+#: elements decoded at a time into a block's float64 rows (``rows_of``): 8 MB of them
+DECODE_PIECE = 1 << 20
 #: rows read by a sampled pre-test (``sample_rows``): evenly spaced, the first and the last among them
 SAMPLE_ROWS = 256
 
@@ -62,6 +64,16 @@ def rows_of(ck, name: str, r0: int, r1: int, index: np.ndarray | None = None) ->
     _, cols = _dims(ck, name)
     if index is not None:
         raw = np.asarray(ck.read_rows(name, np.asarray(index[r0:r1], np.int64))).reshape(-1)
+    elif r1 > r0 and not getattr(info, "packed", False):
+        # decoded into the result piece by piece: a bf16 block decoded whole went through uint32 and float32
+        # copies of its size beside the float64 one (a 134 MB block of an output matrix's fit: 100 MB more)
+        out = np.empty((r1 - r0) * cols)
+        at = 0
+        for w in ck.windows(name, DECODE_PIECE, r0 * cols, r1 * cols):
+            w = np.asarray(w).reshape(-1)
+            out[at:at + w.size] = decode(w, info.dtype)
+            at += w.size
+        return out.reshape(r1 - r0, cols)
     else:
         parts = [np.asarray(w).reshape(-1) for w in ck.windows(name, None, r0 * cols, r1 * cols)] if r1 > r0 else []
         raw = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, np.float32)
