@@ -499,3 +499,34 @@ def test_each_side_measured_again_is_let_go_before_the_next(tmp_path, monkeypatc
     s = compare(tmp_path / "b", tmp_path / "t").summary
     assert {"rows"} <= set(s.scope["permuted_units"]["undone"]["embeddings"])
     assert len(held) >= 4 and max(held) == 0, held
+
+
+def test_a_fused_qkv_is_checked_for_reordered_heads_in_row_blocks(tmp_path, monkeypatch):
+    """The heads check decoded a fused qkv projection (Phi-3's ``qkv_proj``, Falcon's ``query_key_value``) whole to
+    float32 on each side before splitting it (a Falcon-40B qkv, 9,216 x 8,192: 600 MB); q, k and v are now the rows
+    of each, read in row blocks (``fused_qkv_sources``), with the same heads found."""
+    from weightdiff import comparison
+    from weightdiff.io.located import Checkpoint
+
+    make, reorder, blocks = CASES["phi3"]
+    base = make()
+    _write(tmp_path / "b", base, "phi3")
+    _write(tmp_path / "t", reorder(_fine_tune(dict(base))), "phi3")
+    inside = [False]
+    read, reordered = Checkpoint.read, comparison._reordered
+
+    def whole(self, name):
+        assert not (inside[0] and "qkv_proj" in name), f"{name} read whole"
+        return read(self, name)
+
+    def check(kind, *args, **kwargs):
+        inside[0] = kind == "attn"
+        try:
+            return reordered(kind, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(comparison, "_reordered", check)
+    monkeypatch.setattr(Checkpoint, "read", whole)
+    s = compare(tmp_path / "b", tmp_path / "t").summary
+    assert s.scope["permuted_units"]["undone"]["layers.1"] == ["attn", "mlp"], s.scope["permuted_units"]

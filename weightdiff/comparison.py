@@ -1883,9 +1883,9 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
     import numpy as np
 
     from .judge.relatedness import _EXPERT, is_expert_name
-    from .measure.permutation import (_as_float32, detect_permutations, experts_permuted, fused_qkv_views,
-                                      heads_order, member_sources, members_follow_stored, rows_follow,
-                                      rows_reordered)
+    from .measure.permutation import (_as_float32, detect_permutations, experts_permuted, fused_qkv_sources,
+                                      fused_qkv_views, heads_order, member_sources, members_follow_stored,
+                                      rows_follow, rows_reordered)
 
     undo = [] if undo is None else undo
     rows_seen = {} if rows_seen is None else rows_seen
@@ -1989,15 +1989,14 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                 add(r, r.base_name, 0, perm, note, as_kind=None if follow else "router", outputs=True)
         return True
     mats, names = {}, {}
-    fused = any(r.module == "attn.qkv" for r in rows)
     for r in rows:
         if r.module in ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv") and len(r.shape or ()) == 2 \
                 and r.name.endswith("weight"):
-            if _conv1d(r) or fused:                  # a fused qkv is split in memory (``fused_qkv_views``)
+            if _conv1d(r):                           # GPT-2's Conv1D stores [in, out]: split in memory
                 t, b = load(tuned, r.name), load(base, r.base_name)
-                if _conv1d(r):
-                    t, b = t.T, b.T                  # GPT-2's Conv1D stores [in, out]
-            else:                                    # read in row blocks by the heads check, never whole
+                t, b = t.T, b.T
+            else:                                    # read in row blocks by the heads check, never whole (a fused
+                # qkv as the rows of each of q, k and v: ``fused_qkv_sources``)
                 (t,), (b,) = member_sources(tuned, base, [(r.name, r.base_name, 0)])
             mats[r.module.split(".", 1)[1]] = (t, b)
             names[r.module.split(".", 1)[1]] = r
@@ -2013,13 +2012,14 @@ def _reordered(kind: str, rows: list, base: Checkpoint, tuned: Checkpoint, stray
                     if (part in ("q", "o") and order.q is not None) or (part in ("k", "v") and order.kv is not None):
                         add(r, r.base_name, axis, order.rows(part, n), note, outputs=part != "o")
         return order if order is None else bool(order)
-    views = fused_qkv_views(mats["qkv"], mats["o"])
+    views = fused_qkv_sources(mats["qkv"], mats["o"])
     found = [heads_order(m, head_dims=dims) for m, dims in views]
     hit = next((k for k, f in enumerate(found) if f), None)
     if hit is not None:
-        rows_n = mats["qkv"][0].shape[0]
+        rows_n = int(mats["qkv"][0].shape[0])
         pos = np.arange(rows_n, dtype=np.float64)[:, None]
-        where = fused_qkv_views((pos, pos), mats["o"])[hit][0]
+        o_shapes = tuple(np.broadcast_to(np.float64(0.0), tuple(int(d) for d in x.shape)) for x in mats["o"])
+        where = fused_qkv_views((pos, pos), o_shapes)[hit][0]
         order = found[hit]
         gather = np.arange(rows_n)
         for part in ("q", "k", "v"):

@@ -45,7 +45,7 @@ import numpy as np
 from ..kernels.assignment import linear_assignment
 from ..kernels.dtypes import decode
 
-__all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation",
+__all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation", "RowsOf", "fused_qkv_sources",
            "detect_permutations", "undo", "neuron_vectors", "heads_permuted", "experts_permuted", "rows_follow",
            "members_follow", "members_follow_stored", "member_sources", "keep_matched", "HEAD_DIMS", "parts_of",
            "member_vectors", "undo_member", "fused_qkv_views"]
@@ -283,6 +283,47 @@ class _ArraySource:
     def block(self, r0: int, r1: int, index: np.ndarray | None = None) -> np.ndarray:
         x = self._a[np.asarray(index[r0:r1], np.int64)] if index is not None else self._a[r0:r1]
         return _f64(x)
+
+
+class RowsOf:
+    """Rows ``index`` of a member (a source or an array), as a source read in row blocks: the q, k or v rows of a
+    fused qkv projection (``fused_qkv_sources``) without holding the projection whole.
+
+    >>> a = np.arange(12.0).reshape(6, 2); s = RowsOf(a, [4, 0, 2])
+    >>> s.shape, s.block(1, 3).tolist(), s.block(0, 2, np.array([2, 0])).tolist()
+    ((3, 2), [[0.0, 1.0], [4.0, 5.0]], [[4.0, 5.0], [8.0, 9.0]])
+    """
+
+    flat = False
+
+    def __init__(self, src, index):
+        self.src = _source(src)
+        self.index = np.asarray(index, np.int64)
+        self.rows, self.cols = len(self.index), self.src.cols
+        self.shape = (self.rows, self.cols)
+
+    def block(self, r0: int, r1: int, index: np.ndarray | None = None) -> np.ndarray:
+        sel = self.index[r0:r1] if index is None else self.index[np.asarray(index[r0:r1], np.int64)]
+        return self.src.block(0, len(sel), sel)
+
+
+def fused_qkv_sources(qkv: tuple, o: tuple, head_dims: Sequence[int] | None = None) -> list[tuple[dict, tuple[int, ...]]]:
+    """``fused_qkv_views`` of a fused projection given as sources (or arrays) [rows, hidden] and its output
+    projection (sources or arrays; only their shapes are read here): each layout's q, k and v as ``RowsOf`` the
+    rows it takes, read in row blocks by the heads check (a Falcon-40B qkv, 9,216 x 8,192, was decoded whole to
+    float32 on each side: 600 MB)."""
+    (qt, qb), (ot, ob) = qkv, o
+    rows = int(qt.shape[0])
+    if tuple(qt.shape) != tuple(qb.shape) or len(qt.shape) != 2 or len(ot.shape) != 2:
+        return []
+    pos = np.arange(rows, dtype=np.float64)[:, None]
+    shape = tuple(int(d) for d in ot.shape)
+    ghost = np.broadcast_to(np.float64(0.0), shape), np.broadcast_to(np.float64(0.0), tuple(int(d) for d in ob.shape))
+    out = []
+    for where, dims in fused_qkv_views((pos, pos), ghost, HEAD_DIMS if head_dims is None else head_dims):
+        parts = {p: where[p][0][:, 0].astype(np.int64) for p in ("q", "k", "v")}
+        out.append(({**{p: (RowsOf(qt, i), RowsOf(qb, i)) for p, i in parts.items()}, "o": o}, dims))
+    return out
 
 
 class _StoredSource:
