@@ -113,6 +113,45 @@ def _write(path, t: dict, case: str) -> None:
     write_checkpoint(path, _fuse(t, case, D) if case in ("phi3", "neox") else t)
 
 
+def watch_reads(monkeypatch, step: str, watched, table) -> list[int]:
+    """While ``comparison.<step>`` runs with arguments that ``watched`` accepts, no tensor that ``table`` accepts may
+    be read whole (``Checkpoint.read``) or decoded whole (``rotation.values``); returns the row counts of each of
+    their ``read_rows`` calls then. The main pass reads small tensors whole: only the step is watched."""
+    from weightdiff import comparison
+    from weightdiff.io.located import Checkpoint
+    from weightdiff.measure import rotation
+
+    seen: list[int] = []
+    inside = [False]
+    read, read_rows, values, run = Checkpoint.read, Checkpoint.read_rows, rotation.values, getattr(comparison, step)
+
+    def whole(self, name):
+        assert not (inside[0] and table(name)), f"{name} read whole"
+        return read(self, name)
+
+    def decoded(ck, name):
+        assert not (inside[0] and table(name)), f"{name} decoded whole"
+        return values(ck, name)
+
+    def rows(self, name, which):
+        if inside[0] and table(name):
+            seen.append(len(np.asarray(which).reshape(-1)))
+        return read_rows(self, name, which)
+
+    def step_run(*args, **kwargs):
+        inside[0] = bool(watched(*args, **kwargs))
+        try:
+            return run(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(comparison, step, step_run)
+    monkeypatch.setattr(Checkpoint, "read", whole)
+    monkeypatch.setattr(Checkpoint, "read_rows", rows)
+    monkeypatch.setattr(rotation, "values", decoded)
+    return seen
+
+
 def _fields(rec) -> tuple:
     rank = rec.rank.numerical_rank if rec.rank is not None else None
     return rec.status, rank
@@ -425,8 +464,6 @@ def test_the_token_row_check_reads_its_tables_by_rows_never_whole(tmp_path, monk
     """The reordered-token-rows check read and decoded both whole tables of each pair (1.6 GB peak at Mistral-7B's
     32,000 x 4,096, bf16): the bitwise hashing, the sampled cosine test and the cosine match now read them in row
     blocks (shrunk here to 32 rows so that 256 rows take several), with the same answer."""
-    from weightdiff import comparison
-    from weightdiff.io.located import Checkpoint
     from weightdiff.measure import permutation, rowmatch
 
     base = llama(np.random.default_rng(71), layers=2, hidden=64, inter=128, vocab=256)
@@ -438,30 +475,8 @@ def test_the_token_row_check_reads_its_tables_by_rows_never_whole(tmp_path, monk
     want = compare(tmp_path / "b", tmp_path / "t").to_dict()
     monkeypatch.setattr(permutation, "ROW_CHUNK", 32)
     monkeypatch.setattr(rowmatch, "BLOCK", 32)
-    tables = ("model.embed_tokens.weight", "lm_head.weight")
-    seen: list[int] = []
-    inside = [False]            # the main pass reads small tensors whole: only the check is watched
-    read, read_rows, reordered = Checkpoint.read, Checkpoint.read_rows, comparison._reordered
-
-    def whole(self, name):
-        assert not (inside[0] and name in tables), f"{name} read whole"
-        return read(self, name)
-
-    def rows(self, name, which):
-        if inside[0] and name in tables:
-            seen.append(len(np.asarray(which).reshape(-1)))
-        return read_rows(self, name, which)
-
-    def check(kind, *args, **kwargs):
-        inside[0] = kind == "rows"
-        try:
-            return reordered(kind, *args, **kwargs)
-        finally:
-            inside[0] = False
-
-    monkeypatch.setattr(comparison, "_reordered", check)
-    monkeypatch.setattr(Checkpoint, "read", whole)
-    monkeypatch.setattr(Checkpoint, "read_rows", rows)
+    seen = watch_reads(monkeypatch, "_reordered", lambda kind, *a, **k: kind == "rows",
+                       lambda name: name in ("model.embed_tokens.weight", "lm_head.weight"))
     got = compare(tmp_path / "b", tmp_path / "t").to_dict()
     assert got["summary"]["scope"]["permuted_units"]["undone"] == {"embeddings": ["rows"], "head": ["rows"]}
     assert got["summary"]["verdict"] == want["summary"]["verdict"]
@@ -505,28 +520,10 @@ def test_a_fused_qkv_is_checked_for_reordered_heads_in_row_blocks(tmp_path, monk
     """The heads check decoded a fused qkv projection (Phi-3's ``qkv_proj``, Falcon's ``query_key_value``) whole to
     float32 on each side before splitting it (a Falcon-40B qkv, 9,216 x 8,192: 600 MB); q, k and v are now the rows
     of each, read in row blocks (``fused_qkv_sources``), with the same heads found."""
-    from weightdiff import comparison
-    from weightdiff.io.located import Checkpoint
-
     make, reorder, blocks = CASES["phi3"]
     base = make()
     _write(tmp_path / "b", base, "phi3")
     _write(tmp_path / "t", reorder(_fine_tune(dict(base))), "phi3")
-    inside = [False]
-    read, reordered = Checkpoint.read, comparison._reordered
-
-    def whole(self, name):
-        assert not (inside[0] and "qkv_proj" in name), f"{name} read whole"
-        return read(self, name)
-
-    def check(kind, *args, **kwargs):
-        inside[0] = kind == "attn"
-        try:
-            return reordered(kind, *args, **kwargs)
-        finally:
-            inside[0] = False
-
-    monkeypatch.setattr(comparison, "_reordered", check)
-    monkeypatch.setattr(Checkpoint, "read", whole)
+    watch_reads(monkeypatch, "_reordered", lambda kind, *a, **k: kind == "attn", lambda name: "qkv_proj" in name)
     s = compare(tmp_path / "b", tmp_path / "t").summary
     assert s.scope["permuted_units"]["undone"]["layers.1"] == ["attn", "mlp"], s.scope["permuted_units"]

@@ -457,8 +457,7 @@ def test_the_rotated_token_row_match_reads_the_tables_by_rows(tmp_path, rng, mon
     """The token rows matched beneath R (the embedding left out of the fit) decoded both whole tables and rotated
     the base's whole, vocab x d float64 (1 GB at 32,000 x 4,096, beside two float32 copies): each is now read, and
     the base's rotated, ``rowmatch.BLOCK`` rows at a time (shrunk to 32 here), with the same order found."""
-    from weightdiff import comparison
-    from weightdiff.io.located import Checkpoint
+    from test_reorder_undo import watch_reads
     from weightdiff.measure import rowmatch
 
     base = llama(rng)
@@ -469,36 +468,10 @@ def test_the_rotated_token_row_match_reads_the_tables_by_rows(tmp_path, rng, mon
         t[k] = np.concatenate([t[k][order], np.random.default_rng(11).normal(0, 0.02, (8, 128)).astype(np.float32)])
     tp = write_checkpoint(tmp_path / "t", t)
     want = compare(b, tp).to_dict()
-    tables = ("model.embed_tokens.weight", "lm_head.weight")
-    inside, seen = [False], []
-    read, read_rows, values, fit = Checkpoint.read, Checkpoint.read_rows, rot.values, comparison.rotated_residual
-
-    def whole(self, name):
-        assert not (inside[0] and name in tables), f"{name} read whole"
-        return read(self, name)
-
-    def decoded(ck, name):
-        assert not (inside[0] and name in tables), f"{name} decoded whole"
-        return values(ck, name)
-
-    def rows(self, name, which):
-        if inside[0] and name in tables:
-            seen.append(len(np.asarray(which).reshape(-1)))
-        return read_rows(self, name, which)
-
-    def watched(*args, **kwargs):
-        inside[0] = True
-        try:
-            return fit(*args, **kwargs)
-        finally:
-            inside[0] = False
-
     monkeypatch.setattr(rowmatch, "BLOCK", 32)
     monkeypatch.setattr(rot, "BLOCK_BYTES", 32 * 8 * 128)         # the fit's own row blocks: 32 rows of 128 too
-    monkeypatch.setattr(comparison, "rotated_residual", watched)
-    monkeypatch.setattr(Checkpoint, "read", whole)
-    monkeypatch.setattr(Checkpoint, "read_rows", rows)
-    monkeypatch.setattr(rot, "values", decoded)
+    seen = watch_reads(monkeypatch, "rotated_residual", lambda *a, **k: True,
+                       lambda name: name in ("model.embed_tokens.weight", "lm_head.weight"))
     got = compare(b, tp).to_dict()
     assert got["summary"]["scope"]["rotated_residual"]["embedding_fitted"] is False
     assert got["summary"]["verdict"] == want["summary"]["verdict"] == "derived"
