@@ -667,3 +667,33 @@ def test_rows_of_decodes_a_block_piece_by_piece_to_the_same_values(tmp_path, mon
             assert got.dtype == np.float64 and got.shape == (r1 - r0, 9)
             assert np.array_equal(got, want[r0:r1]), (r0, r1)
         assert np.array_equal(rot.rows_of(ck, "w", 0, 3, np.array([5, 0, 22])), want[[5, 0, 22]])
+
+
+def test_a_rotated_side_holds_no_block_through_its_rank_solve(tmp_path, rng, monkeypatch):
+    """A side measured again kept its last row block (up to 128 MB for an output matrix) through the rank solve,
+    beside an 8,192-wide Gram's 537 MB at 70B widths: ``compute_pair`` lets it go once the stream ends."""
+    import weakref
+
+    from weightdiff.measure import backend, rank_stream
+
+    monkeypatch.setattr(backend, "LAPACK_MAX_ELEMENTS", 0)         # every matrix ranked from its streamed Gram
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "b", base)
+    t = write_checkpoint(tmp_path / "t", _rotated(_tuned(base), _orthogonal(128)))
+    sides: list = []
+    made, finish = rot.RotatedSide.__init__, rank_stream.DeltaGram.finish
+    held: list[int] = []
+
+    def init(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        sides.append(weakref.ref(self))
+
+    def solve(self, *args, **kwargs):
+        held.append(sum(1 for w in sides if w() is not None and w()._cached is not None))
+        return finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(rot.RotatedSide, "__init__", init)
+    monkeypatch.setattr(rank_stream.DeltaGram, "finish", solve)
+    s = compare(b, t).summary
+    assert "rotated_residual" in s.flags
+    assert len(held) >= 10 and max(held) == 0, held

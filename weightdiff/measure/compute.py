@@ -545,9 +545,6 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         else:
             stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
                                   pair.dtype_tuned, stop, on_window, floors, sink, dsink, win)
-            release = getattr(base, "release", None)
-            if release is not None:     # a side measured again: its last block (or its source) not through the
-                release()               # rank solve (an 8,192-wide Gram's 537 MB beside it at 70B widths)
             if not opaque:
                 rec.rounding_floor = floors.result()
     if pre is None or opaque:
@@ -631,6 +628,9 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
 
     ranked = rec.status == "changed" or shared     # a change whose rank is taken, unless one of these says no
     nd = rec.norm_delta
+    release = getattr(base, "release", None)
+    if release is not None:     # a side measured again: its last block (or its source) not kept through the rank
+        release()               # solve (an 8,192-wide Gram's 537 MB beside it at 70B widths)
     nf_b, nf_t = int(fields.get("nonfinite_base", 0) or 0), int(fields.get("nonfinite_tuned", 0) or 0)
     try:
         huge = _beyond_f32(rec, pair)
