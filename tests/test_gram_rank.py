@@ -610,3 +610,19 @@ def test_fused_expert_tensors_get_no_rank_capped_at_the_expert_count(tmp_path, r
     # its directions are not measured: the form is undecided (it read dense by element counts)
     assert r.summary.form["kind"] == "undecided" and r.summary.form["matrices_without_rank"] == 1
     assert r.summary.delta_params == 4 * 96 * 80
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
+def test_the_delta_buffer_is_let_go_before_the_gram_and_its_solve(rng, monkeypatch, shape):
+    """The delta's row buffer (64 MB) was kept through the wide Gram's assembly and the eigen-solve, beside an
+    8,192-wide Gram's 537 MB: it is let go after the last flush."""
+    base, tuned, nd2 = merged_pair(rng, "BF16", m=shape[0], n=shape[1])
+    g = DeltaGram(shape, "BF16", "BF16")
+    g.activate()
+    g.feed(base.reshape(-1), tuned.reshape(-1), True)
+    seen = []
+    real_add, real_eig = kgram.GramAccumulator.add, kgram.gram_eigenvalues
+    monkeypatch.setattr(kgram.GramAccumulator, "add", lambda self, x: seen.append(g._buf is None) or real_add(self, x))
+    monkeypatch.setattr(kgram, "gram_eigenvalues", lambda acc, *a: seen.append(g._buf is None) or real_eig(acc, *a))
+    assert g.finish(nd2, 1.5, 8).numerical_rank == 8
+    assert seen and all(seen), seen

@@ -206,6 +206,7 @@ class DeltaGram:
         if self.active:
             if self._fill:
                 self._flush()
+            self._buf = None        # (64 MB, not needed past the last flush: not beside the wide Gram and its solve)
             if not self.tall:
                 self._wide_gram()
             acc = self._acc
