@@ -624,5 +624,21 @@ def test_the_delta_buffer_is_let_go_before_the_gram_and_its_solve(rng, monkeypat
     real_add, real_eig = kgram.GramAccumulator.add, kgram.gram_eigenvalues
     monkeypatch.setattr(kgram.GramAccumulator, "add", lambda self, x: seen.append(g._buf is None) or real_add(self, x))
     monkeypatch.setattr(kgram, "gram_eigenvalues", lambda acc, *a: seen.append(g._buf is None) or real_eig(acc, *a))
+    from weightdiff.measure import rank_stream
+
+    trims = []
+    monkeypatch.setattr(rank_stream, "trim_heap", lambda: trims.append(g._buf is None))
     assert g.finish(nd2, 1.5, 8).numerical_rank == 8
     assert seen and all(seen), seen
+    assert trims == [True]                                  # the freed heap handed back once, before the Gram
+
+
+def test_trim_heap_finds_glibc_here():
+    import platform
+    import sys
+
+    from weightdiff.measure.rank_stream import _malloc_trim, trim_heap
+
+    trim_heap()
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert (_malloc_trim() is not None) == glibc
