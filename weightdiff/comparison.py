@@ -2333,7 +2333,6 @@ def measure_undone(records: list[TensorRecord], undo: Sequence[Undo], the_plan: 
         release = getattr(side, "release", None)
         if release is not None:
             release()
-        del job, side
         out.append(new)
         if u.rotate is not None:
             (rotated if u.rotate[1] is not None else folded if u.gain_name else rescaled).append(new.name)
