@@ -114,7 +114,7 @@ def test_a_row_table_reads_rows_locally_and_a_streamed_table_once(rng):
             calls["rows"].append(len(rows))
             return x[np.asarray(rows, np.int64)]
         return SimpleNamespace(tensors={"w": SimpleNamespace(shape=x.shape)}, read=read, read_rows=read_rows,
-                               hub_run={"mode": "stream"} if streamed else None)
+                               streamed=streamed)
 
     local = match_rows(RowTable.stored(ck(t, False), "w"), RowTable.stored(ck(b, False), "w"), "F32", "F32")
     assert local.order.tolist() == idx.tolist() and calls["read"] == 0

@@ -358,7 +358,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         check_adapter_plan(the_plan, bases, tuned_ck)
         for ck in (*bases, tuned_ck):
             the_plan.notes.extend(getattr(ck, "notes", []))
-            if hash_files and ck.hub is not None and (ck.hub_run or {}).get("mode") == "stream":
+            if hash_files and ck.hub is not None and ck.streamed:
                 # --hash cannot hash what was never downloaded: say so, or a memo reads as a checked download
                 the_plan.notes.append(f"{escape_name(str(ck.path))}: streamed, so --hash checks nothing: its files' "
                                       "sha256 are the Hub's listing, not a hash of the bytes read (--download "

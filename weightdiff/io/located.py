@@ -87,6 +87,12 @@ class Checkpoint:
         return sum(t.numel for t in self.tensors.values())
 
     @property
+    def streamed(self) -> bool:
+        """Whether its bytes are read from the Hub by HTTP range requests (each run of rows one request): what reads
+        rows in another order holds a table whole instead."""
+        return (self.hub_run or {}).get("mode") == "stream"
+
+    @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 

@@ -319,8 +319,9 @@ class GatheredSide:
     experts reordered), so that a reordered tuned tensor is measured against the units it holds rather
     than against others (``remeasure``). A source up to ``GATHER_WHOLE_BYTES`` (``_STREAMED`` from the Hub) is
     read once, whole (as the rank pass reads a matrix), and let go by ``release``; a larger one window by window
-    from the stored rows each window covers (memory bounded by the window). Float tensors only (no floor). ``negate``: the values times -1 (the sign
-    bit flipped, exact in every float format; ``NEGATABLE``), for a matrix stored with its sign flipped."""
+    from the stored rows each window covers (memory bounded by the window). Float tensors only (no floor).
+    ``negate``: the values times -1 (the sign bit flipped, exact in every float format; ``NEGATABLE``), for a
+    matrix stored with its sign flipped."""
 
     def __init__(self, ck: Checkpoint, name: str, source: str, axis: int | None = None,
                  index: np.ndarray | None = None, negate: bool = False):
@@ -344,8 +345,7 @@ class GatheredSide:
         """Rows [lo, hi) of the gathered tensor as stored values, [hi - lo, row]."""
         ck, src = self._ck, self._source
         info = ck.tensors[src]
-        streamed = ((getattr(ck, "hub_run", None) or {}).get("mode")) == "stream"
-        limit = GATHER_WHOLE_BYTES_STREAMED if streamed else GATHER_WHOLE_BYTES
+        limit = GATHER_WHOLE_BYTES_STREAMED if getattr(ck, "streamed", False) else GATHER_WHOLE_BYTES
         if len(self._shape) < 2 or (self._whole is None and info.nbytes <= limit):
             # small enough to hold: read once (rows in another order would be one request each on the Hub)
             if self._whole is None:

@@ -77,7 +77,7 @@ class RowTable:
         info = ck.tensors[name]
         n, cols = int(info.shape[0]), int(np.prod(info.shape[1:], dtype=np.int64))
         n = n if rows is None else min(n, int(rows))
-        if ((getattr(ck, "hub_run", None) or {}).get("mode")) == "stream":
+        if getattr(ck, "streamed", False):
             whole = np.asarray(ck.read(name)).reshape(int(info.shape[0]), cols)[:n]
             return cls((n, cols), lambda idx: whole[idx], whole.dtype)
         first = np.asarray(ck.read_rows(name, np.zeros(0, np.int64)))
