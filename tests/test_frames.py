@@ -199,3 +199,52 @@ def test_a_rotation_found_in_blocks_reads_as_it_did_whole(tmp_path, rng, monkeyp
             assert by[x["name"]]["rel_change"] == pytest.approx(x["rel_change"], rel=1e-6, abs=1e-12)
     changed = [x["name"] for x in one["tensors"] if x["status"] == "changed"]
     assert changed == ["model.layers.2.mlp.down_proj.weight"], changed
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_cross_sums_into_a_fit_and_inner_products_hold_no_d_by_d_array(tmp_path, rng, monkeypatch, dtype):
+    """The fit's cross sums go into its one d x d array (``into=``), each block's product in column tiles, and the
+    held-out cosines sum trace(R^T B T^T) block by block (``out_inner``, ``in_inner``): at d = 8,192 a d x d
+    temporary is 512 MB, and the fit of a 70B-width rotated pair held three of them beside R (1.9 GB). Checked
+    against numpy on the whole matrices, and by the largest allocation tracemalloc sees while they run."""
+    import tracemalloc
+
+    d, n = 512, 600
+    bc, tc, b, t = _pair(tmp_path, rng, dtype, shape=(n, d))
+    ob, ot = b[:300].T.copy(), t[:300].T.copy()               # [d, 300] output matrices
+    obc = locate(write_checkpoint(tmp_path / "ob", {"w": ob.astype(np.float32)}, dtype="F32"))
+    otc = locate(write_checkpoint(tmp_path / "ot", {"w": ot.astype(np.float32)}, dtype="F32"))
+    monkeypatch.setattr(rot, "BLOCK_BYTES", 8 * d * 2)        # blocks and tiles of 2 rows / columns: 8 KB
+    r = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    dd = 8 * d * d                                            # 2 MB
+
+    def largest(fn):
+        tracemalloc.start()
+        try:
+            got = fn()
+            return got, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    sums = np.zeros((d, d))
+    (c, nb, nt), peak = largest(lambda: rot.in_cross(bc, "w", tc, "w", into=sums))
+    assert c is sums and peak < dd / 4
+    np.testing.assert_allclose(sums, b.T @ t, rtol=1e-10, atol=1e-10)
+    assert (nb, nt) == pytest.approx((np.linalg.norm(b), np.linalg.norm(t)), rel=1e-12)
+    fresh = rot.in_cross(bc, "w", tc, "w")[0]
+    assert np.array_equal(fresh, sums)                        # the same bits into a fit's sums as on its own
+    (c2, _, _), peak = largest(lambda: rot.out_cross(obc, "w", otc, "w", into=sums))
+    assert c2 is sums and peak < dd / 4
+    np.testing.assert_allclose(sums, b.T @ t + ob @ ot.T, rtol=1e-10, atol=1e-10)
+
+    (s, nb, nt), peak = largest(lambda: rot.out_inner(obc, "w", otc, "w", r))
+    assert peak < dd / 4
+    assert s == pytest.approx(float(np.sum(r * (ob @ ot.T))), rel=1e-10)
+    assert (nb, nt) == pytest.approx((np.linalg.norm(ob), np.linalg.norm(ot)), rel=1e-12)
+    idx = rng.permutation(n)[:200]
+    (s, nb, nt), peak = largest(lambda: rot.in_inner(bc, "w", tc, "w", r, index=idx))
+    assert peak < dd / 4
+    assert s == pytest.approx(float(np.sum(r * (b[idx].T @ t[:200]))), rel=1e-10)
+    assert (nb, nt) == pytest.approx((np.linalg.norm(b[idx]), np.linalg.norm(t[:200])), rel=1e-12)
+    with pytest.raises(ValueError, match="float64"):
+        rot.in_cross(bc, "w", tc, "w", into=np.zeros((d, d), np.float32))

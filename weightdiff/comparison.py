@@ -867,41 +867,51 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     with_e = [True]                 # the embedding's (shared) rows in the fit
     e_sums: list = []               # (B^T T, ||B||, ||T||) of the embedding's shared rows, computed once
 
-    def e_fit() -> tuple:
+    def e_fit(into: np.ndarray | None = None) -> tuple:
         """The embedding's ``in_cross``: kept up to ``E_CROSS_KEPT`` bytes (d = 4096), else computed again where asked
         (at d = 8192 a kept copy is 512 MB beside the fit's two d x d arrays; computing it again costs vocabulary x
-        d^2 products a time, a few percent of what the fit's output matrices cost)."""
+        d^2 products a time, a few percent of what the fit's output matrices cost). ``into``: a fit's sums, added to
+        in place when nothing is kept (no d x d array of the embedding's own)."""
         if e_sums:
+            if into is not None:
+                into += e_sums[0]
             return tuple(e_sums)
         upto, order = shared_rows(e)
-        got = rot.in_cross(base, e.base_name, tuned, e.name, upto, None if order is None else order[1])
-        if 8 * d * d <= E_CROSS_KEPT:
+        keep = 8 * d * d <= E_CROSS_KEPT
+        got = rot.in_cross(base, e.base_name, tuned, e.name, upto, None if order is None else order[1],
+                           into=None if keep else into)
+        if keep:
             e_sums.extend(got)
+            if into is not None:
+                into += got[0]
         return got
 
-    def out_sums(r: TensorRecord) -> tuple:
-        """``measure.rotation.out_cross`` of output matrix ``r``, in row blocks (d x d: not kept, computed again
-        where asked again, so that memory holds no more than the fit's own d x d matrices)."""
-        return rot.out_cross(base, r.base_name, tuned, r.name)
-
     def out_cosine(r: TensorRecord, r_: np.ndarray) -> float:
-        """Cosine of R^T B with T: trace(R^T B T^T) / (||B|| ||T||), R orthogonal."""
-        c, nb, nt = out_sums(r)
-        return max(-1.0, min(1.0, rot.inner(r_, c) / (nb * nt))) if nb and nt else 0.0
+        """Cosine of R^T B with T: trace(R^T B T^T) / (||B|| ||T||), R orthogonal, summed block by block as the
+        cross sums are made (``out_inner``: no d x d array beside R)."""
+        s, nb, nt = rot.out_inner(base, r.base_name, tuned, r.name, r_)
+        return max(-1.0, min(1.0, s / (nb * nt))) if nb and nt else 0.0
 
     def e_cosine(r_: np.ndarray) -> float:
-        """The embedding's cosine with the base's rotated by ``r_``: trace(R^T B^T T) / (||B|| ||T||), R orthogonal."""
-        c, nb, nt = e_fit()
-        return max(-1.0, min(1.0, rot.inner(r_, c) / (nb * nt))) if nb and nt else 0.0
+        """The embedding's cosine with the base's rotated by ``r_``: trace(R^T B^T T) / (||B|| ||T||), R orthogonal;
+        from the kept sums, else from the embedding's blocks (``in_inner``: no d x d array beside R)."""
+        if e_sums or 8 * d * d <= E_CROSS_KEPT:
+            c, nb, nt = e_fit()
+            s = rot.inner(r_, c)
+        else:
+            upto, order = shared_rows(e)
+            s, nb, nt = rot.in_inner(base, e.base_name, tuned, e.name, r_, upto, None if order is None else order[1])
+        return max(-1.0, min(1.0, s / (nb * nt))) if nb and nt else 0.0
 
     def fitted(rows: list):
-        """R fitted on the embedding (when ``with_e``) and the output matrices ``rows``: the sums, then R in their
-        place (``Rotation``), each matrix's cross sums added as they come; callers drop the R they held first."""
+        """R fitted on the embedding (when ``with_e``) and the output matrices ``rows``: each matrix's cross sums
+        added into the fit's one d x d array as they are made (``Rotation.sums``), then R in its place; callers drop
+        the R they held first. At most R and the fit's sums and inverse are d x d at once (1.1 GB at d = 8,192)."""
         fit = rot.Rotation(d)
         if with_e[0]:
-            fit.add(e_fit()[0], own=not e_sums)         # (a kept copy is copied)
+            e_fit(into=fit.sums())
         for r in rows:
-            fit.add(out_sums(r)[0], own=True)
+            rot.out_cross(base, r.base_name, tuned, r.name, into=fit.sums())
         return fit.solve()
 
     labels = sorted({r.block for r in outs}, key=lambda b: (parse_name(f"{b}.x")[1] or 0, str(b)))
