@@ -401,3 +401,22 @@ def test_a_previous_runs_checks_put_the_post_pass_in_the_pass_eta(tmp_path, rng)
     from weightdiff.cli_options import _checked
 
     assert hasattr(_checked(Progress()), "expect")
+
+
+def test_an_outcome_larger_than_a_record_is_read_back(tmp_path, rng, checks_run, monkeypatch):
+    """The checks' outcome grows with the tensors measured again (500-600 bytes each: about 25 MB for a MoE of 58
+    layers x 256 experts reordered): one past RECORD_CAP was not read back, and a resumed run ran its checks again.
+    It has a cap of its own (OUTCOME_CAP); past that it is still refused."""
+    from weightdiff.measure import cache as wcache
+
+    b, t = _rotated_pair(tmp_path, rng)
+    cache = tmp_path / "cache"
+    first = compare(b, t, cache=str(cache)).to_json(include_run=False)
+    (outcome,) = _outcomes(cache)
+    monkeypatch.setattr(wcache, "RECORD_CAP", outcome.stat().st_size - 1)
+    assert max(p.stat().st_size for p in _post(cache)) < wcache.RECORD_CAP      # the records still fit theirs
+    assert compare(b, t, cache=str(cache)).to_json(include_run=False) == first
+    assert len(checks_run) == 1
+    monkeypatch.setattr(wcache, "OUTCOME_CAP", outcome.stat().st_size - 1)
+    assert compare(b, t, cache=str(cache)).to_json(include_run=False) == first
+    assert len(checks_run) == 2

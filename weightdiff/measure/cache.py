@@ -400,6 +400,10 @@ READ_SIDECARS = ("config.json", "quantize_config.json", "params.json", "adapter_
 
 #: the largest record file read back (a record is a few KB; its spectrum at most 64 values)
 RECORD_CAP = 16 << 20
+#: the largest checks' outcome read back: 500-600 bytes a tensor measured again (its note is repeated), so a MoE of
+#: 58 layers x 256 experts with its experts reordered (44,544 tensors, about 25 MB) passed RECORD_CAP and its checks
+#: ran again on resume
+OUTCOME_CAP = 128 << 20
 
 #: bump when a change of the code changes what the checks after the pass find for the same records
 CHECKS_VERSION = 1
@@ -605,9 +609,11 @@ class RecordCache:
             os.close(root)
 
     def _load(self, key: str, suffix: str = ".json") -> Any:
-        """The parsed JSON of the record file of ``key``: a regular file under RECORD_CAP (a FIFO hung, /dev/zero
-        filled the memory), read through no symbolic link (a record or subfolder linked elsewhere is not a
-        record of this cache). OSError when there is none such. ``suffix``: ``.checks`` for the checks' outcome."""
+        """The parsed JSON of the record file of ``key``: a regular file under RECORD_CAP (OUTCOME_CAP for an outcome;
+        a FIFO hung, /dev/zero filled the memory), read through no symbolic link (a record or subfolder linked
+        elsewhere is not a record of this cache). OSError when there is none such. ``suffix``: ``.checks`` for the
+        checks' outcome."""
+        cap = OUTCOME_CAP if suffix == ".checks" else RECORD_CAP
         folder = self._folder(key, create=False)
         try:
             fd = os.open(f"{key}{suffix}", _READ_FLAGS, dir_fd=folder)
@@ -615,7 +621,7 @@ class RecordCache:
             os.close(folder)
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > RECORD_CAP:
+            if not stat.S_ISREG(st.st_mode) or st.st_size > cap:
                 raise OSError(errno.EINVAL, "not a record")
             chunks, left = [], st.st_size
             while left > 0:
