@@ -895,7 +895,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     def e_cosine(r_: np.ndarray) -> float:
         """The embedding's cosine with the base's rotated by ``r_``: trace(R^T B^T T) / (||B|| ||T||), R orthogonal;
         from the kept sums, else from the embedding's blocks (``in_inner``: no d x d array beside R)."""
-        if e_sums or 8 * d * d <= E_CROSS_KEPT:
+        if 8 * d * d <= E_CROSS_KEPT:
             c, nb, nt = e_fit()
             s = rot.inner(r_, c)
         else:

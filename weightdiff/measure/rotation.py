@@ -363,14 +363,12 @@ def in_cross(base, bname: str, tuned, tname: str, upto: int | None = None,
     sums are added to (and returned), a fit's own sums (``Rotation.sums``), so that no d x d array of this pair's is
     made. Each block's product is added in column tiles of ``BLOCK_BYTES``: a d x d temporary per block, beside the
     sums and the fit's, took a 70B-width fit (d = 8,192) to 1.9 GB."""
-    rows = len(index) if index is not None else min(_dims(base, bname)[0], _dims(tuned, tname)[0]) \
-        if upto is None else int(upto)
+    rows = _in_rows(base, bname, tuned, tname, upto, index)
     d = _dims(base, bname)[1]
     w = _dims(tuned, tname)[1]
     out = np.zeros((d, w)) if into is None else _sums_array(into, (d, w))
     nb = nt = 0.0
-    step = block_rows(d)
-    tile = block_rows(d)
+    step = tile = block_rows(d)         # a row block of B, T; a column tile of the product: BLOCK_BYTES each
     for lo in range(0, rows, step):
         hi = min(rows, lo + step)
         b = rows_of(base, bname, lo, hi, index)
@@ -397,6 +395,13 @@ def out_cross(base, bname: str, tuned, tname: str, into: np.ndarray | None = Non
             nt += float(np.vdot(t, t))
         out[i0:i1, j0:j1] += b @ t.T
     return out, math.sqrt(nb), math.sqrt(nt)
+
+
+def _in_rows(base, bname: str, tuned, tname: str, upto: int | None, index: np.ndarray | None) -> int:
+    """The rows ``in_cross`` and ``in_inner`` sum over."""
+    if index is not None:
+        return len(index)
+    return min(_dims(base, bname)[0], _dims(tuned, tname)[0]) if upto is None else int(upto)
 
 
 def _sums_array(into: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -435,12 +440,11 @@ def in_inner(base, bname: str, tuned, tname: str, r: np.ndarray, upto: int | Non
              index: np.ndarray | None = None) -> tuple[float, float, float]:
     """(sum(R * B^T T), ||B||, ||T||) over ``in_cross``'s rows, as sum((B R) * T) in row blocks: trace(R^T B^T T)
     with no d x d array besides ``r`` (for the cosine of B R with T)."""
-    rows = len(index) if index is not None else min(_dims(base, bname)[0], _dims(tuned, tname)[0]) \
-        if upto is None else int(upto)
-    d = _dims(base, bname)[1]
+    rows = _in_rows(base, bname, tuned, tname, upto, index)
+    step = block_rows(_dims(base, bname)[1])
     s = nb = nt = 0.0
-    for lo in range(0, rows, block_rows(d)):
-        hi = min(rows, lo + block_rows(d))
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
         b = rows_of(base, bname, lo, hi, index)
         t = rows_of(tuned, tname, lo, hi)
         nb, nt = nb + float(np.vdot(b, b)), nt + float(np.vdot(t, t))
