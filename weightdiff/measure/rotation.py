@@ -363,21 +363,47 @@ def in_cross(base, bname: str, tuned, tname: str, upto: int | None = None,
     sums are added to (and returned), a fit's own sums (``Rotation.sums``), so that no d x d array of this pair's is
     made. Each block's product is added in column tiles of ``BLOCK_BYTES``: a d x d temporary per block, beside the
     sums and the fit's, took a 70B-width fit (d = 8,192) to 1.9 GB."""
-    rows = _in_rows(base, bname, tuned, tname, upto, index)
-    d = _dims(base, bname)[1]
-    w = _dims(tuned, tname)[1]
+    d, w = _dims(base, bname)[1], _dims(tuned, tname)[1]
     out = np.zeros((d, w)) if into is None else _sums_array(into, (d, w))
+    tile = block_rows(d)                # a column tile of the product: BLOCK_BYTES
+
+    def add(b: np.ndarray, t: np.ndarray) -> None:
+        bt = b.T
+        for j0 in range(0, w, tile):
+            out[:, j0:j0 + tile] += bt @ t[:, j0:j0 + tile]
+
+    nb, nt = _in_pass(base, bname, tuned, tname, upto, index, add)
+    return out, nb, nt
+
+
+def in_inner(base, bname: str, tuned, tname: str, r: np.ndarray, upto: int | None = None,
+             index: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(sum(R * B^T T), ||B||, ||T||) over ``in_cross``'s rows, as sum((B R) * T) in row blocks: trace(R^T B^T T)
+    with no d x d array besides ``r`` (for the cosine of B R with T)."""
+    s = [0.0]
+
+    def add(b: np.ndarray, t: np.ndarray) -> None:
+        s[0] += inner(b @ r, t)
+
+    nb, nt = _in_pass(base, bname, tuned, tname, upto, index, add)
+    return s[0], nb, nt
+
+
+def _in_pass(base, bname: str, tuned, tname: str, upto: int | None, index: np.ndarray | None, each) -> tuple[float, float]:
+    """``each(B block, T block)`` over row blocks of two matrices [n, d] (``in_cross``'s rows), float64; (||B||, ||T||)."""
+    if index is not None:
+        rows = len(index)
+    else:
+        rows = min(_dims(base, bname)[0], _dims(tuned, tname)[0]) if upto is None else int(upto)
+    step = block_rows(_dims(base, bname)[1])
     nb = nt = 0.0
-    step = tile = block_rows(d)         # a row block of B, T; a column tile of the product: BLOCK_BYTES each
     for lo in range(0, rows, step):
         hi = min(rows, lo + step)
         b = rows_of(base, bname, lo, hi, index)
         t = rows_of(tuned, tname, lo, hi)
         nb, nt = nb + float(np.vdot(b, b)), nt + float(np.vdot(t, t))
-        bt = b.T
-        for j0 in range(0, w, tile):
-            out[:, j0:j0 + tile] += bt @ t[:, j0:j0 + tile]
-    return out, math.sqrt(nb), math.sqrt(nt)
+        each(b, t)
+    return math.sqrt(nb), math.sqrt(nt)
 
 
 def out_cross(base, bname: str, tuned, tname: str, into: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
@@ -385,71 +411,51 @@ def out_cross(base, bname: str, tuned, tname: str, into: np.ndarray | None = Non
     budgets) against each block of T's in turn. What ``Rotation.add`` sums for a writer (tuned = R^T B); the cosine of R^T B with
     T is then sum(R * B T^T) / (||B|| ||T||) for any orthogonal R (``out_inner`` sums it without the d x d array).
     ``into``: as for ``in_cross``."""
-    d, n = _dims(base, bname)
+    d = _dims(base, bname)[0]
     out = np.zeros((d, d)) if into is None else _sums_array(into, (d, d))
+
+    def add(i0: int, i1: int, j0: int, j1: int, p: np.ndarray) -> None:
+        out[i0:i1, j0:j1] += p
+
+    nb, nt = _out_pass(base, bname, tuned, tname, add)
+    return out, nb, nt
+
+
+def out_inner(base, bname: str, tuned, tname: str, r: np.ndarray) -> tuple[float, float, float]:
+    """(sum(R * B T^T), ||B||, ||T||) of two matrices [d, n] and a d x d ``r``, the cross sums' blocks summed against
+    ``r``'s as they are made: trace(R^T B T^T) with no d x d array besides ``r`` (for the cosine of R^T B with T)."""
+    s = [0.0]
+
+    def add(i0: int, i1: int, j0: int, j1: int, p: np.ndarray) -> None:
+        s[0] += inner(r[i0:i1, j0:j1], p)
+
+    nb, nt = _out_pass(base, bname, tuned, tname, add)
+    return s[0], nb, nt
+
+
+def _out_pass(base, bname: str, tuned, tname: str, each) -> tuple[float, float]:
+    """``each(i0, i1, j0, j1, B[i0:i1] T[j0:j1]^T)`` over blocks of two [d, n] matrices, float64: a block of B's rows
+    (four budgets) against each block of T's in turn; (||B||, ||T||)."""
+    d, n = _dims(base, bname)
+    big, small = block_rows(n, 4 * BLOCK_BYTES), block_rows(n)
     nb = nt = 0.0
-    for i0, i1, j0, j1, b, t in _out_blocks(base, bname, tuned, tname):
-        if j0 == 0:
-            nb += float(np.vdot(b, b))
-        if i0 == 0:
-            nt += float(np.vdot(t, t))
-        out[i0:i1, j0:j1] += b @ t.T
-    return out, math.sqrt(nb), math.sqrt(nt)
-
-
-def _in_rows(base, bname: str, tuned, tname: str, upto: int | None, index: np.ndarray | None) -> int:
-    """The rows ``in_cross`` and ``in_inner`` sum over."""
-    if index is not None:
-        return len(index)
-    return min(_dims(base, bname)[0], _dims(tuned, tname)[0]) if upto is None else int(upto)
+    for i0 in range(0, d, big):
+        i1 = min(d, i0 + big)
+        b = rows_of(base, bname, i0, i1)
+        nb += float(np.vdot(b, b))
+        for j0 in range(0, d, small):
+            j1 = min(d, j0 + small)
+            t = rows_of(tuned, tname, j0, j1)
+            if i0 == 0:
+                nt += float(np.vdot(t, t))
+            each(i0, i1, j0, j1, b @ t.T)
+    return math.sqrt(nb), math.sqrt(nt)
 
 
 def _sums_array(into: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if not (isinstance(into, np.ndarray) and into.dtype == np.float64 and into.shape == shape and into.flags.writeable):
         raise ValueError(f"sums of shape {shape} go into a writeable float64 array of that shape")
     return into
-
-
-def _out_blocks(base, bname: str, tuned, tname: str):
-    """(i0, i1, j0, j1, B[i0:i1], T[j0:j1]) over blocks of two [d, n] matrices: a block of B's rows (four budgets)
-    against each block of T's in turn, float64."""
-    d, n = _dims(base, bname)
-    big, small = block_rows(n, 4 * BLOCK_BYTES), block_rows(n)
-    for i0 in range(0, d, big):
-        i1 = min(d, i0 + big)
-        b = rows_of(base, bname, i0, i1)
-        for j0 in range(0, d, small):
-            j1 = min(d, j0 + small)
-            yield i0, i1, j0, j1, b, rows_of(tuned, tname, j0, j1)
-
-
-def out_inner(base, bname: str, tuned, tname: str, r: np.ndarray) -> tuple[float, float, float]:
-    """(sum(R * B T^T), ||B||, ||T||) of two matrices [d, n] and a d x d ``r``, the cross sums' blocks summed against
-    ``r``'s as they are made: trace(R^T B T^T) with no d x d array besides ``r`` (for the cosine of R^T B with T)."""
-    s = nb = nt = 0.0
-    for i0, i1, j0, j1, b, t in _out_blocks(base, bname, tuned, tname):
-        if j0 == 0:
-            nb += float(np.vdot(b, b))
-        if i0 == 0:
-            nt += float(np.vdot(t, t))
-        s += inner(r[i0:i1, j0:j1], b @ t.T)
-    return s, math.sqrt(nb), math.sqrt(nt)
-
-
-def in_inner(base, bname: str, tuned, tname: str, r: np.ndarray, upto: int | None = None,
-             index: np.ndarray | None = None) -> tuple[float, float, float]:
-    """(sum(R * B^T T), ||B||, ||T||) over ``in_cross``'s rows, as sum((B R) * T) in row blocks: trace(R^T B^T T)
-    with no d x d array besides ``r`` (for the cosine of B R with T)."""
-    rows = _in_rows(base, bname, tuned, tname, upto, index)
-    step = block_rows(_dims(base, bname)[1])
-    s = nb = nt = 0.0
-    for lo in range(0, rows, step):
-        hi = min(rows, lo + step)
-        b = rows_of(base, bname, lo, hi, index)
-        t = rows_of(tuned, tname, lo, hi)
-        nb, nt = nb + float(np.vdot(b, b)), nt + float(np.vdot(t, t))
-        s += inner(b @ r, t)
-    return s, math.sqrt(nb), math.sqrt(nt)
 
 
 def inner(a: np.ndarray, b: np.ndarray) -> float:
