@@ -248,3 +248,28 @@ def test_cross_sums_into_a_fit_and_inner_products_hold_no_d_by_d_array(tmp_path,
     assert (nb, nt) == pytest.approx((np.linalg.norm(b[idx]), np.linalg.norm(t[:200])), rel=1e-12)
     with pytest.raises(ValueError, match="float64"):
         rot.in_cross(bc, "w", tc, "w", into=np.zeros((d, d), np.float32))
+
+
+def test_the_blocked_passes_hold_one_block_of_each_side(tmp_path, rng, monkeypatch):
+    """A name rebound to the next block keeps the previous one until the new one is made: the output matrices' pass
+    held two of B's blocks (128 MB each at 70B widths) and the fit's cross sums reached 1.05 GB. Each block is let
+    go before the next is read: at most one block of B's rows and one of T's, beside pieces being decoded."""
+    import tracemalloc
+
+    d, n = 512, 300
+    ob, ot = (rng.standard_normal((d, n)).astype(np.float32) for _ in range(2))
+    obc = locate(write_checkpoint(tmp_path / "ob", {"w": ob}, dtype="F32"))
+    otc = locate(write_checkpoint(tmp_path / "ot", {"w": ot}, dtype="F32"))
+    monkeypatch.setattr(rot, "BLOCK_BYTES", 8 * n * 32)       # T's blocks 32 rows, B's 128 (four budgets)
+    monkeypatch.setattr(rot, "DECODE_PIECE", 1024)
+    big = 8 * n * 128
+
+    def peak(fn) -> float:
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1] / big
+        finally:
+            tracemalloc.stop()
+    assert peak(lambda: rot._out_pass(obc, "w", otc, "w", lambda *a: None)) < 1.75          # (2.36 before)
+    assert peak(lambda: rot._in_pass(obc, "w", otc, "w", None, None, lambda b, t: None)) < 0.7     # (0.81)

@@ -697,3 +697,53 @@ def test_a_rotated_side_holds_no_block_through_its_rank_solve(tmp_path, rng, mon
     s = compare(b, t).summary
     assert "rotated_residual" in s.flags
     assert len(held) >= 10 and max(held) == 0, held
+
+
+def _spill_cases(tmp_path, rng):
+    """(name, base folder, tuned folder) of the paths a rotation takes: a fine-tune beneath it (output and input
+    matrices measured again), a permutation (its |R| turns the norms), token rows remapped (matched to the base's
+    rows rotated), pruned beneath it (the rotated base read whole)."""
+    yield ("fine-tuned", *_block2_and_embedding_tuned_then_rotated(tmp_path / "ft", rng))
+    base = llama(rng)
+    b = write_checkpoint(tmp_path / "b", base)
+    p = np.eye(128)[np.random.default_rng(5).permutation(128)]
+    perm = _rotated(base, p, fold=False)
+    yield "permuted", b, write_checkpoint(tmp_path / "perm", perm)
+    t = dict(_rotated(base, _orthogonal(128)))
+    order = np.random.default_rng(12).permutation(512)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        t[k] = np.concatenate([t[k][order], np.random.default_rng(11).normal(0, 0.02, (8, 128)).astype(np.float32)])
+    yield "rows remapped", b, write_checkpoint(tmp_path / "rows", t)
+    t = dict(_rotated(base, _orthogonal(128)))
+    for k in READ + WRITE:
+        w = t[f"model.layers.1.{k}.weight"].copy()
+        w[np.abs(w) <= np.median(np.abs(w))] = 0.0
+        t[f"model.layers.1.{k}.weight"] = w
+    yield "pruned", b, write_checkpoint(tmp_path / "pruned", t)
+
+
+def test_a_rotation_kept_in_temporary_files_gives_the_same_json(tmp_path, rng, monkeypatch):
+    """Beyond ``spill.SPILL_BYTES`` (d > 5,792: the 70B width) R waits in temporary files while tensors are measured
+    beneath it, and the polar iteration's iterate while its inverse is computed: the same JSON, byte for byte, as
+    with both in memory, on every path a rotation takes; and from the cache, whose checks' outcome is read back
+    into a temporary file too."""
+    from weightdiff.measure import spill
+    from weightdiff.records import dumps
+
+    made, stashed = [], []
+    real_of, real_put = spill.Spilled.of.__func__, spill.Stash.put
+    for name, b, t in _spill_cases(tmp_path, rng):
+        monkeypatch.setattr(spill, "SPILL_BYTES", 256 << 20)
+        kept = compare(b, t).to_dict(include_run=False)
+        assert "rotated_residual" in kept["summary"]["flags"], name
+        monkeypatch.setattr(spill, "SPILL_BYTES", 0)
+        monkeypatch.setattr(spill.Spilled, "of", classmethod(lambda cls, a: made.append(name) or real_of(cls, a)))
+        monkeypatch.setattr(spill.Stash, "put", lambda self, a: stashed.append(name) or real_put(self, a))
+        assert dumps(compare(b, t).to_dict(include_run=False)) == dumps(kept), name
+        cache = tmp_path / f"cache-{len(made)}"
+        first = compare(b, t, cache=str(cache)).to_dict(include_run=False)
+        before = len(made)
+        again = compare(b, t, cache=str(cache)).to_dict(include_run=False)
+        assert dumps(first) == dumps(again) == dumps(kept), name
+        assert len(made) > before, name           # the rotation read back from the cache went to a file again
+        assert name in made and name in stashed

@@ -543,6 +543,8 @@ def _decode_checks(outcome: dict, arrays: dict, records: Sequence[TensorRecord],
     within the source's units, rotations square and gains vectors of floats."""
     import numpy as np
 
+    from .measure.spill import keep
+
     def strs(v: Any) -> bool:
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -564,6 +566,8 @@ def _decode_checks(outcome: dict, arrays: dict, records: Sequence[TensorRecord],
         raise ValueError("rows_seen")
     rows_seen = {k: arr(v, "iu", 1) for k, v in rows_seen.items()}
     undo, folded = [], []
+    spilled: dict = {}      # a rotation read back, as its fit left it: one object for the matrices it turns, and over
+    #                         ``spill.SPILL_BYTES`` in a temporary file (``spill.keep``)
     for d in outcome.get("undo") or ():
         i = d["record"]
         if not isinstance(i, int) or not 0 <= i < len(records) or records[i].name != d["name"]:
@@ -585,7 +589,9 @@ def _decode_checks(outcome: dict, arrays: dict, records: Sequence[TensorRecord],
             r_, g = arr(rotate[1], "f", 2), arr(rotate[2], "f", 1)
             if r_ is not None and r_.shape[0] != r_.shape[1]:
                 raise ValueError("rotation")
-            rotate = (rotate[0], r_, g)
+            if r_ is not None and rotate[1] not in spilled:
+                spilled[rotate[1]] = keep(np.asarray(r_, np.float64))
+            rotate = (rotate[0], None if r_ is None else spilled[rotate[1]], g)
         for k in ("label", "kind", "note"):
             if not isinstance(d[k], str):
                 raise ValueError(k)
@@ -906,7 +912,8 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     def fitted(rows: list):
         """R fitted on the embedding (when ``with_e``) and the output matrices ``rows``: each matrix's cross sums
         added into the fit's one d x d array as they are made (``Rotation.sums``), then R in its place; callers drop
-        the R they held first. At most R and the fit's sums and inverse are d x d at once (1.1 GB at d = 8,192)."""
+        the R they held first. At most R and the fit's sums are d x d at once, and the polar iteration's inverse beside
+        them, which waits in a temporary file beyond ``spill.SPILL_BYTES`` (``spill.stash_for``: 537 MB at d = 8,192)."""
         fit = rot.Rotation(d)
         if with_e[0]:
             e_fit(into=fit.sums())
@@ -977,6 +984,12 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         fitting = best or fitting
         r_all = None
         r_all = fitted(fitting)
+    # R as the measurements beneath it read it: over ``spill.SPILL_BYTES`` (d > 5,792) in a temporary file, read back
+    # in panels, so that it is not in memory beside the 8,192-wide Gram matrix of each tensor measured beneath it
+    # (at the 70B width the two took the path to 1.7 GB)
+    from .measure.spill import elementwise, keep, times
+
+    r_all = keep(r_all)
     num = sum(float(r.numel_compared or r.numel or 1) * c for r, c in good)
     den = sum(float(r.numel_compared or r.numel or 1) for r, _ in good)
     # the gains a norm folded into the matrices that read it: the base's norm vectors of the hidden width
@@ -997,7 +1010,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
 
         def rotated_rows(name: str, idx: np.ndarray) -> np.ndarray:
             # the base's rows ``idx`` in the rotated frame (rows times R), float32: never the whole table
-            return (rot.rows_of(base, name, 0, len(idx), idx) @ r_all).astype(np.float32)
+            return times(rot.rows_of(base, name, 0, len(idx), idx), r_all).astype(np.float32)
 
         for r in [e, *ins]:
             if r.module in ("embed", "lm_head"):
@@ -1043,7 +1056,7 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     # a permuted hidden dimension (R a permutation, signs allowed) permutes every norm's gains with it: measured so
 
     if rot.signed_permutation(r_all):
-        perm_abs = np.abs(r_all)
+        perm_abs = elementwise(np.abs, r_all)
         for r in records:
             if r.module == "norm" and len(r.shape or ()) == 1 and int(r.shape[0]) == d and r.base_name is not None \
                     and r.status != "unchanged" and id(r) not in skip and dense(r):

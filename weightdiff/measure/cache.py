@@ -568,8 +568,10 @@ class RecordCache:
             return got[1]
         import numpy as np
 
-        arr = np.ascontiguousarray(np.asarray(a))
-        ident = [str(arr.dtype), list(arr.shape), hashlib.sha256(arr.reshape(-1).view(np.uint8)).hexdigest()]
+        from .spill import Spilled, digest
+
+        arr = a if isinstance(a, Spilled) else np.ascontiguousarray(np.asarray(a))
+        ident = [str(arr.dtype), list(arr.shape), digest(arr)]       # (a spilled rotation read back in panels)
         self._arrays[id(a)] = (a, ident)
         return ident
 

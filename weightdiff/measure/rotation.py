@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from ..kernels.dtypes import DTYPES, decode
+from .spill import row_block, times
 
 __all__ = ["OUT_KINDS", "IN_KINDS", "values", "procrustes", "Rotation", "apply", "RotatedSide", "small_rotation", "BLOCK_BYTES", "Frame", "FrameSums", "frame_sums", "in_cross", "out_cross", "in_inner", "out_inner", "sample_rows", "rows_of", "inner", "signed_permutation", "column_gram_correlation"]
 
@@ -110,7 +111,7 @@ def procrustes(c: np.ndarray, inplace: bool = False) -> np.ndarray:
     """The orthogonal R maximising trace(R^T C): U V^T of the SVD of C (C = sum A^T B for A R ~ B), the orthogonal
     factor of C's polar decomposition. Computed by Newton's iteration in place (``kernels.lapack.polar_inplace``:
     C and one copy, 2 d^2 float64, where numpy's SVD and the product U V^T hold 8 d^2: at d = 8192 the difference
-    is 3.2 GB); by the SVD where that is missing or cannot finish (C singular to working precision: R is then not
+    is 3.2 GB; the copy in a temporary file beyond ``spill.SPILL_BYTES``, ``spill.stash_for``); by the SVD where that is missing or cannot finish (C singular to working precision: R is then not
     unique, the SVD picks one). ``inplace``: C (float64, C-contiguous) is overwritten with R and returned.
 
     >>> r = np.linalg.qr(np.random.default_rng(0).normal(size=(4, 4)))[0]
@@ -120,14 +121,20 @@ def procrustes(c: np.ndarray, inplace: bool = False) -> np.ndarray:
     """
     from ..kernels import lapack
 
+    from .spill import stash_for
+
     a = c if inplace and isinstance(c, np.ndarray) and c.dtype == np.float64 and c.flags.c_contiguous \
         and c.flags.writeable else np.array(c, np.float64, order="C")
     if lapack.polar_available():
+        stash = stash_for(a)        # over 256 MB (d > 5,792): the iterate waits in a temporary file, same bits
         try:
-            lapack.polar_inplace(a)
+            lapack.polar_inplace(a, stash=stash)
             return a
         except lapack.PolarFailed:
             pass                # ``a`` holds a finite iterate with C's orthogonal factor: its SVD gives it
+        finally:
+            if stash is not None:
+                stash.close()
     u, _, vt = np.linalg.svd(a)
     del a
     return u @ vt
@@ -172,16 +179,20 @@ def apply(kind: str, base: np.ndarray, r: np.ndarray | None, gain: np.ndarray | 
     row by row (``gain`` one factor per row), for units rescaled."""
     if kind == "rows":                  # each row the base's times its own factor (no rotation)
         return base.astype(np.float64) * gain.reshape(-1, *([1] * (base.ndim - 1)))
+    from .spill import Spilled, times
+
     if kind == "in":
         b = base.astype(np.float64) if gain is None else base.astype(np.float64) * gain[None, :]
-        return b if r is None else b @ r
+        return b if r is None else times(b, r)
+    if isinstance(r, Spilled):
+        r = np.asarray(r)
     return base.astype(np.float64) if r is None else r.T @ base.astype(np.float64)
 
 
 class RotatedSide:
     """One base tensor in the tuned model's rotated frame (``apply``), as float64 values (dtype ``F64``), for
-    ``compute.remeasure``: computed row block by row block as windows ask for them (``Frame``; the last block kept
-    for the next window), never whole unless ``read`` asks for it. ``order``: (axis, index), the base's rows
+    ``compute.remeasure``: computed row block by row block as windows ask for them (``Frame``; the block kept
+    for the next window until its last window, which is a copy), never whole unless ``read`` asks for it. ``order``: (axis, index), the base's rows
     (axis 0) or columns (1) gathered in that order first, for units reordered and rescaled."""
 
     def __init__(self, ck, name: str, source: str, kind: str, r: np.ndarray, gain: np.ndarray | None = None,
@@ -227,7 +238,13 @@ class RotatedSide:
                 i = next(k for k, (lo, hi) in enumerate(self._spans) if lo * cols <= at < hi * cols)
                 first, flat = self._span(i)
                 upto = min(end, first + flat.size)
-                parts.append(flat[at - first:upto - first])
+                part = flat[at - first:upto - first]
+                if upto == first + flat.size:
+                    # the block's last window: a copy, and the block let go now, not after the next block is
+                    # computed (the consumer holds this window until then: a view kept the block, 128 MB for a
+                    # writer at the 70B width, beside the next)
+                    part, self._cached = part.copy(), None
+                parts.append(part)
                 at = upto
             yield parts[0] if len(parts) == 1 else np.concatenate(parts)
             pos = end
@@ -280,10 +297,11 @@ class Frame:
             tile = max(1, (8 << 20) // (8 * max(1, len(pick))))
             for k0 in range(0, self.rows, step):
                 k1 = min(self.rows, k0 + step)
-                rt = np.ascontiguousarray(self.r[k0:k1][:, pick].T)
+                rt = np.ascontiguousarray(row_block(self.r, k0, k1)[:, pick].T)    # (R's rows read back if spilled)
                 b = self.base(k0, k1)
                 for c0 in range(0, self.cols, tile):
                     acc[:, c0:c0 + tile] += rt @ b[:, c0:c0 + tile]
+                rt = b = None       # (a name rebound keeps its old array until the new one is made: 2 blocks)
             return acc
         b = self.base(r0, r1, index)
         if self.kind == "rows":
@@ -292,7 +310,7 @@ class Frame:
         if self.kind == "in":
             if self.gain is not None:
                 b *= np.asarray(self.gain, np.float64)[None, :]
-            return b if self.r is None else b @ self.r
+            return b if self.r is None else times(b, self.r)
         return b
 
     def blocks(self):
@@ -352,6 +370,8 @@ def frame_sums(frames: Sequence[Frame], tuned, tname: str, rows: np.ndarray | No
             xk = np.where(kept, x, 0.0)
             xyk[i] += float(np.vdot(xk, tk))
             xxk[i] += float(np.vdot(xk, xk))
+            x = xk = None           # (let go before the next frame's block is made)
+        t = kept = tk = None
     return FrameSums(xy, xx, xyk, xxk, yy, yyk, zt, zb)
 
 
@@ -403,6 +423,7 @@ def _in_pass(base, bname: str, tuned, tname: str, upto: int | None, index: np.nd
         t = rows_of(tuned, tname, lo, hi)
         nb, nt = nb + float(np.vdot(b, b)), nt + float(np.vdot(t, t))
         each(b, t)
+        b = t = None                # (let go before the next blocks are read, not after)
     return math.sqrt(nb), math.sqrt(nt)
 
 
@@ -449,6 +470,8 @@ def _out_pass(base, bname: str, tuned, tname: str, each) -> tuple[float, float]:
             if i0 == 0:
                 nt += float(np.vdot(t, t))
             each(i0, i1, j0, j1, b @ t.T)
+            t = None
+        b = None                    # (a block of B's rows, 128 MB at 70B widths: let go before the next is read)
     return math.sqrt(nb), math.sqrt(nt)
 
 
@@ -477,7 +500,7 @@ def signed_permutation(r: np.ndarray, atol: float = 1.1e-5) -> bool:
     top = np.zeros(r.shape[1] if r.ndim == 2 else 0)
     step = block_rows(max(1, top.size), 8 << 20)
     for i in range(0, r.shape[0], step):
-        np.maximum(top, np.max(np.abs(r[i:i + step]), axis=0), out=top)
+        np.maximum(top, np.max(np.abs(row_block(r, i, i + step)), axis=0), out=top)
     return bool(np.all(np.abs(top - 1.0) <= atol))
 
 
