@@ -35,6 +35,23 @@ def status() -> dict:
     return out
 
 
+def big_mappings(least_mb: int = 4) -> list[tuple[int, int, str]]:
+    """(resident MB, size MB, name) of each mapping of this process with at least ``least_mb`` resident, largest
+    first, from ``/proc/self/smaps``: a numpy array of more than a few MB is a mapping of its own, so this lists the
+    large arrays alive (by size) and the files mapped (by path) at the moment it is read."""
+    out, cur = [], None
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                cur = [0, (hi - lo) >> 20, head[5] if len(head) > 5 else "[anon]"]
+                out.append(cur)
+            elif head and head[0] == "Rss:" and cur is not None:
+                cur[0] = int(head[1]) >> 10
+    return sorted((tuple(m) for m in out if m[0] >= least_mb), reverse=True)
+
+
 def stacks(main_id: int, only_main: bool = False, depth: int = 10) -> str:
     """Every other thread's innermost ``depth`` frames as text (or the main thread's innermost frame):
     the frames are dropped before this returns (see the module's docstring)."""
@@ -53,8 +70,9 @@ def stacks(main_id: int, only_main: bool = False, depth: int = 10) -> str:
 
 
 class Sampler:
-    def __init__(self, every: float) -> None:
-        self.every = every
+    def __init__(self, every: float, maps: bool = False) -> None:
+        self.every, self.maps = every, maps
+        self.best_maps: list = []
         self.main_id = threading.get_ident()
         self.best: tuple[int, dict, str] = (0, {}, "")
         self.log: list[tuple[int, int, str]] = []
@@ -66,6 +84,8 @@ class Sampler:
         while not self._stop.is_set():
             st = status()
             if st["VmRSS"] > self.best[0]:
+                if self.maps and st["VmRSS"] > self.best[0] + 4:
+                    self.best_maps = big_mappings()
                 self.best = (st["VmRSS"], st, stacks(self.main_id))
             now = time.monotonic()
             if now - last >= 5:
@@ -87,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--every", type=float, default=0.02, help="seconds between samples (default 0.02)")
     ap.add_argument("--log", help="also write the report to this file")
+    ap.add_argument("--maps", action="store_true",
+                    help="at the highest sample, also list the mappings of 4 MB or more resident (arrays, files)")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="the weightdiff command line, after --")
     a = ap.parse_args(argv)
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
@@ -96,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rc = 0
     t0 = time.monotonic()
-    with Sampler(a.every) as s:
+    with Sampler(a.every, a.maps) as s:
         try:
             cli(args, standalone_mode=False)
         except SystemExit as exc:        # pragma: no cover - click's exit on bad input
@@ -104,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.monotonic() - t0
     peak, st, where = s.best
     lines = [f"wall {wall:.1f} s; VmHWM {status()['VmHWM']} MB (the exact peak); highest sample {peak} MB "
-             f"(anon {st.get('RssAnon')} MB, file {st.get('RssFile')} MB); stacks there:", where, "every 5 s:"]
+             f"(anon {st.get('RssAnon')} MB, file {st.get('RssFile')} MB); stacks there:", where]
+    if s.best_maps:
+        lines += ["mappings there (resident MB, size MB, name):"] + [f"  {r:>6} {z:>6}  {n}" for r, z, n in s.best_maps]
+    lines += ["every 5 s:"]
     lines += [f"  {t:>5} s {r:>6} MB  {top}" for t, r, top in s.log]
     text = "\n".join(lines) + "\n"
     sys.stderr.write(text)

@@ -261,6 +261,7 @@ def test_the_blocked_passes_hold_one_block_of_each_side(tmp_path, rng, monkeypat
     obc = locate(write_checkpoint(tmp_path / "ob", {"w": ob}, dtype="F32"))
     otc = locate(write_checkpoint(tmp_path / "ot", {"w": ot}, dtype="F32"))
     monkeypatch.setattr(rot, "BLOCK_BYTES", 8 * n * 32)       # T's blocks 32 rows, B's 128 (four budgets)
+    monkeypatch.setattr(rot, "OUT_BUDGETS", 4)
     monkeypatch.setattr(rot, "DECODE_PIECE", 1024)
     big = 8 * n * 128
 

@@ -39,6 +39,10 @@ IN_KINDS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "mlp.gate", "mlp.up", "lm_
 _ROWS = 4096                       # rows decoded at a time
 #: float64 bytes of one row block a blocked pass decodes at a time (a block of the base, one of the tuned)
 BLOCK_BYTES = 32 << 20
+#: budgets (``BLOCK_BYTES``) of one row block where each block reads a whole matrix (an output matrix in the rotated
+#: frame, R^T B; B's rows in the cross sums of output matrices): fewer blocks, fewer passes over that matrix. Two:
+#: 67 MB at 70B widths (8,192 x 28,672), beside the 537 MB Gram of the tensor measured (four took it to 1.18 GB)
+OUT_BUDGETS = 2
 #: elements decoded at a time into a block's float64 rows (``rows_of``): 8 MB of them
 DECODE_PIECE = 1 << 20
 #: rows read by a sampled pre-test (``sample_rows``): evenly spaced, the first and the last among them
@@ -315,7 +319,7 @@ class Frame:
 
     def blocks(self):
         """(r0, r1) row ranges of one block each: fewer and taller for ``out`` (each reads the whole base)."""
-        step = block_rows(self.cols, 4 * BLOCK_BYTES if self.kind == "out" and self.r is not None else None)
+        step = block_rows(self.cols, OUT_BUDGETS * BLOCK_BYTES if self.kind == "out" and self.r is not None else None)
         return [(lo, min(self.rows, lo + step)) for lo in range(0, self.rows, step)]
 
 
@@ -351,7 +355,7 @@ def frame_sums(frames: Sequence[Frame], tuned, tname: str, rows: np.ndarray | No
     zt = zb = 0
     f0 = frames[0]
     n = len(rows) if rows is not None else f0.rows if upto is None else min(int(upto), f0.rows)
-    step = block_rows(f0.cols, 4 * BLOCK_BYTES if f0.kind == "out" and f0.r is not None else BLOCK_BYTES)
+    step = block_rows(f0.cols, OUT_BUDGETS * BLOCK_BYTES if f0.kind == "out" and f0.r is not None else BLOCK_BYTES)
     spans = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
     for lo, hi in spans:
         idx = None if rows is None else np.asarray(rows[lo:hi], np.int64)
@@ -428,7 +432,7 @@ def _in_pass(base, bname: str, tuned, tname: str, upto: int | None, index: np.nd
 
 
 def out_cross(base, bname: str, tuned, tname: str, into: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
-    """(B T^T, ||B||, ||T||) of two matrices of one shape [d, n], float64, in row blocks: a block of B's rows (four
+    """(B T^T, ||B||, ||T||) of two matrices of one shape [d, n], float64, in row blocks: a block of B's rows (``OUT_BUDGETS``
     budgets) against each block of T's in turn. What ``Rotation.add`` sums for a writer (tuned = R^T B); the cosine of R^T B with
     T is then sum(R * B T^T) / (||B|| ||T||) for any orthogonal R (``out_inner`` sums it without the d x d array).
     ``into``: as for ``in_cross``."""
@@ -456,9 +460,9 @@ def out_inner(base, bname: str, tuned, tname: str, r: np.ndarray) -> tuple[float
 
 def _out_pass(base, bname: str, tuned, tname: str, each) -> tuple[float, float]:
     """``each(i0, i1, j0, j1, B[i0:i1] T[j0:j1]^T)`` over blocks of two [d, n] matrices, float64: a block of B's rows
-    (four budgets) against each block of T's in turn; (||B||, ||T||)."""
+    (``OUT_BUDGETS`` budgets) against each block of T's in turn; (||B||, ||T||)."""
     d, n = _dims(base, bname)
-    big, small = block_rows(n, 4 * BLOCK_BYTES), block_rows(n)
+    big, small = block_rows(n, OUT_BUDGETS * BLOCK_BYTES), block_rows(n)
     nb = nt = 0.0
     for i0 in range(0, d, big):
         i1 = min(d, i0 + big)
