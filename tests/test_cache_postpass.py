@@ -382,6 +382,8 @@ def test_an_order_out_of_range_in_a_stored_outcome_is_refused(tmp_path, rng, che
 
 
 def test_a_previous_runs_checks_put_the_post_pass_in_the_pass_eta(tmp_path, rng):
+    """A previous run's checks say how much is measured again after the pass: counted in its ETA, unless that run
+    stored all of it (a resumed run's ETA counted minutes for records it then read from the cache)."""
     b, t = _rotated_pair(tmp_path, rng)
     cache = tmp_path / "cache"
     told: list = []
@@ -394,9 +396,20 @@ def test_a_previous_runs_checks_put_the_post_pass_in_the_pass_eta(tmp_path, rng)
             told.append(n)
     compare(b, t, cache=str(cache), progress=Progress())
     assert told == []                                   # nothing known before the first run's checks
+    done = list(cache.rglob("*.done"))
+    assert len(done) == 1                               # every tensor measured again is stored: noted so
+    compare(b, t, cache=str(cache), progress=Progress())
+    assert told == []                                   # they come from the cache: no time for them in the ETA
+    done[0].unlink()                                    # as a run killed during the post-pass leaves it
     compare(b, t, cache=str(cache), progress=Progress())
     # the 30 matrices measured again beneath the rotation: embedding and head, then q, k, v, o, gate, up, down x 4
-    assert told == [2 * 512 * 128 + 4 * (4 * 128 * 128 + 3 * 256 * 128)]
+    n = 2 * 512 * 128 + 4 * (4 * 128 * 128 + 3 * 256 * 128)
+    assert told == [n]
+    done = list(cache.rglob("*.done"))
+    text = done[0].read_text()
+    done[0].write_text(text.replace('"outcome": "', '"outcome": "0'))     # a note of another outcome
+    compare(b, t, cache=str(cache), progress=Progress())
+    assert told == [n, n]
     # and the progress line counts them in the pass's ETA
     from weightdiff.cli_options import _checked
 

@@ -392,6 +392,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         if undo:                        # measure what changed beneath each reordering, not the reordering itself
             records, undone = measure_undone(records, undo, the_plan, bases, tuned_ck, options, backend, classify,
                                              again)
+            again.measured_all()
             blocks, modules = aggregate(records, options.thresholds)
         if "rows_consistent" not in undone and any("rows" in v for v in found.values()):
             # token rows reordered and rows added: nothing undone, but whether the tables follow one remapping
@@ -2162,6 +2163,7 @@ class Again:
 
             self._warned = warnings_given(options.cache)      # before the pass: did the pass warn?
         self.bases, self.tuned = bases, tuned
+        self._key: str | None = None            # the checks' outcome's key (``checks``)
         self._stage = getattr(progress, "stage", None)
         self._advance = getattr(progress, "advance", None)
 
@@ -2211,15 +2213,24 @@ class Again:
             self.cache.put(key, rec, post=str(material.get("undo")))
         return rec
 
+    def measured_all(self) -> None:
+        """Every tensor the checks' outcome measures again is measured and stored: noted beside the outcome."""
+        if self.cache is not None and self._key is not None and not self.cache.unwritten:
+            self.cache.mark_measured(self._key)
+
     def _checks_key(self, plan: Plan, undo_reorderings: bool) -> str:
         return self.cache.checks_key(plan, self.bases, self.tuned, {"undo_reorderings": bool(undo_reorderings)})
 
     def expected(self, plan: Plan, undo_reorderings: bool) -> int:
         """Before the pass: the elements of the tensors a previous run of the same inputs and options measured again
-        after it (its checks' outcome, read without its arrays), for the pass's ETA; 0 when none is known."""
+        after it (its checks' outcome, read without its arrays), for the pass's ETA; 0 when none is known, or when
+        that run stored every one of them (``RecordCache.measured``: they come from the cache, in no time)."""
         if self.cache is None:
             return 0
-        data = self.cache.peek_outcome(self._checks_key(plan, undo_reorderings))
+        key = self._checks_key(plan, undo_reorderings)
+        if self.cache.measured(key):
+            return 0
+        data = self.cache.peek_outcome(key)
         try:
             return sum(int(d["elements"]) for d in data["outcome"]["undo"]) if data else 0
         except (KeyError, TypeError, ValueError):
@@ -2235,7 +2246,7 @@ class Again:
             return run()
         from .measure.cache import records_digest
 
-        key = self._checks_key(plan, undo_reorderings)
+        key = self._key = self._checks_key(plan, undo_reorderings)
         digest = records_digest(records)
         got = self.cache.get_outcome(key)
         if got is not None and got[0].get("records") == digest:

@@ -761,6 +761,25 @@ class RecordCache:
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
             return None
 
+    def mark_measured(self, key: str) -> None:
+        """Note beside the outcome under ``key`` that every tensor it measures again is stored (``.done``: the
+        outcome's digest), so that a run that finds both tells no time for them in its ETA (``measured``)."""
+        data = self.peek_outcome(key)
+        if data is None or self.write_error is not None:
+            return
+        text = json.dumps({"v": CACHE_VERSION, "key": key, "outcome": _digest(data)}).encode()
+        self._write_bytes(key, f"{key}.done", lambda fh: fh.write(text))
+
+    def measured(self, key: str) -> bool:
+        """Whether ``mark_measured`` noted the outcome stored under ``key`` now (not an earlier one written over)."""
+        data = self.peek_outcome(key)
+        if data is None:
+            return False
+        try:
+            return self._load(key, ".done") == {"v": CACHE_VERSION, "key": key, "outcome": _digest(data)}
+        except (OSError, ValueError, RecursionError):
+            return False
+
     def get_outcome(self, key: str) -> tuple[dict, dict] | None:
         """(outcome, arrays) stored under ``key``, or None: the outcome as ``peek_outcome`` takes it, and its arrays
         only when their file (read through no symbolic link) has the size and sha256 the outcome names, loads
