@@ -433,3 +433,42 @@ def test_an_outcome_larger_than_a_record_is_read_back(tmp_path, rng, checks_run,
     monkeypatch.setattr(wcache, "OUTCOME_CAP", outcome.stat().st_size - 1)
     assert compare(b, t, cache=str(cache)).to_json(include_run=False) == first
     assert len(checks_run) == 2
+
+
+def test_a_run_killed_during_the_checks_resumes_past_its_fits(tmp_path, rng, monkeypatch):
+    """The rotation's fits are kept as each ends (``Again.fit``): at 70B widths one is minutes to hours on a CPU,
+    and a run killed during the checks ran them all again. Resumed, it fits only what it had not; the same JSON."""
+    from weightdiff.measure import rotation as rot
+    from weightdiff.records import dumps
+
+    b, t = _rotated_pair(tmp_path, rng)
+    real = rot.Rotation.solve
+    calls: list = []
+
+    def counted(self):
+        calls.append(1)
+        return real(self)
+    monkeypatch.setattr(rot.Rotation, "solve", counted)
+    plain = dumps(compare(b, t).to_dict(include_run=False))
+    fits = len(calls)
+    assert fits >= 2                                    # fitted, then refitted on what R explains
+
+    def killed(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(self)
+    calls.clear()
+    monkeypatch.setattr(rot.Rotation, "solve", killed)
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="killed"):
+        compare(b, t, cache=str(cache))
+    assert len(list(cache.rglob("*.fit"))) == 1 and not list(cache.rglob("*.checks"))
+    calls.clear()
+    monkeypatch.setattr(rot.Rotation, "solve", counted)
+    assert dumps(compare(b, t, cache=str(cache)).to_dict(include_run=False)) == plain
+    assert len(calls) == fits - 1                       # the first fit read back, the others made
+    for p in cache.rglob("*.checks"):                   # the checks run again (an outcome written over): no fit
+        p.unlink()
+    calls.clear()
+    assert dumps(compare(b, t, cache=str(cache)).to_dict(include_run=False)) == plain and calls == []

@@ -385,7 +385,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
               "rescaled)")
         checks = again.checks(the_plan, records, undo_reorderings,
                               functools.partial(reparametrisations, records, bases, tuned_ck, options,
-                                                undo_reorderings))
+                                                undo_reorderings, memo=again.fit))
         found, checked, undo, rotation = checks.found, checks.checked, checks.undo, checks.rotation
         gains_folded, rows_seen = checks.gains_folded, checks.rows_seen
         undone: dict = {}
@@ -482,10 +482,12 @@ class Checks:
 
 
 def reparametrisations(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
-                       options: CompareOptions, undo_reorderings: bool = True) -> Checks:
+                       options: CompareOptions, undo_reorderings: bool = True,
+                       memo: Callable[[dict, Callable[[], Any]], Any] | None = None) -> Checks:
     """The checks after the pass, in order: units reordered (``permuted_units``; their undos dropped without
     ``undo_reorderings``), matrices stored times -1, a rotated residual stream, norm gains folded alone (when
-    nothing is rotated), units rescaled (beneath a reordering too)."""
+    nothing is rotated), units rescaled (beneath a reordering too). ``memo``: where the rotation's fits are kept
+    (``Again.fit``)."""
     undo: list[Undo] = []
     rows_seen: dict = {}
     found, checked = permuted_units(records, bases, tuned, options, undo, rows_seen)
@@ -496,7 +498,7 @@ def reparametrisations(records: Sequence[TensorRecord], bases: Sequence[Checkpoi
     undo.extend(negated_matrices(records, bases, tuned, options, {id(u.record) for u in undo}))
     # a rotated residual stream likewise (QuaRot, SpinQuant, a permuted hidden dimension): as stored, every
     # matrix reads as another model's
-    turned, rotation = rotated_residual(records, bases, tuned, options, {id(u.record) for u in undo})
+    turned, rotation = rotated_residual(records, bases, tuned, options, {id(u.record) for u in undo}, memo)
     undo.extend(turned)
     for label, kinds in rotation.pop("rows_reordered", {}).items():     # token rows matched beneath it
         found.setdefault(label, []).extend(k for k in kinds if k not in found.get(label, []))
@@ -799,7 +801,8 @@ E_CROSS_KEPT = 128 << 20
 
 
 def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
-                     options: CompareOptions, skip: set[int] = frozenset()) -> tuple[list[Undo], dict]:
+                     options: CompareOptions, skip: set[int] = frozenset(),
+                     memo: Callable[[dict, Callable[[], Any]], Any] | None = None) -> tuple[list[Undo], dict]:
     """The ``Undo`` of every tensor of a model whose residual stream was rotated (``measure.rotation``: QuaRot,
     SpinQuant, a permuted hidden dimension), and what the fit showed (``fit``: the held-out matrices and their
     pooled cosine; ``gains``: the base norm gains folded into the matrices that read them). Tried only when the
@@ -815,7 +818,9 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     stores beside a base that ties it is paired with the base's embedding (``paired_by`` ``tied``): that is the
     head the base computes with, so it is measured in the rotated frame like any reader of the residual stream,
     with the final norm's gains folded in where that fits better (QuaRot unties a tied head so; measured as
-    stored it read "head unrelated")."""
+    stored it read "head unrelated"). ``memo(material, fit)``: where each fit is kept (``Again.fit``)."""
+    import hashlib
+
     import numpy as np
 
     from .judge.relatedness import MARGINS
@@ -915,12 +920,22 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         added into the fit's one d x d array as they are made (``Rotation.sums``), then R in its place; callers drop
         the R they held first. At most R and the fit's sums are d x d at once, and the polar iteration's inverse beside
         them, which waits in a temporary file beyond ``spill.SPILL_BYTES`` (``spill.stash_for``: 537 MB at d = 8,192)."""
-        fit = rot.Rotation(d)
-        if with_e[0]:
-            e_fit(into=fit.sums())
-        for r in rows:
-            rot.out_cross(base, r.base_name, tuned, r.name, into=fit.sums())
-        return fit.solve()
+        def solve():
+            fit = rot.Rotation(d)
+            if with_e[0]:
+                e_fit(into=fit.sums())
+            for r in rows:
+                rot.out_cross(base, r.base_name, tuned, r.name, into=fit.sums())
+            return fit.solve()
+        if memo is None:
+            return solve()
+        # kept by the caller (``Again.fit``: with --cache, a run killed during the checks resumes past its fits),
+        # named by what it was fitted on: the pairs (the files are the checks' key's), the embedding's shared rows
+        upto, order = shared_rows(e)
+        material = {"width": d, "matrices": sorted([r.base_name, r.name] for r in rows),
+                    "embedding": [e.base_name, e.name, upto, None if order is None else __import__("hashlib").sha256(
+                        np.ascontiguousarray(order[1], np.int64).tobytes()).hexdigest()] if with_e[0] else None}
+        return memo(material, solve)
 
     labels = sorted({r.block for r in outs}, key=lambda b: (parse_name(f"{b}.x")[1] or 0, str(b)))
     if len(labels) > 1:             # every other block fits, the rest is held out
@@ -2212,6 +2227,31 @@ class Again:
         if key is not None:
             self.cache.put(key, rec, post=str(material.get("undo")))
         return rec
+
+    def fit(self, material: dict, compute: Callable[[], Any]) -> Any:
+        """A rotation fitted during the checks (``rotated_residual``'s ``memo``): with a cache, the R stored under the
+        checks' key and ``material`` (the matrices fitted on, the embedding's rows) when it reads back whole and
+        square (float64), else ``compute()``, stored as soon as it returns (``None``, no fit, too). At 70B widths
+        a fit is minutes to hours on a CPU: a run killed during the checks resumes past the fits it finished."""
+        if self.cache is None or self._key is None:
+            return compute()
+        import hashlib
+        import json
+
+        import numpy as np
+
+        key = hashlib.sha256(json.dumps({"checks": self._key, "fit": material}, sort_keys=True,
+                                        default=str).encode()).hexdigest()
+        got = self.cache.get_outcome(key, ".fit")
+        if got is not None and got[0].get("fit") == json.loads(json.dumps(material, default=str)):
+            r = got[1].get("r")
+            if got[0].get("none") is True and r is None:
+                return None
+            if isinstance(r, np.ndarray) and r.ndim == 2 and r.shape[0] == r.shape[1] and r.dtype == np.float64:
+                return np.ascontiguousarray(r)
+        r = compute()
+        self.cache.put_outcome(key, {"fit": material, "none": r is None}, {} if r is None else {"r": r}, ".fit")
+        return r
 
     def measured_all(self) -> None:
         """Every tensor the checks' outcome measures again is measured and stored: noted beside the outcome."""

@@ -615,7 +615,7 @@ class RecordCache:
         a FIFO hung, /dev/zero filled the memory), read through no symbolic link (a record or subfolder linked
         elsewhere is not a record of this cache). OSError when there is none such. ``suffix``: ``.checks`` for the
         checks' outcome."""
-        cap = OUTCOME_CAP if suffix == ".checks" else RECORD_CAP
+        cap = OUTCOME_CAP if suffix in (".checks", ".fit") else RECORD_CAP
         folder = self._folder(key, create=False)
         try:
             fd = os.open(f"{key}{suffix}", _READ_FLAGS, dir_fd=folder)
@@ -719,11 +719,12 @@ class RecordCache:
                     "extra": extra}
         return hashlib.sha256(json.dumps(material, sort_keys=True, default=_plain).encode()).hexdigest()
 
-    def put_outcome(self, key: str, outcome: dict, arrays: dict) -> None:
+    def put_outcome(self, key: str, outcome: dict, arrays: dict, suffix: str = ".checks") -> None:
         """Store a JSON ``outcome`` and its numpy ``arrays`` (``name -> array``) under ``key``: the arrays first, in
         one ``.npz`` of their own key (``_arrays_key``), then the outcome as a record file naming the arrays' size
         and sha256, each written to a temporary and renamed, so a kill leaves the outcome whole or absent. A failed
-        write stops the cache's writes as ``put``'s does."""
+        write stops the cache's writes as ``put``'s does. ``suffix``: ``.checks`` for the checks' outcome, ``.fit``
+        for one rotation fitted during them (``Again.fit``)."""
         if self.write_error is not None:
             self.unwritten += 1
             return
@@ -743,13 +744,13 @@ class RecordCache:
                               "names": {k: [str(np.asarray(v).dtype), list(np.asarray(v).shape)]
                                         for k, v in arrays.items()}}}
         text = json.dumps({**payload, "digest": _digest(payload)}, default=_plain, allow_nan=True).encode()
-        self._write_bytes(key, f"{key}.checks", lambda fh: fh.write(text))
+        self._write_bytes(key, f"{key}{suffix}", lambda fh: fh.write(text))
 
-    def peek_outcome(self, key: str) -> dict | None:
+    def peek_outcome(self, key: str, suffix: str = ".checks") -> dict | None:
         """The outcome stored under ``key`` (its JSON only, the arrays not read), or None: absent, torn, or with a
         digest that does not match."""
         try:
-            data = self._load(key, ".checks")
+            data = self._load(key, suffix)
             if not isinstance(data, dict) or data.get("key") != key or data.get("v") != CACHE_VERSION:
                 raise ValueError("stale")
             digest = data.pop("digest", None)
@@ -780,11 +781,11 @@ class RecordCache:
         except (OSError, ValueError, RecursionError):
             return False
 
-    def get_outcome(self, key: str) -> tuple[dict, dict] | None:
+    def get_outcome(self, key: str, suffix: str = ".checks") -> tuple[dict, dict] | None:
         """(outcome, arrays) stored under ``key``, or None: the outcome as ``peek_outcome`` takes it, and its arrays
         only when their file (read through no symbolic link) has the size and sha256 the outcome names, loads
         without pickles and holds exactly the arrays named, of the dtypes and shapes named."""
-        data = self.peek_outcome(key)
+        data = self.peek_outcome(key, suffix)
         if data is None:
             return None
         import numpy as np
