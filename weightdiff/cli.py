@@ -37,6 +37,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         from .fsutil import Interrupted, OutputSet
 
+        _map_large_arrays()
         try:
             with OutputSet():                   # every file a command writes: all at the end, or none
                 return super().invoke(ctx)
@@ -59,6 +60,14 @@ class _Group(click.Group):
             click.echo(f"error: internal error: {type(exc).__name__}: {escape_name(str(exc))} "
                        "(please report it; set WEIGHTDIFF_DEBUG=1 for the traceback)", err=True)
             sys.exit(1)
+
+
+def _map_large_arrays() -> None:
+    """Large arrays mapped one by one and given back when freed (``measure.heap.map_large_arrays``), before a
+    command runs (glibc's malloc; a no-op elsewhere)."""
+    from .measure.heap import map_large_arrays
+
+    map_large_arrays()
 
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

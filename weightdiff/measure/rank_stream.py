@@ -24,7 +24,6 @@ product per summing thread; a wide delta up to ``KEEP_BYTES`` more. See docs/ran
 
 from __future__ import annotations
 
-import functools
 import math
 import tempfile
 
@@ -34,6 +33,7 @@ from ..kernels import gram as kgram
 from ..kernels import spectral
 from ..kernels.dtypes import DTYPES
 from ..records import RankRecord
+from .heap import trim_heap
 from .rank import _UINT, _bits, _variance_table, noise_floor, noise_kernel
 
 __all__ = ["DeltaGram", "RankSink", "streamed_rank_sink", "float_matrix", "KEEP_BYTES", "BLOCK_BYTES"]
@@ -55,29 +55,7 @@ def _decoder():
         return reference.decode_delta_f64, reference.decode_delta_f32
 
 
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere) before a Gram
-    matrix of hundreds of MB is assembled and solved: what the checks and the windows before it freed stayed
-    resident (the tensors measured again after the pass ran about 100 MB above the pass's own level)."""
-    fn = _malloc_trim()
-    if fn is not None:
-        fn(0)
 
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
 
 
 class DeltaGram:

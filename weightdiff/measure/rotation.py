@@ -40,9 +40,9 @@ _ROWS = 4096                       # rows decoded at a time
 #: float64 bytes of one row block a blocked pass decodes at a time (a block of the base, one of the tuned)
 BLOCK_BYTES = 32 << 20
 #: budgets (``BLOCK_BYTES``) of one row block where each block reads a whole matrix (an output matrix in the rotated
-#: frame, R^T B; B's rows in the cross sums of output matrices): fewer blocks, fewer passes over that matrix. Two:
-#: 67 MB at 70B widths (8,192 x 28,672), beside the 537 MB Gram of the tensor measured (four took it to 1.18 GB)
-OUT_BUDGETS = 2
+#: frame, R^T B; B's rows in the cross sums of output matrices): more budgets, fewer passes over that matrix. One:
+#: 32 MB beside the 512 MB Gram of the tensor measured at 70B widths (four took that path to 1.18 GB, two to 1.05)
+OUT_BUDGETS = 1
 #: elements decoded at a time into a block's float64 rows (``rows_of``): 8 MB of them
 DECODE_PIECE = 1 << 20
 #: rows read by a sampled pre-test (``sample_rows``): evenly spaced, the first and the last among them
