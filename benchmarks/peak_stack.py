@@ -1,11 +1,13 @@
 """Where a weightdiff command's memory peak is: run the CLI in this process, sample the resident set every
 ``--every`` seconds on a side thread, and keep every thread's stack at the highest sample.
 
-    python benchmarks/peak_stack.py [--every 0.02] [--log peak.txt] -- compare base/ tuned/ --json out.json --quiet
+    python benchmarks/peak_stack.py [--every 0.02] [--log peak.txt] [--maps] -- compare base/ tuned/ --json o.json --quiet
 
 Prints the kernel's high-water mark (``VmHWM``: the exact peak, whatever the sampling missed), the highest
-sample with its anonymous and file-backed parts, the stacks at that sample, and a line every 5 s (RSS, the
-main thread's innermost frame). Linux only (``/proc/self/status``).
+sample with its anonymous and file-backed parts, the stacks at that sample, with ``--maps`` the mappings of 4 MB
+or more resident then (``/proc/self/smaps``: a numpy array of more than a megabyte is a mapping of its own, so
+the arrays alive are listed by size), and a line every 5 s (RSS, the main thread's innermost frame). Linux only
+(``/proc/self/status``).
 
 The sampler holds no frame past a sample: ``sys._current_frames()`` hands out live frame objects, and a
 frame still referenced when its function returns keeps that function's locals alive. An earlier version
