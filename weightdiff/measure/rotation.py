@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from ..kernels.dtypes import DTYPES, decode
-from .spill import row_block, times
+from .spill import Spilled, row_block, stash_for, times
 
 __all__ = ["OUT_KINDS", "IN_KINDS", "values", "procrustes", "Rotation", "apply", "RotatedSide", "small_rotation", "BLOCK_BYTES", "Frame", "FrameSums", "frame_sums", "in_cross", "out_cross", "in_inner", "out_inner", "sample_rows", "rows_of", "inner", "signed_permutation", "column_gram_correlation"]
 
@@ -115,8 +115,8 @@ def procrustes(c: np.ndarray, inplace: bool = False) -> np.ndarray:
     """The orthogonal R maximising trace(R^T C): U V^T of the SVD of C (C = sum A^T B for A R ~ B), the orthogonal
     factor of C's polar decomposition. Computed by Newton's iteration in place (``kernels.lapack.polar_inplace``:
     C and one copy, 2 d^2 float64, where numpy's SVD and the product U V^T hold 8 d^2: at d = 8192 the difference
-    is 3.2 GB; the copy in a temporary file beyond ``spill.SPILL_BYTES``, ``spill.stash_for``); by the SVD where that is missing or cannot finish (C singular to working precision: R is then not
-    unique, the SVD picks one). ``inplace``: C (float64, C-contiguous) is overwritten with R and returned.
+    is 3.2 GB; the copy in a temporary file beyond ``spill.SPILL_BYTES``, ``spill.stash_for``); by the SVD where
+    that is missing or cannot finish (C singular to working precision: R is then not unique, the SVD picks one). ``inplace``: C (float64, C-contiguous) is overwritten with R and returned.
 
     >>> r = np.linalg.qr(np.random.default_rng(0).normal(size=(4, 4)))[0]
     >>> a = np.random.default_rng(1).normal(size=(20, 4))
@@ -124,8 +124,6 @@ def procrustes(c: np.ndarray, inplace: bool = False) -> np.ndarray:
     True
     """
     from ..kernels import lapack
-
-    from .spill import stash_for
 
     a = c if inplace and isinstance(c, np.ndarray) and c.dtype == np.float64 and c.flags.c_contiguous \
         and c.flags.writeable else np.array(c, np.float64, order="C")
@@ -183,8 +181,6 @@ def apply(kind: str, base: np.ndarray, r: np.ndarray | None, gain: np.ndarray | 
     row by row (``gain`` one factor per row), for units rescaled."""
     if kind == "rows":                  # each row the base's times its own factor (no rotation)
         return base.astype(np.float64) * gain.reshape(-1, *([1] * (base.ndim - 1)))
-    from .spill import Spilled, times
-
     if kind == "in":
         b = base.astype(np.float64) if gain is None else base.astype(np.float64) * gain[None, :]
         return b if r is None else times(b, r)
@@ -196,8 +192,9 @@ def apply(kind: str, base: np.ndarray, r: np.ndarray | None, gain: np.ndarray | 
 class RotatedSide:
     """One base tensor in the tuned model's rotated frame (``apply``), as float64 values (dtype ``F64``), for
     ``compute.remeasure``: computed row block by row block as windows ask for them (``Frame``; the block kept
-    for the next window until its last window, which is a copy), never whole unless ``read`` asks for it. ``order``: (axis, index), the base's rows
-    (axis 0) or columns (1) gathered in that order first, for units reordered and rescaled."""
+    for the next window until its last window, which is a copy), never whole unless ``read`` asks for it.
+    ``order``: (axis, index), the base's rows (axis 0) or columns (1) gathered in that order first, for units
+    reordered and rescaled."""
 
     def __init__(self, ck, name: str, source: str, kind: str, r: np.ndarray, gain: np.ndarray | None = None,
                  order: tuple[int, np.ndarray] | None = None):
@@ -245,8 +242,8 @@ class RotatedSide:
                 part = flat[at - first:upto - first]
                 if upto == first + flat.size:
                     # the block's last window: a copy, and the block let go now, not after the next block is
-                    # computed (the consumer holds this window until then: a view kept the block, 128 MB for a
-                    # writer at the 70B width, beside the next)
+                    # computed (the consumer holds this window until then: a view kept the whole block alive
+                    # beside the next, 128 MB for a writer at the 70B width before blocks were one budget)
                     part, self._cached = part.copy(), None
                 parts.append(part)
                 at = upto
