@@ -17,11 +17,12 @@ Only arrays over ``SPILL_BYTES`` go out (``keep``): at d = 4,096 (7B widths) R i
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 from typing import Any
 
 import numpy as np
+
+from ..kernels.gram import pread_all, pwrite_all
 
 __all__ = ["SPILL_BYTES", "PANEL_BYTES", "Stash", "Spilled", "keep", "stash_for", "times", "row_block", "elementwise",
            "digest"]
@@ -40,23 +41,10 @@ class _File:
         self.fd = self._fh.fileno()
 
     def write(self, offset: int, a: np.ndarray) -> None:
-        view = memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B")
-        done = 0
-        while done < len(view):
-            n = os.pwrite(self.fd, view[done:], offset + done)
-            if n <= 0:
-                raise OSError(f"weightdiff: could not write a temporary file in {tempfile.gettempdir()}")
-            done += n
+        pwrite_all(self.fd, a, offset)
 
     def read(self, offset: int, out: np.ndarray) -> np.ndarray:
-        view = memoryview(out.reshape(-1)).cast("B")
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError("weightdiff: a temporary file was cut short")
-            done += n
-        return out
+        return pread_all(self.fd, out, offset)
 
     def close(self) -> None:
         self._fh.close()
