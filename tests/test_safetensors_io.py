@@ -188,6 +188,45 @@ def test_mmap_windows_are_views_of_a_mapping(tmp_path):
         np.testing.assert_array_equal(np.concatenate(small), np.arange(8, dtype=np.float32))
 
 
+def _resident_kb(addr: int) -> int | None:
+    """The resident kB of the mapping of this process holding ``addr`` (/proc/self/smaps), None if unmapped."""
+    hit = False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                hit = lo <= addr < hi
+            elif hit and head[0] == "Rss:":
+                return int(head[1])
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or not hasattr(mmap, "MADV_DONTNEED"),
+                    reason="Linux smaps and madvise")
+def test_a_window_held_past_the_next_leaves_the_resident_set(tmp_path):
+    """``for a, b in zip(...)`` keeps the last windows bound while the next are mapped and read: each side had
+    two windows resident at once. A held window's pages now leave the resident set when the next is asked for,
+    and reading it again still gives the file's values (read back from the page cache)."""
+    from weightdiff.io.safetensors_read import _MAP_MIN
+
+    n = _MAP_MIN          # floats: four map-sized windows of 1 MB
+    values = np.arange(4 * n, dtype=np.float32)
+    path = save_file(tmp_path / "m.safetensors", {"f": values})
+    with SafetensorsFile(path) as f:
+        it = f.windows("f", n)
+        first = next(it)
+        assert float(first.sum(dtype=np.float64)) == float(values[:n].sum(dtype=np.float64))   # every page read
+        addr = first.ctypes.data
+        assert _resident_kb(addr) >= _MAP_MIN // 1024 * 3 // 4
+        second = next(it)                      # ``first`` is still held
+        assert _resident_kb(addr) < 64
+        np.testing.assert_array_equal(first, values[:n])      # read back, the same bytes
+        np.testing.assert_array_equal(second, values[n:2 * n])
+        del first, second
+        assert _collect(it) == values[2 * n:].tobytes()
+
+
 def test_unmappable_input_falls_back_to_reads(tmp_path, monkeypatch):
     from weightdiff.io.safetensors_read import _MAP_MIN
 

@@ -492,6 +492,20 @@ def check_range(info: TensorInfo, max_elements: int | None, start: int, stop: in
 _MAP_MIN = 1 << 20
 
 
+def drop_pages(mm: mmap.mmap) -> None:
+    """Take a read-only file mapping's pages out of this process's resident set (``MADV_DONTNEED``) while
+    something still holds a view of it. A window is valid only until the next one is requested, but a
+    ``for a, b in zip(...)`` loop keeps the last pair bound while the next pair is mapped and read, so each
+    side had two windows resident at once (64 MB of bf16 per side at 16M elements). The mapping is shared
+    and never written: a page touched again is read back from the page cache with the file's bytes, so a
+    caller that breaks the rule gets the right values, only more slowly."""
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):           # pragma: no cover - closed, or refused by the system
+            pass
+
+
 class Header(dict):
     """A parsed header's tensors (name -> TensorInfo) with the digest of the header's bytes, so
     a file opened again by the same checkpoint is not parsed again when its header is unchanged."""
@@ -570,8 +584,8 @@ class SafetensorsFile(OpenCheckpointFile):
                 if mm is not None:
                     try:
                         mm.close()
-                    except BufferError:    # the caller still holds the window: unmapped when freed
-                        pass
+                    except BufferError:    # the caller still holds the window: unmapped when freed,
+                        drop_pages(mm)     # and its pages out of the resident set now
 
     def _map(self, offset: int, length: int) -> mmap.mmap | None:
         base = offset - offset % mmap.ALLOCATIONGRANULARITY
