@@ -323,7 +323,7 @@ def decode_delta_f32(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out
     out.reshape(-1)[:] = d.cpu().numpy()
 
 
-def stream_delta_stats(windows: Iterable[tuple], device=None, depth: int = 3,
+def stream_delta_stats(windows: Iterable[tuple], device=None, depth: int = 2,
                        on_device=None) -> Iterator[np.ndarray]:
     """The stats of each window, copies overlapped with compute on CUDA (``kernels.cuda_stream``);
     ``on_device(bt, tt)``: called with each window's integer bits on the device, in order (a

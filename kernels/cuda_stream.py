@@ -53,7 +53,7 @@ def host_copy(dst: np.ndarray, src: np.ndarray) -> None:
         f.result()
 
 
-def stream_delta_stats(windows: Iterable[tuple], device=None, depth: int = 3,
+def stream_delta_stats(windows: Iterable[tuple], device=None, depth: int = 2,
                        on_device=None) -> Iterator[np.ndarray]:
     """Stats of each ``(base_raw, tuned_raw, dtype_base, dtype_tuned)`` window, in order.
 
