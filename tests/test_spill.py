@@ -162,3 +162,94 @@ def test_a_product_with_a_spilled_matrix_holds_a_panel(rng, monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak < 0.2 * r.nbytes, peak          # a panel is an eighth of it here
+
+
+_INFO = ("21 1 8:1 / / rw,relatime - ext4 /dev/vda1 rw\n"
+         "22 21 0:30 / /tmp rw,nosuid - tmpfs tmpfs rw\n"
+         "23 21 0:31 / /mnt/my\\040disk rw - xfs /dev/vdb rw\n"
+         "24 22 0:32 / /tmp/inner rw - ext4 /dev/vdc rw\n"
+         "25 21 0:33 / /var/tmp rw - ext4 /dev/vdd rw\n"
+         "26 25 0:34 / /var/tmp rw - ramfs ramfs rw\n")
+
+
+@pytest.mark.parametrize("path,kind", [("/tmp", "tmpfs"), ("/tmp/a/b", "tmpfs"), ("/tmp/inner/x", "ext4"),
+                                       ("/tmpfoo", "ext4"), ("/", "ext4"), ("/mnt/my disk/f", "xfs"),
+                                       ("/var/tmp/x", "ramfs")])   # the last of two mounts on one point is on top
+def test_the_file_system_of_a_path(path, kind):
+    assert spill.fs_type(path, _INFO) == kind
+
+
+def test_no_mount_table_no_file_system(monkeypatch, tmp_path):
+    monkeypatch.setattr(spill, "_MOUNTINFO", str(tmp_path / "absent"))
+    assert spill.fs_type("/tmp") is None
+
+
+@pytest.fixture
+def mounts(monkeypatch, tmp_path):
+    """A mount table where ``mem/`` under tmp_path is a tmpfs and ``disk/`` a disk; no TMPDIR, TEMP or TMP."""
+    (tmp_path / "mem").mkdir()
+    (tmp_path / "disk").mkdir()
+
+    def write(disk_kind: str = "ext4") -> None:
+        (tmp_path / "mountinfo").write_text(f"1 0 8:1 / / rw - ext4 /dev/vda1 rw\n"
+                                            f"2 1 0:2 / {tmp_path / 'mem'} rw - tmpfs tmpfs rw\n"
+                                            f"3 1 0:3 / {tmp_path / 'disk'} rw - {disk_kind} x rw\n")
+    write()
+    monkeypatch.setattr(spill, "_MOUNTINFO", str(tmp_path / "mountinfo"))
+    monkeypatch.setattr(spill, "DISK_TMP", (str(tmp_path / "disk"),))
+    for k in ("TMPDIR", "TEMP", "TMP"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(spill.tempfile, "gettempdir", lambda: str(tmp_path / "mem"))
+    spill._scratch_dir.cache_clear()
+    yield tmp_path, write
+    spill._scratch_dir.cache_clear()
+
+
+def test_scratch_files_leave_a_memory_file_system_for_a_disk(mounts):
+    """/tmp on a tmpfs (Fedora, Arch, many containers): a spill there is memory again; /var/tmp is a disk."""
+    tmp_path, _ = mounts
+    assert spill.scratch_dir() == str(tmp_path / "disk")
+
+
+def test_scratch_files_stay_where_the_user_points(mounts, monkeypatch):
+    tmp_path, _ = mounts
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "mem"))
+    assert spill.scratch_dir() == str(tmp_path / "mem")       # set on purpose: respected
+
+
+def test_scratch_files_stay_when_no_disk_is_offered(mounts):
+    tmp_path, write = mounts
+    write("tmpfs")
+    assert spill.scratch_dir() == str(tmp_path / "mem")
+    spill._scratch_dir.cache_clear()
+    write()
+    (tmp_path / "disk").chmod(0o500)                            # not writable
+    try:
+        if not os.access(tmp_path / "disk", os.W_OK):          # root writes anyway
+            assert spill.scratch_dir() == str(tmp_path / "mem")
+    finally:
+        (tmp_path / "disk").chmod(0o700)
+
+
+def test_every_scratch_file_goes_to_the_scratch_folder(mounts, monkeypatch, rng):
+    """The three writers of scratch files: the spill, the rank pass's wide delta, the inertia count's Gram copy."""
+    from weightdiff.kernels import gram as kgram
+    from weightdiff.measure import rank_stream
+
+    tmp_path, _ = mounts
+    made = []
+    real = spill.tempfile.TemporaryFile
+
+    def recording(*a, **kw):
+        made.append((kw.get("prefix"), kw.get("dir")))
+        return real(*a, **kw)
+    monkeypatch.setattr(spill.tempfile, "TemporaryFile", recording)   # the one tempfile module of the process
+    spill._File().close()
+    g = rank_stream.DeltaGram((30, 70), "BF16", "BF16", keep_bytes=0)
+    g.activate()
+    assert g.spilled
+    src = kgram._Source(rng.standard_normal((8, 8)), g.spill_dir)
+    src.file.close()
+    want = str(tmp_path / "disk")
+    assert sorted(made) == sorted([("weightdiff-spill-", want), ("weightdiff-delta-", want),
+                                   ("weightdiff-gram-", want)])

@@ -34,6 +34,7 @@ from ..kernels import spectral
 from ..kernels.dtypes import DTYPES
 from ..records import RankRecord
 from .heap import trim_heap
+from .spill import scratch_dir
 from .rank import _UINT, _bits, _variance_table, noise_floor, noise_kernel
 
 __all__ = ["DeltaGram", "RankSink", "streamed_rank_sink", "float_matrix", "KEEP_BYTES", "BLOCK_BYTES"]
@@ -73,7 +74,7 @@ class DeltaGram:
         self.cols = (np.zeros(n), np.zeros(n))
         self.tall = m >= n
         self.keep_bytes = keep_bytes
-        self.spill_dir = spill_dir
+        self.spill_dir = spill_dir if spill_dir is not None else scratch_dir()   # not a memory file system
         self.active = False
         self.pos = 0                     # flat elements seen (noise profile)
         self.fed = 0                     # flat elements fed to the delta part

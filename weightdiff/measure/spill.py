@@ -7,8 +7,9 @@ together they took the path to 1.7 GB. Here the one that waits goes to a tempora
 iteration's iterate; ``Spilled`` for R, in its rows and in its columns), read back a panel at a time: what the
 process holds is a panel (32 MB), and the file's pages are the kernel's page cache, which it writes out and drops
 under pressure. The files are unlinked when made (``tempfile.TemporaryFile``: nothing is left behind, even after
-a kill) and live in the temporary folder (``TMPDIR``, else the system's; where that is a memory file system, the
-spill is memory too: point ``TMPDIR`` at a disk). Same bits as in memory: a panel is the same values, and the
+a kill) and live in ``scratch_dir()``: ``TMPDIR`` (or ``TEMP``, ``TMP``) when set, else the system's temporary
+folder, unless that is a memory file system (tmpfs, as ``/tmp`` is on Fedora, Arch and many containers) and
+``/var/tmp`` is a disk: a spill to memory would be memory again. Same bits as in memory: a panel is the same values, and the
 products are taken in the column panels that a whole product's BLAS call takes (``times``).
 
 Only arrays over ``SPILL_BYTES`` go out (``keep``): at d = 4,096 (7B widths) R is 134 MB and stays in memory.
@@ -16,7 +17,10 @@ Only arrays over ``SPILL_BYTES`` go out (``keep``): at d = 4,096 (7B widths) R i
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+import re
 import tempfile
 from typing import Any
 
@@ -24,7 +28,7 @@ import numpy as np
 
 from ..kernels.gram import pread_all, pwrite_all
 
-__all__ = ["SPILL_BYTES", "PANEL_BYTES", "Stash", "Spilled", "keep", "stash_for", "times", "row_block", "elementwise",
+__all__ = ["scratch_dir", "fs_type", "SPILL_BYTES", "PANEL_BYTES", "Stash", "Spilled", "keep", "stash_for", "times", "row_block", "elementwise",
            "digest"]
 
 #: a float64 square matrix larger than this is kept in a temporary file (d > 5,792)
@@ -33,11 +37,70 @@ SPILL_BYTES = 256 << 20
 PANEL_BYTES = 32 << 20
 
 
+#: file systems whose files are memory (and swap): a spill there saves nothing
+MEMORY_FS = frozenset({"tmpfs", "ramfs"})
+#: where to look when the temporary folder is one of them (a disk by convention: systemd's file-hierarchy)
+DISK_TMP = ("/var/tmp",)
+_MOUNTINFO = "/proc/self/mountinfo"
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path field with its octal escapes (``\\040`` for a space) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def fs_type(path: str, mountinfo: str | None = None) -> str | None:
+    """The file system type of the mount holding ``path`` (the longest mount point above its real path in
+    ``/proc/self/mountinfo``, or the ``mountinfo`` text given), None where that cannot be read (not Linux).
+
+    >>> info = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\\n23 22 0:5 / /tmp rw - tmpfs tmpfs rw\\n"
+    >>> fs_type("/tmp/x", info), fs_type("/var/tmp", info), fs_type("/tmpx", info)
+    ('tmpfs', 'ext4', 'ext4')
+    """
+    if mountinfo is None:
+        try:
+            with open(_MOUNTINFO) as fh:
+                mountinfo = fh.read()
+        except OSError:
+            return None
+    real = os.path.realpath(path)
+    best, kind = -1, None
+    for line in mountinfo.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if not sep or len(fields) < 5 or not tail.split():
+            continue
+        point = _unescape(fields[4])
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best:        # the last of equal mount points is the one on top
+            best, kind = len(point), tail.split()[0]
+    return kind
+
+
+def scratch_dir() -> str:
+    """The folder for the scratch files of a run (this module's spill, the rank pass's wide deltas, the inertia
+    count's Gram copy): ``TMPDIR``/``TEMP``/``TMP`` when the user set one, else the system's temporary folder,
+    unless that is a memory file system and ``/var/tmp`` is a writable disk, which is taken instead (the files
+    are unlinked when made, so nothing is left there, even after a kill)."""
+    return _scratch_dir(tuple(os.environ.get(k) for k in ("TMPDIR", "TEMP", "TMP")), tempfile.gettempdir())
+
+
+@functools.lru_cache(maxsize=8)
+def _scratch_dir(env: tuple, default: str) -> str:
+    if any(env) or fs_type(default) not in MEMORY_FS:
+        return default
+    for alt in DISK_TMP:
+        kind = fs_type(alt)
+        if kind is not None and kind not in MEMORY_FS and os.path.isdir(alt) and os.access(alt, os.W_OK | os.X_OK):
+            return alt
+    return default
+
+
 class _File:
     """One unlinked temporary file of raw bytes, written and read by offset."""
 
     def __init__(self) -> None:
-        self._fh = tempfile.TemporaryFile(prefix="weightdiff-spill-")
+        self._fh = tempfile.TemporaryFile(prefix="weightdiff-spill-", dir=scratch_dir())
         self.fd = self._fh.fileno()
 
     def write(self, offset: int, a: np.ndarray) -> None:
