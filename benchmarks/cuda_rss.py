@@ -37,7 +37,8 @@ def main() -> int:
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     rc = peak_stack.main(["--maps", "--log", a.log, "--", *args])
     with open("/proc/self/status") as fh:
-        st = {ln.split(":")[0]: ln.split()[1] for ln in fh if ln.startswith(("VmHWM", "RssAnon", "RssFile", "RssShmem"))}
+        keys = ("VmHWM", "RssAnon", "RssFile", "RssShmem")
+        st = {ln.split(":")[0]: ln.split()[1] for ln in fh if ln.startswith(keys)}
     line = (f"depth {a.depth} window {a.window}: VmHWM {int(st['VmHWM']) >> 10} MB; at the end anon "
             f"{int(st['RssAnon']) >> 10} file {int(st['RssFile']) >> 10} shmem {int(st['RssShmem']) >> 10} MB; "
             f"numba imported: {'numba' in sys.modules}; llvmlite: {'llvmlite.binding' in sys.modules}")

@@ -9,8 +9,8 @@ process holds is a panel (32 MB), and the file's pages are the kernel's page cac
 under pressure. The files are unlinked when made (``tempfile.TemporaryFile``: nothing is left behind, even after
 a kill) and live in ``scratch_dir()``: ``TMPDIR`` (or ``TEMP``, ``TMP``) when set, else the system's temporary
 folder, unless that is a memory file system (tmpfs, as ``/tmp`` is on Fedora, Arch and many containers) and
-``/var/tmp`` is a disk: a spill to memory would be memory again. Same bits as in memory: a panel is the same values, and the
-products are taken in the column panels that a whole product's BLAS call takes (``times``).
+``/var/tmp`` is a disk: a spill to memory would be memory again. Same bits as in memory: a panel is the same
+values, and the products are taken in the column panels that a whole product's BLAS call takes (``times``).
 
 Only arrays over ``SPILL_BYTES`` go out (``keep``): at d = 4,096 (7B widths) R is 134 MB and stays in memory.
 """
@@ -28,8 +28,8 @@ import numpy as np
 
 from ..kernels.gram import pread_all, pwrite_all
 
-__all__ = ["scratch_dir", "fs_type", "SPILL_BYTES", "PANEL_BYTES", "Stash", "Spilled", "keep", "stash_for", "times", "row_block", "elementwise",
-           "digest"]
+__all__ = ["scratch_dir", "fs_type", "SPILL_BYTES", "PANEL_BYTES", "Stash", "Spilled", "keep", "stash_for", "times",
+           "row_block", "elementwise", "digest"]
 
 #: a float64 square matrix larger than this is kept in a temporary file (d > 5,792)
 SPILL_BYTES = 256 << 20
