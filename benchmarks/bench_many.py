@@ -8,6 +8,11 @@ Writes two safetensors files of N one-element U8 (or ``--dtype``) tensors named 
 and the same for ``--no-rank`` and for the header alone (``weightdiff inspect``), each also as a
 multiple of a fixed pure-Python calibration loop timed in the same run (the machine's Python speed).
 The goal of issue 15 is 100,000 tensors in at most 5 s and 400 MB.
+
+``--dtype F8_E4M3``: DeepSeek-V3's layout instead, "twice that with their scale tensors": N/2 block-scaled FP8
+16 x 16 expert matrices and their N/2 ``weight_scale_inv`` tensors per side (folders ``a/`` and ``b/`` with the
+``quantization_config`` of a ``config.json``; a third of the matrices trained by a dense 2e-3 update), so each
+matrix is dequantized, tested against its quantization floor and ranked.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ def make(folder: Path, n: int, dtype: str = "U8") -> None:
     from weightdiff.io.safetensors_write import save_file, to_storage
 
     folder.mkdir(parents=True, exist_ok=True)
+    if dtype == "F8_E4M3":
+        _make_fp8(folder, n)
+        return
     for side in ("a", "b"):
         if dtype == "U8":
             t = {f"model.layers.{i // 100}.experts.{i % 100}.w":
@@ -46,6 +54,32 @@ def make(folder: Path, n: int, dtype: str = "U8") -> None:
                  (dtype, to_storage(np.array([(i % 7 + 1) * 0.01 * (1 if side == "a" or i % 3 else 1.5)]), dtype))
                  for i in range(n)}
         save_file(folder / f"{side}.safetensors", t, {"format": "pt"})
+
+
+def _make_fp8(folder: Path, n: int) -> None:
+    import numpy as np
+
+    from weightdiff.io.safetensors_write import save_file, to_storage
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.02, (n // 2, 16, 16))
+    update = 0.002 * rng.standard_normal((n // 2, 16, 16))
+    config = {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
+              "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e4m3"}}
+    for side in ("a", "b"):
+        x = w.copy()
+        if side == "b":
+            x[::3] += update[::3]
+        scale = np.abs(x).max(axis=(1, 2)) / 448.0
+        codes = to_storage((x / scale[:, None, None]).reshape(-1), "F8_E4M3").reshape(x.shape)
+        t = {}
+        for i in range(n // 2):
+            name = f"model.layers.{i // 100}.mlp.experts.{i % 100}.gate_proj."
+            t[name + "weight"] = ("F8_E4M3", codes[i])
+            t[name + "weight_scale_inv"] = ("F32", np.array([[scale[i]]], np.float32))
+        (folder / side).mkdir(exist_ok=True)
+        save_file(folder / side / "model.safetensors", t, {"format": "pt"})
+        (folder / side / "config.json").write_text(json.dumps(config))
 
 
 #: a fixed pure-Python workload (a record-like object and a dict lookup per step, like the per-tensor
@@ -78,14 +112,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tensors", type=int, default=100_000)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/wd-many"))
-    ap.add_argument("--dtype", default="U8", help="U8 (default) or a float dtype such as BF16")
+    ap.add_argument("--dtype", default="U8", help="U8 (default), a float dtype such as BF16, or F8_E4M3 (block-scaled "
+                    "FP8 matrices and their scale tensors, as DeepSeek-V3 stores them)")
     args = ap.parse_args()
     # in a child: a parent holding the 100,000 arrays would lend its RSS to every child's
     # ru_maxrss (Linux keeps the pre-exec high-water mark of a forked process)
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                     f"import bench_many; bench_many.make(__import__('pathlib').Path({str(args.dir)!r}), "
                     f"{args.tensors}, {args.dtype!r})"], check=True)
-    a, b = str(args.dir / "a.safetensors"), str(args.dir / "b.safetensors")
+    a, b = (str(args.dir / x) for x in (("a", "b") if args.dtype == "F8_E4M3" else ("a.safetensors", "b.safetensors")))
     rows = [("compare --json", run(["compare", a, b, "-q", "--json", str(args.dir / "out.json")])),
             ("compare --no-rank --json", run(["compare", a, b, "-q", "--no-rank", "--json", str(args.dir / "o2.json")])),
             ("inspect (header, plan only)", run(["inspect", b])),

@@ -348,16 +348,21 @@ def _check_offsets(offsets: np.ndarray, nb: int, nt: int) -> None:
         raise ValueError(f"each pair must hold 0 to {CHUNK} elements")
 
 
+@numba.njit(cache=True, nogil=True, inline="always")   # inlined in the parallel driver: its speed
+def _count_chunk(b, t, lo, hi):
+    acc = 0
+    for i in range(lo, hi):
+        acc += b[i] != t[i]
+    return acc
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _count_diff(b, t):
     n = b.size
     nchunks = (n + CHUNK - 1) // CHUNK
     parts = np.zeros(nchunks, dtype=np.int64)
     for c in prange(nchunks):
-        acc = 0
-        for i in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
-            acc += b[i] != t[i]
-        parts[c] = acc
+        parts[c] = _count_chunk(b, t, c * CHUNK, min(n, (c + 1) * CHUNK))
     return parts.sum()
 
 
@@ -370,8 +375,36 @@ def bytes_stats(base_raw, tuned_raw) -> np.ndarray:
         raise ValueError(f"base window has {b.nbytes} bytes, tuned window {t.nbytes}")
     out = np.zeros(NSTATS)
     out[_I_COUNT] = b.size
-    out[_I_CH] = out[_I_BEY] = _count_diff(b, t)
+    # one chunk: no thread-pool launch (see ``delta_stats``)
+    out[_I_CH] = out[_I_BEY] = _count_chunk(b, t, 0, b.size) if b.size <= CHUNK else _count_diff(b, t)
     return out
+
+
+@numba.njit(cache=True, nogil=True, inline="always")   # inlined in the parallel driver: its speed
+def _delta_chunk(b, t, cb, ct, f16, fp8, out, lo, hi):
+    """Elements [lo, hi) of ``_delta_driver``: (how many ``out`` could not hold, their squared errors)."""
+    fb = np.empty(SUB)
+    ft = np.empty(SUB)
+    bad = 0
+    err2 = 0.0
+    for s0 in range(lo, hi, SUB):
+        m = min(SUB, hi - s0)
+        xb = fb[:m]
+        xt = ft[:m]
+        _decode_into(b[s0:s0 + m], cb, f16, fp8, xb)
+        _decode_into(t[s0:s0 + m], ct, f16, fp8, xt)
+        o = out[s0:s0 + m]
+        for i in range(m):
+            x = xb[i]
+            y = xt[i]
+            fin = (x - x) == 0.0 and (y - y) == 0.0
+            d = (y - x) if fin else 0.0
+            o[i] = d                            # rounded to out's dtype on the store
+            if o[i] != d:
+                bad += 1
+                e = o[i] - d
+                err2 += e * e
+    return bad, err2
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -381,27 +414,7 @@ def _delta_driver(b, t, cb, ct, f16, fp8, out):
     parts = np.zeros(nchunks, dtype=np.int64)
     errs = np.zeros(nchunks)
     for c in prange(nchunks):
-        fb = np.empty(SUB)
-        ft = np.empty(SUB)
-        bad = 0
-        err2 = 0.0
-        for s0 in range(c * CHUNK, min(n, (c + 1) * CHUNK), SUB):
-            m = min(SUB, n - s0, (c + 1) * CHUNK - s0)
-            xb = fb[:m]
-            xt = ft[:m]
-            _decode_into(b[s0:s0 + m], cb, f16, fp8, xb)
-            _decode_into(t[s0:s0 + m], ct, f16, fp8, xt)
-            o = out[s0:s0 + m]
-            for i in range(m):
-                x = xb[i]
-                y = xt[i]
-                fin = (x - x) == 0.0 and (y - y) == 0.0
-                d = (y - x) if fin else 0.0
-                o[i] = d                            # rounded to out's dtype on the store
-                if o[i] != d:
-                    bad += 1
-                    e = o[i] - d
-                    err2 += e * e
+        bad, err2 = _delta_chunk(b, t, cb, ct, f16, fp8, out, c * CHUNK, min(n, (c + 1) * CHUNK))
         parts[c] = bad
         errs[c] = err2
     total = 0.0
@@ -430,7 +443,10 @@ def _decode_delta(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, out: n
     flat = out.reshape(-1)
     if flat.size != b.size or b.size != t.size:
         raise ValueError(f"out has {flat.size} elements, the windows {b.size} and {t.size}")
-    bad, err2 = _delta_driver(b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, _F16_TABLE, _FP8, flat)
+    args = (b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, _F16_TABLE, _FP8, flat)
+    # one chunk: no thread-pool launch, which waits for every worker to be scheduled (4 ms a call for a 16 x 16
+    # matrix beside a busy neighbour: 72 s for 16,667 FP8 experts); 0.0 + err2 is err2, so the same bits
+    bad, err2 = _delta_chunk(*args, 0, b.size) if b.size <= CHUNK else _delta_driver(*args)
     return int(bad), float(err2)
 
 
@@ -456,6 +472,41 @@ def _round_to(x, mant, emin, top):
     return r if x > 0.0 else -r
 
 
+@numba.njit(cache=True, nogil=True, inline="always")   # inlined in the parallel driver: its speed
+def _recast_chunk(b, t, cb, ct, mb, eb, mt, et, vm, ve, vtop, tm, te, ttop, lim, f16, fp8, lo, hi, counts):
+    """Elements [lo, hi) of ``_recast_driver``, added into ``counts`` (``nv x 3``)."""
+    nv = vm.size
+    fb = np.empty(SUB)
+    ft = np.empty(SUB)
+    for s0 in range(lo, hi, SUB):
+        m = min(SUB, hi - s0)
+        xb = fb[:m]
+        xt = ft[:m]
+        _decode_into(b[s0:s0 + m], cb, f16, fp8, xb)
+        _decode_into(t[s0:s0 + m], ct, f16, fp8, xt)
+        for i in range(m):
+            x = xb[i]
+            y = xt[i]
+            finx = (x - x) == 0.0
+            within = x == y or (x != x and y != y)
+            if finx and (y - y) == 0.0 and not within:
+                d = abs(y - x)
+                within = _f64_bits(d) <= _half_ulp_bits(_f64_bits(abs(x)), mb, eb, mt, et)
+            if within and abs(x) < lim:
+                continue
+            for v in range(nv):
+                cv = _round_to(_round_to(x, vm[v], ve[v], vtop[v]), tm, te, ttop)
+                ovf = finx and not ((cv - cv) == 0.0)
+                eq = cv == y or (cv != cv and y != y)
+                sat = ovf and y == (ttop if cv > 0.0 else -ttop)
+                if not (within or eq or sat):
+                    counts[v, 0] += 1
+                if ovf and eq:
+                    counts[v, 1] += 1
+                if sat:
+                    counts[v, 2] += 1
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _recast_driver(b, t, cb, ct, mb, eb, mt, et, vm, ve, vtop, tm, te, ttop, lim, f16, fp8):
     """``lim``: below it no step of any chain can overflow, so a pair not beyond rounding adds
@@ -465,35 +516,8 @@ def _recast_driver(b, t, cb, ct, mb, eb, mt, et, vm, ve, vtop, tm, te, ttop, lim
     nchunks = (n + CHUNK - 1) // CHUNK
     parts = np.zeros((nchunks, nv, 3), dtype=np.int64)
     for c in prange(nchunks):
-        fb = np.empty(SUB)
-        ft = np.empty(SUB)
-        for s0 in range(c * CHUNK, min(n, (c + 1) * CHUNK), SUB):
-            m = min(SUB, n - s0, (c + 1) * CHUNK - s0)
-            xb = fb[:m]
-            xt = ft[:m]
-            _decode_into(b[s0:s0 + m], cb, f16, fp8, xb)
-            _decode_into(t[s0:s0 + m], ct, f16, fp8, xt)
-            for i in range(m):
-                x = xb[i]
-                y = xt[i]
-                finx = (x - x) == 0.0
-                within = x == y or (x != x and y != y)
-                if finx and (y - y) == 0.0 and not within:
-                    d = abs(y - x)
-                    within = _f64_bits(d) <= _half_ulp_bits(_f64_bits(abs(x)), mb, eb, mt, et)
-                if within and abs(x) < lim:
-                    continue
-                for v in range(nv):
-                    cv = _round_to(_round_to(x, vm[v], ve[v], vtop[v]), tm, te, ttop)
-                    ovf = finx and not ((cv - cv) == 0.0)
-                    eq = cv == y or (cv != cv and y != y)
-                    sat = ovf and y == (ttop if cv > 0.0 else -ttop)
-                    if not (within or eq or sat):
-                        parts[c, v, 0] += 1
-                    if ovf and eq:
-                        parts[c, v, 1] += 1
-                    if sat:
-                        parts[c, v, 2] += 1
+        _recast_chunk(b, t, cb, ct, mb, eb, mt, et, vm, ve, vtop, tm, te, ttop, lim, f16, fp8,
+                      c * CHUNK, min(n, (c + 1) * CHUNK), parts[c])
     out = np.zeros((nv, 3), dtype=np.int64)
     for c in range(nchunks):
         out += parts[c]
@@ -527,33 +551,14 @@ def recast_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str,
     mb, eb = _ulp_params(dtype_base)
     mt, et = _ulp_params(dtype_tuned)
     lim = 0.5 * min([ttop, *vtop.tolist()])
-    out = _recast_driver(b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, mb, eb, mt, et,
-                         vm, ve, vtop, tm, te, ttop, lim, _F16_TABLE, _FP8)
+    args = (b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, mb, eb, mt, et, vm, ve, vtop, tm, te, ttop,
+            lim, _F16_TABLE, _FP8)
+    if b.size <= CHUNK:                  # one chunk: no thread-pool launch (see ``delta_stats``); integer counts
+        out = np.zeros((vm.size, 3), dtype=np.int64)
+        _recast_chunk(*args, 0, b.size, out)
+    else:
+        out = _recast_driver(*args)
     return out.astype(np.float64)
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _sigma2_driver(x, code, m, emin, f16, fp8):
-    n = x.size
-    nchunks = (n + CHUNK - 1) // CHUNK
-    parts = np.zeros(nchunks)
-    for c in prange(nchunks):
-        buf = np.empty(SUB)
-        acc = 0.0
-        for s0 in range(c * CHUNK, min(n, (c + 1) * CHUNK), SUB):
-            k = min(SUB, n - s0, (c + 1) * CHUNK - s0)
-            v_ = buf[:k]
-            _decode_into(x[s0:s0 + k], code, f16, fp8, v_)
-            for i in range(k):
-                v = v_[i]
-                if (v - v) == 0.0:
-                    u = 2.0 * _as_f64(_half_ulp_bits(_f64_bits(v) & _ABS_MASK, m, emin, m, emin))
-                    acc += u * u
-        parts[c] = acc
-    total = 0.0
-    for c in range(nchunks):
-        total += parts[c]
-    return total / 12.0
 
 
 @_jit
