@@ -281,7 +281,12 @@ def _stats_driver(b, t, cb, ct, same, mb, eb, mt, et, f16, fp8):
 def _bits(raw, dtype: str) -> np.ndarray:
     """Flat contiguous unsigned-int view of a raw window (copies only a non-contiguous input)."""
     arr = reference.as_storage(raw, dtype)
-    return np.ascontiguousarray(arr).view(_BITS[arr.dtype.itemsize])
+    v = np.ascontiguousarray(arr).view(_BITS[arr.dtype.itemsize])
+    # read-only whatever the input: numba compiles a kernel apart for each read-only/writable combination of
+    # its arguments (a mapped window is read-only, a decoded or rotated array is not), each ~100 MB of LLVM
+    # memory kept by the process and seconds the first time; the kernels only read these
+    v.flags.writeable = False
+    return v
 
 
 def _ulp_params(dtype: str) -> tuple[int, int]:
@@ -371,6 +376,8 @@ def bytes_stats(base_raw, tuned_raw) -> np.ndarray:
     b, t = reference.as_bits(base_raw), reference.as_bits(tuned_raw)
     if b.dtype != t.dtype:
         b, t = b.view(np.uint8), t.view(np.uint8)
+    b, t = b.view(), t.view()
+    b.flags.writeable = t.flags.writeable = False      # one compiled specialization (see ``_bits``)
     if b.shape != t.shape:
         raise ValueError(f"base window has {b.nbytes} bytes, tuned window {t.nbytes}")
     out = np.zeros(NSTATS)
