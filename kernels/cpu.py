@@ -28,7 +28,8 @@ from .dtypes import DTYPES, FP8_STACK
 from .reference import IDX, NSTATS, STAT_FIELDS, combine, finalize  # noqa: F401  (same API)
 
 __all__ = ["STAT_FIELDS", "NSTATS", "CHUNK", "delta_stats", "delta_stats_many", "bytes_stats", "combine", "finalize",
-           "decode_delta_f32", "decode_delta_f64", "noise_scatter", "recast_counts", "set_threads", "get_threads"]
+           "decode_delta_f32", "decode_delta_f64", "noise_scatter", "recast_counts", "set_threads", "get_threads",
+           "precompile"]
 
 #: elements per chunk: the unit of parallel work and of deterministic summation
 CHUNK = 1 << 16
@@ -606,6 +607,8 @@ def noise_scatter(bits, shift: int, mask: int, table, p0: int, n: int, rows, col
     if not (0 <= shift < 8 * u.dtype.itemsize and 0 <= mask < table.size):   # numba checks no index
         raise ValueError(f"shift {shift} and mask {mask} do not index a table of {table.size} "
                          f"from {u.dtype} words")
+    u, table = u.view(), table.view()
+    u.flags.writeable = table.flags.writeable = False       # one compiled specialization (see ``_bits``)
     _noise_scatter(u, np.int64(shift), np.int64(mask), table, np.int64(p0), np.int64(n), rows, cols)
 
 
@@ -619,3 +622,36 @@ def set_threads(n: int | None) -> None:
 
 def get_threads() -> int:
     return numba.get_num_threads()
+
+
+def precompile(dtype_pairs) -> None:
+    """Compile, or load from numba's cache, every kernel a comparison of these ``(base, tuned)`` dtype pairs
+    calls: statistics (one chunk and the parallel driver), the batched small pairs, the float32 and float64
+    deltas, the cast-chain counts, the rank floor's rounding variance, the byte comparison of undecodable
+    dtypes. Each is called through its
+    wrapper on a few zeros, so it meets the argument types the comparison's calls have (read-only windows,
+    the same scalar types) and compiles the same specializations.
+
+    ``weightdiff.measure.precompile`` runs it in a child process before a comparison: the LLVM state of a
+    compile (about 100 MB per parallel kernel) stays with the process that compiled, and this way that is
+    the child; the comparison loads the machine code from the cache."""
+    for db, dt in dtype_pairs:
+        sb, st = np.dtype(DTYPES[db].storage), np.dtype(DTYPES[dt].storage)
+        decodable = DTYPES[db].decodable and DTYPES[dt].decodable
+        for n in (1, CHUNK + 1):            # one chunk: the chunk functions alone; more: the parallel drivers
+            b, t = np.zeros(n, sb), np.zeros(n, st)
+            b.flags.writeable = t.flags.writeable = False       # as a mapped window is
+            if not decodable:
+                if db == dt:                # undecodable and unlike dtypes are not compared at all
+                    bytes_stats(b, t)
+                continue
+            delta_stats(b, t, db, dt)
+            decode_delta_f32(b, t, db, dt, np.empty(n, np.float32))
+            decode_delta_f64(b, t, db, dt, np.empty(n, np.float64))
+            if db in reference.RECAST_DTYPES and dt in reference.RECAST_DTYPES:
+                recast_counts(b, t, db, dt)
+        if decodable:
+            delta_stats_many(np.zeros(2, sb), np.zeros(2, st), np.array([0, 1, 2], np.int64), db, dt)
+        for name, s in ((db, sb), (dt, st)):   # the rank floor's storage-rounding variance of each side
+            if DTYPES[name].kind == "float" and DTYPES[name].decodable:
+                noise_scatter(np.zeros(2, _BITS[s.itemsize]), 0, 0, np.zeros(1), 0, 2, np.zeros(1), np.zeros(2))

@@ -51,6 +51,7 @@ failed run removes its temporaries (a `--cache` record being written included). 
 | `WEIGHTDIFF_HUB_API_SECONDS` | Hub repo ids: seconds (default 60) one Hub API answer may take as a whole, from its request to its last byte (a server trickling a byte at a time keeps each read inside `HF_HUB_ETAG_TIMEOUT`); past it, one line naming the repo and the endpoint, exit 2 |
 | `HF_HUB_DOWNLOAD_TIMEOUT` | Hub repo ids: seconds (default 10) a download or a streamed range request may wait for its next bytes |
 | `WEIGHTDIFF_HUB_STALL_SECONDS` | Hub repo ids: every download and range request must bring 64 KiB within each window of this many seconds (default 60; about 1 KiB/s, which any real connection passes); a server that trickles bytes below that pace stops the run with one line naming the file, exit 2 |
+| `WEIGHTDIFF_PRECOMPILE=0` | do not compile numba's kernels in a child process before a comparison. By default a run whose dtype pairs have no compiled kernels yet (a first run after installing or upgrading) compiles them in a child process that writes numba's cache, so the compiler's memory (about 100 MB per parallel kernel) leaves with the child and the comparison only loads the machine code; a marker beside numba's cache (`NUMBA_CACHE_DIR` or the package's `__pycache__`) means later runs start no child |
 
 ## Shell completion
 

@@ -27,6 +27,7 @@ from ..options import CompareOptions, Thresholds
 from ..pairing.names import is_router
 from ..pairing.plan import Pair, Plan
 from ..records import RankRecord, TensorRecord
+from . import precompile
 from .backend import Backend
 from .floors import FloorAccumulator
 from .awq_fold import _awq_norm_both, bias_fold, norm_fold
@@ -1232,6 +1233,9 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
     """
     pairs = [plan.pairs[i] for i in indices]
     total = sum(streamed(p) for p in pairs)
+    stage = getattr(progress, "stage", None)
+    if precompile.ensure(pairs, stage) and stage is not None:   # a first run: compiled in a child
+        stage(None)
     done = 0
     records: list[TensorRecord] = []
     cache = None

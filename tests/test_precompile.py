@@ -1,0 +1,113 @@
+"""Kernels compiled in a child process before a comparison (issue 15, item 3: a first run's compile memory).
+
+The integration test runs in a subprocess with an empty numba cache of its own: the comparison must then
+compile nothing itself (every kernel dispatcher's cache misses zero: all loaded from what the child wrote),
+and a kernel of a dtype pair the plan did not have still compiles in-process (the count can see a compile).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+
+from weightdiff.measure import precompile
+
+
+def _pair(kind, db, dt):
+    return SimpleNamespace(kind=kind, dtype_base=db, dtype_tuned=dt)
+
+
+def test_needed_takes_the_measured_dtype_pairs_once_each():
+    pairs = [_pair("paired", "BF16", "BF16"), _pair("paired", "BF16", "BF16"), _pair("added", None, "F32"),
+             _pair("removed", "F16", None), _pair("paired", "F32", "BF16"), _pair("inherited", "F16", "F16"),
+             _pair("mismatch", "I8", "I8"), _pair("paired", "C64", "C64"), _pair("paired", "C64", "F4"),
+             _pair("resized", "F16", "F16"), _pair("paired", "NOPE", "BF16")]
+    assert precompile.needed(pairs) == [("BF16", "BF16"), ("C64", "C64"), ("F16", "F16"), ("F32", "BF16")]
+
+
+def test_switched_off_or_failing_child_leaves_the_comparison_to_compile(monkeypatch):
+    ran = []
+    monkeypatch.setattr(precompile.subprocess, "run", lambda *a, **k: ran.append(a) or SimpleNamespace(returncode=1))
+    monkeypatch.setattr(precompile, "_done", set())
+    monkeypatch.setattr(precompile, "missing", lambda pairs: list(pairs))
+    monkeypatch.setenv("WEIGHTDIFF_PRECOMPILE", "0")
+    assert precompile.ensure([_pair("paired", "BF16", "BF16")]) is False and not ran
+    monkeypatch.setenv("WEIGHTDIFF_PRECOMPILE", "1")
+    said = []
+    assert precompile.ensure([_pair("paired", "BF16", "BF16")], said.append) is False     # the child failed
+    assert len(ran) == 1 and "BF16:BF16" in ran[0][0] and "compiling the numba kernels for BF16" in said[0]
+    assert precompile._done == set()          # not taken as compiled: asked again next time
+
+    def no_child(*a, **k):
+        raise OSError("no such interpreter")
+
+    monkeypatch.setattr(precompile.subprocess, "run", no_child)
+    assert precompile.ensure([_pair("paired", "BF16", "BF16")]) is False
+
+
+def test_the_child_rejects_arguments_it_cannot_read(capsys):
+    assert precompile.main(["BF16"]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+SCRIPT = r"""
+import json, sys
+import numpy as np
+from numba.core.registry import CPUDispatcher
+from weightdiff.cli import main
+from weightdiff.kernels import cpu
+from weightdiff.measure import precompile
+
+def misses():
+    return {k: sum(v.stats.cache_misses.values()) for k, v in vars(cpu).items()
+            if isinstance(v, CPUDispatcher) and sum(v.stats.cache_misses.values())}
+
+try:
+    main(sys.argv[1:], standalone_mode=False)
+except SystemExit as e:
+    assert not e.code, e.code
+during = misses()
+hits = sum(sum(v.stats.cache_hits.values()) for v in vars(cpu).values() if isinstance(v, CPUDispatcher))
+left = precompile.missing([("BF16", "BF16"), ("F32", "BF16")])
+# a width pair the plan did not have: compiled here, and the count sees it
+cpu.delta_stats(np.zeros(3, np.uint64), np.zeros(3, np.uint8), "F64", "U8")
+print("RESULT " + json.dumps({"during": during, "hits": hits, "left": left, "after": misses()}))
+"""
+
+
+def test_a_first_run_compiles_nothing_in_its_own_process(tmp_path):
+    from weightdiff.io.safetensors_write import save_file, to_storage
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.02, (300, 300))          # 90,000 elements: more than one chunk (the parallel drivers)
+    v = rng.normal(1, 0.1, 300)
+    low = 1e-2 * np.outer(rng.normal(size=300), rng.normal(size=300)) * 0.02
+    base = {"model.layers.0.mlp.down_proj.weight": ("BF16", to_storage(w, "BF16")),
+            "model.layers.0.input_layernorm.weight": ("BF16", to_storage(v, "BF16")),
+            "model.layers.0.mlp.up_proj.weight": ("F32", w[:64].astype(np.float32)),
+            "model.layers.0.post_attention_layernorm.weight": ("BF16", to_storage(v, "BF16"))}
+    tuned = {"model.layers.0.mlp.down_proj.weight": ("BF16", to_storage(w + low, "BF16")),
+             "model.layers.0.input_layernorm.weight": ("BF16", to_storage(v * 1.01, "BF16")),
+             "model.layers.0.mlp.up_proj.weight": ("BF16", to_storage(w[:64] + 1e-3, "BF16")),
+             "model.layers.0.post_attention_layernorm.weight": ("BF16", to_storage(v, "BF16"))}
+    for side, t in (("base", base), ("tuned", tuned)):
+        (tmp_path / side).mkdir()
+        save_file(tmp_path / side / "model.safetensors", t, {"format": "pt"})
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    env.pop("WEIGHTDIFF_PRECOMPILE", None)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, "compare", str(tmp_path / "base"), str(tmp_path / "tuned"),
+                          "--json", str(tmp_path / "o.json"), "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert got["during"] == {}, got                 # every kernel of the run loaded from the child's cache
+    assert got["hits"] > 0 and got["left"] == []    # ... it did load some; markers written for both dtype pairs
+    assert got["after"], got                        # and a compile in this process is seen by the count
+    doc = json.loads((tmp_path / "o.json").read_text())
+    ranked = [t for t in doc["tensors"] if t.get("rank")]
+    assert ranked and {t["status"] for t in doc["tensors"]} >= {"changed", "unchanged"}

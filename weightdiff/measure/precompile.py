@@ -1,0 +1,141 @@
+"""The numba kernels a comparison needs, compiled in a child process before it starts.
+
+numba compiles a kernel the first time a process calls it with new argument types and keeps the compile's
+LLVM state for the life of that process: about 100 MB for one parallel kernel (measured: a fresh process
+compiling the bf16 statistics driver grows by 104 MB, one loading the same kernel from numba's cache by 48 MB;
+a stats pass over a 1.1B bf16 pair peaks at 344 MB on a first run and 227 MB after). A first run after
+installing or upgrading compiles what it meets, so it could pass the 1 GB a 70B-width comparison otherwise
+stays under. Here a child process calls every kernel of the plan's dtype pairs on a few zeros
+(``kernels.cpu.precompile``); numba writes the machine code to its cache, the child's memory leaves with it,
+and the comparison loads the kernels from the cache. The time is the same (the child compiles what the
+comparison would have); only the memory moves.
+
+A marker file beside numba's cached kernels records each dtype pair done, keyed by numba's and Python's
+versions, the CPU and the kernel source's size and modification time (what numba's own cache keys on), so
+later runs start no child. ``WEIGHTDIFF_PRECOMPILE=0`` turns this off; a child that fails changes nothing
+(the comparison compiles in its own process, as before).
+
+    python -m weightdiff.measure.precompile BF16:BF16 F32:BF16
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+#: the pair kinds whose values a comparison measures with the kernels (added/removed/mismatch read nothing)
+_MEASURED = ("paired", "resized", "inherited", "lora")
+_done: set[tuple[str, str]] = set()         # this process: pairs known compiled (a marker seen or written)
+
+
+def needed(pairs: Iterable) -> list[tuple[str, str]]:
+    """The ``(base, tuned)`` dtype pairs of a plan's pairs that kernels measure, sorted."""
+    from ..kernels.dtypes import DTYPES
+
+    out = set()
+    for p in pairs:
+        db, dt = getattr(p, "dtype_base", None), getattr(p, "dtype_tuned", None)
+        if p.kind not in _MEASURED or db not in DTYPES or dt not in DTYPES:
+            continue
+        if p.kind == "inherited":
+            dt = db                             # the base against itself
+        if DTYPES[db].decodable and DTYPES[dt].decodable or db == dt:
+            out.add((db, dt))
+    return sorted(out)
+
+
+def _marker_dir() -> Path | None:
+    """Where numba caches ``kernels/cpu.py``'s kernels (markers live beside them: removing that cache
+    removes them too); None when numba says nothing of it."""
+    from ..kernels import cpu
+
+    try:
+        return Path(cpu._stats_driver.stats.cache_path) / "weightdiff-precompiled"
+    except Exception:       # noqa: BLE001  (a numba without ``stats``: no markers, a child each run)
+        return None
+
+
+def _marker(pair: tuple[str, str]) -> str:
+    import llvmlite.binding as llvm
+    import numba
+
+    from ..kernels import cpu
+
+    st = os.stat(cpu.__file__)
+    key = "\n".join([numba.__version__, sys.version, llvm.get_host_cpu_name(), str(st.st_size),
+                     str(st.st_mtime_ns), *pair])
+    return f"{pair[0]}-{pair[1]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def missing(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The pairs no marker says are compiled."""
+    folder = _marker_dir()
+    out = []
+    for pair in pairs:
+        if pair in _done:
+            continue
+        if folder is not None and (folder / _marker(pair)).exists():
+            _done.add(pair)
+            continue
+        out.append(pair)
+    return out
+
+
+def enabled() -> bool:
+    return os.environ.get("WEIGHTDIFF_PRECOMPILE", "1") != "0" and not getattr(sys, "frozen", False)
+
+
+def ensure(pairs: Iterable, stage=None) -> bool:
+    """Compile the kernels for the dtype pairs of ``pairs`` (a plan's pairs) in a child process unless markers
+    say they are compiled; ``stage(text)`` is told when a child starts. True when a child ran and succeeded."""
+    if not enabled():
+        return False
+    todo = missing(needed(pairs))
+    if not todo:
+        return False
+    if stage is not None:
+        stage("compiling the numba kernels for " + ", ".join(sorted({f"{b}/{t}" if b != t else b for b, t in todo}))
+              + " (a first run; kept in numba's cache for later runs)")
+    try:
+        done = subprocess.run([sys.executable, "-m", "weightdiff.measure.precompile",
+                               *(f"{b}:{t}" for b, t in todo)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              check=False)
+    except OSError:
+        return False
+    if done.returncode != 0:
+        return False            # the comparison compiles in its own process, as it always could
+    _done.update(todo)
+    return True
+
+
+def _write_markers(pairs: Sequence[tuple[str, str]]) -> None:
+    folder = _marker_dir()
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for pair in pairs:
+            (folder / _marker(pair)).touch()
+    except OSError:
+        pass                    # a read-only cache: a child again next run, nothing worse
+
+
+def main(argv: Sequence[str]) -> int:
+    from ..kernels import cpu
+
+    pairs = [tuple(a.split(":", 1)) for a in argv]
+    if any(len(p) != 2 for p in pairs):
+        print("usage: python -m weightdiff.measure.precompile BASE:TUNED ...", file=sys.stderr)
+        return 2
+    cpu.precompile(pairs)
+    _write_markers(pairs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
