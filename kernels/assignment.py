@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["linear_assignment", "assignment_cost"]
+__all__ = ["linear_assignment", "assignment_cost", "precompile"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -109,3 +109,9 @@ def assignment_cost(cost: np.ndarray, col: np.ndarray) -> float:
     """Total ``sum_i cost[i, col[i]]`` of an assignment (float64)."""
     c = np.asarray(cost, dtype=np.float64)
     return float(c[np.arange(len(col)), col].sum())
+
+
+def precompile() -> None:
+    """Compile, or load from numba's cache, the kernel ``linear_assignment`` calls (its one argument type: a
+    C-contiguous float64 matrix); see ``kernels.cpu.precompile``."""
+    linear_assignment(np.zeros((2, 2)))

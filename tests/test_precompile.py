@@ -27,7 +27,7 @@ def test_needed_takes_the_measured_dtype_pairs_once_each():
              _pair("removed", "F16", None), _pair("paired", "F32", "BF16"), _pair("inherited", "F16", "F16"),
              _pair("mismatch", "I8", "I8"), _pair("paired", "C64", "C64"), _pair("paired", "C64", "F4"),
              _pair("resized", "F16", "F16"), _pair("paired", "NOPE", "BF16")]
-    assert precompile.needed(pairs) == [("BF16", "BF16"), ("C64", "C64"), ("F16", "F16"), ("F32", "BF16")]
+    assert precompile.needed(pairs) == ["BF16:BF16", "C64:C64", "F16:F16", "F32:BF16"]
 
 
 def test_switched_off_or_failing_child_leaves_the_comparison_to_compile(monkeypatch):
@@ -51,7 +51,7 @@ def test_switched_off_or_failing_child_leaves_the_comparison_to_compile(monkeypa
 
 
 def test_the_child_rejects_arguments_it_cannot_read(capsys):
-    assert precompile.main(["BF16"]) == 2
+    assert precompile.main(["BF16"]) == 2 and precompile.main(["BF16:F16:F32"]) == 2
     assert "usage" in capsys.readouterr().err
 
 
@@ -60,20 +60,22 @@ import json, sys
 import numpy as np
 from numba.core.registry import CPUDispatcher
 from weightdiff.cli import main
-from weightdiff.kernels import cpu
-from weightdiff.measure import precompile
+from weightdiff.kernels import assignment, cpu
+from weightdiff.measure import permutation, precompile
 
 def misses():
-    return {k: sum(v.stats.cache_misses.values()) for k, v in vars(cpu).items()
+    return {k: sum(v.stats.cache_misses.values()) for m in (cpu, assignment) for k, v in vars(m).items()
             if isinstance(v, CPUDispatcher) and sum(v.stats.cache_misses.values())}
 
 try:
     main(sys.argv[1:], standalone_mode=False)
 except SystemExit as e:
     assert not e.code, e.code
+# the matching of reordered units (measure.permutation): its kernel compiled in a child too
+assert permutation.linear_assignment(np.array([[1.0, 2.0], [2.0, 3.0]])).tolist() == [0, 1]
 during = misses()
 hits = sum(sum(v.stats.cache_hits.values()) for v in vars(cpu).values() if isinstance(v, CPUDispatcher))
-left = precompile.missing([("BF16", "BF16"), ("F32", "BF16")])
+left = precompile.missing(["BF16:BF16", "F32:BF16", "assignment"])
 # a width pair the plan did not have: compiled here, and the count sees it
 cpu.delta_stats(np.zeros(3, np.uint64), np.zeros(3, np.uint8), "F64", "U8")
 print("RESULT " + json.dumps({"during": during, "hits": hits, "left": left, "after": misses()}))

@@ -232,6 +232,7 @@ def _compute_merged(pair: Pair, merged: tuple, bases: Sequence[Checkpoint], tune
     kind, overlap = ("paired", None) if st == sb else ("resized", min(st[0], sb[0]))
     flat = replace(pair, kind=kind, shape_tuned=st, dtype_tuned=info.dtype, overlap_rows=overlap, lora=None,
                    tuned_source=None, transposed=False)
+    precompile.ensure([flat])       # the merged weight's dtype: a pair the plan did not have
     rec = compute_pair(flat, bases, side, options, backend, classify, on_window)
     what = (f"LoRA adapter (r={lf.r}, scale={lf.scale:g}{', DoRA' if lf.magnitude_name else ''}) merged into "
             f"the base layer the adapter saves, `{lf.base_layer_name}` ({list(st)}, {info.dtype}), which is not "
@@ -275,6 +276,7 @@ def _compute_lora_bias(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint]
     info = replace(info_b, name=pair.tuned_name, dtype=dtype, start=None, end=None, quant=None)
     side = MergedSide(tuned, pair.tuned_name, info, values)
     flat = replace(pair, dtype_tuned=dtype, tuned_source=None, lora_bias=None)
+    precompile.ensure([flat])
     rec = compute_pair(flat, bases, side, options, backend, classify, on_window)
     what = (f"LoRA bias `{lf.bias_name}` (lora_bias, scale={lf.scale:g}) merged into the base's bias, as PEFT "
             "merges it")
@@ -416,7 +418,9 @@ def remeasure(pair: Pair, side: GatheredSide, bases: Sequence[Checkpoint], tuned
     rows are). ``on_window(n)``: the elements of each window as it streams (progress)."""
     sides = list(bases)
     sides[pair.base_index] = side
-    return compute_pair(remeasured_pair(pair, side), sides, tuned, options, backend, classify, on_window)
+    flat = remeasured_pair(pair, side)
+    precompile.ensure([flat])       # float64 values against the stored dtype: a pair the pass may not have had
+    return compute_pair(flat, sides, tuned, options, backend, classify, on_window)
 
 
 def _array_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str, tuned_raw: np.ndarray,

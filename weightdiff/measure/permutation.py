@@ -42,8 +42,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..kernels.assignment import linear_assignment
+from ..kernels import assignment
 from ..kernels.dtypes import decode
+from . import precompile
 
 __all__ = ["MlpGroup", "Finding", "mlp_groups", "match_neurons", "find_permutation", "RowsOf", "fused_qkv_sources",
            "detect_permutations", "undo", "neuron_vectors", "heads_permuted", "experts_permuted", "rows_follow",
@@ -73,6 +74,13 @@ _SPECS: tuple[tuple[str, int, str], ...] = (
     (r"^(.*)\.(?:fc2)\.weight$", 1, "out"),
 )
 _COMPILED = tuple((re.compile(p), axis, role) for p, axis, role in _SPECS)
+
+
+def linear_assignment(cost: np.ndarray, maximize: bool = False) -> np.ndarray:
+    """``kernels.assignment.linear_assignment``, its kernel compiled in a child process on a first run
+    (``measure.precompile``)."""
+    precompile.ensure_keys([precompile.ASSIGNMENT])
+    return assignment.linear_assignment(cost, maximize=maximize)
 
 
 @dataclass

@@ -6,7 +6,8 @@ compiling the bf16 statistics driver grows by 104 MB, one loading the same kerne
 a stats pass over a 1.1B bf16 pair peaks at 344 MB on a first run and 227 MB after). A first run after
 installing or upgrading compiles what it meets, so it could pass the 1 GB a 70B-width comparison otherwise
 stays under. Here a child process calls every kernel of the plan's dtype pairs on a few zeros
-(``kernels.cpu.precompile``); numba writes the machine code to its cache, the child's memory leaves with it,
+(``kernels.cpu.precompile``; the linear assignment before the first matching of reordered units);
+numba writes the machine code to its cache, the child's memory leaves with it,
 and the comparison loads the kernels from the cache. The time is the same (the child compiles what the
 comparison would have); only the memory moves.
 
@@ -15,7 +16,7 @@ versions, the CPU and the kernel source's size and modification time (what numba
 later runs start no child. ``WEIGHTDIFF_PRECOMPILE=0`` turns this off; a child that fails changes nothing
 (the comparison compiles in its own process, as before).
 
-    python -m weightdiff.measure.precompile BF16:BF16 F32:BF16
+    python -m weightdiff.measure.precompile BF16:BF16 F32:BF16 assignment
 """
 
 from __future__ import annotations
@@ -29,28 +30,41 @@ from pathlib import Path
 
 #: the pair kinds whose values a comparison measures with the kernels (added/removed/mismatch read nothing)
 _MEASURED = ("paired", "resized", "inherited", "lora")
-_done: set[tuple[str, str]] = set()         # this process: pairs known compiled (a marker seen or written)
+#: the key of the linear assignment (the matching of reordered units: one kernel, float64 costs)
+ASSIGNMENT = "assignment"
+_done: set[str] = set()                     # this process: keys known compiled (a marker seen or written)
 
 
-def needed(pairs: Iterable) -> list[tuple[str, str]]:
-    """The ``(base, tuned)`` dtype pairs of a plan's pairs that kernels measure, sorted."""
+def needed(pairs: Iterable) -> list[str]:
+    """The ``"BASE:TUNED"`` dtype pairs of a plan's pairs that kernels measure, sorted."""
     from ..kernels.dtypes import DTYPES
 
     out = set()
-    for p in pairs:
-        db, dt = getattr(p, "dtype_base", None), getattr(p, "dtype_tuned", None)
-        if p.kind not in _MEASURED or db not in DTYPES or dt not in DTYPES:
+    # the distinct (kind, dtypes) first: one tuple per pair, 100,000 pairs in ~10 ms
+    for kind, db, dt in {(p.kind, p.dtype_base, p.dtype_tuned) for p in pairs}:
+        if kind not in _MEASURED or db not in DTYPES or dt not in DTYPES:
             continue
-        if p.kind == "inherited":
+        if kind == "inherited":
             dt = db                             # the base against itself
         if DTYPES[db].decodable and DTYPES[dt].decodable or db == dt:
-            out.add((db, dt))
+            out.add(f"{db}:{dt}")
     return sorted(out)
 
 
+def _source(key: str) -> str:
+    """The source file of a key's kernels (numba's cache is keyed by its size and modification time)."""
+    if key == ASSIGNMENT:
+        from ..kernels import assignment
+
+        return assignment.__file__
+    from ..kernels import cpu
+
+    return cpu.__file__
+
+
 def _marker_dir() -> Path | None:
-    """Where numba caches ``kernels/cpu.py``'s kernels (markers live beside them: removing that cache
-    removes them too); None when numba says nothing of it."""
+    """Where numba caches ``kernels/``' kernels (markers live beside them: removing that cache removes them too);
+    None when numba says nothing of it."""
     from ..kernels import cpu
 
     try:
@@ -59,29 +73,27 @@ def _marker_dir() -> Path | None:
         return None
 
 
-def _marker(pair: tuple[str, str]) -> str:
+def _marker(key: str) -> str:
     import llvmlite.binding as llvm
     import numba
 
-    from ..kernels import cpu
-
-    st = os.stat(cpu.__file__)
-    key = "\n".join([numba.__version__, sys.version, llvm.get_host_cpu_name(), str(st.st_size),
-                     str(st.st_mtime_ns), *pair])
-    return f"{pair[0]}-{pair[1]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    st = os.stat(_source(key))
+    stamp = "\n".join([numba.__version__, sys.version, llvm.get_host_cpu_name(), str(st.st_size),
+                       str(st.st_mtime_ns), key])
+    return f"{key.replace(':', '-')}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
 
 
-def missing(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The pairs no marker says are compiled."""
+def missing(keys: Sequence[str]) -> list[str]:
+    """The keys no marker says are compiled."""
     folder = _marker_dir()
     out = []
-    for pair in pairs:
-        if pair in _done:
+    for key in keys:
+        if key in _done:
             continue
-        if folder is not None and (folder / _marker(pair)).exists():
-            _done.add(pair)
+        if folder is not None and (folder / _marker(key)).exists():
+            _done.add(key)
             continue
-        out.append(pair)
+        out.append(key)
     return out
 
 
@@ -92,17 +104,23 @@ def enabled() -> bool:
 def ensure(pairs: Iterable, stage=None) -> bool:
     """Compile the kernels for the dtype pairs of ``pairs`` (a plan's pairs) in a child process unless markers
     say they are compiled; ``stage(text)`` is told when a child starts. True when a child ran and succeeded."""
-    if not enabled():
+    return ensure_keys(needed(pairs), stage)
+
+
+def ensure_keys(keys: Sequence[str], stage=None) -> bool:
+    """``ensure`` for keys: ``"BASE:TUNED"`` dtype pairs, or ``ASSIGNMENT`` (the matching of reordered units)."""
+    if not enabled() or all(k in _done for k in keys):
         return False
-    todo = missing(needed(pairs))
+    todo = missing(keys)
     if not todo:
         return False
     if stage is not None:
-        stage("compiling the numba kernels for " + ", ".join(sorted({f"{b}/{t}" if b != t else b for b, t in todo}))
+        shown = sorted({k if k == ASSIGNMENT else k.split(":")[0] if len(set(k.split(":"))) == 1
+                        else k.replace(":", "/") for k in todo})
+        stage("compiling the numba kernels for " + ", ".join(shown)
               + " (a first run; kept in numba's cache for later runs)")
     try:
-        done = subprocess.run([sys.executable, "-m", "weightdiff.measure.precompile",
-                               *(f"{b}:{t}" for b, t in todo)],
+        done = subprocess.run([sys.executable, "-m", "weightdiff.measure.precompile", *todo],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               check=False)
     except OSError:
@@ -113,27 +131,29 @@ def ensure(pairs: Iterable, stage=None) -> bool:
     return True
 
 
-def _write_markers(pairs: Sequence[tuple[str, str]]) -> None:
+def _write_markers(keys: Sequence[str]) -> None:
     folder = _marker_dir()
     if folder is None:
         return
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for pair in pairs:
-            (folder / _marker(pair)).touch()
+        for key in keys:
+            (folder / _marker(key)).touch()
     except OSError:
         pass                    # a read-only cache: a child again next run, nothing worse
 
 
 def main(argv: Sequence[str]) -> int:
-    from ..kernels import cpu
+    from ..kernels import assignment, cpu
 
-    pairs = [tuple(a.split(":", 1)) for a in argv]
+    pairs = [tuple(a.split(":")) for a in argv if a != ASSIGNMENT]
     if any(len(p) != 2 for p in pairs):
-        print("usage: python -m weightdiff.measure.precompile BASE:TUNED ...", file=sys.stderr)
+        print(f"usage: python -m weightdiff.measure.precompile BASE:TUNED ... [{ASSIGNMENT}]", file=sys.stderr)
         return 2
     cpu.precompile(pairs)
-    _write_markers(pairs)
+    if ASSIGNMENT in argv:
+        assignment.precompile()
+    _write_markers(argv)
     return 0
 
 
