@@ -26,7 +26,7 @@ import numba
 import numpy as np
 from numba import prange
 
-__all__ = ["BLOCKS", "dequantize"]
+__all__ = ["BLOCKS", "dequantize", "precompile"]
 
 #: type name -> (elements per block, bytes per block)
 BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
@@ -123,10 +123,18 @@ def dequantize(raw: np.ndarray, qtype: str, out: np.ndarray | None = None) -> np
     bs, ts = BLOCKS[qtype]
     rows = raw.shape[0]
     shape = (rows, raw.shape[1] // ts * bs)
-    blocks = np.ascontiguousarray(raw).reshape(-1, ts)
+    blocks = np.ascontiguousarray(raw).reshape(-1, ts).view()
+    blocks.flags.writeable = False      # a mapped file or a downloaded buffer alike: one compiled specialization
     if out is None:
         out = np.empty(shape, np.float32)
     if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
     _KERNELS[qtype](blocks, _F16, out.reshape(-1, bs))
     return out
+
+
+def precompile(qtypes) -> None:
+    """Compile, or load from numba's cache, the kernels of these block types (``dequantize`` on one zero block
+    each: its argument types); see ``kernels.cpu.precompile``."""
+    for qtype in qtypes:
+        dequantize(np.zeros((1, BLOCKS[qtype][1]), np.uint8), qtype)

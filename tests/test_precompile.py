@@ -14,6 +14,7 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from weightdiff.measure import precompile
 
@@ -57,14 +58,16 @@ def test_the_child_rejects_arguments_it_cannot_read(capsys):
 
 SCRIPT = r"""
 import json, sys
+KEYS = json.loads(sys.argv.pop(1))
 import numpy as np
+import pytest
 from numba.core.registry import CPUDispatcher
 from weightdiff.cli import main
-from weightdiff.kernels import assignment, cpu
+from weightdiff.kernels import assignment, cpu, ggml
 from weightdiff.measure import permutation, precompile
 
 def misses():
-    return {k: sum(v.stats.cache_misses.values()) for m in (cpu, assignment) for k, v in vars(m).items()
+    return {k: sum(v.stats.cache_misses.values()) for m in (cpu, assignment, ggml) for k, v in vars(m).items()
             if isinstance(v, CPUDispatcher) and sum(v.stats.cache_misses.values())}
 
 try:
@@ -75,11 +78,23 @@ except SystemExit as e:
 assert permutation.linear_assignment(np.array([[1.0, 2.0], [2.0, 3.0]])).tolist() == [0, 1]
 during = misses()
 hits = sum(sum(v.stats.cache_hits.values()) for v in vars(cpu).values() if isinstance(v, CPUDispatcher))
-left = precompile.missing(["BF16:BF16", "F32:BF16", "assignment"])
+left = precompile.missing(KEYS)
 # a width pair the plan did not have: compiled here, and the count sees it
 cpu.delta_stats(np.zeros(3, np.uint64), np.zeros(3, np.uint8), "F64", "U8")
 print("RESULT " + json.dumps({"during": during, "hits": hits, "left": left, "after": misses()}))
 """
+
+
+def _run(tmp_path, base, tuned, keys):
+    """``compare BASE TUNED --json`` in a fresh process with an empty numba cache of its own: what it compiled
+    itself, what it loaded, the keys still without a marker, and a compile after the run."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    env.pop("WEIGHTDIFF_PRECOMPILE", None)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(keys), "compare", str(base), str(tuned),
+                          "--json", str(tmp_path / "o.json"), "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.split("RESULT ", 1)[1])
 
 
 def test_a_first_run_compiles_nothing_in_its_own_process(tmp_path):
@@ -100,16 +115,29 @@ def test_a_first_run_compiles_nothing_in_its_own_process(tmp_path):
     for side, t in (("base", base), ("tuned", tuned)):
         (tmp_path / side).mkdir()
         save_file(tmp_path / side / "model.safetensors", t, {"format": "pt"})
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    env.pop("WEIGHTDIFF_PRECOMPILE", None)
-    out = subprocess.run([sys.executable, "-c", SCRIPT, "compare", str(tmp_path / "base"), str(tmp_path / "tuned"),
-                          "--json", str(tmp_path / "o.json"), "--quiet"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.split("RESULT ", 1)[1])
+    got = _run(tmp_path, tmp_path / "base", tmp_path / "tuned", ["BF16:BF16", "F32:BF16", "assignment"])
     assert got["during"] == {}, got                 # every kernel of the run loaded from the child's cache
     assert got["hits"] > 0 and got["left"] == []    # ... it did load some; markers written for both dtype pairs
     assert got["after"], got                        # and a compile in this process is seen by the count
     doc = json.loads((tmp_path / "o.json").read_text())
     ranked = [t for t in doc["tensors"] if t.get("rank")]
     assert ranked and {t["status"] for t in doc["tensors"]} >= {"changed", "unchanged"}
+
+
+def test_a_gguf_sides_dequantizers_are_compiled_in_the_child(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from gguf_build import to_gguf
+    from models import llama
+
+    from conftest import write_checkpoint
+
+    Q = gguf.GGMLQuantizationType
+    t = llama(np.random.default_rng(1), layers=2, hidden=64, inter=128, vocab=96, kv=32)
+    base = write_checkpoint(tmp_path / "base", t)
+    path = to_gguf(tmp_path / "m.gguf", t, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2, types={"blk.1.": Q.Q4_0})
+    from weightdiff.io.checkpoint import locate
+
+    with locate(path) as ck:
+        assert precompile.gguf_keys([ck]) == ["ggml:Q4_0", "ggml:Q8_0"]
+    got = _run(tmp_path, base, path, ["ggml:Q4_0", "ggml:Q8_0"])
+    assert got["during"] == {} and got["hits"] > 0 and got["left"] == [], got

@@ -34,6 +34,7 @@ from .io.peft_adapter import check_against_base, check_factor_values
 from .judge.aggregate import aggregate
 from .judge.status import classify
 from .judge.verdict import summarise
+from .measure import precompile
 from .measure.backend import backend_for
 from .measure.compute import Progress, compute_all
 from .options import CompareOptions, HubOptions, options_from_kwargs
@@ -339,6 +340,10 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
                 raise CheckpointError(b.path, "is a PEFT adapter (adapter_config.json), not a base model",
                                       "an adapter is the tuned side: swap the arguments (BASE first, then the adapter)")
         tuned_ck = _opened(stack, tuned, hub)
+        # a GGUF side's dequantizers run from the plan on (tied heads, norms read whole): compiled in a child first
+        told = getattr(progress, "stage", None)
+        if precompile.ensure_keys(precompile.gguf_keys((*bases, tuned_ck)), told) and told is not None:
+            told(None)
         outs = active_outputs()
         if outs is not None:                # no output may overwrite a file being measured
             for ck in (*bases, tuned_ck):

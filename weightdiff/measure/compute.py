@@ -1238,7 +1238,7 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
     pairs = [plan.pairs[i] for i in indices]
     total = sum(streamed(p) for p in pairs)
     stage = getattr(progress, "stage", None)
-    if precompile.ensure(pairs, stage) and stage is not None:   # a first run: compiled in a child
+    if precompile.ensure(pairs, stage, (*bases, tuned)) and stage is not None:   # a first run: compiled in a child
         stage(None)
     done = 0
     records: list[TensorRecord] = []

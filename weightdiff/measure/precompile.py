@@ -6,7 +6,8 @@ compiling the bf16 statistics driver grows by 104 MB, one loading the same kerne
 a stats pass over a 1.1B bf16 pair peaks at 344 MB on a first run and 227 MB after). A first run after
 installing or upgrading compiles what it meets, so it could pass the 1 GB a 70B-width comparison otherwise
 stays under. Here a child process calls every kernel of the plan's dtype pairs on a few zeros
-(``kernels.cpu.precompile``; the linear assignment before the first matching of reordered units);
+(``kernels.cpu.precompile``; the GGML dequantizers of a GGUF side's block types; the linear assignment before
+the first matching of reordered units);
 numba writes the machine code to its cache, the child's memory leaves with it,
 and the comparison loads the kernels from the cache. The time is the same (the child compiles what the
 comparison would have); only the memory moves.
@@ -16,7 +17,7 @@ versions, the CPU and the kernel source's size and modification time (what numba
 later runs start no child. ``WEIGHTDIFF_PRECOMPILE=0`` turns this off; a child that fails changes nothing
 (the comparison compiles in its own process, as before).
 
-    python -m weightdiff.measure.precompile BF16:BF16 F32:BF16 assignment
+    python -m weightdiff.measure.precompile BF16:BF16 F32:BF16 assignment ggml:Q4_K
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from pathlib import Path
 _MEASURED = ("paired", "resized", "inherited", "lora")
 #: the key of the linear assignment (the matching of reordered units: one kernel, float64 costs)
 ASSIGNMENT = "assignment"
+#: the prefix of a GGML block type's key (``ggml:Q4_K``: ``kernels.ggml``'s dequantizer of that type)
+GGML = "ggml:"
 _done: set[str] = set()                     # this process: keys known compiled (a marker seen or written)
 
 
@@ -51,12 +54,28 @@ def needed(pairs: Iterable) -> list[str]:
     return sorted(out)
 
 
+def gguf_keys(checkpoints: Iterable) -> list[str]:
+    """``"ggml:TYPE"`` for each GGML block type with a numba dequantizer (``kernels.ggml``) that a GGUF
+    checkpoint among these stores, sorted."""
+    from ..kernels.ggml import BLOCKS
+
+    out = set()
+    for ck in checkpoints:
+        if getattr(ck, "format", None) == "gguf":
+            out.update(f"{GGML}{info.scheme}" for info in ck.tensors.values() if info.scheme in BLOCKS)
+    return sorted(out)
+
+
 def _source(key: str) -> str:
     """The source file of a key's kernels (numba's cache is keyed by its size and modification time)."""
     if key == ASSIGNMENT:
         from ..kernels import assignment
 
         return assignment.__file__
+    if key.startswith(GGML):
+        from ..kernels import ggml
+
+        return ggml.__file__
     from ..kernels import cpu
 
     return cpu.__file__
@@ -101,10 +120,11 @@ def enabled() -> bool:
     return os.environ.get("WEIGHTDIFF_PRECOMPILE", "1") != "0" and not getattr(sys, "frozen", False)
 
 
-def ensure(pairs: Iterable, stage=None) -> bool:
-    """Compile the kernels for the dtype pairs of ``pairs`` (a plan's pairs) in a child process unless markers
-    say they are compiled; ``stage(text)`` is told when a child starts. True when a child ran and succeeded."""
-    return ensure_keys(needed(pairs), stage)
+def ensure(pairs: Iterable, stage=None, checkpoints: Iterable = ()) -> bool:
+    """Compile the kernels for the dtype pairs of ``pairs`` (a plan's pairs), and the GGML dequantizers of the GGUF
+    files among ``checkpoints``, in a child process unless markers say they are compiled; ``stage(text)`` is told
+    when a child starts. True when a child ran and succeeded."""
+    return ensure_keys(needed(pairs) + gguf_keys(checkpoints), stage)
 
 
 def ensure_keys(keys: Sequence[str], stage=None) -> bool:
@@ -115,8 +135,8 @@ def ensure_keys(keys: Sequence[str], stage=None) -> bool:
     if not todo:
         return False
     if stage is not None:
-        shown = sorted({k if k == ASSIGNMENT else k.split(":")[0] if len(set(k.split(":"))) == 1
-                        else k.replace(":", "/") for k in todo})
+        shown = sorted({k if k == ASSIGNMENT else k[len(GGML):] if k.startswith(GGML)
+                        else k.split(":")[0] if len(set(k.split(":"))) == 1 else k.replace(":", "/") for k in todo})
         stage("compiling the numba kernels for " + ", ".join(shown)
               + " (a first run; kept in numba's cache for later runs)")
     try:
@@ -144,13 +164,16 @@ def _write_markers(keys: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    from ..kernels import assignment, cpu
+    from ..kernels import assignment, cpu, ggml
 
-    pairs = [tuple(a.split(":")) for a in argv if a != ASSIGNMENT]
-    if any(len(p) != 2 for p in pairs):
-        print(f"usage: python -m weightdiff.measure.precompile BASE:TUNED ... [{ASSIGNMENT}]", file=sys.stderr)
+    pairs = [tuple(a.split(":")) for a in argv if a != ASSIGNMENT and not a.startswith(GGML)]
+    blocks = [a[len(GGML):] for a in argv if a.startswith(GGML)]
+    if any(len(p) != 2 for p in pairs) or any(b not in ggml.BLOCKS for b in blocks):
+        print(f"usage: python -m weightdiff.measure.precompile BASE:TUNED ... [{ASSIGNMENT}] [{GGML}TYPE ...]",
+              file=sys.stderr)
         return 2
     cpu.precompile(pairs)
+    ggml.precompile(blocks)
     if ASSIGNMENT in argv:
         assignment.precompile()
     _write_markers(argv)
