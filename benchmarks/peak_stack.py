@@ -6,7 +6,8 @@
 Prints the kernel's high-water mark (``VmHWM``: the exact peak, whatever the sampling missed), the highest
 sample with its anonymous and file-backed parts, the stacks at that sample, with ``--maps`` the mappings of 4 MB
 or more resident then (``/proc/self/smaps``: a numpy array of more than a megabyte is a mapping of its own, so
-the arrays alive are listed by size), and a line every 5 s (RSS, the main thread's innermost frame). Linux only
+the arrays alive are listed by size), the largest child process's peak (a first run compiles its numba kernels
+in one: ``weightdiff.measure.precompile``), and a line every 5 s (RSS, the main thread's innermost frame). Linux only
 (``/proc/self/status``).
 
 The sampler holds no frame past a sample: ``sys._current_frames()`` hands out live frame objects, and a
@@ -129,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     peak, st, where = s.best
     lines = [f"wall {wall:.1f} s; VmHWM {status()['VmHWM']} MB (the exact peak); highest sample {peak} MB "
              f"(anon {st.get('RssAnon')} MB, file {st.get('RssFile')} MB); stacks there:", where]
+    import resource
+
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
+    if child:       # a first run's kernel compile (weightdiff.measure.precompile): its own process, its own peak
+        lines.insert(1, f"child processes: the largest peaked at {child} MB (ru_maxrss; a first run's numba compile)")
     if s.best_maps:
         lines += ["mappings there (resident MB, size MB, name):"] + [f"  {r:>6} {z:>6}  {n}" for r, z, n in s.best_maps]
     lines += ["every 5 s:"]

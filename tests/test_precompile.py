@@ -44,11 +44,12 @@ def test_switched_off_or_failing_child_leaves_the_comparison_to_compile(monkeypa
     assert len(ran) == 1 and "BF16:BF16" in ran[0][0] and "compiling the numba kernels for BF16" in said[0]
     assert precompile._done == set()          # not taken as compiled: asked again next time
 
-    def no_child(*a, **k):
-        raise OSError("no such interpreter")
+    for error in (OSError("no such interpreter"), subprocess.TimeoutExpired("python", 900)):
+        def no_child(*a, _e=error, **k):
+            raise _e
 
-    monkeypatch.setattr(precompile.subprocess, "run", no_child)
-    assert precompile.ensure([_pair("paired", "BF16", "BF16")]) is False
+        monkeypatch.setattr(precompile.subprocess, "run", no_child)
+        assert precompile.ensure([_pair("paired", "BF16", "BF16")]) is False
 
 
 def test_the_child_rejects_arguments_it_cannot_read(capsys):

@@ -31,6 +31,9 @@ from pathlib import Path
 
 #: the pair kinds whose values a comparison measures with the kernels (added/removed/mismatch read nothing)
 _MEASURED = ("paired", "resized", "inherited", "lora")
+#: the longest a child may compile (all kernels of a dtype pair take 10-30 s on a 2-core machine); past it the
+#: child is killed and the comparison compiles what it needs itself
+CHILD_SECONDS = 900
 #: the key of the linear assignment (the matching of reordered units: one kernel, float64 costs)
 ASSIGNMENT = "assignment"
 #: the prefix of a GGML block type's key (``ggml:Q4_K``: ``kernels.ggml``'s dequantizer of that type)
@@ -142,8 +145,8 @@ def ensure_keys(keys: Sequence[str], stage=None) -> bool:
     try:
         done = subprocess.run([sys.executable, "-m", "weightdiff.measure.precompile", *todo],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              check=False)
-    except OSError:
+                              check=False, timeout=CHILD_SECONDS)
+    except (OSError, ValueError, subprocess.SubprocessError):   # no interpreter to start, or a child past its time
         return False
     if done.returncode != 0:
         return False            # the comparison compiles in its own process, as it always could
