@@ -130,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     peak, st, where = s.best
     lines = [f"wall {wall:.1f} s; VmHWM {status()['VmHWM']} MB (the exact peak); highest sample {peak} MB "
              f"(anon {st.get('RssAnon')} MB, file {st.get('RssFile')} MB); stacks there:", where]
-    import resource
+    from weightdiff.measure import precompile
 
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
-    if child:       # a first run's kernel compile (weightdiff.measure.precompile): its own process, its own peak
-        lines.insert(1, f"child processes: the largest peaked at {child} MB (ru_maxrss; a first run's numba compile)")
+    if precompile.peaks:    # a first run's kernel compile: its own process, its own peak (its VmHWM; getrusage
+        # of a child counts the pages it shared with this one until it started Python: this process's peak then)
+        lines.insert(1, f"numba compiled in {len(precompile.peaks)} child process(es) first (a first run): "
+                        f"their peaks {', '.join(f'{p} MB' for p in precompile.peaks)}")
     if s.best_maps:
         lines += ["mappings there (resident MB, size MB, name):"] + [f"  {r:>6} {z:>6}  {n}" for r, z, n in s.best_maps]
     lines += ["every 5 s:"]

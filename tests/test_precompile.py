@@ -80,9 +80,10 @@ assert permutation.linear_assignment(np.array([[1.0, 2.0], [2.0, 3.0]])).tolist(
 during = misses()
 hits = sum(sum(v.stats.cache_hits.values()) for v in vars(cpu).values() if isinstance(v, CPUDispatcher))
 left = precompile.missing(KEYS)
+peaks = precompile.peaks
 # a width pair the plan did not have: compiled here, and the count sees it
 cpu.delta_stats(np.zeros(3, np.uint64), np.zeros(3, np.uint8), "F64", "U8")
-print("RESULT " + json.dumps({"during": during, "hits": hits, "left": left, "after": misses()}))
+print("RESULT " + json.dumps({"during": during, "hits": hits, "left": left, "after": misses(), "peaks": peaks}))
 """
 
 
@@ -120,6 +121,7 @@ def test_a_first_run_compiles_nothing_in_its_own_process(tmp_path):
     assert got["during"] == {}, got                 # every kernel of the run loaded from the child's cache
     assert got["hits"] > 0 and got["left"] == []    # ... it did load some; markers written for both dtype pairs
     assert got["after"], got                        # and a compile in this process is seen by the count
+    assert len(got["peaks"]) == 2 and all(50 < p < 2000 for p in got["peaks"]), got   # the child's own VmHWM, MB
     doc = json.loads((tmp_path / "o.json").read_text())
     ranked = [t for t in doc["tensors"] if t.get("rank")]
     assert ranked and {t["status"] for t in doc["tensors"]} >= {"changed", "unchanged"}

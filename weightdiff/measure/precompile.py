@@ -38,6 +38,10 @@ CHILD_SECONDS = 900
 ASSIGNMENT = "assignment"
 #: the prefix of a GGML block type's key (``ggml:Q4_K``: ``kernels.ggml``'s dequantizer of that type)
 GGML = "ggml:"
+#: the peak resident set of each child this process ran, in MB (its own ``VmHWM``: ``getrusage`` of a child
+#: counts the pages it shared with this process until it started Python, up to this process's own peak)
+peaks: list[int] = []
+_PEAK = "precompile: VmHWM "
 _done: set[str] = set()                     # this process: keys known compiled (a marker seen or written)
 
 
@@ -151,6 +155,9 @@ def ensure_keys(keys: Sequence[str], stage=None) -> bool:
     if done.returncode != 0:
         return False            # the comparison compiles in its own process, as it always could
     _done.update(todo)
+    for line in done.stderr.decode(errors="replace").splitlines():
+        if line.startswith(_PEAK):
+            peaks.append(int(line[len(_PEAK):].split()[0]) // 1024)
     return True
 
 
@@ -180,6 +187,13 @@ def main(argv: Sequence[str]) -> int:
     if ASSIGNMENT in argv:
         assignment.precompile()
     _write_markers(argv)
+    try:                        # this process's own peak (its rusage after exec counts the parent's pages too)
+        with open("/proc/self/status") as fh:
+            hwm = next((ln.split()[1] for ln in fh if ln.startswith("VmHWM:")), None)
+    except OSError:
+        hwm = None
+    if hwm is not None:
+        print(f"{_PEAK}{hwm} kB", file=sys.stderr)
     return 0
 
 
