@@ -52,6 +52,23 @@ def test_switched_off_or_failing_child_leaves_the_comparison_to_compile(monkeypa
         assert precompile.ensure([_pair("paired", "BF16", "BF16")]) is False
 
 
+def test_only_a_large_comparison_compiles_in_a_child_unless_told(monkeypatch):
+    monkeypatch.delenv("WEIGHTDIFF_PRECOMPILE", raising=False)
+    monkeypatch.setattr(precompile, "_large", False)
+    precompile.note_size(precompile.CHILD_ELEMENTS - 1)
+    assert not precompile.enabled()
+    precompile.note_size(precompile.CHILD_ELEMENTS)
+    assert precompile.enabled()
+    monkeypatch.setenv("WEIGHTDIFF_PRECOMPILE", "0")
+    assert not precompile.enabled()
+    monkeypatch.setenv("WEIGHTDIFF_PRECOMPILE", "1")
+    precompile.note_size(10)
+    assert precompile.enabled()
+    ck = SimpleNamespace(tensors={"a": SimpleNamespace(shape=[3, 4]), "b": SimpleNamespace(shape=[5]),
+                                  "c": SimpleNamespace(shape=[])})
+    assert precompile.checkpoint_elements([ck, SimpleNamespace(tensors={})]) == 18
+
+
 def test_the_child_rejects_arguments_it_cannot_read(capsys):
     assert precompile.main(["BF16"]) == 2 and precompile.main(["BF16:F16:F32"]) == 2
     assert "usage" in capsys.readouterr().err
@@ -90,8 +107,7 @@ print("RESULT " + json.dumps({"during": during, "hits": hits, "left": left, "aft
 def _run(tmp_path, base, tuned, keys):
     """``compare BASE TUNED --json`` in a fresh process with an empty numba cache of its own: what it compiled
     itself, what it loaded, the keys still without a marker, and a compile after the run."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    env.pop("WEIGHTDIFF_PRECOMPILE", None)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "WEIGHTDIFF_PRECOMPILE": "1"}   # any size
     out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(keys), "compare", str(base), str(tuned),
                           "--json", str(tmp_path / "o.json"), "--quiet"],
                          capture_output=True, text=True, env=env, timeout=600)

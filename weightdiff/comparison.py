@@ -341,9 +341,12 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
                                       "an adapter is the tuned side: swap the arguments (BASE first, then the adapter)")
         tuned_ck = _opened(stack, tuned, hub)
         # a GGUF side's dequantizers run from the plan on (tied heads, norms read whole): compiled in a child first
-        told = getattr(progress, "stage", None)
-        if precompile.ensure_keys(precompile.gguf_keys((*bases, tuned_ck)), told) and told is not None:
-            told(None)
+        keys = precompile.gguf_keys((*bases, tuned_ck))
+        if keys:
+            told = getattr(progress, "stage", None)
+            precompile.note_size(precompile.checkpoint_elements((*bases, tuned_ck)))
+            if precompile.ensure_keys(keys, told) and told is not None:
+                told(None)
         outs = active_outputs()
         if outs is not None:                # no output may overwrite a file being measured
             for ck in (*bases, tuned_ck):

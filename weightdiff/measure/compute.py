@@ -1238,7 +1238,8 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
     pairs = [plan.pairs[i] for i in indices]
     total = sum(streamed(p) for p in pairs)
     stage = getattr(progress, "stage", None)
-    if precompile.ensure(pairs, stage, (*bases, tuned)) and stage is not None:   # a first run: compiled in a child
+    precompile.note_size(total)     # a large comparison's first run compiles in a child
+    if precompile.ensure(pairs, stage, (*bases, tuned)) and stage is not None:
         stage(None)
     done = 0
     records: list[TensorRecord] = []

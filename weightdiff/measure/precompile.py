@@ -14,8 +14,10 @@ comparison would have); only the memory moves.
 
 A marker file beside numba's cached kernels records each dtype pair done, keyed by numba's and Python's
 versions, the CPU and the kernel source's size and modification time (what numba's own cache keys on), so
-later runs start no child. ``WEIGHTDIFF_PRECOMPILE=0`` turns this off; a child that fails changes nothing
-(the comparison compiles in its own process, as before).
+later runs start no child. Only comparisons of at least ``CHILD_ELEMENTS`` (a billion elements a side) do this:
+a smaller one compiles in its own process, which is faster on a first run and far from the memory bound.
+``WEIGHTDIFF_PRECOMPILE=1`` does it for any size, ``=0`` never; a child that fails changes nothing (the
+comparison compiles in its own process, as before).
 
     python -m weightdiff.measure.precompile BF16:BF16 F32:BF16 assignment ggml:Q4_K
 """
@@ -23,6 +25,7 @@ later runs start no child. ``WEIGHTDIFF_PRECOMPILE=0`` turns this off; a child t
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +37,13 @@ _MEASURED = ("paired", "resized", "inherited", "lora")
 #: the longest a child may compile (all kernels of a dtype pair take 10-30 s on a 2-core machine); past it the
 #: child is killed and the comparison compiles what it needs itself
 CHILD_SECONDS = 900
+#: the size from which a comparison compiles in a child (unless ``WEIGHTDIFF_PRECOMPILE`` says otherwise): a
+#: billion elements a side, 2 GB in bf16. Below it a first run compiles in its own process, faster (every kernel
+#: of a dtype pair in a child costs ~10 s, where a small run compiles only the few it calls: a 27 MB quantized
+#: pair's first run took 44 s with children, 14 s without; the demo 13 s against 9 s) and far from any memory
+#: bound (the same runs peak at 360-440 MB); from it on the run takes minutes and its peak is the one the bound is for
+CHILD_ELEMENTS = 1_000_000_000
+_large = False                              # the comparison under way is at least CHILD_ELEMENTS (note_size)
 #: the key of the linear assignment (the matching of reordered units: one kernel, float64 costs)
 ASSIGNMENT = "assignment"
 #: the prefix of a GGML block type's key (``ggml:Q4_K``: ``kernels.ggml``'s dequantizer of that type)
@@ -123,8 +133,25 @@ def missing(keys: Sequence[str]) -> list[str]:
     return out
 
 
+def note_size(elements: int) -> None:
+    """The elements the comparison under way measures (one side): a child compiles for it only from
+    ``CHILD_ELEMENTS`` on (``enabled``)."""
+    global _large
+    _large = int(elements) >= CHILD_ELEMENTS
+
+
+def checkpoint_elements(checkpoints: Iterable) -> int:
+    """The elements of the largest of these checkpoints (its tensors' shapes)."""
+    return max((sum(math.prod(info.shape or ()) for info in ck.tensors.values()) for ck in checkpoints), default=0)
+
+
 def enabled() -> bool:
-    return os.environ.get("WEIGHTDIFF_PRECOMPILE", "1") != "0" and not getattr(sys, "frozen", False)
+    """``WEIGHTDIFF_PRECOMPILE``: ``0`` never, ``1`` always, unset (or anything else) for a comparison of at least
+    ``CHILD_ELEMENTS`` elements (``note_size``)."""
+    if getattr(sys, "frozen", False):
+        return False
+    how = os.environ.get("WEIGHTDIFF_PRECOMPILE", "")
+    return how == "1" or (how != "0" and _large)
 
 
 def ensure(pairs: Iterable, stage=None, checkpoints: Iterable = ()) -> bool:
