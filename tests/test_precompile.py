@@ -160,3 +160,21 @@ def test_a_gguf_sides_dequantizers_are_compiled_in_the_child(tmp_path):
         assert precompile.gguf_keys([ck]) == ["ggml:Q4_0", "ggml:Q8_0"]
     got = _run(tmp_path, base, path, ["ggml:Q4_0", "ggml:Q8_0"])
     assert got["during"] == {} and got["hits"] > 0 and got["left"] == [], got
+
+
+def test_the_child_never_imports_from_the_current_folder(tmp_path):
+    """A checkpoint folder (the current folder of a run) holding a ``weightdiff`` package of its own: the child
+    must not run it (``python -m`` and ``-c`` put the current folder first on the path)."""
+    planted = tmp_path / "here" / "weightdiff" / "measure"
+    planted.mkdir(parents=True)
+    proof = tmp_path / "ran"
+    for folder in (planted.parent, planted):
+        (folder / "__init__.py").write_text(f"open({str(proof)!r}, 'w').write('planted')\n")
+    (planted / "precompile.py").write_text(f"open({str(proof)!r}, 'w').write('planted')\n")
+    code = ("import os, sys\nfrom weightdiff.measure import precompile\nos.chdir(sys.argv[1])\n"
+            "print('RAN', precompile.ensure_keys([precompile.ASSIGNMENT]))")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "WEIGHTDIFF_PRECOMPILE": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "here")], cwd=tmp_path, capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RAN True" in out.stdout and not proof.exists()      # the real child ran; the planted one never did

@@ -174,7 +174,7 @@ def ensure_keys(keys: Sequence[str], stage=None) -> bool:
         stage("compiling the numba kernels for " + ", ".join(shown)
               + " (a first run; kept in numba's cache for later runs)")
     try:
-        done = subprocess.run([sys.executable, "-m", "weightdiff.measure.precompile", *todo],
+        done = subprocess.run([sys.executable, "-c", _CHILD, *todo],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               check=False, timeout=CHILD_SECONDS)
     except (OSError, ValueError, subprocess.SubprocessError):   # no interpreter to start, or a child past its time
@@ -186,6 +186,12 @@ def ensure_keys(keys: Sequence[str], stage=None) -> bool:
         if line.startswith(_PEAK):
             peaks.append(int(line[len(_PEAK):].split()[0]) // 1024)
     return True
+
+
+#: the child's program: weightdiff from where this process found it, never from the current folder (``python -m``
+#: and ``-c`` put it first on the path: a checkpoint folder holding a ``weightdiff/`` package would run its code)
+_CHILD = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+          "from weightdiff.measure.precompile import main; sys.exit(main(sys.argv[1:]))")
 
 
 def _write_markers(keys: Sequence[str]) -> None:
