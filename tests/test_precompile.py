@@ -44,6 +44,13 @@ def test_switched_off_or_failing_child_leaves_the_comparison_to_compile(monkeypa
     assert len(ran) == 1 and "BF16:BF16" in ran[0][0] and "compiling the numba kernels for BF16" in said[0]
     assert precompile._done == set()          # not taken as compiled: asked again next time
 
+    for nothing in (None, ""):                # sys.executable of an embedding interpreter: no child is tried
+        monkeypatch.setattr(precompile.sys, "executable", nothing)
+        assert precompile.ensure([_pair("paired", "BF16", "BF16")]) is False and len(ran) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("WEIGHTDIFF_PRECOMPILE", "1")
+    monkeypatch.setattr(precompile, "_done", set())
+    monkeypatch.setattr(precompile, "missing", lambda pairs: list(pairs))
     for error in (OSError("no such interpreter"), subprocess.TimeoutExpired("python", 900)):
         def no_child(*a, _e=error, **k):
             raise _e

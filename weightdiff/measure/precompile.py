@@ -173,6 +173,8 @@ def ensure_keys(keys: Sequence[str], stage=None) -> bool:
                         else k.split(":")[0] if len(set(k.split(":"))) == 1 else k.replace(":", "/") for k in todo})
         stage("compiling the numba kernels for " + ", ".join(shown)
               + " (a first run; kept in numba's cache for later runs)")
+    if not sys.executable:      # an embedding interpreter that cannot say where its program is (None or ''):
+        return False            # the comparison compiles in its own process
     try:
         done = subprocess.run([sys.executable, "-c", _CHILD, *todo],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
