@@ -827,8 +827,6 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     head the base computes with, so it is measured in the rotated frame like any reader of the residual stream,
     with the final norm's gains folded in where that fits better (QuaRot unties a tied head so; measured as
     stored it read "head unrelated"). ``memo(material, fit)``: where each fit is kept (``Again.fit``)."""
-    import hashlib
-
     import numpy as np
 
     from .judge.relatedness import MARGINS

@@ -16,7 +16,7 @@ from typing import IO, Any
 from ..errors import escape_name
 from .captions import one_minus_cosine
 from .reference import nonfinite_only, one_minus_cosine_of, only_nonfinite, unmeasured_blocks
-from .formats import (at_least, count, delta_params_count, delta_params_text, floor_clause, max_rank, nothing_compared,
+from .formats import (count, delta_params_count, delta_params_text, floor_clause, max_rank, nothing_compared,
                       rank_text, sci, share, summary_blocks_text, summary_tensors_text, tuned_params,
                       within_floor)
 from .sentences import coverage_sentence, matrices_phrase, plural, verdict_title
@@ -61,7 +61,6 @@ def render_text(result: dict, top: int = 10) -> str:
     if s.get("verdict_reason"):
         lines.append(f"          {s['verdict_reason']}")
     sc = s.get("scope") or {}
-    least = at_least(s)
     # (the tensor count holds added tensors too: said so, where the headline counts them apart)
     lines.append(f"scope     {summary_blocks_text(s)}; {summary_tensors_text(s)}")
     if s.get("verdict") == "quantized_only":
