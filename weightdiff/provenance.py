@@ -25,7 +25,7 @@ import os
 import time
 from types import SimpleNamespace
 from contextlib import ExitStack
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
 import numpy as np
@@ -38,7 +38,7 @@ from .io.located import weight_files
 from .comparison import compare_with_progress, describe, hub_run, run_date, versions
 from .errors import CheckpointError, OptionsError, WeightdiffError, escape_name
 from .kernels.dtypes import DTYPES, decode
-from .options import CompareOptions, HubOptions, ProvenanceOptions, Thresholds, _opt, options_from_kwargs
+from .options import HubOptions, ProvenanceOptions, Thresholds, options_from_kwargs
 from .pairing.plan import plan as make_plan
 from .measure.permutation import Finding, detect_permutations, mlp_groups, undo_member
 from .records import dumps

@@ -32,7 +32,7 @@ from . import memo as memo_mod
 from .captions import headline_sentences
 from .plots import FIGURES, FigureOutput, render_figures, save_figures
 from .population import population_sentences
-from .validate import SCHEMA, check_result
+from .validate import check_result
 from .validate_kinds import check_kind
 from .document import Block, memo_format, write_memo
 
