@@ -21,6 +21,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .numba_cache import ensure as _ensure_numba_cache
+
+_ensure_numba_cache()     # before the first cache=True decorator: numba places its cache when it decorates
+
 __all__ = ["linear_assignment", "assignment_cost", "precompile"]
 
 

@@ -25,7 +25,10 @@ from numba.extending import intrinsic
 from . import reference
 from .cpu_vec import LANES, _fused, _vsums
 from .dtypes import DTYPES, FP8_STACK
+from .numba_cache import ensure as _ensure_numba_cache
 from .reference import IDX, NSTATS, STAT_FIELDS, combine, finalize  # noqa: F401  (same API)
+
+_ensure_numba_cache()     # before the first cache=True decorator: numba places its cache when it decorates
 
 __all__ = ["STAT_FIELDS", "NSTATS", "CHUNK", "delta_stats", "delta_stats_many", "bytes_stats", "combine", "finalize",
            "decode_delta_f32", "decode_delta_f64", "noise_scatter", "recast_counts", "set_threads", "get_threads",

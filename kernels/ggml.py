@@ -26,6 +26,10 @@ import numba
 import numpy as np
 from numba import prange
 
+from .numba_cache import ensure as _ensure_numba_cache
+
+_ensure_numba_cache()     # before the first cache=True decorator: numba places its cache when it decorates
+
 __all__ = ["BLOCKS", "dequantize", "precompile"]
 
 #: type name -> (elements per block, bytes per block)

@@ -20,6 +20,10 @@ import math
 import numba as nb
 import numpy as np
 
+from .numba_cache import ensure as _ensure_numba_cache
+
+_ensure_numba_cache()     # before the first cache=True decorator: numba places its cache when it decorates
+
 __all__ = ["KQUANTS", "encode", "round_trip"]
 
 F = np.float32

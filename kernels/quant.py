@@ -241,6 +241,10 @@ def _gptq_numba():
     if _NUMBA_GPTQ is None:
         import numba
 
+        from .numba_cache import ensure
+
+        ensure()     # numba places its cache when it decorates
+
         @numba.njit(cache=True, nogil=True, inline="always")
         def rnd(v, mode):
             if mode == 0 or not np.isfinite(v):

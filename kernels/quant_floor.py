@@ -88,6 +88,10 @@ def _floor_pass():
 
         import numba
 
+        from .numba_cache import ensure
+
+        ensure()     # numba places its cache when it decorates
+
         @numba.njit(cache=True, nogil=True)
         def run(b, o, f, cast_rel, off_rel, col_start, ncols, cols, out):  # pragma: no cover - compiled
             n_beyond = 0
