@@ -195,8 +195,10 @@ def test_a_large_low_rank_change_is_not_an_independent_initialisation(tmp_path):
     assert s.verdict == "derived", s.verdict_reason
     assert {c["component"]: c["status"] for c in s.components}["layers.0"] == "shared"
     assert s.form["kind"] in ("low_rank", "mixed")     # (rank 4 of a 32-wide k_proj is not low-rank)
-    s = compare(b, t, rank=False).summary          # without ranks the rule stands
-    assert s.verdict in ("unrelated", "partial")
+    s = compare(b, t, rank=False).summary          # without ranks the rule stands: a faint trace (cosine ~0.1),
+    comps = {c["component"]: c["status"] for c in s.components}      # beside the embeddings shared bitwise
+    assert comps["layers.0"] == "faint" and comps["embeddings"] == "shared"
+    assert s.verdict == "derived" and "keep only a faint trace of this base" in s.verdict_reason
 
 
 def test_depth_up_scaled_then_trained_says_so_in_the_title(tmp_path):

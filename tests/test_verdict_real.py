@@ -689,6 +689,39 @@ def test_heads_reordered_in_gpt2_conv1d_attention_are_the_base(tmp_path):
     assert s.verdict == "derived" and s.scope["permuted_units"]["blocks"] == {"h.1": ["attn"]}, s.verdict_reason
 
 
+@pytest.mark.parametrize("w", [0.0, 0.15])
+def test_a_component_with_a_faint_trace_is_not_called_unrelated(tmp_path, w):
+    """Attention that is w x this base + (1 - w) x an independent model's, the rest the base's. At w = 0.15 its
+    cosine is about 0.18, a hundred times an independent model's: it read PARTIAL, "Unrelated to it
+    (near-orthogonal, as independent initialisations)", and the memo "those parts were not made from the base",
+    where the same mix applied to every matrix reads INCONCLUSIVE (a faint trace). At w = 0 it is unrelated."""
+    from models import llama
+    from weightdiff.render.sentences import plain_language
+
+    shape = dict(layers=2, hidden=64, inter=128, vocab=256)
+    base, other = llama(np.random.default_rng(61), **shape), llama(np.random.default_rng(62), **shape)
+    tuned = {k: ((w * base[k] + (1 - w) * other[k]) if "self_attn" in k else base[k]).astype(np.float32)
+             for k in base}
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    d = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    s = d["summary"]
+    attn = {c["component"]: c for c in s["components"] if c["component"].endswith(" attn")}
+    assert set(attn) == {"layers.0 attn", "layers.1 attn"}
+    plain = " ".join(plain_language(d))
+    if w:
+        assert all(c["status"] == "faint" and 0.1 < c["cosine"] < 0.2 for c in attn.values()), attn
+        assert s["verdict"] == "derived", s["verdict_reason"]
+        assert "2 modules (layers.0 attn to layers.1 attn) keep only a faint trace of this base" in s["verdict_reason"]
+        assert "keep only a faint trace" in plain and "not made from the base" not in plain
+        text = render_text(d)
+        assert "faint trace: layers.0 attn, layers.1 attn" in text and "unrelated:" not in text
+    else:
+        assert all(c["status"] == "unrelated" and abs(c["cosine"]) < 0.05 for c in attn.values()), attn
+        assert s["verdict"] == "partial" and "faint" not in s["verdict_reason"]
+        assert "were not made from the base" in plain
+
+
 @pytest.mark.parametrize("w,verdict", [(0.0, "unrelated"), (0.1, "inconclusive"), (0.15, "inconclusive")])
 def test_a_faint_trace_of_the_base_is_not_called_unrelated(tmp_path, w, verdict):
     """A model that is w x this base + (1 - w) x an independent one keeps a size-weighted cosine of about
@@ -710,10 +743,13 @@ def test_a_faint_trace_of_the_base_is_not_called_unrelated(tmp_path, w, verdict)
         assert s.relatedness_cosine == pytest.approx(w / math.hypot(w, 1 - w), abs=0.02)
         assert verdict_title(d["summary"]).startswith("INCONCLUSIVE: the large matrices keep a faint trace of this base")
         assert "not orthogonal to it" in verdict_reason(d) and "below 0.05" in verdict_reason(d)
-        # the terminal's component line must not say "unrelated:" under an inconclusive verdict
+        # the terminal's component line must not say "unrelated:" (nor "near-orthogonal") under an inconclusive
+        # verdict: each component keeps the same faint trace the whole model does
         from weightdiff.render.terminal import render_text
         text = render_text(d)
-        assert "near-orthogonal: embeddings" in text and "unrelated: embeddings" not in text
+        assert "faint trace: embeddings" in text and "unrelated: embeddings" not in text
+        assert "near-orthogonal: embeddings" not in text
+        assert {c["status"] for c in d["summary"]["components"]} == {"faint"}
     else:
         assert abs(s.relatedness_cosine) < 0.01
 

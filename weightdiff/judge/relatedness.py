@@ -317,6 +317,8 @@ def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[
     side, base side when only the base has it) and ``identical`` (every compared tensor
     bitwise equal). ``status``: ``shared`` (``looks_unrelated`` is False), ``unrelated``
     (True), ``unmeasured`` (paired, but no matrix to judge by: norms and biases only),
+    ``faint`` (``unrelated`` by that rule, but with a cosine at or above ``independent_cosine``: more of the
+    base than independent initialisations share, far less than a fine-tune keeps),
     ``base_only`` / ``tuned_only`` (no counterpart), ``tied`` (only a tied head row: one side's
     head is its embedding table, compared with the other side's head, which is not evidence
     of unrelatedness). A shared block whose module kinds disagree is given per kind (``_families``),
@@ -356,6 +358,13 @@ def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[
             if entry["status"] == "shared" and (_some_far(groups[label], thresholds)
                                                 or any(is_mismatch(r) for r in groups[label])) else None
         out.extend(parts or [entry])
+    for entry in out:
+        # near-orthogonal by the unrelated rule, yet above what independently initialised matrices share (their
+        # cosine stays near 1/sqrt(elements)): a faint share of the base (a merge that kept a little of it, training
+        # far from it), which neither "shared" nor "unrelated" says; the pooled rule reads the same range so
+        if entry["status"] == "unrelated" and entry["cosine"] is not None \
+                and entry["cosine"] >= thresholds.independent_cosine:
+            entry["status"] = "faint"
     return out
 
 

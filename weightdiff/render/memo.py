@@ -218,7 +218,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
             ["flags", _c(", ".join(s.get("flags") or []) or "none")]]
     out.append(Block("table", ["", "value"], rows))
     comps = s.get("components") or []
-    if any(c.get("status") in ("unrelated", "reshaped", "base_only", "tuned_only") for c in comps):
+    if any(c.get("status") in ("unrelated", "faint", "reshaped", "base_only", "tuned_only") for c in comps):
         out.append(Block("p", "Relatedness per component (each judged on its own matrices):"))
         out.append(Block("table", ["component", "status", "1 − cosine", "relative change", "parameters"],
                          [[_c(c.get("component")), c.get("status", "").replace("_", " "),

@@ -61,7 +61,8 @@ VERDICTS = [
      "from the base, so quantization alone cannot be told from a fine-tune."),
     ("partial", "otherwise, judged per component (input embeddings, each block, the head), some components are "
      "unrelated to the base and others shared with it, as when a model keeps another's embeddings around new "
-     "blocks. A pooled cosine dominated by one component never decides alone."),
+     "blocks. A pooled cosine dominated by one component never decides alone. A component whose cosine is from "
+     "independent_cosine up to unrelated_cosine keeps a faint trace of the base and is not counted as unrelated."),
     ("unrelated", "otherwise, every measured component is unrelated, or (none shared) the large matrices (norm "
      "gains and biases left out) are near-orthogonal: their size-weighted cosine is below unrelated_cosine and "
      "their relative change above unrelated_rel_change, as for two independently initialised models (cosine "

@@ -558,6 +558,27 @@ def _inconclusive(data: dict) -> str:
 ADAPTER_CAVEAT = (" An adapter holds only a change, which applies to any base of its shapes: what it leaves alone is "
                   "this base's by construction, and which base it was trained on is not measured.")
 
+def faint_components_sentence(s: dict) -> str:
+    """" " and which components keep only a faint trace of the base (``summary.components`` status ``faint``: the
+    unrelated rule's near-orthogonal range, but above what independent initialisations share), or "". Said beside
+    any verdict but the one that already says it of the whole model (inconclusive, ``faint_relatedness``).
+
+    >>> faint_components_sentence({"components": [{"component": "layers.0 attn", "status": "faint", "cosine": 0.176},
+    ...                                           {"component": "layers.0 mlp", "status": "shared", "cosine": 0.99}]})
+    ' Module layers.0 attn keeps only a faint trace of this base (cosine 0.176): more than independently initialised models share, far less than a fine-tune keeps; a merge with another model that kept a little of this base, or training very far from it, leaves such a trace.'
+    """
+    faint = [c for c in s.get("components") or [] if c.get("status") == "faint"]
+    if not faint:
+        return ""
+    cosines = sorted(c["cosine"] for c in faint if c.get("cosine") is not None)
+    span = "" if not cosines else f" (cosine {num(cosines[0])})" if num(cosines[0]) == num(cosines[-1]) else \
+        f" (cosine {num(cosines[0])} to {num(cosines[-1])})"
+    text = parts_text([str(c["component"]) for c in faint])
+    return (f" {text[:1].upper() + text[1:]} {'keeps' if len(faint) == 1 else 'keep'} only a faint trace of this "
+            f"base{span}: more than independently initialised models share, far less than a fine-tune keeps; a merge "
+            "with another model that kept a little of this base, or training very far from it, leaves such a trace.")
+
+
 def _partial(data: dict) -> str:
     comps = (data.get("summary") or {}).get("components") or []
     shared = [c["component"] for c in comps if c.get("status") == "shared"]
@@ -654,6 +675,8 @@ def verdict_reason(data: dict) -> str:
     cos, rel = s.get("relatedness_cosine"), s.get("relatedness_rel_change")
     v = s.get("verdict")
     text = _reason(data, s, counted, tbs, scope, cos, rel, v)
+    if v != "inconclusive" or "faint_relatedness" not in (s.get("flags") or []):
+        text += faint_components_sentence(s)
     cover = coverage_sentence(s)
     return f"{text} {cover}" if cover else text
 
@@ -1433,6 +1456,8 @@ def plain_language(data: dict) -> list[str]:
             out.append(caveat)
     elif v == "partial":
         out += _partial_parts(s.get("components") or [], base, (points.get("BF16") or {}).get("rel_change"), unrel)
+    if v in ("derived", "partial", "unrelated") and (faint := faint_components_sentence(s)):
+        out.append(faint.strip())
     form = s.get("form") or {}
     if v == "derived" and s.get("delta_params"):
         kind = {"low_rank": "compact (low-rank)", "sparse": "sparse", "dense": "spread over many directions",
@@ -1557,13 +1582,18 @@ def parts_text(labels: list[str]) -> str:
     'embeddings, 2 blocks (layers.0 to layers.1), head'
     >>> parts_text(["layers.2"])
     'block layers.2'
+    >>> parts_text(["layers.0 attn", "layers.1 attn"])
+    '2 modules (layers.0 attn to layers.1 attn)'
     """
     blocks = [x for x in labels if x not in ("embeddings", "head")]
     out = ["embeddings"] if "embeddings" in labels else []
+    # a block given per module kind (``layers.0 attn``) is a module, not a block
+    noun = "module" if blocks and all(" " in x for x in blocks) else "part" if any(" " in x for x in blocks) \
+        else "block"
     if len(blocks) == 1:
-        out.append(f"block {blocks[0]}")
+        out.append(f"{noun} {blocks[0]}")
     elif blocks:
-        out.append(f"{count(len(blocks))} blocks ({blocks[0]} to {blocks[-1]})")
+        out.append(f"{count(len(blocks))} {noun}s ({blocks[0]} to {blocks[-1]})")
     if "head" in labels:
         out.append("head")
     return ", ".join(out) or "nothing"

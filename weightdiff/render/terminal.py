@@ -91,14 +91,15 @@ def render_text(result: dict, top: int = 10) -> str:
                      f"decide it)" + extra)
         lines.append(f"form      {form['kind']}{extra}")
     comps = s.get("components") or []
-    if s.get("verdict") == "partial" or any(c.get("status") == "unrelated" for c in comps):
-        for status in ("shared", "unrelated", "unmeasured", "reshaped", "base_only", "tuned_only"):
+    if s.get("verdict") == "partial" or any(c.get("status") in ("unrelated", "faint") for c in comps):
+        for status in ("shared", "unrelated", "faint", "unmeasured", "reshaped", "base_only", "tuned_only"):
             names = [escape_name(c["component"]) for c in comps if c.get("status") == status]
             if names:
                 # under an inconclusive verdict (a faint trace of the base) the components' rule is not the
                 # model's answer: "unrelated: embeddings, layers.0, ..." was quoted beside it
                 label = "near-orthogonal" if status == "unrelated" and s.get("verdict") != "unrelated" \
-                    and "faint_relatedness" in (s.get("flags") or []) else status.replace('_', ' ')
+                    and "faint_relatedness" in (s.get("flags") or []) else "faint trace" if status == "faint" \
+                    else status.replace('_', ' ')
                 lines.append(f"          {label}: {', '.join(names[:8])}"
                              + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
     if s.get("flags"):
