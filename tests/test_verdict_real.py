@@ -689,6 +689,34 @@ def test_heads_reordered_in_gpt2_conv1d_attention_are_the_base(tmp_path):
     assert s.verdict == "derived" and s.scope["permuted_units"]["blocks"] == {"h.1": ["attn"]}, s.verdict_reason
 
 
+@pytest.mark.parametrize("rel", [0.05, 1.0])
+def test_a_rank_8_change_of_grouped_query_projections_is_low_rank(tmp_path, rel):
+    """A rank-8 LoRA merged into every linear of a model with 64 x 128 key/value projections (grouped-query
+    attention): "a tenth of the shorter side" (6.4) called k and v dense, the form "mixed (88.9% low-rank,
+    11.1% dense)", and with a strong update the reason offered "a merge with another model ... or two models
+    trained apart", which a rank-8 change everywhere rules out. Rank-8 factors of a 64 x 128 matrix take 1,536
+    of its 8,192 parameters: low-rank by the rule's own saving (a fifth of the parameters at most)."""
+    from models import llama, low_rank_update
+
+    rng = np.random.default_rng(71)
+    base = llama(rng, layers=2, hidden=128, inter=256, vocab=256, kv=64)
+    tuned = {k: low_rank_update(rng, w, 8, rel) if w.ndim == 2 and ("self_attn" in k or "mlp" in k) else w
+             for k, w in base.items()}
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    d = compare(tmp_path / "b", tmp_path / "t").to_dict()
+    s = d["summary"]
+    ranks = {t["name"]: t["rank"]["numerical_rank"] for t in d["tensors"] if t["status"] == "changed"}
+    assert len(ranks) == 14 and set(ranks.values()) == {8}, ranks
+    assert any(t["shape"] == [64, 128] for t in d["tensors"] if t["name"] in ranks)
+    assert s["form"]["kind"] == "low_rank", s["form"]
+    assert s["verdict"] == "derived"
+    if rel > 0.5:
+        assert "far_from_base" in s["flags"]
+        assert "not a merge or a model trained apart" in s["verdict_reason"]
+        assert "a merge with another model, long further training" not in s["verdict_reason"]
+
+
 @pytest.mark.parametrize("w", [0.0, 0.15])
 def test_a_component_with_a_faint_trace_is_not_called_unrelated(tmp_path, w):
     """Attention that is w x this base + (1 - w) x an independent model's, the rest the base's. At w = 0.15 its

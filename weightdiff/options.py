@@ -44,7 +44,8 @@ class Thresholds:
     #: a singular value counts toward numerical_rank when above this multiple of noise_floor
     noise_floor_factor: float = 1.5
     #: form is `low_rank` when every changed matrix has min(energy_rank_99, numerical_rank) <= this share
-    #: of min(m, n) (at least 1; numerical_rank because storage rounding inflates energy ranks) ...
+    #: of 2mn / (m + n), the harmonic mean of the sides (at least 1; a tenth of a square matrix's side: its factors
+    #: take at most a fifth of its parameters; numerical_rank because storage rounding inflates energy ranks) ...
     low_rank_share: float = 0.1
     #: ... and numerical_rank at most this
     low_rank_max: int = 256

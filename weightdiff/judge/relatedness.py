@@ -298,7 +298,24 @@ def _low_rank_row(row, thresholds: Thresholds) -> bool:
                                   and not extra.get("noise_explains_rest")):
         return False
     hi = ((get("bounds") or {}).get("numerical_rank") or [n, n])[-1]
-    return hi is not None and hi <= thresholds.low_rank_max and hi <= max(1.0, thresholds.low_rank_share * min(shape))
+    return hi is not None and hi <= thresholds.low_rank_max and hi <= low_rank_cap(shape[0], shape[1], thresholds)
+
+
+def low_rank_cap(m: int, n: int, thresholds: Thresholds) -> float:
+    """The largest rank an m x n matrix's change may have and be low-rank: ``low_rank_share`` of the harmonic
+    mean of its sides, 2mn / (m + n) (at least 1). Its factors then take at most 2 x ``low_rank_share`` of the
+    matrix's parameters, r (m + n) <= 0.2 mn: for a square matrix a tenth of its side, and for a rectangular one
+    what the same saving allows. A tenth of the shorter side called a rank-8 LoRA of a 64 x 128 key projection
+    (grouped-query attention: 2 key/value heads) dense, and with it the whole adapter's form "mixed".
+
+    >>> from weightdiff.options import Thresholds
+    >>> low_rank_cap(4096, 4096, Thresholds()), round(low_rank_cap(64, 128, Thresholds()), 2), low_rank_cap(1, 8, Thresholds())
+    (409.6, 8.53, 1.0)
+    """
+    m, n = int(m), int(n)
+    if m <= 0 or n <= 0:
+        return 1.0
+    return max(1.0, thresholds.low_rank_share * 2.0 * m * n / (m + n))
 
 
 def low_rank_change(rows, thresholds: Thresholds) -> bool:

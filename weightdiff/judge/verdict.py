@@ -30,7 +30,7 @@ from ..io.declared import same_model
 from ..io.meta_layout import is_meta_qk
 from ..pairing.names import component_of, is_lm_head, is_router, parse_name
 from .coverage import compared_elements, coverage, too_little
-from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, negated_rows, weak_evidence,
+from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, low_rank_cap, negated_rows, weak_evidence,
                           net_of_quantization, low_rank_change, reordered_kinds)
 from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, only_resized, is_tied,
                      max_rank_fields, moved_blocks, norms_sq, placements, rank_upper, ratio, unresolved_quant_noise,
@@ -79,7 +79,7 @@ def _rank_side(rec: TensorRecord, thresholds: Thresholds) -> str:
     randomized top-k with `--exact-svd-max`, a DoRA adapter's certified bracket) or when no
     direction stands above the modelled quantization noise (a change at that noise's level)."""
     m, n = matrix_dims(rec)
-    cap = max(1.0, thresholds.low_rank_share * min(m, n))
+    cap = low_rank_cap(m, n, thresholds)
     if unresolved_quant_noise(rec):      # its numerical rank does not describe the change:
         # nothing resolved above the modelled quantization noise (the change is at its level), or a
         # bulk of energy left over beside what was resolved (dense)

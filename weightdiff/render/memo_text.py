@@ -81,8 +81,9 @@ VERDICTS = [
 
 FORMS = [
     ("low_rank", "every changed matrix has a spectrum, and for each min(energy_rank_99, numerical_rank) ≤ "
-     "low_rank_share · min(m, n) and numerical_rank ≤ low_rank_max: the kind of change LoRA-style training "
-     "(Hu et al. 2021) leaves."),
+     "low_rank_share · 2mn/(m + n) (a tenth of a square matrix's side; the factors of such a change take at most "
+     "twice low_rank_share of the matrix's parameters) and numerical_rank ≤ low_rank_max: the kind of change "
+     "LoRA-style training (Hu et al. 2021) leaves."),
     ("sparse", "otherwise, when the elements that changed beyond rounding are at most sparse_frac of the changed "
      "tensors' elements."),
     ("vectors", "otherwise, when no matrix changed, only vectors (norm weights, biases: LayerNorm tuning, "
@@ -104,7 +105,7 @@ THRESHOLD_MEANING = {
                           "faint trace of the base (inconclusive)",
     "large_matrix_numel": "elements a matrix needs to count as evidence of relatedness",
     "noise_floor_factor": "a singular value counts toward numerical rank above this multiple of the noise floor",
-    "low_rank_share": "form is low_rank when min(energy_rank_99, numerical_rank) is at most this share of min(m, n) ...",
+    "low_rank_share": "form is low_rank when min(energy_rank_99, numerical_rank) is at most this share of 2mn/(m + n) ...",
     "low_rank_max": "... and numerical rank at most this",
     "sparse_frac": "form is sparse when elements changed beyond rounding are at most this share of the changed tensors",
     "mixed_min_share": "form is mixed when low-rank matrices hold at least this share of the changed matrices' "
