@@ -35,6 +35,7 @@ drawn by numpy from the same seed, so CPU and CUDA runs start from the same matr
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -206,6 +207,11 @@ def energy_rank(s2_cumsum: np.ndarray, total: float, q: float) -> int:
     return min(k, len(s2_cumsum))
 
 
+def _squares_underflow(s1: float) -> bool:
+    """Whether the square of the largest singular value is 0 or subnormal (it is positive and finite)."""
+    return 0.0 < s1 < math.inf and s1 * s1 < sys.float_info.min
+
+
 def spectrum_fields(s: np.ndarray, noise_threshold: float) -> dict:
     """Rank numbers of a *full* spectrum: every value exact.
 
@@ -214,6 +220,11 @@ def spectrum_fields(s: np.ndarray, noise_threshold: float) -> dict:
     (1.25, 2, 2)
     """
     s = np.sort(np.asarray(s, dtype=np.float64))[::-1]
+    if s.size and _squares_underflow(float(s[0])):
+        # every field is the same for the spectrum scaled by 1 / s_1 (the threshold with it); the squares of values
+        # this small are 0 or subnormal (a change of 1e-160, an adapter scaled by lora_alpha = 1e-320: 0 / 0)
+        scale = float(s[0])
+        return spectrum_fields(s / scale, noise_threshold / scale)
     c = np.cumsum(s * s)
     total = float(c[-1]) if c.size else 0.0
     s1 = float(s[0]) if s.size else 0.0
@@ -261,6 +272,11 @@ def partial_spectrum_fields(s_top: np.ndarray, total: float, r: int, noise_thres
     """
     s = np.sort(np.asarray(s_top, dtype=np.float64))[::-1]
     k = len(s)
+    if k and _squares_underflow(float(s[0])):
+        # scaled by 1 / s_1 as ``spectrum_fields`` does: energies (the total, the caps) by 1 / s_1^2, in two steps
+        scale = float(s[0])
+        return partial_spectrum_fields(s / scale, float(total) / scale / scale, r, noise_threshold / scale, count_hi,
+                                       None if caps is None else np.asarray(caps, np.float64) / scale / scale)
     c = np.cumsum(s * s)
     top = float(c[-1]) if k else 0.0
     total = max(float(total), top)

@@ -845,7 +845,8 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
                 and len(r.base_shape or ()) == 2 and r.shape[1:] == r.base_shape[1:])
 
     def dense(r: TensorRecord) -> bool:
-        return (id(r) not in skip and r.base_name is not None and r.compared == "float"
+        # (a matrix holding NaN or infinity on either side fits no rotation: its cross sums are not finite)
+        return (id(r) not in skip and r.base_name is not None and r.compared == "float" and not (r.nonfinite or 0)
                 and (r.status in ("changed", "unchanged", "rounding") or table(r)) and not getattr(r, "tied", False)
                 and (r.paired_by in ("name", "prefix", "rename", None) or (r.paired_by == "tied" and r.module == "lm_head"))
                 and _same_dense(r, bases, tuned, NEGATABLE, rows=table(r)))
@@ -992,6 +993,8 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
     fitting = [r for r in outs if id(r) in kept or (id(r) in train and explained(r, r_fit) is not None)]
     del got, r_fit                  # (d x d each: at most one R and the sums of the next are held at once)
     r_all = fitted(fitting)
+    if r_all is None:               # sums that are not finite (values whose products overflow): no rotation
+        return [], {}
     # and once more on those it fits best (1 - cosine within ten times the best's): two matrices fine-tuned after
     # the rotation pulled R enough that every untouched one read 1.8% changed
     gaps = {id(r): 1.0 - out_cosine(r, r_all) for r in fitting}
@@ -1006,6 +1009,8 @@ def rotated_residual(records: Sequence[TensorRecord], bases: Sequence[Checkpoint
         fitting = best or fitting
         r_all = None
         r_all = fitted(fitting)
+        if r_all is None:
+            return [], {}
     # R as the measurements beneath it read it: over ``spill.SPILL_BYTES`` (d > 5,792) in a temporary file, read back
     # in panels, so that it is not in memory beside the 8,192-wide Gram matrix of each tensor measured beneath it
     # (at the 70B width the two took the path to 1.7 GB)

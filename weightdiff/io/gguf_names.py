@@ -139,6 +139,11 @@ class Mapped(NamedTuple):
     heads: int = 0
 
 
+def heads_of(meta: dict, key: str, bid: int) -> int:
+    """The head count ``key`` gives block ``bid`` (a plain integer, or a per-layer list); 0 when it gives none."""
+    return _heads(meta, key, bid)
+
+
 def _heads(meta: dict, key: str, bid: int) -> int:
     value = meta.get(key)
     if isinstance(value, list):               # per-layer head counts
@@ -146,16 +151,27 @@ def _heads(meta: dict, key: str, bid: int) -> int:
     return value if type(value) is int else 0
 
 
-def head_dim(meta: dict, arch: str) -> int | None:
-    """The attention head size the metadata gives: ``{arch}.attention.key_length``, else the embedding
-    length over the head count (llama.cpp's default); None when neither is a plain integer."""
+def head_dim(meta: dict, arch: str, bid: int = -1) -> int | None:
+    """The attention head size the metadata gives for block ``bid``: ``{arch}.attention.key_length``, else the
+    embedding length over the block's head count (llama.cpp's default; the count may be given per layer, as a
+    list); None when neither is a plain integer.
+
+    >>> head_dim({"llama.embedding_length": 64, "llama.attention.head_count": [4, 8]}, "llama", 1)
+    8
+    """
     k = meta.get(f"{arch}.attention.key_length")
     if type(k) is int and k > 0:
         return k
-    e, h = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.attention.head_count")
-    if type(e) is int and type(h) is int and h > 0 and e % h == 0:
+    e, h = meta.get(f"{arch}.embedding_length"), _heads(meta, f"{arch}.attention.head_count", bid)
+    if type(e) is int and h > 0 and e % h == 0:
         return e // h
     return None
+
+
+def block_index(name: str) -> int:
+    """The block number of a GGUF tensor name (``blk.3.attn_q.weight``: 3), -1 outside the blocks."""
+    m = _BLOCK.match(name)
+    return int(m.group(1)) if m else -1
 
 
 def hf_name(arch: str, name: str, meta: dict) -> Mapped:

@@ -43,7 +43,7 @@ from .files import OpenCheckpointFile, os_problem, pread_into
 from .safetensors_read import TensorInfo, check_range, storage_of
 from .gguf_floor import FLOORS, K_QUANTS, claims, ends, floor, scheme_of
 from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf
-from .gguf_names import ARCHITECTURES, GENERATED, head_dim, hf_name
+from .gguf_names import ARCHITECTURES, GENERATED, block_index, head_dim, heads_of, hf_name
 from .experts import MAX_EXPERTS, expert_name
 
 __all__ = ["MAGIC", "GGUFFile", "is_gguf", "require_gguf"]
@@ -151,6 +151,9 @@ class GGUFFile(OpenCheckpointFile):
         self._layout: dict[str, _Layout] = {}
         self._offset: dict[str, str] = {}
         spans, skipped, counts = [], [], {"permute": 0, "transpose": 0, "minus_one": 0, "experts": 0}
+        # each block's query rows: the head size when the metadata gives none (no embedding_length)
+        q_rows = {block_index(n): math.prod(ne[1:]) for n, ne, _, _ in infos
+                  if n.endswith(".attn_q.weight") and len(ne) == 2}
         for name, ne, qtype, offset in infos:
             q = f"`{escape_name(name)}`"
             tname = gguf.GGMLQuantizationType(qtype).name
@@ -194,7 +197,11 @@ class GGUFFile(OpenCheckpointFile):
                 if mapped.heads < 1 or shape[0] % (2 * mapped.heads):
                     raise CheckpointError(path, f"tensor {q}: cannot undo llama.cpp's Q/K permutation: {shape[0]:,} "
                                                 f"rows and {mapped.heads} heads from the metadata (corrupt metadata?)")
-                hd = head_dim(meta, arch)
+                bid = block_index(name)
+                hd = head_dim(meta, arch, bid)
+                if hd is None and (qh := heads_of(meta, f"{arch}.attention.head_count", bid)) > 0 \
+                        and q_rows.get(bid, 0) > 0 and q_rows[bid] % qh == 0:
+                    hd = q_rows[bid] // qh        # the query's rows over its heads (llama.cpp's n_embd_head_k)
                 if hd and shape[0] != mapped.heads * hd:
                     # a missing head_count_kv falls back to head_count: k's rows then split into the wrong
                     # heads, and the un-permuted matrix read as changed weights (llama.cpp refuses such a file)

@@ -170,9 +170,13 @@ class Rotation:
         self.pairs += 1
 
     def solve(self) -> np.ndarray | None:
-        """R; the sums are used up (``c`` None after)."""
+        """R; the sums are used up (``c`` None after). None when there are none, or when they are not finite (a
+        matrix holding NaN or values whose products overflow: no rotation fits them, and LAPACK's SVD of such sums
+        fails to converge)."""
         c, self.c = self.c, None
-        return procrustes(c, inplace=True) if c is not None else None
+        if c is None or not np.isfinite(c).all():
+            return None
+        return procrustes(c, inplace=True)
 
 
 def apply(kind: str, base: np.ndarray, r: np.ndarray | None, gain: np.ndarray | None = None) -> np.ndarray:
