@@ -193,6 +193,22 @@ def test_stream_above_threshold_is_the_default(server, hf, tmp_path):
     assert stored(hf) == []
 
 
+def test_a_revision_read_from_the_cache_is_recorded_for_offline_runs(server, hf, tmp_path):
+    """A tag whose commit was already downloaded (as main) was read from the cache without writing refs/<tag>; the
+    same command with --offline then said the revision is not in the local cache: "run once without --offline"."""
+    server.repos["org/base"].tags["rel"] = server.repos["org/base"].branches["main"]
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--download", "--no-rank", "-q")
+    assert rc == 0, err
+    rc, _, err = run("compare", "org/base@rel", "org/tuned@v1", "--download", "--json", "online.json", "--no-rank", "-q")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "online.json").read_text())["run"]["hub"][0]["mode"] == "cache"
+    ref = next(hf.rglob("models--org--base/refs/rel"))
+    assert ref.read_text() == server.repos["org/base"].branches["main"]
+    server.reset_log()
+    rc, _, err = run("compare", "org/base@rel", "org/tuned@v1", "--offline", "--no-rank", "-q")
+    assert rc == 0 and server.requests == [], err
+
+
 def test_offline_reads_a_prefilled_cache_only(server, hf, tmp_path, monkeypatch):
     rc, _, err = run("compare", "org/base", "org/tuned@v1", "--download", "--json", "online.json", "--no-rank")
     assert rc == 0, err
@@ -317,6 +333,10 @@ def test_unreachable_hub_is_one_line(hf, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")        # nothing listens on the discard port
     line = one_error(*run("compare", "org/base", "org/tuned")[::2])
     assert "org/base" in line and ("cannot reach the Hub" in line or "not in the local cache" in line)
+    # a local path mistyped (gg/model.gguf) is spelled as a repo id: the line says no local file exists either
+    line = one_error(*run("compare", "gg/does-not-exist.gguf", "org/tuned")[::2])
+    assert line.startswith("error: gg/does-not-exist.gguf: no such file or directory, and cannot reach the Hub at "
+                           "http://127.0.0.1:9"), line
 
 
 # -- the network failing mid-run ------------------------------------------------------------------

@@ -858,7 +858,32 @@ def _cached_snapshot(ref: HubRef, listing: _Listing, needed: list[str], env: _En
     from huggingface_hub import try_to_load_from_cache
 
     path = Path(try_to_load_from_cache(ref.repo_id, needed[0], cache_dir=env.cache_dir, revision=listing.commit))
-    return path.parents[len(Path(needed[0]).parts) - 1]
+    snapshot = path.parents[len(Path(needed[0]).parts) - 1]
+    _record_ref(snapshot.parent.parent, ref.revision or "main", listing.commit)
+    return snapshot
+
+
+def _record_ref(storage: Path, revision: str, commit: str) -> None:
+    """Write ``refs/<revision>`` (the commit it resolved to) into a repo's cache folder, as huggingface_hub does when
+    it downloads: a run that found every file already cached (the tag's commit downloaded earlier as ``main``)
+    recorded nothing, and the same spelling then failed with --offline ("not in the local cache ... run once
+    without --offline"). Nothing for a commit spelled as such; a cache that cannot be written is left as it is."""
+    if not commit or revision == commit:
+        return
+    refs = storage / "refs"
+    target = refs.joinpath(*revision.split("/"))
+    try:
+        if os.path.commonpath([os.path.abspath(target), os.path.abspath(refs)]) != os.path.abspath(refs) \
+                or any(p in ("", ".", "..") for p in revision.split("/")):
+            return
+        if target.is_file() and target.read_text().strip() == commit:
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(commit)
+        os.replace(tmp, target)
+    except OSError:
+        pass
 
 
 

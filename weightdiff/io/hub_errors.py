@@ -230,8 +230,19 @@ def hub_error(exc: BaseException, repo_id: str, where: str, revision: str | None
                                       f"{api_timeout():g} s (timed out)",
                                "try again later; HF_HUB_ETAG_TIMEOUT sets the wait, in seconds")
     return CheckpointError(str(file) if file is not None else where,
-                           f"cannot reach the Hub at {escape_name(str(endpoint))} ({first_line(exc)})",
+                           f"{_no_local(where, file)}cannot reach the Hub at {escape_name(str(endpoint))} "
+                           f"({first_line(exc)})",
                            "check the network or proxy settings, or use --offline with a cached copy")
+
+
+def _no_local(where: str, file: object) -> str:
+    """"no such file or directory, and " for a spelling that names no local path and was taken for a Hub repo id
+    (``gg/model.gguf`` mistyped): the line said only that the Hub could not be reached; else ""."""
+    import os
+
+    if file is not None or not where or where.startswith("hf://"):
+        return ""
+    return "" if os.path.lexists(where.split("@", 1)[0]) else "no such file or directory, and "
 
 
 def _httpx():
