@@ -56,13 +56,15 @@ def _config(actorder=None, sym=True) -> dict:
             "ignore": ["lm_head"], "sparsity_config": {}, "transform_config": {}}
 
 
-def _scales(x, sym=True):
+def _scales(x, sym=True, in_float32=False):
     """llm-compressor's ``memoryless_minmax`` observer and compressed-tensors' ``calculate_qparams``, in
-    the weights' dtype (bf16)."""
+    the weights' dtype (bf16); ``in_float32``: on the weights in float32 (a model held in float32 while it is
+    quantized, or an observer called on ``W.float()``), the scale then stored in bf16."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    v = x.reshape(x.shape[0], -1, GROUP)
-    return calculate_qparams(v.amin(-1), v.amax(-1), _args(sym))
+    v = (x.float() if in_float32 else x).reshape(x.shape[0], -1, GROUP)
+    scale, zp = calculate_qparams(v.amin(-1), v.amax(-1), _args(sym))
+    return scale.to(x.dtype), zp
 
 
 def _gptq_codes(x, scale, hess):
@@ -86,7 +88,7 @@ def _gptq_codes(x, scale, hess):
 
 
 def _save(folder, weights: dict, others: dict, gptq_hess=None, recipe: str | None = None, actorder=None,
-          sym=True):
+          sym=True, in_float32=False):
     """A pack-quantized model of ``weights`` (bf16 tensors), the recipe beside it when given: rounded to
     nearest by compressed-tensors' own compressor, or GPTQ's codes (symmetric) packed by its packer."""
     from compressed_tensors.compressors import BaseCompressor
@@ -97,7 +99,7 @@ def _save(folder, weights: dict, others: dict, gptq_hess=None, recipe: str | Non
     comp = BaseCompressor.get_value_from_registry("pack-quantized")
     for name, x in weights.items():
         m = name[: -len(".weight")]
-        scale, zp = _scales(x, sym)
+        scale, zp = _scales(x, sym, in_float32)
         if gptq_hess is not None:
             q = _gptq_codes(x, scale, gptq_hess)
             stored.update({f"{m}.weight_packed": pack_to_int32(q, BITS), f"{m}.weight_scale": scale,
@@ -164,6 +166,18 @@ def test_without_a_recipe_every_groups_scale_must_come_back_from_the_base(tmp_pa
     r, q = _run(tmp_path, base, others, _save(tmp_path / "bq", base, others, sym=sym))
     assert r.summary.verdict == "quantized_only", r.summary.verdict_reason
     assert all(x["first_group_scales"] == 1.0 and x["within"] for x in q)
+
+
+def test_asymmetric_scales_computed_in_float32_come_back_from_the_base(tmp_path, models):
+    """Asymmetric scales computed in float32 and stored in bf16 (one rounding) are one bf16 step off the
+    bf16-computed ones (bf16(bf16(max - min) / 15)) in many groups: an unchanged base so quantized read DERIVED."""
+    base, tuned, others, _ = models
+    r, q = _run(tmp_path, base, others, _save(tmp_path / "bq", base, others, sym=False, in_float32=True))
+    assert r.summary.verdict == "quantized_only", r.summary.verdict_reason
+    assert all(x["first_group_scales"] == 1.0 and x["within"] for x in q)
+    r, q = _run(tmp_path, base, others, _save(tmp_path / "ft", tuned, others, sym=False, in_float32=True))
+    assert r.summary.verdict == "derived", r.summary.verdict_reason
+    assert all(x["first_group_scales"] < 0.9 and not x["within"] for x in q), [x["first_group_scales"] for x in q]
 
 
 def test_gptq_modifier_scales_catch_a_fine_tune_its_first_column_hides(tmp_path, models):

@@ -520,17 +520,23 @@ def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_
     best = 0.0
     for r in reads:
         if every:
-            s_r, z = _ct_params(lo[r], hi[r], maxq, bool(src.sym), src.sdtype)
+            # the weights' dtype computes (bf16: two roundings), or float32 with the scale rounded once on saving
+            ways = [_ct_params(lo[r], hi[r], maxq, bool(src.sym), src.sdtype)]
+            if not src.sym and src.sdtype in ("BF16", "F16"):
+                ways.append(_ct_params(lo[r], hi[r], maxq, False, src.sdtype, once=True))
         else:
             s, z = _minmax_params(lo[r], hi[r], maxq, bool(src.sym))
-            s_r = round_to(s, src.sdtype) if src.sdtype in ("BF16", "F16") else s
+            ways = [(round_to(s, src.sdtype) if src.sdtype in ("BF16", "F16") else s, z)]
         s_st = scales[groups, :m]
-        # compressed-tensors divides in the weights' dtype, one rounding of the float32 quotient as here:
-        # its scales come back exactly (a dense change of relative size 1e-2 moves a group's largest value
-        # by a fraction of an ulp of bf16 and left 99% within two ulps, 53-60% equal)
-        tol = (_ulp(s_r, src.sdtype) if getattr(pck, "reconstructed", False) else 0) if every \
-            else 2 * _ulp(s_r, src.sdtype)
-        ok = (np.abs(s_st - s_r) <= tol) & (np.abs(zeros[groups, :m] - z) <= 1)
+        ok = None
+        for s_r, z in ways:
+            # compressed-tensors divides in the weights' dtype, one rounding of the float32 quotient as here:
+            # its scales come back exactly (a dense change of relative size 1e-2 moves a group's largest value
+            # by a fraction of an ulp of bf16 and left 99% within two ulps, 53-60% equal)
+            tol = (_ulp(s_r, src.sdtype) if getattr(pck, "reconstructed", False) else 0) if every \
+                else 2 * _ulp(s_r, src.sdtype)
+            this = (np.abs(s_st - s_r) <= tol) & (np.abs(zeros[groups, :m] - z) <= 1)
+            ok = this if ok is None else ok | this
         per = ok.mean(axis=1) if m else np.zeros(len(groups))
         best = max(best, float(ok.mean()) if every and m else float(per.max()))
     return best
@@ -690,12 +696,15 @@ def _plain_chunks(ck, name: str, dtype: str, rowlen: int, rows: int):
             buf, held = [flat[k * rowlen:]], flat.size - k * rowlen
 
 
-def _ct_params(xmin: np.ndarray, xmax: np.ndarray, maxq: int, sym: bool, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def _ct_params(xmin: np.ndarray, xmax: np.ndarray, maxq: int, sym: bool, dtype: str,
+               once: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """compressed-tensors' ``calculate_qparams`` of int weights, in the scale's dtype ``dtype`` (the weights'):
     (scale, zero point as GPTQ's unsigned one). Symmetric: ``max(|min|, |max|) / (maxq / 2)``; asymmetric:
     ``(max - min) / maxq``, the difference rounded to ``dtype`` first as torch does in bf16, and the zero
     point ``-min / scale`` rounded (its signed ``bit_min - min / scale`` plus 2^(b-1)). A zero scale (a group
-    of zeros) becomes the dtype's eps. Each operation rounds its float32 result to ``dtype``."""
+    of zeros) becomes the dtype's eps. Each operation rounds its float32 result to ``dtype``; ``once``: computed in
+    float32 and the scale rounded to ``dtype`` once at the end (weights held in float32 while quantizing, scales
+    saved in the 16-bit dtype), which for the asymmetric scale is one bf16 step off the other in many groups."""
     def rd(v):
         return round_to(np.asarray(v, np.float32), dtype) if dtype in ("BF16", "F16") else np.asarray(v, np.float32)
 
@@ -703,6 +712,8 @@ def _ct_params(xmin: np.ndarray, xmax: np.ndarray, maxq: int, sym: bool, dtype: 
     with np.errstate(divide="ignore", invalid="ignore"):
         if sym:
             s = rd(np.maximum(np.abs(lo), np.abs(hi)) / np.float32(maxq / 2))
+        elif once:
+            s = rd(np.asarray(hi - lo, np.float32) / np.float32(maxq))
         else:
             s = rd(rd(hi - lo) / np.float32(maxq))
         s = np.where(s == 0, np.float32(_EPS[dtype]), s)
