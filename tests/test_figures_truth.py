@@ -187,3 +187,24 @@ def test_cast_floor_points_cover_the_elements_the_norms_cover(tmp_path, rng):
     assert points["F16"]["rel_change"] < points["BF16"]["rel_change"]
     from weightdiff.render.validate import check_result
     check_result(data, "result")            # the memo's consistency checks accept compare's own result
+
+
+@pytest.mark.parametrize("what", ["final norm", "head matrix"])
+def test_the_depth_caption_names_the_final_norm_when_only_it_changed(tmp_path, what):
+    """The head group holds the final norm: with only that norm trained the caption read "The head (after
+    block 2) changed", which a reader takes for the output layer."""
+    from conftest import write_checkpoint
+    from models import llama
+    from weightdiff import compare
+
+    base = llama(np.random.default_rng(3), layers=3, hidden=64, inter=128, vocab=128)
+    tuned = dict(base)
+    key = "model.norm.weight" if what == "final norm" else "lm_head.weight"
+    tuned[key] = (base[key] * 1.02).astype(np.float32)
+    data = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)).to_dict()
+    text = cap.caption_depth(data)
+    if what == "final norm":
+        assert "The final norm (after block 2) changed" in text and "The head (after block 2)" not in text, text
+        assert "The output head's matrices did not change." in text
+    else:
+        assert "The head (after block 2) changed" in text and "final norm" not in text, text

@@ -88,6 +88,13 @@ def _group(t: dict) -> str | None:
     return component_of(str(t.get("name") or "")) if t.get("name") else None
 
 
+def _norms_only(data: dict, group: str) -> bool:
+    """Whether every tensor of ``group`` that differs from the base is a vector (a norm's weights or a bias)."""
+    moved = [t for t in data.get("tensors") or [] if t.get("block") is None and _group(t) == group
+             and t.get("status") not in ("unchanged", None)]
+    return bool(moved) and all(len(t.get("shape") or ()) <= 1 for t in moved)
+
+
 def _within_status(t: dict) -> str | None:
     """``rounding`` or ``quantized`` for a tensor that differs without changing: its status, and for a
     resized one whose shared rows lie within its quantization noise floor, ``quantized``."""
@@ -208,12 +215,16 @@ def caption_depth(data: dict) -> str:
                  f" ({'a hollow diamond' if one else 'hollow diamonds'}).")
     ends = [p for p in points if p["group"] is not None]
     said: dict[str, list[str]] = {}
+    norm_only = False
     head = _effective_head(data)
     for p in ends:
         where = (f"the embeddings (before block {blocks[0]['index']})" if "embed" in p["group"] else
                  f"the {'head' if p['group'] == 'head' else p['group']} (after block {blocks[-1]['index']})")
         if p["group"] == "head" and head:
             continue                    # said below, from the head the model computes with
+        if p["group"] == "head" and p["state"] != "unchanged" and _norms_only(data, "head"):
+            # the head group holds the final norm too: "the head changed" read as the output layer trained
+            where, norm_only = f"the final norm (after block {blocks[-1]['index']})", True
         if p["state"] == "nonfinite":
             what = "differ only by NaN or infinite values (not measured)"
         elif p["state"] == "changed" and p["rel_change"] and _only_new_rows(data, p["group"]):
@@ -234,6 +245,8 @@ def caption_depth(data: dict) -> str:
         if len(wheres) == 1 and what.startswith("differ ") and not wheres[0].startswith("the embeddings"):
             what = "differs " + what[len("differ "):].replace("their", "its")   # "the head differs", "... and ... differ"
         text += f" {subject[0].upper() + subject[1:]} {what}."
+    if norm_only:
+        text += " The output head's matrices did not change."
     if head and any(p["group"] == "head" for p in ends):
         text += f" The head (after block {blocks[-1]['index']}) {head}."
     summary = data.get("summary") or {}
