@@ -1001,6 +1001,42 @@ def test_a_bf16_base_against_its_onnxconverter_fp16_export_is_a_cast(tmp_path, o
     assert _verdict(tmp_path, base, tmp_path / "c.onnx")["summary"]["verdict"] == "derived"
 
 
+@pytest.mark.parametrize("base_dtype", ["F32", "BF16"])
+def test_onnxruntimes_own_fp16_converter_is_a_cast(tmp_path, base_dtype):
+    """ONNX Runtime's converter (onnxruntime.transformers.float16, behind optimize_model(...)
+    .convert_float_to_float16() and Optimum's ORT fp16 exports) clamps |x| < 5.96e-8 up to 5.96e-8 and
+    |x| > 65504 down to it: BERT's never-trained key biases (~1e-8) so raised made an unchanged base read
+    "DERIVED: a fine-tune"; the clamp test knew only onnxconverter-common's [1e-7, 1e4]."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from conftest import write_checkpoint
+
+    w = RNG.standard_normal((64, 64)).astype(np.float32) * 0.02
+    w[0, :5] = [3e-8, -1e-8, 8e-8, -5e-9, 2e4]          # 8e-8 and 2e4 are onnxconverter-common's clamp's, not ORT's
+    w[63, :2] = [7e4, -1e5]
+    if base_dtype == "BF16":
+        w = (to_storage(w, "BF16").view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    # the converter walks the graph: only initializers a node reads are converted
+    io = dict(nodes=[helper.make_node("MatMul", ["x", "w"], ["y"])],
+              inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+              outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])])
+    onnx.save(_graph_model([numpy_helper.from_array(w, "w")], **io), str(tmp_path / "a.onnx"))
+    onnx.save(convert_float_to_float16(onnx.load(str(tmp_path / "a.onnx"))), str(tmp_path / "b.onnx"))
+    assert onnx.load(str(tmp_path / "b.onnx")).graph.initializer[0].data_type == TensorProto.FLOAT16
+    base = write_checkpoint(tmp_path / "base", {"w": w}, dtype=base_dtype)
+    doc = _verdict(tmp_path, base, tmp_path / "b.onnx")
+    assert doc["summary"]["verdict"] == "cast_only", doc["summary"]["verdict_reason"]
+    t = doc["tensors"][0]
+    assert t["cast"]["clamped"] >= 5 and t["cast"]["unexplained"] == 0 and t["cast"]["clamp"] == [5.96e-08, 65504.0]
+    assert "clamped to magnitudes in [5.96e-08, 65504] (ONNX Runtime's float16 conversion)" in t["note"]
+    x = numpy_helper.to_array(onnx.load(str(tmp_path / "b.onnx")).graph.initializer[0]).copy()
+    x[40, 5] = np.float16(0.5)
+    m = onnx.load(str(tmp_path / "b.onnx"))
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(x, "w"))
+    onnx.save(m, str(tmp_path / "c.onnx"))
+    assert _verdict(tmp_path, base, tmp_path / "c.onnx")["summary"]["verdict"] == "derived"
+
+
 def test_external_offsets_and_lengths_are_plain_digits(tmp_path):
     """Python's int() took "0_0", " 0" and other scripts' digits, and "-8" was reported as a wrong length."""
     # and 5,000 digits was an internal error (int() refuses more than 4,300): exit 1 where bad input is exit 2

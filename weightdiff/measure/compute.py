@@ -846,7 +846,11 @@ def _cast_note(cast: dict) -> str:
     if s:
         parts.append(f"{s} beyond the range stored as the largest {cast['chain'][-1]} value")
     c = int(cast.get("clamped") or 0)
-    if c:
+    if c and cast.get("clamp"):
+        lo, hi = cast["clamp"]
+        parts.append(f"{c} value{'s' if c != 1 else ''} first clamped to magnitudes in [{lo:g}, {hi:g}] "
+                     "(ONNX Runtime's float16 conversion)")
+    elif c:
         parts.append(f"{c} value{'s' if c != 1 else ''} first clamped to magnitudes in [1e-7, 1e4] "
                      "(onnxconverter-common's float16 conversion)")
     u = int(cast.get("unexplained") or 0)

@@ -147,6 +147,10 @@ def offset_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str,
 #: before the cast (``convert_np_to_float16``), with these defaults
 CLAMP_MIN = 1e-7
 CLAMP_MAX = 1e4
+#: (min_positive_val, max_finite_val, whose) of each fp16 converter that clamps so: onnxconverter-common's, and
+#: ONNX Runtime's own (``onnxruntime.transformers.float16``, behind ``optimize_model(...).convert_float_to_float16()``
+#: and Optimum's ORT fp16 exports), whose defaults are fp16's smallest subnormal and largest finite value
+CLAMPS = ((CLAMP_MIN, CLAMP_MAX, "onnxconverter-common"), (5.96e-08, 65504.0, "onnxruntime"))
 
 
 def _half_ulp(v: np.ndarray, dtype: str) -> np.ndarray:
@@ -176,7 +180,9 @@ def clamp_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, 
                stop: int | None, window: int, rounding_frac: float) -> dict | None:
     """The record's ``cast`` dict when the tuned F16 tensor is bitwise the base (F32, F64, BF16) clamped to
     ``[CLAMP_MIN, CLAMP_MAX]`` in magnitude and cast, as onnxconverter-common converts an ONNX model to
-    fp16; ``clamped`` counts the values the clamp moved. None when another value differs.
+    fp16, or to ONNX Runtime's ``[5.96e-8, 65504]`` (its own converter; ``clamp`` then gives that range: it
+    raised BERT's never-trained key biases, ~1e-8, to 5.96e-8, and an untouched base read as a fine-tune);
+    ``clamped`` counts the values the clamp moved. None when another value differs.
 
     A BF16 base is most often the release the fp16 export was made from (upcast to float32 first: the
     chain above), or the bf16 rounding of the float32 original it was made from: then an element that is not
@@ -185,10 +191,22 @@ def clamp_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, 
     if dtype_t != "F16" or dtype_b not in ("F32", "F64", "BF16") or numel <= 0 \
             or not (_plain(base, bname) and _plain(tuned, tname)):
         return None
+    for lo, hi, whose in CLAMPS:              # a fine-tune fails each in its first small read
+        got = _clamp_cast(base, bname, dtype_b, tuned, tname, dtype_t, numel, stop, window, rounding_frac, lo, hi)
+        if got is not None:
+            if got["clamped"] and whose != CLAMPS[0][2]:
+                got["clamp"] = [lo, hi]        # the converter's range, when not onnxconverter-common's
+            return got
+    return None
+
+
+def _clamp_cast(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, numel: int, stop: int | None,
+                window: int, rounding_frac: float, lo: float, hi: float) -> dict | None:
+    """``clamp_test`` for one converter's clamp range ``[lo, hi]``."""
     from ..kernels.dtypes import decode
     end = numel if stop is None else min(stop, numel)
     budget = math.floor(rounding_frac * end) if rounding_frac > 0 else 0
-    lo, hi = np.float64(CLAMP_MIN), np.float64(CLAMP_MAX)
+    lo, hi = np.float64(lo), np.float64(hi)
     bad = clamped = 0
     first = min(PROBE, end)                   # a fine-tune fails in the probe: one small read, not a window
     spans = [(0, first, first)] + ([(first, end, window)] if end > first else [])

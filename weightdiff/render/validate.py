@@ -166,7 +166,8 @@ _TENSOR = obj({"name": string, "base_name": S, "status": string, "shape": array(
                "sign_flips": I, "base_index": I, "compared": S, "block": S, "module": S, "note": S,
                "rank": opt(_RANK), "tied": opt(boolean), "paired_by": S,
                "cast": opt(obj({"chain": opt(array(string)), "through": S, "elements": I, "unexplained": I,
-                                "overflow": I, "saturated": I}))}, required=("name", "status", "shape"))
+                                "overflow": I, "saturated": I, "clamped": opt(I),
+                                "clamp": opt(array(N, 2))}))}, required=("name", "status", "shape"))
 _BLOCK = obj({"block": S, "index": I, "params": N, "params_changed": N, "tensors": N, "tensors_changed": N,
               "rel_change": N, "norm_base": N, "norm_delta": N, "delta_params": N, "max_numerical_rank": N,
               "max_numerical_rank_bounds": opt(array(integer, 2)), "modules": opt(mapping(N)),
