@@ -410,6 +410,26 @@ def test_two_compensated_quantizations_of_one_base_are_inconclusive(tmp_path, mo
     assert any(x["within"] is None for x in q)
 
 
+def test_two_compensated_quantizations_of_different_weights_are_not_quantized_only(tmp_path, models):
+    """GPTQ of a base and GPTQ of a dense fine-tune of its linears (relative 1e-2), same order, compared with
+    each other (act-order): each side's first group is its own weights rounded, which stay within the two floors however
+    the weights differ below a step, and the first-group test called the pair "QUANTIZED ONLY: explained by
+    quantizing the same weights twice". With both sides quantized the first group is no evidence."""
+    base, _ = models
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((512, T.IN)) * np.exp(rng.standard_normal(T.IN))
+    mats = {n: base[n] for n in base if any(n.startswith(m + ".") for m in T.LINEARS)}
+    moved = {}
+    for n, w in mats.items():
+        d = rng.standard_normal(w.shape)
+        moved[n] = (w + d * 1e-2 * np.linalg.norm(w) / np.linalg.norm(d)).astype(w.dtype)
+    a, qa = _gptq_files(mats, T._others(base), x, True)
+    b, qb = _gptq_files(moved, T._others(base), x, True)
+    s = compare(T._save(tmp_path / "a", a, qa), T._save(tmp_path / "b", b, qb), rank=False).summary
+    assert s.verdict != "quantized_only", s.verdict_reason
+    assert s.verdict == "inconclusive" and "quant_both_compensated" in s.flags, (s.verdict, s.flags)
+
+
 def test_quantized_file_given_as_the_base_is_named_as_such(tmp_path, models):
     # the quantized side is the base: "quantized from this base" and "a fine-tune that was then quantized"
     # described the float model given as tuned
