@@ -87,3 +87,44 @@ def test_a_changed_matrix_beside_a_fold_reads_derived(tmp_path):
     assert doc["summary"]["verdict"] == "derived"        # a fold never hides a measured change
     assert doc["summary"]["tensors_by_status"]["changed"] == 1
     assert doc["plan"]["folded"][0]["rows"] == [0, 8] and not doc["plan"]["added"]
+
+
+def test_initializers_onnxruntime_stored_once_are_read_under_each_modules_name(tmp_path):
+    """ONNX Runtime's graph optimizer (optimized_model_filepath) stores bitwise-equal initializers once and
+    drops the legacy exporter's Identity aliases: a model whose RMSNorm gains are all 1.0 (freshly initialised,
+    or norms frozen) kept one of five, read by every norm's Mul, and an unchanged base read "DERIVED: this
+    base with tensors removed". The legacy node names say which module reads it."""
+    torch = pytest.importorskip("torch")
+    ort = pytest.importorskip("onnxruntime")
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, intermediate_size=64, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    m.save_pretrained(tmp_path / "hf")
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.m = inner
+
+        def forward(self, ids):
+            return self.m(input_ids=ids)[0]
+
+    torch.onnx.export(Wrap(m), (torch.randint(0, 96, (1, 8)),), str(tmp_path / "plain.onnx"), dynamo=False,
+                      opset_version=17, input_names=["ids"], dynamic_axes={"ids": {0: "b", 1: "s"}})
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "plain.onnx"), so, providers=["CPUExecutionProvider"])
+    import onnx
+
+    g = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    assert not any(n.op_type == "Identity" for n in g.node)
+    assert sum("layernorm" in i.name or i.name.endswith("norm.weight") for i in g.initializer) == 1
+    for name in ("plain", "optimized"):
+        doc = _compare(tmp_path / "hf", tmp_path / f"{name}.onnx", tmp_path)
+        assert doc["summary"]["verdict"] == "identical", (name, doc["summary"]["verdict_reason"])
+        assert not doc["plan"]["removed"] and not doc["plan"]["added"]

@@ -770,13 +770,16 @@ def _module_names(nodes: list[_Node], tensors: dict[str, TensorInfo], sources: d
         elif new != name:
             file_names[new] = name
     aliased = []
-    for name in list(out):                     # dynamo: one initializer read by nodes of several modules
+    for name in list(out):                     # one initializer read by nodes of several modules
         if name in sources or not _PARAM_NAME.fullmatch(name):
             continue
         own, leaf = name.rsplit(".", 1)
         stored_name = file_names.get(name, name)
         for n, _ in readers.get(stored_name, []):
-            scope = _scope(n) if n.scopes else None
+            # dynamo's name scopes; or the legacy exporter's node names, where ONNX Runtime's graph optimizer
+            # (optimized_model_filepath) stored bitwise-equal initializers once and dropped the exporter's
+            # Identity aliases: five RMSNorm gains at 1.0 read by one initializer, four of them "removed"
+            scope = _scope(n) if n.scopes or n.name.startswith("/") else None
             if scope is None or scope == own or own.startswith(scope + ".") or scope.startswith(own + "."):
                 continue            # its own module, or a parent or child of it reading it
             alias = f"{scope}.{leaf}"
