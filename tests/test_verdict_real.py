@@ -1259,3 +1259,20 @@ def test_a_narrower_student_claims_no_changed_block_and_no_cost(tmp_path):
     lines = headline(d)
     assert "None of the 2 blocks could be compared." in lines
     assert not any("Writing the change down" in x or "blocks changed" in x for x in lines), lines
+
+
+def test_one_minus_cosine_of_zero_says_what_changed_is_outside_it(tmp_path):
+    """Only a matrix below the 4,096-element "large" line changed (a sentence-transformers Dense head, one small
+    expert, a grouped-query k_proj): "a fine-tune ... the large matrices keep 1 - cosine = 0" read as nothing
+    changed. The reason says the changed tensors are outside that figure."""
+    from models import llama
+
+    base = llama(np.random.default_rng(81), layers=2, hidden=64, inter=128, vocab=128, kv=16)
+    tuned = dict(base)
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert base[k].size < 4096
+    tuned[k] = (base[k] + np.random.default_rng(82).normal(0, 2e-3, base[k].shape)).astype(np.float32)
+    s = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)).summary
+    assert s.verdict == "derived", s.verdict_reason
+    assert "keep 1 - cosine = 0 with the base (every tensor that changed is a vector or a matrix of fewer than " \
+           "4,096 elements, which that figure leaves out)" in s.verdict_reason, s.verdict_reason

@@ -854,6 +854,12 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                      f"(1 - cosine = {sci(one_minus_cosine_of(data))})")
         else:
             text += f"; the {matrices_phrase(s)} keep 1 - cosine = {sci(one_minus_cosine_of(data))} with the base"
+            if one_minus_cosine_of(data) == 0 and matrices_phrase(s) == "large matrices" \
+                    and any(t.get("status") in ("changed", "resized") for t in counted):
+                # "1 - cosine = 0" beside "a fine-tune" read as nothing changed: what changed is outside that figure
+                large = int(((data.get("settings") or {}).get("thresholds") or {}).get("large_matrix_numel") or 4096)
+                text += (f" (every tensor that changed is a vector or a matrix of fewer than {count(large)} elements, "
+                         "which that figure leaves out)")
             if "quant_noise_distance" in (s.get("flags") or []):
                 text += (", most of it the quantization's own noise (net of each quantized matrix's noise floor "
                          "the change is within what fine-tunes move; a copy of the base quantized the same way "
