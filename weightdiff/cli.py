@@ -507,7 +507,7 @@ def survey_cmd(paths, list_file, out_dir, plot, hash_files, scheduler, workers, 
     with immediate_writes():    # a survey writes as it goes, so an interrupted one can resume
         result = survey(paths[0], tuned, out_dir, options=CompareOptions(**opts), hash_files=hash_files,
                         scheduler=scheduler, workers=workers, memory_limit=worker_memory, say=_say(quiet),
-                        plot=plot)
+                        plot=plot, inputs=[list_file] if list_file else [])
     for path in result.files:
         if not quiet:
             click.echo(f"wrote {escape_name(str(path))}", err=True)

@@ -313,14 +313,28 @@ def _parse(value: str, kind: str) -> Any:
 
 
 def read_csv(path: str | os.PathLike) -> list[dict]:
-    """Rows of a survey.csv written by ``to_csv`` (typed back); [] when it has other columns."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header != NAMES:
-            return []
-        kinds = dict(COLUMNS)
-        return [{c: _parse(v, kinds[c]) for c, v in zip(NAMES, line)} for line in reader if len(line) == len(NAMES)]
+    """Rows of a survey.csv written by ``to_csv`` (typed back); [] when it has other columns. A line that does
+    not parse (a cell edited to a non-number, a field past the csv module's limit) is left out, and a file that
+    is not UTF-8 or not CSV gives [] (its models are measured again): a damaged table stopped a resumed survey
+    with an internal error."""
+    kinds = dict(COLUMNS)
+    out = []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header != NAMES:
+                return []
+            for line in reader:
+                if len(line) != len(NAMES):
+                    continue
+                try:
+                    out.append({c: _parse(v, kinds[c]) for c, v in zip(NAMES, line)})
+                except ValueError:
+                    continue
+    except (UnicodeDecodeError, csv.Error):
+        return []
+    return out
 
 
 def to_parquet(rows: Sequence[dict]) -> bytes:
@@ -385,13 +399,15 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
            options: CompareOptions | None = None, hash_files: bool = False, scheduler: str | None = None,
            workers: int | None = None, memory_limit: str | None = None, client: Any = None,
            plot: bool = False, say: Callable[[str], None] = lambda m: None,
-           task: Callable[..., dict] = survey_task, **kwargs: Any) -> SurveyResult:
+           task: Callable[..., dict] = survey_task, inputs: Sequence[str | os.PathLike] = (),
+           **kwargs: Any) -> SurveyResult:
     """Compare every model of ``tuned`` with ``base`` and write the survey into ``out``.
 
     ``scheduler`` (an address), ``workers`` (a local cluster of that many processes) or
     ``client`` (a ``distributed.Client``) run the comparisons on Dask; with none of them,
     or without Dask installed, they run here one after another, with the same result.
-    ``plot`` also draws the population figure (``population.png``/``.svg``).
+    ``plot`` also draws the population figure (``population.png``/``.svg``). ``inputs``: other files the
+    command read (the ``--from-file`` list), which no output may overwrite.
     ``say`` receives one progress line per model. ``task`` is the function each task runs
     (``survey_task``; tests wrap it). Raises WeightdiffError for a bad base or output folder,
     or a cluster that cannot be reached, before anything is written; ``ClusterLost`` when
@@ -408,7 +424,7 @@ def survey(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str
         base_files = None if located.hub else frozenset(os.path.realpath(f) for f in located.files)
     directory = Path(out)
     parquet = have_pyarrow()
-    check_targets(directory, parquet, plot)
+    check_targets(directory, parquet, plot, inputs)
     if options.cache:       # the parent's folder (workers run elsewhere), checked before any work
         from dataclasses import replace
 
@@ -515,18 +531,39 @@ def _plan(seen: dict[str, dict], base_id: dict, directory: Path, options: Compar
     for path, tid in sorted(seen.items()):
         key = identity_key(base_id, tid, options, hash_files)
         old = previous.get(path)
-        if old and old.get("status") == "ok" and old.get("identity") == key and old.get("json") \
-                and (directory / old["json"]).is_file() \
-                and (not hash_files or digests_hold(old, directory, hashed)):
-            rows[path] = old
+        done = _kept_row(old, tid, base_id, key, directory) \
+            if old and old.get("status") == "ok" and old.get("identity") == key else None
+        if done is not None and (not hash_files or digests_hold(old, directory, hashed)):
+            rows[path] = done
         else:
             todo.append((tid, key))
     return Plan(rows, todo, previous, len(seen))
 
 
-def check_targets(directory: Path, parquet: bool, plot: bool) -> None:
+def _kept_row(old: dict, tid: dict, base_id: dict, key: str, directory: Path) -> dict | None:
+    """A done row, rebuilt from the model's JSON this survey wrote (``DIR/models/<name>.json``), never taken from
+    the table's cells: a row edited in survey.csv (verdict, numbers, a ``json`` cell naming a file outside DIR) was
+    republished as it was. None (measure again) when that JSON is not a regular file in ``models/``, or does not
+    give back the row's own name."""
+    name = old.get("json")
+    models = directory / "models"
+    if not isinstance(name, str) or Path(name).parent != Path("models") or Path(name).name in ("", ".", ".."):
+        return None
+    p = directory / name
+    try:
+        if p.is_symlink() or not p.is_file() or models.is_symlink():
+            return None
+        data = json.loads(p.read_text(encoding="utf-8"))
+        row = row_from_result(data, tid, base_id, key)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return None
+    return row if row.get("json") == name else None
+
+
+def check_targets(directory: Path, parquet: bool, plot: bool, inputs: Sequence[str | os.PathLike] = ()) -> None:
     """OutputError (exit 2) before any work when a file the survey writes is a folder here, or
-    ``models`` is not one: found at the end, such a path cost the whole survey."""
+    ``models`` is not one: found at the end, such a path cost the whole survey; or when it is one of ``inputs``
+    (the ``--from-file`` list kept as ``DIR/survey.csv`` was replaced by the table)."""
     wanted = [("models", True), ("survey.csv", False)]
     wanted += [("survey.parquet", False)] if parquet else []
     wanted += [("population.png", False), ("population.svg", False)] if plot else []
@@ -534,6 +571,15 @@ def check_targets(directory: Path, parquet: bool, plot: bool) -> None:
         raise OutputError(directory, "is a file, expected a folder for the survey")
     for name, folder in wanted:
         p = directory / name
+        if p.is_symlink():
+            # the survey writes DIR's files in place as it goes: through a link it wrote (or filled a folder)
+            # outside DIR
+            raise OutputError(p, "is a symbolic link: the survey writes its files inside its folder only",
+                              "remove the link, or give --out a folder of the survey's own")
+        for src in inputs:
+            if p.exists() and os.path.exists(src) and os.path.samefile(p, src):
+                raise OutputError(p, f"is the list of models this command reads ({os.fspath(src)}); writing the "
+                                     "survey there would overwrite it", "keep the list outside the survey's folder")
         if folder and p.exists() and not p.is_dir():
             raise OutputError(p, "is a file, expected the folder of the models' JSON files")
         if not folder and p.is_dir():

@@ -186,7 +186,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     """The memo as neutral blocks, from the JSON dict, its figures and where the JSON came from;
     ``population``: sentences placing the model within a survey (render.population)."""
     s = data.get("summary") or {}
-    base = ", ".join(str(b.get("path")) for b in data.get("base", [])) or "?"
+    base = ", ".join(str(b.get("path")) for b in (data.get("base") or [])) or "?"
     tuned = (data.get("tuned") or {}).get("path", "?")
     by_name = {f.name: f for f in figures}
     out = first_page(data, by_name)
@@ -330,7 +330,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     out.append(Block("p", [("", "Schema "), ("code", data.get("schema", "?")), ("", "; settings:")]))
     out.append(Block("pre", json.dumps(data.get("settings") or {}, indent=1, sort_keys=True, ensure_ascii=False)))
     rows = []
-    for role, entry in [("base", b) for b in data.get("base", [])] + [("tuned", data.get("tuned") or {})]:
+    for role, entry in [("base", b) for b in (data.get("base") or [])] + [("tuned", data.get("tuned") or {})]:
         for f in entry.get("files") or [{"name": entry.get("path"), "bytes": entry.get("bytes"), "sha256": None}]:
             rows.append([role, _c(entry.get("path")), _c(f.get("name")), fmt.count(f.get("bytes")),
                          _c(f.get("sha256")) if f.get("sha256") else "not hashed"])
@@ -338,7 +338,7 @@ def build(data: dict, figures: Sequence[FigureOutput], source: dict | None = Non
     out.append(Block("table", ["role", "checkpoint", "file", "bytes", "sha256"], rows))
     hub_rows = [[role, _c(entry.get("path")), _c(h.get("repo_id")), _c(h.get("revision") or "(default branch)"),
                  _c(h.get("commit"))]
-                for role, entry in [("base", b) for b in data.get("base", [])] + [("tuned", data.get("tuned") or {})]
+                for role, entry in [("base", b) for b in (data.get("base") or [])] + [("tuned", data.get("tuned") or {})]
                 for h in [entry.get("hub")] if h]
     if hub_rows:
         out.append(Block("p", "Models read from the Hugging Face Hub (sha256 as the Hub lists the files):"))

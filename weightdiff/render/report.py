@@ -254,6 +254,8 @@ def report(path: str | os.PathLike, *, html: str | os.PathLike | None = None,
     outs = active_outputs() or OutputSet()
     with outs:
         outs.protect(path)                     # the memo may never overwrite its own input
+        if population is not None:             # nor the survey table it places the model in
+            outs.protect(population, "is the survey table this command reads (--population)")
         claim_report_outputs(outs, None if html is None else Path(html), None if markdown is None else Path(markdown),
                              None if plots is None else Path(plots), pdf=pdf)
         if memo is not None:
@@ -277,7 +279,8 @@ def load_any(path: str | os.PathLike) -> tuple[str, dict, str]:
     """(kind, dict, sha256) of a saved compare, provenance or lineage JSON; one-line errors."""
     p = Path(path)
     data, raw = _read_json(p)
-    if not isinstance(data, dict) or data.get("schema") not in _NEEDS_BY_SCHEMA:
+    # (a schema that is a list or an object is unhashable: checked as a comparison, whose validator names it)
+    if not isinstance(data, dict) or not isinstance(data.get("schema"), str) or data.get("schema") not in _NEEDS_BY_SCHEMA:
         return "compare", validate_result(data, str(p)), hashlib.sha256(raw).hexdigest()
     kind = KINDS[data["schema"]]
     return kind, check_kind(kind, data, str(p)), hashlib.sha256(raw).hexdigest()
@@ -312,6 +315,8 @@ def report_many(paths: list[str | os.PathLike], *, html: str | os.PathLike | Non
         warnings.simplefilter("ignore")
         for p in paths:
             outs.protect(p)                    # the memo may never overwrite one of its inputs
+        if population is not None:
+            outs.protect(population, "is the survey table this command reads (--population)")
         claim_report_outputs(outs, None if html is None else Path(html), None if markdown is None else Path(markdown),
                              None if plots is None else Path(plots), pdf=pdf)
         if memo is not None:

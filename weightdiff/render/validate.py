@@ -176,9 +176,14 @@ _SIDE = obj({k: N for k in ("params", "compared", "share", "large_params", "larg
 _COMPONENT = obj({"component": string, "status": string, "cosine": N, "rel_change": N, "matrices": I, "params": I,
                   "identical": opt(boolean)}, required=("component", "status"))
 _SUMMARY = obj({"verdict": string, "verdict_reason": S,
-                "scope": opt(obj({k: I for k in ("blocks_changed", "blocks_total", "tensors_changed",
-                                                 "tensors_total", "base_blocks_total", "base_blocks_paired",
-                                                 "blocks_reshaped")})),
+                "scope": opt(obj({**{k: I for k in ("blocks_changed", "blocks_total", "tensors_changed",
+                                                    "tensors_total", "base_blocks_total", "base_blocks_paired",
+                                                    "blocks_reshaped")},
+                                  # the objects the sentences read: a list or a number there was exit 1
+                                  **{k: opt(mapping(free)) for k in (
+                                      "tensors_reshaped", "within_quant_floor", "permuted_units", "negated_matrices",
+                                      "rescaled_units", "folded_norms", "rotated_residual", "pruned_elements",
+                                      "gguf_metadata_differs", "off_grid", "matrices_zeroed", "blocks_added")}})),
                 "form": opt(obj({"kind": S, "max_numerical_rank": I, "max_energy_rank_99": I,
                                  "max_numerical_rank_bounds": opt(array(integer, 2)),
                                  "max_energy_rank_99_bounds": opt(array(integer, 2)), "shares": opt(mapping(N))})),
