@@ -533,7 +533,7 @@ def _plan(seen: dict[str, dict], base_id: dict, directory: Path, options: Compar
         old = previous.get(path)
         done = _kept_row(old, tid, base_id, key, directory) \
             if old and old.get("status") == "ok" and old.get("identity") == key else None
-        if done is not None and (not hash_files or digests_hold(old, directory, hashed)):
+        if done is not None and (not hash_files or digests_hold(done, directory, hashed)):
             rows[path] = done
         else:
             todo.append((tid, key))
@@ -545,13 +545,12 @@ def _kept_row(old: dict, tid: dict, base_id: dict, key: str, directory: Path) ->
     the table's cells: a row edited in survey.csv (verdict, numbers, a ``json`` cell naming a file outside DIR) was
     republished as it was. None (measure again) when that JSON is not a regular file in ``models/``, or does not
     give back the row's own name."""
-    name = old.get("json")
-    models = directory / "models"
+    name = old.get("json")                  # (a linked models/ folder is refused before: check_targets)
     if not isinstance(name, str) or Path(name).parent != Path("models") or Path(name).name in ("", ".", ".."):
         return None
     p = directory / name
     try:
-        if p.is_symlink() or not p.is_file() or models.is_symlink():
+        if p.is_symlink() or not p.is_file():
             return None
         data = json.loads(p.read_text(encoding="utf-8"))
         row = row_from_result(data, tid, base_id, key)

@@ -139,11 +139,6 @@ class Mapped(NamedTuple):
     heads: int = 0
 
 
-def heads_of(meta: dict, key: str, bid: int) -> int:
-    """The head count ``key`` gives block ``bid`` (a plain integer, or a per-layer list); 0 when it gives none."""
-    return _heads(meta, key, bid)
-
-
 def _heads(meta: dict, key: str, bid: int) -> int:
     value = meta.get(key)
     if isinstance(value, list):               # per-layer head counts
@@ -151,20 +146,24 @@ def _heads(meta: dict, key: str, bid: int) -> int:
     return value if type(value) is int else 0
 
 
-def head_dim(meta: dict, arch: str, bid: int = -1) -> int | None:
-    """The attention head size the metadata gives for block ``bid``: ``{arch}.attention.key_length``, else the
-    embedding length over the block's head count (llama.cpp's default; the count may be given per layer, as a
-    list); None when neither is a plain integer.
+def head_dim(meta: dict, arch: str, bid: int = -1, q_rows: int = 0) -> int | None:
+    """The attention head size of block ``bid``: ``{arch}.attention.key_length``, else the embedding length over
+    the block's head count (llama.cpp's default; the count may be given per layer, as a list), else the block's
+    query rows ``q_rows`` over that count (llama.cpp's n_embd_head_k, without an embedding length); None when
+    none of them is a whole number.
 
     >>> head_dim({"llama.embedding_length": 64, "llama.attention.head_count": [4, 8]}, "llama", 1)
     8
+    >>> head_dim({"llama.attention.head_count": 4}, "llama", 0, q_rows=64)
+    16
     """
     k = meta.get(f"{arch}.attention.key_length")
     if type(k) is int and k > 0:
         return k
     e, h = meta.get(f"{arch}.embedding_length"), _heads(meta, f"{arch}.attention.head_count", bid)
-    if type(e) is int and h > 0 and e % h == 0:
-        return e // h
+    for total in (e, q_rows):
+        if type(total) is int and total > 0 and h > 0 and total % h == 0:
+            return total // h
     return None
 
 

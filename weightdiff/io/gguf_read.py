@@ -43,7 +43,7 @@ from .files import OpenCheckpointFile, os_problem, pread_into
 from .safetensors_read import TensorInfo, check_range, storage_of
 from .gguf_floor import FLOORS, K_QUANTS, claims, ends, floor, scheme_of
 from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf
-from .gguf_names import ARCHITECTURES, GENERATED, block_index, head_dim, heads_of, hf_name
+from .gguf_names import ARCHITECTURES, GENERATED, block_index, head_dim, hf_name
 from .experts import MAX_EXPERTS, expert_name
 
 __all__ = ["MAGIC", "GGUFFile", "is_gguf", "require_gguf"]
@@ -198,10 +198,7 @@ class GGUFFile(OpenCheckpointFile):
                     raise CheckpointError(path, f"tensor {q}: cannot undo llama.cpp's Q/K permutation: {shape[0]:,} "
                                                 f"rows and {mapped.heads} heads from the metadata (corrupt metadata?)")
                 bid = block_index(name)
-                hd = head_dim(meta, arch, bid)
-                if hd is None and (qh := heads_of(meta, f"{arch}.attention.head_count", bid)) > 0 \
-                        and q_rows.get(bid, 0) > 0 and q_rows[bid] % qh == 0:
-                    hd = q_rows[bid] // qh        # the query's rows over its heads (llama.cpp's n_embd_head_k)
+                hd = head_dim(meta, arch, bid, q_rows.get(bid, 0))
                 if hd and shape[0] != mapped.heads * hd:
                     # a missing head_count_kv falls back to head_count: k's rows then split into the wrong
                     # heads, and the un-permuted matrix read as changed weights (llama.cpp refuses such a file)

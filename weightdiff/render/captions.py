@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from . import sentences
 from .formats import count, num, rank_text, sci, share, tuned_params
-from .reference import _norms_cancel, unmeasured_blocks
+from .reference import norms_cancel, unmeasured_blocks
 from ..pairing.names import component_of
 
 #: statuses in the order the parameter-share figure and the tables list them
@@ -43,7 +43,7 @@ def one_minus_cosine(t: dict) -> float | None:
         return 0.0
     if t.get("base_shape") not in (None, t.get("shape")):
         nb = None  # norms of a resized tensor's overlap are not all recorded; trust the cosine
-    if nb and nt and nd is not None and nb > 0 and nt > 0 and not _norms_cancel(nb, nt, nd, t.get("cosine")):
+    if nb and nt and nd is not None and nb > 0 and nt > 0 and not norms_cancel(nb, nt, nd, t.get("cosine")):
         return max(0.0, (nd * nd - (nb - nt) ** 2) / (2.0 * nb * nt))
     c = t.get("cosine")
     return None if c is None else max(0.0, 1.0 - c)

@@ -33,7 +33,7 @@ import math
 from ..judge.relatedness import chosen_evidence, evidence_sizes, from_negated, negation_cut
 
 __all__ = ["reference_scale", "reference_of", "quantization_noise", "LABELS", "one_minus_cosine_of", "nonfinite_only", "only_nonfinite",
-           "unmeasured_blocks"]
+           "unmeasured_blocks", "norms_cancel"]
 
 LABELS = {"F16": "float16 rounding", "BF16": "bfloat16 rounding", "model": "this model",
           "unrelated": "unrelated model"}
@@ -100,12 +100,12 @@ def _omc(t: dict) -> float:
     nb, nt, nd = t["norm_base"], t["norm_tuned"], t["norm_delta"]
     if nd == 0:
         return 0.0
-    if nb > 0 and nt > 0 and not _norms_cancel(nb, nt, nd, t.get("cosine")):
+    if nb > 0 and nt > 0 and not norms_cancel(nb, nt, nd, t.get("cosine")):
         return max(0.0, (nd * nd - (nb - nt) ** 2) / (2.0 * nb * nt))
     return max(0.0, 1.0 - t["cosine"])
 
 
-def _norms_cancel(nb: float, nt: float, nd: float, cosine: float | None) -> bool:
+def norms_cancel(nb: float, nt: float, nd: float, cosine: float | None) -> bool:
     """Whether 1 - cosine from the norms, (nd^2 - (nb - nt)^2) / (2 nb nt), loses its digits: when the norms differ
     by more than half the delta's, the two squares nearly cancel (a tuned matrix 1e37 times the base's size read
     1 - cosine = 0 beside a cosine of 0.013), where the stored cosine's 1 - cosine is exact to ~1e-16. The norm
