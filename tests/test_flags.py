@@ -31,8 +31,10 @@ def _reference(counted, records, declared):
         ("awq_scaled", verdict.awq_scaled([r for r in counted if r.status in ("changed", "resized")])),
         ("quant_untested", any(r.status == "quantized" and (r.quant or {}).get("within") is None for r in counted)),
         ("quant_both_compensated", any(r.status == "quantized" and (r.quant or {}).get("within") is None
-                                       and (r.quant or {}).get("side") == "both"
+                                       and (r.quant or {}).get("side") == "both" and not (r.quant or {}).get("codes_moved")
                                        and (r.quant or {}).get("test") not in ("none", "bound") for r in counted)),
+        ("quant_both_moved", any(r.status == "quantized" and (r.quant or {}).get("within") is None
+                                 and (r.quant or {}).get("codes_moved") for r in counted)),
         ("cast_offset", any(r.cast and any("1 + w" in str(c) for c in r.cast.get("chain") or ()) for r in counted)),
         ("cast_overflow", any(r.cast and ((r.cast.get("overflow") or 0) + (r.cast.get("saturated") or 0)) > 0
                               for r in counted)),
@@ -72,6 +74,8 @@ def _record(rng: random.Random, i: int) -> TensorRecord:
     if rng.random() < 0.2:
         r.quant = rng.choice([{}, {"within": None, "side": "both", "test": "floor"},
                               {"within": None, "side": "tuned", "test": "bound"},
+                              {"within": None, "side": "both", "test": "bound", "codes_moved": 7},
+                              {"within": None, "side": "both", "test": "first-group", "codes_moved": 3},
                               {"within": False, "format": "awq"}, {"within": True}])
     if rng.random() < 0.1:
         r.cast = rng.choice([{"through": "F16"}, {"chain": ["x", "1 + w then BF16"]}, {"overflow": 2},
@@ -94,7 +98,7 @@ def test_flags_match_their_definitions(seed):
 
 
 def test_every_flag_is_listed_in_order():
-    assert len(set(verdict.FLAG_ORDER)) == len(verdict.FLAG_ORDER) == 26
+    assert len(set(verdict.FLAG_ORDER)) == len(verdict.FLAG_ORDER) == 27
 
 
 def test_meta_layout_unmapped_needs_relayout_and_a_meta_query_or_key():

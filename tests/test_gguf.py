@@ -551,6 +551,37 @@ def test_gguf_of_the_base_is_quantized_only_and_of_a_fine_tune_derived(tmp_path,
     assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved)
 
 
+def test_two_gguf_quantizations_of_one_scheme_whose_codes_moved_are_inconclusive(tmp_path, rng):
+    # Q8_0 of a base and Q8_0 of a dense fine-tune of its linears (relative 1e-3), both by gguf's own quantizer:
+    # every value within the two floors, and the pair read "QUANTIZED ONLY: explained by quantizing the same
+    # weights twice", though Q8_0 rounds to nearest and the same weights give the same codes. Against a Q4_0
+    # of the same base (another scheme) it stays quantized only; Q8_0 of the base twice is identical
+    t = llama(rng, layers=2, hidden=64, inter=128, vocab=96, kv=32)
+    lin = dict(t)
+    for name in [n for n in t if n.endswith("proj.weight")]:
+        d = rng.standard_normal(t[name].shape)
+        lin[name] = (t[name] + d * 1e-3 * np.linalg.norm(t[name]) / np.linalg.norm(d)).astype(np.float32)
+    qb = to_gguf(tmp_path / "b.gguf", t, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2)
+    r = compare(qb, to_gguf(tmp_path / "l.gguf", lin, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2), rank=False)
+    s = r.summary
+    assert s.verdict == "inconclusive" and "quant_both_moved" in s.flags, (s.verdict, s.flags, s.verdict_reason)
+    moved = [x.quant for x in r.tensors if (x.quant or {}).get("codes_moved")]
+    assert moved and all(q["beyond"] == 0 and q["scheme"] == "Q8_0" for q in moved)
+    assert "Q8_0" in s.verdict_reason and "calibration data" in s.verdict_reason
+    s = compare(qb, to_gguf(tmp_path / "q4.gguf", t, "llama", Q.Q4_0, n_head=4, n_kv=2, layers=2), rank=False).summary
+    assert s.verdict == "quantized_only", (s.verdict, s.flags, s.verdict_reason)
+    assert compare(qb, to_gguf(tmp_path / "b2.gguf", t, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2),
+                   rank=False).summary.verdict == "identical"
+    # beside a changed norm: derived, the moved tensors counted as untested for that reason (not "a format whose
+    # noise floor weightdiff cannot compute")
+    norm = next(n for n in t if n.endswith("norm.weight"))
+    lin[norm] = t[norm] * 1.01
+    s = compare(qb, to_gguf(tmp_path / "n.gguf", lin, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2), rank=False).summary
+    assert s.verdict == "derived" and "quant_both_moved" in s.flags, (s.verdict, s.flags)
+    assert "quantized the same way on both sides with codes moved by a step, untested" in s.verdict_reason, \
+        s.verdict_reason
+
+
 def test_a_q4_k_made_with_an_importance_matrix_is_quantized_only_and_a_fine_tune_derived(tmp_path, rng):
     # llama-quantize --imatrix clamps low-importance elements to the end codes many steps past the grid,
     # beyond the reach of the reference search the floor allows: the unchanged base read "DERIVED: a

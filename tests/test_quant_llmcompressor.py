@@ -206,3 +206,34 @@ def test_recipe_modifiers_read_as_text(tmp_path):
     (tmp_path / "recipe.yaml").write_text(GPTQ_RECIPE)
     assert recipe_modifiers(tmp_path) == ["GPTQModifier"]
     assert json.loads(json.dumps(recipe_modifiers(tmp_path / "nowhere"))) is None
+
+
+def test_two_round_to_nearest_builds_of_different_weights_are_not_quantized_only(tmp_path, models):
+    """Both sides rounded to nearest by compressed-tensors' own compressor (the recipe says so), of a bf16 base
+    and of a dense fine-tune of its linears of relative size 1e-2: every value within the two floors (about a step),
+    and the pair read "QUANTIZED ONLY: explained by quantizing the same weights twice", though one quantizer given
+    the same weights stores the same codes and a few percent of them moved. Inconclusive, saying why; the same
+    weights twice stay bitwise equal, and the same weights under another scheme stay quantized only."""
+    base, _, others, _ = models
+    rng = np.random.default_rng(12)
+    lin = {}
+    for n, w in base.items():
+        wf = w.double().numpy()
+        d = rng.standard_normal(wf.shape)
+        lin[n] = torch.from_numpy(wf + d * 1e-2 * np.linalg.norm(wf) / np.linalg.norm(d)).to(torch.bfloat16)
+    qb = _save(tmp_path / "qb", base, others, recipe=RTN_RECIPE)
+    r = compare(qb, _save(tmp_path / "ql", lin, others, recipe=RTN_RECIPE), rank=False)
+    s = r.summary
+    assert s.verdict == "inconclusive" and "quant_both_moved" in s.flags, (s.verdict, s.flags, s.verdict_reason)
+    assert "quant_both_compensated" not in s.flags
+    q = [t.quant for t in r.tensors if t.quant]
+    assert len(q) == 4 and all(x["side"] == "both" and x["beyond"] == 0 and x["within"] is None for x in q)
+    assert all(x["codes_moved"] > 0.005 * x["elements"] for x in q), [x["codes_moved"] for x in q]
+    from weightdiff.render.sentences import verdict_title
+
+    assert verdict_title(r.to_dict()["summary"]).startswith("INCONCLUSIVE: both models are quantized the same way")
+    assert "moved by about a step" in s.verdict_reason and "unquantized model" in s.verdict_reason
+    assert compare(qb, _save(tmp_path / "qb2", base, others, recipe=RTN_RECIPE), rank=False).summary.verdict \
+        == "identical"
+    s = compare(qb, _save(tmp_path / "qa", base, others, recipe=RTN_RECIPE, sym=False), rank=False).summary
+    assert s.verdict == "quantized_only" and "quant_both_moved" not in s.flags, (s.verdict, s.flags)

@@ -180,7 +180,8 @@ def _declared(declared: dict | None) -> dict:
 #: every flag ``_flags`` can raise, in the order the JSON lists them
 FLAG_ORDER = ("added_tensors", "removed_tensors", "resized_embeddings", "shape_mismatch", "composite_base",
               "adapter", "tied_lm_head", "dtype_changed", "nonfinite", "cast_rounded_twice",
-              "nonfinite_changes", "awq_scaled", "quant_untested", "quant_both_compensated", "cast_offset",
+              "nonfinite_changes", "awq_scaled", "quant_untested", "quant_both_compensated", "quant_both_moved",
+              "cast_offset",
               "cast_overflow", "bytes_compared", "partial_spectrum", "content_paired",
               "declared_base_mismatch", "relayout", "meta_layout_unmapped", "unpaired_lookalikes",
               "zeroed_matrices", "folded_parameters", "pruned_by_export")
@@ -209,7 +210,9 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
             q = r.quant or {}
             if q.get("within") is None:
                 on.add("quant_untested")
-                if q.get("side") == "both" and q.get("test") not in ("none", "bound"):
+                if q.get("codes_moved"):
+                    on.add("quant_both_moved")
+                elif q.get("side") == "both" and q.get("test") not in ("none", "bound"):
                     on.add("quant_both_compensated")
         if s in ("changed", "resized"):
             moved.append(r)

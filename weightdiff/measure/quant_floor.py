@@ -38,7 +38,7 @@ from ..kernels.dtypes import DTYPES
 from ..kernels.quant import round_to
 from ..kernels.reference import decode
 
-__all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "scales_unchecked", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
+__all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "scales_unchecked", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "CODES_MOVED_SHARE", "same_scheme", "NEAR_GRID_SHARE", "ratio_share"]
 
 #: AWQ: share of elements beyond the floor a quantization of the base may leave, beside the group
 #: extremes its clipping search moved (``kernels.quant_floor.clipped_beyond``); AutoAWQ 0.2.9 on a
@@ -55,6 +55,13 @@ FOLD_REL = 0.02
 #: have been cast to bf16 before quantizing, and a bf16 or f16 one may be the rounding of what the
 #: quantizer read
 CAST_REL = 2.0 ** -8          # bf16 keeps 8 significant bits: half an ulp is up to 2^-8 of |x|
+
+#: both sides quantized by one scheme: the share of elements whose value moved by a quarter of the two floors or
+#: more (a code moved) above which the pair is not "the same weights quantized twice". One quantizer given the same
+#: weights stores the same codes; this allows ties broken another way (another rounding mode, a scale computed in
+#: another precision), which move a few codes in a million. A dense fine-tune of relative size 1e-3 moves ~0.3% of
+#: int4 g128 codes, 1e-2 ~2%; quantizing a bf16 copy of the same float32 weights moves ~0.5% (int8 per channel: 7%)
+CODES_MOVED_SHARE = 1e-4
 
 
 def _finite(x: float) -> float | None:
@@ -289,7 +296,27 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         # two such quantizations of the same weights differ beyond the two floors, as a fine-tune does
         info.update(within=None, note="both sides quantized, one by an error-compensating quantizer (GPTQ, AWQ): "
                                       "their floors do not bound the difference of two quantizations")
+    if side == "both" and info.get("within") and n and same_scheme(qb, qt):
+        # within the two floors says the values can be two quantizations of one number each, not that they are of
+        # the same weights: one quantizer given the same weights stores the same codes, and a third of them moved by
+        # a step in two round-to-nearest builds of a base and of a dense 1e-2 fine-tune of its linears (bf16), which
+        # read "explained by quantizing the same weights twice". Codes moved mean weights that differ by less than a
+        # step (a fine-tune, or another rounding of the same weights) or a quantizer that depends on calibration
+        # data: the pair cannot tell those apart. Untested, not within (moved elements on a zero base code are not
+        # counted: a lower bound)
+        steps = int(acc[6]) - int(acc[7])
+        if steps > CODES_MOVED_SHARE * n:
+            info.update(within=None, codes_moved=steps,
+                        note=f"both sides quantized by one scheme, and {steps} of {n} values moved by a step: the same "
+                             "weights quantized twice by one quantizer keep their codes")
     return info
+
+
+def same_scheme(qb: QuantScheme | None, qt: QuantScheme | None) -> bool:
+    """Both sides quantized the same way (format, scheme, bits and group): two such quantizations of the same
+    weights store the same codes, up to ties, unless the quantizer depends on calibration data."""
+    return qb is not None and qt is not None and (qb.format, qb.scheme, qb.bits, str(qb.group)) \
+        == (qt.format, qt.scheme, qt.bits, str(qt.group))
 
 
 def clamped_beyond(plain: np.ndarray, quant: np.ndarray, floor: np.ndarray, end: np.ndarray,

@@ -21,7 +21,7 @@ from .formats import (at_least, count, floor_blocks, floor_rest, nothing_compare
                       tuned_params, within_floor)
 from .reference import nonfinite_only, one_minus_cosine_of, quantization_noise
 
-__all__ = ["verdict_title", "parts_text", "verdict_reason", "headline", "coverage_sentence", "form_sentence", "matrices_phrase",
+__all__ = ["verdict_title", "untested_why", "parts_text", "verdict_reason", "headline", "coverage_sentence", "form_sentence", "matrices_phrase",
            "is_tied_row", "PAIRED", "plain_language", "model_label", "plural"]
 
 #: statuses of a tensor that has a counterpart on the other side (``judge.status.PAIRED``)
@@ -54,6 +54,18 @@ def matrices_phrase(summary: dict) -> str:
 #: a safetensors dtype name (F32, BF16, F8_E4M3, I8, BOOL, ...): anything else in a side's ``dtypes`` is a
 #: quantization scheme its tensors are stored in (``mxfp4``, a GGUF type), counted by comparison.describe
 _STORAGE_DTYPE = re.compile(r"^(?:BOOL|(?:F|BF|I|U|C)\d+|F8_E\w+|F[46](?:_E\w+)?)$")
+
+
+def untested_why(data: dict) -> str:
+    """Why the quantized tensors whose floor test did not decide (``quant.within`` null) are untested, as a phrase
+    after "N more are": a format with no floor, one scheme on both sides with codes moved, or either of several."""
+    q = [t.get("quant") or {} for t in data.get("tensors") or [] if t.get("status") == "quantized"
+         and (t.get("quant") or {}).get("within") is None]
+    if q and all(x.get("codes_moved") for x in q):
+        return "quantized the same way on both sides with codes moved by a step"
+    if q and all(x.get("test") == "none" for x in q):
+        return "quantized in a format whose noise floor weightdiff cannot compute"
+    return "quantized where the noise-floor test cannot decide (each tensor's quant note says why)"
 
 
 def verdict_title(summary: dict) -> str:
@@ -172,6 +184,10 @@ def _verdict_title(summary: dict) -> str:
     if v == "inconclusive" and "quant_both_compensated" in (summary.get("flags") or []) \
             and not (summary.get("tensors_by_status") or {}).get("changed"):
         return "INCONCLUSIVE: both models are quantized, and two quantizations cannot be told from a fine-tune here."
+    if v == "inconclusive" and "quant_both_moved" in (summary.get("flags") or []) \
+            and not (summary.get("tensors_by_status") or {}).get("changed"):
+        return ("INCONCLUSIVE: both models are quantized the same way and their codes differ by a step, which a "
+                "change smaller than a step or a quantizer using calibration data both give.")
     if v == "inconclusive" and "folded_parameters" in (summary.get("flags") or []) \
             and not (summary.get("tensors_by_status") or {}).get("changed"):
         return ("INCONCLUSIVE: no compared tensor changed, but the export folded base parameters into values "
@@ -525,6 +541,18 @@ def _inconclusive(data: dict) -> str:
                     f"{'tensor differs' if n == 1 else 'tensors differ'} by more than their two noise floors: "
                     "such a quantizer moves values by several steps, so two quantizations of the same weights "
                     "cannot be told from a fine-tune; compare each with the unquantized model instead.")
+        if "quant_both_moved" in (s.get("flags") or []):
+            rows = [t for t in data.get("tensors") or [] if (t.get("quant") or {}).get("codes_moved")]
+            moved = sum(int((t.get("quant") or {}).get("codes_moved") or 0) for t in rows)
+            total = sum(int((t.get("quant") or {}).get("elements") or 0) for t in rows)
+            schemes = sorted({str((t.get("quant") or {}).get("scheme")) for t in rows})
+            return (f"Both models are quantized the same way ({', '.join(schemes) or 'unknown'}), and in "
+                    f"{count(len(rows))} {'tensor' if len(rows) == 1 else 'tensors'} {share(moved / total if total else 0)} "
+                    "of the values (at least) moved by about a step, each within the two noise floors. One quantizer "
+                    "given the same weights stores the same codes, so the weights differ by less than a step (a "
+                    "fine-tune, or another rounding of the same weights) or the quantizer depends on calibration "
+                    "data (GPTQ, AWQ, an importance matrix); the two models cannot tell these apart. Compare each "
+                    "with the unquantized model instead.")
         # the formats of the untested tensors only: a Q8_0 tested beside MXFP4 has a floor
         untested = sorted({str((t.get("quant") or {}).get("scheme")) for t in data.get("tensors") or []
                            if t.get("quant") and (t.get("quant") or {}).get("within") is None})
@@ -813,8 +841,8 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
             asides.append(f"{count(n_h)} more {'stands' if n_h == 1 else 'stand'} within {'its' if n_h == 1 else 'their'} "
                           "quantization noise floor and may have changed by less than it")
         if n_u:
-            asides.append(f"{count(n_u)} more {'is' if n_u == 1 else 'are'} quantized in a format whose noise floor "
-                          "weightdiff cannot compute, untested, and may have changed too")
+            asides.append(f"{count(n_u)} more {'is' if n_u == 1 else 'are'} {untested_why(data)}, untested, and may "
+                          "have changed too")
     only = f" ({'; '.join(asides)})" if asides else ""      # one parenthesis, not two in a row
     if added and scope.get("tensors_changed") is not None:    # added tensors are new, not changed
         parts = [f"{least}{count(max(0, scope['tensors_changed'] - added))} of {count(scope.get('tensors_total'))} "
