@@ -4,7 +4,6 @@ valid ones (GPT-2 ``fan_in_fan_out``, a safe regex ``alpha_pattern``) give the m
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -164,6 +163,8 @@ def test_lora_target_missing_from_the_base(tmp_path, rng):
                                      "weight, so there is no weight delta to measure"),
     ({"peft_type": "PREFIX_TUNING"}, 'peft_type "PREFIX_TUNING": prompt and prefix tuning'),
     ({"target_modules": 7}, "target_modules = 7"),
+    ({"target_modules": "(["}, 'target_modules = "([", not a regular expression'),
+    ({"target_modules": "q" * 1001}, "not a regular expression (1,001 characters long"),
     ({"init_lora_weights": "olora"}, 'init_lora_weights "olora", which rewrites the base weights'),
     ({"init_lora_weights": "pissa_niter_4"}, 'init_lora_weights "pissa_niter_4", which rewrites the base weights'),
     ({"init_lora_weights": "loftq"}, 'init_lora_weights "loftq", which rewrites the base weights'),

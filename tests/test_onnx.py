@@ -427,6 +427,30 @@ def test_external_data_outside_the_folder_is_refused(tmp_path):
     _bad(p, "refusing to follow the symlink")
 
 
+def test_external_data_in_the_model_file_itself_is_refused(tmp_path):
+    # the model's own protobuf bytes read as the weights: "DERIVED ... changed far more than a fine-tune"
+    for loc in ("model.onnx", "./model.onnx"):
+        _bad(_external(tmp_path, loc), "keeps its external data in the model file itself")
+    p = _external(tmp_path, "w.bin")
+    os.link(p, p.parent / "w.bin")                          # the same file under another name
+    _bad(p, "keeps its external data in the model file itself (`w.bin`)")
+
+
+def test_a_string_tensor_holding_raw_data_is_refused(tmp_path):
+    # a float matrix whose data_type was damaged to STRING was dropped as a tokenizer vocabulary, and the model
+    # read "this base with tensors removed"
+    t = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4), "w")
+    t.data_type = TensorProto.STRING
+    d = tmp_path / "s"
+    d.mkdir()
+    onnx.save(_graph_model([t]), str(d / "model.onnx"))
+    _bad(d / "model.onnx", "tensor `w` is STRING but holds raw_data")
+    v = helper.make_tensor("vocab", TensorProto.STRING, [2], [b"a", b"b"])      # strings as ONNX keeps them
+    onnx.save(_graph_model([numpy_helper.from_array(np.ones((4, 4), np.float32), "w"), v]), str(d / "model.onnx"))
+    with locate(d / "model.onnx") as ck:
+        assert list(ck.tensors) == ["w"]
+
+
 def test_external_data_too_short_or_of_the_wrong_length_is_refused(tmp_path):
     p = _external(tmp_path, "w.bin")
     (p.parent / "w.bin").write_bytes(b"\0" * 60)

@@ -165,6 +165,17 @@ def test_a_flag_and_an_extension_that_disagree_exit_2_and_write_nothing(tmp_path
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("flag,name", [("--html", "x.txt"), ("--markdown", "m"), ("--html", "r.json")])
+def test_a_flag_given_a_path_of_no_memo_format_is_named(tmp_path, result_json, flag, name):
+    """`report --html x.txt` said "--report x.txt: cannot tell the memo's format", naming a flag not given."""
+    out = tmp_path / "o"
+    out.mkdir()
+    r = CliRunner().invoke(main, ["report", str(result_json), flag, str(out / name), "-q"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {flag} ") and "--report" not in r.stderr, r.stderr
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize("edit, words", [
     ({"verdict": "maybe"}, "`summary.verdict` is `maybe`, not one of"),
     ({"verdict": "identical"}, "`summary.verdict` is `identical`, but `summary.tensors_by_status` counts"),

@@ -388,6 +388,11 @@ class _Parser:
             return t
         if dtype_code in _OTHER_TYPES:
             if dtype_code == 8:
+                if (raw is not None and raw[1] > raw[0]) or location == 1 or external:
+                    # onnx keeps strings in string_data only: bytes in raw_data under a STRING type are a tensor
+                    # whose type was damaged (a float matrix that read as dropped, "this base with tensors removed")
+                    raise _Bad(f"tensor `{escape_name(name)}` is STRING but holds raw_data or external data, where "
+                               "ONNX keeps strings in string_data", _SPEC)
                 return None                        # strings: vocabularies of tokenizer graphs, not weights
             raise _Unsupported(f"tensor `{escape_name(name)}` is {_OTHER_TYPES[dtype_code]}, which weightdiff does "
                                "not read")
@@ -538,6 +543,14 @@ class _Parser:
                                   f"tensor `{escape_name(t.name)}` is stored externally but names no file",
                                   "external data must be a plain relative path beside the .onnx file")
         file = inside(self.folder / loc, self.folder, "copy the data file into the model's folder")
+        try:
+            itself = os.path.samefile(file, self.path)
+        except OSError:
+            itself = False                         # (a missing file is refused below, by name)
+        if itself:
+            # the model's own protobuf bytes read as weights: "DERIVED ... changed far more than a fine-tune"
+            raise _Bad(f"tensor `{escape_name(t.name)}` keeps its external data in the model file itself "
+                       f"(`{escape_name(loc)}`)", "external data lives in a file beside the .onnx: re-export the model")
         # ONNX Runtime reads these with strtoll-like parsing of ASCII digits: Python's int() would take
         # "0_0", " 0", "-8" or other scripts' digits, which name no byte of the file
         raw_off, raw_len = ext.get("offset", "0") or "0", ext.get("length")
@@ -969,7 +982,6 @@ def locate_onnx(file: Path, shown: object, root: Path):
         for i, x in enumerate(n.inputs):
             if x in stored:
                 uses.setdefault(x, []).append((n, i))
-    producer = model.metadata.get("onnx.producer_name", "")
     sources: dict = {}
     owned: dict[str, str] = {}               # stored name -> the logical tensor it is part of
 

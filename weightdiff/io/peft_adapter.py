@@ -336,6 +336,16 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
             repeats[pat] = _pattern_repeats(path, key, pat)
     targets = raw.get("target_modules")
     if isinstance(targets, str):
+        # PEFT full-matches a string against the module names (weightdiff reads the targets from the factors, and
+        # names them): one that is no regular expression is a config PEFT refuses, and it was taken as a name
+        try:
+            if len(targets) > _KEY_CAP:
+                raise re.error(f"{len(targets):,} characters long (at most {_KEY_CAP:,})")
+            re.compile(targets)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise CheckpointError(path, f"adapter config has target_modules = {_show(targets)}, not a regular "
+                                        f"expression ({e})", "PEFT reads a string target_modules as a pattern "
+                                        "the module names must match; give a list of module names") from None
         targets = [targets]
     elif targets is None:
         targets = []

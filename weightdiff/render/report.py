@@ -34,7 +34,7 @@ from .plots import FIGURES, FigureOutput, render_figures, save_figures
 from .population import population_sentences
 from .validate import check_result
 from .validate_kinds import check_kind
-from .document import Block, memo_format, write_memo
+from .document import MEMO_FORMATS, Block, memo_format, write_memo
 
 #: largest compare JSON read
 RESULT_CAP = 4 << 30
@@ -293,10 +293,16 @@ def report_many(paths: list[str | os.PathLike], *, html: str | os.PathLike | Non
     """One document from several saved results (compare, provenance, lineage), a section each,
     in the order given; a single compare JSON is ``report()``. With no output asked, an HTML
     memo beside the first JSON."""
+    names = {"html": "an HTML", "md": "a Markdown", "docx": "a Word"}
     for t, flag, want in ((html, "html", "html"), (markdown, "markdown", "md"), (memo, None, None)):
+        if t is not None and want is not None and Path(t).suffix.lower() not in MEMO_FORMATS:
+            # --html x.txt said "--report x.txt: cannot tell the memo's format", naming a flag not given
+            ext = Path(t).suffix.lower()
+            raise OptionsError(f"{flag} {os.fspath(t)}: {names[want]} memo is written to a .{want} path, not to "
+                               f"{f'`{ext}`' if ext else 'one with no extension'}", f"give --{flag} a FILE.{want} path",
+                               option=flag)
         if t is not None and memo_format(t) != want and want is not None:
             # the flag says one format, the extension another: which one the user meant cannot be told
-            names = {"html": "an HTML", "md": "a Markdown", "docx": "a Word"}
             raise OptionsError(f"--{flag} {os.fspath(t)}: the extension says {names[memo_format(t)]} memo, the "
                                f"flag {names[want]} one",
                                f"give --{flag} a .{want} path, or use --memo FILE (its format from the extension)",
