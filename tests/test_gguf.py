@@ -572,6 +572,14 @@ def test_two_gguf_quantizations_of_one_scheme_whose_codes_moved_are_inconclusive
     assert s.verdict == "quantized_only", (s.verdict, s.flags, s.verdict_reason)
     assert compare(qb, to_gguf(tmp_path / "b2.gguf", t, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2),
                    rank=False).summary.verdict == "identical"
+    # one quantizer is the same format, scheme, bits, group and calibration: an importance matrix on one side only
+    # is another quantizer, whose codes differ on the same weights
+    from weightdiff.io.gguf_floor import scheme_of
+    from weightdiff.measure.quant_floor import same_scheme
+
+    plain, im = scheme_of("Q4_K", 256, 144, 144, "w", {}), scheme_of("Q4_K", 256, 144, 144, "w", {"quantize.imatrix.file": "x"})
+    assert same_scheme(plain, plain) and same_scheme(im, im) and not same_scheme(plain, im)
+    assert not same_scheme(plain, scheme_of("Q6_K", 256, 210, 210, "w", {})) and not same_scheme(plain, None)
     # beside a changed norm: derived, the moved tensors counted as untested for that reason (not "a format whose
     # noise floor weightdiff cannot compute")
     norm = next(n for n in t if n.endswith("norm.weight"))
@@ -580,6 +588,36 @@ def test_two_gguf_quantizations_of_one_scheme_whose_codes_moved_are_inconclusive
     assert s.verdict == "derived" and "quant_both_moved" in s.flags, (s.verdict, s.flags)
     assert "quantized the same way on both sides with codes moved by a step, untested" in s.verdict_reason, \
         s.verdict_reason
+
+
+def test_two_q4_k_of_one_model_with_and_without_an_importance_matrix_are_not_derived(tmp_path, rng):
+    # a Q4_K made with an importance matrix against a plain Q4_K of the same weights (two uploaders' quantizations
+    # of one model) read DERIVED: each side's scales were checked against the other side's values, and the
+    # importance-matrix side's clamp pulls low-importance extremes inside the weights' range. Those checks cannot
+    # be made against such a side: untested, inconclusive. A fine-tune quantized the same way still reads derived
+    import ggml_imatrix
+    from models import low_rank_update
+
+    t = llama(rng, layers=2, hidden=256, inter=512, vocab=256, kv=128)
+    t = {k: (rng.standard_t(2.5, v.shape) * 0.02).astype(np.float32) if v.ndim == 2 else v for k, v in t.items()}
+
+    def imatrix(cols, i):
+        return ggml_imatrix.importance(cols, i, zero=0.1)
+
+    im = to_gguf(tmp_path / "im.gguf", t, "llama", Q.Q4_K, n_head=4, n_kv=2, layers=2, imatrix=imatrix)
+    plain = to_gguf(tmp_path / "plain.gguf", t, "llama", Q.Q4_K, n_head=4, n_kv=2, layers=2)
+    for a, b in ((plain, im), (im, plain)):
+        r = compare(a, b, rank=False)
+        s = r.summary
+        assert s.verdict == "inconclusive", (s.verdict, s.flags, s.verdict_reason)
+        assert "importance-matrix quantization" in s.verdict_reason, s.verdict_reason
+        assert not any(x.quant.get("scales_beyond_base") for x in r.tensors if x.quant)
+    ft = dict(t)
+    for name in [n for n in t if n.endswith(("q_proj.weight", "v_proj.weight"))]:
+        ft[name] = low_rank_update(rng, t[name], 4, rel=0.05)
+    s = compare(im, to_gguf(tmp_path / "ft.gguf", ft, "llama", Q.Q4_K, n_head=4, n_kv=2, layers=2, imatrix=imatrix),
+                rank=False).summary
+    assert s.verdict == "derived", (s.verdict, s.flags, s.verdict_reason)
 
 
 def test_a_q4_k_made_with_an_importance_matrix_is_quantized_only_and_a_fine_tune_derived(tmp_path, rng):

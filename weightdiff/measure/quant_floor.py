@@ -146,10 +146,17 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
     # any number of steps past the grid: counted apart where the code is an end one and the plain value lies
     # past that end (``gguf_floor.ends``)
     ends_it = None
+    both_ends = []                           # with both sides quantized: the calibrated GGUF sides' end codes
     if side != "both":
         qs, qck, qname = (qt, tuned, tname) if qt is not None else (qb, base, bname)
         if qs.format == "gguf" and qs.calibrated and hasattr(qck, "end_windows"):
             ends_it = qck.end_windows(qname, window, 0, stop)
+    else:
+        for q, ck, name in ((qb, base, bname), (qt, tuned, tname)):
+            if q.format == "gguf" and q.calibrated and hasattr(ck, "end_windows"):
+                it = ck.end_windows(name, window, 0, stop)
+                if it is not None:
+                    both_ends.append(it)
     # what a GGUF side's block scales say of the weights they quantized (``gguf_floor.claims``), checked against
     # the other side's values: a block whose scales no quantizer of those values could have chosen vouches for
     # nothing (floor 0 there, and no clamp)
@@ -157,6 +164,15 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
     claims_unchecked = False
     columns = False                          # a GGUF side stored transposed: its blocks run down the columns
     for q, ck, name, of_tuned in ((qb, base, bname, False), (qt, tuned, tname, True)):
+        other = qb if of_tuned else qt
+        if q is not None and q.format == "gguf" and str(q.group).isdigit() and other is not None \
+                and other.format == "gguf" and other.calibrated:
+            # the other side's values are an importance-matrix quantization, whose clamp pulls low-importance
+            # extremes inside the weights' range: a range they lack says nothing of this side's scales (a plain
+            # Q4_K of the same weights read "scales beyond the base" there, floor 0, and DERIVED)
+            claims_unchecked = "the other side is an importance-matrix quantization, whose clamp pulls values inside " \
+                               "the weights' range"
+            continue
         if q is not None and q.format == "gguf" and str(q.group).isdigit() and hasattr(ck, "claim_windows"):
             a, b = ck.claim_windows(name, 0, window, 0, stop), ck.claim_windows(name, 1, window, 0, stop)
             if a is None:
@@ -210,6 +226,18 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
                                  DEQUANT_REL if cast_rel else 0.0)
         if awq_group and len(plain_v) % awq_group == 0 and pos % awq_group == 0:
             clipped += QF.clipped_beyond(plain_v, quant_v, floor, awq_group, cast_rel)
+        if both_ends:
+            # a side's clamp put its value at an end code any number of steps from the weight; every other value
+            # of either side lies within its own floor of the weight: beyond the two floors only where a side's
+            # code is an end one, the pair can be two quantizations of one number
+            at_end = np.zeros(len(vt), bool)
+            for it in both_ends:
+                at_end |= np.asarray(next(it)) != 0
+            if bad is not None and bad.any():
+                at_end &= ~bad
+            with np.errstate(invalid="ignore"):
+                d = np.abs(vb.astype(np.float64) - vt)
+            clipped += int(np.count_nonzero(at_end & np.isfinite(d) & (d > floor)))
         if ends_it is not None:
             end = np.asarray(next(ends_it), np.float32)
             if bad is not None and bad.any():
@@ -229,7 +257,7 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
                 # memo, which re-reads the result, refused the run); the nonfinite counts tell the story
                 max_ratio=_finite(float(acc[3])), rms_ratio=_finite(math.sqrt(acc[2] / n)) if n else None,
                 norm_above_floor=_finite(math.sqrt(acc[4])))
-    if test == "bound" and ends_it is not None:
+    if test == "bound" and (ends_it is not None or both_ends):
         info["beyond_clamped"] = clipped
         info["within"] = beyond == clipped
     elif test == "bound":
@@ -256,9 +284,10 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             info["first_group_scales"] = scales
             info["within"] = bool(info["within"]) and scales >= SCALE_MATCH_SHARE
     if claims_unchecked and info.get("within"):
-        info.update(within=None, note="the GGUF block scales could not be checked against the other side's "
-                                      "weights (a transposed tensor not cut at whole blocks): a floor they make "
-                                      "may hold a change")
+        why = claims_unchecked if isinstance(claims_unchecked, str) else \
+            "the tensor is stored transposed and not cut at whole blocks"
+        info.update(within=None, note=f"the GGUF block scales could not be checked against the other side's "
+                                      f"weights, as {why}: a floor they make may hold a change")
     if implausible:
         # blocks whose stored scales are far larger than any quantizer of the other side's weights picks: their
         # floor was taken as 0 (their elements count beyond it wherever they differ)
@@ -313,10 +342,12 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
 
 
 def same_scheme(qb: QuantScheme | None, qt: QuantScheme | None) -> bool:
-    """Both sides quantized the same way (format, scheme, bits and group): two such quantizations of the same
-    weights store the same codes, up to ties, unless the quantizer depends on calibration data."""
-    return qb is not None and qt is not None and (qb.format, qb.scheme, qb.bits, str(qb.group)) \
-        == (qt.format, qt.scheme, qt.bits, str(qt.group))
+    """Both sides quantized the same way (format, scheme, bits, group, and calibrated or not): two such
+    quantizations of the same weights store the same codes, up to ties, unless the quantizer depends on calibration
+    data. A round-to-nearest side beside a calibrated one (a GGUF Q4_K with an importance matrix and one without,
+    llm-compressor's QuantizationModifier and GPTQModifier) is two quantizers: their codes differ on the same weights."""
+    return qb is not None and qt is not None and (qb.format, qb.scheme, qb.bits, str(qb.group), qb.calibrated) \
+        == (qt.format, qt.scheme, qt.bits, str(qt.group), qt.calibrated)
 
 
 def clamped_beyond(plain: np.ndarray, quant: np.ndarray, floor: np.ndarray, end: np.ndarray,

@@ -206,7 +206,7 @@ def _verdict_title(summary: dict) -> str:
                 "side (fused and separate), which weightdiff does not pair.")
     if v == "inconclusive" and "quant_untested" in (summary.get("flags") or []) \
             and not (summary.get("tensors_by_status") or {}).get("changed"):
-        return "INCONCLUSIVE: some quantized tensors differ from the base in a format with no noise floor to test."
+        return "INCONCLUSIVE: some quantized tensors differ from the base where no noise floor could be tested."
     if v == "cast_only" and "dtype_changed" not in (summary.get("flags") or []) \
             and "cast_offset" in (summary.get("flags") or []):
         return ("CAST ONLY: every difference is the rounding of storing weights as 1 + w (a GGUF's norm "
@@ -554,12 +554,20 @@ def _inconclusive(data: dict) -> str:
                     "data (GPTQ, AWQ, an importance matrix); the two models cannot tell these apart. Compare each "
                     "with the unquantized model instead.")
         # the formats of the untested tensors only: a Q8_0 tested beside MXFP4 has a floor
-        untested = sorted({str((t.get("quant") or {}).get("scheme")) for t in data.get("tensors") or []
-                           if t.get("quant") and (t.get("quant") or {}).get("within") is None})
-        return (f"{count(n)} quantized {'tensor differs' if n == 1 else 'tensors differ'} from the base in a format "
-                f"whose noise floor weightdiff cannot compute ({', '.join(untested) or 'unknown'}), so "
-                "whether by quantization alone or by a fine-tune cannot be told; every other tensor is unchanged, "
+        rows = [t.get("quant") or {} for t in data.get("tensors") or []
+                if t.get("quant") and (t.get("quant") or {}).get("within") is None]
+        untested = sorted({str(q.get("scheme")) for q in rows})
+        rest = ("so whether by quantization alone or by a fine-tune cannot be told; every other tensor is unchanged, "
                 "within rounding or within its quantization floor.")
+        if rows and all(q.get("test") == "none" for q in rows):
+            return (f"{count(n)} quantized {'tensor differs' if n == 1 else 'tensors differ'} from the base in a "
+                    f"format whose noise floor weightdiff cannot compute ({', '.join(untested) or 'unknown'}), {rest}")
+        # a floor was computed but cannot decide (scales that could not be checked): the tensors' notes say why
+        notes = list(dict.fromkeys(str(q["note"]) for q in rows if q.get("note")))
+        return (f"{count(n)} quantized {'tensor differs' if n == 1 else 'tensors differ'} from the base "
+                f"({', '.join(untested) or 'unknown'}) where the noise-floor test cannot decide ("
+                + ("; ".join(notes[:2]) + ("; and more" if len(notes) > 2 else "") if notes else "untested")
+                + f"), {rest}")
     cov = s.get("coverage") or {}
     b, t = cov.get("base") or {}, cov.get("tuned") or {}
     need = ((data.get("settings") or {}).get("thresholds") or {}).get("min_coverage")
