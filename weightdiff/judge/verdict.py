@@ -544,12 +544,16 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     elif verdict == "derived" and not permuted and "far_from_base" not in flags \
             and quant_noise_level(changed, tensors_by_status):
         flags.append("quant_noise_level")
-    if changed and verdict in ("derived", "partial"):
+    if (changed and verdict in ("derived", "partial")) or verdict == "inconclusive":
         # tensors within their quantization noise floor beside tensors found changed: a fine-tune smaller than
         # the floor does not show there (a dense 1e-3 fine-tune of 7 tensors in Q4_1 read "1 of 21 tensors
-        # changed", "at most 65,536 numbers"): the counts are lower bounds, delta_params bounds only the rest
+        # changed", "at most 65,536 numbers"): the counts are lower bounds, delta_params bounds only the rest.
+        # Inconclusive for want of a floor test (quantized tensors untested): "0 of 2 blocks changed" stated as a
+        # fact that the pair cannot give (two round-to-nearest builds whose codes moved)
         hidden = [r for r in live if r.quant is not None and r.status in ("quantized", "resized")
                   and r.quant.get("within") is not False and not is_changed(r, thresholds)]
+        if verdict == "inconclusive" and not any(r.quant.get("within") is None for r in hidden):
+            hidden = []
         if hidden:
             quiet = {b.block for b in numbered if b.params_changed == 0}
             scope["within_quant_floor"] = {
