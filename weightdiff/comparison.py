@@ -417,12 +417,15 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         unmapped = unmapped_gguf([*bases, tuned_ck])
         if unmapped:
             undone = {**undone, "gguf_unmapped": unmapped}
-        settings = gguf_settings(bases, tuned_ck)
-        if settings:
-            undone = {**undone, "gguf_metadata": settings}
-            the_plan.notes.append("GGUF metadata that llama.cpp runs the model with differs from the base's: "
-                                  + "; ".join(f"`{escape_name(k)}` {_shown(b)} in the base, {_shown(t)} in the tuned "
-                                              "model" for k, b, t in settings))
+        for key, settings, what in (
+                ("gguf_metadata", gguf_settings(bases, tuned_ck), "GGUF metadata that llama.cpp runs the model with "
+                                                                  "differs"),
+                ("config_settings", config_settings(bases, tuned_ck), "config.json settings that transformers runs the "
+                                                                      "model with differ")):
+            if settings:
+                undone = {**undone, key: settings}
+                the_plan.notes.append(f"{what} from the base's: " + "; ".join(
+                    f"`{escape_name(k)}` {_shown(b)} in the base, {_shown(t)} in the tuned model" for k, b, t in settings))
         if rotation and undone.get("rotated"):
             undone["rotated"].update(rotation)
             undone["rotated"]["norms_folded"] = folded_norms(records, rotation["gains"], tuned_ck)
@@ -1823,6 +1826,24 @@ def gguf_settings(bases: Sequence[Checkpoint], tuned: Checkpoint) -> list[tuple[
             pair = (key, str(want), have) if g is t else (key, have, str(want))
             out.append(pair)
     return out
+
+
+def config_settings(bases: Sequence[Checkpoint], tuned: Checkpoint) -> list[tuple[str, str, str]]:
+    """The config.json settings transformers runs a model with that differ between a base and the tuned model, both
+    with a config.json and neither a GGUF (``gguf_settings`` compares those): ``model_config.settings_differ``, as
+    ``(key, base value, tuned value)``. A long-context re-release that changed only ``rope_theta`` or
+    ``rope_scaling`` is bitwise the base's weights, yet computes something else (flag ``config_differs``)."""
+    from .io.model_config import config_of, settings_differ
+
+    if len(bases) != 1 or "gguf" in (bases[0].format, tuned.format):
+        return []
+    try:
+        b, t = config_of(bases[0]), config_of(tuned)
+    except (CheckpointError, OSError):
+        return []
+    if not isinstance(b, dict) or not isinstance(t, dict):
+        return []
+    return settings_differ(b, t)
 
 
 def missing_head(bases: Sequence[Checkpoint], tuned: Checkpoint) -> str | None:

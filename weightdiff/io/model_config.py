@@ -16,13 +16,15 @@ defaults, so a key that is absent means the default: False for the config classe
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import CheckpointError
 from .files import load_json, read_beside
 
-__all__ = ["HeadTie", "config_of", "ties_head", "ties_head_of", "UNTIED_BY_DEFAULT"]
+__all__ = ["HeadTie", "config_of", "ties_head", "ties_head_of", "UNTIED_BY_DEFAULT", "RUN_KEYS", "run_settings",
+           "settings_differ"]
 
 _CAP = 4 << 20
 
@@ -108,3 +110,69 @@ def ties_head(ckpt: object) -> HeadTie:
     if doc is None:
         return HeadTie(None, "it has no config.json to say so, so the tie is assumed")
     return ties_head_of(doc)
+
+
+#: config.json keys transformers computes with besides the weights (compared when both sides set them): attention,
+#: positions, norms' epsilon, activations, soft-capping, routing. A long-context re-release that changes only these is
+#: bitwise the base's weights, yet computes something else
+RUN_KEYS = ("model_type", "max_position_embeddings", "n_positions", "n_ctx", "sliding_window", "use_sliding_window",
+            "max_window_layers", "layer_types", "hidden_act", "hidden_activation", "activation_function", "rms_norm_eps",
+            "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "partial_rotary_factor", "rotary_pct", "rotary_emb_base", "attn_logit_softcapping",
+            "final_logit_softcapping", "query_pre_attn_scalar", "num_experts_per_tok", "norm_topk_prob",
+            "routed_scaling_factor", "attention_multiplier", "embedding_multiplier", "logits_scaling",
+            "residual_multiplier", "scale_embedding", "position_embedding_type", "clip_qkv", "logit_scale")
+
+
+def run_settings(doc: object) -> dict[str, object]:
+    """The settings of a parsed config.json that ``settings_differ`` compares: ``RUN_KEYS`` that it sets (not null),
+    a multimodal model's ``text_config`` over its top level, and the RoPE base and scaling read alike from
+    transformers 4's ``rope_theta`` / ``rope_scaling`` and transformers 5's ``rope_parameters`` (``rope_theta``;
+    ``rope_scaling`` None for the default rope, and absent when it is a per-layer-type mapping, which transformers 4
+    spelled otherwise)."""
+    if not isinstance(doc, dict):
+        return {}
+    d = {**doc, **(doc.get("text_config") if isinstance(doc.get("text_config"), dict) else {})}
+    out: dict[str, object] = {k: d[k] for k in RUN_KEYS if d.get(k) is not None}
+    rp = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else None
+    theta = d.get("rope_theta")
+    if theta is None and rp is not None:
+        theta = rp.get("rope_theta")
+    if theta is not None:
+        out["rope_theta"] = theta
+    rs = d.get("rope_scaling")
+    src = rs if isinstance(rs, dict) else rp
+    if src is not None and all(isinstance(v, dict) for v in src.values()) and src:
+        return out                               # per layer type (Gemma 3 in transformers 5): not compared
+    scaling = None
+    if src is not None:
+        scaling = {("rope_type" if k == "type" else k): v for k, v in src.items() if k != "rope_theta"}
+        if scaling.get("rope_type") in (None, "default") and set(scaling) <= {"rope_type"}:
+            scaling = None
+    elif rs is not None:
+        scaling = rs                             # a value of another type: compared as it is
+    out["rope_scaling"] = scaling
+    return out
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-6)
+        except OverflowError:                    # a config integer past a float's range
+            return a == b
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def settings_differ(base: object, tuned: object) -> list[tuple[str, str, str]]:
+    """The settings (``run_settings``) two parsed config.json documents both set and set otherwise, as ``(key, base
+    value, tuned value)`` in JSON, sorted by key. ``rope_scaling`` counts where either side sets it (absent or the
+    default rope is none); a key one side leaves out is not compared (a newer transformers writes defaults)."""
+    a, b = run_settings(base), run_settings(tuned)
+    out = []
+    for k in sorted(set(a) & set(b)):
+        if not _same(a[k], b[k]):
+            out.append((k, json.dumps(a[k], sort_keys=True, default=str), json.dumps(b[k], sort_keys=True, default=str)))
+    return out

@@ -525,6 +525,10 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         # length, a chat template): said beside the verdict, which is of the weights
         flags.append("gguf_metadata_differs")
         scope["gguf_metadata_differs"] = {"keys": [k for k, _, _ in undone["gguf_metadata"]]}
+    if verdict in ("identical", "cast_only", "quantized_only") and undone.get("config_settings"):
+        # the same for a config.json: a long-context re-release that changed only rope_theta or rope_scaling
+        flags.append("config_differs")
+        scope["config_differs"] = {"keys": [k for k, _, _ in undone["config_settings"]]}
     if verdict not in ("identical", "cast_only", "quantized_only") and undone.get("gguf_unmapped"):
         # a GGUF whose architecture weightdiff has no name map for: llama.cpp's converter may have permuted
         # rows (llama's Q/K for RoPE) or shifted values (Gemma's 1 + w) under names kept as they are, and a

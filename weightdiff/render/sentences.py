@@ -72,19 +72,20 @@ def verdict_title(summary: dict) -> str:
     """The verdict in capitals with its one-line meaning, as the terminal prints it first.
     The unrelated title cites near-orthogonal matrices only when matrices were measured. Beside a verdict
     that says the weights are the base's, GGUF settings that change what llama.cpp computes are named
-    (flag ``gguf_metadata_differs``): "IDENTICAL" must not read as "the same model" when its RoPE base
-    differs. Beside a derived or partial verdict, a head the tuned config unties and does not store is named
+    (flag ``gguf_metadata_differs``), and config.json settings transformers computes with (``config_differs``):
+    "IDENTICAL" must not read as "the same model" when its RoPE base differs. Beside a derived or partial verdict, a head the tuned config unties and does not store is named
     (flag ``head_missing``): loaded, it is random."""
     title = _verdict_title(summary)
     if summary.get("verdict") in ("derived", "partial") and "head_missing" in (summary.get("flags") or []):
         title = (title.rstrip(".") + "; its config unties the LM head and none is stored: loaded with transformers, "
                  "that head is random.")
-    keys = ((summary.get("scope") or {}).get("gguf_metadata_differs") or {}).get("keys")
-    if keys and "gguf_metadata_differs" in (summary.get("flags") or []):
-        shown = ", ".join(f"`{escape_name(str(k))}`" for k in keys[:4]) + (f" and {len(keys) - 4} more"
-                                                                       if len(keys) > 4 else "")
-        title = (title.rstrip(".") + f"; but the GGUF metadata llama.cpp runs the model with differs ({shown}), "
-                 "so it may not compute what the base computes.")
+    for flag, what in (("gguf_metadata_differs", "the GGUF metadata llama.cpp runs the model with differs"),
+                       ("config_differs", "its config.json sets what transformers runs it with otherwise")):
+        keys = ((summary.get("scope") or {}).get(flag) or {}).get("keys")
+        if keys and flag in (summary.get("flags") or []):
+            shown = ", ".join(f"`{escape_name(str(k))}`" for k in keys[:4]) + (f" and {len(keys) - 4} more"
+                                                                           if len(keys) > 4 else "")
+            title = title.rstrip(".") + f"; but {what} ({shown}), so it may not compute what the base computes."
     return title
 
 

@@ -183,7 +183,7 @@ _SUMMARY = obj({"verdict": string, "verdict_reason": S,
                                   **{k: opt(mapping(free)) for k in (
                                       "tensors_reshaped", "within_quant_floor", "permuted_units", "negated_matrices",
                                       "rescaled_units", "folded_norms", "rotated_residual", "pruned_elements",
-                                      "gguf_metadata_differs", "off_grid", "matrices_zeroed", "blocks_added")}})),
+                                      "gguf_metadata_differs", "config_differs", "off_grid", "matrices_zeroed", "blocks_added")}})),
                 "form": opt(obj({"kind": S, "max_numerical_rank": I, "max_energy_rank_99": I,
                                  "max_numerical_rank_bounds": opt(array(integer, 2)),
                                  "max_energy_rank_99_bounds": opt(array(integer, 2)), "shares": opt(mapping(N))})),
