@@ -313,6 +313,59 @@ def test_two_quantizations_say_both_sides_are_quantized(tmp_path, models):
     assert "quantizing the same weights twice" in verdict_title(s.to_dict())
 
 
+def test_nf4_against_nested_absmax_nf4_of_a_fine_tune_is_not_quantized_only(tmp_path, models):
+    """bitsandbytes nf4 of a base against nf4 with a nested (double-quantized) absmax of a dense 1e-2 fine-tune of
+    its linears: the same codebook, block and rounding, the absmax stored another way; a few percent of the codes
+    moved by a step, within the two floors, and the pair read "QUANTIZED ONLY", as two schemes. The same weights
+    both ways stay quantized only (the codes agree; only the absmax's rounding differs)."""
+    base, _ = models
+    rng = np.random.default_rng(8)
+    lin = dict(base)
+    for n, w in base.items():
+        if w.ndim == 2 and n.endswith("proj.weight"):
+            d = rng.standard_normal(w.shape)
+            lin[n] = (w + d * 1e-2 * np.linalg.norm(w) / np.linalg.norm(d)).astype(w.dtype)
+    old = T.OUT
+    T.OUT = ROWS
+    try:
+        b, bqc, _ = T.build_bnb4(base, nested=False)
+    finally:
+        T.OUT = old
+    t, tqc, _ = _build("bnb-nf4-nested", lin)
+    s = compare(T._save(tmp_path / "b", b, bqc), T._save(tmp_path / "t", t, tqc), rank=False).summary
+    assert s.verdict == "inconclusive" and "quant_both_moved" in s.flags, (s.verdict, s.flags, s.verdict_reason)
+    t, tqc, _ = _build("bnb-nf4-nested", base)
+    s = compare(T._save(tmp_path / "b", b, bqc), T._save(tmp_path / "t2", t, tqc), rank=False).summary
+    assert s.verdict == "quantized_only", (s.verdict, s.flags, s.verdict_reason)
+
+
+@pytest.mark.parametrize("qname", ["Q8_0", "Q4_0", "Q6_K"])
+def test_one_scheme_of_a_float32_original_and_of_its_bf16_copy_is_not_derived(tmp_path, qname):
+    """GGUF of a float32 model against the same type of its bf16 copy (two uploaders' quantizations of one model):
+    each quantizer read its own rounding of the weights, a step apart in many elements, and with no allowance for
+    that on either side the pair read DERIVED. Half a bf16 ulp per side: within the two floors, and as the codes
+    moved, inconclusive (one scheme)."""
+    gguf = pytest.importorskip("gguf")
+    from gguf_build import to_gguf
+    from models import llama
+
+    t = llama(np.random.default_rng(0), layers=2, hidden=256, inter=512, vocab=256, kv=128)
+    bf = {k: _bf16(v) for k, v in t.items()}
+    q = getattr(gguf.GGMLQuantizationType, qname)
+    a = to_gguf(tmp_path / "f32.gguf", t, "llama", q, n_head=4, n_kv=2, layers=2)
+    b = to_gguf(tmp_path / "bf16.gguf", bf, "llama", q, n_head=4, n_kv=2, layers=2)
+    r = compare(a, b, rank=False)
+    s = r.summary
+    assert s.verdict == "inconclusive" and "quant_both_moved" in s.flags, (s.verdict, s.flags, s.verdict_reason)
+    assert not any(x.status == "changed" for x in r.tensors), [x.name for x in r.tensors if x.status == "changed"]
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """Round to the nearest bfloat16 (ties to even), back to float32."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).view(np.float32)
+
+
 @pytest.mark.parametrize("order", ["bf16_base", "q8_base"])
 def test_bf16_copy_and_q8_0_of_one_original_are_quantized_only(tmp_path, order):
     """A BF16 copy beside the Q8_0 made from the same f32 original (as Hub repos publish GGUFs): the

@@ -203,6 +203,11 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             floor += next(fl_b)
         if ft is not None:
             floor += next(fl_t)
+        if side == "both":
+            # each quantizer may have read its own rounding of the weights, and computed in it (a Q8_0 of a float32
+            # original and one of its bf16 copy, LLM.int8 dividing in the weights' bf16: DERIVED): half a bf16 ulp
+            # per side, of the larger value (a code 0 beside a code 1 of a weight at the boundary)
+            floor += (2 * CAST_REL) * np.maximum(np.abs(vb), np.abs(vt))
         # cast_rel scales with the first argument's magnitude: the plain side's (the quantized one
         # may be the base)
         plain_v, quant_v = (vb, vt) if qb is None else (vt, vb)
@@ -342,12 +347,24 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
 
 
 def same_scheme(qb: QuantScheme | None, qt: QuantScheme | None) -> bool:
-    """Both sides quantized the same way (format, scheme, bits, group, and calibrated or not): two such
-    quantizations of the same weights store the same codes, up to ties, unless the quantizer depends on calibration
-    data. A round-to-nearest side beside a calibrated one (a GGUF Q4_K with an importance matrix and one without,
+    """Both sides quantized the same way (format, scheme, bits, group, and calibrated or not; how the scales are
+    stored aside, ``_SCALE_STORAGE``): two such quantizations of the same weights store the same codes, up to ties,
+    unless the quantizer depends on calibration data. A round-to-nearest side beside a calibrated one (a GGUF Q4_K with an importance matrix and one without,
     llm-compressor's QuantizationModifier and GPTQModifier) is two quantizers: their codes differ on the same weights."""
-    return qb is not None and qt is not None and (qb.format, qb.scheme, qb.bits, str(qb.group), qb.calibrated) \
-        == (qt.format, qt.scheme, qt.bits, str(qt.group), qt.calibrated)
+    return qb is not None and qt is not None and _codes_of(qb) == _codes_of(qt)
+
+
+#: parts of a scheme's label that say how its scales are stored, not how its codes are chosen: bitsandbytes' nested
+#: (double-quantized) absmax is the same absmax quantized again after the codes were set (an nf4 build against a
+#: nested-absmax one of a 1e-2 fine-tune read "quantized only", as two schemes)
+_SCALE_STORAGE = (", nested absmax",)
+
+
+def _codes_of(q: QuantScheme) -> tuple:
+    label = q.scheme
+    for part in _SCALE_STORAGE:
+        label = label.replace(part, "")
+    return q.format, label, q.bits, str(q.group), q.calibrated
 
 
 def clamped_beyond(plain: np.ndarray, quant: np.ndarray, floor: np.ndarray, end: np.ndarray,
