@@ -206,8 +206,9 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         if side == "both":
             # each quantizer may have read its own rounding of the weights, and computed in it (a Q8_0 of a float32
             # original and one of its bf16 copy, LLM.int8 dividing in the weights' bf16: DERIVED): half a bf16 ulp
-            # per side, of the larger value (a code 0 beside a code 1 of a weight at the boundary)
-            floor += (2 * CAST_REL) * np.maximum(np.abs(vb), np.abs(vt))
+            # of the larger value (a code 0 beside a code 1 of a weight at the boundary). Once, not per side: twice
+            # made two schemes of a dense 1e-3 fine-tune (Q8_0 and Q4_0, Q4_K and Q6_K) read quantized only
+            floor += CAST_REL * np.maximum(np.abs(vb), np.abs(vt))
         # cast_rel scales with the first argument's magnitude: the plain side's (the quantized one
         # may be the base)
         plain_v, quant_v = (vb, vt) if qb is None else (vt, vb)
