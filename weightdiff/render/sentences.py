@@ -151,8 +151,9 @@ def _verdict_title(summary: dict) -> str:
         return ("QUANTIZED ONLY: every difference is explained by quantizing these weights (the base given is "
                 "the quantized one).")
     if v == "quantized_only" and (summary.get("quantization") or {}).get("sides") == ["both"]:
-        return ("QUANTIZED ONLY: every difference is explained by quantizing the same weights twice "
-                "(both models are quantized).")
+        # "explained by" claimed what the floors cannot tell: a change smaller than a step passes them too
+        return ("QUANTIZED ONLY: every difference is within what quantizing the same weights twice leaves (both "
+                "models are quantized; a change smaller than a quantization step would not show).")
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
