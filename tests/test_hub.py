@@ -935,7 +935,8 @@ def test_workers_read_the_parents_commit_in_the_parents_mode(hf, server, tmp_pat
     assert rc == 0, err
     assert stored(hf) == [], "--stream --workers wrote into HF_HOME"
     server.info_edit.clear()
-    rc, _, err = run("compare", "org/base", f"org/moving@{a}", "--stream", "--no-rank", "-q", "--json", "a.json")
+    # (the reference by download, which the offline run below reads: a streamed compare is seconds of range requests)
+    rc, _, err = run("compare", "org/base", f"org/moving@{a}", "--download", "--no-rank", "-q", "--json", "a.json")
     assert rc == 0, err
     w, want = (json.loads((tmp_path / f).read_text()) for f in ("w.json", "a.json"))
     assert w["tuned"]["hub"]["commit"] == a
@@ -943,7 +944,7 @@ def test_workers_read_the_parents_commit_in_the_parents_mode(hf, server, tmp_pat
     assert w["tensors"] == want["tensors"]
     # offline: the workers read the cache and ask the Hub nothing
     server.repos["org/moving"].branches["main"] = a
-    rc, _, err = run("compare", "org/base", "org/moving", "--download", "--no-rank", "-q")
+    rc, _, err = run("compare", "org/base", "org/moving", "--download", "--no-rank", "-q")     # records refs/main
     assert rc == 0, err
     server.reset_log()
     rc, _, err = run("compare", "org/base", "org/moving", "--offline", "--workers", "2", "--no-rank", "-q",

@@ -92,9 +92,11 @@ def test_a_branch_with_a_slash_is_read_by_its_name_online_and_offline(server, hf
                         branch="feature/x")
     server.repos["org/slashed"].tags["rel/1"] = sha
     server.commit("org/slashed", _files(server.local["base"]), branch="main")
-    for spelling in ("org/slashed@feature/x", "org/slashed@refs/heads/feature/x", "org/slashed@feature%2Fx",
-                     "org/slashed@refs/tags/rel/1"):
-        rc, _, err = run("compare", "org/base", spelling, "--stream", "--no-rank", "-q", "--json", "o.json")
+    for i, spelling in enumerate(("org/slashed@feature/x", "org/slashed@refs/heads/feature/x", "org/slashed@feature%2Fx",
+                                  "org/slashed@refs/tags/rel/1")):
+        # streamed once (each streamed compare is ~2 s of range requests); the spelling is resolved alike either way
+        rc, _, err = run("compare", "org/base", spelling, *(["--stream"] if i == 0 else []), "--no-rank", "-q",
+                         "--json", "o.json")
         assert rc == 0, (spelling, err)
         d = json.loads((tmp_path / "o.json").read_text())
         assert d["tuned"]["hub"]["commit"] == sha and d["tuned"]["hub"]["subfolder"] is None, spelling
