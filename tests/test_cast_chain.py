@@ -143,6 +143,23 @@ def test_same_dtype_rounded_through_bf16_is_a_cast(tmp_path):
     assert r.tensor("model.layers.0.self_attn.q_proj.bias").status == "changed"
 
 
+def test_a_float32_model_held_in_bf16_and_saved_back_as_float32_is_a_cast(tmp_path, base):
+    """Every tensor, matrices too, is bf16(base) stored as F32: a model loaded in bf16 and saved back. The
+    same-dtype chain was tried on vectors only, so the matrices read changed and the model "DERIVED: a fine-tune".
+    A dense 1e-3 fine-tune (below 2^-8 relative, so its matrices are probed) stays derived."""
+    tensors, path = base
+    r = _run(tmp_path, path, _cast(tensors, "BF16", "F32"))
+    s = r.summary
+    assert s.verdict == "cast_only" and "cast_rounded_twice" in s.flags, (s.verdict, s.flags, s.verdict_reason)
+    mats = [t for t in r.tensors if len(t.shape) == 2]
+    assert mats and all(t.status == "rounding" and t.cast["chain"] == ["F32", "BF16", "F32"] for t in mats)
+    from weightdiff.render.sentences import verdict_title
+
+    assert "through a narrower dtype and back" in verdict_title(r.to_dict()["summary"])
+    r = _run(tmp_path / "ft", path, _cast(tensors, "F32", change=1e-3, seed=3))
+    assert r.summary.verdict == "derived" and all(t.cast is None for t in r.tensors if len(t.shape) == 2)
+
+
 def _bf16(x: np.ndarray) -> np.ndarray:
     return (to_storage(x.astype(np.float32), "BF16").view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 

@@ -211,6 +211,9 @@ def _quantize(src: Path, dst: Path, how: str) -> None:
         q.quantize_dynamic(str(src), str(dst), weight_type=q.QuantType.QUInt8, per_channel=True)
     elif how == "qdq_pc":
         q.quantize_static(str(src), str(dst), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True)
+    elif how == "qdq":
+        q.quantize_static(str(src), str(dst), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=False,
+                          weight_type=q.QuantType.QInt8)
     elif how == "qoperator":
         q.quantize_static(str(src), str(dst), Reader(), quant_format=q.QuantFormat.QOperator)
 
@@ -238,6 +241,25 @@ def _dequantized_reference(path: Path) -> dict[str, np.ndarray]:
             stem, v = stem[:-len("_Transposed")], v.T
         out[stem] = v
     return out
+
+
+def test_a_dynamic_and_a_qdq_build_are_one_scheme(tmp_path):
+    """ONNX Runtime's dynamic and QDQ quantizers store the same int8 codes and scales for the same weights (only
+    the operator that dequantizes differs): a dynamic build of a base against a QDQ build of a small fine-tune of it
+    (every value within the two floors, codes moved by a step) read "QUANTIZED ONLY" as two schemes; the codes are
+    evidence as within one quantizer. The base both ways stays quantized only (or identical)."""
+    pytest.importorskip("onnxruntime")
+    from weightdiff.comparison import compare
+
+    _torch_export(tmp_path / "b.onnx", 0)
+    _torch_export(tmp_path / "t.onnx", 0, delta=1e-3)
+    _quantize(tmp_path / "b.onnx", tmp_path / "b_dyn.onnx", "dynamic")
+    _quantize(tmp_path / "b.onnx", tmp_path / "b_qdq.onnx", "qdq")
+    _quantize(tmp_path / "t.onnx", tmp_path / "t_qdq.onnx", "qdq")
+    s = compare(tmp_path / "b_dyn.onnx", tmp_path / "t_qdq.onnx", rank=False).summary
+    assert s.verdict == "inconclusive" and "quant_both_moved" in s.flags, (s.verdict, s.flags, s.verdict_reason)
+    s = compare(tmp_path / "b_dyn.onnx", tmp_path / "b_qdq.onnx", rank=False).summary
+    assert s.verdict in ("quantized_only", "identical") and "quant_both_moved" not in s.flags, (s.verdict, s.flags)
 
 
 @pytest.mark.parametrize("how", ["dynamic", "dynamic_pc_u8", "qdq_pc", "qoperator"])

@@ -38,6 +38,10 @@ from .rank_stream import float_matrix, streamed_rank_sink
 #: elements per streamed window; fixed (not derived from the machine) so results are reproducible
 WINDOW_ELEMENTS = 1 << 24
 
+#: the largest relative change (Frobenius) of a tensor rounded, element by element, through a narrower float dtype
+#: and back into its own: half a bf16 ulp at the bottom of a binade (fp16's is smaller)
+SAME_DTYPE_CAST_REL = 2.0 ** -8
+
 
 def window_elements(dtype_base: str, dtype_tuned: str) -> int:
     """Elements per window of a pair: ``WINDOW_ELEMENTS`` (32 MB of bfloat16, 64 MB of float32), a quarter of it
@@ -567,7 +571,11 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             # the same dtype rounded through a narrower one: tried on vectors (cheap) and beside quantized
             # weights (a quantizer that loaded the model as bf16 writes its float tensors back so)
             or (shape_t is not None and len(shape_t) <= 1) or bool(getattr(base, "quant", None))
-            or bool(getattr(tuned, "quant", None))):
+            or bool(getattr(tuned, "quant", None))
+            # a matrix too, when it moved no more than such a rounding can (a float32 model loaded as bf16 and saved
+            # back as float32 read "DERIVED: a fine-tune", its vectors alone found rounded): the probe of cast_test
+            # rejects a fine-tune at once, and above 2^-8 relative no rounding through bf16 or fp16 explains it
+            or (pair.dtype_base == pair.dtype_tuned and 0 < (fields.get("rel_change") or 0.0) <= SAME_DTYPE_CAST_REL)):
         # beyond half an ulp of a cast: is it still exactly a cast (through fp16, past the range)?
         cast = cast_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
                          rec.numel_compared, stop, win, thr.rounding_frac) or \

@@ -349,15 +349,18 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
 
 def same_scheme(qb: QuantScheme | None, qt: QuantScheme | None) -> bool:
     """Both sides quantized the same way (format, scheme, bits, group, and calibrated or not; how the scales are
-    stored aside, ``_SCALE_STORAGE``): two such quantizations of the same weights store the same codes, up to ties,
-    unless the quantizer depends on calibration data. A round-to-nearest side beside a calibrated one (a GGUF Q4_K with an importance matrix and one without,
-    llm-compressor's QuantizationModifier and GPTQModifier) is two quantizers: their codes differ on the same weights."""
+    stored and which operator dequantizes aside, ``_codes_of``): two such quantizations of the same weights store
+    the same codes, up to ties, unless the quantizer depends on calibration data. A round-to-nearest side beside a
+    calibrated one (a GGUF Q4_K with an importance matrix and one without, llm-compressor's QuantizationModifier
+    and GPTQModifier) is two quantizers: their codes differ on the same weights. Taking two quantizers for one errs
+    toward inconclusive (their codes differ on the same weights), never toward quantized only."""
     return qb is not None and qt is not None and _codes_of(qb) == _codes_of(qt)
 
 
 #: parts of a scheme's label that say how its scales are stored, not how its codes are chosen: bitsandbytes' nested
 #: (double-quantized) absmax is the same absmax quantized again after the codes were set (an nf4 build against a
-#: nested-absmax one of a 1e-2 fine-tune read "quantized only", as two schemes)
+#: nested-absmax one of a 1e-2 fine-tune read "quantized only", as two schemes); an ONNX label's last parenthesis
+#: (the operator that dequantizes) is set aside in ``_codes_of``
 _SCALE_STORAGE = (", nested absmax",)
 
 
@@ -365,6 +368,11 @@ def _codes_of(q: QuantScheme) -> tuple:
     label = q.scheme
     for part in _SCALE_STORAGE:
         label = label.replace(part, "")
+    if q.format == "onnx" and label.endswith(")"):
+        # the operator that dequantizes (ONNX Runtime's dynamic MatMulInteger, a QDQ DequantizeLinear): ONNX
+        # Runtime's quantizers store the same codes and scales for the same weights either way, and a dynamic
+        # build of a base against a QDQ build of a fine-tune read "quantized only", as two schemes
+        label = label[:label.rindex(" (")] if " (" in label else label
     return q.format, label, q.bits, str(q.group), q.calibrated
 
 

@@ -213,6 +213,11 @@ def _verdict_title(summary: dict) -> str:
             and "cast_offset" in (summary.get("flags") or []):
         return ("CAST ONLY: every difference is the rounding of storing weights as 1 + w (a GGUF's norm "
                 "weights), not training.")
+    if v == "cast_only" and "dtype_changed" not in (summary.get("flags") or []) \
+            and "cast_rounded_twice" in (summary.get("flags") or []):
+        # a float32 model loaded as bf16 and saved back as float32: no dtype changed, yet every value moved
+        return ("CAST ONLY: every difference is the rounding of a cast through a narrower dtype and back (the "
+                "model held in it and stored again), not training.")
     if v == "cast_only" and "dtype_changed" not in (summary.get("flags") or []):
         return "CAST ONLY: every difference is within rounding; no dtype changed (signed zeros, NaN payloads)."
     if v == "derived" and "rounding_level" in (summary.get("flags") or []):
