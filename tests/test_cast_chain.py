@@ -192,3 +192,137 @@ def test_matrices_off_a_bf16_base_grid_beside_matrices_on_it_are_not_a_cast(tmp_
     assert r.summary.verdict == "cast_only" and "off_grid_mixed" not in r.summary.flags
     words = " ".join(plain_language(r.to_dict()))
     assert "trained further" not in words and "the weights cannot tell the two apart" in words
+
+
+def _twins(tensors: dict, rounded: str, through: str = "BF16", dtype: str = "F16", fine_dtype: str | None = None,
+           change: float = 0.0, seed: int = 0) -> tuple[dict, dict]:
+    """(base, tuned) as two roundings of one original: ``rounded`` names the side that goes through ``through``
+    first; both stored in ``dtype`` (the fine side in ``fine_dtype`` when given). ``change``: a dense relative
+    update of the coarse side's values in ``through``, rounded to it again (a side trained in bf16)."""
+    rng = np.random.default_rng(seed)
+    fine, coarse = {}, {}
+    for k, v in tensors.items():
+        x = v.astype(np.float64)
+        c = ref.round_to(x, through).reshape(v.shape)
+        if change:
+            c = ref.round_to(c * (1 + change * rng.standard_normal(c.shape)), through).reshape(v.shape)
+        fd = fine_dtype or dtype
+        fine[k] = (fd, to_storage(ref.round_to(x, fd).reshape(v.shape), fd))
+        coarse[k] = (dtype, to_storage(ref.round_to(c, dtype).reshape(v.shape), dtype))
+    return (coarse, fine) if rounded == "base" else (fine, coarse)
+
+
+@pytest.mark.parametrize("rounded", ["tuned", "base"])
+def test_fp16_exports_of_a_model_and_of_its_bf16_copy_are_two_roundings(tmp_path, base, rounded):
+    """An fp16 export of a float32 model against an fp16 export of its bf16 copy: round_F16(x) against
+    round_F16(round_BF16(x)), no cast of each other (6-9% of each tensor rounds the other way through the chain).
+    Read "DERIVED: a fine-tune" in either order; now cast_only with ``cast.rounded`` naming the bf16 side."""
+    from weightdiff.render.sentences import verdict_title
+
+    tensors, _ = base
+    b, t = _twins(tensors, rounded)
+    r = weightdiff.compare(write_checkpoint(tmp_path / "b", b), write_checkpoint(tmp_path / "t", t))
+    s = r.summary
+    assert s.verdict == "cast_only", (s.verdict, s.flags, s.verdict_reason)
+    moved = [x for x in r.tensors if x.status == "rounding"]
+    assert moved and all(x.cast and x.cast["rounded"] == rounded and x.cast["through"] == "BF16"
+                         and x.cast["unexplained"] == 0 for x in moved)
+    assert any(len(x.shape) == 2 for x in moved)
+    assert ("cast_base_rounded" in s.flags) == (rounded == "base")
+    title = verdict_title(r.to_dict()["summary"])
+    assert ("the base holds the rounded values" in title) == (rounded == "base"), title
+    assert "two roundings of one original" in s.verdict_reason and "bitwise a cast" not in s.verdict_reason
+    assert "two roundings of one original" in moved[0].note
+
+
+def test_a_bf16_copy_stored_as_float32_given_as_the_base_is_the_rounded_side(tmp_path, base):
+    """The base is the float32 original rounded to bf16 and stored as float32, the tuned model the original
+    (float32, and as a float16 export): no chain from the base gives values finer than it holds."""
+    tensors, _ = base
+    for fine in ("F32", "F16"):
+        b, t = _twins(tensors, "base", dtype="F32", fine_dtype=fine)
+        r = weightdiff.compare(write_checkpoint(tmp_path / f"b{fine}", b), write_checkpoint(tmp_path / f"t{fine}", t))
+        s = r.summary
+        assert s.verdict == "cast_only" and "cast_base_rounded" in s.flags, (fine, s.verdict, s.flags)
+
+
+@pytest.mark.parametrize("rounded,dtype,fine", [("tuned", "F16", None), ("base", "F16", None),
+                                                ("base", "F32", None), ("tuned", "F32", None),
+                                                ("base", "F32", "F16")])
+def test_a_bf16_fine_tune_beside_its_original_is_no_pair_of_roundings(tmp_path, base, rounded, dtype, fine):
+    """The bf16 side trained (a dense 1e-3 update, rounded to bf16 again): whole bf16 steps that no rounding of
+    one original gives, so derived, and each matrix fails the twin test in its probe."""
+    tensors, _ = base
+    b, t = _twins(tensors, rounded, dtype=dtype, fine_dtype=fine, change=1e-3, seed=5)
+    r = weightdiff.compare(write_checkpoint(tmp_path / "b", b), write_checkpoint(tmp_path / "t", t))
+    assert r.summary.verdict == "derived", (r.summary.verdict, r.summary.flags)
+    assert all(not (x.cast or {}).get("rounded") for x in r.tensors if len(x.shape) == 2)
+
+
+def test_some_matrices_bitwise_beside_bf16_twins_are_inconclusive(tmp_path, base):
+    """A bf16-valued float32 base against a float32 model of which some matrices are bitwise the base's and others
+    finer within one bf16 rounding: no one rounding of a model gives that (a change below bf16's step would), so
+    inconclusive with off_grid_mixed, not cast_only."""
+    from weightdiff.render.sentences import verdict_reason, verdict_title
+
+    tensors, _ = base
+    b, t = _twins(tensors, "base", dtype="F32")
+    kept = [k for k in t if k.endswith(("q_proj.weight", "k_proj.weight"))]
+    for k in kept:
+        t[k] = b[k]
+    r = weightdiff.compare(write_checkpoint(tmp_path / "b", b), write_checkpoint(tmp_path / "t", t), rank=False)
+    s = r.summary
+    assert s.verdict == "inconclusive" and "off_grid_mixed" in s.flags, (s.verdict, s.flags)
+    assert s.scope["off_grid"]["on_grid"] == len(kept) and s.scope["off_grid"]["through"] == ["BF16"]
+    d = r.to_dict()
+    assert "narrower dtype" in verdict_title(d["summary"]) and "bfloat16 values" in verdict_reason(d)
+
+
+def test_twin_rule_against_brute_force_roundings():
+    """``_twin_explained`` against the roundings themselves: every pair (round_F(x), round_F(round_V(x))) over
+    random magnitudes from float16 subnormals to large values is explained, in either role; a coarse value moved
+    by one step of V (or a fine value put on V's grid off the coarse one) is not, where the sides' dtype is finer
+    than V by at least two bits there."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.standard_normal(20000) * 10.0 ** rng.uniform(-9, 4, 20000),
+                        [1.0, 1 - 2.0 ** -9, 1 - 2.0 ** -10, 2.0 ** -14, 65504.0, -3e-8]])
+    for dtype, via in (("F16", "BF16"), ("F32", "BF16"), ("F32", "F16")):
+        fine = ref.round_to(x, dtype)
+        coarse = ref.round_to(ref.round_to(x, via), dtype)
+        ok = np.isfinite(fine) & np.isfinite(coarse)
+        assert recast._twin_explained(fine[ok], dtype, coarse[ok], dtype, via).all(), (dtype, via)
+        # one step of V on the coarse side, where that is no rounding of the same x
+        step = 2 * ref.half_ulp(np.abs(coarse), via)
+        moved = ref.round_to(coarse + np.sign(coarse - fine + 1e-300) * step, dtype)
+        h_f, h_v = ref.half_ulp(np.abs(fine), dtype), ref.half_ulp(np.abs(fine), via)
+        far = ok & np.isfinite(moved) & (np.abs(moved - fine) > h_v + h_f + ref.half_ulp(np.abs(moved), dtype))
+        assert far.sum() > 1000
+        assert not recast._twin_explained(fine[far], dtype, moved[far], dtype, via).any(), (dtype, via)
+        # a fine side that is itself on V's grid, one step off the coarse value: bf16 would have rounded to it
+        on = ok & (coarse != 0) & (2 * h_f <= h_v)
+        f2 = ref.round_to(coarse[on] + step[on], dtype)
+        assert not recast._twin_explained(f2, dtype, coarse[on], dtype, via).any(), (dtype, via)
+
+
+def test_a_norm_scaled_below_bf16_rounding_is_not_a_rounded_base(tmp_path, base):
+    """A norm scaled by 1.001 and nothing else: against a float32 base off the bf16 grid (its all-ones norm alone
+    on it) the base is no bf16 copy, so the norm is a change (derived); against a bf16 copy stored as float32,
+    or a bf16 base upcast, the norm is within one rounding but its matrices are bitwise the base's, which no
+    rounding of a model leaves: inconclusive (off_grid_mixed), never cast_only."""
+    tensors, _ = base
+    norm = "model.norm.weight"
+    orig = {k: v.astype(np.float32) for k, v in tensors.items()}
+    orig[norm] = np.ones_like(orig[norm])
+    t = dict(orig)
+    t[norm] = orig[norm] * np.float32(1.001)
+    r = weightdiff.compare(write_checkpoint(tmp_path / "b", orig), write_checkpoint(tmp_path / "t", t), rank=False)
+    assert r.summary.verdict == "derived" and r.tensor(norm).status == "changed" and r.tensor(norm).cast is None
+    b16 = {k: _bf16(np.nan_to_num(v, posinf=3e38, neginf=-3e38)) for k, v in orig.items()}
+    t16 = dict(b16)
+    t16[norm] = b16[norm] * np.float32(1.001)
+    for dtype in ("F32", "BF16"):
+        r = weightdiff.compare(write_checkpoint(tmp_path / f"b{dtype}", b16, dtype=dtype),
+                               write_checkpoint(tmp_path / f"t{dtype}", t16, dtype="F32"), rank=False)
+        s = r.summary
+        assert s.verdict == "inconclusive" and "off_grid_mixed" in s.flags, (dtype, s.verdict, s.flags)
+        assert r.tensor(norm).status == "rounding"

@@ -180,7 +180,7 @@ def _declared(declared: dict | None) -> dict:
 #: every flag ``_flags`` can raise, in the order the JSON lists them
 FLAG_ORDER = ("added_tensors", "removed_tensors", "resized_embeddings", "shape_mismatch", "composite_base",
               "adapter", "tied_lm_head", "dtype_changed", "nonfinite", "cast_rounded_twice",
-              "nonfinite_changes", "awq_scaled", "quant_untested", "quant_both_compensated", "quant_both_moved",
+              "cast_base_rounded", "nonfinite_changes", "awq_scaled", "quant_untested", "quant_both_compensated", "quant_both_moved",
               "cast_offset",
               "cast_overflow", "bytes_compared", "partial_spectrum", "content_paired",
               "declared_base_mismatch", "relayout", "meta_layout_unmapped", "unpaired_lookalikes",
@@ -225,6 +225,8 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         if cast:
             if cast.get("through"):
                 on.add("cast_rounded_twice")
+            if cast.get("rounded") == "base":
+                on.add("cast_base_rounded")
             if any("1 + w" in str(c) for c in cast.get("chain") or ()):
                 on.add("cast_offset")
             if ((cast.get("overflow") or 0) + (cast.get("saturated") or 0)) > 0:
@@ -669,19 +671,27 @@ def holds_exactly(dtype_base: str | None, dtype_tuned: str | None) -> bool:
 def off_grid_mixed(counted) -> dict | None:
     """``{"on_grid": n, "off_grid": m}`` when the tuned model stores matrices in a dtype that holds every base
     value exactly (a bf16 base, an fp32 tuned model) and some of them are exactly the base's values while
-    others moved off them within rounding; else None. Two roundings of one float32 original leave every
-    matrix off the coarser grid; a base upcast and then changed by less than its rounding (small IA3 scales
-    merged into an fp32 copy) leaves the untouched matrices on it. "Cast only" would then say that no weight
-    was trained, which the matrices off the grid contradict."""
+    other tensors moved off them within rounding; else None. Two roundings of one float32 original leave every
+    trained matrix off the coarser grid; a base upcast and then changed by less than its rounding (small IA3
+    scales merged into an fp32 copy, a norm scaled by 1.001) leaves the untouched matrices on it. "Cast only"
+    would then say that no weight was trained, which the tensors off the grid contradict (a vector counts off
+    the grid, not on it: an all-ones norm is on every grid). So too where one side holds a narrower dtype's
+    values in a wider one (``cast.rounded``: a bf16 copy stored as float32 against the original): some matrices
+    bitwise the same beside tensors that are two roundings of one original is no one rounding of a model."""
     on = off = 0
+    twins = any((r.cast or {}).get("rounded") for r in counted)
     for r in counted:
-        if len(r.shape or ()) < 2 or not holds_exactly(r.dtype_base, r.dtype_tuned):
+        if not (holds_exactly(r.dtype_base, r.dtype_tuned) or (twins and r.status == "unchanged")
+                or (r.cast or {}).get("rounded")):
             continue
-        if r.status == "unchanged":
+        if r.status == "unchanged" and len(r.shape or ()) >= 2:
             on += 1
         elif r.status == "rounding":
             off += 1
-    return {"on_grid": on, "off_grid": off} if on and off else None
+    if not (on and off):
+        return None
+    vias = sorted({str(r.cast["through"]) for r in counted if (r.cast or {}).get("rounded")})
+    return {"on_grid": on, "off_grid": off, **({"through": vias} if vias else {})}
 
 
 def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, cov: dict,

@@ -32,7 +32,7 @@ from .backend import Backend
 from .floors import FloorAccumulator
 from .awq_fold import _awq_norm_both, bias_fold, norm_fold
 from .quant_floor import FOLD_REL, floor_test
-from .recast import cast_test, clamp_test
+from .recast import cast_test, clamp_test, twin_test
 from .rank_stream import float_matrix, streamed_rank_sink
 
 #: elements per streamed window; fixed (not derived from the machine) so results are reproducible
@@ -580,7 +580,9 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         cast = cast_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
                          rec.numel_compared, stop, win, thr.rounding_frac) or \
             clamp_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
-                       rec.numel_compared, stop, win, thr.rounding_frac)
+                       rec.numel_compared, stop, win, thr.rounding_frac) or \
+            twin_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
+                      rec.numel_compared, stop, win, thr.rounding_frac)
         if cast is not None:
             # set only when found: a `cast = None` of its own is a 30th attribute, which ends the key
             # sharing of the record's __dict__ (1.2 KB more each) and sends its JSON row and its
@@ -845,8 +847,14 @@ def _offset_stored(base, bname: str, tuned, tname: str) -> bool:
 
 def _cast_note(cast: dict) -> str:
     """The record's note when a cast chain explains what the half-ulp test did not."""
-    parts = [f"every value is a cast {' -> '.join(cast['chain'])} of the base"]
-    if cast.get("through"):
+    if cast.get("rounded"):
+        via = cast["through"]
+        parts = [f"every value is within one rounding through {via} of the base's: two roundings of one original, "
+                 + ("the base holding it rounded to " if cast["rounded"] == "base" else "this model's through ")
+                 + via]
+    else:
+        parts = [f"every value is a cast {' -> '.join(cast['chain'])} of the base"]
+    if cast.get("through") and not cast.get("rounded"):
         parts.append("rounded twice, beyond half an ulp of a direct cast in places")
     n, s = int(cast.get("overflow") or 0), int(cast.get("saturated") or 0)
     if n:

@@ -21,6 +21,7 @@ only casts the half-ulp test could not explain read a whole tensor).
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from ..kernels import cpu
 from ..kernels.dtypes import DTYPES
 from ..kernels.reference import RECAST_DTYPES, RECAST_VIAS
 
-__all__ = ["cast_test", "clamp_test", "chains", "PROBE", "CLAMP_MIN", "CLAMP_MAX"]
+__all__ = ["cast_test", "clamp_test", "twin_test", "twin_vias", "chains", "PROBE", "CLAMP_MIN", "CLAMP_MAX"]
 
 #: elements of the first window read: a fine-tune leaves unexplained elements in it, and the test stops
 PROBE = 1 << 16
@@ -228,3 +229,136 @@ def _clamp_cast(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str,
             return None
     return {"chain": [dtype_b, dtype_t], "through": None, "elements": end, "unexplained": bad, "overflow": 0,
             "saturated": 0, "clamped": clamped}
+
+
+def twin_vias(dtype_b: str, dtype_t: str) -> list[str]:
+    """The narrower dtypes (fewer mantissa bits than either side) one side of a pair may hold its values in
+    while stored wider: ``BF16`` and ``F16`` between float32 sides, ``BF16`` where a side is F16."""
+    if dtype_b not in RECAST_DTYPES or dtype_t not in RECAST_DTYPES:
+        return []
+    bits = min(DTYPES[dtype_b].mant_bits, DTYPES[dtype_t].mant_bits)
+    return [v for v in ("BF16", "F16") if DTYPES[v].mant_bits < bits]
+
+
+def _twin_explained(fine: np.ndarray, dt_fine: str, coarse: np.ndarray, dt_coarse: str, via: str) -> np.ndarray:
+    """Elements where ``fine`` (stored in ``dt_fine``) and ``coarse`` (in ``dt_coarse``, holding ``via``
+    values) can be the two roundings of one original ``x``: ``fine = round(x)`` and ``coarse =
+    round(round_via(x))``. Equal values, or a ``coarse`` that ``via`` represents within half an ulp of
+    ``via`` and of each side's dtype of ``fine`` (the three roundings' reach), with ``fine`` not itself a
+    ``via`` value where ``dt_fine`` is at least twice as fine there (then ``round_via(x)`` is ``fine``, and
+    ``coarse`` would equal it)."""
+    from ..kernels.reference import half_ulp, round_to
+    with np.errstate(invalid="ignore", over="ignore"):
+        same = (fine == coarse) | (np.isnan(fine) & np.isnan(coarse))
+        ok = np.isfinite(fine) & np.isfinite(coarse) & ~same
+        a, b = np.where(ok, fine, 0.0), np.where(ok, coarse, 0.0)
+        m = np.abs(a)
+        h_via, h_fine = half_ulp(m, via), half_ulp(m, dt_fine)
+        near = ok & (round_to(b, via) == b) & (np.abs(a - b) <= h_via + h_fine + half_ulp(np.abs(b), dt_coarse))
+        near &= ~((2 * h_fine <= h_via) & (round_to(a, via) == a))
+        near &= m - h_fine < _overflow_at(via)          # a finite coarse value: the original was in via's range
+        # past a side's range: an infinity of the sign the other side's value, within the roundings, reaches
+        inf_f, inf_c = np.isinf(fine) & np.isfinite(coarse), np.isinf(coarse) & np.isfinite(fine)
+        if inf_f.any() or inf_c.any():
+            sign = np.sign(fine) == np.sign(coarse)
+            c, f = np.where(inf_f, np.abs(coarse), 0.0), np.where(inf_c, np.abs(fine), 0.0)
+            near |= inf_f & sign & (c + half_ulp(c, via) >= _overflow_at(dt_fine))
+            near |= inf_c & sign & (f + half_ulp(f, dt_fine) + half_ulp(f, via) >= _overflow_at(dt_coarse))
+    return same | near
+
+
+def _overflow_at(dtype: str) -> float:
+    """The smallest magnitude that rounds to infinity in ``dtype`` (its largest finite value plus half an ulp)."""
+    from ..kernels.reference import max_finite
+    top = max_finite(dtype)
+    return top + math.ldexp(1.0, math.frexp(top)[1] - 2 - DTYPES[dtype].mant_bits) if dtype != "F64" else math.inf
+
+
+def twin_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, numel: int,
+              stop: int | None, window: int, rounding_frac: float) -> dict | None:
+    """The ``cast`` dict when the two sides are two roundings of one original, one of them through a
+    narrower dtype: a model exported to float16 from its float32 master against one exported from a bf16
+    copy of it (both F16: ``round_F16(x)`` against ``round_F16(round_BF16(x))``, which differ by up to half a
+    bf16 ulp and are no cast of each other: a ``bf16(x)`` that float16 rounds onto a bf16 midpoint rounds
+    the other way through the chain, 6-9% of a tensor), or a bf16 copy stored as float32 given as the *base*
+    against the original (``round_BF16(x)`` against ``x``: the tuned side holds more than the base has, and no
+    chain from the base gives it). Tried after ``cast_test`` and ``clamp_test``, on plain float sides of
+    more mantissa bits than the narrower dtype (``twin_vias``).
+
+    ``rounded`` names the side that holds the narrower dtype's values, ``through`` that dtype, ``chain``
+    ``[dtype_b, through, dtype_t]``. A fine-tune fails in the first small read: it moves values by more than
+    a rounding somewhere, and a side trained in bf16 moves its bf16 values by whole steps, which no
+    rounding of the same original gives. A change smaller than half a step of the narrower dtype does not
+    show (as for any cast)."""
+    from ..kernels.reference import decode
+    vias = twin_vias(dtype_b, dtype_t)
+    if not vias or numel <= 0 or not (_plain(base, bname) and _plain(tuned, tname)):
+        return None
+    end = numel if stop is None else min(stop, numel)
+    budget = math.floor(rounding_frac * end) if rounding_frac > 0 else 0
+    # (via, rounded side) -> unexplained elements so far
+    missed = {(v, side): 0 for v in vias for side in ("tuned", "base")}
+    overflow = dict.fromkeys(missed, 0)
+    first = min(4096, end)                    # a fine-tune fails in the probe: one small read, not a window
+    spans = [(0, first, first)] + ([(first, end, window)] if end > first else [])
+    for wb, wt in ((wb, wt) for a, b_, step in spans
+                   for wb, wt in zip(base.windows(bname, step, a, b_), tuned.windows(tname, step, a, b_))):
+        xb = decode(np.asarray(wb).reshape(-1), dtype_b)
+        xt = decode(np.asarray(wt).reshape(-1), dtype_t)
+        for via, side in list(missed):
+            fine, dt_f, coarse, dt_c = (xb, dtype_b, xt, dtype_t) if side == "tuned" else (xt, dtype_t, xb, dtype_b)
+            ex = _twin_explained(fine, dt_f, coarse, dt_c, via)
+            missed[(via, side)] += int(ex.size - np.count_nonzero(ex))
+            overflow[(via, side)] += int(np.count_nonzero(ex & (np.isinf(fine) != np.isinf(coarse))))
+            if missed[(via, side)] > budget:
+                del missed[(via, side)]
+        if not missed:
+            return None
+    # the side said to hold the narrower dtype's values must hold them elsewhere too: a float32 base whose
+    # all-ones norm a fine-tune scaled by 1.001 read "the base holds the rounded values" (its matrices are
+    # off the bf16 grid, so it is no bf16 copy)
+    for key in sorted(missed, key=lambda k: missed[k]):
+        ck, name, dt = (base, bname, dtype_b) if key[1] == "base" else (tuned, tname, dtype_t)
+        if not side_on_grid(ck, dt, key[0], name):
+            del missed[key]
+    if not missed:
+        return None
+    (via, side), n = min(missed.items(), key=lambda kv: kv[1])
+    return {"chain": [dtype_b, via, dtype_t], "through": via, "rounded": side, "elements": end,
+            "unexplained": n, "overflow": overflow[(via, side)], "saturated": 0}
+
+
+#: tensors of a side read by ``side_on_grid`` (its largest of the dtype), and elements read of each
+GRID_WITNESSES = 4
+GRID_PROBE = 4096
+_GRID_SEEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def side_on_grid(ck, dtype: str, via: str, name: str) -> bool:
+    """Whether the side's other plain ``dtype`` tensors hold ``via`` values too: the first ``GRID_PROBE``
+    elements of its ``GRID_WITNESSES`` largest (name order among equals), ``name`` left out. A bf16 copy
+    stored wider is on the bf16 grid everywhere; a side with one tensor of ``dtype`` has nothing to say
+    against it. Cached per checkpoint, dtype and via (the largest tensors are the same ones each time;
+    the tensor under test is left out only where it is one of them)."""
+    from ..kernels.reference import decode, round_to
+    ck = getattr(ck, "_ck", ck)                       # a tensor held in memory (transposed): its checkpoint
+    tensors = getattr(ck, "tensors", None) or {}
+    names = sorted((n for n, info in tensors.items() if n != name and getattr(info, "dtype", None) == dtype
+                    and _plain(ck, n) and getattr(info, "numel", 0) >= 16),
+                   key=lambda n: (-tensors[n].numel, n))[:GRID_WITNESSES]
+    try:
+        seen = _GRID_SEEN.setdefault(ck, {})
+    except TypeError:                                  # not weakly referenceable: no cache
+        seen = {}
+    key = (dtype, via, tuple(names))
+    if key not in seen:
+        ok = True
+        for n in names:
+            k = min(GRID_PROBE, tensors[n].numel)
+            v = decode(np.asarray(next(iter(ck.windows(n, k, 0, k)))).reshape(-1), dtype)
+            v = v[np.isfinite(v)]
+            if not (round_to(v, via) == v).all():
+                ok = False
+                break
+        seen[key] = ok
+    return seen[key]

@@ -171,6 +171,9 @@ def _verdict_title(summary: dict) -> str:
     if v == "inconclusive" and "vectors_only" in (summary.get("flags") or []):
         return "INCONCLUSIVE: only vectors were compared (no matrix), which any two models share closely."
     if v == "inconclusive" and "off_grid_mixed" in (summary.get("flags") or []):
+        if ((summary.get("scope") or {}).get("off_grid") or {}).get("through"):
+            return ("INCONCLUSIVE: some matrices are bitwise the base's and others differ by less than one rounding "
+                    "through a narrower dtype, which no one rounding of a model explains.")
         return ("INCONCLUSIVE: some matrices hold exactly the base's values and others moved off them by less than "
                 "its rounding, which no conversion of the base explains.")
     if v == "inconclusive" and "faint_relatedness" in (summary.get("flags") or []):
@@ -213,6 +216,10 @@ def _verdict_title(summary: dict) -> str:
             and "cast_offset" in (summary.get("flags") or []):
         return ("CAST ONLY: every difference is the rounding of storing weights as 1 + w (a GGUF's norm "
                 "weights), not training.")
+    if v == "cast_only" and "cast_base_rounded" in (summary.get("flags") or []):
+        # the base given is the rounded copy (a bf16 copy stored as float32) and the tuned model the original
+        return ("CAST ONLY: every difference is one rounding through a narrower dtype, and the base holds the "
+                "rounded values (a rounded copy of these weights, or both copies of one original), not training.")
     if v == "cast_only" and "dtype_changed" not in (summary.get("flags") or []) \
             and "cast_rounded_twice" in (summary.get("flags") or []):
         # a float32 model loaded as bf16 and saved back as float32: no dtype changed, yet every value moved
@@ -479,6 +486,12 @@ def _inconclusive(data: dict) -> str:
     if "off_grid_mixed" in (s.get("flags") or []):
         g = (s.get("scope") or {}).get("off_grid") or {}
         on, off = int(g.get("on_grid") or 0), int(g.get("off_grid") or 0)
+        if g.get("through"):
+            via = " or ".join(_DTYPE_WORDS.get(v, v) for v in g["through"])
+            return (f"One side holds {via} values in a wider format; {count(on)} matrices are bitwise the same on "
+                    f"both sides and {count(off)} differ, each by less than one rounding to {via}. Two roundings of "
+                    "one original would leave every matrix apart, not only some. It looks like a change smaller "
+                    "than that rounding, which weightdiff does not measure below it, so it does not call it a cast.")
         return (f"The tuned model stores its matrices in a wider format than the base; {count(on)} of them hold "
                 f"exactly the base's values and {count(off)} moved off them, each by less than the base's rounding. "
                 "Converting the base to the wider format is exact, so those values are no conversion of it; two "
@@ -777,12 +790,20 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
         if casts:
             parts.append(f"{count(len(rounding) - same)} tensors differ only within the rounding of a dtype cast "
                          f"({', '.join(casts)})")
-        twice = [t for t in rounding if (t.get("cast") or {}).get("through")]
+        twice = [t for t in rounding if (t.get("cast") or {}).get("through") and not t["cast"].get("rounded")]
+        twins = [t for t in rounding if (t.get("cast") or {}).get("rounded")]
         extra = []
         if twice:
             via = sorted({_DTYPE_WORDS.get(t["cast"]["through"], t["cast"]["through"]) for t in twice})
             extra.append(f"{count(len(twice))} of them bitwise a cast through {' or '.join(via)} "
                          "(rounded twice, so beyond half an ulp of a direct cast in places)")
+        for side in ("base", "tuned"):
+            these = [t for t in twins if t["cast"]["rounded"] == side]
+            if these:
+                via = sorted({_DTYPE_WORDS.get(t["cast"]["through"], t["cast"]["through"]) for t in these})
+                extra.append(f"{count(len(these))} of them two roundings of one original, "
+                             f"{'the base' if side == 'base' else 'this model'} holding {' or '.join(via)} values "
+                             "(each within one such rounding of the other side's value)")
         ovf = sum(int((t.get("cast") or {}).get("overflow") or 0) for t in rounding)
         sat = sum(int((t.get("cast") or {}).get("saturated") or 0) for t in rounding)
         if ovf:
@@ -1444,7 +1465,14 @@ def plain_language(data: dict) -> list[str]:
                    f"as far as an independently initialised model of the same shape would ({sci(unrel['rel_change'])}): "
                    "the weights give no sign that one was made from the other.")
     elif v == "cast_only":
-        if any((t.get("cast") or {}).get("through") or (t.get("cast") or {}).get("overflow")
+        twins = {(t.get("cast") or {}).get("rounded") for t in _counted(data)} - {None}
+        if twins:
+            # two roundings of one original, one through a narrower format: no cast of the stored base gives them
+            who = " and ".join(sorted(("the base" if w == "base" else "this model") for w in twins))
+            out.append(f"Both sides are roundings of the same numbers, {who} holding them rounded through a narrower "
+                       "format: the weights show no change beyond the two roundings (a change smaller than half a "
+                       "step of that format would not show).")
+        elif any((t.get("cast") or {}).get("through") or (t.get("cast") or {}).get("overflow")
                or (t.get("cast") or {}).get("saturated") for t in _counted(data)):
             out.append("Every value is what storing the same numbers in another format gives (converted through "
                        "an intermediate format, or beyond the new format's range): the weights show no change beyond "

@@ -165,7 +165,7 @@ _TENSOR = obj({"name": string, "base_name": S, "status": string, "shape": array(
                "cosine": N, "frac_changed": N, "frac_beyond_rounding": N, "max_abs_delta": N, "nonfinite": I,
                "sign_flips": I, "base_index": I, "compared": S, "block": S, "module": S, "note": S,
                "rank": opt(_RANK), "tied": opt(boolean), "paired_by": S,
-               "cast": opt(obj({"chain": opt(array(string)), "through": S, "elements": I, "unexplained": I,
+               "cast": opt(obj({"chain": opt(array(string)), "through": S, "rounded": S, "elements": I, "unexplained": I,
                                 "overflow": I, "saturated": I, "clamped": opt(I),
                                 "clamp": opt(array(N, 2))}))}, required=("name", "status", "shape"))
 _BLOCK = obj({"block": S, "index": I, "params": N, "params_changed": N, "tensors": N, "tensors_changed": N,
