@@ -590,6 +590,40 @@ def test_two_gguf_quantizations_of_one_scheme_whose_codes_moved_are_inconclusive
         s.verdict_reason
 
 
+def test_two_legacy_schemes_of_a_fine_tune_keep_their_blocks_largest_values(tmp_path, rng):
+    """Q4_0 of a base against Q5_0 (or Q4_1, Q8_0) of a dense 1e-2 fine-tune of its linears read "QUANTIZED ONLY":
+    a fine-tune's change is far below a 4-bit step, so every value stayed within the two floors. But each legacy
+    encoder keeps its block's largest magnitude (d = max / -8, max / -16, amax / 127; min + 15 d), within a scale's
+    fp16 rounding: those moved, so derived (``quant.extremes_differ``). The same weights under two schemes, and
+    a float32 original against its bf16 copy under two schemes, stay quantized only."""
+    from weightdiff.kernels import reference as ref
+    from weightdiff.measure.quant_floor import extremes_differ
+
+    t = llama(rng, layers=2, hidden=64, inter=128, vocab=96, kv=32)
+    lin = dict(t)
+    for name in [n for n in t if n.endswith("proj.weight")]:
+        d = rng.standard_normal(t[name].shape)
+        lin[name] = (t[name] + d * 1e-2 * np.linalg.norm(t[name]) / np.linalg.norm(d)).astype(np.float32)
+    b16 = {k: ref.round_to(v, "BF16").reshape(v.shape).astype(np.float32) for k, v in t.items()}
+    g = lambda name, w, q: to_gguf(tmp_path / name, w, "llama", q, n_head=4, n_kv=2, layers=2)
+    qb = g("b4_0.gguf", t, Q.Q4_0)
+    for q in (Q.Q5_0, Q.Q4_1, Q.Q8_0, Q.Q5_1):
+        r = compare(qb, g(f"l{q.name}.gguf", lin, q), rank=False)
+        s = r.summary
+        assert s.verdict == "derived", (q.name, s.verdict, s.flags, s.verdict_reason)
+        moved = [x.quant for x in r.tensors if (x.quant or {}).get("extremes_differ")]
+        # (Q8_0's own floor is fine enough to catch the change element by element)
+        assert all(m["within"] is False for m in moved) and (moved or q == Q.Q8_0), q.name
+        for same in (t, b16):
+            s = compare(qb, g(f"s{q.name}{len(same)}{id(same) % 7}.gguf", same, q), rank=False).summary
+            assert s.verdict in ("quantized_only", "inconclusive"), (q.name, s.verdict, s.flags)
+    # the rule itself: a block's largest magnitude moved beyond both roundings and half a bf16 ulp
+    e = (2.0 ** -11, 0.0)
+    assert extremes_differ(np.array([1.0, 0.1]), np.array([1.0 + 2 ** -8, 0.0]), e, e, 2) == (0, 1)
+    assert extremes_differ(np.array([1.0, 0.1]), np.array([1.0 + 2 ** -7, 0.0]), e, e, 2) == (1, 1)
+    assert extremes_differ(np.array([-1.0, 0.1, 0.5]), np.array([0.9, 1.0, 0.5]), e, e, 2) == (0, 2)
+
+
 def test_two_q4_k_of_one_model_with_and_without_an_importance_matrix_are_not_derived(tmp_path, rng):
     # a Q4_K made with an importance matrix against a plain Q4_K of the same weights (two uploaders' quantizations
     # of one model) read DERIVED: each side's scales were checked against the other side's values, and the

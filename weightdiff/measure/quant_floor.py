@@ -38,7 +38,7 @@ from ..kernels.dtypes import DTYPES
 from ..kernels.quant import round_to
 from ..kernels.reference import decode
 
-__all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "scales_unchecked", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "CODES_MOVED_SHARE", "same_scheme", "NEAR_GRID_SHARE", "ratio_share"]
+__all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "scales_unchecked", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "CODES_MOVED_SHARE", "same_scheme", "extremes_differ", "extreme_rounding", "EXTREMES_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
 
 #: AWQ: share of elements beyond the floor a quantization of the base may leave, beside the group
 #: extremes its clipping search moved (``kernels.quant_floor.clipped_beyond``); AutoAWQ 0.2.9 on a
@@ -62,6 +62,56 @@ CAST_REL = 2.0 ** -8          # bf16 keeps 8 significant bits: half an ulp is up
 #: another precision), which move a few codes in a million. A dense fine-tune of relative size 1e-3 moves ~0.3% of
 #: int4 g128 codes, 1e-2 ~2%; quantizing a bf16 copy of the same float32 weights moves ~0.5% (int8 per channel: 7%)
 CODES_MOVED_SHARE = 1e-4
+
+#: quantizers that store each block's largest magnitude exactly but for the rounding of a scale, so that their
+#: dequantized block holds it (the element at an end code): llama.cpp's reference encoders of the legacy types
+#: (``quantize_row_q*_ref``: d = amax / 127, max / -8, max / -16; Q4_1 / Q5_1 keep min and min + 15 or 31 d, each
+#: within fp16 rounding: relative 2^-11 of d, of m and d for the _1 types, 2^-25 absolute where d is subnormal,
+#: times the levels) and bitsandbytes' nf4 and fp4 (float32 absmax times a code of 1; 2^-8 allows a dequantization
+#: in bf16). (relative, absolute) per scheme; a calibrated encoder (an importance matrix) refits its scales
+EXTREME_ROUNDING = {("gguf", "Q8_0"): (2.0 ** -11, 127 * 2.0 ** -25), ("gguf", "Q4_0"): (2.0 ** -11, 8 * 2.0 ** -25),
+                    ("gguf", "Q5_0"): (2.0 ** -11, 16 * 2.0 ** -25), ("gguf", "Q4_1"): (3 * 2.0 ** -11, 16 * 2.0 ** -25),
+                    ("gguf", "Q5_1"): (3 * 2.0 ** -11, 32 * 2.0 ** -25), ("bitsandbytes", "nf4"): (2.0 ** -8, 0.0),
+                    ("bitsandbytes", "fp4"): (2.0 ** -8, 0.0)}
+#: blocks whose largest magnitudes differ beyond the roundings, above which two such quantizations are not of the
+#: same weights (measured: none in 2,048-4,096 blocks for two schemes of the same weights, from one source or from a
+#: float32 original and its bf16 copy; 11-20% for a dense 1e-2 fine-tune of the linears)
+EXTREMES_SHARE = 1e-3
+
+
+def extreme_rounding(q: QuantScheme | None, ck, name: str) -> tuple[float, float, int] | None:
+    """(relative, absolute rounding, block length) of a quantized side whose dequantized blocks hold each block's
+    largest magnitude (``EXTREME_ROUNDING``), its blocks runs of the flat order; else None."""
+    if q is None or q.calibrated or not str(q.group).isdigit() or "nested" in q.scheme:
+        return None
+    r = EXTREME_ROUNDING.get((q.format, q.scheme.split(" ")[0]))
+    if r is None or (hasattr(ck, "claim_order") and ck.claim_order(name) != "rows"):
+        return None
+    return r[0], r[1], int(q.group)
+
+
+def extremes_differ(vb: np.ndarray, vt: np.ndarray, eb: tuple, et: tuple, block: int) -> tuple[int, int]:
+    """(blocks whose largest magnitudes differ beyond both sides' roundings and half a bf16 ulp, blocks) of one
+    window of two quantized sides (``extreme_rounding``: ``eb``, ``et``), in runs of ``block`` (a partial last
+    run counts as one). A quantizer of this kind given the same weights, or their bf16 rounding, stores the same
+    largest magnitudes, whatever its levels; a change of the weights moves them.
+
+    >>> extremes_differ(np.array([1.0, -0.5, 0.25, 0.0]), np.array([1.0, 0.5, 0.26, 0.3]), (2.0 ** -11, 0.0), (2.0 ** -11, 0.0), 2)
+    (1, 2)
+    """
+    n = min(len(vb), len(vt))
+    if not n or block < 1:
+        return 0, 0
+    whole = n - n % block
+    def amax(v):
+        a = np.abs(np.asarray(v[:n], np.float64))
+        out = a[:whole].reshape(-1, block).max(axis=1) if whole else np.zeros(0)
+        return np.concatenate([out, [a[whole:].max()]]) if whole < n else out
+    with np.errstate(invalid="ignore"):
+        ab, at = amax(vb), amax(vt)
+        tol = eb[0] * ab + eb[1] + et[0] * at + et[1] + CAST_REL * np.maximum(ab, at)
+        off = np.abs(ab - at) > tol
+    return int(np.count_nonzero(off)), len(ab)
 
 
 def _finite(x: float) -> float | None:
@@ -187,6 +237,13 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
                     claims_unchecked = True
                     continue
             claim_its.append((a, b, int(q.group), of_tuned, down))
+    # both sides quantized by encoders that keep each block's largest magnitude: those must agree (blocks of the
+    # larger length; GGUF's 32 divide bitsandbytes' 64)
+    ext_b = extreme_rounding(qb, base, bname) if side == "both" else None
+    ext_t = extreme_rounding(qt, tuned, tname) if side == "both" else None
+    ext_block = max(ext_b[2], ext_t[2]) if ext_b and ext_t and max(ext_b[2], ext_t[2]) % min(ext_b[2], ext_t[2]) == 0 \
+        and window % max(ext_b[2], ext_t[2]) == 0 else 0
+    ext_off = ext_blocks = 0
     implausible = 0
     nonzero = [False, False]                 # (plain side, quantized side) hold a non-zero value
     cols = np.zeros(max(ncols, 1), dtype=np.int64)
@@ -251,6 +308,10 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
             # (a transposed tensor's sub-blocks run down its columns, not along a window: no step-0 element counts)
             clipped += clamped_beyond(plain_v, quant_v, floor, end, cast_rel,
                                       int(qs.group) if str(qs.group).isdigit() and not columns else 0)
+        if ext_block:
+            o, k = extremes_differ(vb, vt, ext_b, ext_t, ext_block)
+            ext_off += o
+            ext_blocks += k
         mx = max(acc[3], part[3])
         acc += part
         acc[3] = mx                              # max_u combines with max, the rest with +
@@ -331,6 +392,16 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         # two such quantizations of the same weights differ beyond the two floors, as a fine-tune does
         info.update(within=None, note="both sides quantized, one by an error-compensating quantizer (GPTQ, AWQ): "
                                       "their floors do not bound the difference of two quantizations")
+    if ext_block and info.get("within") and ext_off > EXTREMES_SHARE * ext_blocks:
+        # each value within the two floors, but the blocks' largest magnitudes, which both encoders keep but for a
+        # scale's rounding, moved: no two such quantizations of the same weights (or of their bf16 rounding) leave
+        # that. Q4_0 of a base and Q5_0 of a dense 1e-2 fine-tune read "quantized only": a fine-tune's change is
+        # far below a 4-bit step, not below the rounding of a block's largest value
+        info.update(within=False, extremes_differ=ext_off, blocks=ext_blocks,
+                    note=f"both encoders keep each block's largest magnitude, and in {ext_off} of {ext_blocks} blocks "
+                         "those differ beyond their scales' rounding: no two quantizations of the same weights do that")
+    elif ext_block:
+        info["extremes_checked"] = ext_blocks
     if side == "both" and info.get("within") and n and same_scheme(qb, qt):
         # within the two floors says the values can be two quantizations of one number each, not that they are of
         # the same weights: one quantizer given the same weights stores the same codes, and a third of them moved by

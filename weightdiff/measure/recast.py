@@ -331,34 +331,43 @@ def twin_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, n
 #: tensors of a side read by ``side_on_grid`` (its largest of the dtype), and elements read of each
 GRID_WITNESSES = 4
 GRID_PROBE = 4096
+#: distinct values a witness must hold to say anything of a grid, and tensors looked at for witnesses at most
+GRID_DISTINCT = 16
+GRID_CANDIDATES = 16
 _GRID_SEEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def side_on_grid(ck, dtype: str, via: str, name: str) -> bool:
-    """Whether the side's other plain ``dtype`` tensors hold ``via`` values too: the first ``GRID_PROBE``
-    elements of its ``GRID_WITNESSES`` largest (name order among equals), ``name`` left out. A bf16 copy
-    stored wider is on the bf16 grid everywhere; a side with one tensor of ``dtype`` has nothing to say
-    against it. Cached per checkpoint, dtype and via (the largest tensors are the same ones each time;
-    the tensor under test is left out only where it is one of them)."""
+    """Whether the side's other plain ``dtype`` tensors show it holds ``via`` values: the first ``GRID_PROBE``
+    elements of its largest ones (name order among equals), ``name`` left out, until ``GRID_WITNESSES`` of them hold
+    at least ``GRID_DISTINCT`` distinct values, every one of those on ``via``'s grid. A tensor of few values (an
+    all-ones norm, a zero bias) is on every grid and says nothing: a quantized GGUF whose float tensors are norms
+    as initialised read "the base holds the rounded values" beside a fine-tune's trained norms. No such tensor:
+    False (nothing shows the side is a rounded copy). Cached per checkpoint, dtype and via."""
     from ..kernels.reference import decode, round_to
     ck = getattr(ck, "_ck", ck)                       # a tensor held in memory (transposed): its checkpoint
     tensors = getattr(ck, "tensors", None) or {}
     names = sorted((n for n, info in tensors.items() if n != name and getattr(info, "dtype", None) == dtype
-                    and _plain(ck, n) and getattr(info, "numel", 0) >= 16),
-                   key=lambda n: (-tensors[n].numel, n))[:GRID_WITNESSES]
+                    and _plain(ck, n) and getattr(info, "numel", 0) >= GRID_DISTINCT),
+                   key=lambda n: (-tensors[n].numel, n))[:GRID_CANDIDATES]
     try:
         seen = _GRID_SEEN.setdefault(ck, {})
     except TypeError:                                  # not weakly referenceable: no cache
         seen = {}
     key = (dtype, via, tuple(names))
     if key not in seen:
-        ok = True
+        informative, ok = 0, True
         for n in names:
             k = min(GRID_PROBE, tensors[n].numel)
             v = decode(np.asarray(next(iter(ck.windows(n, k, 0, k)))).reshape(-1), dtype)
             v = v[np.isfinite(v)]
+            if np.unique(v).size < GRID_DISTINCT:
+                continue
             if not (round_to(v, via) == v).all():
                 ok = False
                 break
-        seen[key] = ok
+            informative += 1
+            if informative >= GRID_WITNESSES:
+                break
+        seen[key] = ok and informative > 0
     return seen[key]
