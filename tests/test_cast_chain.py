@@ -326,3 +326,24 @@ def test_a_norm_scaled_below_bf16_rounding_is_not_a_rounded_base(tmp_path, base)
         s = r.summary
         assert s.verdict == "inconclusive" and "off_grid_mixed" in s.flags, (dtype, s.verdict, s.flags)
         assert r.tensor(norm).status == "rounding"
+
+
+def test_a_side_of_constant_tensors_is_no_witness_of_a_grid(tmp_path):
+    """A quantized GGUF's float tensors are its norms; as initialised they are all ones, on every grid. A base whose
+    other float tensors are such says nothing of holding bf16 values: a trained norm beside them reads changed, not
+    "two roundings, the base's through bf16". With a varied bf16-valued tensor beside it, the same norm is a twin."""
+    from weightdiff.comparison import compare
+    from weightdiff.io.safetensors_write import save_file
+
+    rng = np.random.default_rng(2)
+    b = {f"model.layers.{i}.input_layernorm.weight": np.ones(256, np.float32) for i in range(4)}
+    t = dict(b)
+    t["model.layers.0.input_layernorm.weight"] = (1 + 3e-4 * rng.standard_normal(256)).astype(np.float32)
+    r = compare(save_file(tmp_path / "b.safetensors", b), save_file(tmp_path / "t.safetensors", t), rank=False)
+    rec = r.tensor("model.layers.0.input_layernorm.weight")
+    assert rec.status == "changed" and rec.cast is None, (rec.status, rec.cast)
+    b["model.embed_tokens.weight"] = _bf16(rng.standard_normal((64, 32)))
+    t["model.embed_tokens.weight"] = b["model.embed_tokens.weight"]
+    r = compare(save_file(tmp_path / "b2.safetensors", b), save_file(tmp_path / "t2.safetensors", t), rank=False)
+    rec = r.tensor("model.layers.0.input_layernorm.weight")
+    assert rec.status == "rounding" and rec.cast["rounded"] == "base", (rec.status, rec.cast)
