@@ -231,6 +231,10 @@ def _clamp_cast(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str,
             "saturated": 0, "clamped": clamped}
 
 
+#: elements per window of ``twin_test`` after its probe (8 MB of float64 an array)
+TWIN_WINDOW = 1 << 20
+
+
 def twin_vias(dtype_b: str, dtype_t: str) -> list[str]:
     """The narrower dtypes (fewer mantissa bits than either side) one side of a pair may hold its values in
     while stored wider: ``BF16`` and ``F16`` between float32 sides, ``BF16`` where a side is F16."""
@@ -300,7 +304,8 @@ def twin_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, n
     missed = {(v, side): 0 for v in vias for side in ("tuned", "base")}
     overflow = dict.fromkeys(missed, 0)
     first = min(4096, end)                    # a fine-tune fails in the probe: one small read, not a window
-    spans = [(0, first, first)] + ([(first, end, window)] if end > first else [])
+    # windows of TWIN_WINDOW: the rule holds about twenty float64 arrays of a window at once
+    spans = [(0, first, first)] + ([(first, end, min(window, TWIN_WINDOW))] if end > first else [])
     for wb, wt in ((wb, wt) for a, b_, step in spans
                    for wb, wt in zip(base.windows(bname, step, a, b_), tuned.windows(tname, step, a, b_))):
         xb = decode(np.asarray(wb).reshape(-1), dtype_b)
