@@ -283,6 +283,10 @@ def test_twin_rule_against_brute_force_roundings():
     random magnitudes from float16 subnormals to large values is explained, in either role; a coarse value moved
     by one step of V (or a fine value put on V's grid off the coarse one) is not, where the sides' dtype is finer
     than V by at least two bits there."""
+    # a float16 0.99756 beside a bf16 1.0 (stored in float16): bf16 rounds to 1.0 only from 1 - 2^-9 = 0.99805 up, and
+    # float16 rounds 0.99756 from at most 0.99780: no one original (a norm-only fine-tune read cast_only)
+    assert not recast._twin_explained(np.array([float(np.float16(0.9975))]), "F16", np.array([1.0]), "F16", "BF16")[0]
+    assert recast._twin_explained(np.array([float(np.float16(0.9982))]), "F16", np.array([1.0]), "F16", "BF16")[0]
     rng = np.random.default_rng(7)
     x = np.concatenate([rng.standard_normal(20000) * 10.0 ** rng.uniform(-9, 4, 20000),
                         [1.0, 1 - 2.0 ** -9, 1 - 2.0 ** -10, 2.0 ** -14, 65504.0, -3e-8]])

@@ -248,7 +248,8 @@ def _twin_explained(fine: np.ndarray, dt_fine: str, coarse: np.ndarray, dt_coars
     """Elements where ``fine`` (stored in ``dt_fine``) and ``coarse`` (in ``dt_coarse``, holding ``via``
     values) can be the two roundings of one original ``x``: ``fine = round(x)`` and ``coarse =
     round(round_via(x))``. Equal values, or a ``coarse`` that ``via`` represents within half an ulp of
-    ``via`` and of each side's dtype of ``fine`` (the three roundings' reach), with ``fine`` not itself a
+    ``via`` and of ``dt_fine`` at ``fine`` (and of ``dt_coarse`` where that holds ``via`` values inexactly,
+    below its normal range: a float16 norm gain of 0.99756 is no rounding of a bf16 1.0), with ``fine`` not itself a
     ``via`` value where ``dt_fine`` is at least twice as fine there (then ``round_via(x)`` is ``fine``, and
     ``coarse`` would equal it)."""
     from ..kernels.reference import half_ulp, round_to
@@ -258,7 +259,9 @@ def _twin_explained(fine: np.ndarray, dt_fine: str, coarse: np.ndarray, dt_coars
         a, b = np.where(ok, fine, 0.0), np.where(ok, coarse, 0.0)
         m = np.abs(a)
         h_via, h_fine = half_ulp(m, via), half_ulp(m, dt_fine)
-        near = ok & (round_to(b, via) == b) & (np.abs(a - b) <= h_via + h_fine + half_ulp(np.abs(b), dt_coarse))
+        # the coarse dtype holds a via value exactly but below its normal range (float16's subnormals)
+        h_c = np.where(np.abs(b) < np.ldexp(1.0, DTYPES[dt_coarse].emin), half_ulp(np.abs(b), dt_coarse), 0.0)
+        near = ok & (round_to(b, via) == b) & (np.abs(a - b) <= h_via + h_fine + h_c)
         near &= ~((2 * h_fine <= h_via) & (round_to(a, via) == a))
         near &= m - h_fine < _overflow_at(via)          # a finite coarse value: the original was in via's range
         # past a side's range: an infinity of the sign the other side's value, within the roundings, reaches
