@@ -27,6 +27,7 @@ def _reference(counted, records, declared):
                               and r.compared != "factors" for r in counted)),
         ("nonfinite", any((r.nonfinite or 0) > 0 for r in records)),
         ("cast_rounded_twice", any(r.cast and r.cast.get("through") for r in counted)),
+        ("cast_two_roundings", any(r.cast and r.cast.get("rounded") for r in counted)),
         ("cast_base_rounded", any(r.cast and r.cast.get("rounded") == "base" for r in counted)),
         ("nonfinite_changes", any(verdict.nonfinite_only(r) for r in counted)),
         ("awq_scaled", verdict.awq_scaled([r for r in counted if r.status in ("changed", "resized")])),
@@ -100,7 +101,7 @@ def test_flags_match_their_definitions(seed):
 
 
 def test_every_flag_is_listed_in_order():
-    assert len(set(verdict.FLAG_ORDER)) == len(verdict.FLAG_ORDER) == 28
+    assert len(set(verdict.FLAG_ORDER)) == len(verdict.FLAG_ORDER) == 29
 
 
 def test_meta_layout_unmapped_needs_relayout_and_a_meta_query_or_key():

@@ -180,7 +180,7 @@ def _declared(declared: dict | None) -> dict:
 #: every flag ``_flags`` can raise, in the order the JSON lists them
 FLAG_ORDER = ("added_tensors", "removed_tensors", "resized_embeddings", "shape_mismatch", "composite_base",
               "adapter", "tied_lm_head", "dtype_changed", "nonfinite", "cast_rounded_twice",
-              "cast_base_rounded", "nonfinite_changes", "awq_scaled", "quant_untested", "quant_both_compensated", "quant_both_moved",
+              "cast_two_roundings", "cast_base_rounded", "nonfinite_changes", "awq_scaled", "quant_untested", "quant_both_compensated", "quant_both_moved",
               "cast_offset",
               "cast_overflow", "bytes_compared", "partial_spectrum", "content_paired",
               "declared_base_mismatch", "relayout", "meta_layout_unmapped", "unpaired_lookalikes",
@@ -225,6 +225,8 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
         if cast:
             if cast.get("through"):
                 on.add("cast_rounded_twice")
+            if cast.get("rounded"):
+                on.add("cast_two_roundings")
             if cast.get("rounded") == "base":
                 on.add("cast_base_rounded")
             if any("1 + w" in str(c) for c in cast.get("chain") or ()):

@@ -216,10 +216,12 @@ def _verdict_title(summary: dict) -> str:
             and "cast_offset" in (summary.get("flags") or []):
         return ("CAST ONLY: every difference is the rounding of storing weights as 1 + w (a GGUF's norm "
                 "weights), not training.")
-    if v == "cast_only" and "cast_base_rounded" in (summary.get("flags") or []):
-        # the base given is the rounded copy (a bf16 copy stored as float32) and the tuned model the original
-        return ("CAST ONLY: every difference is one rounding through a narrower dtype, and the base holds the "
-                "rounded values (a rounded copy of these weights, or both copies of one original), not training.")
+    if v == "cast_only" and "cast_two_roundings" in (summary.get("flags") or []):
+        # no chain gives the tuned values from the base's: within one rounding is no proof, so no "not training"
+        who = "the base holds" if "cast_base_rounded" in (summary.get("flags") or []) else "one side holds"
+        return (f"CAST ONLY: every difference is within one rounding through a narrower dtype, and {who} the rounded "
+                "values: two roundings of one original, or a change smaller than that rounding, which the weights "
+                "cannot tell apart.")
     if v == "cast_only" and "dtype_changed" not in (summary.get("flags") or []) \
             and "cast_rounded_twice" in (summary.get("flags") or []):
         # a float32 model loaded as bf16 and saved back as float32: no dtype changed, yet every value moved
