@@ -16,6 +16,8 @@ Differences from the reference are summation order only (compare with rtol).
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -31,7 +33,7 @@ from .reference import IDX, NSTATS, STAT_FIELDS, combine, finalize  # noqa: F401
 _ensure_numba_cache()     # before the first cache=True decorator: numba places its cache when it decorates
 
 __all__ = ["STAT_FIELDS", "NSTATS", "CHUNK", "delta_stats", "delta_stats_many", "bytes_stats", "combine", "finalize",
-           "decode_delta_f32", "decode_delta_f64", "noise_scatter", "recast_counts", "set_threads", "get_threads",
+           "decode_delta_f32", "decode_delta_f64", "noise_scatter", "recast_counts", "twin_counts", "set_threads", "get_threads",
            "precompile"]
 
 #: elements per chunk: the unit of parallel work and of deterministic summation
@@ -569,6 +571,122 @@ def recast_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str,
         _recast_chunk(*args, 0, b.size, out)
     else:
         out = _recast_driver(*args)
+    return out.astype(np.float64)
+
+
+@_jit
+def _half_ulp_at(ax, mant, emin):
+    """``reference.half_ulp`` of one finite magnitude: 2 ** (max(floor(log2 ax), emin) - mant - 1), 0 below
+    float64's least subnormal (as ``np.ldexp`` rounds it)."""
+    e = ((_f64_bits(ax) >> 52) & 0x7FF) - 1023
+    if e < emin:
+        e = emin
+    k = e - mant - 1
+    if k >= -1022:
+        return _as_f64(np.int64(k + 1023) << 52)
+    if k >= -1074:
+        return _as_f64(np.int64(1) << (k + 1074))
+    return 0.0
+
+
+@_jit
+def _sign(x):
+    return 1 if x > 0.0 else (-1 if x < 0.0 else 0)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")   # inlined in the parallel driver: its speed
+def _twin_chunk(b, t, cb, ct, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm, f16, fp8, lo, hi, counts):
+    """Elements [lo, hi) of ``_twin_driver``, added into ``counts`` (``nk x 2``). ``dm``, ``de``, ``dovf``,
+    ``dnorm``: mantissa bits, emin, overflow magnitude and least normal of (base, tuned)."""
+    nk = vm.size
+    fb = np.empty(SUB)
+    ft = np.empty(SUB)
+    for s0 in range(lo, hi, SUB):
+        m = min(SUB, hi - s0)
+        xb = fb[:m]
+        xt = ft[:m]
+        _decode_into(b[s0:s0 + m], cb, f16, fp8, xb)
+        _decode_into(t[s0:s0 + m], ct, f16, fp8, xt)
+        for i in range(m):
+            for k in range(nk):
+                if side[k] == 0:           # the tuned side holds via's values
+                    f, c, jf, jc = xb[i], xt[i], 0, 1
+                else:
+                    f, c, jf, jc = xt[i], xb[i], 1, 0
+                if f == c or (f != f and c != c):
+                    continue
+                finf = (f - f) == 0.0
+                finc = (c - c) == 0.0
+                ok = False
+                ovf = False
+                if finf and finc:
+                    a = abs(f)
+                    ac = abs(c)
+                    hv = _half_ulp_at(a, vm[k], ve[k])
+                    hf = _half_ulp_at(a, dm[jf], de[jf])
+                    hc = _half_ulp_at(ac, dm[jc], de[jc]) if ac < dnorm[jc] else 0.0
+                    ok = _round_to(c, vm[k], ve[k], vtop[k]) == c and abs(f - c) <= hv + hf + hc
+                    if ok and 2 * hf <= hv and _round_to(f, vm[k], ve[k], vtop[k]) == f:
+                        ok = False
+                    if ok and not (a - hf < vovf[k]):
+                        ok = False
+                elif finc and f == f:        # fine an infinity, coarse finite
+                    ac = abs(c)
+                    ok = _sign(f) == _sign(c) and ac + _half_ulp_at(ac, vm[k], ve[k]) >= dovf[jf]
+                    ovf = ok
+                elif finf and c == c:        # coarse an infinity, fine finite
+                    a = abs(f)
+                    ok = _sign(f) == _sign(c) and \
+                        a + _half_ulp_at(a, dm[jf], de[jf]) + _half_ulp_at(a, vm[k], ve[k]) >= min(vovf[k], dovf[jc])
+                    ovf = ok
+                if not ok:
+                    counts[k, 0] += 1
+                elif ovf:
+                    counts[k, 1] += 1
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _twin_driver(b, t, cb, ct, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm, f16, fp8):
+    n = b.size
+    nk = vm.size
+    nchunks = (n + CHUNK - 1) // CHUNK
+    parts = np.zeros((nchunks, nk, 2), dtype=np.int64)
+    for c in prange(nchunks):
+        _twin_chunk(b, t, cb, ct, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm, f16, fp8,
+                    c * CHUNK, min(n, (c + 1) * CHUNK), parts[c])
+    out = np.zeros((nk, 2), dtype=np.int64)
+    for c in range(nchunks):
+        out += parts[c]
+    return out
+
+
+def twin_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, keys) -> np.ndarray:
+    """Which elements two roundings of one original explain -> float64[len(keys), 2]; see
+    ``kernels.reference.twin_counts`` (integer counts: equal to it exactly, on any thread count)."""
+    for name in (dtype_base, dtype_tuned, *(v for v, _ in keys)):
+        if name not in reference.RECAST_DTYPES:
+            raise ValueError(f"dtype {name} is not one a cast chain is modelled for "
+                             f"({', '.join(reference.RECAST_DTYPES)})")
+    b, t = _bits(base_raw, dtype_base), _bits(tuned_raw, dtype_tuned)
+    if b.size != t.size:
+        raise ValueError(f"base window has {b.size} elements, tuned window {t.size}")
+    side = np.array([0 if s == "tuned" else 1 for _, s in keys], dtype=np.int64)
+    vm = np.array([DTYPES[v].mant_bits for v, _ in keys], dtype=np.int64)
+    ve = np.array([DTYPES[v].emin for v, _ in keys], dtype=np.int64)
+    vtop = np.array([reference.max_finite(v) for v, _ in keys], dtype=np.float64)
+    vovf = np.array([reference.overflow_at(v) for v, _ in keys], dtype=np.float64)
+    dts = (dtype_base, dtype_tuned)
+    dm = np.array([DTYPES[d].mant_bits for d in dts], dtype=np.int64)
+    de = np.array([DTYPES[d].emin for d in dts], dtype=np.int64)
+    dovf = np.array([reference.overflow_at(d) for d in dts], dtype=np.float64)
+    dnorm = np.array([math.ldexp(1.0, DTYPES[d].emin) for d in dts], dtype=np.float64)
+    args = (b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm,
+            _F16_TABLE, _FP8)
+    if b.size <= CHUNK:                  # one chunk: no thread-pool launch (see ``delta_stats``); integer counts
+        out = np.zeros((vm.size, 2), dtype=np.int64)
+        _twin_chunk(*args, 0, b.size, out)
+    else:
+        out = _twin_driver(*args)
     return out.astype(np.float64)
 
 

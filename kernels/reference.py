@@ -374,6 +374,77 @@ def round_to(x, dtype: str) -> np.ndarray:
     return x
 
 
+#: the columns of ``twin_counts``, one row per (via, rounded side)
+TWIN_FIELDS = ("unexplained", "overflow")
+
+
+def overflow_at(dtype: str) -> float:
+    """The smallest magnitude that rounds to infinity in ``dtype``: its largest finite value plus half an ulp.
+
+    >>> overflow_at("F16"), overflow_at("F64")
+    (65520.0, inf)
+    """
+    if dtype == "F64":
+        return math.inf
+    top = max_finite(dtype)
+    return top + math.ldexp(1.0, math.frexp(top)[1] - 2 - DTYPES[dtype].mant_bits)
+
+
+def twin_explained(fine, dt_fine: str, coarse, dt_coarse: str, via: str) -> np.ndarray:
+    """Elements (float64 values) where ``fine`` (stored in ``dt_fine``) and ``coarse`` (in ``dt_coarse``, holding
+    ``via`` values) can be the two roundings of one original ``x``: ``fine = round(x)`` and ``coarse =
+    round(round_via(x))``. Equal values (NaN equal to NaN); or both finite, ``coarse`` a ``via`` value, and
+    ``|fine - coarse|`` at most half an ulp of ``via`` and of ``dt_fine`` at ``|fine|`` (and of ``dt_coarse`` at
+    ``|coarse|`` where that is below its normal range, the only place it holds a ``via`` value inexactly: a float16
+    norm gain of 0.99756 is no rounding of a bf16 1.0), with ``fine`` not itself a ``via`` value where ``dt_fine``'s
+    half ulp is at most half ``via``'s (then ``round_via(x)`` would be ``fine``), and ``|fine|`` less half an ulp
+    of ``dt_fine`` below ``via``'s overflow; or one side an infinity of the other's sign, the other side within
+    the roundings' reach of that side's overflow (the coarse side's: via's or its own dtype's, the lesser).
+
+    >>> twin_explained(np.array([1.0009765625, 0.99755859375]), "F16", np.array([1.0, 1.0]), "F16", "BF16").tolist()
+    [True, False]
+    """
+    fine = np.asarray(fine, np.float64)
+    coarse = np.asarray(coarse, np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        same = (fine == coarse) | (np.isnan(fine) & np.isnan(coarse))
+        ok = np.isfinite(fine) & np.isfinite(coarse) & ~same
+        a, b = np.where(ok, fine, 0.0), np.where(ok, coarse, 0.0)
+        m = np.abs(a)
+        h_via, h_fine = half_ulp(m, via), half_ulp(m, dt_fine)
+        h_c = np.where(np.abs(b) < math.ldexp(1.0, DTYPES[dt_coarse].emin), half_ulp(np.abs(b), dt_coarse), 0.0)
+        near = ok & (round_to(b, via) == b) & (np.abs(a - b) <= h_via + h_fine + h_c)
+        near &= ~((2 * h_fine <= h_via) & (round_to(a, via) == a))
+        near &= m - h_fine < overflow_at(via)
+        inf_f, inf_c = np.isinf(fine) & np.isfinite(coarse), np.isinf(coarse) & np.isfinite(fine)
+        sign = np.sign(fine) == np.sign(coarse)
+        c, f = np.where(inf_f, np.abs(coarse), 0.0), np.where(inf_c, np.abs(fine), 0.0)
+        near |= inf_f & sign & (c + half_ulp(c, via) >= overflow_at(dt_fine))
+        # (the coarse side overflows where via does or its own dtype does)
+        near |= inf_c & sign & (f + half_ulp(f, dt_fine) + half_ulp(f, via) >= min(overflow_at(via), overflow_at(dt_coarse)))
+    return same | near
+
+
+def twin_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, keys) -> np.ndarray:
+    """Which elements two roundings of one original explain -> float64[len(keys), 2] (columns ``TWIN_FIELDS``).
+
+    ``keys``: (via, rounded) pairs, ``rounded`` "tuned" or "base", the side taken to hold ``via``'s values
+    (``coarse`` of ``twin_explained``, the other side ``fine``). ``unexplained`` counts the elements
+    ``twin_explained`` does not explain; ``overflow`` the explained ones where exactly one side is an infinity.
+    Counts are integers, so windows add.
+    """
+    b = decode(base_raw, dtype_base)
+    t = decode(tuned_raw, dtype_tuned)
+    if b.shape != t.shape:
+        raise ValueError(f"base window has {b.size} elements, tuned window {t.size}")
+    out = np.zeros((len(keys), len(TWIN_FIELDS)))
+    for i, (via, side) in enumerate(keys):
+        fine, dt_f, coarse, dt_c = (b, dtype_base, t, dtype_tuned) if side == "tuned" else (t, dtype_tuned, b, dtype_base)
+        ex = twin_explained(fine, dt_f, coarse, dt_c, via)
+        out[i] = (ex.size - np.count_nonzero(ex), np.count_nonzero(ex & (np.isinf(fine) != np.isinf(coarse))))
+    return out
+
+
 def recast_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, vias=RECAST_VIAS) -> np.ndarray:
     """Which elements a cast chain explains -> float64[len(vias), 3] (columns ``RECAST_FIELDS``).
 

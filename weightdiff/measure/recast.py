@@ -231,10 +231,6 @@ def _clamp_cast(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str,
             "saturated": 0, "clamped": clamped}
 
 
-#: elements per window of ``twin_test`` after its probe (8 MB of float64 an array)
-TWIN_WINDOW = 1 << 20
-
-
 def twin_vias(dtype_b: str, dtype_t: str) -> list[str]:
     """The narrower dtypes (fewer mantissa bits than either side) one side of a pair may hold its values in
     while stored wider: ``BF16`` and ``F16`` between float32 sides, ``BF16`` where a side is F16."""
@@ -244,41 +240,10 @@ def twin_vias(dtype_b: str, dtype_t: str) -> list[str]:
     return [v for v in ("BF16", "F16") if DTYPES[v].mant_bits < bits]
 
 
-def _twin_explained(fine: np.ndarray, dt_fine: str, coarse: np.ndarray, dt_coarse: str, via: str) -> np.ndarray:
-    """Elements where ``fine`` (stored in ``dt_fine``) and ``coarse`` (in ``dt_coarse``, holding ``via``
-    values) can be the two roundings of one original ``x``: ``fine = round(x)`` and ``coarse =
-    round(round_via(x))``. Equal values, or a ``coarse`` that ``via`` represents within half an ulp of
-    ``via`` and of ``dt_fine`` at ``fine`` (and of ``dt_coarse`` where that holds ``via`` values inexactly,
-    below its normal range: a float16 norm gain of 0.99756 is no rounding of a bf16 1.0), with ``fine`` not itself a
-    ``via`` value where ``dt_fine`` is at least twice as fine there (then ``round_via(x)`` is ``fine``, and
-    ``coarse`` would equal it)."""
-    from ..kernels.reference import half_ulp, round_to
-    with np.errstate(invalid="ignore", over="ignore"):
-        same = (fine == coarse) | (np.isnan(fine) & np.isnan(coarse))
-        ok = np.isfinite(fine) & np.isfinite(coarse) & ~same
-        a, b = np.where(ok, fine, 0.0), np.where(ok, coarse, 0.0)
-        m = np.abs(a)
-        h_via, h_fine = half_ulp(m, via), half_ulp(m, dt_fine)
-        # the coarse dtype holds a via value exactly but below its normal range (float16's subnormals)
-        h_c = np.where(np.abs(b) < np.ldexp(1.0, DTYPES[dt_coarse].emin), half_ulp(np.abs(b), dt_coarse), 0.0)
-        near = ok & (round_to(b, via) == b) & (np.abs(a - b) <= h_via + h_fine + h_c)
-        near &= ~((2 * h_fine <= h_via) & (round_to(a, via) == a))
-        near &= m - h_fine < _overflow_at(via)          # a finite coarse value: the original was in via's range
-        # past a side's range: an infinity of the sign the other side's value, within the roundings, reaches
-        inf_f, inf_c = np.isinf(fine) & np.isfinite(coarse), np.isinf(coarse) & np.isfinite(fine)
-        if inf_f.any() or inf_c.any():
-            sign = np.sign(fine) == np.sign(coarse)
-            c, f = np.where(inf_f, np.abs(coarse), 0.0), np.where(inf_c, np.abs(fine), 0.0)
-            near |= inf_f & sign & (c + half_ulp(c, via) >= _overflow_at(dt_fine))
-            near |= inf_c & sign & (f + half_ulp(f, dt_fine) + half_ulp(f, via) >= _overflow_at(dt_coarse))
-    return same | near
-
-
-def _overflow_at(dtype: str) -> float:
-    """The smallest magnitude that rounds to infinity in ``dtype`` (its largest finite value plus half an ulp)."""
-    from ..kernels.reference import max_finite
-    top = max_finite(dtype)
-    return top + math.ldexp(1.0, math.frexp(top)[1] - 2 - DTYPES[dtype].mant_bits) if dtype != "F64" else math.inf
+def _twin_explained(fine, dt_fine: str, coarse, dt_coarse: str, via: str) -> np.ndarray:
+    """``kernels.reference.twin_explained``: the rule ``twin_test`` counts with ``kernels.cpu.twin_counts``."""
+    from ..kernels.reference import twin_explained
+    return twin_explained(fine, dt_fine, coarse, dt_coarse, via)
 
 
 def twin_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, numel: int,
@@ -296,8 +261,8 @@ def twin_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, n
     ``[dtype_b, through, dtype_t]``. A fine-tune fails in the first small read: it moves values by more than
     a rounding somewhere, and a side trained in bf16 moves its bf16 values by whole steps, which no
     rounding of the same original gives. A change smaller than half a step of the narrower dtype does not
-    show (as for any cast)."""
-    from ..kernels.reference import decode
+    show (as for any cast). Counted by ``kernels.cpu.twin_counts`` (the rule: ``kernels.reference.twin_explained``),
+    probe first, as ``cast_test``; the probe's 65,536 elements fail a fine-tune."""
     vias = twin_vias(dtype_b, dtype_t)
     if not vias or numel <= 0 or not (_plain(base, bname) and _plain(tuned, tname)):
         return None
@@ -306,20 +271,17 @@ def twin_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, n
     # (via, rounded side) -> unexplained elements so far
     missed = {(v, side): 0 for v in vias for side in ("tuned", "base")}
     overflow = dict.fromkeys(missed, 0)
-    first = min(4096, end)                    # a fine-tune fails in the probe: one small read, not a window
-    # windows of TWIN_WINDOW: the rule holds about twenty float64 arrays of a window at once
-    spans = [(0, first, first)] + ([(first, end, min(window, TWIN_WINDOW))] if end > first else [])
+    first = min(PROBE, end)                   # a fine-tune fails in the probe: one small read, not a window
+    spans = [(0, first, first)] + ([(first, end, window)] if end > first else [])
     for wb, wt in ((wb, wt) for a, b_, step in spans
                    for wb, wt in zip(base.windows(bname, step, a, b_), tuned.windows(tname, step, a, b_))):
-        xb = decode(np.asarray(wb).reshape(-1), dtype_b)
-        xt = decode(np.asarray(wt).reshape(-1), dtype_t)
-        for via, side in list(missed):
-            fine, dt_f, coarse, dt_c = (xb, dtype_b, xt, dtype_t) if side == "tuned" else (xt, dtype_t, xb, dtype_b)
-            ex = _twin_explained(fine, dt_f, coarse, dt_c, via)
-            missed[(via, side)] += int(ex.size - np.count_nonzero(ex))
-            overflow[(via, side)] += int(np.count_nonzero(ex & (np.isinf(fine) != np.isinf(coarse))))
-            if missed[(via, side)] > budget:
-                del missed[(via, side)]
+        keys = list(missed)
+        counts = cpu.twin_counts(wb, wt, dtype_b, dtype_t, keys)
+        for key, row in zip(keys, counts.tolist()):
+            missed[key] += int(row[0])
+            overflow[key] += int(row[1])
+            if missed[key] > budget:
+                del missed[key]
         if not missed:
             return None
     # the side said to hold the narrower dtype's values must hold them elsewhere too: a float32 base whose
