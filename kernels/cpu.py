@@ -594,6 +594,14 @@ def _sign(x):
     return 1 if x > 0.0 else (-1 if x < 0.0 else 0)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _decode_pair(b, t, cb, ct, f16, fp8, s0, m, fb, ft):
+    """Elements [s0, s0 + m) of both raw windows decoded into the scratch ``fb``, ``ft``: their first m."""
+    _decode_into(b[s0:s0 + m], cb, f16, fp8, fb[:m])
+    _decode_into(t[s0:s0 + m], ct, f16, fp8, ft[:m])
+    return fb[:m], ft[:m]
+
+
 @numba.njit(cache=True, nogil=True, inline="always")   # inlined in the parallel driver: its speed
 def _twin_chunk(b, t, cb, ct, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm, f16, fp8, lo, hi, counts):
     """Elements [lo, hi) of ``_twin_driver``, added into ``counts`` (``nk x 2``). ``dm``, ``de``, ``dovf``,
@@ -602,12 +610,8 @@ def _twin_chunk(b, t, cb, ct, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm, f16
     fb = np.empty(SUB)
     ft = np.empty(SUB)
     for s0 in range(lo, hi, SUB):
-        m = min(SUB, hi - s0)
-        xb = fb[:m]
-        xt = ft[:m]
-        _decode_into(b[s0:s0 + m], cb, f16, fp8, xb)
-        _decode_into(t[s0:s0 + m], ct, f16, fp8, xt)
-        for i in range(m):
+        xb, xt = _decode_pair(b, t, cb, ct, f16, fp8, s0, min(SUB, hi - s0), fb, ft)
+        for i in range(xb.size):
             for k in range(nk):
                 if side[k] == 0:           # the tuned side holds via's values
                     f, c, jf, jc = xb[i], xt[i], 0, 1
