@@ -251,7 +251,7 @@ def _chunk_stats(b, t, start, stop, cb, ct, same, mb, eb, mt, et, f16, fp8, row)
                 y = ft[i]
                 ad = _f64_bits(y - x) & _ABS_MASK
                 mx = max(mx, ad)
-                n_bey += ad > _half_ulp_bits(_f64_bits(x) & _ABS_MASK, mb, eb, mt, et)
+                n_bey += ad > _half_ulp_bits(min(_f64_bits(x) & _ABS_MASK, _f64_bits(y) & _ABS_MASK), mb, eb, mt, et)
                 n_flip += ((x < 0.0) & (y > 0.0)) | ((x > 0.0) & (y < 0.0))
     row[_I_COUNT] = stop - start
     row[_I_B2] = s_b2
@@ -504,7 +504,7 @@ def _recast_chunk(b, t, cb, ct, mb, eb, mt, et, vm, ve, vtop, tm, te, ttop, lim,
             within = x == y or (x != x and y != y)
             if finx and (y - y) == 0.0 and not within:
                 d = abs(y - x)
-                within = _f64_bits(d) <= _half_ulp_bits(_f64_bits(abs(x)), mb, eb, mt, et)
+                within = _f64_bits(d) <= _half_ulp_bits(min(_f64_bits(abs(x)), _f64_bits(abs(y))), mb, eb, mt, et)
             if within and abs(x) < lim:
                 continue
             for v in range(nv):

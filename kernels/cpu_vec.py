@@ -136,7 +136,11 @@ def _fused_codegen(context, builder, sig, args):
             ad = builder.and_(builder.bitcast(d, i64x8), absm)
             m = builder.load(mx)
             builder.store(builder.select(builder.icmp_signed(">", ad, m), ad, m), mx)
-            e = builder.sub(builder.and_(builder.bitcast(x, i64x8), expm), dkv)
+            # the bound at the lesser magnitude of the two (abs bits order like the magnitudes)
+            ax = builder.and_(builder.bitcast(x, i64x8), absm)
+            ay = builder.and_(builder.bitcast(y, i64x8), absm)
+            lesser = builder.select(builder.icmp_signed("<", ay, ax), ay, ax)
+            e = builder.sub(builder.and_(lesser, expm), dkv)
             bound = builder.select(builder.icmp_signed(">", e, ckv), e, ckv)
             count(bey, builder.icmp_signed(">", ad, bound))
             count(ne, builder.fcmp_unordered("!=", x, y))
@@ -167,7 +171,7 @@ def _fused(typingctx, b, t, dk, ck):
     ``b``, ``t``: contiguous float64 scratch, or raw bf16 (uint16) / float32 (uint32) bits
     decoded in the registers; the length a multiple of ``LANES``. The sums follow ``_vsums``'
     order exactly, so raw and scratch inputs give the same bits. ``n_ne`` counts values
-    that differ (``x != y``); the bound is ``max(bits(x) & EXP - dk, ck)``, valid when it is
+    that differ (``x != y``); the bound is ``max(min(abs bits(x), abs bits(y)) & EXP - dk, ck)``, valid when it is
     a normal float64. Meaningful only when the sums come out finite (no NaN or Inf).
     """
     if all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (b, t)):

@@ -149,7 +149,8 @@ def _half_ulp_params(dtype_base: str, dtype_tuned: str):
 
 
 def _half_ulp(torch, xs, params):
-    """Half an ulp of the coarser dtype at ``abs(xs)`` (same float dtype as ``xs``).
+    """Half an ulp of the coarser dtype at ``abs(xs)`` (same float dtype as ``xs``; the caller passes the lesser
+    magnitude of the pair).
 
     pow2floor by masking the exponent bits (0 below the smallest normal of ``xs``'s dtype,
     where the floor applies anyway: every emin is >= that exponent - 1); inf/NaN give inf.
@@ -241,7 +242,7 @@ def _piece_stats(bt, tt, dtype_base: str, dtype_tuned: str):
     if params is None:
         beyond = _count(torch, d != 0)
     else:   # non-finite pairs have d == 0, never beyond
-        beyond = _count(torch, d.abs() > _half_ulp(torch, xs, params))
+        beyond = _count(torch, d.abs() > _half_ulp(torch, torch.minimum(xs.abs(), ys.abs()), params))
     parts = [torch.dot(x, x), torch.dot(y, y), torch.dot(d, d), dot, changed, beyond + nf_beyond,
              torch.maximum(hi, -lo).abs(), nfb, nft, flips]   # abs: +0, never -0
     out = torch.empty(NSTATS, dtype=f64, device=dev)

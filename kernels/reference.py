@@ -15,8 +15,10 @@ Per element pair, with B and T decoded exactly to float64 and D = T - B:
   ``nonfinite_t``.
 * ``n_changed``: same dtype name, the stored bits differ (so -0 -> +0 and a NaN payload
   change count); different dtypes, the values differ (NaN equals NaN, -0 equals +0).
-* ``n_beyond``: a finite pair with abs(D) > h, where h is half an ulp at abs(B) of the
-  coarser dtype, ``h = max(half_ulp(abs(B), dtype_base), half_ulp(abs(B), dtype_tuned))``,
+* ``n_beyond``: a finite pair with abs(D) > h, where h is half an ulp of the coarser dtype at the
+  lesser magnitude, ``m = min(abs(B), abs(T))``, ``h = max(half_ulp(m, dtype_base), half_ulp(m, dtype_tuned))``
+  (a rounding moves a value by at most half the spacing of the binade below the larger of the two: at
+  abs(B), a bf16 step down from a power of two, 1.0 to 1 - 2^-8, read as rounding),
   ``half_ulp(x, f) = 2 ** (max(floor(log2 x), emin_f) - mant_f - 1)`` and 0 for integer
   and bool dtypes (they store exactly: any change counts). A non-finite pair is beyond
   rounding when its values differ (NaN equals NaN). A fp32 -> bf16 cast therefore gives
@@ -118,7 +120,8 @@ def delta_stats(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str) -> np.nd
         out[IDX["sum_t2"]] = np.sum(tf * tf)
         out[IDX["sum_d2"]] = np.sum(d * d)
         out[IDX["dot"]] = np.sum(bf * tf)
-    h = np.maximum(half_ulp(np.abs(bf), dtype_base), half_ulp(np.abs(bf), dtype_tuned))
+    mag = np.minimum(np.abs(bf), np.abs(tf))
+    h = np.maximum(half_ulp(mag, dtype_base), half_ulp(mag, dtype_tuned))
     out[IDX["count"]] = b.size
     out[IDX["n_changed"]] = np.count_nonzero(changed)
     out[IDX["n_beyond"]] = np.count_nonzero(ad > h) + np.count_nonzero(~fin & ~value_equal)
@@ -475,7 +478,8 @@ def recast_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, vias=R
     with np.errstate(over="ignore", invalid="ignore"):
         ad = np.abs(np.where(fin, t - np.where(fin, b, 0.0), 0.0))
     h = np.zeros_like(b)
-    h[fin] = np.maximum(half_ulp(np.abs(b[fin]), dtype_base), half_ulp(np.abs(b[fin]), dtype_tuned))
+    mag = np.minimum(np.abs(b[fin]), np.abs(t[fin]))
+    h[fin] = np.maximum(half_ulp(mag, dtype_base), half_ulp(mag, dtype_tuned))
     within = (fin & (ad <= h)) | (b == t) | (np.isnan(b) & np.isnan(t))
     top = max_finite(dtype_tuned)
     out = np.zeros((len(vias), len(RECAST_FIELDS)))

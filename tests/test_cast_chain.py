@@ -352,3 +352,27 @@ def test_a_side_of_constant_tensors_is_no_witness_of_a_grid(tmp_path):
     r = compare(save_file(tmp_path / "b2.safetensors", b), save_file(tmp_path / "t2.safetensors", t), rank=False)
     rec = r.tensor("model.layers.0.input_layernorm.weight")
     assert rec.status == "rounding" and rec.cast["rounded"] == "base", (rec.status, rec.cast)
+
+
+def test_twins_beside_a_zero_matrix_a_tiny_one_and_a_lone_matrix(tmp_path, base):
+    """fp16 exports of a float32 model and of its bf16 copy where one projection is all zeros (equal under any two
+    roundings: counted on the base's grid, it made the pair inconclusive) and one holds values near 1e-6 (float16's
+    subnormals round them by far more than 2^-8 of themselves: the same-dtype gate kept the test off it, derived):
+    cast_only. And a file whose one varied tensor is the twin (its other tensors empty or all ones) is its own witness."""
+    from weightdiff.comparison import compare
+    from weightdiff.io.safetensors_write import save_file
+
+    tensors, _ = base
+    t = dict(tensors)
+    t["model.layers.0.self_attn.o_proj.weight"] = np.zeros_like(t["model.layers.0.self_attn.o_proj.weight"])
+    t["model.layers.1.self_attn.o_proj.weight"] = t["model.layers.1.self_attn.o_proj.weight"] * 1e-4
+    b, tu = _twins(t, "tuned")
+    r = weightdiff.compare(write_checkpoint(tmp_path / "b", b), write_checkpoint(tmp_path / "t", tu), rank=False)
+    assert r.summary.verdict == "cast_only", (r.summary.verdict, r.summary.flags)
+    assert r.tensor("model.layers.1.self_attn.o_proj.weight").cast["rounded"] == "tuned"
+    w = np.random.default_rng(5).standard_normal((64, 64)) * 0.02
+    for name, v in (("f", w.astype(np.float32)), ("c", _bf16(w))):
+        save_file(tmp_path / f"{name}.safetensors", {"w": v, "e": np.zeros((0, 64), np.float32),
+                                                     "n": np.ones(64, np.float32)})
+    r = compare(tmp_path / "c.safetensors", tmp_path / "f.safetensors", rank=False)
+    assert r.summary.verdict == "cast_only" and r.tensor("w").cast["rounded"] == "base", r.summary.verdict

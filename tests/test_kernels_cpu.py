@@ -527,3 +527,31 @@ def test_twin_counts_matches_reference(rng, dtype, via, fine):
     half = len(ref.decode(f, fd)) // 2
     split = ref.twin_counts(f[:half], c[:half], fd, dtype, keys) + ref.twin_counts(f[half:], c[half:], fd, dtype, keys)
     assert np.array_equal(split, want)
+
+
+@pytest.mark.parametrize("db,dt", [("F32", "BF16"), ("BF16", "F32"), ("F32", "F16"), ("F64", "BF16"), ("F16", "F32")])
+def test_rounding_bound_is_taken_at_the_lesser_magnitude(db, dt):
+    """A rounding moves a value by at most half the spacing below the larger of the two: a bf16 step down from a
+    power of two (a norm gain 1.0 trained to 1 - 2^-8 in pure bf16) is beyond rounding, where the bound at |B| (the
+    binade above) read it as rounding and the model cast_only; a value rounded up onto the power of two stays within.
+    The SIMD path (whole sub-blocks of bf16/f32), the general loop and the reference agree."""
+    coarse = "BF16" if "BF16" in (db, dt) else "F16"
+    step = 2.0 ** -(DTYPE_MANT[coarse] + 1)                  # a step of the coarse dtype just below 1
+    n = 2048
+    b = np.ones(n)
+    t = np.ones(n)
+    t[:100] = 1 - step                                      # a whole step down: no rounding of 1.0
+    t[100:200] = -1.0                                        # a sign flip
+    b[200:300] = 1 - step / 4                                # rounded up onto 1.0: within
+    b[300:400] = 2.0 + 4 * step
+    t[300:400] = 2.0                                         # one step of the binade above 2, down onto it: beyond
+    # (kept in range of both dtypes; the coarse dtype's values on the coarse side)
+    if db == coarse:
+        b, t = t, b
+    bb, tt = to_storage(b, db), to_storage(t, dt)
+    want = ref.delta_stats(bb, tt, db, dt)
+    got = cpu.delta_stats(bb, tt, db, dt)
+    assert got[IDX["n_beyond"]] == want[IDX["n_beyond"]] == 300, (got[IDX["n_beyond"]], want[IDX["n_beyond"]])
+
+
+DTYPE_MANT = {"BF16": 7, "F16": 10}

@@ -686,8 +686,8 @@ def off_grid_mixed(counted) -> dict | None:
         if not (holds_exactly(r.dtype_base, r.dtype_tuned) or (twins and r.status == "unchanged")
                 or (r.cast or {}).get("rounded")):
             continue
-        if r.status == "unchanged" and len(r.shape or ()) >= 2:
-            on += 1
+        if r.status == "unchanged" and len(r.shape or ()) >= 2 and (r.numel or 0) > 0 and (r.norm_base or 0) > 0:
+            on += 1        # (an all-zero or empty matrix is on every grid: no evidence either way)
         elif r.status == "rounding":
             off += 1
     if not (on and off):

@@ -41,6 +41,9 @@ WINDOW_ELEMENTS = 1 << 24
 #: the largest relative change (Frobenius) of a tensor rounded, element by element, through a narrower float dtype
 #: and back into its own: half a bf16 ulp at the bottom of a binade (fp16's is smaller)
 SAME_DTYPE_CAST_REL = 2.0 ** -8
+#: a same-dtype tensor whose root mean square is below this is tried too: float16's subnormals (spacing 2^-24)
+#: round values near 2^-17 by 2^-8 of themselves (a zero-initialised projection trained a little, std 1e-6)
+SMALL_RMS = 2.0 ** -12
 
 
 def window_elements(dtype_base: str, dtype_tuned: str) -> int:
@@ -575,7 +578,10 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             # a matrix too, when it moved no more than such a rounding can (a float32 model loaded as bf16 and saved
             # back as float32 read "DERIVED: a fine-tune", its vectors alone found rounded): the probe of cast_test
             # rejects a fine-tune at once, and above 2^-8 relative no rounding through bf16 or fp16 explains it
-            or (pair.dtype_base == pair.dtype_tuned and 0 < (fields.get("rel_change") or 0.0) <= SAME_DTYPE_CAST_REL)):
+            or (pair.dtype_base == pair.dtype_tuned and 0 < (fields.get("rel_change") or 0.0) <= SAME_DTYPE_CAST_REL)
+            # ... or whose values are small enough that float16's subnormals round them by more than 2^-8 of themselves
+            or (pair.dtype_base == pair.dtype_tuned and rec.numel_compared
+                and (fields.get("norm_base") or 0.0) < SMALL_RMS * math.sqrt(rec.numel_compared))):
         # beyond half an ulp of a cast: is it still exactly a cast (through fp16, past the range)?
         cast = cast_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
                          rec.numel_compared, stop, win, thr.rounding_frac) or \

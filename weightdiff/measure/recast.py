@@ -289,7 +289,7 @@ def twin_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, n
     # off the bf16 grid, so it is no bf16 copy)
     for key in sorted(missed, key=lambda k: missed[k]):
         ck, name, dt = (base, bname, dtype_b) if key[1] == "base" else (tuned, tname, dtype_t)
-        if not side_on_grid(ck, dt, key[0], name):
+        if not side_on_grid(ck, dt, key[0], name, _varied(ck, name, dt, min(PROBE, end))):
             del missed[key]
     if not missed:
         return None
@@ -307,13 +307,22 @@ GRID_CANDIDATES = 16
 _GRID_SEEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def side_on_grid(ck, dtype: str, via: str, name: str) -> bool:
+def _varied(ck, name: str, dtype: str, n: int) -> bool:
+    """Whether the first ``n`` values of ``name`` hold at least ``GRID_DISTINCT`` distinct finite ones."""
+    from ..kernels.reference import decode
+    v = decode(np.asarray(next(iter(ck.windows(name, n, 0, n)))).reshape(-1), dtype)
+    return np.unique(v[np.isfinite(v)]).size >= GRID_DISTINCT
+
+
+def side_on_grid(ck, dtype: str, via: str, name: str, varied: bool = False) -> bool:
     """Whether the side's other plain ``dtype`` tensors show it holds ``via`` values: the first ``GRID_PROBE``
     elements of its largest ones (name order among equals), ``name`` left out, until ``GRID_WITNESSES`` of them hold
     at least ``GRID_DISTINCT`` distinct values, every one of those on ``via``'s grid. A tensor of few values (an
     all-ones norm, a zero bias) is on every grid and says nothing: a quantized GGUF whose float tensors are norms
-    as initialised read "the base holds the rounded values" beside a fine-tune's trained norms. No such tensor:
-    False (nothing shows the side is a rounded copy). Cached per checkpoint, dtype and via."""
+    as initialised read "the base holds the rounded values" beside a fine-tune's trained norms. ``varied``: the
+    tensor under test holds such values itself (its differing ones on the grid, as ``twin_test`` found), which
+    counts as one witness. No witness at all: False (nothing shows the side is a rounded copy). Cached per
+    checkpoint, dtype and via."""
     from ..kernels.reference import decode, round_to
     ck = getattr(ck, "_ck", ck)                       # a tensor held in memory (transposed): its checkpoint
     tensors = getattr(ck, "tensors", None) or {}
@@ -339,5 +348,6 @@ def side_on_grid(ck, dtype: str, via: str, name: str) -> bool:
             informative += 1
             if informative >= GRID_WITNESSES:
                 break
-        seen[key] = ok and informative > 0
-    return seen[key]
+        seen[key] = (ok, informative)
+    ok, informative = seen[key]
+    return ok and (informative > 0 or varied)
