@@ -752,7 +752,7 @@ def get_threads() -> int:
 def precompile(dtype_pairs) -> None:
     """Compile, or load from numba's cache, every kernel a comparison of these ``(base, tuned)`` dtype pairs
     calls: statistics (one chunk and the parallel driver), the batched small pairs, the float32 and float64
-    deltas, the cast-chain counts, the rank floor's rounding variance, the byte comparison of undecodable
+    deltas, the cast-chain and two-roundings counts, the rank floor's rounding variance, the byte comparison of undecodable
     dtypes. Each is called through its
     wrapper on a few zeros, so it meets the argument types the comparison's calls have (read-only windows,
     the same scalar types) and compiles the same specializations.
@@ -775,6 +775,8 @@ def precompile(dtype_pairs) -> None:
             decode_delta_f64(b, t, db, dt, np.empty(n, np.float64))
             if db in reference.RECAST_DTYPES and dt in reference.RECAST_DTYPES:
                 recast_counts(b, t, db, dt)
+                if min(DTYPES[db].mant_bits, DTYPES[dt].mant_bits) > DTYPES["BF16"].mant_bits:
+                    twin_counts(b, t, db, dt, [("BF16", "tuned")])   # two roundings (a side holds bf16 values)
         if decodable:
             delta_stats_many(np.zeros(2, sb), np.zeros(2, st), np.array([0, 1, 2], np.int64), db, dt)
         for name, s in ((db, sb), (dt, st)):   # the rank floor's storage-rounding variance of each side
