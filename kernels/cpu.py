@@ -545,17 +545,24 @@ def _recast_params(dtype: str | None) -> tuple[int, int, float]:
     return -1 if dtype == "F64" else d.mant_bits, d.emin, reference.max_finite(dtype)
 
 
-def recast_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str,
-                  vias=reference.RECAST_VIAS) -> np.ndarray:
-    """Which elements each cast chain explains -> float64[len(vias), 3]; see
-    ``kernels.reference.recast_counts`` (integer counts: equal to it exactly, on any thread count)."""
-    for name in (dtype_base, dtype_tuned, *(v for v in vias if v is not None)):
+def _recast_bits(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, vias) -> tuple[np.ndarray, np.ndarray]:
+    """Both windows' bits for ``recast_counts`` and ``twin_counts``, the sides and intermediates checked to be
+    IEEE formats a cast is modelled for and the windows of one length."""
+    for name in (dtype_base, dtype_tuned, *vias):
         if name not in reference.RECAST_DTYPES:
             raise ValueError(f"dtype {name} is not one a cast chain is modelled for "
                              f"({', '.join(reference.RECAST_DTYPES)})")
     b, t = _bits(base_raw, dtype_base), _bits(tuned_raw, dtype_tuned)
     if b.size != t.size:
         raise ValueError(f"base window has {b.size} elements, tuned window {t.size}")
+    return b, t
+
+
+def recast_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str,
+                  vias=reference.RECAST_VIAS) -> np.ndarray:
+    """Which elements each cast chain explains -> float64[len(vias), 3]; see
+    ``kernels.reference.recast_counts`` (integer counts: equal to it exactly, on any thread count)."""
+    b, t = _recast_bits(base_raw, tuned_raw, dtype_base, dtype_tuned, [v for v in vias if v is not None])
     steps = [_recast_params(v) for v in vias]
     vm = np.array([s[0] for s in steps], dtype=np.int64)
     ve = np.array([s[1] for s in steps], dtype=np.int64)
@@ -667,13 +674,7 @@ def _twin_driver(b, t, cb, ct, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm, f1
 def twin_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, keys) -> np.ndarray:
     """Which elements two roundings of one original explain -> float64[len(keys), 2]; see
     ``kernels.reference.twin_counts`` (integer counts: equal to it exactly, on any thread count)."""
-    for name in (dtype_base, dtype_tuned, *(v for v, _ in keys)):
-        if name not in reference.RECAST_DTYPES:
-            raise ValueError(f"dtype {name} is not one a cast chain is modelled for "
-                             f"({', '.join(reference.RECAST_DTYPES)})")
-    b, t = _bits(base_raw, dtype_base), _bits(tuned_raw, dtype_tuned)
-    if b.size != t.size:
-        raise ValueError(f"base window has {b.size} elements, tuned window {t.size}")
+    b, t = _recast_bits(base_raw, tuned_raw, dtype_base, dtype_tuned, [v for v, _ in keys])
     side = np.array([0 if s == "tuned" else 1 for _, s in keys], dtype=np.int64)
     vm = np.array([DTYPES[v].mant_bits for v, _ in keys], dtype=np.int64)
     ve = np.array([DTYPES[v].emin for v, _ in keys], dtype=np.int64)
