@@ -33,7 +33,8 @@ from .reference import IDX, NSTATS, STAT_FIELDS, combine, finalize  # noqa: F401
 _ensure_numba_cache()     # before the first cache=True decorator: numba places its cache when it decorates
 
 __all__ = ["STAT_FIELDS", "NSTATS", "CHUNK", "delta_stats", "delta_stats_many", "bytes_stats", "combine", "finalize",
-           "decode_delta_f32", "decode_delta_f64", "noise_scatter", "recast_counts", "twin_counts", "set_threads", "get_threads",
+           "decode_delta_f32", "decode_delta_f64", "noise_scatter", "recast_counts", "twin_counts", "set_threads",
+           "get_threads",
            "precompile"]
 
 #: elements per chunk: the unit of parallel work and of deterministic summation
@@ -753,9 +754,8 @@ def get_threads() -> int:
 def precompile(dtype_pairs) -> None:
     """Compile, or load from numba's cache, every kernel a comparison of these ``(base, tuned)`` dtype pairs
     calls: statistics (one chunk and the parallel driver), the batched small pairs, the float32 and float64
-    deltas, the cast-chain and two-roundings counts, the rank floor's rounding variance, the byte comparison of undecodable
-    dtypes. Each is called through its
-    wrapper on a few zeros, so it meets the argument types the comparison's calls have (read-only windows,
+    deltas, the cast-chain and two-roundings counts, the rank floor's rounding variance, the byte comparison of
+    undecodable dtypes. Each is called through its wrapper on a few zeros, so it meets the argument types the comparison's calls have (read-only windows,
     the same scalar types) and compiles the same specializations.
 
     ``weightdiff.measure.precompile`` runs it in a child process before a comparison: the LLVM state of a

@@ -424,7 +424,8 @@ def twin_explained(fine, dt_fine: str, coarse, dt_coarse: str, via: str) -> np.n
         c, f = np.where(inf_f, np.abs(coarse), 0.0), np.where(inf_c, np.abs(fine), 0.0)
         near |= inf_f & sign & (c + half_ulp(c, via) >= overflow_at(dt_fine))
         # (the coarse side overflows where via does or its own dtype does)
-        near |= inf_c & sign & (f + half_ulp(f, dt_fine) + half_ulp(f, via) >= min(overflow_at(via), overflow_at(dt_coarse)))
+        top_c = min(overflow_at(via), overflow_at(dt_coarse))
+        near |= inf_c & sign & (f + half_ulp(f, dt_fine) + half_ulp(f, via) >= top_c)
     return same | near
 
 

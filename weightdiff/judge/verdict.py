@@ -180,8 +180,8 @@ def _declared(declared: dict | None) -> dict:
 #: every flag ``_flags`` can raise, in the order the JSON lists them
 FLAG_ORDER = ("added_tensors", "removed_tensors", "resized_embeddings", "shape_mismatch", "composite_base",
               "adapter", "tied_lm_head", "dtype_changed", "nonfinite", "cast_rounded_twice",
-              "cast_two_roundings", "cast_base_rounded", "nonfinite_changes", "awq_scaled", "quant_untested", "quant_both_compensated", "quant_both_moved",
-              "cast_offset",
+              "cast_two_roundings", "cast_base_rounded", "nonfinite_changes", "awq_scaled", "quant_untested",
+              "quant_both_compensated", "quant_both_moved", "cast_offset",
               "cast_overflow", "bytes_compared", "partial_spectrum", "content_paired",
               "declared_base_mismatch", "relayout", "meta_layout_unmapped", "unpaired_lookalikes",
               "zeroed_matrices", "folded_parameters", "pruned_by_export")
