@@ -233,6 +233,7 @@ def test_fp16_exports_of_a_model_and_of_its_bf16_copy_are_two_roundings(tmp_path
     assert ("the base holds the rounded values" in title) == (rounded == "base"), title
     assert "cannot tell apart" in title and "not training" not in title and "cast_two_roundings" in s.flags
     assert "two roundings of one original" in s.verdict_reason and "bitwise a cast" not in s.verdict_reason
+    assert f"F16 and F16, the {rounded} side through BF16" in s.verdict_reason and "->" not in s.verdict_reason
     assert "two roundings of one original" in moved[0].note
 
 

@@ -712,6 +712,9 @@ def _cast_words(t) -> str:
     bits: BF16 values in F16), a tuned value that differs cannot be a cast of the base: both are roundings of one
     original, said so instead of an arrow that gives a direction."""
     chain = _chain(t)
+    if (t.get("cast") or {}).get("rounded"):
+        # two roundings of one original: no direction from the base to the tuned model
+        return f"{chain[0]} and {chain[-1]}, the {t['cast']['rounded']} side through {chain[1]}"
     a, b = (DTYPES.get(x) for x in (chain[0], chain[-1])) if len(chain) == 2 else (None, None)
     if a is not None and b is not None and a.kind == b.kind == "float" and b.mant_bits > a.mant_bits:
         return f"{chain[0]} and {chain[-1]} roundings of the same weights"
