@@ -546,6 +546,18 @@ def _recast_params(dtype: str | None) -> tuple[int, int, float]:
     return -1 if dtype == "F64" else d.mant_bits, d.emin, reference.max_finite(dtype)
 
 
+def _counts(chunk, driver, args, rows: int, cols: int) -> np.ndarray:
+    """The integer counts of a chunk kernel over the window ``args[0]`` (float64[rows, cols]): one chunk called alone
+    (no thread-pool launch, see ``delta_stats``), more through its parallel driver; the same numbers either way."""
+    n = args[0].size
+    if n <= CHUNK:
+        out = np.zeros((rows, cols), dtype=np.int64)
+        chunk(*args, 0, n, out)
+    else:
+        out = driver(*args)
+    return out.astype(np.float64)
+
+
 def _recast_bits(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, vias) -> tuple[np.ndarray, np.ndarray]:
     """Both windows' bits for ``recast_counts`` and ``twin_counts``, the sides and intermediates checked to be
     IEEE formats a cast is modelled for and the windows of one length."""
@@ -574,12 +586,7 @@ def recast_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str,
     lim = 0.5 * min([ttop, *vtop.tolist()])
     args = (b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, mb, eb, mt, et, vm, ve, vtop, tm, te, ttop,
             lim, _F16_TABLE, _FP8)
-    if b.size <= CHUNK:                  # one chunk: no thread-pool launch (see ``delta_stats``); integer counts
-        out = np.zeros((vm.size, 3), dtype=np.int64)
-        _recast_chunk(*args, 0, b.size, out)
-    else:
-        out = _recast_driver(*args)
-    return out.astype(np.float64)
+    return _counts(_recast_chunk, _recast_driver, args, vm.size, 3)
 
 
 @_jit
@@ -688,12 +695,7 @@ def twin_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, keys) ->
     dnorm = np.array([math.ldexp(1.0, DTYPES[d].emin) for d in dts], dtype=np.float64)
     args = (b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm,
             _F16_TABLE, _FP8)
-    if b.size <= CHUNK:                  # one chunk: no thread-pool launch (see ``delta_stats``); integer counts
-        out = np.zeros((vm.size, 2), dtype=np.int64)
-        _twin_chunk(*args, 0, b.size, out)
-    else:
-        out = _twin_driver(*args)
-    return out.astype(np.float64)
+    return _counts(_twin_chunk, _twin_driver, args, vm.size, 2)
 
 
 @_jit
