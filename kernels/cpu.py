@@ -16,7 +16,6 @@ Differences from the reference are summation order only (compare with rtol).
 
 from __future__ import annotations
 
-import math
 
 import numba
 import numpy as np
@@ -589,26 +588,6 @@ def recast_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str,
     return _counts(_recast_chunk, _recast_driver, args, vm.size, 3)
 
 
-@_jit
-def _half_ulp_at(ax, mant, emin):
-    """``reference.half_ulp`` of one finite magnitude: 2 ** (max(floor(log2 ax), emin) - mant - 1), 0 below
-    float64's least subnormal (as ``np.ldexp`` rounds it)."""
-    e = ((_f64_bits(ax) >> 52) & 0x7FF) - 1023
-    if e < emin:
-        e = emin
-    k = e - mant - 1
-    if k >= -1022:
-        return _as_f64(np.int64(k + 1023) << 52)
-    if k >= -1074:
-        return _as_f64(np.int64(1) << (k + 1074))
-    return 0.0
-
-
-@_jit
-def _sign(x):
-    return 1 if x > 0.0 else (-1 if x < 0.0 else 0)
-
-
 @numba.njit(cache=True, nogil=True, inline="always")
 def _decode_pair(b, t, cb, ct, f16, fp8, s0, m, fb, ft):
     """Elements [s0, s0 + m) of both raw windows decoded into the scratch ``fb``, ``ft``: their first m."""
@@ -617,61 +596,163 @@ def _decode_pair(b, t, cb, ct, f16, fp8, s0, m, fb, ft):
     return fb[:m], ft[:m]
 
 
+@_jit
+def _spacing(a, mant, emin):
+    """``reference._spacing`` of one finite magnitude: (spacing above, spacing below)."""
+    bits = _f64_bits(a)
+    e = ((bits >> 52) & 0x7FF) - 1023
+    if e < emin:
+        e = emin
+    up = _as_f64(np.int64(e - mant + 1023) << 52)
+    if e > emin and a != 0.0 and (bits & 0xFFFFFFFFFFFFF) == 0:
+        return up, 0.5 * up
+    return up, up
+
+
+@_jit
+def _rounds_from(v, mant, emin, top, ovf):
+    """``reference.rounds_from`` of one value: (lo, hi, lo_closed, hi_closed); ``mant < 0``: F64."""
+    if v != v:
+        return np.inf, -np.inf, True, True
+    if mant < 0:
+        return v, v, True, True
+    a = abs(v)
+    if a == np.inf:
+        lo_m, hi_m, loc, hic = ovf, np.inf, True, True
+    else:
+        up, down = _spacing(a, mant, emin)
+        even = (np.int64(a / up) & 1) == 0          # a / up: an integer below 2 ** 25
+        hi_m = ovf if a == top else a + 0.5 * up
+        hic = even and a != top
+        lo_m = a - 0.5 * down
+        loc = even
+    if v < 0.0:
+        return -hi_m, -lo_m, hic, loc
+    return lo_m, hi_m, loc, hic
+
+
+@_jit
+def _next_up(r, mant, emin, top):
+    """``reference._next_up`` of one value."""
+    if r == -np.inf:
+        return -top
+    if r == np.inf:
+        return np.inf
+    a = abs(r)
+    up, down = _spacing(a, mant, emin)
+    out = -(a - down) if r < 0.0 else a + up
+    return np.inf if out > top else out
+
+
+@_jit
+def _clamp_low(a, ac, lo, hi):
+    """``reference._clamp_low`` of one end: (x, included)."""
+    if a < -hi or (a == -hi and ac):
+        return -np.inf, True
+    if a < -lo or (a == -lo and ac):
+        return a, ac
+    if a < 0.0 or (a == 0.0 and ac):
+        return 0.0, True
+    if a < lo or (a == lo and ac):
+        return 0.0, False
+    if a < hi or (a == hi and ac):
+        return a, ac
+    return np.inf, True
+
+
+@_jit
+def _chain_from(v, row, pm, pe, ptop, povf):
+    """``reference.chain_from`` of one value; ``row``: [stored dtype, last via, first via] (indices into the
+    parameter arrays, -1 for none; a step of mantissa -2 is a clamp to magnitudes [povf, ptop])."""
+    s = row[0]
+    lo, hi, lc, hc = _rounds_from(v, pm[s], pe[s], ptop[s], povf[s])
+    for j in range(1, row.size):
+        d = row[j]
+        if d < 0:
+            break
+        m, e, top, ovf = pm[d], pe[d], ptop[d], povf[d]
+        if m == -2:
+            p, pc = _clamp_low(lo, lc, ovf, top)
+            q, qc = _clamp_low(-hi, hc, ovf, top)
+            q = -q
+            if p > q or (p == q and not (pc and qc)):
+                return np.inf, -np.inf, True, True
+            lo, hi, lc, hc = p, q, pc, qc
+            continue
+        u = _round_to(lo, m, e, top)
+        if u < lo or (u == lo and not lc):
+            u = _next_up(u, m, e, top)
+        w = -_round_to(-hi, m, e, top)
+        if w > hi or (w == hi and not hc):
+            w = -_next_up(-w, m, e, top)
+        ok = u <= w and not (u == np.inf and (lo > u or (lo == u and not lc))) \
+            and not (w == -np.inf and (hi < w or (hi == w and not hc)))
+        if not ok:
+            return np.inf, -np.inf, True, True
+        if u == w:
+            lo, hi, lc, hc = _rounds_from(u, m, e, top, ovf)
+        else:
+            lo, _, lc, _ = _rounds_from(u, m, e, top, ovf)
+            _, hi, _, hc = _rounds_from(w, m, e, top, ovf)
+    return lo, hi, lc, hc
+
+
 @numba.njit(cache=True, nogil=True, inline="always")   # inlined in the parallel driver: its speed
-def _twin_chunk(b, t, cb, ct, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm, f16, fp8, lo, hi, counts):
-    """Elements [lo, hi) of ``_twin_driver``, added into ``counts`` (``nk x 2``). ``dm``, ``de``, ``dovf``,
-    ``dnorm``: mantissa bits, emin, overflow magnitude and least normal of (base, tuned)."""
-    nk = vm.size
+def _twin_chunk(b, t, cb, ct, chb, cht, keys, pm, pe, ptop, povf, f16, fp8, lo, hi, counts):
+    """Elements [lo, hi) of ``_twin_driver``, added into ``counts`` (``nk x 2``). ``chb``, ``cht``: each side's
+    chains (rows of ``_chain_from``); ``keys``: (base chain, tuned chain) index pairs."""
+    nb = chb.shape[0]
+    nt = cht.shape[0]
+    nk = keys.shape[0]
     fb = np.empty(SUB)
     ft = np.empty(SUB)
+    ib = np.empty((nb, 2))
+    it = np.empty((nt, 2))
+    cbf = np.empty((nb, 2), dtype=np.bool_)
+    ctf = np.empty((nt, 2), dtype=np.bool_)
     for s0 in range(lo, hi, SUB):
         xb, xt = _decode_pair(b, t, cb, ct, f16, fp8, s0, min(SUB, hi - s0), fb, ft)
         for i in range(xb.size):
+            x = xb[i]
+            y = xt[i]
+            if x == y or (x != x and y != y):
+                continue
+            for j in range(nb):
+                ib[j, 0], ib[j, 1], cbf[j, 0], cbf[j, 1] = _chain_from(x, chb[j], pm, pe, ptop, povf)
+            for j in range(nt):
+                it[j, 0], it[j, 1], ctf[j, 0], ctf[j, 1] = _chain_from(y, cht[j], pm, pe, ptop, povf)
+            one_inf = (abs(x) == np.inf) != (abs(y) == np.inf)
             for k in range(nk):
-                if side[k] == 0:           # the tuned side holds via's values
-                    f, c, jf, jc = xb[i], xt[i], 0, 1
+                p = keys[k, 0]
+                q = keys[k, 1]
+                l1, h1, l2, h2 = ib[p, 0], ib[p, 1], it[q, 0], it[q, 1]
+                if l1 > l2:
+                    lo_, lc = l1, cbf[p, 0]
+                elif l2 > l1:
+                    lo_, lc = l2, ctf[q, 0]
                 else:
-                    f, c, jf, jc = xt[i], xb[i], 1, 0
-                if f == c or (f != f and c != c):
-                    continue
-                finf = (f - f) == 0.0
-                finc = (c - c) == 0.0
-                ok = False
-                ovf = False
-                if finf and finc:
-                    a = abs(f)
-                    ac = abs(c)
-                    hv = _half_ulp_at(a, vm[k], ve[k])
-                    hf = _half_ulp_at(a, dm[jf], de[jf])
-                    hc = _half_ulp_at(ac, dm[jc], de[jc]) if ac < dnorm[jc] else 0.0
-                    ok = _round_to(c, vm[k], ve[k], vtop[k]) == c and abs(f - c) <= hv + hf + hc
-                    if ok and 2 * hf <= hv and _round_to(f, vm[k], ve[k], vtop[k]) == f:
-                        ok = False
-                    if ok and not (a - hf < vovf[k]):
-                        ok = False
-                elif finc and f == f:        # fine an infinity, coarse finite
-                    ac = abs(c)
-                    ok = _sign(f) == _sign(c) and ac + _half_ulp_at(ac, vm[k], ve[k]) >= dovf[jf]
-                    ovf = ok
-                elif finf and c == c:        # coarse an infinity, fine finite
-                    a = abs(f)
-                    ok = _sign(f) == _sign(c) and \
-                        a + _half_ulp_at(a, dm[jf], de[jf]) + _half_ulp_at(a, vm[k], ve[k]) >= min(vovf[k], dovf[jc])
-                    ovf = ok
-                if not ok:
+                    lo_, lc = l1, cbf[p, 0] and ctf[q, 0]
+                if h1 < h2:
+                    hi_, hc = h1, cbf[p, 1]
+                elif h2 < h1:
+                    hi_, hc = h2, ctf[q, 1]
+                else:
+                    hi_, hc = h1, cbf[p, 1] and ctf[q, 1]
+                if lo_ < hi_ or (lo_ == hi_ and lc and hc):
+                    if one_inf:
+                        counts[k, 1] += 1
+                else:
                     counts[k, 0] += 1
-                elif ovf:
-                    counts[k, 1] += 1
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _twin_driver(b, t, cb, ct, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm, f16, fp8):
+def _twin_driver(b, t, cb, ct, chb, cht, keys, pm, pe, ptop, povf, f16, fp8):
     n = b.size
-    nk = vm.size
+    nk = keys.shape[0]
     nchunks = (n + CHUNK - 1) // CHUNK
     parts = np.zeros((nchunks, nk, 2), dtype=np.int64)
     for c in prange(nchunks):
-        _twin_chunk(b, t, cb, ct, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm, f16, fp8,
+        _twin_chunk(b, t, cb, ct, chb, cht, keys, pm, pe, ptop, povf, f16, fp8,
                     c * CHUNK, min(n, (c + 1) * CHUNK), parts[c])
     out = np.zeros((nk, 2), dtype=np.int64)
     for c in range(nchunks):
@@ -682,20 +763,32 @@ def _twin_driver(b, t, cb, ct, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm, f1
 def twin_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, keys) -> np.ndarray:
     """Which elements two roundings of one original explain -> float64[len(keys), 2]; see
     ``kernels.reference.twin_counts`` (integer counts: equal to it exactly, on any thread count)."""
-    b, t = _recast_bits(base_raw, tuned_raw, dtype_base, dtype_tuned, [v for v, _ in keys])
-    side = np.array([0 if s == "tuned" else 1 for _, s in keys], dtype=np.int64)
-    vm = np.array([DTYPES[v].mant_bits for v, _ in keys], dtype=np.int64)
-    ve = np.array([DTYPES[v].emin for v, _ in keys], dtype=np.int64)
-    vtop = np.array([reference.max_finite(v) for v, _ in keys], dtype=np.float64)
-    vovf = np.array([reference.overflow_at(v) for v, _ in keys], dtype=np.float64)
-    dts = (dtype_base, dtype_tuned)
-    dm = np.array([DTYPES[d].mant_bits for d in dts], dtype=np.int64)
-    de = np.array([DTYPES[d].emin for d in dts], dtype=np.int64)
-    dovf = np.array([reference.overflow_at(d) for d in dts], dtype=np.float64)
-    dnorm = np.array([math.ldexp(1.0, DTYPES[d].emin) for d in dts], dtype=np.float64)
-    args = (b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, side, vm, ve, vtop, vovf, dm, de, dovf, dnorm,
+    keys = [(tuple(vb), tuple(vt)) for vb, vt in keys]
+    steps = [v for k in keys for s in k for v in s]
+    b, t = _recast_bits(base_raw, tuned_raw, dtype_base, dtype_tuned, [v for v in steps if v not in reference.CLAMPS])
+    names = list(dict.fromkeys([dtype_base, dtype_tuned] + steps))
+    clamp = [d in reference.CLAMPS for d in names]
+    pm = np.array([-2 if c else -1 if d == "F64" else DTYPES[d].mant_bits for d, c in zip(names, clamp)],
+                  dtype=np.int64)
+    pe = np.array([0 if c else DTYPES[d].emin for d, c in zip(names, clamp)], dtype=np.int64)
+    ptop = np.array([reference.CLAMPS[d][1] if c else np.inf if d == "F64" else reference.max_finite(d)
+                     for d, c in zip(names, clamp)], dtype=np.float64)
+    povf = np.array([reference.CLAMPS[d][0] if c else reference.overflow_at(d) for d, c in zip(names, clamp)],
+                    dtype=np.float64)
+    sides = []
+    for stored, chains in ((dtype_base, [k[0] for k in keys]), (dtype_tuned, [k[1] for k in keys])):
+        uniq = list(dict.fromkeys(chains))
+        rows = np.full((max(len(uniq), 1), 3), -1, dtype=np.int64)
+        for i, vias in enumerate(uniq):
+            if len(vias) > 2:
+                raise ValueError(f"at most two roundings before the stored dtype, not {len(vias)}")
+            rows[i, :1 + len(vias)] = [names.index(stored)] + [names.index(v) for v in reversed(vias)]
+        sides.append((uniq, rows))
+    (ub, chb), (ut, cht) = sides
+    kix = np.array([[ub.index(vb), ut.index(vt)] for vb, vt in keys], dtype=np.int64).reshape(-1, 2)
+    args = (b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, chb, cht, kix, pm, pe, ptop, povf,
             _F16_TABLE, _FP8)
-    return _counts(_twin_chunk, _twin_driver, args, vm.size, 2)
+    return _counts(_twin_chunk, _twin_driver, args, len(keys), 2)
 
 
 @_jit
@@ -778,8 +871,7 @@ def precompile(dtype_pairs) -> None:
             decode_delta_f64(b, t, db, dt, np.empty(n, np.float64))
             if db in reference.RECAST_DTYPES and dt in reference.RECAST_DTYPES:
                 recast_counts(b, t, db, dt)
-                if min(DTYPES[db].mant_bits, DTYPES[dt].mant_bits) > DTYPES["BF16"].mant_bits:
-                    twin_counts(b, t, db, dt, [("BF16", "tuned")])   # two roundings (a side holds bf16 values)
+                twin_counts(b, t, db, dt, [((), ("F16",))])      # two roundings of one original
         if decodable:
             delta_stats_many(np.zeros(2, sb), np.zeros(2, st), np.array([0, 1, 2], np.int64), db, dt)
         for name, s in ((db, sb), (dt, st)):   # the rank floor's storage-rounding variance of each side

@@ -377,7 +377,7 @@ def round_to(x, dtype: str) -> np.ndarray:
     return x
 
 
-#: the columns of ``twin_counts``, one row per (via, rounded side)
+#: the columns of ``twin_counts``, one row per pair of chains (base side's, tuned side's)
 TWIN_FIELDS = ("unexplained", "overflow")
 
 
@@ -393,59 +393,164 @@ def overflow_at(dtype: str) -> float:
     return top + math.ldexp(1.0, math.frexp(top)[1] - 2 - DTYPES[dtype].mant_bits)
 
 
-def twin_explained(fine, dt_fine: str, coarse, dt_coarse: str, via: str) -> np.ndarray:
-    """Elements (float64 values) where ``fine`` (stored in ``dt_fine``) and ``coarse`` (in ``dt_coarse``, holding
-    ``via`` values) can be the two roundings of one original ``x``: ``fine = round(x)`` and ``coarse =
-    round(round_via(x))``. Equal values (NaN equal to NaN); or both finite, ``coarse`` a ``via`` value, and
-    ``|fine - coarse|`` at most half an ulp of ``via`` and of ``dt_fine`` at ``|fine|`` (and of ``dt_coarse`` at
-    ``|coarse|`` where that is below its normal range, the only place it holds a ``via`` value inexactly: a float16
-    norm gain of 0.99756 is no rounding of a bf16 1.0), with ``fine`` not itself a ``via`` value where ``dt_fine``'s
-    half ulp is at most half ``via``'s (then ``round_via(x)`` would be ``fine``), and ``|fine|`` less half an ulp
-    of ``dt_fine`` below ``via``'s overflow; or one side an infinity of the other's sign, the other side within
-    the roundings' reach of that side's overflow (the coarse side's: via's or its own dtype's, the lesser).
+def _spacing(a: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(spacing above, spacing below) of ``dtype`` at each of its finite magnitudes ``a`` >= 0: below a power of
+    two in the normal range, half the spacing above (the binade below is twice as fine); 0 has the least
+    subnormal's spacing on both sides."""
+    d = DTYPES[dtype]
+    m, e = np.frexp(a)
+    e = np.where(a == 0, d.emin, np.maximum(e.astype(np.int64) - 1, d.emin))
+    q = np.ldexp(1.0, (e - d.mant_bits).astype(np.int32))
+    return q, np.where((m == 0.5) & (e > d.emin), 0.5 * q, q)
 
-    >>> twin_explained(np.array([1.0009765625, 0.99755859375]), "F16", np.array([1.0, 1.0]), "F16", "BF16").tolist()
+
+def rounds_from(v, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The reals that round to each ``dtype`` value ``v`` (ties to even, past the range an infinity): ``(lo, hi,
+    lo_closed, hi_closed)``, float64 and bool arrays. An end is closed where ``v`` is even (its last mantissa bit 0:
+    a tie goes to it), the largest finite value's top end open (its tie goes to the infinity), an infinity's
+    interval ``[overflow_at, inf]``; F64 values round from themselves alone; NaN from nothing (``lo > hi``).
+
+    >>> [x.tolist() for x in rounds_from(np.array([1.0, 65504.0]), "F16")]
+    [[0.999755859375, 65488.0], [1.00048828125, 65520.0], [True, False], [True, False]]
+    """
+    v = np.asarray(v, dtype=np.float64).reshape(-1)
+    if dtype == "F64":
+        nan = np.isnan(v)
+        ones = np.ones(v.shape, bool)
+        return np.where(nan, np.inf, v), np.where(nan, -np.inf, v), ones, ones
+    a = np.abs(v)
+    fin = np.isfinite(a)
+    af = np.where(fin, a, 0.0)
+    up, down = _spacing(af, dtype)
+    even = np.fmod(af / up, 2.0) == 0
+    top = max_finite(dtype)
+    ovf = overflow_at(dtype)
+    hi_m = np.where(af == top, ovf, af + 0.5 * up)
+    lo_m = af - 0.5 * down
+    hic = even & (af != top)
+    loc = even.copy()
+    inf = a == np.inf
+    lo_m, hi_m = np.where(inf, ovf, lo_m), np.where(inf, np.inf, hi_m)
+    loc, hic = loc | inf, hic | inf
+    neg = np.signbit(v) & (a != 0)
+    lo = np.where(neg, -hi_m, lo_m)
+    hi = np.where(neg, -lo_m, hi_m)
+    lc, hc = np.where(neg, hic, loc), np.where(neg, loc, hic)
+    nan = np.isnan(v)
+    return np.where(nan, np.inf, lo), np.where(nan, -np.inf, hi), lc, hc
+
+
+def _next_up(r: np.ndarray, dtype: str) -> np.ndarray:
+    """The next ``dtype`` value above each ``dtype`` value ``r`` (-inf: minus the largest; +inf: +inf)."""
+    top = max_finite(dtype)
+    a = np.abs(r)
+    af = np.where(np.isfinite(a), a, 0.0)
+    up, down = _spacing(af, dtype)
+    out = np.where(np.signbit(r) & (a != 0), -(af - down), af + up)
+    out = np.where(out > top, np.inf, out)
+    return np.where(r == -np.inf, -top, np.where(r == np.inf, np.inf, out))
+
+
+def _restrict(lo, hi, lc, hc, dtype: str):
+    """The least and greatest ``dtype`` values (infinities included) in each interval, and whether it holds any."""
+    with np.errstate(invalid="ignore"):
+        u = round_to(np.where(np.isnan(lo), 0.0, lo), dtype)
+        u = np.where((u < lo) | ((u == lo) & ~lc), _next_up(u, dtype), u)
+        w = -round_to(np.where(np.isnan(hi), 0.0, -hi), dtype)
+        w = np.where((w > hi) | ((w == hi) & ~hc), -_next_up(-w, dtype), w)
+        ok = (u <= w) & ~((u == np.inf) & ((lo > u) | ((lo == u) & ~lc))) \
+            & ~((w == -np.inf) & ((hi < w) | ((hi == w) & ~hc)))
+    return u, w, ok
+
+
+#: the clamps an fp16 converter applies before its cast, as chain steps (``chain_from``): magnitudes in (0, lo)
+#: raised to lo and those above hi lowered to it, in float32 (onnxconverter-common's ``convert_float_to_float16``
+#: defaults, and ONNX Runtime's own converter's)
+CLAMPS = {"CLAMP": (float(np.float32(1e-7)), 1e4), "CLAMP_ORT": (float(np.float32(5.96e-08)), 65504.0)}
+
+
+def _clamp_low(a, ac, lo: float, hi: float):
+    """The least x (and whether it is included) whose clamp is at least ``a`` (more than ``a`` where ``ac`` is
+    False); +inf where none is."""
+    a = np.asarray(a, np.float64)
+    ac = np.asarray(ac, bool)
+    conds = [(a < -hi) | ((a == -hi) & ac), (a < -lo) | ((a == -lo) & ac), (a < 0) | ((a == 0) & ac),
+             (a < lo) | ((a == lo) & ac), (a < hi) | ((a == hi) & ac)]
+    x = np.select(conds, [-np.inf, a, 0.0, 0.0, a], np.inf)
+    c = np.select(conds, [True, ac, True, False, ac], True)
+    return x, c
+
+
+def clamp_from(lo, hi, lc, hc, clamp: str):
+    """The reals the clamp ``clamp`` (``CLAMPS``) takes into each interval (``lo > hi``: none)."""
+    cl, ch = CLAMPS[clamp]
+    p, pc = _clamp_low(lo, lc, cl, ch)
+    q, qc = _clamp_low(-np.asarray(hi, np.float64), hc, cl, ch)
+    q = -q
+    empty = (p > q) | ((p == q) & ~(pc & qc))
+    return np.where(empty, np.inf, p), np.where(empty, -np.inf, q), pc, qc
+
+
+def chain_from(v, dtype: str, vias=()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The reals x that rounding through ``vias`` (in that order) and then to ``dtype`` takes to each ``dtype``
+    value ``v``: ``rounds_from`` of the last step, its ``via`` values in it, the reals those round from, and so
+    back to the first (each rounding is monotone, so each set is an interval); a step in ``CLAMPS`` is an fp16
+    converter's clamp (``clamp_from``). Empty (``lo > hi``) where no x
+    gives ``v`` so.
+
+    >>> lo, hi, lc, hc = chain_from(np.array([1.0]), "F16", ["BF16"]); float(lo[0]), float(hi[0])
+    (0.998046875, 1.00390625)
+    """
+    lo, hi, lc, hc = rounds_from(v, dtype)
+    for via in reversed(list(vias)):
+        if via in CLAMPS:
+            lo, hi, lc, hc = clamp_from(lo, hi, lc, hc, via)
+            continue
+        u, w, ok = _restrict(lo, hi, lc, hc, via)
+        lo, _, lc, _ = rounds_from(u, via)
+        _, hi, _, hc = rounds_from(w, via)
+        lo = np.where(ok, lo, np.inf)
+        hi = np.where(ok, hi, -np.inf)
+    return lo, hi, lc, hc
+
+
+def twin_explained(b, dt_b: str, vias_b, t, dt_t: str, vias_t) -> np.ndarray:
+    """Elements (float64 values) where ``b`` (stored in ``dt_b``) and ``t`` (in ``dt_t``) can be two roundings of one
+    original: equal (NaN equal to NaN), or some real x that rounding through ``vias_b`` and then to ``dt_b`` takes to
+    ``b`` and through ``vias_t`` then to ``dt_t`` to ``t`` (the two ``chain_from`` intervals meet). Exact for every
+    magnitude, subnormals and the ranges' ends included: a float16 norm gain of 0.99756 is no rounding of the
+    original a bf16 1.0 rounds from, and bf16(x) and bf16(f16(x)) differ only where float16 puts x on a bf16 tie.
+
+    >>> fine, coarse = np.array([1.0009765625, 0.99755859375]), np.array([1.0, 1.0])
+    >>> twin_explained(fine, "F16", (), coarse, "F16", ["BF16"]).tolist()
     [True, False]
     """
-    fine = np.asarray(fine, np.float64)
-    coarse = np.asarray(coarse, np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        same = (fine == coarse) | (np.isnan(fine) & np.isnan(coarse))
-        ok = np.isfinite(fine) & np.isfinite(coarse) & ~same
-        a, b = np.where(ok, fine, 0.0), np.where(ok, coarse, 0.0)
-        m = np.abs(a)
-        h_via, h_fine = half_ulp(m, via), half_ulp(m, dt_fine)
-        h_c = np.where(np.abs(b) < math.ldexp(1.0, DTYPES[dt_coarse].emin), half_ulp(np.abs(b), dt_coarse), 0.0)
-        near = ok & (round_to(b, via) == b) & (np.abs(a - b) <= h_via + h_fine + h_c)
-        near &= ~((2 * h_fine <= h_via) & (round_to(a, via) == a))
-        near &= m - h_fine < overflow_at(via)
-        inf_f, inf_c = np.isinf(fine) & np.isfinite(coarse), np.isinf(coarse) & np.isfinite(fine)
-        sign = np.sign(fine) == np.sign(coarse)
-        c, f = np.where(inf_f, np.abs(coarse), 0.0), np.where(inf_c, np.abs(fine), 0.0)
-        near |= inf_f & sign & (c + half_ulp(c, via) >= overflow_at(dt_fine))
-        # (the coarse side overflows where via does or its own dtype does)
-        top_c = min(overflow_at(via), overflow_at(dt_coarse))
-        near |= inf_c & sign & (f + half_ulp(f, dt_fine) + half_ulp(f, via) >= top_c)
-    return same | near
+    b = np.asarray(b, np.float64).reshape(-1)
+    t = np.asarray(t, np.float64).reshape(-1)
+    same = (b == t) | (np.isnan(b) & np.isnan(t))
+    lo1, hi1, lc1, hc1 = chain_from(b, dt_b, vias_b)
+    lo2, hi2, lc2, hc2 = chain_from(t, dt_t, vias_t)
+    lo, hi = np.maximum(lo1, lo2), np.minimum(hi1, hi2)
+    lc = np.where(lo1 > lo2, lc1, np.where(lo2 > lo1, lc2, lc1 & lc2))
+    hc = np.where(hi1 < hi2, hc1, np.where(hi2 < hi1, hc2, hc1 & hc2))
+    return same | (lo < hi) | ((lo == hi) & lc & hc)
 
 
 def twin_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, keys) -> np.ndarray:
     """Which elements two roundings of one original explain -> float64[len(keys), 2] (columns ``TWIN_FIELDS``).
 
-    ``keys``: (via, rounded) pairs, ``rounded`` "tuned" or "base", the side taken to hold ``via``'s values
-    (``coarse`` of ``twin_explained``, the other side ``fine``). ``unexplained`` counts the elements
-    ``twin_explained`` does not explain; ``overflow`` the explained ones where exactly one side is an infinity.
-    Counts are integers, so windows add.
+    ``keys``: (vias of the base side, vias of the tuned side), the roundings each side went through before its
+    stored dtype (``twin_explained``). ``unexplained`` counts the elements ``twin_explained`` does not explain;
+    ``overflow`` the explained ones where exactly one side is an infinity. Counts are integers, so windows add.
     """
     b = decode(base_raw, dtype_base)
     t = decode(tuned_raw, dtype_tuned)
     if b.shape != t.shape:
         raise ValueError(f"base window has {b.size} elements, tuned window {t.size}")
     out = np.zeros((len(keys), len(TWIN_FIELDS)))
-    for i, (via, side) in enumerate(keys):
-        fine, dt_f, coarse, dt_c = (b, dtype_base, t, dtype_tuned) if side == "tuned" else (t, dtype_tuned, b, dtype_base)
-        ex = twin_explained(fine, dt_f, coarse, dt_c, via)
-        out[i] = (ex.size - np.count_nonzero(ex), np.count_nonzero(ex & (np.isinf(fine) != np.isinf(coarse))))
+    for i, (vb, vt) in enumerate(keys):
+        ex = twin_explained(b, dtype_base, vb, t, dtype_tuned, vt)
+        out[i] = (ex.size - np.count_nonzero(ex), np.count_nonzero(ex & (np.isinf(b) != np.isinf(t))))
     return out
 
 

@@ -28,7 +28,8 @@ def _reference(counted, records, declared):
         ("nonfinite", any((r.nonfinite or 0) > 0 for r in records)),
         ("cast_rounded_twice", any(r.cast and r.cast.get("through") for r in counted)),
         ("cast_two_roundings", any(r.cast and r.cast.get("rounded") for r in counted)),
-        ("cast_base_rounded", any(r.cast and r.cast.get("rounded") == "base" for r in counted)),
+        ("cast_base_rounded", any(r.cast and r.cast.get("rounded") in ("base", "both") for r in counted)),
+        ("cast_both_rounded", any(r.cast and r.cast.get("rounded") == "both" for r in counted)),
         ("nonfinite_changes", any(verdict.nonfinite_only(r) for r in counted)),
         ("awq_scaled", verdict.awq_scaled([r for r in counted if r.status in ("changed", "resized")])),
         ("quant_untested", any(r.status == "quantized" and (r.quant or {}).get("within") is None for r in counted)),
@@ -82,6 +83,7 @@ def _record(rng: random.Random, i: int) -> TensorRecord:
     if rng.random() < 0.1:
         r.cast = rng.choice([{"through": "F16"}, {"chain": ["x", "1 + w then BF16"]}, {"overflow": 2},
                              {"through": "BF16", "rounded": "base"}, {"through": "BF16", "rounded": "tuned"},
+                             {"through": "BF16", "rounded": "both", "vias": {"base": ["BF16"], "tuned": ["F16"]}},
                              {"saturated": 1, "chain": []}, {}])
     if rng.random() < 0.1:
         r.rank = RankRecord(None, None, None, None, numerical_rank=3, noise_floor=0.0, spectrum=[], energy_captured=None,
@@ -101,7 +103,7 @@ def test_flags_match_their_definitions(seed):
 
 
 def test_every_flag_is_listed_in_order():
-    assert len(set(verdict.FLAG_ORDER)) == len(verdict.FLAG_ORDER) == 29
+    assert len(set(verdict.FLAG_ORDER)) == len(verdict.FLAG_ORDER) == 30
 
 
 def test_meta_layout_unmapped_needs_relayout_and_a_meta_query_or_key():

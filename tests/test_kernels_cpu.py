@@ -515,7 +515,7 @@ def test_twin_counts_matches_reference(rng, dtype, via, fine):
     # one chunk (the chunk function alone) but for one pair, which also runs the parallel driver: each new argument
     # signature of the driver is a parallel compile of its own, seconds in a fresh clone
     f, c, fd = _twin_case(rng, dtype, via, fine, n=70_000 if (dtype, fine) == ("F16", None) else 60_000)
-    keys = [(via, "tuned"), (via, "base")]
+    keys = [((), (via,)), ((via,), ())]
     for b, t, db, dt in ((f, c, fd, dtype), (c, f, dtype, fd)):
         want = ref.twin_counts(b, t, db, dt, keys)
         got = cpu.twin_counts(b, t, db, dt, keys)
@@ -528,6 +528,36 @@ def test_twin_counts_matches_reference(rng, dtype, via, fine):
     half = len(ref.decode(f, fd)) // 2
     split = ref.twin_counts(f[:half], c[:half], fd, dtype, keys) + ref.twin_counts(f[half:], c[half:], fd, dtype, keys)
     assert np.array_equal(split, want)
+
+
+@pytest.mark.parametrize("db,dt", [("F32", "F32"), ("BF16", "BF16"), ("F16", "F16"), ("BF16", "F32")])
+def test_twin_counts_of_every_pair_of_chains_matches_reference(rng, db, dt):
+    """Every pair of chains ``twin_test`` tries (two roundings on a side, both sides rounded, an fp16 converter's
+    clamp), on windows rounded through the longest of them with planted steps: the kernel's counts are the
+    reference's, and the chains that made the windows explain all but the planted steps. One chunk (no driver)."""
+    from weightdiff.measure.recast import twin_chains
+
+    keys = twin_chains(db, dt)
+    x = rng.standard_normal(30_000) * 10.0 ** rng.integers(-12, 6, 30_000)
+    x[:12] = [65519, 65520, -65520, 1e-8, 6e-8, 2.0 ** -25, np.inf, -np.inf, np.nan, -0.0, 1e5, 3e38]
+    for kb, kt in (keys[-1], keys[len(keys) // 2]):
+        sides = []
+        for dtype, vias in ((db, kb), (dt, kt)):
+            v = x.copy()
+            for via in vias:
+                if via in ref.CLAMPS:
+                    lo, hi = ref.CLAMPS[via]
+                    a = np.abs(v)
+                    v = np.copysign(np.where((a > 0) & (a < lo), lo, np.where((a > hi) & (a < np.inf), hi, a)), v)
+                else:
+                    v = ref.round_to(v, via)
+            sides.append(ref.round_to(v, dtype))
+        sides[1][100:130] = ref.round_to(sides[1][100:130] * (1 + 2.0 ** -6), dt)
+        b, t = to_storage(sides[0], db), to_storage(sides[1], dt)
+        want = ref.twin_counts(b, t, db, dt, keys)
+        got = cpu.twin_counts(b, t, db, dt, keys)
+        assert np.array_equal(got, want), (db, dt, kb, kt)
+        assert want[keys.index((kb, kt)), 0] <= 30, want[keys.index((kb, kt))]
 
 
 @pytest.mark.parametrize("db,dt", [("F32", "BF16"), ("BF16", "F32"), ("F32", "F16"), ("F64", "BF16"), ("F16", "F32")])

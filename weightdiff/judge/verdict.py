@@ -180,7 +180,8 @@ def _declared(declared: dict | None) -> dict:
 #: every flag ``_flags`` can raise, in the order the JSON lists them
 FLAG_ORDER = ("added_tensors", "removed_tensors", "resized_embeddings", "shape_mismatch", "composite_base",
               "adapter", "tied_lm_head", "dtype_changed", "nonfinite", "cast_rounded_twice",
-              "cast_two_roundings", "cast_base_rounded", "nonfinite_changes", "awq_scaled", "quant_untested",
+              "cast_two_roundings", "cast_base_rounded", "cast_both_rounded", "nonfinite_changes", "awq_scaled",
+              "quant_untested",
               "quant_both_compensated", "quant_both_moved", "cast_offset",
               "cast_overflow", "bytes_compared", "partial_spectrum", "content_paired",
               "declared_base_mismatch", "relayout", "meta_layout_unmapped", "unpaired_lookalikes",
@@ -227,8 +228,10 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
                 on.add("cast_rounded_twice")
             if cast.get("rounded"):
                 on.add("cast_two_roundings")
-            if cast.get("rounded") == "base":
+            if cast.get("rounded") in ("base", "both"):
                 on.add("cast_base_rounded")
+            if cast.get("rounded") == "both":
+                on.add("cast_both_rounded")
             if any("1 + w" in str(c) for c in cast.get("chain") or ()):
                 on.add("cast_offset")
             if ((cast.get("overflow") or 0) + (cast.get("saturated") or 0)) > 0:
@@ -670,6 +673,19 @@ def holds_exactly(dtype_base: str | None, dtype_tuned: str | None) -> bool:
             and b.mant_bits >= a.mant_bits and b.emin <= a.emin and b.bits > a.bits)
 
 
+def twin_vias_of(cast: dict) -> list[str]:
+    """The narrower dtypes a two-roundings ``cast`` record names: each side's ``vias``, or (records written
+    before those) its ``through``."""
+    if "vias" in cast:
+        return [*cast["vias"].get("base", ()), *cast["vias"].get("tuned", ())]
+    return [cast["through"]] if cast.get("through") else []
+
+
+#: -log of the chance that a matrix is bitwise equal when each of its values moves as often as those of the tensors
+#: off the grid did: from e^-14 (about 1e-6) down, a bitwise-equal matrix is evidence
+OFF_GRID_CHANCE = 14.0
+
+
 def off_grid_mixed(counted) -> dict | None:
     """``{"on_grid": n, "off_grid": m}`` when the tuned model stores matrices in a dtype that holds every base
     value exactly (a bf16 base, an fp32 tuned model) and some of them are exactly the base's values while
@@ -679,20 +695,30 @@ def off_grid_mixed(counted) -> dict | None:
     would then say that no weight was trained, which the tensors off the grid contradict (a vector counts off
     the grid, not on it: an all-ones norm is on every grid). So too where one side holds a narrower dtype's
     values in a wider one (``cast.rounded``: a bf16 copy stored as float32 against the original): some matrices
-    bitwise the same beside tensors that are two roundings of one original is no one rounding of a model."""
-    on = off = 0
+    bitwise the same beside tensors that are two roundings of one original is no one rounding of a model.
+
+    A bitwise-equal matrix counts only where the matrices off the grid (the vectors, where no matrix is) differ
+    often enough that it would not be equal by chance (``OFF_GRID_CHANCE``): where the two roundings part only at a
+    few values (float16's subnormals, a value past its range, against bf16 values), most matrices are bitwise equal
+    whatever they are."""
     twins = any((r.cast or {}).get("rounded") for r in counted)
-    for r in counted:
-        if not (holds_exactly(r.dtype_base, r.dtype_tuned) or (twins and r.status == "unchanged")
-                or (r.cast or {}).get("rounded")):
-            continue
-        if r.status == "unchanged" and len(r.shape or ()) >= 2 and (r.numel or 0) > 0 and (r.norm_base or 0) > 0:
-            on += 1        # (an all-zero or empty matrix is on every grid: no evidence either way)
-        elif r.status == "rounding":
-            off += 1
+    cands = [r for r in counted if holds_exactly(r.dtype_base, r.dtype_tuned) or (twins and r.status == "unchanged")
+             or (r.cast or {}).get("rounded")]
+    moved = [r for r in cands if r.status == "rounding"]
+    off = len(moved)
+    # the share of values moved, over the matrices off the grid (over the vectors where no matrix moved)
+    pool = [r for r in moved if len(r.shape or ()) >= 2] or moved
+    n = sum(int(r.numel_compared or r.numel or 0) for r in pool)
+    p = sum(float(r.frac_changed or 0.0) * int(r.numel_compared or r.numel or 0) for r in pool) / n if n else 0.0
+    on = 0
+    for r in cands:
+        # (an all-zero or empty matrix is on every grid: no evidence either way)
+        if r.status == "unchanged" and len(r.shape or ()) >= 2 and (r.numel or 0) > 0 and (r.norm_base or 0) > 0 \
+                and (p >= 1.0 or -int(r.numel) * math.log1p(-p) >= OFF_GRID_CHANCE):
+            on += 1
     if not (on and off):
         return None
-    vias = sorted({str(r.cast["through"]) for r in counted if (r.cast or {}).get("rounded")})
+    vias = sorted({str(v) for r in counted if (r.cast or {}).get("rounded") for v in twin_vias_of(r.cast)})
     return {"on_grid": on, "off_grid": off, **({"through": vias} if vias else {})}
 
 

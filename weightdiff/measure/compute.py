@@ -32,7 +32,7 @@ from .backend import Backend
 from .floors import FloorAccumulator
 from .awq_fold import _awq_norm_both, bias_fold, norm_fold
 from .quant_floor import FOLD_REL, floor_test
-from .recast import cast_test, clamp_test, twin_test
+from .recast import cast_test, clamp_test, twin_route, twin_test
 from .rank_stream import float_matrix, streamed_rank_sink
 
 #: elements per streamed window; fixed (not derived from the machine) so results are reproducible
@@ -854,16 +854,15 @@ def _offset_stored(base, bname: str, tuned, tname: str) -> bool:
 def _cast_note(cast: dict) -> str:
     """The record's note when a cast chain explains what the half-ulp test did not."""
     if cast.get("rounded"):
-        via = cast["through"]
-        parts = [f"every value is within one rounding through {via} of the base's: two roundings of one original, "
-                 + ("the base holding it rounded to " if cast["rounded"] == "base" else "this model's through ")
-                 + via]
+        parts = ["every value and the base's are two roundings of one original, " + twin_route(cast)]
     else:
         parts = [f"every value is a cast {' -> '.join(cast['chain'])} of the base"]
     if cast.get("through") and not cast.get("rounded"):
         parts.append("rounded twice, beyond half an ulp of a direct cast in places")
     n, s = int(cast.get("overflow") or 0), int(cast.get("saturated") or 0)
-    if n:
+    if n and cast.get("rounded"):
+        parts.append(f"{n} value{'s' if n != 1 else ''} infinite on one side only, past that side's range")
+    elif n:
         parts.append(f"{n} base value{'s' if n != 1 else ''} beyond the {cast['chain'][-1]} range became infinite")
     if s:
         parts.append(f"{s} beyond the range stored as the largest {cast['chain'][-1]} value")

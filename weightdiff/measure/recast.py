@@ -21,6 +21,7 @@ only casts the half-ulp test could not explain read a whole tensor).
 from __future__ import annotations
 
 import math
+import os
 import weakref
 
 import numpy as np
@@ -29,7 +30,8 @@ from ..kernels import cpu
 from ..kernels.dtypes import DTYPES
 from ..kernels.reference import RECAST_DTYPES, RECAST_VIAS
 
-__all__ = ["cast_test", "clamp_test", "twin_test", "twin_vias", "chains", "PROBE", "CLAMP_MIN", "CLAMP_MAX"]
+__all__ = ["cast_test", "clamp_test", "twin_test", "twin_route", "twin_chains", "twin_vias", "side_chains", "chains",
+           "PROBE", "CLAMP_MIN", "CLAMP_MAX"]
 
 #: elements of the first window read: a fine-tune leaves unexplained elements in it, and the test stops
 PROBE = 1 << 16
@@ -231,71 +233,189 @@ def _clamp_cast(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str,
             "saturated": 0, "clamped": clamped}
 
 
-def twin_vias(dtype_b: str, dtype_t: str) -> list[str]:
-    """The narrower dtypes (fewer mantissa bits than either side) one side of a pair may hold its values in
-    while stored wider: ``BF16`` and ``F16`` between float32 sides, ``BF16`` where a side is F16."""
-    if dtype_b not in RECAST_DTYPES or dtype_t not in RECAST_DTYPES:
+#: each side's roundings between the original and its stored dtype that ``twin_test`` tries, in the order applied
+TWIN_CHAINS = ((), ("BF16",), ("F16",), ("F16", "BF16"), ("BF16", "F16"))
+#: fp16 converters' clamps a float16 side may have gone through (``kernels.reference.CLAMPS``)
+TWIN_CLAMPS = ("CLAMP", "CLAMP_ORT")
+#: elements of the first read of ``twin_test``: a fine-tune fails every pair of chains in it
+TWIN_PROBE = 4096
+
+
+def side_chains(dtype: str) -> list[tuple[str, ...]]:
+    """The roundings a side stored in ``dtype`` may have gone through first (``TWIN_CHAINS`` without ``dtype``
+    itself: rounding to it twice is rounding once); a float16 side may also be an fp16 converter's, its clamp
+    (``kernels.reference.CLAMPS``) last, after the original or its bf16 copy."""
+    if dtype not in RECAST_DTYPES:
         return []
-    bits = min(DTYPES[dtype_b].mant_bits, DTYPES[dtype_t].mant_bits)
-    return [v for v in ("BF16", "F16") if DTYPES[v].mant_bits < bits]
+    out = [c for c in TWIN_CHAINS if dtype not in c]
+    if dtype == "F16":
+        out += [c + (k,) for k in TWIN_CLAMPS for c in ((), ("BF16",))]
+    return out
 
 
-def _twin_explained(fine, dt_fine: str, coarse, dt_coarse: str, via: str) -> np.ndarray:
-    """``kernels.reference.twin_explained``: the rule ``twin_test`` counts with ``kernels.cpu.twin_counts``."""
-    from ..kernels.reference import twin_explained
-    return twin_explained(fine, dt_fine, coarse, dt_coarse, via)
+def twin_chains(dtype_b: str, dtype_t: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The (base side's, tuned side's) roundings ``twin_test`` tries, fewest roundings first: every pair of
+    ``side_chains`` but, in one dtype, a chain against itself (which gives equal values alone). Between two dtypes
+    the original rounded to each (``((), ())``) is no cast of one side to the other where neither holds the other's
+    values: 1e5 is an infinity in float16 and 99840 in bf16."""
+    keys = [(cb, ct) for cb in side_chains(dtype_b) for ct in side_chains(dtype_t)
+            if not (dtype_b == dtype_t and cb == ct)]
+    return sorted(keys, key=lambda k: len(k[0]) + len(k[1]))
+
+
+def twin_vias(dtype_b: str, dtype_t: str) -> list[str]:
+    """The narrower dtypes either side of a pair may have been rounded through (``twin_chains``)."""
+    return sorted({v for k in twin_chains(dtype_b, dtype_t) for side in k for v in side})
+
+
+def _needs_grid(dtype: str, vias: tuple[str, ...]) -> str | None:
+    """The dtype whose grid a side so rounded holds its values on, where that says something: the last rounding
+    before the stored dtype, when it has fewer mantissa bits (bf16 values in float16 or float32); None where the
+    stored dtype's own values are all its values (float16 values rounded to bf16 are just bf16 values)."""
+    steps = [v for v in vias if v in DTYPES]
+    if steps and DTYPES[steps[-1]].mant_bits < DTYPES[dtype].mant_bits:
+        return steps[-1]
+    return None
+
+
+def _whole_model(dtype_b: str, dtype_t: str, key) -> bool:
+    """Whether a pair of chains must explain the pair's other tensors too (``witness_explains``): every one but a
+    single rounding on one side to a narrower grid, which ``side_on_grid`` witnesses, a clamp (which moves a value
+    to exactly its magnitude) beside those, and the original rounded to each of two dtypes. Two roundings on a side,
+    both sides rounded, or bf16's rounding of float16 values (no grid of its own) each widen what one tensor's values
+    admit; a conversion converts the whole model, and a norm-only fine-tune's gains of 1 - 2^-8 beside a bf16 base
+    of 1.0 read "two roundings" through float16 then bf16, where the matrices beside them are no such pair."""
+    vb, vt = (tuple(v for v in side if v not in TWIN_CLAMPS) for side in key)
+    if not (vb or vt):
+        # a clamp alone moves a value to exactly the clamp's magnitude, which nothing else does; the original
+        # rounded to each of two dtypes is the cast between them but past a range
+        return not any(key) and dtype_b == dtype_t
+    if vb and vt:
+        return True
+    vias, dt = (vb, dtype_b) if vb else (vt, dtype_t)
+    return len(vias) != 1 or _needs_grid(dt, vias) is None
+
+
+_WITNESS_SEEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def witness_explains(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, key,
+                     rounding_frac: float) -> bool:
+    """Whether the pair's largest other tensor that differs (named on the tuned side as this pair's names differ:
+    another prefix, ``m.`` of an ONNX export; of these dtypes and size, plain; its first ``PROBE`` elements, of the
+    ``GRID_CANDIDATES`` largest) is explained by the chains ``key`` too. False where no other tensor differs (a
+    conversion changes more than one tensor) or none is so named. Cached per checkpoint pair, dtypes, chains and
+    candidates."""
+    from ..kernels.reference import decode
+    bck, tck = getattr(base, "_ck", base), getattr(tuned, "_ck", tuned)
+    bt, tt = getattr(bck, "tensors", None) or {}, getattr(tck, "tensors", None) or {}
+    common = len(os.path.commonprefix([bname[::-1], tname[::-1]]))
+    pb, pt = bname[:len(bname) - common], tname[:len(tname) - common]
+
+    def other(n: str) -> str:
+        return pt + n[len(pb):] if n.startswith(pb) else ""
+
+    names = sorted((n for n, info in bt.items()
+                    if n != bname and other(n) in tt and getattr(info, "dtype", None) == dtype_b
+                    and getattr(tt[other(n)], "dtype", None) == dtype_t and getattr(info, "numel", 0) >= GRID_DISTINCT
+                    and getattr(tt[other(n)], "numel", -1) == info.numel and _plain(bck, n) and _plain(tck, other(n))),
+                   key=lambda n: (-bt[n].numel, n))[:GRID_CANDIDATES]
+    try:
+        seen = _WITNESS_SEEN.setdefault(bck, {})
+    except TypeError:                                  # not weakly referenceable: no cache
+        seen = {}
+    ckey = (id(tck), dtype_b, dtype_t, key, pb, pt, tuple(names))
+    if ckey not in seen:
+        seen[ckey] = False
+        for n in names:
+            k = min(PROBE, bt[n].numel)
+            wb = np.asarray(next(iter(bck.windows(n, k, 0, k)))).reshape(-1)
+            wt = np.asarray(next(iter(tck.windows(other(n), k, 0, k)))).reshape(-1)
+            b, t = decode(wb, dtype_b), decode(wt, dtype_t)
+            if ((b == t) | (np.isnan(b) & np.isnan(t))).all():
+                continue                               # bitwise alike: any chains explain it
+            budget = math.floor(rounding_frac * k) if rounding_frac > 0 else 0
+            seen[ckey] = int(cpu.twin_counts(wb, wt, dtype_b, dtype_t, [key])[0, 0]) <= budget
+            break
+    return seen[ckey]
+
+
+#: the words of a clamp step of a chain (``twin_route``)
+STEP_WORDS = {"CLAMP": "onnxconverter-common's float16 clamp", "CLAMP_ORT": "ONNX Runtime's float16 clamp"}
+
+
+def twin_route(cast: dict, words=None) -> str:
+    """A two-roundings record's roundings in words: "the tuned side through BF16", "the base side through BF16 and
+    the tuned side through F16", "the tuned side through F16 then BF16" (``words`` maps dtype names, e.g. to
+    "bfloat16"). Records without ``vias`` name their one rounded side's ``through``."""
+    vias = cast.get("vias") or {cast.get("rounded"): [cast.get("through")]}
+    say = {**STEP_WORDS, **(words or {})}
+    return " and ".join(f"the {side} side through {' then '.join(say.get(v, v) for v in vias[side])}"
+                        for side in ("base", "tuned") if vias.get(side)) or "each rounded to its own dtype"
 
 
 def twin_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, numel: int,
               stop: int | None, window: int, rounding_frac: float) -> dict | None:
-    """The ``cast`` dict when the two sides are two roundings of one original, one of them through a
-    narrower dtype: a model exported to float16 from its float32 master against one exported from a bf16
-    copy of it (both F16: ``round_F16(x)`` against ``round_F16(round_BF16(x))``, which differ by up to half a
-    bf16 ulp and are no cast of each other: a ``bf16(x)`` that float16 rounds onto a bf16 midpoint rounds
-    the other way through the chain, 6-9% of a tensor), or a bf16 copy stored as float32 given as the *base*
-    against the original (``round_BF16(x)`` against ``x``: the tuned side holds more than the base has, and no
-    chain from the base gives it). Tried after ``cast_test`` and ``clamp_test``, on plain float sides of
-    more mantissa bits than the narrower dtype (``twin_vias``).
+    """The ``cast`` dict when the two sides are two roundings of one original through narrower dtypes: for every
+    element some real x that rounding through one side's chain gives its base value and through the other's its
+    tuned value (``kernels.reference.twin_explained``, exact). A model exported to float16 from its float32 master
+    against one exported from a bf16 copy of it (both F16: ``round_F16(x)`` against ``round_F16(round_BF16(x))``,
+    which differ by up to half a bf16 ulp and are no cast of each other: a ``bf16(x)`` that float16 rounds onto a
+    bf16 midpoint rounds the other way through the chain, 6-9% of a tensor); a bf16 copy stored as float32 given as
+    the *base* against the original; a bf16 release against a float16 one upcast to float32 (both sides rounded);
+    ``bf16(x)`` against ``bf16(f16(x))`` (a float16 release converted to bf16: they differ by one bf16 step where
+    float16 put x on a bf16 tie, and only towards the even value). Tried after ``cast_test`` and ``clamp_test``, on
+    plain float sides, with each side's chains of up to two roundings through BF16 and F16 (``twin_chains``).
 
-    ``rounded`` names the side that holds the narrower dtype's values, ``through`` that dtype, ``chain``
-    ``[dtype_b, through, dtype_t]``. A fine-tune fails in the first small read: it moves values by more than
-    a rounding somewhere, and a side trained in bf16 moves its bf16 values by whole steps, which no
-    rounding of the same original gives. A change smaller than half a step of the narrower dtype does not
-    show (as for any cast). Counted by ``kernels.cpu.twin_counts`` (the rule: ``kernels.reference.twin_explained``),
-    probe first, as ``cast_test``; the probe's 65,536 elements fail a fine-tune."""
-    vias = twin_vias(dtype_b, dtype_t)
-    if not vias or numel <= 0 or not (_plain(base, bname) and _plain(tuned, tname)):
+    ``rounded`` names the side that went through a rounding before its stored dtype (``"both"``; ``"neither"``: the
+    original rounded to each side's dtype, as float16's infinity beside bf16's 99840), ``vias`` each
+    side's (``{"base": [...], "tuned": [...]}``, in the order applied), ``through`` the narrowest last rounding of
+    a rounded side (the grid its values are on), ``chain`` ``[dtype_b, through, dtype_t]``. A side said to hold a
+    narrower dtype's values must hold them elsewhere too (``side_on_grid``). A fine-tune fails in the first small
+    read: it moves values by more than a rounding somewhere, and a side trained in bf16 moves its bf16 values by
+    whole steps, which no rounding of the same original gives. A change smaller than half a step of the narrower
+    dtype does not show (as for any cast). Counted by ``kernels.cpu.twin_counts``: ``TWIN_PROBE`` elements first,
+    then the rest of ``PROBE``, then windows; a pair of chains is dropped once it fails."""
+    keys = twin_chains(dtype_b, dtype_t)
+    if not keys or numel <= 0 or not (_plain(base, bname) and _plain(tuned, tname)):
         return None
     end = numel if stop is None else min(stop, numel)
     budget = math.floor(rounding_frac * end) if rounding_frac > 0 else 0
-    # (via, rounded side) -> unexplained elements so far
-    missed = {(v, side): 0 for v in vias for side in ("tuned", "base")}
-    overflow = dict.fromkeys(missed, 0)
-    first = min(PROBE, end)                   # a fine-tune fails in the probe: one small read, not a window
-    spans = [(0, first, first)] + ([(first, end, window)] if end > first else [])
+    missed = dict.fromkeys(keys, 0)           # (base chain, tuned chain) -> unexplained elements so far
+    overflow = dict.fromkeys(keys, 0)
+    cuts = sorted({0, min(TWIN_PROBE, end), min(PROBE, end), end})
+    spans = [(a, b_, b_ - a if b_ <= PROBE else window) for a, b_ in zip(cuts, cuts[1:])]
     for wb, wt in ((wb, wt) for a, b_, step in spans
                    for wb, wt in zip(base.windows(bname, step, a, b_), tuned.windows(tname, step, a, b_))):
-        keys = list(missed)
-        counts = cpu.twin_counts(wb, wt, dtype_b, dtype_t, keys)
-        for key, row in zip(keys, counts.tolist()):
+        alive = list(missed)
+        counts = cpu.twin_counts(wb, wt, dtype_b, dtype_t, alive)
+        for key, row in zip(alive, counts.tolist()):
             missed[key] += int(row[0])
             overflow[key] += int(row[1])
             if missed[key] > budget:
                 del missed[key]
         if not missed:
             return None
-    # the side said to hold the narrower dtype's values must hold them elsewhere too: a float32 base whose
-    # all-ones norm a fine-tune scaled by 1.001 read "the base holds the rounded values" (its matrices are
-    # off the bf16 grid, so it is no bf16 copy)
-    for key in sorted(missed, key=lambda k: missed[k]):
-        ck, name, dt = (base, bname, dtype_b) if key[1] == "base" else (tuned, tname, dtype_t)
-        if not side_on_grid(ck, dt, key[0], name, _varied(ck, name, dt, min(PROBE, end))):
-            del missed[key]
-    if not missed:
+    # a side said to hold a narrower dtype's values must hold them elsewhere too: a float32 base whose all-ones
+    # norm a fine-tune scaled by 1.001 read "the base holds the rounded values" (its matrices are off the bf16
+    # grid, so it is no bf16 copy)
+    # and chains that widen what one tensor admits must explain the model's other tensors (``_whole_model``)
+    for key in sorted(missed, key=lambda k: missed[k]):          # fewest unexplained; of those, fewest roundings
+        if all(not (grid := _needs_grid(dt, vias))
+               or side_on_grid(ck, dt, grid, name, _varied(ck, name, dt, min(PROBE, end)))
+               for ck, name, dt, vias in ((base, bname, dtype_b, key[0]), (tuned, tname, dtype_t, key[1]))) \
+                and (not _whole_model(dtype_b, dtype_t, key)
+                     or witness_explains(base, bname, dtype_b, tuned, tname, dtype_t, key, rounding_frac)):
+            break
+    else:
         return None
-    (via, side), n = min(missed.items(), key=lambda kv: kv[1])
-    return {"chain": [dtype_b, via, dtype_t], "through": via, "rounded": side, "elements": end,
-            "unexplained": n, "overflow": overflow[(via, side)], "saturated": 0}
+    (vb, vt), n = key, missed[key]
+    rounded = "both" if vb and vt else "base" if vb else "tuned" if vt else "neither"
+    lasts = [[d for d in v if d in DTYPES][-1] for v in (vt, vb) if any(d in DTYPES for d in v)]
+    through = min(lasts, key=lambda d: DTYPES[d].mant_bits) if lasts else (vt or vb or (None,))[-1]  # a clamp alone
+    return {"chain": [dtype_b] + ([through] if through else []) + [dtype_t], "through": through, "rounded": rounded,
+            "vias": {"base": list(vb), "tuned": list(vt)}, "elements": end, "unexplained": n,
+            "overflow": overflow[(vb, vt)], "saturated": 0}
 
 
 #: tensors of a side read by ``side_on_grid`` (its largest of the dtype), and elements read of each

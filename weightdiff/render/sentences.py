@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import escape_name
 from ..kernels.dtypes import DTYPES
 from ..judge.verdict import holds_exactly
+from ..measure.recast import STEP_WORDS, twin_route
 from ..records import count_lookalikes
 from .formats import (at_least, count, floor_blocks, floor_rest, nothing_compared, num, sci, share, summary_blocks_text,
                       tuned_params, within_floor)
@@ -218,7 +219,13 @@ def _verdict_title(summary: dict) -> str:
                 "weights), not training.")
     if v == "cast_only" and "cast_two_roundings" in (summary.get("flags") or []):
         # no chain gives the tuned values from the base's: within one rounding is no proof, so no "not training"
-        who = "the base holds" if "cast_base_rounded" in (summary.get("flags") or []) else "one side holds"
+        flags = summary.get("flags") or []
+        who = ("each side holds" if "cast_both_rounded" in flags else
+               "the base holds" if "cast_base_rounded" in flags else None)
+        if who is None:        # the tuned side rounded through a narrower dtype, or each side to its own
+            return ("CAST ONLY: every difference is within the roundings of one original to the two sides' formats: "
+                    "two roundings of one original, or a change smaller than that rounding, which the weights cannot "
+                    "tell apart.")
         return (f"CAST ONLY: every difference is within one rounding through a narrower dtype, and {who} the rounded "
                 "values: two roundings of one original, or a change smaller than that rounding, which the weights "
                 "cannot tell apart.")
@@ -489,11 +496,12 @@ def _inconclusive(data: dict) -> str:
         g = (s.get("scope") or {}).get("off_grid") or {}
         on, off = int(g.get("on_grid") or 0), int(g.get("off_grid") or 0)
         if g.get("through"):
-            via = " or ".join(_DTYPE_WORDS.get(v, v) for v in g["through"])
-            return (f"One side holds {via} values in a wider format; {count(on)} matrices are bitwise the same on "
-                    f"both sides and {count(off)} differ, each by less than one rounding to {via}. Two roundings of "
-                    "one original would leave every matrix apart, not only some. It looks like a change smaller "
-                    "than that rounding, which weightdiff does not measure below it, so it does not call it a cast.")
+            via = " or ".join(_DTYPE_WORDS.get(v) or STEP_WORDS.get(v, v) for v in g["through"])
+            return (f"Some tensors are two roundings of one original, through {via}; {count(on)} matrices are "
+                    f"bitwise the same on both sides and {count(off)} differ, each by less than such a rounding. Two "
+                    "roundings of one original would leave every matrix apart, not only some. It looks like a change "
+                    "smaller than that rounding, which weightdiff does not measure below it, so it does not call it a "
+                    "cast.")
         return (f"The tuned model stores its matrices in a wider format than the base; {count(on)} of them hold "
                 f"exactly the base's values and {count(off)} moved off them, each by less than the base's rounding. "
                 "Converting the base to the wider format is exact, so those values are no conversion of it; two "
@@ -714,7 +722,7 @@ def _cast_words(t) -> str:
     chain = _chain(t)
     if (t.get("cast") or {}).get("rounded"):
         # two roundings of one original: no direction from the base to the tuned model
-        return f"{chain[0]} and {chain[-1]}, the {t['cast']['rounded']} side through {chain[1]}"
+        return f"{chain[0]} and {chain[-1]}, {twin_route(t['cast'])}"
     a, b = (DTYPES.get(x) for x in (chain[0], chain[-1])) if len(chain) == 2 else (None, None)
     if a is not None and b is not None and a.kind == b.kind == "float" and b.mant_bits > a.mant_bits:
         return f"{chain[0]} and {chain[-1]} roundings of the same weights"
@@ -802,13 +810,11 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
             via = sorted({_DTYPE_WORDS.get(t["cast"]["through"], t["cast"]["through"]) for t in twice})
             extra.append(f"{count(len(twice))} of them bitwise a cast through {' or '.join(via)} "
                          "(rounded twice, so beyond half an ulp of a direct cast in places)")
-        for side in ("base", "tuned"):
-            these = [t for t in twins if t["cast"]["rounded"] == side]
-            if these:
-                via = sorted({_DTYPE_WORDS.get(t["cast"]["through"], t["cast"]["through"]) for t in these})
-                extra.append(f"{count(len(these))} of them two roundings of one original, "
-                             f"{'the base' if side == 'base' else 'this model'} holding {' or '.join(via)} values "
-                             "(each within one such rounding of the other side's value)")
+        for route in sorted({twin_route(t["cast"], _DTYPE_WORDS) for t in twins}):
+            these = [t for t in twins if twin_route(t["cast"], _DTYPE_WORDS) == route]
+            first = "" if these[0]["cast"].get("rounded") == "neither" else " first"
+            extra.append(f"{count(len(these))} of them two roundings of one original, {route}{first} "
+                         "(each within those roundings of the other side's value)")
         ovf = sum(int((t.get("cast") or {}).get("overflow") or 0) for t in rounding)
         sat = sum(int((t.get("cast") or {}).get("saturated") or 0) for t in rounding)
         if ovf:
@@ -1473,10 +1479,11 @@ def plain_language(data: dict) -> list[str]:
         twins = {(t.get("cast") or {}).get("rounded") for t in _counted(data)} - {None}
         if twins:
             # two roundings of one original, one through a narrower format: no cast of the stored base gives them
-            who = " and ".join(sorted(("the base" if w == "base" else "this model") for w in twins))
-            out.append(f"Both sides are roundings of the same numbers, {who} holding them rounded through a narrower "
-                       "format: the weights show no change beyond the two roundings (a change smaller than half a "
-                       "step of that format would not show).")
+            sides = {s for w in twins for s in {"both": ("base", "tuned"), "neither": ()}.get(w, (w,))}
+            who = " and ".join(sorted(("the base" if w == "base" else "this model") for w in sides))
+            how = f"{who} holding them rounded through a narrower format" if who else "each rounded to its own format"
+            out.append(f"Both sides are roundings of the same numbers, {how}: the weights show no change beyond the "
+                       "two roundings (a change smaller than half a step of that format would not show).")
         elif any((t.get("cast") or {}).get("through") or (t.get("cast") or {}).get("overflow")
                or (t.get("cast") or {}).get("saturated") for t in _counted(data)):
             out.append("Every value is what storing the same numbers in another format gives (converted through "

@@ -167,6 +167,7 @@ _TENSOR = obj({"name": string, "base_name": S, "status": string, "shape": array(
                "rank": opt(_RANK), "tied": opt(boolean), "paired_by": S,
                "cast": opt(obj({"chain": opt(array(string)), "through": S, "rounded": S, "elements": I, "unexplained": I,
                                 "overflow": I, "saturated": I, "clamped": opt(I),
+                                "vias": opt(obj({"base": array(string), "tuned": array(string)})),
                                 "clamp": opt(array(N, 2))}))}, required=("name", "status", "shape"))
 _BLOCK = obj({"block": S, "index": I, "params": N, "params_changed": N, "tensors": N, "tensors_changed": N,
               "rel_change": N, "norm_base": N, "norm_delta": N, "delta_params": N, "max_numerical_rank": N,
