@@ -16,6 +16,7 @@ Differences from the reference are summation order only (compare with rtol).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -557,6 +558,29 @@ def _counts(chunk, driver, args, rows: int, cols: int) -> np.ndarray:
     return out.astype(np.float64)
 
 
+def _threaded_counts(chunk, args, rows: int, cols: int) -> np.ndarray:
+    """``_counts`` without a parallel driver: the ``CHUNK``-element pieces of the window ``args[0]`` through the
+    nogil chunk kernel on as many Python threads as this thread's numba threads. For a chunk whose work per element
+    is heavy (``twin_counts``: ~37 ns) the threads cost nothing measurable, and the parallel driver's compile (about
+    4 s a signature, the chunk compiled again inside it) is saved, in ``precompile`` and in a first run alike. Integer
+    counts: the same numbers on any thread count."""
+    n = args[0].size
+    spans = [(lo, min(n, lo + CHUNK)) for lo in range(0, n, CHUNK)] or [(0, 0)]
+
+    def one(span):
+        out = np.zeros((rows, cols), dtype=np.int64)
+        chunk(*args, span[0], span[1], out)
+        return out
+
+    workers = min(numba.get_num_threads(), len(spans))
+    if workers <= 1:
+        parts = [one(s) for s in spans]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(one, spans))
+    return np.sum(parts, axis=0).astype(np.float64)
+
+
 def _recast_bits(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, vias) -> tuple[np.ndarray, np.ndarray]:
     """Both windows' bits for ``recast_counts`` and ``twin_counts``, the sides and intermediates checked to be
     IEEE formats a cast is modelled for and the windows of one length."""
@@ -697,9 +721,9 @@ def _chain_from(v, row, pm, pe, ptop, povf):
     return lo, hi, lc, hc
 
 
-@numba.njit(cache=True, nogil=True, inline="always")   # inlined in the parallel driver: its speed
+@_jit
 def _twin_chunk(b, t, cb, ct, chb, cht, keys, pm, pe, ptop, povf, f16, fp8, lo, hi, counts):
-    """Elements [lo, hi) of ``_twin_driver``, added into ``counts`` (``nk x 2``). ``chb``, ``cht``: each side's
+    """Elements [lo, hi) of ``twin_counts``, added into ``counts`` (``nk x 2``). ``chb``, ``cht``: each side's
     chains (rows of ``_chain_from``); ``keys``: (base chain, tuned chain) index pairs."""
     nb = chb.shape[0]
     nt = cht.shape[0]
@@ -745,21 +769,6 @@ def _twin_chunk(b, t, cb, ct, chb, cht, keys, pm, pe, ptop, povf, f16, fp8, lo, 
                     counts[k, 0] += 1
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _twin_driver(b, t, cb, ct, chb, cht, keys, pm, pe, ptop, povf, f16, fp8):
-    n = b.size
-    nk = keys.shape[0]
-    nchunks = (n + CHUNK - 1) // CHUNK
-    parts = np.zeros((nchunks, nk, 2), dtype=np.int64)
-    for c in prange(nchunks):
-        _twin_chunk(b, t, cb, ct, chb, cht, keys, pm, pe, ptop, povf, f16, fp8,
-                    c * CHUNK, min(n, (c + 1) * CHUNK), parts[c])
-    out = np.zeros((nk, 2), dtype=np.int64)
-    for c in range(nchunks):
-        out += parts[c]
-    return out
-
-
 def twin_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, keys) -> np.ndarray:
     """Which elements two roundings of one original explain -> float64[len(keys), 2]; see
     ``kernels.reference.twin_counts`` (integer counts: equal to it exactly, on any thread count)."""
@@ -788,7 +797,7 @@ def twin_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, keys) ->
     kix = np.array([[ub.index(vb), ut.index(vt)] for vb, vt in keys], dtype=np.int64).reshape(-1, 2)
     args = (b, t, DTYPES[dtype_base].code, DTYPES[dtype_tuned].code, chb, cht, kix, pm, pe, ptop, povf,
             _F16_TABLE, _FP8)
-    return _counts(_twin_chunk, _twin_driver, args, len(keys), 2)
+    return _threaded_counts(_twin_chunk, args, len(keys), 2)
 
 
 @_jit

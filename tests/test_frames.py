@@ -214,7 +214,7 @@ def test_cross_sums_into_a_fit_and_inner_products_hold_no_d_by_d_array(tmp_path,
     ob, ot = b[:300].T.copy(), t[:300].T.copy()               # [d, 300] output matrices
     obc = locate(write_checkpoint(tmp_path / "ob", {"w": ob.astype(np.float32)}, dtype="F32"))
     otc = locate(write_checkpoint(tmp_path / "ot", {"w": ot.astype(np.float32)}, dtype="F32"))
-    monkeypatch.setattr(rot, "BLOCK_BYTES", 8 * d * 2)        # blocks and tiles of 2 rows / columns: 8 KB
+    monkeypatch.setattr(rot, "BLOCK_BYTES", 8 * d * 8)        # blocks and tiles of 8 rows / columns: 32 KB
     r = np.linalg.qr(rng.standard_normal((d, d)))[0]
     dd = 8 * d * d                                            # 2 MB
 
