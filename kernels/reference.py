@@ -495,8 +495,7 @@ def chain_from(v, dtype: str, vias=()) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """The reals x that rounding through ``vias`` (in that order) and then to ``dtype`` takes to each ``dtype``
     value ``v``: ``rounds_from`` of the last step, its ``via`` values in it, the reals those round from, and so
     back to the first (each rounding is monotone, so each set is an interval); a step in ``CLAMPS`` is an fp16
-    converter's clamp (``clamp_from``). Empty (``lo > hi``) where no x
-    gives ``v`` so.
+    converter's clamp (``clamp_from``). Empty (``lo > hi``) where no x gives ``v`` so.
 
     >>> lo, hi, lc, hc = chain_from(np.array([1.0]), "F16", ["BF16"]); float(lo[0]), float(hi[0])
     (0.998046875, 1.00390625)
