@@ -722,6 +722,41 @@ def _chain_from(v, row, pm, pe, ptop, povf):
 
 
 @_jit
+def _chain_apply(x, row, pm, pe, ptop, povf):
+    """``reference.chain_apply`` of one float64: the steps of ``row`` (``_chain_from``'s: stored dtype, last via,
+    first via) from the first via to the stored dtype."""
+    for j in range(row.size - 1, -1, -1):
+        d = row[j]
+        if d < 0:
+            continue
+        if pm[d] == -2:                                  # a clamp of the magnitudes to [povf, ptop]
+            a = abs(x)
+            if 0.0 < a < povf[d]:
+                x = povf[d] if x > 0.0 else -povf[d]
+            elif ptop[d] < a < np.inf:
+                x = ptop[d] if x > 0.0 else -ptop[d]
+        else:
+            x = _round_to(x, pm[d], pe[d], ptop[d])
+    return x
+
+
+#: candidate originals ``_twin_chunk`` tries before the intervals
+NCAND = 4
+
+
+@_jit
+def _toward(v, w):
+    """The float64 next to ``v`` in the direction of ``w`` (``v`` where they are equal or either is NaN)."""
+    if v == w or v != v or w != w:
+        return v
+    if v == 0.0:
+        return 5e-324 if w > 0.0 else -5e-324
+    bits = _f64_bits(v)
+    step = np.int64(1) if (w > v) == (v > 0.0) else np.int64(-1)    # away from zero: the magnitude's bits up
+    return _as_f64(bits + step)
+
+
+@_jit
 def _twin_chunk(b, t, cb, ct, chb, cht, keys, pm, pe, ptop, povf, f16, fp8, lo, hi, counts):
     """Elements [lo, hi) of ``twin_counts``, added into ``counts`` (``nk x 2``). ``chb``, ``cht``: each side's
     chains (rows of ``_chain_from``); ``keys``: (base chain, tuned chain) index pairs."""
@@ -734,6 +769,11 @@ def _twin_chunk(b, t, cb, ct, chb, cht, keys, pm, pe, ptop, povf, f16, fp8, lo, 
     it = np.empty((nt, 2))
     cbf = np.empty((nb, 2), dtype=np.bool_)
     ctf = np.empty((nt, 2), dtype=np.bool_)
+    gb = np.empty((nb, NCAND), dtype=np.bool_)
+    gt = np.empty((nt, NCAND), dtype=np.bool_)
+    cand = np.empty(NCAND)
+    done = np.empty(NCAND, dtype=np.bool_)
+    pref = 0
     for s0 in range(lo, hi, SUB):
         xb, xt = _decode_pair(b, t, cb, ct, f16, fp8, s0, min(SUB, hi - s0), fb, ft)
         for i in range(xb.size):
@@ -741,14 +781,44 @@ def _twin_chunk(b, t, cb, ct, chb, cht, keys, pm, pe, ptop, povf, f16, fp8, lo, 
             y = xt[i]
             if x == y or (x != x and y != y):
                 continue
-            for j in range(nb):
-                ib[j, 0], ib[j, 1], cbf[j, 0], cbf[j, 1] = _chain_from(x, chb[j], pm, pe, ptop, povf)
-            for j in range(nt):
-                it[j, 0], it[j, 1], ctf[j, 0], ctf[j, 1] = _chain_from(y, cht[j], pm, pe, ptop, povf)
             one_inf = (abs(x) == np.inf) != (abs(y) == np.inf)
+            # a fast exact accept: a candidate original (either stored value, or either one float64 step towards the
+            # other: where one side's rounding put the original on a tie of the next, the original was just beside
+            # it) that goes through both chains to the two stored values is a witness that the intervals meet. The
+            # candidate that was one last time is tried first, each computed once an element; only elements no
+            # candidate explains get the intervals
+            cand[0] = x
+            cand[1] = y
+            cand[2] = _toward(x, y)
+            cand[3] = _toward(y, x)
+            done[:] = False
+            exact = False
             for k in range(nk):
                 p = keys[k, 0]
                 q = keys[k, 1]
+                hit = False
+                for r in range(NCAND):
+                    c = (pref + r) % NCAND
+                    if not done[c]:
+                        done[c] = True
+                        for j in range(nb):
+                            gb[j, c] = _chain_apply(cand[c], chb[j], pm, pe, ptop, povf) == x
+                        for j in range(nt):
+                            gt[j, c] = _chain_apply(cand[c], cht[j], pm, pe, ptop, povf) == y
+                    if gb[p, c] and gt[q, c]:
+                        hit = True
+                        pref = c
+                        break
+                if hit:
+                    if one_inf:
+                        counts[k, 1] += 1
+                    continue
+                if not exact:
+                    exact = True
+                    for j in range(nb):
+                        ib[j, 0], ib[j, 1], cbf[j, 0], cbf[j, 1] = _chain_from(x, chb[j], pm, pe, ptop, povf)
+                    for j in range(nt):
+                        it[j, 0], it[j, 1], ctf[j, 0], ctf[j, 1] = _chain_from(y, cht[j], pm, pe, ptop, povf)
                 l1, h1, l2, h2 = ib[p, 0], ib[p, 1], it[q, 0], it[q, 1]
                 if l1 > l2:
                     lo_, lc = l1, cbf[p, 0]
@@ -769,13 +839,9 @@ def _twin_chunk(b, t, cb, ct, chb, cht, keys, pm, pe, ptop, povf, f16, fp8, lo, 
                     counts[k, 0] += 1
 
 
-def twin_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, keys) -> np.ndarray:
-    """Which elements two roundings of one original explain -> float64[len(keys), 2]; see
-    ``kernels.reference.twin_counts`` (integer counts: equal to it exactly, on any thread count)."""
-    keys = [(tuple(vb), tuple(vt)) for vb, vt in keys]
-    steps = [v for k in keys for s in k for v in s]
-    b, t = _recast_bits(base_raw, tuned_raw, dtype_base, dtype_tuned, [v for v in steps if v not in reference.CLAMPS])
-    names = list(dict.fromkeys([dtype_base, dtype_tuned] + steps))
+def _step_params(names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The steps ``names`` (dtypes, ``reference.CLAMPS``) as ``_chain_from``'s parameter arrays: mantissa bits (-1:
+    F64, -2: a clamp), least exponent, largest finite value (a clamp's upper end), overflow threshold (its lower)."""
     clamp = [d in reference.CLAMPS for d in names]
     pm = np.array([-2 if c else -1 if d == "F64" else DTYPES[d].mant_bits for d, c in zip(names, clamp)],
                   dtype=np.int64)
@@ -784,6 +850,34 @@ def twin_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, keys) ->
                      for d, c in zip(names, clamp)], dtype=np.float64)
     povf = np.array([reference.CLAMPS[d][0] if c else reference.overflow_at(d) for d, c in zip(names, clamp)],
                     dtype=np.float64)
+    return pm, pe, ptop, povf
+
+
+@_jit
+def _chain_apply_all(x, row, pm, pe, ptop, povf, out):
+    for i in range(x.size):
+        out[i] = _chain_apply(x[i], row, pm, pe, ptop, povf)
+
+
+def chain_apply(x, dtype: str, vias=()) -> np.ndarray:
+    """``reference.chain_apply`` through the scalar step ``twin_counts``' fast accept uses: float64 originals rounded
+    through ``vias`` (at most two roundings, clamps besides) and then to ``dtype``."""
+    names = list(dict.fromkeys([dtype, *vias]))
+    row = np.array([names.index(dtype)] + [names.index(v) for v in reversed(list(vias))], dtype=np.int64)
+    x = np.ascontiguousarray(x, dtype=np.float64).reshape(-1)
+    out = np.empty_like(x)
+    _chain_apply_all(x, row, *_step_params(names), out)
+    return out
+
+
+def twin_counts(base_raw, tuned_raw, dtype_base: str, dtype_tuned: str, keys) -> np.ndarray:
+    """Which elements two roundings of one original explain -> float64[len(keys), 2]; see
+    ``kernels.reference.twin_counts`` (integer counts: equal to it exactly, on any thread count)."""
+    keys = [(tuple(vb), tuple(vt)) for vb, vt in keys]
+    steps = [v for k in keys for s in k for v in s]
+    b, t = _recast_bits(base_raw, tuned_raw, dtype_base, dtype_tuned, [v for v in steps if v not in reference.CLAMPS])
+    names = list(dict.fromkeys([dtype_base, dtype_tuned] + steps))
+    pm, pe, ptop, povf = _step_params(names)
     sides = []
     for stored, chains in ((dtype_base, [k[0] for k in keys]), (dtype_tuned, [k[1] for k in keys])):
         uniq = list(dict.fromkeys(chains))

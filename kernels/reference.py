@@ -491,6 +491,25 @@ def clamp_from(lo, hi, lc, hc, clamp: str):
     return np.where(empty, np.inf, p), np.where(empty, -np.inf, q), pc, qc
 
 
+def chain_apply(x, dtype: str, vias=()) -> np.ndarray:
+    """float64 originals -> what rounding through ``vias`` (in that order) and then to ``dtype`` gives: the forward
+    direction of ``chain_from``; a step in ``CLAMPS`` raises magnitudes in (0, lo) to lo and lowers those in
+    (hi, inf) to hi (infinities, zeros and NaN pass).
+
+    >>> chain_apply(np.array([1 - 2.0 ** -9, 3e-8]), "F16", ["BF16", "CLAMP"]).tolist()
+    [1.0, 1.1920928955078125e-07]
+    """
+    v = np.array(x, dtype=np.float64).reshape(-1)
+    for via in vias:
+        if via in CLAMPS:
+            lo, hi = CLAMPS[via]
+            a = np.abs(v)
+            v = np.copysign(np.where((a > 0) & (a < lo), lo, np.where((a > hi) & (a < np.inf), hi, a)), v)
+        else:
+            v = round_to(v, via)
+    return round_to(v, dtype)
+
+
 def chain_from(v, dtype: str, vias=()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The reals x that rounding through ``vias`` (in that order) and then to ``dtype`` takes to each ``dtype``
     value ``v``: ``rounds_from`` of the last step, its ``via`` values in it, the reals those round from, and so

@@ -405,7 +405,6 @@ def test_an_onnx_float16_clamp_beside_another_rounding_is_two_roundings(tmp_path
     float32 model (or of its bf16 copy) against the ONNX float16 export of the float32 model read derived (the clamp
     and the other rounding together are no cast of either side). The clamp is a step of the tuned side's chain."""
     tensors, _ = base
-    lo, hi = ref.CLAMPS["CLAMP"]
     b, t = {}, {}
     for k, v in tensors.items():
         x = v.astype(np.float64).reshape(-1)
@@ -414,11 +413,8 @@ def test_an_onnx_float16_clamp_beside_another_rounding_is_two_roundings(tmp_path
         else:
             x[np.abs(x) < 1e-7] = 1e-3
         x[np.abs(x) > 6e4] = 5e3                          # (no weight is near the clamp's 1e4)
-        a = np.abs(x)
-        c = np.copysign(np.where((a > 0) & (a < lo), lo, np.where(a > hi, hi, a)), x)
-        xb = ref.round_to(x, "BF16") if coarse else x
-        b[k] = ("F16", to_storage(ref.round_to(xb, "F16").reshape(v.shape), "F16"))
-        t[k] = ("F16", to_storage(ref.round_to(c, "F16").reshape(v.shape), "F16"))
+        b[k] = ("F16", to_storage(ref.chain_apply(x, "F16", ("BF16",) if coarse else ()).reshape(v.shape), "F16"))
+        t[k] = ("F16", to_storage(ref.chain_apply(x, "F16", ("CLAMP",)).reshape(v.shape), "F16"))
     r = weightdiff.compare(write_checkpoint(tmp_path / "b", b), write_checkpoint(tmp_path / "t", t), rank=False)
     assert r.summary.verdict == "cast_only", (r.summary.verdict, r.summary.flags)
     # (a tensor with no value the clamp moved needs no clamp: the fewest roundings that explain it are named)
@@ -481,28 +477,18 @@ def test_chain_intervals_are_exact_against_the_roundings():
     x[:14] = [65519, 65520, -65520, 65504, 6e-8, 2.0 ** -25, 3 * 2.0 ** -26, 1 - 2.0 ** -9, 3e38, 3.5e38,
               1e-7, -5e-8, 2e4, 0.0]
 
-    def chain(v, dtype, vias):
-        for via in vias:
-            if via in ref.CLAMPS:              # an fp16 converter's clamp of the magnitudes
-                lo, hi = ref.CLAMPS[via]
-                a = np.abs(v)
-                v = np.copysign(np.where((a > 0) & (a < lo), lo, np.where((a > hi) & (a < np.inf), hi, a)), v)
-            else:
-                v = ref.round_to(v, via)
-        return ref.round_to(v, dtype)
-
     for dtype in ("F32", "BF16", "F16", "F64"):
         for vias in recast.side_chains(dtype):
-            v = chain(x, dtype, vias)
+            v = ref.chain_apply(x, dtype, vias)
             lo, hi, lc, hc = ref.chain_from(v, dtype, vias)
             assert ((lo <= x) & (x <= hi)).all(), (dtype, vias)
             for end, closed, out in ((lo, lc, -np.inf), (hi, hc, np.inf)):
                 f = np.isfinite(end)
-                assert np.array_equal(chain(end[f], dtype, vias) == v[f], closed[f]), (dtype, vias)
-                assert not (chain(np.nextafter(end[f], out), dtype, vias) == v[f]).any(), (dtype, vias)
+                assert np.array_equal(ref.chain_apply(end[f], dtype, vias) == v[f], closed[f]), (dtype, vias)
+                assert not (ref.chain_apply(np.nextafter(end[f], out), dtype, vias) == v[f]).any(), (dtype, vias)
     for db, dt in (("F32", "F32"), ("BF16", "BF16"), ("F16", "F16"), ("BF16", "F32"), ("F16", "BF16")):
         for vb, vt in recast.twin_chains(db, dt):
-            b, t = chain(x, db, vb), chain(x, dt, vt)
+            b, t = ref.chain_apply(x, db, vb), ref.chain_apply(x, dt, vt)
             ok = ~(np.isnan(b) | np.isnan(t))
             assert ref.twin_explained(b[ok], db, vb, t[ok], dt, vt).all(), (db, vb, dt, vt)
 
@@ -574,3 +560,41 @@ def test_twins_beside_a_zero_matrix_a_tiny_one_and_a_lone_matrix(tmp_path, base)
                                                      "n": np.ones(64, np.float32)})
     r = compare(tmp_path / "c.safetensors", tmp_path / "f.safetensors", rank=False)
     assert r.summary.verdict == "cast_only" and r.tensor("w").cast["rounded"] == "base", r.summary.verdict
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_past_the_probe_only_the_leading_chains_are_read_unless_they_fail(monkeypatch, tmp_path, late):
+    """Past the first ``PROBE`` elements ``twin_test`` reads on with the first pair of chains that explained them all
+    (fewest roundings): a float32 original against its float16 release loaded as bf16 and saved as float32, where
+    that pair, "the tuned side through F16 then BF16", is the lead. Where the first ``PROBE`` values of each matrix
+    are float16 values (``late``: ``bf16(f16(x))`` is ``bf16(x)`` there) and the rest are not, the lead is "the tuned
+    side through BF16", which fails past the probe, and the other pairs are read. Either way the record is the one
+    counting every pair over every element gives (``kernels.reference.twin_counts``)."""
+    rng = np.random.default_rng(3)
+    b, t, full = {}, {}, {}
+    for i in range(2):
+        x = rng.normal(0, 0.02, 512 * 512)
+        if late:
+            x[:recast.PROBE] = ref.round_to(x[:recast.PROBE], "F16")
+        name = f"model.layers.{i}.mlp.up_proj.weight"
+        b[name] = ("F32", to_storage(x.reshape(512, 512), "F32"))
+        y = ref.chain_apply(x, "F32", ("F16", "BF16"))
+        t[name] = ("F32", to_storage(y.reshape(512, 512), "F32"))
+        full[name] = (b[name][1], t[name][1])
+    seen = []
+    real = recast.cpu.twin_counts
+    monkeypatch.setattr(recast.cpu, "twin_counts",
+                        lambda wb, wt, db, dt, keys: seen.append((len(wb), list(keys))) or real(wb, wt, db, dt, keys))
+    r = weightdiff.compare(write_checkpoint(tmp_path / "b", b), write_checkpoint(tmp_path / "t", t), rank=False)
+    assert r.summary.verdict == "cast_only", (r.summary.verdict, r.summary.flags)
+    keys = recast.twin_chains("F32", "F32")
+    for name, (wb, wt) in full.items():
+        counts = ref.twin_counts(wb.reshape(-1), wt.reshape(-1), "F32", "F32", keys)[:, 0].tolist()
+        want = keys[counts.index(min(counts))]                   # fewest unexplained; of those, fewest roundings
+        assert want == ((), ("F16", "BF16"))
+        got = r.tensor(name).cast
+        assert (tuple(got["vias"]["base"]), tuple(got["vias"]["tuned"])) == want and got["unexplained"] == 0, got
+    tail = [k for n, k in seen if n > recast.PROBE]                 # the windows past the probe
+    lead = ((), ("BF16",)) if late else want
+    assert tail and tail[0] == [lead], tail
+    assert any(lead not in k and len(k) > 1 for k in tail) == late, tail

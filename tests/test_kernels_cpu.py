@@ -543,17 +543,7 @@ def test_twin_counts_of_every_pair_of_chains_matches_reference(rng, db, dt):
     x = rng.standard_normal(30_000) * 10.0 ** rng.integers(-12, 6, 30_000)
     x[:12] = [65519, 65520, -65520, 1e-8, 6e-8, 2.0 ** -25, np.inf, -np.inf, np.nan, -0.0, 1e5, 3e38]
     for kb, kt in (keys[-1], keys[len(keys) // 2]):
-        sides = []
-        for dtype, vias in ((db, kb), (dt, kt)):
-            v = x.copy()
-            for via in vias:
-                if via in ref.CLAMPS:
-                    lo, hi = ref.CLAMPS[via]
-                    a = np.abs(v)
-                    v = np.copysign(np.where((a > 0) & (a < lo), lo, np.where((a > hi) & (a < np.inf), hi, a)), v)
-                else:
-                    v = ref.round_to(v, via)
-            sides.append(ref.round_to(v, dtype))
+        sides = [ref.chain_apply(x, dtype, vias) for dtype, vias in ((db, kb), (dt, kt))]
         sides[1][100:130] = ref.round_to(sides[1][100:130] * (1 + 2.0 ** -6), dt)
         b, t = to_storage(sides[0], db), to_storage(sides[1], dt)
         want = ref.twin_counts(b, t, db, dt, keys)
@@ -562,6 +552,58 @@ def test_twin_counts_of_every_pair_of_chains_matches_reference(rng, db, dt):
         assert want[keys.index((kb, kt)), 0] <= 30, want[keys.index((kb, kt))]
     for fn in (cpu.twin_counts, ref.twin_counts):                   # empty windows count nothing
         assert fn(b[:0], t[:0], db, dt, keys).tolist() == [[0.0, 0.0]] * len(keys)
+
+
+def test_chain_apply_kernel_matches_reference(rng):
+    """The scalar chain ``twin_counts``' fast accept runs (``cpu.chain_apply``) is ``reference.chain_apply`` bit for
+    bit, signed zeros, NaN, infinities, ties, subnormals, overflow and the clamps' ends included, for every chain
+    ``twin_test`` tries; and the reference is the roundings numpy makes (float32 then float16)."""
+    from weightdiff.measure.recast import side_chains
+
+    x = rng.standard_normal(40_000) * 10.0 ** rng.uniform(-12, 8, 40_000)
+    edges = [65519, 65520, -65520, 65504, 6e-8, 2.0 ** -25, 3 * 2.0 ** -26, 1 - 2.0 ** -9, 3e38, 3.5e38, 1e-7, -5e-8,
+             2e4, 1e4, -1e4, 0.0, -0.0, np.inf, -np.inf, np.nan, 5e-324, -2.0 ** -149, 2.0 ** -150, 65504 + 16]
+    lows = [v for c in ref.CLAMPS.values() for v in (c[0], np.nextafter(c[0], 0), np.nextafter(c[0], 1), c[1],
+                                                    np.nextafter(c[1], 0), np.nextafter(c[1], np.inf))]
+    x[:len(edges) + len(lows)] = edges + lows
+    for dtype in ("F32", "BF16", "F16", "F64"):
+        for vias in side_chains(dtype) + [("F32", "F16"), ("F16",)]:
+            want, got = ref.chain_apply(x, dtype, vias), cpu.chain_apply(x, dtype, vias)
+            assert np.array_equal(got.view(np.int64), want.view(np.int64)), (dtype, vias)
+    with np.errstate(over="ignore", invalid="ignore"):
+        x32 = x.astype(np.float32).astype(np.float64)
+        assert np.array_equal(ref.chain_apply(x32, "F16"), x32.astype(np.float16).astype(np.float64), equal_nan=True)
+
+
+@pytest.mark.parametrize("db,dt", [("F32", "F32"), ("F16", "F16"), ("BF16", "F32"), ("F16", "BF16"), ("F64", "F16")])
+def test_twin_counts_fast_accept_is_exact_beside_the_roundings(rng, db, dt):
+    """The kernel accepts an element at once where either stored value, taken as the original, goes through both
+    chains to the two stored values; every other element gets the exact intervals. On pairs one step beside two
+    roundings of one original (the next value up or down of either side, a bf16 tie moved, a sign flipped, past the
+    ranges and beside the clamps' ends), for every pair of chains: the kernel's counts are the reference's."""
+    from weightdiff.measure.recast import twin_chains
+
+    keys = twin_chains(db, dt)
+    n = 20_000
+    x = rng.standard_normal(n) * 10.0 ** rng.uniform(-10, 5.5, n)
+    x[:12] = [65519, 65520, 1e-7, 5.96e-8, 1e4 + 3, 2.0 ** -25, 1 - 2.0 ** -9, 1 + 3 * 2.0 ** -9, 3e38, -0.0,
+              np.inf, 1e5]
+    for kb, kt in (keys[0], keys[len(keys) // 2], keys[-1]):
+        b = ref.chain_apply(x, db, kb)
+        t = ref.chain_apply(x, dt, kt)
+        side = rng.integers(0, 2, n).astype(bool)
+        way = np.where(rng.random(n) < 0.5, np.inf, -np.inf)
+        pick = rng.random(n) < 0.4                                 # 40% moved by one stored step
+        moved = ref.round_to(np.nextafter(np.where(side, b, t), way), db)
+        b = np.where(pick & side, moved, b)
+        t = np.where(pick & ~side, ref.round_to(np.nextafter(t, way), dt), t)
+        flip = rng.random(n) < 0.01
+        t = np.where(flip, -t, t)
+        bb, tt = to_storage(b, db), to_storage(t, dt)
+        want = ref.twin_counts(bb, tt, db, dt, keys)
+        got = cpu.twin_counts(bb, tt, db, dt, keys)
+        assert np.array_equal(got, want), (db, dt, kb, kt)
+        assert 0 < want[:, 0].min() < n * 0.45                      # some explained, some not: both paths taken
 
 
 @pytest.mark.parametrize("db,dt", [("F32", "BF16"), ("BF16", "F32"), ("F32", "F16"), ("F64", "BF16"), ("F16", "F32")])

@@ -386,30 +386,56 @@ def twin_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, n
     overflow = dict.fromkeys(keys, 0)
     cuts = sorted({0, min(TWIN_PROBE, end), min(PROBE, end), end})
     spans = [(a, b_, b_ - a if b_ <= PROBE else window) for a, b_ in zip(cuts, cuts[1:])]
-    for wb, wt in ((wb, wt) for a, b_, step in spans
-                   for wb, wt in zip(base.windows(bname, step, a, b_), tuned.windows(tname, step, a, b_))):
-        alive = list(missed)
-        counts = cpu.twin_counts(wb, wt, dtype_b, dtype_t, alive)
-        for key, row in zip(alive, counts.tolist()):
-            missed[key] += int(row[0])
-            overflow[key] += int(row[1])
-            if missed[key] > budget:
-                del missed[key]
-        if not missed:
-            return None
+
+    def count(spans, alive) -> None:
+        """Add the unexplained and overflowing elements of ``spans`` for the chains ``alive``, dropping a pair of
+        chains from ``missed`` once it is over the budget (and stopping once none of ``alive`` is left)."""
+        if not alive:
+            return
+        for wb, wt in ((wb, wt) for a, b_, step in spans
+                       for wb, wt in zip(base.windows(bname, step, a, b_), tuned.windows(tname, step, a, b_))):
+            counts = cpu.twin_counts(wb, wt, dtype_b, dtype_t, alive)
+            for key, row in zip(alive, counts.tolist()):
+                missed[key] += int(row[0])
+                overflow[key] += int(row[1])
+                if missed[key] > budget:
+                    del missed[key]
+            alive = [k for k in alive if k in missed]
+            if not alive:
+                return
+
     # a side said to hold a narrower dtype's values must hold them elsewhere too: a float32 base whose all-ones
     # norm a fine-tune scaled by 1.001 read "the base holds the rounded values" (its matrices are off the bf16
     # grid, so it is no bf16 copy)
     # and chains that widen what one tensor admits must explain the model's other tensors (``_whole_model``)
+    def holds(key) -> bool:
+        return all(not (grid := _needs_grid(dt, vias))
+                   or side_on_grid(ck, dt, grid, name, _varied(ck, name, dt, min(PROBE, end)))
+                   for ck, name, dt, vias in ((base, bname, dtype_b, key[0]), (tuned, tname, dtype_t, key[1]))) \
+            and (not _whole_model(dtype_b, dtype_t, key)
+                 or witness_explains(base, bname, dtype_b, tuned, tname, dtype_t, key, rounding_frac))
+
+    head, tail = [s for s in spans if s[1] <= PROBE], [s for s in spans if s[1] > PROBE]
+    count(head, list(missed))
+    # past the first PROBE elements, the first pair of chains (fewest roundings) that explained every one of them
+    # alone: if it explains the rest too and holds, it is what counting every pair would report (no pair can have
+    # fewer unexplained, and those before it in order already have some); only otherwise are the others read
+    lead = next((k for k in missed if missed[k] == 0), None)
+    if tail and lead is not None:
+        count(tail, [lead])
+        if missed.get(lead) == 0 and holds(lead):
+            return _twin_record(lead, missed, overflow, end, dtype_b, dtype_t)
+        count(tail, [k for k in missed if k != lead])
+    elif tail:
+        count(tail, list(missed))
     for key in sorted(missed, key=lambda k: missed[k]):          # fewest unexplained; of those, fewest roundings
-        if all(not (grid := _needs_grid(dt, vias))
-               or side_on_grid(ck, dt, grid, name, _varied(ck, name, dt, min(PROBE, end)))
-               for ck, name, dt, vias in ((base, bname, dtype_b, key[0]), (tuned, tname, dtype_t, key[1]))) \
-                and (not _whole_model(dtype_b, dtype_t, key)
-                     or witness_explains(base, bname, dtype_b, tuned, tname, dtype_t, key, rounding_frac)):
-            break
-    else:
-        return None
+        if holds(key):
+            return _twin_record(key, missed, overflow, end, dtype_b, dtype_t)
+    return None
+
+
+def _twin_record(key, missed: dict, overflow: dict, end: int, dtype_b: str, dtype_t: str) -> dict:
+    """``twin_test``'s ``cast`` dict for the pair of chains ``key``."""
     (vb, vt), n = key, missed[key]
     rounded = "both" if vb and vt else "base" if vb else "tuned" if vt else "neither"
     lasts = [[d for d in v if d in DTYPES][-1] for v in (vt, vb) if any(d in DTYPES for d in v)]
