@@ -73,3 +73,29 @@ def test_a_plain_fine_tune_is_not_taken_for_an_export(tmp_path, weights):
     base, tuned = weights
     r = compare(write_checkpoint(tmp_path / "base", base), write_checkpoint(tmp_path / "t", tuned), rank=False)
     assert r.summary.verdict == "derived" and all(x.quant is None for x in r.tensors)
+
+
+def test_a_matrix_in_a_dtypes_uniform_range_is_not_taken_for_an_export(tmp_path, weights):
+    """Every float16 value below 2^-13 is a multiple of 2^-24: a matrix of values near 1e-6 (a layer scale, a
+    zero-initialised projection barely trained) stored as float16 lies on a uniform grid of a hundred levels per row,
+    float16's own. Against its float32 original it read QUANTIZED ONLY for a plain cast; a grid no coarser than the
+    dtype's smallest spacing is no export. A real int8 export of such a matrix beside it still reads as one."""
+    base, _ = weights
+    b = dict(base)
+    b["model.layers.2.mlp.up_proj.weight"] = base[NAMES[0]] * np.float32(1e-6 / 0.05)
+    t = {n: ("F16", w.astype(np.float16)) for n, w in b.items()}
+    r = compare(write_checkpoint(tmp_path / "base", b), write_checkpoint(tmp_path / "f16", t), rank=False)
+    tiny = r.tensor("model.layers.2.mlp.up_proj.weight")
+    steps = QF.row_grids(t["model.layers.2.mlp.up_proj.weight"][1][:8].astype(np.float64))[0]
+    assert np.isfinite(steps).all() and np.allclose(steps, 2.0 ** -24)          # float16's own grid, sampled
+    assert r.summary.verdict == "cast_only", (r.summary.verdict, r.summary.verdict_reason)
+    assert tiny.status == "rounding" and tiny.quant is None, (tiny.status, tiny.quant)
+    # and float16's grid held in float32 (a float16 release upcast): the tuned side through F16
+    up = {n: ("F32", w.astype(np.float16).astype(np.float32)) for n, w in b.items()}
+    r = compare(write_checkpoint(tmp_path / "base1", b), write_checkpoint(tmp_path / "up", up), rank=False)
+    tiny = r.tensor("model.layers.2.mlp.up_proj.weight")
+    assert r.summary.verdict == "cast_only" and tiny.status == "rounding" and tiny.quant is None, (tiny.status, tiny.quant)
+    e = dict(t)
+    e[NAMES[1]] = ("F16", onnx_int8_roundtrip(base[NAMES[1]]).astype(np.float16))
+    r = compare(write_checkpoint(tmp_path / "base2", b), write_checkpoint(tmp_path / "export", e), rank=False)
+    assert r.tensor(NAMES[1]).quant["format"] == "dequantized" and r.tensor("model.layers.2.mlp.up_proj.weight").quant is None

@@ -966,6 +966,15 @@ def detect_export(ck, name: str, dtype: str, shape: tuple) -> dict | None:
     step, _, _, levels = QF.row_grids(vals)
     if np.isnan(step).any() or np.nanmax(levels) < 16:
         return None
+    # a float dtype's own grid: below 2^(emin + 1) its values are the multiples of its smallest spacing (float16's
+    # 2^-24 up to 2^-13), so a matrix of values near 1e-6 stored as float16, or upcast from float16, lies on a
+    # uniform grid of a hundred levels a row; a grid no coarser than that spacing is no export (a real one's step
+    # is far coarser there: the float16 rounding would have blurred it)
+    with np.errstate(invalid="ignore"):
+        amax = np.max(np.where(np.isfinite(vals), np.abs(vals), 0.0), axis=1)
+    for own in dict.fromkeys((d, DTYPES["F16"])):
+        if ((step > 0) & (amax < 2.0 ** (own.emin + 1)) & (step <= 1.02 * 2.0 ** (own.emin - own.mant_bits))).any():
+            return None
     top = int(np.nanmax(levels))
     return {"bits": max(2, math.ceil(math.log2(top))), "levels": top}
 
