@@ -569,7 +569,7 @@ def test_past_the_probe_only_the_leading_chains_are_read_unless_they_fail(monkey
     that pair, "the tuned side through F16 then BF16", is the lead. Where the first ``PROBE`` values of each matrix
     are float16 values (``late``: ``bf16(f16(x))`` is ``bf16(x)`` there) and the rest are not, the lead is "the tuned
     side through BF16", which fails past the probe, and the other pairs are read. Either way the record is the one
-    counting every pair over every element gives (``kernels.reference.twin_counts``)."""
+    counting every pair over every element gives (``kernels.cpu.twin_counts``, itself the reference's counts)."""
     rng = np.random.default_rng(3)
     b, t, full = {}, {}, {}
     for i in range(2):
@@ -589,7 +589,7 @@ def test_past_the_probe_only_the_leading_chains_are_read_unless_they_fail(monkey
     assert r.summary.verdict == "cast_only", (r.summary.verdict, r.summary.flags)
     keys = recast.twin_chains("F32", "F32")
     for name, (wb, wt) in full.items():
-        counts = ref.twin_counts(wb.reshape(-1), wt.reshape(-1), "F32", "F32", keys)[:, 0].tolist()
+        counts = real(wb.reshape(-1), wt.reshape(-1), "F32", "F32", keys)[:, 0].tolist()
         want = keys[counts.index(min(counts))]                   # fewest unexplained; of those, fewest roundings
         assert want == ((), ("F16", "BF16"))
         got = r.tensor(name).cast

@@ -871,3 +871,27 @@ def test_a_format_without_a_floor_beside_one_with_is_named_alone_and_counted_apa
     assert s.verdict == "derived" and s.scope["within_quant_floor"]["untested"] == 7
     assert "7 more stand within their quantization noise floor" in s.verdict_reason     # embed, head, 5 of layer 0
     assert "7 more are quantized in a format whose noise floor weightdiff cannot compute" in s.verdict_reason
+
+
+def test_two_roundings_of_one_original_across_a_gguf_are_a_cast(tmp_path, rng):
+    """A bf16 copy of a model stored as float32 against a GGUF of its float16 copy stored as F32: both sides rounded,
+    each through its own dtype, which only the whole-model witness admits. The GGUF reader gives the Hugging Face
+    names, so the witness finds the pair's other tensors: CAST ONLY, both sides' roundings named; the same files
+    with the GGUF side fine-tuned by 1e-3 first stay derived."""
+    from weightdiff.kernels import reference as ref
+
+    t = llama(rng, layers=2, hidden=64, inter=128, vocab=96, kv=32)
+
+    def routed(tensors, via):
+        return {k: ref.chain_apply(v, "F32", (via,)).astype(np.float32).reshape(v.shape) for k, v in tensors.items()}
+
+    base = write_checkpoint(tmp_path / "bf16-as-f32", routed(t, "BF16"))
+    path = to_gguf(tmp_path / "f16-as-f32.gguf", routed(t, "F16"), "llama", Q.F32, n_head=4, n_kv=2, layers=2)
+    r = compare(base, path, rank=False)
+    assert r.summary.verdict == "cast_only", (r.summary.verdict, r.summary.flags)
+    assert "cast_both_rounded" in r.summary.flags
+    q = r.tensor("model.layers.1.mlp.up_proj.weight")
+    assert q.status == "rounding" and q.cast["vias"] == {"base": ["BF16"], "tuned": ["F16"]}, q.cast
+    moved = {k: (v * (1 + 1e-3 * rng.standard_normal(v.shape))).astype(np.float32) for k, v in t.items()}
+    ft = to_gguf(tmp_path / "ft.gguf", routed(moved, "F16"), "llama", Q.F32, n_head=4, n_kv=2, layers=2)
+    assert compare(base, ft, rank=False).summary.verdict == "derived"
