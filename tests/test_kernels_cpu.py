@@ -586,8 +586,8 @@ def test_twin_counts_fast_accept_is_exact_beside_the_roundings(rng, db, dt):
     keys = twin_chains(db, dt)
     n = 20_000
     x = rng.standard_normal(n) * 10.0 ** rng.uniform(-10, 5.5, n)
-    x[:12] = [65519, 65520, 1e-7, 5.96e-8, 1e4 + 3, 2.0 ** -25, 1 - 2.0 ** -9, 1 + 3 * 2.0 ** -9, 3e38, -0.0,
-              np.inf, 1e5]
+    x[:14] = [65519, 65520, 1e-7, 5.96e-8, 1e4 + 3, 2.0 ** -25, 1 - 2.0 ** -9, 1 + 3 * 2.0 ** -9, 3e38, -0.0,
+              np.inf, 1e5, np.nan, -np.inf]
     for kb, kt in (keys[0], keys[len(keys) // 2], keys[-1]):
         b = ref.chain_apply(x, db, kb)
         t = ref.chain_apply(x, dt, kt)
