@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 from weightdiff import compare  # noqa: E402
+from weightdiff.io.safetensors_write import to_storage  # noqa: E402
 from weightdiff.kernels import quant_floor as QF  # noqa: E402
 
 from conftest import write_checkpoint  # noqa: E402
@@ -73,6 +74,28 @@ def test_a_plain_fine_tune_is_not_taken_for_an_export(tmp_path, weights):
     base, tuned = weights
     r = compare(write_checkpoint(tmp_path / "base", base), write_checkpoint(tmp_path / "t", tuned), rank=False)
     assert r.summary.verdict == "derived" and all(x.quant is None for x in r.tensors)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_gains_near_one_stored_narrower_are_no_export(tmp_path, weights, dtype):
+    """bf16's values in [1, 2) are the multiples of 2^-7 (float16's of 2^-10): a 2-D tensor of gains near 1 cast to
+    bf16 or float16 lies on a uniform grid of a few dozen levels per row, the dtype's own, and read QUANTIZED ONLY
+    ("int5 grid per row") for a plain cast of the model. A grid no coarser than the dtype's spacing at the row's least
+    value is no export: CAST ONLY, the gains `rounding`; an ONNX int8 export of a matrix beside them still is one."""
+    base, _ = weights
+    rng = np.random.default_rng(4)
+    b = dict(base)
+    b["model.layers.2.ls.weight"] = (1.0 + 0.05 * np.abs(rng.standard_normal((8, 128)))).astype(np.float32)
+    cast = {n: (dtype, to_storage(w.astype(np.float64), dtype)) for n, w in b.items()}
+    r = compare(write_checkpoint(tmp_path / "base", b), write_checkpoint(tmp_path / "cast", cast), rank=False)
+    gains = r.tensor("model.layers.2.ls.weight")
+    assert r.summary.verdict == "cast_only", (r.summary.verdict, r.summary.verdict_reason)
+    assert gains.status == "rounding" and gains.quant is None, (gains.status, gains.quant)
+    cast[NAMES[1]] = (dtype, to_storage(onnx_int8_roundtrip(base[NAMES[1]]).astype(np.float64), dtype))
+    r = compare(write_checkpoint(tmp_path / "base2", b), write_checkpoint(tmp_path / "export", cast), rank=False)
+    assert r.tensor("model.layers.2.ls.weight").quant is None
+    if dtype == "F16":                   # (bf16 blurs an int8 grid: the round-trip test's business, not this one)
+        assert r.tensor(NAMES[1]).quant["format"] == "dequantized"
 
 
 def test_a_matrix_in_a_dtypes_uniform_range_is_not_taken_for_an_export(tmp_path, weights):

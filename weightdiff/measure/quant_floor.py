@@ -36,7 +36,8 @@ from ..io.safetensors_read import QuantScheme
 from ..kernels import quant_floor as QF
 from ..kernels.dtypes import DTYPES
 from ..kernels.quant import round_to
-from ..kernels.reference import decode
+from ..kernels.reference import RECAST_DTYPES, decode
+from ..kernels.reference import round_to as cast_to
 
 __all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "scales_unchecked", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "CODES_MOVED_SHARE", "same_scheme", "extremes_differ", "extreme_rounding", "EXTREMES_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
 
@@ -964,18 +965,25 @@ def detect_export(ck, name: str, dtype: str, shape: tuple) -> dict | None:
     idx = np.unique(np.linspace(0, rows - 1, min(rows, EXPORT_SAMPLE_ROWS)).astype(np.int64))
     vals = decode(ck.read_rows(name, idx), dtype).reshape(idx.size, rowlen)
     step, _, _, levels = QF.row_grids(vals)
-    if np.isnan(step).any() or np.nanmax(levels) < 16:
+    if np.isnan(step).any():
         return None
-    # a float dtype's own grid: below 2^(emin + 1) its values are the multiples of its smallest spacing (float16's
-    # 2^-24 up to 2^-13), so a matrix of values near 1e-6 stored as float16, or upcast from float16, lies on a
-    # uniform grid of a hundred levels a row; a grid no coarser than that spacing is no export (a real one's step
-    # is far coarser there: the float16 rounding would have blurred it)
+    # a float dtype's own values are a uniform grid from any magnitude up: every one at or above m is a multiple of
+    # the spacing at m (float16's values below 2^-13 multiples of 2^-24, bf16's in [1, 2) of 2^-7), so a row of
+    # gains near 1, or of values near 1e-6 in float16, lies on a grid of a few dozen to a hundred levels. A row whose
+    # grid is no coarser than the spacing at its least nonzero magnitude, of its dtype or of float16 or bf16 (whose
+    # values a wider dtype may hold), is no evidence of an export: an export's least value |k| s has a spacing of
+    # at most |k| s 2^-mantissa, which its step s exceeds for every code below 2^mantissa (bf16: 128)
     with np.errstate(invalid="ignore"):
-        amax = np.max(np.where(np.isfinite(vals), np.abs(vals), 0.0), axis=1)
-    for own in dict.fromkeys((d, DTYPES["F16"])):
-        if ((step > 0) & (amax < 2.0 ** (own.emin + 1)) & (step <= 1.02 * 2.0 ** (own.emin - own.mant_bits))).any():
-            return None
-    top = int(np.nanmax(levels))
+        a = np.where(np.isfinite(vals), np.abs(vals), 0.0)
+    least = np.min(np.where(a > 0, a, np.inf), axis=1)
+    own = np.zeros(step.shape, dtype=bool)
+    for o in dict.fromkeys((d, DTYPES["F16"], DTYPES["BF16"])):
+        exp = np.maximum(np.frexp(np.where(np.isfinite(least), least, 1.0))[1] - 1, o.emin)
+        own |= np.isfinite(least) & (step > 0) & (step <= 1.02 * np.ldexp(1.0, exp - o.mant_bits))
+    evidence = ~own & (levels >= 16)
+    if not evidence.any():
+        return None
+    top = int(np.max(levels[evidence]))
     return {"bits": max(2, math.ceil(math.log2(top))), "levels": top}
 
 
@@ -1058,6 +1066,9 @@ def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t:
          for k in GGML_ROUNDTRIPS] + \
         [{"bits": bits, "group": 256, "sym": signed, "ggml": k, "sub": sub} for k, bits, sub, signed in GGML_KQUANT_ROUNDTRIPS]
     grids: dict[int, bool] = {}
+    cast = None
+    if dtype_t in RECAST_DTYPES:
+        cast = cast_to(vb, dtype_t).reshape(vb.shape)
     for sc in schemes:
         group = sc["group"]
         if group is not None and rowlen % group:
@@ -1074,6 +1085,11 @@ def detect_roundtrip(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t:
         # and any copy that leaves it alone would "match" (a fine-tune of a quantization-aware base read
         # QUANTIZED ONLY); matches are counted where it moved
         moved = np.abs(dq - vb) > np.abs(vb) * 2.0 ** -db.mant_bits + 1e-30   # (an ulp of the base's dtype)
+        if cast is not None:
+            # ... and away from the base's plain cast to the tuned dtype: where the scheme's step is no coarser than
+            # that dtype's spacing (an int8 row of gains near 1 against bf16's 2^-7) the two give the same values,
+            # and a cast read "int8 ..., dequantized"
+            moved &= np.abs(dq - cast) > np.abs(cast) * ulp + 1e-30
         if sc.get("sub"):
             # a K-quant's search, built with fused multiply-adds, picks another scale for 1-2% of blocks: those
             # differ whole, so the match is counted per block of 256 (a fine-tune's blocks match none)
