@@ -226,3 +226,24 @@ def test_compares_own_result_breaking_a_rule_is_an_internal_error_not_bad_input(
         render_outputs(data, report=tmp_path / "m.md")
     with pytest.raises(WeightdiffError):
         write_report(data, memo=tmp_path / "m2.md")
+
+
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "NaN", "1e999", "-1e999"])
+def test_a_non_finite_number_in_a_result_reads_as_null_however_spelled(tmp_path, literal):
+    """weightdiff writes a non-finite value as null. A hand-edited result holding Python's `Infinity` or `NaN` read
+    as null while the same infinity spelled as a JSON number past float64's range (1e999) was refused ("should be a
+    number or null (found inf)"): each reads as null, the result the same as with null there."""
+    from weightdiff.render.report import load_result
+
+    d = copy.deepcopy(cached_result())
+    changed = next(t for t in d["tensors"] if t["status"] == "changed")
+    changed["norm_delta"] = 123456.789
+    text = json.dumps(d)
+    assert text.count("123456.789") == 1
+    (tmp_path / "e.json").write_text(text.replace("123456.789", literal))
+    changed["norm_delta"] = None
+    (tmp_path / "n.json").write_text(json.dumps(d))
+    assert load_result(tmp_path / "e.json")[0] == load_result(tmp_path / "n.json")[0]
+    if literal == "1e999":
+        r = _report(tmp_path / "e.json", "--markdown", tmp_path / "e.md", "-q")
+        assert r.exit_code == 0 and (tmp_path / "e.md").is_file(), r.output

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import posixpath
 import warnings
@@ -68,6 +69,11 @@ def load_result(path: str | os.PathLike) -> tuple[dict, str]:
     return validate_result(data, str(path)), hashlib.sha256(raw).hexdigest()
 
 
+def _finite_or_none(text: str) -> float | None:
+    v = float(text)
+    return v if math.isfinite(v) else None
+
+
 def _read_json(p: Path) -> tuple[Any, bytes]:
     """The parsed JSON of a saved result and its bytes; one-line errors naming the file."""
     if not os.path.lexists(p):
@@ -78,7 +84,9 @@ def _read_json(p: Path) -> tuple[Any, bytes]:
     try:
         # utf-8-sig: a result re-saved by an editor that writes a byte order mark (Notepad) is the same JSON;
         # RFC 8259 lets a parser ignore it
-        data = json.loads(raw.decode("utf-8-sig"), parse_constant=lambda c: None)
+        # NaN and Infinity (not JSON, Python writes them) read as null, as weightdiff writes a non-finite value; a
+        # number past float64's range (1e999) is the same infinity spelled as JSON, so it reads as null too
+        data = json.loads(raw.decode("utf-8-sig"), parse_constant=lambda c: None, parse_float=_finite_or_none)
     except UnicodeDecodeError:
         raise WeightdiffError(f"{p}: not UTF-8 text, expected a comparison result saved as JSON") from None
     except json.JSONDecodeError as exc:
