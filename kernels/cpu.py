@@ -561,9 +561,9 @@ def _counts(chunk, driver, args, rows: int, cols: int) -> np.ndarray:
 def _threaded_counts(chunk, args, rows: int, cols: int) -> np.ndarray:
     """``_counts`` without a parallel driver: the ``CHUNK``-element pieces of the window ``args[0]`` through the
     nogil chunk kernel on as many Python threads as this thread's numba threads. For a chunk whose work per element
-    is heavy (``twin_counts``: ~43 ns) the threads cost nothing measurable, and the parallel driver's compile (about
-    4 s a signature, the chunk compiled again inside it) is saved, in ``precompile`` and in a first run alike. Integer
-    counts: the same numbers on any thread count."""
+    is heavy (``twin_counts``: 20-30 ns of CPU an element, 1-2 ms a chunk) the threads cost nothing measurable, and
+    the parallel driver's compile (about 4 s a signature, the chunk compiled again inside it) is saved, in
+    ``precompile`` and in a first run alike. Integer counts: the same numbers on any thread count."""
     n = args[0].size
     spans = [(lo, min(n, lo + CHUNK)) for lo in range(0, n, CHUNK)] or [(0, 0)]
 

@@ -375,8 +375,9 @@ def twin_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, n
     read: it moves values by more than a rounding somewhere, and a side trained in bf16 moves its bf16 values by
     whole steps, which no rounding of the same original gives. A change smaller than half a step of the narrower
     dtype does not show (as for any cast). Counted by ``kernels.cpu.twin_counts``: ``TWIN_PROBE`` elements first,
-    then the rest of ``PROBE``, then windows; a pair of chains is dropped once it fails, and the fewest unexplained,
-    then the fewest roundings, that pass ``side_on_grid`` and ``witness_explains`` are reported."""
+    then the rest of ``PROBE``, then windows (with the leading pair alone first, the others only where it fails); a
+    pair of chains is dropped once it fails, and the fewest unexplained, then the fewest roundings, that pass
+    ``side_on_grid`` and ``witness_explains`` are reported."""
     keys = twin_chains(dtype_b, dtype_t)
     if not keys or numel <= 0 or not (_plain(base, bname) and _plain(tuned, tname)):
         return None
