@@ -39,7 +39,7 @@ def _group(pgid: int) -> list[int]:
 def test_ctrl_c_with_workers_prints_one_line(tmp_path):
     rng = np.random.default_rng(0)
     base = {f"model.layers.{i}.self_attn.{p}.weight": rng.normal(0, 0.02, (768, 768)).astype(np.float32)
-            for i in range(6) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            for i in range(12) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
     tuned = {k: (v + 1e-3 * rng.normal(size=v.shape)).astype(np.float32) for k, v in base.items()}
     write_checkpoint(tmp_path / "b", base)
     write_checkpoint(tmp_path / "t", tuned)
