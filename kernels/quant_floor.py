@@ -254,8 +254,8 @@ def ggml_round_trip(v: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     (0.125, -1.0, 0.875)
     """
     levels, signed = GGML_LEGACY[kind]
-    x = np.asarray(v, np.float32)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        x = np.asarray(v, np.float32)      # float64 values past float32's range: inf, as ggml's own cast
         if kind == "Q8_0":
             d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)

@@ -150,6 +150,81 @@ def test_overflowing_f64_gives_one_stderr_line_and_no_numpy_warning(tmp_path):
     one_error_line(r, str(base), "holds values too large to measure")
 
 
+def _scaled_f64_pair(tmp_path: Path, scale: float, tag: str, n: int = 32) -> tuple[Path, Path]:
+    """A dense 5% change of an n x n float64 matrix (full rank), every value times ``scale``."""
+    r = np.random.default_rng(3)
+    w = r.standard_normal((n, n))
+    t = w * (1 + 0.05 * r.standard_normal((n, n)))
+    name = "model.layers.0.mlp.up_proj.weight"
+    return tuple(st_file(tmp_path / f"{side}{tag}.safetensors", {name: entry("F64", [n, n], 0, 8 * n * n)},
+                         (a * scale).tobytes()) for side, a in (("base", w), ("tuned", t)))
+
+
+def _compare_json(tmp_path: Path, base: Path, tuned: Path) -> dict:
+    out = tmp_path / f"{tuned.stem}.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = CliRunner().invoke(main, ["compare", str(base), str(tuned), "--json", str(out), "-q"])
+    assert r.exit_code == 0 and r.stderr == "", (r.stderr, r.exception)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-160])
+def test_f64_values_whose_squares_underflow_are_refused_not_rounding(tmp_path, scale):
+    """A 5% change of values near 1e-200 read DERIVED "changed only at the level of floating-point rounding",
+    rank 0: every sum of squares underflowed to 0 (or to a few subnormal bits). Refused like its overflow twin."""
+    base, tuned = _scaled_f64_pair(tmp_path, scale, "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = CliRunner().invoke(main, ["compare", str(base), str(tuned), "--json", str(tmp_path / "r.json"), "-q"])
+    one_error_line(r, str(tuned), "holds values too small to measure")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_f64_values_past_float32_all_over_give_one_line(tmp_path):
+    """Every value near 1e200: the round-trip detector's float32 copy printed "RuntimeWarning: overflow
+    encountered in cast" (kernels/quant_floor.py) above the one error line."""
+    base, tuned = _scaled_f64_pair(tmp_path, 1e200, "", n=64)
+    r = subprocess.run([sys.executable, "-m", "weightdiff.cli", "compare", str(base), str(tuned), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {base}: ") and "holds values too large to measure" in r.stderr
+
+
+@pytest.mark.parametrize("scale", [1e-50, 1e-100])
+def test_f64_change_below_float32_normals_has_no_rank_not_rank_zero(tmp_path, scale):
+    """Values near 1e-50 have exact float64 sums, but the rank pass's float32 copy of their delta is zeros: rank 0
+    read as "no direction above the rounding noise". The rank is now not computed (as past float32's range);
+    the same pair at a normal scale keeps its full rank."""
+    small = _compare_json(tmp_path, *_scaled_f64_pair(tmp_path, scale, "s"))
+    plain = _compare_json(tmp_path, *_scaled_f64_pair(tmp_path, 1.0, "p"))
+    (ts,), (tp,) = small["tensors"], plain["tensors"]
+    assert tp["rank"]["numerical_rank"] == 32 and plain["summary"]["form"]["kind"] == "dense"
+    assert ts["rank"] is None and "too small for float32" in ts["note"]
+    summary = small["summary"]
+    assert summary["form"]["kind"] == "undecided" and summary["verdict"] == "derived"
+    assert "rounding" not in json.dumps([summary["headline"], summary["verdict_reason"], summary["flags"]])
+    # the float64 figures are the same at both scales
+    for key in ("rel_change", "cosine", "frac_changed"):
+        assert ts[key] == pytest.approx(tp[key], rel=1e-12), key
+
+
+def test_f64_change_that_underflows_beside_normal_values_is_measured(tmp_path):
+    """One zero of a normal-sized float64 matrix becomes 1e-300: the delta's square underflows, but relative to
+    the tensor it is nothing (under 2^-61), so the comparison goes on; a signed zero alone likewise."""
+    w = np.random.default_rng(4).standard_normal((16, 16))
+    w[3, 3] = 0.0
+    name = "model.layers.0.mlp.up_proj.weight"
+    for tag, v in (("tiny", 1e-300), ("negzero", -0.0)):
+        t = w.copy()
+        t[3, 3] = v
+        base, tuned = (st_file(tmp_path / f"{side}{tag}.safetensors", {name: entry("F64", [16, 16], 0, 2048)},
+                               a.tobytes()) for side, a in (("base", w), ("tuned", t)))
+        (row,) = _compare_json(tmp_path, base, tuned)["tensors"]
+        # the tiny value is beyond rounding of a zero; the signed zero is rounding
+        assert (row["status"], row["rel_change"]) == ("changed" if tag == "tiny" else "rounding", 0.0), (tag, row)
+
+
 def test_nan_alone_in_f64_is_still_measured(tmp_path):
     def edit(w):
         w[0, 0] = np.nan

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -654,16 +653,16 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         release()               # solve (an 8,192-wide Gram's 537 MB beside it at 70B widths)
     nf_b, nf_t = int(fields.get("nonfinite_base", 0) or 0), int(fields.get("nonfinite_tuned", 0) or 0)
     try:
-        huge = _beyond_f32(rec, pair)
+        f64_note = _f64_range(rec, pair)
     except BadValues as exc:
         ck, nm = (tuned, tuned_name) if exc.side == "tuned" else (base, pair.base_name)
         info = ck.tensors.get(nm)
         raise CheckpointError(getattr(info, "path", None) or ck.path, exc.problem) from None
-    if options.rank and ranked and huge:
-        # float64 weights past float32's range (valid doubles no model holds): the rank pass works in
-        # float32 where its error analysis allows, so their spectrum would be infinities read as "no rank"
-        rec.note = (f"values up to {huge:.3g} in magnitude, beyond float32's range (3.4e38): the rank of the change "
-                    "is not computed" + (f"; {rec.note}" if rec.note else ""))
+    if options.rank and ranked and f64_note:
+        # float64 weights past float32's range, or changes below its normals (valid doubles no model holds):
+        # the rank pass works in float32 where its error analysis allows, so their spectrum would be
+        # infinities read as "no rank", or zeros read as "rounding only"
+        rec.note = f64_note + (f"; {rec.note}" if rec.note else "")
     elif options.rank and ranked and nf_b != nf_t:
         # values that became NaN or Inf (or stopped being): the change has no spectrum to count, and
         # the rank of its finite part would call a broken matrix low-rank (rank 0 when that is all)
@@ -797,11 +796,28 @@ DEVICE_KEEP_CPU_BYTES = 1 << 30
 F32_MAX = float(np.finfo(np.float32).max)
 
 
-def _beyond_f32(rec: TensorRecord, pair: Pair) -> float | None:
-    """The larger norm of a float64 pair's sides when it may hold values past float32's range (the norm
-    bounds every value), else None. Raises BadValues when a norm overflowed float64 itself (values near
-    1e154 or more, whose squares are infinite) and the tensor differs from the base: nothing about its
-    change can be measured (a bitwise unchanged one needs no measure)."""
+#: a norm below this has a sum of squares under float64's smallest normal (2^-1022): subnormal or zero
+SQ_NORMAL_MIN = 2.0 ** -511
+
+#: a changed float64 tensor is not ranked when its delta's root mean square is below the first and its
+#: values' below the second: the rank pass's float32 copy of the delta holds its smaller elements as subnormals
+#: or zeros (float32's normals start at 2^-126), each off by up to 2^-150 where its error bound assumes a
+#: relative rounding. Above the first, all of them together are under 2^-40 of the delta's norm (2^-16 of the
+#: float32 rounding the bound counts); above the second, under 2^-16 of the values' own rounding noise (about
+#: 2^-54 of a float64 value), the floor the rank is counted above
+F64_RANK_MIN_RMS = (2.0 ** -110, 2.0 ** -80)
+
+
+def _f64_range(rec: TensorRecord, pair: Pair) -> str | None:
+    """Why a changed float64 pair's change has no rank (values the rank pass's float32 copy cannot hold:
+    past float32's range, or a delta and values both too small for its normals), else None.
+
+    Raises BadValues when no figure of the change can be formed in float64 at all: values of 1e154 or more
+    (a norm overflowed, with the tensor changed; a bitwise unchanged one needs no measure), or a tensor whose
+    values and differences are so small that their squares underflow (both norms below 2^-450 and the delta's
+    below 2^-511 while its largest difference is not zero: every figure would read 0, a change of the whole
+    tensor reported as rounding). A delta that underflows beside values of a normal size is kept: its
+    relative change is under 2^-61, below the rounding of the tensor's own norm."""
     if "F64" not in (pair.dtype_base, pair.dtype_tuned) or rec.compared != "float":
         return None
     for side, x in (("base", rec.norm_base), ("tuned", rec.norm_tuned)):
@@ -811,8 +827,21 @@ def _beyond_f32(rec: TensorRecord, pair: Pair) -> float | None:
             raise BadValues(side, f"tensor `{escape_name(rec.name if side == 'tuned' else str(rec.base_name))}` "
                                   "holds values too large to measure: the sum of their squares overflows float64 "
                                   "(values of 1e154 or more)")
+    nd, big = rec.norm_delta, rec.max_abs_delta
     top = max((x for x in (rec.norm_base, rec.norm_tuned) if x is not None), default=0.0)
-    return top if top > F32_MAX else None
+    if (rec.status != "unchanged" and nd is not None and nd < SQ_NORMAL_MIN and top < 2.0 ** -450
+            and big is not None and math.isfinite(big) and big > 0):
+        raise BadValues("tuned", f"tensor `{escape_name(rec.name)}` holds values too small to measure: the sums "
+                                 "of the squares of its values and of its changes underflow float64 (values near "
+                                 "1e-136 or less)")
+    if top > F32_MAX:
+        return (f"values up to {top:.3g} in magnitude, beyond float32's range (3.4e38): the rank of the change is "
+                "not computed")
+    n = math.sqrt(rec.numel_compared or rec.numel or 1)
+    if nd is not None and nd > 0 and nd / n < F64_RANK_MIN_RMS[0] and top / n < F64_RANK_MIN_RMS[1]:
+        return (f"values of root mean square {top / n:.3g} and a change of {nd / n:.3g}, too small for float32 to "
+                "hold to their precision (its normals start at 1.2e-38): the rank of the change is not computed")
+    return None
 
 
 class BadValues(ValueError):
@@ -957,7 +986,6 @@ def refine_rank(rec: TensorRecord, pair: Pair, bases: Sequence[Checkpoint], tune
 def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkpoint,
                   options: CompareOptions) -> TensorRecord:
     from ..io.peft_adapter import check_factor_values
-    from ..kernels.dtypes import decode
     from .rank import analyze_factors
 
     lf = pair.lora
