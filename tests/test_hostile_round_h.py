@@ -209,6 +209,38 @@ def test_f64_change_below_float32_normals_has_no_rank_not_rank_zero(tmp_path, sc
         assert ts[key] == pytest.approx(tp[key], rel=1e-12), key
 
 
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_differences_past_float32_have_no_rank_not_rank_zero(tmp_path, dtype):
+    """Values near 3e38 (float32's and bf16's largest) with half their signs flipped: each difference is past
+    float32's range, the rank pass's float32 copy of the delta held infinities, and the matrix read rank 0, "a
+    large low-rank update". No rank is taken; a 5% change of the same values keeps its full rank."""
+    from weightdiff.io.safetensors_write import to_storage
+
+    r = np.random.default_rng(5)
+    w = r.standard_normal((32, 32))
+    b = w / np.abs(w).max() * 3e38
+    flipped = np.where(r.random((32, 32)) < 0.5, -b, b)
+    name = "model.layers.0.mlp.up_proj.weight"
+    size = 4 if dtype == "F32" else 2
+
+    def pair(t, tag):      # beside an unchanged matrix: the pair is derived (alone, half its signs flipped, unrelated)
+        header = {name: entry(dtype, [32, 32], 0, 1024 * size),
+                  name.replace("up", "down"): entry(dtype, [32, 32], 1024 * size, 2048 * size)}
+        return tuple(st_file(tmp_path / f"{side}{tag}.safetensors", header,
+                             to_storage(a, dtype).tobytes() + to_storage(b, dtype).tobytes())
+                     for side, a in (("base", b), ("tuned", t)))
+
+    flip = _compare_json(tmp_path, *pair(flipped, "flip"))
+    plain = _compare_json(tmp_path, *pair(np.clip(b * (1 + 0.05 * r.standard_normal((32, 32))), -3.3e38, 3.3e38),
+                                          "five"))
+    (tf, _), (tp, _) = (sorted(x["tensors"], key=lambda row: "down" in row["name"]) for x in (flip, plain))
+    assert flip["summary"]["verdict"] == "derived" and tf["rank"] is None and "beyond float32's range" in tf["note"] and tf["max_abs_delta"] > 3.4e38
+    assert flip["summary"]["form"]["kind"] == "undecided"
+    said = json.dumps([flip["summary"]["headline"], flip["summary"]["verdict_reason"]])
+    assert "yet the change is low-rank" not in said and "numerical rank 0" not in said and "is not measured" in said
+    assert tp["rank"]["numerical_rank"] >= 16 and plain["summary"]["form"]["kind"] == "dense"
+
+
 def test_f64_change_that_underflows_beside_normal_values_is_measured(tmp_path):
     """One zero of a normal-sized float64 matrix becomes 1e-300: the delta's square underflows, but relative to
     the tensor it is nothing (under 2^-61), so the comparison goes on; a signed zero alone likewise."""

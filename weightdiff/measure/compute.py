@@ -653,16 +653,16 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         release()               # solve (an 8,192-wide Gram's 537 MB beside it at 70B widths)
     nf_b, nf_t = int(fields.get("nonfinite_base", 0) or 0), int(fields.get("nonfinite_tuned", 0) or 0)
     try:
-        f64_note = _f64_range(rec, pair)
+        range_note = _f32_range(rec, pair)
     except BadValues as exc:
         ck, nm = (tuned, tuned_name) if exc.side == "tuned" else (base, pair.base_name)
         info = ck.tensors.get(nm)
         raise CheckpointError(getattr(info, "path", None) or ck.path, exc.problem) from None
-    if options.rank and ranked and f64_note:
+    if options.rank and ranked and range_note:
         # float64 weights past float32's range, or changes below its normals (valid doubles no model holds):
         # the rank pass works in float32 where its error analysis allows, so their spectrum would be
         # infinities read as "no rank", or zeros read as "rounding only"
-        rec.note = f64_note + (f"; {rec.note}" if rec.note else "")
+        rec.note = range_note + (f"; {rec.note}" if rec.note else "")
     elif options.rank and ranked and nf_b != nf_t:
         # values that became NaN or Inf (or stopped being): the change has no spectrum to count, and
         # the rank of its finite part would call a broken matrix low-rank (rank 0 when that is all)
@@ -808,9 +808,10 @@ SQ_NORMAL_MIN = 2.0 ** -511
 F64_RANK_MIN_RMS = (2.0 ** -110, 2.0 ** -80)
 
 
-def _f64_range(rec: TensorRecord, pair: Pair) -> str | None:
-    """Why a changed float64 pair's change has no rank (values the rank pass's float32 copy cannot hold:
-    past float32's range, or a delta and values both too small for its normals), else None.
+def _f32_range(rec: TensorRecord, pair: Pair) -> str | None:
+    """Why a changed pair's change has no rank (values the rank pass's float32 copy of the delta cannot hold:
+    past float32's range, differences past it too, or float64 values and a delta both too small for its
+    normals), else None.
 
     Raises BadValues when no figure of the change can be formed in float64 at all: values of 1e154 or more
     (a norm overflowed, with the tensor changed; a bitwise unchanged one needs no measure), or a tensor whose
@@ -818,8 +819,15 @@ def _f64_range(rec: TensorRecord, pair: Pair) -> str | None:
     below 2^-511 while its largest difference is not zero: every figure would read 0, a change of the whole
     tensor reported as rounding). A delta that underflows beside values of a normal size is kept: its
     relative change is under 2^-61, below the rounding of the tensor's own norm."""
-    if "F64" not in (pair.dtype_base, pair.dtype_tuned) or rec.compared != "float":
+    if rec.compared != "float":
         return None
+    nd, big = rec.norm_delta, rec.max_abs_delta
+    wide = big is not None and math.isfinite(big) and big > F32_MAX
+    if "F64" not in (pair.dtype_base, pair.dtype_tuned):
+        # float32 or bf16 values near their largest (3.4e38) whose difference is past it: the float32 copy of the
+        # delta would hold infinities (its Gram, "no rank"; read as rank 0, "no change above the noise floor")
+        return (f"differences up to {big:.3g}, beyond float32's range (3.4e38): the rank of the change is not "
+                "computed") if wide else None
     for side, x in (("base", rec.norm_base), ("tuned", rec.norm_tuned)):
         # NaN and infinity never enter the sums (kernels.reference): an infinite norm is an overflow,
         # with or without non-finite values beside it
@@ -827,16 +835,15 @@ def _f64_range(rec: TensorRecord, pair: Pair) -> str | None:
             raise BadValues(side, f"tensor `{escape_name(rec.name if side == 'tuned' else str(rec.base_name))}` "
                                   "holds values too large to measure: the sum of their squares overflows float64 "
                                   "(values of 1e154 or more)")
-    nd, big = rec.norm_delta, rec.max_abs_delta
     top = max((x for x in (rec.norm_base, rec.norm_tuned) if x is not None), default=0.0)
     if (rec.status != "unchanged" and nd is not None and nd < SQ_NORMAL_MIN and top < 2.0 ** -450
             and big is not None and math.isfinite(big) and big > 0):
         raise BadValues("tuned", f"tensor `{escape_name(rec.name)}` holds values too small to measure: the sums "
                                  "of the squares of its values and of its changes underflow float64 (values near "
                                  "1e-136 or less)")
-    if top > F32_MAX:
-        return (f"values up to {top:.3g} in magnitude, beyond float32's range (3.4e38): the rank of the change is "
-                "not computed")
+    if top > F32_MAX or wide:
+        return (f"values up to {max(top, big or 0.0):.3g} in magnitude, beyond float32's range (3.4e38): the rank of "
+                "the change is not computed")
     n = math.sqrt(rec.numel_compared or rec.numel or 1)
     if nd is not None and nd > 0 and nd / n < F64_RANK_MIN_RMS[0] and top / n < F64_RANK_MIN_RMS[1]:
         return (f"values of root mean square {top / n:.3g} and a change of {nd / n:.3g}, too small for float32 to "

@@ -1592,7 +1592,8 @@ def plain_language(data: dict) -> list[str]:
 
 #: the changes no rank is taken of with the rank analysis on (weightdiff.measure.compute: each one's note
 #: says why, but a single row or column's)
-UNRANKED_KINDS = ("changes holding NaN, infinity or values past float32's range, experts fused in one tensor, "
+UNRANKED_KINDS = ("changes holding NaN, infinity, values or differences past float32's range or float64 ones "
+                  "too small for its normals, experts fused in one tensor, "
                   "a single row or column, bytes with no float decoding, or a quantized side whose noise or "
                   "scales the change cannot be told from")
 
