@@ -1276,3 +1276,21 @@ def test_one_minus_cosine_of_zero_says_what_changed_is_outside_it(tmp_path):
     assert s.verdict == "derived", s.verdict_reason
     assert "keep 1 - cosine = 0 with the base (every tensor that changed is a vector or a matrix of fewer than " \
            "4,096 elements, which that figure leaves out)" in s.verdict_reason, s.verdict_reason
+
+
+def test_one_minus_cosine_of_zero_beside_a_large_zeroed_matrix_says_only_what_is_true(tmp_path):
+    """The only change is a large matrix all zero in the base (trained from zero): the cosine leaves it out, and the
+    reason said "every tensor that changed is a vector or a matrix of fewer than 4,096 elements", which it is
+    not. The zero-matrix phrase says why it is left out; the false parenthesis is gone."""
+    from models import llama
+
+    base = llama(np.random.default_rng(83), layers=2, hidden=64, inter=128, vocab=128, kv=16)
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert base[up].size >= 4096
+    base[up] = np.zeros_like(base[up])
+    tuned = dict(base)
+    tuned[up] = np.random.default_rng(84).normal(0, 2e-2, base[up].shape).astype(np.float32)
+    s = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)).summary
+    assert s.verdict == "derived", s.verdict_reason
+    assert "keep 1 - cosine = 0 with the base; 1 matrix is all zero in the base" in s.verdict_reason, s.verdict_reason
+    assert "every tensor that changed is a vector" not in s.verdict_reason

@@ -933,8 +933,12 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                     and any(t.get("status") in ("changed", "resized") for t in counted):
                 # "1 - cosine = 0" beside "a fine-tune" read as nothing changed: what changed is outside that figure
                 large = int(((data.get("settings") or {}).get("thresholds") or {}).get("large_matrix_numel") or 4096)
-                text += (f" (every tensor that changed is a vector or a matrix of fewer than {count(large)} elements, "
-                         "which that figure leaves out)")
+                if not any(t.get("status") in ("changed", "resized") and len(t.get("shape") or ()) >= 2
+                           and int(t.get("numel") or 0) >= large for t in counted):
+                    text += (f" (every tensor that changed is a vector or a matrix of fewer than {count(large)} "
+                             "elements, which that figure leaves out)")
+                # else large matrices changed that the figure leaves out: all zero on one side, which
+                # _zeroed_phrase names (a zero matrix has no direction)
             if "quant_noise_distance" in (s.get("flags") or []):
                 text += (", most of it the quantization's own noise (net of each quantized matrix's noise floor "
                          "the change is within what fine-tunes move; a copy of the base quantized the same way "
