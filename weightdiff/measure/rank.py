@@ -153,6 +153,39 @@ def noise_kernel():
     return fn
 
 
+#: ``extra.note_copy`` of a float64 pair's rank (``copy_noise``)
+COPY_NOTE = ("float64 values: the rank counts directions above float32's rounding of the delta (ulp^2 / 12 an "
+             "element, in the noise floor with the stored values' own): the spectrum is of a float32 copy of the "
+             "delta, or, where it is of the float64 delta, its computation's own error is above the stored values' "
+             "rounding")
+
+
+def copy_rounds(dtype_base: str, dtype_tuned: str) -> bool:
+    """Whether this pair is ranked at float32's resolution of its delta (``copy_noise``): a float64 side. The
+    difference of two 16-bit or float32 weights of similar size is exact in float32 (Sterbenz); of two float64
+    weights, almost never."""
+    return "F64" in (dtype_base, dtype_tuned)
+
+
+def copy_noise(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rounding of a float32 copy of the delta ``d`` (float32 or float64), ``ulp32(d_ij)^2 / 12``, summed per row
+    and per column (``float64[m]``, ``float64[n]``), row block by row block. Added to the storage profile of a
+    float64 pair: the copy's rounding is 2^-24 of each difference where the stored values' is 2^-53 of each value,
+    and counted as directions of the change it made a rank-2 update of a float64 matrix read rank min(m, n),
+    "dense"; where the spectrum is of the float64 delta (a tall streamed Gram, a device with room), the SVD's or
+    Gram's own error, about 2^-53 of the largest singular value, is still above the stored values' rounding, so
+    such a pair is ranked at float32's resolution on every path, with the same floor."""
+    m, n = d.shape
+    rows, cols = np.zeros(m), np.zeros(n)
+    step = _rows(m, n)
+    for i in range(0, m, step):
+        sp = np.spacing(np.abs(d[i:i + step]).astype(np.float32)).astype(np.float64)
+        v = sp * sp / 12.0
+        rows[i:i + step] = v.sum(axis=1)
+        cols += v.sum(axis=0)
+    return rows, cols
+
+
 def noise_floor(rows: np.ndarray, cols: np.ndarray) -> tuple[float, float]:
     """(noise_floor, rms) from per-row and per-column variance sums.
 
@@ -224,13 +257,19 @@ def analyze_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, 
     if extra_var is not None:
         er, ec = _var_sums(extra_var, shape2)
         rows_v, cols_v = rows_v + er, cols_v + ec
+    d = decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, shape2)
+    copied = copy_rounds(dtype_base, dtype_tuned)
+    if copied:
+        cr, cc = copy_noise(d)
+        rows_v, cols_v = rows_v + cr, cols_v + cc
     floor, rms = noise_floor(rows_v, cols_v)
     extra: dict = {"noise_rms": rms}
     if extra_var is not None:
         extra["noise_model"] = "quantization"
         extra["note_noise"] = ("numerical rank counted above the quantization noise, modelled as uniform "
                                "within each element's floor")
-    d = decode_delta(base_raw, tuned_raw, dtype_base, dtype_tuned, shape2)
+    if copied:
+        extra["note_copy"] = COPY_NOTE
     if not (norm_delta_sq >= 0 and math.isfinite(norm_delta_sq)):
         norm_delta_sq = _sum_sq(d)
         extra["note"] = "norm_delta recomputed from the decoded delta (non-finite values count as 0)"
@@ -256,9 +295,15 @@ def analyze_device_delta(dd, norm_delta_sq: float, *, k: int = 64, seed: int = 0
     """``analyze_delta`` of a matrix whose delta the stats pass kept on the device
     (``kernels.cuda.DeviceDelta``): the same record, without reading the checkpoint again."""
     rows_v, cols_v = dd.profile()
+    d = dd.matrix()
+    copied = copy_rounds(*dd.dtypes)
+    if copied:
+        cr, cc = _copy_noise_torch(d)
+        rows_v, cols_v = rows_v + cr, cols_v + cc
     floor, rms = noise_floor(rows_v, cols_v)
     extra: dict = {"noise_rms": rms}
-    d = dd.matrix()
+    if copied:
+        extra["note_copy"] = COPY_NOTE
     if not (norm_delta_sq >= 0 and math.isfinite(norm_delta_sq)):
         import torch
 
@@ -275,6 +320,24 @@ def analyze_device_delta(dd, norm_delta_sq: float, *, k: int = 64, seed: int = 0
         extra["note_bounds"] = (f"top {len(rec.spectrum)} of {min(dd.shape2)} singular values: "
                                 "fields in `bounds` are lower bounds, those in `estimated` approximate")
     return rec
+
+
+def _copy_noise_torch(d) -> tuple[np.ndarray, np.ndarray]:
+    """``copy_noise`` of a device tensor (float32 or float64), computed there (the ulp as the step to the next
+    float32 up)."""
+    import torch
+
+    m, n = d.shape
+    rows, cols = torch.zeros(m, dtype=torch.float64, device=d.device), torch.zeros(n, dtype=torch.float64,
+                                                                                   device=d.device)
+    step = _rows(m, n)
+    for i in range(0, m, step):
+        a = d[i:i + step].abs().to(torch.float32)
+        sp = (torch.nextafter(a, torch.full_like(a, float("inf"))) - a).to(torch.float64)
+        v = sp * sp / 12.0
+        rows[i:i + step] = v.sum(dim=1)
+        cols += v.sum(dim=0)
+    return rows.cpu().numpy(), cols.cpu().numpy()
 
 
 #: the energy left outside the resolved directions may be at most this share of the modelled noise

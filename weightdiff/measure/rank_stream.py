@@ -35,7 +35,7 @@ from ..kernels.dtypes import DTYPES
 from ..records import RankRecord
 from .heap import trim_heap
 from .spill import scratch_dir
-from .rank import _UINT, _bits, _variance_table, noise_floor, noise_kernel
+from .rank import _UINT, COPY_NOTE, _bits, _variance_table, copy_noise, copy_rounds, noise_floor, noise_kernel
 
 __all__ = ["DeltaGram", "RankSink", "streamed_rank_sink", "float_matrix", "KEEP_BYTES", "BLOCK_BYTES"]
 
@@ -73,6 +73,9 @@ class DeltaGram:
         self.rows = (np.zeros(m), np.zeros(m))
         self.cols = (np.zeros(n), np.zeros(n))
         self.tall = m >= n
+        # a float64 pair is ranked at float32's resolution of its delta on every path (rank.copy_noise)
+        self.copied = copy_rounds(dtype_base, dtype_tuned)
+        self.copy_rows, self.copy_cols = (np.zeros(m), np.zeros(n)) if self.copied else (None, None)
         self.keep_bytes = keep_bytes
         self.spill_dir = spill_dir if spill_dir is not None else scratch_dir()   # not a memory file system
         self.active = False
@@ -164,13 +167,17 @@ class DeltaGram:
         if rows == 0:
             return
         blk = self._buf[:rows * n].reshape(rows, n)
+        r0 = self._rows_done
+        if self.copied:
+            cr, cc = copy_noise(blk)
+            self.copy_rows[r0:r0 + rows] = cr
+            self.copy_cols += cc
         if self.tall:
             if self._nonzero:
                 self._acc.add(blk)
             else:
                 self._acc.rows += rows
         else:
-            r0 = self._rows_done
             for j, (a, b) in enumerate(zip(self._edges, self._edges[1:])):
                 part = blk[:, a:b]
                 if self._tiles is not None:
@@ -207,12 +214,17 @@ class DeltaGram:
         m, n = self.shape2
         if self.pos != m * n:
             raise ValueError(f"fed {self.pos} of {m * n} elements")
-        floor, rms = noise_floor(self.rows[0] + self.rows[1], self.cols[0] + self.cols[1])
-        extra: dict = {"noise_rms": rms}
         r = min(m, n)
+        if self.active and self._fill:
+            self._flush()          # (its rows' copy noise before the floor is taken)
+        rows_v, cols_v = self.rows[0] + self.rows[1], self.cols[0] + self.cols[1]
+        if self.copied and self.active:
+            rows_v, cols_v = rows_v + self.copy_rows, cols_v + self.copy_cols
+        floor, rms = noise_floor(rows_v, cols_v)
+        extra: dict = {"noise_rms": rms}
+        if self.copied and self.active:
+            extra["note_copy"] = COPY_NOTE
         if self.active:
-            if self._fill:
-                self._flush()
             self._buf = None        # (64 MB, not needed past the last flush: not beside the wide Gram and its solve)
             trim_heap()
             if not self.tall:
