@@ -240,3 +240,37 @@ def test_many_unmatched_neurons_keep_their_order_in_bounded_memory(rng, monkeypa
     p = rng.permutation(64)
     perm, _ = P.match_neurons(sig_tuned=[sb[p], sb[p]], sig_base=[sb, sb], exact_max=0)
     assert (perm == p).all()
+
+
+def _narrow_mlp_model(rng, order=None, scale: float = 1.0) -> dict:
+    """Three blocks; block 1's MLP is 8 wide with 200 neurons (the others 64 wide): up, down, q, a norm."""
+    out = {}
+    for layer, (h, f) in enumerate(((64, 200), (8, 200), (64, 128))):
+        up, down = rng.standard_normal((f, h)) * 0.02, rng.standard_normal((h, f)) * 0.02
+        if order is not None and layer == 1:
+            up, down = up[order], down[:, order]
+        out[f"model.layers.{layer}.mlp.up_proj.weight"] = up * scale
+        out[f"model.layers.{layer}.mlp.down_proj.weight"] = down * scale
+        out[f"model.layers.{layer}.self_attn.q_proj.weight"] = rng.standard_normal((h, h)) * 0.02
+        out[f"model.layers.{layer}.input_layernorm.weight"] = np.ones(h)
+    return out
+
+
+def test_an_mlp_eight_wide_of_another_model_is_no_reordering(tmp_path):
+    """Two independent models whose block-1 MLP is 8 wide: 199 of its 200 neurons matched base neurons above the
+    0.5 cut (the best of 200 random 8-number vectors is near 0.8), it read "the base's MLP neurons in another
+    order", and the block "shared" in a verdict of partial. The cut is now above chance for the vectors' length."""
+    from conftest import write_checkpoint
+    from weightdiff import compare
+
+    base = _narrow_mlp_model(np.random.default_rng(50))
+    other = _narrow_mlp_model(np.random.default_rng(51))
+    res = compare(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", other))
+    assert res.summary.verdict == "unrelated", res.summary.verdict_reason
+    assert not any("neurons in this model's order" in (t.note or "") for t in res.tensors)
+    # the base's own neurons in another order are still found at this width (their cosine is 1)
+    order = np.random.default_rng(52).permutation(200)
+    rng = np.random.default_rng(50)
+    shuffled = _narrow_mlp_model(rng, order=order)
+    res = compare(write_checkpoint(tmp_path / "b2", base), write_checkpoint(tmp_path / "s", shuffled))
+    assert res.summary.verdict == "identical" or "permuted_units" in res.summary.flags, res.summary.verdict_reason
