@@ -101,6 +101,18 @@ class TensorRecord:
         return d
 
 
+#: the start of the note of a tensor whose stored bytes are the base's, labelled with another dtype of the same width
+#: (``measure.compute``): flag ``dtype_relabelled``, and no evidence of relatedness (``judge.relatedness``)
+RELABEL_NOTE = "the base's bytes under another dtype label"
+
+
+def relabelled(record) -> bool:
+    """Whether a record (or JSON row) is a tensor holding the base's bytes under another dtype label."""
+    get = record.get if isinstance(record, Mapping) else record.__dict__.get
+    db, dt = get("dtype_base"), get("dtype_tuned")
+    return db is not None and dt is not None and db != dt and RELABEL_NOTE in (get("note") or "")
+
+
 _TENSOR_FIELDS = tuple(f.name for f in fields(TensorRecord))
 _TENSOR_FIELD_SET = frozenset(_TENSOR_FIELDS)
 

@@ -25,7 +25,7 @@ from ..kernels.dtypes import DTYPES, decode
 from ..options import CompareOptions, Thresholds
 from ..pairing.names import is_router
 from ..pairing.plan import Pair, Plan
-from ..records import RankRecord, TensorRecord
+from ..records import RELABEL_NOTE, RankRecord, TensorRecord
 from . import precompile
 from .backend import Backend
 from .floors import FloorAccumulator
@@ -594,6 +594,16 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
             # TensorRow view down their slow paths (every changed vector of a 100,000-tensor model)
             rec.cast = cast
             fields = {**fields, "cast": cast}
+    relabel = None
+    if (rec.cast is None and not opaque and tuned_t is None and pair.dtype_base != pair.dtype_tuned
+            and DTYPES[pair.dtype_base].bits == DTYPES[pair.dtype_tuned].bits and stats[_N_BEYOND] > 0
+            and not getattr(base, "quant", None) and not getattr(tuned, "quant", None)
+            and _same_bytes(base, pair.base_name, tuned, tuned_name, stop, win)):
+        # no cast gives these values, but the bytes are the base's: a header that names the wrong dtype (bf16
+        # bits labelled F16 read as a model "far from the base", and may read unrelated)
+        relabel = (f"{RELABEL_NOTE}: its bytes are the base's {pair.dtype_base} values, labelled "
+                   f"{pair.dtype_tuned}; read as labelled they are other numbers (a header written with the wrong "
+                   "dtype, not training), so they are not evidence of relatedness")
     if pair.kind == "resized":
         rec.status = "resized"
         rec.note = (f"{'router of' if is_router(pair.tuned_name) else 'vocabulary resized from'} {shape_b[0]} "
@@ -658,6 +668,11 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         ck, nm = (tuned, tuned_name) if exc.side == "tuned" else (base, pair.base_name)
         info = ck.tensors.get(nm)
         raise CheckpointError(getattr(info, "path", None) or ck.path, exc.problem) from None
+    if relabel is not None:
+        # what the mislabelled values read as has no rank worth reporting: the bytes are the base's
+        range_note = relabel + ("; the rank of the change is not computed" if options.rank and ranked else "")
+        if not (options.rank and ranked):
+            rec.note = range_note + (f"; {rec.note}" if rec.note else "")
     if options.rank and ranked and range_note:
         # float64 weights past float32's range, or changes below its normals (valid doubles no model holds):
         # the rank pass works in float32 where its error analysis allows, so their spectrum would be
@@ -790,6 +805,16 @@ def device_rank_sink(pair: Pair, options: CompareOptions, backend: Backend):
 
 #: the "free memory" of the torch backend on the cpu device (the tests'): deltas up to a sixth of it kept
 DEVICE_KEEP_CPU_BYTES = 1 << 30
+
+
+def _same_bytes(base: Checkpoint, bname: str, tuned, tname: str, stop: int | None, window: int) -> bool:
+    """Whether two tensors of one storage width hold the same bytes (up to ``stop`` elements), window by window;
+    False at the first window that differs, so a real change costs one window."""
+    for wb, wt in zip(base.windows(bname, window, 0, stop), tuned.windows(tname, window, 0, stop)):
+        a, b = np.ascontiguousarray(wb).reshape(-1).view(np.uint8), np.ascontiguousarray(wt).reshape(-1).view(np.uint8)
+        if a.size != b.size or not np.array_equal(a, b):
+            return False
+    return True
 
 
 #: the largest finite float32

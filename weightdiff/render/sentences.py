@@ -285,7 +285,7 @@ def _derived_special(summary: dict) -> str | None:
     if "zeroed_matrices" not in flags and "shape_mismatch" not in flags and "permuted_units" not in flags \
             and "negated_matrices" not in flags and "rotated_residual" not in flags and not scope.get("blocks_moved") \
             and "pruned_elements" not in flags and "folded_norms" not in flags and "rescaled_units" not in flags \
-            and not (grown_by > 0 and scope.get("base_blocks_total")):
+            and "dtype_relabelled" not in flags and not (grown_by > 0 and scope.get("base_blocks_total")):
         return None
     perm = scope.get("permuted_units") or {}
     changed = int((summary.get("tensors_by_status") or {}).get("changed") or 0)
@@ -360,6 +360,12 @@ def _derived_special(summary: dict) -> str | None:
                        if rot.get("norms_unfolded") else "")
                     + (" (its head untied: the base's tied embedding, rotated like every matrix that reads the "
                        "residual stream)" if rot.get("head_untied") else ""))
+    rl = scope.get("dtype_relabelled") or {}
+    if rl.get("tensors"):
+        n_rl = int(rl["tensors"])
+        what.append(f"{count(n_rl)} {'tensor' if n_rl == 1 else 'tensors'} holding the base's bytes under another "
+                    f"dtype label ({_and(list(rl.get('labels') or ['?']))}: read as labelled, other numbers; a header "
+                    "written with the wrong dtype, not training)")
     if not what:
         return None
     # rows added or removed, the shared rows unchanged, beside tensors of another shape (a vocabulary grown
@@ -376,6 +382,7 @@ def _derived_special(summary: dict) -> str | None:
     reordered = int(perm.get("tensors_changed") or 0) - routed
     changed -= routed + int(neg.get("tensors_not_measured") or 0)   # flipped, not measured beneath: said apart
     changed -= int(pr.get("tensors") or 0)                      # pruned matrices: said
+    changed -= int(rl.get("tensors") or 0)                      # the base's bytes mislabelled: said
     mism += int(perm.get("tensors_resized") or 0)               # trimmed tables: rows kept, not trained
     undone = perm.get("undone") or {}
     measured = all(set(v) - {"router"} <= set(undone.get(b, ())) for b, v in (perm.get("blocks") or {}).items())
@@ -1597,7 +1604,7 @@ def plain_language(data: dict) -> list[str]:
 #: the changes no rank is taken of with the rank analysis on (weightdiff.measure.compute: each one's note
 #: says why, but a single row or column's)
 UNRANKED_KINDS = ("changes holding NaN, infinity, values or differences past float32's range or float64 ones "
-                  "too small for its normals, experts fused in one tensor, "
+                  "too small for its normals, the base's bytes under another dtype label, experts fused in one tensor, "
                   "a single row or column, bytes with no float decoding, or a quantized side whose noise or "
                   "scales the change cannot be told from")
 
