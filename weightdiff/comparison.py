@@ -388,6 +388,7 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         records, seconds = (compute or compute_all)(the_plan, bases, tuned_ck, options, backend, classify, progress)
         blocks, modules = aggregate(records, options.thresholds)
         mark_fixed_tables(records, tuned_ck)
+        mark_moved_tensors(records, bases, tuned_ck, options.thresholds)
         stage = getattr(progress, "stage", None) or (lambda what: None)
         stage("checking for reparametrisations (units reordered, a rotated residual stream, norms folded, units "
               "rescaled)")
@@ -725,6 +726,38 @@ def mark_fixed_tables(records: Sequence[TensorRecord], tuned: Checkpoint) -> Non
         table = decode(np.asarray(tuned.read(r.name)).reshape(-1), info.dtype).reshape(tuple(r.shape))
         if is_sinusoid_table(table, info.dtype):
             r.note = FIXED_NOTE + (f"; {r.note}" if r.note else "")
+
+
+def mark_moved_tensors(records: Sequence[TensorRecord], bases: Sequence[Checkpoint], tuned: Checkpoint,
+                       thresholds) -> None:
+    """Note each changed float matrix that looks unrelated to its base counterpart (|cosine| below
+    ``unrelated_cosine``) and is, bit for bit, another tensor of that base of its shape and dtype
+    (``records.MOVED_NOTE``): matrices shuffled between layers or swapped (q and k) read "unrelated to it, as
+    independent initialisations", a block at a time, for a model whose every weight is the base's. A candidate
+    must first have the tuned norm another record gives that base tensor (the same bits give the same sums), so
+    two independent models read nothing more; only such a pair is compared byte for byte, window by window."""
+    cut = thresholds.unrelated_cosine
+    suspects = [r for r in records if r.status == "changed" and r.compared == "float" and r.cosine is not None
+                and abs(r.cosine) < cut and len(r.shape or ()) >= 2 and r.dtype_base == r.dtype_tuned
+                and r.base_name is not None and r.norm_tuned and not r.tied]
+    if not suspects:
+        return
+    from .measure.compute import _same_bytes
+    from .records import MOVED_NOTE
+
+    by_norm: dict = {}
+    for r in records:
+        if r.base_name is not None and r.norm_base and r.compared == "float" and r.base_shape:
+            by_norm.setdefault((r.base_index, tuple(r.base_shape), r.dtype_base, r.norm_base), []).append(r.base_name)
+    for r in suspects:
+        base = bases[r.base_index]
+        for other in by_norm.get((r.base_index, tuple(r.shape), r.dtype_tuned, r.norm_tuned), ()):
+            if other != r.base_name and not getattr(base, "quant", None) and not getattr(tuned, "quant", None) \
+                    and other in base.tensors and r.name in tuned.tensors \
+                    and _same_bytes(base, other, tuned, r.name, None, 1 << 22):
+                r.note = (f"{MOVED_NOTE}: the base's `{escape_name(other)}`, under this name (moved or swapped), so "
+                          "it is no evidence against the base" + (f"; {r.note}" if r.note else ""))
+                break
 
 
 #: what a negated tensor's record says was done before it was measured

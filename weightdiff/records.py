@@ -106,6 +106,17 @@ class TensorRecord:
 RELABEL_NOTE = "the base's bytes under another dtype label"
 
 
+#: the start of the note of a changed tensor whose bytes are, bit for bit, another tensor of the base's under this
+#: name (``comparison.mark_moved_tensors``): flag ``moved_tensors``, and no evidence of relatedness
+MOVED_NOTE = "bit for bit another tensor of the base"
+
+
+def moved(record) -> bool:
+    """Whether a record (or JSON row) is a changed tensor that is bit for bit another tensor of the base."""
+    get = record.get if isinstance(record, Mapping) else record.__dict__.get
+    return get("status") == "changed" and MOVED_NOTE in (get("note") or "")
+
+
 def relabelled(record) -> bool:
     """Whether a record (or JSON row) is a tensor holding the base's bytes under another dtype label."""
     get = record.get if isinstance(record, Mapping) else record.__dict__.get

@@ -26,6 +26,7 @@ import numpy as np
 from ..kernels.dtypes import DTYPES
 from ..options import Thresholds
 from ..records import STATUSES, BlockRecord, Summary, TensorRecord, count_lookalikes, relabelled
+from ..records import moved as is_moved
 from ..io.declared import same_model
 from ..io.meta_layout import is_meta_qk
 from ..pairing.names import component_of, is_lm_head, is_router, parse_name
@@ -185,7 +186,8 @@ FLAG_ORDER = ("added_tensors", "removed_tensors", "resized_embeddings", "shape_m
               "quant_both_compensated", "quant_both_moved", "cast_offset",
               "cast_overflow", "bytes_compared", "partial_spectrum", "content_paired",
               "declared_base_mismatch", "relayout", "meta_layout_unmapped", "unpaired_lookalikes",
-              "zeroed_matrices", "folded_parameters", "pruned_by_export", "dtype_relabelled")
+              "zeroed_matrices", "folded_parameters", "pruned_by_export", "dtype_relabelled",
+              "moved_tensors")
 
 
 def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: dict,
@@ -241,8 +243,11 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
                 on.add("nonfinite_changes")
             if zero_side(r):
                 on.add("zeroed_matrices")
-            if r.note is not None and r.dtype_base != r.dtype_tuned and relabelled(r):
-                on.add("dtype_relabelled")
+            if r.note is not None:
+                if r.dtype_base != r.dtype_tuned and relabelled(r):
+                    on.add("dtype_relabelled")
+                elif is_moved(r):
+                    on.add("moved_tensors")
         if r.rank is not None and not r.rank.exact:
             on.add("partial_spectrum")
         if r.paired_by == "content":
@@ -406,6 +411,10 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         labels = [r for r in counted if r.status == "changed" and relabelled(r)]
         scope["dtype_relabelled"] = {"tensors": len(labels), "params": sum(r.numel for r in labels),
                                      "labels": sorted({f"{r.dtype_base} as {r.dtype_tuned}" for r in labels})}
+    if "moved_tensors" in flags:
+        # another tensor of the base under this name, bit for bit: moved or swapped, not trained
+        shifted = [r for r in counted if is_moved(r)]
+        scope["moved_tensors"] = {"tensors": len(shifted), "params": sum(r.numel for r in shifted)}
     cov = coverage(records, thresholds)
     comps = component_relatedness(records, thresholds, permuted)
     if checked:

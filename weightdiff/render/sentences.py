@@ -285,7 +285,8 @@ def _derived_special(summary: dict) -> str | None:
     if "zeroed_matrices" not in flags and "shape_mismatch" not in flags and "permuted_units" not in flags \
             and "negated_matrices" not in flags and "rotated_residual" not in flags and not scope.get("blocks_moved") \
             and "pruned_elements" not in flags and "folded_norms" not in flags and "rescaled_units" not in flags \
-            and "dtype_relabelled" not in flags and not (grown_by > 0 and scope.get("base_blocks_total")):
+            and "dtype_relabelled" not in flags and "moved_tensors" not in flags \
+            and not (grown_by > 0 and scope.get("base_blocks_total")):
         return None
     perm = scope.get("permuted_units") or {}
     changed = int((summary.get("tensors_by_status") or {}).get("changed") or 0)
@@ -366,6 +367,13 @@ def _derived_special(summary: dict) -> str | None:
         what.append(f"{count(n_rl)} {'tensor' if n_rl == 1 else 'tensors'} holding the base's bytes under another "
                     f"dtype label ({_and(list(rl.get('labels') or ['?']))}: read as labelled, other numbers; a header "
                     "written with the wrong dtype, not training)")
+    mv = scope.get("moved_tensors") or {}
+    if mv.get("tensors"):
+        n_mv = int(mv["tensors"])
+        what.append((f"1 tensor that is bit for bit another tensor of the base, under another name" if n_mv == 1 else
+                     f"{count(n_mv)} tensors that are bit for bit other tensors of the base, under other names")
+                    + " (moved or swapped between modules or layers: not training, and the model computes something "
+                    "else than the base)")
     if not what:
         return None
     # rows added or removed, the shared rows unchanged, beside tensors of another shape (a vocabulary grown
@@ -383,6 +391,7 @@ def _derived_special(summary: dict) -> str | None:
     changed -= routed + int(neg.get("tensors_not_measured") or 0)   # flipped, not measured beneath: said apart
     changed -= int(pr.get("tensors") or 0)                      # pruned matrices: said
     changed -= int(rl.get("tensors") or 0)                      # the base's bytes mislabelled: said
+    changed -= int(mv.get("tensors") or 0)                      # the base's tensors moved: said
     mism += int(perm.get("tensors_resized") or 0)               # trimmed tables: rows kept, not trained
     undone = perm.get("undone") or {}
     measured = all(set(v) - {"router"} <= set(undone.get(b, ())) for b, v in (perm.get("blocks") or {}).items())
