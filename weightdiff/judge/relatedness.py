@@ -19,7 +19,7 @@ import numpy as np
 from ..kernels.dtypes import DTYPES, decode
 from ..options import Thresholds
 from ..pairing.names import component_of, group_of, parse_name
-from ..records import MOVED_NOTE, RELABEL_NOTE, TensorRow
+from ..records import TensorRow, moved, relabelled
 from .status import PAIRED, is_mismatch, placements, ratio
 
 __all__ = ["REFERENCE", "EXCLUDED_NOTE", "LIMITS", "MARGINS", "near_tie", "weak_evidence", "weak_by", "looks_unrelated", "low_rank_change", "large_matrix_relatedness", "components", "split_suspects", "kind_rows", "reordered_kinds", "is_expert_name",
@@ -207,10 +207,10 @@ def _evidence_size(row) -> int | None:
     if get("module") == "embed.pos" and FIXED_NOTE in (get("note") or ""):
         return None
     db, dt = get("dtype_base"), get("dtype_tuned")
-    if db != dt and RELABEL_NOTE in (get("note") or ""):
-        return None         # the base's bytes under another dtype label: what they read as is no evidence
-    if cos < 0.5 and MOVED_NOTE in (get("note") or ""):
-        return None         # another tensor of the base under this name: its cosine with this one says nothing
+    if (db != dt or cos < 0.5) and get("note") is not None and (relabelled(row) or moved(row)):
+        # the base's bytes under another dtype label, or another tensor of the base under this name: what they
+        # read as, or their cosine with this one, is no evidence
+        return None
     kinds = tuple(_KIND.get(d) if isinstance(d, str) else None for d in (db, dt))
     if "int" in kinds and "float" in kinds:
         # integer codes (an int8 export read without its scales) against floats: the cosine of

@@ -843,8 +843,8 @@ def _heads_state(members: Sequence[tuple[tuple[np.ndarray, np.ndarray], int]], d
     # each of a head's rows counts up to its sign: chance is that of one row's numbers (the shortest member's)
     row = min(t.shape[1 - axis] if len(t.shape) == 2 else int(np.prod(t.shape)) // max(1, t.shape[axis])
               for (t, _), axis in members)
-    min_cosine = chance_cut(h, row, min_cosine)
-    perm, sim = _reordering(None, None, min_cosine, sim, row)
+    min_cosine = chance_cut(h, row, min_cosine)      # also the cut of each member and of "same" below
+    perm, sim = _reordering(None, None, min_cosine, sim)
     # each member on its own too (q and o, k and v): the base's o beside a new q matches half of each pooled head
     # vector, which a threshold of 0.5 cannot tell from a head of the base's
     order = np.arange(h) if perm is None else perm
