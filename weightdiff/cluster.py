@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -209,11 +210,13 @@ def runner(scheduler: str | None = None, workers: int | None = None, memory_limi
         return
     # no dashboard; the scheduler's HTTP routes (health, metrics) on a free port: on 8787, taken by
     # another cluster, distributed warned on stderr "Port 8787 is already in use" even with -q
-    with _sigint_ignored():    # inherited by the worker processes: a terminal's Ctrl-C reaches this process alone
+    with _sigint_held() as held:    # the worker processes never see it: a terminal's Ctrl-C acts here alone
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address=None, memory_limit=memory_limit or "auto", silence_logs=50,
                                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     try:
+        if held.interrupted:
+            raise KeyboardInterrupt        # pressed while the cluster started: acted on now, the cluster closed
         cl = Client(cluster, set_as_default=False)
         try:
             yield DaskRunner(cl, f"local Dask cluster of {workers} worker process(es)")
@@ -223,23 +226,59 @@ def runner(scheduler: str | None = None, workers: int | None = None, memory_limi
         cluster.close()
 
 
+@dataclass
+class _Held:
+    interrupted: bool = False
+
+
 @contextmanager
-def _sigint_ignored():
-    """SIGINT ignored while worker processes start, so that they inherit it ignored (Python installs no
-    KeyboardInterrupt handler in a process that starts with SIGINT ignored): a terminal's Ctrl-C goes to the
-    whole process group, and every worker printed its own KeyboardInterrupt and CancelledError tracebacks
-    before this process's one line. This process stops the cluster on its own KeyboardInterrupt."""
+def _sigint_held():
+    """SIGINT held while the worker processes start, so that they start with it blocked and never act on it: a
+    terminal's Ctrl-C goes to the whole process group, and every worker printed its own KeyboardInterrupt and
+    CancelledError tracebacks before this process's one line. This process stops the cluster on its own
+    KeyboardInterrupt.
+
+    The signal is blocked in this thread (Linux keeps a blocked signal pending, and the signal mask is inherited
+    by the threads started here, distributed's IO loop and the threads that spawn the workers, and by every process
+    they start, across exec); a Ctrl-C pressed meanwhile is recorded, not lost, and ``interrupted`` says so when
+    the block ends (a SIGINT taken by a thread that does not block it, BLAS's, reaches the recording handler).
+    Ignoring the signal instead (SIG_IGN, inherited too) lost a Ctrl-C pressed during the cluster's start-up: the
+    comparison ran to its end."""
     import signal
     import threading
 
+    held = _Held()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield held
         return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not sys.platform.startswith("linux"):          # elsewhere a blocked, ignored signal may be discarded
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: the workers ignore it (one lost here)
+        try:
+            yield held
+        finally:
+            signal.signal(signal.SIGINT, old)
+        return
+    # multiprocessing's resource tracker, started by the first spawn, unblocks SIGINT in the thread that starts
+    # it, and that thread then spawns the workers: a worker started with it unblocked died of a Ctrl-C pressed
+    # while it imported ("Nanny failed to start"). Started here, before the block, the spawns leave the mask alone.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+    def record(signum, frame):
+        held.interrupted = True
+
+    old = signal.signal(signal.SIGINT, record)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        yield
+        yield held
     finally:
-        signal.signal(signal.SIGINT, old)
+        try:
+            if signal.sigtimedwait({signal.SIGINT}, 0) is not None:     # pending: taken here, without waiting
+                held.interrupted = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.signal(signal.SIGINT, old)
 
 
 #: the loggers whose records about a lost or closing connection would reach stderr (distributed's own
