@@ -51,8 +51,30 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 TOKEN = "hf_weightdiff_test_token"
 
 
+_DIGESTS: dict[tuple[str, int], tuple[bytes, str]] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def _digest(kind: str, data: bytes) -> str:
+    """A file's hash, computed once per bytes object (the object is kept, so its id is not reused): a range
+    request hashed every file of the repo again, and most of a Hub test's time went there."""
+    key = (kind, id(data))
+    with _DIGESTS_LOCK:
+        hit = _DIGESTS.get(key)
+    if hit is not None and hit[0] is data:
+        return hit[1]
+    h = (hashlib.sha1(b"blob %d\0" % len(data) + data) if kind == "git" else hashlib.sha256(data)).hexdigest()
+    with _DIGESTS_LOCK:
+        _DIGESTS[key] = (data, h)
+    return h
+
+
+def sha256_hex(data: bytes) -> str:
+    return _digest("sha256", data)
+
+
 def git_oid(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return _digest("git", data)
 
 
 @dataclass
@@ -92,6 +114,7 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.sent: Counter = Counter()          # (repo_id, path) -> body bytes sent
         self.requests: list[tuple[str, str]] = []
+        self.connections: Counter = Counter()   # "api" / "cdn" -> connections accepted
         self.faults: dict[tuple[str, str], dict] = {}
         self.api_stall = 0.0                    # seconds the API waits before answering anything
         self.api_trickle = 0.0                  # seconds per byte of every JSON answer of the API
@@ -145,18 +168,27 @@ class HubServer:
         with self.lock:
             self.sent.clear()
             self.requests.clear()
+            self.connections.clear()
 
     def entry(self, repo_id: str, path: str, data: bytes) -> dict:
         size = len(data) + (self.faults.get((repo_id, path)) or {}).get("listed_size_delta", 0)
         e = {"type": "file", "oid": git_oid(data), "size": size, "path": path}
         if is_lfs(path, data):
-            e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": size, "pointerSize": 134}
+            e["lfs"] = {"oid": sha256_hex(data), "size": size, "pointerSize": 134}
         return e
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True        # headers and body go out at once, as a real server sends them
+
+    #: which server's connections this handler counts
+    side = ""
+
+    def setup(self) -> None:
+        super().setup()
+        with self.hub.lock:
+            self.hub.connections[self.side] += 1
 
     def log_message(self, *args) -> None:
         pass
@@ -242,6 +274,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _ApiHandler(_Handler):
+    side = "api"
+
     def do_HEAD(self) -> None:
         self._route(head=True)
 
@@ -389,12 +423,12 @@ class _ApiHandler(_Handler):
                 self._send(302, b"", {**headers, "Location": self.path}, head=head, length=0)
                 return
             if is_lfs(path, data):
-                oid = hashlib.sha256(data).hexdigest()
+                oid = sha256_hex(data)
                 blob = (repo_id, path, oid)
                 if fault and fault.get("cdn_serves"):          # (repo, path): another file's blob on its main branch
                     other, served = fault["cdn_serves"]
                     o = self.hub.repos[other]
-                    blob = (other, served, hashlib.sha256(o.commits[o.branches["main"]][served]).hexdigest())
+                    blob = (other, served, sha256_hex(o.commits[o.branches["main"]][served]))
                 cdn = (fault or {}).get("cdn_at") or self.hub.cdn_url      # a storage host nobody answers at
                 loc = f"{cdn}/_lfs/{quote(blob[0], safe='')}/{blob[2]}?file={quote(blob[1], safe='')}"
                 size = len(data) + (fault or {}).get("linked_size_delta", 0)
@@ -454,6 +488,8 @@ class _ApiHandler(_Handler):
 class _CdnHandler(_Handler):
     """Serves LFS blobs by sha256, as the Hub's CDN does (another origin: no token sent here)."""
 
+    side = "cdn"
+
     def do_HEAD(self) -> None:
         self._blob(head=True)
 
@@ -472,7 +508,7 @@ class _CdnHandler(_Handler):
         data = None
         for files in (repo.commits.values() if repo else []):
             for p, d in files.items():
-                if p == path and hashlib.sha256(d).hexdigest() == oid:
+                if p == path and sha256_hex(d) == oid:
                     data = d
         if data is None:
             self._send(404)
