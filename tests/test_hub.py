@@ -1067,3 +1067,15 @@ def test_a_survey_row_of_a_hub_member_counts_the_files_it_read(hf, server, tmp_p
     weights = sum(f["bytes"] for f in d["tuned"]["files"])
     assert int(row["tuned_files"]) >= 1 and int(row["tuned_bytes"]) >= weights > 0
     assert int(row["base_bytes"]) >= sum(f["bytes"] for f in d["base"][0]["files"]) > 0
+
+
+def test_streamed_range_requests_keep_their_connections(server, hf):
+    """Each range request opened a new connection to the storage: its answer was left unread at the last byte
+    asked for (the end of the message not consumed), so the client closed it; on the real Hub, a TLS handshake
+    to the CDN for every part of every tensor. An answer of exactly the bytes asked is read to its end now."""
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--stream", "-q", "--json", "r.json")
+    assert rc == 0, err
+    ranges = sum(1 for _, p in server.requests if "/resolve/" in p)
+    assert ranges > 60
+    assert server.connections["cdn"] <= hub_stream.WORKERS + 4, (ranges, dict(server.connections))
+    assert server.connections["api"] <= hub_stream.WORKERS + 8, (ranges, dict(server.connections))

@@ -187,12 +187,18 @@ class RangeReader:
                     _check_size(f, r)
                     _check_etag(f, r, self.listed_xet)
                     before, watch = got, StallWatch()
+                    # an answer of exactly the bytes asked is read to its end, so that its connection goes back
+                    # to the pool: left unread (a break at the last byte), it was closed, and every range
+                    # request opened a new connection (a new TLS handshake to the Hub's CDN each time)
+                    exact = r.status_code == 206 and r.headers.get("Content-Length", "") == str(total - got)
                     try:
                         for chunk in r.iter_bytes():       # as received: the pace is checked per read
                             k = min(len(chunk), total - got)
                             out[got:got + k] = chunk[:k]
                             got += k
                             if got == total:
+                                if exact:
+                                    continue
                                 break
                             watch.add(k)
                     except Stalled as exc:
