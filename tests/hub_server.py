@@ -34,7 +34,10 @@ rel="xet-auth"``, which makes huggingface_hub hand the download to hf_xet; the t
 ``EntryNotFound`` (``entry_missing``), a listing whose size for a file is off (``listed_size_delta``: model
 info, tree and paths-info; the served file and ``X-Linked-Size`` stay right), and a status on the refs route
 (``refs_faults``: repo_id -> {"status", "retry_after"}), a redirect to a storage host that cannot be reached
-(``cdn_at``: the origin the resolve answer's Location names instead of the CDN's).
+(``cdn_at``: the origin the resolve answer's Location names instead of the CDN's). Every redirect to the CDN
+is a link of its own (``sig``, as a signed URL); ``link_uses`` makes the CDN refuse a link used more than that
+many times with 403, as an expired signed URL. ``cdn_log`` holds (path, whether an Authorization header came)
+for every CDN request.
 """
 
 from __future__ import annotations
@@ -115,6 +118,9 @@ class HubServer:
         self.sent: Counter = Counter()          # (repo_id, path) -> body bytes sent
         self.requests: list[tuple[str, str]] = []
         self.connections: Counter = Counter()   # "api" / "cdn" -> connections accepted
+        self.cdn_log: list[tuple[str, bool]] = []  # (path, Authorization sent) per CDN request
+        self.link_used: Counter = Counter()     # sig -> CDN requests made with that link
+        self._sig = 0
         self.faults: dict[tuple[str, str], dict] = {}
         self.api_stall = 0.0                    # seconds the API waits before answering anything
         self.api_trickle = 0.0                  # seconds per byte of every JSON answer of the API
@@ -169,6 +175,7 @@ class HubServer:
             self.sent.clear()
             self.requests.clear()
             self.connections.clear()
+            self.cdn_log.clear()
 
     def entry(self, repo_id: str, path: str, data: bytes) -> dict:
         size = len(data) + (self.faults.get((repo_id, path)) or {}).get("listed_size_delta", 0)
@@ -430,7 +437,10 @@ class _ApiHandler(_Handler):
                     o = self.hub.repos[other]
                     blob = (other, served, sha256_hex(o.commits[o.branches["main"]][served]))
                 cdn = (fault or {}).get("cdn_at") or self.hub.cdn_url      # a storage host nobody answers at
-                loc = f"{cdn}/_lfs/{quote(blob[0], safe='')}/{blob[2]}?file={quote(blob[1], safe='')}"
+                with self.hub.lock:
+                    self.hub._sig += 1
+                    sig = self.hub._sig
+                loc = f"{cdn}/_lfs/{quote(blob[0], safe='')}/{blob[2]}?file={quote(blob[1], safe='')}&sig={sig}"
                 size = len(data) + (fault or {}).get("linked_size_delta", 0)
                 extra = {"X-Xet-Hash": fault["xet_hash"]} if fault and fault.get("xet_hash") else {}
                 if fault and fault.get("xet_auth"):           # Xet storage, as huggingface.co announces it
@@ -499,7 +509,13 @@ class _CdnHandler(_Handler):
     def _blob(self, head: bool) -> None:
         url = urlsplit(self.path)
         raw = url.path.split("/")[1:]
-        path = parse_qs(url.query).get("file", [""])[0]
+        query = parse_qs(url.query)
+        path = query.get("file", [""])[0]
+        with self.hub.lock:
+            self.hub.cdn_log.append((path, "Authorization" in self.headers))
+            sig = query.get("sig", [""])[0]
+            self.hub.link_used[sig] += 1
+            used = self.hub.link_used[sig]
         if len(raw) != 3 or raw[0] != "_lfs":
             self._send(404)
             return
@@ -521,6 +537,10 @@ class _CdnHandler(_Handler):
             fault["times"] -= 1
             self._send(fault["status"], b"unavailable", {"Retry-After": str(fault["retry_after"])}
                        if "retry_after" in fault else None)
+            return
+        if fault and fault.get("link_uses") is not None and used > fault["link_uses"]:
+            self._send(403, b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
+                       {"Content-Type": "application/xml"}, head=head)
             return
         if fault and fault.get("cdn_status"):          # the CDN alone refuses (an expired signed URL)
             self._send(fault["cdn_status"], b"<Error><Code>AccessDenied</Code></Error>",

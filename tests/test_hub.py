@@ -1072,10 +1072,53 @@ def test_a_survey_row_of_a_hub_member_counts_the_files_it_read(hf, server, tmp_p
 def test_streamed_range_requests_keep_their_connections(server, hf):
     """Each range request opened a new connection to the storage: its answer was left unread at the last byte
     asked for (the end of the message not consumed), so the client closed it; on the real Hub, a TLS handshake
-    to the CDN for every part of every tensor. An answer of exactly the bytes asked is read to its end now."""
+    to the CDN for every part of every tensor. An answer of exactly the bytes asked is read to its end now. And
+    every range went through the Hub's resolve URL and its redirect (828 resolve calls, each a round trip more,
+    on a route the Hub rate-limits): a file's ranges now go to the link its first redirect gave."""
     rc, _, err = run("compare", "org/base", "org/tuned@v1", "--stream", "-q", "--json", "r.json")
     assert rc == 0, err
-    ranges = sum(1 for _, p in server.requests if "/resolve/" in p)
+    ranges = len(server.cdn_log)
+    resolves = sum(1 for _, p in server.requests if "/resolve/" in p)
+    lfs = [p for p in server.repos["org/tuned"].commits[server.v1] if p.endswith(".safetensors")] + ["model.safetensors"]
     assert ranges > 60
     assert server.connections["cdn"] <= hub_stream.WORKERS + 4, (ranges, dict(server.connections))
     assert server.connections["api"] <= hub_stream.WORKERS + 8, (ranges, dict(server.connections))
+    assert resolves <= 2 * len(lfs) + 4, (resolves, ranges)      # racing first reads of a file may each resolve
+
+
+def test_an_expired_storage_link_is_asked_for_again(server, hf, tmp_path):
+    """A storage link that stops working (a signed URL past its expiry: 403 from the storage, not the Hub) is
+    asked for again through the Hub, and the run reads what it reads without the fault."""
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--stream", "-q", "--json", "plain.json")
+    assert rc == 0, err
+    for repo in ("org/base", "org/tuned"):
+        for p in server.repos[repo].commits[server.repos[repo].resolve("v1" if repo == "org/tuned" else "main")]:
+            if p.endswith(".safetensors"):
+                server.faults[(repo, p)] = {"link_uses": 3}
+    server.reset_log()
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--stream", "-q", "--json", "expiring.json")
+    assert rc == 0, err
+    assert max(server.link_used.values()) > 3                   # links did expire, and were refused
+    resolves = sum(1 for _, p in server.requests if "/resolve/" in p)
+    assert resolves >= len(server.cdn_log) / 4
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "expiring.json"))
+    a.pop("run"), b.pop("run")
+    assert a == b
+
+
+def test_a_link_that_keeps_failing_is_the_storages_error_not_a_loop(server, hf):
+    """Refused again after the Hub gave a fresh link: the storage's refusal, in one line, as without the cache."""
+    for p in server.repos["org/tuned"].commits[server.v1]:
+        if p.endswith(".safetensors"):
+            server.faults[("org/tuned", p)] = {"link_uses": 0}
+    line = one_error(*run("compare", "org/base", "org/tuned@v1", "--stream")[::2])
+    assert "refused" in line and "HTTP 403" in line, line
+
+
+def test_the_token_never_goes_to_the_storage(server, hf, monkeypatch):
+    """The Hub's token is for the Hub: a range sent straight to the storage's link (another origin) carries none,
+    as the HTTP client drops it on a redirect to another origin."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    rc, out, err = run("compare", "org/base", "org/gated", "--stream", "--no-rank", "-q")
+    assert rc == 0 and "IDENTICAL" in out, err
+    assert len(server.cdn_log) > 10 and not any(auth for _, auth in server.cdn_log), server.cdn_log[:5]

@@ -17,6 +17,13 @@ a timeout, and every response must keep up a minimum pace (weightdiff.io.hub_htt
 64 KiB within every WEIGHTDIFF_HUB_STALL_SECONDS), so a lost or trickling connection is an
 error naming the file, never a hang.
 
+Each file is resolved through the Hub once per reader: its later ranges go straight to the link the resolve
+answer redirected to (the storage's signed URL), with what the redirect said of the file (its Xet hash, its size)
+kept for the checks below, and without the Hub's token when that link is another origin. A link that stops
+working (an expired signature: 403, or 400 from some storages; a transport error; a retryable status) is
+forgotten and the range asked for again through the Hub. Answers are read to their end, so that connections are
+kept: a range costs one round trip on an open connection.
+
 What a stream verifies: the header by the local parser, each answer's range, and each answer's ETag where
 it is a content hash (64 hex digits: the sha256 the listing gives, or the Xet hash the resolve answer
 announced when the tree listing gives that hash for the file): an ETag naming other content is an error naming the file (``_check_etag``). What it does not:
@@ -103,6 +110,8 @@ class RangeReader:
         self._lock = threading.Lock()
         self._xet: dict[tuple[str, str, str], str | None] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._where: dict[tuple[str, str, str], _Located] = {}
+        self.resolves = 0           # requests sent to the Hub's resolve URL (the rest went to where it redirected)
 
     def pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -136,6 +145,28 @@ class RangeReader:
             self._xet.setdefault(key, None)
             return self._xet[key]
 
+    def _located(self, f: HubFile) -> "_Located | None":
+        with self._lock:
+            return self._where.get((f.repo_id, f.commit, f.path))
+
+    def _remember(self, f: HubFile, r) -> None:
+        """After an answer that came by redirect: where it came from, and what the redirects said of the file
+        (its Xet hash, its size), so that the next range of the file goes there directly. The Hub's resolve URL
+        answers each range with a redirect: two round trips a range, and as many calls on the Hub's rate-limited
+        resolve route as ranges read (828 for the test suite's small pair)."""
+        history = getattr(r, "history", ())
+        if not history:
+            return
+        loc = _Located(str(r.url), frozenset(x for x in (_etag(h.headers.get("X-Xet-Hash")) for h in history) if x),
+                       _linked_size(history), _same_origin(str(r.url), self.endpoint))
+        with self._lock:
+            self._where[(f.repo_id, f.commit, f.path)] = loc
+
+    def _forget(self, f: HubFile, loc: "_Located") -> None:
+        with self._lock:
+            if self._where.get((f.repo_id, f.commit, f.path)) is loc:
+                del self._where[(f.repo_id, f.commit, f.path)]
+
     def _count(self, f: HubFile, n: int) -> None:
         with self._lock:
             self.bytes_read[f.path] = self.bytes_read.get(f.path, 0) + n
@@ -163,15 +194,26 @@ class RangeReader:
         from huggingface_hub.utils import hf_raise_for_status
 
         httpx = _httpx()
-        total, got, failures = len(out), 0, 0
+        total, got, failures, stale = len(out), 0, 0, 0
         while got < total:
             start = offset + got
             headers = dict(self.headers, Range=f"bytes={start}-{offset + total - 1}")
+            loc = self._located(f) if stale < 2 else None
+            if loc is not None and not loc.same_origin:       # the token is the Hub's: never sent to its storage
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             try:
                 with self._lock:
                     self.requests += 1
-                with self._session().stream("GET", self._url(f), headers=headers, timeout=self.timeout,
-                                            follow_redirects=True) as r:
+                    self.resolves += loc is None
+                with self._session().stream("GET", loc.url if loc else self._url(f), headers=headers,
+                                            timeout=self.timeout, follow_redirects=True) as r:
+                    if loc is not None and (r.status_code >= 400 or r.history):
+                        # a signed link expired (403, or 400 from some storages), a storage that moved the file:
+                        # asked again through the Hub at once, which answers with a fresh link or the error
+                        self._forget(f, loc)
+                        stale += 1
+                        if r.status_code not in _RETRY_STATUS:
+                            continue
                     if r.status_code in _RETRY_STATUS:
                         raise _Transient(f"HTTP {r.status_code}", retry_after(r))
                     if r.status_code >= 400:
@@ -184,8 +226,10 @@ class RangeReader:
                                                  f"{r.status_code}, Content-Range "
                                                  f"{r.headers.get('Content-Range')!r})",
                                               "use --download to fetch whole files instead")
-                    _check_size(f, r)
-                    _check_etag(f, r, self.listed_xet)
+                    _check_size(f, r, loc)
+                    _check_etag(f, r, self.listed_xet, loc)
+                    if loc is None:
+                        self._remember(f, r)
                     before, watch = got, StallWatch()
                     # an answer of exactly the bytes asked is read to its end, so that its connection goes back
                     # to the pool: left unread (a break at the last byte), it was closed, and every range
@@ -212,6 +256,8 @@ class RangeReader:
                     if got < total:
                         raise _Transient(f"the response ended after {got - before:,} of {total - before:,} bytes")
             except (_Transient, httpx.TransportError) as exc:
+                if loc is not None:
+                    self._forget(f, loc)       # the retry asks the Hub again
                 failures += 1
                 if failures > RETRIES:
                     from .hub_errors import request_origin
@@ -254,7 +300,8 @@ def _etag(value: str | None) -> str | None:
     return value.strip('"').lower() or None
 
 
-def _check_etag(f: HubFile, r, listed_xet: "Callable[[HubFile], str | None] | None" = None) -> None:
+def _check_etag(f: HubFile, r, listed_xet: "Callable[[HubFile], str | None] | None" = None,
+                loc: "_Located | None" = None) -> None:
     """A range answer whose ETag names other content than the file the Hub lists: CheckpointError.
 
     The Hub's CDN names an LFS blob by a content hash: its sha256 (the LFS oid the listing gives), or for a
@@ -271,7 +318,7 @@ def _check_etag(f: HubFile, r, listed_xet: "Callable[[HubFile], str | None] | No
     tag = _etag(r.headers.get("ETag"))
     if not f.sha256 or tag is None or not _SHA256.match(tag) or tag == f.sha256.lower():
         return
-    vouched = {_etag(h.headers.get("X-Xet-Hash")) for h in getattr(r, "history", ())}
+    vouched = {_etag(h.headers.get("X-Xet-Hash")) for h in getattr(r, "history", ())} | (loc.xet if loc else set())
     if tag in vouched and listed_xet is not None and listed_xet(f) == tag:
         return
     raise CheckpointError(f, f"the server sent bytes whose ETag is the content hash {tag[:16]}..., not the "
@@ -280,7 +327,7 @@ def _check_etag(f: HubFile, r, listed_xet: "Callable[[HubFile], str | None] | No
                           "rerun later, or use --download, which hashes the whole file against the Hub's listing")
 
 
-def _served_size(r) -> int | None:
+def _served_size(r, loc: "_Located | None" = None) -> int | None:
     """The whole file's size the server that answered states: a 206's ``Content-Range: bytes a-b/N``, a 200's
     ``Content-Length`` (not encoded), else the ``X-Linked-Size`` of the resolve answer that redirected to it (None
     when none says)."""
@@ -290,18 +337,46 @@ def _served_size(r) -> int | None:
     length = (r.headers.get("Content-Length") or "").strip()
     if r.status_code == 200 and length.isdigit() and r.headers.get("Content-Encoding", "identity") == "identity":
         return int(length)                   # the whole file, as sent
-    for h in getattr(r, "history", ()):
+    linked = _linked_size(getattr(r, "history", ()))
+    return linked if linked is not None else loc.linked_size if loc else None
+
+
+def _linked_size(history) -> int | None:
+    for h in history:
         linked = (h.headers.get("X-Linked-Size") or "").strip()
         if linked.isdigit():
             return int(linked)
     return None
 
 
-def _check_size(f: HubFile, r) -> None:
+@dataclass(frozen=True)
+class _Located:
+    """Where a file's resolve URL redirected (the storage's URL, a signed link on the Hub) and what the
+    redirects said: the Xet hashes they announced, the file's size, and whether it is the Hub's own origin."""
+
+    url: str
+    xet: frozenset
+    linked_size: int | None
+    same_origin: bool
+
+
+def _same_origin(url: str, endpoint: str) -> bool:
+    from urllib.parse import urlsplit
+
+    a, b = urlsplit(url), urlsplit(endpoint)
+    ports = {"http": 80, "https": 443}
+    try:
+        return (a.scheme, (a.hostname or "").lower(), a.port or ports.get(a.scheme)) == \
+            (b.scheme, (b.hostname or "").lower(), b.port or ports.get(b.scheme))
+    except ValueError:
+        return False
+
+
+def _check_size(f: HubFile, r, loc: "_Located | None" = None) -> None:
     """A range answer from a file of another size than the Hub's listing gives: CheckpointError saying that the
     listing and the served file disagree (read with the listed size, its header would be blamed: "trailing bytes",
     "truncated download?", for a stream that downloaded nothing)."""
-    served = _served_size(r)
+    served = _served_size(r, loc)
     if served is None or f.size < 0 or served == f.size:
         return
     raise CheckpointError(f, f"the Hub's listing gives this file {f.size:,} bytes but the server serves {served:,} "
