@@ -83,3 +83,25 @@ def test_the_flag_survives_the_json_the_report_and_a_cached_rerun(tmp_path):
     r = CliRunner().invoke(main, ["report", str(out), "--memo", str(tmp_path / "m.md"), "-q"])
     assert r.exit_code == 0, r.stderr
     assert "under another dtype label" in (tmp_path / "m.md").read_text()
+
+
+def test_the_headline_says_whose_bytes_they_are(tmp_path):
+    """A wholly relabelled model read "0% of parameters are bitwise unchanged", alone, in the headline and the
+    memo: its bytes are all the base's, and they say so now beside that count (which is of the values as read)."""
+    from weightdiff.render.sentences import headline, same_bytes_words
+
+    b, t = _pair(tmp_path, "BF16", "F16")
+    d = compare(b, t).to_dict()
+    lines = headline(d)
+    assert "0% of parameters are bitwise unchanged." in lines
+    assert "A further 100% of parameters (21 tensors) hold the base's bytes under another dtype label." in lines
+    r = CliRunner().invoke(main, ["compare", str(b), str(t), "--memo", str(tmp_path / "m.md"), "-q"])
+    assert r.exit_code == 0, r.stderr
+    plain = (tmp_path / "m.md").read_text().split("## In plain words", 1)[1].split("|", 1)[0]
+    assert "A further 100% of parameters (21 tensors) hold the base's bytes under another dtype label." in plain
+    # one relabelled tensor beside unchanged ones: its share, and nothing for a model with none
+    b1, t1 = _pair(tmp_path, "BF16", "F16", ["model.layers.1.mlp.up_proj.weight"], tag="1")
+    s1 = compare(b1, t1).to_dict()["summary"]
+    assert same_bytes_words(s1, 98624) == ("8.3% of parameters (1 tensor) hold the base's bytes under another "
+                                           "dtype label")
+    assert same_bytes_words({"scope": {}}, 98624) == ""

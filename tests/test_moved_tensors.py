@@ -92,3 +92,24 @@ def test_the_flag_survives_a_cached_rerun_and_the_report(tmp_path):
     assert runs[0] == runs[1] and "moved_tensors" in runs[0]["summary"]["flags"]
     r = CliRunner().invoke(main, ["report", str(out), "--memo", str(tmp_path / "m.md"), "-q"])
     assert r.exit_code == 0 and "bit for bit other tensors of the base" in (tmp_path / "m.md").read_text()
+
+
+def test_the_headline_and_the_memo_count_the_moved_parameters_apart(tmp_path):
+    """"N% of parameters are bitwise unchanged" stood alone beside a title that said every weight is a base tensor:
+    the moved ones are counted apart, in the headline, the memo's plain words and its key figures."""
+    from weightdiff.render.sentences import headline
+
+    base = _base()
+    b, t = write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", _shifted(base))
+    d = compare(b, t).to_dict()
+    lines = headline(d)
+    i = next(k for k, x in enumerate(lines) if "bitwise unchanged" in x)
+    assert lines[i + 1].startswith("A further ") and lines[i + 1].endswith(
+        "of parameters (28 tensors) are bit for bit other tensors of the base, under other names."), lines
+    r = CliRunner().invoke(main, ["compare", str(b), str(t), "--memo", str(tmp_path / "m.md"), "-q"])
+    assert r.exit_code == 0, r.stderr
+    memo = (tmp_path / "m.md").read_text()
+    plain = memo.split("## In plain words", 1)[1].split("|", 1)[0]
+    assert "(28 tensors) are bit for bit other tensors of the base, under other names." in plain
+    row = next(x for x in memo.splitlines() if x.startswith("| parameters bit for bit unchanged"))
+    assert "a further" in row and "(28 tensors) are bit for bit other tensors of the base" in row

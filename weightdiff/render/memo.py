@@ -136,8 +136,9 @@ def key_figures(data: dict) -> list[list[Inline]]:
     return [
         ["parameters bit for bit unchanged", f"{same} of {fmt.count(total)}{aside}",
          # counted beneath a reordering, rotation or rescale, as the headline says: as stored, those numbers moved
-         f"numbers not touched, once {' and '.join(undone)}" if (undone := sentences.undone_words(s))
-         else "numbers not touched at all"],
+         (f"numbers not touched, once {' and '.join(undone)}" if (undone := sentences.undone_words(s))
+          else "numbers not touched at all")
+         + (f"; a further {same_bytes}" if (same_bytes := sentences.same_bytes_words(s, total)) else "")],
         ["blocks changed", fmt.summary_blocks_text(s, short=True),
          "layers of the stack with any change" + fmt.floor_blocks(s)],
         ["relative change (large matrices)", fmt.MISSING if nan_only else fmt.sci(model.get("rel_change")),

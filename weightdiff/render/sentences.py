@@ -722,6 +722,25 @@ def unchanged_words(data: dict, total: int) -> tuple[str, str]:
                   if share(whole / total) != text else "")
 
 
+def same_bytes_words(s: dict, total: int) -> str:
+    """``"100% of parameters (21 tensors) hold the base's bytes under another dtype label"`` (and tensors that are
+    bit for bit other base tensors under other names): the parameters whose bytes are the base's, not counted
+    bitwise unchanged because their values as labelled, or their place, differ; "" when none. "0% of parameters are
+    bitwise unchanged" stood alone, in the headline and the memo, for a model whose every byte was the base's under
+    another dtype label."""
+    sc = s.get("scope") or {}
+    parts = []
+    rl, mv = sc.get("dtype_relabelled") or {}, sc.get("moved_tensors") or {}
+    if rl.get("params") and total:
+        parts.append(f"{share(int(rl['params']) / total)} of parameters ({plural(int(rl['tensors']), 'tensor')}) "
+                     "hold the base's bytes under another dtype label")
+    if mv.get("params") and total:
+        parts.append(f"{share(int(mv['params']) / total)}{'' if parts else ' of parameters'} "
+                     f"({plural(int(mv['tensors']), 'tensor')}) {'is' if int(mv['tensors']) == 1 else 'are'} bit for "
+                     "bit other tensors of the base, under other names")
+    return _and(parts) if parts else ""
+
+
 def _mismatch(t: dict) -> bool:
     return t.get("status") == "resized" and t.get("compared") == "none"
 
@@ -1267,6 +1286,8 @@ def headline(data: dict) -> list[str]:
             out.append(f"{main} of parameters are bitwise unchanged{aside}"
                        + (f", once {' and '.join(undone)}" if undone else "")
                        + (" (not counting the effective head, which differs: see below)." if tied_moved else "."))
+            if same_bytes_words(s, total):
+                out.append(f"A further {same_bytes_words(s, total)}.")
         if by.get("rounding"):
             out.append(f"{share(by['rounding'] / total)} differ only within dtype rounding.")
         if by.get("quantized"):
@@ -1486,6 +1507,8 @@ def plain_language(data: dict) -> list[str]:
                             if base_tot and tot != base_tot else ""))
             text += floor_blocks(s)
         out.append(text + ".")
+        if same_bytes_words(s, total):
+            out.append(f"A further {same_bytes_words(s, total)}.")
         if computes_else(s):
             out.append(computes_else(s))
     model, unrel = points.get("model"), points.get("unrelated")
