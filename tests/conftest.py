@@ -17,6 +17,33 @@ settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "ci"))
 from weightdiff.io.safetensors_write import save_checkpoint, save_file, to_storage
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, the controller rebuilds each warning a worker reports by importing the module of its
+    category (torch.jit for a TracerWarning, peft for a PeftWarning), on the receiving thread of that worker: two
+    such warnings at once imported torch from two threads, one of them got the module half-initialised ("partially
+    initialized module 'torch' has no attribute 'jit'"), and the run ended in INTERNALERROR and a segmentation
+    fault. The controller rebuilds them one at a time."""
+    if hasattr(config, "workerinput"):
+        return                                  # a worker: it sends warnings, it does not rebuild them
+    try:
+        from xdist import workermanage
+    except ImportError:
+        return
+    import threading
+
+    real = getattr(workermanage, "unserialize_warning_message", None)
+    if real is None or getattr(real, "_one_at_a_time", False):
+        return
+    lock = threading.Lock()
+
+    def one_at_a_time(data):
+        with lock:
+            return real(data)
+
+    one_at_a_time._one_at_a_time = True
+    workermanage.unserialize_warning_message = one_at_a_time
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
