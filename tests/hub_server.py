@@ -120,6 +120,7 @@ class HubServer:
         self.connections: Counter = Counter()   # "api" / "cdn" -> connections accepted
         self.cdn_log: list[tuple[str, bool]] = []  # (path, Authorization sent) per CDN request
         self.link_used: Counter = Counter()     # sig -> CDN requests made with that link
+        self.links_refused = 0                  # CDN requests refused under ``link_uses``
         self._sig = 0
         self.faults: dict[tuple[str, str], dict] = {}
         self.api_stall = 0.0                    # seconds the API waits before answering anything
@@ -176,6 +177,8 @@ class HubServer:
             self.requests.clear()
             self.connections.clear()
             self.cdn_log.clear()
+            self.link_used.clear()
+            self.links_refused = 0
 
     def entry(self, repo_id: str, path: str, data: bytes) -> dict:
         size = len(data) + (self.faults.get((repo_id, path)) or {}).get("listed_size_delta", 0)
@@ -539,6 +542,8 @@ class _CdnHandler(_Handler):
                        if "retry_after" in fault else None)
             return
         if fault and fault.get("link_uses") is not None and used > fault["link_uses"]:
+            with self.hub.lock:
+                self.hub.links_refused += 1
             self._send(403, b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
                        {"Content-Type": "application/xml"}, head=head)
             return

@@ -1122,3 +1122,17 @@ def test_the_token_never_goes_to_the_storage(server, hf, monkeypatch):
     rc, out, err = run("compare", "org/base", "org/gated", "--stream", "--no-rank", "-q")
     assert rc == 0 and "IDENTICAL" in out, err
     assert len(server.cdn_log) > 10 and not any(auth for _, auth in server.cdn_log), server.cdn_log[:5]
+
+
+def test_links_that_serve_once_are_not_kept(server, hf, tmp_path):
+    """A storage whose links serve one request each (or expire at once): after a few refusals a file's ranges go
+    through the Hub's resolve URL every time, as before links were kept, not a refused request more for each."""
+    for p in server.repos["org/tuned"].commits[server.v1]:
+        if p.endswith(".safetensors"):
+            server.faults[("org/tuned", p)] = {"link_uses": 1}
+    rc, _, err = run("compare", "org/base", "org/tuned@v1", "--stream", "-q", "--json", "once.json")
+    assert rc == 0, err
+    served = sum(1 for path, _ in server.cdn_log if path in {p for (r, p) in server.faults})
+    files = len(server.faults)
+    assert served > 40 and server.links_refused <= files * 12, \
+        (served, server.links_refused)

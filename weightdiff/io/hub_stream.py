@@ -21,7 +21,8 @@ Each file is resolved through the Hub once per reader: its later ranges go strai
 answer redirected to (the storage's signed URL), with what the redirect said of the file (its Xet hash, its size)
 kept for the checks below, and without the Hub's token when that link is another origin. A link that stops
 working (an expired signature: 403, or 400 from some storages; a transport error; a retryable status) is
-forgotten and the range asked for again through the Hub. Answers are read to their end, so that connections are
+forgotten and the range asked for again through the Hub; a file whose links are refused ``LINK_REFUSALS``
+times (a storage whose links serve once) is read through the Hub every time. Answers are read to their end, so that connections are
 kept: a range costs one round trip on an open connection.
 
 What a stream verifies: the header by the local parser, each answer's range, and each answer's ETag where
@@ -56,6 +57,8 @@ PREFETCH = 2
 PART_BYTES = 8 << 20
 #: concurrent range requests per reader
 WORKERS = 8
+#: a file whose kept storage link was refused this many times is read through the Hub's resolve URL only
+LINK_REFUSALS = 3
 #: retries of one range request after a transient failure, and the backoff between them (seconds)
 RETRIES = 5
 BACKOFF = 1.0
@@ -111,6 +114,7 @@ class RangeReader:
         self._xet: dict[tuple[str, str, str], str | None] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._where: dict[tuple[str, str, str], _Located] = {}
+        self._refused: dict[tuple[str, str, str], int] = {}    # links of a file that stopped working
         self.resolves = 0           # requests sent to the Hub's resolve URL (the rest went to where it redirected)
 
     def pool(self) -> ThreadPoolExecutor:
@@ -155,17 +159,20 @@ class RangeReader:
         answers each range with a redirect: two round trips a range, and as many calls on the Hub's rate-limited
         resolve route as ranges read (828 for the test suite's small pair)."""
         history = getattr(r, "history", ())
-        if not history:
-            return
+        key = (f.repo_id, f.commit, f.path)
+        if not history or self._refused.get(key, 0) >= LINK_REFUSALS:
+            return          # links that serve once (or expire at once): every range through the Hub, as they must
         loc = _Located(str(r.url), frozenset(x for x in (_etag(h.headers.get("X-Xet-Hash")) for h in history) if x),
                        _linked_size(history), _same_origin(str(r.url), self.endpoint))
         with self._lock:
-            self._where[(f.repo_id, f.commit, f.path)] = loc
+            self._where[key] = loc
 
-    def _forget(self, f: HubFile, loc: "_Located") -> None:
+    def _forget(self, f: HubFile, loc: "_Located", refused: bool = False) -> None:
+        key = (f.repo_id, f.commit, f.path)
         with self._lock:
-            if self._where.get((f.repo_id, f.commit, f.path)) is loc:
-                del self._where[(f.repo_id, f.commit, f.path)]
+            if self._where.get(key) is loc:
+                del self._where[key]
+                self._refused[key] = self._refused.get(key, 0) + refused
 
     def _count(self, f: HubFile, n: int) -> None:
         with self._lock:
@@ -210,7 +217,7 @@ class RangeReader:
                     if loc is not None and (r.status_code >= 400 or r.history):
                         # a signed link expired (403, or 400 from some storages), a storage that moved the file:
                         # asked again through the Hub at once, which answers with a fresh link or the error
-                        self._forget(f, loc)
+                        self._forget(f, loc, refused=r.status_code not in _RETRY_STATUS)
                         stale += 1
                         if r.status_code not in _RETRY_STATUS:
                             continue
