@@ -14,6 +14,9 @@ every client in its own process, so the two do not share a GIL), and measures:
                    bytes the server sent per candidate (header + sampled rows for the three
                    screened out) against the file sizes.
 
+For the two commands, the server's count of calls on the resolve route, of requests to the storage origin and
+of connections each origin accepted (a reader resolves each file once and keeps its connections).
+
 Reports MB/s, seconds, peak RSS (``ru_maxrss`` of the client process) and bytes.
 
     nice python benchmarks/bench_hub.py                     # ~0.5 GB per model
@@ -107,6 +110,13 @@ def client(args: list[str], env: dict, code: str | None = None) -> tuple[float, 
     return dt, data, 0
 
 
+def _traffic(srv) -> dict:
+    """What the server saw since its log was reset: calls on the Hub's resolve route, requests to the storage (the
+    "CDN" origin the resolve answers redirect to), and connections each origin accepted."""
+    return {"resolves": sum(1 for _, p in srv.requests if "/resolve/" in p), "storage_requests": len(srv.cdn_log),
+            "connections": dict(srv.connections)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=8)
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         run = json.loads((root / "stream.json").read_text())["run"]
         res["compare_stream"] = {"seconds": dt, "compare_seconds": run["seconds"],
                                  "bytes": srv.bytes_sent("bench/base") + srv.bytes_sent("bench/tuned"),
-                                 "MB_per_s": (sizes["base"] + sizes["tuned"]) / dt / 1e6}
+                                 "MB_per_s": (sizes["base"] + sizes["tuned"]) / dt / 1e6, **_traffic(srv)}
         dt, _, _ = client(["compare", str(paths["base"]), str(paths["tuned"]), "--no-rank", "-q",
                            "--json", str(root / "local.json")], env)
         res["compare_local"] = {"seconds": dt, "MB_per_s": (sizes["base"] + sizes["tuned"]) / dt / 1e6}
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         dt, out, _ = client(["provenance", "bench/tuned", "--candidates", *cands, "--stream", "--full-top", "1",
                              "--sample-kib", str(a.sample_kib), "--no-permutations", "--json", "-"], env)
         res["provenance"] = {
-            "seconds": dt, "leading": out["leading"], "sample_bytes_per_checkpoint":
+            "seconds": dt, "leading": out["leading"], **_traffic(srv), "sample_bytes_per_checkpoint":
                 out["screening"]["bytes_per_checkpoint"],
             "bytes_per_candidate": {c: srv.bytes_sent(c) for c in cands},
             "candidate_file_bytes": {c: sizes[c.split("/")[1]] for c in cands}}
@@ -174,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compare --stream  {r['compare_stream']['seconds']:8.2f} s  ({r['compare_stream']['MB_per_s']:.1f} MB/s "
           f"of both models; local files: {r['compare_local']['seconds']:.2f} s); same numbers: {r['same_numbers']}; "
           f"bytes stored under HF_HOME: {r['stored_bytes']}")
+    for k in ("compare_stream", "provenance"):
+        c = r[k]
+        print(f"  {k}: {c['resolves']:,} resolve calls, {c['storage_requests']:,} storage requests, connections "
+              f"{c['connections']}")
     p = r["provenance"]
     print(f"provenance screen {p['seconds']:8.2f} s, leading {p['leading']}, sample "
           f"{p['sample_bytes_per_checkpoint'] / 2**10:,.0f} KiB per checkpoint")
