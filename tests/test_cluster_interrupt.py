@@ -86,9 +86,10 @@ def test_ctrl_c_while_the_cluster_starts_is_not_lost(tmp_path):
 
 
 def test_sigint_held_records_and_children_start_blocked():
-    """The mechanism, in a process of its own: a SIGINT sent while held is recorded (not delivered, not lost), a
-    process started meanwhile from a thread started meanwhile (as distributed spawns its workers) has SIGINT
-    blocked, and the handler is restored afterwards."""
+    """The mechanism, in a process of its own: a SIGINT sent while held is recorded (not delivered, not lost) and
+    delivered afterwards as KeyboardInterrupt (to a caller's own handler where one is set), a process started
+    meanwhile from a thread started meanwhile (as distributed spawns its workers) has SIGINT blocked, the handler
+    is restored afterwards, and a process that ignores SIGINT keeps ignoring it."""
     code = (
         "import os, signal, subprocess, sys, threading, time\n"
         "import numpy\n"                              # its BLAS threads exist before the hold, unblocked
@@ -103,8 +104,22 @@ def test_sigint_held_records_and_children_start_blocked():
         "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
         "with _sigint_held() as quiet:\n"
         "    pass\n"
-        "print(held.interrupted, out['mask'], quiet.interrupted,\n"
-        "      signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
+        "restored = signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+        "try:\n"
+        "    held.deliver(); time.sleep(0.1); delivered = 'no'\n"
+        "except KeyboardInterrupt:\n"
+        "    delivered = 'KeyboardInterrupt'\n"
+        "mine = []\n"                                 # a caller's own handler gets the signal, not an exception
+        "signal.signal(signal.SIGINT, lambda s, f: mine.append(s))\n"
+        "with _sigint_held() as h2:\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.1)\n"
+        "h2.deliver(); time.sleep(0.1)\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"  # a process that ignores SIGINT keeps ignoring it
+        "with _sigint_held() as h3:\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.1)\n"
+        "print(held.interrupted, out['mask'], quiet.interrupted, restored, delivered, len(mine), h3.interrupted,\n"
+        "      signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["True", "True", "False", "True"], r.stdout
+    assert r.stdout.split() == ["False", "True", "False", "True", "KeyboardInterrupt", "1", "False", "True"], \
+        r.stdout

@@ -215,8 +215,7 @@ def runner(scheduler: str | None = None, workers: int | None = None, memory_limi
                                dashboard_address=None, memory_limit=memory_limit or "auto", silence_logs=50,
                                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     try:
-        if held.interrupted:
-            raise KeyboardInterrupt        # pressed while the cluster started: acted on now, the cluster closed
+        held.deliver()                      # pressed while the cluster started: acted on now, the cluster closed
         cl = Client(cluster, set_as_default=False)
         try:
             yield DaskRunner(cl, f"local Dask cluster of {workers} worker process(es)")
@@ -230,6 +229,15 @@ def runner(scheduler: str | None = None, workers: int | None = None, memory_limi
 class _Held:
     interrupted: bool = False
 
+    def deliver(self) -> None:
+        """A SIGINT recorded while held, sent again to this process's own handler (Python's raises
+        KeyboardInterrupt here; one set by the caller runs as it would have)."""
+        if self.interrupted:
+            import signal
+
+            self.interrupted = False
+            signal.raise_signal(signal.SIGINT)
+
 
 @contextmanager
 def _sigint_held():
@@ -241,16 +249,18 @@ def _sigint_held():
     The signal is blocked in this thread (Linux keeps a blocked signal pending, and the signal mask is inherited
     by the threads started here, distributed's IO loop and the threads that spawn the workers, and by every process
     they start, across exec); a Ctrl-C pressed meanwhile is recorded, not lost, and ``interrupted`` says so when
-    the block ends (a SIGINT taken by a thread that does not block it, BLAS's, reaches the recording handler).
+    the block ends (a SIGINT taken by a thread that does not block it, BLAS's, reaches the recording handler), and
+    ``deliver`` sends it again to the handler that was there before (a caller's own handler runs as it would have).
     Ignoring the signal instead (SIG_IGN, inherited too) lost a Ctrl-C pressed during the cluster's start-up: the
     comparison ran to its end."""
     import signal
     import threading
 
     held = _Held()
-    if threading.current_thread() is not threading.main_thread():
-        yield held
-        return
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
+        yield held      # a process that ignores SIGINT (started in the background; the workers inherit that), or
+        return          # whose handler was set outside Python (it could not be put back)
     if not sys.platform.startswith("linux"):          # elsewhere a blocked, ignored signal may be discarded
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: the workers ignore it (one lost here)
         try:
