@@ -330,6 +330,19 @@ def test_signal_while_writing_leaves_nothing(tmp_path, pair, how, sig, code):
     assert not out.exists(), tree(out)
 
 
+def test_a_process_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, pair):
+    """A background job of a non-interactive shell starts with SIGINT ignored, and a Ctrl-C in the terminal must not
+    stop it: Python keeps it ignored, but the output set installed its own handler, and the run stopped
+    "interrupted" at exit 130 with nothing written."""
+    out = tmp_path / "out"
+    script = textwrap.dedent(_SCRIPT.format(how="kill", sig=int(signal.SIGINT)))
+    r = subprocess.run([sys.executable, "-c", script, "compare", *map(str, pair), "--json", str(out / "r.json"),
+                        "--plots", str(out / "figs"), "-q"], capture_output=True, text=True, timeout=180,
+                       cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert json.loads((out / "r.json").read_text())["schema"] == "weightdiff.compare/2"
+
+
 # -- CSV injection and terminal escapes --------------------------------------------------------------------------
 
 def test_csv_cells_cannot_be_formulas_or_terminal_escapes():

@@ -392,6 +392,8 @@ class OutputSet:
         if threading.current_thread() is not threading.main_thread():
             return
         for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is signal.SIG_IGN:
+                continue            # ignored by whoever started this process (a background job, nohup): kept so
             try:
                 self._handlers[s] = signal.signal(s, self._on_signal)
             except (ValueError, OSError):
