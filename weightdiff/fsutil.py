@@ -393,7 +393,7 @@ class OutputSet:
             return
         for s in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(s) is signal.SIG_IGN:
-                continue            # ignored by whoever started this process (a background job, nohup): kept so
+                continue            # ignored by whoever started this process (a shell's background job): kept so
             try:
                 self._handlers[s] = signal.signal(s, self._on_signal)
             except (ValueError, OSError):
