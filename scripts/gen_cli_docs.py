@@ -22,7 +22,7 @@ FIXED = """## Exit codes
 | 0 | the work is done, whatever it found (differences are a result, not a failure) |
 | 1 | an unexpected error inside weightdiff: one line on stderr; please report it |
 | 2 | bad input or usage: one line on stderr naming the file or flag, and nothing written; also a Dask scheduler (`--scheduler`) that cannot be reached (nothing written) or that is lost during the run (a survey keeps the rows it completed, and a rerun compares the others) |
-| 130 | interrupted (Ctrl-C) |
+| 130 | interrupted (Ctrl-C; with `--workers N`, also while the Dask cluster starts: held until it is up, then acted on, and the workers never see it. A process started with SIGINT or SIGTERM ignored, a shell's background job, keeps ignoring it) |
 | 143 | terminated (SIGTERM, as a job scheduler or `timeout` sends it): like an interrupt, nothing written, a `--cache` keeps the records already measured |
 
 All outputs of a command appear together or not at all. Every path is claimed before any work: the
