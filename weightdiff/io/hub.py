@@ -410,6 +410,10 @@ class HubFolder:
     """A Hub repo folder as the locator reads it (the twin of checkpoint.LocalFolder):
     listing from the Hub, small JSON fetched into memory, headers by range requests."""
 
+    #: its files hold plain safetensors bytes that ``RemoteSafetensorsFile.read_span`` reads in runs
+    #: (``Checkpoint.plain_span``)
+    plain_spans = True
+
     def __init__(self, ref: HubRef, listing: _Listing, reader: RangeReader, cache_dir: str | None = None,
                  env: "_Env | None" = None):
         self.ref, self.listing, self.reader, self.cache_dir, self.env = ref, listing, reader, cache_dir, env

@@ -22,7 +22,10 @@ answer redirected to (the storage's signed URL), with what the redirect said of 
 kept for the checks below, and without the Hub's token when that link is another origin. A link that stops
 working (an expired signature: 403, or 400 from some storages; a transport error; a retryable status) is
 forgotten and the range asked for again through the Hub; a file whose links are refused ``LINK_REFUSALS``
-times (a storage whose links serve once) is read through the Hub every time. Answers are read to their end, so that connections are
+times (a storage whose links serve once) is read through the Hub every time. Small tensors are read as the
+local reader reads them, in runs of neighbouring tensors (``read_span``: one request a run, where it was one a
+tensor and side), and the reader keeps the last runs (``SPAN_KEEP_BYTES``) for the checks that read the changed
+ones again (``windows``, ``read``). Answers are read to their end, so that connections are
 kept: a range costs one round trip on an open connection.
 
 What a stream verifies: the header by the local parser, each answer's range, and each answer's ETag where
@@ -55,6 +58,9 @@ __all__ = ["HubFile", "RangeReader", "RemoteSafetensorsFile", "PREFETCH", "PART_
 PREFETCH = 2
 #: bytes per range request; a window is fetched as several parts in parallel
 PART_BYTES = 8 << 20
+#: bytes of the runs ``read_span`` fetched that a reader (one checkpoint) keeps for ``windows`` and ``read`` to
+#: serve: the last batch of small tensors (``measure.compute.SMALL_BATCH_BYTES`` a side, gaps included)
+SPAN_KEEP_BYTES = 40 << 20
 #: concurrent range requests per reader
 WORKERS = 8
 #: a file whose kept storage link was refused this many times is read through the Hub's resolve URL only
@@ -115,6 +121,7 @@ class RangeReader:
         self._pool: ThreadPoolExecutor | None = None
         self._where: dict[tuple[str, str, str], _Located] = {}
         self._refused: dict[tuple[str, str, str], int] = {}    # links of a file that stopped working
+        self._kept: list[tuple[HubFile, int, int, np.ndarray]] = []  # runs read_span fetched, newest last
         self.resolves = 0           # requests sent to the Hub's resolve URL (the rest went to where it redirected)
 
     def pool(self) -> ThreadPoolExecutor:
@@ -124,6 +131,8 @@ class RangeReader:
             return self._pool
 
     def close(self) -> None:
+        with self._lock:
+            self._kept.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -173,6 +182,21 @@ class RangeReader:
             if self._where.get(key) is loc:
                 del self._where[key]
                 self._refused[key] = self._refused.get(key, 0) + refused
+
+    def keep(self, f: HubFile, start: int, data: np.ndarray) -> None:
+        """Keep bytes [start, start + len(data)) of ``f`` (read-only), the newest first, up to ``SPAN_KEEP_BYTES``
+        for the whole reader (whatever the number of files)."""
+        with self._lock:
+            self._kept.append((f, start, start + data.nbytes, data))
+            total = sum(x[2] - x[1] for x in self._kept)
+            while total > SPAN_KEEP_BYTES and len(self._kept) > 1:
+                gone = self._kept.pop(0)
+                total -= gone[2] - gone[1]
+
+    def kept(self, f: HubFile, lo: int, hi: int) -> "tuple[int, int, np.ndarray] | None":
+        """(start, end, bytes) of a kept run of ``f`` that holds bytes [lo, hi), or None."""
+        with self._lock:
+            return next(((b, e, d) for g, b, e, d in reversed(self._kept) if g == f and b <= lo and hi <= e), None)
 
     def _count(self, f: HubFile, n: int) -> None:
         with self._lock:
@@ -444,7 +468,19 @@ class RemoteSafetensorsFile:
         info = self._info(name)
         dt = storage_of(info.dtype)
         start, stop, step = check_range(info, max_elements, start, stop, dt.itemsize)
+        lo = info.start + start * dt.itemsize
+        kept = self._kept(lo, info.start + stop * dt.itemsize)
+        if kept is not None:        # bytes read_span fetched for the batch: no request
+            return self._kept_windows(kept[2], lo - kept[0], dt, start, stop, step)
         return self._windows(info, dt, start, stop, step)
+
+    @staticmethod
+    def _kept_windows(buf: np.ndarray, at: int, dt: np.dtype, start: int, stop: int, step: int
+                      ) -> Iterator[np.ndarray]:
+        for pos in range(start, stop, step):
+            n = min(step, stop - pos)
+            a = at + (pos - start) * dt.itemsize
+            yield buf[a:a + n * dt.itemsize].view(dt)          # read-only, as every window
 
     def _windows(self, info: TensorInfo, dt: np.dtype, start: int, stop: int, step: int) -> Iterator[np.ndarray]:
         spans = [(pos, min(step, stop - pos)) for pos in range(start, stop, step)]
@@ -483,12 +519,32 @@ class RemoteSafetensorsFile:
         finally:
             halt.set()
 
+    def read_span(self, start: int, end: int) -> np.ndarray:
+        """File bytes [start, end) as an owned uint8 array, as SafetensorsFile.read_span: the run of neighbouring
+        small tensors the compute loop reads at once (one range request, parts of ``PART_BYTES`` in parallel)."""
+        if not (0 <= start <= end <= self.size):
+            raise ValueError(f"byte range [{start}, {end}) is outside {self.path} ({self.size:,} bytes)")
+        out = np.empty(end - start, dtype=np.uint8)
+        if end > start:
+            self.reader.fetch_into(self.path, start, memoryview(out))
+        out.flags.writeable = False
+        self.reader.keep(self.path, start, out)   # the checks after a batch's statistics read its tensors again
+        return out
+
     def read(self, name: str) -> np.ndarray:
         """An owned copy of the whole tensor in its storage dtype, shaped (packed F4/F6 flat)."""
         info = self._info(name)
         out = np.empty(info.flat_length, dtype=storage_of(info.dtype))
-        self.reader.fetch_into(self.path, info.start, memoryview(out.view(np.uint8)))
+        kept = self._kept(info.start, info.start + out.nbytes)
+        if kept is not None:        # bytes read_span fetched for the batch: copied, no request
+            out.view(np.uint8)[:] = kept[2][info.start - kept[0]:info.start - kept[0] + out.nbytes]
+        else:
+            self.reader.fetch_into(self.path, info.start, memoryview(out.view(np.uint8)))
         return out if info.packed else out.reshape(info.shape)
+
+    def _kept(self, lo: int, hi: int) -> "tuple[int, int, np.ndarray] | None":
+        """The kept run of ``read_span`` holding file bytes [lo, hi), or None."""
+        return self.reader.kept(self.path, lo, hi)
 
     def _row_plan(self, name: str, rows: Sequence[int] | np.ndarray):
         return row_runs(self._info(name), name, rows)

@@ -271,15 +271,19 @@ class Checkpoint:
 
     def plain_span(self, name: str) -> tuple[Path, int, int] | None:
         """(file, first byte, end byte) of a tensor stored as plain safetensors bytes in a local
-        file (not quantized, not packed, not streamed); None for any other."""
+        file or a streamed Hub file (not quantized, not packed); None for any other."""
         info = self.tensors.get(name)
         if (info is None or info.start is None or info.quant is not None or name in self.quant
-                or info.packed or self._opener is not SafetensorsFile or name in self.row_order):
+                or info.packed or name in self.row_order):
+            return None
+        if self._opener is not SafetensorsFile and not getattr(getattr(self._opener, "__self__", None),
+                                                                "plain_spans", False):
             return None
         return info.path, info.start, info.end
 
     def read_span(self, path: Path, start: int, end: int) -> np.ndarray:
-        """Bytes [start, end) of one of this checkpoint's local safetensors files, in one read."""
+        """Bytes [start, end) of one of this checkpoint's safetensors files (local, or streamed: one range
+        request), in one read."""
         return self._file(path).read_span(start, end)
 
     def read(self, name: str) -> np.ndarray:
