@@ -202,3 +202,17 @@ def test_a_xet_hash_the_listing_does_not_give_vouches_for_nothing(server, hf, tm
     line = one_error(rc, err)
     assert line.startswith("error: hf://org/sibling/model.safetensors: the server sent bytes whose ETag"), line
     assert not (tmp_path / "o.json").exists()
+
+
+def test_same_origin_is_scheme_host_and_port():
+    """What decides whether the Hub's token goes with a request to a kept storage link, and whether an error came
+    from the Hub or from where it redirected."""
+    from weightdiff.io.hub_errors import same_origin
+
+    assert same_origin("https://huggingface.co/api/x?y=1", "https://huggingface.co")
+    assert same_origin("https://HuggingFace.co:443/a", "https://huggingface.co/mirror")
+    assert same_origin("http://127.0.0.1:8080/a", "http://127.0.0.1:8080")
+    assert not same_origin("https://cdn-lfs.hf.co/a", "https://huggingface.co")
+    assert not same_origin("http://huggingface.co/a", "https://huggingface.co")
+    assert not same_origin("http://127.0.0.1:8081/a", "http://127.0.0.1:8080")
+    assert not same_origin("http://127.0.0.1:port/a", "http://127.0.0.1:8080")

@@ -64,14 +64,22 @@ def _elsewhere(response, endpoint: str | None) -> bool:
         return True
     if not endpoint:
         return False
+    try:
+        return not same_origin(str(response.request.url), endpoint)
+    except Exception:
+        return False
+
+
+def same_origin(url: str, endpoint: str) -> bool:
+    """Whether ``url`` is on the Hub at ``endpoint``: the same scheme, host and port (default ports filled in)."""
     from urllib.parse import urlsplit
 
+    a, b = urlsplit(url), urlsplit(endpoint)
+    ports = {"http": 80, "https": 443}
     try:
-        url, hub = response.request.url, urlsplit(endpoint)
-        port = url.port or {"http": 80, "https": 443}.get(url.scheme)
-        return (url.scheme, (url.host or "").lower(), port) != \
-            (hub.scheme, (hub.hostname or "").lower(), hub.port or {"http": 80, "https": 443}.get(hub.scheme))
-    except Exception:
+        return (a.scheme, (a.hostname or "").lower(), a.port or ports.get(a.scheme)) == \
+            (b.scheme, (b.hostname or "").lower(), b.port or ports.get(b.scheme))
+    except ValueError:                      # a port that is not a number
         return False
 
 

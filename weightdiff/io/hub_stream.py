@@ -49,6 +49,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
+from .hub_errors import same_origin
 from .hub_http import RETRY_WAIT_TOTAL, Stalled, StallWatch, retry_after
 from .safetensors_read import TensorInfo, check_range, header_length, parse_header, row_runs, storage_of
 
@@ -172,7 +173,7 @@ class RangeReader:
         if not history or self._refused.get(key, 0) >= LINK_REFUSALS:
             return          # links that serve once (or expire at once): every range through the Hub, as they must
         loc = _Located(str(r.url), frozenset(x for x in (_etag(h.headers.get("X-Xet-Hash")) for h in history) if x),
-                       _linked_size(history), _same_origin(str(r.url), self.endpoint))
+                       _linked_size(history), same_origin(str(r.url), self.endpoint))
         with self._lock:
             self._where[key] = loc
 
@@ -389,18 +390,6 @@ class _Located:
     xet: frozenset
     linked_size: int | None
     same_origin: bool
-
-
-def _same_origin(url: str, endpoint: str) -> bool:
-    from urllib.parse import urlsplit
-
-    a, b = urlsplit(url), urlsplit(endpoint)
-    ports = {"http": 80, "https": 443}
-    try:
-        return (a.scheme, (a.hostname or "").lower(), a.port or ports.get(a.scheme)) == \
-            (b.scheme, (b.hostname or "").lower(), b.port or ports.get(b.scheme))
-    except ValueError:
-        return False
 
 
 def _check_size(f: HubFile, r, loc: "_Located | None" = None) -> None:
