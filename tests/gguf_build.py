@@ -74,13 +74,19 @@ def convert(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int | None) 
 
 def to_gguf(path: Path, tensors: dict, arch: str = "llama", qtype=gguf.GGMLQuantizationType.F32,
             n_head: int = 4, n_kv: int | None = None, layers: int = 64, extra: dict | None = None,
-            order: list[str] | None = None, imatrix=None, types: dict | None = None) -> Path:
+            order: list[str] | None = None, imatrix=None, types: dict | None = None, split_max_tensors: int = 0,
+            small_first_shard: bool = False) -> Path:
     """Write ``tensors`` (HF names) as a GGUF of ``arch``; returns the path. ``imatrix(cols, i)``: the
     importance of each column of the i-th tensor written, for Q4_K as ``llama-quantize --imatrix`` makes
     it (``ggml_imatrix``), with the ``quantize.imatrix.*`` keys llama-quantize writes. ``types``: the GGML
-    type of some tensors by their GGUF name prefix (``{"blk.1.": Q.MXFP4}``), as a llama-quantize mix."""
+    type of some tensors by their GGUF name prefix (``{"blk.1.": Q.MXFP4}``), as a llama-quantize mix.
+    ``split_max_tensors``: split into parts of at most that many tensors, as convert_hf_to_gguf.py
+    --split-max-tensors does (``small_first_shard``: the first part the metadata only, as
+    --no-tensor-first-split); the parts are ``PATH-STEM-0000K-of-0000N.gguf`` beside ``path`` and the
+    first one's path is returned."""
     tmap = gguf.TensorNameMap(ARCH[arch], layers)
-    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[ARCH[arch]])
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[ARCH[arch]], split_max_tensors=split_max_tensors,
+                        small_first_shard=small_first_shard)
     w.add_block_count(layers)
     w.add_head_count(n_head)
     if n_kv is not None:
@@ -116,7 +122,7 @@ def to_gguf(path: Path, tensors: dict, arch: str = "llama", qtype=gguf.GGMLQuant
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    return w.format_shard_names(Path(path))[0]
 
 
 def raw_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, "gguf.GGMLQuantizationType"]],

@@ -709,6 +709,40 @@ def test_a_gguf_repo_with_one_file_per_quantization_names_its_file(server, hf, t
         {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
 
 
+def test_a_split_gguf_in_a_repo_is_fetched_whole(server, hf, tmp_path):
+    """A 70B GGUF at 8 bits is over the Hub's 50 GB per file: llama-gguf-split parts. Naming any part (or the
+    repo, whose only model it is) fetches every part; a part the repo lacks fails before any download."""
+    gguf = pytest.importorskip("gguf")
+    from gguf_build import to_gguf
+
+    base = llama(np.random.default_rng(5), **SHAPE)
+    tuned = {k: low_rank_update(np.random.default_rng(6), v, 2) if k.endswith("q_proj.weight") else v
+             for k, v in base.items()}
+    (tmp_path / "w").mkdir()
+    whole = to_gguf(tmp_path / "w" / "m.gguf", tuned, "llama", gguf.GGMLQuantizationType.Q8_0, n_head=4, layers=2)
+    (tmp_path / "s").mkdir()
+    to_gguf(tmp_path / "s" / "m-Q8_0.gguf", tuned, "llama", gguf.GGMLQuantizationType.Q8_0, n_head=4, layers=2,
+            split_max_tensors=8)
+    parts = {f"Q8_0/{p.name}": p.read_bytes() for p in sorted((tmp_path / "s").iterdir())}
+    assert len(parts) == 3
+    server.commit("org/gguf-split", {"README.md": b"x", **parts})
+    server.commit("org/gguf-split-broken", {"README.md": b"x", **{k: v for k, v in parts.items() if "00002" not in k}})
+    base_dir = str(write_checkpoint(tmp_path / "base", base, dtype="F32"))
+    rc, _, err = run("compare", base_dir, str(whole), "--json", "w.json", "-q")
+    assert rc == 0, err
+    for spelled in ("hf://org/gguf-split/Q8_0/m-Q8_0-00003-of-00003.gguf", "hf://org/gguf-split/Q8_0"):
+        rc, _, err = run("compare", base_dir, spelled, "--json", "s.json", "-q")
+        assert rc == 0, err
+        a, b = (json.loads((tmp_path / n).read_text()) for n in ("w.json", "s.json"))
+        assert a["tensors"] == b["tensors"] and a["summary"]["verdict"] == b["summary"]["verdict"] == "derived"
+        assert [f["name"] for f in b["tuned"]["files"]] == list(parts)
+    before = stored(hf)
+    line = one_error(*run("compare", base_dir, "hf://org/gguf-split-broken/Q8_0/m-Q8_0-00001-of-00003.gguf")[::2])
+    assert "is part 1 of a GGUF split into 3 files, and part 2 (m-Q8_0-00002-of-00003.gguf) is not in " \
+           "`org/gguf-split-broken`" in line
+    assert stored(hf) == before, "a split with a missing part was downloaded"
+
+
 def test_a_named_safetensors_file_streams_like_its_folder(server, hf, tmp_path):
     r = weightdiff.compare("org/base", "hf://org/sibling/model.safetensors", hub=HubOptions(download=False),
                            rank=False)

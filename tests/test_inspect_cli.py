@@ -35,8 +35,8 @@ def test_text_output_whole(tmp_path):
     expected = "\n".join([
         f"checkpoint  {d}",
         "format      sharded safetensors, 2 files",
-        f"files       {files[0]}  {sizes[0]} B  {counts[0]} tensors",
-        f"            {files[1]}  {sizes[1]} B  {counts[1]} tensors",
+        f"files       {files[0]}  {sizes[0]} B  {counts[0]} tensor{'s' * (counts[0] != 1)}",
+        f"            {files[1]}  {sizes[1]} B  {counts[1]} tensor{'s' * (counts[1] != 1)}",
         "tensors     6",
         "parameters  84 (272 B)",
         "",

@@ -152,7 +152,7 @@ def render_text(summary: dict) -> str:
         lines.insert(1, f"hub repo    {e(hub['repo_id'])} at commit {hub['commit']}{rev}")
     for i, f in enumerate(summary["files"]):
         lines.append(f"{'files' if i == 0 else '':<12}{e(_shown(f['path'], summary['path']))}  "
-                     f"{_size(f['bytes'])}  {f['tensors']:,} tensors")
+                     f"{_size(f['bytes'])}  {f['tensors']:,} tensor{'' if f['tensors'] == 1 else 's'}")
     for p in summary["ignored"]:
         why = ("no module of modules.json" if summary.get("modules") else
                "model.safetensors beside it is read" if summary.get("format") == "safetensors" else "not in the index")

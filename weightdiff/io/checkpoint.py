@@ -133,7 +133,7 @@ def _locate(p: Path, path: str | os.PathLike) -> Checkpoint:
     elif p.name.lower().endswith(".onnx"):
         ckpt = _onnx(p, p, p.parent)
     elif _sniff(p) == "gguf" or p.name.lower().endswith(".gguf"):
-        ckpt = _gguf(p, p, p.parent)          # a .gguf without the magic is refused by name
+        ckpt = _gguf(p, p, p.parent, LocalFolder(p.parent, named=p.name))   # without the magic: refused by name
     elif p.name.endswith(".bin.index.json"):
         ckpt = _pickle_sharded(p.parent, p)
     elif p.name.endswith(".index.json"):
@@ -234,8 +234,10 @@ def choose_weights(names: Sequence[str], where: object,
     if pk:
         return "pickle", _the_one(where, pk, "pickle files and no index", "pass one file")
     gg = [n for n in names if n.lower().endswith(".gguf")]
-    if gg:
-        return "gguf", _the_one(where, gg, ".gguf files", "pass one file")
+    if gg:                             # the parts of a split GGUF are one model, named by its first part
+        from .gguf_header import gguf_choices
+
+        return "gguf", _the_one(where, gguf_choices(gg), ".gguf files", "pass one file")
     ox = [n for n in names if n.lower().endswith(".onnx")]
     if ox:
         return "onnx", _the_one(where, ox, ".onnx files", "pass one file")
@@ -312,7 +314,7 @@ def build(folder, kind: str, name: str | None, shown: object) -> Checkpoint:
     if kind == "pickle_sharded":
         return _pickle_sharded(folder.root, folder.file(name))
     if kind == "gguf":                 # through file(): a symlink out of the folder is refused, as for every kind
-        return _gguf(folder.file(name), shown, folder.root)
+        return _gguf(folder.file(name), shown, folder.root, folder)
     if kind == "onnx":
         return _onnx(folder.file(name), shown, folder.root)
     return _pickles(shown, [folder.file(name)], folder.root)
@@ -400,13 +402,59 @@ def _sniff(path: Path) -> str | None:
     return None
 
 
-def _gguf(file: Path, shown: Path, root: Path) -> Checkpoint:
-    from .gguf_read import GGUFFile
+def _gguf(file: Path, shown: Path, root: Path, folder: "LocalFolder") -> Checkpoint:
+    from .gguf_read import GGUFFile, SplitPart
 
-    with GGUFFile(file) as f:
-        tensors, metadata = f.tensors, f.metadata
+    try:
+        with GGUFFile(file) as f:
+            tensors, metadata = f.tensors, f.metadata
+    except SplitPart as part:
+        return _gguf_split(part, Path(file), shown, root, folder)
     ckpt = Checkpoint(shown, "gguf", [file], tensors, dict(metadata), root, opener=GGUFFile)
     ckpt._headers[file] = tensors
+    return ckpt
+
+
+def _gguf_split(first, file: Path, shown: Path, root: Path, folder: "LocalFolder") -> Checkpoint:
+    """A GGUF split into parts (llama-gguf-split), whichever part was named: one checkpoint of every part's
+    tensors, with the first part's metadata (the model's), each part read by its own GGUFFile."""
+    from functools import partial
+
+    from .gguf_read import GGUFFile, notes, read_series
+
+    try:                                 # the parts are beside the one named, read through the folder's rules
+        sub = file.parent.relative_to(folder.root)
+    except ValueError:
+        sub = None
+    parts, series = read_series(first, file, (lambda name: folder.file((sub / name).as_posix())) if sub is not None
+                                else (lambda name: _inside(file.parent / name, file.parent)))
+    tensors: dict[str, TensorInfo] = {}
+    where: dict[str, int] = {}
+    per_part, counts, skipped = [], {"permute": 0, "transpose": 0, "minus_one": 0, "experts": 0}, []
+    metadata: dict = {}
+    for i, part in enumerate(parts):
+        with GGUFFile(part, series) as f:
+            for name, info in f.tensors.items():
+                if name in tensors:
+                    raise CheckpointError(part, f"tensor `{escape_name(name)}` of part {i + 1} and one of part "
+                                                f"{where[name] + 1} of its split GGUF map to the same name")
+                tensors[name], where[name] = info, i
+            per_part.append(f.tensors)
+            if i == 0:
+                metadata = dict(f.metadata)
+            for k, v in f.counts.items():
+                counts[k] += v
+            skipped += f.skipped
+    if not tensors:
+        raise CheckpointError(file, f"is part of a GGUF split into {len(parts)} files that hold no tensors")
+    arch = series.meta.get("general.architecture")
+    for k in ("gguf.transforms", "gguf.skipped"):
+        metadata.pop(k, None)
+    notes(metadata, arch if isinstance(arch, str) else "", counts, skipped)
+    metadata["gguf.split"] = f"{len(parts)} parts ({escape_name(parts[0].name)} ...), read as one model"
+    ckpt = Checkpoint(shown, "gguf", parts, tensors, metadata, root, opener=partial(GGUFFile, series=series))
+    for part, t in zip(parts, per_part):
+        ckpt._headers[part] = t
     return ckpt
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import struct
 from pathlib import Path
 
 from ..errors import CheckpointError, escape_name
 
 __all__ = ["MAGIC", "MAX_DIMS", "MAX_TENSORS", "MAX_KV", "MAX_STRINGS", "MAX_KEY", "require_gguf",
-           "is_gguf", "parse_header", "gguf_version"]
+           "is_gguf", "parse_header", "gguf_version", "SPLIT_NAME", "split_part_name", "split_of", "gguf_choices"]
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4                      # GGML_MAX_DIMS
@@ -36,6 +37,48 @@ _MAX_DIM = (1 << 63) - 1          # llama.cpp's INT64_MAX: no dimension, nor pro
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+
+#: how llama.cpp names the parts of a split GGUF (``llama_split_path``: ``%s-%05d-of-%05d.gguf``; gguf-py's
+#: ``SHARD_NAME_FORMAT``, which convert_hf_to_gguf.py --split-max-size writes): part numbers from 1
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_part_name(prefix: str, no: int, count: int) -> str:
+    """The file name of part ``no`` (from 1) of ``count``, as llama-gguf-split writes it.
+
+    >>> split_part_name("Llama-2-70b.Q8_0", 2, 3)
+    'Llama-2-70b.Q8_0-00002-of-00003.gguf'
+    """
+    return f"{prefix}-{no:05d}-of-{count:05d}.gguf"
+
+
+def split_of(name: str) -> tuple[str, int, int] | None:
+    """(prefix, part number from 1, part count) of a file named as a part of a split GGUF, else None (a
+    count of 1 or a number outside 1..count is no split's name).
+
+    >>> split_of("sub/m-Q8_0-00002-of-00003.gguf"), split_of("m.gguf"), split_of("m-00004-of-00003.gguf")
+    (('sub/m-Q8_0', 2, 3), None, None)
+    """
+    m = SPLIT_NAME.match(name)
+    if m is None:
+        return None
+    no, count = int(m["no"]), int(m["count"])
+    return (m["prefix"], no, count) if 1 <= no <= count and count > 1 else None
+
+
+def gguf_choices(names: "list[str]") -> list[str]:
+    """The .gguf files of a folder listing as the models they hold: the parts of one split GGUF (named as
+    llama-gguf-split names them) count once, by the name of their first part (whether or not it is there:
+    reading it says which part is missing), other files each by their own name.
+
+    >>> gguf_choices(["m-00002-of-00002.gguf", "m-00001-of-00002.gguf", "mmproj.gguf"])
+    ['m-00001-of-00002.gguf', 'mmproj.gguf']
+    """
+    out: dict[str, None] = {}
+    for n in sorted(names):
+        s = split_of(n)
+        out[split_part_name(s[0], 1, s[2]) if s else n] = None
+    return list(out)
 
 
 def require_gguf(path: str | os.PathLike | None):
@@ -197,6 +240,11 @@ def parse_header(buf, size: int, path: Path, gguf) -> tuple[int, int, dict, list
     if type(align) is not int or align < 1 or align & (align - 1):
         raise CheckpointError(path, f"general.alignment is {align!r}, expected a power of two")
     data = -(-c.pos // align) * align
+    split = meta.get("split.count")
+    if not infos and type(split) is int and split > 1:
+        # a part of a split GGUF with no tensors of its own: the first part as llama-gguf-split
+        # --no-tensor-first-split writes it (the model's metadata only); its data section may be absent
+        return min(data, size), align, meta, infos
     if not infos:
         # a vocab-only GGUF (convert_hf_to_gguf.py --vocab-only, llama.cpp's models/ggml-vocab-*.gguf):
         # the writer pads no data section after the header, so the offset check below would call it

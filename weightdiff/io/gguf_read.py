@@ -42,11 +42,11 @@ from ..kernels import ggml
 from .files import OpenCheckpointFile, os_problem, pread_into
 from .safetensors_read import TensorInfo, check_range, storage_of
 from .gguf_floor import FLOORS, K_QUANTS, claims, ends, floor, scheme_of
-from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf
+from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf, split_of, split_part_name
 from .gguf_names import ARCHITECTURES, GENERATED, block_index, head_dim, hf_name
 from .experts import MAX_EXPERTS, expert_name
 
-__all__ = ["MAGIC", "GGUFFile", "is_gguf", "require_gguf"]
+__all__ = ["MAGIC", "GGUFFile", "is_gguf", "require_gguf", "SplitPart", "SplitSeries", "read_series"]
 
 #: llama.cpp's stacked expert tensors (``LLM_TENSOR_FFN_*_EXPS``) and their biases
 _STACKED = re.compile(r"^blk\.\d+\.ffn_(?:gate|up|down|gate_up)_exps\.(?:weight|bias)$")
@@ -96,6 +96,111 @@ def _adapter_evidence(meta: dict, infos: list[tuple]) -> str | None:
     return None
 
 
+def _q_rows(infos: Sequence[tuple]) -> dict:
+    """Each block's query rows (the head size when the metadata gives none: no embedding_length)."""
+    return {block_index(n): math.prod(ne[1:]) for n, ne, _, _ in infos if n.endswith(".attn_q.weight") and len(ne) == 2}
+
+
+def _split_int(meta: dict, key: str) -> int | None:
+    v = meta.get(key)
+    return v if type(v) is int else None
+
+
+class SplitPart(CheckpointError):
+    """``GGUFFile(path)`` of one part of a split GGUF (``split.count`` > 1): the model is all its parts, read
+    together by ``read_series``. Carries the part's header: ``meta``, ``infos``, ``no`` (from 0), ``count``,
+    ``total`` (``split.tensors.count``)."""
+
+    def __init__(self, path: str | os.PathLike, meta: dict, infos: list[tuple]):
+        self.meta, self.infos = meta, infos
+        self.no, self.count = _split_int(meta, "split.no"), _split_int(meta, "split.count")
+        self.total = _split_int(meta, "split.tensors.count")
+        super().__init__(path, f"is part {'?' if self.no is None else self.no + 1} of a GGUF split into "
+                               f"{self.count} files", "pass its first part, with the others beside it")
+
+
+@dataclass(eq=False)
+class SplitSeries:
+    """The parts of a split GGUF (llama-gguf-split, convert_hf_to_gguf.py --split-max-size), in order, read
+    as one model: ``meta``, the first part's metadata (the model's: the other parts hold only ``split.*``);
+    ``q_rows``, each block's query rows over every part (a head size, wherever its query matrix is)."""
+
+    parts: tuple
+    meta: dict
+    q_rows: dict
+
+    def check_part(self, path: str | os.PathLike, meta: dict, infos: list[tuple]) -> None:
+        """A part opened again must still be that part of this series."""
+        i = self.parts.index(Path(path))
+        if _split_int(meta, "split.no") != i or _split_int(meta, "split.count") != len(self.parts):
+            raise CheckpointError(path, f"is no longer part {i + 1} of {len(self.parts)} of its split GGUF "
+                                        "(changed since it was located?)", "rerun")
+
+
+def read_series(first: SplitPart, path: Path, beside: Callable[[str], Path]) -> tuple[list[Path], SplitSeries]:
+    """The parts of the split GGUF that ``path`` (which raised ``first``) belongs to, and the series to open
+    each with (``GGUFFile(part, series)``). The parts are found by llama.cpp's names for them
+    (``PREFIX-00001-of-0000N.gguf``, as llama.cpp's loader finds them), through ``beside(name)`` (the
+    checkpoint folder's rules: a part that is a symlink out of it is refused), whichever part ``path`` is.
+    Every part must say it is that part of that many (``split.no``, ``split.count``), agree on the tensor
+    count (``split.tensors.count``) and hold between them exactly that many tensors."""
+    count, no = first.count, first.no
+    if no is None or not 0 <= no < count:
+        raise CheckpointError(path, f"is part of a GGUF split into {count} files, but its split.no is "
+                                    f"{first.meta.get('split.no')!r}, not a part number from 0 to {count - 1}")
+    if first.total is None or first.total < 0:
+        raise CheckpointError(path, f"is part {no + 1} of a GGUF split into {count} files, but its "
+                                    f"split.tensors.count is {first.meta.get('split.tensors.count')!r}, not a count")
+    named = split_of(path.name)
+    if named is None or named[1:] != (no + 1, count):
+        raise CheckpointError(path, f"is part {no + 1} of a GGUF split into {count} files, but its name is not "
+                                    f"llama.cpp's name for that part (PREFIX-{no + 1:05d}-of-{count:05d}.gguf), so "
+                                    "where the other parts are is unknown",
+                              "give the parts their llama-gguf-split names, or merge them with "
+                              "llama-gguf-split --merge")
+    parts, heads = [], []
+    for i in range(count):
+        name = split_part_name(named[0], i + 1, count)
+        part = path if i == no else beside(name)
+        if i != no and not os.path.lexists(part):
+            raise CheckpointError(path, f"is part {no + 1} of a GGUF split into {count} files, and part {i + 1} "
+                                        f"({escape_name(name)}) is not beside it",
+                                  "fetch every part of the model into one folder")
+        parts.append(Path(part))
+        if i == no:
+            heads.append(first)
+            continue
+        try:
+            with GGUFFile(part):
+                pass
+        except SplitPart as other:
+            heads.append(other)
+            continue
+        raise CheckpointError(part, f"is named as part {i + 1} of {count} of a split GGUF, but its header says "
+                                    "it is a whole model (no split.count)", "merge or rename the parts")
+    for i, (part, h) in enumerate(zip(parts, heads)):
+        if h.count != count or h.no != i:
+            raise CheckpointError(part, f"is named as part {i + 1} of {count} of a split GGUF, but its header says "
+                                        f"part {'?' if h.no is None else h.no + 1} of {h.count}",
+                                  "the parts come from different splits: fetch them again")
+        if h.total != first.total:
+            raise CheckpointError(part, f"says its split GGUF holds {h.total} tensors, part {no + 1} says "
+                                        f"{first.total}", "the parts come from different splits: fetch them again")
+    held = sum(len(h.infos) for h in heads)
+    if held != first.total:
+        raise CheckpointError(path, f"is part {no + 1} of a GGUF split into {count} files whose parts hold "
+                                    f"{held:,} tensors between them, not the {first.total:,} the split declares",
+                              "a part is from another split, or truncated: fetch the parts again")
+    seen: dict[str, int] = {}
+    for i, h in enumerate(heads):
+        for n, *_ in h.infos:
+            if n in seen:
+                raise CheckpointError(parts[i], f"tensor `{escape_name(n)}` is in parts {seen[n] + 1} and {i + 1} of "
+                                                "its split GGUF")
+            seen[n] = i
+    return parts, SplitSeries(tuple(parts), heads[0].meta, _q_rows([x for h in heads for x in h.infos]))
+
+
 class GGUFFile(OpenCheckpointFile):
     """One open, fully validated GGUF file (a context manager), named as Hugging Face names.
 
@@ -104,10 +209,11 @@ class GGUFFile(OpenCheckpointFile):
     summarised) and ``gguf.*`` notes on the name mapping and the transforms undone.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, series: "SplitSeries | None" = None):
         self._fd = None
         self._gguf = require_gguf(Path(path))
         self._open(path)
+        self.series = series
         try:
             self._open_header()
         except BaseException:
@@ -128,12 +234,15 @@ class GGUFFile(OpenCheckpointFile):
             data, align, meta, infos = parse_header(mm, self.size, path, gguf)
         finally:
             mm.close()
+        split = meta.get("split.count")
+        if self.series is None and type(split) is int and split > 1:
+            raise SplitPart(path, meta, infos)     # the caller reads the series (read_series)
+        if self.series is not None:
+            # one part of a split GGUF: the model's metadata is the first part's (the others hold only split.*)
+            self.series.check_part(path, meta, infos)
+            meta = self.series.meta
         arch = meta.get("general.architecture")
         arch = arch if isinstance(arch, str) else ""
-        split = meta.get("split.count")
-        if type(split) is int and split > 1:
-            raise CheckpointError(path, f"is part of a GGUF split into {split} files",
-                                  "merge the parts with llama-gguf-split --merge and pass the merged file")
         why = _adapter_evidence(meta, infos)
         if why is not None:
             # convert_lora_to_gguf.py writes only the factors (`blk.N.attn_q.weight.lora_a`, `.lora_b`) and
@@ -152,8 +261,7 @@ class GGUFFile(OpenCheckpointFile):
         self._offset: dict[str, str] = {}
         spans, skipped, counts = [], [], {"permute": 0, "transpose": 0, "minus_one": 0, "experts": 0}
         # each block's query rows: the head size when the metadata gives none (no embedding_length)
-        q_rows = {block_index(n): math.prod(ne[1:]) for n, ne, _, _ in infos
-                  if n.endswith(".attn_q.weight") and len(ne) == 2}
+        q_rows = self.series.q_rows if self.series is not None else _q_rows(infos)
         for name, ne, qtype, offset in infos:
             q = f"`{escape_name(name)}`"
             tname = gguf.GGMLQuantizationType(qtype).name
@@ -227,6 +335,10 @@ class GGUFFile(OpenCheckpointFile):
                 self._offset[mapped.name] = NATIVE[tname]
             if transform:
                 counts[transform] += 1
+        self.counts, self.skipped = counts, skipped
+        if not spans:          # a part of a split GGUF that holds only the model's metadata
+            self._notes(arch, counts, skipped)
+            return
         spans.sort()
         for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:]):
             if b2 < e1:
@@ -281,22 +393,7 @@ class GGUFFile(OpenCheckpointFile):
             self._layout[hf] = replace(layout, start=at, rows=rows)
 
     def _notes(self, arch: str, counts: dict, skipped: list[str]) -> None:
-        self.metadata["gguf.names"] = (f"llama.cpp names mapped to Hugging Face names ({arch})"
-                                       if arch in ARCHITECTURES else
-                                       f"llama.cpp names kept: no name map for architecture `{escape_name(arch)}`")
-        if arch not in ARCHITECTURES:
-            # the judge reads this key: a converter weightdiff does not know may have permuted or shifted
-            # values (llama's Q/K rows, Gemma's 1 + w) under names it keeps, so what differs is not a change
-            self.metadata["gguf.unmapped_architecture"] = arch
-        done = [f"{n} {w}" for n, w in ((counts["permute"], "Q/K row permutations undone"),
-                                        (counts["transpose"], "Conv1D transposes undone"),
-                                        (counts["minus_one"], "norm weights stored as 1 + w restored"),
-                                        (counts["experts"], "stacked expert tensors split into the experts' matrices"))
-                if n]
-        if done:
-            self.metadata["gguf.transforms"] = ", ".join(done)
-        if skipped:
-            self.metadata["gguf.skipped"] = ", ".join(skipped) + " (generated from config.json, not weights)"
+        notes(self.metadata, arch, counts, skipped)
 
     def _make_layout(self, name, start, qtype, tname, rows, cols, block, tsize, transform, heads) -> _Layout:
         gguf = self._gguf
@@ -555,3 +652,24 @@ def _unpermute(r: np.ndarray, head_dim: int) -> np.ndarray:
     h, i = np.divmod(r, head_dim)
     j, k = np.divmod(i, half)
     return h * head_dim + 2 * k + j
+
+
+def notes(metadata: dict, arch: str, counts: dict, skipped: list[str]) -> None:
+    """The ``gguf.*`` notes of a GGUF's metadata: how its names were mapped, the transforms undone
+    (``counts``: permute, transpose, minus_one, experts), the tensors skipped as generated."""
+    metadata["gguf.names"] = (f"llama.cpp names mapped to Hugging Face names ({arch})"
+                              if arch in ARCHITECTURES else
+                              f"llama.cpp names kept: no name map for architecture `{escape_name(arch)}`")
+    if arch not in ARCHITECTURES:
+        # the judge reads this key: a converter weightdiff does not know may have permuted or shifted
+        # values (llama's Q/K rows, Gemma's 1 + w) under names it keeps, so what differs is not a change
+        metadata["gguf.unmapped_architecture"] = arch
+    done = [f"{n} {w}" for n, w in ((counts["permute"], "Q/K row permutations undone"),
+                                    (counts["transpose"], "Conv1D transposes undone"),
+                                    (counts["minus_one"], "norm weights stored as 1 + w restored"),
+                                    (counts["experts"], "stacked expert tensors split into the experts' matrices"))
+            if n]
+    if done:
+        metadata["gguf.transforms"] = ", ".join(done)
+    if skipped:
+        metadata["gguf.skipped"] = ", ".join(skipped) + " (generated from config.json, not weights)"

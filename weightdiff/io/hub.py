@@ -45,6 +45,7 @@ from ..errors import CheckpointError, escape_name, redact_url
 from ..options import HubOptions
 from .checkpoint import CONFIG_FILES, JSON_CAP, AmbiguousWeights, Checkpoint, LocalFolder, build, choose_weights, file_kind
 from .files import load_json, os_problem
+from .gguf_header import split_of, split_part_name
 from .hub_cache import as_hub_file, cached_refs, cached_revision, from_cache, identity
 from .hub_errors import first_line, hub_error, is_transport_error
 from .hub_http import (NotAHubAnswer, Stalled, api_retrying, api_timeout, library_silenced, list_refs, list_tree,
@@ -490,6 +491,19 @@ def _needed(kind: str, name: str | None, folder: HubFolder) -> list[str]:
                                       "the repo's index and its files disagree: ask its owner, or pick another "
                                       "revision")
         return [name] + shards
+    if kind == "gguf" and split_of(name) is not None:
+        # a split GGUF (llama-gguf-split): every part, by llama.cpp's names for them (their headers are checked
+        # once fetched); a part the repo lacks fails before any download
+        prefix, _, count = split_of(name)
+        parts = [split_part_name(prefix, i + 1, count) for i in range(count)]
+        missing = next((p for p in parts if not folder.exists(p)), None)
+        if missing is not None:
+            raise CheckpointError(folder.file(name), f"is part {split_of(name)[1]} of a GGUF split into {count} "
+                                                     f"files, and part {split_of(missing)[1]} ({escape_name(missing)}) "
+                                                     f"is not in `{escape_name(folder.ref.repo_id)}` at commit "
+                                                     f"{folder.listing.commit[:12]}",
+                                  "name a GGUF whose parts are all in the repo")
+        return parts
     if kind == "onnx":               # its external data files, by the exporters' names (model.onnx_data, model.onnx.data)
         stem, pre = name[:-len(".onnx")], folder.listing.prefix
         beside = [p[len(pre):] for p in folder.listing.files if p.startswith(pre)]
