@@ -22,7 +22,8 @@ compressed-tensors ``pack_to_int32`` (dense LSB-first bit stream per row),
 GPTQ/AutoGPTQ (8/bits codes per int32 along the input dimension, ``qzeros`` along the
 output dimension, stored zero minus one in the v1 format), AWQ GEMM (the interleaved
 order ``AWQ_ORDER``), bitsandbytes 4-bit (two codes per byte, high nibble first) and
-MXFP4 (two e2m1 codes per byte, low nibble first, e8m0 block exponents).
+MXFP4 (two e2m1 codes per byte, low nibble first, e8m0 block exponents) and MLX (``mlx.core.quantize``: one
+LSB-first bit stream of codes per row in uint32 words, as compressed-tensors packs them).
 
 >>> q = np.array([[0x76543210]], dtype=np.int32)          # eight 4-bit codes 0..7
 >>> unpack_cols(q, 4).tolist()
@@ -41,7 +42,8 @@ __all__ = [
     "AWQ_ORDER", "FP4_E2M1", "MANT", "round_to", "codebook_halfwidth", "unpack_dense_int32",
     "unpack_rows", "unpack_cols", "dequant_int", "dequant_codebook", "dequant_fp8",
     "gptq_rows", "gptq_rows_numpy", "fp8_rows", "awq_rows", "bnb4_flat", "bnb4_gather", "BNB4_ORT_TABLES",
-    "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows", "block_scales_rows",
+    "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows", "block_scales_rows", "mlx_affine_rows", "mlx_fp_rows",
+    "MLX_FP_MODES",
 ]
 
 #: AutoAWQ's pack order: the code of output column 8k+AWQ_ORDER[i] sits in nibble i of word k
@@ -427,3 +429,72 @@ def mxfp4_rows(blocks: np.ndarray, scales: np.ndarray, out_dtype: str) -> tuple[
     value, floor = dequant_codebook(codes, FP4_E2M1, s, "F32", out_dtype)
     shape = (*b.shape[:-2], b.shape[-2] * b.shape[-1] * 2)
     return value.reshape(shape), floor.reshape(shape)
+
+
+# -- MLX (mlx.core.quantize / mlx-lm) -------------------------------------------------------
+
+#: MLX's floating-point modes: (group size, code bits, code table, scale format)
+MLX_FP_MODES = {"mxfp4": (32, 4, "e2m1", "e8m0"), "mxfp8": (32, 8, "e4m3", "e8m0"), "nvfp4": (16, 4, "e2m1", "e4m3")}
+
+
+def mlx_affine_rows(words: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group: int,
+                    scale_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """MLX's affine mode (``mx.quantize(w, group_size, bits)``, mlx-lm's default): ``words`` [R, C * bits / 32]
+    uint32, the codes of a row one LSB-first bit stream (any of 2, 3, 4, 5, 6, 8 bits); ``scales`` and
+    ``biases`` [R, C / group] as float32 holding ``scale_dtype`` values. ``value = round(round(s * q) + b)`` in
+    ``scale_dtype``, as ``mx.dequantize`` computes it (bit for bit).
+
+    The floor: MLX picks each group's scale and bias from its extremes (``affine_quantize``: the bias is the
+    extreme of larger magnitude, on the grid at code 0, and the scale is stretched or shrunk so that zero is on
+    the grid too: the far extreme may then be clipped at the top code by up to one step), rounds each weight
+    to nearest, and stores the scale and bias rounded to ``scale_dtype`` (u = half its ulp, relative): h(q)
+    steps (1/2, 3/2 at the two extreme codes) plus u times 2 h |s| + 2 |s q| + |b| (the stored scale and bias
+    against those the codes were rounded with) + |value| (the two roundings of the dequantization).
+
+    >>> v, f = mlx_affine_rows(np.array([[0x76543210]], np.uint32), np.array([[0.5]], np.float32),
+    ...                        np.array([[-1.0]], np.float32), 4, 8, "F32")
+    >>> v.tolist()
+    [[-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5]]
+    """
+    w = np.ascontiguousarray(words)
+    cols = w.shape[1] * 32 // bits
+    q = unpack_dense_int32(w, bits, cols).astype(np.float32)
+    s = np.repeat(np.asarray(scales, np.float32), group, axis=1)[:, :cols]
+    b = np.repeat(np.asarray(biases, np.float32), group, axis=1)[:, :cols]
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = round_to(s * q, scale_dtype)
+        value = round_to(sq + b, scale_dtype)
+        top = np.float32((1 << bits) - 1)
+        h = np.where((q <= 0) | (q >= top), np.float32(1.5), np.float32(0.5))
+        u = np.float32(2.0 ** -(MANT[scale_dtype] + 1) * (1 + 2.0 ** -6))
+        a = np.abs(s)
+        floor = h * a + u * (2 * h * a + 2 * np.abs(sq) + np.abs(b) + np.abs(value))
+    return value, floor.astype(np.float32)
+
+
+def mlx_fp_rows(words: np.ndarray, scales: np.ndarray, mode: str, out_dtype: str = "BF16"
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """MLX's floating-point modes (``MLX_FP_MODES``): ``words`` [R, C * bits / 32] uint32 of e2m1 (4-bit) or
+    e4m3 (8-bit) codes, LSB first; ``scales`` [R, C / group] uint8, a power of two (e8m0: 2^(e - 127)) or an
+    e4m3 number (nvfp4). ``value = table[code] * scale`` (exact in ``out_dtype``, bfloat16 as
+    ``mx.dequantize`` hands it out). The floor is the codebook's (half the larger gap to a neighbouring code,
+    1.5 gaps at the extremes) times the scale; MLX rounds a group's scale to the nearest power of two of
+    amax / 448 (mxfp8), so a weight up to sqrt(2) times the top code is clipped there: the top codes of e4m3
+    get that much more."""
+    group, bits, table, scale_format = MLX_FP_MODES[mode]
+    w = np.ascontiguousarray(words)
+    cols = w.shape[1] * 32 // bits
+    codes = unpack_dense_int32(w, bits, cols)
+    sc = np.asarray(scales, dtype=np.uint8)
+    if scale_format == "e8m0":
+        with np.errstate(over="ignore"):
+            s = np.where(sc == 255, np.float32(np.nan), np.ldexp(np.float32(1.0), sc.astype(np.int32) - 127))
+    else:
+        s = FP8_TABLES["F8_E4M3"][sc]
+    s = np.repeat(s.astype(np.float32), group, axis=1)[:, :cols]
+    if table == "e2m1":
+        return dequant_codebook(codes, FP4_E2M1, s, "F32", out_dtype)
+    hw = _FP8_HW["F8_E4M3"].copy()
+    top = np.abs(FP8_TABLES["F8_E4M3"]) == 448
+    hw[top] = np.maximum(hw[top], np.float32(448 * (2 ** 0.5 - 1) * (1 + 2.0 ** -6)))
+    return dequant_codebook(codes, FP8_TABLES["F8_E4M3"], s, "F32", out_dtype, hw)

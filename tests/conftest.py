@@ -69,3 +69,20 @@ def checkpoint_writer(tmp_path):
 
 
 __all__ = ["write_checkpoint", "save_file"]
+
+
+def cli(*args) -> tuple[int, str, str]:
+    """``weightdiff ARGS`` in this process (paths may be Path): (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from weightdiff.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def one_error(rc: int, stderr: str) -> str:
+    """The one line of a bad-input failure (exit 2, ``error: ...``, no traceback), checked."""
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, (rc, stderr)
+    return lines[0]

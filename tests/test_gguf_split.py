@@ -13,12 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from conftest import write_checkpoint
+from conftest import cli as run, one_error, write_checkpoint
 from models import llama, low_rank_update
 
-from weightdiff.cli import main
 from weightdiff.io.checkpoint import choose_weights, locate
 
 gguf = pytest.importorskip("gguf")
@@ -29,15 +27,6 @@ SHAPE = dict(layers=2, hidden=64, inter=128, vocab=96, kv=32)
 ARGS = dict(n_head=4, n_kv=2, layers=2)
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    return r.exit_code, r.stdout, r.stderr
-
-
-def one_error(rc: int, stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, (rc, stderr)
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

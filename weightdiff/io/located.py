@@ -180,8 +180,12 @@ class Checkpoint:
         at the end codes, whose bound allows the encoder's search several steps there)."""
         info = self._info(name)
         if name in self.quant:
-            # a lossless decoding (a sparse bitmask) is a plain tensor: no floor
-            return None if info.quant is None else self._quant_windows(name, max_elements, start, stop, True)
+            # a lossless decoding (a sparse bitmask) is a plain tensor: no floor; nor are scales tuned after the
+            # rounding (``has_floor``: mlx-lm's DWQ)
+            src = self.quant[name]
+            if info.quant is None or not src.floored(self._stored_read):
+                return None
+            return self._quant_windows(name, max_elements, start, stop, True)
         if info.quant is not None and info.start is not None:   # a reader that dequantizes itself
             f = self._file(info.path)
             it = f.floor_windows(self._fname(name), max_elements, start, stop, noise) if hasattr(f, "floor_windows") else None

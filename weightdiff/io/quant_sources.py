@@ -17,7 +17,7 @@ from ..kernels import quant as K
 from ..kernels.dtypes import decode
 from .safetensors_read import QuantScheme, TensorInfo, storage_of
 
-__all__ = ["Source", "Bitmask", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "AxisGrid", "NBits", "Bnb4T", "unpack_low_first", "Read", "ReadRows"]
+__all__ = ["Source", "Bitmask", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "MLX", "AxisGrid", "NBits", "Bnb4T", "unpack_low_first", "Read", "ReadRows"]
 
 Read = Callable[[str], np.ndarray]                      # stored name -> whole array (storage dtype, shaped)
 ReadRows = Callable[[str, Sequence[int]], np.ndarray]   # stored name, first-axis rows -> array
@@ -55,6 +55,18 @@ class Source:
 
     def rows(self, read: Read, read_rows: ReadRows, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    def has_floor(self, read: Read) -> bool:
+        """Whether the floor ``rows`` gives bounds what the quantizer left (a format may write files of the
+        same layout with scales tuned after rounding: ``MLX.has_floor``)."""
+        return True
+
+    def floored(self, read: Read) -> bool:
+        """``has_floor``, decided once per tensor."""
+        got = getattr(self, "_floored", None)
+        if got is None:
+            got = self._floored = bool(self.has_floor(read))
+        return got
 
     def _rows_cached(self, read: Read, read_rows: ReadRows, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         """``rows``, remembering the last block: the values and the floor windows of one pass
@@ -507,6 +519,82 @@ class MXFP4(Source):
             vs.append(self._cache["v"][lo:hi])
             fs.append(self._cache["f"][lo:hi])
         return np.concatenate(vs), np.concatenate(fs)
+
+
+#: the share of an MLX affine tensor's groups whose bias may sit off its scale's grid before the tensor's scales
+#: read as tuned after rounding (``MLX.has_floor``)
+MLX_OFF_GRID_SHARE = 0.01
+
+
+class MLX(Source):
+    """mlx-lm's quantized weights (``mx.quantize``): codes [..., C * bits / 32] uint32, one LSB-first bit stream
+    per row, and ``scales`` per ``group`` elements of a row: affine (``biases`` beside them: value = scale *
+    code + bias, ``K.mlx_affine_rows``) or a floating-point mode (mxfp4, mxfp8: ``K.mlx_fp_rows``). Stacked
+    experts ([E, m, n], a ``SwitchLinear``) are their flattened rows."""
+
+    def __init__(self, name, shape, scheme, path, codes: TensorInfo, scales: TensorInfo, biases: TensorInfo | None,
+                 bits: int, group: int, mode: str):
+        super().__init__(name, shape, scheme, path)
+        self.codes, self.scales, self.biases = codes, scales, biases
+        self.bits, self.group, self.mode = bits, group, mode
+        self.sdtype = scales.dtype if mode == "affine" else "F32"
+
+    def _rows_of(self, read_rows, info: TensorInfo, r0: int, r1: int) -> np.ndarray:
+        width = info.shape[-1]
+        if len(info.shape) == 2:
+            return np.asarray(read_rows(info.name, range(r0, r1))).reshape(r1 - r0, width)
+        per = self.nrows // info.shape[0]              # stacked experts: the experts the rows touch
+        e0, e1 = r0 // per, -(-r1 // per)
+        got = np.asarray(read_rows(info.name, range(e0, e1))).reshape(-1, width)
+        return got[r0 - e0 * per:r1 - e0 * per]
+
+    def _group_params(self, read) -> tuple[np.ndarray, np.ndarray]:
+        s = self._get("s", lambda: _f32(read(self.scales.name), self.scales.dtype).reshape(self.nrows, -1))
+        b = self._get("b", lambda: _f32(read(self.biases.name), self.biases.dtype).reshape(self.nrows, -1))
+        return s, b
+
+    def rows(self, read, read_rows, r0, r1):
+        words = self._rows_of(read_rows, self.codes, r0, r1)
+        if self.mode != "affine":
+            sc = self._get("s8", lambda: np.asarray(read(self.scales.name), np.uint8).reshape(self.nrows, -1))
+            return K.mlx_fp_rows(words, sc[r0:r1], self.mode, "BF16")
+        s, b = self._group_params(read)
+        return K.mlx_affine_rows(words, s[r0:r1], b[r0:r1], self.bits, self.group, self.sdtype)
+
+    def has_floor(self, read) -> bool:
+        """Whether the stored scales are those of a plain rounding, so that the floor bounds what it left. MLX's
+        affine quantizer puts zero on each group's grid (the bias, the group's extreme of larger magnitude, is a
+        whole number of steps from zero: ``affine_quantize`` stretches the step to make it so), and stores the
+        scale and bias rounded to their dtype: ``bias / scale`` is within that rounding of an integer in every
+        group. mlx-lm's DWQ, AWQ and GPTQ write the same files with scales and biases tuned after rounding (DWQ
+        trains them by distillation), which leaves them off it and the weights any distance from their codes:
+        then no floor (the judge reads such a tensor as quantized, untested). Floating-point modes have no bias:
+        always a floor."""
+        if self.mode != "affine":
+            return True
+        s, b = (np.asarray(x, np.float64) for x in self._group_params(read))
+        live = (s != 0) & np.isfinite(s) & np.isfinite(b)
+        if not live.any():
+            return True
+        k = b[live] / s[live]
+        u = 2.0 ** -(K.MANT[self.sdtype] + 1)
+        # b = rd(edge) and s = rd(edge / q0): b / s = q0 (1 + e), |e| <= 2u / (1 - u), and the step's own rounding
+        tol = np.abs(k) * 2.0 * u / (1.0 - u) * (1 + 2.0 ** -6) + 2.0 ** -20 + 1e-3
+        off = np.abs(k - np.round(k)) > tol
+        return float(np.count_nonzero(off)) <= MLX_OFF_GRID_SHARE * k.size
+
+    def scale_groups(self, read) -> tuple | None:
+        """As ``IntGrid.scale_groups``: one scale per ``group`` elements of a row. Affine: at most (max - min)
+        of the group over the top code, stretched by at most 1 / (top - 1) to put zero on the grid, so ``half``
+        is half the top code (|scale| x top / 2 is at most the group's largest magnitude, that stretch
+        aside); mxfp4 / mxfp8: a power of two nearest amax / 6 (e2m1's largest) or amax / 448 (e4m3's), so
+        ``half`` 6 or 448, with the rounding up to sqrt(2) within the slack."""
+        if self.mode == "affine":
+            s, _ = self._group_params(read)
+            return np.abs(s), ("block", 1, self.group), ((1 << self.bits) - 1) / 2
+        e = np.asarray(read(self.scales.name), np.int32).reshape(self.nrows, -1) - 127
+        half = 6.0 if K.MLX_FP_MODES[self.mode][2] == "e2m1" else 448.0
+        return np.ldexp(np.float64(1.0), e), ("block", 1, self.group), half
 
 
 class AxisGrid(Source):

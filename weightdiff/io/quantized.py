@@ -27,9 +27,10 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
+from ..kernels import quant as K
 from .experts import expert_name, is_fused
 from .files import load_json, read_beside, read_small
-from .quant_sources import AWQ, FP8, GPTQ, MXFP4, Bitmask, BnB4, BnB8, IntGrid, Read, Source
+from .quant_sources import AWQ, FP8, GPTQ, MLX, MXFP4, Bitmask, BnB4, BnB8, IntGrid, Read, Source
 from .safetensors_read import QuantScheme, TensorInfo
 
 #: the most backtracking steps a `re:` entry may cost on one module name (as peft_adapter's)
@@ -71,6 +72,9 @@ def read_quant_config(root: Path, read=None) -> dict | None:
                 continue
             path, raw = got
             doc = load_json(raw, path, fname)
+        mlx = _mlx_config(doc) if key else None
+        if mlx is not None:
+            return {**mlx, "_path": str(path)}
         qc = doc.get(key) if key and isinstance(doc, dict) else doc
         if isinstance(qc, dict):
             if key is None:
@@ -80,6 +84,21 @@ def read_quant_config(root: Path, read=None) -> dict | None:
                 out["_recipe"] = recipe_modifiers(root)
             return out
     return None
+
+
+def _mlx_config(doc: object) -> dict | None:
+    """mlx-lm's quantization (``mlx_lm.convert -q``, ``mlx_lm.utils.quantize_model``): ``config.json``'s
+    ``quantization`` {group_size, bits, mode} with per-module entries ({...} or false) by module path, written
+    again as ``quantization_config`` with no ``quant_method`` (the Hugging Face configs' key). None for any
+    other config (one whose ``quantization_config`` names a method: AWQ, GPTQ, gpt-oss's MXFP4 as released)."""
+    if not isinstance(doc, dict):
+        return None
+    q, hf = doc.get("quantization"), doc.get("quantization_config")
+    if not isinstance(q, dict) or "bits" not in q and "group_size" not in q and "mode" not in q:
+        return None
+    if isinstance(hf, dict) and hf.get("quant_method") is not None:
+        return None
+    return {**q, "quant_method": "mlx"}
 
 
 #: llm-compressor's recipe.yaml beside the model: its modifiers say how the weights were quantized
@@ -733,6 +752,59 @@ def _mxfp4(prefix: str, b: TensorInfo, s: TensorInfo, qc: dict) -> list[Source]:
     return [MXFP4(expert_name(prefix, e), (G * 32, R), each, b.path, b, s, out, expert=e) for e in range(E)]
 
 
+def _mlx(mod: str, leaves: dict[str, TensorInfo], qc: dict) -> Source:
+    """One of mlx-lm's quantized layers (``QuantizedLinear``, ``QuantizedEmbedding``, a ``SwitchLinear`` of
+    stacked experts): ``m.weight`` U32 [..., C * bits / 32], ``m.scales`` [..., C / group] (``m.biases`` beside
+    them in the affine mode). Group size, bits and mode are the config's (its entry for this module path
+    first: mixed recipes give some layers more bits): the shapes alone cannot tell 4 bits in groups of 64
+    from 8 bits in groups of 32."""
+    w, s, b = leaves["weight"], leaves["scales"], leaves.get("biases")
+    if qc.get("quant_method") != "mlx":
+        raise _err(w, f"{_q(w.name)} is U32 beside {_q(s.name)}: an MLX quantized weight (mlx-lm), but config.json "
+                      "has no `quantization` (group size and bits) to read it with",
+                   "put the model's config.json, as mlx-lm wrote it, beside the weights")
+    own = qc.get(mod)
+    cfg = {**{k: qc.get(k) for k in ("group_size", "bits", "mode")}, **(own if isinstance(own, dict) else {})}
+    mode = cfg.get("mode") or "affine"
+    if not isinstance(mode, str) or mode not in ("affine", *K.MLX_FP_MODES):
+        raise _err(w, f"{_q(w.name)}: MLX quantization mode {_show_value(mode)} is not one weightdiff reads",
+                   "supported: affine, mxfp4, mxfp8")
+    if mode == "nvfp4":
+        raise _err(w, f"{_q(w.name)}: MLX's nvfp4 mode (e4m3 scales per 16) is not read: its scales round to zero "
+                      "for typical weights, so no noise floor bounds what they leave", "compare an affine build")
+    group, bits = (_int_cfg(cfg, "group_size"), _int_cfg(cfg, "bits")) if mode == "affine" else K.MLX_FP_MODES[mode][:2]
+    if mode == "affine" and (bits not in (2, 3, 4, 5, 6, 8) or not group or group < 1):
+        raise _err(w, f"{_q(w.name)}: the config's MLX quantization (bits {_show_value(cfg.get('bits'))}, group "
+                      f"size {_show_value(cfg.get('group_size'))}) is not one MLX writes (2-6 or 8 bits, a positive "
+                      "group size)")
+    nd = len(w.shape)
+    words = w.shape[-1] if nd else 0
+    cols = words * 32 // bits if words * 32 % bits == 0 else None
+    want = (*w.shape[:-1], cols // group) if cols and cols % group == 0 else None
+    if nd < 2 or want is None or tuple(s.shape) != want:
+        raise _err(w, f"{_q(w.name)} U32 {list(w.shape)} and {_q(s.name)} {s.dtype} {list(s.shape)} do not hold "
+                      f"{bits}-bit codes in groups of {group} (the config's MLX quantization): the scales should be "
+                      f"{list(want) if want else '[..., C / group]'}")
+    fp = mode != "affine"
+    if fp and (s.dtype != "U8" or b is not None):
+        raise _err(s, f"{_q(s.name)} is {s.dtype}{' beside ' + _q(b.name) if b is not None else ''}: MLX's {mode} "
+                      "mode stores U8 scales and no biases")
+    if not fp and (s.dtype not in ("BF16", "F16", "F32") or b is None or b.dtype != s.dtype
+                   or tuple(b.shape) != tuple(s.shape)):
+        missing = "" if b is not None else ", and " + _q(mod + ".biases") + " is missing"
+        raise _err(s, f"{_q(s.name)} {s.dtype} {list(s.shape)}: MLX's affine mode stores float scales and biases of "
+                      f"one dtype and shape{missing}")
+    label = f"int{bits} affine, groups of {group}, {s.dtype.lower()} scales and biases" if not fp else \
+        {"mxfp4": "fp4 e2m1, 32-element blocks, e8m0 scales", "mxfp8": "fp8 e4m3, 32-element blocks, e8m0 scales"}[mode]
+    sch = _scheme("mlx", label, bits, str(group), False, [w, s] + ([b] if b is not None else []))
+    return MLX(w.name, (*w.shape[:-1], cols), sch, w.path, w, s, b, bits, group, mode)
+
+
+def _show_value(v: object) -> str:
+    text = escape_name(repr(v))
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _special_names(tensors: dict) -> bool:
     """Whether any stored name is one ``fold`` acts on (a quantized weight, a companion, an
     activation scale, an MXFP4 block, a bitsandbytes state): one regular-expression search over
@@ -807,9 +879,10 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
     stored tensors; the order follows the first stored tensor of each logical one."""
     qc = qc or {}
     method = qc.get("quant_method")
-    if method not in (None, "fp8", "fbgemm_fp8", "compressed-tensors", "gptq", "awq", "bitsandbytes", "mxfp4"):
+    if method not in (None, "fp8", "fbgemm_fp8", "compressed-tensors", "gptq", "awq", "bitsandbytes", "mxfp4", "mlx"):
         raise CheckpointError(qc.get("_path"), f"quantization method {str(method)!r} is not supported",
-                              "supported: fp8, fbgemm_fp8, compressed-tensors, gptq, awq, bitsandbytes, mxfp4")
+                              "supported: fp8, fbgemm_fp8, compressed-tensors, gptq, awq, bitsandbytes, mxfp4, "
+                              "and mlx-lm's quantization")
     if method == "compressed-tensors" and str(qc.get("format", "")) not in \
             ("", "pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "mixed-precision"):
         raise CheckpointError(qc.get("_path"), f"compressed-tensors format {qc.get('format')!r} is not supported",
@@ -845,7 +918,9 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
     for mod, leaves in by_mod.items():
         w = leaves.get("weight")
         src = None
-        if sparse and ("compressed" in leaves or "bitmask" in leaves):
+        if w is not None and w.dtype == "U32" and "scales" in leaves:
+            src = _mlx(mod, leaves, qc)
+        elif sparse and ("compressed" in leaves or "bitmask" in leaves):
             src = _bitmask(mod, leaves, sparse, read)
         elif not sparse and w is None and _BITMASK_LEAVES <= leaves.keys() and leaves["bitmask"].dtype == "U8":
             # a sparse model's weights without its config (a model.safetensors copied out): the names say it
