@@ -17,7 +17,7 @@ from ..kernels import quant as K
 from ..kernels.dtypes import decode
 from .safetensors_read import QuantScheme, TensorInfo, storage_of
 
-__all__ = ["Source", "Bitmask", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "MLX", "AxisGrid", "NBits", "Bnb4T", "unpack_low_first", "Read", "ReadRows"]
+__all__ = ["Source", "Bitmask", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "MLX", "CTFP4", "AxisGrid", "NBits", "Bnb4T", "unpack_low_first", "Read", "ReadRows"]
 
 Read = Callable[[str], np.ndarray]                      # stored name -> whole array (storage dtype, shaped)
 ReadRows = Callable[[str, Sequence[int]], np.ndarray]   # stored name, first-axis rows -> array
@@ -595,6 +595,48 @@ class MLX(Source):
         e = np.asarray(read(self.scales.name), np.int32).reshape(self.nrows, -1) - 127
         half = 6.0 if K.MLX_FP_MODES[self.mode][2] == "e2m1" else 448.0
         return np.ldexp(np.float64(1.0), e), ("block", 1, self.group), half
+
+
+class CTFP4(Source):
+    """compressed-tensors' packed fp4 weights (llm-compressor's NVFP4 and MXFP4 schemes): ``weight_packed`` U8
+    [R, C / 2], ``weight_scale`` per ``group`` columns (nvfp4: F8_E4M3 per 16, with ``weight_global_scale`` F32
+    [1]; mxfp4: U8 e8m0 per 32), dequantized by ``K.ct_fp4_rows``."""
+
+    def __init__(self, name, shape, scheme, path, packed: TensorInfo, scale: TensorInfo,
+                 global_scale: TensorInfo | None, group: int):
+        super().__init__(name, shape, scheme, path)
+        self.packed, self.scale, self.global_scale, self.group = packed, scale, global_scale, group
+
+    def _scales(self, read) -> tuple[np.ndarray, float | None]:
+        def make():
+            raw = np.asarray(read(self.scale.name))
+            if self.scale.dtype == "U8":                      # e8m0: 2^(e - 127), 255 NaN
+                with np.errstate(over="ignore"):
+                    s = np.where(raw == 255, np.float32(np.nan),
+                                 np.ldexp(np.float32(1.0), raw.astype(np.int32) - 127)).astype(np.float32)
+            else:
+                s = _f32(raw, self.scale.dtype)
+            return s.reshape(self.shape[0], -1)
+        s = self._get("s", make)
+        g = None
+        if self.global_scale is not None:
+            g = float(self._get("g", lambda: _f32(read(self.global_scale.name), self.global_scale.dtype).reshape(-1))[0])
+        return s, g
+
+    def rows(self, read, read_rows, r0, r1):
+        s, g = self._scales(read)
+        return K.ct_fp4_rows(read_rows(self.packed.name, range(r0, r1)), s[r0:r1], self.group, g)
+
+    def scale_groups(self, read) -> tuple | None:
+        """As ``IntGrid.scale_groups``: one scale per ``group`` columns, ``half`` 6 (e2m1's largest: nvfp4's scale
+        is the group's amax / 6, rounded to e4m3; mxfp4's a power of two near amax / 4 to amax / 8). An nvfp4
+        scale of at most e4m3's eps (0.125, over the global scale) is not counted (``min_scale``): compressed-tensors
+        puts that eps where a group's scale rounded to zero, not a quantizer's choice from its weights."""
+        s, g = self._scales(read)
+        s = np.abs(np.asarray(s, np.float64))
+        if g is None:
+            return s, ("block", 1, self.group), 6.0
+        return s / abs(g), ("block", 1, self.group), 6.0, {"min_scale": 0.125 / abs(g)}
 
 
 class AxisGrid(Source):

@@ -30,7 +30,7 @@ from ..errors import CheckpointError, escape_name
 from ..kernels import quant as K
 from .experts import expert_name, is_fused
 from .files import load_json, read_beside, read_small
-from .quant_sources import AWQ, FP8, GPTQ, MLX, MXFP4, Bitmask, BnB4, BnB8, IntGrid, Read, Source
+from .quant_sources import AWQ, CTFP4, FP8, GPTQ, MLX, MXFP4, Bitmask, BnB4, BnB8, IntGrid, Read, Source
 from .safetensors_read import QuantScheme, TensorInfo
 
 #: the most backtracking steps a `re:` entry may cost on one module name (as peft_adapter's)
@@ -752,6 +752,37 @@ def _mxfp4(prefix: str, b: TensorInfo, s: TensorInfo, qc: dict) -> list[Source]:
     return [MXFP4(expert_name(prefix, e), (G * 32, R), each, b.path, b, s, out, expert=e) for e in range(E)]
 
 
+def _ct_fp4(mod: str, leaves: dict[str, TensorInfo], qc: dict) -> Source:
+    """compressed-tensors' ``nvfp4-pack-quantized`` (e4m3 scales per 16 and a global scale: llm-compressor's
+    NVFP4 / NVFP4A16) and ``mxfp4-pack-quantized`` (e8m0 scales per 32): the packed codes' two per byte give the
+    columns, the scales' columns the group; a config group of another type, bit width, or group size for the
+    module is bad input, as the decompressor would misread the codes."""
+    w, sc, gs = leaves["weight_packed"], leaves.get("weight_scale"), leaves.get("weight_global_scale")
+    if sc is None:
+        raise _err(w, f"{_q(w.name)} has no {_q(mod + '.weight_scale')} beside it")
+    if len(w.shape) != 2 or len(sc.shape) != 2 or sc.shape[0] != w.shape[0] or not sc.shape[1] \
+            or (w.shape[1] * 2) % sc.shape[1]:
+        raise _err(w, f"{_q(w.name)} U8 {list(w.shape)} and {_q(sc.name)} {sc.dtype} {list(sc.shape)} are not packed "
+                      "fp4 codes (two a byte) with a scale per group of columns")
+    R, C = w.shape[0], w.shape[1] * 2
+    group = C // sc.shape[1]
+    nv = sc.dtype == "F8_E4M3"
+    if not nv and sc.dtype != "U8":
+        raise _err(sc, f"{_q(sc.name)} is {sc.dtype}: packed fp4 weights have e4m3 (nvfp4) or e8m0 U8 (mxfp4) scales")
+    if nv and (gs is None or gs.dtype not in ("F32", "BF16", "F16") or math.prod(gs.shape) != 1):
+        raise _err(w, f"{_q(w.name)} has e4m3 (nvfp4) scales but no one-number "
+                      f"{_q(mod + '.weight_global_scale')} beside it")
+    for a in _ct_args(qc, mod, "float"):
+        if a.get("num_bits") not in (None, 4) or (_pos_int(a.get("group_size")) and a["group_size"] != group):
+            raise _err(sc, f"{_q(sc.name)} gives groups of {group} 4-bit codes, but quantization_config's float group "
+                           f"for {_q(w.name)} says num_bits {_shown(a.get('num_bits'))}, group_size "
+                           f"{_shown(a.get('group_size'))}")
+    label = "fp4 e2m1, 16-element groups, e4m3 scales and a global scale" if nv else \
+        f"fp4 e2m1, {group}-element groups, e8m0 scales"
+    sch = _scheme("compressed-tensors", label, 4, str(group), False, [w, sc] + ([gs] if nv else []))
+    return CTFP4(mod + ".weight", (R, C), sch, w.path, w, sc, gs if nv else None, group)
+
+
 def _mlx(mod: str, leaves: dict[str, TensorInfo], qc: dict) -> Source:
     """One of mlx-lm's quantized layers (``QuantizedLinear``, ``QuantizedEmbedding``, a ``SwitchLinear`` of
     stacked experts): ``m.weight`` U32 [..., C * bits / 32], ``m.scales`` [..., C / group] (``m.biases`` beside
@@ -884,9 +915,11 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
                               "supported: fp8, fbgemm_fp8, compressed-tensors, gptq, awq, bitsandbytes, mxfp4, "
                               "and mlx-lm's quantization")
     if method == "compressed-tensors" and str(qc.get("format", "")) not in \
-            ("", "pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "mixed-precision"):
+            ("", "pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "mixed-precision",
+             "nvfp4-pack-quantized", "mxfp4-pack-quantized"):
         raise CheckpointError(qc.get("_path"), f"compressed-tensors format {qc.get('format')!r} is not supported",
-                              "supported: pack-quantized, int-quantized, float-quantized, naive-quantized")
+                              "supported: pack-quantized, int-quantized, float-quantized, naive-quantized, "
+                              "nvfp4-pack-quantized, mxfp4-pack-quantized")
     sparse = _sparsity_format(qc) if method == "compressed-tensors" else None
     if not method and not _special_names(tensors):    # nothing to fold (most checkpoints): the same tensors
         return dict(tensors), {}, []
@@ -928,6 +961,8 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
                            else "sparse-bitmask", read)
         elif "qweight" in leaves:
             src = _gptq_awq(mod, leaves, qc, read)
+        elif "weight_packed" in leaves and leaves["weight_packed"].dtype == "U8":
+            src = _ct_fp4(mod, leaves, qc)
         elif "weight_packed" in leaves:
             src = _ct_int(mod, leaves, qc, read)
         elif w is not None and w.dtype.startswith("F8_") and w.dtype != "F8_E8M0" and \
