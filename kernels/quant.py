@@ -502,8 +502,8 @@ def mlx_fp_rows(words: np.ndarray, scales: np.ndarray, mode: str, out_dtype: str
 
 # -- compressed-tensors fp4 (nvfp4-pack-quantized, mxfp4-pack-quantized) ---------------------------------
 
-def ct_fp4_rows(packed: np.ndarray, scales: np.ndarray, group: int, global_scale: float | None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def ct_fp4_rows(packed: np.ndarray, scales: np.ndarray, group: int, global_scale: float | None,
+                multiply: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """compressed-tensors' packed fp4 weights: ``packed`` U8 [R, C / 2] (two e2m1 codes a byte, low nibble
     first: ``unpack_fp4_from_uint8``), ``scales`` [R, C / group] float32 (nvfp4: the e4m3 group scales, with the
     tensor's ``global_scale``; mxfp4: the e8m0 powers of two, no global scale). As its decompressor computes
@@ -512,7 +512,10 @@ def ct_fp4_rows(packed: np.ndarray, scales: np.ndarray, group: int, global_scale
     The floor: the codebook's (``dequant_codebook``: half the larger gap to a neighbouring code, 1.5 gaps at
     +-6, which holds the clipping of a scale rounded down) times the group's scale, plus for nvfp4 what an e4m3
     scale rounded to its subnormal grid (or to zero, for a group far smaller than the tensor's largest) leaves:
-    6 x 2^-10 / global_scale, the largest error of a group whose scale rounded by half its smallest step."""
+    6 x 2^-10 / global_scale, the largest error of a group whose scale rounded by half its smallest step.
+    ``multiply``: NVIDIA ModelOpt's NVFP4, whose tensor scale (``weight_scale_2``) multiplies the block scales:
+    ``bf16(e2m1[code] * f32(scale * scale_2))`` (``NVFP4QTensor.dequantize``), the subnormal term 6 x 2^-10 x
+    scale_2."""
     p = np.asarray(packed, dtype=np.uint8)
     codes = np.empty((p.shape[0], p.shape[1] * 2), dtype=np.uint8)
     codes[:, 0::2], codes[:, 1::2] = p & 0x0F, p >> 4
@@ -520,10 +523,12 @@ def ct_fp4_rows(packed: np.ndarray, scales: np.ndarray, group: int, global_scale
     s = np.asarray(scales, dtype=np.float32)
     if global_scale is not None:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            s = s / np.float32(global_scale)
+            s = s * np.float32(global_scale) if multiply else s / np.float32(global_scale)
     s = np.repeat(s, group, axis=1)[:, :cols]
     value, floor = dequant_codebook(codes, FP4_E2M1, s, "F32", "BF16")
     if global_scale is not None:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            floor = (floor + np.float32(6 * 2.0 ** -10) / np.float32(abs(global_scale))).astype(np.float32)
+            g = np.float32(abs(global_scale))
+            extra = np.float32(6 * 2.0 ** -10) * g if multiply else np.float32(6 * 2.0 ** -10) / g
+            floor = (floor + extra).astype(np.float32)
     return value, floor

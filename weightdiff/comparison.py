@@ -124,8 +124,8 @@ class Comparison:
 
 #: files beside the weights that the readers take as input (heads, ties, the LoRA scale, modules, shards) or that
 #: are part of the model as published: an output is never written over one of them
-SIDECARS = ("config.json", "quantize_config.json", "params.json", "adapter_config.json", "modules.json",
-            "config_sentence_transformers.json", "sentence_bert_config.json", "generation_config.json",
+SIDECARS = ("config.json", "quantize_config.json", "hf_quant_config.json", "params.json", "adapter_config.json",
+            "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "generation_config.json",
             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
             "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
             "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",

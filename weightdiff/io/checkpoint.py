@@ -92,7 +92,7 @@ def is_hub_candidate(path: object) -> bool:
 
 
 #: files beside the weights that decide how a model is read (head tie, quantization, declared base)
-CONFIG_FILES = ("config.json", "quantize_config.json", "params.json", "recipe.yaml")
+CONFIG_FILES = ("config.json", "quantize_config.json", "params.json", "recipe.yaml", "hf_quant_config.json")
 
 
 def _configs_inside(ckpt: Checkpoint) -> None:

@@ -603,9 +603,12 @@ class CTFP4(Source):
     [1]; mxfp4: U8 e8m0 per 32), dequantized by ``K.ct_fp4_rows``."""
 
     def __init__(self, name, shape, scheme, path, packed: TensorInfo, scale: TensorInfo,
-                 global_scale: TensorInfo | None, group: int):
+                 global_scale: TensorInfo | None, group: int, multiply: bool = False):
         super().__init__(name, shape, scheme, path)
         self.packed, self.scale, self.global_scale, self.group = packed, scale, global_scale, group
+        #: NVIDIA ModelOpt's NVFP4: ``weight`` U8 beside ``weight_scale`` and ``weight_scale_2``, the tensor scale
+        #: multiplied (compressed-tensors divides by its ``weight_global_scale``)
+        self.multiply = multiply
 
     def _scales(self, read) -> tuple[np.ndarray, float | None]:
         def make():
@@ -620,12 +623,13 @@ class CTFP4(Source):
         s = self._get("s", make)
         g = None
         if self.global_scale is not None:
-            g = float(self._get("g", lambda: _f32(read(self.global_scale.name), self.global_scale.dtype).reshape(-1))[0])
+            gs = self.global_scale
+            g = float(self._get("g", lambda: _f32(read(gs.name), gs.dtype).reshape(-1))[0])
         return s, g
 
     def rows(self, read, read_rows, r0, r1):
         s, g = self._scales(read)
-        return K.ct_fp4_rows(read_rows(self.packed.name, range(r0, r1)), s[r0:r1], self.group, g)
+        return K.ct_fp4_rows(read_rows(self.packed.name, range(r0, r1)), s[r0:r1], self.group, g, self.multiply)
 
     def scale_groups(self, read) -> tuple | None:
         """As ``IntGrid.scale_groups``: one scale per ``group`` columns, ``half`` 6 (e2m1's largest: nvfp4's scale
@@ -636,6 +640,8 @@ class CTFP4(Source):
         s = np.abs(np.asarray(s, np.float64))
         if g is None:
             return s, ("block", 1, self.group), 6.0
+        if self.multiply:       # ModelOpt: e4m3 block scales times the tensor's; a scale rounded on e4m3's
+            return s * abs(g), ("block", 1, self.group), 6.0, {"min_scale": 2.0 ** -9 * abs(g)}   # subnormals
         return s / abs(g), ("block", 1, self.group), 6.0, {"min_scale": 0.125 / abs(g)}
 
 

@@ -61,7 +61,8 @@ def read_quant_config(root: Path, read=None) -> dict | None:
     """``quantization_config`` of ``root/config.json`` (or ``quantize_config.json``), or None.
     ``read(name)`` gives the parsed JSON of a file beside the weights (None when absent) for a
     checkpoint that is not on disk (a streamed Hub repo)."""
-    for fname, key in (("config.json", "quantization_config"), ("quantize_config.json", None)):
+    for fname, key in (("config.json", "quantization_config"), ("quantize_config.json", None),
+                       (MODELOPT_CONFIG, "quantization")):
         if read is not None:
             path, doc = f"{root}/{fname}", read(fname)
             if doc is None:
@@ -79,11 +80,20 @@ def read_quant_config(root: Path, read=None) -> dict | None:
         if isinstance(qc, dict):
             if key is None:
                 qc = {"quant_method": "gptq", **qc}
+            elif fname == MODELOPT_CONFIG:       # NVIDIA ModelOpt's own file, when config.json names no method
+                qc = {"quant_method": "modelopt", **qc}
             out = {**qc, "_path": str(path)}
             if qc.get("quant_method") == "compressed-tensors" and read is None:
                 out["_recipe"] = recipe_modifiers(root)
             return out
     return None
+
+
+#: NVIDIA ModelOpt's quantization file beside the weights (``export_hf_checkpoint``): {"producer", "quantization":
+#: {"quant_algo", "exclude_modules", ...}}; newer exports repeat it in config.json as quant_method ``modelopt``
+MODELOPT_CONFIG = "hf_quant_config.json"
+#: ModelOpt algorithms read: fp8 weights with a per-tensor, per-channel or block scale, and NVFP4
+MODELOPT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4")
 
 
 def _mlx_config(doc: object) -> dict | None:
@@ -783,6 +793,26 @@ def _ct_fp4(mod: str, leaves: dict[str, TensorInfo], qc: dict) -> Source:
     return CTFP4(mod + ".weight", (R, C), sch, w.path, w, sc, gs if nv else None, group)
 
 
+def _modelopt_fp4(mod: str, leaves: dict[str, TensorInfo], qc: dict) -> Source:
+    """NVIDIA ModelOpt's NVFP4 (``export_hf_checkpoint``, nvidia's FP4 releases): ``m.weight`` U8 [R, C / 2] (two
+    e2m1 codes a byte, low nibble first), ``m.weight_scale`` F8_E4M3 per 16 columns, ``m.weight_scale_2`` F32 (the
+    tensor's scale, multiplied: ``NVFP4QTensor.dequantize``)."""
+    w, sc, s2 = leaves["weight"], leaves["weight_scale"], leaves.get("weight_scale_2")
+    if str(qc.get("quant_algo")).upper() != "NVFP4":
+        raise _err(w, f"{_q(w.name)} is U8 beside {_q(sc.name)}, but ModelOpt's quant_algo is "
+                      f"{_shown(qc.get('quant_algo'))}, not NVFP4")
+    if sc.dtype != "F8_E4M3" or s2 is None or s2.dtype not in ("F32", "BF16", "F16") or math.prod(s2.shape) != 1:
+        raise _err(w, f"{_q(w.name)} U8 with {_q(sc.name)} {sc.dtype}: ModelOpt's NVFP4 stores e4m3 block scales and "
+                      f"a one-number {_q(mod + '.weight_scale_2')} beside them")
+    if len(w.shape) != 2 or len(sc.shape) != 2 or sc.shape[0] != w.shape[0] or not sc.shape[1] \
+            or (w.shape[1] * 2) % sc.shape[1] or (w.shape[1] * 2) // sc.shape[1] != 16:
+        raise _err(w, f"{_q(w.name)} U8 {list(w.shape)} and {_q(sc.name)} {list(sc.shape)} are not NVFP4 codes (two a "
+                      "byte) with an e4m3 scale per 16 columns")
+    sch = _scheme("modelopt", "nvfp4: fp4 e2m1, 16-element blocks, e4m3 scales times a tensor scale", 4, "16", False,
+                  [w, sc, s2])
+    return CTFP4(mod + ".weight", (w.shape[0], w.shape[1] * 2), sch, w.path, w, sc, s2, 16, multiply=True)
+
+
 def _mlx(mod: str, leaves: dict[str, TensorInfo], qc: dict) -> Source:
     """One of mlx-lm's quantized layers (``QuantizedLinear``, ``QuantizedEmbedding``, a ``SwitchLinear`` of
     stacked experts): ``m.weight`` U32 [..., C * bits / 32], ``m.scales`` [..., C / group] (``m.biases`` beside
@@ -910,10 +940,14 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
     stored tensors; the order follows the first stored tensor of each logical one."""
     qc = qc or {}
     method = qc.get("quant_method")
-    if method not in (None, "fp8", "fbgemm_fp8", "compressed-tensors", "gptq", "awq", "bitsandbytes", "mxfp4", "mlx"):
+    if method not in (None, "fp8", "fbgemm_fp8", "compressed-tensors", "gptq", "awq", "bitsandbytes", "mxfp4", "mlx",
+                      "modelopt"):
         raise CheckpointError(qc.get("_path"), f"quantization method {str(method)!r} is not supported",
                               "supported: fp8, fbgemm_fp8, compressed-tensors, gptq, awq, bitsandbytes, mxfp4, "
-                              "and mlx-lm's quantization")
+                              "modelopt (FP8, NVFP4), and mlx-lm's quantization")
+    if method == "modelopt" and str(qc.get("quant_algo")).upper() not in MODELOPT_ALGOS:
+        raise CheckpointError(qc.get("_path"), f"ModelOpt quant_algo {_shown(qc.get('quant_algo'))} is not supported",
+                              "supported: " + ", ".join(MODELOPT_ALGOS))
     if method == "compressed-tensors" and str(qc.get("format", "")) not in \
             ("", "pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "mixed-precision",
              "nvfp4-pack-quantized", "mxfp4-pack-quantized"):
@@ -961,6 +995,8 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
                            else "sparse-bitmask", read)
         elif "qweight" in leaves:
             src = _gptq_awq(mod, leaves, qc, read)
+        elif method == "modelopt" and w is not None and w.dtype == "U8" and "weight_scale" in leaves:
+            src = _modelopt_fp4(mod, leaves, qc)
         elif "weight_packed" in leaves and leaves["weight_packed"].dtype == "U8":
             src = _ct_fp4(mod, leaves, qc)
         elif "weight_packed" in leaves:

@@ -395,8 +395,8 @@ STALE_SECONDS = 86400
 
 #: the files beside the weights that decide how their bytes are read (heads, ties, quantization, adapter
 #: orientation and scale, sentence-transformers modules): in a record's key
-READ_SIDECARS = ("config.json", "quantize_config.json", "params.json", "adapter_config.json", "modules.json",
-                 "config_sentence_transformers.json", "sentence_bert_config.json", "recipe.yaml")
+READ_SIDECARS = ("config.json", "quantize_config.json", "hf_quant_config.json", "params.json", "adapter_config.json",
+                 "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "recipe.yaml")
 
 #: the largest record file read back (a record is a few KB; its spectrum at most 64 values)
 RECORD_CAP = 16 << 20
