@@ -96,17 +96,51 @@ def test_a_fine_tune_built_by_modelopt_is_derived(built):
         {f"model.layers.{i}.self_attn.v_proj.weight" for i in range(2)}
 
 
-def test_modelopt_without_the_config_json_entry_reads_hf_quant_config(built, tmp_path):
-    """Older exports name the method only in hf_quant_config.json."""
+@pytest.mark.parametrize("algo", ["FP8", "NVFP4"])
+def test_modelopt_without_the_config_json_entry_reads_hf_quant_config(built, tmp_path, algo):
+    """Older exports name the method only in hf_quant_config.json (whose ``quantization`` holds a group_size: not
+    mlx-lm's ``quantization`` in config.json)."""
     import shutil
 
-    d = shutil.copytree(built["FP8"], tmp_path / "old")
+    d = shutil.copytree(built[algo], tmp_path / "old")
     cfg = json.loads((d / "config.json").read_text())
     del cfg["quantization_config"]
     (d / "config.json").write_text(json.dumps(cfg))
+    with locate(d) as ck:
+        assert ck.quant_config["quant_method"] == "modelopt" and ck.quant_config["quant_algo"] == algo
     assert weightdiff.compare(built["base"], d, rank=False).summary.verdict == "quantized_only"
     hq = json.loads((d / "hf_quant_config.json").read_text())
     hq["quantization"]["quant_algo"] = "W4A8_AWQ"
     (d / "hf_quant_config.json").write_text(json.dumps(hq))
     line = one_error(*run("inspect", d)[::2])
     assert "hf_quant_config.json: ModelOpt quant_algo 'W4A8_AWQ' is not supported" in line
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_a_hub_repo_whose_method_is_only_in_hf_quant_config_is_read_with_it(built, tmp_path, monkeypatch, download):
+    """hf_quant_config.json is one of the files that decide how the weights read: fetched (or streamed) with the
+    weights, as config.json is. Read without it, the NVFP4 codes were companions without their weight."""
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    from hub_server import HubServer
+    from weightdiff.options import HubOptions
+
+    files = {p.name: p.read_bytes() for p in sorted(built["NVFP4"].iterdir()) if p.is_file()}
+    cfg = json.loads(files["config.json"])
+    del cfg["quantization_config"]
+    files["config.json"] = json.dumps(cfg).encode()
+    srv = HubServer()
+    try:
+        srv.commit("nvidia/tiny-fp4", files)
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        res = weightdiff.compare(built["base"], "nvidia/tiny-fp4", rank=False, hub=HubOptions(download=download))
+        assert res.summary.verdict == "quantized_only", res.summary.headline
+        assert any(r.quant and r.quant.get("within") for r in res.tensors)
+    finally:
+        srv.close()

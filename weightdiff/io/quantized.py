@@ -73,7 +73,7 @@ def read_quant_config(root: Path, read=None) -> dict | None:
                 continue
             path, raw = got
             doc = load_json(raw, path, fname)
-        mlx = _mlx_config(doc) if key else None
+        mlx = _mlx_config(doc) if fname == "config.json" else None
         if mlx is not None:
             return {**mlx, "_path": str(path)}
         qc = doc.get(key) if key and isinstance(doc, dict) else doc
@@ -104,7 +104,7 @@ def _mlx_config(doc: object) -> dict | None:
     if not isinstance(doc, dict):
         return None
     q, hf = doc.get("quantization"), doc.get("quantization_config")
-    if not isinstance(q, dict) or "bits" not in q and "group_size" not in q and "mode" not in q:
+    if not isinstance(q, dict) or "bits" not in q and "group_size" not in q and "mode" not in q or "quant_algo" in q:
         return None
     if isinstance(hf, dict) and hf.get("quant_method") is not None:
         return None
