@@ -214,4 +214,21 @@ def test_mlx_weights_without_their_config_or_in_a_mode_not_read(tmp_path, model)
     cfg["quantization"]["mode"] = cfg["quantization_config"]["mode"] = "ternary"
     (q2 / "config.json").write_text(json.dumps(cfg))
     line = one_error(*run("inspect", q2)[::2])
-    assert "MLX quantization mode 'ternary' is not one weightdiff reads" in line
+    assert "the config's MLX quantization mode 'ternary' is not one weightdiff reads" in line
+
+
+@pytest.mark.parametrize("edit,expect", [
+    ({"bits": True}, "(bits True, group size 64) is not one MLX writes"),
+    ({"bits": 7}, "(bits 7, group size 64) is not one MLX writes"),
+    ({"group_size": 0}, "(bits 4, group size 0) is not one MLX writes"),
+    ({"group_size": 10 ** 9}, "do not hold 4-bit codes in groups of 1000000000"),
+    ({"mode": ["affine"]}, "the config's MLX quantization mode ['affine'] is not one weightdiff reads"),
+])
+def test_a_hostile_mlx_quantization_config_is_one_line(tmp_path, model, edit, expect):
+    q = mlx_build(tmp_path / "q", model, 4, 64)
+    cfg = json.loads((q / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        cfg[key].update(edit)
+    (q / "config.json").write_text(json.dumps(cfg))
+    line = one_error(*run("compare", q, q)[::2])
+    assert expect in line, line

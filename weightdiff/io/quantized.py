@@ -280,8 +280,8 @@ def _ct_args(qc: dict, mod: str, kind: str) -> list[dict]:
 
 
 def _shown(v: object) -> str:
-    """A config or JSON value for a message, cut short."""
-    r = repr(v)
+    """A config or JSON value for a message, cut short, control and bidirectional characters escaped."""
+    r = escape_name(repr(v))
     return r if len(r) <= 40 else r[:37] + "..."
 
 
@@ -828,15 +828,15 @@ def _mlx(mod: str, leaves: dict[str, TensorInfo], qc: dict) -> Source:
     cfg = {**{k: qc.get(k) for k in ("group_size", "bits", "mode")}, **(own if isinstance(own, dict) else {})}
     mode = cfg.get("mode") or "affine"
     if not isinstance(mode, str) or mode not in ("affine", *K.MLX_FP_MODES):
-        raise _err(w, f"{_q(w.name)}: MLX quantization mode {_show_value(mode)} is not one weightdiff reads",
+        raise _err(w, f"{_q(w.name)}: the config's MLX quantization mode {_shown(mode)} is not one weightdiff reads",
                    "supported: affine, mxfp4, mxfp8")
     if mode == "nvfp4":
         raise _err(w, f"{_q(w.name)}: MLX's nvfp4 mode (e4m3 scales per 16) is not read: its scales round to zero "
                       "for typical weights, so no noise floor bounds what they leave", "compare an affine build")
     group, bits = (_int_cfg(cfg, "group_size"), _int_cfg(cfg, "bits")) if mode == "affine" else K.MLX_FP_MODES[mode][:2]
     if mode == "affine" and (bits not in (2, 3, 4, 5, 6, 8) or not group or group < 1):
-        raise _err(w, f"{_q(w.name)}: the config's MLX quantization (bits {_show_value(cfg.get('bits'))}, group "
-                      f"size {_show_value(cfg.get('group_size'))}) is not one MLX writes (2-6 or 8 bits, a positive "
+        raise _err(w, f"{_q(w.name)}: the config's MLX quantization (bits {_shown(cfg.get('bits'))}, group "
+                      f"size {_shown(cfg.get('group_size'))}) is not one MLX writes (2-6 or 8 bits, a positive "
                       "group size)")
     nd = len(w.shape)
     words = w.shape[-1] if nd else 0
@@ -859,11 +859,6 @@ def _mlx(mod: str, leaves: dict[str, TensorInfo], qc: dict) -> Source:
         {"mxfp4": "fp4 e2m1, 32-element blocks, e8m0 scales", "mxfp8": "fp8 e4m3, 32-element blocks, e8m0 scales"}[mode]
     sch = _scheme("mlx", label, bits, str(group), False, [w, s] + ([b] if b is not None else []))
     return MLX(w.name, (*w.shape[:-1], cols), sch, w.path, w, s, b, bits, group, mode)
-
-
-def _show_value(v: object) -> str:
-    text = escape_name(repr(v))
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _special_names(tensors: dict) -> bool:
