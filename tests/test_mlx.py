@@ -36,8 +36,8 @@ def _np(a) -> np.ndarray:
 
 def mlx_build(folder: Path, tensors: dict, bits: int = 4, group: int = 64, mode: str = "affine",
               per_module: dict | None = None, dtype: str = "BF16", tune=None) -> Path:
-    """The model as ``mlx_lm.convert -q`` leaves it: every 2-D weight whose rows split into groups quantized by
-    ``mx.quantize`` (the embedding and head too), the rest in ``dtype``, saved by ``mx.save_safetensors``, and
+    """The model as ``mlx_lm.convert -q`` leaves it: every 2-D weight (and stacked experts) whose rows split into
+    groups quantized by ``mx.quantize`` (the embedding and head too), the rest in ``dtype``, saved by ``mx.save_safetensors``, and
     config.json's ``quantization`` (and ``quantization_config``) as ``mlx_lm.utils.quantize_model`` writes it,
     with ``per_module`` entries by module path. ``tune(name, scales, biases)``: scales and biases changed after
     the rounding (what mlx-lm's DWQ trains)."""
@@ -47,7 +47,7 @@ def mlx_build(folder: Path, tensors: dict, bits: int = 4, group: int = 64, mode:
         mod = name.removesuffix(".weight")
         cfg = {"group_size": group, "bits": bits, "mode": mode, **(per_module or {}).get(mod, {})}
         x = _mx(w, dtype)
-        if w.ndim == 2 and name.endswith(".weight") and w.shape[-1] % cfg["group_size"] == 0:
+        if w.ndim >= 2 and name.endswith(".weight") and w.shape[-1] % cfg["group_size"] == 0:
             q = mx.quantize(x, group_size=cfg["group_size"], bits=cfg["bits"], mode=cfg["mode"])
             parts = [q[0], q[1]] + ([q[2]] if cfg["mode"] == "affine" else [])
             if tune is not None and cfg["mode"] == "affine":
@@ -232,3 +232,51 @@ def test_a_hostile_mlx_quantization_config_is_one_line(tmp_path, model, edit, ex
     (q / "config.json").write_text(json.dumps(cfg))
     line = one_error(*run("compare", q, q)[::2])
     assert expect in line, line
+
+
+def mlx_sanitized(tensors: dict) -> dict:
+    """A mixture-of-experts state dict as mlx-lm's ``sanitize`` stores it: each layer's experts stacked as
+    ``switch_mlp.{gate,up,down}_proj.weight`` [experts, m, n] (Mixtral's w1, w3, w2 renamed so)."""
+    out, groups = {}, {}
+    for k, v in tensors.items():
+        parts = k.split(".")
+        if "experts" not in parts:
+            out[k] = v
+            continue
+        i = parts.index("experts")
+        proj = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}.get(parts[i + 2], parts[i + 2])
+        groups.setdefault(".".join(parts[:i]) + f".switch_mlp.{proj}.weight", {})[int(parts[i + 1])] = v
+    out.update({k: np.stack([g[e] for e in range(len(g))]) for k, g in groups.items()})
+    return out
+
+
+@pytest.mark.parametrize("style", ["qwen", "mixtral"])
+@pytest.mark.parametrize("bits", [4, None])
+def test_mlx_stacked_experts_pair_with_the_bases_own(tmp_path, style, bits):
+    """mlx-lm's MoE models store a layer's experts stacked (``switch_mlp``, quantized or not): read as the experts'
+    own tensors under the Hugging Face names they were stacked from, each expert pairs with the base's, and a
+    fine-tune of one expert is that expert's change."""
+    from models import moe
+
+    t = moe(np.random.default_rng(2), style=style, layers=2, hidden=64, inter=64, experts=4)
+    base = write_checkpoint(tmp_path / "base", t, dtype="BF16")
+    down = "experts.1.w2.weight" if style == "mixtral" else "experts.1.down_proj.weight"
+    tuned = {k: low_rank_update(np.random.default_rng(3), v, 2, rel=0.5) if k.endswith(down) else v
+             for k, v in t.items()}
+    for tag, tensors in (("same", t), ("tuned", tuned)):
+        if bits:
+            q = mlx_build(tmp_path / tag, mlx_sanitized(tensors), bits, 64)
+        else:
+            q = write_checkpoint(tmp_path / tag, mlx_sanitized(tensors), shards=2, dtype="BF16")  # an index of the stacks
+        with locate(q) as ck:
+            assert ck.tensors.keys() == t.keys()
+            src = ck.quant.get(f"model.layers.0.{'block_sparse_moe' if style == 'mixtral' else 'mlp'}.{down}")
+            assert (src is not None and src.shape == (64, 64)) == bool(bits)     # each expert its own source
+        res = weightdiff.compare(base, q, rank=False)
+        assert not [x for x in res.tensors if x.status in ("added", "removed")]
+        if tag == "same":
+            assert res.summary.verdict == ("quantized_only" if bits else "identical"), res.summary.headline
+        else:
+            assert res.summary.verdict == "derived", res.summary.headline
+            assert {x.name for x in res.tensors if x.status == "changed"} == \
+                {f"model.layers.{i}.{'block_sparse_moe' if style == 'mixtral' else 'mlp'}.{down}" for i in range(2)}

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 from ..errors import CheckpointError, escape_name
 from .files import inside as _inside, load_json, open_regular, os_problem, pread_into, read_small
-from .experts import count_note, fused_origin, split_infos, split_note
+from .experts import count_note, fused_origin, split_infos, split_note, switch_origin
 from . import meta_layout
 from .located import Checkpoint
 from .peft_adapter import JSON_CAP, AdapterConfig, LoraFactor, parse_adapter_config
@@ -549,7 +549,7 @@ def _sharded(folder, index_name: str, shown: object) -> Checkpoint:
         for name in infos:
             key = name
             if name not in wmap:
-                origin = fused_origin(name)
+                origin = fused_origin(name) or switch_origin(name)
                 if origin is not None and origin in wmap and origin not in infos:
                     key = origin              # split by the reader (weightdiff.io.experts)
                     cut.setdefault(origin, []).append(name)

@@ -17,6 +17,16 @@ The rule is by name and shape only, so both sides of a comparison split the same
 'model.layers.0.mlp.experts.gate_up_proj'
 >>> is_fused("model.layers.0.mlp.experts.down_proj", (32, 2880, 2880)), is_fused("conv1.weight", (8, 4, 3))
 (True, False)
+
+mlx-lm stacks a layer's experts as ``mlp.switch_mlp.gate_proj.weight`` [experts, m, n] (its models' ``sanitize``;
+with their ``scales`` and ``biases`` when quantized): split, they take the Hugging Face names they were stacked
+from, ``mlp.experts.3.gate_proj.weight``, and Mixtral's ``block_sparse_moe.experts.3.w1.weight`` (w1, w2, w3 for
+gate, down, up), so that they pair with the base's experts:
+
+>>> expert_name("model.layers.0.block_sparse_moe.switch_mlp.down_proj.scales", 3)
+'model.layers.0.block_sparse_moe.experts.3.w2.scales'
+>>> switch_origin("model.layers.0.mlp.experts.3.up_proj.biases")
+'model.layers.0.mlp.switch_mlp.up_proj.biases'
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ from typing import Sequence
 from ..errors import CheckpointError, escape_name
 from .safetensors_read import TensorInfo
 
-__all__ = ["MAX_EXPERTS", "is_fused", "expert_name", "fused_origin", "split_infos", "split_note", "count_note"]
+__all__ = ["MAX_EXPERTS", "is_fused", "expert_name", "fused_origin", "switch_origin", "split_infos", "split_note",
+           "count_note"]
 
 #: (name suffix, dimensions of the fused tensor): matrices are [experts, m, n], biases [experts, n]
 _MATRIX = (".experts.gate_up_proj", ".experts.down_proj", ".experts.gate_proj", ".experts.up_proj",
@@ -36,6 +47,11 @@ _MATRIX = (".experts.gate_up_proj", ".experts.down_proj", ".experts.gate_proj", 
 _BIAS = (".experts.gate_up_proj_bias", ".experts.down_proj_bias")
 _SUFFIXES = _MATRIX + _BIAS
 _SPLIT = re.compile(r"^(.+)\.(\d+)\.([^.]+)$")
+#: mlx-lm's stacked experts (``SwitchGLU``), and the Hugging Face names they are split into
+_SWITCH = re.compile(r"^(.+)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+_SWITCH_SPLIT = re.compile(r"^(.+)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.(weight|scales|biases)$")
+#: Mixtral's names of its experts' matrices (mlx-lm's mixtral ``sanitize``: w1 gate, w2 down, w3 up)
+_MIXTRAL = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 _SPLIT_ANY = None                 # split_note's pattern, compiled on first use
 
 #: most experts a fused tensor is split into: released models have up to 512 (Qwen3-Next); a header that
@@ -46,6 +62,8 @@ MAX_EXPERTS = 4096
 def is_fused(name: str, shape: Sequence[int]) -> bool:
     """Whether stored tensor ``name`` of ``shape`` holds several experts side by side on its first axis
     (at most ``MAX_EXPERTS``, each of at least one element)."""
+    if _SWITCH.match(name) is not None:
+        return len(shape) == 3 and 2 <= int(shape[0]) <= MAX_EXPERTS and all(int(d) > 0 for d in shape[1:])
     if not name.endswith(_SUFFIXES) or not shape or not 2 <= int(shape[0]) <= MAX_EXPERTS:
         return False
     return len(shape) == (2 if name.endswith(_BIAS) else 3) and all(int(d) > 0 for d in shape[1:])
@@ -53,6 +71,10 @@ def is_fused(name: str, shape: Sequence[int]) -> bool:
 
 def expert_name(name: str, expert: int) -> str:
     """The name of expert ``expert``'s tensor cut from fused tensor ``name``."""
+    m = _SWITCH.match(name)
+    if m is not None:
+        prefix, proj, leaf = m.groups()
+        return f"{prefix}.experts.{expert}.{_MIXTRAL[proj] if prefix.endswith('block_sparse_moe') else proj}.{leaf}"
     stem, _, leaf = name.rpartition(".")
     return f"{stem}.{expert}.{leaf}"
 
@@ -66,13 +88,28 @@ def fused_origin(name: str) -> str | None:
     return origin if origin.endswith(_SUFFIXES) else None
 
 
+def switch_origin(name: str) -> str | None:
+    """The mlx-lm stack (``switch_mlp``) a split name could have been cut from: any per-expert name of that form,
+    so only where the stack is known to exist (a sharded index that lists it, an MLX config entry), as Mixtral's
+    and Qwen-MoE's own checkpoints are named so too."""
+    m = _SWITCH_SPLIT.match(name)
+    if m is None:
+        return None
+    prefix, _, proj, leaf = m.groups()
+    if proj.startswith("w"):
+        if not prefix.endswith("block_sparse_moe"):
+            return None
+        proj = next(k for k, v in _MIXTRAL.items() if v == proj)
+    return f"{prefix}.switch_mlp.{proj}.{leaf}"
+
+
 def split_infos(infos: list[TensorInfo], path) -> tuple[list[TensorInfo], dict[str, tuple[str, int]]] | None:
     """``infos`` (one file's tensors, in file order) with every fused expert tensor replaced by its
     experts' tensors, and for each such tensor (fused name, expert index); None when there is none to
     split. With a byte range, each expert's is its contiguous run of it; without one (a pickle's), none
     (the reader slices the array). A fused tensor whose experts do not each fill whole bytes (packed 4-
     or 6-bit floats) is kept whole."""
-    if not any(t.name.endswith(_SUFFIXES) for t in infos):
+    if not any(t.name.endswith(_SUFFIXES) or ".switch_mlp." in t.name for t in infos):
         return None
     names = {t.name for t in infos}
     out: list[TensorInfo] = []

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import CheckpointError, escape_name
 from ..kernels import quant as K
-from .experts import expert_name, is_fused
+from .experts import expert_name, is_fused, switch_origin
 from .files import load_json, read_beside, read_small
 from .quant_sources import AWQ, CTFP4, FP8, GPTQ, MLX, MXFP4, Bitmask, BnB4, BnB8, IntGrid, Read, Source
 from .safetensors_read import QuantScheme, TensorInfo
@@ -824,7 +824,9 @@ def _mlx(mod: str, leaves: dict[str, TensorInfo], qc: dict) -> Source:
         raise _err(w, f"{_q(w.name)} is U32 beside {_q(s.name)}: an MLX quantized weight (mlx-lm), but config.json "
                       "has no `quantization` (group size and bits) to read it with",
                    "put the model's config.json, as mlx-lm wrote it, beside the weights")
-    own = qc.get(mod)
+    # the config's entry for this module path: mlx-lm's own (``mlp.switch_mlp.gate_proj``) for a split expert
+    origin = switch_origin(w.name)
+    own = qc.get(origin.rpartition(".")[0]) if origin is not None and origin.rpartition(".")[0] in qc else qc.get(mod)
     cfg = {**{k: qc.get(k) for k in ("group_size", "bits", "mode")}, **(own if isinstance(own, dict) else {})}
     mode = cfg.get("mode") or "affine"
     if not isinstance(mode, str) or mode not in ("affine", *K.MLX_FP_MODES):
