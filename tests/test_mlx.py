@@ -280,3 +280,29 @@ def test_mlx_stacked_experts_pair_with_the_bases_own(tmp_path, style, bits):
             assert res.summary.verdict == "derived", res.summary.headline
             assert {x.name for x in res.tensors if x.status == "changed"} == \
                 {f"model.layers.{i}.{'block_sparse_moe' if style == 'mixtral' else 'mlp'}.{down}" for i in range(2)}
+
+
+@pytest.mark.parametrize("mode", ["affine", "mxfp4", "mxfp8"])
+def test_nan_inf_and_empty_read_as_mlx_reads_them(mode):
+    """A group holding NaN or an infinity (a broken weight): the values read are mx.dequantize's whatever MLX made
+    of it (the affine quantizer stores such a group as zeros; the base side's NaN is then what the stats pass
+    counts), the sound rows keep their bound, and an empty row block reads as nothing."""
+    rng = np.random.default_rng(9)
+    w = rng.normal(0, 0.02, (4, 64)).astype(np.float32)
+    w[1, 3], w[2, 40] = np.nan, np.inf
+    x = _mx(w, "BF16")
+    if mode == "affine":
+        q, s, b = mx.quantize(x, group_size=32, bits=4)
+        ref = _np(mx.dequantize(q, s, b, group_size=32, bits=4))
+        v, f = K.mlx_affine_rows(np.array(q), _np(s), _np(b), 4, 32, "BF16")
+        empty = K.mlx_affine_rows(np.zeros((0, 8), np.uint32), np.zeros((0, 2), np.float32),
+                                  np.zeros((0, 2), np.float32), 4, 32, "BF16")
+    else:
+        q, s = mx.quantize(x, mode=mode)
+        ref = _np(mx.dequantize(q, s, mode=mode))
+        v, f = K.mlx_fp_rows(np.array(q), np.array(s), mode)
+        empty = K.mlx_fp_rows(np.zeros((0, 8 if mode == "mxfp4" else 16), np.uint32), np.zeros((0, 2), np.uint8), mode)
+    assert np.array_equal(v, ref, equal_nan=True)
+    held = _np(x)
+    assert np.all(np.abs(held - v)[[0, 3]] <= f[[0, 3]])                       # the sound rows keep their bound
+    assert empty[0].shape == (0, 64) and empty[1].shape == (0, 64)
