@@ -176,17 +176,19 @@ def test_a_fine_tune_quantized_by_mlx_is_derived(tmp_path, model):
     assert changed == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
 
 
-def test_scales_tuned_after_rounding_are_untested_not_a_fine_tune(tmp_path, model):
+@pytest.mark.parametrize("bits,dtype", [(4, "BF16"), (8, "BF16"), (3, "F16")])
+def test_scales_tuned_after_rounding_are_untested_not_a_fine_tune(tmp_path, model, bits, dtype):
     """mlx-lm's DWQ (and its AWQ, GPTQ) write the same layout with scales and biases trained after the rounding:
     the weights may then be any distance from their codes' plain values, so no floor bounds them. Read as
-    quantized, untested: inconclusive, never "derived"."""
+    quantized, untested: inconclusive, never "derived" (at 8 bits in bfloat16 too, where the scale's own
+    rounding spans a step: the check is the identity scale = round(bias / q0), not a tolerance)."""
     base = write_checkpoint(tmp_path / "base", model, dtype="BF16")
     rng = np.random.default_rng(8)
 
     def tune(name, s, b):
         return s * (1 + rng.normal(0, 0.03, s.shape)), b + rng.normal(0, 0.3, b.shape) * np.abs(s)
 
-    q = mlx_build(tmp_path / "q", model, 4, 64, tune=tune)
+    q = mlx_build(tmp_path / "q", model, bits, 64, dtype=dtype, tune=tune)
     with locate(q) as ck:
         src = ck.quant["model.layers.0.mlp.up_proj.weight"]
         assert src.floored(ck._stored_read) is False
@@ -195,7 +197,7 @@ def test_scales_tuned_after_rounding_are_untested_not_a_fine_tune(tmp_path, mode
     assert res.summary.verdict == "inconclusive", res.summary.headline
     assert all(t.quant["within"] is None for t in res.tensors if t.quant)
     # the plain build's scales pass the same check
-    with locate(mlx_build(tmp_path / "plain", model, 4, 64)) as ck:
+    with locate(mlx_build(tmp_path / "plain", model, bits, 64, dtype=dtype)) as ck:
         assert all(s.floored(ck._stored_read) for s in ck.quant.values())
 
 

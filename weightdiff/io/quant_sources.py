@@ -563,25 +563,29 @@ class MLX(Source):
 
     def has_floor(self, read) -> bool:
         """Whether the stored scales are those of a plain rounding, so that the floor bounds what it left. MLX's
-        affine quantizer puts zero on each group's grid (the bias, the group's extreme of larger magnitude, is a
-        whole number of steps from zero: ``affine_quantize`` stretches the step to make it so), and stores the
-        scale and bias rounded to their dtype: ``bias / scale`` is within that rounding of an integer in every
-        group. mlx-lm's DWQ, AWQ and GPTQ write the same files with scales and biases tuned after rounding (DWQ
-        trains them by distillation), which leaves them off it and the weights any distance from their codes:
-        then no floor (the judge reads such a tensor as quantized, untested). Floating-point modes have no bias:
-        always a floor."""
+        affine quantizer (``affine_quantize``) takes the bias as the group's extreme of larger magnitude, a weight
+        held exactly in the scales' dtype, and stretches or shrinks the step so that zero is on the grid: the scale
+        is that bias over a whole number of steps q0, divided in float32 and rounded to the dtype. So in every
+        group the stored scale is ``round(float32(bias / q0))`` for the integer q0 nearest bias / scale (a bias of
+        0 says nothing). mlx-lm's DWQ, AWQ and GPTQ write the same files with scales and biases tuned after the
+        rounding (DWQ trains them by distillation), which leaves them off that identity, and the weights any
+        distance from their codes: then no floor (the judge reads such a tensor as quantized, untested). More than
+        ``MLX_OFF_GRID_SHARE`` of a tensor's groups off it: tuned. Floating-point modes have no bias: always a
+        floor."""
         if self.mode != "affine":
             return True
-        s, b = (np.asarray(x, np.float64) for x in self._group_params(read))
-        live = (s != 0) & np.isfinite(s) & np.isfinite(b)
+        s, b = (np.asarray(x, np.float32) for x in self._group_params(read))
+        live = (b != 0) & (s != 0) & np.isfinite(s) & np.isfinite(b)
         if not live.any():
             return True
-        k = b[live] / s[live]
-        u = 2.0 ** -(K.MANT[self.sdtype] + 1)
-        # b = rd(edge) and s = rd(edge / q0): b / s = q0 (1 + e), |e| <= 2u / (1 - u), and the step's own rounding
-        tol = np.abs(k) * 2.0 * u / (1.0 - u) * (1 + 2.0 ** -6) + 2.0 ** -20 + 1e-3
-        off = np.abs(k - np.round(k)) > tol
-        return float(np.count_nonzero(off)) <= MLX_OFF_GRID_SHARE * k.size
+        sl, bl = s[live], b[live]
+        with np.errstate(all="ignore"):
+            k = np.round(bl.astype(np.float64) / sl.astype(np.float64))
+            ok = np.zeros(sl.shape, bool)
+            for d in (0.0, -1.0, 1.0):                   # q0, and its neighbours where bias / scale rounds across
+                q = (k + d).astype(np.float32)
+                ok |= (q != 0) & (K.round_to(bl / q, self.sdtype) == sl)
+        return float(np.count_nonzero(~ok)) <= MLX_OFF_GRID_SHARE * sl.size
 
     def scale_groups(self, read) -> tuple | None:
         """As ``IntGrid.scale_groups``: one scale per ``group`` elements of a row. Affine: at most (max - min)
