@@ -566,8 +566,8 @@ class MLX(Source):
         affine quantizer (``affine_quantize``) takes the bias as the group's extreme of larger magnitude, a weight
         held exactly in the scales' dtype, and stretches or shrinks the step so that zero is on the grid: the scale
         is that bias over a whole number of steps q0, divided in float32 and rounded to the dtype. So in every
-        group the stored scale is ``round(float32(bias / q0))`` for the integer q0 nearest bias / scale (a bias of
-        0 says nothing). mlx-lm's DWQ, AWQ and GPTQ write the same files with scales and biases tuned after the
+        group the stored scale is ``round(float32(bias / q0))`` (float32 scales to within an ulp) for the integer
+        q0 nearest bias / scale (a bias of 0 says nothing). mlx-lm's DWQ, AWQ and GPTQ write the same files with scales and biases tuned after the
         rounding (DWQ trains them by distillation), which leaves them off that identity, and the weights any
         distance from their codes: then no floor (the judge reads such a tensor as quantized, untested). More than
         ``MLX_OFF_GRID_SHARE`` of a tensor's groups off it: tuned. Floating-point modes have no bias: always a
@@ -579,12 +579,17 @@ class MLX(Source):
         if not live.any():
             return True
         sl, bl = s[live], b[live]
+        # float32 scales within one ulp: a quantizer that divides otherwise (Metal's kernel, a reciprocal) may land a
+        # quotient an ulp away. In bf16 or f16 exactly: such a difference crosses their rounding only rarely, and an
+        # ulp there is coarser than the next q0's quotient at 8 bits (any scale would pass)
+        ulp = np.float32(2.0 ** -K.MANT["F32"] if self.sdtype == "F32" else 0.0)
         with np.errstate(all="ignore"):
             k = np.round(bl.astype(np.float64) / sl.astype(np.float64))
             ok = np.zeros(sl.shape, bool)
             for d in (0.0, -1.0, 1.0):                   # q0, and its neighbours where bias / scale rounds across
                 q = (k + d).astype(np.float32)
-                ok |= (q != 0) & (K.round_to(bl / q, self.sdtype) == sl)
+                e = K.round_to(bl / q, self.sdtype)
+                ok |= (q != 0) & (np.abs(e - sl) <= np.abs(e) * ulp)
         return float(np.count_nonzero(~ok)) <= MLX_OFF_GRID_SHARE * sl.size
 
     def scale_groups(self, read) -> tuple | None:
