@@ -418,12 +418,18 @@ def bnb_int8_rows(cb: np.ndarray, scb: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return value, floor.astype(np.float32)
 
 
+def _nibbles_low_first(packed: np.ndarray) -> np.ndarray:
+    """Two 4-bit codes a byte, the low nibble first: [..., n] uint8 -> [..., 2n]."""
+    codes = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
+    codes[..., 0::2], codes[..., 1::2] = packed & 0x0F, packed >> 4
+    return codes
+
+
 def mxfp4_rows(blocks: np.ndarray, scales: np.ndarray, out_dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """MXFP4 (transformers ``convert_moe_packed_tensors``): blocks [..., G, 16] uint8 (code 2k in
     the low nibble), scales [..., G] e8m0 -> [..., G * 32] = e2m1[code] * 2**(scale - 127)."""
     b = np.asarray(blocks, dtype=np.uint8)
-    codes = np.empty((*b.shape[:-1], b.shape[-1] * 2), dtype=np.uint8)
-    codes[..., 0::2], codes[..., 1::2] = b & 0x0F, b >> 4
+    codes = _nibbles_low_first(b)
     e = np.asarray(scales, dtype=np.uint8).astype(np.int32) - 127
     s = np.ldexp(np.float32(1.0), e).astype(np.float32)[..., None]
     value, floor = dequant_codebook(codes, FP4_E2M1, s, "F32", out_dtype)
@@ -486,11 +492,7 @@ def mlx_fp_rows(words: np.ndarray, scales: np.ndarray, mode: str, out_dtype: str
     cols = w.shape[1] * 32 // bits
     codes = unpack_dense_int32(w, bits, cols)
     sc = np.asarray(scales, dtype=np.uint8)
-    if scale_format == "e8m0":
-        with np.errstate(over="ignore"):
-            s = np.where(sc == 255, np.float32(np.nan), np.ldexp(np.float32(1.0), sc.astype(np.int32) - 127))
-    else:
-        s = FP8_TABLES["F8_E4M3"][sc]
+    s = FP8_TABLES["F8_E8M0" if scale_format == "e8m0" else "F8_E4M3"][sc]
     s = np.repeat(s.astype(np.float32), group, axis=1)[:, :cols]
     if table == "e2m1":
         return dequant_codebook(codes, FP4_E2M1, s, "F32", out_dtype)
@@ -516,9 +518,7 @@ def ct_fp4_rows(packed: np.ndarray, scales: np.ndarray, group: int, global_scale
     ``multiply``: NVIDIA ModelOpt's NVFP4, whose tensor scale (``weight_scale_2``) multiplies the block scales:
     ``bf16(e2m1[code] * f32(scale * scale_2))`` (``NVFP4QTensor.dequantize``), the subnormal term 6 x 2^-10 x
     scale_2."""
-    p = np.asarray(packed, dtype=np.uint8)
-    codes = np.empty((p.shape[0], p.shape[1] * 2), dtype=np.uint8)
-    codes[:, 0::2], codes[:, 1::2] = p & 0x0F, p >> 4
+    codes = _nibbles_low_first(np.asarray(packed, dtype=np.uint8))
     cols = codes.shape[1]
     s = np.asarray(scales, dtype=np.float32)
     if global_scale is not None:

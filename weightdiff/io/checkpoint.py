@@ -422,12 +422,8 @@ def _gguf_split(first, file: Path, shown: Path, root: Path, folder: "LocalFolder
 
     from .gguf_read import GGUFFile, notes, read_series
 
-    try:                                 # the parts are beside the one named, read through the folder's rules
-        sub = file.parent.relative_to(folder.root)
-    except ValueError:
-        sub = None
-    parts, series = read_series(first, file, (lambda name: folder.file((sub / name).as_posix())) if sub is not None
-                                else (lambda name: _inside(file.parent / name, file.parent)))
+    sub = file.parent.relative_to(folder.root)     # the parts are beside the one named, read by the folder's rules
+    parts, series = read_series(first, file, lambda name: folder.file((sub / name).as_posix()))
     tensors: dict[str, TensorInfo] = {}
     where: dict[str, int] = {}
     per_part, counts, skipped = [], {"permute": 0, "transpose": 0, "minus_one": 0, "experts": 0}, []

@@ -601,9 +601,9 @@ class MLX(Source):
         if self.mode == "affine":
             s, _ = self._group_params(read)
             return np.abs(s), ("block", 1, self.group), ((1 << self.bits) - 1) / 2
-        e = np.asarray(read(self.scales.name), np.int32).reshape(self.nrows, -1) - 127
         half = 6.0 if K.MLX_FP_MODES[self.mode][2] == "e2m1" else 448.0
-        return np.ldexp(np.float64(1.0), e), ("block", 1, self.group), half
+        return (_f32(read(self.scales.name), "F8_E8M0").astype(np.float64).reshape(self.nrows, -1),
+                ("block", 1, self.group), half)
 
 
 class CTFP4(Source):
@@ -620,16 +620,9 @@ class CTFP4(Source):
         self.multiply = multiply
 
     def _scales(self, read) -> tuple[np.ndarray, float | None]:
-        def make():
-            raw = np.asarray(read(self.scale.name))
-            if self.scale.dtype == "U8":                      # e8m0: 2^(e - 127), 255 NaN
-                with np.errstate(over="ignore"):
-                    s = np.where(raw == 255, np.float32(np.nan),
-                                 np.ldexp(np.float32(1.0), raw.astype(np.int32) - 127)).astype(np.float32)
-            else:
-                s = _f32(raw, self.scale.dtype)
-            return s.reshape(self.shape[0], -1)
-        s = self._get("s", make)
+        # U8 scales are e8m0 (mxfp4: 2^(e - 127), 255 NaN)
+        s = self._get("s", lambda: _f32(read(self.scale.name), "F8_E8M0" if self.scale.dtype == "U8" else
+                                        self.scale.dtype).reshape(self.shape[0], -1))
         g = None
         if self.global_scale is not None:
             gs = self.global_scale

@@ -825,8 +825,8 @@ def _mlx(mod: str, leaves: dict[str, TensorInfo], qc: dict) -> Source:
                       "has no `quantization` (group size and bits) to read it with",
                    "put the model's config.json, as mlx-lm wrote it, beside the weights")
     # the config's entry for this module path: mlx-lm's own (``mlp.switch_mlp.gate_proj``) for a split expert
-    origin = switch_origin(w.name)
-    own = qc.get(origin.rpartition(".")[0]) if origin is not None and origin.rpartition(".")[0] in qc else qc.get(mod)
+    stacked = (switch_origin(w.name) or "").rpartition(".")[0]
+    own = qc.get(stacked) if stacked and stacked in qc else qc.get(mod)
     cfg = {**{k: qc.get(k) for k in ("group_size", "bits", "mode")}, **(own if isinstance(own, dict) else {})}
     mode = cfg.get("mode") or "affine"
     if not isinstance(mode, str) or mode not in ("affine", *K.MLX_FP_MODES):
