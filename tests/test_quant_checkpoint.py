@@ -7,6 +7,7 @@ with its float base without companions showing up as tensors or parameters."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from weightdiff.io.checkpoint import locate  # noqa: E402
 from weightdiff.errors import CheckpointError  # noqa: E402
 
 import quant_packers as P  # noqa: E402
+from conftest import cli, one_error  # noqa: E402
 
 LINEARS = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
            "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
@@ -273,6 +275,74 @@ def test_optimum_quanto_files_are_refused(tmp_path, base_tensors, packed):
         locate(path)
 
 
+def _foreign(kind: str, w: np.ndarray) -> dict:
+    """A module's stored leaves in a quantized format weightdiff does not read, as its own writers name them
+    (shapes of their packing; the values do not matter to the refusal)."""
+    out, inp = w.shape
+    i32, i16, u8, f16 = np.int32, np.int16, np.uint8, np.float16
+    return {
+        # exllamav2 ext.py / linear.py: q_weight packed [in * bits / 32, out], per-group scales and their max
+        "exl2": {"q_weight": np.zeros((inp // 8, out), i32), "q_scale": np.zeros((inp // 32, out // 8), i32),
+                 "q_scale_max": np.ones(inp // 32, f16), "q_groups": np.zeros(inp // 16, i16),
+                 "q_invperm": np.arange(inp, dtype=i32)},
+        # exllamav3 LinearEXL3: trellis [in / 16, out / 16, 16 * bits], Hadamard signs suh / svh
+        "exl3": {"trellis": np.zeros((inp // 16, out // 16, 64), i16), "suh": np.ones(inp, f16),
+                 "svh": np.ones(out, f16)},
+        # transformers' AQLM QuantizedLinear: codes [out, in / 8, codebooks], codebooks, scales
+        "aqlm": {"codes": np.zeros((out, inp // 8, 1), i16), "codebooks": np.zeros((1, 256, 1, 8), f16),
+                 "scales": np.ones((out, 1, 1, 1), f16)},
+        # hqq's HQQLinear state dict as transformers serializes it: W_q and its meta flattened beside it
+        "hqq": {"W_q": np.zeros((out * inp // 128, 64), u8), "scale": np.ones((out * inp // 64, 1), f16),
+                "zero": np.ones((out * inp // 64, 1), f16), "nbits": np.array([4], i32)},
+        "vptq": {"indices": np.zeros((1, out // 2, inp), i16), "centroids.weight": np.zeros((1, 4096 * 8), f16),
+                 "weight_scale": np.ones(inp, f16), "weight_bias": np.zeros(inp, f16)},
+        "quip": {"Qidxs": np.zeros((out, inp // 8), i16), "SU": np.ones(inp, f16), "SV": np.ones(out, f16),
+                 "Wscale": np.ones((), np.float32)},
+        "spqr": {"dense_weights": np.zeros(out * inp // 8, np.int64), "row_offsets": np.zeros(out + 1, i32),
+                 "col_vals": np.zeros(8, i32), "in_perm": np.arange(inp, dtype=i32)},
+        # EETQ's EetqLinear: the int8 weight [in, out], per-column weight_scales
+        "eetq": {"weight": np.zeros((inp, out), np.int8), "weight_scales": np.ones(out, f16)},
+    }[kind]
+
+
+FOREIGN = {"exl2": "EXL2 (exllamav2)", "exl3": "EXL3 (exllamav3)", "aqlm": "AQLM", "hqq": "HQQ", "vptq": "VPTQ",
+           "quip": "QuIP#", "spqr": "SpQR", "eetq": "EETQ"}
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN))
+def test_quantized_formats_not_read_are_refused_by_their_names(tmp_path, base_tensors, kind):
+    """A build in a quantized format weightdiff does not dequantize, with no quantization_config saying so
+    (an EXL2 build from before exllamav2 wrote one; a file passed on its own): read as plain tensors, every
+    linear weight was removed and other tensors added, and the verdict read "DERIVED: this base with tensors
+    added and removed; none of its own weights changed" (EETQ's int8 codes: "a fine-tune of this base"). It is
+    refused in one line naming the file, the tensors and the format, and nothing is written."""
+    stored = _others(base_tensors)
+    for m in LINEARS:
+        stored.update({f"{m}.{leaf}": v for leaf, v in _foreign(kind, base_tensors[f"{m}.weight"]).items()})
+    path = _save(tmp_path / kind, stored, None)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: .* hold a weight quantized in the "
+                                              + re.escape(FOREIGN[kind]) + " format, which weightdiff does not"):
+        locate(path)
+    base = _save(tmp_path / "base", base_tensors, None)
+    out = tmp_path / "out.json"
+    line = one_error(*cli("compare", base, path, "--json", out)[::2])
+    assert f"{kind}/model.safetensors" in line and FOREIGN[kind] in line and "model.layers.0.mlp.down_proj." in line
+    assert not out.exists()
+
+
+def test_foreign_names_without_their_companions_stay_tensors(tmp_path, base_tensors):
+    """The marks alone are not a format: a model's own parameter named `W_q` or `indices`, or a float weight
+    with `weight_scales` beside it, is read as the tensor it is."""
+    stored = dict(base_tensors)
+    stored["model.layers.0.attn.W_q"] = np.ones((4, 4), np.float32)
+    stored["model.layers.0.router.indices"] = np.arange(4, dtype=np.int64)
+    stored["model.layers.0.gate.weight"] = np.ones((4, 4), np.float32)
+    stored["model.layers.0.gate.weight_scales"] = np.ones(4, np.float32)
+    ckpt = locate(_save(tmp_path / "own", stored, None))
+    assert {"model.layers.0.attn.W_q", "model.layers.0.router.indices",
+            "model.layers.0.gate.weight_scales"} <= set(ckpt.tensors)
+
+
 def test_unsupported_method_names_config(tmp_path, base_tensors):
     path = _save(tmp_path / "hqq", base_tensors, {"quant_method": "hqq"})
     with pytest.raises(CheckpointError, match="config.json: quantization method 'hqq' is not supported"):
@@ -388,7 +458,7 @@ def test_fold_shortcut_sees_every_name_fold_acts_on(monkeypatch):
                                   "model.layers.1.blocks.0.weight", "lm_head.weight", "weight_scale.bias")}
     assert not Q._special_names(plain)
     fast = Q.fold(plain, None, None)
-    monkeypatch.setattr(Q, "_special_names", lambda tensors: True)
+    monkeypatch.setattr(Q, "_special_names", lambda tensors, joined=None: True)
     assert Q.fold(plain, None, None) == fast == (plain, {}, [])
 
 

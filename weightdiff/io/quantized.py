@@ -863,12 +863,12 @@ def _mlx(mod: str, leaves: dict[str, TensorInfo], qc: dict) -> Source:
     return MLX(w.name, (*w.shape[:-1], cols), sch, w.path, w, s, b, bits, group, mode)
 
 
-def _special_names(tensors: dict) -> bool:
+def _special_names(tensors: dict, joined: str | None = None) -> bool:
     """Whether any stored name is one ``fold`` acts on (a quantized weight, a companion, an
     activation scale, an MXFP4 block, a bitsandbytes state): one regular-expression search over
     all the names instead of a split per name. A false positive only costs the full pass."""
     global _SPECIAL
-    joined = "\n".join(tensors)
+    joined = "\n".join(tensors) if joined is None else joined
     if not any(word in joined for word in _WORDS):     # substring scans: most checkpoints stop here
         return False
     if _SPECIAL is None:
@@ -890,6 +890,44 @@ def _refuse_quanto(tensors: dict[str, TensorInfo]) -> None:
                        "optimum-quanto quantized weight, which weightdiff does not dequantize",
                        "save the model's float weights (quanto's dequantize, or the checkpoint it was "
                        "quantized from) and compare those")
+
+
+#: quantized formats weightdiff does not dequantize, known by the leaves their files store per module
+#: ``m``: (the format, the leaf that marks it, the leaves one of which must be beside it, the weight's
+#: dtypes the mark needs (any when empty)). Their files need no ``quantization_config`` to be loaded
+#: by their own libraries (an EXL2 build from before exllamav2 wrote one, a file passed on its own),
+#: and without it they read as the base with every linear weight removed and other tensors added:
+#: "DERIVED: this base with tensors added and removed; none of its own weights changed"
+_FOREIGN = (
+    ("EXL2 (exllamav2)", "q_weight", ("q_scale", "q_scale_max", "q_invperm", "q_perm", "q_groups"), ()),
+    ("EXL3 (exllamav3)", "trellis", ("suh", "svh", "su", "sv", "mcg", "mul1"), ()),
+    ("AQLM", "codebooks", ("codes",), ()),
+    ("HQQ", "W_q", ("scale", "zero", "meta", "nbits", "shape", "group_size", "offload_meta"), ()),
+    ("VPTQ", "indices", ("centroids.weight",), ()),
+    ("QuIP#", "Qidxs", ("SU", "SV", "Wscale"), ()),
+    ("SpQR", "dense_weights", ("col_vals", "row_offsets", "in_perm"), ()),
+    # EETQ's int8 weight, stored transposed and interleaved for its CUDA kernel, beside per-column scales
+    ("EETQ", "weight_scales", ("weight",), ("I8", "U8")),
+)
+_FOREIGN_MARKS = re.compile(r"^(.*)\.(" + "|".join(re.escape(f[1]) for f in _FOREIGN) + r")$", re.M)
+
+
+def _refuse_foreign(tensors: dict[str, TensorInfo], joined: str) -> None:
+    """CheckpointError naming the first quantized weight of a format in ``_FOREIGN`` (one substring scan
+    of the joined names when none is there)."""
+    if not any("." + f[1] in joined for f in _FOREIGN):
+        return
+    by_mark = {f[1]: f for f in _FOREIGN}
+    for m in _FOREIGN_MARKS.finditer(joined):
+        mod, mark = m.group(1), m.group(2)
+        fmt, _, companions, dtypes = by_mark[mark]
+        beside = [mod + "." + c for c in companions if mod + "." + c in tensors]
+        if not beside or (dtypes and not any(tensors[b].dtype in dtypes for b in beside)):
+            continue
+        raise _err(tensors[m.group(0)], f"{_q(m.group(0))} and {_q(beside[0])} hold a weight quantized in the {fmt} "
+                                        "format, which weightdiff does not dequantize",
+                   "compare the float checkpoint it was quantized from; docs/formats.md lists the quantized formats "
+                   "weightdiff reads")
 
 
 _SPECIAL = None
@@ -952,7 +990,9 @@ def fold(tensors: dict[str, TensorInfo], qc: dict | None, read: Read
                               "supported: pack-quantized, int-quantized, float-quantized, naive-quantized, "
                               "nvfp4-pack-quantized, mxfp4-pack-quantized")
     sparse = _sparsity_format(qc) if method == "compressed-tensors" else None
-    if not method and not _special_names(tensors):    # nothing to fold (most checkpoints): the same tensors
+    joined = "\n".join(tensors)
+    _refuse_foreign(tensors, joined)
+    if not method and not _special_names(tensors, joined):    # nothing to fold (most checkpoints): the same tensors
         return dict(tensors), {}, []
     _refuse_quanto(tensors)
     sources: dict[str, Source] = {}
