@@ -51,6 +51,9 @@ def _reference(counted, records, declared):
             and r.name.split(".attention.w")[1] in ("q.weight", "k.weight") for r in counted)),
         ("unpaired_lookalikes", bool(verdict.lookalikes(counted))),
         ("zeroed_matrices", any(r.status == "changed" and zero_side(r) for r in counted)),
+        ("unmerged_lora", any(r.status == "added" and any(f".{k}" in r.name for k in ("lora_A", "lora_B"))
+                              and r.name.rsplit(".lora_", 1)[0] + ".base_layer.weight" in {x.name for x in counted}
+                              for r in counted)),
     ]
     return [name for name, on in checks if on]
 
@@ -59,7 +62,9 @@ def _record(rng: random.Random, i: int) -> TensorRecord:
     status = rng.choice(["unchanged"] * 6 + ["changed"] * 3 + ["added", "removed", "resized", "quantized"])
     shape = rng.choice([[8, 8], [8], [4, 8]])
     name = rng.choice([f"model.layers.{i % 3}.mlp.{rng.choice(['up', 'down'])}_proj.weight"] * 5
-                      + [f"layers.{i % 3}.attention.w{rng.choice('qkv')}.weight"])
+                      + [f"layers.{i % 3}.attention.w{rng.choice('qkv')}.weight"]
+                      + [f"model.layers.{i % 3}.mlp.up_proj.{rng.choice(['base_layer', 'lora_A.default', 'lora_B'])}"
+                         ".weight"])
     r = TensorRecord(name=name,
                      base_name=None if status == "added" else f"b{i}", status=status, shape=shape,
                      base_shape=shape, dtype_base=rng.choice(["BF16", "F16", None]),
@@ -103,7 +108,7 @@ def test_flags_match_their_definitions(seed):
 
 
 def test_every_flag_is_listed_in_order():
-    assert len(set(verdict.FLAG_ORDER)) == len(verdict.FLAG_ORDER) == 32
+    assert len(set(verdict.FLAG_ORDER)) == len(verdict.FLAG_ORDER) == 33
 
 
 def test_meta_layout_unmapped_needs_relayout_and_a_meta_query_or_key():
