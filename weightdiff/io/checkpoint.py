@@ -70,6 +70,8 @@ def locate(path: str | os.PathLike, hub: object = None) -> Checkpoint:
         except BaseException:
             ckpt.close()
             raise
+    if ckpt.format in ("safetensors", "sharded", "pickle"):
+        unwrap_names(ckpt)
     if ckpt.format in ("safetensors", "sharded"):
         try:
             _fold_quantized(ckpt)
@@ -77,6 +79,41 @@ def locate(path: str | os.PathLike, hub: object = None) -> Checkpoint:
             ckpt.close()
             raise
     return ckpt
+
+
+#: a segment a training wrapper puts inside the names of a raw state dict, around each module it wraps (not only
+#: in front, where prefix alignment finds a wrapper): torch.distributed's activation checkpointing and FSDP's
+_WRAPPER_SEGMENT = re.compile(r"(?<![^.])(?:_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
+
+
+def unwrap_names(ckpt: Checkpoint) -> None:
+    """Report the tensors of a state dict saved through a training wrapper under the module's own names
+    (``model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight`` as ``model.layers.0.mlp.up_proj.weight``),
+    read by their stored names (``file_names``). They paired by content at best, and the norm weights, alike,
+    not at all: counted as added, and the base's as removed. Nothing changes when two names would become one,
+    or one another stored name."""
+    found = {n: _WRAPPER_SEGMENT.sub("", n) for n in ckpt.tensors if "_wrapped_module." in n}
+    if not found:
+        return
+    plain = list(found.values())
+    if len(set(plain)) != len(plain) or any(not k or k in ckpt.tensors for k in plain):
+        return
+    from dataclasses import replace
+
+    file_names = dict(ckpt.file_names)
+    out = {}
+    for name, info in ckpt.tensors.items():
+        new = found.get(name)
+        if new is not None:
+            file_names[new] = file_names.get(name, name)
+            info = replace(info, name=new)
+            name = new
+        out[name] = info
+    ckpt.tensors = ckpt.stored = out
+    ckpt.file_names = file_names
+    ckpt.notes.append(f"{escape_name(str(ckpt.path))}: {len(found):,} tensor names hold a training wrapper's "
+                      "segments (`_checkpoint_wrapped_module.`, `_fsdp_wrapped_module.`), read under the names "
+                      "without them")
 
 
 def is_hub_candidate(path: object) -> bool:
