@@ -51,9 +51,10 @@ def _reference(counted, records, declared):
             and r.name.split(".attention.w")[1] in ("q.weight", "k.weight") for r in counted)),
         ("unpaired_lookalikes", bool(verdict.lookalikes(counted))),
         ("zeroed_matrices", any(r.status == "changed" and zero_side(r) for r in counted)),
-        ("unmerged_lora", any(r.status == "added" and any(f".{k}" in r.name for k in ("lora_A", "lora_B"))
-                              and r.name.rsplit(".lora_", 1)[0] + ".base_layer.weight" in {x.name for x in counted}
-                              for r in counted)),
+        ("unmerged_adapter", any(r.status == "added" and any(
+            r.name.startswith(m + ".") and not r.name.startswith(m + ".base_layer.")
+            for m in {x.name[:-len(".base_layer.weight")] for x in counted
+                      if x.status != "removed" and x.name.endswith(".base_layer.weight")}) for r in counted)),
     ]
     return [name for name, on in checks if on]
 

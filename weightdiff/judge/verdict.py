@@ -188,7 +188,7 @@ FLAG_ORDER = ("added_tensors", "removed_tensors", "resized_embeddings", "shape_m
               "cast_overflow", "bytes_compared", "partial_spectrum", "content_paired",
               "declared_base_mismatch", "relayout", "meta_layout_unmapped", "unpaired_lookalikes",
               "zeroed_matrices", "folded_parameters", "pruned_by_export", "dtype_relabelled",
-              "moved_tensors", "unmerged_lora")
+              "moved_tensors", "unmerged_adapter")
 
 
 def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: dict,
@@ -272,8 +272,8 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
             on.add("meta_layout_unmapped")
     if lookalikes(counted):
         on.add("unpaired_lookalikes")
-    if "added_tensors" in on and unmerged_lora(counted):
-        on.add("unmerged_lora")
+    if "added_tensors" in on and unmerged_adapter(counted):
+        on.add("unmerged_adapter")
     if folds and any(is_folded(r, folds) for r in counted):
         on.add("folded_parameters")
     if prunes and any(is_folded(r, prunes) for r in counted):
@@ -414,10 +414,11 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         labels = [r for r in counted if r.status == "changed" and relabelled(r)]
         scope["dtype_relabelled"] = {"tensors": len(labels), "params": sum(r.numel for r in labels),
                                      "labels": sorted({f"{r.dtype_base} as {r.dtype_tuned}" for r in labels})}
-    if "unmerged_lora" in flags:
-        factors = unmerged_lora(counted)
-        scope["unmerged_lora"] = {"modules": len({_LORA_FACTOR.match(str(r.name)).group(1) for r in factors}),
-                                  "tensors": len(factors), "params": sum(int(r.numel or 0) for r in factors)}
+    if "unmerged_adapter" in flags:
+        extra = unmerged_adapter(counted)
+        scope["unmerged_adapter"] = {"modules": len({m for _, m in extra}), "tensors": len(extra),
+                                     "params": sum(int(r.numel or 0) for r, _ in extra),
+                                     "lora": all(_LORA_FACTOR.match(str(r.name)) for r, _ in extra)}
     if "moved_tensors" in flags:
         # another tensor of the base under this name, bit for bit: moved or swapped, not trained
         shifted = [r for r in counted if is_moved(r)]
@@ -796,8 +797,8 @@ def _verdict(counted, tbs, rel, cos, changed, thr: Thresholds, n_paired: int, co
             and all(is_folded(r, folds) for r in counted if r.status == "removed"):
         return "inconclusive"         # folded by the exporter, not removed: the rows it left out are not compared
     if not moved and tbs["added"] and not tbs["removed"] and not tbs["resized"] and not moved_blocks(counted) \
-            and len(unmerged_lora(counted)) == tbs["added"]:
-        return "inconclusive"         # LoRA factors beside the base's layers, not merged: their scale is not stored
+            and len(unmerged_adapter(counted)) == tbs["added"]:
+        return "inconclusive"         # an adapter's tensors beside the base's layers, not merged: not measured
     if moved and not structural and all(nonfinite_only(r) for r in moved):
         return "inconclusive"         # NaN or infinity where the other side has numbers: broken, not measured
     if moved and not structural and awq_scaled(moved) and all(_awq_or_norm(r) for r in moved):
@@ -845,22 +846,35 @@ def relayout(counted: list[TensorRecord]) -> int:
 
 #: a PEFT LoRA (or DoRA) factor of module ``m`` in a model's state dict: ``m.lora_A.<adapter>.weight``,
 #: ``m.lora_embedding_B.<adapter>``, ``m.lora_magnitude_vector.<adapter>.weight``, with or without the adapter name
+#: (the title of ``unmerged_adapter`` then names LoRA and its scale)
 _LORA_FACTOR = re.compile(r"^(.+)\.(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
                           r"(?:\.[^.]+)?(?:\.weight)?$")
 
 
-def unmerged_lora(counted: list[TensorRecord]) -> list[TensorRecord]:
-    """The added tensors that are LoRA factors of a module whose layer the tuned model stores beside them as
+def unmerged_adapter(counted: list[TensorRecord]) -> list[tuple[TensorRecord, str]]:
+    """(record, module) of each added tensor under a module ``m`` whose layer the tuned model stores beside it as
     ``m.base_layer.weight``: a PEFT-wrapped model's whole state dict (``get_peft_model(...).state_dict()``, a
-    trainer's full checkpoint), the adapter not merged. The model computes base + (lora_alpha / r) B A, and
-    that scale is in the adapter's config, not in the state dict, so the change is not measured; the base
-    layers alone read "none of its own weights changed". Factors the base has too (Phi-4-multimodal stores
-    its speech and vision LoRAs) are paired, not added, and raise nothing."""
-    added = [r for r in counted if r.status == "added" and ".lora_" in str(r.name)]
-    if not added:
+    trainer's full checkpoint), the adapter not merged: LoRA's factors (``m.lora_A.default.weight``; the model
+    computes base + (lora_alpha / r) B A, and that scale is in the adapter's config, not in the state dict), or
+    another method's (IA3's ``m.ia3_l.default``, LoHa's ``m.hada_w1_a.default``). Its base layers alone read
+    "none of its own weights changed". Adapter tensors the base has too (Phi-4-multimodal stores its speech and
+    vision LoRAs) are paired, not added, and count for nothing here."""
+    wrapped = {str(r.name)[:-len(".base_layer.weight")] for r in counted
+               if r.status != "removed" and str(r.name).endswith(".base_layer.weight")}
+    if not wrapped:
         return []
-    names = {r.name for r in counted}
-    return [r for r in added if (m := _LORA_FACTOR.match(str(r.name))) and f"{m.group(1)}.base_layer.weight" in names]
+    out = []
+    for r in counted:
+        if r.status != "added":
+            continue
+        parts = str(r.name).split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            m = ".".join(parts[:k])
+            if m in wrapped:
+                if parts[k] != "base_layer":
+                    out.append((r, m))
+                break
+    return out
 
 
 def lookalikes(counted: list[TensorRecord]) -> int:

@@ -169,9 +169,12 @@ def _verdict_title(summary: dict) -> str:
                     "and the tuned config unties it: loaded with transformers, that head is random.")
         return ("INCONCLUSIVE: every stored tensor matches the base, but the tuned config unties the LM head and none "
                 "is stored: loaded with transformers, that head is random.")
-    if v == "inconclusive" and "unmerged_lora" in (summary.get("flags") or []):
-        return ("INCONCLUSIVE: the base's weights are unchanged, but LoRA factors not merged into them are stored "
-                "beside them, whose scale the checkpoint does not hold: the change they make cannot be measured.")
+    if v == "inconclusive" and "unmerged_adapter" in (summary.get("flags") or []):
+        if ((summary.get("scope") or {}).get("unmerged_adapter") or {}).get("lora"):
+            return ("INCONCLUSIVE: the base's weights are unchanged, but LoRA factors not merged into them are stored "
+                    "beside them, whose scale the checkpoint does not hold: the change they make cannot be measured.")
+        return ("INCONCLUSIVE: the base's weights are unchanged, but a PEFT adapter's tensors not merged into them "
+                "are stored beside them: the change they make is not measured.")
     if v == "inconclusive" and "vectors_only" in (summary.get("flags") or []):
         return "INCONCLUSIVE: only vectors were compared (no matrix), which any two models share closely."
     if v == "inconclusive" and "off_grid_mixed" in (summary.get("flags") or []):
@@ -800,16 +803,22 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                    if gone else "")
                 + ": transformers initialises that head at random, so the model as loaded computes something else "
                 "than the base, and its weights alone cannot say what (see the notes).")
-    if v == "inconclusive" and "unmerged_lora" in (s.get("flags") or []):
-        u = scope.get("unmerged_lora") or {}
+    if v == "inconclusive" and "unmerged_adapter" in (s.get("flags") or []):
+        u = scope.get("unmerged_adapter") or {}
         n = int(u.get("modules") or 0)
-        return (f"Every base weight compared is unchanged, but {count(n)} {'module carries' if n == 1 else 'modules carry'}"
-                f" LoRA factors ({plural(int(u.get('tensors') or 0), 'tensor')}, {plural(int(u.get('params') or 0), 'parameter')}"
-                f") beside {'its layer' if n == 1 else 'their layers'}, stored as `base_layer`: the whole state dict of a model wrapped by PEFT, the adapter "
-                "not merged. Such a model computes the base layer plus (lora_alpha / r) B A, and that scale is in the "
-                "adapter's config, not in the state dict, so how far the adapter moves the weights cannot be measured "
-                "from these files; merge it (PEFT's merge_and_unload) and save the model, or save the adapter with its "
-                "adapter_config.json, and compare that.")
+        what = "LoRA factors" if u.get("lora") else "a PEFT adapter's tensors"
+        head = (f"Every base weight compared is unchanged, but {count(n)} {'module carries' if n == 1 else 'modules carry'}"
+                f" {what} ({plural(int(u.get('tensors') or 0), 'tensor')}, {plural(int(u.get('params') or 0), 'parameter')}"
+                f") beside {'its layer' if n == 1 else 'their layers'}, stored as `base_layer`: the whole state dict of a "
+                "model wrapped by PEFT, the adapter not merged.")
+        if u.get("lora"):
+            return (head + " Such a model computes the base layer plus (lora_alpha / r) B A, and that scale is in the "
+                    "adapter's config, not in the state dict, so how far the adapter moves the weights cannot be "
+                    "measured from these files; merge it (PEFT's merge_and_unload) and save the model, or save the "
+                    "adapter with its adapter_config.json, and compare that.")
+        return (head + " What such tensors do to the weights depends on the adapter's method and config, which the "
+                "state dict does not hold, so the change is not measured; merge the adapter (PEFT's merge_and_unload) "
+                "and save the model, and compare that.")
     if v == "inconclusive":
         return _inconclusive(data)
     if v == "partial":

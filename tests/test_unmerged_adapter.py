@@ -1,4 +1,4 @@
-"""A PEFT-wrapped model's whole state dict: each adapted module's layer as `m.base_layer.weight` and its LoRA
+"""A PEFT-wrapped model's whole state dict (LoRA, or another PEFT method): each adapted module's layer as `m.base_layer.weight` and its LoRA
 factors beside it, the adapter not merged (`get_peft_model(...).state_dict()`, a trainer's full checkpoint).
 Its base layers are the base's bit for bit, and it read "DERIVED: this base with tensors added; none of its own
 weights changed" of a model that computes base + (lora_alpha / r) B A, a scale the state dict does not hold."""
@@ -50,27 +50,28 @@ def _wrapped(base: dict, rng, adapter: str | None = "default", dora: bool = Fals
 
 @pytest.mark.parametrize("adapter,dora,embedding", [("default", False, False), (None, False, False),
                                                     ("sft", True, True)], ids=["default", "unnamed", "dora-embedding"])
-def test_unmerged_lora_is_inconclusive_and_says_why(tmp_path, adapter, dora, embedding):
+def test_unmerged_adapter_is_inconclusive_and_says_why(tmp_path, adapter, dora, embedding):
     rng = np.random.default_rng(3)
     base = _base(rng)
     a = write_checkpoint(tmp_path / "base", base)
     b = write_checkpoint(tmp_path / "wrapped", _wrapped(base, rng, adapter, dora, embedding=embedding))
     s = compare(a, b).summary
-    assert s.verdict == "inconclusive" and "unmerged_lora" in s.flags, (s.verdict, s.flags)
+    assert s.verdict == "inconclusive" and "unmerged_adapter" in s.flags, (s.verdict, s.flags)
     modules = len(MODULES) + embedding
-    assert s.scope["unmerged_lora"]["modules"] == modules
-    assert s.scope["unmerged_lora"]["tensors"] == modules * 2 + (len(MODULES) if dora else 0)
+    assert s.scope["unmerged_adapter"]["modules"] == modules
+    assert s.scope["unmerged_adapter"]["tensors"] == modules * 2 + (len(MODULES) if dora else 0)
+    assert s.scope["unmerged_adapter"]["lora"] is True
     out = tmp_path / "out.json"
     rc, stdout, _ = cli("compare", a, b, "--json", out)
     assert rc == 0
     assert "LoRA factors not merged" in stdout and "none of its own weights changed" not in stdout
     assert "merge_and_unload" in stdout and f"{modules} modules carry LoRA factors" in stdout
     data = json.loads(out.read_text())
-    assert data["summary"]["scope"]["unmerged_lora"]["params"] == sum(
+    assert data["summary"]["scope"]["unmerged_adapter"]["params"] == sum(
         t["numel"] for t in data["tensors"] if t["status"] == "added")
 
 
-def test_unmerged_lora_beside_a_changed_layer_is_a_fine_tune(tmp_path):
+def test_unmerged_adapter_beside_a_changed_layer_is_a_fine_tune(tmp_path):
     """A base layer that moved too: the model is a fine-tune whatever the adapter adds (the flag says the
     factors are there)."""
     rng = np.random.default_rng(4)
@@ -78,7 +79,7 @@ def test_unmerged_lora_beside_a_changed_layer_is_a_fine_tune(tmp_path):
     a = write_checkpoint(tmp_path / "base", base)
     b = write_checkpoint(tmp_path / "wrapped", _wrapped(base, rng, changed=MODULES[0]))
     s = compare(a, b).summary
-    assert s.verdict == "derived" and "unmerged_lora" in s.flags
+    assert s.verdict == "derived" and "unmerged_adapter" in s.flags
 
 
 def test_factors_both_models_store_are_paired_not_flagged(tmp_path):
@@ -91,4 +92,26 @@ def test_factors_both_models_store_are_paired_not_flagged(tmp_path):
     tuned["model.layers.0.mlp.up_proj.lora_B.speech.weight"] += 1e-3
     tuned["model.layers.0.extra.lora_A.weight"] = np.ones((4, H), np.float32)
     s = compare(write_checkpoint(tmp_path / "a", base), write_checkpoint(tmp_path / "b", tuned)).summary
-    assert "unmerged_lora" not in s.flags and s.verdict == "derived"
+    assert "unmerged_adapter" not in s.flags and s.verdict == "derived"
+
+
+def test_another_methods_unmerged_tensors_are_inconclusive_too(tmp_path):
+    """IA3 wrapped the same way: `m.base_layer.weight` and `m.ia3_l.default` (the model computes the layer
+    with its rows or inputs scaled by it)."""
+    rng = np.random.default_rng(6)
+    base = _base(rng)
+    tuned = {}
+    for k, v in base.items():
+        m = k[:-len(".weight")]
+        if m in MODULES:
+            tuned[f"{m}.base_layer.weight"] = v
+            tuned[f"{m}.ia3_l.default"] = np.full((v.shape[0], 1), 1.1, np.float32)
+        else:
+            tuned[k] = v
+    a, b = write_checkpoint(tmp_path / "base", base), write_checkpoint(tmp_path / "ia3", tuned)
+    s = compare(a, b).summary
+    assert s.verdict == "inconclusive" and s.scope["unmerged_adapter"] == {
+        "modules": len(MODULES), "tensors": len(MODULES), "params": sum(base[f"{m}.weight"].shape[0] for m in MODULES),
+        "lora": False}
+    rc, stdout, _ = cli("compare", a, b)
+    assert rc == 0 and "a PEFT adapter's tensors not merged" in stdout and "lora_alpha" not in stdout
