@@ -718,3 +718,16 @@ def test_fp8_scale_of_no_writers_layout_is_refused(tmp_path, method, scale, mess
     stored[f"{name}.{key}"] = torch.ones(256, 1)                 # one per row: read
     with locate(_save(tmp_path / "ok", stored, {"quant_method": method})) as ck:
         assert ck.tensors[f"{name}.weight"].quant.group == "channel"
+
+
+@pytest.mark.parametrize("names", [("x\ny.q_weight", "y.q_invperm"), ("a\nb.weight._data", "b.weight._scale")],
+                         ids=["exl2-marks", "quanto-marks"])
+def test_names_holding_a_newline_are_names_not_lines(tmp_path, names):
+    """A tensor name may hold a newline (JSON allows it). The refusals of formats weightdiff does not read
+    searched the names joined by newlines, took a name's second line for a tensor and failed with an internal
+    error (KeyError); the names are read as the plain tensors they are."""
+    stored = {names[0]: np.zeros((4, 4), np.int32 if "q_weight" in names[0] else np.int8),
+              names[1]: np.zeros(4, np.int32 if "q_invperm" in names[1] else np.float32),
+              "lm_head.weight": np.zeros((4, 4), np.float32)}
+    ckpt = locate(_save(tmp_path / "n", stored, None))
+    assert set(ckpt.tensors) == set(stored)

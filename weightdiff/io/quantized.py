@@ -877,15 +877,18 @@ def _special_names(tensors: dict, joined: str | None = None) -> bool:
     return _SPECIAL.search(joined) is not None
 
 
-_QUANTO = re.compile(r"^(.+?)(?:\._data)+$", re.M)
+_QUANTO = re.compile(r"(.+?)(?:\._data)+", re.S)
 
 
 def _refuse_quanto(tensors: dict[str, TensorInfo]) -> None:
     """optimum-quanto's own files store each quantized weight as ``m.weight._data`` (I8 or fp8 codes;
     ``m.weight._data._data``: packed 4-bit U8) beside ``m.weight._scale`` (and ``._shift``), with no ``quantization_config``: read as
     plain tensors, its codes would be compared as weights. weightdiff does not dequantize it."""
-    for m in _QUANTO.finditer("\n".join(n for n in tensors if n.endswith("._data"))):
-        if m.group(1) + "._scale" in tensors:
+    # name by name, not a search of the names joined by newlines: a name may hold a newline itself, and its
+    # second line was taken for a tensor's name (an internal error, KeyError)
+    for name in (n for n in tensors if n.endswith("._data")):
+        m = _QUANTO.fullmatch(name)
+        if m is not None and m.group(1) + "._scale" in tensors:
             raise _err(tensors[m.group(0)], f"{_q(m.group(0))} and {_q(m.group(1) + '._scale')} are an "
                        "optimum-quanto quantized weight, which weightdiff does not dequantize",
                        "save the model's float weights (quanto's dequantize, or the checkpoint it was "
@@ -909,7 +912,6 @@ _FOREIGN = (
     # EETQ's int8 weight, stored transposed and interleaved for its CUDA kernel, beside per-column scales
     ("EETQ", "weight_scales", ("weight",), ("I8", "U8")),
 )
-_FOREIGN_MARKS = re.compile(r"^(.*)\.(" + "|".join(re.escape(f[1]) for f in _FOREIGN) + r")$", re.M)
 
 
 def _refuse_foreign(tensors: dict[str, TensorInfo], joined: str) -> None:
@@ -918,13 +920,15 @@ def _refuse_foreign(tensors: dict[str, TensorInfo], joined: str) -> None:
     if not any("." + f[1] in joined for f in _FOREIGN):
         return
     by_mark = {f[1]: f for f in _FOREIGN}
-    for m in _FOREIGN_MARKS.finditer(joined):
-        mod, mark = m.group(1), m.group(2)
+    for name in tensors:            # name by name: a name may hold a newline, so no search of the joined names
+        mod, dot, mark = name.rpartition(".")
+        if not dot or mark not in by_mark:
+            continue
         fmt, _, companions, dtypes = by_mark[mark]
         beside = [mod + "." + c for c in companions if mod + "." + c in tensors]
         if not beside or (dtypes and not any(tensors[b].dtype in dtypes for b in beside)):
             continue
-        raise _err(tensors[m.group(0)], f"{_q(m.group(0))} and {_q(beside[0])} hold a weight quantized in the {fmt} "
+        raise _err(tensors[name], f"{_q(name)} and {_q(beside[0])} hold a weight quantized in the {fmt} "
                                         "format, which weightdiff does not dequantize",
                    "compare the float checkpoint it was quantized from; docs/formats.md lists the quantized formats "
                    "weightdiff reads")
