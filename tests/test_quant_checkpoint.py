@@ -332,15 +332,20 @@ def test_quantized_formats_not_read_are_refused_by_their_names(tmp_path, base_te
 
 def test_foreign_names_without_their_companions_stay_tensors(tmp_path, base_tensors):
     """The marks alone are not a format: a model's own parameter named `W_q` or `indices`, or a float weight
-    with `weight_scales` beside it, is read as the tensor it is."""
+    with `weight_scales` beside it, is read as the tensor it is; so is a float `W_q` beside a `scale` (an
+    attention's own parameters: HQQ's codes are integers), and float `codes` beside `codebooks`."""
     stored = dict(base_tensors)
     stored["model.layers.0.attn.W_q"] = np.ones((4, 4), np.float32)
     stored["model.layers.0.router.indices"] = np.arange(4, dtype=np.int64)
     stored["model.layers.0.gate.weight"] = np.ones((4, 4), np.float32)
     stored["model.layers.0.gate.weight_scales"] = np.ones(4, np.float32)
+    stored["model.layers.1.attn.W_q"] = np.ones((4, 4), np.float32)        # float: a parameter, not HQQ's codes
+    stored["model.layers.1.attn.scale"] = np.ones((), np.float32)
+    stored["model.layers.1.vq.codebooks"] = np.ones((4, 4), np.float32)    # float codes beside: not AQLM's
+    stored["model.layers.1.vq.codes"] = np.ones((4, 4), np.float32)
     ckpt = locate(_save(tmp_path / "own", stored, None))
     assert {"model.layers.0.attn.W_q", "model.layers.0.router.indices",
-            "model.layers.0.gate.weight_scales"} <= set(ckpt.tensors)
+            "model.layers.0.gate.weight_scales", "model.layers.1.attn.W_q", "model.layers.1.vq.codes"} <= set(ckpt.tensors)
 
 
 def test_unsupported_method_names_config(tmp_path, base_tensors):

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import CheckpointError, escape_name
 from ..kernels import quant as K
+from ..kernels.dtypes import DTYPES
 from .experts import expert_name, is_fused, switch_origin
 from .files import load_json, read_beside, read_small
 from .quant_sources import AWQ, CTFP4, FP8, GPTQ, MLX, MXFP4, Bitmask, BnB4, BnB8, IntGrid, Read, Source
@@ -896,22 +897,27 @@ def _refuse_quanto(tensors: dict[str, TensorInfo]) -> None:
 
 
 #: quantized formats weightdiff does not dequantize, known by the leaves their files store per module
-#: ``m``: (the format, the leaf that marks it, the leaves one of which must be beside it, the weight's
-#: dtypes the mark needs (any when empty)). Their files need no ``quantization_config`` to be loaded
-#: by their own libraries (an EXL2 build from before exllamav2 wrote one, a file passed on its own),
-#: and without it they read as the base with every linear weight removed and other tensors added:
-#: "DERIVED: this base with tensors added and removed; none of its own weights changed"
+#: ``m``: (the format, the leaf that marks it, the leaves one of which must be beside it, which of the two holds
+#: integer codes: "mark" or "beside"). Their files need no ``quantization_config`` to be loaded by their own
+#: libraries (an EXL2 build from before exllamav2 wrote one, a file passed on its own), and without it they read
+#: as the base with every linear weight removed and other tensors added: "DERIVED: this base with tensors added
+#: and removed; none of its own weights changed". The codes are integers in every one of these formats, which a
+#: model's own float parameter of such a name (an attention's ``W_q`` beside a ``scale``) is not
 _FOREIGN = (
-    ("EXL2 (exllamav2)", "q_weight", ("q_scale", "q_scale_max", "q_invperm", "q_perm", "q_groups"), ()),
-    ("EXL3 (exllamav3)", "trellis", ("suh", "svh", "su", "sv", "mcg", "mul1"), ()),
-    ("AQLM", "codebooks", ("codes",), ()),
-    ("HQQ", "W_q", ("scale", "zero", "meta", "nbits", "shape", "group_size", "offload_meta"), ()),
-    ("VPTQ", "indices", ("centroids.weight",), ()),
-    ("QuIP#", "Qidxs", ("SU", "SV", "Wscale"), ()),
-    ("SpQR", "dense_weights", ("col_vals", "row_offsets", "in_perm"), ()),
+    ("EXL2 (exllamav2)", "q_weight", ("q_scale", "q_scale_max", "q_invperm", "q_perm", "q_groups"), "mark"),
+    ("EXL3 (exllamav3)", "trellis", ("suh", "svh", "su", "sv", "mcg", "mul1"), "mark"),
+    ("AQLM", "codebooks", ("codes",), "beside"),
+    ("HQQ", "W_q", ("scale", "zero", "meta", "nbits", "shape", "group_size", "offload_meta"), "mark"),
+    ("VPTQ", "indices", ("centroids.weight",), "mark"),
+    ("QuIP#", "Qidxs", ("SU", "SV", "Wscale"), "mark"),
+    ("SpQR", "dense_weights", ("col_vals", "row_offsets", "in_perm"), "mark"),
     # EETQ's int8 weight, stored transposed and interleaved for its CUDA kernel, beside per-column scales
-    ("EETQ", "weight_scales", ("weight",), ("I8", "U8")),
+    ("EETQ", "weight_scales", ("weight",), "beside"),
 )
+
+
+def _int_codes(info: TensorInfo) -> bool:
+    return info.dtype in DTYPES and DTYPES[info.dtype].kind == "int"
 
 
 def _refuse_foreign(tensors: dict[str, TensorInfo], joined: str) -> None:
@@ -924,9 +930,11 @@ def _refuse_foreign(tensors: dict[str, TensorInfo], joined: str) -> None:
         mod, dot, mark = name.rpartition(".")
         if not dot or mark not in by_mark:
             continue
-        fmt, _, companions, dtypes = by_mark[mark]
+        fmt, _, companions, codes = by_mark[mark]
         beside = [mod + "." + c for c in companions if mod + "." + c in tensors]
-        if not beside or (dtypes and not any(tensors[b].dtype in dtypes for b in beside)):
+        if codes == "beside":
+            beside = [b for b in beside if _int_codes(tensors[b])]
+        if not beside or (codes == "mark" and not _int_codes(tensors[name])):
             continue
         raise _err(tensors[name], f"{_q(name)} and {_q(beside[0])} hold a weight quantized in the {fmt} "
                                         "format, which weightdiff does not dequantize",
