@@ -392,3 +392,44 @@ def test_lora_bias_is_a_change_of_the_layers_bias_as_peft_merges_it(tmp_path):
     pm.save_pretrained(tmp_path / "llama_adapter")
     with pytest.raises(weightdiff.WeightdiffError, match="but the base has no such bias: PEFT cannot merge it"):
         weightdiff.compare(str(tmp_path / "llama"), str(tmp_path / "llama_adapter"))
+
+
+def test_real_peft_state_dict_unmerged_is_inconclusive(tmp_path, base_dir):
+    """A PeftModel's own state dict (LoRA trained a few steps, not merged), saved whole as a checkpoint: PEFT
+    names it `base_model.model.<m>.base_layer.weight` and `<m>.lora_A.default.weight`; it read "DERIVED: this
+    base with tensors added; none of its own weights changed"."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import save_file
+
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    _train(pm, [p for p in pm.parameters() if p.requires_grad])
+    (tmp_path / "whole").mkdir()
+    save_file({k: v.detach().contiguous() for k, v in pm.state_dict().items()}, str(tmp_path / "whole" / "model.safetensors"))
+    (tmp_path / "whole" / "config.json").write_text((base_dir / "config.json").read_text())
+    s = weightdiff.compare(str(base_dir), str(tmp_path / "whole")).summary
+    assert s.verdict == "inconclusive" and "unmerged_adapter" in s.flags
+    # q_proj 64 -> 64 and v_proj 64 -> 32 (2 key/value heads of 16) in each of 3 layers, rank 4
+    assert s.scope["unmerged_adapter"] == {"modules": 6, "tensors": 12, "params": 3 * 4 * (64 + 64 + 64 + 32),
+                                           "lora": True}
+
+
+def test_real_activation_checkpointed_state_dict_pairs_by_name(tmp_path, base_dir):
+    """torch.distributed's checkpoint_wrapper around each decoder layer, trained, its parameters saved by the
+    names `named_parameters()` gives (as DeepSpeed's zero_to_fp32 records them; the wrapper's own `state_dict`
+    strips its segment): `model.layers.N._checkpoint_wrapped_module.*` read as `model.layers.N.*`."""
+    from safetensors.torch import save_file
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    model.model.layers = torch.nn.ModuleList(checkpoint_wrapper(layer) for layer in model.model.layers)
+    _train(model, list(model.model.layers[2].parameters()))
+    sd = dict(model.named_parameters())
+    assert any("_checkpoint_wrapped_module." in k for k in sd)
+    (tmp_path / "raw").mkdir()
+    save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp_path / "raw" / "model.safetensors"))
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "raw"))
+    tbs = r.summary.tensors_by_status
+    assert r.summary.verdict == "derived" and not tbs.get("added") and not tbs.get("removed")
+    changed = {t.name for t in r.tensors if t.status == "changed"}
+    assert changed and all(n.startswith("model.layers.2.") for n in changed)
