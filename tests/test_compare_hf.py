@@ -416,7 +416,7 @@ def test_real_peft_state_dict_unmerged_is_inconclusive(tmp_path, base_dir):
 
 def test_real_activation_checkpointed_state_dict_pairs_by_name(tmp_path, base_dir):
     """torch.distributed's checkpoint_wrapper around each decoder layer, trained, its parameters saved by the
-    names `named_parameters()` gives (as DeepSpeed's zero_to_fp32 records them; the wrapper's own `state_dict`
+    names `named_parameters()` gives (as a training script saving them does; the wrapper's own `state_dict`
     strips its segment): `model.layers.N._checkpoint_wrapped_module.*` read as `model.layers.N.*`."""
     from safetensors.torch import save_file
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
