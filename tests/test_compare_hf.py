@@ -433,3 +433,27 @@ def test_real_activation_checkpointed_state_dict_pairs_by_name(tmp_path, base_di
     assert r.summary.verdict == "derived" and not tbs.get("added") and not tbs.get("removed")
     changed = {t.name for t in r.tensors if t.status == "changed"}
     assert changed and all(n.startswith("model.layers.2.") for n in changed)
+
+
+def test_real_peft_state_dict_with_modules_to_save(tmp_path, base_dir):
+    """`modules_to_save=["lm_head"]`: the PeftModel's state dict stores the trained copy as
+    `lm_head.modules_to_save.default.weight` and the frozen original as `lm_head.original_module.weight`, neither
+    named `lm_head.weight`; it read "its config unties the LM head and none is stored: loaded with transformers,
+    that head is random". The copy is read as the model's head, the original left out."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import save_file
+
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                    modules_to_save=["lm_head"]))
+    _train(pm, [p for p in pm.parameters() if p.requires_grad])
+    (tmp_path / "whole").mkdir()
+    save_file({k: v.detach().contiguous() for k, v in pm.state_dict().items()}, str(tmp_path / "whole" / "model.safetensors"))
+    (tmp_path / "whole" / "config.json").write_text((base_dir / "config.json").read_text())
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "whole"))
+    s = r.summary
+    assert s.verdict == "derived" and "head_missing" not in s.flags and "unmerged_adapter" in s.flags
+    head = [t for t in r.tensors if t.name.endswith("lm_head.weight")]
+    assert len(head) == 1 and head[0].status == "changed" and head[0].paired_by in ("name", "prefix")
+    assert not any("original_module" in t.name for t in r.tensors)
+    assert s.tensors_by_status["added"] == 6 and not s.tensors_by_status.get("removed")

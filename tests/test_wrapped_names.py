@@ -81,3 +81,21 @@ def test_wrapped_pickle_reads_by_stored_names(tmp_path):
     torch.save({k: torch.from_numpy(v) for k, v in _wrapped(base).items()}, tmp_path / "p" / "pytorch_model.bin")
     s = compare(write_checkpoint(tmp_path / "base", base), tmp_path / "p").summary
     assert s.verdict == "identical" and s.tensors_by_status["unchanged"] == len(base)
+
+
+def test_peft_modules_to_save_copy_is_the_models_own(tmp_path):
+    """PEFT's trained copy (`m.modules_to_save.<adapter>.weight`) is read as `m.weight`, the frozen
+    `m.original_module.weight` left out; two adapters' copies, or an original with no copy, leave every name as
+    stored."""
+    rng = np.random.default_rng(10)
+    t = _model(rng)
+    head = rng.normal(0, 0.02, (50, H)).astype(np.float32)
+    one = {**t, "lm_head.original_module.weight": head, "lm_head.modules_to_save.default.weight": head + 0.01}
+    ckpt = locate(write_checkpoint(tmp_path / "one", one))
+    assert "lm_head.weight" in ckpt.tensors and not any("original_module" in n for n in ckpt.tensors)
+    np.testing.assert_array_equal(ckpt.read("lm_head.weight"), head + 0.01)
+    assert any("modules_to_save" in n for n in ckpt.notes)
+    two = {**one, "lm_head.modules_to_save.other.weight": head}
+    assert set(locate(write_checkpoint(tmp_path / "two", two)).tensors) == set(two)
+    alone = {**t, "lm_head.original_module.weight": head}
+    assert set(locate(write_checkpoint(tmp_path / "alone", alone)).tensors) == set(alone)

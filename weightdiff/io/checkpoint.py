@@ -86,23 +86,51 @@ def locate(path: str | os.PathLike, hub: object = None) -> Checkpoint:
 _WRAPPER_SEGMENT = re.compile(r"(?<![^.])(?:_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
 
 
+#: PEFT's ``modules_to_save`` in a wrapped model's whole state dict: the trained copy the model runs,
+#: ``m.modules_to_save.<adapter>.weight``, beside the frozen original, ``m.original_module.weight``
+_PEFT_SAVED = re.compile(r"(?<![^.])modules_to_save\.[^.]+\.")
+_PEFT_ORIGINAL = re.compile(r"(?<![^.])original_module\.")
+
+
 def unwrap_names(ckpt: Checkpoint) -> None:
-    """Report the tensors of a state dict saved through a training wrapper under the module's own names
-    (``model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight`` as ``model.layers.0.mlp.up_proj.weight``),
-    read by their stored names (``file_names``). They paired by content at best, and the norm weights, alike,
-    not at all: counted as added, and the base's as removed. Nothing changes when two names would become one,
-    or one another stored name."""
-    found = {n: _WRAPPER_SEGMENT.sub("", n) for n in ckpt.tensors if "_wrapped_module." in n}
-    if not found:
+    """Report the tensors of a state dict saved through a training wrapper under the module's own names, read by
+    their stored names (``file_names``): ``model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight`` as
+    ``model.layers.0.mlp.up_proj.weight`` (they paired by content at best, and the norm weights, alike, not at
+    all: counted as added, and the base's as removed), and a PEFT-wrapped model's ``modules_to_save`` copy,
+    ``lm_head.modules_to_save.default.weight``, as ``lm_head.weight``, the frozen ``lm_head.original_module.weight``
+    beside it left out (the model runs the copy; with neither named ``lm_head.weight``, a head stored twice read
+    "none is stored: loaded with transformers, that head is random"). Nothing changes when two names would
+    become one, or one another stored name."""
+    names = ckpt.tensors
+    wrapped = any("_wrapped_module." in n for n in names)
+    saved = any(".modules_to_save." in n or n.startswith("modules_to_save.") for n in names)
+    if not wrapped and not saved:
         return
+    found, originals = {}, []
+    for n in names:
+        new = _WRAPPER_SEGMENT.sub("", n) if "_wrapped_module." in n else n
+        if saved and "modules_to_save." in new:
+            new = _PEFT_SAVED.sub("", new, count=1)
+        elif saved and "original_module." in new and _PEFT_ORIGINAL.search(new):
+            originals.append(n)
+            continue
+        if new != n:
+            found[n] = new
     plain = list(found.values())
-    if len(set(plain)) != len(plain) or any(not k or k in ckpt.tensors for k in plain):
+    if not plain or len(set(plain)) != len(plain) or any(not k or (k in names and k not in found) for k in plain):
+        return
+    kept = set(plain)
+    dropped = [n for n in originals if _PEFT_ORIGINAL.sub("", _WRAPPER_SEGMENT.sub("", n), count=1) in kept]
+    if len(dropped) != len(originals):        # an original with no trained copy beside it: not PEFT's pair
         return
     from dataclasses import replace
 
     file_names = dict(ckpt.file_names)
     out = {}
+    gone = set(dropped)
     for name, info in ckpt.tensors.items():
+        if name in gone:
+            continue
         new = found.get(name)
         if new is not None:
             file_names[new] = file_names.get(name, name)
@@ -111,9 +139,15 @@ def unwrap_names(ckpt: Checkpoint) -> None:
         out[name] = info
     ckpt.tensors = ckpt.stored = out
     ckpt.file_names = file_names
-    ckpt.notes.append(f"{escape_name(str(ckpt.path))}: {len(found):,} tensor names hold a training wrapper's "
-                      "segments (`_checkpoint_wrapped_module.`, `_fsdp_wrapped_module.`), read under the names "
-                      "without them")
+    shown = escape_name(str(ckpt.path))
+    n_wrapped = sum(1 for n in found if "_wrapped_module." in n)
+    if n_wrapped:
+        ckpt.notes.append(f"{shown}: {n_wrapped:,} tensor names hold a training wrapper's segments "
+                          "(`_checkpoint_wrapped_module.`, `_fsdp_wrapped_module.`), read under the names without them")
+    if dropped:
+        ckpt.notes.append(f"{shown}: PEFT's modules_to_save: {len(dropped):,} trained "
+                          f"{'copy' if len(dropped) == 1 else 'copies'} (`modules_to_save.<adapter>.`) read as the "
+                          "model's own, the frozen `original_module.` beside each left out")
 
 
 def is_hub_candidate(path: object) -> bool:
