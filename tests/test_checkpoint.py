@@ -297,5 +297,49 @@ def test_a_pickle_of_nested_dicts_is_named_for_what_it_is(tmp_path):
     with pytest.raises(CheckpointError, match=r"qmodel.pt: is an HQQ quantized model .* does not dequantize"):
         locate(tmp_path / "qmodel.pt")
     torch.save({"a": {"w": torch.ones(2)}, "b": {"w": torch.ones(2)}}, tmp_path / "nested.pt")
-    with pytest.raises(CheckpointError, match="only 2 nested dictionaries"):
+    with pytest.raises(CheckpointError, match=r"nested.pt: holds 2 state dicts \(`a`, `b`\): which one is the model"):
         locate(tmp_path / "nested.pt")
+    torch.save({"a": {"x": {"w": torch.ones(2)}}, "b": {"y": {"w": torch.ones(2)}}}, tmp_path / "deeper.pt")
+    with pytest.raises(CheckpointError, match="only 2 nested dictionaries"):
+        locate(tmp_path / "deeper.pt")
+
+
+def test_a_training_checkpoint_reads_its_one_state_dict(tmp_path):
+    """A trainer's checkpoint holds the model's state dict beside an optimizer's (tensors only under "state"),
+    a step counter, loops and callbacks: {"model": sd, "optimizer": ...} was refused as "only 2 nested
+    dictionaries", and a `.ckpt` file (PyTorch Lightning's name) was read as a safetensors file whose header
+    length was eight bytes of a zip ("exceeds the 100,000,000-byte cap"). The one nested dict that holds
+    tensors is read; two (a model and its EMA copy) are refused naming both."""
+    torch = pytest.importorskip("torch")
+    sd = {"layer.weight": torch.ones(4, 4), "layer.bias": torch.zeros(4)}
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p])
+    p.sum().backward()
+    opt.step()
+    torch.save({"model": sd, "optimizer": opt.state_dict(), "step": 5}, tmp_path / "trainer.pt")
+    with locate(tmp_path / "trainer.pt") as c:
+        assert set(c.tensors) == set(sd)
+    lightning = {"epoch": 2, "global_step": 10, "pytorch-lightning_version": "2.5.0",
+                 "state_dict": {"model." + k: v for k, v in sd.items()},
+                 "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 3}}}},
+                 "callbacks": {"ModelCheckpoint{}": {"best_model_score": torch.tensor(0.5)}},
+                 "optimizer_states": [opt.state_dict()], "lr_schedulers": [], "hyper_parameters": {"lr": 1e-3}}
+    torch.save(lightning, tmp_path / "last.ckpt")
+    with locate(tmp_path / "last.ckpt") as c:
+        assert set(c.tensors) == {"model.layer.weight", "model.layer.bias"} and c.format == "pickle"
+    torch.save({"model": sd, "model_ema": dict(sd), "optimizer": opt.state_dict()}, tmp_path / "two.pt")
+    with pytest.raises(CheckpointError, match=r"two.pt: holds 2 state dicts \(`model`, `model_ema`\)"):
+        locate(tmp_path / "two.pt")
+
+
+def test_a_lightning_checkpoint_written_by_lightning(tmp_path):
+    """tests/data/lightning/last.ckpt: written by PyTorch Lightning 2.6's Trainer (make.py) after two steps of a
+    tiny module whose weights before training are base.pt; read through torch's weights-only loader."""
+    pytest.importorskip("torch")
+    from weightdiff import compare
+
+    here = Path(__file__).parent / "data" / "lightning"
+    with locate(here / "last.ckpt") as c:
+        assert set(c.tensors) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    s = compare(here / "base.pt", here / "last.ckpt").summary
+    assert s.verdict == "derived" and s.tensors_by_status["changed"] == 4

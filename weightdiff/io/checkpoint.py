@@ -209,7 +209,9 @@ def _locate(p: Path, path: str | os.PathLike) -> Checkpoint:
         ckpt = _pickle_sharded(p.parent, p)
     elif p.name.endswith(".index.json"):
         ckpt = _sharded(LocalFolder(p.parent, named=p.name), p.name, p)
-    elif p.name.endswith(PICKLE_SUFFIXES):
+    elif p.name.endswith(PICKLE_SUFFIXES + (".ckpt",)):
+        # ``.ckpt`` (PyTorch Lightning's, Stable Diffusion's): a torch.save file when named on its own (a folder's
+        # listing does not take it for the model's weights); it read as a safetensors file with a huge header
         ckpt = _pickles(p, [p], p.parent)
     else:
         ckpt = _single(LocalFolder(p.parent, named=p.name), p.name, p)

@@ -102,7 +102,20 @@ def _state_dict(torch, obj: object, path: Path) -> dict:
         seen.add(id(obj))
         inner = [v for v in obj.values() if isinstance(v, dict)]
         if len(inner) != 1:
-            break
+            # a training checkpoint: the model's state dict beside an optimizer's, a trainer's loops and callbacks
+            # (which hold no tensor at their top level: an optimizer's are under "state"); the one nested dict
+            # that holds tensors is the model's. Two (a model and its EMA copy) cannot be told apart
+            holding = [(k, v) for k, v in obj.items()
+                       if isinstance(v, dict) and any(isinstance(x, torch.Tensor) for x in v.values())]
+            _refuse_hqq(inner, path)
+            if len(holding) > 1:
+                keys = ", ".join(f"`{escape_name(str(k))}`" for k, _ in holding[:4])
+                raise CheckpointError(path, f"holds {len(holding)} state dicts ({keys}{', ...' if len(holding) > 4 else ''}): "
+                                            "which one is the model cannot be told",
+                                      "save the one to compare on its own, e.g. torch.save(ckpt['model'], 'model.pt')")
+            if not holding:
+                break
+            inner = [holding[0][1]]
         if id(inner[0]) in seen:
             raise CheckpointError(path, "holds no tensors, only dictionaries that contain themselves")
         obj = inner[0]
@@ -111,16 +124,20 @@ def _state_dict(torch, obj: object, path: Path) -> dict:
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         nested = [v for v in obj.values() if isinstance(v, dict)]
-        if any("W_q" in v for v in nested):
-            # HQQ's save_quantized (qmodel.pt): {module: {"W_q": packed codes, "scale", "zero", "nbits", ...}}
-            raise CheckpointError(path, "is an HQQ quantized model (per-module `W_q` packed codes), which "
-                                        "weightdiff does not dequantize",
-                                  "save the model's float weights (HQQ's dequantize) and compare those")
+        _refuse_hqq(nested, path)
         if nested:
             raise CheckpointError(path, f"holds no tensors at its top level, only {len(nested):,} nested "
                                         "dictionaries (not a flat state dict)")
         raise CheckpointError(path, "holds no tensors")
     return tensors
+
+
+def _refuse_hqq(nested: list, path: Path) -> None:
+    """HQQ's save_quantized (qmodel.pt): {module: {"W_q": packed codes, "scale", "zero", "nbits", ...}}."""
+    if any("W_q" in v for v in nested):
+        raise CheckpointError(path, "is an HQQ quantized model (per-module `W_q` packed codes), which "
+                                    "weightdiff does not dequantize",
+                              "save the model's float weights (HQQ's dequantize) and compare those")
 
 
 class _PickleArrays(Mapping):
