@@ -457,3 +457,33 @@ def test_real_peft_state_dict_with_modules_to_save(tmp_path, base_dir):
     assert len(head) == 1 and head[0].status == "changed" and head[0].paired_by in ("name", "prefix")
     assert not any("original_module" in t.name for t in r.tensors)
     assert s.tensors_by_status["added"] == 6 and not s.tensors_by_status.get("removed")
+
+
+def test_gpt2_lora_on_a_worker_is_oriented_as_in_the_parent(tmp_path):
+    """A Dask worker plans again from the headers: it re-planned without the adapter's checks, which orient the
+    factors, so a GPT-2 LoRA's factors were not turned to the Conv1D layout (`--workers 2` failed: `factors b
+    (48, 2) @ a (2, 16) do not make a 16 x 48 delta`; a square c_proj alone was measured untransposed)."""
+    peft = pytest.importorskip("peft")
+    from weightdiff.comparison import check_adapter_plan
+    from weightdiff.io.checkpoint import locate
+    from weightdiff.options import CompareOptions
+    from weightdiff.pairing.plan import plan as make_plan
+    from weightdiff.split import measure_task, plan_digest
+
+    torch.manual_seed(2)
+    g = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64,
+                                                             n_positions=32))
+    g.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(g, peft.LoraConfig(r=2, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                                init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    local = weightdiff.compare(str(tmp_path / "base"), str(tmp_path / "adapter"))
+    with locate(tmp_path / "base") as b, locate(tmp_path / "adapter") as t:
+        parent = make_plan([b], t)
+        check_adapter_plan(parent, [b], t)
+        digest = plan_digest(parent)
+    idx = [i for i, p in enumerate(parent.pairs) if p.lora is not None]
+    status, records = measure_task([str(tmp_path / "base")], str(tmp_path / "adapter"), CompareOptions(), idx,
+                                   digest)
+    assert status == "ok", records
+    assert [r.norm_delta for r in records] == [local.tensor(r.name).norm_delta for r in records]

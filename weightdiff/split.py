@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 from .io.checkpoint import Checkpoint, locate
 from .cluster import Sequential, runner, worker_threads
-from .comparison import Comparison, PathLike, compare as local_compare
+from .comparison import Comparison, PathLike, check_adapter_plan, compare as local_compare
 from .judge.status import classify
 from .measure.backend import backend_for
 from .measure.compute import Progress, compute_some, streamed
@@ -118,6 +118,9 @@ def measure_task(base_paths: list[str], tuned_path: str, options: CompareOptions
                                   if os.path.realpath(f) in digests} or None
             the_plan = make_plan(bases, tuned, include=options.include, exclude=options.exclude,
                                  rename=options.rename)
+            # the parent's checks of an adapter, which also orient each factor pair and IA3 vector (a GPT-2
+            # Conv1D weight is stored [in, out]): unchecked, a worker measured B @ A against the weight untransposed
+            check_adapter_plan(the_plan, bases, tuned)
             if plan_digest(the_plan) != digest:
                 raise SplitError(f"{tuned_path}: this worker pairs the tensors differently from the parent",
                                  "do the parent and every worker see the same files at these paths?")
