@@ -159,7 +159,7 @@ def test_an_adapter_as_tuned_is_refused_with_what_to_run(family, tmp_path):
          f"names `{family['base']}` as its base", out=tmp_path / "p.json")
     # an adapter among the candidates is not compared, with the reason, and never reads "unrelated"
     r = provenance(family["A"], [str(ad), family["base"]], screen=False)
-    assert r.incompatible == [{"path": str(ad), "reason": "a PEFT adapter (LoRA factors), not a model's weights: "
+    assert r.incompatible == [{"path": str(ad), "reason": "a PEFT adapter (a change), not a model's weights: "
                                                           "give it merged into its base"}]
 
 

@@ -2617,6 +2617,9 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
     from .io.peft_adapter import layout_evidence
     from .kernels.dtypes import decode
 
+    if getattr(tuned, "ia3", None):
+        _check_ia3_plan(the_plan, bases, tuned)
+
     seen = {layout_evidence(p.lora, tuned.tensors, bases[p.base_index].tensors[p.base_name])
             for p in the_plan.pairs if p.lora is not None and p.kind == "lora"} - {None}
     layout = seen.pop() if len(seen) == 1 else None       # one module type in evidence (never both in one model)
@@ -2648,6 +2651,53 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
         values = {n: decode(tuned.read(n), tuned.tensors[n].dtype)
                   for n in (p.lora.a_name, p.lora.b_name, p.lora.magnitude_name) if n}
         check_factor_values(p.lora, values, tuned.files[0])
+
+
+def _check_ia3_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint) -> None:
+    """Every IA3 vector must scale a float base weight it fits, with finite values (PEFT's merge multiplies the
+    base's weight by it): checked, and each vector's orientation set, before the plan is shown."""
+    import numpy as np
+
+    from .io.peft_adapter import check_ia3, ia3_layout
+    from .kernels.dtypes import DTYPES, decode
+
+    pairs = [p for p in the_plan.pairs if p.ia3 is not None]
+    seen = {ia3_layout(p.ia3, bases[p.base_index].tensors[p.base_name]) for p in pairs if p.kind == "paired"} - {None}
+    layout = seen.pop() if len(seen) == 1 else None
+    if layout is None and not seen:     # every target square: as for LoRA, the config's flag, then GPT-2's names
+        leaves = {str(p.ia3.target).removesuffix(".weight").rsplit(".", 1)[-1] for p in pairs}
+        layout = ("conv1d" if tuned.adapter.fan_in_fan_out or leaves & {"c_attn", "c_proj", "c_fc", "q_attn"}
+                  else "linear")
+    where = tuned.files[0]
+    for p in pairs:
+        v = p.ia3
+        if p.kind != "paired":
+            bases_shown = ", ".join(str(b.path) for b in bases)
+            raise CheckpointError(where, f"IA3 target `{escape_name(v.target)}` has no weight in the base "
+                                         f"({escape_name(bases_shown)}) to scale", "is this adapter for another base model?")
+        base = bases[p.base_index]
+        info = base.tensors[p.base_name]
+        if info.dtype not in ("F16", "BF16", "F32", "F64") or p.base_name in (getattr(base, "quant", None) or {}):
+            what = "quantized" if p.base_name in (getattr(base, "quant", None) or {}) else info.dtype
+            raise CheckpointError(where, f"IA3 vector `{escape_name(v.name)}` scales the base's "
+                                         f"`{escape_name(p.base_name)}`, which is {what}: weightdiff merges IA3 "
+                                         "vectors into float16, bfloat16, float32 or float64 weights only",
+                                  "merge the adapter (merge_and_unload) and compare the merged model")
+        check_ia3(v, info, where, layout)
+        values = decode(tuned.read(v.name), tuned.tensors[v.name].dtype)
+        if not np.isfinite(values).all():
+            raise CheckpointError(where, f"IA3 vector `{escape_name(v.name)}` holds NaN or Inf values, so the "
+                                         f"change of `{escape_name(v.target)}` cannot be measured")
+    for p in the_plan.pairs:
+        if p.ia3_bias is not None:
+            info = bases[p.base_index].tensors[p.base_name]
+            if DTYPES[info.dtype].kind != "float" or info.numel != p.ia3_bias.size or \
+                    p.base_name in (getattr(bases[p.base_index], "quant", None) or {}):
+                raise CheckpointError(where, f"IA3 vector `{escape_name(p.ia3_bias.name)}` scales the outputs of "
+                                             f"`{escape_name(p.ia3_bias.target)}`, and PEFT multiplies its bias "
+                                             f"by it, but the base's `{escape_name(p.base_name)}` is "
+                                             f"{info.dtype} {list(info.shape)}, not {p.ia3_bias.size} floats",
+                                      "is this adapter for another base model?")
 
 
 def _as_kwargs(options: CompareOptions) -> dict:

@@ -1,7 +1,7 @@
 """``weightdiff inspect``: what a checkpoint holds, from its headers alone.
 
 Format, files and shards, tensor count, parameters by dtype and by block, metadata and,
-for a PEFT adapter, its LoRA settings; for a quantized checkpoint, the format and scheme of
+for a PEFT adapter, its LoRA or IA3 settings; for a quantized checkpoint, the format and scheme of
 each quantized tensor (weightdiff.io.quantized), whose parameters are its logical elements. ``describe()`` returns a JSON-ready dict
 (schema ``weightdiff.inspect/1``); ``render_text()`` turns it into the terminal view.
 No tensor data is read (beyond the few bytes of a quantized model's shape tensors). Blocks are labelled by ``weightdiff.pairing.names.parse_name``, the
@@ -92,9 +92,16 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
         stacks = list(dict.fromkeys(label.rsplit(".", 1)[0] for label in blocks))
         ordered = sorted(blocks.values(), key=lambda b: (stacks.index(b["block"].rsplit(".", 1)[0]), b["index"]))
         adapter = None
-        if ckpt.adapter is not None:
+        if ckpt.adapter is not None and ckpt.adapter.peft_type == "IA3":
             a = ckpt.adapter
-            adapter = {"r": a.r, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
+            ff = a.feedforward_modules
+            adapter = {"peft_type": "IA3", "target_modules": a.target_modules,
+                       "feedforward_modules": ff if isinstance(ff, (str, type(None))) else list(ff),
+                       "base_model": a.base_model, "vectors": len(ckpt.ia3),
+                       "scaling_inputs": sum(v.feedforward for v in ckpt.ia3)}
+        elif ckpt.adapter is not None:
+            a = ckpt.adapter
+            adapter = {"peft_type": "LORA", "r": a.r, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
                        "use_dora": a.use_dora, "target_modules": a.target_modules,
                        "base_model": a.base_model, "scale": a.scale, "factors": len(ckpt.lora),
                        "ranks": sorted({f.r for f in ckpt.lora})}
@@ -143,8 +150,10 @@ def _size(n: int) -> str:
 def render_text(summary: dict) -> str:
     """The terminal view of ``describe()``'s dict; names and metadata are printed escaped."""
     e = escape_name
+    kind = ("PEFT IA3 adapter" if (summary.get("adapter") or {}).get("peft_type") == "IA3"
+            else _FORMATS.get(summary["format"], summary["format"]))
     lines = [f"checkpoint  {e(summary['path'])}",
-             f"format      {_FORMATS.get(summary['format'], summary['format'])}, "
+             f"format      {kind}, "
              f"{len(summary['files'])} file{'s' if len(summary['files']) != 1 else ''}"]
     hub = summary.get("hub")
     if hub:
@@ -200,7 +209,16 @@ def render_text(summary: dict) -> str:
             lines.append(f"{'':<12}{len(q['folded_away']):,} activation/KV-cache scales and layout markers set aside "
                          f"(e.g. {e(q['folded_away'][0])})")
     a = summary["adapter"]
-    if a is not None:
+    if a is not None and a.get("peft_type") == "IA3":
+        lines.append("")
+        ff = a["feedforward_modules"]
+        lines.append(f"adapter     IA3, {a['vectors']} vectors ({a['scaling_inputs']} scaling a layer's inputs, "
+                     f"{a['vectors'] - a['scaling_inputs']} its outputs)")
+        lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
+        lines.append(f"feedforward {e(ff if isinstance(ff, str) else ', '.join(ff or [])) or '-'}")
+        if a["base_model"]:
+            lines.append(f"base model  {e(a['base_model'])}")
+    elif a is not None:
         lines.append("")
         lines.append(f"adapter     r={a['r']} lora_alpha={a['lora_alpha']:g} scale={a['scale']:g}"
                      f"{' rslora' if a['use_rslora'] else ''}{' dora' if a['use_dora'] else ''}, "

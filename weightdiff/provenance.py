@@ -142,7 +142,7 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
                 if ck.origin:
                     say(ck.origin)
                 if ck.format == "adapter":
-                    incompatible.append({"path": str(path), "reason": "a PEFT adapter (LoRA factors), not a model's "
+                    incompatible.append({"path": str(path), "reason": "a PEFT adapter (a change), not a model's "
                                          "weights: give it merged into its base"})
                     continue
                 key = weight_files(ck)
@@ -225,13 +225,13 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
 
 
 def _refuse_adapter(tuned: PathLike, tck: Checkpoint) -> None:
-    """A PEFT adapter holds LoRA factors, not a model's weights: merged into any candidate it would
+    """A PEFT adapter holds LoRA factors or IA3 vectors, not a model's weights: merged into any candidate it would
     make that candidate look like its base, so provenance refuses it (compare it with its base)."""
     if tck.format != "adapter":
         return
     names = declared(tck)["declares_base"]
     said = f" (its adapter_config.json names `{names}` as its base)" if names else ""
-    raise CheckpointError(tuned, "is a PEFT adapter (LoRA factors, not a model's weights): provenance has "
+    raise CheckpointError(tuned, "is a PEFT adapter (a change, not a model's weights): provenance has "
                                  f"nothing to match against the candidates{said}",
                           "run `weightdiff compare BASE ADAPTER` to see what it changes, or give the adapter "
                           "merged into its base as TUNED")

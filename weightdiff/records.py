@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -104,6 +105,32 @@ class TensorRecord:
 #: the start of the note of a tensor whose stored bytes are the base's, labelled with another dtype of the same width
 #: (``measure.compute``): flag ``dtype_relabelled``, and no evidence of relatedness (``judge.relatedness``)
 RELABEL_NOTE = "the base's bytes under another dtype label"
+
+
+#: the start of the note of a base tensor an IA3 adapter's vector scales, measured as PEFT merges it
+#: (``measure.compute``): flag ``adapter``, as for LoRA factors
+IA3_NOTE = "IA3 vector"
+
+
+_IA3_VALUES = re.compile(r"^IA3 vector `.*` \((\d+) values?\) merged into the base's weight")
+
+
+def ia3_merged(record) -> bool:
+    """Whether a record (or JSON row) is a base tensor an IA3 adapter's vector scales, measured merged."""
+    get = record.get if isinstance(record, Mapping) else record.__dict__.get
+    return (get("note") or "").startswith(IA3_NOTE)
+
+
+def ia3_values(record) -> int:
+    """The values of the IA3 vector a merged weight's record names in its note (0 for any other record, and for
+    a bias the same vector scales).
+
+    >>> ia3_values({"note": "IA3 vector `m.ia3_l` (32 values) merged into the base's weight (W x l)"})
+    32
+    """
+    get = record.get if isinstance(record, Mapping) else record.__dict__.get
+    m = _IA3_VALUES.match(get("note") or "")
+    return int(m[1]) if m else 0
 
 
 #: the start of the note of a changed tensor whose bytes are, bit for bit, another tensor of the base's under this

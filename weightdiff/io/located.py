@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import CheckpointError, escape_name
 from .files import open_regular, sha256_fd
-from .peft_adapter import AdapterConfig, LoraFactor, lora_factors
+from .peft_adapter import AdapterConfig, IA3Vector, LoraFactor, ia3_vectors, lora_factors
 from .meta_layout import interleaved_rows
 from .pickle_read import load_pickle
 from .quant_sources import Source
@@ -42,7 +42,10 @@ class Checkpoint:
         #: sha256 of each file by its real path, when the run hashed the files before measuring them:
         #: the record cache keys by it (weightdiff.measure.cache)
         self.digests: dict[str, str] | None = None
-        self.lora: list[LoraFactor] = lora_factors(tensors, files[0], adapter) if adapter is not None else []
+        lora = adapter is not None and adapter.peft_type == "LORA"
+        self.lora: list[LoraFactor] = lora_factors(tensors, files[0], adapter) if lora else []
+        #: an IA3 adapter's vectors (weightdiff.io.peft_adapter.ia3_vectors)
+        self.ia3: list[IA3Vector] = ia3_vectors(tensors, files[0], adapter) if adapter is not None and not lora else []
         self._open: OrderedDict[Path, SafetensorsFile] = OrderedDict()
         self._pins: dict[Path, int] = {}
         self._headers: dict[Path, dict[str, TensorInfo]] = {}

@@ -1,4 +1,5 @@
-r"""PEFT LoRA adapters: ``adapter_config.json`` and the A/B factor pairs of each module.
+r"""PEFT LoRA and IA3 adapters: ``adapter_config.json`` and the A/B factor pairs (LoRA) or the scaling
+vector (IA3, ``IA3Vector``: PEFT merges it as W x l) of each module.
 
 PEFT saves a LoRA update of module ``m`` as ``base_model.model.<m>.lora_A.weight`` [r, in]
 and ``...lora_B.weight`` [out, r] (embeddings: ``lora_embedding_A`` [r, vocab] and
@@ -33,8 +34,9 @@ from ..errors import CheckpointError, escape_name
 from .files import load_json, read_small
 from .safetensors_read import TensorInfo
 
-__all__ = ["AdapterConfig", "LoraFactor", "read_adapter_config", "parse_adapter_config", "lora_factors",
-           "check_against_base", "layout_evidence", "check_factor_values", "JSON_CAP"]
+__all__ = ["AdapterConfig", "LoraFactor", "IA3Vector", "read_adapter_config", "parse_adapter_config", "lora_factors",
+           "ia3_vectors", "check_ia3", "ia3_layout", "check_against_base", "layout_evidence", "check_factor_values",
+           "JSON_CAP"]
 
 #: largest adapter config / index accepted
 JSON_CAP = 100_000_000
@@ -73,6 +75,26 @@ class AdapterConfig:
     path: Path | None = None
     #: repetitions in each pattern key (checked safe to match when read)
     repeats: dict = field(default_factory=dict, repr=False)
+    #: "LORA" or "IA3" (an (IA)³ config has no rank or scale: r and lora_alpha are 0 there)
+    peft_type: str = "LORA"
+    #: IA3: the modules whose vector scales the layer's inputs (a list of name suffixes, or a pattern PEFT
+    #: full-matches); None when the config leaves it out
+    feedforward_modules: object = None
+
+    def is_feedforward(self, module: str) -> bool | None:
+        """Whether PEFT builds IA3 module ``module`` (its name in the model) as a feedforward one (its vector
+        scaling the inputs), as ``IA3Model._check_target_module_feedforward`` decides; None when the config does
+        not say."""
+        ff = self.feedforward_modules
+        if ff is None:
+            return None
+        if isinstance(ff, str):
+            if max(len(module), 2) ** (self.repeats.get(ff, 0) + 1) > _MATCH_BUDGET:
+                raise CheckpointError(self.path, f"feedforward_modules `{escape_name(ff[:60])}` is a regular "
+                                                 f"expression too costly to match against a module name of "
+                                                 f"{len(module):,} characters", "give a list of module names")
+            return re.fullmatch(ff, module) is not None
+        return any(module.endswith(k) for k in ff)
 
     @property
     def scale(self) -> float:
@@ -293,9 +315,11 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: prompt and prefix tuning add "
                                     "virtual-token embeddings and change no model weight, so there is no weight "
                                     "delta to measure")
+    if isinstance(kind, str) and kind.upper() == "IA3":
+        return _parse_ia3(raw, path)
     if not isinstance(kind, str) or kind.upper() != "LORA":
-        raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA adapters are "
-                                    "supported (LoHa, LoKr, IA3 and others store different factors)",
+        raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA and IA3 adapters are "
+                                    "supported (LoHa, LoKr, VeRA and others store different factors)",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     for key, why, hint in _VARIANTS:
         if raw.get(key) not in (None, False, [], {}):
@@ -334,6 +358,15 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         for pat, value in pats.items():
             check(path, f"{key}[{_show(pat)}]", value)
             repeats[pat] = _pattern_repeats(path, key, pat)
+    targets = _targets(path, raw)
+    base = raw.get("base_model_name_or_path")
+    return AdapterConfig(r, alpha, list(targets), flags["use_rslora"], flags["use_dora"],
+                         base if isinstance(base, str) else None, raw, fan_in_fan_out=flags["fan_in_fan_out"],
+                         path=Path(path), repeats=repeats)
+
+
+def _targets(path: Path, raw: dict) -> list[str]:
+    """``target_modules`` of adapter config ``raw``: a list of names, or a string PEFT reads as a pattern."""
     targets = raw.get("target_modules")
     if isinstance(targets, str):
         # PEFT full-matches a string against the module names (weightdiff reads the targets from the factors, and
@@ -352,10 +385,27 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
     elif not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise CheckpointError(path, f"adapter config has target_modules = {_show(targets)}, expected a "
                                     "list of module names")
+    return list(targets)
+
+
+def _parse_ia3(raw: dict, path: Path) -> AdapterConfig:
+    """The AdapterConfig of an (IA)³ adapter (``peft_type`` IA3): no rank and no scale (``r`` and ``lora_alpha``
+    are 0, never shown), the module names PEFT treats as feedforward (``feedforward_modules``: a list PEFT matches
+    as name suffixes, or a pattern it full-matches; None when the config leaves it out) and ``fan_in_fan_out``."""
+    flags = {k: _bool(path, raw, k) for k in ("fan_in_fan_out", "init_ia3_weights")}
+    targets = _targets(path, raw)
+    ff = raw.get("feedforward_modules")
+    repeats: dict[str, int] = {}
+    if isinstance(ff, str):
+        repeats[ff] = _pattern_repeats(path, "feedforward_modules", ff, what="feedforward_modules",
+                                       hint="give a list of module names")
+    elif ff is not None and not (isinstance(ff, list) and all(isinstance(k, str) for k in ff)):
+        raise CheckpointError(path, f"adapter config has feedforward_modules = {_show(ff)}, expected a list of "
+                                    "module names")
     base = raw.get("base_model_name_or_path")
-    return AdapterConfig(r, alpha, list(targets), flags["use_rslora"], flags["use_dora"],
-                         base if isinstance(base, str) else None, raw, fan_in_fan_out=flags["fan_in_fan_out"],
-                         path=Path(path), repeats=repeats)
+    return AdapterConfig(0, 0.0, targets, False, False, base if isinstance(base, str) else None, raw,
+                         fan_in_fan_out=flags["fan_in_fan_out"], path=Path(path), repeats=repeats, peft_type="IA3",
+                         feedforward_modules=ff)
 
 
 def _is_float(info: TensorInfo) -> bool:
@@ -372,6 +422,9 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         if m:
             key = m["ab"] or (f"E{m['eab']}" if m["eab"] else "M")
             parts.setdefault(m["mod"], {})[key] = name
+        elif ".ia3_l" in name and _IA3_RE.match(name):
+            raise CheckpointError(where, f"adapter holds IA3 vectors (`{escape_name(name)}`) but adapter_config.json "
+                                         "says peft_type LORA", "vectors and config from different adapters?")
     out = []
     for mod, got in parts.items():
         emb = "EA" in got or "EB" in got
@@ -425,6 +478,123 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
                               base_layer_name=saved if saved in tensors else None, ignored_magnitude=ignored,
                               bias_name=bias))
     return out
+
+
+_IA3_RE = re.compile(r"^(?P<mod>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?$")
+
+
+@dataclass
+class IA3Vector:
+    """One (IA)³ vector ``name`` of module ``<m>``: PEFT merges it as W x l into ``target`` (``<m>.weight``),
+    l scaling the layer's inputs (``feedforward``: stored [1, in], or [1, in, 1, 1] for a convolution) or its
+    outputs (stored [out, 1]; [1, out, 1, 1]); the bias of a layer whose outputs it scales becomes b x l.
+    ``transposed``: a GPT-2 ``Conv1D`` weight stored [in, out]; ``groups``: a grouped convolution's (its input
+    vector repeated for each group's outputs). Both set from the base's shapes (``check_ia3``)."""
+
+    target: str
+    name: str
+    feedforward: bool
+    size: int
+    #: a convolution's vector: the dimensions of its weight (4: Conv2d, 5: Conv3d); 0 for a linear layer
+    conv: int = 0
+    transposed: bool = False
+    groups: int = 1
+
+    @property
+    def bias_target(self) -> str:
+        return self.target.removesuffix(".weight") + ".bias"
+
+    @property
+    def scales(self) -> str:
+        return "inputs" if self.feedforward else "outputs"
+
+
+def ia3_vectors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConfig) -> list[IA3Vector]:
+    """The (IA)³ vectors of an IA3 adapter's tensors, each with the side of its layer it scales: from its
+    shape ([1, n] scales inputs, [n, 1] outputs) where that tells, from ``feedforward_modules`` for a
+    convolution's [1, n, 1, 1]; a shape the config contradicts is refused (PEFT would not load it)."""
+    out = []
+    for name, info in tensors.items():
+        m = _IA3_RE.match(name)
+        if m is None:
+            if _LORA_RE.match(name):
+                # PEFT would load none of them into an IA3 model (unexpected keys), nor its vectors from them
+                raise CheckpointError(where, f"adapter holds LoRA factors (`{escape_name(name)}`) but "
+                                             "adapter_config.json says peft_type IA3",
+                                      "factors and config from different adapters?")
+            continue
+        mod = m["mod"]
+        module = mod.removeprefix(_PEFT_PREFIX)
+        shape = tuple(int(d) for d in info.shape)
+        t = f"IA3 vector `{escape_name(name)}`"
+        if not _is_float(info):
+            raise CheckpointError(where, f"{t} is {info.dtype}; expected a float dtype")
+        said = config.is_feedforward(module)
+        conv = len(shape) in (4, 5) and shape[0] == 1 and all(d == 1 for d in shape[2:])
+        if conv:
+            if said is None:
+                raise CheckpointError(where, f"{t} is {list(shape)}, a convolution's, and adapter_config.json has "
+                                             "no feedforward_modules to say whether it scales the layer's inputs or "
+                                             "outputs")
+            ff, size = said, shape[1]
+        elif len(shape) == 2 and 1 in shape:
+            by_shape = None if shape == (1, 1) else shape[0] == 1
+            if said is not None and by_shape is not None and said != by_shape:
+                listed = "lists" if said else "does not list"
+                raise CheckpointError(where, f"{t} is {list(shape)}, as PEFT stores a module that scales its "
+                                             f"{'inputs' if by_shape else 'outputs'}, but feedforward_modules "
+                                             f"{listed} `{escape_name(module)}`",
+                                      "vectors and config from different adapters?")
+            ff, size = (said if by_shape is None else by_shape) or False, shape[0] * shape[1]
+        else:
+            raise CheckpointError(where, f"{t} is {list(shape)}; PEFT stores [1, in] or [out, 1] for a linear "
+                                         "layer, [1, channels, 1, 1] for a convolution")
+        if size == 0:
+            raise CheckpointError(where, f"{t} is {list(shape)}: it has no values")
+        out.append(IA3Vector(module + ".weight", name, bool(ff), size, conv=len(shape) if conv else 0))
+    if not out:
+        # loaded by PEFT, every vector would keep its initial ones: the base, whatever else the file holds
+        raise CheckpointError(where, f"IA3 adapter holds no IA3 vectors (`<module>.ia3_l`) among its "
+                                     f"{len(tensors):,} tensors: there is no change of the base to measure",
+                              "is adapter_config.json this adapter's?")
+    return out
+
+
+def check_ia3(vector: IA3Vector, base: TensorInfo, where: Path, layout: str | None) -> None:
+    """Check that ``vector`` fits the base weight ``base`` (headers only) and set its orientation: a linear
+    layer [out, in] (GPT-2's ``Conv1D``: [in, out], ``layout`` "conv1d" or, with no evidence, a square weight
+    under ``fan_in_fan_out``), a convolution [out, in / groups, k...]."""
+    shape = tuple(int(d) for d in base.shape)
+    t, v = f"`{escape_name(vector.target)}`", vector.size
+    ok = False
+    if vector.conv:
+        if len(shape) == vector.conv:
+            if not vector.feedforward:
+                ok = shape[0] == v
+            elif shape[1] and v % shape[1] == 0:
+                groups = v // shape[1]
+                ok = groups >= 1 and shape[0] % groups == 0
+                vector.groups = groups
+    elif len(shape) == 2:
+        axis = 1 if vector.feedforward else 0           # of a linear layer's [out, in]
+        normal, flipped = shape[axis] == v, shape[1 - axis] == v
+        vector.transposed = flipped and (layout == "conv1d" or not normal)
+        ok = normal or flipped
+    if not ok:
+        raise CheckpointError(where, f"IA3 vector `{escape_name(vector.name)}` ({v} values scaling the layer's "
+                                     f"{vector.scales}) does not fit the base weight {t}, which is {list(shape)}",
+                              "is this adapter for another base model?")
+
+
+def ia3_layout(vector: IA3Vector, base: TensorInfo) -> str | None:
+    """What a 2-D vector and its base weight's shape say of the module: ``linear``, ``conv1d`` (GPT-2's Conv1D,
+    [in, out]), None (square, or not a linear layer)."""
+    shape = tuple(int(d) for d in base.shape)
+    if vector.conv or len(shape) != 2:
+        return None
+    axis = 1 if vector.feedforward else 0
+    normal, flipped = shape[axis] == vector.size, shape[1 - axis] == vector.size
+    return "linear" if normal and not flipped else "conv1d" if flipped and not normal else None
 
 
 def layout_evidence(factor: LoraFactor, tensors: dict[str, TensorInfo], base: TensorInfo) -> str | None:

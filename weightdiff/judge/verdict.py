@@ -26,7 +26,7 @@ import numpy as np
 
 from ..kernels.dtypes import DTYPES
 from ..options import Thresholds
-from ..records import STATUSES, BlockRecord, Summary, TensorRecord, count_lookalikes, relabelled
+from ..records import IA3_NOTE, STATUSES, BlockRecord, ia3_merged, ia3_values, Summary, TensorRecord, count_lookalikes, relabelled
 from ..records import moved as is_moved
 from ..io.declared import same_model
 from ..io.meta_layout import is_meta_qk
@@ -220,8 +220,8 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
                     on.add("quant_both_compensated")
         if s in ("changed", "resized"):
             moved.append(r)
-        if compared == "factors":
-            on.add("adapter")
+        if compared == "factors" or (r.note is not None and r.note.startswith(IA3_NOTE)):
+            on.add("adapter")           # a LoRA's factors, or a tensor an IA3 vector scales, merged
         elif compared == "bytes":
             on.add("bytes_compared")
         if r.dtype_base and r.dtype_tuned and r.dtype_base != r.dtype_tuned and compared != "factors":
@@ -419,6 +419,13 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         scope["unmerged_adapter"] = {"modules": len({m for _, m in extra}), "tensors": len(extra),
                                      "params": sum(int(r.numel or 0) for r, _ in extra),
                                      "lora": all(_LORA_FACTOR.match(str(r.name)) for r, _ in extra)}
+    if "adapter" in flags:
+        scaled = [r for r in counted if ia3_merged(r)]
+        if scaled:
+            # an IA3 adapter: the merged weights differ from the base in many directions, but the adapter adds
+            # only its vectors' values to the base (the explanation says both)
+            scope["ia3"] = {"tensors": len(scaled), "vectors": sum(1 for r in scaled if ia3_values(r)),
+                            "values": sum(ia3_values(r) for r in scaled)}
     if "moved_tensors" in flags:
         # another tensor of the base under this name, bit for bit: moved or swapped, not trained
         shifted = [r for r in counted if is_moved(r)]

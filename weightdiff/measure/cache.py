@@ -300,7 +300,7 @@ def check_pair(rec: TensorRecord, pair: Any, n_bases: int) -> None:
         raise ValueError("base_shape")
     # an adapter merged with the base layer it saves, or a merged LoRA bias, is measured as the merged tensor
     # (its own shape and dtype); every other record has the pair's
-    merged = getattr(pair, "lora", None) is not None or getattr(pair, "lora_bias", None) is not None
+    merged = any(getattr(pair, k, None) is not None for k in ("lora", "lora_bias", "ia3_bias"))
     if not merged:
         shape = list(pair.shape_tuned) if pair.shape_tuned is not None else base_shape
         if rec.shape != shape or rec.dtype_tuned != pair.dtype_tuned:

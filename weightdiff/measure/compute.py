@@ -25,7 +25,7 @@ from ..kernels.dtypes import DTYPES, decode
 from ..options import CompareOptions, Thresholds
 from ..pairing.names import is_router
 from ..pairing.plan import Pair, Plan
-from ..records import RELABEL_NOTE, RankRecord, TensorRecord
+from ..records import IA3_NOTE, RELABEL_NOTE, RankRecord, TensorRecord
 from . import precompile
 from .backend import Backend
 from .floors import FloorAccumulator
@@ -290,6 +290,130 @@ def _compute_lora_bias(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint]
     return rec
 
 
+#: torch's type promotion among the float dtypes an IA3 merge meets (``torch.mul(weight, ia3_l)``)
+_FLOAT_RANK = {"F16": 1, "BF16": 1, "F32": 2, "F64": 3}
+
+
+def _promoted(a: str, b: str) -> str:
+    """``torch.promote_types`` of two of F16, BF16, F32, F64: the wider; float16 with bfloat16 is float32."""
+    if a == b:
+        return a
+    ra, rb = _FLOAT_RANK[a], _FLOAT_RANK[b]
+    return a if ra > rb else b if rb > ra else "F32"
+
+
+def _cast_chain(x: np.ndarray, computed: str, dtype: str) -> np.ndarray:
+    """float64 values ``x`` rounded to ``computed`` (the product's dtype in torch), then cast to ``dtype`` as torch
+    casts (float64 to float16 or bfloat16 through float32)."""
+    x = reference.round_to(x, computed)
+    if computed == "F64" and dtype in ("F16", "BF16"):
+        x = reference.round_to(x, "F32")
+    return reference.round_to(x, dtype)
+
+
+def _stored(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 values already on ``dtype``'s grid as that dtype's stored array."""
+    from ..io.safetensors_write import to_bf16_bits
+
+    return to_bf16_bits(values.astype(np.float32)) if dtype == "BF16" else values.astype(storage_of(dtype))
+
+
+def ia3_factor(v, shape: tuple, values: np.ndarray) -> np.ndarray:
+    """The IA3 vector ``values`` (float64) shaped to multiply a base weight of ``shape`` as PEFT's merge does:
+    a linear layer [out, in] by columns (inputs) or rows (outputs), GPT-2's Conv1D [in, out] the other way, a
+    convolution [out, in / groups, k...] by input channel (each group's own) or output channel.
+
+    >>> from types import SimpleNamespace as NS
+    >>> ia3_factor(NS(feedforward=True, transposed=False, conv=0, groups=1), (2, 3), np.arange(3.0)).shape
+    (1, 3)
+    >>> ia3_factor(NS(feedforward=True, transposed=False, conv=4, groups=2), (4, 1, 1, 1), np.array([5.0, 7.0])).ravel().tolist()
+    [5.0, 5.0, 7.0, 7.0]
+    """
+    l = np.asarray(values, np.float64).reshape(-1)
+    if not v.conv:
+        along_columns = v.feedforward != v.transposed      # a linear layer's inputs; a Conv1D's outputs
+        return l.reshape(1, -1) if along_columns else l.reshape(-1, 1)
+    tail = (1,) * (len(shape) - 2)
+    if not v.feedforward:
+        return l.reshape(-1, 1, *tail)
+    if v.groups == 1:
+        return l.reshape(1, -1, *tail)
+    out, in_pg = int(shape[0]), int(shape[1])
+    per = np.broadcast_to(l.reshape(v.groups, 1, in_pg), (v.groups, out // v.groups, in_pg))
+    return per.reshape(out, in_pg, *tail)
+
+
+#: elements merged at once (float64 temporaries of an IA3 merge: 8 bytes each, a few at a time)
+_MERGE_CHUNK = 1 << 20
+
+
+def _ia3_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
+    """``(info, stored values)`` of the weight PEFT's IA3 merge gives: ``torch.mul(W, l)`` in the promoted
+    dtype, cast back to W's (``IA3Layer.merge``), in the base's shape and dtype, computed in runs of rows."""
+    from dataclasses import replace
+
+    v = pair.ia3
+    info = base.tensors[pair.base_name]
+    shape, dtype = tuple(int(d) for d in info.shape), info.dtype
+    ldt = tuned.tensors[v.name].dtype
+    computed = _promoted(dtype, ldt)
+    factor = ia3_factor(v, shape, decode(np.asarray(tuned.read(v.name)), ldt))
+    raw = np.asarray(base.read(pair.base_name)).reshape(shape)
+    out = np.empty(shape, storage_of(dtype))
+    rows = max(1, _MERGE_CHUNK // max(1, math.prod(shape[1:])))
+    for r0 in range(0, shape[0], rows):
+        r1 = min(shape[0], r0 + rows)
+        w = decode(raw[r0:r1], dtype).reshape((r1 - r0, *shape[1:]))
+        f = factor[r0:r1] if factor.shape[0] != 1 else factor
+        with np.errstate(all="ignore"):
+            merged = _cast_chain(w * f, computed, dtype).reshape(w.shape)
+        out[r0:r1] = _stored(merged, dtype)
+    return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), out
+
+
+def _ia3_bias(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
+    """``(info, stored values)`` of a bias PEFT's IA3 merge scales (a layer whose outputs its vector scales):
+    ``torch.mul(b, l)`` cast to the bias's dtype for a linear layer, to the weight's for a convolution (as
+    ``_ConvNd.merge`` does)."""
+    from dataclasses import replace
+
+    v = pair.ia3_bias
+    info = base.tensors[pair.base_name]
+    ldt = tuned.tensors[v.name].dtype
+    target = info.dtype
+    if v.conv:
+        weight = base.tensors.get(pair.base_name.removesuffix(".bias") + ".weight")
+        if weight is not None and weight.dtype in _FLOAT_RANK:
+            target = weight.dtype
+    b = decode(np.asarray(base.read(pair.base_name)), info.dtype).reshape(-1)
+    l = decode(np.asarray(tuned.read(v.name)), ldt).reshape(-1)
+    with np.errstate(all="ignore"):
+        merged = _cast_chain(b * l, _promoted(info.dtype, ldt), target)
+    return replace(info, name=pair.tuned_name, dtype=target, start=None, end=None, quant=None), \
+        _stored(merged, target).reshape(tuple(int(d) for d in info.shape))
+
+
+def _compute_ia3(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint], tuned: Checkpoint,
+                 options: CompareOptions, backend: Backend, classify: Classify,
+                 on_window: Callable[[int], None]) -> TensorRecord:
+    """The record of a base weight (or bias) an IA3 vector scales: the merged tensor against the base's, as a
+    plain pair, so the adapter reads as the model ``merge_and_unload`` gives."""
+    from dataclasses import replace
+
+    bias = pair.ia3_bias is not None
+    v = pair.ia3_bias if bias else pair.ia3
+    info, values = (_ia3_bias if bias else _ia3_merged)(pair, base, tuned)
+    side = MergedSide(tuned, pair.tuned_name, info, values)
+    flat = replace(pair, dtype_tuned=info.dtype, tuned_source=None, ia3=None, ia3_bias=None)
+    precompile.ensure([flat])
+    rec = compute_pair(flat, bases, side, options, backend, classify, on_window)
+    what = (f"{IA3_NOTE} `{v.name}` " + ("merged into the base's bias (b x l" if bias else
+                                         f"({v.size} values) merged into the base's weight (W x l")
+            + f", l scaling the layer's {v.scales}), as PEFT merges it")
+    rec.note = what + (f"; {rec.note}" if rec.note else "")
+    return rec
+
+
 #: a base tensor a reordering is undone against is read whole up to this size, else row by row per window
 #: (local files: a gathered window's rows are one pread each, cheap; a 32,000 x 4,096 bf16 table held whole was
 #: a quarter of the 1 GB bound)
@@ -512,6 +636,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
 
     if getattr(pair, "lora_bias", None) is not None and pair.kind == "paired":
         return _compute_lora_bias(pair, base, bases, tuned, options, backend, classify, on_window)
+    if (pair.ia3 is not None or pair.ia3_bias is not None) and pair.kind == "paired":
+        return _compute_ia3(pair, base, bases, tuned, options, backend, classify, on_window)
     if pair.kind == "lora":
         merged = _merged_base_layer(pair, base, tuned)
         if merged is not None:

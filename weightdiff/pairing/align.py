@@ -504,7 +504,7 @@ def orient_squares(out: list[tuple[tuple, Pair]], tuned: CheckpointLike, bases: 
     A plain orientation that matches is never transposed by content. ``probe`` False (content
     pairing off) leaves only the graphs' own answer.
     """
-    named = [(j, p) for j, (_, p) in enumerate(out) if p.kind == "paired" and p.lora is None
+    named = [(j, p) for j, (_, p) in enumerate(out) if p.kind == "paired" and p.lora is None and p.ia3 is None
              and p.paired_by in ("name", "prefix", "rename") and p.shape_tuned is not None
              and len(p.shape_tuned) == 2 and len(p.shape_base or ()) == 2]
     lay_t = getattr(tuned, "layouts", None) or {}

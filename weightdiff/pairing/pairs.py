@@ -55,6 +55,10 @@ class Pair:
     #: a base bias an adapter's ``lora_B.bias`` (``lora_bias: true``) changes: the LoraFactor; the tuned
     #: tensor is the merged bias, base + scale x lora_B.bias, as PEFT merges it
     lora_bias: object | None = None
+    #: an IA3 adapter's vector (``io.peft_adapter.IA3Vector``) merged into this base weight (``ia3``: the tuned
+    #: tensor is W x l) or bias (``ia3_bias``: b x l, a layer whose outputs it scales), as PEFT merges it
+    ia3: object | None = None
+    ia3_bias: object | None = None
 
     @property
     def params(self) -> int:
@@ -73,7 +77,11 @@ class Pair:
         d["shape_tuned"] = None if self.shape_tuned is None else list(self.shape_tuned)
         d["shape_base"] = None if self.shape_base is None else list(self.shape_base)
         if self.lora is not None:
-            d["lora"] = {k: getattr(self.lora, k, None) for k in ("target", "r", "scale")}
+            d["lora"] = {k: getattr(self.lora, k, None) for k in ("target", "r", "scale", "transposed")}
+        v = self.ia3 if self.ia3 is not None else self.ia3_bias
+        if v is not None:
+            d["ia3"] = {"vector": v.name, "scales": v.scales, "bias": self.ia3_bias is not None,
+                        "transposed": v.transposed, "groups": v.groups}
         return d
 
 
@@ -172,6 +180,7 @@ class _Item:
     lora: object | None = None
     renamed: bool = False
     lora_bias: object | None = None    # the LoraFactor whose ``lora_B.bias`` this bias entry stands for
+    ia3: object | None = None          # the IA3Vector merged into this weight
 
 
 
@@ -197,6 +206,9 @@ def make_pair(it: _Item, bname: str, info: Any, i: int, vocab: tuple[set[int], s
     if it.lora is not None:
         p = Pair(it.key, bname, i, "lora", sb, sb, it.dtype, info.dtype, lora=it.lora)
         return p
+    if it.ia3 is not None:
+        # the merged weight: the base's shape, in the base's dtype (PEFT's merge casts back to it)
+        return Pair(it.key, bname, i, "paired", sb, sb, info.dtype, info.dtype, tuned_source=it.source, ia3=it.ia3)
     st = _shape(it.shape)
     kind, overlap = "paired", None
     if st != sb:

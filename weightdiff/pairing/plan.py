@@ -59,7 +59,8 @@ _PEFT_SEGMENTS = re.compile(r"\.(?:modules_to_save\.[^.]+|modules_to_save|origin
 def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
     tensors = tuned.tensors
     factors = list(getattr(tuned, "lora", None) or [])
-    if getattr(tuned, "format", None) != "adapter" and not factors:
+    vectors = list(getattr(tuned, "ia3", None) or [])
+    if getattr(tuned, "format", None) != "adapter" and not factors and not vectors:
         return [_Item(n, n, tuple(i.shape), i.dtype) for n, i in tensors.items()]
     used = set()
     first: dict[str, int] = {}
@@ -88,6 +89,9 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
             info = tensors[bias]
             items.append((order[bias], _Item(f.bias_target, bias, tuple(info.shape), info.dtype, lora_bias=f)))
             biased += 1
+    for v in vectors:                   # IA3: W x l, as PEFT merges it (the base's shape, known once paired)
+        used.add(v.name)
+        items.append((order[v.name], _Item(v.target, v.name, None, tensors[v.name].dtype, ia3=v)))
     targets = {it.key: it.shape for _, it in items}
     raw = getattr(getattr(tuned, "adapter", None), "raw", None) or {}
     sampler = 0
@@ -128,6 +132,12 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
     if biased:
         notes.append(f"adapter has lora_bias: the lora_B.bias of {biased} LoRA modules is measured as a change of "
                      "the module's bias (base + scale x lora_B.bias, as PEFT merges it)")
+    if vectors:
+        ff = sum(v.feedforward for v in vectors)
+        notes.append(f"adapter: {len(vectors)} IA3 vectors ({ff} scaling a layer's inputs, {len(vectors) - ff} its "
+                     f"outputs), each measured as the weight PEFT merges, W x l (and b x l for the bias of a layer "
+                     f"whose outputs it scales), {len(items) - len(vectors)} other tensors (modules_to_save); base "
+                     "tensors the adapter leaves alone are `inherited`")
     if factors:
         notes.append(f"adapter: {len(factors)} LoRA factor pairs, {len(items) - len(factors) - biased} other tensors "
                      "(modules_to_save); base tensors the adapter leaves alone are `inherited`")
@@ -139,7 +149,7 @@ def _shape_ok(a: tuple | None, b: tuple | None) -> bool:
 
 
 def _best_mapping(items: Sequence[_Item], base: CheckpointLike) -> tuple[tuple[int, int], str, str]:
-    return best_mapping([(it.key, it.shape, it.lora is not None) for it in items],
+    return best_mapping([(it.key, it.shape, it.lora is not None or it.ia3 is not None) for it in items],
                         {n: tuple(info.shape) for n, info in base.tensors.items()})
 
 
@@ -213,7 +223,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
                                option="rename")
         seen.setdefault(key, (it.key, key != it.key))
         it.key, it.renamed = key, key != it.key
-    adapter = any(it.lora is not None for it in items) or getattr(tuned, "format", None) == "adapter"
+    adapter = any(it.lora is not None or it.ia3 is not None for it in items) or getattr(tuned, "format", None) == "adapter"
     n_before = len(items)
     items = [it for it in items if keep(it.key)]
     if n_before and not items:
@@ -260,7 +270,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
             break
         if pair is None:
             pair = Pair(it.key, None, 0, "added", it.shape, None, it.dtype, None, lora=it.lora,
-                        tuned_source=source_of(it), lora_bias=it.lora_bias)
+                        tuned_source=source_of(it), lora_bias=it.lora_bias, ia3=it.ia3)
             if it.lora is not None:
                 notes.append(f"adapter factor for `{escape_name(it.key)}` has no base tensor to modify")
         out.append(((0, pos, 0), pair))
@@ -278,6 +288,11 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
     # the tie is a last resort: only a head that neither names nor content pair (an ONNX export's
     # transposed head `onnx::MatMul_N` is the base head, not a sign that the tuned model ties it)
     tie_heads(out, items, bases, mapping, used, notes, tuned)
+    # IA3: the bias of a layer whose outputs a vector scales is merged as b x l (a base tensor the adapter
+    # stores nothing for, but changes)
+    scaled = {(p.base_index, p.base_name.removesuffix(".weight") + ".bias"): p.ia3 for _, p in out
+              if p.ia3 is not None and p.base_name is not None and p.base_name.endswith(".weight")
+              and not p.ia3.feedforward}
     for i, base in enumerate(bases):
         tp, bp = mapping.get(i, ("", ""))
         for pos, (bname, info) in enumerate(base.tensors.items()):
@@ -285,6 +300,13 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
                 continue
             shown = tp + bname[len(bp):] if bname.startswith(bp) else bname
             if not keep(shown):
+                continue
+            v = scaled.get((i, bname)) if scaled else None
+            if v is not None:
+                used[i].add(bname)
+                out.append(((1, i, pos), Pair(shown, bname, i, "paired", tuple(info.shape), tuple(info.shape),
+                                               info.dtype, info.dtype, tuned_source=v.name, paired_by="name",
+                                               ia3_bias=v)))
                 continue
             if adapter:
                 # the base tensor is used as it is: in its own dtype on the adapted side too

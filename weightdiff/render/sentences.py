@@ -1345,6 +1345,11 @@ def headline(data: dict) -> list[str]:
     elif s.get("delta_params"):
         out.append(f"Writing the change down takes {count(s['delta_params'])} parameters "
                    f"({share(s.get('delta_params_share'))} of the model).")
+    ia3 = (s.get("scope") or {}).get("ia3") or {}
+    if ia3.get("values") and s.get("verdict") == "derived":
+        out.append(f"The adapter itself adds {count(ia3['values'])} numbers to the base "
+                   f"({plural(int(ia3.get('vectors') or 0), 'IA3 vector')} rescaling the inputs or outputs of the layers "
+                   "they change).")
     for status, verb in (("added", ("were added", "was added")), ("removed", ("are missing", "is missing"))):
         rows = [t for t in counted if t.get("status") == status]
         if rows:
@@ -1646,6 +1651,14 @@ def plain_language(data: dict) -> list[str]:
             lead = f"The change is {kind}: writing" if kind else "Writing the change down"
             out.append(f"{lead} {'it down ' if kind else ''}takes {most}"
                        f"{count(s['delta_params'])} numbers, {share(s.get('delta_params_share'))} of the model.")
+    ia3 = (s.get("scope") or {}).get("ia3") or {}
+    if v == "derived" and ia3.get("values"):
+        # an IA3 adapter's change is each weight's own rows or columns rescaled: dense as a difference, but the
+        # adapter adds only its vectors to the base (a reader weighing "how much was trained" needs both)
+        out.append(f"The adapter itself adds {count(ia3['values'])} numbers to the base: "
+                   f"{plural(int(ia3.get('vectors') or 0), 'IA3 vector')} rescaling the inputs or outputs of the "
+                   "layers it changes, each merged weight being the base's with its rows or columns scaled (which "
+                   "is why the difference spreads over many directions).")
     added = [t for t in data.get("tensors") or [] if t.get("status") == "added" and not is_tied_row(t)]
     if added and v != "unrelated":
         out.append(f"{plural(len(added), 'new tensor')} with {plural(sum(t.get('numel') or 0 for t in added), 'parameter')} "
