@@ -283,3 +283,25 @@ def test_inspect_names_the_vectors(tmp_path, rng):
     text = CliRunner().invoke(main, ["inspect", str(ad)]).stdout
     assert "adapter     IA3, 2 vectors (1 scaling a layer's inputs, 1 its outputs)" in text
     assert "format      PEFT IA3 adapter, 1 file" in text
+
+
+def test_module_names_holding_a_newline_are_read_as_modules(tmp_path, rng):
+    """A name may hold any character: `c\\nx.ia3_l` was not read as a vector (the pattern stopped at the newline),
+    so an IA3 adapter read as one tensor added; so were LoRA factors under such a module."""
+    m = "model.c\nx"
+    base, ad = _pair(tmp_path, rng, {**CFG, "target_modules": ["k_proj", "down_proj", "x"]},
+                     vectors={f"{m}.ia3_l": (1 + 0.1 * rng.standard_normal((4, 1))).astype(np.float32)},
+                     base_extra={f"{m}.weight": rng.standard_normal((4, 6)).astype(np.float32)})
+    r = weightdiff.compare(str(base), str(ad))
+    assert r.tensor(f"{m}.weight").status == "changed" and not r.summary.tensors_by_status.get("added")
+    assert r.summary.scope["ia3"]["vectors"] == 3
+
+    lo = tmp_path / "lora"
+    lo.mkdir()
+    (lo / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    save_file(lo / "adapter_model.safetensors", {
+        f"{PRE}{m}.lora_A.weight": rng.standard_normal((2, 6)).astype(np.float32),
+        f"{PRE}{m}.lora_B.weight": rng.standard_normal((4, 2)).astype(np.float32)})
+    r = weightdiff.compare(str(base), str(lo))
+    t = r.tensor(f"{m}.weight")
+    assert t.compared == "factors" and t.rank.numerical_rank == 2 and not r.summary.tensors_by_status.get("added")

@@ -112,7 +112,7 @@ RELABEL_NOTE = "the base's bytes under another dtype label"
 IA3_NOTE = "IA3 vector"
 
 
-_IA3_VALUES = re.compile(r"^IA3 vector `.*` \((\d+) values?\) merged into the base's weight")
+_IA3_VALUES = re.compile(r"^IA3 vector `.*` \((\d+) values?\) merged into the base's weight", re.S)
 
 
 def ia3_merged(record) -> bool:

@@ -41,8 +41,9 @@ __all__ = ["AdapterConfig", "LoraFactor", "IA3Vector", "read_adapter_config", "p
 #: largest adapter config / index accepted
 JSON_CAP = 100_000_000
 _PEFT_PREFIX = "base_model.model."
+#: (a module name may hold any character, a newline too, as PEFT's keys may: ``.`` matches it and ``\Z`` ends the name)
 _LORA_RE = re.compile(r"^(?P<mod>.+)\.(?:lora_(?P<ab>A|B)\.weight|lora_embedding_(?P<eab>A|B)"
-                      r"|lora_magnitude_vector(?:\.weight)?)$")
+                      r"|lora_magnitude_vector(?:\.weight)?)\Z", re.S)
 
 
 #: a pattern key is matched only when (module name length) ** (its repetitions + 1) stays under this
@@ -480,7 +481,7 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
     return out
 
 
-_IA3_RE = re.compile(r"^(?P<mod>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?$")
+_IA3_RE = re.compile(r"^(?P<mod>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?\Z", re.S)
 
 
 @dataclass
