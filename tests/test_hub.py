@@ -1197,3 +1197,29 @@ def test_small_tensors_stream_in_runs_not_a_request_each(server, hf, tmp_path):
     for d in (s, loc):
         d.pop("run"), d.pop("base"), d.pop("tuned")
     assert json.dumps(s, sort_keys=True) == json.dumps(loc, sort_keys=True)
+
+
+def test_an_ia3_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
+    """An IA3 adapter repo, streamed and downloaded: the same records as the folder read locally (the merged
+    weights are computed from the base's bytes read over HTTP)."""
+    from weightdiff.io.safetensors_write import save_file
+    from weightdiff.io.checkpoint import locate
+
+    rng = np.random.default_rng(11)
+    with locate(server.local["base"]) as b:
+        shapes = {n: tuple(t.shape) for n, t in b.tensors.items()}
+    k, d = "model.layers.1.self_attn.k_proj", "model.layers.0.mlp.down_proj"
+    ad = tmp_path / "ia3"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"],
+                                                        "feedforward_modules": ["down_proj"]}))
+    save_file(ad / "adapter_model.safetensors", {
+        f"base_model.model.{k}.ia3_l": (1 + 0.1 * rng.standard_normal((shapes[f"{k}.weight"][0], 1))).astype(np.float32),
+        f"base_model.model.{d}.ia3_l": (1 + 0.1 * rng.standard_normal((1, shapes[f"{d}.weight"][1]))).astype(np.float32)})
+    server.commit("org/ia3", _files(ad))
+    local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
+    for mode in ("--stream", "--download"):
+        rc, _, err = run("compare", "org/base", "org/ia3", mode, "--json", f"r{mode}.json")
+        assert rc == 0, err
+        got = json.loads((tmp_path / f"r{mode}.json").read_text())
+        assert got["tensors"] == local["tensors"] and got["summary"]["scope"]["ia3"]["vectors"] == 2
