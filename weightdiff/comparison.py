@@ -2649,7 +2649,7 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
         check_against_base(p.lora, tuned.tensors, bases[p.base_index].tensors[p.base_name], tuned.adapter,
                            tuned.files[0], layout)
         values = {n: decode(tuned.read(n), tuned.tensors[n].dtype)
-                  for n in (p.lora.a_name, p.lora.b_name, p.lora.magnitude_name) if n}
+                  for n in (p.lora.a_name, p.lora.b_name, p.lora.magnitude_name, p.lora.e_name) if n}
         check_factor_values(p.lora, values, tuned.files[0])
 
 

@@ -1,7 +1,7 @@
 """``weightdiff inspect``: what a checkpoint holds, from its headers alone.
 
 Format, files and shards, tensor count, parameters by dtype and by block, metadata and,
-for a PEFT adapter, its LoRA or IA3 settings; for a quantized checkpoint, the format and scheme of
+for a PEFT adapter, its LoRA, AdaLoRA or IA3 settings; for a quantized checkpoint, the format and scheme of
 each quantized tensor (weightdiff.io.quantized), whose parameters are its logical elements. ``describe()`` returns a JSON-ready dict
 (schema ``weightdiff.inspect/1``); ``render_text()`` turns it into the terminal view.
 No tensor data is read (beyond the few bytes of a quantized model's shape tensors). Blocks are labelled by ``weightdiff.pairing.names.parse_name``, the
@@ -101,10 +101,15 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
                        "scaling_inputs": sum(v.feedforward for v in ckpt.ia3)}
         elif ckpt.adapter is not None:
             a = ckpt.adapter
-            adapter = {"peft_type": "LORA", "r": a.r, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
+            adapter = {"peft_type": a.peft_type, "r": a.r, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
                        "use_dora": a.use_dora, "target_modules": a.target_modules,
                        "base_model": a.base_model, "scale": a.scale, "factors": len(ckpt.lora),
                        "ranks": sorted({f.r for f in ckpt.lora})}
+            if a.peft_type == "ADALORA":
+                # r is init_r; each module's scale is lora_alpha / (init_r + 1e-5), whatever rank it kept
+                from .io.peft_adapter import adalora_scale
+
+                adapter["scale"] = adalora_scale(a, a.r)
         quant = None
         if ckpt.quant:
             qc = ckpt.quant_config or {}
@@ -150,8 +155,8 @@ def _size(n: int) -> str:
 def render_text(summary: dict) -> str:
     """The terminal view of ``describe()``'s dict; names and metadata are printed escaped."""
     e = escape_name
-    kind = ("PEFT IA3 adapter" if (summary.get("adapter") or {}).get("peft_type") == "IA3"
-            else _FORMATS.get(summary["format"], summary["format"]))
+    kind = {"IA3": "PEFT IA3 adapter", "ADALORA": "PEFT AdaLoRA adapter"}.get(
+        (summary.get("adapter") or {}).get("peft_type"), _FORMATS.get(summary["format"], summary["format"]))
     lines = [f"checkpoint  {e(summary['path'])}",
              f"format      {kind}, "
              f"{len(summary['files'])} file{'s' if len(summary['files']) != 1 else ''}"]
@@ -220,9 +225,11 @@ def render_text(summary: dict) -> str:
             lines.append(f"base model  {e(a['base_model'])}")
     elif a is not None:
         lines.append("")
-        lines.append(f"adapter     r={a['r']} lora_alpha={a['lora_alpha']:g} scale={a['scale']:g}"
-                     f"{' rslora' if a['use_rslora'] else ''}{' dora' if a['use_dora'] else ''}, "
-                     f"{a['factors']} LoRA factor pairs (ranks {', '.join(map(str, a['ranks'])) or '-'})")
+        ada = a.get("peft_type") == "ADALORA"
+        lines.append(f"adapter     {'AdaLoRA init_r' if ada else 'r'}={a['r']} lora_alpha={a['lora_alpha']:g} "
+                     f"scale={a['scale']:g}{' rslora' if a['use_rslora'] else ''}{' dora' if a['use_dora'] else ''}, "
+                     f"{a['factors']} {'AdaLoRA factor triples (kept ranks' if ada else 'LoRA factor pairs (ranks'} "
+                     f"{', '.join(map(str, a['ranks'])) or '-'})")
         lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
         if a["base_model"]:
             lines.append(f"base model  {e(a['base_model'])}")

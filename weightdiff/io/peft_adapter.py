@@ -35,6 +35,7 @@ from .files import load_json, read_small
 from .safetensors_read import TensorInfo
 
 __all__ = ["AdapterConfig", "LoraFactor", "IA3Vector", "read_adapter_config", "parse_adapter_config", "lora_factors",
+           "adalora_scale",
            "ia3_vectors", "check_ia3", "ia3_layout", "check_against_base", "layout_evidence", "check_factor_values",
            "JSON_CAP"]
 
@@ -209,6 +210,8 @@ class LoraFactor:
     #: ``<m>.lora_B.bias`` (``lora_bias: true``): PEFT merges scale x it into the layer's bias, so it is
     #: measured as a change of ``<m>.bias``, not as a tensor of its own
     bias_name: str | None = None
+    #: AdaLoRA's singular values ``<m>.lora_E`` [r, 1]: the delta is scale x B @ (A * E)
+    e_name: str | None = None
 
     @property
     def bias_target(self) -> str:
@@ -318,9 +321,11 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
                                     "delta to measure")
     if isinstance(kind, str) and kind.upper() == "IA3":
         return _parse_ia3(raw, path)
+    if isinstance(kind, str) and kind.upper() == "ADALORA":
+        return _parse_adalora(raw, path)
     if not isinstance(kind, str) or kind.upper() != "LORA":
-        raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA and IA3 adapters are "
-                                    "supported (LoHa, LoKr, VeRA and others store different factors)",
+        raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA and IA3 "
+                                    "adapters are supported (LoHa, LoKr, VeRA and others store different factors)",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     for key, why, hint in _VARIANTS:
         if raw.get(key) not in (None, False, [], {}):
@@ -389,6 +394,47 @@ def _targets(path: Path, raw: dict) -> list[str]:
     return list(targets)
 
 
+#: peft.AdaLoraConfig's defaults (init_r; lora_alpha is LoraConfig's)
+ADALORA_DEFAULT_INIT_R = 12
+
+
+def _parse_adalora(raw: dict, path: Path) -> AdapterConfig:
+    """The AdapterConfig of an AdaLoRA adapter (``peft_type`` ADALORA): ``r`` is ``init_r`` (AdaLoRA ignores
+    ``r``), ``lora_alpha`` as for LoRA, ``rank_pattern`` the ranks each module kept (a list of ``init_r``
+    booleans per ``<module>.lora_E`` key, as PEFT writes it after its rank allocation), checked when the
+    factors are read. PEFT refuses DoRA under AdaLoRA, and so does this."""
+    if raw.get("use_dora") not in (None, False):
+        raise CheckpointError(path, f"adapter config has peft_type ADALORA with use_dora {_show(raw['use_dora'])}: "
+                                    "PEFT does not build DoRA under AdaLoRA")
+    init_r = _rank(path, "init_r", raw.get("init_r", ADALORA_DEFAULT_INIT_R))
+    alpha = _number(path, "lora_alpha", raw.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+    fan = _bool(path, raw, "fan_in_fan_out")
+    pattern = raw.get("rank_pattern")
+    if pattern is not None:
+        if not isinstance(pattern, dict):
+            raise CheckpointError(path, f"adapter config has rank_pattern = {_show(pattern)}, expected an object of "
+                                        "module name -> the ranks it kept")
+        for key, kept in pattern.items():
+            if not (isinstance(kept, list) and len(kept) == init_r and all(type(k) is bool for k in kept)):
+                raise CheckpointError(path, f"adapter config has rank_pattern[{_show(key)}] = {_show(kept)}, "
+                                            f"expected {init_r} true/false values (init_r), one per initial rank")
+    base = raw.get("base_model_name_or_path")
+    return AdapterConfig(init_r, alpha, _targets(path, raw), False, False, base if isinstance(base, str) else None,
+                         raw, fan_in_fan_out=fan, path=Path(path), peft_type="ADALORA")
+
+
+def adalora_scale(config: AdapterConfig, kept: int) -> float:
+    """The factor PEFT's AdaLoRA merges ``B @ (A * E)`` with: ``scaling / (ranknum + 1e-5)``, where ``scaling``
+    is ``lora_alpha`` (the kept rank when ``lora_alpha`` is not positive) and ``ranknum`` stays ``init_r``, a
+    float32 parameter (``resize_modules_by_rank_pattern`` keeps it: "the scaling is exactly as the previous").
+
+    >>> round(adalora_scale(AdapterConfig(4, 8.0, [], False, False, None, {}, peft_type="ADALORA"), 2), 6)
+    1.999995
+    """
+    scaling = config.lora_alpha if config.lora_alpha > 0 else float(kept)
+    return scaling / float(np.float32(config.r) + np.float32(1e-5))
+
+
 def _parse_ia3(raw: dict, path: Path) -> AdapterConfig:
     """The AdapterConfig of an (IA)³ adapter (``peft_type`` IA3): no rank and no scale (``r`` and ``lora_alpha``
     are 0, never shown), the module names PEFT treats as feedforward (``feedforward_modules``: a list PEFT matches
@@ -415,8 +461,56 @@ def _is_float(info: TensorInfo) -> bool:
     return DTYPES[info.dtype].kind == "float" and DTYPES[info.dtype].bits >= 8
 
 
+_ADALORA_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<k>A|B|E)\Z", re.S)
+
+
+def _adalora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConfig) -> list[LoraFactor]:
+    """AdaLoRA's ``<m>.lora_A`` [r, in], ``lora_B`` [out, r] and ``lora_E`` [r, 1] of each module, r the ranks it
+    kept (``rank_pattern``; ``init_r`` without one). A module that kept none is a factor of rank 0: PEFT builds
+    it and it changes nothing."""
+    parts: dict[str, dict[str, str]] = {}
+    for name in tensors:
+        m = _ADALORA_RE.match(name)
+        if m:
+            parts.setdefault(m["mod"], {})[m["k"]] = name
+        elif (".ia3_l" in name and _IA3_RE.match(name)) or _LORA_RE.match(name):
+            raise CheckpointError(where, f"adapter holds `{escape_name(name)}`, which is not AdaLoRA's (lora_A, "
+                                         "lora_B, lora_E), but adapter_config.json says peft_type ADALORA",
+                                  "tensors and config from different adapters?")
+    pattern = config.raw.get("rank_pattern") or {}
+    out = []
+    for mod, got in parts.items():
+        if set(got) != {"A", "B", "E"}:
+            raise CheckpointError(where, f"AdaLoRA module `{escape_name(mod)}` has "
+                                         f"{', '.join('lora_' + k for k in sorted(got))} but not all of lora_A, "
+                                         "lora_B and lora_E")
+        a, b, e = (tensors[got[k]] for k in "ABE")
+        for n in (got["A"], got["B"], got["E"]):
+            if not _is_float(tensors[n]):
+                raise CheckpointError(where, f"AdaLoRA tensor `{escape_name(n)}` is {tensors[n].dtype}; expected a "
+                                             "float dtype")
+        sa, sb, se = (tuple(int(d) for d in t.shape) for t in (a, b, e))
+        if len(sa) != 2 or len(sb) != 2 or sb[1] != sa[0] or se != (sa[0], 1):
+            raise CheckpointError(where, f"AdaLoRA factors of `{escape_name(mod)}` do not chain: A is {list(sa)}, "
+                                         f"E {list(se)}, B {list(sb)} (expected A [r, in], E [r, 1], B [out, r])")
+        module = mod.removeprefix(_PEFT_PREFIX)
+        kept = next((v for k, v in pattern.items() if k == module + ".lora_E" or k.startswith(module + ".lora_E.")),
+                    None)
+        want = sum(kept) if kept is not None else config.r
+        if sa[0] != want:
+            said = (f"rank_pattern keeps {want} of its {config.r} ranks" if kept is not None
+                    else f"init_r is {config.r} and rank_pattern does not name it")
+            raise CheckpointError(where, f"AdaLoRA factors of `{escape_name(mod)}` have rank {sa[0]} but "
+                                         f"adapter_config.json's {said}", "factors and config from different adapters?")
+        out.append(LoraFactor(module + ".weight", got["A"], got["B"], None, sa[0], adalora_scale(config, sa[0]),
+                              e_name=got["E"]))
+    return out
+
+
 def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConfig) -> list[LoraFactor]:
-    """The A/B (and DoRA magnitude) tensors of each adapted module, paired and checked."""
+    """The A/B (and DoRA magnitude) tensors of each adapted module, paired and checked (AdaLoRA's with E)."""
+    if config.peft_type == "ADALORA":
+        return _adalora_factors(tensors, where, config)
     parts: dict[str, dict[str, str]] = {}
     for name in tensors:
         m = _LORA_RE.match(name)
@@ -672,8 +766,11 @@ def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where
             if not np.isfinite(x).all():
                 raise CheckpointError(where, f"LoRA tensor `{escape_name(name)}` holds NaN or Inf values, so "
                                              f"the delta of `{escape_name(factor.target)}` cannot be measured")
-        bound = abs(factor.scale) * float(np.linalg.norm(arrays[factor.a_name])) * float(
-            np.linalg.norm(arrays[factor.b_name]))
+        a = arrays[factor.a_name]
+        if factor.e_name is not None and factor.e_name in arrays:      # AdaLoRA's A * E
+            a = np.asarray(a, np.float64).reshape(arrays[factor.e_name].size, -1) * \
+                np.asarray(arrays[factor.e_name], np.float64).reshape(-1, 1)
+        bound = abs(factor.scale) * float(np.linalg.norm(a)) * float(np.linalg.norm(arrays[factor.b_name]))
     if not math.isfinite(bound) or bound > _DELTA_CAP:
         raise CheckpointError(where, f"LoRA delta of `{escape_name(factor.target)}` is too large to measure: "
                                      f"|scale| x |A| x |B| = {bound:.3g} with scale {factor.scale:.3g}",

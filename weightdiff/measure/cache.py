@@ -522,7 +522,8 @@ class RecordCache:
         names = [getattr(pair, "tuned_source", None) or pair.tuned_name]
         lora = getattr(pair, "lora", None)
         if lora is not None:
-            names += [getattr(lora, k, None) for k in ("a_name", "b_name", "magnitude_name", "base_layer_name")]
+            names += [getattr(lora, k, None) for k in ("a_name", "b_name", "magnitude_name", "base_layer_name",
+                                                       "e_name")]
         material = {
             "v": CACHE_VERSION,
             "pair": pair.to_dict(),

@@ -204,12 +204,15 @@ def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple
 
 
 def _factors(pair: Pair, tuned: Checkpoint) -> tuple:
-    """A, B as float64 [r, in] and [out, r] (embedding factors turned so), the DoRA magnitude and its dtype."""
+    """A, B as float64 [r, in] and [out, r] (embedding factors turned so; AdaLoRA's A times its E), the DoRA
+    magnitude and its dtype."""
     lf = pair.lora
     a = tuned.read(lf.a_name)
     b = tuned.read(lf.b_name)
     a64 = decode(a, tuned.tensors[lf.a_name].dtype).reshape(a.shape[0], -1)
     b64 = decode(b, tuned.tensors[lf.b_name].dtype).reshape(b.shape[0], -1)
+    if getattr(lf, "e_name", None):         # AdaLoRA: B @ (A * E), E one singular value per rank
+        a64 = a64 * decode(tuned.read(lf.e_name), tuned.tensors[lf.e_name].dtype).reshape(-1, 1)
     magnitude, dt_m = None, None
     if lf.magnitude_name:
         dt_m = tuned.tensors[lf.magnitude_name].dtype

@@ -66,13 +66,17 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
     first: dict[str, int] = {}
     order = {n: i for i, n in enumerate(tensors)}
     items: list[tuple[int, _Item]] = []
-    saved = ignored = biased = 0
+    saved = ignored = biased = pruned = 0
     for f in factors:
         saved += getattr(f, "base_layer_name", None) is not None
         ignored += getattr(f, "ignored_magnitude", None) is not None
         names = [f.a_name, f.b_name, getattr(f, "magnitude_name", None), getattr(f, "base_layer_name", None),
-                 getattr(f, "ignored_magnitude", None)]
+                 getattr(f, "ignored_magnitude", None), getattr(f, "e_name", None)]
         used.update(n for n in names if n)
+        if getattr(f, "r", None) == 0:
+            # AdaLoRA pruned every rank of this module: PEFT builds it empty, and the base weight is used as it is
+            pruned += 1
+            continue
         pos = min(order.get(n, len(order)) for n in names if n) if any(names) else len(order)
         a, b = tensors.get(f.a_name), tensors.get(f.b_name)
         dtype = (a or b).dtype if (a or b) is not None else None
@@ -138,9 +142,14 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
                      f"outputs), each measured as the weight PEFT merges, W x l (and b x l for the bias of a layer "
                      f"whose outputs it scales), {len(items) - len(vectors)} other tensors (modules_to_save); base "
                      "tensors the adapter leaves alone are `inherited`")
+    if pruned:
+        notes.append(f"adapter: AdaLoRA kept no rank of {pruned} of its modules (rank_pattern): they change nothing, "
+                     "and their base weights are `inherited`")
     if factors:
-        notes.append(f"adapter: {len(factors)} LoRA factor pairs, {len(items) - len(factors) - biased} other tensors "
-                     "(modules_to_save); base tensors the adapter leaves alone are `inherited`")
+        adalora = any(getattr(f, "e_name", None) for f in factors)
+        kinds = "AdaLoRA factor triples" if adalora else "LoRA factor pairs"
+        notes.append(f"adapter: {len(factors) - pruned} {kinds}, {len(items) - len(factors) + pruned - biased} other "
+                     "tensors (modules_to_save); base tensors the adapter leaves alone are `inherited`")
     return [it for _, it in items]
 
 
