@@ -167,6 +167,28 @@ def test_a_classifier_head_in_modules_to_save_is_compared_beside_the_vectors(tmp
     assert got.tensor("score.weight").status == "changed" and got.tensor("score.weight").note is None
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_ia3_on_the_lm_head_scales_the_copy_peft_saves_and_a_tied_table(tmp_path, tie):
+    """IA3 on lm_head: PEFT saves `lm_head.base_layer.weight` beside the vector (read as another tensor, it made
+    an untied head read as a head added and a tied one be refused as "no weight in the base"); on a base that
+    ties its head, the merge scales the one table the head and the embedding read (the merged model stays tied)."""
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie)
+    m = transformers.LlamaForCausalLM(cfg)
+    m.save_pretrained(tmp_path / "base")
+    pm = _trained(m, peft.IA3Config(target_modules=["lm_head", "k_proj"], feedforward_modules=[]))
+    pm.save_pretrained(tmp_path / "adapter")
+    pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    got = _same_as_merged(tmp_path, tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    head = "model.embed_tokens.weight" if tie else "lm_head.weight"
+    assert got.tensor(head).status == "changed" and got.tensor(head).note.startswith(
+        "IA3 vector `base_model.model.lm_head.ia3_l` (64 values)")
+    assert [t.name for t in got.tensors if t.status == "changed"] == sorted(
+        [head, "model.layers.0.self_attn.k_proj.weight"], key=[t.name for t in got.tensors].index)
+    assert any("scales the base embedding" in n for n in got.plan["notes"]) == tie
+
+
 DT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
@@ -245,6 +267,11 @@ def test_a_regex_feedforward_modules_and_a_bias_in_float64(tmp_path, rng):
      {"model.conv.weight": np.ones((4, 2, 3, 3), np.float32)}, "no feedforward_modules to say whether"),
     (None, None, {f"{K}.bias": np.ones(7, np.float32)}, "not 8 floats"),
     ({**CFG, "init_ia3_weights": "yes"}, None, None, "init_ia3_weights = \"yes\", expected true or false"),
+    (None, {f"{K}.base_layer.weight": np.ones((9, 16), np.float32)}, None,
+     "base layer `base_model.model.model.layers.0.self_attn.k_proj.base_layer.weight` saved in the adapter is "
+     "[9, 16] but the base weight"),
+    (None, {f"{K}.base_layer.weight": np.ones((8, 16), np.int8)}, None,
+     "saved in the adapter is I8; expected float16, bfloat16, float32 or float64"),
     (None, {f"{K}.ia3_l": None, f"{D}.ia3_l": None, f"{K}.weight": np.ones((8, 16), np.float32)}, None,
      "IA3 adapter holds no IA3 vectors (`<module>.ia3_l`) among its 1 tensors"),
     (None, {f"{K}.lora_A.weight": np.ones((2, 16), np.float32)}, None,

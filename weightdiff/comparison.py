@@ -2683,7 +2683,7 @@ def _check_ia3_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoi
                                          f"`{escape_name(p.base_name)}`, which is {what}: weightdiff merges IA3 "
                                          "vectors into float16, bfloat16, float32 or float64 weights only",
                                   "merge the adapter (merge_and_unload) and compare the merged model")
-        check_ia3(v, info, where, layout)
+        check_ia3(v, info, where, layout, tuned.tensors[v.base_layer_name] if v.base_layer_name else None)
         values = decode(tuned.read(v.name), tuned.tensors[v.name].dtype)
         if not np.isfinite(values).all():
             raise CheckpointError(where, f"IA3 vector `{escape_name(v.name)}` holds NaN or Inf values, so the "

@@ -594,6 +594,9 @@ class IA3Vector:
     conv: int = 0
     transposed: bool = False
     groups: int = 1
+    #: ``<m>.base_layer.weight`` saved in the adapter (PEFT's ``save_embedding_layers``, as for an IA3 on
+    #: ``lm_head``): PEFT loads it over the base's weight, so the vector scales that copy
+    base_layer_name: str | None = None
 
     @property
     def bias_target(self) -> str:
@@ -646,7 +649,12 @@ def ia3_vectors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConf
                                          "layer, [1, channels, 1, 1] for a convolution")
         if size == 0:
             raise CheckpointError(where, f"{t} is {list(shape)}: it has no values")
-        out.append(IA3Vector(module + ".weight", name, bool(ff), size, conv=len(shape) if conv else 0))
+        saved = f"{mod}.base_layer.weight"
+        if saved in tensors and tensors[saved].dtype not in ("F16", "BF16", "F32", "F64"):
+            raise CheckpointError(where, f"base layer `{escape_name(saved)}` saved in the adapter is "
+                                         f"{tensors[saved].dtype}; expected float16, bfloat16, float32 or float64")
+        out.append(IA3Vector(module + ".weight", name, bool(ff), size, conv=len(shape) if conv else 0,
+                             base_layer_name=saved if saved in tensors else None))
     if not out:
         # loaded by PEFT, every vector would keep its initial ones: the base, whatever else the file holds
         raise CheckpointError(where, f"IA3 adapter holds no IA3 vectors (`<module>.ia3_l`) among its "
@@ -655,12 +663,19 @@ def ia3_vectors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConf
     return out
 
 
-def check_ia3(vector: IA3Vector, base: TensorInfo, where: Path, layout: str | None) -> None:
+def check_ia3(vector: IA3Vector, base: TensorInfo, where: Path, layout: str | None,
+              saved: TensorInfo | None = None) -> None:
     """Check that ``vector`` fits the base weight ``base`` (headers only) and set its orientation: a linear
     layer [out, in] (GPT-2's ``Conv1D``: [in, out], ``layout`` "conv1d" or, with no evidence, a square weight
-    under ``fan_in_fan_out``), a convolution [out, in / groups, k...]."""
+    under ``fan_in_fan_out``), a convolution [out, in / groups, k...]. ``saved``: the base layer the adapter
+    saves (``vector.base_layer_name``), which must be the base weight's shape."""
     shape = tuple(int(d) for d in base.shape)
     t, v = f"`{escape_name(vector.target)}`", vector.size
+    if saved is not None and tuple(int(d) for d in saved.shape) != shape:
+        # a resized table (LoRA's copies of another shape are merged and compared as resized; not IA3's yet)
+        raise CheckpointError(where, f"base layer `{escape_name(vector.base_layer_name)}` saved in the adapter is "
+                                     f"{list(saved.shape)} but the base weight {t} is {list(shape)}",
+                              "merge the adapter (merge_and_unload) and compare the merged model")
     ok = False
     if vector.conv:
         if len(shape) == vector.conv:

@@ -300,7 +300,7 @@ def check_pair(rec: TensorRecord, pair: Any, n_bases: int) -> None:
         raise ValueError("base_shape")
     # an adapter merged with the base layer it saves, or a merged LoRA bias, is measured as the merged tensor
     # (its own shape and dtype); every other record has the pair's
-    merged = any(getattr(pair, k, None) is not None for k in ("lora", "lora_bias", "ia3_bias"))
+    merged = any(getattr(pair, k, None) is not None for k in ("lora", "lora_bias", "ia3", "ia3_bias"))
     if not merged:
         shape = list(pair.shape_tuned) if pair.shape_tuned is not None else base_shape
         if rec.shape != shape or rec.dtype_tuned != pair.dtype_tuned:
@@ -520,6 +520,9 @@ class RecordCache:
     def _key(self, pair: Any, bases: Sequence[Any], tuned: Any, content: bool, post: dict | None = None) -> str:
         base = bases[pair.base_index] if pair.base_name is not None else None
         names = [getattr(pair, "tuned_source", None) or pair.tuned_name]
+        copy = getattr(getattr(pair, "ia3", None), "base_layer_name", None)
+        if copy:                        # an IA3 vector scales the base layer its adapter saves
+            names.append(copy)
         lora = getattr(pair, "lora", None)
         if lora is not None:
             names += [getattr(lora, k, None) for k in ("a_name", "b_name", "magnitude_name", "base_layer_name",

@@ -356,12 +356,14 @@ def _ia3_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
     from dataclasses import replace
 
     v = pair.ia3
-    info = base.tensors[pair.base_name]
+    # the weight PEFT scales: the base's, or the copy the adapter saves of it (loaded over the base's)
+    src, name = (tuned, v.base_layer_name) if v.base_layer_name else (base, pair.base_name)
+    info = src.tensors[name]
     shape, dtype = tuple(int(d) for d in info.shape), info.dtype
     ldt = tuned.tensors[v.name].dtype
     computed = _promoted(dtype, ldt)
     factor = ia3_factor(v, shape, decode(np.asarray(tuned.read(v.name)), ldt))
-    raw = np.asarray(base.read(pair.base_name)).reshape(shape)
+    raw = np.asarray(src.read(name)).reshape(shape)
     out = np.empty(shape, storage_of(dtype))
     rows = max(1, _MERGE_CHUNK // max(1, math.prod(shape[1:])))
     for r0 in range(0, shape[0], rows):

@@ -36,7 +36,7 @@ def tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Sequ
             for i, (tp, bp) in sorted(mapping.items()):
                 if not p.tuned_name.startswith(_parent(tp)):   # heads sit next to the aligned trunk
                     continue
-                emb = _embedding_for(bases[i].tensors, bp, p.shape_tuned)
+                emb = _embedding_for(bases[i].tensors, bp, p.shape_tuned, any_shape=p.ia3 is not None)
                 if emb is not None:
                     tie = base_ties.setdefault(i, ties_head(bases[i]))
                     if tie.ties is False:
@@ -44,6 +44,21 @@ def tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Sequ
                                      f"not tie one to its embedding ({tie.why})")
                         break
                     it = tuned_keys[p.tuned_name]
+                    if p.ia3 is not None:
+                        shown = tp + emb[len(bp):]
+                        if shown in tuned_keys or emb in used[i]:
+                            break           # the adapter stores that table too (modules_to_save): left as is
+                        # IA3 on the head of a tied base: PEFT's merge multiplies the one tensor the head and the
+                        # embedding both read (the merged model stays tied), so it is measured as that table
+                        q = make_pair(_Item(shown, it.source, None, it.dtype, ia3=it.ia3), emb,
+                                      bases[i].tensors[emb], i, (set(), set()))
+                        q.paired_by = "tied"
+                        used[i].add(emb)
+                        out[j] = (pos, q)
+                        notes.append(f"IA3 on `{escape_name(p.tuned_name)}` scales the base embedding "
+                                     f"`{escape_name(emb)}`, which the base ties as its LM head{_assumed(tie)}: "
+                                     "PEFT's merge scales the one table both read")
+                        break
                     q = make_pair(it, emb, bases[i].tensors[emb], i, (set(), set()))
                     q.paired_by = "tied"
                     if p.lora is not None:
@@ -107,13 +122,17 @@ def _parent(prefix: str) -> str:
     return ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
 
 
-def _embedding_for(tensors: dict, prefix: str, shape: tuple | None) -> str | None:
+def _embedding_for(tensors: dict, prefix: str, shape: tuple | None, any_shape: bool = False) -> str | None:
     """The first embedding under ``prefix`` whose row width matches ``shape``, or whose shape is its
-    transpose (an ONNX export stores the head of a tied model transposed, as its MatMul reads it)."""
+    transpose (an ONNX export stores the head of a tied model transposed, as its MatMul reads it); with
+    ``any_shape``, the first 2-D one (an IA3 vector, checked against it later)."""
     for name, info in tensors.items():
-        if name.startswith(prefix) and is_embedding(name) and shape is not None \
-                and (tuple(info.shape)[1:] == tuple(shape)[1:]
-                     or (len(shape) == 2 and tuple(info.shape) == tuple(shape)[::-1])):
+        if not (name.startswith(prefix) and is_embedding(name)):
+            continue
+        if any_shape and len(info.shape) == 2:
+            return name
+        if shape is not None and (tuple(info.shape)[1:] == tuple(shape)[1:]
+                                  or (len(shape) == 2 and tuple(info.shape) == tuple(shape)[::-1])):
             return name
     return None
 

@@ -95,6 +95,8 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
             biased += 1
     for v in vectors:                   # IA3: W x l, as PEFT merges it (the base's shape, known once paired)
         used.add(v.name)
+        if v.base_layer_name:           # the copy PEFT loads over the base's weight, and the vector scales
+            used.add(v.base_layer_name)
         items.append((order[v.name], _Item(v.target, v.name, None, tensors[v.name].dtype, ia3=v)))
     targets = {it.key: it.shape for _, it in items}
     raw = getattr(getattr(tuned, "adapter", None), "raw", None) or {}
