@@ -108,7 +108,7 @@ def test_adapter_text(tmp_path):
     out = r.stdout.splitlines()
     assert "format      PEFT LoRA adapter, 1 file" in out
     assert "layers.0              2                12" in out
-    assert "adapter     r=2 lora_alpha=4 scale=2.82843 rslora, 1 LoRA factor pairs (ranks 2)" in out
+    assert "adapter     r=2 lora_alpha=4 scale=2.82843 rslora, 1 LoRA factor pair (ranks 2)" in out
     assert "targets     q_proj" in out and "base model  org/base" in out
     doc = json.loads(CliRunner().invoke(main, ["inspect", str(d), "--json"]).stdout)
     assert doc["adapter"]["factors"] == 1 and doc["adapter"]["scale"] == pytest.approx(4 / 2 ** 0.5)

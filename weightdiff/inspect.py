@@ -217,7 +217,8 @@ def render_text(summary: dict) -> str:
     if a is not None and a.get("peft_type") == "IA3":
         lines.append("")
         ff = a["feedforward_modules"]
-        lines.append(f"adapter     IA3, {a['vectors']} vectors ({a['scaling_inputs']} scaling a layer's inputs, "
+        lines.append(f"adapter     IA3, {a['vectors']} vector{'s' if a['vectors'] != 1 else ''} "
+                     f"({a['scaling_inputs']} scaling a layer's inputs, "
                      f"{a['vectors'] - a['scaling_inputs']} its outputs)")
         lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
         lines.append(f"feedforward {e(ff if isinstance(ff, str) else ', '.join(ff or [])) or '-'}")
@@ -228,7 +229,8 @@ def render_text(summary: dict) -> str:
         ada = a.get("peft_type") == "ADALORA"
         lines.append(f"adapter     {'AdaLoRA init_r' if ada else 'r'}={a['r']} lora_alpha={a['lora_alpha']:g} "
                      f"scale={a['scale']:g}{' rslora' if a['use_rslora'] else ''}{' dora' if a['use_dora'] else ''}, "
-                     f"{a['factors']} {'AdaLoRA factor triples (kept ranks' if ada else 'LoRA factor pairs (ranks'} "
+                     f"{a['factors']} {'AdaLoRA factor triple' if ada else 'LoRA factor pair'}"
+                     f"{'s' if a['factors'] != 1 else ''} ({'kept ranks' if ada else 'ranks'} "
                      f"{', '.join(map(str, a['ranks'])) or '-'})")
         lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
         if a["base_model"]:

@@ -140,18 +140,21 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
                      "the module's bias (base + scale x lora_B.bias, as PEFT merges it)")
     if vectors:
         ff = sum(v.feedforward for v in vectors)
-        notes.append(f"adapter: {len(vectors)} IA3 vectors ({ff} scaling a layer's inputs, {len(vectors) - ff} its "
-                     f"outputs), each measured as the weight PEFT merges, W x l (and b x l for the bias of a layer "
-                     f"whose outputs it scales), {len(items) - len(vectors)} other tensors (modules_to_save); base "
-                     "tensors the adapter leaves alone are `inherited`")
+        rest = len(items) - len(vectors)
+        notes.append(f"adapter: {len(vectors)} IA3 vector{'s' if len(vectors) != 1 else ''} ({ff} scaling a layer's "
+                     f"inputs, {len(vectors) - ff} its outputs), each measured as the weight PEFT merges, W x l (and "
+                     f"b x l for the bias of a layer whose outputs it scales), {rest} other tensor"
+                     f"{'s' if rest != 1 else ''} (modules_to_save); base tensors the adapter leaves alone are "
+                     "`inherited`")
     if pruned:
         notes.append(f"adapter: AdaLoRA kept no rank of {pruned} of its modules (rank_pattern): they change nothing, "
                      "and their base weights are `inherited`")
     if factors:
         adalora = any(getattr(f, "e_name", None) for f in factors)
-        kinds = "AdaLoRA factor triples" if adalora else "LoRA factor pairs"
-        notes.append(f"adapter: {len(factors) - pruned} {kinds}, {len(items) - len(factors) + pruned - biased} other "
-                     "tensors (modules_to_save); base tensors the adapter leaves alone are `inherited`")
+        n, rest = len(factors) - pruned, len(items) - len(factors) + pruned - biased
+        kinds = ("AdaLoRA factor triple" if adalora else "LoRA factor pair") + ("s" if n != 1 else "")
+        notes.append(f"adapter: {n} {kinds}, {rest} other tensor{'s' if rest != 1 else ''} (modules_to_save); base "
+                     "tensors the adapter leaves alone are `inherited`")
     return [it for _, it in items]
 
 
