@@ -176,7 +176,6 @@ def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple
     there is no copy, or it is the base's weight to the bit (the factors alone are then the change)."""
     from dataclasses import replace
 
-    from ..io.safetensors_write import to_bf16_bits
     from .rank import merged_factor_weight
 
     lf = pair.lora
@@ -198,8 +197,7 @@ def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple
         merged = np.ascontiguousarray(merged.T)
     dtype = info.dtype if info.dtype in ("F16", "BF16", "F32", "F64") else "F32"
     rounded = reference.round_to(merged, dtype).reshape(shape)
-    values = (to_bf16_bits(rounded.astype(np.float32)) if dtype == "BF16"
-              else rounded.astype(storage_of(dtype)))
+    values = _stored(rounded, dtype)
     return replace(info, name=pair.tuned_name, dtype=dtype, start=None, end=None, quant=None), values
 
 
@@ -260,8 +258,6 @@ def _compute_lora_bias(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint]
     when either side is), then the result in the base bias's dtype; the same roundings are made here."""
     from dataclasses import replace
 
-    from ..io.safetensors_write import to_bf16_bits
-
     lf = pair.lora_bias
     info_b, info_l = base.tensors[pair.base_name], tuned.tensors[lf.bias_name]
     if DTYPES[info_b.dtype].kind != "float" or pair.base_name in (getattr(base, "quant", None) or {}):
@@ -281,7 +277,7 @@ def _compute_lora_bias(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint]
     with np.errstate(all="ignore"):
         step = reference.round_to(l64 * float(reference.round_to(np.array([lf.scale]), wide)[0]), wide)
         merged = reference.round_to(reference.round_to(b64 + step, wide), dtype)
-    values = to_bf16_bits(merged.astype(np.float32)) if dtype == "BF16" else merged.astype(storage_of(dtype))
+    values = _stored(merged, dtype)
     info = replace(info_b, name=pair.tuned_name, dtype=dtype, start=None, end=None, quant=None)
     side = MergedSide(tuned, pair.tuned_name, info, values)
     flat = replace(pair, dtype_tuned=dtype, tuned_source=None, lora_bias=None)
