@@ -332,3 +332,24 @@ def test_module_names_holding_a_newline_are_read_as_modules(tmp_path, rng):
     r = weightdiff.compare(str(base), str(lo))
     t = r.tensor(f"{m}.weight")
     assert t.compared == "factors" and t.rank.numerical_rank == 2 and not r.summary.tensors_by_status.get("added")
+
+
+def test_an_adapter_that_changes_nothing_says_so_in_its_title(tmp_path, rng):
+    """IA3 vectors all ones (as PEFT initialises them) and a LoRA whose B is all zero: the merged model is the
+    base, bit for bit; the title said "every tensor is bitwise equal to the base", as if the adapter's own tensors
+    were the base's."""
+    base, ad = _pair(tmp_path, rng, vectors={f"{K}.ia3_l": np.ones((8, 1), np.float32),
+                                             f"{D}.ia3_l": np.ones((1, 32), np.float32)})
+    s = weightdiff.compare(str(base), str(ad)).summary
+    title = "IDENTICAL: this base with the adapter applied is bitwise this base: the adapter changes no weight."
+    assert s.verdict == "identical" and "adapter" in s.flags and s.headline[0] != title
+    from weightdiff.render.sentences import verdict_title
+
+    assert verdict_title(s.to_dict()) == title
+    lo = tmp_path / "lora"
+    lo.mkdir()
+    (lo / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    save_file(lo / "adapter_model.safetensors", {f"{PRE}{K}.lora_A.weight": rng.standard_normal((2, 16)).astype(np.float32),
+                                                 f"{PRE}{K}.lora_B.weight": np.zeros((8, 2), np.float32)})
+    s = weightdiff.compare(str(base), str(lo)).summary
+    assert s.verdict == "identical" and verdict_title(s.to_dict()) == title

@@ -158,6 +158,10 @@ def _verdict_title(summary: dict) -> str:
     if v == "identical" and "dtype_changed" in (summary.get("flags") or []):
         # an exact upcast (BF16 stored as F32) holds the same values in other bits
         return "IDENTICAL: every tensor holds exactly the base's values (some stored in another dtype)."
+    if v == "identical" and "adapter" in (summary.get("flags") or []):
+        # an adapter whose change is zero (LoRA's B all zero, IA3's vectors all ones, or rounded away when merged):
+        # "every tensor is bitwise equal to the base" read as if the adapter's own tensors were the base's
+        return "IDENTICAL: this base with the adapter applied is bitwise this base: the adapter changes no weight."
     if v == "inconclusive" and "gguf_unmapped" in (summary.get("flags") or []):
         return (f"INCONCLUSIVE: a GGUF of architecture {_archs(summary)}, which weightdiff has no name map for: "
                 "llama.cpp's converter may have reordered or transformed its tensors, so what differs cannot be "
