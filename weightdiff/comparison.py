@@ -2659,7 +2659,7 @@ def _check_ia3_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoi
     import numpy as np
 
     from .io.peft_adapter import check_ia3, ia3_layout
-    from .kernels.dtypes import DTYPES, decode
+    from .kernels.dtypes import decode
 
     pairs = [p for p in the_plan.pairs if p.ia3 is not None]
     seen = {ia3_layout(p.ia3, bases[p.base_index].tensors[p.base_name]) for p in pairs if p.kind == "paired"} - {None}
@@ -2691,7 +2691,7 @@ def _check_ia3_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoi
     for p in the_plan.pairs:
         if p.ia3_bias is not None:
             info = bases[p.base_index].tensors[p.base_name]
-            if DTYPES[info.dtype].kind != "float" or info.numel != p.ia3_bias.size or \
+            if info.dtype not in ("F16", "BF16", "F32", "F64") or info.numel != p.ia3_bias.size or \
                     p.base_name in (getattr(bases[p.base_index], "quant", None) or {}):
                 raise CheckpointError(where, f"IA3 vector `{escape_name(p.ia3_bias.name)}` scales the outputs of "
                                              f"`{escape_name(p.ia3_bias.target)}`, and PEFT multiplies its bias "

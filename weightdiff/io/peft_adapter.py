@@ -575,6 +575,8 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
     return out
 
 
+#: the dtypes an IA3 merge is reproduced in (torch's own promotion and casts among them)
+_MERGE_DTYPES = ("F16", "BF16", "F32", "F64")
 _IA3_RE = re.compile(r"^(?P<mod>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?\Z", re.S)
 
 
@@ -625,8 +627,8 @@ def ia3_vectors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConf
         module = mod.removeprefix(_PEFT_PREFIX)
         shape = tuple(int(d) for d in info.shape)
         t = f"IA3 vector `{escape_name(name)}`"
-        if not _is_float(info):
-            raise CheckpointError(where, f"{t} is {info.dtype}; expected a float dtype")
+        if info.dtype not in _MERGE_DTYPES:
+            raise CheckpointError(where, f"{t} is {info.dtype}; expected float16, bfloat16, float32 or float64")
         said = config.is_feedforward(module)
         conv = len(shape) in (4, 5) and shape[0] == 1 and all(d == 1 for d in shape[2:])
         if conv:
@@ -650,7 +652,7 @@ def ia3_vectors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConf
         if size == 0:
             raise CheckpointError(where, f"{t} is {list(shape)}: it has no values")
         saved = f"{mod}.base_layer.weight"
-        if saved in tensors and tensors[saved].dtype not in ("F16", "BF16", "F32", "F64"):
+        if saved in tensors and tensors[saved].dtype not in _MERGE_DTYPES:
             raise CheckpointError(where, f"base layer `{escape_name(saved)}` saved in the adapter is "
                                          f"{tensors[saved].dtype}; expected float16, bfloat16, float32 or float64")
         out.append(IA3Vector(module + ".weight", name, bool(ff), size, conv=len(shape) if conv else 0,
@@ -686,8 +688,7 @@ def check_ia3(vector: IA3Vector, base: TensorInfo, where: Path, layout: str | No
                 ok = groups >= 1 and shape[0] % groups == 0
                 vector.groups = groups
     elif len(shape) == 2:
-        axis = 1 if vector.feedforward else 0           # of a linear layer's [out, in]
-        normal, flipped = shape[axis] == v, shape[1 - axis] == v
+        normal, flipped = _ia3_fits(vector, shape)
         vector.transposed = flipped and (layout == "conv1d" or not normal)
         ok = normal or flipped
     if not ok:
@@ -702,9 +703,14 @@ def ia3_layout(vector: IA3Vector, base: TensorInfo) -> str | None:
     shape = tuple(int(d) for d in base.shape)
     if vector.conv or len(shape) != 2:
         return None
-    axis = 1 if vector.feedforward else 0
-    normal, flipped = shape[axis] == vector.size, shape[1 - axis] == vector.size
+    normal, flipped = _ia3_fits(vector, shape)
     return "linear" if normal and not flipped else "conv1d" if flipped and not normal else None
+
+
+def _ia3_fits(vector: IA3Vector, shape: tuple) -> tuple[bool, bool]:
+    """Whether a 2-D weight of ``shape`` fits the vector as a linear layer's [out, in] and as a Conv1D's [in, out]."""
+    axis = 1 if vector.feedforward else 0
+    return shape[axis] == vector.size, shape[1 - axis] == vector.size
 
 
 def layout_evidence(factor: LoraFactor, tensors: dict[str, TensorInfo], base: TensorInfo) -> str | None:
