@@ -2643,13 +2643,15 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
             continue
         if p.kind != "lora":
             where = ", ".join(str(b.path) for b in bases)
-            raise CheckpointError(tuned.files[0], f"LoRA target `{escape_name(p.lora.target)}` has no weight in "
+            label = {"LOHA": "LoHa", "LOKR": "LoKr"}.get(getattr(p.lora, "kind", "LORA"), "LoRA")
+            raise CheckpointError(tuned.files[0], f"{label} target `{escape_name(p.lora.target)}` has no weight in "
                                                   f"the base ({escape_name(where)}) to modify",
                                   "is this adapter for another base model?")
         check_against_base(p.lora, tuned.tensors, bases[p.base_index].tensors[p.base_name], tuned.adapter,
                            tuned.files[0], layout)
-        values = {n: decode(tuned.read(n), tuned.tensors[n].dtype)
-                  for n in (p.lora.a_name, p.lora.b_name, p.lora.magnitude_name, p.lora.e_name) if n}
+        names = (p.lora.a_name, p.lora.b_name, p.lora.magnitude_name, p.lora.e_name, *p.lora.parts.values())
+        values = {n: decode(tuned.read(n), tuned.tensors[n].dtype).reshape(tuned.tensors[n].shape)
+                  for n in names if n}
         check_factor_values(p.lora, values, tuned.files[0])
 
 

@@ -99,6 +99,15 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
                        "feedforward_modules": ff if isinstance(ff, (str, type(None))) else list(ff),
                        "base_model": a.base_model, "vectors": len(ckpt.ia3),
                        "scaling_inputs": sum(v.feedforward for v in ckpt.ia3)}
+        elif ckpt.adapter is not None and ckpt.adapter.peft_type in ("LOHA", "LOKR"):
+            a = ckpt.adapter
+            adapter = {"peft_type": a.peft_type, "r": a.r, "alpha": a.lora_alpha, "scale": a.lora_alpha / a.r,
+                       "target_modules": a.target_modules, "base_model": a.base_model, "modules": len(ckpt.lora),
+                       "ranks": sorted({f.r for f in ckpt.lora}),
+                       "use_effective_conv2d": a.raw.get("use_effective_conv2d") is True}
+            if a.peft_type == "LOKR":
+                adapter["decompose_both"] = a.raw.get("decompose_both") is True
+                adapter["decompose_factor"] = a.raw.get("decompose_factor", -1)
         elif ckpt.adapter is not None:
             a = ckpt.adapter
             adapter = {"peft_type": a.peft_type, "r": a.r, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
@@ -155,7 +164,8 @@ def _size(n: int) -> str:
 def render_text(summary: dict) -> str:
     """The terminal view of ``describe()``'s dict; names and metadata are printed escaped."""
     e = escape_name
-    kind = {"IA3": "PEFT IA3 adapter", "ADALORA": "PEFT AdaLoRA adapter"}.get(
+    kind = {"IA3": "PEFT IA3 adapter", "ADALORA": "PEFT AdaLoRA adapter", "LOHA": "PEFT LoHa adapter",
+            "LOKR": "PEFT LoKr adapter"}.get(
         (summary.get("adapter") or {}).get("peft_type"), _FORMATS.get(summary["format"], summary["format"]))
     lines = [f"checkpoint  {e(summary['path'])}",
              f"format      {kind}, "
@@ -222,6 +232,18 @@ def render_text(summary: dict) -> str:
                      f"{a['vectors'] - a['scaling_inputs']} its outputs)")
         lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
         lines.append(f"feedforward {e(ff if isinstance(ff, str) else ', '.join(ff or [])) or '-'}")
+        if a["base_model"]:
+            lines.append(f"base model  {e(a['base_model'])}")
+    elif a is not None and a.get("peft_type") in ("LOHA", "LOKR"):
+        lines.append("")
+        label = {"LOHA": "LoHa", "LOKR": "LoKr"}[a["peft_type"]]
+        how = (" effective_conv2d" if a["use_effective_conv2d"] else "") + (
+            f" decompose_factor={a['decompose_factor']}{' decompose_both' if a['decompose_both'] else ''}"
+            if a["peft_type"] == "LOKR" else "")
+        lines.append(f"adapter     {label} r={a['r']} alpha={a['alpha']:g} scale={a['scale']:g}{how}, "
+                     f"{a['modules']} module{'s' if a['modules'] != 1 else ''} (ranks "
+                     f"{', '.join(map(str, a['ranks'])) or '-'})")
+        lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
         if a["base_model"]:
             lines.append(f"base model  {e(a['base_model'])}")
     elif a is not None:

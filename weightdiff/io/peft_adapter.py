@@ -1,5 +1,6 @@
 r"""PEFT LoRA and IA3 adapters: ``adapter_config.json`` and the A/B factor pairs (LoRA) or the scaling
-vector (IA3, ``IA3Vector``: PEFT merges it as W x l) of each module.
+vector (IA3, ``IA3Vector``: PEFT merges it as W x l) of each module (LoHa and LoKr: ``io.peft_lycoris``,
+read as LoRA factor pairs).
 
 PEFT saves a LoRA update of module ``m`` as ``base_model.model.<m>.lora_A.weight`` [r, in]
 and ``...lora_B.weight`` [out, r] (embeddings: ``lora_embedding_A`` [r, vocab] and
@@ -212,6 +213,10 @@ class LoraFactor:
     bias_name: str | None = None
     #: AdaLoRA's singular values ``<m>.lora_E`` [r, 1]: the delta is scale x B @ (A * E)
     e_name: str | None = None
+    #: "LORA" (AdaLoRA's too), or "LOHA" / "LOKR": then ``parts`` holds the module's LyCORIS tensors (role ->
+    #: name) and the factors are built from them (``io.peft_lycoris.lycoris_product``)
+    kind: str = "LORA"
+    parts: dict = field(default_factory=dict)
 
     @property
     def bias_target(self) -> str:
@@ -323,9 +328,14 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         return _parse_ia3(raw, path)
     if isinstance(kind, str) and kind.upper() == "ADALORA":
         return _parse_adalora(raw, path)
+    if isinstance(kind, str) and kind.upper() in ("LOHA", "LOKR"):
+        from .peft_lycoris import parse_lycoris_config
+
+        return parse_lycoris_config(raw, path, kind.upper())
     if not isinstance(kind, str) or kind.upper() != "LORA":
-        raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA and IA3 "
-                                    "adapters are supported (LoHa, LoKr, VeRA and others store different factors)",
+        raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA, LoHa, LoKr "
+                                    "and IA3 adapters are supported (VeRA, OFT, BOFT and others store different "
+                                    "factors)",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     for key, why, hint in _VARIANTS:
         if raw.get(key) not in (None, False, [], {}):
@@ -353,6 +363,17 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
     r = _rank(path, "r", raw.get("r", PEFT_DEFAULT_R))
     alpha = _number(path, "lora_alpha", raw.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     flags = {k: _bool(path, raw, k) for k in _BOOLS}
+    repeats = _patterns(raw, path)
+    targets = _targets(path, raw)
+    base = raw.get("base_model_name_or_path")
+    return AdapterConfig(r, alpha, list(targets), flags["use_rslora"], flags["use_dora"],
+                         base if isinstance(base, str) else None, raw, fan_in_fan_out=flags["fan_in_fan_out"],
+                         path=Path(path), repeats=repeats)
+
+
+def _patterns(raw: dict, path: Path) -> dict[str, int]:
+    """``alpha_pattern`` and ``rank_pattern`` checked (objects of module key -> a number / a positive integer, each
+    key safe to match): the repetitions of each key."""
     repeats: dict[str, int] = {}
     for key, check in (("alpha_pattern", _number), ("rank_pattern", _rank)):
         pats = raw.get(key)
@@ -364,11 +385,7 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         for pat, value in pats.items():
             check(path, f"{key}[{_show(pat)}]", value)
             repeats[pat] = _pattern_repeats(path, key, pat)
-    targets = _targets(path, raw)
-    base = raw.get("base_model_name_or_path")
-    return AdapterConfig(r, alpha, list(targets), flags["use_rslora"], flags["use_dora"],
-                         base if isinstance(base, str) else None, raw, fan_in_fan_out=flags["fan_in_fan_out"],
-                         path=Path(path), repeats=repeats)
+    return repeats
 
 
 def _targets(path: Path, raw: dict) -> list[str]:
@@ -473,7 +490,7 @@ def _adalora_factors(tensors: dict[str, TensorInfo], where: Path, config: Adapte
         m = _ADALORA_RE.match(name)
         if m:
             parts.setdefault(m["mod"], {})[m["k"]] = name
-        elif (".ia3_l" in name and _IA3_RE.match(name)) or _LORA_RE.match(name):
+        elif (".ia3_l" in name and _IA3_RE.match(name)) or _LORA_RE.match(name) or _lycoris_part(name):
             raise CheckpointError(where, f"adapter holds `{escape_name(name)}`, which is not AdaLoRA's (lora_A, "
                                          "lora_B, lora_E), but adapter_config.json says peft_type ADALORA",
                                   "tensors and config from different adapters?")
@@ -507,10 +524,23 @@ def _adalora_factors(tensors: dict[str, TensorInfo], where: Path, config: Adapte
     return out
 
 
+def _lycoris_part(name: str) -> bool:
+    """Whether ``name`` is a LoHa/LoKr tensor of a module (``<m>.hada_w1_a``, ``<m>.lokr_w2``, ...)."""
+    if "hada_" not in name and "lokr_" not in name:
+        return False
+    from .peft_lycoris import _PART_RE
+
+    return _PART_RE.match(name) is not None
+
+
 def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConfig) -> list[LoraFactor]:
     """The A/B (and DoRA magnitude) tensors of each adapted module, paired and checked (AdaLoRA's with E)."""
     if config.peft_type == "ADALORA":
         return _adalora_factors(tensors, where, config)
+    if config.peft_type in ("LOHA", "LOKR"):
+        from .peft_lycoris import lycoris_factors
+
+        return lycoris_factors(tensors, where, config)
     parts: dict[str, dict[str, str]] = {}
     for name in tensors:
         m = _LORA_RE.match(name)
@@ -520,6 +550,12 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         elif ".ia3_l" in name and _IA3_RE.match(name):
             raise CheckpointError(where, f"adapter holds IA3 vectors (`{escape_name(name)}`) but adapter_config.json "
                                          "says peft_type LORA", "vectors and config from different adapters?")
+        elif _lycoris_part(name):
+            # PEFT would load none of them into a LoRA model: read as tensors added, they made a LoHa adapter
+            # under a LoRA config a confident "derived"
+            raise CheckpointError(where, f"adapter holds LyCORIS (LoHa/LoKr) factors (`{escape_name(name)}`) but "
+                                         "adapter_config.json says peft_type LORA",
+                                  "factors and config from different adapters?")
     out = []
     for mod, got in parts.items():
         emb = "EA" in got or "EB" in got
@@ -617,9 +653,10 @@ def ia3_vectors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConf
     for name, info in tensors.items():
         m = _IA3_RE.match(name)
         if m is None:
-            if _LORA_RE.match(name):
+            if _LORA_RE.match(name) or _lycoris_part(name):
                 # PEFT would load none of them into an IA3 model (unexpected keys), nor its vectors from them
-                raise CheckpointError(where, f"adapter holds LoRA factors (`{escape_name(name)}`) but "
+                what = "LoRA" if _LORA_RE.match(name) else "LyCORIS (LoHa/LoKr)"
+                raise CheckpointError(where, f"adapter holds {what} factors (`{escape_name(name)}`) but "
                                              "adapter_config.json says peft_type IA3",
                                       "factors and config from different adapters?")
             continue
@@ -716,7 +753,7 @@ def _ia3_fits(vector: IA3Vector, shape: tuple) -> tuple[bool, bool]:
 def layout_evidence(factor: LoraFactor, tensors: dict[str, TensorInfo], base: TensorInfo) -> str | None:
     """What a plain 2-D factor pair's shapes say of its module: ``linear`` (B @ A is [out, in] as the base weight
     and only so), ``conv1d`` (only transposed: GPT-2's Conv1D), None (square, or not a plain pair)."""
-    if factor.embedding or factor.base_layer_name is not None:
+    if factor.embedding or factor.base_layer_name is not None or factor.parts:
         return None
     sa, sb, shape = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape), tuple(base.shape)
     if len(sa) != 2 or len(sb) != 2 or len(shape) != 2:
@@ -734,6 +771,10 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
     B [dim, r] and the delta is (B @ A).T. A DoRA magnitude has one value per output
     feature. Anything else is a CheckpointError naming the adapter file.
     """
+    if factor.parts:
+        from .peft_lycoris import check_lycoris
+
+        return check_lycoris(factor, tensors, base, config, where)
     sa, sb, shape = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape), tuple(base.shape)
     t = f"`{escape_name(factor.target)}`"
     if factor.base_layer_name is not None:
@@ -777,6 +818,10 @@ def _bits(info: TensorInfo) -> int:
     return DTYPES[info.dtype].bits
 
 
+#: LyCORIS kinds as messages name them
+_LABEL = {"LOHA": "LoHa", "LOKR": "LoKr"}
+
+
 def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where: Path) -> None:
     """Refuse factors LAPACK cannot take: NaN/Inf values, or a delta whose norms overflow.
 
@@ -785,14 +830,21 @@ def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where
     with np.errstate(all="ignore"):
         for name, x in arrays.items():
             if not np.isfinite(x).all():
-                raise CheckpointError(where, f"LoRA tensor `{escape_name(name)}` holds NaN or Inf values, so "
-                                             f"the delta of `{escape_name(factor.target)}` cannot be measured")
-        a = arrays[factor.a_name]
+                raise CheckpointError(where, f"{_LABEL.get(factor.kind, 'LoRA')} tensor `{escape_name(name)}` holds "
+                                             f"NaN or Inf values, so the delta of `{escape_name(factor.target)}` "
+                                             "cannot be measured")
+        if factor.parts:                # LoHa / LoKr: the factor pair their tensors make
+            from .peft_lycoris import lycoris_product
+
+            a, b = lycoris_product(factor.kind, {role: arrays[n] for role, n in factor.parts.items()})
+        else:
+            a, b = arrays[factor.a_name], arrays[factor.b_name]
         if factor.e_name is not None and factor.e_name in arrays:      # AdaLoRA's A * E
             a = np.asarray(a, np.float64).reshape(arrays[factor.e_name].size, -1) * \
                 np.asarray(arrays[factor.e_name], np.float64).reshape(-1, 1)
-        bound = abs(factor.scale) * float(np.linalg.norm(a)) * float(np.linalg.norm(arrays[factor.b_name]))
+        bound = abs(factor.scale) * float(np.linalg.norm(a)) * float(np.linalg.norm(b))
     if not math.isfinite(bound) or bound > _DELTA_CAP:
-        raise CheckpointError(where, f"LoRA delta of `{escape_name(factor.target)}` is too large to measure: "
-                                     f"|scale| x |A| x |B| = {bound:.3g} with scale {factor.scale:.3g}",
-                              "check lora_alpha in adapter_config.json")
+        alpha = "alpha" if factor.kind in _LABEL else "lora_alpha"
+        raise CheckpointError(where, f"{_LABEL.get(factor.kind, 'LoRA')} delta of `{escape_name(factor.target)}` is "
+                                     f"too large to measure: |scale| x |A| x |B| = {bound:.3g} with scale "
+                                     f"{factor.scale:.3g}", f"check {alpha} in adapter_config.json")

@@ -527,6 +527,7 @@ class RecordCache:
         if lora is not None:
             names += [getattr(lora, k, None) for k in ("a_name", "b_name", "magnitude_name", "base_layer_name",
                                                        "e_name")]
+            names += [n for n in getattr(lora, "parts", {}).values() if n not in names]
         material = {
             "v": CACHE_VERSION,
             "pair": pair.to_dict(),

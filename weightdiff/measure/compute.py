@@ -201,10 +201,21 @@ def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple
     return replace(info, name=pair.tuned_name, dtype=dtype, start=None, end=None, quant=None), values
 
 
+def _lycoris_values(lf, tuned: Checkpoint) -> dict:
+    """A LoHa/LoKr module's tensors decoded to float64 in their saved shapes (role -> values)."""
+    return {role: decode(tuned.read(n), tuned.tensors[n].dtype).reshape(tuned.tensors[n].shape)
+            for role, n in lf.parts.items()}
+
+
 def _factors(pair: Pair, tuned: Checkpoint) -> tuple:
     """A, B as float64 [r, in] and [out, r] (embedding factors turned so; AdaLoRA's A times its E), the DoRA
     magnitude and its dtype."""
     lf = pair.lora
+    if getattr(lf, "parts", None):          # LoHa / LoKr: the factor pair their tensors make
+        from ..io.peft_lycoris import lycoris_product
+
+        a64, b64 = lycoris_product(lf.kind, _lycoris_values(lf, tuned))
+        return a64, b64, None, None
     a = tuned.read(lf.a_name)
     b = tuned.read(lf.b_name)
     a64 = decode(a, tuned.tensors[lf.a_name].dtype).reshape(a.shape[0], -1)
@@ -1151,7 +1162,10 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     dt_a = tuned.tensors[lf.a_name].dtype
     # PEFT embedding adapters store A as [r, vocab] and B as [dim, r]; the delta is (B @ A).T
     a64, b64, magnitude, dt_m = _factors(pair, tuned)
-    values = {lf.a_name: a64, lf.b_name: b64}
+    if getattr(lf, "parts", None):
+        values = dict(zip(lf.parts.values(), _lycoris_values(lf, tuned).values()))
+    else:
+        values = {lf.a_name: a64, lf.b_name: b64}
     if magnitude is not None:
         values[lf.magnitude_name] = magnitude
     check_factor_values(lf, values, tuned.files[0])   # before LAPACK sees them
@@ -1174,8 +1188,13 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     rec.compared = "factors"
     rec.status = "changed" if (rec.norm_delta or 0) > 0 else "unchanged"
     rec.rank = rank if options.rank else None
-    rec.note = (f"LoRA adapter (r={lf.r}, scale={lf.scale:g}) analysed exactly from its factors "
-                f"`{lf.b_name}` @ `{lf.a_name}`")
+    if getattr(lf, "parts", None):
+        from ..io.peft_lycoris import lycoris_note
+
+        rec.note = lycoris_note(lf, a64.shape[0])
+    else:
+        rec.note = (f"LoRA adapter (r={lf.r}, scale={lf.scale:g}) analysed exactly from its factors "
+                    f"`{lf.b_name}` @ `{lf.a_name}`")
     if lf.magnitude_name:
         rec.note += ("; DoRA: the statistics are those of the merged weight, the spectrum covers the "
                      "low-rank direction term only (see docs/rank.md)")

@@ -78,6 +78,8 @@ class Pair:
         d["shape_base"] = None if self.shape_base is None else list(self.shape_base)
         if self.lora is not None:
             d["lora"] = {k: getattr(self.lora, k, None) for k in ("target", "r", "scale", "transposed")}
+            if getattr(self.lora, "kind", "LORA") != "LORA":      # LoHa / LoKr (a LoRA's dict is as it was)
+                d["lora"]["kind"] = self.lora.kind
         v = self.ia3 if self.ia3 is not None else self.ia3_bias
         if v is not None:
             d["ia3"] = {"vector": v.name, "scales": v.scales, "bias": self.ia3_bias is not None,

@@ -71,7 +71,7 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
         saved += getattr(f, "base_layer_name", None) is not None
         ignored += getattr(f, "ignored_magnitude", None) is not None
         names = [f.a_name, f.b_name, getattr(f, "magnitude_name", None), getattr(f, "base_layer_name", None),
-                 getattr(f, "ignored_magnitude", None), getattr(f, "e_name", None)]
+                 getattr(f, "ignored_magnitude", None), getattr(f, "e_name", None), *getattr(f, "parts", {}).values()]
         used.update(n for n in names if n)
         if getattr(f, "r", None) == 0:
             # AdaLoRA pruned every rank of this module: PEFT builds it empty, and the base weight is used as it is
@@ -81,7 +81,9 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
         a, b = tensors.get(f.a_name), tensors.get(f.b_name)
         dtype = (a or b).dtype if (a or b) is not None else None
         shape = None
-        if a is not None and b is not None and len(a.shape) >= 2 and len(b.shape) >= 2:
+        if getattr(f, "parts", None):
+            pass                        # LoHa / LoKr: the base's shape, checked once paired (check_lycoris)
+        elif a is not None and b is not None and len(a.shape) >= 2 and len(b.shape) >= 2:
             shape = (int(b.shape[0]), _numel(a.shape[1:]))
             if getattr(f, "embedding", False):      # embedding factors: A [r, vocab], B [dim, r]
                 shape = (int(a.shape[1]), int(b.shape[0]))
@@ -152,7 +154,12 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
     if factors:
         adalora = any(getattr(f, "e_name", None) for f in factors)
         n, rest = len(factors) - pruned, len(items) - len(factors) + pruned - biased
-        kinds = ("AdaLoRA factor triple" if adalora else "LoRA factor pair") + ("s" if n != 1 else "")
+        lycoris = {"LOHA": "LoHa", "LOKR": "LoKr"}.get(getattr(factors[0], "kind", "LORA"))
+        kinds = (f"{lycoris} module" if lycoris else "AdaLoRA factor triple" if adalora
+                 else "LoRA factor pair") + ("s" if n != 1 else "")
+        if lycoris:
+            kinds += (" (each measured exactly as the factor pair its " + ("Hadamard" if lycoris == "LoHa"
+                      else "Kronecker") + " product is)")
         notes.append(f"adapter: {n} {kinds}, {rest} other tensor{'s' if rest != 1 else ''} (modules_to_save); base "
                      "tensors the adapter leaves alone are `inherited`")
     return [it for _, it in items]
