@@ -2643,7 +2643,7 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
             continue
         if p.kind != "lora":
             where = ", ".join(str(b.path) for b in bases)
-            label = {"LOHA": "LoHa", "LOKR": "LoKr"}.get(getattr(p.lora, "kind", "LORA"), "LoRA")
+            label = {"LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA"}.get(getattr(p.lora, "kind", "LORA"), "LoRA")
             raise CheckpointError(tuned.files[0], f"{label} target `{escape_name(p.lora.target)}` has no weight in "
                                                   f"the base ({escape_name(where)}) to modify",
                                   "is this adapter for another base model?")
@@ -2653,6 +2653,11 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
         values = {n: decode(tuned.read(n), tuned.tensors[n].dtype).reshape(tuned.tensors[n].shape)
                   for n in names if n}
         check_factor_values(p.lora, values, tuned.files[0])
+    vera = [p.lora for p in the_plan.pairs if p.lora is not None and getattr(p.lora, "kind", "") == "VERA"]
+    if vera:
+        from .io.peft_vera import check_projections
+
+        check_projections(vera, tuned.files[0], tuned.tensors)
 
 
 def _check_ia3_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint) -> None:

@@ -99,6 +99,12 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
                        "feedforward_modules": ff if isinstance(ff, (str, type(None))) else list(ff),
                        "base_model": a.base_model, "vectors": len(ckpt.ia3),
                        "scaling_inputs": sum(v.feedforward for v in ckpt.ia3)}
+        elif ckpt.adapter is not None and ckpt.adapter.peft_type == "VERA":
+            a = ckpt.adapter
+            adapter = {"peft_type": "VERA", "r": a.r, "target_modules": a.target_modules, "base_model": a.base_model,
+                       "modules": len(ckpt.lora), "fan_in_fan_out": a.fan_in_fan_out,
+                       "save_projection": a.raw.get("save_projection", True) is not False,
+                       "projection_prng_key": a.raw.get("projection_prng_key", 0)}
         elif ckpt.adapter is not None and ckpt.adapter.peft_type in ("LOHA", "LOKR"):
             a = ckpt.adapter
             adapter = {"peft_type": a.peft_type, "r": a.r, "alpha": a.lora_alpha, "scale": a.lora_alpha / a.r,
@@ -165,7 +171,7 @@ def render_text(summary: dict) -> str:
     """The terminal view of ``describe()``'s dict; names and metadata are printed escaped."""
     e = escape_name
     kind = {"IA3": "PEFT IA3 adapter", "ADALORA": "PEFT AdaLoRA adapter", "LOHA": "PEFT LoHa adapter",
-            "LOKR": "PEFT LoKr adapter"}.get(
+            "LOKR": "PEFT LoKr adapter", "VERA": "PEFT VeRA adapter"}.get(
         (summary.get("adapter") or {}).get("peft_type"), _FORMATS.get(summary["format"], summary["format"]))
     lines = [f"checkpoint  {e(summary['path'])}",
              f"format      {kind}, "
@@ -232,6 +238,14 @@ def render_text(summary: dict) -> str:
                      f"{a['vectors'] - a['scaling_inputs']} its outputs)")
         lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
         lines.append(f"feedforward {e(ff if isinstance(ff, str) else ', '.join(ff or [])) or '-'}")
+        if a["base_model"]:
+            lines.append(f"base model  {e(a['base_model'])}")
+    elif a is not None and a.get("peft_type") == "VERA":
+        lines.append("")
+        lines.append(f"adapter     VeRA r={a['r']}, {a['modules']} module{'s' if a['modules'] != 1 else ''}, shared "
+                     f"projections {'saved' if a['save_projection'] else 'not saved'} (projection_prng_key "
+                     f"{e(str(a['projection_prng_key']))})")
+        lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
         if a["base_model"]:
             lines.append(f"base model  {e(a['base_model'])}")
     elif a is not None and a.get("peft_type") in ("LOHA", "LOKR"):

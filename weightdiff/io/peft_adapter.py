@@ -213,10 +213,12 @@ class LoraFactor:
     bias_name: str | None = None
     #: AdaLoRA's singular values ``<m>.lora_E`` [r, 1]: the delta is scale x B @ (A * E)
     e_name: str | None = None
-    #: "LORA" (AdaLoRA's too), or "LOHA" / "LOKR": then ``parts`` holds the module's LyCORIS tensors (role ->
-    #: name) and the factors are built from them (``io.peft_lycoris.lycoris_product``)
+    #: "LORA" (AdaLoRA's too), or "LOHA" / "LOKR" / "VERA": then ``parts`` holds the module's tensors (role ->
+    #: name) and the factors are built from them (``factor_pair``)
     kind: str = "LORA"
     parts: dict = field(default_factory=dict)
+    #: VeRA: the columns of the shared vera_A the layer reads (its inputs), set when the factors meet the base
+    cols: int | None = None
 
     @property
     def bias_target(self) -> str:
@@ -332,10 +334,14 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         from .peft_lycoris import parse_lycoris_config
 
         return parse_lycoris_config(raw, path, kind.upper())
+    if isinstance(kind, str) and kind.upper() == "VERA":
+        from .peft_vera import parse_vera_config
+
+        return parse_vera_config(raw, path)
     if not isinstance(kind, str) or kind.upper() != "LORA":
-        raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA, LoHa, LoKr "
-                                    "and IA3 adapters are supported (VeRA, OFT, BOFT and others store different "
-                                    "factors)",
+        raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA, LoHa, LoKr, "
+                                    "VeRA and IA3 adapters are supported (OFT, BOFT, FourierFT and others store "
+                                    "different factors)",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     for key, why, hint in _VARIANTS:
         if raw.get(key) not in (None, False, [], {}):
@@ -524,13 +530,18 @@ def _adalora_factors(tensors: dict[str, TensorInfo], where: Path, config: Adapte
     return out
 
 
-def _lycoris_part(name: str) -> bool:
-    """Whether ``name`` is a LoHa/LoKr tensor of a module (``<m>.hada_w1_a``, ``<m>.lokr_w2``, ...)."""
-    if "hada_" not in name and "lokr_" not in name:
-        return False
-    from .peft_lycoris import _PART_RE
+def _lycoris_part(name: str) -> str | None:
+    """What ``name`` is when it is another PEFT method's tensor than LoRA's and IA3's: "LyCORIS (LoHa/LoKr)" for
+    ``<m>.hada_w1_a``, ``<m>.lokr_w2``..., "VeRA" for ``<m>.vera_lambda_b`` and the shared ``vera_A``; else None."""
+    if "hada_" in name or "lokr_" in name:
+        from .peft_lycoris import _PART_RE
 
-    return _PART_RE.match(name) is not None
+        return "LyCORIS (LoHa/LoKr)" if _PART_RE.match(name) else None
+    if "vera_" in name:
+        from .peft_vera import _LAMBDA_RE, _SHARED_RE
+
+        return "VeRA" if _LAMBDA_RE.match(name) or _SHARED_RE.match(name) else None
+    return None
 
 
 def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConfig) -> list[LoraFactor]:
@@ -541,6 +552,10 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         from .peft_lycoris import lycoris_factors
 
         return lycoris_factors(tensors, where, config)
+    if config.peft_type == "VERA":
+        from .peft_vera import vera_factors
+
+        return vera_factors(tensors, where, config)
     parts: dict[str, dict[str, str]] = {}
     for name in tensors:
         m = _LORA_RE.match(name)
@@ -553,7 +568,7 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         elif _lycoris_part(name):
             # PEFT would load none of them into a LoRA model: read as tensors added, they made a LoHa adapter
             # under a LoRA config a confident "derived"
-            raise CheckpointError(where, f"adapter holds LyCORIS (LoHa/LoKr) factors (`{escape_name(name)}`) but "
+            raise CheckpointError(where, f"adapter holds {_lycoris_part(name)} factors (`{escape_name(name)}`) but "
                                          "adapter_config.json says peft_type LORA",
                                   "factors and config from different adapters?")
     out = []
@@ -655,7 +670,7 @@ def ia3_vectors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConf
         if m is None:
             if _LORA_RE.match(name) or _lycoris_part(name):
                 # PEFT would load none of them into an IA3 model (unexpected keys), nor its vectors from them
-                what = "LoRA" if _LORA_RE.match(name) else "LyCORIS (LoHa/LoKr)"
+                what = "LoRA" if _LORA_RE.match(name) else _lycoris_part(name)
                 raise CheckpointError(where, f"adapter holds {what} factors (`{escape_name(name)}`) but "
                                              "adapter_config.json says peft_type IA3",
                                       "factors and config from different adapters?")
@@ -753,6 +768,10 @@ def _ia3_fits(vector: IA3Vector, shape: tuple) -> tuple[bool, bool]:
 def layout_evidence(factor: LoraFactor, tensors: dict[str, TensorInfo], base: TensorInfo) -> str | None:
     """What a plain 2-D factor pair's shapes say of its module: ``linear`` (B @ A is [out, in] as the base weight
     and only so), ``conv1d`` (only transposed: GPT-2's Conv1D), None (square, or not a plain pair)."""
+    if factor.kind == "VERA":
+        from .peft_vera import vera_layout
+
+        return vera_layout(factor, tensors, base)
     if factor.embedding or factor.base_layer_name is not None or factor.parts:
         return None
     sa, sb, shape = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape), tuple(base.shape)
@@ -771,6 +790,10 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
     B [dim, r] and the delta is (B @ A).T. A DoRA magnitude has one value per output
     feature. Anything else is a CheckpointError naming the adapter file.
     """
+    if factor.kind == "VERA":
+        from .peft_vera import check_vera
+
+        return check_vera(factor, tensors, base, config, where, layout)
     if factor.parts:
         from .peft_lycoris import check_lycoris
 
@@ -818,8 +841,20 @@ def _bits(info: TensorInfo) -> int:
     return DTYPES[info.dtype].bits
 
 
-#: LyCORIS kinds as messages name them
-_LABEL = {"LOHA": "LoHa", "LOKR": "LoKr"}
+#: factor kinds other than LoRA's as messages name them
+_LABEL = {"LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA"}
+
+
+def factor_pair(factor: LoraFactor, values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(A [k, in], B [out, k]) in float64 of a LoHa, LoKr or VeRA module from its tensors' values (role ->
+    values in their saved shapes): its delta is ``factor.scale`` x B @ A."""
+    if factor.kind == "VERA":
+        from .peft_vera import vera_product
+
+        return vera_product(factor, values)
+    from .peft_lycoris import lycoris_product
+
+    return lycoris_product(factor.kind, values)
 
 
 def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where: Path) -> None:
@@ -833,10 +868,8 @@ def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where
                 raise CheckpointError(where, f"{_LABEL.get(factor.kind, 'LoRA')} tensor `{escape_name(name)}` holds "
                                              f"NaN or Inf values, so the delta of `{escape_name(factor.target)}` "
                                              "cannot be measured")
-        if factor.parts:                # LoHa / LoKr: the factor pair their tensors make
-            from .peft_lycoris import lycoris_product
-
-            a, b = lycoris_product(factor.kind, {role: arrays[n] for role, n in factor.parts.items()})
+        if factor.parts:                # LoHa / LoKr / VeRA: the factor pair their tensors make
+            a, b = factor_pair(factor, {role: arrays[n] for role, n in factor.parts.items()})
         else:
             a, b = arrays[factor.a_name], arrays[factor.b_name]
         if factor.e_name is not None and factor.e_name in arrays:      # AdaLoRA's A * E
@@ -844,7 +877,7 @@ def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where
                 np.asarray(arrays[factor.e_name], np.float64).reshape(-1, 1)
         bound = abs(factor.scale) * float(np.linalg.norm(a)) * float(np.linalg.norm(b))
     if not math.isfinite(bound) or bound > _DELTA_CAP:
-        alpha = "alpha" if factor.kind in _LABEL else "lora_alpha"
+        alpha = {"VERA": "the vectors", "LORA": "lora_alpha"}.get(factor.kind, "alpha")
         raise CheckpointError(where, f"{_LABEL.get(factor.kind, 'LoRA')} delta of `{escape_name(factor.target)}` is "
                                      f"too large to measure: |scale| x |A| x |B| = {bound:.3g} with scale "
-                                     f"{factor.scale:.3g}", f"check {alpha} in adapter_config.json")
+                                     f"{factor.scale:.3g}", f"check {alpha} in adapter_config.json" if alpha != "the vectors" else "check the vectors")

@@ -202,7 +202,7 @@ def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple
 
 
 def _lycoris_values(lf, tuned: Checkpoint) -> dict:
-    """A LoHa/LoKr module's tensors decoded to float64 in their saved shapes (role -> values)."""
+    """A LoHa/LoKr/VeRA module's tensors decoded to float64 in their saved shapes (role -> values)."""
     return {role: decode(tuned.read(n), tuned.tensors[n].dtype).reshape(tuned.tensors[n].shape)
             for role, n in lf.parts.items()}
 
@@ -211,10 +211,10 @@ def _factors(pair: Pair, tuned: Checkpoint) -> tuple:
     """A, B as float64 [r, in] and [out, r] (embedding factors turned so; AdaLoRA's A times its E), the DoRA
     magnitude and its dtype."""
     lf = pair.lora
-    if getattr(lf, "parts", None):          # LoHa / LoKr: the factor pair their tensors make
-        from ..io.peft_lycoris import lycoris_product
+    if getattr(lf, "parts", None):          # LoHa / LoKr / VeRA: the factor pair their tensors make
+        from ..io.peft_adapter import factor_pair
 
-        a64, b64 = lycoris_product(lf.kind, _lycoris_values(lf, tuned))
+        a64, b64 = factor_pair(lf, _lycoris_values(lf, tuned))
         return a64, b64, None, None
     a = tuned.read(lf.a_name)
     b = tuned.read(lf.b_name)
@@ -1191,7 +1191,10 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     if getattr(lf, "parts", None):
         from ..io.peft_lycoris import lycoris_note
 
-        rec.note = lycoris_note(lf, a64.shape[0])
+        rec.note = lycoris_note(lf, a64.shape[0]) if lf.kind != "VERA" else (
+            f"VeRA adapter (r={lf.r}) analysed exactly from its factors: (vera_lambda_b x vera_B) @ (vera_lambda_d "
+            f"x vera_A), the shared projections `{lf.parts['vera_B']}` and `{lf.parts['vera_A']}` cut to the layer's "
+            f"{b64.shape[0]} outputs and {a64.shape[1]} inputs (its rank is at most r)")
     else:
         rec.note = (f"LoRA adapter (r={lf.r}, scale={lf.scale:g}) analysed exactly from its factors "
                     f"`{lf.b_name}` @ `{lf.a_name}`")

@@ -154,12 +154,13 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
     if factors:
         adalora = any(getattr(f, "e_name", None) for f in factors)
         n, rest = len(factors) - pruned, len(items) - len(factors) + pruned - biased
-        lycoris = {"LOHA": "LoHa", "LOKR": "LoKr"}.get(getattr(factors[0], "kind", "LORA"))
+        lycoris = {"LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA"}.get(getattr(factors[0], "kind", "LORA"))
         kinds = (f"{lycoris} module" if lycoris else "AdaLoRA factor triple" if adalora
                  else "LoRA factor pair") + ("s" if n != 1 else "")
         if lycoris:
-            kinds += (" (each measured exactly as the factor pair its " + ("Hadamard" if lycoris == "LoHa"
-                      else "Kronecker") + " product is)")
+            kinds += " (each measured exactly as the factor pair " + {
+                "LoHa": "its Hadamard product is)", "LoKr": "its Kronecker product is)",
+                "VeRA": "its vectors make of the shared projections, (lambda_b x B) @ (lambda_d x A))"}[lycoris]
         notes.append(f"adapter: {n} {kinds}, {rest} other tensor{'s' if rest != 1 else ''} (modules_to_save); base "
                      "tensors the adapter leaves alone are `inherited`")
     return [it for _, it in items]
