@@ -115,3 +115,25 @@ def test_another_methods_unmerged_tensors_are_inconclusive_too(tmp_path):
         "lora": False}
     rc, stdout, _ = cli("compare", a, b)
     assert rc == 0 and "a PEFT adapter's tensors not merged" in stdout and "lora_alpha" not in stdout
+
+
+def test_a_vera_wrapped_state_dict_with_its_shared_projections_is_inconclusive(tmp_path):
+    """VeRA keeps its projections at the model's root (`base_model.vera_A.default`) beside each module's copy: read
+    as tensors added outside any wrapped module, they made the wrapped state dict "derived"."""
+    rng = np.random.default_rng(7)
+    base = _base(rng)
+    tuned = {"base_model.vera_A.default": rng.normal(0, 1, (4, I)).astype(np.float32),
+             "base_model.vera_B.default": rng.normal(0, 1, (I, 4)).astype(np.float32)}
+    for k, v in base.items():
+        m = k[:-len(".weight")]
+        if m in MODULES:
+            tuned[f"{m}.base_layer.weight"] = v
+            tuned[f"{m}.vera_lambda_b.default"] = np.full(v.shape[0], 0.1, np.float32)
+            tuned[f"{m}.vera_lambda_d.default"] = np.full(4, 0.1, np.float32)
+        else:
+            tuned[k] = v
+    a, b = write_checkpoint(tmp_path / "base", base), write_checkpoint(tmp_path / "vera", tuned)
+    s = compare(a, b).summary
+    assert s.verdict == "inconclusive" and "unmerged_adapter" in s.flags
+    assert s.scope["unmerged_adapter"]["modules"] == len(MODULES)
+    assert s.scope["unmerged_adapter"]["tensors"] == 2 * len(MODULES) + 2

@@ -416,7 +416,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
                                      "labels": sorted({f"{r.dtype_base} as {r.dtype_tuned}" for r in labels})}
     if "unmerged_adapter" in flags:
         extra = unmerged_adapter(counted)
-        scope["unmerged_adapter"] = {"modules": len({m for _, m in extra}), "tensors": len(extra),
+        scope["unmerged_adapter"] = {"modules": len({m for _, m in extra} - {None}), "tensors": len(extra),
                                      "params": sum(int(r.numel or 0) for r, _ in extra),
                                      "lora": all(_LORA_FACTOR.match(str(r.name)) for r, _ in extra)}
     if "adapter" in flags:
@@ -881,7 +881,18 @@ def unmerged_adapter(counted: list[TensorRecord]) -> list[tuple[TensorRecord, st
                 if parts[k] != "base_layer":
                     out.append((r, m))
                 break
+    if any(".vera_lambda_" in str(r.name) for r, _ in out):
+        # VeRA's projections are shared by every module it adapts: PEFT keeps them at the model's root
+        # (``base_model.vera_A.<adapter>``) and a copy in each module; read as tensors added, they made a
+        # VeRA-wrapped state dict "derived" where the other methods' read inconclusive
+        taken = {id(r) for r, _ in out}
+        out += [(r, None) for r in counted if r.status == "added" and id(r) not in taken
+                and _VERA_SHARED.match(str(r.name))]
     return out
+
+
+#: VeRA's shared projections in a wrapped model's state dict, outside any module (``base_model.vera_B.default``)
+_VERA_SHARED = re.compile(r"^(?:.+\.)?vera_[AB](?:\.[^.]+)?$")
 
 
 def lookalikes(counted: list[TensorRecord]) -> int:
