@@ -68,6 +68,7 @@ def test_the_factor_pair_is_the_delta_peft_builds_for_every_layer_and_form():
             shape = tuple(layer.base_layer.weight.shape)
             assert {k: v.shape for k, v in parts.items()} == expected_shapes(kind, shape, cfg.r, cfg.to_dict())
             a, b = lycoris_product(kind, parts)
+            assert layer.scaling["default"] == cfg.alpha / cfg.r          # the scale lycoris_factors gives
             got = layer.scaling["default"] * (b @ a)
             if kind == "LOKR" and "lokr_t2" in parts and len(shape) == 3:
                 # PEFT's own merge fails here (torch.kron of its [a, c, 1, 1] and [b, d, k, 1]): the reference is
