@@ -1,0 +1,101 @@
+"""PEFT adapters of each kind on one 7B-shaped layer: `weightdiff compare base adapter` for LoRA, LoHa, LoKr and VeRA.
+
+    nice python benchmarks/bench_adapters.py [--dir /tmp/wd-adapters] [--r 16] [--vera-r 256]
+
+Writes a float32 base of one Mistral-7B layer's widest matrices (q_proj 4096 x 4096, up_proj 14336 x 4096,
+down_proj 4096 x 14336; 0.5 GB) and one seeded adapter of each kind on the three, as PEFT shapes them (LoHa and
+LoKr by ``peft_lycoris.expected_shapes``: LoKr's default split of 4096 is 64 x 64, so its w1 is whole and its
+w2 of rank r, a delta of rank up to 64 r), then runs each comparison in a fresh process and reports wall time, peak
+RSS, the time as a multiple of the LoRA run in the same invocation, and the numerical ranks found (every one exact,
+from the factors: LoRA r, LoHa r^2, LoKr 64 r, VeRA r).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {"model.layers.0.self_attn.q_proj": (4096, 4096), "model.layers.0.mlp.up_proj": (14336, 4096),
+          "model.layers.0.mlp.down_proj": (4096, 14336)}
+#: the child's own peak is its VmHWM: Linux carries the RSS a process had when it forked into the ru_maxrss of the
+#: program it execs, so ru_maxrss read 2,083 MB for every child of this script (it had held the base it wrote)
+CHILD = ("import sys\nfrom weightdiff.cli import main\ntry:\n    main(sys.argv[1:], standalone_mode=False)\n"
+         "except SystemExit:\n    pass\nhwm = [int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')]\n"
+         "print('PEAK', hwm[0] // 1024, file=sys.stderr)")
+
+
+def _adapter(folder: Path, kind: str, r: int, rng) -> None:
+    import numpy as np
+
+    from weightdiff.io.peft_lycoris import expected_shapes
+    from weightdiff.io.safetensors_write import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg: dict = {"peft_type": kind, "r": r, "target_modules": ["q_proj", "up_proj", "down_proj"]}
+    t = {}
+    pre = "base_model.model."
+    if kind == "VERA":
+        t["base_model.vera_A"] = rng.standard_normal((r, 14336)).astype(np.float32)
+        t["base_model.vera_B"] = rng.standard_normal((14336, r)).astype(np.float32)
+        for m, s in SHAPES.items():
+            t[f"{pre}{m}.vera_lambda_b"] = (0.01 * rng.standard_normal(s[0])).astype(np.float32)
+            t[f"{pre}{m}.vera_lambda_d"] = rng.standard_normal(r).astype(np.float32)
+    elif kind == "LORA":
+        cfg["lora_alpha"] = r
+        for m, (o, i) in SHAPES.items():
+            t[f"{pre}{m}.lora_A.weight"] = (0.01 * rng.standard_normal((r, i))).astype(np.float32)
+            t[f"{pre}{m}.lora_B.weight"] = (0.01 * rng.standard_normal((o, r))).astype(np.float32)
+    else:
+        cfg["alpha"] = r
+        for m, s in SHAPES.items():
+            for role, shape in expected_shapes(kind, s, r, cfg).items():
+                t[f"{pre}{m}.{role}"] = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(folder / "adapter_model.safetensors", t)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/wd-adapters"))
+    ap.add_argument("--r", type=int, default=16, help="rank of the LoRA, LoHa and LoKr adapters")
+    ap.add_argument("--vera-r", type=int, default=256, help="rank of the VeRA adapter (PEFT's default)")
+    args = ap.parse_args()
+    import numpy as np
+
+    from weightdiff.io.safetensors_write import save_file
+
+    rng = np.random.default_rng(0)
+    base = args.dir / "base"
+    if not (base / "model.safetensors").exists():
+        base.mkdir(parents=True, exist_ok=True)
+        save_file(base / "model.safetensors", {f"{m}.weight": (0.02 * rng.standard_normal(s)).astype(np.float32)
+                                               for m, s in SHAPES.items()})
+    rows = []
+    lora_s = None
+    for kind, r in (("LORA", args.r), ("LOHA", args.r), ("LOKR", args.r), ("VERA", args.vera_r)):
+        folder = args.dir / f"{kind.lower()}{r}"
+        _adapter(folder, kind, r, rng)
+        out = folder / "r.json"
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", CHILD, "compare", str(base), str(folder), "--json", str(out), "-q"],
+                           capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        peak = [x for x in p.stderr.splitlines() if x.startswith("PEAK ")]
+        if p.returncode or not peak or not out.exists():
+            raise SystemExit(p.stderr[-2000:])
+        lora_s = wall if kind == "LORA" else lora_s
+        ranks = [t["rank"]["numerical_rank"] for t in json.loads(out.read_text())["tensors"] if t.get("rank")]
+        rows.append((kind, r, wall, int(peak[-1].split()[1]), wall / lora_s, ranks))
+    print("| adapter | r | wall | peak RSS | wall / LoRA | numerical ranks (q, up, down) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for kind, r, wall, peak, ratio, ranks in rows:
+        print(f"| {kind} | {r} | {wall:.1f} s | {peak} MB | {ratio:.2f} | {', '.join(map(str, ranks))} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
