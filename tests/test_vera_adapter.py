@@ -144,3 +144,10 @@ def test_inspect_names_the_modules_and_the_projections(tmp_path, rng):
     assert j["adapter"] == {"peft_type": "VERA", "r": 2, "target_modules": ["q_proj", "down_proj"],
                             "base_model": None, "modules": 2, "fan_in_fan_out": False, "save_projection": True,
                             "projection_prng_key": 0}
+
+
+def test_a_worker_measures_the_modules_as_the_parent_does(tmp_path, rng):
+    """The columns of vera_A each module reads are set by the checks a worker runs as the parent does."""
+    from test_lycoris_adapter import assert_worker_matches
+
+    assert_worker_matches(*_pair(tmp_path, rng), 2)
