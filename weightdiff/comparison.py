@@ -2643,8 +2643,7 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
             continue
         if p.kind != "lora":
             where = ", ".join(str(b.path) for b in bases)
-            label = {"LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA"}.get(getattr(p.lora, "kind", "LORA"), "LoRA")
-            raise CheckpointError(tuned.files[0], f"{label} target `{escape_name(p.lora.target)}` has no weight in "
+            raise CheckpointError(tuned.files[0], f"{p.lora.label} target `{escape_name(p.lora.target)}` has no weight in "
                                                   f"the base ({escape_name(where)}) to modify",
                                   "is this adapter for another base model?")
         check_against_base(p.lora, tuned.tensors, bases[p.base_index].tensors[p.base_name], tuned.adapter,

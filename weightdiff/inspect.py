@@ -170,9 +170,11 @@ def _size(n: int) -> str:
 def render_text(summary: dict) -> str:
     """The terminal view of ``describe()``'s dict; names and metadata are printed escaped."""
     e = escape_name
-    kind = {"IA3": "PEFT IA3 adapter", "ADALORA": "PEFT AdaLoRA adapter", "LOHA": "PEFT LoHa adapter",
-            "LOKR": "PEFT LoKr adapter", "VERA": "PEFT VeRA adapter"}.get(
-        (summary.get("adapter") or {}).get("peft_type"), _FORMATS.get(summary["format"], summary["format"]))
+    from .io.peft_adapter import KIND_LABELS
+
+    peft_type = (summary.get("adapter") or {}).get("peft_type")
+    kind = (f"PEFT {KIND_LABELS[peft_type]} adapter" if peft_type in KIND_LABELS
+            else _FORMATS.get(summary["format"], summary["format"]))
     lines = [f"checkpoint  {e(summary['path'])}",
              f"format      {kind}, "
              f"{len(summary['files'])} file{'s' if len(summary['files']) != 1 else ''}"]
@@ -250,7 +252,7 @@ def render_text(summary: dict) -> str:
             lines.append(f"base model  {e(a['base_model'])}")
     elif a is not None and a.get("peft_type") in ("LOHA", "LOKR"):
         lines.append("")
-        label = {"LOHA": "LoHa", "LOKR": "LoKr"}[a["peft_type"]]
+        label = KIND_LABELS[a["peft_type"]]
         how = (" effective_conv2d" if a["use_effective_conv2d"] else "") + (
             f" decompose_factor={a['decompose_factor']}{' decompose_both' if a['decompose_both'] else ''}"
             if a["peft_type"] == "LOKR" else "")

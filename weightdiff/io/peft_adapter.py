@@ -36,7 +36,7 @@ from .files import load_json, read_small
 from .safetensors_read import TensorInfo
 
 __all__ = ["AdapterConfig", "LoraFactor", "IA3Vector", "read_adapter_config", "parse_adapter_config", "lora_factors",
-           "adalora_scale",
+           "adalora_scale", "KIND_LABELS", "factor_pair", "factor_note",
            "ia3_vectors", "check_ia3", "ia3_layout", "check_against_base", "layout_evidence", "check_factor_values",
            "JSON_CAP"]
 
@@ -219,6 +219,11 @@ class LoraFactor:
     parts: dict = field(default_factory=dict)
     #: VeRA: the columns of the shared vera_A the layer reads (its inputs), set when the factors meet the base
     cols: int | None = None
+
+    @property
+    def label(self) -> str:
+        """What messages and notes call the method: LoRA (AdaLoRA's factors too), LoHa, LoKr, VeRA."""
+        return KIND_LABELS.get(self.kind, "LoRA")
 
     @property
     def bias_target(self) -> str:
@@ -626,6 +631,9 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
     return out
 
 
+#: what messages, notes and inspect call each peft_type weightdiff reads
+KIND_LABELS = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "IA3": "IA3"}
+
 #: the dtypes an IA3 merge is reproduced in (torch's own promotion and casts among them)
 _MERGE_DTYPES = ("F16", "BF16", "F32", "F64")
 _IA3_RE = re.compile(r"^(?P<mod>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?\Z", re.S)
@@ -841,10 +849,6 @@ def _bits(info: TensorInfo) -> int:
     return DTYPES[info.dtype].bits
 
 
-#: factor kinds other than LoRA's as messages name them
-_LABEL = {"LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA"}
-
-
 def factor_pair(factor: LoraFactor, values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(A [k, in], B [out, k]) in float64 of a LoHa, LoKr or VeRA module from its tensors' values (role ->
     values in their saved shapes): its delta is ``factor.scale`` x B @ A."""
@@ -857,19 +861,34 @@ def factor_pair(factor: LoraFactor, values: dict[str, np.ndarray]) -> tuple[np.n
     return lycoris_product(factor.kind, values)
 
 
-def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where: Path) -> None:
+def factor_note(factor: LoraFactor, a: np.ndarray, b: np.ndarray) -> str:
+    """The record note of a LoHa, LoKr or VeRA module measured from its factor pair (A [k, in], B [out, k])."""
+    if factor.kind == "VERA":
+        return (f"VeRA adapter (r={factor.r}) analysed exactly from its factors: (vera_lambda_b x vera_B) @ "
+                f"(vera_lambda_d x vera_A), the shared projections `{factor.parts['vera_B']}` and "
+                f"`{factor.parts['vera_A']}` cut to the layer's {b.shape[0]} outputs and {a.shape[1]} inputs (its "
+                "rank is at most r)")
+    from .peft_lycoris import lycoris_note
+
+    return lycoris_note(factor, a.shape[0])
+
+
+def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where: Path,
+                        pair: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Refuse factors LAPACK cannot take: NaN/Inf values, or a delta whose norms overflow.
 
-    ``arrays`` maps tensor names to their decoded float64 values.
+    ``arrays`` maps tensor names to their decoded float64 values (a LoHa/LoKr/VeRA module's in their saved
+    shapes); ``pair``: a LoHa/LoKr/VeRA module's factor pair (A, B) when the caller has built it already.
     """
     with np.errstate(all="ignore"):
         for name, x in arrays.items():
             if not np.isfinite(x).all():
-                raise CheckpointError(where, f"{_LABEL.get(factor.kind, 'LoRA')} tensor `{escape_name(name)}` holds "
+                raise CheckpointError(where, f"{factor.label} tensor `{escape_name(name)}` holds "
                                              f"NaN or Inf values, so the delta of `{escape_name(factor.target)}` "
                                              "cannot be measured")
         if factor.parts:                # LoHa / LoKr / VeRA: the factor pair their tensors make
-            a, b = factor_pair(factor, {role: arrays[n] for role, n in factor.parts.items()})
+            a, b = pair if pair is not None else \
+                factor_pair(factor, {role: arrays[n] for role, n in factor.parts.items()})
         else:
             a, b = arrays[factor.a_name], arrays[factor.b_name]
         if factor.e_name is not None and factor.e_name in arrays:      # AdaLoRA's A * E
@@ -878,6 +897,6 @@ def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where
         bound = abs(factor.scale) * float(np.linalg.norm(a)) * float(np.linalg.norm(b))
     if not math.isfinite(bound) or bound > _DELTA_CAP:
         alpha = {"VERA": "the vectors", "LORA": "lora_alpha"}.get(factor.kind, "alpha")
-        raise CheckpointError(where, f"{_LABEL.get(factor.kind, 'LoRA')} delta of `{escape_name(factor.target)}` is "
+        raise CheckpointError(where, f"{factor.label} delta of `{escape_name(factor.target)}` is "
                                      f"too large to measure: |scale| x |A| x |B| = {bound:.3g} with scale "
                                      f"{factor.scale:.3g}", f"check {alpha} in adapter_config.json" if alpha != "the vectors" else "check the vectors")

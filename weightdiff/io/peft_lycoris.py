@@ -34,11 +34,9 @@ import numpy as np
 from ..errors import CheckpointError, escape_name
 from .safetensors_read import TensorInfo
 
-__all__ = ["LYCORIS", "parse_lycoris_config", "lycoris_factors", "lycoris_product", "expected_shapes",
+__all__ = ["parse_lycoris_config", "lycoris_factors", "lycoris_product", "expected_shapes",
            "check_lycoris", "factorization"]
 
-#: peft_type -> what the plan and the records call it
-LYCORIS = {"LOHA": "LoHa", "LOKR": "LoKr"}
 _PREFIX = "base_model.model."
 _ROLES = {"LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
           "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}
@@ -75,10 +73,10 @@ def lycoris_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list
     """One LoraFactor per adapted module, its LyCORIS tensors in ``parts`` (role -> name); ``a_name`` and
     ``b_name`` name two of them (the dtype and the plan's bookkeeping). Shapes are checked against the base by
     ``check_lycoris``."""
-    from .peft_adapter import _IA3_RE, _LORA_RE, LoraFactor, _is_float
+    from .peft_adapter import _IA3_RE, _LORA_RE, KIND_LABELS, LoraFactor, _is_float
 
     kind = config.peft_type
-    label = LYCORIS[kind]
+    label = KIND_LABELS[kind]
     parts: dict[str, dict[str, str]] = {}
     for name in tensors:
         m = _PART_RE.match(name)
@@ -181,7 +179,7 @@ def expected_shapes(kind: str, shape: tuple, r: int, raw: dict) -> dict[str, tup
 def check_lycoris(factor, tensors: dict[str, TensorInfo], base: TensorInfo, config, where: Path) -> None:
     """Refuse a LoHa/LoKr module whose tensors are not those PEFT builds on ``base`` (headers only): PEFT's
     ``from_pretrained`` fails on them with a size mismatch."""
-    label = LYCORIS[factor.kind]
+    label = factor.label
     t = f"`{escape_name(factor.target)}`"
     got = {role: tuple(int(d) for d in tensors[n].shape) for role, n in factor.parts.items()}
     want = expected_shapes(factor.kind, tuple(base.shape), factor.r, config.raw if config is not None else {})
@@ -268,5 +266,5 @@ def lycoris_note(factor, inner: int) -> str:
         w2 = ("lokr_w2" if "lokr_w2" in p else "lokr_w2_a @ lokr_w2_b"
               + (" through the core lokr_t2 (use_effective_conv2d)" if "lokr_t2" in p else ""))
         how = f"the Kronecker product kron({w1}, {w2})"
-    return (f"{LYCORIS[factor.kind]} adapter (r={factor.r}, scale={factor.scale:g}) analysed exactly from its "
+    return (f"{factor.label} adapter (r={factor.r}, scale={factor.scale:g}) analysed exactly from its "
             f"factors: {how}, a product of factors of inner size {inner} (its rank is at most that)")

@@ -1160,15 +1160,20 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
 
     lf = pair.lora
     dt_a = tuned.tensors[lf.a_name].dtype
-    # PEFT embedding adapters store A as [r, vocab] and B as [dim, r]; the delta is (B @ A).T
-    a64, b64, magnitude, dt_m = _factors(pair, tuned)
-    if getattr(lf, "parts", None):
-        values = dict(zip(lf.parts.values(), _lycoris_values(lf, tuned).values()))
+    if getattr(lf, "parts", None):          # LoHa / LoKr / VeRA: their tensors, then the pair they make
+        from ..io.peft_adapter import factor_pair
+
+        decoded = _lycoris_values(lf, tuned)
+        a64, b64 = factor_pair(lf, decoded)
+        magnitude = dt_m = None
+        values = dict(zip(lf.parts.values(), decoded.values()))
     else:
+        # PEFT embedding adapters store A as [r, vocab] and B as [dim, r]; the delta is (B @ A).T
+        a64, b64, magnitude, dt_m = _factors(pair, tuned)
         values = {lf.a_name: a64, lf.b_name: b64}
     if magnitude is not None:
         values[lf.magnitude_name] = magnitude
-    check_factor_values(lf, values, tuned.files[0])   # before LAPACK sees them
+    check_factor_values(lf, values, tuned.files[0], (a64, b64))   # before LAPACK sees them
     base_raw = base.read(pair.base_name)
     shape = tuple(pair.shape_base)
     if getattr(lf, "transposed", False):
@@ -1189,12 +1194,9 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     rec.status = "changed" if (rec.norm_delta or 0) > 0 else "unchanged"
     rec.rank = rank if options.rank else None
     if getattr(lf, "parts", None):
-        from ..io.peft_lycoris import lycoris_note
+        from ..io.peft_adapter import factor_note
 
-        rec.note = lycoris_note(lf, a64.shape[0]) if lf.kind != "VERA" else (
-            f"VeRA adapter (r={lf.r}) analysed exactly from its factors: (vera_lambda_b x vera_B) @ (vera_lambda_d "
-            f"x vera_A), the shared projections `{lf.parts['vera_B']}` and `{lf.parts['vera_A']}` cut to the layer's "
-            f"{b64.shape[0]} outputs and {a64.shape[1]} inputs (its rank is at most r)")
+        rec.note = factor_note(lf, a64, b64)
     else:
         rec.note = (f"LoRA adapter (r={lf.r}, scale={lf.scale:g}) analysed exactly from its factors "
                     f"`{lf.b_name}` @ `{lf.a_name}`")

@@ -154,7 +154,8 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
     if factors:
         adalora = any(getattr(f, "e_name", None) for f in factors)
         n, rest = len(factors) - pruned, len(items) - len(factors) + pruned - biased
-        lycoris = {"LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA"}.get(getattr(factors[0], "kind", "LORA"))
+        lycoris = getattr(factors[0], "label", "LoRA")
+        lycoris = lycoris if lycoris in ("LoHa", "LoKr", "VeRA") else None
         kinds = (f"{lycoris} module" if lycoris else "AdaLoRA factor triple" if adalora
                  else "LoRA factor pair") + ("s" if n != 1 else "")
         if lycoris:
