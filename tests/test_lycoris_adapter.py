@@ -80,6 +80,7 @@ def test_the_factor_pair_is_the_delta_peft_builds_for_every_layer_and_form():
                 want = layer.get_delta_weight("default").detach().double().numpy()
             want = want.reshape(shape[0], -1)
             assert got.shape == want.shape
+            assert a.shape[0] <= min(want.shape)            # the pair is never wider than the matrix
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(), err_msg=f"{kind} {mod}")
             cases += 1
     assert cases == 180
@@ -281,3 +282,35 @@ def assert_worker_matches(base, ad, modules: int) -> None:
 
 def test_a_worker_measures_the_modules_as_the_parent_does(tmp_path, rng):
     assert_worker_matches(*_pair(tmp_path, rng), 2)
+
+
+def test_a_rank_past_the_matrix_never_makes_a_pair_wider_than_it(rng):
+    """LoHa's r1 r2 or a LoKr side's r past the shorter side (PEFT builds both): the pair is the product itself
+    times an identity, never factors wider than the matrix (r = 4096 on a 4096-wide layer would be 550 GB)."""
+    w = {"hada_w1_a": rng.standard_normal((12, 9)), "hada_w1_b": rng.standard_normal((9, 20)),
+         "hada_w2_a": rng.standard_normal((12, 9)), "hada_w2_b": rng.standard_normal((9, 20))}
+    a, b = lycoris_product("LOHA", w)
+    assert a.shape[0] <= 12
+    np.testing.assert_allclose(b @ a, (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"]),
+                               rtol=1e-12, atol=1e-12)
+    k = {"lokr_w1_a": rng.standard_normal((2, 20)), "lokr_w1_b": rng.standard_normal((20, 64)),
+         "lokr_w2_a": rng.standard_normal((3, 7)), "lokr_w2_b": rng.standard_normal((7, 5))}
+    a, b = lycoris_product("LOKR", k)
+    assert a.shape[0] <= 2 * 3
+    want = np.kron(k["lokr_w1_a"] @ k["lokr_w1_b"], k["lokr_w2_a"] @ k["lokr_w2_b"])
+    np.testing.assert_allclose(b @ a, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_loha_of_rank_past_the_layer_reads_as_its_delta(tmp_path, rng):
+    r = 64                                          # r^2 = 4096 against a 16 x 32 layer
+    parts = {}
+    for mod, n in ((Q, 16), (D, 32)):
+        for i in "12":
+            parts[f"{mod}.hada_w{i}_a"] = (0.1 * rng.standard_normal((16, r))).astype(np.float32)
+            parts[f"{mod}.hada_w{i}_b"] = (0.1 * rng.standard_normal((r, n))).astype(np.float32)
+    base, ad = _pair(tmp_path, rng, {**LOHA, "r": r, "alpha": r}, parts)
+    t = weightdiff.compare(str(base), str(ad)).tensor(f"{D}.weight")
+    w = {k.rsplit(".", 1)[1]: v.astype(np.float64) for k, v in parts.items() if k.startswith(D)}
+    delta = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])
+    assert t.norm_delta == pytest.approx(float(np.linalg.norm(delta)), rel=1e-12)
+    assert t.rank.numerical_rank == 16 and t.rank.exact

@@ -229,13 +229,21 @@ def lycoris_product(kind: str, w: dict[str, np.ndarray]) -> tuple[np.ndarray, np
                 sides.append((w[f"hada_w{i}_a"], w[f"hada_w{i}_b"].reshape(w[f"hada_w{i}_b"].shape[0], -1)))
         (b1, a1), (b2, a2) = sides
         m, n = b1.shape[0], a1.shape[1]
+        if b1.shape[1] * b2.shape[1] > min(m, n):
+            # r1 r2 past the matrix's shorter side: the pair would be wider than the matrix (r = 4096 on a 4096-wide
+            # layer: 4096 x 16.8M factors, 550 GB), so the delta is formed whole, a row block at a time
+            dense = np.empty((m, n))
+            step = max(1, (1 << 22) // max(n, 1))
+            for i in range(0, m, step):
+                dense[i:i + step] = (b1[i:i + step] @ a1) * (b2[i:i + step] @ a2)
+            return _pair_of(dense)[::-1]
         b = (b1[:, :, None] * b2[:, None, :]).reshape(m, -1)
         a = (a1[:, None, :] * a2[None, :, :]).reshape(-1, n)
         return a, b
     if "lokr_w1" in w:
         b1, a1 = _pair_of(w["lokr_w1"])
     else:
-        b1, a1 = w["lokr_w1_a"], w["lokr_w1_b"]
+        b1, a1 = _narrow(w["lokr_w1_a"], w["lokr_w1_b"])
     if "lokr_w2" in w and w["lokr_w2"].ndim == 3:
         # a Conv1d's whole w2 [b, d, k]: PEFT's make_kron calls torch.kron(w1, w2) with w1 still 2-D, and torch
         # (as numpy) puts w1's missing axis first: [b, a d, c k], read as the weight [a b, c d, k] by a plain
@@ -247,10 +255,17 @@ def lycoris_product(kind: str, w: dict[str, np.ndarray]) -> tuple[np.ndarray, np
         w2 = w["lokr_w2"]
         b2, a2 = _pair_of(w2.reshape(w2.shape[0], -1))
     elif "lokr_t2" in w:
-        b2, a2 = _cp(w["lokr_t2"], w["lokr_w2_a"], w["lokr_w2_b"])
+        b2, a2 = _narrow(*_cp(w["lokr_t2"], w["lokr_w2_a"], w["lokr_w2_b"]))
     else:
-        b2, a2 = w["lokr_w2_a"], w["lokr_w2_b"]
+        b2, a2 = _narrow(w["lokr_w2_a"], w["lokr_w2_b"])
+    # each side's inner size is at most its shorter side, so the Kronecker pair's is at most the matrix's
     return np.kron(a1, a2), np.kron(b1, b2)
+
+
+def _narrow(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B, A) of B @ A on an inner size of at most its shorter side: a rank r past it (LoKr's w1 of [2, 64] at r =
+    20) is the product itself, times an identity."""
+    return _pair_of(b @ a) if b.shape[1] > min(b.shape[0], a.shape[1]) else (b, a)
 
 
 def lycoris_note(factor, inner: int) -> str:
