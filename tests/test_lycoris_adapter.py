@@ -89,7 +89,7 @@ def test_the_factor_pair_is_the_delta_peft_builds_for_every_layer_and_form():
 def test_factorization_is_pefts():
     from peft.tuners.lokr.layer import factorization as theirs
 
-    for d in list(range(1, 200)) + [4096, 11008, 14336, 28672, 32000]:
+    for d in list(range(1, 200)) + [4096, 11008, 14336, 28672, 32000, 65521, 151936, 999983]:
         for f in (-1, 1, 2, 3, 4, 8, 16):
             assert factorization(d, f) == theirs(d, f), (d, f)
 

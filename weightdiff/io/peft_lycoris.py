@@ -26,6 +26,7 @@ True
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -128,12 +129,15 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
         return factor, dimension // factor
     if factor == -1:
         factor = dimension
+    # PEFT's loop steps m through every integer to the next divisor (a prime side of 10^9, which a hostile base
+    # can declare, is 10^9 steps); the same walk over the divisors alone, found up to the square root
+    small = [d for d in range(1, math.isqrt(dimension) + 1) if dimension % d == 0]
+    divisors = sorted(set(small) | {dimension // d for d in small})
     m, n = 1, dimension
     length = m + n
-    while m < n:
-        new_m = m + 1
-        while dimension % new_m != 0:
-            new_m += 1
+    for new_m in divisors[1:]:
+        if m >= n:
+            break
         new_n = dimension // new_m
         if new_m + new_n > length or new_m > factor:
             break
