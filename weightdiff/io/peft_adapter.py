@@ -258,8 +258,7 @@ PEFT_DEFAULT_R, PEFT_DEFAULT_ALPHA = 8, 8
 
 def _rank(path: Path, what: str, value: object) -> int:
     if type(value) is not int or not 1 <= value < _R_CAP:
-        raise CheckpointError(path, f"adapter config has {what} = {_show(value)}, expected a positive integer",
-                              "only LoRA adapters are supported")
+        raise CheckpointError(path, f"adapter config has {what} = {_show(value)}, expected a positive integer")
     return value
 
 
