@@ -1199,6 +1199,39 @@ def test_small_tensors_stream_in_runs_not_a_request_each(server, hf, tmp_path):
     assert json.dumps(s, sort_keys=True) == json.dumps(loc, sort_keys=True)
 
 
+def test_a_vera_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
+    """A VeRA adapter repo, streamed and downloaded: its shared projections (one tensor each, read for every module)
+    and its vectors over HTTP give the records of the folder read locally."""
+    from weightdiff.io.safetensors_write import save_file
+    from weightdiff.io.checkpoint import locate
+
+    rng = np.random.default_rng(12)
+    with locate(server.local["base"]) as b:
+        shapes = {n: tuple(t.shape) for n, t in b.tensors.items()}
+    mods = ["model.layers.1.self_attn.k_proj", "model.layers.0.mlp.down_proj"]
+    out = max(shapes[f"{m}.weight"][0] for m in mods)
+    inn = max(shapes[f"{m}.weight"][1] for m in mods)
+    ad = tmp_path / "vera"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA", "r": 4,
+                                                        "target_modules": ["k_proj", "down_proj"]}))
+    t = {"base_model.vera_A": rng.standard_normal((4, inn)).astype(np.float32),
+         "base_model.vera_B": rng.standard_normal((out, 4)).astype(np.float32)}
+    for m in mods:
+        t[f"base_model.model.{m}.vera_lambda_b"] = (0.01 * rng.standard_normal(shapes[f"{m}.weight"][0])).astype(
+            np.float32)
+        t[f"base_model.model.{m}.vera_lambda_d"] = rng.standard_normal(4).astype(np.float32)
+    save_file(ad / "adapter_model.safetensors", t)
+    server.commit("org/vera", _files(ad))
+    local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
+    assert [x["compared"] for x in local["tensors"] if x["status"] == "changed"] == ["factors", "factors"]
+    for mode in ("--stream", "--download"):
+        rc, _, err = run("compare", "org/base", "org/vera", mode, "--json", f"r{mode}.json")
+        assert rc == 0, err
+        got = json.loads((tmp_path / f"r{mode}.json").read_text())
+        assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+
+
 def test_an_ia3_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
     """An IA3 adapter repo, streamed and downloaded: the same records as the folder read locally (the merged
     weights are computed from the base's bytes read over HTTP)."""
