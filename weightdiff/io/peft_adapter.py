@@ -1,6 +1,6 @@
 r"""PEFT LoRA and IA3 adapters: ``adapter_config.json`` and the A/B factor pairs (LoRA) or the scaling
-vector (IA3, ``IA3Vector``: PEFT merges it as W x l) of each module (LoHa and LoKr: ``io.peft_lycoris``,
-read as LoRA factor pairs).
+vector (IA3, ``IA3Vector``: PEFT merges it as W x l) of each module (LoHa and LoKr: ``io.peft_lycoris``;
+VeRA: ``io.peft_vera``; each read as a LoRA factor pair).
 
 PEFT saves a LoRA update of module ``m`` as ``base_model.model.<m>.lora_A.weight`` [r, in]
 and ``...lora_B.weight`` [out, r] (embeddings: ``lora_embedding_A`` [r, vocab] and
@@ -500,7 +500,7 @@ def _adalora_factors(tensors: dict[str, TensorInfo], where: Path, config: Adapte
         m = _ADALORA_RE.match(name)
         if m:
             parts.setdefault(m["mod"], {})[m["k"]] = name
-        elif (".ia3_l" in name and _IA3_RE.match(name)) or _LORA_RE.match(name) or _lycoris_part(name):
+        elif (".ia3_l" in name and _IA3_RE.match(name)) or _LORA_RE.match(name) or _foreign_part(name):
             raise CheckpointError(where, f"adapter holds `{escape_name(name)}`, which is not AdaLoRA's (lora_A, "
                                          "lora_B, lora_E), but adapter_config.json says peft_type ADALORA",
                                   "tensors and config from different adapters?")
@@ -534,9 +534,10 @@ def _adalora_factors(tensors: dict[str, TensorInfo], where: Path, config: Adapte
     return out
 
 
-def _lycoris_part(name: str) -> str | None:
-    """What ``name`` is when it is another PEFT method's tensor than LoRA's and IA3's: "LyCORIS (LoHa/LoKr)" for
-    ``<m>.hada_w1_a``, ``<m>.lokr_w2``..., "VeRA" for ``<m>.vera_lambda_b`` and the shared ``vera_A``; else None."""
+def _foreign_part(name: str) -> str | None:
+    """What ``name`` is when it is a LoHa, LoKr or VeRA tensor (refused under another method's config):
+    "LyCORIS (LoHa/LoKr)" for ``<m>.hada_w1_a``, ``<m>.lokr_w2``..., "VeRA" for ``<m>.vera_lambda_b`` and the shared
+    ``vera_A``; else None."""
     if "hada_" in name or "lokr_" in name:
         from .peft_lycoris import _PART_RE
 
@@ -569,10 +570,10 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         elif ".ia3_l" in name and _IA3_RE.match(name):
             raise CheckpointError(where, f"adapter holds IA3 vectors (`{escape_name(name)}`) but adapter_config.json "
                                          "says peft_type LORA", "vectors and config from different adapters?")
-        elif _lycoris_part(name):
+        elif _foreign_part(name):
             # PEFT would load none of them into a LoRA model: read as tensors added, they made a LoHa adapter
             # under a LoRA config a confident "derived"
-            raise CheckpointError(where, f"adapter holds {_lycoris_part(name)} factors (`{escape_name(name)}`) but "
+            raise CheckpointError(where, f"adapter holds {_foreign_part(name)} factors (`{escape_name(name)}`) but "
                                          "adapter_config.json says peft_type LORA",
                                   "factors and config from different adapters?")
     out = []
@@ -675,9 +676,9 @@ def ia3_vectors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConf
     for name, info in tensors.items():
         m = _IA3_RE.match(name)
         if m is None:
-            if _LORA_RE.match(name) or _lycoris_part(name):
+            if _LORA_RE.match(name) or _foreign_part(name):
                 # PEFT would load none of them into an IA3 model (unexpected keys), nor its vectors from them
-                what = "LoRA" if _LORA_RE.match(name) else _lycoris_part(name)
+                what = "LoRA" if _LORA_RE.match(name) else _foreign_part(name)
                 raise CheckpointError(where, f"adapter holds {what} factors (`{escape_name(name)}`) but "
                                              "adapter_config.json says peft_type IA3",
                                       "factors and config from different adapters?")

@@ -201,7 +201,7 @@ def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple
     return replace(info, name=pair.tuned_name, dtype=dtype, start=None, end=None, quant=None), values
 
 
-def _lycoris_values(lf, tuned: Checkpoint) -> dict:
+def _part_values(lf, tuned: Checkpoint) -> dict:
     """A LoHa/LoKr/VeRA module's tensors decoded to float64 in their saved shapes (role -> values)."""
     return {role: decode(tuned.read(n), tuned.tensors[n].dtype).reshape(tuned.tensors[n].shape)
             for role, n in lf.parts.items()}
@@ -211,11 +211,6 @@ def _factors(pair: Pair, tuned: Checkpoint) -> tuple:
     """A, B as float64 [r, in] and [out, r] (embedding factors turned so; AdaLoRA's A times its E), the DoRA
     magnitude and its dtype."""
     lf = pair.lora
-    if getattr(lf, "parts", None):          # LoHa / LoKr / VeRA: the factor pair their tensors make
-        from ..io.peft_adapter import factor_pair
-
-        a64, b64 = factor_pair(lf, _lycoris_values(lf, tuned))
-        return a64, b64, None, None
     a = tuned.read(lf.a_name)
     b = tuned.read(lf.b_name)
     a64 = decode(a, tuned.tensors[lf.a_name].dtype).reshape(a.shape[0], -1)
@@ -1163,7 +1158,7 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     if getattr(lf, "parts", None):          # LoHa / LoKr / VeRA: their tensors, then the pair they make
         from ..io.peft_adapter import factor_pair
 
-        decoded = _lycoris_values(lf, tuned)
+        decoded = _part_values(lf, tuned)
         a64, b64 = factor_pair(lf, decoded)
         magnitude = dt_m = None
         values = dict(zip(lf.parts.values(), decoded.values()))
