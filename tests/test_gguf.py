@@ -796,11 +796,13 @@ def test_a_metadata_array_past_the_string_cap_is_refused_before_it_is_walked(tmp
 
 
 @pytest.mark.parametrize("kind", ["lora", "alora", None])
-def test_a_llama_cpp_adapter_is_named_and_refused_in_one_line(tmp_path, rng, kind):
-    # convert_lora_to_gguf.py writes general.type `adapter` and only the factors: it read INCONCLUSIVE
-    # "the names do not match ...; map the names with --rename FROM=TO", which no renaming helps
+def test_a_llama_cpp_adapter_is_measured_or_refused_in_one_line(tmp_path, rng, kind):
+    # convert_lora_to_gguf.py writes general.type `adapter` and the factors: it read INCONCLUSIVE "the names do
+    # not match ...; map the names with --rename FROM=TO", which no renaming helps. A LoRA one is measured as
+    # llama.cpp applies it (tests/test_gguf_lora.py); another adapter.type is refused, as llama.cpp refuses it
     t = llama(rng, layers=1, hidden=64, inter=128, vocab=96)
     base = write_checkpoint(tmp_path / "base", t)
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 4}))
     w = gguf.GGUFWriter(str(tmp_path / "lora.gguf"), "llama")
     w.add_string("general.type", "adapter")
     if kind:
@@ -814,11 +816,16 @@ def test_a_llama_cpp_adapter_is_named_and_refused_in_one_line(tmp_path, rng, kin
     w.close()
     out = tmp_path / "r.json"
     r = CliRunner().invoke(main, ["compare", str(base), str(tmp_path / "lora.gguf"), "--json", str(out), "-q"])
+    if kind == "lora":
+        assert r.exit_code == 0, r.output
+        rec = next(x for x in json.loads(out.read_text())["tensors"] if x["status"] == "changed")
+        assert rec["name"] == "model.layers.0.self_attn.q_proj.weight" and rec["compared"] == "factors"
+        return
     assert r.exit_code == 2 and not out.exists()
     line = r.stderr.strip()
     assert "\n" not in line and "Traceback" not in r.output
-    label = {"lora": "LoRA ", "alora": "`alora` ", None: ""}[kind]
-    assert f"lora.gguf: is a llama.cpp {label}adapter (general.type `adapter`)" in line
+    shown = {"alora": "`alora`", None: "missing"}[kind]
+    assert f"lora.gguf: is a llama.cpp adapter whose adapter.type is {shown}: weightdiff reads LoRA" in line
     assert "llama-export-lora" in line and "--rename" not in line
 
 

@@ -165,7 +165,7 @@ def test_long_numeric_gguf_arrays_are_compared_by_their_bytes(tmp_path):
 
 @pytest.mark.parametrize("keys, evidence", [
     ([_kv_f32("adapter.lora.alpha", 8.0)], "adapter.lora.alpha"),
-    ([_kv_str("general.type", "Adapter"), _kv_f32("adapter.lora.alpha", 8.0)], "general.type `Adapter`"),
+    ([_kv_str("general.type", "Adapter"), _kv_f32("adapter.lora.alpha", 8.0)], "general.type is `Adapter`"),
     ([], "LoRA factors: `blk.0.attn_q.weight.lora_a`")])
 def test_a_lora_gguf_without_general_type_is_refused_as_an_adapter(tmp_path, keys, evidence):
     # read as a model, its factors were "added" tensors: "DERIVED: this base with tensors added and removed;
@@ -182,10 +182,11 @@ def test_a_lora_gguf_without_general_type_is_refused_as_an_adapter(tmp_path, key
                   _ti("blk.0.attn_q.weight.lora_b", [4, 64], 16384 + 1024)],
                  emb.tobytes() + a.tobytes() + b.tobytes())
     out = tmp_path / "o.json"
-    one_error_line(run("compare", base, lora, "--json", out), "lora.gguf: is a llama.cpp adapter", evidence,
-                   "llama-export-lora")
+    # llama.cpp refuses it as an adapter too ("expect general.type to be 'adapter'"): refused, never a model
+    one_error_line(run("compare", base, lora, "--json", out), "lora.gguf: looks like a llama.cpp adapter", evidence,
+                   "not `adapter`", "convert_lora_to_gguf.py")
     assert not out.exists()
-    one_error_line(run("inspect", lora), "is a llama.cpp adapter")
+    one_error_line(run("inspect", lora), "looks like a llama.cpp adapter")
 
 
 # -- ONNX: hand-written protobuf ----------------------------------------------------------------------

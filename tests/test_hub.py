@@ -1256,3 +1256,30 @@ def test_an_ia3_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
         assert rc == 0, err
         got = json.loads((tmp_path / f"r{mode}.json").read_text())
         assert got["tensors"] == local["tensors"] and got["summary"]["scope"]["ia3"]["vectors"] == 2
+
+
+def test_a_llama_cpp_lora_gguf_by_id_reads_as_it_does_locally(server, hf, tmp_path):
+    """A repo holding a llama.cpp LoRA GGUF against a base by id (downloaded: a GGUF is read from a local file), the
+    head counts that put Q/K's rows back in order read from the base repo's config.json: the records of the pair
+    read locally."""
+    pytest.importorskip("gguf")
+    from gguf_lora import lora_to_gguf
+
+    rng = np.random.default_rng(13)
+    cfg = json.dumps({"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 4}).encode()
+    server.commit("org/heads-base", {**_files(server.local["base"]), "config.json": cfg})
+    local_base = tmp_path / "heads-base"
+    local_base.mkdir()
+    for k, v in {**_files(server.local["base"]), "config.json": cfg}.items():
+        (local_base / k).write_bytes(v)
+    fac = {m: (rng.standard_normal((4, 64)).astype(np.float32), rng.standard_normal((64, 4)).astype(np.float32))
+           for m in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj")}
+    lora = lora_to_gguf(tmp_path / "adapter-F32-LoRA.gguf", fac, alpha=8.0, n_head=4, n_kv=4)
+    server.commit("org/lora-gguf", {"README.md": b"x", lora.name: lora.read_bytes()})
+    local = weightdiff.compare(str(local_base), str(lora)).to_dict(include_run=False)
+    assert [x["compared"] for x in local["tensors"] if x["status"] == "changed"] == ["factors", "factors"]
+    rc, _, err = run("compare", "org/heads-base", "org/lora-gguf", "--download", "--json", "r.json")
+    assert rc == 0, err
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+    assert got["tuned"]["format"] == "adapter" and got["tuned"]["files"][0]["name"] == lora.name

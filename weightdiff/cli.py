@@ -102,9 +102,9 @@ def main() -> None:
 def inspect_cmd(ckpt: str, as_json: bool, list_tensors: bool, **hub_opts) -> None:
     """Describe a checkpoint from its headers: format, files and shards, tensor count,
     parameters by dtype and by block, metadata, and the settings of a PEFT adapter (LoRA, AdaLoRA,
-    LoHa, LoKr, VeRA, IA3).
+    LoHa, LoKr, VeRA, IA3) or a llama.cpp LoRA adapter GGUF.
 
-    CKPT is a .safetensors file, a checkpoint folder (single, sharded or PEFT adapter),
+    CKPT is a .safetensors file, a GGUF file, a checkpoint folder (single, sharded or PEFT adapter),
     a Hugging Face cache folder, a legacy .bin/.pt (needs the torch extra), or a Hub
     repo id (org/name[@revision], hf://org/name@revision/subfolder or /file; the hub extra),
     whose headers are read by range requests without downloading the weights (a revision
@@ -176,7 +176,8 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, base_lab
     PATHS is BASE TUNED, or only TUNED when --base is given (repeat --base for a
     composite model, such as a ViT encoder plus a GPT-2 decoder). A checkpoint is a
     .safetensors file, a folder with model.safetensors or a sharded index, a PEFT
-    adapter folder, a Hugging Face cache snapshot, or a Hub repo id (org/name,
+    adapter folder, a GGUF file (a llama.cpp LoRA adapter GGUF as TUNED too), a
+    Hugging Face cache snapshot, or a Hub repo id (org/name,
     org/name@revision, hf://org/name@revision/subfolder or /file; needs the hub extra). A local
     path always wins over a repo id of the same spelling; the plan says which was read. A
     revision is a branch, a tag or a commit sha (7 digits or more, offline too); a name with a
@@ -367,7 +368,7 @@ def provenance_cmd(paths, candidates_flag, json_out, csv_out, report_out, plots_
     one out (bitwise-equal matrices, closer in most blocks). TUNED itself and repeats among the
     candidates are ranked once or left out. With more candidates than --full-top,
     a seeded sample of rows ranks them first. Permuted MLP neurons are found and
-    undone. A PEFT adapter as TUNED is refused: compare it with its base. Exit
+    undone. An adapter (PEFT, or llama.cpp LoRA GGUF) as TUNED is refused: compare it with its base. Exit
     code 0 when the ranking ran, 2 for bad input.
 
     \b

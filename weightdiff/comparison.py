@@ -337,7 +337,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         bases = [_opened(stack, p, hub) for p in base_paths]
         for b in bases:
             if b.format == "adapter":
-                raise CheckpointError(b.path, "is a PEFT adapter (adapter_config.json), not a base model",
+                what = "a llama.cpp LoRA adapter" if b.gguf_lora is not None else "a PEFT adapter (adapter_config.json)"
+                raise CheckpointError(b.path, f"is {what}, not a base model",
                                       "an adapter is the tuned side: swap the arguments (BASE first, then the adapter)")
         tuned_ck = _opened(stack, tuned, hub)
         # a GGUF side's dequantizers run from the plan on (tied heads, norms read whole): compiled in a child first
@@ -2614,9 +2615,11 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
     A target the base lacks means the adapter belongs to another model: bad input, not an
     "added" tensor that would make the verdict read derived.
     """
+    from .io.gguf_adapter import resolve_rows
     from .io.peft_adapter import layout_evidence
     from .kernels.dtypes import decode
 
+    resolve_rows(tuned, the_plan, bases)        # a llama.cpp adapter's Q/K rows, by the base's head counts
     if getattr(tuned, "ia3", None):
         _check_ia3_plan(the_plan, bases, tuned)
 

@@ -114,6 +114,14 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
             if a.peft_type == "LOKR":
                 adapter["decompose_both"] = a.raw.get("decompose_both") is True
                 adapter["decompose_factor"] = a.raw.get("decompose_factor", -1)
+        elif ckpt.adapter is not None and ckpt.adapter.source == "llama.cpp":
+            a = ckpt.adapter
+            # convert_lora_to_gguf.py keeps lora_alpha only: each module's scale is alpha / its own rank (1 at 0)
+            adapter = {"peft_type": "LORA", "source": "llama.cpp", "architecture": ckpt.gguf_lora.arch,
+                       "lora_alpha": a.lora_alpha, "target_modules": a.target_modules, "base_model": a.base_model,
+                       "factors": len(ckpt.lora),
+                       "ranks": sorted({f.r for f in ckpt.lora}), "norms_skipped": len(ckpt.gguf_lora.norms),
+                       "alora_invocation_tokens": ckpt.gguf_lora.invocation}
         elif ckpt.adapter is not None:
             a = ckpt.adapter
             adapter = {"peft_type": a.peft_type, "r": a.r, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
@@ -173,7 +181,8 @@ def render_text(summary: dict) -> str:
     from .io.peft_adapter import KIND_LABELS
 
     peft_type = (summary.get("adapter") or {}).get("peft_type")
-    kind = (f"PEFT {KIND_LABELS[peft_type]} adapter" if peft_type in KIND_LABELS
+    kind = ("llama.cpp LoRA adapter (GGUF)" if (summary.get("adapter") or {}).get("source") == "llama.cpp"
+            else f"PEFT {KIND_LABELS[peft_type]} adapter" if peft_type in KIND_LABELS
             else _FORMATS.get(summary["format"], summary["format"]))
     lines = [f"checkpoint  {e(summary['path'])}",
              f"format      {kind}, "
@@ -262,6 +271,20 @@ def render_text(summary: dict) -> str:
         lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
         if a["base_model"]:
             lines.append(f"base model  {e(a['base_model'])}")
+    elif a is not None and a.get("source") == "llama.cpp":
+        lines.append("")
+        how = "scale alpha / each module's rank" if a["lora_alpha"] else "scale 1"
+        lines.append(f"adapter     llama.cpp LoRA alpha={a['lora_alpha']:g} ({how}), {a['factors']} LoRA factor "
+                     f"pair{'s' if a['factors'] != 1 else ''} (ranks {', '.join(map(str, a['ranks'])) or '-'})")
+        lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
+        lines.append(f"architecture {e(a['architecture'])}")
+        if a["base_model"]:
+            lines.append(f"base model  {e(a['base_model'])}")
+        if a["norms_skipped"]:
+            lines.append(f"{'':<12}{a['norms_skipped']} norm weights not applied (llama.cpp skips them)")
+        if a["alora_invocation_tokens"]:
+            lines.append(f"{'':<12}activated LoRA: applied after a {a['alora_invocation_tokens']}-token invocation "
+                         "sequence")
     elif a is not None:
         lines.append("")
         ada = a.get("peft_type") == "ADALORA"

@@ -142,7 +142,8 @@ def provenance(tuned: PathLike, candidates: Sequence[PathLike], *, options: Prov
                 if ck.origin:
                     say(ck.origin)
                 if ck.format == "adapter":
-                    incompatible.append({"path": str(path), "reason": "a PEFT adapter (a change), not a model's "
+                    kind = "a llama.cpp LoRA adapter" if ck.gguf_lora is not None else "a PEFT adapter"
+                    incompatible.append({"path": str(path), "reason": f"{kind} (a change), not a model's "
                                          "weights: give it merged into its base"})
                     continue
                 key = weight_files(ck)
@@ -230,8 +231,11 @@ def _refuse_adapter(tuned: PathLike, tck: Checkpoint) -> None:
     if tck.format != "adapter":
         return
     names = declared(tck)["declares_base"]
-    said = f" (its adapter_config.json names `{names}` as its base)" if names else ""
-    raise CheckpointError(tuned, "is a PEFT adapter (a change, not a model's weights): provenance has "
+    gguf = getattr(tck, "gguf_lora", None) is not None
+    where = "model card in its GGUF metadata" if gguf else "adapter_config.json"
+    said = f" (its {where} names `{names}` as its base)" if names else ""
+    kind = "a llama.cpp LoRA adapter" if gguf else "a PEFT adapter"
+    raise CheckpointError(tuned, f"is {kind} (a change, not a model's weights): provenance has "
                                  f"nothing to match against the candidates{said}",
                           "run `weightdiff compare BASE ADAPTER` to see what it changes, or give the adapter "
                           "merged into its base as TUNED")

@@ -480,11 +480,16 @@ def _gguf(file: Path, shown: Path, root: Path, folder: "LocalFolder") -> Checkpo
 
     try:
         with GGUFFile(file) as f:
-            tensors, metadata = f.tensors, f.metadata
+            tensors, metadata, lora, rope = f.tensors, f.metadata, f.lora, f.rope_heads
     except SplitPart as part:
         return _gguf_split(part, Path(file), shown, root, folder)
+    if lora is not None:
+        from .gguf_adapter import adapter_checkpoint
+
+        return adapter_checkpoint(lora, shown, file, tensors, metadata, root)
     ckpt = Checkpoint(shown, "gguf", [file], tensors, dict(metadata), root, opener=GGUFFile)
     ckpt._headers[file] = tensors
+    ckpt.rope_heads = rope
     return ckpt
 
 
@@ -501,6 +506,7 @@ def _gguf_split(first, file: Path, shown: Path, root: Path, folder: "LocalFolder
     where: dict[str, int] = {}
     per_part, counts, skipped = [], {"permute": 0, "transpose": 0, "minus_one": 0, "experts": 0}, []
     metadata: dict = {}
+    rope: dict[str, int] = {}
     for i, part in enumerate(parts):
         with GGUFFile(part, series) as f:
             for name, info in f.tensors.items():
@@ -509,6 +515,7 @@ def _gguf_split(first, file: Path, shown: Path, root: Path, folder: "LocalFolder
                                                 f"{where[name] + 1} of its split GGUF map to the same name")
                 tensors[name], where[name] = info, i
             per_part.append(f.tensors)
+            rope.update(f.rope_heads)
             if i == 0:
                 metadata = dict(f.metadata)
             for k, v in f.counts.items():
@@ -524,6 +531,7 @@ def _gguf_split(first, file: Path, shown: Path, root: Path, folder: "LocalFolder
     ckpt = Checkpoint(shown, "gguf", parts, tensors, metadata, root, opener=partial(GGUFFile, series=series))
     for part, t in zip(parts, per_part):
         ckpt._headers[part] = t
+    ckpt.rope_heads = rope
     return ckpt
 
 

@@ -45,6 +45,7 @@ from .gguf_floor import FLOORS, K_QUANTS, claims, ends, floor, scheme_of
 from .gguf_header import MAGIC, gguf_version, is_gguf, parse_header, require_gguf, split_of, split_part_name
 from .gguf_names import ARCHITECTURES, GENERATED, block_index, head_dim, hf_name
 from .experts import MAX_EXPERTS, expert_name
+from .gguf_adapter import MERGE_HINT, GGUFLora, lora_header, peft_names
 
 __all__ = ["MAGIC", "GGUFFile", "is_gguf", "require_gguf", "SplitPart", "SplitSeries", "read_series"]
 
@@ -244,17 +245,21 @@ class GGUFFile(OpenCheckpointFile):
         arch = meta.get("general.architecture")
         arch = arch if isinstance(arch, str) else ""
         why = _adapter_evidence(meta, infos)
+        #: a llama.cpp LoRA adapter's header (weightdiff.io.gguf_adapter), None for a model
+        self.lora: GGUFLora | None = None
         if why is not None:
-            # convert_lora_to_gguf.py writes only the factors (`blk.N.attn_q.weight.lora_a`, `.lora_b`) and
-            # adapter.lora.alpha: a change to some base, not a model, whose names no --rename pairs. Known by
-            # its factors and keys too: without general.type (or spelled `Adapter`) it read as a model whose
-            # factors were added tensors ("DERIVED ... none of its own weights changed")
-            kind = meta.get("adapter.type")
-            kind = {"lora": "LoRA "}.get(kind.lower(), f"`{escape_name(kind)}` ") \
-                if isinstance(kind, str) and kind else ""
-            raise CheckpointError(path, f"is a llama.cpp {kind}adapter ({why}): it holds only a change to a base "
-                                        "model, not a model's weights",
-                                  "merge it into its base with llama-export-lora, and compare the merged GGUF")
+            # convert_lora_to_gguf.py writes the factors (`blk.N.attn_q.weight.lora_a`, `.lora_b`) and
+            # adapter.lora.alpha: read as a LoRA adapter, as llama.cpp loads it. Known by its factors and keys
+            # too: without general.type (or spelled `Adapter`) it read as a model whose factors were added
+            # tensors ("DERIVED ... none of its own weights changed"); llama.cpp refuses such a file, and so
+            # does lora_header
+            self.lora = lora_header(meta, infos, path, why)
+            if self.series is not None:
+                raise CheckpointError(path, "is a llama.cpp LoRA adapter split into parts, which llama.cpp does not "
+                                            "load", "merge the parts with llama-gguf-split --merge")
+        #: the head count each tensor's Q/K rows were un-permuted by (a LoRA adapter of this base borrows it)
+        self.rope_heads: dict[str, int] = {}
+        lora_parts: dict[str, dict[str, str]] = {}
         self.metadata = {k: (v if isinstance(v, str) else str(v)) for k, v in meta.items()}
         self.tensors: dict[str, TensorInfo] = {}
         self._layout: dict[str, _Layout] = {}
@@ -281,6 +286,10 @@ class GGUFFile(OpenCheckpointFile):
             spans.append((offset, offset + nbytes, name))
             if name in GENERATED:
                 skipped.append(name)
+                continue
+            if self.lora is not None:
+                self._adapter_tensor(name, ne, data + offset, qtype, tname, block, tsize, nbytes, arch, meta,
+                                     lora_parts)
                 continue
             mapped = hf_name(arch, name, meta)
             if mapped.transform is None and mapped.name == name and len(ne) in (2, 3) \
@@ -333,8 +342,16 @@ class GGUFFile(OpenCheckpointFile):
             self._layout[mapped.name] = layout
             if transform == "minus_one" and tname in NATIVE:
                 self._offset[mapped.name] = NATIVE[tname]
+            if transform == "permute":
+                self.rope_heads[mapped.name] = mapped.heads
             if transform:
                 counts[transform] += 1
+        for stem, got in lora_parts.items():
+            if len(got) < 2:
+                have, lack = ("lora_a", "lora_b") if "a" in got else ("lora_b", "lora_a")
+                raise CheckpointError(path, f"LoRA factor `{escape_name(stem)}.{have}` has no `.{lack}` beside it "
+                                            "(llama.cpp refuses the adapter: a pair is missing one component)",
+                                      "convert the adapter again with llama.cpp's convert_lora_to_gguf.py")
         self.counts, self.skipped = counts, skipped
         if not spans:          # a part of a split GGUF that holds only the model's metadata
             self._notes(arch, counts, skipped)
@@ -391,6 +408,58 @@ class GGUFFile(OpenCheckpointFile):
             shape = (cols,) if len(ne) == 2 else (rows, cols)
             self.tensors[hf] = TensorInfo(hf, dtype, shape, self.path, at, at + nbytes, scheme, quant)
             self._layout[hf] = replace(layout, start=at, rows=rows)
+
+    def _adapter_tensor(self, name: str, ne: list, start: int, qtype: int, tname: str, block: int, tsize: int,
+                        nbytes: int, arch: str, meta: dict, parts: dict) -> None:
+        """One tensor of a llama.cpp LoRA adapter, under PEFT's name for it (weightdiff.io.gguf_adapter)."""
+        q = f"`{escape_name(name)}`"
+        if name.endswith("_norm.weight"):
+            self.lora.norms.append(name)      # llama.cpp skips them ("TODO: add support for norm vector")
+            return
+        stem, which = name[:-7], name[-1]
+        if name[-7:] not in _LORA_SUFFIXES:
+            raise CheckpointError(self.path, f"tensor {q} of a llama.cpp LoRA adapter is neither a factor (`.lora_a`, "
+                                             "`.lora_b`) nor a norm weight (llama.cpp refuses it: an unexpected "
+                                             "suffix)", "convert the adapter again with llama.cpp's "
+                                                        "convert_lora_to_gguf.py")
+        if which in parts.get(stem, {}):      # (the header parser refuses a name written twice)
+            raise CheckpointError(self.path, f"tensor {q} appears twice")
+        parts.setdefault(stem, {})[which] = name
+        mapped = hf_name(arch, stem, meta)
+        if mapped.transform is None and mapped.name == stem and len(ne) == 3 \
+                and 2 <= int(ne[-1]) <= MAX_EXPERTS and all(int(d) > 0 for d in ne[:-1]) and _STACKED.match(stem):
+            mapped = mapped._replace(name=expert_name(stem, "{x}"), transform="experts")
+        if not mapped.name.endswith(".weight") or mapped.transform in ("transpose", "minus_one"):
+            what = ("GPT-2's Conv1D weight, whose factors llama.cpp's converter writes transposed against the "
+                    "base's (llama.cpp refuses them unless the layer is square)" if mapped.transform == "transpose"
+                    else "a norm weight" if mapped.transform == "minus_one" else "a bias")
+            raise CheckpointError(self.path, f"tensor {q} is a LoRA factor of {what}, which weightdiff does not read "
+                                             "from a llama.cpp adapter", MERGE_HINT)
+        if mapped.transform == "experts":
+            self._split_experts(name, peft_names(mapped.name, which, False), ne, start, qtype, tname, block, tsize,
+                                meta)
+            return
+        if len(ne) != 2:
+            raise CheckpointError(self.path, f"LoRA factor {q} has {len(ne)} dimensions, not 2 ([r, in] for lora_a, "
+                                             "[out, r] for lora_b; stacked experts' 3)")
+        # llm_build_inp_embd gathers token rows of lora_a, stored [vocab, r]: PEFT's lora_embedding_A is [r, vocab]
+        embedding = stem.endswith("token_embd.weight")
+        transform = "transpose" if embedding and which == "a" else None
+        cols, rows = int(ne[0]), int(ne[1])
+        layout = self._make_layout(name, start, qtype, tname, rows, cols, block, tsize, transform, 0)
+        peft = peft_names(mapped.name, which, embedding)
+        if peft in self.tensors:
+            raise CheckpointError(self.path, f"tensors `{escape_name(self._layout[peft].gguf_name)}` and {q} "
+                                             f"both map to `{escape_name(peft)}`")
+        if mapped.transform == "permute" and which == "b":
+            # B's rows are in llama.cpp's rotary order, by a head count only the base gives (resolve_rows)
+            self.lora.rope[peft] = "k" if stem.split(".")[-2] == "attn_k" else "q"
+        dtype = "F32" if layout.out == np.float32 and tname not in NATIVE else NATIVE[tname]
+        scheme = None if tname in NATIVE else tname
+        quant = None if tname in NATIVE else scheme_of(tname, block, tsize, nbytes, name, meta)
+        shape = (cols, rows) if transform == "transpose" else (rows, cols)
+        self.tensors[peft] = TensorInfo(peft, dtype, shape, self.path, start, start + nbytes, scheme, quant)
+        self._layout[peft] = layout
 
     def _notes(self, arch: str, counts: dict, skipped: list[str]) -> None:
         notes(self.metadata, arch, counts, skipped)

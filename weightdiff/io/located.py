@@ -84,6 +84,10 @@ class Checkpoint:
         #: tensors stored with each head's rows in rotary (interleaved) order, handed out in Hugging Face's
         #: order: name -> head size (a Meta/Mistral consolidated checkpoint, weightdiff.io.meta_layout)
         self.row_order: dict[str, int] = {}
+        #: a GGUF model's Q/K tensors and the head count their rows were un-permuted by (weightdiff.io.gguf_read)
+        self.rope_heads: dict[str, int] = {}
+        #: a llama.cpp GGUF LoRA adapter's header (weightdiff.io.gguf_adapter.GGUFLora), None otherwise
+        self.gguf_lora = None
 
     @property
     def params(self) -> int:

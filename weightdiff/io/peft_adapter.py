@@ -83,6 +83,9 @@ class AdapterConfig:
     #: IA3: the modules whose vector scales the layer's inputs (a list of name suffixes, or a pattern PEFT
     #: full-matches); None when the config leaves it out
     feedforward_modules: object = None
+    #: "peft" (adapter_config.json), or "llama.cpp" (a GGUF LoRA adapter, weightdiff.io.gguf_adapter: each
+    #: module's scale is alpha / its own rank, or 1 when alpha is 0, as llama.cpp computes it)
+    source: str = "peft"
 
     def is_feedforward(self, module: str) -> bool | None:
         """Whether PEFT builds IA3 module ``module`` (its name in the model) as a feedforward one (its vector
@@ -105,6 +108,8 @@ class AdapterConfig:
         return self.scale_for(self.lora_alpha, self.r)
 
     def scale_for(self, alpha: float, r: int) -> float:
+        if self.source == "llama.cpp":
+            return alpha / r if alpha else 1.0
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def pattern(self, key: str, module: str, default):
@@ -604,7 +609,7 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         if r == 0:
             raise CheckpointError(where, f"LoRA factors of `{escape_name(mod)}` have rank 0")
         want = config.pattern("rank_pattern", module, config.r)
-        if r != want:
+        if r != want and config.source == "peft":     # a llama.cpp adapter's rank is each module's own
             raise CheckpointError(where, f"LoRA factors of `{escape_name(mod)}` have rank {r} but "
                                          f"adapter_config.json gives r = {want} for this module",
                                   "factors and config from different adapters?")

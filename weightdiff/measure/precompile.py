@@ -78,7 +78,7 @@ def gguf_keys(checkpoints: Iterable) -> list[str]:
 
     out = set()
     for ck in checkpoints:
-        if getattr(ck, "format", None) == "gguf":
+        if getattr(ck, "format", None) == "gguf" or getattr(ck, "gguf_lora", None) is not None:   # (Q8_0 factors)
             out.update(f"{GGML}{info.scheme}" for info in ck.tensors.values() if info.scheme in BLOCKS)
     return sorted(out)
 
