@@ -343,3 +343,32 @@ def test_provenance_refuses_a_gguf_adapter_as_tuned_and_as_a_candidate(tmp_path,
     r = CliRunner().invoke(main, ["provenance", str(lora), "--candidates", str(base)])
     assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1, r.output
     assert "lora.gguf: is a llama.cpp LoRA adapter (a change, not a model's weights)" in r.stderr
+
+
+def test_an_architecture_converted_without_permutation_needs_no_head_counts(tmp_path, rng):
+    """Qwen2's converter leaves Q/K as they are: its adapter reads against a base with no config.json."""
+    _, base = _base(tmp_path, rng, config=False)
+    fac = _factors(rng, layers=1, embedding=False, head=False)
+    lora = lora_to_gguf(tmp_path / "lora.gguf", fac, arch="qwen2", alpha=8.0, n_head=HEADS, n_kv=KV)
+    _same(weightdiff.compare(str(base), str(_peft(tmp_path / "peft", fac))), weightdiff.compare(str(base), str(lora)))
+
+
+def test_an_unmapped_architecture_pairs_with_its_gguf_base_only(tmp_path, rng):
+    """An architecture weightdiff has no name map for keeps llama.cpp's names: against that architecture's GGUF it is
+    measured; against a Hugging Face base it is refused in one line saying why, not "for another base model"."""
+    t, base = _base(tmp_path, rng)
+    a, b = rng.normal(0, .1, (4, 64)).astype(np.float32), rng.normal(0, .1, (64, 4)).astype(np.float32)
+    w = gguf.GGUFWriter(str(tmp_path / "base.gguf"), "mamba9")
+    w.add_tensor("blk.0.attn_q.weight", t["model.layers.0.self_attn.q_proj.weight"])
+    w.add_tensor("blk.0.attn_v.weight", t["model.layers.0.self_attn.v_proj.weight"])
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    lora = _raw(tmp_path / "lora.gguf", {"blk.0.attn_q.weight.lora_a": a, "blk.0.attn_q.weight.lora_b": b},
+                arch="mamba9")
+    got = weightdiff.compare(str(tmp_path / "base.gguf"), str(lora))
+    rec = got.tensor("blk.0.attn_q.weight")
+    delta = 2.0 * b.astype(np.float64) @ a.astype(np.float64)
+    assert rec.to_dict()["compared"] == "factors" and rec.rank.numerical_rank == 4
+    assert rec.rank.spectrum[:4] == pytest.approx(list(np.linalg.svd(delta, compute_uv=False)[:4]), rel=1e-9)
+    contract(["compare", str(base), str(lora)], lora, "architecture `mamba9`, whose GGUF names weightdiff does not "
+             "map back to Hugging Face's", tmp_path)

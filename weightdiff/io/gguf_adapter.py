@@ -204,6 +204,14 @@ def resolve_rows(tuned, the_plan, bases) -> None:
                                                   f"({escape_name(str(base.path))}) is `{escape_name(arch)}` "
                                                   "(llama.cpp refuses the pair too)",
                                   "is this adapter for another base model?")
+    from .gguf_names import ARCHITECTURES
+
+    if lora.arch not in ARCHITECTURES and any(base.format != "gguf" for base in bases):
+        # its factors keep llama.cpp's names (blk.0.attn_q.weight), which only a GGUF base of its architecture has
+        raise CheckpointError(tuned.files[0], f"is a llama.cpp LoRA adapter for architecture "
+                                              f"`{escape_name(lora.arch)}`, whose GGUF names weightdiff does not map "
+                                              "back to Hugging Face's, so they pair with no weight of a base in "
+                                              "another format", "compare it against the base's GGUF")
     pending = lora.rope
     for p in the_plan.pairs:
         f = p.lora
