@@ -372,3 +372,18 @@ def test_an_unmapped_architecture_pairs_with_its_gguf_base_only(tmp_path, rng):
     assert rec.rank.spectrum[:4] == pytest.approx(list(np.linalg.svd(delta, compute_uv=False)[:4]), rel=1e-9)
     contract(["compare", str(base), str(lora)], lora, "architecture `mamba9`, whose GGUF names weightdiff does not "
              "map back to Hugging Face's", tmp_path)
+
+
+def test_a_control_vector_is_named_and_refused(tmp_path, rng):
+    """llama-cvector-generator's GGUF (architecture `controlvector`, `direction.N`) read INCONCLUSIVE, "a GGUF of an
+    architecture weightdiff has no name map for ... the conversion may explain it": it holds no weights at all."""
+    _, base = _base(tmp_path, rng)
+    w = gguf.GGUFWriter(str(tmp_path / "cv.gguf"), "controlvector")
+    w.add_string("controlvector.model_hint", "llama")
+    w.add_int32("controlvector.layer_count", 2)
+    for i in (1, 2):
+        w.add_tensor(f"direction.{i}", np.ones(64, np.float32))
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    contract(["compare", str(base), str(tmp_path / "cv.gguf")], tmp_path / "cv.gguf",
+             "is a llama.cpp control vector for `llama` (general.architecture `controlvector`)", tmp_path)

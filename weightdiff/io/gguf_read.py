@@ -244,6 +244,17 @@ class GGUFFile(OpenCheckpointFile):
             meta = self.series.meta
         arch = meta.get("general.architecture")
         arch = arch if isinstance(arch, str) else ""
+        if arch == "controlvector":
+            # llama-cvector-generator's output (direction.N, one vector per layer): llama.cpp adds each to that
+            # layer's hidden state at inference (--control-vector); read as a model it was INCONCLUSIVE, "a GGUF of
+            # an architecture weightdiff has no name map for", as if a conversion might explain it
+            hint = meta.get("controlvector.model_hint")
+            hint = f" for `{escape_name(hint)}`" if isinstance(hint, str) and hint else ""
+            raise CheckpointError(path, f"is a llama.cpp control vector{hint} (general.architecture `controlvector`): "
+                                        "directions llama.cpp adds to each layer's hidden state at inference, not "
+                                        "weights; it changes no weight of the model, so there is nothing to compare",
+                                  "compare the model's weights; a control vector is applied by llama.cpp's "
+                                  "--control-vector")
         why = _adapter_evidence(meta, infos)
         #: a llama.cpp LoRA adapter's header (weightdiff.io.gguf_adapter), None for a model
         self.lora: GGUFLora | None = None
