@@ -1,4 +1,5 @@
-"""PEFT adapters of each kind on one 7B-shaped layer: `weightdiff compare base adapter` for LoRA, LoHa, LoKr and VeRA.
+"""Adapters of each kind on one 7B-shaped layer: `weightdiff compare base adapter` for LoRA, LoHa, LoKr, VeRA and
+llama.cpp's LoRA GGUF.
 
     nice python benchmarks/bench_adapters.py [--dir /tmp/wd-adapters] [--r 16] [--vera-r 256]
 
@@ -7,7 +8,9 @@ down_proj 4096 x 14336; 0.5 GB) and one seeded adapter of each kind on the three
 LoKr by ``peft_lycoris.expected_shapes``: LoKr's default split of 4096 is 64 x 64, so its w1 is whole and its
 w2 of rank r, a delta of rank up to 64 r), then runs each comparison in a fresh process and reports wall time, peak
 RSS, the time as a multiple of the LoRA run in the same invocation, and the numerical ranks found (every one exact,
-from the factors: LoRA r, LoHa r^2, LoKr 64 r, VeRA r).
+from the factors: LoRA r, LoHa r^2, LoKr 64 r, VeRA r). The GGUF row is the LoRA's factors as llama.cpp's
+convert_lora_to_gguf.py writes them (F32, q_proj's B rows permuted by the base config.json's 32 heads, put back in
+order when read): its wall over the LoRA's is the cost of reading a GGUF adapter instead of PEFT's safetensors.
 """
 
 from __future__ import annotations
@@ -58,6 +61,36 @@ def _adapter(folder: Path, kind: str, r: int, rng) -> None:
     save_file(folder / "adapter_model.safetensors", t)
 
 
+#: the GGUF names of SHAPES' modules (gguf-py's TensorNameMap for llama)
+GGUF_NAMES = {"model.layers.0.self_attn.q_proj": "blk.0.attn_q.weight", "model.layers.0.mlp.up_proj": "blk.0.ffn_up.weight",
+              "model.layers.0.mlp.down_proj": "blk.0.ffn_down.weight"}
+HEADS = 32
+
+
+def _gguf_adapter(path: Path, lora: Path, r: int) -> None:
+    """The LoRA adapter in ``lora`` as convert_lora_to_gguf.py writes it (F32; Q's B rows permuted as
+    ``LlamaModel.permute`` permutes them)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    t = load_file(str(lora / "adapter_model.safetensors"))
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(r))
+    for m, g in GGUF_NAMES.items():
+        a, b = t[f"base_model.model.{m}.lora_A.weight"], t[f"base_model.model.{m}.lora_B.weight"]
+        if m.endswith("q_proj"):
+            b = b.reshape(HEADS, 2, b.shape[0] // HEADS // 2, r).swapaxes(1, 2).reshape(b.shape)
+        w.add_tensor(g + ".lora_a", np.ascontiguousarray(a))
+        w.add_tensor(g + ".lora_b", np.ascontiguousarray(b))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/wd-adapters"))
@@ -74,14 +107,21 @@ def main() -> int:
         base.mkdir(parents=True, exist_ok=True)
         save_file(base / "model.safetensors", {f"{m}.weight": (0.02 * rng.standard_normal(s)).astype(np.float32)
                                                for m, s in SHAPES.items()})
+    (base / "config.json").write_text(json.dumps({"model_type": "mistral", "num_attention_heads": HEADS,
+                                                  "num_key_value_heads": 8}))
     rows = []
     lora_s = None
-    for kind, r in (("LORA", args.r), ("LOHA", args.r), ("LOKR", args.r), ("VERA", args.vera_r)):
+    for kind, r in (("LORA", args.r), ("LOHA", args.r), ("LOKR", args.r), ("VERA", args.vera_r), ("GGUF", args.r)):
         folder = args.dir / f"{kind.lower()}{r}"
-        _adapter(folder, kind, r, rng)
+        if kind == "GGUF":
+            folder.mkdir(parents=True, exist_ok=True)
+            _gguf_adapter(folder / "lora.gguf", args.dir / f"lora{r}", r)
+        else:
+            _adapter(folder, kind, r, rng)
         out = folder / "r.json"
+        target = folder / "lora.gguf" if kind == "GGUF" else folder
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", CHILD, "compare", str(base), str(folder), "--json", str(out), "-q"],
+        p = subprocess.run([sys.executable, "-c", CHILD, "compare", str(base), str(target), "--json", str(out), "-q"],
                            capture_output=True, text=True)
         wall = time.perf_counter() - t0
         peak = [x for x in p.stderr.splitlines() if x.startswith("PEAK ")]

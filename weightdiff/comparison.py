@@ -2655,6 +2655,15 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
         values = {n: decode(tuned.read(n), tuned.tensors[n].dtype).reshape(tuned.tensors[n].shape)
                   for n in names if n}
         check_factor_values(p.lora, values, tuned.files[0])
+        if p.lora.kind == "OFT":
+            from .io.peft_oft import check_oft_values
+
+            base = bases[p.base_index]
+            src = tuned.tensors[p.lora.base_layer_name] if p.lora.base_layer_name else base.tensors[p.base_name]
+            check_oft_values(p.lora, values[p.lora.a_name], tuned.adapter, src,
+                             not p.lora.base_layer_name and (p.base_name in (getattr(base, "quant", None) or {})
+                                                             or src.quant is not None),
+                             tuned.files[0])
     vera = [p.lora for p in the_plan.pairs if p.lora is not None and getattr(p.lora, "kind", "") == "VERA"]
     if vera:
         from .io.peft_vera import check_projections

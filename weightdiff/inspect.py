@@ -105,6 +105,12 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
                        "modules": len(ckpt.lora), "fan_in_fan_out": a.fan_in_fan_out,
                        "save_projection": a.raw.get("save_projection", True) is not False,
                        "projection_prng_key": a.raw.get("projection_prng_key", 0)}
+        elif ckpt.adapter is not None and ckpt.adapter.peft_type == "OFT":
+            a = ckpt.adapter
+            adapter = {"peft_type": "OFT", **{k: a.raw[k] for k in ("r", "oft_block_size", "block_share", "coft", "eps",
+                                                                    "use_cayley_neumann", "num_cayley_neumann_terms")},
+                       "target_modules": a.target_modules, "base_model": a.base_model, "modules": len(ckpt.lora),
+                       "embedding_modules": sum(f.embedding for f in ckpt.lora)}
         elif ckpt.adapter is not None and ckpt.adapter.peft_type in ("LOHA", "LOKR"):
             a = ckpt.adapter
             adapter = {"peft_type": a.peft_type, "r": a.r, "alpha": a.lora_alpha, "scale": a.lora_alpha / a.r,
@@ -256,6 +262,16 @@ def render_text(summary: dict) -> str:
         lines.append(f"adapter     VeRA r={a['r']}, {a['modules']} module{'s' if a['modules'] != 1 else ''}, shared "
                      f"projections {'saved' if a['save_projection'] else 'not saved'} (projection_prng_key "
                      f"{e(str(a['projection_prng_key']))})")
+        lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
+        if a["base_model"]:
+            lines.append(f"base model  {e(a['base_model'])}")
+    elif a is not None and a.get("peft_type") == "OFT":
+        lines.append("")
+        size = f"oft_block_size={a['oft_block_size']}" if a["oft_block_size"] else f"r={a['r']} blocks"
+        how = (f"Cayley-Neumann {a['num_cayley_neumann_terms']} terms" if a["use_cayley_neumann"] else "Cayley") + \
+            (f", coft eps={a['eps']:g}" if a["coft"] else "") + (", block_share" if a["block_share"] else "")
+        lines.append(f"adapter     OFT {size}, {how}, {a['modules']} module{'s' if a['modules'] != 1 else ''}"
+                     + (f" ({a['embedding_modules']} embedding)" if a["embedding_modules"] else ""))
         lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
         if a["base_model"]:
             lines.append(f"base model  {e(a['base_model'])}")

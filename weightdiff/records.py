@@ -111,6 +111,10 @@ RELABEL_NOTE = "the base's bytes under another dtype label"
 #: (``measure.compute``): flag ``adapter``, as for LoRA factors
 IA3_NOTE = "IA3 vector"
 
+#: the start of the note of a base weight an OFT adapter rotates, measured as PEFT merges it (``measure.compute``):
+#: flag ``adapter``, as for LoRA factors and IA3 vectors
+OFT_NOTE = "OFT rotation"
+
 
 _IA3_VALUES = re.compile(r"^IA3 vector `.*` \((\d+) values?\) merged into the base's weight", re.S)
 

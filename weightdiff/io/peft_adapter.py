@@ -347,9 +347,13 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         from .peft_vera import parse_vera_config
 
         return parse_vera_config(raw, path)
+    if isinstance(kind, str) and kind.upper() == "OFT":
+        from .peft_oft import parse_oft_config
+
+        return parse_oft_config(raw, path)
     if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA, LoHa, LoKr, "
-                                    "VeRA and IA3 adapters are supported (OFT, BOFT, FourierFT and others store "
+                                    "VeRA, OFT and IA3 adapters are supported (BOFT, FourierFT and others store "
                                     "different factors)",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     for key, why, hint in _VARIANTS:
@@ -551,6 +555,10 @@ def _foreign_part(name: str) -> str | None:
         from .peft_vera import _LAMBDA_RE, _SHARED_RE
 
         return "VeRA" if _LAMBDA_RE.match(name) or _SHARED_RE.match(name) else None
+    if ".oft_" in name:
+        from .peft_oft import _OFT_RE
+
+        return "OFT" if _OFT_RE.match(name) else None
     return None
 
 
@@ -566,6 +574,10 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         from .peft_vera import vera_factors
 
         return vera_factors(tensors, where, config)
+    if config.peft_type == "OFT":
+        from .peft_oft import oft_factors
+
+        return oft_factors(tensors, where, config)
     parts: dict[str, dict[str, str]] = {}
     for name in tensors:
         m = _LORA_RE.match(name)
@@ -637,7 +649,8 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
 
 
 #: what messages, notes and inspect call each peft_type weightdiff reads
-KIND_LABELS = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "IA3": "IA3"}
+KIND_LABELS = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "OFT": "OFT",
+               "IA3": "IA3"}
 
 #: the dtypes an IA3 merge is reproduced in (torch's own promotion and casts among them)
 _MERGE_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -807,6 +820,10 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
         from .peft_vera import check_vera
 
         return check_vera(factor, tensors, base, config, where, layout)
+    if factor.kind == "OFT":
+        from .peft_oft import check_oft
+
+        return check_oft(factor, tensors, base, config, where)
     if factor.parts:
         from .peft_lycoris import check_lycoris
 
@@ -891,6 +908,8 @@ def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where
                 raise CheckpointError(where, f"{factor.label} tensor `{escape_name(name)}` holds "
                                              f"NaN or Inf values, so the delta of `{escape_name(factor.target)}` "
                                              "cannot be measured")
+        if factor.kind == "OFT":        # a rotation of the inputs: checked by check_oft_values
+            return
         if factor.parts:                # LoHa / LoKr / VeRA: the factor pair their tensors make
             a, b = pair if pair is not None else \
                 factor_pair(factor, {role: arrays[n] for role, n in factor.parts.items()})

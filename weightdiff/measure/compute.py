@@ -421,6 +421,70 @@ def _compute_ia3(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint], tune
     return rec
 
 
+def _oft_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
+    """``(info, stored values)`` of the weight PEFT's OFT merge gives: the base weight (or the copy the adapter
+    saves of it) cast to the adapter's dtype, times the block-diagonal rotation (R^T for a Linear or a Conv2d viewed
+    [out, in x k x k], R for an embedding) in that dtype, stored in the weight's (``Linear.merge``:
+    ``weight.copy_(torch.mm(R, weight.t().to(R.dtype)).t())``), computed in runs of rows."""
+    from dataclasses import replace
+
+    from ..io.peft_oft import block_rotation, in_features, merge_rows
+
+    lf = pair.lora
+    src, name = (tuned, lf.base_layer_name) if lf.base_layer_name else (base, pair.base_name)
+    info = src.tensors[name]
+    shape, dtype = tuple(int(d) for d in info.shape), info.dtype
+    rdt = tuned.tensors[lf.a_name].dtype
+    computed = rdt if rdt in _FLOAT_RANK else "F32"
+    features = in_features(lf, shape)
+    vec = decode(np.asarray(tuned.read(lf.a_name)), rdt).reshape(tuned.tensors[lf.a_name].shape)
+    # PEFT computes the rotation in float32 (a half-precision adapter on the CPU too), then casts it to the
+    # adapter's dtype
+    exact = block_rotation(tuned.adapter, vec, lf.r, lf.cols)
+    rot = reference.round_to(reference.round_to(exact, "F32"), computed).reshape(exact.shape)
+    raw = np.asarray(src.read(name)).reshape(shape[0], -1)
+    out = np.empty(raw.shape, storage_of(dtype))
+    rows = max(1, _MERGE_CHUNK // max(1, features))
+    for r0 in range(0, shape[0], rows):
+        r1 = min(shape[0], r0 + rows)
+        w = reference.round_to(decode(raw[r0:r1], dtype), computed).reshape(r1 - r0, features)
+        with np.errstate(all="ignore"):
+            merged = _cast_chain(merge_rows(w, rot, lf.embedding), computed, dtype).reshape(r1 - r0, features)
+        out[r0:r1] = _stored(merged, dtype).reshape(r1 - r0, -1)
+    return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), out.reshape(shape)
+
+
+def _compute_oft(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint], tuned: Checkpoint,
+                 options: CompareOptions, backend: Backend, classify: Classify,
+                 on_window: Callable[[int], None]) -> TensorRecord:
+    """The record of a base weight an OFT adapter rotates: the merged weight against the base's, as a plain pair
+    (its change W (R^T - I) is dense), so the adapter reads as the model ``merge_and_unload`` gives."""
+    from dataclasses import replace
+
+    from ..io.peft_oft import OFT_NOTE, old_peft
+
+    lf = pair.lora
+    info, values = _oft_merged(pair, base, tuned)
+    side = MergedSide(tuned, pair.tuned_name, info, values)
+    st, sb = tuple(info.shape), tuple(pair.shape_base)
+    kind, overlap = ("paired", None) if st == sb else ("resized", min(st[0], sb[0]))
+    flat = replace(pair, kind=kind, shape_tuned=st, dtype_tuned=info.dtype, overlap_rows=overlap, lora=None,
+                   tuned_source=None, transposed=False)
+    precompile.ensure([flat])
+    rec = compute_pair(flat, bases, side, options, backend, classify, on_window)
+    raw = tuned.adapter.raw
+    how = (f"Cayley-Neumann, {raw.get('num_cayley_neumann_terms')} terms" if raw.get("use_cayley_neumann")
+           else "Cayley") + (", coft" if raw.get("coft") else "") + (", one block shared" if raw.get("block_share") else "")
+    what = (f"{OFT_NOTE} `{lf.a_name}` ({lf.r} block{'s' if lf.r != 1 else ''} of {lf.cols}, {how}) merged into the "
+            + (f"base layer the adapter saves, `{lf.base_layer_name}`" if lf.base_layer_name else "base's weight")
+            + f" ({'W R' if lf.embedding else 'W R^T'}), as PEFT merges it")
+    if old_peft(tuned.adapter):
+        what += ("; saved by a PEFT before 0.18, whose Cayley-Neumann series differed: this is the weight PEFT 0.18 "
+                 "and later compute from it")
+    rec.note = what + (f"; {rec.note}" if rec.note else "")
+    return rec
+
+
 #: a base tensor a reordering is undone against is read whole up to this size, else row by row per window
 #: (local files: a gathered window's rows are one pread each, cheap; a 32,000 x 4,096 bf16 table held whole was
 #: a quarter of the 1 GB bound)
@@ -645,6 +709,8 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         return _compute_lora_bias(pair, base, bases, tuned, options, backend, classify, on_window)
     if (pair.ia3 is not None or pair.ia3_bias is not None) and pair.kind == "paired":
         return _compute_ia3(pair, base, bases, tuned, options, backend, classify, on_window)
+    if pair.kind == "lora" and getattr(pair.lora, "kind", "LORA") == "OFT":
+        return _compute_oft(pair, base, bases, tuned, options, backend, classify, on_window)
     if pair.kind == "lora":
         merged = _merged_base_layer(pair, base, tuned)
         if merged is not None:

@@ -126,9 +126,11 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
                      f"(lora_magnitude_vector) of {ignored} modules are not used, here as in PEFT")
     if saved:
         # PEFT's save_embedding_layers (a resized or edited table): PEFT loads the copy over the base's weight
-        notes.append(f"adapter stores the base layer of {saved} of its LoRA modules (PEFT loads it over the "
-                     "base's weight): the factors apply to that copy, and a copy that is not the base's is "
-                     "measured as the merged weight")
+        oft = getattr(factors[0], "kind", "LORA") == "OFT"
+        notes.append(f"adapter stores the base layer of {saved} of its {'OFT' if oft else 'LoRA'} modules (PEFT loads "
+                     f"it over the base's weight): the {'rotation applies' if oft else 'factors apply'} to that copy"
+                     + (", which is measured merged" if oft else ", and a copy that is not the base's is measured as "
+                        "the merged weight"))
     if sampler:
         notes.append(f"adapter has monteclora_config: {sampler} tensors of MonteCLoRA's sampler state "
                      "(lora_monteclora_sampler) are used in training only (PEFT's eval forward and merge use "
@@ -155,13 +157,18 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
         adalora = any(getattr(f, "e_name", None) for f in factors)
         n, rest = len(factors) - pruned, len(items) - len(factors) + pruned - biased
         lycoris = getattr(factors[0], "label", "LoRA")
-        lycoris = lycoris if lycoris in ("LoHa", "LoKr", "VeRA") else None
+        lycoris = lycoris if lycoris in ("LoHa", "LoKr", "VeRA", "OFT") else None
         kinds = (f"{lycoris} module" if lycoris else "AdaLoRA factor triple" if adalora
                  else "LoRA factor pair") + ("s" if n != 1 else "")
         if lycoris:
             kinds += " (each measured exactly as the factor pair " + {
                 "LoHa": "its Hadamard product is)", "LoKr": "its Kronecker product is)",
-                "VeRA": "its vectors make of the shared projections, (lambda_b x B) @ (lambda_d x A))"}[lycoris]
+                "VeRA": "its vectors make of the shared projections, (lambda_b x B) @ (lambda_d x A))",
+                "OFT": "",
+            }[lycoris]
+            if lycoris == "OFT":
+                kinds = kinds.removesuffix(" (each measured exactly as the factor pair ") + \
+                    " (each measured as the weight PEFT's merge gives, W R^T: R the block-diagonal rotation of its inputs)"
         notes.append(f"adapter: {n} {kinds}, {rest} other tensor{'s' if rest != 1 else ''} (modules_to_save); base "
                      "tensors the adapter leaves alone are `inherited`")
     return [it for _, it in items]
