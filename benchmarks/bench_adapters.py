@@ -11,6 +11,8 @@ RSS, the time as a multiple of the LoRA run in the same invocation, and the nume
 from the factors: LoRA r, LoHa r^2, LoKr 64 r, VeRA r). The GGUF row is the LoRA's factors as llama.cpp's
 convert_lora_to_gguf.py writes them (F32, q_proj's B rows permuted by the base config.json's 32 heads, put back in
 order when read): its wall over the LoRA's is the cost of reading a GGUF adapter instead of PEFT's safetensors.
+The OFT row rotates the same three matrices' inputs in blocks of 32 (PEFT's default): a dense change, measured as
+the merged weights against the base's like a full fine-tune of those matrices (ranks found by the Gram/SVD path).
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def _adapter(folder: Path, kind: str, r: int, rng) -> None:
         for m, s in SHAPES.items():
             t[f"{pre}{m}.vera_lambda_b"] = (0.01 * rng.standard_normal(s[0])).astype(np.float32)
             t[f"{pre}{m}.vera_lambda_d"] = rng.standard_normal(r).astype(np.float32)
+    elif kind == "OFT":
+        cfg.update(r=0, oft_block_size=r, peft_version="0.21.2")
+        for m, (o, i) in SHAPES.items():
+            t[f"{pre}{m}.oft_R.weight"] = (0.01 * rng.standard_normal((i // r, r * (r - 1) // 2))).astype(np.float32)
     elif kind == "LORA":
         cfg["lora_alpha"] = r
         for m, (o, i) in SHAPES.items():
@@ -96,6 +102,7 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/wd-adapters"))
     ap.add_argument("--r", type=int, default=16, help="rank of the LoRA, LoHa and LoKr adapters")
     ap.add_argument("--vera-r", type=int, default=256, help="rank of the VeRA adapter (PEFT's default)")
+    ap.add_argument("--oft-block", type=int, default=32, help="block size of the OFT adapter (PEFT's default)")
     args = ap.parse_args()
     import numpy as np
 
@@ -111,7 +118,8 @@ def main() -> int:
                                                   "num_key_value_heads": 8}))
     rows = []
     lora_s = None
-    for kind, r in (("LORA", args.r), ("LOHA", args.r), ("LOKR", args.r), ("VERA", args.vera_r), ("GGUF", args.r)):
+    for kind, r in (("LORA", args.r), ("LOHA", args.r), ("LOKR", args.r), ("VERA", args.vera_r), ("GGUF", args.r),
+                    ("OFT", args.oft_block)):
         folder = args.dir / f"{kind.lower()}{r}"
         if kind == "GGUF":
             folder.mkdir(parents=True, exist_ok=True)
