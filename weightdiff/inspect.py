@@ -246,72 +246,8 @@ def render_text(summary: dict) -> str:
         if q["folded_away"]:
             lines.append(f"{'':<12}{len(q['folded_away']):,} activation/KV-cache scales and layout markers set aside "
                          f"(e.g. {e(q['folded_away'][0])})")
-    a = summary["adapter"]
-    if a is not None and a.get("peft_type") == "IA3":
-        lines.append("")
-        ff = a["feedforward_modules"]
-        lines.append(f"adapter     IA3, {a['vectors']} vector{'s' if a['vectors'] != 1 else ''} "
-                     f"({a['scaling_inputs']} scaling a layer's inputs, "
-                     f"{a['vectors'] - a['scaling_inputs']} its outputs)")
-        lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
-        lines.append(f"feedforward {e(ff if isinstance(ff, str) else ', '.join(ff or [])) or '-'}")
-        if a["base_model"]:
-            lines.append(f"base model  {e(a['base_model'])}")
-    elif a is not None and a.get("peft_type") == "VERA":
-        lines.append("")
-        lines.append(f"adapter     VeRA r={a['r']}, {a['modules']} module{'s' if a['modules'] != 1 else ''}, shared "
-                     f"projections {'saved' if a['save_projection'] else 'not saved'} (projection_prng_key "
-                     f"{e(str(a['projection_prng_key']))})")
-        lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
-        if a["base_model"]:
-            lines.append(f"base model  {e(a['base_model'])}")
-    elif a is not None and a.get("peft_type") == "OFT":
-        lines.append("")
-        size = f"oft_block_size={a['oft_block_size']}" if a["oft_block_size"] else f"r={a['r']} blocks"
-        how = (f"Cayley-Neumann {a['num_cayley_neumann_terms']} terms" if a["use_cayley_neumann"] else "Cayley") + \
-            (f", coft eps={a['eps']:g}" if a["coft"] else "") + (", block_share" if a["block_share"] else "")
-        lines.append(f"adapter     OFT {size}, {how}, {a['modules']} module{'s' if a['modules'] != 1 else ''}"
-                     + (f" ({a['embedding_modules']} embedding)" if a["embedding_modules"] else ""))
-        lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
-        if a["base_model"]:
-            lines.append(f"base model  {e(a['base_model'])}")
-    elif a is not None and a.get("peft_type") in ("LOHA", "LOKR"):
-        lines.append("")
-        label = KIND_LABELS[a["peft_type"]]
-        how = (" effective_conv2d" if a["use_effective_conv2d"] else "") + (
-            f" decompose_factor={a['decompose_factor']}{' decompose_both' if a['decompose_both'] else ''}"
-            if a["peft_type"] == "LOKR" else "")
-        lines.append(f"adapter     {label} r={a['r']} alpha={a['alpha']:g} scale={a['scale']:g}{how}, "
-                     f"{a['modules']} module{'s' if a['modules'] != 1 else ''} (ranks "
-                     f"{', '.join(map(str, a['ranks'])) or '-'})")
-        lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
-        if a["base_model"]:
-            lines.append(f"base model  {e(a['base_model'])}")
-    elif a is not None and a.get("source") == "llama.cpp":
-        lines.append("")
-        how = "scale alpha / each module's rank" if a["lora_alpha"] else "scale 1"
-        lines.append(f"adapter     llama.cpp LoRA alpha={a['lora_alpha']:g} ({how}), {a['factors']} LoRA factor "
-                     f"pair{'s' if a['factors'] != 1 else ''} (ranks {', '.join(map(str, a['ranks'])) or '-'})")
-        lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
-        lines.append(f"architecture {e(a['architecture'])}")
-        if a["base_model"]:
-            lines.append(f"base model  {e(a['base_model'])}")
-        if a["norms_skipped"]:
-            lines.append(f"{'':<12}{a['norms_skipped']} norm weights not applied (llama.cpp skips them)")
-        if a["alora_invocation_tokens"]:
-            lines.append(f"{'':<12}activated LoRA: applied after a {a['alora_invocation_tokens']}-token invocation "
-                         "sequence")
-    elif a is not None:
-        lines.append("")
-        ada = a.get("peft_type") == "ADALORA"
-        lines.append(f"adapter     {'AdaLoRA init_r' if ada else 'r'}={a['r']} lora_alpha={a['lora_alpha']:g} "
-                     f"scale={a['scale']:g}{' rslora' if a['use_rslora'] else ''}{' dora' if a['use_dora'] else ''}, "
-                     f"{a['factors']} {'AdaLoRA factor triple' if ada else 'LoRA factor pair'}"
-                     f"{'s' if a['factors'] != 1 else ''} ({'kept ranks' if ada else 'ranks'} "
-                     f"{', '.join(map(str, a['ranks'])) or '-'})")
-        lines.append(f"targets     {e(', '.join(a['target_modules'])) or '-'}")
-        if a["base_model"]:
-            lines.append(f"base model  {e(a['base_model'])}")
+    if summary["adapter"] is not None:
+        lines += ["", *_adapter_lines(summary["adapter"])]
     if summary["metadata"]:
         lines.append("")
         for i, (k, v) in enumerate(summary["metadata"].items()):
@@ -326,3 +262,53 @@ def render_text(summary: dict) -> str:
             stored = f"  (stored as {e(t['stored_as'])})" if t.get("stored_as") else ""
             lines.append(f"{e(t['name']):<{width}}{e(t['dtype']):<14}{' x '.join(map(str, t['shape'])) or '()'}{stored}")
     return "\n".join(lines)
+
+
+def _adapter_lines(a: dict) -> list[str]:
+    """The terminal lines of ``describe()``'s ``adapter``: what it is and how it scales, its targets, then what
+    each kind adds (IA3's feedforward modules, a llama.cpp adapter's architecture), the declared base, notes."""
+    e = escape_name
+    from .io.peft_adapter import KIND_LABELS
+
+    kind = a.get("peft_type")
+    s = lambda n: "s" if n != 1 else ""          # noqa: E731
+    beside, after = [], []
+    if kind == "IA3":
+        ff = a["feedforward_modules"]
+        head = (f"IA3, {a['vectors']} vector{s(a['vectors'])} ({a['scaling_inputs']} scaling a layer's inputs, "
+                f"{a['vectors'] - a['scaling_inputs']} its outputs)")
+        beside.append(f"feedforward {e(ff if isinstance(ff, str) else ', '.join(ff or [])) or '-'}")
+    elif kind == "VERA":
+        head = (f"VeRA r={a['r']}, {a['modules']} module{s(a['modules'])}, shared projections "
+                f"{'saved' if a['save_projection'] else 'not saved'} (projection_prng_key "
+                f"{e(str(a['projection_prng_key']))})")
+    elif kind == "OFT":
+        size = f"oft_block_size={a['oft_block_size']}" if a["oft_block_size"] else f"r={a['r']} blocks"
+        how = (f"Cayley-Neumann {a['num_cayley_neumann_terms']} terms" if a["use_cayley_neumann"] else "Cayley") + \
+            (f", coft eps={a['eps']:g}" if a["coft"] else "") + (", block_share" if a["block_share"] else "")
+        head = (f"OFT {size}, {how}, {a['modules']} module{s(a['modules'])}"
+                + (f" ({a['embedding_modules']} embedding)" if a["embedding_modules"] else ""))
+    elif kind in ("LOHA", "LOKR"):
+        how = (" effective_conv2d" if a["use_effective_conv2d"] else "") + (
+            f" decompose_factor={a['decompose_factor']}{' decompose_both' if a['decompose_both'] else ''}"
+            if kind == "LOKR" else "")
+        head = (f"{KIND_LABELS[kind]} r={a['r']} alpha={a['alpha']:g} scale={a['scale']:g}{how}, {a['modules']} "
+                f"module{s(a['modules'])} (ranks {', '.join(map(str, a['ranks'])) or '-'})")
+    elif a.get("source") == "llama.cpp":
+        how = "scale alpha / each module's rank" if a["lora_alpha"] else "scale 1"
+        head = (f"llama.cpp LoRA alpha={a['lora_alpha']:g} ({how}), {a['factors']} LoRA factor pair{s(a['factors'])} "
+                f"(ranks {', '.join(map(str, a['ranks'])) or '-'})")
+        beside.append(f"architecture {e(a['architecture'])}")
+        if a["norms_skipped"]:
+            after.append(f"{'':<12}{a['norms_skipped']} norm weights not applied (llama.cpp skips them)")
+        if a["alora_invocation_tokens"]:
+            after.append(f"{'':<12}activated LoRA: applied after a {a['alora_invocation_tokens']}-token invocation "
+                         "sequence")
+    else:
+        ada = kind == "ADALORA"
+        head = (f"{'AdaLoRA init_r' if ada else 'r'}={a['r']} lora_alpha={a['lora_alpha']:g} scale={a['scale']:g}"
+                f"{' rslora' if a['use_rslora'] else ''}{' dora' if a['use_dora'] else ''}, {a['factors']} "
+                f"{'AdaLoRA factor triple' if ada else 'LoRA factor pair'}{s(a['factors'])} "
+                f"({'kept ranks' if ada else 'ranks'} {', '.join(map(str, a['ranks'])) or '-'})")
+    return [f"adapter     {head}", f"targets     {e(', '.join(a['target_modules'])) or '-'}", *beside,
+            *([f"base model  {e(a['base_model'])}"] if a["base_model"] else []), *after]
