@@ -433,9 +433,7 @@ class GGUFFile(OpenCheckpointFile):
                                              "`.lora_b`) nor a norm weight (llama.cpp refuses it: an unexpected "
                                              "suffix)", "convert the adapter again with llama.cpp's "
                                                         "convert_lora_to_gguf.py")
-        if which in parts.get(stem, {}):      # (the header parser refuses a name written twice)
-            raise CheckpointError(self.path, f"tensor {q} appears twice")
-        parts.setdefault(stem, {})[which] = name
+        parts.setdefault(stem, {})[which] = name       # (the header parser refuses a name written twice)
         mapped = hf_name(arch, stem, meta)
         if mapped.transform is None and mapped.name == stem and len(ne) == 3 \
                 and 2 <= int(ne[-1]) <= MAX_EXPERTS and all(int(d) > 0 for d in ne[:-1]) and _STACKED.match(stem):

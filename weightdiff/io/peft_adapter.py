@@ -544,9 +544,9 @@ def _adalora_factors(tensors: dict[str, TensorInfo], where: Path, config: Adapte
 
 
 def _foreign_part(name: str) -> str | None:
-    """What ``name`` is when it is a LoHa, LoKr or VeRA tensor (refused under another method's config):
+    """What ``name`` is when it is a LoHa, LoKr, VeRA or OFT tensor (refused under another method's config):
     "LyCORIS (LoHa/LoKr)" for ``<m>.hada_w1_a``, ``<m>.lokr_w2``..., "VeRA" for ``<m>.vera_lambda_b`` and the shared
-    ``vera_A``; else None."""
+    ``vera_A``, "OFT" for ``<m>.oft_R.weight``; else None."""
     if "hada_" in name or "lokr_" in name:
         from .peft_lycoris import _PART_RE
 
