@@ -114,6 +114,18 @@ def test_oft_adapters_read_as_their_merged_model(tmp_path, dtype, config):
             assert a["cosine"] == pytest.approx(m["cosine"], abs=1e-5)
     assert got["summary"]["verdict"] == want["summary"]["verdict"] == "derived"
     assert "adapter" in got["summary"]["flags"]
+    # the merged weights differ from the base in every direction; the adapter adds only its rotations' parameters
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
+        values = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys() if ".oft_" in k)
+    assert got["summary"]["scope"]["oft"] == {"tensors": 5, "values": values}
+    assert f"The adapter itself adds {values:,} numbers to the base (OFT rotations of the inputs of 5 layers)." in \
+        got["summary"]["headline"]
+    from weightdiff.render.sentences import plain_language
+
+    assert any(x.startswith(f"The adapter itself adds {values:,} numbers to the base: OFT rotations of the inputs of "
+                            "5 layers, each merged weight") for x in plain_language(got))
     assert any("5 OFT modules (each measured as the weight PEFT's merge gives" in x for x in got["plan"]["notes"])
 
 
@@ -143,7 +155,7 @@ def test_a_conv2d_oft_reads_as_its_merged_model(tmp_path):
     save_file(tmp_path / "merged" / "model.safetensors", {k: v.numpy().copy() for k, v in merged.state_dict().items()})
     _, ad = _records(tmp_path / "base", tmp_path / "ad")
     _, mg = _records(tmp_path / "base", tmp_path / "merged")
-    assert "(4 blocks of 9," in ad["conv.weight"]["note"]
+    assert "(144 values; 4 blocks of 9," in ad["conv.weight"]["note"]
     assert ad["conv.weight"]["norm_delta"] == pytest.approx(mg["conv.weight"]["norm_delta"], rel=1e-6)
     assert ad["conv.weight"]["cosine"] == pytest.approx(mg["conv.weight"]["cosine"], abs=1e-7)
     assert ad["head.weight"]["status"] == "unchanged"

@@ -119,6 +119,20 @@ OFT_NOTE = "OFT rotation"
 _IA3_VALUES = re.compile(r"^IA3 vector `.*` \((\d+) values?\) merged into the base's weight", re.S)
 
 
+_OFT_VALUES = re.compile(r"^OFT rotation `.*` \((\d+) values?;", re.S)
+
+
+def oft_values(record) -> int | None:
+    """The parameters of the OFT rotation a merged weight's record names in its note; None for any other record.
+
+    >>> oft_values({"note": "OFT rotation `m.oft_R.weight` (112 values; 4 blocks of 8, Cayley) merged into ..."})
+    112
+    """
+    get = record.get if isinstance(record, Mapping) else record.__dict__.get
+    m = _OFT_VALUES.match(get("note") or "")
+    return int(m[1]) if m else None
+
+
 def ia3_merged(record) -> bool:
     """Whether a record (or JSON row) is a base tensor an IA3 adapter's vector scales, measured merged."""
     get = record.get if isinstance(record, Mapping) else record.__dict__.get

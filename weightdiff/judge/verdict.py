@@ -26,7 +26,7 @@ import numpy as np
 
 from ..kernels.dtypes import DTYPES
 from ..options import Thresholds
-from ..records import IA3_NOTE, OFT_NOTE, STATUSES, BlockRecord, ia3_merged, ia3_values, Summary, TensorRecord, count_lookalikes, relabelled
+from ..records import IA3_NOTE, OFT_NOTE, STATUSES, BlockRecord, ia3_merged, ia3_values, oft_values, Summary, TensorRecord, count_lookalikes, relabelled
 from ..records import moved as is_moved
 from ..io.declared import same_model
 from ..io.meta_layout import is_meta_qk
@@ -426,6 +426,11 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             # only its vectors' values to the base (the explanation says both)
             scope["ia3"] = {"tensors": len(scaled), "vectors": sum(1 for r in scaled if ia3_values(r)),
                             "values": sum(ia3_values(r) for r in scaled)}
+        rotated = [v for v in (oft_values(r) for r in counted) if v is not None]
+        if rotated:
+            # an OFT adapter: each merged weight is the base's with its inputs rotated, dense as a difference, but
+            # the adapter adds only the rotations' parameters
+            scope["oft"] = {"tensors": len(rotated), "values": sum(rotated)}
     if "moved_tensors" in flags:
         # another tensor of the base under this name, bit for bit: moved or swapped, not trained
         shifted = [r for r in counted if is_moved(r)]

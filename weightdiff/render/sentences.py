@@ -1354,6 +1354,10 @@ def headline(data: dict) -> list[str]:
         out.append(f"The adapter itself adds {count(ia3['values'])} numbers to the base "
                    f"({plural(int(ia3.get('vectors') or 0), 'IA3 vector')} rescaling the inputs or outputs of the layers "
                    "they change).")
+    oft = (s.get("scope") or {}).get("oft") or {}
+    if oft.get("tensors") and s.get("verdict") == "derived":
+        out.append(f"The adapter itself adds {count(oft['values'])} numbers to the base (OFT rotations of the inputs "
+                   f"of {plural(int(oft['tensors']), 'layer')}).")
     for status, verb in (("added", ("were added", "was added")), ("removed", ("are missing", "is missing"))):
         rows = [t for t in counted if t.get("status") == status]
         if rows:
@@ -1663,6 +1667,13 @@ def plain_language(data: dict) -> list[str]:
                    f"{plural(int(ia3.get('vectors') or 0), 'IA3 vector')} rescaling the inputs or outputs of the "
                    "layers it changes, each merged weight being the base's with its rows or columns scaled (which "
                    "is why the difference spreads over many directions).")
+    oft = (s.get("scope") or {}).get("oft") or {}
+    if v == "derived" and oft.get("tensors"):
+        # an OFT adapter's change is each weight's inputs rotated block by block: dense as a difference, but the
+        # adapter adds only the rotations' parameters
+        out.append(f"The adapter itself adds {count(oft['values'])} numbers to the base: OFT rotations of the inputs "
+                   f"of {plural(int(oft['tensors']), 'layer')}, each merged weight being the base's with its inputs "
+                   "rotated block by block (which is why the difference spreads over many directions).")
     added = [t for t in data.get("tensors") or [] if t.get("status") == "added" and not is_tied_row(t)]
     if added and v != "unrelated":
         out.append(f"{plural(len(added), 'new tensor')} with {plural(sum(t.get('numel') or 0 for t in added), 'parameter')} "
