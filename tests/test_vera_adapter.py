@@ -35,11 +35,15 @@ def _gpt2():
     # GPT-2's Conv1D stores [in, out]: attn.c_proj is square, its orientation taken from the other modules'
     (_gpt2, ["c_attn", "c_proj"], 3),
 ])
-def test_vera_adapters_read_as_their_merged_model(tmp_path, make, targets, changed):
+@pytest.mark.parametrize("save", [True, False])
+def test_vera_adapters_read_as_their_merged_model(tmp_path, make, targets, changed, save):
+    """save_projection false: the adapter holds no projections; PEFT draws them again when it loads it, and so does
+    weightdiff (torch's CPU generator from projection_prng_key, sized to the largest layer adapted)."""
     torch.manual_seed(0)
     model = make()
     model.save_pretrained(tmp_path / "base")
-    pm = peft.get_peft_model(model, peft.VeraConfig(r=4, target_modules=targets, fan_in_fan_out=make is _gpt2))
+    pm = peft.get_peft_model(model, peft.VeraConfig(r=4, target_modules=targets, fan_in_fan_out=make is _gpt2,
+                                                    save_projection=save, projection_prng_key=7))
     with torch.no_grad():
         for n, t in pm.named_parameters():
             if "vera_lambda" in n:
@@ -58,6 +62,7 @@ def test_vera_adapters_read_as_their_merged_model(tmp_path, make, targets, chang
         assert a.norm_delta == pytest.approx(t.norm_delta, rel=1e-6)          # PEFT merges in float32
         assert a.cosine == pytest.approx(t.cosine, rel=1e-6)
         assert a.rank.numerical_rank == t.rank.numerical_rank == 4 and a.rank.exact
+        assert ("drawn again from projection_prng_key 7" in a.note) is not save
     assert f"adapter: {changed} VeRA modules" in " ".join(r.plan["notes"])
 
 
@@ -99,8 +104,8 @@ def test_a_written_vera_is_measured_from_its_vectors(tmp_path, rng):
 
 
 @pytest.mark.parametrize("config, tensors, base_extra, expect", [
-    ({**CFG, "save_projection": False}, {"base_model.vera_A": None, "base_model.vera_B": None}, None,
-     "VeRA adapter saved with save_projection false holds no projections (vera_A, vera_B): PEFT draws them again"),
+    ({**CFG, "save_projection": False}, {"base_model.vera_B": None}, None,
+     "VeRA adapter holds vera_A of its shared projections vera_A and vera_B"),
     (None, {"base_model.vera_B": None}, None, "VeRA adapter holds vera_A of its shared projections vera_A and vera_B"),
     (None, {f"{PRE}{Q}.vera_lambda_d": np.ones(3, np.float32)}, None,
      "VeRA vectors of `base_model.model.model.layers.0.self_attn.q_proj` are vera_lambda_d [3]"),
@@ -151,3 +156,21 @@ def test_a_worker_measures_the_modules_as_the_parent_does(tmp_path, rng):
     from test_lycoris_adapter import assert_worker_matches
 
     assert_worker_matches(*_pair(tmp_path, rng), 2)
+
+
+def test_projections_not_saved_need_torch_to_be_drawn_again(tmp_path, rng, monkeypatch):
+    import sys
+
+    base, ad = _pair(tmp_path, rng, {**CFG, "save_projection": False},
+                     {"base_model.vera_A": None, "base_model.vera_B": None})
+    monkeypatch.setitem(sys.modules, "torch", None)          # `import torch` fails, as without the extra
+    contract(["compare", str(base), str(ad)], ad / "adapter_model.safetensors",
+             "holds no projections (vera_A, vera_B): PEFT draws them again from projection_prng_key with torch's "
+             "random generator, and so does weightdiff, with the torch extra", tmp_path)
+
+
+def test_a_worker_draws_the_projections_as_the_parent_does(tmp_path, rng):
+    from test_lycoris_adapter import assert_worker_matches
+
+    assert_worker_matches(*_pair(tmp_path, rng, {**CFG, "save_projection": False},
+                                 {"base_model.vera_A": None, "base_model.vera_B": None}), 2)

@@ -2651,6 +2651,14 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
                                   "is this adapter for another base model?")
         check_against_base(p.lora, tuned.tensors, bases[p.base_index].tensors[p.base_name], tuned.adapter,
                            tuned.files[0], layout)
+    vera = [p.lora for p in the_plan.pairs if p.lora is not None and getattr(p.lora, "kind", "") == "VERA"]
+    if vera:        # once every module's orientation is known: the projections' sizes (drawn again at them)
+        from .io.peft_vera import check_projections
+
+        check_projections(vera, tuned.files[0], tuned.tensors)
+    for p in the_plan.pairs:
+        if p.lora is None:
+            continue
         names = (p.lora.a_name, p.lora.b_name, p.lora.magnitude_name, p.lora.e_name, *p.lora.parts.values())
         values = {n: decode(tuned.read(n), tuned.tensors[n].dtype).reshape(tuned.tensors[n].shape)
                   for n in names if n}
@@ -2664,11 +2672,6 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
                              not p.lora.base_layer_name and (p.base_name in (getattr(base, "quant", None) or {})
                                                              or src.quant is not None),
                              tuned.files[0])
-    vera = [p.lora for p in the_plan.pairs if p.lora is not None and getattr(p.lora, "kind", "") == "VERA"]
-    if vera:
-        from .io.peft_vera import check_projections
-
-        check_projections(vera, tuned.files[0], tuned.tensors)
 
 
 def _check_ia3_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint) -> None:

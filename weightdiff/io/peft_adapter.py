@@ -224,6 +224,9 @@ class LoraFactor:
     parts: dict = field(default_factory=dict)
     #: VeRA: the columns of the shared vera_A the layer reads (its inputs), set when the factors meet the base
     cols: int | None = None
+    #: VeRA saved without its projections: (largest out, largest in, projection_prng_key) they are drawn again at
+    #: (``peft_vera.projections``; the sizes set by ``check_projections``)
+    shared: tuple | None = None
 
     @property
     def label(self) -> str:
@@ -886,10 +889,13 @@ def factor_pair(factor: LoraFactor, values: dict[str, np.ndarray]) -> tuple[np.n
 def factor_note(factor: LoraFactor, a: np.ndarray, b: np.ndarray) -> str:
     """The record note of a LoHa, LoKr or VeRA module measured from its factor pair (A [k, in], B [out, k])."""
     if factor.kind == "VERA":
+        shared = (f"the shared projections `{factor.parts['vera_B']}` and `{factor.parts['vera_A']}`"
+                  if "vera_A" in factor.parts else
+                  f"the shared projections drawn again from projection_prng_key {factor.shared[2]} with torch's "
+                  "generator, as PEFT draws them when it loads an adapter saved without them")
         return (f"VeRA adapter (r={factor.r}) analysed exactly from its factors: (vera_lambda_b x vera_B) @ "
-                f"(vera_lambda_d x vera_A), the shared projections `{factor.parts['vera_B']}` and "
-                f"`{factor.parts['vera_A']}` cut to the layer's {b.shape[0]} outputs and {a.shape[1]} inputs (its "
-                "rank is at most r)")
+                f"(vera_lambda_d x vera_A), {shared}, cut to the layer's {b.shape[0]} outputs and {a.shape[1]} "
+                "inputs (its rank is at most r)")
     from .peft_lycoris import lycoris_note
 
     return lycoris_note(factor, a.shape[0])

@@ -8,8 +8,11 @@ default), ``<m>.vera_lambda_d`` [r] and ``<m>.vera_lambda_b`` [out]. PEFT's merg
 spectrum, rank at most r). ``in`` is the base layer's, so the slice is set when the factors meet the base
 (``check_vera``), with the orientation, decided as for LoRA.
 
-An adapter saved with ``save_projection: false`` holds no projections: PEFT draws them again from
-``projection_prng_key`` with torch's generator, which weightdiff does not reproduce; it is refused, naming that.
+An adapter saved with ``save_projection: false`` holds no projections: PEFT draws them again when it loads the
+adapter, from ``projection_prng_key`` with torch's CPU generator (``VeraModel._init_vera_A_vera_B``: Kaiming-uniform
+[r, largest in] then [largest out, r], sized to the largest layer it adapts), and so does ``projections`` here, with
+torch (the ``torch`` extra; without it such an adapter is refused, naming the extra). PEFT warns that the draw is
+reproducible on the same torch only; each record's note says the projections were drawn again.
 
 >>> import numpy as np
 >>> from weightdiff.io.peft_adapter import LoraFactor
@@ -31,7 +34,8 @@ import numpy as np
 from ..errors import CheckpointError, escape_name
 from .safetensors_read import TensorInfo
 
-__all__ = ["parse_vera_config", "vera_factors", "check_vera", "vera_layout", "vera_product", "check_projections"]
+__all__ = ["parse_vera_config", "vera_factors", "check_vera", "vera_layout", "vera_product", "check_projections",
+           "projections"]
 
 _PREFIX = "base_model.model."
 #: peft.VeraConfig's default rank
@@ -78,23 +82,29 @@ def vera_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
                                   "tensors and config from different adapters?")
     if not vecs:
         return []
-    if set(shared) != {"A", "B"}:
-        if config.raw.get("save_projection") is False:
+    r = config.r
+    drawn = config.raw.get("save_projection") is False and not shared
+    if drawn:
+        # PEFT draws them again when it loads the adapter: so does projections(), with torch
+        try:
+            import torch  # noqa: F401
+        except ImportError:
             raise CheckpointError(where, "VeRA adapter saved with save_projection false holds no projections "
-                                         "(vera_A, vera_B): PEFT draws them again from projection_prng_key with torch's "
-                                         "random generator, which weightdiff does not reproduce",
-                                  "save the adapter with save_projection true, or compare the merged model")
+                                         "(vera_A, vera_B): PEFT draws them again from projection_prng_key with "
+                                         "torch's random generator, and so does weightdiff, with the torch extra",
+                                  "pip install 'weightdiff[torch]'") from None
+    elif set(shared) != {"A", "B"}:
         raise CheckpointError(where, f"VeRA adapter holds {', '.join('vera_' + k for k in sorted(shared)) or 'neither'}"
                                      " of its shared projections vera_A and vera_B")
-    a, b = tensors[shared["A"]], tensors[shared["B"]]
-    r = config.r
-    for n, info in ((shared["A"], a), (shared["B"], b)):
-        if not _is_float(info):
-            raise CheckpointError(where, f"VeRA tensor `{escape_name(n)}` is {info.dtype}; expected a float dtype")
-    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
-        raise CheckpointError(where, f"VeRA projections vera_A {list(a.shape)} and vera_B {list(b.shape)} are not "
-                                     f"[r, in] and [out, r] for adapter_config.json's r = {r}",
-                              "projections and config from different adapters?")
+    else:
+        a, b = tensors[shared["A"]], tensors[shared["B"]]
+        for n, info in ((shared["A"], a), (shared["B"], b)):
+            if not _is_float(info):
+                raise CheckpointError(where, f"VeRA tensor `{escape_name(n)}` is {info.dtype}; expected a float dtype")
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise CheckpointError(where, f"VeRA projections vera_A {list(a.shape)} and vera_B {list(b.shape)} are not "
+                                         f"[r, in] and [out, r] for adapter_config.json's r = {r}",
+                                  "projections and config from different adapters?")
     out = []
     for mod, got in vecs.items():
         if set(got) != {"b", "d"}:
@@ -104,13 +114,16 @@ def vera_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
         for n, info in ((got["b"], lb), (got["d"], ld)):
             if not _is_float(info):
                 raise CheckpointError(where, f"VeRA tensor `{escape_name(n)}` is {info.dtype}; expected a float dtype")
-        if tuple(ld.shape) != (r,) or len(lb.shape) != 1 or not 0 < lb.shape[0] <= b.shape[0]:
+        most = None if drawn else int(b.shape[0])
+        if tuple(ld.shape) != (r,) or len(lb.shape) != 1 or not 0 < lb.shape[0] <= (most or lb.shape[0]):
             raise CheckpointError(where, f"VeRA vectors of `{escape_name(mod)}` are vera_lambda_d {list(ld.shape)} "
-                                         f"and vera_lambda_b {list(lb.shape)}; expected [{r}] (r) and [out] with out at "
-                                         f"most vera_B's {b.shape[0]} rows")
-        parts = {"vera_A": shared["A"], "vera_B": shared["B"], "vera_lambda_b": got["b"], "vera_lambda_d": got["d"]}
+                                         f"and vera_lambda_b {list(lb.shape)}; expected [{r}] (r) and [out]"
+                                         + (f" with out at most vera_B's {most} rows" if most else ""))
+        parts = {"vera_lambda_b": got["b"], "vera_lambda_d": got["d"]}
+        if not drawn:
+            parts = {"vera_A": shared["A"], "vera_B": shared["B"], **parts}
         out.append(LoraFactor(mod.removeprefix(_PREFIX) + ".weight", got["d"], got["b"], None, r, 1.0, kind="VERA",
-                              parts=parts))
+                              parts=parts, shared=(0, 0, config.raw.get("projection_prng_key", 0)) if drawn else None))
     return out
 
 
@@ -131,7 +144,8 @@ def check_vera(factor, tensors: dict[str, TensorInfo], base: TensorInfo, config,
     t = f"`{escape_name(factor.target)}`"
     shape = tuple(int(d) for d in base.shape)
     rows = int(tensors[factor.parts["vera_lambda_b"]].shape[0])
-    width = int(tensors[factor.parts["vera_A"]].shape[1])
+    # projections drawn again (save_projection false) are sized to the layers: any width fits
+    width = int(tensors[factor.parts["vera_A"]].shape[1]) if "vera_A" in factor.parts else max(shape or (0,))
     normal = len(shape) == 2 and shape[0] == rows and shape[1] <= width
     flipped = len(shape) == 2 and shape[1] == rows and shape[0] <= width
     if not (normal or flipped):
@@ -148,17 +162,43 @@ def check_projections(factors: list, where: Path, tensors: dict[str, TensorInfo]
     fails to load others: the same check, once every module's orientation is known."""
     if not factors:
         return
-    a, b = (tuple(tensors[factors[0].parts[k]].shape) for k in ("vera_A", "vera_B"))
     rows = max(int(tensors[f.parts["vera_lambda_b"]].shape[0]) for f in factors)
     cols = max(f.cols for f in factors)
+    if "vera_A" not in factors[0].parts:
+        for f in factors:               # drawn again at [r, cols] and [rows, r], as PEFT sizes them (_find_dim)
+            f.shared = (rows, cols, f.shared[2])
+        return
+    a, b = (tuple(tensors[factors[0].parts[k]].shape) for k in ("vera_A", "vera_B"))
     if (b[0], a[1]) != (rows, cols):
         raise CheckpointError(where, f"VeRA projections vera_A {list(a)} and vera_B {list(b)} are not sized to the "
                                      f"largest layer the adapter modifies ({rows} outputs, {cols} inputs), as PEFT "
                                      "sizes them: it would not load them", "is this adapter for another base model?")
 
 
+def projections(key: int, r: int, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shared projections PEFT draws for ``projection_prng_key`` ``key`` (float32 vera_A [r, cols] and vera_B
+    [rows, r]): ``torch.Generator(device="cpu").manual_seed(key)``, then ``_kaiming_init`` of each in turn,
+    uniform in +-sqrt(3) sqrt(2) / sqrt(fan_in) (fan_in the second side)."""
+    import math
+
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(key)
+    out = []
+    for shape in ((r, cols), (rows, r)):
+        bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
+        with torch.no_grad():
+            out.append(torch.empty(shape).uniform_(-bound, bound, generator=g).numpy())
+    return out[0], out[1]
+
+
 def vera_product(factor, w: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(A [r, in], B [out, r]) in float64: lambda_d x vera_A[:, :in] and lambda_b x vera_B[:out]."""
+    """(A [r, in], B [out, r]) in float64: lambda_d x vera_A[:, :in] and lambda_b x vera_B[:out] (the projections
+    drawn again when the adapter holds none: ``factor.shared``)."""
+    if "vera_A" not in w:
+        rows, cols, key = factor.shared
+        w = {**w}
+        w["vera_A"], w["vera_B"] = projections(key, factor.r, rows, cols)
     w = {k: np.asarray(v, dtype=np.float64) for k, v in w.items()}
     lb, ld = w["vera_lambda_b"].reshape(-1), w["vera_lambda_d"].reshape(-1)
     cols = factor.cols if factor.cols is not None else w["vera_A"].shape[1]
