@@ -10,6 +10,7 @@ Hugging Face base and against the base's own GGUF.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -387,3 +388,44 @@ def test_a_control_vector_is_named_and_refused(tmp_path, rng):
         step()
     contract(["compare", str(base), str(tmp_path / "cv.gguf")], tmp_path / "cv.gguf",
              "is a llama.cpp control vector for `llama` (general.architecture `controlvector`)", tmp_path)
+
+
+# -- files from llama.cpp's own tools (tests/data/llamacpp_lora/make.py) ------------------------------------------
+
+REAL = Path(__file__).parent / "data" / "llamacpp_lora"
+
+
+def test_llama_cpp_own_converter_output_reads_as_the_peft_adapter():
+    """convert_lora_to_gguf.py's own output (llama.cpp as vendored in llama-cpp-python 0.3.36) of a PEFT LoRA of a
+    transformers Llama (4 heads, 2 KV heads): every record is the PEFT adapter's, against the Hugging Face base; and
+    against the base as convert_hf_to_gguf.py writes it (Q/K permuted by its heads), the same numbers."""
+    want = weightdiff.compare(str(REAL / "base"), str(REAL / "ad"))
+    _same(want, weightdiff.compare(str(REAL / "base"), str(REAL / "lora-f32.gguf")))
+    got = {r["name"]: r for r in weightdiff.compare(str(REAL / "base-f32.gguf"), str(REAL / "lora-f32.gguf"))
+           .to_dict()["tensors"]}
+    ref = {r["name"]: r for r in want.to_dict()["tensors"]}
+    assert set(got) == set(ref) and sum(r["status"] == "changed" for r in ref.values()) == 11
+    for n, r in ref.items():
+        assert {k: got[n][k] for k in ("status", "norm_delta", "cosine", "rel_change", "compared")} == \
+            {k: r[k] for k in ("status", "norm_delta", "cosine", "rel_change", "compared")}, n
+
+
+def test_the_adapter_measures_what_llama_export_lora_merges():
+    """llama-export-lora's own merge (W + alpha / r B A, in llama.cpp's row order, float32) against the base GGUF
+    reads as the adapter does: the same tensors changed, by the same amounts, to float32's merge round-off."""
+    merged = {r.name: r for r in weightdiff.compare(str(REAL / "base-f32.gguf"), str(REAL / "merged-f32.gguf")).tensors}
+    lora = {r.name: r for r in weightdiff.compare(str(REAL / "base-f32.gguf"), str(REAL / "lora-f32.gguf")).tensors}
+    changed = sorted(n for n, r in merged.items() if r.status == "changed")
+    assert len(changed) == 11 and changed == sorted(n for n, r in lora.items() if r.status == "changed")
+    for n in changed:
+        assert lora[n].norm_delta == pytest.approx(merged[n].norm_delta, rel=1e-5), n
+        assert lora[n].cosine == pytest.approx(merged[n].cosine, abs=1e-6), n
+        assert lora[n].rank.numerical_rank == 4
+
+
+def test_llama_cpp_q8_0_factors_read_dequantized():
+    f32 = {r.name: r for r in weightdiff.compare(str(REAL / "base"), str(REAL / "lora-f32.gguf")).tensors}
+    q8 = {r.name: r for r in weightdiff.compare(str(REAL / "base"), str(REAL / "lora-q8_0.gguf")).tensors}
+    for n, r in f32.items():
+        if r.status == "changed":
+            assert q8[n].norm_delta == pytest.approx(r.norm_delta, rel=2e-3), n
