@@ -429,3 +429,22 @@ def test_llama_cpp_q8_0_factors_read_dequantized():
     for n, r in f32.items():
         if r.status == "changed":
             assert q8[n].norm_delta == pytest.approx(r.norm_delta, rel=2e-3), n
+
+
+def test_a_mixtral_expert_lora_measures_what_llama_export_lora_merges():
+    """The converter stacks the experts' factors ([in, r, experts]); llama-export-lora merges them into the stacked
+    expert weights: each expert's record from the adapter is the merged model's, and the adapter's own records are
+    the PEFT adapter's it was converted from."""
+    moe_dir = REAL / "moe"
+    merged = {r.name: r for r in weightdiff.compare(str(moe_dir / "moe-base.gguf"), str(moe_dir / "moe-merged.gguf"))
+              .tensors}
+    lora = {r.name: r for r in weightdiff.compare(str(moe_dir / "moe-base.gguf"), str(moe_dir / "moe-lora.gguf"))
+            .tensors}
+    changed = sorted(n for n, r in merged.items() if r.status == "changed")
+    assert len(changed) == 13 and changed == sorted(n for n, r in lora.items() if r.status == "changed")
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in changed
+    for n in changed:
+        assert lora[n].norm_delta == pytest.approx(merged[n].norm_delta, rel=1e-5), n
+        assert lora[n].cosine == pytest.approx(merged[n].cosine, abs=1e-6), n
+    _same(weightdiff.compare(str(moe_dir / "base"), str(moe_dir / "ad")),
+          weightdiff.compare(str(moe_dir / "base"), str(moe_dir / "moe-lora.gguf")))
