@@ -404,7 +404,7 @@ def test_llama_cpp_own_converter_output_reads_as_the_peft_adapter():
     got = {r["name"]: r for r in weightdiff.compare(str(REAL / "base-f32.gguf"), str(REAL / "lora-f32.gguf"))
            .to_dict()["tensors"]}
     ref = {r["name"]: r for r in want.to_dict()["tensors"]}
-    assert set(got) == set(ref) and sum(r["status"] == "changed" for r in ref.values()) == 11
+    assert set(got) == set(ref) and sum(r["status"] == "changed" for r in ref.values()) == 12
     for n, r in ref.items():
         assert {k: got[n][k] for k in ("status", "norm_delta", "cosine", "rel_change", "compared")} == \
             {k: r[k] for k in ("status", "norm_delta", "cosine", "rel_change", "compared")}, n
@@ -416,7 +416,8 @@ def test_the_adapter_measures_what_llama_export_lora_merges():
     merged = {r.name: r for r in weightdiff.compare(str(REAL / "base-f32.gguf"), str(REAL / "merged-f32.gguf")).tensors}
     lora = {r.name: r for r in weightdiff.compare(str(REAL / "base-f32.gguf"), str(REAL / "lora-f32.gguf")).tensors}
     changed = sorted(n for n, r in merged.items() if r.status == "changed")
-    assert len(changed) == 11 and changed == sorted(n for n, r in lora.items() if r.status == "changed")
+    assert len(changed) == 12 and changed == sorted(n for n, r in lora.items() if r.status == "changed")
+    assert "model.embed_tokens.weight" in changed           # token_embd's A, stored transposed
     for n in changed:
         assert lora[n].norm_delta == pytest.approx(merged[n].norm_delta, rel=1e-5), n
         assert lora[n].cosine == pytest.approx(merged[n].cosine, abs=1e-6), n

@@ -12,11 +12,12 @@ llama.cpp's tree is the one vendored in the llama-cpp-python 0.3.36 sdist (its c
     PYTHONPATH=/tmp/sp LCPP=$LCPP EXPORT_LORA=/tmp/lcpp-build/bin/llama-export-lora python make.py
 
 base/: a float32 transformers Llama (2 layers, width 32, 4 heads, 2 KV heads, vocab 48), given a sentencepiece
-tokenizer while convert_hf_to_gguf.py runs (it needs one; removed after); ad/: a PEFT LoRA of it (r 4, lora_alpha 8; q, k, v, o, down_proj and
-lm_head, B random); base-f32.gguf: convert_hf_to_gguf.py --outtype f32 of base/ (Q/K permuted by its heads);
-lora-f32.gguf and lora-q8_0.gguf: convert_lora_to_gguf.py --base base/ of ad/; merged-f32.gguf: llama-export-lora
-of base-f32.gguf with lora-f32.gguf (llama.cpp's own merge: W + alpha / r B A in its order of rows); moe/: the same
-for a Mixtral's experts (``moe``).
+tokenizer while convert_hf_to_gguf.py runs (it needs one; removed after); ad/: a PEFT LoRA of it (r 4, lora_alpha 8;
+q, k, v, o, down_proj, embed_tokens and lm_head, B random; the embedding's A [r, vocab] the converter writes
+transposed); base-f32.gguf: convert_hf_to_gguf.py --outtype f32 of base/ (Q/K permuted by its heads); lora-f32.gguf
+and lora-q8_0.gguf: convert_lora_to_gguf.py --base base/ of ad/; merged-f32.gguf: llama-export-lora of base-f32.gguf
+with lora-f32.gguf (llama.cpp's own merge: W + alpha / r B A in its order of rows); moe/: the same for a Mixtral's
+experts (``moe``).
 """
 import json
 import os
@@ -54,7 +55,7 @@ def main() -> None:
     corpus.unlink()
     (HERE / "base" / "tokenizer.vocab").unlink()
     pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "lm_head"]))
+        "q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "embed_tokens", "lm_head"]))
     pm.save_pretrained(HERE / "ad")
     (HERE / "ad" / "README.md").unlink(missing_ok=True)
     py = [sys.executable]
