@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -26,28 +25,17 @@ import numpy as np
 import gguf
 from gguf.quants import quantize
 
-from gguf_build import ARCH, LLAMA_PERMUTED, permute
+from gguf_build import ARCH, LLAMA_PERMUTED, permute, stack_experts
 
 Q = gguf.GGMLQuantizationType
-_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)$")
 
 
 def _stack(factors: dict) -> dict:
-    """The converter's expert merge on LoRA pairs: each ``...experts.{x}.{w}`` stacked over x into
-    ``...experts.{w}`` (A's and B's, ``torch.stack(dim=0)``), in the place of the first expert's."""
-    out: dict = {}
-    groups: dict[str, dict[int, tuple]] = {}
-    for name, ab in factors.items():
-        m = _EXPERT.match(name)
-        if m is None:
-            out[name] = ab
-            continue
-        key = f"{m.group(1)}.{m.group(3)}"
-        out.setdefault(key, None)
-        groups.setdefault(key, {})[int(m.group(2))] = ab
-    for key, g in groups.items():
-        out[key] = (np.stack([g[x][0] for x in range(len(g))]), np.stack([g[x][1] for x in range(len(g))]))
-    return out
+    """The converter's expert merge on LoRA pairs (``LoraTorchTensor.__torch_function__`` on ``torch.stack``): the
+    A's and the B's of each ``...experts.{x}.{w}`` stacked over x, as ``gguf_build.stack_experts`` stacks weights."""
+    a = stack_experts({f"{m}.weight": ab[0] for m, ab in factors.items()})
+    b = stack_experts({f"{m}.weight": ab[1] for m, ab in factors.items()})
+    return {m.removesuffix(".weight"): (a[m], b[m]) for m in a}
 
 
 def _store(w: gguf.GGUFWriter, name: str, data: np.ndarray, qtype) -> None:
