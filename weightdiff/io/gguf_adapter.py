@@ -39,10 +39,8 @@ from pathlib import Path
 from ..errors import CheckpointError, escape_name
 
 __all__ = ["GGUFLora", "lora_header", "peft_names", "adapter_config", "adapter_checkpoint", "resolve_rows",
-           "SUFFIXES", "MERGE_HINT"]
+           "MERGE_HINT"]
 
-#: suffixes of llama.cpp's LoRA factor tensors (convert_lora_to_gguf.py, llama-adapter.cpp)
-SUFFIXES = (".lora_a", ".lora_b")
 MERGE_HINT = "merge it into its base with llama-export-lora, and compare the merged GGUF"
 _PEFT = "base_model.model."
 
@@ -159,9 +157,9 @@ def adapter_checkpoint(lora: GGUFLora, shown, file: Path, tensors: dict, metadat
     return ckpt
 
 
-def _base_heads(base, name: str, role: str) -> tuple[int | None, str]:
+def _base_heads(base, name: str, role: str, configs: dict) -> tuple[int | None, str]:
     """The head count llama.cpp permuted ``role`` ("q" or "k") of base tensor ``name`` by, and where it was read;
-    (None, why) when the base does not say."""
+    (None, why) when the base does not say. ``configs``: each base's config.json read once (id -> doc or error)."""
     heads = (getattr(base, "rope_heads", None) or {}).get(name)
     if heads:                                   # a GGUF base: the count its own reader un-permuted it by
         return heads, "its GGUF metadata"
@@ -171,10 +169,14 @@ def _base_heads(base, name: str, role: str) -> tuple[int | None, str]:
         return info.shape[0] // order, "its params.json"     # a Meta/Mistral consolidated base
     from .model_config import config_of
 
-    try:
-        doc = config_of(base)
-    except (CheckpointError, OSError) as exc:
-        return None, f"its config.json cannot be read ({exc})"
+    if id(base) not in configs:             # once per base, not once per Q/K module
+        try:
+            configs[id(base)] = config_of(base)
+        except (CheckpointError, OSError) as exc:
+            configs[id(base)] = exc
+    doc = configs[id(base)]
+    if isinstance(doc, Exception):
+        return None, f"its config.json cannot be read ({doc})"
     if not isinstance(doc, dict):
         return None, "it has no config.json"
     doc = doc.get("text_config") if isinstance(doc.get("text_config"), dict) and \
@@ -213,6 +215,7 @@ def resolve_rows(tuned, the_plan, bases) -> None:
                                               "back to Hugging Face's, so they pair with no weight of a base in "
                                               "another format", "compare it against the base's GGUF")
     pending = lora.rope
+    configs: dict = {}
     for p in the_plan.pairs:
         f = p.lora
         if f is None or p.kind != "lora" or f.b_name not in pending:
@@ -220,7 +223,7 @@ def resolve_rows(tuned, the_plan, bases) -> None:
         base = bases[p.base_index]
         info = base.tensors[p.base_name]
         role = pending[f.b_name]
-        heads, where = _base_heads(base, p.base_name, role)
+        heads, where = _base_heads(base, p.base_name, role, configs)
         q = f"`{escape_name(f.b_name)}`"
         if heads is None:
             raise CheckpointError(tuned.files[0], f"the rows of {q} are in llama.cpp's rotary order, put back in "

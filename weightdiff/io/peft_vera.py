@@ -26,6 +26,7 @@ reproducible on the same torch only; each record's note says the projections wer
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -175,10 +176,12 @@ def check_projections(factors: list, where: Path, tensors: dict[str, TensorInfo]
                                      "sizes them: it would not load them", "is this adapter for another base model?")
 
 
+@functools.lru_cache(maxsize=2)
 def projections(key: int, r: int, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """The shared projections PEFT draws for ``projection_prng_key`` ``key`` (float32 vera_A [r, cols] and vera_B
-    [rows, r]): ``torch.Generator(device="cpu").manual_seed(key)``, then ``_kaiming_init`` of each in turn,
-    uniform in +-sqrt(3) sqrt(2) / sqrt(fan_in) (fan_in the second side)."""
+    [rows, r], read-only): ``torch.Generator(device="cpu").manual_seed(key)``, then ``_kaiming_init`` of each in
+    turn, uniform in +-sqrt(3) sqrt(2) / sqrt(fan_in) (fan_in the second side). Drawn once per adapter, not once per
+    module (each module's checks and its record read them; r 256 on a 14336-wide model is 2 x 3.7M draws)."""
     import math
 
     import torch
@@ -188,7 +191,9 @@ def projections(key: int, r: int, rows: int, cols: int) -> tuple[np.ndarray, np.
     for shape in ((r, cols), (rows, r)):
         bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
         with torch.no_grad():
-            out.append(torch.empty(shape).uniform_(-bound, bound, generator=g).numpy())
+            x = torch.empty(shape).uniform_(-bound, bound, generator=g).numpy()
+        x.flags.writeable = False
+        out.append(x)
     return out[0], out[1]
 
 

@@ -475,8 +475,8 @@ def _compute_oft(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint], tune
     raw = tuned.adapter.raw
     how = (f"Cayley-Neumann, {raw.get('num_cayley_neumann_terms')} terms" if raw.get("use_cayley_neumann")
            else "Cayley") + (", coft" if raw.get("coft") else "") + (", one block shared" if raw.get("block_share") else "")
-    values = int(np.prod(tuned.tensors[lf.a_name].shape))
-    what = (f"{OFT_NOTE} `{lf.a_name}` ({values} value{'s' if values != 1 else ''}; {lf.r} block"
+    n = int(np.prod(tuned.tensors[lf.a_name].shape))       # the adapter's own parameters (scope.oft)
+    what = (f"{OFT_NOTE} `{lf.a_name}` ({n} value{'s' if n != 1 else ''}; {lf.r} block"
             f"{'s' if lf.r != 1 else ''} of {lf.cols}, {how}) merged into the "
             + (f"base layer the adapter saves, `{lf.base_layer_name}`" if lf.base_layer_name else "base's weight")
             + f" ({'W R' if lf.embedding else 'W R^T'}), as PEFT merges it")
