@@ -288,8 +288,6 @@ def test_lora_on_the_lm_head_of_a_tied_base_modifies_the_tied_embedding_as_head(
 @pytest.mark.parametrize("extra, words", [
     # PEFT's ParamWrapper LoRA on fused 3-D MoE experts: read "rank 8 but r = 2" (factors and config mismatch)
     ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
-    # trainable tokens: their delta read as an unrelated added tensor
-    ({"trainable_token_indices": [3, 5]}, "trainable_token_indices"),
 ])
 def test_lora_kinds_weightdiff_does_not_read_are_refused_with_the_true_reason(tmp_path, base_dir, extra, words):
     import json
@@ -340,14 +338,17 @@ def test_unconverted_pissa_adapter_is_refused_and_the_converted_one_reads_as_mer
         assert t.norm_delta == pytest.approx(dense.tensor(t.name).norm_delta, rel=1e-4)
 
 
-def test_trainable_tokens_saved_by_peft_are_refused(tmp_path, base_dir):
+def test_trainable_tokens_saved_by_peft_are_read_as_rows(tmp_path, base_dir):
+    """Once refused by name (their rows had read as an unrelated added tensor); now the rows PEFT replaces
+    (tests/test_trainable_tokens.py): untrained, the base's own rows, so the table is unchanged."""
     peft = pytest.importorskip("peft")
     model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.0,
                           trainable_token_indices=[3, 5])
     peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
-    with pytest.raises(weightdiff.errors.CheckpointError, match="trainable_token_indices"):
-        weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
+    r = weightdiff.compare(str(base_dir), str(tmp_path / "adapter"))
+    emb = r.tensor("model.embed_tokens.weight")
+    assert emb.status == "unchanged" and emb.note.startswith("PEFT trainable tokens")
 
 
 def test_lora_bias_is_a_change_of_the_layers_bias_as_peft_merges_it(tmp_path):

@@ -2615,6 +2615,8 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
     A target the base lacks means the adapter belongs to another model: bad input, not an
     "added" tensor that would make the verdict read derived.
     """
+    import numpy as np
+
     from .io.gguf_adapter import resolve_rows
     from .io.peft_adapter import layout_evidence
     from .kernels.dtypes import decode
@@ -2663,6 +2665,13 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
         values = {n: decode(tuned.read(n), tuned.tensors[n].dtype).reshape(tuned.tensors[n].shape)
                   for n in names if n}
         check_factor_values(p.lora, values, tuned.files[0])
+        copy = getattr(p.lora, "tied_copy", None)
+        if copy is not None and not (tuned.tensors[copy].dtype == tuned.tensors[p.lora.a_name].dtype and np.array_equal(
+                np.asarray(tuned.read(copy)).view(np.uint8), np.asarray(tuned.read(p.lora.a_name)).view(np.uint8))):
+            raise CheckpointError(tuned.files[0], f"trainable token rows `{escape_name(copy)}` of the LM head differ "
+                                                  f"from the embedding's, `{escape_name(p.lora.a_name)}`, though the "
+                                                  "base ties the two tables and PEFT ties their rows: which one PEFT "
+                                                  "loads is not defined", "rows from different adapters?")
         if p.lora.kind == "OFT":
             from .io.peft_oft import check_oft_values
 

@@ -128,12 +128,20 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
                        "factors": len(ckpt.lora),
                        "ranks": sorted({f.r for f in ckpt.lora}), "norms_skipped": len(ckpt.gguf_lora.norms),
                        "alora_invocation_tokens": ckpt.gguf_lora.invocation}
+        elif ckpt.adapter is not None and ckpt.adapter.peft_type == "TRAINABLE_TOKENS":
+            a = ckpt.adapter
+            adapter = {"peft_type": "TRAINABLE_TOKENS", "target_modules": a.target_modules, "base_model": a.base_model,
+                       "token_indices": list(a.tokens[""]),
+                       "trainable_tokens": {f.target: len(f.tokens) for f in ckpt.lora}}
         elif ckpt.adapter is not None:
             a = ckpt.adapter
+            pairs = [f for f in ckpt.lora if f.kind != "TOKENS"]
             adapter = {"peft_type": a.peft_type, "r": a.r, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
                        "use_dora": a.use_dora, "target_modules": a.target_modules,
-                       "base_model": a.base_model, "scale": a.scale, "factors": len(ckpt.lora),
-                       "ranks": sorted({f.r for f in ckpt.lora})}
+                       "base_model": a.base_model, "scale": a.scale, "factors": len(pairs),
+                       "ranks": sorted({f.r for f in pairs})}
+            if a.tokens:
+                adapter["trainable_tokens"] = {f.target: len(f.tokens) for f in ckpt.lora if f.kind == "TOKENS"}
             if a.peft_type == "ADALORA":
                 # r is init_r; each module's scale is lora_alpha / (init_r + 1e-5), whatever rank it kept
                 from .io.peft_adapter import adalora_scale
@@ -282,6 +290,10 @@ def _adapter_lines(a: dict) -> list[str]:
         head = (f"VeRA r={a['r']}, {a['modules']} module{s(a['modules'])}, shared projections "
                 f"{'saved' if a['save_projection'] else 'not saved'} (projection_prng_key "
                 f"{e(str(a['projection_prng_key']))})")
+    elif kind == "TRAINABLE_TOKENS":
+        ids = a["token_indices"]
+        head = (f"trainable tokens, {len(ids):,} token id{s(len(ids))} ({', '.join(map(str, ids[:8]))}"
+                f"{', ...' if len(ids) > 8 else ''})")
     elif kind == "OFT":
         size = f"oft_block_size={a['oft_block_size']}" if a["oft_block_size"] else f"r={a['r']} blocks"
         how = (f"Cayley-Neumann {a['num_cayley_neumann_terms']} terms" if a["use_cayley_neumann"] else "Cayley") + \
@@ -310,5 +322,8 @@ def _adapter_lines(a: dict) -> list[str]:
                 f"{' rslora' if a['use_rslora'] else ''}{' dora' if a['use_dora'] else ''}, {a['factors']} "
                 f"{'AdaLoRA factor triple' if ada else 'LoRA factor pair'}{s(a['factors'])} "
                 f"({'kept ranks' if ada else 'ranks'} {', '.join(map(str, a['ranks'])) or '-'})")
+    if a.get("trainable_tokens"):
+        after.append("tokens      " + ", ".join(f"{n:,} row{s(n)} of {e(t)}" for t, n in a["trainable_tokens"].items())
+                     + " (trainable tokens: rows replaced)")
     return [f"adapter     {head}", f"targets     {e(', '.join(a['target_modules'])) or '-'}", *beside,
             *([f"base model  {e(a['base_model'])}"] if a["base_model"] else []), *after]

@@ -86,6 +86,9 @@ class AdapterConfig:
     #: "peft" (adapter_config.json), or "llama.cpp" (a GGUF LoRA adapter, weightdiff.io.gguf_adapter: each
     #: module's scale is alpha / its own rank, or 1 when alpha is 0, as llama.cpp computes it)
     source: str = "peft"
+    #: PEFT's trainable tokens (a LoRA's ``trainable_token_indices``, a TRAINABLE_TOKENS adapter's
+    #: ``token_indices``): module name -> its token ids, ``""`` naming the model's input embedding; None when unset
+    tokens: dict | None = None
 
     def is_feedforward(self, module: str) -> bool | None:
         """Whether PEFT builds IA3 module ``module`` (its name in the model) as a feedforward one (its vector
@@ -227,6 +230,11 @@ class LoraFactor:
     #: VeRA saved without its projections: (largest out, largest in, projection_prng_key) they are drawn again at
     #: (``peft_vera.projections``; the sizes set by ``check_projections``)
     shared: tuple | None = None
+    #: trainable tokens (kind "TOKENS"): the ids of the table's rows ``parts["rows"]`` replaces
+    tokens: tuple | None = None
+    #: trainable tokens on the embedding of a base that ties its LM head: the head's copy of the rows the adapter
+    #: saves too (``pairing.heads``), which must hold the same values
+    tied_copy: str | None = None
 
     @property
     def label(self) -> str:
@@ -354,9 +362,13 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         from .peft_oft import parse_oft_config
 
         return parse_oft_config(raw, path)
+    if isinstance(kind, str) and kind.upper() == "TRAINABLE_TOKENS":
+        from .peft_tokens import parse_tokens_config
+
+        return parse_tokens_config(raw, path)
     if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA, LoHa, LoKr, "
-                                    "VeRA, OFT and IA3 adapters are supported (BOFT, FourierFT and others store "
+                                    "VeRA, OFT, IA3 and trainable-tokens adapters are supported (BOFT, FourierFT and others store "
                                     "different factors)",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     for key, why, hint in _VARIANTS:
@@ -375,10 +387,11 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
                                     "on parameters (PEFT's ParamWrapper, as for fused MoE experts) stacks its "
                                     "factors per expert, which weightdiff does not read",
                               "merge the adapter (merge_and_unload) and compare the merged model")
-    if raw.get("trainable_token_indices"):
-        raise CheckpointError(path, "adapter config has trainable_token_indices: PEFT's trainable tokens (a delta "
-                                    "for some embedding rows, beside the LoRA factors) are not read by weightdiff",
-                              "merge the adapter (merge_and_unload) and compare the merged model")
+    tokens = None
+    if raw.get("trainable_token_indices") is not None:
+        from .peft_tokens import token_indices
+
+        tokens = token_indices(raw, path, "trainable_token_indices")
     _check_init(path, raw.get("init_lora_weights"))
     # a key left out takes PEFT's own default (LoraConfig: r = 8, lora_alpha = 8), as LoraConfig.from_pretrained
     # does: alpha = r (scale 1) made an r = 2 adapter without lora_alpha read 4x too small
@@ -390,7 +403,7 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
     base = raw.get("base_model_name_or_path")
     return AdapterConfig(r, alpha, list(targets), flags["use_rslora"], flags["use_dora"],
                          base if isinstance(base, str) else None, raw, fan_in_fan_out=flags["fan_in_fan_out"],
-                         path=Path(path), repeats=repeats)
+                         path=Path(path), repeats=repeats, tokens=tokens)
 
 
 def _patterns(raw: dict, path: Path) -> dict[str, int]:
@@ -562,6 +575,10 @@ def _foreign_part(name: str) -> str | None:
         from .peft_oft import _OFT_RE
 
         return "OFT" if _OFT_RE.match(name) else None
+    if name.endswith(".trainable_tokens_delta"):
+        from .peft_tokens import is_token_delta
+
+        return "trainable tokens" if is_token_delta(name) else None
     return None
 
 
@@ -581,6 +598,16 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         from .peft_oft import oft_factors
 
         return oft_factors(tensors, where, config)
+    from .peft_tokens import is_token_delta, token_factors
+
+    if config.peft_type == "TRAINABLE_TOKENS":
+        for name in tensors:
+            if _LORA_RE.match(name) or (_foreign_part(name) and not is_token_delta(name)) or \
+                    (".ia3_l" in name and _IA3_RE.match(name)):
+                raise CheckpointError(where, f"adapter holds `{escape_name(name)}`, which is not a trainable tokens "
+                                             "tensor, but adapter_config.json says peft_type TRAINABLE_TOKENS",
+                                      "tensors and config from different adapters?")
+        return token_factors(tensors, where, config)
     parts: dict[str, dict[str, str]] = {}
     for name in tensors:
         m = _LORA_RE.match(name)
@@ -590,7 +617,7 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         elif ".ia3_l" in name and _IA3_RE.match(name):
             raise CheckpointError(where, f"adapter holds IA3 vectors (`{escape_name(name)}`) but adapter_config.json "
                                          "says peft_type LORA", "vectors and config from different adapters?")
-        elif _foreign_part(name):
+        elif _foreign_part(name) and not is_token_delta(name):
             # PEFT would load none of them into a LoRA model: read as tensors added, they made a LoHa adapter
             # under a LoRA config a confident "derived"
             raise CheckpointError(where, f"adapter holds {_foreign_part(name)} factors (`{escape_name(name)}`) but "
@@ -648,12 +675,13 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         out.append(LoraFactor(module + ".weight", a, b, mag, r, config.scale_for(alpha, r), emb,
                               base_layer_name=saved if saved in tensors else None, ignored_magnitude=ignored,
                               bias_name=bias))
-    return out
+    # a LoRA's trainable_token_indices: the rows it trains of the tables it names
+    return out + token_factors(tensors, where, config, {f.a_name.rsplit(".lora_", 1)[0] for f in out})
 
 
 #: what messages, notes and inspect call each peft_type weightdiff reads
 KIND_LABELS = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "OFT": "OFT",
-               "IA3": "IA3"}
+               "IA3": "IA3", "TOKENS": "trainable tokens", "TRAINABLE_TOKENS": "trainable tokens"}
 
 #: the dtypes an IA3 merge is reproduced in (torch's own promotion and casts among them)
 _MERGE_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -827,6 +855,12 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
         from .peft_oft import check_oft
 
         return check_oft(factor, tensors, base, config, where)
+    if factor.kind == "TOKENS":
+        from .peft_tokens import check_tokens
+
+        return check_tokens(factor, tensors, base, getattr(base, "quant", None) is not None or getattr(base, "scheme", None) is not None
+                            or not _is_float(base),
+                            where)
     if factor.parts:
         from .peft_lycoris import check_lycoris
 
@@ -834,14 +868,8 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
     sa, sb, shape = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape), tuple(base.shape)
     t = f"`{escape_name(factor.target)}`"
     if factor.base_layer_name is not None:
-        # PEFT loads the base layer saved in the adapter over the base's weight: the factors apply to
-        # it; it must be the base's shape, or the base's table with rows added or cut (a resize)
-        saved = tuple(tensors[factor.base_layer_name].shape)
-        if saved != shape and not (len(saved) == len(shape) == 2 and saved[1:] == shape[1:]):
-            raise CheckpointError(where, f"base layer `{escape_name(factor.base_layer_name)}` saved in the adapter "
-                                         f"is {list(saved)} but the base weight {t} is {list(shape)}",
-                                  "is this adapter for another base model?")
-        shape = saved
+        # PEFT loads the base layer saved in the adapter over the base's weight: the factors apply to it
+        shape = saved_layer_shape(factor, tensors, shape, where)
         base = tensors[factor.base_layer_name]
     if factor.embedding:
         ok, rows = shape == (sa[1], sb[0]), sa[1]
@@ -866,6 +894,19 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
         if m.numel != rows or len([d for d in m.shape if d != 1]) > 1:
             raise CheckpointError(where, f"DoRA magnitude `{escape_name(factor.magnitude_name)}` is "
                                          f"{list(m.shape)}; expected {rows} values, one per output feature of {t}")
+
+
+def saved_layer_shape(factor: LoraFactor, tensors: dict[str, TensorInfo], shape: tuple, where: Path) -> tuple:
+    """The shape of the weight the adapter's module applies to: the base layer it saves, which PEFT loads over the
+    base's weight and which must be the base's shape or its table with rows added or cut (a resize), else ``shape``."""
+    if factor.base_layer_name is None:
+        return tuple(shape)
+    saved = tuple(int(d) for d in tensors[factor.base_layer_name].shape)
+    if saved != tuple(shape) and not (len(saved) == len(shape) == 2 and saved[1:] == tuple(shape)[1:]):
+        raise CheckpointError(where, f"base layer `{escape_name(factor.base_layer_name)}` saved in the adapter "
+                              f"is {list(saved)} but the base weight `{escape_name(factor.target)}` is {list(shape)}",
+                              "is this adapter for another base model?")
+    return saved
 
 
 def _bits(info: TensorInfo) -> int:
@@ -914,7 +955,7 @@ def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where
                 raise CheckpointError(where, f"{factor.label} tensor `{escape_name(name)}` holds "
                                              f"NaN or Inf values, so the delta of `{escape_name(factor.target)}` "
                                              "cannot be measured")
-        if factor.kind == "OFT":        # a rotation of the inputs: checked by check_oft_values
+        if factor.kind in ("OFT", "TOKENS"):    # a rotation of the inputs (check_oft_values), or rows: no product
             return
         if factor.parts:                # LoHa / LoKr / VeRA: the factor pair their tensors make
             a, b = pair if pair is not None else \

@@ -165,14 +165,9 @@ def oft_layout(config, features: int) -> tuple[int, int]:
 def check_oft(factor, tensors: dict[str, TensorInfo], base: TensorInfo, config, where: Path) -> None:
     """The ``oft_R`` tensor must be what PEFT builds on this base layer (headers only)."""
     t = f"`{escape_name(factor.target)}`"
-    shape = tuple(int(d) for d in base.shape)
-    if factor.base_layer_name is not None:
-        saved = tuple(int(d) for d in tensors[factor.base_layer_name].shape)
-        if saved != shape and not (len(saved) == len(shape) == 2 and saved[1:] == shape[1:]):
-            raise CheckpointError(where, f"base layer `{escape_name(factor.base_layer_name)}` saved in the adapter "
-                                         f"is {list(saved)} but the base weight {t} is {list(shape)}",
-                                  "is this adapter for another base model?")
-        shape = saved
+    from .peft_adapter import saved_layer_shape
+
+    shape = saved_layer_shape(factor, tensors, tuple(int(d) for d in base.shape), where)
     leaf = factor.target.removesuffix(".weight").rsplit(".", 1)[-1]
     if leaf in ("c_attn", "c_proj", "c_fc", "q_attn") and not factor.embedding and len(shape) == 2:
         raise CheckpointError(where, f"OFT module {t} is GPT-2's Conv1D, which PEFT's OFT does not build (it takes "

@@ -188,6 +188,10 @@ def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple
         if np.array_equal(raw.reshape(-1).view(np.uint8), np.asarray(base.read(pair.base_name)).reshape(-1).view(np.uint8)):
             return None
     shape = tuple(int(d) for d in info.shape)
+    if lf.kind == "TOKENS":         # PEFT's trainable tokens: the copy with the trained rows in place of its own
+        values = np.array(raw).reshape(shape[0], -1)
+        values[np.asarray(lf.tokens, dtype=np.int64)] = _stored(_token_rows(lf, tuned, info.dtype), info.dtype)
+        return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), values.reshape(raw.shape)
     w = decode(raw, info.dtype).reshape(shape[0], math.prod(shape[1:]))
     a, b, magnitude, dt_m = _factors(pair, tuned)
     if getattr(lf, "transposed", False):
@@ -199,6 +203,15 @@ def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple
     rounded = reference.round_to(merged, dtype).reshape(shape)
     values = _stored(rounded, dtype)
     return replace(info, name=pair.tuned_name, dtype=dtype, start=None, end=None, quant=None), values
+
+
+def _token_rows(lf, tuned: Checkpoint, dtype: str) -> np.ndarray:
+    """A trainable-tokens module's trained rows (float64 [tokens, dim]) as PEFT applies them: cast to the table's
+    dtype ``dtype`` (``delta.to(W)`` in ``TrainableTokensLayer.get_merged_weights``, in its forward as in its merge)."""
+    name = lf.parts["rows"]
+    dt = tuned.tensors[name].dtype
+    rows = decode(np.asarray(tuned.read(name)), dt)
+    return _cast_chain(rows, dt, dtype).reshape(len(lf.tokens), -1)
 
 
 def _part_values(lf, tuned: Checkpoint) -> dict:
@@ -236,9 +249,10 @@ def _compute_merged(pair: Pair, merged: tuple, bases: Sequence[Checkpoint], tune
     from ..io.peft_adapter import check_factor_values
 
     lf = pair.lora
-    a64, b64, magnitude, _ = _factors(pair, tuned)
-    values = {lf.a_name: a64, lf.b_name: b64, **({lf.magnitude_name: magnitude} if magnitude is not None else {})}
-    check_factor_values(lf, values, tuned.files[0])
+    if lf.kind != "TOKENS":             # (trainable tokens' rows: checked with the plan, no factors)
+        a64, b64, magnitude, _ = _factors(pair, tuned)
+        values = {lf.a_name: a64, lf.b_name: b64, **({lf.magnitude_name: magnitude} if magnitude is not None else {})}
+        check_factor_values(lf, values, tuned.files[0])
     info, raw = merged
     side = MergedSide(tuned, pair.tuned_name, info, raw)
     st, sb = tuple(info.shape), tuple(pair.shape_base)
@@ -250,6 +264,10 @@ def _compute_merged(pair: Pair, merged: tuple, bases: Sequence[Checkpoint], tune
     what = (f"LoRA adapter (r={lf.r}, scale={lf.scale:g}{', DoRA' if lf.magnitude_name else ''}) merged into "
             f"the base layer the adapter saves, `{lf.base_layer_name}` ({list(st)}, {info.dtype}), which is not "
             "this base's weight: PEFT loads that copy, so the merged weight is compared")
+    if lf.kind == "TOKENS":
+        from ..io.peft_tokens import tokens_note
+
+        what = tokens_note(lf, info.dtype, lf.base_layer_name, list(st))
     rec.note = what + (f"; {rec.note}" if rec.note else "")
     return rec
 
@@ -1223,7 +1241,15 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
 
     lf = pair.lora
     dt_a = tuned.tensors[lf.a_name].dtype
-    if getattr(lf, "parts", None):          # LoHa / LoKr / VeRA: their tensors, then the pair they make
+    rows = None
+    if lf.kind == "TOKENS":     # trainable tokens: the trained rows less the base's, in those rows only
+        rows = np.asarray(lf.tokens, dtype=np.int64)
+        a64 = _token_rows(lf, tuned, pair.dtype_base) - decode(
+            np.asarray(base.read_rows(pair.base_name, rows)), pair.dtype_base).reshape(rows.size, -1)
+        b64 = magnitude = dt_m = None
+        values = {}             # (the rows' values were checked with the plan)
+        dt_a = pair.dtype_base
+    elif getattr(lf, "parts", None):          # LoHa / LoKr / VeRA: their tensors, then the pair they make
         from ..io.peft_adapter import factor_pair
 
         decoded = _part_values(lf, tuned)
@@ -1236,7 +1262,8 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         values = {lf.a_name: a64, lf.b_name: b64}
     if magnitude is not None:
         values[lf.magnitude_name] = magnitude
-    check_factor_values(lf, values, tuned.files[0], (a64, b64))   # before LAPACK sees them
+    if rows is None:
+        check_factor_values(lf, values, tuned.files[0], (a64, b64))   # before LAPACK sees them
     base_raw = base.read(pair.base_name)
     shape = tuple(pair.shape_base)
     if getattr(lf, "transposed", False):
@@ -1246,7 +1273,7 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         shape = shape[::-1]
     fields, rank = analyze_factors(a64, b64, lf.scale, base_raw, pair.dtype_base, shape,
                                    k=options.rank_k, noise_factor=options.thresholds.noise_floor_factor,
-                                   dtype_adapter=dt_a, magnitude=magnitude, dtype_magnitude=dt_m)
+                                   dtype_adapter=dt_a, magnitude=magnitude, dtype_magnitude=dt_m, rows=rows)
     if getattr(lf, "transposed", False):
         rank.shape_2d = tuple(pair.shape_base)        # as stored, like every other record
     _fill(rec, fields)
@@ -1256,7 +1283,11 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     rec.compared = "factors"
     rec.status = "changed" if (rec.norm_delta or 0) > 0 else "unchanged"
     rec.rank = rank if options.rank else None
-    if getattr(lf, "parts", None):
+    if rows is not None:
+        from ..io.peft_tokens import tokens_note
+
+        rec.note = tokens_note(lf, pair.dtype_base)
+    elif getattr(lf, "parts", None):
         from ..io.peft_adapter import factor_note
 
         rec.note = factor_note(lf, a64, b64)

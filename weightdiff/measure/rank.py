@@ -432,8 +432,12 @@ def weight_subspace(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str
 def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.ndarray | None,
                     dtype_base: str, shape, *, k: int = 64, noise_factor: float = 1.5,
                     dtype_adapter: str = "F32", magnitude: np.ndarray | None = None,
-                    dtype_magnitude: str | None = None) -> tuple[dict, RankRecord]:
+                    dtype_magnitude: str | None = None, rows: np.ndarray | None = None) -> tuple[dict, RankRecord]:
     """Exact stats and rank of a LoRA delta ``scale * b @ a`` (b: m x r, a: r x n), never whole.
+
+    ``rows`` (distinct row indices, one per row of ``a``; ``b`` None): b selects those rows, the delta is
+    ``scale * a[j]`` in row ``rows[j]`` and zero elsewhere (PEFT's trainable tokens), never formed as an m x r
+    matrix; its singular values are those of ``scale * a``.
 
     The spectrum comes from the r x r core (``kernels.spectral.factors_svd``); the stats
     (the keys of ``kernels.reference.finalize``) from the notional merged weight
@@ -456,8 +460,16 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
 
     m, n = shape_2d(shape)
     a = np.asarray(a, dtype=np.float64).reshape(a.shape[0], -1)
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if b is not None or magnitude is not None or rows.size != a.shape[0] or a.shape[1] != n or \
+                (rows.size and (rows.min() < 0 or rows.max() >= m or np.unique(rows).size != rows.size)):
+            raise ValueError(f"rows {rows.size} for a {a.shape}: not distinct rows of a {m} x {n} delta")
+        order = np.argsort(rows, kind="stable")
+        rows, a = rows[order], a[order]
+        b = np.eye(a.shape[0])          # the spectrum of the selected rows: the selector's columns are orthonormal
     b = np.asarray(b, dtype=np.float64).reshape(b.shape[0], -1)
-    if b.shape[0] != m or a.shape[1] != n or b.shape[1] != a.shape[0]:
+    if rows is None and (b.shape[0] != m or a.shape[1] != n or b.shape[1] != a.shape[0]):
         raise ValueError(f"factors b {b.shape} @ a {a.shape} do not make a {m} x {n} delta")
     base2 = None if base_raw is None else _bits(base_raw, dtype_base, (m, n))
     acc = None
@@ -467,7 +479,12 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
     snapped = 0
     step = _rows(m, n)
     for i in range(0, m, step):
-        dblk = float(scale) * (b[i:i + step] @ a)
+        if rows is None:
+            dblk = float(scale) * (b[i:i + step] @ a)
+        else:
+            dblk = np.zeros((min(step, m - i), n))
+            lo, hi = np.searchsorted(rows, (i, i + step))
+            dblk[rows[lo:hi] - i] = float(scale) * a[lo:hi]
         wb = np.zeros_like(dblk) if base2 is None else decode(base2[i:i + step], dtype_base)
         if magnitude is not None:
             merged = wb + dblk

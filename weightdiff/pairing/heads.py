@@ -30,13 +30,15 @@ def tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Sequ
     the other side's head is ``added`` or ``removed`` (a reward model that drops the LM head)."""
     tuned_keys = {it.key: it for it in items}
     base_ties: dict[int, HeadTie] = {}
+    dropped: list[int] = []
     for j, (pos, p) in enumerate(out):
         # the tuned model has its own head but the base ties it: compare it with the base embedding
         if p.kind == "added" and is_lm_head(p.tuned_name):
             for i, (tp, bp) in sorted(mapping.items()):
                 if not p.tuned_name.startswith(_parent(tp)):   # heads sit next to the aligned trunk
                     continue
-                emb = _embedding_for(bases[i].tensors, bp, p.shape_tuned, any_shape=p.ia3 is not None)
+                emb = _embedding_for(bases[i].tensors, bp, p.shape_tuned,
+                                     any_shape=p.ia3 is not None or getattr(p.lora, "kind", None) == "TOKENS")
                 if emb is not None:
                     tie = base_ties.setdefault(i, ties_head(bases[i]))
                     if tie.ties is False:
@@ -59,6 +61,18 @@ def tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Sequ
                                      f"`{escape_name(emb)}`, which the base ties as its LM head{_assumed(tie)}: "
                                      "PEFT's merge scales the one table both read")
                         break
+                    if getattr(p.lora, "kind", None) == "TOKENS" and _tied_rows(out, p.lora, i, emb):
+                        # trainable tokens on the head of a tied base, with the embedding's ids: PEFT ties the
+                        # head's rows to the embedding's (one set of rows for the table both read), measured once
+                        lost = f"adapter factor for `{escape_name(p.tuned_name)}` has no base tensor to modify"
+                        if lost in notes:
+                            notes.remove(lost)
+                        dropped.append(j)
+                        notes.append(f"trainable token rows of `{escape_name(p.tuned_name)}` are the tied copy of the "
+                                     f"embedding's (the base ties its LM head to `{escape_name(emb)}`"
+                                     f"{_assumed(tie)}): PEFT applies one set of rows to the table both read, "
+                                     "measured once")
+                        break
                     q = make_pair(it, emb, bases[i].tensors[emb], i, (set(), set()))
                     q.paired_by = "tied"
                     if p.lora is not None:
@@ -80,6 +94,8 @@ def tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Sequ
                     notes.append(f"`{escape_name(p.tuned_name)}` compared with the base embedding "
                                  f"`{escape_name(emb)}` (the base ties its LM head{_assumed(tie)})")
                     break
+    for j in reversed(dropped):
+        del out[j]
     # the base has a head that the tuned model ties: the tuned embedding stands in for it
     tuned_tie: list[HeadTie] = []
     for i, (tp, bp) in sorted(mapping.items()):
@@ -109,6 +125,19 @@ def tie_heads(out: list[tuple[tuple, Pair]], items: Sequence[_Item], bases: Sequ
             out.append(((0, at[1], 1), q))
             notes.append(f"the tuned model has no `{escape_name(shown)}`: its embedding `{escape_name(emb_t)}` "
                          f"(tied{_assumed(tuned_tie[0])}) is compared with the base head")
+
+
+def _tied_rows(out: list[tuple[tuple, Pair]], head, i: int, emb: str) -> bool:
+    """Whether trainable tokens ``head`` (on the LM head of a base that ties it to ``emb``) have a twin on that
+    embedding with the same ids: PEFT then ties the head's rows to the embedding's; the twin is told to check
+    that the two saved copies hold the same values (``tied_copy``)."""
+    for _, q in out:
+        f = q.lora
+        if f is not None and f.kind == "TOKENS" and q.kind == "lora" and q.base_index == i and q.base_name == emb:
+            if tuple(f.tokens) == tuple(head.tokens):
+                f.tied_copy = head.parts["rows"]
+                return True
+    return False
 
 
 def _assumed(tie: HeadTie) -> str:

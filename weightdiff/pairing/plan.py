@@ -124,6 +124,13 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
     if ignored:
         notes.append(f"adapter_config.json has use_dora false, so PEFT loads a plain LoRA: the DoRA magnitudes "
                      f"(lora_magnitude_vector) of {ignored} modules are not used, here as in PEFT")
+    kept = sum(getattr(f, "kind", None) == "TOKENS" and getattr(f, "base_layer_name", None) is not None
+               for f in factors)
+    if kept:
+        notes.append(f"adapter stores the table of {kept} of its trainable-tokens modules (PEFT loads it over the "
+                     "base's weight, as for a resized vocabulary): the trained rows replace rows of that copy, and a "
+                     "copy that is not the base's is measured as the merged table")
+        saved -= kept
     if saved:
         # PEFT's save_embedding_layers (a resized or edited table): PEFT loads the copy over the base's weight
         oft = getattr(factors[0], "kind", "LORA") == "OFT"
@@ -153,9 +160,20 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
     if pruned:
         notes.append(f"adapter: AdaLoRA kept no rank of {pruned} of its modules (rank_pattern): they change nothing, "
                      "and their base weights are `inherited`")
+    tokens = [f for f in factors if getattr(f, "kind", None) == "TOKENS"]
+    if tokens:
+        tables = ", ".join(f"{len(f.tokens):,} row{'s' if len(f.tokens) != 1 else ''} of `{escape_name(f.target)}`"
+                           for f in tokens)
+        notes.append(f"adapter: trainable tokens, {tables} (each table measured as PEFT's merge gives it: those rows "
+                     "replaced by the trained ones)")
+        factors = [f for f in factors if getattr(f, "kind", None) != "TOKENS"]
+        rest = len(items) - len(tokens) - biased
+        if not factors and rest:
+            notes.append(f"adapter: {rest} other tensor{'s' if rest != 1 else ''} (modules_to_save); base tensors "
+                         "the adapter leaves alone are `inherited`")
     if factors:
         adalora = any(getattr(f, "e_name", None) for f in factors)
-        n, rest = len(factors) - pruned, len(items) - len(factors) + pruned - biased
+        n, rest = len(factors) - pruned, len(items) - len(factors) - len(tokens) + pruned - biased
         lycoris = getattr(factors[0], "label", "LoRA")
         lycoris = lycoris if lycoris in ("LoHa", "LoKr", "VeRA", "OFT") else None
         kinds = (f"{lycoris} module" if lycoris else "AdaLoRA factor triple" if adalora
