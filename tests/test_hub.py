@@ -1258,6 +1258,34 @@ def test_an_ia3_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
         assert got["tensors"] == local["tensors"] and got["summary"]["scope"]["ia3"]["vectors"] == 2
 
 
+def test_trainable_tokens_by_id_read_as_they_do_locally(server, hf, tmp_path):
+    """A trainable-tokens adapter repo against a bf16 base by id, streamed and downloaded: the base's rows read over
+    HTTP (and the table for the statistics) give the records of the pair read locally."""
+    from weightdiff.io.safetensors_write import save_file
+    from weightdiff.io.checkpoint import locate
+
+    rng = np.random.default_rng(14)
+    with locate(server.local["base"]) as b:
+        emb = next(n for n in b.tensors if n.endswith("embed_tokens.weight"))
+        vocab, dim = (int(d) for d in b.tensors[emb].shape)
+    ad = tmp_path / "tokens"
+    ad.mkdir()
+    ids = [vocab - 1, 0, 5]
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "TRAINABLE_TOKENS", "token_indices": ids}))
+    save_file(ad / "adapter_model.safetensors", {
+        f"base_model.model.{emb.removesuffix('.weight')}.trainable_tokens_delta":
+            rng.standard_normal((3, dim)).astype(np.float32)})
+    server.commit("org/tokens", _files(ad))
+    local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
+    rec = next(x for x in local["tensors"] if x["status"] == "changed")
+    assert rec["name"] == emb and rec["compared"] == "factors" and rec["rank"]["numerical_rank"] == 3
+    for mode in ("--stream", "--download"):
+        rc, _, err = run("compare", "org/base", "org/tokens", mode, "--json", f"r{mode}.json")
+        assert rc == 0, err
+        got = json.loads((tmp_path / f"r{mode}.json").read_text())
+        assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+
+
 def test_a_llama_cpp_lora_gguf_by_id_reads_as_it_does_locally(server, hf, tmp_path):
     """A repo holding a llama.cpp LoRA GGUF against a base by id (downloaded: a GGUF is read from a local file), the
     head counts that put Q/K's rows back in order read from the base repo's config.json: the records of the pair

@@ -288,3 +288,23 @@ def test_a_table_of_another_dtype_is_refused(tmp_path, rng):
     save_file(base / "model.safetensors", {f"{EMB}.weight": ("F8_E4M3", to_storage(
         rng.standard_normal((50, 32)) * 0.1, "F8_E4M3"))})
     contract(["compare", str(base), str(ad)], ad / "adapter_model.safetensors", "a F8_E4M3 table", tmp_path)
+
+
+def test_a_worker_measures_the_rows_as_the_parent_does(tmp_path, rng):
+    from test_lycoris_adapter import assert_worker_matches
+
+    assert_worker_matches(*_write(tmp_path, rng), 1)
+
+
+def test_ids_are_checked_in_one_pass():
+    """4M ids with a duplicate at the end: found without a quadratic scan (the check took hours that way)."""
+    import time
+    from pathlib import Path
+
+    from weightdiff.errors import CheckpointError
+    from weightdiff.io.peft_tokens import token_indices
+
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match="listing token 5 twice"):
+        token_indices({"token_indices": [*range(1 << 22 - 1), 5]}, Path("adapter_config.json"), "token_indices")
+    assert time.perf_counter() - t0 < 30
