@@ -87,6 +87,48 @@ def test_adapter_config_fuzz(adapter_pair, config, dora):
     json.loads(r.to_json())
 
 
+ids = st.lists(st.integers(-1, 13), max_size=4) | st.lists(st.integers(-2, 14) | huge, max_size=5) | json_values
+token_fields = {
+    "r": st.sampled_from([4, 4, 2]), "lora_alpha": st.sampled_from([8, 4]),
+    "target_modules": st.sampled_from([["q_proj"], ["embed_tokens"], "embed_tokens", None]) | json_values,
+    "trainable_token_indices": ids | st.dictionaries(st.sampled_from(["embed_tokens", "lm_head", Q, ""]) | st.text(
+        max_size=6), ids, max_size=3),
+    "token_indices": ids | st.dictionaries(st.text(max_size=6), ids, max_size=2),
+}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(config=st.fixed_dictionaries({"peft_type": st.sampled_from(["LORA", "TRAINABLE_TOKENS", "trainable_tokens"])
+                                      | json_values}, optional=token_fields), rows=st.sampled_from([1, 2, 3]),
+       wrapped=st.booleans(), lora=st.booleans(), head=st.booleans())
+def test_trainable_tokens_fuzz(adapter_pair, config, rows, wrapped, lora, head):
+    """Trainable tokens' ids of every type and size, under either config, rows of 1-3 ids, with or without LoRA
+    factors and a head's copy: a one-line error or finite records, never an internal error."""
+    d, factors = adapter_pair
+    emb = d / "base_emb.safetensors"
+    if not emb.exists():
+        rng = np.random.default_rng(1)
+        save_file(emb, {"model.embed_tokens.weight": rng.standard_normal((12, 16)).astype(np.float32),
+                        f"{Q}.weight": rng.standard_normal((16, 16)).astype(np.float32)})
+    ad = d / uuid.uuid4().hex
+    ad.mkdir()
+    seg = ".token_adapter" if wrapped else ""
+    tensors = {k: v for k, v in factors.items() if "magnitude" not in k} if lora else {}
+    tensors[f"{PRE}model.embed_tokens{seg}.trainable_tokens_delta"] = np.full((rows, 16), 0.5, np.float32)
+    if head:
+        tensors[f"{PRE}lm_head{seg}.trainable_tokens_delta"] = np.full((rows, 16), 0.5, np.float32)
+    save_file(ad / "adapter_model.safetensors", tensors)
+    (ad / "adapter_config.json").write_text(json.dumps(config))
+    try:
+        r = weightdiff.compare(str(emb), str(ad))
+    except WeightdiffError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 600
+        return
+    assert all(t.norm_delta is None or np.isfinite(t.norm_delta) for t in r.tensors)
+    json.loads(r.to_json())
+
+
 # -- report JSON ---------------------------------------------------------------------------------------------
 
 def _small_result() -> dict:
