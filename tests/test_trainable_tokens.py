@@ -132,6 +132,19 @@ def test_lora_with_trainable_tokens_reads_as_its_merged_model(tmp_path, tie, dty
     assert any("2 LoRA factor pairs, 0 other tensors" in x for x in got["plan"]["notes"])
 
 
+def test_adalora_with_trainable_tokens_reads_as_its_merged_model(tmp_path):
+    """AdaLoraConfig is a LoraConfig: its trainable_token_indices are saved and merged as a LoRA's are (they were
+    refused as another method's tensors under an AdaLoRA config)."""
+    base, ad, merged = _saved(tmp_path, _llama(False, torch.float32), peft.AdaLoraConfig(
+        init_r=4, target_modules=["q_proj"], total_step=10, trainable_token_indices=[3, 5]))
+    got, a = _records(base, ad)
+    _, m = _records(base, merged)
+    assert sorted(n for n, r in a.items() if r["status"] == "changed") == \
+        sorted(n for n, r in m.items() if r["status"] == "changed")
+    assert a[f"{EMB}.weight"]["norm_delta"] == pytest.approx(m[f"{EMB}.weight"]["norm_delta"], rel=1e-12)
+    assert any("2 AdaLoRA factor triples" in x for x in got["plan"]["notes"])
+
+
 def test_a_trainable_tokens_adapter_on_a_tied_model_measures_the_table_once(tmp_path):
     """peft_type TRAINABLE_TOKENS on a tied Llama saves the rows twice, for the embedding and for the head PEFT
     ties to it: one table, measured once, as merged; the head's copy differing from the embedding's is refused."""

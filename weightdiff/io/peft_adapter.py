@@ -471,8 +471,13 @@ def _parse_adalora(raw: dict, path: Path) -> AdapterConfig:
                 raise CheckpointError(path, f"adapter config has rank_pattern[{_show(key)}] = {_show(kept)}, "
                                             f"expected {init_r} true/false values (init_r), one per initial rank")
     base = raw.get("base_model_name_or_path")
+    tokens = None
+    if raw.get("trainable_token_indices") is not None:         # AdaLoraConfig is a LoraConfig: PEFT trains them too
+        from .peft_tokens import token_indices
+
+        tokens = token_indices(raw, path, "trainable_token_indices")
     return AdapterConfig(init_r, alpha, _targets(path, raw), False, False, base if isinstance(base, str) else None,
-                         raw, fan_in_fan_out=fan, path=Path(path), peft_type="ADALORA")
+                         raw, fan_in_fan_out=fan, path=Path(path), peft_type="ADALORA", tokens=tokens)
 
 
 def adalora_scale(config: AdapterConfig, kept: int) -> float:
@@ -525,7 +530,8 @@ def _adalora_factors(tensors: dict[str, TensorInfo], where: Path, config: Adapte
         m = _ADALORA_RE.match(name)
         if m:
             parts.setdefault(m["mod"], {})[m["k"]] = name
-        elif (".ia3_l" in name and _IA3_RE.match(name)) or _LORA_RE.match(name) or _foreign_part(name):
+        elif (".ia3_l" in name and _IA3_RE.match(name)) or _LORA_RE.match(name) or \
+                (_foreign_part(name) and not name.endswith(".trainable_tokens_delta")):
             raise CheckpointError(where, f"adapter holds `{escape_name(name)}`, which is not AdaLoRA's (lora_A, "
                                          "lora_B, lora_E), but adapter_config.json says peft_type ADALORA",
                                   "tensors and config from different adapters?")
@@ -556,7 +562,9 @@ def _adalora_factors(tensors: dict[str, TensorInfo], where: Path, config: Adapte
                                          f"adapter_config.json's {said}", "factors and config from different adapters?")
         out.append(LoraFactor(module + ".weight", got["A"], got["B"], None, sa[0], adalora_scale(config, sa[0]),
                               e_name=got["E"]))
-    return out
+    from .peft_tokens import token_factors
+
+    return out + token_factors(tensors, where, config, set(parts))
 
 
 def _foreign_part(name: str) -> str | None:
