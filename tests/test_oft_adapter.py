@@ -79,6 +79,23 @@ def _records(path_a, path_b):
     return doc, {r["name"]: r for r in doc["tensors"]}
 
 
+def adapter_and_merged(tmp_path, model, cfg, back=None):
+    """PEFT's adapter of ``model`` under ``cfg`` and its merged model (cast to ``back``) saved beside
+    ``tmp_path / "base"``: the documents and records of each against it, and the tensors the merged model changes
+    (the adapter's changed ones must be the same)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(model, cfg)
+        pm.save_pretrained(tmp_path / "ad")
+        done = pm.merge_and_unload()
+        (done if back is None else done.to(back)).save_pretrained(tmp_path / "merged")
+    got, ad = _records(tmp_path / "base", tmp_path / "ad")
+    want, merged = _records(tmp_path / "base", tmp_path / "merged")
+    changed = sorted(n for n, r in merged.items() if r["status"] == "changed")
+    assert sorted(n for n, r in ad.items() if r["status"] == "changed") == changed
+    return got, ad, want, merged, changed
+
+
 @pytest.mark.parametrize("dtype, config", [
     ("float32", dict(oft_block_size=8)),
     ("bfloat16", dict(oft_block_size=8)),
@@ -91,15 +108,8 @@ def test_oft_adapters_read_as_their_merged_model(tmp_path, dtype, config):
     model.save_pretrained(tmp_path / "base")
     cfg = peft.OFTConfig(target_modules=["q_proj", "down_proj", "embed_tokens"], init_weights=False,
                          **{"r": 0, **config})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, cfg)
-        pm.save_pretrained(tmp_path / "ad")
-        pm.merge_and_unload().save_pretrained(tmp_path / "merged")
-    got, ad = _records(tmp_path / "base", tmp_path / "ad")
-    want, merged = _records(tmp_path / "base", tmp_path / "merged")
-    changed = sorted(n for n, r in merged.items() if r["status"] == "changed")
-    assert len(changed) == 5 and sorted(n for n, r in ad.items() if r["status"] == "changed") == changed
+    got, ad, want, merged, changed = adapter_and_merged(tmp_path, model, cfg)
+    assert len(changed) == 5
     for n in changed:
         a, m = ad[n], merged[n]
         assert a["note"].startswith("OFT rotation `base_model.model.") and "as PEFT merges it" in a["note"]
@@ -129,16 +139,16 @@ def test_oft_adapters_read_as_their_merged_model(tmp_path, dtype, config):
     assert any("5 OFT modules (each measured as the weight PEFT's merge gives" in x for x in got["plan"]["notes"])
 
 
-def test_a_conv2d_oft_reads_as_its_merged_model(tmp_path):
-    """A Conv2d is rotated as PEFT views it, [out, in x k x k]: 3 x 3 kernels on 4 channels, 36 inputs in blocks
-    of 9 (oft_block_size 8 moved to 9, the nearer divisor, as PEFT moves it)."""
+def conv_records(tmp_path, config, out: int = 5) -> tuple[dict, dict]:
+    """A Conv2d (4 channels in, ``out`` out, 3 x 3 kernels) and a head, adapted by PEFT with ``config``: the records
+    of the adapter and of PEFT's merged model against the base."""
     torch.manual_seed(2)
 
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = torch.nn.Conv2d(4, 5, 3)
-            self.head = torch.nn.Linear(5, 3)
+            self.conv = torch.nn.Conv2d(4, out, 3)
+            self.head = torch.nn.Linear(out, 3)
 
         def forward(self, x):
             return self.head(self.conv(x).mean((2, 3)))
@@ -148,32 +158,42 @@ def test_a_conv2d_oft_reads_as_its_merged_model(tmp_path):
     save_file(tmp_path / "base" / "model.safetensors", {k: v.numpy().copy() for k, v in net.state_dict().items()})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(net, peft.OFTConfig(oft_block_size=8, target_modules=["conv"], init_weights=False))
+        pm = peft.get_peft_model(net, config)
         pm.save_pretrained(tmp_path / "ad")
         merged = pm.merge_and_unload()
     (tmp_path / "merged").mkdir()
     save_file(tmp_path / "merged" / "model.safetensors", {k: v.numpy().copy() for k, v in merged.state_dict().items()})
-    _, ad = _records(tmp_path / "base", tmp_path / "ad")
-    _, mg = _records(tmp_path / "base", tmp_path / "merged")
+    return _records(tmp_path / "base", tmp_path / "ad")[1], _records(tmp_path / "base", tmp_path / "merged")[1]
+
+
+def test_a_conv2d_oft_reads_as_its_merged_model(tmp_path):
+    """A Conv2d is rotated as PEFT views it, [out, in x k x k]: 3 x 3 kernels on 4 channels, 36 inputs in blocks
+    of 9 (oft_block_size 8 moved to 9, the nearer divisor, as PEFT moves it)."""
+    ad, mg = conv_records(tmp_path, peft.OFTConfig(oft_block_size=8, target_modules=["conv"], init_weights=False))
     assert "(144 values; 4 blocks of 9," in ad["conv.weight"]["note"]
     assert ad["conv.weight"]["norm_delta"] == pytest.approx(mg["conv.weight"]["norm_delta"], rel=1e-6)
     assert ad["conv.weight"]["cosine"] == pytest.approx(mg["conv.weight"]["cosine"], abs=1e-7)
     assert ad["head.weight"]["status"] == "unchanged"
 
 
-def _written(tmp_path, rng, config=None, tensors=None, base_extra=None):
+def write_pair(tmp_path, rng, config: dict, tensors: dict, base_extra=None):
+    """A base with a [16, 32] q_proj (and ``base_extra``) and an adapter of ``config`` and ``tensors``."""
     base = tmp_path / "base"
     base.mkdir(parents=True, exist_ok=True)
     save_file(base / "model.safetensors", {"model.layers.0.self_attn.q_proj.weight": rng.standard_normal((16, 32)).astype(
         np.float32), **(base_extra or {})})
     ad = tmp_path / "ad"
     ad.mkdir(parents=True, exist_ok=True)
+    (ad / "adapter_config.json").write_text(json.dumps(config))
+    save_file(ad / "adapter_model.safetensors", tensors)
+    return base, ad
+
+
+def _written(tmp_path, rng, config=None, tensors=None, base_extra=None):
     cfg = {"peft_type": "OFT", "r": 0, "oft_block_size": 8, "target_modules": ["q_proj"], "peft_version": "0.21.2"}
-    (ad / "adapter_config.json").write_text(json.dumps(cfg if config is None else {**cfg, **config}))
     t = {"base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight": (0.1 * rng.standard_normal((4, 28))).astype(
         np.float32)} if tensors is None else tensors
-    save_file(ad / "adapter_model.safetensors", t)
-    return base, ad
+    return write_pair(tmp_path, rng, cfg if config is None else {**cfg, **config}, t, base_extra)
 
 
 def test_a_written_oft_is_measured_as_numpy_merges_it(tmp_path, rng):

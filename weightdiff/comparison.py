@@ -2672,6 +2672,13 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
                                                   f"from the embedding's, `{escape_name(p.lora.a_name)}`, though the "
                                                   "base ties the two tables and PEFT ties their rows: which one PEFT "
                                                   "loads is not defined", "rows from different adapters?")
+        if p.lora.kind == "BOFT":
+            from .io.peft_boft import check_boft_values
+
+            base = bases[p.base_index]
+            src = base.tensors[p.base_name]
+            check_boft_values(p.lora, values, src, p.base_name in (getattr(base, "quant", None) or {})
+                              or src.quant is not None, tuned.files[0])
         if p.lora.kind == "OFT":
             from .io.peft_oft import check_oft_values
 

@@ -128,6 +128,12 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
                        "factors": len(ckpt.lora),
                        "ranks": sorted({f.r for f in ckpt.lora}), "norms_skipped": len(ckpt.gguf_lora.norms),
                        "alora_invocation_tokens": ckpt.gguf_lora.invocation}
+        elif ckpt.adapter is not None and ckpt.adapter.peft_type == "BOFT":
+            a = ckpt.adapter
+            adapter = {"peft_type": "BOFT", **{k: a.raw[k] for k in ("boft_block_size", "boft_block_num",
+                                                                     "boft_n_butterfly_factor")},
+                       "target_modules": a.target_modules, "base_model": a.base_model, "modules": len(ckpt.lora),
+                       "factors_saved": sorted({int(ckpt.tensors[f.parts["boft_R"]].shape[0]) for f in ckpt.lora})}
         elif ckpt.adapter is not None and ckpt.adapter.peft_type == "TRAINABLE_TOKENS":
             a = ckpt.adapter
             adapter = {"peft_type": "TRAINABLE_TOKENS", "target_modules": a.target_modules, "base_model": a.base_model,
@@ -290,6 +296,12 @@ def _adapter_lines(a: dict) -> list[str]:
         head = (f"VeRA r={a['r']}, {a['modules']} module{s(a['modules'])}, shared projections "
                 f"{'saved' if a['save_projection'] else 'not saved'} (projection_prng_key "
                 f"{e(str(a['projection_prng_key']))})")
+    elif kind == "BOFT":
+        size = (f"boft_block_size={a['boft_block_size']}" if a["boft_block_size"]
+                else f"boft_block_num={a['boft_block_num']}")
+        n = a["factors_saved"] or [a["boft_n_butterfly_factor"]]
+        head = (f"BOFT {size}, {'/'.join(map(str, n))} butterfly factor{s(max(n))}, {a['modules']} "
+                f"module{s(a['modules'])}")
     elif kind == "TRAINABLE_TOKENS":
         ids = a["token_indices"]
         head = (f"trainable tokens, {len(ids):,} token id{s(len(ids))} ({', '.join(map(str, ids[:8]))}"

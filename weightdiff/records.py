@@ -115,6 +115,10 @@ IA3_NOTE = "IA3 vector"
 #: flag ``adapter``, as for LoRA factors and IA3 vectors
 OFT_NOTE = "OFT rotation"
 
+#: the start of the note of a base weight a BOFT adapter rotates and scales, measured as PEFT merges it
+#: (``measure.compute``): flag ``adapter``, counted with OFT's in ``scope.oft``
+BOFT_NOTE = "BOFT rotation"
+
 #: the start of the note of a table whose rows PEFT's trainable tokens replace (``measure.compute``): flag
 #: ``adapter``, as for LoRA factors
 TOKENS_NOTE = "PEFT trainable tokens"
@@ -123,7 +127,7 @@ TOKENS_NOTE = "PEFT trainable tokens"
 _IA3_VALUES = re.compile(r"^IA3 vector `.*` \((\d+) values?\) merged into the base's weight", re.S)
 
 
-_OFT_VALUES = re.compile(r"^OFT rotation `.*` \((\d+) values?;", re.S)
+_OFT_VALUES = re.compile(r"^B?OFT rotation `.*` \((\d+) values?;", re.S)
 
 
 def oft_values(record) -> int | None:

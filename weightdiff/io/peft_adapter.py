@@ -362,13 +362,17 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         from .peft_oft import parse_oft_config
 
         return parse_oft_config(raw, path)
+    if isinstance(kind, str) and kind.upper() == "BOFT":
+        from .peft_boft import parse_boft_config
+
+        return parse_boft_config(raw, path)
     if isinstance(kind, str) and kind.upper() == "TRAINABLE_TOKENS":
         from .peft_tokens import parse_tokens_config
 
         return parse_tokens_config(raw, path)
     if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA, LoHa, LoKr, "
-                                    "VeRA, OFT, IA3 and trainable-tokens adapters are supported (BOFT, FourierFT and others store "
+                                    "VeRA, OFT, BOFT, IA3 and trainable-tokens adapters are supported (FourierFT, HRA and others store "
                                     "different factors)",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     for key, why, hint in _VARIANTS:
@@ -583,6 +587,10 @@ def _foreign_part(name: str) -> str | None:
         from .peft_oft import _OFT_RE
 
         return "OFT" if _OFT_RE.match(name) else None
+    if ".boft_" in name:
+        from .peft_boft import _BOFT_RE
+
+        return "BOFT" if _BOFT_RE.match(name) else None
     if name.endswith(".trainable_tokens_delta"):
         from .peft_tokens import is_token_delta
 
@@ -606,6 +614,10 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         from .peft_oft import oft_factors
 
         return oft_factors(tensors, where, config)
+    if config.peft_type == "BOFT":
+        from .peft_boft import boft_factors
+
+        return boft_factors(tensors, where, config)
     from .peft_tokens import is_token_delta, token_factors
 
     if config.peft_type == "TRAINABLE_TOKENS":
@@ -688,7 +700,7 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
 
 
 #: what messages, notes and inspect call each peft_type weightdiff reads
-KIND_LABELS = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "OFT": "OFT",
+KIND_LABELS = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "OFT": "OFT", "BOFT": "BOFT",
                "IA3": "IA3", "TOKENS": "trainable tokens", "TRAINABLE_TOKENS": "trainable tokens"}
 
 #: the dtypes an IA3 merge is reproduced in (torch's own promotion and casts among them)
@@ -863,6 +875,10 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
         from .peft_oft import check_oft
 
         return check_oft(factor, tensors, base, config, where)
+    if factor.kind == "BOFT":
+        from .peft_boft import check_boft
+
+        return check_boft(factor, tensors, base, config, where)
     if factor.kind == "TOKENS":
         from .peft_tokens import check_tokens
 
@@ -963,7 +979,7 @@ def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where
                 raise CheckpointError(where, f"{factor.label} tensor `{escape_name(name)}` holds "
                                              f"NaN or Inf values, so the delta of `{escape_name(factor.target)}` "
                                              "cannot be measured")
-        if factor.kind in ("OFT", "TOKENS"):    # a rotation of the inputs (check_oft_values), or rows: no product
+        if factor.kind in ("OFT", "BOFT", "TOKENS"):    # rotations (check_oft_values, check_boft_values), rows
             return
         if factor.parts:                # LoHa / LoKr / VeRA: the factor pair their tensors make
             a, b = pair if pair is not None else \

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..kernels.dtypes import DTYPES
 from ..options import Thresholds
-from ..records import IA3_NOTE, OFT_NOTE, TOKENS_NOTE, STATUSES, BlockRecord, ia3_merged, ia3_values, oft_values, Summary, TensorRecord, count_lookalikes, relabelled
+from ..records import BOFT_NOTE, IA3_NOTE, OFT_NOTE, TOKENS_NOTE, STATUSES, BlockRecord, ia3_merged, ia3_values, oft_values, Summary, TensorRecord, count_lookalikes, relabelled
 from ..records import moved as is_moved
 from ..io.declared import same_model
 from ..io.meta_layout import is_meta_qk
@@ -220,7 +220,7 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
                     on.add("quant_both_compensated")
         if s in ("changed", "resized"):
             moved.append(r)
-        if compared == "factors" or (r.note is not None and r.note.startswith((IA3_NOTE, OFT_NOTE, TOKENS_NOTE))):
+        if compared == "factors" or (r.note is not None and r.note.startswith((IA3_NOTE, OFT_NOTE, BOFT_NOTE, TOKENS_NOTE))):
             on.add("adapter")           # a LoRA's factors, or a tensor an IA3 vector scales, OFT rotates or trainable
             # tokens replace rows of, merged
         elif compared == "bytes":
@@ -432,6 +432,8 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
             # an OFT adapter: each merged weight is the base's with its inputs rotated, dense as a difference, but
             # the adapter adds only the rotations' parameters
             scope["oft"] = {"tensors": len(rotated), "values": sum(rotated)}
+            if any((r.note or "").startswith(BOFT_NOTE) for r in counted):
+                scope["oft"]["method"] = "BOFT"     # butterfly rotations, and a scale per output
     if "moved_tensors" in flags:
         # another tensor of the base under this name, bit for bit: moved or swapped, not trained
         shifted = [r for r in counted if is_moved(r)]

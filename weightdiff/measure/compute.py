@@ -460,16 +460,54 @@ def _oft_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
     # adapter's dtype
     exact = block_rotation(tuned.adapter, vec, lf.r, lf.cols)
     rot = reference.round_to(reference.round_to(exact, "F32"), computed).reshape(exact.shape)
-    raw = np.asarray(src.read(name)).reshape(shape[0], -1)
+    out = _merge_in_rows(src.read(name), shape, dtype, computed, features,
+                         lambda w, r0, r1: merge_rows(w, rot, lf.embedding))
+    return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), out
+
+
+def _merge_in_rows(stored, shape: tuple, dtype: str, computed: str, features: int, merge) -> np.ndarray:
+    """A base weight (``stored``, of ``shape`` and ``dtype``) merged with a rotation as PEFT merges one, in runs of
+    rows: each run cast to the adapter's dtype ``computed``, ``merge(rows [n, features] float64, r0, r1)`` on it,
+    rounded to ``computed`` and cast to ``dtype`` (torch's casts); the stored values of the merged weight."""
+    raw = np.asarray(stored).reshape(shape[0], -1)
     out = np.empty(raw.shape, storage_of(dtype))
     rows = max(1, _MERGE_CHUNK // max(1, features))
     for r0 in range(0, shape[0], rows):
         r1 = min(shape[0], r0 + rows)
         w = reference.round_to(decode(raw[r0:r1], dtype), computed).reshape(r1 - r0, features)
         with np.errstate(all="ignore"):
-            merged = _cast_chain(merge_rows(w, rot, lf.embedding), computed, dtype).reshape(r1 - r0, features)
+            merged = _cast_chain(merge(w, r0, r1), computed, dtype).reshape(r1 - r0, features)
         out[r0:r1] = _stored(merged, dtype).reshape(r1 - r0, -1)
-    return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), out.reshape(shape)
+    return out.reshape(shape)
+
+
+def _boft_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
+    """``(info, stored values)`` of the weight PEFT's BOFT merge gives: the base weight cast to the adapter's dtype,
+    times M^T (the butterfly rotation of its inputs, its blocks Cayley rotations rounded to that dtype), then times
+    the output scales, each product rounded to that dtype, stored in the weight's (``Linear.merge``:
+    ``torch.mm(M, W.t().to(M.dtype)).t() * boft_s``)."""
+    from dataclasses import replace
+
+    from ..io.peft_boft import features_of, merge_boft_rows, rotations_of
+
+    lf = pair.lora
+    info = base.tensors[pair.base_name]
+    shape, dtype = tuple(int(d) for d in info.shape), info.dtype
+    rname, sname = lf.parts["boft_R"], lf.parts["boft_s"]
+    computed = tuned.tensors[rname].dtype
+    features = features_of(shape)
+    values = decode(np.asarray(tuned.read(rname)), computed).reshape(tuned.tensors[rname].shape)
+    rots, perms = rotations_of(lf, values, features, tuned.adapter)
+    rots = reference.round_to(rots, computed).reshape(rots.shape)          # cayley_batch(...).to(data.dtype)
+    dt_s = tuned.tensors[sname].dtype
+    scale = reference.round_to(decode(np.asarray(tuned.read(sname)), dt_s), _promoted(computed, dt_s)).reshape(-1)
+
+    def merge(w, r0, r1):
+        x = reference.round_to(merge_boft_rows(w, rots, perms), computed).reshape(w.shape)
+        return x * scale[r0:r1, None]
+
+    out = _merge_in_rows(base.read(pair.base_name), shape, dtype, _promoted(computed, dt_s), features, merge)
+    return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), out
 
 
 def _compute_oft(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint], tuned: Checkpoint,
@@ -482,7 +520,7 @@ def _compute_oft(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint], tune
     from ..io.peft_oft import OFT_NOTE, old_peft
 
     lf = pair.lora
-    info, values = _oft_merged(pair, base, tuned)
+    info, values = (_boft_merged if lf.kind == "BOFT" else _oft_merged)(pair, base, tuned)
     side = MergedSide(tuned, pair.tuned_name, info, values)
     st, sb = tuple(info.shape), tuple(pair.shape_base)
     kind, overlap = ("paired", None) if st == sb else ("resized", min(st[0], sb[0]))
@@ -490,6 +528,12 @@ def _compute_oft(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint], tune
                    tuned_source=None, transposed=False)
     precompile.ensure([flat])
     rec = compute_pair(flat, bases, side, options, backend, classify, on_window)
+    if lf.kind == "BOFT":
+        from ..io.peft_boft import boft_note
+
+        n = sum(int(np.prod(tuned.tensors[x].shape)) for x in lf.parts.values())
+        rec.note = boft_note(lf, n) + (f"; {rec.note}" if rec.note else "")
+        return rec
     raw = tuned.adapter.raw
     how = (f"Cayley-Neumann, {raw.get('num_cayley_neumann_terms')} terms" if raw.get("use_cayley_neumann")
            else "Cayley") + (", coft" if raw.get("coft") else "") + (", one block shared" if raw.get("block_share") else "")
@@ -729,7 +773,7 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
         return _compute_lora_bias(pair, base, bases, tuned, options, backend, classify, on_window)
     if (pair.ia3 is not None or pair.ia3_bias is not None) and pair.kind == "paired":
         return _compute_ia3(pair, base, bases, tuned, options, backend, classify, on_window)
-    if pair.kind == "lora" and getattr(pair.lora, "kind", "LORA") == "OFT":
+    if pair.kind == "lora" and getattr(pair.lora, "kind", "LORA") in ("OFT", "BOFT"):
         return _compute_oft(pair, base, bases, tuned, options, backend, classify, on_window)
     if pair.kind == "lora":
         merged = _merged_base_layer(pair, base, tuned)

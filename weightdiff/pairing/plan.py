@@ -175,18 +175,22 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
         adalora = any(getattr(f, "e_name", None) for f in factors)
         n, rest = len(factors) - pruned, len(items) - len(factors) - len(tokens) + pruned - biased
         lycoris = getattr(factors[0], "label", "LoRA")
-        lycoris = lycoris if lycoris in ("LoHa", "LoKr", "VeRA", "OFT") else None
+        lycoris = lycoris if lycoris in ("LoHa", "LoKr", "VeRA", "OFT", "BOFT") else None
         kinds = (f"{lycoris} module" if lycoris else "AdaLoRA factor triple" if adalora
                  else "LoRA factor pair") + ("s" if n != 1 else "")
         if lycoris:
             kinds += " (each measured exactly as the factor pair " + {
                 "LoHa": "its Hadamard product is)", "LoKr": "its Kronecker product is)",
                 "VeRA": "its vectors make of the shared projections, (lambda_b x B) @ (lambda_d x A))",
-                "OFT": "",
+                "OFT": "", "BOFT": "",
             }[lycoris]
             if lycoris == "OFT":
                 kinds = kinds.removesuffix(" (each measured exactly as the factor pair ") + \
                     " (each measured as the weight PEFT's merge gives, W R^T: R the block-diagonal rotation of its inputs)"
+            elif lycoris == "BOFT":
+                kinds = kinds.removesuffix(" (each measured exactly as the factor pair ") + \
+                    " (each measured as the weight PEFT's merge gives, (W M^T) s: M the butterfly rotation of its " \
+                    "inputs, s a scale per output)"
         notes.append(f"adapter: {n} {kinds}, {rest} other tensor{'s' if rest != 1 else ''} (modules_to_save); base "
                      "tensors the adapter leaves alone are `inherited`")
     return [it for _, it in items]

@@ -1356,7 +1356,7 @@ def headline(data: dict) -> list[str]:
                    "they change).")
     oft = (s.get("scope") or {}).get("oft") or {}
     if oft.get("tensors") and s.get("verdict") == "derived":
-        out.append(f"The adapter itself adds {count(oft['values'])} numbers to the base (OFT rotations of the inputs "
+        out.append(f"The adapter itself adds {count(oft['values'])} numbers to the base ({_rotations(oft)} "
                    f"of {plural(int(oft['tensors']), 'layer')}).")
     for status, verb in (("added", ("were added", "was added")), ("removed", ("are missing", "is missing"))):
         rows = [t for t in counted if t.get("status") == status]
@@ -1383,6 +1383,13 @@ def headline(data: dict) -> list[str]:
 
 
 # --- the plain-language paragraph of the memo's first page ---------------------------------
+
+def _rotations(oft: dict) -> str:
+    """What an OFT or BOFT adapter's own values are (``summary.scope.oft``)."""
+    if oft.get("method") == "BOFT":
+        return "BOFT butterfly rotations of the inputs and scales of the outputs"
+    return "OFT rotations of the inputs"
+
 
 def plural(n: Any, word: str, many: str | None = None) -> str:
     """``plural(1, "tensor")`` -> ``'1 tensor'``; ``plural(3, "matrix", "matrices")`` -> ``'3 matrices'``."""
@@ -1671,7 +1678,7 @@ def plain_language(data: dict) -> list[str]:
     if v == "derived" and oft.get("tensors"):
         # an OFT adapter's change is each weight's inputs rotated block by block: dense as a difference, but the
         # adapter adds only the rotations' parameters
-        out.append(f"The adapter itself adds {count(oft['values'])} numbers to the base: OFT rotations of the inputs "
+        out.append(f"The adapter itself adds {count(oft['values'])} numbers to the base: {_rotations(oft)} "
                    f"of {plural(int(oft['tensors']), 'layer')}, each merged weight being the base's with its inputs "
                    "rotated block by block (which is why the difference spreads over many directions).")
     added = [t for t in data.get("tensors") or [] if t.get("status") == "added" and not is_tied_row(t)]
