@@ -1,5 +1,5 @@
-"""Adapters of each kind on one 7B-shaped layer: `weightdiff compare base adapter` for LoRA, LoHa, LoKr, VeRA and
-llama.cpp's LoRA GGUF.
+"""Adapters of each kind on one 7B-shaped layer: `weightdiff compare base adapter` for LoRA, LoHa, LoKr, VeRA,
+llama.cpp's LoRA GGUF, OFT, BOFT and trainable tokens.
 
     nice python benchmarks/bench_adapters.py [--dir /tmp/wd-adapters] [--r 16] [--vera-r 256]
 
@@ -12,7 +12,11 @@ from the factors: LoRA r, LoHa r^2, LoKr 64 r, VeRA r). The GGUF row is the LoRA
 convert_lora_to_gguf.py writes them (F32, q_proj's B rows permuted by the base config.json's 32 heads, put back in
 order when read): its wall over the LoRA's is the cost of reading a GGUF adapter instead of PEFT's safetensors.
 The OFT row rotates the same three matrices' inputs in blocks of 32 (PEFT's default): a dense change, measured as
-the merged weights against the base's like a full fine-tune of those matrices (ranks found by the Gram/SVD path).
+the merged weights against the base's like a full fine-tune of those matrices (ranks found by the Gram/SVD path);
+the BOFT row the same in blocks of 32 with one butterfly factor (as PEFT builds it on the CPU) and a scale per output.
+The TOKENS rows are on another base, Mistral 7B's token embedding alone (32,000 x 4,096, float32, 0.5 GB): 16 rows
+trained (a TRAINABLE_TOKENS adapter), measured from the rows, then the merged table PEFT's merge gives, written out
+and compared as a plain pair (`TOKENS merged`): the rows' path against the dense one on the same change.
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ def _adapter(folder: Path, kind: str, r: int, rng) -> None:
         for m, s in SHAPES.items():
             t[f"{pre}{m}.vera_lambda_b"] = (0.01 * rng.standard_normal(s[0])).astype(np.float32)
             t[f"{pre}{m}.vera_lambda_d"] = rng.standard_normal(r).astype(np.float32)
+    elif kind == "BOFT":
+        cfg.update(boft_block_size=r, boft_block_num=0, boft_n_butterfly_factor=1)
+        for m, (o, i) in SHAPES.items():
+            t[f"{pre}{m}.boft_R"] = (0.01 * rng.standard_normal((1, i // r, r, r))).astype(np.float32)
+            t[f"{pre}{m}.boft_s"] = (1 + 0.01 * rng.standard_normal((o, 1))).astype(np.float32)
     elif kind == "OFT":
         cfg.update(r=0, oft_block_size=r, peft_version="0.21.2")
         for m, (o, i) in SHAPES.items():
@@ -97,12 +106,38 @@ def _gguf_adapter(path: Path, lora: Path, r: int) -> None:
     w.close()
 
 
+EMBED = (32000, 4096)
+TOKENS = 16
+
+
+def _tokens(d: Path, rng) -> tuple[Path, Path, Path]:
+    """A base of the embedding alone, a TRAINABLE_TOKENS adapter training ``TOKENS`` of its rows, and the merged
+    table (the rows in place, as PEFT's merge writes them)."""
+    import numpy as np
+
+    from weightdiff.io.safetensors_write import save_file
+
+    base, ad, merged = d / "embed_base", d / f"tokens{TOKENS}", d / "tokens_merged"
+    for f in (base, ad, merged):
+        f.mkdir(parents=True, exist_ok=True)
+    w = (0.02 * rng.standard_normal(EMBED)).astype(np.float32)
+    ids = rng.choice(EMBED[0], TOKENS, replace=False)
+    rows = (w[ids] + 0.01 * rng.standard_normal((TOKENS, EMBED[1]))).astype(np.float32)
+    save_file(base / "model.safetensors", {"model.embed_tokens.weight": w})
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "TRAINABLE_TOKENS", "token_indices":
+                                                        [int(i) for i in ids], "target_modules": ["embed_tokens"]}))
+    save_file(ad / "adapter_model.safetensors", {"base_model.model.model.embed_tokens.trainable_tokens_delta": rows})
+    w[ids] = rows
+    save_file(merged / "model.safetensors", {"model.embed_tokens.weight": w})
+    return base, ad, merged
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/wd-adapters"))
     ap.add_argument("--r", type=int, default=16, help="rank of the LoRA, LoHa and LoKr adapters")
     ap.add_argument("--vera-r", type=int, default=256, help="rank of the VeRA adapter (PEFT's default)")
-    ap.add_argument("--oft-block", type=int, default=32, help="block size of the OFT adapter (PEFT's default)")
+    ap.add_argument("--oft-block", type=int, default=32, help="block size of the OFT and BOFT adapters (OFT's default)")
     args = ap.parse_args()
     import numpy as np
 
@@ -118,19 +153,21 @@ def main() -> int:
                                                   "num_key_value_heads": 8}))
     rows = []
     lora_s = None
+    embed_base, tokens, merged = _tokens(args.dir, rng)
     for kind, r in (("LORA", args.r), ("LOHA", args.r), ("LOKR", args.r), ("VERA", args.vera_r), ("GGUF", args.r),
-                    ("OFT", args.oft_block)):
-        folder = args.dir / f"{kind.lower()}{r}"
+                    ("OFT", args.oft_block), ("BOFT", args.oft_block), ("TOKENS", TOKENS), ("TOKENS merged", TOKENS)):
+        folder = {"TOKENS": tokens, "TOKENS merged": merged}.get(kind, args.dir / f"{kind.lower()}{r}")
         if kind == "GGUF":
             folder.mkdir(parents=True, exist_ok=True)
             _gguf_adapter(folder / "lora.gguf", args.dir / f"lora{r}", r)
-        else:
+        elif not kind.startswith("TOKENS"):
             _adapter(folder, kind, r, rng)
         out = folder / "r.json"
         target = folder / "lora.gguf" if kind == "GGUF" else folder
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", CHILD, "compare", str(base), str(target), "--json", str(out), "-q"],
-                           capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", CHILD, "compare", str(embed_base if kind.startswith("TOKENS")
+                                                                        else base), str(target), "--json", str(out),
+                            "-q"], capture_output=True, text=True)
         wall = time.perf_counter() - t0
         peak = [x for x in p.stderr.splitlines() if x.startswith("PEAK ")]
         if p.returncode or not peak or not out.exists():
@@ -138,7 +175,7 @@ def main() -> int:
         lora_s = wall if kind == "LORA" else lora_s
         ranks = [t["rank"]["numerical_rank"] for t in json.loads(out.read_text())["tensors"] if t.get("rank")]
         rows.append((kind, r, wall, int(peak[-1].split()[1]), wall / lora_s, ranks))
-    print("| adapter | r | wall | peak RSS | wall / LoRA | numerical ranks (q, up, down) |")
+    print("| adapter | r | wall | peak RSS | wall / LoRA | numerical ranks (q, up, down; the embedding for TOKENS) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for kind, r, wall, peak, ratio, ranks in rows:
         print(f"| {kind} | {r} | {wall:.1f} s | {peak} MB | {ratio:.2f} | {', '.join(map(str, ranks))} |")

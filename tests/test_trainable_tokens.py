@@ -59,6 +59,37 @@ def test_rows_measure_as_the_dense_delta_numpy_computes(rng, dtype):
     assert (rank.numerical_rank, rank.energy_rank_99) == (r2.numerical_rank, r2.energy_rank_99)
 
 
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_a_base_read_in_windows_gives_the_numbers_of_the_base_read_whole(rng, dtype):
+    """``base_windows`` (the base read in row blocks, never held whole) against ``base_raw``: a LoRA pair, a DoRA
+    magnitude and trainable rows give the same fields and rank, bit for bit (the noise profile is summed in the
+    same flat order)."""
+    from weightdiff.measure.compute import _stored
+
+    m, n = 700, 96              # several row blocks, the last one short
+    w = reference.round_to(rng.standard_normal((m, n)), dtype).reshape(m, n)
+    raw = _stored(w, dtype).reshape(m, n)
+
+    def windows(k):
+        flat = raw.reshape(-1)
+        for i in range(0, flat.size, k):
+            yield flat[i:i + k].copy()
+
+    a, b = rng.standard_normal((3, n)) * 0.01, rng.standard_normal((m, 3))
+    cases = [dict(a=a, b=b), dict(a=a, b=b, magnitude=np.linalg.norm(w, axis=1) * 1.01),
+             dict(a=rng.standard_normal((4, n)), b=None, rows=np.array([650, 3, 99, 400]))]
+    for kw in cases:
+        kw = dict(kw)
+        aa, bb = kw.pop("a"), kw.pop("b")
+        f1, r1 = analyze_factors(aa, bb, 2.0, raw, dtype, (m, n), **kw)
+        f2, r2 = analyze_factors(aa, bb, 2.0, None, dtype, (m, n), base_windows=windows, **kw)
+        assert f1 == f2 and r1.to_dict() == r2.to_dict()
+    from weightdiff.measure.rank import noise_floor, noise_profile
+
+    rows, cols = noise_profile(raw, dtype, (m, n))      # the whole matrix's profile, in one call
+    assert r2.noise_floor == noise_floor(2 * rows, 2 * cols)[0] > 0
+
+
 def test_rows_the_selector_cannot_place_are_a_programming_error(rng):
     a = rng.standard_normal((2, 4))
     for rows in ([1, 1], [0, 8], [-1, 2], [0]):

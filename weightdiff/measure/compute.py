@@ -1308,16 +1308,23 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         values[lf.magnitude_name] = magnitude
     if rows is None:
         check_factor_values(lf, values, tuned.files[0], (a64, b64))   # before LAPACK sees them
-    base_raw = base.read(pair.base_name)
     shape = tuple(pair.shape_base)
+    base_raw = windows = None
     if getattr(lf, "transposed", False):
         # GPT-2 Conv1D stores the weight [in, out]: measure its transpose [out, in] = W.T + scale B @ A;
         # every statistic and the spectrum are the same for a matrix and its transpose
-        base_raw = np.ascontiguousarray(base_raw.reshape(shape).T)
+        base_raw = np.ascontiguousarray(base.read(pair.base_name).reshape(shape).T)
         shape = shape[::-1]
+    elif pair.base_name in (getattr(base, "quant", None) or {}):
+        base_raw = base.read(pair.base_name)            # dequantized whole, as its rows are laid out
+    else:
+        # read in row blocks, never held whole: an embedding's LoRA or trainable tokens on a 128,256-row table
+        # held 1 GB (bfloat16) mapped beside the rest
+        windows = lambda k: base.windows(pair.base_name, k)       # noqa: E731
     fields, rank = analyze_factors(a64, b64, lf.scale, base_raw, pair.dtype_base, shape,
                                    k=options.rank_k, noise_factor=options.thresholds.noise_floor_factor,
-                                   dtype_adapter=dt_a, magnitude=magnitude, dtype_magnitude=dt_m, rows=rows)
+                                   dtype_adapter=dt_a, magnitude=magnitude, dtype_magnitude=dt_m, rows=rows,
+                                   base_windows=windows)
     if getattr(lf, "transposed", False):
         rank.shape_2d = tuple(pair.shape_base)        # as stored, like every other record
     _fill(rec, fields)

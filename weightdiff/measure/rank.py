@@ -432,8 +432,13 @@ def weight_subspace(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str
 def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.ndarray | None,
                     dtype_base: str, shape, *, k: int = 64, noise_factor: float = 1.5,
                     dtype_adapter: str = "F32", magnitude: np.ndarray | None = None,
-                    dtype_magnitude: str | None = None, rows: np.ndarray | None = None) -> tuple[dict, RankRecord]:
+                    dtype_magnitude: str | None = None, rows: np.ndarray | None = None,
+                    base_windows=None) -> tuple[dict, RankRecord]:
     """Exact stats and rank of a LoRA delta ``scale * b @ a`` (b: m x r, a: r x n), never whole.
+
+    ``base_windows`` (in place of ``base_raw``): ``base_windows(k)`` iterates over the base's stored values in
+    flat windows of ``k`` elements (``Checkpoint.windows``), each valid until the next: the base is read in
+    row blocks, never held whole (a 128,256-row embedding is 1 GB in bfloat16), with the same numbers.
 
     ``rows`` (distinct row indices, one per row of ``a``; ``b`` None): b selects those rows, the delta is
     ``scale * a[j]`` in row ``rows[j]`` and zero elsewhere (PEFT's trainable tokens), never formed as an m x r
@@ -471,13 +476,24 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
     b = np.asarray(b, dtype=np.float64).reshape(b.shape[0], -1)
     if rows is None and (b.shape[0] != m or a.shape[1] != n or b.shape[1] != a.shape[0]):
         raise ValueError(f"factors b {b.shape} @ a {a.shape} do not make a {m} x {n} delta")
-    base2 = None if base_raw is None else _bits(base_raw, dtype_base, (m, n))
+    step = _rows(m, n)
+    has_base = base_raw is not None or base_windows is not None
+    if base_windows is not None:
+        windows = iter(base_windows(step * n))
+        block_of = lambda i: _bits(next(windows), dtype_base, (min(step, m - i), n))      # noqa: E731
+    elif base_raw is not None:
+        base2 = _bits(base_raw, dtype_base, (m, n))
+        block_of = lambda i: base2[i:i + step]      # noqa: E731
+    prof_rows, prof_cols = np.zeros(m), np.zeros(n)
+    noisy = has_base and DTYPES[dtype_base].kind == "float"
+    if noisy:
+        table, shift, mask = _variance_table(dtype_base)
+        scatter = noise_kernel()
     acc = None
     c_all = np.ones(m) if magnitude is not None else None
     mag_term = 0.0
     tol = dora_tolerance(n, dtype_base, dtype_magnitude or dtype_adapter, dtype_adapter)
     snapped = 0
-    step = _rows(m, n)
     for i in range(0, m, step):
         if rows is None:
             dblk = float(scale) * (b[i:i + step] @ a)
@@ -485,7 +501,11 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
             dblk = np.zeros((min(step, m - i), n))
             lo, hi = np.searchsorted(rows, (i, i + step))
             dblk[rows[lo:hi] - i] = float(scale) * a[lo:hi]
-        wb = np.zeros_like(dblk) if base2 is None else decode(base2[i:i + step], dtype_base)
+        bblk = block_of(i) if has_base else None
+        wb = np.zeros_like(dblk) if bblk is None else decode(bblk, dtype_base)
+        if noisy:   # the base's storage rounding per row and column, in flat order: noise_profile's bits
+            flat = bblk.reshape(-1)
+            scatter(flat.view(_UINT[flat.dtype.itemsize]), shift, mask, table, i * n, n, prof_rows, prof_cols)
         if magnitude is not None:
             merged = wb + dblk
             c, near = _dora_factor(merged, np.asarray(magnitude, dtype=np.float64).reshape(-1)[i:i + step], tol)
@@ -495,22 +515,21 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
             tuned = c[:, None] * merged
         else:
             tuned = wb + dblk
-        part = (reference.delta_stats(wb, tuned, "F64", "F64") if base2 is None
-                else reference.delta_stats(base2[i:i + step], tuned, dtype_base, "F64"))
+        part = (reference.delta_stats(wb, tuned, "F64", "F64") if bblk is None
+                else reference.delta_stats(bblk, tuned, dtype_base, "F64"))
         acc = part if acc is None else reference.combine(acc, part)
     if acc is None:
         acc = reference.delta_stats(np.zeros(0), np.zeros(0), "F64", "F64")
     stats = reference.finalize(acc)
-    if base2 is None:
+    if not has_base:
         for key in ("norm_base", "norm_tuned", "rel_change", "cosine", "frac_beyond_rounding", "frac_sign_flips"):
             stats[key] = None
         stats["sign_flips"] = 0
     b_dir = b if c_all is None else c_all[:, None] * b
     s = spectral.factors_svd(b_dir, a, scale)
     extra: dict = {"rank_r": int(a.shape[0])}
-    if base2 is not None:
-        rows, cols = noise_profile(base2, dtype_base, (m, n))
-        floor, rms = noise_floor(2 * rows, 2 * cols)
+    if has_base:
+        floor, rms = noise_floor(2 * prof_rows, 2 * prof_cols)
         extra["noise_rms"] = rms
         thr = noise_factor * floor
     else:
