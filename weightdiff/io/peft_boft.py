@@ -120,7 +120,10 @@ def check_boft(factor, tensors: dict[str, TensorInfo], base: TensorInfo, config,
     t = f"`{escape_name(factor.target)}`"
     shape = tuple(int(d) for d in base.shape)
     leaf = factor.target.removesuffix(".weight").rsplit(".", 1)[-1]
-    if len(shape) not in (2, 4) or leaf in ("c_attn", "c_proj", "c_fc", "q_attn") and len(shape) == 2:
+    if leaf in ("c_attn", "c_proj", "c_fc", "q_attn") and len(shape) == 2:
+        raise CheckpointError(where, f"BOFT module {t} is GPT-2's Conv1D, which PEFT's BOFT does not build (it takes "
+                                     "torch's Linear and Conv2d)", "is this adapter for another base model?")
+    if len(shape) not in (2, 4):
         raise CheckpointError(where, f"BOFT module {t}: the base weight is {list(shape)}, not a Linear or Conv2d "
                                      "weight PEFT's BOFT builds on", "is this adapter for another base model?")
     features = features_of(shape)
@@ -137,12 +140,17 @@ def check_boft(factor, tensors: dict[str, TensorInfo], base: TensorInfo, config,
                                      "(PEFT refuses to build it)", "is this adapter for another base model?")
     butterfly = n - 1
     ok = (d, h) == (want_d, want_h) and n in (1, raw["boft_n_butterfly_factor"])
-    if ok and butterfly:
-        ok = (d % 2 == 0 and h % 2 == 0 and butterfly <= int(math.log2(d)) and d % (1 << butterfly) == 0
-              and features >= h * (1 << butterfly))
+    if ok and butterfly and not (d % 2 == 0 and h % 2 == 0 and butterfly <= int(math.log2(d))
+                                 and d % (1 << butterfly) == 0 and features >= h * (1 << butterfly)):
+        raise CheckpointError(where, f"BOFT tensor `{escape_name(factor.parts['boft_R'])}` holds {n} butterfly factors "
+                                     f"of {d} blocks of {h}, which PEFT does not build on {t} (several factors need "
+                                     f"an even number of blocks, a multiple of 2^{butterfly}, of an even size)",
+                              "is this adapter for another base model, or its config from another adapter?")
     if not ok:
+        nb = raw["boft_n_butterfly_factor"]
+        factors = "1" if nb == 1 else f"1 or {nb}"
         raise CheckpointError(where, f"BOFT tensor `{escape_name(factor.parts['boft_R'])}` is {[n, d, h, h]}, but "
-                                     f"PEFT builds [1 or {raw['boft_n_butterfly_factor']}, {want_d}, {want_h}, "
+                                     f"PEFT builds [{factors}, {want_d}, {want_h}, "
                                      f"{want_h}] on {t} ({features:,} inputs, from adapter_config.json's "
                                      "boft_block_size / boft_block_num and boft_n_butterfly_factor)",
                               "is this adapter for another base model, or its config from another adapter?")
