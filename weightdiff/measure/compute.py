@@ -460,21 +460,22 @@ def _oft_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
     # adapter's dtype
     exact = block_rotation(tuned.adapter, vec, lf.r, lf.cols)
     rot = reference.round_to(reference.round_to(exact, "F32"), computed).reshape(exact.shape)
-    out = _merge_in_rows(src.read(name), shape, dtype, computed, features,
+    out = _merge_in_rows(src, name, shape, dtype, computed, features,
                          lambda w, r0, r1: merge_rows(w, rot, lf.embedding))
     return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), out
 
 
-def _merge_in_rows(stored, shape: tuple, dtype: str, computed: str, features: int, merge) -> np.ndarray:
-    """A base weight (``stored``, of ``shape`` and ``dtype``) merged with a rotation as PEFT merges one, in runs of
-    rows: each run cast to the adapter's dtype ``computed``, ``merge(rows [n, features] float64, r0, r1)`` on it,
-    rounded to ``computed`` and cast to ``dtype`` (torch's casts); the stored values of the merged weight."""
-    raw = np.asarray(stored).reshape(shape[0], -1)
-    out = np.empty(raw.shape, storage_of(dtype))
+def _merge_in_rows(src, name: str, shape: tuple, dtype: str, computed: str, features: int, merge) -> np.ndarray:
+    """A weight ``name`` of checkpoint ``src`` (of ``shape`` and ``dtype``) merged with a rotation as PEFT merges
+    one, read and merged in runs of rows (never mapped whole beside the merged copy): each run cast to the adapter's
+    dtype ``computed``, ``merge(rows [n, features] float64, r0, r1)`` on it, rounded to ``computed`` and cast to
+    ``dtype`` (torch's casts); the stored values of the merged weight."""
+    out = np.empty((shape[0], math.prod(shape[1:])), storage_of(dtype))
     rows = max(1, _MERGE_CHUNK // max(1, features))
+    windows = src.windows(name, rows * out.shape[1])
     for r0 in range(0, shape[0], rows):
         r1 = min(shape[0], r0 + rows)
-        w = reference.round_to(decode(raw[r0:r1], dtype), computed).reshape(r1 - r0, features)
+        w = reference.round_to(decode(np.asarray(next(windows)), dtype), computed).reshape(r1 - r0, features)
         with np.errstate(all="ignore"):
             merged = _cast_chain(merge(w, r0, r1), computed, dtype).reshape(r1 - r0, features)
         out[r0:r1] = _stored(merged, dtype).reshape(r1 - r0, -1)
@@ -506,7 +507,7 @@ def _boft_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
         x = reference.round_to(merge_boft_rows(w, rots, perms), computed).reshape(w.shape)
         return x * scale[r0:r1, None]
 
-    out = _merge_in_rows(base.read(pair.base_name), shape, dtype, _promoted(computed, dt_s), features, merge)
+    out = _merge_in_rows(base, pair.base_name, shape, dtype, _promoted(computed, dt_s), features, merge)
     return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), out
 
 
