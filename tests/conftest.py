@@ -16,6 +16,16 @@ settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from weightdiff.io.safetensors_write import save_checkpoint, save_file, to_storage
 
+# A suite started as a background job of a non-interactive shell (``pytest ... &`` in a script) inherits SIGINT
+# ignored, and so does every process it starts: the tests of Ctrl-C (a run interrupted exits 130 and writes
+# nothing) then saw their own signal ignored and failed. They test what a terminal's Ctrl-C does, so the suite
+# takes the terminal's default here (a caught signal is reset to the default across exec, so the processes the
+# tests start have it too); the test of a process started with SIGINT ignored sets that up itself.
+import signal as _signal
+
+if _signal.getsignal(_signal.SIGINT) is _signal.SIG_IGN:
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+
 
 def pytest_configure(config) -> None:
     """Under pytest-xdist, the controller rebuilds each warning a worker reports by importing the module of its
