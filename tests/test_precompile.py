@@ -123,6 +123,8 @@ def _run(tmp_path, base, tuned, keys):
 
 
 def test_a_first_run_compiles_nothing_in_its_own_process(tmp_path):
+    """A safetensors pair of two dtype pairs, then, in the same numba cache (a dtype pair costs about 20 s to
+    compile, so the two runs share the F32 one), a GGUF side whose dequantizers are compiled in the child too."""
     from weightdiff.io.safetensors_write import save_file, to_storage
 
     rng = np.random.default_rng(0)
@@ -135,12 +137,12 @@ def test_a_first_run_compiles_nothing_in_its_own_process(tmp_path):
             "model.layers.0.post_attention_layernorm.weight": ("BF16", to_storage(v, "BF16"))}
     tuned = {"model.layers.0.mlp.down_proj.weight": ("BF16", to_storage(w + low, "BF16")),
              "model.layers.0.input_layernorm.weight": ("BF16", to_storage(v * 1.01, "BF16")),
-             "model.layers.0.mlp.up_proj.weight": ("BF16", to_storage(w[:64] + 1e-3, "BF16")),
+             "model.layers.0.mlp.up_proj.weight": ("F32", (w[:64] + 1e-3).astype(np.float32)),
              "model.layers.0.post_attention_layernorm.weight": ("BF16", to_storage(v, "BF16"))}
     for side, t in (("base", base), ("tuned", tuned)):
         (tmp_path / side).mkdir()
         save_file(tmp_path / side / "model.safetensors", t, {"format": "pt"})
-    got = _run(tmp_path, tmp_path / "base", tmp_path / "tuned", ["BF16:BF16", "F32:BF16", "assignment"])
+    got = _run(tmp_path, tmp_path / "base", tmp_path / "tuned", ["BF16:BF16", "F32:F32", "assignment"])
     assert got["during"] == {}, got                 # every kernel of the run loaded from the child's cache
     assert got["hits"] > 0 and got["left"] == []    # ... it did load some; markers written for both dtype pairs
     assert got["after"], got                        # and a compile in this process is seen by the count
@@ -149,24 +151,21 @@ def test_a_first_run_compiles_nothing_in_its_own_process(tmp_path):
     ranked = [t for t in doc["tensors"] if t.get("rank")]
     assert ranked and {t["status"] for t in doc["tensors"]} >= {"changed", "unchanged"}
 
-
-def test_a_gguf_sides_dequantizers_are_compiled_in_the_child(tmp_path):
     gguf = pytest.importorskip("gguf")
     from gguf_build import to_gguf
     from models import llama
 
     from conftest import write_checkpoint
+    from weightdiff.io.checkpoint import locate
 
     Q = gguf.GGMLQuantizationType
     t = llama(np.random.default_rng(1), layers=2, hidden=64, inter=128, vocab=96, kv=32)
-    base = write_checkpoint(tmp_path / "base", t)
+    base = write_checkpoint(tmp_path / "gbase", t)
     path = to_gguf(tmp_path / "m.gguf", t, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2, types={"blk.1.": Q.Q4_0})
-    from weightdiff.io.checkpoint import locate
-
     with locate(path) as ck:
         assert precompile.gguf_keys([ck]) == ["ggml:Q4_0", "ggml:Q8_0"]
-    got = _run(tmp_path, base, path, ["ggml:Q4_0", "ggml:Q8_0"])
-    assert got["during"] == {} and got["hits"] > 0 and got["left"] == [], got
+    got = _run(tmp_path, base, path, ["F32:F32", "ggml:Q4_0", "ggml:Q8_0"])
+    assert got["during"] == {} and got["hits"] > 0 and got["left"] == [], got   # the dequantizers too
 
 
 def test_the_child_never_imports_from_the_current_folder(tmp_path):
