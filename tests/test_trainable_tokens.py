@@ -334,6 +334,44 @@ def test_a_table_of_another_dtype_is_refused(tmp_path, rng):
     contract(["compare", str(base), str(ad)], ad / "adapter_model.safetensors", "a F8_E4M3 table", tmp_path)
 
 
+def test_a_gguf_base_reads_as_the_model_it_was_converted_from(tmp_path, rng):
+    """Against the base's GGUF: an F32 table gives the records of the Hugging Face base it was converted from,
+    every field; an F16 one gives rows measured against its own float16 values (the rows cast to float16, as
+    PEFT's merge casts them into a float16 table) and numpy's delta; a Q8_0 table is refused, as any quantized
+    table."""
+    gguf = pytest.importorskip("gguf")
+    from gguf_build import to_gguf
+    from models import llama
+
+    from conftest import write_checkpoint
+
+    t = llama(rng, layers=2, hidden=64, inter=128, vocab=96, kv=32)
+    base = write_checkpoint(tmp_path / "base", t)
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "TRAINABLE_TOKENS",
+                                                        "token_indices": [3, 95, 7]}))
+    rows = rng.normal(0, 0.02, (3, 64)).astype(np.float32)
+    save_file(ad / "adapter_model.safetensors", {f"{PRE}{EMB}.trainable_tokens_delta": rows})
+    Q = gguf.GGMLQuantizationType
+    want = weightdiff.compare(str(base), str(ad)).to_dict(include_run=False)
+    f32 = to_gguf(tmp_path / "f32.gguf", t, "llama", Q.F32, n_head=4, n_kv=2, layers=2)
+    got = weightdiff.compare(str(f32), str(ad)).to_dict(include_run=False)
+    assert got["tensors"] == want["tensors"] and got["summary"]["verdict"] == want["summary"]["verdict"] == "derived"
+
+    f16 = to_gguf(tmp_path / "f16.gguf", t, "llama", Q.F16, n_head=4, n_kv=2, layers=2)
+    rec = weightdiff.compare(str(f16), str(ad)).tensor(f"{EMB}.weight")
+    w = t[f"{EMB}.weight"].astype(np.float16).astype(np.float64)
+    delta = rows.astype(np.float16).astype(np.float64) - w[[3, 95, 7]]
+    assert rec.compared == "factors" and rec.rank.numerical_rank == 3
+    assert rec.norm_delta == pytest.approx(float(np.linalg.norm(delta)), rel=1e-12)
+    np.testing.assert_allclose(rec.rank.spectrum[:3], np.linalg.svd(delta, compute_uv=False), rtol=1e-10)
+
+    q8 = to_gguf(tmp_path / "q8.gguf", t, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=2)
+    contract(["compare", str(q8), str(ad)], ad / "adapter_model.safetensors", "which the base stores quantized",
+             tmp_path)
+
+
 def test_a_worker_measures_the_rows_as_the_parent_does(tmp_path, rng):
     from test_lycoris_adapter import assert_worker_matches
 
@@ -341,7 +379,7 @@ def test_a_worker_measures_the_rows_as_the_parent_does(tmp_path, rng):
 
 
 def test_ids_are_checked_in_one_pass():
-    """4M ids with a duplicate at the end: found without a quadratic scan (the check took hours that way)."""
+    """2M ids with a duplicate at the end: found without a quadratic scan (the check took hours that way)."""
     import time
     from pathlib import Path
 
