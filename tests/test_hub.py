@@ -1199,6 +1199,14 @@ def test_small_tensors_stream_in_runs_not_a_request_each(server, hf, tmp_path):
     assert json.dumps(s, sort_keys=True) == json.dumps(loc, sort_keys=True)
 
 
+def _by_id_both_ways(run, tmp_path, base: str, tuned: str):
+    """``compare BASE TUNED --json`` by repo id, streamed then downloaded: each run's JSON (exit 0 checked)."""
+    for mode in ("--stream", "--download"):
+        rc, _, err = run("compare", base, tuned, mode, "--json", f"r{mode}.json")
+        assert rc == 0, err
+        yield json.loads((tmp_path / f"r{mode}.json").read_text())
+
+
 def test_a_vera_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
     """A VeRA adapter repo, streamed and downloaded: its shared projections (one tensor each, read for every module)
     and its vectors over HTTP give the records of the folder read locally."""
@@ -1225,10 +1233,7 @@ def test_a_vera_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
     server.commit("org/vera", _files(ad))
     local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
     assert [x["compared"] for x in local["tensors"] if x["status"] == "changed"] == ["factors", "factors"]
-    for mode in ("--stream", "--download"):
-        rc, _, err = run("compare", "org/base", "org/vera", mode, "--json", f"r{mode}.json")
-        assert rc == 0, err
-        got = json.loads((tmp_path / f"r{mode}.json").read_text())
+    for got in _by_id_both_ways(run, tmp_path, "org/base", "org/vera"):
         assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
 
 
@@ -1251,10 +1256,7 @@ def test_an_ia3_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
         f"base_model.model.{d}.ia3_l": (1 + 0.1 * rng.standard_normal((1, shapes[f"{d}.weight"][1]))).astype(np.float32)})
     server.commit("org/ia3", _files(ad))
     local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
-    for mode in ("--stream", "--download"):
-        rc, _, err = run("compare", "org/base", "org/ia3", mode, "--json", f"r{mode}.json")
-        assert rc == 0, err
-        got = json.loads((tmp_path / f"r{mode}.json").read_text())
+    for got in _by_id_both_ways(run, tmp_path, "org/base", "org/ia3"):
         assert got["tensors"] == local["tensors"] and got["summary"]["scope"]["ia3"]["vectors"] == 2
 
 
@@ -1279,10 +1281,7 @@ def test_trainable_tokens_by_id_read_as_they_do_locally(server, hf, tmp_path):
     local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
     rec = next(x for x in local["tensors"] if x["status"] == "changed")
     assert rec["name"] == emb and rec["compared"] == "factors" and rec["rank"]["numerical_rank"] == 3
-    for mode in ("--stream", "--download"):
-        rc, _, err = run("compare", "org/base", "org/tokens", mode, "--json", f"r{mode}.json")
-        assert rc == 0, err
-        got = json.loads((tmp_path / f"r{mode}.json").read_text())
+    for got in _by_id_both_ways(run, tmp_path, "org/base", "org/tokens"):
         assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
 
 
