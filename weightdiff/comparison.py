@@ -2624,6 +2624,8 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
     resolve_rows(tuned, the_plan, bases)        # a llama.cpp adapter's Q/K rows, by the base's head counts
     if getattr(tuned, "ia3", None):
         _check_ia3_plan(the_plan, bases, tuned)
+    if getattr(getattr(tuned, "adapter", None), "peft_type", None) == "LN_TUNING":
+        _check_ln_plan(the_plan, bases, tuned)
 
     seen = {layout_evidence(p.lora, tuned.tensors, bases[p.base_index].tensors[p.base_name])
             for p in the_plan.pairs if p.lora is not None and p.kind == "lora"} - {None}
@@ -2688,6 +2690,26 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
                              not p.lora.base_layer_name and (p.base_name in (getattr(base, "quant", None) or {})
                                                              or src.quant is not None),
                              tuned.files[0])
+
+
+def _check_ln_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint) -> None:
+    """Each trained layer copy of an LN tuning adapter replaces a base tensor of its name and shape: one the base
+    lacks, or of another shape, is an adapter for another model (PEFT's load refuses the shape; a module the model
+    lacks it skips with a warning), not an added or resized tensor that would read derived."""
+    from .io.peft_ln import SEGMENT
+
+    for p in the_plan.pairs:
+        src = p.tuned_source
+        if src is None or SEGMENT not in src or (p.kind == "paired" and not p.transposed):
+            continue
+        if p.kind == "added":
+            where = ", ".join(str(b.path) for b in bases)
+            found = f"which the base ({escape_name(where)}) does not have"
+        else:
+            found = f"which the base has as {list(p.shape_base or ())}, not {list(p.shape_tuned or ())}"
+        raise CheckpointError(tuned.files[0], f"LN tuning copy `{escape_name(src)}` replaces "
+                                              f"`{escape_name(p.tuned_name)}`, {found}",
+                              "is this adapter for another base model?")
 
 
 def _check_ia3_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Checkpoint) -> None:

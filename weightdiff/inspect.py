@@ -139,6 +139,13 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
             adapter = {"peft_type": "TRAINABLE_TOKENS", "target_modules": a.target_modules, "base_model": a.base_model,
                        "token_indices": list(a.tokens[""]),
                        "trainable_tokens": {f.target: len(f.tokens) for f in ckpt.lora}}
+        elif ckpt.adapter is not None and ckpt.adapter.peft_type == "LN_TUNING":
+            from .io.peft_ln import ln_target
+
+            a = ckpt.adapter
+            copies = sorted({t.rsplit(".", 1)[0] for t in map(ln_target, ckpt.tensors) if t})
+            adapter = {"peft_type": "LN_TUNING", "target_modules": a.target_modules, "base_model": a.base_model,
+                       "layers": len(copies), "tensors": sum(ln_target(n) is not None for n in ckpt.tensors)}
         elif ckpt.adapter is not None:
             a = ckpt.adapter
             pairs = [f for f in ckpt.lora if f.kind != "TOKENS"]
@@ -302,6 +309,9 @@ def _adapter_lines(a: dict) -> list[str]:
         n = a["factors_saved"] or [a["boft_n_butterfly_factor"]]
         head = (f"BOFT {size}, {'/'.join(map(str, n))} butterfly factor{s(max(n))}, {a['modules']} "
                 f"module{s(a['modules'])}")
+    elif kind == "LN_TUNING":
+        head = (f"LN tuning, {a['layers']} trained layer cop{'y' if a['layers'] == 1 else 'ies'} "
+                f"({a['tensors']} tensor{s(a['tensors'])}), each swapped in for the base's layer")
     elif kind == "TRAINABLE_TOKENS":
         ids = a["token_indices"]
         head = (f"trainable tokens, {len(ids):,} token id{s(len(ids))} ({', '.join(map(str, ids[:8]))}"

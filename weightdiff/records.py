@@ -123,6 +123,10 @@ BOFT_NOTE = "BOFT rotation"
 #: ``adapter``, as for LoRA factors
 TOKENS_NOTE = "PEFT trainable tokens"
 
+#: the start of the note of a base tensor an LN tuning adapter's trained layer copy replaces (``measure.compute``):
+#: flag ``adapter``
+LN_NOTE = "LN tuning: the adapter's trained copy"
+
 
 _IA3_VALUES = re.compile(r"^IA3 vector `.*` \((\d+) values?\) merged into the base's weight", re.S)
 

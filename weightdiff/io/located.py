@@ -46,7 +46,13 @@ class Checkpoint:
                                                                   "BOFT", "TRAINABLE_TOKENS")
         self.lora: list[LoraFactor] = lora_factors(tensors, files[0], adapter) if lora else []
         #: an IA3 adapter's vectors (weightdiff.io.peft_adapter.ia3_vectors)
-        self.ia3: list[IA3Vector] = ia3_vectors(tensors, files[0], adapter) if adapter is not None and not lora else []
+        ln = adapter is not None and adapter.peft_type == "LN_TUNING"
+        if ln:                  # trained copies of whole layers, compared as the base's tensors they replace
+            from .peft_ln import check_ln_tensors
+
+            check_ln_tensors(tensors, files[0])
+        self.ia3: list[IA3Vector] = (ia3_vectors(tensors, files[0], adapter) if adapter is not None and not lora
+                                     and not ln else [])
         self._open: OrderedDict[Path, SafetensorsFile] = OrderedDict()
         self._pins: dict[Path, int] = {}
         self._headers: dict[Path, dict[str, TensorInfo]] = {}

@@ -370,10 +370,14 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         from .peft_tokens import parse_tokens_config
 
         return parse_tokens_config(raw, path)
+    if isinstance(kind, str) and kind.upper() == "LN_TUNING":
+        from .peft_ln import parse_ln_config
+
+        return parse_ln_config(raw, path)
     if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA, LoHa, LoKr, "
-                                    "VeRA, OFT, BOFT, IA3 and trainable-tokens adapters are supported (FourierFT, HRA and others store "
-                                    "different factors)",
+                                    "VeRA, OFT, BOFT, IA3, trainable-tokens and LN tuning adapters are supported (FourierFT, HRA and "
+                                    "others store different factors)",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     for key, why, hint in _VARIANTS:
         if raw.get(key) not in (None, False, [], {}):
@@ -572,9 +576,10 @@ def _adalora_factors(tensors: dict[str, TensorInfo], where: Path, config: Adapte
 
 
 def _foreign_part(name: str) -> str | None:
-    """What ``name`` is when it is a LoHa, LoKr, VeRA or OFT tensor (refused under another method's config):
-    "LyCORIS (LoHa/LoKr)" for ``<m>.hada_w1_a``, ``<m>.lokr_w2``..., "VeRA" for ``<m>.vera_lambda_b`` and the shared
-    ``vera_A``, "OFT" for ``<m>.oft_R.weight``; else None."""
+    """What ``name`` is when it is a LoHa, LoKr, VeRA, OFT, BOFT, trainable-tokens or LN tuning tensor (refused under
+    another method's config): "LyCORIS (LoHa/LoKr)" for ``<m>.hada_w1_a``, ``<m>.lokr_w2``..., "VeRA" for
+    ``<m>.vera_lambda_b`` and the shared ``vera_A``, "OFT" for ``<m>.oft_R.weight``, "LN tuning" for
+    ``<m>.ln_tuning_layers.weight``; else None."""
     if "hada_" in name or "lokr_" in name:
         from .peft_lycoris import _PART_RE
 
@@ -595,6 +600,10 @@ def _foreign_part(name: str) -> str | None:
         from .peft_tokens import is_token_delta
 
         return "trainable tokens" if is_token_delta(name) else None
+    if ".ln_tuning_layers." in name:
+        from .peft_ln import ln_target
+
+        return "LN tuning" if ln_target(name) else None
     return None
 
 
@@ -701,7 +710,8 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
 
 #: what messages, notes and inspect call each peft_type weightdiff reads
 KIND_LABELS = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "OFT": "OFT", "BOFT": "BOFT",
-               "IA3": "IA3", "TOKENS": "trainable tokens", "TRAINABLE_TOKENS": "trainable tokens"}
+               "IA3": "IA3", "TOKENS": "trainable tokens", "TRAINABLE_TOKENS": "trainable tokens",
+               "LN_TUNING": "LN tuning"}
 
 #: the dtypes an IA3 merge is reproduced in (torch's own promotion and casts among them)
 _MERGE_DTYPES = ("F16", "BF16", "F32", "F64")

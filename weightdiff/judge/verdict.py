@@ -26,7 +26,7 @@ import numpy as np
 
 from ..kernels.dtypes import DTYPES
 from ..options import Thresholds
-from ..records import BOFT_NOTE, IA3_NOTE, OFT_NOTE, TOKENS_NOTE, STATUSES, BlockRecord, ia3_merged, ia3_values, oft_values, Summary, TensorRecord, count_lookalikes, relabelled
+from ..records import BOFT_NOTE, IA3_NOTE, LN_NOTE, OFT_NOTE, TOKENS_NOTE, STATUSES, BlockRecord, ia3_merged, ia3_values, oft_values, Summary, TensorRecord, count_lookalikes, relabelled
 from ..records import moved as is_moved
 from ..io.declared import same_model
 from ..io.meta_layout import is_meta_qk
@@ -220,9 +220,9 @@ def _flags(counted: list[TensorRecord], records: list[TensorRecord], declared: d
                     on.add("quant_both_compensated")
         if s in ("changed", "resized"):
             moved.append(r)
-        if compared == "factors" or (r.note is not None and r.note.startswith((IA3_NOTE, OFT_NOTE, BOFT_NOTE, TOKENS_NOTE))):
+        if compared == "factors" or (r.note is not None and r.note.startswith((IA3_NOTE, OFT_NOTE, BOFT_NOTE, TOKENS_NOTE, LN_NOTE))):
             on.add("adapter")           # a LoRA's factors, or a tensor an IA3 vector scales, OFT rotates or trainable
-            # tokens replace rows of, merged
+            # tokens replace rows of, merged; a layer copy LN tuning trained
         elif compared == "bytes":
             on.add("bytes_compared")
         if r.dtype_base and r.dtype_tuned and r.dtype_base != r.dtype_tuned and compared != "factors":

@@ -19,13 +19,14 @@ import numpy as np
 
 from ..errors import CheckpointError, escape_name
 from ..io.checkpoint import Checkpoint
+from ..io.peft_ln import SEGMENT as LN_SEGMENT
 from ..io.safetensors_read import storage_of
 from ..kernels import reference
 from ..kernels.dtypes import DTYPES, decode
 from ..options import CompareOptions, Thresholds
 from ..pairing.names import is_router
 from ..pairing.plan import Pair, Plan
-from ..records import IA3_NOTE, RELABEL_NOTE, RankRecord, TensorRecord
+from ..records import IA3_NOTE, LN_NOTE, RELABEL_NOTE, RankRecord, TensorRecord
 from . import precompile
 from .backend import Backend
 from .floors import FloorAccumulator
@@ -731,6 +732,18 @@ def compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, opt
     (``_small_batch``); the same record again. ``solver``: the eigen-solve of a streamed Gram
     matrix may run there while the caller goes on; ``rec.rank`` is then a ``Deferred``
     (``Solver.resolve``)."""
+    rec = _compute_pair(pair, bases, tuned, options, backend, classify, on_window, solver, pre)
+    if pair.tuned_source is not None and LN_SEGMENT in pair.tuned_source and \
+            getattr(getattr(tuned, "adapter", None), "peft_type", None) == "LN_TUNING":
+        # an LN tuning adapter's trained copy of a layer, compared with the base's tensor it replaces
+        rec.note = f"{LN_NOTE} `{pair.tuned_source}`, which PEFT's merge swaps in for the base's layer" + \
+            (f"; {rec.note}" if rec.note else "")
+    return rec
+
+
+def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, options: CompareOptions,
+                  backend: Backend, classify: Classify, on_window: Callable[[int], None],
+                  solver: "Solver | None", pre: "tuple[np.ndarray, dict, dict] | None") -> TensorRecord:
     shape_t = list(pair.shape_tuned) if pair.shape_tuned is not None else None
     # one list for both sides when the shapes agree (records are read, never edited in place)
     shape_b = shape_t if shape_t is not None and pair.shape_base == pair.shape_tuned else \

@@ -49,6 +49,7 @@ from .heads import tie_aliases, tie_heads
 from .names import is_buffer, is_embedding, is_lm_head, is_router, parse_name
 from .pairs import KINDS, PAIRED_BY, CheckpointLike, Pair, Plan, _Item, _numel, make_pair, source_of
 from ..errors import OptionsError, escape_name
+from ..io.peft_ln import ln_target
 
 __all__ = ["Pair", "Plan", "plan", "KINDS", "PAIRED_BY", "is_embedding", "is_lm_head", "CheckpointLike"]
 
@@ -102,7 +103,8 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
         items.append((order[v.name], _Item(v.target, v.name, None, tensors[v.name].dtype, ia3=v)))
     targets = {it.key: it.shape for _, it in items}
     raw = getattr(getattr(tuned, "adapter", None), "raw", None) or {}
-    sampler = 0
+    ln = getattr(getattr(tuned, "adapter", None), "peft_type", None) == "LN_TUNING"
+    sampler = copies = 0
     for n, info in tensors.items():
         if n in used:
             continue
@@ -113,6 +115,9 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
             continue
         key = n[len(_PEFT_PREFIX):] if n.startswith(_PEFT_PREFIX) else n
         key = _PEFT_SEGMENTS.sub("", key)
+        if ln and (copy := ln_target(key)) is not None:
+            # LN tuning: a trained copy of the layer, which PEFT's merge swaps in for the base's
+            key, copies = copy, copies + 1
         if key in targets and targets[key] == tuple(info.shape):
             # PEFT's save_embedding_layers stores the full base layer beside its factors; the
             # factors are the change, so the copy is not compared a second time
@@ -142,6 +147,12 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
         notes.append(f"adapter has monteclora_config: {sampler} tensors of MonteCLoRA's sampler state "
                      "(lora_monteclora_sampler) are used in training only (PEFT's eval forward and merge use "
                      "scale x B @ A alone): not model weights, not compared")
+    if ln:
+        rest = len(items) - copies
+        notes.append(f"adapter: LN tuning, {copies} tensor{'s' if copies != 1 else ''} of the trained layer copies "
+                     "(each compared with the base's tensor it replaces: PEFT's merge swaps the copy in for the "
+                     f"layer), {rest} other tensor{'s' if rest != 1 else ''} (modules_to_save); base tensors the "
+                     "adapter leaves alone are `inherited`")
     if raw.get("alora_invocation_tokens"):
         notes.append("adapter has alora_invocation_tokens (aLoRA): PEFT applies its change only to the tokens "
                      "after an invocation sequence, and cannot merge it; the weights measured are those the "
