@@ -1285,6 +1285,30 @@ def test_trainable_tokens_by_id_read_as_they_do_locally(server, hf, tmp_path):
         assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
 
 
+def test_an_ln_tuning_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
+    """An LN tuning adapter repo (trained copies of two norms), streamed and downloaded: the records of the folder
+    read locally, each copy compared with the base's norm it replaces."""
+    from weightdiff.io.safetensors_write import save_file
+    from weightdiff.io.checkpoint import locate
+
+    rng = np.random.default_rng(15)
+    with locate(server.local["base"]) as b:
+        norms = [n for n, t in b.tensors.items() if n.endswith("norm.weight") and len(t.shape) == 1][:2]
+        shapes = {n: tuple(b.tensors[n].shape) for n in norms}
+    assert len(norms) == 2, norms
+    ad = tmp_path / "ln"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LN_TUNING", "target_modules": ["norm"]}))
+    save_file(ad / "adapter_model.safetensors", {
+        f"base_model.model.{n.removesuffix('.weight')}.ln_tuning_layers.weight":
+            (1 + 0.1 * rng.standard_normal(shapes[n])).astype(np.float32) for n in norms})
+    server.commit("org/ln", _files(ad))
+    local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
+    assert sorted(x["name"] for x in local["tensors"] if x["status"] == "changed") == sorted(norms)
+    for got in _by_id_both_ways(run, tmp_path, "org/base", "org/ln"):
+        assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+
+
 def test_a_llama_cpp_lora_gguf_by_id_reads_as_it_does_locally(server, hf, tmp_path):
     """A repo holding a llama.cpp LoRA GGUF against a base by id (downloaded: a GGUF is read from a local file), the
     head counts that put Q/K's rows back in order read from the base repo's config.json: the records of the pair

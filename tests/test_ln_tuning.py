@@ -158,3 +158,27 @@ def test_ln_tuning_copies_under_a_lora_config_are_refused(tmp_path):
     (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
                                                         "target_modules": ["q_proj"]}))
     contract(["compare", str(base), str(ad)], ad / "adapter_model.safetensors", "LN tuning", tmp_path)
+
+
+def test_a_worker_measures_the_copies_as_the_parent_does(tmp_path):
+    """A Dask worker plans again from the headers (``split.measure_task``): its records of the copied tensors, note
+    included, are the parent's (the block and module are filled in by the parent)."""
+    from weightdiff.comparison import check_adapter_plan
+    from weightdiff.io.checkpoint import locate
+    from weightdiff.options import CompareOptions
+    from weightdiff.pairing.plan import plan as make_plan
+    from weightdiff.split import measure_task, plan_digest
+
+    base, ad, _ = _saved(tmp_path, _gpt2(), ["ln_1"])
+    local = weightdiff.compare(str(base), str(ad))
+    with locate(base) as b, locate(ad) as t:
+        parent = make_plan([b], t)
+        check_adapter_plan(parent, [b], t)
+        digest = plan_digest(parent)
+    idx = [i for i, p in enumerate(parent.pairs) if p.tuned_source and ".ln_tuning_layers." in p.tuned_source]
+    status, records = measure_task([str(base)], str(ad), CompareOptions(), idx, digest)
+    assert status == "ok" and len(records) == 4, records
+    for r in records:
+        want = local.tensor(r.name).to_dict()
+        assert r.note.startswith("LN tuning: the adapter's trained copy")
+        assert {k for k, v in r.to_dict().items() if want.get(k) != v} <= {"block", "module"}
