@@ -235,6 +235,8 @@ class LoraFactor:
     #: trainable tokens on the embedding of a base that ties its LM head: the head's copy of the rows the adapter
     #: saves too (``pairing.heads``), which must hold the same values
     tied_copy: str | None = None
+    #: HRA under ``apply_GS``: the reflections' vectors orthonormalized (``peft_hra``)
+    apply_gs: bool = False
 
     @property
     def label(self) -> str:
@@ -370,14 +372,18 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         from .peft_tokens import parse_tokens_config
 
         return parse_tokens_config(raw, path)
+    if isinstance(kind, str) and kind.upper() == "HRA":
+        from .peft_hra import parse_hra_config
+
+        return parse_hra_config(raw, path)
     if isinstance(kind, str) and kind.upper() == "LN_TUNING":
         from .peft_ln import parse_ln_config
 
         return parse_ln_config(raw, path)
     if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA, LoHa, LoKr, "
-                                    "VeRA, OFT, BOFT, IA3, trainable-tokens and LN tuning adapters are supported (FourierFT, HRA and "
-                                    "others store different factors)",
+                                    "VeRA, OFT, BOFT, HRA, IA3, trainable-tokens and LN tuning adapters are supported (FourierFT, "
+                                    "VBLoRA and others store different factors)",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     for key, why, hint in _VARIANTS:
         if raw.get(key) not in (None, False, [], {}):
@@ -600,11 +606,24 @@ def _foreign_part(name: str) -> str | None:
         from .peft_tokens import is_token_delta
 
         return "trainable tokens" if is_token_delta(name) else None
+    if name.endswith(".hra_u"):
+        from .peft_hra import is_hra
+
+        return "HRA" if is_hra(name) else None
     if ".ln_tuning_layers." in name:
         from .peft_ln import ln_target
 
         return "LN tuning" if ln_target(name) else None
     return None
+
+
+def refuse_other_method(name: str, where: Path, label: str, own: str, peft_type: str) -> None:
+    """Refuse ``name`` when it is another PEFT method's tensor (LoRA's, IA3's, ``_foreign_part``'s) in an adapter
+    whose config says ``peft_type`` (``label``'s tensors are called ``own``): PEFT would not load it."""
+    if (".ia3_l" in name and _IA3_RE.match(name)) or _LORA_RE.match(name) or _foreign_part(name):
+        raise CheckpointError(where, f"adapter holds `{escape_name(name)}`, which is not {label}'s ({own}), but "
+                                     f"adapter_config.json says peft_type {peft_type}",
+                              "tensors and config from different adapters?")
 
 
 def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConfig) -> list[LoraFactor]:
@@ -627,6 +646,10 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         from .peft_boft import boft_factors
 
         return boft_factors(tensors, where, config)
+    if config.peft_type == "HRA":
+        from .peft_hra import hra_factors
+
+        return hra_factors(tensors, where, config)
     from .peft_tokens import is_token_delta, token_factors
 
     if config.peft_type == "TRAINABLE_TOKENS":
@@ -711,7 +734,7 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
 #: what messages, notes and inspect call each peft_type weightdiff reads
 KIND_LABELS = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "OFT": "OFT", "BOFT": "BOFT",
                "IA3": "IA3", "TOKENS": "trainable tokens", "TRAINABLE_TOKENS": "trainable tokens",
-               "LN_TUNING": "LN tuning"}
+               "LN_TUNING": "LN tuning", "HRA": "HRA"}
 
 #: the dtypes an IA3 merge is reproduced in (torch's own promotion and casts among them)
 _MERGE_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -889,6 +912,10 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
         from .peft_boft import check_boft
 
         return check_boft(factor, tensors, base, config, where)
+    if factor.kind == "HRA":
+        from .peft_hra import check_hra
+
+        return check_hra(factor, tensors, base, where)
     if factor.kind == "TOKENS":
         from .peft_tokens import check_tokens
 
@@ -991,6 +1018,10 @@ def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where
                                              "cannot be measured")
         if factor.kind in ("OFT", "BOFT", "TOKENS"):    # rotations (check_oft_values, check_boft_values), rows
             return
+        if factor.kind == "HRA":        # reflections: unit vectors, W (H - I) at most 2 |W|
+            from .peft_hra import check_hra_values
+
+            return check_hra_values(factor, arrays[factor.parts["hra_u"]], where, factor.apply_gs)
         if factor.parts:                # LoHa / LoKr / VeRA: the factor pair their tensors make
             a, b = pair if pair is not None else \
                 factor_pair(factor, {role: arrays[n] for role, n in factor.parts.items()})

@@ -76,16 +76,13 @@ def parse_boft_config(raw: dict, path: Path):
 
 def boft_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
     """One LoraFactor (kind BOFT, its ``boft_R`` and ``boft_s`` in ``parts``) per adapted module."""
-    from .peft_adapter import _IA3_RE, _LORA_RE, LoraFactor, _foreign_part, _is_float
+    from .peft_adapter import LoraFactor, _is_float, refuse_other_method
 
     parts: dict[str, dict[str, str]] = {}
     for name in tensors:
         m = _BOFT_RE.match(name) if ".boft_" in name else None
         if m is None:
-            if (".ia3_l" in name and _IA3_RE.match(name)) or _LORA_RE.match(name) or _foreign_part(name):
-                raise CheckpointError(where, f"adapter holds `{escape_name(name)}`, which is not BOFT's (boft_R, "
-                                             "boft_s), but adapter_config.json says peft_type BOFT",
-                                      "tensors and config from different adapters?")
+            refuse_other_method(name, where, "BOFT", "boft_R, boft_s", "BOFT")
             continue
         parts.setdefault(m["mod"], {})[m["k"]] = name
     out = []
@@ -115,21 +112,30 @@ def features_of(shape: tuple) -> int | None:
     return int(shape[1]) if len(shape) == 2 else None
 
 
+def linear_or_conv2d_inputs(label: str, factor, shape: tuple, where: Path) -> int:
+    """The inputs of a base weight of ``shape`` that a method PEFT builds on torch's Linear and Conv2d only (BOFT,
+    HRA) transforms (``features_of``); GPT-2's Conv1D, another layer and a non-square Conv2d kernel (PEFT's merge
+    views the kernel as square) refused."""
+    t = f"`{escape_name(factor.target)}`"
+    leaf = factor.target.removesuffix(".weight").rsplit(".", 1)[-1]
+    if leaf in ("c_attn", "c_proj", "c_fc", "q_attn") and len(shape) == 2:
+        raise CheckpointError(where, f"{label} module {t} is GPT-2's Conv1D, which PEFT's {label} does not build (it "
+                                     "takes torch's Linear and Conv2d)", "is this adapter for another base model?")
+    if len(shape) not in (2, 4):
+        raise CheckpointError(where, f"{label} module {t}: the base weight is {list(shape)}, not a Linear or Conv2d "
+                                     f"weight PEFT's {label} builds on", "is this adapter for another base model?")
+    features = features_of(shape)
+    if features is None:
+        raise CheckpointError(where, f"{label} module {t} is a Conv2d of kernel {list(shape[2:])}, which PEFT's "
+                                     "merge cannot view (it takes the kernel as square)", _MERGE)
+    return features
+
+
 def check_boft(factor, tensors: dict[str, TensorInfo], base: TensorInfo, config, where: Path) -> None:
     """``boft_R`` and ``boft_s`` must be what PEFT builds on this base layer (headers only)."""
     t = f"`{escape_name(factor.target)}`"
     shape = tuple(int(d) for d in base.shape)
-    leaf = factor.target.removesuffix(".weight").rsplit(".", 1)[-1]
-    if leaf in ("c_attn", "c_proj", "c_fc", "q_attn") and len(shape) == 2:
-        raise CheckpointError(where, f"BOFT module {t} is GPT-2's Conv1D, which PEFT's BOFT does not build (it takes "
-                                     "torch's Linear and Conv2d)", "is this adapter for another base model?")
-    if len(shape) not in (2, 4):
-        raise CheckpointError(where, f"BOFT module {t}: the base weight is {list(shape)}, not a Linear or Conv2d "
-                                     "weight PEFT's BOFT builds on", "is this adapter for another base model?")
-    features = features_of(shape)
-    if features is None:
-        raise CheckpointError(where, f"BOFT module {t} is a Conv2d of kernel {list(shape[2:])}, which PEFT's merge "
-                                     "cannot view (it takes the kernel as square)", _MERGE)
+    features = linear_or_conv2d_inputs("BOFT", factor, shape, where)
     raw = config.raw
     size, num = raw["boft_block_size"], raw["boft_block_num"]
     n, d, h = (int(x) for x in tensors[factor.parts["boft_R"]].shape[:3])

@@ -95,7 +95,7 @@ def old_peft(config) -> bool:
 
 def oft_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
     """One LoraFactor (kind OFT, its ``oft_R`` tensor in ``parts``) per adapted module."""
-    from .peft_adapter import _IA3_RE, _LORA_RE, LoraFactor, _foreign_part, _is_float
+    from .peft_adapter import LoraFactor, _is_float, refuse_other_method
 
     out = []
     for name, info in tensors.items():
@@ -106,10 +106,7 @@ def oft_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
                                              "weights PEFT itself no longer loads",
                                       "merge it with the PEFT it was trained with (0.13) and compare the merged "
                                       "model")
-            if (".ia3_l" in name and _IA3_RE.match(name)) or _LORA_RE.match(name) or _foreign_part(name):
-                raise CheckpointError(where, f"adapter holds `{escape_name(name)}`, which is not OFT's (oft_R), but "
-                                             "adapter_config.json says peft_type OFT",
-                                      "tensors and config from different adapters?")
+            refuse_other_method(name, where, "OFT", "oft_R", "OFT")
             continue
         if not _is_float(info) or len(info.shape) != 2:
             raise CheckpointError(where, f"OFT tensor `{escape_name(name)}` is {info.dtype} {list(info.shape)}; "

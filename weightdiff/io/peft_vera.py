@@ -65,7 +65,7 @@ def parse_vera_config(raw: dict, path: Path):
 
 def vera_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
     """One LoraFactor per module with both vectors; ``parts`` holds its vectors and the shared projections."""
-    from .peft_adapter import _IA3_RE, _LORA_RE, LoraFactor, _is_float, _foreign_part
+    from .peft_adapter import LoraFactor, _is_float, refuse_other_method
 
     vecs: dict[str, dict[str, str]] = {}
     shared: dict[str, str] = {}
@@ -77,10 +77,8 @@ def vera_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
         s = _SHARED_RE.match(name) if "vera_" in name else None
         if s:
             shared[s["k"]] = name
-        elif (".ia3_l" in name and _IA3_RE.match(name)) or _LORA_RE.match(name) or _foreign_part(name):
-            raise CheckpointError(where, f"adapter holds `{escape_name(name)}`, which is not VeRA's (vera_lambda_b, "
-                                         "vera_lambda_d, vera_A, vera_B), but adapter_config.json says peft_type VERA",
-                                  "tensors and config from different adapters?")
+        else:
+            refuse_other_method(name, where, "VeRA", "vera_lambda_b, vera_lambda_d, vera_A, vera_B", "VERA")
     if not vecs:
         return []
     r = config.r

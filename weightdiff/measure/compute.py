@@ -215,6 +215,26 @@ def _token_rows(lf, tuned: Checkpoint, dtype: str) -> np.ndarray:
     return _cast_chain(rows, dt, dtype).reshape(len(lf.tokens), -1)
 
 
+def _hra_pair(lf, pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple[np.ndarray, np.ndarray]:
+    """(A [r, in], B [out, r]) with W (H - I) = B @ A for an HRA module (``io.peft_hra``): P = W A^T from the base
+    weight read in row blocks (a Conv2d's viewed [out, in x k x k]), never held whole."""
+    from ..io.peft_hra import factor_b, reflections
+
+    name = lf.parts["hra_u"]
+    u = decode(np.asarray(tuned.read(name)), tuned.tensors[name].dtype).reshape(tuned.tensors[name].shape)
+    a = reflections(u, lf.apply_gs)
+    shape = tuple(int(d) for d in pair.shape_base)
+    cols = math.prod(shape[1:])
+    rows = max(1, _MERGE_CHUNK // max(1, cols))
+    p = np.empty((shape[0], a.shape[0]))
+    windows = base.windows(pair.base_name, rows * cols)
+    for r0 in range(0, shape[0], rows):
+        r1 = min(shape[0], r0 + rows)
+        w = decode(np.asarray(next(windows)), pair.dtype_base).reshape(r1 - r0, cols)
+        p[r0:r1] = w @ a.T
+    return a, factor_b(p, a, lf.apply_gs)
+
+
 def _part_values(lf, tuned: Checkpoint) -> dict:
     """A LoHa/LoKr/VeRA module's tensors decoded to float64 in their saved shapes (role -> values)."""
     return {role: decode(tuned.read(n), tuned.tensors[n].dtype).reshape(tuned.tensors[n].shape)
@@ -1307,6 +1327,11 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         b64 = magnitude = dt_m = None
         values = {}             # (the rows' values were checked with the plan)
         dt_a = pair.dtype_base
+    elif lf.kind == "HRA":      # Householder reflections: W (H - I) = B @ A, B from one pass over W's rows
+        a64, b64 = _hra_pair(lf, pair, base, tuned)
+        magnitude = dt_m = None
+        values = {lf.parts["hra_u"]: decode(np.asarray(tuned.read(lf.parts["hra_u"])), dt_a).reshape(
+            tuned.tensors[lf.parts["hra_u"]].shape)}
     elif getattr(lf, "parts", None):          # LoHa / LoKr / VeRA: their tensors, then the pair they make
         from ..io.peft_adapter import factor_pair
 
@@ -1352,6 +1377,10 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         from ..io.peft_tokens import tokens_note
 
         rec.note = tokens_note(lf, pair.dtype_base)
+    elif lf.kind == "HRA":
+        from ..io.peft_hra import hra_note
+
+        rec.note = hra_note(lf, lf.apply_gs)
     elif getattr(lf, "parts", None):
         from ..io.peft_adapter import factor_note
 
