@@ -1,7 +1,7 @@
 """Adapters of each kind on one 7B-shaped layer: `weightdiff compare base adapter` for LoRA, LoHa, LoKr, VeRA,
-llama.cpp's LoRA GGUF, OFT, BOFT and trainable tokens.
+llama.cpp's LoRA GGUF, OFT, BOFT, HRA and trainable tokens.
 
-    nice python benchmarks/bench_adapters.py [--dir /tmp/wd-adapters] [--r 16] [--vera-r 256]
+    nice python benchmarks/bench_adapters.py [--dir /tmp/wd-adapters] [--r 16] [--vera-r 256] [--kinds HRA,OFT]
 
 Writes a float32 base of one Mistral-7B layer's widest matrices (q_proj 4096 x 4096, up_proj 14336 x 4096,
 down_proj 4096 x 14336; 0.5 GB) and one seeded adapter of each kind on the three, as PEFT shapes them (LoHa and
@@ -14,6 +14,8 @@ order when read): its wall over the LoRA's is the cost of reading a GGUF adapter
 The OFT row rotates the same three matrices' inputs in blocks of 32 (PEFT's default): a dense change, measured as
 the merged weights against the base's like a full fine-tune of those matrices (ranks found by the Gram/SVD path);
 the BOFT row the same in blocks of 32 with one butterfly factor (as PEFT builds it on the CPU) and a scale per output.
+The HRA row reflects the same inputs by r Householder reflections: a change of rank r, measured as the factor pair
+W (H - I) (B from one pass over each base weight's rows), so its ranks are exact like LoRA's.
 The TOKENS rows are on another base, Mistral 7B's token embedding alone (32,000 x 4,096, float32, 0.5 GB): 16 rows
 trained (a TRAINABLE_TOKENS adapter), measured from the rows, then the merged table PEFT's merge gives, written out
 and compared as a plain pair (`TOKENS merged`): the rows' path against the dense one on the same change.
@@ -62,6 +64,9 @@ def _adapter(folder: Path, kind: str, r: int, rng) -> None:
         cfg.update(r=0, oft_block_size=r, peft_version="0.21.2")
         for m, (o, i) in SHAPES.items():
             t[f"{pre}{m}.oft_R.weight"] = (0.01 * rng.standard_normal((i // r, r * (r - 1) // 2))).astype(np.float32)
+    elif kind == "HRA":
+        for m, (o, i) in SHAPES.items():
+            t[f"{pre}{m}.hra_u"] = rng.standard_normal((i, r)).astype(np.float32)
     elif kind == "LORA":
         cfg["lora_alpha"] = r
         for m, (o, i) in SHAPES.items():
@@ -138,6 +143,8 @@ def main() -> int:
     ap.add_argument("--r", type=int, default=16, help="rank of the LoRA, LoHa and LoKr adapters")
     ap.add_argument("--vera-r", type=int, default=256, help="rank of the VeRA adapter (PEFT's default)")
     ap.add_argument("--oft-block", type=int, default=32, help="block size of the OFT and BOFT adapters (OFT's default)")
+    ap.add_argument("--kinds", default=None, help="comma-separated rows to run (LORA always runs, as the baseline); "
+                    "default: every row")
     args = ap.parse_args()
     import numpy as np
 
@@ -154,8 +161,12 @@ def main() -> int:
     rows = []
     lora_s = None
     embed_base, tokens, merged = _tokens(args.dir, rng)
+    wanted = None if args.kinds is None else {k.strip().upper() for k in args.kinds.split(",")} | {"LORA"}
     for kind, r in (("LORA", args.r), ("LOHA", args.r), ("LOKR", args.r), ("VERA", args.vera_r), ("GGUF", args.r),
-                    ("OFT", args.oft_block), ("BOFT", args.oft_block), ("TOKENS", TOKENS), ("TOKENS merged", TOKENS)):
+                    ("OFT", args.oft_block), ("BOFT", args.oft_block), ("HRA", args.r), ("TOKENS", TOKENS),
+                    ("TOKENS merged", TOKENS)):
+        if wanted is not None and kind.upper() not in wanted:
+            continue
         folder = {"TOKENS": tokens, "TOKENS merged": merged}.get(kind, args.dir / f"{kind.lower()}{r}")
         if kind == "GGUF":
             folder.mkdir(parents=True, exist_ok=True)
