@@ -1285,6 +1285,29 @@ def test_trainable_tokens_by_id_read_as_they_do_locally(server, hf, tmp_path):
         assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
 
 
+def test_an_hra_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
+    """An HRA adapter repo, streamed and downloaded: the base weight read over HTTP (for P = W A^T, then its
+    statistics) gives the records of the folder read locally."""
+    from weightdiff.io.safetensors_write import save_file
+    from weightdiff.io.checkpoint import locate
+
+    rng = np.random.default_rng(16)
+    with locate(server.local["base"]) as b:
+        q = next(n for n, t in b.tensors.items() if n.endswith("q_proj.weight"))
+        inputs = int(b.tensors[q].shape[1])
+    ad = tmp_path / "hra"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "HRA", "r": 2, "target_modules": ["q_proj"]}))
+    save_file(ad / "adapter_model.safetensors", {
+        f"base_model.model.{q.removesuffix('.weight')}.hra_u": rng.standard_normal((inputs, 2)).astype(np.float32)})
+    server.commit("org/hra", _files(ad))
+    local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
+    rec = next(x for x in local["tensors"] if x["status"] == "changed")
+    assert rec["name"] == q and rec["compared"] == "factors" and rec["rank"]["numerical_rank"] == 2
+    for got in _by_id_both_ways(run, tmp_path, "org/base", "org/hra"):
+        assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+
+
 def test_an_ln_tuning_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
     """An LN tuning adapter repo (trained copies of two norms), streamed and downloaded: the records of the folder
     read locally, each copy compared with the base's norm it replaces."""
