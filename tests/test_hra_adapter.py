@@ -65,21 +65,32 @@ def test_llama_reads_as_its_merged_model(tmp_path, gs, dtype, rel):
     merge's float32 or bfloat16 round-off: the factors give the exact change), the rank exactly r."""
     base, ad, merged = _saved(tmp_path, _llama(getattr(torch, dtype)), r=4, apply_GS=gs,
                               target_modules=["q_proj", "down_proj"])
+    got, g = factors_read_as_merged(base, ad, merged, 4, rel, rel, "adapter: 4 HRA modules (each measured exactly as "
+                                    "the factor pair W (H - I) is")
+    assert len(g) == 4
+    for n, rec in g.items():
+        assert rec["note"].startswith(f"HRA `base_model.model.{n.removesuffix('.weight')}.hra_u` (4 Householder "
+                                      "reflections of the inputs")
+    assert got["summary"]["verdict"] == "derived"
+
+
+def factors_read_as_merged(base, ad, merged, rank: int, rel: float, cos: float, plan_note: str):
+    """``compare base ad`` against ``compare base merged``: the same changed tensors, each measured from the
+    adapter's factors (rank exactly ``rank``) with the merged model's norm and cosine (within ``rel`` and ``cos``:
+    the merge's round-off), the same verdict, flag adapter, and a plan note starting ``plan_note``; the adapter's
+    document and its changed records by name."""
     got = weightdiff.compare(str(base), str(ad)).to_dict()
     want = weightdiff.compare(str(base), str(merged)).to_dict()
     g, w = ({t["name"]: t for t in d["tensors"]} for d in (got, want))
     changed = sorted(n for n, t in w.items() if t["status"] == "changed")
-    assert len(changed) == 4 and sorted(n for n, t in g.items() if t["status"] == "changed") == changed
+    assert changed and sorted(n for n, t in g.items() if t["status"] == "changed") == changed
     for n in changed:
-        assert g[n]["compared"] == "factors" and g[n]["rank"]["numerical_rank"] == 4 and g[n]["rank"]["exact"]
+        assert g[n]["compared"] == "factors" and g[n]["rank"]["numerical_rank"] == rank and g[n]["rank"]["exact"]
         assert g[n]["norm_delta"] == pytest.approx(w[n]["norm_delta"], rel=rel)
-        assert g[n]["cosine"] == pytest.approx(w[n]["cosine"], abs=rel)
-        assert g[n]["note"].startswith(f"HRA `base_model.model.{n.removesuffix('.weight')}.hra_u` (4 Householder "
-                                       "reflections of the inputs")
-    assert got["summary"]["verdict"] == want["summary"]["verdict"] == "derived"
-    assert "adapter" in got["summary"]["flags"]
-    assert any(x.startswith("adapter: 4 HRA modules (each measured exactly as the factor pair W (H - I) is")
-               for x in got["plan"]["notes"])
+        assert g[n]["cosine"] == pytest.approx(w[n]["cosine"], abs=cos)
+    assert got["summary"]["verdict"] == want["summary"]["verdict"] and "adapter" in got["summary"]["flags"]
+    assert any(x.startswith(plan_note) for x in got["plan"]["notes"]), got["plan"]["notes"]
+    return got, {n: g[n] for n in changed}
 
 
 class _Conv(torch.nn.Module):

@@ -139,6 +139,11 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
             adapter = {"peft_type": "TRAINABLE_TOKENS", "target_modules": a.target_modules, "base_model": a.base_model,
                        "token_indices": list(a.tokens[""]),
                        "trainable_tokens": {f.target: len(f.tokens) for f in ckpt.lora}}
+        elif ckpt.adapter is not None and ckpt.adapter.peft_type == "VBLORA":
+            a = ckpt.adapter
+            adapter = {"peft_type": "VBLORA", **{k: a.raw[k] for k in ("r", "topk", "num_vectors", "vector_length",
+                                                                       "save_only_topk_weights", "fan_in_fan_out")},
+                       "target_modules": a.target_modules, "base_model": a.base_model, "modules": len(ckpt.lora)}
         elif ckpt.adapter is not None and ckpt.adapter.peft_type == "HRA":
             a = ckpt.adapter
             adapter = {"peft_type": "HRA", "r": a.r, "apply_GS": a.raw["apply_GS"], "target_modules": a.target_modules,
@@ -312,6 +317,10 @@ def _adapter_lines(a: dict) -> list[str]:
                 else f"boft_block_num={a['boft_block_num']}")
         n = a["factors_saved"] or [a["boft_n_butterfly_factor"]]
         head = (f"BOFT {size}, {'/'.join(map(str, n))} butterfly factor{s(max(n))}, {a['modules']} "
+                f"module{s(a['modules'])}")
+    elif kind == "VBLORA":
+        head = (f"VBLoRA r={a['r']} topk={a['topk']}, a bank of {a['num_vectors']} vectors of {a['vector_length']}"
+                f"{' (top-k weights saved)' if a['save_only_topk_weights'] else ''}, {a['modules']} "
                 f"module{s(a['modules'])}")
     elif kind == "HRA":
         head = (f"HRA r={a['r']} Householder reflections{' (apply_GS)' if a['apply_GS'] else ''}, {a['modules']} "

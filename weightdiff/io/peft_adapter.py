@@ -237,6 +237,8 @@ class LoraFactor:
     tied_copy: str | None = None
     #: HRA under ``apply_GS``: the reflections' vectors orthonormalized (``peft_hra``)
     apply_gs: bool = False
+    #: VBLoRA: how many of the bank's vectors each piece mixes (``topk``)
+    r_topk: int = 0
 
     @property
     def label(self) -> str:
@@ -372,6 +374,10 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         from .peft_tokens import parse_tokens_config
 
         return parse_tokens_config(raw, path)
+    if isinstance(kind, str) and kind.upper() == "VBLORA":
+        from .peft_vblora import parse_vblora_config
+
+        return parse_vblora_config(raw, path)
     if isinstance(kind, str) and kind.upper() == "HRA":
         from .peft_hra import parse_hra_config
 
@@ -382,8 +388,8 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         return parse_ln_config(raw, path)
     if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA, LoHa, LoKr, "
-                                    "VeRA, OFT, BOFT, HRA, IA3, trainable-tokens and LN tuning adapters are supported (FourierFT, "
-                                    "VBLoRA and others store different factors)",
+                                    "VeRA, VBLoRA, OFT, BOFT, HRA, IA3, trainable-tokens and LN tuning adapters are supported "
+                                    "(FourierFT and others store different factors)",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     for key, why, hint in _VARIANTS:
         if raw.get(key) not in (None, False, [], {}):
@@ -606,6 +612,10 @@ def _foreign_part(name: str) -> str | None:
         from .peft_tokens import is_token_delta
 
         return "trainable tokens" if is_token_delta(name) else None
+    if "vblora_" in name:
+        from .peft_vblora import is_vblora
+
+        return "VBLoRA" if is_vblora(name) else None
     if name.endswith(".hra_u"):
         from .peft_hra import is_hra
 
@@ -650,6 +660,10 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         from .peft_hra import hra_factors
 
         return hra_factors(tensors, where, config)
+    if config.peft_type == "VBLORA":
+        from .peft_vblora import vblora_factors
+
+        return vblora_factors(tensors, where, config)
     from .peft_tokens import is_token_delta, token_factors
 
     if config.peft_type == "TRAINABLE_TOKENS":
@@ -734,7 +748,7 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
 #: what messages, notes and inspect call each peft_type weightdiff reads
 KIND_LABELS = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "OFT": "OFT", "BOFT": "BOFT",
                "IA3": "IA3", "TOKENS": "trainable tokens", "TRAINABLE_TOKENS": "trainable tokens",
-               "LN_TUNING": "LN tuning", "HRA": "HRA"}
+               "LN_TUNING": "LN tuning", "HRA": "HRA", "VBLORA": "VBLoRA"}
 
 #: the dtypes an IA3 merge is reproduced in (torch's own promotion and casts among them)
 _MERGE_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -916,6 +930,10 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
         from .peft_hra import check_hra
 
         return check_hra(factor, tensors, base, where)
+    if factor.kind == "VBLORA":
+        from .peft_vblora import check_vblora
+
+        return check_vblora(factor, tensors, base, config, where)
     if factor.kind == "TOKENS":
         from .peft_tokens import check_tokens
 
@@ -983,6 +1001,10 @@ def factor_pair(factor: LoraFactor, values: dict[str, np.ndarray]) -> tuple[np.n
         from .peft_vera import vera_product
 
         return vera_product(factor, values)
+    if factor.kind == "VBLORA":
+        from .peft_vblora import vblora_product
+
+        return vblora_product(factor, values, factor.r_topk)
     from .peft_lycoris import lycoris_product
 
     return lycoris_product(factor.kind, values)
@@ -998,6 +1020,10 @@ def factor_note(factor: LoraFactor, a: np.ndarray, b: np.ndarray) -> str:
         return (f"VeRA adapter (r={factor.r}) analysed exactly from its factors: (vera_lambda_b x vera_B) @ "
                 f"(vera_lambda_d x vera_A), {shared}, cut to the layer's {b.shape[0]} outputs and {a.shape[1]} "
                 "inputs (its rank is at most r)")
+    if factor.kind == "VBLORA":
+        from .peft_vblora import vblora_note
+
+        return vblora_note(factor, a.shape[0])
     from .peft_lycoris import lycoris_note
 
     return lycoris_note(factor, a.shape[0])
@@ -1022,7 +1048,11 @@ def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where
             from .peft_hra import check_hra_values
 
             return check_hra_values(factor, arrays[factor.parts["hra_u"]], where, factor.apply_gs)
-        if factor.parts:                # LoHa / LoKr / VeRA: the factor pair their tensors make
+        if factor.kind == "VBLORA":     # a top-k that PEFT picks one way, indices of the bank
+            from .peft_vblora import check_vblora_values
+
+            check_vblora_values(factor, {role: arrays[n] for role, n in factor.parts.items()}, where, factor.r_topk)
+        if factor.parts:                # LoHa / LoKr / VeRA / VBLoRA: the factor pair their tensors make
             a, b = pair if pair is not None else \
                 factor_pair(factor, {role: arrays[n] for role, n in factor.parts.items()})
         else:

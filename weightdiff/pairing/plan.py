@@ -186,7 +186,7 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
         adalora = any(getattr(f, "e_name", None) for f in factors)
         n, rest = len(factors) - pruned, len(items) - len(factors) - len(tokens) + pruned - biased
         lycoris = getattr(factors[0], "label", "LoRA")
-        lycoris = lycoris if lycoris in ("LoHa", "LoKr", "VeRA", "OFT", "BOFT", "HRA") else None
+        lycoris = lycoris if lycoris in ("LoHa", "LoKr", "VeRA", "VBLoRA", "OFT", "BOFT", "HRA") else None
         kinds = (f"{lycoris} module" if lycoris else "AdaLoRA factor triple" if adalora
                  else "LoRA factor pair") + ("s" if n != 1 else "")
         if lycoris:
@@ -194,6 +194,7 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
                 "LoHa": "its Hadamard product is)", "LoKr": "its Kronecker product is)",
                 "VeRA": "its vectors make of the shared projections, (lambda_b x B) @ (lambda_d x A))",
                 "HRA": "W (H - I) is, H the product of its Householder reflections of the inputs)",
+                "VBLoRA": "its top-k mixtures of the shared vector bank make, B @ A)",
                 "OFT": "", "BOFT": "",
             }[lycoris]
             if lycoris == "OFT":
