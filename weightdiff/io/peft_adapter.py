@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -338,6 +339,14 @@ def read_adapter_config(path: Path) -> AdapterConfig:
     return parse_adapter_config(load_json(read_small(path, JSON_CAP), path, "adapter config"), path)
 
 
+#: peft_type -> (the module of weightdiff.io that reads that method, its config parser), imported when such an
+#: adapter is read
+_PARSERS = {"VERA": ("peft_vera", "parse_vera_config"), "OFT": ("peft_oft", "parse_oft_config"),
+            "BOFT": ("peft_boft", "parse_boft_config"), "TRAINABLE_TOKENS": ("peft_tokens", "parse_tokens_config"),
+            "VBLORA": ("peft_vblora", "parse_vblora_config"), "HRA": ("peft_hra", "parse_hra_config"),
+            "LN_TUNING": ("peft_ln", "parse_ln_config")}
+
+
 def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
     """The AdapterConfig of parsed ``adapter_config.json`` JSON ``raw`` (``path`` names it in errors)."""
     if not isinstance(raw, dict):
@@ -358,34 +367,9 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         from .peft_lycoris import parse_lycoris_config
 
         return parse_lycoris_config(raw, path, kind.upper())
-    if isinstance(kind, str) and kind.upper() == "VERA":
-        from .peft_vera import parse_vera_config
-
-        return parse_vera_config(raw, path)
-    if isinstance(kind, str) and kind.upper() == "OFT":
-        from .peft_oft import parse_oft_config
-
-        return parse_oft_config(raw, path)
-    if isinstance(kind, str) and kind.upper() == "BOFT":
-        from .peft_boft import parse_boft_config
-
-        return parse_boft_config(raw, path)
-    if isinstance(kind, str) and kind.upper() == "TRAINABLE_TOKENS":
-        from .peft_tokens import parse_tokens_config
-
-        return parse_tokens_config(raw, path)
-    if isinstance(kind, str) and kind.upper() == "VBLORA":
-        from .peft_vblora import parse_vblora_config
-
-        return parse_vblora_config(raw, path)
-    if isinstance(kind, str) and kind.upper() == "HRA":
-        from .peft_hra import parse_hra_config
-
-        return parse_hra_config(raw, path)
-    if isinstance(kind, str) and kind.upper() == "LN_TUNING":
-        from .peft_ln import parse_ln_config
-
-        return parse_ln_config(raw, path)
+    if isinstance(kind, str) and kind.upper() in _PARSERS:
+        module, func = _PARSERS[kind.upper()]
+        return getattr(import_module(f"{__package__}.{module}"), func)(raw, path)
     if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA, LoHa, LoKr, "
                                     "VeRA, VBLoRA, OFT, BOFT, HRA, IA3, trainable-tokens and LN tuning adapters are supported "
