@@ -224,13 +224,8 @@ def _hra_pair(lf, pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple[np.n
     u = decode(np.asarray(tuned.read(name)), tuned.tensors[name].dtype).reshape(tuned.tensors[name].shape)
     a = reflections(u, lf.apply_gs)
     shape = tuple(int(d) for d in pair.shape_base)
-    cols = math.prod(shape[1:])
-    rows = max(1, _MERGE_CHUNK // max(1, cols))
     p = np.empty((shape[0], a.shape[0]))
-    windows = base.windows(pair.base_name, rows * cols)
-    for r0 in range(0, shape[0], rows):
-        r1 = min(shape[0], r0 + rows)
-        w = decode(np.asarray(next(windows)), pair.dtype_base).reshape(r1 - r0, cols)
+    for r0, r1, w in _row_runs(base, pair.base_name, shape, pair.dtype_base, math.prod(shape[1:])):
         p[r0:r1] = w @ a.T
     return a, factor_b(p, a, lf.apply_gs)
 
@@ -492,15 +487,22 @@ def _merge_in_rows(src, name: str, shape: tuple, dtype: str, computed: str, feat
     dtype ``computed``, ``merge(rows [n, features] float64, r0, r1)`` on it, rounded to ``computed`` and cast to
     ``dtype`` (torch's casts); the stored values of the merged weight."""
     out = np.empty((shape[0], math.prod(shape[1:])), storage_of(dtype))
-    rows = max(1, _MERGE_CHUNK // max(1, features))
-    windows = src.windows(name, rows * out.shape[1])
-    for r0 in range(0, shape[0], rows):
-        r1 = min(shape[0], r0 + rows)
-        w = reference.round_to(decode(np.asarray(next(windows)), dtype), computed).reshape(r1 - r0, features)
+    for r0, r1, w in _row_runs(src, name, shape, dtype, features):
+        w = reference.round_to(w, computed).reshape(r1 - r0, features)
         with np.errstate(all="ignore"):
             merged = _cast_chain(merge(w, r0, r1), computed, dtype).reshape(r1 - r0, features)
         out[r0:r1] = _stored(merged, dtype).reshape(r1 - r0, -1)
     return out.reshape(shape)
+
+
+def _row_runs(src, name: str, shape: tuple, dtype: str, width: int):
+    """``(r0, r1, rows)`` of weight ``name`` of checkpoint ``src`` (of ``shape`` and ``dtype``), read in runs of
+    rows of about ``_MERGE_CHUNK`` values, never mapped whole: each run decoded to float64 [r1 - r0, ``width``]."""
+    rows = max(1, _MERGE_CHUNK // max(1, width))
+    windows = src.windows(name, rows * math.prod(shape[1:]))
+    for r0 in range(0, shape[0], rows):
+        r1 = min(shape[0], r0 + rows)
+        yield r0, r1, decode(np.asarray(next(windows)), dtype).reshape(r1 - r0, width)
 
 
 def _boft_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
