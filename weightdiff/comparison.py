@@ -2635,6 +2635,11 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
         leaves = {str(p.lora.target).removesuffix(".weight").rsplit(".", 1)[-1] for p in the_plan.pairs
                   if p.lora is not None}
         layout = "conv1d" if leaves & {"c_attn", "c_proj", "c_fc", "q_attn"} else "linear" if leaves else None
+    experts = [p for p in the_plan.pairs if p.kind == "lora" and getattr(p.lora, "expert", None) is not None]
+    if experts:             # LoRA on fused experts: one orientation for them all, from the non-square ones
+        from .io.peft_params import settle_orientation
+
+        settle_orientation(experts, tuned, bases)
     for p in the_plan.pairs:
         lb = getattr(p, "lora_bias", None)
         if lb is not None and (p.kind != "paired" or p.transposed):
@@ -2650,6 +2655,10 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
             continue
         if p.kind != "lora":
             where = ", ".join(str(b.path) for b in bases)
+            if getattr(p.lora, "param", None) is not None:
+                from .io.peft_params import missing_param
+
+                raise missing_param(p.lora, bases, tuned.files[0], where)
             raise CheckpointError(tuned.files[0], f"{p.lora.label} target `{escape_name(p.lora.target)}` has no weight in "
                                                   f"the base ({escape_name(where)}) to modify",
                                   "is this adapter for another base model?")
@@ -2660,9 +2669,14 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
         from .io.peft_vera import check_projections
 
         check_projections(vera, tuned.files[0], tuned.tensors)
+    checked = set()
     for p in the_plan.pairs:
         if p.lora is None:
             continue
+        if getattr(p.lora, "expert", None) is not None:
+            if (p.lora.a_name, p.lora.b_name) in checked:
+                continue                # the experts of one parameter share its factors: checked whole, once
+            checked.add((p.lora.a_name, p.lora.b_name))
         names = (p.lora.a_name, p.lora.b_name, p.lora.magnitude_name, p.lora.e_name, *p.lora.parts.values())
         values = {n: decode(tuned.read(n), tuned.tensors[n].dtype).reshape(tuned.tensors[n].shape)
                   for n in names if n}

@@ -160,8 +160,12 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
             pairs = [f for f in ckpt.lora if f.kind != "TOKENS"]
             adapter = {"peft_type": a.peft_type, "r": a.r, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
                        "use_dora": a.use_dora, "target_modules": a.target_modules,
-                       "base_model": a.base_model, "scale": a.scale, "factors": len(pairs),
+                       "base_model": a.base_model, "scale": a.scale,
+                       "factors": len({(f.a_name, f.b_name) for f in pairs}),     # the experts of a parameter share one
                        "ranks": sorted({f.r for f in pairs})}
+            if a.target_parameters:     # LoRA on parameters (PEFT's ParamWrapper): parameter -> its experts
+                adapter["target_parameters"] = list(a.target_parameters)
+                adapter["parameters"] = {f.param: f.experts for f in pairs if f.param is not None}
             if a.tokens:
                 adapter["trainable_tokens"] = {f.target: len(f.tokens) for f in ckpt.lora if f.kind == "TOKENS"}
             if a.peft_type == "ADALORA":
@@ -360,6 +364,9 @@ def _adapter_lines(a: dict) -> list[str]:
                 f"{' rslora' if a['use_rslora'] else ''}{' dora' if a['use_dora'] else ''}, {a['factors']} "
                 f"{'AdaLoRA factor triple' if ada else 'LoRA factor pair'}{s(a['factors'])} "
                 f"({'kept ranks' if ada else 'ranks'} {', '.join(map(str, a['ranks'])) or '-'})")
+    if a.get("parameters"):
+        after.append("parameters  " + ", ".join(f"{e(p)}" + (f" ({n} experts)" if n > 1 else "")
+                                                for p, n in a["parameters"].items()) + " (target_parameters)")
     if a.get("trainable_tokens"):
         after.append("tokens      " + ", ".join(f"{n:,} row{s(n)} of {e(t)}" for t, n in a["trainable_tokens"].items())
                      + " (trainable tokens: rows replaced)")

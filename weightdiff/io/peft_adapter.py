@@ -90,6 +90,8 @@ class AdapterConfig:
     #: PEFT's trainable tokens (a LoRA's ``trainable_token_indices``, a TRAINABLE_TOKENS adapter's
     #: ``token_indices``): module name -> its token ids, ``""`` naming the model's input embedding; None when unset
     tokens: dict | None = None
+    #: LoRA's ``target_parameters``: parameters adapted by PEFT's ParamWrapper (``peft_params``)
+    target_parameters: tuple = ()
 
     def is_feedforward(self, module: str) -> bool | None:
         """Whether PEFT builds IA3 module ``module`` (its name in the model) as a feedforward one (its vector
@@ -240,6 +242,14 @@ class LoraFactor:
     apply_gs: bool = False
     #: VBLoRA: how many of the bank's vectors each piece mixes (``topk``)
     r_topk: int = 0
+    #: LoRA on a parameter (``target_parameters``, PEFT's ParamWrapper; ``peft_params``): the parameter's name in the
+    #: model, ``expert`` the expert's index in a fused [experts, m, n] one (of ``experts``), whose factors are rows
+    #: e r .. e r + r - 1 of A and columns e, e + experts, ... of B; ``in_out``: the parameter is read [experts, in,
+    #: out], so the expert's change is (B_e A_e)^T (set when checked against the base)
+    param: str | None = None
+    expert: int | None = None
+    experts: int = 1
+    in_out: bool | None = None
 
     @property
     def label(self) -> str:
@@ -386,11 +396,7 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
                                     "applies its factors to the input pooled in groups of columns, which weightdiff "
                                     "does not read, and PEFT cannot merge it",
                               "compare a full checkpoint of the fine-tuned model")
-    if raw.get("target_parameters"):
-        raise CheckpointError(path, f"adapter config has target_parameters {_show(raw['target_parameters'])}: LoRA "
-                                    "on parameters (PEFT's ParamWrapper, as for fused MoE experts) stacks its "
-                                    "factors per expert, which weightdiff does not read",
-                              "merge the adapter (merge_and_unload) and compare the merged model")
+    params = _target_parameters(raw, path)
     tokens = None
     if raw.get("trainable_token_indices") is not None:
         from .peft_tokens import token_indices
@@ -407,7 +413,25 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
     base = raw.get("base_model_name_or_path")
     return AdapterConfig(r, alpha, list(targets), flags["use_rslora"], flags["use_dora"],
                          base if isinstance(base, str) else None, raw, fan_in_fan_out=flags["fan_in_fan_out"],
-                         path=Path(path), repeats=repeats, tokens=tokens)
+                         path=Path(path), repeats=repeats, tokens=tokens, target_parameters=params)
+
+
+def _target_parameters(raw: dict, path: Path) -> tuple[str, ...]:
+    """A LoRA config's ``target_parameters`` (PEFT's ParamWrapper: LoRA on ``nn.Parameter`` s, as on gpt-oss's
+    fused experts), checked: a list of non-empty names, and none of the options PEFT's ParamWrapper refuses
+    (an adapter saved with them cannot have been built by PEFT)."""
+    targets = raw.get("target_parameters")
+    if targets in (None, []):
+        return ()
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t and not t.endswith(".") for t in targets):
+        raise CheckpointError(path, f"adapter config has target_parameters = {_show(targets)}, expected a list of "
+                                    "parameter names")
+    for key in ("use_dora", "lora_bias", "fan_in_fan_out"):
+        if _truthy_flag(raw.get(key)):
+            raise CheckpointError(path, f"adapter config has target_parameters with {key}, which PEFT's ParamWrapper "
+                                        "refuses: PEFT did not build this adapter as its config says",
+                                  "config and tensors from different adapters?")
+    return tuple(targets)
 
 
 def _patterns(raw: dict, path: Path) -> dict[str, int]:
@@ -674,6 +698,10 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
                                          "adapter_config.json says peft_type LORA",
                                   "factors and config from different adapters?")
     out = []
+    if config.target_parameters:
+        from .peft_params import param_factors
+
+        out, parts = param_factors(parts, tensors, where, config)
     for mod, got in parts.items():
         emb = "EA" in got or "EB" in got
         a, b = (got.get("EA"), got.get("EB")) if emb else (got.get("A"), got.get("B"))
@@ -880,7 +908,7 @@ def layout_evidence(factor: LoraFactor, tensors: dict[str, TensorInfo], base: Te
         from .peft_vera import vera_layout
 
         return vera_layout(factor, tensors, base)
-    if factor.embedding or factor.base_layer_name is not None or factor.parts:
+    if factor.embedding or factor.base_layer_name is not None or factor.parts or factor.param is not None:
         return None
     sa, sb, shape = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape), tuple(base.shape)
     if len(sa) != 2 or len(sb) != 2 or len(shape) != 2:
@@ -898,6 +926,10 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
     B [dim, r] and the delta is (B @ A).T. A DoRA magnitude has one value per output
     feature. Anything else is a CheckpointError naming the adapter file.
     """
+    if factor.param is not None:
+        from .peft_params import check_param
+
+        return check_param(factor, tensors, base, where)
     if factor.kind == "VERA":
         from .peft_vera import check_vera
 

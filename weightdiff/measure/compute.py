@@ -240,10 +240,16 @@ def _factors(pair: Pair, tuned: Checkpoint) -> tuple:
     """A, B as float64 [r, in] and [out, r] (embedding factors turned so; AdaLoRA's A times its E), the DoRA
     magnitude and its dtype."""
     lf = pair.lora
-    a = tuned.read(lf.a_name)
-    b = tuned.read(lf.b_name)
-    a64 = decode(a, tuned.tensors[lf.a_name].dtype).reshape(a.shape[0], -1)
-    b64 = decode(b, tuned.tensors[lf.b_name].dtype).reshape(b.shape[0], -1)
+    held = getattr(tuned, "_expert_factors", None) if getattr(lf, "expert", None) is not None else None
+    if held is not None and held[0] == (lf.a_name, lf.b_name):
+        a64, b64 = held[1]                  # the experts of one fused parameter share its factors: decoded once
+    else:
+        a = tuned.read(lf.a_name)
+        b = tuned.read(lf.b_name)
+        a64 = decode(a, tuned.tensors[lf.a_name].dtype).reshape(a.shape[0], -1)
+        b64 = decode(b, tuned.tensors[lf.b_name].dtype).reshape(b.shape[0], -1)
+        if getattr(lf, "expert", None) is not None:
+            tuned._expert_factors = ((lf.a_name, lf.b_name), (a64, b64))
     if getattr(lf, "e_name", None):         # AdaLoRA: B @ (A * E), E one singular value per rank
         a64 = a64 * decode(tuned.read(lf.e_name), tuned.tensors[lf.e_name].dtype).reshape(-1, 1)
     magnitude, dt_m = None, None
@@ -252,6 +258,10 @@ def _factors(pair: Pair, tuned: Checkpoint) -> tuple:
         magnitude = decode(tuned.read(lf.magnitude_name), dt_m).ravel()
     if getattr(lf, "embedding", False):
         a64, b64 = b64.T.copy(), a64.T.copy()
+    if getattr(lf, "expert", None) is not None:      # one expert's share of a fused parameter's factors
+        from ..io.peft_params import expert_pair
+
+        a64, b64 = expert_pair(lf, a64, b64)
     return a64, b64, magnitude, dt_m
 
 
@@ -1387,6 +1397,10 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         from ..io.peft_adapter import factor_note
 
         rec.note = factor_note(lf, a64, b64)
+    elif getattr(lf, "param", None) is not None:
+        from ..io.peft_params import param_note
+
+        rec.note = param_note(lf)
     else:
         rec.note = (f"LoRA adapter (r={lf.r}, scale={lf.scale:g}) analysed exactly from its factors "
                     f"`{lf.b_name}` @ `{lf.a_name}`")

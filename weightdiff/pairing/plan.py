@@ -82,8 +82,8 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
         a, b = tensors.get(f.a_name), tensors.get(f.b_name)
         dtype = (a or b).dtype if (a or b) is not None else None
         shape = None
-        if getattr(f, "parts", None):
-            pass                        # LoHa / LoKr: the base's shape, checked once paired (check_lycoris)
+        if getattr(f, "parts", None) or getattr(f, "param", None) is not None:
+            pass                        # LoHa / LoKr, LoRA on a parameter: the base's shape, checked once paired
         elif a is not None and b is not None and len(a.shape) >= 2 and len(b.shape) >= 2:
             shape = (int(b.shape[0]), _numel(a.shape[1:]))
             if getattr(f, "embedding", False):      # embedding factors: A [r, vocab], B [dim, r]
@@ -206,6 +206,14 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
                     "inputs, s a scale per output)"
         notes.append(f"adapter: {n} {kinds}, {rest} other tensor{'s' if rest != 1 else ''} (modules_to_save); base "
                      "tensors the adapter leaves alone are `inherited`")
+        params = {f.param: f.experts for f in factors if getattr(f, "param", None) is not None}
+        if params:
+            fused = [e for e in params.values() if e > 1]
+            notes.append(f"adapter: target_parameters: {len(params)} parameter{'s' if len(params) != 1 else ''} "
+                         "adapted by PEFT's ParamWrapper" + (
+                             f", {len(fused)} of them fused experts, counted above as their {sum(fused)} experts' "
+                             "matrices: each expert's share of the factors (its rows of A, its columns of B) measured "
+                             "exactly against its own matrix" if fused else ""))
     return [it for _, it in items]
 
 
