@@ -188,6 +188,8 @@ def _edited(tmp_path, config=None, drop=()):
     ({"target_parameters": ["1.mlp.experts.down_proj"]}, (), False,
      "has 2 LoRA factor pairs but target_parameters names 1 of its parameters (down_proj)"),
     ({"r": 3}, (), False, "are not PEFT's ParamWrapper's for r = 3"),
+    ({"r": 1, "rank_pattern": {"gate_up_proj": 2}}, (), False,      # an r of 1: 8 rows read as 8 experts
+     "has it as 4 experts, not 8, so expert 4's matrix `model.layers.1.mlp.experts.4.down_proj` cannot be found"),
     ({}, ("experts.lora_B",), False, "has only one of its A/B factors"),
     ({"target_parameters": ["mlp.experts.w_in", "mlp.experts.w_out"]}, (), False,
      "which is not known for w_in, w_out"),
@@ -207,9 +209,10 @@ def test_experts_the_base_does_not_hold(tmp_path):
     t = load_file(str(base / "model.safetensors"))
     save_file({k: v for k, v in t.items() if "layers.1.mlp.experts.gate_up_proj" not in k},
               str(base / "model.safetensors"))
-    contract(["compare", str(base), str(ad)], ad / "adapter_model.safetensors",
-             "LoRA on fused experts parameter `model.layers.1.mlp.experts.gate_up_proj` (target_parameters, 4 experts)"
-             ": the base", tmp_path)
+    line = contract(["compare", str(base), str(ad)], ad / "adapter_model.safetensors",
+                    "LoRA on fused experts parameter `model.layers.1.mlp.experts.gate_up_proj` (target_parameters, "
+                    "4 experts): the base", tmp_path)
+    assert "holds no such tensor (transformers may fuse" in line
 
 
 def test_against_gpt_oss_as_released_mxfp4(tmp_path):
@@ -251,3 +254,16 @@ def test_against_gpt_oss_as_released_mxfp4(tmp_path):
         assert x["cosine"] == pytest.approx(np.sum(w[e] * (w[e] + delta[e])) / np.linalg.norm(w[e])
                                             / np.linalg.norm(w[e] + delta[e]), abs=1e-9)
     assert got["summary"]["scope"]["delta_params_changed"] == a.size + b.size
+
+
+def test_a_million_experts_are_refused_before_any_is_built(tmp_path):
+    from safetensors.numpy import save_file
+
+    base, ad = _edited(tmp_path)
+    key = PRE + "model.layers.1.mlp.experts.lora_"
+    save_file({key + "A.weight": np.zeros((10 ** 6, 1), np.float32), key + "B.weight": np.zeros((1, 10 ** 6), np.float32)},
+              str(ad / "adapter_model.safetensors"))
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 1, "target_parameters": ["down_proj"]}))
+    contract(["compare", str(base), str(ad)], ad / "adapter_model.safetensors",
+             "stack 1,000,000 experts of rank 1: more than the 4,096", tmp_path)

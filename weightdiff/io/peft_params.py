@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, escape_name
-from .experts import expert_name
+from .experts import MAX_EXPERTS, expert_name
 from .safetensors_read import TensorInfo
 
 __all__ = ["param_factors", "check_param", "settle_orientation", "missing_param", "orientation_evidence", "expert_pair",
@@ -128,6 +128,10 @@ def param_factors(parts: dict[str, dict[str, str]], tensors: dict[str, TensorInf
                                              f"{list(sb)}) are not PEFT's ParamWrapper's for r = {r}: A [experts x r, "
                                              "in], B [out, experts x r]", "config and tensors from different adapters?")
             experts = sa[0] // r
+            if experts > MAX_EXPERTS:       # a hostile header: no million factor pairs of one row each
+                raise CheckpointError(where, f"LoRA factors of parameter `{escape_name(key)}` (A {list(sa)}) stack "
+                                             f"{experts:,} experts of rank {r}: more than the {MAX_EXPERTS:,} a fused "
+                                             "experts tensor is read with", "config and tensors from different adapters?")
             scale = config.scale_for(alpha, r)
             if experts == 1:
                 out.append(LoraFactor(key, a, b, None, r, scale, param=key))
@@ -176,14 +180,24 @@ def settle_orientation(pairs, tuned, bases) -> None:
             p.lora.in_out = way
 
 
+def _experts_held(param: str, tensors) -> int:
+    """How many experts of fused parameter ``param`` a checkpoint holds (the readers' split names 0, 1, ...)."""
+    n = 0
+    while n <= MAX_EXPERTS and expert_name(param, n) in tensors:
+        n += 1
+    return n
+
+
 def missing_param(factor, bases, where: Path, shown: str) -> CheckpointError:
     """The error for a parameter (or expert) the adapter adapts and the base does not hold under that name."""
     if factor.expert is None:
         return CheckpointError(where, f"LoRA on parameter `{escape_name(factor.param)}` (target_parameters): the base "
                                       f"({escape_name(shown)}) has no such parameter to modify",
                                "is this adapter for another base model?")
+    held = max(_experts_held(factor.param, b.tensors) for b in bases)
     fused = any(factor.param in b.tensors or any(n.startswith(factor.param + "_") for n in b.tensors) for b in bases)
-    why = ("stores it as one tensor that weightdiff does not split into its experts" if fused else
+    why = (f"has it as {held} experts, not {factor.experts}" if held else
+           "stores it as one tensor that weightdiff does not split into its experts" if fused else
            "holds no such tensor (transformers may fuse its per-expert matrices into this parameter when it loads the "
            "model, which weightdiff does not reproduce)")
     return CheckpointError(where, f"LoRA on fused experts parameter `{escape_name(factor.param)}` (target_parameters, "
