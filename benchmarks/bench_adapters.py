@@ -1,5 +1,5 @@
 """Adapters of each kind on one 7B-shaped layer: `weightdiff compare base adapter` for LoRA, LoHa, LoKr, VeRA,
-llama.cpp's LoRA GGUF, OFT, BOFT, HRA and trainable tokens.
+llama.cpp's LoRA GGUF, OFT, BOFT, HRA, trainable tokens and LoRA on fused MoE experts (target_parameters).
 
     nice python benchmarks/bench_adapters.py [--dir /tmp/wd-adapters] [--r 16] [--vera-r 256] [--kinds HRA,OFT]
 
@@ -19,6 +19,10 @@ W (H - I) (B from one pass over each base weight's rows), so its ranks are exact
 The TOKENS rows are on another base, Mistral 7B's token embedding alone (32,000 x 4,096, float32, 0.5 GB): 16 rows
 trained (a TRAINABLE_TOKENS adapter), measured from the rows, then the merged table PEFT's merge gives, written out
 and compared as a plain pair (`TOKENS merged`): the rows' path against the dense one on the same change.
+The EXPERTS row is on a third base, one gpt-oss-20b layer's fused experts cut to 8 (gate_up_proj 2880 x 5760 and
+down_proj 2880 x 2880 each, float32, 0.8 GB), and a LoRA of rank r on both (PEFT's target_parameters): 16 expert
+matrices, each measured from its share of the factors against its own matrix (ranks r, exact); the 32 experts of
+the real layer cost 4 times the wall, not more memory.
 """
 
 from __future__ import annotations
@@ -137,6 +141,40 @@ def _tokens(d: Path, rng) -> tuple[Path, Path, Path]:
     return base, ad, merged
 
 
+#: the EXPERTS row's base: gpt-oss-20b's fused experts of one layer (hidden 2880, 2 x 2880 gate_up outputs), cut to
+#: this many experts (the model has 32; each expert is measured on its own, so the peak does not grow with them)
+EXPERTS, GPT_OSS = 8, 2880
+
+
+def _experts(d: Path, r: int, rng) -> tuple[Path, Path]:
+    """A base of one gpt-oss-20b layer's fused experts (float32 gate_up_proj [8, 2880, 5760], down_proj [8, 2880,
+    2880]; config.json gpt_oss) and a LoRA on both parameters (target_parameters, as OpenAI's recipe trains them),
+    the two wrappers nested as PEFT saves them."""
+    import numpy as np
+
+    from weightdiff.io.safetensors_write import save_file
+
+    base, ad = d / "experts_base", d / f"experts{r}"
+    for f in (base, ad):
+        f.mkdir(parents=True, exist_ok=True)
+    m, e = "model.layers.0.mlp.experts", EXPERTS
+    if not (base / "model.safetensors").exists():
+        save_file(base / "model.safetensors", {
+            f"{m}.gate_up_proj": (0.02 * rng.standard_normal((e, GPT_OSS, 2 * GPT_OSS), np.float32)),
+            f"{m}.down_proj": (0.02 * rng.standard_normal((e, GPT_OSS, GPT_OSS), np.float32))})
+    (base / "config.json").write_text(json.dumps({"model_type": "gpt_oss"}))
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+                                                        "target_modules": [], "target_parameters":
+                                                        ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}))
+    pre = f"base_model.model.{m}"
+    save_file(ad / "adapter_model.safetensors", {      # gate_up_proj innermost (registered first), down_proj outer
+        f"{pre}.base_layer.lora_A.weight": rng.standard_normal((e * r, GPT_OSS), np.float32),
+        f"{pre}.base_layer.lora_B.weight": (0.01 * rng.standard_normal((2 * GPT_OSS, e * r), np.float32)),
+        f"{pre}.lora_A.weight": rng.standard_normal((e * r, GPT_OSS), np.float32),
+        f"{pre}.lora_B.weight": (0.01 * rng.standard_normal((GPT_OSS, e * r), np.float32))})
+    return base, ad
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/wd-adapters"))
@@ -164,11 +202,14 @@ def main() -> int:
     wanted = None if args.kinds is None else {k.strip().upper() for k in args.kinds.split(",")} | {"LORA"}
     for kind, r in (("LORA", args.r), ("LOHA", args.r), ("LOKR", args.r), ("VERA", args.vera_r), ("GGUF", args.r),
                     ("OFT", args.oft_block), ("BOFT", args.oft_block), ("HRA", args.r), ("TOKENS", TOKENS),
-                    ("TOKENS merged", TOKENS)):
+                    ("TOKENS merged", TOKENS), ("EXPERTS", args.r)):
         if wanted is not None and kind.upper() not in wanted:
             continue
         folder = {"TOKENS": tokens, "TOKENS merged": merged}.get(kind, args.dir / f"{kind.lower()}{r}")
-        if kind == "GGUF":
+        against = embed_base if kind.startswith("TOKENS") else base
+        if kind == "EXPERTS":
+            against, folder = _experts(args.dir, r, rng)
+        elif kind == "GGUF":
             folder.mkdir(parents=True, exist_ok=True)
             _gguf_adapter(folder / "lora.gguf", args.dir / f"lora{r}", r)
         elif not kind.startswith("TOKENS"):
@@ -176,8 +217,7 @@ def main() -> int:
         out = folder / "r.json"
         target = folder / "lora.gguf" if kind == "GGUF" else folder
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", CHILD, "compare", str(embed_base if kind.startswith("TOKENS")
-                                                                        else base), str(target), "--json", str(out),
+        p = subprocess.run([sys.executable, "-c", CHILD, "compare", str(against), str(target), "--json", str(out),
                             "-q"], capture_output=True, text=True)
         wall = time.perf_counter() - t0
         peak = [x for x in p.stderr.splitlines() if x.startswith("PEAK ")]
@@ -186,7 +226,8 @@ def main() -> int:
         lora_s = wall if kind == "LORA" else lora_s
         ranks = [t["rank"]["numerical_rank"] for t in json.loads(out.read_text())["tensors"] if t.get("rank")]
         rows.append((kind, r, wall, int(peak[-1].split()[1]), wall / lora_s, ranks))
-    print("| adapter | r | wall | peak RSS | wall / LoRA | numerical ranks (q, up, down; the embedding for TOKENS) |")
+    print("| adapter | r | wall | peak RSS | wall / LoRA | numerical ranks (q, up, down; the embedding for TOKENS; "
+          "each expert's gate_up, down for EXPERTS) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for kind, r, wall, peak, ratio, ranks in rows:
         print(f"| {kind} | {r} | {wall:.1f} s | {peak} MB | {ratio:.2f} | {', '.join(map(str, ranks))} |")
