@@ -81,9 +81,7 @@ def test_gpt_oss_experts_read_as_the_merged_model(tmp_path):
 
 
 def _tensors(folder):
-    from safetensors.numpy import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
+    return _tensors_of(folder / "adapter_model.safetensors")
 
 
 def test_square_experts_take_gpt_oss_orientation_from_the_config(tmp_path):
@@ -267,3 +265,43 @@ def test_a_million_experts_are_refused_before_any_is_built(tmp_path):
     (ad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 1, "target_parameters": ["down_proj"]}))
     contract(["compare", str(base), str(ad)], ad / "adapter_model.safetensors",
              "stack 1,000,000 experts of rank 1: more than the 4,096", tmp_path)
+
+
+def _moe(kind):
+    """A tiny transformers v5 MoE whose experts are fused parameters in the model and kept apart on disk (its
+    save_pretrained writes each expert's own tensors, as the released checkpoints hold them)."""
+    torch.manual_seed(0)
+    if kind == "qwen3_moe":
+        return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=E, num_experts_per_tok=2)).eval()
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=E, num_experts_per_tok=2)).eval()
+
+
+@pytest.mark.parametrize("kind, apart", [("qwen3_moe", ("gate_proj", "up_proj", "down_proj")),
+                                         ("mixtral", ("w1", "w3", "w2"))])
+def test_experts_the_base_keeps_apart_read_as_the_merged_model(tmp_path, kind, apart):
+    """Qwen3 MoE and Mixtral in transformers v5: the model fuses each layer's experts into gate_up_proj [experts,
+    2 m, n] and down_proj (LoRA on them by target_parameters), and the checkpoint keeps each expert's gate, up and
+    down projections apart (Mixtral's as w1, w3, w2 under block_sparse_moe): each expert's share of the factors is
+    split by rows, gate first, and measured against its own tensors, as PEFT's merge gives them."""
+    base, ad, merged = _saved(tmp_path, lambda: _moe(kind), r=2, lora_alpha=4, target_modules=[],
+                              target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    stored = _tensors_of(base / "model.safetensors")
+    assert not any("gate_up_proj" in n for n in stored)
+    got, changed = _read_as_merged(base, ad, merged, 2, "analysed exactly as B_e @ A_e")
+    assert {n.rsplit(".", 2)[1] for n in changed} == set(apart) and len(changed) == 2 * 3 * E
+    gate = next(x for n, x in changed.items() if f".3.{apart[0]}." in n and "layers.1" in n)["note"]
+    up = next(x for n, x in changed.items() if f".3.{apart[1]}." in n and "layers.1" in n)["note"]
+    assert "rows 0-23 of it (the base keeps this part of the fused [48, 32] expert apart)" in gate
+    assert "rows 24-47 of it" in up
+    assert any(x.startswith("adapter: 4 fused experts parameters measured against the experts the base keeps apart")
+               for x in got["plan"]["notes"])
+
+
+def _tensors_of(path):
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))

@@ -250,6 +250,10 @@ class LoraFactor:
     expert: int | None = None
     experts: int = 1
     in_out: bool | None = None
+    #: an expert the base keeps apart (``peft_params.experts_apart``): the rows (start, stop) of the expert's
+    #: [m, n] change this tensor holds (gate_proj and up_proj of a fused gate_up_proj), and that [m, n]
+    rows: tuple | None = None
+    virtual: tuple | None = None
 
     @property
     def label(self) -> str:

@@ -35,7 +35,7 @@ from ..errors import CheckpointError, escape_name
 from .experts import MAX_EXPERTS, expert_name
 from .safetensors_read import TensorInfo
 
-__all__ = ["param_factors", "check_param", "settle_orientation", "missing_param", "orientation_evidence", "expert_pair",
+__all__ = ["param_factors", "experts_apart", "check_param", "settle_orientation", "missing_param", "orientation_evidence", "expert_pair",
            "param_note", "IN_OUT_MODELS", "BASE_LAYER"]
 
 #: the wrapper segment of a parameter wrapped inside another's wrapper (PEFT strips every one of them)
@@ -141,10 +141,68 @@ def param_factors(parts: dict[str, dict[str, str]], tensors: dict[str, TensorInf
     return out, rest
 
 
+#: a fused experts parameter of transformers' (its leaf) -> the per-expert tensors a checkpoint keeps it as, their
+#: rows concatenated in this order (transformers' conversion mapping: ``qwen2_moe``'s, for Qwen2/Qwen3 MoE, DeepSeek
+#: V2/V3, GLM-4 MoE, OLMoE and others; ``mixtral``'s, for Mixtral and MiniMax, under ``block_sparse_moe``)
+_APART = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",)),
+          "gate_proj": (("gate_proj",), ("w1",)), "up_proj": (("up_proj",), ("w3",))}
+
+
+def _apart_names(param: str, e: int) -> list[list[str]]:
+    """The lists of tensors a checkpoint may keep expert ``e`` of fused ``param`` as (each list's rows concatenated)."""
+    stem, _, leaf = param.rpartition(".")
+    if leaf not in _APART or not stem.endswith(".experts"):
+        return []
+    own, mixtral = _APART[leaf]
+    out = [[f"{stem}.{e}.{p}.weight" for p in own]]
+    if stem.endswith(".mlp.experts"):
+        moe = stem[:-len(".mlp.experts")] + ".block_sparse_moe.experts"
+        out.append([f"{moe}.{e}.{p}.weight" for p in mixtral])
+    return out
+
+
+def experts_apart(factors: list, bases, notes: list[str]) -> list:
+    """``factors`` with each expert whose fused tensor no base holds retargeted at the expert's own tensors where a
+    base keeps them apart, as transformers fuses them when it loads the model (Qwen3 MoE's
+    ``mlp.experts.3.gate_proj.weight`` and ``up_proj.weight``, rows 0..m-1 and m..2m-1 of the fused gate_up_proj's
+    expert 3; Mixtral's ``block_sparse_moe.experts.3.w1.weight`` and ``w3``): one factor per tensor, its ``rows`` of
+    the expert's change. Experts found neither way are left as they are (``missing_param`` names them)."""
+    from dataclasses import replace
+
+    out, moved = [], set()
+    for f in factors:
+        if f.expert is None or any(f.target in b.tensors for b in bases):
+            out.append(f)
+            continue
+        for names in _apart_names(f.param, f.expert):
+            shapes = {tuple(b.tensors[n].shape) for n in names for b in bases if n in b.tensors}
+            if len(shapes) != 1 or not all(any(n in b.tensors for b in bases) for n in names):
+                continue
+            m, n = next(iter(shapes)) if len(next(iter(shapes))) == 2 else (0, 0)
+            if not m:
+                continue
+            if len(names) == 1:
+                out.append(replace(f, target=names[0]))
+            else:
+                out.extend(replace(f, target=t, rows=(k * m, k * m + m), virtual=(len(names) * m, n))
+                           for k, t in enumerate(names))
+            moved.add(f.param)
+            break
+        else:
+            out.append(f)
+    if moved:
+        n = len(moved)
+        notes.append(f"adapter: {n} fused experts parameter{'s' if n != 1 else ''} measured against the experts the "
+                     "base keeps apart, as transformers joins them when it loads the model (a gate_up_proj expert: its "
+                     "gate and up projections' rows, in that order)")
+    return out
+
+
 def orientation_evidence(factor, tensors: dict[str, TensorInfo], base: TensorInfo) -> bool | None:
     """Whether a fused parameter's expert factors fit their expert's matrix read [in, out] (True) or [out, in]
-    (False); None when both fit (a square expert) or neither does."""
-    sa, sb, shape = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape), tuple(base.shape)
+    (False); None when both fit (a square expert) or neither does. An expert kept apart: its whole [m, n]."""
+    sa, sb = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape)
+    shape = factor.virtual or tuple(base.shape)
     io, oi = shape == (sa[1], sb[0]), shape == (sb[0], sa[1])
     return True if io and not oi else False if oi and not io else None
 
@@ -209,7 +267,8 @@ def missing_param(factor, bases, where: Path, shown: str) -> CheckpointError:
 def check_param(factor, tensors: dict[str, TensorInfo], base: TensorInfo, where: Path) -> None:
     """Check that a parameter's factors fit its (expert's) base matrix, and settle the expert's orientation
     (``factor.in_out``, which ``comparison.check_adapter_plan`` may have set from the other experts' evidence)."""
-    sa, sb, shape = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape), tuple(base.shape)
+    sa, sb = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape)
+    shape = factor.virtual or tuple(base.shape)
     what = f"`{escape_name(factor.param)}`" + (f" (expert {factor.expert})" if factor.expert is not None else "")
     if factor.expert is None:
         if shape != (sb[0], sa[1]):
@@ -239,9 +298,10 @@ def expert_pair(factor, a64: np.ndarray, b64: np.ndarray) -> tuple[np.ndarray, n
     r, e = factor.r, factor.expert
     a_e = a64.reshape(factor.experts, r, -1)[e]                     # PEFT's A.reshape(experts, -1, in)
     b_e = b64.reshape(b64.shape[0], r, factor.experts)[:, :, e]     # PEFT's B.reshape(out, -1, experts)
-    if factor.in_out:           # "o r e, e r i -> e i o": (B_e A_e)^T = A_e^T B_e^T
-        return np.array(b_e.T, order="C"), np.array(a_e.T, order="C")
-    return np.array(a_e, order="C"), np.array(b_e, order="C")       # copies: the whole factors are shared
+    a, b = (b_e.T, a_e.T) if factor.in_out else (a_e, b_e)     # "o r e, e r i -> e i o": (B_e A_e)^T = A_e^T B_e^T
+    if factor.rows is not None:             # the rows of the expert's change this tensor holds (gate_proj, up_proj)
+        b = b[factor.rows[0]:factor.rows[1]]
+    return np.array(a, order="C"), np.array(b, order="C")       # copies: the whole factors are shared
 
 
 def param_note(factor) -> str:
@@ -254,4 +314,6 @@ def param_note(factor) -> str:
     return (f"LoRA on parameter `{factor.param}` (target_parameters, r={r} per expert, scale={factor.scale:g}): "
             f"expert {e} of {n}, its factors rows {e * r}-{e * r + r - 1} of `{factor.a_name}` and columns {cols} "
             f"of `{factor.b_name}`, analysed exactly as " + ("(B_e @ A_e)^T (the experts read [experts, in, out])"
-                                                             if factor.in_out else "B_e @ A_e"))
+                                                             if factor.in_out else "B_e @ A_e")
+            + (f", rows {factor.rows[0]}-{factor.rows[1] - 1} of it (the base keeps this part of the fused "
+               f"[{factor.virtual[0]}, {factor.virtual[1]}] expert apart)" if factor.rows is not None else ""))

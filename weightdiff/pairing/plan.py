@@ -57,9 +57,13 @@ _PEFT_PREFIX = "base_model.model."
 _PEFT_SEGMENTS = re.compile(r"\.(?:modules_to_save\.[^.]+|modules_to_save|original_module|base_layer)(?=\.)")
 
 
-def _tuned_items(tuned: CheckpointLike, notes: list[str]) -> list[_Item]:
+def _tuned_items(tuned: CheckpointLike, notes: list[str], bases: Sequence[CheckpointLike] = ()) -> list[_Item]:
     tensors = tuned.tensors
     factors = list(getattr(tuned, "lora", None) or [])
+    if any(getattr(f, "expert", None) is not None for f in factors):
+        from ..io.peft_params import experts_apart
+
+        factors = experts_apart(factors, bases, notes)      # the experts a base keeps apart, as transformers fuses them
     vectors = list(getattr(tuned, "ia3", None) or [])
     if getattr(tuned, "format", None) != "adapter" and not factors and not vectors:
         return [_Item(n, n, tuple(i.shape), i.dtype) for n, i in tensors.items()]
@@ -285,7 +289,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
     keep = _glob_filter(tuple(include), tuple(exclude))
     tuned = _without_buffers(tuned, "tuned", buffers)
     bases = [_without_buffers(b, "base", buffers) for b in bases]
-    items = _tuned_items(tuned, notes)
+    items = _tuned_items(tuned, notes, bases)
     seen: dict[str, tuple[str, bool]] = {}     # renamed key -> (first name, whether a rule made it)
     for it in items:
         key = renamed(it.key, rules)
@@ -301,7 +305,7 @@ def plan(bases: Sequence[CheckpointLike], tuned: CheckpointLike, include: Sequen
     items = [it for it in items if keep(it.key)]
     if n_before and not items:
         which = "include" if include and not any(any(fnmatchcase(it.key, g) for g in include)
-                                                 for it in _tuned_items(tuned, [])) else "exclude"
+                                                 for it in _tuned_items(tuned, [], bases)) else "exclude"
         globs = ", ".join(repr(escape_name(g, keep_quotes=False)) for g in (include if which == "include" else exclude))
         verb = "matches none" if which == "include" else "leaves none"
         raise OptionsError(f"{which} {globs} {verb} of the {n_before:,} tuned tensors: nothing to compare",
