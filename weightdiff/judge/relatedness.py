@@ -219,10 +219,12 @@ def _evidence_size(row) -> int | None:
     return get("numel_compared") or get("numel") or 0
 
 
-def large_matrix_relatedness(rows, thresholds: Thresholds) -> tuple[float | None, float | None, int]:
+def large_matrix_relatedness(rows, thresholds: Thresholds, evidence: list | None = None
+                             ) -> tuple[float | None, float | None, int]:
     """(element-weighted cosine, relative change, matrices) over the large matrices, over
-    all matrices when none is large; norm gains and biases never count."""
-    chosen = chosen_evidence(evidence_sizes(rows), thresholds.large_matrix_numel)
+    all matrices when none is large; norm gains and biases never count. ``evidence``: ``evidence_sizes(rows)``
+    when the caller has it."""
+    chosen = chosen_evidence(evidence_sizes(rows) if evidence is None else evidence, thresholds.large_matrix_numel)
     if not chosen:
         return None, None, 0
     w = [float(n) for _, n in chosen]
@@ -262,10 +264,12 @@ def negation_cut(thresholds: Thresholds, elements: int | None) -> float:
     return max(thresholds.unrelated_cosine, 6.0 / math.sqrt(max(int(elements or 0), 1)))
 
 
-def negated_rows(rows, thresholds: Thresholds) -> list:
+def negated_rows(rows, thresholds: Thresholds, evidence: list | None = None) -> list:
     """The evidence rows still stored with the sign flipped (cosine below -``negation_cut``): those
-    ``comparison.negated_matrices`` could not measure against the base times -1."""
-    return [r for r, n in evidence_sizes(rows) if _field(r, "cosine") < -negation_cut(thresholds, n)]
+    ``comparison.negated_matrices`` could not measure against the base times -1. ``evidence``:
+    ``evidence_sizes(rows)`` when the caller has it."""
+    return [r for r, n in (evidence_sizes(rows) if evidence is None else evidence)
+            if _field(r, "cosine") < -negation_cut(thresholds, n)]
 
 
 def net_of_quantization(rows, thresholds: Thresholds) -> float | None:
@@ -323,15 +327,17 @@ def low_rank_cap(m: int, n: int, thresholds: Thresholds) -> float:
     return max(1.0, thresholds.low_rank_share * 2.0 * m * n / (m + n))
 
 
-def low_rank_change(rows, thresholds: Thresholds) -> bool:
+def low_rank_change(rows, thresholds: Thresholds, evidence: list | None = None) -> bool:
     """Whether every matrix the unrelated rule weighs changed by a certified low-rank update: then
     tuned = base + a low-rank matrix, which two independent initialisations never are (their
-    difference has full rank), however large the change; the rule must not call them unrelated."""
-    chosen = chosen_evidence(evidence_sizes(rows), thresholds.large_matrix_numel)
+    difference has full rank), however large the change; the rule must not call them unrelated.
+    ``evidence``: ``evidence_sizes(rows)`` when the caller has it."""
+    chosen = chosen_evidence(evidence_sizes(rows) if evidence is None else evidence, thresholds.large_matrix_numel)
     return bool(chosen) and all(_low_rank_row(r, thresholds) for r, _ in chosen)
 
 
-def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[str]] | None = None) -> list[dict]:
+def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[str]] | None = None,
+               sizes: Mapping[int, int] | None = None) -> list[dict]:
     """Relatedness per component (``embeddings``, each block, ``head``), in model order.
 
     Each entry: ``component``, ``status``, the component's ``cosine`` and ``rel_change``
@@ -345,17 +351,20 @@ def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[
     head is its embedding table, compared with the other side's head, which is not evidence
     of unrelatedness). A shared block whose module kinds disagree is given per kind (``_families``),
     where the kinds that look unrelated are not ``permuted[label]`` (MLP neurons, attention heads or a
-    layer's experts that are the base's in another order: ``comparison.permuted_units``).
+    layer's experts that are the base's in another order: ``comparison.permuted_units``). ``sizes``: id of
+    each record of ``evidence_sizes(records)`` -> its size, when the caller has them.
     """
+    if sizes is None:
+        sizes = {id(r): n for r, n in evidence_sizes(records)}
     groups: dict[str, list] = {}
     order: dict[str, tuple] = {}
     placed = placements(records)
     # a base block none of whose tensors has a counterpart is gone: when the tuned model's blocks were
     # renumbered (layers dropped), its number may be a live tuned block's, so it is labelled apart
     paired_base = {parse_name(r.base_name)[0] for r in records if r.base_name and r.status in PAIRED}
-    live = {component_of(n) for r, n in zip(records, placed) if r.status != "removed"}
-    for r, name in zip(records, placed):
-        label = component_of(name)
+    labels = [component_of(n) for n in placed]
+    live = {label for r, label in zip(records, labels) if r.status != "removed"}
+    for r, name, label in zip(records, placed, labels):
         if r.status == "removed" and label in live and parse_name(name)[0] is not None \
                 and parse_name(r.base_name or name)[0] not in paired_base:
             label += " (base)"
@@ -366,17 +375,17 @@ def components(records, thresholds: Thresholds, permuted: Mapping[str, Sequence[
                 else (1, index, label)
     out = []
     for label in sorted(groups, key=lambda k: order[k]):
-        entry = _component(label, groups[label], thresholds)
+        entry = _component(label, groups[label], thresholds, sizes)
         kinds = tuple((permuted or {}).get(label, ()))
         if entry["status"] == "unrelated" and kinds:
             # its units are the base's in another order: judged per kind, the reordered ones not unrelated
-            rest = _families(label, groups[label], thresholds, reordered_kinds(kinds))
+            rest = _families(label, groups[label], thresholds, reordered_kinds(kinds), sizes)
             if rest is None or "experts" in kinds and not any(p["status"] == "unrelated" for p in rest):
                 entry["status"] = "shared"
             else:
                 out.extend(rest)
                 continue
-        parts = _families(label, groups[label], thresholds, reordered_kinds(kinds)) \
+        parts = _families(label, groups[label], thresholds, reordered_kinds(kinds), sizes) \
             if entry["status"] == "shared" and (_some_far(groups[label], thresholds)
                                                 or any(is_mismatch(r) for r in groups[label])) else None
         out.extend(parts or [entry])
@@ -501,15 +510,16 @@ def is_expert_name(name) -> bool:
     return _EXPERT.match(str(name)) is not None
 
 
-def _component(label: str, rows: list, thresholds: Thresholds) -> dict:
-    """One component's entry (``components``)."""
+def _component(label: str, rows: list, thresholds: Thresholds, sizes: Mapping[int, int] | None = None) -> dict:
+    """One component's entry (``components``; ``sizes`` as there)."""
     measured = [r for r in rows if r.status in PAIRED and r.compared in ("float", "bytes", "factors")]
     # a tied head row (the tuned embedding against the base head) says the head was re-tied,
     # not that it comes from elsewhere: it counts for `identical`, not as relatedness evidence
     paired = [r for r in measured if not getattr(r, "tied", False)]
-    cos, rel, n = large_matrix_relatedness(paired, thresholds)
+    evidence = evidence_sizes(paired) if sizes is None else [(r, sizes[id(r)]) for r in paired if id(r) in sizes]
+    cos, rel, n = large_matrix_relatedness(paired, thresholds, evidence)
     verdict = looks_unrelated(cos, rel, thresholds)
-    if verdict and low_rank_change(paired, thresholds):
+    if verdict and low_rank_change(paired, thresholds, evidence):
         verdict = False                  # a large but low-rank change of these very matrices
     if not measured:
         # tensors of another shape than the base's (a narrower student) have a counterpart, not compared
@@ -536,7 +546,8 @@ def _some_far(rows, thresholds: Thresholds) -> bool:
     return False
 
 
-def _families(label: str, rows: list, thresholds: Thresholds, reordered: Sequence[str] = ()) -> list[dict] | None:
+def _families(label: str, rows: list, thresholds: Thresholds, reordered: Sequence[str] = (),
+              sizes: Mapping[int, int] | None = None) -> list[dict] | None:
     """A shared block whose modules of one kind (``mlp``, ``attn``: the first part of the module kind)
     look unrelated while others are shared, as one entry per kind (``layers.3 mlp``): the MLPs of an
     independently initialised model grafted into every block leave each block's pooled matrices
@@ -548,7 +559,7 @@ def _families(label: str, rows: list, thresholds: Thresholds, reordered: Sequenc
         fams.setdefault(str(r.module or "other").split(".", 1)[0], []).append(r)
     if len(fams) < 2:
         return None
-    parts = [_component(f"{label} {fam}", fam_rows, thresholds) for fam, fam_rows in fams.items()]
+    parts = [_component(f"{label} {fam}", fam_rows, thresholds, sizes) for fam, fam_rows in fams.items()]
     for p in parts:
         if p["status"] == "unrelated" and p["component"][len(label) + 1:] in reordered:
             p["status"] = "shared"

@@ -32,7 +32,7 @@ from ..io.declared import same_model
 from ..io.meta_layout import is_meta_qk
 from ..pairing.names import component_of, is_lm_head, is_router, parse_name
 from .coverage import compared_elements, coverage, too_little
-from .relatedness import (components as component_relatedness, large_matrix_relatedness, looks_unrelated, low_rank_cap, negated_rows, weak_evidence,
+from .relatedness import (components as component_relatedness, evidence_sizes, large_matrix_relatedness, looks_unrelated, low_rank_cap, negated_rows, weak_evidence,
                           net_of_quantization, low_rank_change, reordered_kinds)
 from .status import (PAIRED, bytes_per, delta_params_range, matrix_dims, extra_rows, is_changed, is_mismatch, only_resized, is_tied,
                      max_rank_fields, moved_blocks, norms_sq, placements, rank_upper, ratio, unresolved_quant_noise,
@@ -341,7 +341,11 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
     rel = ratio(nd2, nb2) if n_paired else None
     if rel is None and n_paired and nb2 == 0 and nd2 == 0 and any(norms_sq(r) for r in counted):
         rel = 0.0
-    cos, rel_m, _ = large_matrix_relatedness(counted, thresholds)
+    # which records are evidence of relatedness, and of what size: one pass, for the three questions below
+    every = evidence_sizes(records)
+    sizes = {id(r): n for r, n in every}
+    evidence = [(r, n) for r, n in every if not is_tied(r)]         # evidence_sizes(counted)
+    cos, rel_m, _ = large_matrix_relatedness(counted, thresholds, evidence)
 
     changed = [r for r in live if is_changed(r, thresholds)]
     dp_changed = dp_added = dp_lower = 0
@@ -439,7 +443,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         shifted = [r for r in counted if is_moved(r)]
         scope["moved_tensors"] = {"tensors": len(shifted), "params": sum(r.numel for r in shifted)}
     cov = coverage(records, thresholds)
-    comps = component_relatedness(records, thresholds, permuted)
+    comps = component_relatedness(records, thresholds, permuted, sizes)
     if checked:
         scope["heads_checked"] = sorted(set(checked))
     if permuted:
@@ -510,7 +514,7 @@ def summarise(records: list[TensorRecord], blocks: list[BlockRecord], thresholds
         if rotated.get("head_untied"):        # the base ties its head; this model stores one, measured rotated
             scope["rotated_residual"]["head_untied"] = True
     negated = undone.get("negated") or {}
-    left = negated_rows(counted, thresholds)  # still stored negated: quantized, adapter factors, reordered too
+    left = negated_rows(counted, thresholds, evidence)  # still stored negated: quantized, adapter factors, reordered
     if negated or left:                       # matrices stored times -1, measured against the base times -1
         flags.append("negated_matrices")
         names = set(negated.get("names") or ())
