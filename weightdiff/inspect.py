@@ -144,6 +144,11 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
             adapter = {"peft_type": "VBLORA", **{k: a.raw[k] for k in ("r", "topk", "num_vectors", "vector_length",
                                                                        "save_only_topk_weights", "fan_in_fan_out")},
                        "target_modules": a.target_modules, "base_model": a.base_model, "modules": len(ckpt.lora)}
+        elif ckpt.adapter is not None and ckpt.adapter.peft_type == "FOURIERFT":
+            a = ckpt.adapter
+            adapter = {"peft_type": "FOURIERFT", **{k: a.raw[k] for k in ("n_frequency", "scaling", "random_loc_seed")},
+                       "fan_in_fan_out": a.fan_in_fan_out, "target_modules": a.target_modules,
+                       "base_model": a.base_model, "modules": len(ckpt.lora)}
         elif ckpt.adapter is not None and ckpt.adapter.peft_type == "HRA":
             a = ckpt.adapter
             adapter = {"peft_type": "HRA", "r": a.r, "apply_GS": a.raw["apply_GS"], "target_modules": a.target_modules,
@@ -326,6 +331,9 @@ def _adapter_lines(a: dict) -> list[str]:
         head = (f"VBLoRA r={a['r']} topk={a['topk']}, a bank of {a['num_vectors']} vectors of {a['vector_length']}"
                 f"{' (top-k weights saved)' if a['save_only_topk_weights'] else ''}, {a['modules']} "
                 f"module{s(a['modules'])}")
+    elif kind == "FOURIERFT":
+        head = (f"FourierFT n_frequency={a['n_frequency']:,} scaling={a['scaling']:g} random_loc_seed="
+                f"{a['random_loc_seed']}, {a['modules']} module{s(a['modules'])}")
     elif kind == "HRA":
         head = (f"HRA r={a['r']} Householder reflections{' (apply_GS)' if a['apply_GS'] else ''}, {a['modules']} "
                 f"module{s(a['modules'])}")

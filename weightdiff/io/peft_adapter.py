@@ -358,7 +358,7 @@ def read_adapter_config(path: Path) -> AdapterConfig:
 _PARSERS = {"VERA": ("peft_vera", "parse_vera_config"), "OFT": ("peft_oft", "parse_oft_config"),
             "BOFT": ("peft_boft", "parse_boft_config"), "TRAINABLE_TOKENS": ("peft_tokens", "parse_tokens_config"),
             "VBLORA": ("peft_vblora", "parse_vblora_config"), "HRA": ("peft_hra", "parse_hra_config"),
-            "LN_TUNING": ("peft_ln", "parse_ln_config")}
+            "LN_TUNING": ("peft_ln", "parse_ln_config"), "FOURIERFT": ("peft_fourierft", "parse_fourierft_config")}
 
 
 def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
@@ -386,8 +386,8 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         return getattr(import_module(f"{__package__}.{module}"), func)(raw, path)
     if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA, LoHa, LoKr, "
-                                    "VeRA, VBLoRA, OFT, BOFT, HRA, IA3, trainable-tokens and LN tuning adapters are supported "
-                                    "(FourierFT and others store different factors)",
+                                    "VeRA, VBLoRA, FourierFT, OFT, BOFT, HRA, IA3, trainable-tokens and LN tuning "
+                                    "adapters are supported (others store different factors)",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     for key, why, hint in _VARIANTS:
         if raw.get(key) not in (None, False, [], {}):
@@ -636,7 +636,34 @@ def _foreign_part(name: str) -> str | None:
         from .peft_ln import ln_target
 
         return "LN tuning" if ln_target(name) else None
+    if name.endswith(".fourierft_spectrum"):
+        from .peft_fourierft import is_fourierft
+
+        return "FourierFT" if is_fourierft(name) else None
     return None
+
+
+def own_tensors(tensors: dict[str, TensorInfo], where: Path, pattern: re.Pattern, suffix: str, label: str,
+                own: str, peft_type: str):
+    """(name, info, match) of each tensor of a one-tensor-per-module method (HRA's ``hra_u``, FourierFT's
+    ``fourierft_spectrum``: names ending ``suffix`` that ``pattern`` matches); the others go through
+    ``refuse_other_method``."""
+    for name, info in tensors.items():
+        m = pattern.match(name) if name.endswith(suffix) else None
+        if m is None:
+            refuse_other_method(name, where, label, own, peft_type)
+            continue
+        yield name, info, m
+
+
+def float_base_shape(label: str, layers: str, factor, base: TensorInfo, where: Path) -> tuple:
+    """The shape of a base weight a method builds only on float layers (HRA, FourierFT: ``layers`` names them);
+    a quantized or non-float one refused."""
+    if getattr(base, "quant", None) is not None or getattr(base, "scheme", None) is not None or not _is_float(base):
+        raise CheckpointError(where, f"{label} module `{escape_name(factor.target)}`: the base weight is quantized or "
+                                     f"not float ({base.dtype}); PEFT's {label} builds on float {layers} layers",
+                              "compare against the base's float weights")
+    return tuple(int(d) for d in base.shape)
 
 
 def refuse_other_method(name: str, where: Path, label: str, own: str, peft_type: str) -> None:
@@ -676,6 +703,10 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         from .peft_vblora import vblora_factors
 
         return vblora_factors(tensors, where, config)
+    if config.peft_type == "FOURIERFT":
+        from .peft_fourierft import fourierft_factors
+
+        return fourierft_factors(tensors, where, config)
     from .peft_tokens import is_token_delta, token_factors
 
     if config.peft_type == "TRAINABLE_TOKENS":
@@ -764,7 +795,7 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
 #: what messages, notes and inspect call each peft_type weightdiff reads
 KIND_LABELS = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "OFT": "OFT", "BOFT": "BOFT",
                "IA3": "IA3", "TOKENS": "trainable tokens", "TRAINABLE_TOKENS": "trainable tokens",
-               "LN_TUNING": "LN tuning", "HRA": "HRA", "VBLORA": "VBLoRA"}
+               "LN_TUNING": "LN tuning", "HRA": "HRA", "VBLORA": "VBLoRA", "FOURIERFT": "FourierFT"}
 
 #: the dtypes an IA3 merge is reproduced in (torch's own promotion and casts among them)
 _MERGE_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -954,6 +985,10 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
         from .peft_vblora import check_vblora
 
         return check_vblora(factor, tensors, base, config, where)
+    if factor.kind == "FOURIERFT":
+        from .peft_fourierft import check_fourierft
+
+        return check_fourierft(factor, tensors, base, config, where)
     if factor.kind == "TOKENS":
         from .peft_tokens import check_tokens
 
@@ -1025,6 +1060,10 @@ def factor_pair(factor: LoraFactor, values: dict[str, np.ndarray]) -> tuple[np.n
         from .peft_vblora import vblora_product
 
         return vblora_product(factor, values, factor.r_topk)
+    if factor.kind == "FOURIERFT":
+        from .peft_fourierft import fourierft_pair
+
+        return fourierft_pair(factor, values)
     from .peft_lycoris import lycoris_product
 
     return lycoris_product(factor.kind, values)
@@ -1044,6 +1083,10 @@ def factor_note(factor: LoraFactor, a: np.ndarray, b: np.ndarray) -> str:
         from .peft_vblora import vblora_note
 
         return vblora_note(factor, a.shape[0])
+    if factor.kind == "FOURIERFT":
+        from .peft_fourierft import fourierft_note
+
+        return fourierft_note(factor)
     from .peft_lycoris import lycoris_note
 
     return lycoris_note(factor, a.shape[0])
@@ -1064,6 +1107,10 @@ def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where
                                              "cannot be measured")
         if factor.kind in ("OFT", "BOFT", "TOKENS"):    # rotations (check_oft_values, check_boft_values), rows
             return
+        if factor.kind == "FOURIERFT":  # a spectrum: the change's norm bounded by Parseval, no factors formed
+            from .peft_fourierft import check_fourierft_values
+
+            return check_fourierft_values(factor, arrays[factor.parts["spectrum"]], where, _DELTA_CAP)
         if factor.kind == "HRA":        # reflections: unit vectors, W (H - I) at most 2 |W|
             from .peft_hra import check_hra_values
 

@@ -58,14 +58,10 @@ def is_hra(name: str) -> bool:
 
 def hra_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
     """One LoraFactor (kind HRA, its ``hra_u`` tensor in ``parts``) per adapted module."""
-    from .peft_adapter import LoraFactor, _is_float, refuse_other_method
+    from .peft_adapter import LoraFactor, _is_float, own_tensors
 
     out = []
-    for name, info in tensors.items():
-        m = _HRA_RE.match(name) if name.endswith(".hra_u") else None
-        if m is None:
-            refuse_other_method(name, where, "HRA", "hra_u", "HRA")
-            continue
+    for name, info, m in own_tensors(tensors, where, _HRA_RE, ".hra_u", "HRA", "hra_u", "HRA"):
         if not _is_float(info) or len(info.shape) != 2:
             raise CheckpointError(where, f"HRA tensor `{escape_name(name)}` is {info.dtype} {list(info.shape)}; "
                                          "expected a float matrix [inputs, r]")
@@ -81,15 +77,11 @@ def hra_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
 def check_hra(factor, tensors: dict[str, TensorInfo], base: TensorInfo, where: Path) -> None:
     """The ``hra_u`` tensor must be what PEFT builds on this base layer (headers only): a Linear's [in, r], a
     Conv2d's [in x k x k, r] (square kernels; PEFT builds no grouped one)."""
-    from .peft_adapter import _is_float
+    from .peft_adapter import float_base_shape
     from .peft_boft import linear_or_conv2d_inputs
 
     t = f"`{escape_name(factor.target)}`"
-    shape = tuple(int(d) for d in base.shape)
-    if getattr(base, "quant", None) is not None or getattr(base, "scheme", None) is not None or not _is_float(base):
-        raise CheckpointError(where, f"HRA module {t}: the base weight is quantized or not float ({base.dtype}); "
-                                     "PEFT's HRA builds on float Linear and Conv2d layers",
-                              "compare against the base's float weights")
+    shape = float_base_shape("HRA", "Linear and Conv2d", factor, base, where)
     inputs = linear_or_conv2d_inputs("HRA", factor, shape, where)
     got = tuple(int(d) for d in tensors[factor.parts["hra_u"]].shape)
     if got[0] != inputs:

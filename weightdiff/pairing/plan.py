@@ -190,7 +190,7 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str], bases: Sequence[Checkp
         adalora = any(getattr(f, "e_name", None) for f in factors)
         n, rest = len(factors) - pruned, len(items) - len(factors) - len(tokens) + pruned - biased
         lycoris = getattr(factors[0], "label", "LoRA")
-        lycoris = lycoris if lycoris in ("LoHa", "LoKr", "VeRA", "VBLoRA", "OFT", "BOFT", "HRA") else None
+        lycoris = lycoris if lycoris in ("LoHa", "LoKr", "VeRA", "VBLoRA", "FourierFT", "OFT", "BOFT", "HRA") else None
         kinds = (f"{lycoris} module" if lycoris else "AdaLoRA factor triple" if adalora
                  else "LoRA factor pair") + ("s" if n != 1 else "")
         if lycoris:
@@ -199,6 +199,8 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str], bases: Sequence[Checkp
                 "VeRA": "its vectors make of the shared projections, (lambda_b x B) @ (lambda_d x A))",
                 "HRA": "W (H - I) is, H the product of its Householder reflections of the inputs)",
                 "VBLoRA": "its top-k mixtures of the shared vector bank make, B @ A)",
+                "FourierFT": "its spectral coefficients make, real(ifft2(S)) x scaling, their places drawn from "
+                             "random_loc_seed as PEFT draws them)",
                 "OFT": "", "BOFT": "",
             }[lycoris]
             if lycoris == "OFT":

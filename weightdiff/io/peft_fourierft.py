@@ -1,0 +1,185 @@
+r"""PEFT's FourierFT adapters (``peft_type`` FOURIERFT), read as the factor pair their change is.
+
+FourierFT trains, for each adapted Linear (or GPT-2 Conv1D) layer of ``out`` outputs and ``in`` inputs, ``n``
+spectral coefficients, saved as ``<m>.fourierft_spectrum`` [n]. Their places in the [out, in] spectrum are not
+saved: PEFT (this module follows 0.21) draws them again whenever it builds the layer, the first ``n`` of
+``torch.randperm(out * in)`` from a generator seeded with the config's ``random_loc_seed`` (one seed for every
+layer, so layers of one shape share their places), entry p at row p // in and column p % in. The change is
+``real(ifft2(S)) x scaling``, S the [out, in] spectrum holding the coefficients there (torch's ifft2 divides by
+out x in), added to the weight as it is for a Linear, transposed for a Conv1D (``fan_in_fan_out``).
+
+Each coefficient s at (j, l) contributes s cos(2 pi (a j / out + b l / in)) / (out in) to element (a, b), and
+cos(x + y) = cos x cos y - sin x sin y, so the change is a factor pair B @ A of inner size 2 n:
+B = [s cos(2 pi a j / out), -s sin(2 pi a j / out)] x scaling / (out in) and A = [cos(2 pi b l / in);
+sin(2 pi b l / in)], of rank at most 2 n, measured exactly as a LoRA's is (``measure.rank.analyze_factors``). The
+places are drawn with torch, as PEFT draws them when it loads the adapter: reading one needs the torch extra.
+
+>>> import numpy as np
+>>> s, idx = np.array([1.0, -0.5, 0.25]), np.array([7, 0, 23])
+>>> a, b = spectrum_pair((4, 6), False, s, idx)
+>>> dense = np.zeros((4, 6)); dense[idx // 6, idx % 6] = s
+>>> bool(np.allclose(b @ a, np.fft.ifft2(dense).real))
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, escape_name
+from .safetensors_read import TensorInfo
+
+__all__ = ["parse_fourierft_config", "fourierft_factors", "check_fourierft", "check_fourierft_values", "places",
+           "spectrum_pair", "fourierft_pair", "fourierft_note"]
+
+_PREFIX = "base_model.model."
+_SPECTRUM_RE = re.compile(r"^(?P<mod>.+)\.fourierft_spectrum\Z", re.S)
+#: torch.Generator.manual_seed's range
+_SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+
+
+def parse_fourierft_config(raw: dict, path: Path):
+    """The AdapterConfig of a FourierFT config: ``n_frequency`` (PEFT's default 1000) and ``n_frequency_pattern``'s
+    values positive integers, ``scaling`` (150) a number, ``random_loc_seed`` (777) an integer torch can seed with,
+    ``fan_in_fan_out`` a boolean."""
+    from .peft_adapter import AdapterConfig, _bool, _number, _pattern_repeats, _rank, _targets
+
+    n = _rank(path, "n_frequency", raw.get("n_frequency", 1000))
+    scaling = _number(path, "scaling", raw.get("scaling", 150.0))
+    seed = raw.get("random_loc_seed", 777)
+    if type(seed) is not int or not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise CheckpointError(path, f"adapter config has random_loc_seed = {escape_name(repr(seed))[:40]}, expected "
+                                    "an integer torch can seed its generator with")
+    pats = raw.get("n_frequency_pattern") or {}
+    if not isinstance(pats, dict):
+        raise CheckpointError(path, "adapter config has n_frequency_pattern that is not an object of module name -> "
+                                    "frequencies")
+    repeats = {}
+    for pat, value in pats.items():
+        _rank(path, f"n_frequency_pattern[{escape_name(repr(pat))[:40]}]", value)
+        repeats[pat] = _pattern_repeats(path, "n_frequency_pattern", pat)
+    fan = _bool(path, raw, "fan_in_fan_out")
+    base = raw.get("base_model_name_or_path")
+    return AdapterConfig(n, scaling, _targets(path, raw), False, False, base if isinstance(base, str) else None,
+                         {**raw, "n_frequency": n, "scaling": scaling, "random_loc_seed": seed,
+                          "n_frequency_pattern": pats}, fan_in_fan_out=fan, path=Path(path), repeats=repeats,
+                         peft_type="FOURIERFT")
+
+
+def is_fourierft(name: str) -> bool:
+    return _SPECTRUM_RE.match(name) is not None
+
+
+def fourierft_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
+    """One LoraFactor (kind FOURIERFT, its spectrum in ``parts``, r its frequencies, scale the config's scaling) per
+    adapted module."""
+    from .peft_adapter import LoraFactor, _is_float, own_tensors
+
+    out = []
+    for name, info, m in own_tensors(tensors, where, _SPECTRUM_RE, ".fourierft_spectrum", "FourierFT",
+                                     "fourierft_spectrum", "FOURIERFT"):
+        if not _is_float(info) or len(info.shape) != 1 or not info.shape[0]:
+            raise CheckpointError(where, f"FourierFT tensor `{escape_name(name)}` is {info.dtype} {list(info.shape)}; "
+                                         "expected a float vector of the layer's spectral coefficients")
+        module = m["mod"].removeprefix(_PREFIX)
+        n = int(info.shape[0])
+        want = config.pattern("n_frequency_pattern", module, config.r)
+        if n != want:
+            raise CheckpointError(where, f"FourierFT tensor `{escape_name(name)}` holds {n:,} coefficients, but "
+                                         f"adapter_config.json gives this module n_frequency {want:,}",
+                                  "tensors and config from different adapters?")
+        out.append(LoraFactor(module + ".weight", name, name, None, n, float(config.lora_alpha), kind="FOURIERFT",
+                              parts={"spectrum": name}))
+    if out:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise CheckpointError(where, "FourierFT adapters do not save where their coefficients sit in the spectrum: "
+                                         "PEFT draws the places again with torch's random generator from "
+                                         "random_loc_seed, and so does weightdiff, with the torch extra",
+                                  "pip install 'weightdiff[torch]'") from None
+    return out
+
+
+def check_fourierft(factor, tensors: dict[str, TensorInfo], base: TensorInfo, config, where: Path) -> None:
+    """The spectrum must fit the base layer PEFT builds FourierFT on (headers only): a float Linear weight [out, in],
+    or under ``fan_in_fan_out`` GPT-2's Conv1D [in, out], with at most out x in coefficients. Sets ``shared`` to
+    (out, in, random_loc_seed) and ``in_out`` to the Conv1D layout."""
+    from .peft_adapter import float_base_shape
+
+    t = f"`{escape_name(factor.target)}`"
+    shape = float_base_shape("FourierFT", "Linear and Conv1D", factor, base, where)
+    if len(shape) != 2:
+        raise CheckpointError(where, f"FourierFT module {t}: the base weight is {list(shape)}, not a Linear or Conv1D "
+                                     "weight PEFT's FourierFT builds on", "is this adapter for another base model?")
+    conv1d = bool(config.fan_in_fan_out)
+    out, inn = (shape[1], shape[0]) if conv1d else shape
+    n = factor.r
+    if n > out * inn:
+        raise CheckpointError(where, f"FourierFT module {t} has {n:,} coefficients, more than its {out:,} x {inn:,} "
+                                     "spectrum holds (PEFT refuses n_frequency above out x in)",
+                              "is this adapter for another base model?")
+    factor.shared = (out, inn, int(config.raw.get("random_loc_seed", 777)))
+    factor.in_out = conv1d
+
+
+def check_fourierft_values(factor, spectrum: np.ndarray, where: Path, cap: float) -> None:
+    """A change too large to measure is refused: its norm is at most |scaling| |s| / sqrt(out x in) (Parseval)."""
+    out, inn, _ = factor.shared if factor.shared else (1, 1, 0)
+    with np.errstate(all="ignore"):
+        bound = abs(factor.scale) * float(np.linalg.norm(np.asarray(spectrum, np.float64))) / math.sqrt(out * inn)
+    if not math.isfinite(bound) or bound > cap:
+        raise CheckpointError(where, f"FourierFT delta of `{escape_name(factor.target)}` is too large to measure: "
+                                     f"|scaling| x |spectrum| / sqrt(out x in) = {bound:.3g} with scaling "
+                                     f"{factor.scale:.3g}", "check scaling in adapter_config.json")
+
+
+@functools.lru_cache(maxsize=16)
+def places(out: int, inn: int, seed: int, n: int) -> np.ndarray:
+    """The flat places p (row p // in, column p % in) of a layer's n coefficients, as PEFT draws them: the first n
+    of torch.randperm(out x in) from a generator seeded with ``seed`` (layers of one shape share them)."""
+    import torch
+
+    perm = torch.randperm(out * inn, generator=torch.Generator().manual_seed(seed))[:n]
+    out_ = perm.numpy().astype(np.int64)
+    out_.setflags(write=False)
+    return out_
+
+
+def spectrum_pair(shape: tuple[int, int], conv1d: bool, spectrum: np.ndarray, flat: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(A [2 n, cols], B [rows, 2 n]) with real(ifft2(S)) = B @ A (as stored: transposed for a Conv1D), S the
+    [out, in] = ``shape`` spectrum holding ``spectrum`` at the flat places ``flat`` (the scaling is the pair's
+    scale, applied as a LoRA's is). The phases are reduced modulo the size in integers first, so cos and sin see
+    angles below 2 pi."""
+    out, inn = shape
+    j, l = flat // inn, flat % inn
+    s = np.asarray(spectrum, np.float64) / (out * inn)
+    alpha = (2.0 * math.pi / out) * ((np.arange(out, dtype=np.int64)[:, None] * j[None, :]) % out)
+    beta = (2.0 * math.pi / inn) * ((np.arange(inn, dtype=np.int64)[:, None] * l[None, :]) % inn)
+    b = np.concatenate([s * np.cos(alpha), -s * np.sin(alpha)], axis=1)         # [out, 2 n]
+    a = np.concatenate([np.cos(beta), np.sin(beta)], axis=1).T                   # [2 n, in]
+    if conv1d:                  # a Conv1D stores [in, out]: (B A)^T = A^T B^T
+        return np.ascontiguousarray(b.T), np.ascontiguousarray(a.T)
+    return np.ascontiguousarray(a), b
+
+
+def fourierft_pair(factor, values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``spectrum_pair`` of a module from its saved spectrum (``peft_adapter.factor_pair``): its change is
+    ``factor.scale`` (the config's scaling) x B @ A."""
+    spectrum = np.asarray(values["spectrum"]).reshape(-1)
+    out, inn, seed = factor.shared
+    return spectrum_pair((out, inn), bool(factor.in_out), spectrum, places(out, inn, seed, spectrum.size))
+
+
+def fourierft_note(factor) -> str:
+    out, inn, seed = factor.shared
+    return (f"FourierFT `{factor.parts['spectrum']}` ({factor.r:,} spectral coefficients, scaling {factor.scale:g}, "
+            f"their places drawn from random_loc_seed {seed} with torch as PEFT draws them) measured exactly as the "
+            f"factor pair of real(ifft2(S)) x scaling, rank at most {2 * factor.r:,}"
+            + (" (GPT-2 Conv1D: transposed)" if factor.in_out else ""))
