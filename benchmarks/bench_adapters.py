@@ -1,5 +1,5 @@
 """Adapters of each kind on one 7B-shaped layer: `weightdiff compare base adapter` for LoRA, LoHa, LoKr, VeRA,
-llama.cpp's LoRA GGUF, OFT, BOFT, HRA, trainable tokens and LoRA on fused MoE experts (target_parameters).
+llama.cpp's LoRA GGUF, OFT, BOFT, HRA, trainable tokens, LoRA on fused MoE experts (target_parameters) and FourierFT.
 
     nice python benchmarks/bench_adapters.py [--dir /tmp/wd-adapters] [--r 16] [--vera-r 256] [--kinds HRA,OFT]
 
@@ -23,6 +23,9 @@ The EXPERTS row is on a third base, one gpt-oss-20b layer's fused experts cut to
 down_proj 2880 x 2880 each, float32, 0.8 GB), and a LoRA of rank r on both (PEFT's target_parameters): 16 expert
 matrices, each measured from its share of the factors against its own matrix (ranks r, exact); the 32 experts of
 the real layer cost 4 times the wall, not more memory.
+The FOURIERFT row puts PEFT's default 1,000 spectral coefficients on each of the three: a change of rank at most
+2,000, measured exactly from its factor pair of cosines and sines (inner size 2,000, so it costs what a LoRA of
+rank 2,000 costs; the places drawn with torch's randperm of out x in, as PEFT draws them).
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ def _adapter(folder: Path, kind: str, r: int, rng) -> None:
     elif kind == "HRA":
         for m, (o, i) in SHAPES.items():
             t[f"{pre}{m}.hra_u"] = rng.standard_normal((i, r)).astype(np.float32)
+    elif kind == "FOURIERFT":           # r coefficients per layer (PEFT's default n_frequency is 1000)
+        cfg.update(n_frequency=r, scaling=150.0)
+        for m in SHAPES:
+            t[f"{pre}{m}.fourierft_spectrum"] = (1e-3 * rng.standard_normal(r)).astype(np.float32)
     elif kind == "LORA":
         cfg["lora_alpha"] = r
         for m, (o, i) in SHAPES.items():
@@ -181,6 +188,8 @@ def main() -> int:
     ap.add_argument("--r", type=int, default=16, help="rank of the LoRA, LoHa and LoKr adapters")
     ap.add_argument("--vera-r", type=int, default=256, help="rank of the VeRA adapter (PEFT's default)")
     ap.add_argument("--oft-block", type=int, default=32, help="block size of the OFT and BOFT adapters (OFT's default)")
+    ap.add_argument("--fourier-n", type=int, default=1000, help="coefficients of the FourierFT adapter (PEFT's "
+                    "default n_frequency)")
     ap.add_argument("--kinds", default=None, help="comma-separated rows to run (LORA always runs, as the baseline); "
                     "default: every row")
     args = ap.parse_args()
@@ -202,7 +211,7 @@ def main() -> int:
     wanted = None if args.kinds is None else {k.strip().upper() for k in args.kinds.split(",")} | {"LORA"}
     for kind, r in (("LORA", args.r), ("LOHA", args.r), ("LOKR", args.r), ("VERA", args.vera_r), ("GGUF", args.r),
                     ("OFT", args.oft_block), ("BOFT", args.oft_block), ("HRA", args.r), ("TOKENS", TOKENS),
-                    ("TOKENS merged", TOKENS), ("EXPERTS", args.r)):
+                    ("TOKENS merged", TOKENS), ("EXPERTS", args.r), ("FOURIERFT", args.fourier_n)):
         if wanted is not None and kind.upper() not in wanted:
             continue
         folder = {"TOKENS": tokens, "TOKENS merged": merged}.get(kind, args.dir / f"{kind.lower()}{r}")

@@ -390,3 +390,20 @@ def test_frobenius_caps_with_an_uncertain_total_hold_for_every_total_in_range(rn
             truth = _sums(lam * true_scale)
             caps = spectral.frobenius_caps(r, t, f * (1 + 1e-6) ** 2, total_err=err)
             assert np.all(caps >= truth * (1 - 1e-13))
+
+
+@pytest.mark.parametrize("m, k, cond", [(3000, 40, 1.0), (2500, 64, 1e12), (999, 7, 1e6), (130, 64, 1.0)])
+def test_tall_r_in_row_blocks_gives_the_singular_values_of_one_qr(rng, monkeypatch, m, k, cond):
+    """The tall-skinny QR (row blocks stacked under the R so far) against LAPACK's QR of the whole factor: the same
+    singular values of R to float64 round-off, on random factors and on ill-conditioned ones (singular values
+    spread over 12 decades), blocks of one row up to the whole (m <= 2 k takes the one QR)."""
+
+    u, _ = np.linalg.qr(rng.standard_normal((m, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    x = (u * np.logspace(0, -np.log10(cond), k)) @ v.T
+    want = np.linalg.svd(np.linalg.qr(x, mode="r"), compute_uv=False)
+    for block_bytes in (8 * k, 8 * k * 37, 8 * k * m // 3, 1 << 30):
+        monkeypatch.setattr(spectral, "TSQR_BYTES", block_bytes)
+        got = np.linalg.svd(spectral.tall_r(x), compute_uv=False)
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-13 * want[0], (block_bytes, np.abs(got - want).max() / want[0])

@@ -160,13 +160,30 @@ def spectrum_pair(shape: tuple[int, int], conv1d: bool, spectrum: np.ndarray, fl
     out, inn = shape
     j, l = flat // inn, flat % inn
     s = np.asarray(spectrum, np.float64) / (out * inn)
-    alpha = (2.0 * math.pi / out) * ((np.arange(out, dtype=np.int64)[:, None] * j[None, :]) % out)
-    beta = (2.0 * math.pi / inn) * ((np.arange(inn, dtype=np.int64)[:, None] * l[None, :]) % inn)
-    b = np.concatenate([s * np.cos(alpha), -s * np.sin(alpha)], axis=1)         # [out, 2 n]
-    a = np.concatenate([np.cos(beta), np.sin(beta)], axis=1).T                   # [2 n, in]
+    b = _waves(out, j, s)                                                        # [out, 2 n]
+    a = _waves(inn, l, np.ones(len(l)), 1.0)                                     # [in, 2 n]: A^T
     if conv1d:                  # a Conv1D stores [in, out]: (B A)^T = A^T B^T
-        return np.ascontiguousarray(b.T), np.ascontiguousarray(a.T)
-    return np.ascontiguousarray(a), b
+        return np.ascontiguousarray(b.T), a
+    return np.ascontiguousarray(a.T), b
+
+
+#: rows of a factor computed at once (its temporaries a few MB whatever the layer's size)
+_WAVE_ROWS = 512
+
+
+def _waves(size: int, freq: np.ndarray, weight: np.ndarray, sin_sign: float = -1.0) -> np.ndarray:
+    """[size, 2 n]: weight x cos(2 pi p f / size) in the first n columns, sin_sign x weight x sin(...) in the rest,
+    for p = 0 .. size - 1 and each frequency f, the phase p f reduced modulo ``size`` in integers; in row blocks."""
+    n = len(freq)
+    out = np.empty((size, 2 * n))
+    step = 2.0 * math.pi / size
+    freq = np.asarray(freq, np.int64)
+    for lo in range(0, size, _WAVE_ROWS):
+        p = np.arange(lo, min(size, lo + _WAVE_ROWS), dtype=np.int64)[:, None]
+        angle = step * ((p * freq[None, :]) % size)
+        out[lo:lo + len(p), :n] = weight * np.cos(angle)
+        out[lo:lo + len(p), n:] = (sin_sign * weight) * np.sin(angle)
+    return out
 
 
 def fourierft_pair(factor, values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
