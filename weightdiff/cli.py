@@ -102,8 +102,8 @@ def main() -> None:
 def inspect_cmd(ckpt: str, as_json: bool, list_tensors: bool, **hub_opts) -> None:
     """Describe a checkpoint from its headers: format, files and shards, tensor count,
     parameters by dtype and by block, metadata, and the settings of a PEFT adapter (LoRA, AdaLoRA,
-    LoHa, LoKr, VeRA, VBLoRA, FourierFT, OFT, BOFT, HRA, IA3, trainable tokens, LN tuning) or a llama.cpp LoRA
-    adapter GGUF.
+    LoHa, LoKr, VeRA, VBLoRA, FourierFT, OFT, BOFT, HRA, IA3, trainable tokens, LN tuning), an mlx-lm
+    adapter (LoRA, DoRA, full) or a llama.cpp LoRA adapter GGUF.
 
     CKPT is a .safetensors file, a GGUF file, a checkpoint folder (single, sharded or PEFT adapter),
     a Hugging Face cache folder, a legacy .bin/.pt (needs the torch extra), or a Hub
@@ -177,7 +177,8 @@ def compare_cmd(paths, bases, json_out, csv_out, report_out, plots_dir, base_lab
     PATHS is BASE TUNED, or only TUNED when --base is given (repeat --base for a
     composite model, such as a ViT encoder plus a GPT-2 decoder). A checkpoint is a
     .safetensors file, a folder with model.safetensors or a sharded index, a PEFT
-    adapter folder, a GGUF file (a llama.cpp LoRA adapter GGUF as TUNED too), a
+    adapter folder or an mlx-lm one (adapters.safetensors), a GGUF file (a llama.cpp LoRA
+    adapter GGUF as TUNED too), a
     Hugging Face cache snapshot, or a Hub repo id (org/name,
     org/name@revision, hf://org/name@revision/subfolder or /file; needs the hub extra). A local
     path always wins over a repo id of the same spelling; the plan says which was read. A

@@ -120,6 +120,11 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
             if a.peft_type == "LOKR":
                 adapter["decompose_both"] = a.raw.get("decompose_both") is True
                 adapter["decompose_factor"] = a.raw.get("decompose_factor", -1)
+        elif ckpt.adapter is not None and ckpt.adapter.source == "mlx-lm":
+            a = ckpt.adapter
+            adapter = {"peft_type": a.peft_type, "source": "mlx-lm", "fine_tune_type": a.raw["fine_tune_type"],
+                       "r": a.r, "scale": a.lora_alpha, "num_layers": a.raw.get("num_layers"),
+                       "target_modules": a.target_modules, "base_model": a.base_model, "factors": len(ckpt.lora)}
         elif ckpt.adapter is not None and ckpt.adapter.source == "llama.cpp":
             a = ckpt.adapter
             # convert_lora_to_gguf.py keeps lora_alpha only: each module's scale is alpha / its own rank (1 at 0)
@@ -226,7 +231,8 @@ def render_text(summary: dict) -> str:
     from .io.peft_adapter import KIND_LABELS
 
     peft_type = (summary.get("adapter") or {}).get("peft_type")
-    kind = ("llama.cpp LoRA adapter (GGUF)" if (summary.get("adapter") or {}).get("source") == "llama.cpp"
+    source = (summary.get("adapter") or {}).get("source")
+    kind = ("llama.cpp LoRA adapter (GGUF)" if source == "llama.cpp" else "mlx-lm adapter" if source == "mlx-lm"
             else f"PEFT {KIND_LABELS[peft_type]} adapter" if peft_type in KIND_LABELS
             else _FORMATS.get(summary["format"], summary["format"]))
     lines = [f"checkpoint  {e(summary['path'])}",
@@ -356,6 +362,11 @@ def _adapter_lines(a: dict) -> list[str]:
             if kind == "LOKR" else "")
         head = (f"{KIND_LABELS[kind]} r={a['r']} alpha={a['alpha']:g} scale={a['scale']:g}{how}, {a['modules']} "
                 f"module{s(a['modules'])} (ranks {', '.join(map(str, a['ranks'])) or '-'})")
+    elif a.get("source") == "mlx-lm":
+        head = (f"mlx-lm {a['fine_tune_type']}" + (f" r={a['r']} scale={a['scale']:g}, {a['factors']} LoRA factor "
+                                                   f"pair{s(a['factors'])}" if a["fine_tune_type"] != "full" else
+                                                   " fine-tune (trained tensors)")
+                + (f", last {a['num_layers']} layers" if isinstance(a.get("num_layers"), int) else ""))
     elif a.get("source") == "llama.cpp":
         how = "scale alpha / each module's rank" if a["lora_alpha"] else "scale 1"
         head = (f"llama.cpp LoRA alpha={a['lora_alpha']:g} ({how}), {a['factors']} LoRA factor pair{s(a['factors'])} "

@@ -274,7 +274,8 @@ def choose_weights(names: Sequence[str], where: object,
     """
     names = sorted(names)
     if "adapter_config.json" in names:
-        return "adapter", next((n for n in ("adapter_model.safetensors", "adapter_model.bin") if n in names), None)
+        return "adapter", next((n for n in ("adapter_model.safetensors", "adapter_model.bin", "adapters.safetensors")
+                                if n in names), None)
     lone = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if n in names]
     if lone:
         raise CheckpointError(where, f"{lone[0]} is here but adapter_config.json is missing, so the adapter's "
@@ -706,7 +707,7 @@ def _pickle_sharded(d: Path, index: Path) -> Checkpoint:
 def _adapter(folder, weights: str | None, shown: object) -> Checkpoint:
     config = parse_adapter_config(folder.read_json("adapter_config.json", "adapter config"),
                                   folder.file("adapter_config.json"))
-    if weights == "adapter_model.safetensors":
+    if weights in ("adapter_model.safetensors", "adapters.safetensors"):     # PEFT's, mlx-lm's
         ckpt = _single(folder, weights, shown)
     elif weights == "adapter_model.bin":
         ckpt = _pickles(shown, [folder.file(weights)], folder.root)

@@ -116,6 +116,8 @@ class AdapterConfig:
     def scale_for(self, alpha: float, r: int) -> float:
         if self.source == "llama.cpp":
             return alpha / r if alpha else 1.0
+        if self.source == "mlx-lm":        # lora_parameters.scale multiplies the factors as it is
+            return alpha
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def pattern(self, key: str, module: str, default):
@@ -254,6 +256,9 @@ class LoraFactor:
     #: [m, n] change this tensor holds (gate_proj and up_proj of a fused gate_up_proj), and that [m, n]
     rows: tuple | None = None
     virtual: tuple | None = None
+    #: an mlx-lm adapter's layer (``mlx_adapter``): "linear" (lora_a [in, r], lora_b [r, out]) or "embedding"
+    #: (lora_a [vocab, r], lora_b [r, dims]), the saved factors turned into A and B by ``mlx_adapter.mlx_pair``
+    mlx: str | None = None
 
     @property
     def label(self) -> str:
@@ -366,6 +371,12 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(path, "adapter config is not a JSON object")
     kind = raw.get("peft_type")
+    from .mlx_adapter import is_mlx_config
+
+    if is_mlx_config(raw):              # mlx-lm's training arguments (mlx_lm.lora), beside adapters.safetensors
+        from .mlx_adapter import parse_mlx_config
+
+        return parse_mlx_config(raw, path)
     if kind is None:
         raise CheckpointError(path, "adapter config has no peft_type (PEFT refuses to load it; a LoRA adapter "
                                     "says \"peft_type\": \"LORA\")")
@@ -677,6 +688,10 @@ def refuse_other_method(name: str, where: Path, label: str, own: str, peft_type:
 
 def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConfig) -> list[LoraFactor]:
     """The A/B (and DoRA magnitude) tensors of each adapted module, paired and checked (AdaLoRA's with E)."""
+    if config.source == "mlx-lm":
+        from .mlx_adapter import mlx_factors
+
+        return mlx_factors(tensors, where, config)
     if config.peft_type == "ADALORA":
         return _adalora_factors(tensors, where, config)
     if config.peft_type in ("LOHA", "LOKR"):
@@ -943,7 +958,7 @@ def layout_evidence(factor: LoraFactor, tensors: dict[str, TensorInfo], base: Te
         from .peft_vera import vera_layout
 
         return vera_layout(factor, tensors, base)
-    if factor.embedding or factor.base_layer_name is not None or factor.parts or factor.param is not None:
+    if factor.embedding or factor.base_layer_name is not None or factor.parts or factor.param is not None or factor.mlx:
         return None
     sa, sb, shape = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape), tuple(base.shape)
     if len(sa) != 2 or len(sb) != 2 or len(shape) != 2:
@@ -961,6 +976,10 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
     B [dim, r] and the delta is (B @ A).T. A DoRA magnitude has one value per output
     feature. Anything else is a CheckpointError naming the adapter file.
     """
+    if factor.mlx is not None:
+        from .mlx_adapter import check_mlx
+
+        return check_mlx(factor, tensors, base, where)
     if factor.param is not None:
         from .peft_params import check_param
 

@@ -256,6 +256,10 @@ def _factors(pair: Pair, tuned: Checkpoint) -> tuple:
     if lf.magnitude_name:
         dt_m = tuned.tensors[lf.magnitude_name].dtype
         magnitude = decode(tuned.read(lf.magnitude_name), dt_m).ravel()
+    if getattr(lf, "mlx", None) is not None:       # mlx-lm's lora_a / lora_b as the stored weight's A and B
+        from ..io.mlx_adapter import mlx_pair
+
+        a64, b64 = mlx_pair(lf, a64, b64)
     if getattr(lf, "embedding", False):
         a64, b64 = b64.T.copy(), a64.T.copy()
     if getattr(lf, "expert", None) is not None:      # one expert's share of a fused parameter's factors
@@ -1418,6 +1422,11 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         from ..io.peft_params import param_note
 
         rec.note = param_note(lf)
+    elif getattr(lf, "mlx", None) is not None:
+        rec.note = (f"mlx-lm LoRA adapter (r={lf.r}, scale={lf.scale:g}) analysed exactly from its factors `{lf.b_name}` "
+                    f"and `{lf.a_name}` as mlx-lm's fuse adds them (" +
+                    ("scale x lora_a @ lora_b, an embedding table's)" if lf.mlx == "embedding"
+                     else "scale x lora_b^T @ lora_a^T)"))
     else:
         rec.note = (f"LoRA adapter (r={lf.r}, scale={lf.scale:g}) analysed exactly from its factors "
                     f"`{lf.b_name}` @ `{lf.a_name}`")

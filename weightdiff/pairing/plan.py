@@ -86,7 +86,7 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str], bases: Sequence[Checkp
         a, b = tensors.get(f.a_name), tensors.get(f.b_name)
         dtype = (a or b).dtype if (a or b) is not None else None
         shape = None
-        if getattr(f, "parts", None) or getattr(f, "param", None) is not None:
+        if getattr(f, "parts", None) or getattr(f, "param", None) is not None or getattr(f, "mlx", None):
             pass                        # LoHa / LoKr, LoRA on a parameter: the base's shape, checked once paired
         elif a is not None and b is not None and len(a.shape) >= 2 and len(b.shape) >= 2:
             shape = (int(b.shape[0]), _numel(a.shape[1:]))
@@ -175,6 +175,16 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str], bases: Sequence[Checkp
     if pruned:
         notes.append(f"adapter: AdaLoRA kept no rank of {pruned} of its modules (rank_pattern): they change nothing, "
                      "and their base weights are `inherited`")
+    mlx = getattr(getattr(tuned, "adapter", None), "source", None) == "mlx-lm"
+    if mlx and factors:
+        notes.append(f"adapter: mlx-lm's (adapters.safetensors, fine_tune_type {raw.get('fine_tune_type')}), each "
+                     "layer measured as mlx_lm.fuse adds it: scale x lora_b^T @ lora_a^T (an embedding's scale x "
+                     f"lora_a @ lora_b), scale {getattr(factors[0], 'scale', 0):g} from lora_parameters"
+                     + (", each row then scaled to its magnitude m (DoRA)" if raw.get("fine_tune_type") == "dora" else ""))
+    elif mlx:
+        notes.append(f"adapter: an mlx-lm full fine-tune (adapters.safetensors): its {len(items)} trained tensor"
+                     f"{'s' if len(items) != 1 else ''} compared with the base's, the rest of the base `inherited` "
+                     "(mlx-lm loads them over the model's)")
     tokens = [f for f in factors if getattr(f, "kind", None) == "TOKENS"]
     if tokens:
         tables = ", ".join(f"{len(f.tokens):,} row{'s' if len(f.tokens) != 1 else ''} of `{escape_name(f.target)}`"
