@@ -134,6 +134,39 @@ def test_a_full_fine_tune_compares_the_trained_tensors(tmp_path):
                for x in got["plan"]["notes"])
 
 
+def test_lora_on_stacked_experts_reads_as_mlx_fuses_it(tmp_path):
+    """A Qwen3 MoE's switch_mlp layers (mlx-lm's SwitchLinear, [experts, out, in]): lora_a [experts, r, in], lora_b
+    [experts, out, r], fused as scale x lora_b[e] @ lora_a[e]; each expert's pair against its own matrix, which the
+    reader splits out of the stacked weight under the Hugging Face names."""
+    from mlx_lm.models import qwen3_moe
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    mx.random.seed(0)
+    model = qwen3_moe.Model(qwen3_moe.ModelArgs(
+        model_type="qwen3_moe", hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=4,
+        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=24,
+        rms_norm_eps=1e-6, vocab_size=64, num_key_value_heads=2, head_dim=8, rope_theta=1e6, tie_word_embeddings=False,
+        max_position_embeddings=128, norm_topk_prob=True))
+    mx.eval(model.parameters())
+    base = _save(tmp_path / "base", model, {"model_type": "qwen3_moe"})
+    model.freeze()
+    params = {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["mlp.switch_mlp.gate_proj", "mlp.switch_mlp.down_proj"]}
+    linear_to_lora_layers(model, 2, params)
+    mx.random.seed(1)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.02
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    mx.save_safetensors(str(ad / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    (ad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2,
+                                                        "lora_parameters": params}))
+    model.update_modules(tree_unflatten([(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]))
+    recs = _read_as_fused(base, ad, _save(tmp_path / "fused", model))
+    assert sorted(recs) == sorted(f"model.layers.{i}.mlp.experts.{e}.{p}.weight" for i in (0, 1) for e in range(4)
+                                  for p in ("gate_proj", "down_proj"))
+
+
 def test_inspect_names_mlx_lm(tmp_path):
     _, ad, _ = _made(tmp_path)
     r = CliRunner().invoke(main, ["inspect", str(ad)])
@@ -185,8 +218,8 @@ def _written(tmp_path, config=None, tensors=None):
           Q + ".m": np.ones(8, np.float32)}, False, "holds the DoRA magnitude"),
     ({"fine_tune_type": "dora"}, None, False, "has no magnitude"),
     ({}, {"model.layers.0.mlp.switch_mlp.gate_proj.lora_a": np.ones((4, 2, 6), np.float32),
-          "model.layers.0.mlp.switch_mlp.gate_proj.lora_b": np.ones((4, 8, 2), np.float32)}, False,
-     "stacked switch_mlp layer"),
+          "model.layers.0.mlp.switch_mlp.gate_proj.lora_b": np.ones((3, 8, 2), np.float32)}, False,
+     "(a stacked experts layer's are lora_a [experts, r, in], lora_b [experts, out, r]"),
     ({}, {Q + ".lora_a": np.full((6, 2), np.nan, np.float32), Q + ".lora_b": np.ones((2, 8), np.float32)}, False,
      "NaN or Inf"),
 ])

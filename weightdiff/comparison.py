@@ -2635,7 +2635,8 @@ def check_adapter_plan(the_plan: Plan, bases: Sequence[Checkpoint], tuned: Check
         leaves = {str(p.lora.target).removesuffix(".weight").rsplit(".", 1)[-1] for p in the_plan.pairs
                   if p.lora is not None}
         layout = "conv1d" if leaves & {"c_attn", "c_proj", "c_fc", "q_attn"} else "linear" if leaves else None
-    experts = [p for p in the_plan.pairs if p.kind == "lora" and getattr(p.lora, "expert", None) is not None]
+    experts = [p for p in the_plan.pairs if p.kind == "lora" and getattr(p.lora, "expert", None) is not None
+               and getattr(p.lora, "param", None) is not None]
     if experts:             # LoRA on fused experts: one orientation for them all, from the non-square ones
         from .io.peft_params import settle_orientation
 

@@ -12,9 +12,13 @@
 - ``"full"``: ``adapters.safetensors`` holds the trained layers' own weights (mlx-lm loads them over the model's):
   each is compared with the base's tensor as a plain pair, the tensors it does not hold are the base's.
 
+A mixture of experts' stacked ``switch_mlp`` layer (mlx-lm's ``SwitchLinear``, weight [experts, out, in]) saves
+``lora_a`` [experts, r, in] and ``lora_b`` [experts, out, r], and ``fuse`` adds scale x lora_b[e] @ lora_a[e] to
+expert e: the readers split the stacked weight into the experts' own (``mlp.experts.3.gate_proj.weight``, as the
+Hugging Face checkpoints name them), and each expert's factor pair is measured against its own matrix.
+
 A layer's kind (Linear or Embedding) is read from the factors' shapes against the base weight, or for a square
-one from its name. mlx-lm's LoRA on a mixture of experts' stacked ``switch_mlp`` layers (``lora_a`` [experts, r,
-in]) is refused by name.
+one from its name.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import re
 from pathlib import Path
 
 from ..errors import CheckpointError, escape_name
+from .experts import MAX_EXPERTS, expert_name
 from .safetensors_read import TensorInfo
 
 __all__ = ["is_mlx_config", "parse_mlx_config", "mlx_factors", "check_mlx", "MLX_WEIGHTS"]
@@ -83,11 +88,12 @@ def mlx_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
         if a is None or b is None:
             raise CheckpointError(where, f"mlx-lm LoRA layer `{escape_name(mod)}` has only one of lora_a and lora_b")
         sa, sb = tuple(tensors[a].shape), tuple(tensors[b].shape)
-        if len(sa) == 3 and ".switch_mlp." in mod:
-            raise CheckpointError(where, f"mlx-lm LoRA layer `{escape_name(mod)}` adapts a mixture of experts' stacked "
-                                         "switch_mlp layer (lora_a per expert), which weightdiff does not read",
-                                  "fuse the adapter (mlx_lm.fuse --de-quantize) and compare the fused model")
-        if len(sa) != 2 or len(sb) != 2 or sa[1] != sb[0] or not sa[1]:
+        switch = len(sa) == 3
+        if switch and (len(sb) != 3 or sa[0] != sb[0] or sa[1] != sb[2] or not sa[1] or not 1 <= sa[0] <= MAX_EXPERTS):
+            raise CheckpointError(where, f"mlx-lm LoRA factors of `{escape_name(mod)}` do not chain: lora_a is "
+                                         f"{list(sa)}, lora_b {list(sb)} (a stacked experts layer's are lora_a "
+                                         f"[experts, r, in], lora_b [experts, out, r], at most {MAX_EXPERTS:,} experts)")
+        if not switch and (len(sa) != 2 or len(sb) != 2 or sa[1] != sb[0] or not sa[1]):
             raise CheckpointError(where, f"mlx-lm LoRA factors of `{escape_name(mod)}` do not chain: lora_a is "
                                          f"{list(sa)}, lora_b {list(sb)} (expected lora_a [in, r], lora_b [r, out])")
         for n in (a, b, got.get("m")):
@@ -106,6 +112,14 @@ def mlx_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
                                                                                          "different adapters?")
         if config.use_dora and mag is None:
             raise CheckpointError(where, f"mlx-lm DoRA layer `{escape_name(mod)}` has no magnitude `{escape_name(mod)}.m`")
+        if switch:
+            if mag is not None:
+                raise CheckpointError(where, f"mlx-lm layer `{escape_name(mod)}` is DoRA on stacked experts, which "
+                                             "mlx-lm does not build", "tensors and config from different adapters?")
+            n = int(sa[0])
+            out.extend(LoraFactor(expert_name(mod + ".weight", e), a, b, None, r, float(config.lora_alpha), mlx="switch",
+                                  expert=e, experts=n) for e in range(n))
+            continue
         out.append(LoraFactor(mod + ".weight", a, b, mag, r, float(config.lora_alpha), mlx="linear"))
     return out
 
@@ -121,6 +135,12 @@ def check_mlx(factor, tensors: dict[str, TensorInfo], base: TensorInfo, where: P
     sa, sb = tuple(tensors[factor.a_name].shape), tuple(tensors[factor.b_name].shape)
     shape = tuple(int(d) for d in base.shape)
     t = f"`{escape_name(factor.target)}`"
+    if factor.mlx == "switch":              # expert e of lora_a [experts, r, in], lora_b [experts, out, r]
+        if shape != (sb[1], sa[2]):
+            raise CheckpointError(where, f"mlx-lm LoRA factors of {t} (expert {factor.expert} of lora_a {list(sa)}, "
+                                         f"lora_b {list(sb)}) do not fit the expert's weight, which is {list(shape)}",
+                                  "is this adapter for another base model?")
+        return
     linear = len(shape) == 2 and shape == (sb[1], sa[0])
     table = len(shape) == 2 and shape == (sa[0], sb[1])
     if not (linear or table):
@@ -138,7 +158,11 @@ def check_mlx(factor, tensors: dict[str, TensorInfo], base: TensorInfo, where: P
 
 
 def mlx_pair(factor, a, b):
-    """(A [r, n], B [m, r]) of the stored [m, n] weight from the saved lora_a and lora_b (decoded, 2-D)."""
+    """(A [r, n], B [m, r]) of the stored [m, n] weight from the saved lora_a and lora_b (decoded; a stacked
+    experts layer's as [experts, r x in] and [experts, out x r])."""
+    if factor.mlx == "switch":              # fuse: scale x lora_b[e] @ lora_a[e]
+        r, e = factor.r, factor.expert
+        return a[e].reshape(r, -1).copy(), b[e].reshape(-1, r).copy()
     if factor.mlx == "embedding":           # fuse: scale x lora_a @ lora_b
         return b.copy(), a.copy()
     return a.T.copy(), b.T.copy()           # fuse: scale x lora_b^T @ lora_a^T

@@ -171,7 +171,7 @@ def experts_apart(factors: list, bases, notes: list[str]) -> list:
 
     out, moved = [], set()
     for f in factors:
-        if f.expert is None or any(f.target in b.tensors for b in bases):
+        if f.expert is None or f.param is None or any(f.target in b.tensors for b in bases):
             out.append(f)
             continue
         for names in _apart_names(f.param, f.expert):

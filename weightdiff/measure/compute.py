@@ -262,7 +262,7 @@ def _factors(pair: Pair, tuned: Checkpoint) -> tuple:
         a64, b64 = mlx_pair(lf, a64, b64)
     if getattr(lf, "embedding", False):
         a64, b64 = b64.T.copy(), a64.T.copy()
-    if getattr(lf, "expert", None) is not None:      # one expert's share of a fused parameter's factors
+    if getattr(lf, "expert", None) is not None and getattr(lf, "mlx", None) is None:   # a fused parameter's expert
         from ..io.peft_params import expert_pair
 
         a64, b64 = expert_pair(lf, a64, b64)
