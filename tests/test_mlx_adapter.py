@@ -222,6 +222,8 @@ def _written(tmp_path, config=None, tensors=None):
      "(a stacked experts layer's are lora_a [experts, r, in], lora_b [experts, out, r]"),
     ({}, {Q + ".lora_a": np.full((6, 2), np.nan, np.float32), Q + ".lora_b": np.ones((2, 8), np.float32)}, False,
      "NaN or Inf"),
+    ({"lora_parameters": {"rank": 2, "scale": 1e300}}, None, False, "too large to measure: |scale| x |A| x |B| = "),
+    ({"lora_parameters": {"rank": 2, "scale": 1e300}}, None, False, "(check lora_parameters.scale in adapter_config.json)"),
 ])
 def test_refused(tmp_path, config, tensors, names_config, expect):
     base, ad = _written(tmp_path, config, tensors)

@@ -1148,7 +1148,8 @@ def check_factor_values(factor: LoraFactor, arrays: dict[str, np.ndarray], where
                 np.asarray(arrays[factor.e_name], np.float64).reshape(-1, 1)
         bound = abs(factor.scale) * float(np.linalg.norm(a)) * float(np.linalg.norm(b))
     if not math.isfinite(bound) or bound > _DELTA_CAP:
-        alpha = {"VERA": "the vectors", "LORA": "lora_alpha"}.get(factor.kind, "alpha")
+        alpha = "lora_parameters.scale" if factor.mlx else {"VERA": "the vectors", "LORA": "lora_alpha"}.get(factor.kind,
+                                                                                                           "alpha")
         raise CheckpointError(where, f"{factor.label} delta of `{escape_name(factor.target)}` is "
                                      f"too large to measure: |scale| x |A| x |B| = {bound:.3g} with scale "
                                      f"{factor.scale:.3g}", f"check {alpha} in adapter_config.json" if alpha != "the vectors" else "check the vectors")
