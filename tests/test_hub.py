@@ -1361,6 +1361,31 @@ def test_a_lora_on_fused_experts_by_id_reads_as_it_does_locally(server, hf, tmp_
         assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
 
 
+def test_an_mlx_lm_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
+    """An mlx-lm adapter repo (adapters.safetensors and mlx-lm's adapter_config.json), streamed and downloaded: the
+    records of the folder read locally."""
+    from weightdiff.io.safetensors_write import save_file
+    from weightdiff.io.checkpoint import locate
+
+    rng = np.random.default_rng(17)
+    with locate(server.local["base"]) as b:
+        q = next(n for n, t in b.tensors.items() if n.endswith("q_proj.weight"))
+        out, inputs = (int(d) for d in b.tensors[q].shape)
+    ad = tmp_path / "mlx"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2,
+                                                        "lora_parameters": {"rank": 2, "scale": 20.0}}))
+    m = q.removesuffix(".weight")
+    save_file(ad / "adapters.safetensors", {m + ".lora_a": rng.standard_normal((inputs, 2)).astype(np.float32),
+                                            m + ".lora_b": (0.001 * rng.standard_normal((2, out))).astype(np.float32)})
+    server.commit("org/mlx", _files(ad))
+    local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
+    rec = next(x for x in local["tensors"] if x["status"] == "changed")
+    assert rec["name"] == q and rec["compared"] == "factors" and rec["rank"]["numerical_rank"] == 2
+    for got in _by_id_both_ways(run, tmp_path, "org/base", "org/mlx"):
+        assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+
+
 def test_a_llama_cpp_lora_gguf_by_id_reads_as_it_does_locally(server, hf, tmp_path):
     """A repo holding a llama.cpp LoRA GGUF against a base by id (downloaded: a GGUF is read from a local file), the
     head counts that put Q/K's rows back in order read from the base repo's config.json: the records of the pair
