@@ -1199,6 +1199,24 @@ def test_small_tensors_stream_in_runs_not_a_request_each(server, hf, tmp_path):
     assert json.dumps(s, sort_keys=True) == json.dumps(loc, sort_keys=True)
 
 
+def _committed(server, ad: Path, repo: str, base: Path | None = None) -> dict:
+    """Commit adapter folder ``ad`` as ``repo``; the JSON of ``compare BASE ad`` read locally (the server's base)."""
+    server.commit(repo, _files(ad))
+    return weightdiff.compare(str(base or server.local["base"]), str(ad)).to_dict(include_run=False)
+
+
+def _one_change(local: dict, name: str, rank: int) -> None:
+    """The one changed record is ``name``'s, measured from factors with numerical rank ``rank``."""
+    rec = next(x for x in local["tensors"] if x["status"] == "changed")
+    assert rec["name"] == name and rec["compared"] == "factors" and rec["rank"]["numerical_rank"] == rank
+
+
+def _reads_as_local(run, tmp_path, local: dict, base: str, tuned: str) -> None:
+    """By id, streamed and downloaded, the adapter's records are ``local``'s, flag adapter raised."""
+    for got in _by_id_both_ways(run, tmp_path, base, tuned):
+        assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+
+
 def _by_id_both_ways(run, tmp_path, base: str, tuned: str):
     """``compare BASE TUNED --json`` by repo id, streamed then downloaded: each run's JSON (exit 0 checked)."""
     for mode in ("--stream", "--download"):
@@ -1230,11 +1248,9 @@ def test_a_vera_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
             np.float32)
         t[f"base_model.model.{m}.vera_lambda_d"] = rng.standard_normal(4).astype(np.float32)
     save_file(ad / "adapter_model.safetensors", t)
-    server.commit("org/vera", _files(ad))
-    local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
+    local = _committed(server, ad, "org/vera")
     assert [x["compared"] for x in local["tensors"] if x["status"] == "changed"] == ["factors", "factors"]
-    for got in _by_id_both_ways(run, tmp_path, "org/base", "org/vera"):
-        assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+    _reads_as_local(run, tmp_path, local, "org/base", "org/vera")
 
 
 def test_an_ia3_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
@@ -1254,8 +1270,7 @@ def test_an_ia3_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
     save_file(ad / "adapter_model.safetensors", {
         f"base_model.model.{k}.ia3_l": (1 + 0.1 * rng.standard_normal((shapes[f"{k}.weight"][0], 1))).astype(np.float32),
         f"base_model.model.{d}.ia3_l": (1 + 0.1 * rng.standard_normal((1, shapes[f"{d}.weight"][1]))).astype(np.float32)})
-    server.commit("org/ia3", _files(ad))
-    local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
+    local = _committed(server, ad, "org/ia3")
     for got in _by_id_both_ways(run, tmp_path, "org/base", "org/ia3"):
         assert got["tensors"] == local["tensors"] and got["summary"]["scope"]["ia3"]["vectors"] == 2
 
@@ -1277,12 +1292,9 @@ def test_trainable_tokens_by_id_read_as_they_do_locally(server, hf, tmp_path):
     save_file(ad / "adapter_model.safetensors", {
         f"base_model.model.{emb.removesuffix('.weight')}.trainable_tokens_delta":
             rng.standard_normal((3, dim)).astype(np.float32)})
-    server.commit("org/tokens", _files(ad))
-    local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
-    rec = next(x for x in local["tensors"] if x["status"] == "changed")
-    assert rec["name"] == emb and rec["compared"] == "factors" and rec["rank"]["numerical_rank"] == 3
-    for got in _by_id_both_ways(run, tmp_path, "org/base", "org/tokens"):
-        assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+    local = _committed(server, ad, "org/tokens")
+    _one_change(local, emb, 3)
+    _reads_as_local(run, tmp_path, local, "org/base", "org/tokens")
 
 
 def test_an_hra_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
@@ -1300,12 +1312,9 @@ def test_an_hra_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
     (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "HRA", "r": 2, "target_modules": ["q_proj"]}))
     save_file(ad / "adapter_model.safetensors", {
         f"base_model.model.{q.removesuffix('.weight')}.hra_u": rng.standard_normal((inputs, 2)).astype(np.float32)})
-    server.commit("org/hra", _files(ad))
-    local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
-    rec = next(x for x in local["tensors"] if x["status"] == "changed")
-    assert rec["name"] == q and rec["compared"] == "factors" and rec["rank"]["numerical_rank"] == 2
-    for got in _by_id_both_ways(run, tmp_path, "org/base", "org/hra"):
-        assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+    local = _committed(server, ad, "org/hra")
+    _one_change(local, q, 2)
+    _reads_as_local(run, tmp_path, local, "org/base", "org/hra")
 
 
 def test_an_ln_tuning_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
@@ -1325,11 +1334,9 @@ def test_an_ln_tuning_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_pat
     save_file(ad / "adapter_model.safetensors", {
         f"base_model.model.{n.removesuffix('.weight')}.ln_tuning_layers.weight":
             (1 + 0.1 * rng.standard_normal(shapes[n])).astype(np.float32) for n in norms})
-    server.commit("org/ln", _files(ad))
-    local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
+    local = _committed(server, ad, "org/ln")
     assert sorted(x["name"] for x in local["tensors"] if x["status"] == "changed") == sorted(norms)
-    for got in _by_id_both_ways(run, tmp_path, "org/base", "org/ln"):
-        assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+    _reads_as_local(run, tmp_path, local, "org/base", "org/ln")
 
 
 def test_a_lora_on_fused_experts_by_id_reads_as_it_does_locally(server, hf, tmp_path):
@@ -1352,13 +1359,11 @@ def test_a_lora_on_fused_experts_by_id_reads_as_it_does_locally(server, hf, tmp_
     save_file(ad / "adapter_model.safetensors", {
         "base_model.model." + L + "lora_A.weight": rng.standard_normal((8, 16)).astype(np.float32),
         "base_model.model." + L + "lora_B.weight": (0.01 * rng.standard_normal((16, 8))).astype(np.float32)})
-    server.commit("org/experts-lora", _files(ad))
-    local = weightdiff.compare(str(base), str(ad)).to_dict(include_run=False)
+    local = _committed(server, ad, "org/experts-lora", base)
     changed = [x for x in local["tensors"] if x["status"] == "changed"]
     assert [x["name"] for x in changed] == [f"{L}{e}.down_proj" for e in range(4)]
     assert all(x["compared"] == "factors" and "[experts, in, out]" in x["note"] for x in changed)
-    for got in _by_id_both_ways(run, tmp_path, "org/moe-base", "org/experts-lora"):
-        assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+    _reads_as_local(run, tmp_path, local, "org/moe-base", "org/experts-lora")
 
 
 def test_an_mlx_lm_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
@@ -1378,12 +1383,9 @@ def test_an_mlx_lm_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_path):
     m = q.removesuffix(".weight")
     save_file(ad / "adapters.safetensors", {m + ".lora_a": rng.standard_normal((inputs, 2)).astype(np.float32),
                                             m + ".lora_b": (0.001 * rng.standard_normal((2, out))).astype(np.float32)})
-    server.commit("org/mlx", _files(ad))
-    local = weightdiff.compare(str(server.local["base"]), str(ad)).to_dict(include_run=False)
-    rec = next(x for x in local["tensors"] if x["status"] == "changed")
-    assert rec["name"] == q and rec["compared"] == "factors" and rec["rank"]["numerical_rank"] == 2
-    for got in _by_id_both_ways(run, tmp_path, "org/base", "org/mlx"):
-        assert got["tensors"] == local["tensors"] and "adapter" in got["summary"]["flags"]
+    local = _committed(server, ad, "org/mlx")
+    _one_change(local, q, 2)
+    _reads_as_local(run, tmp_path, local, "org/base", "org/mlx")
 
 
 def test_a_llama_cpp_lora_gguf_by_id_reads_as_it_does_locally(server, hf, tmp_path):
