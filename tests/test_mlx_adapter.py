@@ -96,13 +96,15 @@ def test_lora_on_the_embedding_table(tmp_path):
     assert "scale x lora_a @ lora_b, an embedding table's" in recs["model.embed_tokens.weight"]["note"]
 
 
-def test_dora_reads_as_mlx_fuses_it(tmp_path):
-    """DoRA: each row of W + delta scaled to its magnitude m; the spectrum is of the low-rank direction term."""
-    base, ad, fused = _made(tmp_path, kind="dora")
+@pytest.mark.parametrize("keys", [("self_attn.q_proj", "mlp.down_proj"), ("model.embed_tokens", "self_attn.k_proj")])
+def test_dora_reads_as_mlx_fuses_it(tmp_path, keys):
+    """DoRA: each row of W + delta (an embedding table's too: a row per token) scaled to its magnitude m; the
+    spectrum is of the low-rank direction term."""
+    base, ad, fused = _made(tmp_path, kind="dora", keys=keys)
     got = weightdiff.compare(str(base), str(ad)).to_dict()
     want = {t["name"]: t for t in weightdiff.compare(str(base), str(fused)).to_dict()["tensors"]}
     changed = [t for t in got["tensors"] if t["status"] == "changed"]
-    assert len(changed) == 4 and all(t["compared"] == "factors" for t in changed)
+    assert len(changed) == (4 if "mlp.down_proj" in keys else 3) and all(t["compared"] == "factors" for t in changed)
     for t in changed:
         assert t["norm_delta"] == pytest.approx(want[t["name"]]["norm_delta"], rel=1e-4)
         assert t["cosine"] == pytest.approx(want[t["name"]]["cosine"], abs=1e-6)
@@ -223,6 +225,9 @@ def _written(tmp_path, config=None, tensors=None):
     ({}, {Q + ".lora_a": np.full((6, 2), np.nan, np.float32), Q + ".lora_b": np.ones((2, 8), np.float32)}, False,
      "NaN or Inf"),
     ({"lora_parameters": {"rank": 2, "scale": 1e300}}, None, False, "too large to measure: |scale| x |A| x |B| = "),
+    ({}, {Q + ".lora_a": np.ones((2, 1), np.uint32), Q + ".lora_a_scales": np.ones((2, 1), np.float32),
+          Q + ".lora_b": np.ones((8, 1), np.uint32), Q + ".lora_b_scales": np.ones((8, 1), np.float32)}, False,
+     "its factors are quantized for inference"),
     ({"lora_parameters": {"rank": 2, "scale": 1e300}}, None, False, "(check lora_parameters.scale in adapter_config.json)"),
 ])
 def test_refused(tmp_path, config, tensors, names_config, expect):

@@ -77,6 +77,12 @@ def mlx_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
         return []
     parts: dict[str, dict[str, str]] = {}
     for name in tensors:
+        if name.endswith((".lora_a_scales", ".lora_b_scales")):
+            raise CheckpointError(where, f"mlx-lm adapter holds `{escape_name(name)}`: its factors are quantized for "
+                                         "inference (mlx-lm's QuantizedLoRALinear packs lora_a and lora_b with scales), "
+                                         "which weightdiff does not read", "compare the adapter as trained, or fuse it "
+                                                                           "(mlx_lm.fuse --de-quantize) and compare the "
+                                                                           "fused model")
         m = _PART_RE.match(name)
         if m is not None:
             parts.setdefault(m["mod"], {})[m["part"]] = name
