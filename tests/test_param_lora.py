@@ -297,7 +297,8 @@ def test_experts_the_base_keeps_apart_read_as_the_merged_model(tmp_path, kind, a
     up = next(x for n, x in changed.items() if f".3.{apart[1]}." in n and "layers.1" in n)["note"]
     assert "rows 0-23 of it (the base keeps this part of the fused [48, 32] expert apart)" in gate
     assert "rows 24-47 of it" in up
-    assert any(x.startswith("adapter: 4 fused experts parameters measured against the experts the base keeps apart")
+    assert any(x.startswith("adapter: 4 fused experts parameters measured against the experts the base keeps apart "
+                            "or under older names")
                for x in got["plan"]["notes"])
 
 
@@ -305,3 +306,21 @@ def _tensors_of(path):
     from safetensors.numpy import load_file
 
     return load_file(str(path))
+
+
+def test_granitemoe_experts_under_their_old_names(tmp_path):
+    """GraniteMoE's checkpoints keep each layer's experts fused as block_sparse_moe.input_linear / output_linear, which
+    transformers v5 loads as experts.gate_up_proj / down_proj (the parameters a LoRA by target_parameters adapts):
+    each expert's pair against the split input_linear / output_linear matrix, as PEFT merges it."""
+    def make():
+        torch.manual_seed(0)
+        return transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=2)).eval()
+
+    base, ad, merged = _saved(tmp_path, make, r=2, lora_alpha=4, target_modules=[],
+                              target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    assert any(".block_sparse_moe.input_linear.weight" in n for n in _tensors_of(base / "model.safetensors"))
+    _, changed = _read_as_merged(base, ad, merged, 2, "analysed exactly as B_e @ A_e")
+    assert sorted(changed) == sorted(f"model.layers.{i}.block_sparse_moe.{p}.{e}.weight" for i in (0, 1)
+                                     for p in ("input_linear", "output_linear") for e in range(E))

@@ -148,9 +148,16 @@ _APART = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj":
           "gate_proj": (("gate_proj",), ("w1",)), "up_proj": (("up_proj",), ("w3",))}
 
 
+#: GraniteMoE's checkpoints keep each layer's experts fused under their old names, which transformers v5 renames
+#: (``block_sparse_moe.input_linear.weight`` -> ``block_sparse_moe.experts.gate_up_proj``); the readers split them
+_GRANITE = {"gate_up_proj": "input_linear", "down_proj": "output_linear"}
+
+
 def _apart_names(param: str, e: int) -> list[list[str]]:
     """The lists of tensors a checkpoint may keep expert ``e`` of fused ``param`` as (each list's rows concatenated)."""
     stem, _, leaf = param.rpartition(".")
+    if stem.endswith(".block_sparse_moe.experts") and leaf in _GRANITE:
+        return [[f"{stem[:-len('.experts')]}.{_GRANITE[leaf]}.{e}.weight"]]
     if leaf not in _APART or not stem.endswith(".experts"):
         return []
     own, mixtral = _APART[leaf]
@@ -193,8 +200,8 @@ def experts_apart(factors: list, bases, notes: list[str]) -> list:
     if moved:
         n = len(moved)
         notes.append(f"adapter: {n} fused experts parameter{'s' if n != 1 else ''} measured against the experts the "
-                     "base keeps apart, as transformers joins them when it loads the model (a gate_up_proj expert: its "
-                     "gate and up projections' rows, in that order)")
+                     "base keeps apart or under older names, as transformers joins or renames them when it loads the "
+                     "model (a gate_up_proj expert kept as gate_proj and up_proj: their rows, gate first)")
     return out
 
 
