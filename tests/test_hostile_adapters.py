@@ -151,8 +151,8 @@ def test_lora_target_missing_from_the_base(tmp_path, rng):
     ({"use_rslora": "false"}, 'use_rslora = "false", expected true or false'),
     ({"use_dora": 0}, "use_dora = 0, expected true or false"),
     ({"fan_in_fan_out": "yes"}, "fan_in_fan_out"),
-    ({"peft_type": "RANDLORA"}, 'peft_type "RANDLORA": only LoRA, AdaLoRA, LoHa, LoKr, VeRA, VBLoRA, FourierFT, OFT, '
-                                'BOFT, HRA, IA3, trainable-tokens and LN tuning adapters are supported'),
+    ({"peft_type": "RANDLORA"}, 'peft_type "RANDLORA": only LoRA, AdaLoRA, LoHa, LoKr, VeRA, VBLoRA, FourierFT, DeLoRA, '
+                                'OFT, BOFT, HRA, IA3, trainable-tokens and LN tuning adapters are supported'),
     ({"peft_type": 3}, "peft_type 3"),
     # LoRA variants read as a plain LoRA gave a confident wrong delta, or a refusal that blamed the file
     ({"kasa_config": {"beta": 1e-4, "gamma": 1e-3}}, "has kasa_config {'beta': 0.0001, 'gamma': 0.001}: KaSA "

@@ -102,7 +102,7 @@ def main() -> None:
 def inspect_cmd(ckpt: str, as_json: bool, list_tensors: bool, **hub_opts) -> None:
     """Describe a checkpoint from its headers: format, files and shards, tensor count,
     parameters by dtype and by block, metadata, and the settings of a PEFT adapter (LoRA, AdaLoRA,
-    LoHa, LoKr, VeRA, VBLoRA, FourierFT, OFT, BOFT, HRA, IA3, trainable tokens, LN tuning), an mlx-lm
+    LoHa, LoKr, VeRA, VBLoRA, FourierFT, DeLoRA, OFT, BOFT, HRA, IA3, trainable tokens, LN tuning), an mlx-lm
     adapter (LoRA, DoRA, full) or a llama.cpp LoRA adapter GGUF.
 
     CKPT is a .safetensors file, a GGUF file, a checkpoint folder (single, sharded or PEFT adapter),

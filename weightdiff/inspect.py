@@ -149,6 +149,10 @@ def describe(path: str | os.PathLike, hub: HubOptions | None = None, tensors: bo
             adapter = {"peft_type": "VBLORA", **{k: a.raw[k] for k in ("r", "topk", "num_vectors", "vector_length",
                                                                        "save_only_topk_weights", "fan_in_fan_out")},
                        "target_modules": a.target_modules, "base_model": a.base_model, "modules": len(ckpt.lora)}
+        elif ckpt.adapter is not None and ckpt.adapter.peft_type == "DELORA":
+            a = ckpt.adapter
+            adapter = {"peft_type": "DELORA", "r": a.r, "target_modules": a.target_modules, "base_model": a.base_model,
+                       "modules": len(ckpt.lora)}
         elif ckpt.adapter is not None and ckpt.adapter.peft_type == "FOURIERFT":
             a = ckpt.adapter
             adapter = {"peft_type": "FOURIERFT", **{k: a.raw[k] for k in ("n_frequency", "scaling", "random_loc_seed")},
@@ -337,6 +341,8 @@ def _adapter_lines(a: dict) -> list[str]:
         head = (f"VBLoRA r={a['r']} topk={a['topk']}, a bank of {a['num_vectors']} vectors of {a['vector_length']}"
                 f"{' (top-k weights saved)' if a['save_only_topk_weights'] else ''}, {a['modules']} "
                 f"module{s(a['modules'])}")
+    elif kind == "DELORA":
+        head = f"DeLoRA r={a['r']}, {a['modules']} module{s(a['modules'])}"
     elif kind == "FOURIERFT":
         head = (f"FourierFT n_frequency={a['n_frequency']:,} scaling={a['scaling']:g} random_loc_seed="
                 f"{a['random_loc_seed']}, {a['modules']} module{s(a['modules'])}")

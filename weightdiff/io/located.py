@@ -43,7 +43,7 @@ class Checkpoint:
         #: the record cache keys by it (weightdiff.measure.cache)
         self.digests: dict[str, str] | None = None
         lora = adapter is not None and adapter.peft_type in ("LORA", "ADALORA", "LOHA", "LOKR", "VERA", "OFT",
-                                                                  "BOFT", "HRA", "VBLORA", "FOURIERFT",
+                                                                  "BOFT", "HRA", "VBLORA", "FOURIERFT", "DELORA",
                                                                   "TRAINABLE_TOKENS")
         self.lora: list[LoraFactor] = lora_factors(tensors, files[0], adapter) if lora else []
         #: an IA3 adapter's vectors (weightdiff.io.peft_adapter.ia3_vectors)

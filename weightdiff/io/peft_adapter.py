@@ -363,7 +363,8 @@ def read_adapter_config(path: Path) -> AdapterConfig:
 _PARSERS = {"VERA": ("peft_vera", "parse_vera_config"), "OFT": ("peft_oft", "parse_oft_config"),
             "BOFT": ("peft_boft", "parse_boft_config"), "TRAINABLE_TOKENS": ("peft_tokens", "parse_tokens_config"),
             "VBLORA": ("peft_vblora", "parse_vblora_config"), "HRA": ("peft_hra", "parse_hra_config"),
-            "LN_TUNING": ("peft_ln", "parse_ln_config"), "FOURIERFT": ("peft_fourierft", "parse_fourierft_config")}
+            "LN_TUNING": ("peft_ln", "parse_ln_config"), "FOURIERFT": ("peft_fourierft", "parse_fourierft_config"),
+            "DELORA": ("peft_delora", "parse_delora_config")}
 
 
 def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
@@ -397,8 +398,8 @@ def parse_adapter_config(raw: object, path: Path) -> AdapterConfig:
         return getattr(import_module(f"{__package__}.{module}"), func)(raw, path)
     if not isinstance(kind, str) or kind.upper() != "LORA":
         raise CheckpointError(path, f"adapter config has peft_type {_show(kind)}: only LoRA, AdaLoRA, LoHa, LoKr, "
-                                    "VeRA, VBLoRA, FourierFT, OFT, BOFT, HRA, IA3, trainable-tokens and LN tuning "
-                                    "adapters are supported (others store different factors)",
+                                    "VeRA, VBLoRA, FourierFT, DeLoRA, OFT, BOFT, HRA, IA3, trainable-tokens and LN "
+                                    "tuning adapters are supported (others store different factors)",
                               "merge the adapter (merge_and_unload) and compare the merged model")
     for key, why, hint in _VARIANTS:
         if raw.get(key) not in (None, False, [], {}):
@@ -651,6 +652,10 @@ def _foreign_part(name: str) -> str | None:
         from .peft_fourierft import is_fourierft
 
         return "FourierFT" if is_fourierft(name) else None
+    if ".delora_" in name:
+        from .peft_delora import is_delora
+
+        return "DeLoRA" if is_delora(name) else None
     return None
 
 
@@ -665,6 +670,21 @@ def own_tensors(tensors: dict[str, TensorInfo], where: Path, pattern: re.Pattern
             refuse_other_method(name, where, label, own, peft_type)
             continue
         yield name, info, m
+
+
+def module_parts(tensors: dict[str, TensorInfo], where: Path, pattern: re.Pattern, marker: str, part: str, label: str,
+                 own: str, peft_type: str) -> dict[str, dict[str, str]]:
+    """module -> {part: tensor name} of a method of several tensors per module (BOFT's boft_R and boft_s, DeLoRA's
+    four): the names holding ``marker`` that ``pattern`` matches (groups ``mod`` and ``part``); the others go through
+    ``refuse_other_method``."""
+    parts: dict[str, dict[str, str]] = {}
+    for name in tensors:
+        m = pattern.match(name) if marker in name else None
+        if m is None:
+            refuse_other_method(name, where, label, own, peft_type)
+            continue
+        parts.setdefault(m["mod"], {})[m[part]] = name
+    return parts
 
 
 def float_base_shape(label: str, layers: str, factor, base: TensorInfo, where: Path) -> tuple:
@@ -722,6 +742,10 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         from .peft_fourierft import fourierft_factors
 
         return fourierft_factors(tensors, where, config)
+    if config.peft_type == "DELORA":
+        from .peft_delora import delora_factors
+
+        return delora_factors(tensors, where, config)
     from .peft_tokens import is_token_delta, token_factors
 
     if config.peft_type == "TRAINABLE_TOKENS":
@@ -810,7 +834,8 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
 #: what messages, notes and inspect call each peft_type weightdiff reads
 KIND_LABELS = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "OFT": "OFT", "BOFT": "BOFT",
                "IA3": "IA3", "TOKENS": "trainable tokens", "TRAINABLE_TOKENS": "trainable tokens",
-               "LN_TUNING": "LN tuning", "HRA": "HRA", "VBLORA": "VBLoRA", "FOURIERFT": "FourierFT"}
+               "LN_TUNING": "LN tuning", "HRA": "HRA", "VBLORA": "VBLoRA", "FOURIERFT": "FourierFT",
+               "DELORA": "DeLoRA"}
 
 #: the dtypes an IA3 merge is reproduced in (torch's own promotion and casts among them)
 _MERGE_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -1008,6 +1033,10 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
         from .peft_fourierft import check_fourierft
 
         return check_fourierft(factor, tensors, base, config, where)
+    if factor.kind == "DELORA":
+        from .peft_delora import check_delora
+
+        return check_delora(factor, tensors, base, where)
     if factor.kind == "TOKENS":
         from .peft_tokens import check_tokens
 
@@ -1083,6 +1112,10 @@ def factor_pair(factor: LoraFactor, values: dict[str, np.ndarray]) -> tuple[np.n
         from .peft_fourierft import fourierft_pair
 
         return fourierft_pair(factor, values)
+    if factor.kind == "DELORA":
+        from .peft_delora import delora_product
+
+        return delora_product(factor, values)
     from .peft_lycoris import lycoris_product
 
     return lycoris_product(factor.kind, values)
@@ -1106,6 +1139,10 @@ def factor_note(factor: LoraFactor, a: np.ndarray, b: np.ndarray) -> str:
         from .peft_fourierft import fourierft_note
 
         return fourierft_note(factor)
+    if factor.kind == "DELORA":
+        from .peft_delora import delora_note
+
+        return delora_note(factor)
     from .peft_lycoris import lycoris_note
 
     return lycoris_note(factor, a.shape[0])

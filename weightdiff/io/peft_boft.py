@@ -76,15 +76,9 @@ def parse_boft_config(raw: dict, path: Path):
 
 def boft_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
     """One LoraFactor (kind BOFT, its ``boft_R`` and ``boft_s`` in ``parts``) per adapted module."""
-    from .peft_adapter import LoraFactor, _is_float, refuse_other_method
+    from .peft_adapter import LoraFactor, _is_float, module_parts
 
-    parts: dict[str, dict[str, str]] = {}
-    for name in tensors:
-        m = _BOFT_RE.match(name) if ".boft_" in name else None
-        if m is None:
-            refuse_other_method(name, where, "BOFT", "boft_R, boft_s", "BOFT")
-            continue
-        parts.setdefault(m["mod"], {})[m["k"]] = name
+    parts = module_parts(tensors, where, _BOFT_RE, ".boft_", "k", "BOFT", "boft_R, boft_s", "BOFT")
     out = []
     for mod, got in parts.items():
         if set(got) != {"R", "s"}:

@@ -200,7 +200,8 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str], bases: Sequence[Checkp
         adalora = any(getattr(f, "e_name", None) for f in factors)
         n, rest = len(factors) - pruned, len(items) - len(factors) - len(tokens) + pruned - biased
         lycoris = getattr(factors[0], "label", "LoRA")
-        lycoris = lycoris if lycoris in ("LoHa", "LoKr", "VeRA", "VBLoRA", "FourierFT", "OFT", "BOFT", "HRA") else None
+        lycoris = lycoris if lycoris in ("LoHa", "LoKr", "VeRA", "VBLoRA", "FourierFT", "DeLoRA", "OFT", "BOFT",
+                                         "HRA") else None
         kinds = (f"{lycoris} module" if lycoris else "AdaLoRA factor triple" if adalora
                  else "LoRA factor pair") + ("s" if n != 1 else "")
         if lycoris:
@@ -211,6 +212,8 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str], bases: Sequence[Checkp
                 "VBLoRA": "its top-k mixtures of the shared vector bank make, B @ A)",
                 "FourierFT": "its spectral coefficients make, real(ifft2(S)) x scaling, their places drawn from "
                              "random_loc_seed as PEFT draws them)",
+                "DeLoRA": "its normalized terms make, B diag(lambda / r / (|A_i| |B^i|)) A, the columns scaled by the "
+                          "saved w_norm)",
                 "OFT": "", "BOFT": "",
             }[lycoris]
             if lycoris == "OFT":

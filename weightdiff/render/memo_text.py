@@ -46,7 +46,7 @@ SPECTRUM_NOTE = ("Singular values come from an exact SVD for matrices whose smal
                  "exact_svd_max, and from a seeded randomized SVD (Halko, Martinsson and Tropp 2011) above it; "
                  "the share of ‖D‖² the reported top singular values capture is checked against ‖D‖², which the "
                  "streaming pass measures exactly, and reported. A LoRA adapter's change (scale · B·A; PEFT's, on modules or "
-                 "on fused experts' parameters, a llama.cpp GGUF's or mlx-lm's) is analysed exactly from its factors, and so are AdaLoRA's, LoHa's, LoKr's, VeRA's, VBLoRA's, FourierFT's and "
+                 "on fused experts' parameters, a llama.cpp GGUF's or mlx-lm's) is analysed exactly from its factors, and so are AdaLoRA's, LoHa's, LoKr's, VeRA's, VBLoRA's, FourierFT's, DeLoRA's and "
                  "HRA's, whose changes are products of such factors (HRA's W · (H − I), H its Householder reflections), and PEFT's trainable tokens from the rows they replace (a change of as many "
                  "rows); an IA3, OFT or BOFT adapter's as the weights PEFT merges (W · l, W · Rᵀ, (W · Mᵀ) · s), against the base's, "
                  "and an LN tuning adapter's trained layer copies as the tensors they replace.")
