@@ -706,6 +706,15 @@ def refuse_other_method(name: str, where: Path, label: str, own: str, peft_type:
                               "tensors and config from different adapters?")
 
 
+#: peft_type -> (the module of weightdiff.io that reads that method's tensors, its reader), imported when such an
+#: adapter is read
+_FACTOR_READERS = {"LOHA": ("peft_lycoris", "lycoris_factors"), "LOKR": ("peft_lycoris", "lycoris_factors"),
+                   "VERA": ("peft_vera", "vera_factors"), "OFT": ("peft_oft", "oft_factors"),
+                   "BOFT": ("peft_boft", "boft_factors"), "HRA": ("peft_hra", "hra_factors"),
+                   "VBLORA": ("peft_vblora", "vblora_factors"), "FOURIERFT": ("peft_fourierft", "fourierft_factors"),
+                   "DELORA": ("peft_delora", "delora_factors")}
+
+
 def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterConfig) -> list[LoraFactor]:
     """The A/B (and DoRA magnitude) tensors of each adapted module, paired and checked (AdaLoRA's with E)."""
     if config.source == "mlx-lm":
@@ -714,38 +723,9 @@ def lora_factors(tensors: dict[str, TensorInfo], where: Path, config: AdapterCon
         return mlx_factors(tensors, where, config)
     if config.peft_type == "ADALORA":
         return _adalora_factors(tensors, where, config)
-    if config.peft_type in ("LOHA", "LOKR"):
-        from .peft_lycoris import lycoris_factors
-
-        return lycoris_factors(tensors, where, config)
-    if config.peft_type == "VERA":
-        from .peft_vera import vera_factors
-
-        return vera_factors(tensors, where, config)
-    if config.peft_type == "OFT":
-        from .peft_oft import oft_factors
-
-        return oft_factors(tensors, where, config)
-    if config.peft_type == "BOFT":
-        from .peft_boft import boft_factors
-
-        return boft_factors(tensors, where, config)
-    if config.peft_type == "HRA":
-        from .peft_hra import hra_factors
-
-        return hra_factors(tensors, where, config)
-    if config.peft_type == "VBLORA":
-        from .peft_vblora import vblora_factors
-
-        return vblora_factors(tensors, where, config)
-    if config.peft_type == "FOURIERFT":
-        from .peft_fourierft import fourierft_factors
-
-        return fourierft_factors(tensors, where, config)
-    if config.peft_type == "DELORA":
-        from .peft_delora import delora_factors
-
-        return delora_factors(tensors, where, config)
+    if config.peft_type in _FACTOR_READERS:
+        module, func = _FACTOR_READERS[config.peft_type]
+        return getattr(import_module(f"{__package__}.{module}"), func)(tensors, where, config)
     from .peft_tokens import is_token_delta, token_factors
 
     if config.peft_type == "TRAINABLE_TOKENS":
