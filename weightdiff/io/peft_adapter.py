@@ -972,6 +972,13 @@ def layout_evidence(factor: LoraFactor, tensors: dict[str, TensorInfo], base: Te
     return "linear" if normal and not flipped else "conv1d" if flipped and not normal else None
 
 
+#: LoraFactor.kind -> (the module of weightdiff.io that checks such a module against its base weight, the check), called
+#: (factor, tensors, base, config, where)
+_BASE_CHECKS = {"OFT": ("peft_oft", "check_oft"), "BOFT": ("peft_boft", "check_boft"), "HRA": ("peft_hra", "check_hra"),
+                "VBLORA": ("peft_vblora", "check_vblora"), "FOURIERFT": ("peft_fourierft", "check_fourierft"),
+                "DELORA": ("peft_delora", "check_delora")}
+
+
 def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base: TensorInfo,
                        config: AdapterConfig | None, where: Path, layout: str | None = None) -> None:
     """Check that ``factor`` fits the base weight ``base`` (headers only) and set its orientation.
@@ -993,30 +1000,9 @@ def check_against_base(factor: LoraFactor, tensors: dict[str, TensorInfo], base:
         from .peft_vera import check_vera
 
         return check_vera(factor, tensors, base, config, where, layout)
-    if factor.kind == "OFT":
-        from .peft_oft import check_oft
-
-        return check_oft(factor, tensors, base, config, where)
-    if factor.kind == "BOFT":
-        from .peft_boft import check_boft
-
-        return check_boft(factor, tensors, base, config, where)
-    if factor.kind == "HRA":
-        from .peft_hra import check_hra
-
-        return check_hra(factor, tensors, base, where)
-    if factor.kind == "VBLORA":
-        from .peft_vblora import check_vblora
-
-        return check_vblora(factor, tensors, base, config, where)
-    if factor.kind == "FOURIERFT":
-        from .peft_fourierft import check_fourierft
-
-        return check_fourierft(factor, tensors, base, config, where)
-    if factor.kind == "DELORA":
-        from .peft_delora import check_delora
-
-        return check_delora(factor, tensors, base, where)
+    if factor.kind in _BASE_CHECKS:
+        module, func = _BASE_CHECKS[factor.kind]
+        return getattr(import_module(f"{__package__}.{module}"), func)(factor, tensors, base, config, where)
     if factor.kind == "TOKENS":
         from .peft_tokens import check_tokens
 

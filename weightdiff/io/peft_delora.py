@@ -81,7 +81,7 @@ def delora_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
     return out
 
 
-def check_delora(factor, tensors: dict[str, TensorInfo], base: TensorInfo, where: Path) -> None:
+def check_delora(factor, tensors: dict[str, TensorInfo], base: TensorInfo, config, where: Path) -> None:
     """The factors must fit the Linear weight [out, in] PEFT builds DeLoRA on (headers only; GPT-2's Conv1D, which
     PEFT's DeLoRA does not build on, refused by name)."""
     t = f"`{escape_name(factor.target)}`"

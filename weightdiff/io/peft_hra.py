@@ -74,7 +74,7 @@ def hra_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
     return out
 
 
-def check_hra(factor, tensors: dict[str, TensorInfo], base: TensorInfo, where: Path) -> None:
+def check_hra(factor, tensors: dict[str, TensorInfo], base: TensorInfo, config, where: Path) -> None:
     """The ``hra_u`` tensor must be what PEFT builds on this base layer (headers only): a Linear's [in, r], a
     Conv2d's [in x k x k, r] (square kernels; PEFT builds no grouped one)."""
     from .peft_adapter import float_base_shape
