@@ -1340,28 +1340,32 @@ def test_an_ln_tuning_adapter_by_id_reads_as_it_does_locally(server, hf, tmp_pat
 
 
 def test_a_lora_on_fused_experts_by_id_reads_as_it_does_locally(server, hf, tmp_path):
-    """A LoRA on gpt-oss-style fused experts (target_parameters) by repo id, streamed and downloaded: its square
-    experts' orientation comes from the base repo's config.json read over HTTP, and the records are the folders'
-    read locally (each expert's factor pair against its own matrix)."""
+    """A LoRA on gpt-oss-style fused experts (target_parameters: gate_up_proj and the square down_proj, nested) by repo
+    id, streamed and downloaded: the records are the folders' read locally (each expert's factor pair against its own
+    matrix, the square ones read the way the non-square ones' shapes say)."""
     from weightdiff.io.safetensors_write import save_file
 
     rng = np.random.default_rng(16)
     L = "model.layers.0.mlp.experts."
     base = write_checkpoint(tmp_path / "moe-base", {
+        L + "gate_up_proj": rng.normal(0, 0.02, (4, 16, 24)).astype(np.float32),
         L + "down_proj": rng.normal(0, 0.02, (4, 16, 16)).astype(np.float32),
         "model.layers.0.self_attn.q_proj.weight": rng.normal(0, 0.02, (16, 16)).astype(np.float32)}, dtype="F32")
-    (base / "config.json").write_text(json.dumps({"model_type": "gpt_oss"}))
     server.commit("org/moe-base", _files(base))
     ad = tmp_path / "experts-lora"
     ad.mkdir()
-    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
-                                                        "target_modules": [], "target_parameters": ["down_proj"]}))
-    save_file(ad / "adapter_model.safetensors", {
-        "base_model.model." + L + "lora_A.weight": rng.standard_normal((8, 16)).astype(np.float32),
-        "base_model.model." + L + "lora_B.weight": (0.01 * rng.standard_normal((16, 8))).astype(np.float32)})
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": [],
+                                                        "target_parameters": ["gate_up_proj", "down_proj"]}))
+    pre = "base_model.model." + L.rstrip(".")
+    save_file(ad / "adapter_model.safetensors", {       # gate_up_proj innermost, read [experts, in, out]
+        pre + ".base_layer.lora_A.weight": rng.standard_normal((8, 16)).astype(np.float32),
+        pre + ".base_layer.lora_B.weight": (0.01 * rng.standard_normal((24, 8))).astype(np.float32),
+        pre + ".lora_A.weight": rng.standard_normal((8, 16)).astype(np.float32),
+        pre + ".lora_B.weight": (0.01 * rng.standard_normal((16, 8))).astype(np.float32)})
     local = _committed(server, ad, "org/experts-lora", base)
     changed = [x for x in local["tensors"] if x["status"] == "changed"]
-    assert [x["name"] for x in changed] == [f"{L}{e}.down_proj" for e in range(4)]
+    assert sorted(x["name"] for x in changed) == sorted(f"{L}{e}.{p}" for e in range(4) for p in ("gate_up_proj",
+                                                                                                 "down_proj"))
     assert all(x["compared"] == "factors" and "[experts, in, out]" in x["note"] for x in changed)
     _reads_as_local(run, tmp_path, local, "org/moe-base", "org/experts-lora")
 

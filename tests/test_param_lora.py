@@ -84,17 +84,24 @@ def _tensors(folder):
     return _tensors_of(folder / "adapter_model.safetensors")
 
 
-def test_square_experts_take_gpt_oss_orientation_from_the_config(tmp_path):
-    """gpt-oss-20b's down_proj experts are square (2880 x 2880): either orientation fits, and with no non-square
-    parameter in the adapter the base's config.json (model_type gpt_oss) says [experts, in, out]; without it the
-    adapter is refused rather than read the other way."""
-    base, ad, merged = _saved(tmp_path, lambda: _gpt_oss(32, 32), r=2, lora_alpha=2, target_modules=[],
-                              target_parameters=["mlp.experts.down_proj"])
-    _read_as_merged(base, ad, merged, 2, "(B_e @ A_e)^T")
-    cfg = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral"}))
+def test_square_experts_alone_are_refused_whatever_the_model(tmp_path):
+    """gpt-oss-20b's down_proj experts are square (2880 x 2880): either orientation fits, and which one PEFT used
+    depends on its version and the transformers it ran with, none of which the adapter or the base's config says
+    (gpt_oss or not): with no non-square parameter in the adapter, it is refused rather than read one way."""
+    base, ad, _ = _saved(tmp_path, lambda: _gpt_oss(32, 32), r=2, lora_alpha=2, target_modules=[],
+                         target_parameters=["mlp.experts.down_proj"])
+    assert json.loads((base / "config.json").read_text())["model_type"] == "gpt_oss"
     contract(["compare", str(base), str(ad)], ad / "adapter_model.safetensors",
              "fit its square 32 x 32 experts either way", tmp_path)
+
+
+def test_square_experts_follow_their_non_square_neighbour(tmp_path):
+    """gpt-oss-20b's layout (hidden = intermediate: down_proj square, gate_up_proj not): the recipe's two parameters,
+    the square one read the way the other's shapes say, as PEFT merges both."""
+    base, ad, merged = _saved(tmp_path, lambda: _gpt_oss(32, 32), r=2, lora_alpha=2, target_modules=[],
+                              target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    _, changed = _read_as_merged(base, ad, merged, 2, "(B_e @ A_e)^T")
+    assert sum(".down_proj" in n for n in changed) == 2 * E
 
 
 class _Experts(torch.nn.Module):

@@ -13,11 +13,13 @@ What PEFT saves (peft.tuners.lora.layer.ParamWrapper, checked against PEFT 0.21'
   refused.
 - Expert e's factors are A_e = rows e r .. e r + r - 1 of A (``A.reshape(experts, r, in)[e]``) and B_e = columns
   e, e + experts, e + 2 experts, ... of B (``B.reshape(out, r, experts)[:, :, e]``), and its change is
-  scale x B_e A_e, laid into the parameter as (B_e A_e)^T when PEFT read it [experts, in, out] (every version for
-  gpt-oss, whose experts module says ``is_transposed``, and every module before PEFT read the others
-  [experts, out, in]), as B_e A_e otherwise. The factors' shapes say which for a non-square expert; a square one
-  (gpt-oss-20b's ``down_proj``, 2880 x 2880) takes the orientation of the adapter's non-square ones, or gpt-oss's
-  when the base's config.json says ``gpt_oss``, and is refused when nothing says.
+  scale x B_e A_e, laid into the parameter as (B_e A_e)^T when PEFT read it [experts, in, out], as B_e A_e when it
+  read it [experts, out, in]. Which one PEFT did depends on its version and on the transformers it ran with
+  (0.17-0.18 read every parameter [experts, in, out]; later versions swap by the experts module's ``is_transposed``,
+  which transformers' experts classes gained in v5, and PEFT's reading of it was reversed until huggingface/peft#3165),
+  none of which the adapter records. The factors' shapes say which for a non-square expert; a square one
+  (gpt-oss-20b's ``down_proj``, 2880 x 2880) takes the orientation of the adapter's non-square ones (one PEFT, one
+  transformers, one experts class), and is refused when the adapter has none.
 - A 2-D parameter (one expert) changes by scale x B @ A, as a Linear's weight.
 
 The readers split a fused experts tensor into the experts' own (weightdiff.io.experts): each expert's factor pair
@@ -36,15 +38,12 @@ from .experts import MAX_EXPERTS, expert_name
 from .safetensors_read import TensorInfo
 
 __all__ = ["param_factors", "experts_apart", "check_param", "settle_orientation", "missing_param", "orientation_evidence", "expert_pair",
-           "param_note", "IN_OUT_MODELS", "BASE_LAYER"]
+           "param_note", "BASE_LAYER"]
 
 #: the wrapper segment of a parameter wrapped inside another's wrapper (PEFT strips every one of them)
 BASE_LAYER = ".base_layer"
 #: the order transformers' experts modules register their fused parameters in (PEFT nests the wrappers so)
 _REGISTERED = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
-#: model types whose experts module reads its parameters [experts, in, out] (``is_transposed``), for which every
-#: PEFT version reads them so too
-IN_OUT_MODELS = frozenset({"gpt_oss"})
 _PREFIX = "base_model.model."
 
 
@@ -215,9 +214,11 @@ def orientation_evidence(factor, tensors: dict[str, TensorInfo], base: TensorInf
 
 
 def settle_orientation(pairs, tuned, bases) -> None:
-    """Set ``in_out`` of the square experts' factors from the adapter's non-square ones (PEFT reads every fused
-    parameter of a model one way: by the experts module's class and PEFT's version), else from the base's
-    config.json (gpt-oss's experts read [experts, in, out] in every PEFT version); two ways at once is refused."""
+    """Set ``in_out`` of the square experts' factors from the adapter's non-square ones (one PEFT and one transformers
+    read every fused parameter of a model's experts class one way); two ways at once is refused. The base's model type
+    does not say (gpt-oss's experts read [experts, in, out] under PEFT 0.18 and [experts, out, in] under a PEFT that
+    swaps by an ``is_transposed`` the transformers of the day did not set), so without a non-square parameter a square
+    one stays unsettled and ``check_param`` refuses it."""
     seen = {}
     for p in pairs:
         found = orientation_evidence(p.lora, tuned.tensors, bases[p.base_index].tensors[p.base_name])
@@ -229,17 +230,6 @@ def settle_orientation(pairs, tuned, bases) -> None:
                                               "experts read [experts, out, in]: PEFT reads all of a model's fused "
                                               "experts one way", "is this adapter for another base model?")
     way = next(iter(seen), None)
-    if way is None:
-        from .model_config import config_of
-
-        for p in pairs:
-            try:
-                cfg = config_of(bases[p.base_index])
-            except (CheckpointError, OSError):
-                cfg = None
-            if isinstance(cfg, dict) and str(cfg.get("model_type") or "").lower() in IN_OUT_MODELS:
-                way = True
-            break
     if way is not None:
         for p in pairs:
             p.lora.in_out = way
@@ -294,8 +284,8 @@ def check_param(factor, tensors: dict[str, TensorInfo], base: TensorInfo, where:
     elif factor.in_out is None:
         raise CheckpointError(where, f"LoRA factors of parameter {what} fit its square {shape[0]} x {shape[1]} "
                                      "experts either way: whether PEFT read them [experts, in, out] or [experts, out, "
-                                     "in] depends on the model's class and the PEFT version, and neither the adapter's "
-                                     "other parameters nor the base's config.json say",
+                                     "in] depends on the PEFT and transformers versions it ran with, which the adapter "
+                                     "does not record, and it adapts no non-square parameter that would say",
                               "merge the adapter (merge_and_unload) and compare the merged model")
 
 
