@@ -80,6 +80,17 @@ def test_gpt_oss_experts_read_as_the_merged_model(tmp_path):
     assert "columns 3, 7 of" in note
 
 
+@pytest.mark.parametrize("modules", [["q_proj"], "all-linear", ".*self_attn\\.q_proj"])
+def test_bare_parameter_names_beside_target_modules(tmp_path, modules):
+    """target_parameters by bare name (`gate_up_proj` matches every module's parameter of that name) beside
+    target_modules: the modules target_modules adapts are LoRA layers (PEFT wraps no parameter of them as well), the
+    experts' parameters are read as above; all as PEFT merges them."""
+    base, ad, merged = _saved(tmp_path, r=2, lora_alpha=4, target_modules=modules,
+                              target_parameters=["gate_up_proj", "down_proj"])
+    got, changed = _read_as_merged(base, ad, merged, 2, "(B_e @ A_e)^T")
+    assert sum(".experts." in n for n in changed) == 2 * 2 * E and "model.layers.1.self_attn.q_proj.weight" in changed
+
+
 def _tensors(folder):
     return _tensors_of(folder / "adapter_model.safetensors")
 

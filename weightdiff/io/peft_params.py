@@ -29,6 +29,7 @@ as the merged model does, expert by expert.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,27 @@ def _candidates(module: str, targets: tuple) -> list[str]:
     return out
 
 
+def _module_target(module: str, a_rows: int, config) -> bool:
+    """Whether ``target_modules`` adapts module ``module`` as a layer (PEFT refuses to wrap a parameter of a module it
+    targets so: a bare ``target_parameters`` name such as ``gate_up_proj`` must not claim a q_proj's LoRA). A list
+    matches a whole name or a dotted suffix, a string is a pattern the name must match, ``all-linear`` takes the
+    Linear layers: a LoRA whose A has r rows (a fused parameter's has experts x r)."""
+    raw = config.raw.get("target_modules")
+    if isinstance(raw, list):
+        return any(isinstance(t, str) and (module == t or module.endswith("." + t)) for t in raw)
+    if not isinstance(raw, str):
+        return False
+    if raw.lower() == "all-linear":
+        return a_rows == int(config.pattern("rank_pattern", module, config.r))
+    from .peft_adapter import _MATCH_BUDGET, _pattern_repeats
+
+    if max(len(module), 2) ** (_pattern_repeats(config.path, "target_modules", raw) + 1) > _MATCH_BUDGET:
+        raise CheckpointError(config.path, f"target_modules `{escape_name(raw[:60])}` is a regular expression too "
+                                           f"costly to match against a module name of {len(module):,} characters",
+                              "give a list of module names")
+    return re.fullmatch(raw, module) is not None
+
+
 def param_factors(parts: dict[str, dict[str, str]], tensors: dict[str, TensorInfo], where: Path, config
                   ) -> tuple[list, dict[str, dict[str, str]]]:
     """(the factors of the parameters ``config.target_parameters`` adapts, the LoRA modules left over). ``parts``:
@@ -78,8 +100,9 @@ def param_factors(parts: dict[str, dict[str, str]], tensors: dict[str, TensorInf
         while inner.endswith(BASE_LAYER):
             inner, depth = inner[:-len(BASE_LAYER)], depth + 1
         inner = inner.replace(BASE_LAYER + ".", ".")
-        if not _candidates(inner, targets):
-            rest[mod] = got
+        a = got.get("A")
+        if not _candidates(inner, targets) or _module_target(inner, int(tensors[a].shape[0]) if a else 0, config):
+            rest[mod] = got             # a LoRA module of target_modules: PEFT wraps no parameter of it as well
             continue
         if set(got) - {"A", "B"}:
             raise CheckpointError(where, f"LoRA module `{escape_name(mod)}` adapts a parameter (target_parameters) "
