@@ -8,6 +8,7 @@ A and column norms of B, clamped below at 1e-4) and bounded by lambda. That is t
 B' = B diag(lambda / r / (|A_i| |B^i|)), A' = A diag(w_norm), of rank at most r, measured exactly as a LoRA's is.
 
 >>> import numpy as np
+>>> from types import SimpleNamespace
 >>> rng = np.random.default_rng(0)
 >>> a, b, w = rng.standard_normal((2, 5)), rng.standard_normal((3, 2)), rng.uniform(1, 2, 5)
 >>> a2, b2 = delora_product(SimpleNamespace(r=2), {"A": a, "B": b, "lambda": np.array([3.0]), "w_norm": w})
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace  # noqa: F401  (the doctest's)
 
 import numpy as np
 

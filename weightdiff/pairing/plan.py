@@ -87,7 +87,7 @@ def _tuned_items(tuned: CheckpointLike, notes: list[str], bases: Sequence[Checkp
         dtype = (a or b).dtype if (a or b) is not None else None
         shape = None
         if getattr(f, "parts", None) or getattr(f, "param", None) is not None or getattr(f, "mlx", None):
-            pass                        # LoHa / LoKr, LoRA on a parameter: the base's shape, checked once paired
+            pass                        # LoHa, LoKr, a parameter's, mlx-lm's: the base's shape, checked once paired
         elif a is not None and b is not None and len(a.shape) >= 2 and len(b.shape) >= 2:
             shape = (int(b.shape[0]), _numel(a.shape[1:]))
             if getattr(f, "embedding", False):      # embedding factors: A [r, vocab], B [dim, r]
