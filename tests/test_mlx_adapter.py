@@ -111,6 +111,21 @@ def test_dora_reads_as_mlx_fuses_it(tmp_path, keys):
         assert "DoRA" in t["note"]
 
 
+@pytest.mark.parametrize("kind, use_dora", [("lora", False), ("lora", None), ("dora", True)])
+def test_a_config_from_before_fine_tune_type_reads_as_its_mlx_lm_loaded_it(tmp_path, kind, use_dora):
+    """mlx-lm before ``fine_tune_type`` saved ``lora_layers`` and ``use_dora`` (its ``apply_lora_layers`` built DoRA
+    layers by that key): the same adapter under that config reads as under today's, tensor for tensor."""
+    base, ad, _ = _made(tmp_path, kind=kind)
+    today = weightdiff.compare(str(base), str(ad)).to_dict()["tensors"]
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    old = {"model": cfg["model"], "lora_layers": cfg["num_layers"], "lora_parameters": cfg["lora_parameters"],
+           **({} if use_dora is None else {"use_dora": use_dora})}
+    (ad / "adapter_config.json").write_text(json.dumps(old))
+    got = weightdiff.compare(str(base), str(ad)).to_dict()["tensors"]
+    assert got == today and sum(t["compared"] == "factors" for t in got) == 4
+    assert all(("DoRA" in t["note"]) == (kind == "dora") for t in got if t["compared"] == "factors")
+
+
 def test_lora_on_a_4bit_base_reads_as_the_dequantized_fuse(tmp_path):
     """An mlx-community 4-bit base: the change is the factors' whatever the base's codes; the fused model (dequantized,
     as `mlx_lm.fuse --de-quantize` writes it) against the quantized base reads the same change."""
@@ -219,6 +234,7 @@ def _written(tmp_path, config=None, tensors=None):
     ({}, {Q + ".lora_a": np.ones((6, 2), np.float32), Q + ".lora_b": np.ones((2, 8), np.float32),
           Q + ".m": np.ones(8, np.float32)}, False, "holds the DoRA magnitude"),
     ({"fine_tune_type": "dora"}, None, False, "has no magnitude"),
+    ({"fine_tune_type": None}, None, True, "fine_tune_type None: only lora, dora and full are read"),
     ({}, {"model.layers.0.mlp.switch_mlp.gate_proj.lora_a": np.ones((4, 2, 6), np.float32),
           "model.layers.0.mlp.switch_mlp.gate_proj.lora_b": np.ones((3, 8, 2), np.float32)}, False,
      "(a stacked experts layer's are lora_a [experts, r, in], lora_b [experts, out, r]"),
@@ -234,6 +250,17 @@ def test_refused(tmp_path, config, tensors, names_config, expect):
     base, ad = _written(tmp_path, config, tensors)
     contract(["compare", str(base), str(ad)], ad / ("adapter_config.json" if names_config else "adapters.safetensors"),
              expect, tmp_path)
+
+
+@pytest.mark.parametrize("use_dora, expect", [("true", "use_dora = 'true', expected true or false"),
+                                               (True, "has no magnitude `model.layers.0.self_attn.q_proj.m`")])
+def test_a_config_from_before_fine_tune_type_refused(tmp_path, use_dora, expect):
+    """Without fine_tune_type, use_dora decides (older mlx-lm): a string is not a boolean, and DoRA needs its m."""
+    base, ad = _written(tmp_path)
+    (ad / "adapter_config.json").write_text(json.dumps({"lora_layers": 1, "use_dora": use_dora,
+                                                        "lora_parameters": {"rank": 2, "scale": 20.0}}))
+    contract(["compare", str(base), str(ad)], ad / ("adapter_config.json" if use_dora == "true" else
+                                                    "adapters.safetensors"), expect, tmp_path)
 
 
 def test_adapters_without_a_config_or_a_peft_config_without_its_weights(tmp_path):

@@ -8,7 +8,9 @@
   default 20), not alpha / r. An Embedding saves ``lora_a`` [vocab, r] and ``lora_b`` [r, dims], and ``fuse`` adds
   scale x lora_a @ lora_b. Each is a factor pair measured exactly as a PEFT LoRA's (rank at most r).
 - ``"dora"``: the same factors and ``<m>.m``, one magnitude per row of the weight; ``fuse`` scales each row of
-  W + delta to it, as PEFT's DoRA does (``measure.rank.analyze_factors`` with the magnitude).
+  W + delta to it, as PEFT's DoRA does (``measure.rank.analyze_factors`` with the magnitude). mlx-lm before
+  ``fine_tune_type`` saved ``use_dora: true`` (and ``lora_layers`` for ``num_layers``) and loaded the adapter by it;
+  a config without ``fine_tune_type`` is read so.
 - ``"full"``: ``adapters.safetensors`` holds the trained layers' own weights (mlx-lm loads them over the model's):
   each is compared with the base's tensor as a plain pair, the tensors it does not hold are the base's.
 
@@ -51,7 +53,14 @@ def parse_mlx_config(raw: dict, path: Path):
     and 20), unless full."""
     from .peft_adapter import AdapterConfig, _number, _rank
 
-    kind = raw.get("fine_tune_type", "lora")
+    if "fine_tune_type" in raw:
+        kind = raw["fine_tune_type"]
+    else:       # older mlx-lm saved use_dora: true for DoRA, and loaded the adapter by that key
+        legacy = raw.get("use_dora", False)
+        if not isinstance(legacy, bool):
+            raise CheckpointError(path, f"mlx-lm adapter config has use_dora = {escape_name(repr(legacy))[:40]}, "
+                                        "expected true or false")
+        kind = "dora" if legacy else "lora"
     if kind not in _TYPES:
         raise CheckpointError(path, f"mlx-lm adapter config has fine_tune_type {escape_name(repr(kind))[:40]}: only "
                                     "lora, dora and full are read", "fuse the adapter (mlx_lm.fuse --de-quantize) and "
@@ -114,8 +123,8 @@ def mlx_factors(tensors: dict[str, TensorInfo], where: Path, config) -> list:
         mag = got.get("m")
         if mag is not None and not config.use_dora:
             raise CheckpointError(where, f"mlx-lm adapter holds the DoRA magnitude `{escape_name(mag)}` but "
-                                         "adapter_config.json says fine_tune_type lora", "tensors and config from "
-                                                                                         "different adapters?")
+                                         "adapter_config.json makes it LoRA, not DoRA (fine_tune_type lora, or "
+                                         "no use_dora: true)", "tensors and config from different adapters?")
         if config.use_dora and mag is None:
             raise CheckpointError(where, f"mlx-lm DoRA layer `{escape_name(mod)}` has no magnitude `{escape_name(mod)}.m`")
         if switch:
