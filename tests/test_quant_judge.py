@@ -146,6 +146,117 @@ def test_rank_counts_above_the_quantization_noise(tmp_path, models):
     assert r.summary.form["kind"] == "low_rank"
 
 
+@pytest.mark.parametrize("kind", ["fp8-block", "gptq-v1", "bnb-nf4-nested", "awq"])
+def test_a_lora_on_a_quantized_base_reads_its_weight_in_row_blocks_as_the_merge(tmp_path, monkeypatch, kind):
+    """A LoRA (QLoRA-style) on a quantized base weight of 4224 x 256 (more than one row block of the factor
+    path): the weight is dequantized a block of rows at a time, never read whole (at 8192 x 28672 that was
+    940 MB of float32 and a 2.2 GB peak), and the record is the merge's: the dequantized base plus scale B A,
+    in float64."""
+    from weightdiff.io.located import Checkpoint
+    from weightdiff.io.safetensors_write import save_file
+
+    rows, old = 4224, T.OUT
+    T.OUT = rows
+    try:
+        rng = np.random.default_rng(12)
+        base = T.base_model(rng)
+        stored, qc, _ = T.BUILDERS[kind](base)
+    finally:
+        T.OUT = old
+    b = T._save(tmp_path / "base", stored, qc)
+    m = T.LINEARS[0]
+    a_, b_ = rng.standard_normal((4, T.IN)) * 0.1, rng.standard_normal((rows, 4)) * 0.1
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    save_file(ad / "adapter_model.safetensors", {f"base_model.model.{m}.lora_A.weight": a_.astype(np.float32),
+                                                 f"base_model.model.{m}.lora_B.weight": b_.astype(np.float32)})
+    (ad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}')
+    real = Checkpoint.read
+
+    def read(self, name):
+        assert name != m + ".weight", "the quantized base weight was read whole"
+        return real(self, name)
+
+    monkeypatch.setattr(Checkpoint, "read", read)
+    t = compare(b, ad).tensor(m + ".weight")
+    monkeypatch.setattr(Checkpoint, "read", real)
+    from weightdiff.io.checkpoint import locate
+
+    ck = locate(b)
+    try:
+        w = np.asarray(real(ck, m + ".weight"), np.float64)
+    finally:
+        ck.close()
+    d = 2.0 * (b_.astype(np.float32).astype(np.float64) @ a_.astype(np.float32).astype(np.float64))
+    assert t.compared == "factors" and t.rank.numerical_rank == 4
+    assert t.norm_base == pytest.approx(np.linalg.norm(w), rel=1e-12)
+    assert t.norm_delta == pytest.approx(np.linalg.norm(d), rel=1e-12)
+    assert t.cosine == pytest.approx(np.sum(w * (w + d)) / np.linalg.norm(w) / np.linalg.norm(w + d), rel=1e-12)
+
+
+@pytest.mark.parametrize("m, n", [(1, 1), (1, 7), (7, 1), (5, 3), (13, 8)])
+def test_row_and_column_sums_of_chunks_of_any_size_match_numpy(m, n):
+    """``quant_floor.row_col_sums`` against numpy's sums of the whole matrix, its chunks cut at random (empty,
+    inside a row, across rows, several rows at once), and a count of elements that does not fit refused."""
+    from weightdiff.measure.quant_floor import row_col_sums
+
+    rng = np.random.default_rng(m * 100 + n)
+    x = rng.standard_normal((m, n)) * np.exp(rng.uniform(-30, 30, (m, n)))
+    for _ in range(20):
+        cuts = np.sort(rng.integers(0, m * n + 1, rng.integers(0, 6)))
+        r, c = row_col_sums(np.split(x.reshape(-1), cuts), m, n)
+        np.testing.assert_allclose(r, x.sum(axis=1), rtol=1e-12, atol=1e-12 * np.abs(x).sum())
+        np.testing.assert_allclose(c, x.sum(axis=0), rtol=1e-12, atol=1e-12 * np.abs(x).sum())
+    for chunks in ([x.reshape(-1)[:-1]], [x.reshape(-1), np.zeros(1)]):
+        with pytest.raises(ValueError):
+            row_col_sums(chunks, m, n)
+
+
+@pytest.mark.parametrize("kind", ["fp8-block", "gptq-v1", "bnb-nf4-nested"])
+def test_a_large_quantized_matrix_is_ranked_from_the_streamed_gram_as_from_the_whole_delta(tmp_path, kind):
+    """A quantized matrix too large for the direct path (1280 x 256) is ranked from the Gram matrix the stats
+    pass summed, its floor raised by the modelled quantization noise summed per row and column in windows:
+    the record the whole-matrix path gives (both sides and a per-element variance read whole, which at
+    8192 x 28672 held 9.9 GB), certified. And the noise sums themselves against a per-element reference."""
+    from weightdiff.io.checkpoint import locate
+    from weightdiff.measure.quant_floor import quant_noise_var
+    from weightdiff.measure.rank import analyze_delta
+
+    rows, old = 1280, T.OUT
+    T.OUT = rows
+    try:
+        rng = np.random.default_rng(11)
+        base = T.base_model(rng)
+        tuned = T.fine_tune(rng, base, rel=0.05, rank=4)
+        stored, qc, _ = T.BUILDERS[kind](tuned)
+    finally:
+        T.OUT = old
+    r = _judge(tmp_path, base, stored, qc, rank=True)
+    name = T.LINEARS[0] + ".weight"
+    t = r.tensor(name)
+    assert t.rank.method == "gram" and t.rank.exact and "above the quantization noise" in t.note
+    assert t.rank.extra["noise_model"] == "quantization" and 3 <= t.rank.numerical_rank <= 5
+    b, q = locate(tmp_path / "base"), locate(tmp_path / "quant")
+    try:
+        shape = tuple(q.tensors[name].shape)
+        flat = np.concatenate([np.asarray(w, np.float64).reshape(-1) for w in q.floor_windows(name, 1 << 20, noise=True)])
+        var = np.where(np.isfinite(flat), flat * flat / 3.0, 0.0).reshape(shape)
+        for window in (1 << 20, 1000, 257):            # windows of whole rows, and straddling rows
+            er, ec = quant_noise_var(b, name, "F32", q, name, "F32", shape, window)
+            np.testing.assert_allclose(er, var.sum(axis=1), rtol=1e-12)
+            np.testing.assert_allclose(ec, var.sum(axis=0), rtol=1e-12)
+        want = analyze_delta(b.read(name), q.read(name), "F32", "F32", shape, t.norm_delta ** 2, direct=True,
+                             extra_var=var.reshape(-1))
+    finally:
+        b.close()
+        q.close()
+    assert t.rank.numerical_rank == want.numerical_rank
+    assert t.rank.noise_floor == pytest.approx(want.noise_floor, rel=1e-9)
+    np.testing.assert_allclose(t.rank.spectrum[:8], want.spectrum[:8], rtol=1e-6)
+    assert t.rank.extra["residual_energy_ratio"] == pytest.approx(want.extra["residual_energy_ratio"], rel=1e-6)
+    assert t.rank.extra["noise_explains_rest"] == want.extra["noise_explains_rest"]
+
+
 def _gguf_pair(tmp_path, rng, delta, qname):
     gguf = pytest.importorskip("gguf")
     from conftest import write_checkpoint
@@ -512,6 +623,32 @@ def _awq_searched(src: dict, base: dict, rng, rename=None) -> tuple[dict, dict]:
     if rename:
         stored = {rename(k): v for k, v in stored.items()}
     return stored, qc
+
+
+@pytest.mark.parametrize("rows", [256, 1280])
+def test_the_change_of_a_matrix_awq_scales_were_fit_back_to_is_not_ranked_at_any_size(tmp_path, rows):
+    """A fine-tuned q_proj whose base had to be scaled by fitted AWQ scales to be compared: its raw delta is
+    mostly that scaling, so no rank is taken, as its note says; a matrix large enough for the streamed Gram
+    matrix (1280 x 256) was ranked from it all the same (a full-rank "change")."""
+    old = T.OUT
+    T.OUT = rows
+    try:
+        rng = np.random.default_rng(3)
+        base = T.base_model(rng)
+        for layer in (0, 1):
+            base[f"model.layers.{layer}.input_layernorm.weight"] = (1 + 0.01 * rng.standard_normal(T.IN)).astype(
+                np.float32)
+        tuned = dict(base)
+        q = "model.layers.1.self_attn.q_proj.weight"
+        u, v = rng.standard_normal((base[q].shape[0], 4)), rng.standard_normal((4, base[q].shape[1]))
+        tuned[q] = (base[q] + 0.05 * np.linalg.norm(base[q]) * (u @ v) / np.linalg.norm(u @ v)).astype(np.float32)
+        stored, qc = _awq_searched(tuned, base, np.random.default_rng(4))
+        r = _judge(tmp_path, base, stored, qc, rank=True)
+    finally:
+        T.OUT = old
+    t = r.tensor(q)
+    assert t.status == "changed" and t.quant.get("awq_scales")
+    assert t.rank is None and "the rank of the change is not computed" in t.note
 
 
 def test_awq_searched_scales_are_fit_back(tmp_path, models):

@@ -867,6 +867,10 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
         return rec
     tuned_t = sink = dsink = None
     win = window_elements(pair.dtype_base, pair.dtype_tuned)
+    if pair.base_name in (getattr(base, "quant", None) or ()) or tuned_name in (getattr(tuned, "quant", None) or ()):
+        # a quantized side comes out as float32 values and floors, a block of rows dequantized with its
+        # temporaries: a quarter of the window, so that at 70B widths they stay small beside the Gram matrix
+        win //= 4
     floors = FloorAccumulator() if pre is None else None
     if pair.transposed:
         # content pairing found the tuned matrix stored transposed (ONNX MatMul initializers):
@@ -1013,14 +1017,25 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
         # the rank of its finite part would call a broken matrix low-rank (rank 0 when that is all)
         rec.note = (f"{nf_t} non-finite values in the tuned tensor, {nf_b} in the base: the change has no "
                     "rank" + (f"; {rec.note}" if rec.note else ""))
-    elif sink is not None and ranked and sink.gram.active and not above:
+    elif sink is not None and ranked and sink.gram.active and above is not False:
+        # (above False: a quantized pair whose change has no rank worth taking, as its note says)
+        extra_var = None
+        if above:
+            # a quantized side: the Gram matrix the stats pass summed, with the floor raised by the modelled
+            # quantization noise (summed per row and column in one more pass over the floors, no matrix read
+            # whole: at 8192 x 28672 both sides and the noise held whole peaked at 9.9 GB)
+            # (in windows of at most 2M elements: the sources' dequantized blocks beside the Gram's 537 MB)
+            extra_var = _quant_var(above, base, pair, t_side, tuned_name, t_shape, min(win, _VAR_WINDOW), stop)
+            if extra_var is not None and above is True:
+                rec.note = QUANT_RANK_NOTE + (f"; {rec.note}" if rec.note else "")
         args = (float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
                 thr.noise_floor_factor, options.rank_k)
+        kw = {"extra_var": extra_var} if extra_var is not None else {}
         if solver is not None and min(sink.gram.shape2) <= OVERLAP_MAX:
             gram = sink.gram
-            rec.rank = Deferred(solver.submit(lambda: gram.finish(*args)))   # finish frees the Gram
+            rec.rank = Deferred(solver.submit(lambda: gram.finish(*args, **kw)))   # finish frees the Gram
             return rec
-        rec.rank = sink.gram.finish(*args)
+        rec.rank = sink.gram.finish(*args, **kw)
     elif options.rank and ranked and fused_experts(pair):
         e, m, n = (int(x) for x in shape_t)
         rec.note = (f"{e} experts of {m} x {n} fused in one tensor: the rank of each expert's change is not "
@@ -1041,22 +1056,9 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
         # a resized tensor: its shared rows only (the first `stop` elements of each side)
         raw_b, dt_b, dt_t = _read_part(base, pair.base_name, stop), pair.dtype_base, pair.dtype_tuned
         raw_t = _read_part(tuned, tuned_name, stop) if tuned_t is None else tuned_t
-        extra_var = None
-        if above == "rounding":
-            from .quant_floor import dequant_rounding_var
-
-            extra_var = dequant_rounding_var(base, pair.base_name, win, stop)
-        elif above:
-            # the whole change, with a noise floor that includes the quantization noise: the
-            # elementwise part above the floor is not low rank even when the change is, and
-            # float32 rounding is far below the quantization noise
-            from .quant_floor import quant_noise_var
-
-            extra_var = quant_noise_var(base, pair.base_name, dt_b, t_side, tuned_name, dt_t, tuple(t_shape),
-                                        win, stop)
-            if extra_var is not None:
-                rec.note = ("rank of the whole change; numerical rank counted above the quantization noise "
-                            "(modelled as uniform within each element's floor)" + (f"; {rec.note}" if rec.note else ""))
+        extra_var = _quant_var(above, base, pair, t_side, tuned_name, t_shape, win, stop) if above else None
+        if extra_var is not None and above is True:
+            rec.note = QUANT_RANK_NOTE + (f"; {rec.note}" if rec.note else "")
         rec.rank = _analyze(raw_b, raw_t, dt_b, dt_t, _ranked_shape(pair, shape_t if tuned_t is None else shape_b),
                             nd, options, backend, extra_var=extra_var)
     if sink is not None:
@@ -1065,6 +1067,29 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
         dsink.close()
     refine_rank(rec, pair, bases, tuned, options, backend)
     return rec
+
+
+#: elements per window of the pass that sums a quantized pair's noise beside its Gram matrix
+_VAR_WINDOW = 1 << 21
+#: the note of a quantized pair's change ranked above the modelled quantization noise
+QUANT_RANK_NOTE = ("rank of the whole change; numerical rank counted above the quantization noise (modelled as "
+                   "uniform within each element's floor)")
+
+
+def _quant_var(above, base: Checkpoint, pair: Pair, t_side, tuned_name: str, t_shape, win: int,
+               stop: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The noise a quantized pair's rank is counted above, beyond the stored dtypes' rounding, summed per row
+    and column: the rounding of a bf16 dequantization (``above`` "rounding": a near-grid change stored wider);
+    else the whole change's quantization noise (the elementwise part above the floor is not low rank even when
+    the change is, and float32 rounding is far below that noise); None when no side gives a floor."""
+    if above == "rounding":
+        from .quant_floor import dequant_rounding_var
+
+        return dequant_rounding_var(base, pair.base_name, win, stop)
+    from .quant_floor import quant_noise_var
+
+    return quant_noise_var(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
+                           tuple(t_shape), win, stop)
 
 
 def _device_solve(dsink, norm_delta_sq: float, options: CompareOptions, backend: Backend) -> Callable[[], RankRecord]:
@@ -1387,11 +1412,10 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         # every statistic and the spectrum are the same for a matrix and its transpose
         base_raw = np.ascontiguousarray(base.read(pair.base_name).reshape(shape).T)
         shape = shape[::-1]
-    elif pair.base_name in (getattr(base, "quant", None) or {}):
-        base_raw = base.read(pair.base_name)            # dequantized whole, as its rows are laid out
     else:
         # read in row blocks, never held whole: an embedding's LoRA or trainable tokens on a 128,256-row table
-        # held 1 GB (bfloat16) mapped beside the rest
+        # held 1 GB (bfloat16) mapped beside the rest; a quantized base weight comes out dequantized, a block of
+        # rows at a time (held whole, a Llama-2-70B MLP matrix under a QLoRA adapter was 940 MB of float32)
         windows = lambda k: base.windows(pair.base_name, k)       # noqa: E731
     fields, rank = analyze_factors(a64, b64, lf.scale, base_raw, pair.dtype_base, shape,
                                    k=options.rank_k, noise_factor=options.thresholds.noise_floor_factor,

@@ -39,7 +39,7 @@ from ..kernels.quant import round_to
 from ..kernels.reference import RECAST_DTYPES, decode
 from ..kernels.reference import round_to as cast_to
 
-__all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "scales_unchecked", "quant_noise_var", "near_grid", "dequant_rounding_var", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "CODES_MOVED_SHARE", "same_scheme", "extremes_differ", "extreme_rounding", "EXTREMES_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
+__all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "scales_unchecked", "quant_noise_var", "near_grid", "dequant_rounding_var", "row_col_sums", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "CODES_MOVED_SHARE", "same_scheme", "extremes_differ", "extreme_rounding", "EXTREMES_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
 
 #: AWQ: share of elements beyond the floor a quantization of the base may leave, beside the group
 #: extremes its clipping search moved (``kernels.quant_floor.clipped_beyond``); AutoAWQ 0.2.9 on a
@@ -604,14 +604,21 @@ def near_grid(side: str, acc: np.ndarray) -> float | None:
     return share if share > NEAR_GRID_SHARE else None
 
 
-def dequant_rounding_var(ck, name: str, window: int, stop: int | None = None) -> np.ndarray:
-    """Per-element variance (flat float64) of the rounding a dequantization done in bf16 may leave in a
-    float copy of quantized tensor ``name``: uniform within ``2^-8 |v|`` (the scale's rounding and the
-    product's), for the rank of a near-grid change stored wider than bf16 (its dtype floor is far below).
-    ``stop``: the first ``stop`` elements only (a resized tensor's shared rows)."""
+def dequant_rounding_var(ck, name: str, window: int, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The rounding a dequantization done in bf16 may leave in a float copy of quantized tensor ``name``, as a
+    per-element variance summed per row and per column (``quant_noise_var``'s form): uniform within
+    ``2^-8 |v|`` (the scale's rounding and the product's), for the rank of a near-grid change stored wider than
+    bf16 (its dtype floor is far below). ``stop``: the first ``stop`` elements only (a resized tensor's shared
+    rows). Streamed, never a per-element array."""
     h = float(CAST_REL)
-    return np.concatenate([(h * np.abs(np.asarray(w, np.float64).reshape(-1))) ** 2 / 3.0
-                           for w in ck.windows(name, window, 0, stop)] or [np.zeros(0)])
+    shape = tuple(ck.tensors[name].shape)
+    return row_col_sums(((h * np.abs(w[a:a + _CHUNK].astype(np.float64))) ** 2 / 3.0
+                         for w in (np.asarray(x).reshape(-1) for x in ck.windows(name, window, 0, stop))
+                         for a in range(0, w.size, _CHUNK)), _rows_of(shape, stop), int(math.prod(shape[1:])))
+
+
+#: elements of a window turned into float64 variances at a time
+_CHUNK = 1 << 20
 
 
 def _scaled(values: np.ndarray, folded: tuple, pos: int, ncols: int, chunk: int = 1 << 20) -> np.ndarray:
@@ -918,12 +925,14 @@ def _first_group(base, bname: str, tuned, tname: str, side: str, ncols: int) -> 
 
 
 def quant_noise_var(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str,
-                    shape: tuple, window: int, stop: int | None = None) -> np.ndarray | None:
-    """Per-element variance (flat float64) of the quantization noise of a pair: each quantized
-    side's error modelled as independent and uniform within its floor ``f``, variance ``f^2 / 3``
-    (both sides quantized: the variances add; a dequantized export: its grid's floor). For the
-    rank analysis of a pair that failed the bound test (``rank.analyze_delta(extra_var=...)``);
-    None when no side gives a floor. A model of the noise, not a bound on it.
+                    shape: tuple, window: int, stop: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The quantization noise of a pair as a per-element variance, summed per row and per column
+    (``rank.analyze_delta``'s ``extra_var``, the only sums its noise floor takes): each quantized side's
+    error modelled as independent and uniform within its floor ``f``, variance ``f^2 / 3`` (both sides
+    quantized: the variances add; a dequantized export: its grid's floor). For the rank analysis of a
+    pair that failed the bound test; None when no side gives a floor. A model of the noise, not a
+    bound on it. Streamed window by window: never a per-element array (at 8192 x 28672 that was 1.9 GB
+    of float64, and as much again for each temporary).
 
     Uniform within half a step ``q / 2`` is the usual ``q^2 / 12``. ``stop``: the first ``stop``
     elements only (a resized tensor's shared rows; ``shape`` is the tuned tensor's whole shape).
@@ -938,13 +947,60 @@ def quant_noise_var(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: 
                 ((base, bname, qb), (tuned, tname, qt)) if q is not None]
     if not its or any(it is None for it in its):
         return None
-    out = None
-    for it in its:
-        f = np.concatenate([np.asarray(w, np.float64).reshape(-1) for w in it] or [np.zeros(0)])
-        # a non-finite floor (a NaN or Inf scale) goes with non-finite values, which the rank reads as 0
-        v = np.where(np.isfinite(f), f * f / 3.0, 0.0)
-        out = v if out is None else out + v
-    return out
+
+    def variances():
+        for ws in zip(*its):            # the sides' windows cover the same elements
+            ws = [np.asarray(w).reshape(-1) for w in ws]
+            for a in range(0, ws[0].size, _CHUNK):      # float64 temporaries of a chunk, not of a window
+                v = None
+                for w in ws:
+                    f = w[a:a + _CHUNK].astype(np.float64)
+                    # a non-finite floor (a NaN or Inf scale) goes with non-finite values, which the rank reads as 0
+                    x = np.where(np.isfinite(f), f * f / 3.0, 0.0)
+                    v = x if v is None else v + x
+                yield v
+
+    return row_col_sums(variances(), _rows_of(shape, stop), int(math.prod(shape[1:])))
+
+
+def _rows_of(shape: tuple, stop: int | None) -> int:
+    n = int(math.prod(shape[1:]))
+    return int(shape[0]) if stop is None else int(stop) // max(n, 1)
+
+
+def row_col_sums(chunks, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row sums, column sums) of an ``m x n`` matrix given as flat float64 chunks in row-major order, of any
+    sizes (whole rows summed a block at a time; a chunk's partial rows element by element).
+
+    >>> r, c = row_col_sums([np.arange(5.0), np.arange(5.0, 6.0)], 2, 3)
+    >>> r.tolist(), c.tolist()
+    ([3.0, 12.0], [3.0, 5.0, 7.0])
+    """
+    rows, cols = np.zeros(m), np.zeros(n)
+    pos = 0
+    for v in chunks:
+        v = np.asarray(v, np.float64).reshape(-1)
+        k, i = v.size, 0
+        if pos + k > m * n:
+            raise ValueError(f"{pos + k} elements for a {m} x {n} matrix")
+        while i < k:
+            r, c = divmod(pos + i, n)
+            if c or k - i < n:                  # the rest of a row begun, or a row this chunk ends inside
+                take = min(n - c, k - i)
+                seg = v[i:i + take]
+                rows[r] += seg.sum()
+                cols[c:c + take] += seg
+                i += take
+            else:
+                full = (k - i) // n
+                blk = v[i:i + full * n].reshape(full, n)
+                rows[r:r + full] += blk.sum(axis=1)
+                cols += blk.sum(axis=0)
+                i += full * n
+        pos += k
+    if pos != m * n:
+        raise ValueError(f"{pos} elements for a {m} x {n} matrix")
+    return rows, cols
 
 
 #: rows sampled to recognise a dequantized export, and the shortest row worth testing

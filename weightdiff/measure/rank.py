@@ -231,6 +231,10 @@ def _record(s: np.ndarray, method: str, norm_sq: float, shape2: tuple[int, int],
         extra=extra, bounds=fields["bounds"], estimated=fields["estimated"])
 
 
+#: ``rank.extra["note_noise"]`` of a rank counted above a modelled quantization noise
+NOISE_NOTE = "numerical rank counted above the quantization noise, modelled as uniform within each element's floor"
+
+
 def analyze_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, dtype_tuned: str,
                   shape: tuple[int, ...], norm_delta_sq: float, *, k: int = 64, seed: int = 0,
                   exact_max: int = DEFAULT_EXACT_MAX, backend: Backend | None = None, noise_factor: float = 1.5,
@@ -266,8 +270,7 @@ def analyze_delta(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str, 
     extra: dict = {"noise_rms": rms}
     if extra_var is not None:
         extra["noise_model"] = "quantization"
-        extra["note_noise"] = ("numerical rank counted above the quantization noise, modelled as uniform "
-                               "within each element's floor")
+        extra["note_noise"] = NOISE_NOTE
     if copied:
         extra["note_copy"] = COPY_NOTE
     if not (norm_delta_sq >= 0 and math.isfinite(norm_delta_sq)):

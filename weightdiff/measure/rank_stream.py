@@ -35,7 +35,8 @@ from ..kernels.dtypes import DTYPES
 from ..records import RankRecord
 from .heap import trim_heap
 from .spill import scratch_dir
-from .rank import _UINT, COPY_NOTE, _bits, _variance_table, copy_noise, copy_rounds, noise_floor, noise_kernel
+from .rank import (_UINT, COPY_NOTE, NOISE_NOTE, _bits, _explained, _var_sums, _variance_table, copy_noise,
+                   copy_rounds, noise_floor, noise_kernel)
 
 __all__ = ["DeltaGram", "RankSink", "streamed_rank_sink", "float_matrix", "KEEP_BYTES", "BLOCK_BYTES"]
 
@@ -208,22 +209,43 @@ class DeltaGram:
             self._file = None
 
     # -- the record ----------------------------------------------------------------------
-    def finish(self, norm_delta_sq: float, noise_factor: float, k: int) -> RankRecord:
+    def finish(self, norm_delta_sq: float, noise_factor: float, k: int,
+               extra_var: tuple[np.ndarray, np.ndarray] | None = None) -> RankRecord:
         """The ``rank`` block (method ``"gram"``): the full spectrum, with ``numerical_rank``
-        certified (or bracketed, see ``kernels.gram``). Frees everything."""
+        certified (or bracketed, see ``kernels.gram``). Frees everything.
+
+        ``extra_var``: noise beyond the stored dtypes' rounding, as per-element variance summed per row and
+        per column (a quantized side's: ``measure.quant_floor.quant_noise_var``), added to the floor as
+        ``rank.analyze_delta`` adds it, with the same record fields (``noise_model``,
+        ``residual_energy_ratio``)."""
         m, n = self.shape2
         if self.pos != m * n:
             raise ValueError(f"fed {self.pos} of {m * n} elements")
-        r = min(m, n)
         if self.active and self._fill:
             self._flush()          # (its rows' copy noise before the floor is taken)
         rows_v, cols_v = self.rows[0] + self.rows[1], self.cols[0] + self.cols[1]
+        if extra_var is not None:
+            er, ec = _var_sums(extra_var, self.shape2)
+            rows_v, cols_v = rows_v + er, cols_v + ec
         if self.copied and self.active:
             rows_v, cols_v = rows_v + self.copy_rows, cols_v + self.copy_cols
         floor, rms = noise_floor(rows_v, cols_v)
         extra: dict = {"noise_rms": rms}
+        if extra_var is not None:
+            extra["noise_model"] = "quantization"
+            extra["note_noise"] = NOISE_NOTE
         if self.copied and self.active:
             extra["note_copy"] = COPY_NOTE
+        rec = self._finish(norm_delta_sq, noise_factor, k, floor, extra)
+        if extra_var is not None:
+            total = norm_delta_sq if norm_delta_sq >= 0 and math.isfinite(norm_delta_sq) else \
+                float(np.sum(np.square(rec.spectrum)))
+            _explained(rec, total, float(rows_v.sum()))
+        return rec
+
+    def _finish(self, norm_delta_sq: float, noise_factor: float, k: int, floor: float, extra: dict) -> RankRecord:
+        m, n = self.shape2
+        r = min(m, n)
         if self.active:
             self._buf = None        # (64 MB, not needed past the last flush: not beside the wide Gram and its solve)
             trim_heap()
