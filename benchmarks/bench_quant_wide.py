@@ -1,0 +1,150 @@
+"""Peak memory and time of quantized comparisons at 70B widths (issue 15: at most 1 GB for 8192 x 28672 matrices,
+whatever the rank method), next to the plain bf16 pair of the same shape in the same run.
+
+    nice python benchmarks/bench_quant_wide.py [--shape 28672x8192] [--dir /tmp/wd-quant-wide] [--runs plain,fp8,gguf,lora]
+
+Writes one bf16 base matrix (``model.layers.0.mlp.up_proj.weight``) and a fine-tune of it (the base plus a
+rank-4 update of relative size 5e-2), then each tuned side:
+
+- ``plain``: the fine-tune in bf16 (the baseline: the streamed Gram path every float pair takes);
+- ``fp8``: the fine-tune quantized to FP8 e4m3 with 128 x 128 block scales (DeepSeek-V3's and Qwen's FP8 builds:
+  ``weight`` F8_E4M3 and ``weight_scale_inv``), so the pair is floor-tested and its change ranked above the
+  modelled quantization noise;
+- ``gguf``: the fine-tune as a GGUF Q8_0 (gguf-py's own quantizer and writer);
+- ``lora``: a PEFT LoRA (r = 16) on the FP8 base, whose factor path reads the dequantized base weight.
+
+Each ``weightdiff compare BASE TUNED --json`` runs in a fresh subprocess; reported: wall time, peak RSS
+(``VmHWM``), the tensor's numerical rank and whether it is exact, and wall and peak as multiples of the plain
+pair's. Generating the files takes about a minute and 2.2 GB of disk at the default shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+NAME = "model.layers.0.mlp.up_proj"
+
+CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from weightdiff.cli import main
+try:
+    main({argv!r}, standalone_mode=False)
+except SystemExit:
+    pass
+# VmHWM, not ru_maxrss: a child forked from the generator's 8 GB process reports that as its maxrss
+hwm = [int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")]
+print("BENCH " + json.dumps({{"seconds": time.perf_counter() - t0,
+      "peak_rss_mb": (hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024}}), file=sys.stderr)
+"""
+
+
+def make(folder: Path, m: int, n: int, runs: list[str]) -> None:
+    import numpy as np
+
+    from weightdiff.io.safetensors_write import save_file, to_storage
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((m, n), dtype=np.float32) * np.float32(0.02)
+    for side in ("base", "plain", "fp8"):
+        (folder / side).mkdir(parents=True, exist_ok=True)
+    save_file(folder / "base" / "model.safetensors", {NAME + ".weight": ("BF16", to_storage(w, "BF16"))})
+    d = rng.standard_normal((m, 4), dtype=np.float32) @ rng.standard_normal((4, n), dtype=np.float32)
+    w += d * np.float32(0.05 * np.linalg.norm(w) / np.linalg.norm(d))
+    del d
+    if "plain" in runs:
+        save_file(folder / "plain" / "model.safetensors", {NAME + ".weight": ("BF16", to_storage(w, "BF16"))})
+    if "fp8" in runs or "lora" in runs:
+        # 128 x 128 block scales as DeepSeek-V3's FP8 checkpoints store them (weight_scale_inv: value = code x scale)
+        bm, bn = -(-m // 128), -(-n // 128)
+        pad = np.zeros((bm * 128, bn * 128), np.float32)
+        pad[:m, :n] = w
+        blocks = pad.reshape(bm, 128, bn, 128)
+        scale = (np.abs(blocks).max(axis=(1, 3)) / 448.0).astype(np.float32)
+        scale[scale == 0] = 1.0
+        codes = np.empty((m, n), np.uint8)
+        for r0 in range(0, m, 4096):             # a slab at a time: the codes' temporaries stay small
+            r1 = min(m, r0 + 4096)
+            s = np.repeat(np.repeat(scale[r0 // 128:-(-r1 // 128)], 128, axis=0), 128, axis=1)
+            s = s[r0 - (r0 // 128) * 128:r0 - (r0 // 128) * 128 + (r1 - r0), :n]
+            codes[r0:r1] = to_storage((w[r0:r1] / s).reshape(-1), "F8_E4M3").reshape(r1 - r0, n)
+        del pad, blocks
+        save_file(folder / "fp8" / "model.safetensors", {NAME + ".weight": ("F8_E4M3", codes),
+                                                         NAME + ".weight_scale_inv": ("F32", scale)})
+        (folder / "fp8" / "config.json").write_text(json.dumps({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e4m3",
+                                    "activation_scheme": "dynamic"}}))
+    if "gguf" in runs:
+        import gguf
+        from gguf.quants import quantize
+
+        q = quantize(w, gguf.GGMLQuantizationType.Q8_0)
+        wr = gguf.GGUFWriter(str(folder / "tuned-Q8_0.gguf"), "llama")
+        wr.add_block_count(1)
+        wr.add_tensor("blk.0.ffn_up.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        wr.write_header_to_file()
+        wr.write_kv_data_to_file()
+        wr.write_tensors_to_file()
+        wr.close()
+    if "lora" in runs:
+        ad = folder / "lora"
+        ad.mkdir(exist_ok=True)
+        save_file(ad / "adapter_model.safetensors", {
+            f"base_model.model.{NAME}.lora_A.weight": rng.standard_normal((16, n), dtype=np.float32) * np.float32(0.01),
+            f"base_model.model.{NAME}.lora_B.weight": rng.standard_normal((m, 16), dtype=np.float32) * np.float32(0.01)})
+        (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32,
+                                                            "target_modules": ["up_proj"]}))
+
+
+def run(argv: list[str]) -> dict:
+    p = subprocess.run([sys.executable, "-c", CHILD.format(argv=argv)], capture_output=True, text=True)
+    line = [x for x in p.stderr.splitlines() if x.startswith("BENCH ")]
+    if not line:
+        raise SystemExit(p.stderr[-2000:])
+    return json.loads(line[-1][6:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="28672x8192")
+    ap.add_argument("--dir", default="/tmp/wd-quant-wide")
+    ap.add_argument("--runs", default="plain,fp8,gguf,lora")
+    ap.add_argument("--keep", action="store_true", help="reuse the files of an earlier run in --dir")
+    a = ap.parse_args()
+    m, n = (int(v) for v in a.shape.split("x"))
+    runs = a.runs.split(",")
+    folder = Path(a.dir)
+    if not (a.keep and (folder / "base").exists()):
+        make(folder, m, n, runs)
+    tuned = {"plain": folder / "plain", "fp8": folder / "fp8", "gguf": folder / "tuned-Q8_0.gguf",
+             "lora": folder / "lora"}
+    rows = []
+    for kind in runs:
+        base = folder / ("fp8" if kind == "lora" else "base")
+        out = folder / f"{kind}.json"
+        r = run(["compare", str(base), str(tuned[kind]), "--json", str(out), "--quiet"])
+        t = json.loads(out.read_text())["tensors"][0]
+        rank = t.get("rank") or {}
+        r.update(kind=kind, numerical_rank=rank.get("numerical_rank"), exact=rank.get("exact"),
+                 method=rank.get("method"), bounds=(rank.get("bounds") or {}).get("numerical_rank"))
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    ref = next((r for r in rows if r["kind"] == "plain"), None)
+    print(f"\n{m} x {n}, one matrix a side")
+    print("| tuned side | wall | peak RSS | wall / plain | peak / plain | numerical rank |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        rank = "-" if r["numerical_rank"] is None else (
+            f"{r['numerical_rank']}" + (" (exact)" if r["exact"] else f" in {r['bounds']}") + f", {r['method']}")
+        rel = (f"{r['seconds'] / ref['seconds']:.2f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if ref else "- | -")
+        print(f"| {r['kind']} | {r['seconds']:.1f} s | {r['peak_rss_mb']:.0f} MB | {rel} | {rank} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
