@@ -1,7 +1,7 @@
 """Peak memory and time of quantized comparisons at 70B widths (issue 15: at most 1 GB for 8192 x 28672 matrices,
 whatever the rank method), next to the plain bf16 pair of the same shape in the same run.
 
-    nice python benchmarks/bench_quant_wide.py [--shape 28672x8192] [--dir /tmp/wd-quant-wide] [--runs plain,fp8,gguf,lora]
+    nice python benchmarks/bench_quant_wide.py [--shape 28672x8192] [--dir /tmp/wd-quant-wide] [--runs plain,fp8,gguf,gptq,lora]
 
 Writes one bf16 base matrix (``model.layers.0.mlp.up_proj.weight``) and a fine-tune of it (the base plus a
 rank-4 update of relative size 5e-2), then each tuned side:
@@ -11,6 +11,8 @@ rank-4 update of relative size 5e-2), then each tuned side:
   ``weight`` F8_E4M3 and ``weight_scale_inv``), so the pair is floor-tested and its change ranked above the
   modelled quantization noise;
 - ``gguf``: the fine-tune as a GGUF Q8_0 (gguf-py's own quantizer and writer);
+- ``gptq``: the fine-tune as AutoGPTQ packs it (4 bits, groups of 128, asymmetric; ``tests/quant_packers.gptq_pack``,
+  a transcription of AutoGPTQ's ``QuantLinear.pack``), so the floor test is GPTQ's first-group one;
 - ``lora``: a PEFT LoRA (r = 16) on the FP8 base, whose factor path reads the dequantized base weight.
 
 Each ``weightdiff compare BASE TUNED --json`` runs in a fresh subprocess; reported: wall time, peak RSS
@@ -91,6 +93,21 @@ def make(folder: Path, m: int, n: int, runs: list[str]) -> None:
         wr.write_kv_data_to_file()
         wr.write_tensors_to_file()
         wr.close()
+    if "gptq" in runs:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        import quant_packers
+        from safetensors.numpy import save_file as st_save
+
+        g_idx = (np.arange(n) // 128).astype(np.int32)
+        qw, qz, sc, _ = quant_packers.gptq_pack(w, g_idx, 4, True)
+        (folder / "gptq").mkdir(exist_ok=True)
+        st_save({NAME + ".qweight": qw, NAME + ".qzeros": qz, NAME + ".scales": sc, NAME + ".g_idx": g_idx},
+                str(folder / "gptq" / "model.safetensors"))
+        (folder / "gptq" / "config.json").write_text(json.dumps({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                                    "sym": False, "checkpoint_format": "gptq"}}))
+        del qw, qz, sc, _
     if "lora" in runs:
         ad = folder / "lora"
         ad.mkdir(exist_ok=True)
@@ -113,7 +130,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="28672x8192")
     ap.add_argument("--dir", default="/tmp/wd-quant-wide")
-    ap.add_argument("--runs", default="plain,fp8,gguf,lora")
+    ap.add_argument("--runs", default="plain,fp8,gguf,gptq,lora")
     ap.add_argument("--keep", action="store_true", help="reuse the files of an earlier run in --dir")
     a = ap.parse_args()
     m, n = (int(v) for v in a.shape.split("x"))
@@ -122,7 +139,7 @@ def main() -> int:
     if not (a.keep and (folder / "base").exists()):
         make(folder, m, n, runs)
     tuned = {"plain": folder / "plain", "fp8": folder / "fp8", "gguf": folder / "tuned-Q8_0.gguf",
-             "lora": folder / "lora"}
+             "gptq": folder / "gptq", "lora": folder / "lora"}
     rows = []
     for kind in runs:
         base = folder / ("fp8" if kind == "lora" else "base")

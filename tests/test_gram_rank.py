@@ -102,13 +102,20 @@ def test_streamed_rank_matches_the_whole_matrix_analysis(rng, shape, keep):
     m, n = shape
     base, tuned, nd2 = merged_pair(rng, "BF16", m=m, n=n)
     want = rank.analyze_delta(base, tuned, "BF16", "BF16", shape, nd2, exact_max=4096)
-    g = DeltaGram(shape, "BF16", "BF16", keep_bytes=keep)
-    g.activate()
-    fb, ft = base.reshape(-1), tuned.reshape(-1)
-    for p in range(0, fb.size, 50_001):           # windows that cut rows anywhere
-        g.feed(fb[p:p + 50_001], ft[p:p + 50_001], True)
-    assert g.spilled == (keep == 0 and m < n)
-    got = g.finish(nd2, 1.5, 64)
+    got = []
+    for early in (False, True):     # the row buffer let go when the stream ends (end_of_stream), or at finish
+        g = DeltaGram(shape, "BF16", "BF16", keep_bytes=keep)
+        g.activate()
+        fb, ft = base.reshape(-1), tuned.reshape(-1)
+        for p in range(0, fb.size, 50_001):           # windows that cut rows anywhere
+            g.feed(fb[p:p + 50_001], ft[p:p + 50_001], True)
+        assert g.spilled == (keep == 0 and m < n)
+        if early:
+            g.end_of_stream()
+            assert g._buf is None
+        got.append(g.finish(nd2, 1.5, 64))
+    assert got[0] == got[1]
+    got = got[0]
     assert got.method == "gram" and got.exact and not got.bounds
     assert got.numerical_rank == want.numerical_rank == 8
     assert got.energy_rank_99 == want.energy_rank_99

@@ -890,6 +890,8 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
         else:
             stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
                                   pair.dtype_tuned, stop, on_window, floors, sink, dsink, win)
+            if sink is not None:
+                sink.gram.end_of_stream()
             if not opaque:
                 rec.rounding_floor = floors.result()
     if pre is None or opaque:

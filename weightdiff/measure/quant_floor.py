@@ -639,7 +639,7 @@ def _scaled(values: np.ndarray, folded: tuple, pos: int, ncols: int, chunk: int 
 #: (min/max of the group's weights): 1.0 on GPTQModel 7.7's files of an unchanged base, 0.44-0.57 on a
 #: rank-4 fine-tune of relative size 1e-2 at 256 rows, 0.996 on one of 1e-4
 SCALE_MATCH_SHARE = 0.95
-SCALE_ROWS = 1024                 # rows of the plain side read at a time
+SCALE_ROWS = 256                 # rows of the plain side read at a time
 
 
 def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, side: str,

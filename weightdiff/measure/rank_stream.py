@@ -162,6 +162,14 @@ class DeltaGram:
                 self._flush()
         self.fed += int(size)
 
+    def end_of_stream(self) -> None:
+        """The stats pass has fed every window: the last rows summed and the row buffer (64 MB) let go now, not
+        at ``finish``, so that what runs between (the floor test of a quantized pair, its noise sums) does not
+        hold it beside the Gram matrix."""
+        if self.active and self._fill:
+            self._flush()
+        self._buf = None
+
     def _flush(self) -> None:
         n = self.shape2[1]
         rows = self._fill // n
