@@ -13,7 +13,10 @@ rank-4 update of relative size 5e-2), then each tuned side:
 - ``gguf``: the fine-tune as a GGUF Q8_0 (gguf-py's own quantizer and writer);
 - ``gptq``: the fine-tune as AutoGPTQ packs it (4 bits, groups of 128, asymmetric; ``tests/quant_packers.gptq_pack``,
   a transcription of AutoGPTQ's ``QuantLinear.pack``), so the floor test is GPTQ's first-group one;
-- ``lora``: a PEFT LoRA (r = 16) on the FP8 base, whose factor path reads the dequantized base weight.
+- ``lora``: a PEFT LoRA (r = 16) on the FP8 base, whose factor path reads the dequantized base weight;
+- any name of ``tests/test_quant_checkpoint.BUILDERS`` (``awq``, ``ct-pack-int4``, ``ct-int8``, ``bnb-int8``, ...):
+  the fine-tune packed by that test builder (AutoAWQ's, compressed-tensors' and bitsandbytes' layouts, transcribed
+  in ``tests/quant_packers.py``); ``bnb-nf4-nested`` needs about 16 GB to build at the default shape.
 
 Each ``weightdiff compare BASE TUNED --json`` runs in a fresh subprocess; reported: wall time, peak RSS
 (``VmHWM``), the tensor's numerical rank and whether it is exact, and wall and peak as multiples of the plain
@@ -108,6 +111,17 @@ def make(folder: Path, m: int, n: int, runs: list[str]) -> None:
             "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
                                     "sym": False, "checkpoint_format": "gptq"}}))
         del qw, qz, sc, _
+    builders = [r for r in runs if r not in ("plain", "fp8", "gguf", "gptq", "lora")]
+    if builders:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        import test_quant_checkpoint as T
+
+        T.LINEARS, T.OUT, T.IN = [NAME], m, n
+        for kind in builders:
+            stored, qc, _ = T.BUILDERS[kind]({NAME + ".weight": w})
+            del _
+            T._save(folder / kind, stored, qc)
+            del stored
     if "lora" in runs:
         ad = folder / "lora"
         ad.mkdir(exist_ok=True)
@@ -140,6 +154,7 @@ def main() -> int:
         make(folder, m, n, runs)
     tuned = {"plain": folder / "plain", "fp8": folder / "fp8", "gguf": folder / "tuned-Q8_0.gguf",
              "gptq": folder / "gptq", "lora": folder / "lora"}
+    tuned.update({r: folder / r for r in runs if r not in tuned})
     rows = []
     for kind in runs:
         base = folder / ("fp8" if kind == "lora" else "base")

@@ -869,8 +869,8 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
     win = window_elements(pair.dtype_base, pair.dtype_tuned)
     if pair.base_name in (getattr(base, "quant", None) or ()) or tuned_name in (getattr(tuned, "quant", None) or ()):
         # a quantized side comes out as float32 values and floors, a block of rows dequantized with its
-        # temporaries: a quarter of the window, so that at 70B widths they stay small beside the Gram matrix
-        win //= 4
+        # temporaries: an eighth of the window (2M elements), small beside the Gram matrix at 70B widths
+        win //= 8
     floors = FloorAccumulator() if pre is None else None
     if pair.transposed:
         # content pairing found the tuned matrix stored transposed (ONNX MatMul initializers):

@@ -674,39 +674,50 @@ def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_
     starts = np.concatenate([[0], np.cumsum([np.count_nonzero(g == k) for k in groups])[:-1]])
     maxq = (1 << src.bits) - 1
     reads = ("", "BF16", "F16")
-    lo = {r: np.empty((len(groups), m), np.float32) for r in reads}
-    hi = {r: np.empty((len(groups), m), np.float32) for r in reads}
+    # per read, how many rows of each candidate group have their stored scale and zero point back: counted a block of
+    # rows at a time (every group's extremes of every row held at once were 350 MB at 28672 x 8192 in groups of 32)
+    counts = {r: np.zeros(len(groups), np.int64) for r in reads}
     for r0 in range(0, m, SCALE_ROWS):
         r1 = min(m, r0 + SCALE_ROWS)
         x = np.asarray(decode(pck.read_rows(pname, np.arange(r0, r1)), pdtype), np.float32).reshape(r1 - r0, n)
         x = x[:, order]
+        s_st, z_st = scales[groups, r0:r1], zeros[groups, r0:r1]
         for r in reads:
             xr = x if not r else round_to(x, r)
-            lo[r][:, r0:r1] = np.minimum.reduceat(xr, starts, axis=1).T
-            hi[r][:, r0:r1] = np.maximum.reduceat(xr, starts, axis=1).T
+            lo = np.minimum.reduceat(xr, starts, axis=1).T
+            hi = np.maximum.reduceat(xr, starts, axis=1).T
+            counts[r] += _scales_back(src, pck, lo, hi, s_st, z_st, maxq, every).sum(axis=1)
     best = 0.0
     for r in reads:
-        if every:
-            # the weights' dtype computes (bf16: two roundings), or float32 with the scale rounded once on saving
-            ways = [_ct_params(lo[r], hi[r], maxq, bool(src.sym), src.sdtype)]
-            if not src.sym and src.sdtype in ("BF16", "F16"):
-                ways.append(_ct_params(lo[r], hi[r], maxq, False, src.sdtype, once=True))
+        if every and m:
+            best = max(best, float(counts[r].sum() / (len(groups) * m)))
         else:
-            s, z = _minmax_params(lo[r], hi[r], maxq, bool(src.sym))
-            ways = [(round_to(s, src.sdtype) if src.sdtype in ("BF16", "F16") else s, z)]
-        s_st = scales[groups, :m]
-        ok = None
-        for s_r, z in ways:
-            # compressed-tensors divides in the weights' dtype, one rounding of the float32 quotient as here:
-            # its scales come back exactly (a dense change of relative size 1e-2 moves a group's largest value
-            # by a fraction of an ulp of bf16 and left 99% within two ulps, 53-60% equal)
-            tol = (_ulp(s_r, src.sdtype) if getattr(pck, "reconstructed", False) else 0) if every \
-                else 2 * _ulp(s_r, src.sdtype)
-            this = (np.abs(s_st - s_r) <= tol) & (np.abs(zeros[groups, :m] - z) <= 1)
-            ok = this if ok is None else ok | this
-        per = ok.mean(axis=1) if m else np.zeros(len(groups))
-        best = max(best, float(ok.mean()) if every and m else float(per.max()))
+            best = max(best, float((counts[r] / m).max()) if m else 0.0)
     return best
+
+
+def _scales_back(src, pck, lo: np.ndarray, hi: np.ndarray, s_st: np.ndarray, z_st: np.ndarray, maxq: int,
+                 every: bool) -> np.ndarray:
+    """``first_group_scales``' test of a block of rows: [groups, rows], whether the stored scale and zero point are
+    what the quantizer gives from those rows' extremes ``lo``, ``hi`` (each way it may have computed them)."""
+    if every:
+        # the weights' dtype computes (bf16: two roundings), or float32 with the scale rounded once on saving
+        ways = [_ct_params(lo, hi, maxq, bool(src.sym), src.sdtype)]
+        if not src.sym and src.sdtype in ("BF16", "F16"):
+            ways.append(_ct_params(lo, hi, maxq, False, src.sdtype, once=True))
+    else:
+        s, z = _minmax_params(lo, hi, maxq, bool(src.sym))
+        ways = [(round_to(s, src.sdtype) if src.sdtype in ("BF16", "F16") else s, z)]
+    ok = None
+    for s_r, z in ways:
+        # compressed-tensors divides in the weights' dtype, one rounding of the float32 quotient as here:
+        # its scales come back exactly (a dense change of relative size 1e-2 moves a group's largest value
+        # by a fraction of an ulp of bf16 and left 99% within two ulps, 53-60% equal)
+        tol = (_ulp(s_r, src.sdtype) if getattr(pck, "reconstructed", False) else 0) if every \
+            else 2 * _ulp(s_r, src.sdtype)
+        this = (np.abs(s_st - s_r) <= tol) & (np.abs(z_st - z) <= 1)
+        ok = this if ok is None else ok | this
+    return ok
 
 
 #: how much larger than a quantizer of the weights picks a stored scale may be (``scale_excess``): absmax and
