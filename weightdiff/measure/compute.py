@@ -1024,9 +1024,9 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
         extra_var = None
         if above:
             # a quantized side: the Gram matrix the stats pass summed, with the floor raised by the modelled
-            # quantization noise (summed per row and column in one more pass over the floors, no matrix read
-            # whole: at 8192 x 28672 both sides and the noise held whole peaked at 9.9 GB)
-            # (in windows of at most 2M elements: the sources' dequantized blocks beside the Gram's 537 MB)
+            # quantization noise, summed per row and column in one more pass over the floors in windows of at most
+            # 2M elements (a GGUF's too), beside the Gram's 537 MB at 70B widths; no matrix read whole (both sides
+            # and the noise held whole took an 8192 x 28672 FP8 or GGUF pair to 7.7 GB)
             extra_var = _quant_var(above, base, pair, t_side, tuned_name, t_shape, min(win, _VAR_WINDOW), stop)
             if extra_var is not None and above is True:
                 rec.note = QUANT_RANK_NOTE + (f"; {rec.note}" if rec.note else "")
