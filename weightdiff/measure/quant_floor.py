@@ -612,13 +612,21 @@ def dequant_rounding_var(ck, name: str, window: int, stop: int | None = None) ->
     rows). Streamed, never a per-element array."""
     h = float(CAST_REL)
     shape = tuple(ck.tensors[name].shape)
-    return row_col_sums(((h * np.abs(w[a:a + _CHUNK].astype(np.float64))) ** 2 / 3.0
-                         for w in (np.asarray(x).reshape(-1) for x in ck.windows(name, window, 0, stop))
-                         for a in range(0, w.size, _CHUNK)), _rows_of(shape, stop), int(math.prod(shape[1:])))
+    return row_col_sums(((h * np.abs(f)) ** 2 / 3.0 for (f,) in _f64_chunks([ck.windows(name, window, 0, stop)])),
+                        _rows_of(shape, stop), int(math.prod(shape[1:])))
 
 
-#: elements of a window turned into float64 variances at a time
+#: elements of a window turned into float64 at a time (the noise sums' temporaries are of a chunk, not a window)
 _CHUNK = 1 << 20
+
+
+def _f64_chunks(its: list):
+    """Float64 copies of ``_CHUNK`` elements at a time of windows that cover the same elements, one per iterator of
+    ``its``, as tuples (the windows themselves may be far larger)."""
+    for ws in zip(*its):
+        ws = [np.asarray(w).reshape(-1) for w in ws]
+        for a in range(0, ws[0].size, _CHUNK):
+            yield tuple(w[a:a + _CHUNK].astype(np.float64) for w in ws)
 
 
 def _scaled(values: np.ndarray, folded: tuple, pos: int, ncols: int, chunk: int = 1 << 20) -> np.ndarray:
@@ -639,7 +647,7 @@ def _scaled(values: np.ndarray, folded: tuple, pos: int, ncols: int, chunk: int 
 #: (min/max of the group's weights): 1.0 on GPTQModel 7.7's files of an unchanged base, 0.44-0.57 on a
 #: rank-4 fine-tune of relative size 1e-2 at 256 rows, 0.996 on one of 1e-4
 SCALE_MATCH_SHARE = 0.95
-SCALE_ROWS = 256                 # rows of the plain side read at a time
+SCALE_ROWS = 256                  # rows of the plain side read at a time
 
 
 def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, side: str,
@@ -960,16 +968,9 @@ def quant_noise_var(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: 
         return None
 
     def variances():
-        for ws in zip(*its):            # the sides' windows cover the same elements
-            ws = [np.asarray(w).reshape(-1) for w in ws]
-            for a in range(0, ws[0].size, _CHUNK):      # float64 temporaries of a chunk, not of a window
-                v = None
-                for w in ws:
-                    f = w[a:a + _CHUNK].astype(np.float64)
-                    # a non-finite floor (a NaN or Inf scale) goes with non-finite values, which the rank reads as 0
-                    x = np.where(np.isfinite(f), f * f / 3.0, 0.0)
-                    v = x if v is None else v + x
-                yield v
+        for fs in _f64_chunks(its):     # the sides' floors, element by element
+            # a non-finite floor (a NaN or Inf scale) goes with non-finite values, which the rank reads as 0
+            yield sum(np.where(np.isfinite(f), f * f / 3.0, 0.0) for f in fs)
 
     return row_col_sums(variances(), _rows_of(shape, stop), int(math.prod(shape[1:])))
 

@@ -229,8 +229,7 @@ class DeltaGram:
         m, n = self.shape2
         if self.pos != m * n:
             raise ValueError(f"fed {self.pos} of {m * n} elements")
-        if self.active and self._fill:
-            self._flush()          # (its rows' copy noise before the floor is taken)
+        self.end_of_stream()       # (the last rows' copy noise before the floor is taken)
         rows_v, cols_v = self.rows[0] + self.rows[1], self.cols[0] + self.cols[1]
         if extra_var is not None:
             er, ec = _var_sums(extra_var, self.shape2)
@@ -245,18 +244,15 @@ class DeltaGram:
         if self.copied and self.active:
             extra["note_copy"] = COPY_NOTE
         rec = self._finish(norm_delta_sq, noise_factor, k, floor, extra)
-        if extra_var is not None:
-            total = norm_delta_sq if norm_delta_sq >= 0 and math.isfinite(norm_delta_sq) else \
-                float(np.sum(np.square(rec.spectrum)))
-            _explained(rec, total, float(rows_v.sum()))
+        if extra_var is not None:       # (a norm that is not finite: the noise explains nothing, as there)
+            _explained(rec, norm_delta_sq, float(rows_v.sum()))
         return rec
 
     def _finish(self, norm_delta_sq: float, noise_factor: float, k: int, floor: float, extra: dict) -> RankRecord:
         m, n = self.shape2
         r = min(m, n)
         if self.active:
-            self._buf = None        # (64 MB, not needed past the last flush: not beside the wide Gram and its solve)
-            trim_heap()
+            trim_heap()             # (the row buffer went with end_of_stream: not beside the wide Gram and its solve)
             if not self.tall:
                 self._wide_gram()
             acc = self._acc
