@@ -14,6 +14,12 @@ rank-4 update of relative size 5e-2), then each tuned side:
 - ``gptq``: the fine-tune as AutoGPTQ packs it (4 bits, groups of 128, asymmetric; ``tests/quant_packers.gptq_pack``,
   a transcription of AutoGPTQ's ``QuantLinear.pack``), so the floor test is GPTQ's first-group one;
 - ``lora``: a PEFT LoRA (r = 16) on the FP8 base, whose factor path reads the dequantized base weight;
+- ``oft``, ``boft``, ``ia3``: PEFT adapters on the bf16 base whose change is dense (OFT's inputs rotated in blocks
+  of 32; BOFT's the same with one butterfly factor and a scale per output; IA3's vector scaling the inputs), so each
+  is measured merged, as ``merge_and_unload`` gives it, through the streamed Gram path of a plain pair;
+- ``embed``: a LoRA (r = 16) on a Llama-3-sized embedding (128,256 rows of the shape's second width, bf16; its own
+  base) whose vocabulary the fine-tune grew by 8 rows, so PEFT saves the resized table as the module's base layer
+  and the merge is that table plus the factors' product (``--shape 28672x4096``: Llama 3 8B's table);
 - any name of ``tests/test_quant_checkpoint.BUILDERS`` (``awq``, ``ct-pack-int4``, ``ct-int8``, ``bnb-int8``, ...):
   the fine-tune packed by that test builder (AutoAWQ's, compressed-tensors' and bitsandbytes' layouts, transcribed
   in ``tests/quant_packers.py``); ``bnb-nf4-nested`` needs about 16 GB to build at the default shape.
@@ -111,7 +117,7 @@ def make(folder: Path, m: int, n: int, runs: list[str]) -> None:
             "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
                                     "sym": False, "checkpoint_format": "gptq"}}))
         del qw, qz, sc, _
-    builders = [r for r in runs if r not in ("plain", "fp8", "gguf", "gptq", "lora")]
+    builders = [r for r in runs if r not in ("plain", "fp8", "gguf", "gptq", "lora", "embed") + ADAPTERS]
     if builders:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         import test_quant_checkpoint as T
@@ -130,6 +136,65 @@ def make(folder: Path, m: int, n: int, runs: list[str]) -> None:
             f"base_model.model.{NAME}.lora_B.weight": rng.standard_normal((m, 16), dtype=np.float32) * np.float32(0.01)})
         (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32,
                                                             "target_modules": ["up_proj"]}))
+    for kind in (r for r in runs if r in ADAPTERS):
+        _dense_adapter(folder / kind, kind, m, n, rng)
+    if "embed" in runs:
+        _embedding(folder, n, rng)
+
+
+#: Llama 3's vocabulary, and the rows the fine-tune of the ``embed`` run adds to it
+VOCAB, ADDED = 128256, 8
+EMBED = "model.embed_tokens"
+
+
+def _embedding(folder: Path, n: int, rng) -> None:
+    """The ``embed`` run's base (a bf16 table of VOCAB x n) and its LoRA adapter, whose saved base layer is the table
+    with ADDED rows more, written a slab of rows at a time."""
+    import numpy as np
+
+    from weightdiff.io.safetensors_write import save_file, to_storage
+
+    table = np.empty((VOCAB + ADDED, n), np.uint16)
+    for r0 in range(0, VOCAB + ADDED, 8192):
+        r1 = min(VOCAB + ADDED, r0 + 8192)
+        table[r0:r1] = to_storage(rng.standard_normal((r1 - r0, n), dtype=np.float32) * np.float32(0.02), "BF16")
+    (folder / "embed-base").mkdir(parents=True, exist_ok=True)
+    save_file(folder / "embed-base" / "model.safetensors", {EMBED + ".weight": ("BF16", table[:VOCAB])})
+    ad = folder / "embed"
+    ad.mkdir(exist_ok=True)
+    pre = f"base_model.model.{EMBED}."
+    save_file(ad / "adapter_model.safetensors", {
+        pre + "base_layer.weight": ("BF16", table),
+        pre + "lora_embedding_A": rng.standard_normal((16, VOCAB + ADDED), dtype=np.float32) * np.float32(0.01),
+        pre + "lora_embedding_B": rng.standard_normal((n, 16), dtype=np.float32) * np.float32(0.01)})
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32,
+                                                        "target_modules": ["embed_tokens"]}))
+
+
+#: the adapters measured merged on the bf16 base (a dense change each)
+ADAPTERS = ("oft", "boft", "ia3")
+
+
+def _dense_adapter(ad: Path, kind: str, m: int, n: int, rng) -> None:
+    import numpy as np
+
+    from weightdiff.io.safetensors_write import save_file
+
+    ad.mkdir(parents=True, exist_ok=True)
+    pre, b = f"base_model.model.{NAME}.", 32
+    cfg: dict = {"peft_type": kind.upper(), "target_modules": ["up_proj"]}
+    if kind == "oft":
+        cfg.update(r=0, oft_block_size=b, peft_version="0.21.2")
+        t = {pre + "oft_R.weight": (0.01 * rng.standard_normal((n // b, b * (b - 1) // 2))).astype(np.float32)}
+    elif kind == "boft":
+        cfg.update(r=b, boft_block_size=b, boft_block_num=0, boft_n_butterfly_factor=1)
+        t = {pre + "boft_R": (0.01 * rng.standard_normal((1, n // b, b, b))).astype(np.float32),
+             pre + "boft_s": (1 + 0.01 * rng.standard_normal((m, 1))).astype(np.float32)}
+    else:
+        cfg.update(feedforward_modules=["up_proj"])
+        t = {pre + "ia3_l": (1 + 0.1 * rng.standard_normal((1, n))).astype(np.float32)}
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(ad / "adapter_model.safetensors", t)
 
 
 def run(argv: list[str]) -> dict:
@@ -152,15 +217,22 @@ def main() -> int:
     folder = Path(a.dir)
     if not (a.keep and (folder / "base").exists()):
         make(folder, m, n, runs)
+    else:                   # the adapters need only the base's shape
+        import numpy as np
+
+        for kind in (r for r in runs if r in ADAPTERS and not (folder / r).exists()):
+            _dense_adapter(folder / kind, kind, m, n, np.random.default_rng(1))
+        if "embed" in runs and not (folder / "embed").exists():
+            _embedding(folder, n, np.random.default_rng(1))
     tuned = {"plain": folder / "plain", "fp8": folder / "fp8", "gguf": folder / "tuned-Q8_0.gguf",
              "gptq": folder / "gptq", "lora": folder / "lora"}
     tuned.update({r: folder / r for r in runs if r not in tuned})
     rows = []
     for kind in runs:
-        base = folder / ("fp8" if kind == "lora" else "base")
+        base = folder / ("fp8" if kind == "lora" else "embed-base" if kind == "embed" else "base")
         out = folder / f"{kind}.json"
         r = run(["compare", str(base), str(tuned[kind]), "--json", str(out), "--quiet"])
-        t = json.loads(out.read_text())["tensors"][0]
+        t = json.loads(out.read_text())["tensors"][0]       # one tensor a side
         rank = t.get("rank") or {}
         r.update(kind=kind, numerical_rank=rank.get("numerical_rank"), exact=rank.get("exact"),
                  method=rank.get("method"), bounds=(rank.get("bounds") or {}).get("numerical_rank"))

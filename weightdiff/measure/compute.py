@@ -170,11 +170,69 @@ class MergedSide(_HeldSide):
         return None
 
 
+class RowMergedSide:
+    """The tuned side of an adapter module measured merged (OFT, BOFT, IA3), never held whole: each window, read
+    and set of rows is merged when asked for, from the base's rows, by ``rows(r0, r1)`` (the stored values of merged
+    rows r0 to r1, [r1 - r0, row] in ``info``'s dtype). Each merged row depends on that base row alone, so a window
+    is the same values whichever run of rows it was merged in. No quantization, no floor (``MergedSide``'s)."""
+
+    def __init__(self, ck: Checkpoint, name: str, info, rows: Callable[[int, int], np.ndarray]):
+        self.path, self._ck = ck.path, ck
+        self.tensors = {name: info}
+        self.quant: dict = {}
+        self._shape = tuple(int(d) for d in info.shape)
+        self._row = math.prod(self._shape[1:])
+        self._rows = rows
+
+    def floor_windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None,
+                      noise: bool = False):
+        return None
+
+    def _flat(self, start: int, stop: int) -> np.ndarray:
+        if stop <= start:
+            return np.zeros(0, storage_of(self.tensors[next(iter(self.tensors))].dtype))
+        r0, r1 = start // self._row, -(-stop // self._row)
+        flat = np.ascontiguousarray(self._rows(r0, r1)).reshape(-1)
+        return flat[start - r0 * self._row:stop - r0 * self._row]
+
+    def windows(self, name: str, max_elements: int | None = None, start: int = 0, stop: int | None = None):
+        from ..io.safetensors_read import check_range
+
+        info = self.tensors[name]
+        start, stop, step = check_range(info, max_elements, start, stop, np.dtype(storage_of(info.dtype)).itemsize)
+        for pos in range(start, stop, step):
+            view = self._flat(pos, min(pos + step, stop))
+            view.flags.writeable = False
+            yield view
+
+    def read(self, name: str) -> np.ndarray:
+        return self._flat(0, math.prod(self._shape)).reshape(self._shape).copy()
+
+    def read_rows(self, name: str, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), self._row), storage_of(self.tensors[name].dtype))
+        order = np.argsort(rows, kind="stable")
+        ranked = rows[order]
+        i = 0
+        while i < len(ranked):        # runs of consecutive rows, each merged once
+            j = i + 1
+            while j < len(ranked) and ranked[j] - ranked[j - 1] <= 1:
+                j += 1
+            lo, hi = int(ranked[i]), int(ranked[j - 1]) + 1
+            block = np.asarray(self._rows(lo, hi)).reshape(hi - lo, self._row)
+            out[order[i:j]] = block[ranked[i:j] - lo]
+            i = j
+        return out.reshape((len(rows), *self._shape[1:]))
+
+
 def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple | None:
-    """``(info, values)`` of the merged weight of a LoRA pair whose adapter saves its own base layer
-    that is not the base's weight (another shape, dtype or values): PEFT loads that copy and merges
-    the factors into it, so that merged weight is what the adapter makes of the module. None when
-    there is no copy, or it is the base's weight to the bit (the factors alone are then the change)."""
+    """``(info, rows)`` of the merged weight of a LoRA pair whose adapter saves its own base layer that is not the
+    base's weight (another shape, dtype or values): PEFT loads that copy and merges the factors into it, so that
+    merged weight is what the adapter makes of the module. None when there is no copy, or it is the base's weight to
+    the bit (the factors alone are then the change). ``rows(r0, r1)``: the stored values of merged rows r0 to r1,
+    merged from the saved layer's rows when asked for (``RowMergedSide``: a resized 128,256-row embedding is never
+    decoded whole); a DoRA on a layer stored transposed (GPT-2's Conv1D), whose norms run along the stored rows'
+    columns, gives the stored values of the whole merged weight instead (``MergedSide``)."""
     from dataclasses import replace
 
     from .rank import merged_factor_weight
@@ -184,26 +242,54 @@ def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple
     if saved is None:
         return None
     info = tuned.tensors[saved]
-    raw = np.asarray(tuned.read(saved))
-    if tuple(info.shape) == tuple(pair.shape_base) and info.dtype == pair.dtype_base:
-        if np.array_equal(raw.reshape(-1).view(np.uint8), np.asarray(base.read(pair.base_name)).reshape(-1).view(np.uint8)):
-            return None
     shape = tuple(int(d) for d in info.shape)
+    if shape == tuple(pair.shape_base) and info.dtype == pair.dtype_base and \
+            _same_bytes(base, pair.base_name, tuned, saved, None, WINDOW_ELEMENTS):
+        return None
+    row = math.prod(shape[1:])
     if lf.kind == "TOKENS":         # PEFT's trainable tokens: the copy with the trained rows in place of its own
-        values = np.array(raw).reshape(shape[0], -1)
-        values[np.asarray(lf.tokens, dtype=np.int64)] = _stored(_token_rows(lf, tuned, info.dtype), info.dtype)
-        return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), values.reshape(raw.shape)
-    w = decode(raw, info.dtype).reshape(shape[0], math.prod(shape[1:]))
+        tokens = np.asarray(lf.tokens, dtype=np.int64)
+        trained = _stored(_token_rows(lf, tuned, info.dtype), info.dtype).reshape(len(tokens), row)
+
+        def token_rows(first: int, last: int) -> np.ndarray:
+            out = np.empty((last - first, row), storage_of(info.dtype))
+            at = 0
+            for w in tuned.windows(saved, max(1, WINDOW_ELEMENTS // max(row, 1)) * max(row, 1), first * row,
+                                last * row):
+                w = np.asarray(w).reshape(-1, row)
+                out[at:at + len(w)] = w
+                at += len(w)
+            for i, t in enumerate(tokens.tolist()):     # later entries win, as numpy's fancy assignment
+                if first <= t < last:
+                    out[t - first] = trained[i]
+            return out
+
+        return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), token_rows
     a, b, magnitude, dt_m = _factors(pair, tuned)
-    if getattr(lf, "transposed", False):
-        w = np.ascontiguousarray(w.T)
-    merged = merged_factor_weight(w, a, b, lf.scale, magnitude, info.dtype, dt_m, tuned.tensors[lf.a_name].dtype)
-    if getattr(lf, "transposed", False):
-        merged = np.ascontiguousarray(merged.T)
     dtype = info.dtype if info.dtype in ("F16", "BF16", "F32", "F64") else "F32"
-    rounded = reference.round_to(merged, dtype).reshape(shape)
-    values = _stored(rounded, dtype)
-    return replace(info, name=pair.tuned_name, dtype=dtype, start=None, end=None, quant=None), values
+    dt_a = tuned.tensors[lf.a_name].dtype
+    flat = replace(info, name=pair.tuned_name, dtype=dtype, start=None, end=None, quant=None)
+    if getattr(lf, "transposed", False):
+        if magnitude is not None:        # DoRA's norms are the stored columns': merged whole
+            w = np.ascontiguousarray(decode(np.asarray(tuned.read(saved)), info.dtype).reshape(shape[0], row).T)
+            merged = np.ascontiguousarray(merged_factor_weight(w, a, b, lf.scale, magnitude, info.dtype, dt_m, dt_a).T)
+            return flat, _stored(reference.round_to(merged, dtype).reshape(shape), dtype)
+
+        def merge(w: np.ndarray, r0: int, r1: int) -> np.ndarray:     # stored rows r0..r1: columns of W + s B A
+            return merged_factor_weight(np.ascontiguousarray(w.T), a[:, r0:r1], b, lf.scale, None, info.dtype,
+                                        dt_m, dt_a).T
+    else:
+        def merge(w: np.ndarray, r0: int, r1: int) -> np.ndarray:     # DoRA's row norms: each row's own
+            return merged_factor_weight(w, a, b[r0:r1], lf.scale, None if magnitude is None else magnitude[r0:r1],
+                                        info.dtype, dt_m, dt_a)
+
+    def rows(first: int, last: int) -> np.ndarray:
+        out = np.empty((last - first, row), storage_of(dtype))
+        for r0, r1, w in _row_runs(tuned, saved, shape, info.dtype, row, first, last):
+            out[r0 - first:r1 - first] = _stored(reference.round_to(merge(w, r0, r1), dtype), dtype).reshape(r1 - r0, row)
+        return out
+
+    return flat, rows
 
 
 def _token_rows(lf, tuned: Checkpoint, dtype: str) -> np.ndarray:
@@ -283,8 +369,9 @@ def _compute_merged(pair: Pair, merged: tuple, bases: Sequence[Checkpoint], tune
         a64, b64, magnitude, _ = _factors(pair, tuned)
         values = {lf.a_name: a64, lf.b_name: b64, **({lf.magnitude_name: magnitude} if magnitude is not None else {})}
         check_factor_values(lf, values, tuned.files[0])
-    info, raw = merged
-    side = MergedSide(tuned, pair.tuned_name, info, raw)
+    info, values = merged
+    side = RowMergedSide(tuned, pair.tuned_name, info, values) if callable(values) else \
+        MergedSide(tuned, pair.tuned_name, info, values)
     st, sb = tuple(info.shape), tuple(pair.shape_base)
     kind, overlap = ("paired", None) if st == sb else ("resized", min(st[0], sb[0]))
     flat = replace(pair, kind=kind, shape_tuned=st, dtype_tuned=info.dtype, overlap_rows=overlap, lora=None,
@@ -401,8 +488,9 @@ _MERGE_CHUNK = 1 << 20
 
 
 def _ia3_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
-    """``(info, stored values)`` of the weight PEFT's IA3 merge gives: ``torch.mul(W, l)`` in the promoted
-    dtype, cast back to W's (``IA3Layer.merge``), in the base's shape and dtype, computed in runs of rows."""
+    """``(info, rows)`` of the weight PEFT's IA3 merge gives: ``torch.mul(W, l)`` in the promoted dtype, cast back to
+    W's (``IA3Layer.merge``), in the base's shape and dtype; ``rows(r0, r1)`` the stored values of rows r0 to r1,
+    read from the base and merged in runs of rows when asked for (``RowMergedSide``)."""
     from dataclasses import replace
 
     v = pair.ia3
@@ -413,17 +501,19 @@ def _ia3_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
     ldt = tuned.tensors[v.name].dtype
     computed = _promoted(dtype, ldt)
     factor = ia3_factor(v, shape, decode(np.asarray(tuned.read(v.name)), ldt))
-    raw = np.asarray(src.read(name)).reshape(shape)
-    out = np.empty(shape, storage_of(dtype))
-    rows = max(1, _MERGE_CHUNK // max(1, math.prod(shape[1:])))
-    for r0 in range(0, shape[0], rows):
-        r1 = min(shape[0], r0 + rows)
-        w = decode(raw[r0:r1], dtype).reshape((r1 - r0, *shape[1:]))
-        f = factor[r0:r1] if factor.shape[0] != 1 else factor
-        with np.errstate(all="ignore"):
-            merged = _cast_chain(w * f, computed, dtype).reshape(w.shape)
-        out[r0:r1] = _stored(merged, dtype)
-    return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), out
+    row = math.prod(shape[1:])
+
+    def rows(first: int, last: int) -> np.ndarray:
+        out = np.empty((last - first, row), storage_of(dtype))
+        for r0, r1, w in _row_runs(src, name, shape, dtype, row, first, last):
+            w = w.reshape((r1 - r0, *shape[1:]))
+            f = factor[r0:r1] if factor.shape[0] != 1 else factor
+            with np.errstate(all="ignore"):
+                merged = _cast_chain(w * f, computed, dtype).reshape(w.shape)
+            out[r0 - first:r1 - first] = _stored(merged, dtype).reshape(r1 - r0, row)
+        return out
+
+    return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), rows
 
 
 def _ia3_bias(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
@@ -457,8 +547,12 @@ def _compute_ia3(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint], tune
 
     bias = pair.ia3_bias is not None
     v = pair.ia3_bias if bias else pair.ia3
-    info, values = (_ia3_bias if bias else _ia3_merged)(pair, base, tuned)
-    side = MergedSide(tuned, pair.tuned_name, info, values)
+    if bias:
+        info, values = _ia3_bias(pair, base, tuned)
+        side = MergedSide(tuned, pair.tuned_name, info, values)
+    else:
+        info, rows = _ia3_merged(pair, base, tuned)
+        side = RowMergedSide(tuned, pair.tuned_name, info, rows)
     flat = replace(pair, dtype_tuned=info.dtype, tuned_source=None, ia3=None, ia3_bias=None)
     precompile.ensure([flat])
     rec = compute_pair(flat, bases, side, options, backend, classify, on_window)
@@ -470,10 +564,11 @@ def _compute_ia3(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint], tune
 
 
 def _oft_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
-    """``(info, stored values)`` of the weight PEFT's OFT merge gives: the base weight (or the copy the adapter
+    """``(info, rows)`` of the weight PEFT's OFT merge gives: the base weight (or the copy the adapter
     saves of it) cast to the adapter's dtype, times the block-diagonal rotation (R^T for a Linear or a Conv2d viewed
     [out, in x k x k], R for an embedding) in that dtype, stored in the weight's (``Linear.merge``:
-    ``weight.copy_(torch.mm(R, weight.t().to(R.dtype)).t())``), computed in runs of rows."""
+    ``weight.copy_(torch.mm(R, weight.t().to(R.dtype)).t())``); ``rows(r0, r1)`` merges rows r0 to r1 when asked
+    for (``_merge_in_rows``)."""
     from dataclasses import replace
 
     from ..io.peft_oft import block_rotation, in_features, merge_rows
@@ -490,37 +585,46 @@ def _oft_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
     # adapter's dtype
     exact = block_rotation(tuned.adapter, vec, lf.r, lf.cols)
     rot = reference.round_to(reference.round_to(exact, "F32"), computed).reshape(exact.shape)
-    out = _merge_in_rows(src, name, shape, dtype, computed, features,
-                         lambda w, r0, r1: merge_rows(w, rot, lf.embedding))
-    return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), out
+    rows = _merge_in_rows(src, name, shape, dtype, computed, features,
+                          lambda w, r0, r1: merge_rows(w, rot, lf.embedding))
+    return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), rows
 
 
-def _merge_in_rows(src, name: str, shape: tuple, dtype: str, computed: str, features: int, merge) -> np.ndarray:
-    """A weight ``name`` of checkpoint ``src`` (of ``shape`` and ``dtype``) merged with a rotation as PEFT merges
-    one, read and merged in runs of rows (never mapped whole beside the merged copy): each run cast to the adapter's
-    dtype ``computed``, ``merge(rows [n, features] float64, r0, r1)`` on it, rounded to ``computed`` and cast to
-    ``dtype`` (torch's casts); the stored values of the merged weight."""
-    out = np.empty((shape[0], math.prod(shape[1:])), storage_of(dtype))
-    for r0, r1, w in _row_runs(src, name, shape, dtype, features):
-        w = reference.round_to(w, computed).reshape(r1 - r0, features)
-        with np.errstate(all="ignore"):
-            merged = _cast_chain(merge(w, r0, r1), computed, dtype).reshape(r1 - r0, features)
-        out[r0:r1] = _stored(merged, dtype).reshape(r1 - r0, -1)
-    return out.reshape(shape)
+def _merge_in_rows(src, name: str, shape: tuple, dtype: str, computed: str, features: int, merge):
+    """``rows(first, last)``: rows ``first`` to ``last`` of weight ``name`` of checkpoint ``src`` (of ``shape`` and
+    ``dtype``) merged with a rotation as PEFT merges one, read and merged in runs of rows (the weight is never mapped
+    or merged whole): each run cast to the adapter's dtype ``computed``, ``merge(rows [n, features] float64, r0,
+    r1)`` on it, rounded to ``computed`` and cast to ``dtype`` (torch's casts); the stored values [last - first,
+    row] of the merged rows."""
+    row = math.prod(shape[1:])
+
+    def rows(first: int, last: int) -> np.ndarray:
+        out = np.empty((last - first, row), storage_of(dtype))
+        for r0, r1, w in _row_runs(src, name, shape, dtype, features, first, last):
+            w = reference.round_to(w, computed).reshape(r1 - r0, features)
+            with np.errstate(all="ignore"):
+                merged = _cast_chain(merge(w, r0, r1), computed, dtype).reshape(r1 - r0, features)
+            out[r0 - first:r1 - first] = _stored(merged, dtype).reshape(r1 - r0, -1)
+        return out
+
+    return rows
 
 
-def _row_runs(src, name: str, shape: tuple, dtype: str, width: int):
-    """``(r0, r1, rows)`` of weight ``name`` of checkpoint ``src`` (of ``shape`` and ``dtype``), read in runs of
-    rows of about ``_MERGE_CHUNK`` values, never mapped whole: each run decoded to float64 [r1 - r0, ``width``]."""
+def _row_runs(src, name: str, shape: tuple, dtype: str, width: int, first: int = 0, last: int | None = None):
+    """``(r0, r1, rows)`` of weight ``name`` of checkpoint ``src`` (of ``shape`` and ``dtype``) from row ``first``
+    to ``last`` (the end), read in runs of rows of about ``_MERGE_CHUNK`` values, never mapped whole: each run
+    decoded to float64 [r1 - r0, ``width``]."""
+    last = shape[0] if last is None else last
     rows = max(1, _MERGE_CHUNK // max(1, width))
-    windows = src.windows(name, rows * math.prod(shape[1:]))
-    for r0 in range(0, shape[0], rows):
-        r1 = min(shape[0], r0 + rows)
+    row = math.prod(shape[1:])
+    windows = src.windows(name, rows * row, first * row, last * row)
+    for r0 in range(first, last, rows):
+        r1 = min(last, r0 + rows)
         yield r0, r1, decode(np.asarray(next(windows)), dtype).reshape(r1 - r0, width)
 
 
 def _boft_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
-    """``(info, stored values)`` of the weight PEFT's BOFT merge gives: the base weight cast to the adapter's dtype,
+    """``(info, rows)`` of the weight PEFT's BOFT merge gives: the base weight cast to the adapter's dtype,
     times M^T (the butterfly rotation of its inputs, its blocks Cayley rotations rounded to that dtype), then times
     the output scales, each product rounded to that dtype, stored in the weight's (``Linear.merge``:
     ``torch.mm(M, W.t().to(M.dtype)).t() * boft_s``)."""
@@ -544,8 +648,8 @@ def _boft_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
         x = reference.round_to(merge_boft_rows(w, rots, perms), computed).reshape(w.shape)
         return x * scale[r0:r1, None]
 
-    out = _merge_in_rows(base, pair.base_name, shape, dtype, _promoted(computed, dt_s), features, merge)
-    return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), out
+    rows = _merge_in_rows(base, pair.base_name, shape, dtype, _promoted(computed, dt_s), features, merge)
+    return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), rows
 
 
 def _compute_oft(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint], tuned: Checkpoint,
@@ -558,8 +662,8 @@ def _compute_oft(pair: Pair, base: Checkpoint, bases: Sequence[Checkpoint], tune
     from ..io.peft_oft import OFT_NOTE, old_peft
 
     lf = pair.lora
-    info, values = (_boft_merged if lf.kind == "BOFT" else _oft_merged)(pair, base, tuned)
-    side = MergedSide(tuned, pair.tuned_name, info, values)
+    info, rows = (_boft_merged if lf.kind == "BOFT" else _oft_merged)(pair, base, tuned)
+    side = RowMergedSide(tuned, pair.tuned_name, info, rows)
     st, sb = tuple(info.shape), tuple(pair.shape_base)
     kind, overlap = ("paired", None) if st == sb else ("resized", min(st[0], sb[0]))
     flat = replace(pair, kind=kind, shape_tuned=st, dtype_tuned=info.dtype, overlap_rows=overlap, lora=None,
