@@ -17,6 +17,9 @@ rank-4 update of relative size 5e-2), then each tuned side:
 - ``oft``, ``boft``, ``ia3``: PEFT adapters on the bf16 base whose change is dense (OFT's inputs rotated in blocks
   of 32; BOFT's the same with one butterfly factor and a scale per output; IA3's vector scaling the inputs), so each
   is measured merged, as ``merge_and_unload`` gives it, through the streamed Gram path of a plain pair;
+- ``dora``, ``loha``, ``lokr``, ``vera``, ``hra``: PEFT adapters of r = 16 on the bf16 base measured from their
+  factors (a DoRA's magnitudes; LoHa's and LoKr's Hadamard and Kronecker products; VeRA's shared projections; HRA's
+  16 Householder reflections), the exact spectrum of each change;
 - ``embed``: a LoRA (r = 16) on a Llama-3-sized embedding (128,256 rows of the shape's second width, bf16; its own
   base) whose vocabulary the fine-tune grew by 8 rows, so PEFT saves the resized table as the module's base layer
   and the merge is that table plus the factors' product (``--shape 28672x4096``: Llama 3 8B's table);
@@ -171,8 +174,8 @@ def _embedding(folder: Path, n: int, rng) -> None:
                                                         "target_modules": ["embed_tokens"]}))
 
 
-#: the adapters measured merged on the bf16 base (a dense change each)
-ADAPTERS = ("oft", "boft", "ia3")
+#: the adapters measured merged on the bf16 base (a dense change each), and those measured from their factors
+ADAPTERS = ("oft", "boft", "ia3", "dora", "loha", "lokr", "vera", "hra")
 
 
 def _dense_adapter(ad: Path, kind: str, m: int, n: int, rng) -> None:
@@ -190,9 +193,29 @@ def _dense_adapter(ad: Path, kind: str, m: int, n: int, rng) -> None:
         cfg.update(r=b, boft_block_size=b, boft_block_num=0, boft_n_butterfly_factor=1)
         t = {pre + "boft_R": (0.01 * rng.standard_normal((1, n // b, b, b))).astype(np.float32),
              pre + "boft_s": (1 + 0.01 * rng.standard_normal((m, 1))).astype(np.float32)}
-    else:
+    elif kind == "ia3":
         cfg.update(feedforward_modules=["up_proj"])
         t = {pre + "ia3_l": (1 + 0.1 * rng.standard_normal((1, n))).astype(np.float32)}
+    elif kind == "dora":
+        cfg.update(peft_type="LORA", r=16, lora_alpha=32, use_dora=True)
+        t = {pre + "lora_A.weight": (0.01 * rng.standard_normal((16, n))).astype(np.float32),
+             pre + "lora_B.weight": (0.01 * rng.standard_normal((m, 16))).astype(np.float32),
+             pre + "lora_magnitude_vector": (0.02 * np.sqrt(n) * (1 + 0.01 * rng.standard_normal(m))).astype(np.float32)}
+    elif kind == "vera":
+        cfg.update(r=256)
+        t = {"base_model.vera_A": rng.standard_normal((256, n)).astype(np.float32),
+             "base_model.vera_B": rng.standard_normal((m, 256)).astype(np.float32),
+             pre + "vera_lambda_b": (0.01 * rng.standard_normal(m)).astype(np.float32),
+             pre + "vera_lambda_d": rng.standard_normal(256).astype(np.float32)}
+    elif kind == "hra":
+        cfg.update(r=16)
+        t = {pre + "hra_u": rng.standard_normal((n, 16)).astype(np.float32)}
+    else:                               # LoHa, LoKr: the tensors PEFT builds for rank 16
+        from weightdiff.io.peft_lycoris import expected_shapes
+
+        cfg.update(r=16, alpha=16)
+        t = {pre + role: (0.05 * rng.standard_normal(shape)).astype(np.float32)
+             for role, shape in expected_shapes(kind.upper(), (m, n), 16, cfg).items()}
     (ad / "adapter_config.json").write_text(json.dumps(cfg))
     save_file(ad / "adapter_model.safetensors", t)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from weightdiff.measure import rank
-from weightdiff.kernels import spectral
+from weightdiff.kernels import reference, spectral
 from weightdiff.kernels.dtypes import decode
 from weightdiff.records import dumps
 from weightdiff.io.safetensors_write import to_storage
@@ -343,3 +343,44 @@ def test_a_dora_bracket_counts_what_the_energy_certifies():
         true = int(np.count_nonzero(np.linalg.svd(d + mm, compute_uv=False) > thr))
         lo, hi = b.get("numerical_rank", [f["numerical_rank"]] * 2)
         assert lo <= true <= hi, (lo, true, hi)
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (30, 40), (700, 96), (96, 700)])
+@pytest.mark.parametrize("path", ["direct", "gram", "count"])
+def test_a_dora_change_is_ranked_whole_and_exactly(rng, monkeypatch, shape, path):
+    """``dora_whole``: the spectrum and ranks of diag(c) (W + s B A) - W itself, not of its direction term with a
+    bracket ([4, 8192] at 70B widths): an SVD of the delta for a small matrix, the Gram matrix summed over the row
+    blocks (tall and wide) or its inertia for a large one (a bfloat16 base: a float32 one's floor lies below the
+    Gram matrix's resolution, where the plain path too takes an SVD); the same floor as the bracket's, the same
+    stats."""
+    from weightdiff.io.safetensors_write import to_storage
+
+    monkeypatch.setattr(rank, "_BLOCK", 3000)            # several row blocks
+    if path != "direct":
+        monkeypatch.setattr(rank, "DORA_DIRECT_MAX", 100)
+    m, n = shape
+    r = 4
+    dt = "F32" if path == "direct" else "BF16"
+    w = reference.round_to(rng.normal(0, 0.05, (m, n)), dt).reshape(m, n)
+    raw = w.astype(np.float32) if dt == "F32" else to_storage(w, "BF16")
+    a, b = rng.normal(0, 0.1, (r, n)), rng.normal(0, 0.1, (m, r))
+    magnitude = np.linalg.norm(w.astype(np.float64) + 2.0 * b @ a, axis=1)
+    magnitude[::3] *= rng.uniform(0.9, 1.1, len(magnitude[::3]))      # a third of the rows rescaled
+    whole = {"seed": 0, "count": path == "count", "exact_max": 8192}
+    stats, rec = rank.analyze_factors(a, b, 2.0, raw, dt, (m, n), magnitude=magnitude, dora_whole=whole)
+    stats0, rec0 = rank.analyze_factors(a, b, 2.0, raw, dt, (m, n), magnitude=magnitude)
+    assert stats == stats0 and rec.noise_floor == rec0.noise_floor and not rec0.exact
+    # (rows whose c is within rounding of 1 take c = 1, as on every DoRA path)
+    delta = rank.merged_factor_weight(w, a, b, 2.0, magnitude, dt) - w
+    s = np.linalg.svd(delta, compute_uv=False)
+    thr = 1.5 * rec.noise_floor
+    assert rec.method == {"direct": "exact", "gram": "gram", "count": "inertia"}[path]
+    assert rec.exact or path == "count"        # (count: beyond the top k, other fields are estimates, as for any pair)
+    assert "numerical_rank" not in rec.bounds and rec.numerical_rank == int(np.count_nonzero(s > thr))
+    assert rec.numerical_rank > r                         # the rescaled rows: beyond the direction term's rank
+    assert rec.energy_rank_99 == int(np.searchsorted(np.cumsum(s ** 2) / np.sum(s ** 2), 0.99) + 1)
+    np.testing.assert_allclose(rec.spectrum[:10], s[:10], rtol=1e-7)
+    assert "whole change" in rec.extra["dora"]["note"] and rec.extra["dora"]["magnitude_term_norm"] > 0
+    # no base: nothing to rescale against, the direction term's spectrum as before
+    _, bare = rank.analyze_factors(a, b, 2.0, None, dt, (m, n), magnitude=magnitude, dora_whole=whole)
+    assert bare.method == "factors"

@@ -1526,7 +1526,9 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
     fields, rank = analyze_factors(a64, b64, lf.scale, base_raw, pair.dtype_base, shape,
                                    k=options.rank_k, noise_factor=options.thresholds.noise_floor_factor,
                                    dtype_adapter=dt_a, magnitude=magnitude, dtype_magnitude=dt_m, rows=rows,
-                                   base_windows=windows)
+                                   base_windows=windows,
+                                   dora_whole={"seed": options.seed, "count": options.spectrum == "count",
+                                               "exact_max": options.exact_svd_max} if options.rank else None)
     if getattr(lf, "transposed", False):
         rank.shape_2d = tuple(pair.shape_base)        # as stored, like every other record
     _fill(rec, fields)
@@ -1561,8 +1563,10 @@ def _compute_lora(rec: TensorRecord, pair: Pair, base: Checkpoint, tuned: Checkp
         rec.note = (f"LoRA adapter (r={lf.r}, scale={lf.scale:g}) analysed exactly from its factors "
                     f"`{lf.b_name}` @ `{lf.a_name}`")
     if lf.magnitude_name:
-        rec.note += ("; DoRA: the statistics are those of the merged weight, the spectrum covers the "
-                     "low-rank direction term only (see docs/rank.md)")
+        whole = "spectrum and ranks describe the whole change" in rank.extra.get("dora", {}).get("note", "")
+        rec.note += ("; DoRA: the statistics are those of the merged weight, " +
+                     ("the spectrum is the whole change's, the row rescaling with the direction term (see docs/rank.md)"
+                      if whole else "the spectrum covers the low-rank direction term only (see docs/rank.md)"))
         near = rank.extra.get("dora", {}).get("rows_within_rounding", 0)
         if near:
             rec.note += (f"; {near:,} rows whose factor magnitude / ||W + scale B A|| is within rounding of 1 "

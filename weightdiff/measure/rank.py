@@ -432,11 +432,17 @@ def weight_subspace(base_raw: np.ndarray, tuned_raw: np.ndarray, dtype_base: str
 
 # --- PEFT adapters ---------------------------------------------------------------------------
 
+#: a DoRA change ranked whole (``analyze_factors(dora_whole=...)``) of at most this many elements is held (32 MB of
+#: float64) and ranked by an SVD of its delta, as ``compute.refine_rank`` ranks a plain pair whose Gram matrix could
+#: only bracket its rank (a float32 base's floor lies below the Gram matrix's resolution); a larger one streams its Gram
+DORA_DIRECT_MAX = 1 << 22
+
+
 def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.ndarray | None,
                     dtype_base: str, shape, *, k: int = 64, noise_factor: float = 1.5,
                     dtype_adapter: str = "F32", magnitude: np.ndarray | None = None,
                     dtype_magnitude: str | None = None, rows: np.ndarray | None = None,
-                    base_windows=None) -> tuple[dict, RankRecord]:
+                    base_windows=None, dora_whole: dict | None = None) -> tuple[dict, RankRecord]:
     """Exact stats and rank of a LoRA delta ``scale * b @ a`` (b: m x r, a: r x n), never whole.
 
     ``base_windows`` (in place of ``base_raw``): ``base_windows(k)`` iterates over the base's stored values in
@@ -458,6 +464,14 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
     are exact for that merged weight, the spectrum is exact for the direction update
     ``diag(c) scale b a`` only, and the row rescaling ``diag(c - 1) W`` (full rank) is
     reported in ``extra`` but not in the spectrum: ``exact`` is then False.
+
+    ``dora_whole`` (``{"seed", "count", "exact_max"}``, a DoRA on a base, its smaller side at most ``exact_max``):
+    the spectrum and ranks are the whole change's instead, ``diag(c) (W + scale b a) - W``, exact as a plain pair's
+    (the same floor): a matrix of at most ``DORA_DIRECT_MAX`` elements by an SVD of its delta, a larger one from the
+    float64 Gram matrix of its delta summed as the row blocks pass (``rank_stream.DeltaGram``; its certified count,
+    or ``count`` its inertia), never the m x n delta held whole. The rescaled rows make such a change full rank
+    whenever they move beyond the floor, so the direction term's spectrum alone bracketed the rank, [4, 8192] at 70B
+    widths.
 
     A row whose factor ``c`` is within ``dora_tolerance`` of 1 (the rounding of PEFT's own norm,
     computed in the weight's dtype, and of the stored magnitude, ``dtype_magnitude``) takes
@@ -497,6 +511,17 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
     mag_term = 0.0
     tol = dora_tolerance(n, dtype_base, dtype_magnitude or dtype_adapter, dtype_adapter)
     snapped = 0
+    whole = dora_whole if magnitude is not None and has_base and dora_whole is not None and \
+        min(m, n) <= dora_whole.get("exact_max", DEFAULT_EXACT_MAX) else None
+    held = gram = None
+    if whole is not None:
+        if m * n <= DORA_DIRECT_MAX:
+            held = np.zeros((m, n))
+        else:
+            from .rank_stream import DeltaGram
+
+            gram = DeltaGram((m, n), "F64", "F64", count=bool(whole.get("count")), seed=int(whole.get("seed", 0)))
+            gram.activate()
     for i in range(0, m, step):
         if rows is None:
             dblk = float(scale) * (b[i:i + step] @ a)
@@ -516,6 +541,10 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
             c_all[i:i + step] = c
             mag_term += float(np.sum(((c - 1.0)[:, None] * wb) ** 2))
             tuned = c[:, None] * merged
+            if held is not None:
+                held[i:i + step] = tuned - wb
+            elif gram is not None:         # (its decoder takes tuned - wb in float64, as above)
+                gram.feed_delta(wb, tuned)
         else:
             tuned = wb + dblk
         part = (reference.delta_stats(wb, tuned, "F64", "F64") if bblk is None
@@ -551,6 +580,18 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
                                  "the row rescaling diag(c-1)*W is full rank and is in the stats only; rows whose "
                                  "c is within rounding_tolerance of 1 take c = 1"}
     total = norm_sq if magnitude is None else (stats["norm_delta"] or 0.0) ** 2
+    if whole is not None:
+        extra["dora"]["note"] = ("spectrum and ranks describe the whole change diag(c)*(W + scale*B@A) - W, the "
+                                 "direction term and the row rescaling; rows whose c is within rounding_tolerance "
+                                 "of 1 take c = 1")
+        if gram is not None:
+            gram.end_of_stream()
+            rec = gram.finish_at(total, noise_factor, k, floor, extra)
+        else:
+            s_all, method, caps = CPU.spectrum(held, k, int(whole.get("seed", 0)), min(m, n), total, direct=True)
+            del held
+            rec = _record(s_all, method, total, (m, n), k, floor, noise_factor, extra, caps)
+        return stats, rec
     bounds: dict = {}
     estimated: list[str] = []
     if magnitude is not None:

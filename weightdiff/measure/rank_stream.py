@@ -248,6 +248,12 @@ class DeltaGram:
             _explained(rec, norm_delta_sq, float(rows_v.sum()))
         return rec
 
+    def finish_at(self, norm_delta_sq: float, noise_factor: float, k: int, floor: float, extra: dict) -> RankRecord:
+        """``finish`` with the noise floor given (``floor``) rather than taken from the fed windows' rounding: a
+        delta fed by ``feed_delta`` alone (a DoRA's, ``rank.analyze_factors``), whose floor is its base's."""
+        self.end_of_stream()
+        return self._finish(norm_delta_sq, noise_factor, k, floor, extra)
+
     def _finish(self, norm_delta_sq: float, noise_factor: float, k: int, floor: float, extra: dict) -> RankRecord:
         m, n = self.shape2
         r = min(m, n)
