@@ -19,7 +19,8 @@ rank-4 update of relative size 5e-2), then each tuned side:
   is measured merged, as ``merge_and_unload`` gives it, through the streamed Gram path of a plain pair;
 - ``dora``, ``loha``, ``lokr``, ``vera``, ``hra``: PEFT adapters of r = 16 on the bf16 base measured from their
   factors (a DoRA's magnitudes; LoHa's and LoKr's Hadamard and Kronecker products; VeRA's shared projections; HRA's
-  16 Householder reflections), the exact spectrum of each change;
+  16 Householder reflections), the exact spectrum of each change; ``fourierft``: PEFT's default 1,000 spectral
+  coefficients (a factor pair of cosines and sines of inner size 2,000; the places drawn with torch);
 - ``embed``: a LoRA (r = 16) on a Llama-3-sized embedding (128,256 rows of the shape's second width, bf16; its own
   base) whose vocabulary the fine-tune grew by 8 rows, so PEFT saves the resized table as the module's base layer
   and the merge is that table plus the factors' product (``--shape 28672x4096``: Llama 3 8B's table);
@@ -175,7 +176,7 @@ def _embedding(folder: Path, n: int, rng) -> None:
 
 
 #: the adapters measured merged on the bf16 base (a dense change each), and those measured from their factors
-ADAPTERS = ("oft", "boft", "ia3", "dora", "loha", "lokr", "vera", "hra")
+ADAPTERS = ("oft", "boft", "ia3", "dora", "loha", "lokr", "vera", "hra", "fourierft")
 
 
 def _dense_adapter(ad: Path, kind: str, m: int, n: int, rng) -> None:
@@ -210,6 +211,9 @@ def _dense_adapter(ad: Path, kind: str, m: int, n: int, rng) -> None:
     elif kind == "hra":
         cfg.update(r=16)
         t = {pre + "hra_u": rng.standard_normal((n, 16)).astype(np.float32)}
+    elif kind == "fourierft":           # PEFT's default 1,000 coefficients: a factor pair of inner size 2,000
+        cfg.update(n_frequency=1000, scaling=150.0)
+        t = {pre + "fourierft_spectrum": (1e-3 * rng.standard_normal(1000)).astype(np.float32)}
     else:                               # LoHa, LoKr: the tensors PEFT builds for rank 16
         from weightdiff.io.peft_lycoris import expected_shapes
 
