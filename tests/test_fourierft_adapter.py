@@ -171,3 +171,36 @@ def test_fourierft_tensors_under_a_lora_config_are_refused(tmp_path):
     b, ad = _write(tmp_path)
     (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}))
     contract(["compare", str(b), str(ad)], ad / "adapter_model.safetensors", "FourierFT", tmp_path)
+
+
+def test_the_places_are_torch_randperm_first_entries():
+    """``first_of_randperm`` reproduces torch's CPU generator and randperm's forward shuffle without the permutation:
+    sizes from 1 to a 7B layer's, n up to the whole size, seeds torch takes (negative, above 32 bits)."""
+    from weightdiff.io.peft_fourierft import first_of_randperm
+
+    rng = np.random.default_rng(0)
+    cases = [(1, 1, 5), (2, 2, 1), (10, 10, 0), (5000, 5000, 3), (1000, 7, -1), (1000, 7, (1 << 64) - 1),
+             (1000, 7, -(1 << 63)), (1000, 7, (1 << 32) + 5), (14336 * 4096, 1000, 777)]
+    cases += [(int(s), int(rng.integers(1, min(s, 300) + 1)), int(rng.integers(0, 1 << 40)))
+              for s in rng.integers(1, 100_000, 20)]
+    for size, n, seed in cases:
+        want = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].numpy()
+        assert np.array_equal(first_of_randperm(size, seed, n), want), (size, n, seed)
+
+
+def test_the_places_of_a_70b_layer_hold_no_permutation():
+    """From uint32's largest / 20 elements on, torch's randperm shuffles "inside out" with 64-bit draws (a 70B
+    layer, 28672 x 8192, is past it): the first entries the same as torch's at the switch, and a 70B layer's drawn
+    without the 1.9 GB permutation PEFT builds (2.1 GB at the peak of a FourierFT comparison at that width)."""
+    import tracemalloc
+
+    from weightdiff.io.peft_fourierft import _RANDPERM_SPLIT, first_of_randperm
+
+    want = torch.randperm(_RANDPERM_SPLIT, generator=torch.Generator().manual_seed(777), dtype=torch.int32)[:500]
+    assert np.array_equal(first_of_randperm(_RANDPERM_SPLIT, 777, 500), want.numpy().astype(np.int64))
+    del want
+    tracemalloc.start()
+    got = first_of_randperm(28672 * 8192, 5, 1000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 << 20 and len(np.unique(got)) == 1000 and got.max() < 28672 * 8192

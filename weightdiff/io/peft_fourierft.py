@@ -12,7 +12,9 @@ Each coefficient s at (j, l) contributes s cos(2 pi (a j / out + b l / in)) / (o
 cos(x + y) = cos x cos y - sin x sin y, so the change is a factor pair B @ A of inner size 2 n:
 B = [s cos(2 pi a j / out), -s sin(2 pi a j / out)] x scaling / (out in) and A = [cos(2 pi b l / in);
 sin(2 pi b l / in)], of rank at most 2 n, measured exactly as a LoRA's is (``measure.rank.analyze_factors``). The
-places are drawn with torch, as PEFT draws them when it loads the adapter: reading one needs the torch extra.
+places are those PEFT draws when it loads the adapter: torch's CPU generator (MT19937) and its randperm's shuffle,
+reproduced for the first n entries only (``places``, tested against torch), so that an out x in permutation is never
+held (1.9 GB of int64 at 70B widths); more than ``_EMULATED_MAX`` coefficients are drawn with torch itself.
 
 >>> import numpy as np
 >>> s, idx = np.array([1.0, -0.5, 0.25]), np.array([7, 0, 23])
@@ -95,13 +97,14 @@ def fourierft_factors(tensors: dict[str, TensorInfo], where: Path, config) -> li
                                   "tensors and config from different adapters?")
         out.append(LoraFactor(module + ".weight", name, name, None, n, float(config.lora_alpha), kind="FOURIERFT",
                               parts={"spectrum": name}))
-    if out:
+    if any(f.r > _EMULATED_MAX for f in out):
         try:
             import torch  # noqa: F401
         except ImportError:
             raise CheckpointError(where, "FourierFT adapters do not save where their coefficients sit in the spectrum: "
-                                         "PEFT draws the places again with torch's random generator from "
-                                         "random_loc_seed, and so does weightdiff, with the torch extra",
+                                         f"PEFT draws the places again with torch's random generator from "
+                                         f"random_loc_seed, and so does weightdiff, with the torch extra for more "
+                                         f"than {_EMULATED_MAX:,} coefficients a layer",
                                   "pip install 'weightdiff[torch]'") from None
     return out
 
@@ -139,14 +142,73 @@ def check_fourierft_values(factor, spectrum: np.ndarray, where: Path, cap: float
                                      f"{factor.scale:.3g}", "check scaling in adapter_config.json")
 
 
+#: torch's CPU randperm keeps its first shuffle below this many elements (uint32's largest over 20): a forward
+#: Fisher-Yates drawing 32-bit numbers, ``random() % (N - i)``; from it on the "inside-out" one drawing 64-bit
+#: numbers (two 32-bit draws, the first the high half), ``random64() % (i + 1)`` (aten's ``randperm_cpu``)
+_RANDPERM_SPLIT = 0xFFFFFFFF // 20
+#: more coefficients than this are drawn with torch itself (the places' own loop runs once per coefficient)
+_EMULATED_MAX = 1 << 20
+#: draws at once in the inside-out shuffle's tail (five 8-byte temporaries of this many)
+_DRAWS = 1 << 20
+
+
+def _torch_generator(seed: int) -> np.random.MT19937:
+    """torch's CPU generator seeded with ``seed`` (``torch.Generator().manual_seed``): MT19937 seeded by
+    init_genrand with the seed's low 32 bits, as numpy's legacy seeding seeds it."""
+    state = np.random.RandomState(seed % (1 << 32)).get_state(legacy=False)
+    bg = np.random.MT19937()
+    bg.state = {"bit_generator": "MT19937", "state": state["state"]}
+    return bg
+
+
+def first_of_randperm(size: int, seed: int, n: int) -> np.ndarray:
+    """``torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]`` without the permutation: below
+    ``_RANDPERM_SPLIT`` the forward shuffle's first n steps fix the first n entries (the positions it swaps with
+    kept in a dict); from it on an entry p < n ends as the last i >= n that drew p, else as the inside-out shuffle
+    of the first n left it, so the tail's draws are read in chunks and only those below n kept.
+
+    >>> first_of_randperm(10, 0, 3).tolist()
+    [4, 1, 7]
+    """
+    n = min(n, size)
+    bg = _torch_generator(seed)
+    if size < _RANDPERM_SPLIT:
+        draws = bg.random_raw(min(n, size - 1)).tolist()
+        moved: dict[int, int] = {}
+        out = np.empty(n, np.int64)
+        for i in range(n):
+            j = i + (draws[i] % (size - i) if i < len(draws) else 0)
+            vi, vj = moved.get(i, i), moved.get(j, j)
+            moved[j] = vi
+            out[i] = vj
+        return out
+    out = np.zeros(n, np.int64)
+    head = bg.random_raw(2 * n)
+    for i, (hi, lo) in enumerate(zip(head[0::2].tolist(), head[1::2].tolist())):
+        z = ((hi << 32) | lo) % (i + 1)
+        out[i] = out[z]
+        out[z] = i
+    for i0 in range(n, size, _DRAWS):
+        k = min(_DRAWS, size - i0)
+        raw = bg.random_raw(2 * k)
+        z = ((raw[0::2] << np.uint64(32)) | raw[1::2]) % np.arange(i0 + 1, i0 + k + 1, dtype=np.uint64)
+        hit = np.flatnonzero(z < np.uint64(n))
+        if hit.size:          # (later draws win: the largest i that drew p)
+            np.maximum.at(out, z[hit].astype(np.int64), hit.astype(np.int64) + i0)
+    return out
+
+
 @functools.lru_cache(maxsize=16)
 def places(out: int, inn: int, seed: int, n: int) -> np.ndarray:
     """The flat places p (row p // in, column p % in) of a layer's n coefficients, as PEFT draws them: the first n
-    of torch.randperm(out x in) from a generator seeded with ``seed`` (layers of one shape share them)."""
-    import torch
+    of torch.randperm(out x in) from a generator seeded with ``seed`` (layers of one shape share them), drawn by
+    ``first_of_randperm`` (torch's own randperm above ``_EMULATED_MAX`` coefficients)."""
+    if n <= _EMULATED_MAX:
+        out_ = first_of_randperm(out * inn, seed, n)
+    else:
+        import torch
 
-    perm = torch.randperm(out * inn, generator=torch.Generator().manual_seed(seed))[:n]
-    out_ = perm.numpy().astype(np.int64)
+        out_ = torch.randperm(out * inn, generator=torch.Generator().manual_seed(seed))[:n].numpy().astype(np.int64)
     out_.setflags(write=False)
     return out_
 
