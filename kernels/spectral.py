@@ -197,7 +197,8 @@ def factors_svd(b: np.ndarray, a: np.ndarray, scale: float, vectors: bool = Fals
     ``b``: m x r, ``a``: r x n. Cost O((m + n) r^2); the m x n product is never formed.
     With ``vectors=True`` returns ``(u, s, vt)`` (u: m x r', vt: r' x n, r' = min(r, m, n)).
     """
-    b = np.asarray(b, dtype=np.float64)
+    if vectors or not getattr(b, "row_blocks", False):   # (a factor that computes its rows as they are read)
+        b = np.asarray(b, dtype=np.float64)
     a = np.asarray(a, dtype=np.float64)
     if not vectors:
         # R alone, no Q formed (a FourierFT pair of inner size 2,000 on a 14,336-row layer held another 229 MB

@@ -204,3 +204,41 @@ def test_the_places_of_a_70b_layer_hold_no_permutation():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 64 << 20 and len(np.unique(got)) == 1000 and got.max() < 28672 * 8192
+
+
+def test_a_large_factor_is_computed_by_row_blocks(tmp_path, monkeypatch):
+    """B of a large layer (more than 64 MB: 459 MB at 70B widths) is a ``WaveRows``, its rows computed as the factor
+    paths read them: every slice the held factor's rows, and a comparison's records byte for byte those of the held
+    factor (here every B made one, with several row blocks)."""
+    from weightdiff.io import peft_fourierft as F
+    from weightdiff.measure import rank
+
+    rng = np.random.default_rng(4)
+    flat, s = rng.choice(300 * 40, 50, replace=False), rng.standard_normal(50)
+    a, held = F.spectrum_pair((300, 40), False, s, flat)
+    monkeypatch.setattr(F, "_HELD_BYTES", 0)
+    a2, rows = F.spectrum_pair((300, 40), False, s, flat)
+    assert isinstance(rows, F.WaveRows) and rows.shape == held.shape and np.array_equal(a, a2)
+    for lo, hi in ((0, 300), (7, 8), (299, 300), (10, 10), (250, 400), (-5, None)):
+        assert np.array_equal(rows[lo:hi], held[lo:hi]), (lo, hi)
+    assert np.array_equal(np.asarray(rows), held) and np.array_equal(rows[[3, 1]], held[[3, 1]])
+    base, ad, _, _ = _saved(tmp_path, _llama, n_frequency=8, scaling=150.0, target_modules=["q_proj", "down_proj"])
+    monkeypatch.setattr(rank, "_BLOCK", 100)
+    made = []
+    init = F.WaveRows.__init__
+    monkeypatch.setattr(F.WaveRows, "__init__", lambda self, *x: (made.append(1), init(self, *x))[1])
+    got = weightdiff.compare(str(base), str(ad)).to_dict()["tensors"]
+    monkeypatch.setattr(F, "_HELD_BYTES", 64 << 20)
+    want = weightdiff.compare(str(base), str(ad)).to_dict()["tensors"]
+    assert made and json.dumps(got) == json.dumps(want)
+    # a tall B (the tiny model's are square enough to be factorized whole): the stats and the QR read row blocks only
+    from weightdiff.kernels import spectral
+
+    monkeypatch.setattr(spectral, "TSQR_BYTES", 1 << 12)
+    a, held = F.spectrum_pair((3000, 40), False, s, flat)
+    monkeypatch.setattr(F, "_HELD_BYTES", 0)
+    _, rows = F.spectrum_pair((3000, 40), False, s, flat)
+    monkeypatch.setattr(F.WaveRows, "__array__", lambda self, *x, **k: pytest.fail("B built whole"))
+    w = np.random.default_rng(5).standard_normal((3000, 40)).astype(np.float32)
+    assert rank.analyze_factors(a, rows, 150.0, w, "F32", (3000, 40)) == \
+        rank.analyze_factors(a, held, 150.0, w, "F32", (3000, 40))

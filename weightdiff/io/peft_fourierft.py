@@ -222,29 +222,66 @@ def spectrum_pair(shape: tuple[int, int], conv1d: bool, spectrum: np.ndarray, fl
     out, inn = shape
     j, l = flat // inn, flat % inn
     s = np.asarray(spectrum, np.float64) / (out * inn)
-    b = _waves(out, j, s)                                                        # [out, 2 n]
     a = _waves(inn, l, np.ones(len(l)), 1.0)                                     # [in, 2 n]: A^T
     if conv1d:                  # a Conv1D stores [in, out]: (B A)^T = A^T B^T
-        return np.ascontiguousarray(b.T), a
-    return np.ascontiguousarray(a.T), b
+        return np.ascontiguousarray(_waves(out, j, s).T), a
+    a = np.ascontiguousarray(a.T)
+    if out * 2 * len(j) * 8 > _HELD_BYTES:     # B's rows computed when asked for (a 70B layer's: 459 MB)
+        return a, WaveRows(out, j, s)
+    return a, _waves(out, j, s)                                                  # [out, 2 n]
+
+
+#: a factor B of more bytes than this is a ``WaveRows`` (its rows computed as the rank pass reads them)
+_HELD_BYTES = 64 << 20
+
+
+class WaveRows:
+    """The factor B [size, 2 n] of ``_waves(size, freq, weight)`` never held: its rows are computed when sliced
+    (``b[i:j]``, a float64 array, the same values as the held factor's rows), as the factor paths read B, by row
+    blocks (``measure.rank.analyze_factors``, ``kernels.spectral.tall_r``); ``np.asarray`` of it builds it whole."""
+
+    row_blocks = True           # (the factor paths' test for a factor they may read by row blocks only)
+    dtype = np.dtype(np.float64)
+    ndim = 2
+
+    def __init__(self, size: int, freq: np.ndarray, weight: np.ndarray):
+        self.size, self.freq, self.weight = int(size), np.asarray(freq, np.int64), np.asarray(weight, np.float64)
+        self.shape = (self.size, 2 * len(self.freq))
+        self.nbytes = self.shape[0] * self.shape[1] * 8
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            return np.asarray(self)[key]
+        lo, hi, _ = key.indices(self.size)
+        return _waves(self.size, self.freq, self.weight, rows=(lo, max(lo, hi)))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        x = _waves(self.size, self.freq, self.weight)
+        return x if dtype is None else x.astype(dtype, copy=False)
 
 
 #: rows of a factor computed at once (its temporaries a few MB whatever the layer's size)
 _WAVE_ROWS = 512
 
 
-def _waves(size: int, freq: np.ndarray, weight: np.ndarray, sin_sign: float = -1.0) -> np.ndarray:
-    """[size, 2 n]: weight x cos(2 pi p f / size) in the first n columns, sin_sign x weight x sin(...) in the rest,
-    for p = 0 .. size - 1 and each frequency f, the phase p f reduced modulo ``size`` in integers; in row blocks."""
+def _waves(size: int, freq: np.ndarray, weight: np.ndarray, sin_sign: float = -1.0,
+           rows: tuple[int, int] | None = None) -> np.ndarray:
+    """[size, 2 n] (rows ``rows[0]`` to ``rows[1]`` of it): weight x cos(2 pi p f / size) in the first n columns,
+    sin_sign x weight x sin(...) in the rest, for p = 0 .. size - 1 and each frequency f, the phase p f reduced modulo
+    ``size`` in integers; in row blocks (each element computed alone: the same values however the rows are cut)."""
     n = len(freq)
-    out = np.empty((size, 2 * n))
+    first, last = (0, size) if rows is None else rows
+    out = np.empty((last - first, 2 * n))
     step = 2.0 * math.pi / size
     freq = np.asarray(freq, np.int64)
-    for lo in range(0, size, _WAVE_ROWS):
-        p = np.arange(lo, min(size, lo + _WAVE_ROWS), dtype=np.int64)[:, None]
+    for lo in range(first, last, _WAVE_ROWS):
+        p = np.arange(lo, min(last, lo + _WAVE_ROWS), dtype=np.int64)[:, None]
         angle = step * ((p * freq[None, :]) % size)
-        out[lo:lo + len(p), :n] = weight * np.cos(angle)
-        out[lo:lo + len(p), n:] = (sin_sign * weight) * np.sin(angle)
+        out[lo - first:lo - first + len(p), :n] = weight * np.cos(angle)
+        out[lo - first:lo - first + len(p), n:] = (sin_sign * weight) * np.sin(angle)
     return out
 
 

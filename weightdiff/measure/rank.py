@@ -490,7 +490,8 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
         order = np.argsort(rows, kind="stable")
         rows, a = rows[order], a[order]
         b = np.eye(a.shape[0])          # the spectrum of the selected rows: the selector's columns are orthonormal
-    b = np.asarray(b, dtype=np.float64).reshape(b.shape[0], -1)
+    if not (getattr(b, "row_blocks", False) and magnitude is None):    # (a FourierFT B: its rows when read)
+        b = np.asarray(b, dtype=np.float64).reshape(b.shape[0], -1)
     if rows is None and (b.shape[0] != m or a.shape[1] != n or b.shape[1] != a.shape[0]):
         raise ValueError(f"factors b {b.shape} @ a {a.shape} do not make a {m} x {n} delta")
     step = _rows(m, n)
