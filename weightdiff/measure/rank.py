@@ -522,6 +522,7 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
             from .rank_stream import DeltaGram
 
             gram = DeltaGram((m, n), "F64", "F64", count=bool(whole.get("count")), seed=int(whole.get("seed", 0)))
+            gram.copied = False         # (its floor is given, finish_at: no float32 copy noise summed for it)
             gram.activate()
     for i in range(0, m, step):
         if rows is None:
@@ -586,7 +587,6 @@ def analyze_factors(a: np.ndarray, b: np.ndarray, scale: float, base_raw: np.nda
                                  "direction term and the row rescaling; rows whose c is within rounding_tolerance "
                                  "of 1 take c = 1")
         if gram is not None:
-            gram.end_of_stream()
             rec = gram.finish_at(total, noise_factor, k, floor, extra)
         else:
             s_all, method, caps = CPU.spectrum(held, k, int(whole.get("seed", 0)), min(m, n), total, direct=True)
