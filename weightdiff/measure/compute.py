@@ -171,10 +171,11 @@ class MergedSide(_HeldSide):
 
 
 class RowMergedSide:
-    """The tuned side of an adapter module measured merged (OFT, BOFT, IA3), never held whole: each window, read
-    and set of rows is merged when asked for, from the base's rows, by ``rows(r0, r1)`` (the stored values of merged
-    rows r0 to r1, [r1 - r0, row] in ``info``'s dtype). Each merged row depends on that base row alone, so a window
-    is the same values whichever run of rows it was merged in. No quantization, no floor (``MergedSide``'s)."""
+    """The tuned side of an adapter module measured merged (OFT, BOFT, IA3, a LoRA merged into a base layer its
+    adapter saves), never held whole: each window, read and set of rows is merged when asked for, from the
+    base's rows, by ``rows(r0, r1)`` (the stored values of merged rows r0 to r1, [r1 - r0, row] in ``info``'s
+    dtype). Each merged row depends on that base row alone, so a window is the same values whichever run of rows
+    it was merged in. No quantization, no floor (``MergedSide``'s)."""
 
     def __init__(self, ck: Checkpoint, name: str, info, rows: Callable[[int, int], np.ndarray]):
         self.path, self._ck = ck.path, ck
