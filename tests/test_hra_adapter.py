@@ -32,8 +32,10 @@ def test_the_factor_pair_is_peft_own_reflections(rng, gs, r, inputs):
 
     u = rng.standard_normal((inputs, r)) * np.exp(rng.uniform(-3, 3, r))
     w = rng.standard_normal((11, inputs))
-    layer = type("L", (), {"hra_r": {"a": r}, "hra_apply_GS": {"a": gs},
-                           "hra_u": {"a": torch.tensor(u, dtype=torch.float64)}})()
+    attrs = {"hra_r": {"a": r}, "hra_apply_GS": {"a": gs}, "hra_u": {"a": torch.tensor(u, dtype=torch.float64)}}
+    if hasattr(HRALinear, "_get_householder_vt"):     # PEFT 0.22: H from the compact WY form (V, T) of the reflections
+        attrs["_get_householder_vt"] = HRALinear._get_householder_vt
+    layer = type("L", (), attrs)()
     h = HRALinear.get_delta_weight(layer, "a").numpy()
     a = reflections(u, gs)
     b = factor_b(w @ a.T, a, gs)
