@@ -17,7 +17,7 @@ import pytest
 from conftest import write_checkpoint
 from models import llama
 from weightdiff import compare
-from weightdiff.measure.cache import RecordCache, _digest, record_from_dict
+from weightdiff.measure.cache import CACHE_VERSION, RecordCache, _digest, record_from_dict
 
 
 def _pair(tmp_path: Path, rng, layers: int = 2) -> tuple[Path, Path]:
@@ -496,7 +496,7 @@ def test_a_valid_record_is_read_back_as_written(tmp_path, rng):
     finally:
         compute.compute_pair = real
     assert calls == [] and [p.read_bytes() for p in _records(cache)] == before
-    assert all(json.loads(x)["v"] == 7 and "digest" in json.loads(x) for x in before)
+    assert all(json.loads(x)["v"] == CACHE_VERSION == 8 and "digest" in json.loads(x) for x in before)
 
 
 def test_a_record_subfolder_that_is_a_symlink_is_refused(tmp_path, rng):

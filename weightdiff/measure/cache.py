@@ -97,9 +97,9 @@ from ..records import RankRecord, TensorRecord
 __all__ = ["RecordCache", "CACHE_VERSION", "check_folder", "record_from_dict", "records_digest"]
 
 #: bump when a change of the code changes records for the same inputs and options
-CACHE_VERSION = 7           # 4: inode and ctime (or the sha256) in a file's identity; 5: the JSON sidecars;
+CACHE_VERSION = 8           # 4: inode and ctime (or the sha256) in a file's identity; 5: the JSON sidecars;
 #                             6: recipe.yaml among them, compressed-tensors int weights' floor test changed;
-#                             7: a digest of the record's content stored with it
+#                             7: a digest of the record's content stored with it; 8: a DoRA's whole change ranked
 
 
 class CacheError(WeightdiffError):
