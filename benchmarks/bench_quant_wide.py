@@ -229,7 +229,7 @@ def run(argv: list[str]) -> dict:
     line = [x for x in p.stderr.splitlines() if x.startswith("BENCH ")]
     if not line:
         raise SystemExit(p.stderr[-2000:])
-    return json.loads(line[-1][6:])
+    return {**json.loads(line[-1][6:]), "stderr": p.stderr[-2000:]}
 
 
 def main() -> int:
@@ -251,6 +251,12 @@ def main() -> int:
             _dense_adapter(folder / kind, kind, m, n, np.random.default_rng(1))
         if "embed" in runs and not (folder / "embed").exists():
             _embedding(folder, n, np.random.default_rng(1))
+        # the rest need the base's fine-tune: made again from the same seed (the base rewritten with the same values)
+        made = {"plain": folder / "plain" / "model.safetensors", "fp8": folder / "fp8" / "model.safetensors",
+                "gguf": folder / "tuned-Q8_0.gguf"}
+        missing = [r for r in runs if r not in ADAPTERS and r != "embed" and not made.get(r, folder / r).exists()]
+        if missing:
+            make(folder, m, n, missing)
     tuned = {"plain": folder / "plain", "fp8": folder / "fp8", "gguf": folder / "tuned-Q8_0.gguf",
              "gptq": folder / "gptq", "lora": folder / "lora"}
     tuned.update({r: folder / r for r in runs if r not in tuned})
@@ -258,7 +264,11 @@ def main() -> int:
     for kind in runs:
         base = folder / ("fp8" if kind == "lora" else "embed-base" if kind == "embed" else "base")
         out = folder / f"{kind}.json"
+        out.unlink(missing_ok=True)
         r = run(["compare", str(base), str(tuned[kind]), "--json", str(out), "--quiet"])
+        err = r.pop("stderr")
+        if not out.exists():               # (the compare failed: its one line says why)
+            raise SystemExit(f"{kind}: no JSON written\n{err}")
         t = json.loads(out.read_text())["tensors"][0]       # one tensor a side
         rank = t.get("rank") or {}
         r.update(kind=kind, numerical_rank=rank.get("numerical_rank"), exact=rank.get("exact"),
