@@ -284,13 +284,8 @@ def _merged_base_layer(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple
             return merged_factor_weight(w, a, b[r0:r1], lf.scale, None if magnitude is None else magnitude[r0:r1],
                                         info.dtype, dt_m, dt_a)
 
-    def rows(first: int, last: int) -> np.ndarray:
-        out = np.empty((last - first, row), storage_of(dtype))
-        for r0, r1, w in _row_runs(tuned, saved, shape, info.dtype, row, first, last):
-            out[r0 - first:r1 - first] = _stored(reference.round_to(merge(w, r0, r1), dtype), dtype).reshape(r1 - r0, row)
-        return out
-
-    return flat, rows
+    return flat, _merged_rows(tuned, saved, shape, info.dtype, row, dtype,
+                              lambda w, r0, r1: reference.round_to(merge(w, r0, r1), dtype))
 
 
 def _token_rows(lf, tuned: Checkpoint, dtype: str) -> np.ndarray:
@@ -502,18 +497,8 @@ def _ia3_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
     ldt = tuned.tensors[v.name].dtype
     computed = _promoted(dtype, ldt)
     factor = ia3_factor(v, shape, decode(np.asarray(tuned.read(v.name)), ldt))
-    row = math.prod(shape[1:])
-
-    def rows(first: int, last: int) -> np.ndarray:
-        out = np.empty((last - first, row), storage_of(dtype))
-        for r0, r1, w in _row_runs(src, name, shape, dtype, row, first, last):
-            w = w.reshape((r1 - r0, *shape[1:]))
-            f = factor[r0:r1] if factor.shape[0] != 1 else factor
-            with np.errstate(all="ignore"):
-                merged = _cast_chain(w * f, computed, dtype).reshape(w.shape)
-            out[r0 - first:r1 - first] = _stored(merged, dtype).reshape(r1 - r0, row)
-        return out
-
+    rows = _merged_rows(src, name, shape, dtype, math.prod(shape[1:]), dtype, lambda w, r0, r1: _cast_chain(
+        w.reshape((r1 - r0, *shape[1:])) * (factor[r0:r1] if factor.shape[0] != 1 else factor), computed, dtype))
     return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), rows
 
 
@@ -591,24 +576,30 @@ def _oft_merged(pair: Pair, base: Checkpoint, tuned: Checkpoint) -> tuple:
     return replace(info, name=pair.tuned_name, start=None, end=None, quant=None), rows
 
 
-def _merge_in_rows(src, name: str, shape: tuple, dtype: str, computed: str, features: int, merge):
-    """``rows(first, last)``: rows ``first`` to ``last`` of weight ``name`` of checkpoint ``src`` (of ``shape`` and
-    ``dtype``) merged with a rotation as PEFT merges one, read and merged in runs of rows (the weight is never mapped
-    or merged whole): each run cast to the adapter's dtype ``computed``, ``merge(rows [n, features] float64, r0,
-    r1)`` on it, rounded to ``computed`` and cast to ``dtype`` (torch's casts); the stored values [last - first,
-    row] of the merged rows."""
+def _merged_rows(src, name: str, shape: tuple, dtype: str, width: int, out_dtype: str, merge):
+    """``rows(first, last)`` for ``RowMergedSide``: rows ``first`` to ``last`` of weight ``name`` of checkpoint ``src``
+    (of ``shape`` and ``dtype``) read and merged in runs of rows (the weight is never mapped or merged whole):
+    ``merge(rows [n, width] float64, r0, r1)`` gives their merged values on ``out_dtype``'s grid; the stored values
+    [last - first, row] of the merged rows."""
     row = math.prod(shape[1:])
 
     def rows(first: int, last: int) -> np.ndarray:
-        out = np.empty((last - first, row), storage_of(dtype))
-        for r0, r1, w in _row_runs(src, name, shape, dtype, features, first, last):
-            w = reference.round_to(w, computed).reshape(r1 - r0, features)
+        out = np.empty((last - first, row), storage_of(out_dtype))
+        for r0, r1, w in _row_runs(src, name, shape, dtype, width, first, last):
             with np.errstate(all="ignore"):
-                merged = _cast_chain(merge(w, r0, r1), computed, dtype).reshape(r1 - r0, features)
-            out[r0 - first:r1 - first] = _stored(merged, dtype).reshape(r1 - r0, -1)
+                merged = merge(w, r0, r1)
+            out[r0 - first:r1 - first] = _stored(merged, out_dtype).reshape(r1 - r0, row)
         return out
 
     return rows
+
+
+def _merge_in_rows(src, name: str, shape: tuple, dtype: str, computed: str, features: int, merge):
+    """``_merged_rows`` of a weight merged with a rotation as PEFT merges one: each run cast to the adapter's dtype
+    ``computed``, ``merge(rows [n, features] float64, r0, r1)`` on it, rounded to ``computed`` and cast to ``dtype``
+    (torch's casts)."""
+    return _merged_rows(src, name, shape, dtype, features, dtype, lambda w, r0, r1: _cast_chain(
+        merge(reference.round_to(w, computed).reshape(r1 - r0, features), r0, r1), computed, dtype))
 
 
 def _row_runs(src, name: str, shape: tuple, dtype: str, width: int, first: int = 0, last: int | None = None):
