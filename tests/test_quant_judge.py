@@ -1055,3 +1055,163 @@ def test_the_floor_test_runs_in_small_windows_with_the_same_answer(tmp_path, mod
         if window == 512:
             assert max(seen) == 512 and len(seen) > 8
     assert answers[0] == answers[1] and answers[0][0][0] == "quantized_only" and answers[0][1][0] == "derived"
+
+
+def _late_fine_tune(rows: int, kind: str, both: bool):
+    """A 1280-row model, its fine-tune changed in rows 900 on only, stored by ``kind`` (and the base too, ``both``)."""
+    old = T.OUT
+    T.OUT = rows
+    try:
+        rng = np.random.default_rng(13)
+        base = T.base_model(rng)
+        tuned = T.fine_tune(rng, base, rel=0.2, rank=4)
+        for m in T.LINEARS:
+            tuned[m + ".weight"][:900] = base[m + ".weight"][:900]
+        stored, qc, _ = T.BUILDERS[kind](tuned)
+        stored_base, qc_base = (T.BUILDERS[kind](base)[:2]) if both else (base, None)
+    finally:
+        T.OUT = old
+    return stored_base, qc_base, stored, qc
+
+
+@pytest.mark.parametrize("kind", ["fp8-block", "gptq-v1", "bnb-nf4-nested"])
+def test_the_noise_a_streamed_rank_counts_above_is_summed_in_the_floor_tests_pass(tmp_path, kind, monkeypatch):
+    """The quantization noise a streamed Gram's rank counts above was summed in one more pass over the quantized
+    side after the floor test's: now in the floor test's own pass (``floor_test(noise=)``), from the first window
+    with an element beyond the floor on, the windows before it read once more. A fine-tune of the last rows only,
+    in windows of 256 rows, starts there late: the JSON is byte for byte the one the separate pass gives, and
+    ``quant_noise_var`` is not called."""
+    from weightdiff.measure import compute, quant_floor
+
+    base, _, stored, qc = _late_fine_tune(1280, kind, False)   # the first 900 rows the base's: the first windows within
+    b = T._save(tmp_path / "base", base, None)
+    q = T._save(tmp_path / "quant", stored, qc)
+    window = 256 * 256
+    monkeypatch.setattr(quant_floor, "FLOOR_WINDOW", window)
+    monkeypatch.setattr(compute, "_VAR_WINDOW", window)
+    window_of = quant_floor._LazyNoise.window
+    monkeypatch.setattr(quant_floor._LazyNoise, "window", lambda self, beyond: None)   # never starts: its own pass
+    separate = compare(b, q, rank=True).to_json(include_run=False)
+
+    starts = []
+
+    def spy(self, beyond):
+        was = self.started
+        window_of(self, beyond)
+        if self.started and not was:
+            starts.append(self.windows)
+
+    monkeypatch.setattr(quant_floor._LazyNoise, "window", spy)
+    monkeypatch.setattr(quant_floor, "quant_noise_var", lambda *a, **k: pytest.fail("a separate noise pass"))
+    r = compare(b, q, rank=True)
+    assert r.to_json(include_run=False) == separate
+    ranked = [t for t in r.tensors if t.rank is not None and t.status == "changed"]
+    assert len(ranked) == len(T.LINEARS) and all("above the quantization noise" in t.note for t in ranked)
+    assert all(3 <= t.rank.numerical_rank <= 5 for t in ranked), [t.rank.numerical_rank for t in ranked]
+    assert len(starts) == len(T.LINEARS) and all(s >= 3 for s in starts), starts
+
+
+def test_the_noise_sums_are_left_to_their_own_pass_when_no_element_is_beyond_the_floor(tmp_path, models):
+    """A pair within its floor is not ranked above its noise: no sums are taken for it (``noise`` is left
+    without ``sums``), and a pair whose windows cannot be summed in the test's pass is not given sums."""
+    from weightdiff.io.checkpoint import locate
+    from weightdiff.measure.quant_floor import floor_test, quant_noise_var
+
+    base, tuned = models
+    name = T.LINEARS[0] + ".weight"
+    for src, expect in ((base, False), (tuned, True)):
+        stored, qc, _ = _build("fp8-block", src)
+        bdir = T._save(tmp_path / f"b{expect}", base, None)
+        qdir = T._save(tmp_path / f"q{expect}", stored, qc)
+        b, q = locate(bdir), locate(qdir)
+        try:
+            shape = tuple(q.tensors[name].shape)
+            noise: dict = {}
+            info = floor_test(b, name, "F32", q, name, "F32", shape, 1 << 12, None, noise)
+            assert info["within"] is (not expect)
+            assert ("sums" in noise) is expect
+            if expect:
+                er, ec = quant_noise_var(b, name, "F32", q, name, "F32", shape, noise["window"])
+                assert noise["window"] == 1 << 12
+                np.testing.assert_array_equal(noise["sums"][0], er)
+                np.testing.assert_array_equal(noise["sums"][1], ec)
+        finally:
+            b.close()
+            q.close()
+
+
+@pytest.mark.parametrize("both", [False, True])
+@pytest.mark.parametrize("kind", list(T.BUILDERS))
+def test_the_floor_test_is_taken_in_the_stats_pass_with_the_same_json(tmp_path, kind, both, monkeypatch):
+    """A quantized pair was read three times: the statistics pass, the floor test's pass and the noise sums'. The
+    floor test (and the noise sums with it) now takes the statistics pass's windows (``quant_floor.FloorPass``,
+    each cut into the test's own), from the first window that differs (the windows before it read once more): the
+    JSON of every format, one side or both quantized, rank on, in windows small enough that the pass has three
+    and the test two in each, is byte for byte the separate pass's; the test's own pass never runs."""
+    from weightdiff.measure import compute, quant_floor
+
+    stored_base, qc_base, stored, qc = _late_fine_tune(1280, kind, both)
+    b = T._save(tmp_path / "base", stored_base, qc_base)
+    q = T._save(tmp_path / "quant", stored, qc)
+    monkeypatch.setattr(quant_floor, "FLOOR_WINDOW", 256 * 256)
+    monkeypatch.setattr(compute, "_VAR_WINDOW", 256 * 256)
+    monkeypatch.setattr(compute, "WINDOW_ELEMENTS", 8 * 512 * 256)        # a quantized pair's window: 512 rows
+    with monkeypatch.context() as m:
+        m.setattr(compute, "floor_pass", lambda *a, **k: None)
+        separate = compare(b, q, rank=True).to_json(include_run=False)
+    starts = []
+    feed = quant_floor.FloorPass.feed
+
+    def spy(self, wb, wt, changed):
+        was = self.started
+        feed(self, wb, wt, changed)
+        if self.started and not was:
+            starts.append(self.seen - len(wt))
+
+    monkeypatch.setattr(quant_floor.FloorPass, "feed", spy)
+    monkeypatch.setattr(quant_floor, "_stream", lambda *a, **k: pytest.fail("the floor test's own pass"))
+    r = compare(b, q, rank=True)
+    assert r.to_json(include_run=False) == separate
+    tested = [t for t in r.tensors if t.quant is not None and t.quant.get("test") not in (None, "none")]
+    assert len(tested) == len(T.LINEARS) and len(starts) == len(T.LINEARS)
+    if both and kind == "fp8-block":          # FP8 blocks of 128 rows: the first 896 rows store the same codes
+        assert all(s == 512 * 256 for s in starts), starts
+
+
+def test_a_quantized_pair_read_as_unchanged_takes_no_floor_test(tmp_path, monkeypatch):
+    """The floor test fed by the statistics pass computes nothing before a window that differs: a quantized
+    model against itself never starts it."""
+    from weightdiff.measure import quant_floor
+
+    stored_base, qc_base, _, _ = _late_fine_tune(1280, "gptq-v1", True)
+    b = T._save(tmp_path / "a", stored_base, qc_base)
+    q = T._save(tmp_path / "b", stored_base, qc_base)
+    monkeypatch.setattr(quant_floor, "_stream_co", lambda *a, **k: pytest.fail("a floor test of an unchanged pair"))
+    r = compare(b, q, rank=True)
+    assert r.summary.verdict == "identical"
+
+
+def test_a_floor_pass_fed_windows_that_do_not_line_up_leaves_the_test_to_its_own_pass(tmp_path, models):
+    """``FloorPass.result()`` is None (``floor_test`` then runs its own pass) when the fed windows do not start at
+    multiples of the test's window, or when none differed; it is ``floor_test``'s dict when they line up."""
+    from weightdiff.io.checkpoint import locate
+    from weightdiff.measure.quant_floor import floor_pass, floor_test
+
+    base, tuned = models
+    stored, qc, _ = _build("fp8-block", tuned)
+    B, Q = locate(T._save(tmp_path / "b", base, None)), locate(T._save(tmp_path / "q", stored, qc))
+    name = T.LINEARS[0] + ".weight"
+    try:
+        shape = tuple(Q.tensors[name].shape)
+        want = floor_test(B, name, "F32", Q, name, "F32", shape, 1 << 12, None)
+        for step, changed, expect in ((1 << 12, True, want), (1 << 13, True, want), (1000, True, None),
+                                      (1 << 12, False, None)):
+            fp = floor_pass(B, name, "F32", Q, name, "F32", shape, 1 << 12, None)
+            for wb, wt in zip(B.windows(name, step), Q.windows(name, step)):
+                fp.feed(wb, wt, changed)
+            assert fp.result() == expect, step
+        assert floor_pass(B, name, "F32", Q, name, "F32", shape, 3 << 20, None) is None     # not a multiple
+        assert floor_pass(B, "model.norm.weight", "F32", B, "model.norm.weight", "F32", (64,), 1 << 12) is None
+    finally:
+        B.close()
+        Q.close()

@@ -90,6 +90,9 @@ class Source:
                 v, f = self._rows_cached(read, read_rows, r0, r1)
                 out = (f if floor else v).reshape(-1)[pos - r0 * n: end - r0 * n]
                 out.flags.writeable = False
+                # the other array not kept while this pass waits: a floor pass fed by the stats pass waits
+                # through the next window's dequantization and Gram product
+                v = f = None
                 yield out
         finally:
             self._open -= 1

@@ -31,7 +31,7 @@ from . import precompile
 from .backend import Backend
 from .floors import FloorAccumulator
 from .awq_fold import _awq_norm_both, bias_fold, norm_fold
-from .quant_floor import FOLD_REL, floor_test
+from .quant_floor import FOLD_REL, floor_pass, floor_test
 from .recast import cast_test, clamp_test, twin_route, twin_test
 from .rank_stream import float_matrix, streamed_rank_sink
 
@@ -73,7 +73,11 @@ def _elements(pair: Pair, shape: Sequence[int] | None) -> int:
 def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
                   tuned: Checkpoint, tname: str, dtype_t: str, stop: int | None,
                   on_window: Callable[[int], None], floors: FloorAccumulator | None = None,
-                  sink=None, device_sink=None, window: int | None = None) -> np.ndarray:
+                  sink=None, device_sink=None, window: int | None = None, floor_pass=None) -> np.ndarray:
+    """The statistics of a pair, streamed in windows of ``window`` elements, each window also handed to the
+    cast floors (``floors``), the Gram matrix of a streamed rank (``sink``), a device's copy of the delta
+    (``device_sink``) and a quantized pair's floor test (``floor_pass``, ``quant_floor.FloorPass``: not on a
+    CUDA backend, whose kernel takes the windows), so each is read once."""
     k = backend.module
     window = WINDOW_ELEMENTS if window is None else int(window)
     opaque = not (DTYPES[dtype_b].decodable and DTYPES[dtype_t].decodable)
@@ -100,6 +104,8 @@ def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
         part = k.bytes_stats(wb, wt) if opaque else k.delta_stats(wb, wt, dtype_b, dtype_t)
         if sink is not None:
             sink.window(wb, wt, part, base, bname, tuned, tname)
+        if floor_pass is not None:
+            floor_pass.feed(wb, wt, part[_N_CHANGED] > 0)
         acc = part if acc is None else k.combine(acc, part)
         on_window(len(wt))
     if acc is None:   # zero-size tensor
@@ -841,6 +847,7 @@ def _array_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str, t
 
 
 _N_BEYOND = reference.IDX["n_beyond"]
+_N_CHANGED = reference.IDX["n_changed"]
 #: (base dtype, tuned dtype) -> whether both decode to floats (``_compute_pair``'s shortcut for an unchanged pair)
 _UNCHANGED_OK = {(a, b): DTYPES[a].decodable and DTYPES[b].decodable for a in DTYPES for b in DTYPES}
 _FILLED = ("norm_base", "norm_tuned", "norm_delta", "rel_change", "cosine", "frac_changed",
@@ -961,7 +968,7 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
                     "and differ, so the values were not compared")
         rec.status = "changed"
         return rec
-    tuned_t = sink = dsink = None
+    tuned_t = sink = dsink = fpass = noise = None
     win = window_elements(pair.dtype_base, pair.dtype_tuned)
     if pair.base_name in (getattr(base, "quant", None) or ()) or tuned_name in (getattr(tuned, "quant", None) or ()):
         # a quantized side comes out as float32 values and floors, a block of rows dequantized with its
@@ -984,8 +991,14 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
             stats, rec.rounding_floor, fields = pre
             on_window(int(stats[0]))
         else:
+            # the sums of the quantization noise the streamed rank counts above, taken with the floor test when a
+            # Gram matrix is streamed (``_quant_var``), and the floor test of a quantized pair in this pass's windows
+            noise = {} if options.rank and sink is not None else None
+            if not opaque and shape_t is not None and backend.name != "cuda":
+                fpass = floor_pass(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
+                                   tuple(shape_t), win, stop, noise)
             stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
-                                  pair.dtype_tuned, stop, on_window, floors, sink, dsink, win)
+                                  pair.dtype_tuned, stop, on_window, floors, sink, dsink, win, fpass)
             if sink is not None:
                 sink.gram.end_of_stream()
             if not opaque:
@@ -1058,8 +1071,11 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
             rec.note = ("AWQ divided this tensor by the activation scales it multiplied the next linears' inputs "
                         "by; the floor test of those linears uses the same scales")
     if not opaque and shape_t is not None and rec.status != "unchanged" and rec.quant is None:
-        rec.quant = floor_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
-                               tuple(t_shape), win, stop)
+        # taken in the stats pass's windows when it could follow them (``fpass``), else in a pass of its own
+        rec.quant = fpass.result() if fpass is not None else None
+        if rec.quant is None:
+            rec.quant = floor_test(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,
+                                   tuple(t_shape), win, stop, noise)
         if rec.quant is not None and rec.quant.get("within") and rec.status in ("changed", "rounding"):
             rec.status = "quantized"
         elif rec.quant is not None and rec.quant.get("within") is None and rec.status in ("changed", "rounding"):
@@ -1087,6 +1103,8 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
                 above = "rounding"                 # the copy may have been dequantized in bf16: that noise too
         elif rec.quant is not None and rec.quant.get("test") not in (None, "none") and (rec.status == "changed" or shared):
             above = True                           # rank the whole change above the quantization noise
+    elif fpass is not None:
+        fpass.close()                              # no floor test wanted: what the stats pass fed it is dropped
 
     ranked = rec.status == "changed" or shared     # a change whose rank is taken, unless one of these says no
     nd = rec.norm_delta
@@ -1123,7 +1141,8 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
             # quantization noise, summed per row and column in one more pass over the floors in windows of at most
             # 2M elements (a GGUF's too), beside the Gram's 537 MB at 70B widths; no matrix read whole (both sides
             # and the noise held whole took an 8192 x 28672 FP8 or GGUF pair to 7.7 GB)
-            extra_var = _quant_var(above, base, pair, t_side, tuned_name, t_shape, min(win, _VAR_WINDOW), stop)
+            extra_var = _quant_var(above, base, pair, t_side, tuned_name, t_shape, min(win, _VAR_WINDOW), stop,
+                                   noise)
             if extra_var is not None and above is True:
                 rec.note = QUANT_RANK_NOTE + (f"; {rec.note}" if rec.note else "")
         args = (float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
@@ -1175,7 +1194,7 @@ QUANT_RANK_NOTE = ("rank of the whole change; numerical rank counted above the q
 
 
 def _quant_var(above, base: Checkpoint, pair: Pair, t_side, tuned_name: str, t_shape, win: int,
-               stop: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+               stop: int | None, noise: dict | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """The noise a quantized pair's rank is counted above, beyond the stored dtypes' rounding, summed per row
     and column: the rounding of a bf16 dequantization (``above`` "rounding": a near-grid change stored wider);
     else the whole change's quantization noise (the elementwise part above the floor is not low rank even when
@@ -1184,6 +1203,8 @@ def _quant_var(above, base: Checkpoint, pair: Pair, t_side, tuned_name: str, t_s
         from .quant_floor import dequant_rounding_var
 
         return dequant_rounding_var(base, pair.base_name, win, stop)
+    if noise and "sums" in noise and noise.get("window") == win:
+        return noise["sums"]            # summed in the floor test's pass, in these windows (``floor_test(noise=)``)
     from .quant_floor import quant_noise_var
 
     return quant_noise_var(base, pair.base_name, pair.dtype_base, t_side, tuned_name, pair.dtype_tuned,

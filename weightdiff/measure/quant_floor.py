@@ -39,7 +39,7 @@ from ..kernels.quant import round_to
 from ..kernels.reference import RECAST_DTYPES, decode
 from ..kernels.reference import round_to as cast_to
 
-__all__ = ["floor_test", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "scales_unchecked", "quant_noise_var", "near_grid", "dequant_rounding_var", "row_col_sums", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "CODES_MOVED_SHARE", "same_scheme", "extremes_differ", "extreme_rounding", "EXTREMES_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
+__all__ = ["floor_test", "floor_pass", "FloorPass", "clamped_beyond", "scales_beyond", "scale_excess", "SCALE_SLACK", "scales_unchecked", "quant_noise_var", "near_grid", "dequant_rounding_var", "row_col_sums", "DEQUANT_REL", "AWQ_BEYOND_SHARE", "CODES_MOVED_SHARE", "same_scheme", "extremes_differ", "extreme_rounding", "EXTREMES_SHARE", "NEAR_GRID_SHARE", "ratio_share"]
 
 #: AWQ: share of elements beyond the floor a quantization of the base may leave, beside the group
 #: extremes its clipping search moved (``kernels.quant_floor.clipped_beyond``); AutoAWQ 0.2.9 on a
@@ -138,10 +138,24 @@ FLOOR_WINDOW = 1 << 21
 
 
 def floor_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, shape: tuple,
-               window: int, stop: int | None = None) -> dict[str, Any] | None:
+               window: int, stop: int | None = None, noise: dict | None = None) -> dict[str, Any] | None:
     """The floor test of one pair (``base``/``tuned`` are Checkpoints), or None when neither
-    side is quantized or its reader gives no floor. ``window``: elements per window, at most ``FLOOR_WINDOW``."""
+    side is quantized or its reader gives no floor. ``window``: elements per window, at most ``FLOOR_WINDOW``.
+
+    ``noise``: a dict to receive what ``quant_noise_var`` would give for the same window (key ``sums``: its
+    (row sums, column sums), or None where it gives None; ``window``: the window they were summed in), summed in
+    this test's own pass from its first window with an element beyond the floor on (the windows before it read
+    once more then): a pair whose change is ranked above its quantization noise is not read a third time for
+    its noise. Left without ``sums`` when no element was beyond (a pair within its floor is not ranked so)."""
     window = max(1, min(int(window), FLOOR_WINDOW))
+    lazy = _lazy_noise(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop) if noise is not None else None
+    info = _floor_test(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, lazy)
+    _noise_result(lazy, noise, window)
+    return info
+
+
+def _floor_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, shape: tuple,
+                window: int, stop: int | None, lazy: "_LazyNoise | None") -> dict[str, Any] | None:
     qb, qt = base.tensors[bname].quant, tuned.tensors[tname].quant
     if qb is None and qt is None:
         grid = detect_export(tuned, tname, dtype_t, shape)
@@ -151,13 +165,22 @@ def floor_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, 
                 return None
             qt = QuantScheme("dequantized", rt["label"], rt["bits"], str(rt["group"] or "row"), False, (tname,), 0)
             ft = roundtrip_floor_windows(base, bname, dtype_b, tuned, tname, shape, window, stop, rt)
-            return _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, None, qt, None, ft)
+            return _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, None, qt, None, ft,
+                           lazy=lazy)
         if detect_export(base, bname, dtype_b, shape) is not None:
             return None                 # a base on a grid too is structured data, not an export of it
         qt = QuantScheme("dequantized", f"int{grid['bits']} grid per row (up to {grid['levels']} levels in "
                          f"sampled rows)", grid["bits"], "row", False, (tname,), 0)
         ft = export_floor_windows(tuned, tname, dtype_t, shape, window, stop)
-        return _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb, qt, None, ft)
+        return _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb, qt, None, ft,
+                       lazy=lazy)
+    return _stream(*_quant_args(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop), lazy)
+
+
+def _quant_args(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, shape: tuple, window: int,
+                stop: int | None) -> tuple:
+    """``_stream``'s arguments for a pair with a quantized side, up to ``lazy``."""
+    qb, qt = base.tensors[bname].quant, tuned.tensors[tname].quant
     fb = base.floor_windows(bname, window, 0, stop) if qb is not None else None
     ft = tuned.floor_windows(tname, window, 0, stop) if qt is not None else None
     folded = None
@@ -165,11 +188,124 @@ def floor_test(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, 
         from .awq_fold import fold         # AWQ's searched scales, fit back (weightdiff.measure.awq_fold)
 
         folded = fold(base, tuned, tname) if qt is not None else fold(tuned, base, bname)
-    return _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb, qt, fb, ft, folded)
+    return base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb, qt, fb, ft, folded
+
+
+def _lazy_noise(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, shape: tuple, window: int,
+                stop: int | None) -> "_LazyNoise":
+    return _LazyNoise(lambda: _noise_windows(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop),
+                      _rows_of(shape, stop), int(math.prod(shape[1:])))
+
+
+def _noise_result(lazy: "_LazyNoise | None", noise: dict | None, window: int) -> None:
+    if lazy is not None and lazy.started:
+        try:
+            noise.update(window=window, sums=lazy.result())
+        except ValueError:          # fewer elements than the matrix holds: left to ``quant_noise_var``'s own pass
+            pass
+
+
+def floor_pass(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, shape: tuple, window: int,
+               stop: int | None = None, noise: dict | None = None) -> "FloorPass | None":
+    """``floor_test`` of a pair with a quantized side, taken in another pass's windows (the statistics pass
+    of ``measure.compute``, ``window`` elements each: a multiple of the test's own window, which is
+    ``min(window, FLOOR_WINDOW)``), so that the pair is read once for both; None when neither side is
+    quantized (the export and round-trip tests sample the tensor first). Same arguments as ``floor_test``."""
+    if base.tensors[bname].quant is None and tuned.tensors[tname].quant is None:
+        return None
+    fw = max(1, min(int(window), FLOOR_WINDOW))
+    if int(window) % fw:
+        return None
+    lazy = _lazy_noise(base, bname, dtype_b, tuned, tname, dtype_t, shape, fw, stop) if noise is not None else None
+    return FloorPass(_quant_args(base, bname, dtype_b, tuned, tname, dtype_t, shape, fw, stop), lazy, noise)
+
+
+class FloorPass:
+    """The floor test fed with another pass's windows (``floor_pass``): ``feed(wb, wt, changed)`` each pair of
+    windows of that pass in order (as ``Checkpoint.windows`` gives them, any multiple of the test's window long),
+    ``changed`` when the window holds an element that differs; then ``result()``, or ``close()`` when the test is
+    not wanted. Nothing is computed until a window that differs (a pair read as unchanged takes no floor test):
+    then the windows before it are read once more, in order, and the test goes on in the fed windows, cut into
+    its own, so its numbers are bit for bit those of ``floor_test``'s own pass. ``result()`` is None where the
+    test could not follow the pass (no window differed, windows that do not line up): call ``floor_test``."""
+
+    def __init__(self, args: tuple, lazy: "_LazyNoise | None", noise: dict | None):
+        self._args, self._lazy, self._noise = args, lazy, noise
+        self.window = args[7]
+        shape, stop = args[6], args[8]
+        self.total = int(math.prod(shape)) if stop is None else int(stop)     # the elements the pass runs over
+        self._co = None
+        self._info = None            # the test's result once it returned
+        self.seen = 0                # elements the pass has fed
+        self.started = False
+        self.failed = False
+
+    def _send(self, w) -> None:
+        try:
+            self._co.send(w)
+        except StopIteration as done:
+            self._info, self._co = done.value, None
+
+    def feed(self, wb, wt, changed: bool) -> None:
+        n, start = len(wt), self.seen
+        self.seen += n
+        if self.failed or (not self.started and not changed) or (self.started and self._co is None):
+            return
+        if len(wb) != n or start % self.window or (n % self.window and start + n != self.total):
+            self.failed = True       # elements not one per item, or windows that do not line up: its own pass
+            return
+        if not self.started:
+            self.started = True
+            base, bname, _, tuned, tname = self._args[:5]
+            stop = self._args[8]
+            self._co = _stream_co(*self._args, self._lazy)
+            try:
+                next(self._co)
+            except StopIteration as done:          # a side gives no floor: no window needed
+                self._info, self._co = done.value, None
+                return
+            if start:                # the windows before this one, read once more
+                for w in zip(base.windows(bname, self.window, 0, start), tuned.windows(tname, self.window, 0, start)):
+                    self._send(w)
+        for a in range(0, n, self.window):
+            if self._co is not None:
+                self._send((wb[a:a + self.window], wt[a:a + self.window]))
+
+    def result(self) -> dict[str, Any] | None:
+        if self.failed or not self.started:
+            self.close()
+            return None
+        if self._co is not None:
+            self._send(None)
+        info = self._info
+        _noise_result(self._lazy, self._noise, self.window)
+        return info
+
+    def close(self) -> None:
+        if self._co is not None:
+            self._co.close()
+            self._co = None
 
 
 def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb, qt, fb, ft,
-            folded=None) -> dict[str, Any]:
+            folded=None, lazy: "_LazyNoise | None" = None) -> dict[str, Any]:
+    """The floor test's pass over the pair's own windows (``_stream_co`` fed by them)."""
+    co = _stream_co(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb, qt, fb, ft, folded, lazy)
+    try:
+        next(co)
+        for w in zip(base.windows(bname, window, 0, stop), tuned.windows(tname, window, 0, stop)):
+            co.send(w)
+        co.send(None)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("the floor test did not finish")        # pragma: no cover - _stream_co returns on None
+
+
+def _stream_co(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb, qt, fb, ft,
+               folded=None, lazy: "_LazyNoise | None" = None):
+    """The floor test's pass as a generator: sent each (base window, tuned window) in the pair's windows of
+    ``window`` elements from the start (``Checkpoint.windows``), then None; returns the ``quant`` dict (the
+    ``StopIteration``'s value). Returns at once, before any window, when a side gives no floor."""
     schemes = [q for q in (qb, qt) if q is not None]
     side = "both" if qb is not None and qt is not None else ("base" if qb is not None else "tuned")
     info: dict[str, Any] = {"side": side, "format": "+".join(dict.fromkeys(q.format for q in schemes)),
@@ -249,11 +385,13 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
     nonzero = [False, False]                 # (plain side, quantized side) hold a non-zero value
     cols = np.zeros(max(ncols, 1), dtype=np.int64)
     pos = 0
-    wb_it = base.windows(bname, window, 0, stop)
-    wt_it = tuned.windows(tname, window, 0, stop)
     fl_b = fb if fb is not None else iter(())
     fl_t = ft if ft is not None else iter(())
-    for wb, wt in zip(wb_it, wt_it):
+    while True:
+        w = yield
+        if w is None:
+            break
+        wb, wt = w
         vb = decode(wb, dtype_b)
         vt = decode(wt, dtype_t)
         floor = np.zeros(len(vt), np.float64)
@@ -318,6 +456,12 @@ def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb
         acc[3] = mx                              # max_u combines with max, the rest with +
         cols += c
         pos += len(vt)
+        if lazy is not None:
+            lazy.window(acc[1] > 0)
+        # nothing of this window kept while the next is awaited: fed by the stats pass, this frame lives through
+        # its window's Gram product (an FP8 pair at 70B widths peaked 65 MB higher with them kept)
+        w = wb = wt = vb = vt = floor = plain_v = quant_v = bad = part = c = None
+        ca = cb = off = at_end = d = end = None
     n, beyond = int(acc[0]), int(acc[1])
     test = _test_of(schemes)
     info.update(test=test, elements=n, beyond=beyond, beyond_share=ratio_share(beyond, n),
@@ -956,6 +1100,17 @@ def quant_noise_var(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: 
     Uniform within half a step ``q / 2`` is the usual ``q^2 / 12``. ``stop``: the first ``stop``
     elements only (a resized tensor's shared rows; ``shape`` is the tuned tensor's whole shape).
     """
+    its = _noise_windows(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop)
+    if its is None:
+        return None
+    return row_col_sums((v for ws in zip(*its) for v in _variances(ws)), _rows_of(shape, stop),
+                        int(math.prod(shape[1:])))
+
+
+def _noise_windows(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, shape: tuple, window: int,
+                   stop: int | None) -> list | None:
+    """The windows of the floors ``quant_noise_var`` models the noise from, one iterator per side that gives one
+    (base first), or None when no side gives a floor."""
     qb, qt = base.tensors[bname].quant, tuned.tensors[tname].quant
     its = []
     if qb is None and qt is None:
@@ -964,15 +1119,65 @@ def quant_noise_var(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: 
     else:
         its += [ck.floor_windows(name, window, 0, stop, noise=True) for ck, name, q in
                 ((base, bname, qb), (tuned, tname, qt)) if q is not None]
-    if not its or any(it is None for it in its):
-        return None
+    return None if not its or any(it is None for it in its) else its
 
-    def variances():
-        for fs in _f64_chunks(its):     # the sides' floors, element by element
+
+def _variances(ws: tuple):
+    """The noise variance of one window per side (the sides' floors ``f`` of the same elements), element by
+    element, ``_CHUNK`` elements at a time in float64: the sum over the sides of ``f^2 / 3``."""
+    for fs in _f64_chunks([(w,) for w in ws]):
+        out = None
+        for f in fs:                 # f is a copy of its own: squared in place, the same bits as f * f / 3.0
             # a non-finite floor (a NaN or Inf scale) goes with non-finite values, which the rank reads as 0
-            yield sum(np.where(np.isfinite(f), f * f / 3.0, 0.0) for f in fs)
+            finite = np.isfinite(f)
+            np.multiply(f, f, out=f)
+            f /= 3.0
+            f[~finite] = 0.0
+            if out is None:
+                out = f
+            else:
+                out += f
+        yield out
 
-    return row_col_sums(variances(), _rows_of(shape, stop), int(math.prod(shape[1:])))
+
+class _LazyNoise:
+    """``quant_noise_var``'s sums, taken in the floor test's pass (``floor_test(noise=)``): nothing until a window
+    ends with an element beyond the floor counted, then the noise floors of every window so far (read once more,
+    in order, so the sums are added as ``quant_noise_var`` adds them, bit for bit) and of each window after."""
+
+    def __init__(self, opener, m: int, n: int):
+        self.opener, self.m, self.n = opener, m, n
+        self.its = None
+        self.sums = None
+        self.windows = 0
+        self.started = False
+        self.failed = False          # no side gives a noise floor (``quant_noise_var`` gives None), or misaligned
+
+    def window(self, beyond: bool) -> None:
+        """One window of the floor pass is done; ``beyond``: an element beyond the floor has been counted."""
+        self.windows += 1
+        if self.failed or (not self.started and not beyond):
+            return
+        take = 1
+        if not self.started:
+            self.started = True
+            its = self.opener()
+            if its is None:
+                self.failed = True
+                return
+            self.its, self.sums, take = [iter(it) for it in its], RowColSums(self.m, self.n), self.windows
+        try:
+            for _ in range(take):
+                ws = tuple(next(it) for it in self.its)
+                for v in _variances(ws):
+                    self.sums.add(v)
+        except (StopIteration, ValueError):      # windows that do not line up with the pass's: summed apart
+            self.failed, self.started = True, False
+
+    def result(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.failed or self.sums is None:
+            return None
+        return self.sums.result()
 
 
 def _rows_of(shape: tuple, stop: int | None) -> int:
@@ -988,11 +1193,24 @@ def row_col_sums(chunks, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     >>> r.tolist(), c.tolist()
     ([3.0, 12.0], [3.0, 5.0, 7.0])
     """
-    rows, cols = np.zeros(m), np.zeros(n)
-    pos = 0
+    acc = RowColSums(m, n)
     for v in chunks:
+        acc.add(v)
+    return acc.result()
+
+
+class RowColSums:
+    """``row_col_sums`` a chunk at a time: ``add`` each chunk in order, then ``result``."""
+
+    def __init__(self, m: int, n: int):
+        self.m, self.n = m, n
+        self.rows, self.cols = np.zeros(m), np.zeros(n)
+        self.pos = 0
+
+    def add(self, v) -> None:
+        m, n, rows, cols = self.m, self.n, self.rows, self.cols
         v = np.asarray(v, np.float64).reshape(-1)
-        k, i = v.size, 0
+        k, i, pos = v.size, 0, self.pos
         if pos + k > m * n:
             raise ValueError(f"{pos + k} elements for a {m} x {n} matrix")
         while i < k:
@@ -1009,10 +1227,12 @@ def row_col_sums(chunks, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
                 rows[r:r + full] += blk.sum(axis=1)
                 cols += blk.sum(axis=0)
                 i += full * n
-        pos += k
-    if pos != m * n:
-        raise ValueError(f"{pos} elements for a {m} x {n} matrix")
-    return rows, cols
+        self.pos = pos + k
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.pos != self.m * self.n:
+            raise ValueError(f"{self.pos} elements for a {self.m} x {self.n} matrix")
+        return self.rows, self.cols
 
 
 #: rows sampled to recognise a dequantized export, and the shortest row worth testing
