@@ -2,6 +2,7 @@
 whatever the rank method), next to the plain bf16 pair of the same shape in the same run.
 
     nice python benchmarks/bench_quant_wide.py [--shape 28672x8192] [--dir /tmp/wd-quant-wide] [--runs plain,fp8,gguf,gptq,lora]
+        [--keep] [--cold-mb 1200]
 
 Writes one bf16 base matrix (``model.layers.0.mlp.up_proj.weight``) and a fine-tune of it (the base plus a
 rank-4 update of relative size 5e-2), then each tuned side:
@@ -29,8 +30,11 @@ rank-4 update of relative size 5e-2), then each tuned side:
   in ``tests/quant_packers.py``); ``bnb-nf4-nested`` needs about 16 GB to build at the default shape.
 
 Each ``weightdiff compare BASE TUNED --json`` runs in a fresh subprocess; reported: wall time, peak RSS
-(``VmHWM``), the tensor's numerical rank and whether it is exact, and wall and peak as multiples of the plain
-pair's. Generating the files takes about a minute and 2.2 GB of disk at the default shape.
+(``VmHWM``), the bytes it read from disk (``/proc/self/io`` ``read_bytes``, and as a multiple of the two inputs'
+size), the tensor's numerical rank and whether it is exact, and wall and peak as multiples of the plain
+pair's. Warm (the default) a second read of a byte is served by the page cache and not counted; ``--cold-mb N``
+drops the page cache before each compare and runs it in a memory cgroup of N MB (root), so each pass over a byte
+is counted: a run that reads each byte once reads about 1x its inputs. Generating the files takes about a minute and 2.2 GB of disk at the default shape.
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ except SystemExit:
     pass
 # VmHWM, not ru_maxrss: a child forked from the generator's 8 GB process reports that as its maxrss
 hwm = [int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")]
+io = dict(x.split(": ") for x in open("/proc/self/io").read().splitlines())   # bytes this process had read from disk
 print("BENCH " + json.dumps({{"seconds": time.perf_counter() - t0,
-      "peak_rss_mb": (hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024}}), file=sys.stderr)
+      "peak_rss_mb": (hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024,
+      "read_mb": int(io["read_bytes"]) / 2 ** 20}}), file=sys.stderr)
 """
 
 
@@ -224,8 +230,37 @@ def _dense_adapter(ad: Path, kind: str, m: int, n: int, rng) -> None:
     save_file(ad / "adapter_model.safetensors", t)
 
 
-def run(argv: list[str]) -> dict:
-    p = subprocess.run([sys.executable, "-c", CHILD.format(argv=argv)], capture_output=True, text=True)
+def cold_group(limit_mb: int) -> str:
+    """A memory cgroup of ``limit_mb`` (its page cache counts against it), made once; the path of the file a
+    process joins it by. Needs root (v1 ``memory`` controller or v2 ``memory.max``)."""
+    for base, limit, procs in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "cgroup.procs"),
+                               ("/sys/fs/cgroup", "memory.max", "cgroup.procs")):
+        group = Path(base) / "weightdiff-bench"
+        try:
+            if not (Path(base) / procs).exists():
+                continue
+            group.mkdir(exist_ok=True)
+            (group / limit).write_text(str(limit_mb << 20))
+            return str(group / procs)
+        except OSError:
+            continue
+    raise SystemExit("--cold-mb needs root and a cgroup memory controller (v1 or v2) it can write")
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        raise SystemExit(f"--cold-mb needs root to drop the page cache: {e}") from None
+
+
+def run(argv: list[str], group: str | None = None) -> dict:
+    if group is not None:
+        drop_caches()
+    join = (lambda: Path(group).write_text(str(__import__("os").getpid()))) if group else None
+    p = subprocess.run([sys.executable, "-c", CHILD.format(argv=argv)], capture_output=True, text=True,
+                       preexec_fn=join)
     line = [x for x in p.stderr.splitlines() if x.startswith("BENCH ")]
     if not line:
         raise SystemExit(p.stderr[-2000:])
@@ -238,7 +273,12 @@ def main() -> int:
     ap.add_argument("--dir", default="/tmp/wd-quant-wide")
     ap.add_argument("--runs", default="plain,fp8,gguf,gptq,lora")
     ap.add_argument("--keep", action="store_true", help="reuse the files of an earlier run in --dir")
+    ap.add_argument("--cold-mb", type=int, default=None,
+                    help="each compare cold: the page cache dropped first, and run in a memory cgroup of this many MB "
+                         "(its page cache included), so a second read of a byte comes from the disk again: the "
+                         "read column then counts every pass (needs root)")
     a = ap.parse_args()
+    group = cold_group(a.cold_mb) if a.cold_mb else None
     m, n = (int(v) for v in a.shape.split("x"))
     runs = a.runs.split(",")
     folder = Path(a.dir)
@@ -265,7 +305,9 @@ def main() -> int:
         base = folder / ("fp8" if kind == "lora" else "embed-base" if kind == "embed" else "base")
         out = folder / f"{kind}.json"
         out.unlink(missing_ok=True)
-        r = run(["compare", str(base), str(tuned[kind]), "--json", str(out), "--quiet"])
+        r = run(["compare", str(base), str(tuned[kind]), "--json", str(out), "--quiet"], group)
+        r["inputs_mb"] = sum(f.stat().st_size for p in (base, tuned[kind])
+                             for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()) / 2 ** 20
         err = r.pop("stderr")
         if not out.exists():               # (the compare failed: its one line says why)
             raise SystemExit(f"{kind}: no JSON written\n{err}")
@@ -276,14 +318,15 @@ def main() -> int:
         rows.append(r)
         print(json.dumps(r), flush=True)
     ref = next((r for r in rows if r["kind"] == "plain"), None)
-    print(f"\n{m} x {n}, one matrix a side")
-    print("| tuned side | wall | peak RSS | wall / plain | peak / plain | numerical rank |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"\n{m} x {n}, one matrix a side" + (f"; cold, in a {a.cold_mb} MB memory cgroup" if group else "; warm"))
+    print("| tuned side | wall | peak RSS | wall / plain | peak / plain | read from disk (x inputs) | numerical rank |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         rank = "-" if r["numerical_rank"] is None else (
             f"{r['numerical_rank']}" + (" (exact)" if r["exact"] else f" in {r['bounds']}") + f", {r['method']}")
         rel = (f"{r['seconds'] / ref['seconds']:.2f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if ref else "- | -")
-        print(f"| {r['kind']} | {r['seconds']:.1f} s | {r['peak_rss_mb']:.0f} MB | {rel} | {rank} |")
+        read = f"{r['read_mb']:,.0f} MB ({r['read_mb'] / r['inputs_mb']:.2f})"
+        print(f"| {r['kind']} | {r['seconds']:.1f} s | {r['peak_rss_mb']:.0f} MB | {rel} | {read} | {rank} |")
     return 0
 
 

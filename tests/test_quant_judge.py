@@ -1215,3 +1215,31 @@ def test_a_floor_pass_fed_windows_that_do_not_line_up_leaves_the_test_to_its_own
     finally:
         B.close()
         Q.close()
+
+
+@pytest.mark.parametrize("window", [1000, 256 * 256])
+@pytest.mark.parametrize("kind", ["gptq-v1", "gptq-v2", "ct-pack-int4", "ct-int8-asym", "ct-pack-int4-g32-asym"])
+def test_the_first_group_rows_are_counted_in_the_floor_tests_windows(tmp_path, models, kind, window, monkeypatch):
+    """The first-group test's rows of the plain side were read once more after the floor test (256 rows at a time):
+    now counted in the floor test's windows (``_FirstGroups.window``, a row a window cuts kept until the next), of
+    the base and of a fine-tune: the JSON is byte for byte the separate read's, windows that cut rows (1000
+    elements of 256-wide rows) or not, and ``first_group_scales`` does not read the plain side."""
+    from weightdiff.measure import quant_floor
+
+    base, tuned = models
+    monkeypatch.setattr(quant_floor, "FLOOR_WINDOW", window)
+    for name, model in (("base", base), ("tuned", tuned)):
+        stored, qc, _ = _build(kind, model)
+        b = T._save(tmp_path / name / "base", base, None)
+        q = T._save(tmp_path / name / "quant", stored, qc)
+        with monkeypatch.context() as m:
+            m.setattr(quant_floor._FirstGroups, "window", lambda self, values: None)    # incomplete: its own read
+            separate = compare(b, q, rank=True).to_json(include_run=False)
+        with monkeypatch.context() as m:
+            m.setattr(quant_floor, "first_group_scales", lambda *a, **k: pytest.fail("a read of its own"))
+            r = compare(b, q, rank=True)
+        assert r.to_json(include_run=False) == separate
+        scaled = [t for t in r.tensors if t.quant and t.quant.get("first_group_scales") is not None]
+        assert len(scaled) == len(T.LINEARS)
+        if name == "base":
+            assert all(t.quant["first_group_scales"] >= quant_floor.SCALE_MATCH_SHARE for t in scaled)

@@ -387,6 +387,9 @@ def _stream_co(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop,
     pos = 0
     fl_b = fb if fb is not None else iter(())
     fl_t = ft if ft is not None else iter(())
+    # the first-group test's rows of the plain side, counted from this pass's windows (not read once more after it)
+    fg = _FirstGroups.of(base, bname, dtype_b, tuned, tname, dtype_t, side, shape) \
+        if stop is None and _test_of(schemes) == "first-group" else None
     while True:
         w = yield
         if w is None:
@@ -394,6 +397,8 @@ def _stream_co(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop,
         wb, wt = w
         vb = decode(wb, dtype_b)
         vt = decode(wt, dtype_t)
+        if fg is not None:
+            fg.window(vb if side == "tuned" else vt)
         floor = np.zeros(len(vt), np.float64)
         if fb is not None:
             floor += next(fl_b)
@@ -489,7 +494,9 @@ def _stream_co(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop,
         info["within"] = beyond == 0 or (best == 0 and side != "both")
         if best is None:
             info.update(test="bound", within=beyond == 0)
-        scales = first_group_scales(base, bname, dtype_b, tuned, tname, dtype_t, side, shape)
+        scales = fg.result() if fg is not None else None
+        if scales is None:
+            scales = first_group_scales(base, bname, dtype_b, tuned, tname, dtype_t, side, shape)
         if scales is not None:
             # the quantizer's first group was set up from the weights it read, before any compensation:
             # its scales come back from the base's weights, or the base is not what it read
@@ -803,49 +810,93 @@ def first_group_scales(base, bname: str, dtype_b: str, tuned, tname: str, dtype_
     group was set up from the weights (``all_groups``: llm-compressor's compressed-tensors files, round to
     nearest or GPTQ) gives the share of all (row, group) scales instead, a zero scale read as
     compressed-tensors stores it (the scale dtype's eps). None when not testable: both sides quantized,
-    a source without min/max scales (``minmax``)."""
-    if side == "both":
+    a source without min/max scales (``minmax``). Reads the plain side ``SCALE_ROWS`` rows at a time
+    (``_FirstGroups`` takes it from the floor test's own windows instead)."""
+    fg = _FirstGroups.of(base, bname, dtype_b, tuned, tname, dtype_t, side, shape)
+    if fg is None:
         return None
-    qck, qname, pck, pname, pdtype = ((tuned, tname, base, bname, dtype_b) if side == "tuned"
-                                      else (base, bname, tuned, tname, dtype_t))
-    src = getattr(qck, "quant", {}).get(qname)
-    if src is None or not getattr(src, "minmax", False) or not hasattr(src, "group_params") or len(shape) != 2:
-        return None
-    read = qck._stored_read
-    scales, zeros, g = src.group_params(read)
-    m, n = int(shape[0]), int(shape[1])
-    if g.size != n or scales.shape[1] < m or zeros.shape[1] < m:
-        return None
-    every = bool(getattr(src, "all_groups", False))
-    groups = np.array(sorted({int(k) for k in src.first_scale_groups(read)} & {int(k) for k in np.unique(g)}),
-                      np.int64)
-    if not groups.size or groups.min() < 0 or groups.max() >= scales.shape[0]:
-        return None
-    # the candidate groups' columns side by side (stable: each group's in their order), and where each starts
-    order = np.concatenate([np.flatnonzero(g == k) for k in groups])
-    starts = np.concatenate([[0], np.cumsum([np.count_nonzero(g == k) for k in groups])[:-1]])
-    maxq = (1 << src.bits) - 1
-    reads = ("", "BF16", "F16")
-    # per read, how many rows of each candidate group have their stored scale and zero point back: counted a block of
-    # rows at a time (every group's extremes of every row held at once were 350 MB at 28672 x 8192 in groups of 32)
-    counts = {r: np.zeros(len(groups), np.int64) for r in reads}
-    for r0 in range(0, m, SCALE_ROWS):
-        r1 = min(m, r0 + SCALE_ROWS)
-        x = np.asarray(decode(pck.read_rows(pname, np.arange(r0, r1)), pdtype), np.float32).reshape(r1 - r0, n)
-        x = x[:, order]
-        s_st, z_st = scales[groups, r0:r1], zeros[groups, r0:r1]
-        for r in reads:
+    for r0 in range(0, fg.m, SCALE_ROWS):
+        r1 = min(fg.m, r0 + SCALE_ROWS)
+        fg.count(np.asarray(decode(fg.pck.read_rows(fg.pname, np.arange(r0, r1)), fg.pdtype), np.float32)
+                 .reshape(r1 - r0, fg.n), r0)
+    return fg.result()
+
+
+class _FirstGroups:
+    """``first_group_scales``' counts, a block of the plain side's rows at a time (``count``), or from its flat
+    windows in order (``window``: whole rows counted as they complete, a row cut by a window's end kept until the
+    next); ``result()`` once every row is counted (None when a window was missed). Rows are counted apart and
+    the counts are integers, so any cutting gives the same share."""
+
+    def __init__(self, src, pck, pname: str, pdtype: str, m: int, n: int, scales, zeros, groups, g):
+        self.src, self.pck, self.pname, self.pdtype, self.m, self.n = src, pck, pname, pdtype, m, n
+        self.scales, self.zeros, self.groups = scales, zeros, groups
+        self.every = bool(getattr(src, "all_groups", False))
+        # the candidate groups' columns side by side (stable: each group's in their order), and where each starts
+        self.order = np.concatenate([np.flatnonzero(g == k) for k in groups])
+        self.starts = np.concatenate([[0], np.cumsum([np.count_nonzero(g == k) for k in groups])[:-1]])
+        self.maxq = (1 << src.bits) - 1
+        self.reads = ("", "BF16", "F16")
+        # per read, how many rows of each candidate group have their stored scale and zero point back: counted a
+        # block of rows at a time (every group's extremes of every row held at once were 350 MB at 28672 x 8192 in
+        # groups of 32)
+        self.counts = {r: np.zeros(len(groups), np.int64) for r in self.reads}
+        self.rows_done = 0
+        self._tail = np.zeros(0, np.float32)          # the start of a row a window cut
+
+    @classmethod
+    def of(cls, base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, side: str,
+           shape: tuple) -> "_FirstGroups | None":
+        if side == "both":
+            return None
+        qck, qname, pck, pname, pdtype = ((tuned, tname, base, bname, dtype_b) if side == "tuned"
+                                          else (base, bname, tuned, tname, dtype_t))
+        src = getattr(qck, "quant", {}).get(qname)
+        if src is None or not getattr(src, "minmax", False) or not hasattr(src, "group_params") or len(shape) != 2:
+            return None
+        read = qck._stored_read
+        scales, zeros, g = src.group_params(read)
+        m, n = int(shape[0]), int(shape[1])
+        if g.size != n or scales.shape[1] < m or zeros.shape[1] < m:
+            return None
+        groups = np.array(sorted({int(k) for k in src.first_scale_groups(read)} & {int(k) for k in np.unique(g)}),
+                          np.int64)
+        if not groups.size or groups.min() < 0 or groups.max() >= scales.shape[0]:
+            return None
+        return cls(src, pck, pname, pdtype, m, n, scales, zeros, groups, g)
+
+    def count(self, x: np.ndarray, r0: int) -> None:
+        """Rows ``r0`` on of the plain side, ``x`` [rows, n] float32 as decoded."""
+        r1 = r0 + x.shape[0]
+        x = x[:, self.order]
+        s_st, z_st = self.scales[self.groups, r0:r1], self.zeros[self.groups, r0:r1]
+        for r in self.reads:
             xr = x if not r else round_to(x, r)
-            lo = np.minimum.reduceat(xr, starts, axis=1).T
-            hi = np.maximum.reduceat(xr, starts, axis=1).T
-            counts[r] += _scales_back(src, pck, lo, hi, s_st, z_st, maxq, every).sum(axis=1)
-    best = 0.0
-    for r in reads:
-        if every and m:
-            best = max(best, float(counts[r].sum() / (len(groups) * m)))
-        else:
-            best = max(best, float((counts[r] / m).max()) if m else 0.0)
-    return best
+            lo = np.minimum.reduceat(xr, self.starts, axis=1).T
+            hi = np.maximum.reduceat(xr, self.starts, axis=1).T
+            self.counts[r] += _scales_back(self.src, self.pck, lo, hi, s_st, z_st, self.maxq, self.every).sum(axis=1)
+        self.rows_done += r1 - r0
+
+    def window(self, values: np.ndarray) -> None:
+        """The plain side's next flat window, decoded (the floor test's ``plain_v`` before any AWQ scaling)."""
+        v = np.asarray(values, np.float32).reshape(-1)
+        if self._tail.size:
+            v = np.concatenate([self._tail, v])
+        whole = v.size // self.n
+        if whole:
+            self.count(v[:whole * self.n].reshape(whole, self.n), self.rows_done)
+        self._tail = v[whole * self.n:].copy()
+
+    def result(self) -> float | None:
+        if self.rows_done != self.m or self._tail.size:
+            return None
+        m, best = self.m, 0.0
+        for r in self.reads:
+            if self.every and m:
+                best = max(best, float(self.counts[r].sum() / (len(self.groups) * m)))
+            else:
+                best = max(best, float((self.counts[r] / m).max()) if m else 0.0)
+        return best
 
 
 def _scales_back(src, pck, lo: np.ndarray, hi: np.ndarray, s_st: np.ndarray, z_st: np.ndarray, maxq: int,
