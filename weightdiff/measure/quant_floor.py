@@ -464,7 +464,7 @@ def _stream_co(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop,
         if lazy is not None:
             lazy.window(acc[1] > 0)
         # nothing of this window kept while the next is awaited: fed by the stats pass, this frame lives through
-        # its window's Gram product (an FP8 pair at 70B widths peaked 65 MB higher with them kept)
+        # the next window's Gram product (70B-width FP8 and GPTQ pairs peaked 56 MB higher with them kept)
         w = wb = wt = vb = vt = floor = plain_v = quant_v = bad = part = c = None
         ca = cb = off = at_end = d = end = None
     n, beyond = int(acc[0]), int(acc[1])
