@@ -257,7 +257,6 @@ class FloorPass:
         if not self.started:
             self.started = True
             base, bname, _, tuned, tname = self._args[:5]
-            stop = self._args[8]
             self._co = _stream_co(*self._args, self._lazy)
             try:
                 next(self._co)
