@@ -65,7 +65,7 @@ print("BENCH " + json.dumps({{"seconds": time.perf_counter() - t0,
 """
 
 
-def make(folder: Path, m: int, n: int, runs: list[str]) -> None:
+def make(folder: Path, m: int, n: int, runs: list[str], of_base: bool = False) -> None:
     import numpy as np
 
     from weightdiff.io.safetensors_write import save_file, to_storage
@@ -76,7 +76,10 @@ def make(folder: Path, m: int, n: int, runs: list[str]) -> None:
         (folder / side).mkdir(parents=True, exist_ok=True)
     save_file(folder / "base" / "model.safetensors", {NAME + ".weight": ("BF16", to_storage(w, "BF16"))})
     d = rng.standard_normal((m, 4), dtype=np.float32) @ rng.standard_normal((4, n), dtype=np.float32)
-    w += d * np.float32(0.05 * np.linalg.norm(w) / np.linalg.norm(d))
+    if not of_base:
+        w += d * np.float32(0.05 * np.linalg.norm(w) / np.linalg.norm(d))
+    else:                       # --of base: every tuned side is built from the base as released (its bf16 values)
+        w = (to_storage(w, "BF16").astype(np.uint32) << 16).view(np.float32)
     del d
     if "plain" in runs:
         save_file(folder / "plain" / "model.safetensors", {NAME + ".weight": ("BF16", to_storage(w, "BF16"))})
@@ -287,13 +290,17 @@ def main() -> int:
                     help="each compare cold: its inputs' pages dropped from the page cache first, and run in a "
                          "memory cgroup of this many MB (its page cache included), so a second read of a byte comes from the disk again: the "
                          "read column then counts every pass (needs root)")
+    ap.add_argument("--of", choices=("tuned", "base"), default="tuned",
+                    help="base: the quantized (and plain) tuned sides are the base's own weights, not a fine-tune's: "
+                         "each pair is a release of the base in that format, which should read 'quantized only' "
+                         "(the scale test then reads the plain side; use another --dir)")
     a = ap.parse_args()
     group = cold_group(a.cold_mb) if a.cold_mb else None
     m, n = (int(v) for v in a.shape.split("x"))
     runs = a.runs.split(",")
     folder = Path(a.dir)
     if not (a.keep and (folder / "base").exists()):
-        make(folder, m, n, runs)
+        make(folder, m, n, runs, a.of == "base")
     else:                   # the adapters need only the base's shape
         import numpy as np
 
@@ -306,7 +313,7 @@ def main() -> int:
                 "gguf": folder / "tuned-Q8_0.gguf"}
         missing = [r for r in runs if r not in ADAPTERS and r != "embed" and not made.get(r, folder / r).exists()]
         if missing:
-            make(folder, m, n, missing)
+            make(folder, m, n, missing, a.of == "base")
     tuned = {"plain": folder / "plain", "fp8": folder / "fp8", "gguf": folder / "tuned-Q8_0.gguf",
              "gptq": folder / "gptq", "lora": folder / "lora"}
     tuned.update({r: folder / r for r in runs if r not in tuned})

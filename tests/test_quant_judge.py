@@ -1074,6 +1074,20 @@ def _late_fine_tune(rows: int, kind: str, both: bool):
     return stored_base, qc_base, stored, qc
 
 
+def _late_pair(tmp_path, kind: str, both: bool, monkeypatch, rows: int):
+    """``_late_fine_tune``'s pair saved (base, quantized), compared in floor-test windows of 256 rows and stats
+    windows of ``rows`` rows (a quantized pair's window is an eighth of ``WINDOW_ELEMENTS``)."""
+    from weightdiff.measure import compute, quant_floor
+
+    stored_base, qc_base, stored, qc = _late_fine_tune(1280, kind, both)
+    b = T._save(tmp_path / "base", stored_base, qc_base)
+    q = T._save(tmp_path / "quant", stored, qc)
+    monkeypatch.setattr(quant_floor, "FLOOR_WINDOW", 256 * 256)
+    monkeypatch.setattr(compute, "_VAR_WINDOW", 256 * 256)
+    monkeypatch.setattr(compute, "WINDOW_ELEMENTS", 8 * rows * 256)
+    return b, q
+
+
 @pytest.mark.parametrize("kind", ["fp8-block", "gptq-v1", "bnb-nf4-nested"])
 def test_the_noise_a_streamed_rank_counts_above_is_summed_in_the_floor_tests_pass(tmp_path, kind, monkeypatch):
     """The quantization noise a streamed Gram's rank counts above was summed in one more pass over the quantized
@@ -1150,12 +1164,7 @@ def test_the_floor_test_is_taken_in_the_stats_pass_with_the_same_json(tmp_path, 
     and the test two in each, is byte for byte the separate pass's; the test's own pass never runs."""
     from weightdiff.measure import compute, quant_floor
 
-    stored_base, qc_base, stored, qc = _late_fine_tune(1280, kind, both)
-    b = T._save(tmp_path / "base", stored_base, qc_base)
-    q = T._save(tmp_path / "quant", stored, qc)
-    monkeypatch.setattr(quant_floor, "FLOOR_WINDOW", 256 * 256)
-    monkeypatch.setattr(compute, "_VAR_WINDOW", 256 * 256)
-    monkeypatch.setattr(compute, "WINDOW_ELEMENTS", 8 * 512 * 256)        # a quantized pair's window: 512 rows
+    b, q = _late_pair(tmp_path, kind, both, monkeypatch, 512)
     with monkeypatch.context() as m:
         m.setattr(compute, "floor_pass", lambda *a, **k: None)
         separate = compare(b, q, rank=True).to_json(include_run=False)
@@ -1176,6 +1185,95 @@ def test_the_floor_test_is_taken_in_the_stats_pass_with_the_same_json(tmp_path, 
     assert len(tested) == len(T.LINEARS) and len(starts) == len(T.LINEARS)
     if both and kind == "fp8-block":          # FP8 blocks of 128 rows: the first 896 rows store the same codes
         assert all(s == 512 * 256 for s in starts), starts
+
+
+def _gram_starts(monkeypatch) -> list:
+    """Where each streamed Gram matrix started its delta (``DeltaGram.activate``): the elements fed before it."""
+    from weightdiff.measure import rank_stream
+
+    starts = []
+    activate = rank_stream.DeltaGram.activate
+
+    def spy(self):
+        if not self.active:
+            starts.append(self.pos)
+        activate(self)
+
+    monkeypatch.setattr(rank_stream.DeltaGram, "activate", spy)
+    return starts
+
+
+@pytest.mark.parametrize("kind", list(T.BUILDERS))
+def test_a_quantized_release_of_the_base_sums_no_gram_matrix(tmp_path, kind, monkeypatch):
+    """A quantized release of the base has every window beyond rounding, so its streamed Gram matrix started with
+    the pass and was dropped when the floor test found the pair within (60% of a 70B-width GPTQ pair's time). The
+    floor test, fed first, now holds it back (``RankSink.gate``): no Gram matrix is summed for a pair within its
+    floor, and the stored scales' test (``scale_excess``) takes the pass's rows instead of reading the plain side
+    once more; the JSON is byte for byte that of the Gram matrix started with the pass and the scales' own pass. A
+    fine-tune of each format still starts its Gram matrix in the pass (with its first window beyond the floor)."""
+    from weightdiff.measure import compute, quant_floor
+
+    stored_base, _, stored, qc = _late_fine_tune(1280, kind, False)
+    b = T._save(tmp_path / "base", stored_base, None)
+    monkeypatch.setattr(quant_floor, "FLOOR_WINDOW", 256 * 256)
+    monkeypatch.setattr(compute, "WINDOW_ELEMENTS", 8 * 512 * 256)        # a quantized pair's window: 512 rows
+    old = T.OUT
+    T.OUT = 1280
+    try:
+        release = T._save(tmp_path / "release", *T.BUILDERS[kind](stored_base)[:2])
+    finally:
+        T.OUT = old
+    tuned = T._save(tmp_path / "tuned", stored, qc)
+    for q in (release, tuned):
+        with monkeypatch.context() as m:
+            m.setattr(compute, "GATE_GRAM", False)
+            m.setattr(quant_floor, "_scale_rows", lambda sc, rest, plain: rest)    # the scales' test: its own pass
+            ungated = compare(b, q, rank=True).to_json(include_run=False)
+        with monkeypatch.context() as m:
+            starts = _gram_starts(m)
+            # the stored scales' test of a pair within its floor is fed by the pass: the plain side is not read again
+            m.setattr(quant_floor, "_plain_chunks", lambda *a: pytest.fail("the scales' test read the plain side"))
+            r = compare(b, q, rank=True)
+        assert r.to_json(include_run=False) == ungated
+        ranked = [t for t in r.tensors if t.rank is not None and t.status == "changed"]
+        if q is release:
+            assert r.summary.verdict == "quantized_only" and not ranked and not starts, (kind, starts)
+        else:
+            assert r.summary.verdict == "derived" and len(ranked) == len(T.LINEARS), kind
+            # the fine-tune's rows 900 on: the Gram matrix starts with the window that holds them, in the pass
+            assert len(starts) == len(T.LINEARS) and all(0 < s < 1280 * 256 for s in starts), (kind, starts)
+
+
+@pytest.mark.parametrize("both", [False, True])
+@pytest.mark.parametrize("kind", ["fp8-block", "gptq-v1", "awq", "bnb-nf4-nested", "ct-pack-int4"])
+def test_a_gram_matrix_held_back_to_the_end_of_the_pass_gives_the_same_json(tmp_path, kind, both, monkeypatch):
+    """When the floor test's windows said "within" until the end and its result says otherwise (a rule only the whole
+    tensor decides: the stored scales' tests), the Gram matrix starts after the pass, every window read once more
+    (``RankSink.catch_up``): the same sums in the same order, so the JSON is byte for byte the one of a Gram matrix
+    started with the pass. Here the hint says "within" throughout; and, in a second run, until the third window."""
+    from weightdiff.measure import compute, quant_floor
+
+    b, q = _late_pair(tmp_path, kind, both, monkeypatch, 256)
+    with monkeypatch.context() as m:
+        m.setattr(compute, "GATE_GRAM", False)
+        ungated = compare(b, q, rank=True).to_json(include_run=False)
+    for late in (None, 3 * 256 * 256):
+        with monkeypatch.context() as m:
+            starts = _gram_starts(m)
+            m.setattr(quant_floor.FloorPass, "wants_rank",
+                      lambda self: self._co is None and self._info is not None and self._info.get("within") is False
+                      if late is None else self.seen >= late)
+            r = compare(b, q, rank=True)
+        assert r.to_json(include_run=False) == ungated, (kind, both, late)
+        ranked = [t for t in r.tensors if t.rank is not None and t.status == "changed"]
+        if ranked:
+            # after the pass; or at the first window beyond rounding once the hint says yes (the window that opened
+            # it not fed yet; with both sides quantized the first windows may store the same codes)
+            expect = 1280 * 256 if late is None else late - 256 * 256
+            assert len(starts) == len(ranked) and all(s == expect if late is None or not both else s >= expect
+                                                      for s in starts), (kind, both, late, starts)
+    if not both:
+        assert ranked, kind
 
 
 def test_a_quantized_pair_read_as_unchanged_takes_no_floor_test(tmp_path, monkeypatch):

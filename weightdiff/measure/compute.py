@@ -102,10 +102,10 @@ def _stream_stats(backend: Backend, base: Checkpoint, bname: str, dtype_b: str,
         windows = iter(())
     for wb, wt in windows:
         part = k.bytes_stats(wb, wt) if opaque else k.delta_stats(wb, wt, dtype_b, dtype_t)
+        if floor_pass is not None:          # first: what it found so far may hold the Gram matrix back (its gate)
+            floor_pass.feed(wb, wt, part[_N_CHANGED] > 0)
         if sink is not None:
             sink.window(wb, wt, part, base, bname, tuned, tname)
-        if floor_pass is not None:
-            floor_pass.feed(wb, wt, part[_N_CHANGED] > 0)
         acc = part if acc is None else k.combine(acc, part)
         on_window(len(wt))
     if acc is None:   # zero-size tensor
@@ -997,6 +997,8 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
             if not opaque and shape_t is not None and backend.name != "cuda":
                 fpass = floor_pass(base, pair.base_name, pair.dtype_base, tuned, tuned_name, pair.dtype_tuned,
                                    tuple(shape_t), win, stop, noise)
+                if fpass is not None and sink is not None and GATE_GRAM:
+                    sink.gate = fpass.wants_rank    # a change within its floor is not ranked: no Gram summed for it
             stats = _stream_stats(backend, base, pair.base_name, pair.dtype_base, tuned, tuned_name,
                                   pair.dtype_tuned, stop, on_window, floors, sink, dsink, win, fpass)
             if sink is not None:
@@ -1133,7 +1135,8 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
         # the rank of its finite part would call a broken matrix low-rank (rank 0 when that is all)
         rec.note = (f"{nf_t} non-finite values in the tuned tensor, {nf_b} in the base: the change has no "
                     "rank" + (f"; {rec.note}" if rec.note else ""))
-    elif sink is not None and ranked and sink.gram.active and above is not False:
+    elif sink is not None and ranked and above is not False and (
+            sink.gram.active or sink.catch_up(base, pair.base_name, tuned, tuned_name)):
         # (above False: a quantized pair whose change has no rank worth taking, as its note says)
         extra_var = None
         if above:
@@ -1186,6 +1189,9 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
     return rec
 
 
+#: a quantized pair's streamed Gram matrix waits for its floor test's windows to say that its change is likely to be
+#: ranked (``rank_stream.RankSink.gate``); off (tests), it starts with the first window beyond rounding, as any pair's
+GATE_GRAM = True
 #: elements per window of the pass that sums a quantized pair's noise beside its Gram matrix
 _VAR_WINDOW = 1 << 21
 #: the note of a quantized pair's change ranked above the modelled quantization noise

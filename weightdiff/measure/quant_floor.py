@@ -28,7 +28,7 @@ not fine-tuning"):
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -239,12 +239,24 @@ class FloorPass:
         self.seen = 0                # elements the pass has fed
         self.started = False
         self.failed = False
+        self._needed = None          # what the test's windows so far say of the rank (``wants_rank``)
 
     def _send(self, w) -> None:
         try:
-            self._co.send(w)
+            self._needed = self._co.send(w)
         except StopIteration as done:
             self._info, self._co = done.value, None
+
+    def wants_rank(self) -> bool:
+        """Whether the windows fed so far make it likely that the pair ends beyond its floor, so that the rank of its
+        change is taken (``_RankHint``): a hint for when a streamed Gram matrix starts (``rank_stream.RankSink``'s
+        ``gate``), never part of a result. True when nothing tells (no window tested yet, windows that do not line
+        up); after the last window the result's own ``within``."""
+        if self.failed or not self.started:
+            return True
+        if self._co is None:
+            return self._info is None or self._info.get("within") is False
+        return self._needed is not False
 
     def feed(self, wb, wt, changed: bool) -> None:
         n, start = len(wt), self.seen
@@ -284,6 +296,47 @@ class FloorPass:
         if self._co is not None:
             self._co.close()
             self._co = None
+
+
+class _RankHint:
+    """What the floor test's sums so far say of the rank (``FloorPass.wants_rank``): whether the pair is likely to end
+    with ``within`` False, the one outcome whose change is ranked (within, untested or AWQ's fitted scales take no
+    rank). The end-of-pass rules of ``_stream_co`` that running sums can follow: elements beyond the floor (the
+    clamped or clipped ones aside; a bound test's), AWQ's beyond share, GPTQ's first-group columns each with an
+    element beyond, the quantized side all zero, a near-grid float side, the blocks' extremes moved; the rules that
+    only the whole tensor decides (the stored scales' tests, ``scale_excess``) are not guessed, so a pair they alone
+    put beyond its floor starts its Gram matrix after the pass (read once more). A guess either way costs a read,
+    never a number: the Gram matrix is the same sums in the same order whenever it starts."""
+
+    def __init__(self, side: str, test: str, cast_rel: float, folded: bool, clamps: bool, awq_group: int,
+                 ext_block: int, first: Callable[[], "np.ndarray | None"]):
+        self.side, self.test, self.cast_rel, self.folded, self.clamps = side, test, cast_rel, folded, clamps
+        self.awq_group, self.ext_block, self._first_of, self._first = awq_group, ext_block, first, False
+
+    def __call__(self, acc: np.ndarray, clipped: int, cols: np.ndarray, nonzero: list, ext_off: int,
+                 ext_blocks: int) -> bool:
+        n, beyond = int(acc[0]), int(acc[1])
+        if self.folded or not n:
+            return False                    # AWQ's scales fit back: its change is not ranked
+        if self.side == "base" and self.cast_rel and int(acc[8]) == 0:
+            return False                    # so far a dequantized copy of the base (within, whatever else says)
+        if self.side != "both" and nonzero[0] and not nonzero[1]:
+            return True                     # the quantized side all zero so far
+        if near_grid(self.side, acc) is not None:
+            return True
+        if self.side == "both":
+            return (self.test == "bound" and beyond - (clipped if self.clamps else 0) > 0) or \
+                (bool(self.ext_block) and ext_off > EXTREMES_SHARE * ext_blocks)
+        if self.test == "bound":
+            return beyond - (clipped if self.clamps else 0) > 0
+        if self.test == "statistical":
+            return (beyond - clipped) / n > AWQ_BEYOND_SHARE
+        if beyond == 0:
+            return False
+        if self._first is False:
+            self._first = self._first_of()
+        first = self._first
+        return first is None or not first.size or int(cols[first].min()) > 0
 
 
 def _stream(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop, qb, qt, fb, ft,
@@ -389,8 +442,18 @@ def _stream_co(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop,
     # the first-group test's rows of the plain side, counted from this pass's windows (not read once more after it)
     fg = _FirstGroups.of(base, bname, dtype_b, tuned, tname, dtype_t, side, shape) \
         if stop is None and _test_of(schemes) == "first-group" else None
+    hint = _RankHint(side, _test_of(schemes), cast_rel, folded is not None, bool(ends_it is not None or both_ends),
+                     awq_group, ext_block, (lambda: _first_group(base, bname, tuned, tname, side, ncols)))
+    needed = None
+    # the stored scales' test (``scale_excess``, taken when the pair ends within) fed this pass's plain rows while the
+    # pair looks within, not a pass of its own over the plain side after it; let go once it looks beyond
+    sc = ScaleCheck.of(base, bname, dtype_b, tuned, tname, dtype_t, side, shape, folded) \
+        if stop is None and side != "both" and len(shape) >= 2 else None
+    if sc is not None and sc.prows * sc.prow != math.prod(shape):
+        sc = None
+    sc_rest: list = []                       # the plain magnitudes of a row a window cut, until the next
     while True:
-        w = yield
+        w = yield needed
         if w is None:
             break
         wb, wt = w
@@ -412,6 +475,11 @@ def _stream_co(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop,
         # cast_rel scales with the first argument's magnitude: the plain side's (the quantized one
         # may be the base)
         plain_v, quant_v = (vb, vt) if qb is None else (vt, vb)
+        if sc is not None:
+            if needed:
+                sc = sc_rest = None
+            else:
+                sc_rest = _scale_rows(sc, sc_rest, plain_v)
         bad = None
         for a, b, sub, of_tuned, down in claim_its:
             ca, cb = next(a), (next(b) if b is not None else None)
@@ -462,6 +530,7 @@ def _stream_co(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop,
         pos += len(vt)
         if lazy is not None:
             lazy.window(acc[1] > 0)
+        needed = hint(acc, clipped, cols, nonzero, ext_off, ext_blocks)
         # nothing of this window kept while the next is awaited: fed by the stats pass, this frame lives through
         # the next window's Gram product (70B-width FP8 and GPTQ pairs peaked 56 MB higher with them kept)
         w = wb = wt = vb = vt = floor = plain_v = quant_v = bad = part = c = None
@@ -517,7 +586,8 @@ def _stream_co(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop,
         # scale is stored beside the zeros; a tuned tensor of zeros is pruning, not quantization
         info.update(within=False, all_zero=True)
     elif info.get("within"):
-        excess = scale_excess(base, bname, dtype_b, tuned, tname, dtype_t, side, shape, folded)
+        excess = sc.result() if sc is not None and sc.fed == sc.prows else \
+            scale_excess(base, bname, dtype_b, tuned, tname, dtype_t, side, shape, folded)
         if excess:
             info.update(within=False, scales_beyond_base=info.get("scales_beyond_base", 0) + excess)
         elif excess is None and scales_unchecked(base, bname, tuned, tname, side, shape):
@@ -948,69 +1018,176 @@ def scale_excess(base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str
     read as its [experts * m, n] rows. None when not testable: both sides quantized, a source without
     ``scale_groups`` (or whose layout does not fit the shape). Reads the plain side once, ``SCALE_CHUNK``
     elements at a time."""
-    if side == "both" or len(shape) < 2:
+    check = ScaleCheck.of(base, bname, dtype_b, tuned, tname, dtype_t, side, shape, folded)
+    if check is None:
         return None
-    qck, qname, pck, pname, pdtype = ((tuned, tname, base, bname, dtype_b) if side == "tuned"
-                                      else (base, bname, tuned, tname, dtype_t))
-    from .compute import TransposedSide
+    for p0, x in _plain_chunks(check.pck, check.pname, check.pdtype, check.prow, check.prows):
+        check.rows(p0, x)
+    return check.result()
 
-    src = getattr(qck, "quant", {}).get(qname)
-    read = getattr(qck, "_stored_read", None)
-    turned = False
-    if src is None and isinstance(qck, TransposedSide):
-        # a tuned matrix stored transposed: its source is in the stored orientation (any other held side, a
-        # reordered or merged one, has no stored groups to check)
-        src = getattr(qck._ck, "quant", {}).get(qname)
-        read, turned = getattr(qck._ck, "_stored_read", None), True
-    if src is None or read is None or not hasattr(src, "scale_groups") or not hasattr(pck, "windows"):
-        return None
-    got = src.scale_groups(read)
-    if got is None:
-        return None
-    S, layout, half = got[:3]
-    opts = got[3] if len(got) > 3 else {}
-    sshape = tuple(int(d) for d in src.shape)
-    if len(sshape) < 2 or (turned and len(sshape) != 2):
-        return None
-    R, C = math.prod(sshape[:-1]), sshape[-1]
-    if tuple(int(d) for d in shape) != ((C, R) if turned else sshape):
-        return None
-    S = np.asarray(S, np.float64)
-    if layout[0] == "cols" and S.ndim == 2:
-        S = S[:R]
-    ids_of = _group_ids(layout, S.shape, R, C)
-    if ids_of is None:
-        return None
-    A = np.zeros(S.size, np.float64)
-    s_in, s_out = folded if folded is not None else (None, None)
-    pinfo = pck.tensors.get(pname)
-    prow = R if turned else C                              # the plain side's row length
-    if pinfo is None or not pinfo.shape or math.prod(pinfo.shape) % prow:
-        return None
-    prows = min(math.prod(pinfo.shape) // prow, C if turned else R)   # (a resized plain side: its shared rows)
-    for p0, x in _plain_chunks(pck, pname, pdtype, prow, prows):
-        p = np.arange(p0, p0 + len(x), dtype=np.int64)
-        rs, cs = (np.arange(R, dtype=np.int64)[None, :], p[:, None]) if turned else \
+
+class ScaleCheck:
+    """``scale_excess``'s test as sums fed with the plain side's rows (``rows(first row, |rows|)``, each row once,
+    in any order and runs) and then ``result()``: the largest plain magnitude of each group of the quantized side's
+    scales, held as one float64 per scale. The maxima are exact whatever the runs, so the floor test's pass feeds
+    it its own windows' rows (``_stream_co``) and the count is the one a pass of its own gives."""
+
+    def __init__(self, S, layout, half, opts, ids_of, R: int, C: int, turned: bool, folded, pck, pname: str,
+                 pdtype: str, prow: int, prows: int):
+        self.S, self.layout, self.half, self.opts, self.ids_of = S, layout, half, opts, ids_of
+        self.R, self.C, self.turned = R, C, turned
+        self.s_in, self.s_out = folded if folded is not None else (None, None)
+        self.pck, self.pname, self.pdtype, self.prow, self.prows = pck, pname, pdtype, prow, prows
+        self.A = np.zeros(S.size, np.float64)
+        self.fed = 0                          # rows fed
+        self._runs = _group_runs(layout, S.shape, R, C) if not turned else None
+
+    @classmethod
+    def of(cls, base, bname: str, dtype_b: str, tuned, tname: str, dtype_t: str, side: str, shape: tuple,
+           folded: tuple | None = None) -> "ScaleCheck | None":
+        """The test of a pair (``scale_excess``'s arguments), or None where it does not apply."""
+        if side == "both" or len(shape) < 2:
+            return None
+        qck, qname, pck, pname, pdtype = ((tuned, tname, base, bname, dtype_b) if side == "tuned"
+                                          else (base, bname, tuned, tname, dtype_t))
+        from .compute import TransposedSide
+
+        src = getattr(qck, "quant", {}).get(qname)
+        read = getattr(qck, "_stored_read", None)
+        turned = False
+        if src is None and isinstance(qck, TransposedSide):
+            # a tuned matrix stored transposed: its source is in the stored orientation (any other held side, a
+            # reordered or merged one, has no stored groups to check)
+            src = getattr(qck._ck, "quant", {}).get(qname)
+            read, turned = getattr(qck._ck, "_stored_read", None), True
+        if src is None or read is None or not hasattr(src, "scale_groups") or not hasattr(pck, "windows"):
+            return None
+        got = src.scale_groups(read)
+        if got is None:
+            return None
+        S, layout, half = got[:3]
+        opts = got[3] if len(got) > 3 else {}
+        sshape = tuple(int(d) for d in src.shape)
+        if len(sshape) < 2 or (turned and len(sshape) != 2):
+            return None
+        R, C = math.prod(sshape[:-1]), sshape[-1]
+        if tuple(int(d) for d in shape) != ((C, R) if turned else sshape):
+            return None
+        S = np.asarray(S, np.float64)
+        if layout[0] == "cols" and S.ndim == 2:
+            S = S[:R]
+        ids_of = _group_ids(layout, S.shape, R, C)
+        if ids_of is None:
+            return None
+        pinfo = pck.tensors.get(pname)
+        prow = R if turned else C                              # the plain side's row length
+        if pinfo is None or not pinfo.shape or math.prod(pinfo.shape) % prow:
+            return None
+        prows = min(math.prod(pinfo.shape) // prow, C if turned else R)   # (a resized plain side: its shared rows)
+        return cls(S, layout, half, opts, ids_of, R, C, turned, folded, pck, pname, pdtype, prow, prows)
+
+    def rows(self, p0: int, x: np.ndarray) -> None:
+        """Plain rows ``p0`` on, their magnitudes (float64 [k, prow])."""
+        R, C = self.R, self.C
+        k = len(x)
+        self.fed += k
+        if self.s_in is not None or self.s_out is not None:
+            p = np.arange(p0, p0 + k, dtype=np.int64)
+            rs, cs = (np.arange(R, dtype=np.int64)[None, :], p[:, None]) if self.turned else \
+                (p[:, None], np.arange(C, dtype=np.int64)[None, :])
+            if self.s_in is not None:
+                x = x * np.abs(np.asarray(self.s_in, np.float64))[cs]
+            if self.s_out is not None:
+                x = x / np.abs(np.asarray(self.s_out, np.float64))[rs]
+        if self._runs is not None:
+            with np.errstate(invalid="ignore"):
+                ids, vals = self._runs(p0, x)
+                self.A[ids] = np.maximum(self.A[ids], vals)      # (each group once in ``ids``)
+            return
+        p = np.arange(p0, p0 + k, dtype=np.int64)
+        rs, cs = (np.arange(R, dtype=np.int64)[None, :], p[:, None]) if self.turned else \
             (p[:, None], np.arange(C, dtype=np.int64)[None, :])
-        if s_in is not None:
-            x = x * np.abs(np.asarray(s_in, np.float64))[cs]
-        if s_out is not None:
-            x = x / np.abs(np.asarray(s_out, np.float64))[rs]
-        ids = np.broadcast_to(ids_of(rs, cs), x.shape)
-        np.maximum.at(A, ids.reshape(-1), x.reshape(-1))
-    S = S.reshape(-1)
-    keep = np.ones(S.size, bool)
-    if layout[0] == "cols" and layout[2] is not None:      # only the groups set up from the weights
-        cols = np.zeros(S.size // R if R else 0, bool)
-        checked = np.asarray(layout[2], np.int64).reshape(-1)
-        cols[checked[(checked >= 0) & (checked < cols.size)]] = True
-        keep = np.tile(cols, R)
-    slack = float(opts.get("slack", SCALE_SLACK))
-    least = float(opts.get("min_scale", 0.0))
-    with np.errstate(invalid="ignore", over="ignore"):
-        bad = keep & np.isfinite(S) & (A > 0) & (S * half > slack * A * (1 + 2.0 ** -6)) \
-            & (S > least * (1 + 2.0 ** -6))
-    return int(np.count_nonzero(bad))
+        ids = np.broadcast_to(self.ids_of(rs, cs), x.shape)
+        with np.errstate(invalid="ignore"):
+            np.maximum.at(self.A, ids.reshape(-1), x.reshape(-1))
+
+    def result(self) -> int:
+        S, A, layout = self.S.reshape(-1), self.A, self.layout
+        R = self.R
+        keep = np.ones(S.size, bool)
+        if layout[0] == "cols" and layout[2] is not None:      # only the groups set up from the weights
+            cols = np.zeros(S.size // R if R else 0, bool)
+            checked = np.asarray(layout[2], np.int64).reshape(-1)
+            cols[checked[(checked >= 0) & (checked < cols.size)]] = True
+            keep = np.tile(cols, R)
+        slack = float(self.opts.get("slack", SCALE_SLACK))
+        least = float(self.opts.get("min_scale", 0.0))
+        with np.errstate(invalid="ignore", over="ignore"):
+            bad = keep & np.isfinite(S) & (A > 0) & (S * self.half > slack * A * (1 + 2.0 ** -6)) \
+                & (S > least * (1 + 2.0 ** -6))
+        return int(np.count_nonzero(bad))
+
+
+def _scale_rows(sc: ScaleCheck, rest: list, plain: np.ndarray) -> list:
+    """One window of the plain side's values fed to ``sc`` as whole rows of magnitudes (float64, as
+    ``_plain_chunks`` gives them); what is left of a row the window cut, returned for the next."""
+    mags = np.abs(np.asarray(plain, np.float64).reshape(-1))
+    if rest:
+        mags = np.concatenate(rest + [mags])
+    k = mags.size // sc.prow
+    if k:
+        sc.rows(sc.fed, mags[:k * sc.prow].reshape(k, sc.prow))
+    return [mags[k * sc.prow:]] if mags.size > k * sc.prow else []
+
+
+def _group_runs(layout: tuple, sshape: tuple, R: int, C: int):
+    """``runs(p0, x)`` -> (group ids, their maxima in ``x``, each group once) for rows ``p0`` on of the [R, C] rows
+    (``x`` [k, C], k >= 1), by reductions over runs of one group (``np.maximum.reduceat``) instead of one
+    ``np.maximum.at`` per element (a 70B-width pair's 235M elements took 1.3 s so); the layouts of ``_group_ids``
+    whose groups run along a row in order (column groups that never go back, blocks, the flat order's blocks).
+    None for the rest (act-order columns, a transposed flat order): the element-wise path. The same maxima."""
+    kind = layout[0]
+    if _group_ids(layout, sshape, R, C) is None:
+        return None
+    if kind == "cols":
+        g = np.asarray(layout[1], np.int64).reshape(-1)
+        if g.size == 0 or np.any(np.diff(g) < 0):
+            return None
+        starts = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1])))
+        gids, ng = g[starts], sshape[1]
+
+        def cols_runs(p0, x):
+            vals = np.maximum.reduceat(x, starts, axis=1)
+            ids = np.arange(p0, p0 + len(x), dtype=np.int64)[:, None] * ng + gids[None, :]
+            return ids.reshape(-1), vals.reshape(-1)
+        return cols_runs
+    if kind == "block":
+        bh, bw = int(layout[1]), int(layout[2])
+        per = int(layout[3]) if len(layout) > 3 else R
+        nbr, nbc = -(-per // bh), -(-C // bw)
+        cstarts = np.arange(0, C, bw, dtype=np.int64)
+
+        def block_runs(p0, x):
+            vals = np.maximum.reduceat(x, cstarts, axis=1) if bw > 1 else x
+            rs = np.arange(p0, p0 + len(x), dtype=np.int64)
+            rid = (rs // per) * nbr + (rs % per) // bh
+            cut = np.flatnonzero(np.concatenate(([True], rid[1:] != rid[:-1])))
+            if len(cut) < len(rs):
+                vals = np.maximum.reduceat(vals, cut, axis=0)
+            ids = rid[cut][:, None] * nbc + np.arange(nbc, dtype=np.int64)[None, :]
+            return ids.reshape(-1), vals.reshape(-1)
+        return block_runs
+    if kind == "flat" and not (bool(layout[2]) if len(layout) > 2 else False):
+        bs = int(layout[1])
+
+        def flat_runs(p0, x):
+            o, flat = p0 * C, x.reshape(-1)
+            first = (-o) % bs                      # where the first whole block starts in this run
+            starts = np.concatenate(([0], np.arange(first if first else bs, flat.size, bs, dtype=np.int64)))
+            starts = np.unique(starts)
+            return (o + starts) // bs, np.maximum.reduceat(flat, starts)
+        return flat_runs
+    return None
 
 
 def scales_unchecked(base, bname: str, tuned, tname: str, side: str, shape: tuple) -> bool:

@@ -1,0 +1,75 @@
+"""``quant_floor.ScaleCheck``: the largest plain magnitude of each group of a quantized side's scales, by runs of
+one group (``_group_runs``, ``np.maximum.reduceat``) where a layout's groups run along a row in order, against the
+element-wise ``np.maximum.at`` reference on random and adversarial rows (NaN, zeros, runs that cut blocks and rows),
+fed in runs of any length; and fed from the floor test's own windows (``_stream_co``), the count of a pass of its own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from weightdiff.measure.quant_floor import _group_ids, _group_runs
+
+
+def _reference(layout, sshape, R, C, x):
+    ids_of = _group_ids(layout, sshape, R, C)
+    A = np.zeros(int(np.prod(sshape)), np.float64)
+    rs, cs = np.arange(R, dtype=np.int64)[:, None], np.arange(C, dtype=np.int64)[None, :]
+    with np.errstate(invalid="ignore"):
+        np.maximum.at(A, np.broadcast_to(ids_of(rs, cs), x.shape).reshape(-1), x.reshape(-1))
+    return A
+
+
+def _by_runs(layout, sshape, R, C, x, cuts):
+    runs = _group_runs(layout, sshape, R, C)
+    assert runs is not None
+    A = np.zeros(int(np.prod(sshape)), np.float64)
+    for a, b in zip(cuts, cuts[1:]):
+        ids, vals = runs(a, x[a:b])
+        assert len(np.unique(ids)) == len(ids)            # each group once per run
+        A[ids] = np.maximum(A[ids], vals)
+    return A
+
+
+LAYOUTS = [
+    # (layout, scales' shape, R, C)
+    (("cols", np.arange(40) // 8, None), (13, 5), 13, 40),                       # GPTQ, groups of 8
+    (("cols", np.repeat([0, 0, 1, 3, 3, 3, 4], [3, 2, 5, 1, 9, 4, 6]), None), (9, 5), 9, 30),   # uneven, a gap
+    (("block", 4, 8), (4, 5), 13, 37),                                           # FP8 blocks, both cut
+    (("block", 1, 37), (13, 1), 13, 37),                                         # a scale per row (int8 channel)
+    (("block", 13, 37), (1, 1), 13, 37),                                         # one scale
+    (("block", 1, 8), (13, 5), 13, 40),                                          # AWQ groups
+    (("block", 32, 1, 64), (4, 24), 128, 24),                                    # MXFP4 experts: 2 of 64 rows
+    (("block", 4, 8, 6), (4, 5), 12, 40),                                        # experts whose rows cut blocks
+    (("flat", 64), (9,), 13, 40),                                                # bnb 4-bit, rows cut blocks
+    (("flat", 40), (13,), 13, 40),
+    (("flat", 7), (75,), 13, 40),
+]
+
+
+@pytest.mark.parametrize("case", range(len(LAYOUTS)))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_maxima_by_runs_are_the_element_wise_ones(case, seed):
+    layout, sshape, R, C = LAYOUTS[case]
+    rng = np.random.default_rng(seed)
+    x = np.abs(rng.standard_normal((R, C)))
+    if seed == 1:                        # adversarial: zeros, NaN, infinities, ties
+        x[rng.random((R, C)) < 0.3] = 0.0
+        x[rng.integers(R), rng.integers(C)] = np.nan
+        x[rng.integers(R), rng.integers(C)] = np.inf
+        x[:, ::3] = 1.5
+    if seed == 2:
+        x[:] = 0.0
+        x[rng.integers(R), :] = np.nan
+    ref = _reference(layout, sshape, R, C, x)
+    for cuts in ([0, R], list(range(R + 1)), sorted({0, R, *rng.integers(1, R, 3).tolist()})):
+        got = _by_runs(layout, sshape, R, C, x, cuts)
+        np.testing.assert_array_equal(got, ref)           # NaN where NaN, the same bits elsewhere
+
+
+def test_layouts_whose_groups_go_back_take_the_element_wise_path():
+    assert _group_runs(("cols", np.array([0, 1, 0, 1]), None), (3, 2), 3, 4) is None       # act-order
+    assert _group_runs(("flat", 4, True), (3,), 3, 4) is None                              # transposed flat order
+    assert _group_runs(("block", 4, 8), (9, 9), 13, 37) is None                            # scales that do not fit
+
