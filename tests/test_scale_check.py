@@ -73,3 +73,28 @@ def test_layouts_whose_groups_go_back_take_the_element_wise_path():
     assert _group_runs(("flat", 4, True), (3,), 3, 4) is None                              # transposed flat order
     assert _group_runs(("block", 4, 8), (9, 9), 13, 37) is None                            # scales that do not fit
 
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_extremes_of_rounded_weights_are_the_rounded_extremes(dtype, seed):
+    """``_FirstGroups.count`` rounds each group's two extremes, not its every weight (rounding to nearest is
+    monotone): the same values, ties to even, signed zeros, infinities, float16's overflow and NaN included."""
+    from weightdiff.kernels.quant import round_to
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((64, 96)) * 10.0 ** rng.integers(-6, 6, (64, 96))).astype(np.float32)
+    if seed == 1:
+        ties = np.float32(1.0) + np.float32(2.0 ** -8) * rng.integers(0, 4, (64, 96)).astype(np.float32)
+        x[:, ::2] = ties[:, ::2] * np.sign(x[:, ::2])     # bf16 halfway points, both signs
+        x[::5, 3] = -0.0
+        x[::7, 4] = 0.0
+        x[1, :8] = np.inf
+        x[2, 8:16] = -np.inf
+        x[3, 16] = np.nan
+        x[4, 24:32] = 70000.0                             # past float16's largest finite value
+        x[5, 32:40] = -65520.0                            # rounds to float16's -inf
+    starts = np.array([0, 5, 32, 33, 64, 90])
+    for red in (np.minimum, np.maximum):
+        a = round_to(red.reduceat(x, starts, axis=1).T, dtype)
+        b = red.reduceat(round_to(x, dtype), starts, axis=1).T
+        np.testing.assert_array_equal(a, b)               # (NaN where NaN; +0 and -0 compare equal)
