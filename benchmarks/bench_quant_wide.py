@@ -2,7 +2,7 @@
 whatever the rank method), next to the plain bf16 pair of the same shape in the same run.
 
     nice python benchmarks/bench_quant_wide.py [--shape 28672x8192] [--dir /tmp/wd-quant-wide] [--runs plain,fp8,gguf,gptq,lora]
-        [--keep] [--cold-mb 1200]
+        [--keep] [--cold-mb 1200] [--of base]
 
 Writes one bf16 base matrix (``model.layers.0.mlp.up_proj.weight``) and a fine-tune of it (the base plus a
 rank-4 update of relative size 5e-2), then each tuned side:
@@ -28,6 +28,10 @@ rank-4 update of relative size 5e-2), then each tuned side:
 - any name of ``tests/test_quant_checkpoint.BUILDERS`` (``awq``, ``ct-pack-int4``, ``ct-int8``, ``bnb-int8``, ...):
   the fine-tune packed by that test builder (AutoAWQ's, compressed-tensors' and bitsandbytes' layouts, transcribed
   in ``tests/quant_packers.py``); ``bnb-nf4-nested`` needs about 16 GB to build at the default shape.
+
+``--of base`` (with its own ``--dir``): every tuned side is built from the base as released (its bf16 values) instead
+of the fine-tune, so each pair is a quantized release of the base and should read "quantized only": no rank is
+taken, and the floor test's rules that only such a pair reaches (the stored scales' tests) run.
 
 Each ``weightdiff compare BASE TUNED --json`` runs in a fresh subprocess; reported: wall time, peak RSS
 (``VmHWM``), the bytes it read from disk (``/proc/self/io`` ``read_bytes``, and as a multiple of the two inputs'
