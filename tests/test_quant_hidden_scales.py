@@ -118,6 +118,37 @@ def test_bnb4_blocks_under_an_inflated_absmax_hiding_a_change_are_a_change(tmp_p
                                   _bnb4_qc(qtype, nested)), rank=False))
 
 
+def test_a_change_hidden_under_inflated_scales_is_ranked_from_a_gram_matrix_started_after_the_pass(tmp_path, rng,
+                                                                                                     monkeypatch):
+    """Every element of a bitsandbytes matrix whose first rows' blocks store six times their absmax lies within its
+    floor, so the floor test's sums say "within" to the end and the streamed Gram matrix waits (``RankSink.gate``);
+    the stored scales' test then finds the pair beyond its floor, and the Gram matrix is summed after the pass from
+    every window read once more (``RankSink.catch_up``): the rank of the change, the JSON byte for byte that of a
+    Gram matrix started with the pass."""
+    from weightdiff.measure import compute, rank_stream
+
+    x = _base(rng, rows=1280, cols=256)           # 327,680 elements: past the direct path, ranked from a streamed Gram
+    st, _, share = _bnb4_hostile(x, rng, 64, "nf4", True)
+    assert share > 2
+    b = T._save(tmp_path / "base", {f"{M}.weight": x}, None)
+    q = T._save(tmp_path / "bad", P.bnb4_state_tensors(f"{M}.weight", st), _bnb4_qc("nf4", True))
+    monkeypatch.setattr(compute, "WINDOW_ELEMENTS", 8 * 256 * 256)     # a quantized pair's window: 256 rows
+    with monkeypatch.context() as m:
+        m.setattr(compute, "GATE_GRAM", False)
+        ungated = compare(b, q, rank=True).to_json(include_run=False)
+    caught = []
+    catch_up = rank_stream.RankSink.catch_up
+    monkeypatch.setattr(rank_stream.RankSink, "catch_up",
+                        lambda self, *a: caught.append((self.held, self.gram.active, self.gram.pos)) or catch_up(self, *a))
+    r = compare(b, q, rank=True)
+    _changed(r)
+    assert r.to_json(include_run=False) == ungated
+    assert caught == [(True, False, x.size)], caught           # held to the end, then started
+    t = next(t for t in r.tensors if t.name == f"{M}.weight")
+    # (its numerical rank counted above the modelled quantization noise, which the change was made to fit under)
+    assert t.rank is not None and t.rank.method == "gram" and t.rank.exact and t.rank.energy_rank_99 > 0, t.rank
+
+
 @pytest.mark.parametrize("qtype,bs,nested,dtype", [
     ("nf4", 64, True, torch.bfloat16), ("fp4", 64, False, torch.bfloat16), ("nf4", 128, False, torch.float16),
     ("fp4", 256, True, torch.float32), ("nf4", 32, True, torch.float32), ("nf4", 4096, True, torch.bfloat16)])
