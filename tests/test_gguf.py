@@ -551,6 +551,36 @@ def test_gguf_of_the_base_is_quantized_only_and_of_a_fine_tune_derived(tmp_path,
     assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved)
 
 
+def test_a_gguf_pair_streams_in_the_quantized_formats_windows(tmp_path, rng, monkeypatch):
+    """A quantized side is streamed in an eighth of the plain window (its values and floors come out as float32, a
+    block of rows dequantized at a time); a GGUF tensor's scheme sits on its tensor entry, not in a ``quant`` map,
+    so GGUF pairs took the plain 16M-element windows, each side's current and next held: a 70B-width pair of Q8_0
+    builds peaked at 1,086 MB with its Gram matrix (908 MB now). Every GGUF pair, one side or both, now takes the
+    quantized window; a plain pair keeps the plain one."""
+    from models import low_rank_update
+    from weightdiff.measure import compute
+
+    t = llama(rng, layers=1, hidden=256, inter=512, vocab=96, kv=128)    # MLP matrices past the small-tensor batch
+    tuned = {k: (low_rank_update(rng, v, 2, rel=0.05) if v.ndim == 2 else v) for k, v in t.items()}
+    base = write_checkpoint(tmp_path / "base", t)
+    plain = write_checkpoint(tmp_path / "plain", tuned)
+    qb = to_gguf(tmp_path / "b.gguf", t, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=1)
+    qt = to_gguf(tmp_path / "t.gguf", tuned, "llama", Q.Q8_0, n_head=4, n_kv=2, layers=1)
+    seen: dict = {}
+    stream = compute._stream_stats
+
+    def spy(*a, **k):
+        seen[a[2]] = a[12] if len(a) > 12 else k.get("window")
+        return stream(*a, **k)
+
+    monkeypatch.setattr(compute, "_stream_stats", spy)
+    for a, b, quantized in ((base, plain, False), (base, qt, True), (qb, qt, True), (qb, plain, True)):
+        seen.clear()
+        compare(a, b, rank=False)
+        mats = [w for name, w in seen.items() if ".mlp." in name]
+        assert mats and all(w == compute.WINDOW_ELEMENTS // (8 if quantized else 1) for w in mats), (a, b, seen)
+
+
 def test_two_gguf_quantizations_of_one_scheme_whose_codes_moved_are_inconclusive(tmp_path, rng):
     # Q8_0 of a base and Q8_0 of a dense fine-tune of its linears (relative 1e-3), both by gguf's own quantizer:
     # every value within the two floors, and the pair read "QUANTIZED ONLY: explained by quantizing the same

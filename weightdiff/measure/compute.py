@@ -970,9 +970,12 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
         return rec
     tuned_t = sink = dsink = fpass = noise = None
     win = window_elements(pair.dtype_base, pair.dtype_tuned)
-    if pair.base_name in (getattr(base, "quant", None) or ()) or tuned_name in (getattr(tuned, "quant", None) or ()):
+    if pair.base_name in (getattr(base, "quant", None) or ()) or tuned_name in (getattr(tuned, "quant", None) or ()) \
+            or _quantized(base, pair.base_name) or _quantized(tuned, tuned_name):
         # a quantized side comes out as float32 values and floors, a block of rows dequantized with its
-        # temporaries: an eighth of the window (2M elements), small beside the Gram matrix at 70B widths
+        # temporaries: an eighth of the window (2M elements), small beside the Gram matrix at 70B widths. A GGUF
+        # tensor too (its scheme on the tensor, no Source): two GGUF sides' 16M-element windows, each side's
+        # current and next held, took a 70B-width pair of Q8_0 builds to 1,086 MB
         win //= 8
     floors = FloorAccumulator() if pre is None else None
     if pair.transposed:
@@ -1187,6 +1190,13 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
         dsink.close()
     refine_rank(rec, pair, bases, tuned, options, backend)
     return rec
+
+
+def _quantized(ck, name: str) -> bool:
+    """Whether ``name`` is stored quantized in ``ck`` (a scheme on its tensor entry: GGUF's, and every reader's
+    quantized tensors)."""
+    info = getattr(ck, "tensors", {}).get(name)
+    return getattr(info, "quant", None) is not None
 
 
 #: a quantized pair's streamed Gram matrix waits for its floor test's windows to say that its change is likely to be
