@@ -9,7 +9,7 @@ levels (a quantized-then-dequantized export). docs/methodology.md has the formul
 
 from __future__ import annotations
 __all__ = ["FLOOR_FIELDS", "floor_stats", "floor_stats_numpy", "grid_levels", "row_grids", "round_trip",
-           "ggml_round_trip", "GGML_LEGACY"]
+           "ggml_round_trip", "GGML_LEGACY", "clipped_beyond", "clipped_beyond_numpy"]
 
 import numpy as np
 
@@ -281,13 +281,82 @@ def ggml_round_trip(v: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 def clipped_beyond(base: np.ndarray, other: np.ndarray, floor: np.ndarray, group: int,
                    cast_rel: float = 0.0) -> int:
-    """Elements of one window beyond the floor (as ``floor_stats`` counts them) that a clipping search
+    """Elements of one window beyond the floor that AWQ's clipping search explains, in one numba pass (no
+    window-sized temporaries; the numpy form made ten float64 arrays of each window, a quarter of a 70B-width AWQ
+    pair's time): the count of ``clipped_beyond_numpy``, its specification. The window starts at a group boundary
+    and holds whole groups of ``group`` consecutive elements.
+
+    >>> clipped_beyond(np.array([1.0, 0.1, 3.0, 0.2]), np.array([1.0, 0.1, 2.0, 0.2]), np.full(4, 0.1), 4)
+    1
+    """
+    b = np.ascontiguousarray(base).reshape(-1)
+    o = np.ascontiguousarray(other).reshape(-1)
+    f = np.ascontiguousarray(floor).reshape(-1)
+    group = int(group)
+    if group < 1 or b.size % group:
+        raise ValueError(f"clipped_beyond: {b.size} elements are not whole groups of {group}")
+    if not (b.size == o.size == f.size):
+        raise ValueError(f"clipped_beyond: {b.size}, {o.size} and {f.size} elements")
+    return int(_clip_pass()(b, o, f, group, float(cast_rel)))
+
+
+_CLIP_PASS: list = []
+
+
+def _clip_pass():
+    """The compiled pass behind ``clipped_beyond`` (compiled on first use, cached on disk)."""
+    if not _CLIP_PASS:
+        import numba
+
+        from .numba_cache import ensure
+
+        ensure()
+
+        @numba.njit(cache=True, nogil=True)
+        def run(b, o, f, group, cast_rel):  # pragma: no cover - compiled
+            n = 0
+            for g0 in range(0, b.size, group):
+                hi = -np.inf
+                lo = np.inf
+                nan = False
+                for i in range(g0, g0 + group):
+                    v = np.float64(o[i])
+                    if v != v:               # numpy's max and min of a group with a NaN are NaN: no end code
+                        nan = True
+                        break
+                    if v > hi:
+                        hi = v
+                    if v < lo:
+                        lo = v
+                if nan:
+                    continue
+                for i in range(g0, g0 + group):
+                    bi = np.float64(b[i])
+                    oi = np.float64(o[i])
+                    if abs(bi - oi) <= np.float64(f[i]) + cast_rel * abs(bi):
+                        continue             # within (a NaN anywhere here is beyond, as ``~(d <= f)``)
+                    if oi != hi and oi != lo:
+                        continue
+                    so = 1 if oi > 0 else (-1 if oi < 0 else 0)
+                    sb = 1 if bi > 0 else (-1 if bi < 0 else (0 if bi == 0 else 2))    # 2: NaN's sign, never equal
+                    if so == sb and abs(oi) < abs(bi):
+                        n += 1
+            return n
+
+        _CLIP_PASS.append(run)
+    return _CLIP_PASS[0]
+
+
+def clipped_beyond_numpy(base: np.ndarray, other: np.ndarray, floor: np.ndarray, group: int,
+                   cast_rel: float = 0.0) -> int:
+    """The numpy specification of ``clipped_beyond`` (the numba pass must give the same count). Elements of one
+    window beyond the floor (as ``floor_stats`` counts them) that a clipping search
     explains: ``other`` (the quantized side) sits on its group's largest or smallest value, with the
     sign of ``base`` and a smaller magnitude (AWQ clamps each group to a searched ``+-max`` before
     quantizing, so the elements past it land on the end codes). The window starts at a group boundary
     and holds whole groups of ``group`` consecutive elements.
 
-    >>> clipped_beyond(np.array([1.0, 0.1, 3.0, 0.2]), np.array([1.0, 0.1, 2.0, 0.2]), np.full(4, 0.1), 4)
+    >>> clipped_beyond_numpy(np.array([1.0, 0.1, 3.0, 0.2]), np.array([1.0, 0.1, 2.0, 0.2]), np.full(4, 0.1), 4)
     1
     """
     b = np.asarray(base, np.float64).reshape(-1)

@@ -322,6 +322,36 @@ def test_fp8_rows_numba_equals_dequant_fp8(rng):
             np.testing.assert_allclose(a[1], b[1], rtol=1e-4)
 
 
+@pytest.mark.parametrize("case", ["random", "adversarial", "float32"])
+@pytest.mark.parametrize("group", [1, 8, 64])
+def test_clipped_beyond_numba_pass_is_its_numpy_specification(rng, case, group):
+    """The numba pass counts what ``clipped_beyond_numpy`` counts: random clipped groups, and NaN and infinities on
+    either side, NaN floors, signed zeros, ties at a group's end codes, a cast allowance; float32 windows too."""
+    n = 256 * group
+    b = rng.standard_normal(n)
+    o = np.round(b * 2) / 2
+    o.reshape(-1, group)[:, 0] = np.clip(b.reshape(-1, group)[:, 0], -0.5, 0.5)
+    o[::17] += 0.7
+    f = np.full(n, 0.25)
+    if case == "adversarial":
+        b[::31] = np.nan
+        o[5::97] = np.nan
+        b[7::53], o[11::59] = np.inf, -np.inf
+        f[13::41] = np.nan
+        b[3::29], o[3::29] = -0.0, 0.0
+        o.reshape(-1, group)[::3, -1] = o.reshape(-1, group)[::3].max(axis=1)     # ties at the top code
+        b[::7] *= 1e-300
+        if group > 1:                    # a clipped end code beside a NaN: numpy's group max is NaN, so not counted
+            g0 = 2 * group
+            o[g0:g0 + group], f[g0:g0 + group] = 0.25, 0.25
+            o[g0], b[g0], o[g0 + 1] = 0.5, 2.0, np.nan
+    dt = np.float32 if case == "float32" else np.float64
+    for cast_rel in (0.0, 2.0 ** -9):
+        want = QF.clipped_beyond_numpy(b.astype(dt), o.astype(dt), f.astype(dt), group, cast_rel)
+        assert QF.clipped_beyond(b.astype(dt), o.astype(dt), f.astype(dt), group, cast_rel) == want
+        assert want > 0 or case == "adversarial" and group == 1
+
+
 def test_clipped_beyond_against_a_loop(rng):
     # elements beyond the floor that AWQ's clipping explains: on the group's end code, same sign, nearer 0
     clipped_beyond = QF.clipped_beyond
