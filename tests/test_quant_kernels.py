@@ -165,6 +165,28 @@ def test_awq_matches_reference(rng, bits):
     np.testing.assert_array_equal(part, value[3:21])
 
 
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_awq_numba_pass_is_its_numpy_specification(rng, dtype, bits):
+    """``awq_rows`` (numba) gives ``awq_rows_numpy``'s values and floors bit for bit: random packed words (every
+    code, the end codes' wider floor), adversarial scales (0, subnormal, huge past fp16's range, inf, NaN), groups
+    that do not divide the input features, row ranges cut inside a packed word."""
+    pf = 32 // bits
+    in_f, out_f, group = 100, 8 * pf, 32
+    qweight = rng.integers(-2 ** 31, 2 ** 31, (in_f, out_f // pf), dtype=np.int64).astype(np.int32)
+    qzeros = rng.integers(-2 ** 31, 2 ** 31, (-(-in_f // group), out_f // pf), dtype=np.int64).astype(np.int32)
+    scales = (rng.standard_normal((-(-in_f // group), out_f)) * 1e-3).astype(np.float32)
+    scales[0, :5] = [0.0, 1e-42, 7e4, np.inf, np.nan]
+    scales[1, 3] = -2.5e-5
+    for r0, r1 in ((0, out_f), (3, 21), (pf - 1, pf + 1), (5, 5)):
+        a = Q.awq_rows(qweight, qzeros, scales, bits, group, dtype, r0, r1)
+        with np.errstate(invalid="ignore", over="ignore"):          # (0 x inf: NaN, as in the numba pass)
+            b = Q.awq_rows_numpy(qweight, qzeros, scales, bits, group, dtype, r0, r1)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        assert a[0].dtype == a[1].dtype == np.float32 and a[0].shape == (r1 - r0, in_f)
+
+
 @pytest.mark.parametrize("quant_type,nested,dtype", [("nf4", False, "BF16"), ("fp4", False, "F16"),
                                                      ("nf4", True, "F32"), ("nf4", True, "BF16")])
 def test_bnb4_matches_reference(rng, quant_type, nested, dtype):
