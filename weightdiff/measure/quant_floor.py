@@ -451,7 +451,7 @@ def _stream_co(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop,
         if stop is None and side != "both" and len(shape) >= 2 else None
     if sc is not None and sc.prows * sc.prow != math.prod(shape):
         sc = None
-    sc_rest: list = []                       # the plain magnitudes of a row a window cut, until the next
+    sc_rest = np.zeros(0)                    # the plain magnitudes of a row a window cut, until the next
     while True:
         w = yield needed
         if w is None:
@@ -954,13 +954,9 @@ class _FirstGroups:
 
     def window(self, values: np.ndarray) -> None:
         """The plain side's next flat window, decoded (the floor test's ``plain_v`` before any AWQ scaling)."""
-        v = np.asarray(values, np.float32).reshape(-1)
-        if self._tail.size:
-            v = np.concatenate([self._tail, v])
-        whole = v.size // self.n
-        if whole:
-            self.count(v[:whole * self.n].reshape(whole, self.n), self.rows_done)
-        self._tail = v[whole * self.n:].copy()
+        rows, self._tail = _whole_rows(self._tail, np.asarray(values, np.float32).reshape(-1), self.n)
+        if rows is not None:
+            self.count(rows, self.rows_done)
 
     def result(self) -> float | None:
         if self.rows_done != self.m or self._tail.size:
@@ -1091,25 +1087,19 @@ class ScaleCheck:
 
     def rows(self, p0: int, x: np.ndarray) -> None:
         """Plain rows ``p0`` on, their magnitudes (float64 [k, prow])."""
-        R, C = self.R, self.C
-        k = len(x)
-        self.fed += k
-        if self.s_in is not None or self.s_out is not None:
-            p = np.arange(p0, p0 + k, dtype=np.int64)
-            rs, cs = (np.arange(R, dtype=np.int64)[None, :], p[:, None]) if self.turned else \
-                (p[:, None], np.arange(C, dtype=np.int64)[None, :])
-            if self.s_in is not None:
-                x = x * np.abs(np.asarray(self.s_in, np.float64))[cs]
-            if self.s_out is not None:
-                x = x / np.abs(np.asarray(self.s_out, np.float64))[rs]
+        self.fed += len(x)
+        p = np.arange(p0, p0 + len(x), dtype=np.int64)
+        rs, cs = (np.arange(self.R, dtype=np.int64)[None, :], p[:, None]) if self.turned else \
+            (p[:, None], np.arange(self.C, dtype=np.int64)[None, :])
+        if self.s_in is not None:
+            x = x * np.abs(np.asarray(self.s_in, np.float64))[cs]
+        if self.s_out is not None:
+            x = x / np.abs(np.asarray(self.s_out, np.float64))[rs]
         if self._runs is not None:
             with np.errstate(invalid="ignore"):
                 ids, vals = self._runs(p0, x)
                 self.A[ids] = np.maximum(self.A[ids], vals)      # (each group once in ``ids``)
             return
-        p = np.arange(p0, p0 + k, dtype=np.int64)
-        rs, cs = (np.arange(R, dtype=np.int64)[None, :], p[:, None]) if self.turned else \
-            (p[:, None], np.arange(C, dtype=np.int64)[None, :])
         ids = np.broadcast_to(self.ids_of(rs, cs), x.shape)
         with np.errstate(invalid="ignore"):
             np.maximum.at(self.A, ids.reshape(-1), x.reshape(-1))
@@ -1131,16 +1121,22 @@ class ScaleCheck:
         return int(np.count_nonzero(bad))
 
 
-def _scale_rows(sc: ScaleCheck, rest: list, plain: np.ndarray) -> list:
+def _scale_rows(sc: ScaleCheck, rest: np.ndarray, plain: np.ndarray) -> np.ndarray:
     """One window of the plain side's values fed to ``sc`` as whole rows of magnitudes (float64, as
     ``_plain_chunks`` gives them); what is left of a row the window cut, returned for the next."""
-    mags = np.abs(np.asarray(plain, np.float64).reshape(-1))
-    if rest:
-        mags = np.concatenate(rest + [mags])
-    k = mags.size // sc.prow
-    if k:
-        sc.rows(sc.fed, mags[:k * sc.prow].reshape(k, sc.prow))
-    return [mags[k * sc.prow:]] if mags.size > k * sc.prow else []
+    rows, rest = _whole_rows(rest, np.abs(np.asarray(plain, np.float64).reshape(-1)), sc.prow)
+    if rows is not None:
+        sc.rows(sc.fed, rows)
+    return rest
+
+
+def _whole_rows(tail: np.ndarray, v: np.ndarray, n: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """The whole rows of ``n`` elements in ``tail`` (a row the last window cut) then the flat window ``v``, as
+    [k, n] (None when none completes), and the start of the row this window cuts, kept (a copy) for the next."""
+    if tail.size:
+        v = np.concatenate([tail, v])
+    k = v.size // n
+    return (v[:k * n].reshape(k, n) if k else None), v[k * n:].copy()
 
 
 def _group_runs(layout: tuple, sshape: tuple, R: int, C: int):
@@ -1186,8 +1182,7 @@ def _group_runs(layout: tuple, sshape: tuple, R: int, C: int):
         def flat_runs(p0, x):
             o, flat = p0 * C, x.reshape(-1)
             first = (-o) % bs                      # where the first whole block starts in this run
-            starts = np.concatenate(([0], np.arange(first if first else bs, flat.size, bs, dtype=np.int64)))
-            starts = np.unique(starts)
+            starts = np.concatenate(([0], np.arange(first or bs, flat.size, bs, dtype=np.int64)))
             return (o + starts) // bs, np.maximum.reduceat(flat, starts)
         return flat_runs
     return None
