@@ -66,6 +66,14 @@ def test_only_a_large_comparison_compiles_in_a_child_unless_told(monkeypatch):
     assert not precompile.enabled()
     precompile.note_size(precompile.CHILD_ELEMENTS)
     assert precompile.enabled()
+    # a small comparison with one wide matrix: its Gram matrix brings the run near the bound, so a child too
+    precompile.note_size(10, precompile.CHILD_GRAM_SIDE - 1)
+    assert not precompile.enabled()
+    precompile.note_size(10, precompile.CHILD_GRAM_SIDE)
+    assert precompile.enabled()
+    side = precompile.CHILD_GRAM_SIDE
+    assert precompile.gram_side([None, (side * 8,), [3, side], (side * 7, side - 1), (8, side, side)]) == side
+    assert precompile.gram_side([None, (10 ** 9,), ()]) == 0
     monkeypatch.setenv("WEIGHTDIFF_PRECOMPILE", "0")
     assert not precompile.enabled()
     monkeypatch.setenv("WEIGHTDIFF_PRECOMPILE", "1")
@@ -74,6 +82,24 @@ def test_only_a_large_comparison_compiles_in_a_child_unless_told(monkeypatch):
     ck = SimpleNamespace(tensors={"a": SimpleNamespace(shape=[3, 4]), "b": SimpleNamespace(shape=[5]),
                                   "c": SimpleNamespace(shape=[])})
     assert precompile.checkpoint_elements([ck, SimpleNamespace(tensors={})]) == 18
+    assert precompile.checkpoint_side([ck, SimpleNamespace(tensors={})]) == 3
+
+
+def test_a_comparison_with_a_wide_matrix_asks_for_a_child(tmp_path, monkeypatch):
+    """compute_some tells note_size the widest measured matrix: a 4096-wide one is large however few its elements
+    (what counts is the pair as measured: an added matrix reads nothing)."""
+    from weightdiff.measure import compute
+
+    seen = []
+    monkeypatch.setattr(precompile, "note_size", lambda elements, side=0: seen.append((elements, side)))
+    monkeypatch.setattr(precompile, "ensure", lambda *a, **k: False)
+    pairs = [SimpleNamespace(kind="paired", params=4096 * 2, shape_tuned=(2, 4096), shape_base=(2, 4096)),
+             SimpleNamespace(kind="added", params=4096 ** 2, shape_tuned=(4096, 4096), shape_base=None),
+             SimpleNamespace(kind="inherited", params=5000 * 4096, shape_tuned=None, shape_base=(5000, 4096))]
+    plan = SimpleNamespace(pairs=pairs)
+    with pytest.raises(AttributeError):       # no backend: stops right after the size is told
+        compute.compute_some(plan, range(3), [], None, SimpleNamespace(cache=None), None, None)
+    assert seen == [(4096 * 2 + 5000 * 4096, 4096)]
 
 
 def test_the_child_rejects_arguments_it_cannot_read(capsys):

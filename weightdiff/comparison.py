@@ -345,7 +345,8 @@ def compare(base: PathLike | Sequence[PathLike], tuned: PathLike, *, options: Co
         keys = precompile.gguf_keys((*bases, tuned_ck))
         if keys:
             told = getattr(progress, "stage", None)
-            precompile.note_size(precompile.checkpoint_elements((*bases, tuned_ck)))
+            cks = (*bases, tuned_ck)
+            precompile.note_size(precompile.checkpoint_elements(cks), precompile.checkpoint_side(cks))
             if precompile.ensure_keys(keys, told) and told is not None:
                 told(None)
         outs = active_outputs()

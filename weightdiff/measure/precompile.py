@@ -14,8 +14,8 @@ comparison would have); only the memory moves.
 
 A marker file beside numba's cached kernels records each dtype pair done, keyed by numba's and Python's
 versions, the CPU and the kernel source's size and modification time (what numba's own cache keys on), so
-later runs start no child. Only comparisons of at least ``CHILD_ELEMENTS`` (a billion elements a side) do this:
-a smaller one compiles in its own process, which is faster on a first run and far from the memory bound.
+later runs start no child. Only comparisons of at least ``CHILD_ELEMENTS`` (a billion elements a side), or with a
+matrix at least ``CHILD_GRAM_SIDE`` (4,096) wide on its smaller side, do this: a smaller one compiles in its own process, which is faster on a first run and far from the memory bound.
 ``WEIGHTDIFF_PRECOMPILE=1`` does it for any size, ``=0`` never; a child that fails changes nothing (the
 comparison compiles in its own process, as before).
 
@@ -43,7 +43,12 @@ CHILD_SECONDS = 900
 #: pair's first run took 44 s with children, 14 s without; the demo 13 s against 9 s) and far from any memory
 #: bound (the same runs peak at 360-440 MB); from it on the run takes minutes and its peak is the one the bound is for
 CHILD_ELEMENTS = 1_000_000_000
-_large = False                              # the comparison under way is at least CHILD_ELEMENTS (note_size)
+#: ... or one of whose matrices is at least this wide on its smaller side: its Gram matrix alone is 128 MB (537 MB
+#: at 70B's 8,192), and such a run peaks within ~100 MB of the 1 GB bound, which an in-process compile (~130 MB for
+#: a dtype pair's parallel kernels) then crossed: a 28672 x 8192 GPTQ fine-tune's first run peaked at 1,104 MB
+#: against 971 MB with the kernels cached, though the pair is 235M elements a side
+CHILD_GRAM_SIDE = 4096
+_large = False                              # the comparison under way is large (note_size)
 #: the key of the linear assignment (the matching of reordered units: one kernel, float64 costs)
 ASSIGNMENT = "assignment"
 #: the prefix of a GGML block type's key (``ggml:Q4_K``: ``kernels.ggml``'s dequantizer of that type)
@@ -133,11 +138,17 @@ def missing(keys: Sequence[str]) -> list[str]:
     return out
 
 
-def note_size(elements: int) -> None:
-    """The elements the comparison under way measures (one side): a child compiles for it only from
-    ``CHILD_ELEMENTS`` on (``enabled``)."""
+def note_size(elements: int, side: int = 0) -> None:
+    """The elements the comparison under way measures (one side) and the smaller side of its widest matrix: a child
+    compiles for it only from ``CHILD_ELEMENTS`` or ``CHILD_GRAM_SIDE`` on (``enabled``)."""
     global _large
-    _large = int(elements) >= CHILD_ELEMENTS
+    _large = int(elements) >= CHILD_ELEMENTS or int(side) >= CHILD_GRAM_SIDE
+
+
+def gram_side(shapes: Iterable) -> int:
+    """The largest smaller side of the matrices among these shapes (a 3-d stack of experts counts its last two
+    axes; vectors and None count 0)."""
+    return max((min(s[-2:]) for s in shapes if s is not None and len(s) >= 2), default=0)
 
 
 def checkpoint_elements(checkpoints: Iterable) -> int:
@@ -145,9 +156,14 @@ def checkpoint_elements(checkpoints: Iterable) -> int:
     return max((sum(math.prod(info.shape or ()) for info in ck.tensors.values()) for ck in checkpoints), default=0)
 
 
+def checkpoint_side(checkpoints: Iterable) -> int:
+    """``gram_side`` of every tensor of these checkpoints."""
+    return max((gram_side(info.shape for info in ck.tensors.values()) for ck in checkpoints), default=0)
+
+
 def enabled() -> bool:
     """``WEIGHTDIFF_PRECOMPILE``: ``0`` never, ``1`` always, unset (or anything else) for a comparison of at least
-    ``CHILD_ELEMENTS`` elements (``note_size``)."""
+    ``CHILD_ELEMENTS`` elements or a matrix at least ``CHILD_GRAM_SIDE`` wide on its smaller side (``note_size``)."""
     if getattr(sys, "frozen", False):
         return False
     how = os.environ.get("WEIGHTDIFF_PRECOMPILE", "")
