@@ -14,6 +14,10 @@ rank-4 update of relative size 5e-2), then each tuned side:
 - ``gguf``: the fine-tune as a GGUF Q8_0 (gguf-py's own quantizer and writer);
 - ``gptq``: the fine-tune as AutoGPTQ packs it (4 bits, groups of 128, asymmetric; ``tests/quant_packers.gptq_pack``,
   a transcription of AutoGPTQ's ``QuantLinear.pack``), so the floor test is GPTQ's first-group one;
+- ``gptq-comp``: the same as GPTQ quantizes it, with its error compensation (``quant_packers.gptq_quantize``,
+  AutoGPTQ's lazy batches of 128 columns in float32; random calibration inputs whose columns differ in scale; about
+  two minutes to build at the default shape): a third of the elements beyond half a step, so a release of the base
+  is told from a fine-tune by the first-group test, as every published GPTQ build is;
 - ``lora``: a PEFT LoRA (r = 16) on the FP8 base, whose factor path reads the dequantized base weight;
 - ``oft``, ``boft``, ``ia3``: PEFT adapters on the bf16 base whose change is dense (OFT's inputs rotated in blocks
   of 32; BOFT's the same with one butterfly factor and a scale per output; IA3's vector scaling the inputs), so each
@@ -123,19 +127,22 @@ def make(folder: Path, m: int, n: int, runs: list[str], of_base: bool = False) -
     if "gptq" in runs:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         import quant_packers
-        from safetensors.numpy import save_file as st_save
 
         g_idx = (np.arange(n) // 128).astype(np.int32)
         qw, qz, sc, _ = quant_packers.gptq_pack(w, g_idx, 4, True)
-        (folder / "gptq").mkdir(exist_ok=True)
-        st_save({NAME + ".qweight": qw, NAME + ".qzeros": qz, NAME + ".scales": sc, NAME + ".g_idx": g_idx},
-                str(folder / "gptq" / "model.safetensors"))
-        (folder / "gptq" / "config.json").write_text(json.dumps({
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-            "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
-                                    "sym": False, "checkpoint_format": "gptq"}}))
+        _save_gptq(folder / "gptq", qw, qz, sc, g_idx)
         del qw, qz, sc, _
-    builders = [r for r in runs if r not in ("plain", "fp8", "gguf", "gptq", "lora", "embed") + ADAPTERS]
+    if "gptq-comp" in runs:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        import quant_packers
+
+        # calibration inputs whose columns differ in scale, as activations do: the Hessian GPTQ compensates through
+        xr = np.random.default_rng(7)           # its own generator: the other runs' files stay the same
+        x = xr.standard_normal((512, n), dtype=np.float32) * np.exp(xr.standard_normal(n)).astype(np.float32)
+        qw, qz, sc, g_idx = quant_packers.gptq_quantize(w, x, 4, 128, block=128, dtype=np.float32)
+        _save_gptq(folder / "gptq-comp", qw, qz, sc, g_idx)
+        del qw, qz, sc, x
+    builders = [r for r in runs if r not in ("plain", "fp8", "gguf", "gptq", "gptq-comp", "lora", "embed") + ADAPTERS]
     if builders:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         import test_quant_checkpoint as T
@@ -158,6 +165,19 @@ def make(folder: Path, m: int, n: int, runs: list[str], of_base: bool = False) -
         _dense_adapter(folder / kind, kind, m, n, rng)
     if "embed" in runs:
         _embedding(folder, n, rng)
+
+
+def _save_gptq(folder: Path, qw, qz, sc, g_idx) -> None:
+    """A GPTQ checkpoint folder (4 bits, groups of 128, asymmetric, in column order) of the one matrix."""
+    from safetensors.numpy import save_file as st_save
+
+    folder.mkdir(parents=True, exist_ok=True)
+    st_save({NAME + ".qweight": qw, NAME + ".qzeros": qz, NAME + ".scales": sc, NAME + ".g_idx": g_idx},
+            str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                                "sym": False, "checkpoint_format": "gptq"}}))
 
 
 #: Llama 3's vocabulary, and the rows the fine-tune of the ``embed`` run adds to it

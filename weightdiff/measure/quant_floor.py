@@ -528,9 +528,11 @@ def _stream_co(base, bname, dtype_b, tuned, tname, dtype_t, shape, window, stop,
         acc[3] = mx                              # max_u combines with max, the rest with +
         cols += c
         pos += len(vt)
-        if lazy is not None:
-            lazy.window(acc[1] > 0)
         needed = hint(acc, clipped, cols, nonzero, ext_off, ext_blocks)
+        if lazy is not None:
+            # the noise a rank is counted above: summed once the change is likely to be ranked (a GPTQ release's
+            # error compensation puts elements beyond from its first window; its first-group columns say within)
+            lazy.window(acc[1] > 0 and needed)
         # nothing of this window kept while the next is awaited: fed by the stats pass, this frame lives through
         # the next window's Gram product (70B-width FP8 and GPTQ pairs peaked 56 MB higher with them kept)
         w = wb = wt = vb = vt = floor = plain_v = quant_v = bad = part = c = None
