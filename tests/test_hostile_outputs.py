@@ -73,6 +73,7 @@ MALFORMED = [
     ("summary.scope", "x", "`summary.scope` should be an object or null"),
     ("run", "x", "`run` should be an object or null"),
     ("summary.form", ["low_rank"], "`summary.form` should be an object or null"),
+    ("summary.form.matrices_compensated", "4", "`summary.form.matrices_compensated` should be an integer or null"),
     ("summary.flags", 3, "`summary.flags` should be a list or null"),
     ("settings.thresholds", 3, "`settings.thresholds` should be an object or null"),
     ("settings.thresholds.unrelated_cosine", "x", "`settings.thresholds.unrelated_cosine` should be a number"),

@@ -358,8 +358,17 @@ def _explained(rec: RankRecord, norm_sq: float, noise_energy: float) -> None:
     or nothing above it at all), the numerical rank does not describe the change."""
     nr = rec.numerical_rank or 0
     top = np.sort(np.asarray(rec.spectrum, dtype=np.float64))[::-1][:nr]
+    if norm_sq >= 0 and math.isfinite(norm_sq) and noise_energy > 0:
+        rec.extra["energy_ratio"] = norm_sq / noise_energy       # the whole change's energy over the noise's
     if not (norm_sq >= 0 and math.isfinite(norm_sq)) or noise_energy <= 0 or nr > len(rec.spectrum):
         rec.extra["noise_explains_rest"] = False
+        if nr > len(top) > 0 and norm_sq >= 0 and math.isfinite(norm_sq) and noise_energy > 0:
+            # more directions above the noise than the spectrum kept: the energy outside them lies between what the
+            # kept ones leave and that less the rest's largest possible share (each at most the last kept value)
+            held = float(np.sum(top * top))
+            rec.extra["residual_energy_ratio_bounds"] = [
+                max(0.0, norm_sq - held - (nr - len(top)) * float(top[-1]) ** 2) / noise_energy,
+                max(0.0, norm_sq - held) / noise_energy]
         return
     ratio = max(0.0, norm_sq - float(np.sum(top * top))) / noise_energy
     rec.extra["residual_energy_ratio"] = ratio

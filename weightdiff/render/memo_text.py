@@ -93,7 +93,8 @@ FORMS = [
      "BitFit): a vector has no directions, so the change is neither low-rank nor spread over many."),
     ("undecided", "otherwise, when matrices whose rank cannot decide the low-rank rule (a bracket that is "
      "low-rank at its lower end but not at its upper end, no direction above the modelled quantization "
-     "noise, or no rank analysis at all: --no-rank, or a change none is taken of, as NaN or infinity in it) hold at least mixed_min_share of the changed matrices' parameters, or any do and the certainly "
+     "noise, a side quantized with error compensation (GPTQ) whose counted directions may be the "
+     "compensation's, or no rank analysis at all: --no-rank, or a change none is taken of, as NaN or infinity in it) hold at least mixed_min_share of the changed matrices' parameters, or any do and the certainly "
      "dense ones hold less."),
     ("mixed", "otherwise, when low-rank matrices hold at least mixed_min_share of the changed matrices' "
      "parameters and the others the rest, however small (both shares are reported)."),

@@ -1736,10 +1736,21 @@ def form_sentence(f: dict, rank: bool | None = None) -> str:
         sh = f.get("shares") or {}
         b = f.get("max_numerical_rank_bounds")
         where = f" (the largest numerical rank lies between {count(b[0])} and {count(b[1])})" if b else ""
+        if f.get("matrices_compensated") and f.get("matrices_compensated") == f.get("matrices_undecided"):
+            n = int(f["matrices_compensated"])
+            return (f"Whether the change is low-rank or dense is not decided: {count(n)} changed "
+                    f"{'matrix is' if n == 1 else 'matrices are'} quantized with error compensation (GPTQ), holding "
+                    f"{share(sh.get('undecided'))} of the changed matrices' parameters; compensation spreads each "
+                    "column's rounding error onto the columns after it, correlated and larger than the noise "
+                    "modelled per element, so the directions counted above that noise may be the compensation's "
+                    "and the energy left beside them is within what it can hold.")
+        also = (" (for some, quantized with error compensation (GPTQ), the directions counted above the modelled "
+                "noise may be the compensation's)") if f.get("matrices_compensated") else ""
         return (f"Whether the change is low-rank or dense is not decided: for matrices holding "
                 f"{share(sh.get('undecided'))} of the changed matrices' parameters the rank is a bracket that "
                 f"spans the low-rank rule{where}, or the change sits at the level of the noise (rounding or "
-                f"quantization): the few directions above it hold too little of the change to call it low-rank.")
+                f"quantization){also}: the few directions above it hold too little of the change to call it "
+                "low-rank.")
     if f.get("kind") == "sparse":
         part, whole = f.get("changed_element_share"), f.get("differing_element_share")
         if part is not None and whole is not None and whole > part:
