@@ -179,6 +179,7 @@ def test_gptq_compensation_above_the_modelled_noise_decides_no_form(tmp_path, mo
     r = _judge(tmp_path / "ft", base, stored, qc, rank=True)
     ranked = [t for t in r.tensors if t.rank is not None and t.quant]
     assert len(ranked) == 4 and all(t.rank.numerical_rank > 4 for t in ranked)
+    assert all("GPTQ's error compensation" in t.note for t in ranked), [t.note for t in ranked]
     assert all(1 < t.rank.extra["residual_energy_ratio"] < COMPENSATED_RESIDUAL_MAX for t in ranked)
     f = r.summary.form
     assert f["kind"] == "undecided" and f["matrices_compensated"] == f["matrices_undecided"] == 4, f
@@ -222,6 +223,7 @@ def test_rank_counts_above_the_quantization_noise(tmp_path, models):
     r = _judge(tmp_path, base, stored, qc, rank=True)
     ranked = [t for t in r.tensors if t.rank is not None]
     assert len(ranked) == 4 and all("above the quantization noise" in (t.note or "") for t in ranked)
+    assert not any("compensation" in t.note for t in ranked)          # FP8 rounds to nearest
     assert all(t.rank.extra["noise_model"] == "quantization" for t in ranked)
     assert all(3 <= t.rank.numerical_rank <= 5 for t in ranked), [t.rank.numerical_rank for t in ranked]
     assert r.summary.form["kind"] == "low_rank"

@@ -1150,7 +1150,7 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
             extra_var = _quant_var(above, base, pair, t_side, tuned_name, t_shape, min(win, _VAR_WINDOW), stop,
                                    noise)
             if extra_var is not None and above is True:
-                rec.note = QUANT_RANK_NOTE + (f"; {rec.note}" if rec.note else "")
+                rec.note = _quant_rank_note(rec) + (f"; {rec.note}" if rec.note else "")
         args = (float(nd) ** 2 if nd is not None and math.isfinite(nd) else float("nan"),
                 thr.noise_floor_factor, options.rank_k)
         kw = {"extra_var": extra_var} if extra_var is not None else {}
@@ -1181,7 +1181,7 @@ def _compute_pair(pair: Pair, bases: Sequence[Checkpoint], tuned: Checkpoint, op
         raw_t = _read_part(tuned, tuned_name, stop) if tuned_t is None else tuned_t
         extra_var = _quant_var(above, base, pair, t_side, tuned_name, t_shape, win, stop) if above else None
         if extra_var is not None and above is True:
-            rec.note = QUANT_RANK_NOTE + (f"; {rec.note}" if rec.note else "")
+            rec.note = _quant_rank_note(rec) + (f"; {rec.note}" if rec.note else "")
         rec.rank = _analyze(raw_b, raw_t, dt_b, dt_t, _ranked_shape(pair, shape_t if tuned_t is None else shape_b),
                             nd, options, backend, extra_var=extra_var)
     if sink is not None:
@@ -1207,6 +1207,16 @@ _VAR_WINDOW = 1 << 21
 #: the note of a quantized pair's change ranked above the modelled quantization noise
 QUANT_RANK_NOTE = ("rank of the whole change; numerical rank counted above the quantization noise (modelled as "
                    "uniform within each element's floor)")
+#: ... and for a side quantized with error compensation (the first-group test: GPTQ, GPTQModifier)
+COMPENSATED_NOTE = ("GPTQ's error compensation makes its noise correlated across columns and larger than that model: "
+                    "the count may include the compensation's own directions (docs/rank.md)")
+
+
+def _quant_rank_note(rec: TensorRecord) -> str:
+    """The note of a change ranked above its quantization noise."""
+    if (rec.quant or {}).get("test") == "first-group":
+        return f"{QUANT_RANK_NOTE}; {COMPENSATED_NOTE}"
+    return QUANT_RANK_NOTE
 
 
 def _quant_var(above, base: Checkpoint, pair: Pair, t_side, tuned_name: str, t_shape, win: int,
