@@ -1113,6 +1113,39 @@ def test_a_rounding_level_copy_quantized_is_not_called_a_fine_tune(tmp_path, mod
             assert "a fine-tune that was then quantized" in s.verdict_reason
 
 
+def test_a_rounding_level_copy_gptq_quantized_is_not_called_a_fine_tune(tmp_path, models):
+    """The same copy moved by an ulp, GPTQ-quantized with error compensation: its first-group columns are within their
+    floor, but 10% of its group scales are not the base's, so it is beyond; the compensation's own directions stand
+    above the per-element model (8-9 of 256), so rank 0 could not tell it from a fine-tune and it read "a fine-tune that
+    was then quantized". Now flagged as no larger than the noise (its energy 2.3x the model's, within what
+    compensation holds); the rank-4 fine-tune, whose first-group columns have elements beyond, is a fine-tune."""
+    base, tuned = models
+    rng = np.random.default_rng(3)
+    b16 = {k: _bf16_stored(v) for k, v in base.items()}
+    mats = [n for n in b16 if any(n.startswith(m + ".") for m in T.LINEARS)]
+    merged = dict(b16)
+    for n in mats:
+        d = (rng.standard_normal((b16[n].shape[0], 8)) @ rng.standard_normal((8, b16[n].shape[1]))) * 0.004
+        merged[n] = _bf16_stored(_bf16_stored(b16[n] + d) - d)
+    x = np.random.default_rng(5).standard_normal((512, T.IN))
+    x *= np.exp(np.random.default_rng(6).standard_normal(T.IN))
+    b = T._save(tmp_path / "base", {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in b16.items()}, None)
+    for name, src, flagged in (("merged", merged, True), ("tuned", {k: _bf16_stored(v) for k, v in tuned.items()}, False)):
+        stored, qc = _gptq_files({n: src[n] for n in mats}, T._others(src), x, False)
+        r = compare(b, T._save(tmp_path / name, stored, qc), rank=True)
+        s = r.summary
+        q = [t for t in r.tensors if t.quant]
+        assert s.verdict == "derived" and all(not t.quant["within"] for t in q), s.verdict_reason
+        assert all((t.quant["first_group_min_beyond"] == 0) is flagged for t in q)
+        assert all(t.rank.numerical_rank > 0 for t in q)
+        assert ("quant_noise_level" in s.flags) == flagged, (name, s.flags)
+        if flagged:
+            assert "a fine-tune" not in verdict_title(s.to_dict())
+            assert "GPTQ's error compensation" in s.verdict_reason and "then quantized" not in s.verdict_reason
+        else:
+            assert "a fine-tune that was then quantized" in s.verdict_reason
+
+
 @pytest.mark.parametrize("kind", ["ct-fp8", "ct-pack-int4", "gptq-v1", "fp8-block"])
 def test_the_floor_test_runs_in_small_windows_with_the_same_answer(tmp_path, models, kind, monkeypatch):
     """The floor test decoded the pass's 16M-element windows in float64, about ten arrays at once: an FP8 layer

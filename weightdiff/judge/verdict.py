@@ -717,14 +717,28 @@ def quant_noise_level(changed: list[TensorRecord], tensors_by_status: dict) -> b
     (half a bf16 ulp is all it allows the plain side) and read "a fine-tune that was then quantized",
     though the same weights unquantized read rounding level; a dense fine-tune of relative size 1e-3 in
     Q8_0 gives the same numbers (residual ratio 0.77, the rounding copy 0.83), one of 1e-2 ranks 5-21
-    with ratio 2.8-3.1. So what the file shows is a change no larger than the noise, not training."""
+    with ratio 2.8-3.1. So what the file shows is a change no larger than the noise, not training. A side
+    quantized with error compensation (``compensated``) instead: no element of its first-group columns beyond the
+    floor (stored scales alone put it beyond) and its whole difference within ``COMPENSATED_RESIDUAL_MAX`` times the
+    model's noise energy, whatever its count (the compensation's own directions stand above the model)."""
     from ..measure.rank import RESIDUAL_MAX
 
     if not changed or any(tensors_by_status.get(k) for k in ("added", "removed", "resized")) \
             or not any(r.quant is not None for r in changed):
         return False
     for r in changed:
-        if r.status != "changed" or len(r.shape or ()) < 2 or r.rank is None or rank_upper(r, "numerical_rank") != 0:
+        if r.status != "changed" or len(r.shape or ()) < 2 or r.rank is None:
+            return False
+        if r.quant is not None and compensated(r):
+            # error compensation (GPTQ): its own directions stand above the model, so no rank 0 to ask for; the
+            # elementwise test passed (a first-group column with no element beyond its floor: only stored scales
+            # put it beyond) and the whole difference is within what compensation holds. A bf16 copy moved by an ulp
+            # and GPTQ-quantized: 10% of its group scales not the base's, 8-9 directions, 2.3x the model's energy
+            if r.quant.get("first_group_min_beyond") != 0 or \
+                    not getattr(r.rank, "extra", {})["energy_ratio"] <= COMPENSATED_RESIDUAL_MAX:
+                return False
+            continue
+        if rank_upper(r, "numerical_rank") != 0:
             return False
         if r.quant is None:
             if r.compared != "float":

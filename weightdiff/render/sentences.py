@@ -1185,7 +1185,14 @@ def _reason(data: dict, s: dict, counted: list[dict], tbs: dict, scope: dict, co
                             "them, or the weights they were tuned from)",
                  ("tuned",): ", so this is a fine-tune that was then quantized"}.get(tuple(q.get("sides") or ()),
                                                                                  ", so the weights quantized differ")
-        if "quant_noise_level" in (s.get("flags") or []):
+        if "quant_noise_level" in (s.get("flags") or []) and (q.get("tests") or {}).get("first-group"):
+            after = ("; but no element GPTQ's error compensation leaves plainly rounded (a first column of each "
+                     "matrix) lies beyond its floor, only some stored group scales are not the base's, and the energy "
+                     "of each difference is within what that compensation holds: a bf16 copy moved by an ulp (an "
+                     "adapter merged and unmerged, a pass through another precision) quantized the same way leaves "
+                     "this, and so does a fine-tune too small to show at this precision, so the weights alone do not "
+                     "show whether the model was trained further")
+        elif "quant_noise_level" in (s.get("flags") or []):
             n = int(tbs.get("changed") or 0)
             after = (f"; but no changed matrix has a direction above the modelled quantization and rounding noise "
                      f"(numerical rank 0 in {'the one' if n == 1 else f'all {count(n)}'}), and the energy of each "
