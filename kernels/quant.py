@@ -19,8 +19,8 @@ dtype) and ``m_out`` that of the dequantized output.
 
 Pure numpy; no file, model or name knowledge. Packed layouts follow, in order:
 compressed-tensors ``pack_to_int32`` (dense LSB-first bit stream per row),
-GPTQ/AutoGPTQ (8/bits codes per int32 along the input dimension, ``qzeros`` along the
-output dimension, stored zero minus one in the v1 format), AWQ GEMM (the interleaved
+GPTQ/AutoGPTQ (32/bits codes per int32 along the input dimension, ``qzeros`` along the
+output dimension, stored zero minus one in the v1 format; 3 bits: 32 codes in a bit stream of three words), AWQ GEMM (the interleaved
 order ``AWQ_ORDER``), bitsandbytes 4-bit (two codes per byte, high nibble first) and
 MXFP4 (two e2m1 codes per byte, low nibble first, e8m0 block exponents) and MLX (``mlx.core.quantize``: one
 LSB-first bit stream of codes per row in uint32 words, as compressed-tensors packs them).
@@ -40,7 +40,7 @@ from .dtypes import FP8_TABLES
 
 __all__ = [
     "AWQ_ORDER", "FP4_E2M1", "MANT", "round_to", "codebook_halfwidth", "unpack_dense_int32",
-    "unpack_rows", "unpack_cols", "dequant_int", "dequant_codebook", "dequant_fp8",
+    "gptq_unit", "unpack_rows", "unpack_cols", "dequant_int", "dequant_codebook", "dequant_fp8",
     "gptq_rows", "gptq_rows_numpy", "fp8_rows", "awq_rows", "awq_rows_numpy", "bnb4_flat", "bnb4_gather", "BNB4_ORT_TABLES",
     "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows", "block_scales_rows", "mlx_affine_rows", "mlx_fp_rows",
     "MLX_FP_MODES", "ct_fp4_rows",
@@ -150,9 +150,34 @@ def _check_pack(bits: int) -> int:
     return 32 // bits
 
 
+def gptq_unit(bits: int) -> tuple[int, int]:
+    """(codes, int32 words) of one unit of GPTQ's packing: 32/bits codes in a word at 2, 4 and 8 bits; 32 codes in
+    three words at 3 bits (AutoGPTQ's ``pack``: one LSB-first bit stream, codes 10 and 21 straddling two words)."""
+    return (32, 3) if bits == 3 else (_check_pack(bits), 1)
+
+
+def _unpack_stream3(w: np.ndarray) -> np.ndarray:
+    """uint32 words [3k, C], 3-bit codes in a bit stream down each column (three words per 32 codes, LSB first)
+    -> codes [32k, C] uint8."""
+    if w.shape[0] % 3:
+        raise ValueError(f"3-bit codes come in units of three int32 words, not {w.shape[0]}")
+    x = w.reshape(w.shape[0] // 3, 3, *w.shape[1:]).astype(np.uint64)
+    lo, hi = x[:, 0] | (x[:, 1] << np.uint64(32)), x[:, 2]          # bits 0-63 and 64-95 of each unit
+    out = np.empty((x.shape[0], 32, *w.shape[1:]), np.uint8)
+    for j in range(32):
+        b = 3 * j
+        v = lo >> np.uint64(b) if b <= 61 else hi >> np.uint64(b - 64) if b >= 64 else \
+            (lo >> np.uint64(b)) | (hi << np.uint64(64 - b))
+        out[:, j] = v & np.uint64(7)
+    return out.reshape(x.shape[0] * 32, *w.shape[1:])
+
+
 def unpack_rows(q: np.ndarray, bits: int) -> np.ndarray:
     """GPTQ ``qweight`` [R, C] int32 -> codes [R * 32/bits, C]: code i of a column sits at
-    bit ``bits * (i % (32/bits))`` of word ``i // (32/bits)``."""
+    bit ``bits * (i % (32/bits))`` of word ``i // (32/bits)``; at 3 bits, bit ``3 i`` of the stream of three
+    words per 32 codes (``gptq_unit``)."""
+    if bits == 3:
+        return _unpack_stream3(np.ascontiguousarray(q).view(np.uint32))
     pf = _check_pack(bits)
     w = np.ascontiguousarray(q).view(np.uint32)
     shifts = (np.arange(pf, dtype=np.uint32) * bits)[None, :, None]
@@ -162,7 +187,10 @@ def unpack_rows(q: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack_cols(q: np.ndarray, bits: int, order: tuple[int, ...] | None = None) -> np.ndarray:
     """[R, C] int32 -> codes [R, C * 32/bits], code j of word k at bit ``bits * (j % pf)``;
-    with ``order`` (AWQ), nibble i of word k holds column ``pf*k + order[i]``."""
+    with ``order`` (AWQ), nibble i of word k holds column ``pf*k + order[i]``. At 3 bits (GPTQ's ``qzeros``),
+    a stream of three words per 32 codes along each row, as ``unpack_rows``."""
+    if bits == 3 and order is None:
+        return np.ascontiguousarray(_unpack_stream3(np.ascontiguousarray(q).view(np.uint32).T).T)
     pf = _check_pack(bits)
     w = np.ascontiguousarray(q).view(np.uint32)
     shifts = (np.arange(pf, dtype=np.uint32) * bits)[None, None, :]
@@ -319,14 +347,17 @@ def gptq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx
 
     ``W[i, j] = scales[g, j] * (q[i, j] - z[g, j])`` with ``g = g_idx[i]``; the v1 format
     stores ``z - 1`` (``z = (stored + 1) & mask``). numba when available (the product is exact
-    in float32 and rounded to the scale's dtype after); ``gptq_rows_numpy`` is its specification."""
-    _check_pack(bits)
-    in_f = qweight.shape[0] * (32 // bits)
-    val = np.empty((r1 - r0, in_f), np.float32)
-    flo = np.empty((r1 - r0, in_f), np.float32)
+    in float32 and rounded to the scale's dtype after); ``gptq_rows_numpy`` is its specification, and the
+    path of 3-bit packing (three words per 32 codes: rare, TheBloke's ``gptq-3bit-*`` branches)."""
+    codes, words = gptq_unit(bits)
+    in_f = qweight.shape[0] * codes // words
     g = np.ascontiguousarray(g_idx, dtype=np.int64)
     if g.size and (g.min() < 0 or g.max() >= scales.shape[0]):
         raise ValueError("g_idx points outside the scale groups")
+    if bits == 3:
+        return gptq_rows_numpy(qweight, qzeros, scales, g, bits, v1, scale_dtype, r0, r1)
+    val = np.empty((r1 - r0, in_f), np.float32)
+    flo = np.empty((r1 - r0, in_f), np.float32)
     _gptq_numba()[0](np.ascontiguousarray(qweight, dtype=np.int32), np.ascontiguousarray(qzeros, dtype=np.int32),
                   np.ascontiguousarray(scales, dtype=np.float32), g, bits, v1, r0, r1,
                   _rel_tol(scale_dtype, scale_dtype), _ROUND_MODE[scale_dtype], val, flo)
@@ -336,10 +367,10 @@ def gptq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx
 def gptq_rows_numpy(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray,
                     bits: int, v1: bool, scale_dtype: str, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
     """``gptq_rows`` in plain numpy (the specification the numba kernel is tested against)."""
-    pf = 32 // bits
+    codes, words = gptq_unit(bits)
     q = unpack_rows(qweight[:, r0:r1], bits)                       # [in, r1-r0]
-    w0, w1 = r0 // pf, -(-r1 // pf)
-    z = unpack_cols(qzeros[:, w0:w1], bits)[:, r0 - w0 * pf: r1 - w0 * pf].astype(np.int32)
+    u0, u1 = r0 // codes, -(-r1 // codes)                          # the units of zeros that hold columns r0..r1
+    z = unpack_cols(qzeros[:, u0 * words:u1 * words], bits)[:, r0 - u0 * codes: r1 - u0 * codes].astype(np.int32)
     if v1:
         z = (z + 1) & ((1 << bits) - 1)
     g = np.asarray(g_idx).astype(np.intp)

@@ -55,24 +55,46 @@ def gptq_pack(w: np.ndarray, g_idx: np.ndarray, bits: int, v1: bool = True, sym:
         scales[g], zeros[g] = scale, zero
     # Quantizer.quantize: q = clamp(round(x / scale) + zero, 0, maxq), with the float32 scale
     codes = np.clip(np.round(w.T / scales[g_idx]) + zeros[g_idx], 0, maxq).astype(np.uint32)   # [in, out]
-    pf = 32 // bits
-    qweight = np.zeros((in_f // pf, out_f), np.uint32)
-    for row in range(qweight.shape[0]):
-        for j in range(pf):
-            qweight[row] |= codes[row * pf + j] << np.uint32(bits * j)
     z = zeros.astype(np.int64) - (1 if v1 else 0)
     z = (z & maxq).astype(np.uint32)      # AutoGPTQ writes (z - 1) as uint32; masked so z = 0 cannot spill
-    qzeros = np.zeros((groups, out_f // pf), np.uint32)
-    for col in range(qzeros.shape[1]):
-        for j in range(pf):
-            qzeros[:, col] |= z[:, col * pf + j] << np.uint32(bits * j)
-    return qweight.view(np.int32), qzeros.view(np.int32), scales.astype(np.float16), codes
+    qweight, qzeros = pack_words(codes, bits), pack_words(z.T, bits).T
+    return qweight.view(np.int32), np.ascontiguousarray(qzeros).view(np.int32), scales.astype(np.float16), codes
+
+
+def pack_words(codes: np.ndarray, bits: int) -> np.ndarray:
+    """AutoGPTQ's ``QuantLinear.pack`` loop (qlinear_cuda_old) down axis 0: codes [n, m] -> uint32 words
+    [n * bits / 32, m]; 32/bits codes a word at 2, 4 and 8 bits, and at 3 bits its three-word pattern: ten codes,
+    the eleventh split 2 + 1 bits over two words, ten more shifted by one, the 22nd split 1 + 2, ten shifted by two
+    (``qzeros``: the same along axis 1, called on the transpose)."""
+    codes = codes.astype(np.uint32)
+    n = codes.shape[0]
+    out = np.zeros((n // 32 * 3 if bits == 3 else n * bits // 32, codes.shape[1]), np.uint32)
+    i = row = 0
+    while row < out.shape[0]:
+        if bits in (2, 4, 8):
+            for j in range(i, i + 32 // bits):
+                out[row] |= codes[j] << np.uint32(bits * (j - i))
+            i += 32 // bits
+            row += 1
+        else:
+            for k in range(3):          # word k: ten codes at bit 3j + k, then (k < 2) the code split with the next
+                for j in range(10):
+                    out[row] |= codes[i + j] << np.uint32(3 * j + k)
+                i += 10
+                if k < 2:
+                    out[row] |= codes[i] << np.uint32(30 + k)
+                    out[row + 1] |= (codes[i] >> np.uint32(2 - k)) & np.uint32((1 << (k + 1)) - 1)
+                    i += 1
+                row += 1
+    return out
 
 
 def gptq_reference(qweight, qzeros, scales, g_idx, bits, v1=True) -> np.ndarray:
     """AutoGPTQ's dequantization, in torch: returns [in, out] float16 as float32."""
     qweight, qzeros = torch.from_numpy(qweight), torch.from_numpy(qzeros)
     scales, g = torch.from_numpy(scales), torch.from_numpy(g_idx).long()
+    if bits == 3:
+        return _gptq_reference3(qweight, qzeros, scales, g, v1)
     pf = 32 // bits
     wf = torch.tensor(list(range(0, 32, bits)), dtype=torch.int32).unsqueeze(0)
     zeros = torch.bitwise_right_shift(torch.unsqueeze(qzeros, 2).expand(-1, -1, pf), wf.unsqueeze(0)).to(
@@ -83,6 +105,30 @@ def gptq_reference(qweight, qzeros, scales, g_idx, bits, v1=True) -> np.ndarray:
     weight = torch.bitwise_right_shift(torch.unsqueeze(qweight, 1).expand(-1, pf, -1), wf.unsqueeze(-1)).to(
         torch.int16 if bits == 8 else torch.int8)
     weight = torch.bitwise_and(weight, (2 ** bits) - 1)
+    weight = weight.reshape(weight.shape[0] * weight.shape[1], weight.shape[2])
+    return (scales[g] * (weight - zeros[g])).float().numpy()
+
+
+def _gptq_reference3(qweight, qzeros, scales, g, v1) -> np.ndarray:
+    """AutoGPTQ's 3-bit unpacking in ``forward`` (qlinear_cuda_old: twelve shifts of each of three words, the two
+    straddling codes put together, 11 + 10 + 11 codes kept), then ``scales * (weight - zeros)``."""
+    wf = torch.tensor([[0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 0], [0, 1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31],
+                       [0, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 0]], dtype=torch.int32).reshape(1, 3, 12)
+    zeros = qzeros.reshape(qzeros.shape[0], qzeros.shape[1] // 3, 3, 1).expand(-1, -1, -1, 12)
+    zeros = zeros >> wf.unsqueeze(0)
+    zeros[:, :, 0, 10] = (zeros[:, :, 0, 10] & 0x3) | ((zeros[:, :, 1, 0] << 2) & 0x4)
+    zeros[:, :, 1, 11] = (zeros[:, :, 1, 11] & 0x1) | ((zeros[:, :, 2, 0] << 1) & 0x6)
+    zeros = zeros & 0x7
+    zeros = torch.cat([zeros[:, :, 0, :11], zeros[:, :, 1, 1:12], zeros[:, :, 2, 1:11]], dim=2)
+    if v1:
+        zeros = (zeros + 1) & 0x7
+    zeros = zeros.reshape(scales.shape)
+    weight = qweight.reshape(qweight.shape[0] // 3, 3, 1, qweight.shape[1]).expand(-1, -1, 12, -1)
+    weight = (weight >> wf.unsqueeze(-1)) & 0x7
+    weight[:, 0, 10] = (weight[:, 0, 10] & 0x3) | ((weight[:, 1, 0] << 2) & 0x4)
+    weight[:, 1, 11] = (weight[:, 1, 11] & 0x1) | ((weight[:, 2, 0] << 1) & 0x6)
+    weight = weight & 0x7
+    weight = torch.cat([weight[:, 0, :11], weight[:, 1, 1:12], weight[:, 2, 1:11]], dim=1)
     weight = weight.reshape(weight.shape[0] * weight.shape[1], weight.shape[2])
     return (scales[g] * (weight - zeros[g])).float().numpy()
 
@@ -369,15 +415,6 @@ def _gptq_batches(w, x, bits, group, damp, block, dtype):
 def _gptq_packed(codes, S, Z, g_idx, bits):
     """(qweight, qzeros, scales, g_idx) of codes [in, out], scales and integer zeros [groups, out] (v1 zeros)."""
     maxq = 2 ** bits - 1
-    n, m = codes.shape
-    pf = 32 // bits
-    qweight = np.zeros((n // pf, m), np.uint32)
-    for row in range(qweight.shape[0]):
-        for j in range(pf):
-            qweight[row] |= codes[row * pf + j] << np.uint32(bits * j)
     zq = ((Z - 1) & maxq).astype(np.uint32)
-    qzeros = np.zeros((S.shape[0], m // pf), np.uint32)
-    for col in range(qzeros.shape[1]):
-        for j in range(pf):
-            qzeros[:, col] |= zq[:, col * pf + j] << np.uint32(bits * j)
+    qweight, qzeros = pack_words(codes, bits), np.ascontiguousarray(pack_words(zq.T, bits).T)
     return qweight.view(np.int32), qzeros.view(np.int32), S.astype(np.float16), g_idx

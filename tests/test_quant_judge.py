@@ -98,13 +98,13 @@ def test_fine_tune_then_quantized_is_derived(tmp_path, models, kind):
     assert "beyond the quantization noise floor" in " ".join(s.headline)
 
 
-def _gptq_files(w_by_name, others, x, actorder):
+def _gptq_files(w_by_name, others, x, actorder, bits=4):
     stored = dict(others)
     for name, w in w_by_name.items():
         m = name[: -len(".weight")]
-        qw, qz, sc, g_idx = P.gptq_quantize(w, x, 4, 64, actorder)
+        qw, qz, sc, g_idx = P.gptq_quantize(w, x, bits, 64, actorder)
         stored.update({f"{m}.qweight": qw, f"{m}.qzeros": qz, f"{m}.scales": sc, f"{m}.g_idx": g_idx})
-    qc = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": actorder is True, "sym": False}
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": 64, "desc_act": actorder is True, "sym": False}
     if actorder == "gar":        # GPTQModel 5+ writes its default this way
         qc["meta"] = {"quantizer": ["gptqmodel:7.7.0"], "act_group_aware": True}
     return stored, qc
@@ -131,6 +131,38 @@ def test_gptq_with_error_compensation(tmp_path, models, actorder):
             assert all(x["beyond_share"] > 0.1 and x["first_group_min_beyond"] == 0 for x in q)
         else:
             assert all(x["first_group_min_beyond"] > 0 for x in q)
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_three_bit_gptq_reads_as_autogptq_packs_it(tmp_path, models, actorder):
+    """3-bit GPTQ (TheBloke's ``gptq-3bit-128g-actorder_True`` branches of Llama 2 70B and others) was refused: its
+    codes are packed 32 to three words, two of them split across words. Read as AutoGPTQ's own unpacking gives them
+    (``gptq_reference``), a compensated release of the base reads quantized only and the fine-tune derived; a
+    qweight that is not whole units of three words is one clear line."""
+    from weightdiff.io.checkpoint import locate
+    from weightdiff.errors import CheckpointError
+
+    base, tuned = models
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((512, T.IN)) * np.exp(rng.standard_normal(T.IN))
+    mats = [n for n in base if any(n.startswith(m + ".") for m in T.LINEARS)]
+    for src, want in ((base, "quantized_only"), (tuned, "derived")):
+        stored, qc = _gptq_files({n: src[n] for n in mats}, T._others(src), x, actorder, bits=3)
+        qdir = T._save(tmp_path / want, stored, qc)
+        with locate(qdir) as ck:
+            for n in mats:
+                m = n[: -len(".weight")]
+                ref = P.gptq_reference(*(stored[f"{m}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")), 3)
+                np.testing.assert_array_equal(ck.read(n), ref.T)
+                assert ck.tensors[n].shape == src[n].shape
+        r = compare(T._save(tmp_path / f"b{want}", base, None), qdir)
+        assert r.summary.verdict == want, r.summary.verdict_reason
+        assert all(t.quant["test"] == "first-group" for t in r.tensors if t.quant)
+    m = mats[0][: -len(".weight")]
+    stored[f"{m}.qweight"] = stored[f"{m}.qweight"][:-1]
+    bad = T._save(tmp_path / "bad", stored, qc)
+    with pytest.raises(CheckpointError, match="three int32 words"):
+        locate(bad)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -131,9 +131,12 @@ def test_fp8_per_channel_and_tensor_scale(rng):
     assert np.all(np.abs(_t(x).to(torch.bfloat16).float().numpy() - value) <= floor)
 
 
-@pytest.mark.parametrize("bits,v1,desc_act", [(4, True, False), (4, True, True), (8, False, True), (4, False, False)])
+@pytest.mark.parametrize("bits,v1,desc_act", [(4, True, False), (4, True, True), (8, False, True), (4, False, False),
+                                               (3, True, False), (3, True, True), (3, False, False), (2, True, False)])
 def test_gptq_matches_reference(rng, bits, v1, desc_act):
-    out_f, in_f, group = 24, 64, 16
+    """Against AutoGPTQ's own unpacking (``gptq_reference``, its 3-bit twelve-shift form too: a code split over two
+    words), every code and zero point of a random and adversarial matrix; row ranges cut inside a unit of zeros."""
+    out_f, in_f, group = {3: 96, 2: 32}.get(bits, 24), 64, 16
     x = _adversarial(rng, out_f, in_f)
     g_idx = (np.arange(in_f) // group).astype(np.int32)
     if desc_act:
@@ -146,8 +149,12 @@ def test_gptq_matches_reference(rng, bits, v1, desc_act):
     sc_bf = np.asarray(scales, np.float32)                  # bf16 rounding of the numba kernel too
     vb, _ = Q.gptq_rows(qweight, qzeros, sc_bf, g_idx, bits, v1, "BF16", 0, out_f)
     np.testing.assert_array_equal(vb, Q.gptq_rows_numpy(qweight, qzeros, sc_bf, g_idx, bits, v1, "BF16", 0, out_f)[0])
-    part, _ = Q.gptq_rows(qweight, qzeros, scales.astype(np.float32), g_idx, bits, v1, "F16", 5, 19)
-    np.testing.assert_array_equal(part, value[5:19])
+    for r0, r1 in ((5, 19), (20, 45), (31, 33), (0, 0)):
+        r1 = min(r1, out_f)
+        r0 = min(r0, r1)
+        part, _ = Q.gptq_rows(qweight, qzeros, scales.astype(np.float32), g_idx, bits, v1, "F16", r0, r1)
+        np.testing.assert_array_equal(part, value[r0:r1])
+    assert bits == 8 or set(np.unique(codes)) == set(range(2 ** bits))     # every code met, the end ones too
 
 
 @pytest.mark.parametrize("bits", [4])

@@ -400,13 +400,16 @@ def _gptq_awq(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
     if method == "gptq":
         if bits is None and gi is not None and gi.shape and (32 * qw.shape[0]) % gi.shape[0] == 0:
             bits = 32 * qw.shape[0] // gi.shape[0]
-        if bits not in (2, 4, 8):
-            raise _err(qw, f"GPTQ weight {_q(qw.name)}: {bits}-bit packing is not supported (2, 4 or 8 bits)"
+        if bits not in (2, 3, 4, 8):
+            raise _err(qw, f"GPTQ weight {_q(qw.name)}: {bits}-bit packing is not supported (2, 3, 4 or 8 bits)"
                        if bits else f"GPTQ weight {_q(qw.name)}: bit width unknown (no bits in quantization_config)")
-        pf = 32 // bits
-        out_f, in_f = qw.shape[1], qw.shape[0] * pf
+        codes, words = K.gptq_unit(bits)       # 32/bits codes a word; at 3 bits 32 codes in three words
+        if qw.shape[0] % words:
+            raise _err(qw, f"GPTQ weight {_q(qw.name)} {list(qw.shape)}: 3-bit codes are packed 32 to three int32 "
+                           "words, not a whole number of them")
+        out_f, in_f = qw.shape[1], qw.shape[0] * codes // words
         G = sc.shape[0]
-        if sc.shape[1] != out_f or qz.shape != (G, out_f // pf) or out_f % pf:
+        if sc.shape[1] != out_f or out_f % codes or qz.shape != (G, out_f // codes * words):
             raise _err(sc, f"GPTQ tensors of {_q(mod)} disagree: qweight {list(qw.shape)}, qzeros "
                            f"{list(qz.shape)}, scales {list(sc.shape)} at {bits} bits")
         gs = _int_cfg(qc, "group_size")
@@ -414,10 +417,10 @@ def _gptq_awq(mod: str, leaves: dict, qc: dict, read: Read) -> Source:
             n = gi.shape[0] if len(gi.shape) == 1 else None
             # the scales decide which of the two is short: AutoGPTQ's QuantLinear has
             # ceil(in / group_size) scale rows, and g_idx one entry per input
-            if n and n % pf == 0 and (G == -(-n // gs) if gs and gs > 0 else gs == -1 and G == 1):
+            if n and n % codes == 0 and (G == -(-n // gs) if gs and gs > 0 else gs == -1 and G == 1):
                 raise _err(qw, f"{_q(qw.name)} has shape {list(qw.shape)}, packing {in_f} inputs at {bits} bits, "
                                f"but {_q(gi.name)} and {_q(sc.name)} {list(sc.shape)} give {n} inputs "
-                               f"(expected [{n // pf}, {out_f}])")
+                               f"(expected [{n // codes * words}, {out_f}])")
             raise _err(gi, f"{_q(gi.name)} has shape {list(gi.shape)}, expected [{in_f}] (one group per input "
                            f"of {_q(qw.name)} {list(qw.shape)} at {bits} bits)")
         if gi is not None:
