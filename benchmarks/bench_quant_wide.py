@@ -17,7 +17,8 @@ rank-4 update of relative size 5e-2), then each tuned side:
 - ``gptq-comp``: the same as GPTQ quantizes it, with its error compensation (``quant_packers.gptq_quantize``,
   AutoGPTQ's lazy batches of 128 columns in float32; random calibration inputs whose columns differ in scale; about
   two minutes to build at the default shape): a third of the elements beyond half a step, so a release of the base
-  is told from a fine-tune by the first-group test, as every published GPTQ build is;
+  is told from a fine-tune by the first-group test, as every published GPTQ build is; ``gptq3-comp`` the same at 3
+  bits (32 codes in three words, AutoGPTQ's packing);
 - ``lora``: a PEFT LoRA (r = 16) on the FP8 base, whose factor path reads the dequantized base weight;
 - ``oft``, ``boft``, ``ia3``: PEFT adapters on the bf16 base whose change is dense (OFT's inputs rotated in blocks
   of 32; BOFT's the same with one butterfly factor and a scale per output; IA3's vector scaling the inputs), so each
@@ -132,17 +133,20 @@ def make(folder: Path, m: int, n: int, runs: list[str], of_base: bool = False) -
         qw, qz, sc, _ = quant_packers.gptq_pack(w, g_idx, 4, True)
         _save_gptq(folder / "gptq", qw, qz, sc, g_idx)
         del qw, qz, sc, _
-    if "gptq-comp" in runs:
+    for kind, bits in (("gptq-comp", 4), ("gptq3-comp", 3)):
+        if kind not in runs:
+            continue
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         import quant_packers
 
         # calibration inputs whose columns differ in scale, as activations do: the Hessian GPTQ compensates through
         xr = np.random.default_rng(7)           # its own generator: the other runs' files stay the same
         x = xr.standard_normal((512, n), dtype=np.float32) * np.exp(xr.standard_normal(n)).astype(np.float32)
-        qw, qz, sc, g_idx = quant_packers.gptq_quantize(w, x, 4, 128, block=128, dtype=np.float32)
-        _save_gptq(folder / "gptq-comp", qw, qz, sc, g_idx)
+        qw, qz, sc, g_idx = quant_packers.gptq_quantize(w, x, bits, 128, block=128, dtype=np.float32)
+        _save_gptq(folder / kind, qw, qz, sc, g_idx, bits)
         del qw, qz, sc, x
-    builders = [r for r in runs if r not in ("plain", "fp8", "gguf", "gptq", "gptq-comp", "lora", "embed") + ADAPTERS]
+    builders = [r for r in runs if r not in ("plain", "fp8", "gguf", "gptq", "gptq-comp", "gptq3-comp", "lora", "embed")
+                + ADAPTERS]
     if builders:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         import test_quant_checkpoint as T
@@ -167,8 +171,8 @@ def make(folder: Path, m: int, n: int, runs: list[str], of_base: bool = False) -
         _embedding(folder, n, rng)
 
 
-def _save_gptq(folder: Path, qw, qz, sc, g_idx) -> None:
-    """A GPTQ checkpoint folder (4 bits, groups of 128, asymmetric, in column order) of the one matrix."""
+def _save_gptq(folder: Path, qw, qz, sc, g_idx, bits: int = 4) -> None:
+    """A GPTQ checkpoint folder (``bits``, groups of 128, asymmetric, in column order) of the one matrix."""
     from safetensors.numpy import save_file as st_save
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -176,7 +180,7 @@ def _save_gptq(folder: Path, qw, qz, sc, g_idx) -> None:
             str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+        "quantization_config": {"quant_method": "gptq", "bits": bits, "group_size": 128, "desc_act": False,
                                 "sym": False, "checkpoint_format": "gptq"}}))
 
 
