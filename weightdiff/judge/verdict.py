@@ -192,9 +192,8 @@ def _form(changed: list[TensorRecord], thresholds: Thresholds) -> dict[str, Any]
         "matrices_changed": len(mats), "matrices_low_rank": sum(low), "matrices_without_rank": len(mats) - len(ranked),
         "matrices_undecided": sides.count("undecided"),
         # of those, the ones whose count above the modelled noise may be a compensating quantizer's error
-        "matrices_compensated": sum(1 for r, x in zip(ranked, sides) if x == "undecided" and unresolved_quant_noise(r)
-                                    and _compensated_side(r, low_rank_cap(*matrix_dims(r), thresholds), thresholds)
-                                    == "undecided"),
+        "matrices_compensated": sum(1 for r in ranked if _compensated_side(r, low_rank_cap(*matrix_dims(r), thresholds),
+                                                                            thresholds) == "undecided"),
         "vectors_changed": len(vecs), "changed_element_share": share,
         # elements that differ at all, rounding included (a cast rounds every element; the share above does not)
         "differing_element_share": max(n_any, n_diff) / n_el if n_el else None,
