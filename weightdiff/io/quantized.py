@@ -30,7 +30,7 @@ from ..errors import CheckpointError, escape_name
 from ..kernels import quant as K
 from ..kernels.dtypes import DTYPES
 from .experts import expert_name, is_fused, switch_origin
-from .files import load_json, read_beside, read_small
+from .files import load_json, read_beside
 from .quant_sources import AWQ, CTFP4, FP8, GPTQ, MLX, MXFP4, Bitmask, BnB4, BnB8, IntGrid, Read, Source
 from .safetensors_read import QuantScheme, TensorInfo
 

@@ -380,7 +380,7 @@ def _derived_special(summary: dict) -> str | None:
     mv = scope.get("moved_tensors") or {}
     if mv.get("tensors"):
         n_mv = int(mv["tensors"])
-        what.append((f"1 tensor that is bit for bit another tensor of the base, under another name" if n_mv == 1 else
+        what.append(("1 tensor that is bit for bit another tensor of the base, under another name" if n_mv == 1 else
                      f"{count(n_mv)} tensors that are bit for bit other tensors of the base, under other names")
                     + " (moved or swapped between modules or layers: not training, and the model computes something "
                     "else than the base)")
