@@ -93,9 +93,11 @@ def test_a_comparison_with_a_wide_matrix_asks_for_a_child(tmp_path, monkeypatch)
     seen = []
     monkeypatch.setattr(precompile, "note_size", lambda elements, side=0: seen.append((elements, side)))
     monkeypatch.setattr(precompile, "ensure", lambda *a, **k: False)
-    pairs = [SimpleNamespace(kind="paired", params=4096 * 2, shape_tuned=(2, 4096), shape_base=(2, 4096)),
-             SimpleNamespace(kind="added", params=4096 ** 2, shape_tuned=(4096, 4096), shape_base=None),
-             SimpleNamespace(kind="inherited", params=5000 * 4096, shape_tuned=None, shape_base=(5000, 4096))]
+    from weightdiff.pairing.pairs import Pair
+
+    pairs = [Pair("a", "a", 0, "paired", (2, 4096), (2, 4096), "BF16", "BF16"),
+             Pair("b", None, 0, "added", (4096, 4096), None, "BF16", None),
+             Pair(None, "c", 0, "inherited", None, (5000, 4096), None, "BF16")]
     plan = SimpleNamespace(pairs=pairs)
     with pytest.raises(AttributeError):       # no backend: stops right after the size is told
         compute.compute_some(plan, range(3), [], None, SimpleNamespace(cache=None), None, None)

@@ -1879,8 +1879,7 @@ def compute_some(plan: Plan, indices: Sequence[int], bases: Sequence[Checkpoint]
     total = sum(streamed(p) for p in pairs)
     stage = getattr(progress, "stage", None)
     # a large comparison's first run compiles in a child (measured pairs only: added/removed ones read nothing)
-    precompile.note_size(total, precompile.gram_side(p.shape_base if p.kind in ("inherited", "lora") else p.shape_tuned
-                                                     for p in pairs if streamed(p)))
+    precompile.note_size(total, precompile.gram_side(p.shape for p in pairs if streamed(p)))
     if precompile.ensure(pairs, stage, (*bases, tuned)) and stage is not None:
         stage(None)
     done = 0

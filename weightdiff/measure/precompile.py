@@ -15,7 +15,8 @@ comparison would have); only the memory moves.
 A marker file beside numba's cached kernels records each dtype pair done, keyed by numba's and Python's
 versions, the CPU and the kernel source's size and modification time (what numba's own cache keys on), so
 later runs start no child. Only comparisons of at least ``CHILD_ELEMENTS`` (a billion elements a side), or with a
-matrix at least ``CHILD_GRAM_SIDE`` (4,096) wide on its smaller side, do this: a smaller one compiles in its own process, which is faster on a first run and far from the memory bound.
+matrix at least ``CHILD_GRAM_SIDE`` (4,096) wide on its smaller side, do this: a smaller one compiles in its own
+process, which is faster on a first run and far from the memory bound.
 ``WEIGHTDIFF_PRECOMPILE=1`` does it for any size, ``=0`` never; a child that fails changes nothing (the
 comparison compiles in its own process, as before).
 

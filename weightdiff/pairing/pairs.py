@@ -61,10 +61,14 @@ class Pair:
     ia3_bias: object | None = None
 
     @property
+    def shape(self) -> tuple | None:
+        """The shape this pair stands for: the tuned tensor's, the base's when there is no tuned tensor."""
+        return self.shape_base if self.kind in ("removed", "lora", "inherited") else self.shape_tuned
+
+    @property
     def params(self) -> int:
         """Parameters this pair stands for: tuned elements, base elements when no tuned tensor."""
-        shape = self.shape_base if self.kind in ("removed", "lora", "inherited") else self.shape_tuned
-        return _numel(shape)
+        return _numel(self.shape)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("tuned_name", "base_name", "base_index", "kind", "dtype_tuned",
