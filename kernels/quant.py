@@ -43,7 +43,7 @@ __all__ = [
     "gptq_unit", "unpack_rows", "unpack_cols", "dequant_int", "dequant_codebook", "dequant_fp8",
     "gptq_rows", "gptq_rows_numpy", "fp8_rows", "awq_rows", "awq_rows_numpy", "bnb4_flat", "bnb4_gather", "BNB4_ORT_TABLES",
     "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows", "block_scales_rows", "mlx_affine_rows", "mlx_fp_rows",
-    "MLX_FP_MODES", "ct_fp4_rows",
+    "MLX_FP_MODES", "ct_fp4_rows", "int_grid_rows", "int_grid_rows_numpy",
 ]
 
 #: AutoAWQ's pack order: the code of output column 8k+AWQ_ORDER[i] sits in nibble i of word k
@@ -449,6 +449,110 @@ def awq_rows_numpy(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, 
     g = np.arange(q.shape[0]) // group
     value, floor = dequant_int(q, z[g], np.asarray(scales)[g, r0:r1], scale_dtype, 0, (1 << bits) - 1)
     return np.ascontiguousarray(value.T), np.ascontiguousarray(floor.T)
+
+
+def int_grid_rows(src: np.ndarray, bits: int, cols: int, rmap: np.ndarray, cmap: np.ndarray, scales: np.ndarray,
+                  zeros: np.ndarray | None, offset: int, qmin: int, qmax: int, scale_dtype: str,
+                  half_ulp: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """compressed-tensors' integer weights (``IntGrid``) for the rows ``src`` holds, in one numba pass:
+    ``src`` is [n, words] int32 of ``bits``-bit codes, one LSB-first bit stream a row (``pack-quantized``), or
+    with ``bits`` 0 the [n, cols] codes themselves (``int-quantized``); ``q = code - offset``; the scale (and
+    zero point) of element (r, c) is ``scales[rmap[r], cmap[c]]`` (a group, channel, block or tensor layout
+    as two index maps). ``value = round_{scale dtype}((q - z) * s)``, the floor ``dequant_int``'s plus
+    ``half_ulp * (|q| + 1)`` steps (a quantizer that rounded ``x / s + z`` in bf16 or f16). Values and floors
+    bit for bit those of ``int_grid_rows_numpy``, its specification (the unpacking, the gathers and
+    ``dequant_int``'s dozen temporaries were half of a 70B-width compressed-tensors release's time)."""
+    src = np.ascontiguousarray(src, dtype=np.int32)
+    rmap = np.ascontiguousarray(rmap, dtype=np.int64)
+    cmap = np.ascontiguousarray(cmap, dtype=np.int64)
+    s = np.ascontiguousarray(scales, dtype=np.float32)
+    z = np.zeros((1, 1), np.int32) if zeros is None else np.ascontiguousarray(zeros, dtype=np.int32)
+    _check_grid(src, bits, cols, rmap, cmap, s, z if zeros is not None else None)
+    n = src.shape[0]
+    val = np.empty((n, cols), np.float32)
+    flo = np.empty((n, cols), np.float32)
+    tol = np.float32(_rel_tol(scale_dtype, scale_dtype))
+    _int_grid_numba()(src, int(bits), int(cols), rmap, cmap, s, z, zeros is not None, int(offset), int(qmin),
+                      int(qmax), float(half_ulp), tol, np.float32(1 + tol), _ROUND_MODE[scale_dtype], val, flo)
+    return val, flo
+
+
+def _check_grid(src, bits, cols, rmap, cmap, s, z) -> None:
+    """The bounds the numba kernel does not check: every code inside ``src``, every index inside the scales
+    (and zero points), as numpy's own indexing would raise."""
+    if not 0 <= bits <= 8 or src.ndim != 2 or rmap.shape != (src.shape[0],) or cmap.shape != (cols,):
+        raise ValueError(f"int_grid_rows: {bits}-bit codes, rows {src.shape}, maps {rmap.shape} {cmap.shape}")
+    if bits and src.shape[1] * 32 < cols * bits:
+        raise ValueError(f"{src.shape[1]} int32 words per row hold fewer than {cols} {bits}-bit codes")
+    if not bits and src.shape[1] != cols:
+        raise ValueError(f"rows of {src.shape[1]} codes, expected {cols} codes")
+    for a in (s,) if z is None else (s, z):
+        if a.ndim != 2 or (rmap.size and not 0 <= rmap.min() <= rmap.max() < a.shape[0]) or \
+                (cmap.size and not 0 <= cmap.min() <= cmap.max() < a.shape[1]):
+            raise ValueError(f"int_grid_rows: an index outside the scales or zero points {list(a.shape)}")
+
+
+def int_grid_rows_numpy(src: np.ndarray, bits: int, cols: int, rmap: np.ndarray, cmap: np.ndarray,
+                        scales: np.ndarray, zeros: np.ndarray | None, offset: int, qmin: int, qmax: int,
+                        scale_dtype: str, half_ulp: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``int_grid_rows`` in plain numpy (the specification the numba kernel is tested against)."""
+    if bits:
+        q = unpack_dense_int32(src, bits, cols).astype(np.int32)
+    else:
+        q = np.asarray(src).astype(np.int32)
+    q -= offset
+    rm, cm = np.asarray(rmap, np.intp), np.asarray(cmap, np.intp)
+    s_el = np.asarray(scales, np.float32)[rm][:, cm]
+    z_el = np.asarray(zeros).astype(np.int32)[rm][:, cm] if zeros is not None else 0
+    value, floor = dequant_int(q, z_el, s_el, scale_dtype, qmin, qmax)
+    if half_ulp:
+        floor = floor + (np.abs(s_el) * (half_ulp * (np.abs(q) + 1.0))).astype(np.float32)
+    return value.reshape(q.shape), floor.reshape(q.shape)
+
+
+_NUMBA_INT_GRID = None
+
+
+def _int_grid_numba():
+    """The numba twin of ``int_grid_rows_numpy``: unpacking, gathers, product, rounding and floor per element,
+    the product's rounding ``_gptq_numba``'s, the floor in float32 as numpy sums it (the half-ulp term in
+    float64, rounded, as there)."""
+    global _NUMBA_INT_GRID
+    if _NUMBA_INT_GRID is None:
+        import numba
+
+        rnd = _gptq_numba()[2]
+
+        @numba.njit(cache=True, nogil=True)
+        def kernel(src, bits, cols, rmap, cmap, s, z, has_z, offset, qmin, qmax, hu, tol, one_tol, mode, val, flo):
+            words = src.shape[1]
+            mask = (1 << bits) - 1
+            half = np.float32(0.5)
+            for r in range(src.shape[0]):
+                sr = rmap[r]
+                for c in range(cols):
+                    if bits:
+                        pos = c * bits
+                        w = pos >> 5
+                        off = pos & 31
+                        x = (np.int64(src[r, w]) & 0xFFFFFFFF) >> off
+                        if off + bits > 32:
+                            x |= (np.int64(src[r, min(w + 1, words - 1)]) & 0xFFFFFFFF) << (32 - off)
+                        q = np.int32((x & mask) - offset)
+                    else:
+                        q = np.int32(np.int64(src[r, c]) - offset)
+                    sc = s[sr, cmap[c]]
+                    zz = z[sr, cmap[c]] if has_z else np.int32(0)
+                    v = rnd(np.float32(np.int32(q - zz)) * sc, mode)
+                    val[r, c] = v
+                    edge = np.float32(1.0) if (q <= qmin or q >= qmax) else np.float32(0.0)
+                    f = (half + edge) * abs(sc) * one_tol + abs(v) * tol
+                    if hu != 0.0:
+                        f = f + np.float32(np.float64(abs(sc)) * (hu * (np.float64(abs(np.int64(q))) + 1.0)))
+                    flo[r, c] = f
+
+        _NUMBA_INT_GRID = kernel
+    return _NUMBA_INT_GRID
 
 
 def bnb_nested_absmax(qabsmax: np.ndarray, nested_map: np.ndarray, nested_absmax: np.ndarray,

@@ -194,6 +194,56 @@ def test_awq_numba_pass_is_its_numpy_specification(rng, dtype, bits):
         assert a[0].dtype == a[1].dtype == np.float32 and a[0].shape == (r1 - r0, in_f)
 
 
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32"])
+@pytest.mark.parametrize("bits", [0, 2, 3, 4, 5, 8])
+def test_int_grid_numba_pass_is_its_numpy_specification(rng, dtype, bits):
+    """``int_grid_rows`` (numba, compressed-tensors' integer weights) gives ``int_grid_rows_numpy``'s values and
+    floors bit for bit: random words (every code; at 3 and 5 bits codes split over two words; ``bits`` 0: the
+    int8 codes themselves), adversarial scales (0, subnormal, past fp16's range, inf, NaN, negative), extreme
+    zero points (their difference with a code wrapping in int32, as numpy's), each layout's index maps (group
+    with and without g_idx, channel, tensor, block), the half-ulp term on and off."""
+    rows, cols = 9, 70
+    if bits:
+        words = -(-cols * bits // 32)
+        src = rng.integers(-2 ** 31, 2 ** 31, (rows, words), dtype=np.int64).astype(np.int32)
+        src[0, 0] = 0x00FF00FF                                           # the end codes at 8 bits
+        offset, half = 1 << (bits - 1), 1 << (bits - 1)
+    else:
+        src = rng.integers(-128, 128, (rows, cols)).astype(np.int8)
+        src[0, :2] = [-128, 127]
+        offset, half = 0, 128
+    scales = (rng.standard_normal((rows, 7)) * 1e-3).astype(np.float32)
+    scales[0, :6] = [0.0, 1e-42, 7e4, np.inf, np.nan, -2.5e-5]
+    zeros = rng.integers(-20, 20, scales.shape).astype(np.int32)
+    zeros[1, :3] = [2 ** 31 - 1, -2 ** 31, 2 ** 30]
+    r = np.arange(rows)
+    layouts = {"group": (r, np.arange(cols) // 10), "g_idx": (r, rng.integers(0, 7, cols)),
+               "channel": (r, np.zeros(cols, np.int64)), "tensor": (np.zeros(rows, np.int64), np.zeros(cols, np.int64)),
+               "block": (r // 2, np.arange(cols) // 16)}
+    for name, (rmap, cmap) in layouts.items():
+        for z in (None, zeros):
+            for hu in (0.0, 2.0 ** -8):
+                for lo, hi in ((0, rows), (2, 5), (4, 4)):
+                    args = (src[lo:hi], bits, cols, rmap[lo:hi], cmap, scales, z, offset, -half, half - 1, dtype, hu)
+                    a = Q.int_grid_rows(*args)
+                    with np.errstate(invalid="ignore", over="ignore"):
+                        b = Q.int_grid_rows_numpy(*args)
+                    np.testing.assert_array_equal(a[0], b[0], err_msg=name)
+                    np.testing.assert_array_equal(a[1], b[1], err_msg=name)
+                    assert a[0].dtype == a[1].dtype == np.float32 and a[0].shape == (hi - lo, cols)
+    codes = Q.unpack_dense_int32(src, bits, cols) if bits else src
+    if 0 < bits < 8:
+        assert set(np.unique(codes)) == set(range(2 ** bits))                # every code met
+    assert {codes.min(), codes.max()} == ({0, 2 ** bits - 1} if bits else {-128, 127})   # the end codes
+    with pytest.raises(ValueError, match="outside the scales"):
+        Q.int_grid_rows(src, bits, cols, r, np.full(cols, 7), scales, None, offset, -half, half - 1, dtype)
+    with pytest.raises(ValueError, match="outside the scales"):
+        Q.int_grid_rows(src, bits, cols, r, np.zeros(cols, np.int64), scales, zeros[:1], offset, -half, half - 1, dtype)
+    with pytest.raises(ValueError, match="hold fewer" if bits else "70 codes"):
+        Q.int_grid_rows(src[:, :-1], bits, cols, r, np.zeros(cols, np.int64), scales, None, offset, -half,
+                        half - 1, dtype)
+
+
 @pytest.mark.parametrize("quant_type,nested,dtype", [("nf4", False, "BF16"), ("fp4", False, "F16"),
                                                      ("nf4", True, "F32"), ("nf4", True, "BF16")])
 def test_bnb4_matches_reference(rng, quant_type, nested, dtype):

@@ -299,36 +299,34 @@ class IntGrid(Source):
         return z.astype(np.int32)
 
     def rows(self, read, read_rows, r0, r1):
-        rows = range(r0, r1)
-        if self.packed:
-            q = K.unpack_dense_int32(read_rows(self.codes.name, rows), self.bits, self.rowlen).astype(np.int32)
-            q -= 1 << (self.bits - 1)
-        else:
-            q = read_rows(self.codes.name, rows).astype(np.int32)
+        src = read_rows(self.codes.name, range(r0, r1))
         s = self._get("s", lambda: _f32(read(self.scale.name), self.scale.dtype))
         z = self._get("z", lambda: self._zeros(read))
-        cols = np.arange(self.rowlen)
-        if self.strategy == "group":
-            gi = read(self.g_idx.name).astype(np.intp) if self.g_idx is not None else cols // self.group
-            s_el = s[r0:r1][:, gi]
-            z_el = z[r0:r1][:, gi] if not np.isscalar(z) else 0
-        elif self.strategy == "block":
-            s_el = K.block_scales_rows(s, r0, r1, self.rowlen, self.block)
-            z_el = K.block_scales_rows(z, r0, r1, self.rowlen, self.block) if not np.isscalar(z) else 0
-        elif self.strategy == "channel":
-            s_el = s.reshape(-1, 1)[r0:r1]
-            z_el = np.reshape(z, (-1, 1))[r0:r1] if not np.isscalar(z) else 0
-        else:
-            s_el, z_el = s.reshape(1, 1), np.reshape(z, (1, 1)) if not np.isscalar(z) else 0
+        s2, z2, rmap, cmap = self._layout(read, s, None if np.isscalar(z) else z, r0, r1)
         half = 1 << (self.bits - 1)
-        value, floor = K.dequant_int(q, z_el, s_el, self.sdtype, -half, half - 1)
-        if self.zero is not None and self.sdtype in HALF_ULP:
-            # compressed-tensors quantizes in the weights' dtype (its scales are stored in it): x / s + zp
-            # is rounded to bf16 or f16 before the round to an integer, up to half an ulp of |x / s + zp|
-            # ~ |q| + 1/2 steps more (half a step at codes near 128 in bf16); x / s's own rounding is the
-            # cast allowance of the floor test. Asymmetric schemes only: with no zero point nothing is added
-            floor = floor + (np.abs(s_el) * (HALF_ULP[self.sdtype] * (np.abs(q) + 1.0))).astype(np.float32)
-        return value, floor
+        # compressed-tensors quantizes in the weights' dtype (its scales are stored in it): x / s + zp is rounded
+        # to bf16 or f16 before the round to an integer, up to half an ulp of |x / s + zp| ~ |q| + 1/2 steps more
+        # (half a step at codes near 128 in bf16); x / s's own rounding is the cast allowance of the floor test.
+        # Asymmetric schemes only: with no zero point nothing is added
+        hu = HALF_ULP.get(self.sdtype, 0.0) if self.zero is not None else 0.0
+        return K.int_grid_rows(src, self.bits if self.packed else 0, self.rowlen, rmap, cmap, s2, z2,
+                               half if self.packed else 0, -half, half - 1, self.sdtype, hu)
+
+    def _layout(self, read, s, z, r0, r1):
+        """(scales, zero points, row map, column map): the scale of element (r, c) of rows [r0, r1) is
+        ``scales[rmap[r - r0], cmap[c]]`` (``kernels.quant.int_grid_rows``), for each strategy."""
+        C = self.rowlen
+        if self.strategy == "group":
+            cmap = self._get("cmap", lambda: read(self.g_idx.name).astype(np.int64).reshape(-1)
+                             if self.g_idx is not None else np.arange(C) // self.group)
+            return s, z, np.arange(r0, r1), cmap
+        if self.strategy == "block":
+            bh, bw = self.block
+            return s, z, np.arange(r0, r1) // bh, self._get("cmap", lambda: np.arange(C) // bw)
+        zero_cols = self._get("cmap", lambda: np.zeros(C, np.int64))
+        if self.strategy == "channel":
+            return s.reshape(-1, 1), None if z is None else np.reshape(z, (-1, 1)), np.arange(r0, r1), zero_cols
+        return s.reshape(1, 1), None if z is None else np.reshape(z, (1, 1)), np.zeros(r1 - r0, np.int64), zero_cols
 
 
 def first_columns(g_idx: np.ndarray | None, actorder: bool | str, ncols: int) -> np.ndarray:
