@@ -98,3 +98,45 @@ def test_the_extremes_of_rounded_weights_are_the_rounded_extremes(dtype, seed):
         a = round_to(red.reduceat(x, starts, axis=1).T, dtype)
         b = red.reduceat(round_to(x, dtype), starts, axis=1).T
         np.testing.assert_array_equal(a, b)               # (NaN where NaN; +0 and -0 compare equal)
+
+
+@pytest.mark.parametrize("sym,dtype", [(False, "BF16"), (True, "F16"), (False, "F32")])
+def test_every_group_in_place_counts_as_the_groups_gathered(sym, dtype):
+    """``_FirstGroups`` over every group of one size with no activation order (compressed-tensors) takes each
+    group's extremes from a [rows, groups, size] view; the counts are those of the gathered columns' reductions
+    (``reduceat``, the path of other orders), fed in windows that cut rows, with NaN, infinities and signed zeros
+    among the weights and about half of the stored parameters those a quantizer gives."""
+    from types import SimpleNamespace
+
+    from weightdiff.measure.quant_floor import _ct_params, _FirstGroups
+
+    rng = np.random.default_rng(3)
+    m, n, size = 24, 96, 16
+    x = (rng.standard_normal((m, n)) * 0.02).astype(np.float32)
+    x[1, :3], x[2, 20], x[3, 40:42], x[4, 50] = np.nan, np.inf, [-0.0, 0.0], -np.inf
+    x[5, 64:80] = 0.0                                                    # a group of zeros
+    g = np.arange(n) // size
+    xr = x.reshape(m, -1, size)
+    with np.errstate(invalid="ignore"):
+        s, z = _ct_params(np.nanmin(xr, axis=2), np.nanmax(xr, axis=2), 15, sym, dtype)
+    keep = rng.random(s.shape) < 0.5
+    s = np.where(keep, s, s * np.float32(1.5)).T                          # [groups, rows]
+    z = np.where(keep, z, z + 3).T
+    src = SimpleNamespace(all_groups=True, bits=4, sym=sym, sdtype=dtype)
+    counts = []
+    for in_place in (True, False):
+        fg = _FirstGroups(src, SimpleNamespace(), "w", "F32", m, n, s, z, np.arange(n // size), g)
+        assert bool(fg.size) is True
+        if not in_place:
+            fg.size = 0
+        flat = x.reshape(-1)
+        for a, b in ((0, 50), (50, 51), (51, 700), (700, flat.size)):
+            with np.errstate(invalid="ignore"):
+                fg.window(flat[a:b])
+        counts.append({r: c.copy() for r, c in fg.counts.items()})
+        assert fg.result() is not None
+    for r in counts[0]:
+        np.testing.assert_array_equal(counts[0][r], counts[1][r])
+    assert 0 < sum(c.sum() for c in counts[0].values()) < 3 * m * (n // size)
+    fg = _FirstGroups(src, SimpleNamespace(), "w", "F32", m, n, s, z, np.arange(n // size), g[rng.permutation(n)])
+    assert fg.size == 0                                                   # columns out of place: gathered
