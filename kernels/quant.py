@@ -324,7 +324,33 @@ def _gptq_numba():
                     val[r, c] = v
                     flo[r, c] = np.float32(hw[code] * abs(sc) * (1.0 + tol) + abs(v) * tol)
 
-        _NUMBA_GPTQ = (kernel, codebook, rnd)
+        @numba.njit(cache=True, nogil=True)
+        def stream(qweight, zeros, scales, g_idx, bits, codes, words, r0, r1, tol, mode, val, flo):
+            # ``kernel`` for codes in a bit stream of ``words`` words per ``codes`` codes (3 bits: 3 per 32), a
+            # code split over two words where its bits cross one (codes 10 and 21 of each unit); ``zeros`` the
+            # zero points of columns r0..r1, unpacked
+            mask = (1 << bits) - 1
+            n_in = qweight.shape[0] // words * codes
+            for j0 in range(r0, r1, 16):
+                j1 = min(j0 + 16, r1)
+                for i in range(n_in):
+                    pos = bits * (i % codes)
+                    k = (i // codes) * words + (pos >> 5)
+                    off = pos & 31
+                    g = g_idx[i]
+                    for j in range(j0, j1):
+                        x = (np.int64(qweight[k, j]) & 0xFFFFFFFF) >> off
+                        if off + bits > 32:
+                            x |= (np.int64(qweight[k + 1, j]) & 0xFFFFFFFF) << (32 - off)
+                        q = x & mask
+                        z = zeros[g, j - r0]
+                        sc = scales[g, j]
+                        v = rnd(np.float32(q - z) * sc, mode)
+                        val[j - r0, i] = v
+                        edge = 1.5 if (q == 0 or q == mask) else 0.5
+                        flo[j - r0, i] = np.float32(edge * abs(sc) * (1.0 + tol) + abs(v) * tol)
+
+        _NUMBA_GPTQ = (kernel, codebook, rnd, stream)
     return _NUMBA_GPTQ
 
 
@@ -347,20 +373,32 @@ def gptq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx
 
     ``W[i, j] = scales[g, j] * (q[i, j] - z[g, j])`` with ``g = g_idx[i]``; the v1 format
     stores ``z - 1`` (``z = (stored + 1) & mask``). numba when available (the product is exact
-    in float32 and rounded to the scale's dtype after); ``gptq_rows_numpy`` is its specification, and the
-    path of 3-bit packing (three words per 32 codes: rare, TheBloke's ``gptq-3bit-*`` branches)."""
+    in float32 and rounded to the scale's dtype after); ``gptq_rows_numpy`` is its specification. 3-bit packing
+    (three words per 32 codes: TheBloke's ``gptq-3bit-*`` branches) has a kernel of its own, each code found in
+    the bit stream."""
     codes, words = gptq_unit(bits)
     in_f = qweight.shape[0] * codes // words
     g = np.ascontiguousarray(g_idx, dtype=np.int64)
     if g.size and (g.min() < 0 or g.max() >= scales.shape[0]):
         raise ValueError("g_idx points outside the scale groups")
-    if bits == 3:
-        return gptq_rows_numpy(qweight, qzeros, scales, g, bits, v1, scale_dtype, r0, r1)
     val = np.empty((r1 - r0, in_f), np.float32)
     flo = np.empty((r1 - r0, in_f), np.float32)
-    _gptq_numba()[0](np.ascontiguousarray(qweight, dtype=np.int32), np.ascontiguousarray(qzeros, dtype=np.int32),
-                  np.ascontiguousarray(scales, dtype=np.float32), g, bits, v1, r0, r1,
-                  _rel_tol(scale_dtype, scale_dtype), _ROUND_MODE[scale_dtype], val, flo)
+    args = (np.ascontiguousarray(qweight, dtype=np.int32), np.ascontiguousarray(qzeros, dtype=np.int32),
+            np.ascontiguousarray(scales, dtype=np.float32), g)
+    tol, mode = _rel_tol(scale_dtype, scale_dtype), _ROUND_MODE[scale_dtype]
+    if qweight.shape[0] % words or g.size != in_f or not 0 <= r0 <= r1 <= min(qweight.shape[1], scales.shape[1]) \
+            or qzeros.shape[1] * codes // words < r1:
+        # what the kernels do not check (numpy's indexing would raise)
+        raise ValueError(f"{bits}-bit GPTQ: qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, scales "
+                         f"{list(scales.shape)} and g_idx [{g.size}] do not hold rows {r0}-{r1} of {in_f} codes")
+    if words > 1:
+        u0, u1 = r0 // codes, -(-r1 // codes)          # the units of zeros that hold columns r0..r1
+        z = unpack_cols(qzeros[:, u0 * words:u1 * words], bits)[:, r0 - u0 * codes: r1 - u0 * codes].astype(np.int64)
+        if v1:
+            z = (z + 1) & ((1 << bits) - 1)
+        _gptq_numba()[3](args[0], np.ascontiguousarray(z), *args[2:], bits, codes, words, r0, r1, tol, mode, val, flo)
+    else:
+        _gptq_numba()[0](*args, bits, v1, r0, r1, tol, mode, val, flo)
     return val, flo
 
 

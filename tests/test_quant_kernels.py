@@ -378,15 +378,21 @@ def test_floor_stats_against_loop_and_windows(rng):
 
 
 def test_gptq_numba_equals_numpy_specification(rng):
-    x = _adversarial(rng, 48, 128)
+    """Both numba kernels (3 bits: the bit stream's, codes 10 and 21 of each unit split over two words, in
+    ``qweight`` down the inputs and in ``qzeros`` along the outputs) give the numpy specification's values;
+    row ranges cut inside a word and a unit; shapes the kernels would read past are refused."""
+    x = _adversarial(rng, 96, 128)
     g = (np.arange(128) // 32).astype(np.int32)[rng.permutation(128)]
-    for bits, v1 in ((4, True), (8, False), (2, True)):
+    for bits, v1 in ((4, True), (8, False), (2, True), (3, True), (3, False)):
         qw, qz, sc, _ = gptq_pack(x, g, bits, v1)
-        for r0, r1 in ((0, 48), (3, 37)):
+        for r0, r1 in ((0, 96), (3, 37), (9, 23), (63, 65)):
             a = Q.gptq_rows(qw, qz, sc.astype(np.float32), g, bits, v1, "F16", r0, r1)
             b = Q.gptq_rows_numpy(qw, qz, sc.astype(np.float32), g, bits, v1, "F16", r0, r1)
             np.testing.assert_array_equal(a[0], b[0])
             np.testing.assert_allclose(a[1], b[1], rtol=1e-4)     # |v| before or after rounding
+        for bad in ((qw[:-1], qz, sc, g), (qw, qz[:, :1], sc, g), (qw, qz, sc[:, :50], g), (qw, qz, sc, g[:-1])):
+            with pytest.raises(ValueError, match="do not hold"):
+                Q.gptq_rows(*bad[:3], bad[3], bits, v1, "F16", 0, 96)
 
 
 def test_fp8_rows_numba_equals_dequant_fp8(rng):
