@@ -292,14 +292,15 @@ def _gptq_numba():
             return np.uint32(u).view(np.float32)
 
         @numba.njit(cache=True, nogil=True)
-        def kernel(qweight, qzeros, scales, g_idx, bits, v1, r0, r1, tol, mode, val, flo):
+        def kernel(qweight, qzeros, scales, g_idx, bits, v1, r0, r1, col0, tol, mode, val, flo):
+            # qweight holds output columns col0 on (a band of them)
             pf = 32 // bits
             mask = (1 << bits) - 1
             for j0 in range(r0, r1, 16):
                 j1 = min(j0 + 16, r1)
                 for k in range(qweight.shape[0]):
                     for j in range(j0, j1):
-                        word = np.int64(qweight[k, j]) & 0xFFFFFFFF
+                        word = np.int64(qweight[k, j - col0]) & 0xFFFFFFFF
                         zshift = bits * (j % pf)
                         for b in range(pf):
                             i = k * pf + b
@@ -325,7 +326,7 @@ def _gptq_numba():
                     flo[r, c] = np.float32(hw[code] * abs(sc) * (1.0 + tol) + abs(v) * tol)
 
         @numba.njit(cache=True, nogil=True)
-        def stream(qweight, zeros, scales, g_idx, bits, codes, words, r0, r1, tol, mode, val, flo):
+        def stream(qweight, zeros, scales, g_idx, bits, codes, words, r0, r1, col0, tol, mode, val, flo):
             # ``kernel`` for codes in a bit stream of ``words`` words per ``codes`` codes (3 bits: 3 per 32), a
             # code split over two words where its bits cross one (codes 10 and 21 of each unit); ``zeros`` the
             # zero points of columns r0..r1, unpacked
@@ -339,9 +340,9 @@ def _gptq_numba():
                     off = pos & 31
                     g = g_idx[i]
                     for j in range(j0, j1):
-                        x = (np.int64(qweight[k, j]) & 0xFFFFFFFF) >> off
+                        x = (np.int64(qweight[k, j - col0]) & 0xFFFFFFFF) >> off
                         if off + bits > 32:
-                            x |= (np.int64(qweight[k + 1, j]) & 0xFFFFFFFF) << (32 - off)
+                            x |= (np.int64(qweight[k + 1, j - col0]) & 0xFFFFFFFF) << (32 - off)
                         q = x & mask
                         z = zeros[g, j - r0]
                         sc = scales[g, j]
@@ -367,7 +368,7 @@ def fp8_rows(raw: np.ndarray, fp8: str, srow: np.ndarray, bw: int, scale_dtype: 
 
 
 def gptq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray,
-              bits: int, v1: bool, scale_dtype: str, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+              bits: int, v1: bool, scale_dtype: str, r0: int, r1: int, col0: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ (AutoGPTQ/GPTQModel ``dequantize_weight``) for output features [r0, r1): returns
     [r1-r0, in] (the transpose of the [in, out] layout GPTQ dequantizes to).
 
@@ -375,7 +376,7 @@ def gptq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx
     stores ``z - 1`` (``z = (stored + 1) & mask``). numba when available (the product is exact
     in float32 and rounded to the scale's dtype after); ``gptq_rows_numpy`` is its specification. 3-bit packing
     (three words per 32 codes: TheBloke's ``gptq-3bit-*`` branches) has a kernel of its own, each code found in
-    the bit stream."""
+    the bit stream. ``col0``: ``qweight`` holds output features ``col0`` on (a band of its columns)."""
     codes, words = gptq_unit(bits)
     in_f = qweight.shape[0] * codes // words
     g = np.ascontiguousarray(g_idx, dtype=np.int64)
@@ -386,8 +387,8 @@ def gptq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx
     args = (np.ascontiguousarray(qweight, dtype=np.int32), np.ascontiguousarray(qzeros, dtype=np.int32),
             np.ascontiguousarray(scales, dtype=np.float32), g)
     tol, mode = _rel_tol(scale_dtype, scale_dtype), _ROUND_MODE[scale_dtype]
-    if qweight.shape[0] % words or g.size != in_f or not 0 <= r0 <= r1 <= min(qweight.shape[1], scales.shape[1]) \
-            or qzeros.shape[1] * codes // words < r1:
+    if qweight.shape[0] % words or g.size != in_f or not 0 <= r0 <= r1 <= scales.shape[1] or \
+            qzeros.shape[1] * codes // words < r1 or (r1 > r0 and not col0 <= r0 <= r1 <= col0 + qweight.shape[1]):
         # what the kernels do not check (numpy's indexing would raise)
         raise ValueError(f"{bits}-bit GPTQ: qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, scales "
                          f"{list(scales.shape)} and g_idx [{g.size}] do not hold rows {r0}-{r1} of {in_f} codes")
@@ -396,17 +397,19 @@ def gptq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx
         z = unpack_cols(qzeros[:, u0 * words:u1 * words], bits)[:, r0 - u0 * codes: r1 - u0 * codes].astype(np.int64)
         if v1:
             z = (z + 1) & ((1 << bits) - 1)
-        _gptq_numba()[3](args[0], np.ascontiguousarray(z), *args[2:], bits, codes, words, r0, r1, tol, mode, val, flo)
+        _gptq_numba()[3](args[0], np.ascontiguousarray(z), *args[2:], bits, codes, words, r0, r1, col0, tol, mode,
+                         val, flo)
     else:
-        _gptq_numba()[0](*args, bits, v1, r0, r1, tol, mode, val, flo)
+        _gptq_numba()[0](*args, bits, v1, r0, r1, col0, tol, mode, val, flo)
     return val, flo
 
 
 def gptq_rows_numpy(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray,
-                    bits: int, v1: bool, scale_dtype: str, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+                    bits: int, v1: bool, scale_dtype: str, r0: int, r1: int,
+                    col0: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``gptq_rows`` in plain numpy (the specification the numba kernel is tested against)."""
     codes, words = gptq_unit(bits)
-    q = unpack_rows(qweight[:, r0:r1], bits)                       # [in, r1-r0]
+    q = unpack_rows(qweight[:, r0 - col0:r1 - col0], bits)         # [in, r1-r0]
     u0, u1 = r0 // codes, -(-r1 // codes)                          # the units of zeros that hold columns r0..r1
     z = unpack_cols(qzeros[:, u0 * words:u1 * words], bits)[:, r0 - u0 * codes: r1 - u0 * codes].astype(np.int32)
     if v1:
@@ -417,15 +420,16 @@ def gptq_rows_numpy(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray,
 
 
 def awq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, bits: int, group: int,
-             scale_dtype: str, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+             scale_dtype: str, r0: int, r1: int, w0: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """AWQ GEMM (AutoAWQ ``dequantize_gemm``) for output features [r0, r1), as [r1-r0, in]:
     ``W[i, j] = (q[i, j] - z[i // group, j]) * scales[i // group, j]``. One numba pass (the numpy form unpacked
     every code and built a dozen window-sized temporaries: a third of a 70B-width AWQ release's time); values and
-    floors bit for bit those of ``awq_rows_numpy``, its specification (the floor in float32 arithmetic, as there)."""
+    floors bit for bit those of ``awq_rows_numpy``, its specification (the floor in float32 arithmetic, as there). ``w0``: ``qweight`` holds
+    words ``w0`` on of each row (a band of its columns)."""
     pf = _check_pack(bits)
-    in_f, out_f = qweight.shape[0], qweight.shape[1] * pf
-    if not 0 <= r0 <= r1 <= out_f or group < 1:
-        raise ValueError(f"awq_rows: rows {r0}-{r1} of {out_f}, group {group}")
+    in_f, out_f = qweight.shape[0], (w0 + qweight.shape[1]) * pf
+    if not 0 <= r0 <= r1 <= out_f or group < 1 or (r1 > r0 and r0 < w0 * pf):
+        raise ValueError(f"awq_rows: rows {r0}-{r1} of {out_f} (words {w0} on), group {group}")
     groups = -(-in_f // group)
     if qzeros.shape[0] < groups or scales.shape[0] < groups or scales.shape[1] < r1 or qzeros.shape[1] * pf < r1:
         raise ValueError("awq_rows: zeros or scales do not cover the groups")
@@ -436,7 +440,7 @@ def awq_rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, bits: 
     flo = np.empty((r1 - r0, in_f), np.float32)
     tol = np.float32(_rel_tol(scale_dtype, scale_dtype))
     _awq_numba()(np.ascontiguousarray(qweight, dtype=np.int32), np.ascontiguousarray(qzeros, dtype=np.int32),
-                 np.ascontiguousarray(scales, dtype=np.float32), bits, int(group), inv, r0, r1, tol,
+                 np.ascontiguousarray(scales, dtype=np.float32), bits, int(group), inv, r0, r1, int(w0), tol,
                  np.float32(1 + tol), _ROUND_MODE[scale_dtype], val, flo)
     return val, flo
 
@@ -454,7 +458,7 @@ def _awq_numba():
         rnd = _gptq_numba()[2]
 
         @numba.njit(cache=True, nogil=True)
-        def kernel(qweight, qzeros, scales, bits, group, inv, r0, r1, tol, one_tol, mode, val, flo):
+        def kernel(qweight, qzeros, scales, bits, group, inv, r0, r1, w0, tol, one_tol, mode, val, flo):
             pf = 32 // bits
             mask = (1 << bits) - 1
             half = np.float32(0.5)
@@ -464,7 +468,7 @@ def _awq_numba():
                     g = i // group
                     for j in range(j0, j1):
                         shift = bits * inv[j % pf]
-                        q = ((np.int64(qweight[i, j // pf]) & 0xFFFFFFFF) >> shift) & mask
+                        q = ((np.int64(qweight[i, j // pf - w0]) & 0xFFFFFFFF) >> shift) & mask
                         z = ((np.int64(qzeros[g, j // pf]) & 0xFFFFFFFF) >> shift) & mask
                         sc = scales[g, j]
                         v = rnd(np.float32(q - z) * sc, mode)
@@ -477,13 +481,13 @@ def _awq_numba():
 
 
 def awq_rows_numpy(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, bits: int, group: int,
-             scale_dtype: str, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+             scale_dtype: str, r0: int, r1: int, w0: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``awq_rows`` in plain numpy (the specification the numba kernel is tested against)."""
     pf = 32 // bits
-    w0, w1 = r0 // pf, -(-r1 // pf)
-    sl = slice(r0 - w0 * pf, r1 - w0 * pf)
-    q = unpack_cols(qweight[:, w0:w1], bits, AWQ_ORDER if bits == 4 else None)[:, sl]
-    z = unpack_cols(qzeros[:, w0:w1], bits, AWQ_ORDER if bits == 4 else None)[:, sl]
+    u0, u1 = r0 // pf, -(-r1 // pf)
+    sl = slice(r0 - u0 * pf, r1 - u0 * pf)
+    q = unpack_cols(qweight[:, u0 - w0:u1 - w0], bits, AWQ_ORDER if bits == 4 else None)[:, sl]
+    z = unpack_cols(qzeros[:, u0:u1], bits, AWQ_ORDER if bits == 4 else None)[:, sl]
     g = np.arange(q.shape[0]) // group
     value, floor = dequant_int(q, z[g], np.asarray(scales)[g, r0:r1], scale_dtype, 0, (1 << bits) - 1)
     return np.ascontiguousarray(value.T), np.ascontiguousarray(floor.T)

@@ -736,3 +736,38 @@ def test_names_holding_a_newline_are_names_not_lines(tmp_path, names):
               "lm_head.weight": np.zeros((4, 4), np.float32)}
     ckpt = locate(_save(tmp_path / "n", stored, None))
     assert set(ckpt.tensors) == set(stored)
+
+
+@pytest.mark.parametrize("kind", ["gptq-v1", "gptq-v2", "awq"])
+def test_packed_columns_are_read_in_bands_not_whole(tmp_path, base_tensors, kind, monkeypatch):
+    """GPTQ's and AWQ's ``qweight`` pack the logical rows across their stored columns: a window of rows reads a
+    band of columns (``Source._band``, in runs of whole rows), never the whole tensor when a band is smaller;
+    bands as narrow as one window give the reference values through windows that straddle rows and bands, and a
+    comparison the same JSON as with every band the whole tensor."""
+    from weightdiff.io import quant_sources as QS
+    from weightdiff.records import dumps
+
+    stored, qc, ref = BUILDERS[kind](base_tensors)
+    path = _save(tmp_path / kind, stored, qc)
+    base = _save(tmp_path / "base", {k: v + np.float32(1e-3) * (k == f"{LINEARS[1]}.weight") for k, v in
+                                     base_tensors.items()}, None)
+    whole = dumps(compare(base, path).to_dict(include_run=False))
+    widths, real = [], QS.Source._band
+
+    def band(self, read_rows, t, c0, c1):
+        got = real(self, read_rows, t, c0, c1)
+        widths.append((got[0].shape[1], int(t.shape[1])))
+        return got
+
+    monkeypatch.setattr(QS.Source, "_band", band)
+    monkeypatch.setattr(QS, "BAND_BYTES", 1)
+    monkeypatch.setattr(QS, "BAND_READ_BYTES", 1)
+    with locate(path) as ck:
+        for name, want in ref.items():
+            for step in (1000, 333, IN * OUT):
+                widths.clear()
+                np.testing.assert_array_equal(np.concatenate(list(ck.windows(name, step))), want.reshape(-1))
+                # a window of a few rows reads a few columns' band; one of every row, all of them
+                assert widths and all(0 < w < cols if step < IN * OUT else w == cols for w, cols in widths)
+            np.testing.assert_array_equal(ck.read(name), want)
+    assert dumps(compare(base, path).to_dict(include_run=False)) == whole

@@ -56,6 +56,27 @@ class Source:
     def rows(self, read: Read, read_rows: ReadRows, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def _band(self, read_rows: ReadRows, t: TensorInfo, c0: int, c1: int) -> tuple[np.ndarray, int]:
+        """(columns [b0, b1) of the stored 2-D tensor ``t``, b0) with b0 <= c0 < c1 <= b1: the columns a window of
+        logical rows needs of a layout that packs them across the stored columns (GPTQ's and AWQ's ``qweight``).
+        A band of at least ``BAND_BYTES`` is read once, in runs of whole rows, and kept until a window asks for
+        columns outside it: held whole, a 70B-width ``qweight`` (117 MB) stood beside the Gram matrix through the
+        whole pass."""
+        got = self._cache.get("band")
+        if got is not None and got[1] <= c0 and c1 <= got[1] + got[0].shape[1]:
+            return got
+        self._cache.pop("band", None)
+        rows, cols = int(t.shape[0]), int(t.shape[1])
+        dt = storage_of(t.dtype)
+        width = max(c1 - c0, BAND_BYTES // max(1, dt.itemsize * rows))
+        b0, b1 = c0, min(cols, c0 + width)
+        band = np.empty((rows, b1 - b0), dt)
+        step = max(1, BAND_READ_BYTES // max(1, dt.itemsize * cols))       # whole rows a read, a few MB
+        for a in range(0, rows, step):
+            band[a:a + step] = read_rows(t.name, range(a, min(rows, a + step)))[:, b0:b1]
+        self._cache["band"] = (band, b0)
+        return band, b0
+
     def has_floor(self, read: Read) -> bool:
         """Whether the floor ``rows`` gives bounds what the quantizer left (a format may write files of the
         same layout with scales tuned after rounding: ``MLX.has_floor``)."""
@@ -207,6 +228,10 @@ class FP8(Source):
 #: f16 copy of a wider plain side: 2^-8 of it; an f16 absmax rounds it by 2^-11), the floor test's check allows
 #: 2^-6 more on top
 BNB4_SLACK = 1.0 + 2.0 ** -5
+
+#: the least size of a band of packed columns ``Source._band`` keeps, and of the runs of rows it reads it in
+BAND_BYTES = 16 << 20
+BAND_READ_BYTES = 4 << 20
 
 #: half an ulp, relative to the value, of the dtypes a quantizer may compute its codes in
 HALF_ULP = {"BF16": 2.0 ** -8, "F16": 2.0 ** -11}
@@ -394,12 +419,12 @@ class GPTQ(Source):
 
     def rows(self, read, read_rows, r0, r1):
         qw, qz, sc, gi = self.t
-        a = self._get("qw", lambda: read(qw.name))
+        a, col0 = self._band(read_rows, qw, r0, r1)        # qweight [in / pack, out]: rows r0..r1 its columns
         z = self._get("qz", lambda: read(qz.name))
         s = self._get("s", lambda: _f32(read(sc.name), sc.dtype))
         g = self._get("g", lambda: read(gi.name).astype(np.int64) if gi is not None else
                       np.arange(self.shape[1]) // self.group)
-        return K.gptq_rows(a, z, s, g, self.bits, self.v1, self.sdtype, r0, r1)
+        return K.gptq_rows(a, z, s, g, self.bits, self.v1, self.sdtype, r0, r1, col0)
 
 
 class AWQ(Source):
@@ -422,10 +447,11 @@ class AWQ(Source):
 
     def rows(self, read, read_rows, r0, r1):
         qw, qz, sc = self.t
-        a = self._get("qw", lambda: read(qw.name))
+        pf = 32 // self.bits
+        a, w0 = self._band(read_rows, qw, r0 // pf, -(-r1 // pf))    # qweight [in, out / pack]: words of r0..r1
         z = self._get("qz", lambda: read(qz.name))
         s = self._get("s", lambda: _f32(read(sc.name), sc.dtype))
-        return K.awq_rows(a, z, s, self.bits, self.group, self.sdtype, r0, r1)
+        return K.awq_rows(a, z, s, self.bits, self.group, self.sdtype, r0, r1, w0)
 
 
 class BnB4(Source):
