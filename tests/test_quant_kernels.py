@@ -358,6 +358,15 @@ def test_floor_stats_against_loop_and_windows(rng):
     whole, cols = QF.floor_stats(b, o, f, 0, ncols, cast_rel=2.0 ** -9)
     beyond = [i for i in range(n) if not (abs(b[i] - o[i]) <= f[i] + 2.0 ** -9 * abs(b[i]))]
     assert whole[1] == len(beyond)
+    # the three sums are the finite elements' terms added in order, one float64 at a time: the same bits as this
+    # loop (a windowed pass's sums, and so the JSON, do not depend on how the kernel counts)
+    su2 = se2 = sd2 = 0.0
+    for i in range(5, n):               # (past the zero floors: their terms are infinite)
+        d, fl = abs(b[i] - o[i]), float(f[i]) + 2.0 ** -9 * abs(b[i])
+        if np.isfinite(d):
+            su2, se2, sd2 = su2 + (d / fl) ** 2, se2 + max(d - fl, 0.0) ** 2, sd2 + d * d
+    part = QF.floor_stats(b[5:], o[5:], f[5:], 0, ncols, cast_rel=2.0 ** -9)[0]
+    assert (part[2], part[4], part[5]) == (su2, se2, sd2) and np.isfinite(su2)
     assert cols.tolist() == np.bincount(np.array(beyond) % ncols, minlength=ncols).tolist()
     parts = [QF.floor_stats(b[i:i + 300], o[i:i + 300], f[i:i + 300], i % ncols, ncols, 2.0 ** -9)
              for i in range(0, n, 300)]
