@@ -42,7 +42,7 @@ __all__ = [
     "AWQ_ORDER", "FP4_E2M1", "MANT", "round_to", "codebook_halfwidth", "unpack_dense_int32",
     "gptq_unit", "unpack_rows", "unpack_cols", "dequant_int", "dequant_codebook", "dequant_fp8",
     "gptq_rows", "gptq_rows_numpy", "fp8_rows", "awq_rows", "awq_rows_numpy", "bnb4_flat", "bnb4_gather", "BNB4_ORT_TABLES",
-    "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows", "block_scales_rows", "mlx_affine_rows", "mlx_fp_rows",
+    "bnb_nested_absmax", "bnb_int8_rows", "mxfp4_rows", "mlx_affine_rows", "mlx_fp_rows",
     "MLX_FP_MODES", "ct_fp4_rows", "int_grid_rows", "int_grid_rows_numpy",
 ]
 
@@ -249,13 +249,6 @@ def dequant_fp8(raw: np.ndarray, fp8: str, scale: np.ndarray, scale_dtype: str,
     FBGEMM and compressed-tensors ``weight_scale`` (both multiply)."""
     return dequant_codebook(np.asarray(raw, dtype=np.uint8), FP8_TABLES[fp8], scale, scale_dtype,
                             out_dtype, _FP8_HW[fp8])
-
-
-def block_scales_rows(scale: np.ndarray, r0: int, r1: int, cols: int, block: tuple[int, int]) -> np.ndarray:
-    """A [ceil(R/bh), ceil(C/bw)] block-scale grid expanded to rows [r0, r1) x cols."""
-    bh, bw = block
-    rows = np.arange(r0, r1) // bh
-    return np.asarray(scale)[rows][:, np.arange(cols) // bw]
 
 
 # -- formats ---------------------------------------------------------------------------

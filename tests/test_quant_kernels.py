@@ -92,6 +92,12 @@ def test_compressed_tensors_int_dequant_bit_exact(rng, strategy, bits, symmetric
     assert np.all(np.abs(base - value) <= floor)
 
 
+def _block_scales_rows(scale: np.ndarray, r0: int, r1: int, cols: int, block: tuple[int, int]) -> np.ndarray:
+    """A [ceil(R/bh), ceil(C/bw)] block-scale grid expanded to rows [r0, r1) x cols."""
+    bh, bw = block
+    return np.asarray(scale)[np.arange(r0, r1) // bh][:, np.arange(cols) // bw]
+
+
 @pytest.mark.parametrize("fp8,tdt", [("F8_E4M3", torch.float8_e4m3fn), ("F8_E5M2", torch.float8_e5m2)])
 def test_fp8_block_matches_transformers(rng, fp8, tdt):
     from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
@@ -104,14 +110,14 @@ def test_fp8_block_matches_transformers(rng, fp8, tdt):
     for i in range(nb[0]):
         for j in range(nb[1]):
             s[i, j] = max(np.abs(x[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]).max(), 1e-12) / fmax
-    s_el = Q.block_scales_rows(s, 0, rows, cols, block)
+    s_el = _block_scales_rows(s, 0, rows, cols, block)
     w = (_t(x) / _t(s_el)).to(tdt)
     want = _dequantize_fp8_weight(w, _t(s), list(block), torch.float32).numpy()
     value, floor = Q.dequant_fp8(_bits(w), fp8, s_el, "F32")
     np.testing.assert_array_equal(value, want)
     assert np.all(np.abs(x - value) <= floor)
     # windows of rows give the same values as the whole tensor
-    v2, _ = Q.dequant_fp8(_bits(w)[130:260], fp8, Q.block_scales_rows(s, 130, 260, cols, block), "F32")
+    v2, _ = Q.dequant_fp8(_bits(w)[130:260], fp8, _block_scales_rows(s, 130, 260, cols, block), "F32")
     np.testing.assert_array_equal(v2, value[130:260])
 
 
