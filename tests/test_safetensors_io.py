@@ -277,6 +277,27 @@ def test_read_rows(tmp_path):
             f.read_rows("x", [5])
 
 
+def test_read_rows_of_some_columns(tmp_path):
+    """``read_rows(name, rows, (c0, c1))``: those columns of those rows, as numpy's slice gives them: one segment a
+    row under half a row (a band of a packed ``qweight``), sliced from whole rows from half a row on; empty ranges;
+    what is not a 2-D tensor's columns, and rows out of range, are refused."""
+    x = (np.arange(7 * 40, dtype=np.int64).reshape(7, 40) * 2654435761 % 2 ** 31).astype(np.int32)
+    path = save_file(tmp_path / "m.safetensors", {"x": x, "b": to_storage(x[:, :9] * 1e-12, "BF16"),
+                                                  "v": np.ones(3, np.int16)})
+    with SafetensorsFile(path) as f:
+        for rows in ([4, 0, 1, 2, 2], [], range(7), [6]):
+            for c0, c1 in ((0, 1), (3, 11), (39, 40), (5, 5), (0, 40), (10, 31)):
+                got = f.read_rows("x", rows, (c0, c1))
+                np.testing.assert_array_equal(got, x[list(rows)][:, c0:c1])
+                assert got.dtype == np.int32 and got.shape == (len(list(rows)), c1 - c0)
+        np.testing.assert_array_equal(f.read_rows("b", [1, 3], (2, 4)), f.read("b")[[1, 3], 2:4])
+        for bad in (("x", [0], (3, 41)), ("x", [0], (5, 4)), ("v", [0], (0, 1))):
+            with pytest.raises(ValueError, match="columns"):
+                f.read_rows(*bad)
+        with pytest.raises(IndexError):
+            f.read_rows("x", [7], (0, 1))
+
+
 def test_tensor_info_properties():
     t = TensorInfo("w", "F4", (4, 6), Path("x"), 10, 22)
     assert (t.numel, t.nbytes, t.packed, t.flat_length, t.decodable) == (24, 12, True, 12, False)

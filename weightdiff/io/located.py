@@ -177,8 +177,15 @@ class Checkpoint:
     def _stored_read(self, name: str) -> np.ndarray:
         return self._file(self.stored[name].path).read(self._fname(name))
 
-    def _stored_rows(self, name: str, rows) -> np.ndarray:
-        return self._file(self.stored[name].path).read_rows(self._fname(name), np.asarray(rows, dtype=np.int64))
+    def _stored_rows(self, name: str, rows, cols: tuple[int, int] | None = None) -> np.ndarray:
+        """Rows of a stored tensor; ``cols`` (c0, c1): only those columns of a 2-D one (``Source._band``), read as
+        such by a reader that can (a local safetensors file), else sliced from whole rows."""
+        f, rows = self._file(self.stored[name].path), np.asarray(rows, dtype=np.int64)
+        if cols is None:
+            return f.read_rows(self._fname(name), rows)
+        if type(f).read_rows is SafetensorsFile.read_rows:
+            return f.read_rows(self._fname(name), rows, cols)
+        return f.read_rows(self._fname(name), rows)[:, cols[0]:cols[1]]
 
     def _quant_windows(self, name: str, max_elements: int | None, start: int, stop: int | None,
                        floor: bool) -> Iterator[np.ndarray]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from .safetensors_read import QuantScheme, TensorInfo, storage_of
 __all__ = ["Source", "Bitmask", "FP8", "IntGrid", "GPTQ", "AWQ", "BnB4", "BnB8", "MXFP4", "MLX", "CTFP4", "AxisGrid", "NBits", "Bnb4T", "unpack_low_first", "Read", "ReadRows"]
 
 Read = Callable[[str], np.ndarray]                      # stored name -> whole array (storage dtype, shaped)
-ReadRows = Callable[[str, Sequence[int]], np.ndarray]   # stored name, first-axis rows -> array
+ReadRows = Callable[..., np.ndarray]   # stored name, first-axis rows[, (c0, c1): those columns alone] -> array
 
 
 
@@ -59,22 +59,25 @@ class Source:
     def _band(self, read_rows: ReadRows, t: TensorInfo, c0: int, c1: int) -> tuple[np.ndarray, int]:
         """(columns [b0, b1) of the stored 2-D tensor ``t``, b0) with b0 <= c0 < c1 <= b1: the columns a window of
         logical rows needs of a layout that packs them across the stored columns (GPTQ's and AWQ's ``qweight``).
-        A band of at least ``BAND_BYTES`` is read once, in runs of whole rows, and kept until a window asks for
-        columns outside it: held whole, a 70B-width ``qweight`` (117 MB) stood beside the Gram matrix through the
-        whole pass."""
+        A window's band, at least ``BAND_BYTES``, is kept until a window asks for columns outside it; a few columns
+        (a row or two: the pairing's fingerprints) are read as they are asked for. ``read_rows(name, rows, cols)``
+        reads only the band's columns where the reader can (a local file), else whole rows, a few MB at a time. Held
+        whole, a 70B-width ``qweight`` (117 MB) stood beside the Gram matrix through the whole pass."""
         got = self._cache.get("band")
         if got is not None and got[1] <= c0 and c1 <= got[1] + got[0].shape[1]:
             return got
-        self._cache.pop("band", None)
         rows, cols = int(t.shape[0]), int(t.shape[1])
         dt = storage_of(t.dtype)
-        width = max(c1 - c0, BAND_BYTES // max(1, dt.itemsize * rows))
+        width = c1 - c0 if c1 - c0 <= FEW_COLUMNS else max(c1 - c0, BAND_BYTES // max(1, dt.itemsize * rows))
         b0, b1 = c0, min(cols, c0 + width)
+        if width > FEW_COLUMNS:
+            self._cache.pop("band", None)
         band = np.empty((rows, b1 - b0), dt)
         step = max(1, BAND_READ_BYTES // max(1, dt.itemsize * cols))       # whole rows a read, a few MB
         for a in range(0, rows, step):
-            band[a:a + step] = read_rows(t.name, range(a, min(rows, a + step)))[:, b0:b1]
-        self._cache["band"] = (band, b0)
+            band[a:a + step] = read_rows(t.name, range(a, min(rows, a + step)), (b0, b1))
+        if width > FEW_COLUMNS:
+            self._cache["band"] = (band, b0)
         return band, b0
 
     def has_floor(self, read: Read) -> bool:
@@ -229,9 +232,11 @@ class FP8(Source):
 #: 2^-6 more on top
 BNB4_SLACK = 1.0 + 2.0 ** -5
 
-#: the least size of a band of packed columns ``Source._band`` keeps, and of the runs of rows it reads it in
+#: the least size of a band of packed columns ``Source._band`` keeps, and of the runs of rows it reads it in (whole
+#: rows where the reader cannot read columns alone); up to ``FEW_COLUMNS`` columns are read as asked, not kept
 BAND_BYTES = 16 << 20
 BAND_READ_BYTES = 4 << 20
+FEW_COLUMNS = 8
 
 #: half an ulp, relative to the value, of the dtypes a quantizer may compute its codes in
 HALF_ULP = {"BF16": 2.0 ** -8, "F16": 2.0 ** -11}

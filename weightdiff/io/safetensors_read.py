@@ -616,9 +616,31 @@ class SafetensorsFile(OpenCheckpointFile):
         pread_into(self._open_fd(), memoryview(out), start, self.path)
         return out
 
-    def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Rows (first-axis slices) of ``name`` in the given order: shape (len(rows), *shape[1:])."""
-        out, runs = row_runs(self._info(name), name, rows)
+    def read_rows(self, name: str, rows: Sequence[int] | np.ndarray, cols: tuple[int, int] | None = None
+                  ) -> np.ndarray:
+        """Rows (first-axis slices) of ``name`` in the given order: shape (len(rows), *shape[1:]). ``cols``
+        (c0, c1) of a 2-D tensor: only columns [c0, c1) of those rows, read as one segment a row where that is
+        under half a row (a band of a packed ``qweight``), [len(rows), c1 - c0]."""
+        info = self._info(name)
+        if cols is not None:
+            c0, c1 = int(cols[0]), int(cols[1])
+            if len(info.shape) != 2 or info.packed or not 0 <= c0 <= c1 <= info.shape[1]:
+                raise ValueError(f"columns {c0}-{c1} of `{escape_name(name)}` {info.dtype} {list(info.shape)}")
+            item = storage_of(info.dtype).itemsize
+            if 2 * (c1 - c0) < info.shape[1]:
+                idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+                if idx.size and (idx.min() < 0 or idx.max() >= info.shape[0]):
+                    raise IndexError(f"row index out of range for `{escape_name(name)}` with {info.shape[0]} rows")
+                out = np.empty((idx.size, c1 - c0), dtype=storage_of(info.dtype))
+                self.check_unchanged()
+                fd, row_bytes, first = self._open_fd(), info.shape[1] * item, info.start + c0 * item
+                if c1 > c0 and idx.size:
+                    flat = out.view(np.uint8).reshape(idx.size, -1)
+                    for i, r in enumerate(idx.tolist()):
+                        pread_into(fd, memoryview(flat[i]), first + r * row_bytes, self.path)
+                return out
+            return self.read_rows(name, rows)[:, c0:c1]
+        out, runs = row_runs(info, name, rows)
         self.check_unchanged()
         for offset, mv in runs:
             pread_into(self._open_fd(), mv, offset, self.path)
