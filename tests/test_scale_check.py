@@ -140,3 +140,9 @@ def test_every_group_in_place_counts_as_the_groups_gathered(sym, dtype):
     assert 0 < sum(c.sum() for c in counts[0].values()) < 3 * m * (n // size)
     fg = _FirstGroups(src, SimpleNamespace(), "w", "F32", m, n, s, z, np.arange(n // size), g[rng.permutation(n)])
     assert fg.size == 0                                                   # columns out of place: gathered
+    # zero points held in 32 bits where they fit (a NaN group's is int64's least: then 64)
+    assert fg.zeros.dtype == (np.int32 if -2 ** 31 <= z.min() and z.max() < 2 ** 31 else np.int64)
+    z = np.where(z < -2 ** 31, 0, z)
+    assert _FirstGroups(src, SimpleNamespace(), "w", "F32", m, n, s, z, np.arange(n // size), g).zeros.dtype == np.int32
+    z[0, 0] = 2 ** 40
+    assert _FirstGroups(src, SimpleNamespace(), "w", "F32", m, n, s, z, np.arange(n // size), g).zeros.dtype == np.int64

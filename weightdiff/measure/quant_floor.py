@@ -904,6 +904,10 @@ class _FirstGroups:
         # the candidate groups' stored parameters only (a GPTQ's every group held through the statistics pass it is
         # fed by took a 70B-width pair from 976 to 998 MB); row k of these is candidate group k
         self.scales, self.zeros = np.ascontiguousarray(scales[groups, :m]), np.ascontiguousarray(zeros[groups, :m])
+        if self.zeros.size and -2 ** 31 <= self.zeros.min() and self.zeros.max() < 2 ** 31:
+            # zero points are small integers: int32 halves them (29 -> 15 MB for compressed-tensors' every group at
+            # 70B widths); the tests compare them with differences of at most 1, the same whatever the width
+            self.zeros = self.zeros.astype(np.int32)
         self.groups = groups
         self.every = bool(getattr(src, "all_groups", False))
         # the candidate groups' columns side by side (stable: each group's in their order), and where each starts
